@@ -1,0 +1,191 @@
+"""Settings: constructor arguments first, ``LLM_TELEMETRY_*`` environment variables second, then defaults.
+
+Every environment variable the middleware reads is declared here, named after its value, so that the
+operator (which injects them into pods) and the docs use the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, Final
+
+#: Port of the Prometheus endpoint served on its own listener. ``0`` disables the listener.
+LLM_TELEMETRY_METRICS_PORT: Final = "LLM_TELEMETRY_METRICS_PORT"
+#: Address the metrics listener binds to. ``0.0.0.0`` so a ServiceMonitor can reach it.
+LLM_TELEMETRY_METRICS_HOST: Final = "LLM_TELEMETRY_METRICS_HOST"
+#: Path at which ``/metrics`` is also answered on the application's own port (empty: off).
+LLM_TELEMETRY_METRICS_APP_PATH: Final = "LLM_TELEMETRY_METRICS_APP_PATH"
+#: Comma-separated metric exporters: ``prometheus`` (default), ``otlp``, ``none``.
+LLM_TELEMETRY_METRICS_EXPORTER: Final = "LLM_TELEMETRY_METRICS_EXPORTER"
+#: Path of a YAML or JSON pricing table (USD per million tokens by model).
+LLM_TELEMETRY_PRICING: Final = "LLM_TELEMETRY_PRICING"
+#: Request headers turned into metric labels: ``x-tenant-id=tenant,x-team=team``
+#: gives the labels ``llm_metadata_tenant`` and ``llm_metadata_team``.
+LLM_TELEMETRY_ATTRIBUTION_HEADERS: Final = "LLM_TELEMETRY_ATTRIBUTION_HEADERS"
+#: Distinct values kept per label before the rest fold into ``other``.
+LLM_TELEMETRY_MAX_LABEL_VALUES: Final = "LLM_TELEMETRY_MAX_LABEL_VALUES"
+#: Largest request body (bytes) inspected; larger bodies are passed through unparsed.
+LLM_TELEMETRY_MAX_REQUEST_BYTES: Final = "LLM_TELEMETRY_MAX_REQUEST_BYTES"
+#: Extra path suffix to parser mappings: ``/generate=openai.chat,/v1/complete=anthropic.messages``.
+LLM_TELEMETRY_ROUTES: Final = "LLM_TELEMETRY_ROUTES"
+#: Record prompt and completion text on spans (``true``/``false``); off by default.
+LLM_TELEMETRY_CAPTURE_CONTENT: Final = "LLM_TELEMETRY_CAPTURE_CONTENT"
+#: Characters of captured content kept per message.
+LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS: Final = "LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS"
+#: One JSON log line per LLM request (``true``/``false``).
+LLM_TELEMETRY_REQUEST_LOGS: Final = "LLM_TELEMETRY_REQUEST_LOGS"
+#: Directory for the per-worker state that multi-worker servers merge on scrape.
+LLM_TELEMETRY_MULTIPROC_DIR: Final = "LLM_TELEMETRY_MULTIPROC_DIR"
+#: Set to ``false`` to turn the middleware into a pass-through.
+LLM_TELEMETRY_ENABLED: Final = "LLM_TELEMETRY_ENABLED"
+
+#: OpenTelemetry's own variable for content capture, honoured when ours is unset.
+OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+DEFAULT_METRICS_PORT: Final = 9464
+DEFAULT_METRICS_HOST: Final = "0.0.0.0"  # noqa: S104 - scraped from outside the pod
+DEFAULT_MAX_LABEL_VALUES: Final = 100
+DEFAULT_MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
+DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096
+
+
+class ConfigurationError(ValueError):
+    """A setting has a value the middleware cannot use; the message names the setting."""
+
+
+def _env_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name}={value!r}: expected true or false")
+
+
+def _env_int(name: str, value: str, minimum: int) -> int:
+    try:
+        parsed = int(value.strip())
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r}: expected an integer") from None
+    if parsed < minimum:
+        raise ConfigurationError(f"{name}={value!r}: must be at least {minimum}")
+    return parsed
+
+
+def parse_mapping(name: str, value: str) -> dict[str, str]:
+    """Parse ``a=b,c=d`` into a dict; used for attribution headers and routes."""
+    result: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise ConfigurationError(f"{name}: {item!r} is not of the form key=value")
+        result[key.strip()] = val.strip()
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Resolved middleware settings.
+
+    Build with :meth:`Settings.resolve`, which applies constructor arguments, then the environment,
+    then the defaults.
+    """
+
+    #: False turns the middleware into a pass-through.
+    enabled: bool = True
+    #: Port of the separate Prometheus listener; 0 disables it.
+    metrics_port: int = DEFAULT_METRICS_PORT
+    #: Address of the separate Prometheus listener.
+    metrics_host: str = DEFAULT_METRICS_HOST
+    #: Path answered with the metrics on the application's own port, or None.
+    metrics_app_path: str | None = None
+    #: Metric exporters in use: a subset of {"prometheus", "otlp"}.
+    metrics_exporters: tuple[str, ...] = ("prometheus",)
+    #: Pricing source: a file path, a mapping, or None for the embedded default table.
+    pricing: str | Mapping[str, Any] | None = None
+    #: Request header (lower case) to label suffix, e.g. {"x-tenant-id": "tenant"}.
+    attribution_headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Distinct values per label before folding into "other".
+    max_label_values: int = DEFAULT_MAX_LABEL_VALUES
+    #: Request bodies larger than this are not parsed (they still pass through intact).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Extra path suffix to parser name mappings.
+    routes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Record prompt and completion text on spans.
+    capture_content: bool = False
+    #: Characters kept per captured message.
+    capture_content_max_chars: int = DEFAULT_CAPTURE_CONTENT_MAX_CHARS
+    #: Emit one JSON log line per LLM request.
+    request_logs: bool = True
+    #: Directory for multi-worker shared state, or None to choose automatically.
+    multiproc_dir: str | None = None
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Combine explicit arguments (``None`` means unset), the environment and the defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+
+        def pick(field: str, var: str, convert: Any) -> None:
+            if overrides.get(field) is not None:
+                values[field] = overrides[field]
+            elif env.get(var) not in (None, ""):
+                values[field] = convert(var, env[var])
+
+        pick("enabled", LLM_TELEMETRY_ENABLED, _env_bool)
+        pick("metrics_port", LLM_TELEMETRY_METRICS_PORT, lambda n, v: _env_int(n, v, 0))
+        pick("metrics_host", LLM_TELEMETRY_METRICS_HOST, lambda n, v: v.strip())
+        pick("metrics_app_path", LLM_TELEMETRY_METRICS_APP_PATH, lambda n, v: v.strip())
+        pick("metrics_exporters", LLM_TELEMETRY_METRICS_EXPORTER, _parse_exporters)
+        pick("pricing", LLM_TELEMETRY_PRICING, lambda n, v: v.strip())
+        pick("attribution_headers", LLM_TELEMETRY_ATTRIBUTION_HEADERS, parse_mapping)
+        pick("max_label_values", LLM_TELEMETRY_MAX_LABEL_VALUES, lambda n, v: _env_int(n, v, 1))
+        pick("max_request_bytes", LLM_TELEMETRY_MAX_REQUEST_BYTES, lambda n, v: _env_int(n, v, 0))
+        pick("routes", LLM_TELEMETRY_ROUTES, parse_mapping)
+        pick("capture_content_max_chars", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS, lambda n, v: _env_int(n, v, 0))
+        pick("request_logs", LLM_TELEMETRY_REQUEST_LOGS, _env_bool)
+        pick("multiproc_dir", LLM_TELEMETRY_MULTIPROC_DIR, lambda n, v: v.strip())
+        if overrides.get("capture_content") is not None:
+            values["capture_content"] = overrides["capture_content"]
+        elif env.get(LLM_TELEMETRY_CAPTURE_CONTENT):
+            values["capture_content"] = _env_bool(LLM_TELEMETRY_CAPTURE_CONTENT, env[LLM_TELEMETRY_CAPTURE_CONTENT])
+        elif env.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT):
+            values["capture_content"] = _env_bool(
+                OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT, env[OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT]
+            )
+
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        settings = cls(**values)
+        settings._validate()
+        return settings
+
+    def _validate(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"metrics_port={self.metrics_port}: must be between 0 and 65535")
+        if self.metrics_app_path is not None and self.metrics_app_path and not self.metrics_app_path.startswith("/"):
+            raise ConfigurationError(f"metrics_app_path={self.metrics_app_path!r}: must start with '/'")
+        for exporter in self.metrics_exporters:
+            if exporter not in ("prometheus", "otlp"):
+                raise ConfigurationError(f"metrics exporter {exporter!r}: expected prometheus, otlp or none")
+        for header, label in self.attribution_headers.items():
+            if not label.replace("_", "").isalnum() or not label[0].isalpha():
+                raise ConfigurationError(
+                    f"attribution header {header!r} maps to {label!r}: a label is letters, digits and '_'"
+                )
+
+
+def _parse_exporters(name: str, value: str) -> tuple[str, ...]:
+    items = tuple(item.strip().lower() for item in value.split(",") if item.strip())
+    if items == ("none",):
+        return ()
+    for item in items:
+        if item not in ("prometheus", "otlp"):
+            raise ConfigurationError(f"{name}={value!r}: {item!r} is not one of prometheus, otlp, none")
+    return items
