@@ -1,0 +1,46 @@
+"""Names shared by the CRD, the handlers, the builders and the chart."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "llmtelemetry.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "LLMTelemetry"
+PLURAL: Final = "llmtelemetries"
+SHORT_NAME: Final = "llmt"
+
+#: Value of ``app.kubernetes.io/managed-by`` on everything the operator creates.
+MANAGER: Final = "llm-telemetry-operator"
+#: Finalizer kopf puts on each LLMTelemetry so that injection is undone before it goes away.
+FINALIZER: Final = f"{GROUP}/cleanup"
+
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+#: Label on children and injected workloads naming the LLMTelemetry that owns them.
+LABEL_OWNER: Final = f"{GROUP}/owner"
+
+#: Pod-template annotation: hash of the injected configuration; changing it rolls the pods.
+ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
+#: Workload annotation: JSON record of what was injected, so it can be removed exactly.
+ANNOTATION_INJECTED: Final = f"{GROUP}/injected"
+#: Grafana sidecar folder annotation on the dashboard ConfigMap.
+ANNOTATION_GRAFANA_FOLDER: Final = "grafana_folder"
+
+#: Name of the container port added for the middleware's Prometheus listener.
+METRICS_PORT_NAME: Final = "llm-metrics"
+#: Volume and mount for an inline pricing table.
+PRICING_VOLUME: Final = "llm-telemetry-pricing"
+PRICING_MOUNT_PATH: Final = "/etc/llm-telemetry"
+PRICING_FILE: Final = "pricing.yaml"
+
+#: Condition types written to status.
+CONDITION_READY: Final = "Ready"
+CONDITION_INJECTED: Final = "Injected"
+CONDITION_METRICS: Final = "MetricsExposed"
+CONDITION_ALERTS: Final = "AlertsConfigured"
+CONDITION_DASHBOARD: Final = "DashboardProvisioned"

@@ -1,0 +1,67 @@
+"""Every Kubernetes API permission the operator uses, declared once.
+
+The Helm chart renders its ClusterRole/Role from :data:`PERMISSIONS`, and the operator's own API client
+(:mod:`llm_telemetry_operator.kube`) refuses any call that is not declared here, so the two cannot drift.
+``framework`` entries are what kopf itself needs (watching CRDs and namespaces, peering, posting events);
+``application`` entries are what our handlers read and write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Permission:
+    """One RBAC rule: verbs on resources of one API group.
+
+    Args:
+        api_group: ``""`` for the core group.
+        resources: plural resource names, with ``/status`` for subresources.
+        verbs: Kubernetes verbs (``get``, ``list``, ``watch``, ``create``, ``patch``, ``delete``).
+        kind: ``framework`` for what kopf needs, ``application`` for what our handlers touch.
+        cluster_scoped: True for cluster-scoped objects, which only a ClusterRole can grant.
+    """
+
+    api_group: str
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+    kind: Literal["framework", "application"]
+    cluster_scoped: bool = False
+
+
+PERMISSIONS: tuple[Permission, ...] = (
+    # Framework: kopf notices CRDs and namespaces appearing and disappearing.
+    Permission("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"), "framework", True),
+    Permission("", ("namespaces",), ("list", "watch"), "framework", True),
+    # Framework: peering, so that standby replicas stay idle while one replica is active.
+    Permission("kopf.dev", ("clusterkopfpeerings",), ("list", "watch", "patch"), "framework", True),
+    Permission("kopf.dev", ("kopfpeerings",), ("list", "watch", "patch"), "framework"),
+    # Framework: kopf posts events about handler progress and failures (ours go the same way).
+    Permission("", ("events",), ("create",), "framework"),
+    # Application: the LLMTelemetry resources themselves (finalizers, progress annotations, status).
+    Permission("llmtelemetry.dev", ("llmtelemetries",), ("list", "watch", "patch"), "application"),
+    Permission("llmtelemetry.dev", ("llmtelemetries/status",), ("patch",), "application"),
+    # Application: the workloads whose pod templates get the middleware's environment.
+    Permission("apps", ("deployments", "statefulsets"), ("get", "list", "watch", "patch"), "application"),
+    # Application: children owned by an LLMTelemetry (metrics Service, dashboard and pricing ConfigMaps).
+    Permission("", ("services", "configmaps"), ("get", "list", "watch", "create", "patch", "delete"), "application"),
+    # Application: Prometheus Operator objects; a 404 here means its CRDs are not installed.
+    Permission(
+        "monitoring.coreos.com",
+        ("servicemonitors", "prometheusrules"),
+        ("get", "list", "watch", "create", "patch", "delete"),
+        "application",
+    ),
+)
+
+
+def is_declared(api_group: str, resource: str, verb: str) -> bool:
+    """Whether ``verb`` on ``resource`` of ``api_group`` is covered by :data:`PERMISSIONS`."""
+    return any(p.api_group == api_group and resource in p.resources and verb in p.verbs for p in PERMISSIONS)
+
+
+def declared_triples() -> frozenset[tuple[str, str, str]]:
+    """All ``(api_group, resource, verb)`` triples in :data:`PERMISSIONS`."""
+    return frozenset((p.api_group, r, v) for p in PERMISSIONS for r in p.resources for v in p.verbs)
