@@ -1,0 +1,50 @@
+{{/*
+The operator's RBAC rules, split by scope. They mirror operator/llm_telemetry_operator/rbac.py (PERMISSIONS) rule
+for rule; tests/chart/test_rbac.py renders the chart and fails on anything missing or extra in either direction.
+Cluster-wide mode grants both lists in one ClusterRole; namespaced mode grants the cluster-scoped list in a
+ClusterRole and the namespaced list in a Role per watched namespace.
+*/}}
+
+{{- define "llm-telemetry-operator.rules.clusterScoped" -}}
+# Framework: kopf notices CRDs and namespaces appearing and disappearing.
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+# Framework: cluster-wide peering, so that standby replicas stay paused while one replica is active.
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [list, watch, patch]
+{{- end }}
+
+{{- define "llm-telemetry-operator.rules.namespaced" -}}
+# Framework: per-namespace peering (namespaced mode).
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [list, watch, patch]
+# Framework: events about handler progress and failures.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Application: the LLMTelemetry resources (finalizers, progress annotations) and their status.
+- apiGroups: [llmtelemetry.dev]
+  resources: [llmtelemetries]
+  verbs: [list, watch, patch]
+- apiGroups: [llmtelemetry.dev]
+  resources: [llmtelemetries/status]
+  verbs: [patch]
+# Application: workloads whose pod templates receive the middleware's environment.
+- apiGroups: [apps]
+  resources: [deployments, statefulsets]
+  verbs: [get, list, watch, patch]
+# Application: children owned by an LLMTelemetry (metrics Service, dashboard and pricing ConfigMaps).
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+# Application: Prometheus Operator objects (ServiceMonitor, PrometheusRule).
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors, prometheusrules]
+  verbs: [get, list, watch, create, patch, delete]
+{{- end }}
