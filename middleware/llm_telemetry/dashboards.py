@@ -1,0 +1,680 @@
+"""The Grafana dashboard for the middleware's metrics, built as plain data (a Grafana dashboard JSON model).
+
+Panels query the raw metrics through the dashboard's variables rather than the recording rules of
+:mod:`llm_telemetry.rules`: the dashboard then works against any Prometheus that scrapes the middleware,
+whether or not the rules are loaded, and every variable filters every panel. The rate queries use
+``$__rate_interval``, which keeps them cheap enough for the time ranges a dashboard is looked at.
+
+Usage::
+
+    from llm_telemetry.dashboards import render_dashboard_json
+
+    Path("llm.json").write_text(render_dashboard_json(attribution_labels=("tenant", "team")))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, Final
+
+from llm_telemetry.rules import (
+    COST,
+    ERROR_TYPE,
+    ERRORS,
+    METADATA_PREFIX,
+    METRICS,
+    REQUEST_DURATION,
+    REQUEST_MODEL,
+    REQUESTS,
+    REQUESTS_ACTIVE,
+    TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN,
+    TOKEN_TYPE,
+    TOKENS,
+    TOOL_CALLS,
+    TOOL_NAME,
+    TOOL_RESULTS,
+    TOOL_STATUS,
+    UNPRICED_TOKENS,
+    USAGE_SOURCE,
+)
+
+#: Grafana 11.0's dashboard schema version; Grafana 11 and 12 import it and migrate it forward on save.
+SCHEMA_VERSION: Final = 39
+RATE: Final = "$__rate_interval"
+PROMETHEUS: Final = {"type": "prometheus", "uid": "${datasource}"}
+
+_ATTRIBUTION_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class _Builder:
+    """Accumulates panels, assigning ids and grid positions row by row."""
+
+    def __init__(self, attribution_labels: Sequence[str], jaeger_uid: str, loki_uid: str) -> None:
+        self.attribution = [f"{METADATA_PREFIX}{name}" for name in attribution_labels]
+        self.jaeger_uid = jaeger_uid
+        self.loki_uid = loki_uid
+        self.panels: list[dict[str, Any]] = []
+        self._next_id = 1
+        self._x = 0
+        self._y = 0
+        self._row_height = 0
+
+    # --- selectors ----------------------------------------------------------------------------
+
+    def sel(self, metric: str, *extra: str) -> str:
+        """``metric{...}`` filtered by every dashboard variable that applies to the metric's labels."""
+        base = metric
+        for suffix in ("_bucket", "_count", "_sum"):
+            if metric.endswith(suffix) and metric[: -len(suffix)] in METRICS:
+                base = metric[: -len(suffix)]
+        spec = METRICS[base]
+        matchers = ['namespace=~"$namespace"', 'job=~"$job"']
+        if REQUEST_MODEL in spec.labels:
+            matchers.append(f'{REQUEST_MODEL}=~"$model"')
+        if spec.attributed:
+            matchers += [f'{name}=~"${name}"' for name in self.attribution]
+        return f"{metric}{{{','.join([*matchers, *extra])}}}"
+
+    def rate(self, metric: str, *extra: str) -> str:
+        return f"rate({self.sel(metric, *extra)}[{RATE}])"
+
+    # --- layout -------------------------------------------------------------------------------
+
+    def _id(self) -> int:
+        panel_id = self._next_id
+        self._next_id += 1
+        return panel_id
+
+    def row(self, title: str) -> None:
+        if self._x:
+            self._y += self._row_height
+        self._x = 0
+        self._row_height = 0
+        self.panels.append(
+            {
+                "id": self._id(),
+                "type": "row",
+                "title": title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": self._y},
+                "panels": [],
+            }
+        )
+        self._y += 1
+
+    def _place(self, width: int, height: int) -> dict[str, int]:
+        if self._x + width > 24:
+            self._y += self._row_height
+            self._x = 0
+            self._row_height = 0
+        pos = {"h": height, "w": width, "x": self._x, "y": self._y}
+        self._x += width
+        self._row_height = max(self._row_height, height)
+        return pos
+
+    def add(self, panel: dict[str, Any], width: int, height: int) -> None:
+        self.panels.append({"id": self._id(), **panel, "gridPos": self._place(width, height)})
+
+    # --- panels -------------------------------------------------------------------------------
+
+    @staticmethod
+    def target(
+        expr: str, legend: str, ref: str = "A", *, instant: bool = False, exemplar: bool = False, fmt: str = ""
+    ) -> dict[str, Any]:
+        target: dict[str, Any] = {
+            "refId": ref,
+            "datasource": PROMETHEUS,
+            "editorMode": "code",
+            "expr": expr,
+            "legendFormat": legend,
+            "range": not instant,
+            "instant": instant,
+        }
+        if exemplar:
+            target["exemplar"] = True
+        if fmt:
+            target["format"] = fmt
+        return target
+
+    def stat(
+        self, title: str, description: str, expr: str, legend: str, unit: str, steps: list[dict[str, Any]]
+    ) -> None:
+        self.add(
+            {
+                "type": "stat",
+                "title": title,
+                "description": description,
+                "datasource": PROMETHEUS,
+                "fieldConfig": {
+                    "defaults": {
+                        "unit": unit,
+                        "decimals": 2,
+                        "color": {"mode": "thresholds"},
+                        "thresholds": {"mode": "absolute", "steps": steps},
+                    },
+                    "overrides": [],
+                },
+                "options": {
+                    "colorMode": "value",
+                    "graphMode": "area",
+                    "justifyMode": "auto",
+                    "orientation": "auto",
+                    "textMode": "auto",
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                },
+                "targets": [self.target(expr, legend)],
+            },
+            5 if title != "Active requests" else 4,
+            5,
+        )
+
+    def timeseries(
+        self,
+        title: str,
+        description: str,
+        targets: list[dict[str, Any]],
+        unit: str,
+        *,
+        width: int = 12,
+        stack: bool = False,
+        links: list[dict[str, Any]] | None = None,
+        max_value: float | None = None,
+    ) -> None:
+        defaults: dict[str, Any] = {
+            "unit": unit,
+            "color": {"mode": "palette-classic"},
+            "custom": {
+                "drawStyle": "line",
+                "lineWidth": 1,
+                "fillOpacity": 20 if stack else 0,
+                "showPoints": "never",
+                "spanNulls": False,
+                "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+            },
+            "links": links or [],
+        }
+        if max_value is not None:
+            defaults["min"] = 0
+            defaults["max"] = max_value
+        self.add(
+            {
+                "type": "timeseries",
+                "title": title,
+                "description": description,
+                "datasource": PROMETHEUS,
+                "fieldConfig": {"defaults": defaults, "overrides": []},
+                "options": {
+                    "legend": {"displayMode": "table", "placement": "bottom", "showLegend": True, "calcs": ["mean"]},
+                    "tooltip": {"mode": "multi", "sort": "desc"},
+                },
+                "targets": targets,
+            },
+            width,
+            8,
+        )
+
+    def heatmap(self, title: str, description: str, metric: str, unit: str) -> None:
+        self.add(
+            {
+                "type": "heatmap",
+                "title": title,
+                "description": description,
+                "datasource": PROMETHEUS,
+                "fieldConfig": {"defaults": {"unit": unit, "custom": {}}, "overrides": []},
+                "options": {
+                    "calculate": False,
+                    "cellGap": 1,
+                    "color": {"mode": "scheme", "scheme": "Oranges", "scale": "exponential", "exponent": 0.5},
+                    "yAxis": {"unit": unit, "axisPlacement": "left"},
+                    "rowsFrame": {"layout": "auto"},
+                    "tooltip": {"mode": "single", "yHistogram": True, "showColorScale": True},
+                    "exemplars": {"color": "rgba(255,0,255,0.7)"},
+                    "legend": {"show": True},
+                },
+                "targets": [
+                    self.target(
+                        f"sum by (le) ({self.rate(metric + '_bucket')})",
+                        "{{le}}",
+                        exemplar=True,
+                        fmt="heatmap",
+                    )
+                ],
+            },
+            12,
+            8,
+        )
+
+    def bargauge(self, title: str, description: str, expr: str, legend: str, unit: str) -> None:
+        self.add(
+            {
+                "type": "bargauge",
+                "title": title,
+                "description": description,
+                "datasource": PROMETHEUS,
+                "fieldConfig": {
+                    "defaults": {
+                        "unit": unit,
+                        "color": {"mode": "continuous-BlYlRd"},
+                        "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None}]},
+                    },
+                    "overrides": [],
+                },
+                "options": {
+                    "orientation": "horizontal",
+                    "displayMode": "gradient",
+                    "showUnfilled": True,
+                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                },
+                "targets": [self.target(expr, legend, instant=True)],
+            },
+            12,
+            8,
+        )
+
+    def logs(self, title: str, description: str, expr: str) -> None:
+        loki = {"type": "loki", "uid": self.loki_uid}
+        self.add(
+            {
+                "type": "logs",
+                "title": title,
+                "description": description,
+                "datasource": loki,
+                "fieldConfig": {"defaults": {"unit": "none"}, "overrides": []},
+                "options": {
+                    "showTime": True,
+                    "wrapLogMessage": True,
+                    "prettifyLogMessage": False,
+                    "enableLogDetails": True,
+                    "sortOrder": "Descending",
+                    "dedupStrategy": "none",
+                },
+                "targets": [
+                    {"refId": "A", "datasource": loki, "editorMode": "code", "expr": expr, "legendFormat": "{{model}}"}
+                ],
+            },
+            24,
+            10,
+        )
+
+    def jaeger_link(self) -> dict[str, Any]:
+        """A data link opening Jaeger's trace search for the clicked series' service and model."""
+        pane = {
+            "datasource": self.jaeger_uid,
+            "queries": [
+                {
+                    "refId": "A",
+                    "datasource": {"type": "jaeger", "uid": self.jaeger_uid},
+                    "queryType": "search",
+                    "service": "${__field.labels.job}",
+                    "tags": f"gen_ai.request.model=${{__field.labels.{REQUEST_MODEL}}}",
+                }
+            ],
+            "range": {"from": "${__from}", "to": "${__to}"},
+        }
+        # Keep ${...} intact: Grafana interpolates the link before following it.
+        panes = urllib.parse.quote(json.dumps({"a": pane}, separators=(",", ":")), safe="${}_.")
+        return {"title": "Traces of this model in Jaeger", "url": f"/explore?schemaVersion=1&panes={panes}"}
+
+
+def _quantiles(b: _Builder, metric: str) -> list[dict[str, Any]]:
+    return [
+        b.target(
+            f"histogram_quantile({q}, sum by ({REQUEST_MODEL}, le) ({b.rate(metric + '_bucket')}))",
+            f"p{round(q * 100)} {{{{{REQUEST_MODEL}}}}}",
+            ref,
+            exemplar=True,
+        )
+        for ref, q in (("A", 0.5), ("B", 0.95), ("C", 0.99))
+    ]
+
+
+def _variable(name: str, label: str, query: str, description: str) -> dict[str, Any]:
+    return {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "description": description,
+        "datasource": PROMETHEUS,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "refresh": 2,
+        "regex": "",
+        "sort": 1,
+        "multi": True,
+        "includeAll": True,
+        # ".*" rather than an alternation of every value: also matches series without the label
+        # (no namespace outside Kubernetes, no attribution header on a request).
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "options": [],
+        "hide": 0,
+    }
+
+
+def _templating(attribution: Sequence[str]) -> list[dict[str, Any]]:
+    scope = 'namespace=~"$namespace",job=~"$job"'
+    variables: list[dict[str, Any]] = [
+        {
+            "type": "datasource",
+            "name": "datasource",
+            "label": "Prometheus",
+            "query": "prometheus",
+            "current": {},
+            "options": [],
+            "refresh": 1,
+            "regex": "",
+            "hide": 0,
+        },
+        _variable(
+            "namespace",
+            "Namespace",
+            f"label_values({REQUESTS}, namespace)",
+            "Kubernetes namespace of the scraped pods.",
+        ),
+        _variable(
+            "job",
+            "Service",
+            f'label_values({REQUESTS}{{namespace=~"$namespace"}}, job)',
+            "Prometheus job, one per scraped Service or PodMonitor.",
+        ),
+        _variable(
+            "model",
+            "Model",
+            f"label_values({REQUESTS}{{{scope}}}, {REQUEST_MODEL})",
+            "Model named in the request (gen_ai_request_model).",
+        ),
+    ]
+    for name in attribution:
+        short = name[len(METADATA_PREFIX) :]
+        variables.append(
+            _variable(
+                name,
+                short.replace("_", " ").capitalize(),
+                f"label_values({REQUESTS}{{{scope}}}, {name})",
+                f"Attribution label {name}, taken from a request header.",
+            )
+        )
+    return variables
+
+
+def build_dashboard(
+    *,
+    title: str = "LLM services",
+    uid: str = "llm-telemetry",
+    jaeger_uid: str = "jaeger",
+    loki_uid: str = "loki",
+    attribution_labels: Sequence[str] = ("tenant",),
+) -> dict[str, Any]:
+    """The Grafana dashboard JSON model for the metrics of :mod:`llm_telemetry.instruments`.
+
+    Args:
+        title: Dashboard title.
+        uid: Dashboard uid (stable, so re-imports replace the dashboard).
+        jaeger_uid: uid of the Jaeger datasource the trace links open.
+        loki_uid: uid of the Loki datasource of the error log panel.
+        attribution_labels: Attribution label names without the ``llm_metadata_`` prefix; each gets a
+            variable and a pair of "top" panels.
+    """
+    for name in attribution_labels:
+        if not _ATTRIBUTION_LABEL.match(name):
+            raise ValueError(f"attribution label {name!r}: expected a Prometheus label name suffix such as 'tenant'")
+    b = _Builder(attribution_labels, jaeger_uid, loki_uid)
+    model_legend = f"{{{{{REQUEST_MODEL}}}}}"
+    cache_read = f'{TOKEN_TYPE}="cache_read"'
+    input_or_cache_read = f'{TOKEN_TYPE}=~"input|cache_read"'
+    tool_error = f'{TOOL_STATUS}="error"'
+    requests_rate = f"sum({b.rate(REQUESTS)})"
+
+    b.row("Health")
+    b.stat(
+        "Requests/s",
+        "LLM API requests handled per second, all outcomes.",
+        requests_rate,
+        "requests/s",
+        "reqps",
+        [{"color": "blue", "value": None}],
+    )
+    b.stat(
+        "Error ratio",
+        "Share of LLM requests that failed, any error type (client errors included).",
+        f"(sum({b.rate(ERRORS)}) or vector(0)) / {requests_rate}",
+        "error ratio",
+        "percentunit",
+        [{"color": "green", "value": None}, {"color": "orange", "value": 0.01}, {"color": "red", "value": 0.05}],
+    )
+    b.stat(
+        "p95 request duration",
+        "95th percentile of the time from request arrival to the last byte of the response.",
+        f"histogram_quantile(0.95, sum by (le) ({b.rate(REQUEST_DURATION + '_bucket')}))",
+        "p95",
+        "s",
+        [{"color": "green", "value": None}, {"color": "orange", "value": 30}, {"color": "red", "value": 60}],
+    )
+    b.stat(
+        "p95 time to first token",
+        "95th percentile of the time until the first generated chunk of streamed responses.",
+        f"histogram_quantile(0.95, sum by (le) ({b.rate(TIME_TO_FIRST_TOKEN + '_bucket')}))",
+        "p95",
+        "s",
+        [{"color": "green", "value": None}, {"color": "orange", "value": 1}, {"color": "red", "value": 2}],
+    )
+    b.stat(
+        "Active requests",
+        "LLM requests in flight right now (streams count until their last chunk).",
+        f"sum({b.sel(REQUESTS_ACTIVE)})",
+        "active",
+        "short",
+        [{"color": "blue", "value": None}],
+    )
+
+    b.row("Latency")
+    link = [b.jaeger_link()]
+    b.timeseries(
+        "Request duration by model",
+        "p50, p95 and p99 request duration per model. Dots are exemplars: click one to open its trace.",
+        _quantiles(b, REQUEST_DURATION),
+        "s",
+        links=link,
+    )
+    b.timeseries(
+        "Time to first token by model",
+        "p50, p95 and p99 time to first token of streamed responses per model, with exemplars.",
+        _quantiles(b, TIME_TO_FIRST_TOKEN),
+        "s",
+        links=link,
+    )
+    b.timeseries(
+        "Time per output token by model",
+        "p50, p95 and p99 time per generated token after the first, per model (decode speed), with exemplars.",
+        _quantiles(b, TIME_PER_OUTPUT_TOKEN),
+        "s",
+        width=24,
+        links=link,
+    )
+    b.heatmap(
+        "Request duration distribution",
+        "Requests per second in each duration bucket; exemplars show individual traced requests.",
+        REQUEST_DURATION,
+        "s",
+    )
+    b.heatmap(
+        "Time to first token distribution",
+        "Streamed responses per second in each time-to-first-token bucket, with exemplars.",
+        TIME_TO_FIRST_TOKEN,
+        "s",
+    )
+
+    b.row("Tokens and cost")
+    b.timeseries(
+        "Tokens/min by model and type",
+        "Tokens per minute by model and token type (input, output, cache_read, cache_creation, reasoning).",
+        [
+            b.target(
+                f"sum by ({REQUEST_MODEL}, {TOKEN_TYPE}) ({b.rate(TOKENS)}) * 60",
+                f"{{{{{REQUEST_MODEL}}}}} {{{{{TOKEN_TYPE}}}}}",
+            )
+        ],
+        "suffix: tok/min",
+        stack=True,
+    )
+    b.timeseries(
+        "Cost per hour by model",
+        "Spend in US dollars per hour at the current rate, from the pricing table.",
+        [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(COST)}) * 3600", model_legend)],
+        "currencyUSD",
+        stack=True,
+    )
+    b.timeseries(
+        "Cost per request by model",
+        "Average spend per request in US dollars.",
+        [
+            b.target(
+                f"sum by ({REQUEST_MODEL}) ({b.rate(COST)})\n/\nsum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)})",
+                model_legend,
+            )
+        ],
+        "currencyUSD",
+    )
+    b.timeseries(
+        "Cache-hit share of input tokens",
+        "cache_read / (input + cache_read) tokens per model: how much of the prompt the provider served from cache.",
+        [
+            b.target(
+                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, cache_read)})\n/\n"
+                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, input_or_cache_read)})",
+                model_legend,
+            )
+        ],
+        "percentunit",
+        max_value=1,
+    )
+    b.timeseries(
+        "Estimated vs reported tokens",
+        "Tokens per minute by usage source: reported by the provider, or estimated when the response had no usage.",
+        [b.target(f"sum by ({USAGE_SOURCE}) ({b.rate(TOKENS)}) * 60", f"{{{{{USAGE_SOURCE}}}}}")],
+        "suffix: tok/min",
+        stack=True,
+    )
+    b.timeseries(
+        "Unpriced tokens/min by model",
+        "Tokens of models missing from the pricing table; their cost is not counted above.",
+        [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(UNPRICED_TOKENS)}) * 60", model_legend)],
+        "suffix: tok/min",
+    )
+
+    b.row("Errors")
+    b.timeseries(
+        "Errors/s by error type",
+        "Failed requests per second, stacked by error_type.",
+        [b.target(f"sum by ({ERROR_TYPE}) ({b.rate(ERRORS)})", f"{{{{{ERROR_TYPE}}}}}")],
+        "reqps",
+        stack=True,
+    )
+    b.timeseries(
+        "Error ratio by model",
+        "Share of requests to each model that failed, any error type.",
+        [
+            b.target(
+                # "or ... * 0": a model without errors shows 0 rather than no line at all.
+                f"(sum by ({REQUEST_MODEL}) ({b.rate(ERRORS)}) or sum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)}) * 0)"
+                f"\n/\nsum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)})",
+                model_legend,
+            )
+        ],
+        "percentunit",
+        max_value=1,
+    )
+    b.logs(
+        "Error log lines",
+        "Request log lines with an error_type for the selected namespaces and models, newest first (Loki).",
+        '{namespace=~"$namespace"} | json | error_type != "" | model =~ "$model"',
+    )
+
+    b.row("Tools")
+    b.timeseries(
+        "Tool calls/s by tool",
+        "Tool calls the model asked for, per second, by tool name.",
+        [b.target(f"sum by ({TOOL_NAME}) ({b.rate(TOOL_CALLS)})", f"{{{{{TOOL_NAME}}}}}")],
+        "cps",
+        stack=True,
+    )
+    b.timeseries(
+        "Tool failure ratio by tool",
+        "Share of the tool results clients sent back that were errors, by tool name.",
+        [
+            b.target(
+                f"(sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS, tool_error)})"
+                f" or sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS)}) * 0)\n/\n"
+                f"sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS)})",
+                f"{{{{{TOOL_NAME}}}}}",
+            )
+        ],
+        "percentunit",
+        max_value=1,
+    )
+
+    if b.attribution:
+        b.row("Attribution")
+    for name in b.attribution:
+        short = name[len(METADATA_PREFIX) :]
+        legend = f"{{{{{name}}}}}"
+        b.bargauge(
+            f"Top {short} by tokens",
+            f"The 10 values of {name} that used the most tokens over the dashboard's time range.",
+            f"topk(10, sum by ({name}) (increase({b.sel(TOKENS)}[$__range])))",
+            legend,
+            "short",
+        )
+        b.bargauge(
+            f"Top {short} by cost",
+            f"The 10 values of {name} that cost the most (USD) over the dashboard's time range.",
+            f"topk(10, sum by ({name}) (increase({b.sel(COST)}[$__range])))",
+            legend,
+            "currencyUSD",
+        )
+
+    return {
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "description": "LLM API traffic, latency, tokens, cost, errors and tools, from llm-telemetry.",
+        "editable": True,
+        "fiscalYearStartMonth": 0,
+        "graphTooltip": 1,
+        "id": None,
+        "links": [],
+        "panels": b.panels,
+        "refresh": "30s",
+        "schemaVersion": SCHEMA_VERSION,
+        "tags": ["llm", "gen-ai", "llm-telemetry"],
+        "templating": {"list": _templating(b.attribution)},
+        "time": {"from": "now-6h", "to": "now"},
+        "timepicker": {},
+        "timezone": "browser",
+        "title": title,
+        "uid": uid,
+        "version": 1,
+        "weekStart": "",
+    }
+
+
+def render_dashboard_json(**kw: Any) -> str:
+    """:func:`build_dashboard` as indented JSON with a trailing newline, ready to import into Grafana."""
+    return json.dumps(build_dashboard(**kw), indent=2) + "\n"
+
+
+__all__: Sequence[str] = ("build_dashboard", "render_dashboard_json")

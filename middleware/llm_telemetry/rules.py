@@ -1,0 +1,543 @@
+"""Prometheus recording and alerting rules for the metrics the middleware exports, built as plain data.
+
+One function, :func:`build_rule_groups`, produces the rule groups; :func:`render_rule_file` wraps them in a
+plain Prometheus rule file and :func:`build_prometheus_rule` in a Prometheus Operator ``PrometheusRule``
+object. The Grafana dashboard (:mod:`llm_telemetry.dashboards`) uses the same metric and label names from
+:data:`METRICS`, which mirrors the contract in :mod:`llm_telemetry.instruments`.
+
+Usage::
+
+    from llm_telemetry.rules import AlertThresholds, render_rule_file
+
+    text = render_rule_file(AlertThresholds(cost_per_hour_usd=20.0), selector='namespace="llm",job="chat"')
+
+Naming: recording rules are ``llm:<metric>:<operation>`` and always keep ``namespace`` and ``job`` in their
+``by`` clause, so the rules of several services loaded into one Prometheus never collide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import yaml
+
+from llm_telemetry import instruments as inst
+
+# --- the metric contract, in Prometheus names -----------------------------------------------------
+
+
+def prometheus_name(instrument: str, unit: str = "", *, counter: bool = False) -> str:
+    """The name the OpenTelemetry Prometheus exporter gives an instrument: dots to underscores, unit, ``_total``."""
+    name = instrument.replace(".", "_")
+    if unit:
+        name = f"{name}_{unit}"
+    return f"{name}_total" if counter else name
+
+
+def label(attribute: str) -> str:
+    """The Prometheus label of an OpenTelemetry attribute key."""
+    return attribute.replace(".", "_")
+
+
+REQUEST_DURATION: Final = prometheus_name(inst.GEN_AI_SERVER_REQUEST_DURATION, "seconds")
+TIME_TO_FIRST_TOKEN: Final = prometheus_name(inst.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, "seconds")
+TIME_PER_OUTPUT_TOKEN: Final = prometheus_name(inst.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, "seconds")
+TOKENS: Final = prometheus_name(inst.LLM_TOKENS, counter=True)
+REQUESTS: Final = prometheus_name(inst.LLM_REQUESTS, counter=True)
+ERRORS: Final = prometheus_name(inst.LLM_ERRORS, counter=True)
+COST: Final = prometheus_name(inst.LLM_COST, "usd", counter=True)
+UNPRICED_TOKENS: Final = prometheus_name(inst.LLM_COST_UNPRICED_TOKENS, counter=True)
+TOOL_CALLS: Final = prometheus_name(inst.LLM_TOOL_CALLS, counter=True)
+TOOL_RESULTS: Final = prometheus_name(inst.LLM_TOOL_RESULTS, counter=True)
+REQUESTS_ACTIVE: Final = prometheus_name(inst.LLM_REQUESTS_ACTIVE)
+INTERNAL_ERRORS: Final = prometheus_name(inst.LLM_TELEMETRY_INTERNAL_ERRORS, counter=True)
+
+OPERATION: Final = label(inst.GEN_AI_OPERATION_NAME)
+PROVIDER: Final = label(inst.GEN_AI_PROVIDER_NAME)
+REQUEST_MODEL: Final = label(inst.GEN_AI_REQUEST_MODEL)
+RESPONSE_MODEL: Final = label(inst.GEN_AI_RESPONSE_MODEL)
+TOKEN_TYPE: Final = label(inst.GEN_AI_TOKEN_TYPE)
+TOOL_NAME: Final = label(inst.GEN_AI_TOOL_NAME)
+ERROR_TYPE: Final = label(inst.ERROR_TYPE)
+STREAM: Final = label(inst.LLM_STREAM)
+USAGE_SOURCE: Final = label(inst.LLM_USAGE_SOURCE)
+TOOL_STATUS: Final = label(inst.LLM_TOOL_STATUS)
+COMPONENT: Final = label(inst.LLM_TELEMETRY_COMPONENT)
+#: Attribution labels: ``llm_metadata_<name>``.
+METADATA_PREFIX: Final = label(inst.LLM_METADATA_PREFIX)
+
+#: Labels Prometheus itself adds when scraping a pod through a ServiceMonitor or PodMonitor.
+SCRAPE_LABELS: Final = ("namespace", "job", "pod", "instance")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: its kind and the labels it may carry (besides scrape and OTel scope labels)."""
+
+    kind: str  # "counter", "gauge" or "histogram"
+    labels: frozenset[str]
+    #: Whether it carries the ``llm_metadata_*`` attribution labels.
+    attributed: bool = True
+
+
+_COMMON = frozenset({OPERATION, PROVIDER, REQUEST_MODEL})
+
+#: Every metric the middleware exports, by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
+METRICS: Final[Mapping[str, MetricSpec]] = {
+    REQUEST_DURATION: MetricSpec("histogram", _COMMON | {RESPONSE_MODEL, STREAM, ERROR_TYPE}),
+    TIME_TO_FIRST_TOKEN: MetricSpec("histogram", _COMMON),
+    TIME_PER_OUTPUT_TOKEN: MetricSpec("histogram", _COMMON),
+    TOKENS: MetricSpec("counter", _COMMON | {RESPONSE_MODEL, TOKEN_TYPE, USAGE_SOURCE}),
+    REQUESTS: MetricSpec("counter", _COMMON | {RESPONSE_MODEL, STREAM, ERROR_TYPE}),
+    ERRORS: MetricSpec("counter", _COMMON | {STREAM, ERROR_TYPE}),
+    COST: MetricSpec("counter", _COMMON),
+    UNPRICED_TOKENS: MetricSpec("counter", _COMMON, attributed=False),
+    TOOL_CALLS: MetricSpec("counter", _COMMON | {TOOL_NAME}),
+    TOOL_RESULTS: MetricSpec("counter", frozenset({PROVIDER, TOOL_NAME, TOOL_STATUS}), attributed=False),
+    REQUESTS_ACTIVE: MetricSpec("gauge", frozenset({OPERATION, PROVIDER}), attributed=False),
+    INTERNAL_ERRORS: MetricSpec("counter", frozenset({COMPONENT}), attributed=False),
+}
+
+#: ``error_type`` values caused by the caller rather than the service; they don't spend the availability
+#: error budget (they still count in the plain error ratio alert and on the dashboard).
+CLIENT_ERROR_TYPES: Final = (
+    "invalid_request",
+    "auth",
+    "not_found",
+    "context_length",
+    "content_filter",
+    "client_disconnect",
+)
+
+# --- thresholds -----------------------------------------------------------------------------------
+
+#: Where runbook links point unless told otherwise; each alert appends ``#<anchor>``. A path relative to the
+#: repository root, so it is correct wherever the repository is hosted; pass a full URL in production.
+DEFAULT_RUNBOOK_URL: Final = "docs/runbooks.md"
+
+#: Burn-rate windows: (severity, long window, short window, burn factor), from the multi-window,
+#: multi-burn-rate recipe of Google's SRE workbook (chapter "Alerting on SLOs").
+BURN_RATE_WINDOWS: Final = (
+    ("critical", "1h", "5m", 14.4),
+    ("critical", "6h", "30m", 6.0),
+    ("warning", "1d", "2h", 3.0),
+    ("warning", "3d", "6h", 1.0),
+)
+SLO_WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    """Alert thresholds and SLO objectives; the defaults suit a chat service behind a hosted LLM API.
+
+    Args:
+        error_ratio: Share of failed requests over 5 minutes above which LLMHighErrorRatio fires.
+        p95_request_duration_seconds: p95 request duration (per model) for LLMHighRequestDuration.
+        p95_ttft_seconds: p95 time to first token (per model) for LLMHighTimeToFirstToken.
+        tool_failure_ratio: Share of tool results reported as errors (per tool) for LLMHighToolFailureRatio.
+        cost_per_hour_usd: Spend per hour for LLMCostBudgetExceeded; ``None`` leaves the alert out.
+        availability_objective: Share of requests that must not fail through the service's fault.
+        ttft_objective: Share of streamed first tokens that must arrive within ``ttft_objective_seconds``.
+        ttft_objective_seconds: The TTFT objective's latency; one of the TTFT histogram's bucket boundaries.
+        token_rate_spike_factor: LLMTokenRateAnomaly fires when the 5 minute token rate exceeds this multiple
+            of the hourly rate measured 15 minutes earlier...
+        token_rate_floor_per_second: ...and the 5 minute rate is above this floor, so idle services stay quiet.
+
+    Usage::
+
+        AlertThresholds(error_ratio=0.02, cost_per_hour_usd=50.0)
+    """
+
+    error_ratio: float = 0.05
+    p95_request_duration_seconds: float = 60.0
+    p95_ttft_seconds: float = 2.0
+    tool_failure_ratio: float = 0.2
+    cost_per_hour_usd: float | None = None
+    availability_objective: float = 0.99
+    ttft_objective: float = 0.99
+    ttft_objective_seconds: float = 2.5
+    token_rate_spike_factor: float = 3.0
+    token_rate_floor_per_second: float = 20.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"AlertThresholds.{field.name}={value!r}: expected a finite number")
+            if value <= 0:
+                raise ValueError(f"AlertThresholds.{field.name}={value!r}: must be greater than 0")
+        for name in ("error_ratio", "tool_failure_ratio"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"AlertThresholds.{name}={getattr(self, name)!r}: a ratio must be at most 1")
+        for name in ("availability_objective", "ttft_objective"):
+            if getattr(self, name) >= 1:
+                raise ValueError(
+                    f"AlertThresholds.{name}={getattr(self, name)!r}: an objective must be below 1 (1 leaves no budget)"
+                )
+        if float(self.ttft_objective_seconds) not in inst.TIME_TO_FIRST_TOKEN_BUCKETS:
+            bounds = ", ".join(f"{b:g}" for b in inst.TIME_TO_FIRST_TOKEN_BUCKETS)
+            raise ValueError(
+                f"AlertThresholds.ttft_objective_seconds={self.ttft_objective_seconds!r} is not a bucket boundary of "
+                f"{TIME_TO_FIRST_TOKEN}; choose one of: {bounds}"
+            )
+
+
+# --- PromQL helpers -------------------------------------------------------------------------------
+
+BY: Final = "namespace, job"
+
+
+def _normalize_selector(selector: str) -> str:
+    selector = selector.strip()
+    if selector.startswith("{") and selector.endswith("}"):
+        selector = selector[1:-1].strip()
+    selector = selector.strip(",").strip()
+    if "{" in selector or "}" in selector:
+        raise ValueError(f'selector {selector!r}: expected label matchers such as namespace="llm",job="chat"')
+    return selector
+
+
+def series(metric: str, selector: str = "", *matchers: str) -> str:
+    """``metric{selector,matchers...}``, or the bare name when there are no matchers."""
+    parts = [p for p in (selector, *matchers) if p]
+    return f"{metric}{{{','.join(parts)}}}" if parts else metric
+
+
+def le_value(bound: float) -> str:
+    """The ``le`` label value the OpenTelemetry Prometheus exporter writes for a bucket boundary."""
+    return f"{float(bound)}"
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}" if abs(number) >= 1e-4 else repr(number)
+
+
+def _record(name: str, expr: str) -> dict[str, Any]:
+    return {"record": name, "expr": expr}
+
+
+def _alert(
+    name: str,
+    expr: str,
+    *,
+    severity: str,
+    for_: str | None,
+    summary: str,
+    description: str,
+    runbook_url: str,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    rule: dict[str, Any] = {"alert": name, "expr": expr}
+    if for_:
+        rule["for"] = for_
+    rule["labels"] = {"severity": severity, **(labels or {})}
+    rule["annotations"] = {
+        "summary": summary,
+        "description": description,
+        "runbook_url": f"{runbook_url}#{name.lower()}",
+    }
+    return rule
+
+
+def _quantile_record(metric: str, q: float, selector: str) -> dict[str, Any]:
+    return _record(
+        f"llm:{metric}:p{round(q * 100)}_5m",
+        f"histogram_quantile({q:g}, sum by ({BY}, {REQUEST_MODEL}, le) "
+        f"(rate({series(metric + '_bucket', selector)}[5m])))",
+    )
+
+
+def availability_error_ratio_expr(window: str, selector: str = "") -> str:
+    """Requests failed through the service's fault over all requests, per service."""
+    bad = series(ERRORS, selector, f'{ERROR_TYPE}!~"{"|".join(CLIENT_ERROR_TYPES)}"')
+    return f"sum by ({BY}) (rate({bad}[{window}]))\n/\nsum by ({BY}) (rate({series(REQUESTS, selector)}[{window}]))"
+
+
+def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = "") -> str:
+    """Streamed responses whose first token came later than the objective, over all streamed responses."""
+    fast = series(TIME_TO_FIRST_TOKEN + "_bucket", selector, f'le="{le_value(objective_seconds)}"')
+    total = series(TIME_TO_FIRST_TOKEN + "_count", selector)
+    return f"1 - (\n  sum by ({BY}) (rate({fast}[{window}]))\n  /\n  sum by ({BY}) (rate({total}[{window}]))\n)"
+
+
+def _burn_alerts(slo: str, alert_prefix: str, objective: float, what: str, runbook_url: str) -> list[dict[str, Any]]:
+    budget = 1 - objective
+    rules = []
+    for severity, speed in (("critical", "Fast"), ("warning", "Slow")):
+        clauses = []
+        for sev, long_w, short_w, factor in BURN_RATE_WINDOWS:
+            if sev != severity:
+                continue
+            threshold = f"({factor:g} * (1 - {objective:g}))"
+            clauses.append(
+                f"(\n  llm:slo_{slo}:ratio_rate{long_w} > {threshold}\n"
+                f"  and\n  llm:slo_{slo}:ratio_rate{short_w} > {threshold}\n)"
+            )
+        windows = " or ".join(
+            f"{factor:g}x over {long_w} and {short_w}"
+            for sev, long_w, short_w, factor in BURN_RATE_WINDOWS
+            if sev == severity
+        )
+        rules.append(
+            _alert(
+                f"{alert_prefix}BurnRate{speed}",
+                "\nor\n".join(clauses),
+                severity=severity,
+                for_=None,
+                summary=f"{{{{ $labels.namespace }}}}/{{{{ $labels.job }}}} is spending its {slo} error budget "
+                + ("fast" if speed == "Fast" else "steadily"),
+                description=(
+                    f"{what} Objective {objective:g} ({_fmt(budget * 100)}% budget); burn rate above {windows}. "
+                    "Current ratio over the short window: {{ $value | humanizePercentage }}."
+                ),
+                runbook_url=runbook_url,
+                labels={"slo": slo},
+            )
+        )
+    return rules
+
+
+# --- the rules ------------------------------------------------------------------------------------
+
+
+def build_rule_groups(
+    thresholds: AlertThresholds = AlertThresholds(),
+    *,
+    selector: str = "",
+    runbook_url: str = DEFAULT_RUNBOOK_URL,
+) -> list[dict[str, Any]]:
+    """The recording and alerting rule groups, as ``groups:`` entries of a Prometheus rule file.
+
+    Args:
+        thresholds: Alert thresholds and SLO objectives.
+        selector: Extra label matchers (``namespace="llm",job="chat-metrics"``) put into every raw metric
+            selector, so rules made for different services don't read each other's series.
+        runbook_url: Base of each alert's ``runbook_url`` annotation; ``#<alert name in lower case>`` is appended.
+    """
+    t = thresholds
+    sel = _normalize_selector(selector)
+
+    tool_error = f'{TOOL_STATUS}="error"'
+    recording: list[dict[str, Any]] = [
+        _record("llm:llm_requests:rate5m", f"sum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))"),
+        _record("llm:llm_errors:rate5m", f"sum by ({BY}, {ERROR_TYPE}) (rate({series(ERRORS, sel)}[5m]))"),
+        _record(
+            "llm:llm_errors:ratio_rate5m",
+            f"sum by ({BY}) (rate({series(ERRORS, sel)}[5m]))\n/\nsum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))",
+        ),
+    ]
+    for q in (0.5, 0.95, 0.99):
+        recording.append(_quantile_record(REQUEST_DURATION, q, sel))
+    for q in (0.5, 0.95, 0.99):
+        recording.append(_quantile_record(TIME_TO_FIRST_TOKEN, q, sel))
+    recording.append(_quantile_record(TIME_PER_OUTPUT_TOKEN, 0.95, sel))
+    recording += [
+        _record(
+            "llm:llm_tokens:rate5m",
+            f"sum by ({BY}, {REQUEST_MODEL}, {TOKEN_TYPE}) (rate({series(TOKENS, sel)}[5m]))",
+        ),
+        _record("llm:llm_tokens:rate1h", f"sum by ({BY}) (rate({series(TOKENS, sel)}[1h]))"),
+        _record("llm:llm_cost_usd:rate1h", f"sum by ({BY}) (rate({series(COST, sel)}[1h]))"),
+        _record(
+            "llm:llm_tool_results:error_ratio_rate5m",
+            f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel, tool_error)}[5m]))\n/\n"
+            f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel)}[5m]))",
+        ),
+    ]
+
+    slo_recording: list[dict[str, Any]] = []
+    for window in SLO_WINDOWS:
+        slo_recording.append(
+            _record(f"llm:slo_availability:ratio_rate{window}", availability_error_ratio_expr(window, sel))
+        )
+    for window in SLO_WINDOWS:
+        slo_recording.append(
+            _record(f"llm:slo_ttft:ratio_rate{window}", ttft_slow_ratio_expr(window, t.ttft_objective_seconds, sel))
+        )
+
+    service = "{{ $labels.namespace }}/{{ $labels.job }}"
+    alerts: list[dict[str, Any]] = [
+        _alert(
+            "LLMTargetDown",
+            f"{series('up', sel)} == 0",
+            severity="critical",
+            for_="5m",
+            summary=f"Prometheus cannot scrape LLM metrics from {{{{ $labels.instance }}}} ({service})",
+            description="The metrics endpoint has failed every scrape for 5 minutes; the other LLM alerts are blind.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMNoTraffic",
+            f"sum by ({BY}) (rate({series(REQUESTS, sel)}[15m])) == 0",
+            severity="info",
+            for_="15m",
+            summary=f"{service} has handled no LLM requests for 30 minutes",
+            description="The service exports LLM metrics but its request counter has not moved for 30 minutes.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMHighErrorRatio",
+            f"llm:llm_errors:ratio_rate5m > {t.error_ratio:g}",
+            severity="warning",
+            for_="5m",
+            summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
+            description=f"More than {_fmt(t.error_ratio * 100)}% of LLM requests failed over 5 minutes "
+            "(all error types).",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMHighRequestDuration",
+            f"llm:{REQUEST_DURATION}:p95_5m > {t.p95_request_duration_seconds:g}",
+            severity="warning",
+            for_="10m",
+            summary=f"{service}: p95 request duration of {{{{ $labels.{REQUEST_MODEL} }}}} is "
+            "{{ $value | humanizeDuration }}",
+            description=f"The 95th percentile of LLM request duration has been above "
+            f"{t.p95_request_duration_seconds:g}s for 10 minutes.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMHighTimeToFirstToken",
+            f"llm:{TIME_TO_FIRST_TOKEN}:p95_5m > {t.p95_ttft_seconds:g}",
+            severity="warning",
+            for_="10m",
+            summary=f"{service}: p95 time to first token of {{{{ $labels.{REQUEST_MODEL} }}}} is "
+            "{{ $value | humanizeDuration }}",
+            description=f"The 95th percentile of time to first token of streamed responses has been above "
+            f"{t.p95_ttft_seconds:g}s for 10 minutes.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMHighToolFailureRatio",
+            f"llm:llm_tool_results:error_ratio_rate5m > {t.tool_failure_ratio:g}",
+            severity="warning",
+            for_="10m",
+            summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of tool "
+            f"{{{{ $labels.{TOOL_NAME} }}}} are errors",
+            description=f"More than {_fmt(t.tool_failure_ratio * 100)}% of the tool results clients sent back "
+            "were errors for 10 minutes.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMTokenRateAnomaly",
+            f"sum by ({BY}) (llm:llm_tokens:rate5m)\n"
+            f"  > {t.token_rate_spike_factor:g} * (llm:llm_tokens:rate1h offset 15m)\n"
+            f"and\nsum by ({BY}) (llm:llm_tokens:rate5m) > {t.token_rate_floor_per_second:g}",
+            severity="warning",
+            for_="10m",
+            summary=f"{service} is using tokens {t.token_rate_spike_factor:g}x faster than in the hour before",
+            description=f"Token rate {{{{ $value | humanize }}}}/s exceeds {t.token_rate_spike_factor:g} times the "
+            f"hourly average measured 15 minutes earlier (and the floor of {t.token_rate_floor_per_second:g}/s).",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMTelemetryInternalErrors",
+            f"sum by ({BY}, {COMPONENT}) (rate({series(INTERNAL_ERRORS, sel)}[5m])) > 0",
+            severity="info",
+            for_="15m",
+            summary=f"llm-telemetry in {service} keeps failing in {{{{ $labels.{COMPONENT} }}}}",
+            description="The middleware caught its own errors for 15 minutes; requests are unaffected but some "
+            "telemetry is missing.",
+            runbook_url=runbook_url,
+        ),
+    ]
+    if t.cost_per_hour_usd is not None:
+        alerts.append(
+            _alert(
+                "LLMCostBudgetExceeded",
+                f"llm:llm_cost_usd:rate1h * 3600 > {t.cost_per_hour_usd:g}",
+                severity="warning",
+                for_="5m",
+                summary=f'{service} spends {{{{ $value | printf "%.2f" }}}} USD per hour',
+                description=f"Spend over the last hour is above the budget of {t.cost_per_hour_usd:g} USD per hour.",
+                runbook_url=runbook_url,
+            )
+        )
+
+    slo_alerts = _burn_alerts(
+        "availability",
+        "LLMAvailability",
+        t.availability_objective,
+        "Requests are failing through the service's fault (client errors excluded).",
+        runbook_url,
+    ) + _burn_alerts(
+        "ttft",
+        "LLMTimeToFirstToken",
+        t.ttft_objective,
+        f"Streamed responses are taking more than {t.ttft_objective_seconds:g}s to their first token.",
+        runbook_url,
+    )
+
+    return [
+        {"name": "llm-telemetry.recording", "rules": recording},
+        {"name": "llm-telemetry.slo.recording", "rules": slo_recording},
+        {"name": "llm-telemetry.alerts", "rules": alerts},
+        {"name": "llm-telemetry.slo.alerts", "rules": slo_alerts},
+    ]
+
+
+def build_prometheus_rule(
+    name: str,
+    namespace: str,
+    thresholds: AlertThresholds = AlertThresholds(),
+    *,
+    selector: str = "",
+    labels: Mapping[str, str] | None = None,
+    runbook_url: str = DEFAULT_RUNBOOK_URL,
+) -> dict[str, Any]:
+    """A ``monitoring.coreos.com/v1`` PrometheusRule holding :func:`build_rule_groups`.
+
+    ``labels`` go on the object's metadata, e.g. the ``release`` label a kube-prometheus-stack Prometheus
+    selects rules by.
+    """
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+        "spec": {"groups": build_rule_groups(thresholds, selector=selector, runbook_url=runbook_url)},
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # Multi-line PromQL reads best as a literal block, as in hand-written rule files.
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML with literal blocks for multi-line strings and keys in insertion order."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=1000, allow_unicode=True)
+
+
+def render_rule_file(
+    thresholds: AlertThresholds = AlertThresholds(),
+    *,
+    selector: str = "",
+    runbook_url: str = DEFAULT_RUNBOOK_URL,
+) -> str:
+    """A plain Prometheus rule file (``groups: [...]``) for ``rule_files:`` or ``promtool check rules``."""
+    return dump_yaml({"groups": build_rule_groups(thresholds, selector=selector, runbook_url=runbook_url)})
+
+
+__all__: Sequence[str] = (
+    "DEFAULT_RUNBOOK_URL",
+    "METRICS",
+    "AlertThresholds",
+    "MetricSpec",
+    "build_prometheus_rule",
+    "build_rule_groups",
+    "render_rule_file",
+)
