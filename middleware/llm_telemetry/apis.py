@@ -1,0 +1,522 @@
+"""Readers for the LLM HTTP APIs: request bodies, JSON responses and SSE streams.
+
+Each API has one :class:`API` that fills an :class:`~llm_telemetry.record.LLMCall`. Response readers see
+the body incrementally and keep bounded state: an SSE stream is decoded event by event, a JSON body is kept
+up to a cap and read once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+from .errors import classify_error_body
+from .record import LLMCall, ToolResult
+from .sse import SSEDecoder
+
+#: Non-streamed response bodies larger than this are passed through without being read.
+MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
+#: Error bodies are small; only this much is kept to classify them.
+MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _add_finish_reason(call: LLMCall, reason: Any) -> None:
+    if isinstance(reason, str) and reason and reason not in call.finish_reasons:
+        call.finish_reasons.append(reason)
+
+
+class ResponseReader:
+    """Reads one response body; subclasses implement ``_on_event`` (streams) or ``_on_json`` (JSON)."""
+
+    __slots__ = ("_buffer", "_chunks", "_decoder", "_overflow", "_text", "_text_chars", "call", "capture")
+
+    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
+        self.call = call
+        self.capture = capture
+        self._decoder = SSEDecoder() if stream else None
+        self._buffer = bytearray()
+        self._overflow = False
+        self._text: list[str] | None = [] if capture else None
+        #: Content-bearing chunks seen: the output-token estimate when a stream reports no usage.
+        self._chunks = 0
+        #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
+        self._text_chars = 0
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        if self._decoder is not None:
+            for event, data in self._decoder.feed(chunk):
+                self._event(event, data, now)
+        elif not self._overflow:
+            if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
+                self._overflow = True
+                self._buffer = bytearray()
+            else:
+                self._buffer += chunk
+
+    def finish(self, now: float) -> None:
+        if self._decoder is not None:
+            for event, data in self._decoder.close():
+                self._event(event, data, now)
+            if self.call.output_tokens is None and self._chunks:
+                self.call.output_tokens = self._chunks
+                self.call.usage_source = "estimated"
+        elif self._buffer:
+            obj = json.loads(self._buffer)
+            self._buffer = bytearray()
+            if isinstance(obj, dict):
+                self._on_json(obj)
+                if self.call.output_tokens is None and self._text_chars:
+                    # No usage block: estimate from the generated text at ~4 characters per token.
+                    self.call.output_tokens = math.ceil(self._text_chars / 4)
+                    self.call.usage_source = "estimated"
+        if self._text is not None and self._text:
+            self.call.output_text = ["".join(self._text)]
+
+    # Streams -----------------------------------------------------------------------------------
+    def _event(self, event: str, data: bytes, now: float) -> None:
+        if data == b"[DONE]":
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return  # a keep-alive or a non-JSON event: nothing to learn from it
+        if isinstance(obj, dict):
+            self._on_event(event, obj, now)
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        raise NotImplementedError
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _first_token(self, now: float) -> None:
+        if self.call.first_token_at is None:
+            self.call.first_token_at = now
+
+    def _keep_text(self, text: Any) -> None:
+        if self._text is not None and isinstance(text, str):
+            self._text.append(text)
+
+    def _stream_error(self, obj: dict[str, Any]) -> None:
+        self.call.error_type = classify_error_body(obj) or "server_error"
+
+
+class ErrorReader(ResponseReader):
+    """Reads an error response (status >= 400): keeps a bounded prefix to classify the provider's error."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        room = MAX_ERROR_BODY_BYTES - len(self._buffer)
+        if room > 0:
+            self._buffer += chunk[:room]
+
+    def finish(self, now: float) -> None:
+        try:
+            obj = json.loads(self._buffer)
+        except ValueError:
+            return
+        if isinstance(obj, dict):
+            self.call.error_type = classify_error_body(obj, self.call.status_code)
+
+
+# --- OpenAI Chat Completions and legacy Completions ------------------------------------------------
+
+
+class OpenAIChatReader(ResponseReader):
+    __slots__ = ("_tool_indexes",)
+
+    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
+        super().__init__(call, stream=stream, capture=capture)
+        self._tool_indexes: set[tuple[int, int]] = set()
+
+    def _usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        call = self.call
+        call.input_tokens = _int(usage.get("prompt_tokens"))
+        call.output_tokens = _int(usage.get("completion_tokens"))
+        call.cache_read_tokens = _int(_get(usage, "prompt_tokens_details", "cached_tokens"))
+        call.reasoning_tokens = _int(_get(usage, "completion_tokens_details", "reasoning_tokens"))
+        call.usage_source = "reported"
+
+    def _head(self, obj: dict[str, Any]) -> None:
+        call = self.call
+        if call.response_model is None:
+            call.response_model = _str(obj.get("model"))
+        if call.response_id is None:
+            call.response_id = _str(obj.get("id"))
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        if "error" in obj and isinstance(obj["error"], dict):
+            self._stream_error(obj)
+            return
+        self._head(obj)
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    # Role-only and empty chunks are not tokens: only text, reasoning or a tool call counts.
+                    content = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+                    tool_calls = delta.get("tool_calls")
+                else:
+                    content = choice.get("text")  # legacy completions stream
+                    tool_calls = None
+                if content:
+                    self._first_token(now)
+                    self._chunks += 1
+                    self._keep_text(content)
+                if isinstance(tool_calls, list) and tool_calls:
+                    self._first_token(now)
+                    self._stream_tool_calls(choice, tool_calls)
+                _add_finish_reason(self.call, choice.get("finish_reason"))
+        if obj.get("usage"):
+            self._usage(obj["usage"])
+
+    def _stream_tool_calls(self, choice: dict[str, Any], tool_calls: list[Any]) -> None:
+        choice_index = choice.get("index", 0)
+        for tool_call in tool_calls:
+            if not isinstance(tool_call, dict):
+                continue
+            # A tool call streams as several deltas with one index; only the first one names the function.
+            key = (choice_index if isinstance(choice_index, int) else 0, tool_call.get("index", 0))
+            name = _str(_get(tool_call, "function", "name"))
+            if name and key not in self._tool_indexes:
+                self._tool_indexes.add(key)
+                self.call.tool_calls.append(name)
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        self._head(obj)
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                _add_finish_reason(self.call, choice.get("finish_reason"))
+                message = choice.get("message")
+                text = message.get("content") if isinstance(message, dict) else choice.get("text")
+                if isinstance(text, str):
+                    self._text_chars += len(text)
+                    self._keep_text(text)
+                for tool_call in _get(choice, "message", "tool_calls") or ():
+                    name = _str(_get(tool_call, "function", "name"))
+                    if name:
+                        self.call.tool_calls.append(name)
+        self._usage(obj.get("usage"))
+
+
+class OpenAIEmbeddingsReader(ResponseReader):
+    __slots__ = ()
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        self.call.response_model = _str(obj.get("model"))
+        self.call.input_tokens = _int(_get(obj, "usage", "prompt_tokens"))
+        self.call.output_tokens = None
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        pass
+
+
+# --- OpenAI Responses API -------------------------------------------------------------------------
+
+
+class OpenAIResponsesReader(ResponseReader):
+    __slots__ = ()
+
+    def _response(self, response: Any) -> None:
+        if not isinstance(response, dict):
+            return
+        call = self.call
+        call.response_model = _str(response.get("model")) or call.response_model
+        call.response_id = _str(response.get("id")) or call.response_id
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            call.input_tokens = _int(usage.get("input_tokens"))
+            call.output_tokens = _int(usage.get("output_tokens"))
+            call.cache_read_tokens = _int(_get(usage, "input_tokens_details", "cached_tokens"))
+            call.reasoning_tokens = _int(_get(usage, "output_tokens_details", "reasoning_tokens"))
+            call.usage_source = "reported"
+        status = response.get("status")
+        if status == "incomplete":
+            _add_finish_reason(call, _get(response, "incomplete_details", "reason") or "incomplete")
+        elif status == "completed":
+            _add_finish_reason(call, "stop")
+        elif status == "failed":
+            error = response.get("error")
+            call.error_type = classify_error_body({"error": error}) if isinstance(error, dict) else "server_error"
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        kind = obj.get("type") or event
+        if kind in ("response.output_text.delta", "response.reasoning_summary_text.delta", "response.refusal.delta"):
+            if obj.get("delta"):
+                self._first_token(now)
+                self._chunks += 1
+                self._keep_text(obj.get("delta"))
+        elif kind == "response.output_item.added":
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                self._first_token(now)
+                name = _str(item.get("name"))
+                if name:
+                    self.call.tool_calls.append(name)
+        elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
+            self._response(obj.get("response"))
+        elif kind == "error":
+            self._stream_error({"error": obj})
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        self._response(obj)
+        for item in obj.get("output") or ():
+            if not isinstance(item, dict):
+                continue
+            if item.get("type") == "function_call" and _str(item.get("name")):
+                self.call.tool_calls.append(item["name"])
+            for part in item.get("content") or ():
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    self._text_chars += len(part["text"])
+                    self._keep_text(part["text"])
+
+
+# --- Anthropic Messages ---------------------------------------------------------------------------
+
+
+class AnthropicMessagesReader(ResponseReader):
+    __slots__ = ()
+
+    def _usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        call = self.call
+        fresh = _int(usage.get("input_tokens"))
+        cache_read = _int(usage.get("cache_read_input_tokens"))
+        cache_creation = _int(usage.get("cache_creation_input_tokens"))
+        if fresh is not None or cache_read is not None or cache_creation is not None:
+            # Anthropic counts cached input apart; the semantic conventions' input count includes it.
+            call.input_tokens = (fresh or 0) + (cache_read or 0) + (cache_creation or 0)
+            call.cache_read_tokens = cache_read
+            call.cache_creation_tokens = cache_creation
+        output = _int(usage.get("output_tokens"))
+        if output is not None:
+            call.output_tokens = output
+        call.usage_source = "reported"
+
+    def _message(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        self.call.response_model = _str(message.get("model")) or self.call.response_model
+        self.call.response_id = _str(message.get("id")) or self.call.response_id
+        self._usage(message.get("usage"))
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        kind = obj.get("type") or event
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
+                if text:
+                    self._first_token(now)
+                    self._chunks += 1
+                    if delta.get("type") == "text_delta":
+                        self._keep_text(text)
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
+                self._first_token(now)
+                name = _str(block.get("name"))
+                if name:
+                    self.call.tool_calls.append(name)
+        elif kind == "message_delta":
+            _add_finish_reason(self.call, _get(obj, "delta", "stop_reason"))
+            self._usage(obj.get("usage"))
+        elif kind == "message_start":
+            self._message(obj.get("message"))
+        elif kind == "error":
+            self._stream_error(obj)
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        self._message(obj)
+        _add_finish_reason(self.call, obj.get("stop_reason"))
+        for block in obj.get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") in ("tool_use", "server_tool_use") and _str(block.get("name")):
+                self.call.tool_calls.append(block["name"])
+            elif isinstance(block.get("text"), str):
+                self._text_chars += len(block["text"])
+                self._keep_text(block["text"])
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def _tool_results_openai(messages: list[Any]) -> list[ToolResult]:
+    """Tool results after the last assistant turn: the ones this request reports for the first time."""
+    names: dict[str, str] = {}
+    results: list[ToolResult] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role == "assistant":
+            results = []
+            for tool_call in message.get("tool_calls") or ():
+                if isinstance(tool_call, dict) and _str(tool_call.get("id")):
+                    names[tool_call["id"]] = _str(_get(tool_call, "function", "name")) or "unknown"
+        elif role == "tool":
+            name = names.get(message.get("tool_call_id") or "", "unknown")
+            results.append(ToolResult(name, _looks_like_error(message.get("content"))))
+    return results
+
+
+def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
+    names: dict[str, str] = {}
+    results: list[ToolResult] = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+            continue
+        if message.get("role") == "assistant":
+            results = []
+            for block in message["content"]:
+                if isinstance(block, dict) and block.get("type") == "tool_use" and _str(block.get("id")):
+                    names[block["id"]] = _str(block.get("name")) or "unknown"
+        else:
+            for block in message["content"]:
+                if isinstance(block, dict) and block.get("type") == "tool_result":
+                    name = names.get(block.get("tool_use_id") or "", "unknown")
+                    results.append(ToolResult(name, block.get("is_error") is True))
+    return results
+
+
+def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
+    names: dict[str, str] = {}
+    results: list[ToolResult] = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "function_call" and _str(item.get("call_id")):
+            names[item["call_id"]] = _str(item.get("name")) or "unknown"
+        elif kind == "function_call_output":
+            name = names.get(item.get("call_id") or "", "unknown")
+            results.append(ToolResult(name, _looks_like_error(item.get("output"))))
+    return results
+
+
+def _looks_like_error(content: Any) -> bool:
+    """OpenAI has no error flag on tool results; a JSON object with an ``error`` key, or text that starts
+    with "error", is taken as a failed tool call."""
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if not isinstance(content, str):
+        return False
+    text = content.lstrip()
+    if text[:5].lower() == "error":
+        return True
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and bool(obj.get("error"))
+    return False
+
+
+class API:
+    """One LLM HTTP API: its operation, provider, and how to read its requests and responses."""
+
+    def __init__(self, name: str, operation: str, provider: str, reader: type[ResponseReader]) -> None:
+        self.name = name
+        self.operation = operation
+        self.provider = provider
+        self.reader = reader
+
+    def __repr__(self) -> str:
+        return f"API({self.name!r})"
+
+    def read_request(self, call: LLMCall, body: dict[str, Any], capture: bool) -> None:
+        call.request_model = _str(body.get("model"))
+        call.stream = body.get("stream") is True
+        call.max_tokens = _int(
+            body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+        )
+        call.temperature = _num(body.get("temperature"))
+        call.top_p = _num(body.get("top_p"))
+        if self.provider == "anthropic":
+            messages = body.get("messages")
+            if isinstance(messages, list):
+                call.tool_results = _tool_results_anthropic(messages)
+        elif self.name == "openai.responses":
+            items = body.get("input")
+            if isinstance(items, list):
+                call.tool_results = _tool_results_responses(items)
+        else:
+            messages = body.get("messages")
+            if isinstance(messages, list):
+                call.tool_results = _tool_results_openai(messages)
+        if capture:
+            call.input_messages = _capture_input(body)
+
+    def response_reader(self, call: LLMCall, *, stream: bool, capture: bool) -> ResponseReader:
+        return self.reader(call, stream=stream, capture=capture)
+
+
+def _capture_input(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    captured: list[dict[str, Any]] = []
+    system = body.get("system") or body.get("instructions")
+    if system:
+        captured.append({"role": "system", "content": system})
+    for key in ("messages", "input", "prompt"):
+        value = body.get(key)
+        if isinstance(value, str):
+            captured.append({"role": "user", "content": value})
+        elif isinstance(value, list):
+            captured.extend(m for m in value if isinstance(m, dict))
+    return captured
+
+
+APIS: Final[dict[str, API]] = {
+    p.name: p
+    for p in (
+        API("openai.chat", "chat", "openai", OpenAIChatReader),
+        API("openai.completions", "text_completion", "openai", OpenAIChatReader),
+        API("openai.embeddings", "embeddings", "openai", OpenAIEmbeddingsReader),
+        API("openai.responses", "chat", "openai", OpenAIResponsesReader),
+        API("anthropic.messages", "chat", "anthropic", AnthropicMessagesReader),
+    )
+}
+
+#: Path suffixes recognised out of the box, longest first so ``/chat/completions`` wins over ``/completions``.
+DEFAULT_ROUTES: Final[dict[str, str]] = {
+    "/chat/completions": "openai.chat",
+    "/completions": "openai.completions",
+    "/embeddings": "openai.embeddings",
+    "/responses": "openai.responses",
+    "/messages": "anthropic.messages",
+}

@@ -1,0 +1,87 @@
+"""Map failures to the small fixed set of ``error.type`` values (see ``instruments.ERROR_TYPES``)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+_CONTEXT_LENGTH_HINTS: Final = (
+    "context_length",
+    "context length",
+    "prompt is too long",
+    "maximum context",
+    "too many tokens",
+)
+_CONTENT_FILTER_HINTS: Final = ("content_filter", "content_policy", "content policy", "safety", "moderation")
+
+#: Provider error codes and types, lower-cased, to error.type.
+_CODES: Final = {
+    "context_length_exceeded": "context_length",
+    "string_above_max_length": "context_length",
+    "request_too_large": "context_length",
+    "content_filter": "content_filter",
+    "content_policy_violation": "content_filter",
+    "rate_limit_exceeded": "rate_limit",
+    "rate_limit_error": "rate_limit",
+    "insufficient_quota": "rate_limit",
+    "tokens": "rate_limit",
+    "requests": "rate_limit",
+    "overloaded_error": "server_error",
+    "api_error": "server_error",
+    "server_error": "server_error",
+    "internal_error": "server_error",
+    "timeout": "timeout",
+    "timeout_error": "timeout",
+    "authentication_error": "auth",
+    "permission_error": "auth",
+    "invalid_api_key": "auth",
+    "permission_denied": "auth",
+    "not_found_error": "not_found",
+    "model_not_found": "not_found",
+    "invalid_request_error": "invalid_request",
+}
+
+
+def classify_status(status: int) -> str | None:
+    """The error.type a status code implies on its own, or None for a success."""
+    if status < 400:
+        return None
+    if status == 429:
+        return "rate_limit"
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "not_found"
+    if status in (408, 504):
+        return "timeout"
+    if status == 413:
+        return "context_length"
+    if status < 500:
+        return "invalid_request"
+    return "server_error"
+
+
+def classify_error_body(body: dict[str, Any], status: int | None = None) -> str:
+    """Read an OpenAI (``{"error": {"code", "type", "message"}}``) or Anthropic
+    (``{"type": "error", "error": {"type", "message"}}``) error body; fall back to the status code."""
+    error = body.get("error")
+    if isinstance(error, dict):
+        for key in ("code", "type"):
+            value = error.get(key)
+            if isinstance(value, str) and value.lower() in _CODES:
+                found = _CODES[value.lower()]
+                if found != "invalid_request":
+                    return found
+        message = error.get("message")
+        if isinstance(message, str):
+            lowered = message.lower()
+            if any(hint in lowered for hint in _CONTEXT_LENGTH_HINTS):
+                return "context_length"
+            if any(hint in lowered for hint in _CONTENT_FILTER_HINTS):
+                return "content_filter"
+        for key in ("code", "type"):
+            value = error.get(key)
+            if isinstance(value, str) and _CODES.get(value.lower()) == "invalid_request":
+                return "invalid_request" if status is None or status < 500 else "server_error"
+    if status is not None:
+        return classify_status(status) or "other"
+    return "other"

@@ -1,0 +1,365 @@
+"""The ASGI middleware: watches LLM API requests and responses as they pass, never changing them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from time import perf_counter
+from typing import Any, Protocol
+
+from opentelemetry.metrics import MeterProvider
+
+from .apis import API, APIS, DEFAULT_ROUTES, ErrorReader, ResponseReader
+from .config import ConfigurationError, Settings
+from .errors import classify_status
+from .record import LLMCall
+from .telemetry import Telemetry
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("llm_telemetry")
+
+#: Paths whose route lookup is remembered; beyond this many, lookups are not cached (paths can be unbounded).
+_ROUTE_CACHE_SIZE = 1024
+
+
+class Observer(Protocol):
+    """Something told about each LLM call: the metrics recorder, tracing, request logs."""
+
+    def start(self, call: LLMCall) -> None: ...
+
+    def end(self, call: LLMCall) -> None: ...
+
+
+class Router:
+    """Matches request paths to APIs by suffix, so ``/v1/...``, ``/openai/v1/...`` and gateway prefixes work."""
+
+    def __init__(self, extra: Mapping[str, str] | None = None) -> None:
+        routes = dict(DEFAULT_ROUTES)
+        for suffix, name in (extra or {}).items():
+            if name not in APIS:
+                raise ConfigurationError(f"route {suffix!r}: unknown API {name!r}; known: {', '.join(APIS)}")
+            routes["/" + suffix.strip("/")] = name
+        # Longest suffix first: "/chat/completions" must win over "/completions".
+        self._routes = sorted(((s, APIS[n]) for s, n in routes.items()), key=lambda r: -len(r[0]))
+        self._cache: dict[str, API | None] = {}
+
+    def match(self, path: str) -> API | None:
+        try:
+            return self._cache[path]
+        except KeyError:
+            pass
+        stripped = path.rstrip("/")
+        found = next((api for suffix, api in self._routes if stripped.endswith(suffix)), None)
+        if len(self._cache) < _ROUTE_CACHE_SIZE:
+            self._cache[path] = found
+        return found
+
+
+class _Failsafe:
+    """Counts and logs (once per component) failures inside our own code, which must never reach the client."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+        self._logged: set[str] = set()
+
+    def __call__(self, component: str, exc: BaseException) -> None:
+        try:
+            self._telemetry.instruments.internal_errors.add(1, {"llm_telemetry.component": component})
+            if component not in self._logged:
+                self._logged.add(component)
+                logger.warning("llm-telemetry: internal error in %s (logged once): %r", component, exc, exc_info=exc)
+        except Exception:
+            pass
+
+
+class _Exchange:
+    """Per-request state: wraps ``receive`` and ``send`` to watch the bodies as they pass."""
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "api",
+        "body",
+        "body_ok",
+        "call",
+        "capture",
+        "complete",
+        "disconnected",
+        "failsafe",
+        "max_body",
+        "reader",
+        "started",
+    )
+
+    def __init__(
+        self, api: API, call: LLMCall, receive: Receive, send: Send, max_body: int, capture: bool, failsafe: _Failsafe
+    ) -> None:
+        self.api = api
+        self.call = call
+        self._receive = receive
+        self._send = send
+        self.max_body = max_body
+        self.capture = capture
+        self.failsafe = failsafe
+        self.body = bytearray()
+        self.body_ok = max_body > 0
+        self.reader: ResponseReader | None = None
+        self.started = False
+        self.complete = False
+        self.disconnected = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            if self.body_ok:
+                chunk = message.get("body", b"")
+                if len(self.body) + len(chunk) > self.max_body:
+                    self.body_ok = False  # too large to inspect; it still reaches the app untouched
+                    self.body = bytearray()
+                else:
+                    self.body += chunk
+                if not message.get("more_body", False) and self.body_ok:
+                    self._read_request()
+        elif kind == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    def _read_request(self) -> None:
+        body, self.body, self.body_ok = self.body, bytearray(), False
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            return  # not JSON: the app will answer it; we learn nothing from it
+        try:
+            if isinstance(parsed, dict):
+                self.api.read_request(self.call, parsed, self.capture)
+        except Exception as exc:
+            self.failsafe("request_parse", exc)
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            now = perf_counter()
+            await self._send(message)
+            reader = self.reader
+            if reader is not None:
+                body = message.get("body", b"")
+                if body:
+                    try:
+                        reader.feed(body, now)
+                    except Exception as exc:
+                        self.reader = None
+                        self.failsafe("response_parse", exc)
+            if not message.get("more_body", False):
+                self.complete = True
+                self.call.end = perf_counter()
+        elif kind == "http.response.start":
+            self.started = True
+            try:
+                self._start_response(message)
+            except Exception as exc:
+                self.failsafe("response_start", exc)
+            await self._send(message)
+        else:
+            await self._send(message)
+
+    def _start_response(self, message: Message) -> None:
+        call = self.call
+        status = message["status"]
+        call.status_code = status
+        content_type = b""
+        encoded = False
+        for key, value in message.get("headers", ()):
+            key = key.lower()
+            if key == b"content-type":
+                content_type = value.lower()
+            elif key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                encoded = True
+        if encoded:
+            return  # compressed bodies are passed through unread rather than misread
+        if status >= 400:
+            self.reader = ErrorReader(call, stream=False)
+        elif content_type.startswith(b"text/event-stream"):
+            call.stream = True
+            self.reader = self.api.response_reader(call, stream=True, capture=self.capture)
+        elif content_type.startswith(b"application/json") or not content_type:
+            self.reader = self.api.response_reader(call, stream=False, capture=self.capture)
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Settle the outcome once the app has returned or raised."""
+        call = self.call
+        now = perf_counter()
+        if call.end is None:
+            call.end = now
+        if self.reader is not None:
+            try:
+                self.reader.finish(now)
+            except Exception as error:
+                self.failsafe("response_parse", error)
+        if exc is not None and not _is_disconnect(exc):
+            call.error_type = "app_exception"
+            if call.status_code is None:
+                call.status_code = 500
+        elif not self.complete:
+            # The app stopped before the last byte: the client went away (or the server cancelled us).
+            call.error_type = "client_disconnect" if (self.disconnected or exc is not None) else "other"
+        elif call.status_code is not None and call.status_code >= 400:
+            call.error_type = call.error_type or classify_status(call.status_code)
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, asyncio.CancelledError)) or type(exc).__name__ == "ClientDisconnect"
+
+
+class LLMTelemetryMiddleware:
+    """ASGI middleware that records metrics (and, when configured, traces and logs) for LLM API traffic.
+
+    It recognises OpenAI-compatible (chat completions, completions, embeddings, responses) and Anthropic
+    (messages) endpoints by path suffix, reads their request and response bodies as they pass (SSE streams
+    incrementally), and leaves every byte the client sees unchanged.
+
+    Args:
+        app: the ASGI application to wrap.
+        pricing: pricing table path (YAML/JSON) or mapping; default: the embedded table.
+        metrics_port: port of the separate Prometheus listener (default 9464; 0 turns it off).
+        metrics_host: address of that listener (default 0.0.0.0).
+        metrics_app_path: also answer scrapes at this path on the app's own port (default off).
+        attribution_headers: request header to label, e.g. ``{"x-tenant-id": "tenant"}``.
+        max_label_values: distinct values kept per label before folding into ``other`` (default 100).
+        max_request_bytes: request bodies above this are not inspected (default 8 MiB).
+        routes: extra path suffix to API mappings, e.g. ``{"/generate": "openai.chat"}``.
+        meter_provider: record into this OpenTelemetry meter provider instead of creating one.
+        observers: extra observers told about every call.
+        **options: any other :class:`~llm_telemetry.config.Settings` field.
+
+    Every option left as None is read from its ``LLM_TELEMETRY_*`` environment variable, then its default.
+
+    Example::
+
+        from fastapi import FastAPI
+        from llm_telemetry import LLMTelemetryMiddleware
+
+        app = FastAPI()
+        app.add_middleware(LLMTelemetryMiddleware, pricing="prices.yaml")
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        pricing: str | Mapping[str, Any] | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
+        metrics_app_path: str | None = None,
+        attribution_headers: Mapping[str, str] | None = None,
+        max_label_values: int | None = None,
+        max_request_bytes: int | None = None,
+        routes: Mapping[str, str] | None = None,
+        meter_provider: MeterProvider | None = None,
+        observers: list[Observer] | None = None,
+        settings: Settings | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        self.settings = settings or Settings.resolve(
+            pricing=pricing,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            metrics_app_path=metrics_app_path,
+            attribution_headers=attribution_headers,
+            max_label_values=max_label_values,
+            max_request_bytes=max_request_bytes,
+            routes=routes,
+            **options,
+        )
+        self.router = Router(self.settings.routes)
+        self._attribution = {
+            h.lower().encode("latin-1"): label for h, label in self.settings.attribution_headers.items()
+        }
+        self._meter_provider = meter_provider
+        self._extra_observers = list(observers or ())
+        self._telemetry: Telemetry | None = None
+        self._observers: tuple[Observer, ...] = ()
+        self._failsafe: _Failsafe | None = None
+        self._lock = threading.Lock()
+        if self.settings.pricing is not None:
+            # Fail at startup, not on the first request, when the pricing file is wrong.
+            from .pricing import PricingTable
+
+            PricingTable(self.settings.pricing)
+
+    @property
+    def telemetry(self) -> Telemetry:
+        """The meter provider, instruments and exposition; created on first use."""
+        return self._telemetry or self._setup()
+
+    def _setup(self) -> Telemetry:
+        with self._lock:
+            if self._telemetry is None:
+                telemetry = Telemetry(self.settings, self._meter_provider)
+                telemetry.start_server()
+                self._failsafe = _Failsafe(telemetry)
+                self._observers = (telemetry.recorder, *self._extra_observers)
+                self._telemetry = telemetry
+            return self._telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.settings.enabled:
+            await self.app(scope, receive, send)
+            return
+        telemetry = self._telemetry or self._setup()
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path == self.settings.metrics_app_path:
+            await telemetry.metrics_app(scope, receive, send)
+            return
+        api = self.router.match(path) if scope["method"] == "POST" else None
+        if api is None:
+            await self.app(scope, receive, send)
+            return
+        await self._observe(api, scope, receive, send)
+
+    async def _observe(self, api: API, scope: Scope, receive: Receive, send: Send) -> None:
+        failsafe = self._failsafe
+        assert failsafe is not None
+        call = LLMCall(api.operation, api.provider, perf_counter(), path=scope["path"])
+        max_body = self.settings.max_request_bytes
+        if self._attribution or max_body:
+            limit = self.telemetry.limit
+            for key, value in scope["headers"]:
+                if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                    max_body = 0  # a compressed request body is not read
+                label = self._attribution.get(key)
+                if label is not None:
+                    call.attribution[label] = limit(label, value.decode("latin-1")[:128])
+        for label in self._attribution.values():
+            call.attribution.setdefault(label, "none")
+        exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
+        observers = self._observers
+        for observer in observers:
+            try:
+                observer.start(call)
+            except Exception as exc:
+                failsafe("observer_start", exc)
+        error: BaseException | None = None
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                exchange.finish(error)
+            except Exception as exc:
+                failsafe("finish", exc)
+            for observer in observers:
+                try:
+                    observer.end(call)
+                except Exception as exc:
+                    failsafe("observer_end", exc)

@@ -1,0 +1,156 @@
+"""Per-model token prices and the cost of one call.
+
+A pricing table maps model names to USD per million tokens::
+
+    {"models": {"gpt-4o": {"input": 2.5, "output": 10.0, "cache_read": 1.25}}}
+
+as a YAML or JSON file, or the same mapping in Python (with or without the ``models`` wrapper). ``cache_read`` and
+``cache_creation`` default to the ``input`` price. A model matches its own entry, or else the longest entry that is a
+prefix of it followed by ``-``, so ``gpt-4o-2024-08-06`` is priced as ``gpt-4o``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from .config import ConfigurationError
+from .record import LLMCall
+
+#: The date the embedded default table was taken from the providers' public price lists.
+DEFAULT_PRICING_DATE: Final = "2025-06-01"
+
+#: USD per million tokens. A starting point: pass your own table for the prices you actually pay.
+DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
+    "gpt-4o": {"input": 2.50, "output": 10.00, "cache_read": 1.25},
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60, "cache_read": 0.075},
+    "gpt-4.1": {"input": 2.00, "output": 8.00, "cache_read": 0.50},
+    "gpt-4.1-mini": {"input": 0.40, "output": 1.60, "cache_read": 0.10},
+    "gpt-4.1-nano": {"input": 0.10, "output": 0.40, "cache_read": 0.025},
+    "o3": {"input": 2.00, "output": 8.00, "cache_read": 0.50},
+    "o4-mini": {"input": 1.10, "output": 4.40, "cache_read": 0.275},
+    "text-embedding-3-small": {"input": 0.02, "output": 0.0},
+    "text-embedding-3-large": {"input": 0.13, "output": 0.0},
+    "claude-opus-4": {"input": 15.00, "output": 75.00, "cache_read": 1.50, "cache_creation": 18.75},
+    "claude-sonnet-4": {"input": 3.00, "output": 15.00, "cache_read": 0.30, "cache_creation": 3.75},
+    "claude-3-5-haiku": {"input": 0.80, "output": 4.00, "cache_read": 0.08, "cache_creation": 1.00},
+}
+
+_KINDS: Final = ("input", "output", "cache_read", "cache_creation")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cache_read: float
+    cache_creation: float
+
+
+class PricingTable:
+    """Looks up prices by model and computes the cost of a call.
+
+    Args:
+        source: a path to a YAML/JSON file, a mapping, or None for the embedded default table.
+
+    Example::
+
+        table = PricingTable({"my-model": {"input": 1.0, "output": 2.0}})
+        table.price("my-model-2025")   # Price(input=1.0, output=2.0, ...)
+    """
+
+    def __init__(self, source: str | Path | Mapping[str, Any] | None = None) -> None:
+        raw: Any
+        if source is None:
+            raw = DEFAULT_PRICING
+        elif isinstance(source, Mapping):
+            raw = source
+        else:
+            raw = _load_file(Path(source))
+        if isinstance(raw, Mapping) and isinstance(raw.get("models"), Mapping):
+            raw = raw["models"]
+        if not isinstance(raw, Mapping):
+            raise ConfigurationError(f"pricing {source!r}: expected a mapping of model names to prices")
+        self._prices = {str(model): _price(str(model), entry) for model, entry in raw.items()}
+        self._cache: dict[str, Price | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def price(self, model: str | None) -> Price | None:
+        if not model:
+            return None
+        try:
+            return self._cache[model]
+        except KeyError:
+            pass
+        found = self._prices.get(model)
+        if found is None:
+            best = ""
+            for name in self._prices:
+                if model.startswith(name + "-") and len(name) > len(best):
+                    best = name
+            found = self._prices.get(best) if best else None
+        if len(self._cache) < 4096:
+            self._cache[model] = found
+        return found
+
+    def cost(self, call: LLMCall) -> float | None:
+        """USD for the call's tokens, or None when the model has no price or no tokens are known."""
+        if call.input_tokens is None and call.output_tokens is None:
+            return None
+        price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
+        if price is None:
+            return None
+        cache_read = call.cache_read_tokens or 0
+        cache_creation = call.cache_creation_tokens or 0
+        fresh = max((call.input_tokens or 0) - cache_read - cache_creation, 0)
+        return (
+            fresh * price.input
+            + cache_read * price.cache_read
+            + cache_creation * price.cache_creation
+            + (call.output_tokens or 0) * price.output
+        ) / 1_000_000
+
+
+def _load_file(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"pricing file {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"pricing file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}")
+
+
+def _price(model: str, entry: Any) -> Price:
+    if not isinstance(entry, Mapping):
+        raise ConfigurationError(f"pricing for {model!r}: expected a mapping like {{input: 2.5, output: 10}}")
+    unknown = set(entry) - set(_KINDS)
+    if unknown:
+        raise ConfigurationError(f"pricing for {model!r}: unknown keys {sorted(unknown)}; allowed: {list(_KINDS)}")
+    values: dict[str, float] = {}
+    for kind in _KINDS:
+        value = entry.get(kind)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigurationError(f"pricing for {model!r}: {kind} must be a non-negative number, got {value!r}")
+        values[kind] = float(value)
+    if "input" not in values or "output" not in values:
+        raise ConfigurationError(f"pricing for {model!r}: input and output prices are required")
+    return Price(
+        input=values["input"],
+        output=values["output"],
+        cache_read=values.get("cache_read", values["input"]),
+        cache_creation=values.get("cache_creation", values["input"]),
+    )

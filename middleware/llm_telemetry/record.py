@@ -1,0 +1,76 @@
+"""What the middleware learns about one LLM request, filled in as the request and response flow by."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(slots=True)
+class ToolResult:
+    """A tool result the client sent back to the model in a request."""
+
+    name: str
+    is_error: bool
+
+
+@dataclasses.dataclass(slots=True)
+class LLMCall:
+    """One LLM API request and its response.
+
+    Times are ``time.perf_counter()`` readings. Token counts are None when neither reported nor estimated.
+    ``input_tokens`` includes cached tokens (as the GenAI semantic conventions define it); ``cache_read_tokens``
+    and ``cache_creation_tokens`` are parts of it, and ``reasoning_tokens`` is part of ``output_tokens``.
+    """
+
+    operation: str
+    provider: str
+    start: float
+    path: str = ""
+    request_id: str | None = None
+    request_model: str | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    end: float | None = None
+    first_token_at: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
+    usage_source: str = "reported"
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
+    tool_calls: list[str] = dataclasses.field(default_factory=list)
+    tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
+    status_code: int | None = None
+    error_type: str | None = None
+    cost_usd: float | None = None
+    #: Attribution labels from request headers, already bounded: {"tenant": "acme"}.
+    attribution: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Prompt messages and completion text, only kept when content capture is on.
+    input_messages: list[dict[str, Any]] | None = None
+    output_text: list[str] | None = None
+    #: Free slot for observers (tracing keeps its span here).
+    span: Any = None
+    #: OpenTelemetry context carrying the LLM span, passed to histogram records so exemplars link to it.
+    otel_context: Any = None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.start
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean gap between output tokens after the first, for streams with at least two output tokens."""
+        if self.end is None or self.first_token_at is None or not self.output_tokens or self.output_tokens < 2:
+            return None
+        return (self.end - self.first_token_at) / (self.output_tokens - 1)

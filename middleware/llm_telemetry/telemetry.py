@@ -1,0 +1,134 @@
+"""The one place that creates the meter provider, its readers and the Prometheus listener.
+
+A :class:`Telemetry` is built lazily by the middleware on its first ASGI call (so nothing starts threads or
+binds ports at import time, which matters for servers that fork workers after importing the app).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from opentelemetry.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, start_http_server
+
+from .config import Settings
+from .instruments import Instruments, create_instruments
+from .labels import LabelLimiter
+from .pricing import PricingTable
+from .recorder import MetricsRecorder
+from .types import Receive, Scope, Send
+from .version import __version__
+
+logger = logging.getLogger("llm_telemetry")
+
+METER_NAME = "llm_telemetry"
+
+
+class Telemetry:
+    """Meter provider, instruments, exposition and the metrics recorder, for one middleware instance.
+
+    Args:
+        settings: resolved settings.
+        meter_provider: use this provider instead of creating one (then no Prometheus reader is added by us).
+    """
+
+    def __init__(self, settings: Settings, meter_provider: MeterProvider | None = None) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._owns_provider = meter_provider is None
+        self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
+        meter = self.meter_provider.get_meter(METER_NAME, __version__)
+        self.instruments: Instruments = create_instruments(meter)
+        self.limit = LabelLimiter(settings.max_label_values)
+        self.pricing = PricingTable(settings.pricing)
+        self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
+        self._server: Any = None
+        self._server_lock = threading.Lock()
+
+    def _create_meter_provider(self) -> MeterProvider:
+        from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
+        from opentelemetry.sdk.resources import Resource
+
+        readers: list[Any] = []
+        if "prometheus" in self.settings.metrics_exporters:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(PrometheusMetricReader(registry=self.registry))
+        if "otlp" in self.settings.metrics_exporters:
+            readers.append(_otlp_metric_reader())
+        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+        return SDKMeterProvider(metric_readers=readers, resource=Resource.create())
+
+    def start_server(self) -> None:
+        """Serve the Prometheus endpoint on its own port, once; a busy port is logged, never raised."""
+        settings = self.settings
+        if settings.metrics_port == 0 or "prometheus" not in settings.metrics_exporters or self._server is not None:
+            return
+        with self._server_lock:
+            if self._server is not None:
+                return
+            try:
+                self._server = start_http_server(settings.metrics_port, settings.metrics_host, registry=self.registry)
+            except OSError as exc:
+                self._server = False
+                logger.warning(
+                    "llm-telemetry: metrics listener not started on %s:%s: %s",
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    exc,
+                )
+            else:
+                logger.info(
+                    "llm-telemetry: metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port
+                )
+
+    def shutdown(self) -> None:
+        if self._server:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+        self._server = None
+        if self._owns_provider:
+            self.meter_provider.shutdown()  # type: ignore[attr-defined]
+
+    async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a scrape on the application's own port (text format, or OpenMetrics when asked)."""
+        accept = ""
+        for key, value in scope.get("headers", ()):
+            if key == b"accept":
+                accept = value.decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _otlp_metric_reader() -> Any:
+    """A periodic OTLP reader honouring OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL, endpoint and headers."""
+    import os
+
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    )
+    exporter: Any
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
+
+        exporter = GrpcExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+
+        exporter = HttpExporter()
+    return PeriodicExportingMetricReader(exporter)
