@@ -129,7 +129,8 @@ def _load_file(path: Path) -> Any:
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"pricing file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigurationError(f"pricing file {str(path)!r} is not valid {kind}: {exc}") from exc
 
 
 def _price(model: str, entry: Any) -> Price:

@@ -294,7 +294,7 @@ def _burn_alerts(slo: str, alert_prefix: str, objective: float, what: str, runbo
                 + ("fast" if speed == "Fast" else "steadily"),
                 description=(
                     f"{what} Objective {objective:g} ({_fmt(budget * 100)}% budget); burn rate above {windows}. "
-                    "Current ratio over the short window: {{ $value | humanizePercentage }}."
+                    "Ratio over the long window: {{ $value | humanizePercentage }}."
                 ),
                 runbook_url=runbook_url,
                 labels={"slo": slo},

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-DEMO_TOOLS = [
+DEMO_TOOLS: Any = [
     {
         "type": "function",
         "function": {
@@ -108,36 +108,36 @@ def drive(base_url: str, chats: int) -> None:
 
     client = openai.OpenAI(base_url=base_url, api_key="demo", max_retries=0)
     models = ["gpt-4o-mini", "gpt-4o", "demo-local"]
-    messages = [{"role": "user", "content": "How do I know my p95 time to first token?"}]
+    messages: Any = [{"role": "user", "content": "How do I know my p95 time to first token?"}]
 
     def stream(i: int) -> None:
         options = {"include_usage": True} if i % 4 else None
         kwargs: dict[str, Any] = {"stream_options": options} if options else {}
-        for _ in client.chat.completions.create(model=models[i % 3], messages=messages, stream=True, **kwargs):  # type: ignore[call-overload]
+        for _ in client.chat.completions.create(model=models[i % 3], messages=messages, stream=True, **kwargs):
             pass
 
     def plain(i: int) -> None:
-        client.chat.completions.create(model=models[i % 3], messages=messages)  # type: ignore[arg-type]
+        client.chat.completions.create(model=models[i % 3], messages=messages)
 
     def failing(kind: str) -> None:
         try:
             client.chat.completions.create(
                 model="gpt-4o",
                 messages=messages,
-                extra_headers={"x-demo-fail": kind},  # type: ignore[arg-type]
+                extra_headers={"x-demo-fail": kind},
             )
         except openai.APIStatusError:
             pass
 
     def tool_round_trip() -> None:
-        first = client.chat.completions.create(model="gpt-4o", messages=messages, tools=DEMO_TOOLS)  # type: ignore[arg-type]
-        call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+        first = client.chat.completions.create(model="gpt-4o", messages=messages, tools=DEMO_TOOLS)
+        call: Any = (first.choices[0].message.tool_calls or [])[0]
         follow_up = [
             *messages,
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'},
         ]
-        client.chat.completions.create(model="gpt-4o", messages=follow_up, tools=DEMO_TOOLS)  # type: ignore[arg-type]
+        client.chat.completions.create(model="gpt-4o", messages=follow_up, tools=DEMO_TOOLS)
 
     jobs: list[Any] = []
     with ThreadPoolExecutor(max_workers=8) as pool:
