@@ -1,0 +1,174 @@
+"""Operator settings from ``LLM_TELEMETRY_OPERATOR_*`` environment variables (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import urlsplit
+
+from llm_telemetry_operator.errors import ConfigurationError
+
+#: Comma-separated namespaces to watch; empty means every namespace (cluster-wide).
+LLM_TELEMETRY_OPERATOR_NAMESPACES: Final = "LLM_TELEMETRY_OPERATOR_NAMESPACES"
+#: OTLP endpoint for traces when a resource does not set ``spec.tracing.endpoint``.
+LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT"
+#: Loki's OTLP base URL for logs when a resource does not set ``spec.logs.endpoint``.
+LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT"
+#: ``k=v,k=v`` labels added to every ServiceMonitor (kube-prometheus-stack selects on ``release``).
+LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS: Final = "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"
+#: ``k=v`` label that Grafana's dashboard sidecar looks for.
+LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL: Final = "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL"
+#: Name of the KopfPeering (namespaced) or ClusterKopfPeering (cluster-wide) object.
+LLM_TELEMETRY_OPERATOR_PEERING: Final = "LLM_TELEMETRY_OPERATOR_PEERING"
+#: Port of the operator's own Prometheus metrics; 0 turns them off.
+LLM_TELEMETRY_OPERATOR_METRICS_PORT: Final = "LLM_TELEMETRY_OPERATOR_METRICS_PORT"
+#: kopf liveness endpoint URL; empty turns it off.
+LLM_TELEMETRY_OPERATOR_HEALTH: Final = "LLM_TELEMETRY_OPERATOR_HEALTH"
+#: Seconds between full re-reconciles of every resource, which also retries degraded ones.
+LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS: Final = "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS"
+
+DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger-collector.observability:4318"
+DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
+DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
+DEFAULT_PEERING: Final = "llm-telemetry-operator"
+DEFAULT_METRICS_PORT: Final = 9465
+DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
+DEFAULT_RESYNC_SECONDS: Final = 300.0
+
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    """Resolved operator settings; build with :meth:`OperatorConfig.from_env`.
+
+    Args:
+        namespaces: namespaces to watch; empty means cluster-wide.
+        traces_endpoint: default OTLP endpoint for traces.
+        logs_endpoint: default Loki OTLP base URL.
+        servicemonitor_labels: labels put on every ServiceMonitor.
+        dashboard_label: the (key, value) label Grafana's sidecar selects dashboards by.
+        peering: name of the kopf peering object.
+        metrics_port: port of the operator's own metrics (0: off).
+        health: liveness endpoint URL ("" : off).
+        resync_seconds: interval of the periodic re-reconcile.
+
+    Example::
+
+        config = OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_NAMESPACES": "llm,staging"})
+    """
+
+    #: Namespaces to watch; empty means cluster-wide.
+    namespaces: tuple[str, ...] = ()
+    #: Default OTLP endpoint for traces.
+    traces_endpoint: str = DEFAULT_TRACES_ENDPOINT
+    #: Default Loki OTLP base URL (the SDK gets ``<base>/v1/logs``).
+    logs_endpoint: str = DEFAULT_LOGS_ENDPOINT
+    #: Labels put on every ServiceMonitor.
+    servicemonitor_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: Label Grafana's dashboard sidecar selects ConfigMaps by.
+    dashboard_label: tuple[str, str] = ("grafana_dashboard", "1")
+    #: Name of the KopfPeering / ClusterKopfPeering.
+    peering: str = DEFAULT_PEERING
+    #: Port of the operator's own Prometheus metrics; 0 turns them off.
+    metrics_port: int = DEFAULT_METRICS_PORT
+    #: kopf liveness endpoint; empty turns it off.
+    health: str = DEFAULT_HEALTH
+    #: Seconds between periodic re-reconciles (drift repair, retries of degraded resources).
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        """Read the ``LLM_TELEMETRY_OPERATOR_*`` variables; raise :class:`ConfigurationError` on bad values."""
+        env = os.environ if env is None else env
+
+        def get(name: str, default: str) -> str:
+            value = env.get(name)
+            return default if value is None else value.strip()
+
+        namespaces = tuple(ns.strip() for ns in get(LLM_TELEMETRY_OPERATOR_NAMESPACES, "").split(",") if ns.strip())
+        for ns in namespaces:
+            if not _DNS_LABEL.match(ns) or len(ns) > 63:
+                raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_NAMESPACES}: {ns!r} is not a namespace name")
+        traces = get(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, DEFAULT_TRACES_ENDPOINT) or DEFAULT_TRACES_ENDPOINT
+        logs = get(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, DEFAULT_LOGS_ENDPOINT) or DEFAULT_LOGS_ENDPOINT
+        _check_url(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, traces)
+        _check_url(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, logs)
+        sm_labels = parse_labels(
+            LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS, get(LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS, "")
+        )
+        dashboard = parse_labels(
+            LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL, get(LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL, DEFAULT_DASHBOARD_LABEL)
+        )
+        if len(dashboard) != 1:
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL}: expected exactly one key=value")
+        peering = get(LLM_TELEMETRY_OPERATOR_PEERING, DEFAULT_PEERING)
+        if not _DNS_LABEL.match(peering):
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_PEERING}: {peering!r} is not a valid object name")
+        port = _int(
+            LLM_TELEMETRY_OPERATOR_METRICS_PORT, get(LLM_TELEMETRY_OPERATOR_METRICS_PORT, str(DEFAULT_METRICS_PORT))
+        )
+        if not 0 <= port <= 65535:
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_METRICS_PORT}={port}: must be between 0 and 65535")
+        health = get(LLM_TELEMETRY_OPERATOR_HEALTH, DEFAULT_HEALTH)
+        if health:
+            _check_url(LLM_TELEMETRY_OPERATOR_HEALTH, health)
+        resync_text = get(LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS, str(DEFAULT_RESYNC_SECONDS))
+        try:
+            resync = float(resync_text)
+        except ValueError:
+            raise ConfigurationError(
+                f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: expected seconds"
+            ) from None
+        if resync <= 0:
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: must be positive")
+        return cls(
+            namespaces=namespaces,
+            traces_endpoint=traces,
+            logs_endpoint=logs,
+            servicemonitor_labels=sm_labels,
+            dashboard_label=next(iter(dashboard.items())),
+            peering=peering,
+            metrics_port=port,
+            health=health,
+            resync_seconds=resync,
+        )
+
+
+def parse_labels(name: str, value: str) -> dict[str, str]:
+    """Parse ``k=v,k=v`` into Kubernetes labels, validating keys and values."""
+    labels: dict[str, str] = {}
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, val = item.partition("=")
+        key, val = key.strip(), val.strip()
+        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(val) or len(val) > 63:
+            raise ConfigurationError(f"{name}: {item!r} is not a valid label key=value")
+        labels[key] = val
+    return labels
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigurationError(f"{name}={value!r}: expected an integer") from None
+
+
+def _check_url(name: str, value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"{name}={value!r}: expected an http(s) URL")

@@ -1,0 +1,52 @@
+"""Exceptions the operator raises; handlers turn them into conditions, events and retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigurationError(ValueError):
+    """The operator's own environment is unusable; raised at startup, the message names the variable."""
+
+
+class SpecError(ValueError):
+    """An LLMTelemetry spec the CRD schema let through but the operator cannot use.
+
+    Args:
+        field: dotted path of the offending field, e.g. ``spec.alerts.ttftObjectiveSeconds``.
+        message: what is wrong with it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ApiError(Exception):
+    """A Kubernetes API call answered with an error status.
+
+    Args:
+        status: the HTTP status code.
+        reason: the ``reason`` of the Kubernetes ``Status`` object, if any.
+        message: its ``message``.
+    """
+
+    def __init__(self, status: int, reason: str = "", message: str = "", *, body: Any = None) -> None:
+        super().__init__(f"{status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body
+
+
+class NotFoundError(ApiError):
+    """404: the object, or the whole resource type, does not exist."""
+
+
+class ConflictError(ApiError):
+    """409: the object already exists, or it changed since it was read."""
+
+
+class PermissionNotDeclaredError(RuntimeError):
+    """An API call that :data:`llm_telemetry_operator.rbac.PERMISSIONS` does not declare; a bug in the operator."""

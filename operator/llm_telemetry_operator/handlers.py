@@ -1,0 +1,213 @@
+"""kopf handlers: thin functions that hand the work to :mod:`llm_telemetry_operator.reconcile`."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import metrics
+from llm_telemetry_operator import reconcile as rec
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ApiError, SpecError
+from llm_telemetry_operator.kube import Connection, KubeClient
+from llm_telemetry_operator.spec import parse_spec
+
+#: Seconds before kopf retries a pass that found something missing (a CRD, an API error).
+RETRY_DELAY = 60
+_CHILD_RESOURCES = (
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("monitoring.coreos.com", "v1", "servicemonitors"),
+    ("monitoring.coreos.com", "v1", "prometheusrules"),
+)
+_MANAGED = {c.LABEL_MANAGED_BY: c.MANAGER}
+
+
+def _config(memo: Any) -> OperatorConfig:
+    if memo.get("config") is None:
+        memo["config"] = OperatorConfig.from_env()
+    config: OperatorConfig = memo["config"]
+    return config
+
+
+def _client(memo: Any) -> KubeClient:
+    if memo.get("client") is None:
+        memo["client"] = KubeClient()
+    client: KubeClient = memo["client"]
+    return client
+
+
+def _lock(memo: Any, namespace: str, name: str) -> asyncio.Lock:
+    locks: dict[tuple[str, str], asyncio.Lock] = memo.setdefault("locks", {})
+    return locks.setdefault((namespace, name), asyncio.Lock())
+
+
+def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy({k: dict(v) if isinstance(v, Mapping) else v for k, v in body.items()})
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    config = _config(memo)
+    _client(memo)
+    # Our own finalizer name, so `kubectl get -o yaml` tells users who holds the object.
+    settings.persistence.finalizer = c.FINALIZER
+    # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
+    settings.posting.level = logging.WARNING
+    # Long-lived watches get cut by load balancers without notice; let the server close them first
+    # (kopf docs "Configuration: API timeouts", nolar/kopf#585).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    metrics.serve(config.metrics_port)
+    logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        _client(memo).connect(Connection.from_kopf(info))
+    return info
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await _client(memo).close()
+
+
+async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: logging.Logger | Any) -> rec.Outcome:
+    meta = body["metadata"]
+    started = time.monotonic()
+    async with _lock(memo, meta["namespace"], meta["name"]):
+        try:
+            outcome = await rec.reconcile(_client(memo), _config(memo), body)
+        except ApiError as exc:
+            metrics.RECONCILES.labels(trigger, "error").inc()
+            metrics.RECONCILE_ERRORS.labels("ApiError").inc()
+            kopf.warn(_snapshot(body), reason="ApiError", message=str(exc))
+            raise kopf.TemporaryError(f"API error: {exc}", delay=RETRY_DELAY) from exc
+        finally:
+            metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
+    result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
+    metrics.RECONCILES.labels(trigger, result).inc()
+    for reason, message in outcome.failures:
+        metrics.RECONCILE_ERRORS.labels(reason).inc()
+        kopf.warn(_snapshot(body), reason=reason, message=message)
+    logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
+    return outcome
+
+
+@kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL)
+@kopf.on.create(c.GROUP, c.VERSION, c.PLURAL)
+@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
+async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    outcome = await _reconcile(memo, body, str(reason), logger)
+    if outcome.invalid:
+        raise kopf.PermanentError(outcome.failures[0][1])
+    if outcome.retry:
+        raise kopf.TemporaryError("; ".join(m for _, m in outcome.failures), delay=RETRY_DELAY)
+
+
+@kopf.daemon(c.GROUP, c.VERSION, c.PLURAL, cancellation_timeout=5)
+async def llmtelemetry_resync(
+    stopped: kopf.DaemonStopped, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """Periodic full pass: repairs drift no watch event reported and retries what was degraded."""
+    while not stopped:
+        await stopped.wait(_config(memo).resync_seconds)
+        if stopped:
+            break
+        owner = memo.get("bodies", {}).get((namespace, name))
+        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+            try:
+                await _reconcile(memo, owner, "resync", logger)
+            except kopf.TemporaryError:
+                pass  # already counted and reported; the next tick retries
+
+
+@kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
+async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    meta = body["metadata"]
+    async with _lock(memo, meta["namespace"], meta["name"]):
+        touched = await rec.remove_injection(_client(memo), _config(memo), body)
+        deleted = await rec.delete_children(_client(memo), body)
+    memo.get("bodies", {}).pop((meta["namespace"], meta["name"]), None)
+    logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+def llmtelemetry_track(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children."""
+    bodies: dict[tuple[str, str], dict[str, Any]] = memo.setdefault("bodies", {})
+    if type == "DELETED":
+        bodies.pop((namespace, name), None)
+    else:
+        bodies[(namespace, name)] = _snapshot(body)
+
+
+def _owners(memo: Any, namespace: str) -> list[dict[str, Any]]:
+    bodies: dict[tuple[str, str], dict[str, Any]] = memo.get("bodies") or {}
+    return [
+        b for (ns, _), b in sorted(bodies.items()) if ns == namespace and not b["metadata"].get("deletionTimestamp")
+    ]
+
+
+@kopf.on.event("apps", "v1", "deployments")
+@kopf.on.event("apps", "v1", "statefulsets")
+async def workload_event(
+    type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
+    """A workload appeared, changed or went away: re-run the passes whose outcome it changes."""
+    workload = _snapshot(body)
+    workload.setdefault("kind", "Deployment")
+    labels = workload["metadata"].get("labels") or {}
+    record = r.injected_record(workload)
+    for owner in _owners(memo, namespace):
+        owner_name = owner["metadata"]["name"]
+        try:
+            spec = parse_spec(owner.get("spec") or {})
+        except SpecError:
+            continue
+        mine = record is not None and record.get("owner") == owner_name
+        if type == "DELETED":
+            needed = mine
+        elif spec.selector.matches(labels):
+            injection = r.build_injection(spec, _config(memo), workload, owner_name)
+            needed = r.build_workload_patch(workload, injection, owner_name) is not None
+        else:
+            needed = mine
+        if needed:
+            try:
+                await _reconcile(memo, owner, "workload", logger)
+            except kopf.TemporaryError as exc:
+                logger.warning("pass for %s failed: %s", owner_name, exc)
+
+
+def _child_handler(group: str, version: str, plural: str) -> None:
+    @kopf.on.event(group, version, plural, labels=_MANAGED, id=f"child_event_{plural}")
+    async def child_event(
+        type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    ) -> None:
+        """A child was edited or deleted by hand: put it back."""
+        if type not in ("MODIFIED", "DELETED"):
+            return
+        owner_name = (body["metadata"].get("labels") or {}).get(c.LABEL_OWNER)
+        for owner in _owners(memo, namespace):
+            if owner["metadata"]["name"] == owner_name:
+                try:
+                    await _reconcile(memo, owner, "child", logger)
+                except kopf.TemporaryError as exc:
+                    logger.warning("pass for %s failed: %s", owner_name, exc)
+
+
+for _group, _version, _plural in _CHILD_RESOURCES:
+    _child_handler(_group, _version, _plural)

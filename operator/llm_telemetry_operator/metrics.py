@@ -1,0 +1,32 @@
+"""The operator's own Prometheus metrics (prometheus_client), served on LLM_TELEMETRY_OPERATOR_METRICS_PORT."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+#: Reconcile passes by trigger (create, update, resume, resync, workload, child) and result.
+RECONCILES = Counter(
+    "llm_telemetry_operator_reconciles",
+    "Reconcile passes of LLMTelemetry resources.",
+    ["trigger", "result"],
+)
+#: Failures found during passes, by condition reason (ServiceMonitorCRDMissing, InvalidSpec, ...).
+RECONCILE_ERRORS = Counter(
+    "llm_telemetry_operator_reconcile_errors",
+    "Problems found while reconciling, by reason.",
+    ["reason"],
+)
+RECONCILE_DURATION = Histogram(
+    "llm_telemetry_operator_reconcile_duration_seconds",
+    "Duration of reconcile passes.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_started: set[int] = set()
+
+
+def serve(port: int) -> None:
+    """Start the metrics listener once per process (0 disables it)."""
+    if port and port not in _started:
+        start_http_server(port)
+        _started.add(port)

@@ -1,0 +1,384 @@
+"""One reconcile pass for one LLMTelemetry: inject, create or repair children, write status.
+
+Kept free of kopf so that tests (and kopf handlers) can run a pass directly. A pass writes only what differs
+from the desired state, so running it twice in a row writes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import kube
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, SpecError
+from llm_telemetry_operator.kube import KubeClient, Resource
+from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
+
+logger = logging.getLogger(__name__)
+
+#: Attempts at a read-modify-write before giving up on repeated 409 conflicts.
+CONFLICT_ATTEMPTS = 5
+
+
+@dataclass
+class Outcome:
+    """What a pass achieved; handlers turn it into retries and events.
+
+    Args:
+        ready: every enabled part is in place.
+        invalid: the spec is unusable (a :class:`SpecError`); retrying will not help until it changes.
+        retry: something may fix itself (a CRD installed later, an API hiccup); try again later.
+        failures: (reason, message) pairs worth a Kubernetes event.
+    """
+
+    ready: bool = False
+    invalid: bool = False
+    retry: bool = False
+    targets: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def workload_key(workload: Mapping[str, Any]) -> str:
+    return f"{workload.get('kind') or 'Deployment'}/{workload['metadata']['name']}"
+
+
+async def list_workloads(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for kind, resource in kube.WORKLOADS.items():
+        for item in await client.list(resource, namespace):
+            found.append({**item, "kind": kind})  # list items may omit kind
+    return sorted(found, key=workload_key)
+
+
+async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> Outcome:
+    """Bring the cluster in line with one LLMTelemetry and write its status."""
+    meta = owner["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    outcome = Outcome()
+    try:
+        spec = parse_spec(owner.get("spec") or {})
+        r.build_owner_reference(owner)
+        if spec.alerts.enabled:
+            r.build_alert_thresholds(spec)
+    except SpecError as exc:
+        outcome.invalid = True
+        outcome.failures.append(("InvalidSpec", str(exc)))
+        conditions = [r.Condition(t, False, "InvalidSpec", str(exc)) for t in _CONDITION_TYPES]
+        await _write_status(client, owner, conditions, [], "Invalid", outcome)
+        return outcome
+
+    conditions: dict[str, r.Condition] = {}
+    workloads = await list_workloads(client, namespace)
+    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome)
+    outcome.targets = [workload_key(w) for w in targets]
+
+    # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
+    services = [r.build_metrics_service(owner, spec, w) for w in targets]
+    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics")
+    configmaps: list[dict[str, Any]] = []
+    if spec.pricing.inline:
+        configmaps.append(r.build_pricing_configmap(owner, spec))
+    dashboard_error: str | None = None
+    if spec.dashboard.enabled:
+        try:
+            configmaps.append(r.build_dashboard_configmap(owner, spec, config))
+        except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
+            dashboard_error = f"dashboard could not be rendered: {exc}"
+    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None)
+
+    monitor = [r.build_service_monitor(owner, spec, config)]
+    monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None)
+    rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled else []
+    rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None)
+
+    if service_error:
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
+    elif monitor_error == _CRD_MISSING:
+        conditions[c.CONDITION_METRICS] = r.Condition(
+            c.CONDITION_METRICS,
+            False,
+            "ServiceMonitorCRDMissing",
+            "metrics Services exist, but monitoring.coreos.com/v1 ServiceMonitor is not installed; retrying later",
+        )
+        outcome.retry = True
+    elif monitor_error:
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceMonitorFailed", monitor_error)
+    else:
+        conditions[c.CONDITION_METRICS] = r.Condition(
+            c.CONDITION_METRICS,
+            True,
+            "ServiceMonitorReady",
+            f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}",
+        )
+
+    if not spec.alerts.enabled:
+        conditions[c.CONDITION_ALERTS] = r.Condition(
+            c.CONDITION_ALERTS, False, "Disabled", "spec.alerts.enabled is false"
+        )
+    elif rules_error == _CRD_MISSING:
+        conditions[c.CONDITION_ALERTS] = r.Condition(
+            c.CONDITION_ALERTS,
+            False,
+            "PrometheusRuleCRDMissing",
+            "monitoring.coreos.com/v1 PrometheusRule is not installed; retrying later",
+        )
+        outcome.retry = True
+    elif rules_error:
+        conditions[c.CONDITION_ALERTS] = r.Condition(c.CONDITION_ALERTS, False, "PrometheusRuleFailed", rules_error)
+    else:
+        conditions[c.CONDITION_ALERTS] = r.Condition(
+            c.CONDITION_ALERTS,
+            True,
+            "PrometheusRuleReady",
+            f"alert rules in PrometheusRule {r.prometheus_rule_name(name)}",
+        )
+
+    if not spec.dashboard.enabled:
+        conditions[c.CONDITION_DASHBOARD] = r.Condition(
+            c.CONDITION_DASHBOARD, False, "Disabled", "spec.dashboard.enabled is false"
+        )
+    elif dashboard_error or cm_error:
+        conditions[c.CONDITION_DASHBOARD] = r.Condition(
+            c.CONDITION_DASHBOARD, False, "ConfigMapFailed", str(dashboard_error or cm_error)
+        )
+    else:
+        conditions[c.CONDITION_DASHBOARD] = r.Condition(
+            c.CONDITION_DASHBOARD,
+            True,
+            "ConfigMapReady",
+            f"dashboard ConfigMap {r.dashboard_configmap_name(name)} in folder {spec.dashboard.folder!r}",
+        )
+
+    for cond in conditions.values():
+        if not cond.status and cond.reason not in ("Disabled", "NoTargets"):
+            outcome.failures.append((cond.reason, cond.message))
+        if cond.reason.endswith("Failed"):
+            outcome.retry = True
+    required = [cond for cond in conditions.values() if cond.reason != "Disabled"]
+    blocking = [cond for cond in required if not cond.status]
+    outcome.ready = not blocking
+    if outcome.ready:
+        ready = r.Condition(c.CONDITION_READY, True, "Ready", f"telemetry wired for {', '.join(outcome.targets)}")
+    else:
+        first = blocking[0]
+        ready = r.Condition(c.CONDITION_READY, False, first.reason, first.message)
+    phase = "Ready" if outcome.ready else ("Pending" if not targets else "Degraded")
+    ordered = [ready] + [conditions[t] for t in _CONDITION_TYPES[1:]]
+    await _write_status(client, owner, ordered, outcome.targets, phase, outcome)
+    return outcome
+
+
+_CONDITION_TYPES = (
+    c.CONDITION_READY,
+    c.CONDITION_INJECTED,
+    c.CONDITION_METRICS,
+    c.CONDITION_ALERTS,
+    c.CONDITION_DASHBOARD,
+)
+_CRD_MISSING = "crd-missing"
+
+
+async def _inject(
+    client: KubeClient,
+    config: OperatorConfig,
+    owner: Mapping[str, Any],
+    spec: TelemetrySpec,
+    workloads: list[dict[str, Any]],
+    conditions: dict[str, r.Condition],
+    outcome: Outcome,
+) -> list[dict[str, Any]]:
+    name = owner["metadata"]["name"]
+    targets: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    errors: list[str] = []
+    for workload in workloads:
+        labels = workload.get("metadata", {}).get("labels") or {}
+        record = r.injected_record(workload)
+        mine = record is not None and record.get("owner") == name
+        if record is not None and not mine:
+            if spec.selector.matches(labels):
+                skipped.append(f"{workload_key(workload)} (already injected by {record.get('owner')})")
+            continue
+        selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
+        if not selected and not mine:
+            continue
+        try:
+            await _patch_workload(client, config, owner, spec if selected else None, workload)
+        except ApiError as exc:
+            errors.append(f"{workload_key(workload)}: {exc}")
+            continue
+        if selected:
+            targets.append(workload)
+    if errors:
+        conditions[c.CONDITION_INJECTED] = r.Condition(
+            c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)
+        )
+    elif not targets:
+        message = f"no Deployment or StatefulSet matches spec.selector in namespace {owner['metadata']['namespace']}"
+        if skipped:
+            message += "; skipped " + ", ".join(skipped)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
+    else:
+        message = "injected into " + ", ".join(workload_key(w) for w in targets)
+        if skipped:
+            message += "; skipped " + ", ".join(skipped)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
+    return targets
+
+
+async def _patch_workload(
+    client: KubeClient,
+    config: OperatorConfig,
+    owner: Mapping[str, Any],
+    spec: TelemetrySpec | None,
+    workload: dict[str, Any],
+) -> None:
+    name = owner["metadata"]["name"]
+    resource = kube.WORKLOADS[workload["kind"]]
+    namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
+    for attempt in range(CONFLICT_ATTEMPTS):
+        injection = r.build_injection(spec, config, workload, name) if spec is not None else None
+        patch = r.build_workload_patch(workload, injection, name)
+        if patch is None:
+            return
+        try:
+            await client.patch(resource, namespace, wl_name, patch)
+            logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
+            return
+        except ConflictError:
+            if attempt == CONFLICT_ATTEMPTS - 1:
+                raise
+            workload = {**await client.get(resource, namespace, wl_name), "kind": workload["kind"]}
+
+
+async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> list[str]:
+    """Undo injection into every workload this LLMTelemetry injected; returns the workloads touched."""
+    name = owner["metadata"]["name"]
+    touched = []
+    for workload in await list_workloads(client, owner["metadata"]["namespace"]):
+        record = r.injected_record(workload)
+        if record is not None and record.get("owner") == name:
+            await _patch_workload(client, config, owner, None, workload)
+            touched.append(workload_key(workload))
+    return touched
+
+
+async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
+    """Delete every child of this LLMTelemetry (the API server's garbage collector would too, eventually)."""
+    meta = owner["metadata"]
+    deleted = 0
+    for resource in (kube.SERVICES, kube.CONFIGMAPS, kube.SERVICEMONITORS, kube.PROMETHEUSRULES):
+        try:
+            children = await client.list(resource, meta["namespace"], labels=r.owner_selector(meta["name"]))
+        except NotFoundError:
+            continue  # the CRD is not installed: nothing of ours there
+        for child in children:
+            deleted += await client.delete(resource, meta["namespace"], child["metadata"]["name"])
+    return deleted
+
+
+async def _sync_children(
+    client: KubeClient,
+    resource: Resource,
+    owner: Mapping[str, Any],
+    desired: list[dict[str, Any]],
+    component: str | None,
+) -> str | None:
+    """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None."""
+    meta = owner["metadata"]
+    namespace = meta["namespace"]
+    try:
+        existing = await client.list(resource, namespace, labels=r.owner_selector(meta["name"]))
+    except NotFoundError:
+        return _CRD_MISSING if resource.group == "monitoring.coreos.com" else f"{resource.plural} not found"
+    except ApiError as exc:
+        return f"listing {resource.plural}: {exc}"
+    by_name = {obj["metadata"]["name"]: obj for obj in existing}
+    wanted = {obj["metadata"]["name"] for obj in desired}
+    errors = []
+    for obj in desired:
+        try:
+            await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]))
+        except ApiError as exc:
+            errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
+    for obj_name, obj in by_name.items():
+        labels = obj["metadata"].get("labels") or {}
+        if obj_name in wanted or (component is not None and labels.get(c.LABEL_COMPONENT) != component):
+            continue
+        if resource == kube.CONFIGMAPS and labels.get(c.LABEL_COMPONENT) not in ("pricing", "dashboard"):
+            continue
+        try:
+            await client.delete(resource, namespace, obj_name)
+        except ApiError as exc:
+            errors.append(f"deleting {obj_name}: {exc}")
+    return "; ".join(errors) or None
+
+
+async def _apply(
+    client: KubeClient, resource: Resource, namespace: str, desired: dict[str, Any], current: dict[str, Any] | None
+) -> None:
+    name = desired["metadata"]["name"]
+    for attempt in range(CONFLICT_ATTEMPTS):
+        if current is None:
+            try:
+                await client.create(resource, namespace, desired)
+                logger.info("created %s %s/%s", desired["kind"], namespace, name)
+                return
+            except ConflictError:
+                current = await client.get(resource, namespace, name)
+                owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
+                if owner_label != desired["metadata"]["labels"][c.LABEL_OWNER]:
+                    raise ConflictError(
+                        409, "AlreadyExists", "exists and is not managed by this LLMTelemetry"
+                    ) from None
+        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+        if r.contains(current, patch):
+            return
+        resource_version = current.get("metadata", {}).get("resourceVersion")
+        if resource_version:
+            patch = {**patch, "metadata": {**patch["metadata"], "resourceVersion": resource_version}}
+        try:
+            await client.patch(resource, namespace, name, patch)
+            logger.info("repaired %s %s/%s", desired["kind"], namespace, name)
+            return
+        except NotFoundError:
+            current = None  # deleted in between: create it again
+        except ConflictError:
+            if attempt == CONFLICT_ATTEMPTS - 1:
+                raise
+            current = await client.get(resource, namespace, name)
+
+
+async def _write_status(
+    client: KubeClient,
+    owner: Mapping[str, Any],
+    conditions: list[r.Condition],
+    targets: list[str],
+    phase: str,
+    outcome: Outcome,
+) -> None:
+    meta = owner["metadata"]
+    previous = owner.get("status") or {}
+    status = r.build_status(
+        conditions, generation=meta.get("generation"), targets=targets, previous=previous, now=_now(), phase=phase
+    )
+    outcome.status = status
+    if r.contains(previous, status):
+        return
+    try:
+        await client.patch(
+            kube.LLMTELEMETRIES, meta["namespace"], meta["name"], {"status": status}, subresource="status"
+        )
+    except NotFoundError:
+        logger.info("LLMTelemetry %s/%s is gone; status not written", meta["namespace"], meta["name"])

@@ -1,0 +1,556 @@
+"""Pure ``build_*`` functions: an LLMTelemetry (and the workloads it selects) in, manifests and patches out.
+
+Nothing here talks to the API server, so every manifest is unit-testable and the chart's docs can render
+the same objects. The reconcile loop (:mod:`llm_telemetry_operator.reconcile`) decides what to send.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from llm_telemetry import config as mw
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import SpecError
+from llm_telemetry_operator.spec import TelemetrySpec
+
+# Downward-API variables that OTEL_RESOURCE_ATTRIBUTES refers to with $(VAR); they must come first.
+ENV_POD_NAMESPACE = "K8S_NAMESPACE_NAME"
+ENV_POD_NAME = "K8S_POD_NAME"
+ENV_POD_UID = "K8S_POD_UID"
+
+#: Workload kind to the OpenTelemetry resource attribute naming it.
+WORKLOAD_ATTRIBUTE = {"Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name"}
+
+
+def _name(base: str, suffix: str) -> str:
+    """``<base>-<suffix>`` within the 63 characters of a DNS label."""
+    room = 63 - len(suffix) - 1
+    return f"{base[:room].rstrip('-')}-{suffix}"
+
+
+def service_name(workload_name: str) -> str:
+    return _name(workload_name, "llm-metrics")
+
+
+def service_monitor_name(owner_name: str) -> str:
+    return _name(owner_name, "llm-telemetry")
+
+
+def prometheus_rule_name(owner_name: str) -> str:
+    return _name(owner_name, "llm-telemetry")
+
+
+def dashboard_configmap_name(owner_name: str) -> str:
+    return _name(owner_name, "llm-dashboard")
+
+
+def pricing_configmap_name(owner_name: str) -> str:
+    return _name(owner_name, "llm-pricing")
+
+
+def build_labels(owner_name: str, component: str, name: str | None = None) -> dict[str, str]:
+    """The ``app.kubernetes.io/*`` labels on every child, plus the owner label the operator finds them by."""
+    return {
+        c.LABEL_NAME: name or owner_name,
+        c.LABEL_INSTANCE: owner_name,
+        c.LABEL_COMPONENT: component,
+        c.LABEL_PART_OF: "llm-telemetry",
+        c.LABEL_MANAGED_BY: c.MANAGER,
+        c.LABEL_OWNER: owner_name,
+    }
+
+
+def owner_selector(owner_name: str) -> dict[str, str]:
+    """Labels that select every child of one LLMTelemetry."""
+    return {c.LABEL_MANAGED_BY: c.MANAGER, c.LABEL_OWNER: owner_name}
+
+
+def build_owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    meta = owner.get("metadata", {})
+    if not meta.get("uid"):
+        raise SpecError("metadata.uid", "the LLMTelemetry has no uid; children could not be owned by it")
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(
+    owner: Mapping[str, Any], name: str, component: str, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": {**(labels or {}), **build_labels(meta["name"], component)},
+        "ownerReferences": [build_owner_reference(owner)],
+    }
+
+
+# --- injection --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What goes into each selected container of one workload's pod template."""
+
+    env: tuple[dict[str, Any], ...]
+    port: dict[str, Any]
+    volume: dict[str, Any] | None = None
+    volume_mount: dict[str, Any] | None = None
+    containers: tuple[str, ...] = ()
+    #: Extra input to the config hash (e.g. inline prices, which reach the pods through a mounted file).
+    extra_hash_input: str = ""
+    digest: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        material = json.dumps(
+            [self.env, self.port, self.volume, self.volume_mount, self.extra_hash_input], sort_keys=True
+        )
+        object.__setattr__(self, "digest", hashlib.sha256(material.encode()).hexdigest()[:16])
+
+
+def otel_service_name(workload: Mapping[str, Any]) -> str:
+    """``app.kubernetes.io/name`` of the pods (or the workload), else the workload's name."""
+    template_labels = workload.get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {}
+    labels = workload.get("metadata", {}).get("labels") or {}
+    return str(template_labels.get(c.LABEL_NAME) or labels.get(c.LABEL_NAME) or workload["metadata"]["name"])
+
+
+def build_env(
+    spec: TelemetrySpec, config: OperatorConfig, workload: Mapping[str, Any], owner_name: str
+) -> list[dict[str, Any]]:
+    """The environment the middleware and the OpenTelemetry SDK read, in dependency order."""
+
+    def field_ref(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+    def value(name: str, val: str | int | float) -> dict[str, Any]:
+        return {"name": name, "value": str(val)}
+
+    kind = str(workload.get("kind") or "Deployment")
+    workload_name = workload["metadata"]["name"]
+    attributes = [
+        f"k8s.namespace.name=$({ENV_POD_NAMESPACE})",
+        f"{WORKLOAD_ATTRIBUTE.get(kind, 'k8s.deployment.name')}={workload_name}",
+        f"k8s.pod.name=$({ENV_POD_NAME})",
+        f"k8s.pod.uid=$({ENV_POD_UID})",
+    ]
+    env = [
+        field_ref(ENV_POD_NAMESPACE, "metadata.namespace"),
+        field_ref(ENV_POD_NAME, "metadata.name"),
+        field_ref(ENV_POD_UID, "metadata.uid"),
+        value("OTEL_SERVICE_NAME", otel_service_name(workload)),
+        value("OTEL_RESOURCE_ATTRIBUTES", ",".join(attributes)),
+        value(mw.LLM_TELEMETRY_METRICS_PORT, spec.metrics.port),
+        value(mw.LLM_TELEMETRY_METRICS_HOST, mw.DEFAULT_METRICS_HOST),
+        value(mw.LLM_TELEMETRY_METRICS_EXPORTER, "prometheus"),
+        value(mw.LLM_TELEMETRY_MAX_LABEL_VALUES, spec.max_label_values),
+        value(mw.LLM_TELEMETRY_REQUEST_LOGS, "true" if spec.logs.enabled else "false"),
+    ]
+    if spec.attribution_headers:
+        headers = ",".join(f"{h}={label}" for h, label in sorted(spec.attribution_headers.items()))
+        env.append(value(mw.LLM_TELEMETRY_ATTRIBUTION_HEADERS, headers))
+    if spec.pricing.inline or spec.pricing.config_map:
+        env.append(value(mw.LLM_TELEMETRY_PRICING, f"{c.PRICING_MOUNT_PATH}/{c.PRICING_FILE}"))
+    if spec.tracing.enabled:
+        env += [
+            value("OTEL_TRACES_EXPORTER", "otlp"),
+            value("OTEL_EXPORTER_OTLP_ENDPOINT", spec.tracing.endpoint or config.traces_endpoint),
+            value("OTEL_EXPORTER_OTLP_PROTOCOL", spec.tracing.protocol),
+            value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),
+        ]
+    else:
+        env.append(value("OTEL_TRACES_EXPORTER", "none"))
+    if spec.logs.enabled and spec.logs.mode == "otlp":
+        base = (spec.logs.endpoint or config.logs_endpoint).rstrip("/")
+        env += [
+            value("OTEL_LOGS_EXPORTER", "otlp"),
+            # Loki only ingests OTLP over HTTP, at <base>/v1/logs, whatever protocol the traces use.
+            value("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", f"{base}/v1/logs"),
+            value("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "http/protobuf"),
+        ]
+    else:
+        env.append(value("OTEL_LOGS_EXPORTER", "none"))
+    return env
+
+
+def build_injection(
+    spec: TelemetrySpec, config: OperatorConfig, workload: Mapping[str, Any], owner_name: str
+) -> Injection:
+    """Everything to inject into one workload for one LLMTelemetry."""
+    volume = mount = None
+    extra = ""
+    if spec.pricing.inline or spec.pricing.config_map:
+        cm_name = pricing_configmap_name(owner_name) if spec.pricing.inline else spec.pricing.config_map
+        key = c.PRICING_FILE if spec.pricing.inline else spec.pricing.config_map_key
+        volume = {
+            "name": c.PRICING_VOLUME,
+            "configMap": {"name": cm_name, "items": [{"key": key, "path": c.PRICING_FILE}]},
+        }
+        mount = {"name": c.PRICING_VOLUME, "mountPath": c.PRICING_MOUNT_PATH, "readOnly": True}
+        if spec.pricing.inline:
+            extra = build_pricing_document(spec)
+    return Injection(
+        env=tuple(build_env(spec, config, workload, owner_name)),
+        port={"name": c.METRICS_PORT_NAME, "containerPort": spec.metrics.port, "protocol": "TCP"},
+        volume=volume,
+        volume_mount=mount,
+        containers=spec.containers,
+        extra_hash_input=extra,
+    )
+
+
+def injected_record(workload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The operator's record of what it injected into ``workload``, or None."""
+    raw = (workload.get("metadata", {}).get("annotations") or {}).get(c.ANNOTATION_INJECTED)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _env_key(entry: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in entry.items() if k != "name"}, sort_keys=True)
+
+
+def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
+    """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
+    if not record:
+        return
+    containers = record.get("containers") or {}
+    for container in template.get("spec", {}).get("containers") or []:
+        done = containers.get(container.get("name"))
+        if not done:
+            continue
+        ours = done.get("env") or {}
+        # A value the user changed since we injected it is theirs now: keep it.
+        env = [e for e in container.get("env") or [] if ours.get(e.get("name")) != _env_key(e)]
+        if env:
+            container["env"] = env
+        else:
+            container.pop("env", None)
+        if done.get("port"):
+            ports = [p for p in container.get("ports") or [] if p.get("name") != c.METRICS_PORT_NAME]
+            if ports:
+                container["ports"] = ports
+            else:
+                container.pop("ports", None)
+        if done.get("mount"):
+            mounts = [m for m in container.get("volumeMounts") or [] if m.get("name") != c.PRICING_VOLUME]
+            if mounts:
+                container["volumeMounts"] = mounts
+            else:
+                container.pop("volumeMounts", None)
+    pod_spec = template.get("spec", {})
+    if record.get("volume"):
+        volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != c.PRICING_VOLUME]
+        if volumes:
+            pod_spec["volumes"] = volumes
+        else:
+            pod_spec.pop("volumes", None)
+    annotations = template.get("metadata", {}).get("annotations") or {}
+    annotations.pop(c.ANNOTATION_CONFIG_HASH, None)
+
+
+def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
+    """Add ``injection`` to a stripped ``template`` (in place); return the new record."""
+    record: dict[str, Any] = {"containers": {}, "volume": False}
+    containers = template.setdefault("spec", {}).setdefault("containers", [])
+    chosen = (
+        [ct for ct in containers if ct.get("name") in injection.containers] if injection.containers else containers[:1]
+    )
+    for container in chosen:
+        done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
+        env = container.setdefault("env", [])
+        taken = {e.get("name") for e in env}
+        for entry in injection.env:
+            if entry["name"] not in taken:  # the user's own variables win
+                env.append(copy.deepcopy(entry))
+                done["env"][entry["name"]] = _env_key(entry)
+        ports = container.setdefault("ports", [])
+        if not any(
+            p.get("containerPort") == injection.port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
+            for p in ports
+        ):
+            ports.append(dict(injection.port))
+            done["port"] = True
+        if not ports:
+            container.pop("ports")
+        if injection.volume_mount is not None:
+            mounts = container.setdefault("volumeMounts", [])
+            if not any(m.get("name") == c.PRICING_VOLUME for m in mounts):
+                mounts.append(dict(injection.volume_mount))
+                done["mount"] = True
+        record["containers"][container["name"]] = done
+    if injection.volume is not None:
+        volumes = template["spec"].setdefault("volumes", [])
+        if not any(v.get("name") == c.PRICING_VOLUME for v in volumes):
+            volumes.append(copy.deepcopy(injection.volume))
+            record["volume"] = True
+    template.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_CONFIG_HASH] = injection.digest
+    return record
+
+
+def build_workload_patch(
+    workload: Mapping[str, Any], injection: Injection | None, owner_name: str
+) -> dict[str, Any] | None:
+    """The merge patch that brings ``workload`` to ``injection`` (None: remove ours), or None if already there.
+
+    Lists (containers, volumes) are sent whole because a merge patch replaces lists.
+    """
+    record = injected_record(workload)
+    if record is not None and record.get("owner") not in (None, owner_name):
+        return None  # another LLMTelemetry got there first; never fight over a workload
+    current = workload.get("spec", {}).get("template", {})
+    template = copy.deepcopy(current)
+    _strip(template, record)
+    new_record: dict[str, Any] | None = None
+    if injection is not None:
+        new_record = {"owner": owner_name, **_apply(template, injection)}
+    record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
+    if template == current and record_text == (workload.get("metadata", {}).get("annotations") or {}).get(
+        c.ANNOTATION_INJECTED
+    ):
+        return None
+    old_annotations = current.get("metadata", {}).get("annotations") or {}
+    new_annotations = template.get("metadata", {}).get("annotations") or {}
+    annotation_patch: dict[str, Any] = {k: v for k, v in new_annotations.items() if old_annotations.get(k) != v}
+    annotation_patch.update({k: None for k in old_annotations if k not in new_annotations})
+    pod_spec = template.get("spec", {})
+    spec_patch: dict[str, Any] = {"containers": pod_spec.get("containers", [])}
+    if pod_spec.get("volumes") != current.get("spec", {}).get("volumes"):
+        spec_patch["volumes"] = pod_spec.get("volumes")  # None removes the key
+    patch: dict[str, Any] = {
+        "metadata": {"annotations": {c.ANNOTATION_INJECTED: record_text}},
+        "spec": {"template": {"spec": spec_patch}},
+    }
+    if annotation_patch:
+        patch["spec"]["template"]["metadata"] = {"annotations": annotation_patch}
+    resource_version = workload.get("metadata", {}).get("resourceVersion")
+    if resource_version:
+        # Optimistic concurrency: a 409 tells us someone else wrote in between, and we re-read and retry.
+        patch["metadata"]["resourceVersion"] = resource_version
+    return patch
+
+
+# --- children ---------------------------------------------------------------------------------
+
+
+def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
+    """Labels selecting the workload's pods: its ``matchLabels``, else its pod template's labels."""
+    spec = workload.get("spec", {})
+    labels = (spec.get("selector") or {}).get("matchLabels") or spec.get("template", {}).get("metadata", {}).get(
+        "labels"
+    )
+    return dict(labels or {})
+
+
+def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workload: Mapping[str, Any]) -> dict[str, Any]:
+    """A Service on the metrics port selecting one workload's pods, for the ServiceMonitor to find."""
+    workload_name = workload["metadata"]["name"]
+    metadata = _metadata(owner, service_name(workload_name), "metrics")
+    metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "selector": workload_pod_selector(workload),
+            "ports": [
+                {
+                    "name": c.METRICS_PORT_NAME,
+                    "port": spec.metrics.port,
+                    "targetPort": spec.metrics.port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def build_service_monitor(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
+    """A ServiceMonitor scraping every metrics Service of this LLMTelemetry; its ``job`` is the resource name."""
+    meta = owner["metadata"]
+    labels = {**config.servicemonitor_labels, **spec.metrics.labels}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _metadata(owner, service_monitor_name(meta["name"]), "scrape", labels),
+        "spec": {
+            # job="<LLMTelemetry name>" whatever the Services are called, so rules and dashboards can select it.
+            "jobLabel": c.LABEL_OWNER,
+            "selector": {"matchLabels": {**owner_selector(meta["name"]), c.LABEL_COMPONENT: "metrics"}},
+            "namespaceSelector": {"matchNames": [meta["namespace"]]},
+            "endpoints": [
+                {"port": c.METRICS_PORT_NAME, "path": "/metrics", "scheme": "http", "interval": spec.metrics.interval}
+            ],
+        },
+    }
+
+
+def rule_selector(owner: Mapping[str, Any]) -> str:
+    """PromQL matchers selecting this LLMTelemetry's series (namespace, and the job the ServiceMonitor sets)."""
+    meta = owner["metadata"]
+    return f'namespace="{meta["namespace"]}",job="{meta["name"]}"'
+
+
+def build_alert_thresholds(spec: TelemetrySpec) -> Any:
+    """``llm_telemetry.rules.AlertThresholds`` from ``spec.alerts``; SpecError names a field it rejects."""
+    from llm_telemetry.rules import AlertThresholds
+
+    a = spec.alerts
+    values = {
+        "errorRatio": ("error_ratio", a.error_ratio),
+        "p95RequestDurationSeconds": ("p95_request_duration_seconds", a.p95_request_duration_seconds),
+        "p95TtftSeconds": ("p95_ttft_seconds", a.p95_ttft_seconds),
+        "toolFailureRatio": ("tool_failure_ratio", a.tool_failure_ratio),
+        "costPerHourUsd": ("cost_per_hour_usd", a.cost_per_hour_usd),
+        "availabilityObjective": ("availability_objective", a.availability_objective),
+        "ttftObjective": ("ttft_objective", a.ttft_objective),
+        "ttftObjectiveSeconds": ("ttft_objective_seconds", a.ttft_objective_seconds),
+    }
+    try:
+        return AlertThresholds(**{py: val for py, val in values.values()})
+    except ValueError as exc:
+        text = str(exc)
+        for crd_name, (py_name, _) in values.items():
+            if f".{py_name}=" in text:
+                raise SpecError(f"spec.alerts.{crd_name}", text) from None
+        raise SpecError("spec.alerts", text) from None
+
+
+def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
+    """The project's alert set (``llm_telemetry.rules``), scoped to this LLMTelemetry's series."""
+    from llm_telemetry.rules import build_prometheus_rule as build_rule
+
+    meta = owner["metadata"]
+    name = prometheus_rule_name(meta["name"])
+    labels = {**config.servicemonitor_labels, **spec.metrics.labels}
+    rule = build_rule(
+        name, meta["namespace"], build_alert_thresholds(spec), selector=rule_selector(owner), labels=labels
+    )
+    rule["metadata"] = _metadata(owner, name, "alerts", {**labels, **(rule.get("metadata", {}).get("labels") or {})})
+    return rule
+
+
+def dashboard_uid(owner: Mapping[str, Any]) -> str:
+    """A Grafana uid (at most 40 characters) unique per LLMTelemetry."""
+    meta = owner["metadata"]
+    text = f"llmt-{meta['namespace']}-{meta['name']}"
+    if len(text) <= 40:
+        return text
+    return text[:31] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
+    """The project's Grafana dashboard in a ConfigMap Grafana's sidecar picks up, in ``spec.dashboard.folder``."""
+    from llm_telemetry.dashboards import build_dashboard
+
+    meta = owner["metadata"]
+    attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)
+    dashboard = build_dashboard(
+        title=f"LLM: {meta['namespace']}/{meta['name']}", uid=dashboard_uid(owner), attribution_labels=attribution
+    )
+    key, val = config.dashboard_label
+    metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})
+    metadata["annotations"] = {c.ANNOTATION_GRAFANA_FOLDER: spec.dashboard.folder}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {f"{meta['name']}.json": json.dumps(dashboard, sort_keys=True, separators=(",", ":"))},
+    }
+
+
+def build_pricing_document(spec: TelemetrySpec) -> str:
+    """The inline pricing table as the YAML file the middleware reads (``LLM_TELEMETRY_PRICING``)."""
+    models = {model: dict(prices) for model, prices in sorted(spec.pricing.models.items())}
+    return yaml.safe_dump({"models": models}, sort_keys=True)
+
+
+def build_pricing_configmap(owner: Mapping[str, Any], spec: TelemetrySpec) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, pricing_configmap_name(meta["name"]), "pricing"),
+        "data": {c.PRICING_FILE: build_pricing_document(spec)},
+    }
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One status condition before timestamps are attached."""
+
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+def build_status(
+    conditions: Sequence[Condition],
+    *,
+    generation: int | None,
+    targets: Sequence[str],
+    previous: Mapping[str, Any] | None,
+    now: str,
+    phase: str,
+) -> dict[str, Any]:
+    """The ``status`` block; ``lastTransitionTime`` only moves when a condition's status flips."""
+    old = {cond.get("type"): cond for cond in (previous or {}).get("conditions") or []}
+    rendered = []
+    for cond in conditions:
+        status = "True" if cond.status else "False"
+        before = old.get(cond.type)
+        since = before.get("lastTransitionTime") if before and before.get("status") == status else None
+        rendered.append(
+            {
+                "type": cond.type,
+                "status": status,
+                "reason": cond.reason,
+                "message": cond.message,
+                "lastTransitionTime": since or now,
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    return {
+        **({"observedGeneration": generation} if generation is not None else {}),
+        "phase": phase,
+        "targets": list(targets),
+        "targetCount": len(targets),
+        "conditions": rendered,
+    }
+
+
+def contains(actual: Any, desired: Any) -> bool:
+    """Whether ``actual`` already has everything in ``desired`` (server-side defaults and extra keys allowed)."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(contains(actual.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return bool(actual == desired)

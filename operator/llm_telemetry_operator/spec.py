@@ -1,0 +1,361 @@
+"""The LLMTelemetry spec as typed values, with the CRD's defaults applied again.
+
+The API server applies the schema defaults, but clients and emulators that skip them must not change the
+outcome, and some rules (a TTFT objective on a bucket boundary, pricing from one source only) are not
+expressible in the schema: those raise :class:`SpecError` naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
+from llm_telemetry_operator.errors import SpecError
+
+#: Prices a model entry may carry, in USD per million tokens.
+PRICE_KINDS = ("input", "output", "cache_read", "cache_creation")
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+PROTOCOLS = ("grpc", "http/protobuf")
+LOG_MODES = ("otlp", "stdout")
+_DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
+_ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
+_HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One ``matchExpressions`` entry of a label selector."""
+
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A Kubernetes LabelSelector (``matchLabels`` and ``matchExpressions``, ANDed)."""
+
+    match_labels: Mapping[str, str] = field(default_factory=dict)
+    match_expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if any(labels.get(k) != v for k, v in self.match_labels.items()):
+            return False
+        for req in self.match_expressions:
+            present = req.key in labels
+            if req.operator == "In" and not (present and labels[req.key] in req.values):
+                return False
+            if req.operator == "NotIn" and present and labels[req.key] in req.values:
+                return False
+            if req.operator == "Exists" and not present:
+                return False
+            if req.operator == "DoesNotExist" and present:
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Metrics:
+    port: int = DEFAULT_METRICS_PORT
+    interval: str = "30s"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tracing:
+    enabled: bool = True
+    #: None means the operator's default (LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT).
+    endpoint: str | None = None
+    protocol: str = "http/protobuf"
+    sampling_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class Logs:
+    enabled: bool = True
+    mode: str = "otlp"
+    #: None means the operator's default (LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT).
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Pricing:
+    #: Inline table, ``{"gpt-4o": {"input": 2.5, "output": 10}}``; rendered into a ConfigMap we own.
+    models: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    #: An existing ConfigMap holding the table, and its key.
+    config_map: str | None = None
+    config_map_key: str = "pricing.yaml"
+
+    @property
+    def inline(self) -> bool:
+        return bool(self.models)
+
+
+@dataclass(frozen=True)
+class Alerts:
+    enabled: bool = True
+    error_ratio: float = 0.05
+    p95_request_duration_seconds: float = 60.0
+    p95_ttft_seconds: float = 2.0
+    tool_failure_ratio: float = 0.2
+    cost_per_hour_usd: float | None = None
+    availability_objective: float = 0.99
+    ttft_objective: float = 0.99
+    ttft_objective_seconds: float = 2.5
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    enabled: bool = True
+    folder: str = "LLM"
+
+
+@dataclass(frozen=True)
+class TelemetrySpec:
+    """A parsed, defaulted LLMTelemetry ``spec``; build with :func:`parse_spec`."""
+
+    selector: Selector
+    containers: tuple[str, ...] = ()
+    metrics: Metrics = field(default_factory=Metrics)
+    tracing: Tracing = field(default_factory=Tracing)
+    logs: Logs = field(default_factory=Logs)
+    pricing: Pricing = field(default_factory=Pricing)
+    attribution_headers: Mapping[str, str] = field(default_factory=dict)
+    max_label_values: int = DEFAULT_MAX_LABEL_VALUES
+    alerts: Alerts = field(default_factory=Alerts)
+    dashboard: Dashboard = field(default_factory=Dashboard)
+
+
+def parse_spec(spec: Mapping[str, Any]) -> TelemetrySpec:
+    """Validate and default a raw ``spec``; raises :class:`SpecError` naming the first bad field."""
+    return TelemetrySpec(
+        selector=_selector(_section(spec, "selector", "spec.selector", required=True)),
+        containers=tuple(_strings(spec.get("containers"), "spec.containers")),
+        metrics=_metrics(_section(spec, "metrics", "spec.metrics")),
+        tracing=_tracing(_section(spec, "tracing", "spec.tracing")),
+        logs=_logs(_section(spec, "logs", "spec.logs")),
+        pricing=_pricing(_section(spec, "pricing", "spec.pricing")),
+        attribution_headers=_attribution(_section(spec, "attribution", "spec.attribution")),
+        max_label_values=_int(
+            _section(spec, "attribution", "spec.attribution"),
+            "maxLabelValues",
+            "spec.attribution.maxLabelValues",
+            DEFAULT_MAX_LABEL_VALUES,
+            1,
+        ),
+        alerts=_alerts(_section(spec, "alerts", "spec.alerts")),
+        dashboard=_dashboard(_section(spec, "dashboard", "spec.dashboard")),
+    )
+
+
+def _section(parent: Mapping[str, Any], key: str, path: str, *, required: bool = False) -> Mapping[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        if required:
+            raise SpecError(path, "is required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(path, "must be an object")
+    return value
+
+
+def _strings(value: Any, path: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(path, "must be a list of non-empty strings")
+    return list(value)
+
+
+def _string_map(value: Any, path: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise SpecError(path, "must map strings to strings")
+    return {str(k): v for k, v in value.items()}
+
+
+def _bool(section: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(path, "must be true or false")
+    return value
+
+
+def _int(
+    section: Mapping[str, Any], key: str, path: str, default: int, minimum: int, maximum: int | None = None
+) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, "must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise SpecError(path, f"must be {bound}, got {value}")
+    return value
+
+
+def _number(
+    section: Mapping[str, Any],
+    key: str,
+    path: str,
+    default: float | None,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+    exclusive: bool = False,
+) -> float | None:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(path, "must be a number")
+    low_ok = value > minimum if exclusive else value >= minimum
+    high_ok = maximum is None or (value < maximum if exclusive else value <= maximum)
+    if not (low_ok and high_ok):
+        raise SpecError(path, f"{value} is out of range")
+    return float(value)
+
+
+def _choice(section: Mapping[str, Any], key: str, path: str, default: str, choices: tuple[str, ...]) -> str:
+    value = section.get(key, default)
+    if value not in choices:
+        raise SpecError(path, f"must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = section.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+        raise SpecError(path, f"must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _selector(raw: Mapping[str, Any]) -> Selector:
+    labels = _string_map(raw.get("matchLabels"), "spec.selector.matchLabels")
+    expressions = []
+    for i, item in enumerate(raw.get("matchExpressions") or []):
+        path = f"spec.selector.matchExpressions[{i}]"
+        if not isinstance(item, Mapping) or not isinstance(item.get("key"), str):
+            raise SpecError(path, "needs a key")
+        op = item.get("operator")
+        if op not in SELECTOR_OPERATORS:
+            raise SpecError(f"{path}.operator", f"must be one of {', '.join(SELECTOR_OPERATORS)}")
+        values = tuple(_strings(item.get("values"), f"{path}.values"))
+        if op in ("In", "NotIn") and not values:
+            raise SpecError(f"{path}.values", f"must not be empty for {op}")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise SpecError(f"{path}.values", f"must be empty for {op}")
+        expressions.append(Requirement(item["key"], op, values))
+    if not labels and not expressions:
+        # An empty selector would inject into every workload of the namespace: almost certainly a mistake.
+        raise SpecError("spec.selector", "must have matchLabels or matchExpressions")
+    return Selector(labels, tuple(expressions))
+
+
+def _metrics(raw: Mapping[str, Any]) -> Metrics:
+    interval = raw.get("interval", "30s")
+    if not isinstance(interval, str) or not _DURATION.match(interval):
+        raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
+    return Metrics(
+        port=_int(raw, "port", "spec.metrics.port", DEFAULT_METRICS_PORT, 1, 65535),
+        interval=interval,
+        labels=_string_map(raw.get("labels"), "spec.metrics.labels"),
+    )
+
+
+def _tracing(raw: Mapping[str, Any]) -> Tracing:
+    ratio = _number(raw, "samplingRatio", "spec.tracing.samplingRatio", 1.0, maximum=1.0)
+    assert ratio is not None
+    return Tracing(
+        enabled=_bool(raw, "enabled", "spec.tracing.enabled", True),
+        endpoint=_url(raw, "endpoint", "spec.tracing.endpoint"),
+        protocol=_choice(raw, "protocol", "spec.tracing.protocol", "http/protobuf", PROTOCOLS),
+        sampling_ratio=ratio,
+    )
+
+
+def _logs(raw: Mapping[str, Any]) -> Logs:
+    return Logs(
+        enabled=_bool(raw, "enabled", "spec.logs.enabled", True),
+        mode=_choice(raw, "mode", "spec.logs.mode", "otlp", LOG_MODES),
+        endpoint=_url(raw, "endpoint", "spec.logs.endpoint"),
+    )
+
+
+def _pricing(raw: Mapping[str, Any]) -> Pricing:
+    models_raw = raw.get("models")
+    ref = raw.get("configMapRef")
+    if models_raw and ref:
+        raise SpecError("spec.pricing", "set either models or configMapRef, not both")
+    models: dict[str, dict[str, float]] = {}
+    if models_raw is not None:
+        if not isinstance(models_raw, Mapping):
+            raise SpecError("spec.pricing.models", "must map model names to prices")
+        for model, prices in models_raw.items():
+            path = f"spec.pricing.models.{model}"
+            if not isinstance(prices, Mapping) or not prices:
+                raise SpecError(path, "must map price kinds to numbers")
+            entry: dict[str, float] = {}
+            for kind in prices:
+                if kind not in PRICE_KINDS:
+                    raise SpecError(f"{path}.{kind}", f"unknown price kind; expected one of {', '.join(PRICE_KINDS)}")
+                value = _number(prices, kind, f"{path}.{kind}", None)
+                assert value is not None
+                entry[kind] = value
+            models[str(model)] = entry
+    if ref is not None:
+        if not isinstance(ref, Mapping) or not isinstance(ref.get("name"), str) or not ref["name"]:
+            raise SpecError("spec.pricing.configMapRef.name", "is required")
+        key = ref.get("key", "pricing.yaml")
+        if not isinstance(key, str) or not key:
+            raise SpecError("spec.pricing.configMapRef.key", "must be a non-empty string")
+        return Pricing(config_map=ref["name"], config_map_key=key)
+    return Pricing(models=models)
+
+
+def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
+    headers = _string_map(raw.get("headers"), "spec.attribution.headers")
+    result: dict[str, str] = {}
+    for header, label in headers.items():
+        if not _HEADER.match(header):
+            raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
+        if not _ATTRIBUTION_LABEL.match(label):
+            raise SpecError(f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]*")
+        result[header.lower()] = label
+    if len(set(result.values())) != len(result):
+        raise SpecError("spec.attribution.headers", "two headers map to the same label")
+    return result
+
+
+def _alerts(raw: Mapping[str, Any]) -> Alerts:
+    def num(key: str, default: float | None, **kw: Any) -> float | None:
+        return _number(raw, key, f"spec.alerts.{key}", default, **kw)
+
+    def required(key: str, default: float, **kw: Any) -> float:
+        value = num(key, default, **kw)
+        assert value is not None
+        return value
+
+    return Alerts(
+        enabled=_bool(raw, "enabled", "spec.alerts.enabled", True),
+        error_ratio=required("errorRatio", 0.05, maximum=1.0),
+        p95_request_duration_seconds=required("p95RequestDurationSeconds", 60.0),
+        p95_ttft_seconds=required("p95TtftSeconds", 2.0),
+        tool_failure_ratio=required("toolFailureRatio", 0.2, maximum=1.0),
+        cost_per_hour_usd=num("costPerHourUsd", None),
+        availability_objective=required("availabilityObjective", 0.99, maximum=1.0, exclusive=True),
+        ttft_objective=required("ttftObjective", 0.99, maximum=1.0, exclusive=True),
+        ttft_objective_seconds=required("ttftObjectiveSeconds", 2.5, exclusive=True),
+    )
+
+
+def _dashboard(raw: Mapping[str, Any]) -> Dashboard:
+    folder = raw.get("folder", "LLM")
+    if not isinstance(folder, str) or not folder:
+        raise SpecError("spec.dashboard.folder", "must be a non-empty string")
+    return Dashboard(enabled=_bool(raw, "enabled", "spec.dashboard.enabled", True), folder=folder)
