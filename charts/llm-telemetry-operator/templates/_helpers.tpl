@@ -6,8 +6,9 @@ Chart name, truncated to the 63 characters a label value allows.
 {{- end }}
 
 {{/*
-Prefix for resource names: <release>-<chart>, or just <release> when the release name already contains the chart
-name (so `helm install llm-telemetry-operator ...` does not produce a doubled name).
+Prefix for resource names: <release>-<chart>; just <release> when the release name already contains the chart name,
+and just the chart name when it starts with the release name, so that both `helm install llm-telemetry-operator`
+and the documented `helm install llm-telemetry` give llm-telemetry-operator rather than a doubled name.
 */}}
 {{- define "llm-telemetry-operator.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -16,6 +17,8 @@ name (so `helm install llm-telemetry-operator ...` does not produce a doubled na
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if hasPrefix .Release.Name $name }}
+{{- $name | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}

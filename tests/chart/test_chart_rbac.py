@@ -1,0 +1,122 @@
+"""The chart grants exactly what operator/llm_telemetry_operator/rbac.py declares: nothing missing, nothing extra."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+from chartkit import CHART, NAMESPACE, RELEASE, REPO_ROOT, VALUE_SETS, Helm, find, one
+
+try:
+    from llm_telemetry_operator import rbac
+except ModuleNotFoundError:  # not installed (editable install missing): read it from the source tree
+    sys.path.insert(0, str(REPO_ROOT / "operator"))
+    from llm_telemetry_operator import rbac
+
+Render = Callable[..., list[dict[str, Any]]]
+Triple = tuple[str, str, str]
+
+
+def declared(*, cluster_scoped: bool | None = None, kind: str | None = None) -> set[Triple]:
+    return {
+        (p.api_group, resource, verb)
+        for p in rbac.PERMISSIONS
+        if (cluster_scoped is None or p.cluster_scoped == cluster_scoped) and (kind is None or p.kind == kind)
+        for resource in p.resources
+        for verb in p.verbs
+    }
+
+
+def granted(role: dict[str, Any]) -> set[Triple]:
+    triples = set()
+    for rule in role["rules"]:
+        # Least privilege: no wildcards, no name-restricted rules we cannot compare, no non-resource URLs.
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
+        assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], rule
+        triples |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return triples
+
+
+def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Triple]]:
+    """The rules of one rendered Role/ClusterRole split by their `# Framework:` / `# Application:` comments."""
+    for text in rendered.split("\n---\n"):
+        doc = yaml.safe_load(text)
+        if doc and doc["kind"] == kind and doc["metadata"]["name"] == name:
+            break
+    else:
+        raise AssertionError(f"no {kind}/{name} in the output")
+    rules_text = text.split("\nrules:\n", 1)[1]
+    groups: dict[str, set[Triple]] = {}
+    for heading, body in re.findall(r"^\s*# (Framework|Application):[^\n]*\n((?:(?!\s*#).*\n?)*)", rules_text, re.M):
+        groups.setdefault(heading.lower(), set())
+        groups[heading.lower()] |= granted({"rules": yaml.safe_load(body) or []})
+    assert set().union(*groups.values()) == granted(doc), "every rule must sit under a Framework/Application comment"
+    return groups
+
+
+def test_permissions_declare_both_kinds() -> None:
+    # Guards the comparisons below against an empty or one-sided declaration.
+    assert declared(kind="framework") and declared(kind="application")
+    assert declared(cluster_scoped=True) and declared(cluster_scoped=False)
+
+
+def test_cluster_mode_clusterrole_grants_exactly_the_declared_permissions(render: Render) -> None:
+    docs = render()
+    role = one(docs, "ClusterRole")
+    assert granted(role) == declared()
+    assert find(docs, "Role") == [] and find(docs, "RoleBinding") == []
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account
+
+
+def test_namespaced_mode_splits_permissions_by_scope(render: Render) -> None:
+    namespaces = VALUE_SETS["namespaced"]["watchNamespaces"]
+    docs = render(VALUE_SETS["namespaced"])
+    assert granted(one(docs, "ClusterRole")) == declared(cluster_scoped=True)
+    roles = find(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
+    for role in roles:
+        assert granted(role) == declared(cluster_scoped=False)
+    bindings = {b["metadata"]["namespace"]: b for b in find(docs, "RoleBinding")}
+    assert sorted(bindings) == sorted(namespaces)
+    for role in roles:
+        binding = bindings[role["metadata"]["namespace"]]
+        assert binding["roleRef"]["kind"] == "Role"
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+    env = {e["name"]: e["value"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLM_TELEMETRY_OPERATOR_NAMESPACES"] == ",".join(namespaces)
+
+
+def test_rules_are_grouped_into_framework_and_application(helm: Helm) -> None:
+    cluster = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE).stdout
+    name = f"{RELEASE}-operator"
+    groups = grouped(cluster, "ClusterRole", name)
+    assert groups == {"framework": declared(kind="framework"), "application": declared(kind="application")}
+
+    namespaced = helm.run(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "watchNamespaces={llm}"
+    ).stdout
+    groups = grouped(namespaced, "Role", name)
+    assert groups == {
+        "framework": declared(kind="framework", cluster_scoped=False),
+        "application": declared(kind="application", cluster_scoped=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["defaults", "namespaced"])
+def test_rbac_can_be_left_to_the_user(render: Render, name: str) -> None:
+    docs = render({**VALUE_SETS[name], "rbac": {"create": False}})
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {d["kind"] for d in docs}

@@ -1,0 +1,95 @@
+"""values.yaml and values.schema.json: documented, in step with each other, and strict about what users type."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from chartkit import CHART, Helm
+
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def schema_paths(schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every key the schema spells out (free-form maps stop the descent)."""
+    for key, sub in schema.get("properties", {}).items():
+        yield prefix + key
+        yield from schema_paths(sub, f"{prefix}{key}.")
+
+
+def value_paths(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in values.items():
+        yield prefix + key
+        sub = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in sub:
+            yield from value_paths(value, sub, f"{prefix}{key}.")
+
+
+def test_values_yaml_is_valid_against_its_schema() -> None:
+    jsonschema.validate(VALUES, SCHEMA)
+
+
+def test_schema_and_values_describe_the_same_keys() -> None:
+    # `global` is Helm's own key for parent charts; strategy/rollingUpdate are documented examples, empty by default.
+    optional = {"global", "strategy.type", "strategy.rollingUpdate", "resources.claims"}
+    in_schema = {p for p in schema_paths(SCHEMA) if not p.startswith("strategy.rollingUpdate.")}
+    assert set(value_paths(VALUES, SCHEMA)) == in_schema - optional
+
+
+def test_schema_closes_every_object_it_spells_out() -> None:
+    def walk(schema: dict[str, Any], path: str) -> Iterator[str]:
+        if "properties" in schema and schema.get("additionalProperties") is not False:
+            yield path or "<root>"
+        for key, sub in schema.get("properties", {}).items():
+            yield from walk(sub, f"{path}.{key}".lstrip("."))
+
+    assert list(walk(SCHEMA, "")) == []
+
+
+def test_every_values_key_has_a_comment_above_it() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(\s*)([A-Za-z_][\w.-]*):")
+    missing = []
+    for number, line in enumerate(lines):
+        if key.match(line) and not lines[number - 1].lstrip().startswith("#"):
+            missing.append(f"line {number + 1}: {line.strip()}")
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"replicaCounts": 2}, "replicaCounts"),
+        ({"image": {"repo": "x"}}, "repo"),
+        ({"serviceMonitor": {"enable": True}}, "enable"),
+        ({"defaults": {"traceEndpoint": "http://x:4318"}}, "traceEndpoint"),
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"watchNamespaces": "llm"}, "watchNamespaces"),
+        ({"serviceMonitor": {"enabled": "yes"}}, "enabled"),
+        ({"defaults": {"dashboardLabel": "grafana_dashboard"}}, "dashboardLabel"),
+        ({"defaults": {"tracesEndpoint": "jaeger:4318"}}, "tracesEndpoint"),
+        ({"peering": {"priority": "high"}}, "priority"),
+        ({"metrics": {"port": 70000}}, "port"),
+    ],
+)
+def test_schema_rejects_misspelled_keys_and_wrong_types(
+    helm: Helm, values_file: Callable[[dict[str, Any]], Path], values: dict[str, Any], complaint: str
+) -> None:
+    path = str(values_file(values))
+    for command in (["template", "x", str(CHART)], ["lint", "--strict", str(CHART)]):
+        result = helm.run(*command, "--values", path, check=False)
+        assert result.returncode != 0, f"helm {command[0]} accepted {values}"
+        assert complaint in result.stdout + result.stderr
+
+
+def test_set_flags_are_checked_too(helm: Helm) -> None:
+    result = helm.run("template", "x", str(CHART), "--set", "podDisruptionBudget.enabeld=true", check=False)
+    assert result.returncode != 0
+    assert "enabeld" in result.stderr
