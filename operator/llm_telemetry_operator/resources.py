@@ -227,7 +227,9 @@ def injected_record(workload: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _env_key(entry: Mapping[str, Any]) -> str:
-    return json.dumps({k: v for k, v in entry.items() if k != "name"}, sort_keys=True)
+    """A short fingerprint of an env entry's value, kept in the record to tell our values from the user's."""
+    text = json.dumps({k: v for k, v in entry.items() if k != "name"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
