@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from chartkit import CHART, KUBE_VERSION, NAMESPACE, VALUE_SETS, Helm, find, one
@@ -20,6 +20,7 @@ SERVICEMONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
 
 
 def crd_schema(crd: dict[str, Any], version: str) -> dict[str, Any]:
+    """A CRD version's openAPIV3Schema; validate with Draft 4, whose keywords OpenAPI 3.0 schemas follow."""
     for served in crd["spec"]["versions"]:
         if served["name"] == version:
             schema: dict[str, Any] = served["schema"]["openAPIV3Schema"]
@@ -64,17 +65,17 @@ def test_peering_objects_match_the_rendered_peering_crds(render: Render, name: s
         # kopf writes its peers into `status` through the main resource: no status subresource may swallow it.
         assert "subresources" not in crd["spec"]["versions"][0]
         assert ("namespace" in peering["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
-        jsonschema.validate(peering, crd_schema(crd, "v1"))
+        jsonschema.Draft4Validator(crd_schema(crd, "v1")).validate(peering)
 
 
 def test_servicemonitor_validates_against_the_prometheus_operator_crd(render: Render, shared_crds: Path) -> None:
     crd = yaml.safe_load((shared_crds / "monitoring.coreos.com_servicemonitors.yaml").read_text())
     docs = render(VALUE_SETS["pdb-servicemonitor"])
     monitor = one(docs, "ServiceMonitor")
-    jsonschema.validate(monitor, crd_schema(crd, "v1"))
+    jsonschema.Draft4Validator(crd_schema(crd, "v1")).validate(monitor)
     with pytest.raises(jsonschema.ValidationError):
         broken = {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "metrics", "interval": "soon"}]}}
-        jsonschema.validate(broken, crd_schema(crd, "v1"))
+        jsonschema.Draft4Validator(crd_schema(crd, "v1")).validate(broken)
 
 
 def test_servicemonitor_scrapes_the_operator_metrics_port(render: Render) -> None:
