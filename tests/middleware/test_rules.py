@@ -1,0 +1,326 @@
+"""Alert and recording rules: rendered files checked and unit-tested by the real ``promtool``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llm_telemetry import instruments
+from llm_telemetry.rules import (
+    DEFAULT_RUNBOOK_URL,
+    METRICS,
+    AlertThresholds,
+    build_prometheus_rule,
+    build_rule_groups,
+    render_rule_file,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROMTOOL_TESTS = REPO_ROOT / "tests" / "promtool"
+SHARED = REPO_ROOT.parent / "shared"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+
+#: Rule files the YAML tests in tests/promtool reference, by file name.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "rules.yaml": {},
+    "rules-budget.yaml": {"thresholds": AlertThresholds(cost_per_hour_usd=10)},
+    "rules-objectives.yaml": {
+        "thresholds": AlertThresholds(availability_objective=0.995, ttft_objective=0.95, ttft_objective_seconds=1.0)
+    },
+    "rules-selector.yaml": {"selector": 'namespace="llm",job="chat"'},
+}
+
+#: The metric contract as the middleware's issue states it: Prometheus name -> (kind, labels, attributed).
+CONTRACT: dict[str, tuple[str, set[str], bool]] = {
+    "gen_ai_server_request_duration_seconds": (
+        "histogram",
+        {
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_response_model",
+            "llm_stream",
+            "error_type",
+        },
+        True,
+    ),
+    "gen_ai_server_time_to_first_token_seconds": (
+        "histogram",
+        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
+        True,
+    ),
+    "gen_ai_server_time_per_output_token_seconds": (
+        "histogram",
+        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
+        True,
+    ),
+    "llm_tokens_total": (
+        "counter",
+        {
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_response_model",
+            "gen_ai_token_type",
+            "llm_usage_source",
+        },
+        True,
+    ),
+    "llm_requests_total": (
+        "counter",
+        {
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_response_model",
+            "llm_stream",
+            "error_type",
+        },
+        True,
+    ),
+    "llm_errors_total": (
+        "counter",
+        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "llm_stream", "error_type"},
+        True,
+    ),
+    "llm_cost_usd_total": ("counter", {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"}, True),
+    "llm_cost_unpriced_tokens_total": (
+        "counter",
+        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
+        False,
+    ),
+    "llm_tool_calls_total": (
+        "counter",
+        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_tool_name"},
+        True,
+    ),
+    "llm_tool_results_total": ("counter", {"gen_ai_provider_name", "gen_ai_tool_name", "llm_tool_status"}, False),
+    "llm_requests_active": ("gauge", {"gen_ai_operation_name", "gen_ai_provider_name"}, False),
+    "llm_telemetry_internal_errors_total": ("counter", {"llm_telemetry_component"}, False),
+}
+
+
+def _all_rules(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def _alerts(groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for rule in _all_rules(groups) if "alert" in rule}
+
+
+def _promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _write_variants(directory: Path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
+    for name, kwargs in {**VARIANTS, **(overrides or {})}.items():
+        (directory / name).write_text(render_rule_file(**kwargs))
+
+
+# --- the contract ------------------------------------------------------------------------------------
+
+
+def test_metrics_match_the_contract() -> None:
+    assert {name: (spec.kind, set(spec.labels), spec.attributed) for name, spec in METRICS.items()} == CONTRACT
+
+
+def test_metrics_derive_from_the_instrument_names() -> None:
+    # The OpenTelemetry Prometheus exporter's naming: dots to underscores, then unit and _total suffixes.
+    instrument_names = [
+        instruments.GEN_AI_SERVER_REQUEST_DURATION,
+        instruments.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+        instruments.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+        instruments.LLM_TOKENS,
+        instruments.LLM_REQUESTS,
+        instruments.LLM_ERRORS,
+        instruments.LLM_COST,
+        instruments.LLM_COST_UNPRICED_TOKENS,
+        instruments.LLM_TOOL_CALLS,
+        instruments.LLM_TOOL_RESULTS,
+        instruments.LLM_REQUESTS_ACTIVE,
+        instruments.LLM_TELEMETRY_INTERNAL_ERRORS,
+    ]
+    stems = sorted(name.replace(".", "_") for name in instrument_names)
+    assert sorted(re.sub(r"(_seconds|_usd)?(_total)?$", "", name) for name in METRICS) == stems
+
+
+# --- promtool ----------------------------------------------------------------------------------------
+
+
+@needs_promtool
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"thresholds": AlertThresholds(cost_per_hour_usd=25.5)},
+        {"thresholds": AlertThresholds(availability_objective=0.999, ttft_objective=0.9, ttft_objective_seconds=0.5)},
+        {"selector": 'namespace="llm",job="chat-metrics"'},
+        {"selector": '{job=~"chat|search"}', "runbook_url": "https://example.org/runbooks.html"},
+    ],
+    ids=["defaults", "budget", "objectives", "selector", "regex-selector"],
+)
+def test_rule_file_passes_promtool_check(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(render_rule_file(**kwargs))
+    result = _promtool("check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@needs_promtool
+@pytest.mark.parametrize("test_file", sorted(p.name for p in PROMTOOL_TESTS.glob("*.yaml")))
+def test_promtool_unit_tests_pass(tmp_path: Path, test_file: str) -> None:
+    _write_variants(tmp_path)
+    shutil.copy(PROMTOOL_TESTS / test_file, tmp_path / test_file)
+    result = _promtool("test", "rules", test_file, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize(
+    ("test_file", "variant", "kwargs"),
+    [
+        # Thresholds that the synthetic series no longer break: the tests expecting alerts must fail.
+        ("errors_and_latency.yaml", "rules.yaml", {"thresholds": AlertThresholds(error_ratio=0.2)}),
+        ("cost_budget.yaml", "rules-budget.yaml", {"thresholds": AlertThresholds(cost_per_hour_usd=40)}),
+        ("burn_rates.yaml", "rules.yaml", {"thresholds": AlertThresholds(availability_objective=0.5)}),
+        # Without the selector the other services' errors alert too.
+        ("selector.yaml", "rules-selector.yaml", {}),
+    ],
+)
+def test_promtool_unit_tests_catch_wrong_rules(tmp_path: Path, test_file: str, variant: str, kwargs: Any) -> None:
+    _write_variants(tmp_path, {variant: kwargs})
+    shutil.copy(PROMTOOL_TESTS / test_file, tmp_path / test_file)
+    result = _promtool("test", "rules", test_file, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout + result.stderr
+
+
+# --- structure ---------------------------------------------------------------------------------------
+
+
+def test_every_alert_has_severity_summary_description_and_runbook() -> None:
+    alerts = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=1)))
+    assert len(alerts) == 13
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+        assert rule["annotations"]["runbook_url"] == f"{DEFAULT_RUNBOOK_URL}#{name.lower()}"
+
+
+def test_runbook_url_base_is_configurable() -> None:
+    alerts = _alerts(build_rule_groups(runbook_url="https://runbooks.example.org/llm"))
+    assert (
+        alerts["LLMHighErrorRatio"]["annotations"]["runbook_url"]
+        == "https://runbooks.example.org/llm#llmhigherrorratio"
+    )
+
+
+def test_cost_alert_only_with_a_budget() -> None:
+    assert "LLMCostBudgetExceeded" not in _alerts(build_rule_groups())
+    rule = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=12.5)))["LLMCostBudgetExceeded"]
+    assert rule["expr"].endswith("> 12.5")
+
+
+def test_recording_rules_are_named_llm_and_keep_namespace_and_job() -> None:
+    records = [r for r in _all_rules(build_rule_groups()) if "record" in r]
+    assert records
+    assert "llm:gen_ai_server_time_to_first_token_seconds:p95_5m" in {r["record"] for r in records}
+    for rule in records:
+        assert rule["record"].startswith("llm:")
+        for clause in re.findall(r"by \(([^)]*)\)", rule["expr"]):
+            assert {"namespace", "job"} <= {label.strip() for label in clause.split(",")}, rule
+
+
+def test_selector_reaches_every_raw_metric() -> None:
+    selector = 'namespace="llm",job="chat"'
+    raw = (*METRICS, "up")
+    for rule in _all_rules(build_rule_groups(selector=selector)):
+        for metric in re.findall(r"\b([a-z_]+)(?:\{|\[| == )", rule["expr"]):
+            base = re.sub(r"_(bucket|count|sum)$", "", metric)
+            if base in raw:
+                assert re.search(rf"\b{metric}\{{{re.escape(selector)}", rule["expr"]), (metric, rule["expr"])
+
+
+def test_selector_braces_are_optional_and_bad_selectors_are_refused() -> None:
+    assert render_rule_file(selector='{job="chat"}') == render_rule_file(selector='job="chat"')
+    with pytest.raises(ValueError, match="selector"):
+        build_rule_groups(selector='up{job="chat"}')
+
+
+def test_ttft_objective_must_be_a_bucket_boundary() -> None:
+    with pytest.raises(ValueError, match=r"bucket boundary.*2\.5"):
+        AlertThresholds(ttft_objective_seconds=3.0)
+    groups = build_rule_groups(AlertThresholds(ttft_objective_seconds=1))
+    ttft = next(r for r in _all_rules(groups) if r.get("record") == "llm:slo_ttft:ratio_rate5m")
+    assert 'le="1.0"' in ttft["expr"]  # the exporter writes bucket bounds as Python floats
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"availability_objective": 1.0}, {"error_ratio": 0}, {"error_ratio": 1.5}, {"cost_per_hour_usd": -1}],
+)
+def test_thresholds_reject_impossible_values(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AlertThresholds(**kwargs)
+
+
+def test_burn_rate_alerts_use_both_windows_of_each_pair() -> None:
+    alerts = _alerts(build_rule_groups(AlertThresholds(availability_objective=0.999)))
+    fast = alerts["LLMAvailabilityBurnRateFast"]["expr"]
+    assert "llm:slo_availability:ratio_rate1h > (14.4 * (1 - 0.999))" in fast
+    assert "llm:slo_availability:ratio_rate5m > (14.4 * (1 - 0.999))" in fast
+    assert "llm:slo_availability:ratio_rate6h > (6 * (1 - 0.999))" in fast
+    slow = alerts["LLMAvailabilityBurnRateSlow"]["expr"]
+    assert "llm:slo_availability:ratio_rate3d > (1 * (1 - 0.999))" in slow
+    assert alerts["LLMAvailabilityBurnRateFast"]["labels"]["severity"] == "critical"
+    assert alerts["LLMAvailabilityBurnRateSlow"]["labels"]["severity"] == "warning"
+
+
+def test_prometheus_rule_object_validates_against_the_operator_crd() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    crd_path = SHARED / "crds" / "monitoring.coreos.com_prometheusrules.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"the Prometheus Operator CRDs are not in {SHARED / 'crds'} (a sibling of the repository)")
+    crd = yaml.safe_load(crd_path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    obj = build_prometheus_rule(
+        "chat-llm",
+        "llm",
+        AlertThresholds(cost_per_hour_usd=3),
+        selector='namespace="llm",job="chat"',
+        labels={"release": "kube-prometheus-stack"},
+    )
+    # No meta-schema check: the CRD's patterns are Go regular expressions ("^(?i)...") that Python rejects.
+    validator = jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+    assert [e.message for e in validator.iter_errors(obj)] == []
+    assert obj["apiVersion"] == f"{crd['spec']['group']}/v1" and obj["kind"] == crd["spec"]["names"]["kind"]
+    assert obj["metadata"] == {"name": "chat-llm", "namespace": "llm", "labels": {"release": "kube-prometheus-stack"}}
+    # The object must survive a JSON round trip (what the Kubernetes client sends).
+    assert json.loads(json.dumps(obj)) == obj
+
+
+def test_committed_rule_file_is_the_rendering() -> None:
+    committed = REPO_ROOT / "docs" / "rules" / "llm-telemetry.rules.yaml"
+    assert committed.read_text() == render_rule_file(), "regenerate with: llm-telemetry rules > " + str(
+        committed.relative_to(REPO_ROOT)
+    )
+
+
+def test_docs_cover_every_alert() -> None:
+    alerts = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=1)))
+    runbooks = (REPO_ROOT / "docs" / "runbooks.md").read_text()
+    reference = (REPO_ROOT / "docs" / "alerts.md").read_text()
+    headings = {line.lstrip("#").strip().lower() for line in runbooks.splitlines() if line.startswith("## ")}
+    for name in alerts:
+        assert name.lower() in headings, f"docs/runbooks.md has no '## {name}' section"
+        assert name in reference, f"docs/alerts.md does not describe {name}"
