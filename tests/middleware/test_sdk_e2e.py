@@ -1,0 +1,302 @@
+"""End to end: the demo service under real uvicorn, driven by the official openai and anthropic SDKs,
+checked through real scrapes of the middleware's own metrics port.
+
+Each test uses its own model name so that the tests sharing one server do not see each other's series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from support import Metrics, free_port, scrape, serve
+
+from llm_telemetry.demo.app import create_app
+
+FIRST_TOKEN_DELAY = 0.15
+TOKEN_DELAY = 0.002
+REPLY_WORDS = 12
+PROMPT = "How fast is the first token today?"  # 7 words: the demo counts 7 input tokens
+PROMPT_TOKENS = 7
+TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[str, int]]:
+    metrics_port = free_port()
+    app = create_app(
+        first_token_delay=FIRST_TOKEN_DELAY,
+        token_delay=TOKEN_DELAY,
+        reply_words=REPLY_WORDS,
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+        attribution_headers={"x-tenant-id": "tenant"},
+    )
+    with serve(app) as base:
+        yield base, metrics_port
+    app.telemetry.shutdown()
+
+
+@pytest.fixture
+def oai(service: tuple[str, int]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=service[0] + "/v1", api_key="test", max_retries=0)
+
+
+@pytest.fixture
+def claude(service: tuple[str, int]) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=service[0], api_key="test", max_retries=0)
+
+
+def eventually(service: tuple[str, int], check: Callable[[Metrics], bool]) -> Metrics:
+    """Metrics are recorded just after the last byte is sent; poll briefly until they show up."""
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = scrape(service[1])
+        if check(metrics) or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.02)
+
+
+def requests_of(model: str, count: int) -> Callable[[Metrics], bool]:
+    return lambda m: m.value("llm_requests_total", gen_ai_request_model=model) >= count
+
+
+def test_openai_stream_with_usage_reports_exact_tokens_and_ttft(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-stream-usage"
+    chunks = list(
+        oai.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == REPLY_WORDS
+
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="true") == 1
+    tokens = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **tokens) == PROMPT_TOKENS
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **tokens) == REPLY_WORDS
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    ttft = m.value("gen_ai_server_time_to_first_token_seconds_sum", gen_ai_request_model=model)
+    assert FIRST_TOKEN_DELAY <= ttft < FIRST_TOKEN_DELAY + 1.0
+    # The role-only first chunk is sent before the delay; TTFT must not count it as the first token.
+    assert m.value("gen_ai_server_time_to_first_token_seconds_bucket", gen_ai_request_model=model, le="0.1") == 0
+    duration = m.value("gen_ai_server_request_duration_seconds_sum", gen_ai_request_model=model)
+    assert duration >= ttft + (REPLY_WORDS - 1) * TOKEN_DELAY
+    tpot = m.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model=model)
+    assert TOKEN_DELAY <= tpot < 0.5
+    assert m.series("llm_requests_total", gen_ai_request_model=model)[0]["gen_ai_response_model"] == model
+    # gpt-4o-* is priced as gpt-4o: $2.50 in, $10 out per million tokens.
+    cost = m.value("llm_cost_usd_total", gen_ai_request_model=model)
+    assert cost == pytest.approx((PROMPT_TOKENS * 2.5 + REPLY_WORDS * 10.0) / 1e6)
+    assert m.value("llm_errors_total", gen_ai_request_model=model) == 0
+
+
+def test_openai_stream_without_usage_is_estimated(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-stream-estimate"
+    list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], stream=True))
+    m = eventually(service, requests_of(model, 1))
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == REPLY_WORDS
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, llm_usage_source="reported") == 0
+
+
+def test_openai_non_stream_records_no_ttft(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-plain"
+    reply = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}])
+    assert reply.usage is not None and reply.usage.completion_tokens == REPLY_WORDS
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="false") == 1
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == REPLY_WORDS
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 0
+    assert m.value("gen_ai_server_request_duration_seconds_sum", gen_ai_request_model=model) >= FIRST_TOKEN_DELAY
+
+
+def test_openai_tool_calls_stream_and_non_stream(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-tools"
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    list(oai.chat.completions.create(model=model, messages=messages, tools=TOOLS, stream=True))
+    first = oai.chat.completions.create(model=model, messages=messages, tools=TOOLS)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    follow_up: Any = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"error": "weather service unavailable"}'},
+    ]
+    oai.chat.completions.create(model=model, messages=follow_up, tools=TOOLS)
+    m = eventually(service, requests_of(model, 3))
+    assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_weather") == 2
+    # The stream's tool call is its first "token": TTFT is measured for it.
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    assert m.value("llm_tool_results_total", gen_ai_tool_name="get_weather", llm_tool_status="error") == 1
+
+
+@pytest.mark.parametrize(
+    ("fail", "status", "error_type"),
+    [
+        ("rate_limit", 429, "rate_limit"),
+        ("context_length", 400, "context_length"),
+        ("server_error", 500, "server_error"),
+        ("exception", 500, "app_exception"),
+    ],
+)
+def test_openai_errors_are_classified(
+    service: tuple[str, int], oai: openai.OpenAI, fail: str, status: int, error_type: str
+) -> None:
+    model = f"gpt-4o-fail-{fail}"
+    with pytest.raises(openai.APIStatusError) as raised:
+        oai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], extra_headers={"x-demo-fail": fail}
+        )
+    assert raised.value.status_code == status
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type=error_type) == 1
+    assert m.value("llm_requests_total", gen_ai_request_model=model, error_type=error_type) == 1
+    assert m.value("llm_tokens_total", gen_ai_request_model=model) == 0
+
+
+def test_openai_error_event_mid_stream(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-stream-error"
+    with pytest.raises(openai.APIError):
+        list(
+            oai.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": PROMPT}],
+                stream=True,
+                extra_headers={"x-demo-fail": "stream_error"},
+            )
+        )
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="server_error") == 1
+
+
+def test_embeddings_count_input_tokens(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "text-embedding-3-small-e2e"
+    oai.embeddings.create(model=model, input=["one two three", "four five"])
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="input") == 5
+    assert m.series("llm_requests_total", gen_ai_request_model=model)[0]["gen_ai_operation_name"] == "embeddings"
+
+
+def test_anthropic_stream_and_non_stream(service: tuple[str, int], claude: anthropic.Anthropic) -> None:
+    model = "claude-sonnet-4-e2e"
+    with claude.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": PROMPT}]) as s:
+        text = "".join(s.text_stream)
+    assert len(text.split()) == REPLY_WORDS
+    reply = claude.messages.create(model=model, max_tokens=100, messages=[{"role": "user", "content": PROMPT}])
+    assert reply.usage.output_tokens == REPLY_WORDS
+    m = eventually(service, requests_of(model, 2))
+    base = {"gen_ai_request_model": model, "gen_ai_provider_name": "anthropic", "llm_usage_source": "reported"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **base) == 2 * PROMPT_TOKENS
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **base) == 2 * REPLY_WORDS
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    assert m.value("gen_ai_server_time_to_first_token_seconds_sum", gen_ai_request_model=model) >= FIRST_TOKEN_DELAY
+    # claude-sonnet-4-*: $3 in, $15 out per million.
+    cost = m.value("llm_cost_usd_total", gen_ai_request_model=model)
+    assert cost == pytest.approx(2 * (PROMPT_TOKENS * 3.0 + REPLY_WORDS * 15.0) / 1e6)
+
+
+def test_anthropic_tool_use_and_rate_limit(service: tuple[str, int], claude: anthropic.Anthropic) -> None:
+    model = "claude-3-5-haiku-e2e"
+    tools: Any = [{"name": "lookup_order", "input_schema": {"type": "object", "properties": {}}}]
+    first = claude.messages.create(
+        model=model, max_tokens=50, tools=tools, messages=[{"role": "user", "content": "Where is my order?"}]
+    )
+    assert first.stop_reason == "tool_use"
+    tool_use = next(block for block in first.content if block.type == "tool_use")
+    claude.messages.create(
+        model=model,
+        max_tokens=50,
+        tools=tools,
+        messages=[
+            {"role": "user", "content": "Where is my order?"},
+            {"role": "assistant", "content": [tool_use.model_dump()]},  # type: ignore[list-item]
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "shipped"}],
+            },
+        ],
+    )
+    with pytest.raises(anthropic.RateLimitError):
+        claude.messages.create(
+            model=model,
+            max_tokens=50,
+            messages=[{"role": "user", "content": PROMPT}],
+            extra_headers={"x-demo-fail": "rate_limit"},
+        )
+    m = eventually(service, requests_of(model, 3))
+    assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="lookup_order") == 1
+    assert m.value("llm_tool_results_total", gen_ai_tool_name="lookup_order", llm_tool_status="success") == 1
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="rate_limit") == 1
+
+
+def test_attribution_header_becomes_a_bounded_label() -> None:
+    metrics_port = free_port()
+    app = create_app(metrics_port=metrics_port, attribution_headers={"x-tenant-id": "tenant"}, max_label_values=3)
+    with serve(app) as base:
+        oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+        for tenant in ("acme", "globex", "initech", "umbrella", "hooli", "acme"):
+            oai.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": PROMPT}], extra_headers={"x-tenant-id": tenant}
+            )
+        m = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 6)
+    app.telemetry.shutdown()
+    # max_label_values=3: the first three tenants keep their names, later ones fold into "other".
+    assert m.label_values("llm_requests_total", "llm_metadata_tenant") == {"acme", "globex", "initech", "other"}
+    assert m.value("llm_requests_total", llm_metadata_tenant="acme") == 2
+    assert m.value("llm_requests_total", llm_metadata_tenant="other") == 2
+    assert m.value("llm_tokens_total", llm_metadata_tenant="other", gen_ai_token_type="output") == 2 * REPLY_WORDS
+
+
+def test_requests_without_the_header_are_labelled_none(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    model = "gpt-4o-no-tenant"
+    oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}])
+    m = eventually(service, requests_of(model, 1))
+    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_metadata_tenant="none") == 1
+
+
+def test_client_disconnect_mid_stream_is_recorded(service: tuple[str, int]) -> None:
+    model = "gpt-4o-disconnect"
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", service[0] + "/v1/chat/completions", json=body, headers={"x-demo-words": "2000"}) as r,
+    ):
+        for _ in r.iter_raw():
+            break  # read the first chunk, then hang up
+    m = eventually(service, lambda m: m.value("llm_errors_total", gen_ai_request_model=model) >= 1)
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="client_disconnect") == 1
+    assert m.value("llm_requests_active") == 0
+
+
+def test_metrics_served_on_own_port_only_by_default(service: tuple[str, int]) -> None:
+    assert httpx.get(service[0] + "/metrics").status_code == 404
+    text = httpx.get(f"http://127.0.0.1:{service[1]}/metrics").text
+    assert "# TYPE llm_requests_total counter" in text
+    assert "# TYPE gen_ai_server_request_duration_seconds histogram" in text
+
+
+def test_metrics_on_app_path_when_asked() -> None:
+    app = create_app(metrics_port=0, metrics_app_path="/metrics")
+    with serve(app) as base:
+        oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+        oai.chat.completions.create(model="gpt-4o-app-path", messages=[{"role": "user", "content": PROMPT}])
+        deadline = time.monotonic() + 5
+        while "gpt-4o-app-path" not in httpx.get(base + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        metrics = Metrics(httpx.get(base + "/metrics").text)
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-app-path") == 1
+    app.telemetry.shutdown()
