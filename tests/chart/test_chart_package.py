@@ -11,7 +11,9 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from chartkit import CHART, KUBE_VERSION, NAMESPACE, REPO_ROOT, Helm, one
+from chartkit import CHART, KUBE_VERSION, NAMESPACE, REPO_ROOT, VALUE_SETS, Helm, one
+
+from llm_telemetry_operator.config import OperatorConfig
 
 Render = Callable[..., list[dict[str, Any]]]
 TOP_CRDS = REPO_ROOT / "crds"
@@ -134,6 +136,20 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
     assert env["LLM_TELEMETRY_OPERATOR_PRIORITY"] == "5"
     assert env["LLM_TELEMETRY_OPERATOR_HEALTH"] == "http://0.0.0.0:8181/healthz"
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "llm-canary"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: str) -> None:
+    values = VALUE_SETS[name]
+    env = {e["name"]: e["value"] for e in container(render(values))["env"]}
+    config = OperatorConfig.from_env(env)
+    assert config.namespaces == tuple(values.get("watchNamespaces", ()))
+    defaults = values.get("defaults", {})
+    assert config.traces_endpoint == defaults.get("tracesEndpoint", "http://jaeger-collector.observability:4318")
+    assert config.servicemonitor_labels == defaults.get("serviceMonitorLabels", {"release": "kube-prometheus-stack"})
+    assert "=".join(config.dashboard_label) == defaults.get("dashboardLabel", "grafana_dashboard=1")
+    assert config.metrics_port == 9465
+    assert config.health == "http://0.0.0.0:8080/healthz"
 
 
 def test_dockerfile_builds_a_slim_non_root_operator_image() -> None:

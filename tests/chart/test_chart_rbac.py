@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
-from chartkit import CHART, NAMESPACE, RELEASE, REPO_ROOT, VALUE_SETS, Helm, find, one
+from chartkit import CHART, NAMESPACE, RELEASE, VALUE_SETS, Helm, find, one
 
-try:
-    from llm_telemetry_operator import rbac
-except ModuleNotFoundError:  # not installed (editable install missing): read it from the source tree
-    sys.path.insert(0, str(REPO_ROOT / "operator"))
-    from llm_telemetry_operator import rbac
+from llm_telemetry_operator import rbac
 
 Render = Callable[..., list[dict[str, Any]]]
 Triple = tuple[str, str, str]
