@@ -85,7 +85,10 @@ class ResponseReader:
                 self.call.output_tokens = self._chunks
                 self.call.usage_source = "estimated"
         elif self._buffer:
-            obj = json.loads(self._buffer)
+            try:
+                obj = json.loads(self._buffer)
+            except ValueError:
+                obj = None  # not JSON after all: the client gets it as it is, we learn nothing from it
             self._buffer = bytearray()
             if isinstance(obj, dict):
                 self._on_json(obj)

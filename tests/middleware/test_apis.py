@@ -1,0 +1,211 @@
+"""The API readers, fed the payloads the providers document, and the Responses API end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import openai
+import pytest
+from support import free_port, scrape, serve
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.apis import APIS
+from llm_telemetry.errors import classify_error_body
+from llm_telemetry.record import LLMCall
+
+
+def sse(*events: dict[str, Any], named: bool = False) -> bytes:
+    out = b""
+    for event in events:
+        if named:
+            out += f"event: {event['type']}\n".encode()
+        out += b"data: " + json.dumps(event).encode() + b"\n\n"
+    return out
+
+
+def read(api: str, body: bytes, *, stream: bool, request: dict[str, Any] | None = None) -> LLMCall:
+    spec = APIS[api]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    if request is not None:
+        spec.read_request(call, request, capture=False)
+    reader = spec.response_reader(call, stream=stream, capture=False)
+    for i in range(0, len(body), 7):  # small uneven pieces, as a network would deliver them
+        reader.feed(body[i : i + 7], now=1.0 + i)
+    reader.finish(now=10_000.0)
+    return call
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": "c1", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+
+
+def test_openai_chat_stream_parallel_tool_calls_and_detailed_usage() -> None:
+    body = sse(
+        chat_chunk({"role": "assistant", "content": None}),
+        chat_chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "search", "arguments": ""}}]}),
+        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}),
+        chat_chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "fetch", "arguments": ""}}]}),
+        chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}),
+        chat_chunk({}, "tool_calls"),
+        {
+            "id": "c1",
+            "model": "gpt-4o-2024-08-06",
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 100,
+                "completion_tokens": 30,
+                "prompt_tokens_details": {"cached_tokens": 64},
+                "completion_tokens_details": {"reasoning_tokens": 12},
+            },
+        },
+    ) + b"data: [DONE]\n\n"
+    call = read("openai.chat", body, stream=True, request={"model": "gpt-4o", "stream": True, "max_tokens": 50})
+    assert call.tool_calls == ["search", "fetch"]
+    assert call.finish_reasons == ["tool_calls"]
+    assert (call.input_tokens, call.output_tokens, call.cache_read_tokens, call.reasoning_tokens) == (100, 30, 64, 12)
+    assert call.usage_source == "reported"
+    assert call.response_model == "gpt-4o-2024-08-06" and call.request_model == "gpt-4o"
+    assert call.first_token_at is not None and call.first_token_at > 1.0  # not the role-only chunk at offset 0
+    assert call.max_tokens == 50
+
+
+def test_openai_chat_role_only_and_empty_chunks_are_not_the_first_token() -> None:
+    body = sse(chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": ""}), chat_chunk({"content": "Hi"}))
+    call = read("openai.chat", body, stream=True)
+    first_real = body.index(b'"Hi"')
+    assert call.first_token_at is not None and call.first_token_at >= 1.0 + first_real - 7
+    assert call.output_tokens == 1 and call.usage_source == "estimated"
+
+
+def test_openai_reasoning_content_counts_as_first_token() -> None:
+    call = read("openai.chat", sse(chat_chunk({"reasoning_content": "thinking"})), stream=True)
+    assert call.first_token_at is not None
+
+
+def test_openai_legacy_completions_stream() -> None:
+    body = sse({"id": "x", "model": "m", "choices": [{"index": 0, "text": "hello", "finish_reason": None}]},
+               {"id": "x", "model": "m", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})  # fmt: skip
+    call = read("openai.completions", body, stream=True)
+    assert call.finish_reasons == ["length"] and call.output_tokens == 1 and call.first_token_at is not None
+
+
+def test_openai_json_without_usage_is_estimated_from_text() -> None:
+    body = json.dumps({"model": "m", "choices": [{"message": {"content": "x" * 40}, "finish_reason": "stop"}]})
+    call = read("openai.chat", body.encode(), stream=False)
+    assert call.output_tokens == 10 and call.usage_source == "estimated"
+
+
+def test_anthropic_stream_with_cache_and_thinking() -> None:
+    body = sse(
+        {"type": "message_start", "message": {"id": "msg_1", "model": "claude-sonnet-4-20250514", "usage": {
+            "input_tokens": 10, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 50,
+            "output_tokens": 1}}},  # fmt: skip
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "calc"}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 42}},
+        {"type": "message_stop"},
+        named=True,
+    )
+    call = read("anthropic.messages", body, stream=True)
+    assert call.input_tokens == 1060  # fresh + cache read + cache creation, as the semantic conventions count
+    assert (call.cache_read_tokens, call.cache_creation_tokens, call.output_tokens) == (1000, 50, 42)
+    assert call.tool_calls == ["calc"] and call.finish_reasons == ["tool_use"]
+    assert call.response_id == "msg_1" and call.response_model == "claude-sonnet-4-20250514"
+
+
+def test_anthropic_overloaded_error_event_mid_stream() -> None:
+    body = sse(
+        {"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}},
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        named=True,
+    )
+    assert read("anthropic.messages", body, stream=True).error_type == "server_error"
+
+
+def test_responses_api_json_with_function_call() -> None:
+    body = {
+        "id": "resp_1", "model": "gpt-4.1", "status": "completed",
+        "output": [{"type": "function_call", "call_id": "c", "name": "lookup", "arguments": "{}"}],
+        "usage": {"input_tokens": 20, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 8},
+                  "output_tokens_details": {"reasoning_tokens": 2}},
+    }  # fmt: skip
+    call = read("openai.responses", json.dumps(body).encode(), stream=False)
+    assert call.tool_calls == ["lookup"]
+    assert (call.input_tokens, call.output_tokens, call.cache_read_tokens, call.reasoning_tokens) == (20, 5, 8, 2)
+
+
+def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
+    body = b"data: {not json\n\n" + sse(chat_chunk({"content": "ok"})) + b"data: \xff\xfe\n\n"
+    call = read("openai.chat", body, stream=True)
+    assert call.first_token_at is not None and call.output_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"error": {"code": "context_length_exceeded", "type": "invalid_request_error", "message": "x"}}, 400,
+         "context_length"),
+        ({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 1 > 0"}}, 400,
+         "context_length"),
+        ({"error": {"code": "content_policy_violation", "message": "x"}}, 400, "content_filter"),
+        ({"error": {"type": "invalid_request_error", "message": "bad temperature"}}, 400, "invalid_request"),
+        ({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}, 429, "rate_limit"),
+        ({"type": "error", "error": {"type": "authentication_error", "message": "bad key"}}, 401, "auth"),
+        ({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, 529, "server_error"),
+        ({"detail": "Not Found"}, 404, "not_found"),
+        ({"detail": "?"}, 418, "invalid_request"),
+    ],
+)  # fmt: skip
+def test_error_bodies_map_to_the_fixed_error_types(body: dict[str, Any], status: int, expected: str) -> None:
+    assert classify_error_body(body, status) == expected
+
+
+# --- the Responses API stream through the real openai SDK -----------------------------------------------
+
+RESPONSES_EVENTS = [
+    {"type": "response.created", "sequence_number": 0, "response": {
+        "id": "resp_9", "object": "response", "created_at": 1, "model": "gpt-4.1-mini", "status": "in_progress",
+        "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}},
+    {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "m", "output_index": 0,
+     "content_index": 0, "delta": "Hello", "logprobs": []},
+    {"type": "response.output_text.delta", "sequence_number": 2, "item_id": "m", "output_index": 0,
+     "content_index": 0, "delta": " there", "logprobs": []},
+    {"type": "response.completed", "sequence_number": 3, "response": {
+        "id": "resp_9", "object": "response", "created_at": 1, "model": "gpt-4.1-mini", "status": "completed",
+        "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "usage": {"input_tokens": 11, "output_tokens": 2, "total_tokens": 13,
+                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}},
+]  # fmt: skip
+
+
+async def responses_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for event in RESPONSES_EVENTS:
+        await send({"type": "http.response.body", "body": sse(event, named=True), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_responses_api_stream_through_the_openai_sdk() -> None:
+    port = free_port()
+    app = LLMTelemetryMiddleware(responses_app, metrics_port=port, metrics_host="127.0.0.1")
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="t", max_retries=0)
+        text = "".join(
+            e.delta for e in client.responses.create(model="gpt-4.1-mini", input="hi", stream=True)
+            if e.type == "response.output_text.delta"
+        )  # fmt: skip
+        assert text == "Hello there"
+        deadline = time.monotonic() + 5
+        while (m := scrape(port)).value("llm_requests_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    app.telemetry.shutdown()
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", gen_ai_request_model="gpt-4.1-mini") == 11
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 2
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_operation_name="chat") == 1
+    assert m.value("llm_cost_usd_total") == pytest.approx((11 * 0.4 + 2 * 1.6) / 1e6)

@@ -1,0 +1,99 @@
+"""The SSE decoder: events survive any split, line endings of every kind, and memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_telemetry.sse import SSEDecoder
+
+STREAM = (
+    b": keep-alive comment\n\n"
+    b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+    b"event: content_block_delta\n"
+    b'data: {"text":"h\xc3\xa9llo"}\n\n'
+    b"data: line one\n"
+    b"data: line two\n\n"
+    b"data:no-space\n\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    ("message", b'{"choices":[{"delta":{"role":"assistant"}}]}'),
+    ("content_block_delta", b'{"text":"h\xc3\xa9llo"}'),
+    ("message", b"line one\nline two"),
+    ("message", b"no-space"),
+    ("message", b"[DONE]"),
+]
+
+
+def decode(chunks: list[bytes], decoder: SSEDecoder | None = None) -> list[tuple[str, bytes]]:
+    decoder = decoder or SSEDecoder()
+    events = []
+    for chunk in chunks:
+        events.extend(decoder.feed(chunk))
+    events.extend(decoder.close())
+    return events
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def test_sse_decodes_whole_stream() -> None:
+    assert decode([STREAM]) == EXPECTED
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_sse_split_at_any_byte_gives_same_events(cuts: list[int]) -> None:
+    assert decode(split_at(STREAM, cuts)) == EXPECTED
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=40), st.sampled_from([b"\r\n", b"\r", b"\n"]))
+@settings(max_examples=300, deadline=None)
+def test_sse_any_line_ending_split_anywhere(cuts: list[int], newline: bytes) -> None:
+    data = STREAM.replace(b"\n", newline)
+    assert decode(split_at(data, cuts)) == EXPECTED
+
+
+@given(
+    st.lists(
+        st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.integers(min_value=0, max_value=100_000), max_size=30),
+)
+@settings(max_examples=200, deadline=None)
+def test_sse_round_trips_arbitrary_json_payloads(payloads: list[dict[str, str]], cuts: list[int]) -> None:
+    data = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+    events = decode(split_at(data, cuts))
+    assert [json.loads(body) for _, body in events] == payloads
+
+
+def test_sse_one_byte_at_a_time() -> None:
+    assert decode([STREAM[i : i + 1] for i in range(len(STREAM))]) == EXPECTED
+
+
+def test_sse_oversized_event_is_dropped_and_the_stream_recovers() -> None:
+    decoder = SSEDecoder(max_event_bytes=64)
+    huge = b"data: " + b"x" * 1000 + b"\n\n"
+    events = decode([b"data: a\n\n", huge[:300], huge[300:], b"data: b\n\n"], decoder)
+    assert events == [("message", b"a"), ("message", b"b")]
+    assert decoder.dropped_events == 1
+
+
+def test_sse_buffer_stays_bounded_without_newlines() -> None:
+    decoder = SSEDecoder(max_event_bytes=1024)
+    for _ in range(1000):
+        decoder.feed(b"y" * 100)
+        assert len(decoder._buffer) <= 1024
+    assert decoder.dropped_events >= 1
+
+
+def test_sse_unterminated_event_at_close_is_not_dispatched() -> None:
+    # The spec discards an event that never saw its blank line.
+    assert decode([b"data: a\n\ndata: partial"]) == [("message", b"a")]
