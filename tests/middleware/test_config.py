@@ -1,0 +1,76 @@
+"""Settings: constructor arguments win, then LLM_TELEMETRY_* variables, then defaults; bad values name themselves."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.config import ConfigurationError, Settings
+from llm_telemetry.labels import LabelLimiter
+from llm_telemetry.middleware import Router
+
+
+def test_settings_defaults() -> None:
+    settings = Settings.resolve(env={})
+    assert (settings.metrics_port, settings.metrics_host, settings.metrics_app_path) == (9464, "0.0.0.0", None)
+    assert settings.max_label_values == 100 and settings.max_request_bytes == 8 * 1024 * 1024
+    assert settings.metrics_exporters == ("prometheus",) and settings.capture_content is False
+
+
+def test_settings_env_fills_gaps_and_arguments_win() -> None:
+    env = {
+        "LLM_TELEMETRY_METRICS_PORT": "9999",
+        "LLM_TELEMETRY_METRICS_HOST": "127.0.0.1",
+        "LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=tenant, x-team=team",
+        "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true",
+    }
+    settings = Settings.resolve(env=env, metrics_port=1234)
+    assert settings.metrics_port == 1234
+    assert settings.metrics_host == "127.0.0.1"
+    assert dict(settings.attribution_headers) == {"x-tenant-id": "tenant", "x-team": "team"}
+    assert settings.metrics_exporters == ("prometheus", "otlp")
+    assert settings.capture_content is True
+    assert Settings.resolve(env={**env, "LLM_TELEMETRY_CAPTURE_CONTENT": "false"}).capture_content is False
+    assert Settings.resolve(env={"LLM_TELEMETRY_METRICS_EXPORTER": "none"}).metrics_exporters == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LLM_TELEMETRY_METRICS_PORT": "http"}, "LLM_TELEMETRY_METRICS_PORT='http': expected an integer"),
+        ({"LLM_TELEMETRY_METRICS_PORT": "70000"}, "metrics_port=70000"),
+        ({"LLM_TELEMETRY_MAX_LABEL_VALUES": "0"}, "must be at least 1"),
+        ({"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id"}, "not of the form key=value"),
+        ({"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=ten-ant"}, "a label is letters, digits and '_'"),
+        ({"LLM_TELEMETRY_METRICS_EXPORTER": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
+        ({"LLM_TELEMETRY_REQUEST_LOGS": "maybe"}, "expected true or false"),
+    ],
+)
+def test_settings_bad_values_fail_with_the_setting_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Settings.resolve(env=env)
+
+
+def test_unknown_option_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="unknown settings: metrics_prot"):
+        LLMTelemetryMiddleware(lambda *a: None, metrics_prot=1)  # type: ignore[arg-type]
+
+
+def test_router_matches_by_suffix_longest_first_and_custom_routes() -> None:
+    router = Router({"/generate": "openai.chat", "v2/complete": "anthropic.messages"})
+    assert router.match("/v1/chat/completions").name == "openai.chat"  # type: ignore[union-attr]
+    assert router.match("/openai/deployments/x/chat/completions/").name == "openai.chat"  # type: ignore[union-attr]
+    assert router.match("/v1/completions").name == "openai.completions"  # type: ignore[union-attr]
+    assert router.match("/anthropic/v1/messages").name == "anthropic.messages"  # type: ignore[union-attr]
+    assert router.match("/api/generate").name == "openai.chat"  # type: ignore[union-attr]
+    assert router.match("/v2/complete").name == "anthropic.messages"  # type: ignore[union-attr]
+    assert router.match("/v1/models") is None
+    with pytest.raises(ConfigurationError, match="unknown API 'cohere.chat'"):
+        Router({"/x": "cohere.chat"})
+
+
+def test_label_limiter_caps_distinct_values() -> None:
+    limit = LabelLimiter(2)
+    assert [limit("m", v) for v in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
+    assert limit("other_label", "c") == "c"  # each label has its own budget

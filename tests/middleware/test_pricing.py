@@ -1,0 +1,70 @@
+"""Pricing tables: files and dicts, prefix matching of dated model names, cached tokens, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.config import ConfigurationError
+from llm_telemetry.pricing import DEFAULT_PRICING, PricingTable
+from llm_telemetry.record import LLMCall
+
+
+def call(model: str, **tokens: int) -> LLMCall:
+    c = LLMCall("chat", "openai", start=0.0, request_model=model)
+    for key, value in tokens.items():
+        setattr(c, key, value)
+    return c
+
+
+def test_pricing_yaml_file_prefix_match_and_cached_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text("models:\n  acme-large:\n    input: 4\n    output: 16\n    cache_read: 1\n")
+    table = PricingTable(str(path))
+    assert table.price("acme-large-2025-01-01") == table.price("acme-large")
+    assert table.price("acme-largest") is None  # a prefix must end at a '-'
+    cost = table.cost(call("acme-large-2025-01-01", input_tokens=1000, cache_read_tokens=400, output_tokens=10))
+    assert cost == pytest.approx((600 * 4 + 400 * 1 + 10 * 16) / 1e6)
+
+
+def test_pricing_json_file_and_mapping_without_wrapper(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"models": {"m": {"input": 1, "output": 2}}}))
+    assert PricingTable(str(path)).cost(call("m", input_tokens=1_000_000)) == pytest.approx(1.0)
+    assert PricingTable({"m": {"input": 1, "output": 2}}).cost(call("m", output_tokens=500_000)) == pytest.approx(1.0)
+
+
+def test_unpriced_model_has_no_cost() -> None:
+    assert PricingTable().cost(call("my-private-model", input_tokens=10)) is None
+
+
+def test_default_table_prices_the_common_models() -> None:
+    table = PricingTable()
+    assert len(table) == len(DEFAULT_PRICING)
+    assert table.price("gpt-4o-mini-2024-07-18") == table.price("gpt-4o-mini")  # not gpt-4o: longest prefix wins
+    assert table.price("claude-sonnet-4-20250514") is not None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("models:\n  m: {input: 1}\n", "input and output prices are required"),
+        ("models:\n  m: {input: -1, output: 1}\n", "input must be a non-negative number"),
+        ("models:\n  m: {input: 1, output: 1, cached: 1}\n", "unknown keys \\['cached'\\]"),
+        ("models: [1, 2]\n", "expected a mapping"),
+        ("models:\n  m: {input: 1\n", "is not valid YAML"),
+    ],
+)
+def test_bad_pricing_files_fail_at_startup_with_a_clear_message(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "prices.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigurationError, match=message):
+        LLMTelemetryMiddleware(lambda *a: None, pricing=str(path))  # type: ignore[arg-type]
+
+
+def test_missing_pricing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="nope.yaml"):
+        PricingTable(str(tmp_path / "nope.yaml"))
