@@ -93,3 +93,16 @@ def test_set_flags_are_checked_too(helm: Helm) -> None:
     result = helm.run("template", "x", str(CHART), "--set", "podDisruptionBudget.enabeld=true", check=False)
     assert result.returncode != 0
     assert "enabeld" in result.stderr
+
+
+def test_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+
+    def documented(path: str) -> bool:
+        parts = path.split(".")
+        prefixes = [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        return f"`{path}`" in readme or any(f"`{p}`" in readme or f"`{p}.*`" in readme for p in prefixes[:-1])
+
+    paths = list(value_paths(VALUES, SCHEMA))
+    leaves = [p for p in paths if not any(other.startswith(p + ".") for other in paths)]
+    assert [p for p in leaves if not documented(p)] == []
