@@ -1,0 +1,629 @@
+"""Exact metrics when a server runs the app in several worker processes (``uvicorn --workers N``, gunicorn).
+
+Each worker records into its own memory-mapped file (prometheus_client's ``MmapedDict``) in a directory shared
+by the workers of one server. A scrape, answered by whichever worker holds the metrics port, merges the files
+and hands the result to OpenTelemetry's own Prometheus exporter, so names, labels, HELP/TYPE/UNIT and buckets
+are exactly those of the single-process mode. A worker's liveness is an ``flock`` it holds on its own file:
+the kernel drops it when the process dies however it dies, so no server hook is needed. Files of dead workers
+are folded into ``archive.json`` (their counters and histograms are kept, their live gauge shares dropped).
+
+Nothing here runs in a single-process server: :func:`activate` returns None and the middleware keeps the
+plain OpenTelemetry meter provider. See ``docs/workers.md`` for the design and its limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, mmap_dict
+
+from .config import Settings
+from .instruments import Instruments, create_instruments
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: liveness falls back to the pid
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("llm_telemetry")
+
+# prometheus_client's memory-mapped dict of doubles, the storage of its own multiprocess mode (untyped).
+MmapedDict: Any = mmap_dict.MmapedDict
+
+#: prometheus_client's variable; when set, our state goes into its ``llm_telemetry`` subdirectory.
+PROMETHEUS_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
+#: Values of ``LLM_TELEMETRY_MULTIPROC_DIR`` that turn multi-worker mode off even under a supervisor.
+DISABLED: Final = ("off", "none", "false", "0")
+#: Seconds between attempts of a worker to take over the metrics port while another worker holds it.
+BIND_RETRY_SECONDS: Final = 1.0
+
+_ARCHIVE = "archive.json"
+_RUN = "run"
+_LOCK = "lock"
+_ALIVE = ".alive"
+_DB = ".db"
+#: Field of a key: monotonic sum, live gauge, histogram sum; histogram buckets are "b<index>".
+_COUNTER, _GAUGE, _SUM = "c", "g", "s"
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    """The process that started this worker and replaces it when it dies."""
+
+    #: "uvicorn", "gunicorn", or "parent" when the mode was asked for explicitly.
+    kind: str
+    pid: int
+
+
+def detect_supervisor() -> Supervisor | None:
+    """This process's multi-worker supervisor, or None when it is not a worker of one.
+
+    uvicorn (``--workers N`` with N > 1) spawns workers with multiprocessing; the spawned process object keeps
+    its target, ``uvicorn._subprocess.subprocess_started``, whose ``target`` argument is a method of
+    ``uvicorn.supervisors.multiprocess.Process`` (``--reload`` runs ``Server.run`` instead). gunicorn's arbiter
+    sets ``SERVER_SOFTWARE=gunicorn/<version>`` and forks its workers, so it is the parent process.
+    """
+    process = multiprocessing.current_process()
+    parent = multiprocessing.parent_process()
+    target = getattr(process, "_target", None)
+    if parent is not None and getattr(target, "__module__", None) == "uvicorn._subprocess":
+        owner = getattr(getattr(process, "_kwargs", {}).get("target"), "__self__", None)
+        if type(owner).__module__ == "uvicorn.supervisors.multiprocess" and parent.pid:
+            return Supervisor("uvicorn", parent.pid)
+    if os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/") and "gunicorn.arbiter" in sys.modules:
+        ppid = os.getppid()
+        if ppid > 1:
+            return Supervisor("gunicorn", ppid)
+    return None
+
+
+def process_token(pid: int) -> str:
+    """Identifies one lifetime of ``pid``: its start time on Linux, else the pid alone (empty when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # Field 22 (starttime); the command name in field 2 may contain spaces, so split after its ')'.
+            return f"{pid}@{stat.read().rsplit(b')', 1)[1].split()[19].decode()}"
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ""
+    except OSError:
+        pass
+    return str(pid)
+
+
+def activate(settings: Settings, env: Mapping[str, str] | None = None) -> WorkerMode | None:
+    """Decide whether this process is one of several workers; None (the common case) costs nothing more.
+
+    An explicit directory (``LLM_TELEMETRY_MULTIPROC_DIR``/``multiproc_dir`` or ``PROMETHEUS_MULTIPROC_DIR``)
+    turns the mode on for any supervisor, taking the parent process as the supervisor; ``off`` turns it off.
+    """
+    env = os.environ if env is None else env
+    explicit = settings.multiproc_dir
+    if explicit is not None and explicit.strip().lower() in DISABLED:
+        return None
+    supervisor = detect_supervisor()
+    prom_dir = env.get(PROMETHEUS_MULTIPROC_DIR, "").strip()
+    if supervisor is None:
+        if not explicit and not prom_dir:
+            return None
+        ppid = os.getppid()
+        supervisor = Supervisor("parent", ppid if ppid > 1 else os.getpid())
+    if "prometheus" not in settings.metrics_exporters:
+        return WorkerMode(supervisor, None)
+    if explicit:
+        directory = explicit
+    elif prom_dir:
+        directory = os.path.join(prom_dir, "llm_telemetry")
+    else:
+        directory = default_directory(supervisor)
+    try:
+        state = SharedState(directory, supervisor)
+    except OSError as exc:
+        logger.warning(
+            "llm-telemetry: multi-worker state directory %s is unusable (%s); each worker reports only its own share",
+            directory,
+            exc,
+        )
+        return WorkerMode(supervisor, None)
+    return WorkerMode(supervisor, state)
+
+
+def default_directory(supervisor: Supervisor) -> str:
+    """``<tmp>/llm-telemetry-<uid>/<kind>-<supervisor pid>``; directories of supervisors gone are removed."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    base = os.path.join(tempfile.gettempdir(), f"llm-telemetry-{uid}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(base, 0o700)
+    info = os.lstat(base)
+    # The temp dir is shared: refuse a symlink or a directory someone else made for us.
+    if not os.path.isdir(base) or os.path.islink(base) or (hasattr(os, "getuid") and info.st_uid != uid):
+        raise PermissionError(f"{base} is not a private directory of this user")
+    _sweep(base)
+    return os.path.join(base, f"{supervisor.kind}-{supervisor.pid}")
+
+
+def _sweep(base: str) -> None:
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        try:
+            with open(os.path.join(path, _RUN), encoding="utf-8") as run:
+                token = run.read().strip()
+        except OSError:
+            continue
+        pid = token.partition("@")[0]
+        if pid.isdigit() and process_token(int(pid)) != token:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class WorkerMode:
+    """What a worker of a multi-worker server does differently: shared Prometheus state, its own OTLP identity.
+
+    Args:
+        supervisor: the server's supervisor process.
+        state: the shared directory, or None when Prometheus export is off (OTLP only).
+    """
+
+    def __init__(self, supervisor: Supervisor, state: SharedState | None) -> None:
+        self.supervisor = supervisor
+        self.state = state
+        self._listener: _Listener | None = None
+
+    def worker_resource(self, resource: Any) -> Any:
+        """``resource`` with a ``service.instance.id`` of its own per worker, so OTLP backends can sum workers."""
+        from opentelemetry.sdk.resources import Resource
+
+        base = resource.attributes.get("service.instance.id") or str(uuid.uuid4())
+        return resource.merge(Resource({"service.instance.id": f"{base}-{os.getpid()}"}))
+
+    def create_instruments(self, scope_name: str, scope_version: str, otel_meter: Any = None) -> Instruments:
+        """The contract's instruments, writing to this worker's file (and to ``otel_meter`` too when given)."""
+        assert self.state is not None
+        return create_instruments(_SharedMeter(self.state, scope_name, scope_version, otel_meter))  # type: ignore[arg-type]
+
+    def expose(self, registry: CollectorRegistry, resource: Any) -> None:
+        """Answer scrapes of ``registry`` with the merge of every worker, through OpenTelemetry's exporter."""
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        assert self.state is not None
+        state = self.state
+        reader = PrometheusMetricReader(registry=registry)
+
+        def collect(_reader: Any, timeout_millis: float = 0.0) -> Any:
+            return state.metrics_data(resource)
+
+        # The reader is attached to no meter provider: it collects what the workers' files hold instead.
+        reader._set_collect_callback(collect)
+
+    def serve(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        """Hold the metrics port if free; otherwise keep trying, so a worker takes over when its holder dies."""
+        if self._listener is None:
+            self._listener = _Listener(host, port, registry)
+            self._listener.start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self.state is not None:
+            self.state.close()
+
+
+# --- the shared directory ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Descriptor:
+    name: str
+    kind: str  # "counter", "updowncounter", "histogram"
+    unit: str
+    description: str
+    bounds: tuple[float, ...] = ()
+
+
+class SharedState:
+    """This worker's file in the shared directory, and the merge of all workers' files.
+
+    Args:
+        directory: the directory shared by the workers of one server (created if missing).
+        supervisor: the server's supervisor; state left by an earlier supervisor is wiped.
+    """
+
+    def __init__(self, directory: str, supervisor: Supervisor) -> None:
+        self.directory = directory
+        self.descriptors: dict[str, _Descriptor] = {}
+        self.scope: tuple[str, str] = ("", "")
+        self._write_lock = threading.Lock()
+        self._values: dict[str, float] = {}
+        self._start_ns = time.time_ns()
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        with self._locked():
+            self._wipe_if_stale(process_token(supervisor.pid) or str(supervisor.pid))
+            alive = open(os.path.join(directory, self._stem + _ALIVE), "wb")  # held (and locked) for life
+            if fcntl is not None:
+                fcntl.flock(alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._alive: Any = alive
+            self._file: Any = MmapedDict(os.path.join(directory, self._stem + _DB))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialises workers joining, and merges (which may fold dead workers' files into the archive)."""
+        fd = os.open(os.path.join(self.directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _wipe_if_stale(self, token: str) -> None:
+        run = os.path.join(self.directory, _RUN)
+        try:
+            with open(run, encoding="utf-8") as existing:
+                if existing.read().strip() == token:
+                    return
+        except FileNotFoundError:
+            pass
+        # A previous run of the server (or another server) left state here: a restart starts from zero.
+        for name in os.listdir(self.directory):
+            if name == _ARCHIVE or name.endswith((_ALIVE, _DB, ".tmp")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+        with open(run + ".tmp", "w", encoding="utf-8") as fresh:
+            fresh.write(token)
+        os.replace(run + ".tmp", run)
+
+    # --- writing (the request path) ---
+
+    def add(self, key: str, amount: float) -> None:
+        with self._write_lock:
+            value = self._values.get(key, 0.0) + amount
+            self._values[key] = value
+            self._file.write_value(key, value, 0.0)
+
+    def add_many(self, keys: Sequence[str], amounts: Sequence[float]) -> None:
+        with self._write_lock:
+            for key, amount in zip(keys, amounts, strict=True):
+                value = self._values.get(key, 0.0) + amount
+                self._values[key] = value
+                self._file.write_value(key, value, 0.0)
+
+    def close(self) -> None:
+        """Leave the pool cleanly: release the liveness lock; the next merge folds this worker's file."""
+        with self._write_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = _Closed()
+            if self._alive is not None:
+                self._alive.close()
+                self._alive = None
+
+    # --- merging (the scrape path) ---
+
+    def merged(self) -> dict[str, float]:
+        """Sum of every worker's values: the archive of dead workers plus each live worker's file."""
+        with self._locked():
+            archive = self._load_archive()
+            absorbed = set(archive["absorbed"])
+            values: dict[str, float] = dict(archive["values"])
+            stems = {name[: -len(_ALIVE)] for name in os.listdir(self.directory) if name.endswith(_ALIVE)}
+            dead = {stem for stem in stems if stem != self._stem and not self._is_alive(stem)}
+            fresh = dead - absorbed
+            if fresh:
+                for stem in sorted(fresh):
+                    for key, value in self._read(stem):
+                        # A dead worker's live gauge share disappears; its series stays, at 0.
+                        values[key] = values.get(key, 0.0) + (0.0 if json.loads(key)[1] == _GAUGE else value)
+                self._save_archive({"absorbed": sorted((absorbed & stems) | fresh), "values": values})
+            for stem in dead:
+                for suffix in (_DB, _ALIVE):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.directory, stem + suffix))
+            for stem in stems - dead:
+                for key, value in self._read(stem):
+                    values[key] = values.get(key, 0.0) + value
+            return values
+
+    def _is_alive(self, stem: str) -> bool:
+        path = os.path.join(self.directory, stem + _ALIVE)
+        if fcntl is None:  # pragma: no cover
+            pid = stem[1:].partition("-")[0]
+            return bool(process_token(int(pid)))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        finally:
+            os.close(fd)  # also releases the lock if we got it
+        return False
+
+    def _read(self, stem: str) -> Iterator[tuple[str, float]]:
+        path = os.path.join(self.directory, stem + _DB)
+        try:
+            entries = list(MmapedDict.read_all_values_from_file(path))
+        except (OSError, RuntimeError):
+            return
+        for key, value, _timestamp, _pos in entries:
+            yield key, value
+
+    def _load_archive(self) -> dict[str, Any]:
+        try:
+            with open(os.path.join(self.directory, _ARCHIVE), encoding="utf-8") as archive:
+                loaded: dict[str, Any] = json.load(archive)
+                return loaded
+        except FileNotFoundError:
+            return {"absorbed": [], "values": {}}
+
+    def _save_archive(self, archive: dict[str, Any]) -> None:
+        path = os.path.join(self.directory, _ARCHIVE)
+        with open(path + ".tmp", "w", encoding="utf-8") as tmp:
+            json.dump(archive, tmp)
+        # Atomic: a merge that dies half-way leaves the old archive, whose "absorbed" list still matches the files.
+        os.replace(path + ".tmp", path)
+
+    def metrics_data(self, resource: Any) -> Any:
+        """The merged values as OpenTelemetry ``MetricsData``, ready for the Prometheus exporter."""
+        from opentelemetry.sdk.metrics.export import (
+            AggregationTemporality,
+            Histogram,
+            HistogramDataPoint,
+            Metric,
+            MetricsData,
+            NumberDataPoint,
+            ResourceMetrics,
+            ScopeMetrics,
+            Sum,
+        )
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        series: dict[str, dict[tuple[Any, ...], dict[str, float]]] = {}
+        for key, value in self.merged().items():
+            name, field, attributes = json.loads(key)
+            if name in self.descriptors:
+                point = series.setdefault(name, {}).setdefault(tuple(map(tuple, attributes)), {})
+                point[field] = value
+        now = time.time_ns()
+        cumulative = AggregationTemporality.CUMULATIVE
+        metrics = []
+        for name, points in series.items():
+            desc = self.descriptors[name]
+            data: Any
+            if desc.kind == "histogram":
+                hist_points = []
+                for attrs, fields in points.items():
+                    buckets = [int(fields.get(f"b{i}", 0.0)) for i in range(len(desc.bounds) + 1)]
+                    hist_points.append(
+                        HistogramDataPoint(
+                            attributes=dict(attrs),
+                            start_time_unix_nano=self._start_ns,
+                            time_unix_nano=now,
+                            count=sum(buckets),
+                            sum=fields.get(_SUM, 0.0),
+                            bucket_counts=buckets,
+                            explicit_bounds=list(desc.bounds),
+                            # Not tracked across workers; the Prometheus exposition has no min/max.
+                            min=float("nan"),
+                            max=float("nan"),
+                        )
+                    )
+                data = Histogram(data_points=hist_points, aggregation_temporality=cumulative)
+            else:
+                field = _GAUGE if desc.kind == "updowncounter" else _COUNTER
+                number_points = [
+                    NumberDataPoint(
+                        attributes=dict(attrs),
+                        start_time_unix_nano=self._start_ns,
+                        time_unix_nano=now,
+                        value=fields.get(field, 0.0),
+                    )
+                    for attrs, fields in points.items()
+                ]
+                data = Sum(
+                    data_points=number_points,
+                    aggregation_temporality=cumulative,
+                    is_monotonic=desc.kind == "counter",
+                )
+            metrics.append(Metric(name=name, description=desc.description, unit=desc.unit, data=data))
+        scope = InstrumentationScope(self.scope[0], self.scope[1])
+        return MetricsData(
+            resource_metrics=[
+                ResourceMetrics(
+                    resource=resource,
+                    scope_metrics=[ScopeMetrics(scope=scope, metrics=metrics, schema_url="")],
+                    schema_url="",
+                )
+            ]
+        )
+
+
+class _Closed:
+    def write_value(self, key: str, value: float, timestamp: float) -> None:
+        pass  # a record after shutdown (e.g. a request finishing late) is dropped, not a crash
+
+    def close(self) -> None:
+        pass
+
+
+# --- instruments ------------------------------------------------------------------------------------------
+
+
+def _attrs_key(attributes: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(attributes.items())) if attributes else ()
+
+
+def _key(name: str, field: str, attrs: tuple[tuple[str, Any], ...]) -> str:
+    return json.dumps([name, field, attrs], separators=(",", ":"))
+
+
+class _SharedSum:
+    """Counter or up-down counter: ``add(amount, attributes, context=None)``."""
+
+    def __init__(self, state: SharedState, desc: _Descriptor, otel: Any) -> None:
+        self._state = state
+        self._name = desc.name
+        self._field = _COUNTER if desc.kind == "counter" else _GAUGE
+        self._otel = otel
+        self._keys: dict[tuple[tuple[str, Any], ...], str] = {}
+
+    def add(self, amount: float, attributes: Mapping[str, Any] | None = None, context: Any = None) -> None:
+        attrs = _attrs_key(attributes)
+        key = self._keys.get(attrs)
+        if key is None:
+            key = self._keys[attrs] = _key(self._name, self._field, attrs)
+        self._state.add(key, amount)
+        if self._otel is not None:
+            self._otel.add(amount, attributes, context=context)
+
+
+class _SharedHistogram:
+    """Histogram with OpenTelemetry's bucket rule (a value on a boundary counts in that bucket)."""
+
+    def __init__(self, state: SharedState, desc: _Descriptor, otel: Any) -> None:
+        self._state = state
+        self._name = desc.name
+        self._bounds = list(desc.bounds)
+        self._otel = otel
+        self._keys: dict[tuple[tuple[str, Any], ...], tuple[list[str], str]] = {}
+
+    def record(self, amount: float, attributes: Mapping[str, Any] | None = None, context: Any = None) -> None:
+        attrs = _attrs_key(attributes)
+        keys = self._keys.get(attrs)
+        if keys is None:
+            buckets = [_key(self._name, f"b{i}", attrs) for i in range(len(self._bounds) + 1)]
+            keys = self._keys[attrs] = (buckets, _key(self._name, _SUM, attrs))
+        self._state.add_many((keys[0][bisect_left(self._bounds, amount)], keys[1]), (1.0, amount))
+        if self._otel is not None:
+            self._otel.record(amount, attributes, context=context)
+
+
+class _SharedMeter:
+    """Just enough of an OpenTelemetry ``Meter`` for :func:`~llm_telemetry.instruments.create_instruments`."""
+
+    def __init__(self, state: SharedState, scope_name: str, scope_version: str, otel_meter: Any) -> None:
+        self._state = state
+        self._otel_meter = otel_meter
+        state.scope = (scope_name, scope_version)
+
+    def _register(self, desc: _Descriptor) -> None:
+        self._state.descriptors[desc.name] = desc
+
+    def create_counter(self, name: str, unit: str = "", description: str = "") -> _SharedSum:
+        desc = _Descriptor(name, "counter", unit, description)
+        self._register(desc)
+        otel = self._otel_meter.create_counter(name, unit=unit, description=description) if self._otel_meter else None
+        return _SharedSum(self._state, desc, otel)
+
+    def create_up_down_counter(self, name: str, unit: str = "", description: str = "") -> _SharedSum:
+        desc = _Descriptor(name, "updowncounter", unit, description)
+        self._register(desc)
+        otel = (
+            self._otel_meter.create_up_down_counter(name, unit=unit, description=description)
+            if self._otel_meter
+            else None
+        )
+        return _SharedSum(self._state, desc, otel)
+
+    def create_histogram(
+        self,
+        name: str,
+        unit: str = "",
+        description: str = "",
+        *,
+        explicit_bucket_boundaries_advisory: Sequence[float] | None = None,
+    ) -> _SharedHistogram:
+        bounds = tuple(explicit_bucket_boundaries_advisory or ())
+        desc = _Descriptor(name, "histogram", unit, description, bounds)
+        self._register(desc)
+        otel = (
+            self._otel_meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=list(bounds)
+            )
+            if self._otel_meter
+            else None
+        )
+        return _SharedHistogram(self._state, desc, otel)
+
+
+# --- the metrics port -------------------------------------------------------------------------------------
+
+
+class _Listener:
+    """Serves the port from whichever worker binds it first; the others retry quietly in a daemon thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self.server: Any = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._try_bind():
+            return
+        if self.server is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._retry, name="llm-telemetry-metrics-bind", daemon=True)
+            self._thread.start()
+
+    def _try_bind(self) -> bool:
+        """True when this worker now serves the port, or when retrying is pointless."""
+        from prometheus_client.exposition import start_http_server
+
+        try:
+            self.server = start_http_server(self.port, self.host, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False  # another worker serves it (or will): not an error
+            logger.warning("llm-telemetry: metrics listener not started on %s:%s: %s", self.host, self.port, exc)
+            return True
+        logger.info(
+            "llm-telemetry: worker %s serves the metrics of all workers on http://%s:%s/metrics",
+            os.getpid(),
+            self.host,
+            self.port,
+        )
+        return True
+
+    def _retry(self) -> None:
+        while not self._stop.wait(BIND_RETRY_SECONDS):
+            with self._lock:
+                if self._stop.is_set() or self._try_bind():
+                    return
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=BIND_RETRY_SECONDS + 5)
+            self._thread = None
+        if self.server:
+            server, thread = self.server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self.server = None
