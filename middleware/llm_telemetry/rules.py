@@ -253,10 +253,17 @@ def _quantile_record(metric: str, q: float, selector: str) -> dict[str, Any]:
     )
 
 
+def _ratio(bad: str, total: str) -> str:
+    # "or total * 0": without any bad events the ratio is 0 rather than absent, so healthy services record a value.
+    return f"(\n  {bad}\n  or\n  {total} * 0\n)\n/\n{total}"
+
+
 def availability_error_ratio_expr(window: str, selector: str = "") -> str:
     """Requests failed through the service's fault over all requests, per service."""
     bad = series(ERRORS, selector, f'{ERROR_TYPE}!~"{"|".join(CLIENT_ERROR_TYPES)}"')
-    return f"sum by ({BY}) (rate({bad}[{window}]))\n/\nsum by ({BY}) (rate({series(REQUESTS, selector)}[{window}]))"
+    return _ratio(
+        f"sum by ({BY}) (rate({bad}[{window}]))", f"sum by ({BY}) (rate({series(REQUESTS, selector)}[{window}]))"
+    )
 
 
 def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = "") -> str:
@@ -329,7 +336,9 @@ def build_rule_groups(
         _record("llm:llm_errors:rate5m", f"sum by ({BY}, {ERROR_TYPE}) (rate({series(ERRORS, sel)}[5m]))"),
         _record(
             "llm:llm_errors:ratio_rate5m",
-            f"sum by ({BY}) (rate({series(ERRORS, sel)}[5m]))\n/\nsum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))",
+            _ratio(
+                f"sum by ({BY}) (rate({series(ERRORS, sel)}[5m]))", f"sum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))"
+            ),
         ),
     ]
     for q in (0.5, 0.95, 0.99):
@@ -346,8 +355,10 @@ def build_rule_groups(
         _record("llm:llm_cost_usd:rate1h", f"sum by ({BY}) (rate({series(COST, sel)}[1h]))"),
         _record(
             "llm:llm_tool_results:error_ratio_rate5m",
-            f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel, tool_error)}[5m]))\n/\n"
-            f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel)}[5m]))",
+            _ratio(
+                f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel, tool_error)}[5m]))",
+                f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel)}[5m]))",
+            ),
         ),
     ]
 
