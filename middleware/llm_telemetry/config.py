@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 #: Port of the Prometheus endpoint served on its own listener. ``0`` disables the listener.
@@ -36,6 +36,8 @@ LLM_TELEMETRY_CAPTURE_CONTENT: Final = "LLM_TELEMETRY_CAPTURE_CONTENT"
 LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS: Final = "LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS"
 #: One JSON log line per LLM request (``true``/``false``).
 LLM_TELEMETRY_REQUEST_LOGS: Final = "LLM_TELEMETRY_REQUEST_LOGS"
+#: Add ``x-request-id`` to LLM responses that lack one (``true``/``false``): the id in the request log line.
+LLM_TELEMETRY_ECHO_REQUEST_ID: Final = "LLM_TELEMETRY_ECHO_REQUEST_ID"
 #: Directory for the per-worker state that multi-worker servers merge on scrape.
 LLM_TELEMETRY_MULTIPROC_DIR: Final = "LLM_TELEMETRY_MULTIPROC_DIR"
 #: Set to ``false`` to turn the middleware into a pass-through.
@@ -43,6 +45,26 @@ LLM_TELEMETRY_ENABLED: Final = "LLM_TELEMETRY_ENABLED"
 
 #: OpenTelemetry's own variable for content capture, honoured when ours is unset.
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+
+# Standard OpenTelemetry variables that decide whether traces and logs are exported (see docs/tracing.md).
+# The SDK and its exporters read the rest themselves: OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
+# OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, OTEL_METRICS_EXEMPLAR_FILTER.
+#: ``true`` turns every OpenTelemetry signal of the middleware off.
+OTEL_SDK_DISABLED: Final = "OTEL_SDK_DISABLED"
+#: Base OTLP endpoint for every signal; setting it turns tracing on.
+OTEL_EXPORTER_OTLP_ENDPOINT: Final = "OTEL_EXPORTER_OTLP_ENDPOINT"
+#: OTLP endpoint for spans only (a full URL for http/protobuf); setting it turns tracing on.
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Final = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+#: ``grpc`` or ``http/protobuf`` (default) for every signal.
+OTEL_EXPORTER_OTLP_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_PROTOCOL"
+#: Protocol for spans only.
+OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+#: Protocol for logs only.
+OTEL_EXPORTER_OTLP_LOGS_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"
+#: Span exporters: ``otlp``, ``console`` or ``none``; unset means ``otlp`` when an endpoint is set.
+OTEL_TRACES_EXPORTER: Final = "OTEL_TRACES_EXPORTER"
+#: Log exporters: ``otlp`` also sends the request log lines over OTLP; unset or ``none``: stdout only.
+OTEL_LOGS_EXPORTER: Final = "OTEL_LOGS_EXPORTER"
 
 DEFAULT_METRICS_PORT: Final = 9464
 DEFAULT_METRICS_HOST: Final = "0.0.0.0"
@@ -122,8 +144,12 @@ class Settings:
     capture_content_max_chars: int = DEFAULT_CAPTURE_CONTENT_MAX_CHARS
     #: Emit one JSON log line per LLM request.
     request_logs: bool = True
+    #: Add the request id (``x-request-id``) to LLM responses that have none.
+    echo_request_id: bool = True
     #: Directory for multi-worker shared state, or None to choose automatically.
     multiproc_dir: str | None = None
+    #: Redactor applied to captured content, ``Callable[[str], str]``; None: the default (llm_telemetry.redact).
+    redact: Callable[[str], str] | None = None
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -149,6 +175,7 @@ class Settings:
         pick("routes", LLM_TELEMETRY_ROUTES, parse_mapping)
         pick("capture_content_max_chars", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS, lambda n, v: _env_int(n, v, 0))
         pick("request_logs", LLM_TELEMETRY_REQUEST_LOGS, _env_bool)
+        pick("echo_request_id", LLM_TELEMETRY_ECHO_REQUEST_ID, _env_bool)
         pick("multiproc_dir", LLM_TELEMETRY_MULTIPROC_DIR, lambda n, v: v.strip())
         if overrides.get("capture_content") is not None:
             values["capture_content"] = overrides["capture_content"]

@@ -10,16 +10,22 @@ from collections.abc import Mapping
 from time import perf_counter
 from typing import Any, Protocol
 
+from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from .apis import API, APIS, DEFAULT_ROUTES, ErrorReader, ResponseReader
 from .config import ConfigurationError, Settings
 from .errors import classify_status
+from .logs import new_request_id
 from .record import LLMCall
 from .telemetry import Telemetry
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_telemetry")
+
+#: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
+REQUEST_ID_HEADER = b"x-request-id"
 
 #: Paths whose route lookup is remembered; beyond this many, lookups are not cached (paths can be unbounded).
 _ROUTE_CACHE_SIZE = 1024
@@ -88,6 +94,7 @@ class _Exchange:
         "capture",
         "complete",
         "disconnected",
+        "echo_id",
         "failsafe",
         "max_body",
         "reader",
@@ -110,6 +117,8 @@ class _Exchange:
         self.started = False
         self.complete = False
         self.disconnected = False
+        #: Request id to add to the response headers (when the app sets none), or None.
+        self.echo_id: bytes | None = None
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -161,6 +170,8 @@ class _Exchange:
             self.started = True
             try:
                 self._start_response(message)
+                if self.echo_id is not None:
+                    _echo_request_id(message, self.echo_id)
             except Exception as exc:
                 self.failsafe("response_start", exc)
             await self._send(message)
@@ -211,6 +222,14 @@ class _Exchange:
             call.error_type = call.error_type or classify_status(call.status_code)
 
 
+def _echo_request_id(message: Message, request_id: bytes) -> None:
+    headers = message.get("headers") or []
+    for key, _ in headers:
+        if key.lower() == REQUEST_ID_HEADER:
+            return  # the app chose its own: keep it
+    message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
+
+
 def _is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, asyncio.CancelledError)) or type(exc).__name__ == "ClientDisconnect"
 
@@ -233,6 +252,8 @@ class LLMTelemetryMiddleware:
         max_request_bytes: request bodies above this are not inspected (default 8 MiB).
         routes: extra path suffix to API mappings, e.g. ``{"/generate": "openai.chat"}``.
         meter_provider: record into this OpenTelemetry meter provider instead of creating one.
+        tracer_provider: trace with this provider; by default a global SDK provider is used if the app set one,
+            else one is built when ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set, else tracing is off.
         observers: extra observers told about every call.
         **options: any other :class:`~llm_telemetry.config.Settings` field.
 
@@ -260,6 +281,7 @@ class LLMTelemetryMiddleware:
         max_request_bytes: int | None = None,
         routes: Mapping[str, str] | None = None,
         meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
         observers: list[Observer] | None = None,
         settings: Settings | None = None,
         **options: Any,
@@ -281,6 +303,9 @@ class LLMTelemetryMiddleware:
             h.lower().encode("latin-1"): label for h, label in self.settings.attribution_headers.items()
         }
         self._meter_provider = meter_provider
+        self._tracer_provider = tracer_provider
+        #: ``_observe`` inside OpenTelemetry's ASGI middleware (the server span), when tracing is on.
+        self._traced: ASGIApp | None = None
         self._extra_observers = list(observers or ())
         self._telemetry: Telemetry | None = None
         self._observers: tuple[Observer, ...] = ()
@@ -300,10 +325,16 @@ class LLMTelemetryMiddleware:
     def _setup(self) -> Telemetry:
         with self._lock:
             if self._telemetry is None:
-                telemetry = Telemetry(self.settings, self._meter_provider)
+                telemetry = Telemetry(self.settings, self._meter_provider, self._tracer_provider)
                 telemetry.start_server()
                 self._failsafe = _Failsafe(telemetry)
-                self._observers = (telemetry.recorder, *self._extra_observers)
+                observers: list[Observer] = [telemetry.recorder]
+                if telemetry.tracing is not None:
+                    observers.append(telemetry.tracing.observer)
+                    self._traced = telemetry.tracing.wrap(self._observe_routed)
+                if telemetry.request_logs is not None:
+                    observers.append(telemetry.request_logs.observer)
+                self._observers = (*observers, *self._extra_observers)
                 self._telemetry = telemetry
             return self._telemetry
 
@@ -323,6 +354,17 @@ class LLMTelemetryMiddleware:
         if api is None:
             await self.app(scope, receive, send)
             return
+        traced = self._traced
+        if traced is not None and not trace.get_current_span().get_span_context().is_valid:
+            # No server span yet (nothing instruments the app outside us): OpenTelemetry's ASGI middleware opens
+            # one, continuing the caller's ``traceparent``. With a span already current, the LLM span joins it.
+            await traced(scope, receive, send)
+            return
+        await self._observe(api, scope, receive, send)
+
+    async def _observe_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = self.router.match(scope["path"])
+        assert api is not None
         await self._observe(api, scope, receive, send)
 
     async def _observe(self, api: API, scope: Scope, receive: Receive, send: Send) -> None:
@@ -330,17 +372,22 @@ class LLMTelemetryMiddleware:
         assert failsafe is not None
         call = LLMCall(api.operation, api.provider, perf_counter(), path=scope["path"])
         max_body = self.settings.max_request_bytes
-        if self._attribution or max_body:
-            limit = self.telemetry.limit
-            for key, value in scope["headers"]:
-                if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                    max_body = 0  # a compressed request body is not read
-                label = self._attribution.get(key)
-                if label is not None:
-                    call.attribution[label] = limit(label, value.decode("latin-1")[:128])
+        request_id: bytes | None = None
+        limit = self.telemetry.limit
+        for key, value in scope["headers"]:
+            if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                max_body = 0  # a compressed request body is not read
+            elif key == REQUEST_ID_HEADER:
+                request_id = value
+            label = self._attribution.get(key)
+            if label is not None:
+                call.attribution[label] = limit(label, value.decode("latin-1")[:128])
+        call.request_id = request_id.decode("latin-1")[:128] if request_id else new_request_id()
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
+        if self.settings.echo_request_id and not request_id:
+            exchange.echo_id = call.request_id.encode("latin-1")
         observers = self._observers
         for observer in observers:
             try:

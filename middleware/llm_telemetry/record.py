@@ -59,6 +59,8 @@ class LLMCall:
     span: Any = None
     #: OpenTelemetry context carrying the LLM span, passed to histogram records so exemplars link to it.
     otel_context: Any = None
+    #: Token of ``opentelemetry.context.attach`` while the LLM span is current (tracing detaches it at the end).
+    otel_token: Any = None
 
     @property
     def duration(self) -> float | None:

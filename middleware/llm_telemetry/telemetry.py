@@ -11,14 +11,18 @@ import threading
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, start_http_server
 
+from . import multiproc
 from .config import Settings
 from .instruments import Instruments, create_instruments
 from .labels import LabelLimiter
+from .logs import RequestLogs
 from .pricing import PricingTable
 from .recorder import MetricsRecorder
+from .tracing import Tracing
 from .types import Receive, Scope, Send
 from .version import __version__
 
@@ -33,18 +37,37 @@ class Telemetry:
     Args:
         settings: resolved settings.
         meter_provider: use this provider instead of creating one (then no Prometheus reader is added by us).
+        tracer_provider: trace with this provider; by default tracing follows the OTEL_* variables
+            (see :meth:`~llm_telemetry.tracing.Tracing.create`).
     """
 
-    def __init__(self, settings: Settings, meter_provider: MeterProvider | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=True)
         self._owns_provider = meter_provider is None
+        #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
+        self.workers = multiproc.activate(settings) if meter_provider is None else None
         self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
         meter = self.meter_provider.get_meter(METER_NAME, __version__)
-        self.instruments: Instruments = create_instruments(meter)
+        self.instruments: Instruments
+        if self.workers is not None and self.workers.state is not None:
+            # Prometheus numbers go to the workers' shared files; OTLP (if on) still gets this worker's own.
+            otlp = meter if "otlp" in settings.metrics_exporters else None
+            self.instruments = self.workers.create_instruments(METER_NAME, __version__, otlp)
+        else:
+            self.instruments = create_instruments(meter)
         self.limit = LabelLimiter(settings.max_label_values)
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
+        #: None when tracing is off (no endpoint, no provider): then no span work happens per request.
+        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider)
+        #: None when request logs are off.
+        self.request_logs: RequestLogs | None = RequestLogs(self._service_name()) if settings.request_logs else None
         self._server: Any = None
         self._server_lock = threading.Lock()
 
@@ -53,19 +76,38 @@ class Telemetry:
         from opentelemetry.sdk.resources import Resource
 
         readers: list[Any] = []
-        if "prometheus" in self.settings.metrics_exporters:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+        resource = Resource.create()
+        workers = self.workers
+        if workers is not None:
+            resource = workers.worker_resource(resource)
+        if "prometheus" in self.settings.metrics_exporters and workers is not None and workers.state is not None:
+            workers.expose(self.registry, resource)  # scrapes merge every worker's share
+        elif "prometheus" in self.settings.metrics_exporters:
+            from .exemplars import prometheus_reader
 
-            readers.append(PrometheusMetricReader(registry=self.registry))
+            # The OpenTelemetry Prometheus reader, plus the exemplars it would drop (OpenMetrics scrapes only).
+            readers.append(prometheus_reader(self.registry))
         if "otlp" in self.settings.metrics_exporters:
             readers.append(_otlp_metric_reader())
-        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-        return SDKMeterProvider(metric_readers=readers, resource=Resource.create())
+        return SDKMeterProvider(metric_readers=readers, resource=resource)
+
+    def _service_name(self) -> str:
+        name = self.tracing.service_name if self.tracing is not None else None
+        if name is None:
+            from opentelemetry.sdk.resources import Resource
+
+            name = str(Resource.create().attributes.get("service.name", "unknown_service"))
+        return name
 
     def start_server(self) -> None:
         """Serve the Prometheus endpoint on its own port, once; a busy port is logged, never raised."""
         settings = self.settings
         if settings.metrics_port == 0 or "prometheus" not in settings.metrics_exporters or self._server is not None:
+            return
+        if self.workers is not None and self.workers.state is not None:
+            # One worker binds the port and serves everyone's merged numbers; the others retry quietly.
+            self.workers.serve(settings.metrics_host, settings.metrics_port, self.registry)
             return
         with self._server_lock:
             if self._server is not None:
@@ -92,6 +134,13 @@ class Telemetry:
             server.server_close()
             thread.join(timeout=5)
         self._server = None
+        if self.workers is not None:
+            self.workers.close()
+        if self.tracing is not None:
+            self.tracing.force_flush()
+            self.tracing.shutdown()
+        if self.request_logs is not None:
+            self.request_logs.shutdown()
         if self._owns_provider:
             self.meter_provider.shutdown()  # type: ignore[attr-defined]
 

@@ -1,0 +1,274 @@
+"""JSON request logs: one line per LLM request through the ``logging`` module, optionally exported over OTLP.
+
+Lines go to the logger :data:`REQUEST_LOGGER` (``llm_telemetry.requests``). When that logger has no handler of
+its own at startup, the middleware gives it one that writes JSON to stdout and stops propagation (so a root
+handler does not print every line twice). Give the logger your own handlers before the first request to send
+the lines elsewhere; :class:`JsonFormatter` is public for that. Field names are listed in :data:`FIELDS` and
+documented in ``docs/logging.md``; Loki queries depend on them, so they only ever grow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import IO, Any, Final
+
+from opentelemetry import context, trace
+
+from .config import OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_LOGS_EXPORTER, OTEL_SDK_DISABLED
+from .record import LLMCall
+
+#: The logger every request line is written to.
+REQUEST_LOGGER: Final = "llm_telemetry.requests"
+
+#: Every field of a request line, in output order. Unknown values are JSON null, never missing.
+FIELDS: Final = (
+    "timestamp",
+    "level",
+    "message",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "service",
+    "operation",
+    "provider",
+    "model",
+    "stream",
+    "status_code",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "duration_ms",
+    "ttft_ms",
+)
+
+#: Attribute of a ``logging.LogRecord`` holding the request fields (pass it with ``extra=``).
+RECORD_ATTRIBUTE: Final = "llm_request"
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits) for requests that arrive without ``x-request-id``."""
+    return uuid.uuid4().hex
+
+
+def _timestamp(created: float) -> str:
+    moment = datetime.fromtimestamp(created, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ``timestamp``, ``level``, ``message``, then the request fields.
+
+    Records without request fields (any other logger) get ``trace_id``/``span_id`` of the current span, when
+    there is one, so the application's own lines can share the format. Usage::
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.getLogger("llm_telemetry.requests").addHandler(handler)
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "timestamp": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, RECORD_ATTRIBUTE, None)
+        if isinstance(fields, Mapping):
+            line.update(fields)
+        else:
+            span_context = trace.get_current_span().get_span_context()
+            if span_context.is_valid:
+                line["trace_id"] = trace.format_trace_id(span_context.trace_id)
+                line["span_id"] = trace.format_span_id(span_context.span_id)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is at emit time (test runners and daemons replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class RequestLogObserver:
+    """Writes one line per finished LLM call to :data:`REQUEST_LOGGER`.
+
+    Args:
+        service: the ``service`` field (the OpenTelemetry ``service.name``).
+        logger: where to write; default ``logging.getLogger(REQUEST_LOGGER)``.
+
+    Successful calls log at INFO, failed ones (``error_type`` set) at WARNING.
+    """
+
+    def __init__(self, service: str, logger: logging.Logger | None = None) -> None:
+        self.service = service
+        self.logger = logger or logging.getLogger(REQUEST_LOGGER)
+
+    def start(self, call: LLMCall) -> None:
+        pass
+
+    def end(self, call: LLMCall) -> None:
+        level = logging.WARNING if call.error_type else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
+        trace_id = span_id = None
+        span = call.span if call.span is not None else trace.get_current_span(call.otel_context)
+        span_context = span.get_span_context()
+        if span_context.is_valid:
+            trace_id = trace.format_trace_id(span_context.trace_id)
+            span_id = trace.format_span_id(span_context.span_id)
+        model = call.request_model or call.response_model
+        fields = {
+            "request_id": call.request_id,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "service": self.service,
+            "operation": call.operation,
+            "provider": call.provider,
+            "model": model,
+            "stream": call.stream,
+            "status_code": call.status_code,
+            "error_type": call.error_type,
+            "input_tokens": call.input_tokens,
+            "output_tokens": call.output_tokens,
+            "cost_usd": call.cost_usd,
+            "duration_ms": _ms(call.duration),
+            "ttft_ms": _ms(call.time_to_first_token),
+        }
+        message = f"{call.operation} {model or 'unknown'} {call.status_code if call.status_code is not None else '-'}"
+        # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
+        token = context.attach(call.otel_context) if call.otel_context is not None else None
+        try:
+            self.logger.log(level, message, extra={RECORD_ATTRIBUTE: fields})
+        finally:
+            if token is not None:
+                context.detach(token)
+
+
+class OTLPLogHandler(logging.Handler):
+    """Sends request lines to an OpenTelemetry logger provider: body = message, attributes = non-null fields.
+
+    Args:
+        provider: an SDK ``LoggerProvider``.
+    """
+
+    def __init__(self, provider: Any) -> None:
+        super().__init__()
+        from opentelemetry._logs import SeverityNumber
+
+        self.provider = provider
+        self._otel_logger = provider.get_logger(REQUEST_LOGGER)
+        self._severity = {
+            logging.DEBUG: SeverityNumber.DEBUG,
+            logging.INFO: SeverityNumber.INFO,
+            logging.WARNING: SeverityNumber.WARN,
+            logging.ERROR: SeverityNumber.ERROR,
+            logging.CRITICAL: SeverityNumber.FATAL,
+        }
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = getattr(record, RECORD_ATTRIBUTE, None) or {}
+            attributes = {k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")}
+            severity = self._severity.get(record.levelno)
+            self._otel_logger.emit(
+                timestamp=int(record.created * 1e9),
+                context=context.get_current(),
+                severity_number=severity,
+                severity_text="WARN" if record.levelname == "WARNING" else record.levelname,
+                body=record.getMessage(),
+                attributes=attributes,
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _otlp_logger_provider(env: Mapping[str, str]) -> tuple[Any, bool]:
+    """The application's global SDK LoggerProvider, or a new one exporting over OTLP (owned by us)."""
+    from opentelemetry._logs import get_logger_provider
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    current = get_logger_provider()
+    if isinstance(current, LoggerProvider):
+        return current, False
+    from opentelemetry.sdk.resources import Resource
+
+    provider = LoggerProvider(resource=Resource.create())
+    protocol = env.get(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "http/protobuf"
+    exporter: Any
+    if protocol.strip() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
+
+        exporter = GrpcLogExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
+
+        exporter = HttpLogExporter()
+    provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+    return provider, True
+
+
+class RequestLogs:
+    """Request logging for one middleware instance: the observer, the stdout handler and optional OTLP export.
+
+    Args:
+        service: the ``service`` field of every line.
+        env: environment (``OTEL_LOGS_EXPORTER``, OTLP protocol); default ``os.environ``.
+    """
+
+    def __init__(self, service: str, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.logger = logging.getLogger(REQUEST_LOGGER)
+        self.observer = RequestLogObserver(service, self.logger)
+        self._handlers: list[logging.Handler] = []
+        self._provider: Any = None
+        self._owns_provider = False
+        self._propagate = self.logger.propagate
+        if not self.logger.handlers:
+            handler = _StdoutHandler()
+            handler.setFormatter(JsonFormatter())
+            self._add(handler)
+            self.logger.propagate = False
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.INFO)
+        exporters = [e.strip().lower() for e in env.get(OTEL_LOGS_EXPORTER, "").split(",")]
+        if "otlp" in exporters and env.get(OTEL_SDK_DISABLED, "").strip().lower() != "true":
+            self._provider, self._owns_provider = _otlp_logger_provider(env)
+            self._add(OTLPLogHandler(self._provider))
+
+    def _add(self, handler: logging.Handler) -> None:
+        self.logger.addHandler(handler)
+        self._handlers.append(handler)
+
+    def force_flush(self) -> None:
+        if self._provider is not None:
+            self._provider.force_flush()
+
+    def shutdown(self) -> None:
+        """Remove the handlers we added and shut down the logger provider we created."""
+        for handler in self._handlers:
+            self.logger.removeHandler(handler)
+        self._handlers.clear()
+        self.logger.propagate = self._propagate
+        if self._provider is not None and self._owns_provider:
+            self._provider.shutdown()
+        self._provider = None
