@@ -29,6 +29,16 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Decode ``chunk`` and return the events it completes, as ``(event name, data)`` pairs."""
+        if (
+            not self._buffer
+            and not self._pending_cr
+            and not self._data
+            and not self._skipping
+            and len(chunk) <= self.max_event_bytes
+        ):
+            fast = _whole_events(chunk)
+            if fast is not None:
+                return fast
         if self._pending_cr:
             # A CR ended the previous chunk; a LF starting this one belongs to the same line break.
             self._pending_cr = False
@@ -91,3 +101,28 @@ class SSEDecoder:
                 self._drop()
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")
+
+
+def _whole_events(chunk: bytes) -> list[Event] | None:
+    """The common case, decoded without line-by-line work: a chunk of whole events, each one optional
+    ``event:`` line and one ``data:`` line, LF-terminated. Anything else returns None for the general path."""
+    if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+        return None
+    events: list[Event] = []
+    for block in chunk[:-2].split(b"\n\n"):
+        name = "message"
+        if block.startswith(b"event:"):
+            head, sep, block = block.partition(b"\n")
+            if not sep:
+                return None
+            value = head[6:]
+            if value[:1] == b" ":
+                value = value[1:]
+            name = value.decode("utf-8", "replace") or "message"
+        if not block.startswith(b"data:") or b"\n" in block:
+            return None
+        data = block[5:]
+        if data[:1] == b" ":
+            data = data[1:]
+        events.append((name, data))
+    return events

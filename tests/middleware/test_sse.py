@@ -97,3 +97,20 @@ def test_sse_buffer_stays_bounded_without_newlines() -> None:
 def test_sse_unterminated_event_at_close_is_not_dispatched() -> None:
     # The spec discards an event that never saw its blank line.
     assert decode([b"data: a\n\ndata: partial"]) == [("message", b"a")]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", "event: delta\n", "event:\n", "event:  spaced\n", ": comment\n"]),
+            st.binary(max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_sse_whole_event_chunks_decode_like_byte_by_byte(events: list[tuple[str, bytes]]) -> None:
+    # Whole-event chunks take a fast path; it must agree with the general decoder fed one byte at a time.
+    data = b"".join(head.encode() + b"data: " + body + b"\n\n" for head, body in events)
+    assert decode([data]) == decode([data[i : i + 1] for i in range(len(data))])
