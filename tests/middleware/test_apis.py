@@ -8,12 +8,12 @@ from typing import Any
 
 import openai
 import pytest
-from support import free_port, scrape, serve
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
 from llm_telemetry.errors import classify_error_body
 from llm_telemetry.record import LLMCall
+from support import free_port, scrape, serve
 
 
 def sse(*events: dict[str, Any], named: bool = False) -> bytes:
@@ -38,7 +38,8 @@ def read(api: str, body: bytes, *, stream: bool, request: dict[str, Any] | None 
 
 
 def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"id": "c1", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} | extra
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c1", "model": "gpt-4o-2024-08-06", "choices": [choice], **extra}
 
 
 def test_openai_chat_stream_parallel_tool_calls_and_detailed_usage() -> None:
@@ -72,7 +73,9 @@ def test_openai_chat_stream_parallel_tool_calls_and_detailed_usage() -> None:
 
 
 def test_openai_chat_role_only_and_empty_chunks_are_not_the_first_token() -> None:
-    body = sse(chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": ""}), chat_chunk({"content": "Hi"}))
+    body = sse(
+        chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": ""}), chat_chunk({"content": "Hi"})
+    )
     call = read("openai.chat", body, stream=True)
     first_real = body.index(b'"Hi"')
     assert call.first_token_at is not None and call.first_token_at >= 1.0 + first_real - 7
@@ -99,9 +102,19 @@ def test_openai_json_without_usage_is_estimated_from_text() -> None:
 
 def test_anthropic_stream_with_cache_and_thinking() -> None:
     body = sse(
-        {"type": "message_start", "message": {"id": "msg_1", "model": "claude-sonnet-4-20250514", "usage": {
-            "input_tokens": 10, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 50,
-            "output_tokens": 1}}},  # fmt: skip
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "model": "claude-sonnet-4-20250514",
+                "usage": {
+                    "input_tokens": 10,
+                    "cache_read_input_tokens": 1000,
+                    "cache_creation_input_tokens": 50,
+                    "output_tokens": 1,
+                },
+            },
+        },
         {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
         {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "calc"}},

@@ -66,7 +66,7 @@ def test_router_matches_by_suffix_longest_first_and_custom_routes() -> None:
     assert router.match("/api/generate").name == "openai.chat"  # type: ignore[union-attr]
     assert router.match("/v2/complete").name == "anthropic.messages"  # type: ignore[union-attr]
     assert router.match("/v1/models") is None
-    with pytest.raises(ConfigurationError, match="unknown API 'cohere.chat'"):
+    with pytest.raises(ConfigurationError, match=r"unknown API 'cohere\.chat'"):
         Router({"/x": "cohere.chat"})
 
 

@@ -17,9 +17,9 @@ from litestar import Response as LitestarResponse
 from litestar.middleware import DefineMiddleware
 from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
-from support import Metrics, free_port, scrape, serve
 
 from llm_telemetry import LLMTelemetryMiddleware
+from support import Metrics, free_port, scrape, serve
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support import free_port, scrape, serve
 
 from llm_telemetry import LLMTelemetryMiddleware
+from support import free_port, scrape, serve
 
 SSE_BODY = [
     b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}\n\n',
@@ -82,7 +82,10 @@ def raw_exchange(base: str, method: str, path: str, body: bytes = b"", headers: 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[str, str, int]]:
     port = free_port()
-    wrapped = LLMTelemetryMiddleware(fixed_app, metrics_port=port, metrics_host="127.0.0.1", max_request_bytes=1 << 20)
+    # The request-id echo is the one deliberate change to a response; it is off here and tested on its own below.
+    wrapped = LLMTelemetryMiddleware(
+        fixed_app, metrics_port=port, metrics_host="127.0.0.1", max_request_bytes=1 << 20, echo_request_id=False
+    )
     with serve(fixed_app) as bare, serve(wrapped) as observed:
         yield bare, observed, port
     wrapped.telemetry.shutdown()
@@ -103,7 +106,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "body", "headers"), CASES, ids=[c[1] + f"#{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers"), CASES, ids=[c[1] + f"#{i}" for i, c in enumerate(CASES)]
+)
 def test_responses_are_byte_identical_with_and_without_middleware(
     servers: tuple[str, str, int], method: str, path: str, body: bytes, headers: dict[str, str]
 ) -> None:
@@ -136,3 +141,19 @@ def test_bad_input_is_recorded_without_internal_errors(servers: tuple[str, str, 
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
     # A truncated error body still classifies by status.
     assert metrics.value("llm_errors_total", error_type="rate_limit") >= 1
+
+
+def test_request_id_echo_adds_only_that_header(servers: tuple[str, str, int]) -> None:
+    bare = servers[0]
+    port = free_port()
+    wrapped = LLMTelemetryMiddleware(fixed_app, metrics_port=port, metrics_host="127.0.0.1")
+    body = json.dumps({"model": "m", "stream": True}).encode()
+    with serve(wrapped) as observed:
+        expected = raw_exchange(bare, "POST", "/v1/stream/chat/completions", body)
+        got = raw_exchange(observed, "POST", "/v1/stream/chat/completions", body)
+        kept = raw_exchange(observed, "POST", "/v1/stream/chat/completions", body, {"X-Request-Id": "req-42"})
+    wrapped.telemetry.shutdown()
+    added = [line for line in got.split(b"\r\n") if line.lower().startswith(b"x-request-id:")]
+    assert len(added) == 1 and len(added[0]) > len(b"x-request-id: ")
+    assert b"\r\n".join(line for line in got.split(b"\r\n") if line not in added) == expected
+    assert kept == expected  # the client's own id is used for logs and traces; the response is left alone

@@ -66,5 +66,5 @@ def test_bad_pricing_files_fail_at_startup_with_a_clear_message(tmp_path: Path, 
 
 
 def test_missing_pricing_file_names_the_path(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="nope.yaml"):
+    with pytest.raises(ConfigurationError, match=r"nope\.yaml"):
         PricingTable(str(tmp_path / "nope.yaml"))

@@ -14,9 +14,9 @@ import anthropic
 import httpx
 import openai
 import pytest
-from support import Metrics, free_port, scrape, serve
 
 from llm_telemetry.demo.app import create_app
+from support import Metrics, free_port, scrape, serve
 
 FIRST_TOKEN_DELAY = 0.15
 TOKEN_DELAY = 0.002
