@@ -20,14 +20,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--metrics-port", type=int, default=9464, help="port of the metrics endpoint (default 9464)")
     demo.add_argument("--requests", type=int, default=40, help="chat requests to send (default 40)")
     demo.add_argument("--serve", action="store_true", help="keep serving after the summary, until Ctrl-C")
+    demo.add_argument("--logs", action="store_true", help="also print the JSON request log lines")
+
+    rules = commands.add_parser("rules", help="print the Prometheus rule file (recording rules and alerts)")
+    rules.add_argument("--selector", default="", help='extra label matchers, e.g. \'namespace="llm",job="chat"\'')
+    rules.add_argument("--error-ratio", type=float, help="alert above this share of failed requests (0.05)")
+    rules.add_argument("--p95-request-duration", type=float, help="alert above this p95 duration, seconds (60)")
+    rules.add_argument("--p95-ttft", type=float, help="alert above this p95 time to first token, seconds (2)")
+    rules.add_argument("--tool-failure-ratio", type=float, help="alert above this share of failed tool calls (0.2)")
+    rules.add_argument("--cost-per-hour", type=float, help="alert above this spend per hour, USD (off)")
+    rules.add_argument("--availability-objective", type=float, help="SLO for burn-rate alerts (0.99)")
+    rules.add_argument("--ttft-objective", type=float, help="share of first tokens under --ttft-objective-seconds")
+    rules.add_argument("--ttft-objective-seconds", type=float, help="a TTFT bucket boundary (2.5)")
+    rules.add_argument("--prometheus-rule", metavar="NAME", help="print a PrometheusRule object named NAME instead")
+    rules.add_argument("--namespace", default="default", help="namespace of the PrometheusRule object")
+
+    dashboard = commands.add_parser("dashboard", help="print the Grafana dashboard JSON")
+    dashboard.add_argument("--title", default="LLM services")
+    dashboard.add_argument("--uid", default="llm-telemetry")
+    dashboard.add_argument("--jaeger-uid", default="jaeger", help="uid of the Jaeger datasource for trace links")
+    dashboard.add_argument("--loki-uid", default="loki", help="uid of the Loki datasource for the log panel")
+    dashboard.add_argument(
+        "--attribution-label", action="append", help="attribution label (without llm_metadata_); repeatable"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo.run import run_demo
 
-        return run_demo(args.host, args.port, args.metrics_port, args.requests, args.serve)
+        return run_demo(args.host, args.port, args.metrics_port, args.requests, args.serve, logs=args.logs)
+    if args.command == "rules":
+        return _rules(args)
+    if args.command == "dashboard":
+        from .dashboards import render_dashboard_json
+
+        labels = tuple(args.attribution_label) if args.attribution_label else ("tenant",)
+        sys.stdout.write(
+            render_dashboard_json(
+                title=args.title, uid=args.uid, jaeger_uid=args.jaeger_uid, loki_uid=args.loki_uid,
+                attribution_labels=labels,
+            )
+        )  # fmt: skip
+        return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _rules(args: argparse.Namespace) -> int:
+    from .rules import AlertThresholds, build_prometheus_rule, dump_yaml, render_rule_file
+
+    fields = {
+        "error_ratio": args.error_ratio,
+        "p95_request_duration_seconds": args.p95_request_duration,
+        "p95_ttft_seconds": args.p95_ttft,
+        "tool_failure_ratio": args.tool_failure_ratio,
+        "cost_per_hour_usd": args.cost_per_hour,
+        "availability_objective": args.availability_objective,
+        "ttft_objective": args.ttft_objective,
+        "ttft_objective_seconds": args.ttft_objective_seconds,
+    }
+    try:
+        thresholds = AlertThresholds(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as exc:
+        print(f"llm-telemetry rules: {exc}", file=sys.stderr)
+        return 2
+    if args.prometheus_rule:
+        rule = build_prometheus_rule(args.prometheus_rule, args.namespace, thresholds, selector=args.selector)
+        sys.stdout.write(dump_yaml(rule))
+    else:
+        sys.stdout.write(render_rule_file(thresholds, selector=args.selector))
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import urllib.request
@@ -178,8 +179,9 @@ class DemoServer:
         self.thread.join(timeout=10)
 
 
-def run_demo(host: str, port: int, metrics_port: int, chats: int, serve: bool) -> int:
-    with DemoServer(host, port, metrics_port):
+def run_demo(host: str, port: int, metrics_port: int, chats: int, serve: bool, logs: bool = False) -> int:
+    os.environ.setdefault("OTEL_SERVICE_NAME", "llm-telemetry-demo")
+    with DemoServer(host, port, metrics_port, request_logs=logs):
         base = f"http://{host}:{port}/v1"
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"demo LLM service on {base}, metrics on {metrics}")

@@ -1,0 +1,69 @@
+"""The ``llm-telemetry`` command as a user runs it: the demo, and the rule and dashboard renderers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import free_port
+
+CLI = [sys.executable, "-m", "llm_telemetry"]
+
+
+def test_demo_drives_the_service_and_prints_a_summary_from_its_metrics() -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "--port", str(free_port()), "--metrics-port", str(free_port()), "--requests", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # 8 chats + 2 for the tool round trip + 1 embedding + 4 failures.
+    assert re.search(r"^requests\s+15$", out, re.M), out
+    assert re.search(r"^  get_weather\s+1$", out, re.M), out
+    assert re.search(r"^  rate_limit\s+2$", out, re.M), out
+    assert re.search(r"^  context_length\s+1$", out, re.M), out
+    assert re.search(r"^  server_error\s+1$", out, re.M), out
+    # 4 streams of 12 words; the ones without include_usage (i = 0 and 4) are estimated.
+    assert re.search(r"^  output \(estimated\)\s+24$", out, re.M), out
+    ttft = re.search(r"^TTFT p50 / p95\s+(\d+) ms / (\d+) ms$", out, re.M)
+    assert ttft is not None and 50 <= int(ttft.group(1)) <= int(ttft.group(2)), out
+    assert re.search(r"^cost\s+\$0\.0\d+$", out, re.M), out
+
+
+def test_rules_command_renders_a_file_promtool_accepts(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    out = subprocess.run(
+        [*CLI, "rules", "--cost-per-hour", "5", "--selector", 'namespace="llm"'],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    path = tmp_path / "rules.yaml"
+    path.write_text(out)
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "LLMCostBudgetExceeded" in out and 'namespace="llm"' in out
+
+
+def test_rules_command_rejects_a_ttft_objective_off_the_buckets() -> None:
+    result = subprocess.run([*CLI, "rules", "--ttft-objective-seconds", "3"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "not a bucket boundary" in result.stderr
+
+
+def test_dashboard_command_prints_grafana_json() -> None:
+    out = subprocess.run(
+        [*CLI, "dashboard", "--jaeger-uid", "my-jaeger", "--attribution-label", "team"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    dashboard = json.loads(out)
+    assert dashboard["uid"] == "llm-telemetry"
+    assert "my-jaeger" in out and "llm_metadata_team" in out
