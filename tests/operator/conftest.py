@@ -49,7 +49,9 @@ def crd_validator(crd: Mapping[str, Any]) -> jsonschema.Draft4Validator:
 def shared_crds() -> dict[str, dict[str, Any]]:
     """The Prometheus Operator CRDs from ../shared/crds, by plural."""
     if not SHARED_CRDS.is_dir():
-        pytest.skip(f"Prometheus Operator CRDs not found in {SHARED_CRDS.name}/ next to the repository (../shared/crds)")
+        pytest.skip(
+            f"Prometheus Operator CRDs not found in {SHARED_CRDS.name}/ next to the repository (../shared/crds)"
+        )
     crds = {}
     for path in SHARED_CRDS.glob("monitoring.coreos.com_*.yaml"):
         crd = load_crd(path)
@@ -61,12 +63,20 @@ def minimal_llmt(name: str = "chat", **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "llmtelemetry.dev/v1alpha1",
         "kind": "LLMTelemetry",
-        "metadata": {"name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "generation": 1, "resourceVersion": "1"},
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
         "spec": {"selector": {"matchLabels": {"app": "chat"}}, **spec},
     }
 
 
-def deployment(name: str = "chat", labels: Mapping[str, str] | None = None, env: list[Any] | None = None) -> dict[str, Any]:
+def deployment(
+    name: str = "chat", labels: Mapping[str, str] | None = None, env: list[Any] | None = None
+) -> dict[str, Any]:
     labels = dict(labels if labels is not None else {"app": "chat"})
     container: dict[str, Any] = {"name": "app", "image": "example/chat:1"}
     if env:
@@ -74,7 +84,13 @@ def deployment(name: str = "chat", labels: Mapping[str, str] | None = None, env:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels, "uid": f"uid-deploy-{name}", "resourceVersion": "1"},
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": labels,
+            "uid": f"uid-deploy-{name}",
+            "resourceVersion": "1",
+        },
         "spec": {
             "selector": {"matchLabels": {"pod": name}},
             "template": {"metadata": {"labels": {"pod": name, **labels}}, "spec": {"containers": [container]}},
@@ -110,7 +126,11 @@ async def eventually(check: Callable[[], Any], what: str, attempts: int = 300) -
 
 def writes(kmock: Any) -> list[tuple[str, str]]:
     """(method, path) of every write request the emulator received so far."""
-    return [(str(req.method), str(req.url.path)) for req in list(kmock) if str(req.method) in ("POST", "PATCH", "PUT", "DELETE")]
+    return [
+        (str(req.method), str(req.url.path))
+        for req in list(kmock)
+        if str(req.method) in ("POST", "PATCH", "PUT", "DELETE")
+    ]
 
 
 @pytest.fixture
@@ -126,25 +146,45 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
         kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "patch", "get"}
     )
     r[LLMT] = kmock.ResourceInfo(
-        kind="LLMTelemetry", namespaced=True, subresources={"status"}, shortnames={"llmt"},
+        kind="LLMTelemetry",
+        namespaced=True,
+        subresources={"status"},
+        shortnames={"llmt"},
         verbs={"list", "watch", "patch", "get", "create", "delete"},
     )
     all_verbs = {"list", "watch", "patch", "get", "create", "delete"}
-    for res, kind in ((DEPLOYMENTS, "Deployment"), (STATEFULSETS, "StatefulSet"), (SERVICES, "Service"), (CONFIGMAPS, "ConfigMap")):
+    for res, kind in (
+        (DEPLOYMENTS, "Deployment"),
+        (STATEFULSETS, "StatefulSet"),
+        (SERVICES, "Service"),
+        (CONFIGMAPS, "ConfigMap"),
+    ):
         r[res] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=all_verbs)
-    kmock.objects["v1/namespaces", None, NAMESPACE] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    kmock.objects["v1/namespaces", None, NAMESPACE] = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NAMESPACE},
+    }
     kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
-        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING},
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": PEERING},
     }
     crd = load_crd(CRD_PATH)
     kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = crd
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-        "users": [{"name": "kmock", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-    }))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "users": [{"name": "kmock", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     yield kmock
 

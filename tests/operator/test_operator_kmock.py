@@ -2,12 +2,95 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import aiohttp
 from conftest import (
-    CONFIGMAPS, DEPLOYMENTS, LLMT, NAMESPACE, PROMETHEUSRULES, SERVICEMONITORS, SERVICES,
-    condition, deployment, eventually, get, install_prometheus_operator_crds, minimal_llmt, running_operator,
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PROMETHEUSRULES,
+    SERVICEMONITORS,
+    SERVICES,
+    condition,
+    crd_validator,
+    deployment,
+    eventually,
+    get,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    running_operator,
 )
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import rbac
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.kube import Connection, KubeClient
+from llm_telemetry_operator.reconcile import reconcile
+
+#: Header on the test's own "hand" requests, so they are not counted as the operator's API usage.
+HAND = {"X-Test-Hand": "1"}
+VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch", "delete": "delete"}
+#: Declared permissions these tests cannot reach: namespaced peering (kmock cannot list /api/v1/namespaces,
+#: so the tests run cluster-wide) and the re-reads done only after a 409 on create or patch.
+UNREACHED = {
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+    ("kopf.dev", "kopfpeerings", "list"),
+    ("kopf.dev", "kopfpeerings", "watch"),
+    ("kopf.dev", "kopfpeerings", "patch"),
+    ("", "services", "get"),
+    ("", "configmaps", "get"),
+    ("monitoring.coreos.com", "servicemonitors", "get"),
+    ("monitoring.coreos.com", "prometheusrules", "get"),
+    ("apps", "statefulsets", "get"),
+    ("apps", "deployments", "get"),
+    ("apps", "statefulsets", "patch"),
+}
+
+
+_version = 100
+
+
+def env_of(dep: dict[str, Any] | None) -> dict[str, Any]:
+    container = (dep or {})["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+def operator_usage(kmock: Any) -> set[tuple[str, str, str]]:
+    used = set()
+    for req in list(kmock):
+        if req.headers.get("X-Test-Hand") or req.resource is None or req.resource.plural is None or req.action is None:
+            continue
+        plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
+        used.add((req.resource.group, plural, VERBS[str(req.action.value).lower()]))
+    return used
+
+
+#: Every (group, resource, verb) the operator used in this module's tests.
+USED: set[tuple[str, str, str]] = set()
+
+
+def check_usage(kmock: Any) -> None:
+    used = operator_usage(kmock)
+    declared = rbac.declared_triples()
+    assert used <= declared, f"API calls missing from rbac.PERMISSIONS: {sorted(used - declared)}"
+    USED.update(used)
+
+
+async def hand(kmock: Any, method: str, path: str, body: Any = None) -> None:
+    """An edit by someone else; it bumps resourceVersion as a real API server would (kmock does not)."""
+    global _version
+    if body is not None:
+        _version += 1
+        body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": str(_version)}}
+    headers = {**HAND, "Content-Type": "application/merge-patch+json"}
+    async with aiohttp.ClientSession() as session:
+        url = str(kmock.url).rstrip("/") + path
+        async with session.request(method, url, data=json.dumps(body) if body else None, headers=headers) as rsp:
+            assert rsp.status < 400, await rsp.text()
 
 
 async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any) -> None:
@@ -15,7 +98,227 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(env=[{"name": "OTEL_SERVICE_NAME", "value": "mine"}])
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready=True")
+        owner = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
+            ),
+            "Ready=True",
+        )
+
+        # Status: generation, targets, every condition with a reason.
+        status = owner["status"]
+        assert status["observedGeneration"] == 1
+        assert status["targets"] == ["Deployment/chat"] and status["targetCount"] == 1
+        for type_ in (c.CONDITION_INJECTED, c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
+            assert condition(owner, type_)["status"] == "True", condition(owner, type_)
+
+        # The pod template: middleware env (the user's OTEL_SERVICE_NAME wins), metrics port, config hash.
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        env = env_of(dep)
+        assert env["OTEL_SERVICE_NAME"] == "mine"
+        assert [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]].count(
+            "OTEL_SERVICE_NAME"
+        ) == 1
+        assert env["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger-collector.observability:4318"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://loki-gateway.observability/otlp/v1/logs"
+        assert env["K8S_POD_UID"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}}
+        assert "k8s.deployment.name=chat" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        ports = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
+        config_hash = dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+
+        # Children, owned by the resource and valid against the real Prometheus Operator schemas.
+        svc = get(emulator, SERVICES, "chat-llm-metrics")
+        assert svc["spec"]["selector"] == {"pod": "chat"}
+        sm = get(emulator, SERVICEMONITORS, "chat-llm-telemetry")
+        pr = get(emulator, PROMETHEUSRULES, "chat-llm-telemetry")
+        dash = get(emulator, CONFIGMAPS, "chat-llm-dashboard")
+        for child in (svc, sm, pr, dash):
+            assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+            assert child["metadata"]["labels"][c.LABEL_MANAGED_BY] == "llm-telemetry-operator"
+        crd_validator(shared_crds["servicemonitors"]).validate(sm)
+        crd_validator(shared_crds["prometheusrules"]).validate(pr)
+        assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert dash["metadata"]["annotations"]["grafana_folder"] == "LLM"
+
+        # Hand edits are put back: a deleted Service, and env stripped from the Deployment.
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "Service recreated")
+        container = dict(dep["spec"]["template"]["spec"]["containers"][0])
+        container["env"] = [{"name": "OTEL_SERVICE_NAME", "value": "mine"}]
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat",
+            {"spec": {"template": {"spec": {"containers": [container]}}}},
+        )
+        try:
+            await eventually(
+                lambda: "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat")), "re-injected"
+            )
+        except AssertionError:
+            for v in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history:
+                print(
+                    "DEBUG",
+                    v and v["metadata"].get("resourceVersion"),
+                    v and [e["name"] for e in v["spec"]["template"]["spec"]["containers"][0].get("env", [])][:3],
+                )
+            for r in list(emulator):
+                if r.method.value == "PATCH" and "deployments" in str(r.url):
+                    print("REQ", r.data)
+            raise
+        assert (
+            get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+            == config_hash
+        )
+
+        # Hand edits of the other children are reverted too.
+        base = f"/apis/monitoring.coreos.com/v1/namespaces/{NAMESPACE}"
+        await hand(emulator, "PATCH", f"{base}/servicemonitors/chat-llm-telemetry", {"spec": {"endpoints": []}})
+        await hand(emulator, "PATCH", f"{base}/prometheusrules/chat-llm-telemetry", {"spec": {"groups": []}})
+        await hand(
+            emulator,
+            "PATCH",
+            f"/api/v1/namespaces/{NAMESPACE}/configmaps/chat-llm-dashboard",
+            {"data": {"chat.json": "{}"}},
+        )
+        await eventually(
+            lambda: (
+                get(emulator, SERVICEMONITORS, "chat-llm-telemetry")["spec"]["endpoints"] == sm["spec"]["endpoints"]
+            ),
+            "ServiceMonitor repaired",
+        )
+        await eventually(
+            lambda: get(emulator, PROMETHEUSRULES, "chat-llm-telemetry")["spec"] == pr["spec"],
+            "PrometheusRule repaired",
+        )
+        await eventually(
+            lambda: get(emulator, CONFIGMAPS, "chat-llm-dashboard")["data"] == dash["data"], "dashboard repaired"
+        )
+
+        # A spec change reaches the pods: new port in env and a new hash, so the pods roll.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 2}, "spec": {"metrics": {"port": 9500}}},
+        )
+        dep = await eventually(
+            lambda: (
+                env_of(get(emulator, DEPLOYMENTS, "chat")).get("LLM_TELEMETRY_METRICS_PORT") == "9500"
+                and get(emulator, DEPLOYMENTS, "chat")
+            ),
+            "new port injected",
+        )
+        assert dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH] != config_hash
+        await eventually(
+            lambda: get(emulator, SERVICES, "chat-llm-metrics")["spec"]["ports"][0]["port"] == 9500, "Service follows"
+        )
+
+    # Idempotence: once the operator has settled, another full pass writes nothing.
+    before = len(list(emulator))
+    client = KubeClient(Connection(server=str(emulator.url).rstrip("/")))
+    try:
+        outcome = await reconcile(client, OperatorConfig(), get(emulator, LLMT, "chat"))
+    finally:
+        await client.close()
+    assert outcome.ready
+    new = list(emulator)[before:]
+    assert [(r.method.value, str(r.url.path)) for r in new if r.method.value != "GET"] == []
+
+    check_usage(emulator)
+
+
+async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        owner = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason")
+                and get(emulator, LLMT, "chat")
+            ),
+            "MetricsExposed written",
+        )
+        assert get(emulator, SERVICES, "chat-llm-metrics") is not None
+        assert get(emulator, CONFIGMAPS, "chat-llm-dashboard") is not None
+        assert condition(owner, c.CONDITION_METRICS)["reason"] == "ServiceMonitorCRDMissing"
+        assert condition(owner, c.CONDITION_ALERTS)["reason"] == "PrometheusRuleCRDMissing"
+        assert condition(owner, c.CONDITION_READY)["status"] == "False"
+        assert condition(owner, c.CONDITION_INJECTED)["status"] == "True"
+        # A failure event for the user (kubectl describe).
+        await eventually(
+            lambda: any(r.method.value == "POST" and "/events" in str(r.url.path) for r in list(emulator)),
+            "event posted",
+        )
+    check_usage(emulator)
+
+
+async def test_invalid_spec_names_the_field(emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(alerts={"ttftObjectiveSeconds": 3})
+    async with running_operator():
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") and get(emulator, LLMT, "chat"),
+            "Ready written",
+        )
+    ready = condition(owner, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.alerts.ttftObjectiveSeconds" in ready["message"]
+    assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+    check_usage(emulator)
+
+
+async def test_relabel_and_delete_remove_injection(emulator: Any, shared_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, shared_crds)
+    original = deployment(env=[{"name": "APP_MODE", "value": "prod"}])
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = original
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "other"] = deployment("other", labels={"app": "chat"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(
+            lambda: (
+                get(emulator, LLMT, "chat")["status"].get("targetCount") == 2
+                if get(emulator, LLMT, "chat").get("status")
+                else False
+            ),
+            "two targets",
+        )
+        # "other" stops matching: its injection and its Service go away.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/other",
+            {"metadata": {"labels": {"app": "batch"}}},
+        )
+        await eventually(
+            lambda: "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "other")), "injection removed"
+        )
+        await eventually(lambda: get(emulator, SERVICES, "other-llm-metrics") is None, "Service of other removed")
+        # Deleting the resource: the finalizer undoes injection and deletes the children.
+        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "LLMTelemetry gone")
     dep = get(emulator, DEPLOYMENTS, "chat")
-    print(dep)
-    print(get(emulator, LLMT, "chat"))
+    assert dep["spec"]["template"]["spec"] == original["spec"]["template"]["spec"]
+    assert c.ANNOTATION_CONFIG_HASH not in (dep["spec"]["template"]["metadata"].get("annotations") or {})
+    assert c.ANNOTATION_INJECTED not in (dep["metadata"].get("annotations") or {})
+    for resource, name in (
+        (SERVICES, "chat-llm-metrics"),
+        (SERVICEMONITORS, "chat-llm-telemetry"),
+        (PROMETHEUSRULES, "chat-llm-telemetry"),
+        (CONFIGMAPS, "chat-llm-dashboard"),
+    ):
+        assert get(emulator, resource, name) is None, name
+    check_usage(emulator)
+
+
+def test_every_declared_permission_is_used() -> None:
+    """Runs after the operator tests above (file order): nothing in rbac.PERMISSIONS is dead weight."""
+    if not USED:
+        import pytest
+
+        pytest.skip("the operator tests above did not run")
+    declared = rbac.declared_triples()
+    assert declared - USED <= UNREACHED, f"declared but never used: {sorted(declared - USED - UNREACHED)}"
