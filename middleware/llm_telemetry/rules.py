@@ -550,5 +550,6 @@ __all__: Sequence[str] = (
     "MetricSpec",
     "build_prometheus_rule",
     "build_rule_groups",
+    "dump_yaml",
     "render_rule_file",
 )
