@@ -176,6 +176,8 @@ class Settings:
         pick("capture_content_max_chars", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS, lambda n, v: _env_int(n, v, 0))
         pick("request_logs", LLM_TELEMETRY_REQUEST_LOGS, _env_bool)
         pick("echo_request_id", LLM_TELEMETRY_ECHO_REQUEST_ID, _env_bool)
+        if overrides.get("redact") is not None:
+            values["redact"] = overrides["redact"]  # a function: no environment variable
         pick("multiproc_dir", LLM_TELEMETRY_MULTIPROC_DIR, lambda n, v: v.strip())
         if overrides.get("capture_content") is not None:
             values["capture_content"] = overrides["capture_content"]

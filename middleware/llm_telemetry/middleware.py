@@ -386,7 +386,7 @@ class LLMTelemetryMiddleware:
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
-        if self.settings.echo_request_id and not request_id:
+        if self.settings.echo_request_id:
             exchange.echo_id = call.request_id.encode("latin-1")
         observers = self._observers
         for observer in observers:

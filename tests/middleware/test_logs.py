@@ -1,0 +1,169 @@
+"""JSON request logs: one line per LLM request on stdout, trace ids matching the exported spans, OTLP export."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.logs import FIELDS, REQUEST_LOGGER, JsonFormatter
+from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
+from support import serve
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+
+
+def log_lines(text: str) -> list[dict[str, Any]]:
+    """Every JSON object line of captured stdout (other output is ignored)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def line_for(lines: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
+    matches = [line for line in lines if line["request_id"] == request_id]
+    assert len(matches) == 1, lines
+    return matches[0]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    with otlp_receiver() as r:
+        yield r
+
+
+def test_one_json_line_per_request_with_trace_ids_of_the_spans(
+    receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with demo_server(tracing_env(receiver, OTEL_SERVICE_NAME="llm-logs")) as (_, base):
+        sdk = client(base)
+        stream = sdk.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"x-request-id": "log-stream-1"},
+        )
+        for _ in stream:
+            pass
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        generated = raw.headers["x-request-id"]
+        with pytest.raises(openai.RateLimitError) as failure:
+            sdk.chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-demo-fail": "rate_limit", "x-request-id": "log-429"},
+            )
+        assert failure.value.response.headers["x-request-id"] == "log-429"
+        sdk.embeddings.create(model="text-embedding-3-small", input=["a b c"], extra_headers={"x-request-id": "e-1"})
+    lines = log_lines(capsys.readouterr().out)
+    assert len(lines) == 4
+
+    streamed = line_for(lines, "log-stream-1")
+    assert list(streamed) == list(FIELDS)  # every field, always, in the documented order
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", streamed["timestamp"])
+    assert streamed["level"] == "info"
+    assert streamed["message"] == "chat gpt-4o 200"
+    assert streamed["service"] == "llm-logs"
+    assert (streamed["operation"], streamed["provider"], streamed["model"]) == ("chat", "openai", "gpt-4o")
+    assert streamed["stream"] is True and streamed["status_code"] == 200 and streamed["error_type"] is None
+    assert (streamed["input_tokens"], streamed["output_tokens"]) == (3, 12)
+    assert streamed["cost_usd"] > 0
+    assert streamed["duration_ms"] >= streamed["ttft_ms"] > 0
+    span = wait_span(receiver, **{"llm.request_id": "log-stream-1"})
+    assert (streamed["trace_id"], streamed["span_id"]) == (span.trace_id, span.span_id)
+
+    # No x-request-id from the client: one is generated and echoed, and it is the one logged.
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    plain = line_for(lines, generated)
+    assert plain["stream"] is False and plain["ttft_ms"] is None and plain["model"] == "gpt-4o-mini"
+    assert plain["trace_id"] == wait_span(receiver, **{"llm.request_id": generated}).trace_id
+
+    failed = line_for(lines, "log-429")
+    assert failed["level"] == "warning"
+    assert (failed["status_code"], failed["error_type"]) == (429, "rate_limit")
+
+    embedded = line_for(lines, "e-1")
+    assert (embedded["operation"], embedded["input_tokens"], embedded["output_tokens"]) == ("embeddings", 3, None)
+
+
+def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    with demo_server({"OTEL_SERVICE_NAME": "llm-plain"}) as (app, base):
+        assert app.telemetry.tracing is None
+        response = httpx.post(
+            base + "/v1/chat/completions", json={"model": "m", "messages": []}, headers={"x-request-id": "plain-1"}
+        )
+        assert response.headers["x-request-id"] == "plain-1"
+    line = line_for(log_lines(capsys.readouterr().out), "plain-1")
+    assert line["trace_id"] is None and line["span_id"] is None
+    assert line["service"] == "llm-plain"
+
+
+def test_request_logs_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with demo_server({"LLM_TELEMETRY_REQUEST_LOGS": "false"}) as (app, base):
+        httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": []})
+        assert app.telemetry.request_logs is None
+    assert log_lines(capsys.readouterr().out) == []
+
+
+def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rerouting: an app that gives the logger its own handler gets the lines there, not on stdout."""
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(REQUEST_LOGGER)
+    logger.addHandler(handler)
+    try:
+        with demo_server({}) as (_, base):
+            httpx.post(base + "/v1/chat/completions", json={"model": "m"}, headers={"x-request-id": "rerouted"})
+    finally:
+        logger.removeHandler(handler)
+    assert line_for(log_lines(sink.getvalue()), "rerouted")["model"] == "m"
+    assert log_lines(capsys.readouterr().out) == []
+
+
+async def sets_its_own_request_id(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", b"from-the-app")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b'{"model": "m", "choices": []}'})
+
+
+def test_request_id_set_by_the_app_is_kept() -> None:
+    app = LLMTelemetryMiddleware(sets_its_own_request_id, metrics_port=0)
+    with serve(app) as base:
+        response = httpx.post(base + "/v1/chat/completions", json={"model": "m"})
+    app.telemetry.shutdown()
+    assert response.headers.get_list("x-request-id") == ["from-the-app"]
+
+
+def test_otlp_log_export(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]) -> None:
+    env = tracing_env(receiver, "grpc", OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-otlp-logs")
+    env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+    with demo_server(env) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-request-id": "otlp-log-1"}
+        )
+    span = wait_span(receiver, **{"llm.request_id": "otlp-log-1"})
+    assert receiver.wait_for(lambda r: any(rec.attributes.get("request_id") == "otlp-log-1" for rec in r.logs))
+    record = next(rec for rec in receiver.logs if rec.attributes.get("request_id") == "otlp-log-1")
+    assert record.protocol == "grpc"
+    assert record.body == "chat gpt-4o 200"
+    assert record.severity_text == "INFO"
+    assert record.resource["service.name"] == "llm-otlp-logs"
+    assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
+    assert record.attributes["status_code"] == 200 and record.attributes["model"] == "gpt-4o"
+    assert "error_type" not in record.attributes  # nulls are left out of OTLP attributes
+    # stdout still gets its line too.
+    assert line_for(log_lines(capsys.readouterr().out), "otlp-log-1")["trace_id"] == span.trace_id

@@ -1,0 +1,303 @@
+"""Traces: spans from a real uvicorn server, driven by the openai/anthropic SDKs, received by a real OTLP receiver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from llm_telemetry.demo.app import create_app
+from llm_telemetry.demo.run import DEMO_TOOLS
+from llm_telemetry.redact import TRUNCATION_MARK, redact
+from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, parent_of, tracing_env, wait_span
+from support import serve
+
+SERVER, INTERNAL = 2, 1  # OTLP span kinds
+ERROR = 2  # OTLP status code
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    with otlp_receiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def http_server(receiver: OTLPReceiver) -> Iterator[str]:
+    with demo_server(tracing_env(receiver), token_delay=0.002) as (_, base):
+        yield base
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+
+
+def test_llm_span_is_child_of_server_span_with_genai_attributes(receiver: OTLPReceiver, http_server: str) -> None:
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    stream = client(http_server).chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "say twelve words please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=50,
+        temperature=0.5,
+        top_p=0.9,
+        extra_headers={"traceparent": f"00-{trace_id}-{caller_span}-01", "x-request-id": "trace-test-1"},
+    )
+    assert len([c for c in stream if c.choices and c.choices[0].delta.content]) == 12
+
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-1"})
+    assert span.name == "chat gpt-4o"
+    assert span.kind == INTERNAL
+    attrs = span.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.request.model"] == "gpt-4o"
+    assert attrs["gen_ai.request.max_tokens"] == 50
+    assert attrs["gen_ai.request.temperature"] == 0.5
+    assert attrs["gen_ai.request.top_p"] == 0.9
+    assert attrs["gen_ai.request.stream"] is True
+    assert attrs["gen_ai.response.model"] == "gpt-4o"
+    assert attrs["gen_ai.response.id"].startswith("chatcmpl-demo")
+    assert attrs["gen_ai.response.finish_reasons"] == ["stop"]
+    assert attrs["gen_ai.usage.input_tokens"] == 4
+    assert attrs["gen_ai.usage.output_tokens"] == 12
+    assert attrs["http.response.status_code"] == 200
+    assert "error.type" not in attrs and span.status_code != ERROR
+    assert "gen_ai.input.messages" not in attrs and "gen_ai.output.messages" not in attrs  # content is opt-in
+    # The first token is one event, inside the span; per-chunk receive/send spans are off.
+    (event,) = [e for e in span.events if e[0] == "gen_ai.first_token"]
+    assert span.start_ns <= event[2] <= span.end_ns
+    assert 0 <= event[1]["gen_ai.response.time_to_first_chunk"] == attrs["gen_ai.response.time_to_first_chunk"]
+    # Parent/child: caller's traceparent -> ASGI server span -> LLM span, in one trace.
+    server = parent_of(receiver, span)
+    assert server.kind == SERVER and server.scope.startswith("opentelemetry.instrumentation.asgi")
+    assert server.trace_id == span.trace_id == trace_id
+    assert server.parent_span_id == caller_span
+    assert [s for s in receiver.spans if s.trace_id == trace_id and s.kind not in (SERVER, INTERNAL)] == []
+    assert len([s for s in receiver.spans if s.trace_id == trace_id]) == 2
+    # The standard variables: service name, resource attributes and exporter headers.
+    assert span.resource["service.name"] == "llm-test"
+    assert span.resource["deployment.environment"] == "test"
+    assert span.protocol == "http"
+    assert any(h.get("x-collector-token") == "secret123" for h in receiver.headers)
+
+
+def test_tool_calls_are_visible_on_the_span(receiver: OTLPReceiver, http_server: str) -> None:
+    client(http_server).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=DEMO_TOOLS,
+        extra_headers={"x-request-id": "trace-test-tools"},
+    )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-tools"})
+    assert span.name == "chat gpt-4o-mini"
+    assert span.attributes["llm.tool_calls.names"] == ["get_weather"]
+    assert span.attributes["llm.tool_calls.count"] == 1
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["tool_calls"]
+    assert span.attributes["gen_ai.request.stream"] is False
+
+
+def test_provider_error_marks_span_error(receiver: OTLPReceiver, http_server: str) -> None:
+    with pytest.raises(openai.RateLimitError):
+        client(http_server).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-demo-fail": "rate_limit", "x-request-id": "trace-test-429"},
+        )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-429"})
+    assert span.status_code == ERROR
+    assert span.attributes["error.type"] == "rate_limit"
+    assert span.attributes["http.response.status_code"] == 429
+
+
+def test_span_ends_when_the_app_raises(receiver: OTLPReceiver, http_server: str) -> None:
+    response = httpx.post(
+        http_server + "/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-demo-fail": "exception", "x-request-id": "trace-test-raise"},
+        timeout=10,
+    )
+    assert response.status_code == 500
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-raise"})
+    assert span.status_code == ERROR
+    assert span.attributes["error.type"] == "app_exception"
+    assert span.end_ns >= span.start_ns > 0
+    assert parent_of(receiver, span).status_code == ERROR  # the server span records the exception too
+
+
+def test_span_ends_when_the_client_disconnects_mid_stream(receiver: OTLPReceiver, http_server: str) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "long story"}], "stream": True}
+    headers = {"x-demo-words": "100000", "x-request-id": "trace-test-disconnect"}
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("POST", http_server + "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        chunks = response.iter_bytes()
+        assert b"data:" in next(chunks)
+        assert b"data:" in next(chunks)
+    # Closing the connection after two chunks of a ~200 s stream: the span must still end, marked as such.
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-disconnect"})
+    assert span.attributes["error.type"] == "client_disconnect"
+    assert span.status_code == ERROR
+    assert span.attributes["gen_ai.request.model"] == "gpt-4o"
+    assert any(e[0] == "gen_ai.first_token" for e in span.events)
+
+
+def test_grpc_export_and_anthropic_stream(receiver: OTLPReceiver) -> None:
+    with demo_server(tracing_env(receiver, "grpc", OTEL_SERVICE_NAME="llm-grpc")) as (_, base):
+        sdk = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        with sdk.messages.stream(
+            model="claude-test",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hello there"}],
+            extra_headers={"x-request-id": "trace-test-grpc"},
+        ) as stream:
+            assert len(stream.get_final_text().split()) == 12
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-grpc"})
+    assert span.protocol == "grpc"
+    assert span.name == "chat claude-test"
+    assert span.resource["service.name"] == "llm-grpc"
+    assert span.attributes["gen_ai.provider.name"] == "anthropic"
+    assert span.attributes["gen_ai.usage.input_tokens"] == 2
+    assert span.attributes["gen_ai.usage.output_tokens"] == 12
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["end_turn"]
+    assert span.attributes["gen_ai.request.max_tokens"] == 64
+    assert parent_of(receiver, span).kind == SERVER
+
+
+def test_no_endpoint_means_no_tracing() -> None:
+    with demo_server({}) as (app, base):
+        assert app.telemetry.tracing is None  # no provider, no observer, no ASGI wrapper
+        response = httpx.post(
+            base + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert response.status_code == 200
+        assert "traceresponse" not in response.headers
+
+
+def test_sampler_always_off_exports_nothing(receiver: OTLPReceiver) -> None:
+    env = tracing_env(receiver, OTEL_TRACES_SAMPLER="always_off", OTEL_SERVICE_NAME="llm-unsampled")
+    with demo_server(env) as (app, base):
+        client(base).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert app.telemetry.tracing is not None
+        assert app.telemetry.tracing.force_flush()
+    assert [s for s in receiver.spans if s.resource.get("service.name") == "llm-unsampled"] == []
+
+
+def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -> None:
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="60")
+    secret = "mail me at jane.doe@example.com with key sk-proj-abcdefghijklmnopqrstuvwxyz012345"
+    with demo_server(env) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": secret}],
+            extra_headers={"x-request-id": "trace-test-content"},
+        )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-content"})
+    raw = span.attributes["gen_ai.input.messages"]
+    assert "jane.doe@example.com" not in raw and "sk-proj-abc" not in raw
+    messages = json.loads(raw)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["parts"] == [{"type": "text", "content": "be brief"}]
+    user = messages[1]["parts"][0]["content"]
+    assert user.startswith("mail me at [email] with key [key]")
+    output = json.loads(span.attributes["gen_ai.output.messages"])
+    assert output[0]["role"] == "assistant" and output[0]["finish_reason"] == "stop"
+    text = output[0]["parts"][0]["content"]
+    assert text.endswith(TRUNCATION_MARK) and len(text) == 60 + len(TRUNCATION_MARK)  # 12 demo words > 60 chars
+
+
+def test_custom_redactor_replaces_the_default(receiver: OTLPReceiver) -> None:
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    with demo_server(env, redact=lambda text: text.replace("Paris", "<city>")) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "Paris, bob@example.com"}],
+            extra_headers={"x-request-id": "trace-test-redactor"},
+        )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-redactor"})
+    assert json.loads(span.attributes["gen_ai.input.messages"])[0]["parts"][0]["content"] == "<city>, bob@example.com"
+
+
+def test_explicit_provider_and_an_outer_server_span(receiver: OTLPReceiver) -> None:
+    """When the app is already instrumented outside us, the LLM span joins that server span: no second one."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-outer"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({}):
+        inner = create_app(metrics_port=0, tracer_provider=provider)
+    outer = OpenTelemetryMiddleware(inner, tracer_provider=provider, exclude_spans=["receive", "send"])
+    with serve(outer) as base:
+        client(base).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-request-id": "outer-1"}
+        )
+    inner.telemetry.shutdown()
+    span = wait_span(receiver, **{"llm.request_id": "outer-1"})
+    server = parent_of(receiver, span)
+    assert server.kind == SERVER
+    assert len([s for s in receiver.spans if s.trace_id == span.trace_id and s.kind == SERVER]) == 1
+    provider.shutdown()
+
+
+def test_global_sdk_provider_is_used_not_replaced() -> None:
+    """An app that installed its own SDK TracerProvider keeps it; the middleware's spans go through it."""
+    script = textwrap.dedent(
+        """
+        import asyncio, httpx
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from llm_telemetry.demo.app import create_app
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        app = create_app(metrics_port=0)
+
+        async def main():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                r = await http.post("/v1/chat/completions", json={"model": "m", "messages": []})
+                assert r.status_code == 200
+
+        asyncio.run(main())
+        assert trace.get_tracer_provider() is provider
+        assert app.telemetry.tracing.provider is provider
+        print(sorted(s.name for s in exporter.get_finished_spans()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = result.stdout.strip().splitlines()[-1]
+    assert "'chat m'" in names and "'POST /v1/chat/completions'" in names
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("write to bob.smith+x@mail.example.co.uk now", "write to [email] now"),
+        ("key sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv and sk-1234567890abcdefghij", "key [key] and [key]"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "Authorization: Bearer [key]"),
+        ("card 4111 1111 1111 1111 or 5500-0000-0000-0004", "card [card] or [card]"),
+        ("order 12345 on 2024-05-01, call +1 555 0100", "order 12345 on 2024-05-01, call +1 555 0100"),
+    ],
+)
+def test_default_redactor_masks_emails_keys_and_cards(text: str, expected: str) -> None:
+    assert redact(text) == expected
