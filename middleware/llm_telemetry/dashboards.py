@@ -425,7 +425,7 @@ def build_dashboard(
     b = _Builder(attribution_labels, jaeger_uid, loki_uid)
     model_legend = f"{{{{{REQUEST_MODEL}}}}}"
     cache_read = f'{TOKEN_TYPE}="cache_read"'
-    input_or_cache_read = f'{TOKEN_TYPE}=~"input|cache_read"'
+    input_tokens = f'{TOKEN_TYPE}="input"'
     tool_error = f'{TOOL_STATUS}="error"'
     requests_rate = f"sum({b.rate(REQUESTS)})"
 
@@ -541,11 +541,11 @@ def build_dashboard(
     )
     b.timeseries(
         "Cache-hit share of input tokens",
-        "cache_read / (input + cache_read) tokens per model: how much of the prompt the provider served from cache.",
+        "cache_read / input tokens per model (input includes cached tokens): the share of the prompt served from cache.",
         [
             b.target(
                 f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, cache_read)})\n/\n"
-                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, input_or_cache_read)})",
+                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, input_tokens)})",
                 model_legend,
             )
         ],
