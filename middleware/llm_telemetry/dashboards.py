@@ -541,7 +541,7 @@ def build_dashboard(
     )
     b.timeseries(
         "Cache-hit share of input tokens",
-        "cache_read / input tokens per model (input includes cached tokens): the share of the prompt served from cache.",
+        "cache_read / input tokens per model (input includes cached tokens): the prompt share served from cache.",
         [
             b.target(
                 f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, cache_read)})\n/\n"
