@@ -1,0 +1,98 @@
+"""Exemplars: latency histogram buckets carry the LLM span's trace id in a real OpenMetrics scrape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
+from support import free_port, scrape_text
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+DURATION = "gen_ai_server_request_duration_seconds_bucket"
+TTFT = "gen_ai_server_time_to_first_token_seconds_bucket"
+
+
+def exemplars(text: str, sample_name: str) -> list[tuple[dict[str, str], Any]]:
+    """(bucket labels, exemplar) for every bucket sample of ``sample_name`` that has one."""
+    return [
+        (dict(s.labels), s.exemplar)
+        for family in parse_openmetrics(text)
+        for s in family.samples
+        if s.name == sample_name and s.exemplar is not None
+    ]
+
+
+def bucket_bounds(text: str, sample_name: str, labels: dict[str, str]) -> list[float]:
+    rest = {k: v for k, v in labels.items() if k != "le"}
+    return sorted(
+        float(s.labels["le"])
+        for family in parse_openmetrics(text)
+        for s in family.samples
+        if s.name == sample_name and {k: v for k, v in s.labels.items() if k != "le"} == rest
+    )
+
+
+def stream_chat(base: str, model: str, request_id: str) -> None:
+    sdk = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+    for _ in sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_headers={"x-request-id": request_id},
+    ):
+        pass
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    with otlp_receiver() as r:
+        yield r
+
+
+def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceiver) -> None:
+    port = free_port()
+    env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-exemplars")
+    with demo_server(env, metrics_port=port, metrics_host="127.0.0.1", token_delay=0.001) as (_, base):
+        stream_chat(base, "gpt-4o", "ex-1")
+        stream_chat(base, "gpt-4o-mini", "ex-2")
+        # A text-format scrape first: it resets the SDK's reservoirs, yet the exemplars must survive it.
+        text = scrape_text(port)
+        assert "trace_id" not in text  # the classic text format has no exemplars
+        om = scrape_text(port, accept=OPENMETRICS)
+        again = scrape_text(port, accept=OPENMETRICS)
+
+    spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for rid in ("ex-1", "ex-2")}
+    for name in (DURATION, TTFT):
+        found = exemplars(om, name)
+        by_model = {labels["gen_ai_request_model"]: (labels, ex) for labels, ex in found}
+        assert set(by_model) == {"gpt-4o", "gpt-4o-mini"}, found
+        for model, rid in (("gpt-4o", "ex-1"), ("gpt-4o-mini", "ex-2")):
+            labels, exemplar = by_model[model]
+            span = spans[rid]
+            assert exemplar.labels == {"trace_id": span.trace_id, "span_id": span.span_id}
+            # The exemplar sits in the bucket its value falls in: above the previous bound, at most this one.
+            bounds = bucket_bounds(om, name, labels)
+            upper = float(labels["le"])
+            lower = max((b for b in bounds if b < upper), default=-math.inf)
+            assert lower < exemplar.value <= upper
+            assert exemplar.timestamp is not None
+    # Kept until a newer measurement replaces them: a second scrape shows the same ones.
+    assert exemplars(again, DURATION) == exemplars(om, DURATION)
+    # Only the latency histograms carry them.
+    assert exemplars(om, "gen_ai_server_time_per_output_token_seconds_bucket") == []
+
+
+def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:
+    port = free_port()
+    for env in ({}, tracing_env(receiver, OTEL_TRACES_SAMPLER="always_off")):
+        with demo_server(env, metrics_port=port, metrics_host="127.0.0.1") as (_, base):
+            stream_chat(base, "gpt-4o", "ex-none")
+            om = scrape_text(port, accept=OPENMETRICS)
+        assert "gen_ai_server_request_duration_seconds_bucket" in om
+        assert exemplars(om, DURATION) == [] and exemplars(om, TTFT) == []
