@@ -1,0 +1,533 @@
+"""Exact metrics across worker processes: real uvicorn and gunicorn servers with several workers on 127.0.0.1.
+
+The multi-worker tests start ``tests/apps/workers_app.py`` under ``uvicorn --workers N`` and
+``gunicorn -w N -k uvicorn.workers.UvicornWorker``, drive it with the ``openai`` SDK and scrape the metrics port,
+which one worker serves for all of them. The fast tests compare the single-process and the shared-state
+exposition in one process, and check that a single-process server never touches the shared-state machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_telemetry import multiproc
+from llm_telemetry.config import Settings
+from llm_telemetry.demo.app import create_app
+from llm_telemetry.telemetry import Telemetry
+from support import Metrics, free_port, scrape_text, serve
+
+REPO = Path(__file__).resolve().parents[2]
+APPS = REPO / "tests" / "apps"
+
+#: The demo counts one input token per word and replies with 12 words.
+MESSAGES: Any = [{"role": "user", "content": "one two three four"}]
+INPUT_TOKENS = 4
+OUTPUT_TOKENS = 12
+EMBED_INPUT = ["alpha beta"]
+EMBED_TOKENS = 2
+#: USD per million tokens of the priced model; the slow streams use an unpriced model.
+PRICES = {"models": {"demo-priced": {"input": 1.0, "output": 2.0}}}
+FIRST_TOKEN_DELAY = 0.02
+
+
+@dataclass
+class Traffic:
+    """Requests sent and completed, from which every expected total follows."""
+
+    streams: int = 0
+    plains: int = 0
+    rate_limited: int = 0
+    embeddings: int = 0
+    #: Slow streams the client closed while a live worker was still sending them.
+    disconnected: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.streams, self.plains, self.rate_limited, self.embeddings, self.disconnected)
+
+
+def assert_totals(metrics: Metrics, sent: Traffic, active: int = 0) -> None:
+    """Every counter, histogram count and the active gauge equal what ``sent`` implies, exactly."""
+    chats = sent.streams + sent.plains
+    priced = {"gen_ai_request_model": "demo-priced"}
+    assert metrics.value("llm_requests_total", **priced) == chats + sent.rate_limited
+    assert metrics.value("llm_requests_total", llm_stream="true", **priced) == sent.streams
+    assert metrics.value("llm_requests_total", gen_ai_request_model="demo-embed") == sent.embeddings
+    assert metrics.value("llm_requests_total", gen_ai_request_model="demo-slow") == sent.disconnected
+    assert metrics.value("llm_errors_total", error_type="rate_limit") == sent.rate_limited
+    assert metrics.value("llm_errors_total", error_type="client_disconnect") == sent.disconnected
+    reported = {"llm_usage_source": "reported"}
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input", **reported, **priced) == chats * INPUT_TOKENS
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", **reported, **priced) == chats * OUTPUT_TOKENS
+    assert (
+        metrics.value("llm_tokens_total", gen_ai_token_type="input", gen_ai_request_model="demo-embed")
+        == sent.embeddings * EMBED_TOKENS
+    )
+    assert metrics.value("llm_cost_usd_total") == pytest.approx(
+        chats * (INPUT_TOKENS * 1.0 + OUTPUT_TOKENS * 2.0) / 1e6
+    )
+    histograms = {
+        "gen_ai_server_request_duration_seconds": chats + sent.rate_limited,
+        "gen_ai_server_time_to_first_token_seconds": sent.streams,
+        "gen_ai_server_time_per_output_token_seconds": sent.streams,
+    }
+    for name, count in histograms.items():
+        assert metrics.value(f"{name}_count", **priced) == count, name
+        assert metrics.value(f"{name}_bucket", le="+Inf", **priced) == count, name
+        buckets = sorted(
+            (float(s["le"]), metrics.value(f"{name}_bucket", le=s["le"], **priced)) for s in _les(metrics, name)
+        )
+        assert [c for _, c in buckets] == sorted(c for _, c in buckets), f"{name} buckets are not cumulative"
+        assert (metrics.value(f"{name}_sum", **priced) > 0) == (count > 0), name
+    # The demo waits FIRST_TOKEN_DELAY before the first token: no stream can land below it.
+    for le, value in _bucket_values(metrics, "gen_ai_server_time_to_first_token_seconds", **priced):
+        if le < FIRST_TOKEN_DELAY:
+            assert value == 0
+    assert metrics.value("llm_requests_active") == active
+
+
+def _les(metrics: Metrics, name: str) -> list[dict[str, str]]:
+    seen: dict[str, dict[str, str]] = {}
+    for labels in metrics.series(f"{name}_bucket"):
+        seen.setdefault(labels["le"], labels)
+    return list(seen.values())
+
+
+def _bucket_values(metrics: Metrics, name: str, **labels: str) -> list[tuple[float, float]]:
+    return [(float(s["le"]), metrics.value(f"{name}_bucket", le=s["le"], **labels)) for s in _les(metrics, name)]
+
+
+def _client(base: str) -> openai.OpenAI:
+    # "Connection: close" makes every request a new connection, which any worker may accept.
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="test", max_retries=0, default_headers={"Connection": "close"})
+
+
+def drive(base: str, streams: int, plains: int, rate_limited: int, embeddings: int) -> tuple[Traffic, set[int]]:
+    """Send a mix concurrently through the openai SDK; return what was sent and the pids of the answering workers."""
+    client = _client(base)
+    pids: set[int] = set()
+
+    def stream() -> None:
+        with client.chat.completions.with_streaming_response.create(
+            model="demo-priced", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            pids.add(int(response.headers["x-worker-pid"]))
+            chunks = list(response.parse())
+        assert chunks[-1].usage is not None
+
+    def plain() -> None:
+        raw = client.chat.completions.with_raw_response.create(model="demo-priced", messages=MESSAGES)
+        pids.add(int(raw.headers["x-worker-pid"]))
+        assert raw.parse().usage is not None
+
+    def limited() -> None:
+        with pytest.raises(openai.RateLimitError) as failure:
+            client.chat.completions.create(
+                model="demo-priced", messages=MESSAGES, extra_headers={"x-demo-fail": "rate_limit"}
+            )
+        pids.add(int(failure.value.response.headers["x-worker-pid"]))
+
+    def embed() -> None:
+        raw = client.embeddings.with_raw_response.create(model="demo-embed", input=EMBED_INPUT)
+        pids.add(int(raw.headers["x-worker-pid"]))
+
+    jobs: list[Callable[[], None]] = [stream] * streams + [plain] * plains + [limited] * rate_limited
+    jobs += [embed] * embeddings
+    jobs = jobs[::2] + jobs[1::2]  # interleave the kinds
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+    client.close()
+    return Traffic(streams, plains, rate_limited, embeddings), pids
+
+
+class SlowStreams:
+    """Streams that stay in flight (100 000 words) until closed; each remembers the worker serving it."""
+
+    def __init__(self, base: str) -> None:
+        self.client = _client(base)
+        self.stack = contextlib.ExitStack()
+        self.open: list[tuple[int, Any]] = []
+
+    def start(self) -> int:
+        response = self.stack.enter_context(
+            self.client.chat.completions.with_streaming_response.create(
+                model="demo-slow", messages=MESSAGES, stream=True, extra_headers={"x-demo-words": "100000"}
+            )
+        )
+        pid = int(response.headers["x-worker-pid"])
+        chunks = iter(response.parse())
+        next(chunks)  # the server is now inside the request
+        self.open.append((pid, chunks))
+        return pid
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stack.close()
+        self.client.close()
+
+
+def process_children(pid: int) -> set[int]:
+    """The server's worker processes (not multiprocessing's resource tracker, which uvicorn's spawn starts)."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid and b"resource_tracker" not in cmdline:
+                children.add(int(entry.name))
+    return children
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
+    """Poll until ``check`` returns something truthy (exceptions count as not yet); fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except Exception as exc:
+            last = exc
+        else:
+            if result:
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+class Server:
+    """A real uvicorn or gunicorn server with ``workers`` worker processes, in its own session."""
+
+    def __init__(self, kind: str, workers: int, port: int, metrics_port: int, env: dict[str, str], log: Path) -> None:
+        self.kind = kind
+        self.workers = workers
+        self.port = port
+        self.metrics_port = metrics_port
+        self.env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base = f"http://127.0.0.1:{port}"
+
+    def command(self) -> list[str]:
+        if self.kind == "uvicorn":
+            return [sys.executable, "-m", "uvicorn", "workers_app:app", "--app-dir", str(APPS),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
+        return [sys.executable, "-m", "gunicorn", "workers_app:app", "--chdir", str(APPS),
+                "-w", str(self.workers), "-k", "uvicorn.workers.UvicornWorker",
+                "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5"]  # fmt: skip
+
+    def start(self) -> Server:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for("the server's workers", lambda: len(process_children(self.pid)) == self.workers)
+        wait_for("the app", lambda: urllib.request.urlopen(f"{self.base}/healthz", timeout=5).status == 200)
+        wait_for("the metrics port", lambda: scrape_text(self.metrics_port))
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def scrape(self) -> Metrics:
+        return Metrics(scrape_text(self.metrics_port))
+
+    def serving_pid(self, metrics: Metrics) -> int:
+        """The worker that answered this scrape: its ``service.instance.id`` ends with its pid."""
+        (info,) = metrics.series("target_info")
+        return int(info["service_instance_id"].rsplit("-", 1)[1])
+
+
+def _server_env(tmp_path: Path, metrics_port: int, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
+    (tmp_path / "prices.json").write_text(json.dumps(PRICES))
+    env.update(
+        {
+            "LLM_TELEMETRY_METRICS_PORT": str(metrics_port),
+            "LLM_TELEMETRY_METRICS_HOST": "127.0.0.1",
+            "LLM_TELEMETRY_PRICING": str(tmp_path / "prices.json"),
+            "LLM_TELEMETRY_REQUEST_LOGS": "false",
+            "OTEL_TRACES_EXPORTER": "none",
+            # The default shared directory lives under the temp dir; keep it inside this test's directory.
+            "TMPDIR": str(tmp_path / "tmp"),
+            "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+            "WORKERS_APP_FIRST_TOKEN_DELAY": str(FIRST_TOKEN_DELAY),
+            **extra,
+        }
+    )
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return env
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+CASES = [
+    pytest.param("uvicorn", 2, "default", id="uvicorn-2"),
+    pytest.param("uvicorn", 4, "default", id="uvicorn-4"),
+    pytest.param("gunicorn", 2, "prometheus-dir", id="gunicorn-2"),
+    pytest.param("gunicorn", 4, "default", id="gunicorn-4"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "workers", "state_dir"), CASES)
+def test_workers_scrapes_are_exact_across_kill_and_restart(
+    kind: str, workers: int, state_dir: str, tmp_path: Path
+) -> None:
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    extra = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")} if state_dir == "prometheus-dir" else {}
+    env = _server_env(tmp_path, metrics_port, extra)
+    server = Server(kind, workers, port, metrics_port, env, tmp_path / "server.log")
+
+    with running(server):
+        first_workers = process_children(server.pid)
+        sent, pids = drive(server.base, streams=8 * workers, plains=6 * workers, rate_limited=2, embeddings=2)
+        assert len(pids) >= 2, f"all traffic went to one worker ({pids}); the merge is not exercised"
+        scrapes = [server.scrape() for _ in range(3)]
+        for metrics in scrapes:
+            assert_totals(metrics, sent)
+        # Idle, so every scrape is the same merge, byte for byte (buckets and sums included).
+        assert scrapes[0].text == scrapes[1].text == scrapes[2].text
+
+        # Streams in flight on several workers: the active gauge is their live sum.
+        slow = SlowStreams(server.base)
+        try:
+            for _ in range(2 * workers):
+                slow.start()
+            assert_totals(server.scrape(), sent, active=len(slow.open))
+
+            # SIGKILL the worker serving the metrics port, and a worker holding streams if that is another one.
+            holder = server.serving_pid(server.scrape())
+            assert holder in first_workers
+            victims = {holder}
+            if holder not in {pid for pid, _ in slow.open}:
+                victims.add(slow.open[0][0])
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            survivors = [(pid, chunks) for pid, chunks in slow.open if pid not in victims]
+
+            # Another worker takes the port over; nothing counted is lost, the dead workers' streams are gone.
+            after = wait_for("another worker to serve the metrics", lambda: server.scrape())
+            assert server.serving_pid(after) not in victims
+            assert_totals(after, sent, active=len(survivors))
+            assert_totals(server.scrape(), sent, active=len(survivors))
+        finally:
+            slow.close()
+        # Closing the surviving streams ends them as client disconnects on their (live) workers.
+        sent.disconnected += len(survivors)
+        wait_for("the closed streams to end", lambda: server.scrape().value("llm_requests_active") == 0)
+        assert_totals(server.scrape(), sent)
+
+        # The replacements join: keep sending until one of them has answered, counting everything sent.
+        def replaced() -> set[int]:
+            fresh = process_children(server.pid) - first_workers
+            return fresh if len(fresh) == len(victims) else set()
+
+        replacements = wait_for("replacement workers", replaced)
+        served: set[int] = set()
+        for _ in range(40):
+            more, pids = drive(server.base, streams=2, plains=6, rate_limited=0, embeddings=0)
+            sent += more
+            served |= pids
+            if served & replacements:
+                break
+        assert served & replacements, "no replacement worker answered any request"
+        for _ in range(2):
+            assert_totals(server.scrape(), sent)
+        old_state = sorted(p.name for p in (tmp_path / "tmp").glob("llm-telemetry-*/*"))
+
+    log = server.log.read_text(errors="replace")
+    assert "address already in use" not in log.lower()
+    assert "errno 98" not in log.lower()
+
+    # A restart of the whole service starts from zero: state left by the previous run is not added in.
+    server.log = tmp_path / "restart.log"
+    with running(server):
+        fresh, _ = drive(server.base, streams=2, plains=2, rate_limited=1, embeddings=1)
+        assert_totals(server.scrape(), fresh)
+        if state_dir == "default":
+            new_state = sorted(p.name for p in (tmp_path / "tmp").glob("llm-telemetry-*/*"))
+            assert new_state == [f"{kind}-{server.pid}"] and old_state != new_state, (old_state, new_state)
+    assert "address already in use" not in server.log.read_text(errors="replace").lower()
+
+
+# --- one process ------------------------------------------------------------------------------------------
+
+
+def _families(text: str, openmetrics: bool = False) -> dict[str, tuple[str, str, set[frozenset[str]], set[str]]]:
+    """name -> (type, unit, label-name sets, bucket bounds) of a scrape, minus target_info."""
+    parse = parse_openmetrics if openmetrics else text_string_to_metric_families
+    result = {}
+    for family in parse(text):
+        if family.name.startswith("target"):
+            continue
+        labels = {frozenset(k for k in s.labels if k != "le") for s in family.samples}
+        les = {s.labels["le"] for s in family.samples if "le" in s.labels}
+        result[family.name] = (family.type, family.unit, labels, les)
+    return result
+
+
+def _drive_in_process(base: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="test", max_retries=0)
+    for _ in client.chat.completions.create(
+        model="demo-priced", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ):
+        pass
+    client.chat.completions.create(model="demo-priced", messages=MESSAGES)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers={"x-tenant": "acme"})
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="demo-priced", messages=MESSAGES, extra_headers={"x-demo-fail": "rate_limit"}
+        )
+    client.embeddings.create(model="demo-embed", input=EMBED_INPUT)
+    client.close()
+
+
+def test_workers_exposition_matches_single_process(tmp_path: Path) -> None:
+    """Same traffic, both modes: same families, types, units, label sets, buckets and counter values."""
+    texts: dict[str, dict[str, str]] = {}
+    modes: list[tuple[str, dict[str, Any]]] = [("single", {}), ("shared", {"multiproc_dir": str(tmp_path / "state")})]
+    for mode, options in modes:
+        app = create_app(
+            metrics_port=0,
+            metrics_app_path="/metrics",
+            pricing=PRICES,
+            attribution_headers={"x-tenant": "tenant"},
+            request_logs=False,
+            **options,
+        )
+        with serve(app) as base:
+            _drive_in_process(base)
+            port = int(base.rsplit(":", 1)[1])
+            texts[mode] = {
+                "text": scrape_text(port),
+                "openmetrics": scrape_text(port, accept="application/openmetrics-text; version=1.0.0"),
+            }
+        app.telemetry.shutdown()
+        assert (app.telemetry.workers is not None) == (mode == "shared")
+    assert any(name.endswith(".db") for name in os.listdir(tmp_path / "state"))
+
+    single, shared = texts["single"], texts["shared"]
+    assert _families(single["text"]) == _families(shared["text"])
+    assert _families(single["openmetrics"], True) == _families(shared["openmetrics"], True)
+    assert "llm_metadata_tenant" in {k for f in _families(single["text"]).values() for s in f[2] for k in s}
+    one, many = Metrics(single["text"]), Metrics(shared["text"])
+    for name in ("llm_requests_total", "llm_tokens_total", "llm_errors_total", "llm_cost_usd_total"):
+        assert sorted((sorted(s.labels.items()), s.value) for s in one.samples if s.name == name) == sorted(
+            (sorted(s.labels.items()), s.value) for s in many.samples if s.name == name
+        ), name
+    for name in ("gen_ai_server_request_duration_seconds_count", "gen_ai_server_time_to_first_token_seconds_count"):
+        assert one.value(name) == many.value(name) > 0
+
+
+def test_workers_single_process_pays_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No supervisor, no explicit directory: the plain OpenTelemetry path, and no files anywhere."""
+    for var in ("PROMETHEUS_MULTIPROC_DIR", "LLM_TELEMETRY_MULTIPROC_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    assert multiproc.detect_supervisor() is None
+    telemetry = Telemetry(Settings.resolve(metrics_port=0, request_logs=False))
+    try:
+        assert telemetry.workers is None
+        assert type(telemetry.instruments.tokens).__module__.startswith("opentelemetry.")
+    finally:
+        telemetry.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_explicit_off_wins_over_prometheus_dir(tmp_path: Path) -> None:
+    settings = Settings.resolve(metrics_port=0, multiproc_dir="off")
+    assert multiproc.activate(settings, env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workers_state_of_a_previous_server_is_wiped(tmp_path: Path) -> None:
+    """Same directory, another supervisor (a restarted service): the old numbers are not added in."""
+    settings = Settings.resolve(metrics_port=0, request_logs=False, multiproc_dir=str(tmp_path))
+    before = multiproc.SharedState(str(tmp_path), multiproc.Supervisor("parent", os.getpid()))
+    before.add(json.dumps(["llm.requests", "c", []]), 5)
+    before.close()
+    # The pid of the supervisor of the next run: a process that has exited, so its identity no longer matches.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    after = multiproc.SharedState(str(tmp_path), multiproc.Supervisor("parent", int(gone.stdout)))
+    try:
+        assert after.merged() == {}
+    finally:
+        after.close()
+    mode = multiproc.activate(settings)
+    assert mode is not None and mode.state is not None
+    mode.close()
+
+
+def test_workers_dead_worker_counters_kept_gauges_dropped(tmp_path: Path) -> None:
+    """A real second process records and is SIGKILLed: its counters stay, its live gauge share goes."""
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    mine = multiproc.SharedState(str(tmp_path), supervisor)
+    counter, gauge = json.dumps(["llm.requests", "c", []]), json.dumps(["llm.requests.active", "g", []])
+    mine.add(counter, 1)
+    mine.add(gauge, 1)
+    script = (
+        "import os, sys, time\n"
+        "from llm_telemetry import multiproc\n"
+        f"state = multiproc.SharedState({str(tmp_path)!r}, multiproc.Supervisor('parent', {os.getpid()}))\n"
+        f"state.add({counter!r}, 2); state.add({gauge!r}, 3)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"ready\n"
+        assert mine.merged() == {counter: 3, gauge: 4}
+        other.kill()
+        other.wait(timeout=10)
+        assert mine.merged() == {counter: 3, gauge: 1}
+        assert mine.merged() == {counter: 3, gauge: 1}  # folded into the archive once, not twice
+        assert sorted(p.suffix for p in tmp_path.iterdir() if p.name.startswith("w")) == [".alive", ".db"]
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+        mine.close()
