@@ -197,9 +197,11 @@ def _child_handler(group: str, version: str, plural: str) -> None:
     async def child_event(
         type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
-        """A child was edited or deleted by hand: put it back."""
-        if type not in ("MODIFIED", "DELETED"):
-            return
+        """A child was edited or deleted by hand: put it back.
+
+        Every event type counts: after a watch reconnects, an edit made meanwhile arrives as a listing (ADDED).
+        The pass is idempotent, so events caused by our own writes end in a pass that writes nothing.
+        """
         owner_name = (body["metadata"].get("labels") or {}).get(c.LABEL_OWNER)
         for owner in _owners(memo, namespace):
             if owner["metadata"]["name"] == owner_name:
