@@ -9,11 +9,13 @@ exposition in one process, and check that a single-process server never touches 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -531,3 +533,75 @@ def test_workers_dead_worker_counters_kept_gauges_dropped(tmp_path: Path) -> Non
         other.kill()
         other.wait(timeout=10)
         mine.close()
+
+
+class _OTLPReceiver:
+    """A real OTLP/HTTP metrics endpoint: keeps the latest cumulative ``llm.requests`` total per instance id."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        self.requests: dict[str, float] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                export = ExportMetricsServiceRequest.FromString(body)
+                for resource_metrics in export.resource_metrics:
+                    attributes = {a.key: a.value.string_value for a in resource_metrics.resource.attributes}
+                    instance = attributes["service.instance.id"]
+                    for scope_metrics in resource_metrics.scope_metrics:
+                        for metric in scope_metrics.metrics:
+                            if metric.name == "llm.requests":
+                                points = metric.sum.data_points
+                                receiver.requests[instance] = sum(p.as_int or p.as_double for p in points)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.slow
+def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path) -> None:
+    """With OTLP on as well, each worker pushes its own cumulative numbers under its own service.instance.id."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    receiver = _OTLPReceiver()
+    port, metrics_port = free_port(), free_port()
+    env = _server_env(
+        tmp_path,
+        metrics_port,
+        {
+            "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/metrics",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            # Even an instance id set for the whole service comes out distinct per worker.
+            "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a",
+        },
+    )
+    try:
+        with running(Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")) as server:
+            workers = process_children(server.pid)
+            sent, pids = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
+            total = sent.streams + sent.plains + sent.rate_limited + sent.embeddings
+            assert_totals(server.scrape(), sent)
+            wait_for("every request to be pushed", lambda: sum(receiver.requests.values()) == total)
+            instances = {instance for instance, count in receiver.requests.items() if count}
+            assert {int(i.rsplit("-", 1)[1]) for i in instances} == pids <= workers
+            assert all(i.startswith("pod-a-") for i in instances)
+    finally:
+        receiver.close()
