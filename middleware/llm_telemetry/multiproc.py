@@ -87,7 +87,7 @@ def detect_supervisor() -> Supervisor | None:
             return Supervisor("uvicorn", parent.pid)
     if os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/") and "gunicorn.arbiter" in sys.modules:
         ppid = os.getppid()
-        if ppid > 1:
+        if ppid > 0:  # the arbiter is often pid 1 in a container
             return Supervisor("gunicorn", ppid)
     return None
 
@@ -125,7 +125,7 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
         if not explicit and not prom_dir:
             return None
         ppid = os.getppid()
-        supervisor = Supervisor("parent", ppid if ppid > 1 else os.getpid())
+        supervisor = Supervisor("parent", ppid if ppid > 0 else os.getpid())
     if "prometheus" not in settings.metrics_exporters:
         return WorkerMode(supervisor, None)
     if explicit:
