@@ -204,6 +204,15 @@ def process_children(pid: int) -> set[int]:
     return children
 
 
+def is_running(pid: int) -> bool:
+    """False once ``pid`` has exited, even if its parent has not reaped it yet (a zombie holds no files)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+
+
 def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
     """Poll until ``check`` returns something truthy (exceptions count as not yet); fail after ``seconds``."""
     deadline = time.monotonic() + seconds
@@ -327,6 +336,11 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
     with running(server):
         first_workers = process_children(server.pid)
         sent, pids = drive(server.base, streams=8 * workers, plains=6 * workers, rate_limited=2, embeddings=2)
+        for _ in range(20):  # the kernel picks the accepting worker; make sure the merge has several to add up
+            if len(pids) >= 2:
+                break
+            more, more_pids = drive(server.base, streams=2, plains=6, rate_limited=0, embeddings=0)
+            sent, pids = sent + more, pids | more_pids
         assert len(pids) >= 2, f"all traffic went to one worker ({pids}); the merge is not exercised"
         scrapes = [server.scrape() for _ in range(3)]
         for metrics in scrapes:
@@ -349,6 +363,8 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
                 victims.add(slow.open[0][0])
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
+            for pid in victims:  # the signal is asynchronous: wait until the kernel has closed its files
+                wait_for(f"worker {pid} to die", lambda pid=pid: not is_running(pid))
             survivors = [(pid, chunks) for pid, chunks in slow.open if pid not in victims]
 
             # Another worker takes the port over; nothing counted is lost, the dead workers' streams are gone.
