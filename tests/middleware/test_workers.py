@@ -108,6 +108,16 @@ def assert_totals(metrics: Metrics, sent: Traffic, active: int = 0) -> None:
     assert metrics.value("llm_requests_active") == active
 
 
+def settle(server: Server, sent: Traffic) -> None:
+    """Wait until the last responses are recorded: a worker records a call just after its last byte is sent."""
+
+    def recorded() -> bool:
+        assert_totals(server.scrape(), sent)
+        return True
+
+    wait_for("the last requests to be recorded", recorded)
+
+
 def _les(metrics: Metrics, name: str) -> list[dict[str, str]]:
     seen: dict[str, dict[str, str]] = {}
     for labels in metrics.series(f"{name}_bucket"):
@@ -342,6 +352,7 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
             more, more_pids = drive(server.base, streams=2, plains=6, rate_limited=0, embeddings=0)
             sent, pids = sent + more, pids | more_pids
         assert len(pids) >= 2, f"all traffic went to one worker ({pids}); the merge is not exercised"
+        settle(server, sent)
         scrapes = [server.scrape() for _ in range(3)]
         for metrics in scrapes:
             assert_totals(metrics, sent)
@@ -376,7 +387,14 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
             slow.close()
         # Closing the surviving streams ends them as client disconnects on their (live) workers.
         sent.disconnected += len(survivors)
-        wait_for("the closed streams to end", lambda: server.scrape().value("llm_requests_active") == 0)
+
+        def settled() -> bool:
+            # A request leaves the gauge first and is counted right after: wait for both.
+            metrics = server.scrape()
+            slow_requests = metrics.value("llm_requests_total", gen_ai_request_model="demo-slow")
+            return metrics.value("llm_requests_active") == 0 and slow_requests == sent.disconnected
+
+        wait_for("the closed streams to end", settled)
         assert_totals(server.scrape(), sent)
 
         # The replacements join: keep sending until one of them has answered, counting everything sent.
@@ -393,6 +411,7 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
             if served & replacements:
                 break
         assert served & replacements, "no replacement worker answered any request"
+        settle(server, sent)
         for _ in range(2):
             assert_totals(server.scrape(), sent)
         old_state = sorted(p.name for p in (tmp_path / "tmp").glob("llm-telemetry-*/*"))
@@ -405,6 +424,7 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
     server.log = tmp_path / "restart.log"
     with running(server):
         fresh, _ = drive(server.base, streams=2, plains=2, rate_limited=1, embeddings=1)
+        settle(server, fresh)
         assert_totals(server.scrape(), fresh)
         if state_dir == "default":
             new_state = sorted(p.name for p in (tmp_path / "tmp").glob("llm-telemetry-*/*"))
@@ -460,6 +480,8 @@ def test_workers_exposition_matches_single_process(tmp_path: Path) -> None:
         with serve(app) as base:
             _drive_in_process(base)
             port = int(base.rsplit(":", 1)[1])
+            # The last call is recorded just after its response went out.
+            wait_for("5 recorded requests", lambda p=port: Metrics(scrape_text(p)).value("llm_requests_total") == 5)
             texts[mode] = {
                 "text": scrape_text(port),
                 "openmetrics": scrape_text(port, accept="application/openmetrics-text; version=1.0.0"),
@@ -614,6 +636,7 @@ def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path) -> None:
             workers = process_children(server.pid)
             sent, pids = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
             total = sent.streams + sent.plains + sent.rate_limited + sent.embeddings
+            settle(server, sent)
             assert_totals(server.scrape(), sent)
             wait_for("every request to be pushed", lambda: sum(receiver.requests.values()) == total)
             instances = {instance for instance, count in receiver.requests.items() if count}
