@@ -7,6 +7,7 @@ import copy
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -31,6 +32,30 @@ _CHILD_RESOURCES = (
 _MANAGED = {c.LABEL_MANAGED_BY: c.MANAGER}
 
 
+@dataclass
+class OperatorState:
+    """What every handler of every object must see: the latest LLMTelemetry bodies and one lock per resource.
+
+    kopf hands each object's handlers a *shallow copy* of the operator memo, made when the object is first
+    seen (kopf ``docs/memos.rst``: "The memo is shared by all handlers of the same individual resource").
+    A dict created later with ``memo.setdefault(...)`` in a resource handler therefore lives in that one
+    object's copy only: a Deployment's or a child's handler would never see the LLMTelemetry bodies. So the
+    state is created once, in the startup handler, on the operator-wide memo every copy refers to.
+    """
+
+    #: Latest body of every LLMTelemetry, by (namespace, name).
+    bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: One lock per LLMTelemetry, so passes for the same resource never interleave.
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+
+def _state(memo: Any) -> OperatorState:
+    state = memo.get("state")
+    if not isinstance(state, OperatorState):
+        raise RuntimeError("operator state missing from memo: the startup handler did not run")
+    return state
+
+
 def _config(memo: Any) -> OperatorConfig:
     if memo.get("config") is None:
         memo["config"] = OperatorConfig.from_env()
@@ -46,8 +71,7 @@ def _client(memo: Any) -> KubeClient:
 
 
 def _lock(memo: Any, namespace: str, name: str) -> asyncio.Lock:
-    locks: dict[tuple[str, str], asyncio.Lock] = memo.setdefault("locks", {})
-    return locks.setdefault((namespace, name), asyncio.Lock())
+    return _state(memo).locks.setdefault((namespace, name), asyncio.Lock())
 
 
 def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,6 +82,8 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     config = _config(memo)
     _client(memo)
+    # Shared by all objects' handlers only because it is put on the operator memo here (see OperatorState).
+    memo["state"] = OperatorState()
     # Our own finalizer name, so `kubectl get -o yaml` tells users who holds the object.
     settings.persistence.finalizer = c.FINALIZER
     # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
@@ -126,7 +152,7 @@ async def llmtelemetry_resync(
         await stopped.wait(_config(memo).resync_seconds)
         if stopped:
             break
-        owner = memo.get("bodies", {}).get((namespace, name))
+        owner = _state(memo).bodies.get((namespace, name))
         if owner is not None and not owner["metadata"].get("deletionTimestamp"):
             try:
                 await _reconcile(memo, owner, "resync", logger)
@@ -140,14 +166,14 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     async with _lock(memo, meta["namespace"], meta["name"]):
         touched = await rec.remove_injection(_client(memo), _config(memo), body)
         deleted = await rec.delete_children(_client(memo), body)
-    memo.get("bodies", {}).pop((meta["namespace"], meta["name"]), None)
+    _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
 def llmtelemetry_track(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children."""
-    bodies: dict[tuple[str, str], dict[str, Any]] = memo.setdefault("bodies", {})
+    bodies = _state(memo).bodies
     if type == "DELETED":
         bodies.pop((namespace, name), None)
     else:
@@ -155,7 +181,7 @@ def llmtelemetry_track(type: str | None, body: kopf.Body, name: str, namespace: 
 
 
 def _owners(memo: Any, namespace: str) -> list[dict[str, Any]]:
-    bodies: dict[tuple[str, str], dict[str, Any]] = memo.get("bodies") or {}
+    bodies = _state(memo).bodies
     return [
         b for (ns, _), b in sorted(bodies.items()) if ns == namespace and not b["metadata"].get("deletionTimestamp")
     ]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime
 import json
 import pathlib
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import jsonschema
+import kmock as kmocklib
 import kopf
 import pytest
 import yaml
@@ -30,6 +33,134 @@ SERVICES = "v1/services"
 CONFIGMAPS = "v1/configmaps"
 SERVICEMONITORS = "monitoring.coreos.com/v1/servicemonitors"
 PROMETHEUSRULES = "monitoring.coreos.com/v1/prometheusrules"
+
+
+class _RecordingBus(kmocklib.Bus):  # type: ignore[misc]
+    """kmock's per-resource event bus, also keeping every event with the resourceVersion it happened at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, Any]] = []
+        self.version: Callable[[], int] = lambda: 0
+
+    async def put(self, *items: Any) -> None:
+        self.history.extend((self.version(), item) for item in items)
+        await super().put(*items)
+
+
+class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus the resourceVersion semantics of a real API server.
+
+    kmock stores objects as sent: no ``uid``, a ``resourceVersion`` that never changes, lists stamped
+    ``resourceVersion: "..."``, and every watch starts by replaying all objects as ADDED, whatever
+    ``resourceVersion`` it asks to start from. A real API server gives every created object a ``uid`` and
+    every write a new ``resourceVersion``; a watch from a list's ``resourceVersion`` gets exactly the events
+    after that list; a write carrying a stale ``metadata.resourceVersion`` gets 409, a JSON patch whose
+    ``test`` op fails gets 422. kopf depends on all of it: it keys its per-object memory by ``uid``, and after
+    its own patch it waits for the patched ``resourceVersion`` to tell fresh events from stale ones (with a
+    fixed version, a replayed stale event passes for fresh and the handlers run on outdated bodies).
+    """
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._rv = 1000
+        # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
+        # from a list's resourceVersion misses nothing and replays nothing.
+        self._writes = asyncio.Lock()
+        self._buses.default_factory = self._new_bus
+
+    def _new_bus(self) -> _RecordingBus:
+        bus = _RecordingBus()
+        bus.version = lambda: self._rv
+        return bus
+
+    async def _handle(self, request: Any) -> Any:
+        action, data = request.action, request.data
+        if request.resource is None or action not in (
+            kmocklib.action.CREATE,
+            kmocklib.action.UPDATE,
+            kmocklib.action.DELETE,
+        ):
+            return await super()._handle(request)
+        async with self._writes:
+            if action == kmocklib.action.CREATE and isinstance(data, dict):
+                self._rv += 1
+                meta = data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", datetime.datetime.now(tz=datetime.timezone.utc).isoformat())
+                meta["resourceVersion"] = str(self._rv)
+            elif action == kmocklib.action.UPDATE and request.name is not None:
+                current = get_raw(self, request.resource, request.namespace, request.name)
+                if current is not None:
+                    self._precondition(current, data)
+                    self._rv += 1
+                    if isinstance(data, dict):
+                        data.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    elif isinstance(data, list):
+                        data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self._rv)})
+            else:
+                self._rv += 1
+            return await super()._handle(request)
+
+    async def _serve_list(self, request: Any) -> Any:
+        async with self._writes:
+            result = await super()._serve_list(request)
+            result["metadata"]["resourceVersion"] = str(self._rv)
+        return result
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        since = request.params.get("resourceVersion", "")
+        if not since.isdigit():
+            async for item in super()._serve_watch(request):
+                yield item
+            return
+        yield b""  # send the headers now, as kmock's own watch does
+        bus = self._buses[request.resource]
+        async with self._writes:
+            marker = await bus.mark()
+            backlog = [event for version, event in bus.history if version > int(since)]
+        try:
+            for event in backlog:
+                if self._selected(request, event):
+                    yield event
+            async for event in bus.stream(since=marker):
+                if self._selected(request, event):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    @staticmethod
+    def _selected(request: Any, event: Mapping[str, Any]) -> bool:
+        meta = event.get("object", {}).get("metadata", {})
+        return request.namespace in (None, meta.get("namespace")) and request.name in (None, meta.get("name"))
+
+    @staticmethod
+    def _precondition(current: Mapping[str, Any], data: Any) -> None:
+        have = (current.get("metadata") or {}).get("resourceVersion")
+        if isinstance(data, dict):
+            want = (data.get("metadata") or {}).get("resourceVersion")
+            if want is not None and want != have:
+                raise kmocklib.KubernetesError(
+                    status=409, reason="Conflict", message=f"resourceVersion {want} is stale, the object is at {have}"
+                )
+        elif isinstance(data, list):
+            for op in data:
+                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op["value"] != have:
+                    raise kmocklib.KubernetesError(status=422, reason="Invalid", message="test op failed")
+
+
+@pytest.fixture
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """Every operator test talks to :class:`ApiServerEmulator`."""
+    return {**kmock_options, "cls": ApiServerEmulator}
+
+
+def get_raw(kmock: Any, resource: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
+    try:
+        obj = kmock.objects[resource, namespace, name]
+        return dict(obj.raw)
+    except (KeyError, ValueError):
+        return None
 
 
 def load_crd(path: pathlib.Path) -> dict[str, Any]:
@@ -100,11 +231,8 @@ def deployment(
 
 def get(kmock: Any, resource: str, name: str, namespace: str | None = NAMESPACE) -> dict[str, Any] | None:
     """The object's current state, or None (``key in kmock.objects`` is unreliable: index and catch)."""
-    try:
-        obj = kmock.objects[resource, namespace, name]
-        return copy.deepcopy(dict(obj.raw))
-    except (KeyError, ValueError):
-        return None
+    obj = get_raw(kmock, resource, namespace, name)
+    return None if obj is None else copy.deepcopy(obj)
 
 
 def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:

@@ -51,9 +51,6 @@ UNREACHED = {
 }
 
 
-_version = 100
-
-
 def env_of(dep: dict[str, Any] | None) -> dict[str, Any]:
     container = (dep or {})["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
@@ -81,11 +78,7 @@ def check_usage(kmock: Any) -> None:
 
 
 async def hand(kmock: Any, method: str, path: str, body: Any = None) -> None:
-    """An edit by someone else; it bumps resourceVersion as a real API server would (kmock does not)."""
-    global _version
-    if body is not None:
-        _version += 1
-        body = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": str(_version)}}
+    """An edit by someone else (kubectl edit, another controller), sent over HTTP like any client."""
     headers = {**HAND, "Content-Type": "application/merge-patch+json"}
     async with aiohttp.ClientSession() as session:
         url = str(kmock.url).rstrip("/") + path
