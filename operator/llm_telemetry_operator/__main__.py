@@ -24,6 +24,7 @@ def main() -> int:
         # Peering on: a standby replica waits while another one holds the peering object.
         standalone=False,
         peering_name=config.peering,
+        priority=config.priority,
         clusterwide=config.clusterwide,
         namespaces=list(config.namespaces),
         liveness_endpoint=config.health or None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 from collections.abc import Mapping
 from typing import Final
@@ -23,6 +24,8 @@ LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS: Final = "LLM_TELEMETRY_OPERATOR_SE
 LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL: Final = "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL"
 #: Name of the KopfPeering (namespaced) or ClusterKopfPeering (cluster-wide) object.
 LLM_TELEMETRY_OPERATOR_PEERING: Final = "LLM_TELEMETRY_OPERATOR_PEERING"
+#: kopf peering priority: an integer, or ``auto`` for a random one per pod (one replica active, the rest standby).
+LLM_TELEMETRY_OPERATOR_PRIORITY: Final = "LLM_TELEMETRY_OPERATOR_PRIORITY"
 #: Port of the operator's own Prometheus metrics; 0 turns them off.
 LLM_TELEMETRY_OPERATOR_METRICS_PORT: Final = "LLM_TELEMETRY_OPERATOR_METRICS_PORT"
 #: kopf liveness endpoint URL; empty turns it off.
@@ -34,6 +37,10 @@ DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger-collector.observability:4318"
 DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
 DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
 DEFAULT_PEERING: Final = "llm-telemetry-operator"
+DEFAULT_PRIORITY: Final = "auto"
+#: Range "auto" draws from. kopf pauses every operator whose priority equals another's, so the range is wide
+#: enough that two replicas practically never draw the same number.
+AUTO_PRIORITY_RANGE: Final = (1, 2**31 - 1)
 DEFAULT_METRICS_PORT: Final = 9465
 DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
 DEFAULT_RESYNC_SECONDS: Final = 300.0
@@ -56,6 +63,7 @@ class OperatorConfig:
         servicemonitor_labels: labels put on every ServiceMonitor.
         dashboard_label: the (key, value) label Grafana's sidecar selects dashboards by.
         peering: name of the kopf peering object.
+        priority: kopf peering priority; the highest live one is active, lower ones stand by.
         metrics_port: port of the operator's own metrics (0: off).
         health: liveness endpoint URL ("" : off).
         resync_seconds: interval of the periodic re-reconcile.
@@ -77,6 +85,9 @@ class OperatorConfig:
     dashboard_label: tuple[str, str] = ("grafana_dashboard", "1")
     #: Name of the KopfPeering / ClusterKopfPeering.
     peering: str = DEFAULT_PEERING
+    #: kopf peering priority. ``LLM_TELEMETRY_OPERATOR_PRIORITY=auto`` resolves to a random number per process, so
+    #: that of several replicas exactly one (the highest) runs and the others stand by.
+    priority: int = 0
     #: Port of the operator's own Prometheus metrics; 0 turns them off.
     metrics_port: int = DEFAULT_METRICS_PORT
     #: kopf liveness endpoint; empty turns it off.
@@ -116,6 +127,11 @@ class OperatorConfig:
         peering = get(LLM_TELEMETRY_OPERATOR_PEERING, DEFAULT_PEERING)
         if not _DNS_LABEL.match(peering):
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_PEERING}: {peering!r} is not a valid object name")
+        priority_text = get(LLM_TELEMETRY_OPERATOR_PRIORITY, DEFAULT_PRIORITY) or DEFAULT_PRIORITY
+        if priority_text.lower() == "auto":
+            priority = random.SystemRandom().randint(*AUTO_PRIORITY_RANGE)
+        else:
+            priority = _int(LLM_TELEMETRY_OPERATOR_PRIORITY, priority_text)
         port = _int(
             LLM_TELEMETRY_OPERATOR_METRICS_PORT, get(LLM_TELEMETRY_OPERATOR_METRICS_PORT, str(DEFAULT_METRICS_PORT))
         )
@@ -140,6 +156,7 @@ class OperatorConfig:
             servicemonitor_labels=sm_labels,
             dashboard_label=next(iter(dashboard.items())),
             peering=peering,
+            priority=priority,
             metrics_port=port,
             health=health,
             resync_seconds=resync,

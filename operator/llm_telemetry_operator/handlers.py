@@ -78,6 +78,17 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy({k: dict(v) if isinstance(v, Mapping) else v for k, v in body.items()})
 
 
+def _event_target(body: Mapping[str, Any]) -> kopf.Body:
+    """What kopf.warn needs to address an event: the object's identity only (passes may hold a plain dict)."""
+    meta = body.get("metadata", {})
+    raw: kopf.RawBody = {
+        "apiVersion": str(body.get("apiVersion", c.API_VERSION)),
+        "kind": str(body.get("kind", c.KIND)),
+        "metadata": {"name": meta.get("name", ""), "namespace": meta.get("namespace", ""), "uid": meta.get("uid", "")},
+    }
+    return kopf.Body(raw)
+
+
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     config = _config(memo)
@@ -119,7 +130,7 @@ async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: l
         except ApiError as exc:
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels("ApiError").inc()
-            kopf.warn(_snapshot(body), reason="ApiError", message=str(exc))
+            kopf.warn(_event_target(body), reason="ApiError", message=str(exc))
             raise kopf.TemporaryError(f"API error: {exc}", delay=RETRY_DELAY) from exc
         finally:
             metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
@@ -127,7 +138,7 @@ async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: l
     metrics.RECONCILES.labels(trigger, result).inc()
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
-        kopf.warn(_snapshot(body), reason=reason, message=message)
+        kopf.warn(_event_target(body), reason=reason, message=message)
     logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
     return outcome
 
@@ -145,9 +156,11 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
 
 @kopf.daemon(c.GROUP, c.VERSION, c.PLURAL, cancellation_timeout=5)
 async def llmtelemetry_resync(
-    stopped: kopf.DaemonStopped, name: str, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    stopped: kopf.DaemonStopped, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """Periodic full pass: repairs drift no watch event reported and retries what was degraded."""
+    if namespace is None:  # LLMTelemetry is namespaced; kopf types the kwarg for cluster-scoped kinds too
+        return
     while not stopped:
         await stopped.wait(_config(memo).resync_seconds)
         if stopped:
@@ -171,8 +184,10 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_track(type: str | None, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children."""
+    if namespace is None:
+        return
     bodies = _state(memo).bodies
     if type == "DELETED":
         bodies.pop((namespace, name), None)
@@ -190,9 +205,11 @@ def _owners(memo: Any, namespace: str) -> list[dict[str, Any]]:
 @kopf.on.event("apps", "v1", "deployments")
 @kopf.on.event("apps", "v1", "statefulsets")
 async def workload_event(
-    type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
     """A workload appeared, changed or went away: re-run the passes whose outcome it changes."""
+    if namespace is None:
+        return
     workload = _snapshot(body)
     workload.setdefault("kind", "Deployment")
     labels = workload["metadata"].get("labels") or {}
@@ -221,13 +238,15 @@ async def workload_event(
 def _child_handler(group: str, version: str, plural: str) -> None:
     @kopf.on.event(group, version, plural, labels=_MANAGED, id=f"child_event_{plural}")
     async def child_event(
-        type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+        type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
     ) -> None:
         """A child was edited or deleted by hand: put it back.
 
         Every event type counts: after a watch reconnects, an edit made meanwhile arrives as a listing (ADDED).
         The pass is idempotent, so events caused by our own writes end in a pass that writes nothing.
         """
+        if namespace is None:
+            return
         owner_name = (body["metadata"].get("labels") or {}).get(c.LABEL_OWNER)
         for owner in _owners(memo, namespace):
             if owner["metadata"]["name"] == owner_name:

@@ -238,7 +238,7 @@ def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
     cert, key = conn.certificate_path, conn.private_key_path
     if conn.certificate_data or conn.private_key_data:
         # ssl only loads client certificates from files.
-        files = []
+        files: list[str | None] = []
         for data in (conn.certificate_data, conn.private_key_data):
             if data is None:
                 files.append(None)

@@ -74,8 +74,8 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
     except SpecError as exc:
         outcome.invalid = True
         outcome.failures.append(("InvalidSpec", str(exc)))
-        conditions = [r.Condition(t, False, "InvalidSpec", str(exc)) for t in _CONDITION_TYPES]
-        await _write_status(client, owner, conditions, [], "Invalid", outcome)
+        invalid = [r.Condition(t, False, "InvalidSpec", str(exc)) for t in _CONDITION_TYPES]
+        await _write_status(client, owner, invalid, [], "Invalid", outcome)
         return outcome
 
     conditions: dict[str, r.Condition] = {}

@@ -418,21 +418,31 @@ def build_alert_thresholds(spec: TelemetrySpec) -> Any:
     from llm_telemetry.rules import AlertThresholds
 
     a = spec.alerts
-    values = {
-        "errorRatio": ("error_ratio", a.error_ratio),
-        "p95RequestDurationSeconds": ("p95_request_duration_seconds", a.p95_request_duration_seconds),
-        "p95TtftSeconds": ("p95_ttft_seconds", a.p95_ttft_seconds),
-        "toolFailureRatio": ("tool_failure_ratio", a.tool_failure_ratio),
-        "costPerHourUsd": ("cost_per_hour_usd", a.cost_per_hour_usd),
-        "availabilityObjective": ("availability_objective", a.availability_objective),
-        "ttftObjective": ("ttft_objective", a.ttft_objective),
-        "ttftObjectiveSeconds": ("ttft_objective_seconds", a.ttft_objective_seconds),
+    #: CRD field name to AlertThresholds attribute, to name the field the middleware's validation rejects.
+    fields = {
+        "errorRatio": "error_ratio",
+        "p95RequestDurationSeconds": "p95_request_duration_seconds",
+        "p95TtftSeconds": "p95_ttft_seconds",
+        "toolFailureRatio": "tool_failure_ratio",
+        "costPerHourUsd": "cost_per_hour_usd",
+        "availabilityObjective": "availability_objective",
+        "ttftObjective": "ttft_objective",
+        "ttftObjectiveSeconds": "ttft_objective_seconds",
     }
     try:
-        return AlertThresholds(**{py: val for py, val in values.values()})
+        return AlertThresholds(
+            error_ratio=a.error_ratio,
+            p95_request_duration_seconds=a.p95_request_duration_seconds,
+            p95_ttft_seconds=a.p95_ttft_seconds,
+            tool_failure_ratio=a.tool_failure_ratio,
+            cost_per_hour_usd=a.cost_per_hour_usd,
+            availability_objective=a.availability_objective,
+            ttft_objective=a.ttft_objective,
+            ttft_objective_seconds=a.ttft_objective_seconds,
+        )
     except ValueError as exc:
         text = str(exc)
-        for crd_name, (py_name, _) in values.items():
+        for crd_name, py_name in fields.items():
             if f".{py_name}=" in text:
                 raise SpecError(f"spec.alerts.{crd_name}", text) from None
         raise SpecError("spec.alerts", text) from None

@@ -340,6 +340,7 @@ async def running_operator(config: OperatorConfig | None = None) -> AsyncIterato
         kopf.operator(
             standalone=False,
             peering_name=config.peering,
+            priority=config.priority,
             namespaces=list(config.namespaces),
             clusterwide=config.clusterwide,
             memo=memo,
