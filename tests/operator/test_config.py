@@ -1,0 +1,80 @@
+"""OperatorConfig.from_env: the operator's own environment, and ConfigurationError naming the variable."""
+
+from __future__ import annotations
+
+import os
+from unittest import mock
+
+import pytest
+
+from llm_telemetry_operator.config import AUTO_PRIORITY_RANGE, OperatorConfig
+from llm_telemetry_operator.errors import ConfigurationError
+
+
+def test_config_defaults() -> None:
+    config = OperatorConfig.from_env({})
+    assert config.clusterwide and config.namespaces == ()
+    assert config.traces_endpoint == "http://jaeger-collector.observability:4318"
+    assert config.logs_endpoint == "http://loki-gateway.observability/otlp"
+    assert dict(config.servicemonitor_labels) == {}
+    assert config.dashboard_label == ("grafana_dashboard", "1")
+    assert config.peering == "llm-telemetry-operator"
+    assert config.metrics_port == 9465
+    assert config.health == "http://0.0.0.0:8080/healthz"
+    assert config.resync_seconds == 300.0
+    low, high = AUTO_PRIORITY_RANGE
+    assert low <= config.priority <= high
+
+
+def test_config_from_environment() -> None:
+    env = {
+        "LLM_TELEMETRY_OPERATOR_NAMESPACES": " llm, staging ,",
+        "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://tempo.tracing:4318",
+        "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT": "https://loki.example.com/otlp",
+        "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS": "release=kube-prometheus-stack, team=ml",
+        "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL": "grafana=yes",
+        "LLM_TELEMETRY_OPERATOR_PEERING": "llm-canary",
+        "LLM_TELEMETRY_OPERATOR_PRIORITY": "5",
+        "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "0",
+        "LLM_TELEMETRY_OPERATOR_HEALTH": "",
+        "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "30",
+    }
+    with mock.patch.dict(os.environ, env):
+        config = OperatorConfig.from_env()
+    assert config.namespaces == ("llm", "staging") and not config.clusterwide
+    assert config.traces_endpoint == "http://tempo.tracing:4318"
+    assert config.logs_endpoint == "https://loki.example.com/otlp"
+    assert dict(config.servicemonitor_labels) == {"release": "kube-prometheus-stack", "team": "ml"}
+    assert config.dashboard_label == ("grafana", "yes")
+    assert config.peering == "llm-canary"
+    assert config.priority == 5
+    assert config.metrics_port == 0 and config.health == ""
+    assert config.resync_seconds == 30.0
+
+
+def test_config_auto_priority_differs_between_pods() -> None:
+    # Each replica process draws its own; equal priorities would pause every replica.
+    draws = {OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_PRIORITY": "auto"}).priority for _ in range(20)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LLM_TELEMETRY_OPERATOR_NAMESPACES", "llm,Not_A_Namespace"),
+        ("LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT", "jaeger:4318"),
+        ("LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT", "ftp://loki"),
+        ("LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS", "release"),
+        ("LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL", "a=1,b=2"),
+        ("LLM_TELEMETRY_OPERATOR_PEERING", "Bad_Name"),
+        ("LLM_TELEMETRY_OPERATOR_PRIORITY", "high"),
+        ("LLM_TELEMETRY_OPERATOR_METRICS_PORT", "70000"),
+        ("LLM_TELEMETRY_OPERATOR_METRICS_PORT", "http"),
+        ("LLM_TELEMETRY_OPERATOR_HEALTH", "0.0.0.0:8080"),
+        ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "0"),
+        ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "soon"),
+    ],
+)
+def test_config_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{name}"):
+        OperatorConfig.from_env({name: value})

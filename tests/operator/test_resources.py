@@ -1,0 +1,309 @@
+"""The pure build_* functions: injected environment, workload patches, children, status."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import yaml
+from conftest import deployment, minimal_llmt
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.spec import parse_spec
+
+CONFIG = OperatorConfig(servicemonitor_labels={"release": "kube-prometheus-stack"})
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies ``application/merge-patch+json``."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def inject(workload: dict[str, Any], spec: dict[str, Any] | None = None, owner: str = "chat") -> dict[str, Any]:
+    parsed = parse_spec(spec or {"selector": {"matchLabels": {"app": "chat"}}})
+    patch = r.build_workload_patch(workload, r.build_injection(parsed, CONFIG, workload, owner), owner)
+    assert patch is not None
+    return dict(merge_patch(workload, patch))
+
+
+def env_of(workload: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    container = workload["spec"]["template"]["spec"]["containers"][index]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+
+def test_env_carries_middleware_and_otel_settings() -> None:
+    spec = parse_spec(
+        {
+            "selector": {"matchLabels": {"app": "chat"}},
+            "metrics": {"port": 9500},
+            "tracing": {"endpoint": "http://tempo:4318/", "protocol": "grpc", "samplingRatio": 0.25},
+            "attribution": {"headers": {"X-Tenant-Id": "tenant"}, "maxLabelValues": 50},
+        }
+    )
+    env = {e["name"]: e.get("value") for e in r.build_env(spec, CONFIG, deployment(), "chat")}
+    assert env["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+    assert env["LLM_TELEMETRY_MAX_LABEL_VALUES"] == "50"
+    assert env["LLM_TELEMETRY_ATTRIBUTION_HEADERS"] == "x-tenant-id=tenant"
+    assert env["OTEL_SERVICE_NAME"] == "chat"
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4318"
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    # Loki takes OTLP over HTTP only, whatever the traces use.
+    assert env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://loki-gateway.observability/otlp/v1/logs"
+    assert env["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
+
+
+def test_env_resource_attributes_use_the_downward_api() -> None:
+    env = r.build_env(parse_spec({"selector": {"matchLabels": {"a": "b"}}}), CONFIG, deployment(), "chat")
+    names = [e["name"] for e in env]
+    by_name = {e["name"]: e for e in env}
+    for var, path in (
+        (r.ENV_POD_NAMESPACE, "metadata.namespace"),
+        (r.ENV_POD_NAME, "metadata.name"),
+        (r.ENV_POD_UID, "metadata.uid"),
+    ):
+        assert by_name[var]["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}
+        # $(VAR) only expands if VAR is defined earlier in the list.
+        assert names.index(var) < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    attributes = by_name["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(",")
+    assert attributes == [
+        "k8s.namespace.name=$(K8S_NAMESPACE_NAME)",
+        "k8s.deployment.name=chat",
+        "k8s.pod.name=$(K8S_POD_NAME)",
+        "k8s.pod.uid=$(K8S_POD_UID)",
+    ]
+
+
+def test_env_statefulset_attribute_and_service_name_label() -> None:
+    sts = {**deployment("db"), "kind": "StatefulSet"}
+    sts["spec"]["template"]["metadata"]["labels"][c.LABEL_NAME] = "vector-db"
+    env = {e["name"]: e.get("value") for e in r.build_env(parse_spec(minimal_llmt()["spec"]), CONFIG, sts, "x")}
+    assert "k8s.statefulset.name=db" in env["OTEL_RESOURCE_ATTRIBUTES"]
+    assert env["OTEL_SERVICE_NAME"] == "vector-db"
+
+
+def test_env_disabled_tracing_and_stdout_logs() -> None:
+    spec = parse_spec(
+        {"selector": {"matchLabels": {"a": "b"}}, "tracing": {"enabled": False}, "logs": {"mode": "stdout"}}
+    )
+    env = {e["name"]: e.get("value") for e in r.build_env(spec, CONFIG, deployment(), "chat")}
+    assert env["OTEL_TRACES_EXPORTER"] == "none"
+    assert env["OTEL_LOGS_EXPORTER"] == "none"
+    assert env["LLM_TELEMETRY_REQUEST_LOGS"] == "true"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+
+
+def test_injection_user_env_wins_and_port_and_hash_are_added() -> None:
+    workload = deployment(env=[{"name": "OTEL_SERVICE_NAME", "value": "mine"}])
+    injected = inject(workload)
+    container = injected["spec"]["template"]["spec"]["containers"][0]
+    names = [e["name"] for e in container["env"]]
+    assert names.count("OTEL_SERVICE_NAME") == 1
+    assert env_of(injected)["OTEL_SERVICE_NAME"] == "mine"
+    assert env_of(injected)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    assert container["ports"] == [{"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"}]
+    assert len(injected["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]) == 16
+    assert json.loads(injected["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"] == "chat"
+
+
+def test_injection_second_pass_changes_nothing() -> None:
+    injected = inject(deployment())
+    spec = parse_spec(minimal_llmt()["spec"])
+    assert r.build_workload_patch(injected, r.build_injection(spec, CONFIG, injected, "chat"), "chat") is None
+
+
+def test_injection_config_change_changes_the_hash() -> None:
+    first = inject(deployment())
+    second = inject(first, {"selector": {"matchLabels": {"app": "chat"}}, "metrics": {"port": 9500}})
+    hash_of = lambda w: w["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]  # noqa: E731
+    assert hash_of(first) != hash_of(second)
+    assert env_of(second)["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+    ports = second["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert ports == [{"name": c.METRICS_PORT_NAME, "containerPort": 9500, "protocol": "TCP"}]
+    # Inline prices reach the pods through a mounted file, so they count in the hash too.
+    priced = inject(first, {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1}}}})
+    assert hash_of(priced) != hash_of(first)
+
+
+def test_injection_selected_containers_only() -> None:
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["containers"].append({"name": "model", "image": "vllm"})
+    injected = inject(workload, {"selector": {"matchLabels": {"app": "chat"}}, "containers": ["model"]})
+    assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(injected, 0)
+    assert "LLM_TELEMETRY_METRICS_PORT" in env_of(injected, 1)
+
+
+def test_injection_pricing_configmap_is_mounted() -> None:
+    injected = inject(
+        deployment(), {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1}}}}
+    )
+    pod = injected["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {
+            "name": c.PRICING_VOLUME,
+            "configMap": {"name": "chat-llm-pricing", "items": [{"key": c.PRICING_FILE, "path": c.PRICING_FILE}]},
+        }
+    ]
+    assert {"name": c.PRICING_VOLUME, "mountPath": c.PRICING_MOUNT_PATH, "readOnly": True} in pod["containers"][0][
+        "volumeMounts"
+    ]
+    assert env_of(injected)["LLM_TELEMETRY_PRICING"] == f"{c.PRICING_MOUNT_PATH}/{c.PRICING_FILE}"
+
+
+def test_removal_patch_restores_the_original() -> None:
+    original = deployment(env=[{"name": "APP_MODE", "value": "prod"}])
+    original["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8000}]
+    injected = inject(
+        original, {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1}}}}
+    )
+    removal = r.build_workload_patch(injected, None, "chat")
+    assert removal is not None
+    restored = merge_patch(injected, removal)
+    assert restored["spec"]["template"]["spec"] == original["spec"]["template"]["spec"]
+    assert c.ANNOTATION_CONFIG_HASH not in (restored["spec"]["template"]["metadata"].get("annotations") or {})
+    assert c.ANNOTATION_INJECTED not in (restored["metadata"].get("annotations") or {})
+    assert r.build_workload_patch(restored, None, "chat") is None
+
+
+def test_removal_keeps_values_the_user_changed_since() -> None:
+    injected = inject(deployment())
+    container = injected["spec"]["template"]["spec"]["containers"][0]
+    for entry in container["env"]:
+        if entry["name"] == "LLM_TELEMETRY_METRICS_PORT":
+            entry["value"] = "7000"  # edited by the user after injection: theirs now
+    removal = r.build_workload_patch(injected, None, "chat")
+    assert removal is not None
+    assert env_of(merge_patch(injected, removal)) == {"LLM_TELEMETRY_METRICS_PORT": "7000"}
+
+
+def test_workload_patch_never_fights_another_owner() -> None:
+    injected = inject(deployment(), owner="first")
+    spec = parse_spec(minimal_llmt()["spec"])
+    assert r.build_workload_patch(injected, r.build_injection(spec, CONFIG, injected, "second"), "second") is None
+
+
+def test_workload_patch_carries_resource_version_for_optimistic_concurrency() -> None:
+    workload = deployment()
+    workload["metadata"]["resourceVersion"] = "42"
+    spec = parse_spec(minimal_llmt()["spec"])
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
+    assert patch is not None and patch["metadata"]["resourceVersion"] == "42"
+
+
+def assert_child_metadata(obj: dict[str, Any], component: str) -> None:
+    meta = obj["metadata"]
+    assert meta["namespace"] == "llm"
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "llmtelemetry.dev/v1alpha1",
+            "kind": "LLMTelemetry",
+            "name": "chat",
+            "uid": "uid-chat",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    labels = meta["labels"]
+    assert labels[c.LABEL_MANAGED_BY] == "llm-telemetry-operator"
+    assert labels[c.LABEL_INSTANCE] == "chat"
+    assert labels[c.LABEL_PART_OF] == "llm-telemetry"
+    assert labels[c.LABEL_COMPONENT] == component
+    assert labels[c.LABEL_OWNER] == "chat"
+
+
+def test_metrics_service_selects_the_workload_pods() -> None:
+    owner = minimal_llmt()
+    svc = r.build_metrics_service(owner, parse_spec({**owner["spec"], "metrics": {"port": 9500}}), deployment())
+    assert_child_metadata(svc, "metrics")
+    assert svc["metadata"]["name"] == "chat-llm-metrics"
+    assert svc["spec"]["selector"] == {"pod": "chat"}
+    assert svc["spec"]["ports"] == [{"name": c.METRICS_PORT_NAME, "port": 9500, "targetPort": 9500, "protocol": "TCP"}]
+
+
+def test_service_monitor_scrapes_metrics_services_with_extra_labels() -> None:
+    owner = minimal_llmt(metrics={"interval": "15s", "labels": {"team": "ml"}})
+    sm = r.build_service_monitor(owner, parse_spec(owner["spec"]), CONFIG)
+    assert_child_metadata(sm, "scrape")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["kind"] == "ServiceMonitor"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["metadata"]["labels"]["team"] == "ml"
+    assert sm["spec"]["selector"]["matchLabels"][c.LABEL_COMPONENT] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"][c.LABEL_OWNER] == "chat"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["llm"]}
+    assert sm["spec"]["endpoints"][0]["port"] == c.METRICS_PORT_NAME
+    assert sm["spec"]["endpoints"][0]["interval"] == "15s"
+    # The job label is the owner label's value, the LLMTelemetry name the rules select on.
+    assert sm["spec"]["jobLabel"] == c.LABEL_OWNER
+
+
+def test_prometheus_rule_is_scoped_to_the_resource_and_follows_thresholds() -> None:
+    owner = minimal_llmt(alerts={"errorRatio": 0.1, "costPerHourUsd": 5})
+    rule = r.build_prometheus_rule(owner, parse_spec(owner["spec"]), CONFIG)
+    assert_child_metadata(rule, "alerts")
+    assert rule["kind"] == "PrometheusRule" and rule["metadata"]["name"] == "chat-llm-telemetry"
+    exprs = [rl["expr"] for g in rule["spec"]["groups"] for rl in g["rules"]]
+    alerts = {rl.get("alert") for g in rule["spec"]["groups"] for rl in g["rules"]}
+    assert any('namespace="llm",job="chat"' in e for e in exprs)
+    assert any("0.1" in e for e in exprs)
+    assert "LLMCostBudgetExceeded" in alerts
+    without_cost = r.build_prometheus_rule(
+        owner | {"spec": minimal_llmt()["spec"]}, parse_spec(minimal_llmt()["spec"]), CONFIG
+    )
+    assert "LLMCostBudgetExceeded" not in {rl.get("alert") for g in without_cost["spec"]["groups"] for rl in g["rules"]}
+
+
+def test_dashboard_configmap_for_grafana_sidecar() -> None:
+    owner = minimal_llmt(dashboard={"folder": "Team ML"})
+    cm = r.build_dashboard_configmap(owner, parse_spec(owner["spec"]), CONFIG)
+    assert_child_metadata(cm, "dashboard")
+    assert cm["metadata"]["name"] == "chat-llm-dashboard"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Team ML"}
+    dashboard = json.loads(cm["data"]["chat.json"])
+    assert dashboard["uid"] == "llmt-llm-chat"
+    assert dashboard["title"] == "LLM: llm/chat"
+
+
+def test_pricing_configmap_holds_the_inline_table() -> None:
+    owner = minimal_llmt(pricing={"models": {"gpt-4o": {"input": 2.5, "output": 10}}})
+    cm = r.build_pricing_configmap(owner, parse_spec(owner["spec"]))
+    assert_child_metadata(cm, "pricing")
+    assert cm["metadata"]["name"] == "chat-llm-pricing"
+    assert yaml.safe_load(cm["data"][c.PRICING_FILE]) == {"models": {"gpt-4o": {"input": 2.5, "output": 10.0}}}
+
+
+def test_child_names_fit_a_dns_label() -> None:
+    long = "a" * 70
+    for name in (r.service_name(long), r.service_monitor_name(long), r.dashboard_configmap_name(long)):
+        assert len(name) <= 63
+    assert len(r.dashboard_uid(minimal_llmt("b" * 60))) <= 40
+
+
+def test_status_keeps_transition_time_until_a_condition_flips() -> None:
+    cond = [r.Condition("Ready", True, "Ready", "ok")]
+    first = r.build_status(cond, generation=3, targets=["Deployment/chat"], previous=None, now="t1", phase="Ready")
+    assert first["observedGeneration"] == 3 and first["targetCount"] == 1
+    same = r.build_status(cond, generation=3, targets=["Deployment/chat"], previous=first, now="t2", phase="Ready")
+    assert same["conditions"][0]["lastTransitionTime"] == "t1"
+    flipped = r.build_status(
+        [r.Condition("Ready", False, "NoTargets", "none")],
+        generation=3,
+        targets=[],
+        previous=first,
+        now="t3",
+        phase="Pending",
+    )
+    assert flipped["conditions"][0]["lastTransitionTime"] == "t3"

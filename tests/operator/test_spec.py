@@ -1,0 +1,98 @@
+"""parse_spec: the CRD's defaults applied again, and errors that name the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llm_telemetry_operator.errors import SpecError
+from llm_telemetry_operator.spec import parse_spec
+
+SELECTOR = {"matchLabels": {"app": "chat"}}
+
+
+def test_spec_minimal_gets_every_default() -> None:
+    spec = parse_spec({"selector": SELECTOR})
+    assert spec.selector.match_labels == {"app": "chat"}
+    assert spec.containers == ()
+    assert (spec.metrics.port, spec.metrics.interval, dict(spec.metrics.labels)) == (9464, "30s", {})
+    assert spec.tracing.enabled and spec.tracing.endpoint is None
+    assert (spec.tracing.protocol, spec.tracing.sampling_ratio) == ("http/protobuf", 1.0)
+    assert spec.logs.enabled and spec.logs.mode == "otlp" and spec.logs.endpoint is None
+    assert not spec.pricing.inline and spec.pricing.config_map is None
+    assert dict(spec.attribution_headers) == {} and spec.max_label_values == 100
+    a = spec.alerts
+    assert a.enabled and (a.error_ratio, a.p95_request_duration_seconds, a.p95_ttft_seconds) == (0.05, 60.0, 2.0)
+    assert (a.tool_failure_ratio, a.cost_per_hour_usd) == (0.2, None)
+    assert (a.availability_objective, a.ttft_objective, a.ttft_objective_seconds) == (0.99, 0.99, 2.5)
+    assert spec.dashboard.enabled and spec.dashboard.folder == "LLM"
+
+
+def test_spec_selector_match_expressions() -> None:
+    spec = parse_spec(
+        {
+            "selector": {
+                "matchLabels": {"app": "chat"},
+                "matchExpressions": [
+                    {"key": "tier", "operator": "In", "values": ["gold", "silver"]},
+                    {"key": "canary", "operator": "DoesNotExist"},
+                ],
+            }
+        }
+    )
+    assert spec.selector.matches({"app": "chat", "tier": "gold"})
+    assert not spec.selector.matches({"app": "chat", "tier": "bronze"})
+    assert not spec.selector.matches({"app": "chat", "tier": "gold", "canary": "1"})
+    assert not spec.selector.matches({"tier": "gold"})
+
+
+def test_spec_pricing_reference_and_attribution() -> None:
+    spec = parse_spec(
+        {
+            "selector": SELECTOR,
+            "pricing": {"configMapRef": {"name": "prices"}},
+            "attribution": {"headers": {"X-Tenant-Id": "tenant"}},
+        }
+    )
+    assert (spec.pricing.config_map, spec.pricing.config_map_key) == ("prices", "pricing.yaml")
+    assert dict(spec.attribution_headers) == {"x-tenant-id": "tenant"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({}, "spec.selector"),
+        ({"selector": {}}, "spec.selector"),
+        ({"selector": "app=chat"}, "spec.selector"),
+        (
+            {"selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
+            "spec.selector.matchExpressions[0].values",
+        ),
+        (
+            {"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}},
+            "spec.selector.matchExpressions[0].operator",
+        ),
+        ({"metrics": {"port": 70000}}, "spec.metrics.port"),
+        ({"metrics": {"port": "9464"}}, "spec.metrics.port"),
+        ({"metrics": {"interval": "often"}}, "spec.metrics.interval"),
+        ({"tracing": {"endpoint": "jaeger:4318"}}, "spec.tracing.endpoint"),
+        ({"tracing": {"samplingRatio": 2}}, "spec.tracing.samplingRatio"),
+        ({"tracing": {"protocol": "thrift"}}, "spec.tracing.protocol"),
+        ({"logs": {"enabled": "yes"}}, "spec.logs.enabled"),
+        ({"pricing": {"models": {"m": {"input": 1}}, "configMapRef": {"name": "p"}}}, "spec.pricing"),
+        ({"pricing": {"models": {"m": {"tokens": 1}}}}, "spec.pricing.models.m.tokens"),
+        ({"pricing": {"models": {"m": {"input": -1}}}}, "spec.pricing.models.m.input"),
+        ({"attribution": {"headers": {"x-a": "Bad-Label"}}}, "spec.attribution.headers.x-a"),
+        ({"attribution": {"headers": {"x-a": "t", "x-b": "t"}}}, "spec.attribution.headers"),
+        ({"attribution": {"maxLabelValues": 0}}, "spec.attribution.maxLabelValues"),
+        ({"alerts": {"availabilityObjective": 1}}, "spec.alerts.availabilityObjective"),
+        ({"dashboard": {"folder": ""}}, "spec.dashboard.folder"),
+    ],
+)
+def test_spec_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
+    raw = {"selector": SELECTOR, **spec} if "selector" not in spec and spec else spec
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
