@@ -122,12 +122,13 @@ def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[
     handler = logging.StreamHandler(sink)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger(REQUEST_LOGGER)
-    logger.addHandler(handler)
+    previous = logger.handlers[:]  # other middleware instances in this process may have configured it already
+    logger.handlers[:] = [handler]
     try:
         with demo_server({}) as (_, base):
             httpx.post(base + "/v1/chat/completions", json={"model": "m"}, headers={"x-request-id": "rerouted"})
     finally:
-        logger.removeHandler(handler)
+        logger.handlers[:] = previous
     assert line_for(log_lines(sink.getvalue()), "rerouted")["model"] == "m"
     assert log_lines(capsys.readouterr().out) == []
 
