@@ -63,6 +63,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        #: Foreign writes to slip in right before the operator's next PATCH of an object, by (plural, name):
+        #: another client writing between the operator's read and its write, which must end in a 409.
+        self.interfere: dict[tuple[str, str], dict[str, Any]] = {}
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -90,6 +93,16 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 meta.setdefault("creationTimestamp", datetime.datetime.now(tz=datetime.timezone.utc).isoformat())
                 meta["resourceVersion"] = str(self._rv)
             elif action == kmocklib.action.UPDATE and request.name is not None:
+                foreign = None
+                if not request.headers.get("X-Test-Hand"):
+                    foreign = self.interfere.pop((request.resource.plural, request.name), None)
+                if foreign is not None:
+                    self._rv += 1
+                    key = (request.resource, request.namespace, request.name)
+                    foreign = copy.deepcopy(foreign)
+                    foreign.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    self._objects[key].patch(foreign)
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
                 current = get_raw(self, request.resource, request.namespace, request.name)
                 if current is not None:
                     self._precondition(current, data)
@@ -206,7 +219,7 @@ def minimal_llmt(name: str = "chat", **spec: Any) -> dict[str, Any]:
 
 
 def deployment(
-    name: str = "chat", labels: Mapping[str, str] | None = None, env: list[Any] | None = None
+    name: str = "chat", labels: Mapping[str, str] | None = None, env: list[Any] | None = None, kind: str = "Deployment"
 ) -> dict[str, Any]:
     labels = dict(labels if labels is not None else {"app": "chat"})
     container: dict[str, Any] = {"name": "app", "image": "example/chat:1"}
@@ -214,7 +227,7 @@ def deployment(
         container["env"] = env
     return {
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": kind,
         "metadata": {
             "name": name,
             "namespace": NAMESPACE,

@@ -14,6 +14,7 @@ from conftest import (
     PROMETHEUSRULES,
     SERVICEMONITORS,
     SERVICES,
+    STATEFULSETS,
     condition,
     crd_validator,
     deployment,
@@ -33,8 +34,8 @@ from llm_telemetry_operator.reconcile import reconcile
 #: Header on the test's own "hand" requests, so they are not counted as the operator's API usage.
 HAND = {"X-Test-Hand": "1"}
 VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch", "delete": "delete"}
-#: Declared permissions these tests cannot reach: namespaced peering (kmock cannot list /api/v1/namespaces,
-#: so the tests run cluster-wide) and the re-reads done only after a 409 on create or patch.
+#: Declared permissions these tests cannot reach: namespaced peering (kmock 0.8 cannot parse the path
+#: /api/v1/namespaces, so the tests run cluster-wide) and re-reads after a 409 on kinds not scripted to conflict.
 UNREACHED = {
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
@@ -43,11 +44,8 @@ UNREACHED = {
     ("kopf.dev", "kopfpeerings", "patch"),
     ("", "services", "get"),
     ("", "configmaps", "get"),
-    ("monitoring.coreos.com", "servicemonitors", "get"),
     ("monitoring.coreos.com", "prometheusrules", "get"),
     ("apps", "statefulsets", "get"),
-    ("apps", "deployments", "get"),
-    ("apps", "statefulsets", "patch"),
 }
 
 
@@ -237,7 +235,8 @@ async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
     check_usage(emulator)
 
 
-async def test_invalid_spec_names_the_field(emulator: Any) -> None:
+async def test_invalid_spec_names_the_field(emulator: Any, shared_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, shared_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(alerts={"ttftObjectiveSeconds": 3})
     async with running_operator():
@@ -245,10 +244,96 @@ async def test_invalid_spec_names_the_field(emulator: Any) -> None:
             lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") and get(emulator, LLMT, "chat"),
             "Ready written",
         )
-    ready = condition(owner, "Ready")
-    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-    assert "spec.alerts.ttftObjectiveSeconds" in ready["message"]
-    assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        ready = condition(owner, "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+        assert "spec.alerts.ttftObjectiveSeconds" in ready["message"]
+        assert owner["status"]["phase"] == "Invalid"
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        # kubectl describe shows why, as a Warning event naming the field.
+        await eventually(
+            lambda: any(
+                req.method.value == "POST"
+                and str(req.url.path).endswith("/events")
+                and (req.data or {}).get("reason") == "InvalidSpec"
+                and "spec.alerts.ttftObjectiveSeconds" in (req.data or {}).get("message", "")
+                for req in list(emulator)
+            ),
+            "InvalidSpec event posted",
+        )
+        # No crash loop: the operator keeps running, and fixing the spec wires everything.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 2}, "spec": {"alerts": {"ttftObjectiveSeconds": 2.5}}},
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready after the fix"
+        )
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+    check_usage(emulator)
+
+
+async def test_statefulset_created_later_is_injected(emulator: Any, shared_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        # A matching StatefulSet appears after the resource: it is selected, injected and scraped.
+        await hand(
+            emulator, "POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets", deployment("db", kind="StatefulSet")
+        )
+        sts = await eventually(
+            lambda: (
+                "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, STATEFULSETS, "db"))
+                and get(emulator, STATEFULSETS, "db")
+            ),
+            "StatefulSet injected",
+        )
+        assert "k8s.statefulset.name=db" in env_of(sts)["OTEL_RESOURCE_ATTRIBUTES"]
+        assert c.ANNOTATION_CONFIG_HASH in sts["spec"]["template"]["metadata"]["annotations"]
+        svc = await eventually(lambda: get(emulator, SERVICES, "db-llm-metrics"), "Service for the StatefulSet")
+        assert svc["spec"]["selector"] == {"pod": "db"}
+        await eventually(
+            lambda: (
+                (get(emulator, LLMT, "chat").get("status") or {}).get("targets")
+                == ["Deployment/chat", "StatefulSet/db"]
+            ),
+            "both targets in status",
+        )
+    check_usage(emulator)
+
+
+async def test_conflicting_writes_are_retried(emulator: Any, shared_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    # Someone rolls a new image between the operator's read of the Deployment and its patch: the patch carries
+    # the stale resourceVersion, gets 409, and the operator re-reads and injects into the new template.
+    new_image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:2"}]}}}}
+    emulator.interfere["deployments", "chat"] = new_image
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example/chat:2"
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
+        assert ("apps", "deployments", "get") in operator_usage(emulator)
+
+        # The same for a child being repaired: a foreign field added meanwhile survives the repair.
+        sm = get(emulator, SERVICEMONITORS, "chat-llm-telemetry")
+        emulator.interfere["servicemonitors", "chat-llm-telemetry"] = {"spec": {"sampleLimit": 1000}}
+        base = f"/apis/monitoring.coreos.com/v1/namespaces/{NAMESPACE}"
+        await hand(emulator, "PATCH", f"{base}/servicemonitors/chat-llm-telemetry", {"spec": {"endpoints": []}})
+        repaired = await eventually(
+            lambda: (
+                get(emulator, SERVICEMONITORS, "chat-llm-telemetry")["spec"]["endpoints"] == sm["spec"]["endpoints"]
+                and get(emulator, SERVICEMONITORS, "chat-llm-telemetry")
+            ),
+            "ServiceMonitor repaired after a conflict",
+        )
+        assert repaired["spec"]["sampleLimit"] == 1000
+        assert ("monitoring.coreos.com", "servicemonitors", "get") in operator_usage(emulator)
     check_usage(emulator)
 
 
