@@ -1,0 +1,142 @@
+"""The benchmark variants: the same demo LLM service, wrapped (or not) in each kind of telemetry.
+
+Each variant is built inside its own server process by :func:`from_env`, which uvicorn calls as an app
+factory, so one variant's globals (the OpenTelemetry providers, prometheus_client's default registry) never
+leak into another's. The parent tells the server which variant to build through environment variables:
+
+- ``BENCH_VARIANT``: a key of :data:`VARIANTS`;
+- ``BENCH_METRICS_PORT``: a free port for variants that serve Prometheus on a port of their own;
+- ``BENCH_OTLP_ENDPOINT``: the local OTLP/HTTP sink (``http://127.0.0.1:<port>``) for variants that trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from llm_telemetry.demo.app import bare_app, create_app
+
+BENCH_VARIANT = "BENCH_VARIANT"
+BENCH_METRICS_PORT = "BENCH_METRICS_PORT"
+BENCH_OTLP_ENDPOINT = "BENCH_OTLP_ENDPOINT"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of serving the demo service.
+
+    Args:
+        key: short name used on the command line and in tables.
+        title: what the row shows.
+        build: makes the ASGI app inside the server process.
+        missing: returns why the variant cannot run here (a feature not merged yet), or None.
+        traces: exports spans to the OTLP sink.
+        llm_metrics: serves our LLM metric contract on ``BENCH_METRICS_PORT`` (checked after the run).
+    """
+
+    key: str
+    title: str
+    build: Callable[[], Any]
+    missing: Callable[[], str | None] = lambda: None
+    traces: bool = False
+    llm_metrics: bool = False
+
+
+def _metrics_port() -> int:
+    return int(os.environ.get(BENCH_METRICS_PORT, "0"))
+
+
+def _otlp_endpoint() -> str:
+    return os.environ.get(BENCH_OTLP_ENDPOINT, "http://127.0.0.1:4318")
+
+
+def _bare() -> Any:
+    return bare_app()
+
+
+def _ours() -> Any:
+    # Metrics only: request logs off, so the row measures the metric path alone.
+    return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=False)
+
+
+def _tracing_missing() -> str | None:
+    import llm_telemetry.config as config
+
+    if not hasattr(config, "LLM_TELEMETRY_TRACES_EXPORTER") and "traces_exporter" not in {
+        f.name for f in dataclasses.fields(config.Settings)
+    }:
+        return "the middleware has no tracing yet (issue: traces)"
+    return None
+
+
+def _ours_tracing() -> Any:
+    # Our tracing reads the standard OTEL_* variables, as a user would set them.
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = _otlp_endpoint()
+    os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+    return create_app(
+        metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=False, traces_exporter="otlp"
+    )
+
+
+def _otel_asgi() -> Any:
+    """opentelemetry-instrumentation-asgi with its defaults, an SDK tracer exporting to the sink, and its
+    HTTP server metrics on a Prometheus reader (what a user of it would deploy)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from prometheus_client import start_http_server
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=_otlp_endpoint() + "/v1/traces")))
+    meter_provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    if _metrics_port():
+        start_http_server(_metrics_port(), "127.0.0.1")
+    return OpenTelemetryMiddleware(bare_app(), tracer_provider=tracer_provider, meter_provider=meter_provider)
+
+
+def _instrumentator() -> Any:
+    """prometheus-fastapi-instrumentator's defaults on the demo's Starlette app, /metrics on the app port."""
+    from prometheus_fastapi_instrumentator import Instrumentator
+
+    app = bare_app()
+    Instrumentator().instrument(app).expose(app)
+    return app
+
+
+def _instrumentator_missing() -> str | None:
+    try:
+        import prometheus_fastapi_instrumentator  # noqa: F401
+    except ImportError:
+        return "prometheus-fastapi-instrumentator is not installed"
+    return None
+
+
+VARIANTS: dict[str, Variant] = {
+    v.key: v
+    for v in (
+        Variant("bare", "bare demo app", _bare),
+        Variant("ours", "llm-telemetry, metrics only", _ours, llm_metrics=True),
+        Variant(
+            "ours+traces",
+            "llm-telemetry, metrics + traces to OTLP sink",
+            _ours_tracing,
+            missing=_tracing_missing,
+            traces=True,
+            llm_metrics=True,
+        ),
+        Variant("otel-asgi", "opentelemetry-instrumentation-asgi", _otel_asgi, traces=True),
+        Variant(
+            "instrumentator", "prometheus-fastapi-instrumentator", _instrumentator, missing=_instrumentator_missing
+        ),
+    )
+}
+
+
+def from_env() -> Any:
+    """uvicorn app factory: build the variant named by ``BENCH_VARIANT``."""
+    return VARIANTS[os.environ[BENCH_VARIANT]].build()

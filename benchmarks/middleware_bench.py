@@ -1,0 +1,406 @@
+"""Middleware overhead: every variant of ``apps.py`` under uvicorn, measured in interleaved rounds.
+
+Method (see docs/performance.md): each variant runs in its own uvicorn process (uvloop, httptools, one
+worker) pinned to the first core; the load generator (``loadgen.py``) and the OTLP sink run on the second.
+All servers stay up for the whole run and take turns: in every round, every scenario is sent to every
+variant (in a rotating order), so drift on a shared machine hits all of them alike. For each batch we
+record the client's throughput and latency and the server process's CPU time (all threads, from /proc)
+before and after; CPU per request is the headline figure. Ratios to the bare app are taken per round and
+then the median over rounds is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import procs
+from apps import BENCH_METRICS_PORT, BENCH_OTLP_ENDPOINT, VARIANTS
+from loadgen import SCENARIOS, LoadGenerator
+
+SERVER_CPU = 0
+CLIENT_CPU = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How much to measure.
+
+    Args:
+        rounds: interleaved rounds (each: every scenario on every variant).
+        warmup: requests per scenario and variant before measuring.
+        batch: requests per measured batch, by scenario.
+        concurrency: connections the load generator keeps busy.
+        settle: seconds to wait after each batch before reading CPU time, so work a variant defers
+            (a span exporter's next batch) is charged to it.
+        soak: total requests the ``ours`` variants have served when their memory is read (the rest of a
+            variant's share is sent as non-stream chat after the rounds).
+        workers_rounds: rounds of the two-worker comparison (0 to skip it).
+    """
+
+    rounds: int
+    warmup: int
+    batch: dict[str, int]
+    concurrency: int
+    settle: float
+    soak: int
+    workers_rounds: int
+
+
+SMOKE = Plan(
+    rounds=1,
+    warmup=5,
+    batch={"chat": 20, "stream64": 6, "stream512": 2, "embeddings": 20},
+    concurrency=2,
+    settle=0.0,
+    soak=0,
+    workers_rounds=1,
+)
+FULL = Plan(
+    rounds=5,
+    warmup=300,
+    batch={"chat": 1200, "stream64": 240, "stream512": 40, "embeddings": 1200},
+    concurrency=8,
+    settle=0.3,
+    soak=100_000,
+    workers_rounds=2,
+)
+
+#: Scenarios of the two-worker comparison.
+WORKER_SCENARIOS = ("chat", "stream64")
+
+
+@dataclasses.dataclass
+class Server:
+    key: str
+    port: int
+    metrics_port: int
+    workers: int
+    process: Any
+    sent: int = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid, *procs.children(self.process.pid)]
+
+    def cpu(self) -> float:
+        return procs.cpu_seconds(self.pids)
+
+    def memory(self) -> tuple[int, int]:
+        """(RSS, peak RSS) in KiB, summed over the worker processes (or the one server process)."""
+        pids = procs.children(self.process.pid) if self.workers > 1 else [self.process.pid]
+        rss = [procs.memory_kib(pid) for pid in pids]
+        return sum(r for r, _ in rss), sum(p for _, p in rss)
+
+
+def start_server(key: str, otlp: str, workers: int = 1) -> Server:
+    port, metrics_port = procs.free_port(), procs.free_port()
+    env = {
+        BENCH_METRICS_PORT: str(metrics_port),
+        BENCH_OTLP_ENDPOINT: otlp,
+        # Export spans soon after they end, so a batch's spans are exported (and charged) within ``settle``.
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": f"bench-{key}",
+    }
+    args = ["--variant", key, "--port", str(port), "--workers", str(workers)]
+    if workers == 1:
+        args += ["--cpu", str(SERVER_CPU)]
+    process = procs.start("serve.py", args, env)
+    return Server(key, port, metrics_port, workers, process)
+
+
+def scrape_counts(server: Server) -> dict[str, float]:
+    """Requests our middleware counted, and its internal errors, from its Prometheus endpoint."""
+    text = procs.http_get(f"http://127.0.0.1:{server.metrics_port}/metrics").decode()
+    counted = {"requests": 0.0, "internal_errors": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "llm_requests_total":
+                counted["requests"] += sample.value
+            elif sample.name == "llm_telemetry_internal_errors_total":
+                counted["internal_errors"] += sample.value
+    return counted
+
+
+def _median(values: Iterable[float]) -> float:
+    items = [v for v in values if v == v]
+    return statistics.median(items) if items else float("nan")
+
+
+def measure(load: LoadGenerator, server: Server, scenario: str, requests: int, plan: Plan) -> dict[str, Any]:
+    before = server.cpu()
+    result = load.run(server.port, scenario, requests, plan.concurrency)
+    if plan.settle:
+        time.sleep(plan.settle)
+    cpu = server.cpu() - before
+    server.sent += result.requests
+    return {
+        "variant": server.key,
+        "scenario": scenario,
+        "requests": result.requests,
+        "failures": result.failures,
+        "rate": result.rate,
+        "p50": result.quantile(0.5),
+        "p99": result.quantile(0.99),
+        "cpu_per_request": cpu / max(result.requests, 1),
+    }
+
+
+def summarise(batches: list[dict[str, Any]], keys: list[str], scenarios: Iterable[str]) -> list[dict[str, Any]]:
+    """One row per (scenario, variant): medians over rounds, ratios to bare paired by round."""
+    rows = []
+    for scenario in scenarios:
+        bare = [b for b in batches if b["scenario"] == scenario and b["variant"] == "bare"]
+        for key in keys:
+            mine = [b for b in batches if b["scenario"] == scenario and b["variant"] == key]
+            if not mine:
+                continue
+            pairs = list(zip(mine, bare, strict=False))
+            chunks = SCENARIOS[scenario].chunks
+            cpu = _median(b["cpu_per_request"] for b in mine)
+            delta = _median(m["cpu_per_request"] - b["cpu_per_request"] for m, b in pairs)
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "variant": key,
+                    "rate": _median(b["rate"] for b in mine),
+                    "rate_ratio": _median(m["rate"] / b["rate"] for m, b in pairs if b["rate"]),
+                    "p50": _median(b["p50"] for b in mine),
+                    "p99": _median(b["p99"] for b in mine),
+                    "cpu_us": cpu * 1e6,
+                    "cpu_ratio": _median(
+                        m["cpu_per_request"] / b["cpu_per_request"] for m, b in pairs if b["cpu_per_request"]
+                    ),
+                    "cpu_delta_us": delta * 1e6,
+                    "cpu_per_chunk_us": cpu * 1e6 / chunks if chunks else None,
+                    "delta_per_chunk_us": delta * 1e6 / chunks if chunks else None,
+                    "failures": sum(b["failures"] for b in mine),
+                }
+            )
+    return rows
+
+
+def run(plan: Plan, only: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+    """Run the middleware benchmark; returns everything measured (see :func:`format_report`)."""
+    keys = [k for k in VARIANTS if only is None or k in only or k == "bare"]
+    skipped = {}
+    for key in list(keys):
+        reason = VARIANTS[key].missing()
+        if reason:
+            skipped[key] = reason
+            keys.remove(key)
+    report: dict[str, Any] = {"plan": dataclasses.asdict(plan), "skipped": skipped, "notes": []}
+    sink_port = procs.free_port()
+    sink = procs.start("sink.py", ["--port", str(sink_port), "--cpu", str(CLIENT_CPU)])
+    otlp = f"http://127.0.0.1:{sink_port}"
+    servers: dict[str, Server] = {}
+    try:
+        procs.pin(CLIENT_CPU)
+        procs.wait_http(otlp + "/count", sink)
+        for key in keys:
+            servers[key] = start_server(key, otlp)
+        for server in servers.values():
+            procs.wait_http(f"http://127.0.0.1:{server.port}/healthz", server.process)
+        with LoadGenerator(cpu=CLIENT_CPU) as load:
+            log(f"middleware: warming up {', '.join(keys)}")
+            for server in servers.values():
+                for scenario in SCENARIOS:
+                    load.run(server.port, scenario, plan.warmup, plan.concurrency)
+                    server.sent += plan.warmup
+            memory: dict[str, dict[str, Any]] = {
+                key: {"after_warmup": s.memory()[0], "warmup_requests": s.sent} for key, s in servers.items()
+            }
+            batches: list[dict[str, Any]] = []
+            for round_no in range(plan.rounds):
+                log(f"middleware: round {round_no + 1}/{plan.rounds}")
+                for scenario, requests in plan.batch.items():
+                    order = keys[round_no % len(keys) :] + keys[: round_no % len(keys)]
+                    for key in order:
+                        batches.append({**measure(load, servers[key], scenario, requests, plan), "round": round_no})
+            report["batches"] = batches
+            report["rows"] = summarise(batches, keys, plan.batch)
+            for key, server in servers.items():
+                memory[key]["after_rounds"] = server.memory()[0]
+                memory[key]["rounds_requests"] = server.sent
+            for key in ("ours", "ours+traces"):
+                if key not in servers or servers[key].sent >= plan.soak:
+                    continue
+                server = servers[key]
+                log(f"middleware: memory soak of {key} up to {plan.soak} requests")
+                checkpoints = []
+                while server.sent < plan.soak:
+                    step = min(plan.soak - server.sent, max(plan.soak // 5, 1))
+                    result = load.run(server.port, "chat", step, plan.concurrency)
+                    server.sent += result.requests
+                    checkpoints.append((server.sent, server.memory()[0]))
+                memory[key]["soak"] = checkpoints
+            for key, server in servers.items():
+                rss, peak = server.memory()
+                memory[key].update(final=rss, peak=peak, requests=server.sent)
+                if VARIANTS[key].llm_metrics:
+                    counted = scrape_counts(server)
+                    memory[key].update(counted=counted["requests"], internal_errors=counted["internal_errors"])
+            report["memory"] = memory
+            traced = [k for k in keys if VARIANTS[k].traces]
+            if traced:
+                time.sleep(0.5)
+                report["spans_received"] = json.loads(procs.http_get(otlp + "/count"))["spans"]
+            if plan.workers_rounds:
+                report["workers"] = run_workers(plan, load, otlp, log)
+    finally:
+        for key, server in servers.items():
+            err = procs.stop(server.process)
+            if "Traceback" in err or "internal error" in err:
+                report["notes"].append(f"{key} server stderr: {err.strip()[-800:]}")
+        procs.stop(sink)
+    return report
+
+
+def run_workers(plan: Plan, load: LoadGenerator, otlp: str, log: Any) -> dict[str, Any]:
+    """bare and ours with ``--workers 2`` (workers not pinned: they share both cores with the client)."""
+    keys = ["bare", "ours"]
+    log("middleware: two-worker comparison")
+    servers = {key: start_server(key, otlp, workers=2) for key in keys}
+    result: dict[str, Any] = {"notes": []}
+    try:
+        for server in servers.values():
+            procs.wait_http(f"http://127.0.0.1:{server.port}/healthz", server.process)
+            # uvicorn answers as soon as one worker is up; give the second one time to start as well.
+            deadline = time.monotonic() + 30
+            while len(procs.children(server.process.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for server in servers.values():
+            for scenario in WORKER_SCENARIOS:
+                load.run(server.port, scenario, plan.warmup, plan.concurrency * 2)
+                server.sent += plan.warmup
+        batches = []
+        for round_no in range(plan.workers_rounds):
+            for scenario in WORKER_SCENARIOS:
+                for key in keys if round_no % 2 == 0 else keys[::-1]:
+                    wide = dataclasses.replace(plan, concurrency=plan.concurrency * 2)
+                    batches.append(measure(load, servers[key], scenario, plan.batch[scenario] * 2, wide))
+        result["rows"] = summarise(batches, keys, WORKER_SCENARIOS)
+        server = servers["ours"]
+        try:
+            counted = scrape_counts(server)
+            result["counted"], result["sent"] = counted["requests"], server.sent
+        except OSError as exc:
+            result["notes"].append(f"could not scrape the two-worker server's metrics: {exc}")
+        result["memory"] = {key: s.memory() for key, s in servers.items()}
+    finally:
+        for key, server in servers.items():
+            err = procs.stop(server.process)
+            if "Traceback" in err:
+                result["notes"].append(f"{key} (2 workers) stderr: {err.strip()[-800:]}")
+    return result
+
+
+# --- formatting -----------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or value != value:
+        return "-"
+    return format(value, spec)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> list[str]:
+    header = (
+        f"{'scenario':<11}{'variant':<16}{'req/s':>8}{'x bare':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'CPU us/req':>12}{'x bare':>8}{'+us/req':>9}{'us/chunk':>10}{'+us/chunk':>11}{'fail':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    last = None
+    for row in rows:
+        if last is not None and row["scenario"] != last:
+            lines.append("")
+        last = row["scenario"]
+        lines.append(
+            f"{row['scenario']:<11}{row['variant']:<16}{_fmt(row['rate'], '.0f'):>8}{_fmt(row['rate_ratio'], '.2f'):>8}"
+            f"{_fmt(row['p50'] * 1e3, '.2f'):>9}{_fmt(row['p99'] * 1e3, '.2f'):>9}"
+            f"{_fmt(row['cpu_us'], '.0f'):>12}{_fmt(row['cpu_ratio'], '.2f'):>8}{_fmt(row['cpu_delta_us'], '+.0f'):>9}"
+            f"{_fmt(row['cpu_per_chunk_us'], '.1f'):>10}{_fmt(row['delta_per_chunk_us'], '+.2f'):>11}"
+            f"{row['failures']:>6}"
+        )
+    return lines
+
+
+def targets(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the issue's targets, from this run's numbers."""
+    rows = {(r["scenario"], r["variant"]): r for r in report.get("rows", [])}
+    found: list[tuple[str, str, str]] = []
+
+    def check(name: str, ok: bool | None, measured: str) -> None:
+        found.append((name, measured, "n/a" if ok is None else ("met" if ok else "NOT met")))
+
+    for scenario in ("stream64", "stream512"):
+        row = rows.get((scenario, "ours"))
+        if row:
+            over = (row["cpu_ratio"] - 1) * 100
+            measured = f"{over:+.1f}% ({row['delta_per_chunk_us']:+.2f} us/chunk)"
+            check(f"metrics-only CPU on {scenario} <= +5%", over <= 5, measured)
+    row = rows.get(("chat", "ours"))
+    if row:
+        delta = row["cpu_delta_us"]
+        check("metrics-only CPU on non-stream chat <= +60 us", delta <= 60, f"{delta:+.0f} us")
+    for scenario in ("stream64", "stream512"):
+        row = rows.get((scenario, "ours+traces"))
+        if row:
+            over = (row["cpu_ratio"] - 1) * 100
+            check(f"metrics+traces CPU on {scenario} <= +15%", over <= 15, f"{over:+.1f}%")
+        elif "ours+traces" in report.get("skipped", {}):
+            check(f"metrics+traces CPU on {scenario} <= +15%", None, "variant not available")
+    memory = report.get("memory", {})
+    for key in ("ours", "ours+traces"):
+        mem = memory.get(key)
+        if mem and "final" in mem:
+            growth = (mem["final"] - mem["after_warmup"]) / 1024
+            ok = growth <= max(2.0, mem["after_warmup"] / 1024 * 0.05) if mem["requests"] >= 10_000 else None
+            check(
+                f"{key}: no RSS growth after warm-up",
+                ok,
+                f"{growth:+.1f} MiB over {mem['requests'] - mem['warmup_requests']} requests",
+            )
+    return found
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = ["== Middleware overhead (server CPU per request is the headline; ratios are to bare, same round) =="]
+    lines += format_rows(report.get("rows", []))
+    for key, reason in report.get("skipped", {}).items():
+        lines.append(f"(variant {key} not run: {reason})")
+    lines += ["", "Memory (KiB of RSS in the server process)"]
+    lines.append(
+        f"{'variant':<16}{'after warm-up':>14}{'after rounds':>14}{'final':>10}{'peak':>10}"
+        f"{'requests':>10}{'counted':>10}"
+    )
+    for key, mem in report.get("memory", {}).items():
+        counted = mem.get("counted")
+        lines.append(
+            f"{key:<16}{mem['after_warmup']:>14}{mem['after_rounds']:>14}{mem['final']:>10}{mem['peak']:>10}"
+            f"{mem['requests']:>10}{'-' if counted is None else format(counted, '.0f'):>10}"
+        )
+        if mem.get("soak"):
+            lines.append("    soak: " + ", ".join(f"{n} req -> {rss} KiB" for n, rss in mem["soak"]))
+    if "spans_received" in report:
+        lines.append(f"OTLP sink received {report['spans_received']} spans")
+    workers = report.get("workers")
+    if workers:
+        lines += ["", "Two uvicorn workers (not pinned; share both cores with the load generator)"]
+        lines += format_rows(workers.get("rows", []))
+        if "counted" in workers:
+            lines.append(
+                f"ours with 2 workers: {workers['counted']:.0f} of {workers['sent']} requests counted in one scrape"
+            )
+        lines += workers.get("notes", [])
+    lines += ["", "Targets (this run)"]
+    for name, measured, verdict in targets(report):
+        lines.append(f"  {name:<48}{measured:<40}{verdict}")
+    lines += report.get("notes", [])
+    return "\n".join(lines)

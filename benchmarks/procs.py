@@ -1,0 +1,142 @@
+"""Process helpers for the benchmarks: free ports, child processes, CPU time and memory from /proc."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from typing import IO
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+_logs: dict[int, IO[bytes]] = {}
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of the processes (all their threads), in seconds.
+
+    Each thread's ``schedstat`` gives nanoseconds on CPU; ``stat``'s utime+stime (clock ticks, 10 ms) is the
+    fallback when schedstat is not available.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            total += sum(int(pathlib.Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks)
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICKS * 1e9
+    return total / 1e9
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in KiB: current and peak resident memory."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in values:
+                values[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return values["VmRSS"], values["VmHWM"]
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (uvicorn's workers), found through /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = pathlib.Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def http_get(url: str, timeout: float = 5) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        body: bytes = response.read()
+        return body
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(map(str, process.args))} exited with {process.returncode}")  # type: ignore[arg-type]
+        try:
+            http_get(url, timeout=2)
+            return
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing answered {url} within {timeout:.0f} s") from None
+            time.sleep(0.1)
+
+
+def start(script: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python benchmarks/<script> <args>`` with the repository's interpreter."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    # stderr goes to a file, not a pipe: a chatty child must never block on a full pipe mid-benchmark.
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / script), *args],
+        env=full_env,
+        cwd=str(REPO_ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    _logs[process.pid] = log
+    return process
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> str:
+    """Stop a child we started (SIGTERM, then SIGKILL); return what it wrote to stderr."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log = _logs.pop(process.pid, None)
+    if log is None:
+        return ""
+    with log:
+        log.seek(0)
+        return log.read().decode(errors="replace")

@@ -1,0 +1,123 @@
+"""Profile the middleware's hot path in-process: the demo app driven directly through ASGI, no sockets.
+
+Usage: ``python benchmarks/profile_hot_path.py [--scenario stream64] [--requests 2000] [--variant ours]
+[--top 25]``. It prints the CPU time per request of the chosen variant and of the bare app (both measured
+here, interleaved) and a cProfile listing of the variant, sorted by own time. Without the network and
+uvicorn the per-request figures are smaller than in ``benchmarks/run``, but the difference between the two
+is the middleware's cost, with far less noise, which makes it the tool for before/after comparisons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import json
+import os
+import pathlib
+import pstats
+import sys
+import time
+from typing import Any
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from apps import BENCH_METRICS_PORT, BENCH_VARIANT, VARIANTS  # noqa: E402
+from loadgen import SCENARIOS, Scenario  # noqa: E402
+
+
+def _scope(scenario: Scenario) -> dict[str, Any]:
+    headers = [(b"content-type", b"application/json"), (b"authorization", b"Bearer bench")]
+    headers += [(k.encode(), v.encode()) for k, v in scenario.headers]
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": scenario.path,
+        "raw_path": scenario.path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def drive(app: Any, scenario: Scenario, requests: int) -> int:
+    """Send ``requests`` requests straight into the ASGI app; return the response body messages seen."""
+    body = json.dumps(scenario.body).encode()
+    messages = 0
+
+    for _ in range(requests):
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()  # a real server's receive blocks until the client disconnects
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal messages
+            if message["type"] == "http.response.body":
+                messages += 1
+
+        await app(_scope(scenario), receive, send)
+    return messages
+
+
+def build(variant: str) -> Any:
+    os.environ[BENCH_VARIANT] = variant
+    os.environ.setdefault(BENCH_METRICS_PORT, "0")
+    return VARIANTS[variant].build()
+
+
+def cpu_per_request(app: Any, scenario: Scenario, requests: int, loop: asyncio.AbstractEventLoop) -> float:
+    started = time.process_time()
+    loop.run_until_complete(drive(app, scenario, requests))
+    return (time.process_time() - started) / requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="stream64", choices=sorted(SCENARIOS))
+    parser.add_argument("--variant", default="ours", choices=sorted(VARIANTS))
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+
+    scenario = SCENARIOS[args.scenario]
+    loop = asyncio.new_event_loop()
+    bare, app = build("bare"), build(args.variant)
+    for candidate in (bare, app):
+        loop.run_until_complete(drive(candidate, scenario, 50))  # warm up (and build lazy state)
+    base, mine = [], []
+    for _ in range(args.rounds):
+        base.append(cpu_per_request(bare, scenario, args.requests, loop))
+        mine.append(cpu_per_request(app, scenario, args.requests, loop))
+    base.sort()
+    mine.sort()
+    b, m = base[len(base) // 2] * 1e6, mine[len(mine) // 2] * 1e6
+    per_chunk = f", {(m - b) / scenario.chunks:.2f} µs per chunk" if scenario.chunks else ""
+    print(f"{args.scenario}: bare {b:.1f} µs/request, {args.variant} {m:.1f} µs/request (+{m - b:.1f} µs{per_chunk})")
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loop.run_until_complete(drive(app, scenario, args.requests))
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
+    print(out.getvalue())
+    loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
