@@ -49,6 +49,9 @@ class Telemetry:
     ) -> None:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=True)
+        if meter_provider is None:
+            # An SDK provider the application installed globally is used as if passed in, never replaced.
+            meter_provider = _global_sdk_meter_provider()
         self._owns_provider = meter_provider is None
         #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
         self.workers = multiproc.activate(settings) if meter_provider is None else None
@@ -160,6 +163,17 @@ class Telemetry:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _global_sdk_meter_provider() -> MeterProvider | None:
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
+
+    current = metrics.get_meter_provider()
+    if isinstance(current, SDKMeterProvider):
+        logger.info("llm-telemetry: recording into the application's global MeterProvider")
+        return current
+    return None
 
 
 def _otlp_metric_reader() -> Any:

@@ -253,8 +253,8 @@ def test_explicit_provider_and_an_outer_server_span(receiver: OTLPReceiver) -> N
     provider.shutdown()
 
 
-def test_global_sdk_provider_is_used_not_replaced() -> None:
-    """An app that installed its own SDK TracerProvider keeps it; the middleware's spans go through it."""
+def test_global_sdk_providers_are_used_not_replaced() -> None:
+    """An app that installed its own SDK TracerProvider and MeterProvider keeps them; ours go through them."""
     script = textwrap.dedent(
         """
         import asyncio, httpx
@@ -264,10 +264,17 @@ def test_global_sdk_provider_is_used_not_replaced() -> None:
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
         from llm_telemetry.demo.app import create_app
 
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
+        reader = InMemoryMetricReader()
+        meter_provider = MeterProvider(metric_readers=[reader])
+        metrics.set_meter_provider(meter_provider)
         app = create_app(metrics_port=0)
 
         async def main():
@@ -279,6 +286,10 @@ def test_global_sdk_provider_is_used_not_replaced() -> None:
         asyncio.run(main())
         assert trace.get_tracer_provider() is provider
         assert app.telemetry.tracing.provider is provider
+        assert metrics.get_meter_provider() is meter_provider and app.telemetry.meter_provider is meter_provider
+        recorded = {m.name for rm in reader.get_metrics_data().resource_metrics
+                    for sm in rm.scope_metrics if sm.scope.name == "llm_telemetry" for m in sm.metrics}
+        assert {"llm.requests", "gen_ai.server.request.duration"} <= recorded, recorded
         print(sorted(s.name for s in exporter.get_finished_spans()))
         """
     )
