@@ -33,6 +33,7 @@ class SSEDecoder:
             not self._buffer
             and not self._pending_cr
             and not self._data
+            and not self._event
             and not self._skipping
             and len(chunk) <= self.max_event_bytes
         ):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry.sse import SSEDecoder
@@ -48,6 +48,7 @@ def test_sse_decodes_whole_stream() -> None:
 
 @given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=40))
 @settings(max_examples=300, deadline=None)
+@example(cuts=[500, 849])  # an event: line ending one chunk, its data: line starting the next
 def test_sse_split_at_any_byte_gives_same_events(cuts: list[int]) -> None:
     assert decode(split_at(STREAM, cuts)) == EXPECTED
 
