@@ -43,25 +43,28 @@ def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -
 
 
 def test_openai_chat_stream_parallel_tool_calls_and_detailed_usage() -> None:
-    body = sse(
-        chat_chunk({"role": "assistant", "content": None}),
-        chat_chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "search", "arguments": ""}}]}),
-        chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}),
-        chat_chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "fetch", "arguments": ""}}]}),
-        chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}),
-        chat_chunk({}, "tool_calls"),
-        {
-            "id": "c1",
-            "model": "gpt-4o-2024-08-06",
-            "choices": [],
-            "usage": {
-                "prompt_tokens": 100,
-                "completion_tokens": 30,
-                "prompt_tokens_details": {"cached_tokens": 64},
-                "completion_tokens_details": {"reasoning_tokens": 12},
+    body = (
+        sse(
+            chat_chunk({"role": "assistant", "content": None}),
+            chat_chunk({"tool_calls": [{"index": 0, "id": "a", "function": {"name": "search", "arguments": ""}}]}),
+            chat_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q":'}}]}),
+            chat_chunk({"tool_calls": [{"index": 1, "id": "b", "function": {"name": "fetch", "arguments": ""}}]}),
+            chat_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "1}"}}]}),
+            chat_chunk({}, "tool_calls"),
+            {
+                "id": "c1",
+                "model": "gpt-4o-2024-08-06",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 100,
+                    "completion_tokens": 30,
+                    "prompt_tokens_details": {"cached_tokens": 64},
+                    "completion_tokens_details": {"reasoning_tokens": 12},
+                },
             },
-        },
-    ) + b"data: [DONE]\n\n"
+        )
+        + b"data: [DONE]\n\n"
+    )
     call = read("openai.chat", body, stream=True, request={"model": "gpt-4o", "stream": True, "max_tokens": 50})
     assert call.tool_calls == ["search", "fetch"]
     assert call.finish_reasons == ["tool_calls"]
