@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import CRD_PATH, REPO_ROOT, crd_validator, load_crd
+from kopf_testing import CRD_PATH, REPO_ROOT, crd_validator, load_crd
 
 from llm_telemetry_operator.spec import parse_spec
 

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
-from conftest import (
+from kopf_testing import (
     CONFIGMAPS,
     DEPLOYMENTS,
     LLMT,

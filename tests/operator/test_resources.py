@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import yaml
-from conftest import deployment, minimal_llmt
+from kopf_testing import deployment, minimal_llmt
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r

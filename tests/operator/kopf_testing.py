@@ -1,0 +1,367 @@
+"""Fixtures for the operator tests: a kmock Kubernetes emulator with our CRD, and the operator running against it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime
+import json
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import jsonschema
+import kmock as kmocklib
+import kopf
+import pytest
+import yaml
+
+from llm_telemetry_operator.config import OperatorConfig
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHARED_CRDS = REPO_ROOT.parent / "shared" / "crds"
+CRD_PATH = REPO_ROOT / "crds" / "llmtelemetry.dev_llmtelemetries.yaml"
+NAMESPACE = "llm"
+PEERING = "test-peering"
+
+LLMT = "llmtelemetry.dev/v1alpha1/llmtelemetries"
+DEPLOYMENTS = "apps/v1/deployments"
+STATEFULSETS = "apps/v1/statefulsets"
+SERVICES = "v1/services"
+CONFIGMAPS = "v1/configmaps"
+SERVICEMONITORS = "monitoring.coreos.com/v1/servicemonitors"
+PROMETHEUSRULES = "monitoring.coreos.com/v1/prometheusrules"
+
+
+class _RecordingBus(kmocklib.Bus):  # type: ignore[misc]
+    """kmock's per-resource event bus, also keeping every event with the resourceVersion it happened at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, Any]] = []
+        self.version: Callable[[], int] = lambda: 0
+
+    async def put(self, *items: Any) -> None:
+        self.history.extend((self.version(), item) for item in items)
+        await super().put(*items)
+
+
+class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator plus the resourceVersion semantics of a real API server.
+
+    kmock stores objects as sent: no ``uid``, a ``resourceVersion`` that never changes, lists stamped
+    ``resourceVersion: "..."``, and every watch starts by replaying all objects as ADDED, whatever
+    ``resourceVersion`` it asks to start from. A real API server gives every created object a ``uid`` and
+    every write a new ``resourceVersion``; a watch from a list's ``resourceVersion`` gets exactly the events
+    after that list; a write carrying a stale ``metadata.resourceVersion`` gets 409, a JSON patch whose
+    ``test`` op fails gets 422. kopf depends on all of it: it keys its per-object memory by ``uid``, and after
+    its own patch it waits for the patched ``resourceVersion`` to tell fresh events from stale ones (with a
+    fixed version, a replayed stale event passes for fresh and the handlers run on outdated bodies).
+    """
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        #: Foreign writes to slip in right before the operator's next PATCH of an object, by (plural, name):
+        #: another client writing between the operator's read and its write, which must end in a 409.
+        self.interfere: dict[tuple[str, str], dict[str, Any]] = {}
+        self._rv = 1000
+        # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
+        # from a list's resourceVersion misses nothing and replays nothing.
+        self._writes = asyncio.Lock()
+        self._buses.default_factory = self._new_bus
+
+    def _new_bus(self) -> _RecordingBus:
+        bus = _RecordingBus()
+        bus.version = lambda: self._rv
+        return bus
+
+    async def _handle(self, request: Any) -> Any:
+        action, data = request.action, request.data
+        if request.resource is None or action not in (
+            kmocklib.action.CREATE,
+            kmocklib.action.UPDATE,
+            kmocklib.action.DELETE,
+        ):
+            return await super()._handle(request)
+        async with self._writes:
+            if action == kmocklib.action.CREATE and isinstance(data, dict):
+                self._rv += 1
+                meta = data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", datetime.datetime.now(tz=datetime.timezone.utc).isoformat())
+                meta["resourceVersion"] = str(self._rv)
+            elif action == kmocklib.action.UPDATE and request.name is not None:
+                foreign = None
+                if not request.headers.get("X-Test-Hand"):
+                    foreign = self.interfere.pop((request.resource.plural, request.name), None)
+                if foreign is not None:
+                    self._rv += 1
+                    key = (request.resource, request.namespace, request.name)
+                    foreign = copy.deepcopy(foreign)
+                    foreign.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    self._objects[key].patch(foreign)
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
+                current = get_raw(self, request.resource, request.namespace, request.name)
+                if current is not None:
+                    self._precondition(current, data)
+                    self._rv += 1
+                    if isinstance(data, dict):
+                        data.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    elif isinstance(data, list):
+                        data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self._rv)})
+            else:
+                self._rv += 1
+            return await super()._handle(request)
+
+    async def _serve_list(self, request: Any) -> Any:
+        async with self._writes:
+            result = await super()._serve_list(request)
+            result["metadata"]["resourceVersion"] = str(self._rv)
+        return result
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        since = request.params.get("resourceVersion", "")
+        if not since.isdigit():
+            async for item in super()._serve_watch(request):
+                yield item
+            return
+        yield b""  # send the headers now, as kmock's own watch does
+        bus = self._buses[request.resource]
+        async with self._writes:
+            marker = await bus.mark()
+            backlog = [event for version, event in bus.history if version > int(since)]
+        try:
+            for event in backlog:
+                if self._selected(request, event):
+                    yield event
+            async for event in bus.stream(since=marker):
+                if self._selected(request, event):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    @staticmethod
+    def _selected(request: Any, event: Mapping[str, Any]) -> bool:
+        meta = event.get("object", {}).get("metadata", {})
+        return request.namespace in (None, meta.get("namespace")) and request.name in (None, meta.get("name"))
+
+    @staticmethod
+    def _precondition(current: Mapping[str, Any], data: Any) -> None:
+        have = (current.get("metadata") or {}).get("resourceVersion")
+        if isinstance(data, dict):
+            want = (data.get("metadata") or {}).get("resourceVersion")
+            if want is not None and want != have:
+                raise kmocklib.KubernetesError(
+                    status=409, reason="Conflict", message=f"resourceVersion {want} is stale, the object is at {have}"
+                )
+        elif isinstance(data, list):
+            for op in data:
+                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op["value"] != have:
+                    raise kmocklib.KubernetesError(status=422, reason="Invalid", message="test op failed")
+
+
+@pytest.fixture
+def kmock_options(kmock_options: dict[str, Any]) -> dict[str, Any]:
+    """Every operator test talks to :class:`ApiServerEmulator`."""
+    return {**kmock_options, "cls": ApiServerEmulator}
+
+
+def get_raw(kmock: Any, resource: Any, namespace: str | None, name: str) -> dict[str, Any] | None:
+    try:
+        obj = kmock.objects[resource, namespace, name]
+        return dict(obj.raw)
+    except (KeyError, ValueError):
+        return None
+
+
+def load_crd(path: pathlib.Path) -> dict[str, Any]:
+    return dict(yaml.safe_load(path.read_text()))
+
+
+def crd_schema(crd: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def crd_validator(crd: Mapping[str, Any]) -> jsonschema.Draft4Validator:
+    # Kubernetes' structural schemas use draft-4 style booleans for exclusiveMinimum/Maximum.
+    return jsonschema.Draft4Validator(crd_schema(crd))
+
+
+@pytest.fixture(scope="session")
+def shared_crds() -> dict[str, dict[str, Any]]:
+    """The Prometheus Operator CRDs from ../shared/crds, by plural."""
+    if not SHARED_CRDS.is_dir():
+        pytest.skip(
+            f"Prometheus Operator CRDs not found in {SHARED_CRDS.name}/ next to the repository (../shared/crds)"
+        )
+    crds = {}
+    for path in SHARED_CRDS.glob("monitoring.coreos.com_*.yaml"):
+        crd = load_crd(path)
+        crds[crd["spec"]["names"]["plural"]] = crd
+    return crds
+
+
+def minimal_llmt(name: str = "chat", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "llmtelemetry.dev/v1alpha1",
+        "kind": "LLMTelemetry",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": f"uid-{name}",
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": {"selector": {"matchLabels": {"app": "chat"}}, **spec},
+    }
+
+
+def deployment(
+    name: str = "chat", labels: Mapping[str, str] | None = None, env: list[Any] | None = None, kind: str = "Deployment"
+) -> dict[str, Any]:
+    labels = dict(labels if labels is not None else {"app": "chat"})
+    container: dict[str, Any] = {"name": "app", "image": "example/chat:1"}
+    if env:
+        container["env"] = env
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": labels,
+            "uid": f"uid-deploy-{name}",
+            "resourceVersion": "1",
+        },
+        "spec": {
+            "selector": {"matchLabels": {"pod": name}},
+            "template": {"metadata": {"labels": {"pod": name, **labels}}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+def get(kmock: Any, resource: str, name: str, namespace: str | None = NAMESPACE) -> dict[str, Any] | None:
+    """The object's current state, or None (``key in kmock.objects`` is unreliable: index and catch)."""
+    obj = get_raw(kmock, resource, namespace, name)
+    return None if obj is None else copy.deepcopy(obj)
+
+
+def condition(obj: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
+
+
+async def eventually(check: Callable[[], Any], what: str, attempts: int = 300) -> Any:
+    """Yield to the emulator (same event loop) until ``check()`` is truthy; fail naming ``what``."""
+    for _ in range(attempts):
+        result = check()
+        if result:
+            return result
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never happened: {what}")
+
+
+def writes(kmock: Any) -> list[tuple[str, str]]:
+    """(method, path) of every write request the emulator received so far."""
+    return [
+        (str(req.method), str(req.url.path))
+        for req in list(kmock)
+        if str(req.method) in ("POST", "PATCH", "PUT", "DELETE")
+    ]
+
+
+@pytest.fixture
+def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """kmock with the namespaces, workloads, children and peering resources the operator needs."""
+    r = kmock.resources
+    r["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list", "watch", "get"})
+    r["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create"})
+    r["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
+    )
+    r["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "patch", "get"}
+    )
+    r[LLMT] = kmock.ResourceInfo(
+        kind="LLMTelemetry",
+        namespaced=True,
+        subresources={"status"},
+        shortnames={"llmt"},
+        verbs={"list", "watch", "patch", "get", "create", "delete"},
+    )
+    all_verbs = {"list", "watch", "patch", "get", "create", "delete"}
+    for res, kind in (
+        (DEPLOYMENTS, "Deployment"),
+        (STATEFULSETS, "StatefulSet"),
+        (SERVICES, "Service"),
+        (CONFIGMAPS, "ConfigMap"),
+    ):
+        r[res] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=all_verbs)
+    kmock.objects["v1/namespaces", None, NAMESPACE] = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": NAMESPACE},
+    }
+    kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": PEERING},
+    }
+    crd = load_crd(CRD_PATH)
+    kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = crd
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+                "users": [{"name": "kmock", "user": {"token": "test-token"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    yield kmock
+
+
+def install_prometheus_operator_crds(kmock: Any, shared_crds: Mapping[str, Mapping[str, Any]]) -> None:
+    verbs = {"list", "watch", "patch", "get", "create", "delete"}
+    for plural in ("servicemonitors", "prometheusrules"):
+        crd = shared_crds[plural]
+        kmock.resources[f"monitoring.coreos.com/v1/{plural}"] = kmock.ResourceInfo(
+            kind=crd["spec"]["names"]["kind"], namespaced=True, verbs=verbs
+        )
+        kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = dict(crd)
+
+
+@contextlib.asynccontextmanager
+async def running_operator(config: OperatorConfig | None = None) -> AsyncIterator[kopf.Memo]:
+    """kopf's real operator loop, in-process, on the test's event loop (where kmock serves)."""
+    from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
+
+    # Cluster-wide: in namespaced mode kopf lists /api/v1/namespaces, a path kmock 0.8 cannot parse.
+    config = config or OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    memo = kopf.Memo(config=config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            standalone=False,
+            peering_name=config.peering,
+            priority=config.priority,
+            namespaces=list(config.namespaces),
+            clusterwide=config.clusterwide,
+            memo=memo,
+            stop_flag=stop,
+        )
+    )
+    try:
+        yield memo
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
