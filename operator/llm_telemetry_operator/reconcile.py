@@ -69,8 +69,6 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
     try:
         spec = parse_spec(owner.get("spec") or {})
         r.build_owner_reference(owner)
-        if spec.alerts.enabled:
-            r.build_alert_thresholds(spec)
     except SpecError as exc:
         outcome.invalid = True
         outcome.failures.append(("InvalidSpec", str(exc)))

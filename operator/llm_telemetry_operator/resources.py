@@ -413,41 +413,6 @@ def rule_selector(owner: Mapping[str, Any]) -> str:
     return f'namespace="{meta["namespace"]}",job="{meta["name"]}"'
 
 
-def build_alert_thresholds(spec: TelemetrySpec) -> Any:
-    """``llm_telemetry.rules.AlertThresholds`` from ``spec.alerts``; SpecError names a field it rejects."""
-    from llm_telemetry.rules import AlertThresholds
-
-    a = spec.alerts
-    #: CRD field name to AlertThresholds attribute, to name the field the middleware's validation rejects.
-    fields = {
-        "errorRatio": "error_ratio",
-        "p95RequestDurationSeconds": "p95_request_duration_seconds",
-        "p95TtftSeconds": "p95_ttft_seconds",
-        "toolFailureRatio": "tool_failure_ratio",
-        "costPerHourUsd": "cost_per_hour_usd",
-        "availabilityObjective": "availability_objective",
-        "ttftObjective": "ttft_objective",
-        "ttftObjectiveSeconds": "ttft_objective_seconds",
-    }
-    try:
-        return AlertThresholds(
-            error_ratio=a.error_ratio,
-            p95_request_duration_seconds=a.p95_request_duration_seconds,
-            p95_ttft_seconds=a.p95_ttft_seconds,
-            tool_failure_ratio=a.tool_failure_ratio,
-            cost_per_hour_usd=a.cost_per_hour_usd,
-            availability_objective=a.availability_objective,
-            ttft_objective=a.ttft_objective,
-            ttft_objective_seconds=a.ttft_objective_seconds,
-        )
-    except ValueError as exc:
-        text = str(exc)
-        for crd_name, py_name in fields.items():
-            if f".{py_name}=" in text:
-                raise SpecError(f"spec.alerts.{crd_name}", text) from None
-        raise SpecError("spec.alerts", text) from None
-
-
 def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
     """The project's alert set (``llm_telemetry.rules``), scoped to this LLMTelemetry's series."""
     from llm_telemetry.rules import build_prometheus_rule as build_rule
@@ -455,9 +420,7 @@ def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config:
     meta = owner["metadata"]
     name = prometheus_rule_name(meta["name"])
     labels = {**config.servicemonitor_labels, **spec.metrics.labels}
-    rule = build_rule(
-        name, meta["namespace"], build_alert_thresholds(spec), selector=rule_selector(owner), labels=labels
-    )
+    rule = build_rule(name, meta["namespace"], spec.alerts.thresholds, selector=rule_selector(owner), labels=labels)
     rule["metadata"] = _metadata(owner, name, "alerts", {**labels, **(rule.get("metadata", {}).get("labels") or {})})
     return rule
 

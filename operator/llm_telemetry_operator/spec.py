@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
+from llm_telemetry.rules import AlertThresholds
 from llm_telemetry_operator.errors import SpecError
 
 #: Prices a model entry may carry, in USD per million tokens.
@@ -97,14 +98,8 @@ class Pricing:
 @dataclass(frozen=True)
 class Alerts:
     enabled: bool = True
-    error_ratio: float = 0.05
-    p95_request_duration_seconds: float = 60.0
-    p95_ttft_seconds: float = 2.0
-    tool_failure_ratio: float = 0.2
-    cost_per_hour_usd: float | None = None
-    availability_objective: float = 0.99
-    ttft_objective: float = 0.99
-    ttft_objective_seconds: float = 2.5
+    #: The middleware's own thresholds type, so the defaults live in one place (``llm_telemetry.rules``).
+    thresholds: AlertThresholds = field(default_factory=AlertThresholds)
 
 
 @dataclass(frozen=True)
@@ -332,26 +327,45 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
     return result
 
 
+#: CRD field names under spec.alerts, and the AlertThresholds attributes they set.
+_ALERT_FIELDS = {
+    "errorRatio": "error_ratio",
+    "p95RequestDurationSeconds": "p95_request_duration_seconds",
+    "p95TtftSeconds": "p95_ttft_seconds",
+    "toolFailureRatio": "tool_failure_ratio",
+    "costPerHourUsd": "cost_per_hour_usd",
+    "availabilityObjective": "availability_objective",
+    "ttftObjective": "ttft_objective",
+    "ttftObjectiveSeconds": "ttft_objective_seconds",
+}
+_RATIOS = {"errorRatio", "toolFailureRatio", "availabilityObjective", "ttftObjective"}
+_EXCLUSIVE = {"availabilityObjective", "ttftObjective", "ttftObjectiveSeconds"}
+
+
 def _alerts(raw: Mapping[str, Any]) -> Alerts:
-    def num(key: str, default: float | None, **kw: Any) -> float | None:
-        return _number(raw, key, f"spec.alerts.{key}", default, **kw)
-
-    def required(key: str, default: float, **kw: Any) -> float:
-        value = num(key, default, **kw)
-        assert value is not None
-        return value
-
-    return Alerts(
-        enabled=_bool(raw, "enabled", "spec.alerts.enabled", True),
-        error_ratio=required("errorRatio", 0.05, maximum=1.0),
-        p95_request_duration_seconds=required("p95RequestDurationSeconds", 60.0),
-        p95_ttft_seconds=required("p95TtftSeconds", 2.0),
-        tool_failure_ratio=required("toolFailureRatio", 0.2, maximum=1.0),
-        cost_per_hour_usd=num("costPerHourUsd", None),
-        availability_objective=required("availabilityObjective", 0.99, maximum=1.0, exclusive=True),
-        ttft_objective=required("ttftObjective", 0.99, maximum=1.0, exclusive=True),
-        ttft_objective_seconds=required("ttftObjectiveSeconds", 2.5, exclusive=True),
-    )
+    defaults = AlertThresholds()
+    values: dict[str, Any] = {}
+    for key, attribute in _ALERT_FIELDS.items():
+        default = getattr(defaults, attribute)
+        value = _number(
+            raw,
+            key,
+            f"spec.alerts.{key}",
+            default,
+            maximum=1.0 if key in _RATIOS else None,
+            exclusive=key in _EXCLUSIVE,
+        )
+        values[attribute] = default if value is None else value
+    try:
+        thresholds = AlertThresholds(**values)
+    except ValueError as exc:
+        # The middleware validates too (e.g. the TTFT objective must be a bucket boundary): name the CRD field.
+        text = str(exc)
+        for key, attribute in _ALERT_FIELDS.items():
+            if f".{attribute}=" in text:
+                raise SpecError(f"spec.alerts.{key}", text) from None
+        raise SpecError("spec.alerts", text) from None
+    return Alerts(enabled=_bool(raw, "enabled", "spec.alerts.enabled", True), thresholds=thresholds)
 
 
 def _dashboard(raw: Mapping[str, Any]) -> Dashboard:

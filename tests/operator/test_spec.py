@@ -22,8 +22,9 @@ def test_spec_minimal_gets_every_default() -> None:
     assert spec.logs.enabled and spec.logs.mode == "otlp" and spec.logs.endpoint is None
     assert not spec.pricing.inline and spec.pricing.config_map is None
     assert dict(spec.attribution_headers) == {} and spec.max_label_values == 100
-    a = spec.alerts
-    assert a.enabled and (a.error_ratio, a.p95_request_duration_seconds, a.p95_ttft_seconds) == (0.05, 60.0, 2.0)
+    assert spec.alerts.enabled
+    a = spec.alerts.thresholds
+    assert (a.error_ratio, a.p95_request_duration_seconds, a.p95_ttft_seconds) == (0.05, 60.0, 2.0)
     assert (a.tool_failure_ratio, a.cost_per_hour_usd) == (0.2, None)
     assert (a.availability_objective, a.ttft_objective, a.ttft_objective_seconds) == (0.99, 0.99, 2.5)
     assert spec.dashboard.enabled and spec.dashboard.folder == "LLM"
