@@ -30,8 +30,11 @@ import yaml
 
 import procs
 
-FULL_SIZES = [1, 50, 500]
-SMOKE_SIZES = [1, 5]
+#: The issue asks for 1, 50 and 500. kmock 0.8 matches every request against its whole request history, so
+#: its own CPU time grows with the square of the traffic: N=10 already costs it ~1 minute of CPU on this
+#: machine, N=50 several, and N=500 does not fit the 10-minute budget (``--sizes 1,50,500`` runs them anyway).
+FULL_SIZES = [1, 10]
+SMOKE_SIZES = [1]
 NAMESPACE = "bench"
 PEERING = "bench-peering"
 SHARED_CRDS = procs.REPO_ROOT.parent / "shared" / "crds"
@@ -124,11 +127,14 @@ def llmtelemetry(i: int) -> dict[str, Any]:
 
 
 def _objects(emu: Any, resource: str) -> list[dict[str, Any]]:
+    # Filter on the keys first: building an object's current state in kmock is not free.
     plural = resource.rsplit("/", 1)[1]
     found = []
-    for (res, _, _), obj in list(emu.objects.items()):
-        if res.plural == plural and not obj.deleted:
-            found.append(obj.raw)
+    for key in list(emu.objects.keys()):
+        if key[0].plural == plural:
+            obj = emu.objects[key]
+            if not obj.deleted:
+                found.append(obj.raw)
     return found
 
 
@@ -156,14 +162,26 @@ def _children(emu: Any) -> int:
     )
 
 
+def _log(emu: Any) -> list[Any]:
+    """Every request the emulator received, in order. Iterating ``emu`` itself runs kmock's filters over the
+    whole history each time, which made the polling (not the operator) the bottleneck at N=50."""
+    raw = getattr(emu, "_requests", None)
+    return list(raw) if isinstance(raw, list) else list(emu)
+
+
 def _operator_requests(emu: Any, since: int) -> list[Any]:
-    return [req for req in list(emu)[since:] if req.headers.get("User-Agent") != BENCH_AGENT]
+    return [req for req in _log(emu)[since:] if req.headers.get("User-Agent") != BENCH_AGENT]
 
 
 def _count(requests: list[Any]) -> dict[str, Any]:
-    writes = [r for r in requests if str(r.method) in WRITES and "kopfpeerings" not in str(r.url.path)]
-    kinds = Counter(f"{r.method} {_resource_of(str(r.url.path))}" for r in writes)
+    writes = [r for r in requests if _method(r) in WRITES and "kopfpeerings" not in str(r.url.path)]
+    kinds = Counter(f"{_method(r)} {_resource_of(str(r.url.path))}" for r in writes)
     return {"requests": len(requests), "writes": len(writes), "write_kinds": dict(kinds)}
+
+
+def _method(request: Any) -> str:
+    method = request.method
+    return str(getattr(method, "value", method)).upper()
 
 
 def _resource_of(path: str) -> str:
@@ -206,17 +224,17 @@ async def _wait(check: Any, timeout: float, what: str, process: subprocess.Popen
             raise RuntimeError(f"the operator exited ({process.returncode}) while waiting for {what}")
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
     return time.monotonic() - started
 
 
 async def _quiet(emu: Any, seconds: float, timeout: float) -> None:
     """Wait until no request has arrived for ``seconds`` (or ``timeout`` passed)."""
     started = time.monotonic()
-    seen, since = len(list(emu)), time.monotonic()
+    seen, since = len(_log(emu)), time.monotonic()
     while time.monotonic() - started < timeout:
         await asyncio.sleep(0.1)
-        now = len(list(emu))
+        now = len(_log(emu))
         if now != seen:
             seen, since = now, time.monotonic()
         elif time.monotonic() - since >= seconds:
@@ -226,7 +244,7 @@ async def _quiet(emu: Any, seconds: float, timeout: float) -> None:
 def _watching(emu: Any) -> bool:
     return any(
         "llmtelemetries" in str(r.url.path) and r.params.get("watch") in ("true", "1")
-        for r in list(emu)
+        for r in _log(emu)
         if r.headers.get("User-Agent") != BENCH_AGENT
     )
 
@@ -259,7 +277,7 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
             try:
                 await _wait(lambda: _watching(emu), 60, "the operator to watch LLMTelemetry", operator)
                 await _quiet(emu, 0.5, 30)
-                mark = len(list(emu))
+                mark = len(_log(emu))
                 cpu0 = procs.cpu_seconds([operator.pid])
                 started = time.monotonic()
                 for i in range(n):
@@ -277,13 +295,13 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
                 result["settled"] = settled
                 result["rss_kib"], result["peak_kib"] = procs.memory_kib(operator.pid)
                 log(f"operator N={n}: ready in {result['ready_s']:.1f} s; idle pass")
-                mark = len(list(emu))
+                mark = len(_log(emu))
                 await asyncio.sleep(idle)
                 result["idle"] = _count(_operator_requests(emu, mark))
             finally:
                 result["log_tail"] = _stop(operator)
             log(f"operator N={n}: restart pass")
-            mark = len(list(emu))
+            mark = len(_log(emu))
             operator = _start_operator(kubeconfig)
             try:
                 started = time.monotonic()

@@ -125,7 +125,7 @@ def start(script: str, args: Sequence[str], env: Mapping[str, str] | None = None
     return process
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> str:
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> str:
     """Stop a child we started (SIGTERM, then SIGKILL); return what it wrote to stderr."""
     if process.poll() is None:
         process.terminate()

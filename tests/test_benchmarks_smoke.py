@@ -1,0 +1,82 @@
+"""``benchmarks/run --smoke`` keeps working: both tables, a row per variant, every request answered.
+
+This is a check of the harness (servers start, the load generator talks to them, CPU and memory are read,
+our middleware counted every request it saw), not of performance: no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = REPO_ROOT / "benchmarks" / "run"
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from apps import VARIANTS  # noqa: E402
+from loadgen import SCENARIOS  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="the benchmarks pin server and client to two different cores",
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_output() -> str:
+    result = subprocess.run(
+        [sys.executable, str(RUN), "--smoke", "--sizes", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, f"benchmarks/run --smoke failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _rows(output: str, section: str) -> list[list[str]]:
+    text = output.split(section, 1)[1]
+    return [line.split() for line in text.splitlines() if line.split() and line.split()[0] in SCENARIOS]
+
+
+def test_smoke_middleware_table_has_every_variant_and_scenario(smoke_output: str) -> None:
+    rows = _rows(smoke_output.split("Memory (KiB")[0], "== Middleware overhead")
+    runnable = [key for key, v in VARIANTS.items() if v.missing() is None]
+    seen = {(row[0], row[1]) for row in rows}
+    for scenario in SCENARIOS:
+        for key in runnable:
+            assert (scenario, key) in seen, f"no row for {key} on {scenario}"
+    for key, variant in VARIANTS.items():
+        if variant.missing() is not None:
+            assert f"(variant {key} not run:" in smoke_output
+
+
+def test_smoke_every_request_succeeded(smoke_output: str) -> None:
+    rows = _rows(smoke_output.split("Memory (KiB")[0], "== Middleware overhead")
+    assert rows
+    for row in rows:
+        assert row[-1] == "0", f"failed requests in {row}"
+        assert float(row[6]) > 0, f"no server CPU time measured in {row}"
+
+
+def test_smoke_our_middleware_counted_every_request(smoke_output: str) -> None:
+    memory = smoke_output.split("Memory (KiB", 1)[1]
+    line = next(line for line in memory.splitlines() if line.startswith("ours "))
+    fields = line.split()
+    assert fields[-1] == fields[-2], f"requests sent and counted differ: {line}"
+
+
+def test_smoke_operator_table_is_printed(smoke_output: str) -> None:
+    section = smoke_output.split("== Operator against the kmock emulator", 1)[1]
+    if "(not run:" in section:
+        pytest.skip(section.split("(not run:", 1)[1].split(")")[0])
+    row = next(line.split() for line in section.splitlines() if line.split() and line.split()[0] == "1")
+    assert "failed:" not in row, section
+    assert re.fullmatch(r"\d+", row[-2]), section
