@@ -63,9 +63,9 @@ SMOKE = Plan(
     workers_rounds=1,
 )
 FULL = Plan(
-    rounds=5,
+    rounds=3,
     warmup=300,
-    batch={"chat": 1200, "stream64": 240, "stream512": 40, "embeddings": 1200},
+    batch={"chat": 1000, "stream64": 200, "stream512": 30, "embeddings": 1000},
     concurrency=8,
     settle=0.3,
     soak=100_000,

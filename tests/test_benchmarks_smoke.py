@@ -6,11 +6,13 @@ our middleware counted every request it saw), not of performance: no timing is a
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -18,9 +20,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = REPO_ROOT / "benchmarks" / "run"
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-from apps import VARIANTS  # noqa: E402
-from loadgen import SCENARIOS  # noqa: E402
+# By module name at run time: the benchmarks are scripts next to each other, not an installed package.
+VARIANTS: dict[str, Any] = importlib.import_module("apps").VARIANTS
+SCENARIOS: dict[str, Any] = importlib.import_module("loadgen").SCENARIOS
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
