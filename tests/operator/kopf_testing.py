@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
+import attrs
 import jsonschema
 import kmock as kmocklib
 import kopf
@@ -25,8 +26,15 @@ SHARED_CRDS = REPO_ROOT.parent / "shared" / "crds"
 CRD_PATH = REPO_ROOT / "crds" / "llmtelemetry.dev_llmtelemetries.yaml"
 NAMESPACE = "llm"
 PEERING = "test-peering"
+#: The namespace collection, which kmock 0.8 cannot parse (see ApiServerEmulator.__call__).
+NAMESPACES_PATH = "/api/v1/namespaces"
+#: What kmock parses instead: the namespaces resource "in" the namespace "-", which no real namespace can be named.
+_STAND_IN_NAMESPACE = "-"
+_NAMESPACES_STAND_IN = f"{NAMESPACES_PATH}/{_STAND_IN_NAMESPACE}/namespaces"
 
 LLMT = "llmtelemetry.dev/v1alpha1/llmtelemetries"
+NAMESPACES = "v1/namespaces"
+KOPFPEERINGS = "kopf.dev/v1/kopfpeerings"
 DEPLOYMENTS = "apps/v1/deployments"
 STATEFULSETS = "apps/v1/statefulsets"
 SERVICES = "v1/services"
@@ -77,7 +85,31 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         bus.version = lambda: self._rv
         return bus
 
+    async def __call__(self, raw_request: Any) -> Any:
+        # kmock 0.8 answers every request for the namespace collection with a 500: its parsing.parse_path() reads
+        # the segment after ".../namespaces" as a namespace name (`namespace, *parts = parts[1:]`), and here there
+        # is none, so the ValueError is raised in Request._parse(), before any reaction or fallback is consulted.
+        # kopf lists and watches that collection in namespaced mode. So let kmock parse a stand-in path that means
+        # the same resource in a namespace "-" (no real namespace has that name); _handle() restores the request.
+        if raw_request.path.rstrip("/") == NAMESPACES_PATH:
+            stand_in = raw_request.rel_url.with_path(_NAMESPACES_STAND_IN).with_query(raw_request.rel_url.query)
+            raw_request = raw_request.clone(rel_url=stand_in)
+        return await super().__call__(raw_request)
+
+    def _restore_namespaces_request(self, request: Any) -> Any:
+        """The namespace-collection request as kmock would have parsed it (see __call__), also in the request log."""
+        url = request.url.with_path(NAMESPACES_PATH).with_query(request.url.query)
+        restored = attrs.evolve(request, namespace=None, url=url)
+        self._requests[:] = [restored if seen is request else seen for seen in self._requests]
+        return restored
+
     async def _handle(self, request: Any) -> Any:
+        if (
+            request.namespace == _STAND_IN_NAMESPACE
+            and request.resource is not None
+            and request.resource.plural == "namespaces"
+        ):
+            request = self._restore_namespaces_request(request)
         action, data = request.action, request.data
         if request.resource is None or action not in (
             kmocklib.action.CREATE,
@@ -278,7 +310,9 @@ def writes(kmock: Any) -> list[tuple[str, str]]:
 def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """kmock with the namespaces, workloads, children and peering resources the operator needs."""
     r = kmock.resources
-    r["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list", "watch", "get"})
+    r[NAMESPACES] = kmock.ResourceInfo(
+        kind="Namespace", namespaced=False, verbs={"list", "watch", "get", "create", "delete"}
+    )
     r["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create"})
     r["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
@@ -286,6 +320,7 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     r["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
         kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "patch", "get"}
     )
+    r[KOPFPEERINGS] = kmock.ResourceInfo(kind="KopfPeering", namespaced=True, verbs={"list", "watch", "patch", "get"})
     r[LLMT] = kmock.ResourceInfo(
         kind="LLMTelemetry",
         namespaced=True,
@@ -301,11 +336,7 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
         (CONFIGMAPS, "ConfigMap"),
     ):
         r[res] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=all_verbs)
-    kmock.objects["v1/namespaces", None, NAMESPACE] = {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": NAMESPACE},
-    }
+    kmock.objects[NAMESPACES, None, NAMESPACE] = namespace_object(NAMESPACE)
     kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
         "apiVersion": "kopf.dev/v1",
         "kind": "ClusterKopfPeering",
@@ -330,6 +361,19 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     yield kmock
 
 
+def namespace_object(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+
+
+def kopf_peering(namespace: str) -> dict[str, Any]:
+    """The KopfPeering of namespaced mode (the chart creates one per watched namespace)."""
+    return {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "KopfPeering",
+        "metadata": {"name": PEERING, "namespace": namespace},
+    }
+
+
 def install_prometheus_operator_crds(kmock: Any, shared_crds: Mapping[str, Mapping[str, Any]]) -> None:
     verbs = {"list", "watch", "patch", "get", "create", "delete"}
     for plural in ("servicemonitors", "prometheusrules"):
@@ -345,7 +389,6 @@ async def running_operator(config: OperatorConfig | None = None) -> AsyncIterato
     """kopf's real operator loop, in-process, on the test's event loop (where kmock serves)."""
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
 
-    # Cluster-wide: in namespaced mode kopf lists /api/v1/namespaces, a path kmock 0.8 cannot parse.
     config = config or OperatorConfig(peering=PEERING, metrics_port=0, health="")
     memo = kopf.Memo(config=config)
     stop = asyncio.Event()

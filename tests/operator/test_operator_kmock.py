@@ -9,8 +9,12 @@ import aiohttp
 from kopf_testing import (
     CONFIGMAPS,
     DEPLOYMENTS,
+    KOPFPEERINGS,
     LLMT,
     NAMESPACE,
+    NAMESPACES,
+    NAMESPACES_PATH,
+    PEERING,
     PROMETHEUSRULES,
     SERVICEMONITORS,
     SERVICES,
@@ -21,7 +25,9 @@ from kopf_testing import (
     eventually,
     get,
     install_prometheus_operator_crds,
+    kopf_peering,
     minimal_llmt,
+    namespace_object,
     running_operator,
 )
 
@@ -34,14 +40,8 @@ from llm_telemetry_operator.reconcile import reconcile
 #: Header on the test's own "hand" requests, so they are not counted as the operator's API usage.
 HAND = {"X-Test-Hand": "1"}
 VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch", "delete": "delete"}
-#: Declared permissions these tests cannot reach: namespaced peering (kmock 0.8 cannot parse the path
-#: /api/v1/namespaces, so the tests run cluster-wide) and re-reads after a 409 on kinds not scripted to conflict.
+#: Declared permissions these tests cannot reach: re-reads after a 409 on kinds not scripted to conflict.
 UNREACHED = {
-    ("", "namespaces", "list"),
-    ("", "namespaces", "watch"),
-    ("kopf.dev", "kopfpeerings", "list"),
-    ("kopf.dev", "kopfpeerings", "watch"),
-    ("kopf.dev", "kopfpeerings", "patch"),
     ("", "services", "get"),
     ("", "configmaps", "get"),
     ("monitoring.coreos.com", "prometheusrules", "get"),
@@ -54,14 +54,19 @@ def env_of(dep: dict[str, Any] | None) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
 
 
-def operator_usage(kmock: Any) -> set[tuple[str, str, str]]:
-    used = set()
+def operator_calls(kmock: Any) -> set[tuple[str, str, str, str | None]]:
+    """(api_group, resource, verb, namespace) of every API call the operator made; namespace None = cluster-wide."""
+    calls = set()
     for req in list(kmock):
         if req.headers.get("X-Test-Hand") or req.resource is None or req.resource.plural is None or req.action is None:
             continue
         plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
-        used.add((req.resource.group, plural, VERBS[str(req.action.value).lower()]))
-    return used
+        calls.add((req.resource.group, plural, VERBS[str(req.action.value).lower()], req.namespace))
+    return calls
+
+
+def operator_usage(kmock: Any) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for group, resource, verb, _ in operator_calls(kmock)}
 
 
 #: Every (group, resource, verb) the operator used in this module's tests.
@@ -377,6 +382,102 @@ async def test_relabel_and_delete_remove_injection(emulator: Any, shared_crds: A
         (CONFIGMAPS, "chat-llm-dashboard"),
     ):
         assert get(emulator, resource, name) is None, name
+    check_usage(emulator)
+
+
+def namespaced_grants(namespaces: tuple[str, ...]) -> set[tuple[str, str, str, str | None]]:
+    """What the chart grants in namespaced mode: cluster-scoped permissions in a ClusterRole (namespace None),
+    the others in a Role per watched namespace; so nothing namespaced cluster-wide, nothing in other namespaces."""
+    return {
+        (p.api_group, resource, verb, None if p.cluster_scoped else namespace)
+        for p in rbac.PERMISSIONS
+        for resource in p.resources
+        for verb in p.verbs
+        for namespace in (namespaces if not p.cluster_scoped else (None,))
+    }
+
+
+def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    meta = obj["metadata"]
+    return {**obj, "metadata": {**meta, "namespace": namespace, "uid": f"{meta['uid']}-{namespace}"}}
+
+
+async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, shared_crds: Any) -> None:
+    """LLM_TELEMETRY_OPERATOR_NAMESPACES: kopf watches only those namespaces, with a KopfPeering in each."""
+    later, unwatched = "staging", "other"
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[NAMESPACES, None, unwatched] = namespace_object(unwatched)
+    for ns in (NAMESPACE, unwatched):
+        emulator.objects[DEPLOYMENTS, ns, "chat"] = in_namespace(deployment(), ns)
+        emulator.objects[LLMT, ns, "chat"] = in_namespace(minimal_llmt(), ns)
+    # The chart creates the KopfPeering in every watched namespace (a post-install hook).
+    emulator.objects[KOPFPEERINGS, NAMESPACE, PEERING] = kopf_peering(NAMESPACE)
+    untouched = {res: get(emulator, res, "chat", unwatched) for res in (LLMT, DEPLOYMENTS)}
+    config = OperatorConfig(namespaces=(NAMESPACE, later), peering=PEERING, metrics_port=0, health="")
+
+    async with running_operator(config):
+        owner = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
+            ),
+            "Ready=True in the watched namespace",
+        )
+        assert owner["status"]["targets"] == ["Deployment/chat"]
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        for resource, name in (
+            (SERVICES, "chat-llm-metrics"),
+            (SERVICEMONITORS, "chat-llm-telemetry"),
+            (PROMETHEUSRULES, "chat-llm-telemetry"),
+            (CONFIGMAPS, "chat-llm-dashboard"),
+        ):
+            child = get(emulator, resource, name)
+            assert child is not None, name
+            assert child["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+        # The peering object is this namespace's KopfPeering, kept alive by the operator.
+        peering = await eventually(
+            lambda: (get(emulator, KOPFPEERINGS, PEERING) or {}).get("status"), "keep-alive in the KopfPeering"
+        )
+        assert [peer["priority"] for peer in peering.values()] == [config.priority]
+
+        # A watched namespace created while the operator runs is noticed through kopf's namespace watch. Until
+        # its KopfPeering exists (helm upgrade recreates it with the Role), kopf pauses the operator in every
+        # namespace: peering is mandatory, and one namespace's unknown peers block all of them.
+        await hand(emulator, "POST", NAMESPACES_PATH, namespace_object(later))
+        await hand(emulator, "POST", f"/apis/kopf.dev/v1/namespaces/{later}/kopfpeerings", kopf_peering(later))
+        await hand(emulator, "POST", f"/apis/apps/v1/namespaces/{later}/deployments", in_namespace(deployment(), later))
+        await hand(
+            emulator,
+            "POST",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{later}/llmtelemetries",
+            in_namespace(minimal_llmt(), later),
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat", later), "Ready").get("status") == "True",
+            f"Ready=True in {later}, created after the start",
+        )
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat", later))
+        assert get(emulator, SERVICES, "chat-llm-metrics", later) is not None
+        # ... and the first namespace is served again after that pause.
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), f"Service recreated in {NAMESPACE}")
+
+    # The unwatched namespace is left alone: no finalizer, no status, no injection, no children, not even a read.
+    for resource, before in untouched.items():
+        assert get(emulator, resource, "chat", unwatched) == before, resource
+    for resource, name in (
+        (SERVICES, "chat-llm-metrics"),
+        (SERVICEMONITORS, "chat-llm-telemetry"),
+        (PROMETHEUSRULES, "chat-llm-telemetry"),
+        (CONFIGMAPS, "chat-llm-dashboard"),
+    ):
+        assert get(emulator, resource, name, unwatched) is None, name
+    calls = operator_calls(emulator)
+    assert not [call for call in calls if call[3] == unwatched]
+    # Everything the operator did is granted by the chart's namespaced-mode RBAC (ClusterRole + Roles).
+    assert calls <= namespaced_grants(config.namespaces), sorted(calls - namespaced_grants(config.namespaces))
+    # kopf really watched the namespace collection and the KopfPeering objects (they used to be unreachable).
+    assert {("", "namespaces", "list", None), ("", "namespaces", "watch", None)} <= calls
+    assert ("kopf.dev", "kopfpeerings", "patch", NAMESPACE) in calls
     check_usage(emulator)
 
 
