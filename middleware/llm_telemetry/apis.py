@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -52,7 +53,21 @@ def _add_finish_reason(call: LLMCall, reason: Any) -> None:
 class ResponseReader:
     """Reads one response body; subclasses implement ``_on_event`` (streams) or ``_on_json`` (JSON)."""
 
-    __slots__ = ("_buffer", "_chunks", "_decoder", "_overflow", "_text", "_text_chars", "call", "capture")
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_decoder",
+        "_misses",
+        "_overflow",
+        "_shape",
+        "_text",
+        "_text_chars",
+        "call",
+        "capture",
+    )
+
+    #: Where a plain text delta's text value starts (the text itself varies from chunk to chunk).
+    _TEXT_KEYS: tuple[bytes, ...] = ()
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
         self.call = call
@@ -65,11 +80,37 @@ class ResponseReader:
         self._chunks = 0
         #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
         self._text_chars = 0
+        #: (bytes before the text, bytes after it, newlines) of a whole-chunk plain text delta of this stream.
+        self._shape: tuple[bytes, bytes, int] | None = None
+        self._misses = 0
 
     def feed(self, chunk: bytes, now: float) -> None:
-        if self._decoder is not None:
-            for event, data in self._decoder.feed(chunk):
-                self._event(event, data, now)
+        decoder = self._decoder
+        if decoder is not None:
+            shape = self._shape
+            if shape is not None and decoder.idle:
+                # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
+                # around the text, one whole event) is another one. JSON escapes quotes and newlines inside
+                # strings, so the bytes around the text can only be structure, never text.
+                head, tail, newlines = shape
+                start, end = len(head), len(chunk) - len(tail)
+                if (
+                    start < end
+                    and chunk.startswith(head)
+                    and chunk.endswith(tail)
+                    and chunk.count(b"\n") == newlines
+                    # Between the two, only text: every quote escaped (several choices in one chunk are not).
+                    and chunk.count(b'"', start, end) == chunk.count(b'\\"', start, end)
+                ):
+                    self._chunks += 1
+                    return
+                self._misses += 1
+                if self._misses > 8:
+                    self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
+            events = decoder.feed(chunk)
+            for event, data in events:
+                if self._event(event, data, now) and len(events) == 1 and self._shape is None and not self._misses:
+                    self._shape = _text_shape(chunk, self._TEXT_KEYS)
         elif not self._overflow:
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
                 self._overflow = True
@@ -100,20 +141,22 @@ class ResponseReader:
             self.call.output_text = ["".join(self._text)]
 
     # Streams -----------------------------------------------------------------------------------
-    def _event(self, event: str, data: bytes, now: float) -> None:
+    def _event(self, event: str, data: bytes, now: float) -> bool:
+        """Read one event; True when it was a plain text delta recognised without parsing."""
         if self.call.first_token_at is not None and self._text is None and self._plain_delta(event, data):
             # Hot path: after the first token most events are plain text deltas. Recognising them from their
-            # bytes, without a JSON parse, is what keeps the per-chunk cost near a microsecond.
+            # bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
             self._chunks += 1
-            return
+            return True
         if data == b"[DONE]":
-            return
+            return False
         try:
             obj = json.loads(data)
         except ValueError:
-            return  # a keep-alive or a non-JSON event: nothing to learn from it
+            return False  # a keep-alive or a non-JSON event: nothing to learn from it
         if isinstance(obj, dict):
             self._on_event(event, obj, now)
+        return False
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         raise NotImplementedError
@@ -135,6 +178,24 @@ class ResponseReader:
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
         self.call.error_type = classify_error_body(obj) or "server_error"
+
+
+#: The rest of a JSON string after its opening quote, up to and including the closing quote.
+_JSON_STRING_REST: Final = re.compile(rb'(?:[^"\\]|\\.)*"')
+
+
+def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, int] | None:
+    """Split a one-event chunk around the value of its first text key: the bytes before and after it."""
+    for key in keys:
+        start = chunk.find(key)
+        if start < 0:
+            continue
+        start += len(key)
+        end = _JSON_STRING_REST.match(chunk, start)
+        if end is None or end.end() - 1 <= start:
+            return None
+        return chunk[:start], chunk[end.end() - 1 :], chunk.count(b"\n")
+    return None
 
 
 class ErrorReader(ResponseReader):
@@ -167,6 +228,7 @@ _TEXT_MARKERS: Final = (
 
 class OpenAIChatReader(ResponseReader):
     __slots__ = ("_tool_indexes",)
+    _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
         super().__init__(call, stream=stream, capture=capture)
@@ -279,6 +341,7 @@ class OpenAIEmbeddingsReader(ResponseReader):
 
 class OpenAIResponsesReader(ResponseReader):
     __slots__ = ()
+    _TEXT_KEYS = (b'"delta":"',)
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
         return event == "response.output_text.delta" and b'"delta":""' not in data
@@ -342,6 +405,7 @@ class OpenAIResponsesReader(ResponseReader):
 
 class AnthropicMessagesReader(ResponseReader):
     __slots__ = ()
+    _TEXT_KEYS = (b'"text":"', b'"thinking":"', b'"partial_json":"')
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
         return (

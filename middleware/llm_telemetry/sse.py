@@ -63,6 +63,11 @@ class SSEDecoder:
             self._line(line, events)
         return events
 
+    @property
+    def idle(self) -> bool:
+        """True between events: nothing buffered, so the next chunk starts a fresh line."""
+        return not (self._buffer or self._pending_cr or self._data or self._event or self._skipping)
+
     def close(self) -> list[Event]:
         """End of stream: a last line without its newline still counts, an undispatched event does not."""
         events: list[Event] = []

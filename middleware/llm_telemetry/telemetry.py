@@ -63,7 +63,7 @@ class Telemetry:
             otlp = meter if "otlp" in settings.metrics_exporters else None
             self.instruments = self.workers.create_instruments(METER_NAME, __version__, otlp)
         else:
-            self.instruments = create_instruments(meter)
+            self.instruments = create_instruments(meter, summed=True)
         self.limit = LabelLimiter(settings.max_label_values)
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)

@@ -8,6 +8,8 @@ from typing import Any
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
@@ -225,3 +227,73 @@ def test_responses_api_stream_through_the_openai_sdk() -> None:
     assert m.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 2
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_operation_name="chat") == 1
     assert m.value("llm_cost_usd_total") == pytest.approx((11 * 0.4 + 2 * 1.6) / 1e6)
+
+
+# --- the byte-level fast paths agree with full parsing ----------------------------------------------------
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
+
+
+def _chat_events(words: list[str], spaced: bool, twin_finish: bool) -> list[dict[str, Any]]:
+    events = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": word}) for word in words]
+    if twin_finish:
+        # Two choices in one chunk: the first one finishes while the second still streams text.
+        events.append(
+            {
+                "id": "c1",
+                "model": "gpt-4o-2024-08-06",
+                "choices": [
+                    {"index": 0, "delta": {"content": "x"}, "finish_reason": "length"},
+                    {"index": 1, "delta": {"content": "y"}, "finish_reason": None},
+                ],
+            }
+        )
+    events.append(chat_chunk({}, "stop"))
+    return events
+
+
+@given(st.lists(texts, min_size=1, max_size=30), st.booleans(), st.booleans(), st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_stream_fast_paths_agree_with_full_parsing(words: list[str], spaced: bool, twin: bool, usage: bool) -> None:
+    events = _chat_events(words, spaced, twin)
+    if usage:
+        events.append({"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}})
+    separators = (", ", ": ") if spaced else (",", ":")
+    chunks = [b"data: " + json.dumps(e, separators=separators).encode() + b"\n\n" for e in events]
+
+    def run(capture: bool) -> LLMCall:
+        spec = APIS["openai.chat"]
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        reader = spec.response_reader(call, stream=True, capture=capture)  # capture turns the fast paths off
+        for i, chunk in enumerate(chunks):
+            reader.feed(chunk, now=1.0 + i)
+        reader.finish(now=100.0)
+        return call
+
+    fast, full = run(False), run(True)
+    assert fast.finish_reasons == full.finish_reasons
+    assert (fast.output_tokens, fast.usage_source) == (full.output_tokens, full.usage_source)
+    assert fast.first_token_at == full.first_token_at == 2.0
+    if twin:
+        assert "length" in fast.finish_reasons
+
+
+def test_anthropic_text_deltas_take_the_fast_path_and_count_exactly() -> None:
+    deltas = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f'w{i} "q" \\ \n'}}
+        for i in range(40)
+    ]
+    body_events = [
+        {"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}},
+        *deltas,
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 40}},
+    ]
+    spec = APIS["anthropic.messages"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    for i, event in enumerate(body_events):
+        reader.feed(sse(event, named=True), now=1.0 + i)
+    reader.finish(now=100.0)
+    assert call.first_token_at == 2.0 and call.output_tokens == 40 and call.finish_reasons == ["end_turn"]
+    assert reader._chunks == 40
