@@ -16,7 +16,16 @@ Event = tuple[str, bytes]
 
 
 class SSEDecoder:
-    __slots__ = ("_buffer", "_data", "_event", "_pending_cr", "_skipping", "dropped_events", "max_event_bytes")
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_event",
+        "_pending_cr",
+        "_skipping",
+        "dropped_events",
+        "idle",
+        "max_event_bytes",
+    )
 
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
@@ -26,9 +35,16 @@ class SSEDecoder:
         self._event = ""
         self._pending_cr = False
         self._skipping = False
+        #: True between events (nothing buffered): the next chunk starts a fresh line.
+        self.idle = True
 
     def feed(self, chunk: bytes) -> list[Event]:
         """Decode ``chunk`` and return the events it completes, as ``(event name, data)`` pairs."""
+        events = self._feed(chunk)
+        self.idle = not (self._buffer or self._pending_cr or self._data or self._event or self._skipping)
+        return events
+
+    def _feed(self, chunk: bytes) -> list[Event]:
         if (
             not self._buffer
             and not self._pending_cr
@@ -62,11 +78,6 @@ class SSEDecoder:
         for line in chunk[:cut].split(b"\n"):
             self._line(line, events)
         return events
-
-    @property
-    def idle(self) -> bool:
-        """True between events: nothing buffered, so the next chunk starts a fresh line."""
-        return not (self._buffer or self._pending_cr or self._data or self._event or self._skipping)
 
     def close(self) -> list[Event]:
         """End of stream: a last line without its newline still counts, an undispatched event does not."""
