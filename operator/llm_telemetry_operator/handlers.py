@@ -47,6 +47,10 @@ class OperatorState:
     bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     #: One lock per LLMTelemetry, so passes for the same resource never interleave.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    #: The status each LLMTelemetry (by uid) was last given by us. A pass compares against it rather than the
+    #: status in the body it was handed, which lags behind our own write until its watch event arrives; without
+    #: this, passes triggered in that window rewrite the same status again.
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _state(memo: Any) -> OperatorState:
@@ -124,9 +128,16 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: logging.Logger | Any) -> rec.Outcome:
     meta = body["metadata"]
     started = time.monotonic()
+    statuses = _state(memo).statuses
+    uid = meta.get("uid") or ""
     async with _lock(memo, meta["namespace"], meta["name"]):
         try:
-            outcome = await rec.reconcile(_client(memo), _config(memo), body)
+            written = statuses.get(uid)
+            outcome = await rec.reconcile(
+                _client(memo), _config(memo), body if written is None else {**body, "status": written}
+            )
+            if uid and outcome.status:
+                statuses[uid] = outcome.status
         except ApiError as exc:
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels("ApiError").inc()
@@ -191,6 +202,7 @@ def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | N
     bodies = _state(memo).bodies
     if type == "DELETED":
         bodies.pop((namespace, name), None)
+        _state(memo).statuses.pop(body.get("metadata", {}).get("uid") or "", None)
     else:
         bodies[(namespace, name)] = _snapshot(body)
 
