@@ -5,7 +5,9 @@ request by evaluating ``request in reaction._source`` for each of its ~15 built-
 walks the whole request history through each reaction's filters. Every request therefore costs time in
 proportion to all the requests before it, and a run costs the square of its traffic: ~7 s to Ready at N=10,
 ~370 s at N=50, while the operator process sat mostly idle. On top of that, every read or write of one object
-(``_serve_fetch``/``_serve_create``/``_serve_update``/``_serve_delete``) scans all stored objects to find it.
+(``_serve_fetch``/``_serve_create``/``_serve_update``/``_serve_delete``) scans all stored objects to find it, and
+a list ignores ``labelSelector``: the operator lists each LLMTelemetry's children by label, and kmock answered
+every such list with all the children of that kind in the namespace (N of them), which a real API server does not.
 
 :class:`BenchEmulator` serves the same responses and keeps the same object store and watch streams, but:
 
@@ -13,11 +15,15 @@ proportion to all the requests before it, and a run costs the square of its traf
   matching it against the reactions costs the handful of requests in flight, not all those before it;
 - each request is recorded in :attr:`BenchEmulator.seen` as a small :class:`Seen` tuple (method, path,
   User-Agent, whether it is a watch), which is what the benchmark counts;
-- single-object reads and writes find their object by key instead of scanning the store.
+- single-object reads and writes find their object by key instead of scanning the store;
+- lists keep an index of the store by resource and honour ``labelSelector`` (equality, inequality, existence,
+  ``in``/``notin``), as the API server does.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import kmock
@@ -46,6 +52,10 @@ class BenchEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         #: Every request received, in order of arrival.
         self.seen: list[Seen] = []
+        # Keys of the object store by resource; kmock never removes a key (deletion is soft), so new keys are
+        # always at the end of its dict and the index catches up by reading only those.
+        self._index: dict[Any, list[Any]] = {}
+        self._indexed = 0
 
     async def _handle(self, request: Any) -> Any:
         method = request.method
@@ -91,6 +101,32 @@ class BenchEmulator(kmock.KubernetesEmulator):
         assert obj is not None  # deleted in _handle()
         return obj.last.raw
 
+    async def _serve_list(self, request: Any) -> Any:
+        if request.resource not in self._resources:
+            return await super()._serve_list(request)  # kmock's discovery of undeclared resources, and its 404
+        selector = _selector(request.params.get("labelSelector", ""))
+        items = []
+        async with self._lock:
+            for key in self._keys(request.resource):
+                if request.namespace is not None and key[1] != request.namespace:
+                    continue
+                obj = self._objects[key]
+                if obj.deleted:
+                    continue
+                raw = obj.raw
+                if selector((raw.get("metadata") or {}).get("labels") or {}):
+                    items.append(raw)
+        return {"metadata": {"resourceVersion": "..."}, "items": items}
+
+    def _keys(self, resource: Any) -> list[Any]:
+        keys = list(self._objects.keys())
+        if len(keys) < self._indexed:  # hard-deleted from outside: start over
+            self._index, self._indexed = {}, 0
+        for key in keys[self._indexed :]:
+            self._index.setdefault(key[0], []).append(key)
+        self._indexed = len(keys)
+        return self._index.get(resource, [])
+
     def _lookup(self, resource: Any, namespace: str | None, name: str | None) -> Any:
         if resource is None or name is None:
             return None
@@ -105,3 +141,39 @@ def _forget(requests: list[Any], request: Any) -> None:
         if requests[i] is request:
             del requests[i]
             return
+
+
+_TERM = re.compile(r"\s*(!?)([\w./-]+)\s*(?:(==|=|!=)\s*([\w./-]*)|\s(in|notin)\s*\(([^)]*)\))?\s*(?:,|$)")
+
+
+def _selector(text: str) -> Callable[[Mapping[str, str]], bool]:
+    """A Kubernetes label selector (``a=b,c!=d,e,!f,g in (h,i),j notin (k)``) as a predicate on labels."""
+    terms: list[tuple[str, str, set[str]]] = []  # (operator, key, values)
+    pos = 0
+    while pos < len(text):
+        match = _TERM.match(text, pos)
+        if match is None or match.end() == pos:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message=f"cannot parse labelSelector {text!r}")
+        pos = match.end()
+        negate, key, op, value, set_op, values = match.groups()
+        if op:
+            terms.append(("!=" if op == "!=" else "=", key, {value}))
+        elif set_op:
+            terms.append((set_op, key, {v.strip() for v in values.split(",")}))
+        else:
+            terms.append(("!" if negate else "exists", key, set()))
+
+    def check(labels: Mapping[str, str]) -> bool:
+        for op, key, values in terms:
+            have = labels.get(key)
+            if op in ("=", "in"):
+                ok = have is not None and have in values
+            elif op in ("!=", "notin"):
+                ok = have is None or have not in values
+            else:
+                ok = (have is not None) == (op == "exists")
+            if not ok:
+                return False
+        return True
+
+    return check

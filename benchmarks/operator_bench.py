@@ -298,15 +298,23 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
             log(f"operator N={n}: restart pass")
             mark = len(_log(emu))
             operator = _start_operator(kubeconfig)
+            tail = ""
             try:
                 started = time.monotonic()
-                await _wait(lambda: _watching_since(emu, mark), 60, "the restarted operator to watch", operator)
+                # A restarted kopf lists every resource and resumes all N objects before (at N=500, well after)
+                # it opens the LLMTelemetry watch.
+                watching = lambda: _watching_since(emu, mark)  # noqa: E731
+                await _wait(watching, 60 + n / 2, "the restarted operator to watch", operator)
                 await _quiet(emu, max(1.0, idle / 2), 60 + n)
                 result["restart_s"] = time.monotonic() - started
                 result["restart"] = _count(_operator_requests(emu, mark))
                 result["restart_peak_kib"] = procs.memory_kib(operator.pid)[1]
+            except (RuntimeError, TimeoutError) as exc:
+                tail = _stop(operator)
+                raise type(exc)(f"{exc}; restarted operator's log ends: {tail[-600:]}") from exc
             finally:
-                _stop(operator)
+                if not tail:
+                    _stop(operator)
     return result
 
 
