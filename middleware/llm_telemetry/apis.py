@@ -526,8 +526,11 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
-        if kind == "function_call" and _str(item.get("call_id")):
-            names[item["call_id"]] = _str(item.get("name")) or "unknown"
+        if kind == "function_call" or (kind in (None, "message") and item.get("role") == "assistant"):
+            if results:
+                results = []  # a model turn after tool outputs: those outputs belong to an earlier request
+            if kind == "function_call" and _str(item.get("call_id")):
+                names[item["call_id"]] = _str(item.get("name")) or "unknown"
         elif kind == "function_call_output":
             name = names.get(item.get("call_id") or "", "unknown")
             results.append(ToolResult(name, _looks_like_error(item.get("output"))))

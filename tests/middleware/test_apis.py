@@ -297,3 +297,36 @@ def test_anthropic_text_deltas_take_the_fast_path_and_count_exactly() -> None:
     reader.finish(now=100.0)
     assert call.first_token_at == 2.0 and call.output_tokens == 40 and call.finish_reasons == ["end_turn"]
     assert reader._chunks == 40
+
+
+def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
+    def results(api: str, body: dict[str, Any]) -> list[tuple[str, bool]]:
+        spec = APIS[api]
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        spec.read_request(call, body, capture=False)
+        return [(r.name, r.is_error) for r in call.tool_results]
+
+    openai_history = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [{"id": "a", "function": {"name": "search"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "old result"},
+        {"role": "assistant", "tool_calls": [{"id": "b", "function": {"name": "fetch"}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "Error: timed out"},
+    ]
+    assert results("openai.chat", {"messages": openai_history}) == [("fetch", True)]
+    anthropic_history = [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "search", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": "old"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "b", "name": "fetch", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "b", "is_error": True}]},
+    ]
+    assert results("anthropic.messages", {"messages": anthropic_history}) == [("fetch", True)]
+    responses_history = [
+        {"type": "function_call", "call_id": "a", "name": "search", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "a", "output": "old"},
+        {"type": "function_call", "call_id": "b", "name": "fetch", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c", "name": "lookup", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "b", "output": '{"error": "no such page"}'},
+        {"type": "function_call_output", "call_id": "c", "output": "found"},
+    ]
+    assert results("openai.responses", {"input": responses_history}) == [("fetch", True), ("lookup", False)]
