@@ -102,44 +102,27 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
 
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
-    elif monitor_error == _CRD_MISSING:
-        conditions[c.CONDITION_METRICS] = r.Condition(
-            c.CONDITION_METRICS,
-            False,
-            "ServiceMonitorCRDMissing",
-            "metrics Services exist, but monitoring.coreos.com/v1 ServiceMonitor is not installed; retrying later",
-        )
-        outcome.retry = True
-    elif monitor_error:
-        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceMonitorFailed", monitor_error)
     else:
-        conditions[c.CONDITION_METRICS] = r.Condition(
+        conditions[c.CONDITION_METRICS] = _monitoring_condition(
             c.CONDITION_METRICS,
-            True,
-            "ServiceMonitorReady",
-            f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}",
+            "ServiceMonitor",
+            monitor_error,
+            outcome,
+            ready=f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}",
+            missing_prefix="metrics Services exist, but ",
         )
 
     if not spec.alerts.enabled:
         conditions[c.CONDITION_ALERTS] = r.Condition(
             c.CONDITION_ALERTS, False, "Disabled", "spec.alerts.enabled is false"
         )
-    elif rules_error == _CRD_MISSING:
-        conditions[c.CONDITION_ALERTS] = r.Condition(
-            c.CONDITION_ALERTS,
-            False,
-            "PrometheusRuleCRDMissing",
-            "monitoring.coreos.com/v1 PrometheusRule is not installed; retrying later",
-        )
-        outcome.retry = True
-    elif rules_error:
-        conditions[c.CONDITION_ALERTS] = r.Condition(c.CONDITION_ALERTS, False, "PrometheusRuleFailed", rules_error)
     else:
-        conditions[c.CONDITION_ALERTS] = r.Condition(
+        conditions[c.CONDITION_ALERTS] = _monitoring_condition(
             c.CONDITION_ALERTS,
-            True,
-            "PrometheusRuleReady",
-            f"alert rules in PrometheusRule {r.prometheus_rule_name(name)}",
+            "PrometheusRule",
+            rules_error,
+            outcome,
+            ready=f"alert rules in PrometheusRule {r.prometheus_rule_name(name)}",
         )
 
     if not spec.dashboard.enabled:
@@ -356,6 +339,20 @@ async def _apply(
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
             current = await client.get(resource, namespace, name)
+
+
+def _monitoring_condition(
+    type_: str, kind: str, error: str | None, outcome: Outcome, *, ready: str, missing_prefix: str = ""
+) -> r.Condition:
+    """The condition for a Prometheus Operator child (``kind``): ready, failed, or its CRD not installed yet
+    (then the pass is retried later, so installing the Prometheus Operator afterwards is picked up)."""
+    if error == _CRD_MISSING:
+        outcome.retry = True
+        message = f"{missing_prefix}monitoring.coreos.com/v1 {kind} is not installed; retrying later"
+        return r.Condition(type_, False, f"{kind}CRDMissing", message)
+    if error:
+        return r.Condition(type_, False, f"{kind}Failed", error)
+    return r.Condition(type_, True, f"{kind}Ready", ready)
 
 
 async def _write_status(
