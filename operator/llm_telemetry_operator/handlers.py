@@ -19,7 +19,7 @@ from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, SpecError
 from llm_telemetry_operator.kube import Connection, KubeClient
-from llm_telemetry_operator.spec import parse_spec
+from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 
 #: Seconds before kopf retries a pass that found something missing (a CRD, an API error).
 RETRY_DELAY = 60
@@ -45,6 +45,8 @@ class OperatorState:
 
     #: Latest body of every LLMTelemetry, by (namespace, name).
     bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: The parsed spec of each body (None when invalid), so a workload event does not re-parse every spec.
+    specs: dict[tuple[str, str], TelemetrySpec | None] = field(default_factory=dict)
     #: One lock per LLMTelemetry, so passes for the same resource never interleave.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     #: The status each LLMTelemetry (by uid) was last given by us. A pass compares against it rather than the
@@ -191,6 +193,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
         touched = await rec.remove_injection(_client(memo), _config(memo), body)
         deleted = await rec.delete_children(_client(memo), body)
     _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
+    _state(memo).specs.pop((meta["namespace"], meta["name"]), None)
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
 
@@ -199,18 +202,29 @@ def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | N
     """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children."""
     if namespace is None:
         return
-    bodies = _state(memo).bodies
+    state = _state(memo)
+    key = (namespace, name)
     if type == "DELETED":
-        bodies.pop((namespace, name), None)
-        _state(memo).statuses.pop(body.get("metadata", {}).get("uid") or "", None)
-    else:
-        bodies[(namespace, name)] = _snapshot(body)
+        state.bodies.pop(key, None)
+        state.specs.pop(key, None)
+        state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
+        return
+    previous = state.bodies.get(key)
+    state.bodies[key] = snapshot = _snapshot(body)
+    if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
+        try:
+            state.specs[key] = parse_spec(snapshot.get("spec") or {})
+        except SpecError:
+            state.specs[key] = None
 
 
-def _owners(memo: Any, namespace: str) -> list[dict[str, Any]]:
-    bodies = _state(memo).bodies
+def _owners(memo: Any, namespace: str) -> list[tuple[dict[str, Any], TelemetrySpec | None]]:
+    """The live LLMTelemetry bodies of a namespace with their parsed specs, in name order."""
+    state = _state(memo)
     return [
-        b for (ns, _), b in sorted(bodies.items()) if ns == namespace and not b["metadata"].get("deletionTimestamp")
+        (body, state.specs.get(key))
+        for key, body in sorted(state.bodies.items())
+        if key[0] == namespace and not body["metadata"].get("deletionTimestamp")
     ]
 
 
@@ -226,11 +240,9 @@ async def workload_event(
     workload.setdefault("kind", "Deployment")
     labels = workload["metadata"].get("labels") or {}
     record = r.injected_record(workload)
-    for owner in _owners(memo, namespace):
+    for owner, spec in _owners(memo, namespace):
         owner_name = owner["metadata"]["name"]
-        try:
-            spec = parse_spec(owner.get("spec") or {})
-        except SpecError:
+        if spec is None:
             continue
         mine = record is not None and record.get("owner") == owner_name
         if type == "DELETED":
@@ -260,12 +272,12 @@ def _child_handler(group: str, version: str, plural: str) -> None:
         if namespace is None:
             return
         owner_name = (body["metadata"].get("labels") or {}).get(c.LABEL_OWNER)
-        for owner in _owners(memo, namespace):
-            if owner["metadata"]["name"] == owner_name:
-                try:
-                    await _reconcile(memo, owner, "child", logger)
-                except kopf.TemporaryError as exc:
-                    logger.warning("pass for %s failed: %s", owner_name, exc)
+        owner = _state(memo).bodies.get((namespace, str(owner_name)))
+        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+            try:
+                await _reconcile(memo, owner, "child", logger)
+            except kopf.TemporaryError as exc:
+                logger.warning("pass for %s failed: %s", owner_name, exc)
 
 
 for _group, _version, _plural in _CHILD_RESOURCES:

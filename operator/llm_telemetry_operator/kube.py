@@ -14,7 +14,7 @@ import ssl
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -100,9 +100,23 @@ class Connection:
         )
 
 
-def matches_labels(obj: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    have = obj.get("metadata", {}).get("labels") or {}
-    return all(have.get(k) == v for k, v in labels.items())
+class LabelQuery(Protocol):
+    """A label selector a list can send (``to_query``) and check (``matches``): see ``spec.Selector``."""
+
+    def to_query(self) -> str: ...
+
+    def matches(self, labels: Mapping[str, str]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Equality:
+    labels: Mapping[str, str]
+
+    def to_query(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels.items())
 
 
 class KubeClient:
@@ -141,15 +155,19 @@ class KubeClient:
         return await self._request("GET", resource, "get", resource.path(namespace, name))
 
     async def list(
-        self, resource: Resource, namespace: str, labels: Mapping[str, str] | None = None
+        self, resource: Resource, namespace: str, labels: Mapping[str, str] | LabelQuery | None = None
     ) -> list[dict[str, Any]]:
-        """List objects; the label selector is sent and also applied here, as not every server honours it."""
+        """List objects, by equality labels or a full selector; the selector is sent and also applied here,
+        as not every server honours it."""
         path = resource.path(namespace)
-        if labels:
-            path += "?" + urlencode({"labelSelector": ",".join(f"{k}={v}" for k, v in sorted(labels.items()))})
+        query = _Equality(labels) if isinstance(labels, Mapping) else labels
+        if query is not None and (text := query.to_query()):
+            path += "?" + urlencode({"labelSelector": text})
         result = await self._request("GET", resource, "list", path)
         items: list[dict[str, Any]] = list(result.get("items") or [])
-        return [item for item in items if matches_labels(item, labels or {})]
+        if query is None:
+            return items
+        return [item for item in items if query.matches(item.get("metadata", {}).get("labels") or {})]
 
     async def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return await self._request("POST", resource, "create", resource.path(namespace), body)

@@ -53,12 +53,36 @@ def workload_key(workload: Mapping[str, Any]) -> str:
     return f"{workload.get('kind') or 'Deployment'}/{workload['metadata']['name']}"
 
 
-async def list_workloads(client: KubeClient, namespace: str) -> list[dict[str, Any]]:
+async def list_workloads(
+    client: KubeClient, namespace: str, selector: kube.LabelQuery | None = None
+) -> list[dict[str, Any]]:
+    """The Deployments and StatefulSets of a namespace, or only those ``selector`` selects."""
     found: list[dict[str, Any]] = []
     for kind, resource in kube.WORKLOADS.items():
-        for item in await client.list(resource, namespace):
+        for item in await client.list(resource, namespace, selector):
             found.append({**item, "kind": kind})  # list items may omit kind
     return sorted(found, key=workload_key)
+
+
+async def _candidates(client: KubeClient, owner: Mapping[str, Any], spec: TelemetrySpec) -> list[dict[str, Any]]:
+    """The workloads a pass must look at: those the selector selects now, plus the targets of the last pass
+    that it no longer selects (relabelled), whose injection must be removed.
+
+    Listing by selector keeps a pass's cost independent of how many other workloads share the namespace; the
+    previous targets come from the status this operator wrote, so they cost a GET only after a relabel.
+    """
+    namespace = owner["metadata"]["namespace"]
+    workloads = await list_workloads(client, namespace, spec.selector)
+    listed = {workload_key(w) for w in workloads}
+    for key in (owner.get("status") or {}).get("targets") or []:
+        kind, _, name = str(key).partition("/")
+        if key in listed or kind not in kube.WORKLOADS or not name:
+            continue
+        try:
+            workloads.append({**await client.get(kube.WORKLOADS[kind], namespace, name), "kind": kind})
+        except NotFoundError:
+            continue
+    return sorted(workloads, key=workload_key)
 
 
 async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> Outcome:
@@ -77,7 +101,7 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
         return outcome
 
     conditions: dict[str, r.Condition] = {}
-    workloads = await list_workloads(client, namespace)
+    workloads = await _candidates(client, owner, spec)
     targets = await _inject(client, config, owner, spec, workloads, conditions, outcome)
     outcome.targets = [workload_key(w) for w in targets]
 

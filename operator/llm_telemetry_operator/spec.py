@@ -57,6 +57,16 @@ class Selector:
                 return False
         return True
 
+    def to_query(self) -> str:
+        """The selector in the API's ``labelSelector`` syntax, so lists return only the workloads it selects."""
+        parts = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for req in self.match_expressions:
+            if req.operator in ("In", "NotIn"):
+                parts.append(f"{req.key} {req.operator.lower()} ({','.join(sorted(req.values))})")
+            else:
+                parts.append(req.key if req.operator == "Exists" else f"!{req.key}")
+        return ",".join(parts)
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -230,8 +240,26 @@ def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
     return value.rstrip("/")
 
 
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _label_key(key: str, path: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if not name or not _LABEL_NAME.match(name) or (prefix and not _DNS_SUBDOMAIN.match(prefix)) or key.startswith("/"):
+        raise SpecError(path, f"{key!r} is not a valid label key")
+
+
+def _label_value(value: str, path: str) -> None:
+    if not _LABEL_NAME.match(value):
+        raise SpecError(path, f"{value!r} is not a valid label value (63 characters: letters, digits, - _ .)")
+
+
 def _selector(raw: Mapping[str, Any]) -> Selector:
     labels = _string_map(raw.get("matchLabels"), "spec.selector.matchLabels")
+    for key, value in labels.items():
+        _label_key(key, "spec.selector.matchLabels")
+        _label_value(value, f"spec.selector.matchLabels.{key}")
     expressions = []
     for i, item in enumerate(raw.get("matchExpressions") or []):
         path = f"spec.selector.matchExpressions[{i}]"
@@ -245,6 +273,9 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
             raise SpecError(f"{path}.values", f"must not be empty for {op}")
         if op in ("Exists", "DoesNotExist") and values:
             raise SpecError(f"{path}.values", f"must be empty for {op}")
+        _label_key(item["key"], f"{path}.key")
+        for value in values:
+            _label_value(value, f"{path}.values")
         expressions.append(Requirement(item["key"], op, values))
     if not labels and not expressions:
         # An empty selector would inject into every workload of the namespace: almost certainly a mistake.

@@ -211,6 +211,10 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
     assert outcome.ready
     new = list(emulator)[before:]
     assert [(r.method.value, str(r.url.path)) for r in new if r.method.value != "GET"] == []
+    # A pass lists only the workloads its selector selects, so its cost does not grow with the namespace.
+    workload_lists = [r for r in new if r.resource is not None and r.resource.plural in ("deployments", "statefulsets")]
+    assert {r.resource.plural for r in workload_lists} == {"deployments", "statefulsets"}
+    assert {r.url.query.get("labelSelector") for r in workload_lists} == {"app=chat"}
 
     check_usage(emulator)
 

@@ -46,6 +46,8 @@ def test_spec_selector_match_expressions() -> None:
     assert not spec.selector.matches({"app": "chat", "tier": "bronze"})
     assert not spec.selector.matches({"app": "chat", "tier": "gold", "canary": "1"})
     assert not spec.selector.matches({"tier": "gold"})
+    # Sent to the API server as a list's labelSelector, in its own syntax.
+    assert spec.selector.to_query() == "app=chat,tier in (gold,silver),!canary"
 
 
 def test_spec_pricing_reference_and_attribution() -> None:
@@ -74,6 +76,12 @@ def test_spec_pricing_reference_and_attribution() -> None:
             {"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}},
             "spec.selector.matchExpressions[0].operator",
         ),
+        ({"selector": {"matchLabels": {"app": "chat,env=prod"}}}, "spec.selector.matchLabels.app"),
+        ({"selector": {"matchLabels": {"bad key": "x"}}}, "spec.selector.matchLabels"),
+        (
+            {"selector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a b"]}]}},
+            "spec.selector.matchExpressions[0].values",
+        ),
         ({"metrics": {"port": 70000}}, "spec.metrics.port"),
         ({"metrics": {"port": "9464"}}, "spec.metrics.port"),
         ({"metrics": {"interval": "often"}}, "spec.metrics.interval"),
@@ -97,3 +105,9 @@ def test_spec_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
         parse_spec(raw)
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+
+
+def test_spec_selector_accepts_prefixed_keys_and_empty_values() -> None:
+    spec = parse_spec({"selector": {"matchLabels": {"app.kubernetes.io/name": "chat", "canary": ""}}})
+    assert spec.selector.matches({"app.kubernetes.io/name": "chat", "canary": ""})
+    assert spec.selector.to_query() == "app.kubernetes.io/name=chat,canary="
