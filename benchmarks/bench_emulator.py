@@ -17,7 +17,9 @@ every such list with all the children of that kind in the namespace (N of them),
   User-Agent, whether it is a watch), which is what the benchmark counts;
 - single-object reads and writes find their object by key instead of scanning the store;
 - lists keep an index of the store by resource and honour ``labelSelector`` (equality, inequality, existence,
-  ``in``/``notin``), as the API server does.
+  ``in``/``notin``), as the API server does;
+- every create gets a ``uid`` and every write a new ``resourceVersion``, as the API server does (kmock stores
+  objects as sent). kopf and the operator both tell their own writes' echoes from other changes by it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class BenchEmulator(kmock.KubernetesEmulator):
         # always at the end of its dict and the index catches up by reading only those.
         self._index: dict[Any, list[Any]] = {}
         self._indexed = 0
+        self._version = 1000
 
     async def _handle(self, request: Any) -> Any:
         method = request.method
@@ -67,6 +70,7 @@ class BenchEmulator(kmock.KubernetesEmulator):
                 watch=request.params.get("watch") in ("true", "1"),
             )
         )
+        self._stamp(request)
         try:
             return await super()._handle(request)
         finally:
@@ -76,6 +80,19 @@ class BenchEmulator(kmock.KubernetesEmulator):
             _forget(self._requests, request)
             for payload in self._payloads:
                 _forget(payload._requests, request)
+
+    def _stamp(self, request: Any) -> None:
+        action, data = request.action, request.data
+        if request.resource is None or action not in (kmock.action.CREATE, kmock.action.UPDATE):
+            return
+        self._version += 1
+        if isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            meta["resourceVersion"] = str(self._version)
+            if action == kmock.action.CREATE:
+                meta.setdefault("uid", f"bench-{self._version}")
+        elif isinstance(data, list):  # a JSON patch
+            data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self._version)})
 
     # kmock's own versions scan every stored object for the one the request names (``__get_objs``).
     async def _serve_fetch(self, request: Any) -> Any:

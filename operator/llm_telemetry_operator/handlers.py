@@ -6,7 +6,7 @@ import asyncio
 import copy
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,10 @@ class OperatorState:
     #: status in the body it was handed, which lags behind our own write until its watch event arrives; without
     #: this, passes triggered in that window rewrite the same status again.
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: When the last successful pass for each LLMTelemetry started, and its outcome. A pass reads everything
+    #: afresh, so a request for a pass made before the last one started is already answered by it (see
+    #: :func:`_reconcile`).
+    passes: dict[tuple[str, str], tuple[float, rec.Outcome]] = field(default_factory=dict)
 
 
 def _state(memo: Any) -> OperatorState:
@@ -127,19 +131,45 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await _client(memo).close()
 
 
-async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: logging.Logger | Any) -> rec.Outcome:
+async def _reconcile(
+    memo: Any,
+    body: Mapping[str, Any],
+    trigger: str,
+    logger: logging.Logger | Any,
+    answered: Callable[[rec.Outcome], bool] | None = None,
+) -> rec.Outcome:
+    """Run a pass for one LLMTelemetry, unless the last pass already answers this request.
+
+    Events come in bursts (a pass's own writes, a restart's listings, four children per resource); the
+    passes they ask for wait on the resource's lock, and each pass lists and reads everything afresh. So a
+    pass that *started* after a request arrived has seen at least the state that request was about, and the
+    request is answered with its outcome instead of a pass of its own. ``answered`` lets a caller say what
+    else in the last pass's outcome answers it; it is asked once the lock is held, after any pass in flight.
+    """
     meta = body["metadata"]
-    started = time.monotonic()
-    statuses = _state(memo).statuses
+    requested = time.monotonic()
+    state = _state(memo)
+    key = (meta["namespace"], meta["name"])
     uid = meta.get("uid") or ""
-    async with _lock(memo, meta["namespace"], meta["name"]):
+    async with _lock(memo, *key):
+        last = state.passes.get(key)
+        if last is not None and (last[0] > requested or (answered is not None and answered(last[1]))):
+            metrics.RECONCILES.labels(trigger, "coalesced").inc()
+            return last[1]
+        started = time.monotonic()
+        state.passes.pop(key, None)
+        # The newest body seen (a spec may have changed while this request waited), with our own last status.
+        latest = state.bodies.get(key)
+        if latest is not None and (latest["metadata"].get("uid") or "") == uid:
+            body = latest
         try:
-            written = statuses.get(uid)
+            written = state.statuses.get(uid)
             outcome = await rec.reconcile(
                 _client(memo), _config(memo), body if written is None else {**body, "status": written}
             )
             if uid and outcome.status:
-                statuses[uid] = outcome.status
+                state.statuses[uid] = outcome.status
+            state.passes[key] = (started, outcome)
         except ApiError as exc:
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels("ApiError").inc()
@@ -160,7 +190,10 @@ async def _reconcile(memo: Any, body: Mapping[str, Any], trigger: str, logger: l
 @kopf.on.create(c.GROUP, c.VERSION, c.PLURAL)
 @kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
 async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    outcome = await _reconcile(memo, body, str(reason), logger)
+    # Answered by a pass that already applied this very spec (say one a workload event ran first).
+    applied = (body["metadata"].get("uid") or "", body["metadata"].get("generation"))
+    answered = (lambda outcome: outcome.applied == applied) if applied[0] and applied[1] is not None else None
+    outcome = await _reconcile(memo, body, str(reason), logger, answered=answered)
     if outcome.invalid:
         raise kopf.PermanentError(outcome.failures[0][1])
     if outcome.retry:
@@ -207,6 +240,7 @@ def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | N
     if type == "DELETED":
         state.bodies.pop(key, None)
         state.specs.pop(key, None)
+        state.passes.pop(key, None)
         state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
         return
     previous = state.bodies.get(key)
@@ -231,7 +265,13 @@ def _owners(memo: Any, namespace: str) -> list[tuple[dict[str, Any], TelemetrySp
 @kopf.on.event("apps", "v1", "deployments")
 @kopf.on.event("apps", "v1", "statefulsets")
 async def workload_event(
-    type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+    type: str,
+    body: kopf.Body,
+    resource: kopf.Resource,
+    namespace: str | None,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
 ) -> None:
     """A workload appeared, changed or went away: re-run the passes whose outcome it changes."""
     if namespace is None:
@@ -240,6 +280,7 @@ async def workload_event(
     workload.setdefault("kind", "Deployment")
     labels = workload["metadata"].get("labels") or {}
     record = r.injected_record(workload)
+    answered = _answered_by(type, resource.plural, workload["metadata"])
     for owner, spec in _owners(memo, namespace):
         owner_name = owner["metadata"]["name"]
         if spec is None:
@@ -254,9 +295,16 @@ async def workload_event(
             needed = mine
         if needed:
             try:
-                await _reconcile(memo, owner, "workload", logger)
+                await _reconcile(memo, owner, "workload", logger, answered=answered)
             except kopf.TemporaryError as exc:
                 logger.warning("pass for %s failed: %s", owner_name, exc)
+
+
+def _answered_by(type: str, plural: str, meta: Mapping[str, Any]) -> Callable[[rec.Outcome], bool]:
+    """Whether a pass's outcome answers a watch event: the pass read or wrote the version the event carries.
+    A deletion is never answered (the pass saw the object, so it did not see it gone)."""
+    seen = (plural, str(meta.get("name") or ""), str(meta.get("resourceVersion") or ""))
+    return lambda outcome: type != "DELETED" and bool(seen[2]) and seen in outcome.seen
 
 
 def _child_handler(group: str, version: str, plural: str) -> None:
@@ -267,15 +315,19 @@ def _child_handler(group: str, version: str, plural: str) -> None:
         """A child was edited or deleted by hand: put it back.
 
         Every event type counts: after a watch reconnects, an edit made meanwhile arrives as a listing (ADDED).
-        The pass is idempotent, so events caused by our own writes end in a pass that writes nothing.
+        Only the echo of a pass's own work is skipped: an event for the very resourceVersion the last pass
+        created, repaired or found as desired. Anything else runs a pass (idempotent: it may write nothing).
         """
         if namespace is None:
             return
-        owner_name = (body["metadata"].get("labels") or {}).get(c.LABEL_OWNER)
+        meta = body["metadata"]
+        owner_name = (meta.get("labels") or {}).get(c.LABEL_OWNER)
+        answered = _answered_by(type, plural, meta)
+
         owner = _state(memo).bodies.get((namespace, str(owner_name)))
         if owner is not None and not owner["metadata"].get("deletionTimestamp"):
             try:
-                await _reconcile(memo, owner, "child", logger)
+                await _reconcile(memo, owner, "child", logger, answered=answered)
             except kopf.TemporaryError as exc:
                 logger.warning("pass for %s failed: %s", owner_name, exc)
 

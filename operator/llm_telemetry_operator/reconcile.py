@@ -43,6 +43,12 @@ class Outcome:
     targets: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
+    #: (plural, name, resourceVersion) of every version of a workload or child this pass read and brought to
+    #: (or found in) the desired state, and of every version it wrote. A watch event for one of these versions
+    #: has been answered by this pass: it is its input or the echo of its own write.
+    seen: set[tuple[str, str, str]] = field(default_factory=set)
+    #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
+    applied: tuple[str, Any] = ("", None)
 
 
 def _now() -> str:
@@ -88,8 +94,8 @@ async def _candidates(client: KubeClient, owner: Mapping[str, Any], spec: Teleme
 async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> Outcome:
     """Bring the cluster in line with one LLMTelemetry and write its status."""
     meta = owner["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    outcome = Outcome()
+    name = meta["name"]
+    outcome = Outcome(applied=(meta.get("uid") or "", meta.get("generation")))
     try:
         spec = parse_spec(owner.get("spec") or {})
         r.build_owner_reference(owner)
@@ -107,7 +113,7 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
 
     # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
-    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics")
+    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome)
     configmaps: list[dict[str, Any]] = []
     if spec.pricing.inline:
         configmaps.append(r.build_pricing_configmap(owner, spec))
@@ -117,12 +123,12 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
             configmaps.append(r.build_dashboard_configmap(owner, spec, config))
         except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
             dashboard_error = f"dashboard could not be rendered: {exc}"
-    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None)
+    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None, outcome)
 
     monitor = [r.build_service_monitor(owner, spec, config)]
-    monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None)
+    monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome)
     rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled else []
-    rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None)
+    rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome)
 
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
@@ -219,10 +225,11 @@ async def _inject(
         if not selected and not mine:
             continue
         try:
-            await _patch_workload(client, config, owner, spec if selected else None, workload)
+            written = await _patch_workload(client, config, owner, spec if selected else None, workload)
         except ApiError as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
             continue
+        _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, written)
         if selected:
             targets.append(workload)
     if errors:
@@ -248,7 +255,8 @@ async def _patch_workload(
     owner: Mapping[str, Any],
     spec: TelemetrySpec | None,
     workload: dict[str, Any],
-) -> None:
+) -> str | None:
+    """Inject (or with ``spec`` None, remove) the telemetry; returns the workload's resourceVersion after."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
@@ -256,15 +264,16 @@ async def _patch_workload(
         injection = r.build_injection(spec, config, workload, name) if spec is not None else None
         patch = r.build_workload_patch(workload, injection, name)
         if patch is None:
-            return
+            return _version(workload)
         try:
-            await client.patch(resource, namespace, wl_name, patch)
+            patched = await client.patch(resource, namespace, wl_name, patch)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
-            return
+            return _version(patched)
         except ConflictError:
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
             workload = {**await client.get(resource, namespace, wl_name), "kind": workload["kind"]}
+    return None
 
 
 async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> list[str]:
@@ -299,6 +308,7 @@ async def _sync_children(
     owner: Mapping[str, Any],
     desired: list[dict[str, Any]],
     component: str | None,
+    outcome: Outcome,
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None."""
     meta = owner["metadata"]
@@ -314,7 +324,8 @@ async def _sync_children(
     errors = []
     for obj in desired:
         try:
-            await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]))
+            version = await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]))
+            _remember(outcome, resource, obj["metadata"]["name"], by_name.get(obj["metadata"]["name"]), version)
         except ApiError as exc:
             errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
     for obj_name, obj in by_name.items():
@@ -332,14 +343,15 @@ async def _sync_children(
 
 async def _apply(
     client: KubeClient, resource: Resource, namespace: str, desired: dict[str, Any], current: dict[str, Any] | None
-) -> None:
+) -> str | None:
+    """Create or repair one child; returns its resourceVersion once it is as desired (None if not known)."""
     name = desired["metadata"]["name"]
     for attempt in range(CONFLICT_ATTEMPTS):
         if current is None:
             try:
-                await client.create(resource, namespace, desired)
+                created = await client.create(resource, namespace, desired)
                 logger.info("created %s %s/%s", desired["kind"], namespace, name)
-                return
+                return _version(created)
             except ConflictError:
                 current = await client.get(resource, namespace, name)
                 owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
@@ -349,20 +361,37 @@ async def _apply(
                     ) from None
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         if r.contains(current, patch):
-            return
+            return _version(current)
         resource_version = current.get("metadata", {}).get("resourceVersion")
         if resource_version:
             patch = {**patch, "metadata": {**patch["metadata"], "resourceVersion": resource_version}}
         try:
-            await client.patch(resource, namespace, name, patch)
+            patched = await client.patch(resource, namespace, name, patch)
             logger.info("repaired %s %s/%s", desired["kind"], namespace, name)
-            return
+            return _version(patched)
         except NotFoundError:
             current = None  # deleted in between: create it again
         except ConflictError:
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
             current = await client.get(resource, namespace, name)
+    return None
+
+
+def _remember(
+    outcome: Outcome, resource: Resource, name: str, read: Mapping[str, Any] | None, written: str | None
+) -> None:
+    """Note the version a pass read of an object and the version it left, once that is as desired."""
+    if written is None:
+        return
+    for version in (_version(read), written):
+        if version:
+            outcome.seen.add((resource.plural, name, version))
+
+
+def _version(obj: Mapping[str, Any] | None) -> str | None:
+    version = ((obj or {}).get("metadata") or {}).get("resourceVersion")
+    return str(version) if version else None
 
 
 def _monitoring_condition(

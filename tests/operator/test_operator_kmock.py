@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -217,6 +218,48 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
     assert {r.url.query.get("labelSelector") for r in workload_lists} == {"app=chat"}
 
     check_usage(emulator)
+
+
+def passes_for(kmock: Any, owner: str) -> int:
+    """Reconcile passes the operator ran for one LLMTelemetry: each lists that resource's Services once."""
+    return sum(
+        1
+        for r in list(kmock)
+        if not r.headers.get("X-Test-Hand")
+        and r.method.value == "GET"
+        and str(r.url.path).endswith("/services")
+        and f"{c.LABEL_OWNER}={owner}" in (r.url.query.get("labelSelector") or "")
+    )
+
+
+async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, shared_crds: Any) -> None:
+    """One pass per resource, whether found at startup (resume) or created later: the events caused by the
+    pass's own writes (four children created, the workload patched, the status written) run no second pass,
+    while a hand edit of a child still does."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "chat Ready")
+        await hand(
+            emulator, "POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", deployment("embed", {"app": "embed"})
+        )
+        llmt = minimal_llmt("embed", selector={"matchLabels": {"app": "embed"}})
+        await hand(emulator, "POST", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries", llmt)
+        await eventually(lambda: condition(get(emulator, LLMT, "embed"), "Ready").get("status") == "True", "Ready")
+        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+        assert (passes_for(emulator, "chat"), passes_for(emulator, "embed")) == (1, 1)
+
+        await hand(
+            emulator,
+            "PATCH",
+            f"/api/v1/namespaces/{NAMESPACE}/services/embed-llm-metrics",
+            {"spec": {"ports": [{"name": "other", "port": 1, "targetPort": 1}]}},
+        )
+        await eventually(
+            lambda: get(emulator, SERVICES, "embed-llm-metrics")["spec"]["ports"][0]["port"] == 9464, "repaired"
+        )
+        assert passes_for(emulator, "embed") >= 2
 
 
 async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
