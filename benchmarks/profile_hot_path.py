@@ -24,7 +24,8 @@ from typing import Any
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from apps import BENCH_METRICS_PORT, BENCH_VARIANT, VARIANTS  # noqa: E402
+import procs  # noqa: E402
+from apps import BENCH_METRICS_PORT, BENCH_OTLP_ENDPOINT, BENCH_VARIANT, VARIANTS  # noqa: E402
 from loadgen import SCENARIOS, Scenario  # noqa: E402
 
 
@@ -94,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     scenario = SCENARIOS[args.scenario]
+    # Tracing variants export to the same local OTLP sink as in benchmarks/run, so the export is profiled too.
+    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
+    try:
+        os.environ[BENCH_OTLP_ENDPOINT] = f"http://127.0.0.1:{port}"
+        procs.wait_http(os.environ[BENCH_OTLP_ENDPOINT] + "/count", sink)
+        return _profile(args, scenario)
+    finally:
+        procs.stop(sink)
+
+
+def _profile(args: argparse.Namespace, scenario: Scenario) -> int:
     loop = asyncio.new_event_loop()
     bare, app = build("bare"), build(args.variant)
     for candidate in (bare, app):
