@@ -323,7 +323,6 @@ def _child_handler(group: str, version: str, plural: str) -> None:
         meta = body["metadata"]
         owner_name = (meta.get("labels") or {}).get(c.LABEL_OWNER)
         answered = _answered_by(type, plural, meta)
-
         owner = _state(memo).bodies.get((namespace, str(owner_name)))
         if owner is not None and not owner["metadata"].get("deletionTimestamp"):
             try:
