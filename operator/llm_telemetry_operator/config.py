@@ -11,6 +11,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from llm_telemetry_operator.errors import ConfigurationError
+from llm_telemetry_operator.labels import is_label_key, is_label_value
 
 #: Comma-separated namespaces to watch; empty means every namespace (cluster-wide).
 LLM_TELEMETRY_OPERATOR_NAMESPACES: Final = "LLM_TELEMETRY_OPERATOR_NAMESPACES"
@@ -45,10 +46,6 @@ DEFAULT_METRICS_PORT: Final = 9465
 DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
 DEFAULT_RESYNC_SECONDS: Final = 300.0
 
-_LABEL_KEY = re.compile(
-    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
-)
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -172,7 +169,7 @@ def parse_labels(name: str, value: str) -> dict[str, str]:
             continue
         key, sep, val = item.partition("=")
         key, val = key.strip(), val.strip()
-        if not sep or not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(val) or len(val) > 63:
+        if not sep or not is_label_key(key) or not is_label_value(val):
             raise ConfigurationError(f"{name}: {item!r} is not a valid label key=value")
         labels[key] = val
     return labels

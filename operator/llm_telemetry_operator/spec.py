@@ -15,6 +15,7 @@ from typing import Any
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
 from llm_telemetry.rules import AlertThresholds
 from llm_telemetry_operator.errors import SpecError
+from llm_telemetry_operator.labels import is_label_key, is_label_value
 
 #: Prices a model entry may carry, in USD per million tokens.
 PRICE_KINDS = ("input", "output", "cache_read", "cache_creation")
@@ -240,18 +241,13 @@ def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
     return value.rstrip("/")
 
 
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
 def _label_key(key: str, path: str) -> None:
-    prefix, _, name = key.rpartition("/")
-    if not name or not _LABEL_NAME.match(name) or (prefix and not _DNS_SUBDOMAIN.match(prefix)) or key.startswith("/"):
+    if not is_label_key(key):
         raise SpecError(path, f"{key!r} is not a valid label key")
 
 
 def _label_value(value: str, path: str) -> None:
-    if not _LABEL_NAME.match(value):
+    if not is_label_value(value):
         raise SpecError(path, f"{value!r} is not a valid label value (63 characters: letters, digits, - _ .)")
 
 

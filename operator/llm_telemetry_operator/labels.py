@@ -1,0 +1,23 @@
+"""Kubernetes label syntax, checked where the operator accepts labels: its settings and ``spec.selector``."""
+
+from __future__ import annotations
+
+import re
+
+# A name: at most 63 characters, alphanumerics at both ends, '-', '_' and '.' between (a value may also be empty).
+_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# A key's optional prefix: a DNS subdomain of at most 253 characters.
+_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def is_label_key(key: str) -> bool:
+    """``[prefix/]name``, as the API server accepts it."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (prefix and len(prefix) <= 253 and _PREFIX.match(prefix)):
+        return False
+    return bool(_NAME.match(name))
+
+
+def is_label_value(value: str) -> bool:
+    """Empty, or a name of at most 63 characters."""
+    return value == "" or bool(_NAME.match(value))
