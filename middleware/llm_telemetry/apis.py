@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from .errors import classify_error_body
+from .labels import field_text
 from .record import LLMCall, ToolResult
 from .sse import SSEDecoder
 
@@ -21,20 +22,42 @@ from .sse import SSEDecoder
 MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 #: Error bodies are small; only this much is kept to classify them.
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+#: Distinct finish reasons kept per call (a response has one per choice; a stream cannot grow the list past this).
+MAX_FINISH_REASONS: Final = 16
+#: Largest count taken from a body (tokens, max_tokens): beyond it the value is not a count but an attack.
+_MAX_COUNT: Final = 2**53
+
+
+def loads(data: bytes | bytearray | str) -> Any:
+    """Parse JSON from a client or the app, or None: never raises. Invalid JSON and JSON nested deeper than
+    the interpreter's recursion limit (``RecursionError`` from the parser, about 1,000 levels) are not read."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
+        return value
+    return None
 
 
 def _num(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_COUNT:
         return float(value)
     return None
 
 
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A non-empty string from a body, made safe for labels, logs and spans (see labels.py)."""
+    return field_text(value) if isinstance(value, str) and value else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _get(obj: Any, *keys: str) -> Any:
@@ -46,8 +69,11 @@ def _get(obj: Any, *keys: str) -> Any:
 
 
 def _add_finish_reason(call: LLMCall, reason: Any) -> None:
-    if isinstance(reason, str) and reason and reason not in call.finish_reasons:
-        call.finish_reasons.append(reason)
+    reasons = call.finish_reasons
+    if isinstance(reason, str) and reason and len(reasons) < MAX_FINISH_REASONS:
+        reason = field_text(reason)
+        if reason not in reasons:
+            reasons.append(reason)
 
 
 class ResponseReader:
@@ -88,7 +114,8 @@ class ResponseReader:
         decoder = self._decoder
         if decoder is not None:
             shape = self._shape
-            if shape is not None and decoder.idle:
+            was_idle = decoder.idle
+            if shape is not None and was_idle:
                 # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
                 # around the text, one whole event) is another one. JSON escapes quotes and newlines inside
                 # strings, so the bytes around the text can only be structure, never text.
@@ -108,8 +135,11 @@ class ResponseReader:
                 if self._misses > 8:
                     self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
             events = decoder.feed(chunk)
+            # A shape is learnt only from a chunk that is exactly one event: it starts and ends between events.
+            # (A chunk with one event and the head of the next would teach a shape that later swallows heads.)
+            whole = was_idle and decoder.idle and len(events) == 1
             for event, data in events:
-                if self._event(event, data, now) and len(events) == 1 and self._shape is None and not self._misses:
+                if self._event(event, data, now) and whole and self._shape is None and not self._misses:
                     self._shape = _text_shape(chunk, self._TEXT_KEYS)
         elif not self._overflow:
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
@@ -126,10 +156,8 @@ class ResponseReader:
                 self.call.output_tokens = self._chunks
                 self.call.usage_source = "estimated"
         elif self._buffer:
-            try:
-                obj = json.loads(self._buffer)
-            except ValueError:
-                obj = None  # not JSON after all: the client gets it as it is, we learn nothing from it
+            # Not JSON after all (or nested too deep): the client gets it as it is, we learn nothing from it.
+            obj = loads(self._buffer)
             self._buffer = bytearray()
             if isinstance(obj, dict):
                 self._on_json(obj)
@@ -150,10 +178,7 @@ class ResponseReader:
             return True
         if data == b"[DONE]":
             return False
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return False  # a keep-alive or a non-JSON event: nothing to learn from it
+        obj = loads(data)  # a keep-alive or a non-JSON event gives None: nothing to learn from it
         if isinstance(obj, dict):
             self._on_event(event, obj, now)
         return False
@@ -177,7 +202,8 @@ class ResponseReader:
             self._text.append(text)
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
-        self.call.error_type = classify_error_body(obj) or "server_error"
+        # The stream began with 200: an error event inside it is the server's unless its body says otherwise.
+        self.call.error_type = classify_error_body(obj, default="server_error")
 
 
 #: The rest of a JSON string after its opening quote, up to and including the closing quote.
@@ -209,10 +235,7 @@ class ErrorReader(ResponseReader):
             self._buffer += chunk[:room]
 
     def finish(self, now: float) -> None:
-        try:
-            obj = json.loads(self._buffer)
-        except ValueError:
-            return
+        obj = loads(self._buffer)
         if isinstance(obj, dict):
             self.call.error_type = classify_error_body(obj, self.call.status_code)
 
@@ -293,12 +316,12 @@ class OpenAIChatReader(ResponseReader):
             self._usage(obj["usage"])
 
     def _stream_tool_calls(self, choice: dict[str, Any], tool_calls: list[Any]) -> None:
-        choice_index = choice.get("index", 0)
+        choice_index = _int(choice.get("index")) or 0
         for tool_call in tool_calls:
             if not isinstance(tool_call, dict):
                 continue
             # A tool call streams as several deltas with one index; only the first one names the function.
-            key = (choice_index if isinstance(choice_index, int) else 0, tool_call.get("index", 0))
+            key = (choice_index, _int(tool_call.get("index")) or 0)
             name = _str(_get(tool_call, "function", "name"))
             if name and key not in self._tool_indexes:
                 self._tool_indexes.add(key)
@@ -317,7 +340,7 @@ class OpenAIChatReader(ResponseReader):
                 if isinstance(text, str):
                     self._text_chars += len(text)
                     self._keep_text(text)
-                for tool_call in _get(choice, "message", "tool_calls") or ():
+                for tool_call in _list(_get(choice, "message", "tool_calls")):
                     name = _str(_get(tool_call, "function", "name"))
                     if name:
                         self.call.tool_calls.append(name)
@@ -389,12 +412,13 @@ class OpenAIResponsesReader(ResponseReader):
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._response(obj)
-        for item in obj.get("output") or ():
+        for item in _list(obj.get("output")):
             if not isinstance(item, dict):
                 continue
-            if item.get("type") == "function_call" and _str(item.get("name")):
-                self.call.tool_calls.append(item["name"])
-            for part in item.get("content") or ():
+            name = _str(item.get("name"))
+            if item.get("type") == "function_call" and name:
+                self.call.tool_calls.append(name)
+            for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     self._text_chars += len(part["text"])
                     self._keep_text(part["text"])
@@ -432,12 +456,17 @@ class AnthropicMessagesReader(ResponseReader):
             call.output_tokens = output
         call.usage_source = "reported"
 
-    def _message(self, message: Any) -> None:
+    def _message(self, message: Any, *, stream: bool = False) -> None:
         if not isinstance(message, dict):
             return
         self.call.response_model = _str(message.get("model")) or self.call.response_model
         self.call.response_id = _str(message.get("id")) or self.call.response_id
-        self._usage(message.get("usage"))
+        usage = message.get("usage")
+        if stream and isinstance(usage, dict):
+            # message_start carries the real input counts but a placeholder output count (0 or 1): the output
+            # is reported by message_delta, and a stream cut before it is estimated from what was sent instead.
+            usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+        self._usage(usage)
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
@@ -461,18 +490,19 @@ class AnthropicMessagesReader(ResponseReader):
             _add_finish_reason(self.call, _get(obj, "delta", "stop_reason"))
             self._usage(obj.get("usage"))
         elif kind == "message_start":
-            self._message(obj.get("message"))
+            self._message(obj.get("message"), stream=True)
         elif kind == "error":
             self._stream_error(obj)
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._message(obj)
         _add_finish_reason(self.call, obj.get("stop_reason"))
-        for block in obj.get("content") or ():
+        for block in _list(obj.get("content")):
             if not isinstance(block, dict):
                 continue
-            if block.get("type") in ("tool_use", "server_tool_use") and _str(block.get("name")):
-                self.call.tool_calls.append(block["name"])
+            name = _str(block.get("name"))
+            if block.get("type") in ("tool_use", "server_tool_use") and name:
+                self.call.tool_calls.append(name)
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])
                 self._keep_text(block["text"])
@@ -491,11 +521,12 @@ def _tool_results_openai(messages: list[Any]) -> list[ToolResult]:
         role = message.get("role")
         if role == "assistant":
             results = []
-            for tool_call in message.get("tool_calls") or ():
-                if isinstance(tool_call, dict) and _str(tool_call.get("id")):
-                    names[tool_call["id"]] = _str(_get(tool_call, "function", "name")) or "unknown"
+            for tool_call in _list(message.get("tool_calls")):
+                call_id = _str(tool_call.get("id")) if isinstance(tool_call, dict) else None
+                if call_id:
+                    names[call_id] = _str(_get(tool_call, "function", "name")) or "unknown"
         elif role == "tool":
-            name = names.get(message.get("tool_call_id") or "", "unknown")
+            name = names.get(_str(message.get("tool_call_id")) or "", "unknown")
             results.append(ToolResult(name, _looks_like_error(message.get("content"))))
     return results
 
@@ -509,12 +540,13 @@ def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
         if message.get("role") == "assistant":
             results = []
             for block in message["content"]:
-                if isinstance(block, dict) and block.get("type") == "tool_use" and _str(block.get("id")):
-                    names[block["id"]] = _str(block.get("name")) or "unknown"
+                block_id = _str(block.get("id")) if isinstance(block, dict) else None
+                if block_id and block.get("type") == "tool_use":
+                    names[block_id] = _str(block.get("name")) or "unknown"
         else:
             for block in message["content"]:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
-                    name = names.get(block.get("tool_use_id") or "", "unknown")
+                    name = names.get(_str(block.get("tool_use_id")) or "", "unknown")
                     results.append(ToolResult(name, block.get("is_error") is True))
     return results
 
@@ -529,10 +561,11 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
         if kind == "function_call" or (kind in (None, "message") and item.get("role") == "assistant"):
             if results:
                 results = []  # a model turn after tool outputs: those outputs belong to an earlier request
-            if kind == "function_call" and _str(item.get("call_id")):
-                names[item["call_id"]] = _str(item.get("name")) or "unknown"
+            call_id = _str(item.get("call_id"))
+            if kind == "function_call" and call_id:
+                names[call_id] = _str(item.get("name")) or "unknown"
         elif kind == "function_call_output":
-            name = names.get(item.get("call_id") or "", "unknown")
+            name = names.get(_str(item.get("call_id")) or "", "unknown")
             results.append(ToolResult(name, _looks_like_error(item.get("output"))))
     return results
 
@@ -548,10 +581,7 @@ def _looks_like_error(content: Any) -> bool:
     if text[:5].lower() == "error":
         return True
     if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return False
+        obj = loads(text)
         return isinstance(obj, dict) and bool(obj.get("error"))
     return False
 

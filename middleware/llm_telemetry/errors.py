@@ -38,6 +38,9 @@ _CODES: Final = {
     "not_found_error": "not_found",
     "model_not_found": "not_found",
     "invalid_request_error": "invalid_request",
+    "throttling_error": "rate_limit",
+    "service_unavailable": "server_error",
+    "service_unavailable_error": "server_error",
 }
 
 
@@ -60,9 +63,19 @@ def classify_status(status: int) -> str | None:
     return "server_error"
 
 
-def classify_error_body(body: dict[str, Any], status: int | None = None) -> str:
+def _status_code(value: Any) -> int | None:
+    """An HTTP status carried as an error ``code``: gateways such as the LiteLLM proxy send ``"429"`` or 429."""
+    if isinstance(value, str) and len(value) == 3 and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+        return value
+    return None
+
+
+def classify_error_body(body: dict[str, Any], status: int | None = None, default: str = "other") -> str:
     """Read an OpenAI (``{"error": {"code", "type", "message"}}``) or Anthropic
-    (``{"type": "error", "error": {"type", "message"}}``) error body; fall back to the status code."""
+    (``{"type": "error", "error": {"type", "message"}}``) error body; fall back to the status code, then
+    ``default`` (``server_error`` for an error event inside a stream, whose HTTP status said success)."""
     error = body.get("error")
     if isinstance(error, dict):
         for key in ("code", "type"):
@@ -82,6 +95,9 @@ def classify_error_body(body: dict[str, Any], status: int | None = None) -> str:
             value = error.get(key)
             if isinstance(value, str) and _CODES.get(value.lower()) == "invalid_request":
                 return "invalid_request" if status is None or status < 500 else "server_error"
+        carried = _status_code(error.get("code"))
+        if carried is not None:
+            return classify_status(carried) or default
     if status is not None:
-        return classify_status(status) or "other"
-    return "other"
+        return classify_status(status) or default
+    return default

@@ -1,14 +1,62 @@
-"""Bounded label values: each label keeps at most N distinct values and folds the rest into ``other``."""
+"""The one place client-controlled text is made safe to become a label value, a log field or a span attribute.
+
+Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
+
+* valid UTF-8: JSON lets a client send lone surrogates (``"\\ud800"``), which cannot be encoded; each one
+  becomes U+FFFD, the Unicode replacement character;
+* length: a label value longer than :data:`MAX_LABEL_CHARS` characters is not a name anyone chose to read on a
+  dashboard; it becomes ``other``, like a value past the count bound (a cut prefix could pass for a real name);
+* count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
+  the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
+  workers, across worker restarts, not per process lifetime.
+"""
 
 from __future__ import annotations
 
+import re
 import threading
+from typing import Final, Protocol
 
 from .instruments import OTHER
 
+#: Longest label value kept; a longer one is recorded as ``other``.
+MAX_LABEL_CHARS: Final = 256
+#: Longest free-text field (request id, path) kept on a log line or span; longer ones are cut to this.
+MAX_FIELD_CHARS: Final = 1024
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(value: str) -> str:
+    """``value`` with every lone surrogate replaced by U+FFFD, so it always encodes as UTF-8."""
+    if value.isascii():
+        return value
+    # json.loads already joins a valid surrogate pair into one code point: any surrogate left is lone.
+    return _SURROGATE.sub("\ufffd", value)
+
+
+def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
+    """A client-sent string as it may appear on a log line or span: valid UTF-8, at most ``max_chars`` long."""
+    return valid_text(value[:max_chars])
+
+
+def label_value(value: str) -> str:
+    """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long."""
+    if len(value) > MAX_LABEL_CHARS:
+        return OTHER
+    return valid_text(value)
+
+
+class LabelStore(Protocol):
+    """Shared memory of admitted label values (one per deployment of workers, see ``multiproc.SharedState``)."""
+
+    def admit(self, label: str, value: str, max_values: int) -> set[str]:
+        """Add ``value`` to ``label``'s values unless ``max_values`` are already taken; return all of them."""
+        ...
+
 
 class LabelLimiter:
-    """Remembers the first ``max_values`` distinct values per label.
+    """Makes every label value safe (see :func:`label_value`) and remembers the first ``max_values`` per label.
 
     Args:
         max_values: distinct values kept per label; later new values become ``"other"``.
@@ -22,17 +70,43 @@ class LabelLimiter:
     def __init__(self, max_values: int) -> None:
         self.max_values = max_values
         self._seen: dict[str, set[str]] = {}
+        #: Labels whose values are all taken: every new value is ``other`` without asking the store.
+        self._full: set[str] = set()
+        self._store: LabelStore | None = None
         self._lock = threading.Lock()
+
+    def share(self, store: LabelStore) -> None:
+        """Count values together with the other workers of this deployment, through ``store``."""
+        with self._lock:
+            self._store = store
+            self._seen = {}
+            self._full = set()
 
     def __call__(self, label: str, value: str) -> str:
         seen = self._seen.get(label)
         if seen is not None and value in seen:
             return value
+        value = label_value(value)
+        if value == OTHER or label in self._full:
+            return OTHER
         with self._lock:
             seen = self._seen.setdefault(label, set())
             if value in seen:
                 return value
-            if len(seen) >= self.max_values:
-                return OTHER
-            seen.add(value)
-            return value
+            store = self._store
+            if store is None:
+                if len(seen) >= self.max_values:
+                    self._full.add(label)
+                    return OTHER
+                seen.add(value)
+                return value
+            # New to this worker: the shared memory decides, and tells us what the others admitted meanwhile.
+            # At most max_values values per label are ever admitted, so this runs a bounded number of times.
+            try:
+                admitted = store.admit(label, value, self.max_values)
+            except OSError:
+                return OTHER  # the shared memory is unreadable: stay within the bound rather than guess
+            self._seen[label] = set(admitted)
+            if len(admitted) >= self.max_values:
+                self._full.add(label)
+            return value if value in admitted else OTHER

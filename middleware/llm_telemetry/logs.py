@@ -20,6 +20,7 @@ from typing import IO, Any, Final
 from opentelemetry import context, trace
 
 from .config import OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_LOGS_EXPORTER, OTEL_SDK_DISABLED
+from .labels import valid_text
 from .record import LLMCall
 
 #: The logger every request line is written to.
@@ -89,7 +90,8 @@ class JsonFormatter(logging.Formatter):
                 line["span_id"] = trace.format_span_id(span_context.span_id)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str)
+        # Lone surrogates (JSON allows them in any string a client sends) would make the handler's write fail.
+        return valid_text(json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str))
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import threading
 from collections.abc import Mapping
@@ -14,9 +14,10 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from .apis import API, APIS, DEFAULT_ROUTES, ErrorReader, ResponseReader
+from .apis import API, APIS, DEFAULT_ROUTES, ErrorReader, ResponseReader, loads
 from .config import ConfigurationError, Settings
 from .errors import classify_status
+from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
 from .telemetry import Telemetry
@@ -27,8 +28,12 @@ logger = logging.getLogger("llm_telemetry")
 #: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
 REQUEST_ID_HEADER = b"x-request-id"
 
-#: Paths whose route lookup is remembered; beyond this many, lookups are not cached (paths can be unbounded).
-_ROUTE_CACHE_SIZE = 1024
+#: Longest request id taken from the client's header (longer ones are cut).
+_MAX_REQUEST_ID_CHARS = 128
+
+#: Resource collections of the OpenAI API whose sub-paths end like an inference endpoint but are not one:
+#: ``/v1/threads/{id}/messages`` (Assistants), ``/v1/chat/completions/{id}/messages`` (stored completions).
+_NOT_INFERENCE_PARENTS = frozenset({"threads", "completions", "assistants", "runs", "conversations", "batches"})
 
 
 class Observer(Protocol):
@@ -40,7 +45,13 @@ class Observer(Protocol):
 
 
 class Router:
-    """Matches request paths to APIs by suffix, so ``/v1/...``, ``/openai/v1/...`` and gateway prefixes work."""
+    """Matches request paths to APIs by suffix, so ``/v1/...``, ``/openai/v1/...``, Azure's
+    ``/openai/deployments/{name}/...`` and gateway prefixes work.
+
+    A suffix preceded by ``<collection>/{id}`` of another OpenAI resource (``/v1/threads/{id}/messages``) is that
+    resource, not an inference call. Nothing is cached: matching is a few ``endswith`` on the path, and a cache
+    keyed by client-chosen paths would grow with them.
+    """
 
     def __init__(self, extra: Mapping[str, str] | None = None) -> None:
         routes = dict(DEFAULT_ROUTES)
@@ -50,18 +61,22 @@ class Router:
             routes["/" + suffix.strip("/")] = name
         # Longest suffix first: "/chat/completions" must win over "/completions".
         self._routes = sorted(((s, APIS[n]) for s, n in routes.items()), key=lambda r: -len(r[0]))
-        self._cache: dict[str, API | None] = {}
+        self._extra = {"/" + suffix.strip("/") for suffix in (extra or {})}
 
     def match(self, path: str) -> API | None:
-        try:
-            return self._cache[path]
-        except KeyError:
-            pass
         stripped = path.rstrip("/")
-        found = next((api for suffix, api in self._routes if stripped.endswith(suffix)), None)
-        if len(self._cache) < _ROUTE_CACHE_SIZE:
-            self._cache[path] = found
-        return found
+        for suffix, api in self._routes:
+            if stripped.endswith(suffix):
+                if suffix not in self._extra and _nested_resource(stripped[: -len(suffix)]):
+                    return None
+                return api
+        return None
+
+
+def _nested_resource(prefix: str) -> bool:
+    """True when ``prefix`` ends in ``/<collection>/<id>`` of a non-inference OpenAI resource."""
+    parent, _, _resource_id = prefix.rpartition("/")
+    return parent.rpartition("/")[2] in _NOT_INFERENCE_PARENTS
 
 
 class _Failsafe:
@@ -98,6 +113,7 @@ class _Exchange:
         "failsafe",
         "max_body",
         "reader",
+        "send_failed",
         "started",
     )
 
@@ -116,7 +132,9 @@ class _Exchange:
         self.reader: ResponseReader | None = None
         self.started = False
         self.complete = False
+        #: The server told us the client left: an ``http.disconnect`` message, or its ``send`` raised.
         self.disconnected = False
+        self.send_failed = False
         #: Request id to add to the response headers (when the app sets none), or None.
         self.echo_id: bytes | None = None
 
@@ -140,20 +158,25 @@ class _Exchange:
     def _read_request(self) -> None:
         body, self.body, self.body_ok = self.body, bytearray(), False
         try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            return  # not JSON: the app will answer it; we learn nothing from it
-        try:
+            # Not JSON, or nested too deep: the app will answer it; we learn nothing from it.
+            parsed = loads(body) if body else None
             if isinstance(parsed, dict):
                 self.api.read_request(self.call, parsed, self.capture)
         except Exception as exc:
             self.failsafe("request_parse", exc)
 
+    async def _forward(self, message: Message) -> None:
+        try:
+            await self._send(message)
+        except BaseException:
+            self.send_failed = True  # the server could not deliver: the client is gone
+            raise
+
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
             now = perf_counter()
-            await self._send(message)
+            await self._forward(message)
             reader = self.reader
             if reader is not None:
                 body = message.get("body", b"")
@@ -168,15 +191,19 @@ class _Exchange:
                 self.call.end = perf_counter()
         elif kind == "http.response.start":
             self.started = True
+            headers = message.get("headers")
+            if headers is not None and not isinstance(headers, (list, tuple)):
+                # ASGI allows any iterable: read a generator once, so both we and the server see every header.
+                message["headers"] = list(headers)
             try:
                 self._start_response(message)
                 if self.echo_id is not None:
                     _echo_request_id(message, self.echo_id)
             except Exception as exc:
                 self.failsafe("response_start", exc)
-            await self._send(message)
+            await self._forward(message)
         else:
-            await self._send(message)
+            await self._forward(message)
 
     def _start_response(self, message: Message) -> None:
         call = self.call
@@ -211,15 +238,26 @@ class _Exchange:
                 self.reader.finish(now)
             except Exception as error:
                 self.failsafe("response_parse", error)
-        if exc is not None and not _is_disconnect(exc):
+        # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a failed
+        # ``send``, or cancelling the app). An exception the app raises itself is the app's failure, whatever
+        # its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a client leaving.
+        client_left = self.disconnected or self.send_failed or isinstance(exc, asyncio.CancelledError)
+        if exc is not None and not client_left:
             call.error_type = "app_exception"
             if call.status_code is None:
                 call.status_code = 500
         elif not self.complete:
-            # The app stopped before the last byte: the client went away (or the server cancelled us).
-            call.error_type = "client_disconnect" if (self.disconnected or exc is not None) else "other"
+            # The app stopped before the last byte: the client went away, or the app gave up without raising.
+            call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
+
+
+def _shutdown_quietly(telemetry: Telemetry) -> None:
+    try:
+        telemetry.shutdown()
+    except Exception:
+        logger.debug("llm-telemetry: shutdown after a failed setup failed too", exc_info=True)
 
 
 def _echo_request_id(message: Message, request_id: bytes) -> None:
@@ -228,10 +266,6 @@ def _echo_request_id(message: Message, request_id: bytes) -> None:
         if key.lower() == REQUEST_ID_HEADER:
             return  # the app chose its own: keep it
     message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
-
-
-def _is_disconnect(exc: BaseException) -> bool:
-    return isinstance(exc, (OSError, asyncio.CancelledError)) or type(exc).__name__ == "ClientDisconnect"
 
 
 class LLMTelemetryMiddleware:
@@ -311,6 +345,10 @@ class LLMTelemetryMiddleware:
         self._observers: tuple[Observer, ...] = ()
         self._failsafe: _Failsafe | None = None
         self._lock = threading.Lock()
+        #: Set once setup has run, whether it worked or not: it never runs twice.
+        self._set_up = False
+        #: False when setup failed: requests pass straight through, unobserved.
+        self._observing = False
         if self.settings.pricing is not None:
             # Fail at startup, not on the first request, when the pricing file is wrong.
             from .pricing import PricingTable
@@ -319,38 +357,78 @@ class LLMTelemetryMiddleware:
 
     @property
     def telemetry(self) -> Telemetry:
-        """The meter provider, instruments and exposition; created on first use."""
-        return self._telemetry or self._setup()
+        """The meter provider, instruments and exposition; created on first use (or at lifespan startup)."""
+        telemetry = self._telemetry if self._set_up else self._setup()
+        if telemetry is None:
+            raise RuntimeError("llm-telemetry setup failed; see the log")
+        return telemetry
 
-    def _setup(self) -> Telemetry:
+    def _setup(self) -> Telemetry | None:
+        """Build everything once, before the first request is observed (the server's lifespan startup, or the
+        first call of any kind). Any failure is logged and leaves the middleware a pass-through: the app keeps
+        serving. The failure is counted in ``llm_telemetry_internal_errors_total{component="setup"}`` when a
+        plain single-process setup can still be made to expose it."""
         with self._lock:
-            if self._telemetry is None:
+            if self._set_up:
+                return self._telemetry
+            telemetry: Telemetry | None = None
+            try:
                 telemetry = Telemetry(self.settings, self._meter_provider, self._tracer_provider)
-                telemetry.start_server()
-                self._failsafe = _Failsafe(telemetry)
-                observers: list[Observer] = [telemetry.recorder]
-                if telemetry.tracing is not None:
-                    observers.append(telemetry.tracing.observer)
-                    self._traced = telemetry.tracing.wrap(self._observe_routed)
-                if telemetry.request_logs is not None:
-                    observers.append(telemetry.request_logs.observer)
-                self._observers = (*observers, *self._extra_observers)
-                self._telemetry = telemetry
-            return self._telemetry
+                self._start(telemetry)
+                self._observing = True
+            except Exception as exc:
+                logger.error("llm-telemetry: setup failed; requests pass through unobserved: %r", exc, exc_info=exc)
+                if telemetry is not None:
+                    _shutdown_quietly(telemetry)
+                self._observers = ()
+                self._traced = None
+                telemetry = self._fallback(exc)
+            self._telemetry = telemetry
+            self._set_up = True
+            return telemetry
+
+    def _start(self, telemetry: Telemetry) -> None:
+        telemetry.start_server()
+        failsafe = self._failsafe = _Failsafe(telemetry)
+        workers = telemetry.workers
+        if workers is not None and workers.state is not None:
+            # Label values are counted per deployment of workers, across worker restarts (see labels.py).
+            telemetry.limit.share(workers.state)
+        elif workers is not None and workers.error is not None:
+            failsafe("multiproc_setup", workers.error)  # serving, but this worker reports only its own share
+        observers: list[Observer] = [telemetry.recorder]
+        if telemetry.tracing is not None:
+            observers.append(telemetry.tracing.observer)
+            self._traced = telemetry.tracing.wrap(self._observe_routed)
+        if telemetry.request_logs is not None:
+            observers.append(telemetry.request_logs.observer)
+        self._observers = (*observers, *self._extra_observers)
+
+    def _fallback(self, error: Exception) -> Telemetry | None:
+        """Metrics with nothing but the failure in them, so that it shows up where alerts look."""
+        plain = dataclasses.replace(self.settings, multiproc_dir="off", request_logs=False)
+        try:
+            telemetry = Telemetry(plain)
+            telemetry.start_server()
+            _Failsafe(telemetry)("setup", error)
+        except Exception:
+            logger.exception("llm-telemetry: no metrics either: the setup failure is only in this log")
+            return None
+        return telemetry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.settings.enabled:
             await self.app(scope, receive, send)
             return
-        telemetry = self._telemetry or self._setup()
+        telemetry = self._telemetry if self._set_up else self._setup()
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path == self.settings.metrics_app_path:
+        if telemetry is not None and path == self.settings.metrics_app_path:
             await telemetry.metrics_app(scope, receive, send)
             return
-        api = self.router.match(path) if scope["method"] == "POST" else None
+        api = self.router.match(path) if self._observing and scope["method"] == "POST" else None
         if api is None:
             await self.app(scope, receive, send)
             return
@@ -369,11 +447,12 @@ class LLMTelemetryMiddleware:
 
     async def _observe(self, api: API, scope: Scope, receive: Receive, send: Send) -> None:
         failsafe = self._failsafe
-        assert failsafe is not None
-        call = LLMCall(api.operation, api.provider, perf_counter(), path=scope["path"])
+        telemetry = self._telemetry
+        assert failsafe is not None and telemetry is not None
+        call = LLMCall(api.operation, api.provider, perf_counter(), path=field_text(scope["path"]))
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
-        limit = self.telemetry.limit
+        limit = telemetry.limit
         for key, value in scope["headers"]:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 max_body = 0  # a compressed request body is not read
@@ -381,8 +460,10 @@ class LLMTelemetryMiddleware:
                 request_id = value
             label = self._attribution.get(key)
             if label is not None:
-                call.attribution[label] = limit(label, value.decode("latin-1")[:128])
-        call.request_id = request_id.decode("latin-1")[:128] if request_id else new_request_id()
+                call.attribution[label] = limit(label, value.decode("latin-1"))
+        call.request_id = (
+            field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS) if request_id else new_request_id()
+        )
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)

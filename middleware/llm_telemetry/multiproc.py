@@ -53,6 +53,8 @@ DISABLED: Final = ("off", "none", "false", "0")
 BIND_RETRY_SECONDS: Final = 1.0
 
 _ARCHIVE = "archive.json"
+#: Label values admitted so far, per label, shared by the workers so the count bound is per deployment.
+_LABELS = "labels.json"
 _RUN = "run"
 _LOCK = "lock"
 _ALIVE = ".alive"
@@ -128,21 +130,18 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
         supervisor = Supervisor("parent", ppid if ppid > 0 else os.getpid())
     if "prometheus" not in settings.metrics_exporters:
         return WorkerMode(supervisor, None)
-    if explicit:
-        directory = explicit
-    elif prom_dir:
-        directory = os.path.join(prom_dir, "llm_telemetry")
-    else:
-        directory = default_directory(supervisor)
+    directory = explicit or (os.path.join(prom_dir, "llm_telemetry") if prom_dir else None)
     try:
+        if directory is None:
+            directory = default_directory(supervisor)
         state = SharedState(directory, supervisor)
     except OSError as exc:
         logger.warning(
             "llm-telemetry: multi-worker state directory %s is unusable (%s); each worker reports only its own share",
-            directory,
+            directory or "(default)",
             exc,
         )
-        return WorkerMode(supervisor, None)
+        return WorkerMode(supervisor, None, exc)
     return WorkerMode(supervisor, state)
 
 
@@ -178,12 +177,14 @@ class WorkerMode:
 
     Args:
         supervisor: the server's supervisor process.
-        state: the shared directory, or None when Prometheus export is off (OTLP only).
+        state: the shared directory, or None when Prometheus export is off (OTLP only) or the directory is unusable.
+        error: why the directory is unusable, when it is.
     """
 
-    def __init__(self, supervisor: Supervisor, state: SharedState | None) -> None:
+    def __init__(self, supervisor: Supervisor, state: SharedState | None, error: OSError | None = None) -> None:
         self.supervisor = supervisor
         self.state = state
+        self.error = error
         self._listener: _Listener | None = None
 
     def worker_resource(self, resource: Any) -> Any:
@@ -284,7 +285,7 @@ class SharedState:
             pass
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in os.listdir(self.directory):
-            if name == _ARCHIVE or name.endswith((_ALIVE, _DB, ".tmp")):
+            if name in (_ARCHIVE, _LABELS) or name.endswith((_ALIVE, _DB, ".tmp")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
         with open(run + ".tmp", "w", encoding="utf-8") as fresh:
@@ -315,6 +316,25 @@ class SharedState:
             if self._alive is not None:
                 self._alive.close()
                 self._alive = None
+
+    # --- label values (the count bound, see labels.py) ---
+
+    def admit(self, label: str, value: str, max_values: int) -> set[str]:
+        """Admit ``value`` for ``label`` if fewer than ``max_values`` are taken; every value admitted so far."""
+        path = os.path.join(self.directory, _LABELS)
+        with self._locked():
+            try:
+                with open(path, encoding="utf-8") as stored:
+                    labels: dict[str, list[str]] = json.load(stored)
+            except (FileNotFoundError, ValueError):
+                labels = {}  # none yet (or a torn file from a killed writer: os.replace makes that unlikely)
+            values = labels.setdefault(label, [])
+            if value not in values and len(values) < max_values:
+                values.append(value)
+                with open(path + ".tmp", "w", encoding="utf-8") as tmp:
+                    json.dump(labels, tmp)
+                os.replace(path + ".tmp", path)
+            return set(values)
 
     # --- merging (the scrape path) ---
 

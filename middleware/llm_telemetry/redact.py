@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+from .labels import valid_text
+
 Redactor = Callable[[str], str]
 
 #: What a masked value is replaced with; the bracketed word says what kind of value was there.
@@ -44,7 +46,8 @@ def redact(text: str) -> str:
 
 
 def cap(text: str, max_chars: int) -> str:
-    """Cut ``text`` to ``max_chars`` characters, marking the cut; ``max_chars == 0`` keeps nothing."""
+    """Cut ``text`` to ``max_chars`` characters, marking the cut; ``max_chars == 0`` keeps nothing. The result
+    is always valid UTF-8 (lone surrogates, which JSON allows, become U+FFFD), so exporters can encode it."""
     if len(text) <= max_chars:
-        return text
-    return text[:max_chars] + TRUNCATION_MARK
+        return valid_text(text)
+    return valid_text(text[:max_chars]) + TRUNCATION_MARK

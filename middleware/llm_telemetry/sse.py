@@ -16,9 +16,17 @@ Event = tuple[str, bytes]
 
 
 class SSEDecoder:
+    """Decodes a byte stream into ``(event name, data)`` pairs in time linear in its size.
+
+    Memory is bounded by ``max_event_bytes``: the partial line kept between chunks and the data lines of the
+    event being assembled (each line counted with its joining newline, so empty ``data:`` lines count too) never
+    exceed it; an event that would is dropped whole (``dropped_events``) and its remaining lines are skipped.
+    """
+
     __slots__ = (
         "_buffer",
         "_data",
+        "_data_bytes",
         "_event",
         "_pending_cr",
         "_skipping",
@@ -30,8 +38,10 @@ class SSEDecoder:
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
         self.dropped_events = 0
-        self._buffer = b""
+        #: The partial line after the last line break seen (a bytearray: appends do not copy it).
+        self._buffer = bytearray()
         self._data: list[bytes] = []
+        self._data_bytes = 0
         self._event = ""
         self._pending_cr = False
         self._skipping = False
@@ -45,14 +55,7 @@ class SSEDecoder:
         return events
 
     def _feed(self, chunk: bytes) -> list[Event]:
-        if (
-            not self._buffer
-            and not self._pending_cr
-            and not self._data
-            and not self._event
-            and not self._skipping
-            and len(chunk) <= self.max_event_bytes
-        ):
+        if self.idle and len(chunk) <= self.max_event_bytes:
             fast = _whole_events(chunk)
             if fast is not None:
                 return fast
@@ -65,36 +68,41 @@ class SSEDecoder:
             if chunk.endswith(b"\r"):
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._buffer:
-            chunk = self._buffer + chunk
+        # Only the new bytes are searched for a line break: the buffer holds none.
         cut = chunk.rfind(b"\n")
         if cut < 0:
-            self._buffer = chunk
+            self._buffer += chunk
             self._check_size()
             return []
-        self._buffer = chunk[cut + 1 :]
-        self._check_size()
         events: list[Event] = []
-        for line in chunk[:cut].split(b"\n"):
+        lines = chunk[:cut].split(b"\n")
+        if self._buffer:
+            self._buffer += lines[0]
+            lines[0] = bytes(self._buffer)
+        self._buffer = bytearray(chunk[cut + 1 :])
+        for line in lines:
             self._line(line, events)
+        self._check_size()
         return events
 
     def close(self) -> list[Event]:
         """End of stream: a last line without its newline still counts, an undispatched event does not."""
         events: list[Event] = []
         if self._buffer:
-            self._line(self._buffer, events)
-            self._buffer = b""
+            self._line(bytes(self._buffer), events)
+            self._buffer = bytearray()
         return events
 
     def _check_size(self) -> None:
         if len(self._buffer) > self.max_event_bytes:
-            self._buffer = b""
-            self._drop()
+            self._buffer = bytearray()
+            if not self._skipping:
+                self._drop()
 
     def _drop(self) -> None:
         self.dropped_events += 1
         self._data = []
+        self._data_bytes = 0
         self._event = ""
         self._skipping = True
 
@@ -105,6 +113,7 @@ class SSEDecoder:
             elif self._data:
                 events.append((self._event or "message", b"\n".join(self._data)))
             self._data = []
+            self._data_bytes = 0
             self._event = ""
             return
         if self._skipping or line[0] == 0x3A:  # ':' starts a comment
@@ -113,9 +122,11 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            self._data.append(value)
-            if sum(map(len, self._data)) > self.max_event_bytes:
+            self._data_bytes += len(value) + 1
+            if self._data_bytes > self.max_event_bytes:
                 self._drop()
+            else:
+                self._data.append(value)
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")
 
