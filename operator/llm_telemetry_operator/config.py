@@ -64,6 +64,9 @@ class OperatorConfig:
         metrics_port: port of the operator's own metrics (0: off).
         health: liveness endpoint URL ("" : off).
         resync_seconds: interval of the periodic re-reconcile.
+        kubeconfig: kubeconfig file (None: in-cluster, ``$KUBECONFIG`` or ``~/.kube/config``).
+        context: kubeconfig context (None: the current one).
+        standalone: run without peering.
 
     Example::
 
@@ -91,6 +94,12 @@ class OperatorConfig:
     health: str = DEFAULT_HEALTH
     #: Seconds between periodic re-reconciles (drift repair, retries of degraded resources).
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    #: Kubeconfig file to use; None: in-cluster credentials in a pod, else ``$KUBECONFIG`` or ``~/.kube/config``.
+    kubeconfig: str | None = None
+    #: Kubeconfig context to use; None: the file's current context.
+    context: str | None = None
+    #: Run without peering (no KopfPeering object needed); only one replica may then run.
+    standalone: bool = False
 
     @property
     def clusterwide(self) -> bool:

@@ -13,12 +13,12 @@ from typing import Any
 import kopf
 
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import metrics
+from llm_telemetry_operator import kube, metrics
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, SpecError
-from llm_telemetry_operator.kube import Connection, KubeClient
+from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 
 #: Seconds before kopf retries a pass that found something missing (a CRD, an API error).
@@ -119,11 +119,16 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logge
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        _client(memo).connect(Connection.from_kopf(info))
-    return info
+async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """One set of credentials for kopf's watches and our client, loaded by the ``kubernetes`` package (every
+    kubeconfig form, in-cluster tokens). kopf calls this again when its credentials stop working."""
+    config = _config(memo)
+    try:
+        configuration = await asyncio.to_thread(kube.load_configuration, config.kubeconfig, config.context)
+    except Exception as exc:  # ConfigException, a failing exec plugin, an unreadable file
+        raise kopf.LoginError(f"cannot load Kubernetes credentials: {exc}") from exc
+    _client(memo).configure(configuration)
+    return kube.connection_info(configuration)
 
 
 @kopf.on.cleanup()

@@ -1,26 +1,43 @@
-"""The one small Kubernetes API client the handlers use.
+"""The Kubernetes API client the handlers use: the official ``kubernetes`` package, kept off kopf's event loop.
 
-Every call names its ``(api_group, resource, verb)`` and is refused unless :data:`rbac.PERMISSIONS`
-declares it, so the chart's RBAC (rendered from the same list) always covers what the code does.
-Patches are JSON merge patches (``application/merge-patch+json``): dicts merge, lists are replaced
-whole, which is why callers always send complete lists (env, ports, volumes).
+Credentials come from the ``kubernetes`` package's own loaders (:func:`load_configuration`), so every form a
+kubeconfig can take works: inline ``*-data`` fields, certificate and key files, tokens, exec plugins, and the
+in-cluster ServiceAccount token, which the package re-reads as it is rotated. Calls are blocking (urllib3);
+each runs in a small thread pool of this client's own, so kopf's event loop never waits on the network.
+
+Every call names its ``(api_group, resource, verb)`` and is refused unless :data:`rbac.PERMISSIONS` declares it,
+so the chart's RBAC (rendered from the same list) always covers what the code does. Patches are JSON merge
+patches (``application/merge-patch+json``): dicts merge, lists are replaced whole, which is why callers always
+send complete lists (env, ports, volumes). Lists are read in pages (``limit`` / ``continue``); every request
+has a connect and a read timeout.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
-import ssl
-import tempfile
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
-import aiohttp
+import kopf
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
 from llm_telemetry_operator import rbac
 from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, PermissionNotDeclaredError
+
+#: (connect, read) seconds for every request: a dead connection fails the pass instead of hanging it.
+DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
+#: Objects per page of a list; the API server cuts long lists into pages of this size (``continue`` tokens).
+DEFAULT_PAGE_SIZE = 500
+#: Threads making API calls at once; more passes than this wait for a free thread.
+DEFAULT_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -53,51 +70,59 @@ PROMETHEUSRULES = Resource("monitoring.coreos.com", "v1", "prometheusrules")
 WORKLOADS: dict[str, Resource] = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where and how to reach the API server (filled from kopf's ``ConnectionInfo`` at login).
+def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> k8s_client.Configuration:
+    """Credentials as the ``kubernetes`` package loads them: in-cluster when running in a pod (and no
+    ``kubeconfig`` is named), else the kubeconfig (``kubeconfig``, else ``$KUBECONFIG``, else ``~/.kube/config``).
 
-    Args:
-        server: base URL, e.g. ``https://kubernetes.default.svc``.
-        token: bearer token, if any.
-        ca_data: PEM of the CA to trust (``ca_path`` for a file instead).
-        insecure: skip TLS verification.
+    Blocking (it may run an exec plugin); raises ``kubernetes.config.ConfigException`` when neither works.
     """
+    configuration = k8s_client.Configuration()
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # Also installs a hook that re-reads the projected token file as the kubelet rotates it.
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        return configuration
+    # $KUBECONFIG is read here, not through the package's default (which it fixes when first imported).
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=path, context=context, client_configuration=configuration
+    )
+    return configuration
 
-    server: str
-    token: str | None = None
-    scheme: str | None = None
-    username: str | None = None
-    password: str | None = None
-    ca_path: str | None = None
-    ca_data: str | None = None
-    insecure: bool = False
-    certificate_path: str | None = None
-    certificate_data: str | None = None
-    private_key_path: str | None = None
-    private_key_data: str | None = None
 
-    @classmethod
-    def from_kopf(cls, info: Any) -> Connection:
-        def text(value: Any) -> str | None:
-            if value is None:
-                return None
-            return value.decode() if isinstance(value, bytes) else str(value)
+def server_configuration(server: str, token: str | None = None) -> k8s_client.Configuration:
+    """A configuration for a server URL and an optional bearer token (tests, benchmarks, ``kubectl proxy``)."""
+    configuration = k8s_client.Configuration(host=server.rstrip("/"))
+    if token:
+        # "authorization" is the key every version of the package reads the bearer token from.
+        configuration.api_key = {"authorization": token}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+    return configuration
 
-        return cls(
-            server=str(info.server),
-            token=text(info.token),
-            scheme=text(info.scheme),
-            username=text(info.username),
-            password=text(info.password),
-            ca_path=text(info.ca_path),
-            ca_data=text(info.ca_data),
-            insecure=bool(info.insecure),
-            certificate_path=text(info.certificate_path),
-            certificate_data=text(info.certificate_data),
-            private_key_path=text(info.private_key_path),
-            private_key_data=text(info.private_key_data),
-        )
+
+def connection_info(configuration: k8s_client.Configuration) -> kopf.ConnectionInfo:
+    """The same credentials for kopf's own watches and peering (kopf has a client of its own).
+
+    The ``kubernetes`` package has already turned inline ``*-data`` fields into files (``ssl_ca_cert``,
+    ``cert_file``, ``key_file``) that it removes at exit; the token is read through the configuration, so an
+    exec plugin's or a rotated ServiceAccount token is current whenever kopf logs in again.
+    """
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").partition(" ")
+    if not token:
+        scheme, token = "", scheme
+    return kopf.ConnectionInfo(
+        server=str(configuration.host),
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
 
 
 class LabelQuery(Protocol):
@@ -123,33 +148,48 @@ class KubeClient:
     """Async Kubernetes client limited to the permissions in :data:`rbac.PERMISSIONS`.
 
     Args:
-        connection: server and credentials; may be set later with :meth:`connect`.
+        configuration: a ``kubernetes.client.Configuration`` (see :func:`load_configuration`); without one, it
+            is loaded on first use, or set later with :meth:`configure`.
+        timeout: (connect, read) seconds for every request.
+        page_size: objects per page of a list.
+        workers: threads making API calls at once.
 
     Example::
 
-        client = KubeClient(Connection(server="http://127.0.0.1:8001"))
+        client = KubeClient(server_configuration("http://127.0.0.1:8001"))
         services = await client.list(SERVICES, "llm", labels={"app": "chat"})
         await client.close()
     """
 
-    def __init__(self, connection: Connection | None = None) -> None:
-        self._connection = connection
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(
+        self,
+        configuration: k8s_client.Configuration | None = None,
+        *,
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self.timeout = timeout
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._api: k8s_client.ApiClient | None = None
+        self._configuration = configuration
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
 
-    def connect(self, connection: Connection) -> None:
-        """Use new credentials from the next request on (kopf re-logs in when tokens expire)."""
-        if connection != self._connection:
-            self._connection = connection
-            if self._session is not None and not self._session.closed:
-                # The old session is closed lazily; requests in flight keep their own reference.
-                old, self._session = self._session, None
-                self._closing = old
+    def configure(self, configuration: k8s_client.Configuration) -> None:
+        """Use new credentials from the next request on (kopf logs in again when its credentials expire)."""
+        with self._lock:
+            old, self._api = self._api, None
+            self._configuration = configuration
+        if old is not None:
+            old.close()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
-        for session in (self._session, getattr(self, "_closing", None)):
-            if session is not None and not session.closed:
-                await session.close()
-        self._session = None
+        with self._lock:
+            api, self._api = self._api, None
+        if api is not None:
+            api.close()  # type: ignore[no-untyped-call]
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any]:
         return await self._request("GET", resource, "get", resource.path(namespace, name))
@@ -157,14 +197,21 @@ class KubeClient:
     async def list(
         self, resource: Resource, namespace: str, labels: Mapping[str, str] | LabelQuery | None = None
     ) -> list[dict[str, Any]]:
-        """List objects, by equality labels or a full selector; the selector is sent and also applied here,
-        as not every server honours it."""
-        path = resource.path(namespace)
+        """List objects, page by page, by equality labels or a full selector; the selector is sent and also
+        applied here, as not every server honours it."""
         query = _Equality(labels) if isinstance(labels, Mapping) else labels
+        params: list[tuple[str, str]] = [("limit", str(self.page_size))]
         if query is not None and (text := query.to_query()):
-            path += "?" + urlencode({"labelSelector": text})
-        result = await self._request("GET", resource, "list", path)
-        items: list[dict[str, Any]] = list(result.get("items") or [])
+            params.append(("labelSelector", text))
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page_query = [*params, ("continue", token)] if token else params
+            page = await self._request("GET", resource, "list", resource.path(namespace), query=page_query)
+            items.extend(page.get("items") or [])
+            token = str((page.get("metadata") or {}).get("continue") or "")
+            if not token:
+                break
         if query is None:
             return items
         return [item for item in items if query.matches(item.get("metadata", {}).get("labels") or {})]
@@ -203,70 +250,58 @@ class KubeClient:
         body: Mapping[str, Any] | None = None,
         *,
         plural: str | None = None,
+        query: Sequence[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         plural = plural or resource.plural
         if not rbac.is_declared(resource.group, plural, verb):
             raise PermissionNotDeclaredError(f"{verb} {plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS")
-        session = self._get_session()
-        assert self._connection is not None
-        headers = {"Accept": "application/json"}
-        if method == "PATCH":
-            headers["Content-Type"] = "application/merge-patch+json"
-        async with session.request(
-            method,
-            self._connection.server.rstrip("/") + path,
-            data=None if body is None else json.dumps(body),
-            headers=headers if body is None or method == "PATCH" else {**headers, "Content-Type": "application/json"},
-        ) as response:
-            text = await response.text()
-            try:
-                data = json.loads(text) if text else {}
-            except ValueError:
-                data = {"message": text}
-            if response.status >= 400:
-                reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
-                message = str(data.get("message", "")) if isinstance(data, dict) else text
-                error = {404: NotFoundError, 409: ConflictError}.get(response.status, ApiError)
-                raise error(response.status, reason, message, body=data)
-            return data if isinstance(data, dict) else {}
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._connection is None:
-            raise RuntimeError("KubeClient used before kopf logged in")
-        if self._session is None or self._session.closed:
-            conn = self._connection
-            headers: dict[str, str] = {}
-            if conn.token:
-                headers["Authorization"] = f"{conn.scheme or 'Bearer'} {conn.token}"
-            elif conn.username and conn.password:
-                pair = base64.b64encode(f"{conn.username}:{conn.password}".encode()).decode()
-                headers["Authorization"] = f"Basic {pair}"
-            self._session = aiohttp.ClientSession(
-                headers=headers, connector=aiohttp.TCPConnector(ssl=_ssl_context(conn))
+    def _client(self) -> k8s_client.ApiClient:
+        with self._lock:
+            if self._api is None:
+                if self._configuration is None:
+                    self._configuration = load_configuration()
+                self._api = k8s_client.ApiClient(self._configuration)
+            return self._api
+
+    def _call(
+        self, method: str, path: str, body: Mapping[str, Any] | None, query: Sequence[tuple[str, str]] | None
+    ) -> dict[str, Any]:
+        """One blocking request (in a worker thread): the parsed JSON body, or an :class:`ApiError`."""
+        api = self._client()
+        configuration = api.configuration
+        headers = {**api.default_headers, "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        # The bearer token is read per request: a refresh hook (exec plugin, rotated in-cluster token) renews it.
+        for auth in configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"])] = str(auth["value"])
+        url = str(configuration.host).rstrip("/") + path + ("?" + urlencode(query) if query else "")
+        try:
+            response = api.rest_client.request(  # type: ignore[no-untyped-call]
+                method, url, headers=headers, body=None if body is None else dict(body), _request_timeout=self.timeout
             )
-        return self._session
-
-
-def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
-    if not conn.server.startswith("https"):
-        return False
-    if conn.insecure:
-        return False
-    context = ssl.create_default_context(cafile=conn.ca_path, cadata=conn.ca_data)
-    cert, key = conn.certificate_path, conn.private_key_path
-    if conn.certificate_data or conn.private_key_data:
-        # ssl only loads client certificates from files.
-        files: list[str | None] = []
-        for data in (conn.certificate_data, conn.private_key_data):
-            if data is None:
-                files.append(None)
-                continue
-            handle = tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False)
-            with handle:
-                handle.write(data)
-            files.append(handle.name)
-        cert = files[0] or cert
-        key = files[1] or key
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
+            status = int(response.status)
+            data = response.read() if response.data is None else response.data
+        except k8s_client.ApiException as exc:
+            if not exc.status:  # a TLS failure, raised with status 0
+                raise ApiError(0, "TLSError", str(exc.reason)) from exc
+            status, data = int(exc.status), exc.body  # older package versions raise for every error status
+        except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, after urllib3's own retries
+            raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
+        if isinstance(data, str):
+            data = data.encode()
+        text = data.decode("utf-8", "replace") if data else ""
+        try:
+            parsed = json.loads(text) if text else {}
+        except ValueError:
+            parsed = {"message": text}
+        if status >= 400:
+            reason = str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
+            message = str(parsed.get("message", "")) if isinstance(parsed, dict) else text
+            error = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
+            raise error(status, reason, message, body=parsed)
+        return parsed if isinstance(parsed, dict) else {}

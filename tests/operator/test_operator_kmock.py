@@ -35,7 +35,7 @@ from kopf_testing import (
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import rbac
 from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.kube import Connection, KubeClient
+from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
 
 #: Header on the test's own "hand" requests, so they are not counted as the operator's API usage.
@@ -204,7 +204,7 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
 
     # Idempotence: once the operator has settled, another full pass writes nothing.
     before = len(list(emulator))
-    client = KubeClient(Connection(server=str(emulator.url).rstrip("/")))
+    client = KubeClient(server_configuration(str(emulator.url)))
     try:
         outcome = await reconcile(client, OperatorConfig(), get(emulator, LLMT, "chat"))
     finally:

@@ -1,0 +1,228 @@
+"""The operator's API client against a real TLS server: inline kubeconfig credentials, pages, timeouts, RBAC guard."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import pathlib
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.errors import ApiError, NotFoundError, PermissionNotDeclaredError
+
+TOKEN = "token-for-the-test"
+SERVICES = [{"metadata": {"name": f"svc-{i}", "namespace": "llm", "labels": {"app": "chat"}}} for i in range(5)]
+
+
+def openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def issue(pki: pathlib.Path, name: str, subject: str, ca: str, ext: str) -> None:
+    """A key and a certificate for ``subject``, signed by the CA named ``ca``."""
+    (pki / f"{name}.ext").write_text(ext)
+    openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", subject, cwd=pki)  # fmt: skip
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A throwaway CA, a server certificate for 127.0.0.1, a client certificate, and a stranger's CA and cert."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH: cannot make the test's certificates")
+    pki = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "stranger-ca"):
+        new_key = ("-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+        openssl("req", "-x509", *new_key, "-days", "2", "-subj", f"/CN={ca}",
+                "-addext", "basicConstraints=critical,CA:TRUE", cwd=pki)  # fmt: skip
+    issue(pki, "server", "/CN=127.0.0.1", "ca", "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n")
+    issue(pki, "client", "/CN=llm-telemetry-operator", "ca", "extendedKeyUsage = clientAuth\n")
+    issue(pki, "stranger", "/CN=stranger", "stranger-ca", "extendedKeyUsage = clientAuth\n")
+    return pki
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """A sliver of the API server: Services of namespace ``llm``, listed two to a page."""
+
+    server: ApiServer
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
+        rdns: Any = (peer or {}).get("subject", ())
+        subject = {str(key): str(value) for ((key, value),) in rdns}
+        auth = self.headers.get("Authorization")
+        self.server.seen.append({"path": url.path, "query": query, "auth": auth, "cn": subject.get("commonName")})
+        if url.path == "/api/v1/namespaces/llm/services":
+            limit = int(query.get("limit", len(SERVICES)))
+            start = int(query.get("continue") or 0)
+            more = start + limit < len(SERVICES)
+            body: dict[str, Any] = {
+                "kind": "ServiceList",
+                "metadata": {"continue": str(start + limit)} if more else {},
+                "items": SERVICES[start : start + limit],
+            }
+            self.answer(200, body)
+        else:
+            self.answer(404, {"kind": "Status", "reason": "NotFound", "message": f"{url.path} not found"})
+
+    def answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    seen: list[dict[str, Any]]
+
+
+@pytest.fixture
+def api_server(pki: pathlib.Path) -> Iterator[ApiServer]:
+    """HTTPS on 127.0.0.1 that refuses any client without a certificate from the test's CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki / "server.crt", pki / "server.key")
+    context.load_verify_locations(pki / "ca.crt")
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ApiServer(("127.0.0.1", 0), ApiHandler)
+    server.seen = []
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def b64(path: pathlib.Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def inline_kubeconfig(tmp_path: pathlib.Path, server: str, pki: pathlib.Path, client: str = "client") -> pathlib.Path:
+    """A kubeconfig as kind, minikube and cloud CLIs write it: every credential inline, base64-encoded."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "test",
+        "clusters": [
+            {"name": "test", "cluster": {"server": server, "certificate-authority-data": b64(pki / "ca.crt")}}
+        ],
+        "users": [
+            {
+                "name": "test",
+                "user": {
+                    "client-certificate-data": b64(pki / f"{client}.crt"),
+                    "client-key-data": b64(pki / f"{client}.key"),
+                    "token": TOKEN,
+                },
+            }
+        ],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def url_of(server: ApiServer) -> str:
+    return f"https://127.0.0.1:{server.server_address[1]}"
+
+
+async def test_inline_credentials_reach_a_tls_server_that_requires_client_certificates(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    path = inline_kubeconfig(tmp_path, url_of(api_server), pki)
+    client = kube.KubeClient(kube.load_configuration(str(path)), page_size=2)
+    try:
+        services = await client.list(kube.SERVICES, "llm", labels={"app": "chat"})
+        with pytest.raises(NotFoundError):
+            await client.get(kube.CONFIGMAPS, "llm", "absent")
+    finally:
+        await client.close()
+    # All five Services, read in three pages of at most two, each request verified both ways and authorised.
+    assert [s["metadata"]["name"] for s in services] == [s["metadata"]["name"] for s in SERVICES]
+    lists = [seen for seen in api_server.seen if seen["path"].endswith("/services")]
+    assert [(seen["query"]["limit"], seen["query"].get("continue")) for seen in lists] == [
+        ("2", None),
+        ("2", "2"),
+        ("2", "4"),
+    ]
+    assert all(seen["query"]["labelSelector"] == "app=chat" for seen in lists)
+    assert {seen["cn"] for seen in api_server.seen} == {"llm-telemetry-operator"}
+    assert {seen["auth"] for seen in api_server.seen} == {f"Bearer {TOKEN}"}
+
+
+def test_inline_credentials_become_kopf_connection_info(pki: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """kopf gets the same credentials, as PEM files (the base64 text itself is not PEM)."""
+    path = inline_kubeconfig(tmp_path, "https://127.0.0.1:6443", pki)
+    info = kube.connection_info(kube.load_configuration(str(path)))
+    assert info.server == "https://127.0.0.1:6443"
+    assert (info.scheme, info.token) == ("Bearer", TOKEN)
+    assert info.ca_path and info.certificate_path and info.private_key_path
+    for written, original in ((info.ca_path, "ca.crt"), (info.certificate_path, "client.crt"),
+                              (info.private_key_path, "client.key")):  # fmt: skip
+        assert pathlib.Path(str(written)).read_bytes() == (pki / original).read_bytes()
+    # ... and an SSL context from them is accepted by Python's ssl module.
+    context = ssl.create_default_context(cafile=info.ca_path)
+    context.load_cert_chain(info.certificate_path, info.private_key_path)
+
+
+async def test_certificate_from_another_ca_is_refused(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The server really checks client certificates: one the cluster's CA did not sign gets no answer."""
+    path = inline_kubeconfig(tmp_path, url_of(api_server), pki, client="stranger")
+    client = kube.KubeClient(kube.load_configuration(str(path)), timeout=(2, 2))
+    try:
+        with pytest.raises(ApiError) as raised:
+            await client.list(kube.SERVICES, "llm")
+    finally:
+        await client.close()
+    assert raised.value.status == 0
+    assert not [seen for seen in api_server.seen if seen["cn"] == "stranger"]
+
+
+async def test_server_that_never_answers_times_out() -> None:
+    """A connection the server accepts and never answers fails the call within the timeout, not never."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        client = kube.KubeClient(kube.server_configuration(url), timeout=(1, 0.2))
+        try:
+            with pytest.raises(ApiError) as raised:
+                await client.get(kube.SERVICES, "llm", "chat")
+        finally:
+            await client.close()
+    assert raised.value.reason == "Unreachable"
+
+
+async def test_undeclared_call_is_refused_before_any_request() -> None:
+    client = kube.KubeClient(kube.server_configuration("http://127.0.0.1:9"))
+    try:
+        with pytest.raises(PermissionNotDeclaredError):
+            await client.delete(kube.DEPLOYMENTS, "llm", "chat")
+        with pytest.raises(PermissionNotDeclaredError):
+            await client.create(kube.LLMTELEMETRIES, "llm", {"metadata": {"name": "x"}})
+    finally:
+        await client.close()
