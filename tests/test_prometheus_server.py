@@ -32,13 +32,13 @@ pytest.importorskip("openai")
 demo_app = pytest.importorskip("llm_telemetry.demo.app", reason="the demo service (llm_telemetry.demo) is missing")
 demo_run = pytest.importorskip("llm_telemetry.demo.run", reason="the demo driver (llm_telemetry.demo.run) is missing")
 
-from llm_telemetry.dashboards import build_dashboard  # noqa: E402
-from llm_telemetry.rules import AlertThresholds, render_rule_file  # noqa: E402
+from llm_telemetry.monitoring.dashboards import build_dashboard  # noqa: E402
+from llm_telemetry.monitoring.rules import AlertThresholds, render_rule_file  # noqa: E402
 from support import free_port, serve  # noqa: E402
 
 JOB = "llm"
-#: Panels the demo traffic cannot fill: the demo service reports no prompt-cache tokens.
-EMPTY_WITH_DEMO_TRAFFIC = {"Cache-hit share of input tokens"}
+#: Panels the demo traffic cannot fill: the demo service reports no prompt-cache or reasoning tokens.
+EMPTY_WITH_DEMO_TRAFFIC = {"Cache-hit share of input tokens", "Cache and reasoning tokens/min by model"}
 
 
 class PrometheusAPI:

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rules":
         return _rules(args)
     if args.command == "dashboard":
-        from .dashboards import render_dashboard_json
+        from .monitoring.dashboards import render_dashboard_json
 
         labels = tuple(args.attribution_label) if args.attribution_label else ("tenant",)
         sys.stdout.write(
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from .rules import AlertThresholds, build_prometheus_rule, dump_yaml, render_rule_file
+    from .monitoring.rules import AlertThresholds, build_prometheus_rule, dump_yaml, render_rule_file
 
     fields = {
         "error_ratio": args.error_ratio,

@@ -13,7 +13,8 @@ This module closes the gap for the single-process endpoint:
   samples, which prometheus_client writes only in the OpenMetrics format (``Accept: application/openmetrics-text``).
 
 Exemplar labels are ``trace_id`` (32 hex digits) and ``span_id`` (16), the names Grafana's exemplar links use.
-Only :data:`EXEMPLAR_HISTOGRAMS` carry them. Multi-worker (merged) exposition is not covered here.
+Only :data:`EXEMPLAR_HISTOGRAMS` (the latency histograms) carry them, whatever labels their neighbours have.
+Multi-worker (merged) exposition is not covered here.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from prometheus_client.samples import Exemplar
 
 from . import instruments as names
 
-#: OpenTelemetry names of the histograms whose buckets carry exemplars.
-EXEMPLAR_HISTOGRAMS: Final = (names.GEN_AI_SERVER_REQUEST_DURATION, names.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN)
+#: OpenTelemetry names of the histograms whose buckets carry exemplars: every latency histogram of the contract.
+EXEMPLAR_HISTOGRAMS: Final = tuple(spec.name for spec in names.LATENCY_HISTOGRAMS)
 
 _INVALID: Final = re.compile(r"[^a-zA-Z0-9_]")
 _LabelKey = tuple[tuple[str, str], ...]
@@ -40,6 +41,17 @@ _LabelKey = tuple[tuple[str, str], ...]
 
 def _sanitize(name: str) -> str:
     return _INVALID.sub("_", name)
+
+
+def _series_key(labels: Iterable[tuple[str, str]]) -> _LabelKey:
+    """A series' identity as Prometheus sees it: sorted labels, empty values left out.
+
+    The OpenTelemetry exporter writes one label list per metric family, the union over its points, and pads
+    the labels a point lacks with "" (a successful request has no ``error_type`` while a failed one has). For
+    Prometheus an empty label is an absent one, so both sides of the match drop them; matching the padded
+    sample labels against the point's own attributes is what lost every exemplar once one request failed.
+    """
+    return tuple(sorted((k, v) for k, v in labels if v != "" and k != "le" and not k.startswith("otel_scope_")))
 
 
 class ExemplarStore:
@@ -70,7 +82,7 @@ class ExemplarStore:
                     for point in metric.data.data_points:
                         if not point.exemplars:
                             continue
-                        labels = tuple(sorted((_sanitize(k), str(v)) for k, v in (point.attributes or {}).items()))
+                        labels = _series_key((_sanitize(k), str(v)) for k, v in (point.attributes or {}).items())
                         bounds = point.explicit_bounds
                         for exemplar in point.exemplars:
                             if not exemplar.trace_id or not exemplar.span_id:
@@ -104,9 +116,7 @@ class ExemplarStore:
         for i, sample in enumerate(family.samples):
             if not sample.name.endswith("_bucket") or sample.exemplar is not None:
                 continue
-            labels = tuple(
-                sorted((k, v) for k, v in sample.labels.items() if k != "le" and not k.startswith("otel_scope_"))
-            )
+            labels = _series_key(sample.labels.items())
             exemplar = latest.get((target, labels, float(sample.labels["le"])))
             if exemplar is not None:
                 family.samples[i] = sample._replace(exemplar=exemplar)

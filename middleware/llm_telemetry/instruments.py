@@ -1,13 +1,18 @@
-"""The metric contract: instrument names, units, attribute keys, buckets and their factories.
+"""The metric contract: every metric the middleware exports, declared once.
 
-OpenTelemetry names are declared here once; the Prometheus names in the comments are what the
-OpenTelemetry Prometheus exporter derives from them (dots become underscores, the unit is appended,
-counters get ``_total``). Dashboards, alert rules and docs refer to the Prometheus names.
+Each :class:`MetricSpec` holds a metric's OpenTelemetry name, unit, kind, description, the attribute keys it
+may carry, whether the ``llm.metadata.*`` attribution attributes apply, and its bucket boundaries. From that
+follow its Prometheus name and labels (what the OpenTelemetry Prometheus exporter derives: dots become
+underscores, the unit is appended, counters get ``_total``). The recorder builds its attributes from these
+specs; the rule and dashboard generators (:mod:`llm_telemetry.monitoring`), the operator and the metric table
+in ``docs/metrics.md`` read them.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -17,29 +22,18 @@ from opentelemetry.util.types import Attributes
 
 # --- instrument names -------------------------------------------------------------------------
 
-#: gen_ai_server_request_duration_seconds (histogram)
 GEN_AI_SERVER_REQUEST_DURATION: Final = "gen_ai.server.request.duration"
-#: gen_ai_server_time_to_first_token_seconds (histogram, streams only)
 GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: Final = "gen_ai.server.time_to_first_token"
-#: gen_ai_server_time_per_output_token_seconds (histogram, streams only)
 GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN: Final = "gen_ai.server.time_per_output_token"
-#: llm_tokens_total (counter)
 LLM_TOKENS: Final = "llm.tokens"
-#: llm_requests_total (counter)
+LLM_TOKEN_DETAILS: Final = "llm.token_details"
 LLM_REQUESTS: Final = "llm.requests"
-#: llm_errors_total (counter)
 LLM_ERRORS: Final = "llm.errors"
-#: llm_cost_usd_total (counter)
 LLM_COST: Final = "llm.cost"
-#: llm_cost_unpriced_tokens_total (counter): tokens of models missing from the pricing table
 LLM_COST_UNPRICED_TOKENS: Final = "llm.cost.unpriced_tokens"
-#: llm_tool_calls_total (counter): tool calls the model asked for
 LLM_TOOL_CALLS: Final = "llm.tool_calls"
-#: llm_tool_results_total (counter): tool results sent back by the client, by outcome
 LLM_TOOL_RESULTS: Final = "llm.tool_results"
-#: llm_requests_active (gauge from an up-down counter)
 LLM_REQUESTS_ACTIVE: Final = "llm.requests.active"
-#: llm_telemetry_internal_errors_total (counter): failures inside the middleware itself
 LLM_TELEMETRY_INTERNAL_ERRORS: Final = "llm_telemetry.internal_errors"
 
 # --- attribute keys (Prometheus label = key with dots as underscores) ------------------------
@@ -53,6 +47,7 @@ GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 ERROR_TYPE: Final = "error.type"
 LLM_STREAM: Final = "llm.stream"
 LLM_USAGE_SOURCE: Final = "llm.usage.source"
+LLM_TOKEN_DETAIL: Final = "llm.token.detail"
 LLM_TOOL_STATUS: Final = "llm.tool.status"
 LLM_TELEMETRY_COMPONENT: Final = "llm_telemetry.component"
 #: Attribution labels are ``llm.metadata.<name>`` -> ``llm_metadata_<name>``.
@@ -60,7 +55,13 @@ LLM_METADATA_PREFIX: Final = "llm.metadata."
 
 # --- bounded attribute values -----------------------------------------------------------------
 
-TOKEN_TYPES: Final = ("input", "output", "cache_read", "cache_creation", "reasoning")
+#: ``gen_ai.token.type`` values: the two billable kinds, disjoint, so summing ``llm_tokens_total`` over any
+#: labels gives billable tokens.
+TOKEN_TYPES: Final = ("input", "output")
+#: ``llm.token.detail`` values with the token type each is a part of, named after the GenAI span attributes
+#: ``gen_ai.usage.<detail>.<type>_tokens``. They live in their own counter, ``llm.token_details``, because they
+#: overlap ``llm.tokens``: cache reads and cache writes are parts of input, reasoning is part of output.
+TOKEN_DETAIL_PARTS: Final = (("cache_read", "input"), ("cache_creation", "input"), ("reasoning", "output"))
 USAGE_SOURCES: Final = ("reported", "estimated")
 TOOL_STATUSES: Final = ("success", "error")
 #: The fixed set of ``error.type`` values.
@@ -96,6 +97,178 @@ TIME_TO_FIRST_TOKEN_BUCKETS: Final = (
 TIME_PER_OUTPUT_TOKEN_BUCKETS: Final = (
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )  # fmt: skip
+
+# --- the contract -----------------------------------------------------------------------------
+
+#: How the OpenTelemetry Prometheus exporter spells the units we use in a metric name ("{...}" annotations vanish).
+_PROMETHEUS_UNITS: Final = {"s": "seconds", "By": "bytes", "usd": "usd"}
+_ANNOTATION = re.compile(r"\{[^}]*\}")
+
+
+def label(attribute: str) -> str:
+    """The Prometheus label of an OpenTelemetry attribute key."""
+    return attribute.replace(".", "_")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric.
+
+    Args:
+        name: OpenTelemetry instrument name.
+        unit: UCUM unit (``s``, ``{token}``, ``usd``).
+        kind: ``counter``, ``updowncounter`` or ``histogram``.
+        description: the instrument's description (also the ``# HELP`` line).
+        attributes: attribute keys a point may carry, besides attribution; a point carries a subset when a
+            value is unknown (``gen_ai.response.model`` before a response, ``error.type`` on success).
+        attributed: whether the ``llm.metadata.*`` attribution attributes apply.
+        buckets: explicit bucket boundaries of a histogram.
+    """
+
+    name: str
+    unit: str
+    kind: str
+    description: str
+    attributes: tuple[str, ...]
+    attributed: bool = True
+    buckets: tuple[float, ...] | None = None
+
+    @property
+    def prometheus_name(self) -> str:
+        """The exporter's name: dots to underscores, the unit (if any) appended, ``_total`` for counters."""
+        name = self.name.replace(".", "_")
+        unit = _PROMETHEUS_UNITS.get(self.unit, _ANNOTATION.sub("", self.unit))
+        if unit and not name.endswith("_" + unit):
+            name = f"{name}_{unit}"
+        return f"{name}_total" if self.kind == "counter" else name
+
+    @property
+    def prometheus_type(self) -> str:
+        """``counter``, ``gauge`` (an up-down counter) or ``histogram``."""
+        return {"counter": "counter", "updowncounter": "gauge", "histogram": "histogram"}[self.kind]
+
+    @property
+    def labels(self) -> frozenset[str]:
+        """Prometheus labels (besides scrape labels, OTel scope labels and ``llm_metadata_*``)."""
+        return frozenset(label(a) for a in self.attributes)
+
+
+_CALL = (GEN_AI_OPERATION_NAME, GEN_AI_PROVIDER_NAME, GEN_AI_REQUEST_MODEL)
+
+REQUEST_DURATION: Final = MetricSpec(
+    GEN_AI_SERVER_REQUEST_DURATION,
+    "s",
+    "histogram",
+    "Time from the request's arrival to the last byte of its response.",
+    (*_CALL, GEN_AI_RESPONSE_MODEL, LLM_STREAM, ERROR_TYPE),
+    buckets=REQUEST_DURATION_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN: Final = MetricSpec(
+    GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+    "s",
+    "histogram",
+    "Time from the request's arrival to the first chunk carrying generated content or a tool call.",
+    _CALL,
+    buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN: Final = MetricSpec(
+    GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+    "s",
+    "histogram",
+    "Time per output token after the first: (end - first token) / (output tokens - 1).",
+    _CALL,
+    buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
+)
+TOKENS: Final = MetricSpec(
+    LLM_TOKENS,
+    "{token}",
+    "counter",
+    "Billable tokens by gen_ai.token.type (input, output), reported or estimated; sums over any labels are exact.",
+    (*_CALL, GEN_AI_RESPONSE_MODEL, GEN_AI_TOKEN_TYPE, LLM_USAGE_SOURCE),
+)
+TOKEN_DETAILS: Final = MetricSpec(
+    LLM_TOKEN_DETAILS,
+    "{token}",
+    "counter",
+    "Parts of the billable tokens by llm.token.detail (cache_read, cache_creation of input; reasoning of output).",
+    (*_CALL, GEN_AI_RESPONSE_MODEL, GEN_AI_TOKEN_TYPE, LLM_TOKEN_DETAIL, LLM_USAGE_SOURCE),
+)
+REQUESTS: Final = MetricSpec(
+    LLM_REQUESTS,
+    "{request}",
+    "counter",
+    "LLM API requests handled.",
+    (*_CALL, GEN_AI_RESPONSE_MODEL, LLM_STREAM, ERROR_TYPE),
+)
+ERRORS: Final = MetricSpec(
+    LLM_ERRORS, "{error}", "counter", "Failed LLM API requests by error.type.", (*_CALL, LLM_STREAM, ERROR_TYPE)
+)
+COST: Final = MetricSpec(LLM_COST, "usd", "counter", "Cost of priced tokens in US dollars.", _CALL)
+UNPRICED_TOKENS: Final = MetricSpec(
+    LLM_COST_UNPRICED_TOKENS,
+    "{token}",
+    "counter",
+    "Tokens of models absent from the pricing table.",
+    _CALL,
+    attributed=False,
+)
+TOOL_CALLS: Final = MetricSpec(
+    LLM_TOOL_CALLS, "{call}", "counter", "Tool calls made by the model.", (*_CALL, GEN_AI_TOOL_NAME)
+)
+TOOL_RESULTS: Final = MetricSpec(
+    LLM_TOOL_RESULTS,
+    "{result}",
+    "counter",
+    "Tool results sent back to the model, by llm.tool.status.",
+    (GEN_AI_PROVIDER_NAME, GEN_AI_TOOL_NAME, LLM_TOOL_STATUS),
+    attributed=False,
+)
+REQUESTS_ACTIVE: Final = MetricSpec(
+    LLM_REQUESTS_ACTIVE,
+    "{request}",
+    "updowncounter",
+    "LLM API requests in flight.",
+    (GEN_AI_OPERATION_NAME, GEN_AI_PROVIDER_NAME),
+    attributed=False,
+)
+INTERNAL_ERRORS: Final = MetricSpec(
+    LLM_TELEMETRY_INTERNAL_ERRORS,
+    "{error}",
+    "counter",
+    "Failures inside llm-telemetry itself; the service's response is never affected.",
+    (LLM_TELEMETRY_COMPONENT,),
+    attributed=False,
+)
+
+#: Every metric the middleware exports, in the order of the docs' table.
+CONTRACT: Final = (
+    REQUEST_DURATION,
+    TIME_TO_FIRST_TOKEN,
+    TIME_PER_OUTPUT_TOKEN,
+    TOKENS,
+    TOKEN_DETAILS,
+    REQUESTS,
+    ERRORS,
+    COST,
+    UNPRICED_TOKENS,
+    TOOL_CALLS,
+    TOOL_RESULTS,
+    REQUESTS_ACTIVE,
+    INTERNAL_ERRORS,
+)
+#: The contract by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
+BY_PROMETHEUS_NAME: Final[Mapping[str, MetricSpec]] = {m.prometheus_name: m for m in CONTRACT}
+#: The latency histograms; each of their buckets carries a trace exemplar when tracing is on.
+LATENCY_HISTOGRAMS: Final = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN)
+
+
+def select(spec: MetricSpec, values: Mapping[str, Any], attribution: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The attributes of one point of ``spec``: the keys it declares that have a value, plus attribution."""
+    attributes = {key: values[key] for key in spec.attributes if values.get(key) is not None}
+    if spec.attributed and attribution:
+        for name, value in attribution.items():
+            attributes[LLM_METADATA_PREFIX + name] = value
+    return attributes
 
 
 class Sum(Protocol):
@@ -144,6 +317,7 @@ class Instruments:
     time_to_first_token: Histogram
     time_per_output_token: Histogram
     tokens: Sum
+    token_details: Sum
     requests: Sum
     errors: Sum
     cost: Sum
@@ -154,30 +328,12 @@ class Instruments:
     internal_errors: Sum
 
 
-def create_request_duration(meter: Meter) -> Histogram:
+def create_histogram(meter: Meter, spec: MetricSpec) -> Histogram:
     return meter.create_histogram(
-        GEN_AI_SERVER_REQUEST_DURATION,
-        unit="s",
-        description="Time from the request's arrival to the last byte of its response.",
-        explicit_bucket_boundaries_advisory=list(REQUEST_DURATION_BUCKETS),
-    )
-
-
-def create_time_to_first_token(meter: Meter) -> Histogram:
-    return meter.create_histogram(
-        GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
-        unit="s",
-        description="Time from the request's arrival to the first chunk carrying generated content or a tool call.",
-        explicit_bucket_boundaries_advisory=list(TIME_TO_FIRST_TOKEN_BUCKETS),
-    )
-
-
-def create_time_per_output_token(meter: Meter) -> Histogram:
-    return meter.create_histogram(
-        GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
-        unit="s",
-        description="Time per output token after the first: (end - first token) / (output tokens - 1).",
-        explicit_bucket_boundaries_advisory=list(TIME_PER_OUTPUT_TOKEN_BUCKETS),
+        spec.name,
+        unit=spec.unit,
+        description=spec.description,
+        explicit_bucket_boundaries_advisory=list(spec.buckets or ()),
     )
 
 
@@ -190,31 +346,27 @@ def create_instruments(meter: Meter, *, summed: bool = False) -> Instruments:
             synchronous counters (what the multi-worker shared meter implements).
     """
 
-    def counter(name: str, unit: str, description: str) -> Sum:
+    def create(spec: MetricSpec) -> Any:
+        if spec.kind == "histogram":
+            return create_histogram(meter, spec)
+        monotonic = spec.kind == "counter"
         if summed:
-            return SummedInstrument(meter, name, unit, description)
-        return meter.create_counter(name, unit=unit, description=description)
-
-    def up_down_counter(name: str, unit: str, description: str) -> Sum:
-        if summed:
-            return SummedInstrument(meter, name, unit, description, monotonic=False)
-        return meter.create_up_down_counter(name, unit=unit, description=description)
+            return SummedInstrument(meter, spec.name, spec.unit, spec.description, monotonic=monotonic)
+        factory = meter.create_counter if monotonic else meter.create_up_down_counter
+        return factory(spec.name, unit=spec.unit, description=spec.description)
 
     return Instruments(
-        request_duration=create_request_duration(meter),
-        time_to_first_token=create_time_to_first_token(meter),
-        time_per_output_token=create_time_per_output_token(meter),
-        tokens=counter(LLM_TOKENS, "{token}", "Tokens by type, reported or estimated."),
-        requests=counter(LLM_REQUESTS, "{request}", "LLM API requests handled."),
-        errors=counter(LLM_ERRORS, "{error}", "Failed LLM API requests by error.type."),
-        cost=counter(LLM_COST, "usd", "Cost of priced tokens in US dollars."),
-        unpriced_tokens=counter(LLM_COST_UNPRICED_TOKENS, "{token}", "Tokens of models absent from the pricing table."),
-        tool_calls=counter(LLM_TOOL_CALLS, "{call}", "Tool calls made by the model."),
-        tool_results=counter(LLM_TOOL_RESULTS, "{result}", "Tool results sent back to the model, by llm.tool.status."),
-        requests_active=up_down_counter(LLM_REQUESTS_ACTIVE, "{request}", "LLM API requests in flight."),
-        internal_errors=counter(
-            LLM_TELEMETRY_INTERNAL_ERRORS,
-            "{error}",
-            "Failures inside llm-telemetry itself; the service's response is never affected.",
-        ),
+        request_duration=create(REQUEST_DURATION),
+        time_to_first_token=create(TIME_TO_FIRST_TOKEN),
+        time_per_output_token=create(TIME_PER_OUTPUT_TOKEN),
+        tokens=create(TOKENS),
+        token_details=create(TOKEN_DETAILS),
+        requests=create(REQUESTS),
+        errors=create(ERRORS),
+        cost=create(COST),
+        unpriced_tokens=create(UNPRICED_TOKENS),
+        tool_calls=create(TOOL_CALLS),
+        tool_results=create(TOOL_RESULTS),
+        requests_active=create(REQUESTS_ACTIVE),
+        internal_errors=create(INTERNAL_ERRORS),
     )

@@ -414,8 +414,8 @@ def rule_selector(owner: Mapping[str, Any]) -> str:
 
 
 def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
-    """The project's alert set (``llm_telemetry.rules``), scoped to this LLMTelemetry's series."""
-    from llm_telemetry.rules import build_prometheus_rule as build_rule
+    """The project's alert set (``llm_telemetry.monitoring.rules``), scoped to this LLMTelemetry's series."""
+    from llm_telemetry.monitoring.rules import build_prometheus_rule as build_rule
 
     meta = owner["metadata"]
     name = prometheus_rule_name(meta["name"])
@@ -436,7 +436,7 @@ def dashboard_uid(owner: Mapping[str, Any]) -> str:
 
 def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
     """The project's Grafana dashboard in a ConfigMap Grafana's sidecar picks up, in ``spec.dashboard.folder``."""
-    from llm_telemetry.dashboards import build_dashboard
+    from llm_telemetry.monitoring.dashboards import build_dashboard
 
     meta = owner["metadata"]
     attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
-from llm_telemetry.rules import AlertThresholds
+from llm_telemetry.monitoring.rules import AlertThresholds
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
 
@@ -109,7 +109,7 @@ class Pricing:
 @dataclass(frozen=True)
 class Alerts:
     enabled: bool = True
-    #: The middleware's own thresholds type, so the defaults live in one place (``llm_telemetry.rules``).
+    #: The middleware's own thresholds type, so the defaults live in one place (``llm_telemetry.monitoring.rules``).
     thresholds: AlertThresholds = field(default_factory=AlertThresholds)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llm_telemetry.dashboards import build_dashboard, render_dashboard_json
-from llm_telemetry.rules import METRICS, SCRAPE_LABELS, AlertThresholds, build_rule_groups
+from llm_telemetry import instruments
+from llm_telemetry.monitoring.dashboards import build_dashboard, render_dashboard_json
+from llm_telemetry.monitoring.rules import METRICS, SCRAPE_LABELS, AlertThresholds, build_rule_groups
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
@@ -124,6 +125,7 @@ def test_rows_hold_the_panels_the_issue_asks_for() -> None:
         "Cost per hour by model",
         "Cost per request by model",
         "Cache-hit share of input tokens",
+        "Cache and reasoning tokens/min by model",
         "Estimated vs reported tokens",
     } <= set(rows["Tokens and cost"])
     assert {"Errors/s by error type", "Error ratio by model", "Error log lines"} <= set(rows["Errors"])
@@ -258,3 +260,70 @@ def test_contract_check_catches_unknown_names() -> None:
         _check_contract('rate(llm_tool_results_total{gen_ai_request_model="x"}[5m])', set(), set())
     with pytest.raises(AssertionError):
         _check_contract("sum by (gen_ai_tool_name) (rate(llm_tokens_total[5m]))", set(), set())
+
+
+# --- token sums ---------------------------------------------------------------------------------------
+
+TOKENS = instruments.TOKENS.prometheus_name
+DETAILS = instruments.TOKEN_DETAILS.prometheus_name
+DETAIL_LABEL = instruments.label(instruments.LLM_TOKEN_DETAIL)
+TYPE_LABEL = instruments.label(instruments.GEN_AI_TOKEN_TYPE)
+
+
+def check_token_sums(expr: str) -> None:
+    """Fail if ``expr`` can add overlapping token counts.
+
+    ``llm_tokens_total`` is sum-safe (billable input and output), so any aggregation of it is fine as long as
+    it does not ask for a token type that is not billable. ``llm_token_details_total`` holds parts of those
+    (cache reads and writes of input, reasoning of output): it may only be aggregated per detail, either by
+    pinning one ``llm_token_detail`` or by keeping that label, and never added to the billable counter.
+    """
+    for matchers in re.findall(rf"{TOKENS}\s*\{{([^}}]*)\}}", expr):
+        for value in re.findall(rf'{TYPE_LABEL}\s*=~?\s*"([^"]*)"', matchers):
+            assert set(value.split("|")) <= set(instruments.TOKEN_TYPES), f"{expr!r}: {value} is not a billable type"
+    for recorded in re.findall(r"llm:llm_token_details:\w+", expr):
+        raise AssertionError(f"{expr!r}: aggregates the recorded details {recorded} again")
+    uses_details = False
+    for match in re.finditer(rf"{DETAILS}\s*(\{{[^}}]*\}})?", expr):
+        uses_details = True
+        if re.search(rf'{DETAIL_LABEL}\s*=\s*"[^"|]+"', match.group(1) or ""):
+            continue  # one detail: nothing overlaps
+        # The aggregation wrapping this selector is the last one opened before it.
+        before = expr[: match.start()]
+        aggregations = list(re.finditer(r"\b(sum|avg|min|max|count|topk|bottomk)\s*(by\s*\(([^)]*)\))?\s*\(", before))
+        assert aggregations, f"{expr!r}: {DETAILS} is used unaggregated without a single {DETAIL_LABEL}"
+        kept = {label.strip() for label in (aggregations[-1].group(3) or "").split(",")}
+        assert DETAIL_LABEL in kept, f"{expr!r}: sums {DETAILS} across {DETAIL_LABEL}, adding overlapping parts"
+    if uses_details and TOKENS in expr:
+        assert not re.search(r"\)\s*[+-]\s*(sum|rate|increase)", expr), f"{expr!r}: adds details to billable tokens"
+
+
+def _shipped_queries() -> list[str]:
+    exprs = _prometheus_exprs(build_dashboard(attribution_labels=("tenant", "team")))
+    for kwargs in ({}, {"selector": 'namespace="llm",job="chat"'}):
+        groups = build_rule_groups(AlertThresholds(cost_per_hour_usd=1), **kwargs)  # type: ignore[arg-type]
+        exprs += [r["expr"] for g in groups for r in g["rules"]]
+    return exprs
+
+
+def test_no_shipped_query_double_counts_tokens() -> None:
+    exprs = _shipped_queries()
+    assert any(TOKENS in e for e in exprs) and any(DETAILS in e for e in exprs)
+    for expr in exprs:
+        check_token_sums(expr)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        f"sum(rate({DETAILS}[5m]))",
+        f"sum by (gen_ai_request_model) (rate({DETAILS}[5m]))",
+        f'sum by ({DETAIL_LABEL}) (rate({DETAILS}[5m])) + sum(rate({TOKENS}{{{TYPE_LABEL}="input"}}[5m]))',
+        f'sum(rate({TOKENS}{{{TYPE_LABEL}=~"input|cache_read"}}[5m]))',
+        f'rate({DETAILS}{{{DETAIL_LABEL}=~"cache_read|reasoning"}}[5m])',
+        "sum by (job) (llm:llm_token_details:rate5m)",
+    ],
+)
+def test_token_sum_check_catches_double_counting(expr: str) -> None:
+    with pytest.raises(AssertionError):
+        check_token_sums(expr)

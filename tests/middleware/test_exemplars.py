@@ -16,6 +16,7 @@ from support import free_port, scrape_text
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 DURATION = "gen_ai_server_request_duration_seconds_bucket"
 TTFT = "gen_ai_server_time_to_first_token_seconds_bucket"
+TPOT = "gen_ai_server_time_per_output_token_seconds_bucket"
 
 
 def exemplars(text: str, sample_name: str) -> list[tuple[dict[str, str], Any]]:
@@ -38,13 +39,13 @@ def bucket_bounds(text: str, sample_name: str, labels: dict[str, str]) -> list[f
     )
 
 
-def stream_chat(base: str, model: str, request_id: str) -> None:
+def stream_chat(base: str, model: str, request_id: str, **headers: str) -> None:
     sdk = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
     for _ in sdk.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "hi"}],
         stream=True,
-        extra_headers={"x-request-id": request_id},
+        extra_headers={"x-request-id": request_id, **headers},
     ):
         pass
 
@@ -61,18 +62,28 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
     with demo_server(env, metrics_port=port, metrics_host="127.0.0.1", token_delay=0.001) as (_, base):
         stream_chat(base, "gpt-4o", "ex-1")
         stream_chat(base, "gpt-4o-mini", "ex-2")
+        # A failed request: its duration series carries error_type, the others don't, so the exporter pads
+        # their label lists with error_type="". Every series must keep its exemplars all the same.
+        with pytest.raises(openai.RateLimitError):
+            stream_chat(base, "gpt-4o-limited", "ex-3", **{"x-demo-fail": "rate_limit"})
         # A text-format scrape first: it resets the SDK's reservoirs, yet the exemplars must survive it.
         text = scrape_text(port)
         assert "trace_id" not in text  # the classic text format has no exemplars
         om = scrape_text(port, accept=OPENMETRICS)
         again = scrape_text(port, accept=OPENMETRICS)
 
-    spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for rid in ("ex-1", "ex-2")}
-    for name in (DURATION, TTFT):
+    assert 'error_type=""' in om, "the scrape should mix label sets (padded error_type) to test the matching"
+    spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for rid in ("ex-1", "ex-2", "ex-3")}
+    expected = {
+        DURATION: {"gpt-4o": "ex-1", "gpt-4o-mini": "ex-2", "gpt-4o-limited": "ex-3"},
+        TTFT: {"gpt-4o": "ex-1", "gpt-4o-mini": "ex-2"},
+        TPOT: {"gpt-4o": "ex-1", "gpt-4o-mini": "ex-2"},
+    }
+    for name, request_ids in expected.items():
         found = exemplars(om, name)
         by_model = {labels["gen_ai_request_model"]: (labels, ex) for labels, ex in found}
-        assert set(by_model) == {"gpt-4o", "gpt-4o-mini"}, found
-        for model, rid in (("gpt-4o", "ex-1"), ("gpt-4o-mini", "ex-2")):
+        assert set(by_model) == set(request_ids), (name, found)
+        for model, rid in request_ids.items():
             labels, exemplar = by_model[model]
             span = spans[rid]
             assert exemplar.labels == {"trace_id": span.trace_id, "span_id": span.span_id}
@@ -82,10 +93,16 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
             lower = max((b for b in bounds if b < upper), default=-math.inf)
             assert lower < exemplar.value <= upper
             assert exemplar.timestamp is not None
+    assert by_model_error_type(om, "gpt-4o-limited") == "rate_limit"
     # Kept until a newer measurement replaces them: a second scrape shows the same ones.
     assert exemplars(again, DURATION) == exemplars(om, DURATION)
     # Only the latency histograms carry them.
-    assert exemplars(om, "gen_ai_server_time_per_output_token_seconds_bucket") == []
+    assert all(s.exemplar is None for f in parse_openmetrics(om) if f.type != "histogram" for s in f.samples)
+
+
+def by_model_error_type(text: str, model: str) -> str:
+    (labels, _), *_ = [(lb, ex) for lb, ex in exemplars(text, DURATION) if lb["gen_ai_request_model"] == model]
+    return labels["error_type"]
 
 
 def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llm_telemetry import instruments
-from llm_telemetry.rules import (
+from llm_telemetry.monitoring.rules import (
     DEFAULT_RUNBOOK_URL,
     METRICS,
     AlertThresholds,
@@ -38,75 +37,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rules-selector.yaml": {"selector": 'namespace="llm",job="chat"'},
 }
 
-#: The metric contract as the middleware's issue states it: Prometheus name -> (kind, labels, attributed).
-CONTRACT: dict[str, tuple[str, set[str], bool]] = {
-    "gen_ai_server_request_duration_seconds": (
-        "histogram",
-        {
-            "gen_ai_operation_name",
-            "gen_ai_provider_name",
-            "gen_ai_request_model",
-            "gen_ai_response_model",
-            "llm_stream",
-            "error_type",
-        },
-        True,
-    ),
-    "gen_ai_server_time_to_first_token_seconds": (
-        "histogram",
-        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
-        True,
-    ),
-    "gen_ai_server_time_per_output_token_seconds": (
-        "histogram",
-        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
-        True,
-    ),
-    "llm_tokens_total": (
-        "counter",
-        {
-            "gen_ai_operation_name",
-            "gen_ai_provider_name",
-            "gen_ai_request_model",
-            "gen_ai_response_model",
-            "gen_ai_token_type",
-            "llm_usage_source",
-        },
-        True,
-    ),
-    "llm_requests_total": (
-        "counter",
-        {
-            "gen_ai_operation_name",
-            "gen_ai_provider_name",
-            "gen_ai_request_model",
-            "gen_ai_response_model",
-            "llm_stream",
-            "error_type",
-        },
-        True,
-    ),
-    "llm_errors_total": (
-        "counter",
-        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "llm_stream", "error_type"},
-        True,
-    ),
-    "llm_cost_usd_total": ("counter", {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"}, True),
-    "llm_cost_unpriced_tokens_total": (
-        "counter",
-        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"},
-        False,
-    ),
-    "llm_tool_calls_total": (
-        "counter",
-        {"gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_tool_name"},
-        True,
-    ),
-    "llm_tool_results_total": ("counter", {"gen_ai_provider_name", "gen_ai_tool_name", "llm_tool_status"}, False),
-    "llm_requests_active": ("gauge", {"gen_ai_operation_name", "gen_ai_provider_name"}, False),
-    "llm_telemetry_internal_errors_total": ("counter", {"llm_telemetry_component"}, False),
-}
-
 
 def _all_rules(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rule for group in groups for rule in group["rules"]]
@@ -124,33 +54,6 @@ def _promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.Complete
 def _write_variants(directory: Path, overrides: dict[str, dict[str, Any]] | None = None) -> None:
     for name, kwargs in {**VARIANTS, **(overrides or {})}.items():
         (directory / name).write_text(render_rule_file(**kwargs))
-
-
-# --- the contract ------------------------------------------------------------------------------------
-
-
-def test_metrics_match_the_contract() -> None:
-    assert {name: (spec.kind, set(spec.labels), spec.attributed) for name, spec in METRICS.items()} == CONTRACT
-
-
-def test_metrics_derive_from_the_instrument_names() -> None:
-    # The OpenTelemetry Prometheus exporter's naming: dots to underscores, then unit and _total suffixes.
-    instrument_names = [
-        instruments.GEN_AI_SERVER_REQUEST_DURATION,
-        instruments.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
-        instruments.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
-        instruments.LLM_TOKENS,
-        instruments.LLM_REQUESTS,
-        instruments.LLM_ERRORS,
-        instruments.LLM_COST,
-        instruments.LLM_COST_UNPRICED_TOKENS,
-        instruments.LLM_TOOL_CALLS,
-        instruments.LLM_TOOL_RESULTS,
-        instruments.LLM_REQUESTS_ACTIVE,
-        instruments.LLM_TELEMETRY_INTERNAL_ERRORS,
-    ]
-    stems = sorted(name.replace(".", "_") for name in instrument_names)
-    assert sorted(re.sub(r"(_seconds|_usd)?(_total)?$", "", name) for name in METRICS) == stems
 
 
 # --- promtool ----------------------------------------------------------------------------------------

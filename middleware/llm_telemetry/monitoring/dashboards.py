@@ -1,13 +1,13 @@
 """The Grafana dashboard for the middleware's metrics, built as plain data (a Grafana dashboard JSON model).
 
 Panels query the raw metrics through the dashboard's variables rather than the recording rules of
-:mod:`llm_telemetry.rules`: the dashboard then works against any Prometheus that scrapes the middleware,
+:mod:`llm_telemetry.monitoring.rules`: the dashboard then works against any Prometheus that scrapes the middleware,
 whether or not the rules are loaded, and every variable filters every panel. The rate queries use
 ``$__rate_interval``, which keeps them cheap enough for the time ranges a dashboard is looked at.
 
 Usage::
 
-    from llm_telemetry.dashboards import render_dashboard_json
+    from llm_telemetry.monitoring.dashboards import render_dashboard_json
 
     Path("llm.json").write_text(render_dashboard_json(attribution_labels=("tenant", "team")))
 """
@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
-from llm_telemetry.rules import (
+from llm_telemetry.monitoring.rules import (
     COST,
     ERROR_TYPE,
     ERRORS,
@@ -32,6 +32,8 @@ from llm_telemetry.rules import (
     REQUESTS_ACTIVE,
     TIME_PER_OUTPUT_TOKEN,
     TIME_TO_FIRST_TOKEN,
+    TOKEN_DETAIL,
+    TOKEN_DETAILS,
     TOKEN_TYPE,
     TOKENS,
     TOOL_CALLS,
@@ -424,7 +426,7 @@ def build_dashboard(
             raise ValueError(f"attribution label {name!r}: expected a Prometheus label name suffix such as 'tenant'")
     b = _Builder(attribution_labels, jaeger_uid, loki_uid)
     model_legend = f"{{{{{REQUEST_MODEL}}}}}"
-    cache_read = f'{TOKEN_TYPE}="cache_read"'
+    cache_read = f'{TOKEN_DETAIL}="cache_read"'
     input_tokens = f'{TOKEN_TYPE}="input"'
     tool_error = f'{TOOL_STATUS}="error"'
     requests_rate = f"sum({b.rate(REQUESTS)})"
@@ -511,7 +513,7 @@ def build_dashboard(
     b.row("Tokens and cost")
     b.timeseries(
         "Tokens/min by model and type",
-        "Tokens per minute by model and token type (input, output, cache_read, cache_creation, reasoning).",
+        "Billable tokens per minute by model and type (input, output); the stack's top is the billable total.",
         [
             b.target(
                 f"sum by ({REQUEST_MODEL}, {TOKEN_TYPE}) ({b.rate(TOKENS)}) * 60",
@@ -520,6 +522,18 @@ def build_dashboard(
         ],
         "suffix: tok/min",
         stack=True,
+    )
+    b.timeseries(
+        "Cache and reasoning tokens/min by model",
+        "Parts of the billable tokens per minute: cache_read and cache_creation of input, reasoning of output. "
+        "They overlap the billable counts, so they are lines, not a stack.",
+        [
+            b.target(
+                f"sum by ({REQUEST_MODEL}, {TOKEN_DETAIL}) ({b.rate(TOKEN_DETAILS)}) * 60",
+                f"{{{{{REQUEST_MODEL}}}}} {{{{{TOKEN_DETAIL}}}}}",
+            )
+        ],
+        "suffix: tok/min",
     )
     b.timeseries(
         "Cost per hour by model",
@@ -544,7 +558,7 @@ def build_dashboard(
         "cache_read / input tokens per model (input includes cached tokens): the prompt share served from cache.",
         [
             b.target(
-                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, cache_read)})\n/\n"
+                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKEN_DETAILS, cache_read)})\n/\n"
                 f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, input_tokens)})",
                 model_legend,
             )

@@ -2,12 +2,12 @@
 
 One function, :func:`build_rule_groups`, produces the rule groups; :func:`render_rule_file` wraps them in a
 plain Prometheus rule file and :func:`build_prometheus_rule` in a Prometheus Operator ``PrometheusRule``
-object. The Grafana dashboard (:mod:`llm_telemetry.dashboards`) uses the same metric and label names from
-:data:`METRICS`, which mirrors the contract in :mod:`llm_telemetry.instruments`.
+object. Metric and label names come from the contract in :mod:`llm_telemetry.instruments`, as do the
+Grafana dashboard's (:mod:`llm_telemetry.monitoring.dashboards`).
 
 Usage::
 
-    from llm_telemetry.rules import AlertThresholds, render_rule_file
+    from llm_telemetry.monitoring.rules import AlertThresholds, render_rule_file
 
     text = render_rule_file(AlertThresholds(cost_per_hour_usd=20.0), selector='namespace="llm",job="chat"')
 
@@ -29,38 +29,28 @@ from llm_telemetry import instruments as inst
 
 # --- the metric contract, in Prometheus names -----------------------------------------------------
 
+label = inst.label
 
-def prometheus_name(instrument: str, unit: str = "", *, counter: bool = False) -> str:
-    """The name the OpenTelemetry Prometheus exporter gives an instrument: dots to underscores, unit, ``_total``."""
-    name = instrument.replace(".", "_")
-    if unit:
-        name = f"{name}_{unit}"
-    return f"{name}_total" if counter else name
-
-
-def label(attribute: str) -> str:
-    """The Prometheus label of an OpenTelemetry attribute key."""
-    return attribute.replace(".", "_")
-
-
-REQUEST_DURATION: Final = prometheus_name(inst.GEN_AI_SERVER_REQUEST_DURATION, "seconds")
-TIME_TO_FIRST_TOKEN: Final = prometheus_name(inst.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, "seconds")
-TIME_PER_OUTPUT_TOKEN: Final = prometheus_name(inst.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, "seconds")
-TOKENS: Final = prometheus_name(inst.LLM_TOKENS, counter=True)
-REQUESTS: Final = prometheus_name(inst.LLM_REQUESTS, counter=True)
-ERRORS: Final = prometheus_name(inst.LLM_ERRORS, counter=True)
-COST: Final = prometheus_name(inst.LLM_COST, "usd", counter=True)
-UNPRICED_TOKENS: Final = prometheus_name(inst.LLM_COST_UNPRICED_TOKENS, counter=True)
-TOOL_CALLS: Final = prometheus_name(inst.LLM_TOOL_CALLS, counter=True)
-TOOL_RESULTS: Final = prometheus_name(inst.LLM_TOOL_RESULTS, counter=True)
-REQUESTS_ACTIVE: Final = prometheus_name(inst.LLM_REQUESTS_ACTIVE)
-INTERNAL_ERRORS: Final = prometheus_name(inst.LLM_TELEMETRY_INTERNAL_ERRORS, counter=True)
+REQUEST_DURATION: Final = inst.REQUEST_DURATION.prometheus_name
+TIME_TO_FIRST_TOKEN: Final = inst.TIME_TO_FIRST_TOKEN.prometheus_name
+TIME_PER_OUTPUT_TOKEN: Final = inst.TIME_PER_OUTPUT_TOKEN.prometheus_name
+TOKENS: Final = inst.TOKENS.prometheus_name
+TOKEN_DETAILS: Final = inst.TOKEN_DETAILS.prometheus_name
+REQUESTS: Final = inst.REQUESTS.prometheus_name
+ERRORS: Final = inst.ERRORS.prometheus_name
+COST: Final = inst.COST.prometheus_name
+UNPRICED_TOKENS: Final = inst.UNPRICED_TOKENS.prometheus_name
+TOOL_CALLS: Final = inst.TOOL_CALLS.prometheus_name
+TOOL_RESULTS: Final = inst.TOOL_RESULTS.prometheus_name
+REQUESTS_ACTIVE: Final = inst.REQUESTS_ACTIVE.prometheus_name
+INTERNAL_ERRORS: Final = inst.INTERNAL_ERRORS.prometheus_name
 
 OPERATION: Final = label(inst.GEN_AI_OPERATION_NAME)
 PROVIDER: Final = label(inst.GEN_AI_PROVIDER_NAME)
 REQUEST_MODEL: Final = label(inst.GEN_AI_REQUEST_MODEL)
 RESPONSE_MODEL: Final = label(inst.GEN_AI_RESPONSE_MODEL)
 TOKEN_TYPE: Final = label(inst.GEN_AI_TOKEN_TYPE)
+TOKEN_DETAIL: Final = label(inst.LLM_TOKEN_DETAIL)
 TOOL_NAME: Final = label(inst.GEN_AI_TOOL_NAME)
 ERROR_TYPE: Final = label(inst.ERROR_TYPE)
 STREAM: Final = label(inst.LLM_STREAM)
@@ -73,34 +63,8 @@ METADATA_PREFIX: Final = label(inst.LLM_METADATA_PREFIX)
 #: Labels Prometheus itself adds when scraping a pod through a ServiceMonitor or PodMonitor.
 SCRAPE_LABELS: Final = ("namespace", "job", "pod", "instance")
 
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One exported metric: its kind and the labels it may carry (besides scrape and OTel scope labels)."""
-
-    kind: str  # "counter", "gauge" or "histogram"
-    labels: frozenset[str]
-    #: Whether it carries the ``llm_metadata_*`` attribution labels.
-    attributed: bool = True
-
-
-_COMMON = frozenset({OPERATION, PROVIDER, REQUEST_MODEL})
-
 #: Every metric the middleware exports, by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
-METRICS: Final[Mapping[str, MetricSpec]] = {
-    REQUEST_DURATION: MetricSpec("histogram", _COMMON | {RESPONSE_MODEL, STREAM, ERROR_TYPE}),
-    TIME_TO_FIRST_TOKEN: MetricSpec("histogram", _COMMON),
-    TIME_PER_OUTPUT_TOKEN: MetricSpec("histogram", _COMMON),
-    TOKENS: MetricSpec("counter", _COMMON | {RESPONSE_MODEL, TOKEN_TYPE, USAGE_SOURCE}),
-    REQUESTS: MetricSpec("counter", _COMMON | {RESPONSE_MODEL, STREAM, ERROR_TYPE}),
-    ERRORS: MetricSpec("counter", _COMMON | {STREAM, ERROR_TYPE}),
-    COST: MetricSpec("counter", _COMMON),
-    UNPRICED_TOKENS: MetricSpec("counter", _COMMON, attributed=False),
-    TOOL_CALLS: MetricSpec("counter", _COMMON | {TOOL_NAME}),
-    TOOL_RESULTS: MetricSpec("counter", frozenset({PROVIDER, TOOL_NAME, TOOL_STATUS}), attributed=False),
-    REQUESTS_ACTIVE: MetricSpec("gauge", frozenset({OPERATION, PROVIDER}), attributed=False),
-    INTERNAL_ERRORS: MetricSpec("counter", frozenset({COMPONENT}), attributed=False),
-}
+METRICS: Final[Mapping[str, inst.MetricSpec]] = inst.BY_PROMETHEUS_NAME
 
 #: ``error_type`` values caused by the caller rather than the service; they don't spend the availability
 #: error budget (they still count in the plain error ratio alert and on the dashboard).
@@ -351,6 +315,11 @@ def build_rule_groups(
             "llm:llm_tokens:rate5m",
             f"sum by ({BY}, {REQUEST_MODEL}, {TOKEN_TYPE}) (rate({series(TOKENS, sel)}[5m]))",
         ),
+        _record(
+            "llm:llm_token_details:rate5m",
+            f"sum by ({BY}, {REQUEST_MODEL}, {TOKEN_TYPE}, {TOKEN_DETAIL}) (rate({series(TOKEN_DETAILS, sel)}[5m]))",
+        ),
+        # llm_tokens_total holds billable tokens only (input, output), so these sums never double count.
         _record("llm:llm_tokens:rate1h", f"sum by ({BY}) (rate({series(TOKENS, sel)}[1h]))"),
         _record("llm:llm_cost_usd:rate1h", f"sum by ({BY}) (rate({series(COST, sel)}[1h]))"),
         _record(
@@ -547,7 +516,6 @@ __all__: Sequence[str] = (
     "DEFAULT_RUNBOOK_URL",
     "METRICS",
     "AlertThresholds",
-    "MetricSpec",
     "build_prometheus_rule",
     "build_rule_groups",
     "dump_yaml",

@@ -1,0 +1,94 @@
+"""The metric contract: a real scrape after varied traffic shows exactly the contract's names, types and labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anthropic
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llm_telemetry import instruments
+from llm_telemetry.demo.app import create_app
+from support import free_port, scrape_text, serve
+
+TOOLS: list[dict[str, object]] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+]
+SCOPE_LABELS = {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}
+
+
+@pytest.fixture(scope="module")
+def scraped() -> Iterator[str]:
+    port = free_port()
+    app = create_app(metrics_port=port, metrics_host="127.0.0.1", attribution_headers={"x-tenant-id": "tenant"})
+    with serve(app) as base:
+        oai = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-test", max_retries=0)
+        headers = {"x-tenant-id": "acme"}
+        messages: list[dict[str, object]] = [{"role": "user", "content": "two words"}]
+        for _chunk in oai.chat.completions.create(
+            model="gpt-4o",
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=headers,
+        ):
+            pass
+        oai.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=TOOLS)  # type: ignore[arg-type]
+        oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[*messages, {"role": "tool", "tool_call_id": "call_demo1", "content": "sunny"}],  # type: ignore[list-item]
+            tools=TOOLS,  # type: ignore[arg-type]
+        )
+        with pytest.raises(openai.RateLimitError):
+            oai.chat.completions.create(model="gpt-4o", messages=messages, extra_headers={"x-demo-fail": "rate_limit"})
+        claude.messages.create(model="claude-sonnet-4", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+        oai.embeddings.create(model="an-unpriced-embedder", input="three words here")
+        yield scrape_text(port)
+    app.telemetry.shutdown()
+
+
+def test_scrape_has_exactly_the_contract_names_types_and_labels(scraped: str) -> None:
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    ours = {name: f for name, f in families.items() if name.startswith(("llm", "gen_ai"))}
+    # prometheus_client's parser drops the _total suffix from counter family names.
+    expected = {spec.prometheus_name.removesuffix("_total"): spec for spec in instruments.CONTRACT}
+    # llm_token_details (no cache or reasoning in this traffic) and internal errors need other traffic.
+    assert set(ours) == set(expected) - {"llm_token_details", "llm_telemetry_internal_errors"}
+    for name, family in ours.items():
+        spec = expected[name]
+        assert family.type == spec.prometheus_type, name
+        allowed = set(spec.labels) | SCOPE_LABELS | {"le"}
+        if spec.attributed:
+            allowed.add("llm_metadata_tenant")
+        for sample in family.samples:
+            present = {k for k, v in sample.labels.items() if v != ""}
+            assert present <= allowed, (name, present - allowed)
+            assert set(sample.labels) <= allowed, (name, set(sample.labels) - allowed)
+
+
+def test_token_types_on_the_billable_counter_are_input_and_output_only(scraped: str) -> None:
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    types = {s.labels["gen_ai_token_type"] for s in families["llm_tokens"].samples}
+    assert types == set(instruments.TOKEN_TYPES) == {"input", "output"}
+
+
+def test_prometheus_names_follow_the_exporter() -> None:
+    # The exporter's rules, spelled out for a few: seconds for "s", usd kept, {annotations} dropped, _total.
+    assert instruments.REQUEST_DURATION.prometheus_name == "gen_ai_server_request_duration_seconds"
+    assert instruments.COST.prometheus_name == "llm_cost_usd_total"
+    assert instruments.TOKENS.prometheus_name == "llm_tokens_total"
+    assert instruments.TOKEN_DETAILS.prometheus_name == "llm_token_details_total"
+    assert instruments.REQUESTS_ACTIVE.prometheus_name == "llm_requests_active"
+    assert len(instruments.BY_PROMETHEUS_NAME) == len(instruments.CONTRACT)
+
+
+def test_select_keeps_declared_keys_with_values_and_attribution_where_it_applies() -> None:
+    values = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "m",
+              "error.type": None, "gen_ai.tool.name": "t"}  # fmt: skip
+    attributed = instruments.select(instruments.REQUESTS, values, {"tenant": "acme"})
+    assert attributed == {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                          "gen_ai.request.model": "m", "llm.metadata.tenant": "acme"}  # fmt: skip
+    assert "llm.metadata.tenant" not in instruments.select(instruments.UNPRICED_TOKENS, values, {"tenant": "acme"})
