@@ -1,17 +1,21 @@
-"""The CRD's own openAPIV3Schema accepts the examples and rejects bad specs."""
+"""The LLMTelemetry CRD: what a kube-apiserver accepts in it, and what it accepts and refuses in a resource."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
-from kopf_testing import CRD_PATH, REPO_ROOT, crd_validator, load_crd
 
+import kube_schema
 from llm_telemetry_operator.spec import parse_spec
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_NAME = "llmtelemetry.dev_llmtelemetries.yaml"
+#: The source, and the copy the chart installs (scripts/sync-crds writes it; a chart test keeps it identical).
+CRD_COPIES = [REPO_ROOT / "crds" / CRD_NAME, REPO_ROOT / "charts" / "llm-telemetry-operator" / "crds" / CRD_NAME]
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("llmtelemetry-*.yaml"))
 MINIMAL: dict[str, Any] = {
     "apiVersion": "llmtelemetry.dev/v1alpha1",
@@ -21,8 +25,13 @@ MINIMAL: dict[str, Any] = {
 }
 
 
+def load(path: Path = CRD_COPIES[0]) -> dict[str, Any]:
+    crd: dict[str, Any] = yaml.safe_load(path.read_text())
+    return crd
+
+
 def test_crd_names_and_printer_columns() -> None:
-    crd = load_crd(CRD_PATH)
+    crd = load()
     assert crd["spec"]["names"]["plural"] == "llmtelemetries"
     assert crd["spec"]["names"]["shortNames"] == ["llmt"]
     version = crd["spec"]["versions"][0]
@@ -34,17 +43,38 @@ def test_crd_names_and_printer_columns() -> None:
     ]
 
 
+@pytest.mark.parametrize("path", CRD_COPIES, ids=["crds", "chart"])
+def test_crd_schema_is_one_the_api_server_accepts(path: Path) -> None:
+    assert kube_schema.structural_errors(load(path), oldest_minor=kube_schema.OLDEST_MINOR) == []
+
+
+def test_crd_validation_rules_compile() -> None:
+    rules = [rule for _, schema in kube_schema.versions(load()) for rule in kube_schema.cel_rules(schema)]
+    assert {path for path, _ in rules} >= {".spec.selector", ".spec.pricing", ".spec.pricing.models.*"}
+    for path, rule in rules:
+        assert kube_schema.cel_compile_error(rule) is None, f"{path}: {rule}"
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_crd_accepts_examples(path: Any) -> None:
+def test_crd_accepts_examples(path: Path) -> None:
     obj = yaml.safe_load(path.read_text())
-    crd_validator(load_crd(CRD_PATH)).validate(obj)
+    assert kube_schema.validate_object(load(), obj) == []
     parse_spec(obj["spec"])  # and the operator accepts them too
+
+
+def test_crd_accepts_every_price_kind() -> None:
+    obj = copy.deepcopy(MINIMAL)
+    prices = {"input": 2.5, "output": 10, "cache_read": 1.25, "cache_creation": 3}
+    obj["spec"]["pricing"] = {"models": {"gpt-4o": prices, "claude-sonnet-4": {"input": 3, "output": 15}}}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).pricing.models["gpt-4o"] == prices
 
 
 @pytest.mark.parametrize(
     ("patch", "why"),
     [
         ({"selector": None}, "selector is required"),
+        ({"selector": {}}, "selector without matchLabels or matchExpressions (CEL rule)"),
         ({"metrics": {"port": 0}}, "port minimum"),
         ({"metrics": {"interval": "often"}}, "interval pattern"),
         ({"tracing": {"protocol": "thrift"}}, "protocol enum"),
@@ -54,6 +84,13 @@ def test_crd_accepts_examples(path: Any) -> None:
         ({"alerts": {"ttftObjectiveSeconds": 3}}, "TTFT bucket"),
         ({"attribution": {"headers": {"x-tenant-id": "Tenant-Id"}}}, "label pattern"),
         ({"pricing": {"models": {"gpt-4o": {"input": -1, "output": 1}}}}, "negative price"),
+        ({"pricing": {"models": {"gpt-4o": {"input": 1}}}}, "output price is required"),
+        ({"pricing": {"models": {"gpt-4o": {"input": 1, "output": 2, "cached_input": 0.5}}}}, "unknown price kind"),
+        ({"pricing": {"models": {"gpt-4o": {"input": 1, "output": "2"}}}}, "price is a number"),
+        (
+            {"pricing": {"models": {"gpt-4o": {"input": 1, "output": 2}}, "configMapRef": {"name": "prices"}}},
+            "models and configMapRef together (CEL rule)",
+        ),
         ({"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}, "operator enum"),
     ],
 )
@@ -64,5 +101,15 @@ def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
             del obj["spec"][key]
         else:
             obj["spec"][key] = value
-    with pytest.raises(jsonschema.ValidationError):
-        crd_validator(load_crd(CRD_PATH)).validate(obj)
+    assert kube_schema.validate_object(load(), obj), why
+
+
+def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
+    """A misspelt price kind must fail the request: pruning it would silently drop the user's price."""
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 1, "output": 2, "cache_reads": 0.5}}}
+    schema = dict(kube_schema.versions(load()))["v1alpha1"]
+    assert kube_schema.prune_object(schema, obj) == obj, "the price map keeps unknown keys for the rule to see"
+    assert kube_schema.validate_object(load(), obj) == [
+        ".spec.pricing.models[gpt-4o]: price kinds are input, output, cache_read and cache_creation"
+    ]

@@ -1,0 +1,155 @@
+"""The structural-schema checker (kube_schema) refuses what a kube-apiserver refuses, with the server's words."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import kube_schema
+
+
+def crd(spec_schema: dict[str, Any], **root: Any) -> dict[str, Any]:
+    schema = {"type": "object", "properties": {"spec": spec_schema}, **root}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": schema}}]},
+    }
+
+
+OBJ = {"type": "object"}
+MAP_OF_NUMBERS = {"type": "object", "additionalProperties": {"type": "number"}}
+
+
+def test_checker_accepts_a_plain_structural_schema() -> None:
+    spec = {
+        "type": "object",
+        "properties": {
+            "port": {"type": "integer", "default": 80, "minimum": 1},
+            "target": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "items": {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            },
+        },
+        "x-kubernetes-validations": [
+            {"rule": "self.port < 1024 || has(self.labels)", "message": "high ports need labels"}
+        ],
+    }
+    assert kube_schema.structural_errors(crd(spec)) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        # The error a real kube-apiserver (v1.26) gave for the project's first CRD.
+        (
+            {**OBJ, "properties": {"a": {"type": "number"}}, "additionalProperties": False},
+            "[spec].additionalProperties: Forbidden: additionalProperties and properties are mutual exclusive",
+        ),
+        (
+            {**OBJ, "properties": {"a": {"type": "number"}}, "additionalProperties": {"type": "string"}},
+            "additionalProperties and properties are mutual exclusive",
+        ),
+        ({**OBJ, "additionalProperties": False}, "additionalProperties cannot be set to false"),
+        ({**OBJ, "properties": {"a": {"minimum": 1}}}, "properties[a].type: Required value"),
+        ({"type": "array"}, "properties[spec].items: Required value"),
+        ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "uniqueItems cannot be set to true"),
+        ({"type": "list", "items": {"type": "string"}}, "Unsupported value: 'list'"),
+        ({**OBJ, "properties": {"a": {"$ref": "#/definitions/a"}}}, "$ref is not supported"),
+        ({**OBJ, "patternProperties": {"^a": {"type": "string"}}}, "patternProperties is not supported"),
+        ({**OBJ, "discriminator": "kind"}, "unknown field"),
+        ({**OBJ, "x-kubernetes-preserve-unknown-fields": False}, "must be true or undefined"),
+        ({**OBJ, "anyOf": [{"type": "object"}]}, "anyOf[0].type: Forbidden: must be empty to be structural"),
+        ({**OBJ, "oneOf": [{"properties": {"a": {"minimum": 1}}}]}, "must also be specified outside the junctor"),
+        ({"type": "string", "x-kubernetes-int-or-string": True}, "must be empty if x-kubernetes-int-or-string"),
+        ({"type": "string", "x-kubernetes-map-type": "atomic"}, "must be object if x-kubernetes-map-type"),
+        (
+            {"type": "array", "x-kubernetes-list-type": "map", "items": {"type": "object"}},
+            "x-kubernetes-list-map-keys: Required value",
+        ),
+        (
+            {
+                "type": "array",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+                "items": {"type": "object", "properties": {"name": {"type": "string"}}},
+            },
+            "a map-list key must be required or defaulted",
+        ),
+        ({"type": "integer", "default": "80"}, "default: Invalid value"),
+        ({"type": "integer", "minimum": 1, "default": 0}, "default: Invalid value"),
+        ({**OBJ, "default": {"unknown": 1}, "properties": {"a": {"type": "string"}}}, "would be pruned"),
+        ({"type": "string", "default": None}, "must not be null unless nullable"),
+        (
+            {**MAP_OF_NUMBERS, "default": {"a": 1}, "x-kubernetes-validations": [{"rule": "size(self) == 0"}]},
+            "Invalid value: default: ... failed rule: size(self) == 0",
+        ),
+        ({**OBJ, "x-kubernetes-validations": [{"rule": "self.a ==", "message": "m"}]}, "compilation failed"),
+        ({**OBJ, "x-kubernetes-validations": [{"rule": "size(other) > 0"}]}, "undeclared reference to other"),
+        ({**OBJ, "x-kubernetes-validations": [{"message": "no rule"}]}, "rule: Required value"),
+        ({**OBJ, "x-kubernetes-validations": [{"rule": "true", "message": "a\nb"}]}, "must be one line"),
+    ],
+)
+def test_checker_refuses(spec: dict[str, Any], expected: str) -> None:
+    errors = kube_schema.structural_errors(crd(spec))
+    if "..." in expected:
+        head, tail = expected.split("...")
+        assert any(head in e and tail in e for e in errors), errors
+    else:
+        assert any(expected in e for e in errors), errors
+
+
+def test_checker_refuses_rule_fields_the_oldest_supported_version_does_not_know() -> None:
+    rule = {"rule": "true", "messageExpression": "'x'"}
+    spec = {**OBJ, "x-kubernetes-validations": [rule]}
+    assert kube_schema.structural_errors(crd(spec), oldest_minor=29) == []
+    assert any(
+        "unknown field before Kubernetes 1.27" in e for e in kube_schema.structural_errors(crd(spec), oldest_minor=26)
+    )
+
+
+@pytest.mark.parametrize(
+    ("metadata", "ok"),
+    [
+        ({"type": "object"}, True),
+        ({"type": "object", "properties": {"name": {"type": "string", "maxLength": 63}}}, True),
+        ({"type": "object", "properties": {"labels": {"type": "object"}}}, False),
+        ({"type": "object", "x-kubernetes-preserve-unknown-fields": True}, False),
+        ({"type": "object", "properties": {"name": {"type": "string", "default": "x"}}}, False),
+    ],
+)
+def test_checker_restricts_metadata_to_name_and_generate_name(metadata: dict[str, Any], ok: bool) -> None:
+    definition = crd(OBJ)
+    definition["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] = metadata
+    assert (kube_schema.structural_errors(definition) == []) is ok
+
+
+def test_checker_requires_an_object_root() -> None:
+    definition = crd(OBJ)
+    definition["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["type"] = "array"
+    assert any("must be object at the root" in e for e in kube_schema.structural_errors(definition))
+    definition = crd(OBJ, additionalProperties={"type": "string"})
+    assert any("additionalProperties: Forbidden" in e for e in kube_schema.structural_errors(definition))
+
+
+def test_validate_object_runs_rules_on_every_map_value() -> None:
+    schema = {
+        **MAP_OF_NUMBERS,
+        "additionalProperties": {
+            **MAP_OF_NUMBERS,
+            "x-kubernetes-validations": [{"rule": "self.all(k, k in ['a', 'b'])", "message": "a or b"}],
+        },
+    }
+    definition = crd(schema)
+    obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert kube_schema.validate_object(definition, {**obj, "spec": {"x": {"a": 1}, "y": {"b": 2}}}) == []
+    assert kube_schema.validate_object(definition, {**obj, "spec": {"x": {"a": 1}, "y": {"c": 2}}}) == [
+        ".spec[y]: a or b"
+    ]
