@@ -12,6 +12,10 @@ import pytest
 import yaml
 from chartkit import CHART, KUBE_VERSION, NAMESPACE, RELEASE, REPO_ROOT, SHARED, Helm
 
+from prometheus_operator import prometheus_operator_schemas
+
+__all__ = ["prometheus_operator_schemas"]
+
 
 def _find_helm() -> str | None:
     script = REPO_ROOT / "scripts" / "get-helm"

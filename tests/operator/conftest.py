@@ -2,4 +2,6 @@
 
 from kopf_testing import emulator, kmock_options, shared_crds
 
-__all__ = ["emulator", "kmock_options", "shared_crds"]
+from prometheus_operator import prometheus_operator_schemas
+
+__all__ = ["emulator", "kmock_options", "prometheus_operator_schemas", "shared_crds"]

@@ -1,0 +1,71 @@
+"""Everything the chart renders is accepted by every supported Kubernetes version, without a cluster.
+
+Core kinds validate against the OpenAPI schemas kubernetes-validate carries for each supported minor; the CRDs
+pass the API server's structural-schema rules; the ServiceMonitor validates against the Prometheus Operator's
+schemas (npm @kubernetes-models/prometheus-operator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from chartkit import CHART, VALUE_SETS, one
+
+from kube_schema import SUPPORTED_VERSIONS, structural_errors
+from prometheus_operator import KINDS, PrometheusOperatorSchemas
+
+Render = Callable[..., list[dict[str, Any]]]
+#: Custom kinds the chart renders, each checked against its own CRD instead (test_chart_render.py).
+KOPF_KINDS = {"ClusterKopfPeering", "KopfPeering"}
+
+
+def kubernetes_errors(doc: dict[str, Any], version: str) -> str | None:
+    try:
+        # strict: an unknown field (a misspelt key in a template) is an error, as under kubectl's strict validation.
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        return f"{doc['kind']}/{doc['metadata']['name']} on {version}, at {path}: {exc.message}"
+    return None
+
+
+def test_every_supported_version_has_schemas() -> None:
+    for version in SUPPORTED_VERSIONS:
+        doc = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "b"}}
+        assert kubernetes_errors(doc, version) is None
+        assert kubernetes_errors({**doc, "data": {"a": 1}}, version) is not None
+
+
+def test_chart_declares_the_oldest_supported_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={SUPPORTED_VERSIONS[0]}-0"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_objects_validate_on_every_supported_version(render: Render, name: str) -> None:
+    docs = render(VALUE_SETS[name], include_crds=True)
+    core = [d for d in docs if d["kind"] not in KOPF_KINDS and d["kind"] not in KINDS]
+    assert core
+    failures = [error for version in SUPPORTED_VERSIONS for d in core if (error := kubernetes_errors(d, version))]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", ["defaults", "namespaced"])
+def test_rendered_crds_are_structural(render: Render, name: str) -> None:
+    crds = [d for d in render(VALUE_SETS[name], include_crds=True) if d["kind"] == "CustomResourceDefinition"]
+    assert {d["spec"]["names"]["kind"] for d in crds} >= {"LLMTelemetry", *KOPF_KINDS}
+    for crd in crds:
+        assert structural_errors(crd) == [], crd["metadata"]["name"]
+
+
+def test_servicemonitor_validates_against_the_prometheus_operator_schema(
+    render: Render, prometheus_operator_schemas: PrometheusOperatorSchemas
+) -> None:
+    monitor = one(render(VALUE_SETS["pdb-servicemonitor"]), "ServiceMonitor")
+    prometheus_operator_schemas.assert_valid([monitor])
+    broken = {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "metrics", "interval": "soon"}]}}
+    assert prometheus_operator_schemas.errors([broken]) != [None], "the schemas must catch a bad interval"
