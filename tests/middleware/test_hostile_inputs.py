@@ -1,0 +1,493 @@
+"""Hostile clients and failing apps: the app answers as it would alone, the scrape stays whole and small, the
+numbers stay right, and nothing a client sends moves ``llm_telemetry_internal_errors_total``.
+
+Each test drives the real middleware in-process with raw ASGI messages (as Starlette's and OpenTelemetry's
+middleware tests do) and reads its real Prometheus exposition through ``metrics_app_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.labels import MAX_LABEL_CHARS
+from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
+from llm_telemetry.record import LLMCall
+from llm_telemetry.sse import SSEDecoder
+from support import Metrics
+
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream")]
+
+
+class Calls:
+    """An observer keeping every finished call (the middleware's public ``observers`` hook)."""
+
+    def __init__(self) -> None:
+        self.ended: list[LLMCall] = []
+
+    def start(self, call: LLMCall) -> None:
+        pass
+
+    def end(self, call: LLMCall) -> None:
+        self.ended.append(call)
+
+
+def scope(path: str, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers or [],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def exchange(
+    app: Any, path: str, body: bytes = b"", *, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None
+) -> list[dict[str, Any]]:
+    """One request through ``app``; the messages it sent. The client stays connected until the app returns."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # never: the client is still there
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope(path, method, headers), receive, send)
+    return sent
+
+
+def wire(messages: list[dict[str, Any]]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """What the server would put on the wire: status, headers (materialised), body."""
+    start = messages[0]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    return start["status"], [tuple(h) for h in start.get("headers") or ()], body  # type: ignore[misc]
+
+
+async def scrape(wrapped: LLMTelemetryMiddleware) -> Metrics:
+    status, _, body = wire(await exchange(wrapped, "/metrics", method="GET"))
+    assert status == 200
+    return Metrics(body.decode())
+
+
+def internal_errors(metrics: Metrics) -> float:
+    return metrics.value("llm_telemetry_internal_errors_total")
+
+
+def observe(app: Any, **options: Any) -> tuple[LLMTelemetryMiddleware, Calls]:
+    calls = Calls()
+    options.setdefault("request_logs", False)
+    options.setdefault("echo_request_id", False)
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", observers=[calls], **options)
+    return wrapped, calls
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[LLMTelemetryMiddleware]]:
+    made: list[LLMTelemetryMiddleware] = []
+    yield made
+    for wrapped in made:
+        wrapped.telemetry.shutdown()
+
+
+def replying(status: int, headers: list[tuple[bytes, bytes]], *chunks: bytes) -> Any:
+    """An app that reads the whole request, then answers ``status`` with ``chunks`` as separate body messages."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+OK_JSON = replying(200, JSON, b'{"model": "m", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}')
+
+
+# --- label values ---------------------------------------------------------------------------------------------
+
+
+async def test_hostile_lone_surrogate_model_keeps_scrape_and_log_line_whole(cleanup: list[Any]) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    requests_logger = logging.getLogger(REQUEST_LOGGER)
+    requests_logger.addHandler(handler)
+    try:
+        wrapped, _ = observe(OK_JSON, request_logs=True)
+        cleanup.append(wrapped)
+        body = b'{"model": "x\\ud800y", "messages": [{"role": "user", "content": "hi \\udfff"}]}'
+        assert wire(await exchange(wrapped, "/v1/chat/completions", body))[0] == 200
+        for _ in range(2):  # not just the first scrape: every later one too
+            metrics = await scrape(wrapped)
+            assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"x\ufffdy"}
+            assert internal_errors(metrics) == 0
+    finally:
+        requests_logger.removeHandler(handler)
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["model"] == "x\ufffdy"
+    line.encode("utf-8")  # what a UTF-8 stream handler does; lone surrogates made this raise
+
+
+async def test_hostile_label_values_longer_than_the_cap_become_other(cleanup: list[Any]) -> None:
+    wrapped, _ = observe(OK_JSON, attribution_headers={"x-tenant": "tenant"})
+    cleanup.append(wrapped)
+    at_cap = "m" * MAX_LABEL_CHARS
+    for model, tenant in ((at_cap, b"a" * MAX_LABEL_CHARS), ("n" * (4 << 20), b"t" * (MAX_LABEL_CHARS + 1))):
+        body = json.dumps({"model": model}).encode()
+        await exchange(wrapped, "/v1/chat/completions", body, headers=[(b"x-tenant", tenant)])
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {at_cap, "other"}
+    assert metrics.label_values("llm_requests_total", "llm_metadata_tenant") == {"a" * MAX_LABEL_CHARS, "other"}
+    assert len(metrics.text) < 256 * 1024  # a 4 MiB model name does not reach the exposition
+
+
+async def test_hostile_label_values_are_bounded_in_number(cleanup: list[Any]) -> None:
+    wrapped, _ = observe(OK_JSON, max_label_values=3)
+    cleanup.append(wrapped)
+    for i in range(10):
+        await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": f"m{i}"}).encode())
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"m0", "m1", "m2", "other"}
+    assert metrics.value("llm_requests_total") == 10
+
+
+# --- errors by origin -------------------------------------------------------------------------------------------
+
+
+def raising(exc: BaseException) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await receive()
+            raise exc
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "exc", [TimeoutError("upstream timed out"), ConnectionRefusedError(111, "refused"), OSError("upstream reset")]
+)
+async def test_hostile_app_raised_oserror_is_a_server_error_not_a_disconnect(
+    cleanup: list[Any], exc: BaseException
+) -> None:
+    wrapped, calls = observe(raising(exc))
+    cleanup.append(wrapped)
+    with pytest.raises(type(exc)):
+        await exchange(wrapped, "/v1/chat/completions", b'{"model": "m"}')
+    (call,) = calls.ended
+    assert (call.error_type, call.status_code) == ("app_exception", 500)
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_errors_total", error_type="client_disconnect") == 0
+    assert metrics.value("llm_errors_total", error_type="app_exception") == 1
+
+
+async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(cleanup: list[Any]) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+        if (await receive())["type"] == "http.disconnect":
+            raise OSError("the client went away")  # what Starlette's streaming helpers do on disconnect
+
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    messages = [{"type": "http.request", "body": b'{"model": "m"}'}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    with pytest.raises(OSError):
+        await wrapped(scope("/v1/chat/completions"), receive, send)
+
+    async def broken_pipe(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("broken pipe")  # a server whose send fails once the client is gone
+
+    async def first_only() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "m"}'}
+
+    with pytest.raises(OSError):
+        await wrapped(scope("/v1/chat/completions"), first_only, broken_pipe)
+    assert [c.error_type for c in calls.ended] == ["client_disconnect", "client_disconnect"]
+
+
+# --- bodies the parser must survive ------------------------------------------------------------------------------
+
+
+DEEP = b"[" * 100_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        DEEP,
+        b'{"model": "m", "messages": ' + DEEP + b"}",
+        b'{"model": "m", "messages": [{"role": "tool", "tool_call_id": [1], "content": "x"}]}',
+        b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": {"a": 1}}]}]}',
+        b'{"model": "m", "messages": [{"role": "assistant", "tool_calls": 7}]}',
+        b'{"model": "m", "messages": [{"role": "tool", "content": "{' + b"[" * 50_000 + b'"}]}',
+        b'{"model": "m", "max_tokens": 1' + b"0" * 4000 + b', "temperature": 1' + b"0" * 400 + b"}",
+        b'{"model": ["a"], "stream": {"x": 1}, "top_p": "high"}',
+        b'{"model": "m", "input": [{"type": "function_call_output", "call_id": [], "output": 1}]}',
+    ],
+    ids=[
+        "deep",
+        "deep-messages",
+        "tool_call_id-list",
+        "tool-id-dict",
+        "tool_calls-int",
+        "deep-tool-content",
+        "huge-numbers",
+        "wrong-types",
+        "responses-call_id-list",
+    ],
+)
+async def test_hostile_request_bodies_answer_as_the_bare_app(cleanup: list[Any], body: bytes) -> None:
+    for path in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
+        expected = wire(await exchange(OK_JSON, path, body))
+        wrapped, calls = observe(OK_JSON)
+        cleanup.append(wrapped)
+        assert wire(await exchange(wrapped, path, body)) == expected
+        assert len(calls.ended) == 1
+        assert internal_errors(await scrape(wrapped)) == 0
+
+
+async def test_hostile_deep_error_body_is_classified_by_status(cleanup: list[Any]) -> None:
+    wrapped, calls = observe(replying(429, JSON, b'{"error": ' + DEEP))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m"}')
+    assert calls.ended[0].error_type == "rate_limit"
+    assert internal_errors(await scrape(wrapped)) == 0
+
+
+async def test_hostile_deep_sse_event_does_not_switch_the_reader_off(cleanup: list[Any]) -> None:
+    app = replying(
+        200,
+        SSE,
+        b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n',
+        b"data: " + DEEP + b"\n\n",
+        b'data: {"choices": [{"delta": {"content": "b"}, "finish_reason": "stop"}]}\n\n',
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n',
+    )
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true}')
+    (call,) = calls.ended
+    assert (call.finish_reasons, call.input_tokens, call.output_tokens) == (["stop"], 3, 2)
+    assert internal_errors(await scrape(wrapped)) == 0
+
+
+async def test_hostile_response_headers_as_a_generator_reach_the_client(cleanup: list[Any]) -> None:
+    pairs = [(b"content-type", b"application/json"), (b"x-upstream", b"1")]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": (h for h in pairs)})
+        await send({"type": "http.response.body", "body": b'{"model": "m"}'})
+
+    wrapped, calls = observe(app, echo_request_id=True)
+    cleanup.append(wrapped)
+    _, headers, _ = wire(await exchange(wrapped, "/v1/chat/completions", b"{}"))
+    assert headers[:2] == pairs and headers[2][0] == b"x-request-id"
+    assert calls.ended[0].response_model == "m"  # and we read the response they described
+
+
+# --- routes -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "operation", "provider"),
+    [
+        ("/v1/chat/completions", "chat", "openai"),
+        ("/openai/deployments/gpt-4o/chat/completions", "chat", "openai"),
+        ("/v1/engines/davinci/completions", "text_completion", "openai"),
+        ("/v1/responses", "chat", "openai"),
+        ("/v1/messages", "chat", "anthropic"),
+        ("/anthropic/v1/messages/", "chat", "anthropic"),
+        ("/v1/threads/thread_abc/messages", None, None),
+        ("/v1/chat/completions/chatcmpl-1/messages", None, None),
+        ("/v1/messages/count_tokens", None, None),
+        ("/v1/threads/thread_abc/runs", None, None),
+    ],
+)
+async def test_hostile_routes_follow_the_apis_real_path_shapes(
+    cleanup: list[Any], path: str, operation: str | None, provider: str | None
+) -> None:
+    wrapped, calls = observe(OK_JSON)
+    cleanup.append(wrapped)
+    await exchange(wrapped, path, b'{"model": "m"}')
+    assert [(c.operation, c.provider) for c in calls.ended] == ([(operation, provider)] if operation else [])
+
+
+# --- what gateways and providers send mid-stream ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # The LiteLLM proxy's error event inside a 200 stream: the HTTP status as a string code.
+        (
+            {"message": "litellm.RateLimitError: throttled", "type": "throttling_error", "param": None, "code": "429"},
+            "rate_limit",
+        ),
+        (
+            {"message": "litellm.APIConnectionError: dropped", "type": None, "param": None, "code": "500"},
+            "server_error",
+        ),
+        ({"message": "something broke"}, "server_error"),  # nothing to go on: a stream error is the server's
+        ({"message": "bad", "type": "invalid_request_error", "code": 400}, "invalid_request"),
+    ],
+)
+async def test_hostile_gateway_stream_errors_are_classified(
+    cleanup: list[Any], error: dict[str, Any], expected: str
+) -> None:
+    event = b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+    app = replying(200, SSE, b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n', event)
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true}')
+    assert calls.ended[0].error_type == expected
+
+
+def anthropic_events(*events: dict[str, Any]) -> bytes:
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+async def test_hostile_anthropic_stream_cut_before_message_delta_is_estimated(cleanup: list[Any]) -> None:
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "usage": {"input_tokens": 9,
+             "output_tokens": 1}}}  # fmt: skip
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "word"}}
+    app = replying(200, SSE, anthropic_events(start, {"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "text", "text": ""}}), *[anthropic_events(delta)] * 5)  # fmt: skip
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/messages", b'{"model": "claude-x", "stream": true}')
+    (call,) = calls.ended
+    assert (call.input_tokens, call.output_tokens, call.usage_source) == (9, 5, "estimated")
+
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}}
+    whole = replying(200, SSE, anthropic_events(start), *[anthropic_events(delta)] * 5, anthropic_events(end))
+    wrapped, calls = observe(whole)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/messages", b'{"model": "claude-x", "stream": true}')
+    (call,) = calls.ended
+    assert (call.input_tokens, call.output_tokens, call.usage_source) == (9, 7, "reported")
+
+
+# --- setup ------------------------------------------------------------------------------------------------------
+
+
+class BrokenMeterProvider:
+    """A meter provider an application passed in that fails when asked for a meter."""
+
+    def get_meter(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this provider is broken")
+
+
+async def test_hostile_failed_setup_leaves_a_counted_pass_through(
+    cleanup: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = Calls()
+    wrapped = LLMTelemetryMiddleware(
+        OK_JSON,
+        metrics_port=0,
+        metrics_app_path="/metrics",
+        request_logs=False,
+        observers=[calls],
+        meter_provider=BrokenMeterProvider(),  # type: ignore[arg-type]
+    )
+    cleanup.append(wrapped)
+    with caplog.at_level(logging.ERROR, logger="llm_telemetry"):
+        for _ in range(2):
+            answer = wire(await exchange(wrapped, "/v1/chat/completions", b'{"model": "m"}'))
+            assert answer == wire(await exchange(OK_JSON, "/v1/chat/completions", b'{"model": "m"}'))
+    assert calls.ended == []  # passed through, not observed
+    assert [r.message for r in caplog.records].count(
+        "llm-telemetry: setup failed; requests pass through unobserved: RuntimeError('this provider is broken')"
+    ) == 1  # setup ran once
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="setup") == 1
+
+
+async def test_hostile_setup_runs_at_lifespan_startup(cleanup: list[Any]) -> None:
+    wrapped, _ = observe(OK_JSON)
+    cleanup.append(wrapped)
+    events = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict[str, Any]:
+        if events:
+            return events.pop(0)
+        return {"type": "lifespan.shutdown"}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # the wrapped app sees startup; setup already happened before it was called
+
+    wrapped.app = app
+    await wrapped({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, lambda message: asyncio.sleep(0))
+    assert wrapped._set_up
+
+
+# --- the SSE decoder's own bounds -------------------------------------------------------------------------------
+
+
+def test_hostile_sse_empty_data_lines_are_bounded() -> None:
+    decoder = SSEDecoder(max_event_bytes=1000)
+    assert decoder.feed(b"data:\n" * 5000) == []
+    assert decoder.dropped_events == 1
+    assert decoder.feed(b"\ndata: ok\n\n") == [("message", b"ok")]
+
+
+def test_hostile_sse_many_data_lines_join_exactly() -> None:
+    lines = 30_000
+    events = SSEDecoder().feed(b"data: 0123456789abcd\n" * lines + b"\n")
+    assert events == [("message", b"\n".join([b"0123456789abcd"] * lines))]
+
+
+def test_hostile_sse_one_event_and_head_of_next_do_not_skip_events(cleanup: list[Any]) -> None:
+    def event(i: int) -> bytes:
+        return b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"w%d"},"finish_reason":null}]}\n\n' % i
+
+    finish = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    head = 20  # bytes of the next event a re-chunking proxy sends early; the same for every event here
+    # [e0] [e1 + head of e2] [rest of e2] [e3 + head of finish] [rest of finish] [usage]: the fourth chunk has
+    # exactly the shape of the second, arriving between events.
+    chunks = [event(0), event(1) + event(2)[:head], event(2)[head:], event(3) + finish[:head], finish[head:], usage]
+
+    async def run() -> list[LLMCall]:
+        wrapped, calls = observe(replying(200, SSE, *chunks))
+        cleanup.append(wrapped)
+        await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true}')
+        return calls.ended
+
+    (call,) = asyncio.run(run())
+    assert call.finish_reasons == ["length"]
+    assert (call.input_tokens, call.output_tokens) == (3, 4)
