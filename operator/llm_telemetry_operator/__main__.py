@@ -1,29 +1,128 @@
-"""Entry point of ``llm-telemetry-operator``: run kopf with settings from the environment."""
+"""Entry point of ``llm-telemetry-operator``: run kopf with settings from flags and the environment.
+
+Every setting has an ``LLM_TELEMETRY_OPERATOR_*`` variable (what the Helm chart sets); a flag given on the
+command line wins over its variable, so a developer can run the operator by hand against any cluster.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
 import sys
+from collections.abc import Mapping, Sequence
 
-import kopf
-
+from llm_telemetry_operator import config as cfg
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ConfigurationError
 
+#: Flags that stand for an environment variable: (flag destination, variable).
+_ENV_FLAGS = (
+    ("traces_endpoint", cfg.LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT),
+    ("logs_endpoint", cfg.LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT),
+    ("servicemonitor_labels", cfg.LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS),
+    ("dashboard_label", cfg.LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL),
+    ("peering", cfg.LLM_TELEMETRY_OPERATOR_PEERING),
+    ("priority", cfg.LLM_TELEMETRY_OPERATOR_PRIORITY),
+    ("metrics_port", cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT),
+    ("health", cfg.LLM_TELEMETRY_OPERATOR_HEALTH),
+    ("resync_seconds", cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS),
+)
 
-def main() -> int:
-    """Run the operator until it is signalled to stop; exit 2 on bad configuration."""
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-telemetry-operator",
+        description=(
+            "Wire LLM telemetry (metrics, traces, logs, alerts, dashboards) into the workloads that LLMTelemetry "
+            "resources select. Each flag overrides its LLM_TELEMETRY_OPERATOR_* environment variable."
+        ),
+        epilog=(
+            "Peering: unless --standalone is given, the operator coordinates replicas through a ClusterKopfPeering "
+            "(cluster-wide) or a KopfPeering in each watched namespace (namespaced), which the Helm chart creates. "
+            "Without that object the operator stands by; run with --standalone when only one replica runs, e.g. "
+            "by hand against a development cluster."
+        ),
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NAMESPACE",
+        help="watch this namespace (repeatable; default: LLM_TELEMETRY_OPERATOR_NAMESPACES, else all namespaces)",
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace, whatever the environment says"
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=None,
+        help="run without peering: no KopfPeering/ClusterKopfPeering needed (one replica only)",
+    )
+    parser.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)"
+    )
+    parser.add_argument("--context", help="kubeconfig context (default: the current one)")
+    parser.add_argument("--peering", metavar="NAME", help="name of the KopfPeering / ClusterKopfPeering")
+    parser.add_argument("--priority", help="peering priority: an integer, or 'auto' for a random one")
+    parser.add_argument("--traces-endpoint", metavar="URL", help="default OTLP endpoint for traces")
+    parser.add_argument("--logs-endpoint", metavar="URL", help="default Loki OTLP base URL for logs")
+    parser.add_argument("--servicemonitor-labels", metavar="K=V,...", help="labels put on every ServiceMonitor")
+    parser.add_argument("--dashboard-label", metavar="K=V", help="label Grafana's dashboard sidecar selects by")
+    parser.add_argument("--metrics-port", metavar="PORT", help="port of the operator's own metrics; 0 turns them off")
+    parser.add_argument("--health", metavar="URL", help="liveness endpoint URL; empty turns it off")
+    parser.add_argument("--resync-seconds", metavar="SECONDS", help="interval of the periodic full pass")
+    parser.add_argument(
+        "--log-format", choices=("json", "plain"), default="json", help="log format (default: json, for log shippers)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """The environment's settings with the flags given on the command line put over them."""
+    merged = dict(os.environ if env is None else env)
+    if args.all_namespaces:
+        merged[cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES] = ""
+    elif args.namespaces:
+        merged[cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES] = ",".join(args.namespaces)
+    if args.standalone:
+        merged[cfg.LLM_TELEMETRY_OPERATOR_STANDALONE] = "true"
+    for dest, variable in _ENV_FLAGS:
+        value = getattr(args, dest)
+        if value is not None:
+            merged[variable] = str(value)
+    config = OperatorConfig.from_env(merged)
+    return dataclasses.replace(config, kubeconfig=args.kubeconfig, context=args.context)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the operator until it is signalled to stop; exit 2 on bad flags or configuration."""
+    args = build_parser().parse_args(argv)
     try:
-        config = OperatorConfig.from_env()
+        config = config_from_args(args)
     except ConfigurationError as exc:
         print(f"llm-telemetry-operator: configuration error: {exc}", file=sys.stderr)
         return 2
-    kopf.configure(log_format=kopf.LogFormat.JSON, log_refkey="object")
+    import kopf  # imported here so that --help and configuration errors answer at once
+
+    kopf.configure(
+        debug=args.verbose,
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+        log_refkey="object",
+    )
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(
-        # Peering on: a standby replica waits while another one holds the peering object.
-        standalone=False,
-        peering_name=config.peering,
+        # Peering on unless standalone: a standby replica waits while another one holds the peering object.
+        standalone=config.standalone,
+        # kopf treats any peering name as "peering is mandatory" and, standalone or not, pauses every watch
+        # until the peering CRD exists: so standalone passes none.
+        peering_name=None if config.standalone else config.peering,
         priority=config.priority,
         clusterwide=config.clusterwide,
         namespaces=list(config.namespaces),

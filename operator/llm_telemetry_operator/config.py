@@ -33,6 +33,8 @@ LLM_TELEMETRY_OPERATOR_METRICS_PORT: Final = "LLM_TELEMETRY_OPERATOR_METRICS_POR
 LLM_TELEMETRY_OPERATOR_HEALTH: Final = "LLM_TELEMETRY_OPERATOR_HEALTH"
 #: Seconds between full re-reconciles of every resource, which also retries degraded ones.
 LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS: Final = "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS"
+#: ``true`` runs without peering (no KopfPeering needed; run a single replica only).
+LLM_TELEMETRY_OPERATOR_STANDALONE: Final = "LLM_TELEMETRY_OPERATOR_STANDALONE"
 
 DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger-collector.observability:4318"
 DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
@@ -155,7 +157,11 @@ class OperatorConfig:
             ) from None
         if resync <= 0:
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: must be positive")
+        standalone_text = get(LLM_TELEMETRY_OPERATOR_STANDALONE, "false").lower()
+        if standalone_text not in ("true", "false", "1", "0", ""):
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_STANDALONE}={standalone_text!r}: expected true or false")
         return cls(
+            standalone=standalone_text in ("true", "1"),
             namespaces=namespaces,
             traces_endpoint=traces,
             logs_endpoint=logs,

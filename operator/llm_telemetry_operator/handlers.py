@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from llm_telemetry_operator import kube, metrics
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.errors import ApiError, SpecError
+from llm_telemetry_operator.errors import ApiError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 
@@ -75,7 +76,10 @@ def _config(memo: Any) -> OperatorConfig:
 
 def _client(memo: Any) -> KubeClient:
     if memo.get("client") is None:
-        memo["client"] = KubeClient()
+        config = _config(memo)
+        memo["client"] = KubeClient(
+            loader=functools.partial(kube.load_configuration, config.kubeconfig, config.context)
+        )
     client: KubeClient = memo["client"]
     return client
 
@@ -100,7 +104,7 @@ def _event_target(body: Mapping[str, Any]) -> kopf.Body:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     config = _config(memo)
     _client(memo)
     # Shared by all objects' handlers only because it is put on the operator memo here (see OperatorState).
@@ -116,6 +120,45 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logge
     settings.watching.connect_timeout = 30
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
+    if not config.standalone:
+        for warning in await missing_peering(_client(memo), config):
+            logger.warning("%s", warning)
+
+
+async def missing_peering(client: KubeClient, config: OperatorConfig) -> list[str]:
+    """Warnings for each peering object kopf will wait for that does not exist (or cannot be read).
+
+    With peering on, kopf pauses the operator until its KopfPeering / ClusterKopfPeering exists, and says so
+    only at DEBUG level: without this check an operator started by hand just sits there.
+    """
+    remedy = (
+        "install the chart's peering CRDs and objects (helm install/upgrade of llm-telemetry-operator creates "
+        "them), create the object by hand, or run with --standalone (LLM_TELEMETRY_OPERATOR_STANDALONE=true)"
+    )
+    if config.clusterwide:
+        places: list[tuple[kube.Resource, str | None]] = [(kube.CLUSTERKOPFPEERINGS, None)]
+    else:
+        places = [(kube.KOPFPEERINGS, namespace) for namespace in config.namespaces]
+    warnings = []
+    for resource, namespace in places:
+        kind = "ClusterKopfPeering" if namespace is None else f"KopfPeering in namespace {namespace}"
+        try:
+            found = await client.list(resource, namespace, fields={"metadata.name": config.peering})
+        except NotFoundError:
+            warnings.append(
+                f"peering is on but the {resource.plural}.kopf.dev CRD is not installed: the operator will stand "
+                f"by and do nothing; {remedy}"
+            )
+            continue
+        except ApiError as exc:
+            warnings.append(f"peering is on but {kind} {config.peering!r} could not be checked ({exc}); {remedy}")
+            continue
+        if not found:
+            warnings.append(
+                f"peering is on but {kind} {config.peering!r} does not exist: the operator will stand by and do "
+                f"nothing until it does; {remedy}"
+            )
+    return warnings
 
 
 @kopf.on.login()

@@ -18,7 +18,7 @@ import asyncio
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,15 +42,18 @@ DEFAULT_WORKERS = 8
 
 @dataclass(frozen=True)
 class Resource:
-    """A namespaced API resource: group, version and plural name."""
+    """An API resource: group, version and plural name."""
 
     group: str
     version: str
     plural: str
 
-    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The object's (or with ``name`` None, the collection's) URL path; ``namespace`` None: cluster-scoped."""
         prefix = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        path = f"{prefix}/namespaces/{quote(namespace, safe='')}/{self.plural}"
+        if namespace is not None:
+            prefix += f"/namespaces/{quote(namespace, safe='')}"
+        path = f"{prefix}/{self.plural}"
         if name is not None:
             path += f"/{quote(name, safe='')}"
             if subresource:
@@ -65,6 +68,8 @@ SERVICES = Resource("", "v1", "services")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 SERVICEMONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors")
 PROMETHEUSRULES = Resource("monitoring.coreos.com", "v1", "prometheusrules")
+KOPFPEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
+CLUSTERKOPFPEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings")
 
 #: Workload kinds whose pod templates get injected, by ``kind``.
 WORKLOADS: dict[str, Resource] = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
@@ -144,6 +149,13 @@ class _Equality:
         return all(labels.get(k) == v for k, v in self.labels.items())
 
 
+def _field(obj: Mapping[str, Any], path: str) -> str | None:
+    value: Any = obj
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return None if value is None else str(value)
+
+
 class KubeClient:
     """Async Kubernetes client limited to the permissions in :data:`rbac.PERMISSIONS`.
 
@@ -153,6 +165,7 @@ class KubeClient:
         timeout: (connect, read) seconds for every request.
         page_size: objects per page of a list.
         workers: threads making API calls at once.
+        loader: how to load the configuration when none is given (default: :func:`load_configuration`).
 
     Example::
 
@@ -168,7 +181,9 @@ class KubeClient:
         timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         page_size: int = DEFAULT_PAGE_SIZE,
         workers: int = DEFAULT_WORKERS,
+        loader: Callable[[], k8s_client.Configuration] = load_configuration,
     ) -> None:
+        self._loader = loader
         self.timeout = timeout
         self.page_size = page_size
         self._lock = threading.Lock()
@@ -195,14 +210,21 @@ class KubeClient:
         return await self._request("GET", resource, "get", resource.path(namespace, name))
 
     async def list(
-        self, resource: Resource, namespace: str, labels: Mapping[str, str] | LabelQuery | None = None
+        self,
+        resource: Resource,
+        namespace: str | None,
+        labels: Mapping[str, str] | LabelQuery | None = None,
+        *,
+        fields: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
-        """List objects, page by page, by equality labels or a full selector; the selector is sent and also
-        applied here, as not every server honours it."""
+        """List objects, page by page, by equality labels or a full selector (sent, and also applied here, as
+        not every server honours it) and equality ``fields`` (``metadata.name``); ``namespace`` None: cluster."""
         query = _Equality(labels) if isinstance(labels, Mapping) else labels
         params: list[tuple[str, str]] = [("limit", str(self.page_size))]
         if query is not None and (text := query.to_query()):
             params.append(("labelSelector", text))
+        if fields:
+            params.append(("fieldSelector", ",".join(f"{k}={v}" for k, v in sorted(fields.items()))))
         items: list[dict[str, Any]] = []
         token = ""
         while True:
@@ -212,6 +234,8 @@ class KubeClient:
             token = str((page.get("metadata") or {}).get("continue") or "")
             if not token:
                 break
+        if fields:
+            items = [item for item in items if all(_field(item, k) == v for k, v in fields.items())]
         if query is None:
             return items
         return [item for item in items if query.matches(item.get("metadata", {}).get("labels") or {})]
@@ -262,7 +286,7 @@ class KubeClient:
         with self._lock:
             if self._api is None:
                 if self._configuration is None:
-                    self._configuration = load_configuration()
+                    self._configuration = self._loader()
                 self._api = k8s_client.ApiClient(self._configuration)
             return self._api
 

@@ -394,8 +394,8 @@ async def running_operator(config: OperatorConfig | None = None) -> AsyncIterato
     stop = asyncio.Event()
     task = asyncio.create_task(
         kopf.operator(
-            standalone=False,
-            peering_name=config.peering,
+            standalone=config.standalone,
+            peering_name=None if config.standalone else config.peering,
             priority=config.priority,
             namespaces=list(config.namespaces),
             clusterwide=config.clusterwide,

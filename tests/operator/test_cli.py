@@ -1,0 +1,124 @@
+"""``llm-telemetry-operator`` run by hand: flags over environment, ``--help``, and no silent idle without peering."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    condition,
+    deployment,
+    eventually,
+    get,
+    minimal_llmt,
+    running_operator,
+)
+
+from llm_telemetry_operator import config as cfg
+from llm_telemetry_operator.__main__ import build_parser, config_from_args, main
+from llm_telemetry_operator.config import OperatorConfig
+
+ENV = {
+    cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES: "from-env",
+    cfg.LLM_TELEMETRY_OPERATOR_PEERING: "env-peering",
+    cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT: "9000",
+}
+
+
+def configured(*argv: str, env: dict[str, str] | None = None) -> OperatorConfig:
+    return config_from_args(build_parser().parse_args(argv), ENV if env is None else env)
+
+
+def test_help_runs_as_a_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_telemetry_operator", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for flag in ("--namespace", "--all-namespaces", "--standalone", "--kubeconfig", "--peering", "--metrics-port"):
+        assert flag in result.stdout
+    assert result.stdout.startswith("usage: llm-telemetry-operator")
+
+
+def test_environment_applies_without_flags() -> None:
+    config = configured()
+    assert (config.namespaces, config.peering, config.metrics_port, config.standalone) == (
+        ("from-env",),
+        "env-peering",
+        9000,
+        False,
+    )
+
+
+def test_flags_override_environment() -> None:
+    config = configured(
+        "-n", "a", "--namespace", "b", "--peering", "mine", "--metrics-port", "0", "--standalone",
+        "--kubeconfig", "kc.yaml", "--context", "dev", "--resync-seconds", "30",
+    )  # fmt: skip
+    assert config.namespaces == ("a", "b")
+    assert (config.peering, config.metrics_port, config.standalone) == ("mine", 0, True)
+    assert (config.kubeconfig, config.context, config.resync_seconds) == ("kc.yaml", "dev", 30.0)
+
+
+def test_all_namespaces_overrides_the_environments_list() -> None:
+    config = configured("--all-namespaces")
+    assert config.clusterwide and config.namespaces == ()
+
+
+def test_namespace_and_all_namespaces_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        build_parser().parse_args(["-n", "a", "--all-namespaces"])
+    assert raised.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_standalone_from_environment() -> None:
+    assert configured(env={cfg.LLM_TELEMETRY_OPERATOR_STANDALONE: "true"}).standalone
+
+
+def test_bad_flag_value_exits_2_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--metrics-port", "99999"]) == 2
+    assert cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT in capsys.readouterr().err
+    assert main(["-n", "Not_A_Namespace"]) == 2
+    assert "Not_A_Namespace" in capsys.readouterr().err
+
+
+def peering_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "peering" in r.getMessage()]
+
+
+async def test_missing_peering_object_is_a_startup_warning(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Peering on, and no ClusterKopfPeering of that name: the operator says so, with the remedy."""
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator(OperatorConfig(peering="nobody-made-this", metrics_port=0, health="")):
+        warnings = await eventually(lambda: peering_warnings(caplog), "a warning about the missing peering object")
+    assert len(warnings) == 1
+    assert "ClusterKopfPeering 'nobody-made-this' does not exist" in warnings[0]
+    assert "--standalone" in warnings[0] and "helm" in warnings[0]
+
+
+async def test_existing_peering_object_gives_no_warning(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
+    assert peering_warnings(caplog) == []
+
+
+async def test_standalone_needs_no_peering_object(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """--standalone: no peering object anywhere, and the operator works and does not warn."""
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering="nobody-made-this", standalone=True, metrics_port=0, health="")
+    async with running_operator(config):
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
+    assert peering_warnings(caplog) == []
