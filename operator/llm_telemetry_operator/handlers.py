@@ -212,8 +212,9 @@ async def _reconcile(
             body = latest
         try:
             written = state.statuses.get(uid)
+            peers = [(b, s) for b, s in _owners(memo, key[0]) if s is not None and b["metadata"]["name"] != key[1]]
             outcome = await rec.reconcile(
-                _client(memo), _config(memo), body if written is None else {**body, "status": written}
+                _client(memo), _config(memo), body if written is None else {**body, "status": written}, peers
             )
             if uid and outcome.status:
                 state.statuses[uid] = outcome.status
@@ -329,12 +330,18 @@ async def workload_event(
     labels = workload["metadata"].get("labels") or {}
     record = r.injected_record(workload)
     answered = _answered_by(type, resource.plural, workload["metadata"])
+    passes = _state(memo).passes
     for owner, spec in _owners(memo, namespace):
         owner_name = owner["metadata"]["name"]
         if spec is None:
             continue
+        last = passes.get((namespace, owner_name))
+        # A target of its last pass that it no longer holds (another LLMTelemetry took it over): a pass to update
+        # its children and status.
         mine = record is not None and record.get("owner") == owner_name
-        if type == "DELETED":
+        if not mine and last is not None and rec.workload_key(workload) in last[1].targets and type != "DELETED":
+            needed = True
+        elif type == "DELETED":
             needed = mine
         elif spec.selector.matches(labels):
             injection = r.build_injection(spec, _config(memo), workload, owner_name)

@@ -257,10 +257,16 @@ class KubeClient:
             "PATCH", resource, "patch", resource.path(namespace, name, subresource), patch, plural=plural
         )
 
-    async def delete(self, resource: Resource, namespace: str, name: str) -> bool:
-        """Delete an object; False if it was already gone (404 on delete is success)."""
+    async def delete(
+        self, resource: Resource, namespace: str, name: str, *, resource_version: str | None = None
+    ) -> bool:
+        """Delete an object; False if it was already gone (404 on delete is success). With ``resource_version``,
+        only that version of it (a 409 :class:`ConflictError` if it changed since)."""
+        body = None
+        if resource_version:
+            body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": resource_version}}
         try:
-            await self._request("DELETE", resource, "delete", resource.path(namespace, name))
+            await self._request("DELETE", resource, "delete", resource.path(namespace, name), body)
         except NotFoundError:
             return False
         return True

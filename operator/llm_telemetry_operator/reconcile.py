@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +91,33 @@ async def _candidates(client: KubeClient, owner: Mapping[str, Any], spec: Teleme
     return sorted(workloads, key=workload_key)
 
 
-async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> Outcome:
-    """Bring the cluster in line with one LLMTelemetry and write its status."""
+#: Another LLMTelemetry of the same namespace: its body and parsed spec.
+Peer = tuple[Mapping[str, Any], TelemetrySpec]
+
+
+def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
+    """The conflict rule: of several LLMTelemetry selecting one workload, the oldest (``creationTimestamp``)
+    wins, and of equally old ones the first by name. The winner injects and serves the workload; the others
+    leave it alone."""
+    meta = owner.get("metadata") or {}
+    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+
+
+def _rival(owner: Mapping[str, Any], labels: Mapping[str, str], peers: Sequence[Peer]) -> Mapping[str, Any] | None:
+    """The peer that wins a workload with these labels over ``owner``, or None if ``owner`` wins it."""
+    rivals = [body for body, spec in peers if spec.selector.matches(labels)]
+    best = min(rivals, key=precedence, default=None)
+    return best if best is not None and precedence(best) < precedence(owner) else None
+
+
+async def reconcile(
+    client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any], peers: Sequence[Peer] = ()
+) -> Outcome:
+    """Bring the cluster in line with one LLMTelemetry and write its status.
+
+    ``peers`` are the other live LLMTelemetry of the namespace with valid specs; a workload that one of them
+    also selects goes to the winner under :func:`precedence`.
+    """
     meta = owner["metadata"]
     name = meta["name"]
     outcome = Outcome(applied=(meta.get("uid") or "", meta.get("generation")))
@@ -108,26 +133,32 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
 
     conditions: dict[str, r.Condition] = {}
     workloads = await _candidates(client, owner, spec)
-    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome)
+    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome, peers)
     outcome.targets = [workload_key(w) for w in targets]
+    # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
+    # scraped, alerted on or charted twice (any it made before the conflict are removed).
+    standby = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict"
 
     # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
-    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome)
+    # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
+    # the workload is taken over with it.
+    outranked = frozenset(body["metadata"]["name"] for body, _ in peers if precedence(body) > precedence(owner))
+    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome, outranked)
     configmaps: list[dict[str, Any]] = []
-    if spec.pricing.inline:
+    if spec.pricing.inline and not standby:
         configmaps.append(r.build_pricing_configmap(owner, spec))
     dashboard_error: str | None = None
-    if spec.dashboard.enabled:
+    if spec.dashboard.enabled and not standby:
         try:
             configmaps.append(r.build_dashboard_configmap(owner, spec, config))
         except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
             dashboard_error = f"dashboard could not be rendered: {exc}"
     cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None, outcome)
 
-    monitor = [r.build_service_monitor(owner, spec, config)]
+    monitor = [] if standby else [r.build_service_monitor(owner, spec, config)]
     monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome)
-    rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled else []
+    rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled and not standby else []
     rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome)
 
     if service_error:
@@ -171,8 +202,13 @@ async def reconcile(client: KubeClient, config: OperatorConfig, owner: Mapping[s
             f"dashboard ConfigMap {r.dashboard_configmap_name(name)} in folder {spec.dashboard.folder!r}",
         )
 
+    if standby:
+        message = "no children while " + conditions[c.CONDITION_INJECTED].message
+        for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
+            conditions[type_] = r.Condition(type_, False, "Conflict", message)
     for cond in conditions.values():
-        if not cond.status and cond.reason not in ("Disabled", "NoTargets"):
+        # Conflicts have one event per workload lost, posted by _inject.
+        if not cond.status and cond.reason not in ("Disabled", "NoTargets", "Conflict"):
             outcome.failures.append((cond.reason, cond.message))
         if cond.reason.endswith("Failed"):
             outcome.retry = True
@@ -208,43 +244,67 @@ async def _inject(
     workloads: list[dict[str, Any]],
     conditions: dict[str, r.Condition],
     outcome: Outcome,
+    peers: Sequence[Peer] = (),
 ) -> list[dict[str, Any]]:
     name = owner["metadata"]["name"]
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
+    lost: list[str] = []
     errors: list[str] = []
     for workload in workloads:
         labels = workload.get("metadata", {}).get("labels") or {}
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
-        if record is not None and not mine:
-            if spec.selector.matches(labels):
-                skipped.append(f"{workload_key(workload)} (already injected by {record.get('owner')})")
-            continue
         selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
+        rival = _rival(owner, labels, peers) if selected else None
+        if rival is not None:
+            winner = rival["metadata"]["name"]
+            created = rival["metadata"].get("creationTimestamp") or "the same time"
+            message = (
+                f"{workload_key(workload)} is also selected by LLMTelemetry {winner}, which wins it (the oldest "
+                f"wins: created {created}, then by name); this resource leaves it alone"
+            )
+            lost.append(f"{workload_key(workload)} (served by {winner})")
+            outcome.failures.append(("Conflict", message))
+            selected = False  # remove our injection, if we had made it before the winner appeared
+            if not mine:
+                continue
+        holder = None if record is None or mine else str(record.get("owner"))
+        take_over = False
+        if holder is not None:
+            # Injected by another: ours only if that one is a live peer this resource wins the workload from.
+            beaten = any(body["metadata"]["name"] == holder for body, _ in peers)
+            if not (selected and beaten):
+                if selected:
+                    skipped.append(f"{workload_key(workload)} (already injected by {holder})")
+                continue
+            take_over = True
         if not selected and not mine:
             continue
         try:
-            written = await _patch_workload(client, config, owner, spec if selected else None, workload)
+            written = await _patch_workload(
+                client, config, owner, spec if selected else None, workload, take_over=take_over
+            )
         except ApiError as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
             continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, written)
         if selected:
             targets.append(workload)
+    namespace = owner["metadata"]["namespace"]
+    notes = "".join(f"; {what} " + ", ".join(items) for what, items in (("skipped", skipped), ("left", lost)) if items)
     if errors:
         conditions[c.CONDITION_INJECTED] = r.Condition(
             c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)
         )
+    elif not targets and lost:
+        message = "every selected workload is served by an older LLMTelemetry: " + ", ".join(lost)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets:
-        message = f"no Deployment or StatefulSet matches spec.selector in namespace {owner['metadata']['namespace']}"
-        if skipped:
-            message += "; skipped " + ", ".join(skipped)
+        message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
     else:
-        message = "injected into " + ", ".join(workload_key(w) for w in targets)
-        if skipped:
-            message += "; skipped " + ", ".join(skipped)
+        message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
 
@@ -255,14 +315,17 @@ async def _patch_workload(
     owner: Mapping[str, Any],
     spec: TelemetrySpec | None,
     workload: dict[str, Any],
+    *,
+    take_over: bool = False,
 ) -> str | None:
-    """Inject (or with ``spec`` None, remove) the telemetry; returns the workload's resourceVersion after."""
+    """Inject (or with ``spec`` None, remove) the telemetry; returns the workload's resourceVersion after.
+    ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it)."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
     for attempt in range(CONFLICT_ATTEMPTS):
         injection = r.build_injection(spec, config, workload, name) if spec is not None else None
-        patch = r.build_workload_patch(workload, injection, name)
+        patch = r.build_workload_patch(workload, injection, name, take_over=take_over)
         if patch is None:
             return _version(workload)
         try:
@@ -309,8 +372,10 @@ async def _sync_children(
     desired: list[dict[str, Any]],
     component: str | None,
     outcome: Outcome,
+    adoptable: frozenset[str] = frozenset(),
 ) -> str | None:
-    """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None."""
+    """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
+    A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error."""
     meta = owner["metadata"]
     namespace = meta["namespace"]
     try:
@@ -324,7 +389,7 @@ async def _sync_children(
     errors = []
     for obj in desired:
         try:
-            version = await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]))
+            version = await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]), adoptable)
             _remember(outcome, resource, obj["metadata"]["name"], by_name.get(obj["metadata"]["name"]), version)
         except ApiError as exc:
             errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
@@ -335,14 +400,23 @@ async def _sync_children(
         if resource == kube.CONFIGMAPS and labels.get(c.LABEL_COMPONENT) not in ("pricing", "dashboard"):
             continue
         try:
-            await client.delete(resource, namespace, obj_name)
+            # Only the version listed: one changed since (say relabelled by the LLMTelemetry that took its
+            # workload over) is for the next pass to judge.
+            await client.delete(resource, namespace, obj_name, resource_version=_version(obj))
+        except ConflictError:
+            continue
         except ApiError as exc:
             errors.append(f"deleting {obj_name}: {exc}")
     return "; ".join(errors) or None
 
 
 async def _apply(
-    client: KubeClient, resource: Resource, namespace: str, desired: dict[str, Any], current: dict[str, Any] | None
+    client: KubeClient,
+    resource: Resource,
+    namespace: str,
+    desired: dict[str, Any],
+    current: dict[str, Any] | None,
+    adoptable: frozenset[str] = frozenset(),
 ) -> str | None:
     """Create or repair one child; returns its resourceVersion once it is as desired (None if not known)."""
     name = desired["metadata"]["name"]
@@ -355,7 +429,7 @@ async def _apply(
             except ConflictError:
                 current = await client.get(resource, namespace, name)
                 owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
-                if owner_label != desired["metadata"]["labels"][c.LABEL_OWNER]:
+                if owner_label != desired["metadata"]["labels"][c.LABEL_OWNER] and owner_label not in adoptable:
                     raise ConflictError(
                         409, "AlreadyExists", "exists and is not managed by this LLMTelemetry"
                     ) from None

@@ -311,15 +311,17 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
 
 
 def build_workload_patch(
-    workload: Mapping[str, Any], injection: Injection | None, owner_name: str
+    workload: Mapping[str, Any], injection: Injection | None, owner_name: str, *, take_over: bool = False
 ) -> dict[str, Any] | None:
     """The merge patch that brings ``workload`` to ``injection`` (None: remove ours), or None if already there.
 
+    A workload injected by another LLMTelemetry is left alone (None), unless ``take_over``: the caller decided
+    that this one wins the workload (see ``reconcile``), and the other's injection is replaced by ours.
     Lists (containers, volumes) are sent whole because a merge patch replaces lists.
     """
     record = injected_record(workload)
-    if record is not None and record.get("owner") not in (None, owner_name):
-        return None  # another LLMTelemetry got there first; never fight over a workload
+    if record is not None and record.get("owner") not in (None, owner_name) and not (take_over and injection):
+        return None  # another LLMTelemetry's injection: only the winner of a conflict replaces it
     current = workload.get("spec", {}).get("template", {})
     template = copy.deepcopy(current)
     _strip(template, record)

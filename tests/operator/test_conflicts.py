@@ -1,0 +1,133 @@
+"""Two LLMTelemetry selecting one workload, against the kmock emulator: the oldest wins, visibly.
+
+The rule (docs/operator.md): the oldest by ``creationTimestamp`` wins, ties go to the first by name. The winner
+injects and owns the scrape, alerts and dashboard; the other reports ``Conflict`` naming the winner, posts a
+Warning event, and keeps no ServiceMonitor, PrometheusRule or dashboard of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kopf_testing import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PROMETHEUSRULES,
+    SERVICEMONITORS,
+    SERVICES,
+    condition,
+    deployment,
+    eventually,
+    get,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    running_operator,
+)
+from test_operator_kmock import check_usage, hand
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import resources as r
+
+OLDER, NEWER = "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"
+LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+
+
+def created(name: str, timestamp: str) -> dict[str, Any]:
+    body = minimal_llmt(name)
+    body["metadata"]["creationTimestamp"] = timestamp
+    return body
+
+
+def children(kmock: Any, owner: str) -> dict[str, Any]:
+    return {
+        "service": get(kmock, SERVICES, "chat-llm-metrics"),
+        "monitor": get(kmock, SERVICEMONITORS, f"{owner}-llm-telemetry"),
+        "rules": get(kmock, PROMETHEUSRULES, f"{owner}-llm-telemetry"),
+        "dashboard": get(kmock, CONFIGMAPS, f"{owner}-llm-dashboard"),
+    }
+
+
+def holder(kmock: Any) -> str | None:
+    record = r.injected_record(get(kmock, DEPLOYMENTS, "chat") or {})
+    return None if record is None else str(record.get("owner"))
+
+
+def conflict_events(kmock: Any, owner: str) -> list[str]:
+    return [
+        str((req.data or {}).get("message"))
+        for req in list(kmock)
+        if req.method.value == "POST"
+        and str(req.url.path).endswith("/events")
+        and (req.data or {}).get("reason") == "Conflict"
+        and (req.data or {}).get("involvedObject", {}).get("name") == owner
+    ]
+
+
+def reason(kmock: Any, owner: str, type_: str) -> str | None:
+    return condition(get(kmock, LLMT, owner), type_).get("reason")
+
+
+async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, shared_crds: Any) -> None:
+    """Found together at startup: "zeta" is older (and last by name, so age decides, not name)."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "the older one Ready")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "the newer one in Conflict")
+        assert holder(emulator) == "zeta"
+        injected = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)
+        assert injected["status"] == "False" and "served by zeta" in injected["message"]
+        for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
+            assert reason(emulator, "alpha", type_) == "Conflict"
+        assert get(emulator, LLMT, "alpha")["status"]["targets"] == []
+        # kubectl describe llmt alpha: a Warning event naming the winner and the rule.
+        events = await eventually(lambda: conflict_events(emulator, "alpha"), "Conflict event on alpha")
+        assert "LLMTelemetry zeta, which wins it" in events[0] and "oldest" in events[0]
+        assert conflict_events(emulator, "zeta") == []
+        # Scraped, alerted and charted once: only the winner's children exist.
+        assert all(children(emulator, "zeta").values())
+        assert children(emulator, "zeta")["service"]["metadata"]["labels"][c.LABEL_OWNER] == "zeta"
+        assert not any(v for k, v in children(emulator, "alpha").items() if k != "service")
+
+        # The winner goes away: the other takes the workload over and builds its own children.
+        await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready after zeta is gone")
+        await eventually(lambda: holder(emulator) == "alpha", "alpha injected")
+        await eventually(lambda: all(children(emulator, "alpha").values()), "alpha's children")
+        await eventually(lambda: get(emulator, SERVICEMONITORS, "zeta-llm-telemetry") is None, "zeta's children gone")
+    check_usage(emulator)
+
+
+async def test_older_resource_arriving_later_takes_the_workload_over(emulator: Any, shared_crds: Any) -> None:
+    """ "alpha" serves the workload alone; then "zeta", which ranks first, appears (same timestamp, name decides:
+    here "aaa" ranks before "alpha"). The workload changes hands, and alpha's children are removed."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", OLDER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        assert all(children(emulator, "alpha").values())
+        await hand(emulator, "POST", LLMT_PATH, created("aaa", OLDER))
+        await eventually(lambda: holder(emulator) == "aaa", "aaa took the workload over")
+        await eventually(lambda: reason(emulator, "aaa", "Ready") == "Ready", "aaa Ready")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(
+            lambda: not any(v for k, v in children(emulator, "alpha").items() if k != "service"),
+            "alpha's ServiceMonitor, PrometheusRule and dashboard removed",
+        )
+        await eventually(
+            lambda: (
+                (get(emulator, SERVICES, "chat-llm-metrics") or {})
+                .get("metadata", {})
+                .get("labels", {})
+                .get(c.LABEL_OWNER)
+                == "aaa"
+            ),
+            "the metrics Service is aaa's",
+        )
+        assert await eventually(lambda: conflict_events(emulator, "alpha"), "Conflict event on alpha")
+    check_usage(emulator)
