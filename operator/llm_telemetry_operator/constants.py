@@ -44,3 +44,5 @@ CONDITION_INJECTED: Final = "Injected"
 CONDITION_METRICS: Final = "MetricsExposed"
 CONDITION_ALERTS: Final = "AlertsConfigured"
 CONDITION_DASHBOARD: Final = "DashboardProvisioned"
+#: Whether the trace/log collectors the exporters would send to exist (informational: does not block Ready).
+CONDITION_COLLECTORS: Final = "CollectorsAvailable"

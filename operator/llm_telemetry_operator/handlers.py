@@ -17,6 +17,8 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube, metrics
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_SECONDS
+from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient
@@ -58,6 +60,8 @@ class OperatorState:
     #: afresh, so a request for a pass made before the last one started is already answered by it (see
     #: :func:`_reconcile`).
     passes: dict[tuple[str, str], tuple[float, rec.Outcome]] = field(default_factory=dict)
+    #: Collector Service lookups, shared by all passes (cached briefly).
+    collectors: CollectorCheck = field(default_factory=CollectorCheck)
 
 
 def _state(memo: Any) -> OperatorState:
@@ -108,7 +112,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     config = _config(memo)
     _client(memo)
     # Shared by all objects' handlers only because it is put on the operator memo here (see OperatorState).
-    memo["state"] = OperatorState()
+    # A lookup is shared by the passes of one burst, and never outlives half a resync interval, so the resync
+    # notices a collector installed meanwhile.
+    ttl = min(COLLECTOR_CACHE_SECONDS, config.resync_seconds / 2)
+    memo["state"] = OperatorState(collectors=CollectorCheck(config.namespaces, ttl=ttl))
     # Our own finalizer name, so `kubectl get -o yaml` tells users who holds the object.
     settings.persistence.finalizer = c.FINALIZER
     # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
@@ -214,7 +221,11 @@ async def _reconcile(
             written = state.statuses.get(uid)
             peers = [(b, s) for b, s in _owners(memo, key[0]) if s is not None and b["metadata"]["name"] != key[1]]
             outcome = await rec.reconcile(
-                _client(memo), _config(memo), body if written is None else {**body, "status": written}, peers
+                _client(memo),
+                _config(memo),
+                body if written is None else {**body, "status": written},
+                peers,
+                state.collectors,
             )
             if uid and outcome.status:
                 state.statuses[uid] = outcome.status
@@ -344,7 +355,8 @@ async def workload_event(
         elif type == "DELETED":
             needed = mine
         elif spec.selector.matches(labels):
-            injection = r.build_injection(spec, _config(memo), workload, owner_name)
+            without = last[1].without if last is not None else frozenset()
+            injection = r.build_injection(spec, _config(memo), workload, owner_name, without)
             needed = r.build_workload_patch(workload, injection, owner_name) is not None
         else:
             needed = mine

@@ -15,6 +15,7 @@ from typing import Any
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient, Resource
@@ -49,6 +50,8 @@ class Outcome:
     seen: set[tuple[str, str, str]] = field(default_factory=set)
     #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
     applied: tuple[str, Any] = ("", None)
+    #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
+    without: frozenset[str] = frozenset()
 
 
 def _now() -> str:
@@ -111,12 +114,17 @@ def _rival(owner: Mapping[str, Any], labels: Mapping[str, str], peers: Sequence[
 
 
 async def reconcile(
-    client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any], peers: Sequence[Peer] = ()
+    client: KubeClient,
+    config: OperatorConfig,
+    owner: Mapping[str, Any],
+    peers: Sequence[Peer] = (),
+    collectors: CollectorCheck | None = None,
 ) -> Outcome:
     """Bring the cluster in line with one LLMTelemetry and write its status.
 
     ``peers`` are the other live LLMTelemetry of the namespace with valid specs; a workload that one of them
-    also selects goes to the winner under :func:`precedence`.
+    also selects goes to the winner under :func:`precedence`. ``collectors`` looks up the collectors' Services
+    (a shared one caches them; default: a fresh lookup).
     """
     meta = owner["metadata"]
     name = meta["name"]
@@ -132,6 +140,7 @@ async def reconcile(
         return outcome
 
     conditions: dict[str, r.Condition] = {}
+    conditions[c.CONDITION_COLLECTORS] = await _collectors(client, config, spec, collectors, outcome)
     workloads = await _candidates(client, owner, spec)
     targets = await _inject(client, config, owner, spec, workloads, conditions, outcome, peers)
     outcome.targets = [workload_key(w) for w in targets]
@@ -212,7 +221,7 @@ async def reconcile(
             outcome.failures.append((cond.reason, cond.message))
         if cond.reason.endswith("Failed"):
             outcome.retry = True
-    required = [cond for cond in conditions.values() if cond.reason != "Disabled"]
+    required = [cond for t, cond in conditions.items() if cond.reason != "Disabled" and t != c.CONDITION_COLLECTORS]
     blocking = [cond for cond in required if not cond.status]
     outcome.ready = not blocking
     if outcome.ready:
@@ -232,7 +241,48 @@ _CONDITION_TYPES = (
     c.CONDITION_METRICS,
     c.CONDITION_ALERTS,
     c.CONDITION_DASHBOARD,
+    c.CONDITION_COLLECTORS,
 )
+
+
+async def _collectors(
+    client: KubeClient,
+    config: OperatorConfig,
+    spec: TelemetrySpec,
+    check: CollectorCheck | None,
+    outcome: Outcome,
+) -> r.Condition:
+    """Look up the Services of the collectors the enabled exporters would send to; leave out (``outcome.without``)
+    each exporter whose Service is missing, and say so in the condition (see :mod:`collectors`)."""
+    check = check or CollectorCheck(config.namespaces)
+    wanted = []
+    if spec.tracing.enabled:
+        wanted.append(("traces", spec.tracing.endpoint or config.traces_endpoint, "spec.tracing.endpoint"))
+    if spec.logs.enabled and spec.logs.mode == "otlp":
+        wanted.append(("logs", spec.logs.endpoint or config.logs_endpoint, "spec.logs.endpoint"))
+    if not wanted:
+        return r.Condition(c.CONDITION_COLLECTORS, False, "Disabled", "neither traces nor OTLP logs are enabled")
+    missing, found, unchecked = [], [], []
+    for signal, endpoint, spec_field in wanted:
+        lookup = await check.lookup(client, endpoint)
+        if lookup.found is False and lookup.service is not None:
+            namespace, name = lookup.service
+            outcome.without |= {signal}
+            missing.append(
+                f"{signal}: Service {name} in namespace {namespace} ({endpoint}) does not exist, so no {signal} "
+                f"exporter is injected; install the collector there or point {spec_field} at one"
+            )
+        elif lookup.found:
+            found.append(f"{signal}: {endpoint}")
+        else:
+            unchecked.append(f"{signal}: {endpoint} ({lookup.note})")
+    if missing:
+        return r.Condition(c.CONDITION_COLLECTORS, False, "CollectorNotFound", "; ".join(missing))
+    if unchecked:
+        return r.Condition(c.CONDITION_COLLECTORS, True, "NotChecked", "; ".join(found + unchecked))
+    return r.Condition(c.CONDITION_COLLECTORS, True, "CollectorsFound", "; ".join(found))
+
+
 _CRD_MISSING = "crd-missing"
 
 
@@ -283,7 +333,13 @@ async def _inject(
             continue
         try:
             written = await _patch_workload(
-                client, config, owner, spec if selected else None, workload, take_over=take_over
+                client,
+                config,
+                owner,
+                spec if selected else None,
+                workload,
+                take_over=take_over,
+                without=outcome.without,
             )
         except ApiError as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
@@ -317,6 +373,7 @@ async def _patch_workload(
     workload: dict[str, Any],
     *,
     take_over: bool = False,
+    without: frozenset[str] = frozenset(),
 ) -> str | None:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload's resourceVersion after.
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it)."""
@@ -324,7 +381,7 @@ async def _patch_workload(
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
     for attempt in range(CONFLICT_ATTEMPTS):
-        injection = r.build_injection(spec, config, workload, name) if spec is not None else None
+        injection = r.build_injection(spec, config, workload, name, without) if spec is not None else None
         patch = r.build_workload_patch(workload, injection, name, take_over=take_over)
         if patch is None:
             return _version(workload)

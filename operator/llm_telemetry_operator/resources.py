@@ -130,9 +130,17 @@ def otel_service_name(workload: Mapping[str, Any]) -> str:
 
 
 def build_env(
-    spec: TelemetrySpec, config: OperatorConfig, workload: Mapping[str, Any], owner_name: str
+    spec: TelemetrySpec,
+    config: OperatorConfig,
+    workload: Mapping[str, Any],
+    owner_name: str,
+    without: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """The environment the middleware and the OpenTelemetry SDK read, in dependency order."""
+    """The environment the middleware and the OpenTelemetry SDK read, in dependency order.
+
+    ``without``: exporters (``traces``, ``logs``) not to inject although enabled, because their collector's
+    Service does not exist (see :mod:`llm_telemetry_operator.collectors`).
+    """
 
     def field_ref(name: str, path: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
@@ -165,7 +173,7 @@ def build_env(
         env.append(value(mw.LLM_TELEMETRY_ATTRIBUTION_HEADERS, headers))
     if spec.pricing.inline or spec.pricing.config_map:
         env.append(value(mw.LLM_TELEMETRY_PRICING, f"{c.PRICING_MOUNT_PATH}/{c.PRICING_FILE}"))
-    if spec.tracing.enabled:
+    if spec.tracing.enabled and "traces" not in without:
         env += [
             value("OTEL_TRACES_EXPORTER", "otlp"),
             value("OTEL_EXPORTER_OTLP_ENDPOINT", spec.tracing.endpoint or config.traces_endpoint),
@@ -175,7 +183,7 @@ def build_env(
         ]
     else:
         env.append(value("OTEL_TRACES_EXPORTER", "none"))
-    if spec.logs.enabled and spec.logs.mode == "otlp":
+    if spec.logs.enabled and spec.logs.mode == "otlp" and "logs" not in without:
         base = (spec.logs.endpoint or config.logs_endpoint).rstrip("/")
         env += [
             value("OTEL_LOGS_EXPORTER", "otlp"),
@@ -189,9 +197,13 @@ def build_env(
 
 
 def build_injection(
-    spec: TelemetrySpec, config: OperatorConfig, workload: Mapping[str, Any], owner_name: str
+    spec: TelemetrySpec,
+    config: OperatorConfig,
+    workload: Mapping[str, Any],
+    owner_name: str,
+    without: frozenset[str] = frozenset(),
 ) -> Injection:
-    """Everything to inject into one workload for one LLMTelemetry."""
+    """Everything to inject into one workload for one LLMTelemetry (``without``: see :func:`build_env`)."""
     volume = mount = None
     extra = ""
     if spec.pricing.inline or spec.pricing.config_map:
@@ -205,7 +217,7 @@ def build_injection(
         if spec.pricing.inline:
             extra = build_pricing_document(spec)
     return Injection(
-        env=tuple(build_env(spec, config, workload, owner_name)),
+        env=tuple(build_env(spec, config, workload, owner_name, without)),
         port={"name": c.METRICS_PORT_NAME, "containerPort": spec.metrics.port, "protocol": "TCP"},
         volume=volume,
         volume_mount=mount,

@@ -384,6 +384,17 @@ def install_prometheus_operator_crds(kmock: Any, shared_crds: Mapping[str, Mappi
         kmock.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = dict(crd)
 
 
+def install_default_collectors(kmock: Any) -> None:
+    """The Services behind the operator's default trace and log endpoints (Jaeger's and Loki's)."""
+    for name in ("jaeger-collector", "loki-gateway"):
+        kmock.objects[SERVICES, "observability", name] = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "observability"},
+            "spec": {"ports": [{"port": 4318 if name == "jaeger-collector" else 80}]},
+        }
+
+
 @contextlib.asynccontextmanager
 async def running_operator(config: OperatorConfig | None = None) -> AsyncIterator[kopf.Memo]:
     """kopf's real operator loop, in-process, on the test's event loop (where kmock serves)."""

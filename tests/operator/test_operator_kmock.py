@@ -25,6 +25,7 @@ from kopf_testing import (
     deployment,
     eventually,
     get,
+    install_default_collectors,
     install_prometheus_operator_crds,
     kopf_peering,
     minimal_llmt,
@@ -80,6 +81,7 @@ async def hand(kmock: Any, method: str, path: str, body: Any = None) -> None:
 
 async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, shared_crds)
+    install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(env=[{"name": "OTEL_SERVICE_NAME", "value": "mine"}])
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
@@ -94,7 +96,13 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
         status = owner["status"]
         assert status["observedGeneration"] == 1
         assert status["targets"] == ["Deployment/chat"] and status["targetCount"] == 1
-        for type_ in (c.CONDITION_INJECTED, c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
+        for type_ in (
+            c.CONDITION_INJECTED,
+            c.CONDITION_METRICS,
+            c.CONDITION_ALERTS,
+            c.CONDITION_DASHBOARD,
+            c.CONDITION_COLLECTORS,
+        ):
             assert condition(owner, type_)["status"] == "True", condition(owner, type_)
 
         # The pod template: middleware env (the user's OTEL_SERVICE_NAME wins), metrics port, config hash.

@@ -1,0 +1,90 @@
+"""Whether the trace and log collectors a resource would export to have a Service behind them.
+
+An exporter pointed at a Service that does not exist fails in every pod, on every batch, in the pods' own logs,
+where nobody connects it to the operator. So before injecting an exporter whose endpoint names an in-cluster
+Service, the operator looks the Service up: when it is missing, that exporter is not injected (its
+``OTEL_*_EXPORTER`` is ``none``), the resource's ``CollectorsAvailable`` condition names the Service and the
+remedy, and an event says the same. Once the Service exists, the next pass injects the exporter (and the
+changed config hash rolls the pods).
+
+Endpoints checked: the built-in defaults (Jaeger and Loki in ``observability``), and any endpoint whose host is
+written as a Service name, ``<service>.<namespace>.svc[.<cluster domain>]``. Other hosts (external names,
+IPs, ``<service>.<namespace>`` set by the user) are trusted as given.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.config import DEFAULT_LOGS_ENDPOINT, DEFAULT_TRACES_ENDPOINT
+from llm_telemetry_operator.errors import ApiError, NotFoundError
+
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SERVICE_HOST = re.compile(rf"^(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?P<svc>\.svc(\.[a-z0-9.-]+)?)?$")
+#: Seconds a lookup is reused: passes for many resources share one read, and a Service installed later is
+#: noticed by the first pass after this.
+CACHE_SECONDS = 30.0
+
+
+def service_of(endpoint: str) -> tuple[str, str] | None:
+    """The (namespace, name) of the Service an endpoint names, or None when it does not name one."""
+    host = (urlsplit(endpoint).hostname or "").lower()
+    match = _SERVICE_HOST.match(host)
+    if match is None:
+        return None
+    if match.group("svc") or endpoint.rstrip("/") in (DEFAULT_TRACES_ENDPOINT, DEFAULT_LOGS_ENDPOINT):
+        return match.group("namespace"), match.group("name")
+    return None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What is known about one endpoint's Service: ``found`` True/False, or None (not checked, see ``note``)."""
+
+    endpoint: str
+    service: tuple[str, str] | None
+    found: bool | None
+    note: str = ""
+
+
+class CollectorCheck:
+    """Looks up collector Services, remembering each answer for :data:`CACHE_SECONDS`.
+
+    Args:
+        namespaces: the namespaces the operator may read Services in (its watched namespaces); empty: all.
+
+    Example::
+
+        check = CollectorCheck()
+        lookup = await check.lookup(client, "http://jaeger-collector.observability:4318")
+    """
+
+    def __init__(self, namespaces: tuple[str, ...] = (), ttl: float = CACHE_SECONDS) -> None:
+        self.namespaces = namespaces
+        self.ttl = ttl
+        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+
+    async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
+        service = service_of(endpoint)
+        if service is None:
+            return Lookup(endpoint, None, None, "not an in-cluster Service name; not checked")
+        namespace, name = service
+        if self.namespaces and namespace not in self.namespaces:
+            # In namespaced mode the operator has no right to read Services elsewhere: say so, do not 403.
+            return Lookup(endpoint, service, None, f"namespace {namespace} is not watched; not checked")
+        cached = self._cache.get(service)
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
+            return Lookup(endpoint, service, cached[1])
+        try:
+            await client.get(kube.SERVICES, namespace, name)
+            found = True
+        except NotFoundError:
+            found = False
+        except ApiError as exc:
+            return Lookup(endpoint, service, None, f"could not be checked: {exc}")
+        self._cache[service] = (time.monotonic(), found)
+        return Lookup(endpoint, service, found)

@@ -1,0 +1,119 @@
+"""Default trace and log collectors that do not exist: no failing exporter in every pod, a condition and an event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PEERING,
+    condition,
+    deployment,
+    eventually,
+    get,
+    minimal_llmt,
+    running_operator,
+)
+from test_operator_kmock import check_usage, env_of, hand
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator.collectors import service_of
+from llm_telemetry_operator.config import OperatorConfig
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "service"),
+    [
+        ("http://jaeger-collector.observability:4318", ("observability", "jaeger-collector")),
+        ("http://loki-gateway.observability/otlp", ("observability", "loki-gateway")),
+        ("http://tempo.monitoring.svc:4318", ("monitoring", "tempo")),
+        ("http://tempo.monitoring.svc.cluster.local:4318", ("monitoring", "tempo")),
+        ("http://tempo.monitoring:4318", None),  # a user's own short name: trusted as given
+        ("https://otlp.example.com", None),
+        ("http://10.0.0.5:4318", None),
+    ],
+)
+def test_service_of_endpoint(endpoint: str, service: tuple[str, str] | None) -> None:
+    assert service_of(endpoint) == service
+
+
+def collector_events(kmock: Any) -> list[str]:
+    return [
+        str((req.data or {}).get("message"))
+        for req in list(kmock)
+        if req.method.value == "POST"
+        and str(req.url.path).endswith("/events")
+        and (req.data or {}).get("reason") == "CollectorNotFound"
+    ]
+
+
+async def test_missing_default_collectors_are_reported_and_not_injected(emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    # A short resync, so the test sees a collector installed later being picked up by it.
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
+    async with running_operator(config):
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
+            "CollectorsAvailable written",
+        )
+        collectors = condition(owner, c.CONDITION_COLLECTORS)
+        assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
+        assert "Service jaeger-collector in namespace observability" in collectors["message"]
+        assert "Service loki-gateway in namespace observability" in collectors["message"]
+        assert "spec.tracing.endpoint" in collectors["message"]
+        # The rest of the wiring does not wait for collectors: metrics are injected all the same.
+        env = env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert env["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env
+        events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
+        assert "jaeger-collector" in events[0]
+        old_hash = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"]["annotations"][
+            c.ANNOTATION_CONFIG_HASH
+        ]
+
+        # Jaeger gets installed: the next resync injects the trace exporter, and the new hash rolls the pods.
+        await hand(
+            emulator,
+            "POST",
+            "/api/v1/namespaces/observability/services",
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "jaeger-collector"}, "spec": {}},
+        )
+        await eventually(
+            lambda: (
+                env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                == "http://jaeger-collector.observability:4318"
+            ),
+            "trace exporter injected once its collector exists",
+        )
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert env_of(dep)["OTEL_LOGS_EXPORTER"] == "none"  # Loki is still missing
+        assert dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH] != old_hash
+        collectors = await eventually(
+            lambda: (
+                "jaeger" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS)["message"]
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS)
+            ),
+            "condition names only Loki",
+        )
+        assert collectors["reason"] == "CollectorNotFound" and "loki-gateway" in collectors["message"]
+    check_usage(emulator)
+
+
+async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(
+        tracing={"endpoint": "https://otlp.example.com"}, logs={"enabled": False}
+    )
+    async with running_operator():
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
+            "CollectorsAvailable written",
+        )
+    collectors = condition(owner, c.CONDITION_COLLECTORS)
+    assert (collectors["status"], collectors["reason"]) == ("True", "NotChecked")
+    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://otlp.example.com"
