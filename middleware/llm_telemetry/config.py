@@ -59,6 +59,8 @@ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: Final = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 OTEL_EXPORTER_OTLP_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_PROTOCOL"
 #: Protocol for spans only.
 OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+#: Protocol for metrics only (OTLP metrics are on with ``LLM_TELEMETRY_METRICS_EXPORTER=prometheus,otlp``).
+OTEL_EXPORTER_OTLP_METRICS_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
 #: Protocol for logs only.
 OTEL_EXPORTER_OTLP_LOGS_PROTOCOL: Final = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"
 #: Span exporters: ``otlp``, ``console`` or ``none``; unset means ``otlp`` when an endpoint is set.
@@ -66,6 +68,7 @@ OTEL_TRACES_EXPORTER: Final = "OTEL_TRACES_EXPORTER"
 #: Log exporters: ``otlp`` also sends the request log lines over OTLP; unset or ``none``: stdout only.
 OTEL_LOGS_EXPORTER: Final = "OTEL_LOGS_EXPORTER"
 
+DEFAULT_OTLP_PROTOCOL: Final = "http/protobuf"
 DEFAULT_METRICS_PORT: Final = 9464
 DEFAULT_METRICS_HOST: Final = "0.0.0.0"
 DEFAULT_MAX_LABEL_VALUES: Final = 100
@@ -219,3 +222,51 @@ def _parse_exporters(name: str, value: str) -> tuple[str, ...]:
         if item not in ("prometheus", "otlp"):
             raise ConfigurationError(f"{name}={value!r}: {item!r} is not one of prometheus, otlp, none")
     return items
+
+
+def _exporter_list(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in (value or "").split(",") if item.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class OTelEnvironment:
+    """The standard ``OTEL_*`` variables the middleware acts on, read in one place for metrics, traces and logs.
+
+    Build with :meth:`resolve`. With ``OTEL_SDK_DISABLED=true`` every signal is off: no spans, no OTLP log
+    records, and no metrics (neither the Prometheus endpoint nor OTLP), as the OpenTelemetry SDK itself does
+    when it is disabled. The SDK and its exporters read the remaining variables themselves (endpoints, headers,
+    ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, samplers).
+    """
+
+    #: ``OTEL_SDK_DISABLED=true``.
+    sdk_disabled: bool = False
+    #: Span exporters to build (``otlp``, ``console``, ...); empty: tracing is off unless a provider is given.
+    traces_exporters: tuple[str, ...] = ()
+    #: Log exporters besides stdout (``otlp``); empty: stdout only.
+    logs_exporters: tuple[str, ...] = ()
+    #: OTLP protocol per signal: ``grpc`` or ``http/protobuf``.
+    traces_protocol: str = DEFAULT_OTLP_PROTOCOL
+    metrics_protocol: str = DEFAULT_OTLP_PROTOCOL
+    logs_protocol: str = DEFAULT_OTLP_PROTOCOL
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None) -> OTelEnvironment:
+        """Read ``env`` (default ``os.environ``)."""
+        env = os.environ if env is None else env
+
+        def protocol(signal_var: str) -> str:
+            return (env.get(signal_var) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or DEFAULT_OTLP_PROTOCOL).strip()
+
+        disabled = env.get(OTEL_SDK_DISABLED, "").strip().lower() == "true"
+        traces = _exporter_list(env.get(OTEL_TRACES_EXPORTER))
+        if not traces and (env.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or env.get(OTEL_EXPORTER_OTLP_ENDPOINT)):
+            traces = ("otlp",)  # an endpoint alone turns tracing on
+        logs = _exporter_list(env.get(OTEL_LOGS_EXPORTER))
+        return cls(
+            sdk_disabled=disabled,
+            traces_exporters=() if disabled else tuple(t for t in traces if t != "none"),
+            logs_exporters=() if disabled else tuple(x for x in logs if x != "none"),
+            traces_protocol=protocol(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL),
+            metrics_protocol=protocol(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL),
+            logs_protocol=protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL),
+        )

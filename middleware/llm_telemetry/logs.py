@@ -19,7 +19,7 @@ from typing import IO, Any, Final
 
 from opentelemetry import context, trace
 
-from .config import OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_LOGS_EXPORTER, OTEL_SDK_DISABLED
+from .config import OTelEnvironment
 from .labels import valid_text
 from .record import LLMCall
 
@@ -203,7 +203,7 @@ class OTLPLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def _otlp_logger_provider(env: Mapping[str, str]) -> tuple[Any, bool]:
+def _otlp_logger_provider(protocol: str) -> tuple[Any, bool]:
     """The application's global SDK LoggerProvider, or a new one exporting over OTLP (owned by us)."""
     from opentelemetry._logs import get_logger_provider
     from opentelemetry.sdk._logs import LoggerProvider
@@ -215,9 +215,8 @@ def _otlp_logger_provider(env: Mapping[str, str]) -> tuple[Any, bool]:
     from opentelemetry.sdk.resources import Resource
 
     provider = LoggerProvider(resource=Resource.create())
-    protocol = env.get(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "http/protobuf"
     exporter: Any
-    if protocol.strip() == "grpc":
+    if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
 
         exporter = GrpcLogExporter()
@@ -238,7 +237,7 @@ class RequestLogs:
     """
 
     def __init__(self, service: str, env: Mapping[str, str] | None = None) -> None:
-        env = os.environ if env is None else env
+        otel = OTelEnvironment.resolve(env)
         self.logger = logging.getLogger(REQUEST_LOGGER)
         self.observer = RequestLogObserver(service, self.logger)
         self._handlers: list[logging.Handler] = []
@@ -252,9 +251,8 @@ class RequestLogs:
             self.logger.propagate = False
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
-        exporters = [e.strip().lower() for e in env.get(OTEL_LOGS_EXPORTER, "").split(",")]
-        if "otlp" in exporters and env.get(OTEL_SDK_DISABLED, "").strip().lower() != "true":
-            self._provider, self._owns_provider = _otlp_logger_provider(env)
+        if "otlp" in otel.logs_exporters:  # never when OTEL_SDK_DISABLED=true
+            self._provider, self._owns_provider = _otlp_logger_provider(otel.logs_protocol)
             self._add(OTLPLogHandler(self._provider))
 
     def _add(self, handler: logging.Handler) -> None:

@@ -6,8 +6,10 @@ binds ports at import time, which matters for servers that fork workers after im
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
@@ -16,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, start_http_server
 
 from . import multiproc
-from .config import Settings
+from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
 from .instruments import Instruments, create_instruments
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -36,9 +38,17 @@ class Telemetry:
 
     Args:
         settings: resolved settings.
-        meter_provider: use this provider instead of creating one (then no Prometheus reader is added by us).
+        meter_provider: record into this provider instead of creating one; its readers are the application's,
+            so the Prometheus listener is not started (``metrics_app_path`` still answers, empty).
         tracer_provider: trace with this provider; by default tracing follows the OTEL_* variables
             (see :meth:`~llm_telemetry.tracing.Tracing.create`).
+        env: where the ``OTEL_*`` variables are read (:class:`~llm_telemetry.config.OTelEnvironment`);
+            default ``os.environ``.
+
+    A global SDK ``MeterProvider`` installed before the middleware (``opentelemetry-instrument``, the
+    OpenTelemetry Operator's auto-instrumentation, the application's own setup) is left alone: the middleware
+    records into a provider of its own, so the Prometheus endpoint serves its metrics, and says so in a warning
+    naming the two ways to route them through the global provider's pipeline instead.
     """
 
     def __init__(
@@ -46,12 +56,21 @@ class Telemetry:
         settings: Settings,
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        self.otel = OTelEnvironment.resolve(env)
+        if self.otel.sdk_disabled and settings.metrics_exporters:
+            logger.warning(
+                "llm-telemetry: %s=true: no metrics (the Prometheus endpoint is not started), traces or OTLP logs; "
+                "unset it to get them back, or set LLM_TELEMETRY_ENABLED=false to make the middleware a pass-through",
+                OTEL_SDK_DISABLED,
+            )
+            settings = dataclasses.replace(settings, metrics_exporters=())
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=True)
-        if meter_provider is None:
-            # An SDK provider the application installed globally is used as if passed in, never replaced.
-            meter_provider = _global_sdk_meter_provider()
+        self._external_provider = meter_provider is not None
+        if meter_provider is None and settings.metrics_exporters:
+            _warn_about_global_meter_provider(settings)
         self._owns_provider = meter_provider is None
         #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
         self.workers = multiproc.activate(settings) if meter_provider is None else None
@@ -68,13 +87,19 @@ class Telemetry:
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
         #: None when tracing is off (no endpoint, no provider): then no span work happens per request.
-        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider)
+        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env)
         #: None when request logs are off.
-        self.request_logs: RequestLogs | None = RequestLogs(self._service_name()) if settings.request_logs else None
+        self.request_logs: RequestLogs | None = (
+            RequestLogs(self._service_name(), env) if settings.request_logs else None
+        )
         self._server: Any = None
         self._server_lock = threading.Lock()
 
     def _create_meter_provider(self) -> MeterProvider:
+        if not self.settings.metrics_exporters:
+            from opentelemetry.metrics import NoOpMeterProvider
+
+            return NoOpMeterProvider()  # nothing reads the numbers: don't aggregate them
         from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
         from opentelemetry.sdk.resources import Resource
 
@@ -92,7 +117,7 @@ class Telemetry:
             # The OpenTelemetry Prometheus reader, plus the exemplars it would drop (OpenMetrics scrapes only).
             readers.append(prometheus_reader(self.registry))
         if "otlp" in self.settings.metrics_exporters:
-            readers.append(_otlp_metric_reader())
+            readers.append(_otlp_metric_reader(self.otel.metrics_protocol))
         return SDKMeterProvider(metric_readers=readers, resource=resource)
 
     def _service_name(self) -> str:
@@ -107,6 +132,13 @@ class Telemetry:
         """Serve the Prometheus endpoint on its own port, once; a busy port is logged, never raised."""
         settings = self.settings
         if settings.metrics_port == 0 or "prometheus" not in settings.metrics_exporters or self._server is not None:
+            return
+        if self._external_provider:
+            logger.info(
+                "llm-telemetry: metrics go to the MeterProvider passed to the middleware; no listener on port %s",
+                settings.metrics_port,
+            )
+            self._server = False
             return
         if self.workers is not None and self.workers.state is not None:
             # One worker binds the port and serves everyone's merged numbers; the others retry quietly.
@@ -144,8 +176,9 @@ class Telemetry:
             self.tracing.shutdown()
         if self.request_logs is not None:
             self.request_logs.shutdown()
-        if self._owns_provider:
-            self.meter_provider.shutdown()  # type: ignore[attr-defined]
+        shutdown = getattr(self.meter_provider, "shutdown", None)  # the no-op provider has none
+        if self._owns_provider and shutdown is not None:
+            shutdown()
 
     async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a scrape on the application's own port (text format, or OpenMetrics when asked)."""
@@ -165,26 +198,37 @@ class Telemetry:
         await send({"type": "http.response.body", "body": body})
 
 
-def _global_sdk_meter_provider() -> MeterProvider | None:
+_warned_global_provider = False
+
+
+def _warn_about_global_meter_provider(settings: Settings) -> None:
+    """Once per process: say that a global SDK MeterProvider exists and that we keep our own."""
+    global _warned_global_provider
     from opentelemetry import metrics
     from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 
-    current = metrics.get_meter_provider()
-    if isinstance(current, SDKMeterProvider):
-        logger.info("llm-telemetry: recording into the application's global MeterProvider")
-        return current
-    return None
+    if _warned_global_provider or not isinstance(metrics.get_meter_provider(), SDKMeterProvider):
+        return
+    _warned_global_provider = True
+    where = (
+        f"the Prometheus endpoint on port {settings.metrics_port}"
+        if "prometheus" in settings.metrics_exporters and settings.metrics_port
+        else "the exporters of LLM_TELEMETRY_METRICS_EXPORTER"
+    )
+    logger.warning(
+        "llm-telemetry: a global OpenTelemetry SDK MeterProvider is installed (opentelemetry-instrument or the "
+        "application's own setup); llm-telemetry records into a MeterProvider of its own so that %s serves its "
+        "metrics, and they do not reach the global provider's readers. To export them over OTLP as well, set "
+        "LLM_TELEMETRY_METRICS_EXPORTER=prometheus,otlp; to record only into the global provider, pass it as "
+        "LLMTelemetryMiddleware(app, meter_provider=opentelemetry.metrics.get_meter_provider()).",
+        where,
+    )
 
 
-def _otlp_metric_reader() -> Any:
-    """A periodic OTLP reader honouring OTEL_EXPORTER_OTLP_(METRICS_)PROTOCOL, endpoint and headers."""
-    import os
-
+def _otlp_metric_reader(protocol: str) -> Any:
+    """A periodic OTLP reader; the exporter reads the endpoint and headers from OTEL_EXPORTER_OTLP_*."""
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    protocol = os.environ.get(
-        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    )
     exporter: Any
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter

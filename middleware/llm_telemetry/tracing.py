@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from time import perf_counter, time_ns
 from typing import Any, Final
@@ -25,15 +24,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from . import instruments as names
-from .config import (
-    OTEL_EXPORTER_OTLP_ENDPOINT,
-    OTEL_EXPORTER_OTLP_PROTOCOL,
-    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
-    OTEL_SDK_DISABLED,
-    OTEL_TRACES_EXPORTER,
-    Settings,
-)
+from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
 from .record import LLMCall
 from .redact import Redactor, cap, redact
 from .types import ASGIApp
@@ -76,18 +67,13 @@ _USAGE_FIELDS: Final = (
 )
 
 
-def _split(value: str | None) -> list[str]:
-    return [item.strip().lower() for item in (value or "").split(",") if item.strip()]
-
-
-def _span_exporter(kind: str, env: Mapping[str, str]) -> Any:
+def _span_exporter(kind: str, protocol: str) -> Any:
     """A span exporter for one ``OTEL_TRACES_EXPORTER`` entry; endpoint, headers and TLS come from the env."""
     if kind == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    protocol = env.get(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "http/protobuf"
-    if protocol.strip() == "grpc":
+    if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
         return GrpcSpanExporter()
@@ -122,23 +108,19 @@ class Tracing:
         cls, settings: Settings, provider: TracerProvider | None = None, env: Mapping[str, str] | None = None
     ) -> Tracing | None:
         """Decide whether tracing is on and find or build the provider; None means off."""
-        env = os.environ if env is None else env
+        otel = OTelEnvironment.resolve(env)
         if provider is not None:
             return cls(provider, False, settings)
-        if env.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
+        if otel.sdk_disabled:
             return None
         from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 
         current = trace.get_tracer_provider()
         if isinstance(current, SDKTracerProvider):
             return cls(current, False, settings)  # the application's own provider: use it, never replace it
-        exporters = _split(env.get(OTEL_TRACES_EXPORTER))
-        if exporters == ["none"]:
-            return None
+        exporters = otel.traces_exporters
         if not exporters:
-            if not (env.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or env.get(OTEL_EXPORTER_OTLP_ENDPOINT)):
-                return None  # nothing configured: nothing exported, nothing slowed
-            exporters = ["otlp"]
+            return None  # nothing configured: nothing exported, nothing slowed
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -146,11 +128,10 @@ class Tracing:
         # OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG itself.
         sdk_provider = SDKTracerProvider(resource=Resource.create())
         for kind in exporters:
-            if kind not in ("otlp", "console", "none"):
+            if kind not in ("otlp", "console"):
                 logger.warning("llm-telemetry: %s: unsupported exporter %r ignored", OTEL_TRACES_EXPORTER, kind)
                 continue
-            if kind != "none":
-                sdk_provider.add_span_processor(BatchSpanProcessor(_span_exporter(kind, env)))
+            sdk_provider.add_span_processor(BatchSpanProcessor(_span_exporter(kind, otel.traces_protocol)))
         # Deliberately not installed as the global provider: the application owns that choice.
         return cls(sdk_provider, True, settings)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
-from llm_telemetry.config import ConfigurationError, Settings
+from llm_telemetry.config import ConfigurationError, OTelEnvironment, Settings
 from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.middleware import Router
 
@@ -74,3 +74,39 @@ def test_label_limiter_caps_distinct_values() -> None:
     limit = LabelLimiter(2)
     assert [limit("m", v) for v in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
     assert limit("other_label", "c") == "c"  # each label has its own budget
+
+
+# --- the OpenTelemetry environment ---------------------------------------------------------------------
+
+
+def test_otel_environment_defaults_to_nothing_exported() -> None:
+    otel = OTelEnvironment.resolve({})
+    assert (otel.sdk_disabled, otel.traces_exporters, otel.logs_exporters) == (False, (), ())
+    assert otel.traces_protocol == otel.metrics_protocol == otel.logs_protocol == "http/protobuf"
+
+
+def test_otel_environment_endpoint_turns_tracing_on_and_signal_protocols_win() -> None:
+    otel = OTelEnvironment.resolve(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
+            "OTEL_LOGS_EXPORTER": "otlp",
+        }
+    )
+    assert otel.traces_exporters == ("otlp",) and otel.logs_exporters == ("otlp",)
+    assert (otel.traces_protocol, otel.metrics_protocol, otel.logs_protocol) == ("grpc", "http/protobuf", "grpc")
+    explicit = OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "x", "OTEL_TRACES_EXPORTER": "none"})
+    assert explicit.traces_exporters == ()
+    assert OTelEnvironment.resolve({"OTEL_TRACES_EXPORTER": "Console"}).traces_exporters == ("console",)
+
+
+def test_otel_sdk_disabled_turns_every_signal_off() -> None:
+    env = {
+        "OTEL_SDK_DISABLED": "TRUE",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "otlp",
+    }
+    otel = OTelEnvironment.resolve(env)
+    assert otel.sdk_disabled and otel.traces_exporters == () and otel.logs_exporters == ()
