@@ -1,0 +1,206 @@
+"""A real Kubernetes API server for the ``k8s`` tests, with the chart's CRDs and RBAC installed (helpers, fixtures).
+
+The cluster is the disposable control plane of ``local-cluster.sh`` (etcd, kube-apiserver with RBAC,
+kube-controller-manager with the garbage collector; no kubelet, so pods never run). The script is found through
+``$LLM_TELEMETRY_LOCAL_CLUSTER``, else at ``../shared/tools/local-cluster.sh`` beside the checkout; its binaries
+in ``$K8S_BIN`` (default ``~/.cache/k8s-bin``). Without them every test here skips, saying why. A cluster that is
+already up is used as it is, and one started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pathlib
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "llm-telemetry-operator"
+RELEASE = "llmt-it"
+
+
+def _script() -> pathlib.Path:
+    configured = os.environ.get("LLM_TELEMETRY_LOCAL_CLUSTER")
+    return pathlib.Path(configured) if configured else REPO_ROOT.parent / "shared" / "tools" / "local-cluster.sh"
+
+
+def _prometheus_crds() -> pathlib.Path:
+    configured = os.environ.get("LLM_TELEMETRY_PROMETHEUS_CRDS")
+    return pathlib.Path(configured) if configured else REPO_ROOT.parent / "shared" / "crds"
+
+
+def _k8s_bin() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("K8S_BIN") or pathlib.Path.home() / ".cache" / "k8s-bin")
+
+
+def _missing() -> str | None:
+    """Why the real-cluster tests cannot run here, or None."""
+    script = _script()
+    if not script.is_file():
+        return f"no local-cluster.sh (looked at {script}; set LLM_TELEMETRY_LOCAL_CLUSTER)"
+    binaries = _k8s_bin()
+    for name in ("kube-apiserver", "kube-controller-manager"):
+        if not os.access(binaries / name, os.X_OK):
+            return f"no {name} in {binaries} (set K8S_BIN)"
+    if shutil.which(os.environ.get("ETCD") or "etcd") is None:
+        return "no etcd on PATH (set ETCD)"
+    if not any(_prometheus_crds().glob("monitoring.coreos.com_*.yaml")):
+        return f"no Prometheus Operator CRDs in {_prometheus_crds()} (set LLM_TELEMETRY_PROMETHEUS_CRDS)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> Iterator[pathlib.Path]:
+    """An admin kubeconfig for the local cluster (client certificate and CA inline, as kind writes them)."""
+    reason = _missing()
+    if reason:
+        pytest.skip(f"real-cluster tests need a local control plane: {reason}")
+    script = str(_script())
+    running = subprocess.run(["bash", script, "status"], capture_output=True, text=True, timeout=60).returncode == 0
+    up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.fail(f"local-cluster.sh up failed:\n{up.stderr[-3000:]}")
+    exported = [line for line in up.stdout.splitlines() if line.startswith("export KUBECONFIG=")]
+    path = pathlib.Path(exported[-1].split("=", 1)[1]) if exported else _k8s_bin() / "kubeconfig"
+    # Another `up` may still be starting the same cluster: its kubeconfig is written last.
+    wait_for(lambda: path.is_file() and "server:" in path.read_text(), f"{path} written", timeout=180)
+    try:
+        yield path
+    finally:
+        if not running:
+            subprocess.run(["bash", script, "down"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig: pathlib.Path) -> Any:
+    """The official client as the cluster admin: the test's own hands."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def helm_binary() -> str:
+    found = shutil.which("helm")
+    if found:
+        return found
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "get-helm")], capture_output=True, text=True, timeout=600, check=False
+    )
+    if result.returncode != 0 or not result.stdout.strip():
+        pytest.skip("no helm binary: not on PATH, and scripts/get-helm could not fetch one")
+    return result.stdout.strip()
+
+
+def render_chart(namespace: str) -> list[dict[str, Any]]:
+    """``helm template`` of the chart with its CRDs, as a release in ``namespace``."""
+    result = subprocess.run(
+        [helm_binary(), "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def apply(api: Any, obj: dict[str, Any], namespace: str | None = None) -> None:
+    """Create ``obj``, or replace what is there (kubectl apply, without the last-applied bookkeeping)."""
+    from kubernetes import dynamic
+    from kubernetes.client.exceptions import ApiException
+
+    resource = dynamic.DynamicClient(api).resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    ns = (obj["metadata"].get("namespace") or namespace) if resource.namespaced else None
+    try:
+        resource.create(body=obj, namespace=ns)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        current = resource.get(name=obj["metadata"]["name"], namespace=ns)
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current.metadata.resourceVersion}}
+        resource.replace(body=obj, namespace=ns)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"never happened within {timeout:.0f} s: {what} (last: {last!r})")
+
+
+def install(api: Any, namespace: str) -> list[dict[str, Any]]:
+    """The chart's CRDs first (and the Prometheus Operator's), then everything else it renders."""
+    from kubernetes import client
+
+    docs = render_chart(namespace)
+    crds = [doc for doc in docs if doc["kind"] == "CustomResourceDefinition"]
+    for path in sorted(_prometheus_crds().glob("monitoring.coreos.com_*.yaml")):
+        crds.append(yaml.safe_load(path.read_text()))
+    for crd in crds:
+        apply(api, crd)
+    extensions = client.ApiextensionsV1Api(api)
+
+    def established() -> bool:
+        for crd in crds:
+            status = extensions.read_custom_resource_definition(crd["metadata"]["name"]).status
+            if not any(c.type == "Established" and c.status == "True" for c in status.conditions or []):
+                return False
+        return True
+
+    wait_for(established, "CRDs established")
+    apply(api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    for doc in docs:
+        if doc["kind"] != "CustomResourceDefinition":
+            apply(api, doc, namespace)
+    return docs
+
+
+def service_account_kubeconfig(
+    api: Any, kubeconfig: pathlib.Path, namespace: str, account: str, out: pathlib.Path
+) -> None:
+    """A kubeconfig for the chart's ServiceAccount: a TokenRequest token, and the CA inline (base64 *-data)."""
+    from kubernetes import client
+
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200))
+    token = client.CoreV1Api(api).create_namespaced_service_account_token(account, namespace, request).status.token
+    admin = yaml.safe_load(kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    ca = (
+        cluster.get("certificate-authority-data")
+        or base64.b64encode(pathlib.Path(cluster["certificate-authority"]).read_bytes()).decode()
+    )
+    out.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "operator",
+                "clusters": [
+                    {"name": "local", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}
+                ],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [{"name": "operator", "context": {"cluster": "local", "user": account}}],
+            }
+        )
+    )
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,429 @@
+"""The operator against a real API server, as the chart runs it: the chart's CRDs and RBAC installed, the
+operator running as the chart's ServiceAccount (a token from the TokenRequest API, the CA inline in its
+kubeconfig), and what a user sees asserted through the API: children, injection, rollouts, repairs, clean-up,
+conflicts, and never a 403."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from clusterkit import install, service_account_kubeconfig, unique, wait_for
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import kube
+
+pytestmark = pytest.mark.k8s
+
+GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
+MONITORING = "monitoring.coreos.com"
+
+
+@dataclasses.dataclass
+class Operator:
+    process: subprocess.Popen[bytes]
+    log: pathlib.Path
+    namespace: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def assert_clean(self) -> None:
+        """Alive, and never refused by the API server: the chart's RBAC covers everything it did."""
+        text = self.output()
+        assert self.process.poll() is None, f"operator exited ({self.process.returncode}):\n{text[-4000:]}"
+        refused = [line for line in text.splitlines() if " 403" in line or "Forbidden" in line]
+        assert not refused, "\n".join(refused[:20])
+
+
+@pytest.fixture(scope="module")
+def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    """The chart installed (release namespace of its own), and the operator started as its ServiceAccount with the
+    environment the chart's Deployment sets; a fresh namespace for the tests' workloads."""
+    from kubernetes import client
+
+    system = unique("llmt-it-system")
+    docs = install(api, system)
+    chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = chart_deployment["spec"]["template"]["spec"]
+    env = {e["name"]: str(e["value"]) for e in pod["containers"][0].get("env") or [] if "value" in e}
+    workdir = tmp_path_factory.mktemp("operator")
+    operator_kubeconfig = workdir / "kubeconfig"
+    service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)
+
+    apps = unique("llmt-it")
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
+    log = workdir / "operator.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator_kubeconfig),
+             "--log-format", "plain", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    running = Operator(process, log, apps)
+    try:
+        yield running
+    finally:
+        try:
+            # The resources go while the operator still runs (their finalizers need it), then the namespaces.
+            custom = client.CustomObjectsApi(api)
+            for item in custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"]:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, item["metadata"]["name"])
+            wait_for(
+                lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"],
+                "LLMTelemetry resources deleted",
+            )
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        uninstall(api, docs, (apps, system))
+
+
+def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
+    """Remove the namespaces and the release's cluster-wide RBAC; CRDs stay (other releases may use them)."""
+    from kubernetes import client
+
+    for namespace in namespaces:
+        client.CoreV1Api(api).delete_namespace(namespace)
+    rbac = client.RbacAuthorizationV1Api(api)
+    for doc in docs:
+        if doc["kind"] == "ClusterRole":
+            rbac.delete_cluster_role(doc["metadata"]["name"])
+        elif doc["kind"] == "ClusterRoleBinding":
+            rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+
+
+def deployment(name: str, selects: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"llm": selects}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "llm": selects}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
+            },
+        },
+    }
+
+
+def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMTelemetry",
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"llm": selects}}, **spec},
+    }
+
+
+class Cluster:
+    """The test's hands and eyes, as the cluster admin."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        from kubernetes import client
+
+        self.namespace = namespace
+        self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    def create(self, obj: dict[str, Any]) -> None:
+        if obj["kind"] == "Deployment":
+            self.apps.create_namespaced_deployment(self.namespace, obj)
+        else:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+
+    def llmt(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        return result
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        for cond in (self.llmt(name).get("status") or {}).get("conditions") or []:
+            if cond["type"] == type_:
+                return dict(cond)
+        return {}
+
+    def ready(self, name: str) -> dict[str, Any]:
+        return wait_for(
+            lambda: self.condition(name, "Ready").get("status") == "True" and self.llmt(name), f"{name} Ready"
+        )
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.apps.api_client.sanitize_for_serialization(
+            self.apps.read_namespaced_deployment(name, self.namespace)
+        )
+        return result
+
+    def env(self, name: str) -> dict[str, Any]:
+        container = self.deployment(name)["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env") or []}
+
+    def config_hash(self, name: str) -> str | None:
+        annotations = self.deployment(name)["spec"]["template"]["metadata"].get("annotations") or {}
+        return annotations.get(c.ANNOTATION_CONFIG_HASH)
+
+    def monitoring(self, plural: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            result: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                MONITORING, "v1", self.namespace, plural, name
+            )
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def configmap(self, name: str) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.core.read_namespaced_config_map(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def service(self, name: str) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.core.read_namespaced_service(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def events(self, involved: str, reason: str) -> list[str]:
+        found = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={involved}")
+        return [e.message for e in found.items if e.reason == reason]
+
+
+@pytest.fixture
+def cluster(api: Any, operator: Operator) -> Iterator[Cluster]:
+    yield Cluster(api, operator.namespace)
+    operator.assert_clean()
+
+
+def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster) -> None:
+    cluster.create(deployment("chat", "chat"))
+    cluster.create(telemetry("chat", "chat"))
+    owner = cluster.ready("chat")
+    uid = owner["metadata"]["uid"]
+    assert owner["status"]["targets"] == ["Deployment/chat"]
+    assert c.FINALIZER in owner["metadata"]["finalizers"]
+
+    # The pod template: the middleware's settings, the metrics port, the config hash.
+    env = cluster.env("chat")
+    assert env["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    assert env["OTEL_SERVICE_NAME"] == "chat"
+    ports = cluster.deployment("chat")["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
+    assert cluster.config_hash("chat")
+
+    # No Jaeger or Loki in this cluster: no exporter that would fail in every pod, and the user is told.
+    assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+    collectors = cluster.condition("chat", c.CONDITION_COLLECTORS)
+    assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
+    assert "jaeger-collector" in collectors["message"] and "loki-gateway" in collectors["message"]
+    assert wait_for(lambda: cluster.events("chat", "CollectorNotFound"), "CollectorNotFound event")
+
+    # Children, owned by the resource (the API server accepted every one of them).
+    service = cluster.service("chat-llm-metrics")
+    assert service.spec.selector == {"app": "chat"} and service.spec.ports[0].port == 9464
+    monitor = cluster.monitoring("servicemonitors", "chat-llm-telemetry")
+    rules = cluster.monitoring("prometheusrules", "chat-llm-telemetry")
+    dashboard = cluster.configmap("chat-llm-dashboard")
+    assert monitor and rules and dashboard
+    for refs in (
+        service.metadata.owner_references,
+        dashboard.metadata.owner_references,
+    ):
+        assert [(ref.kind, ref.uid) for ref in refs] == [("LLMTelemetry", uid)]
+    for obj in (monitor, rules):
+        assert [(ref["kind"], ref["uid"]) for ref in obj["metadata"]["ownerReferences"]] == [("LLMTelemetry", uid)]
+    assert json.loads(next(iter(dashboard.data.values())))["panels"]
+
+
+def test_config_change_rolls_the_pods(cluster: Cluster) -> None:
+    from kubernetes import client
+
+    cluster.create(deployment("roll", "roll"))
+    cluster.create(telemetry("roll", "roll"))
+    cluster.ready("roll")
+    before = cluster.config_hash("roll")
+
+    def rolled_out_hashes() -> set[str]:
+        """The config hashes of the pod templates the Deployment controller made ReplicaSets for."""
+        found = client.AppsV1Api(cluster.apps.api_client).list_namespaced_replica_set(
+            cluster.namespace, label_selector="app=roll"
+        )
+        return {(rs.spec.template.metadata.annotations or {}).get(c.ANNOTATION_CONFIG_HASH) for rs in found.items}
+
+    wait_for(lambda: before in rolled_out_hashes(), "a ReplicaSet for the injected pod template")
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "roll", {"spec": {"metrics": {"port": 9500}}}
+    )
+    wait_for(lambda: cluster.env("roll")["LLM_TELEMETRY_METRICS_PORT"] == "9500", "new port injected")
+    after = cluster.config_hash("roll")
+    assert after not in (None, before)
+    # A new pod template: the Deployment controller rolls out a ReplicaSet for it.
+    wait_for(lambda: after in rolled_out_hashes(), "a ReplicaSet for the new pod template")
+    wait_for(lambda: cluster.service("roll-llm-metrics").spec.ports[0].port == 9500, "Service follows")
+
+
+def test_hand_edits_are_repaired(cluster: Cluster) -> None:
+    cluster.create(deployment("repair", "repair"))
+    cluster.create(telemetry("repair", "repair"))
+    cluster.ready("repair")
+    monitor = cluster.monitoring("servicemonitors", "repair-llm-telemetry")
+    assert monitor is not None
+    cluster.core.delete_namespaced_service("repair-llm-metrics", cluster.namespace)
+    cluster.custom.patch_namespaced_custom_object(
+        MONITORING, "v1", cluster.namespace, "servicemonitors", "repair-llm-telemetry", {"spec": {"endpoints": []}}
+    )
+    container = cluster.deployment("repair")["spec"]["template"]["spec"]["containers"][0]
+    cluster.apps.patch_namespaced_deployment(
+        "repair",
+        cluster.namespace,
+        [{"op": "replace", "path": "/spec/template/spec/containers/0/env", "value": [{"name": "MINE", "value": "1"}]}],
+    )
+    assert "LLM_TELEMETRY_METRICS_PORT" in {e["name"] for e in container["env"]}
+    wait_for(lambda: cluster.service("repair-llm-metrics"), "deleted Service recreated")
+    wait_for(
+        lambda: (
+            cluster.monitoring("servicemonitors", "repair-llm-telemetry")["spec"]["endpoints"]
+            == monitor["spec"]["endpoints"]
+        ),
+        "ServiceMonitor repaired",
+    )
+    env = wait_for(
+        lambda: "LLM_TELEMETRY_METRICS_PORT" in cluster.env("repair") and cluster.env("repair"), "re-injected"
+    )
+    assert env["MINE"] == "1"  # the user's own variable stays
+
+
+def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
+    cluster.create(deployment("gone", "gone"))
+    original = cluster.deployment("gone")["spec"]["template"]["spec"]["containers"][0]
+    cluster.create(telemetry("gone", "gone"))
+    cluster.ready("gone")
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "gone")
+
+    def gone() -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            cluster.llmt("gone")
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, "LLMTelemetry deleted (finalizer released)")
+    wait_for(
+        lambda: (
+            cluster.service("gone-llm-metrics") is None
+            and cluster.monitoring("servicemonitors", "gone-llm-telemetry") is None
+            and cluster.monitoring("prometheusrules", "gone-llm-telemetry") is None
+            and cluster.configmap("gone-llm-dashboard") is None
+        ),
+        "children deleted",
+    )
+    restored = cluster.deployment("gone")
+    assert restored["spec"]["template"]["spec"]["containers"][0].get("env") == original.get("env")
+    assert c.ANNOTATION_INJECTED not in (restored["metadata"].get("annotations") or {})
+    assert c.ANNOTATION_CONFIG_HASH not in (restored["spec"]["template"]["metadata"].get("annotations") or {})
+
+
+def test_children_are_garbage_collected_with_their_owner(cluster: Cluster) -> None:
+    """The ownerReferences are real: with the finalizer out of the way, the API server's garbage collector alone
+    removes the children (as it would after the operator was uninstalled)."""
+    cluster.create(deployment("orphan", "orphan"))
+    cluster.create(telemetry("orphan", "orphan"))
+    cluster.ready("orphan")
+    # Remove the finalizer and delete at once: the operator's delete handler never runs.
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "orphan", {"metadata": {"finalizers": None}}
+    )
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "orphan")
+    wait_for(
+        lambda: (
+            cluster.service("orphan-llm-metrics") is None
+            and cluster.monitoring("servicemonitors", "orphan-llm-telemetry") is None
+            and cluster.configmap("orphan-llm-dashboard") is None
+        ),
+        "children garbage-collected",
+    )
+
+
+def test_conflict_is_visible_and_not_duplicated(cluster: Cluster) -> None:
+    cluster.create(deployment("shared", "shared"))
+    cluster.create(telemetry("shared-a", "shared"))
+    cluster.ready("shared-a")
+    time.sleep(1.1)  # creationTimestamp has one-second resolution: make the second one younger
+    cluster.create(telemetry("shared-b", "shared"))
+    ready = wait_for(
+        lambda: (
+            cluster.condition("shared-b", "Ready").get("reason") == "Conflict"
+            and cluster.condition("shared-b", "Ready")
+        ),
+        "the younger resource reports Conflict",
+    )
+    assert ready["status"] == "False" and "shared-a" in ready["message"]
+    events = wait_for(lambda: cluster.events("shared-b", "Conflict"), "Conflict event on the younger resource")
+    assert "LLMTelemetry shared-a, which wins it" in events[0]
+    assert cluster.condition("shared-a", "Ready")["status"] == "True"
+    # One injection, one scrape, one set of alerts, one dashboard.
+    record = json.loads(cluster.deployment("shared")["metadata"]["annotations"][c.ANNOTATION_INJECTED])
+    assert record["owner"] == "shared-a"
+    assert cluster.monitoring("servicemonitors", "shared-b-llm-telemetry") is None
+    assert cluster.monitoring("prometheusrules", "shared-b-llm-telemetry") is None
+    assert cluster.configmap("shared-b-llm-dashboard") is None
+    assert cluster.monitoring("servicemonitors", "shared-a-llm-telemetry") is not None
+
+
+def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
+    from kubernetes import client
+
+    endpoint = f"http://collector.{cluster.namespace}.svc:4318"
+    cluster.create(deployment("late", "late"))
+    cluster.create(telemetry("late", "late", tracing={"endpoint": endpoint}, logs={"enabled": False}))
+    cluster.ready("late")
+    assert cluster.env("late")["OTEL_TRACES_EXPORTER"] == "none"
+    assert cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorNotFound"
+    cluster.core.create_namespaced_service(
+        cluster.namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="collector"),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=4318)], selector={"app": "collector"}),
+        ),
+    )
+    # Picked up by the periodic pass (10 s here).
+    wait_for(lambda: cluster.env("late").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 60)
+    assert cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorsFound"
+
+
+async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) -> None:
+    """The admin kubeconfig carries CA, certificate and key inline (base64 *-data): the client uses it as is."""
+    client = kube.KubeClient(kube.load_configuration(str(kubeconfig)))
+    try:
+        services = await client.list(kube.SERVICES, "default")
+    finally:
+        await client.close()
+    assert "kubernetes" in {s["metadata"]["name"] for s in services}
