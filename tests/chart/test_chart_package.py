@@ -11,8 +11,9 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from chartkit import CHART, KUBE_VERSION, NAMESPACE, REPO_ROOT, VALUE_SETS, Helm, one
+from chartkit import CHART, NAMESPACE, REPO_ROOT, VALUE_SETS, Helm, one
 
+from kube_schema import SUPPORTED_VERSIONS
 from llm_telemetry_operator.config import OperatorConfig
 
 Render = Callable[..., list[dict[str, Any]]]
@@ -50,16 +51,17 @@ def test_chart_crds_are_an_exact_copy_of_the_top_level_crds() -> None:
     top = {p.name: p.read_bytes() for p in TOP_CRDS.glob("*.yaml")}
     assert top, "crds/ at the repository root holds no CRD"
     copy = {p.name: p.read_bytes() for p in CHART_CRDS.glob("*.yaml")}
-    assert sorted(copy) == sorted(top), "the chart's crds/ must hold the same files as crds/"
+    assert sorted(copy) == sorted(top), "the chart's crds/ must hold the same files as crds/: run scripts/sync-crds"
     for name, content in top.items():
-        assert copy[name] == content, f"the chart's copy of {name} differs: cp crds/{name} into the chart"
+        assert copy[name] == content, f"the chart's copy of {name} differs from crds/: run scripts/sync-crds"
 
 
 @pytest.mark.parametrize("path", sorted(CHART_CRDS.glob("*.yaml")), ids=lambda p: p.name)
 def test_crd_validates_against_the_apiextensions_schema(path: Any) -> None:
     for crd in yaml.safe_load_all(path.read_text()):
         assert crd["apiVersion"] == "apiextensions.k8s.io/v1" and crd["kind"] == "CustomResourceDefinition"
-        kubernetes_validate.validate(crd, KUBE_VERSION, strict=True)
+        for version in SUPPORTED_VERSIONS:
+            kubernetes_validate.validate(crd, version, strict=True)
 
 
 def test_notes_example_is_a_valid_llmtelemetry(helm: Helm) -> None:
