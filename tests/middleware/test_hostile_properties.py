@@ -1,0 +1,393 @@
+"""Properties of the real middleware under arbitrary input (hypothesis).
+
+Whatever the chunking of a real OpenAI, Anthropic or Responses stream (cuts inside CRLF, inside multi-byte UTF-8,
+chunks carrying one event plus the head of the next), whatever request body, and whatever label values:
+
+* the client gets the bytes and headers the bare app sends;
+* the call's numbers are those of the whole stream parsed at once;
+* nothing is counted in ``llm_telemetry_internal_errors_total``;
+* ``/metrics`` answers 200, below a size bound.
+
+The same properties run with a much larger example budget under the ``fuzz`` marker (test_hostile_fuzz.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.labels import MAX_LABEL_CHARS
+from llm_telemetry.record import LLMCall
+from support import Metrics
+
+#: Distinct values per label in these tests, and the scrape size that bound implies (generously).
+MAX_VALUES = 10
+MAX_SCRAPE_BYTES = 1 << 20
+
+# --- real streams, as the providers document them --------------------------------------------------------------
+
+TEXTS = ["Bonjour", " à", " tous", " — ", "你好", "世界", " 🎉", "\n", ' "quoted"', " fin"]
+
+
+def _openai_chat(usage: bool) -> list[tuple[str | None, dict[str, Any] | str]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+                "system_fingerprint": "fp_1", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "finish_reason": finish}], **({"usage": None} if usage else {})}  # fmt: skip
+
+    events: list[tuple[str | None, dict[str, Any] | str]] = [(None, chunk({"role": "assistant", "content": ""}))]
+    events += [(None, chunk({"content": text})) for text in TEXTS]
+    events.append((None, chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                "function": {"name": "get_weather", "arguments": ""}}]})))  # fmt: skip
+    events.append((None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":"Zürich"}'}}]})))
+    events.append((None, chunk({}, "tool_calls")))
+    if usage:
+        events.append((None, {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                              "model": "gpt-4o-mini-2024-07-18", "choices": [], "usage": {"prompt_tokens": 21,
+                              "completion_tokens": 17, "total_tokens": 38,
+                              "prompt_tokens_details": {"cached_tokens": 8},
+                              "completion_tokens_details": {"reasoning_tokens": 0}}}))  # fmt: skip
+    events.append((None, "[DONE]"))
+    return events
+
+
+def _anthropic(complete: bool) -> list[tuple[str | None, dict[str, Any] | str]]:
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+         "model": "claude-sonnet-4-20250514", "content": [], "stop_reason": None, "stop_sequence": None,
+         "usage": {"input_tokens": 25, "cache_read_input_tokens": 4, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+    ]  # fmt: skip
+    events += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in TEXTS]
+    events += [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1",
+         "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+         "partial_json": '{"city": "Zürich"}'}},
+        {"type": "content_block_stop", "index": 1},
+    ]  # fmt: skip
+    if complete:
+        events += [
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+             "usage": {"output_tokens": 42}},
+            {"type": "message_stop"},
+        ]  # fmt: skip
+    return [(e["type"], e) for e in events]
+
+
+def _responses() -> list[tuple[str | None, dict[str, Any] | str]]:
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4.1-2025-04-14", "output": []}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "sequence_number": 0, "response": {**response, "status": "in_progress",
+         "usage": None}},
+        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+         "item": {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant", "content": []}},
+    ]  # fmt: skip
+    events += [
+        {"type": "response.output_text.delta", "sequence_number": 2 + i, "item_id": "msg_1", "output_index": 0,
+         "content_index": 0, "delta": text}
+        for i, text in enumerate(TEXTS)
+    ]  # fmt: skip
+    events += [
+        {"type": "response.output_item.added", "sequence_number": 20, "output_index": 1,
+         "item": {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "get_weather",
+                  "arguments": ""}},
+        {"type": "response.completed", "sequence_number": 21, "response": {**response, "status": "completed",
+         "usage": {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 19,
+                   "output_tokens_details": {"reasoning_tokens": 6}, "total_tokens": 49}}},
+    ]  # fmt: skip
+    return [(e["type"], e) for e in events]
+
+
+STREAMS = {
+    "openai-usage": ("/v1/chat/completions", _openai_chat(usage=True)),
+    "openai-estimated": ("/v1/chat/completions", _openai_chat(usage=False)),
+    "anthropic": ("/v1/messages", _anthropic(complete=True)),
+    "anthropic-cut": ("/v1/messages", _anthropic(complete=False)),
+    "responses": ("/v1/responses", _responses()),
+}
+
+
+def encode(events: list[tuple[str | None, dict[str, Any] | str]], newline: bytes, spaced: bool) -> bytes:
+    out = b""
+    for name, data in events:
+        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        if spaced and not isinstance(data, str):
+            payload = json.dumps(data, ensure_ascii=False)
+        if name is not None:
+            out += b"event: " + name.encode() + newline
+        out += b"data: " + payload.encode() + newline + newline
+    return out
+
+
+def interesting_cuts(body: bytes) -> list[int]:
+    """Offsets a hostile chunking likes: inside CRLF, inside multi-byte UTF-8, just after an event boundary."""
+    cuts = []
+    for i in range(1, len(body)):
+        if body[i - 1 : i + 1] == b"\r\n" or 0x80 <= body[i] < 0xC0:
+            cuts.append(i)
+        elif body[i - 2 : i] == b"\n\n" or body[i - 4 : i] == b"\r\n\r\n":
+            cuts += [i, i + 1, i + 7]  # the next event's first bytes ride along with this one
+    return [c for c in cuts if 0 < c < len(body)]
+
+
+@st.composite
+def chunked_streams(draw: st.DrawFn) -> tuple[str, str, bytes, list[bytes]]:
+    name = draw(st.sampled_from(sorted(STREAMS)))
+    path, events = STREAMS[name]
+    body = encode(events, draw(st.sampled_from([b"\n", b"\r\n"])), draw(st.booleans()))
+    special = interesting_cuts(body)
+    cuts = set(draw(st.lists(st.sampled_from(special), max_size=40)))
+    cuts |= set(draw(st.lists(st.integers(1, len(body) - 1), max_size=40)))
+    if draw(st.booleans()):  # a re-chunking proxy: the same size throughout, whatever the boundaries
+        size = draw(st.integers(1, 400))
+        cuts |= set(range(size, len(body), size))
+    edges = [0, *sorted(cuts), len(body)]
+    return name, path, body, [body[a:b] for a, b in itertools.pairwise(edges)]
+
+
+# --- the app and the middleware under test ---------------------------------------------------------------------
+
+#: What the app answers next: status, headers, body chunks. Set by each example before its request.
+ANSWER: dict[str, Any] = {}
+
+
+async def scripted_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = [*ANSWER["headers"], (b"x-body-sha256", hashlib.sha256(body).hexdigest().encode())]
+    await send({"type": "http.response.start", "status": ANSWER["status"], "headers": headers})
+    for chunk in ANSWER["chunks"]:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.ended: list[LLMCall] = []
+
+    def start(self, call: LLMCall) -> None:
+        pass
+
+    def end(self, call: LLMCall) -> None:
+        self.ended.append(call)
+
+
+@pytest.fixture(scope="module")
+def observed() -> Iterator[tuple[LLMTelemetryMiddleware, Calls]]:
+    calls = Calls()
+    wrapped = LLMTelemetryMiddleware(
+        scripted_app,
+        metrics_port=0,
+        metrics_app_path="/metrics",
+        request_logs=False,
+        echo_request_id=False,
+        max_label_values=MAX_VALUES,
+        attribution_headers={"x-tenant": "tenant"},
+        observers=[calls],
+    )
+    yield wrapped, calls
+    wrapped.telemetry.shutdown()
+
+
+def request(
+    app: Any, path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, method: str = "POST"
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One exchange in a fresh event loop; what the server would put on the wire."""
+    sent: list[dict[str, Any]] = []
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers or [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    start = sent[0]
+    return start["status"], list(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def numbers(call: LLMCall) -> tuple[Any, ...]:
+    return (call.request_model, call.response_model, call.response_id, call.stream, call.input_tokens,
+            call.output_tokens, call.cache_read_tokens, call.cache_creation_tokens, call.reasoning_tokens,
+            call.usage_source, call.finish_reasons, call.tool_calls, call.error_type, call.status_code)  # fmt: skip
+
+
+def check_scrape(wrapped: LLMTelemetryMiddleware) -> Metrics:
+    status, _, body = request(wrapped, "/metrics", b"", method="GET")
+    assert status == 200
+    assert len(body) < MAX_SCRAPE_BYTES
+    metrics = Metrics(body.decode("utf-8"))  # strict: the exposition is valid UTF-8
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+    for sample in metrics.samples:
+        assert all(len(value) <= MAX_LABEL_CHARS for value in sample.labels.values())
+    return metrics
+
+
+def through_both(
+    observed: tuple[LLMTelemetryMiddleware, Calls],
+    path: str,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> LLMCall:
+    """The exchange with and without the middleware: same bytes and headers; the one call it recorded."""
+    wrapped, calls = observed
+    expected = request(scripted_app, path, body, headers)
+    before = len(calls.ended)
+    assert request(wrapped, path, body, headers) == expected
+    assert len(calls.ended) == before + 1
+    return calls.ended[-1]
+
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+WHOLE: dict[tuple[str, bytes], tuple[Any, ...]] = {}
+
+
+def whole_stream_numbers(observed: tuple[LLMTelemetryMiddleware, Calls], path: str, body: bytes) -> tuple[Any, ...]:
+    if (path, body) not in WHOLE:
+        ANSWER.update(status=200, headers=SSE_HEADERS, chunks=[body])
+        WHOLE[(path, body)] = numbers(through_both(observed, path, b'{"model": "m", "stream": true}'))
+    return WHOLE[(path, body)]
+
+
+PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(stream=chunked_streams())
+def test_hostile_any_chunking_gives_the_same_bytes_and_numbers(
+    observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, bytes, list[bytes]]
+) -> None:
+    check_chunking(observed, stream)
+
+
+def check_chunking(observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, bytes, list[bytes]]) -> None:
+    name, path, body, chunks = stream
+    whole = whole_stream_numbers(observed, path, body)
+    ANSWER.update(status=200, headers=SSE_HEADERS, chunks=chunks)
+    call = through_both(observed, path, b'{"model": "m", "stream": true}')
+    assert numbers(call) == whole, name
+    check_scrape(observed[0])
+
+
+def test_hostile_whole_streams_read_as_documented(observed: tuple[LLMTelemetryMiddleware, Calls]) -> None:
+    """The reference the chunkings are compared with is itself right."""
+    expected = {
+        "openai-usage": (21, 17, "reported", ["tool_calls"], ["get_weather"]),
+        "openai-estimated": (None, len(TEXTS), "estimated", ["tool_calls"], ["get_weather"]),
+        "anthropic": (29, 42, "reported", ["tool_use"], ["get_weather"]),
+        "anthropic-cut": (29, len(TEXTS) + 1, "estimated", [], ["get_weather"]),
+        "responses": (30, 19, "reported", ["stop"], ["get_weather"]),
+    }
+    for name, (path, events) in STREAMS.items():
+        got = whole_stream_numbers(observed, path, encode(events, b"\n", False))
+        assert (got[4], got[5], got[9], got[10], got[11]) == expected[name], name
+
+
+# --- request bodies and label values ------------------------------------------------------------------------------
+
+#: Strings as JSON can carry them: any code point, lone surrogates included, sometimes very long.
+hostile_text = st.one_of(
+    st.text(st.characters(codec=None, categories=None), max_size=40),
+    st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3),
+    st.builds(lambda c, n: c * n, st.sampled_from(["a", "é", "\ud800"]), st.integers(200, 5000)),
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | hostile_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(hostile_text | st.sampled_from(
+        ["model", "messages", "role", "content", "tool_calls", "tool_call_id", "id", "input", "call_id", "type",
+         "stream", "max_tokens", "temperature", "function", "name", "tool_use_id", "is_error"]), inner, max_size=5),
+    max_leaves=20,
+)  # fmt: skip
+request_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda v: json.dumps(v).encode(), json_values),
+    st.builds(
+        lambda n, c: c * n,
+        st.sampled_from([1, 999, 1001, 5000, 100_000]) | st.integers(1, 200_000),
+        st.sampled_from([b"[", b"{", b'{"a":', b'{"messages":[{"content":"{"x":[']),
+    ),
+    st.builds(
+        lambda role, key, value: json.dumps({"model": "m", "messages": [{"role": role, key: value}]}).encode(),
+        st.sampled_from(["tool", "assistant", "user"]),
+        st.sampled_from(["tool_call_id", "tool_calls", "content", "id"]),
+        json_values,
+    ),
+    st.builds(
+        lambda model, messages: json.dumps({"model": model, "messages": messages, "stream": False}).encode(),
+        hostile_text,
+        json_values,
+    ),
+)
+
+
+@PROPERTY_SETTINGS
+@example(body=b"[" * 100_000, path="/v1/chat/completions")
+@example(body=b'{"messages": [{"role": "tool", "tool_call_id": [1]}]}', path="/v1/chat/completions")
+@given(body=request_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses"]))
+def test_hostile_any_request_body_reaches_the_app_intact(
+    observed: tuple[LLMTelemetryMiddleware, Calls], body: bytes, path: str
+) -> None:
+    check_request_body(observed, body, path)
+
+
+def check_request_body(observed: tuple[LLMTelemetryMiddleware, Calls], body: bytes, path: str) -> None:
+    ANSWER.update(status=200, headers=[(b"content-type", b"application/json")], chunks=[b'{"model": "m"}'])
+    through_both(observed, path, body)
+    check_scrape(observed[0])
+
+
+#: Header values as a server passes them on: any bytes but CR and LF, no surrounding whitespace.
+header_values = st.binary(min_size=1, max_size=600).filter(lambda b: b.strip() == b and not {13, 10} & set(b))
+
+
+@PROPERTY_SETTINGS
+@given(
+    model=hostile_text,
+    response_model=hostile_text,
+    tool=hostile_text,
+    tenant=header_values,
+)
+def test_hostile_label_values_keep_the_scrape_valid_and_bounded(
+    observed: tuple[LLMTelemetryMiddleware, Calls], model: str, response_model: str, tool: str, tenant: bytes
+) -> None:
+    check_label_values(observed, model, response_model, tool, tenant)
+
+
+def check_label_values(
+    observed: tuple[LLMTelemetryMiddleware, Calls], model: str, response_model: str, tool: str, tenant: bytes
+) -> None:
+    answer = {"model": response_model, "choices": [{"index": 0, "finish_reason": tool, "message": {"role": "assistant",
+              "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {"name": tool}}]}}],
+              "usage": {"prompt_tokens": 1, "completion_tokens": 1}}  # fmt: skip
+    ANSWER.update(status=200, headers=[(b"content-type", b"application/json")], chunks=[json.dumps(answer).encode()])
+    body = json.dumps({"model": model, "messages": [{"role": "tool", "tool_call_id": "c", "content": "x"}]}).encode()
+    through_both(observed, "/v1/chat/completions", body, [(b"x-tenant", tenant)])
+    metrics = check_scrape(observed[0])
+    for label in ("gen_ai_request_model", "llm_metadata_tenant"):
+        # "other" (past a bound) and "none" (no header) are the two reserved values besides the admitted ones.
+        assert len(metrics.label_values("llm_requests_total", label) - {"other", "none"}) <= MAX_VALUES
