@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import openai
@@ -27,7 +28,7 @@ def scraped() -> Iterator[str]:
         oai = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
         claude = anthropic.Anthropic(base_url=base, api_key="sk-test", max_retries=0)
         headers = {"x-tenant-id": "acme"}
-        messages: list[dict[str, object]] = [{"role": "user", "content": "two words"}]
+        messages: Any = [{"role": "user", "content": "two words"}]
         for _chunk in oai.chat.completions.create(
             model="gpt-4o",
             messages=messages,

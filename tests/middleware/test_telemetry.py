@@ -125,6 +125,7 @@ def test_explicit_meter_provider_gets_the_metrics_and_no_listener_is_bound() -> 
         telemetry.recorder.start(call)
         telemetry.recorder.end(call)
         data = reader.get_metrics_data()
+        assert data is not None
         names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
         assert {"llm.requests", "llm.tokens", "gen_ai.server.request.duration"} <= names
         with pytest.raises(urllib.error.URLError):
