@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_telemetry import instruments
 from llm_telemetry.demo.app import create_app
+from llm_telemetry.monitoring import reference
 from support import free_port, scrape_text, serve
 
 TOOLS: list[dict[str, object]] = [
@@ -93,3 +95,13 @@ def test_select_keeps_declared_keys_with_values_and_attribution_where_it_applies
     assert attributed == {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
                           "gen_ai.request.model": "m", "llm.metadata.tenant": "acme"}  # fmt: skip
     assert "llm.metadata.tenant" not in instruments.select(instruments.UNPRICED_TOKENS, values, {"tenant": "acme"})
+
+
+def test_docs_metric_table_is_the_rendering_of_the_contract() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    start, end = text.index(reference.BEGIN), text.index(reference.END) + len(reference.END) + 1
+    assert text[start:end] == reference.render_metric_table(), (
+        "regenerate the table with llm_telemetry.monitoring.reference.render_metric_table()"
+    )
+    for spec in instruments.CONTRACT:
+        assert f"| `{spec.name}` |" in text and f"`{spec.prometheus_name}`" in text
