@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--health", metavar="URL", help="liveness endpoint URL; empty turns it off")
     parser.add_argument("--resync-seconds", metavar="SECONDS", help="interval of the periodic full pass")
     parser.add_argument(
-        "--log-format", choices=("json", "plain"), default="json", help="log format (default: json, for log shippers)"
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="json (default, for log shippers) or text: one line per record with time, logger and level",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     return parser
@@ -112,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.configure(
         debug=args.verbose,
         verbose=args.verbose,
-        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
         log_refkey="object",
     )
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)

@@ -32,6 +32,9 @@ class Operator:
     process: subprocess.Popen[bytes]
     log: pathlib.Path
     namespace: str
+    #: The chart's ServiceAccount credentials, and the environment the chart's Deployment sets.
+    kubeconfig: pathlib.Path
+    env: dict[str, str]
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -66,10 +69,10 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator_kubeconfig),
-             "--log-format", "plain", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
             env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    running = Operator(process, log, apps)
+    running = Operator(process, log, apps, operator_kubeconfig, env)
     try:
         yield running
     finally:
@@ -427,3 +430,28 @@ async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) ->
     finally:
         await client.close()
     assert "kubernetes" in {s["metadata"]["name"] for s in services}
+
+
+def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_path: pathlib.Path) -> None:
+    """Started by hand with peering on and no such peering object: a WARNING with the remedy, not a silent idle."""
+    log = tmp_path / "by-hand.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
+             "--peering", unique("nobody-made-this"), "--log-format", "text", "--metrics-port", "0", "--health", ""],
+            env={**os.environ, **operator.env}, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        line = wait_for(
+            lambda: next((x for x in log.read_text().splitlines() if "[WARNING" in x and "peering" in x), None),
+            f"a startup warning about the missing peering object in {log}",
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert "ClusterKopfPeering" in line and "does not exist" in line
+    assert "--standalone" in line and "helm" in line
