@@ -45,8 +45,8 @@ def test_checker_accepts_a_plain_structural_schema() -> None:
     assert kube_schema.structural_errors(crd(spec)) == []
 
 
-#: Each of these was refused by a real kube-apiserver 1.26 (kubectl create --dry-run=server), with the same message
-#: (the two CEL compile cases: with the CEL compiler's own wording).
+#: Each of these was refused by a real kube-apiserver 1.26 (kubectl create --dry-run=server); the expected text is
+#: the server's wording, but for the two CEL compile errors, which each compiler words its own way.
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
