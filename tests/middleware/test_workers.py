@@ -646,3 +646,100 @@ def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path) -> None:
             assert all(i.startswith("pod-a-") for i in instances)
     finally:
         receiver.close()
+
+
+# --- hostile traffic across workers -----------------------------------------------------------------------------
+
+
+def _chat_models(base: str, models: list[str]) -> set[int]:
+    """One plain chat call per model (new connection each); the pids of the workers that answered."""
+    client = _client(base)
+    pids = set()
+    for model in models:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+        pids.add(int(raw.headers["x-worker-pid"]))
+    client.close()
+    return pids
+
+
+@pytest.mark.slow
+def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) -> None:
+    """The distinct-value bound is per deployment of workers: neither another worker nor a replacement worker
+    admits values past it, and nothing counted is lost on the way."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MAX_LABEL_VALUES": "3"})
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    with running(server):
+        first_workers = process_children(server.pid)
+        admitted = ["m-a", "m-b", "m-c"]
+        pids = _chat_models(server.base, admitted)
+        sent = 3
+        # Past the cap, on every worker (the kernel spreads new connections; retry until both have answered).
+        for i in range(40):
+            pids |= _chat_models(server.base, [f"late-{i}"])
+            sent += 1
+            if len(pids) == 2 and i >= 3:
+                break
+        assert len(pids) == 2, "all traffic went to one worker; the shared bound is not exercised"
+
+        def totals() -> bool:
+            metrics = server.scrape()
+            assert metrics.value("llm_requests_total") == sent
+            assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {*admitted, "other"}
+            return True
+
+        wait_for("every request to be counted", totals)
+
+        victim = next(iter(first_workers))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(f"worker {victim} to die", lambda: not is_running(victim))
+        replacement = wait_for(
+            "a replacement worker",
+            lambda: (process_children(server.pid) - first_workers) if len(process_children(server.pid)) == 2 else 0,
+        )
+        served: set[int] = set()
+        for i in range(60):
+            served |= _chat_models(server.base, [f"after-restart-{i}"])
+            sent += 1
+            if served & replacement:
+                break
+        assert served & replacement, "the replacement worker answered nothing"
+        wait_for("the totals after the restart", totals)
+        metrics = server.scrape()
+        assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("breakage", ["symlink", "file"])
+def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path, breakage: str) -> None:
+    """A shared directory that cannot be used (a planted symlink in the temp dir, or a file where the directory
+    should be) costs the merged numbers, never a request: every worker serves, the failure is counted."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    extra: dict[str, str] = {}
+    env = _server_env(tmp_path, metrics_port, extra)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if breakage == "symlink":
+        (tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}").symlink_to(elsewhere)
+    else:
+        (tmp_path / "not-a-dir").write_text("")
+        env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(tmp_path / "not-a-dir")
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    with running(server):
+        pids = set()
+        for _ in range(40):
+            pids |= _chat_models(server.base, ["demo-priced"])
+            with urllib.request.urlopen(f"{server.base}/healthz", timeout=10) as health:
+                assert health.status == 200
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, "all traffic went to one worker"
+        metrics = server.scrape()
+        assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="multiproc_setup") == 1
+        assert metrics.value("llm_requests_total") >= 1  # the serving worker's own share
+    assert list(elsewhere.iterdir()) == []  # nothing was written through the planted link
+    assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
