@@ -190,6 +190,7 @@ class KubeClient:
         self._api: k8s_client.ApiClient | None = None
         self._configuration = configuration
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
+        self._closed = False
 
     def configure(self, configuration: k8s_client.Configuration) -> None:
         """Use new credentials from the next request on (kopf logs in again when its credentials expire)."""
@@ -200,7 +201,10 @@ class KubeClient:
             old.close()  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
+        """Release connections and threads; later calls fail at once with an :class:`ApiError` ("Closed"), so a
+        pass still running while the operator exits ends quickly instead of hanging on a dead pool."""
         with self._lock:
+            self._closed = True
             api, self._api = self._api, None
         if api is not None:
             api.close()  # type: ignore[no-untyped-call]
@@ -285,6 +289,8 @@ class KubeClient:
         plural = plural or resource.plural
         if not rbac.is_declared(resource.group, plural, verb):
             raise PermissionNotDeclaredError(f"{verb} {plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS")
+        if self._closed:
+            raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
 

@@ -226,3 +226,12 @@ async def test_undeclared_call_is_refused_before_any_request() -> None:
             await client.create(kube.LLMTELEMETRIES, "llm", {"metadata": {"name": "x"}})
     finally:
         await client.close()
+
+
+async def test_closed_client_fails_fast() -> None:
+    """Once closed (the operator is stopping), a call is an ApiError at once, not a hang on a dead pool."""
+    client = kube.KubeClient(kube.server_configuration("http://127.0.0.1:9"))
+    await client.close()
+    with pytest.raises(ApiError) as raised:
+        await client.get(kube.SERVICES, "llm", "chat")
+    assert raised.value.reason == "Closed"
