@@ -327,3 +327,13 @@ def test_no_shipped_query_double_counts_tokens() -> None:
 def test_token_sum_check_catches_double_counting(expr: str) -> None:
     with pytest.raises(AssertionError):
         check_token_sums(expr)
+
+
+def test_no_promql_example_in_the_docs_double_counts_tokens() -> None:
+    blocks = []
+    for path in sorted((REPO_ROOT / "docs").glob("*.md")):
+        blocks += re.findall(r"```promql\n(.*?)```", path.read_text(), flags=re.S)
+    assert any(TOKENS in b for b in blocks)
+    for block in blocks:
+        for expr in block.strip().split("\n\n"):
+            check_token_sums(expr)
