@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -235,3 +236,36 @@ async def test_closed_client_fails_fast() -> None:
     with pytest.raises(ApiError) as raised:
         await client.get(kube.SERVICES, "llm", "chat")
     assert raised.value.reason == "Closed"
+
+
+async def test_exec_plugin_credentials_reach_the_server(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A kubeconfig whose user runs an exec plugin for its token (as EKS, GKE and OIDC logins write them): the
+    plugin's token is what the server sees, next to the inline client certificate."""
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential",
+        "status": {"token": "token-from-the-plugin"},
+    }
+    plugin = tmp_path / "credential.json"
+    plugin.write_text(json.dumps(credential))
+    config = yaml.safe_load(inline_kubeconfig(tmp_path, url_of(api_server), pki).read_text())
+    user = config["users"][0]["user"]
+    del user["token"]  # the client certificate stays inline; the token comes from the plugin
+    user["exec"] = {
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "command": sys.executable,
+        "args": ["-c", f"import sys; sys.stdout.write(open({str(plugin)!r}).read())"],
+        "interactiveMode": "Never",
+    }
+    path = tmp_path / "exec-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    client = kube.KubeClient(kube.load_configuration(str(path)))
+    try:
+        services = await client.list(kube.SERVICES, "llm")
+    finally:
+        await client.close()
+    assert len(services) == len(SERVICES)
+    assert {seen["auth"] for seen in api_server.seen} == {"Bearer token-from-the-plugin"}
+    assert {seen["cn"] for seen in api_server.seen} == {"llm-telemetry-operator"}
