@@ -1,0 +1,140 @@
+"""Cost of pathological inputs, which must grow linearly with their size (docs/metrics.md, "Bounds").
+
+Each input is fed through the real middleware in-process (no network: the cost measured is ours alone), at
+several sizes. A linear cost shows as a constant time per unit (the ``per unit`` column): a quadratic one would
+grow with the size, tenfold per row. Peak memory is the Python heap allocated during the request
+(``tracemalloc``), which must stay bounded by the input and the documented caps.
+
+    python benchmarks/hostile_bench.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from llm_telemetry import LLMTelemetryMiddleware
+
+Case = tuple[str, str, Callable[[int], tuple[bytes, list[bytes]]], list[int], str]
+
+
+def many_data_lines(n: int) -> tuple[bytes, list[bytes]]:
+    """One SSE event of ``n`` data lines (16 bytes each), sent as one chunk."""
+    return b'{"stream": true}', [b"data: 0123456789abcdef\n" * n + b"\n"]
+
+
+def empty_data_lines(n: int) -> tuple[bytes, list[bytes]]:
+    """``n`` empty ``data:`` lines that never end their event, in 4 KiB chunks."""
+    body = b"data:\n" * n
+    return b'{"stream": true}', [body[i : i + 4096] for i in range(0, len(body), 4096)]
+
+
+def long_line_tiny_chunks(n: int) -> tuple[bytes, list[bytes]]:
+    """One ``n``-byte line delivered 16 bytes at a time (the buffer must not be copied per chunk)."""
+    line = b"data: " + b"x" * n
+    return b'{"stream": true}', [line[i : i + 16] for i in range(0, len(line), 16)] + [b"\n\n"]
+
+
+def text_deltas(n: int) -> tuple[bytes, list[bytes]]:
+    """A normal stream of ``n`` chat text deltas, one per chunk (the reference: the common case)."""
+    event = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"word"},"finish_reason":null}]}\n\n'
+    return b'{"stream": true}', [event] * n
+
+
+def request_body(n: int) -> tuple[bytes, list[bytes]]:
+    """A JSON request of ``n`` bytes (a long conversation), answered with a small JSON body."""
+    message = {"role": "user", "content": "x" * 1000}
+    count = max(1, n // 1030)
+    return json.dumps({"model": "m", "messages": [message] * count}).encode(), [b'{"model": "m"}']
+
+
+def deep_request(n: int) -> tuple[bytes, list[bytes]]:
+    """A request body of ``n`` opening brackets (refused at the parser's depth limit)."""
+    return b"[" * n, [b'{"model": "m"}']
+
+
+CASES: list[Case] = [
+    ("SSE: data lines in one event", "line", many_data_lines, [3_000, 30_000, 300_000], "text/event-stream"),
+    ("SSE: empty data lines, no event end", "line", empty_data_lines, [10_000, 100_000, 1_000_000],
+     "text/event-stream"),
+    ("SSE: one line in 16-byte chunks", "KiB", long_line_tiny_chunks, [64_000, 256_000, 1_000_000],
+     "text/event-stream"),
+    ("SSE: plain text deltas (reference)", "event", text_deltas, [1_000, 10_000, 100_000], "text/event-stream"),
+    ("JSON request body", "MiB", request_body, [1 << 20, 2 << 20, 4 << 20], "application/json"),
+    ("request of nested brackets", "MiB", deep_request, [1 << 20, 2 << 20, 4 << 20], "application/json"),
+]  # fmt: skip
+
+UNITS = {"line": 1, "event": 1, "KiB": 1024, "MiB": 1 << 20}
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", _ANSWER["type"])]})
+    for chunk in _ANSWER["chunks"]:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+_ANSWER: dict[str, Any] = {}
+
+
+async def _one(app: Any, body: bytes) -> None:
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}  # fmt: skip
+    await app(scope, receive, send)
+
+
+def measure(app: Any, body: bytes, repeat: int) -> tuple[float, float]:
+    """Median seconds over ``repeat`` requests, and peak traced heap (MiB) of one."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        asyncio.run(_one(app, body))
+        times.append(time.perf_counter() - start)
+    tracemalloc.start()
+    asyncio.run(_one(app, body))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return statistics.median(times), peak / (1 << 20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="requests per size; the median is reported")
+    args = parser.parse_args()
+    middleware = LLMTelemetryMiddleware(_app, metrics_port=0, request_logs=False)
+    print(f"{'input':38} {'size':>10} {'bare ms':>9} {'ours ms':>9} {'added µs/unit':>14} {'peak MiB':>9}")
+    for title, unit, make, sizes, content_type in CASES:
+        for size in sizes:
+            body, chunks = make(size)
+            _ANSWER.update(type=content_type.encode(), chunks=chunks)
+            bare, _ = measure(_app, body, args.repeat)
+            ours, peak = measure(middleware, body, args.repeat)
+            units = size / UNITS[unit]
+            shown = f"{units:,.0f} {unit}"
+            added = (ours - bare) / units * 1e6
+            print(f"{title:38} {shown:>10} {bare * 1e3:9.1f} {ours * 1e3:9.1f} {added:14.3f} {peak:9.1f}")
+    middleware.telemetry.shutdown()
+
+
+if __name__ == "__main__":
+    main()
