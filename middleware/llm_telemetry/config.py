@@ -46,7 +46,8 @@ LLM_TELEMETRY_ENABLED: Final = "LLM_TELEMETRY_ENABLED"
 #: OpenTelemetry's own variable for content capture, honoured when ours is unset.
 OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 
-# Standard OpenTelemetry variables that decide whether traces and logs are exported (see docs/tracing.md).
+# Standard OpenTelemetry variables the middleware acts on, read by OTelEnvironment.resolve (below) for metrics,
+# traces and logs alike (see docs/tracing.md and "Where the metrics go" in docs/metrics.md).
 # The SDK and its exporters read the rest themselves: OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
 # OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, OTEL_METRICS_EXEMPLAR_FILTER.
 #: ``true`` turns every OpenTelemetry signal of the middleware off.

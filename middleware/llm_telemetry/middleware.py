@@ -285,7 +285,8 @@ class LLMTelemetryMiddleware:
         max_label_values: distinct values kept per label before folding into ``other`` (default 100).
         max_request_bytes: request bodies above this are not inspected (default 8 MiB).
         routes: extra path suffix to API mappings, e.g. ``{"/generate": "openai.chat"}``.
-        meter_provider: record into this OpenTelemetry meter provider instead of creating one.
+        meter_provider: record into this OpenTelemetry meter provider (and its readers) instead of creating one;
+            no metrics port is bound then. A global SDK provider is not used unless passed here.
         tracer_provider: trace with this provider; by default a global SDK provider is used if the app set one,
             else one is built when ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set, else tracing is off.
         observers: extra observers told about every call.
