@@ -1,0 +1,133 @@
+"""A gateway's errors, as the LiteLLM proxy really sends them, behind the middleware.
+
+The proxy (``litellm[proxy]``, run offline in its own process) fronts an upstream OpenAI-compatible app of ours
+that either drops its connection in the middle of a stream or answers 429. LiteLLM turns the first into an error
+event inside a 200 stream, ``{"error": {"type": null, "code": "500", ...}}``, and the second into a 429 with
+``{"error": {"type": "throttling_error", "code": "429", ...}}``. The middleware must record ``server_error`` and
+``rate_limit``, not ``other``.
+
+LiteLLM is a large install that pins some packages below this project's floors, so it is not in the ``dev`` extra:
+without it these tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from support import Metrics, free_port, scrape_text, serve
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("litellm") is None, reason="litellm[proxy] is not installed"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+MASTER_KEY = "sk-test-" + "7c1e" * 8
+
+
+async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An OpenAI-compatible upstream: "throttle" in the prompt gets a 429, anything else a stream that breaks."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if b"throttle" in body:
+        error = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(error).encode()})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for word in ("Hello", " there"):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True})  # fmt: skip
+    raise RuntimeError("the upstream connection drops mid-stream")
+
+
+def chat(base: str, prompt: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=json.dumps({"model": "up", "stream": True, "messages": [{"role": "user", "content": prompt}]}).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {MASTER_KEY}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_hostile_litellm_proxy_errors_are_classified(tmp_path: Path) -> None:
+    with serve(upstream) as upstream_base:
+        config = tmp_path / "litellm.yaml"
+        config.write_text(
+            "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
+            f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+            "litellm_settings:\n  num_retries: 0\n"
+        )
+        port, metrics_port = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "LITELLM_"))}
+        env.update(
+            CONFIG_FILE_PATH=str(config),
+            LITELLM_MASTER_KEY=MASTER_KEY,
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+            PROXY_PORT=str(port),
+            LLM_TELEMETRY_METRICS_PORT=str(metrics_port),
+            LLM_TELEMETRY_METRICS_HOST="127.0.0.1",
+            LLM_TELEMETRY_REQUEST_LOGS="false",
+            PYTHONPATH=os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+        )
+        log = (tmp_path / "proxy.log").open("wb")
+        proxy = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{base}/health/liveliness", timeout=5)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proxy.poll() is not None:
+                        raise AssertionError((tmp_path / "proxy.log").read_text(errors="replace")[-3000:]) from None
+                    time.sleep(0.5)
+
+            status, body = chat(base, "hi")
+            assert status == 200
+            error = json.loads(body.split(b"data: ")[-1])["error"]
+            assert (error["type"], error["code"]) == (None, "500")  # LiteLLM's wire format, as documented above
+
+            status, body = chat(base, "throttle")
+            assert status == 429
+            assert json.loads(body)["error"]["code"] == "429"
+
+            deadline = time.monotonic() + 30
+            while True:
+                metrics = Metrics(scrape_text(metrics_port))
+                if metrics.value("llm_requests_total", gen_ai_request_model="up") == 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert metrics.value("llm_errors_total", error_type="server_error", llm_stream="true") == 1
+            assert metrics.value("llm_errors_total", error_type="rate_limit") == 1
+            assert metrics.value("llm_errors_total", error_type="other") == 0
+            assert metrics.value("llm_telemetry_internal_errors_total") == 0
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=30)
+            log.close()
