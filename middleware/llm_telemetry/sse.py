@@ -116,7 +116,13 @@ class SSEDecoder:
             self._data_bytes = 0
             self._event = ""
             return
-        if self._skipping or line[0] == 0x3A:  # ':' starts a comment
+        if self._skipping:
+            return
+        if len(line) > self.max_event_bytes:
+            # The same bound as on a partial line kept between chunks, so the chunking never changes the outcome.
+            self._drop()
+            return
+        if line[0] == 0x3A:  # ':' starts a comment
             return
         field, sep, value = line.partition(b":")
         if sep and value[:1] == b" ":

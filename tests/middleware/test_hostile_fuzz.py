@@ -87,9 +87,9 @@ def test_hostile_fuzz_properties_with_a_large_budget() -> None:
 
 def _atheris_main() -> None:  # pragma: no cover - run by hand
     import atheris
+    import test_hostile_properties as properties
 
-    with atheris.instrument_imports():
-        import test_hostile_properties as properties
+    atheris.instrument_all()  # coverage feedback from everything loaded, llm_telemetry included
 
     calls = properties.Calls()
     wrapped = LLMTelemetryMiddleware(

@@ -491,3 +491,11 @@ def test_hostile_sse_one_event_and_head_of_next_do_not_skip_events(cleanup: list
     (call,) = asyncio.run(run())
     assert call.finish_reasons == ["length"]
     assert (call.input_tokens, call.output_tokens) == (3, 4)
+
+
+def test_hostile_sse_overlong_line_drops_its_event_however_it_is_cut() -> None:
+    body = b"data: " + b"x" * 20 + b"\n\ndata: ok\n\n"  # a 26-byte line, over a 16-byte bound
+    for cut in range(len(body) + 1):
+        decoder = SSEDecoder(max_event_bytes=16)
+        events = decoder.feed(body[:cut]) + decoder.feed(body[cut:]) + decoder.close()
+        assert (events, decoder.dropped_events) == ([("message", b"ok")], 1), cut
