@@ -38,6 +38,9 @@ DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
 DEFAULT_PAGE_SIZE = 500
 #: Threads making API calls at once; more passes than this wait for a free thread.
 DEFAULT_WORKERS = 8
+#: The field manager of every write, so ``managedFields`` (``kubectl get -o yaml --show-managed-fields``) name
+#: this operator as the owner of what it wrote (the injected env, port and annotations; its children).
+FIELD_MANAGER = "llm-telemetry-operator"
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,8 @@ class KubeClient:
             raise PermissionNotDeclaredError(f"{verb} {plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS")
         if self._closed:
             raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
+        if method in ("POST", "PATCH"):
+            query = [*(query or ()), ("fieldManager", FIELD_MANAGER)]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
 

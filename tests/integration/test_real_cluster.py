@@ -239,6 +239,9 @@ def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster) -> None:
     ports = cluster.deployment("chat")["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
     assert cluster.config_hash("chat")
+    # managedFields name the operator as the writer of the injected part.
+    managers = {entry["manager"] for entry in cluster.deployment("chat")["metadata"]["managedFields"]}
+    assert kube.FIELD_MANAGER in managers, managers
 
     # No Jaeger or Loki in this cluster: no exporter that would fail in every pod, and the user is told.
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
