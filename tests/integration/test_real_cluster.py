@@ -458,3 +458,30 @@ def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_
             process.wait()
     assert "ClusterKopfPeering" in line and "does not exist" in line
     assert "--standalone" in line and "helm" in line
+
+
+def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
+    """A GitOps controller that server-side applies the Deployment (its own field manager) re-applies its manifest:
+    the injection, written by the operator's field manager, is not its to remove, so nothing is undone and the
+    pods do not roll."""
+    manifest = deployment("gitops", "gitops")
+
+    def gitops_apply() -> None:
+        cluster.apps.patch_namespaced_deployment(
+            "gitops",
+            cluster.namespace,
+            manifest,
+            field_manager="gitops",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    gitops_apply()
+    cluster.create(telemetry("gitops", "gitops"))
+    cluster.ready("gitops")
+    injected = cluster.deployment("gitops")
+    gitops_apply()
+    after = cluster.deployment("gitops")
+    assert "LLM_TELEMETRY_METRICS_PORT" in cluster.env("gitops")
+    assert after["metadata"]["generation"] == injected["metadata"]["generation"]
+    assert after["spec"]["template"] == injected["spec"]["template"]
