@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.sse import SSEDecoder
 
-pytestmark = pytest.mark.fuzz
+# Long by design: no per-test timeout (pytest-timeout's 300 s would cut the budget short).
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(0)]
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
