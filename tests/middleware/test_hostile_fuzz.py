@@ -2,9 +2,8 @@
 
 Two ways to run it:
 
-* ``pytest -m fuzz tests/middleware/test_hostile_fuzz.py``: the hypothesis properties of
-  test_hostile_properties.py and the decoder's own ones below, with a large example budget
-  (``FUZZ_EXAMPLES``, default 20,000 per property).
+* ``FUZZ_EXAMPLES=20000 pytest -m fuzz tests/middleware/test_hostile_fuzz.py``: the hypothesis properties of
+  test_hostile_properties.py and the decoder's own ones below, with a large example budget per property.
 * ``python tests/middleware/test_hostile_fuzz.py [libFuzzer options, e.g. -max_total_time=600]``: a coverage-guided
   atheris target (``pip install atheris``) over the same code: arbitrary bytes become a request body plus a
   response stream cut into arbitrary chunks, through the real middleware.
@@ -26,10 +25,15 @@ from hypothesis import strategies as st
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.sse import SSEDecoder
 
-# Long by design: no per-test timeout (pytest-timeout's 300 s would cut the budget short).
-pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(0)]
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20000"))
+# Long by design: no per-test timeout (pytest-timeout's 300 s would cut the budget short). A run that selects
+# markers of its own (``-m "not slow"`` replaces the default ``-m "not fuzz"``) still skips these without a budget.
+pytestmark = [
+    pytest.mark.fuzz,
+    pytest.mark.timeout(0),
+    pytest.mark.skipif(EXAMPLES <= 0, reason="a fuzz run: set FUZZ_EXAMPLES (e.g. 20000) and pass -m fuzz"),
+]
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 SSE_ALPHABET = [b"data:", b"data: ", b"event: ", b":", b"\n", b"\r", b"\r\n", b"{", b"}", b"[", b'"', b"\xc3", b"x"]
