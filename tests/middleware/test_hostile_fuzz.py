@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.timeout(0),
     pytest.mark.skipif(EXAMPLES <= 0, reason="a fuzz run: set FUZZ_EXAMPLES (e.g. 20000) and pass -m fuzz"),
 ]
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=max(EXAMPLES, 1), deadline=None, suppress_health_check=list(HealthCheck))
 
 SSE_ALPHABET = [b"data:", b"data: ", b"event: ", b":", b"\n", b"\r", b"\r\n", b"{", b"}", b"[", b'"', b"\xc3", b"x"]
 sse_bytes = st.lists(st.sampled_from(SSE_ALPHABET) | st.binary(max_size=8), max_size=200).map(b"".join)
