@@ -27,6 +27,7 @@ class SSEDecoder:
         "_buffer",
         "_data",
         "_data_bytes",
+        "_discarding",
         "_event",
         "_pending_cr",
         "_skipping",
@@ -42,6 +43,8 @@ class SSEDecoder:
         self._buffer = bytearray()
         self._data: list[bytes] = []
         self._data_bytes = 0
+        #: The rest of an overlong line is being thrown away, up to its line break.
+        self._discarding = False
         self._event = ""
         self._pending_cr = False
         self._skipping = False
@@ -51,7 +54,9 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[Event]:
         """Decode ``chunk`` and return the events it completes, as ``(event name, data)`` pairs."""
         events = self._feed(chunk)
-        self.idle = not (self._buffer or self._pending_cr or self._data or self._event or self._skipping)
+        self.idle = not (
+            self._buffer or self._pending_cr or self._data or self._event or self._skipping or self._discarding
+        )
         return events
 
     def _feed(self, chunk: bytes) -> list[Event]:
@@ -71,12 +76,16 @@ class SSEDecoder:
         # Only the new bytes are searched for a line break: the buffer holds none.
         cut = chunk.rfind(b"\n")
         if cut < 0:
-            self._buffer += chunk
-            self._check_size()
+            if not self._discarding:
+                self._buffer += chunk
+                self._check_size()
             return []
         events: list[Event] = []
         lines = chunk[:cut].split(b"\n")
-        if self._buffer:
+        if self._discarding:
+            self._discarding = False
+            del lines[0]  # the end of the overlong line: not a line of its own (an empty one would end the event)
+        elif self._buffer:
             self._buffer += lines[0]
             lines[0] = bytes(self._buffer)
         self._buffer = bytearray(chunk[cut + 1 :])
@@ -96,6 +105,7 @@ class SSEDecoder:
     def _check_size(self) -> None:
         if len(self._buffer) > self.max_event_bytes:
             self._buffer = bytearray()
+            self._discarding = True
             if not self._skipping:
                 self._drop()
 
