@@ -743,3 +743,25 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
         assert metrics.value("llm_requests_total") >= 1  # the serving worker's own share
     assert list(elsewhere.iterdir()) == []  # nothing was written through the planted link
     assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
+
+
+def test_workers_label_values_are_counted_per_deployment(tmp_path: Path) -> None:
+    """Workers sharing a directory admit ``max_values`` values together; a replacement worker (a new limiter on
+    the same directory) gets the same values, not a fresh allowance."""
+    from llm_telemetry.labels import LabelLimiter
+
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    states = [multiproc.SharedState(str(tmp_path / "state"), supervisor) for _ in range(3)]
+    first, second, replacement = (LabelLimiter(3) for _ in states)
+    for limiter, state in zip((first, second, replacement), states, strict=True):
+        limiter.share(state)
+    try:
+        assert [first("model", m) for m in ("a", "b")] == ["a", "b"]
+        assert [second("model", m) for m in ("c", "d", "a")] == ["c", "other", "a"]
+        assert [first("model", m) for m in ("c", "e")] == ["c", "other"]
+        states[0].close()  # the first worker dies; its replacement joins
+        assert [replacement("model", m) for m in ("f", "a", "b", "c")] == ["other", "a", "b", "c"]
+        assert second("tool", "x") == "x"  # each label has its own allowance
+    finally:
+        for state in states[1:]:
+            state.close()
