@@ -282,7 +282,10 @@ def test_client_disconnect_mid_stream_is_recorded(service: tuple[str, int]) -> N
     assert m.value("llm_requests_active") == 0
 
 
-def test_metrics_served_on_own_port_only_by_default(service: tuple[str, int]) -> None:
+def test_metrics_served_on_own_port_only_by_default(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    # A request of its own first: series exist only once something was recorded, whatever ran before.
+    oai.chat.completions.create(model="gpt-4o-own-port", messages=[{"role": "user", "content": PROMPT}])
+    eventually(service, requests_of("gpt-4o-own-port", 1))
     assert httpx.get(service[0] + "/metrics").status_code == 404
     text = httpx.get(f"http://127.0.0.1:{service[1]}/metrics").text
     assert "# TYPE llm_requests_total counter" in text
