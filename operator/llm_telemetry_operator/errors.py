@@ -30,14 +30,19 @@ class ApiError(Exception):
         status: the HTTP status code.
         reason: the ``reason`` of the Kubernetes ``Status`` object, if any.
         message: its ``message``.
+        retry_after: the server's ``Retry-After``, in seconds (429, 503).
     """
 
-    def __init__(self, status: int, reason: str = "", message: str = "", *, body: Any = None) -> None:
+    def __init__(
+        self, status: int, reason: str = "", message: str = "", *, body: Any = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}".strip())
         self.status = status
         self.reason = reason
         self.message = message
         self.body = body
+        #: Seconds the server asked the client to wait (its ``Retry-After`` header), if it said.
+        self.retry_after = retry_after
 
 
 class NotFoundError(ApiError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import logging
@@ -22,10 +23,11 @@ from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient
+from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 
-#: Seconds before kopf retries a pass that found something missing (a CRD, an API error).
-RETRY_DELAY = 60
+#: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
+SCHEDULED_PASSES = 4
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -62,6 +64,12 @@ class OperatorState:
     passes: dict[tuple[str, str], tuple[float, rec.Outcome]] = field(default_factory=dict)
     #: Collector Service lookups, shared by all passes (cached briefly).
     collectors: CollectorCheck = field(default_factory=CollectorCheck)
+    #: When each resource gets its next retry or resync (see :mod:`llm_telemetry_operator.schedule`).
+    schedule: Schedule = field(default_factory=lambda: Schedule(interval=300.0))
+    #: Wakes the scheduler when a pass was scheduled earlier than what it waits for.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The failures last reported in events, by resource: a pass that finds the same ones again posts none.
+    reported: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
 
 
 def _state(memo: Any) -> OperatorState:
@@ -115,7 +123,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # A lookup is shared by the passes of one burst, and never outlives half a resync interval, so the resync
     # notices a collector installed meanwhile.
     ttl = min(COLLECTOR_CACHE_SECONDS, config.resync_seconds / 2)
-    memo["state"] = OperatorState(collectors=CollectorCheck(config.namespaces, ttl=ttl))
+    state = memo["state"] = OperatorState(
+        collectors=CollectorCheck(config.namespaces, ttl=ttl), schedule=Schedule(interval=config.resync_seconds)
+    )
+    # Retries and resyncs: one task for the whole operator, cancelled at cleanup (see schedule.py for why not
+    # kopf's per-resource daemons, timers or TemporaryError retries).
+    memo["scheduler"] = asyncio.create_task(_run_schedule(memo, state, logger), name="llm-telemetry-schedule")
     # Our own finalizer name, so `kubectl get -o yaml` tells users who holds the object.
     settings.persistence.finalizer = c.FINALIZER
     # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
@@ -183,7 +196,58 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    scheduler = memo.get("scheduler")
+    if isinstance(scheduler, asyncio.Task):
+        scheduler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scheduler
     await _client(memo).close()
+
+
+class _ObjectLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Names the resource in each line of a pass the schedule runs (kopf does so for its handlers' loggers)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['object']}: {msg}" if self.extra else msg, kwargs
+
+
+async def _run_schedule(memo: Any, state: OperatorState, logger: logging.Logger | Any) -> None:
+    """Run each resource's retry or resync when it is due, a few at a time, until cancelled."""
+    running: set[asyncio.Task[None]] = set()
+    slots = asyncio.Semaphore(SCHEDULED_PASSES)
+
+    async def one(key: tuple[str, str], why: str) -> None:
+        async with slots:
+            owner = state.bodies.get(key)
+            if owner is None or owner["metadata"].get("deletionTimestamp"):
+                state.schedule.forget(key)
+                return
+            try:
+                await _reconcile(memo, owner, why, _ObjectLog(logger, {"object": "/".join(key)}))
+            except Exception:  # a bug, not an API error: keep retrying the resource rather than lose it
+                logger.exception("pass (%s) for %s/%s failed", why, *key)
+                state.schedule.failed(key)
+
+    try:
+        while True:
+            state.wake.clear()
+            for key, why in state.schedule.pop_due():
+                task = asyncio.create_task(one(key, why))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            when = state.schedule.next_time()
+            timeout = None if when is None else max(0.0, when - state.schedule.clock())
+            # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives just as the
+            # event is set (CPython gh-86296), and then cleanup would wait for this task forever.
+            waiter = asyncio.ensure_future(state.wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=timeout)
+            finally:
+                waiter.cancel()
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _reconcile(
@@ -192,14 +256,19 @@ async def _reconcile(
     trigger: str,
     logger: logging.Logger | Any,
     answered: Callable[[rec.Outcome], bool] | None = None,
-) -> rec.Outcome:
-    """Run a pass for one LLMTelemetry, unless the last pass already answers this request.
+) -> rec.Outcome | None:
+    """Run a pass for one LLMTelemetry, unless the last pass already answers this request; None when the pass
+    failed on an API error (reported, and retried later).
 
     Events come in bursts (a pass's own writes, a restart's listings, four children per resource); the
     passes they ask for wait on the resource's lock, and each pass lists and reads everything afresh. So a
     pass that *started* after a request arrived has seen at least the state that request was about, and the
     request is answered with its outcome instead of a pass of its own. ``answered`` lets a caller say what
     else in the last pass's outcome answers it; it is asked once the lock is held, after any pass in flight.
+
+    Every pass schedules the resource's next one of the operator's own: a retry with backoff when it failed or
+    left something to retry, else its resync. Events are posted for failures the last pass did not report, so a
+    retry that meets the same failure writes nothing.
     """
     meta = body["metadata"]
     requested = time.monotonic()
@@ -233,15 +302,29 @@ async def _reconcile(
         except ApiError as exc:
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels("ApiError").inc()
-            kopf.warn(_event_target(body), reason="ApiError", message=str(exc))
-            raise kopf.TemporaryError(f"API error: {exc}", delay=RETRY_DELAY) from exc
+            when = state.schedule.failed(key, exc.retry_after)
+            failure = frozenset({("ApiError", str(exc))})
+            if state.reported.get(key) != failure:
+                kopf.warn(_event_target(body), reason="ApiError", message=str(exc))
+            state.reported[key] = failure
+            state.wake.set()
+            logger.warning("pass (%s) failed: %s; retrying in %.0f s", trigger, exc, when - state.schedule.clock())
+            return None
         finally:
             metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
+    if outcome.retry:
+        state.schedule.failed(key)
+    else:
+        state.schedule.succeeded(key, uid)
+    state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
     metrics.RECONCILES.labels(trigger, result).inc()
+    reported = state.reported.get(key, frozenset())
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
-        kopf.warn(_event_target(body), reason=reason, message=message)
+        if (reason, message) not in reported:
+            kopf.warn(_event_target(body), reason=reason, message=message)
+    state.reported[key] = frozenset(outcome.failures)
     logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
     return outcome
 
@@ -254,29 +337,10 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
     applied = (body["metadata"].get("uid") or "", body["metadata"].get("generation"))
     answered = (lambda outcome: outcome.applied == applied) if applied[0] and applied[1] is not None else None
     outcome = await _reconcile(memo, body, str(reason), logger, answered=answered)
-    if outcome.invalid:
+    # A failed or degraded pass is retried by the schedule (no kopf retry: see schedule.py); an invalid spec
+    # waits for the spec to change, and kopf records that this generation failed.
+    if outcome is not None and outcome.invalid:
         raise kopf.PermanentError(outcome.failures[0][1])
-    if outcome.retry:
-        raise kopf.TemporaryError("; ".join(m for _, m in outcome.failures), delay=RETRY_DELAY)
-
-
-@kopf.daemon(c.GROUP, c.VERSION, c.PLURAL, cancellation_timeout=5)
-async def llmtelemetry_resync(
-    stopped: kopf.DaemonStopped, name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-) -> None:
-    """Periodic full pass: repairs drift no watch event reported and retries what was degraded."""
-    if namespace is None:  # LLMTelemetry is namespaced; kopf types the kwarg for cluster-scoped kinds too
-        return
-    while not stopped:
-        await stopped.wait(_config(memo).resync_seconds)
-        if stopped:
-            break
-        owner = _state(memo).bodies.get((namespace, name))
-        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
-            try:
-                await _reconcile(memo, owner, "resync", logger)
-            except kopf.TemporaryError:
-                pass  # already counted and reported; the next tick retries
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
@@ -287,6 +351,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
         deleted = await rec.delete_children(_client(memo), body)
     _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
     _state(memo).specs.pop((meta["namespace"], meta["name"]), None)
+    _state(memo).schedule.forget((meta["namespace"], meta["name"]))
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
 
@@ -302,6 +367,8 @@ def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | N
         state.specs.pop(key, None)
         state.passes.pop(key, None)
         state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
+        state.reported.pop(key, None)
+        state.schedule.forget(key)
         return
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
@@ -361,10 +428,7 @@ async def workload_event(
         else:
             needed = mine
         if needed:
-            try:
-                await _reconcile(memo, owner, "workload", logger, answered=answered)
-            except kopf.TemporaryError as exc:
-                logger.warning("pass for %s failed: %s", owner_name, exc)
+            await _reconcile(memo, owner, "workload", logger, answered=answered)
 
 
 def _answered_by(type: str, plural: str, meta: Mapping[str, Any]) -> Callable[[rec.Outcome], bool]:
@@ -392,10 +456,7 @@ def _child_handler(group: str, version: str, plural: str) -> None:
         answered = _answered_by(type, plural, meta)
         owner = _state(memo).bodies.get((namespace, str(owner_name)))
         if owner is not None and not owner["metadata"].get("deletionTimestamp"):
-            try:
-                await _reconcile(memo, owner, "child", logger, answered=answered)
-            except kopf.TemporaryError as exc:
-                logger.warning("pass for %s failed: %s", owner_name, exc)
+            await _reconcile(memo, owner, "child", logger, answered=answered)
 
 
 for _group, _version, _plural in _CHILD_RESOURCES:

@@ -10,14 +10,23 @@ so the chart's RBAC (rendered from the same list) always covers what the code do
 patches (``application/merge-patch+json``): dicts merge, lists are replaced whole, which is why callers always
 send complete lists (env, ports, volumes). Lists are read in pages (``limit`` / ``continue``); every request
 has a connect and a read timeout.
+
+An overloaded or restarting API server answers 429 (API Priority and Fairness) or 5xx: such a request is sent
+again after a backoff that honours the server's ``Retry-After`` (see :class:`Retry`), so a burst of passes
+slows down instead of failing. Lists are served from the API server's watch cache (``resourceVersion=0``):
+they cost the server a scan of objects it already holds in memory instead of reading and decoding every object
+of the kind from etcd (see :meth:`KubeClient.list`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import os
+import random
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +50,49 @@ DEFAULT_WORKERS = 8
 #: The field manager of every write, so ``managedFields`` (``kubectl get -o yaml --show-managed-fields``) name
 #: this operator as the owner of what it wrote (the injected env, port and annotations; its children).
 FIELD_MANAGER = "llm-telemetry-operator"
+#: Statuses worth sending the same request again for: throttled (429) or the server failing for now (5xx).
+RETRIABLE = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a request answered with a :data:`RETRIABLE` status is sent again.
+
+    Args:
+        attempts: requests in all, the first included (1: never again).
+        base: seconds before the first retry; doubled on each one after, up to ``cap``, with full jitter (a
+            random share of it), so clients throttled together do not come back together.
+        cap: the longest wait between two attempts; also the most of a ``Retry-After`` that is honoured.
+
+    The server's ``Retry-After`` (seconds or an HTTP date), when it sends one, replaces the computed wait.
+    """
+
+    attempts: int = 6
+    base: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.cap)
+        return float(random.uniform(0.5, 1.0) * min(self.cap, self.base * 2 ** (attempt - 1)))
+
+
+DEFAULT_RETRY = Retry()
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP date (RFC 9110, 10.2.3); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 @dataclass(frozen=True)
@@ -169,6 +221,7 @@ class KubeClient:
         page_size: objects per page of a list.
         workers: threads making API calls at once.
         loader: how to load the configuration when none is given (default: :func:`load_configuration`).
+        retry: how requests answered 429 or 5xx are sent again (:class:`Retry`).
 
     Example::
 
@@ -185,8 +238,12 @@ class KubeClient:
         page_size: int = DEFAULT_PAGE_SIZE,
         workers: int = DEFAULT_WORKERS,
         loader: Callable[[], k8s_client.Configuration] = load_configuration,
+        retry: Retry = DEFAULT_RETRY,
     ) -> None:
         self._loader = loader
+        self.retry = retry
+        #: Requests answered 429 or 5xx and sent again, by status (for metrics and tests).
+        self.retried: dict[int, int] = {}
         self.timeout = timeout
         self.page_size = page_size
         self._lock = threading.Lock()
@@ -225,9 +282,18 @@ class KubeClient:
         fields: Mapping[str, str] | None = None,
     ) -> list[dict[str, Any]]:
         """List objects, page by page, by equality labels or a full selector (sent, and also applied here, as
-        not every server honours it) and equality ``fields`` (``metadata.name``); ``namespace`` None: cluster."""
+        not every server honours it) and equality ``fields`` (``metadata.name``); ``namespace`` None: cluster.
+
+        The list is served from the API server's watch cache (``resourceVersion=0``, "any version"): a label
+        selector is then matched against objects the server holds in memory, where a list without it reads and
+        decodes every object of the kind in the namespace from etcd, the one that makes the server's cost grow
+        with the square of the number of resources. The answer may lag the newest write by the cache's delay
+        (milliseconds): every write made from it carries a precondition or is a create, so a stale read ends
+        in a 409 and a fresh read, never in a lost update. Servers that serve such a list from the cache do it
+        in one piece; pages follow only when one answers with a ``continue`` token.
+        """
         query = _Equality(labels) if isinstance(labels, Mapping) else labels
-        params: list[tuple[str, str]] = [("limit", str(self.page_size))]
+        params: list[tuple[str, str]] = [("limit", str(self.page_size)), ("resourceVersion", "0")]
         if query is not None and (text := query.to_query()):
             params.append(("labelSelector", text))
         if fields:
@@ -235,7 +301,8 @@ class KubeClient:
         items: list[dict[str, Any]] = []
         token = ""
         while True:
-            page_query = [*params, ("continue", token)] if token else params
+            # A continued list names its version in the token; the API server refuses both at once.
+            page_query = [*(p for p in params if p[0] != "resourceVersion"), ("continue", token)] if token else params
             page = await self._request("GET", resource, "list", resource.path(namespace), query=page_query)
             items.extend(page.get("items") or [])
             token = str((page.get("metadata") or {}).get("continue") or "")
@@ -292,18 +359,33 @@ class KubeClient:
         plural = plural or resource.plural
         if not rbac.is_declared(resource.group, plural, verb):
             raise PermissionNotDeclaredError(f"{verb} {plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS")
-        if self._closed:
-            raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
         if method in ("POST", "PATCH"):
             query = [*(query or ()), ("fieldManager", FIELD_MANAGER)]
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
+        attempt = 1
+        while True:
+            if self._closed:
+                raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
+            try:
+                return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
+            except ApiError as exc:
+                if exc.status not in RETRIABLE or attempt >= self.retry.attempts:
+                    raise
+                # A create answered 5xx may have been stored all the same: sent again, it gets a 409, which the
+                # callers treat as "exists" and compare with what they wanted.
+                self.retried[exc.status] = self.retried.get(exc.status, 0) + 1
+                await asyncio.sleep(self.retry.delay(attempt, exc.retry_after))
+                attempt += 1
 
     def _client(self) -> k8s_client.ApiClient:
         with self._lock:
             if self._api is None:
                 if self._configuration is None:
                     self._configuration = self._loader()
+                # urllib3 on its own retries GET and DELETE (not POST or PATCH) answered 429/503 with a
+                # Retry-After, up to its default three times: leave statuses to :class:`Retry`, which covers
+                # every verb and every retriable status with one policy; urllib3 keeps retrying failed connects.
+                self._configuration.retries = urllib3.Retry(total=3, respect_retry_after_header=False)
                 self._api = k8s_client.ApiClient(self._configuration)
             return self._api
 
@@ -327,10 +409,12 @@ class KubeClient:
             )
             status = int(response.status)
             data = response.read() if response.data is None else response.data
+            response_headers = response.headers
         except k8s_client.ApiException as exc:
             if not exc.status:  # a TLS failure, raised with status 0
                 raise ApiError(0, "TLSError", str(exc.reason)) from exc
             status, data = int(exc.status), exc.body  # older package versions raise for every error status
+            response_headers = exc.headers
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, after urllib3's own retries
             raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
         if isinstance(data, str):
@@ -344,5 +428,6 @@ class KubeClient:
             reason = str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
             message = str(parsed.get("message", "")) if isinstance(parsed, dict) else text
             error = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
-            raise error(status, reason, message, body=parsed)
+            retry_after = retry_after_seconds((response_headers or {}).get("Retry-After"))
+            raise error(status, reason, message, body=parsed, retry_after=retry_after)
         return parsed if isinstance(parsed, dict) else {}

@@ -397,10 +397,20 @@ async def _patch_workload(
 
 
 async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> list[str]:
-    """Undo injection into every workload this LLMTelemetry injected; returns the workloads touched."""
+    """Undo injection into every workload this LLMTelemetry injected; returns the workloads touched.
+
+    The workloads looked at are those its selector selects and the targets its last status names (the same
+    reads as a pass, see :func:`_candidates`), so deleting many resources costs each one the reads of its own
+    workloads, not a list of the whole namespace. Only a spec that cannot be parsed (no selector to go by)
+    falls back to every workload of the namespace.
+    """
     name = owner["metadata"]["name"]
     touched = []
-    for workload in await list_workloads(client, owner["metadata"]["namespace"]):
+    try:
+        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}))
+    except SpecError:
+        workloads = await list_workloads(client, owner["metadata"]["namespace"])
+    for workload in workloads:
         record = r.injected_record(workload)
         if record is not None and record.get("owner") == name:
             await _patch_workload(client, config, owner, None, workload)

@@ -300,9 +300,9 @@ async def eventually(check: Callable[[], Any], what: str, attempts: int = 300) -
 def writes(kmock: Any) -> list[tuple[str, str]]:
     """(method, path) of every write request the emulator received so far."""
     return [
-        (str(req.method), str(req.url.path))
+        (req.method.value, str(req.url.path))
         for req in list(kmock)
-        if str(req.method) in ("POST", "PATCH", "PUT", "DELETE")
+        if req.method.value in ("POST", "PATCH", "PUT", "DELETE")
     ]
 
 
@@ -396,12 +396,13 @@ def install_default_collectors(kmock: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(config: OperatorConfig | None = None) -> AsyncIterator[kopf.Memo]:
-    """kopf's real operator loop, in-process, on the test's event loop (where kmock serves)."""
+async def running_operator(config: OperatorConfig | None = None, client: Any = None) -> AsyncIterator[kopf.Memo]:
+    """kopf's real operator loop, in-process, on the test's event loop (where kmock serves); ``client``: the
+    operator's API client, when a test wants one made differently (say with a shorter retry policy)."""
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
 
     config = config or OperatorConfig(peering=PEERING, metrics_port=0, health="")
-    memo = kopf.Memo(config=config)
+    memo = kopf.Memo(config=config) if client is None else kopf.Memo(config=config, client=client)
     stop = asyncio.Event()
     task = asyncio.create_task(
         kopf.operator(

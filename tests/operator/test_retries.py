@@ -1,0 +1,209 @@
+"""Faults the API server throws at the operator: throttling and server errors retried by its client, failed passes
+retried by the operator until they succeed (writing nothing while nothing changes), resyncs spread over their
+interval, and deletes that read only the resource's own workloads. Against the kmock emulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import pytest
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PEERING,
+    SERVICES,
+    condition,
+    deployment,
+    eventually,
+    get,
+    install_default_collectors,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    running_operator,
+    writes,
+)
+
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ApiError
+from llm_telemetry_operator.kube import KubeClient, Retry, server_configuration
+
+STATUS_429 = {"kind": "Status", "status": "Failure", "reason": "TooManyRequests", "message": "slow down", "code": 429}
+STATUS_500 = {"kind": "Status", "status": "Failure", "reason": "InternalError", "message": "etcd timeout", "code": 500}
+LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+
+
+def owner_lists(emulator: Any, plural: str) -> list[Any]:
+    """The operator's own list requests of ``plural`` (kopf's watches and listings excluded)."""
+    return [
+        req
+        for req in list(emulator)
+        if req.method.value == "GET"
+        and req.resource is not None
+        and req.resource.plural == plural
+        and req.name is None
+        and "watch" not in req.params
+        and "kopf" not in req.headers.get("User-Agent", "").lower()
+    ]
+
+
+async def test_throttled_write_is_sent_again_after_retry_after(emulator: Any) -> None:
+    """A PATCH (which urllib3 never retries on its own) answered 429 twice: sent again once Retry-After has
+    passed each time, and applied."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    sent: list[float] = []
+    throttle = emulator["patch apps/v1/deployments"][:2] << 429 << emulator.headers("Retry-After: 1") << STATUS_429
+    throttle >> (lambda _: sent.append(time.monotonic()))
+    client = KubeClient(server_configuration(str(emulator.url)))
+    try:
+        await client.patch(kube.DEPLOYMENTS, NAMESPACE, "chat", {"metadata": {"labels": {"tier": "gold"}}})
+        sent.append(time.monotonic())  # the third attempt has been answered
+    finally:
+        await client.close()
+    assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["labels"]["tier"] == "gold"
+    assert client.retried == {429: 2}
+    assert len(sent) == 3
+    # Each retry waited for what the server asked (the computed backoff would wait 0.25-0.5 s before the first).
+    assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(sent)), sent
+
+
+async def test_server_error_is_retried_then_reported(emulator: Any) -> None:
+    """500 twice, then the real answer; and a server that keeps failing ends in the error after the attempts."""
+    emulator.objects[SERVICES, NAMESPACE, "web"] = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}}
+    emulator["fetch v1/services"][:2] << 500 << STATUS_500
+    client = KubeClient(server_configuration(str(emulator.url)), retry=Retry(attempts=3, base=0.01))
+    try:
+        assert (await client.get(kube.SERVICES, NAMESPACE, "web"))["metadata"]["name"] == "web"
+        assert client.retried == {500: 2}
+        emulator["list v1/configmaps"] << 503 << STATUS_500
+        with pytest.raises(ApiError) as failed:
+            await client.list(kube.CONFIGMAPS, NAMESPACE)
+        assert failed.value.status == 503
+        assert client.retried == {500: 2, 503: 2}
+    finally:
+        await client.close()
+
+
+async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile(
+    emulator: Any, shared_crds: Any
+) -> None:
+    """Creating the metrics Service fails (500) for a while: the resource says so once (status and one event),
+    the operator retries the pass with backoff (no kopf retry patches, no repeated events or status writes), and
+    once the server accepts the Service the resource becomes Ready."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    # Three passes' worth of failures: each pass's list of its Services is tried twice by the client.
+    failing = 6
+    emulator[f"get /api/v1/namespaces/{NAMESPACE}/services"][:failing] << 500 << STATUS_500
+    client = KubeClient(retry=Retry(attempts=2, base=0.01))
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
+    async with running_operator(config, client=client):
+        await _create(emulator, minimal_llmt())
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceFailed",
+            "ServiceFailed reported",
+        )
+        assert owner
+        ready = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_READY).get("status") == "True",
+            "Ready once the Service could be created",
+            attempts=600,
+        )
+        assert ready
+    service_lists = owner_lists(emulator, "services")
+    assert len(service_lists) > failing  # the failures were used up by retried passes, then a list succeeded
+    service_posts = [w for w in writes(emulator) if w == ("POST", f"/api/v1/namespaces/{NAMESPACE}/services")]
+    assert len(service_posts) == 1
+    llmt = [path for method, path in writes(emulator) if method == "PATCH" and path.startswith(LLMT_PATH)]
+    status_writes = [path for path in llmt if path.endswith("/status")]
+    # The failure once, then Ready: the retries that met the same failure wrote nothing.
+    assert len(status_writes) == 2, llmt
+    # kopf's own: the finalizer, and the record that the create handler is done. No retry bookkeeping.
+    assert len(llmt) - len(status_writes) <= 2, llmt
+    events = [req for req in list(emulator) if req.method.value == "POST" and str(req.url.path).endswith("/events")]
+    reasons = [(req.data or {}).get("reason") for req in events]
+    assert reasons.count("ServiceFailed") == 1, reasons
+
+
+async def test_resyncs_are_spread_over_their_interval(emulator: Any, shared_crds: Any) -> None:
+    """Ten resources created at once do not resync at once: each at its own place in the interval."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    install_default_collectors(emulator)
+    names = [f"r{i}" for i in range(10)]
+    for name in names:
+        emulator.objects[DEPLOYMENTS, NAMESPACE, name] = deployment(name, labels={"app": name})
+        # Fixed uids (uid-r0...), so each resource's place in the interval is the same on every run.
+        emulator.objects[LLMT, NAMESPACE, name] = minimal_llmt(name, selector={"matchLabels": {"app": name}})
+    interval = 3.0
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=interval)
+    async with running_operator(config):
+        await eventually(
+            lambda: all(condition(get(emulator, LLMT, n), c.CONDITION_READY).get("status") == "True" for n in names),
+            "all Ready",
+        )
+        settled, seen = time.monotonic(), len(list(emulator))
+        # Each pass lists its owner's Services: note when each such list arrives (to the nearest 50 ms).
+        passes: list[tuple[float, str]] = []
+        while time.monotonic() < settled + 2 * interval:
+            await asyncio.sleep(0.05)
+            requests = list(emulator)
+            new, seen = requests[seen:], len(requests)
+            passes.extend((time.monotonic(), req.params.get("labelSelector", "")) for req in new
+                          if req in owner_lists(emulator, "services"))  # fmt: skip
+    # Each resource's first pass after the creations settled: its resync.
+    first: dict[str, float] = {}
+    for when, selector in passes:
+        owner = selector.partition(f"{c.LABEL_OWNER}=")[2].split(",")[0]
+        if owner in names:
+            first.setdefault(owner, when)
+    assert sorted(first) == sorted(names), passes
+    # All created together; resynced over most of an interval (the daemon it replaced fired them within ms).
+    assert max(first.values()) - min(first.values()) >= interval / 3, sorted(first.values())
+
+
+async def test_delete_reads_only_its_own_workloads(emulator: Any, shared_crds: Any) -> None:
+    """Deleting a resource in a namespace with many other workloads lists only what its selector selects."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    for i in range(5):
+        emulator.objects[DEPLOYMENTS, NAMESPACE, f"batch-{i}"] = deployment(f"batch-{i}", labels={"app": "batch"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_READY).get("status") == "True", "Ready"
+        )
+        await _delete(emulator, "chat")
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "deleted")
+    assert c.ANNOTATION_CONFIG_HASH not in (
+        get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"].get("annotations") or {}
+    )
+    lists = owner_lists(emulator, "deployments")
+    assert lists
+    assert all(req.params.get("labelSelector") == "app=chat" for req in lists), [str(r.url) for r in lists]
+    # Served from the API server's watch cache, not read from etcd.
+    assert all(req.params.get("resourceVersion") == "0" for req in lists)
+
+
+async def _create(emulator: Any, body: dict[str, Any]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        url = str(emulator.url).rstrip("/") + LLMT_PATH
+        async with session.post(url, json=body, headers={"X-Test-Hand": "1"}) as rsp:
+            assert rsp.status < 400, await rsp.text()
+
+
+async def _delete(emulator: Any, name: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        url = str(emulator.url).rstrip("/") + f"{LLMT_PATH}/{name}"
+        async with session.delete(url, headers={"X-Test-Hand": "1"}) as rsp:
+            assert rsp.status < 400, await rsp.text()

@@ -1,0 +1,58 @@
+"""The operator's own schedule of passes: retries back off, resyncs spread over the interval."""
+
+from __future__ import annotations
+
+from llm_telemetry_operator.schedule import Schedule
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_resyncs_of_resources_passed_together_spread_over_the_interval() -> None:
+    """A thousand resources created (or resumed) in the same second resync over the whole interval, none sooner
+    than half an interval after its pass and none later than one and a half."""
+    clock = Clock()
+    schedule = Schedule(interval=300, clock=clock)
+    keys = [("llm", f"chat-{i}") for i in range(1000)]
+    due = [schedule.succeeded(key, f"uid-{i}") - clock.now for i, key in enumerate(keys)]
+    assert all(150 <= d <= 450 for d in due)
+    # Thirty buckets of ten seconds over one interval: each holds about a thirtieth of the resyncs.
+    buckets = [0] * 30
+    for d in due:
+        buckets[int((d - 150) // 10) % 30] += 1
+    assert max(buckets) < 3 * 1000 / 30, buckets
+    # And the same resource keeps its place: its next resync is one interval after this one.
+    clock.now += due[0]
+    assert schedule.pop_due() and abs(schedule.succeeded(keys[0], "uid-0") - clock.now - 300) < 1e-6
+
+
+def test_failures_back_off_until_a_success_resets_them() -> None:
+    clock = Clock()
+    schedule = Schedule(interval=300, retry_base=5, clock=clock)
+    key = ("llm", "chat")
+    delays = [schedule.failed(key) - clock.now for _ in range(8)]
+    for n, d in enumerate(delays, start=1):
+        assert 0.5 * min(300, 5 * 2 ** (n - 1)) <= d <= min(300, 5 * 2 ** (n - 1))
+    assert schedule.failed(key, retry_after=7) - clock.now == 7  # the server's Retry-After wins
+    schedule.succeeded(key, "uid")
+    assert schedule.failed(key) - clock.now <= 5
+
+
+def test_due_passes_are_handed_out_once_in_time_order() -> None:
+    clock = Clock()
+    schedule = Schedule(interval=60, clock=clock)
+    schedule.failed(("llm", "a"), retry_after=2)
+    schedule.failed(("llm", "b"), retry_after=1)
+    schedule.failed(("llm", "c"), retry_after=10)
+    schedule.failed(("llm", "a"), retry_after=3)  # rescheduled: only the later time counts
+    schedule.forget(("llm", "c"))
+    clock.now += 2.5
+    assert schedule.pop_due() == [(("llm", "b"), "retry")]
+    clock.now += 1
+    assert schedule.pop_due() == [(("llm", "a"), "retry")]
+    assert schedule.pop_due() == [] and schedule.next_time() is None
