@@ -1,0 +1,79 @@
+"""``llm-telemetry-operator`` as a process: SIGTERM (what Kubernetes sends a pod) while it is busy ends it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    condition,
+    deployment,
+    eventually,
+    get,
+    install_default_collectors,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+)
+
+
+async def test_sigterm_while_busy_exits_cleanly(emulator: Any, shared_crds: Any) -> None:
+    """Resources still arriving, passes and resyncs running (1 s interval): SIGTERM ends the process with exit
+    code 0 and no traceback (a per-resource daemon started during shutdown used to end it in a TimeoutError)."""
+    install_prometheus_operator_crds(emulator, shared_crds)
+    install_default_collectors(emulator)
+    names = [f"r{i}" for i in range(12)]
+    for name in names:
+        emulator.objects[DEPLOYMENTS, NAMESPACE, name] = deployment(name, labels={"app": name})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llm_telemetry_operator", "--standalone", "--log-format", "text",
+        "--metrics-port", "0", "--health", "", "--resync-seconds", "1",
+        env={**os.environ}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    output = asyncio.ensure_future(process.stdout.read())
+    try:
+        for name in names[:6]:
+            emulator.objects[LLMT, NAMESPACE, name] = minimal_llmt(name, selector={"matchLabels": {"app": name}})
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "r0"), "Ready").get("status") == "True", "first Ready", attempts=600
+        )
+        # More resources while the first ones resync; then the pod is told to stop.
+        for name in names[6:]:
+            emulator.objects[LLMT, NAMESPACE, name] = minimal_llmt(name, selector={"matchLabels": {"app": name}})
+        await asyncio.sleep(1.5)
+        # Watch events keep coming while it stops: labels edited on every resource, again and again.
+        churn = asyncio.ensure_future(_churn(emulator, names))
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), timeout=60)
+        churn.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = (await output).decode(errors="replace")
+    assert code == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    assert "TimeoutError" not in text, text[-4000:]
+
+
+async def _churn(emulator: Any, names: list[str]) -> None:
+    base = f"{str(emulator.url).rstrip('/')}/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+    async with aiohttp.ClientSession() as session:
+        for round_ in itertools.count():
+            for name in names:
+                url = f"{base}/{name}"
+                body = json.dumps({"metadata": {"labels": {"round": str(round_)}}})
+                headers = {"Content-Type": "application/merge-patch+json", "X-Test-Hand": "1"}
+                async with session.patch(url, data=body, headers=headers) as rsp:
+                    await rsp.read()
+            await asyncio.sleep(0.05)
