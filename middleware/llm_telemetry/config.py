@@ -38,6 +38,9 @@ LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS: Final = "LLM_TELEMETRY_CAPTURE_CONTENT_
 LLM_TELEMETRY_REQUEST_LOGS: Final = "LLM_TELEMETRY_REQUEST_LOGS"
 #: Add ``x-request-id`` to LLM responses that lack one (``true``/``false``): the id in the request log line.
 LLM_TELEMETRY_ECHO_REQUEST_ID: Final = "LLM_TELEMETRY_ECHO_REQUEST_ID"
+#: ``true``: trace each LLM request as two spans, OpenTelemetry's generic ASGI server span and the GenAI span
+#: as its child; default ``false``: one span, the GenAI span as the server span (docs/tracing.md).
+LLM_TELEMETRY_TRACING_HTTP_SPAN: Final = "LLM_TELEMETRY_TRACING_HTTP_SPAN"
 #: Directory for the per-worker state that multi-worker servers merge on scrape.
 LLM_TELEMETRY_MULTIPROC_DIR: Final = "LLM_TELEMETRY_MULTIPROC_DIR"
 #: Set to ``false`` to turn the middleware into a pass-through.
@@ -150,6 +153,9 @@ class Settings:
     request_logs: bool = True
     #: Add the request id (``x-request-id``) to LLM responses that have none.
     echo_request_id: bool = True
+    #: Trace LLM requests as two spans (OpenTelemetry's ASGI server span, the GenAI span as its child) instead of
+    #: one GenAI span of kind SERVER.
+    tracing_http_span: bool = False
     #: Directory for multi-worker shared state, or None to choose automatically.
     multiproc_dir: str | None = None
     #: Redactor applied to captured content, ``Callable[[str], str]``; None: the default (llm_telemetry.redact).
@@ -180,6 +186,7 @@ class Settings:
         pick("capture_content_max_chars", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS, lambda n, v: _env_int(n, v, 0))
         pick("request_logs", LLM_TELEMETRY_REQUEST_LOGS, _env_bool)
         pick("echo_request_id", LLM_TELEMETRY_ECHO_REQUEST_ID, _env_bool)
+        pick("tracing_http_span", LLM_TELEMETRY_TRACING_HTTP_SPAN, _env_bool)
         if overrides.get("redact") is not None:
             values["redact"] = overrides["redact"]  # a function: no environment variable
         pick("multiproc_dir", LLM_TELEMETRY_MULTIPROC_DIR, lambda n, v: v.strip())

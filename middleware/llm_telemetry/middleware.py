@@ -400,7 +400,8 @@ class LLMTelemetryMiddleware:
         observers: list[Observer] = [telemetry.recorder]
         if telemetry.tracing is not None:
             observers.append(telemetry.tracing.observer)
-            self._traced = telemetry.tracing.wrap(self._observe_routed)
+            if self.settings.tracing_http_span:
+                self._traced = telemetry.tracing.wrap(self._observe_routed)
         if telemetry.request_logs is not None:
             observers.append(telemetry.request_logs.observer)
         self._observers = (*observers, *self._extra_observers)
@@ -435,8 +436,9 @@ class LLMTelemetryMiddleware:
             return
         traced = self._traced
         if traced is not None and not trace.get_current_span().get_span_context().is_valid:
-            # No server span yet (nothing instruments the app outside us): OpenTelemetry's ASGI middleware opens
-            # one, continuing the caller's ``traceparent``. With a span already current, the LLM span joins it.
+            # Two-span tracing (``tracing_http_span``) and no server span yet: OpenTelemetry's ASGI middleware
+            # opens one, continuing the caller's ``traceparent``. With a span already current, the LLM span joins
+            # it. By default ``_traced`` is None and the LLM span itself is the server span (tracing.py).
             await traced(scope, receive, send)
             return
         await self._observe(api, scope, receive, send)
@@ -450,7 +452,7 @@ class LLMTelemetryMiddleware:
         failsafe = self._failsafe
         telemetry = self._telemetry
         assert failsafe is not None and telemetry is not None
-        call = LLMCall(api.operation, api.provider, perf_counter(), path=field_text(scope["path"]))
+        call = LLMCall(api.operation, api.provider, perf_counter(), path=field_text(scope["path"]), scope=scope)
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
         limit = telemetry.limit

@@ -55,6 +55,8 @@ class LLMCall:
     #: Prompt messages and completion text, only kept when content capture is on.
     input_messages: list[dict[str, Any]] | None = None
     output_text: list[str] | None = None
+    #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
+    scope: Any = None
     #: Free slot for observers (tracing keeps its span here).
     span: Any = None
     #: OpenTelemetry context carrying the LLM span, passed to histogram records so exemplars link to it.

@@ -1,4 +1,4 @@
-"""Traces: the tracer provider (created here and nowhere else), the ASGI server span and one LLM span per call.
+"""Traces: the tracer provider (created here and nowhere else) and one span per LLM call.
 
 Tracing is on when a tracer provider is passed to the middleware, when the application has already installed
 a global SDK ``TracerProvider`` (it is used, never replaced), or when the standard OpenTelemetry variables ask
@@ -10,6 +10,12 @@ The LLM span is named ``{gen_ai.operation.name} {gen_ai.request.model}`` and car
 convention attributes, filled from the :class:`~llm_telemetry.record.LLMCall` the middleware already built (the
 bodies are never parsed twice). It is started before the app runs and ended, with its attributes, in the
 middleware's ``finally``: when the stream ends, when the client disconnects, and when the app raises.
+
+By default it is the request's only span: kind SERVER, with the HTTP server attributes, continuing the caller's
+``traceparent`` (read with the globally configured propagator). When a span is already current (the app is
+instrumented outside the middleware), the LLM span is its INTERNAL child instead. With
+``tracing_http_span=True`` the middleware wraps LLM requests in OpenTelemetry's ASGI middleware, whose server
+span is then the parent (the shape before single-span tracing, and twice the SDK work).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Mapping
 from time import perf_counter, time_ns
 from typing import Any, Final
 
-from opentelemetry import context, trace
+from opentelemetry import context, propagate, trace
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from . import instruments as names
@@ -50,6 +57,15 @@ GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tok
 GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+# HTTP server attributes of the single (SERVER) span.
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_ROUTE: Final = "http.route"
+URL_PATH: Final = "url.path"
+URL_SCHEME: Final = "url.scheme"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+CLIENT_ADDRESS: Final = "client.address"
+NETWORK_PROTOCOL_VERSION: Final = "network.protocol.version"
 # Our own attributes, for what the conventions do not (yet) name.
 LLM_TOOL_CALLS_NAMES: Final = "llm.tool_calls.names"
 LLM_TOOL_CALLS_COUNT: Final = "llm.tool_calls.count"
@@ -101,7 +117,7 @@ class Tracing:
         self.provider = provider
         self.owned = owned
         self.tracer: Tracer = provider.get_tracer(TRACER_NAME, __version__)
-        self.observer = SpanObserver(self.tracer, settings)
+        self.observer = SpanObserver(self.tracer, settings, server_span=not settings.tracing_http_span)
 
     @classmethod
     def create(
@@ -172,26 +188,75 @@ def _wall_ns(reading: float, now_perf: float, now_ns: int) -> int:
     return now_ns - int((now_perf - reading) * 1e9)
 
 
+class _HeaderGetter(Getter[Any]):
+    """Reads propagation headers from ASGI ``scope["headers"]`` for :func:`opentelemetry.propagate.extract`."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        wanted = key.encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier if k == wanted]
+        return values or None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier]
+
+
+_HEADERS = _HeaderGetter()
+
+
+def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
+    """The HTTP server attributes readable from the ASGI scope without looking at the headers."""
+    attributes[HTTP_REQUEST_METHOD] = scope.get("method", "POST")
+    attributes[URL_PATH] = path  # the client's path, already bounded by the middleware
+    attributes[URL_SCHEME] = scope.get("scheme", "http")
+    version = scope.get("http_version")
+    if version:
+        attributes[NETWORK_PROTOCOL_VERSION] = version
+    server = scope.get("server")
+    if server:
+        attributes[SERVER_ADDRESS] = server[0]
+        if len(server) > 1 and server[1] is not None:
+            attributes[SERVER_PORT] = server[1]
+    client = scope.get("client")
+    if client:
+        attributes[CLIENT_ADDRESS] = client[0]
+
+
 class SpanObserver:
     """Starts the LLM span when a call starts and fills and ends it when the call ends.
 
     Args:
         tracer: where spans come from.
         settings: content capture switch, size cap and redactor.
+        server_span: when no span is current, make the LLM span the request's SERVER span (continuing the
+            caller's ``traceparent``, with the HTTP server attributes); False: always an INTERNAL span.
     """
 
-    def __init__(self, tracer: Tracer, settings: Settings) -> None:
+    def __init__(self, tracer: Tracer, settings: Settings, server_span: bool = True) -> None:
         self.tracer = tracer
         self.capture = settings.capture_content
         self.max_chars = settings.capture_content_max_chars
         self.redact: Redactor = settings.redact or redact
+        self.server_span = server_span
 
     def start(self, call: LLMCall) -> None:
         now_perf, now_ns = perf_counter(), time_ns()
+        attributes: dict[str, Any] = {
+            names.GEN_AI_OPERATION_NAME: call.operation,
+            names.GEN_AI_PROVIDER_NAME: call.provider,
+        }
+        kind = SpanKind.INTERNAL
+        parent = None
+        scope = call.scope
+        if self.server_span and scope is not None and not trace.get_current_span().get_span_context().is_valid:
+            kind = SpanKind.SERVER
+            # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
+            parent = propagate.extract(scope.get("headers") or (), getter=_HEADERS)
+            _server_attributes(scope, call.path, attributes)
         span = self.tracer.start_span(
             call.operation,
-            kind=SpanKind.INTERNAL,
-            attributes={names.GEN_AI_OPERATION_NAME: call.operation, names.GEN_AI_PROVIDER_NAME: call.provider},
+            context=parent,
+            kind=kind,
+            attributes=attributes,
             start_time=_wall_ns(call.start, now_perf, now_ns),
         )
         call.span = span
@@ -245,6 +310,12 @@ class SpanObserver:
             attributes[LLM_COST_USD] = call.cost_usd
         if call.status_code is not None:
             attributes[HTTP_RESPONSE_STATUS_CODE] = call.status_code
+        scope = call.scope
+        if scope is not None:
+            # Set by the app's router as it routed (FastAPI's APIRoute): the template, when there is one.
+            route = getattr(scope.get("route"), "path", None)
+            if isinstance(route, str):
+                attributes[HTTP_ROUTE] = route
         if call.request_id:
             attributes[LLM_REQUEST_ID] = call.request_id
         for label, value in call.attribution.items():
