@@ -104,7 +104,9 @@ class _Exchange:
         "_send",
         "api",
         "body",
+        "body_done",
         "body_ok",
+        "body_size",
         "call",
         "capture",
         "complete",
@@ -127,8 +129,13 @@ class _Exchange:
         self.max_body = max_body
         self.capture = capture
         self.failsafe = failsafe
-        self.body = bytearray()
+        #: The request body's pieces as the app received them (kept by reference, parsed once the app has
+        #: answered: parsing here, inside the app's ``receive()``, would delay its work and its first token).
+        self.body: list[bytes] = []
+        self.body_size = 0
         self.body_ok = max_body > 0
+        #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
+        self.body_done = False
         self.reader: ResponseReader | None = None
         self.started = False
         self.complete = False
@@ -144,26 +151,36 @@ class _Exchange:
         if kind == "http.request":
             if self.body_ok:
                 chunk = message.get("body", b"")
-                if len(self.body) + len(chunk) > self.max_body:
-                    self.body_ok = False  # too large to inspect; it still reaches the app untouched
-                    self.body = bytearray()
-                else:
-                    self.body += chunk
+                if chunk:
+                    size = self.body_size + len(chunk)
+                    if size > self.max_body:
+                        self.body_ok = False  # too large to inspect; it still reaches the app untouched
+                        self.body = []
+                    else:
+                        self.body_size = size
+                        # bytes are immutable: a reference is enough (a server reusing a buffer gets a copy).
+                        self.body.append(chunk if type(chunk) is bytes else bytes(chunk))
                 if not message.get("more_body", False) and self.body_ok:
-                    self._read_request()
+                    self.body_ok = False
+                    self.body_done = True
         elif kind == "http.disconnect":
             self.disconnected = True
         return message
 
     def _read_request(self) -> None:
-        body, self.body, self.body_ok = self.body, bytearray(), False
+        parts, self.body, self.body_done = self.body, [], False
+        call = self.call
+        event_stream = call.stream  # an SSE response seen already makes the call a stream, whatever the body says
         try:
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
             # Not JSON, or nested too deep: the app will answer it; we learn nothing from it.
             parsed = loads(body) if body else None
             if isinstance(parsed, dict):
-                self.api.read_request(self.call, parsed, self.capture)
+                self.api.read_request(call, parsed, self.capture)
         except Exception as exc:
             self.failsafe("request_parse", exc)
+        finally:
+            call.stream = call.stream or event_stream
 
     async def _forward(self, message: Message) -> None:
         try:
@@ -233,6 +250,8 @@ class _Exchange:
         now = perf_counter()
         if call.end is None:
             call.end = now
+        if self.body_done:
+            self._read_request()
         if self.reader is not None:
             try:
                 self.reader.finish(now)
