@@ -319,7 +319,13 @@ async def _reconcile(
     state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
     metrics.RECONCILES.labels(trigger, result).inc()
-    reported = state.reported.get(key, frozenset())
+    if key in state.reported:
+        reported = state.reported[key]
+    else:
+        # First pass since the operator started: what the stored status already says was reported before (a
+        # restart's resume posts no event for a failure the resource shows already).
+        conditions = (body.get("status") or {}).get("conditions") or []
+        reported = frozenset((str(x.get("reason")), str(x.get("message"))) for x in conditions)
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         if (reason, message) not in reported:

@@ -503,6 +503,12 @@ async def _apply(
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         if r.contains(current, patch):
             return _version(current)
+        if _immutable_differs(current, desired):
+            # Only this version of it: one changed meanwhile is for the next pass to judge.
+            await client.delete(resource, namespace, name, resource_version=_version(current))
+            logger.info("replacing %s %s/%s (an immutable field differs)", desired["kind"], namespace, name)
+            current = None
+            continue
         resource_version = current.get("metadata", {}).get("resourceVersion")
         if resource_version:
             patch = {**patch, "metadata": {**patch["metadata"], "resourceVersion": resource_version}}
@@ -517,6 +523,15 @@ async def _apply(
                 raise
             current = await client.get(resource, namespace, name)
     return None
+
+
+def _immutable_differs(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """A Service's ``clusterIP`` (headless or not) cannot be patched; the Service has to be made anew."""
+    if desired.get("kind") != "Service":
+        return False
+    want = (desired.get("spec") or {}).get("clusterIP")
+    have = (current.get("spec") or {}).get("clusterIP")
+    return want is not None and have is not None and (want == "None") != (have == "None")
 
 
 def _remember(

@@ -379,7 +379,13 @@ def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
 
 
 def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workload: Mapping[str, Any]) -> dict[str, Any]:
-    """A Service on the metrics port selecting one workload's pods, for the ServiceMonitor to find."""
+    """A headless Service on the metrics port selecting one workload's pods, for the ServiceMonitor to find.
+
+    Headless (``clusterIP: None``): Prometheus scrapes the pods the Service's endpoints list, never its cluster
+    IP, so a cluster IP per target would only use up the cluster's Service range (one per workload; a /24 range
+    holds 254). ``clusterIP`` cannot be changed on an existing Service: one made with an IP by an earlier version
+    is replaced (see ``reconcile._apply``).
+    """
     workload_name = workload["metadata"]["name"]
     metadata = _metadata(owner, service_name(workload_name), "metrics")
     metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)
@@ -388,6 +394,7 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
         "kind": "Service",
         "metadata": metadata,
         "spec": {
+            "clusterIP": "None",
             "selector": workload_pod_selector(workload),
             "ports": [
                 {
