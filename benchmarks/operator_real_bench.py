@@ -1,0 +1,453 @@
+"""Operator scaling against a real kube-apiserver (etcd, RBAC, the garbage collector), when one is available.
+
+The control plane is ``local-cluster.sh`` (found like the real-cluster tests find it: ``$LLM_TELEMETRY_LOCAL_CLUSTER``,
+else ``../shared/tools/local-cluster.sh`` beside the checkout; see ``tests/integration/clusterkit.py``, whose helpers
+this reuses). A cluster already up is used as it is; one started here is stopped at the end.
+
+The chart's CRDs and RBAC are installed, and the operator runs as ``python -m llm_telemetry_operator`` with the
+chart's ServiceAccount token and the environment the chart's Deployment sets. Its requests go through a small
+counting proxy (plain HTTP in, TLS to the API server, the ServiceAccount's token passed through), so every request
+it makes, kopf's included, is counted. For each N, in a fresh namespace: N Deployments (``replicas: 0``, so no
+pods), then N LLMTelemetry each selecting one of them, created at once; timed until all are ``Ready=True`` (seen
+through a watch, not polling). Then the API server's CPU (utime + stime of the kube-apiserver process from
+``/proc/<pid>/stat``) and the operator's requests, per resource; writes while idle and after a restart (both
+should be zero; writes to the peering object, kopf's heartbeat, are not counted); and the time to delete all N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import pathlib
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import procs
+
+INTEGRATION = procs.REPO_ROOT / "tests" / "integration"
+FULL_SIZES = [50, 250, 1000]
+GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
+WRITES = ("POST", "PATCH", "PUT", "DELETE")
+#: Seconds with no request from the operator after which a restart's resume is taken as finished.
+QUIET = 5.0
+
+
+def missing() -> str | None:
+    """Why this benchmark cannot run here, or None."""
+    if str(INTEGRATION) not in sys.path:
+        sys.path.insert(0, str(INTEGRATION))
+    try:
+        import aiohttp  # noqa: F401
+        import clusterkit
+        import kubernetes  # noqa: F401
+    except ImportError as exc:
+        return f"cannot import what it needs: {exc}"
+    reason: str | None = clusterkit._missing()
+    return reason
+
+
+class CountingProxy:
+    """Plain HTTP on 127.0.0.1, forwarded over TLS to the API server; counts requests by method and resource."""
+
+    def __init__(self, upstream: str, ca_file: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.ca_file = ca_file
+        self.port = procs.free_port()
+        self.requests: list[tuple[float, str, str, bool]] = []  # (time, method, path, watch)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(30)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+        asyncio.set_event_loop(self._loop)
+        context = ssl.create_default_context(cafile=self.ca_file)
+
+        async def setup() -> None:
+            session = ClientSession(connector=TCPConnector(ssl=context, limit=0), timeout=ClientTimeout(total=None))
+
+            async def handle(request: web.Request) -> web.StreamResponse:
+                watch = request.query.get("watch") in ("true", "1")
+                self.requests.append((time.monotonic(), request.method, request.path, watch))
+                headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+                body = await request.read()
+                async with session.request(
+                    request.method, self.upstream + request.path_qs, headers=headers, data=body or None
+                ) as upstream:
+                    response = web.StreamResponse(status=upstream.status)
+                    for key in ("Content-Type", "Retry-After"):
+                        if key in upstream.headers:
+                            response.headers[key] = upstream.headers[key]
+                    await response.prepare(request)
+                    try:
+                        async for chunk in upstream.content.iter_any():
+                            await response.write(chunk)
+                        await response.write_eof()
+                    except (ConnectionError, ClientError):
+                        pass  # the operator closed a watch (or exited)
+                    return response
+
+            app = web.Application(client_max_size=64 * 2**20)
+            app.router.add_route("*", "/{tail:.*}", handle)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self._ready.set()
+
+        self._loop.run_until_complete(setup())
+        self._loop.run_forever()
+
+    def since(self, start: float, end: float | None = None) -> list[tuple[float, str, str, bool]]:
+        return [r for r in list(self.requests) if r[0] >= start and (end is None or r[0] < end)]
+
+
+def count(requests: list[tuple[float, str, str, bool]]) -> dict[str, Any]:
+    """Requests, reads and writes (kopf's peering heartbeat left out of the writes), writes by kind."""
+    own = [r for r in requests if not r[3]]
+    writes = [r for r in own if r[1] in WRITES and "kopfpeerings" not in r[2]]
+    kinds = Counter(f"{m} {_resource_of(p)}" for _, m, p, _ in writes)
+    return {"requests": len(own), "reads": len(own) - len(writes), "writes": len(writes), "write_kinds": dict(kinds)}
+
+
+def _resource_of(path: str) -> str:
+    parts = [p for p in path.split("/") if p]
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2 :]
+        return rest[0] + ("/" + rest[2] if len(rest) > 2 else "")
+    return parts[-1] if parts else path
+
+
+def apiserver_pid() -> int:
+    """The kube-apiserver's pid: from ``local-cluster.sh status``, else by its command line in /proc."""
+    import clusterkit
+
+    status = subprocess.run(["bash", str(clusterkit._script()), "status"], capture_output=True, text=True)
+    found = re.search(r"kube-apiserver pid (\d+)", status.stdout + status.stderr)
+    if found:
+        return int(found.group(1))
+    for proc in pathlib.Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"kube-apiserver" in (proc / "cmdline").read_bytes().split(b"\0")[0]:
+                    return int(proc.name)
+            except OSError:
+                continue
+    raise RuntimeError("kube-apiserver process not found")
+
+
+def stat_cpu(pid: int) -> float:
+    """utime + stime of a process from ``/proc/<pid>/stat``, in seconds (threads that have exited included)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def deployment(i: int) -> dict[str, Any]:
+    name = f"app-{i}"
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"bench": name}},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"pod": name}},
+            "template": {
+                "metadata": {"labels": {"pod": name, "bench": name}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
+            },
+        },
+    }
+
+
+def llmtelemetry(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LLMTelemetry",
+        "metadata": {"name": f"app-{i}"},
+        "spec": {"selector": {"matchLabels": {"bench": f"app-{i}"}}},
+    }
+
+
+def _ready(obj: dict[str, Any]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+class Watcher:
+    """A watch on the namespace's LLMTelemetry: which are Ready, which are gone (no polling lists)."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        from kubernetes import client, watch
+
+        self.ready: set[str] = set()
+        self.seen: set[str] = set()
+        self.deleted: set[str] = set()
+        self._watch = watch.Watch()
+        custom = client.CustomObjectsApi(api)
+
+        def run() -> None:
+            while not self._stopped:
+                try:
+                    for event in self._watch.stream(
+                        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=300
+                    ):
+                        name = event["object"]["metadata"]["name"]
+                        self.seen.add(name)
+                        if event["type"] == "DELETED":
+                            self.deleted.add(name)
+                            self.ready.discard(name)
+                        elif _ready(event["object"]):
+                            self.ready.add(name)
+                except Exception:  # a dropped stream: watch again (the re-list replays what is there)
+                    time.sleep(0.5)
+
+        self._stopped = False
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.stop()
+
+
+def _wait(check: Any, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def _quiet(proxy: CountingProxy, since: float, timeout: float) -> float:
+    """Wait until the operator has made no request for :data:`QUIET` seconds; the time of its last one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        requests = [r for r in proxy.since(since) if not r[3] and "kopfpeerings" not in r[2]]
+        last = requests[-1][0] if requests else since
+        if time.monotonic() - last >= QUIET:
+            return last
+        time.sleep(0.5)
+    raise TimeoutError("the operator never went quiet")
+
+
+def run(sizes: list[int], log: Any = print, idle: float = 20.0) -> dict[str, Any]:
+    """Measure every size in ``sizes`` on the local cluster; ``{"skipped": reason}`` when there is none."""
+    reason = missing()
+    if reason:
+        return {"skipped": reason, "results": []}
+    import clusterkit
+
+    script = str(clusterkit._script())
+    running = subprocess.run(["bash", script, "status"], capture_output=True, text=True).returncode == 0
+    up = subprocess.run(["bash", script, "up"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        return {"skipped": f"local-cluster.sh up failed: {up.stderr[-500:]}", "results": []}
+    exported = [line for line in up.stdout.splitlines() if line.startswith("export KUBECONFIG=")]
+    kubeconfig = pathlib.Path(exported[-1].split("=", 1)[1]) if exported else clusterkit._k8s_bin() / "kubeconfig"
+    try:
+        return {"results": _run(kubeconfig, sizes, log, idle)}
+    finally:
+        if not running:
+            subprocess.run(["bash", script, "down"], capture_output=True, text=True, timeout=120)
+
+
+def _run(kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float) -> list[dict[str, Any]]:
+    import clusterkit
+    import yaml
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = 32
+    api = client.ApiClient(configuration)
+    system = f"llmt-bench-system-{uuid.uuid4().hex[:6]}"
+    docs = clusterkit.install(api, system)
+    chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = chart_deployment["spec"]["template"]["spec"]
+    env = {e["name"]: str(e["value"]) for e in pod["containers"][0].get("env") or [] if "value" in e}
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="llmt-real-bench-"))
+    sa_kubeconfig = workdir / "sa-kubeconfig"
+    clusterkit.service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], sa_kubeconfig)
+    sa = yaml.safe_load(sa_kubeconfig.read_text())
+    ca_file = workdir / "ca.crt"
+    import base64
+
+    ca_file.write_bytes(base64.b64decode(sa["clusters"][0]["cluster"]["certificate-authority-data"]))
+    proxy = CountingProxy(sa["clusters"][0]["cluster"]["server"], str(ca_file))
+    proxy.start()
+    sa["clusters"][0]["cluster"] = {"server": f"http://127.0.0.1:{proxy.port}"}
+    operator_kubeconfig = workdir / "kubeconfig"
+    operator_kubeconfig.write_text(yaml.safe_dump(sa))
+    results = []
+    try:
+        for n in sizes:
+            log(f"operator (real API server): N={n}")
+            try:
+                results.append(_measure(api, n, env, operator_kubeconfig, proxy, workdir, log, idle))
+            except (RuntimeError, TimeoutError) as exc:
+                results.append({"n": n, "error": str(exc)})
+    finally:
+        proxy.stop()
+        for namespace in (system,):
+            client.CoreV1Api(api).delete_namespace(namespace)
+        rbac = client.RbacAuthorizationV1Api(api)
+        for doc in docs:
+            if doc["kind"] == "ClusterRole":
+                rbac.delete_cluster_role(doc["metadata"]["name"])
+            elif doc["kind"] == "ClusterRoleBinding":
+                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+    return results
+
+
+def _start(env: dict[str, str], kubeconfig: pathlib.Path, log_path: pathlib.Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(kubeconfig), "--log-format", "text",
+             "--metrics-port", "0", "--health", ""],
+            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return -9
+
+
+def _measure(
+    api: Any,
+    n: int,
+    env: dict[str, str],
+    kubeconfig: pathlib.Path,
+    proxy: CountingProxy,
+    workdir: pathlib.Path,
+    log: Any,
+    idle: float,
+) -> dict[str, Any]:
+    from kubernetes import client
+
+    namespace = f"llmt-bench-{n}-{uuid.uuid4().hex[:4]}"
+    core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    pool = concurrent.futures.ThreadPoolExecutor(16)
+    list(pool.map(lambda i: apps.create_namespaced_deployment(namespace, deployment(i)), range(n)))
+    apiserver = apiserver_pid()
+    log_path = workdir / f"operator-{n}.log"
+    operator = _start({**env, "LLM_TELEMETRY_OPERATOR_NAMESPACES": ""}, kubeconfig, log_path)
+    watcher = Watcher(api, namespace)
+    result: dict[str, Any] = {"n": n}
+    try:
+        _wait(lambda: "watching" in log_path.read_text(errors="replace"), 60, "operator started")
+        time.sleep(2)  # its first listings and watches
+        cpu0, op0, t0 = stat_cpu(apiserver), stat_cpu(operator.pid), time.monotonic()
+        list(pool.map(lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                                       llmtelemetry(i)), range(n)))  # fmt: skip
+        result["ready_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
+        t1 = _quiet(proxy, t0, 300)
+        result["settled"] = count(proxy.since(t0, t1 + 0.001))
+        result["apiserver_cpu_s"] = stat_cpu(apiserver) - cpu0
+        result["operator_cpu_s"] = stat_cpu(operator.pid) - op0
+        log(f"  Ready in {result['ready_s']:.1f} s; idle {idle:.0f} s")
+        i0 = time.monotonic()
+        time.sleep(idle)
+        result["idle"] = count(proxy.since(i0))
+        result["exit_code"] = _stop(operator)
+        r0 = time.monotonic()
+        before = log_path.read_text(errors="replace").count("Resuming is processed")
+        operator = _start({**env, "LLM_TELEMETRY_OPERATOR_NAMESPACES": ""}, kubeconfig, log_path)
+        # Every resource resumed (kopf logs each), then nothing more for a while.
+        _wait(
+            lambda: log_path.read_text(errors="replace").count("Resuming is processed") - before >= n,
+            600,
+            f"all {n} resumed",
+        )
+        r1 = _quiet(proxy, r0, 600)
+        result["restart_s"] = r1 - r0
+        result["restart"] = count(proxy.since(r0, r1 + 0.001))
+        d0 = time.monotonic()
+        list(pool.map(lambda i: custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                                       f"app-{i}"), range(n)))  # fmt: skip
+        result["delete_s"] = _wait(lambda: len(watcher.deleted) >= n, 600, f"all {n} deleted")
+        result["delete"] = count(proxy.since(d0))
+        log(f"  deleted in {result['delete_s']:.1f} s")
+    finally:
+        code = _stop(operator)
+        result.setdefault("exit_code", code)
+        result["exit_code_last"] = code
+        text = log_path.read_text(errors="replace")
+        result["tracebacks"] = text.count("Traceback")
+        result["forbidden"] = sum(1 for line in text.splitlines() if " 403" in line or "Forbidden" in line)
+        watcher.stop()
+        pool.shutdown(wait=False)
+        core.delete_namespace(namespace)
+    return result
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = ["== Operator against a real kube-apiserver (local-cluster.sh; flat per-resource columns are the goal) =="]
+    if report.get("skipped"):
+        lines.append(f"(not run: {report['skipped']})")
+        return "\n".join(lines)
+    header = (
+        f"{'N':>5}{'ready s':>9}{'req/res':>9}{'reads/res':>11}{'writes/res':>12}{'API CPU ms/res':>16}"
+        f"{'op CPU ms/res':>15}{'idle writes':>13}{'restart writes':>16}{'restart s':>11}{'delete s':>10}"
+        f"{'exit':>6}"
+    )
+    lines += [header, "-" * len(header)]
+    notes = []
+    for res in report.get("results", []):
+        n = res["n"]
+        if "error" in res:
+            lines.append(f"{n:>5}  failed: {res['error']}")
+            continue
+        s = res["settled"]
+        lines.append(
+            f"{n:>5}{res['ready_s']:>9.1f}{s['requests'] / n:>9.1f}{s['reads'] / n:>11.1f}{s['writes'] / n:>12.1f}"
+            f"{res['apiserver_cpu_s'] * 1e3 / n:>16.1f}{res['operator_cpu_s'] * 1e3 / n:>15.1f}"
+            f"{res['idle']['writes']:>13}{res['restart']['writes']:>16}{res['restart_s']:>11.1f}"
+            f"{res['delete_s']:>10.1f}{res['exit_code']:>6}"
+        )
+        notes.append(f"N={n} writes by kind until settled: {_kinds(s)}")
+        notes.append(
+            f"N={n} restart: {res['restart']['requests']} requests; delete: {res['delete']['requests']} requests "
+            f"({_kinds(res['delete'])}); tracebacks in log {res['tracebacks']}, 403s {res['forbidden']}"
+        )
+        if res["idle"]["writes"] or res["restart"]["writes"]:
+            notes.append(f"N={n} second-pass writes: idle {_kinds(res['idle'])}; restart {_kinds(res['restart'])}")
+    lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def _kinds(counted: dict[str, Any]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counted["write_kinds"].items())) or "none"
+
+
+if __name__ == "__main__":
+    sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else FULL_SIZES
+    print(format_report(run(sizes, log=lambda m: print(m, file=sys.stderr, flush=True))))
