@@ -253,6 +253,7 @@ def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster) -> None:
     # Children, owned by the resource (the API server accepted every one of them).
     service = cluster.service("chat-llm-metrics")
     assert service.spec.selector == {"app": "chat"} and service.spec.ports[0].port == 9464
+    assert service.spec.cluster_ip == "None"  # headless: no Service IP per target
     monitor = cluster.monitoring("servicemonitors", "chat-llm-telemetry")
     rules = cluster.monitoring("prometheusrules", "chat-llm-telemetry")
     dashboard = cluster.configmap("chat-llm-dashboard")
@@ -485,3 +486,37 @@ def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     assert "LLM_TELEMETRY_METRICS_PORT" in cluster.env("gitops")
     assert after["metadata"]["generation"] == injected["metadata"]["generation"]
     assert after["spec"]["template"] == injected["spec"]["template"]
+
+
+def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> None:
+    """Someone else's Service holds the metrics Service's name: the resource says so (and is not Ready); once
+    that Service is removed, the operator's own retry (the resource itself does not change) creates the metrics
+    Service and the resource becomes Ready."""
+    from kubernetes import client
+
+    cluster.core.create_namespaced_service(
+        cluster.namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="blocked-llm-metrics", labels={"team": "someone-else"}),
+            spec=client.V1ServiceSpec(selector={"app": "other"}, ports=[client.V1ServicePort(port=80)]),
+        ),
+    )
+    cluster.create(deployment("blocked", "blocked"))
+    cluster.create(telemetry("blocked", "blocked"))
+    failed = wait_for(
+        lambda: (
+            cluster.condition("blocked", c.CONDITION_METRICS).get("reason") == "ServiceFailed"
+            and cluster.condition("blocked", c.CONDITION_METRICS)
+        ),
+        "ServiceFailed",
+    )
+    assert "not managed by this LLMTelemetry" in failed["message"]
+    assert cluster.condition("blocked", "Ready")["status"] == "False"
+    generation = cluster.llmt("blocked")["metadata"]["generation"]
+    cluster.core.delete_namespaced_service("blocked-llm-metrics", cluster.namespace)
+    owner = cluster.ready("blocked")
+    assert owner["metadata"]["generation"] == generation  # retried by the operator, not by a change
+    service = wait_for(lambda: cluster.service("blocked-llm-metrics"), "metrics Service")
+    assert (service.metadata.labels or {}).get(c.LABEL_OWNER) == "blocked"
+    # The failure was told once, however many retries met it.
+    assert len(cluster.events("blocked", "ServiceFailed")) == 1
