@@ -34,6 +34,7 @@ class Variant:
         missing: returns why the variant cannot run here (a feature not merged yet), or None.
         traces: exports spans to the OTLP sink.
         llm_metrics: serves our LLM metric contract on ``BENCH_METRICS_PORT`` (checked after the run).
+        optional: run only when asked for by name (``--variants``), not in a default run.
     """
 
     key: str
@@ -42,6 +43,7 @@ class Variant:
     missing: Callable[[], str | None] = lambda: None
     traces: bool = False
     llm_metrics: bool = False
+    optional: bool = False
 
 
 def _metrics_port() -> int:
@@ -59,6 +61,11 @@ def _bare() -> Any:
 def _ours() -> Any:
     # Metrics only: request logs off, so the row measures the metric path alone.
     return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=False)
+
+
+def _ours_logs() -> Any:
+    # Metrics plus the JSON request-log line (to the server's stdout), to price the line itself.
+    return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=True)
 
 
 def _ours_tracing() -> Any:
@@ -110,6 +117,7 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("bare", "bare demo app", _bare),
         Variant("ours", "llm-telemetry, metrics only", _ours, llm_metrics=True),
+        Variant("ours+logs", "llm-telemetry, metrics + JSON request logs", _ours_logs, llm_metrics=True, optional=True),
         Variant(
             "ours+traces",
             "llm-telemetry, metrics + traces to OTLP sink",

@@ -70,12 +70,22 @@ def _stream(words: int) -> Scenario:
     )
 
 
+def _long_context(size: int) -> Scenario:
+    # A non-stream chat whose prompt is ``size`` bytes of words: a long-context or multimodal request body.
+    words = ("lorem ipsum dolor sit amet " * (size // 26 + 1))[:size]
+    return Scenario(
+        "body1m", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": words}]}
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.key: s
     for s in (
         Scenario("chat", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": _MESSAGES}),
         _stream(64),
-        _stream(512),
+        _stream(256),
+        _stream(4096),
+        _long_context(1 << 20),
         Scenario(
             "embeddings",
             "/v1/embeddings",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import io
 import json
@@ -85,6 +86,11 @@ def cpu_per_request(app: Any, scenario: Scenario, requests: int, loop: asyncio.A
     return (time.process_time() - started) / requests
 
 
+def _quiet_stdout() -> Any:
+    # Request log lines (variant ours+logs) go to stdout: written to /dev/null, so their cost is still paid.
+    return contextlib.redirect_stdout(open(os.devnull, "w"))  # closed when the process exits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="stream64", choices=sorted(SCENARIOS))
@@ -100,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.environ[BENCH_OTLP_ENDPOINT] = f"http://127.0.0.1:{port}"
         procs.wait_http(os.environ[BENCH_OTLP_ENDPOINT] + "/count", sink)
-        return _profile(args, scenario)
+        real_stdout = sys.stdout
+        with _quiet_stdout():
+            return _profile(args, scenario, real_stdout)
     finally:
         procs.stop(sink)
 
 
-def _profile(args: argparse.Namespace, scenario: Scenario) -> int:
+def _profile(args: argparse.Namespace, scenario: Scenario, stdout: Any) -> int:
     loop = asyncio.new_event_loop()
     bare, app = build("bare"), build(args.variant)
     for candidate in (bare, app):
@@ -118,7 +126,10 @@ def _profile(args: argparse.Namespace, scenario: Scenario) -> int:
     mine.sort()
     b, m = base[len(base) // 2] * 1e6, mine[len(mine) // 2] * 1e6
     per_chunk = f", {(m - b) / scenario.chunks:.2f} µs per chunk" if scenario.chunks else ""
-    print(f"{args.scenario}: bare {b:.1f} µs/request, {args.variant} {m:.1f} µs/request (+{m - b:.1f} µs{per_chunk})")
+    print(
+        f"{args.scenario}: bare {b:.1f} µs/request, {args.variant} {m:.1f} µs/request (+{m - b:.1f} µs{per_chunk})",
+        file=stdout,
+    )
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -126,7 +137,7 @@ def _profile(args: argparse.Namespace, scenario: Scenario) -> int:
     profiler.disable()
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-    print(out.getvalue())
+    print(out.getvalue(), file=stdout)
     loop.close()
     return 0
 

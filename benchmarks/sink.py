@@ -1,4 +1,5 @@
-"""A local OTLP/HTTP sink: accepts trace, metric and log exports, counts the spans, answers ``GET /count``.
+"""A local OTLP/HTTP sink: accepts trace, metric and log exports, counts the spans (in all and by the
+``service.name`` of their resource), answers ``GET /count``.
 
 Usage: ``python benchmarks/sink.py --port 4318 [--cpu 1]``. It stands in for a collector on the same host
 so tracing variants pay for serialising and sending spans, as they would in production, without a network.
@@ -18,6 +19,7 @@ class _State:
     lock = threading.Lock()
     spans = 0
     exports = 0
+    by_service: dict[str, int] = {}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -30,15 +32,24 @@ class _Handler(BaseHTTPRequestHandler):
 
             request = ExportTraceServiceRequest()
             request.ParseFromString(body)
-            spans = sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+            counts: dict[str, int] = {}
+            for resource in request.resource_spans:
+                service = next(
+                    (a.value.string_value for a in resource.resource.attributes if a.key == "service.name"), ""
+                )
+                counts[service] = counts.get(service, 0) + sum(len(scope.spans) for scope in resource.scope_spans)
             with _State.lock:
-                _State.spans += spans
+                _State.spans += sum(counts.values())
                 _State.exports += 1
+                for service, n in counts.items():
+                    _State.by_service[service] = _State.by_service.get(service, 0) + n
         self._answer(b"", "application/x-protobuf")
 
     def do_GET(self) -> None:
         with _State.lock:
-            payload = json.dumps({"spans": _State.spans, "exports": _State.exports}).encode()
+            payload = json.dumps(
+                {"spans": _State.spans, "exports": _State.exports, "by_service": _State.by_service}
+            ).encode()
         self._answer(payload, "application/json")
 
     def _answer(self, body: bytes, content_type: str) -> None:
