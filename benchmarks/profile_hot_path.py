@@ -91,6 +91,48 @@ def _quiet_stdout() -> Any:
     return contextlib.redirect_stdout(open(os.devnull, "w"))  # closed when the process exits
 
 
+async def per_chunk(chunks: int = 20_000, repeats: int = 7) -> int:
+    """The per-chunk floor: the middleware's ``send`` wrapper (with its reader's shape check) on content chunks
+    of one stream, against the same loop calling the downstream ``send`` directly. Minimum over repeats: the
+    figure least disturbed by whatever else the machine runs."""
+    from llm_telemetry.apis import APIS
+    from llm_telemetry.middleware import _Exchange
+    from llm_telemetry.record import LLMCall
+
+    async def downstream(message: dict[str, Any]) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def failsafe(component: str, exc: BaseException) -> None:
+        raise exc
+
+    def event(i: int) -> bytes:
+        delta = {"content": f" word{i % 10}"}
+        data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+    messages = [{"type": "http.response.body", "body": event(i), "more_body": True} for i in range(chunks)]
+    wrapped, direct = [], []
+    for _ in range(repeats):
+        call = LLMCall("chat", "openai", time.perf_counter())
+        exchange = _Exchange(APIS["openai.chat"], call, receive, downstream, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+        await exchange.send(start)
+        began = time.process_time()
+        for message in messages:
+            await exchange.send(message)
+        wrapped.append((time.process_time() - began) / chunks)
+        began = time.process_time()
+        for message in messages:
+            await downstream(message)
+        direct.append((time.process_time() - began) / chunks)
+    print(f"send wrapper + shape check: {(min(wrapped) - min(direct)) * 1e6:.2f} µs per chunk (min of {repeats})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="stream64", choices=sorted(SCENARIOS))
@@ -98,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--per-chunk", action="store_true", help="time only the send wrapper and shape check on streamed chunks"
+    )
     args = parser.parse_args(argv)
+    if args.per_chunk:
+        return asyncio.run(per_chunk())
 
     scenario = SCENARIOS[args.scenario]
     # Tracing variants export to the same local OTLP sink as in benchmarks/run, so the export is profiled too.
