@@ -60,8 +60,8 @@ class Retry:
 
     Args:
         attempts: requests in all, the first included (1: never again).
-        base: seconds before the first retry; doubled on each one after, up to ``cap``, with full jitter (a
-            random share of it), so clients throttled together do not come back together.
+        base: seconds before the first retry; doubled on each one after, up to ``cap``, each wait drawn
+            between half and all of it, so clients throttled together do not come back together.
         cap: the longest wait between two attempts; also the most of a ``Retry-After`` that is honoured.
 
     The server's ``Retry-After`` (seconds or an HTTP date), when it sends one, replaces the computed wait.

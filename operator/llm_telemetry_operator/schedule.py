@@ -8,8 +8,8 @@ resource wants its next pass; one task of the operator's (started at startup, ca
 passes that are due. A pass that writes nothing when nothing changed then costs no writes, retried or not.
 
 - After a failed pass (an API error, a missing CRD, a child that could not be created): a retry after
-  ``retry_base * 2**(failures - 1)`` seconds, capped at the resync interval, with full jitter (a random share of
-  it), so resources that failed together do not retry together; the server's ``Retry-After`` wins when it gave
+  ``retry_base * 2**(failures - 1)`` seconds, capped at the resync interval, each wait drawn between half and
+  all of it, so resources that failed together do not retry together; the server's ``Retry-After`` wins when it gave
   one.
 - After a successful pass: the periodic resync. Each resource has a fixed place (phase) in the resync interval,
   taken from a hash of its uid, and is resynced at the first point of its phase at least half an interval after
