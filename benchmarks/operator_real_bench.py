@@ -22,6 +22,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -310,8 +311,8 @@ def _run(kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float) -> l
                 results.append({"n": n, "error": str(exc)})
     finally:
         proxy.stop()
-        for namespace in (system,):
-            client.CoreV1Api(api).delete_namespace(namespace)
+        shutil.rmtree(workdir, ignore_errors=True)  # the operator's logs and a ServiceAccount token
+        client.CoreV1Api(api).delete_namespace(system)
         rbac = client.RbacAuthorizationV1Api(api)
         for doc in docs:
             if doc["kind"] == "ClusterRole":
