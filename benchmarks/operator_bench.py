@@ -1,11 +1,11 @@
 """Operator scaling: the real operator process against kmock's Kubernetes emulator over HTTP.
 
-For each N, a fresh emulator (in this process, on the client core) holds our CRD, the Prometheus Operator
-CRDs from ``../shared/crds`` and N Deployments. The operator runs as ``python -m llm_telemetry_operator`` on
-the server core, configured like the Helm chart does (environment variables, a kubeconfig). Once it watches,
-N LLMTelemetry resources are created through the API, each selecting its own Deployment, and we time how
-long until every one is ``Ready=True`` with its metrics Service and ServiceMonitor in place, counting the
-API requests the operator made and its memory.
+For each N, a fresh emulator (in this process, on the client core) holds our CRD, the Prometheus Operator CRDs
+(as the operator tests register them) and N Deployments. The operator runs as ``python -m
+llm_telemetry_operator`` on the server core, configured like the Helm chart does (environment variables, a
+kubeconfig). Once it watches, N LLMTelemetry resources are created through the API, each selecting its own
+Deployment, and we time how long until every one is ``Ready=True`` with its metrics Service and ServiceMonitor
+in place, counting the API requests the operator made and its memory.
 
 Then two second passes with nothing changed, both of which should write nothing:
 - idle: the operator keeps running for a while;
@@ -38,7 +38,8 @@ FULL_SIZES = [1, 50, 500]
 SMOKE_SIZES = [1]
 NAMESPACE = "bench"
 PEERING = "bench-peering"
-SHARED_CRDS = procs.REPO_ROOT.parent / "shared" / "crds"
+#: The operator tests' helpers, for the Prometheus Operator CRDs the emulator registers.
+OPERATOR_TESTS = procs.REPO_ROOT / "tests" / "operator"
 CRD_PATH = procs.REPO_ROOT / "crds" / "llmtelemetry.dev_llmtelemetries.yaml"
 LLMT = "llmtelemetry.dev/v1alpha1/llmtelemetries"
 LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
@@ -83,9 +84,12 @@ def _setup(emu: Any, kmock: Any) -> None:
         "kind": "ClusterKopfPeering",
         "metadata": {"name": PEERING},
     }
-    crds = [CRD_PATH, *sorted(SHARED_CRDS.glob("monitoring.coreos.com_*.yaml"))]
-    for path in crds:
-        crd = yaml.safe_load(path.read_text())
+    if str(OPERATOR_TESTS) not in sys.path:
+        sys.path.insert(0, str(OPERATOR_TESTS))
+    from kopf_testing import load_monitoring_crds
+
+    crds = [yaml.safe_load(CRD_PATH.read_text()), *load_monitoring_crds().values()]
+    for crd in crds:
         emu.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]] = crd
 
 
@@ -325,8 +329,6 @@ def _stop(process: subprocess.Popen[bytes]) -> str:
 
 
 def missing() -> str | None:
-    if not SHARED_CRDS.is_dir():
-        return f"Prometheus Operator CRDs not found in {SHARED_CRDS.name}/ next to the repository (../shared/crds)"
     try:
         import kmock  # noqa: F401
 

@@ -221,18 +221,46 @@ def crd_validator(crd: Mapping[str, Any]) -> jsonschema.Draft4Validator:
     return jsonschema.Draft4Validator(crd_schema(crd))
 
 
-@pytest.fixture(scope="session")
-def shared_crds() -> dict[str, dict[str, Any]]:
-    """The Prometheus Operator CRDs from ../shared/crds, by plural."""
-    if not SHARED_CRDS.is_dir():
-        pytest.skip(
-            f"Prometheus Operator CRDs not found in {SHARED_CRDS.name}/ next to the repository (../shared/crds)"
-        )
-    crds = {}
+#: The Prometheus Operator kinds the operator writes: plural -> kind.
+MONITORING_KINDS = {"servicemonitors": "ServiceMonitor", "prometheusrules": "PrometheusRule"}
+
+
+def registration_crd(plural: str, kind: str) -> dict[str, Any]:
+    """A CustomResourceDefinition that registers ``kind`` and keeps any field: what the emulator needs to serve the
+    kind. It says nothing about the kind's schema (tests/operator/test_schemas.py checks that against the real one)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.lower(), "kind": kind, "listKind": f"{kind}List"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+            ],
+        },
+    }
+
+
+def load_monitoring_crds() -> dict[str, dict[str, Any]]:
+    """The Prometheus Operator CRDs by plural: the real ones from ../shared/crds where they lie beside the checkout,
+    else registrations of the same kinds (the emulator validates no schema either way)."""
+    crds = {plural: registration_crd(plural, kind) for plural, kind in MONITORING_KINDS.items()}
     for path in SHARED_CRDS.glob("monitoring.coreos.com_*.yaml"):
         crd = load_crd(path)
         crds[crd["spec"]["names"]["plural"]] = crd
     return crds
+
+
+@pytest.fixture(scope="session")
+def monitoring_crds() -> dict[str, dict[str, Any]]:
+    return load_monitoring_crds()
 
 
 def minimal_llmt(name: str = "chat", **spec: Any) -> dict[str, Any]:
@@ -374,10 +402,10 @@ def kopf_peering(namespace: str) -> dict[str, Any]:
     }
 
 
-def install_prometheus_operator_crds(kmock: Any, shared_crds: Mapping[str, Mapping[str, Any]]) -> None:
+def install_prometheus_operator_crds(kmock: Any, monitoring_crds: Mapping[str, Mapping[str, Any]]) -> None:
     verbs = {"list", "watch", "patch", "get", "create", "delete"}
     for plural in ("servicemonitors", "prometheusrules"):
-        crd = shared_crds[plural]
+        crd = monitoring_crds[plural]
         kmock.resources[f"monitoring.coreos.com/v1/{plural}"] = kmock.ResourceInfo(
             kind=crd["spec"]["names"]["kind"], namespaced=True, verbs=verbs
         )

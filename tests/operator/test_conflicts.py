@@ -69,9 +69,9 @@ def reason(kmock: Any, owner: str, type_: str) -> str | None:
     return condition(get(kmock, LLMT, owner), type_).get("reason")
 
 
-async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, shared_crds: Any) -> None:
+async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, monitoring_crds: Any) -> None:
     """Found together at startup: "zeta" is older (and last by name, so age decides, not name)."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
     emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
@@ -102,10 +102,10 @@ async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, shared
     check_usage(emulator)
 
 
-async def test_older_resource_arriving_later_takes_the_workload_over(emulator: Any, shared_crds: Any) -> None:
+async def test_older_resource_arriving_later_takes_the_workload_over(emulator: Any, monitoring_crds: Any) -> None:
     """ "alpha" serves the workload alone; then "zeta", which ranks first, appears (same timestamp, name decides:
     here "aaa" ranks before "alpha"). The workload changes hands, and alpha's children are removed."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", OLDER)
     async with running_operator():

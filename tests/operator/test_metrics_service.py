@@ -22,8 +22,10 @@ from kopf_testing import (
 from llm_telemetry_operator import constants as c
 
 
-async def test_metrics_service_with_a_cluster_ip_is_replaced_by_a_headless_one(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_metrics_service_with_a_cluster_ip_is_replaced_by_a_headless_one(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "embed"] = deployment("embed", labels={"app": "chat"})

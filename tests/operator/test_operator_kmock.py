@@ -21,7 +21,6 @@ from kopf_testing import (
     SERVICES,
     STATEFULSETS,
     condition,
-    crd_validator,
     deployment,
     eventually,
     get,
@@ -79,8 +78,8 @@ async def hand(kmock: Any, method: str, path: str, body: Any = None) -> None:
             assert rsp.status < 400, await rsp.text()
 
 
-async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(env=[{"name": "OTEL_SERVICE_NAME", "value": "mine"}])
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
@@ -122,7 +121,7 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
         assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
         config_hash = dep["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
 
-        # Children, owned by the resource and valid against the real Prometheus Operator schemas.
+        # Children, owned by the resource (their schemas: test_written_monitoring_objects_are_valid below).
         svc = get(emulator, SERVICES, "chat-llm-metrics")
         assert svc["spec"]["selector"] == {"pod": "chat"}
         sm = get(emulator, SERVICEMONITORS, "chat-llm-telemetry")
@@ -131,8 +130,6 @@ async def test_minimal_resource_wires_everything(emulator: Any, shared_crds: Any
         for child in (svc, sm, pr, dash):
             assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
             assert child["metadata"]["labels"][c.LABEL_MANAGED_BY] == "llm-telemetry-operator"
-        crd_validator(shared_crds["servicemonitors"]).validate(sm)
-        crd_validator(shared_crds["prometheusrules"]).validate(pr)
         assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert dash["metadata"]["annotations"]["grafana_folder"] == "LLM"
 
@@ -228,11 +225,32 @@ def passes_for(kmock: Any, owner: str) -> int:
     )
 
 
-async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, shared_crds: Any) -> None:
+async def test_written_monitoring_objects_are_valid(
+    emulator: Any, monitoring_crds: Any, prometheus_operator_schemas: Any
+) -> None:
+    """The ServiceMonitor and PrometheusRule as the operator writes them to the API (not only as built) pass the
+    Prometheus Operator's own schemas."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True",
+            what="the resource Ready",
+        )
+    written = [
+        get(emulator, SERVICEMONITORS, "chat-llm-telemetry"),
+        get(emulator, PROMETHEUSRULES, "chat-llm-telemetry"),
+    ]
+    prometheus_operator_schemas.assert_valid(written)
+
+
+async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, monitoring_crds: Any) -> None:
     """One pass per resource, whether found at startup (resume) or created later: the events caused by the
     pass's own writes (four children created, the workload patched, the status written) run no second pass,
     while a hand edit of a child still does."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
@@ -283,8 +301,8 @@ async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
     check_usage(emulator)
 
 
-async def test_invalid_spec_names_the_field(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(alerts={"ttftObjectiveSeconds": 3})
     async with running_operator():
@@ -322,8 +340,8 @@ async def test_invalid_spec_names_the_field(emulator: Any, shared_crds: Any) -> 
     check_usage(emulator)
 
 
-async def test_statefulset_created_later_is_injected(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
@@ -353,8 +371,8 @@ async def test_statefulset_created_later_is_injected(emulator: Any, shared_crds:
     check_usage(emulator)
 
 
-async def test_conflicting_writes_are_retried(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     # Someone rolls a new image between the operator's read of the Deployment and its patch: the patch carries
@@ -385,8 +403,8 @@ async def test_conflicting_writes_are_retried(emulator: Any, shared_crds: Any) -
     check_usage(emulator)
 
 
-async def test_relabel_and_delete_remove_injection(emulator: Any, shared_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, shared_crds)
+async def test_relabel_and_delete_remove_injection(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     original = deployment(env=[{"name": "APP_MODE", "value": "prod"}])
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = original
     emulator.objects[DEPLOYMENTS, NAMESPACE, "other"] = deployment("other", labels={"app": "chat"})
@@ -445,10 +463,10 @@ def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     return {**obj, "metadata": {**meta, "namespace": namespace, "uid": f"{meta['uid']}-{namespace}"}}
 
 
-async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, shared_crds: Any) -> None:
+async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, monitoring_crds: Any) -> None:
     """LLM_TELEMETRY_OPERATOR_NAMESPACES: kopf watches only those namespaces, with a KopfPeering in each."""
     later, unwatched = "staging", "other"
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[NAMESPACES, None, unwatched] = namespace_object(unwatched)
     for ns in (NAMESPACE, unwatched):
         emulator.objects[DEPLOYMENTS, ns, "chat"] = in_namespace(deployment(), ns)

@@ -90,12 +90,12 @@ async def test_server_error_is_retried_then_reported(emulator: Any) -> None:
 
 
 async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile(
-    emulator: Any, shared_crds: Any
+    emulator: Any, monitoring_crds: Any
 ) -> None:
     """Creating the metrics Service fails (500) for a while: the resource says so once (status and one event),
     the operator retries the pass with backoff (no kopf retry patches, no repeated events or status writes), and
     once the server accepts the Service the resource becomes Ready."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     # Three passes' worth of failures: each pass's list of its Services is tried twice by the client.
@@ -131,9 +131,9 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
     assert reasons.count("ServiceFailed") == 1, reasons
 
 
-async def test_resyncs_are_spread_over_their_interval(emulator: Any, shared_crds: Any) -> None:
+async def test_resyncs_are_spread_over_their_interval(emulator: Any, monitoring_crds: Any) -> None:
     """Ten resources created at once do not resync at once: each at its own place in the interval."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     names = [f"r{i}" for i in range(10)]
     for name in names:
@@ -167,9 +167,9 @@ async def test_resyncs_are_spread_over_their_interval(emulator: Any, shared_crds
     assert max(first.values()) - min(first.values()) >= interval / 3, sorted(first.values())
 
 
-async def test_delete_reads_only_its_own_workloads(emulator: Any, shared_crds: Any) -> None:
+async def test_delete_reads_only_its_own_workloads(emulator: Any, monitoring_crds: Any) -> None:
     """Deleting a resource in a namespace with many other workloads lists only what its selector selects."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     for i in range(5):

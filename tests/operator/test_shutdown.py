@@ -25,10 +25,10 @@ from kopf_testing import (
 )
 
 
-async def test_sigterm_while_busy_exits_cleanly(emulator: Any, shared_crds: Any) -> None:
+async def test_sigterm_while_busy_exits_cleanly(emulator: Any, monitoring_crds: Any) -> None:
     """Resources still arriving, passes and resyncs running (1 s interval): SIGTERM ends the process with exit
     code 0 and no traceback (a per-resource daemon started during shutdown used to end it in a TimeoutError)."""
-    install_prometheus_operator_crds(emulator, shared_crds)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     names = [f"r{i}" for i in range(12)]
     for name in names:
