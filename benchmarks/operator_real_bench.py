@@ -9,9 +9,16 @@ chart's ServiceAccount token and the environment the chart's Deployment sets. It
 counting proxy (plain HTTP in, TLS to the API server, the ServiceAccount's token passed through), so every request
 it makes, kopf's included, is counted. For each N, in a fresh namespace: N Deployments (``replicas: 0``, so no
 pods), then N LLMTelemetry each selecting one of them, created at once; timed until all are ``Ready=True`` (seen
-through a watch, not polling). Then the API server's CPU (utime + stime of the kube-apiserver process from
-``/proc/<pid>/stat``) and the operator's requests, per resource; writes while idle and after a restart (both
-should be zero; writes to the peering object, kopf's heartbeat, are not counted); and the time to delete all N.
+through a watch, not polling). Then the CPU of kube-apiserver, etcd, the operator and this benchmark process
+(the counting proxy, the watch, the creating client) from ``/proc/<pid>/stat`` (utime + stime), and the operator's
+requests, per resource; writes while idle and after a restart (both should be zero; writes to the peering object,
+kopf's heartbeat, are not counted); and the time to delete all N.
+
+By default the trace and log collector Services the operator's defaults point at (``jaeger-collector`` port 4318
+and ``loki-gateway`` port 80 in namespace ``observability``; see ``llm_telemetry_operator.config``) are created
+first, headless and without pods, so the operator injects both exporters, as for a user with the documented
+collectors. ``--no-collectors`` (``run(..., collectors=False)``) leaves them out: every resource then also gets a
+``CollectorNotFound`` Warning event.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 #: Seconds with no request from the operator after which a restart's resume is taken as finished.
 QUIET = 5.0
+#: The Services behind the operator's default trace and log endpoints: namespace, [(name, port)].
+COLLECTORS_NAMESPACE = "observability"
+COLLECTOR_SERVICES = [("jaeger-collector", 4318), ("loki-gateway", 80)]
 
 
 def missing() -> str | None:
@@ -140,22 +150,76 @@ def _resource_of(path: str) -> str:
     return parts[-1] if parts else path
 
 
-def apiserver_pid() -> int:
-    """The kube-apiserver's pid: from ``local-cluster.sh status``, else by its command line in /proc."""
+def component_pid(name: str) -> int:
+    """A control-plane process's pid (``kube-apiserver``, ``etcd``): from ``local-cluster.sh status``, else by its
+    command line in /proc."""
     import clusterkit
 
     status = subprocess.run(["bash", str(clusterkit._script()), "status"], capture_output=True, text=True)
-    found = re.search(r"kube-apiserver pid (\d+)", status.stdout + status.stderr)
+    found = re.search(rf"^{re.escape(name)} pid (\d+)", status.stdout + status.stderr, re.MULTILINE)
     if found:
         return int(found.group(1))
     for proc in pathlib.Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if b"kube-apiserver" in (proc / "cmdline").read_bytes().split(b"\0")[0]:
+                if pathlib.Path(os.fsdecode((proc / "cmdline").read_bytes().split(b"\0")[0])).name == name:
                     return int(proc.name)
             except OSError:
                 continue
-    raise RuntimeError("kube-apiserver process not found")
+    raise RuntimeError(f"{name} process not found")
+
+
+def apiserver_pid() -> int:
+    """The kube-apiserver's pid."""
+    return component_pid("kube-apiserver")
+
+
+def create_collectors(api: Any) -> list[str]:
+    """Create the collector Services the operator's defaults point at, those missing; the names of those created.
+
+    Headless (no cluster IP) and without pods: the operator only checks that each Service exists."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(api)
+    try:
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=COLLECTORS_NAMESPACE)))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    created = []
+    for name, port in COLLECTOR_SERVICES:
+        service = client.V1Service(
+            metadata=client.V1ObjectMeta(name=name, labels={"app.kubernetes.io/part-of": "llmt-real-bench"}),
+            spec=client.V1ServiceSpec(
+                cluster_ip="None",
+                selector={"app.kubernetes.io/name": name},
+                ports=[client.V1ServicePort(name="http", port=port, protocol="TCP")],
+            ),
+        )
+        try:
+            core.create_namespaced_service(COLLECTORS_NAMESPACE, service)
+            created.append(name)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    return created
+
+
+def collectors_present(api: Any) -> bool:
+    """Whether every collector Service of the operator's defaults exists."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(api)
+    for name, _ in COLLECTOR_SERVICES:
+        try:
+            core.read_namespaced_service(name, COLLECTORS_NAMESPACE)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+    return True
 
 
 def stat_cpu(pid: int) -> float:
@@ -253,8 +317,10 @@ def _quiet(proxy: CountingProxy, since: float, timeout: float) -> float:
     raise TimeoutError("the operator never went quiet")
 
 
-def run(sizes: list[int], log: Any = print, idle: float = 20.0) -> dict[str, Any]:
-    """Measure every size in ``sizes`` on the local cluster; ``{"skipped": reason}`` when there is none."""
+def run(sizes: list[int], log: Any = print, idle: float = 20.0, collectors: bool = True) -> dict[str, Any]:
+    """Measure every size in ``sizes`` on the local cluster; ``{"skipped": reason}`` when there is none.
+
+    ``collectors``: create the default collector Services first (see the module's docstring)."""
     reason = missing()
     if reason:
         return {"skipped": reason, "results": []}
@@ -268,13 +334,17 @@ def run(sizes: list[int], log: Any = print, idle: float = 20.0) -> dict[str, Any
     exported = [line for line in up.stdout.splitlines() if line.startswith("export KUBECONFIG=")]
     kubeconfig = pathlib.Path(exported[-1].split("=", 1)[1]) if exported else clusterkit._k8s_bin() / "kubeconfig"
     try:
-        return {"results": _run(kubeconfig, sizes, log, idle)}
+        report: dict[str, Any] = {"collectors_requested": collectors}
+        report["results"] = _run(kubeconfig, sizes, log, idle, collectors, report)
+        return report
     finally:
         if not running:
             subprocess.run(["bash", script, "down"], capture_output=True, text=True, timeout=120)
 
 
-def _run(kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float) -> list[dict[str, Any]]:
+def _run(
+    kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float, collectors: bool, report: dict[str, Any]
+) -> list[dict[str, Any]]:
     import clusterkit
     import yaml
     from kubernetes import client, config
@@ -283,6 +353,9 @@ def _run(kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float) -> l
     config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     configuration.connection_pool_maxsize = 32
     api = client.ApiClient(configuration)
+    created = create_collectors(api) if collectors else []
+    report["collectors"] = collectors_present(api)
+    log(f"operator (real API server): collector Services {'present' if report['collectors'] else 'absent'}")
     system = f"llmt-bench-system-{uuid.uuid4().hex[:6]}"
     docs = clusterkit.install(api, system)
     chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -313,6 +386,8 @@ def _run(kubeconfig: pathlib.Path, sizes: list[int], log: Any, idle: float) -> l
         proxy.stop()
         shutil.rmtree(workdir, ignore_errors=True)  # the operator's logs and a ServiceAccount token
         client.CoreV1Api(api).delete_namespace(system)
+        for name in created:
+            client.CoreV1Api(api).delete_namespaced_service(name, COLLECTORS_NAMESPACE)
         rbac = client.RbacAuthorizationV1Api(api)
         for doc in docs:
             if doc["kind"] == "ClusterRole":
@@ -358,7 +433,7 @@ def _measure(
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
     pool = concurrent.futures.ThreadPoolExecutor(16)
     list(pool.map(lambda i: apps.create_namespaced_deployment(namespace, deployment(i)), range(n)))
-    apiserver = apiserver_pid()
+    apiserver, etcd = apiserver_pid(), component_pid("etcd")
     log_path = workdir / f"operator-{n}.log"
     operator = _start({**env, "LLM_TELEMETRY_OPERATOR_NAMESPACES": ""}, kubeconfig, log_path)
     watcher = Watcher(api, namespace)
@@ -366,7 +441,8 @@ def _measure(
     try:
         _wait(lambda: "watching" in log_path.read_text(errors="replace"), 60, "operator started")
         time.sleep(2)  # its first listings and watches
-        cpu0, op0, t0 = stat_cpu(apiserver), stat_cpu(operator.pid), time.monotonic()
+        cpu0, etcd0, op0, own0 = stat_cpu(apiserver), stat_cpu(etcd), stat_cpu(operator.pid), stat_cpu(os.getpid())
+        t0 = time.monotonic()
         list(pool.map(lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                        llmtelemetry(i)), range(n)))  # fmt: skip
         result["ready_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
@@ -374,6 +450,10 @@ def _measure(
         result["settled"] = count(proxy.since(t0, t1 + 0.001))
         result["apiserver_cpu_s"] = stat_cpu(apiserver) - cpu0
         result["operator_cpu_s"] = stat_cpu(operator.pid) - op0
+        result["etcd_cpu_s"] = stat_cpu(etcd) - etcd0
+        result["bench_cpu_s"] = stat_cpu(os.getpid()) - own0
+        result["settle_s"] = t1 - t0
+        result["cpu_window_s"] = time.monotonic() - t0  # the CPU figures above cover this, the quiet wait included
         log(f"  Ready in {result['ready_s']:.1f} s; idle {idle:.0f} s")
         i0 = time.monotonic()
         time.sleep(idle)
@@ -417,24 +497,37 @@ def format_report(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     header = (
         f"{'N':>5}{'ready s':>9}{'req/res':>9}{'reads/res':>11}{'writes/res':>12}{'API CPU ms/res':>16}"
-        f"{'op CPU ms/res':>15}{'idle writes':>13}{'restart writes':>16}{'restart s':>11}{'delete s':>10}"
-        f"{'exit':>6}"
+        f"{'op CPU ms/res':>15}{'etcd CPU ms/res':>17}{'bench CPU ms/res':>18}{'idle writes':>13}"
+        f"{'restart writes':>16}{'restart s':>11}{'delete s':>10}{'exit':>6}"
     )
     lines += [header, "-" * len(header)]
-    notes = []
+    present = report.get("collectors")
+    notes = [
+        "collector Services (jaeger-collector, loki-gateway in observability): "
+        + ("unknown" if present is None else "present" if present else "absent (a CollectorNotFound event each)")
+    ]
     for res in report.get("results", []):
         n = res["n"]
         if "error" in res:
             lines.append(f"{n:>5}  failed: {res['error']}")
             continue
-        s = res["settled"]
+        s, nan = res["settled"], float("nan")
         lines.append(
             f"{n:>5}{res['ready_s']:>9.1f}{s['requests'] / n:>9.1f}{s['reads'] / n:>11.1f}{s['writes'] / n:>12.1f}"
             f"{res['apiserver_cpu_s'] * 1e3 / n:>16.1f}{res['operator_cpu_s'] * 1e3 / n:>15.1f}"
+            f"{res.get('etcd_cpu_s', nan) * 1e3 / n:>17.1f}{res.get('bench_cpu_s', nan) * 1e3 / n:>18.1f}"
             f"{res['idle']['writes']:>13}{res['restart']['writes']:>16}{res['restart_s']:>11.1f}"
             f"{res['delete_s']:>10.1f}{res['exit_code']:>6}"
         )
         notes.append(f"N={n} writes by kind until settled: {_kinds(s)}")
+        if "cpu_window_s" in res:
+            cpu = {k: res[f"{k}_cpu_s"] for k in ("apiserver", "etcd", "operator", "bench")}
+            notes.append(
+                f"N={n} CPU from create to {res['cpu_window_s']:.1f} s (last request at {res['settle_s']:.1f} s): "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in cpu.items())
+                + f"; {sum(cpu.values()) / res['cpu_window_s']:.2f} cores busy on average"
+                " (controller-manager not counted)"
+            )
         notes.append(
             f"N={n} restart: {res['restart']['requests']} requests; delete: {res['delete']['requests']} requests "
             f"({_kinds(res['delete'])}); tracebacks in log {res['tracebacks']}, 403s {res['forbidden']}"
@@ -450,5 +543,16 @@ def _kinds(counted: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sizes = [int(s) for s in sys.argv[1].split(",")] if len(sys.argv) > 1 else FULL_SIZES
-    print(format_report(run(sizes, log=lambda m: print(m, file=sys.stderr, flush=True))))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sizes", nargs="?", help="comma-separated sizes N (default 50,250,1000)")
+    parser.add_argument(
+        "--no-collectors",
+        action="store_true",
+        help="do not create the default collector Services (each resource then gets a CollectorNotFound event)",
+    )
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else FULL_SIZES
+    report = run(sizes, log=lambda m: print(m, file=sys.stderr, flush=True), collectors=not args.no_collectors)
+    print(format_report(report))
