@@ -134,6 +134,18 @@ def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
     }
 
 
+def _absent_as_none(read: Any, *args: Any) -> Any:
+    """``read(*args)``, or None when the API server answers 404."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return read(*args)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 class Cluster:
     """The test's hands and eyes, as the cluster admin."""
 
@@ -181,37 +193,16 @@ class Cluster:
         return annotations.get(c.ANNOTATION_CONFIG_HASH)
 
     def monitoring(self, plural: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            result: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                MONITORING, "v1", self.namespace, plural, name
-            )
-            return result
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        found: dict[str, Any] | None = _absent_as_none(
+            self.custom.get_namespaced_custom_object, MONITORING, "v1", self.namespace, plural, name
+        )
+        return found
 
     def configmap(self, name: str) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.core.read_namespaced_config_map(name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _absent_as_none(self.core.read_namespaced_config_map, name, self.namespace)
 
     def service(self, name: str) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.core.read_namespaced_service(name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _absent_as_none(self.core.read_namespaced_service, name, self.namespace)
 
     def events(self, involved: str, reason: str) -> list[str]:
         found = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={involved}")
