@@ -361,21 +361,19 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
 
-@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children."""
+@kopf.index(c.GROUP, c.VERSION, c.PLURAL)
+def llmtelemetry_track(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children.
+
+    An indexing handler, not an event handler: kopf runs it before any other handler and holds every other
+    handler at startup until the initial listing of LLMTelemetry has gone through it. So the first pass of
+    any resource, whatever event starts it, already knows every peer it may conflict with. It indexes
+    nothing itself (returns None); deletions are handled by :func:`llmtelemetry_forget`.
+    """
     if namespace is None:
         return
     state = _state(memo)
     key = (namespace, name)
-    if type == "DELETED":
-        state.bodies.pop(key, None)
-        state.specs.pop(key, None)
-        state.passes.pop(key, None)
-        state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
-        state.reported.pop(key, None)
-        state.schedule.forget(key)
-        return
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
     if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
@@ -383,6 +381,21 @@ def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | N
             state.specs[key] = parse_spec(snapshot.get("spec") or {})
         except SpecError:
             state.specs[key] = None
+
+
+@kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
+def llmtelemetry_forget(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """A deleted LLMTelemetry: forget everything kept about it."""
+    if namespace is None or type != "DELETED":
+        return
+    state = _state(memo)
+    key = (namespace, name)
+    state.bodies.pop(key, None)
+    state.specs.pop(key, None)
+    state.passes.pop(key, None)
+    state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
+    state.reported.pop(key, None)
+    state.schedule.forget(key)
 
 
 def _owners(memo: Any, namespace: str) -> list[tuple[dict[str, Any], TelemetrySpec | None]]:
