@@ -384,7 +384,9 @@ def llmtelemetry_track(body: kopf.Body, name: str, namespace: str | None, memo: 
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_forget(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+def llmtelemetry_forget(
+    type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """A deleted LLMTelemetry: forget everything kept about it."""
     if namespace is None or type != "DELETED":
         return
