@@ -1,0 +1,180 @@
+"""The OTLP span encoding of our exporter: the same request as the SDK encoder's, and what a receiver gets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+from llm_telemetry.otlp_spans import OTLPSpanExporter, encode_spans
+from otlp_receiver import OTLPReceiver, otlp_receiver
+
+REMOTE = SpanContext(0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8, True, TraceFlags(1))
+LINKED = SpanContext(
+    0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, True, TraceFlags(1), TraceState([("vendor", "x1")])
+)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    with otlp_receiver() as r:
+        yield r
+
+
+def _spans() -> list[ReadableSpan]:
+    """Spans of every shape the encoder handles: kinds, parents (remote, local, none), events, links, status,
+    trace state, every attribute value type, dropped counts, two resources and several scopes."""
+    memory = InMemorySpanExporter()
+    limits = SpanLimits(max_span_attributes=12, max_events=1, max_links=1)
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-test"}), span_limits=limits)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("llm_telemetry", "1.2.3")
+    other = provider.get_tracer("app", None, schema_url="https://opentelemetry.io/schemas/1.26.0", attributes={"a": 1})
+    parent = trace_context(REMOTE)
+    server = tracer.start_span(
+        "chat gpt-4o",
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes={"gen_ai.operation.name": "chat", "server.port": 8000, "gen_ai.request.stream": True},
+        start_time=1_700_000_000_000_000_000,
+    )
+    server.set_attributes(
+        {
+            "gen_ai.request.temperature": 0.5,
+            "gen_ai.response.finish_reasons": ["stop", "length"],
+            "llm.tool_calls.count": 0,
+            "bytes": b"\x00\xff",
+            "ints": [1, -2, 3],
+            "bools": (True, False),
+            "floats": [0.25],
+            "empty": [],
+            "unicode": "naïve ✓ \u0000",
+            "negative": -(2**63),
+        }
+    )
+    server.set_attribute("over.the.limit", "dropped-oldest")
+    server.add_event("dropped", {"x": "max_events keeps the last"})
+    server.add_event("gen_ai.first_token", {"gen_ai.response.time_to_first_chunk": 0.125}, timestamp=1_700_000_000_1)
+    server.set_status(Status(StatusCode.ERROR, "RateLimitError"))
+    server.end(end_time=1_700_000_001_000_000_000)
+    from opentelemetry import trace
+
+    child = other.start_span(
+        "upstream",
+        context=trace.set_span_in_context(server),
+        kind=SpanKind.CLIENT,
+        links=[Link(REMOTE), Link(LINKED, {"link.reason": "retry"})],  # the limit keeps the last
+    )
+    child.set_status(Status(StatusCode.OK))
+    child.end()
+    for kind in (SpanKind.INTERNAL, SpanKind.PRODUCER, SpanKind.CONSUMER):
+        tracer.start_span(f"root {kind.name}", kind=kind, attributes={"mapping": "none"}).end()
+    spans = list(memory.get_finished_spans())
+    # A span of another resource, and one without an instrumentation scope, built directly.
+    spans.append(
+        ReadableSpan(
+            name="elsewhere",
+            context=SpanContext(1, 2, False, TraceFlags(1)),
+            resource=Resource({"service.name": "other"}, "https://example.com/schema"),
+            attributes={"k": "v", "none": None},
+            kind=SpanKind.INTERNAL,
+            start_time=10,
+            end_time=20,
+            instrumentation_scope=InstrumentationScope("scoped", "0.1", None, {"s": True}),
+            events=[Event("e", {"n": 1}, timestamp=15)],
+        )
+    )
+    spans.append(
+        ReadableSpan(name="no scope", context=SpanContext(3, 4, False), resource=spans[0].resource, start_time=1)
+    )
+    return spans
+
+
+def trace_context(span_context: SpanContext) -> object:
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+
+
+def test_the_request_equals_the_sdk_encoders_field_for_field() -> None:
+    spans = _spans()
+    ours, sdk = encode_spans(spans), sdk_encode_spans(spans)
+    assert ours == sdk
+    assert ours.SerializeToString(deterministic=True) == sdk.SerializeToString(deterministic=True)
+    # The batch really covers what it claims: two resources, scopes, dropped counts, links, error status.
+    assert len(ours.resource_spans) == 2
+    first = ours.resource_spans[0].scope_spans[0].spans[0]
+    assert first.dropped_attributes_count == 2 and first.dropped_events_count == 1
+    assert first.status.code == 2 and first.status.message == "RateLimitError"
+    assert first.flags == 0x300  # the parent is remote
+    upstream = ours.resource_spans[0].scope_spans[1].spans[0]
+    assert upstream.dropped_links_count == 1 and upstream.links[0].attributes[0].key == "link.reason"
+    assert upstream.links[0].flags == 0x300 and upstream.parent_span_id == first.span_id and upstream.flags == 0x100
+
+
+def test_the_spans_of_one_resource_object_or_an_equal_one_share_one_entry() -> None:
+    spans = _spans()
+    copy = Resource(dict(spans[0].resource.attributes), spans[0].resource.schema_url)
+    again = ReadableSpan(name="equal resource", context=SpanContext(5, 6, False), resource=copy, start_time=1)
+    request = encode_spans([*spans, again])
+    assert request == sdk_encode_spans([*spans, again])
+    assert len(request.resource_spans) == 2
+
+
+def test_an_attribute_that_cannot_be_encoded_is_left_out_like_the_sdk_does(caplog: pytest.LogCaptureFixture) -> None:
+    span = ReadableSpan(
+        name="too big",
+        context=SpanContext(7, 8, False),
+        resource=Resource({}),
+        attributes={"before": 1, "huge": 2**70, "after": "kept"},
+        start_time=1,
+    )
+    with caplog.at_level(logging.ERROR):
+        request = encode_spans([span])
+    assert request == sdk_encode_spans([span])
+    pairs = request.resource_spans[0].scope_spans[0].spans[0].attributes
+    assert [kv.key for kv in pairs] == ["before", "after"]
+    assert "huge" in caplog.text
+
+
+def test_the_exporter_delivers_to_an_otlp_receiver(receiver: OTLPReceiver) -> None:
+    spans = _spans()
+    exporter = OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces", headers={"x-token": "t1"})
+    assert exporter._own_encoding
+    assert exporter.export(spans) is SpanExportResult.SUCCESS
+    assert receiver.wait_for(lambda r: len(r.spans) >= len(spans))
+    got = {s.name: s for s in receiver.spans}
+    server = got["chat gpt-4o"]
+    assert server.kind == 2 and server.parent_span_id == "10f067aa0ba902b8"
+    assert server.attributes["gen_ai.response.finish_reasons"] == ["stop", "length"]
+    assert server.attributes["bytes"] == b"\x00\xff"
+    assert server.events[0][:2] == ("gen_ai.first_token", {"gen_ai.response.time_to_first_chunk": 0.125})
+    assert server.resource["service.name"] == "llm-test" and server.scope == "llm_telemetry"
+    assert got["elsewhere"].resource == {"service.name": "other"} and got["elsewhere"].attributes["none"] is None
+    assert any(h.get("x-token") == "t1" for h in receiver.headers)
+    exporter.shutdown()
+    assert exporter.export(spans) is SpanExportResult.FAILURE  # after shutdown, as the SDK exporter answers
+
+
+def test_without_the_sdk_parts_it_relies_on_the_exporter_is_the_sdks(receiver: OTLPReceiver) -> None:
+    exporter = OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")
+    exporter._own_encoding = False
+    span = ReadableSpan(name="sdk path", context=SpanContext(9, 10, False), resource=Resource({}), start_time=1)
+    assert exporter.export([span]) is SpanExportResult.SUCCESS
+    assert receiver.wait_for(lambda r: any(s.name == "sdk path" for s in r.spans))
+    exporter.shutdown()
+
+
+def test_an_unreachable_endpoint_is_a_failed_export() -> None:
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.2)
+    span = ReadableSpan(name="lost", context=SpanContext(11, 12, False), resource=Resource({}), start_time=1)
+    assert exporter.export([span]) is SpanExportResult.FAILURE
+    exporter.shutdown()
