@@ -21,8 +21,10 @@ from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_SECONDS
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
 from llm_telemetry_operator.errors import ApiError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient
+from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 
@@ -52,6 +54,8 @@ class OperatorState:
     bodies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     #: The parsed spec of each body (None when invalid), so a workload event does not re-parse every spec.
     specs: dict[tuple[str, str], TelemetrySpec | None] = field(default_factory=dict)
+    #: The names of each namespace in order, and which of them a workload event may concern (see owners.py).
+    index: OwnerIndex = field(default_factory=OwnerIndex)
     #: One lock per LLMTelemetry, so passes for the same resource never interleave.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     #: The status each LLMTelemetry (by uid) was last given by us. A pass compares against it rather than the
@@ -70,6 +74,25 @@ class OperatorState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: The failures last reported in events, by resource: a pass that finds the same ones again posts none.
     reported: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
+
+
+#: The handlers kopf calls for every watch event of their kind (every Deployment, StatefulSet, Service,
+#: ConfigMap, ServiceMonitor, PrometheusRule and LLMTelemetry change in the watched namespaces).
+WATCH_EVENT_HANDLERS = frozenset(
+    {"workload_event", "llmtelemetry_track", "llmtelemetry_forget"}
+    | {f"child_event_{plural}" for _, _, plural in _CHILD_RESOURCES}
+)
+
+
+class QuietWatchEventHandlers(logging.Filter):
+    """Drops kopf's INFO line "Handler '...' succeeded." for :data:`WATCH_EVENT_HANDLERS`: a line per watch event
+    of every such object, which says nothing (they log what they do themselves) and cost a noticeable share of
+    the operator's CPU with many resources. Failures, and the lines of the LLMTelemetry handlers, stay."""
+
+    _QUIET = frozenset(f"Handler {handler!r} succeeded." for handler in WATCH_EVENT_HANDLERS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.INFO or record.msg not in self._QUIET
 
 
 def _state(memo: Any) -> OperatorState:
@@ -131,8 +154,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     memo["scheduler"] = asyncio.create_task(_run_schedule(memo, state, logger), name="llm-telemetry-schedule")
     # Our own finalizer name, so `kubectl get -o yaml` tells users who holds the object.
     settings.persistence.finalizer = c.FINALIZER
+    # kopf's record of the last handled spec is status.observedGeneration, which every pass writes anyway,
+    # not an annotation patched after every change (see diffbase.py).
+    settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
     # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
     settings.posting.level = logging.WARNING
+    # Nor a log line per watch event (kopf's per-object messages go to the "kopf.objects" logger).
+    objects_logger = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietWatchEventHandlers) for f in objects_logger.filters):
+        objects_logger.addFilter(QuietWatchEventHandlers())
     # Long-lived watches get cut by load balancers without notice; let the server close them first
     # (kopf docs "Configuration: API timeouts", nolar/kopf#585).
     settings.watching.server_timeout = 300
@@ -299,6 +329,7 @@ async def _reconcile(
             if uid and outcome.status:
                 state.statuses[uid] = outcome.status
             state.passes[key] = (started, outcome)
+            state.index.serve(key, outcome.targets)
         except ApiError as exc:
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels("ApiError").inc()
@@ -342,7 +373,10 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
     # Answered by a pass that already applied this very spec (say one a workload event ran first).
     applied = (body["metadata"].get("uid") or "", body["metadata"].get("generation"))
     answered = (lambda outcome: outcome.applied == applied) if applied[0] and applied[1] is not None else None
-    outcome = await _reconcile(memo, body, str(reason), logger, answered=answered)
+    trigger = str(reason)
+    if trigger == "create" and (body.get("status") or {}).get("observedGeneration") is not None:
+        trigger = "update"  # kopf's create: the generation is not the observed one (see diffbase.py)
+    outcome = await _reconcile(memo, body, trigger, logger, answered=answered)
     # A failed or degraded pass is retried by the schedule (no kopf retry: see schedule.py); an invalid spec
     # waits for the spec to change, and kopf records that this generation failed.
     if outcome is not None and outcome.invalid:
@@ -357,6 +391,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
         deleted = await rec.delete_children(_client(memo), body)
     _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
     _state(memo).specs.pop((meta["namespace"], meta["name"]), None)
+    _state(memo).index.remove((meta["namespace"], meta["name"]))
     _state(memo).schedule.forget((meta["namespace"], meta["name"]))
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
@@ -381,6 +416,7 @@ def llmtelemetry_track(body: kopf.Body, name: str, namespace: str | None, memo: 
             state.specs[key] = parse_spec(snapshot.get("spec") or {})
         except SpecError:
             state.specs[key] = None
+        state.index.put(key, state.specs[key])
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
@@ -394,20 +430,25 @@ def llmtelemetry_forget(
     key = (namespace, name)
     state.bodies.pop(key, None)
     state.specs.pop(key, None)
+    state.index.remove(key)
     state.passes.pop(key, None)
     state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
     state.reported.pop(key, None)
     state.schedule.forget(key)
 
 
-def _owners(memo: Any, namespace: str) -> list[tuple[dict[str, Any], TelemetrySpec | None]]:
-    """The live LLMTelemetry bodies of a namespace with their parsed specs, in name order."""
+def _owners(
+    memo: Any, namespace: str, names: list[str] | None = None
+) -> list[tuple[dict[str, Any], TelemetrySpec | None]]:
+    """The live LLMTelemetry bodies of a namespace (those of ``names`` only, if given) with their parsed specs, in
+    name order."""
     state = _state(memo)
-    return [
-        (body, state.specs.get(key))
-        for key, body in sorted(state.bodies.items())
-        if key[0] == namespace and not body["metadata"].get("deletionTimestamp")
-    ]
+    found = []
+    for name in state.index.names(namespace) if names is None else names:
+        body = state.bodies.get((namespace, name))
+        if body is not None and not body["metadata"].get("deletionTimestamp"):
+            found.append((body, state.specs.get((namespace, name))))
+    return found
 
 
 @kopf.on.event("apps", "v1", "deployments")
@@ -429,12 +470,20 @@ async def workload_event(
     labels = workload["metadata"].get("labels") or {}
     record = r.injected_record(workload)
     answered = _answered_by(type, resource.plural, workload["metadata"])
-    passes = _state(memo).passes
-    for owner, spec in _owners(memo, namespace):
+    state = _state(memo)
+    passes = state.passes
+    # Only the LLMTelemetry this workload can concern: its selector may select it, its record names it, or its
+    # last pass served it; for any other, the checks below find no pass needed.
+    names = state.index.candidates(
+        namespace, labels, rec.workload_key(workload), record.get("owner") if record is not None else None
+    )
+    for owner, spec in _owners(memo, namespace, names):
         owner_name = owner["metadata"]["name"]
         if spec is None:
             continue
         last = passes.get((namespace, owner_name))
+        if last is not None and answered(last[1]):
+            continue  # its last pass read or wrote this very version (say the echo of its own patch)
         # A target of its last pass that it no longer holds (another LLMTelemetry took it over): a pass to update
         # its children and status.
         mine = record is not None and record.get("owner") == owner_name

@@ -124,6 +124,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", datetime.datetime.now(tz=datetime.timezone.utc).isoformat())
                 meta["resourceVersion"] = str(self._rv)
+                if request.resource.plural in _GENERATED:
+                    meta["generation"] = 1
             elif action == kmocklib.action.UPDATE and request.name is not None:
                 foreign = None
                 if not request.headers.get("X-Test-Hand"):
@@ -139,10 +141,15 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 if current is not None:
                     self._precondition(current, data)
                     self._rv += 1
+                    generation = _next_generation(request, current, data)
                     if isinstance(data, dict):
                         data.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                        if generation is not None:
+                            data["metadata"]["generation"] = generation
                     elif isinstance(data, list):
                         data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(self._rv)})
+                        if generation is not None:
+                            data.append({"op": "add", "path": "/metadata/generation", "value": generation})
             else:
                 self._rv += 1
             return await super()._handle(request)
@@ -192,6 +199,36 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             for op in data:
                 if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op["value"] != have:
                     raise kmocklib.KubernetesError(status=422, reason="Invalid", message="test op failed")
+
+
+#: Custom resources whose ``metadata.generation`` the emulator keeps as a real API server does: 1 on create, one
+#: more for every write that changes the object other than its metadata and status.
+_GENERATED = {"llmtelemetries"}
+
+
+def _merged(target: Any, patch: Any) -> Any:
+    """A JSON merge patch (RFC 7386) applied to ``target``, without changing it."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merged(result.get(key), value)
+    return result
+
+
+def _next_generation(request: Any, current: Mapping[str, Any], data: Any) -> int | None:
+    """The generation after this write when it changes the object's spec (see :data:`_GENERATED`), else None."""
+    if request.resource.plural not in _GENERATED or request.subresource:
+        return None
+    generation = int((current.get("metadata") or {}).get("generation") or 1)
+    if isinstance(data, Mapping):
+        changed = "spec" in data and _merged(current.get("spec"), data["spec"]) != current.get("spec")
+    else:
+        changed = any(str(op.get("path", "")).startswith("/spec") and op.get("op") != "test" for op in data or [])
+    return generation + 1 if changed else None
 
 
 @pytest.fixture

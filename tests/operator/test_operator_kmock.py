@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
+import pytest
 from kopf_testing import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -274,6 +276,74 @@ async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, monitor
             lambda: get(emulator, SERVICES, "embed-llm-metrics")["spec"]["ports"][0]["port"] == 9464, "repaired"
         )
         assert passes_for(emulator, "embed") >= 2
+
+
+def writes_of(kmock: Any, since: int = 0) -> list[str]:
+    """The operator's writes from request ``since`` on (kopf's peering heartbeat left out): "METHOD path"."""
+    return [
+        f"{r.method.value} {r.url.path}"
+        for r in list(kmock)[since:]
+        if not r.headers.get("X-Test-Hand")
+        and r.method.value in ("POST", "PATCH", "PUT", "DELETE")
+        and "kopfpeerings" not in str(r.url.path)
+    ]
+
+
+async def test_resource_is_written_only_for_its_finalizer_and_status(emulator: Any, monitoring_crds: Any) -> None:
+    """A new LLMTelemetry is patched twice: kopf's finalizer and the pass's status (kopf keeps no record of the
+    handled spec on the object: ``status.observedGeneration`` is that record). A spec change is applied all
+    the same, and a restarted operator resumes every resource with a pass that writes nothing."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+    async with running_operator():
+        await hand(emulator, "POST", path, minimal_llmt())
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+        assert [w for w in writes_of(emulator) if "llmtelemetries" in w] == [
+            f"PATCH {path}/chat",
+            f"PATCH {path}/chat/status",
+        ]
+        owner = get(emulator, LLMT, "chat")
+        assert owner["metadata"]["finalizers"] == [c.FINALIZER]
+        assert not [k for k in owner["metadata"].get("annotations") or {} if k.startswith("kopf.zalando.org/")]
+
+        await hand(emulator, "PATCH", f"{path}/chat", {"spec": {"metrics": {"port": 9500}}})
+        await eventually(
+            lambda: get(emulator, LLMT, "chat")["status"]["observedGeneration"] == 2, "generation 2 observed"
+        )
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+        assert get(emulator, SERVICES, "chat-llm-metrics")["spec"]["ports"][0]["port"] == 9500
+        await asyncio.sleep(1.0)
+        passes = passes_for(emulator, "chat")
+
+    since = len(list(emulator))
+    async with running_operator():
+        await eventually(lambda: passes_for(emulator, "chat") > passes, "resumed with a pass")
+        await asyncio.sleep(1.0)
+        assert writes_of(emulator, since) == []
+        assert passes_for(emulator, "chat") == passes + 1
+
+
+async def test_watch_events_log_no_line_each(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf's "Handler ... succeeded." is logged for the LLMTelemetry's own handler, not for the watch-event
+    handlers that run for every change of every workload and child."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "Service recreated")
+    lines = [record.getMessage() for record in caplog.records]
+    assert "Handler 'llmtelemetry_reconcile' succeeded." in lines
+    assert not [
+        line for line in lines if line.startswith("Handler") and line.endswith("succeeded.") and "reconcile" not in line
+    ]
 
 
 async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:

@@ -1,0 +1,35 @@
+"""kopf's record of the last handled spec, read from the status the operator writes instead of kept in an annotation.
+
+kopf tells a new object (create handlers) from a changed one (update handlers) and from one it merely sees again
+(nothing to do) by comparing each body with the last body it handled, which by default it stores in an annotation
+of the object: one more patch of every LLMTelemetry after every handled change. The operator already writes the
+Kubernetes convention for "this spec was applied", ``status.observedGeneration`` (every pass writes it, for an
+invalid spec too, and the API server bumps ``metadata.generation`` on every spec change). So the diff base is
+derived from the body itself: when the status says the current generation was applied, the last handled state
+is the current one (kopf sees no change); otherwise there is none (kopf runs the create handler, which is the
+same pass as the update handler). Storing writes nothing.
+
+What kopf then does per LLMTelemetry: a new one gets the finalizer (one patch) and a pass; a spec change gets a
+pass; the echo of the pass's own status write, a label edit or a finalizer change gets nothing; at startup every
+resource gets its resume pass, as before. A pass that fails before its status write leaves the generation
+unobserved, so the resource's next event runs a pass again (and the operator's schedule retries it anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+
+class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
+    """The last handled essence is the body's own once ``status.observedGeneration`` equals its generation."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        generation = (body.get("metadata") or {}).get("generation")
+        if generation is None or (body.get("status") or {}).get("observedGeneration") != generation:
+            return None
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence, **_: Any) -> None:
+        """Nothing to store: the pass's status write is the record."""
