@@ -58,9 +58,21 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
+_second: list[Any] = [None, ""]  # the last second formatted, and its text: lines of one second share it
+
+
 def _timestamp(created: float) -> str:
-    moment = datetime.fromtimestamp(created, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """``created`` as UTC ISO 8601 with milliseconds (``2025-01-31T12:00:00.123Z``)."""
+    second, micros = divmod(round(created * 1_000_000), 1_000_000)  # to the microsecond, as datetime rounds
+    cached = _second
+    if cached[0] != second:
+        text = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        cached[0], cached[1] = second, text
+    return f"{cached[1]}{micros // 1000:03d}Z"
+
+
+# One encoder for every line (json.dumps with options builds a new one per call).
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 class JsonFormatter(logging.Formatter):
@@ -91,7 +103,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         # Lone surrogates (JSON allows them in any string a client sends) would make the handler's write fail.
-        return valid_text(json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str))
+        return valid_text(_JSON.encode(line))
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -157,9 +169,14 @@ class RequestLogObserver:
         }
         message = f"{call.operation} {model or 'unknown'} {call.status_code if call.status_code is not None else '-'}"
         # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
+        logger = self.logger
+        # What Logger.log does, minus finding the caller's source line (which no request line shows).
+        record = logger.makeRecord(
+            logger.name, level, __file__, 0, message, (), None, "end", {RECORD_ATTRIBUTE: fields}
+        )
         token = context.attach(call.otel_context) if call.otel_context is not None else None
         try:
-            self.logger.log(level, message, extra={RECORD_ATTRIBUTE: fields})
+            logger.handle(record)
         finally:
             if token is not None:
                 context.detach(token)

@@ -168,3 +168,50 @@ def test_otlp_log_export(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[s
     assert "error_type" not in record.attributes  # nulls are left out of OTLP attributes
     # stdout still gets its line too.
     assert line_for(log_lines(capsys.readouterr().out), "otlp-log-1")["trace_id"] == span.trace_id
+
+
+@pytest.mark.parametrize(
+    "created", [0.0, 1_700_000_000.0, 1_700_000_000.0004, 1_700_000_000.9994, 1_700_000_000.9999996, 1_700_000_059.5]
+)
+def test_timestamps_are_utc_milliseconds_like_datetime_formats_them(created: float) -> None:
+    from datetime import datetime, timezone
+
+    from llm_telemetry.logs import _timestamp
+
+    moment = datetime.fromtimestamp(created, tz=timezone.utc)
+    expected = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    assert _timestamp(created) == expected
+    assert _timestamp(created) == expected  # the cached second gives the same text
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
+    from llm_telemetry.logs import RECORD_ATTRIBUTE, RequestLogObserver
+    from llm_telemetry.record import LLMCall
+
+    call = LLMCall("chat", "openai", 1.0, request_id="rid-1", request_model="gpt-4o", status_code=429)
+    call.error_type, call.end = "RateLimitError", 1.25
+    logger = logging.getLogger("llm_telemetry.requests.test")
+    captured = _Records()
+    logger.addHandler(captured)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        RequestLogObserver("svc", logger).end(call)
+    finally:
+        logger.removeHandler(captured)
+    (record,) = captured.records
+    assert record.name == "llm_telemetry.requests.test"
+    assert record.levelno == logging.WARNING and record.getMessage() == "chat gpt-4o 429"
+    fields = getattr(record, RECORD_ATTRIBUTE)
+    assert fields["request_id"] == "rid-1" and fields["duration_ms"] == 250.0 and fields["trace_id"] is None
+    line = json.loads(JsonFormatter().format(record))
+    assert list(line) == list(FIELDS) and line["level"] == "warning" and line["error_type"] == "RateLimitError"
