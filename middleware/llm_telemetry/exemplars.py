@@ -1,14 +1,16 @@
 """Exemplars on the Prometheus endpoint: the trace id of a recent request in each latency histogram bucket.
 
-The OpenTelemetry SDK already samples exemplars (with the default ``trace_based`` filter, one per bucket from
-measurements recorded inside a sampled span; the recorder passes the LLM span's context). The OpenTelemetry
-Prometheus exporter drops them when it translates to Prometheus families (opentelemetry-python #4178 is open).
-This module closes the gap for the single-process endpoint:
+The histograms sample exemplars as the OpenTelemetry SDK does (with the default ``trace_based`` filter, one per
+bucket from measurements recorded inside a sampled span; the recorder passes the LLM span's context), whether
+they are the SDK's own or the middleware's :class:`~llm_telemetry.instruments.BucketHistogram`. The
+OpenTelemetry Prometheus exporter drops them when it translates to Prometheus families (opentelemetry-python
+#4178 is open). This module closes the gap for the single-process endpoint:
 
 - :class:`ExemplarPrometheusReader` is the exporter's reader that also keeps, from each collection, the newest
-  exemplar per (histogram, label set, bucket). Keeping them across collections matters: the SDK resets its
-  reservoirs on every collection, so a text-format scrape would otherwise steal the exemplars of the next
-  OpenMetrics scrape.
+  exemplar per (histogram, label set, bucket). Keeping them across collections matters: a collection hands out
+  only the exemplars sampled since the previous one (as the SDK's reservoirs, which reset), so a text-format
+  scrape would otherwise steal the exemplars of the next OpenMetrics scrape. It also adds the middleware's own
+  histograms to each collection (:class:`~llm_telemetry.instruments.HistogramFeed`).
 - :class:`ExemplarCollector` wraps the exporter's collector and attaches those exemplars to the ``_bucket``
   samples, which prometheus_client writes only in the OpenMetrics format (``Accept: application/openmetrics-text``).
 
@@ -31,6 +33,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
 
 from . import instruments as names
+from .instruments import Histograms
 
 #: OpenTelemetry names of the histograms whose buckets carry exemplars: every latency histogram of the contract.
 EXEMPLAR_HISTOGRAMS: Final = tuple(spec.name for spec in names.LATENCY_HISTOGRAMS)
@@ -153,13 +156,17 @@ class ExemplarPrometheusReader(PrometheusMetricReader):  # type: ignore[misc]
     Args:
         store: where the exemplars go.
         registry: the (private) registry the reader's own collector is registered in.
+        histograms: histograms aggregated outside the SDK, added to every collection (see instruments.py).
     """
 
-    def __init__(self, store: ExemplarStore, registry: CollectorRegistry) -> None:
+    def __init__(self, store: ExemplarStore, registry: CollectorRegistry, histograms: Histograms | None = None) -> None:
         super().__init__(registry=registry)
         self.store = store
+        self._feed = histograms.feed() if histograms is not None else None
 
     def _receive_metrics(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> None:
+        if self._feed is not None:
+            metrics_data = self._feed.merge(metrics_data)
         if metrics_data is not None:
             try:
                 self.store.update(metrics_data)
@@ -168,14 +175,14 @@ class ExemplarPrometheusReader(PrometheusMetricReader):  # type: ignore[misc]
         super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
 
 
-def prometheus_reader(registry: CollectorRegistry) -> ExemplarPrometheusReader:
+def prometheus_reader(registry: CollectorRegistry, histograms: Histograms | None = None) -> ExemplarPrometheusReader:
     """A Prometheus metric reader whose families, registered in ``registry``, carry exemplars.
 
     Use it where ``PrometheusMetricReader(registry=registry)`` would be used; the scrape output is identical
-    except for the exemplars in the OpenMetrics format.
+    except for the exemplars in the OpenMetrics format. ``histograms`` are exported along with the SDK's metrics.
     """
     store = ExemplarStore()
     inner = CollectorRegistry(auto_describe=False)
-    reader = ExemplarPrometheusReader(store, inner)
+    reader = ExemplarPrometheusReader(store, inner, histograms)
     registry.register(ExemplarCollector(inner, store))
     return reader

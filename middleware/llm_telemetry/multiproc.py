@@ -33,7 +33,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, mmap_dict
 
 from .config import Settings
-from .instruments import Instruments, create_instruments
+from .instruments import CONTRACT, Histograms, Instruments, create_instruments
 
 try:
     import fcntl
@@ -194,10 +194,14 @@ class WorkerMode:
         base = resource.attributes.get("service.instance.id") or str(uuid.uuid4())
         return resource.merge(Resource({"service.instance.id": f"{base}-{os.getpid()}"}))
 
-    def create_instruments(self, scope_name: str, scope_version: str, otel_meter: Any = None) -> Instruments:
-        """The contract's instruments, writing to this worker's file (and to ``otel_meter`` too when given)."""
+    def create_instruments(
+        self, scope_name: str, scope_version: str, otel_meter: Any = None, histograms: Histograms | None = None
+    ) -> Instruments:
+        """The contract's instruments, writing to this worker's file (and to ``otel_meter`` too when given, its
+        histograms kept in ``histograms`` when given)."""
         assert self.state is not None
-        return create_instruments(_SharedMeter(self.state, scope_name, scope_version, otel_meter))  # type: ignore[arg-type]
+        meter = _SharedMeter(self.state, scope_name, scope_version, otel_meter, histograms)
+        return create_instruments(meter)  # type: ignore[arg-type]
 
     def expose(self, registry: CollectorRegistry, resource: Any) -> None:
         """Answer scrapes of ``registry`` with the merge of every worker, through OpenTelemetry's exporter."""
@@ -540,12 +544,18 @@ class _SharedHistogram:
             self._otel.record(amount, attributes, context=context)
 
 
+_SPECS: Final = {spec.name: spec for spec in CONTRACT}
+
+
 class _SharedMeter:
     """Just enough of an OpenTelemetry ``Meter`` for :func:`~llm_telemetry.instruments.create_instruments`."""
 
-    def __init__(self, state: SharedState, scope_name: str, scope_version: str, otel_meter: Any) -> None:
+    def __init__(
+        self, state: SharedState, scope_name: str, scope_version: str, otel_meter: Any, histograms: Histograms | None
+    ) -> None:
         self._state = state
         self._otel_meter = otel_meter
+        self._histograms = histograms
         state.scope = (scope_name, scope_version)
 
     def _register(self, desc: _Descriptor) -> None:
@@ -578,13 +588,13 @@ class _SharedMeter:
         bounds = tuple(explicit_bucket_boundaries_advisory or ())
         desc = _Descriptor(name, "histogram", unit, description, bounds)
         self._register(desc)
-        otel = (
-            self._otel_meter.create_histogram(
+        otel: Any = None
+        if self._otel_meter and self._histograms is not None:
+            otel = self._histograms.create(_SPECS[name])
+        elif self._otel_meter:
+            otel = self._otel_meter.create_histogram(
                 name, unit=unit, description=description, explicit_bucket_boundaries_advisory=list(bounds)
             )
-            if self._otel_meter
-            else None
-        )
         return _SharedHistogram(self._state, desc, otel)
 
 

@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, start_http_server
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .instruments import Instruments, create_instruments
+from .instruments import Histograms, Instruments, create_instruments
 from .labels import LabelLimiter
 from .logs import RequestLogs
 from .pricing import PricingTable
@@ -72,6 +73,8 @@ class Telemetry:
         if meter_provider is None and settings.metrics_exporters:
             _warn_about_global_meter_provider(settings)
         self._owns_provider = meter_provider is None
+        #: The latency histograms' own aggregation, when every reader of the provider is ours to feed it to.
+        self.histograms: Histograms | None = None
         #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
         self.workers = multiproc.activate(settings) if meter_provider is None else None
         self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
@@ -80,9 +83,9 @@ class Telemetry:
         if self.workers is not None and self.workers.state is not None:
             # Prometheus numbers go to the workers' shared files; OTLP (if on) still gets this worker's own.
             otlp = meter if "otlp" in settings.metrics_exporters else None
-            self.instruments = self.workers.create_instruments(METER_NAME, __version__, otlp)
+            self.instruments = self.workers.create_instruments(METER_NAME, __version__, otlp, self.histograms)
         else:
-            self.instruments = create_instruments(meter, summed=True)
+            self.instruments = create_instruments(meter, summed=True, histograms=self.histograms)
         self.limit = LabelLimiter(settings.max_label_values)
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
@@ -109,15 +112,28 @@ class Telemetry:
         workers = self.workers
         if workers is not None:
             resource = workers.worker_resource(resource)
-        if "prometheus" in self.settings.metrics_exporters and workers is not None and workers.state is not None:
+        shared = workers is not None and workers.state is not None
+        otlp = _otlp_metric_exporter(self.otel.metrics_protocol) if "otlp" in self.settings.metrics_exporters else None
+        if otlp is None or _cumulative_explicit_histograms(otlp):
+            # Histograms aggregate on their own and reach the readers below at collection time (instruments.py);
+            # under several workers, the Prometheus numbers come from the workers' files instead (multiproc.py).
+            from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+            self.histograms = Histograms(InstrumentationScope(METER_NAME, __version__), resource)
+        if "prometheus" in self.settings.metrics_exporters and shared:
+            assert workers is not None
             workers.expose(self.registry, resource)  # scrapes merge every worker's share
         elif "prometheus" in self.settings.metrics_exporters:
             from .exemplars import prometheus_reader
 
             # The OpenTelemetry Prometheus reader, plus the exemplars it would drop (OpenMetrics scrapes only).
-            readers.append(prometheus_reader(self.registry))
-        if "otlp" in self.settings.metrics_exporters:
-            readers.append(_otlp_metric_reader(self.otel.metrics_protocol))
+            readers.append(prometheus_reader(self.registry, self.histograms))
+        if otlp is not None:
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            if self.histograms is not None:
+                otlp = HistogramExporter(otlp, self.histograms)
+            readers.append(PeriodicExportingMetricReader(otlp))
         return SDKMeterProvider(metric_readers=readers, resource=resource)
 
     def _service_name(self) -> str:
@@ -225,17 +241,59 @@ def _warn_about_global_meter_provider(settings: Settings) -> None:
     )
 
 
-def _otlp_metric_reader(protocol: str) -> Any:
-    """A periodic OTLP reader; the exporter reads the endpoint and headers from OTEL_EXPORTER_OTLP_*."""
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-
-    exporter: Any
+def _otlp_metric_exporter(protocol: str) -> Any:
+    """An OTLP metric exporter; it reads the endpoint, headers and temporality from OTEL_EXPORTER_OTLP_*."""
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
-        exporter = GrpcExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-        exporter = HttpExporter()
-    return PeriodicExportingMetricReader(exporter)
+    return HttpExporter()
+
+
+def _cumulative_explicit_histograms(exporter: Any) -> bool:
+    """Whether ``exporter`` takes histograms as the SDK makes them by default, cumulative with explicit buckets
+    (what :class:`~llm_telemetry.instruments.Histograms` gives). Delta temporality
+    (``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE``) or exponential histograms
+    (``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION``) keep the SDK's own histograms."""
+    from opentelemetry.sdk.metrics import Histogram
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+    from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
+
+    # The preferences the SDK's PeriodicExportingMetricReader reads from its exporter.
+    temporality = (getattr(exporter, "_preferred_temporality", None) or {}).get(Histogram)
+    aggregation = (getattr(exporter, "_preferred_aggregation", None) or {}).get(Histogram)
+    explicit = type(aggregation) is ExplicitBucketHistogramAggregation and (
+        # Without boundaries of its own it takes the instrument's advisory ones, as ours do.
+        getattr(aggregation, "_boundaries", None) is None and getattr(aggregation, "_record_min_max", True)
+    )
+    return temporality in (None, AggregationTemporality.CUMULATIVE) and (
+        aggregation is None or type(aggregation) is DefaultAggregation or explicit
+    )
+
+
+class HistogramExporter(MetricExporter):
+    """An SDK metric exporter that hands ``inner`` each collection with the histograms of ``histograms`` added.
+
+    Args:
+        inner: the exporter that sends the metrics (OTLP).
+        histograms: the histograms the middleware aggregates itself.
+    """
+
+    def __init__(self, inner: MetricExporter, histograms: Histograms) -> None:
+        super().__init__(
+            preferred_temporality=getattr(inner, "_preferred_temporality", None),
+            preferred_aggregation=getattr(inner, "_preferred_aggregation", None),
+        )
+        self.inner = inner
+        self._feed = histograms.feed()
+
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        return self.inner.export(self._feed.merge(metrics_data), timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
