@@ -32,9 +32,17 @@ def loads(data: bytes | bytearray | str) -> Any:
     """Parse JSON from a client or the app, or None: never raises. Invalid JSON and JSON nested deeper than
     the interpreter's recursion limit (``RecursionError`` from the parser, about 1,000 levels) are not read."""
     try:
+        if data[:1] in _OPENERS and data[1:2] not in (b"", b"\0"):
+            # UTF-8 for sure (no BOM, no NUL byte of UTF-16/32), so decoded as json.loads would decode it,
+            # without its encoding detection.
+            return json.loads(data.decode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+#: First bytes of a JSON object or array: with a non-NUL second byte, the encoding can only be UTF-8.
+_OPENERS: Final = (b"{", b"[")
 
 
 def _int(value: Any) -> int | None:
@@ -106,8 +114,8 @@ class ResponseReader:
         self._chunks = 0
         #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
         self._text_chars = 0
-        #: (bytes before the text, bytes after it, newlines) of a whole-chunk plain text delta of this stream.
-        self._shape: tuple[bytes, bytes, int] | None = None
+        #: (bytes before the text, bytes after it, their lengths) of a whole-chunk plain text delta of this stream.
+        self._shape: tuple[bytes, bytes, int, int] | None = None
         self._misses = 0
 
     def feed(self, chunk: bytes, now: float) -> None:
@@ -117,17 +125,19 @@ class ResponseReader:
             was_idle = decoder.idle
             if shape is not None and was_idle:
                 # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
-                # around the text, one whole event) is another one. JSON escapes quotes and newlines inside
-                # strings, so the bytes around the text can only be structure, never text.
-                head, tail, newlines = shape
-                start, end = len(head), len(chunk) - len(tail)
+                # around the text, one whole event) is another one. Between the two there must be nothing but
+                # the inside of one JSON string (no quote, backslash or line break but escaped ones), so the bytes
+                # around it can only be structure, never text.
+                head, tail, start, tail_length = shape
+                end = len(chunk) - tail_length
                 if (
                     start < end
                     and chunk.startswith(head)
                     and chunk.endswith(tail)
-                    and chunk.count(b"\n") == newlines
-                    # Between the two, only text: every quote escaped (several choices in one chunk are not).
-                    and chunk.count(b'"', start, end) == chunk.count(b'\\"', start, end)
+                    and (
+                        _PLAIN_TEXT.fullmatch(chunk, start, end) is not None
+                        or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+                    )
                 ):
                     self._chunks += 1
                     return
@@ -208,9 +218,13 @@ class ResponseReader:
 
 #: The rest of a JSON string after its opening quote, up to and including the closing quote.
 _JSON_STRING_REST: Final = re.compile(rb'(?:[^"\\]|\\.)*"')
+#: The inside of a JSON string without escapes (the common case, matched fastest), and with them. A raw line
+#: break is no JSON, and would end an SSE line.
+_PLAIN_TEXT: Final = re.compile(rb'[^"\\\r\n]*')
+_JSON_TEXT: Final = re.compile(rb'(?:[^"\\\r\n]|\\[^\r\n])*')
 
 
-def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, int] | None:
+def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, int, int] | None:
     """Split a one-event chunk around the value of its first text key: the bytes before and after it."""
     for key in keys:
         start = chunk.find(key)
@@ -220,7 +234,8 @@ def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, in
         end = _JSON_STRING_REST.match(chunk, start)
         if end is None or end.end() - 1 <= start:
             return None
-        return chunk[:start], chunk[end.end() - 1 :], chunk.count(b"\n")
+        head, tail = chunk[:start], chunk[end.end() - 1 :]
+        return head, tail, len(head), len(tail)
     return None
 
 

@@ -192,18 +192,23 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
+            # The hot path of a stream, once per chunk: forwarded inline rather than through _forward.
             now = perf_counter()
-            await self._forward(message)
+            try:
+                await self._send(message)
+            except BaseException:
+                self.send_failed = True  # the server could not deliver: the client is gone
+                raise
             reader = self.reader
             if reader is not None:
-                body = message.get("body", b"")
+                body = message.get("body")
                 if body:
                     try:
                         reader.feed(body, now)
                     except Exception as exc:
                         self.reader = None
                         self.failsafe("response_parse", exc)
-            if not message.get("more_body", False):
+            if not message.get("more_body"):
                 self.complete = True
                 self.call.end = perf_counter()
         elif kind == "http.response.start":
@@ -369,6 +374,8 @@ class LLMTelemetryMiddleware:
         self._set_up = False
         #: False when setup failed: requests pass straight through, unobserved.
         self._observing = False
+        #: Whether a request without an ``x-request-id`` header gets a generated one (see ``_start``).
+        self._request_ids = True
         if self.settings.pricing is not None:
             # Fail at startup, not on the first request, when the pricing file is wrong.
             from .pricing import PricingTable
@@ -424,6 +431,9 @@ class LLMTelemetryMiddleware:
         if telemetry.request_logs is not None:
             observers.append(telemetry.request_logs.observer)
         self._observers = (*observers, *self._extra_observers)
+        # A request without an x-request-id gets one of ours only when something reads it.
+        readers = [o for o in self._observers if o is not telemetry.recorder]
+        self._request_ids = bool(self.settings.echo_request_id or readers)
 
     def _fallback(self, error: Exception) -> Telemetry | None:
         """Metrics with nothing but the failure in them, so that it shows up where alerts look."""
@@ -483,13 +493,14 @@ class LLMTelemetryMiddleware:
             label = self._attribution.get(key)
             if label is not None:
                 call.attribution[label] = limit(label, value.decode("latin-1"))
-        call.request_id = (
-            field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS) if request_id else new_request_id()
-        )
+        if request_id:
+            call.request_id = field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
+        elif self._request_ids:
+            call.request_id = new_request_id()
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
-        if self.settings.echo_request_id:
+        if self.settings.echo_request_id and call.request_id is not None:
             exchange.echo_id = call.request_id.encode("latin-1")
         observers = self._observers
         for observer in observers:
