@@ -14,6 +14,7 @@ IPs, ``<service>.<namespace>`` set by the user) are trusted as given.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class Lookup:
 
 
 class CollectorCheck:
-    """Looks up collector Services, remembering each answer for :data:`CACHE_SECONDS`.
+    """Looks up collector Services, remembering each answer for :data:`CACHE_SECONDS`; lookups of one Service made
+    while a read of it is under way wait for that read (passes started together read it once, not once each).
 
     Args:
         namespaces: the namespaces the operator may read Services in (its watched namespaces); empty: all.
@@ -67,24 +69,36 @@ class CollectorCheck:
         self.namespaces = namespaces
         self.ttl = ttl
         self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future[bool]] = {}
 
     async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
         service = service_of(endpoint)
         if service is None:
             return Lookup(endpoint, None, None, "not an in-cluster Service name; not checked")
-        namespace, name = service
+        namespace = service[0]
         if self.namespaces and namespace not in self.namespaces:
             # In namespaced mode the operator has no right to read Services elsewhere: say so, do not 403.
             return Lookup(endpoint, service, None, f"namespace {namespace} is not watched; not checked")
         cached = self._cache.get(service)
         if cached is not None and time.monotonic() - cached[0] < self.ttl:
             return Lookup(endpoint, service, cached[1])
+        reading = self._reading.get(service)
+        if reading is None:
+            reading = self._reading[service] = asyncio.ensure_future(self._read(client, service))
+            reading.add_done_callback(lambda done: self._reading.pop(service, None) if done is reading else None)
+        try:
+            # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others.
+            found = await asyncio.shield(reading)
+        except ApiError as exc:
+            return Lookup(endpoint, service, None, f"could not be checked: {exc}")
+        return Lookup(endpoint, service, found)
+
+    async def _read(self, client: kube.KubeClient, service: tuple[str, str]) -> bool:
+        namespace, name = service
         try:
             await client.get(kube.SERVICES, namespace, name)
             found = True
         except NotFoundError:
             found = False
-        except ApiError as exc:
-            return Lookup(endpoint, service, None, f"could not be checked: {exc}")
         self._cache[service] = (time.monotonic(), found)
-        return Lookup(endpoint, service, found)
+        return found

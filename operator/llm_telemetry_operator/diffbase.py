@@ -17,6 +17,7 @@ unobserved, so the resource's next event runs a pass again (and the operator's s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -24,6 +25,16 @@ import kopf
 
 class ObservedGenerationDiffBase(kopf.DiffBaseStorage):
     """The last handled essence is the body's own once ``status.observedGeneration`` equals its generation."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        """kopf's essence (everything but status and system metadata), computed from those parts only: kopf's
+        own deep-copies the whole body first, status and managedFields included, twice per watch event here."""
+        if extra_fields:
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        slim = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        slim["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        return super().build(body=slim)  # type: ignore[arg-type]
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         generation = (body.get("metadata") or {}).get("generation")

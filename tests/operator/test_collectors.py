@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -20,8 +21,9 @@ from kopf_testing import (
 from test_operator_kmock import check_usage, env_of, hand
 
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator.collectors import service_of
+from llm_telemetry_operator.collectors import CollectorCheck, service_of
 from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ApiError, NotFoundError
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,43 @@ def collector_events(kmock: Any) -> list[str]:
         and str(req.url.path).endswith("/events")
         and (req.data or {}).get("reason") == "CollectorNotFound"
     ]
+
+
+class SlowServices:
+    """A client whose Service reads take a while, counting them; ``answer``: None (found), or an error to raise."""
+
+    def __init__(self, answer: Exception | None = None) -> None:
+        self.reads = 0
+        self.answer = answer
+        self.release = asyncio.Event()
+
+    async def get(self, resource: Any, namespace: str, name: str) -> dict[str, Any]:
+        self.reads += 1
+        await self.release.wait()
+        if self.answer is not None:
+            raise self.answer
+        return {"metadata": {"name": name, "namespace": namespace}}
+
+
+@pytest.mark.parametrize(
+    ("answer", "found"),
+    [(None, True), (NotFoundError(404, "NotFound", "gone"), False), (ApiError(503, "", "busy"), None)],
+    ids=["found", "missing", "unreadable"],
+)
+async def test_passes_started_together_read_a_collector_service_once(answer: Exception | None, found: Any) -> None:
+    check, client = CollectorCheck(), SlowServices(answer)
+    lookups = [
+        asyncio.ensure_future(check.lookup(client, "http://jaeger-collector.observability:4318")) for _ in range(50)
+    ]  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    lookups[0].cancel()  # one pass stops: the others still get their answer
+    client.release.set()
+    results = await asyncio.gather(*lookups[1:])
+    assert client.reads == 1
+    assert {result.found for result in results} == {found}
+    # Found or missing is remembered; an unreadable Service is read again next time.
+    await check.lookup(client, "http://jaeger-collector.observability:4318")  # type: ignore[arg-type]
+    assert client.reads == (2 if found is None else 1)
 
 
 async def test_missing_default_collectors_are_reported_and_not_injected(emulator: Any) -> None:
