@@ -290,9 +290,20 @@ class Watcher:
         def run() -> None:
             while not self._stopped:
                 try:
+                    # A list first, then a watch from its version: what was seen before and is no longer listed
+                    # was deleted while no watch was open (a watch ends every few minutes).
+                    listing = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+                    listed = {item["metadata"]["name"] for item in listing["items"]}
+                    self.deleted.update(self.seen - listed)
+                    self.ready.difference_update(self.seen - listed)
+                    for item in listing["items"]:
+                        self.seen.add(item["metadata"]["name"])
+                        if _ready(item):
+                            self.ready.add(item["metadata"]["name"])
                     for event in self._watch.stream(
-                        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=300
-                    ):
+                        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=300,
+                        resource_version=listing["metadata"]["resourceVersion"],
+                    ):  # fmt: skip
                         name = event["object"]["metadata"]["name"]
                         self.seen.add(name)
                         if event["type"] == "DELETED":
