@@ -18,7 +18,8 @@ Each N is measured twice by default (``--modes proxied,direct``): *proxied*, as 
 and *direct*, the operator talking to the API server itself, as it does in a real deployment: the proxy's CPU
 (about a tenth of the two cores at N=1,000) no longer competes with the rest, so that run's Ready time is the
 figure a user gets. Without the proxy nothing is counted: the direct run reports times and CPU only, and takes
-the operator as settled once it has used less than :data:`QUIET_CPU` seconds of CPU in :data:`QUIET` seconds.
+the operator as settled once its log has shown no pass other than a resync for :data:`QUIET` seconds (resyncs
+of the first resources start two and a half minutes after their pass, so at N=1,000 the operator is never idle).
 
 By default the trace and log collector Services the operator's defaults point at (``jaeger-collector`` port 4318
 and ``loki-gateway`` port 80 in namespace ``observability``; see ``llm_telemetry_operator.config``) are created
@@ -55,8 +56,8 @@ GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 #: Seconds with no request from the operator after which a restart's resume is taken as finished.
 QUIET = 5.0
-#: In a direct run (no proxy to count requests): CPU seconds within QUIET seconds below which the operator is idle.
-QUIET_CPU = 0.1
+#: In a direct run (no proxy to count requests), the operator's log lines that mark work other than a resync.
+_WORK = re.compile(r"reconciled \((?!resync)|Resuming is processed|Deletion is processed")
 MODES = ("proxied", "direct")
 #: The Services behind the operator's default trace and log endpoints: namespace, [(name, port)].
 COLLECTORS_NAMESPACE = "observability"
@@ -332,18 +333,21 @@ def _wait(check: Any, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
-def _quiet(proxy: CountingProxy | None, since: float, timeout: float, pid: int = 0) -> float:
+def _quiet(proxy: CountingProxy | None, since: float, timeout: float, log: pathlib.Path | None = None) -> float:
     """Wait until the operator has made no request for :data:`QUIET` seconds; the time of its last one.
 
-    Without a proxy (a direct run): until process ``pid`` used less than :data:`QUIET_CPU` seconds of CPU in
-    :data:`QUIET` seconds; the start of that quiet window."""
+    Without a proxy (a direct run): until its log ``log`` has shown no pass but resyncs for :data:`QUIET` seconds;
+    when the last such line was first seen."""
     deadline = time.monotonic() + timeout
-    if proxy is None:
+    if proxy is None and log is not None:
+        seen, changed = -1, since
         while time.monotonic() < deadline:
-            start, used = time.monotonic(), stat_cpu(pid)
-            time.sleep(QUIET)
-            if stat_cpu(pid) - used < QUIET_CPU:
-                return start
+            work = len(_WORK.findall(log.read_text(errors="replace")))
+            if work != seen:
+                seen, changed = work, time.monotonic()
+            elif time.monotonic() - changed >= QUIET:
+                return changed
+            time.sleep(0.5)
         raise TimeoutError("the operator never went quiet")
     while time.monotonic() < deadline:
         requests = [r for r in proxy.since(since) if not r[3] and "kopfpeerings" not in r[2]]
@@ -503,7 +507,7 @@ def _measure(
         list(pool.map(lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                        llmtelemetry(i)), range(n)))  # fmt: skip
         result["ready_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
-        t1 = _quiet(proxy, t0, 300, operator.pid)
+        t1 = _quiet(proxy, t0, 300, log_path)
         if proxy is not None:
             result["settled"] = count(proxy.since(t0, t1 + 0.001))
         result["apiserver_cpu_s"] = stat_cpu(apiserver) - cpu0
@@ -527,7 +531,7 @@ def _measure(
             600,
             f"all {n} resumed",
         )
-        r1 = _quiet(proxy, r0, 600, operator.pid)
+        r1 = _quiet(proxy, r0, 600, log_path)
         result["restart_s"] = r1 - r0
         if proxy is not None:
             result["restart"] = count(proxy.since(r0, r1 + 0.001))
