@@ -79,8 +79,7 @@ class OperatorState:
 #: The handlers kopf calls for every watch event of their kind (every Deployment, StatefulSet, Service,
 #: ConfigMap, ServiceMonitor, PrometheusRule and LLMTelemetry change in the watched namespaces).
 WATCH_EVENT_HANDLERS = frozenset(
-    {"workload_event", "llmtelemetry_track", "llmtelemetry_forget"}
-    | {f"child_event_{plural}" for _, _, plural in _CHILD_RESOURCES}
+    {"workload_event", "llmtelemetry_track"} | {f"child_event_{plural}" for _, _, plural in _CHILD_RESOURCES}
 )
 
 
@@ -168,6 +167,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    await _track_existing(_client(memo), config, state, logger)
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
     if not config.standalone:
@@ -396,19 +396,10 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
 
 
-@kopf.index(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_track(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children.
-
-    An indexing handler, not an event handler: kopf runs it before any other handler and holds every other
-    handler at startup until the initial listing of LLMTelemetry has gone through it. So the first pass of
-    any resource, whatever event starts it, already knows every peer it may conflict with. It indexes
-    nothing itself (returns None); deletions are handled by :func:`llmtelemetry_forget`.
-    """
-    if namespace is None:
-        return
-    state = _state(memo)
-    key = (namespace, name)
+def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
+    """Remember the latest body of one LLMTelemetry (and its parsed spec)."""
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
     if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
@@ -419,14 +410,33 @@ def llmtelemetry_track(body: kopf.Body, name: str, namespace: str | None, memo: 
         state.index.put(key, state.specs[key])
 
 
+async def _track_existing(client: KubeClient, config: OperatorConfig, state: OperatorState, logger: Any) -> None:
+    """Read every LLMTelemetry once at startup, before kopf starts its watches and calls any handler.
+
+    So the first pass of any resource, whatever event starts it (a workload's, say, which may arrive before the
+    LLMTelemetry watch has delivered an older peer), already knows every peer it may conflict with. One list,
+    instead of a kopf indexing handler: kopf holds every handler until each object of an indexed kind has been
+    indexed, and wakes all the waiting workers per object, which grows with the square of the resources.
+    """
+    try:
+        for namespace in config.namespaces or (None,):
+            for body in await client.list(kube.LLMTELEMETRIES, namespace):
+                if (body.get("metadata") or {}).get("namespace"):
+                    _track(state, body)
+    except ApiError as exc:
+        logger.warning("could not list LLMTelemetry resources at startup (%s); learning them from the watch", exc)
+
+
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_forget(
-    type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
-) -> None:
-    """A deleted LLMTelemetry: forget everything kept about it."""
-    if namespace is None or type != "DELETED":
+def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children; forget a
+    deleted one."""
+    if namespace is None:
         return
     state = _state(memo)
+    if type != "DELETED":
+        _track(state, body)
+        return
     key = (namespace, name)
     state.bodies.pop(key, None)
     state.specs.pop(key, None)
