@@ -412,9 +412,14 @@ def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
             spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=4318)], selector={"app": "collector"}),
         ),
     )
-    # Picked up by the periodic pass (10 s here).
+    # Picked up by the periodic pass (10 s here). A pass patches the Deployment before it writes the status, so
+    # the condition is awaited too, not read the moment the exporter shows.
     wait_for(lambda: cluster.env("late").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 60)
-    assert cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorsFound"
+    wait_for(
+        lambda: cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorsFound",
+        "CollectorsAvailable reason CollectorsFound",
+        30,
+    )
 
 
 async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) -> None:
