@@ -1,8 +1,9 @@
 """Profile the middleware's hot path in-process: the demo app driven directly through ASGI, no sockets.
 
-Usage: ``python benchmarks/profile_hot_path.py [--scenario stream64] [--requests 2000] [--variant ours]
-[--top 25]``. It prints the CPU time per request of the chosen variant and of the bare app (both measured
-here, interleaved) and a cProfile listing of the variant, sorted by own time. Without the network and
+Usage: ``python benchmarks/profile_hot_path.py [--scenario stream64] [--requests 2000] [--variant ours[,...]]
+[--top 25]``. It prints the CPU time per request (all threads of the process: a tracing variant's span export
+is flushed and counted inside each timed window) of the chosen variants and of the bare app, measured
+interleaved, and a cProfile listing of the last variant, sorted by own time (``--top 0``: none). Without the network and
 uvicorn the per-request figures are smaller than in ``benchmarks/run``, but the difference between the two
 is the middleware's cost, with far less noise, which makes it the tool for before/after comparisons.
 """
@@ -49,12 +50,24 @@ def _scope(scenario: Scenario) -> dict[str, Any]:
     }
 
 
-async def drive(app: Any, scenario: Scenario, requests: int) -> int:
-    """Send ``requests`` requests straight into the ASGI app; return the response body messages seen."""
+#: Tracing variants flush their span processors this often (in requests) inside the timed window.
+FLUSH_EVERY = 256
+
+
+async def drive(app: Any, scenario: Scenario, requests: int, flush: Any = None) -> int:
+    """Send ``requests`` requests straight into the ASGI app; return the response body messages seen.
+
+    ``flush`` (a tracing variant's ``force_flush``) is called every :data:`FLUSH_EVERY` requests and at the end,
+    so the spans of these requests are exported, and their CPU counted, before the caller reads its clock: the
+    loop never yields to the batch processor's thread, which would otherwise do that work during a later
+    measurement (or drop spans at its queue limit).
+    """
     body = json.dumps(scenario.body).encode()
     messages = 0
 
-    for _ in range(requests):
+    for i in range(requests):
+        if flush is not None and i and i % FLUSH_EVERY == 0:
+            flush()
         sent = False
 
         async def receive() -> dict[str, Any]:
@@ -71,18 +84,51 @@ async def drive(app: Any, scenario: Scenario, requests: int) -> int:
                 messages += 1
 
         await app(_scope(scenario), receive, send)
+    if flush is not None:
+        flush()
     return messages
+
+
+def _ours_traces_unsampled() -> Any:
+    """``ours+traces`` with a sampler that records nothing: what tracing costs besides the recorded span."""
+    from apps import _metrics_port, _otlp_endpoint
+    from llm_telemetry.demo.app import create_app
+
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = _otlp_endpoint()
+    os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+    os.environ["OTEL_TRACES_SAMPLER"] = "always_off"
+    return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=False)
+
+
+#: Variants of this profile only (not in benchmarks/run), beside those of apps.py.
+PROFILE_VARIANTS: dict[str, Any] = {"ours+traces-unsampled": _ours_traces_unsampled}
 
 
 def build(variant: str) -> Any:
     os.environ[BENCH_VARIANT] = variant
     os.environ.setdefault(BENCH_METRICS_PORT, "0")
+    if variant in PROFILE_VARIANTS:
+        return PROFILE_VARIANTS[variant]()
     return VARIANTS[variant].build()
 
 
-def cpu_per_request(app: Any, scenario: Scenario, requests: int, loop: asyncio.AbstractEventLoop) -> float:
+def flusher(app: Any) -> Any:
+    """The ``force_flush`` of the span processors behind ``app`` (ours or OpenTelemetry's ASGI middleware), or
+    None for an app that does not trace."""
+    telemetry = getattr(app, "telemetry", None)  # LLMTelemetryMiddleware (built on first access)
+    tracing = getattr(telemetry, "tracing", None)
+    if tracing is not None:
+        return tracing.force_flush
+    processor = getattr(getattr(app, "tracer", None), "span_processor", None)  # OpenTelemetryMiddleware
+    return getattr(processor, "force_flush", None)
+
+
+def cpu_per_request(
+    app: Any, scenario: Scenario, requests: int, loop: asyncio.AbstractEventLoop, flush: Any = None
+) -> float:
+    """Process CPU (all threads) per request, the export of the spans of these requests included."""
     started = time.process_time()
-    loop.run_until_complete(drive(app, scenario, requests))
+    loop.run_until_complete(drive(app, scenario, requests, flush))
     return (time.process_time() - started) / requests
 
 
@@ -136,7 +182,10 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="stream64", choices=sorted(SCENARIOS))
-    parser.add_argument("--variant", default="ours", choices=sorted(VARIANTS))
+    known = sorted([*VARIANTS, *PROFILE_VARIANTS])
+    parser.add_argument(
+        "--variant", default="ours", help=f"one or more, comma-separated, measured interleaved: {', '.join(known)}"
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
@@ -144,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         "--per-chunk", action="store_true", help="time only the send wrapper and shape check on streamed chunks"
     )
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variant.split(",") if v not in known]
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)}")
     if args.per_chunk:
         return asyncio.run(per_chunk())
 
@@ -162,29 +214,36 @@ def main(argv: list[str] | None = None) -> int:
 
 def _profile(args: argparse.Namespace, scenario: Scenario, stdout: Any) -> int:
     loop = asyncio.new_event_loop()
-    bare, app = build("bare"), build(args.variant)
-    for candidate in (bare, app):
-        loop.run_until_complete(drive(candidate, scenario, 50))  # warm up (and build lazy state)
-    base, mine = [], []
-    for _ in range(args.rounds):
-        base.append(cpu_per_request(bare, scenario, args.requests, loop))
-        mine.append(cpu_per_request(app, scenario, args.requests, loop))
-    base.sort()
-    mine.sort()
-    b, m = base[len(base) // 2] * 1e6, mine[len(mine) // 2] * 1e6
-    per_chunk = f", {(m - b) / scenario.chunks:.2f} µs per chunk" if scenario.chunks else ""
-    print(
-        f"{args.scenario}: bare {b:.1f} µs/request, {args.variant} {m:.1f} µs/request (+{m - b:.1f} µs{per_chunk})",
-        file=stdout,
-    )
+    keys = ["bare", *(v for v in args.variant.split(",") if v != "bare")]
+    apps, flushes = {}, {}
+    for key in keys:
+        # Built and warmed up one by one: the middleware reads the OTEL_* variables on its first request.
+        apps[key] = build(key)
+        loop.run_until_complete(drive(apps[key], scenario, 50))
+        flushes[key] = flusher(apps[key])
+        if flushes[key] is not None:
+            flushes[key]()
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for r in range(args.rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # the order rotates each round
+            times[key].append(cpu_per_request(apps[key], scenario, args.requests, loop, flushes[key]))
+    median = {key: sorted(t)[len(t) // 2] * 1e6 for key, t in times.items()}
+    b = median["bare"]
+    print(f"{args.scenario}: bare {b:.1f} µs/request (median of {args.rounds} rounds)", file=stdout)
+    for key in keys[1:]:
+        m = median[key]
+        per_chunk = f", {(m - b) / scenario.chunks:.2f} µs per chunk" if scenario.chunks else ""
+        print(f"  {key:<24} {m:8.1f} µs/request (+{m - b:.1f} µs{per_chunk})", file=stdout)
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    loop.run_until_complete(drive(app, scenario, args.requests))
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
-    print(out.getvalue(), file=stdout)
+    if args.top:
+        key = keys[-1]
+        profiler = cProfile.Profile()
+        profiler.enable()
+        loop.run_until_complete(drive(apps[key], scenario, args.requests, flushes[key]))
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
+        print(f"cProfile of {key}:", out.getvalue(), file=stdout)
     loop.close()
     return 0
 

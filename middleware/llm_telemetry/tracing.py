@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from collections.abc import Mapping
 from time import perf_counter, time_ns
 from typing import Any, Final
@@ -221,6 +222,256 @@ def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str
         attributes[CLIENT_ADDRESS] = client[0]
 
 
+class _Pipeline:
+    """What the SDK's ``Tracer.start_span`` and ``Span.end`` use, read from an SDK tracer, when every part of it
+    is one whose behaviour the middleware can reproduce: then the LLM span is an :class:`LLMSpan`, recorded
+    without the SDK span's lock and per-attribute cleaning, and handed as the SDK's own ``ReadableSpan`` to the
+    provider's span processors.
+
+    The provider's sampler, id generator, resource, span limits and instrumentation scope are used as the SDK
+    uses them. The span processors must be the SDK's batch or simple processors (whose ``on_start`` does
+    nothing): an application's own processor may look at the live span, so with one (or a tracer that is not the
+    SDK's, a disabled tracer, the SDK's internal metrics on, or an SDK release without these parts) the span is
+    the SDK's. Processors added later are noticed on the next request.
+    """
+
+    __slots__ = ("_processors", "multi", "tracer")
+
+    def __init__(self, tracer: Any, multi: Any) -> None:
+        self.tracer = tracer
+        self.multi = multi
+        self._processors = multi._span_processors
+
+    @classmethod
+    def of(cls, tracer: Any) -> _Pipeline | None:
+        try:
+            from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
+            from opentelemetry.sdk.trace import Tracer as SDKTracer
+            from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        except ImportError:
+            return None
+        if type(tracer) is not SDKTracer or not hasattr(trace.TraceFlags, "RANDOM_TRACE_ID"):
+            return None
+        try:
+            multi = tracer.span_processor
+            if type(multi) is not SynchronousMultiSpanProcessor or not tracer._is_enabled():
+                return None
+            if any(type(p) not in (BatchSpanProcessor, SimpleSpanProcessor) for p in multi._span_processors):
+                return None
+            if type(tracer._tracer_metrics) is not NoOpTracerMetrics:
+                return None
+            tracer.sampler, tracer.id_generator, tracer.resource, tracer._instrumentation_scope  # noqa: B018
+            tracer._span_limits.max_span_attributes, tracer._span_limits.max_span_attribute_length  # noqa: B018
+        except AttributeError:
+            return None
+        return cls(tracer, multi)
+
+    def current(self) -> bool:
+        """Still as checked: no processor added since, the tracer still enabled."""
+        return self.multi._span_processors is self._processors and bool(self.tracer._is_enabled())
+
+    def start_span(
+        self, name: str, parent: Any, kind: SpanKind, attributes: dict[str, Any], start_time: int
+    ) -> trace.Span:
+        """As the SDK's ``Tracer.start_span``: the parent from ``parent`` (or the current context), ids from the
+        provider's generator, the decision (and any attributes and trace state) from its sampler."""
+        tracer = self.tracer
+        parent_span = trace.get_current_span(parent).get_span_context()
+        ids = tracer.id_generator
+        if parent_span.is_valid:
+            trace_id = parent_span.trace_id
+            random_id = parent_span.trace_flags.random_trace_id
+            parent_context = parent_span
+        else:
+            trace_id = ids.generate_trace_id()
+            random_id = ids.is_trace_id_random()
+            parent_context = None
+        result = tracer.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+        decision = result.decision
+        flags = _FLAGS[decision.is_sampled(), bool(random_id)]
+        span_context = trace.SpanContext(
+            trace_id, ids.generate_span_id(), is_remote=False, trace_flags=flags, trace_state=result.trace_state
+        )
+        if not decision.is_recording():
+            return trace.NonRecordingSpan(span_context)
+        if result.attributes != attributes:  # the sampler changed them: clean as the SDK would
+            attributes = _cleaned(result.attributes, None)
+        return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
+
+
+def _cleaned(attributes: Any, limits: Any, max_len: int | None = None) -> dict[str, Any]:
+    from opentelemetry.attributes import BoundedAttributes
+
+    return dict(BoundedAttributes(limits, attributes, immutable=False, max_value_len=max_len))
+
+
+_FLAGS: Final = {
+    (sampled, random): trace.TraceFlags(
+        (trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+        | (getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0) if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
+
+
+class LLMSpan(trace.Span):
+    """The LLM span as the middleware records it: a plain recording span, made into the SDK's ``ReadableSpan``
+    and handed to the provider's span processors when it ends (see :class:`_Pipeline`).
+
+    The middleware fills :attr:`attributes` with values already of OpenTelemetry's types. What the application
+    sets on it while it is current (``trace.get_current_span().set_attribute(...)``, events, links, status,
+    exceptions) is cleaned and bounded as the SDK does; span limits are applied when it ends.
+    """
+
+    __slots__ = (
+        "_pipeline",
+        "attributes",
+        "context",
+        "end_time",
+        "events",
+        "kind",
+        "links",
+        "name",
+        "parent",
+        "start_time",
+        "status",
+    )
+
+    def __init__(
+        self,
+        pipeline: _Pipeline,
+        name: str,
+        span_context: trace.SpanContext,
+        parent: trace.SpanContext | None,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        start_time: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self.name = name
+        self.context = span_context
+        self.parent = parent
+        self.kind = kind
+        self.attributes = attributes
+        self.start_time = start_time
+        self.end_time: int | None = None
+        self.events: list[Any] = []
+        self.links: list[Any] = []
+        self.status = _UNSET
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self.context
+
+    def is_recording(self) -> bool:
+        return self.end_time is None
+
+    def update_name(self, name: str) -> None:
+        if self.end_time is None:
+            self.name = name
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.set_attributes({key: value})
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if self.end_time is None:
+            self.attributes.update(_cleaned(attributes, None))
+
+    def own_event(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
+        """An event of the middleware's own (attributes of OpenTelemetry's types)."""
+        from opentelemetry.sdk.trace import Event
+
+        self.events.append(Event(name, attributes, timestamp))
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        if self.end_time is not None:
+            return
+        from opentelemetry.attributes import BoundedAttributes
+        from opentelemetry.sdk.trace import Event
+
+        limits = self._pipeline.tracer._span_limits
+        bounded = BoundedAttributes(
+            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self.events.append(Event(name, bounded, time_ns() if timestamp is None else timestamp))
+
+    def add_link(self, context: trace.SpanContext, attributes: Any = None) -> None:
+        if self.end_time is not None or (not context.is_valid and not attributes and not context.trace_state):
+            return
+        from opentelemetry.attributes import BoundedAttributes
+
+        limits = self._pipeline.tracer._span_limits
+        bounded = BoundedAttributes(
+            limits.max_link_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self.links.append(trace.Link(context, bounded))
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self.end_time is not None or self.status.status_code is StatusCode.OK:
+            return
+        if isinstance(status, Status):
+            if status.status_code is not StatusCode.UNSET:
+                self.status = status
+        elif status is not StatusCode.UNSET:
+            self.status = Status(status, description)
+
+    def record_exception(
+        self, exception: BaseException, attributes: Any = None, timestamp: int | None = None, escaped: bool = False
+    ) -> None:
+        module = type(exception).__module__
+        qualname = type(exception).__qualname__
+        recorded: dict[str, Any] = {
+            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+        }
+        if attributes:
+            recorded.update(attributes)
+        self.add_event("exception", recorded, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self.end_time is not None:
+            return
+        self.end_time = end_time = time_ns() if end_time is None else end_time
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        tracer = self._pipeline.tracer
+        limits = tracer._span_limits
+        attributes: Any = self.attributes
+        most, longest = limits.max_span_attributes, limits.max_span_attribute_length
+        if longest is not None or (most is not None and len(attributes) > most):
+            from opentelemetry.attributes import BoundedAttributes
+
+            attributes = BoundedAttributes(most, attributes, immutable=False, max_value_len=longest)
+        events: Any = self.events
+        if len(events) > limits.max_events or len(self.links) > limits.max_links:
+            from opentelemetry.sdk.util import BoundedList
+
+            events = BoundedList.from_seq(limits.max_events, events)
+            self.links = BoundedList.from_seq(limits.max_links, self.links)  # type: ignore[assignment]
+        self._pipeline.multi.on_end(
+            ReadableSpan(
+                name=self.name,
+                context=self.context,
+                parent=self.parent,
+                resource=tracer.resource,
+                attributes=attributes,
+                events=events,
+                links=self.links,
+                kind=self.kind,
+                status=self.status,
+                start_time=self.start_time,
+                end_time=end_time,
+                instrumentation_scope=tracer._instrumentation_scope,
+            )
+        )
+
+
+_UNSET: Final = Status(StatusCode.UNSET)
+
+
 class SpanObserver:
     """Starts the LLM span when a call starts and fills and ends it when the call ends.
 
@@ -237,6 +488,8 @@ class SpanObserver:
         self.max_chars = settings.capture_content_max_chars
         self.redact: Redactor = settings.redact or redact
         self.server_span = server_span
+        self._light: _Pipeline | None = None
+        self._light_checked = False
 
     def start(self, call: LLMCall) -> None:
         now_perf, now_ns = perf_counter(), time_ns()
@@ -252,18 +505,31 @@ class SpanObserver:
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
             parent = propagate.extract(scope.get("headers") or (), getter=_HEADERS)
             _server_attributes(scope, call.path, attributes)
-        span = self.tracer.start_span(
-            call.operation,
-            context=parent,
-            kind=kind,
-            attributes=attributes,
-            start_time=_wall_ns(call.start, now_perf, now_ns),
-        )
+        start_time = _wall_ns(call.start, now_perf, now_ns)
+        pipeline = self._pipeline()
+        span: trace.Span
+        if pipeline is not None:
+            span = pipeline.start_span(call.operation, parent, kind, attributes, start_time)
+        else:
+            span = self.tracer.start_span(
+                call.operation, context=parent, kind=kind, attributes=attributes, start_time=start_time
+            )
         call.span = span
         ctx = trace.set_span_in_context(span)
         call.otel_context = ctx
         # The app runs inside the LLM span, so its own spans (an upstream HTTP call, say) become children.
         call.otel_token = context.attach(ctx)
+
+    def _pipeline(self) -> _Pipeline | None:
+        """The provider's pipeline when the middleware may record the span itself, else None (the SDK's way)."""
+        pipeline = self._light
+        if pipeline is not None and pipeline.current():
+            return pipeline
+        if pipeline is None and self._light_checked:
+            return None
+        self._light_checked = True
+        self._light = pipeline = _Pipeline.of(self.tracer)
+        return pipeline
 
     def end(self, call: LLMCall) -> None:
         span = call.span
@@ -280,9 +546,13 @@ class SpanObserver:
             span.end(end_time=_wall_ns(call.end if call.end is not None else now_perf, now_perf, now_ns))
 
     def _fill(self, span: Any, call: LLMCall, now_perf: float, now_ns: int) -> None:
+        light = type(span) is LLMSpan
         if call.request_model:
             span.update_name(f"{call.operation} {call.request_model}")
-        attributes: dict[str, Any] = {GEN_AI_REQUEST_STREAM: call.stream}
+        # Values are of OpenTelemetry's attribute types already (sequences as tuples, as the SDK stores them):
+        # the span the middleware records itself takes them as they are.
+        attributes: dict[str, Any] = span.attributes if light else {}
+        attributes[GEN_AI_REQUEST_STREAM] = call.stream
         if call.request_model:
             attributes[names.GEN_AI_REQUEST_MODEL] = call.request_model
         if call.max_tokens is not None:
@@ -296,7 +566,7 @@ class SpanObserver:
         if call.response_id:
             attributes[GEN_AI_RESPONSE_ID] = call.response_id
         if call.finish_reasons:
-            attributes[GEN_AI_RESPONSE_FINISH_REASONS] = list(call.finish_reasons)
+            attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(call.finish_reasons)
         for key, field in _USAGE_FIELDS:
             value = getattr(call, field)
             if value is not None:
@@ -304,7 +574,7 @@ class SpanObserver:
         if call.usage_source != "reported" and call.output_tokens is not None:
             attributes[names.LLM_USAGE_SOURCE] = call.usage_source
         if call.tool_calls:
-            attributes[LLM_TOOL_CALLS_NAMES] = list(call.tool_calls)
+            attributes[LLM_TOOL_CALLS_NAMES] = tuple(call.tool_calls)
             attributes[LLM_TOOL_CALLS_COUNT] = len(call.tool_calls)
         if call.cost_usd is not None:
             attributes[LLM_COST_USD] = call.cost_usd
@@ -323,14 +593,15 @@ class SpanObserver:
         ttft = call.time_to_first_token
         if ttft is not None and call.first_token_at is not None:
             attributes[GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = ttft
-            span.add_event(
-                FIRST_TOKEN_EVENT,
-                {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft},
-                timestamp=_wall_ns(call.first_token_at, now_perf, now_ns),
-            )
+            timestamp = _wall_ns(call.first_token_at, now_perf, now_ns)
+            if light:
+                span.own_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp)
+            else:
+                span.add_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp=timestamp)
         if self.capture:
             self._content(attributes, call)
-        span.set_attributes(attributes)
+        if not light:
+            span.set_attributes(attributes)
         if call.error_type:
             span.set_attribute(names.ERROR_TYPE, call.error_type)
             span.set_status(Status(StatusCode.ERROR, call.error_type))
