@@ -52,6 +52,11 @@ DEFAULT_WORKERS = 8
 FIELD_MANAGER = "llm-telemetry-operator"
 #: Statuses worth sending the same request again for: throttled (429) or the server failing for now (5xx).
 RETRIABLE = frozenset({429, 500, 502, 503, 504})
+#: The ``Accept`` header of a write whose answer is read for its metadata only (a child's ``resourceVersion``):
+#: the API server then answers with the object's metadata (``PartialObjectMetadata``) instead of encoding the whole
+#: object again (a dashboard ConfigMap is some 40 KB), and the client decodes that much less. A server that cannot
+#: transform the answer picks the plain JSON listed after it.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
 
 
 @dataclass(frozen=True)
@@ -314,8 +319,14 @@ class KubeClient:
             return items
         return [item for item in items if query.matches(item.get("metadata", {}).get("labels") or {})]
 
-    async def create(self, resource: Resource, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._request("POST", resource, "create", resource.path(namespace), body)
+    async def create(
+        self, resource: Resource, namespace: str, body: Mapping[str, Any], *, metadata_only: bool = False
+    ) -> dict[str, Any]:
+        """Create an object; the answer is the object as stored, or with ``metadata_only`` (see
+        :data:`METADATA_ONLY`) possibly only its ``apiVersion``, ``kind`` and ``metadata``."""
+        return await self._request(
+            "POST", resource, "create", resource.path(namespace), body, accept=METADATA_ONLY if metadata_only else None
+        )
 
     async def patch(
         self,
@@ -325,10 +336,18 @@ class KubeClient:
         patch: Mapping[str, Any],
         *,
         subresource: str | None = None,
+        metadata_only: bool = False,
     ) -> dict[str, Any]:
+        """Merge-patch an object; ``metadata_only`` as for :meth:`create`."""
         plural = f"{resource.plural}/{subresource}" if subresource else resource.plural
         return await self._request(
-            "PATCH", resource, "patch", resource.path(namespace, name, subresource), patch, plural=plural
+            "PATCH",
+            resource,
+            "patch",
+            resource.path(namespace, name, subresource),
+            patch,
+            plural=plural,
+            accept=METADATA_ONLY if metadata_only else None,
         )
 
     async def delete(
@@ -355,6 +374,7 @@ class KubeClient:
         *,
         plural: str | None = None,
         query: Sequence[tuple[str, str]] | None = None,
+        accept: str | None = None,
     ) -> dict[str, Any]:
         plural = plural or resource.plural
         if not rbac.is_declared(resource.group, plural, verb):
@@ -367,7 +387,7 @@ class KubeClient:
             if self._closed:
                 raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
             try:
-                return await loop.run_in_executor(self._executor, self._call, method, path, body, query)
+                return await loop.run_in_executor(self._executor, self._call, method, path, body, query, accept)
             except ApiError as exc:
                 if exc.status not in RETRIABLE or attempt >= self.retry.attempts:
                     raise
@@ -390,12 +410,17 @@ class KubeClient:
             return self._api
 
     def _call(
-        self, method: str, path: str, body: Mapping[str, Any] | None, query: Sequence[tuple[str, str]] | None
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        query: Sequence[tuple[str, str]] | None,
+        accept: str | None = None,
     ) -> dict[str, Any]:
         """One blocking request (in a worker thread): the parsed JSON body, or an :class:`ApiError`."""
         api = self._client()
         configuration = api.configuration
-        headers = {**api.default_headers, "Accept": "application/json"}
+        headers = {**api.default_headers, "Accept": accept or "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
         # The bearer token is read per request: a refresh hook (exec plugin, rotated in-cluster token) renews it.

@@ -149,11 +149,15 @@ async def reconcile(
     standby = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict"
 
     # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
+    # A resource no pass has written a status for yet (just created) has had no children made for it, so its
+    # first pass creates them without listing each kind first; one that exists all the same (a pass that failed
+    # after creating it, before writing the status) answers 409 and is read and compared as a listed one is.
+    fresh = not owner.get("status")
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
     outranked = frozenset(body["metadata"]["name"] for body, _ in peers if precedence(body) > precedence(owner))
-    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome, outranked)
+    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh)
     configmaps: list[dict[str, Any]] = []
     if spec.pricing.inline and not standby:
         configmaps.append(r.build_pricing_configmap(owner, spec))
@@ -163,12 +167,12 @@ async def reconcile(
             configmaps.append(r.build_dashboard_configmap(owner, spec, config))
         except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
             dashboard_error = f"dashboard could not be rendered: {exc}"
-    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None, outcome)
+    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh)
 
     monitor = [] if standby else [r.build_service_monitor(owner, spec, config)]
-    monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome)
+    monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome, fresh=fresh)
     rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled and not standby else []
-    rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome)
+    rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome, fresh=fresh)
 
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
@@ -386,7 +390,7 @@ async def _patch_workload(
         if patch is None:
             return _version(workload)
         try:
-            patched = await client.patch(resource, namespace, wl_name, patch)
+            patched = await client.patch(resource, namespace, wl_name, patch, metadata_only=True)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
             return _version(patched)
         except ConflictError:
@@ -440,15 +444,19 @@ async def _sync_children(
     component: str | None,
     outcome: Outcome,
     adoptable: frozenset[str] = frozenset(),
+    fresh: bool = False,
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
-    A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error."""
+    A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error.
+    ``fresh``: the owner cannot have children yet, so none are listed (nothing to prune); each is created, and
+    one found to exist all the same (409) is read and repaired."""
     meta = owner["metadata"]
     namespace = meta["namespace"]
+    missing = _CRD_MISSING if resource.group == "monitoring.coreos.com" else f"{resource.plural} not found"
     try:
-        existing = await client.list(resource, namespace, labels=r.owner_selector(meta["name"]))
+        existing = [] if fresh else await client.list(resource, namespace, labels=r.owner_selector(meta["name"]))
     except NotFoundError:
-        return _CRD_MISSING if resource.group == "monitoring.coreos.com" else f"{resource.plural} not found"
+        return missing
     except ApiError as exc:
         return f"listing {resource.plural}: {exc}"
     by_name = {obj["metadata"]["name"]: obj for obj in existing}
@@ -458,6 +466,10 @@ async def _sync_children(
         try:
             version = await _apply(client, resource, namespace, obj, by_name.get(obj["metadata"]["name"]), adoptable)
             _remember(outcome, resource, obj["metadata"]["name"], by_name.get(obj["metadata"]["name"]), version)
+        except NotFoundError as exc:
+            if fresh and missing == _CRD_MISSING:  # a create answered 404: the kind is not served (no CRD)
+                return missing
+            errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
         except ApiError as exc:
             errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
     for obj_name, obj in by_name.items():
@@ -490,7 +502,7 @@ async def _apply(
     for attempt in range(CONFLICT_ATTEMPTS):
         if current is None:
             try:
-                created = await client.create(resource, namespace, desired)
+                created = await client.create(resource, namespace, desired, metadata_only=True)
                 logger.info("created %s %s/%s", desired["kind"], namespace, name)
                 return _version(created)
             except ConflictError:
@@ -513,7 +525,7 @@ async def _apply(
         if resource_version:
             patch = {**patch, "metadata": {**patch["metadata"], "resourceVersion": resource_version}}
         try:
-            patched = await client.patch(resource, namespace, name, patch)
+            patched = await client.patch(resource, namespace, name, patch, metadata_only=True)
             logger.info("repaired %s %s/%s", desired["kind"], namespace, name)
             return _version(patched)
         except NotFoundError:
@@ -582,7 +594,12 @@ async def _write_status(
         return
     try:
         await client.patch(
-            kube.LLMTELEMETRIES, meta["namespace"], meta["name"], {"status": status}, subresource="status"
+            kube.LLMTELEMETRIES,
+            meta["namespace"],
+            meta["name"],
+            {"status": status},
+            subresource="status",
+            metadata_only=True,
         )
     except NotFoundError:
         logger.info("LLMTelemetry %s/%s is gone; status not written", meta["namespace"], meta["name"])

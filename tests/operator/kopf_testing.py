@@ -117,6 +117,12 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             kmocklib.action.DELETE,
         ):
             return await super()._handle(request)
+        if action == kmocklib.action.CREATE and not any(res == request.resource for res in self._get_resources()):
+            # A real API server answers 404 to a create of a kind it does not serve (a CRD not installed), as it
+            # does to a list; kmock would store the object all the same.
+            raise kmocklib.KubernetesError(
+                status=404, reason="NotFound", message="the server could not find the requested resource"
+            )
         async with self._writes:
             if action == kmocklib.action.CREATE and isinstance(data, dict):
                 self._rv += 1

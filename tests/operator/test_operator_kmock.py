@@ -216,14 +216,15 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
 
 
 def passes_for(kmock: Any, owner: str) -> int:
-    """Reconcile passes the operator ran for one LLMTelemetry: each lists that resource's Services once."""
+    """Reconcile passes the operator ran for one LLMTelemetry (selecting ``app=<its name>``): each lists the
+    Deployments its selector selects once (its first pass lists no children: it has none yet)."""
     return sum(
         1
         for r in list(kmock)
         if not r.headers.get("X-Test-Hand")
         and r.method.value == "GET"
-        and str(r.url.path).endswith("/services")
-        and f"{c.LABEL_OWNER}={owner}" in (r.url.query.get("labelSelector") or "")
+        and str(r.url.path).endswith("/deployments")
+        and r.url.query.get("labelSelector") == f"app={owner}"
     )
 
 
@@ -610,3 +611,47 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
     assert {("", "namespaces", "list", None), ("", "namespaces", "watch", None)} <= calls
     assert ("kopf.dev", "kopfpeerings", "patch", NAMESPACE) in calls
     check_usage(emulator)
+
+
+async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A resource with no status yet gets its children created without a list of each kind first; a child that
+    exists all the same (left by a pass that failed before writing the status) answers 409 and is read and
+    repaired. Writes are answered with the object's metadata only."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    owner = minimal_llmt()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = owner
+    leftover = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "chat-llm-dashboard",
+            "namespace": NAMESPACE,
+            "resourceVersion": "1",
+            "labels": {
+                c.LABEL_MANAGED_BY: c.MANAGER,
+                c.LABEL_OWNER: "chat",
+                c.LABEL_COMPONENT: "dashboard",
+            },
+        },
+        "data": {"chat.json": "{}"},
+    }
+    emulator.objects[CONFIGMAPS, NAMESPACE, "chat-llm-dashboard"] = leftover
+    before = len(list(emulator))
+    client = KubeClient(server_configuration(str(emulator.url)))
+    try:
+        outcome = await reconcile(client, OperatorConfig(), get(emulator, LLMT, "chat"))
+    finally:
+        await client.close()
+    assert outcome.ready, outcome.failures
+    new = list(emulator)[before:]
+    child_plurals = {"services", "configmaps", "servicemonitors", "prometheusrules"}
+    lists = [r for r in new if r.method.value == "GET" and r.name is None and r.resource.plural in child_plurals]
+    assert lists == []
+    dashboard = get(emulator, CONFIGMAPS, "chat-llm-dashboard")
+    assert json.loads(dashboard["data"]["chat.json"])["panels"]  # repaired: the real dashboard
+    writes = [r for r in new if r.method.value in ("POST", "PATCH")]
+    assert writes and all("as=PartialObjectMetadata" in r.headers.get("Accept", "") for r in writes)

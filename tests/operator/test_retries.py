@@ -104,7 +104,9 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
     client = KubeClient(retry=Retry(attempts=2, base=0.01))
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
     async with running_operator(config, client=client):
-        await _create(emulator, minimal_llmt())
+        # A resource with a status already (one a pass has seen before): its passes list their children. The
+        # first pass of a brand-new resource creates them without a list.
+        await _create(emulator, {**minimal_llmt(), "status": {"phase": "Pending"}})
         owner = await eventually(
             lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceFailed",
             "ServiceFailed reported",
