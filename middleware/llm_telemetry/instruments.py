@@ -276,6 +276,15 @@ def select(spec: MetricSpec, values: Mapping[str, Any], attribution: Mapping[str
     return attributes
 
 
+#: The key of an empty attribute set.
+_NO_KEY: Final[frozenset[tuple[str, Any]]] = frozenset()
+
+
+def attributes_key(attributes: Attributes) -> frozenset[tuple[str, Any]]:
+    """The key :class:`SummedInstrument` and :class:`BucketHistogram` keep an attribute set's series under."""
+    return frozenset(attributes.items()) if attributes else _NO_KEY
+
+
 class Sum(Protocol):
     """What the recorder needs of a counter or up-down counter."""
 
@@ -301,7 +310,11 @@ class SummedInstrument:
         create(name, callbacks=[self._observe], unit=unit, description=description)
 
     def add(self, amount: float, attributes: Attributes = None, context: Context | None = None) -> None:
-        key = frozenset(attributes.items()) if attributes else frozenset()
+        self.add_keyed(amount, attributes_key(attributes), attributes)
+
+    def add_keyed(self, amount: float, key: frozenset[tuple[str, Any]], attributes: Attributes) -> None:
+        """``add`` with the attributes' key (``frozenset(attributes.items())``) already made: callers that
+        record the same attribute set again and again keep it (a frozenset keeps its hash too)."""
         with self._lock:
             entry = self._totals.get(key)
             if entry is None:
@@ -370,13 +383,34 @@ class BucketHistogram:
     def record(self, amount: float, attributes: Attributes = None, context: Context | None = None) -> None:
         if not 0 <= amount < math.inf:  # also false for NaN
             return
+        sample = self.sample(context) if self._filter.should_sample(amount, 0, attributes, context) else None
+        self.record_keyed(amount, attributes_key(attributes), attributes, sample)
+
+    def sample(self, context: Context | None) -> tuple[int, int | None, int | None]:
+        """What an exemplar of a record in ``context`` carries besides its value: (time, span id, trace id)."""
+        span = trace.get_current_span(context)
+        ids = span.get_span_context() if span is not trace.INVALID_SPAN else None
+        return (time_ns(), ids.span_id if ids else None, ids.trace_id if ids else None)
+
+    def exemplar(self, context: Context | None) -> tuple[int, int | None, int | None] | None:
+        """:meth:`sample` when the exemplar filter keeps records made in ``context``, else None. The filters the
+        SDK offers (``always_on``, ``always_off``, ``trace_based``) decide by the context alone, so a caller
+        making several records in one context asks once."""
+        return self.sample(context) if self._filter.should_sample(0.0, 0, None, context) else None
+
+    def record_keyed(
+        self,
+        amount: float,
+        key: frozenset[tuple[str, Any]],
+        attributes: Attributes,
+        sample: tuple[int, int | None, int | None] | None,
+    ) -> None:
+        """``record`` with the attributes' key (:func:`attributes_key`) and the exemplar decision
+        (:meth:`exemplar`) already made."""
+        if not 0 <= amount < math.inf:  # also false for NaN
+            return
         index = bisect_left(self.bounds, amount)
-        exemplar = None
-        if self._filter.should_sample(amount, 0, attributes, context):
-            span = trace.get_current_span(context)
-            ids = span.get_span_context() if span is not trace.INVALID_SPAN else None
-            exemplar = (amount, time_ns(), ids.span_id if ids else None, ids.trace_id if ids else None)
-        key = frozenset(attributes.items()) if attributes else frozenset()
+        exemplar = None if sample is None else (amount, *sample)
         with self._lock:
             series = self._series.get(key)
             if series is None:

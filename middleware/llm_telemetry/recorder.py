@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from . import instruments as names
-from .instruments import Instruments, select
+from .instruments import BucketHistogram, Instruments, SummedInstrument, attributes_key, select
 from .labels import LabelLimiter
 from .pricing import PricingTable
 from .record import LLMCall
@@ -21,35 +22,85 @@ _DETAILS = tuple((detail, part, f"{detail}_tokens") for detail, part in names.TO
 MAX_SHAPES = 4096
 
 
+#: An attribute set and its key in the instruments (:func:`~llm_telemetry.instruments.attributes_key`).
+Keyed = tuple[dict[str, Any], frozenset[tuple[str, Any]]]
+
+
+def _keyed(attributes: dict[str, Any]) -> Keyed:
+    return attributes, attributes_key(attributes)
+
+
 class _Shape:
-    """The attribute sets of every point a call of one shape makes (same labels, attribution, outcome)."""
+    """The attribute sets of every point a call of one shape makes (same labels, attribution, outcome), each
+    with its key, so that recording a point is one dict lookup."""
 
     __slots__ = ("cost", "details", "duration", "errors", "requests", "tokens", "tpot", "ttft", "unpriced")
 
     def __init__(self, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
-        self.requests = select(names.REQUESTS, values, attribution)
-        self.duration = select(names.REQUEST_DURATION, values, attribution)
-        self.errors = select(names.ERRORS, values, attribution)
-        self.ttft = select(names.TIME_TO_FIRST_TOKEN, values, attribution)
-        self.tpot = select(names.TIME_PER_OUTPUT_TOKEN, values, attribution)
-        self.cost = select(names.COST, values, attribution)
-        self.unpriced = select(names.UNPRICED_TOKENS, values)
+        self.requests = _keyed(select(names.REQUESTS, values, attribution))
+        self.duration = _keyed(select(names.REQUEST_DURATION, values, attribution))
+        self.errors = _keyed(select(names.ERRORS, values, attribution))
+        self.ttft = _keyed(select(names.TIME_TO_FIRST_TOKEN, values, attribution))
+        self.tpot = _keyed(select(names.TIME_PER_OUTPUT_TOKEN, values, attribution))
+        self.cost = _keyed(select(names.COST, values, attribution))
+        self.unpriced = _keyed(select(names.UNPRICED_TOKENS, values))
         #: (LLMCall field, attributes) of each billable count and each detail.
         self.tokens = [
-            (field, select(names.TOKENS, {**values, names.GEN_AI_TOKEN_TYPE: token_type}, attribution))
+            (field, _keyed(select(names.TOKENS, {**values, names.GEN_AI_TOKEN_TYPE: token_type}, attribution)))
             for token_type, field in _BILLABLE
         ]
         self.details = [
             (
                 field,
-                select(
-                    names.TOKEN_DETAILS,
-                    {**values, names.GEN_AI_TOKEN_TYPE: part, names.LLM_TOKEN_DETAIL: detail},
-                    attribution,
+                _keyed(
+                    select(
+                        names.TOKEN_DETAILS,
+                        {**values, names.GEN_AI_TOKEN_TYPE: part, names.LLM_TOKEN_DETAIL: detail},
+                        attribution,
+                    )
                 ),
             )
             for detail, part, field in _DETAILS
         ]
+
+
+class _KeyedSum:
+    """A counter without keyed adds (the SDK's own, or the shared one of several workers), given the methods of
+    :class:`SummedInstrument` the recorder calls."""
+
+    def __init__(self, instrument: Any) -> None:
+        self.instrument = instrument
+
+    def add_keyed(self, amount: float, key: Any, attributes: dict[str, Any]) -> None:
+        self.instrument.add(amount, attributes)
+
+
+class _KeyedHistogram:
+    """A histogram without keyed records, given the methods of :class:`BucketHistogram` the recorder calls; its
+    "exemplar decision" is the context, handed to ``record`` as it is."""
+
+    def __init__(self, instrument: Any) -> None:
+        self.instrument = instrument
+
+    def exemplar(self, context: Any) -> Any:
+        return context
+
+    def record_keyed(self, amount: float, key: Any, attributes: dict[str, Any], sample: Any) -> None:
+        self.instrument.record(amount, attributes, context=sample)
+
+
+def _keyed_instruments(instruments: Instruments) -> Instruments:
+    """``instruments`` whose counters all have ``add_keyed`` and histograms ``record_keyed`` and ``exemplar``."""
+    changes: dict[str, Any] = {}
+    for field in dataclasses.fields(instruments):
+        instrument = getattr(instruments, field.name)
+        if isinstance(instrument, (SummedInstrument, BucketHistogram)):
+            continue
+        if hasattr(instrument, "record"):
+            changes[field.name] = _KeyedHistogram(instrument)
+        else:
+            changes[field.name] = _KeyedSum(instrument)
+    return dataclasses.replace(instruments, **changes) if changes else instruments
 
 
 class MetricsRecorder:
@@ -71,18 +122,21 @@ class MetricsRecorder:
         self.pricing = pricing
         self.limit = limit
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
-        self._active: dict[tuple[str, str], dict[str, Any]] = {}
+        self._active: dict[tuple[str, str], Keyed] = {}
+        #: The same instruments, each with the keyed methods the hot path calls.
+        self._keyed: Any = _keyed_instruments(instruments)
 
-    def _active_attributes(self, call: LLMCall) -> dict[str, Any]:
+    def _active_attributes(self, call: LLMCall) -> Keyed:
         key = (call.operation, call.provider)
         attributes = self._active.get(key)
         if attributes is None:
             values = {names.GEN_AI_OPERATION_NAME: call.operation, names.GEN_AI_PROVIDER_NAME: call.provider}
-            attributes = self._active[key] = select(names.REQUESTS_ACTIVE, values)
+            attributes = self._active[key] = _keyed(select(names.REQUESTS_ACTIVE, values))
         return attributes
 
     def start(self, call: LLMCall) -> None:
-        self.instruments.requests_active.add(1, self._active_attributes(call))
+        attributes, key = self._active_attributes(call)
+        self._keyed.requests_active.add_keyed(1, key, attributes)
 
     def _values(self, call: LLMCall) -> dict[str, Any]:
         limit = self.limit
@@ -99,50 +153,59 @@ class MetricsRecorder:
         }
 
     def end(self, call: LLMCall) -> None:
-        ins = self.instruments
-        ins.requests_active.add(-1, self._active_attributes(call))
+        ins = self._keyed
+        attributes, key = self._active_attributes(call)
+        ins.requests_active.add_keyed(-1, key, attributes)
         values = self._values(call)
         attribution = call.attribution
-        key = (*values.values(), *attribution.items())
-        shape = self._shapes.get(key)
+        shape_key = (*values.values(), *attribution.items())
+        shape = self._shapes.get(shape_key)
         if shape is None:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
-            shape = self._shapes[key] = _Shape(values, attribution)
-        ctx = call.otel_context
+            shape = self._shapes[shape_key] = _Shape(values, attribution)
 
-        ins.requests.add(1, shape.requests)
-        if call.end is not None:
-            ins.request_duration.record(call.end - call.start, shape.duration, context=ctx)
+        attributes, key = shape.requests
+        ins.requests.add_keyed(1, key, attributes)
         if call.error_type:
-            ins.errors.add(1, shape.errors)
-
+            attributes, key = shape.errors
+            ins.errors.add_keyed(1, key, attributes)
+        # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.
+        sample = ins.request_duration.exemplar(call.otel_context)
+        end = call.end
+        if end is not None:
+            attributes, key = shape.duration
+            ins.request_duration.record_keyed(end - call.start, key, attributes, sample)
         if call.stream:
-            ttft = call.time_to_first_token
-            if ttft is not None:
-                ins.time_to_first_token.record(ttft, shape.ttft, context=ctx)
+            first = call.first_token_at
+            if first is not None:
+                attributes, key = shape.ttft
+                ins.time_to_first_token.record_keyed(first - call.start, key, attributes, sample)
             tpot = call.time_per_output_token
             if tpot is not None:
-                ins.time_per_output_token.record(tpot, shape.tpot, context=ctx)
+                attributes, key = shape.tpot
+                ins.time_per_output_token.record_keyed(tpot, key, attributes, sample)
 
         total = 0
-        for field, attributes in shape.tokens:
+        for field, (attributes, key) in shape.tokens:
             count = getattr(call, field)
             if count:
-                ins.tokens.add(count, attributes)
+                ins.tokens.add_keyed(count, key, attributes)
                 total += count
-        for field, attributes in shape.details:
+        for field, (attributes, key) in shape.details:
             count = getattr(call, field)
             if count:
-                ins.token_details.add(count, attributes)
+                ins.token_details.add_keyed(count, key, attributes)
 
         if total:
             cost = self.pricing.cost(call)
             call.cost_usd = cost
             if cost is not None:
-                ins.cost.add(cost, shape.cost)
+                attributes, key = shape.cost
+                ins.cost.add_keyed(cost, key, attributes)
             else:
-                ins.unpriced_tokens.add(total, shape.unpriced)
+                attributes, key = shape.unpriced
+                ins.unpriced_tokens.add_keyed(total, key, attributes)
 
         if call.tool_calls or call.tool_results:
             self._tools(call, values, attribution)
