@@ -34,15 +34,24 @@ def loads(data: bytes | bytearray | str) -> Any:
     try:
         if data[:1] in _OPENERS and data[1:2] not in (b"", b"\0"):
             # UTF-8 for sure (no BOM, no NUL byte of UTF-16/32), so decoded as json.loads would decode it,
-            # without its encoding detection.
-            return json.loads(data.decode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+            # without its encoding detection; and since it starts with the value, it goes straight to the
+            # decoder's scanner, which is what json.loads ends in (same values, same errors), then only
+            # whitespace may follow.
+            text = data.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+            value, end = _scan(text, 0)
+            if end != len(text) and _WHITESPACE.match(text, end).end() != len(text):  # type: ignore[union-attr]
+                return None  # "extra data", as json.loads says
+            return value
         return json.loads(data)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, StopIteration):
         return None
 
 
 #: First bytes of a JSON object or array: with a non-NUL second byte, the encoding can only be UTF-8.
 _OPENERS: Final = (b"{", b"[")
+#: The scanner of json's default decoder (the C one when available), and the whitespace json allows after a value.
+_scan: Final = json.JSONDecoder().scan_once
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 
 
 def _int(value: Any) -> int | None:
@@ -91,6 +100,7 @@ class ResponseReader:
         "_buffer",
         "_chunks",
         "_decoder",
+        "_fast",
         "_misses",
         "_overflow",
         "_shape",
@@ -116,34 +126,36 @@ class ResponseReader:
         self._text_chars = 0
         #: (bytes before the text, bytes after it, their lengths) of a whole-chunk plain text delta of this stream.
         self._shape: tuple[bytes, bytes, int, int] | None = None
+        #: ``_shape`` while the decoder is between events (the only time it applies), else None.
+        self._fast: tuple[bytes, bytes, int, int] | None = None
         self._misses = 0
 
     def feed(self, chunk: bytes, now: float) -> None:
+        fast = self._fast
+        if fast is not None:
+            # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
+            # around the text, one whole event), arriving between events, is another one. Between the two there
+            # must be nothing but the inside of one JSON string (no quote, backslash or line break but escaped
+            # ones), so the bytes around it can only be structure, never text.
+            head, tail, start, tail_length = fast
+            end = len(chunk) - tail_length
+            if (
+                start < end
+                and chunk.startswith(head)
+                and chunk.endswith(tail)
+                and (
+                    _PLAIN_TEXT.fullmatch(chunk, start, end) is not None
+                    or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+                )
+            ):
+                self._chunks += 1
+                return
+            self._misses += 1
+            if self._misses > 8:
+                self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
         decoder = self._decoder
         if decoder is not None:
-            shape = self._shape
             was_idle = decoder.idle
-            if shape is not None and was_idle:
-                # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
-                # around the text, one whole event) is another one. Between the two there must be nothing but
-                # the inside of one JSON string (no quote, backslash or line break but escaped ones), so the bytes
-                # around it can only be structure, never text.
-                head, tail, start, tail_length = shape
-                end = len(chunk) - tail_length
-                if (
-                    start < end
-                    and chunk.startswith(head)
-                    and chunk.endswith(tail)
-                    and (
-                        _PLAIN_TEXT.fullmatch(chunk, start, end) is not None
-                        or _JSON_TEXT.fullmatch(chunk, start, end) is not None
-                    )
-                ):
-                    self._chunks += 1
-                    return
-                self._misses += 1
-                if self._misses > 8:
-                    self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
             events = decoder.feed(chunk)
             # A shape is learnt only from a chunk that is exactly one event: it starts and ends between events.
             # (A chunk with one event and the head of the next would teach a shape that later swallows heads.)
@@ -151,6 +163,8 @@ class ResponseReader:
             for event, data in events:
                 if self._event(event, data, now) and whole and self._shape is None and not self._misses:
                     self._shape = _text_shape(chunk, self._TEXT_KEYS)
+            # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
+            self._fast = self._shape if decoder.idle else None
         elif not self._overflow:
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
                 self._overflow = True
@@ -181,13 +195,13 @@ class ResponseReader:
     # Streams -----------------------------------------------------------------------------------
     def _event(self, event: str, data: bytes, now: float) -> bool:
         """Read one event; True when it was a plain text delta recognised without parsing."""
+        if data == b"[DONE]":
+            return False
         if self.call.first_token_at is not None and self._text is None and self._plain_delta(event, data):
             # Hot path: after the first token most events are plain text deltas. Recognising them from their
             # bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
             self._chunks += 1
             return True
-        if data == b"[DONE]":
-            return False
         obj = loads(data)  # a keep-alive or a non-JSON event gives None: nothing to learn from it
         if isinstance(obj, dict):
             self._on_event(event, obj, now)

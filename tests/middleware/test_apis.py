@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
-from llm_telemetry.apis import APIS
+from llm_telemetry.apis import APIS, loads
 from llm_telemetry.errors import classify_error_body
 from llm_telemetry.record import LLMCall
 from support import free_port, scrape, serve
@@ -230,6 +230,33 @@ def test_responses_api_stream_through_the_openai_sdk() -> None:
 
 
 # --- the byte-level fast paths agree with full parsing ----------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _json_loads_or_none(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+@given(json_values, st.sampled_from(["", " ", "\n", " \r\n\t", " x", "}", "\x00"]), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_loads_agrees_with_json_loads_on_documents(value: Any, trailer: str, spaced: bool) -> None:
+    data = (json.dumps(value, separators=(", ", ": ") if spaced else (",", ":")) + trailer).encode()
+    assert loads(data) == _json_loads_or_none(data)
+
+
+@given(st.binary(max_size=40), st.sampled_from([b"", b"{", b"[", b'{"a":', b"[1,"]))
+@settings(max_examples=300, deadline=None)
+def test_loads_agrees_with_json_loads_on_any_bytes(data: bytes, prefix: bytes) -> None:
+    data = prefix + data
+    assert repr(loads(data)) == repr(_json_loads_or_none(data))  # repr: NaN != NaN
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
 
