@@ -318,12 +318,11 @@ async def _reconcile(
             body = latest
         try:
             written = state.statuses.get(uid)
-            peers = [(b, s) for b, s in _owners(memo, key[0]) if s is not None and b["metadata"]["name"] != key[1]]
             outcome = await rec.reconcile(
                 _client(memo),
                 _config(memo),
                 body if written is None else {**body, "status": written},
-                peers,
+                _peers(memo, key),
                 state.collectors,
             )
             if uid and outcome.status:
@@ -459,6 +458,25 @@ def _owners(
         if body is not None and not body["metadata"].get("deletionTimestamp"):
             found.append((body, state.specs.get((namespace, name))))
     return found
+
+
+def _peers(memo: Any, key: tuple[str, str]) -> rec.PeerView:
+    """The other live LLMTelemetry of the namespace with valid specs, as a pass asks for them: those that may
+    select a workload (found through the index), or one by name."""
+    state = _state(memo)
+    namespace, me = key
+
+    def selecting(labels: Mapping[str, str]) -> list[rec.Peer]:
+        names = [name for name in state.index.candidates(namespace, labels) if name != me]
+        return [(body, spec) for body, spec in _owners(memo, namespace, names) if spec is not None]
+
+    def named(name: str) -> rec.Peer | None:
+        body, spec = state.bodies.get((namespace, name)), state.specs.get((namespace, name))
+        if name == me or body is None or spec is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        return body, spec
+
+    return rec.PeerView(selecting=selecting, named=named)
 
 
 @kopf.on.event("apps", "v1", "deployments")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,42 @@ async def _candidates(client: KubeClient, owner: Mapping[str, Any], spec: Teleme
 Peer = tuple[Mapping[str, Any], TelemetrySpec]
 
 
+@dataclass(frozen=True)
+class PeerView:
+    """The other live LLMTelemetry of the namespace with valid specs, looked up as a pass needs them.
+
+    A pass needs the peers that may select each of its workloads and, by name, the one an injection record or a
+    child's owner label names; never all of them. With a thousand resources in a namespace, building the full
+    list for every pass made the passes cost the square of the resources (the operator keeps them indexed by
+    selector, see :mod:`owners`).
+
+    Args:
+        selecting: the peers that may select a workload with these labels (a superset; each is checked).
+        named: the peer of that name, or None.
+    """
+
+    selecting: Callable[[Mapping[str, str]], Iterable[Peer]]
+    named: Callable[[str], Peer | None]
+
+    @classmethod
+    def of(cls, peers: Sequence[Peer]) -> PeerView:
+        """A view of a plain list of peers."""
+        by_name = {body["metadata"]["name"]: (body, spec) for body, spec in peers}
+        return cls(selecting=lambda _labels: peers, named=by_name.get)
+
+
+class _Outranked:
+    """The names of the peers ``owner`` outranks (``name in outranked``), looked up one at a time."""
+
+    def __init__(self, owner: Mapping[str, Any], peers: PeerView) -> None:
+        self._rank = precedence(owner)
+        self._peers = peers
+
+    def __contains__(self, name: object) -> bool:
+        peer = self._peers.named(name) if isinstance(name, str) else None
+        return peer is not None and precedence(peer[0]) > self._rank
+
+
 def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
     """The conflict rule: of several LLMTelemetry selecting one workload, the oldest (``creationTimestamp``)
     wins, and of equally old ones the first by name. The winner injects and serves the workload; the others
@@ -106,9 +142,9 @@ def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
     return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
-def _rival(owner: Mapping[str, Any], labels: Mapping[str, str], peers: Sequence[Peer]) -> Mapping[str, Any] | None:
+def _rival(owner: Mapping[str, Any], labels: Mapping[str, str], peers: PeerView) -> Mapping[str, Any] | None:
     """The peer that wins a workload with these labels over ``owner``, or None if ``owner`` wins it."""
-    rivals = [body for body, spec in peers if spec.selector.matches(labels)]
+    rivals = [body for body, spec in peers.selecting(labels) if spec.selector.matches(labels)]
     best = min(rivals, key=precedence, default=None)
     return best if best is not None and precedence(best) < precedence(owner) else None
 
@@ -117,7 +153,7 @@ async def reconcile(
     client: KubeClient,
     config: OperatorConfig,
     owner: Mapping[str, Any],
-    peers: Sequence[Peer] = (),
+    peers: Sequence[Peer] | PeerView = (),
     collectors: CollectorCheck | None = None,
 ) -> Outcome:
     """Bring the cluster in line with one LLMTelemetry and write its status.
@@ -129,6 +165,7 @@ async def reconcile(
     meta = owner["metadata"]
     name = meta["name"]
     outcome = Outcome(applied=(meta.get("uid") or "", meta.get("generation")))
+    peers = peers if isinstance(peers, PeerView) else PeerView.of(peers)
     try:
         spec = parse_spec(owner.get("spec") or {})
         r.build_owner_reference(owner)
@@ -156,7 +193,7 @@ async def reconcile(
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
-    outranked = frozenset(body["metadata"]["name"] for body, _ in peers if precedence(body) > precedence(owner))
+    outranked = _Outranked(owner, peers)
     service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh)
     configmaps: list[dict[str, Any]] = []
     if spec.pricing.inline and not standby:
@@ -298,7 +335,7 @@ async def _inject(
     workloads: list[dict[str, Any]],
     conditions: dict[str, r.Condition],
     outcome: Outcome,
-    peers: Sequence[Peer] = (),
+    peers: PeerView,
 ) -> list[dict[str, Any]]:
     name = owner["metadata"]["name"]
     targets: list[dict[str, Any]] = []
@@ -327,7 +364,7 @@ async def _inject(
         take_over = False
         if holder is not None:
             # Injected by another: ours only if that one is a live peer this resource wins the workload from.
-            beaten = any(body["metadata"]["name"] == holder for body, _ in peers)
+            beaten = peers.named(holder) is not None
             if not (selected and beaten):
                 if selected:
                     skipped.append(f"{workload_key(workload)} (already injected by {holder})")
@@ -443,7 +480,7 @@ async def _sync_children(
     desired: list[dict[str, Any]],
     component: str | None,
     outcome: Outcome,
-    adoptable: frozenset[str] = frozenset(),
+    adoptable: Container[str] = frozenset(),
     fresh: bool = False,
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
@@ -495,7 +532,7 @@ async def _apply(
     namespace: str,
     desired: dict[str, Any],
     current: dict[str, Any] | None,
-    adoptable: frozenset[str] = frozenset(),
+    adoptable: Container[str] = frozenset(),
 ) -> str | None:
     """Create or repair one child; returns its resourceVersion once it is as desired (None if not known)."""
     name = desired["metadata"]["name"]
