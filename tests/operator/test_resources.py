@@ -277,6 +277,23 @@ def test_dashboard_configmap_for_grafana_sidecar() -> None:
     assert dashboard["title"] == "LLM: llm/chat"
 
 
+def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> None:
+    """Each resource's dashboard JSON is the cached one with its title and uid put in: byte for byte what
+    building and encoding it for that resource gives."""
+    from llm_telemetry.monitoring.dashboards import build_dashboard
+
+    for namespace, name, attribution in (
+        ("llm", "chat", ("tenant",)),
+        ("a-very-long-namespace-name-for-the-uid", "chat-with-a-long-name", ("team", "tenant")),
+        ("llm", "embed", ("tenant",)),
+    ):
+        owner = {"metadata": {"namespace": namespace, "name": name, "uid": "u"}}
+        title, uid = f"LLM: {namespace}/{name}", r.dashboard_uid(owner)
+        fresh = build_dashboard(title=title, uid=uid, attribution_labels=attribution)
+        expected = json.dumps(fresh, sort_keys=True, separators=(",", ":"))
+        assert r.dashboard_json(title, uid, attribution) == expected
+
+
 def test_pricing_configmap_holds_the_inline_table() -> None:
     owner = minimal_llmt(pricing={"models": {"gpt-4o": {"input": 2.5, "output": 10}}})
     cm = r.build_pricing_configmap(owner, parse_spec(owner["spec"]))
