@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
+from inspect import CO_COROUTINE
 from time import perf_counter
+from types import CodeType
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -115,6 +117,7 @@ class _Exchange:
         "failsafe",
         "max_body",
         "reader",
+        "send_code",
         "send_failed",
         "started",
     )
@@ -144,6 +147,8 @@ class _Exchange:
         self.send_failed = False
         #: Request id to add to the response headers (when the app sets none), or None.
         self.echo_id: bytes | None = None
+        #: The code of the server's ``send`` when it runs as a Python frame (see :meth:`send`), else None.
+        self.send_code = _code_of(send)
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -189,10 +194,28 @@ class _Exchange:
             self.send_failed = True  # the server could not deliver: the client is gone
             raise
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """The ``send`` the app gets. A body chunk with more to follow (the hot path of a stream, once per chunk)
+        is read here and handed on as the server's own awaitable, with no coroutine of ours around it: a
+        failure of the server's ``send`` is then recognised in :meth:`finish` by the server's frame in the
+        traceback. Everything else, and servers whose ``send`` has no Python frame, goes through
+        :meth:`_watched_send`."""
+        if self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
+            reader = self.reader
+            if reader is not None:
+                body = message.get("body")
+                if body:
+                    try:
+                        reader.feed(body, perf_counter())
+                    except Exception as exc:
+                        self.reader = None
+                        self.failsafe("response_parse", exc)
+            return self._send(message)
+        return self._watched_send(message)
+
+    async def _watched_send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            # The hot path of a stream, once per chunk: forwarded inline rather than through _forward.
             now = perf_counter()
             try:
                 await self._send(message)
@@ -265,7 +288,12 @@ class _Exchange:
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a failed
         # ``send``, or cancelling the app). An exception the app raises itself is the app's failure, whatever
         # its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a client leaving.
-        client_left = self.disconnected or self.send_failed or isinstance(exc, asyncio.CancelledError)
+        client_left = (
+            self.disconnected
+            or self.send_failed
+            or isinstance(exc, asyncio.CancelledError)
+            or (exc is not None and self.send_code is not None and _raised_in(exc, self.send_code))
+        )
         if exc is not None and not client_left:
             call.error_type = "app_exception"
             if call.status_code is None:
@@ -275,6 +303,29 @@ class _Exchange:
             call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
+
+
+def _code_of(send: Send) -> CodeType | None:
+    """The code of a ``send`` that is a coroutine function or method (so whatever it raises passes through a
+    frame of that code), else None."""
+    code = getattr(getattr(send, "__func__", send), "__code__", None)
+    return code if isinstance(code, CodeType) and code.co_flags & CO_COROUTINE else None
+
+
+def _raised_in(exc: BaseException, code: CodeType) -> bool:
+    """Whether ``exc``, or an exception it was raised while handling or from, passed through a frame of
+    ``code`` (the server's ``send``): the server could not deliver, whatever the app made of it."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen and len(seen) < 16:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is code:
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _shutdown_quietly(telemetry: Telemetry) -> None:

@@ -239,6 +239,118 @@ async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(clea
     assert [c.error_type for c in calls.ended] == ["client_disconnect", "client_disconnect"]
 
 
+class _Gone(Exception):
+    """What a framework raises in place of the server's error when the client is gone (Starlette: ClientDisconnect)."""
+
+
+def _streaming(on_send_error: str) -> Any:
+    """An app streaming text chunks; when ``send`` fails it re-raises, raises its own exception in its place, or
+    raises one of its own regardless of ``send`` (``"own"``: an upstream failure mid-stream)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        for i in range(5):
+            chunk = {"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
+            body = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            if on_send_error == "own" and i == 3:
+                raise OSError("upstream reset")
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            except OSError as exc:
+                if on_send_error == "replace":
+                    raise _Gone() from None  # no __cause__; the OSError stays as __context__
+                raise exc
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+class _CallableSend:
+    """A server ``send`` that is an object, not a coroutine function: no frame of its own to recognise."""
+
+    def __init__(self, fail_after: int) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.fail_after = fail_after
+
+    def __call__(self, message: dict[str, Any]) -> Any:
+        async def deliver() -> None:
+            if len(self.sent) >= self.fail_after:
+                raise OSError("broken pipe")
+            self.sent.append(message)
+
+        return deliver()
+
+
+@pytest.mark.parametrize(
+    ("on_send_error", "server", "expected"),
+    [
+        ("reraise", "coroutine", "client_disconnect"),
+        ("replace", "coroutine", "client_disconnect"),
+        ("reraise", "callable", "client_disconnect"),
+        ("replace", "callable", "client_disconnect"),
+        ("own", "coroutine", "app_exception"),
+        ("own", "callable", "app_exception"),
+    ],
+)
+async def test_hostile_send_failure_mid_stream_is_a_disconnect_whatever_the_app_raises(
+    cleanup: list[Any], on_send_error: str, server: str, expected: str
+) -> None:
+    wrapped, calls = observe(_streaming(on_send_error))
+    cleanup.append(wrapped)
+    delivered: list[dict[str, Any]] = []
+    fail_after = 1000 if on_send_error == "own" else 3  # "own": the server delivers everything
+
+    async def coroutine_send(message: dict[str, Any]) -> None:
+        if len(delivered) >= fail_after:
+            raise OSError("broken pipe")
+        delivered.append(message)
+
+    send = coroutine_send if server == "coroutine" else _CallableSend(fail_after)
+
+    async def first_only() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "m"}'}
+
+    with pytest.raises((OSError, _Gone)):
+        await wrapped(scope("/v1/chat/completions"), first_only, send)
+    (call,) = calls.ended
+    assert call.error_type == expected
+    if expected == "app_exception":
+        assert call.status_code == 200  # the response had started: its status stands
+
+
+async def test_streamed_chunks_reach_the_server_as_the_app_sent_them(cleanup: list[Any]) -> None:
+    wrapped, calls = observe(_streaming("reraise"))
+    cleanup.append(wrapped)
+    app_sent: list[dict[str, Any]] = []
+    await _streaming("reraise")(scope("/v1/chat/completions"), _body_once(), _collect(app_sent))
+    for server in ("coroutine", "callable"):
+        got: list[dict[str, Any]] = []
+        send = _collect(got) if server == "coroutine" else _CallableSend(fail_after=1000)
+        await wrapped(scope("/v1/chat/completions"), _body_once(), send)
+        if server == "callable":
+            got = send.sent  # type: ignore[union-attr]
+        assert [(m["type"], m.get("body"), m.get("more_body")) for m in got if m["type"] != "http.response.start"] == [
+            (m["type"], m.get("body"), m.get("more_body")) for m in app_sent if m["type"] != "http.response.start"
+        ]
+    assert [c.output_tokens for c in calls.ended] == [5, 5]
+    assert [c.error_type for c in calls.ended] == [None, None]
+
+
+def _body_once() -> Any:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "m"}'}
+
+    return receive
+
+
+def _collect(into: list[dict[str, Any]]) -> Any:
+    async def send(message: dict[str, Any]) -> None:
+        into.append(message)
+
+    return send
+
+
 # --- bodies the parser must survive ------------------------------------------------------------------------------
 
 
