@@ -11,6 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from json.scanner import make_scanner
 from typing import Any, Final
 
 from .errors import classify_error_body
@@ -50,7 +51,7 @@ def loads(data: bytes | bytearray | str) -> Any:
 #: First bytes of a JSON object or array: with a non-NUL second byte, the encoding can only be UTF-8.
 _OPENERS: Final = (b"{", b"[")
 #: The scanner of json's default decoder (the C one when available), and the whitespace json allows after a value.
-_scan: Final = json.JSONDecoder().scan_once
+_scan: Final = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed types it as its own class
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 
 

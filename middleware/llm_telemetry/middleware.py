@@ -51,9 +51,13 @@ class Router:
     ``/openai/deployments/{name}/...`` and gateway prefixes work.
 
     A suffix preceded by ``<collection>/{id}`` of another OpenAI resource (``/v1/threads/{id}/messages``) is that
-    resource, not an inference call. Nothing is cached: matching is a few ``endswith`` on the path, and a cache
-    keyed by client-chosen paths would grow with them.
+    resource, not an inference call. Answers are remembered for short paths (the few an app serves), in a
+    cache of bounded size that starts over when full, so client-chosen paths cannot grow it.
     """
+
+    #: Paths remembered at most, and the longest one remembered.
+    CACHE_SIZE = 256
+    CACHED_PATH_CHARS = 256
 
     def __init__(self, extra: Mapping[str, str] | None = None) -> None:
         routes = dict(DEFAULT_ROUTES)
@@ -64,8 +68,22 @@ class Router:
         # Longest suffix first: "/chat/completions" must win over "/completions".
         self._routes = sorted(((s, APIS[n]) for s, n in routes.items()), key=lambda r: -len(r[0]))
         self._extra = {"/" + suffix.strip("/") for suffix in (extra or {})}
+        self._cache: dict[str, API | None] = {}
 
     def match(self, path: str) -> API | None:
+        cache = self._cache
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        api = self._match(path)
+        if len(path) <= self.CACHED_PATH_CHARS:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            cache[path] = api
+        return api
+
+    def _match(self, path: str) -> API | None:
         stripped = path.rstrip("/")
         for suffix, api in self._routes:
             if stripped.endswith(suffix):

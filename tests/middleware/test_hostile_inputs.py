@@ -15,10 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import MAX_LABEL_CHARS
 from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
+from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
 from llm_telemetry.sse import SSEDecoder
 from support import Metrics
@@ -237,6 +240,18 @@ async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(clea
     with pytest.raises(OSError):
         await wrapped(scope("/v1/chat/completions"), first_only, broken_pipe)
     assert [c.error_type for c in calls.ended] == ["client_disconnect", "client_disconnect"]
+
+
+@given(st.lists(st.text(alphabet="/abcv1chatompletinsrgx", max_size=40), max_size=60))
+@settings(max_examples=100, deadline=None)
+def test_hostile_paths_get_the_same_route_from_the_cache_and_cannot_grow_it(paths: list[str]) -> None:
+    router = Router({"/generate": "openai.chat"})
+    router.CACHE_SIZE = 8  # type: ignore[misc]
+    long_path = "/v1/" + "x" * 10_000 + "/chat/completions"
+    for path in [*paths, long_path, *paths]:
+        assert router.match(path) is router._match(path)
+        assert len(router._cache) <= 8
+        assert all(len(p) <= Router.CACHED_PATH_CHARS for p in router._cache)
 
 
 class _Gone(Exception):
