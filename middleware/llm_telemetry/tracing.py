@@ -202,6 +202,38 @@ class _HeaderGetter(Getter[Any]):
 
 
 _HEADERS = _HeaderGetter()
+#: The request headers the default propagators (W3C trace context and baggage) read a context from.
+_PROPAGATION_HEADERS: Final = frozenset((b"traceparent", b"baggage"))
+_EMPTY_CONTEXT: Final = context.Context()
+_default_textmap: list[Any] = [None, False]  # the global propagator last looked at, and whether it is the default
+
+
+def _is_default_textmap(textmap: Any) -> bool:
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    inner = getattr(textmap, "_propagators", None)
+    return (
+        type(textmap) is CompositePropagator
+        and isinstance(inner, (list, tuple))
+        and [type(p) for p in inner] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+    )
+
+
+def _extract(headers: Any) -> context.Context:
+    """``propagate.extract`` of the request headers. With the default propagators and neither a ``traceparent``
+    nor a ``baggage`` header, what it would return (an empty context) without asking it."""
+    textmap = propagate.get_global_textmap()
+    if textmap is not _default_textmap[0]:
+        _default_textmap[:] = [textmap, _is_default_textmap(textmap)]
+    if _default_textmap[1]:
+        for key, _ in headers:
+            if key in _PROPAGATION_HEADERS:
+                break
+        else:
+            return _EMPTY_CONTEXT
+    return propagate.extract(headers, getter=_HEADERS)
 
 
 def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
@@ -503,7 +535,7 @@ class SpanObserver:
         if self.server_span and scope is not None and not trace.get_current_span().get_span_context().is_valid:
             kind = SpanKind.SERVER
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
-            parent = propagate.extract(scope.get("headers") or (), getter=_HEADERS)
+            parent = _extract(scope.get("headers") or ())
             _server_attributes(scope, call.path, attributes)
         start_time = _wall_ns(call.start, now_perf, now_ns)
         pipeline = self._pipeline()

@@ -1,0 +1,273 @@
+"""The LLM span the middleware records itself, on an SDK provider whose pipeline it can reproduce: the same span
+the SDK's own span would have been, the provider's sampler, ids, limits, resource and processors honoured, and
+whatever the application does with the current span kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.propagators.textmap import DefaultGetter, DefaultSetter, TextMapPropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, StatusCode
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.demo.app import bare_app
+from llm_telemetry.tracing import LLMSpan
+
+CALLER_TRACE, CALLER_SPAN = 0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8
+GETTER, SETTER = DefaultGetter(), DefaultSetter()  # type: ignore[var-annotated]
+ODD = object()  # not an attribute type: the SDK replaces it
+TRACEPARENT = f"00-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-01"
+
+
+class Sequential(IdGenerator):
+    """Ids 1, 2, 3, ...: two providers given the same requests give the same ids."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def _id(self) -> int:
+        self.next += 1
+        return self.next
+
+    def generate_span_id(self) -> int:
+        return self._id()
+
+    def generate_trace_id(self) -> int:
+        return self._id()
+
+
+class Watching(SpanProcessor):
+    """An application's own processor: it sees the live span, so the middleware leaves the span to the SDK."""
+
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started.append(span)
+
+
+def provider(*processors: SpanProcessor, **options: Any) -> tuple[TracerProvider, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    options.setdefault("id_generator", Sequential())
+    result = TracerProvider(resource=Resource.create({"service.name": "pipeline-test"}), **options)
+    result.add_span_processor(SimpleSpanProcessor(memory))
+    for processor in processors:
+        result.add_span_processor(processor)
+    return result, memory
+
+
+def chat_body(stream: bool = False, **extra: Any) -> bytes:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps(body | extra).encode()
+
+
+def scope(headers: list[tuple[bytes, bytes]] | None = None, path: str = "/v1/chat/completions") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"req-1"), *(headers or [])],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+def call(app: Any, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
+    """One request straight through the ASGI app; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # as a server's receive: nothing more until the client goes away
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope(headers), receive, send))
+    return sent
+
+
+def middleware(app: Any, tracer_provider: TracerProvider) -> Any:
+    return LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, tracer_provider=tracer_provider)
+
+
+TIMINGS = {"gen_ai.response.time_to_first_chunk"}
+
+
+def timeless(attributes: Any) -> dict[str, Any]:
+    return {k: (type(v) if k in TIMINGS else v) for k, v in (attributes or {}).items()}
+
+
+def shape(span: ReadableSpan) -> dict[str, Any]:
+    """Everything of a finished span except its times (two runs cannot share them)."""
+    return {
+        "name": span.name,
+        "context": span.context,
+        "parent": span.parent,
+        "kind": span.kind,
+        "attributes": timeless(span.attributes),
+        "events": [(e.name, timeless(e.attributes)) for e in span.events],
+        "links": list(span.links),
+        "status": (span.status.status_code, span.status.description),
+        "resource": span.resource,
+        "scope": span.instrumentation_scope,
+        "dropped": (span.dropped_attributes, span.dropped_events, span.dropped_links),
+    }
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [
+        (chat_body(), [(b"traceparent", TRACEPARENT.encode())]),
+        (chat_body(stream=True), []),
+        (chat_body(stream=True), [(b"traceparent", TRACEPARENT.encode()), (b"baggage", b"tenant=acme")]),
+        (chat_body(model="gpt-4o-mini"), [(b"x-demo-fail", b"rate_limit")]),
+    ],
+    ids=["non-stream with traceparent", "stream, root", "stream with baggage", "provider error"],
+)
+def test_the_span_equals_the_sdk_spans(body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    light_provider, light = provider()
+    sdk_provider, sdk = provider(Watching())  # an application processor: the SDK's span
+    light_app, sdk_app = middleware(bare_app(), light_provider), middleware(bare_app(), sdk_provider)
+    assert call(light_app, body, headers) == call(sdk_app, body, headers)  # the app's bytes, untouched
+    (ours,), (theirs,) = light.get_finished_spans(), sdk.get_finished_spans()
+    assert shape(ours) == shape(theirs)
+    assert ours.start_time is not None and ours.end_time is not None and ours.start_time <= ours.end_time
+    assert ours.kind is SpanKind.SERVER and ours.attributes["llm.request_id"] == "req-1"
+    if headers and headers[0][0] == b"traceparent":
+        assert ours.context.trace_id == CALLER_TRACE and ours.parent is not None
+        assert ours.parent.span_id == CALLER_SPAN and ours.parent.is_remote
+    else:
+        assert ours.parent is None and ours.context.trace_id == 1  # from the provider's id generator
+
+
+def test_the_middleware_records_the_span_only_on_a_pipeline_it_can_reproduce() -> None:
+    seen: list[Any] = []
+
+    class Spy:
+        def start(self, llm_call: Any) -> None:
+            pass
+
+        def end(self, llm_call: Any) -> None:
+            seen.append(llm_call.span)
+
+    for processors, expected in [((), LLMSpan), ((BatchSpanProcessor(InMemorySpanExporter()),), LLMSpan)]:
+        tracer_provider, _ = provider(*processors)
+        app = LLMTelemetryMiddleware(
+            bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[Spy()]
+        )
+        call(app, chat_body())
+        assert type(seen[-1]) is expected
+        # A processor of the application's, added later, sees the next span live: the SDK's.
+        watching = Watching()
+        tracer_provider.add_span_processor(watching)
+        call(app, chat_body())
+        assert type(seen[-1]) is not LLMSpan and watching.started == [seen[-1]]
+        tracer_provider.shutdown()
+
+
+def test_the_providers_sampler_decides() -> None:
+    off_provider, off = provider(sampler=ALWAYS_OFF)
+    call(middleware(bare_app(), off_provider), chat_body())
+    assert off.get_finished_spans() == ()
+
+    # Ratio 0 for roots, but a sampled caller is followed (parent-based), and its trace state kept.
+    ratio_provider, ratio = provider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    app = middleware(bare_app(), ratio_provider)
+    call(app, chat_body())
+    assert ratio.get_finished_spans() == ()
+    call(app, chat_body(), [(b"traceparent", TRACEPARENT.encode()), (b"tracestate", b"vendor=x1")])
+    (span,) = ratio.get_finished_spans()
+    assert span.context.trace_id == CALLER_TRACE and span.context.trace_flags.sampled
+    assert span.context.trace_state.get("vendor") == "x1"
+
+
+def test_span_limits_apply() -> None:
+    limited_provider, memory = provider(span_limits=SpanLimits(max_span_attributes=5, max_span_attribute_length=4))
+    call(middleware(bare_app(), limited_provider), chat_body())
+    (span,) = memory.get_finished_spans()
+    assert len(span.attributes) == 5 and span.dropped_attributes > 0
+    assert all(len(v) <= 4 for v in span.attributes.values() if isinstance(v, str))
+
+
+def test_what_the_app_does_with_the_current_span_is_kept() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        span = trace.get_current_span()
+        assert span.is_recording()
+        span.set_attribute("app.user_tier", "gold")
+        span.set_attributes({"app.list": ["a", "b"], "app.odd": ODD})
+        span.add_event("app.cache_miss", {"key": "k1"})
+        span.record_exception(ValueError("upstream slow"))
+        span.set_status(StatusCode.OK)
+        span.set_status(StatusCode.ERROR, "ignored after OK")
+        # A child span the app makes (an upstream call) joins the LLM span's trace.
+        trace.get_tracer("app", tracer_provider=tracer_provider).start_span("upstream", kind=SpanKind.CLIENT).end()
+        body = json.dumps(
+            {"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [], "usage": None}
+        ).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    tracer_provider, memory = provider()
+    call(middleware(app, tracer_provider), chat_body())
+    upstream, llm = memory.get_finished_spans()
+    assert upstream.parent is not None and upstream.parent.span_id == llm.context.span_id
+    assert upstream.context.trace_id == llm.context.trace_id
+    assert llm.attributes["app.user_tier"] == "gold" and llm.attributes["app.list"] == ("a", "b")
+    assert llm.attributes["app.odd"] == BoundedAttributes(None, {"app.odd": ODD})["app.odd"]  # as the SDK cleans it
+    assert [e.name for e in llm.events] == ["app.cache_miss", "exception"]
+    assert llm.events[1].attributes["exception.type"] == "ValueError"
+    assert llm.status.status_code is StatusCode.OK
+
+
+def test_a_propagator_of_the_applications_is_asked() -> None:
+    class Fixed(TextMapPropagator):
+        """Reads the caller's context from a header of its own."""
+
+        def extract(self, carrier: Any, context: Any = None, getter: Any = GETTER) -> Any:
+            if not getter.get(carrier, "x-caller"):
+                return context
+            caller = trace.SpanContext(CALLER_TRACE, CALLER_SPAN, is_remote=True, trace_flags=trace.TraceFlags(1))
+            return trace.set_span_in_context(trace.NonRecordingSpan(caller), context)
+
+        def inject(self, carrier: Any, context: Any = None, setter: Any = SETTER) -> None:
+            pass
+
+        @property
+        def fields(self) -> set[str]:
+            return {"x-caller"}
+
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(Fixed())
+    try:
+        tracer_provider, memory = provider()
+        call(middleware(bare_app(), tracer_provider), chat_body(), [(b"x-caller", b"1")])
+    finally:
+        propagate.set_global_textmap(previous)
+    (span,) = memory.get_finished_spans()
+    assert span.context.trace_id == CALLER_TRACE and span.parent is not None and span.parent.span_id == CALLER_SPAN
