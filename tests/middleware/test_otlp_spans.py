@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from llm_telemetry.otlp_spans import OTLPSpanExporter, encode_spans
+from llm_telemetry.otlp_spans import OTLPSpanExporter, encode_request, encode_spans
 from otlp_receiver import OTLPReceiver, otlp_receiver
 
 REMOTE = SpanContext(0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8, True, TraceFlags(1))
@@ -118,6 +118,24 @@ def test_the_request_equals_the_sdk_encoders_field_for_field() -> None:
     upstream = ours.resource_spans[0].scope_spans[1].spans[0]
     assert upstream.dropped_links_count == 1 and upstream.links[0].attributes[0].key == "link.reason"
     assert upstream.links[0].flags == 0x300 and upstream.parent_span_id == first.span_id and upstream.flags == 0x100
+
+
+def test_the_bytes_are_the_protobuf_librarys_for_the_sdk_encoders_request() -> None:
+    spans = _spans()
+    assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+    # Again, now that recurring values come from the cache.
+    assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+
+
+def test_values_equal_across_types_are_not_confused_by_the_cache() -> None:
+    resource = Resource({})
+    values: list[object] = [1, True, 1.0, 0.0, -0.0, ("a",), ["a"], "1", b"1", 0, False]
+    spans = [
+        ReadableSpan(name="v", context=SpanContext(13, 14 + i, False), resource=resource, attributes={"k": v})
+        for i, v in enumerate(values)
+    ]
+    for _ in range(2):
+        assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
 
 
 def test_the_spans_of_one_resource_object_or_an_equal_one_share_one_entry() -> None:
