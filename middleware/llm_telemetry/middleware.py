@@ -224,7 +224,7 @@ class _Exchange:
                 body = message.get("body")
                 if body:
                     try:
-                        reader.feed(body, perf_counter())
+                        reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
                     except Exception as exc:
                         self.reader = None
                         self.failsafe("response_parse", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -258,6 +259,7 @@ def test_loads_agrees_with_json_loads_on_any_bytes(data: bytes, prefix: bytes) -
     data = prefix + data
     assert repr(loads(data)) == repr(_json_loads_or_none(data))  # repr: NaN != NaN
 
+
 texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12)
 
 
@@ -304,6 +306,33 @@ def test_stream_fast_paths_agree_with_full_parsing(words: list[str], spaced: boo
     assert fast.first_token_at == full.first_token_at == 2.0
     if twin:
         assert "length" in fast.finish_reasons
+
+
+@given(st.binary(max_size=24), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_shape_fast_path_takes_only_the_inside_of_one_json_string(middle: bytes, spaced: bool) -> None:
+    """Once a stream's text-delta shape is learnt, a chunk with the same bytes around an arbitrary middle is
+    counted without parsing exactly when the middle can only be the inside of one JSON string; anything else
+    (a raw quote, backslash or line break that could change the structure) goes to the full parse."""
+    separators = (", ", ": ") if spaced else (",", ":")
+
+    def chunk(text: str) -> bytes:
+        return b"data: " + json.dumps(chat_chunk({"content": text}), separators=separators).encode() + b"\n\n"
+
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    for i, text in enumerate(["", "first", "second"]):
+        reader.feed(chunk(text) if i else b"data: " + json.dumps(chat_chunk({"role": "assistant"})).encode() + b"\n\n")
+    assert reader._fast is not None
+    head, _, tail = chunk("MIDDLE").partition(b"MIDDLE")
+    chunks, misses = reader._chunks, reader._misses
+    reader.feed(head + middle + tail)
+    inside_one_string = re.fullmatch(rb'(?:[^"\\\r\n]|\\[^\r\n])*', middle) is not None and middle != b""
+    fast = reader._misses == misses  # a miss is counted before the chunk goes to the full parse
+    assert fast == inside_one_string
+    if fast:
+        assert reader._chunks == chunks + 1
 
 
 def test_anthropic_text_deltas_take_the_fast_path_and_count_exactly() -> None:
