@@ -1,0 +1,129 @@
+"""The middleware's cost in machine instructions per request, counted by valgrind: reproducible to about 1%.
+
+Usage: ``python benchmarks/instructions.py [--scenarios chat,stream64] [--variants bare,ours] [--warmup 30]
+[--requests chat=200,stream64=40]``. CPU time on a shared machine differs between runs of the same code by more
+than the differences we measure; the number of instructions executed does not. For each (scenario, variant)
+pair a small driver runs twice under ``valgrind --tool=cachegrind --cache-sim=no``: it builds the app in-process
+(``profile_hot_path.build``), sends ``--warmup`` requests straight through ASGI, then K more (or none), and
+exits at once. The instructions per request are ``(I(K) - I(0)) / K``: start-up, imports and warm-up cancel
+out. Tracing variants flush their span processors inside the driven batch, so the export (to a local OTLP sink)
+is counted. The pairs run one after another; a full run takes a few minutes. Needs valgrind
+(``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import procs  # noqa: E402
+from apps import BENCH_OTLP_ENDPOINT, VARIANTS  # noqa: E402
+from loadgen import SCENARIOS  # noqa: E402
+
+DEFAULT_SCENARIOS = ["chat", "stream64", "stream256", "embeddings"]
+DEFAULT_VARIANTS = ["bare", "ours", "ours+traces", "instrumentator"]
+#: K, the measured requests per scenario: fewer for long streams, whose requests cost more.
+DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream256": 12}
+_IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def drive(scenario: str, variant: str, warmup: int, requests: int) -> None:
+    """The driver, run under valgrind: build, warm up, send ``requests`` more, exit without tearing down."""
+    import profile_hot_path
+
+    sys.stdout = open(os.devnull, "w")  # request logs, if any, are still written, and counted
+    app = profile_hot_path.build(variant)
+    flush = profile_hot_path.flusher(app)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], warmup, flush))
+    if requests:
+        loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], requests, flush))
+    os._exit(0)
+
+
+def instructions(scenario: str, variant: str, warmup: int, requests: int, env: dict[str, str]) -> int:
+    """Instructions executed by one driver process, from valgrind's summary."""
+    command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
+    command += [sys.executable, __file__, "--drive", scenario, variant, str(warmup), str(requests)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    found = _IREFS.search(done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"{scenario}/{variant} driver failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def _parse_requests(text: str) -> dict[str, int]:
+    requests = dict(DEFAULT_REQUESTS)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        requests[key] = int(value)
+    return requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help="comma-separated")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated; bare is added")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--requests", default="", help="K per scenario, e.g. chat=100,stream256=6")
+    parser.add_argument("--drive", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.drive:
+        scenario, variant, warmup, requests = args.drive
+        drive(scenario, variant, int(warmup), int(requests))
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind): no instruction counts.")
+        return 0
+
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    variants = ["bare", *(v for v in args.variants.split(",") if v and v != "bare")]
+    unknown = [s for s in scenarios if s not in SCENARIOS] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown scenario(s) or variant(s): {', '.join(unknown)}")
+    for v in list(variants):
+        missing = VARIANTS[v].missing()
+        if missing:
+            print(f"skipping {v}: {missing}")
+            variants.remove(v)
+    ks = _parse_requests(args.requests)
+
+    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        procs.wait_http(endpoint + "/count", sink)
+        # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
+        env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
+        env[BENCH_OTLP_ENDPOINT] = endpoint
+        print(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
+        for scenario in scenarios:
+            k, chunks = ks.get(scenario, 100), SCENARIOS[scenario].chunks
+            bare = 0.0
+            for variant in variants:
+                base = instructions(scenario, variant, args.warmup, 0, env)
+                per = (instructions(scenario, variant, args.warmup, k, env) - base) / k
+                bare = per if variant == "bare" else bare
+                added = per - bare
+                per_chunk = f"{added / chunks:12.0f}" if chunks and variant != "bare" else f"{'':12}"
+                ratio = per / bare if bare else 0.0
+                print(
+                    f"{scenario:<11} {variant:<15} {per / 1e3:11.1f} {added / 1e3:+10.1f} {ratio:7.2f} {per_chunk}",
+                    flush=True,
+                )
+    finally:
+        procs.stop(sink)
+    print(f"K = {', '.join(f'{s} {ks.get(s, 100)}' for s in scenarios)} requests after {args.warmup} warm-up; "
+          "thousands of instructions; chunks are SSE events per response.")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
