@@ -21,6 +21,14 @@ figure a user gets. Without the proxy nothing is counted: the direct run reports
 the operator as settled once its log has shown no pass other than a resync for :data:`QUIET` seconds (resyncs
 of the first resources start two and a half minutes after their pass, so at N=1,000 the operator is never idle).
 
+To tell work from waiting, each run also reports: when 50/90/99/100% of the resources were Ready (from the start
+of the creates) and which were last; the operator's failed passes (its ``retrying in`` log lines) until all were
+Ready; the API server's error answers over that time, by status, to every client (from its ``/metrics``: 409s,
+429s, requests API priority and fairness rejected); etcd's WAL fsyncs; every 5 s the Ready count and the cores used
+by kube-apiserver, etcd and the operator, by the whole machine and stolen by the host (``/proc/stat``); and the
+processes that used the most CPU over the window, ours or not. ``OPERATOR_BENCH_KEEP_LOGS=<dir>`` keeps the
+operator's log there.
+
 By default the trace and log collector Services the operator's defaults point at (``jaeger-collector`` port 4318
 and ``loki-gateway`` port 80 in namespace ``observability``; see ``llm_telemetry_operator.config``) are created
 first, headless and without pods, so the operator injects both exporters, as for a user with the documented
@@ -283,6 +291,8 @@ class Watcher:
         from kubernetes import client, watch
 
         self.ready: set[str] = set()
+        #: When each resource was first seen Ready (monotonic seconds).
+        self.ready_at: dict[str, float] = {}
         self.seen: set[str] = set()
         self.deleted: set[str] = set()
         self._watch = watch.Watch()
@@ -301,6 +311,7 @@ class Watcher:
                         self.seen.add(item["metadata"]["name"])
                         if _ready(item):
                             self.ready.add(item["metadata"]["name"])
+                            self.ready_at.setdefault(item["metadata"]["name"], time.monotonic())
                     for event in self._watch.stream(
                         custom.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, timeout_seconds=300,
                         resource_version=listing["metadata"]["resourceVersion"],
@@ -312,6 +323,7 @@ class Watcher:
                             self.ready.discard(name)
                         elif _ready(event["object"]):
                             self.ready.add(name)
+                            self.ready_at.setdefault(name, time.monotonic())
                 except Exception:  # a dropped stream: watch again (the re-list replays what is there)
                     time.sleep(0.5)
 
@@ -503,10 +515,22 @@ def _measure(
         _wait(lambda: "watching" in log_path.read_text(errors="replace"), 60, "operator started")
         time.sleep(2)  # its first listings and watches
         cpu0, etcd0, op0, own0 = stat_cpu(apiserver), stat_cpu(etcd), stat_cpu(operator.pid), stat_cpu(os.getpid())
+        codes0, fsync0, machine0, procs0 = request_codes(api), etcd_fsync(), machine_cpu(), processes_cpu()
+        sampler = Sampler(watcher, [apiserver, etcd, operator.pid])
         t0 = time.monotonic()
         list(pool.map(lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                        llmtelemetry(i)), range(n)))  # fmt: skip
         result["ready_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
+        result["timeline"] = timeline(watcher.ready_at, t0, n)
+        result["samples"] = sampler.stop()
+        result["machine"] = machine_cores(machine0, machine_cpu(), time.monotonic() - t0)
+        result["top"] = top_processes(procs0, time.monotonic() - t0)
+        fsync = etcd_fsync()
+        result["etcd_fsync"] = (round(fsync[0] - fsync0[0], 2), fsync[1] - fsync0[1])
+        result["failed_passes"] = failed_passes(log_path.read_text(errors="replace"))
+        codes = request_codes(api)
+        codes.subtract(codes0)
+        result["error_codes"] = {k: v for k, v in sorted(codes.items()) if v and (k[0] in "45" or k == "apf-rejected")}
         t1 = _quiet(proxy, t0, 300, log_path)
         if proxy is not None:
             result["settled"] = count(proxy.since(t0, t1 + 0.001))
@@ -547,12 +571,125 @@ def _measure(
         result.setdefault("exit_code", code)
         result["exit_code_last"] = code
         text = log_path.read_text(errors="replace")
+        if os.environ.get("OPERATOR_BENCH_KEEP_LOGS"):  # a directory to keep the operator's log in
+            shutil.copy(log_path, pathlib.Path(os.environ["OPERATOR_BENCH_KEEP_LOGS"]) / f"{namespace}.log")
         result["tracebacks"] = text.count("Traceback")
         result["forbidden"] = sum(1 for line in text.splitlines() if " 403" in line or "Forbidden" in line)
         watcher.stop()
         pool.shutdown(wait=False)
         core.delete_namespace(namespace)
     return result
+
+
+#: The share of resources Ready at which the timeline reports the time.
+TIMELINE = (0.5, 0.9, 0.99, 1.0)
+_FAILED = re.compile(r"pass \((\w+)\) failed: (.*); retrying in (\d+) s")
+
+
+def request_codes(api: Any) -> Counter[str]:
+    """The API server's answers so far by status code, from its metrics (``apiserver_request_total``), plus the
+    requests API priority and fairness rejected (``apf-rejected``)."""
+    method, url, headers, body, post = api.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
+    response = api.call_api(method, url, headers, body, post)
+    response.read()
+    text = response.data.decode()
+    codes: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            code = re.search(r'code="(\d+)"', line)
+            if code:
+                codes[code.group(1)] += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("apiserver_flowcontrol_rejected_requests_total{"):
+            codes["apf-rejected"] += int(float(line.rsplit(" ", 1)[1]))
+    return codes
+
+
+def etcd_fsync() -> tuple[float, int]:
+    """etcd's WAL fsyncs so far: (seconds spent, count), from its metrics (``local-cluster.sh``'s default port)."""
+    import urllib.request
+
+    port = os.environ.get("K8S_ETCD_PORT", "2379")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = dict(re.findall(r"^etcd_disk_wal_fsync_duration_seconds_(sum|count) (\S+)$", text, re.MULTILINE))
+    return float(total.get("sum", 0)), int(float(total.get("count", 0)))
+
+
+def machine_cpu() -> dict[str, float]:
+    """The machine's CPU seconds so far, from ``/proc/stat``: busy (user, system, interrupts), iowait, steal (a
+    virtual machine's CPUs waiting for the host's) and idle."""
+    fields = [int(x) for x in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        "busy": (user + nice + system + irq + softirq) / hz,
+        "iowait": iowait / hz,
+        "steal": steal / hz,
+        "idle": idle / hz,
+    }
+
+
+def processes_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds so far (utime + stime), from ``/proc``."""
+    found = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        found[int(stat.parent.name)] = (name, (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK"))
+    return found
+
+
+def top_processes(before: dict[int, tuple[str, float]], seconds: float, count: int = 6) -> list[tuple[str, float]]:
+    """The processes that used the most CPU since ``before`` (a :func:`processes_cpu`), in cores on average."""
+    used = [(name, cpu - before.get(pid, (name, 0.0))[1]) for pid, (name, cpu) in processes_cpu().items()]
+    return [(f"{name}", round(cpu / seconds, 2)) for name, cpu in sorted(used, key=lambda x: -x[1])[:count]]
+
+
+def machine_cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores on average in each state of :func:`machine_cpu` between two readings ``seconds`` apart."""
+    return {k: round((after[k] - before[k]) / seconds, 2) for k in before}
+
+
+class Sampler:
+    """Every ``period`` seconds: resources Ready and the cores kube-apiserver, etcd and the operator used."""
+
+    def __init__(self, watcher: Watcher, pids: list[int], period: float = 5.0) -> None:
+        self.samples: list[tuple[float, int, float, float, float]] = []
+        self._stopped = threading.Event()
+
+        def run() -> None:
+            last, t, machine = sum(stat_cpu(p) for p in pids), time.monotonic(), machine_cpu()
+            while not self._stopped.wait(period):
+                cpu, now, machine_now = sum(stat_cpu(p) for p in pids), time.monotonic(), machine_cpu()
+                cores = machine_cores(machine, machine_now, now - t)
+                ours = round((cpu - last) / (now - t), 2)
+                self.samples.append((round(now - start, 1), len(watcher.ready), ours, cores["busy"], cores["steal"]))
+                last, t, machine = cpu, now, machine_now
+
+        start = time.monotonic()
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> list[tuple[float, int, float, float, float]]:
+        self._stopped.set()
+        return self.samples
+
+
+def timeline(ready_at: dict[str, float], t0: float, n: int) -> dict[str, Any]:
+    """Seconds from the creates until 50/90/99/100% of the ``n`` resources were Ready, and the last few to be."""
+    times = sorted((t - t0, name) for name, t in ready_at.items())
+    at = {
+        f"{share:.0%}": round(times[max(0, int(share * n) - 1)][0], 1) for share in TIMELINE if len(times) >= share * n
+    }
+    return {**at, "last": [(name, round(t, 1)) for t, name in times[-5:]]}
+
+
+def failed_passes(text: str) -> dict[str, Any]:
+    """The operator's failed passes in its log: how many, by error (status and reason), and their retry waits."""
+    found = _FAILED.findall(text)
+    errors = Counter(re.sub(r"[\w.-]+/[\w.-]+", "*", error)[:120] for _, error, _ in found)
+    return {"count": len(found), "errors": dict(errors.most_common(5)), "waits": sorted(int(w) for *_, w in found)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -602,6 +739,17 @@ def format_report(report: dict[str, Any]) -> str:
                 " (controller-manager not counted)"
             )
         notes.append(f"N={n} {mode}: tracebacks in log {res['tracebacks']}, 403s {res['forbidden']}")
+        if "timeline" in res:
+            notes.append(f"N={n} {mode} Ready timeline (s after the creates): {res['timeline']}")
+            notes.append(f"N={n} {mode} failed passes until all Ready: {res['failed_passes']}")
+            notes.append(
+                f"N={n} {mode} every 5 s (s, Ready, cores used by API server+etcd+operator, by the machine, stolen "
+                f"by the host): {res['samples']}"
+            )
+            notes.append(f"N={n} {mode} machine cores on average until all Ready: {res['machine']}")
+            notes.append(f"N={n} {mode} processes using the most cores until all Ready: {res['top']}")
+            notes.append(f"N={n} {mode} etcd WAL fsyncs until all Ready (s spent, count): {res['etcd_fsync']}")
+            notes.append(f"N={n} {mode} API server error answers until all Ready (all clients): {res['error_codes']}")
         if "settled" not in res:
             continue
         notes.append(f"N={n} writes by kind until settled: {_kinds(s)}")
