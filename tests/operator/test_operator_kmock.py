@@ -199,11 +199,7 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
 
     # Idempotence: once the operator has settled, another full pass writes nothing.
     before = len(list(emulator))
-    client = KubeClient(server_configuration(str(emulator.url)))
-    try:
-        outcome = await reconcile(client, OperatorConfig(), get(emulator, LLMT, "chat"))
-    finally:
-        await client.close()
+    outcome = await one_pass(emulator, "chat")
     assert outcome.ready
     new = list(emulator)[before:]
     assert [(r.method.value, str(r.url.path)) for r in new if r.method.value != "GET"] == []
@@ -213,6 +209,15 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
     assert {r.url.query.get("labelSelector") for r in workload_lists} == {"app=chat"}
 
     check_usage(emulator)
+
+
+async def one_pass(emulator: Any, name: str) -> Any:
+    """One reconcile pass of the LLMTelemetry ``name``, run directly (no kopf) with a client of the emulator."""
+    client = KubeClient(server_configuration(str(emulator.url)))
+    try:
+        return await reconcile(client, OperatorConfig(), get(emulator, LLMT, name))
+    finally:
+        await client.close()
 
 
 def passes_for(kmock: Any, owner: str) -> int:
@@ -641,11 +646,7 @@ async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(
     }
     emulator.objects[CONFIGMAPS, NAMESPACE, "chat-llm-dashboard"] = leftover
     before = len(list(emulator))
-    client = KubeClient(server_configuration(str(emulator.url)))
-    try:
-        outcome = await reconcile(client, OperatorConfig(), get(emulator, LLMT, "chat"))
-    finally:
-        await client.close()
+    outcome = await one_pass(emulator, "chat")
     assert outcome.ready, outcome.failures
     new = list(emulator)[before:]
     child_plurals = {"services", "configmaps", "servicemonitors", "prometheusrules"}
