@@ -60,6 +60,8 @@ import procs
 
 INTEGRATION = procs.REPO_ROOT / "tests" / "integration"
 FULL_SIZES = [50, 250, 1000]
+#: The goal (issue 16): this many resources, applied at once, all Ready within this many seconds of the first create.
+GOAL_N, GOAL_S = 1000, 60.0
 GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 #: Seconds with no request from the operator after which a restart's resume is taken as finished.
@@ -520,7 +522,10 @@ def _measure(
         t0 = time.monotonic()
         list(pool.map(lambda i: custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                        llmtelemetry(i)), range(n)))  # fmt: skip
-        result["ready_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
+        result["create_s"] = time.monotonic() - t0
+        result["ready_end_s"] = _wait(lambda: len(watcher.ready) >= n, 600, f"all {n} Ready")
+        # What a user who applies all N at once sees: from the first create until the last is Ready.
+        result["ready_s"] = result["create_s"] + result["ready_end_s"]
         result["timeline"] = timeline(watcher.ready_at, t0, n)
         result["samples"] = sampler.stop()
         result["machine"] = machine_cores(machine0, machine_cpu(), time.monotonic() - t0)
@@ -540,7 +545,10 @@ def _measure(
         result["bench_cpu_s"] = stat_cpu(os.getpid()) - own0
         result["settle_s"] = t1 - t0
         result["cpu_window_s"] = time.monotonic() - t0  # the CPU figures above cover this, the quiet wait included
-        log(f"  Ready in {result['ready_s']:.1f} s; idle {idle:.0f} s")
+        log(
+            f"  Ready {result['ready_s']:.1f} s from the first create ({result['ready_end_s']:.1f} s after the "
+            f"{result['create_s']:.1f} s of creates); idle {idle:.0f} s"
+        )
         i0 = time.monotonic()
         time.sleep(idle)
         if proxy is not None:
@@ -698,15 +706,21 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"(not run: {report['skipped']})")
         return "\n".join(lines)
     header = (
-        f"{'N':>5}{'mode':>8}{'ready s':>9}{'req/res':>9}{'reads/res':>11}{'writes/res':>12}{'API CPU ms/res':>16}"
+        f"{'N':>5}{'mode':>8}{'ready s':>9}{'(end)':>7}{'goal':>9}{'req/res':>9}{'reads/res':>11}{'writes/res':>12}"
+        f"{'API CPU ms/res':>16}"
         f"{'op CPU ms/res':>15}{'etcd CPU ms/res':>17}{'bench CPU ms/res':>18}{'idle writes':>13}"
         f"{'restart writes':>16}{'restart s':>11}{'delete s':>10}{'exit':>6}"
     )
     lines += [header, "-" * len(header)]
+    legend = (
+        "ready s: from the first create until all N were Ready, as a user who applies them at once sees it; (end): "
+        f"from the end of the creates; goal: {GOAL_N:,} or more Ready within {GOAL_S:.0f} s of the first create"
+    )
     present = report.get("collectors")
     notes = [
+        legend,
         "collector Services (jaeger-collector, loki-gateway in observability): "
-        + ("unknown" if present is None else "present" if present else "absent (a CollectorNotFound event each)")
+        + ("unknown" if present is None else "present" if present else "absent (a CollectorNotFound event each)"),
     ]
     for res in report.get("results", []):
         n, mode = res["n"], res.get("mode", "proxied")
@@ -720,8 +734,12 @@ def format_report(report: dict[str, Any]) -> str:
             written = f"{res['idle']['writes']:>13}{res['restart']['writes']:>16}"
         else:  # a direct run: nothing counted
             counts, written = f"{'-':>9}{'-':>11}{'-':>12}", f"{'-':>13}{'-':>16}"
+        if n < GOAL_N:
+            goal = "-"
+        else:
+            goal = "met" if res["ready_s"] < GOAL_S else "NOT met"
         lines.append(
-            f"{n:>5}{mode:>8}{res['ready_s']:>9.1f}{counts}"
+            f"{n:>5}{mode:>8}{res['ready_s']:>9.1f}{res.get('ready_end_s', nan):>7.1f}{goal:>9}{counts}"
             f"{res['apiserver_cpu_s'] * 1e3 / n:>16.1f}{res['operator_cpu_s'] * 1e3 / n:>15.1f}"
             f"{res.get('etcd_cpu_s', nan) * 1e3 / n:>17.1f}{res.get('bench_cpu_s', nan) * 1e3 / n:>18.1f}"
             f"{written}{res['restart_s']:>11.1f}{res['delete_s']:>10.1f}{res['exit_code']:>6}"
@@ -740,7 +758,10 @@ def format_report(report: dict[str, Any]) -> str:
             )
         notes.append(f"N={n} {mode}: tracebacks in log {res['tracebacks']}, 403s {res['forbidden']}")
         if "timeline" in res:
-            notes.append(f"N={n} {mode} Ready timeline (s after the creates): {res['timeline']}")
+            notes.append(
+                f"N={n} {mode} Ready timeline (s after the first create; the creates took {res['create_s']:.1f} s): "
+                f"{res['timeline']}"
+            )
             notes.append(f"N={n} {mode} failed passes until all Ready: {res['failed_passes']}")
             notes.append(
                 f"N={n} {mode} every 5 s (s, Ready, cores used by API server+etcd+operator, by the machine, stolen "
