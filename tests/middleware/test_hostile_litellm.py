@@ -6,8 +6,10 @@ event inside a 200 stream, ``{"error": {"type": null, "code": "500", ...}}``, an
 ``{"error": {"type": "throttling_error", "code": "429", ...}}``. The middleware must record ``server_error`` and
 ``rate_limit``, not ``other``.
 
-LiteLLM is a large install that pins some packages below this project's floors, so it is not in the ``dev`` extra:
-without it these tests skip and say so.
+LiteLLM is a large install with pins of its own, so it is not in the ``dev`` extra: ``scripts/get-litellm`` (which
+``.ci/run`` calls) installs it into a virtualenv of its own, and the proxy runs on that interpreter with the
+checkout's ``middleware/`` first on its path. ``LLM_TELEMETRY_LITELLM_PYTHON`` names another interpreter; one that has
+neither makes these tests skip and say so.
 """
 
 from __future__ import annotations
@@ -26,12 +28,26 @@ import pytest
 
 from support import Metrics, free_port, scrape_text, serve
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def litellm_python() -> str | None:
+    """The interpreter that runs the proxy: ``LLM_TELEMETRY_LITELLM_PYTHON``, else the one ``scripts/get-litellm``
+    made, else this one if it has LiteLLM."""
+    named = os.environ.get("LLM_TELEMETRY_LITELLM_PYTHON")
+    if named:
+        return named
+    own = REPO / ".tools" / "litellm" / "bin" / "python"
+    if own.exists():
+        return str(own)
+    return sys.executable if importlib.util.find_spec("litellm") is not None else None
+
+
+PYTHON = litellm_python()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("litellm") is None, reason="litellm[proxy] is not installed"),
+    pytest.mark.skipif(PYTHON is None, reason="litellm[proxy] is not installed (scripts/get-litellm installs it)"),
 ]
-
-REPO = Path(__file__).resolve().parents[2]
 MASTER_KEY = "sk-test-" + "7c1e" * 8
 
 
@@ -94,7 +110,7 @@ def test_hostile_litellm_proxy_errors_are_classified(tmp_path: Path) -> None:
         )
         log = (tmp_path / "proxy.log").open("wb")
         proxy = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
+            [str(PYTHON), str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
         )
         try:
             base = f"http://127.0.0.1:{port}"
