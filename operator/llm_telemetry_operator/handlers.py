@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import functools
 import logging
@@ -18,6 +19,7 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube, metrics
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.childwatch import MetadataWatch
 from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_SECONDS
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
@@ -74,13 +76,20 @@ class OperatorState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: The failures last reported in events, by resource: a pass that finds the same ones again posts none.
     reported: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
+    #: Passes started by watch events of workloads and children, still running (cancelled at cleanup).
+    event_passes: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: The watches of workloads and children (see :mod:`childwatch`), once started.
+    watches: list[MetadataWatch] | None = None
+    #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
+    #: run in a copy of it, as kopf.warn finds kopf's settings and event queue in its context variables.
+    kopf_context: contextvars.Context | None = None
+    #: The operator's logger (the startup handler's), for passes not started by a kopf handler.
+    logger: Any = None
 
 
-#: The handlers kopf calls for every watch event of their kind (every Deployment, StatefulSet, Service,
-#: ConfigMap, ServiceMonitor, PrometheusRule and LLMTelemetry change in the watched namespaces).
-WATCH_EVENT_HANDLERS = frozenset(
-    {"workload_event", "llmtelemetry_track"} | {f"child_event_{plural}" for _, _, plural in _CHILD_RESOURCES}
-)
+#: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
+#: namespaces; workloads and children are watched apart, see :mod:`childwatch`).
+WATCH_EVENT_HANDLERS = frozenset({"llmtelemetry_track"})
 
 
 class QuietWatchEventHandlers(logging.Filter):
@@ -167,6 +176,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    state.logger = logger
     await _track_existing(_client(memo), config, state, logger)
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
@@ -226,6 +236,13 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = memo.get("state")
+    if isinstance(state, OperatorState):
+        for watch in state.watches or ():
+            watch.stop()
+        for task in list(state.event_passes):
+            task.cancel()
+        await asyncio.gather(*state.event_passes, return_exceptions=True)
     scheduler = memo.get("scheduler")
     if isinstance(scheduler, asyncio.Task):
         scheduler.cancel()
@@ -262,7 +279,8 @@ async def _run_schedule(memo: Any, state: OperatorState, logger: logging.Logger 
         while True:
             state.wake.clear()
             for key, why in state.schedule.pop_due():
-                task = asyncio.create_task(one(key, why))
+                context = state.kopf_context.copy() if state.kopf_context is not None else None
+                task = asyncio.create_task(one(key, why), context=context)
                 running.add(task)
                 task.add_done_callback(running.discard)
             when = state.schedule.next_time()
@@ -427,12 +445,18 @@ async def _track_existing(client: KubeClient, config: OperatorConfig, state: Ope
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
-def llmtelemetry_track(type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def llmtelemetry_track(
+    type: str, body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """Keep the latest body of every LLMTelemetry, for passes triggered by workloads and children; forget a
     deleted one."""
     if namespace is None:
         return
     state = _state(memo)
+    if state.watches is None:
+        # Started from here, not at startup: passes started by their events run in (a copy of) this context.
+        state.kopf_context = contextvars.copy_context()
+        state.watches = _start_watches(memo, _config(memo), state.logger)
     if type != "DELETED":
         _track(state, body)
         return
@@ -479,54 +503,77 @@ def _peers(memo: Any, key: tuple[str, str]) -> rec.PeerView:
     return rec.PeerView(selecting=selecting, named=named)
 
 
-@kopf.on.event("apps", "v1", "deployments")
-@kopf.on.event("apps", "v1", "statefulsets")
-async def workload_event(
-    type: str,
-    body: kopf.Body,
-    resource: kopf.Resource,
-    namespace: str | None,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
-) -> None:
-    """A workload appeared, changed or went away: re-run the passes whose outcome it changes."""
-    if namespace is None:
+def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str, Any]) -> None:
+    """A workload appeared, changed or went away: re-run the passes whose outcome it may change.
+
+    The workloads are watched metadata only (see :mod:`childwatch`): what an event is checked against is in the
+    metadata (labels, our injection record, ``generation``, ``resourceVersion``). A pass is started for each
+    LLMTelemetry the workload can concern unless its last pass answers the event: it read or wrote this very
+    version, or left the workload in the state this version is in (:func:`reconcile.workload_state`: the same
+    spec, labels and record; the workload controller's status and revision updates after an injection). The
+    pass reads the workload and decides (it writes nothing when nothing differs).
+    """
+    namespace = meta.get("namespace")
+    if not namespace:
         return
-    workload = _snapshot(body)
-    workload.setdefault("kind", "Deployment")
-    labels = workload["metadata"].get("labels") or {}
-    record = r.injected_record(workload)
-    answered = _answered_by(type, resource.plural, workload["metadata"])
+    resource = kube.WORKLOADS[kind]
+    name = str(meta.get("name") or "")
+    labels = dict(meta.get("labels") or {})
+    record = r.injected_record({"metadata": meta})
+    key = f"{kind}/{name}"
+    seen = _answered_by(type, resource.plural, meta)
+    settled = ((resource.plural, name), rec.workload_state({"metadata": meta}))
+
+    def answered(outcome: rec.Outcome) -> bool:
+        return seen(outcome) or (type != "DELETED" and outcome.settled.get(settled[0]) == settled[1])
+
     state = _state(memo)
-    passes = state.passes
     # Only the LLMTelemetry this workload can concern: its selector may select it, its record names it, or its
     # last pass served it; for any other, the checks below find no pass needed.
-    names = state.index.candidates(
-        namespace, labels, rec.workload_key(workload), record.get("owner") if record is not None else None
-    )
+    names = state.index.candidates(namespace, labels, key, record.get("owner") if record is not None else None)
     for owner, spec in _owners(memo, namespace, names):
         owner_name = owner["metadata"]["name"]
         if spec is None:
             continue
-        last = passes.get((namespace, owner_name))
+        last = state.passes.get((namespace, owner_name))
         if last is not None and answered(last[1]):
-            continue  # its last pass read or wrote this very version (say the echo of its own patch)
-        # A target of its last pass that it no longer holds (another LLMTelemetry took it over): a pass to update
-        # its children and status.
+            continue  # the echo of its own patch, or a later version in the state its last pass left it in
         mine = record is not None and record.get("owner") == owner_name
-        if not mine and last is not None and rec.workload_key(workload) in last[1].targets and type != "DELETED":
-            needed = True
-        elif type == "DELETED":
+        if type == "DELETED":
             needed = mine
-        elif spec.selector.matches(labels):
-            without = last[1].without if last is not None else frozenset()
-            injection = r.build_injection(spec, _config(memo), workload, owner_name, without)
-            needed = r.build_workload_patch(workload, injection, owner_name) is not None
         else:
-            needed = mine
+            # Selected (to inject, or to lose to an older peer), injected by it, or a target of its last pass that
+            # it no longer holds (another LLMTelemetry took it over): a pass to update its children and status.
+            needed = mine or spec.selector.matches(labels) or (last is not None and key in last[1].targets)
         if needed:
-            await _reconcile(memo, owner, "workload", logger, answered=answered)
+            _start_pass(memo, logger, state, (namespace, owner_name), owner, "workload", answered)
+
+
+def _start_pass(
+    memo: Any,
+    logger: Any,
+    state: OperatorState,
+    key: tuple[str, str],
+    owner: Mapping[str, Any],
+    trigger: str,
+    answered: Callable[[rec.Outcome], bool],
+) -> None:
+    """Run a pass for a watch event in a task of its own (it waits for the resource's lock, then may find the
+    event answered by the pass that held it)."""
+    log = _ObjectLog(logger, {"object": "/".join(key)})
+    context = state.kopf_context.copy() if state.kopf_context is not None else None
+    task = asyncio.create_task(_reconcile(memo, owner, trigger, log, answered=answered), context=context)
+    state.event_passes.add(task)
+    task.add_done_callback(functools.partial(_event_pass_done, state, key, trigger))
+
+
+def _event_pass_done(state: OperatorState, key: tuple[str, str], trigger: str, task: asyncio.Task[Any]) -> None:
+    state.event_passes.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # A bug, not an API error (those are handled in the pass): keep retrying the resource rather than lose it.
+        logging.getLogger(__name__).error("pass (%s) for %s/%s failed", trigger, *key, exc_info=task.exception())
+        state.schedule.failed(key)
+        state.wake.set()
 
 
 def _answered_by(type: str, plural: str, meta: Mapping[str, Any]) -> Callable[[rec.Outcome], bool]:
@@ -536,26 +583,47 @@ def _answered_by(type: str, plural: str, meta: Mapping[str, Any]) -> Callable[[r
     return lambda outcome: type != "DELETED" and bool(seen[2]) and seen in outcome.seen
 
 
-def _child_handler(group: str, version: str, plural: str) -> None:
-    @kopf.on.event(group, version, plural, labels=_MANAGED, id=f"child_event_{plural}")
-    async def child_event(
-        type: str, body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-    ) -> None:
-        """A child was edited or deleted by hand: put it back.
+def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[MetadataWatch]:
+    """Watch the workloads and every kind of child, metadata only (see :mod:`childwatch`), in each watched
+    namespace."""
+    loop = asyncio.get_running_loop()
+    namespaces = config.namespaces or (None,)
+    watches = [
+        MetadataWatch(
+            _client(memo), kube.Resource(group, version, plural), namespace, _MANAGED,
+            functools.partial(_child_event, memo, logger, plural), loop,
+        )
+        for group, version, plural in _CHILD_RESOURCES
+        for namespace in namespaces
+    ] + [
+        MetadataWatch(
+            _client(memo), resource, namespace, {}, functools.partial(_workload_event, memo, logger, kind), loop
+        )
+        for kind, resource in kube.WORKLOADS.items()
+        for namespace in namespaces
+    ]  # fmt: skip
+    for watch in watches:
+        watch.start()
+    return watches
 
-        Every event type counts: after a watch reconnects, an edit made meanwhile arrives as a listing (ADDED).
-        Only the echo of a pass's own work is skipped: an event for the very resourceVersion the last pass
-        created, repaired or found as desired. Anything else runs a pass (idempotent: it may write nothing).
-        """
-        if namespace is None:
-            return
-        meta = body["metadata"]
-        owner_name = (meta.get("labels") or {}).get(c.LABEL_OWNER)
-        answered = _answered_by(type, plural, meta)
-        owner = _state(memo).bodies.get((namespace, str(owner_name)))
-        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
-            await _reconcile(memo, owner, "child", logger, answered=answered)
 
+def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str, Any]) -> None:
+    """A child was edited or deleted by hand: put it back.
 
-for _group, _version, _plural in _CHILD_RESOURCES:
-    _child_handler(_group, _version, _plural)
+    Every event type counts: after a watch starts again, an edit made meanwhile arrives as ADDED. Only the echo of
+    a pass's own work is skipped: an event for the very resourceVersion the last pass created, repaired or found
+    as desired. Anything else runs a pass (idempotent: it may write nothing).
+    """
+    namespace = meta.get("namespace")
+    if not namespace:
+        return
+    owner_name = str((meta.get("labels") or {}).get(c.LABEL_OWNER))
+    state = _state(memo)
+    owner = state.bodies.get((namespace, owner_name))
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    answered = _answered_by(type, plural, meta)
+    last = state.passes.get((namespace, owner_name))
+    if last is not None and answered(last[1]):
+        return  # the echo of the last pass's own work, with no pass in flight that could change it
+    _start_pass(memo, logger, state, (namespace, owner_name), owner, "child", answered)

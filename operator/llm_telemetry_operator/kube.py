@@ -54,6 +54,8 @@ DEFAULT_WORKERS = 32
 FIELD_MANAGER = "llm-telemetry-operator"
 #: Statuses worth sending the same request again for: throttled (429) or the server failing for now (5xx).
 RETRIABLE = frozenset({429, 500, 502, 503, 504})
+#: Seconds a streaming read (a watch) may wait for its next bytes: longer than a watch the operator asks for lasts.
+STREAM_READ_TIMEOUT = 400.0
 #: The ``Accept`` header of a write whose answer is read for its metadata only (a child's ``resourceVersion``):
 #: the API server then answers with the object's metadata (``PartialObjectMetadata``) instead of encoding the whole
 #: object again (a dashboard ConfigMap is some 40 KB), and the client decodes that much less. A server that cannot
@@ -399,6 +401,46 @@ class KubeClient:
                 self.retried[exc.status] = self.retried.get(exc.status, 0) + 1
                 await asyncio.sleep(self.retry.delay(attempt, exc.retry_after))
                 attempt += 1
+
+    def open_stream(self, resource: Resource, verb: str, path: str, accept: str) -> Any:
+        """Open a streaming GET (a watch) of ``path`` (with its query) and return its urllib3 response unread.
+        Blocking: call it from a thread of the caller's own, not the event loop. The read timeout is long enough
+        for the longest watch the operator asks for; an error status raises an :class:`ApiError` (not retried)."""
+        if not rbac.is_declared(resource.group, resource.plural, verb):
+            raise PermissionNotDeclaredError(
+                f"{verb} {resource.plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS"
+            )
+        if self._closed:
+            raise ApiError(0, "Closed", f"GET {path}: the client is closed (the operator is stopping)")
+        api = self._client()
+        headers = {**api.default_headers, "Accept": accept}
+        for auth in api.configuration.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[str(auth["key"])] = str(auth["value"])
+        url = str(api.configuration.host).rstrip("/") + path
+        try:
+            response = api.rest_client.request(  # type: ignore[no-untyped-call]
+                "GET", url, headers=headers, _request_timeout=(self.timeout[0], STREAM_READ_TIMEOUT)
+            )
+        except k8s_client.ApiException as exc:
+            raise ApiError(int(exc.status or 0), str(exc.reason), str(exc.body or exc.reason)) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, "Unreachable", f"GET {path}: {exc}") from exc
+        raw = response.response
+        if int(response.status) >= 400:
+            text = raw.data.decode("utf-8", "replace") if raw.data else ""
+            raw.release_conn()
+            try:
+                parsed = json.loads(text) if text else {}
+            except ValueError:
+                parsed = {"message": text}
+            parsed = parsed if isinstance(parsed, dict) else {"message": text}
+            retry_after = retry_after_seconds((raw.headers or {}).get("Retry-After"))
+            raise ApiError(
+                int(response.status), str(parsed.get("reason", "")), str(parsed.get("message", "")),
+                retry_after=retry_after,
+            )  # fmt: skip
+        return raw
 
     def _client(self) -> k8s_client.ApiClient:
         with self._lock:

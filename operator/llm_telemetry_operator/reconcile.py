@@ -48,6 +48,11 @@ class Outcome:
     #: (or found in) the desired state, and of every version it wrote. A watch event for one of these versions
     #: has been answered by this pass: it is its input or the echo of its own write.
     seen: set[tuple[str, str, str]] = field(default_factory=set)
+    #: Of every workload this pass decided about (brought to or found in the desired state, or left to another
+    #: LLMTelemetry): its :func:`workload_state` then, by (plural, name). A later version in the same state (its
+    #: controller's status updates, a revision annotation) changes nothing the pass decided: its event needs no
+    #: pass.
+    settled: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
     applied: tuple[str, Any] = ("", None)
     #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
@@ -56,6 +61,19 @@ class Outcome:
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def workload_state(workload: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a pass's decision about a workload depends on: its spec (``metadata.generation``, which the API server
+    bumps on every spec change), labels, our injection record and whether it is being deleted. Versions that
+    differ only in status or other metadata share it."""
+    meta = workload.get("metadata") or {}
+    return (
+        meta.get("generation"),
+        tuple(sorted((meta.get("labels") or {}).items())),
+        (meta.get("annotations") or {}).get(c.ANNOTATION_INJECTED),
+        meta.get("deletionTimestamp"),
+    )
 
 
 def workload_key(workload: Mapping[str, Any]) -> str:
@@ -343,6 +361,10 @@ async def _inject(
     lost: list[str] = []
     errors: list[str] = []
     for workload in workloads:
+        settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
+        if (workload.get("metadata") or {}).get("generation") is not None:
+            # Decided in this state (left alone, or already as desired); a patch below replaces it by the state after.
+            outcome.settled[settled] = workload_state(workload)
         labels = workload.get("metadata", {}).get("labels") or {}
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
@@ -373,7 +395,7 @@ async def _inject(
         if not selected and not mine:
             continue
         try:
-            written = await _patch_workload(
+            after = await _patch_workload(
                 client,
                 config,
                 owner,
@@ -384,8 +406,13 @@ async def _inject(
             )
         except ApiError as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
+            outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
             continue
-        _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, written)
+        _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
+        if after is not None and (after.get("metadata") or {}).get("generation") is not None:
+            outcome.settled[settled] = workload_state(after)
+        else:
+            outcome.settled.pop(settled, None)
         if selected:
             targets.append(workload)
     namespace = owner["metadata"]["namespace"]
@@ -415,8 +442,9 @@ async def _patch_workload(
     *,
     take_over: bool = False,
     without: frozenset[str] = frozenset(),
-) -> str | None:
-    """Inject (or with ``spec`` None, remove) the telemetry; returns the workload's resourceVersion after.
+) -> Mapping[str, Any] | None:
+    """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
+    which may hold its metadata only, or the workload as read when it needed none).
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it)."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
@@ -425,11 +453,11 @@ async def _patch_workload(
         injection = r.build_injection(spec, config, workload, name, without) if spec is not None else None
         patch = r.build_workload_patch(workload, injection, name, take_over=take_over)
         if patch is None:
-            return _version(workload)
+            return workload
         try:
             patched = await client.patch(resource, namespace, wl_name, patch, metadata_only=True)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
-            return _version(patched)
+            return patched
         except ConflictError:
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise

@@ -207,9 +207,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                     raise kmocklib.KubernetesError(status=422, reason="Invalid", message="test op failed")
 
 
-#: Custom resources whose ``metadata.generation`` the emulator keeps as a real API server does: 1 on create, one
-#: more for every write that changes the object other than its metadata and status.
-_GENERATED = {"llmtelemetries"}
+#: Resources whose ``metadata.generation`` the emulator keeps as a real API server does: 1 on create, one more for
+#: every write that changes the object other than its metadata and status.
+_GENERATED = {"llmtelemetries", "deployments", "statefulsets"}
 
 
 def _merged(target: Any, patch: Any) -> Any:
@@ -337,6 +337,7 @@ def deployment(
             "labels": labels,
             "uid": f"uid-deploy-{name}",
             "resourceVersion": "1",
+            "generation": 1,
         },
         "spec": {
             "selector": {"matchLabels": {"pod": name}},

@@ -416,6 +416,49 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
     check_usage(emulator)
 
 
+async def test_workload_status_updates_run_no_pass_and_template_edits_are_repaired(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """After the injection, the workload's controller writes its status and revision annotation (new versions of
+    the same spec): no pass runs for them, and a hand edit of the pod template made after them is still undone."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "chat Ready")
+        injected = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"][0]["env"]
+        for revision in (2, 3):
+            await hand(
+                emulator,
+                "PATCH",
+                path,
+                {
+                    "metadata": {"annotations": {"deployment.kubernetes.io/revision": str(revision)}},
+                    "status": {"observedGeneration": revision, "replicas": 0},
+                },
+            )
+        await asyncio.sleep(1.0)  # the events have arrived and been handled
+        assert passes_for(emulator, "chat") == 1
+        assert get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"][0]["env"] == injected
+
+        await hand(
+            emulator,
+            "PATCH",
+            path,
+            {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:2"}]}}}},
+        )
+        await eventually(
+            lambda: (
+                get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"][0].get("env") == injected
+            ),
+            "the injection is put back",
+        )
+        assert get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"][0]["image"] == (
+            "example/chat:2"
+        )
+
+
 async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()

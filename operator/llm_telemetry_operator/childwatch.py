@@ -1,0 +1,159 @@
+"""Watches of the operator's children that carry their metadata only.
+
+A pass needs to hear of a child only to tell the echo of its own write (a resourceVersion it created, repaired or
+found as desired) from a hand edit or a deletion, which it repairs; every such decision reads the child's
+metadata alone, and the pass itself reads what it compares. kopf's watches deliver whole objects: a dashboard
+ConfigMap is some 40 KB of JSON and a PrometheusRule 16 KB, decoded for every event (mostly the echoes of our own
+creates), and each event also goes through kopf's per-object machinery (a worker, its memory, a body and patch
+wrapper, the handler registry). So the children are watched here instead, with the API server's metadata-only
+answer (``PartialObjectMetadata``) and a label selector: the server sends a few hundred bytes per event and only
+for objects this operator manages.
+
+Each watch runs in a thread of its own (a watch request blocks for minutes) and hands every event to the event
+loop. It starts without a resourceVersion (the API server sends every current object as ADDED, then changes),
+continues from the last version seen (bookmarks included) when the server ends the stream, and starts over the
+same way when the version is too old (410). A kind that is not served (the Prometheus Operator's CRDs not installed
+yet) is tried again every :data:`MISSING_RETRY` seconds; other failures back off up to :data:`MAX_BACKOFF`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+from llm_telemetry_operator.errors import ApiError
+from llm_telemetry_operator.kube import KubeClient, Resource
+
+#: The ``Accept`` of a metadata-only watch: each event's object is a ``PartialObjectMetadata`` (a server that
+#: cannot transform it sends the whole object, which is read the same way).
+WATCH_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+#: Seconds the API server keeps one watch request open.
+SERVER_TIMEOUT = 300
+#: Seconds before watching a kind that is not served (404) again.
+MISSING_RETRY = 30.0
+#: The longest wait before watching again after a failure.
+MAX_BACKOFF = 30.0
+
+logger = logging.getLogger(__name__)
+
+#: What each event is handed to, on the event loop: (type, the object's metadata).
+Deliver = Callable[[str, dict[str, Any]], None]
+
+
+class MetadataWatch:
+    """Watch one kind's objects with ``labels`` in ``namespace`` (None: all) and call ``deliver(type, metadata)``
+    on ``loop``, in the context the watch was made in, for each ADDED, MODIFIED and DELETED event, until
+    :meth:`stop`."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        resource: Resource,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        deliver: Deliver,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.client = client
+        self.resource = resource
+        self.namespace = namespace
+        self.labels = dict(labels)
+        self.deliver = deliver
+        self.loop = loop
+        # The context of whoever made the watch (kopf's startup handler): the passes events start post Kubernetes
+        # events through kopf, which finds its settings and event queue in context variables.
+        self.context = contextvars.copy_context()
+        self._stopped = threading.Event()
+        self._response: Any = None
+        where = namespace or "all namespaces"
+        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}-{where}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; a request in flight is cut."""
+        self._stopped.set()
+        response = self._response
+        if response is not None:
+            try:
+                response.shutdown()
+            except Exception:  # already closed
+                pass
+
+    def _selected(self, meta: Mapping[str, Any]) -> bool:
+        labels = meta.get("labels") or {}
+        return all(labels.get(k) == v for k, v in self.labels.items())
+
+    def _run(self) -> None:
+        version: str | None = None
+        backoff = 1.0
+        while not self._stopped.is_set():
+            try:
+                version = self._watch(version)
+                backoff = 1.0
+            except ApiError as exc:
+                if self._stopped.is_set():
+                    break
+                if exc.status == 404:
+                    wait = MISSING_RETRY
+                else:
+                    wait = exc.retry_after if exc.retry_after is not None else backoff
+                    backoff = min(MAX_BACKOFF, backoff * 2)
+                    logger.warning("watching %s failed (%s); again in %.0f s", self.resource.plural, exc, wait)
+                version = None if exc.status in (404, 410) else version
+                self._stopped.wait(wait)
+            except Exception as exc:  # a dropped connection, a garbled line: watch again from the last version
+                if self._stopped.is_set():
+                    break
+                logger.debug("watch of %s ended (%s); watching again", self.resource.plural, exc)
+                self._stopped.wait(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+
+    def _watch(self, version: str | None) -> str | None:
+        """One watch request, from ``version`` (None: every current object first); the last version seen."""
+        params = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(SERVER_TIMEOUT))]
+        if self.labels:
+            params.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))))
+        if version is not None:
+            params.append(("resourceVersion", version))
+        started = time.monotonic()
+        response = self.client.open_stream(
+            self.resource, "watch", self.resource.path(self.namespace) + "?" + urlencode(params), WATCH_METADATA_ONLY
+        )
+        self._response = response
+        try:
+            if self._stopped.is_set():
+                return version
+            buffer = b""
+            for chunk in response.stream(amt=None, decode_content=False):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        version = self._event(json.loads(line), version)
+        finally:
+            self._response = None
+            response.release_conn()
+        if time.monotonic() - started < 1.0:
+            self._stopped.wait(1.0)  # a server that ends watches at once is not asked again in a tight loop
+        return version
+
+    def _event(self, event: Mapping[str, Any], version: str | None) -> str | None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            code = int(obj.get("code") or 0)
+            raise ApiError(code, str(obj.get("reason") or ""), str(obj.get("message") or "watch error"))
+        meta = obj.get("metadata") or {}
+        version = str(meta.get("resourceVersion") or version or "") or None
+        if kind in ("ADDED", "MODIFIED", "DELETED") and meta.get("name") and self._selected(meta):
+            self.loop.call_soon_threadsafe(self.deliver, str(kind), dict(meta), context=self.context)
+        return version
