@@ -132,7 +132,12 @@ def _lock(memo: Any, namespace: str, name: str) -> asyncio.Lock:
 
 
 def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy({k: dict(v) if isinstance(v, Mapping) else v for k, v in body.items()})
+    """A copy of an LLMTelemetry body for the passes, without ``metadata.managedFields`` (no pass reads it, and on
+    a resource with a status it is the largest part of the body, copied on every watch event)."""
+    copied = {k: dict(v) if isinstance(v, Mapping) else v for k, v in body.items()}
+    if isinstance(copied.get("metadata"), dict):
+        copied["metadata"].pop("managedFields", None)
+    return copy.deepcopy(copied)
 
 
 def _event_target(body: Mapping[str, Any]) -> kopf.Body:

@@ -56,6 +56,8 @@ FIELD_MANAGER = "llm-telemetry-operator"
 RETRIABLE = frozenset({429, 500, 502, 503, 504})
 #: Seconds a streaming read (a watch) may wait for its next bytes: longer than a watch the operator asks for lasts.
 STREAM_READ_TIMEOUT = 400.0
+#: Connections the pool keeps beyond one per worker thread, for the long-lived watches (six per watched namespace).
+STREAM_CONNECTIONS = 32
 #: The ``Accept`` header of a write whose answer is read for its metadata only (a child's ``resourceVersion``):
 #: the API server then answers with the object's metadata (``PartialObjectMetadata``) instead of encoding the whole
 #: object again (a dashboard ConfigMap is some 40 KB), and the client decodes that much less. A server that cannot
@@ -451,10 +453,11 @@ class KubeClient:
                 # Retry-After, up to its default three times: leave statuses to :class:`Retry`, which covers
                 # every verb and every retriable status with one policy; urllib3 keeps retrying failed connects.
                 self._configuration.retries = urllib3.Retry(total=3, respect_retry_after_header=False)
-                # A kept connection per thread: a smaller pool (the package's default is five per CPU) closes the
-                # connections above it after each request, and every new one costs a TLS handshake.
+                # A kept connection per thread, and room for the watches' (:meth:`open_stream`): a smaller pool (the
+                # package's default is five per CPU) closes the connections above it after each request, and every
+                # new one costs a TLS handshake.
                 self._configuration.connection_pool_maxsize = max(
-                    self._workers, self._configuration.connection_pool_maxsize or 0
+                    self._workers + STREAM_CONNECTIONS, self._configuration.connection_pool_maxsize or 0
                 )
                 self._api = k8s_client.ApiClient(self._configuration)
             return self._api
