@@ -1,13 +1,14 @@
-"""Watches of the operator's children that carry their metadata only.
+"""Watches of the operator's children and of the workloads, carrying the objects' metadata only.
 
 A pass needs to hear of a child only to tell the echo of its own write (a resourceVersion it created, repaired or
-found as desired) from a hand edit or a deletion, which it repairs; every such decision reads the child's
-metadata alone, and the pass itself reads what it compares. kopf's watches deliver whole objects: a dashboard
-ConfigMap is some 40 KB of JSON and a PrometheusRule 16 KB, decoded for every event (mostly the echoes of our own
-creates), and each event also goes through kopf's per-object machinery (a worker, its memory, a body and patch
-wrapper, the handler registry). So the children are watched here instead, with the API server's metadata-only
-answer (``PartialObjectMetadata``) and a label selector: the server sends a few hundred bytes per event and only
-for objects this operator manages.
+found as desired) from a hand edit or a deletion, which it repairs; of a workload, whether it may now be selected,
+lost or changed from the state the last pass left it in (labels, the injection record, ``generation``). Every such
+decision reads the object's metadata alone, and the pass it starts reads what it compares. kopf's watches deliver
+whole objects: a dashboard ConfigMap is some 40 KB of JSON and a PrometheusRule 16 KB, decoded for every event
+(mostly the echoes of our own creates and the deployment controller's updates), and each event also goes through
+kopf's per-object machinery (a worker, its memory, a body and patch wrapper, the handler registry). So they are
+watched here instead, with the API server's metadata-only answer (``PartialObjectMetadata``), the children with a
+label selector: the server sends a few hundred bytes per event, for children only those this operator manages.
 
 Each watch runs in a thread of its own (a watch request blocks for minutes) and hands every event to the event
 loop. It starts without a resourceVersion (the API server sends every current object as ADDED, then changes),
