@@ -150,7 +150,8 @@ class SSEDecoder:
 def _whole_events(chunk: bytes) -> list[Event] | None:
     """The common case, decoded without line-by-line work: a chunk of whole events, each one optional
     ``event:`` line and one ``data:`` line, LF-terminated. Anything else returns None for the general path."""
-    if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+    # (Byte values searched with ``in`` are a memchr; a bytes needle costs several times more in CPython.)
+    if not chunk.endswith(b"\n\n") or 0x0D in chunk:
         return None
     events: list[Event] = []
     for block in chunk[:-2].split(b"\n\n"):
@@ -163,7 +164,7 @@ def _whole_events(chunk: bytes) -> list[Event] | None:
             if value[:1] == b" ":
                 value = value[1:]
             name = value.decode("utf-8", "replace") or "message"
-        if not block.startswith(b"data:") or b"\n" in block:
+        if not block.startswith(b"data:") or 0x0A in block:
             return None
         data = block[5:]
         if data[:1] == b" ":
