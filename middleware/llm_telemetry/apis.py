@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from json.scanner import make_scanner
+from operator import itemgetter
 from time import perf_counter
 from typing import Any, Final
 
@@ -157,9 +158,13 @@ class ResponseReader:
             self._misses += 1
             if self._misses > 8:
                 self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
+        decoder = self._decoder
+        if decoder is not None and chunk == b"data: [DONE]\n\n" and decoder.idle:
+            # OpenAI's last event, alone in its chunk: nothing to learn from it, and the decoder stays idle.
+            self._fast = self._shape
+            return
         if now is None:
             now = perf_counter()
-        decoder = self._decoder
         if decoder is not None:
             was_idle = decoder.idle
             events = decoder.feed(chunk)
@@ -177,6 +182,66 @@ class ResponseReader:
                 self._buffer = bytearray()
             else:
                 self._buffer += chunk
+
+    @property
+    def holding(self) -> bool:
+        """Whether the next chunks can be kept and read later with :meth:`feed_held`: a text-delta shape is
+        known (so the first token's time is too) and the decoder is between events."""
+        return self._fast is not None
+
+    def feed_held(self, chunks: list[bytes]) -> None:
+        """Read chunks that arrived one after another while :attr:`holding`, exactly as :meth:`feed` would one by
+        one. Runs of chunks of the learnt shape are checked together with a few C-level operations (joins, one
+        comparison, byte scans) instead of per chunk; chunks of another shape are fed one by one."""
+        hi = len(chunks)
+        # The end of a stream (finish reason, usage, [DONE]) has other shapes: peeled off first (each tested
+        # without side effects), so the run before it is checked in one pass.
+        while hi and len(chunks) - hi < 8 and not self._shaped(chunks[hi - 1]):
+            hi -= 1
+        self._held_run(chunks, 0, hi)
+        for chunk in chunks[hi:]:
+            self.feed(chunk)
+
+    def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
+        fast = self._fast
+        if fast is not None and hi - lo > 1:
+            head, tail, start, tail_length = fast
+            run = chunks[lo:hi] if lo or hi < len(chunks) else chunks
+            # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape
+            # exactly when putting every text back between a head and a tail rebuilds the run byte for byte (the
+            # lengths line up, so every chunk is its own head, text and tail) and every text is non-empty.
+            texts = list(map(itemgetter(slice(start, -tail_length)), run))
+            if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
+                joined = b"".join(texts)
+                if (
+                    0x22 not in joined  # "
+                    and 0x5C not in joined  # backslash
+                    and 0x0A not in joined
+                    and 0x0D not in joined
+                ) or all(map(_JSON_TEXT.fullmatch, texts)):
+                    self._chunks += hi - lo
+                    return
+            if hi - lo >= 8:
+                middle = (lo + hi) // 2
+                self._held_run(chunks, lo, middle)
+                self._held_run(chunks, middle, hi)
+                return
+        for i in range(lo, hi):
+            self.feed(chunks[i])
+
+    def _shaped(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` is of the learnt text-delta shape (the test of :meth:`feed`'s fast path, no state)."""
+        fast = self._fast
+        if fast is None:
+            return False
+        head, tail, start, tail_length = fast
+        end = len(chunk) - tail_length
+        return (
+            start < end
+            and chunk[:start] == head
+            and chunk[end:] == tail
+            and _JSON_TEXT.fullmatch(chunk, start, end) is not None
+        )
 
     def finish(self, now: float) -> None:
         if self._decoder is not None:
@@ -200,17 +265,23 @@ class ResponseReader:
 
     # Streams -----------------------------------------------------------------------------------
     def _event(self, event: str, data: bytes, now: float) -> bool:
-        """Read one event; True when it was a plain text delta recognised without parsing."""
+        """Read one event; True when it is a plain text delta (one a shape may be learnt from), the first token
+        or one after it."""
         if data == b"[DONE]":
             return False
-        if self.call.first_token_at is not None and self._text is None and self._plain_delta(event, data):
+        call = self.call
+        if call.first_token_at is not None and self._text is None and self._plain_delta(event, data):
             # Hot path: after the first token most events are plain text deltas. Recognising them from their
             # bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
             self._chunks += 1
             return True
         obj = loads(data)  # a keep-alive or a non-JSON event gives None: nothing to learn from it
         if isinstance(obj, dict):
+            first = call.first_token_at is None
             self._on_event(event, obj, now)
+            # The first token, read in full: when its bytes make it a plain text delta too, its shape is the one
+            # the next deltas have (so they take the fast path from the second token on).
+            return first and call.first_token_at is not None and self._text is None and self._plain_delta(event, data)
         return False
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
@@ -279,7 +350,7 @@ class ErrorReader(ResponseReader):
 
 #: Byte patterns of a non-empty generated-text value in a chat or completions chunk (compact or spaced JSON).
 _TEXT_MARKERS: Final = (
-    b'"content":"', b'"content": "', b'_content":"', b'_content": "', b'"reasoning":"', b'"text":"', b'"text": "'
+    '"content":"', '"content": "', '_content":"', '_content": "', '"reasoning":"', '"text":"', '"text": "'
 )  # fmt: skip
 
 
@@ -292,16 +363,22 @@ class OpenAIChatReader(ResponseReader):
         self._tool_indexes: set[tuple[int, int]] = set()
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
-        if b'"tool_calls"' in data or b'"error"' in data:
+        # Searched as latin-1 text: one character per byte, so every test below says what it would say on the
+        # bytes, and a str needle is searched without the cost CPython's bytes search has.
+        text = data.decode("latin-1")
+        if '"tool_calls"' in text or '"error"' in text:
             return False
-        if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+        if '"usage"' in text and '"usage":null' not in text and '"usage": null' not in text:
             return False
-        finish = data.count(b'"finish_reason"')
-        if finish and finish != data.count(b'"finish_reason":null') + data.count(b'"finish_reason": null'):
+        finish = text.count('"finish_reason"')
+        if finish and finish != text.count('"finish_reason":null') + text.count('"finish_reason": null'):
             return False
-        if b'"content":""' in data or b'"content": ""' in data:
+        if '"content":""' in text or '"content": ""' in text:
             return False
-        return any(marker in data for marker in _TEXT_MARKERS)
+        for marker in _TEXT_MARKERS:
+            if marker in text:
+                return True
+        return False
 
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):

@@ -30,6 +30,9 @@ logger = logging.getLogger("llm_telemetry")
 #: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
 REQUEST_ID_HEADER = b"x-request-id"
 
+#: Stream chunks kept unread at most (in bytes, one chunk more at most) before they are read together.
+MAX_HELD_BYTES = 32 * 1024
+
 #: Longest request id taken from the client's header (longer ones are cut).
 _MAX_REQUEST_ID_CHARS = 128
 
@@ -133,6 +136,8 @@ class _Exchange:
         "disconnected",
         "echo_id",
         "failsafe",
+        "held",
+        "held_bytes",
         "max_body",
         "reader",
         "send_code",
@@ -158,6 +163,9 @@ class _Exchange:
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
         self.reader: ResponseReader | None = None
+        #: Stream chunks sent but not read yet (see :meth:`send`), or None while chunks are read as they pass.
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
         self.started = False
         self.complete = False
         #: The server told us the client left: an ``http.disconnect`` message, or its ``send`` raised.
@@ -219,17 +227,46 @@ class _Exchange:
         traceback. Everything else, and servers whose ``send`` has no Python frame, goes through
         :meth:`_watched_send`."""
         if self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
+            held = self.held
+            body = message.get("body")
+            if held is not None:
+                # Hottest path: the reader knows this stream's text-delta shape and needs no more clock readings,
+                # so the chunk is only kept (bytes are immutable: a reference is enough) and read with the
+                # others later, in bulk: when they reach MAX_HELD_BYTES, or before the next message read here.
+                if type(body) is bytes:
+                    if body:
+                        held.append(body)
+                        self.held_bytes += len(body)
+                        if self.held_bytes > MAX_HELD_BYTES:
+                            self.release()
+                    return self._send(message)
+                self.release()
             reader = self.reader
-            if reader is not None:
-                body = message.get("body")
-                if body:
-                    try:
-                        reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
-                    except Exception as exc:
-                        self.reader = None
-                        self.failsafe("response_parse", exc)
+            if reader is not None and body:
+                try:
+                    reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
+                    if reader.holding:
+                        self.held = []
+                except Exception as exc:
+                    self.reader = None
+                    self.failsafe("response_parse", exc)
             return self._send(message)
         return self._watched_send(message)
+
+    def release(self) -> None:
+        """Read the chunks kept by :meth:`send`, in order; keep holding only while the reader can take more."""
+        held, self.held, self.held_bytes = self.held, None, 0
+        reader = self.reader
+        if reader is None:
+            return
+        try:
+            if held:
+                reader.feed_held(held)
+            if reader.holding:
+                self.held = []
+        except Exception as exc:
+            self.reader = None
+            self.failsafe("response_parse", exc)
 
     async def _watched_send(self, message: Message) -> None:
         kind = message["type"]
@@ -240,6 +277,8 @@ class _Exchange:
             except BaseException:
                 self.send_failed = True  # the server could not deliver: the client is gone
                 raise
+            if self.held is not None:
+                self.release()  # the chunks kept by send() came before this one
             reader = self.reader
             if reader is not None:
                 body = message.get("body")
@@ -298,6 +337,8 @@ class _Exchange:
             call.end = now
         if self.body_done:
             self._read_request()
+        if self.held is not None:
+            self.release()
         if self.reader is not None:
             try:
                 self.reader.finish(now)

@@ -1,0 +1,224 @@
+"""Stream chunks kept by the middleware's ``send`` and read later in bulk (``ResponseReader.feed_held``) give the
+numbers reading them one by one gives, and those of a full parse, whatever the texts and the chunking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llm_telemetry.apis import APIS
+from llm_telemetry.middleware import MAX_HELD_BYTES, _Exchange
+from llm_telemetry.record import LLMCall
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=10)
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def encode(obj: dict[str, Any] | str, spaced: bool, ascii_only: bool) -> bytes:
+    if isinstance(obj, str):
+        return b"data: " + obj.encode() + b"\n\n"
+    separators = (", ", ": ") if spaced else (",", ":")
+    return b"data: " + json.dumps(obj, separators=separators, ensure_ascii=ascii_only).encode() + b"\n\n"
+
+
+#: Events that are not plain text deltas, put anywhere in a stream.
+OTHERS: list[dict[str, Any] | str] = [
+    chat_chunk({}, "stop"),
+    chat_chunk({"content": "x"}, "length"),
+    chat_chunk(
+        {"tool_calls": [{"index": 0, "id": "t", "type": "function", "function": {"name": "f", "arguments": ""}}]}
+    ),
+    chat_chunk({"content": ""}),
+    chat_chunk({"content": "a"}, None, usage={"prompt_tokens": 3, "completion_tokens": 4}),
+    {"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}},
+    {"error": {"message": "boom", "type": "server_error"}},
+    {"id": "c1", "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": "y"}}, {"index": 1}]},
+    "[DONE]",
+    "not json",
+]
+
+
+#: Middles that turn a delta's head and tail into other JSON, or into several events.
+CRAFTED = [
+    b'x","tool_calls":[{"index":0,"function":{"name":"f"}}],"y":"',
+    b'x"},"finish_reason":"length"},{"index":1,"delta":{"content":"',
+    b'x\\"},"finish_reason":"length"},{"index":1,"delta":{"content":"',
+    b'x\n\ndata: {"error":{"type":"overloaded_error"}}\n\ndata: {"a":"',
+    b'x\r\rdata: {"error":{"type":"overloaded_error"}}\r\rdata: {"a":"',
+]
+
+#: Bytes between a delta's head and tail: arbitrary, made of the bytes that decide whether they can only be the
+#: inside of one JSON string, or crafted.
+middles = (
+    st.sampled_from(CRAFTED)
+    | st.binary(max_size=12)
+    | st.lists(
+        st.sampled_from([b'"', b"\\", b"\n", b"\r", b"a", b"\xff", b"\\u00e9", b'\\"', b"\x00", b"\\\\"]), max_size=5
+    ).map(b"".join)
+)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[bytes]:
+    """A chat stream: role chunk, text deltas of arbitrary text, other events anywhere, and chunks of the deltas'
+    shape around arbitrary bytes; optionally re-chunked by a proxy at arbitrary cuts."""
+    spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
+    events: list[dict[str, Any] | str] = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": text}) for text in draw(st.lists(texts, min_size=1, max_size=40))]
+    for other in draw(st.lists(st.sampled_from(OTHERS), max_size=4)):
+        events.insert(draw(st.integers(1, len(events))), other)
+    chunks = [encode(event, spaced, ascii_only) for event in events]
+    head, _, tail = encode(chat_chunk({"content": "MIDDLE"}), spaced, ascii_only).partition(b"MIDDLE")
+    for middle in draw(st.lists(middles, max_size=4)):
+        chunks.insert(draw(st.integers(2, len(chunks))), head + middle + tail)
+    if draw(st.booleans()):
+        # A proxy re-chunks a stretch of the stream: pieces that start or end inside events.
+        lo = draw(st.integers(0, len(chunks) - 1))
+        hi = draw(st.integers(lo + 1, len(chunks)))
+        body = b"".join(chunks[lo:hi])
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=6))))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if body[a:b]]
+        chunks[lo:hi] = pieces
+    return chunks
+
+
+def numbers(call: LLMCall) -> tuple[Any, ...]:
+    return (
+        call.response_model,
+        call.response_id,
+        call.finish_reasons,
+        call.output_tokens,
+        call.input_tokens,
+        call.usage_source,
+        call.tool_calls,
+        call.error_type,
+        call.first_token_at,
+    )
+
+
+def one_by_one(chunks: list[bytes], capture: bool = False) -> tuple[LLMCall, int]:
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=capture)
+    for i, chunk in enumerate(chunks):
+        reader.feed(chunk, now=1.0 + i)
+    reader.finish(now=1000.0)
+    return call, reader._chunks
+
+
+@given(streams(), st.lists(st.integers(1, 50), min_size=1, max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_held_chunks_read_in_bulk_like_one_by_one(chunks: list[bytes], groups: list[int]) -> None:
+    """Whatever is kept while the reader is holding, read in groups of any size, gives what feeding every chunk as
+    it came gives (the texts of the learnt shape counted in bulk, everything else read one by one)."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    held: list[bytes] | None = None
+    sizes = iter(groups * (len(chunks) + 1))
+    size = next(sizes)
+    for i, chunk in enumerate(chunks):
+        if held is not None:
+            held.append(chunk)
+            if len(held) >= size:
+                reader.feed_held(held)
+                held, size = ([] if reader.holding else None), next(sizes)
+            continue
+        reader.feed(chunk, now=1.0 + i)
+        if reader.holding:
+            held = []
+    if held:
+        reader.feed_held(held)
+    reader.finish(now=1000.0)
+    expected, counted = one_by_one(chunks)
+    assert numbers(call) == numbers(expected)
+    assert reader._chunks == counted
+
+
+@given(st.lists(texts.filter(bool), min_size=1, max_size=40), st.booleans(), st.booleans(), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_held_stream_agrees_with_full_parsing(words: list[str], spaced: bool, ascii_only: bool, usage: bool) -> None:
+    """A valid stream through the middleware's ``send``: the same numbers as a full parse (the fast paths off)."""
+    events: list[dict[str, Any] | str] = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": word}) for word in words]
+    events.append(chat_chunk({}, "stop"))
+    if usage:
+        events.append({"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}})
+    events.append("[DONE]")
+    chunks = [encode(event, spaced, ascii_only) for event in events]
+    call = through_exchange(chunks)
+    full, _ = one_by_one(chunks, capture=True)  # capture turns the fast paths off
+    assert numbers(call)[:-1] == numbers(full)[:-1]
+    assert call.first_token_at is not None and full.first_token_at == 2.0
+
+
+def through_exchange(chunks: list[bytes], api: str = "openai.chat") -> LLMCall:
+    """Send ``chunks`` through a real ``_Exchange`` as an app would (then an empty last body), like a server."""
+    sent: list[bytes] = []
+
+    async def server_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def failsafe(component: str, exc: BaseException) -> None:
+        raise AssertionError(f"{component}: {exc!r}")
+
+    spec = APIS[api]
+    call = LLMCall(spec.operation, spec.provider, time.perf_counter())
+    exchange = _Exchange(spec, call, receive, server_send, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+
+    async def app() -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+        await exchange.send(start)
+        for chunk in chunks:
+            await exchange.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await exchange.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    asyncio.run(app())
+    exchange.finish(None)
+    assert b"".join(sent) == b"".join(chunks)  # the client gets every byte, unchanged
+    return call
+
+
+def test_a_long_stream_is_read_in_bounded_batches_and_counts_exactly() -> None:
+    """Far more than MAX_HELD_BYTES of deltas: kept chunks are read whenever they reach the bound, never more."""
+    words = [f" w{i}" for i in range(3 * MAX_HELD_BYTES // 60)]
+    events: list[dict[str, Any] | str] = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": word}) for word in words]
+    events += [chat_chunk({}, "stop"), "[DONE]"]
+    chunks = [encode(event, False, True) for event in events]
+    assert sum(map(len, chunks)) > 2 * MAX_HELD_BYTES
+    call = through_exchange(chunks)
+    assert (call.output_tokens, call.usage_source, call.finish_reasons) == (len(words), "estimated", ["stop"])
+    assert call.response_model == "gpt-4o-mini" and call.first_token_at is not None
+
+
+def test_anthropic_deltas_are_held_and_counted() -> None:
+    def event(name: str, obj: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: ".encode() + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    start = {"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}}
+    chunks = [event("message_start", start)]
+    for i in range(50):
+        delta = {"type": "text_delta", "text": f'w{i} "q" \\ \n'}
+        chunks.append(event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    chunks.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}))
+    call = through_exchange(chunks, "anthropic.messages")
+    assert (call.output_tokens, call.usage_source, call.finish_reasons) == (50, "estimated", ["end_turn"])
+    assert call.input_tokens == 3 and call.first_token_at is not None
