@@ -226,8 +226,12 @@ class _Exchange:
         failure of the server's ``send`` is then recognised in :meth:`finish` by the server's frame in the
         traceback. Everything else, and servers whose ``send`` has no Python frame, goes through
         :meth:`_watched_send`."""
-        if self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
-            held = self.held
+        held = self.held  # a list only when send_code is not None
+        if (
+            (held is not None or self.send_code is not None)
+            and message["type"] == "http.response.body"
+            and message.get("more_body")
+        ):
             body = message.get("body")
             if held is not None:
                 # Hottest path: the reader knows this stream's text-delta shape and needs no more clock readings,
@@ -236,9 +240,10 @@ class _Exchange:
                 if type(body) is bytes:
                     if body:
                         held.append(body)
-                        self.held_bytes += len(body)
-                        if self.held_bytes > MAX_HELD_BYTES:
+                        if (size := self.held_bytes + len(body)) > MAX_HELD_BYTES:
                             self.release()
+                        else:
+                            self.held_bytes = size
                     return self._send(message)
                 self.release()
             reader = self.reader
