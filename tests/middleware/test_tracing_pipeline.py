@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import types
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.demo import app as demo_app
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.tracing import LLMSpan
 
@@ -149,7 +151,12 @@ def shape(span: ReadableSpan) -> dict[str, Any]:
     ],
     ids=["non-stream with traceparent", "stream, root", "stream with baggage", "provider error"],
 )
-def test_the_span_equals_the_sdk_spans(body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+def test_the_span_equals_the_sdk_spans(
+    body: bytes, headers: list[tuple[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo stamps each response's `created` and id with the wall clock's second: two calls either side of a
+    # second's turn would differ in their bytes and their response id, whatever the middleware does.
+    monkeypatch.setattr(demo_app, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.0))
     light_provider, light = provider()
     sdk_provider, sdk = provider(Watching())  # an application processor: the SDK's span
     light_app, sdk_app = middleware(bare_app(), light_provider), middleware(bare_app(), sdk_provider)
