@@ -136,25 +136,11 @@ class ResponseReader:
     def feed(self, chunk: bytes, now: float | None = None) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
         only when this chunk needs a time)."""
-        fast = self._fast
-        if fast is not None:
-            # Hottest path: a chunk shaped exactly like an earlier plain text delta of this stream (same bytes
-            # around the text, one whole event), arriving between events, is another one. Between the two there
-            # must be nothing but the inside of one JSON string (no quote, backslash or line break but escaped
-            # ones), so the bytes around it can only be structure, never text. (Slices compared with ``==`` and
-            # ``in`` with a byte value are the cheapest checks CPython has: no method call, no regex state.)
-            head, tail, start, tail_length = fast
-            end = len(chunk) - tail_length
-            if start < end and chunk[:start] == head and chunk[end:] == tail:
-                text = chunk[start:end]
-                if (
-                    0x22 not in text  # "
-                    and 0x5C not in text  # backslash
-                    and 0x0A not in text
-                    and 0x0D not in text
-                ) or _JSON_TEXT.fullmatch(chunk, start, end) is not None:
-                    self._chunks += 1
-                    return
+        if self._fast is not None:
+            # Hot path: a chunk shaped exactly like an earlier plain text delta of this stream is another one.
+            if self._shaped(chunk):
+                self._chunks += 1
+                return
             self._misses += 1
             if self._misses > 8:
                 self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
@@ -212,13 +198,7 @@ class ResponseReader:
             # lengths line up, so every chunk is its own head, text and tail) and every text is non-empty.
             texts = list(map(itemgetter(slice(start, -tail_length)), run))
             if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
-                joined = b"".join(texts)
-                if (
-                    0x22 not in joined  # "
-                    and 0x5C not in joined  # backslash
-                    and 0x0A not in joined
-                    and 0x0D not in joined
-                ) or all(map(_JSON_TEXT.fullmatch, texts)):
+                if _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts)):
                     self._chunks += hi - lo
                     return
             if hi - lo >= 8:
@@ -230,18 +210,18 @@ class ResponseReader:
             self.feed(chunks[i])
 
     def _shaped(self, chunk: bytes) -> bool:
-        """Whether ``chunk`` is of the learnt text-delta shape (the test of :meth:`feed`'s fast path, no state)."""
+        """Whether ``chunk`` is of the learnt text-delta shape: the same bytes around the text as the delta it was
+        learnt from (one whole event), and between them nothing but the inside of one JSON string (no quote,
+        backslash or line break but escaped ones), so the bytes around it can only be structure, never text."""
         fast = self._fast
         if fast is None:
             return False
         head, tail, start, tail_length = fast
         end = len(chunk) - tail_length
-        return (
-            start < end
-            and chunk[:start] == head
-            and chunk[end:] == tail
-            and _JSON_TEXT.fullmatch(chunk, start, end) is not None
-        )
+        # Slices compared with ``==`` are the cheapest checks CPython has: no method call, no regex state.
+        if start < end and chunk[:start] == head and chunk[end:] == tail:
+            return _unescaped(chunk[start:end]) or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+        return False
 
     def finish(self, now: float) -> None:
         if self._decoder is not None:
@@ -312,6 +292,12 @@ _JSON_STRING_REST: Final = re.compile(rb'(?:[^"\\]|\\.)*"')
 #: The inside of a JSON string, escapes included (text without any quote, backslash or line break, the common
 #: case, is recognised without it). A raw line break is no JSON, and would end an SSE line.
 _JSON_TEXT: Final = re.compile(rb'(?:[^"\\\r\n]|\\[^\r\n])*')
+
+
+def _unescaped(text: bytes) -> bool:
+    """No quote, backslash or line break in ``text``: the inside of a JSON string without escapes, the common case
+    (four byte-value ``in`` tests, each a memchr)."""
+    return 0x22 not in text and 0x5C not in text and 0x0A not in text and 0x0D not in text
 
 
 def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, int, int] | None:
