@@ -106,6 +106,42 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _check_declared(group: str, plural: str, verb: str) -> None:
+    """Refuse a request the chart's RBAC does not grant (so a missing permission fails every test, not a cluster)."""
+    if not rbac.is_declared(group, plural, verb):
+        raise PermissionNotDeclaredError(f"{verb} {plural}.{group or 'core'} is not in rbac.PERMISSIONS")
+
+
+def _headers(api: k8s_client.ApiClient, accept: str) -> dict[str, str]:
+    """A request's headers: the client's defaults, ``Accept``, and the bearer token, read per request (a refresh
+    hook, an exec plugin or a rotated in-cluster token, renews it)."""
+    headers = {**api.default_headers, "Accept": accept}
+    for auth in api.configuration.auth_settings().values():
+        if auth.get("in") == "header" and auth.get("value"):
+            headers[str(auth["key"])] = str(auth["value"])
+    return headers
+
+
+def _parse(data: bytes | str | None) -> tuple[str, Any]:
+    """An answer's body as text and as parsed JSON (``{"message": text}`` when it is not JSON)."""
+    if isinstance(data, str):
+        data = data.encode()
+    text = data.decode("utf-8", "replace") if data else ""
+    try:
+        return text, (json.loads(text) if text else {})
+    except ValueError:
+        return text, {"message": text}
+
+
+def _api_error(status: int, text: str, parsed: Any, headers: Mapping[str, str] | None) -> ApiError:
+    """The error for an answer of ``status`` >= 400: its reason, message and ``Retry-After``."""
+    reason = str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
+    message = str(parsed.get("message", "")) if isinstance(parsed, dict) else text
+    error = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
+    retry_after = retry_after_seconds((headers or {}).get("Retry-After"))
+    return error(status, reason, message, body=parsed, retry_after=retry_after)
+
+
 @dataclass(frozen=True)
 class Resource:
     """An API resource: group, version and plural name."""
@@ -384,8 +420,7 @@ class KubeClient:
         accept: str | None = None,
     ) -> dict[str, Any]:
         plural = plural or resource.plural
-        if not rbac.is_declared(resource.group, plural, verb):
-            raise PermissionNotDeclaredError(f"{verb} {plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS")
+        _check_declared(resource.group, plural, verb)
         if method in ("POST", "PATCH"):
             query = [*(query or ()), ("fieldManager", FIELD_MANAGER)]
         loop = asyncio.get_running_loop()
@@ -408,17 +443,11 @@ class KubeClient:
         """Open a streaming GET (a watch) of ``path`` (with its query) and return its urllib3 response unread.
         Blocking: call it from a thread of the caller's own, not the event loop. The read timeout is long enough
         for the longest watch the operator asks for; an error status raises an :class:`ApiError` (not retried)."""
-        if not rbac.is_declared(resource.group, resource.plural, verb):
-            raise PermissionNotDeclaredError(
-                f"{verb} {resource.plural}.{resource.group or 'core'} is not in rbac.PERMISSIONS"
-            )
+        _check_declared(resource.group, resource.plural, verb)
         if self._closed:
             raise ApiError(0, "Closed", f"GET {path}: the client is closed (the operator is stopping)")
         api = self._client()
-        headers = {**api.default_headers, "Accept": accept}
-        for auth in api.configuration.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[str(auth["key"])] = str(auth["value"])
+        headers = _headers(api, accept)
         url = str(api.configuration.host).rstrip("/") + path
         try:
             response = api.rest_client.request(  # type: ignore[no-untyped-call]
@@ -430,18 +459,9 @@ class KubeClient:
             raise ApiError(0, "Unreachable", f"GET {path}: {exc}") from exc
         raw = response.response
         if int(response.status) >= 400:
-            text = raw.data.decode("utf-8", "replace") if raw.data else ""
+            data = raw.data
             raw.release_conn()
-            try:
-                parsed = json.loads(text) if text else {}
-            except ValueError:
-                parsed = {"message": text}
-            parsed = parsed if isinstance(parsed, dict) else {"message": text}
-            retry_after = retry_after_seconds((raw.headers or {}).get("Retry-After"))
-            raise ApiError(
-                int(response.status), str(parsed.get("reason", "")), str(parsed.get("message", "")),
-                retry_after=retry_after,
-            )  # fmt: skip
+            raise _api_error(int(response.status), *_parse(data), raw.headers)
         return raw
 
     def _client(self) -> k8s_client.ApiClient:
@@ -473,13 +493,9 @@ class KubeClient:
         """One blocking request (in a worker thread): the parsed JSON body, or an :class:`ApiError`."""
         api = self._client()
         configuration = api.configuration
-        headers = {**api.default_headers, "Accept": accept or "application/json"}
+        headers = _headers(api, accept or "application/json")
         if body is not None:
             headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        # The bearer token is read per request: a refresh hook (exec plugin, rotated in-cluster token) renews it.
-        for auth in configuration.auth_settings().values():
-            if auth.get("in") == "header" and auth.get("value"):
-                headers[str(auth["key"])] = str(auth["value"])
         url = str(configuration.host).rstrip("/") + path + ("?" + urlencode(query) if query else "")
         try:
             response = api.rest_client.request(  # type: ignore[no-untyped-call]
@@ -495,17 +511,7 @@ class KubeClient:
             response_headers = exc.headers
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, after urllib3's own retries
             raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
-        if isinstance(data, str):
-            data = data.encode()
-        text = data.decode("utf-8", "replace") if data else ""
-        try:
-            parsed = json.loads(text) if text else {}
-        except ValueError:
-            parsed = {"message": text}
+        text, parsed = _parse(data)
         if status >= 400:
-            reason = str(parsed.get("reason", "")) if isinstance(parsed, dict) else ""
-            message = str(parsed.get("message", "")) if isinstance(parsed, dict) else text
-            error = {404: NotFoundError, 409: ConflictError}.get(status, ApiError)
-            retry_after = retry_after_seconds((response_headers or {}).get("Retry-After"))
-            raise error(status, reason, message, body=parsed, retry_after=retry_after)
+            raise _api_error(status, text, parsed, response_headers)
         return parsed if isinstance(parsed, dict) else {}
