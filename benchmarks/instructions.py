@@ -6,15 +6,23 @@ than the differences we measure; the number of instructions executed does not. F
 pair a small driver runs twice under ``valgrind --tool=cachegrind --cache-sim=no``: it builds the app in-process
 (``profile_hot_path.build``), sends ``--warmup`` requests straight through ASGI, then K more (or none), and
 exits at once. The instructions per request are ``(I(K) - I(0)) / K``: start-up, imports and warm-up cancel
-out. Tracing variants flush their span processors inside the driven batch, so the export (to a local OTLP sink)
-is counted. The pairs run one after another; a full run takes a few minutes. Needs valgrind
+out. The pairs run one after another; a full run takes a few minutes. Needs valgrind
 (``apt-get install valgrind``).
+
+Tracing variants pay for their spans' export, to a local OTLP sink, as a loaded server does: the batch span
+processor sends full batches of 512 spans, so each span carries its own encoding plus 1/512 of a request's
+fixed cost (an HTTP POST costs a few million instructions). A driver's last batch is never full, so its POST
+would weigh 512/K times too much: both runs of a pair therefore send exactly one batch at their end (after the
+warm-up, one more request's span is held back to go with it), which cancels the POST out of ``I(K) - I(0)``, and
+a third run, the same as ``I(0)`` without that last export, measures the POST. Its fixed part is then added
+back as ``POST x spans per request / 512``, the spans per request counted by the sink.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pathlib
 import re
@@ -33,11 +41,14 @@ DEFAULT_SCENARIOS = ["chat", "stream64", "stream256", "embeddings"]
 DEFAULT_VARIANTS = ["bare", "ours", "ours+traces", "instrumentator"]
 #: K, the measured requests per scenario: fewer for long streams, whose requests cost more.
 DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream256": 12}
+#: Spans per export request of a loaded server: the batch span processor's default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE).
+BATCH = 512
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
-def drive(scenario: str, variant: str, warmup: int, requests: int) -> None:
-    """The driver, run under valgrind: build, warm up, send ``requests`` more, exit without tearing down."""
+def drive(scenario: str, variant: str, warmup: int, requests: int, export: bool) -> None:
+    """The driver, run under valgrind: build, warm up, send one request more and ``requests`` more, export the
+    spans of those (when ``export``, and the variant traces) in one batch, exit without tearing down."""
     import profile_hot_path
 
     sys.stdout = open(os.devnull, "w")  # request logs, if any, are still written, and counted
@@ -45,20 +56,29 @@ def drive(scenario: str, variant: str, warmup: int, requests: int) -> None:
     flush = profile_hot_path.flusher(app)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], warmup, flush))
-    if requests:
-        loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], requests, flush))
+    # Unflushed (the batch processor's own timer never fires here): one span, or a few, that every run exports.
+    loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], 1 + requests))
+    if export and flush is not None:
+        flush()
     os._exit(0)
 
 
-def instructions(scenario: str, variant: str, warmup: int, requests: int, env: dict[str, str]) -> int:
+def instructions(
+    scenario: str, variant: str, warmup: int, requests: int, env: dict[str, str], export: bool = True
+) -> int:
     """Instructions executed by one driver process, from valgrind's summary."""
     command = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null"]
-    command += [sys.executable, __file__, "--drive", scenario, variant, str(warmup), str(requests)]
+    command += [sys.executable, __file__, "--drive", scenario, variant, str(warmup), str(requests), str(int(export))]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     found = _IREFS.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise RuntimeError(f"{scenario}/{variant} driver failed ({done.returncode}):\n{done.stderr[-2000:]}")
     return int(found.group(1).replace(",", ""))
+
+
+def _spans(endpoint: str) -> int:
+    """Spans the sink has received so far."""
+    return int(json.loads(procs.http_get(endpoint + "/count"))["spans"])
 
 
 def _parse_requests(text: str) -> dict[str, int]:
@@ -75,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated; bare is added")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--requests", default="", help="K per scenario, e.g. chat=100,stream256=6")
-    parser.add_argument("--drive", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drive:
-        scenario, variant, warmup, requests = args.drive
-        drive(scenario, variant, int(warmup), int(requests))
+        scenario, variant, warmup, requests, export = args.drive
+        drive(scenario, variant, int(warmup), int(requests), export == "1")
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind): no instruction counts.")
         return 0
@@ -104,12 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
         env[BENCH_OTLP_ENDPOINT] = endpoint
         print(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
+        posts: list[str] = []
         for scenario in scenarios:
             k, chunks = ks.get(scenario, 100), SCENARIOS[scenario].chunks
             bare = 0.0
             for variant in variants:
+                spans = _spans(endpoint)
                 base = instructions(scenario, variant, args.warmup, 0, env)
-                per = (instructions(scenario, variant, args.warmup, k, env) - base) / k
+                spans_base = _spans(endpoint) - spans
+                measured = instructions(scenario, variant, args.warmup, k, env)
+                per = (measured - base) / k
+                if VARIANTS[variant].traces:
+                    per_request = (_spans(endpoint) - spans - 2 * spans_base) / k
+                    post = base - instructions(scenario, variant, args.warmup, 0, env, export=False)
+                    per += post * per_request / BATCH
+                    posts.append(
+                        f"  {scenario}/{variant}: one POST {post / 1e3:,.0f} k; spans per request: {per_request:g}; "
+                        f"{post * per_request / BATCH / 1e3:+.1f} k per request"
+                    )
                 bare = per if variant == "bare" else bare
                 added = per - bare
                 per_chunk = f"{added / chunks:12.0f}" if chunks and variant != "bare" else f"{'':12}"
@@ -122,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         procs.stop(sink)
     print(f"K = {', '.join(f'{s} {ks.get(s, 100)}' for s in scenarios)} requests after {args.warmup} warm-up; "
           "thousands of instructions; chunks are SSE events per response.")  # fmt: skip
+    if posts:
+        print(f"Span export, in batches of {BATCH} spans (each POST's fixed cost shared by the batch):")
+        print("\n".join(posts))
     return 0
 
 
