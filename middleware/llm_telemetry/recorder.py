@@ -20,6 +20,8 @@ _DETAILS = tuple((detail, part, f"{detail}_tokens") for detail, part in names.TO
 
 #: Distinct call shapes whose attribute sets are kept; the label values are bounded, so this is a safety net.
 MAX_SHAPES = 4096
+#: Longest model name a shape is also found by as sent (longer ones are looked up by their bounded label value).
+_RAW_KEY_CHARS = 256
 
 
 #: An attribute set and its key in the instruments (:func:`~llm_telemetry.instruments.attributes_key`).
@@ -34,9 +36,11 @@ class _Shape:
     """The attribute sets of every point a call of one shape makes (same labels, attribution, outcome), each
     with its key, so that recording a point is one dict lookup."""
 
-    __slots__ = ("cost", "details", "duration", "errors", "requests", "tokens", "tpot", "ttft", "unpriced")
+    __slots__ = ("cost", "details", "duration", "errors", "requests", "tokens", "tpot", "ttft", "unpriced", "values")
 
     def __init__(self, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
+        #: The call's bounded label values (without attribution), for the tool points.
+        self.values = values
         self.requests = _keyed(select(names.REQUESTS, values, attribution))
         self.duration = _keyed(select(names.REQUEST_DURATION, values, attribution))
         self.errors = _keyed(select(names.ERRORS, values, attribution))
@@ -152,18 +156,41 @@ class MetricsRecorder:
             names.LLM_USAGE_SOURCE: call.usage_source,
         }
 
+    def _shape(self, call: LLMCall) -> _Shape:
+        """The attribute sets of ``call``'s points. Calls are matched to their shape by their raw values while
+        those are short (so a repeat costs no label limiting), else by their bounded label values."""
+        attribution = call.attribution
+        request_model, response_model = call.request_model, call.response_model
+        short = len(request_model or "") <= _RAW_KEY_CHARS and len(response_model or "") <= _RAW_KEY_CHARS
+        raw = None
+        if short:
+            raw = (call.operation, call.provider, request_model, response_model, call.stream, call.error_type,
+                   call.usage_source, *attribution.items())  # fmt: skip
+            shape = self._shapes.get(raw)
+            if shape is not None:
+                return shape
+        values = self._values(call)
+        key = (*values.values(), *attribution.items())
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= MAX_SHAPES:
+                self._shapes.clear()
+            shape = self._shapes[key] = _Shape(values, attribution)
+        if (
+            raw is not None
+            and values[names.GEN_AI_REQUEST_MODEL] == (request_model or "unknown")
+            and values[names.GEN_AI_RESPONSE_MODEL] == response_model
+        ):
+            # Both models were admitted as sent, and an admitted value stays admitted: from now on the raw values
+            # stand for the bounded ones. (A value folded into ``other`` is asked about again each time.)
+            self._shapes[raw] = shape
+        return shape
+
     def end(self, call: LLMCall) -> None:
         ins = self._keyed
         attributes, key = self._active_attributes(call)
         ins.requests_active.add_keyed(-1, key, attributes)
-        values = self._values(call)
-        attribution = call.attribution
-        shape_key = (*values.values(), *attribution.items())
-        shape = self._shapes.get(shape_key)
-        if shape is None:
-            if len(self._shapes) >= MAX_SHAPES:
-                self._shapes.clear()
-            shape = self._shapes[shape_key] = _Shape(values, attribution)
+        shape = self._shape(call)
 
         attributes, key = shape.requests
         ins.requests.add_keyed(1, key, attributes)
@@ -208,7 +235,7 @@ class MetricsRecorder:
                 ins.unpriced_tokens.add_keyed(total, key, attributes)
 
         if call.tool_calls or call.tool_results:
-            self._tools(call, values, attribution)
+            self._tools(call, dict(shape.values), call.attribution)
 
     def _tools(self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
         ins = self.instruments
