@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -89,6 +90,85 @@ def _parse_requests(text: str) -> dict[str, int]:
     return requests
 
 
+def run(
+    scenarios: list[str], variants: list[str], ks: dict[str, int], warmup: int = 30, log: Any = print
+) -> dict[str, Any]:
+    """Count every (scenario, variant) pair; the report's rows carry what :func:`middleware_bench.targets`
+    reads (``cpu_ratio``, and the added cost in thousands of instructions in ``added_k``)."""
+    report: dict[str, Any] = {"rows": [], "posts": [], "ks": ks, "warmup": warmup, "scenarios": scenarios}
+    if shutil.which("valgrind") is None:
+        report["skipped"] = "valgrind is not installed (apt-get install valgrind): no instruction counts"
+        return report
+    variants = ["bare", *(v for v in variants if v != "bare")]
+    for v in list(variants):
+        missing = VARIANTS[v].missing()
+        if missing:
+            log(f"skipping {v}: {missing}")
+            variants.remove(v)
+    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        procs.wait_http(endpoint + "/count", sink)
+        # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
+        env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
+        env[BENCH_OTLP_ENDPOINT] = endpoint
+        for scenario in scenarios:
+            k, chunks = ks.get(scenario, 100), SCENARIOS[scenario].chunks
+            bare = 0.0
+            for variant in variants:
+                spans = _spans(endpoint)
+                base = instructions(scenario, variant, warmup, 0, env)
+                spans_base = _spans(endpoint) - spans
+                measured = instructions(scenario, variant, warmup, k, env)
+                per = (measured - base) / k
+                if VARIANTS[variant].traces:
+                    per_request = (_spans(endpoint) - spans - 2 * spans_base) / k
+                    post = base - instructions(scenario, variant, warmup, 0, env, export=False)
+                    per += post * per_request / BATCH
+                    report["posts"].append((scenario, variant, post, per_request))
+                bare = per if variant == "bare" else bare
+                added = per - bare
+                row = {"scenario": scenario, "variant": variant, "kinstr": per / 1e3, "added_k": added / 1e3}
+                row["cpu_ratio"] = per / bare if bare else 0.0
+                row["added_per_chunk_k"] = added / chunks / 1e3 if chunks and variant != "bare" else None
+                report["rows"].append(row)
+                log(f"{scenario}/{variant}: {per / 1e3:.1f} k instructions per request")
+    finally:
+        procs.stop(sink)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    from middleware_bench import targets
+
+    lines = ["== Middleware overhead in instructions (valgrind; reproducible to about 1%) =="]
+    if "skipped" in report:
+        return "\n".join([*lines, f"(not run: {report['skipped']})"])
+    lines.append(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
+    for row in report["rows"]:
+        per_chunk = row["added_per_chunk_k"]
+        lines.append(
+            f"{row['scenario']:<11} {row['variant']:<15} {row['kinstr']:11.1f} {row['added_k']:+10.1f} "
+            f"{row['cpu_ratio']:7.2f} {'' if per_chunk is None else format(per_chunk * 1e3, '.0f'):>12}"
+        )
+    ks = report["ks"]
+    lines.append(
+        f"K = {', '.join(f'{s} {ks.get(s, 100)}' for s in report['scenarios'])} requests after {report['warmup']} "
+        "warm-up; thousands of instructions; chunks are SSE events per response."
+    )
+    if report["posts"]:
+        lines.append(f"Span export, in batches of {BATCH} spans (each POST's fixed cost shared by the batch):")
+        for scenario, variant, post, per_request in report["posts"]:
+            lines.append(
+                f"  {scenario}/{variant}: one POST {post / 1e3:,.0f} k; spans per request: {per_request:g}; "
+                f"{post * per_request / BATCH / 1e3:+.1f} k per request"
+            )
+    lines += ["", "Targets (this run, in instructions)"]
+    for name, measured, verdict in targets(report, delta="added_k", unit="k"):
+        lines.append(f"  {name:<52}{measured:<40}{verdict}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help="comma-separated")
@@ -100,64 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.drive:
         scenario, variant, warmup, requests, export = args.drive
         drive(scenario, variant, int(warmup), int(requests), export == "1")
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed (apt-get install valgrind): no instruction counts.")
-        return 0
-
     scenarios = [s for s in args.scenarios.split(",") if s]
-    variants = ["bare", *(v for v in args.variants.split(",") if v and v != "bare")]
+    variants = [v for v in args.variants.split(",") if v]
     unknown = [s for s in scenarios if s not in SCENARIOS] + [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown scenario(s) or variant(s): {', '.join(unknown)}")
-    for v in list(variants):
-        missing = VARIANTS[v].missing()
-        if missing:
-            print(f"skipping {v}: {missing}")
-            variants.remove(v)
-    ks = _parse_requests(args.requests)
-
-    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        procs.wait_http(endpoint + "/count", sink)
-        # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
-        env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
-        env[BENCH_OTLP_ENDPOINT] = endpoint
-        print(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
-        posts: list[str] = []
-        for scenario in scenarios:
-            k, chunks = ks.get(scenario, 100), SCENARIOS[scenario].chunks
-            bare = 0.0
-            for variant in variants:
-                spans = _spans(endpoint)
-                base = instructions(scenario, variant, args.warmup, 0, env)
-                spans_base = _spans(endpoint) - spans
-                measured = instructions(scenario, variant, args.warmup, k, env)
-                per = (measured - base) / k
-                if VARIANTS[variant].traces:
-                    per_request = (_spans(endpoint) - spans - 2 * spans_base) / k
-                    post = base - instructions(scenario, variant, args.warmup, 0, env, export=False)
-                    per += post * per_request / BATCH
-                    posts.append(
-                        f"  {scenario}/{variant}: one POST {post / 1e3:,.0f} k; spans per request: {per_request:g}; "
-                        f"{post * per_request / BATCH / 1e3:+.1f} k per request"
-                    )
-                bare = per if variant == "bare" else bare
-                added = per - bare
-                per_chunk = f"{added / chunks:12.0f}" if chunks and variant != "bare" else f"{'':12}"
-                ratio = per / bare if bare else 0.0
-                print(
-                    f"{scenario:<11} {variant:<15} {per / 1e3:11.1f} {added / 1e3:+10.1f} {ratio:7.2f} {per_chunk}",
-                    flush=True,
-                )
-    finally:
-        procs.stop(sink)
-    print(f"K = {', '.join(f'{s} {ks.get(s, 100)}' for s in scenarios)} requests after {args.warmup} warm-up; "
-          "thousands of instructions; chunks are SSE events per response.")  # fmt: skip
-    if posts:
-        print(f"Span export, in batches of {BATCH} spans (each POST's fixed cost shared by the batch):")
-        print("\n".join(posts))
+    report = run(scenarios, variants, _parse_requests(args.requests), args.warmup, log=_stderr)
+    print(format_report(report))
     return 0
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
