@@ -10,12 +10,14 @@ in ``docs/metrics.md`` read them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import threading
 from bisect import bisect_left
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from time import time_ns
 from typing import Any, Final, Protocol
@@ -303,9 +305,19 @@ class SummedInstrument:
 
     __slots__ = ("_lock", "_totals")
 
-    def __init__(self, meter: Meter, name: str, unit: str, description: str, *, monotonic: bool = True) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        name: str,
+        unit: str,
+        description: str,
+        *,
+        monotonic: bool = True,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self._totals: dict[frozenset[tuple[str, Any]], list[Any]] = {}
-        self._lock = threading.Lock()
+        #: Guards the totals; may be shared with other instruments (see :attr:`Instruments.lock`).
+        self._lock = lock or threading.Lock()
         create = meter.create_observable_counter if monotonic else meter.create_observable_up_down_counter
         create(name, callbacks=[self._observe], unit=unit, description=description)
 
@@ -316,11 +328,15 @@ class SummedInstrument:
         """``add`` with the attributes' key (``frozenset(attributes.items())``) already made: callers that
         record the same attribute set again and again keep it (a frozenset keeps its hash too)."""
         with self._lock:
-            entry = self._totals.get(key)
-            if entry is None:
-                self._totals[key] = [amount, dict(attributes or {})]
-            else:
-                entry[0] += amount
+            self.add_locked(amount, key, attributes)
+
+    def add_locked(self, amount: float, key: frozenset[tuple[str, Any]], attributes: Attributes) -> None:
+        """:meth:`add_keyed` for a caller holding this instrument's lock (:attr:`Instruments.lock`)."""
+        entry = self._totals.get(key)
+        if entry is None:
+            self._totals[key] = [amount, dict(attributes or {})]
+        else:
+            entry[0] += amount
 
     def _observe(self, options: CallbackOptions) -> list[Observation]:
         with self._lock:
@@ -371,14 +387,15 @@ class BucketHistogram:
 
     __slots__ = ("_filter", "_lock", "_owner", "_sequence", "_series", "bounds", "spec")
 
-    def __init__(self, owner: Histograms, spec: MetricSpec, exemplar_filter: Any) -> None:
+    def __init__(self, owner: Histograms, spec: MetricSpec, exemplar_filter: Any, lock: threading.Lock) -> None:
         self.spec = spec
         self.bounds = tuple(spec.buckets or ())
         self._owner = owner
         self._filter = exemplar_filter
         self._series: dict[frozenset[tuple[str, Any]], _Series] = {}
         self._sequence = 0
-        self._lock = threading.Lock()
+        #: Guards the series; shared with the other instruments of the meter (see :attr:`Instruments.lock`).
+        self._lock = lock
 
     def record(self, amount: float, attributes: Attributes = None, context: Context | None = None) -> None:
         if not 0 <= amount < math.inf:  # also false for NaN
@@ -407,24 +424,33 @@ class BucketHistogram:
     ) -> None:
         """``record`` with the attributes' key (:func:`attributes_key`) and the exemplar decision
         (:meth:`exemplar`) already made."""
+        with self._lock:
+            self.record_locked(amount, key, attributes, sample)
+
+    def record_locked(
+        self,
+        amount: float,
+        key: frozenset[tuple[str, Any]],
+        attributes: Attributes,
+        sample: tuple[int, int | None, int | None] | None,
+    ) -> None:
+        """:meth:`record_keyed` for a caller holding this histogram's lock (:attr:`Instruments.lock`)."""
         if not 0 <= amount < math.inf:  # also false for NaN
             return
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key, attributes)
         index = bisect_left(self.bounds, amount)
-        exemplar = None if sample is None else (amount, *sample)
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._new_series(key, attributes)
-            series.counts[index] += 1
-            series.sum += amount
-            series.count += 1
-            if amount < series.min:
-                series.min = amount
-            if amount > series.max:
-                series.max = amount
-            if exemplar is not None:
-                self._sequence += 1
-                series.exemplars[index] = (self._sequence, *exemplar)
+        series.counts[index] += 1
+        series.sum += amount
+        series.count += 1
+        if amount < series.min:
+            series.min = amount
+        if amount > series.max:
+            series.max = amount
+        if sample is not None:
+            self._sequence += 1
+            series.exemplars[index] = (self._sequence, amount, *sample)
 
     def _new_series(self, key: frozenset[tuple[str, Any]], attributes: Attributes) -> _Series:
         """Called with the lock held."""
@@ -497,9 +523,11 @@ class Histograms:
         #: Histograms in the order of their first record: the order the SDK reports its own instruments in.
         self._order: list[BucketHistogram] = []
         self._lock = threading.Lock()
+        #: The lock of every histogram created here (and of the counters created with them: :func:`create_instruments`).
+        self.lock = threading.Lock()
 
     def create(self, spec: MetricSpec) -> BucketHistogram:
-        return BucketHistogram(self, spec, self._filter)
+        return BucketHistogram(self, spec, self._filter, self.lock)
 
     def started(self, histogram: BucketHistogram) -> None:
         with self._lock:
@@ -579,6 +607,10 @@ class Instruments:
     tool_results: Sum
     requests_active: Sum
     internal_errors: Sum
+    #: Held by the recorder around the ``add_locked`` / ``record_locked`` calls of one call's points, so a call
+    #: takes one lock instead of one per point: the lock the single-process instruments share, or a context
+    #: that does nothing when every instrument locks itself (the SDK's, the workers' shared meter).
+    lock: AbstractContextManager[Any] = dataclasses.field(default_factory=nullcontext)
 
 
 def create_histogram(meter: Meter, spec: MetricSpec) -> Record:
@@ -601,12 +633,14 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
             must get through :meth:`Histograms.feed`); otherwise the meter's own synchronous histograms.
     """
 
+    lock = histograms.lock if histograms is not None else threading.Lock()
+
     def create(spec: MetricSpec) -> Any:
         if spec.kind == "histogram":
             return histograms.create(spec) if histograms is not None else create_histogram(meter, spec)
         monotonic = spec.kind == "counter"
         if summed:
-            return SummedInstrument(meter, spec.name, spec.unit, spec.description, monotonic=monotonic)
+            return SummedInstrument(meter, spec.name, spec.unit, spec.description, monotonic=monotonic, lock=lock)
         factory = meter.create_counter if monotonic else meter.create_up_down_counter
         return factory(spec.name, unit=spec.unit, description=spec.description)
 
@@ -624,4 +658,5 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
         tool_results=create(TOOL_RESULTS),
         requests_active=create(REQUESTS_ACTIVE),
         internal_errors=create(INTERNAL_ERRORS),
+        lock=lock if summed or histograms is not None else nullcontext(),
     )

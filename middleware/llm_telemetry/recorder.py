@@ -78,6 +78,8 @@ class _KeyedSum:
     def add_keyed(self, amount: float, key: Any, attributes: dict[str, Any]) -> None:
         self.instrument.add(amount, attributes)
 
+    add_locked = add_keyed  # the instrument locks itself
+
 
 class _KeyedHistogram:
     """A histogram without keyed records, given the methods of :class:`BucketHistogram` the recorder calls; its
@@ -92,13 +94,16 @@ class _KeyedHistogram:
     def record_keyed(self, amount: float, key: Any, attributes: dict[str, Any], sample: Any) -> None:
         self.instrument.record(amount, attributes, context=sample)
 
+    record_locked = record_keyed  # the instrument locks itself
+
 
 def _keyed_instruments(instruments: Instruments) -> Instruments:
-    """``instruments`` whose counters all have ``add_keyed`` and histograms ``record_keyed`` and ``exemplar``."""
+    """``instruments`` whose counters all have ``add_keyed`` and ``add_locked``, and histograms ``record_keyed``,
+    ``record_locked`` and ``exemplar``."""
     changes: dict[str, Any] = {}
     for field in dataclasses.fields(instruments):
         instrument = getattr(instruments, field.name)
-        if isinstance(instrument, (SummedInstrument, BucketHistogram)):
+        if field.name == "lock" or isinstance(instrument, (SummedInstrument, BucketHistogram)):
             continue
         if hasattr(instrument, "record"):
             changes[field.name] = _KeyedHistogram(instrument)
@@ -188,51 +193,47 @@ class MetricsRecorder:
 
     def end(self, call: LLMCall) -> None:
         ins = self._keyed
-        attributes, key = self._active_attributes(call)
-        ins.requests_active.add_keyed(-1, key, attributes)
+        active, active_key = self._active_attributes(call)
         shape = self._shape(call)
-
-        attributes, key = shape.requests
-        ins.requests.add_keyed(1, key, attributes)
-        if call.error_type:
-            attributes, key = shape.errors
-            ins.errors.add_keyed(1, key, attributes)
+        # Everything the points need is worked out first; then they are all recorded under one lock.
         # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.
         sample = ins.request_duration.exemplar(call.otel_context)
-        end = call.end
-        if end is not None:
-            attributes, key = shape.duration
-            ins.request_duration.record_keyed(end - call.start, key, attributes, sample)
+        end, first, tpot = call.end, None, None
         if call.stream:
-            first = call.first_token_at
+            first, tpot = call.first_token_at, call.time_per_output_token
+        total = (call.input_tokens or 0) + (call.output_tokens or 0)  # the billable counts (shape.tokens)
+        cost = None
+        if total:
+            cost = call.cost_usd = self.pricing.cost(call)
+
+        with ins.lock:
+            ins.requests_active.add_locked(-1, active_key, active)
+            attributes, key = shape.requests
+            ins.requests.add_locked(1, key, attributes)
+            if call.error_type:
+                attributes, key = shape.errors
+                ins.errors.add_locked(1, key, attributes)
+            if end is not None:
+                attributes, key = shape.duration
+                ins.request_duration.record_locked(end - call.start, key, attributes, sample)
             if first is not None:
                 attributes, key = shape.ttft
-                ins.time_to_first_token.record_keyed(first - call.start, key, attributes, sample)
-            tpot = call.time_per_output_token
+                ins.time_to_first_token.record_locked(first - call.start, key, attributes, sample)
             if tpot is not None:
                 attributes, key = shape.tpot
-                ins.time_per_output_token.record_keyed(tpot, key, attributes, sample)
-
-        total = 0
-        for field, (attributes, key) in shape.tokens:
-            count = getattr(call, field)
-            if count:
-                ins.tokens.add_keyed(count, key, attributes)
-                total += count
-        for field, (attributes, key) in shape.details:
-            count = getattr(call, field)
-            if count:
-                ins.token_details.add_keyed(count, key, attributes)
-
-        if total:
-            cost = self.pricing.cost(call)
-            call.cost_usd = cost
+                ins.time_per_output_token.record_locked(tpot, key, attributes, sample)
+            for field, (attributes, key) in shape.tokens:
+                if count := getattr(call, field):
+                    ins.tokens.add_locked(count, key, attributes)
+            for field, (attributes, key) in shape.details:
+                if count := getattr(call, field):
+                    ins.token_details.add_locked(count, key, attributes)
             if cost is not None:
                 attributes, key = shape.cost
-                ins.cost.add_keyed(cost, key, attributes)
-            else:
+                ins.cost.add_locked(cost, key, attributes)
+            elif total:
                 attributes, key = shape.unpriced
-                ins.unpriced_tokens.add_keyed(total, key, attributes)
+                ins.unpriced_tokens.add_locked(total, key, attributes)
 
         if call.tool_calls or call.tool_results:
             self._tools(call, dict(shape.values), call.attribution)
