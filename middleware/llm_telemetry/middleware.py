@@ -30,8 +30,12 @@ logger = logging.getLogger("llm_telemetry")
 #: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
 REQUEST_ID_HEADER = b"x-request-id"
 
-#: Stream chunks kept unread at most (in bytes, one chunk more at most) before they are read together.
-MAX_HELD_BYTES = 32 * 1024
+#: Stream chunks kept unread at most before they are read together, and the largest chunk kept (a larger one
+#: is read as it passes): so at most MAX_HELD_BYTES are kept. Counting chunks, rather than adding up their sizes,
+#: keeps the per-chunk work of ``send`` to two ``len`` calls and no attribute write.
+MAX_HELD_CHUNKS = 64
+MAX_HELD_CHUNK_BYTES = 512
+MAX_HELD_BYTES = MAX_HELD_CHUNKS * MAX_HELD_CHUNK_BYTES
 
 #: Longest request id taken from the client's header (longer ones are cut).
 _MAX_REQUEST_ID_CHARS = 128
@@ -137,7 +141,6 @@ class _Exchange:
         "echo_id",
         "failsafe",
         "held",
-        "held_bytes",
         "max_body",
         "reader",
         "send_code",
@@ -165,7 +168,6 @@ class _Exchange:
         self.reader: ResponseReader | None = None
         #: Stream chunks sent but not read yet (see :meth:`send`), or None while chunks are read as they pass.
         self.held: list[bytes] | None = None
-        self.held_bytes = 0
         self.started = False
         self.complete = False
         #: The server told us the client left: an ``http.disconnect`` message, or its ``send`` raised.
@@ -227,40 +229,43 @@ class _Exchange:
         traceback. Everything else, and servers whose ``send`` has no Python frame, goes through
         :meth:`_watched_send`."""
         held = self.held  # a list only when send_code is not None
-        if (
-            (held is not None or self.send_code is not None)
-            and message["type"] == "http.response.body"
-            and message.get("more_body")
-        ):
-            body = message.get("body")
-            if held is not None:
+        if held is not None:
+            # Subscripts cost less than ``get``; a message without these keys takes the general path below.
+            try:
+                more = message["more_body"]
+                body = message["body"]
+            except KeyError:
+                more = body = None
+            if not (more and message["type"] == "http.response.body"):
+                return self._watched_send(message)
+            if type(body) is bytes and (size := len(body)) <= MAX_HELD_CHUNK_BYTES:
                 # Hottest path: the reader knows this stream's text-delta shape and needs no more clock readings,
-                # so the chunk is only kept (bytes are immutable: a reference is enough) and read with the
-                # others later, in bulk: when they reach MAX_HELD_BYTES, or before the next message read here.
-                if type(body) is bytes:
-                    if body:
-                        held.append(body)
-                        if (size := self.held_bytes + len(body)) > MAX_HELD_BYTES:
-                            self.release()
-                        else:
-                            self.held_bytes = size
-                    return self._send(message)
-                self.release()
-            reader = self.reader
-            if reader is not None and body:
-                try:
-                    reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
-                    if reader.holding:
-                        self.held = []
-                except Exception as exc:
-                    self.reader = None
-                    self.failsafe("response_parse", exc)
-            return self._send(message)
-        return self._watched_send(message)
+                # so the chunk is only kept (bytes are immutable: a reference is enough) and read with the others
+                # later, in bulk: every MAX_HELD_CHUNKS chunks, or before the next message read here.
+                if size:
+                    held.append(body)
+                    if len(held) >= MAX_HELD_CHUNKS:
+                        self.release()
+                return self._send(message)
+            self.release()  # the kept chunks come first; this one is read as it passes
+        elif self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
+            body = message.get("body")
+        else:
+            return self._watched_send(message)
+        reader = self.reader
+        if reader is not None and body:
+            try:
+                reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
+                if reader.holding:
+                    self.held = []
+            except Exception as exc:
+                self.reader = None
+                self.failsafe("response_parse", exc)
+        return self._send(message)
 
     def release(self) -> None:
         """Read the chunks kept by :meth:`send`, in order; keep holding only while the reader can take more."""
-        held, self.held, self.held_bytes = self.held, None, 0
+        held, self.held = self.held, None
         reader = self.reader
         if reader is None:
             return

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry.apis import APIS
-from llm_telemetry.middleware import MAX_HELD_BYTES, _Exchange
+from llm_telemetry.middleware import MAX_HELD_BYTES, MAX_HELD_CHUNK_BYTES, MAX_HELD_CHUNKS, _Exchange
 from llm_telemetry.record import LLMCall
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=10)
@@ -222,3 +222,75 @@ def test_anthropic_deltas_are_held_and_counted() -> None:
     call = through_exchange(chunks, "anthropic.messages")
     assert (call.output_tokens, call.usage_source, call.finish_reasons) == (50, "estimated", ["end_turn"])
     assert call.input_tokens == 3 and call.first_token_at is not None
+
+
+@st.composite
+def body_messages(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """A chat stream as the app's body messages, in the forms ASGI allows: bytes or bytearray bodies, chunks
+    larger than the biggest one kept, empty bodies and messages without a body. Also the chunks it carries."""
+    words = draw(st.lists(texts.filter(bool) | st.integers(100, 700).map(lambda n: "w" * n), min_size=1, max_size=80))
+    events: list[dict[str, Any] | str] = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": word}) for word in words]
+    events += [chat_chunk({}, "stop"), "[DONE]"]
+    messages: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for event in events:
+        chunk = encode(event, False, True)
+        chunks.append(chunk)
+        form = draw(st.sampled_from(["bytes"] * 6 + ["bytearray", "empty", "no body"]))
+        if form == "empty":
+            messages.append({"type": "http.response.body", "body": b"", "more_body": True})
+        elif form == "no body":
+            messages.append({"type": "http.response.body", "more_body": True})
+        messages.append(
+            {
+                "type": "http.response.body",
+                "body": bytearray(chunk) if form == "bytearray" else chunk,
+                "more_body": True,
+            }
+        )
+    return messages, chunks
+
+
+@given(body_messages())
+@settings(max_examples=200, deadline=None)
+def test_send_keeps_few_small_chunks_and_reads_like_one_by_one(
+    stream: tuple[list[dict[str, Any]], list[bytes]],
+) -> None:
+    """Whatever form the app's messages take, ``send`` keeps at most MAX_HELD_CHUNKS chunks of at most
+    MAX_HELD_CHUNK_BYTES each, the client gets every byte unchanged, and the numbers are those of feeding every
+    chunk one by one."""
+    messages, chunks = stream
+    sent: list[bytes] = []
+    exchange: _Exchange | None = None
+
+    async def server_send(message: dict[str, Any]) -> None:
+        assert exchange is not None
+        held = exchange.held or []
+        assert len(held) <= MAX_HELD_CHUNKS and all(len(chunk) <= MAX_HELD_CHUNK_BYTES for chunk in held)
+        if message["type"] == "http.response.body":
+            sent.append(bytes(message.get("body", b"")))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def failsafe(component: str, exc: BaseException) -> None:
+        raise AssertionError(f"{component}: {exc!r}")
+
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, time.perf_counter())
+    exchange = _Exchange(spec, call, receive, server_send, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+
+    async def app() -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+        await exchange.send(start)
+        for message in messages:
+            await exchange.send(message)
+        await exchange.send({"type": "http.response.body"})  # the last one: no more_body
+
+    asyncio.run(app())
+    exchange.finish(None)
+    assert b"".join(sent) == b"".join(chunks)
+    expected, _ = one_by_one(chunks)
+    assert numbers(call)[:-1] == numbers(expected)[:-1]
+    assert call.first_token_at is not None and exchange.complete
