@@ -355,6 +355,10 @@ CARDINALITY_LIMIT: Final = 2000
 _OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
 
 
+#: What an exemplar carries besides its value: (time, span id, trace id).
+Sample = tuple[int, int | None, int | None]
+
+
 class _Series:
     """One attribute set of a :class:`BucketHistogram`."""
 
@@ -403,24 +407,20 @@ class BucketHistogram:
         sample = self.sample(context) if self._filter.should_sample(amount, 0, attributes, context) else None
         self.record_keyed(amount, attributes_key(attributes), attributes, sample)
 
-    def sample(self, context: Context | None) -> tuple[int, int | None, int | None]:
+    def sample(self, context: Context | None) -> Sample:
         """What an exemplar of a record in ``context`` carries besides its value: (time, span id, trace id)."""
         span = trace.get_current_span(context)
         ids = span.get_span_context() if span is not trace.INVALID_SPAN else None
         return (time_ns(), ids.span_id if ids else None, ids.trace_id if ids else None)
 
-    def exemplar(self, context: Context | None) -> tuple[int, int | None, int | None] | None:
+    def exemplar(self, context: Context | None) -> Sample | None:
         """:meth:`sample` when the exemplar filter keeps records made in ``context``, else None. The filters the
         SDK offers (``always_on``, ``always_off``, ``trace_based``) decide by the context alone, so a caller
         making several records in one context asks once."""
         return self.sample(context) if self._filter.should_sample(0.0, 0, None, context) else None
 
     def record_keyed(
-        self,
-        amount: float,
-        key: frozenset[tuple[str, Any]],
-        attributes: Attributes,
-        sample: tuple[int, int | None, int | None] | None,
+        self, amount: float, key: frozenset[tuple[str, Any]], attributes: Attributes, sample: Sample | None
     ) -> None:
         """``record`` with the attributes' key (:func:`attributes_key`) and the exemplar decision
         (:meth:`exemplar`) already made."""
@@ -428,11 +428,7 @@ class BucketHistogram:
             self.record_locked(amount, key, attributes, sample)
 
     def record_locked(
-        self,
-        amount: float,
-        key: frozenset[tuple[str, Any]],
-        attributes: Attributes,
-        sample: tuple[int, int | None, int | None] | None,
+        self, amount: float, key: frozenset[tuple[str, Any]], attributes: Attributes, sample: Sample | None
     ) -> None:
         """:meth:`record_keyed` for a caller holding this histogram's lock (:attr:`Instruments.lock`)."""
         if not 0 <= amount < math.inf:  # also false for NaN
