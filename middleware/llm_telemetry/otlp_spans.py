@@ -21,11 +21,13 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _SDKOTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 logger = logging.getLogger("llm_telemetry")
 
@@ -49,10 +51,11 @@ _D: Final[Callable[[float], bytes]] = struct.Struct("<d").pack
 _INT64: Final = range(-(2**63), 2**63)
 _UINT64: Final = (1 << 64) - 1
 
-#: Encoded ``KeyValue`` fields (length prefix included) of attribute values that recur from span to span (model,
-#: route, status, token counts, ...), by (key, type, value); cleared when full, so bounded.
+#: Encoded ``KeyValue`` fields of attribute values that recur from span to span (model, route, status, token
+#: counts, ...), one table per enclosing field tag (the tag and length prefix included), by (key, type, value);
+#: cleared when full, so bounded.
 _CACHE_SIZE: Final = 4096
-_cache: dict[tuple[str, type, Any], bytes] = {}
+_caches: dict[bytes, dict[tuple[str, type, Any], bytes]] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -116,78 +119,220 @@ def _key_value(key: str, value: Any) -> bytes:
 _keys: dict[str, bytes] = {}
 
 
+def _cacheable(kind: type, value: Any) -> bool:
+    """Whether an encoding may be found again by (key, type, value): only where equal values of one type have
+    equal encodings. Not 0.0 (equal to -0.0) or NaN (equal to nothing), and tuples only of strings (a tuple's
+    type says nothing of its items': (1,) == (True,))."""
+    if kind is str or kind is int or kind is bool:
+        return True
+    if kind is float:
+        return bool(value != 0.0 and value == value)
+    return kind is tuple and all(type(v) is str for v in value)
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[bytes]) -> None:
     """Append ``attributes`` as repeated ``KeyValue`` fields of ``tag``; one that cannot be encoded is logged and
     left out, as the SDK encoder does."""
     if not attributes:
         return
-    cache = _cache
-    for key, value in attributes.items():
+    if type(attributes) is not dict:
+        attributes = dict(attributes)
+    cache = _caches.get(tag)
+    if cache is None:
+        cache = _caches[tag] = {}
+    values = attributes.values()
+    # Recurring values are looked up all at once, without a Python step per attribute; misses are filled below.
+    try:
+        entries: list[Any] = list(map(cache.get, zip(attributes, map(type, values), values, strict=True)))
+    except TypeError:  # an unhashable value (a list in a hand-made span): look each one up on its own
+        entries = [None] * len(attributes)
+    if not all(entries):  # a miss (None; cached entries are never empty)
+        _misses(tag, attributes, entries, cache)
+    parts += entries
+
+
+def _misses(tag: bytes, attributes: dict[str, Any], entries: list[Any], cache: dict[Any, bytes]) -> None:
+    """Encode the attributes whose ``entries`` are None (in place; b"" for one that cannot be encoded)."""
+    for i, (key, value) in enumerate(attributes.items()):
+        if entries[i] is not None:
+            continue
         kind = type(value)
-        # Values equal across types (1 == True, 0.0 == -0.0) must not share an entry: only str, int and bool
-        # values are cached (by type too), and tuples of strings.
-        cacheable = kind is str or kind is int or kind is bool or (kind is tuple and all(type(v) is str for v in value))
-        entry = cache.get((key, kind, value)) if cacheable else None
-        if entry is None:
-            try:
-                head = _keys.get(key)
-                if head is None:
-                    if len(_keys) >= _CACHE_SIZE:
-                        _keys.clear()
-                    encoded = str(key).encode()
-                    head = _keys[key] = b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
-                data = _value(value)
-                pair = head + b"\x12" + _varint(len(data)) + data
-                entry = _varint(len(pair)) + pair
-            except Exception as error:
-                logger.exception("llm-telemetry: failed to encode span attribute %s: %s", key, error)
-                continue
-            if cacheable:
-                if len(cache) >= _CACHE_SIZE:
-                    cache.clear()
-                cache[(key, kind, value)] = entry
-        parts.append(tag)
-        parts.append(entry)
+        try:
+            found = cache.get((key, kind, value))
+        except TypeError:
+            found = None
+        if found is not None:
+            entries[i] = found
+            continue
+        try:
+            head = _keys.get(key)
+            if head is None:
+                if len(_keys) >= _CACHE_SIZE:
+                    _keys.clear()
+                encoded = str(key).encode()
+                head = _keys[key] = b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
+            data = _value(value)
+            pair = head + b"\x12" + _varint(len(data)) + data
+            entry = tag + _varint(len(pair)) + pair
+        except Exception as error:
+            logger.exception("llm-telemetry: failed to encode span attribute %s: %s", key, error)
+            entries[i] = b""
+            continue
+        entries[i] = entry
+        if _cacheable(kind, value):
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            cache[(key, kind, value)] = entry
 
 
 def _flags(context: Any) -> bytes:
     return _FLAGS_REMOTE if context is not None and context.is_remote else _FLAGS_LOCAL
 
 
+_IDS: Final[Callable[..., bytes]] = struct.Struct(">2sQQ2sQ").pack
+_M64: Final = (1 << 64) - 1
+_TIMES: Final[Callable[..., bytes]] = struct.Struct("<1sQ1sQ").pack
+_END_LOCAL: Final = b"\x85\x01" + _FLAGS_LOCAL
+_END_REMOTE: Final = b"\x85\x01" + _FLAGS_REMOTE
+#: Encoded ``Span.status`` fields by ``Status`` object (spans share a few: unset, ok, an error per error type).
+_statuses: dict[Any, bytes] = {}
+_STATUS_CODES: Final = {code: code.value for code in StatusCode}
+
+
+def _status(status: Any) -> bytes:
+    found = _statuses.get(status) if type(status) is Status else None
+    if found is not None:
+        return found
+    code = status.status_code
+    code = _STATUS_CODES[code] if type(code) is StatusCode else code.value
+    message = status.description
+    pb_status = (_field(b"\x12", message.encode()) if message else b"") + (b"\x18" + _varint(code) if code else b"")
+    found = _field(b"\x7a", pb_status)
+    if type(status) is Status:
+        if len(_statuses) >= 256:
+            _statuses.clear()
+        _statuses[status] = found
+    return found
+
+
+def _readable_fields(span: ReadableSpan) -> tuple[Any, ...]:
+    """What :func:`_encode_span` reads of a span: the private fields of the SDK's own ``ReadableSpan`` (what
+    its properties return, without a call and a copy each), the public properties of any other."""
+    if type(span) is ReadableSpan and _PRIVATE_FIELDS:
+        attributes, events, links = span._attributes, span._events, span._links
+        return (
+            span._context,
+            span._parent,
+            span._name,
+            span._kind,
+            span._start_time,
+            span._end_time,
+            attributes,
+            0 if type(attributes) is dict else _dropped(attributes, BoundedAttributes),
+            events,
+            0 if type(events) is list else _dropped(events, BoundedList),
+            links,
+            0 if type(links) is list else _dropped(links, BoundedList),
+            span._status,
+        )
+    return (
+        span.context,
+        span.parent,
+        span.name,
+        span.kind,
+        span.start_time,
+        span.end_time,
+        span.attributes,
+        span.dropped_attributes,
+        span.events,
+        span.dropped_events,
+        span.links,
+        span.dropped_links,
+        span.status,
+    )
+
+
+def _dropped(items: Any, bounded: type[Any]) -> int:
+    dropped: int = items.dropped if isinstance(items, bounded) else 0
+    return dropped
+
+
+def _private_fields() -> bool:
+    """Whether the SDK's ``ReadableSpan`` and ``Event`` keep what their properties return in the private fields
+    read above (a later release may not)."""
+    try:
+        span = ReadableSpan(name="probe", attributes={"a": 1}, events=(), links=(), start_time=1, end_time=2)
+        names = ("context", "parent", "name", "kind", "start_time", "end_time", "status", "resource")
+        event = Event("probe", {"a": 1}, 3)
+        return (
+            all(getattr(span, "_" + name) == getattr(span, name) for name in (*names, "instrumentation_scope"))
+            and (dict(span._attributes or {}), tuple(span._events), tuple(span._links))
+            == (dict(span.attributes or {}), tuple(span.events), tuple(span.links))
+            and (event._name, event._attributes, event._timestamp) == (event.name, event.attributes, event.timestamp)
+        )
+    except Exception:
+        return False
+
+
+_PRIVATE_FIELDS: Final = _private_fields()
+
+
 def _encode_span(span: ReadableSpan) -> bytes:
     """One ``Span`` message, fields in field-number order as the protobuf library writes them."""
-    context = span.context
+    (
+        context,
+        parent,
+        name,
+        kind,
+        start_time,
+        end_time,
+        attributes,
+        dropped_attributes,
+        events,
+        dropped_events,
+        links,
+        dropped_links,
+        status,
+    ) = _readable_fields(span)
     assert context is not None
-    parts = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
+    trace_id = context.trace_id
+    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _M64, b"\x12\x08", context.span_id)]
     trace_state = context.trace_state
     if trace_state:
         parts.append(_field(b"\x1a", ",".join(f"{key}={value}" for key, value in trace_state.items()).encode()))
-    parent = span.parent
     if parent:
         parts.append(b"\x22\x08")
         parts.append(parent.span_id.to_bytes(8, "big"))
-    name = span.name
     if name:
         parts.append(_field(b"\x2a", name.encode()))
-    parts.append(_KINDS[span.kind])
-    if span.start_time:
-        parts.append(b"\x39" + _Q(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _Q(span.end_time))
-    _attributes(b"\x4a", span.attributes, parts)
-    if span.dropped_attributes:
-        parts.append(b"\x50" + _varint(span.dropped_attributes))
-    for event in span.events:
-        pb_event = [b"\x09" + _Q(event.timestamp)] if event.timestamp else []
-        if event.name:
-            pb_event.append(_field(b"\x12", event.name.encode()))
-        _attributes(b"\x1a", event.attributes, pb_event)
-        if event.dropped_attributes:
-            pb_event.append(b"\x20" + _varint(event.dropped_attributes))
+    parts.append(_KINDS[kind])
+    if start_time and end_time:
+        parts.append(_TIMES(b"\x39", start_time, b"\x41", end_time))
+    else:
+        if start_time:
+            parts.append(b"\x39" + _Q(start_time))
+        if end_time:
+            parts.append(b"\x41" + _Q(end_time))
+    _attributes(b"\x4a", attributes, parts)
+    if dropped_attributes:
+        parts.append(b"\x50" + _varint(dropped_attributes))
+    for event in events:
+        if type(event) is Event and _PRIVATE_FIELDS:
+            timestamp, event_name, event_attributes = event._timestamp, event._name, event._attributes
+            dropped = 0 if type(event_attributes) is dict else _dropped(event_attributes, BoundedAttributes)
+        else:
+            timestamp, event_name, event_attributes = event.timestamp, event.name, event.attributes
+            dropped = event.dropped_attributes
+        pb_event = [b"\x09" + _Q(timestamp)] if timestamp else []
+        if event_name:
+            pb_event.append(_field(b"\x12", event_name.encode()))
+        _attributes(b"\x1a", event_attributes, pb_event)
+        if dropped:
+            pb_event.append(b"\x20" + _varint(dropped))
         parts.append(_field(b"\x5a", b"".join(pb_event)))
-    if span.dropped_events:
-        parts.append(b"\x60" + _varint(span.dropped_events))
-    for link in span.links:
+    if dropped_events:
+        parts.append(b"\x60" + _varint(dropped_events))
+    for link in links:
         linked = link.context
         pb_link = [b"\x0a\x10", linked.trace_id.to_bytes(16, "big"), b"\x12\x08", linked.span_id.to_bytes(8, "big")]
         _attributes(b"\x22", link.attributes, pb_link)
@@ -195,15 +340,11 @@ def _encode_span(span: ReadableSpan) -> bytes:
             pb_link.append(b"\x28" + _varint(link.dropped_attributes))
         pb_link.append(b"\x35" + _flags(linked))
         parts.append(_field(b"\x6a", b"".join(pb_link)))
-    if span.dropped_links:
-        parts.append(b"\x70" + _varint(span.dropped_links))
-    status = span.status
+    if dropped_links:
+        parts.append(b"\x70" + _varint(dropped_links))
     if status is not None:
-        code = status.status_code.value
-        message = status.description
-        pb_status = (_field(b"\x12", message.encode()) if message else b"") + (b"\x18" + _varint(code) if code else b"")
-        parts.append(_field(b"\x7a", pb_status))
-    parts.append(b"\x85\x01" + _flags(parent))
+        parts.append(_status(status))
+    parts.append(_END_REMOTE if parent is not None and parent.is_remote else _END_LOCAL)
     return b"".join(parts)
 
 
@@ -229,23 +370,32 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     # Spans of one provider share one Resource object: look it up by identity, compare values only when new.
     resources: dict[int, dict[Any, list[Any]]] = {}
     known: list[tuple[Any, dict[Any, list[Any]]]] = []
+    groups: dict[tuple[int, int], list[Any]] = {}  # by the ids of (resource, scope), objects the spans keep alive
+    fast = _PRIVATE_FIELDS
     for span in spans:
-        resource = span.resource
-        scopes = resources.get(id(resource))
-        if scopes is None:
-            for other, other_scopes in known:
-                if other == resource:
-                    scopes = other_scopes
-                    break
-            else:
-                scopes = {}
-                known.append((resource, scopes))
-            resources[id(resource)] = scopes
-        scope = span.instrumentation_scope or None
-        key = None if scope is None else (scope.name, scope.version, scope.schema_url)
-        group = scopes.get(key)
+        if fast and type(span) is ReadableSpan:
+            resource, scope = span._resource, span._instrumentation_scope
+        else:
+            resource, scope = span.resource, span.instrumentation_scope
+        ident = (id(resource), id(scope))
+        group = groups.get(ident)
         if group is None:
-            group = scopes[key] = [scope]
+            scopes = resources.get(id(resource))
+            if scopes is None:
+                for other, other_scopes in known:
+                    if other == resource:
+                        scopes = other_scopes
+                        break
+                else:
+                    scopes = {}
+                    known.append((resource, scopes))
+                resources[id(resource)] = scopes
+            scope = scope or None
+            key = None if scope is None else (scope.name, scope.version, scope.schema_url)
+            group = scopes.get(key)
+            if group is None:
+                group = scopes[key] = [scope]
+            groups[ident] = group
         group.append(_encode_span(span))
     request: list[bytes] = []
     for resource, scopes in known:

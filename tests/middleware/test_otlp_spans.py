@@ -6,6 +6,8 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, TracerProvider
@@ -134,6 +136,70 @@ def test_values_equal_across_types_are_not_confused_by_the_cache() -> None:
         ReadableSpan(name="v", context=SpanContext(13, 14 + i, False), resource=resource, attributes={"k": v})
         for i, v in enumerate(values)
     ]
+    for _ in range(2):
+        assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+
+
+_scalars = (
+    st.text(max_size=40)
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True)
+    | st.sampled_from(["stop", "chat", "gpt-4o", "", 0, 1, True, False, 0.0, -0.0, 1.0, 200])
+)
+_equal_tuples = st.sampled_from([(1,), (True,), (1.0,), (0.0,), (-0.0,), ("a",), ("a", "b")])
+_values = (
+    _scalars
+    | _equal_tuples
+    | st.lists(st.text(max_size=8), max_size=3).map(tuple)
+    | st.lists(_scalars, max_size=3).map(tuple)
+)
+_attribute_sets = st.dictionaries(
+    st.sampled_from(["k", "model", "n", "", "gen_ai.x", "ü"]) | st.text(max_size=6), _values
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(_attribute_sets, st.lists(_attribute_sets, max_size=2), st.booleans()), min_size=1, max_size=4),
+    st.sampled_from([None, StatusCode.OK, StatusCode.ERROR]),
+)
+def test_arbitrary_spans_are_encoded_as_the_sdk_encodes_them(
+    shapes: list[tuple[dict[str, object], list[dict[str, object]], bool]], code: StatusCode | None
+) -> None:
+    """Any attribute values (recurring ones come from the cache the second time), events, status, whether the
+    span is the SDK's own ``ReadableSpan`` (read by its fields) or one recorded by the SDK tracer (read by its
+    properties, attributes bounded): the bytes are the SDK encoder's."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource({"service.name": "prop"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("prop", "1")
+    status = Status(StatusCode.UNSET) if code is None else Status(code, "boom" if code is StatusCode.ERROR else None)
+    spans: list[ReadableSpan] = []
+    for i, (attributes, events, recorded) in enumerate(shapes):
+        if recorded:
+            span = tracer.start_span(f"s{i}", attributes=attributes, start_time=100 + i)
+            for event in events:
+                span.add_event("e", event, timestamp=7)
+            span.set_status(status)
+            span.end(end_time=200 + i)
+        else:
+            spans.append(
+                ReadableSpan(
+                    name=f"s{i}",
+                    context=SpanContext(2**127 + i, 2**63 + i, False, TraceFlags(1)),
+                    parent=REMOTE if i % 2 else None,
+                    resource=Resource({"service.name": "prop"}),
+                    attributes=attributes,
+                    events=[Event("e", event, timestamp=7) for event in events],
+                    kind=SpanKind.SERVER,
+                    status=status,
+                    start_time=100 + i,
+                    end_time=200 + i,
+                    instrumentation_scope=InstrumentationScope("prop", "1"),
+                )
+            )
+    spans += memory.get_finished_spans()
     for _ in range(2):
         assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
 
