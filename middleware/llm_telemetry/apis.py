@@ -133,12 +133,12 @@ class ResponseReader:
         self._fast: tuple[bytes, bytes, int, int] | None = None
         self._misses = 0
 
-    def feed(self, chunk: bytes, now: float | None = None) -> None:
+    def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
-        only when this chunk needs a time)."""
+        only when this chunk needs a time). ``shaped=False``: the chunk is known not to be of the learnt shape."""
         if self._fast is not None:
             # Hot path: a chunk shaped exactly like an earlier plain text delta of this stream is another one.
-            if self._shaped(chunk):
+            if shaped and self._shaped(chunk):
                 self._chunks += 1
                 return
             self._misses += 1
@@ -185,8 +185,9 @@ class ResponseReader:
         while hi and len(chunks) - hi < 8 and not self._shaped(chunks[hi - 1]):
             hi -= 1
         self._held_run(chunks, 0, hi)
+        # Those are not of the shape, and cannot become so: the shape, once learnt, is only ever dropped.
         for chunk in chunks[hi:]:
-            self.feed(chunk)
+            self.feed(chunk, None, False)
 
     def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
         fast = self._fast
@@ -320,7 +321,7 @@ class ErrorReader(ResponseReader):
 
     __slots__ = ()
 
-    def feed(self, chunk: bytes, now: float | None = None) -> None:
+    def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         room = MAX_ERROR_BODY_BYTES - len(self._buffer)
         if room > 0:
             self._buffer += chunk[:room]

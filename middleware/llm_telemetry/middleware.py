@@ -31,9 +31,10 @@ logger = logging.getLogger("llm_telemetry")
 REQUEST_ID_HEADER = b"x-request-id"
 
 #: Stream chunks kept unread at most before they are read together, and the largest chunk kept (a larger one
-#: is read as it passes): so at most MAX_HELD_BYTES are kept. Counting chunks, rather than adding up their sizes,
-#: keeps the per-chunk work of ``send`` to two ``len`` calls and no attribute write.
-MAX_HELD_CHUNKS = 64
+#: is read as it passes): so at most MAX_HELD_BYTES (64 KiB) are kept. Counting chunks, rather than adding up
+#: their sizes, keeps the per-chunk work of ``send`` to two ``len`` calls and no attribute write; each reading
+#: of the kept chunks costs about as much as 10 chunks, hence 128 rather than fewer.
+MAX_HELD_CHUNKS = 128
 MAX_HELD_CHUNK_BYTES = 512
 MAX_HELD_BYTES = MAX_HELD_CHUNKS * MAX_HELD_CHUNK_BYTES
 
@@ -308,29 +309,33 @@ class _Exchange:
                 # ASGI allows any iterable: read a generator once, so both we and the server see every header.
                 message["headers"] = list(headers)
             try:
-                self._start_response(message)
-                if self.echo_id is not None:
-                    _echo_request_id(message, self.echo_id)
+                if self._start_response(message) and self.echo_id is not None:
+                    message["headers"] = [*(message.get("headers") or ()), (REQUEST_ID_HEADER, self.echo_id)]
             except Exception as exc:
                 self.failsafe("response_start", exc)
             await self._forward(message)
         else:
             await self._forward(message)
 
-    def _start_response(self, message: Message) -> None:
+    def _start_response(self, message: Message) -> bool:
+        """Read the response's status and headers, choose the reader; True when the app set no request id header
+        (one scan of the headers answers both)."""
         call = self.call
         status = message["status"]
         call.status_code = status
         content_type = b""
         encoded = False
+        no_id = True
         for key, value in message.get("headers", ()):
             key = key.lower()
             if key == b"content-type":
                 content_type = value.lower()
             elif key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 encoded = True
+            elif key == REQUEST_ID_HEADER:
+                no_id = False  # the app chose its own: keep it
         if encoded:
-            return  # compressed bodies are passed through unread rather than misread
+            return no_id  # compressed bodies are passed through unread rather than misread
         if status >= 400:
             self.reader = ErrorReader(call, stream=False)
         elif content_type.startswith(b"text/event-stream"):
@@ -338,6 +343,7 @@ class _Exchange:
             self.reader = self.api.response_reader(call, stream=True, capture=self.capture)
         elif content_type.startswith(b"application/json") or not content_type:
             self.reader = self.api.response_reader(call, stream=False, capture=self.capture)
+        return no_id
 
     def finish(self, exc: BaseException | None) -> None:
         """Settle the outcome once the app has returned or raised."""
@@ -402,14 +408,6 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
         telemetry.shutdown()
     except Exception:
         logger.debug("llm-telemetry: shutdown after a failed setup failed too", exc_info=True)
-
-
-def _echo_request_id(message: Message, request_id: bytes) -> None:
-    headers = message.get("headers") or []
-    for key, _ in headers:
-        if key.lower() == REQUEST_ID_HEADER:
-            return  # the app chose its own: keep it
-    message["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
 
 
 class LLMTelemetryMiddleware:
