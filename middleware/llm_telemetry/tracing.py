@@ -267,12 +267,20 @@ class _Pipeline:
     the SDK's. Processors added later are noticed on the next request.
     """
 
-    __slots__ = ("_processors", "multi", "tracer")
+    __slots__ = ("_processors", "event", "make_readable", "multi", "static_samplers", "tracer")
 
     def __init__(self, tracer: Any, multi: Any) -> None:
+        from opentelemetry.sdk.trace import Event
+
         self.tracer = tracer
         self.multi = multi
         self._processors = multi._span_processors
+        self.event = Event
+        self.make_readable = _readable_maker()
+        #: The SDK's parent-based and static sampler classes, when they keep their parts where
+        #: :func:`_static_decision` reads them (then their decision is taken without a call and a
+        #: ``SamplingResult``); else None.
+        self.static_samplers = _static_samplers()
 
     @classmethod
     def of(cls, tracer: Any) -> _Pipeline | None:
@@ -309,7 +317,10 @@ class _Pipeline:
         """As the SDK's ``Tracer.start_span``: the parent from ``parent`` (or the current context), ids from the
         provider's generator, the decision (and any attributes and trace state) from its sampler."""
         tracer = self.tracer
-        parent_span = trace.get_current_span(parent).get_span_context()
+        if parent is _EMPTY_CONTEXT:  # no traceparent: what get_current_span would find in it
+            parent_span = trace.INVALID_SPAN_CONTEXT
+        else:
+            parent_span = trace.get_current_span(parent).get_span_context()
         ids = tracer.id_generator
         if parent_span.is_valid:
             trace_id = parent_span.trace_id
@@ -319,17 +330,131 @@ class _Pipeline:
             trace_id = ids.generate_trace_id()
             random_id = ids.is_trace_id_random()
             parent_context = None
-        result = tracer.sampler.should_sample(parent, trace_id, name, kind, attributes, ())
-        decision = result.decision
-        flags = _FLAGS[decision.is_sampled(), bool(random_id)]
-        span_context = trace.SpanContext(
-            trace_id, ids.generate_span_id(), is_remote=False, trace_flags=flags, trace_state=result.trace_state
-        )
-        if not decision.is_recording():
+        sampler = tracer.sampler
+        static = self.static_samplers
+        decision = _static_decision(sampler, parent_span, *static) if static is not None else None
+        if decision is not None:
+            # The SDK's StaticSampler: its decision, the attributes as given, the parent's trace state.
+            trace_state = parent_span.trace_state if parent_span.is_valid else None
+        else:
+            result = sampler.should_sample(parent, trace_id, name, kind, attributes, ())
+            decision = result.decision
+            trace_state = result.trace_state
+            if result.attributes != attributes:  # the sampler changed them: clean as the SDK would
+                attributes = _cleaned(result.attributes, None)
+        recording, sampled = _DECISIONS[decision]
+        span_id = ids.generate_span_id()
+        flags = _FLAGS[sampled, bool(random_id)]
+        span_context = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state)
+        if not recording:
             return trace.NonRecordingSpan(span_context)
-        if result.attributes != attributes:  # the sampler changed them: clean as the SDK would
-            attributes = _cleaned(result.attributes, None)
         return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
+
+
+def _static_decision(sampler: Any, parent: trace.SpanContext, parent_based: Any, static: Any) -> Any:
+    """The decision of the SDK's ``StaticSampler`` (always on or off), directly or as the delegate
+    ``ParentBased`` picks for ``parent`` (as its ``should_sample`` picks it); None for any other sampler."""
+    if type(sampler) is parent_based:
+        if parent.is_valid:
+            if parent.is_remote:
+                if parent.trace_flags.sampled:
+                    sampler = sampler._remote_parent_sampled
+                else:
+                    sampler = sampler._remote_parent_not_sampled
+            elif parent.trace_flags.sampled:
+                sampler = sampler._local_parent_sampled
+            else:
+                sampler = sampler._local_parent_not_sampled
+        else:
+            sampler = sampler._root
+    if type(sampler) is static:
+        return sampler._decision
+    return None
+
+
+def _static_samplers() -> tuple[Any, Any] | None:
+    try:
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Decision, ParentBased, StaticSampler
+
+        parent_based = ParentBased(ALWAYS_ON)
+        delegates = (
+            parent_based._root,
+            parent_based._remote_parent_sampled,
+            parent_based._remote_parent_not_sampled,
+            parent_based._local_parent_sampled,
+            parent_based._local_parent_not_sampled,
+        )
+        readable = (
+            delegates == (ALWAYS_ON, ALWAYS_ON, ALWAYS_OFF, ALWAYS_ON, ALWAYS_OFF)
+            and type(ALWAYS_ON) is StaticSampler
+            and ALWAYS_ON._decision is Decision.RECORD_AND_SAMPLE
+            and ALWAYS_OFF._decision is Decision.DROP
+            and set(_DECISIONS) == set(Decision)
+        )
+    except (ImportError, AttributeError):
+        return None
+    return (ParentBased, StaticSampler) if readable else None
+
+
+def _decisions() -> dict[Any, tuple[bool, bool]]:
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    found: dict[Any, tuple[bool, bool]] = {}
+    for decision in Decision:
+        item: Any = decision  # the SDK leaves these methods unannotated
+        found[decision] = (bool(item.is_recording()), bool(item.is_sampled()))
+    return found
+
+
+#: (recording, sampled) by sampling decision.
+_DECISIONS: Final = _decisions()
+
+
+def _readable_maker() -> Any:
+    """A function making the SDK's ``ReadableSpan`` from its fields in :data:`_READABLE_FIELDS` order: the
+    constructor, or, when the constructor only stores its arguments (checked here on a sample), the object with
+    those fields set at once."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    def construct(*values: Any) -> Any:
+        return ReadableSpan(**dict(zip(_READABLE_FIELDS, values, strict=True)))
+
+    new = object.__new__
+    private = tuple("_" + name for name in _READABLE_FIELDS)
+
+    def make(*values: Any) -> Any:
+        span = new(ReadableSpan)
+        span.__dict__.update(zip(private, values, strict=True))
+        return span
+
+    try:
+        context = trace.SpanContext(1, 2, False)
+        sample: tuple[Any, ...] = ("n", context, SpanKind.SERVER, None, None, None, 1, 2, {"a": 1}, [], [])
+        sample += (Resource({}), _UNSET)
+        if vars(construct(*sample)) == vars(make(*sample)):
+            return make
+    except Exception:
+        pass
+    return construct
+
+
+#: The fields of the SDK's ``ReadableSpan``, in the order :class:`LLMSpan` passes them.
+_READABLE_FIELDS: Final = (
+    "name",
+    "context",
+    "kind",
+    "instrumentation_info",
+    "instrumentation_scope",
+    "parent",
+    "start_time",
+    "end_time",
+    "attributes",
+    "events",
+    "links",
+    "resource",
+    "status",
+)
 
 
 def _cleaned(attributes: Any, limits: Any, max_len: int | None = None) -> dict[str, Any]:
@@ -412,9 +537,7 @@ class LLMSpan(trace.Span):
 
     def own_event(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
         """An event of the middleware's own (attributes of OpenTelemetry's types)."""
-        from opentelemetry.sdk.trace import Event
-
-        self.events.append(Event(name, attributes, timestamp))
+        self.events.append(self._pipeline.event(name, attributes, timestamp))
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
         if self.end_time is not None:
@@ -467,9 +590,8 @@ class LLMSpan(trace.Span):
         if self.end_time is not None:
             return
         self.end_time = end_time = time_ns() if end_time is None else end_time
-        from opentelemetry.sdk.trace import ReadableSpan
-
-        tracer = self._pipeline.tracer
+        pipeline = self._pipeline
+        tracer = pipeline.tracer
         limits = tracer._span_limits
         attributes: Any = self.attributes
         most, longest = limits.max_span_attributes, limits.max_span_attribute_length
@@ -483,22 +605,28 @@ class LLMSpan(trace.Span):
 
             events = BoundedList.from_seq(limits.max_events, events)
             self.links = BoundedList.from_seq(limits.max_links, self.links)  # type: ignore[assignment]
-        self._pipeline.multi.on_end(
-            ReadableSpan(
-                name=self.name,
-                context=self.context,
-                parent=self.parent,
-                resource=tracer.resource,
-                attributes=attributes,
-                events=events,
-                links=self.links,
-                kind=self.kind,
-                status=self.status,
-                start_time=self.start_time,
-                end_time=end_time,
-                instrumentation_scope=tracer._instrumentation_scope,
-            )
+        resource = tracer.resource
+        if resource is None:  # the SDK's ReadableSpan then makes an empty one
+            from opentelemetry.sdk.resources import Resource
+
+            resource = Resource.create({})
+        readable = pipeline.make_readable(
+            self.name,
+            self.context,
+            self.kind,
+            None,
+            tracer._instrumentation_scope,
+            self.parent,
+            self.start_time,
+            end_time,
+            attributes,
+            events,
+            self.links,
+            resource,
+            self.status,
         )
+        for processor in pipeline._processors:  # what the SDK's SynchronousMultiSpanProcessor.on_end does
+            processor.on_end(readable)
 
 
 _UNSET: Final = Status(StatusCode.UNSET)

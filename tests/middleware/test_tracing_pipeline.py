@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, Tra
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llm_telemetry import LLMTelemetryMiddleware
@@ -211,6 +211,52 @@ def test_the_providers_sampler_decides() -> None:
     (span,) = ratio.get_finished_spans()
     assert span.context.trace_id == CALLER_TRACE and span.context.trace_flags.sampled
     assert span.context.trace_state.get("vendor") == "x1"
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ALWAYS_ON,
+        ALWAYS_OFF,
+        ParentBased(ALWAYS_ON),
+        ParentBased(ALWAYS_OFF),
+        ParentBased(ALWAYS_ON, ALWAYS_OFF, ALWAYS_ON),
+    ],
+    ids=["always_on", "always_off", "parentbased_always_on", "parentbased_always_off", "parentbased_mixed"],
+)
+@pytest.mark.parametrize("parent", ["none", "remote sampled", "remote unsampled", "local sampled", "local unsampled"])
+def test_static_samplers_decide_as_in_the_sdk(sampler: Sampler, parent: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The always-on/off samplers, alone or as the delegates of a parent-based one, whose decision the middleware
+    takes without asking them: for every kind of parent, the same spans, flags, trace state and parent as the
+    SDK's own span."""
+    monkeypatch.setattr(demo_app, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.0))
+    flags = "00" if "unsampled" in parent else "01"
+    headers: list[tuple[bytes, bytes]] = []
+    if parent.startswith("remote"):
+        headers = [(b"traceparent", f"00-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-{flags}".encode())]
+        headers.append((b"tracestate", b"vendor=x1"))
+    light_provider, light = provider(sampler=sampler)
+    sdk_provider, sdk = provider(Watching(), sampler=sampler)
+    current = trace.INVALID_SPAN
+    if parent.startswith("local"):
+        state = trace.TraceState([("local", "y")])
+        current = trace.NonRecordingSpan(
+            trace.SpanContext(CALLER_TRACE, CALLER_SPAN, False, trace.TraceFlags(int(flags)), state)
+        )
+    with trace.use_span(current):
+        call(middleware(bare_app(), light_provider), chat_body(), headers)
+        call(middleware(bare_app(), sdk_provider), chat_body(), headers)
+    ours, theirs = light.get_finished_spans(), sdk.get_finished_spans()
+    assert [shape(s) for s in ours] == [shape(s) for s in theirs]
+    if ours:
+        assert type(ours[0]) is ReadableSpan  # recorded by the middleware, not the SDK
+        context = ours[0].context
+        assert (context.trace_flags, context.trace_state) == (
+            theirs[0].context.trace_flags,
+            theirs[0].context.trace_state,
+        )
+    if sampler is ALWAYS_ON or sampler is ALWAYS_OFF:
+        assert bool(ours) is (sampler is ALWAYS_ON)
 
 
 def test_span_limits_apply() -> None:
