@@ -215,3 +215,49 @@ def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
     assert fields["request_id"] == "rid-1" and fields["duration_ms"] == 250.0 and fields["trace_id"] is None
     line = json.loads(JsonFormatter().format(record))
     assert list(line) == list(FIELDS) and line["level"] == "warning" and line["error_type"] == "RateLimitError"
+
+
+@pytest.mark.parametrize("error", [None, "rate_limit"])
+def test_the_line_written_directly_is_the_line_logging_writes(
+    error: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With only its own stdout handler the middleware writes the line itself (no LogRecord); a filter on the
+    handler sends it through logging instead: both write the same line."""
+    from llm_telemetry.logs import RequestLogs
+    from llm_telemetry.record import LLMCall
+
+    call = LLMCall("chat", "openai", 1.0, request_id='r"\u00e9\ud800', request_model="m\n", status_code=200)
+    call.end, call.first_token_at, call.stream, call.error_type = 1.2504, 1.1, True, error
+    call.input_tokens, call.output_tokens, call.cost_usd = 12, 7, 0.000125
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    others = logger.handlers[:]  # whatever earlier tests left: the middleware adds its handler to none
+    for other in others:
+        logger.removeHandler(other)
+    logs = RequestLogs("svc", env={})
+    handler = logs.logger.handlers[0]
+    logging.setLogRecordFactory(counted)
+    try:
+        capsys.readouterr()
+        logs.observer.end(call)
+        direct, records_direct = capsys.readouterr().out, len(made)
+        handler.addFilter(lambda record: True)
+        logs.observer.end(call)
+        through_logging = capsys.readouterr().out
+    finally:
+        logging.setLogRecordFactory(factory)
+        logs.shutdown()
+        for other in others:
+            logger.addHandler(other)
+    assert records_direct == 0 and len(made) == 1
+    assert direct.count("\n") == 1 and through_logging.count("\n") == 1
+    first, second = json.loads(direct), json.loads(through_logging)
+    assert first.pop("timestamp")[:10] == second.pop("timestamp")[:10]
+    assert first == second and list(first) == list(FIELDS[1:])
+    assert first["level"] == ("warning" if error else "info") and first["request_id"] == 'r"\u00e9\ufffd'
