@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from itertools import compress
+from operator import not_
 from typing import Any, Final
 
 from opentelemetry.attributes import BoundedAttributes
@@ -153,9 +155,9 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[by
 
 def _misses(tag: bytes, attributes: dict[str, Any], entries: list[Any], cache: dict[Any, bytes]) -> None:
     """Encode the attributes whose ``entries`` are None (in place; b"" for one that cannot be encoded)."""
-    for i, (key, value) in enumerate(attributes.items()):
-        if entries[i] is not None:
-            continue
+    keys, values = list(attributes), list(attributes.values())
+    for i in compress(range(len(entries)), map(not_, entries)):  # the indices of the misses, found in C
+        key, value = keys[i], values[i]
         kind = type(value)
         try:
             found = cache.get((key, kind, value))
@@ -171,7 +173,11 @@ def _misses(tag: bytes, attributes: dict[str, Any], entries: list[Any], cache: d
                     _keys.clear()
                 encoded = str(key).encode()
                 head = _keys[key] = b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
-            data = _value(value)
+            if kind is str:
+                text = value.encode()
+                data = b"\x0a" + _varint(len(text)) + text
+            else:
+                data = _value(value)
             pair = head + b"\x12" + _varint(len(data)) + data
             entry = tag + _varint(len(pair)) + pair
         except Exception as error:
