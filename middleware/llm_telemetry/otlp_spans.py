@@ -441,8 +441,6 @@ class OTLPSpanExporter(_SDKOTLPSpanExporter):
             and isinstance(getattr(self, "_max_request_size", None), int)
             and isinstance(getattr(self, "_shutdown", None), bool)
         )
-        if self._own_encoding:
-            _plain_transport(client)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not self._own_encoding or self._shutdown:
@@ -461,55 +459,3 @@ class OTLPSpanExporter(_SDKOTLPSpanExporter):
                     result.error_attrs = {"http.response.status_code": outcome.status_code}
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
-
-
-def _plain_transport(client: Any) -> None:
-    """Post with the SDK's urllib3 transport instead of its requests one where the two send the same request to
-    the same place: about 0.9M instead of 3.7M machine instructions per export, paid per batch.
-
-    Only for a plain-HTTP endpoint (a local or in-cluster collector; with TLS, requests and urllib3 would pick
-    their CA certificates differently), a requests session nobody configured (no auth, proxies, hooks, cookies,
-    headers or adapters of its own: not a ``session=`` or a credential provider's) and nothing in the
-    environment that requests would apply (proxy variables, a netrc file). Neither transport follows redirects
-    or retries on its own. Anything else, or an SDK release without these parts, keeps the SDK's transport.
-    """
-    try:
-        import os
-        import urllib.request
-
-        import requests
-        from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
-        from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
-
-        transport = client._transport
-        if type(transport) is not RequestsHTTPTransport:
-            return
-        session = transport._session
-        fresh = requests.Session()
-        plain = (
-            type(session) is requests.Session
-            and session.auth is None
-            and not session.proxies
-            and session.trust_env
-            and not session.params
-            and not len(session.cookies)
-            and session.hooks == fresh.hooks
-            and dict(session.headers) == dict(fresh.headers)
-            and sorted(session.adapters) == sorted(fresh.adapters)
-            and all(type(adapter) is requests.adapters.HTTPAdapter for adapter in session.adapters.values())
-            and session.max_redirects == fresh.max_redirects
-        )
-        fresh.close()
-        verify, cert = session.verify, session.cert
-        environment = (
-            str(client._endpoint).lower().startswith("http://")  # no TLS: no CA bundle or certificate to choose
-            and not urllib.request.getproxies()
-            and not os.environ.get("NETRC")
-            and not any(os.path.exists(os.path.expanduser(f"~/{name}")) for name in (".netrc", "_netrc"))
-        )
-        if not (plain and environment):
-            return
-        client._transport = Urllib3HTTPTransport(verify=verify, cert=cert)
-        transport.close()
-    except Exception:  # an SDK or requests release without these parts: the SDK's transport stays
-        return

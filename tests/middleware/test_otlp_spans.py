@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -266,36 +262,3 @@ def test_an_unreachable_endpoint_is_a_failed_export() -> None:
     span = ReadableSpan(name="lost", context=SpanContext(11, 12, False), resource=Resource({}), start_time=1)
     assert exporter.export([span]) is SpanExportResult.FAILURE
     exporter.shutdown()
-
-
-def test_a_proxy_in_the_environment_is_used_for_the_export() -> None:
-    """With HTTP_PROXY set, the export goes through the proxy (as the SDK's requests transport sends it), whichever
-    transport the exporter posts with."""
-    seen: list[str] = []
-
-    class Proxy(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length") or 0))
-            seen.append(self.path)  # a proxy is asked for the absolute URL
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Proxy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        proxy = f"http://127.0.0.1:{server.server_address[1]}"
-        environment = {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
-        with mock.patch.dict(os.environ, environment):
-            exporter = OTLPSpanExporter(endpoint="http://collector.invalid:4318/v1/traces", timeout=5)
-            span = ReadableSpan(name="proxied", context=SpanContext(15, 16, False), resource=Resource({}), start_time=1)
-            assert exporter.export([span]) is SpanExportResult.SUCCESS
-            exporter.shutdown()
-        assert seen == ["http://collector.invalid:4318/v1/traces"]
-    finally:
-        server.shutdown()
-        server.server_close()
