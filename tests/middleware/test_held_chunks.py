@@ -165,13 +165,8 @@ def test_held_stream_agrees_with_full_parsing(words: list[str], spaced: bool, as
     assert call.first_token_at is not None and full.first_token_at == 2.0
 
 
-def through_exchange(chunks: list[bytes], api: str = "openai.chat") -> LLMCall:
-    """Send ``chunks`` through a real ``_Exchange`` as an app would (then an empty last body), like a server."""
-    sent: list[bytes] = []
-
-    async def server_send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body":
-            sent.append(message.get("body", b""))
+def exchange_to(server_send: Any, api: str = "openai.chat") -> tuple[LLMCall, _Exchange]:
+    """The middleware's per-request exchange in front of ``server_send``; any internal failure fails the test."""
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -181,7 +176,18 @@ def through_exchange(chunks: list[bytes], api: str = "openai.chat") -> LLMCall:
 
     spec = APIS[api]
     call = LLMCall(spec.operation, spec.provider, time.perf_counter())
-    exchange = _Exchange(spec, call, receive, server_send, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+    return call, _Exchange(spec, call, receive, server_send, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+
+
+def through_exchange(chunks: list[bytes], api: str = "openai.chat") -> LLMCall:
+    """Send ``chunks`` through a real ``_Exchange`` as an app would (then an empty last body), like a server."""
+    sent: list[bytes] = []
+
+    async def server_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    call, exchange = exchange_to(server_send, api)
 
     async def app() -> None:
         start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
@@ -271,15 +277,7 @@ def test_send_keeps_few_small_chunks_and_reads_like_one_by_one(
         if message["type"] == "http.response.body":
             sent.append(bytes(message.get("body", b"")))
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    def failsafe(component: str, exc: BaseException) -> None:
-        raise AssertionError(f"{component}: {exc!r}")
-
-    spec = APIS["openai.chat"]
-    call = LLMCall(spec.operation, spec.provider, time.perf_counter())
-    exchange = _Exchange(spec, call, receive, server_send, 1 << 20, False, failsafe)  # type: ignore[arg-type]
+    call, exchange = exchange_to(server_send)
 
     async def app() -> None:
         start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
