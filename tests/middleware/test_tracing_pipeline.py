@@ -324,3 +324,74 @@ def test_a_propagator_of_the_applications_is_asked() -> None:
         propagate.set_global_textmap(previous)
     (span,) = memory.get_finished_spans()
     assert span.context.trace_id == CALLER_TRACE and span.parent is not None and span.parent.span_id == CALLER_SPAN
+
+
+def _traceparents() -> Any:
+    from hypothesis import strategies as st
+
+    hexes = st.text(alphabet="0123456789abcdefABCDEF", min_size=0, max_size=34)
+    ids = st.one_of(st.just("0" * 32), st.integers(0, 2**128 - 1).map(lambda n: f"{n:032x}"), hexes)
+    spans = st.one_of(st.just("0" * 16), st.integers(0, 2**64 - 1).map(lambda n: f"{n:016x}"), hexes)
+    valid = st.builds(
+        lambda trace_id, span_id, sampled: f"00-{trace_id:032x}-{span_id:016x}-{sampled:02x}",
+        st.integers(1, 2**128 - 1),
+        st.integers(1, 2**64 - 1),
+        st.sampled_from([0, 1]),
+    )
+    return st.one_of(
+        valid,
+        st.builds(
+            lambda version, trace_id, span_id, flags, rest: f"{version}-{trace_id}-{span_id}-{flags}{rest}",
+            st.sampled_from(["00", "01", "ff", "0g", "0"]),
+            ids,
+            spans,
+            st.sampled_from(["00", "01", "03", "ff", "x1", "1"]),
+            st.sampled_from(["", "-extra", "-", " "]),
+        ),
+        st.text(max_size=60),
+    )
+
+
+def test_the_callers_context_is_read_exactly_as_the_sdk_propagators_read_it() -> None:
+    """With the default global propagators the middleware skips them for a request with neither ``traceparent``
+    nor ``baggage``: for any headers, the caller's span context and baggage are those ``propagate.extract``
+    gives."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from opentelemetry import baggage
+
+    from llm_telemetry.tracing import _extract, _HeaderGetter
+
+    values = {
+        b"traceparent": _traceparents(),
+        b"tracestate": st.one_of(
+            st.lists(st.sampled_from(["vendor=x1", "rojo=00f067aa0ba902b7", "t@k=v", "a=1"]), max_size=3).map(",".join),
+            st.sampled_from(["=bad", "UPPER=x", "a=1,a=2", " ", ""]),
+            st.text(max_size=30),
+        ),
+        b"baggage": st.sampled_from(["tenant=acme", "a=1,b=2", "", "bad"]),
+        b"x-other": st.text(max_size=10),
+    }
+    header = st.sampled_from(sorted(values)).flatmap(
+        lambda name: values[name].map(lambda value: (name, value.encode("latin-1", "replace")))
+    )
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(header, max_size=5))
+    def check(headers: list[tuple[bytes, bytes]]) -> None:
+        ours = _extract(headers)
+        sdk = propagate.extract(headers, getter=_HeaderGetter())
+        ours_span, sdk_span = (
+            trace.get_current_span(ours).get_span_context(),
+            trace.get_current_span(sdk).get_span_context(),
+        )
+        assert (ours_span.trace_id, ours_span.span_id, ours_span.is_remote, ours_span.trace_flags) == (
+            sdk_span.trace_id,
+            sdk_span.span_id,
+            sdk_span.is_remote,
+            sdk_span.trace_flags,
+        )
+        assert dict(ours_span.trace_state or {}) == dict(sdk_span.trace_state or {})
+        assert baggage.get_all(ours) == baggage.get_all(sdk)
+
+    check()
