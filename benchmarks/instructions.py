@@ -138,10 +138,10 @@ def run(
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: dict[str, Any], where: str = "in-process, straight through ASGI") -> str:
     from middleware_bench import targets
 
-    lines = ["== Middleware overhead in instructions (valgrind; reproducible to about 1%) =="]
+    lines = [f"== Middleware overhead in instructions, {where} (valgrind; reproducible to about 1%) =="]
     if "skipped" in report:
         return "\n".join([*lines, f"(not run: {report['skipped']})"])
     lines.append(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
@@ -165,7 +165,7 @@ def format_report(report: dict[str, Any]) -> str:
             )
     lines += ["", "Targets (this run, in instructions)"]
     for name, measured, verdict in targets(report, delta="added_k", unit="k"):
-        lines.append(f"  {name:<52}{measured:<40}{verdict}")
+        lines.append(f"  {name:<52}{measured:<50}{verdict}")
     return "\n".join(lines)
 
 
