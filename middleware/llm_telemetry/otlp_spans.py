@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from itertools import compress
-from operator import not_
 from typing import Any, Final
 
 from opentelemetry.attributes import BoundedAttributes
@@ -57,7 +55,7 @@ _UINT64: Final = (1 << 64) - 1
 #: counts, ...), one table per enclosing field tag (the tag and length prefix included), by (key, type, value);
 #: cleared when full, so bounded.
 _CACHE_SIZE: Final = 4096
-_caches: dict[bytes, dict[tuple[str, type, Any], bytes]] = {}
+_caches: dict[bytes, _Cache] = {}
 
 
 def _varint(n: int) -> bytes:
@@ -132,6 +130,56 @@ def _cacheable(kind: type, value: Any) -> bool:
     return kind is tuple and all(type(v) is str for v in value)
 
 
+class _Cache(dict[tuple[str, type, Any], bytes]):
+    """The encoded ``KeyValue`` fields of one enclosing field tag, by (key, type, value). Looking up one that is
+    missing (``cache[...]``) encodes it then and there, and keeps it when it may be found again: so a set of
+    attributes is encoded by one ``map`` over it, whether its values recur or not."""
+
+    __slots__ = ("tag",)
+
+    def __init__(self, tag: bytes) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def __missing__(self, item: tuple[str, type, Any]) -> bytes:
+        key, kind, value = item
+        entry = _entry(self.tag, key, kind, value)
+        if entry and (kind is str or kind is int or kind is bool or _cacheable(kind, value)):
+            if len(self) >= _CACHE_SIZE:
+                self.clear()
+            self[item] = entry
+        return entry
+
+
+def _entry(tag: bytes, key: str, kind: type, value: Any) -> bytes:
+    """One ``KeyValue`` field of ``tag``; b"" (logged) for a value that cannot be encoded, as the SDK encoder
+    leaves it out."""
+    small = _SMALL
+    try:
+        head = _keys.get(key)
+        if head is None:
+            if len(_keys) >= _CACHE_SIZE:
+                _keys.clear()
+            encoded = str(key).encode()
+            head = _keys[key] = b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
+        # The common kinds inline (one-byte lengths without a call); the others as _value writes them.
+        if kind is str:
+            text: bytes = value.encode()
+            n = len(text)
+            data = b"\x0a" + (small[n] if n < 128 else _varint(n)) + text
+        elif kind is float:
+            data = b"\x21" + _D(value)
+        else:
+            data = _value(value)
+        n = len(data)
+        pair = head + b"\x12" + (small[n] if n < 128 else _varint(n)) + data
+        n = len(pair)
+        return tag + (small[n] if n < 128 else _varint(n)) + pair
+    except Exception as error:
+        logger.exception("llm-telemetry: failed to encode span attribute %s: %s", key, error)
+        return b""
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[bytes]) -> None:
     """Append ``attributes`` as repeated ``KeyValue`` fields of ``tag``; one that cannot be encoded is logged and
     left out, as the SDK encoder does."""
@@ -141,54 +189,21 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[by
         attributes = dict(attributes)
     cache = _caches.get(tag)
     if cache is None:
-        cache = _caches[tag] = {}
+        cache = _caches[tag] = _Cache(tag)
     values = attributes.values()
-    # Recurring values are looked up all at once, without a Python step per attribute; misses are filled below.
+    # Recurring values are found all at once, without a Python step per attribute; the others are encoded by
+    # the cache's __missing__ as they are met.
     try:
-        entries: list[Any] = list(map(cache.get, zip(attributes, map(type, values), values, strict=True)))
-    except TypeError:  # an unhashable value (a list in a hand-made span): look each one up on its own
-        entries = [None] * len(attributes)
-    if not all(entries):  # a miss (None; cached entries are never empty)
-        _misses(tag, attributes, entries, cache)
+        entries = list(map(cache.__getitem__, zip(attributes, map(type, values), values, strict=True)))
+    except TypeError:  # an unhashable value (a list in a hand-made span): each one on its own
+        entries = []
+        for key, value in attributes.items():
+            item = (key, type(value), value)
+            try:
+                entries.append(cache[item])
+            except TypeError:
+                entries.append(_entry(tag, key, type(value), value))
     parts += entries
-
-
-def _misses(tag: bytes, attributes: dict[str, Any], entries: list[Any], cache: dict[Any, bytes]) -> None:
-    """Encode the attributes whose ``entries`` are None (in place; b"" for one that cannot be encoded)."""
-    keys, values = list(attributes), list(attributes.values())
-    for i in compress(range(len(entries)), map(not_, entries)):  # the indices of the misses, found in C
-        key, value = keys[i], values[i]
-        kind = type(value)
-        try:
-            found = cache.get((key, kind, value))
-        except TypeError:
-            found = None
-        if found is not None:
-            entries[i] = found
-            continue
-        try:
-            head = _keys.get(key)
-            if head is None:
-                if len(_keys) >= _CACHE_SIZE:
-                    _keys.clear()
-                encoded = str(key).encode()
-                head = _keys[key] = b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
-            if kind is str:
-                text = value.encode()
-                data = b"\x0a" + _varint(len(text)) + text
-            else:
-                data = _value(value)
-            pair = head + b"\x12" + _varint(len(data)) + data
-            entry = tag + _varint(len(pair)) + pair
-        except Exception as error:
-            logger.exception("llm-telemetry: failed to encode span attribute %s: %s", key, error)
-            entries[i] = b""
-            continue
-        entries[i] = entry
-        if _cacheable(kind, value):
-            if len(cache) >= _CACHE_SIZE:
-                cache.clear()
-            cache[(key, kind, value)] = entry
 
 
 def _flags(context: Any) -> bytes:
@@ -283,6 +298,32 @@ def _private_fields() -> bool:
 _PRIVATE_FIELDS: Final = _private_fields()
 
 
+#: By (event name, attribute key): the parts of an ``Event`` with a timestamp and that one float attribute, around
+#: the timestamp and the value, as one ``struct`` format (the span's ``events`` field included); cleared when full.
+_float_events: dict[tuple[str, str], tuple[Callable[..., bytes], bytes, bytes]] = {}
+
+
+def _float_event(name: str, key: str, timestamp: int, value: float) -> bytes:
+    """The ``Span.events`` field of an event with a (non-zero) timestamp and one float attribute, such as the
+    first-token event of a stream, in one ``struct`` call: only the timestamp and the value differ from one such
+    event to the next (a double is always 8 bytes, so the lengths are known in advance)."""
+    found = _float_events.get((name, key))
+    if found is None:
+        encoded_key = key.encode()
+        key_value = (b"\x0a" + _varint(len(encoded_key)) + encoded_key if encoded_key else b"") + b"\x12\x09\x21"
+        attribute = b"\x1a" + _varint(len(key_value) + 8) + key_value  # the 8 bytes of the value follow
+        name_field = _field(b"\x12", name.encode())
+        size = 9 + len(name_field) + len(attribute) + 8  # timestamp field (tag, fixed64), name, attribute
+        head = b"\x5a" + _varint(size) + b"\x09"
+        middle = name_field + attribute
+        pack = struct.Struct(f"<{len(head)}sQ{len(middle)}sd").pack
+        if len(_float_events) >= 256:
+            _float_events.clear()
+        found = _float_events[(name, key)] = (pack, head, middle)
+    pack, head, middle = found
+    return pack(head, timestamp, middle, value)
+
+
 def _encode_span(span: ReadableSpan) -> bytes:
     """One ``Span`` message, fields in field-number order as the protobuf library writes them."""
     (
@@ -325,7 +366,15 @@ def _encode_span(span: ReadableSpan) -> bytes:
     for event in events:
         if type(event) is Event and _PRIVATE_FIELDS:
             timestamp, event_name, event_attributes = event._timestamp, event._name, event._attributes
-            dropped = 0 if type(event_attributes) is dict else _dropped(event_attributes, BoundedAttributes)
+            if type(event_attributes) is dict:
+                if len(event_attributes) == 1 and timestamp and event_name:
+                    ((key, value),) = event_attributes.items()
+                    if type(value) is float and type(key) is str and type(event_name) is str:
+                        parts.append(_float_event(event_name, key, timestamp, value))
+                        continue
+                dropped = 0
+            else:
+                dropped = _dropped(event_attributes, BoundedAttributes)
         else:
             timestamp, event_name, event_attributes = event.timestamp, event.name, event.attributes
             dropped = event.dropped_attributes

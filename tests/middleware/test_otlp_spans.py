@@ -145,7 +145,8 @@ _scalars = (
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=True)
-    | st.sampled_from(["stop", "chat", "gpt-4o", "", 0, 1, True, False, 0.0, -0.0, 1.0, 200])
+    | st.sampled_from(["stop", "chat", "gpt-4o", "", 0, 1, True, False, 0.0, -0.0, 1.0, 200, 2**40])
+    | st.sampled_from(["x" * 127, "y" * 128, "ü" * 70, "z" * 20_000])  # lengths of one, two and three bytes
 )
 _equal_tuples = st.sampled_from([(1,), (True,), (1.0,), (0.0,), (-0.0,), ("a",), ("a", "b")])
 _values = (
@@ -155,7 +156,7 @@ _values = (
     | st.lists(_scalars, max_size=3).map(tuple)
 )
 _attribute_sets = st.dictionaries(
-    st.sampled_from(["k", "model", "n", "", "gen_ai.x", "ü"]) | st.text(max_size=6), _values
+    st.sampled_from(["k", "model", "n", "", "gen_ai.x", "ü", "long." * 30]) | st.text(max_size=6), _values
 )
 
 
@@ -202,6 +203,49 @@ def test_arbitrary_spans_are_encoded_as_the_sdk_encodes_them(
     spans += memory.get_finished_spans()
     for _ in range(2):
         assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+
+
+_event_names = st.sampled_from(["gen_ai.first_token", "e", "x" * 200]) | st.text(max_size=12)
+_event_keys = st.sampled_from(["gen_ai.response.time_to_first_chunk", "", "k" * 130]) | st.text(max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _event_names,
+            _event_keys,
+            st.floats(allow_nan=True) | st.sampled_from([0.0, -0.0, 0.125]),
+            st.integers(min_value=0, max_value=2**64 - 1),
+            st.sampled_from([None, 1, "1", True, 0.5]),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_events_with_one_float_attribute_are_encoded_as_the_sdk_encodes_them(
+    events: list[tuple[str, str, float, int, object]],
+) -> None:
+    """The first-token event's shape (a timestamp and one float attribute) is encoded in one piece per (name,
+    key): any name, key, float and timestamp (zero: no timestamp field) give the SDK encoder's bytes, as do
+    events beside it with a second attribute of another type."""
+    recorded = []
+    for name, key, value, timestamp, other in events:
+        attributes: dict[str, object] = {key: value}
+        if other is not None and key != "other":
+            attributes["other"] = other
+        recorded.append(Event(name, {key: value}, timestamp=timestamp))
+        recorded.append(Event(name, attributes, timestamp=timestamp))
+    span = ReadableSpan(
+        name="events",
+        context=SpanContext(21, 22, False),
+        resource=Resource({}),
+        events=recorded,
+        start_time=1,
+        end_time=2,
+    )
+    for _ in range(2):
+        assert encode_request([span]) == sdk_encode_spans([span]).SerializeToString()
 
 
 def test_the_spans_of_one_resource_object_or_an_equal_one_share_one_entry() -> None:
