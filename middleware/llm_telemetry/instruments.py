@@ -389,13 +389,17 @@ class BucketHistogram:
     :data:`CARDINALITY_LIMIT` attribute sets, new ones go to the ``otel.metric.overflow`` series.
     """
 
-    __slots__ = ("_filter", "_lock", "_owner", "_sequence", "_series", "bounds", "spec")
+    __slots__ = ("_filter", "_lock", "_owner", "_sequence", "_series", "_trace_based", "bounds", "spec")
 
     def __init__(self, owner: Histograms, spec: MetricSpec, exemplar_filter: Any, lock: threading.Lock) -> None:
+        from opentelemetry.sdk.metrics import TraceBasedExemplarFilter
+
         self.spec = spec
         self.bounds = tuple(spec.buckets or ())
         self._owner = owner
         self._filter = exemplar_filter
+        #: The SDK's default filter, whose decision :meth:`exemplar` takes from the span it finds for the sample.
+        self._trace_based = type(exemplar_filter) is TraceBasedExemplarFilter
         self._series: dict[frozenset[tuple[str, Any]], _Series] = {}
         self._sequence = 0
         #: Guards the series; shared with the other instruments of the meter (see :attr:`Instruments.lock`).
@@ -417,6 +421,13 @@ class BucketHistogram:
         """:meth:`sample` when the exemplar filter keeps records made in ``context``, else None. The filters the
         SDK offers (``always_on``, ``always_off``, ``trace_based``) decide by the context alone, so a caller
         making several records in one context asks once."""
+        if self._trace_based:
+            # TraceBasedExemplarFilter.should_sample, with the span looked up once for the decision and the sample.
+            span = trace.get_current_span(context)
+            if span == trace.INVALID_SPAN:
+                return None
+            ids = span.get_span_context()
+            return (time_ns(), ids.span_id, ids.trace_id) if ids.trace_flags.sampled else None
         return self.sample(context) if self._filter.should_sample(0.0, 0, None, context) else None
 
     def record_keyed(
