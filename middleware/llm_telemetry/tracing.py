@@ -267,7 +267,7 @@ class _Pipeline:
     the SDK's. Processors added later are noticed on the next request.
     """
 
-    __slots__ = ("_processors", "event", "make_readable", "multi", "static_samplers", "tracer")
+    __slots__ = ("_processors", "event", "make_readable", "multi", "span_context", "static_samplers", "tracer")
 
     def __init__(self, tracer: Any, multi: Any) -> None:
         from opentelemetry.sdk.trace import Event
@@ -275,7 +275,8 @@ class _Pipeline:
         self.tracer = tracer
         self.multi = multi
         self._processors = multi._span_processors
-        self.event = Event
+        self.event = _event_maker(Event)
+        self.span_context = _span_context_maker()
         self.make_readable = _readable_maker()
         #: The SDK's parent-based and static sampler classes, when they keep their parts where
         #: :func:`_static_decision` reads them (then their decision is taken without a call and a
@@ -345,7 +346,7 @@ class _Pipeline:
         recording, sampled = _DECISIONS[decision]
         span_id = ids.generate_span_id()
         flags = _FLAGS[sampled, bool(random_id)]
-        span_context = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state)
+        span_context = self.span_context(trace_id, span_id, flags, trace_state)
         if not recording:
             return trace.NonRecordingSpan(span_context)
         return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
@@ -408,6 +409,56 @@ def _decisions() -> dict[Any, tuple[bool, bool]]:
 
 #: (recording, sampled) by sampling decision.
 _DECISIONS: Final = _decisions()
+
+
+def _span_context_maker() -> Any:
+    """A function making a local ``SpanContext`` from (trace id, span id, flags, trace state or None): the
+    constructor, or, when the tuple it makes holds just these and the validity (checked here on samples), that
+    tuple made at once."""
+    new = tuple.__new__
+    span_context = trace.SpanContext
+    default_state = trace.DEFAULT_TRACE_STATE
+    max_trace, max_span = (1 << 128) - 1, (1 << 64) - 1
+
+    def construct(trace_id: int, span_id: int, flags: Any, trace_state: Any) -> Any:
+        return span_context(trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=trace_state)
+
+    def make(trace_id: int, span_id: int, flags: Any, trace_state: Any) -> Any:
+        if trace_state is None:
+            trace_state = default_state
+        valid = 0 < trace_id <= max_trace and 0 < span_id <= max_span
+        return new(span_context, (trace_id, span_id, False, flags, trace_state, valid))
+
+    try:
+        state = trace.TraceState([("k", "v")])
+        for sample in ((1, 2, _FLAGS[True, True], None), (0, 2, _FLAGS[False, False], state), (1 << 128, 0, 0, None)):
+            made, constructed = make(*sample), construct(*sample)
+            if type(made) is not type(constructed) or tuple(made) != tuple(constructed):
+                return construct
+            fields = ("trace_id", "span_id", "is_remote", "trace_flags", "trace_state", "is_valid")
+            if any(getattr(made, f) != getattr(constructed, f) for f in fields):
+                return construct
+    except Exception:
+        return construct
+    return make
+
+
+def _event_maker(event: Any) -> Any:
+    """A function making the SDK's ``Event`` from (name, attributes, timestamp): the constructor, or, when the
+    constructor only stores its arguments (checked here on a sample), the object with those fields set at once."""
+    new = object.__new__
+
+    def make(name: str, attributes: Any, timestamp: int) -> Any:
+        made = new(event)
+        made._name, made._attributes, made._timestamp = name, attributes, timestamp
+        return made
+
+    try:
+        if vars(make("n", {"a": 1.5}, 7)) == vars(event("n", {"a": 1.5}, 7)):
+            return make
+    except Exception:
+        pass
+    return event
 
 
 def _readable_maker() -> Any:

@@ -172,6 +172,37 @@ def test_the_span_equals_the_sdk_spans(
         assert ours.parent is None and ours.context.trace_id == 1  # from the provider's id generator
 
 
+class Fixed(IdGenerator):
+    """The same (possibly invalid) ids every time."""
+
+    def __init__(self, trace_id: int, span_id: int) -> None:
+        self.trace_id, self.span_id = trace_id, span_id
+
+    def generate_span_id(self) -> int:
+        return self.span_id
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+
+@pytest.mark.parametrize(
+    "trace_id, span_id", [(7, 9), (0, 9), (7, 0), (2**128, 9), (7, 2**64), (2**128 - 1, 2**64 - 1)]
+)
+def test_the_span_context_is_the_sdks_whatever_ids_the_generator_gives(trace_id: int, span_id: int) -> None:
+    """The middleware makes the span's context at once (not through the SpanContext constructor): its ids, flags,
+    trace state and validity are the SDK span's, out-of-range ids included."""
+    light_provider, light = provider(id_generator=Fixed(trace_id, span_id))
+    sdk_provider, sdk = provider(Watching(), id_generator=Fixed(trace_id, span_id))
+    for provider_ in (light_provider, sdk_provider):
+        call(middleware(bare_app(), provider_), chat_body(stream=True))
+    (ours,), (theirs,) = light.get_finished_spans(), sdk.get_finished_spans()
+    assert type(ours.context) is type(theirs.context) and ours.context == theirs.context
+    assert ours.context.is_valid is theirs.context.is_valid
+    assert ours.context.is_valid == (0 < trace_id < 2**128 and 0 < span_id < 2**64)
+    assert ours.context.trace_state == theirs.context.trace_state and ours.context.trace_flags.sampled
+    assert [(e.name, type(e)) for e in ours.events] == [(e.name, type(e)) for e in theirs.events]
+
+
 def test_the_middleware_records_the_span_only_on_a_pipeline_it_can_reproduce() -> None:
     seen: list[Any] = []
 
