@@ -103,10 +103,13 @@ class ResponseReader:
         "_buffer",
         "_chunks",
         "_decoder",
+        "_ends",
         "_fast",
         "_misses",
         "_overflow",
+        "_pending",
         "_shape",
+        "_shortcuts",
         "_text",
         "_text_chars",
         "call",
@@ -115,10 +118,17 @@ class ResponseReader:
 
     #: Where a plain text delta's text value starts (the text itself varies from chunk to chunk).
     _TEXT_KEYS: tuple[bytes, ...] = ()
+    #: Whether this API's reader has once-per-stream shortcuts: an event before the first token may be set aside,
+    #: to be read only if the next parsed event does not prove it redundant (see :meth:`_same_head`), and the
+    #: stream's last events may be read by templates learnt from its first token (see :meth:`_learn_ends`).
+    _DEFERS = False
 
-    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
+    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
         self.call = call
         self.capture = capture
+        #: Whether this reader's once-per-stream shortcuts are on (see ``_DEFERS``). Off, every event before the
+        #: first token and every last event is parsed in full; the per-chunk shortcuts stay either way.
+        self._shortcuts = shortcuts and self._DEFERS
         self._decoder = SSEDecoder() if stream else None
         self._buffer = bytearray()
         self._overflow = False
@@ -132,6 +142,10 @@ class ResponseReader:
         #: ``_shape`` while the decoder is between events (the only time it applies), else None.
         self._fast: tuple[bytes, bytes, int, int] | None = None
         self._misses = 0
+        #: (event, data, time) of an event set aside before the first token, read (or found redundant) later.
+        self._pending: tuple[str, bytes, float] | None = None
+        #: How the end of this stream looks, learnt from its first token (see ``_learn_ends``), or None.
+        self._ends: tuple[bytes | None, bytes, bytes | None, int] | None = None
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
@@ -159,7 +173,7 @@ class ResponseReader:
             whole = was_idle and decoder.idle and len(events) == 1
             for event, data in events:
                 if self._event(event, data, now) and whole and self._shape is None and not self._misses:
-                    self._shape = _text_shape(chunk, self._TEXT_KEYS)
+                    self._shape = self._shape_of(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
         elif not self._overflow:
@@ -226,6 +240,8 @@ class ResponseReader:
 
     def finish(self, now: float) -> None:
         if self._decoder is not None:
+            if self._pending is not None:
+                self._read_pending(self._pending)
             for event, data in self._decoder.close():
                 self._event(event, data, now)
             if self.call.output_tokens is None and self._chunks:
@@ -251,18 +267,75 @@ class ResponseReader:
         if data == b"[DONE]":
             return False
         call = self.call
-        if call.first_token_at is not None and self._text is None and self._plain_delta(event, data):
-            # Hot path: after the first token most events are plain text deltas. Recognising them from their
-            # bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
-            self._chunks += 1
-            return True
+        if call.first_token_at is not None:
+            if self._text is None:
+                ends = self._ends
+                if ends is not None and self._end(data, ends):
+                    return False
+                if self._plain_delta(event, data):
+                    # Hot path: after the first token most events are plain text deltas. Recognising them from
+                    # their bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
+                    self._chunks += 1
+                    return True
+        elif self._shortcuts and self._pending is None and self._text is None and self._deferrable(data):
+            # The role chunk that opens a stream: nothing in it but the model and id, which the next event most
+            # likely repeats. Set aside: read only if that event does not prove it redundant.
+            self._pending = (event, data, now)
+            return False
         obj = loads(data)  # a keep-alive or a non-JSON event gives None: nothing to learn from it
+        pending = self._pending
+        if not isinstance(obj, dict):
+            if pending is not None:
+                self._read_pending(pending)
+            return False
+        plain = None
+        if pending is not None:
+            self._pending = None
+            plain = self._plain_delta(event, data)
+            if not (plain and self._same_head(pending[1], data, obj)):
+                self._read_pending(pending)
+                if call.first_token_at is not None:
+                    # It was the first token after all (a tool call): read this one as it would have been read.
+                    return self._event(event, data, now)
+        first = call.first_token_at is None
+        self._on_event(event, obj, now)
+        # The first token, read in full: when its bytes make it a plain text delta too, its shape is the one the
+        # next deltas have (so they take the fast path from the second token on).
+        if first and call.first_token_at is not None and self._text is None:
+            if plain is None:
+                plain = self._plain_delta(event, data)
+            if plain:
+                if self._shortcuts:
+                    self._learn_ends(data, obj)
+                return True
+        return False
+
+    def _shape_of(self, chunk: bytes, data: bytes) -> tuple[bytes, bytes, int, int] | None:
+        """The text-delta shape of ``chunk``, one whole event whose data (``data``) is the first token's."""
+        return _text_shape(chunk, self._TEXT_KEYS)
+
+    def _read_pending(self, pending: tuple[str, bytes, float]) -> None:
+        """Read the event set aside, as it would have been read when it came."""
+        event, data, now = pending
+        self._pending = None
+        obj = loads(data)
         if isinstance(obj, dict):
-            first = call.first_token_at is None
             self._on_event(event, obj, now)
-            # The first token, read in full: when its bytes make it a plain text delta too, its shape is the one
-            # the next deltas have (so they take the fast path from the second token on).
-            return first and call.first_token_at is not None and self._text is None and self._plain_delta(event, data)
+
+    def _deferrable(self, data: bytes) -> bool:
+        """Whether an event before the first token is worth setting aside (see :meth:`_same_head`)."""
+        return False
+
+    def _same_head(self, pending: bytes, data: bytes, obj: dict[str, Any]) -> bool:
+        """True when the event set aside (``pending``), read before ``data`` (parsed: ``obj``; a plain text delta,
+        see :meth:`_plain_delta`), would change nothing that reading ``data`` does not."""
+        return False
+
+    def _learn_ends(self, data: bytes, obj: dict[str, Any]) -> None:
+        """Learn from the first token's event (parsed, and a plain text delta) how this stream's last events look."""
+
+    def _end(self, data: bytes, ends: tuple[bytes | None, bytes, bytes | None, int]) -> bool:
+        """Read ``data`` when it is one of the stream's last events as learnt by ``_learn_ends``; else False."""
         return False
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
@@ -341,13 +414,69 @@ _TEXT_MARKERS: Final = (
 )  # fmt: skip
 
 
-class OpenAIChatReader(ResponseReader):
-    __slots__ = ("_tool_indexes",)
-    _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+#: The role delta that opens a chat stream, as the members of its delta object: a role, and fields that are null or
+#: empty (``"role":"assistant","content":"","refusal":null``).
+_ROLE_MEMBERS: Final = re.compile(
+    rb'(?:"role": ?"[a-z]{1,32}"|"[A-Za-z_]{1,32}": ?(?:null|""))'
+    rb'(?:, ?(?:"role": ?"[a-z]{1,32}"|"[A-Za-z_]{1,32}": ?(?:null|"")))*'
+)
+#: The rest of a JSON string after its opening quote, on text decoded as latin-1 (one character per byte).
+_STRING_REST: Final = re.compile(r'(?:[^"\\]|\\.)*"')
+#: Finish reasons as the finish event of a known shape spells them (others are left to the full parse).
+_REASONS: Final = {
+    f'"{reason}"'.encode(): reason for reason in ("stop", "length", "tool_calls", "content_filter", "function_call")
+}
 
-    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False) -> None:
-        super().__init__(call, stream=stream, capture=capture)
+
+def _lone_delta(data: bytes, obj: dict[str, Any]) -> tuple[str, int, int, int] | None:
+    """For a plain text delta (see ``OpenAIChatReader._plain_delta``; ``obj`` parsed from ``data``) whose only text
+    is the member ``"content": "..."``, alone in its object (``{"content": "..."}``): the event as latin-1 text
+    (one character per byte: str searches cost less than bytes ones), where the member starts, where its text
+    starts and where the member ends; else None. Outside the member there is no backslash (so every key is
+    spelled out and byte patterns find them all; a quoted key cannot occur inside a string, where every quote is
+    escaped), no other text field, and the top-level usage is null or missing."""
+    text = data.decode("latin-1")
+    start = text.find('"content"')
+    if start < 1 or text[start - 1] != "{":
+        return None
+    value = start + 9
+    if text.startswith(':"', value):
+        value += 2
+    elif text.startswith(': "', value):
+        value += 3
+    else:
+        return None
+    if "\\" in text:
+        found = _STRING_REST.match(text, value)
+        if found is None:
+            return None
+        end = found.end()
+        if text.find("\\", 0, start) >= 0 or text.find("\\", end) >= 0:
+            return None
+    else:
+        end = text.find('"', value) + 1
+    if (
+        end > value + 1
+        and text.startswith("}", end)
+        and text.count('"content"') == 1
+        and '"reasoning' not in text
+        and '"text"' not in text
+        and not obj.get("usage")
+    ):
+        return text, start, value, end
+    return None
+
+
+class OpenAIChatReader(ResponseReader):
+    __slots__ = ("_seen", "_tool_indexes")
+    _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+    _DEFERS = True
+
+    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
+        super().__init__(call, stream=stream, capture=capture, shortcuts=shortcuts)
         self._tool_indexes: set[tuple[int, int]] = set()
+        #: The last event looked at by ``_member`` and what it found (the first token's, used up to three times).
+        self._seen: tuple[bytes, tuple[str, int, int, int] | None] | None = None
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
         # Searched as latin-1 text: one character per byte, so every test below says what it would say on the
@@ -364,6 +493,106 @@ class OpenAIChatReader(ResponseReader):
             return False
         for marker in _TEXT_MARKERS:
             if marker in text:
+                return True
+        return False
+
+    def _deferrable(self, data: bytes) -> bool:
+        # Likely the role chunk: no text in it (a first token set aside would not teach the stream's shape).
+        text = data.decode("latin-1")
+        return '"reasoning' not in text and (
+            '"content":""' in text or ('"content"' not in text and '"text"' not in text)
+        )
+
+    def _member(self, data: bytes, obj: dict[str, Any]) -> tuple[str, int, int, int] | None:
+        seen = self._seen
+        if seen is not None and seen[0] is data:
+            return seen[1]
+        member = _lone_delta(data, obj)
+        self._seen = (data, member)
+        return member
+
+    def _same_head(self, pending: bytes, data: bytes, obj: dict[str, Any]) -> bool:
+        # ``data`` carries nothing but one text (a plain delta, see _lone_delta). ``pending`` is the same bytes with
+        # that text's member replaced by a role and null or empty fields: read in full, it would set nothing but
+        # the model and id, and only to what reading ``data`` sets them to (same top-level members, or null or
+        # empty ones), with nothing else to record: the first token's tests (no tool call, error, other text,
+        # usage or finish reason) hold for every byte outside the member.
+        member = self._member(data, obj)
+        if member is None:
+            return False
+        _, start, _, end = member
+        middle = len(pending) - (len(data) - end)
+        return (
+            middle > start
+            and pending[:start] == data[:start]
+            and pending[middle:] == data[end:]
+            and _ROLE_MEMBERS.fullmatch(pending, start, middle) is not None
+        )
+
+    def _shape_of(self, chunk: bytes, data: bytes) -> tuple[bytes, bytes, int, int] | None:
+        seen = self._seen
+        # What _text_shape finds, known already: the only "content" key starts the text (no "text" key).
+        if seen is not None and seen[0] is data and seen[1] is not None and chunk == b"data: " + data + b"\n\n":
+            _, _, value, end = seen[1]
+            head, tail = chunk[: value + 6], chunk[end + 5 :]
+            return head, tail, len(head), len(tail)
+        return _text_shape(chunk, self._TEXT_KEYS)
+
+    def _learn_ends(self, data: bytes, obj: dict[str, Any]) -> None:
+        # The finish event of a stream like this one is the first token's bytes with the delta emptied and the null
+        # finish reason replaced by a string; its usage event keeps the top-level members before "choices", whose
+        # list is empty, and adds the usage object. Templates for both, kept when what those events record follows
+        # from the first token's parse: with the model and id known, they have nothing else to add.
+        member = self._member(data, obj)
+        if member is None or self.call.response_model is None or self.call.response_id is None:
+            return
+        text, start, _, end = member
+        finish_head = None
+        finish_tail = b""
+        reason = text.find('"finish_reason"', end)
+        if reason >= 0 and text.count('"finish_reason"') == 1:
+            value = reason + 15
+            if text.startswith(":null", value):
+                value += 1
+            elif text.startswith(": null", value):
+                value += 2
+            else:
+                value = -1
+            # Its only spelling belongs to a choice: the one finish reason the finish event can report.
+            if value > 0 and any(isinstance(c, dict) and "finish_reason" in c for c in _list(obj.get("choices"))):
+                finish_head, finish_tail = data[:start] + data[end:value], data[value + 4 :]
+        usage_head = None
+        cut = text.find('"choices"', 0, start)
+        if cut > 0 and text.count('"choices"') == 1 and "choices" in obj:
+            # Its only spelling is the top-level key: everything before it is whole top-level members.
+            if text.startswith('"choices":[', cut):
+                usage_head = data[:cut] + b'"choices":[],"usage":'
+            elif text.startswith('"choices": [', cut):
+                usage_head = data[:cut] + b'"choices": [], "usage": '
+        if finish_head is not None or usage_head is not None:
+            self._ends = (finish_head, finish_tail, usage_head, cut)
+
+    def _end(self, data: bytes, ends: tuple[bytes | None, bytes, bytes | None, int]) -> bool:
+        finish_head, finish_tail, usage_head, cut = ends
+        if finish_head is not None:
+            middle = len(data) - len(finish_tail)
+            if middle > len(finish_head) and data.startswith(finish_head) and data.endswith(finish_tail):
+                reason = _REASONS.get(bytes(data[len(finish_head) : middle]))  # (a chunk may be a bytearray)
+                if reason is None:
+                    return False
+                _add_finish_reason(self.call, reason)
+                return True
+        if usage_head is not None and data.startswith(usage_head):
+            # What follows is the usage value and the closing brace: the value parsed on its own by the scanner
+            # that parses whole events (same values, same errors); anything else is left to the full parse.
+            try:
+                text = data[cut:].decode("utf-8", "surrogatepass")
+                usage, end = _scan(text, len(usage_head) - cut)
+            except (ValueError, RecursionError, StopIteration):
+                return False
+            if end == len(text) - 1 and text[end] == "}":
+                if usage:
+                    self._usage(usage)
                 return True
         return False
 

@@ -1,0 +1,293 @@
+"""The chat stream reader's once-per-stream shortcuts record what parsing every event in full records.
+
+Three events of a chat stream are usually read without a full JSON parse: the role chunk that opens it (set aside,
+then found redundant by the first token, whose bytes it repeats), and the finish and usage chunks at its end
+(recognised from templates learnt from the first token). The reference here is the same reader with content capture
+on, which turns every shortcut off and parses every event. For arbitrary chat streams (random ids, models, texts with
+escapes and unicode, spaced or compact JSON, keys in any order, extra keys, null or missing fields, empty strings,
+several choices, tool calls, errors, garbage) and arbitrary chunkings, both must record the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from llm_telemetry.apis import APIS
+from llm_telemetry.record import LLMCall
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.sampled_from(
+    ["", " word", 'say "hi"', "back\\slash", "line\nbreak", "é", "你好", '"content":"x"', '","finish_reason":"stop']
+)
+names = st.sampled_from(["gpt-4o-mini", "gpt-4o-mini-2024-07-18", "m", "", "chatcmpl-1", 'q"uote', "é"])
+REASONS = ["stop", "length", "tool_calls", "content_filter", "function_call", "", "STOP", "end_turn", "x\\y"]
+
+
+def _maybe(draw: st.DrawFn, obj: dict[str, Any], key: str, value: Any, p_missing: int = 4) -> None:
+    """Set ``key`` unless the draw leaves it out (about one time in ``p_missing``)."""
+    if draw(st.integers(0, p_missing - 1)):
+        obj[key] = value
+
+
+@st.composite
+def chat_event(
+    draw: st.DrawFn, kind: str, ident: Any, model: Any, extra: dict[str, Any], consistent: bool
+) -> dict[str, Any] | str:
+    if kind == "done":
+        return "[DONE]"
+    if kind == "garbage":
+        return draw(st.sampled_from(["not json", '{"id":"c1"', "[1,2]", "{}", '{"choices":null}', "null"]))
+    if kind == "error":
+        return {"error": {"message": draw(texts), "type": draw(st.sampled_from(["server_error", "rate_limit", "x"]))}}
+    obj: dict[str, Any] = {}
+    if consistent:
+        obj["id"] = ident
+    else:
+        _maybe(draw, obj, "id", ident, 8)
+    obj["object"] = "chat.completion.chunk"
+    _maybe(draw, obj, "created", 1)
+    if consistent:
+        obj["model"] = model
+    else:
+        _maybe(draw, obj, "model", model, 8)
+    obj.update(extra)
+    delta: dict[str, Any] = {}
+    finish: Any = None
+    if kind == "role":
+        delta["role"] = draw(st.sampled_from(["assistant", "tool"]))
+        _maybe(draw, delta, "content", draw(st.sampled_from(["", None])), 2)
+        _maybe(draw, delta, "refusal", None, 2)
+    elif kind == "token":
+        delta["content"] = draw(texts)
+        if draw(st.integers(0, 5)) == 0:
+            delta["role"] = "assistant"
+    elif kind == "reasoning":
+        delta[draw(st.sampled_from(["reasoning_content", "reasoning"]))] = draw(
+            texts.filter(bool) if consistent else texts
+        )
+        _maybe(draw, delta, "content", None, 2)
+    elif kind == "tool":
+        function = {"name": draw(st.sampled_from(["get_weather", "", "f"])), "arguments": draw(texts)}
+        delta["tool_calls"] = [{"index": draw(st.integers(0, 1)), "id": "call_1", "function": function}]
+    elif kind == "finish":
+        finish = draw(st.sampled_from(REASONS))
+        if draw(st.integers(0, 3)) == 0:
+            delta["content"] = draw(st.sampled_from(["", "tail"]))
+    choice: dict[str, Any] = {"index": 0, "delta": delta}
+    _maybe(draw, choice, "logprobs", None, 2)
+    _maybe(draw, choice, "finish_reason", finish, 6 if finish is None else 12)
+    choices = [choice]
+    if draw(st.integers(0, 6)) == 0 and not (consistent and kind in ("token", "reasoning")):
+        # A second choice in the same event: empty, or carrying text or a finish reason of its own.
+        other = draw(
+            st.sampled_from([{"index": 1}, {"index": 1, "delta": {"content": "b"}}, {"finish_reason": "length"}])
+        )
+        choices.append(other)
+    if kind == "usage":
+        choices = []
+    obj["choices"] = choices
+    if kind == "usage":
+        usage: Any = {"prompt_tokens": draw(st.integers(0, 10**6)), "completion_tokens": draw(st.integers(0, 10**6))}
+        if draw(st.booleans()):
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if draw(st.booleans()):
+            usage["prompt_tokens_details"] = {"cached_tokens": draw(st.integers(0, 99))}
+            usage["completion_tokens_details"] = {"reasoning_tokens": draw(st.sampled_from([0, 7, None, "x"]))}
+        obj["usage"] = draw(st.sampled_from([usage, usage, usage, None, {}, "x"]))
+    elif "usage" in extra or draw(st.integers(0, 5)) == 0:
+        obj["usage"] = None
+    if draw(st.integers(0, 4)) == 0:
+        # Keys in another order.
+        keys = draw(st.permutations(list(obj)))
+        obj = {key: obj[key] for key in keys}
+    return obj
+
+
+@st.composite
+def chat_streams(draw: st.DrawFn, consistent: bool = False) -> list[bytes]:
+    """A chat stream's chunks: mostly the usual order (role, tokens, finish, usage, [DONE]) with the same id and
+    model, sometimes other kinds of events anywhere and other ids or models, in any JSON style and chunking.
+    ``consistent``: every event spells the stream's id and model, text deltas have one choice and reasoning ones
+    are not empty (see test_shortcuts_record_what_a_full_parse_records)."""
+    spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
+    ident, model = draw(names), draw(names)
+    extra: dict[str, Any] = draw(
+        st.sampled_from([{}, {"system_fingerprint": "fp_1"}, {"usage": None}, {"service_tier": "default"}])
+    )
+    kinds = ["role"] if draw(st.integers(0, 5)) else []
+    kinds += ["token"] * draw(st.integers(0, 6))
+    kinds += ["finish"] if draw(st.integers(0, 4)) else []
+    kinds += ["usage"] if draw(st.booleans()) else []
+    kinds += ["done"] if draw(st.integers(0, 3)) else []
+    for other in draw(
+        st.lists(st.sampled_from(["role", "reasoning", "tool", "error", "garbage", "done", "usage"]), max_size=3)
+    ):
+        kinds.insert(draw(st.integers(0, len(kinds))), other)
+    separators = (", ", ": ") if spaced else (",", ":")
+    chunks = []
+    for kind in kinds:
+        if draw(st.integers(0, 7)) == 0 and not consistent:
+            ident_here, model_here = draw(names), draw(names)  # another id or model than the stream's
+        else:
+            ident_here, model_here = ident, model
+        event = draw(chat_event(kind, ident_here, model_here, extra, consistent))
+        data = event if isinstance(event, str) else json.dumps(event, separators=separators, ensure_ascii=ascii_only)
+        chunks.append(b"data: " + data.encode("utf-8", "surrogatepass") + b"\n\n")
+    if chunks and draw(st.integers(0, 3)) == 0:
+        # A proxy re-chunks the stream: pieces that start or end inside events.
+        body = b"".join(chunks)
+        cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(body) - 1)), max_size=6))))
+        chunks = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if body[a:b]]
+    return chunks
+
+
+def recorded(call: LLMCall) -> tuple[Any, ...]:
+    return (
+        call.first_token_at,
+        call.input_tokens,
+        call.output_tokens,
+        call.cache_read_tokens,
+        call.reasoning_tokens,
+        call.usage_source,
+        call.finish_reasons,
+        call.tool_calls,
+        call.response_model,
+        call.response_id,
+        call.error_type,
+    )
+
+
+def full_parse(chunks: list[bytes]) -> LLMCall:
+    """The reference: content capture turns every shortcut of the reader off, so every event is parsed."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=True)
+    for i, chunk in enumerate(chunks):
+        reader.feed(chunk, now=1.0 + i)
+    reader.finish(now=1000.0)
+    return call
+
+
+def as_middleware_reads(chunks: list[bytes], groups: list[int], shortcuts: bool = True) -> LLMCall:
+    """The reader (with or without its once-per-stream shortcuts) fed as the middleware feeds it: one by one, and
+    while it is holding, in kept groups (of the given sizes) read in bulk."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.reader(call, stream=True, capture=False, shortcuts=shortcuts)
+    held: list[bytes] | None = None
+    sizes = iter(groups * (len(chunks) + 1))
+    size = next(sizes)
+    for i, chunk in enumerate(chunks):
+        if held is not None:
+            held.append(chunk)
+            if len(held) >= size:
+                reader.feed_held(held)
+                held, size = ([] if reader.holding else None), next(sizes)
+            continue
+        reader.feed(chunk, now=1.0 + i)
+        if reader.holding:
+            held = []
+    if held:
+        reader.feed_held(held)
+    reader.finish(now=1000.0)
+    return call
+
+
+def _chunk(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _demo(delta: dict[str, Any], finish: str | None = None, **top: Any) -> dict[str, Any]:
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+    return {**head, **top, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def _tail_model(delta: dict[str, Any], model: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": delta, "finish_reason": None}], "model": model}
+
+
+USUAL = [
+    _chunk(_demo({"role": "assistant", "content": ""})),
+    _chunk(_demo({"content": "Hello"})),
+    _chunk(_demo({"content": " world"})),
+    _chunk(_demo({}, "stop")),
+    _chunk({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+            "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
+    b"data: [DONE]\n\n",
+]  # fmt: skip
+
+
+@given(chat_streams(), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+@settings(max_examples=500, deadline=None)
+@example([_chunk(_demo({"tool_calls": [{"index": 0, "function": {"name": "f"}}]})), *USUAL[1:]], [1])
+@example(
+    [_chunk(_tail_model({"role": "assistant"}, "a")), _chunk(_tail_model({"content": "Hi"}, "b")), *USUAL[3:]], [1]
+)
+@example([_chunk(_demo({"role": "assistant", "reasoning": "r"})), *USUAL[1:]], [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, "stop")), *USUAL[1:]], [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, usage={"prompt_tokens": 1})), *USUAL[1:]], [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, error={"type": "x"})), *USUAL[1:]], [1])
+@example(USUAL, [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, model="a")), *USUAL[1:]], [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, id="r")), *USUAL[1:]], [3])
+@example([USUAL[0], _chunk(_demo({"content": "Hi"}, model="")), *USUAL[2:]], [2])
+@example([*USUAL[:3], _chunk(_demo({}, "tool_calls")), *USUAL[4:]], [1])
+@example([*USUAL[:3], _chunk(_demo({}, "weird")), *USUAL[4:]], [1])
+@example([*USUAL[:4], _chunk({**json.loads(USUAL[4][6:]), "usage": None}), USUAL[5]], [1])
+@example([*USUAL[:4], USUAL[4].replace(b'"usage":{', b'"usage":[{').replace(b"}}", b"}]}"), USUAL[5]], [1])
+def test_shortcuts_change_nothing_recorded(chunks: list[bytes], groups: list[int]) -> None:
+    """Whatever the stream, hostile ones included, and its chunking: the first token and its time, the token
+    counts and their source, the finish reasons, tool calls, response model and id, and the error are those the
+    same reader records with its once-per-stream shortcuts off (every event before the first token, and every
+    event after it that is not a plain text delta, parsed in full)."""
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(as_middleware_reads(chunks, groups, False))
+
+
+@given(chat_streams(consistent=True), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_shortcuts_record_what_a_full_parse_records(chunks: list[bytes], groups: list[int]) -> None:
+    """Against parsing every event (content capture turns every shortcut off, per-chunk ones included), for streams
+    that spell their id and model in every event, put one choice in a text delta and no empty reasoning delta: the
+    per-chunk shortcuts, older than these, read a text delta from its bytes (its id, model or other choices
+    unread, an empty reasoning text counted), so only such streams are held to it."""
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(full_parse(chunks))
+
+
+@given(
+    st.lists(texts.filter(bool), min_size=1, max_size=6),
+    st.sampled_from(["stop", "length", "tool_calls", "content_filter"]),
+    st.booleans(),
+    st.booleans(),
+    names,
+    names,
+)
+@settings(max_examples=200, deadline=None)
+def test_the_usual_stream_agrees_with_a_full_parse(
+    words: list[str], reason: str, spaced: bool, usage_null: bool, ident: str, model: str
+) -> None:
+    """The usual shape of a chat stream (role chunk, tokens, finish, usage with details, [DONE]), compact or spaced,
+    read in one held group: the numbers of a full parse."""
+    top = {"usage": None} if usage_null else {}
+    separators = (", ", ": ") if spaced else (",", ":")
+
+    def encode(obj: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(obj, separators=separators).encode() + b"\n\n"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": ident, "object": "chat.completion.chunk", "created": 1, "model": model, **top,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+
+    usage = {"prompt_tokens": 9, "completion_tokens": len(words), "total_tokens": 9 + len(words),
+             "prompt_tokens_details": {"cached_tokens": 3},
+             "completion_tokens_details": {"reasoning_tokens": 1}}  # fmt: skip
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({"content": word}) for word in words]
+    events += [chunk({}, reason), {"id": ident, "object": "chat.completion.chunk", "created": 1, "model": model,
+                                   "choices": [], "usage": usage}]  # fmt: skip
+    chunks = [encode(event) for event in events] + [b"data: [DONE]\n\n"]
+    call = as_middleware_reads(chunks, [len(chunks)])
+    assert recorded(call) == recorded(full_parse(chunks))
+    assert (call.finish_reasons, call.input_tokens, call.cache_read_tokens) == ([reason], 9, 3)
