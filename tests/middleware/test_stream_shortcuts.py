@@ -16,7 +16,7 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from llm_telemetry.apis import APIS
+from llm_telemetry.apis import _ROLE_DELTAS, _ROLE_MEMBERS, APIS
 from llm_telemetry.record import LLMCall
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.sampled_from(
@@ -291,3 +291,9 @@ def test_the_usual_stream_agrees_with_a_full_parse(
     call = as_middleware_reads(chunks, [len(chunks)])
     assert recorded(call) == recorded(full_parse(chunks))
     assert (call.finish_reasons, call.input_tokens, call.cache_read_tokens) == ([reason], 9, 3)
+
+
+def test_the_common_role_deltas_are_role_deltas() -> None:
+    """The role deltas recognised by lookup are ones the pattern of role deltas (scalars only) accepts: the lookup
+    is a shortcut of the pattern, never wider."""
+    assert _ROLE_DELTAS and all(_ROLE_MEMBERS.fullmatch(delta) for delta in _ROLE_DELTAS)
