@@ -224,6 +224,20 @@ USUAL = [
 @settings(max_examples=500, deadline=None)
 @example([_chunk(_demo({"tool_calls": [{"index": 0, "function": {"name": "f"}}]})), *USUAL[1:]], [1])
 @example(
+    [
+        _chunk(_demo({"tool_calls": [{"index": 0, "function": {"name": "f"}}]})),
+        _chunk(
+            {
+                **_demo({"content": "a"}),
+                "choices": [{"index": 0, "delta": {"content": "a"}}, {"delta": {"content": "b"}}],
+            }
+        ),
+        USUAL[3],
+        USUAL[5],
+    ],
+    [1],
+)
+@example(
     [_chunk(_tail_model({"role": "assistant"}, "a")), _chunk(_tail_model({"content": "Hi"}, "b")), *USUAL[3:]], [1]
 )
 @example([_chunk(_demo({"role": "assistant", "reasoning": "r"})), *USUAL[1:]], [1])
