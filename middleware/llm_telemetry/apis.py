@@ -137,10 +137,12 @@ class ResponseReader:
         self._chunks = 0
         #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
         self._text_chars = 0
-        #: (bytes before the text, bytes after it, their lengths) of a whole-chunk plain text delta of this stream.
-        self._shape: tuple[bytes, bytes, int, int] | None = None
+        #: (bytes before the text, bytes after it, their lengths, None) of a whole-chunk plain text delta of this
+        #: stream; for a delta that ends in an obfuscation member (see ``_split_shape``), the bytes after its value,
+        #: and the bytes between the text and the value instead of None.
+        self._shape: _Shape | None = None
         #: ``_shape`` while the decoder is between events (the only time it applies), else None.
-        self._fast: tuple[bytes, bytes, int, int] | None = None
+        self._fast: _Shape | None = None
         self._misses = 0
         #: (event, data, time) of an event set aside before the first token, read (or found redundant) later.
         self._pending: tuple[str, bytes, float] | None = None
@@ -205,8 +207,17 @@ class ResponseReader:
 
     def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
         fast = self._fast
+        if fast is not None and fast[4] is not None:
+            # Obfuscated deltas differ outside the text too: checked one by one (no decoder, no parse), as feed would.
+            shaped = self._shaped
+            for i in range(lo, hi):
+                if shaped(chunks[i]):
+                    self._chunks += 1
+                else:
+                    self.feed(chunks[i], None, False)
+            return
         if fast is not None and hi - lo > 1:
-            head, tail, start, tail_length = fast
+            head, tail, start, tail_length, _ = fast
             run = chunks[lo:hi] if lo or hi < len(chunks) else chunks
             # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape
             # exactly when putting every text back between a head and a tail rebuilds the run byte for byte (the
@@ -227,15 +238,29 @@ class ResponseReader:
     def _shaped(self, chunk: bytes) -> bool:
         """Whether ``chunk`` is of the learnt text-delta shape: the same bytes around the text as the delta it was
         learnt from (one whole event), and between them nothing but the inside of one JSON string (no quote,
-        backslash or line break but escaped ones), so the bytes around it can only be structure, never text."""
+        backslash or line break but escaped ones), so the bytes around it can only be structure, never text. For a
+        shape with an obfuscation member: the learnt bytes before the text, the text, the learnt bytes between the
+        text and the member's value, a value of printable ASCII without quote or backslash, and the learnt bytes
+        after the value."""
         fast = self._fast
         if fast is None:
             return False
-        head, tail, start, tail_length = fast
+        head, tail, start, tail_length, middle = fast
         end = len(chunk) - tail_length
-        # Slices compared with ``==`` are the cheapest checks CPython has: no method call, no regex state.
-        if start < end and chunk[:start] == head and chunk[end:] == tail:
-            return _unescaped(chunk[start:end]) or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+        if middle is None:
+            # Slices compared with ``==`` are the cheapest checks CPython has: no method call, no regex state.
+            if start < end and chunk[:start] == head and chunk[end:] == tail:
+                return _unescaped(chunk[start:end]) or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+            return False
+        if chunk[:start] != head or chunk[end:] != tail:
+            return False
+        # The value has no quote: the last quote before it ends the middle (which ends with the value's opening quote).
+        value = chunk.rfind(b'"', start, end) + 1
+        text_end = value - len(middle)
+        if start < text_end and chunk[text_end:value] == middle:
+            obfuscation = chunk[value:end]
+            if obfuscation.isalnum() or _OBFUSCATION_VALUE.fullmatch(obfuscation) is not None:
+                return _unescaped(chunk[start:text_end]) or _JSON_TEXT.fullmatch(chunk, start, text_end) is not None
         return False
 
     def finish(self, now: float) -> None:
@@ -310,7 +335,7 @@ class ResponseReader:
                 return True
         return False
 
-    def _shape_of(self, chunk: bytes, data: bytes) -> tuple[bytes, bytes, int, int] | None:
+    def _shape_of(self, chunk: bytes, data: bytes) -> _Shape | None:
         """The text-delta shape of ``chunk``, one whole event whose data (``data``) is the first token's."""
         return _text_shape(chunk, self._TEXT_KEYS)
 
@@ -374,7 +399,31 @@ def _unescaped(text: bytes) -> bool:
     return 0x22 not in text and 0x5C not in text and 0x0A not in text and 0x0D not in text
 
 
-def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, int, int] | None:
+#: A text-delta shape (see ``ResponseReader._shape``).
+_Shape = tuple[bytes, bytes, int, int, bytes | None]
+#: The key of the member OpenAI adds last to every streamed event (random characters of random length that pad the
+#: event's size against side channels), compact or spaced.
+_OBFUSCATION_KEYS: Final = (b',"obfuscation":"', b', "obfuscation": "')
+#: An obfuscation value that can only be the inside of one JSON string, with nothing to decode: printable ASCII
+#: without quote or backslash.
+_OBFUSCATION_VALUE: Final = re.compile(rb"[ !#-\[\]-~]*")
+
+
+def _split_shape(head: bytes, tail: bytes) -> _Shape:
+    """The shape of a one-event chunk that is ``head``, a text and ``tail``. When the event ends with an obfuscation
+    member whose value is recognised (see ``_OBFUSCATION_VALUE``), split there too, so that the value may vary."""
+    # Its value's closing quote, then the closing brace of the event's object and the event's end.
+    if tail.endswith(b'"}\n\n'):
+        close = len(tail) - 4
+        # A recognised value has no quote: the last one before its end opens it.
+        value = tail.rfind(b'"', 0, close) + 1
+        if tail.endswith(_OBFUSCATION_KEYS, 0, value) and _OBFUSCATION_VALUE.fullmatch(tail, value, close):
+            after = tail[close:]
+            return head, after, len(head), len(after), tail[:value]
+    return head, tail, len(head), len(tail), None
+
+
+def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> _Shape | None:
     """Split a one-event chunk around the value of its first text key: the bytes before and after it."""
     for key in keys:
         start = chunk.find(key)
@@ -384,8 +433,7 @@ def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> tuple[bytes, bytes, in
         end = _JSON_STRING_REST.match(chunk, start)
         if end is None or end.end() - 1 <= start:
             return None
-        head, tail = chunk[:start], chunk[end.end() - 1 :]
-        return head, tail, len(head), len(tail)
+        return _split_shape(chunk[:start], chunk[end.end() - 1 :])
     return None
 
 
@@ -540,13 +588,12 @@ class OpenAIChatReader(ResponseReader):
             bytes(pending[start:middle]) in _ROLE_DELTAS or _ROLE_MEMBERS.fullmatch(pending, start, middle) is not None
         )
 
-    def _shape_of(self, chunk: bytes, data: bytes) -> tuple[bytes, bytes, int, int] | None:
+    def _shape_of(self, chunk: bytes, data: bytes) -> _Shape | None:
         seen = self._seen
         # What _text_shape finds, known already: the only "content" key starts the text (no "text" key).
         if seen is not None and seen[0] is data and seen[1] is not None and chunk == b"data: " + data + b"\n\n":
             _, _, value, end = seen[1]
-            head, tail = chunk[: value + 6], chunk[end + 5 :]
-            return head, tail, len(head), len(tail)
+            return _split_shape(chunk[: value + 6], chunk[end + 5 :])
         return _text_shape(chunk, self._TEXT_KEYS)
 
     def _learn_ends(self, data: bytes, obj: dict[str, Any]) -> None:

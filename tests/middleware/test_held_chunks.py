@@ -71,19 +71,29 @@ middles = (
 )
 
 
+#: Obfuscation values (the member OpenAI adds last to every streamed event): the usual letters and digits, and any.
+obfuscations = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", max_size=24) | texts
+
+
 @st.composite
-def streams(draw: st.DrawFn) -> list[bytes]:
+def streams(draw: st.DrawFn, obfuscated: bool = False) -> list[bytes]:
     """A chat stream: role chunk, text deltas of arbitrary text, other events anywhere, and chunks of the deltas'
-    shape around arbitrary bytes; optionally re-chunked by a proxy at arbitrary cuts."""
+    shape around arbitrary bytes; optionally re-chunked by a proxy at arbitrary cuts. ``obfuscated``: every JSON
+    event ends with an obfuscation member of its own value, and the deltas' shape has arbitrary bytes in place of
+    the value too."""
     spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
     events: list[dict[str, Any] | str] = [chat_chunk({"role": "assistant", "content": ""})]
     events += [chat_chunk({"content": text}) for text in draw(st.lists(texts, min_size=1, max_size=40))]
     for other in draw(st.lists(st.sampled_from(OTHERS), max_size=4)):
         events.insert(draw(st.integers(1, len(events))), other)
+    if obfuscated:
+        events = [event if isinstance(event, str) else {**event, "obfuscation": draw(obfuscations)} for event in events]
     chunks = [encode(event, spaced, ascii_only) for event in events]
-    head, _, tail = encode(chat_chunk({"content": "MIDDLE"}), spaced, ascii_only).partition(b"MIDDLE")
+    shape = chat_chunk({"content": "MIDDLE"}, **({"obfuscation": "VALUE"} if obfuscated else {}))
+    head, _, tail = encode(shape, spaced, ascii_only).partition(b"MIDDLE")
     for middle in draw(st.lists(middles, max_size=4)):
-        chunks.insert(draw(st.integers(2, len(chunks))), head + middle + tail)
+        value = draw(middles) if obfuscated and draw(st.booleans()) else b"v"
+        chunks.insert(draw(st.integers(2, len(chunks))), head + middle + tail.replace(b"VALUE", value))
     if draw(st.booleans()):
         # A proxy re-chunks a stretch of the stream: pieces that start or end inside events.
         lo = draw(st.integers(0, len(chunks) - 1))
@@ -124,6 +134,18 @@ def one_by_one(chunks: list[bytes], capture: bool = False) -> tuple[LLMCall, int
 def test_held_chunks_read_in_bulk_like_one_by_one(chunks: list[bytes], groups: list[int]) -> None:
     """Whatever is kept while the reader is holding, read in groups of any size, gives what feeding every chunk as
     it came gives (the texts of the learnt shape counted in bulk, everything else read one by one)."""
+    read_held_like_one_by_one(chunks, groups)
+
+
+@given(streams(obfuscated=True), st.lists(st.integers(1, 50), min_size=1, max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_obfuscated_held_chunks_read_in_bulk_like_one_by_one(chunks: list[bytes], groups: list[int]) -> None:
+    """The same for streams whose events carry obfuscation members (the learnt shape's chunks are checked one by
+    one there, each with its own value)."""
+    read_held_like_one_by_one(chunks, groups)
+
+
+def read_held_like_one_by_one(chunks: list[bytes], groups: list[int]) -> None:
     spec = APIS["openai.chat"]
     call = LLMCall(spec.operation, spec.provider, start=0.0)
     reader = spec.response_reader(call, stream=True, capture=False)

@@ -106,12 +106,20 @@ def chat_event(
     return obj
 
 
+#: Values of the member OpenAI adds to every streamed event (random letters and digits of random length), and others.
+obfuscations = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", max_size=40) | (
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+    | st.sampled_from(["", "x" * 300, '"', "\\", "a\nb", "\r", "\u2028", '"},"finish_reason":"length', '\\"', "\x00"])
+)
+
+
 @st.composite
-def chat_streams(draw: st.DrawFn, consistent: bool = False) -> list[bytes]:
+def chat_streams(draw: st.DrawFn, consistent: bool = False, obfuscated: bool = False) -> list[bytes]:
     """A chat stream's chunks: mostly the usual order (role, tokens, finish, usage, [DONE]) with the same id and
     model, sometimes other kinds of events anywhere and other ids or models, in any JSON style and chunking.
     ``consistent``: every event spells the stream's id and model, text deltas have one choice and reasoning ones
-    are not empty (see test_shortcuts_record_what_a_full_parse_records)."""
+    are not empty (see test_shortcuts_record_what_a_full_parse_records). ``obfuscated``: every event ends with an
+    obfuscation member (mostly), each with its own value."""
     spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
     ident, model = draw(names), draw(names)
     extra: dict[str, Any] = draw(
@@ -134,6 +142,11 @@ def chat_streams(draw: st.DrawFn, consistent: bool = False) -> list[bytes]:
         else:
             ident_here, model_here = ident, model
         event = draw(chat_event(kind, ident_here, model_here, extra, consistent))
+        if obfuscated and isinstance(event, dict):
+            if draw(st.integers(0, 9)):
+                event = {**event, "obfuscation": draw(obfuscations)}  # last, as OpenAI sends it
+            else:
+                event = {"obfuscation": draw(obfuscations), **event}
         data = event if isinstance(event, str) else json.dumps(event, separators=separators, ensure_ascii=ascii_only)
         chunks.append(b"data: " + data.encode("utf-8", "surrogatepass") + b"\n\n")
     if chunks and draw(st.integers(0, 3)) == 0:
@@ -311,3 +324,111 @@ def test_the_common_role_deltas_are_role_deltas() -> None:
     """The role deltas recognised by lookup are ones the pattern of role deltas (scalars only) accepts: the lookup
     is a shortcut of the pattern, never wider."""
     assert _ROLE_DELTAS and all(_ROLE_MEMBERS.fullmatch(delta) for delta in _ROLE_DELTAS)
+
+
+def _obfuscated(obj: dict[str, Any], value: str) -> bytes:
+    return _chunk({**obj, "obfuscation": value})
+
+
+def test_an_obfuscated_stream_is_read_by_its_shape() -> None:
+    """A stream whose events each end with an obfuscation member of its own value (as OpenAI sends them by default):
+    from the first token on, the reader holds its chunks (their texts are recognised from their bytes, whatever the
+    value), and records what a full parse records."""
+    letters = "aZ3kQx9Lm0"
+    tokens = [_obfuscated(_demo({"content": f" w{i}"}, usage=None), letters[: i % 11]) for i in range(64)]
+    chunks = [_obfuscated(_demo({"role": "assistant", "content": ""}, usage=None), "Qp"), *tokens]
+    chunks += [_obfuscated(_demo({}, "stop", usage=None), "k"), USUAL[4], USUAL[5]]
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    reader.feed(chunks[0], now=1.0)
+    reader.feed(chunks[1], now=2.0)
+    assert reader.holding
+    for i in range(2, 64, 8):
+        reader.feed_held(chunks[i : i + 8])
+        assert reader.holding
+    for chunk in chunks[64:]:
+        reader.feed(chunk)
+    reader.finish(now=1000.0)
+    assert recorded(call) == recorded(full_parse(chunks))
+    assert (call.output_tokens, call.finish_reasons, call.first_token_at) == (2, ["stop"], 2.0)
+    # With a value that is not the inside of a JSON string in one token, that token is read in full: not counted.
+    broken = [*chunks[:10], tokens[10].replace(b'"obfuscation":"', b'"obfuscation":"\\""'), *chunks[11:]]
+    assert recorded(as_middleware_reads(broken, [8])) == recorded(full_parse(broken))
+
+
+@given(chat_streams(obfuscated=True), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_obfuscated_streams_shortcuts_change_nothing_recorded(chunks: list[bytes], groups: list[int]) -> None:
+    """As test_shortcuts_change_nothing_recorded, for streams whose events carry obfuscation members."""
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(as_middleware_reads(chunks, groups, False))
+
+
+@given(chat_streams(consistent=True, obfuscated=True), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_obfuscated_streams_record_what_a_full_parse_records(chunks: list[bytes], groups: list[int]) -> None:
+    """As test_shortcuts_record_what_a_full_parse_records, for streams whose events carry obfuscation members of
+    arbitrary values (quotes, backslashes, line breaks, unicode, empty, long)."""
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(full_parse(chunks))
+
+
+#: Bytes put in place of an obfuscation value in a text delta of the stream's shape: anything, crafted ones included
+#: (some make the event other JSON: an error, usage, a finish reason, another event).
+raw_values = st.binary(max_size=8) | st.lists(
+    st.sampled_from(
+        [b'"', b"\\", b"\n", b"\r", b"a", b"\xff", b"\x00", b'\\"', b"\t", b"\\u0041", b'"}\n\ndata: {"a":"',
+         b'x","error":{"type":"e"},"y":"', b'x","usage":{"prompt_tokens":7,"completion_tokens":1},"y":"',
+         b'x","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"y":"']
+    ),
+    max_size=4,
+).map(b"".join)  # fmt: skip
+
+
+def unshaped(chunks: list[bytes]) -> LLMCall:
+    """The reader as it reads a stream whose text deltas never have the learnt shape: every chunk decoded."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    for i, chunk in enumerate(chunks):
+        reader.feed(chunk, 1.0 + i, False)
+    reader.finish(now=1000.0)
+    return call
+
+
+@given(
+    st.lists(obfuscations, min_size=1, max_size=8),
+    st.lists(st.tuples(st.integers(2, 12), st.sampled_from(["", "x", " y", "é", 'q\\"']), raw_values), max_size=4),
+    st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    st.booleans(),
+)
+@settings(max_examples=400, deadline=None)
+def test_obfuscation_values_that_could_hide_structure_are_not_of_the_shape(
+    values: list[str], crafted: list[tuple[int, str, bytes]], groups: list[int], spaced: bool
+) -> None:
+    """Text deltas of an obfuscated stream's shape with arbitrary bytes in place of the value, put anywhere after
+    the first token: read as they are when no shape is known (each event decoded), so only values that are the
+    inside of a JSON string with nothing to decode count as text deltas of the shape; and when every event is JSON,
+    as a full parse reads them."""
+    separators = (", ", ": ") if spaced else (",", ":")
+
+    def encode(obj: dict[str, Any], value: str) -> bytes:
+        return b"data: " + json.dumps({**obj, "obfuscation": value}, separators=separators).encode() + b"\n\n"
+
+    chunks = [encode(_demo({"role": "assistant", "content": ""}, usage=None), "r")]
+    chunks += [encode(_demo({"content": f"w{i}"}, usage=None), value) for i, value in enumerate(values)]
+    for at, text, value in crafted:
+        head, _, tail = encode(_demo({"content": text}, usage=None), "VALUE").partition(b"VALUE")
+        chunks.insert(min(at, len(chunks)), head + value + tail)
+    chunks += [encode(_demo({}, "stop", usage=None), ""), USUAL[4], USUAL[5]]
+    call = as_middleware_reads(chunks, groups)
+    assert recorded(call) == recorded(unshaped(chunks))
+    if all(_is_json(chunk[6:]) for chunk in chunks[:-1]):
+        assert recorded(call) == recorded(full_parse(chunks))
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
