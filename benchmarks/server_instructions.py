@@ -139,7 +139,7 @@ def run(
 def format_report(report: dict[str, Any]) -> str:
     from instructions import format_report as instruction_table
 
-    text = instruction_table(report, "in a real server (uvicorn under valgrind, 8 connections)")
+    text = instruction_table(report, "in a real uvicorn server with 8 connections")
     misses = [row for row in report.get("rows", []) if row.get("misses") and row["variant"] != "bare"]
     if not misses:
         return text
