@@ -260,6 +260,9 @@ USUAL = [
 @example(USUAL, [1])
 @example([_chunk(_demo({"role": "assistant", "content": ""}, model="a")), *USUAL[1:]], [1])
 @example([_chunk(_demo({"role": "assistant", "content": ""}, id="r")), *USUAL[1:]], [3])
+# A role chunk whose model or id differs from the first token's, spelled with as many bytes: not redundant.
+@example([_chunk(_demo({"role": "assistant", "content": ""}, model="gpt-4o-mino")), *USUAL[1:]], [1])
+@example([_chunk(_demo({"role": "assistant", "content": ""}, id="chatcmpl-2")), *USUAL[1:]], [1])
 @example([USUAL[0], _chunk(_demo({"content": "Hi"}, model="")), *USUAL[2:]], [2])
 @example([*USUAL[:3], _chunk(_demo({}, "tool_calls")), *USUAL[4:]], [1])
 @example([*USUAL[:3], _chunk(_demo({}, "weird")), *USUAL[4:]], [1])
