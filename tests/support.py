@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: real uvicorn servers on 127.0.0.1 and real scrapes of /metrics."""
+"""Helpers shared by the tests: real uvicorn servers on 127.0.0.1, real scrapes of /metrics, a stream fed to a
+reader as the middleware feeds it."""
 
 from __future__ import annotations
 
@@ -76,3 +77,24 @@ class Metrics:
 
 def scrape(port: int) -> Metrics:
     return Metrics(scrape_text(port))
+
+
+def read_as_middleware(reader: Any, chunks: list[bytes], groups: list[int]) -> None:
+    """Feed a stream reader ``chunks`` as the middleware does: one by one, and while it is holding, kept in groups
+    (of the sizes in ``groups``, in turn) and read in bulk; then finish it."""
+    held: list[bytes] | None = None
+    sizes = iter(groups * (len(chunks) + 1))
+    size = next(sizes)
+    for i, chunk in enumerate(chunks):
+        if held is not None:
+            held.append(chunk)
+            if len(held) >= size:
+                reader.feed_held(held)
+                held, size = ([] if reader.holding else None), next(sizes)
+            continue
+        reader.feed(chunk, now=1.0 + i)
+        if reader.holding:
+            held = []
+    if held:
+        reader.feed_held(held)
+    reader.finish(now=1000.0)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from llm_telemetry.apis import APIS
 from llm_telemetry.middleware import MAX_HELD_BYTES, MAX_HELD_CHUNK_BYTES, MAX_HELD_CHUNKS, _Exchange
 from llm_telemetry.record import LLMCall
+from support import read_as_middleware
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=0, max_size=10)
 
@@ -149,22 +150,7 @@ def read_held_like_one_by_one(chunks: list[bytes], groups: list[int]) -> None:
     spec = APIS["openai.chat"]
     call = LLMCall(spec.operation, spec.provider, start=0.0)
     reader = spec.response_reader(call, stream=True, capture=False)
-    held: list[bytes] | None = None
-    sizes = iter(groups * (len(chunks) + 1))
-    size = next(sizes)
-    for i, chunk in enumerate(chunks):
-        if held is not None:
-            held.append(chunk)
-            if len(held) >= size:
-                reader.feed_held(held)
-                held, size = ([] if reader.holding else None), next(sizes)
-            continue
-        reader.feed(chunk, now=1.0 + i)
-        if reader.holding:
-            held = []
-    if held:
-        reader.feed_held(held)
-    reader.finish(now=1000.0)
+    read_as_middleware(reader, chunks, groups)
     expected, counted = one_by_one(chunks)
     assert numbers(call) == numbers(expected)
     assert reader._chunks == counted

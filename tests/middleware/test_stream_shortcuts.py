@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from llm_telemetry.apis import _ROLE_DELTAS, _ROLE_MEMBERS, APIS
 from llm_telemetry.record import LLMCall
+from support import read_as_middleware
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.sampled_from(
     ["", " word", 'say "hi"', "back\\slash", "line\nbreak", "é", "你好", '"content":"x"', '","finish_reason":"stop']
@@ -80,7 +81,7 @@ def chat_event(
     _maybe(draw, choice, "logprobs", None, 2)
     _maybe(draw, choice, "finish_reason", finish, 6 if finish is None else 12)
     choices = [choice]
-    if draw(st.integers(0, 6)) == 0 and not (consistent and kind in ("token", "reasoning")):
+    if draw(st.integers(0, 6)) == 0 and not consistent:
         # A second choice in the same event: empty, or carrying text or a finish reason of its own.
         other = draw(
             st.sampled_from([{"index": 1}, {"index": 1, "delta": {"content": "b"}}, {"finish_reason": "length"}])
@@ -117,7 +118,7 @@ obfuscations = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 def chat_streams(draw: st.DrawFn, consistent: bool = False, obfuscated: bool = False) -> list[bytes]:
     """A chat stream's chunks: mostly the usual order (role, tokens, finish, usage, [DONE]) with the same id and
     model, sometimes other kinds of events anywhere and other ids or models, in any JSON style and chunking.
-    ``consistent``: every event spells the stream's id and model, text deltas have one choice and reasoning ones
+    ``consistent``: every event spells the stream's id and model, every event has one choice and reasoning ones
     are not empty (see test_shortcuts_record_what_a_full_parse_records). ``obfuscated``: every event ends with an
     obfuscation member (mostly), each with its own value."""
     spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
@@ -190,22 +191,7 @@ def as_middleware_reads(chunks: list[bytes], groups: list[int], shortcuts: bool 
     spec = APIS["openai.chat"]
     call = LLMCall(spec.operation, spec.provider, start=0.0)
     reader = spec.reader(call, stream=True, capture=False, shortcuts=shortcuts)
-    held: list[bytes] | None = None
-    sizes = iter(groups * (len(chunks) + 1))
-    size = next(sizes)
-    for i, chunk in enumerate(chunks):
-        if held is not None:
-            held.append(chunk)
-            if len(held) >= size:
-                reader.feed_held(held)
-                held, size = ([] if reader.holding else None), next(sizes)
-            continue
-        reader.feed(chunk, now=1.0 + i)
-        if reader.holding:
-            held = []
-    if held:
-        reader.feed_held(held)
-    reader.finish(now=1000.0)
+    read_as_middleware(reader, chunks, groups)
     return call
 
 
