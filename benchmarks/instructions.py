@@ -90,6 +90,27 @@ def _parse_requests(text: str) -> dict[str, int]:
     return requests
 
 
+def runnable(variants: list[str], log: Any) -> list[str]:
+    """``bare`` first, then those of ``variants`` whose dependencies are installed (the others are logged)."""
+    found = []
+    for v in ["bare", *(v for v in variants if v != "bare")]:
+        missing = VARIANTS[v].missing()
+        if missing:
+            log(f"skipping {v}: {missing}")
+        else:
+            found.append(v)
+    return found
+
+
+def start_sink() -> tuple[Any, str]:
+    """A local OTLP/HTTP sink (``sink.py``), once it answers, and its endpoint."""
+    port = procs.free_port()
+    sink = procs.start("sink.py", ["--port", str(port)])
+    endpoint = f"http://127.0.0.1:{port}"
+    procs.wait_http(endpoint + "/count", sink)
+    return sink, endpoint
+
+
 def run(
     scenarios: list[str], variants: list[str], ks: dict[str, int], warmup: int = 30, log: Any = print
 ) -> dict[str, Any]:
@@ -99,16 +120,9 @@ def run(
     if shutil.which("valgrind") is None:
         report["skipped"] = "valgrind is not installed (apt-get install valgrind): no instruction counts"
         return report
-    variants = ["bare", *(v for v in variants if v != "bare")]
-    for v in list(variants):
-        missing = VARIANTS[v].missing()
-        if missing:
-            log(f"skipping {v}: {missing}")
-            variants.remove(v)
-    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
+    variants = runnable(variants, log)
+    sink, endpoint = start_sink()
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        procs.wait_http(endpoint + "/count", sink)
         # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
         env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
         env[BENCH_OTLP_ENDPOINT] = endpoint

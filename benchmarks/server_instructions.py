@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 
 import procs  # noqa: E402
 from apps import BENCH_METRICS_PORT, BENCH_OTLP_ENDPOINT, VARIANTS  # noqa: E402
+from instructions import runnable, start_sink  # noqa: E402
 from loadgen import SCENARIOS, run_load  # noqa: E402
 
 DEFAULT_SCENARIOS = ["chat", "stream64"]
@@ -103,16 +104,9 @@ def run(
     if shutil.which("valgrind") is None:
         report["skipped"] = "valgrind is not installed (apt-get install valgrind): no instruction counts"
         return report
-    variants = ["bare", *(v for v in variants if v != "bare")]
-    for v in list(variants):
-        missing = VARIANTS[v].missing()
-        if missing:
-            log(f"skipping {v}: {missing}")
-            variants.remove(v)
-    sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
+    variants = runnable(variants, log)
+    sink, otlp = start_sink()
     try:
-        otlp = f"http://127.0.0.1:{port}"
-        procs.wait_http(otlp + "/count", sink)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             for scenario in scenarios:
                 k, chunks = ks.get(scenario, 200), SCENARIOS[scenario].chunks
