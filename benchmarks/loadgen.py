@@ -59,13 +59,15 @@ class Scenario:
 _MESSAGES = [{"role": "user", "content": "How do I know my p95 time to first token?"}]
 
 
-def _stream(words: int) -> Scenario:
-    # The demo sends a role chunk, one chunk per word, a finish chunk, a usage chunk and [DONE].
+def _stream(words: int, obfuscated: bool = False) -> Scenario:
+    # The demo sends a role chunk, one chunk per word, a finish chunk, a usage chunk and [DONE]; ``obfuscated``:
+    # each of those events (but [DONE]) ends with an "obfuscation" member of its own value, as OpenAI's do.
+    headers = (("x-demo-words", str(words)),) + ((("x-demo-obfuscation", "1"),) if obfuscated else ())
     return Scenario(
-        f"stream{words}",
+        f"stream{words}{'o' if obfuscated else ''}",
         "/v1/chat/completions",
         {"model": "gpt-4o-mini", "messages": _MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
-        (("x-demo-words", str(words)),),
+        headers,
         chunks=words + 4,
     )
 
@@ -83,6 +85,7 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("chat", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": _MESSAGES}),
         _stream(64),
+        _stream(64, obfuscated=True),
         _stream(256),
         _stream(4096),
         _long_context(1 << 20),

@@ -11,6 +11,9 @@ Behaviour is steered per request:
 - header ``x-demo-fail``: ``rate_limit`` (429), ``context_length`` (400 ``context_length_exceeded``),
   ``server_error`` (500), ``exception`` (the app raises), ``stream_error`` (an error event mid-stream);
 - header ``x-demo-words``: the number of words in the reply (e.g. 64 or 512 chunks for benchmarks);
+- header ``x-demo-obfuscation: 1``: every streamed chat event ends with an ``"obfuscation"`` member, random letters
+  and digits of random length (1 to 16), each event its own, as OpenAI adds by default (the same values for every
+  stream, so runs repeat);
 - stream usage is sent only when asked (``stream_options.include_usage``), as OpenAI does; Anthropic streams
   always report usage.
 """
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import string
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -82,6 +87,15 @@ def _wants_tool(body: dict[str, Any]) -> str | None:
         name = tool.get("name") or (tool.get("function") or {}).get("name")
         return str(name) if name else None
     return None
+
+
+def _obfuscation() -> Iterator[str]:
+    """Values for the ``"obfuscation"`` member of a stream's events: random letters and digits of random length, the
+    same sequence for every stream (seeded)."""
+    rng = random.Random(0)
+    alphabet = string.ascii_letters + string.digits
+    while True:
+        yield "".join(rng.choices(alphabet, k=rng.randint(1, 16)))
 
 
 def _openai_error(status: int, message: str, kind: str, code: str | None) -> JSONResponse:
@@ -172,10 +186,11 @@ class DemoLLM:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             fail_midway = request.headers.get("x-demo-fail") == "stream_error"
-            return StreamingResponse(
-                self._chat_stream(ident, model, created, words, tool, usage if include_usage else None, fail_midway),
-                media_type="text/event-stream",
+            obfuscation = _obfuscation() if request.headers.get("x-demo-obfuscation") == "1" else None
+            stream = self._chat_stream(
+                ident, model, created, words, tool, usage if include_usage else None, fail_midway, obfuscation
             )
+            return StreamingResponse(stream, media_type="text/event-stream")
         await self._sleep(self.first_token_delay)
         message: dict[str, Any] = {"role": "assistant", "content": None if tool else "".join(words)}
         if tool:
@@ -198,11 +213,16 @@ class DemoLLM:
         tool: str | None,
         usage: dict[str, int] | None,
         fail_midway: bool,
+        obfuscation: Iterator[str] | None = None,
     ) -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            obj = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        def encode(obj: dict[str, Any]) -> bytes:
+            if obfuscation is not None:
+                obj["obfuscation"] = next(obfuscation)  # last, as OpenAI sends it
             return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return encode({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})  # fmt: skip
 
         yield chunk({"role": "assistant", "content": ""})
         await self._sleep(self.first_token_delay)
@@ -222,9 +242,8 @@ class DemoLLM:
                 yield chunk({"content": word})
             yield chunk({}, "stop")
         if usage is not None:
-            obj = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [], "usage": usage}  # fmt: skip
-            yield b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+            yield encode({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                          "choices": [], "usage": usage})  # fmt: skip
         yield b"data: [DONE]\n\n"
 
     # --- OpenAI legacy completions and embeddings -----------------------------------------------------
