@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util import BoundedList
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanKind, Status, StatusCode
 
 logger = logging.getLogger("llm_telemetry")
 
@@ -61,6 +61,8 @@ _caches: dict[bytes, _Cache] = {}
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return _SMALL[n]
+    if n < 0x4000:  # two bytes (a span's length, a long value's)
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -135,20 +137,65 @@ class _Cache(dict[tuple[str, type, Any], bytes]):
     missing (``cache[...]``) encodes it then and there, and keeps it when it may be found again: so a set of
     attributes is encoded by one ``map`` over it, whether its values recur or not."""
 
-    __slots__ = ("tag",)
+    __slots__ = ("heads", "tag")
 
     def __init__(self, tag: bytes) -> None:
         super().__init__()
         self.tag = tag
+        #: By key: the ``KeyValue`` bytes before the value's length (the key field and the value's tag), the
+        #: length those and the value's one-byte length take, and for a float the whole field before its 8 bytes.
+        self.heads: dict[str, tuple[bytes, int, bytes | None]] = {}
 
     def __missing__(self, item: tuple[str, type, Any]) -> bytes:
         key, kind, value = item
-        entry = _entry(self.tag, key, kind, value)
+        head = self.heads.get(key) if type(key) is str else None
+        if head is not None:
+            # A value that is new (a response or request id, a token count, a time) costs only this: the
+            # common kinds whose encoding has one-byte lengths are put together here, the others by _entry.
+            prefix, size, float_prefix = head
+            entry = None
+            if kind is str:
+                n = len(value)  # characters: the encoding is at least as long
+                if n + size < 126 and value.isascii():
+                    text: bytes = value.encode()
+                    entry = b"".join((self.tag, _SMALL[n + size + 2], prefix, _STR_HEADS[n], text))
+            elif kind is float:
+                if float_prefix is not None:
+                    entry = float_prefix + _D(value)
+                    if value != 0.0 and value == value:  # (0.0 equals -0.0, NaN equals nothing)
+                        if len(self) >= _CACHE_SIZE:
+                            self.clear()
+                        self[item] = entry
+                    return entry
+            elif kind is int:
+                if 0 <= value < 0x80 and size < 126:
+                    entry = b"".join((self.tag, _SMALL[size + 2], prefix, b"\x02\x18", _SMALL[value]))
+            elif kind is bool and size < 126:
+                entry = b"".join((self.tag, _SMALL[size + 2], prefix, b"\x02\x10\x01" if value else b"\x02\x10\x00"))
+            if entry is None:
+                entry = _entry(self.tag, key, kind, value)
+        else:
+            entry = _entry(self.tag, key, kind, value)
+            if entry and type(key) is str:
+                self._head(key)
         if entry and (kind is str or kind is int or kind is bool or _cacheable(kind, value)):
             if len(self) >= _CACHE_SIZE:
                 self.clear()
             self[item] = entry
         return entry
+
+    def _head(self, key: str) -> None:
+        if len(self.heads) >= _CACHE_SIZE:
+            self.heads.clear()
+        encoded = key.encode()
+        prefix = (b"\x0a" + _varint(len(encoded)) + encoded if encoded else b"") + b"\x12"
+        size = len(prefix) + 1
+        float_prefix = self.tag + _SMALL[size + 9] + prefix + b"\x09\x21" if size + 9 < 128 else None
+        self.heads[key] = (prefix, size, float_prefix)
+
+
+#: By a string's encoded length n: the ``AnyValue`` length (n + 2), its string tag and n, as the cache writes them.
+_STR_HEADS: Final = [bytes((n + 2, 0x0A, n)) for n in range(126)]
 
 
 def _entry(tag: bytes, key: str, kind: type, value: Any) -> bytes:
@@ -193,17 +240,17 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[by
     values = attributes.values()
     # Recurring values are found all at once, without a Python step per attribute; the others are encoded by
     # the cache's __missing__ as they are met.
+    start = len(parts)
     try:
-        entries = list(map(cache.__getitem__, zip(attributes, map(type, values), values, strict=True)))
+        parts += map(cache.__getitem__, zip(attributes, map(type, values), values, strict=True))
     except TypeError:  # an unhashable value (a list in a hand-made span): each one on its own
-        entries = []
+        del parts[start:]
         for key, value in attributes.items():
             item = (key, type(value), value)
             try:
-                entries.append(cache[item])
+                parts.append(cache[item])
             except TypeError:
-                entries.append(_entry(tag, key, type(value), value))
-    parts += entries
+                parts.append(_entry(tag, key, type(value), value))
 
 
 def _flags(context: Any) -> bytes:
@@ -218,6 +265,13 @@ _END_REMOTE: Final = b"\x85\x01" + _FLAGS_REMOTE
 #: Encoded ``Span.status`` fields by ``Status`` object (spans share a few: unset, ok, an error per error type).
 _statuses: dict[Any, bytes] = {}
 _STATUS_CODES: Final = {code: code.value for code in StatusCode}
+#: The ``Span.kind`` fields by the id of the SpanKind member (a lookup by the member itself would call the
+#: Python-level ``Enum.__hash__``).
+_KIND_FIELDS: Final = {id(kind): field for kind, field in _KINDS.items()}
+#: The empty trace state the API gives contexts made without one (``len`` of a TraceState is a Python call).
+_NO_TRACE_STATE: Final = DEFAULT_TRACE_STATE
+#: Encoded ``Span.name`` fields by name (span names recur: ``chat gpt-4o-mini``); cleared when full.
+_names: dict[str, bytes] = {}
 
 
 def _status(status: Any) -> bytes:
@@ -237,25 +291,8 @@ def _status(status: Any) -> bytes:
 
 
 def _readable_fields(span: ReadableSpan) -> tuple[Any, ...]:
-    """What :func:`_encode_span` reads of a span: the private fields of the SDK's own ``ReadableSpan`` (what
-    its properties return, without a call and a copy each), the public properties of any other."""
-    if type(span) is ReadableSpan and _PRIVATE_FIELDS:
-        attributes, events, links = span._attributes, span._events, span._links
-        return (
-            span._context,
-            span._parent,
-            span._name,
-            span._kind,
-            span._start_time,
-            span._end_time,
-            attributes,
-            0 if type(attributes) is dict else _dropped(attributes, BoundedAttributes),
-            events,
-            0 if type(events) is list else _dropped(events, BoundedList),
-            links,
-            0 if type(links) is list else _dropped(links, BoundedList),
-            span._status,
-        )
+    """What :func:`_encode_span` reads of a span that is not the SDK's own ``ReadableSpan`` (whose private
+    fields it reads itself): the public properties."""
     return (
         span.context,
         span.parent,
@@ -303,56 +340,70 @@ _PRIVATE_FIELDS: Final = _private_fields()
 _float_events: dict[tuple[str, str], tuple[Callable[..., bytes], bytes, bytes]] = {}
 
 
-def _float_event(name: str, key: str, timestamp: int, value: float) -> bytes:
-    """The ``Span.events`` field of an event with a (non-zero) timestamp and one float attribute, such as the
-    first-token event of a stream, in one ``struct`` call: only the timestamp and the value differ from one such
-    event to the next (a double is always 8 bytes, so the lengths are known in advance)."""
-    found = _float_events.get((name, key))
-    if found is None:
-        encoded_key = key.encode()
-        key_value = (b"\x0a" + _varint(len(encoded_key)) + encoded_key if encoded_key else b"") + b"\x12\x09\x21"
-        attribute = b"\x1a" + _varint(len(key_value) + 8) + key_value  # the 8 bytes of the value follow
-        name_field = _field(b"\x12", name.encode())
-        size = 9 + len(name_field) + len(attribute) + 8  # timestamp field (tag, fixed64), name, attribute
-        head = b"\x5a" + _varint(size) + b"\x09"
-        middle = name_field + attribute
-        pack = struct.Struct(f"<{len(head)}sQ{len(middle)}sd").pack
-        if len(_float_events) >= 256:
-            _float_events.clear()
-        found = _float_events[(name, key)] = (pack, head, middle)
-    pack, head, middle = found
-    return pack(head, timestamp, middle, value)
+def _float_event_parts(name: str, key: str) -> tuple[Callable[..., bytes], bytes, bytes]:
+    """The ``struct`` packer and the bytes around the timestamp and the value of the ``Span.events`` field of
+    an event with a (non-zero) timestamp and one float attribute, such as the first-token event of a stream:
+    only the timestamp and the value differ from one such event to the next (a double is always 8 bytes, so
+    the lengths are known in advance)."""
+    encoded_key = key.encode()
+    key_value = (b"\x0a" + _varint(len(encoded_key)) + encoded_key if encoded_key else b"") + b"\x12\x09\x21"
+    attribute = b"\x1a" + _varint(len(key_value) + 8) + key_value  # the 8 bytes of the value follow
+    name_field = _field(b"\x12", name.encode())
+    size = 9 + len(name_field) + len(attribute) + 8  # timestamp field (tag, fixed64), name, attribute
+    head = b"\x5a" + _varint(size) + b"\x09"
+    middle = name_field + attribute
+    pack = struct.Struct(f"<{len(head)}sQ{len(middle)}sd").pack
+    if len(_float_events) >= 256:
+        _float_events.clear()
+    found = _float_events[(name, key)] = (pack, head, middle)
+    return found
 
 
 def _encode_span(span: ReadableSpan) -> bytes:
     """One ``Span`` message, fields in field-number order as the protobuf library writes them."""
-    (
-        context,
-        parent,
-        name,
-        kind,
-        start_time,
-        end_time,
-        attributes,
-        dropped_attributes,
-        events,
-        dropped_events,
-        links,
-        dropped_links,
-        status,
-    ) = _readable_fields(span)
+    if type(span) is ReadableSpan and _PRIVATE_FIELDS:
+        # The SDK's own ReadableSpan: what its properties return, without a call and a copy each.
+        context, parent, name, kind = span._context, span._parent, span._name, span._kind
+        start_time, end_time, status = span._start_time, span._end_time, span._status
+        attributes, events, links = span._attributes, span._events, span._links
+        dropped_attributes = 0 if type(attributes) is dict else _dropped(attributes, BoundedAttributes)
+        dropped_events = 0 if type(events) is list else _dropped(events, BoundedList)
+        dropped_links = 0 if type(links) is list else _dropped(links, BoundedList)
+    else:
+        (
+            context,
+            parent,
+            name,
+            kind,
+            start_time,
+            end_time,
+            attributes,
+            dropped_attributes,
+            events,
+            dropped_events,
+            links,
+            dropped_links,
+            status,
+        ) = _readable_fields(span)
     assert context is not None
     trace_id = context.trace_id
     parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _M64, b"\x12\x08", context.span_id)]
     trace_state = context.trace_state
-    if trace_state:
+    if trace_state is not _NO_TRACE_STATE and trace_state:
         parts.append(_field(b"\x1a", ",".join(f"{key}={value}" for key, value in trace_state.items()).encode()))
     if parent:
         parts.append(b"\x22\x08")
         parts.append(parent.span_id.to_bytes(8, "big"))
     if name:
-        parts.append(_field(b"\x2a", name.encode()))
-    parts.append(_KINDS[kind])
+        field = _names.get(name) if type(name) is str else None
+        if field is None:
+            field = _field(b"\x2a", name.encode())
+            if type(name) is str:
+                if len(_names) >= _CACHE_SIZE:
+                    _names.clear()
+                _names[name] = field
+        parts.append(field)
+    parts.append(_KIND_FIELDS.get(id(kind)) or _KINDS[kind])  # by identity: SpanKind's hash is Python code
     if start_time and end_time:
         parts.append(_TIMES(b"\x39", start_time, b"\x41", end_time))
     else:
@@ -370,7 +421,8 @@ def _encode_span(span: ReadableSpan) -> bytes:
                 if len(event_attributes) == 1 and timestamp and event_name:
                     ((key, value),) = event_attributes.items()
                     if type(value) is float and type(key) is str and type(event_name) is str:
-                        parts.append(_float_event(event_name, key, timestamp, value))
+                        found = _float_events.get((event_name, key)) or _float_event_parts(event_name, key)
+                        parts.append(found[0](found[1], timestamp, found[2], value))
                         continue
                 dropped = 0
             else:
@@ -398,7 +450,7 @@ def _encode_span(span: ReadableSpan) -> bytes:
     if dropped_links:
         parts.append(b"\x70" + _varint(dropped_links))
     if status is not None:
-        parts.append(_status(status))
+        parts.append((_statuses.get(status) if type(status) is Status else None) or _status(status))
     parts.append(_END_REMOTE if parent is not None and parent.is_remote else _END_LOCAL)
     return b"".join(parts)
 

@@ -97,6 +97,9 @@ def _spans() -> list[ReadableSpan]:
     spans.append(
         ReadableSpan(name="no scope", context=SpanContext(3, 4, False), resource=spans[0].resource, start_time=1)
     )
+    # A span whose own context carries a trace state (as one continuing a caller's tracestate does).
+    own_state = SpanContext(5, 6, False, TraceFlags(1), TraceState([("vendor", "x1"), ("other", "2")]))
+    spans.append(ReadableSpan(name="trace state", context=own_state, resource=spans[0].resource, start_time=2))
     return spans
 
 
@@ -246,6 +249,67 @@ def test_events_with_one_float_attribute_are_encoded_as_the_sdk_encodes_them(
     )
     for _ in range(2):
         assert encode_request([span]) == sdk_encode_spans([span]).SerializeToString()
+
+
+# Keys whose KeyValue head takes a few bytes or nearly all of a one-byte length, values on both sides of the
+# lengths and ranges the encoder writes without a call (strings, small integers, floats after a long key).
+_head_keys = st.text(max_size=12) | st.sampled_from(
+    ["", "k" * 100, "k" * 110, "k" * 115, "k" * 116, "k" * 117, "k" * 124]
+)
+_new_values = (
+    st.text(st.characters(max_codepoint=127), min_size=95, max_size=130)
+    | st.text(max_size=130)
+    | st.integers(min_value=-3, max_value=200)
+    | st.booleans()
+    | st.floats(allow_nan=True)
+    | st.sampled_from([0.0, -0.0, 1.0, 1, True, 0, False, 127, 128])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_head_keys, st.lists(_new_values, min_size=1, max_size=4)), min_size=1, max_size=5))
+def test_new_values_of_keys_already_seen_are_encoded_as_the_sdk_encodes_them(
+    keyed: list[tuple[str, list[object]]],
+) -> None:
+    """A key's first value is encoded in full; the values that follow under a known key (a response id, a token
+    count, a time: new in every span) are put together from the key's encoded head. Whatever the key's and the
+    value's lengths, the bytes are the SDK encoder's."""
+    resource = Resource({})
+    spans = [
+        ReadableSpan(
+            name="known keys",
+            context=SpanContext(31, 32 + i, False),
+            resource=resource,
+            attributes={key: values[min(i, len(values) - 1)] for key, values in keyed},
+            start_time=1,
+        )
+        for i in range(max(len(values) for _, values in keyed))
+    ]
+    for _ in range(2):
+        assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+
+
+def test_every_length_at_the_one_byte_boundaries_is_encoded_as_the_sdk_encodes_it() -> None:
+    """Keys of every length a one-byte KeyValue length allows, each with new values (strings of every length up
+    to past the one-byte limit, integers either side of 128, booleans, floats): the same bytes as the SDK."""
+    resource = Resource({})
+    spans = []
+    for length in sorted({*range(0, 110, 5), *range(110, 130)}):
+        key = "k" * length
+        values: list[object] = ["v" * n for n in range(0, 131)]
+        values += [*range(-2, 131), True, False, 0.5, -0.0, 0.0, 2.5e-05]
+        for i, value in enumerate(values):
+            spans.append(
+                ReadableSpan(
+                    name="lengths",
+                    context=SpanContext(41, 42 + i, False),
+                    resource=resource,
+                    attributes={key: value, "other": value},
+                    start_time=1,
+                )
+            )
+    for _ in range(2):
+        assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
 
 
 def test_the_spans_of_one_resource_object_or_an_equal_one_share_one_entry() -> None:
