@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import traceback
 from collections.abc import Mapping
 from time import perf_counter, time_ns
@@ -74,14 +75,6 @@ LLM_COST_USD: Final = "llm.cost_usd"
 LLM_REQUEST_ID: Final = "llm.request_id"
 #: The span event marking the first generated token (or tool call) of a stream.
 FIRST_TOKEN_EVENT: Final = "gen_ai.first_token"
-
-_USAGE_FIELDS: Final = (
-    (GEN_AI_USAGE_INPUT_TOKENS, "input_tokens"),
-    (GEN_AI_USAGE_OUTPUT_TOKENS, "output_tokens"),
-    (GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read_tokens"),
-    (GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation_tokens"),
-    (GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning_tokens"),
-)
 
 
 def _span_exporter(kind: str, protocol: str) -> Any:
@@ -236,6 +229,78 @@ def _extract(headers: Any) -> context.Context:
     return propagate.extract(headers, getter=_HEADERS)
 
 
+class _RuntimeContext:
+    """The current-context operations the LLM span needs (is a span current; set the span in a new context and
+    make that current; restore), done on the API's ``ContextVar`` directly when the API keeps the current
+    context in one (its default runtime context; checked here on a sample), else through the API's functions.
+    Directly, each skips three or four Python calls of the API's wrappers."""
+
+    __slots__ = ("runtime", "span_key", "var")
+
+    def __init__(self) -> None:
+        self.runtime: Any = None
+        self.var: Any = None
+        self.span_key: Any = None
+        try:
+            from contextvars import ContextVar
+
+            from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+            from opentelemetry.trace.propagation import _SPAN_KEY
+
+            runtime = context._RUNTIME_CONTEXT
+            var = getattr(runtime, "_current_context", None)
+            if type(runtime) is not ContextVarsRuntimeContext or type(var) is not ContextVar:
+                return
+            probe = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+            base = context.set_value("llm_telemetry.probe", 1)
+            expected = trace.set_span_in_context(probe, base)
+            values = base.copy()
+            values[_SPAN_KEY] = probe
+            made = context.Context(values)
+            if type(made) is not type(expected) or made != expected or trace.get_current_span(made) is not probe:
+                return
+            token = var.set(made)
+            try:
+                if context.get_current() is not made:
+                    return
+            finally:
+                var.reset(token)
+        except Exception:
+            return
+        self.runtime, self.var, self.span_key = runtime, var, _SPAN_KEY
+
+    def span_is_current(self) -> bool:
+        """``trace.get_current_span().get_span_context().is_valid``."""
+        if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
+            if self.var.get().get(self.span_key) is None:
+                return False  # what get_current_span gives then: the invalid span
+        return bool(trace.get_current_span().get_span_context().is_valid)
+
+    def attach_span(self, span: trace.Span) -> tuple[context.Context, Any]:
+        """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token)."""
+        if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
+            var = self.var
+            values = var.get().copy()
+            values[self.span_key] = span
+            ctx = context.Context(values)
+            return ctx, var.set(ctx)
+        ctx = trace.set_span_in_context(span)
+        return ctx, context.attach(ctx)
+
+    def detach(self, token: Any) -> None:
+        """``context.detach(token)``: a token it cannot restore is logged by the API, as there."""
+        if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
+            try:
+                self.var.reset(token)
+                return
+            except Exception:
+                pass  # the API's detach fails the same way and logs it
+        context.detach(token)
+
+
+_CONTEXT: Final = _RuntimeContext()
+
+
 def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
     """The HTTP server attributes readable from the ASGI scope without looking at the headers."""
     attributes[HTTP_REQUEST_METHOD] = scope.get("method", "POST")
@@ -267,7 +332,16 @@ class _Pipeline:
     the SDK's. Processors added later are noticed on the next request.
     """
 
-    __slots__ = ("_processors", "event", "make_readable", "multi", "span_context", "static_samplers", "tracer")
+    __slots__ = (
+        "_processors",
+        "event",
+        "make_readable",
+        "multi",
+        "random_ids",
+        "span_context",
+        "static_samplers",
+        "tracer",
+    )
 
     def __init__(self, tracer: Any, multi: Any) -> None:
         from opentelemetry.sdk.trace import Event
@@ -282,6 +356,9 @@ class _Pipeline:
         #: :func:`_static_decision` reads them (then their decision is taken without a call and a
         #: ``SamplingResult``); else None.
         self.static_samplers = _static_samplers()
+        #: The SDK's ``RandomIdGenerator`` class, when its ids are the random module's draws (checked on a
+        #: sample); else None.
+        self.random_ids = _random_ids()
 
     @classmethod
     def of(cls, tracer: Any) -> _Pipeline | None:
@@ -323,10 +400,16 @@ class _Pipeline:
         else:
             parent_span = trace.get_current_span(parent).get_span_context()
         ids = tracer.id_generator
+        # The SDK's default generator: its draws from the random module's generator, without its two calls.
+        getrandbits = random.getrandbits if type(ids) is self.random_ids else None
         if parent_span.is_valid:
             trace_id = parent_span.trace_id
             random_id = parent_span.trace_flags.random_trace_id
             parent_context = parent_span
+        elif getrandbits is not None:
+            trace_id = getrandbits(128) or ids.generate_trace_id()  # (it draws again for the invalid id 0)
+            random_id = True
+            parent_context = None
         else:
             trace_id = ids.generate_trace_id()
             random_id = ids.is_trace_id_random()
@@ -343,8 +426,8 @@ class _Pipeline:
             trace_state = result.trace_state
             if result.attributes != attributes:  # the sampler changed them: clean as the SDK would
                 attributes = _cleaned(result.attributes, None)
-        recording, sampled = _DECISIONS[decision]
-        span_id = ids.generate_span_id()
+        recording, sampled = _DECISIONS[id(decision)]  # (by id: Decision's hash is Python code)
+        span_id = (getrandbits(64) or ids.generate_span_id()) if getrandbits is not None else ids.generate_span_id()
         flags = _FLAGS[sampled, bool(random_id)]
         span_context = self.span_context(trace_id, span_id, flags, trace_state)
         if not recording:
@@ -390,24 +473,43 @@ def _static_samplers() -> tuple[Any, Any] | None:
             and type(ALWAYS_ON) is StaticSampler
             and ALWAYS_ON._decision is Decision.RECORD_AND_SAMPLE
             and ALWAYS_OFF._decision is Decision.DROP
-            and set(_DECISIONS) == set(Decision)
+            and set(_DECISIONS) == {id(decision) for decision in Decision}
         )
     except (ImportError, AttributeError):
         return None
     return (ParentBased, StaticSampler) if readable else None
 
 
-def _decisions() -> dict[Any, tuple[bool, bool]]:
+def _random_ids() -> type | None:
+    """The SDK's ``RandomIdGenerator`` when its trace and span ids are ``random.getrandbits(128)`` and ``(64)``
+    drawn again while 0 (compared on samples from one state of the random module's generator), else None."""
+    try:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+        ids = RandomIdGenerator()
+        state = random.getstate()
+        try:
+            drawn = [ids.generate_trace_id(), ids.generate_span_id(), ids.is_trace_id_random()]
+            random.setstate(state)
+            expected = [random.getrandbits(128), random.getrandbits(64), True]
+        finally:
+            random.setstate(state)  # the application's sequence, as if never sampled here
+    except Exception:
+        return None
+    return RandomIdGenerator if drawn == expected else None
+
+
+def _decisions() -> dict[int, tuple[bool, bool]]:
     from opentelemetry.sdk.trace.sampling import Decision
 
-    found: dict[Any, tuple[bool, bool]] = {}
+    found: dict[int, tuple[bool, bool]] = {}
     for decision in Decision:
         item: Any = decision  # the SDK leaves these methods unannotated
-        found[decision] = (bool(item.is_recording()), bool(item.is_sampled()))
+        found[id(decision)] = (bool(item.is_recording()), bool(item.is_sampled()))
     return found
 
 
-#: (recording, sampled) by sampling decision.
+#: (recording, sampled) by the id of the sampling decision.
 _DECISIONS: Final = _decisions()
 
 
@@ -463,8 +565,8 @@ def _event_maker(event: Any) -> Any:
 
 def _readable_maker() -> Any:
     """A function making the SDK's ``ReadableSpan`` from its fields in :data:`_READABLE_FIELDS` order: the
-    constructor, or, when the constructor only stores its arguments (checked here on a sample), the object with
-    those fields set at once."""
+    constructor, or, when the constructor only stores its arguments (checked here on a sample: the same fields,
+    values and order), the object with those fields stored one by one, as the constructor stores them."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
 
@@ -472,18 +574,44 @@ def _readable_maker() -> Any:
         return ReadableSpan(**dict(zip(_READABLE_FIELDS, values, strict=True)))
 
     new = object.__new__
-    private = tuple("_" + name for name in _READABLE_FIELDS)
 
-    def make(*values: Any) -> Any:
+    def make(
+        name: Any,
+        context: Any,
+        kind: Any,
+        instrumentation_info: Any,
+        instrumentation_scope: Any,
+        parent: Any,
+        start_time: Any,
+        end_time: Any,
+        attributes: Any,
+        events: Any,
+        links: Any,
+        resource: Any,
+        status: Any,
+    ) -> Any:
         span = new(ReadableSpan)
-        span.__dict__.update(zip(private, values, strict=True))
+        span._name = name
+        span._context = context
+        span._kind = kind
+        span._instrumentation_info = instrumentation_info
+        span._instrumentation_scope = instrumentation_scope
+        span._parent = parent
+        span._start_time = start_time
+        span._end_time = end_time
+        span._attributes = attributes
+        span._events = events
+        span._links = links
+        span._resource = resource
+        span._status = status
         return span
 
     try:
         context = trace.SpanContext(1, 2, False)
         sample: tuple[Any, ...] = ("n", context, SpanKind.SERVER, None, None, None, 1, 2, {"a": 1}, [], [])
         sample += (Resource({}), _UNSET)
-        if vars(construct(*sample)) == vars(make(*sample)):
+        made, constructed = vars(make(*sample)), vars(construct(*sample))
+        if made == constructed and list(made) == list(constructed):
             return make
     except Exception:
         pass
@@ -585,10 +713,6 @@ class LLMSpan(trace.Span):
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         if self.end_time is None:
             self.attributes.update(_cleaned(attributes, None))
-
-    def own_event(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
-        """An event of the middleware's own (attributes of OpenTelemetry's types)."""
-        self.events.append(self._pipeline.event(name, attributes, timestamp))
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
         if self.end_time is not None:
@@ -711,7 +835,7 @@ class SpanObserver:
         kind = SpanKind.INTERNAL
         parent = None
         scope = call.scope
-        if self.server_span and scope is not None and not trace.get_current_span().get_span_context().is_valid:
+        if self.server_span and scope is not None and not _CONTEXT.span_is_current():
             kind = SpanKind.SERVER
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
             parent = _extract(scope.get("headers") or ())
@@ -726,10 +850,8 @@ class SpanObserver:
                 call.operation, context=parent, kind=kind, attributes=attributes, start_time=start_time
             )
         call.span = span
-        ctx = trace.set_span_in_context(span)
-        call.otel_context = ctx
         # The app runs inside the LLM span, so its own spans (an upstream HTTP call, say) become children.
-        call.otel_token = context.attach(ctx)
+        call.otel_context, call.otel_token = _CONTEXT.attach_span(span)
 
     def _pipeline(self) -> _Pipeline | None:
         """The provider's pipeline when the middleware may record the span itself, else None (the SDK's way)."""
@@ -750,7 +872,7 @@ class SpanObserver:
         try:
             if call.otel_token is not None:
                 token, call.otel_token = call.otel_token, None
-                context.detach(token)
+                _CONTEXT.detach(token)
             if span.is_recording():
                 self._fill(span, call, now_perf, now_ns)
         finally:
@@ -759,7 +881,10 @@ class SpanObserver:
     def _fill(self, span: Any, call: LLMCall, now_perf: float, now_ns: int) -> None:
         light = type(span) is LLMSpan
         if call.request_model:
-            span.update_name(f"{call.operation} {call.request_model}")
+            if light:
+                span.name = f"{call.operation} {call.request_model}"  # recording: update_name's condition
+            else:
+                span.update_name(f"{call.operation} {call.request_model}")
         # Values are of OpenTelemetry's attribute types already (sequences as tuples, as the SDK stores them):
         # the span the middleware records itself takes them as they are.
         attributes: dict[str, Any] = span.attributes if light else {}
@@ -778,10 +903,16 @@ class SpanObserver:
             attributes[GEN_AI_RESPONSE_ID] = call.response_id
         if call.finish_reasons:
             attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(call.finish_reasons)
-        for key, field in _USAGE_FIELDS:
-            value = getattr(call, field)
-            if value is not None:
-                attributes[key] = value
+        if call.input_tokens is not None:
+            attributes[GEN_AI_USAGE_INPUT_TOKENS] = call.input_tokens
+        if call.output_tokens is not None:
+            attributes[GEN_AI_USAGE_OUTPUT_TOKENS] = call.output_tokens
+        if call.cache_read_tokens is not None:
+            attributes[GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = call.cache_read_tokens
+        if call.cache_creation_tokens is not None:
+            attributes[GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = call.cache_creation_tokens
+        if call.reasoning_tokens is not None:
+            attributes[GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = call.reasoning_tokens
         if call.usage_source != "reported" and call.output_tokens is not None:
             attributes[names.LLM_USAGE_SOURCE] = call.usage_source
         if call.tool_calls:
@@ -801,12 +932,15 @@ class SpanObserver:
             attributes[LLM_REQUEST_ID] = call.request_id
         for label, value in call.attribution.items():
             attributes[names.LLM_METADATA_PREFIX + label] = value
-        ttft = call.time_to_first_token
-        if ttft is not None and call.first_token_at is not None:
+        first_token_at = call.first_token_at
+        if first_token_at is not None:
+            ttft = first_token_at - call.start  # call.time_to_first_token
             attributes[GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = ttft
-            timestamp = _wall_ns(call.first_token_at, now_perf, now_ns)
+            timestamp = now_ns - int((now_perf - first_token_at) * 1e9)  # _wall_ns
             if light:
-                span.own_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp)
+                span.events.append(
+                    span._pipeline.event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp)
+                )
             else:
                 span.add_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp=timestamp)
         if self.capture:

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import types
 from typing import Any
 
 import pytest
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.propagators.textmap import DefaultGetter, DefaultSetter, TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -288,6 +289,77 @@ def test_static_samplers_decide_as_in_the_sdk(sampler: Sampler, parent: str, mon
         )
     if sampler is ALWAYS_ON or sampler is ALWAYS_OFF:
         assert bool(ours) is (sampler is ALWAYS_ON)
+
+
+def test_ids_of_the_sdks_default_generator_are_the_ones_the_sdk_would_draw() -> None:
+    """With the SDK's RandomIdGenerator (every provider's default), the middleware draws the span's ids from the
+    random module itself: from the same generator state, the same trace and span ids as the SDK's span."""
+    light_provider, light = provider(id_generator=RandomIdGenerator())
+    sdk_provider, sdk = provider(Watching(), id_generator=RandomIdGenerator())
+    apps = [middleware(bare_app(), p) for p in (light_provider, sdk_provider)]
+    state = random.getstate()
+    try:
+        for app in apps:
+            call(app, chat_body())  # set up (and a first span) before the seed
+            random.seed(1234)
+            call(app, chat_body(stream=True))
+    finally:
+        random.setstate(state)
+    ours, theirs = light.get_finished_spans()[-1], sdk.get_finished_spans()[-1]
+    assert (ours.context.trace_id, ours.context.span_id) == (theirs.context.trace_id, theirs.context.span_id)
+    assert ours.context.trace_flags == theirs.context.trace_flags and ours.context.trace_flags.random_trace_id
+    assert light.get_finished_spans()[0].context.trace_id != ours.context.trace_id
+
+
+def test_the_span_reports_the_time_to_first_token_the_metrics_record() -> None:
+    """The span's time-to-first-chunk attribute and its first-token event carry the very value the TTFT
+    histogram records for the call (one subtraction of the same clock readings)."""
+    calls: list[Any] = []
+
+    class Keep:
+        def start(self, llm_call: Any) -> None:
+            pass
+
+        def end(self, llm_call: Any) -> None:
+            calls.append(llm_call)
+
+    tracer_provider, memory = provider()
+    app = LLMTelemetryMiddleware(
+        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[Keep()]
+    )
+    call(app, chat_body(stream=True))
+    (span,), (llm_call,) = memory.get_finished_spans(), calls
+    ttft = llm_call.time_to_first_token
+    assert ttft is not None and span.attributes["gen_ai.response.time_to_first_chunk"] == ttft
+    (event,) = span.events
+    assert event.name == "gen_ai.first_token" and dict(event.attributes) == {
+        "gen_ai.response.time_to_first_chunk": ttft
+    }
+    assert span.start_time is not None and span.end_time is not None
+    assert span.start_time <= event.timestamp <= span.end_time
+
+
+def test_once_the_middleware_returns_the_context_is_the_callers_again() -> None:
+    """The LLM span is current while the app runs, and no longer once the middleware returns: code around it in
+    the same task (an outer middleware, a test client) finds its own context, and its own span, again."""
+    tracer_provider, memory = provider()
+    inner = middleware(bare_app(), tracer_provider)
+    seen: list[Any] = []
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        with trace.get_tracer("outer", tracer_provider=tracer_provider).start_as_current_span("outer") as span:
+            before = context.get_current()
+            await inner(scope, receive, send)
+            seen.append((before, context.get_current(), span, trace.get_current_span()))
+        seen.append(context.get_current())
+
+    call(outer, chat_body(stream=True))
+    (before, after, outer_span, current), outside = seen
+    assert after is before and current is outer_span
+    assert trace.get_current_span(outside) is trace.INVALID_SPAN
+    llm, outer_finished = memory.get_finished_spans()
+    assert llm.parent is not None and llm.parent.span_id == outer_finished.context.span_id
+    assert llm.kind is SpanKind.INTERNAL  # a span was current: the LLM span is its child
 
 
 def test_span_limits_apply() -> None:
