@@ -11,6 +11,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from itertools import repeat
 from json.scanner import make_scanner
 from operator import itemgetter
 from time import perf_counter
@@ -146,8 +147,11 @@ class ResponseReader:
         self._misses = 0
         #: (event, data, time) of an event set aside before the first token, read (or found redundant) later.
         self._pending: tuple[str, bytes, float] | None = None
-        #: How the end of this stream looks, learnt from its first token (see ``_learn_ends``), or None.
-        self._ends: tuple[bytes | None, bytes, bytes | None, int] | None = None
+        #: How the end of this stream looks, learnt from its first token (see ``_learn_ends``), or None: the bytes
+        #: of its finish event before and after the finish reason (up to an obfuscation value, when the events end
+        #: with one), the bytes of its usage event before the usage value, where those start to differ from the
+        #: first token's, and whether its events end with an obfuscation member.
+        self._ends: _Ends | None = None
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
@@ -207,26 +211,11 @@ class ResponseReader:
 
     def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
         fast = self._fast
-        if fast is not None and fast[4] is not None:
-            # Obfuscated deltas differ outside the text too: checked one by one (no decoder, no parse), as feed would.
-            shaped = self._shaped
-            for i in range(lo, hi):
-                if shaped(chunks[i]):
-                    self._chunks += 1
-                else:
-                    self.feed(chunks[i], None, False)
-            return
         if fast is not None and hi - lo > 1:
-            head, tail, start, tail_length, _ = fast
             run = chunks[lo:hi] if lo or hi < len(chunks) else chunks
-            # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape
-            # exactly when putting every text back between a head and a tail rebuilds the run byte for byte (the
-            # lengths line up, so every chunk is its own head, text and tail) and every text is non-empty.
-            texts = list(map(itemgetter(slice(start, -tail_length)), run))
-            if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
-                if _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts)):
-                    self._chunks += hi - lo
-                    return
+            if _shaped_run(fast, run) if fast[4] is None else _obfuscated_run(fast, run):
+                self._chunks += hi - lo
+                return
             if hi - lo >= 8:
                 middle = (lo + hi) // 2
                 self._held_run(chunks, lo, middle)
@@ -359,7 +348,7 @@ class ResponseReader:
     def _learn_ends(self, data: bytes, obj: dict[str, Any]) -> None:
         """Learn from the first token's event (parsed, and a plain text delta) how this stream's last events look."""
 
-    def _end(self, data: bytes, ends: tuple[bytes | None, bytes, bytes | None, int]) -> bool:
+    def _end(self, data: bytes, ends: _Ends) -> bool:
         """Read ``data`` when it is one of the stream's last events as learnt by ``_learn_ends``; else False."""
         return False
 
@@ -399,14 +388,54 @@ def _unescaped(text: bytes) -> bool:
     return 0x22 not in text and 0x5C not in text and 0x0A not in text and 0x0D not in text
 
 
+def _shaped_run(shape: _Shape, run: list[bytes]) -> bool:
+    """Whether every chunk of ``run`` is of ``shape`` (one without an obfuscation member), as ``_shaped`` would say
+    of each: a few C-level passes over the run, no Python step per chunk."""
+    head, tail, start, tail_length, _ = shape
+    # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape exactly when
+    # putting every text back between a head and a tail rebuilds the run byte for byte (the lengths line up, so
+    # every chunk is its own head, text and tail) and every text is non-empty.
+    texts = list(map(itemgetter(slice(start, -tail_length)), run))
+    if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
+        return _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts))
+    return False
+
+
+def _obfuscated_run(shape: _Shape, run: list[bytes]) -> bool:
+    """Whether every chunk of ``run`` (bytes) is of ``shape``, one with an obfuscation member, as ``_shaped`` would
+    say of each: a few C-level passes over the run (``map`` over bytes methods and a slice, joins, one comparison),
+    no Python step per chunk."""
+    head, tail, start, tail_length, middle = shape
+    assert middle is not None
+    # The tail (the value's closing quote, the event's closing brace and end) off every chunk: each chunk that ends
+    # with it is that much shorter, any other is left whole, so the lengths add up only when all of them do.
+    cut = list(map(bytes.removesuffix, run, repeat(tail)))
+    if len(b"".join(cut)) != len(b"".join(run)) - tail_length * len(run):
+        return False
+    # Then each ends with its value: stripping the bytes a value may have takes exactly the value off a chunk of the
+    # shape (the middle ends with the value's opening quote, which is not one of them). What is left must be the
+    # head, a text and the middle: the plain shape's test, with the middle as its tail.
+    heads = list(map(bytes.rstrip, cut, repeat(_OBFUSCATION_BYTES)))
+    texts = list(map(itemgetter(slice(start, -len(middle))), heads))
+    if all(texts) and head + (middle + head).join(texts) + middle == b"".join(heads):
+        return _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts))
+    return False
+
+
 #: A text-delta shape (see ``ResponseReader._shape``).
 _Shape = tuple[bytes, bytes, int, int, bytes | None]
+#: How a stream's last events look (see ``ResponseReader._ends``).
+_Ends = tuple[bytes | None, bytes, bytes | None, int, bool]
 #: The key of the member OpenAI adds last to every streamed event (random characters of random length that pad the
 #: event's size against side channels), compact or spaced.
 _OBFUSCATION_KEYS: Final = (b',"obfuscation":"', b', "obfuscation": "')
 #: An obfuscation value that can only be the inside of one JSON string, with nothing to decode: printable ASCII
 #: without quote or backslash.
 _OBFUSCATION_VALUE: Final = re.compile(rb"[ !#-\[\]-~]*")
+#: An obfuscation member that ends an event (its value as ``_OBFUSCATION_VALUE`` has it), as text.
+_OBFUSCATION_END: Final = re.compile(r'(?:,"obfuscation":"|, "obfuscation": ")[ !#-\[\]-~]*"}')
+#: The bytes of such a value (what ``_OBFUSCATION_VALUE`` matches), for ``bytes.rstrip``.
+_OBFUSCATION_BYTES: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 
 
 def _split_shape(head: bytes, tail: bytes) -> _Shape:
@@ -415,12 +444,21 @@ def _split_shape(head: bytes, tail: bytes) -> _Shape:
     # Its value's closing quote, then the closing brace of the event's object and the event's end.
     if tail.endswith(b'"}\n\n'):
         close = len(tail) - 4
-        # A recognised value has no quote: the last one before its end opens it.
-        value = tail.rfind(b'"', 0, close) + 1
-        if tail.endswith(_OBFUSCATION_KEYS, 0, value) and _OBFUSCATION_VALUE.fullmatch(tail, value, close):
+        value = _obfuscation_at(tail, close)
+        if value > 0:
             after = tail[close:]
             return head, after, len(head), len(after), tail[:value]
     return head, tail, len(head), len(tail), None
+
+
+def _obfuscation_at(data: bytes, close: int) -> int:
+    """Where the value of an obfuscation member of ``data`` starts, the member's closing quote at ``close``, when its
+    value is recognised (see ``_OBFUSCATION_VALUE``); else -1."""
+    # A recognised value has no quote: the last one before its end opens it.
+    value = data.rfind(b'"', 0, close) + 1
+    if value and data.endswith(_OBFUSCATION_KEYS, 0, value) and _OBFUSCATION_VALUE.fullmatch(data, value, close):
+        return value
+    return -1
 
 
 def _text_shape(chunk: bytes, keys: tuple[bytes, ...]) -> _Shape | None:
@@ -573,16 +611,24 @@ class OpenAIChatReader(ResponseReader):
 
     def _same_head(self, pending: bytes, data: bytes, obj: dict[str, Any]) -> bool:
         # ``data`` carries nothing but one text (a plain delta, see _lone_delta). ``pending`` is the same bytes with
-        # that text's member replaced by a role and null or empty fields: read in full, it would set nothing but
-        # the model and id, and only to what reading ``data`` sets them to (same top-level members, or null or
-        # empty ones), with nothing else to record: the first token's tests (no tool call, error, other text,
-        # usage or finish reason) hold for every byte outside the member.
+        # that text's member replaced by a role and null or empty fields (and the value of an obfuscation member
+        # that ends both by another, which nothing reads): read in full, it would set nothing but the model and id,
+        # and only to what reading ``data`` sets them to (same top-level members, or null or empty ones), with
+        # nothing else to record: the first token's tests (no tool call, error, other text, usage or finish
+        # reason) hold for every byte outside the member.
         member = self._member(data, obj)
         if member is None:
             return False
         _, start, _, end = member
-        middle = len(pending) - (len(data) - end)
-        if middle <= start or pending[:start] != data[:start] or pending[middle:] != data[end:]:
+        stop, pending_stop = len(data), len(pending)
+        if data.endswith(b'"}') and pending.endswith(b'"}'):
+            # Both end with an obfuscation member, each with a value of its own: compared up to the values.
+            value = _obfuscation_at(data, stop - 2)
+            pending_value = _obfuscation_at(pending, pending_stop - 2) if value > 0 else -1
+            if pending_value > 0:
+                stop, pending_stop = value, pending_value
+        middle = pending_stop - (stop - end)
+        if middle <= start or pending[:start] != data[:start] or pending[middle:pending_stop] != data[end:stop]:
             return False
         return (
             bytes(pending[start:middle]) in _ROLE_DELTAS or _ROLE_MEMBERS.fullmatch(pending, start, middle) is not None
@@ -605,6 +651,9 @@ class OpenAIChatReader(ResponseReader):
         if member is None or self.call.response_model is None or self.call.response_id is None:
             return
         text, start, _, end = member
+        # An event that ends with an obfuscation member (its key spelled out, so it is the last top-level member:
+        # see _split_shape) has a value of its own: the templates stop before it, and _end checks what follows.
+        obfuscation = _obfuscation_at(data, len(data) - 2) if text.endswith('"}') else -1
         finish_head = None
         finish_tail = b""
         reason = text.find('"finish_reason"', end)
@@ -620,7 +669,8 @@ class OpenAIChatReader(ResponseReader):
             if value > 0:
                 for choice in _list(obj.get("choices")):
                     if isinstance(choice, dict) and "finish_reason" in choice:
-                        finish_head, finish_tail = data[:start] + data[end:value], data[value + 4 :]
+                        finish_head = data[:start] + data[end:value]
+                        finish_tail = data[value + 4 : obfuscation] if obfuscation > 0 else data[value + 4 :]
                         break
         usage_head = None
         cut = text.find('"choices"', 0, start)
@@ -631,13 +681,21 @@ class OpenAIChatReader(ResponseReader):
             elif text.startswith('"choices": [', cut):
                 usage_head = data[:cut] + b'"choices": [], "usage": '
         if finish_head is not None or usage_head is not None:
-            self._ends = (finish_head, finish_tail, usage_head, cut)
+            self._ends = (finish_head, finish_tail, usage_head, cut, obfuscation > 0)
 
-    def _end(self, data: bytes, ends: tuple[bytes | None, bytes, bytes | None, int]) -> bool:
-        finish_head, finish_tail, usage_head, cut = ends
+    def _end(self, data: bytes, ends: _Ends) -> bool:
+        finish_head, finish_tail, usage_head, cut, obfuscated = ends
         if finish_head is not None:
-            middle = len(data) - len(finish_tail)
-            if middle > len(finish_head) and data.startswith(finish_head) and data.endswith(finish_tail):
+            if obfuscated:
+                # The template's bytes, then a value of its own (recognised as the first token's was) and its end.
+                close = len(data) - 2
+                value = _obfuscation_at(data, close) if data.endswith(b'"}') else -1
+                middle = value - len(finish_tail)
+                matched = value > 0 and data.startswith(finish_tail, middle)
+            else:
+                middle = len(data) - len(finish_tail)
+                matched = data.endswith(finish_tail)
+            if matched and middle > len(finish_head) and data.startswith(finish_head):
                 reason = _REASONS.get(bytes(data[len(finish_head) : middle]))  # (a chunk may be a bytearray)
                 if reason is None:
                     return False
@@ -651,7 +709,8 @@ class OpenAIChatReader(ResponseReader):
                 usage, end = _scan(text, len(usage_head) - cut)
             except (ValueError, RecursionError, StopIteration):
                 return False
-            if end == len(text) - 1 and text[end] == "}":
+            # The event's end, or an obfuscation member (a value of its own, without anything to decode) and its end.
+            if (end == len(text) - 1 and text[end] == "}") or _OBFUSCATION_END.fullmatch(text, end) is not None:
                 if usage:
                     self._usage(usage)
                 return True

@@ -300,3 +300,118 @@ def test_send_keeps_few_small_chunks_and_reads_like_one_by_one(
     expected, _ = one_by_one(chunks)
     assert numbers(call)[:-1] == numbers(expected)[:-1]
     assert call.first_token_at is not None and exchange.complete
+
+
+# --- obfuscated runs checked in bulk --------------------------------------------------------------------------
+
+
+def obfuscated_shape(spaced: bool) -> tuple[Any, Any]:
+    """A reader that has learnt the shape of an obfuscated stream's text deltas, and the parts of that shape: the
+    bytes before the text, between the text and the value, and after the value."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    reader.feed(encode({**chat_chunk({"role": "assistant", "content": ""}), "obfuscation": "r0"}, spaced, True), 1.0)
+    reader.feed(encode({**chat_chunk({"content": "Hi"}), "obfuscation": "Qx7"}, spaced, True), 2.0)
+    assert reader.holding and reader._fast[4] is not None  # the obfuscated shape is known: the deltas are held
+    head, tail, _, _, middle = reader._fast
+    return reader, (head, middle, tail)
+
+
+#: Bytes that decide whether a chunk is of an obfuscated shape, and crafted ones.
+hostile = st.lists(
+    st.sampled_from(
+        [b"a", b"Z", b"0", b" ", b"~", b"}", b'"', b"\\", b"\n", b"\r", b"\x00", b"\x1f", b"\x7f", b"\xff", b"\xc3\xa9",
+         b'\\"', b"\\\\", b"\\u0041", b'"}', b'"}\n\n', b',"obfuscation":"', b'"},"finish_reason":null}]']
+    ),
+    max_size=6,
+).map(b"".join)  # fmt: skip
+#: The inside of a JSON string as json.dumps writes it (escapes included), never empty.
+json_texts = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=12).map(
+    lambda text: json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass")
+)
+#: Obfuscation values that can only be the inside of a JSON string: printable ASCII without quote or backslash.
+plain_values = st.text(alphabet=[chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\'], max_size=24).map(str.encode)
+#: Values of printable ASCII, quotes and backslashes included (so some are not of the shape).
+printable_values = st.text(alphabet=[chr(c) for c in range(0x20, 0x7F)], max_size=8).map(str.encode) | st.lists(
+    st.sampled_from([b"a", b"~", b" ", b"\\", b'"']), min_size=1, max_size=4
+).map(b"".join)
+
+
+@st.composite
+def near_shape_chunks(draw: st.DrawFn, parts: tuple[bytes, bytes, bytes]) -> bytes:
+    """A chunk near the learnt obfuscated shape: hostile text or value, a part cut short, dropped, doubled or
+    replaced, two chunks in one, or an empty chunk (some of these are still of the shape)."""
+    head, middle, tail = parts
+    pieces = [head, draw(json_texts | hostile), middle, draw(plain_values | printable_values | hostile), tail]
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, 4))
+        how = draw(st.sampled_from(["cut", "drop", "double", "replace"]))
+        piece = pieces[at]
+        if how == "cut" and piece:
+            pieces[at] = piece[: draw(st.integers(0, len(piece) - 1))] if draw(st.booleans()) else piece[1:]
+        elif how == "drop":
+            pieces[at] = b""
+        elif how == "double":
+            pieces[at] = piece + piece
+        else:
+            pieces[at] = draw(hostile)
+    chunk = b"".join(pieces)
+    if draw(st.integers(0, 9)) == 0:
+        chunk += head + draw(json_texts) + middle + draw(plain_values) + tail
+    return chunk if draw(st.integers(0, 19)) else b""
+
+
+@st.composite
+def near_shape_runs(draw: st.DrawFn, parts: tuple[bytes, bytes, bytes]) -> list[bytes]:
+    """Text deltas of the learnt obfuscated shape (any text, any value of the shape) with up to two chunks near
+    that shape anywhere among them."""
+    head, middle, tail = parts
+    deltas = draw(st.lists(st.tuples(json_texts, plain_values), max_size=12))
+    run = [head + text + middle + value + tail for text, value in deltas]
+    for near in draw(st.lists(near_shape_chunks(parts), min_size=0 if run else 1, max_size=2)):
+        run.insert(draw(st.integers(0, len(run))), near)
+    return run
+
+
+@given(st.booleans(), st.data())
+@settings(max_examples=500, deadline=None)
+def test_obfuscated_runs_checked_in_bulk_say_what_each_chunk_says(spaced: bool, data: st.DataObject) -> None:
+    """For any run of chunks, valid ones and ones near the obfuscated shape: the bulk check of the run says that
+    all its chunks are of the shape exactly when checking each one by one says so of every one."""
+    from llm_telemetry.apis import _obfuscated_run
+
+    reader, parts = obfuscated_shape(spaced)
+    run = data.draw(near_shape_runs(parts))
+    assert _obfuscated_run(reader._fast, run) == all(map(reader._shaped, run))
+
+
+@given(st.booleans(), st.sampled_from([b"a\\b", b"\\", b'a"b', b'"', b"a\x7fb", b"\x1f", b"\xc3\xa9", b"\n"]))
+@settings(max_examples=50, deadline=None)
+def test_an_obfuscated_run_with_one_value_not_of_the_shape_is_not_counted_in_bulk(spaced: bool, value: bytes) -> None:
+    """One delta whose value has a byte no value of the shape has (a backslash, a quote, a control or non-ASCII
+    byte), among deltas of the shape: the bulk check rejects the run, as checking that delta alone does."""
+    from llm_telemetry.apis import _obfuscated_run
+
+    reader, (head, middle, tail) = obfuscated_shape(spaced)
+    run = [head + b"w" + middle + b"ok" + tail] * 3
+    run.insert(1, head + b"w" + middle + value + tail)
+    assert not reader._shaped(run[1])
+    assert not _obfuscated_run(reader._fast, run)
+
+
+@given(st.booleans(), st.lists(st.tuples(json_texts, plain_values), min_size=1, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_obfuscated_deltas_of_any_text_and_value_are_counted_in_bulk(
+    spaced: bool, deltas: list[tuple[bytes, bytes]]
+) -> None:
+    """A run of text deltas of the obfuscated shape, whatever their texts (escapes, unicode) and values, passes the
+    bulk check (it is not left to the one-by-one reading), and is counted one token per delta."""
+    from llm_telemetry.apis import _obfuscated_run
+
+    reader, (head, middle, tail) = obfuscated_shape(spaced)
+    run = [head + text + middle + value + tail for text, value in deltas]
+    assert _obfuscated_run(reader._fast, run)
+    counted = reader._chunks
+    reader.feed_held(run)
+    assert reader._chunks == counted + len(run) and reader.holding

@@ -421,3 +421,69 @@ def _is_json(data: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _ending(obj: dict[str, Any], value: bytes | None, spaced: bool, key_spaced: bool) -> bytes:
+    """``obj`` as an event that ends with an obfuscation member whose value is the raw bytes ``value`` (None: none)."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    data = json.dumps(obj, separators=separators).encode()
+    if value is not None:
+        data = data[:-1] + (b', "obfuscation": "' if key_spaced else b',"obfuscation":"') + value + b'"}'
+    return b"data: " + data + b"\n\n"
+
+
+_USAGE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini", "choices": [],
+          "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
+#: Values of the stream's ends: the usual letters and digits, none (the member left out), anything.
+end_values = st.sampled_from([b"k", b"", b"Zq81", None, b"~ !#[]{}"]) | raw_values
+
+
+@given(
+    st.tuples(end_values, end_values, end_values),
+    st.lists(obfuscations, min_size=1, max_size=4),
+    st.sampled_from(REASONS),
+    st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    st.sampled_from(["gpt-4o-mini", "gpt-4o-mino", "g"]),
+    st.sampled_from(["", "finish", "usage"]),
+    st.lists(st.integers(1, 9), min_size=1, max_size=4),
+)
+@settings(max_examples=500, deadline=None)
+@example((b"Qp", b"", b"z"), ["a"], "stop", (False, False, False), "gpt-4o-mini", "", [1])
+@example((b"Qp", None, None), ["a"], "stop", (False, False, False), "gpt-4o-mini", "", [1])
+@example((None, b"k", b"k"), ["a"], "length", (False, False, True), "gpt-4o-mini", "", [1])
+@example((b"Qp", b"k", b"k"), ["a"], "stop", (True, True, False), "gpt-4o-mino", "", [1])
+# A role event that differs from the first token after the text's member (besides the value), in bytes of the same
+# length (a finish reason "xy" where the first token has null): read, not dropped.
+@example((b"Qp", b"k", b"k"), ["a"], "stop", (False, False, False), "gpt-4o-mini", "finish", [1])
+@example((b"Qp", b"k", b"k"), ["a"], "stop", (True, True, False), "gpt-4o-mini", "finish", [1])
+@example((b"Qp", b"k", b"k"), ["a"], "stop", (True, False, False), "gpt-4o-mini", "usage", [1])
+@example((b'x"', b'x","usage":{"prompt_tokens":7},"y":"', b'x"},"z":"'), ["a"], "stop", (False,) * 3, "g", "", [2])
+@example((b"r", b'x","choices":[{"index":0,"delta":{},"finish_reason":"length"}],"y":"', b"\\"), ["a"], "stop",
+         (False, False, False), "gpt-4o-mini", "", [1])  # fmt: skip
+def test_obfuscated_stream_ends_record_what_a_full_parse_records(
+    values: tuple[bytes | None, bytes | None, bytes | None],
+    tokens: list[str],
+    reason: str,
+    spacing: tuple[bool, bool, bool],
+    role_model: str,
+    role_after: str,
+    groups: list[int],
+) -> None:
+    """An obfuscated stream whose role, finish and usage events end with obfuscation members of any raw bytes (the
+    usual letters and digits, none, crafted ones that would hide structure or make the event other JSON), spelled
+    compact or spaced, the role event sometimes with another model of the same length, or with a finish reason or
+    usage after its delta: the reader with its once-per-stream shortcuts records what it records with them off,
+    and, when every event is JSON, what a full parse records."""
+    role_value, finish_value, usage_value = values
+    spaced, key_spaced, usage_key_spaced = spacing
+    role = _demo({"role": "assistant", "content": ""}, "xy" if role_after == "finish" else None, model=role_model)
+    if role_after == "usage":
+        role["usage"] = {"prompt_tokens": 3, "completion_tokens": 1}
+    chunks = [_ending(role, role_value, spaced, key_spaced)]
+    chunks += [_ending(_demo({"content": f"w{i}"}), value.encode(), spaced, key_spaced) for i, value in
+               enumerate(json.dumps(v)[1:-1] for v in tokens)]  # fmt: skip
+    chunks += [_ending(_demo({}, reason), finish_value, spaced, key_spaced)]
+    chunks += [_ending(_USAGE, usage_value, spaced, usage_key_spaced), USUAL[5]]
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(as_middleware_reads(chunks, groups, False))
+    if all(_is_json(chunk[6:]) for chunk in chunks[:-1]):
+        assert recorded(as_middleware_reads(chunks, groups)) == recorded(full_parse(chunks))
