@@ -38,10 +38,10 @@ import procs  # noqa: E402
 from apps import BENCH_OTLP_ENDPOINT, VARIANTS  # noqa: E402
 from loadgen import SCENARIOS  # noqa: E402
 
-DEFAULT_SCENARIOS = ["chat", "stream64", "stream256", "embeddings"]
+DEFAULT_SCENARIOS = ["chat", "stream64", "stream64o", "stream256", "embeddings"]
 DEFAULT_VARIANTS = ["bare", "ours", "ours+logs", "ours+traces", "instrumentator"]
 #: K, the measured requests per scenario: fewer for long streams, whose requests cost more.
-DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream256": 12}
+DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream64o": 40, "stream256": 12}
 #: Spans per export request of a loaded server: the batch span processor's default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE).
 BATCH = 512
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")

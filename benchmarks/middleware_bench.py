@@ -58,7 +58,7 @@ class Plan:
 SMOKE = Plan(
     rounds=1,
     warmup=5,
-    batch={"chat": 20, "stream64": 6, "stream256": 2, "stream4096": 1, "body1m": 2, "embeddings": 20},
+    batch={"chat": 20, "stream64": 6, "stream64o": 6, "stream256": 2, "stream4096": 1, "body1m": 2, "embeddings": 20},
     concurrency=2,
     settle=0.0,
     soak=0,
@@ -68,7 +68,15 @@ SMOKE = Plan(
 FULL = Plan(
     rounds=9,
     warmup=300,
-    batch={"chat": 1000, "stream64": 200, "stream256": 60, "stream4096": 4, "body1m": 60, "embeddings": 1000},
+    batch={
+        "chat": 1000,
+        "stream64": 200,
+        "stream64o": 200,
+        "stream256": 60,
+        "stream4096": 4,
+        "body1m": 60,
+        "embeddings": 1000,
+    },
     concurrency=8,
     settle=0.3,
     soak=100_000,
@@ -80,7 +88,15 @@ FULL = Plan(
 REDUCED = Plan(
     rounds=3,
     warmup=100,
-    batch={"chat": 600, "stream64": 120, "stream256": 40, "stream4096": 3, "body1m": 30, "embeddings": 300},
+    batch={
+        "chat": 600,
+        "stream64": 120,
+        "stream64o": 120,
+        "stream256": 40,
+        "stream4096": 3,
+        "body1m": 30,
+        "embeddings": 300,
+    },
     concurrency=8,
     settle=0.3,
     soak=20_000,

@@ -213,7 +213,17 @@ class ResponseReader:
         fast = self._fast
         if fast is not None and hi - lo > 1:
             run = chunks[lo:hi] if lo or hi < len(chunks) else chunks
-            if _shaped_run(fast, run) if fast[4] is None else _obfuscated_run(fast, run):
+            if fast[4] is None:
+                head, tail, start, tail_length, _ = fast
+                # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape
+                # exactly when putting every text back between a head and a tail rebuilds the run byte for byte (the
+                # lengths line up, so every chunk is its own head, text and tail) and every text is non-empty.
+                texts = list(map(itemgetter(slice(start, -tail_length)), run))
+                shaped = all(texts) and head + (tail + head).join(texts) + tail == b"".join(run)
+                shaped = shaped and (_unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts)))
+            else:
+                shaped = _obfuscated_run(fast, run)
+            if shaped:
                 self._chunks += hi - lo
                 return
             if hi - lo >= 8:
@@ -388,19 +398,6 @@ def _unescaped(text: bytes) -> bool:
     return 0x22 not in text and 0x5C not in text and 0x0A not in text and 0x0D not in text
 
 
-def _shaped_run(shape: _Shape, run: list[bytes]) -> bool:
-    """Whether every chunk of ``run`` is of ``shape`` (one without an obfuscation member), as ``_shaped`` would say
-    of each: a few C-level passes over the run, no Python step per chunk."""
-    head, tail, start, tail_length, _ = shape
-    # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape exactly when
-    # putting every text back between a head and a tail rebuilds the run byte for byte (the lengths line up, so
-    # every chunk is its own head, text and tail) and every text is non-empty.
-    texts = list(map(itemgetter(slice(start, -tail_length)), run))
-    if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
-        return _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts))
-    return False
-
-
 def _obfuscated_run(shape: _Shape, run: list[bytes]) -> bool:
     """Whether every chunk of ``run`` (bytes) is of ``shape``, one with an obfuscation member, as ``_shaped`` would
     say of each: a few C-level passes over the run (``map`` over bytes methods and a slice, joins, one comparison),
@@ -414,7 +411,7 @@ def _obfuscated_run(shape: _Shape, run: list[bytes]) -> bool:
         return False
     # Then each ends with its value: stripping the bytes a value may have takes exactly the value off a chunk of the
     # shape (the middle ends with the value's opening quote, which is not one of them). What is left must be the
-    # head, a text and the middle: the plain shape's test, with the middle as its tail.
+    # head, a text and the middle: the plain shape's test (see _held_run), with the middle as its tail.
     heads = list(map(bytes.rstrip, cut, repeat(_OBFUSCATION_BYTES)))
     texts = list(map(itemgetter(slice(start, -len(middle))), heads))
     if all(texts) and head + (middle + head).join(texts) + middle == b"".join(heads):
@@ -621,7 +618,7 @@ class OpenAIChatReader(ResponseReader):
             return False
         _, start, _, end = member
         stop, pending_stop = len(data), len(pending)
-        if data.endswith(b'"}') and pending.endswith(b'"}'):
+        if data[-2:] == b'"}' and pending[-2:] == b'"}':  # (slices compared: no method call on the way)
             # Both end with an obfuscation member, each with a value of its own: compared up to the values.
             value = _obfuscation_at(data, stop - 2)
             pending_value = _obfuscation_at(pending, pending_stop - 2) if value > 0 else -1
@@ -653,7 +650,7 @@ class OpenAIChatReader(ResponseReader):
         text, start, _, end = member
         # An event that ends with an obfuscation member (its key spelled out, so it is the last top-level member:
         # see _split_shape) has a value of its own: the templates stop before it, and _end checks what follows.
-        obfuscation = _obfuscation_at(data, len(data) - 2) if text.endswith('"}') else -1
+        obfuscation = _obfuscation_at(data, len(data) - 2) if text[-2:] == '"}' else -1
         finish_head = None
         finish_tail = b""
         reason = text.find('"finish_reason"', end)
@@ -685,17 +682,17 @@ class OpenAIChatReader(ResponseReader):
 
     def _end(self, data: bytes, ends: _Ends) -> bool:
         finish_head, finish_tail, usage_head, cut, obfuscated = ends
-        if finish_head is not None:
+        if finish_head is not None and data.startswith(finish_head):
             if obfuscated:
                 # The template's bytes, then a value of its own (recognised as the first token's was) and its end.
                 close = len(data) - 2
-                value = _obfuscation_at(data, close) if data.endswith(b'"}') else -1
+                value = _obfuscation_at(data, close) if data[close:] == b'"}' else -1
                 middle = value - len(finish_tail)
                 matched = value > 0 and data.startswith(finish_tail, middle)
             else:
                 middle = len(data) - len(finish_tail)
                 matched = data.endswith(finish_tail)
-            if matched and middle > len(finish_head) and data.startswith(finish_head):
+            if matched and middle > len(finish_head):
                 reason = _REASONS.get(bytes(data[len(finish_head) : middle]))  # (a chunk may be a bytearray)
                 if reason is None:
                     return False

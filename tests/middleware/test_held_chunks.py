@@ -386,17 +386,39 @@ def test_obfuscated_runs_checked_in_bulk_say_what_each_chunk_says(spaced: bool, 
     assert _obfuscated_run(reader._fast, run) == all(map(reader._shaped, run))
 
 
-@given(st.booleans(), st.sampled_from([b"a\\b", b"\\", b'a"b', b'"', b"a\x7fb", b"\x1f", b"\xc3\xa9", b"\n"]))
-@settings(max_examples=50, deadline=None)
-def test_an_obfuscated_run_with_one_value_not_of_the_shape_is_not_counted_in_bulk(spaced: bool, value: bytes) -> None:
-    """One delta whose value has a byte no value of the shape has (a backslash, a quote, a control or non-ASCII
-    byte), among deltas of the shape: the bulk check rejects the run, as checking that delta alone does."""
+#: Values with a byte no value of the shape has: a backslash, a quote, a control or non-ASCII byte.
+BAD_VALUES = (b"a\\b", b"\\", b'a"b', b"a\x7fb", b"\x1f", b"\xc3\xa9", b"\n")
+#: Chunks next to the obfuscated shape (given its head, middle and tail), each not of it.
+ODD_CHUNKS: list[Any] = [
+    *(lambda h, m, t, v=v: h + b"w" + m + v + t for v in BAD_VALUES),
+    lambda h, m, t: h + b"w" + m + b"ok",  # no tail
+    lambda h, m, t: h + b"w" + m + b"ok}",  # the tail's place taken by bytes a value may have
+    lambda h, m, t: h + b"w" + m + b"ok" + t[:-1],
+    lambda h, m, t: h + b"w" + m + b"ok" + t + t,
+    lambda h, m, t: h + b"" + m + b"ok" + t,  # no text
+    lambda h, m, t: h + b'w"' + m + b"ok" + t,
+    lambda h, m, t: h + b"w\\" + m + b"ok" + t,
+    lambda h, m, t: h[1:] + b"w" + m + b"ok" + t,
+    lambda h, m, t: h + b"w" + m[1:] + b"ok" + t,
+    lambda h, m, t: h + b"w" + m + b"ok" + t + h + b"x" + m + b"ok" + t,  # two events in one chunk
+    lambda h, m, t: b"",
+]
+
+
+@given(st.booleans(), st.sampled_from(ODD_CHUNKS), st.integers(0, 3))
+@settings(max_examples=100, deadline=None)
+def test_an_obfuscated_run_with_one_chunk_not_of_the_shape_is_not_counted_in_bulk(
+    spaced: bool, odd: Any, at: int
+) -> None:
+    """One chunk next to the shape (a value with a byte no value of the shape has, the tail missing, cut, doubled
+    or replaced, an empty or unescaped text, a part cut short, two events in one chunk) among deltas of the shape:
+    the bulk check rejects the run, as checking that chunk alone does."""
     from llm_telemetry.apis import _obfuscated_run
 
     reader, (head, middle, tail) = obfuscated_shape(spaced)
     run = [head + b"w" + middle + b"ok" + tail] * 3
-    run.insert(1, head + b"w" + middle + value + tail)
-    assert not reader._shaped(run[1])
+    run.insert(at, odd(head, middle, tail))
+    assert not reader._shaped(run[at])
     assert not _obfuscated_run(reader._fast, run)
 
 
