@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from itertools import islice
-from operator import is_
 from typing import Any, Final
 
 from opentelemetry.attributes import BoundedAttributes
@@ -255,58 +253,6 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[by
                 parts.append(_entry(tag, key, type(value), value))
 
 
-#: Span attribute dicts that began as a copy of a template of recurring attributes (the LLM span's start
-#: attributes, see :func:`note_template`), by id: (the dict, the template). Bounded.
-_templated: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-#: The encoded span-attribute fields of such templates, by id: (the template, its fields, or None when one of
-#: them cannot be encoded). Bounded.
-_template_fields: dict[int, tuple[dict[str, Any], bytes | None]] = {}
-
-
-def note_template(attributes: dict[str, Any], template: dict[str, Any]) -> None:
-    """Tell the encoder that the span attributes ``attributes`` were made as ``template.copy()``. When they
-    still begin with the template's keys, in order, holding its very objects, the encoder writes that part at
-    once (one piece per template) instead of looking up each attribute."""
-    if len(_templated) >= _CACHE_SIZE:
-        _templated.clear()
-    _templated[id(attributes)] = (attributes, template)
-
-
-def _templated_attributes(attributes: dict[str, Any], template: dict[str, Any], parts: list[bytes]) -> bool:
-    """The span attributes made from ``template``, when their first values are its objects: its fields at
-    once, the rest as :func:`_attributes` writes them. False (nothing written) otherwise."""
-    values = attributes.values()
-    n = len(template)
-    # The template's keys first, in order (equal keys encode alike), with its very values (not merely equal
-    # ones: True == 1 == 1.0); map stops at the template's end.
-    if list(islice(attributes, n)) != list(template) or not all(map(is_, values, template.values())):
-        return False
-    found = _template_fields.get(id(template))
-    if found is None or found[0] is not template:
-        encoded: list[bytes] = []
-        _attributes(b"\x4a", template, encoded)
-        found = (template, None if b"" in encoded else b"".join(encoded))
-        if len(_template_fields) >= 256:
-            _template_fields.clear()
-        _template_fields[id(template)] = found
-    fields = found[1]
-    if fields is None:  # a value that cannot be encoded: logged for each span, as _attributes does
-        return False
-    start = len(parts)
-    parts.append(fields)
-    if len(attributes) > n:
-        cache = _caches.get(b"\x4a")
-        if cache is None:
-            cache = _caches[b"\x4a"] = _Cache(b"\x4a")
-        rest = list(islice(values, n, None))
-        try:
-            parts += map(cache.__getitem__, zip(islice(attributes, n, None), map(type, rest), rest, strict=True))
-        except TypeError:  # an unhashable value: the whole set as _attributes writes it
-            del parts[start:]
-            return False
-    return True
-
-
 def _flags(context: Any) -> bytes:
     return _FLAGS_REMOTE if context is not None and context.is_remote else _FLAGS_LOCAL
 
@@ -465,13 +411,7 @@ def _encode_span(span: ReadableSpan) -> bytes:
             parts.append(b"\x39" + _Q(start_time))
         if end_time:
             parts.append(b"\x41" + _Q(end_time))
-    templated = _templated.pop(id(attributes), None) if _templated else None
-    if (
-        templated is None
-        or templated[0] is not attributes
-        or not _templated_attributes(attributes, templated[1], parts)
-    ):
-        _attributes(b"\x4a", attributes, parts)
+    _attributes(b"\x4a", attributes, parts)
     if dropped_attributes:
         parts.append(b"\x50" + _varint(dropped_attributes))
     for event in events:

@@ -319,52 +319,6 @@ def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str
         attributes[CLIENT_ADDRESS] = client[0]
 
 
-#: The start attributes of SERVER spans by what they are read from (operation, provider, method, path, scheme,
-#: HTTP version, server, client host): templates the span's attributes are copied from, so that their values
-#: are the same objects from span to span (which the span encoder recognises, see ``otlp_spans``). Cleared
-#: when full.
-_server_templates: dict[tuple[Any, ...], dict[str, Any]] = {}
-_NO_CLIENT: Final = object()
-
-
-def _server_template(operation: str, provider: str, scope: Mapping[str, Any], path: str) -> dict[str, Any] | None:
-    """The template of the span's start attributes (see :func:`_server_attributes`) for ``scope``; None when a
-    part read from it is not one whose equal values are equal attributes of one type (strings, a server's
-    (host, int port) tuple), as ASGI servers give them."""
-    method = scope.get("method", "POST")
-    scheme = scope.get("scheme", "http")
-    version = scope.get("http_version")
-    server = scope.get("server")
-    client = scope.get("client")
-    host = client[0] if client else _NO_CLIENT
-    if (
-        type(method) is not str
-        or type(scheme) is not str
-        or type(path) is not str
-        or (version is not None and type(version) is not str)
-        or (type(host) is not str and host is not _NO_CLIENT)
-        or (
-            server is not None
-            and (
-                type(server) is not tuple
-                or len(server) != 2
-                or type(server[0]) is not str
-                or type(server[1]) is not int
-            )
-        )
-    ):
-        return None
-    key = (operation, provider, method, path, scheme, version, server, host)
-    template = _server_templates.get(key)
-    if template is None:
-        template = {names.GEN_AI_OPERATION_NAME: operation, names.GEN_AI_PROVIDER_NAME: provider}
-        _server_attributes(scope, path, template)
-        if len(_server_templates) >= 1024:
-            _server_templates.clear()
-        _server_templates[key] = template
-    return template
-
-
 class _Pipeline:
     """What the SDK's ``Tracer.start_span`` and ``Span.end`` use, read from an SDK tracer, when every part of it
     is one whose behaviour the middleware can reproduce: then the LLM span is an :class:`LLMSpan`, recorded
@@ -383,7 +337,6 @@ class _Pipeline:
         "event",
         "make_readable",
         "multi",
-        "note_template",
         "random_ids",
         "span_context",
         "static_samplers",
@@ -406,8 +359,6 @@ class _Pipeline:
         #: The SDK's ``RandomIdGenerator`` class, when its ids are the random module's draws (checked on a
         #: sample); else None.
         self.random_ids = _random_ids()
-        #: ``otlp_spans.note_template`` when a processor exports with our OTLP span encoder, else None.
-        self.note_template = _note_template(multi._span_processors)
 
     @classmethod
     def of(cls, tracer: Any) -> _Pipeline | None:
@@ -439,17 +390,10 @@ class _Pipeline:
         return self.multi._span_processors is self._processors and bool(self.tracer._is_enabled())
 
     def start_span(
-        self,
-        name: str,
-        parent: Any,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-        start_time: int,
-        template: dict[str, Any] | None = None,
+        self, name: str, parent: Any, kind: SpanKind, attributes: dict[str, Any], start_time: int
     ) -> trace.Span:
         """As the SDK's ``Tracer.start_span``: the parent from ``parent`` (or the current context), ids from the
-        provider's generator, the decision (and any attributes and trace state) from its sampler. ``template``:
-        what ``attributes`` were copied from, if anything (told to the span encoder when the span ends)."""
+        provider's generator, the decision (and any attributes and trace state) from its sampler."""
         tracer = self.tracer
         if parent is _EMPTY_CONTEXT:  # no traceparent: what get_current_span would find in it
             parent_span = trace.INVALID_SPAN_CONTEXT
@@ -482,17 +426,13 @@ class _Pipeline:
             trace_state = result.trace_state
             if result.attributes != attributes:  # the sampler changed them: clean as the SDK would
                 attributes = _cleaned(result.attributes, None)
-                template = None
         recording, sampled = _DECISIONS[id(decision)]  # (by id: Decision's hash is Python code)
         span_id = (getrandbits(64) or ids.generate_span_id()) if getrandbits is not None else ids.generate_span_id()
         flags = _FLAGS[sampled, bool(random_id)]
         span_context = self.span_context(trace_id, span_id, flags, trace_state)
         if not recording:
             return trace.NonRecordingSpan(span_context)
-        span = LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
-        if template is not None and self.note_template is not None:
-            span.template = template
-        return span
+        return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
 
 
 def _static_decision(sampler: Any, parent: trace.SpanContext, parent_based: Any, static: Any) -> Any:
@@ -538,17 +478,6 @@ def _static_samplers() -> tuple[Any, Any] | None:
     except (ImportError, AttributeError):
         return None
     return (ParentBased, StaticSampler) if readable else None
-
-
-def _note_template(processors: Any) -> Any:
-    from .otlp_spans import OTLPSpanExporter, note_template
-
-    for processor in processors:
-        batch = getattr(processor, "_batch_processor", None)
-        exporter = getattr(batch, "_exporter", None) if batch is not None else getattr(processor, "span_exporter", None)
-        if isinstance(exporter, OTLPSpanExporter):
-            return note_template
-    return None
 
 
 def _random_ids() -> type | None:
@@ -744,7 +673,6 @@ class LLMSpan(trace.Span):
         "parent",
         "start_time",
         "status",
-        "template",
     )
 
     def __init__(
@@ -768,8 +696,6 @@ class LLMSpan(trace.Span):
         self.events: list[Any] = []
         self.links: list[Any] = []
         self.status = _UNSET
-        #: The template the attributes were copied from (see :func:`_server_template`), or None.
-        self.template: dict[str, Any] | None = None
 
     def get_span_context(self) -> trace.SpanContext:
         return self.context
@@ -874,8 +800,6 @@ class LLMSpan(trace.Span):
             resource,
             self.status,
         )
-        if self.template is not None and attributes is self.attributes and pipeline.note_template is not None:
-            pipeline.note_template(attributes, self.template)
         for processor in pipeline._processors:  # what the SDK's SynchronousMultiSpanProcessor.on_end does
             processor.on_end(readable)
 
@@ -904,26 +828,23 @@ class SpanObserver:
 
     def start(self, call: LLMCall) -> None:
         now_perf, now_ns = perf_counter(), time_ns()
+        attributes: dict[str, Any] = {
+            names.GEN_AI_OPERATION_NAME: call.operation,
+            names.GEN_AI_PROVIDER_NAME: call.provider,
+        }
         kind = SpanKind.INTERNAL
         parent = None
-        template = None
         scope = call.scope
         if self.server_span and scope is not None and not _CONTEXT.span_is_current():
             kind = SpanKind.SERVER
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
             parent = _extract(scope.get("headers") or ())
-            template = _server_template(call.operation, call.provider, scope, call.path)
-        if template is not None:
-            attributes = template.copy()
-        else:
-            attributes = {names.GEN_AI_OPERATION_NAME: call.operation, names.GEN_AI_PROVIDER_NAME: call.provider}
-            if kind is SpanKind.SERVER:
-                _server_attributes(scope, call.path, attributes)
+            _server_attributes(scope, call.path, attributes)
         start_time = _wall_ns(call.start, now_perf, now_ns)
         pipeline = self._pipeline()
         span: trace.Span
         if pipeline is not None:
-            span = pipeline.start_span(call.operation, parent, kind, attributes, start_time, template)
+            span = pipeline.start_span(call.operation, parent, kind, attributes, start_time)
         else:
             span = self.tracer.start_span(
                 call.operation, context=parent, kind=kind, attributes=attributes, start_time=start_time

@@ -13,20 +13,18 @@ from typing import Any
 import pytest
 from opentelemetry import context, propagate, trace
 from opentelemetry.attributes import BoundedAttributes
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
 from opentelemetry.propagators.textmap import DefaultGetter, DefaultSetter, TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
-from llm_telemetry import LLMTelemetryMiddleware, otlp_spans
+from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo import app as demo_app
 from llm_telemetry.demo.app import bare_app
-from llm_telemetry.otlp_spans import OTLPSpanExporter, encode_request
 from llm_telemetry.tracing import LLMSpan
 
 CALLER_TRACE, CALLER_SPAN = 0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8
@@ -362,127 +360,6 @@ def test_once_the_middleware_returns_the_context_is_the_callers_again() -> None:
     llm, outer_finished = memory.get_finished_spans()
     assert llm.parent is not None and llm.parent.span_id == outer_finished.context.span_id
     assert llm.kind is SpanKind.INTERNAL  # a span was current: the LLM span is its child
-
-
-class Comparing(OTLPSpanExporter):
-    """Our OTLP span exporter, sending nothing: each span's encoding beside the SDK encoder's, and whether the
-    encoder had been told the span's attributes began as a template."""
-
-    def __init__(self) -> None:
-        super().__init__(endpoint="http://127.0.0.1:9/v1/traces")
-        self.encoded: list[tuple[bytes, bytes, bool]] = []
-        self.attributes: list[dict[str, Any]] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        told = all(id(span._attributes) in otlp_spans._templated for span in spans)
-        self.encoded.append((encode_request(spans), sdk_encode_spans(spans).SerializeToString(), told))
-        self.attributes += [dict(span.attributes) for span in spans]
-        return SpanExportResult.SUCCESS
-
-
-def _touch(change: str, span: Any) -> None:
-    if change == "port as an equal float":
-        span.set_attribute("server.port", 8000.0)
-    elif change == "path as an equal string":
-        span.set_attribute("url.path", "".join(["/v1/chat/", "completions"]))
-    elif change == "method as True":
-        span.set_attribute("http.request.method", True)
-    elif change == "path moved to the end":
-        span.attributes["url.path"] = span.attributes.pop("url.path")
-    elif change == "first key deleted":
-        del span.attributes["gen_ai.operation.name"]
-    elif change == "scheme and version swapped":
-        attributes = span.attributes
-        moved = [(key, attributes.pop(key)) for key in list(attributes)[4:]]
-        moved[0], moved[1] = moved[1], moved[0]
-        attributes.update(moved)
-
-
-CHANGES = (
-    "none",
-    "port as an equal float",
-    "path as an equal string",
-    "method as True",
-    "path moved to the end",
-    "first key deleted",
-    "scheme and version swapped",
-)
-#: One object as both the scheme and the HTTP version: swapped, their keys move while every value in the
-#: template's positions stays the same object.
-SAME = "x1"
-
-
-async def _send_through(app: Any, scope_: dict[str, Any], body: bytes) -> None:
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
-    await app(scope_, receive, send)
-
-
-@pytest.mark.parametrize("change", CHANGES)
-@pytest.mark.parametrize(
-    "server_scope, templated",
-    [
-        ({}, True),
-        ({"http_version": "2", "scheme": "https", "client": ("10.0.0.1", 1)}, True),
-        ({"server": ("/run/app.sock", None), "client": None}, False),
-        ({"server": ["127.0.0.1", 8000], "http_version": None}, False),
-        ({"server": ("127.0.0.1", 8000.0), "method": "POST"}, False),
-        ({"client": ("10.0.0.1", 1)}, True),
-        ({"scheme": SAME, "http_version": SAME}, True),
-    ],
-    ids=["uvicorn", "h2 https", "unix socket", "list server", "float port", "other client", "scheme is version"],
-)
-def test_the_llm_spans_start_attributes_encode_as_the_sdk_encodes_them(
-    change: str, server_scope: dict[str, Any], templated: bool
-) -> None:
-    """The span's start attributes are copied from a template per scope shape, and our OTLP encoder writes a
-    template's part of a span at once. Whatever the app then does to those attributes (an equal value of
-    another type, an equal string, a key moved or deleted) and whatever the scope, the bytes are the SDK
-    encoder's."""
-    exporter = Comparing()
-    tracer_provider = TracerProvider(resource=Resource.create({"service.name": "template-test"}))
-    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
-    inner = bare_app()
-
-    async def app(scope_: Any, receive: Any, send: Any) -> None:
-        _touch(change, trace.get_current_span())
-        await inner(scope_, receive, send)
-
-    wrapped = middleware(app, tracer_provider)
-
-    async def run() -> None:
-        # A request of the plain scope first: one of another scope is not given its template.
-        for body in (chat_body(), chat_body(), chat_body(stream=True), chat_body()):
-            await _send_through(wrapped, scope() | (server_scope if exporter.encoded else {}), body)
-
-    asyncio.run(run())
-    tracer_provider.shutdown()
-    assert len(exporter.encoded) == 4
-    for ours, sdk, _ in exporter.encoded:
-        assert ours == sdk
-    # The encoder was told of the template (and wrote its part at once, or found it changed) where there is one.
-    assert [told for _, _, told in exporter.encoded[1:]] == [templated] * 3
-    if change != "none":
-        return
-    # And the attributes read from the scope are its own, of its types.
-    asgi = scope() | server_scope
-    expected = {"url.scheme": asgi["scheme"], "network.protocol.version": asgi["http_version"]}
-    expected |= {"server.address": asgi["server"][0], "server.port": asgi["server"][1]}
-    expected |= {"client.address": asgi["client"][0] if asgi["client"] else None}
-    for attributes in exporter.attributes[1:]:
-        read = {key: attributes.get(key) for key in expected}
-        assert [(k, type(v), v) for k, v in read.items()] == [(k, type(v), v) for k, v in expected.items()]
 
 
 def test_span_limits_apply() -> None:
