@@ -137,11 +137,13 @@ class _Cache(dict[tuple[str, type, Any], bytes]):
     missing (``cache[...]``) encodes it then and there, and keeps it when it may be found again: so a set of
     attributes is encoded by one ``map`` over it, whether its values recur or not."""
 
-    __slots__ = ("heads", "tag")
+    __slots__ = ("heads", "lookup", "tag")
 
     def __init__(self, tag: bytes) -> None:
         super().__init__()
         self.tag = tag
+        #: ``self.__getitem__``, made once (not a new method wrapper per attribute set).
+        self.lookup: Callable[[tuple[str, type, Any]], bytes] = self.__getitem__
         #: By key: the ``KeyValue`` bytes before the value's length (the key field and the value's tag), the
         #: length those and the value's one-byte length take, and for a float the whole field before its 8 bytes.
         self.heads: dict[str, tuple[bytes, int, bytes | None]] = {}
@@ -242,7 +244,7 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None, parts: list[by
     # the cache's __missing__ as they are met.
     start = len(parts)
     try:
-        parts += map(cache.__getitem__, zip(attributes, map(type, values), values, strict=True))
+        parts += map(cache.lookup, zip(attributes, map(type, values), values, strict=True))
     except TypeError:  # an unhashable value (a list in a hand-made span): each one on its own
         del parts[start:]
         for key, value in attributes.items():

@@ -869,14 +869,19 @@ class SpanObserver:
         if span is None:
             return
         now_perf, now_ns = perf_counter(), time_ns()
+        light = type(span) is LLMSpan
         try:
             if call.otel_token is not None:
                 token, call.otel_token = call.otel_token, None
                 _CONTEXT.detach(token)
-            if span.is_recording():
+            if span.end_time is None if light else span.is_recording():
                 self._fill(span, call, now_perf, now_ns)
         finally:
-            span.end(end_time=_wall_ns(call.end if call.end is not None else now_perf, now_perf, now_ns))
+            end_time = now_ns - int((now_perf - (call.end if call.end is not None else now_perf)) * 1e9)  # _wall_ns
+            if light:
+                span.end(end_time)
+            else:
+                span.end(end_time=end_time)
 
     def _fill(self, span: Any, call: LLMCall, now_perf: float, now_ns: int) -> None:
         light = type(span) is LLMSpan
