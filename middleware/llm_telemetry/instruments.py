@@ -23,8 +23,9 @@ from time import time_ns
 from typing import Any, Final, Protocol
 
 from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context, get_current
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util.types import Attributes
 
 # --- instrument names -------------------------------------------------------------------------
@@ -355,6 +356,9 @@ CARDINALITY_LIMIT: Final = 2000
 _OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
 
 
+#: Types of the spans found in a record's context, each a subclass of ``trace.Span`` (see BucketHistogram.exemplar).
+_SPAN_TYPES: Final[set[type]] = set()
+
 #: What an exemplar carries besides its value: (time, span id, trace id).
 Sample = tuple[int, int | None, int | None]
 
@@ -408,12 +412,13 @@ class BucketHistogram:
     def record(self, amount: float, attributes: Attributes = None, context: Context | None = None) -> None:
         if not 0 <= amount < math.inf:  # also false for NaN
             return
+        context = context or get_current()  # as the SDK's Histogram.record: an empty context is the current one
         sample = self.sample(context) if self._filter.should_sample(amount, 0, attributes, context) else None
         self.record_keyed(amount, attributes_key(attributes), attributes, sample)
 
     def sample(self, context: Context | None) -> Sample:
         """What an exemplar of a record in ``context`` carries besides its value: (time, span id, trace id)."""
-        span = trace.get_current_span(context)
+        span = trace.get_current_span(context or None)  # an empty context is the current one, as in the SDK
         ids = span.get_span_context() if span is not trace.INVALID_SPAN else None
         return (time_ns(), ids.span_id if ids else None, ids.trace_id if ids else None)
 
@@ -423,10 +428,29 @@ class BucketHistogram:
         making several records in one context asks once."""
         if self._trace_based:
             # TraceBasedExemplarFilter.should_sample, with the span looked up once for the decision and the sample.
-            span = trace.get_current_span(context)
+            span: Any
+            if type(context) is Context and context:
+                # trace.get_current_span(context) without its two Python calls: a value that is not a span
+                # stands for the invalid span, so it leaves no exemplar. isinstance(span, trace.Span) calls the
+                # ABC's Python-level __instancecheck__; a type once found to be a Span stays one.
+                span = context.get(_SPAN_KEY)
+                if span is None:
+                    return None
+                if type(span) not in _SPAN_TYPES:
+                    if not isinstance(span, trace.Span):
+                        return None
+                    if issubclass(type(span), trace.Span):
+                        _SPAN_TYPES.add(type(span))
+            else:
+                # The SDK records in the current context when given none or an empty one (`context or get_current()`).
+                span = trace.get_current_span(context or None)
             if span == trace.INVALID_SPAN:
                 return None
             ids = span.get_span_context()
+            if type(ids) is trace.SpanContext and type(ids[3]) is trace.TraceFlags:
+                # The SpanContext tuple read in place of its properties (trace id, span id, flags at 0, 1, 3),
+                # and TraceFlags.sampled's test of the sampled bit.
+                return (time_ns(), ids[1], ids[0]) if ids[3] & trace.TraceFlags.SAMPLED else None
             return (time_ns(), ids.span_id, ids.trace_id) if ids.trace_flags.sampled else None
         return self.sample(context) if self._filter.should_sample(0.0, 0, None, context) else None
 

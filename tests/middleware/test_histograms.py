@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from opentelemetry import trace
+from opentelemetry import context, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     Histogram,
@@ -25,6 +26,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -237,3 +239,63 @@ def test_exponential_histograms_for_otlp_keep_the_sdk_ones(monkeypatch: pytest.M
         assert telemetry.histograms is None
     finally:
         telemetry.shutdown()
+
+
+class _OwnSpanContext(SpanContext):
+    """A SpanContext of a type of its own (read through its properties, not as the SDK's tuple)."""
+
+
+def test_exemplars_follow_the_span_of_any_record_context_like_the_sdk(pair: tuple[Pipeline, Pipeline]) -> None:
+    """Whatever the record's context holds, an exemplar is left (with the span's ids) exactly when the SDK's
+    trace_based filter leaves one: no context (the current one's span then), an empty one, a value under the span
+    key that is not a span, flags with other bits set or only those, a span context of another type."""
+    own = _OwnSpanContext(4001, 41, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    contexts = [
+        None,
+        Context(),
+        Context({_SPAN_KEY: "not a span"}),
+        sampled(4002, 42, 0x03),
+        sampled(4003, 43, 0x02),
+        trace.set_span_in_context(NonRecordingSpan(own)),
+        sampled(4004, 44),
+    ]
+    batch = calls(0)[: len(contexts)] + calls(1)[: len(contexts)]
+    for i, call in enumerate(batch):
+        call.otel_context = contexts[i % len(contexts)]
+    current = context.attach(sampled(4005, 45))  # what a record with no context of its own links to
+    try:
+        record(pair, batch)
+    finally:
+        context.detach(current)
+    sdk, ours = pair
+    om = openmetrics(ours.registry)
+    assert om == openmetrics(sdk.registry)
+    linked = {e[0]["trace_id"] for *_, e in om if e}
+    assert {f"{t:032x}" for t in (4001, 4002, 4004, 4005)} <= linked
+    assert not {f"{t:032x}" for t in (4003,)} & linked
+    assert histogram_points(ours.otlp()) == histogram_points(sdk.otlp())
+
+
+@pytest.mark.parametrize("exemplar_filter", ["trace_based", "always_on"])
+def test_a_record_with_an_empty_context_links_the_current_span_like_the_sdk(
+    monkeypatch: pytest.MonkeyPatch, exemplar_filter: str
+) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXEMPLAR_FILTER", exemplar_filter)
+    sdk, ours = pipeline(False), pipeline(True)
+    call = calls(0)[0]
+    call.otel_context = Context()
+    current = context.attach(sampled(4006, 46))
+    try:
+        for p in (sdk, ours):
+            p.recorder.start(call)
+            p.recorder.end(call)
+            p.recorder.instruments.request_duration.record(0.5, {"gen_ai.request.model": "m"}, context=Context())
+    finally:
+        context.detach(current)
+    try:
+        om = openmetrics(ours.registry)
+        assert om == openmetrics(sdk.registry)
+        assert sum(1 for *_, e in om if e and e[0]["trace_id"] == f"{4006:032x}") >= 4
+    finally:
+        sdk.provider.shutdown()
+        ours.provider.shutdown()
