@@ -399,10 +399,12 @@ class _Pipeline:
             parent_span = trace.INVALID_SPAN_CONTEXT
         else:
             parent_span = trace.get_current_span(parent).get_span_context()
+        # is_valid, read once: the API's SpanContext tuple keeps it at index 5 (its property is Python code).
+        valid = parent_span[5] if type(parent_span) is trace.SpanContext else parent_span.is_valid
         ids = tracer.id_generator
         # The SDK's default generator: its draws from the random module's generator, without its two calls.
         getrandbits = random.getrandbits if type(ids) is self.random_ids else None
-        if parent_span.is_valid:
+        if valid:
             trace_id = parent_span.trace_id
             random_id = parent_span.trace_flags.random_trace_id
             parent_context = parent_span
@@ -416,10 +418,10 @@ class _Pipeline:
             parent_context = None
         sampler = tracer.sampler
         static = self.static_samplers
-        decision = _static_decision(sampler, parent_span, *static) if static is not None else None
+        decision = _static_decision(sampler, parent_span, valid, *static) if static is not None else None
         if decision is not None:
             # The SDK's StaticSampler: its decision, the attributes as given, the parent's trace state.
-            trace_state = parent_span.trace_state if parent_span.is_valid else None
+            trace_state = parent_span.trace_state if valid else None
         else:
             result = sampler.should_sample(parent, trace_id, name, kind, attributes, ())
             decision = result.decision
@@ -435,11 +437,12 @@ class _Pipeline:
         return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
 
 
-def _static_decision(sampler: Any, parent: trace.SpanContext, parent_based: Any, static: Any) -> Any:
+def _static_decision(sampler: Any, parent: trace.SpanContext, valid: bool, parent_based: Any, static: Any) -> Any:
     """The decision of the SDK's ``StaticSampler`` (always on or off), directly or as the delegate
-    ``ParentBased`` picks for ``parent`` (as its ``should_sample`` picks it); None for any other sampler."""
+    ``ParentBased`` picks for ``parent`` (``valid``: its ``is_valid``; as its ``should_sample`` picks it); None for
+    any other sampler."""
     if type(sampler) is parent_based:
-        if parent.is_valid:
+        if valid:
             if parent.is_remote:
                 if parent.trace_flags.sampled:
                     sampler = sampler._remote_parent_sampled
@@ -840,8 +843,12 @@ class SpanObserver:
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
             parent = _extract(scope.get("headers") or ())
             _server_attributes(scope, call.path, attributes)
-        start_time = _wall_ns(call.start, now_perf, now_ns)
-        pipeline = self._pipeline()
+        start_time = now_ns - int((now_perf - call.start) * 1e9)  # _wall_ns(call.start, now_perf, now_ns)
+        pipeline = self._light
+        if pipeline is None or not (  # pipeline.current(), inline; else as self._pipeline() decides
+            pipeline.multi._span_processors is pipeline._processors and pipeline.tracer._is_enabled()
+        ):
+            pipeline = self._pipeline()
         span: trace.Span
         if pipeline is not None:
             span = pipeline.start_span(call.operation, parent, kind, attributes, start_time)

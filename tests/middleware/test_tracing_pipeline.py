@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 import types
 from typing import Any
 
@@ -498,3 +499,50 @@ def test_the_callers_context_is_read_exactly_as_the_sdk_propagators_read_it() ->
         assert baggage.get_all(ours) == baggage.get_all(sdk)
 
     check()
+
+
+def test_the_span_starts_and_ends_at_the_calls_own_times() -> None:
+    """The span's start and end are the call's perf_counter readings on the wall clock, however long before
+    the observer sees them they were taken."""
+    from llm_telemetry.config import Settings
+    from llm_telemetry.record import LLMCall
+    from llm_telemetry.tracing import SpanObserver
+
+    tracer_provider, memory = provider()
+    observer = SpanObserver(tracer_provider.get_tracer("test"), Settings.resolve(metrics_port=0))
+    llm_call = LLMCall("chat", "openai", time.perf_counter() - 0.5, request_model="m")
+    wall = time.time_ns()
+    observer.start(llm_call)
+    assert type(llm_call.span) is LLMSpan
+    llm_call.end = time.perf_counter() - 0.25
+    observer.end(llm_call)
+    (span,) = memory.get_finished_spans()
+    assert span.start_time is not None and span.end_time is not None
+    assert abs(span.start_time - (wall - 500_000_000)) < 50_000_000
+    assert abs(span.end_time - span.start_time - 250_000_000) < 10_000_000
+    tracer_provider.shutdown()
+
+
+def test_a_tracer_disabled_after_a_span_records_no_more_spans() -> None:
+    """A tracer the provider's configurator disables later starts non-recording spans, as the SDK's does."""
+    from opentelemetry.sdk.trace import _disable_tracer_configurator
+
+    seen: list[Any] = []
+
+    class Spy:
+        def start(self, llm_call: Any) -> None:
+            pass
+
+        def end(self, llm_call: Any) -> None:
+            seen.append(llm_call.span)
+
+    tracer_provider, memory = provider()
+    app = LLMTelemetryMiddleware(
+        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[Spy()]
+    )
+    call(app, chat_body())
+    assert type(seen[-1]) is LLMSpan and len(memory.get_finished_spans()) == 1
+    tracer_provider._set_tracer_configurator(tracer_configurator=_disable_tracer_configurator)
+    call(app, chat_body())
+    assert not seen[-1].is_recording() and len(memory.get_finished_spans()) == 1
+    tracer_provider.shutdown()
