@@ -51,6 +51,19 @@ class Sequential(IdGenerator):
         return self._id()
 
 
+class SpanSpy:
+    """An observer keeping the span of every call the middleware ends."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def start(self, llm_call: Any) -> None:
+        pass
+
+    def end(self, llm_call: Any) -> None:
+        self.seen.append(llm_call.span)
+
+
 class Watching(SpanProcessor):
     """An application's own processor: it sees the live span, so the middleware leaves the span to the SDK."""
 
@@ -206,19 +219,12 @@ def test_the_span_context_is_the_sdks_whatever_ids_the_generator_gives(trace_id:
 
 
 def test_the_middleware_records_the_span_only_on_a_pipeline_it_can_reproduce() -> None:
-    seen: list[Any] = []
-
-    class Spy:
-        def start(self, llm_call: Any) -> None:
-            pass
-
-        def end(self, llm_call: Any) -> None:
-            seen.append(llm_call.span)
-
+    spy = SpanSpy()
+    seen = spy.seen
     for processors, expected in [((), LLMSpan), ((BatchSpanProcessor(InMemorySpanExporter()),), LLMSpan)]:
         tracer_provider, _ = provider(*processors)
         app = LLMTelemetryMiddleware(
-            bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[Spy()]
+            bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[spy]
         )
         call(app, chat_body())
         assert type(seen[-1]) is expected
@@ -527,18 +533,11 @@ def test_a_tracer_disabled_after_a_span_records_no_more_spans() -> None:
     """A tracer the provider's configurator disables later starts non-recording spans, as the SDK's does."""
     from opentelemetry.sdk.trace import _disable_tracer_configurator
 
-    seen: list[Any] = []
-
-    class Spy:
-        def start(self, llm_call: Any) -> None:
-            pass
-
-        def end(self, llm_call: Any) -> None:
-            seen.append(llm_call.span)
-
+    spy = SpanSpy()
+    seen = spy.seen
     tracer_provider, memory = provider()
     app = LLMTelemetryMiddleware(
-        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[Spy()]
+        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[spy]
     )
     call(app, chat_body())
     assert type(seen[-1]) is LLMSpan and len(memory.get_finished_spans()) == 1
