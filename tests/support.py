@@ -14,6 +14,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_telemetry.record import LLMCall
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -77,6 +79,19 @@ class Metrics:
 
 def scrape(port: int) -> Metrics:
     return Metrics(scrape_text(port))
+
+
+class Calls:
+    """An observer keeping every finished call (the middleware's public ``observers`` hook)."""
+
+    def __init__(self) -> None:
+        self.ended: list[LLMCall] = []
+
+    def start(self, call: LLMCall) -> None:
+        pass
+
+    def end(self, call: LLMCall) -> None:
+        self.ended.append(call)
 
 
 def read_as_middleware(reader: Any, chunks: list[bytes], groups: list[int]) -> None:

@@ -24,23 +24,10 @@ from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
 from llm_telemetry.sse import SSEDecoder
-from support import Metrics
+from support import Calls, Metrics
 
 JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream")]
-
-
-class Calls:
-    """An observer keeping every finished call (the middleware's public ``observers`` hook)."""
-
-    def __init__(self) -> None:
-        self.ended: list[LLMCall] = []
-
-    def start(self, call: LLMCall) -> None:
-        pass
-
-    def end(self, call: LLMCall) -> None:
-        self.ended.append(call)
 
 
 def scope(path: str, method: str = "POST", headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import MAX_LABEL_CHARS
 from llm_telemetry.record import LLMCall
-from support import Metrics
+from support import Calls, Metrics
 
 #: Distinct values per label in these tests, and the scrape size that bound implies (generously).
 MAX_VALUES = 10
@@ -177,17 +177,6 @@ async def scripted_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     for chunk in ANSWER["chunks"]:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-class Calls:
-    def __init__(self) -> None:
-        self.ended: list[LLMCall] = []
-
-    def start(self, call: LLMCall) -> None:
-        pass
-
-    def end(self, call: LLMCall) -> None:
-        self.ended.append(call)
 
 
 @pytest.fixture(scope="module")

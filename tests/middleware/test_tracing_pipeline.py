@@ -27,6 +27,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo import app as demo_app
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.tracing import LLMSpan
+from support import Calls
 
 CALLER_TRACE, CALLER_SPAN = 0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8
 GETTER, SETTER = DefaultGetter(), DefaultSetter()  # type: ignore[var-annotated]
@@ -49,19 +50,6 @@ class Sequential(IdGenerator):
 
     def generate_trace_id(self) -> int:
         return self._id()
-
-
-class SpanSpy:
-    """An observer keeping the span of every call the middleware ends."""
-
-    def __init__(self) -> None:
-        self.seen: list[Any] = []
-
-    def start(self, llm_call: Any) -> None:
-        pass
-
-    def end(self, llm_call: Any) -> None:
-        self.seen.append(llm_call.span)
 
 
 class Watching(SpanProcessor):
@@ -219,20 +207,19 @@ def test_the_span_context_is_the_sdks_whatever_ids_the_generator_gives(trace_id:
 
 
 def test_the_middleware_records_the_span_only_on_a_pipeline_it_can_reproduce() -> None:
-    spy = SpanSpy()
-    seen = spy.seen
+    calls = Calls()
     for processors, expected in [((), LLMSpan), ((BatchSpanProcessor(InMemorySpanExporter()),), LLMSpan)]:
         tracer_provider, _ = provider(*processors)
         app = LLMTelemetryMiddleware(
-            bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[spy]
+            bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[calls]
         )
         call(app, chat_body())
-        assert type(seen[-1]) is expected
+        assert type(calls.ended[-1].span) is expected
         # A processor of the application's, added later, sees the next span live: the SDK's.
         watching = Watching()
         tracer_provider.add_span_processor(watching)
         call(app, chat_body())
-        assert type(seen[-1]) is not LLMSpan and watching.started == [seen[-1]]
+        assert type(calls.ended[-1].span) is not LLMSpan and watching.started == [calls.ended[-1].span]
         tracer_provider.shutdown()
 
 
@@ -533,15 +520,14 @@ def test_a_tracer_disabled_after_a_span_records_no_more_spans() -> None:
     """A tracer the provider's configurator disables later starts non-recording spans, as the SDK's does."""
     from opentelemetry.sdk.trace import _disable_tracer_configurator
 
-    spy = SpanSpy()
-    seen = spy.seen
+    calls = Calls()
     tracer_provider, memory = provider()
     app = LLMTelemetryMiddleware(
-        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[spy]
+        bare_app(), metrics_port=0, request_logs=False, tracer_provider=tracer_provider, observers=[calls]
     )
     call(app, chat_body())
-    assert type(seen[-1]) is LLMSpan and len(memory.get_finished_spans()) == 1
+    assert type(calls.ended[-1].span) is LLMSpan and len(memory.get_finished_spans()) == 1
     tracer_provider._set_tracer_configurator(tracer_configurator=_disable_tracer_configurator)
     call(app, chat_body())
-    assert not seen[-1].is_recording() and len(memory.get_finished_spans()) == 1
+    assert not calls.ended[-1].span.is_recording() and len(memory.get_finished_spans()) == 1
     tracer_provider.shutdown()
