@@ -82,3 +82,20 @@ def test_smoke_operator_table_is_printed(smoke_output: str) -> None:
     row = next(line.split() for line in section.splitlines() if line.split() and line.split()[0] == "1")
     assert "failed:" not in row, section
     assert re.fullmatch(r"\d+", row[-2]), section
+
+
+def test_export_cost_prints_a_row_per_exporter() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "export_cost.py"), "--batches", "2", "--exports", "3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"export_cost.py failed:\n{result.stdout}\n{result.stderr}"
+    rows = [line.rsplit(None, 3) for line in result.stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
+    assert [row[0] for row in rows] == [
+        "SDK exporter (SDK encoder, requests)",
+        "ours, requests (a session given)",
+        "ours (plain http: urllib3)",
+    ], result.stdout

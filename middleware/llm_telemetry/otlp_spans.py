@@ -1,22 +1,23 @@
-"""OTLP span encoding for the OTLP/HTTP exporter of the tracer provider we create.
+"""OTLP span encoding, and the transport, of the OTLP/HTTP exporter of the tracer provider we create.
 
 The OpenTelemetry exporter's own encoder (``opentelemetry.exporter.otlp.proto.common``) builds every attribute
 as a separate protobuf message and then copies it into its parent, level by level (key/value into span, span into
-scope, scope into resource): about 90 µs per span of the LLM span's shape (some twenty attributes), more than the
-rest of tracing together, paid in the export thread of the serving process. :func:`encode_spans` builds the same
-``ExportTraceServiceRequest`` in place, with the generated protobuf classes (``add()`` on repeated fields, so
-nothing is copied), at about a third of that. The wire format stays the protobuf library's; the result equals the
-SDK encoder's message field for field (the tests compare the two).
+scope, scope into resource): about 90 µs per span of the LLM span's shape (some twenty attributes), paid in the
+export thread of the serving process. :func:`encode_request` writes the request's protobuf wire bytes directly,
+with the encoded form of recurring attribute values cached; the bytes are the protobuf library's for the SDK
+encoder's request (the tests compare them), and :func:`encode_spans` parses them into the message.
 
 :class:`OTLPSpanExporter` is the SDK's OTLP/HTTP span exporter (endpoint, headers, TLS, compression, timeout
-and retries from the same arguments and ``OTEL_EXPORTER_OTLP_*`` variables) with only the encoding replaced.
-When the SDK exporter lacks the parts this relies on (a future release may rename them), it exports exactly as
-the SDK does.
+and retries from the same arguments and ``OTEL_EXPORTER_OTLP_*`` variables) with the encoding replaced and, for a
+plain ``http://`` collector that no proxy or ``.netrc`` entry applies to, the SDK's urllib3 transport in place of
+its ``requests`` one (see :func:`_plain_http_transport`). When the SDK exporter lacks the parts this relies on (a
+future release may rename them), it exports exactly as the SDK does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -530,6 +531,50 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
     return request
 
 
+#: Position of ``session`` among the SDK exporter's arguments (endpoint, three certificate files, headers, timeout,
+#: compression, session).
+_SESSION_ARG: Final = 7
+#: Variables naming a credential provider, whose session (from an entry point) the SDK sends through.
+_CREDENTIAL_PROVIDERS: Final = (
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER",
+    "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER",
+)
+
+
+def _plain_http_transport(client: Any, endpoint: Any) -> None:
+    """Send through the SDK's urllib3 transport instead of its default, a ``requests`` session, where the two do the
+    same: a plain ``http://`` endpoint (a local collector or agent) that no proxy variable and no ``.netrc`` entry
+    applies to, and no session given or named by a credential provider.
+
+    Per export, ``requests`` reads the proxy variables (walking the whole environment twice) and looks for a
+    ``.netrc`` file before urllib3 sends: about 1.5 ms of CPU per POST on a small machine, against about 0.46 ms
+    through urllib3 alone (``benchmarks/export_cost.py``). The export thread holds the GIL for that time, so the
+    serving thread pays for it too. Retries, backoff, compression and headers stay the SDK client's. Anything else
+    (``https``, whose certificate store differs between the two; a proxy; credentials), and an SDK without these
+    parts, keeps the SDK's default."""
+    if not isinstance(endpoint, str) or not endpoint.lower().startswith("http://"):
+        return
+    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDERS):
+        return
+    try:
+        import requests.utils
+        from opentelemetry.exporter.http.transport import _load_http_transport_factory
+        from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+
+        current = getattr(client, "_transport", None)
+        if type(current) is not RequestsHTTPTransport:
+            return
+        if requests.utils.select_proxy(endpoint, requests.utils.get_environ_proxies(endpoint)):
+            return
+        if requests.utils.get_netrc_auth(endpoint):
+            return
+        client._transport = _load_http_transport_factory("urllib3")(verify=True, cert=None)
+    except Exception as exc:  # an SDK or requests release without these parts: the SDK's default stays
+        logger.debug("llm-telemetry: keeping the SDK's OTLP/HTTP transport: %r", exc)
+        return
+    current.close()
+
+
 class OTLPSpanExporter(_SDKOTLPSpanExporter):
     """The SDK's OTLP/HTTP span exporter (same arguments and environment variables), encoding with
     :func:`encode_spans`. Requests that fail to encode, and SDK releases without the parts used here, take the
@@ -538,6 +583,8 @@ class OTLPSpanExporter(_SDKOTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         client = getattr(self, "_client", None)
+        if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
+            _plain_http_transport(client, getattr(self, "_endpoint", None))
         self._own_encoding = (
             callable(getattr(client, "export", None))
             and hasattr(self, "_metrics")

@@ -1,0 +1,126 @@
+"""CPU time of exporting LLM spans over OTLP/HTTP, per export request and per span: the SDK's exporter as it
+ships, and ours (our encoding, and the SDK's urllib3 transport for a plain ``http://`` collector) with either
+transport.
+
+The span exporter runs in the serving process (the batch span processor's thread), holding the GIL while it works,
+so its CPU is the serving process's. A loaded server sends full batches (512 spans by default); a quieter one sends
+whatever ended within ``OTEL_BSP_SCHEDULE_DELAY`` (5 s by default; ``benchmarks/run`` uses 100 ms), so the fixed cost
+of one POST is shared by fewer spans.
+
+Usage: ``python benchmarks/export_cost.py [--batches 1,50,512] [--exports 300]``. Exports go to the benchmark's
+OTLP sink (``sink.py``) on 127.0.0.1; with two cores or more the sink and this process run on different ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import requests
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as SDKSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+import procs
+from llm_telemetry.otlp_spans import OTLPSpanExporter
+
+RESOURCE = Resource.create({"service.name": "bench", "deployment.environment": "bench"})
+SCOPE = InstrumentationScope("llm_telemetry", "0")
+
+
+def llm_span(i: int) -> ReadableSpan:
+    """A span of the middleware's LLM span shape: a streamed chat, its server and GenAI attributes, one event."""
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "gpt-4o-mini",
+        "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
+        "gen_ai.response.id": f"chatcmpl-{i:012d}",
+        "gen_ai.request.stream": True,
+        "gen_ai.usage.input_tokens": 12,
+        "gen_ai.usage.output_tokens": 64 + i % 7,
+        "gen_ai.response.finish_reasons": ("stop",),
+        "gen_ai.response.time_to_first_chunk": 0.0123 + i * 1e-6,
+        "llm.cost.usd": 0.000041 + i * 1e-9,
+        "http.request.method": "POST",
+        "http.route": "/v1/chat/completions",
+        "http.response.status_code": 200,
+        "url.path": "/v1/chat/completions",
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": 8000,
+        "client.address": "127.0.0.1",
+        "network.protocol.version": "1.1",
+    }
+    context = SpanContext(0x5CF92F3577B34DA6A3CE929D0E0E4737 + i, 0x10F067AA0BA902B8 + i, False, TraceFlags(1))
+    start = 1_700_000_000_000_000_000 + i * 1_000_000
+    return ReadableSpan(
+        name="chat gpt-4o-mini",
+        context=context,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        events=[Event("gen_ai.first_token", {"gen_ai.response.time_to_first_chunk": 0.0123}, start + 12_300_000)],
+        resource=RESOURCE,
+        instrumentation_scope=SCOPE,
+        start_time=start,
+        end_time=start + 900_000_000,
+    )
+
+
+def exporters(endpoint: str) -> dict[str, Any]:
+    return {
+        "SDK exporter (SDK encoder, requests)": SDKSpanExporter(endpoint=endpoint),
+        "ours, requests (a session given)": OTLPSpanExporter(endpoint=endpoint, session=requests.Session()),
+        "ours (plain http: urllib3)": OTLPSpanExporter(endpoint=endpoint),
+    }
+
+
+def cpu_per_export(exporter: Any, spans: list[ReadableSpan], exports: int) -> float:
+    for _ in range(min(20, exports)):
+        exporter.export(spans)
+    start = time.thread_time()
+    for _ in range(exports):
+        if exporter.export(spans).name != "SUCCESS":
+            raise SystemExit("an export failed: is the sink up?")
+    return (time.thread_time() - start) / exports * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,50,512", help="spans per export request, comma-separated")
+    parser.add_argument("--exports", type=int, default=300, help="export requests per measurement (fewer for 512)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    cores = procs.cpus()
+    port = procs.free_port()
+    sink = procs.start("sink.py", ["--port", str(port), "--cpu", str(cores[-1])])
+    try:
+        if len(cores) > 1:
+            procs.pin(cores[0])
+        procs.wait_http(f"http://127.0.0.1:{port}/count", sink)
+        chosen = exporters(f"http://127.0.0.1:{port}/v1/traces")
+        print(f"{'exporter':<38} {'spans/export':>12} {'CPU us/export':>14} {'CPU us/span':>12}")
+        print("-" * 79)
+        for size in batches:
+            spans = [llm_span(i) for i in range(size)]
+            exports = max(10, args.exports * 50 // max(size, 50))
+            for name, exporter in chosen.items():
+                figures = [cpu_per_export(exporter, spans, exports) for _ in range(args.rounds)]
+                per_export = statistics.median(figures)
+                print(f"{name:<38} {size:>12} {per_export:>14.0f} {per_export / size:>12.1f}", flush=True)
+        for exporter in chosen.values():
+            exporter.shutdown()
+        print(f"median of {args.rounds} rounds; CPU time of the exporting thread (time.thread_time)")
+    finally:
+        procs.stop(sink)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""How our OTLP/HTTP span exporter reaches a collector: what a user's network setup (keep-alive connections a
+collector closes, retries it asks for, a proxy or a ``.netrc`` entry in the environment) gets from it.
+
+Each test runs a real HTTP/1.1 server on 127.0.0.1 that decodes the protobuf requests it receives."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import SpanContext
+
+from llm_telemetry.otlp_spans import OTLPSpanExporter
+
+
+@dataclass
+class Collector:
+    """What a :func:`collector` received: one entry per request."""
+
+    url: str = ""
+    #: The request target as sent: a path, or an absolute URL when the request came as to a proxy.
+    targets: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    spans: list[str] = field(default_factory=list)
+    connections: list[socket.socket] = field(default_factory=list)
+    #: Answer this many requests with 503 and ``Retry-After: 0`` before accepting any.
+    refuse: int = 0
+
+    def drop_connections(self) -> None:
+        """Close every open connection from the server's side, as a collector does with idle ones."""
+        for conn in self.connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    yield from _serve(Collector())
+
+
+@pytest.fixture
+def proxy() -> Iterator[Collector]:
+    yield from _serve(Collector())
+
+
+def _serve(record: Collector) -> Iterator[Collector]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as collectors serve
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            if self.headers.get("content-encoding") == "gzip":
+                body = gzip.decompress(body)
+            record.targets.append(self.path)
+            record.headers.append({k.lower(): v for k, v in self.headers.items()})
+            if record.refuse > 0:
+                record.refuse -= 1
+                self.send_response(503)
+                self.send_header("retry-after", "0")
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            request = ExportTraceServiceRequest.FromString(body)
+            record.spans += [s.name for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
+            reply = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            conn, address = super().get_request()
+            record.connections.append(conn)
+            return conn, address
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    record.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield record
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_or_netrc(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """The host's proxy and credential settings stay out, unless a test sets its own."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def _span(name: str) -> list[ReadableSpan]:
+    return [ReadableSpan(name=name, context=SpanContext(7, 8, False), resource=Resource({}), start_time=1)]
+
+
+def test_exports_share_a_connection_and_go_on_after_the_collector_closes_it(collector: Collector) -> None:
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+    for name in ("one", "two", "three"):
+        assert exporter.export(_span(name)) is SpanExportResult.SUCCESS
+    assert len(collector.connections) == 1  # kept alive, not a connection per export
+    collector.drop_connections()
+    assert exporter.export(_span("after the close")) is SpanExportResult.SUCCESS
+    assert collector.spans == ["one", "two", "three", "after the close"]
+    assert collector.targets == ["/v1/traces"] * 4
+    assert collector.headers[0]["content-type"] == "application/x-protobuf"
+    exporter.shutdown()
+
+
+def test_a_collector_asking_to_retry_gets_the_spans_again(collector: Collector) -> None:
+    collector.refuse = 2
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=10)
+    assert exporter.export(_span("retried")) is SpanExportResult.SUCCESS
+    assert len(collector.targets) == 3 and collector.spans == ["retried"]
+    exporter.shutdown()
+
+
+def test_gzip_compression_and_headers_from_the_environment_reach_the_collector(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=blue")
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+    assert exporter.export(_span("zipped")) is SpanExportResult.SUCCESS
+    assert collector.spans == ["zipped"]
+    assert collector.headers[0]["content-encoding"] == "gzip" and collector.headers[0]["x-tenant"] == "blue"
+    exporter.shutdown()
+
+
+def test_a_proxy_named_in_the_environment_carries_the_export(
+    collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+    assert exporter.export(_span("via the proxy")) is SpanExportResult.SUCCESS
+    assert proxy.targets == [collector.url + "/v1/traces"] and proxy.spans == ["via the proxy"]
+    assert collector.targets == []
+    exporter.shutdown()
+
+
+def test_a_host_the_environment_exempts_from_the_proxy_is_reached_directly(
+    collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+    assert exporter.export(_span("direct")) is SpanExportResult.SUCCESS
+    assert collector.spans == ["direct"] and proxy.targets == []
+    exporter.shutdown()
+
+
+def test_netrc_credentials_for_the_collector_are_sent(
+    collector: Collector, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login otel password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+    assert exporter.export(_span("with credentials")) is SpanExportResult.SUCCESS
+    assert collector.headers[0]["authorization"] == "Basic b3RlbDpzM2NyZXQ="  # otel:s3cret
+    exporter.shutdown()
