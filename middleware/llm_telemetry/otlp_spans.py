@@ -226,7 +226,7 @@ def _entry(tag: bytes, key: str, kind: type, value: Any) -> bytes:
         n = len(pair)
         return tag + (small[n] if n < 128 else _varint(n)) + pair
     except Exception as error:
-        logger.exception("llm-telemetry: failed to encode span attribute %s: %s", key, error)
+        logger.exception("llm-telemetry: failed to encode OTLP attribute %s: %s", key, error)
         return b""
 
 
@@ -541,10 +541,11 @@ _CREDENTIAL_PROVIDERS: Final = (
 )
 
 
-def _plain_http_transport(client: Any, endpoint: Any) -> None:
+def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] = _CREDENTIAL_PROVIDERS) -> None:
     """Send through the SDK's urllib3 transport instead of its default, a ``requests`` session, where the two do the
     same: a plain ``http://`` endpoint (a local collector or agent) that no proxy variable and no ``.netrc`` entry
-    applies to, and no session given or named by a credential provider.
+    applies to, and no session given or named by a credential provider (``providers``: the variables the signal's
+    SDK exporter reads for one; the span exporter's by default).
 
     Per export, ``requests`` reads the proxy variables (walking the whole environment twice) and looks for a
     ``.netrc`` file before urllib3 sends: about 1.5 ms of CPU per POST on a small machine, against about 0.46 ms
@@ -554,7 +555,7 @@ def _plain_http_transport(client: Any, endpoint: Any) -> None:
     parts, keeps the SDK's default."""
     if not isinstance(endpoint, str) or not endpoint.lower().startswith("http://"):
         return
-    if any(os.environ.get(name) for name in _CREDENTIAL_PROVIDERS):
+    if any(os.environ.get(name) for name in providers):
         return
     try:
         import requests.utils
