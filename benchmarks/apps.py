@@ -6,7 +6,8 @@ leak into another's. The parent tells the server which variant to build through 
 
 - ``BENCH_VARIANT``: a key of :data:`VARIANTS`;
 - ``BENCH_METRICS_PORT``: a free port for variants that serve Prometheus on a port of their own;
-- ``BENCH_OTLP_ENDPOINT``: the local OTLP/HTTP sink (``http://127.0.0.1:<port>``) for variants that trace.
+- ``BENCH_OTLP_ENDPOINT``: the local OTLP/HTTP sink (``http://127.0.0.1:<port>``) for variants that export spans
+  or log records.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Variant:
         build: makes the ASGI app inside the server process.
         missing: returns why the variant cannot run here (a feature not merged yet), or None.
         traces: exports spans to the OTLP sink.
+        logs: exports request-log records to the OTLP sink.
         llm_metrics: serves our LLM metric contract on ``BENCH_METRICS_PORT`` (checked after the run).
         optional: run only when asked for by name (``--variants``), not in a default run.
     """
@@ -42,6 +44,7 @@ class Variant:
     build: Callable[[], Any]
     missing: Callable[[], str | None] = lambda: None
     traces: bool = False
+    logs: bool = False
     llm_metrics: bool = False
     optional: bool = False
 
@@ -65,6 +68,15 @@ def _ours() -> Any:
 
 def _ours_logs() -> Any:
     # Metrics plus the JSON request-log line (to the server's stdout), to price the line itself.
+    return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=True)
+
+
+def _ours_otlp_logs() -> Any:
+    # Metrics plus the request-log line to stdout and, as the operator configures injected workloads, over OTLP
+    # (OTEL_LOGS_EXPORTER=otlp). Only the logs endpoint is set: a general OTLP endpoint would turn tracing on too.
+    os.environ["OTEL_LOGS_EXPORTER"] = "otlp"
+    os.environ["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = _otlp_endpoint() + "/v1/logs"
+    os.environ["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] = "http/protobuf"
     return create_app(metrics_port=_metrics_port(), metrics_host="127.0.0.1", request_logs=True)
 
 
@@ -118,6 +130,14 @@ VARIANTS: dict[str, Variant] = {
         Variant("bare", "bare demo app", _bare),
         Variant("ours", "llm-telemetry, metrics only", _ours, llm_metrics=True),
         Variant("ours+logs", "llm-telemetry, metrics + JSON request logs", _ours_logs, llm_metrics=True, optional=True),
+        Variant(
+            "ours+otlplogs",
+            "llm-telemetry, metrics + JSON request logs to stdout and OTLP",
+            _ours_otlp_logs,
+            logs=True,
+            llm_metrics=True,
+            optional=True,
+        ),
         Variant(
             "ours+traces",
             "llm-telemetry, metrics + traces to OTLP sink",

@@ -9,13 +9,14 @@ exits at once. The instructions per request are ``(I(K) - I(0)) / K``: start-up,
 out. The pairs run one after another; a full run takes a few minutes. Needs valgrind
 (``apt-get install valgrind``).
 
-Tracing variants pay for their spans' export, to a local OTLP sink, as a loaded server does: the batch span
-processor sends full batches of 512 spans, so each span carries its own encoding plus 1/512 of a request's
-fixed cost (an HTTP POST costs a few million instructions). A driver's last batch is never full, so its POST
-would weigh 512/K times too much: both runs of a pair therefore send exactly one batch at their end (after the
-warm-up, one more request's span is held back to go with it), which cancels the POST out of ``I(K) - I(0)``, and
-a third run, the same as ``I(0)`` without that last export, measures the POST. Its fixed part is then added
-back as ``POST x spans per request / 512``, the spans per request counted by the sink.
+Variants that export spans (tracing) or request-log records (OTLP logs) pay for that export, to a local OTLP
+sink, as a loaded server does: the batch processors send full batches of 512, so each span or record carries its
+own encoding plus 1/512 of a request's fixed cost (an HTTP POST costs a few million instructions). A driver's last
+batch is never full, so its POST would weigh 512/K times too much: both runs of a pair therefore send exactly one
+batch at their end (after the warm-up, one more request's span or record is held back to go with it), which
+cancels the POST out of ``I(K) - I(0)``, and a third run, the same as ``I(0)`` without that last export, measures
+the POST. Its fixed part is then added back as ``POST x items per request / 512``, the items (spans and log
+records) per request counted by the sink.
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ from apps import BENCH_OTLP_ENDPOINT, VARIANTS  # noqa: E402
 from loadgen import SCENARIOS  # noqa: E402
 
 DEFAULT_SCENARIOS = ["chat", "stream64", "stream64o", "stream256", "embeddings"]
-DEFAULT_VARIANTS = ["bare", "ours", "ours+logs", "ours+traces", "instrumentator"]
+DEFAULT_VARIANTS = ["bare", "ours", "ours+logs", "ours+otlplogs", "ours+traces", "instrumentator"]
 #: K, the measured requests per scenario: fewer for long streams, whose requests cost more.
 DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream64o": 40, "stream256": 12}
-#: Spans per export request of a loaded server: the batch span processor's default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE).
+#: Items per export request of a loaded server: the batch processors' default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+#: OTEL_BLRP_MAX_EXPORT_BATCH_SIZE).
 BATCH = 512
 _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
 def drive(scenario: str, variant: str, warmup: int, requests: int, export: bool) -> None:
     """The driver, run under valgrind: build, warm up, send one request more and ``requests`` more, export the
-    spans of those (when ``export``, and the variant traces) in one batch, exit without tearing down."""
+    spans or log records of those (when ``export``, and the variant exports any) in one batch, exit without tearing
+    down."""
     import profile_hot_path
 
     sys.stdout = open(os.devnull, "w")  # request logs, if any, are still written, and counted
@@ -57,7 +60,8 @@ def drive(scenario: str, variant: str, warmup: int, requests: int, export: bool)
     flush = profile_hot_path.flusher(app)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], warmup, flush))
-    # Unflushed (the batch processor's own timer never fires here): one span, or a few, that every run exports.
+    # Unflushed (the batch processors' own timers never fire here): one span or record, or a few, that every run
+    # exports.
     loop.run_until_complete(profile_hot_path.drive(app, SCENARIOS[scenario], 1 + requests))
     if export and flush is not None:
         flush()
@@ -77,9 +81,10 @@ def instructions(
     return int(found.group(1).replace(",", ""))
 
 
-def _spans(endpoint: str) -> int:
-    """Spans the sink has received so far."""
-    return int(json.loads(procs.http_get(endpoint + "/count"))["spans"])
+def _exported(endpoint: str) -> int:
+    """Spans and log records the sink has received so far."""
+    counts = json.loads(procs.http_get(endpoint + "/count"))
+    return int(counts["spans"]) + int(counts["logs"])
 
 
 def _parse_requests(text: str) -> dict[str, int]:
@@ -124,19 +129,21 @@ def run(
     sink, endpoint = start_sink()
     try:
         # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
-        env = dict(os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000")
+        env = dict(
+            os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000", OTEL_BLRP_SCHEDULE_DELAY="3600000"
+        )
         env[BENCH_OTLP_ENDPOINT] = endpoint
         for scenario in scenarios:
             k, chunks = ks.get(scenario, 100), SCENARIOS[scenario].chunks
             bare = 0.0
             for variant in variants:
-                spans = _spans(endpoint)
+                items = _exported(endpoint)
                 base = instructions(scenario, variant, warmup, 0, env)
-                spans_base = _spans(endpoint) - spans
+                items_base = _exported(endpoint) - items
                 measured = instructions(scenario, variant, warmup, k, env)
                 per = (measured - base) / k
-                if VARIANTS[variant].traces:
-                    per_request = (_spans(endpoint) - spans - 2 * spans_base) / k
+                if VARIANTS[variant].traces or VARIANTS[variant].logs:
+                    per_request = (_exported(endpoint) - items - 2 * items_base) / k
                     post = base - instructions(scenario, variant, warmup, 0, env, export=False)
                     per += post * per_request / BATCH
                     report["posts"].append((scenario, variant, post, per_request))
@@ -171,10 +178,12 @@ def format_report(report: dict[str, Any], where: str = "in-process, straight thr
         "warm-up; thousands of instructions; chunks are SSE events per response."
     )
     if report["posts"]:
-        lines.append(f"Span export, in batches of {BATCH} spans (each POST's fixed cost shared by the batch):")
+        lines.append(
+            f"OTLP export, in batches of {BATCH} spans or log records (each POST's fixed cost shared by the batch):"
+        )
         for scenario, variant, post, per_request in report["posts"]:
             lines.append(
-                f"  {scenario}/{variant}: one POST {post / 1e3:,.0f} k; spans per request: {per_request:g}; "
+                f"  {scenario}/{variant}: one POST {post / 1e3:,.0f} k; items per request: {per_request:g}; "
                 f"{post * per_request / BATCH / 1e3:+.1f} k per request"
             )
     lines += ["", "Targets (this run, in instructions)"]

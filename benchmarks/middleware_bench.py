@@ -136,8 +136,9 @@ def start_server(key: str, otlp: str, workers: int = 1) -> Server:
     env = {
         BENCH_METRICS_PORT: str(metrics_port),
         BENCH_OTLP_ENDPOINT: otlp,
-        # Export spans soon after they end, so a batch's spans are exported (and charged) within ``settle``.
+        # Export spans and log records soon after they end, so a batch's are exported (and charged) within ``settle``.
         "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_BLRP_SCHEDULE_DELAY": "100",
         "OTEL_SERVICE_NAME": f"bench-{key}",
     }
     args = ["--variant", key, "--port", str(port), "--workers", str(workers)]
@@ -285,13 +286,18 @@ def run(plan: Plan, only: list[str] | None = None, log: Any = print) -> dict[str
                     memory[key].update(counted=counted["requests"], internal_errors=counted["internal_errors"])
             report["memory"] = memory
             traced = [k for k in keys if VARIANTS[k].traces]
-            if traced:
+            logging = [k for k in keys if VARIANTS[k].logs]
+            if traced or logging:
                 time.sleep(1.0)  # the last scheduled exports
                 counts = json.loads(procs.http_get(otlp + "/count"))
                 report["spans_received"] = counts["spans"]
                 report["spans"] = {
                     key: {"requests": servers[key].sent, "received": counts["by_service"].get(f"bench-{key}", 0)}
                     for key in traced
+                }
+                report["log_records"] = {
+                    key: {"requests": servers[key].sent, "received": counts["logs_by_service"].get(f"bench-{key}", 0)}
+                    for key in logging
                 }
             if plan.workers_rounds:
                 report["workers"] = run_workers(plan, load, otlp, log)
@@ -418,6 +424,13 @@ def targets(report: dict[str, Any], delta: str = "cpu_delta_us", unit: str = "us
             served = mem["requests"] - mem["rounds_requests"]
             ok = growth <= max(2.0, mem["after_rounds"] / 1024 * 0.05) if served >= 10_000 else None
             check(f"{key}: flat RSS", ok, f"{growth:+.1f} MiB over {served} req")
+    for key, records in report.get("log_records", {}).items():
+        # One request-log record per LLM request: whatever did not arrive was dropped at the processor's queue.
+        check(
+            f"{key}: every log record exported",
+            records["requests"] == records["received"],
+            f"{records['received']} of {records['requests']} records",
+        )
     for key, spans in report.get("spans", {}).items():
         if key == "ours+traces":
             # One span per LLM request, every request is one: whatever did not arrive was dropped.
@@ -461,6 +474,10 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"    {key}: {spans['received']} spans for {spans['requests']} requests ({per:.2f} per request)"
             )
+    for key, records in report.get("log_records", {}).items():
+        lines.append(
+            f"OTLP sink received {records['received']} log records from {key} for {records['requests']} requests"
+        )
     workers = report.get("workers")
     if workers:
         lines += ["", "Two uvicorn workers (not pinned; share both cores with the load generator)"]

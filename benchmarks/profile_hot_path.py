@@ -113,12 +113,15 @@ def build(variant: str) -> Any:
 
 
 def flusher(app: Any) -> Any:
-    """The ``force_flush`` of the span processors behind ``app`` (ours or OpenTelemetry's ASGI middleware), or
-    None for an app that does not trace."""
+    """A call that makes ``app`` export what it holds: the ``force_flush`` of the span processors behind it (ours
+    or OpenTelemetry's ASGI middleware) and of our OTLP request-log export; None for an app that exports neither."""
     telemetry = getattr(app, "telemetry", None)  # LLMTelemetryMiddleware (built on first access)
-    tracing = getattr(telemetry, "tracing", None)
-    if tracing is not None:
-        return tracing.force_flush
+    flushes = [f.force_flush for f in (getattr(telemetry, "tracing", None),) if f is not None]
+    logs = getattr(telemetry, "request_logs", None)
+    if logs is not None and "otlp" in os.environ.get("OTEL_LOGS_EXPORTER", ""):
+        flushes.append(logs.force_flush)
+    if flushes:
+        return lambda: [flush() for flush in flushes]
     processor = getattr(getattr(app, "tracer", None), "span_processor", None)  # OpenTelemetryMiddleware
     return getattr(processor, "force_flush", None)
 

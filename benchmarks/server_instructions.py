@@ -10,8 +10,8 @@ production: the server's sockets, HTTP parsing and event loop, and requests inte
 sent 200 warm-up requests, then K requests more (or none), and stopped; ``(I(K) - I(0)) / K`` is one request. The
 two runs of a pair go side by side. Two counts of the same code agree to about 0.1%.
 
-Tracing variants export to a local OTLP sink in full batches of 512 spans only (the schedule delay is an hour),
-as a loaded server does; the partial batch left at shutdown is sent by both runs and cancels out.
+Variants that export spans or log records send them to a local OTLP sink in full batches of 512 only (the schedule
+delay is an hour), as a loaded server does; the partial batch left at shutdown is sent by both runs and cancels out.
 
 ``--cache-sim`` also simulates the caches and branch predictor (cachegrind's model of this machine's, slower) and
 adds the misses per request: what instruction counts cannot see, read from a model, not measured. Needs valgrind.
@@ -64,6 +64,7 @@ def count(scenario: str, variant: str, requests: int, otlp: str, cache_sim: bool
         BENCH_VARIANT=variant,
         PYTHONHASHSEED="0",
         OTEL_BSP_SCHEDULE_DELAY="3600000",
+        OTEL_BLRP_SCHEDULE_DELAY="3600000",
         OTEL_SERVICE_NAME=f"vg-{variant}",
     )
     env[BENCH_METRICS_PORT] = str(procs.free_port())

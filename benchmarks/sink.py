@@ -1,8 +1,9 @@
-"""A local OTLP/HTTP sink: accepts trace, metric and log exports, counts the spans (in all and by the
-``service.name`` of their resource), answers ``GET /count``.
+"""A local OTLP/HTTP sink: accepts trace, metric and log exports, counts the spans and the log records (in all
+and by the ``service.name`` of their resource), answers ``GET /count``.
 
 Usage: ``python benchmarks/sink.py --port 4318 [--cpu 1]``. It stands in for a collector on the same host
-so tracing variants pay for serialising and sending spans, as they would in production, without a network.
+so variants that export spans or log records pay for serialising and sending them, as they would in production,
+without a network.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 class _State:
@@ -20,6 +23,22 @@ class _State:
     spans = 0
     exports = 0
     by_service: dict[str, int] = {}
+    logs = 0
+    logs_by_service: dict[str, int] = {}
+
+
+def _by_service(groups: Iterable[tuple[Any, Any, str]]) -> dict[str, int]:
+    """Items (spans or log records) per ``service.name``, from (resource, scope groups, item field) triples."""
+    counts: dict[str, int] = {}
+    for resource, scopes, items in groups:
+        service = next((a.value.string_value for a in resource.attributes if a.key == "service.name"), "")
+        counts[service] = counts.get(service, 0) + sum(len(getattr(scope, items)) for scope in scopes)
+    return counts
+
+
+def _add(totals: dict[str, int], counts: dict[str, int]) -> None:
+    for service, n in counts.items():
+        totals[service] = totals.get(service, 0) + n
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -32,23 +51,33 @@ class _Handler(BaseHTTPRequestHandler):
 
             request = ExportTraceServiceRequest()
             request.ParseFromString(body)
-            counts: dict[str, int] = {}
-            for resource in request.resource_spans:
-                service = next(
-                    (a.value.string_value for a in resource.resource.attributes if a.key == "service.name"), ""
-                )
-                counts[service] = counts.get(service, 0) + sum(len(scope.spans) for scope in resource.scope_spans)
+            counts = _by_service((r.resource, r.scope_spans, "spans") for r in request.resource_spans)
             with _State.lock:
                 _State.spans += sum(counts.values())
                 _State.exports += 1
-                for service, n in counts.items():
-                    _State.by_service[service] = _State.by_service.get(service, 0) + n
+                _add(_State.by_service, counts)
+        elif self.path == "/v1/logs":
+            from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+            logs = ExportLogsServiceRequest()
+            logs.ParseFromString(body)
+            counts = _by_service((r.resource, r.scope_logs, "log_records") for r in logs.resource_logs)
+            with _State.lock:
+                _State.logs += sum(counts.values())
+                _State.exports += 1
+                _add(_State.logs_by_service, counts)
         self._answer(b"", "application/x-protobuf")
 
     def do_GET(self) -> None:
         with _State.lock:
             payload = json.dumps(
-                {"spans": _State.spans, "exports": _State.exports, "by_service": _State.by_service}
+                {
+                    "spans": _State.spans,
+                    "exports": _State.exports,
+                    "by_service": _State.by_service,
+                    "logs": _State.logs,
+                    "logs_by_service": _State.logs_by_service,
+                }
             ).encode()
         self._answer(payload, "application/json")
 

@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.logs import FIELDS, REQUEST_LOGGER, JsonFormatter
-from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
+from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
 from support import serve
 
 
@@ -261,3 +263,162 @@ def test_the_line_written_directly_is_the_line_logging_writes(
     assert first.pop("timestamp")[:10] == second.pop("timestamp")[:10]
     assert first == second and list(first) == list(FIELDS[1:])
     assert first["level"] == ("warning" if error else "info") and first["request_id"] == 'r"\u00e9\ufffd'
+
+
+@pytest.mark.parametrize("error", [None, "rate_limit"])
+def test_with_otlp_export_the_direct_path_sends_what_logging_sends(
+    error: str | None, receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With its stdout and OTLP handlers as set up, the middleware writes the line and emits the OTLP record itself
+    (no LogRecord); a filter on the OTLP handler sends both through logging instead. The receiver gets the same
+    record either way, in the call's trace context, and stdout the same line."""
+    from opentelemetry import trace
+
+    from llm_telemetry.logs import RequestLogs
+    from llm_telemetry.record import LLMCall
+
+    parent = trace.NonRecordingSpan(trace.SpanContext(0xABC, 0xDEF, False, trace.TraceFlags(1)))
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    others = logger.handlers[:]
+    for other in others:
+        logger.removeHandler(other)
+    env = {
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
+        "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "http/protobuf",
+    }
+    with isolated_env({**env, "OTEL_SERVICE_NAME": "llm-direct-logs"}):
+        logs = RequestLogs("svc", env=env)
+    lines = []
+    try:
+        for path in ("direct", "logging"):
+            call = LLMCall("chat", "openai", 1.0, request_id=f"{path}-{error}", request_model="m", status_code=200)
+            call.end, call.error_type, call.input_tokens = 1.25, error, 12
+            call.otel_context = trace.set_span_in_context(parent)
+            if path == "logging":
+                logs.logger.handlers[1].addFilter(lambda record: True)
+            logging.setLogRecordFactory(counted)
+            try:
+                capsys.readouterr()
+                logs.observer.end(call)
+                lines.append(json.loads(capsys.readouterr().out))
+            finally:
+                logging.setLogRecordFactory(factory)
+            assert len(made) == (0 if path == "direct" else 1)
+        logs.force_flush()
+    finally:
+        logs.shutdown()
+        for other in others:
+            logger.addHandler(other)
+    ids = {f"direct-{error}", f"logging-{error}"}
+    assert receiver.wait_for(lambda r: ids <= {rec.attributes.get("request_id") for rec in r.logs})
+    direct, through_logging = (
+        next(rec for rec in receiver.logs if rec.attributes.get("request_id") == f"{path}-{error}")
+        for path in ("direct", "logging")
+    )
+    assert direct.trace_id == f"{0xABC:032x}" and direct.span_id == f"{0xDEF:016x}"
+    assert direct.severity_text == ("WARN" if error else "INFO") and direct.body == "chat m 200"
+    assert direct.resource["service.name"] == "llm-direct-logs"
+    direct.attributes.pop("request_id"), through_logging.attributes.pop("request_id")
+    assert direct == through_logging
+    for line in lines:
+        line.pop("timestamp"), line.pop("request_id")
+    assert lines[0] == lines[1] and lines[0]["trace_id"] == f"{0xABC:032x}"
+
+
+def _provider_with_memory() -> tuple[Any, Any]:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, InMemoryLogRecordExporter
+    from opentelemetry.sdk.resources import Resource
+
+    memory = InMemoryLogRecordExporter()
+    provider = LoggerProvider(resource=Resource({"service.name": "llm-direct"}))
+    provider.add_log_record_processor(BatchLogRecordProcessor(memory, schedule_delay_millis=3_600_000))
+    return provider, memory
+
+
+def _exported_view(record: Any) -> dict[str, Any]:
+    """What an exporter reads from a record, but the observed time (the moment it was made)."""
+    view = json.loads(record.to_json())
+    view.pop("observed_timestamp")
+    log_record = record.log_record
+    view.update(
+        attributes=dict(log_record.attributes or {}),
+        types={k: type(v).__name__ for k, v in (log_record.attributes or {}).items()},
+        context=dict(log_record.context or {}),
+        scope=record.instrumentation_scope,
+        limits=vars(record.limits),
+        exception=log_record.exception,
+        event_name=log_record.event_name,
+    )
+    return view
+
+
+_field_values = st.one_of(
+    st.none(), st.text(max_size=40), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.booleans()
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fields=st.dictionaries(st.sampled_from(FIELDS[3:]), _field_values, max_size=len(FIELDS)),
+    level=st.sampled_from([logging.INFO, logging.WARNING, logging.ERROR]),
+    message=st.text(max_size=40),
+    traced=st.booleans(),
+)
+def test_records_handed_to_the_batch_processor_directly_are_the_sdks(
+    fields: dict[str, Any], level: int, message: str, traced: bool
+) -> None:
+    """The record the OTLP handler queues itself is, to an exporter, the one the SDK's ``Logger.emit`` queues."""
+    from opentelemetry import context, trace
+
+    from llm_telemetry.logs import OTLPLogHandler
+
+    provider, memory = _provider_with_memory()
+    handler = OTLPLogHandler(provider)
+    assert handler._direct is not None  # the pipeline it takes the direct path for: else this compares nothing
+    span = trace.NonRecordingSpan(trace.SpanContext(0x1234, 0x5678, False, trace.TraceFlags(1)))
+    otel_context = trace.set_span_in_context(span) if traced else context.Context()
+    try:
+        handler.send(1_700_000_000.25, level, message, fields, otel_context)
+        name = "WARN" if level == logging.WARNING else logging.getLevelName(level)
+        handler._otel_logger.emit(
+            timestamp=int(1_700_000_000.25 * 1e9),
+            context=otel_context,
+            severity_number=handler._severity[level],
+            severity_text=name,
+            body=message,
+            attributes={k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")},
+        )
+        provider.force_flush()
+        direct, sdk = memory.get_finished_logs()
+    finally:
+        provider.shutdown()
+    assert _exported_view(direct) == _exported_view(sdk)
+
+
+def test_a_processor_added_later_gets_the_records_too() -> None:
+    from opentelemetry import context
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    from llm_telemetry.logs import OTLPLogHandler
+
+    provider, memory = _provider_with_memory()
+    handler = OTLPLogHandler(provider)
+    handler.send(1.0, logging.INFO, "before", {"model": "m"}, context.Context())
+    later = InMemoryLogRecordExporter()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(later))
+    handler.send(2.0, logging.INFO, "after", {"model": "m"}, context.Context())
+    provider.force_flush()
+    try:
+        assert [r.log_record.body for r in memory.get_finished_logs()] == ["before", "after"]
+        assert [r.log_record.body for r in later.get_finished_logs()] == ["after"]
+    finally:
+        provider.shutdown()
