@@ -1,14 +1,15 @@
-"""CPU time of exporting LLM spans over OTLP/HTTP, per export request and per span: the SDK's exporter as it
-ships, and ours (our encoding, and the SDK's urllib3 transport for a plain ``http://`` collector) with either
-transport.
+"""CPU time of exporting LLM spans and request-log records over OTLP/HTTP, per export request and per item: the
+SDK's exporters as they ship, and ours (our encoding, and the SDK's urllib3 transport for a plain ``http://``
+collector) with either transport.
 
-The span exporter runs in the serving process (the batch span processor's thread), holding the GIL while it works,
+The exporters run in the serving process (the batch processors' threads), holding the GIL while they work,
 so its CPU is the serving process's. A loaded server sends full batches (512 spans by default); a quieter one sends
 whatever ended within ``OTEL_BSP_SCHEDULE_DELAY`` (5 s by default; ``benchmarks/run`` uses 100 ms), so the fixed cost
-of one POST is shared by fewer spans.
+of one POST is shared by fewer items.
 
-Usage: ``python benchmarks/export_cost.py [--batches 1,50,512] [--exports 300]``. Exports go to the benchmark's
-OTLP sink (``sink.py``) on 127.0.0.1; with two cores or more the sink and this process run on different ones.
+Usage: ``python benchmarks/export_cost.py [--batches 1,50,512] [--exports 300] [--signals spans,logs]``. Exports
+go to the benchmark's OTLP sink (``sink.py``) on 127.0.0.1; with two cores or more the sink and this process run on
+different ones.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import time
 from typing import Any
 
 import requests
+from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as SDKLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as SDKSpanExporter
+from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 import procs
+from llm_telemetry.otlp_logs import OTLPLogExporter
 from llm_telemetry.otlp_spans import OTLPSpanExporter
 
 RESOURCE = Resource.create({"service.name": "bench", "deployment.environment": "bench"})
@@ -72,29 +77,60 @@ def llm_span(i: int) -> ReadableSpan:
     )
 
 
-def exporters(endpoint: str) -> dict[str, Any]:
+def log_record(i: int) -> ReadableLogRecord:
+    """A request-log record as the middleware emits it: the line's message, its non-null fields as attributes."""
+    attributes: dict[str, Any] = {
+        "request_id": f"{i:032x}",
+        "service": "bench",
+        "operation": "chat",
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "status_code": 200,
+        "input_tokens": 12,
+        "output_tokens": 64 + i % 7,
+        "cost_usd": 0.000041 + i * 1e-9,
+        "duration_ms": 912.345 + i,
+        "ttft_ms": 12.3 + i % 5,
+    }
+    start = 1_700_000_000_000_000_000 + i * 1_000_000
+    record = LogRecord(
+        timestamp=start,
+        observed_timestamp=start + 1000,
+        severity_text="INFO",
+        severity_number=SeverityNumber.INFO,
+        body="chat gpt-4o-mini 200",
+        attributes=attributes,
+    )
+    return ReadableLogRecord(record, RESOURCE, InstrumentationScope("llm_telemetry.requests"))
+
+
+def exporters(endpoint: str, signal: str) -> dict[str, Any]:
+    url = f"{endpoint}/v1/{'traces' if signal == 'spans' else 'logs'}"
+    sdk, ours = (SDKSpanExporter, OTLPSpanExporter) if signal == "spans" else (SDKLogExporter, OTLPLogExporter)
     return {
-        "SDK exporter (SDK encoder, requests)": SDKSpanExporter(endpoint=endpoint),
-        "ours, requests (a session given)": OTLPSpanExporter(endpoint=endpoint, session=requests.Session()),
-        "ours (plain http: urllib3)": OTLPSpanExporter(endpoint=endpoint),
+        f"{signal}: SDK exporter (SDK encoder, requests)": sdk(endpoint=url),
+        f"{signal}: ours, requests (a session given)": ours(endpoint=url, session=requests.Session()),
+        f"{signal}: ours (plain http: urllib3)": ours(endpoint=url),
     }
 
 
-def cpu_per_export(exporter: Any, spans: list[ReadableSpan], exports: int) -> float:
+def cpu_per_export(exporter: Any, items: list[Any], exports: int) -> float:
     for _ in range(min(20, exports)):
-        exporter.export(spans)
+        exporter.export(items)
     start = time.thread_time()
     for _ in range(exports):
-        if exporter.export(spans).name != "SUCCESS":
+        if exporter.export(items).name != "SUCCESS":
             raise SystemExit("an export failed: is the sink up?")
     return (time.thread_time() - start) / exports * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="1,50,512", help="spans per export request, comma-separated")
+    parser.add_argument("--batches", default="1,50,512", help="items per export request, comma-separated")
     parser.add_argument("--exports", type=int, default=300, help="export requests per measurement (fewer for 512)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--signals", default="spans,logs", help="spans, logs or both, comma-separated")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     cores = procs.cpus()
@@ -104,18 +140,21 @@ def main(argv: list[str] | None = None) -> int:
         if len(cores) > 1:
             procs.pin(cores[0])
         procs.wait_http(f"http://127.0.0.1:{port}/count", sink)
-        chosen = exporters(f"http://127.0.0.1:{port}/v1/traces")
-        print(f"{'exporter':<38} {'spans/export':>12} {'CPU us/export':>14} {'CPU us/span':>12}")
-        print("-" * 79)
-        for size in batches:
-            spans = [llm_span(i) for i in range(size)]
-            exports = max(10, args.exports * 50 // max(size, 50))
-            for name, exporter in chosen.items():
-                figures = [cpu_per_export(exporter, spans, exports) for _ in range(args.rounds)]
-                per_export = statistics.median(figures)
-                print(f"{name:<38} {size:>12} {per_export:>14.0f} {per_export / size:>12.1f}", flush=True)
-        for exporter in chosen.values():
-            exporter.shutdown()
+        endpoint = f"http://127.0.0.1:{port}"
+        print(f"{'exporter':<44} {'items/export':>12} {'CPU us/export':>14} {'CPU us/item':>12}")
+        print("-" * 85)
+        for signal in args.signals.split(","):
+            chosen = exporters(endpoint, signal)
+            make = llm_span if signal == "spans" else log_record
+            for size in batches:
+                items = [make(i) for i in range(size)]
+                exports = max(10, args.exports * 50 // max(size, 50))
+                for name, exporter in chosen.items():
+                    figures = [cpu_per_export(exporter, items, exports) for _ in range(args.rounds)]
+                    per_export = statistics.median(figures)
+                    print(f"{name:<44} {size:>12} {per_export:>14.0f} {per_export / size:>12.1f}", flush=True)
+            for exporter in chosen.values():
+                exporter.shutdown()
         print(f"median of {args.rounds} rounds; CPU time of the exporting thread (time.thread_time)")
     finally:
         procs.stop(sink)
