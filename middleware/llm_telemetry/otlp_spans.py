@@ -476,10 +476,13 @@ def _encode_scope(scope: Any) -> bytes:
 
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The serialized OTLP ``ExportTraceServiceRequest`` for ``spans``: grouped by resource, then by
-    instrumentation scope (in order of first appearance), each span as the SDK encoder makes it."""
-    # Spans of one provider share one Resource object: look it up by identity, compare values only when new.
+    instrumentation scope (in order of first appearance, resources and scopes equal as the SDK encoder's grouping
+    finds them), each span as the SDK encoder makes it."""
+    # Spans of one provider share one Resource object and one scope object per tracer: looked up by identity, and
+    # only a new object by value (the Resource's and the scope's own hash and equality, with which the SDK encoder
+    # groups every span: Resource({"a": 1}) and Resource({"a": True}) are equal but hash apart, so apart they stay).
     resources: dict[int, dict[Any, list[Any]]] = {}
-    known: list[tuple[Any, dict[Any, list[Any]]]] = []
+    by_value: dict[Any, dict[Any, list[Any]]] = {}
     groups: dict[tuple[int, int], list[Any]] = {}  # by the ids of (resource, scope), objects the spans keep alive
     fast = _PRIVATE_FIELDS
     for span in spans:
@@ -492,23 +495,18 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
         if group is None:
             scopes = resources.get(id(resource))
             if scopes is None:
-                for other, other_scopes in known:
-                    if other == resource:
-                        scopes = other_scopes
-                        break
-                else:
-                    scopes = {}
-                    known.append((resource, scopes))
+                scopes = by_value.get(resource)
+                if scopes is None:
+                    scopes = by_value[resource] = {}
                 resources[id(resource)] = scopes
             scope = scope or None
-            key = None if scope is None else (scope.name, scope.version, scope.schema_url)
-            group = scopes.get(key)
+            group = scopes.get(scope)  # by the scope's own hash and equality (its attributes too), as the SDK
             if group is None:
-                group = scopes[key] = [scope]
+                group = scopes[scope] = [scope]
             groups[ident] = group
         group.append(_encode_span(span))
     request: list[bytes] = []
-    for resource, scopes in known:
+    for resource, scopes in by_value.items():
         resource_spans = [_field(b"\x0a", _encode_resource(resource))]
         for scope, *encoded in scopes.values():
             scope_spans = [_field(b"\x0a", _encode_scope(scope))]

@@ -321,6 +321,30 @@ def test_the_spans_of_one_resource_object_or_an_equal_one_share_one_entry() -> N
     assert len(request.resource_spans) == 2
 
 
+def test_resources_and_scopes_are_grouped_as_the_sdk_groups_them() -> None:
+    """A resource equal to an earlier one but hashing apart (``1`` and ``True`` compare equal, their JSON differs)
+    gets its own entry, as in the SDK encoder's dict of resources; a scope of the same name and version but other
+    attributes is a scope of its own; an equal scope, another object, joins the first."""
+    scope = InstrumentationScope("s", "1")
+
+    def span(name: str, resource: Resource, scope: InstrumentationScope | None = None) -> ReadableSpan:
+        context = SpanContext(len(name), 7, False)
+        return ReadableSpan(name=name, context=context, resource=resource, instrumentation_scope=scope, start_time=1)
+
+    spans = [
+        span("a", Resource({"a": 1})),
+        span("b", Resource({"a": 2}, "https://example.com/schema"), scope),
+        span("c", Resource({"a": 1}), InstrumentationScope("s", "1", None, {"other": "attrs"})),
+        span("d", Resource({"a": True})),
+        span("e", Resource({"a": 1}), scope),
+        span("f", Resource({"a": 1}), InstrumentationScope("s", "1")),
+    ]
+    request = encode_spans(spans)
+    assert request == sdk_encode_spans(spans)
+    assert encode_request(spans) == sdk_encode_spans(spans).SerializeToString()
+    assert [[len(s.spans) for s in r.scope_spans] for r in request.resource_spans] == [[1, 1, 2], [1], [1]]
+
+
 def test_an_attribute_that_cannot_be_encoded_is_left_out_like_the_sdk_does(caplog: pytest.LogCaptureFixture) -> None:
     span = ReadableSpan(
         name="too big",
