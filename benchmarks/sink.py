@@ -17,6 +17,9 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 
 class _State:
     lock = threading.Lock()
@@ -41,31 +44,29 @@ def _add(totals: dict[str, int], counts: dict[str, int]) -> None:
         totals[service] = totals.get(service, 0) + n
 
 
+#: Per export path: the request message, its field of resource groups, their field of scope groups, the scopes'
+#: field of items, and the totals of :class:`_State` it adds to.
+_SIGNALS: dict[str, tuple[Any, str, str, str, str, str]] = {
+    "/v1/traces": (ExportTraceServiceRequest, "resource_spans", "scope_spans", "spans", "spans", "by_service"),
+    "/v1/logs": (ExportLogsServiceRequest, "resource_logs", "scope_logs", "log_records", "logs", "logs_by_service"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
-        if self.path == "/v1/traces":
-            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-            request = ExportTraceServiceRequest()
+        signal = _SIGNALS.get(self.path)
+        if signal is not None:
+            message, groups, scopes, items, total, by_service = signal
+            request = message()
             request.ParseFromString(body)
-            counts = _by_service((r.resource, r.scope_spans, "spans") for r in request.resource_spans)
+            counts = _by_service((r.resource, getattr(r, scopes), items) for r in getattr(request, groups))
             with _State.lock:
-                _State.spans += sum(counts.values())
+                setattr(_State, total, getattr(_State, total) + sum(counts.values()))
                 _State.exports += 1
-                _add(_State.by_service, counts)
-        elif self.path == "/v1/logs":
-            from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-            logs = ExportLogsServiceRequest()
-            logs.ParseFromString(body)
-            counts = _by_service((r.resource, r.scope_logs, "log_records") for r in logs.resource_logs)
-            with _State.lock:
-                _State.logs += sum(counts.values())
-                _State.exports += 1
-                _add(_State.logs_by_service, counts)
+                _add(getattr(_State, by_service), counts)
         self._answer(b"", "application/x-protobuf")
 
     def do_GET(self) -> None:

@@ -30,13 +30,13 @@ from opentelemetry.sdk._logs.export import LogRecordExportResult
 
 from .otlp_spans import (
     _CACHE_SIZE,
-    _SESSION_ARG,
     _SMALL,
     _attributes,
     _encode_resource,
     _encode_scope,
+    _export_encoded,
     _field,
-    _plain_http_transport,
+    _own_path,
     _value,
     _varint,
 )
@@ -213,30 +213,8 @@ class OTLPLogExporter(_SDKOTLPLogExporter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        client = getattr(self, "_client", None)
-        if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
-            _plain_http_transport(client, getattr(self, "_endpoint", None), _CREDENTIAL_PROVIDERS)
-        self._own_encoding = (
-            callable(getattr(client, "export", None))
-            and hasattr(self, "_metrics")
-            and isinstance(getattr(self, "_max_request_size", None), int)
-            and isinstance(getattr(self, "_shutdown", None), bool)
-        )
+        self._own_encoding = _own_path(self, args, kwargs, _CREDENTIAL_PROVIDERS)
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        if not self._own_encoding or self._shutdown:
-            return super().export(batch)
-        try:
-            data = encode_logs_request(batch)
-        except Exception:
-            return super().export(batch)  # the SDK encoder logs and records the failure its own way
-        if 0 < self._max_request_size < len(data):
-            return super().export(batch)  # the SDK drops it, with its warning and error metric
-        with self._metrics.export_operation(len(batch)) as result:
-            outcome = self._client.export(data)
-            if not outcome.success:
-                result.error = outcome.error
-                if outcome.status_code is not None:
-                    result.error_attrs = {"http.response.status_code": outcome.status_code}
-                return LogRecordExportResult.FAILURE
-        return LogRecordExportResult.SUCCESS
+        results = (LogRecordExportResult.SUCCESS, LogRecordExportResult.FAILURE)
+        return _export_encoded(self, batch, encode_logs_request, super().export, results)  # type: ignore[no-any-return]

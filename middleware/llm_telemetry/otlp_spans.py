@@ -574,6 +574,46 @@ def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] =
     current.close()
 
 
+def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], providers: Sequence[str]) -> bool:
+    """For our subclasses of the SDK's OTLP/HTTP exporters, once the SDK's ``__init__`` has run: the plain-http
+    transport where it applies (no session given; ``providers``, the signal's credential-provider variables), and
+    whether the SDK parts that :func:`_export_encoded` uses are there."""
+    client = getattr(exporter, "_client", None)
+    if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
+        _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
+    return (
+        callable(getattr(client, "export", None))
+        and hasattr(exporter, "_metrics")
+        and isinstance(getattr(exporter, "_max_request_size", None), int)
+        and isinstance(getattr(exporter, "_shutdown", None), bool)
+    )
+
+
+def _export_encoded(
+    exporter: Any, items: Sequence[Any], encode: Callable[[Any], bytes], sdk_export: Callable[[Any], Any], results: Any
+) -> Any:
+    """Export ``items`` our way: ``encode`` them, and send the bytes as the SDK exporter sends its own (its client,
+    with its retries, and its export metrics); ``results`` are the signal's (success, failure) answers. The SDK's
+    own path, ``sdk_export``, where the SDK parts are missing (see :func:`_own_path`) or the exporter is shut down."""
+    success, failure = results
+    if not exporter._own_encoding or exporter._shutdown:
+        return sdk_export(items)
+    try:
+        data = encode(items)
+    except Exception:
+        return sdk_export(items)  # the SDK encoder logs and records the failure its own way
+    if 0 < exporter._max_request_size < len(data):
+        return sdk_export(items)  # the SDK drops it, with its warning and error metric
+    with exporter._metrics.export_operation(len(items)) as result:
+        outcome = exporter._client.export(data)
+        if not outcome.success:
+            result.error = outcome.error
+            if outcome.status_code is not None:
+                result.error_attrs = {"http.response.status_code": outcome.status_code}
+            return failure
+    return success
+
+
 class OTLPSpanExporter(_SDKOTLPSpanExporter):
     """The SDK's OTLP/HTTP span exporter (same arguments and environment variables), encoding with
     :func:`encode_spans`. Requests that fail to encode, and SDK releases without the parts used here, take the
@@ -581,30 +621,8 @@ class OTLPSpanExporter(_SDKOTLPSpanExporter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        client = getattr(self, "_client", None)
-        if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
-            _plain_http_transport(client, getattr(self, "_endpoint", None))
-        self._own_encoding = (
-            callable(getattr(client, "export", None))
-            and hasattr(self, "_metrics")
-            and isinstance(getattr(self, "_max_request_size", None), int)
-            and isinstance(getattr(self, "_shutdown", None), bool)
-        )
+        self._own_encoding = _own_path(self, args, kwargs, _CREDENTIAL_PROVIDERS)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not self._own_encoding or self._shutdown:
-            return super().export(spans)
-        try:
-            data = encode_request(spans)
-        except Exception:
-            return super().export(spans)  # the SDK encoder logs and records the failure its own way
-        if 0 < self._max_request_size < len(data):
-            return super().export(spans)  # the SDK drops it, with its warning and error metric
-        with self._metrics.export_operation(len(spans)) as result:
-            outcome = self._client.export(data)
-            if not outcome.success:
-                result.error = outcome.error
-                if outcome.status_code is not None:
-                    result.error_attrs = {"http.response.status_code": outcome.status_code}
-                return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
+        results = (SpanExportResult.SUCCESS, SpanExportResult.FAILURE)
+        return _export_encoded(self, spans, encode_request, super().export, results)  # type: ignore[no-any-return]

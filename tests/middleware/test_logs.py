@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -219,7 +220,40 @@ def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
     assert list(line) == list(FIELDS) and line["level"] == "warning" and line["error_type"] == "RateLimitError"
 
 
+@contextmanager
+def records_made() -> Iterator[list[logging.LogRecord]]:
+    """Every ``logging.LogRecord`` made inside the block (the middleware's direct paths make none)."""
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made.append(factory(*args, **kwargs))
+        return made[-1]
+
+    logging.setLogRecordFactory(counted)
+    try:
+        yield made
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+@pytest.fixture
+def request_logger() -> Iterator[logging.Logger]:
+    """The request logger without the handlers earlier tests left on it (the middleware adds its own handlers only
+    to a logger that has none); they are put back afterwards."""
+    logger = logging.getLogger(REQUEST_LOGGER)
+    others = logger.handlers[:]
+    for other in others:
+        logger.removeHandler(other)
+    try:
+        yield logger
+    finally:
+        for other in others:
+            logger.addHandler(other)
+
+
 @pytest.mark.parametrize("error", [None, "rate_limit"])
+@pytest.mark.usefixtures("request_logger")
 def test_the_line_written_directly_is_the_line_logging_writes(
     error: str | None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -231,32 +265,18 @@ def test_the_line_written_directly_is_the_line_logging_writes(
     call = LLMCall("chat", "openai", 1.0, request_id='r"\u00e9\ud800', request_model="m\n", status_code=200)
     call.end, call.first_token_at, call.stream, call.error_type = 1.2504, 1.1, True, error
     call.input_tokens, call.output_tokens, call.cost_usd = 12, 7, 0.000125
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        made.append(factory(*args, **kwargs))
-        return made[-1]
-
-    logger = logging.getLogger(REQUEST_LOGGER)
-    others = logger.handlers[:]  # whatever earlier tests left: the middleware adds its handler to none
-    for other in others:
-        logger.removeHandler(other)
     logs = RequestLogs("svc", env={})
     handler = logs.logger.handlers[0]
-    logging.setLogRecordFactory(counted)
     try:
-        capsys.readouterr()
-        logs.observer.end(call)
-        direct, records_direct = capsys.readouterr().out, len(made)
-        handler.addFilter(lambda record: True)
-        logs.observer.end(call)
-        through_logging = capsys.readouterr().out
+        with records_made() as made:
+            capsys.readouterr()
+            logs.observer.end(call)
+            direct, records_direct = capsys.readouterr().out, len(made)
+            handler.addFilter(lambda record: True)
+            logs.observer.end(call)
+            through_logging = capsys.readouterr().out
     finally:
-        logging.setLogRecordFactory(factory)
         logs.shutdown()
-        for other in others:
-            logger.addHandler(other)
     assert records_direct == 0 and len(made) == 1
     assert direct.count("\n") == 1 and through_logging.count("\n") == 1
     first, second = json.loads(direct), json.loads(through_logging)
@@ -266,6 +286,7 @@ def test_the_line_written_directly_is_the_line_logging_writes(
 
 
 @pytest.mark.parametrize("error", [None, "rate_limit"])
+@pytest.mark.usefixtures("request_logger")
 def test_with_otlp_export_the_direct_path_sends_what_logging_sends(
     error: str | None, receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -278,17 +299,6 @@ def test_with_otlp_export_the_direct_path_sends_what_logging_sends(
     from llm_telemetry.record import LLMCall
 
     parent = trace.NonRecordingSpan(trace.SpanContext(0xABC, 0xDEF, False, trace.TraceFlags(1)))
-    made: list[logging.LogRecord] = []
-    factory = logging.getLogRecordFactory()
-
-    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        made.append(factory(*args, **kwargs))
-        return made[-1]
-
-    logger = logging.getLogger(REQUEST_LOGGER)
-    others = logger.handlers[:]
-    for other in others:
-        logger.removeHandler(other)
     env = {
         "OTEL_LOGS_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
@@ -304,19 +314,14 @@ def test_with_otlp_export_the_direct_path_sends_what_logging_sends(
             call.otel_context = trace.set_span_in_context(parent)
             if path == "logging":
                 logs.logger.handlers[1].addFilter(lambda record: True)
-            logging.setLogRecordFactory(counted)
-            try:
+            with records_made() as made:
                 capsys.readouterr()
                 logs.observer.end(call)
                 lines.append(json.loads(capsys.readouterr().out))
-            finally:
-                logging.setLogRecordFactory(factory)
             assert len(made) == (0 if path == "direct" else 1)
         logs.force_flush()
     finally:
         logs.shutdown()
-        for other in others:
-            logger.addHandler(other)
     ids = {f"direct-{error}", f"logging-{error}"}
     assert receiver.wait_for(lambda r: ids <= {rec.attributes.get("request_id") for rec in r.logs})
     direct, through_logging = (
