@@ -30,12 +30,10 @@ from opentelemetry.sdk._logs.export import LogRecordExportResult
 
 from .otlp_spans import (
     _CACHE_SIZE,
-    _SMALL,
     _attributes,
-    _encode_resource,
-    _encode_scope,
     _export_encoded,
     _field,
+    _Groups,
     _own_path,
     _value,
     _varint,
@@ -139,49 +137,12 @@ def _encode_log(record: ReadableLogRecord) -> bytes:
 
 def encode_logs_request(records: Sequence[ReadableLogRecord]) -> bytes:
     """The serialized OTLP ``ExportLogsServiceRequest`` for ``records``: grouped by resource, then by
-    instrumentation scope (in order of first appearance, resources and scopes equal as the SDK encoder's
-    grouping finds them), each record as the SDK encoder makes it."""
-    # Records of one provider share one Resource object and one scope object per logger: looked up by identity,
-    # and only a new object by value (the Resource's and the scope's own hash and equality, with which the SDK
-    # encoder groups every record).
-    by_id: dict[int, dict[Any, list[Any]]] = {}
-    by_value: dict[Any, dict[Any, list[Any]]] = {}
-    groups: dict[tuple[int, int], list[Any]] = {}  # by the ids of (resource, scope)
-    alive: list[Any] = []  # the objects whose ids are keys above, kept until the request is written
+    instrumentation scope as the SDK encoder groups them (see ``otlp_spans._Groups``), each record as the SDK
+    encoder makes it."""
+    groups = _Groups()
     for record in records:
-        resource, scope = record.resource, record.instrumentation_scope
-        ident = (id(resource), id(scope))
-        group = groups.get(ident)
-        if group is None:
-            alive.append((resource, scope))
-            scopes = by_id.get(id(resource))
-            if scopes is None:
-                scopes = by_value.get(resource)
-                if scopes is None:
-                    scopes = by_value[resource] = {}
-                by_id[id(resource)] = scopes
-            scope = scope or None
-            group = scopes.get(scope)  # by the scope's own hash and equality (its attributes too), as the SDK
-            if group is None:
-                group = scopes[scope] = [scope]
-            groups[ident] = group
-        group.append(_encode_log(record))
-    request: list[bytes] = []
-    for resource, scopes in by_value.items():
-        resource_logs = [_field(b"\x0a", _encode_resource(resource))]
-        for scope, *encoded in scopes.values():
-            scope_logs = [_field(b"\x0a", _encode_scope(scope))]
-            for data in encoded:
-                n = len(data)
-                scope_logs.append(b"\x12" + (_SMALL[n] if n < 128 else _varint(n)))
-                scope_logs.append(data)
-            if scope is not None and scope.schema_url:
-                scope_logs.append(_field(b"\x1a", scope.schema_url.encode()))
-            resource_logs.append(_field(b"\x12", b"".join(scope_logs)))
-        if resource.schema_url:
-            resource_logs.append(_field(b"\x1a", resource.schema_url.encode()))
-        request.append(_field(b"\x0a", b"".join(resource_logs)))
-    return b"".join(request)
+        groups.of(record.resource, record.instrumentation_scope).append(_encode_log(record))
+    return groups.request()
 
 
 def encode_logs(records: Sequence[ReadableLogRecord]) -> ExportLogsServiceRequest:

@@ -474,52 +474,72 @@ def _encode_scope(scope: Any) -> bytes:
     return b"".join(parts)
 
 
+class _Groups:
+    """Encoded items (spans or log records) grouped by resource, then by instrumentation scope, in order of first
+    appearance, with the resources' and scopes' own hash and equality, as the SDK encoders group them (so
+    ``Resource({"a": 1})`` and ``Resource({"a": True})``, equal but hashing apart, stay apart, and scopes differing
+    only in their attributes too). The items of one provider share one Resource object and one scope object per
+    tracer or logger: those are found again by identity."""
+
+    __slots__ = ("alive", "by_id", "by_value", "groups")
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, dict[Any, list[Any]]] = {}
+        self.by_value: dict[Any, dict[Any, list[Any]]] = {}
+        self.groups: dict[tuple[int, int], list[Any]] = {}  # by the ids of (resource, scope)
+        self.alive: list[Any] = []  # the objects whose ids are keys above, kept while they are
+
+    def of(self, resource: Any, scope: Any) -> list[Any]:
+        """The list to append the items of ``resource`` and ``scope`` to (its first element is the scope)."""
+        ident = (id(resource), id(scope))
+        group = self.groups.get(ident)
+        if group is None:
+            self.alive.append((resource, scope))
+            scopes = self.by_id.get(id(resource))
+            if scopes is None:
+                scopes = self.by_value.get(resource)
+                if scopes is None:
+                    scopes = self.by_value[resource] = {}
+                self.by_id[id(resource)] = scopes
+            scope = scope or None
+            group = scopes.get(scope)
+            if group is None:
+                group = scopes[scope] = [scope]
+            self.groups[ident] = group
+        return group
+
+    def request(self) -> bytes:
+        """The export request's bytes: its resource groups (``ResourceSpans`` and ``ResourceLogs`` number their
+        fields alike, as do ``ScopeSpans`` and ``ScopeLogs``), each with its scope groups and their items."""
+        request: list[bytes] = []
+        for resource, scopes in self.by_value.items():
+            resource_group = [_field(b"\x0a", _encode_resource(resource))]
+            for scope, *encoded in scopes.values():
+                scope_group = [_field(b"\x0a", _encode_scope(scope))]
+                for data in encoded:
+                    n = len(data)
+                    scope_group.append(b"\x12" + (_SMALL[n] if n < 128 else _varint(n)))
+                    scope_group.append(data)
+                if scope is not None and scope.schema_url:
+                    scope_group.append(_field(b"\x1a", scope.schema_url.encode()))
+                resource_group.append(_field(b"\x12", b"".join(scope_group)))
+            if resource.schema_url:
+                resource_group.append(_field(b"\x1a", resource.schema_url.encode()))
+            request.append(_field(b"\x0a", b"".join(resource_group)))
+        return b"".join(request)
+
+
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The serialized OTLP ``ExportTraceServiceRequest`` for ``spans``: grouped by resource, then by
-    instrumentation scope (in order of first appearance, resources and scopes equal as the SDK encoder's grouping
-    finds them), each span as the SDK encoder makes it."""
-    # Spans of one provider share one Resource object and one scope object per tracer: looked up by identity, and
-    # only a new object by value (the Resource's and the scope's own hash and equality, with which the SDK encoder
-    # groups every span: Resource({"a": 1}) and Resource({"a": True}) are equal but hash apart, so apart they stay).
-    resources: dict[int, dict[Any, list[Any]]] = {}
-    by_value: dict[Any, dict[Any, list[Any]]] = {}
-    groups: dict[tuple[int, int], list[Any]] = {}  # by the ids of (resource, scope), objects the spans keep alive
+    instrumentation scope (see :class:`_Groups`), each span as the SDK encoder makes it."""
+    groups = _Groups()
     fast = _PRIVATE_FIELDS
     for span in spans:
         if fast and type(span) is ReadableSpan:
-            resource, scope = span._resource, span._instrumentation_scope
+            groups.of(span._resource, span._instrumentation_scope).append(_encode_span(span))
         else:
-            resource, scope = span.resource, span.instrumentation_scope
-        ident = (id(resource), id(scope))
-        group = groups.get(ident)
-        if group is None:
-            scopes = resources.get(id(resource))
-            if scopes is None:
-                scopes = by_value.get(resource)
-                if scopes is None:
-                    scopes = by_value[resource] = {}
-                resources[id(resource)] = scopes
-            scope = scope or None
-            group = scopes.get(scope)  # by the scope's own hash and equality (its attributes too), as the SDK
-            if group is None:
-                group = scopes[scope] = [scope]
-            groups[ident] = group
-        group.append(_encode_span(span))
-    request: list[bytes] = []
-    for resource, scopes in by_value.items():
-        resource_spans = [_field(b"\x0a", _encode_resource(resource))]
-        for scope, *encoded in scopes.values():
-            scope_spans = [_field(b"\x0a", _encode_scope(scope))]
-            for data in encoded:
-                scope_spans.append(b"\x12" + _varint(len(data)))
-                scope_spans.append(data)
-            if scope is not None and scope.schema_url:
-                scope_spans.append(_field(b"\x1a", scope.schema_url.encode()))
-            resource_spans.append(_field(b"\x12", b"".join(scope_spans)))
-        if resource.schema_url:
-            resource_spans.append(_field(b"\x1a", resource.schema_url.encode()))
-        request.append(_field(b"\x0a", b"".join(resource_spans)))
-    return b"".join(request)
+            groups.of(span.resource, span.instrumentation_scope).append(_encode_span(span))
+    return groups.request()
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
