@@ -328,7 +328,11 @@ class _DirectEmit:
             if type(logger) is not Logger or type(logger._logger_metrics) is not NoOpLoggerMetrics:
                 return None
             limits = logger._log_record_limits
-            if type(limits) is not LogRecordLimits or limits.max_log_record_attribute_length is not None:
+            if (
+                type(limits) is not LogRecordLimits
+                or limits.max_log_record_attribute_length is not None
+                or type(limits.max_log_record_attributes) is not int
+            ):
                 return None
             processors = logger._multi_log_record_processor._log_record_processors
             if len(processors) != 1 or type(processors[0]) is not BatchLogRecordProcessor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -338,13 +339,13 @@ def test_with_otlp_export_the_direct_path_sends_what_logging_sends(
     assert lines[0] == lines[1] and lines[0]["trace_id"] == f"{0xABC:032x}"
 
 
-def _provider_with_memory() -> tuple[Any, Any]:
+def _provider_with_memory(limits: Any = None) -> tuple[Any, Any]:
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, InMemoryLogRecordExporter
     from opentelemetry.sdk.resources import Resource
 
     memory = InMemoryLogRecordExporter()
-    provider = LoggerProvider(resource=Resource({"service.name": "llm-direct"}))
+    provider = LoggerProvider(resource=Resource({"service.name": "llm-direct"}), log_record_limits=limits)
     provider.add_log_record_processor(BatchLogRecordProcessor(memory, schedule_delay_millis=3_600_000))
     return provider, memory
 
@@ -371,6 +372,23 @@ _field_values = st.one_of(
 )
 
 
+def _send_both_ways(provider: Any, fields: dict[str, Any], level: int, message: str, otel_context: Any) -> None:
+    """The record of these values sent by the OTLP handler, then by the SDK's ``Logger.emit`` itself."""
+    from llm_telemetry.logs import OTLPLogHandler
+
+    handler = OTLPLogHandler(provider)
+    handler.send(1_700_000_000.25, level, message, fields, otel_context)
+    name = "WARN" if level == logging.WARNING else logging.getLevelName(level)
+    handler._otel_logger.emit(
+        timestamp=int(1_700_000_000.25 * 1e9),
+        context=otel_context,
+        severity_number=handler._severity[level],
+        severity_text=name,
+        body=message,
+        attributes={k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")},
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     fields=st.dictionaries(st.sampled_from(FIELDS[3:]), _field_values, max_size=len(FIELDS)),
@@ -387,21 +405,11 @@ def test_records_handed_to_the_batch_processor_directly_are_the_sdks(
     from llm_telemetry.logs import OTLPLogHandler
 
     provider, memory = _provider_with_memory()
-    handler = OTLPLogHandler(provider)
-    assert handler._direct is not None  # the pipeline it takes the direct path for: else this compares nothing
+    assert OTLPLogHandler(provider)._direct is not None  # the pipeline it takes the direct path for
     span = trace.NonRecordingSpan(trace.SpanContext(0x1234, 0x5678, False, trace.TraceFlags(1)))
     otel_context = trace.set_span_in_context(span) if traced else context.Context()
     try:
-        handler.send(1_700_000_000.25, level, message, fields, otel_context)
-        name = "WARN" if level == logging.WARNING else logging.getLevelName(level)
-        handler._otel_logger.emit(
-            timestamp=int(1_700_000_000.25 * 1e9),
-            context=otel_context,
-            severity_number=handler._severity[level],
-            severity_text=name,
-            body=message,
-            attributes={k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")},
-        )
+        _send_both_ways(provider, fields, level, message, otel_context)
         provider.force_flush()
         direct, sdk = memory.get_finished_logs()
     finally:
@@ -427,3 +435,25 @@ def test_a_processor_added_later_gets_the_records_too() -> None:
         assert [r.log_record.body for r in later.get_finished_logs()] == ["after"]
     finally:
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "limits", [{"max_attribute_length": 3}, {"max_attributes": 2}, {"max_log_record_attributes": 4}]
+)
+def test_attribute_limits_apply_as_the_sdk_applies_them(limits: dict[str, int]) -> None:
+    from opentelemetry import context
+    from opentelemetry.sdk._logs import LogRecordDroppedAttributesWarning, LogRecordLimits
+
+    provider, memory = _provider_with_memory(LogRecordLimits(**limits))
+    fields = {"model": "gpt-4o-mini", "operation": "chat", "status_code": 200, "stream": True, "cost_usd": 0.5}
+    dropping = "max_attribute_length" not in limits  # five attributes, more than the count limits allow
+    try:
+        with pytest.warns(LogRecordDroppedAttributesWarning) if dropping else contextlib.nullcontext() as warned:
+            _send_both_ways(provider, fields, logging.INFO, "chat gpt-4o-mini 200", context.Context())
+        provider.force_flush()
+        direct, sdk = memory.get_finished_logs()
+    finally:
+        provider.shutdown()
+    assert _exported_view(direct) == _exported_view(sdk)
+    assert direct.dropped_attributes == sdk.dropped_attributes == (len(fields) - len(direct.log_record.attributes))
+    assert warned is None or len(warned) == 2  # the SDK's warning, once for each
