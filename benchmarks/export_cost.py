@@ -1,6 +1,6 @@
 """CPU time of exporting LLM spans and request-log records over OTLP/HTTP, per export request and per item: the
 SDK's exporters as they ship, and ours (our encoding, and the SDK's urllib3 transport for a plain ``http://``
-collector) with either transport.
+collector) with either transport; and of building the request of the OTLP/gRPC exporters, the SDK's and ours.
 
 The exporters run in the serving process (the batch processors' threads), holding the GIL while they work,
 so its CPU is the serving process's. A loaded server sends full batches (512 spans by default); a quieter one sends
@@ -22,6 +22,8 @@ from typing import Any
 
 import requests
 from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as sdk_encode_logs
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as SDKLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as SDKSpanExporter
 from opentelemetry.sdk._logs import ReadableLogRecord
@@ -31,8 +33,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 import procs
-from llm_telemetry.otlp_logs import OTLPLogExporter
-from llm_telemetry.otlp_spans import OTLPSpanExporter
+from llm_telemetry.otlp_logs import OTLPLogExporter, encode_logs
+from llm_telemetry.otlp_spans import OTLPSpanExporter, encode_spans
 
 RESOURCE = Resource.create({"service.name": "bench", "deployment.environment": "bench"})
 SCOPE = InstrumentationScope("llm_telemetry", "0")
@@ -125,6 +127,15 @@ def cpu_per_export(exporter: Any, items: list[Any], exports: int) -> float:
     return (time.thread_time() - start) / exports * 1e6
 
 
+def cpu_per_build(build: Any, items: list[Any], builds: int) -> float:
+    for _ in range(min(20, builds)):
+        build(items).SerializeToString()
+    start = time.thread_time()
+    for _ in range(builds):
+        build(items).SerializeToString()
+    return (time.thread_time() - start) / builds * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,50,512", help="items per export request, comma-separated")
@@ -155,6 +166,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name:<44} {size:>12} {per_export:>14.0f} {per_export / size:>12.1f}", flush=True)
             for exporter in chosen.values():
                 exporter.shutdown()
+        print()
+        print("the gRPC exporters' request, built and serialised as their client stub does (no sending):")
+        for signal in args.signals.split(","):
+            make = llm_span if signal == "spans" else log_record
+            builders = {
+                f"{signal}: SDK encoder": sdk_encode_spans if signal == "spans" else sdk_encode_logs,
+                f"{signal}: ours (otlp_grpc)": encode_spans if signal == "spans" else encode_logs,
+            }
+            for size in batches:
+                items = [make(i) for i in range(size)]
+                builds = max(10, args.exports * 50 // max(size, 50))
+                for name, build in builders.items():
+                    figures = [cpu_per_build(build, items, builds) for _ in range(args.rounds)]
+                    per_build = statistics.median(figures)
+                    print(f"{name:<44} {size:>12} {per_build:>14.0f} {per_build / size:>12.1f}", flush=True)
         print(f"median of {args.rounds} rounds; CPU time of the exporting thread (time.thread_time)")
     finally:
         procs.stop(sink)

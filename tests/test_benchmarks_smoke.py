@@ -94,12 +94,12 @@ def test_export_cost_prints_a_row_per_exporter() -> None:
     )
     assert result.returncode == 0, f"export_cost.py failed:\n{result.stdout}\n{result.stderr}"
     rows = [line.rsplit(None, 3) for line in result.stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
+    exporters = (
+        "SDK exporter (SDK encoder, requests)",
+        "ours, requests (a session given)",
+        "ours (plain http: urllib3)",
+    )
     assert [row[0] for row in rows] == [
-        f"{signal}: {exporter}"
-        for signal in ("spans", "logs")
-        for exporter in (
-            "SDK exporter (SDK encoder, requests)",
-            "ours, requests (a session given)",
-            "ours (plain http: urllib3)",
-        )
+        *(f"{signal}: {exporter}" for signal in ("spans", "logs") for exporter in exporters),
+        *(f"{signal}: {builder}" for signal in ("spans", "logs") for builder in ("SDK encoder", "ours (otlp_grpc)")),
     ], result.stdout

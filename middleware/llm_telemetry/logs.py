@@ -376,9 +376,9 @@ def _otlp_logger_provider(protocol: str) -> tuple[Any, bool]:
     provider = LoggerProvider(resource=Resource.create())
     exporter: Any
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogExporter
+        from .otlp_grpc import OTLPGrpcLogExporter  # the SDK's, with our log encoding
 
-        exporter = GrpcLogExporter()
+        exporter = OTLPGrpcLogExporter()
     else:
         from .otlp_logs import OTLPLogExporter  # the SDK's, with a faster encoding (and transport)
 

@@ -84,9 +84,9 @@ def _span_exporter(kind: str, protocol: str) -> Any:
 
         return ConsoleSpanExporter()
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+        from .otlp_grpc import OTLPGrpcSpanExporter  # the SDK's, with our span encoding
 
-        return GrpcSpanExporter()
+        return OTLPGrpcSpanExporter()
     from .otlp_spans import OTLPSpanExporter as HttpSpanExporter  # the SDK's, with a cheaper span encoding
 
     return HttpSpanExporter()

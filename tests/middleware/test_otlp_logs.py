@@ -349,3 +349,24 @@ def test_a_request_log_over_otlp_http_arrives_with_its_trace_ids(receiver: OTLPR
     assert record.attributes["operation"] == "chat" and record.attributes["provider"] == "openai"
     assert "error_type" not in record.attributes and "trace_id" not in record.attributes
     assert any(h.get("x-collector-token") == "secret123" for h in receiver.headers)
+
+
+def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
+    from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as sdk_encode_logs
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as SDKGrpcLogExporter
+
+    from llm_telemetry.otlp_grpc import OTLPGrpcLogExporter
+
+    records = request_log_records()
+    received = []
+    with otlp_receiver() as receiver:  # its own: nothing another test sends arrives in between
+        for exporter in (OTLPGrpcLogExporter, SDKGrpcLogExporter):
+            grpc_exporter = exporter(endpoint=receiver.grpc_endpoint, insecure=True)
+            assert grpc_exporter._translate_data(records) == sdk_encode_logs(records)
+            before = len(receiver.logs)
+            assert grpc_exporter.export(records) is LogRecordExportResult.SUCCESS
+            assert receiver.wait_for(lambda r, before=before: len(r.logs) >= before + len(records))
+            received.append(receiver.logs[before : before + len(records)])
+            grpc_exporter.shutdown()
+    ours, sdk = received
+    assert ours == sdk and {r.protocol for r in ours} == {"grpc"}

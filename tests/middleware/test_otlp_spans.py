@@ -394,3 +394,24 @@ def test_an_unreachable_endpoint_is_a_failed_export() -> None:
     span = ReadableSpan(name="lost", context=SpanContext(11, 12, False), resource=Resource({}), start_time=1)
     assert exporter.export([span]) is SpanExportResult.FAILURE
     exporter.shutdown()
+
+
+def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as SDKGrpcSpanExporter
+
+    from llm_telemetry.otlp_grpc import OTLPGrpcSpanExporter
+
+    spans = _spans()
+    received = []
+    with otlp_receiver() as receiver:  # its own: nothing another test sends arrives in between
+        for exporter in (OTLPGrpcSpanExporter, SDKGrpcSpanExporter):
+            grpc_exporter = exporter(endpoint=receiver.grpc_endpoint, insecure=True, headers={"x-token": "g1"})
+            assert grpc_exporter._translate_data(spans) == sdk_encode_spans(spans)
+            before = len(receiver.spans)
+            assert grpc_exporter.export(spans) is SpanExportResult.SUCCESS
+            assert receiver.wait_for(lambda r, before=before: len(r.spans) >= before + len(spans))
+            received.append(receiver.spans[before : before + len(spans)])
+            grpc_exporter.shutdown()
+    ours, sdk = received
+    assert ours == sdk and {s.protocol for s in ours} == {"grpc"}
+    assert any(h.get("x-token") == "g1" for h in receiver.headers)
