@@ -308,22 +308,6 @@ def test_without_the_sdk_parts_it_relies_on_the_exporter_is_the_sdks(receiver: O
     exporter.shutdown()
 
 
-def test_netrc_credentials_for_the_collector_are_sent(
-    receiver: OTLPReceiver, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
-    """A ``.netrc`` entry for the collector keeps the SDK's ``requests`` transport, which sends it."""
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1 login otel password s3cret\n")
-    netrc.chmod(0o600)
-    monkeypatch.setenv("NETRC", str(netrc))
-    exporter = OTLPLogExporter(endpoint=receiver.http_endpoint + "/v1/logs", headers={"x-token": "netrc"})
-    assert exporter.export([readable(body="with credentials")]) is LogRecordExportResult.SUCCESS
-    assert receiver.wait_for(lambda r: any(h.get("x-token") == "netrc" for h in r.headers))
-    sent = next(h for h in receiver.headers if h.get("x-token") == "netrc")
-    assert sent["authorization"] == "Basic b3RlbDpzM2NyZXQ="  # otel:s3cret
-    exporter.shutdown()
-
-
 def test_a_request_log_over_otlp_http_arrives_with_its_trace_ids(receiver: OTLPReceiver) -> None:
     """End to end: the demo app with ``OTEL_LOGS_EXPORTER=otlp`` over http/protobuf exports through our exporter,
     and the record arrives with the line's body, attributes and the LLM span's ids."""

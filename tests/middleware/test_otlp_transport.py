@@ -1,7 +1,8 @@
-"""How our OTLP/HTTP span exporter reaches a collector: what a user's network setup (keep-alive connections a
-collector closes, retries it asks for, a proxy or a ``.netrc`` entry in the environment) gets from it.
+"""How our OTLP/HTTP span and log exporters reach a collector: what a user's network setup (keep-alive connections a
+collector closes, retries it asks for, a proxy or a ``.netrc`` entry in the environment) gets from them.
 
-Each test runs a real HTTP/1.1 server on 127.0.0.1 that decodes the protobuf requests it receives."""
+Each test runs, for spans and for request-log records, against a real HTTP/1.1 server on 127.0.0.1 that decodes the
+protobuf requests it receives."""
 
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from opentelemetry._logs import LogRecord
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
+from llm_telemetry.otlp_logs import OTLPLogExporter
 from llm_telemetry.otlp_spans import OTLPSpanExporter
 
 
@@ -34,7 +38,8 @@ class Collector:
     #: The request target as sent: a path, or an absolute URL when the request came as to a proxy.
     targets: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-    spans: list[str] = field(default_factory=list)
+    #: The names of the spans, or the bodies of the log records, received.
+    items: list[str] = field(default_factory=list)
     connections: list[socket.socket] = field(default_factory=list)
     #: Answer this many requests with 503 and ``Retry-After: 0`` before accepting any.
     refuse: int = 0
@@ -75,9 +80,16 @@ def _serve(record: Collector) -> Iterator[Collector]:
                 self.send_header("content-length", "0")
                 self.end_headers()
                 return
-            request = ExportTraceServiceRequest.FromString(body)
-            record.spans += [s.name for r in request.resource_spans for ss in r.scope_spans for s in ss.spans]
-            reply = ExportTraceServiceResponse().SerializeToString()
+            if self.path.endswith("/v1/logs"):
+                logs = ExportLogsServiceRequest.FromString(body)
+                record.items += [
+                    x.body.string_value for r in logs.resource_logs for s in r.scope_logs for x in s.log_records
+                ]
+                reply = ExportLogsServiceResponse().SerializeToString()
+            else:
+                spans = ExportTraceServiceRequest.FromString(body)
+                record.items += [x.name for r in spans.resource_spans for s in r.scope_spans for x in s.spans]
+                reply = ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")
             self.send_header("content-length", str(len(reply)))
@@ -117,73 +129,94 @@ def _no_proxy_or_netrc(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
 
 
-def _span(name: str) -> list[ReadableSpan]:
-    return [ReadableSpan(name=name, context=SpanContext(7, 8, False), resource=Resource({}), start_time=1)]
+@pytest.fixture(params=["spans", "logs"])
+def signal(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
-def test_exports_share_a_connection_and_go_on_after_the_collector_closes_it(collector: Collector) -> None:
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
+def _path(signal: str) -> str:
+    return "/v1/traces" if signal == "spans" else "/v1/logs"
+
+
+def _exporter(signal: str, collector: Collector, **options: Any) -> Any:
+    exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    return exporter(endpoint=collector.url + _path(signal), **options)
+
+
+def _items(signal: str, name: str) -> list[Any]:
+    """One span named ``name``, or one log record with ``name`` as its body."""
+    if signal == "spans":
+        return [ReadableSpan(name=name, context=SpanContext(7, 8, False), resource=Resource({}), start_time=1)]
+    return [ReadableLogRecord(LogRecord(timestamp=1, body=name), Resource({}))]
+
+
+def _sent(exporter: Any, items: list[Any]) -> bool:
+    return bool(exporter.export(items).name == "SUCCESS")
+
+
+def test_exports_share_a_connection_and_go_on_after_the_collector_closes_it(signal: str, collector: Collector) -> None:
+    exporter = _exporter(signal, collector, timeout=5)
     for name in ("one", "two", "three"):
-        assert exporter.export(_span(name)) is SpanExportResult.SUCCESS
+        assert _sent(exporter, _items(signal, name))
     assert len(collector.connections) == 1  # kept alive, not a connection per export
     collector.drop_connections()
-    assert exporter.export(_span("after the close")) is SpanExportResult.SUCCESS
-    assert collector.spans == ["one", "two", "three", "after the close"]
-    assert collector.targets == ["/v1/traces"] * 4
+    assert _sent(exporter, _items(signal, "after the close"))
+    assert collector.items == ["one", "two", "three", "after the close"]
+    assert collector.targets == [_path(signal)] * 4
     assert collector.headers[0]["content-type"] == "application/x-protobuf"
     exporter.shutdown()
 
 
-def test_a_collector_asking_to_retry_gets_the_spans_again(collector: Collector) -> None:
+def test_a_collector_asking_to_retry_gets_the_items_again(signal: str, collector: Collector) -> None:
     collector.refuse = 2
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=10)
-    assert exporter.export(_span("retried")) is SpanExportResult.SUCCESS
-    assert len(collector.targets) == 3 and collector.spans == ["retried"]
+    exporter = _exporter(signal, collector, timeout=10)
+    assert _sent(exporter, _items(signal, "retried"))
+    assert len(collector.targets) == 3 and collector.items == ["retried"]
     exporter.shutdown()
 
 
 def test_gzip_compression_and_headers_from_the_environment_reach_the_collector(
-    collector: Collector, monkeypatch: pytest.MonkeyPatch
+    signal: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=blue")
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
-    assert exporter.export(_span("zipped")) is SpanExportResult.SUCCESS
-    assert collector.spans == ["zipped"]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=blue")
+    exporter = _exporter(signal, collector, timeout=5)
+    assert _sent(exporter, _items(signal, "zipped"))
+    assert collector.items == ["zipped"]
     assert collector.headers[0]["content-encoding"] == "gzip" and collector.headers[0]["x-tenant"] == "blue"
     exporter.shutdown()
 
 
 def test_a_proxy_named_in_the_environment_carries_the_export(
-    collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
+    signal: str, collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
-    assert exporter.export(_span("via the proxy")) is SpanExportResult.SUCCESS
-    assert proxy.targets == [collector.url + "/v1/traces"] and proxy.spans == ["via the proxy"]
+    exporter = _exporter(signal, collector, timeout=5)
+    assert _sent(exporter, _items(signal, "via the proxy"))
+    assert proxy.targets == [collector.url + _path(signal)] and proxy.items == ["via the proxy"]
     assert collector.targets == []
     exporter.shutdown()
 
 
 def test_a_host_the_environment_exempts_from_the_proxy_is_reached_directly(
-    collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
+    signal: str, collector: Collector, proxy: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
-    assert exporter.export(_span("direct")) is SpanExportResult.SUCCESS
-    assert collector.spans == ["direct"] and proxy.targets == []
+    exporter = _exporter(signal, collector, timeout=5)
+    assert _sent(exporter, _items(signal, "direct"))
+    assert collector.items == ["direct"] and proxy.targets == []
     exporter.shutdown()
 
 
 def test_netrc_credentials_for_the_collector_are_sent(
-    collector: Collector, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    signal: str, collector: Collector, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login otel password s3cret\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    exporter = OTLPSpanExporter(endpoint=collector.url + "/v1/traces", timeout=5)
-    assert exporter.export(_span("with credentials")) is SpanExportResult.SUCCESS
+    exporter = _exporter(signal, collector, timeout=5)
+    assert _sent(exporter, _items(signal, "with credentials"))
     assert collector.headers[0]["authorization"] == "Basic b3RlbDpzM2NyZXQ="  # otel:s3cret
     exporter.shutdown()
