@@ -223,13 +223,16 @@ def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
 
 @contextmanager
 def records_made() -> Iterator[list[logging.LogRecord]]:
-    """Every ``logging.LogRecord`` made inside the block (the middleware's direct paths make none)."""
+    """Every ``logging.LogRecord`` of the request logger made inside the block (the middleware's direct paths make
+    none; records of other loggers, such as those of servers earlier tests left running, are not counted)."""
     made: list[logging.LogRecord] = []
     factory = logging.getLogRecordFactory()
 
     def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        made.append(factory(*args, **kwargs))
-        return made[-1]
+        record = factory(*args, **kwargs)
+        if record.name == REQUEST_LOGGER:
+            made.append(record)
+        return record
 
     logging.setLogRecordFactory(counted)
     try:
@@ -240,15 +243,18 @@ def records_made() -> Iterator[list[logging.LogRecord]]:
 
 @pytest.fixture
 def request_logger() -> Iterator[logging.Logger]:
-    """The request logger without the handlers earlier tests left on it (the middleware adds its own handlers only
-    to a logger that has none); they are put back afterwards."""
+    """The request logger as a fresh process has it: without the handlers earlier tests left on it (the middleware
+    adds its own handlers only to a logger that has none), and propagating (pytest attaches its capture handlers to
+    every logger that does not, such as one a middleware left set up); both are put back afterwards."""
     logger = logging.getLogger(REQUEST_LOGGER)
-    others = logger.handlers[:]
+    others, propagate = logger.handlers[:], logger.propagate
     for other in others:
         logger.removeHandler(other)
+    logger.propagate = True
     try:
         yield logger
     finally:
+        logger.propagate = propagate
         for other in others:
             logger.addHandler(other)
 
