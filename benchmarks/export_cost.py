@@ -117,23 +117,37 @@ def exporters(endpoint: str, signal: str) -> dict[str, Any]:
     }
 
 
-def cpu_per_export(exporter: Any, items: list[Any], exports: int) -> float:
-    for _ in range(min(20, exports)):
-        exporter.export(items)
-    start = time.thread_time()
-    for _ in range(exports):
+def _export(exporter: Any) -> Any:
+    def call(items: list[Any]) -> None:
         if exporter.export(items).name != "SUCCESS":
             raise SystemExit("an export failed: is the sink up?")
-    return (time.thread_time() - start) / exports * 1e6
+
+    return call
 
 
-def cpu_per_build(build: Any, items: list[Any], builds: int) -> float:
-    for _ in range(min(20, builds)):
-        build(items).SerializeToString()
+def _build(encode: Any) -> Any:
+    return lambda items: encode(items).SerializeToString()
+
+
+def cpu_per_call(call: Any, items: list[Any], calls: int) -> float:
+    """CPU µs of this thread per ``call(items)``, after a warm-up."""
+    for _ in range(min(20, calls)):
+        call(items)
     start = time.thread_time()
-    for _ in range(builds):
-        build(items).SerializeToString()
-    return (time.thread_time() - start) / builds * 1e6
+    for _ in range(calls):
+        call(items)
+    return (time.thread_time() - start) / calls * 1e6
+
+
+def print_rows(signal: str, calls: dict[str, Any], batches: list[int], args: argparse.Namespace) -> None:
+    """One row per (batch size, named call): the median over rounds, per call and per item."""
+    make = llm_span if signal == "spans" else log_record
+    for size in batches:
+        items = [make(i) for i in range(size)]
+        count = max(10, args.exports * 50 // max(size, 50))
+        for name, call in calls.items():
+            per_call = statistics.median(cpu_per_call(call, items, count) for _ in range(args.rounds))
+            print(f"{name:<44} {size:>12} {per_call:>14.0f} {per_call / size:>12.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,31 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * 85)
         for signal in args.signals.split(","):
             chosen = exporters(endpoint, signal)
-            make = llm_span if signal == "spans" else log_record
-            for size in batches:
-                items = [make(i) for i in range(size)]
-                exports = max(10, args.exports * 50 // max(size, 50))
-                for name, exporter in chosen.items():
-                    figures = [cpu_per_export(exporter, items, exports) for _ in range(args.rounds)]
-                    per_export = statistics.median(figures)
-                    print(f"{name:<44} {size:>12} {per_export:>14.0f} {per_export / size:>12.1f}", flush=True)
+            print_rows(signal, {name: _export(exporter) for name, exporter in chosen.items()}, batches, args)
             for exporter in chosen.values():
                 exporter.shutdown()
         print()
         print("the gRPC exporters' request, built and serialised as their client stub does (no sending):")
         for signal in args.signals.split(","):
-            make = llm_span if signal == "spans" else log_record
-            builders = {
-                f"{signal}: SDK encoder": sdk_encode_spans if signal == "spans" else sdk_encode_logs,
-                f"{signal}: ours (otlp_grpc)": encode_spans if signal == "spans" else encode_logs,
-            }
-            for size in batches:
-                items = [make(i) for i in range(size)]
-                builds = max(10, args.exports * 50 // max(size, 50))
-                for name, build in builders.items():
-                    figures = [cpu_per_build(build, items, builds) for _ in range(args.rounds)]
-                    per_build = statistics.median(figures)
-                    print(f"{name:<44} {size:>12} {per_build:>14.0f} {per_build / size:>12.1f}", flush=True)
+            sdk, ours = (sdk_encode_spans, encode_spans) if signal == "spans" else (sdk_encode_logs, encode_logs)
+            builders = {f"{signal}: SDK encoder": _build(sdk), f"{signal}: ours (otlp_grpc)": _build(ours)}
+            print_rows(signal, builders, batches, args)
         print(f"median of {args.rounds} rounds; CPU time of the exporting thread (time.thread_time)")
     finally:
         procs.stop(sink)
