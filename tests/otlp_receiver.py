@@ -228,6 +228,24 @@ def otlp_receiver() -> Iterator[OTLPReceiver]:
         server.stop(grace=None).wait(5)
 
 
+def grpc_deliveries(exporters: tuple[Any, ...], items: list[Any], kind: str, encode: Callable[[Any], Any]) -> list[Any]:
+    """Export ``items`` with each gRPC exporter class in turn to a receiver of its own (nothing another test sends
+    arrives in between); the ``kind`` (``spans`` or ``logs``) each delivered. Each exporter's request must equal
+    ``encode(items)``, the SDK encoder's, and its export succeed."""
+    delivered = []
+    with otlp_receiver() as receiver:
+        for exporter_class in exporters:
+            exporter = exporter_class(endpoint=receiver.grpc_endpoint, insecure=True, headers={"x-token": "g1"})
+            assert exporter._translate_data(items) == encode(items)
+            before = len(getattr(receiver, kind))
+            assert exporter.export(items).name == "SUCCESS"
+            assert receiver.wait_for(lambda r, before=before: len(getattr(r, kind)) >= before + len(items))
+            delivered.append(getattr(receiver, kind)[before : before + len(items)])
+            exporter.shutdown()
+        assert all(h.get("x-token") == "g1" for h in receiver.headers)
+    return delivered
+
+
 # --- a traced demo server ----------------------------------------------------------------------------
 
 

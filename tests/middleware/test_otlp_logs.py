@@ -28,7 +28,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from llm_telemetry.logs import RECORD_ATTRIBUTE, OTLPLogHandler
 from llm_telemetry.otlp_logs import OTLPLogExporter, encode_logs, encode_logs_request
-from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
+from otlp_receiver import OTLPReceiver, demo_server, grpc_deliveries, otlp_receiver, tracing_env, wait_span
 
 TRACE_ID, SPAN_ID = 0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8
 RESOURCE = Resource({"service.name": "llm-test", "deployment.environment": "test"})
@@ -342,15 +342,6 @@ def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
     from llm_telemetry.otlp_grpc import OTLPGrpcLogExporter
 
     records = request_log_records()
-    received = []
-    with otlp_receiver() as receiver:  # its own: nothing another test sends arrives in between
-        for exporter in (OTLPGrpcLogExporter, SDKGrpcLogExporter):
-            grpc_exporter = exporter(endpoint=receiver.grpc_endpoint, insecure=True)
-            assert grpc_exporter._translate_data(records) == sdk_encode_logs(records)
-            before = len(receiver.logs)
-            assert grpc_exporter.export(records) is LogRecordExportResult.SUCCESS
-            assert receiver.wait_for(lambda r, before=before: len(r.logs) >= before + len(records))
-            received.append(receiver.logs[before : before + len(records)])
-            grpc_exporter.shutdown()
+    received = grpc_deliveries((OTLPGrpcLogExporter, SDKGrpcLogExporter), records, "logs", sdk_encode_logs)
     ours, sdk = received
     assert ours == sdk and {r.protocol for r in ours} == {"grpc"}
