@@ -237,17 +237,21 @@ class _Exchange:
                 body = message["body"]
             except KeyError:
                 more = body = None
-            if not (more and message["type"] == "http.response.body"):
-                return self._watched_send(message)
-            if type(body) is bytes and (size := len(body)) <= MAX_HELD_CHUNK_BYTES:
+            if more and type(body) is bytes and (size := len(body)) <= MAX_HELD_CHUNK_BYTES:
                 # Hottest path: the reader knows this stream's text-delta shape and needs no more clock readings,
                 # so the chunk is only kept (bytes are immutable: a reference is enough) and read with the others
-                # later, in bulk: every MAX_HELD_CHUNKS chunks, or before the next message read here.
+                # later, in bulk: every MAX_HELD_CHUNKS chunks, or before the next message read here. The type is
+                # not compared: once the response has started, only ``http.response.body`` carries both keys in
+                # ASGI (``http.response.zerocopy`` has no ``body``), and the server rejects any other message
+                # that would, failing the request.
                 if size:
                     held.append(body)
                     if len(held) >= MAX_HELD_CHUNKS:
                         self.release()
-                return self._send(message)
+                send = self._send  # (a slot holding a function: ``self._send(...)`` would not be specialised)
+                return send(message)
+            if not (more and message["type"] == "http.response.body"):
+                return self._watched_send(message)
             self.release()  # the kept chunks come first; this one is read as it passes
         elif self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
             body = message.get("body")
