@@ -1069,7 +1069,8 @@ class API:
             call.input_messages = _capture_input(body)
 
     def response_reader(self, call: LLMCall, *, stream: bool, capture: bool) -> ResponseReader:
-        return self.reader(call, stream=stream, capture=capture)
+        reader = self.reader
+        return reader(call, stream=stream, capture=capture)
 
 
 def _capture_input(body: Mapping[str, Any]) -> list[dict[str, Any]]:

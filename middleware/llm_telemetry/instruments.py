@@ -358,6 +358,8 @@ _OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
 
 #: Types of the spans found in a record's context, each a subclass of ``trace.Span`` (see BucketHistogram.exemplar).
 _SPAN_TYPES: Final[set[type]] = set()
+#: (A class attribute read through the class on every request is a dictionary walk; a module global is not.)
+_SAMPLED: Final = trace.TraceFlags.SAMPLED
 
 #: What an exemplar carries besides its value: (time, span id, trace id).
 Sample = tuple[int, int | None, int | None]
@@ -450,7 +452,7 @@ class BucketHistogram:
             if type(ids) is trace.SpanContext and type(ids[3]) is trace.TraceFlags:
                 # The SpanContext tuple read in place of its properties (trace id, span id, flags at 0, 1, 3),
                 # and TraceFlags.sampled's test of the sampled bit.
-                return (time_ns(), ids[1], ids[0]) if ids[3] & trace.TraceFlags.SAMPLED else None
+                return (time_ns(), ids[1], ids[0]) if ids[3] & _SAMPLED else None
             return (time_ns(), ids.span_id, ids.trace_id) if ids.trace_flags.sampled else None
         return self.sample(context) if self._filter.should_sample(0.0, 0, None, context) else None
 

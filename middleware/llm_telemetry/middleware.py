@@ -180,7 +180,8 @@ class _Exchange:
         self.send_code = _code_of(send)
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        receive = self._receive  # (called through the slot itself, the call would not be specialised)
+        message = await receive()
         kind = message["type"]
         if kind == "http.request":
             if self.body_ok:
@@ -217,8 +218,9 @@ class _Exchange:
             call.stream = call.stream or event_stream
 
     async def _forward(self, message: Message) -> None:
+        send = self._send
         try:
-            await self._send(message)
+            await send(message)
         except BaseException:
             self.send_failed = True  # the server could not deliver: the client is gone
             raise
@@ -266,7 +268,8 @@ class _Exchange:
             except Exception as exc:
                 self.reader = None
                 self.failsafe("response_parse", exc)
-        return self._send(message)
+        send = self._send
+        return send(message)
 
     def release(self) -> None:
         """Read the chunks kept by :meth:`send`, in order; keep holding only while the reader can take more."""
@@ -287,8 +290,9 @@ class _Exchange:
         kind = message["type"]
         if kind == "http.response.body":
             now = perf_counter()
+            send = self._send
             try:
-                await self._send(message)
+                await send(message)
             except BaseException:
                 self.send_failed = True  # the server could not deliver: the client is gone
                 raise
@@ -632,7 +636,8 @@ class LLMTelemetryMiddleware:
                 failsafe("observer_start", exc)
         error: BaseException | None = None
         try:
-            await self.app(scope, exchange.receive, exchange.send)
+            app = self.app
+            await app(scope, exchange.receive, exchange.send)
         except BaseException as exc:
             error = exc
             raise
