@@ -28,7 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util import BoundedList
-from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanKind, Status, StatusCode
+from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 logger = logging.getLogger("llm_telemetry")
 
@@ -338,6 +338,21 @@ def _private_fields() -> bool:
 _PRIVATE_FIELDS: Final = _private_fields()
 
 
+def _context_tuple() -> bool:
+    """Whether the API's ``SpanContext`` (a tuple) keeps the trace id, span id, remote flag, trace flags and trace
+    state at indexes 0 to 4, where its properties read them (each property is a Python call)."""
+    try:
+        state = TraceState([("k", "v")])
+        context = SpanContext(3, 2, True, TraceFlags(1), state)
+        fields = (context.trace_id, context.span_id, context.is_remote, context.trace_flags, context.trace_state)
+        return context[:5] == fields and context[4] is state
+    except Exception:
+        return False
+
+
+_CONTEXT_TUPLE: Final = _context_tuple()
+
+
 #: By (event name, attribute key): the parts of an ``Event`` with a timestamp and that one float attribute, around
 #: the timestamp and the value, as one ``struct`` format (the span's ``events`` field included); cleared when full.
 _float_events: dict[tuple[str, str], tuple[Callable[..., bytes], bytes, bytes]] = {}
@@ -389,9 +404,11 @@ def _encode_span(span: ReadableSpan) -> bytes:
             status,
         ) = _readable_fields(span)
     assert context is not None
-    trace_id = context.trace_id
-    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _M64, b"\x12\x08", context.span_id)]
-    trace_state = context.trace_state
+    if type(context) is SpanContext and _CONTEXT_TUPLE:
+        trace_id, span_id, trace_state = context[0], context[1], context[4]
+    else:
+        trace_id, span_id, trace_state = context.trace_id, context.span_id, context.trace_state
+    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _M64, b"\x12\x08", span_id)]
     if trace_state is not _NO_TRACE_STATE and trace_state:
         parts.append(_field(b"\x1a", ",".join(f"{key}={value}" for key, value in trace_state.items()).encode()))
     if parent:

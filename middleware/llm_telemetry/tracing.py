@@ -334,6 +334,7 @@ class _Pipeline:
 
     __slots__ = (
         "_processors",
+        "ends",
         "event",
         "make_readable",
         "multi",
@@ -349,6 +350,8 @@ class _Pipeline:
         self.tracer = tracer
         self.multi = multi
         self._processors = multi._span_processors
+        #: What each processor does with a sampled span that ends (see :func:`_sampled_end`).
+        self.ends = tuple(map(_sampled_end, self._processors))
         self.event = _event_maker(Event)
         self.span_context = _span_context_maker()
         self.make_readable = _readable_maker()
@@ -431,10 +434,23 @@ class _Pipeline:
         recording, sampled = _DECISIONS[id(decision)]  # (by id: Decision's hash is Python code)
         span_id = (getrandbits(64) or ids.generate_span_id()) if getrandbits is not None else ids.generate_span_id()
         flags = _FLAGS[sampled, bool(random_id)]
-        span_context = self.span_context(trace_id, span_id, flags, trace_state)
+        make_span_context = self.span_context
+        span_context = make_span_context(trace_id, span_id, flags, trace_state)
         if not recording:
             return trace.NonRecordingSpan(span_context)
-        return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time)
+        return LLMSpan(self, name, span_context, parent_context, kind, attributes, start_time, sampled)
+
+
+def _sampled_end(processor: Any) -> Any:
+    """What ``processor.on_end`` does with a sampled span: for the SDK's batch processor, its queue's ``emit`` (its
+    ``on_end`` only reads the span's sampled flag through three properties, then calls that); else ``on_end``."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    if type(processor) is BatchSpanProcessor:
+        emit = getattr(getattr(processor, "_batch_processor", None), "emit", None)
+        if callable(emit):
+            return emit
+    return processor.on_end
 
 
 def _static_decision(sampler: Any, parent: trace.SpanContext, valid: bool, parent_based: Any, static: Any) -> Any:
@@ -674,6 +690,7 @@ class LLMSpan(trace.Span):
         "links",
         "name",
         "parent",
+        "sampled",
         "start_time",
         "status",
     )
@@ -687,8 +704,10 @@ class LLMSpan(trace.Span):
         kind: SpanKind,
         attributes: dict[str, Any],
         start_time: int,
+        sampled: bool,
     ) -> None:
         self._pipeline = pipeline
+        self.sampled = sampled
         self.name = name
         self.context = span_context
         self.parent = parent
@@ -788,7 +807,8 @@ class LLMSpan(trace.Span):
             from opentelemetry.sdk.resources import Resource
 
             resource = Resource.create({})
-        readable = pipeline.make_readable(
+        make_readable = pipeline.make_readable  # (a call through the slot itself would not be specialised)
+        readable = make_readable(
             self.name,
             self.context,
             self.kind,
@@ -803,11 +823,17 @@ class LLMSpan(trace.Span):
             resource,
             self.status,
         )
-        for processor in pipeline._processors:  # what the SDK's SynchronousMultiSpanProcessor.on_end does
-            processor.on_end(readable)
+        # What the SDK's SynchronousMultiSpanProcessor.on_end does. Its batch and simple processors drop a span
+        # that is not sampled (recorded only); a sampled one goes to each as _sampled_end found.
+        if self.sampled:
+            for end in pipeline.ends:
+                end(readable)
 
 
 _UNSET: Final = Status(StatusCode.UNSET)
+#: The kinds, as module globals (read on every request; an enum member read through its class is a slower lookup).
+_INTERNAL: Final = SpanKind.INTERNAL
+_SERVER: Final = SpanKind.SERVER
 
 
 class SpanObserver:
@@ -835,11 +861,11 @@ class SpanObserver:
             names.GEN_AI_OPERATION_NAME: call.operation,
             names.GEN_AI_PROVIDER_NAME: call.provider,
         }
-        kind = SpanKind.INTERNAL
+        kind = _INTERNAL
         parent = None
         scope = call.scope
         if self.server_span and scope is not None and not _CONTEXT.span_is_current():
-            kind = SpanKind.SERVER
+            kind = _SERVER
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
             parent = _extract(scope.get("headers") or ())
             _server_attributes(scope, call.path, attributes)

@@ -20,7 +20,15 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, Tra
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 
 from llm_telemetry import LLMTelemetryMiddleware
@@ -237,6 +245,43 @@ def test_the_providers_sampler_decides() -> None:
     (span,) = ratio.get_finished_spans()
     assert span.context.trace_id == CALLER_TRACE and span.context.trace_flags.sampled
     assert span.context.trace_state.get("vendor") == "x1"
+
+
+class RecordOnly(Sampler):
+    """Records every span without sampling it: the application sees a recording span, no exporter gets it."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any, **kwargs: Any) -> SamplingResult:
+        return SamplingResult(Decision.RECORD_ONLY, {"sampler.note": "kept"})
+
+    def get_description(self) -> str:
+        return "RecordOnly"
+
+
+def test_a_span_recorded_but_not_sampled_reaches_no_exporter() -> None:
+    batch = InMemorySpanExporter()
+    record_only, simple = provider(BatchSpanProcessor(batch), sampler=RecordOnly())
+    seen: list[tuple[bool, bool, bool]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        span = trace.get_current_span()  # the middleware's own span, recording, not sampled
+        seen.append((type(span) is LLMSpan, span.is_recording(), span.get_span_context().trace_flags.sampled))
+        await demo_app.bare_app()(scope, receive, send)
+
+    wrapped = middleware(app, record_only)
+    call(wrapped, chat_body())
+    call(wrapped, chat_body(stream=True))
+    record_only.force_flush()
+    assert seen == [(True, True, False)] * 2
+    assert simple.get_finished_spans() == () and batch.get_finished_spans() == ()
+
+    # The same pipeline with every span sampled: both processors export both spans.
+    batch_on = InMemorySpanExporter()
+    sampled, simple_on = provider(BatchSpanProcessor(batch_on), sampler=ALWAYS_ON)
+    app_on = middleware(bare_app(), sampled)
+    call(app_on, chat_body())
+    call(app_on, chat_body(stream=True))
+    sampled.force_flush()
+    assert len(simple_on.get_finished_spans()) == 2 and len(batch_on.get_finished_spans()) == 2
 
 
 @pytest.mark.parametrize(
