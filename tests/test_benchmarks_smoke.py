@@ -103,3 +103,21 @@ def test_export_cost_prints_a_row_per_exporter() -> None:
         *(f"{signal}: {exporter}" for signal in ("spans", "logs") for exporter in exporters),
         *(f"{signal}: {builder}" for signal in ("spans", "logs") for builder in ("SDK encoder", "ours (otlp_grpc)")),
     ], result.stdout
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="reads CPython 3.11's quickened bytecode")
+def test_unspecialised_lists_the_generic_lookups_of_the_request_path() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "unspecialised.py"), "--requests", "40"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"unspecialised.py failed:\n{result.stdout}\n{result.stderr}"
+    sites = result.stdout.splitlines()
+    assert re.fullmatch(r"\d+ generic instructions that ran \(ours\+traces: stream64,chat, 40 each\)", sites[-1])
+    # Found: the demo app reads Starlette's ``Request.headers``, a property (never specialised in 3.11).
+    assert any(re.fullmatch(r"llm_telemetry/demo/app\.py:\d+  chat  LOAD_ATTR_ADAPTIVE headers", s) for s in sites)
+    # Not found: the stream's per-chunk ``send`` calls the server's ``send`` through a local, never the slot.
+    assert not [s for s in sites if re.fullmatch(r"llm_telemetry/middleware\.py:\d+  \w+  \w+ _send", s)], result.stdout

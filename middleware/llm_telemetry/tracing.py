@@ -976,8 +976,9 @@ class SpanObserver:
             attributes[GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = ttft
             timestamp = now_ns - int((now_perf - first_token_at) * 1e9)  # _wall_ns
             if light:
+                make_event = span._pipeline.event
                 span.events.append(
-                    span._pipeline.event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp)
+                    make_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp)
                 )
             else:
                 span.add_event(FIRST_TOKEN_EVENT, {GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: ttft}, timestamp=timestamp)
