@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
-from llm_telemetry.logs import FIELDS, REQUEST_LOGGER, JsonFormatter
+from llm_telemetry.labels import valid_text
+from llm_telemetry.logs import FIELDS, RECORD_ATTRIBUTE, REQUEST_LOGGER, JsonFormatter
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
 from support import serve
 
@@ -463,3 +464,23 @@ def test_attribute_limits_apply_as_the_sdk_applies_them(limits: dict[str, int]) 
     assert _exported_view(direct) == _exported_view(sdk)
     assert direct.dropped_attributes == sdk.dropped_attributes == (len(fields) - len(direct.log_record.attributes))
     assert warned is None or len(warned) == 2  # the SDK's warning, once for each
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(max_size=12), _JSON_VALUES | st.tuples(st.text()), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_a_request_line_is_the_json_module_s_text(fields: dict[str, Any]) -> None:
+    """The line the formatter writes is ``json.dumps`` of the same fields (compact, non-ASCII kept, anything else
+    through ``str``), whatever the fields hold: NaN and infinities, lone surrogates (made writable), nesting."""
+    record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "llm request", None, None)
+    setattr(record, RECORD_ATTRIBUTE, fields)
+    line = JsonFormatter().format(record)
+    timestamp = json.loads(line)["timestamp"] if "timestamp" not in fields else fields["timestamp"]
+    expected = {"timestamp": timestamp, "level": "info", "message": "llm request", **fields}
+    assert line == valid_text(json.dumps(expected, ensure_ascii=False, separators=(",", ":"), default=str))
