@@ -69,12 +69,13 @@ FULL = Plan(
     rounds=9,
     warmup=300,
     batch={
-        # Non-stream batches of 1,000 requests (~0.15 s of server CPU) swung by up to 2x from round to round on
-        # a shared VM, in every variant; longer batches average a slow spell over more requests.
+        # Batches of ~0.15-0.2 s of server CPU (1,000 chat requests, 200 64-chunk streams) swung by up to 2x
+        # from round to round on a shared VM, in every variant; longer batches average a slow spell over more
+        # requests.
         "chat": 4000,
-        "stream64": 200,
-        "stream64o": 200,
-        "stream256": 60,
+        "stream64": 400,
+        "stream64o": 400,
+        "stream256": 120,
         "stream4096": 4,
         "body1m": 60,
         "embeddings": 2000,
