@@ -198,6 +198,10 @@ def measure(load: LoadGenerator, server: Server, scenario: str, requests: int, p
     }
 
 
+def _fastest(batches: list[dict[str, Any]]) -> float:
+    return float(min(b["cpu_per_request"] for b in batches))
+
+
 def summarise(batches: list[dict[str, Any]], keys: list[str], scenarios: Iterable[str]) -> list[dict[str, Any]]:
     """One row per (scenario, variant): medians over rounds, ratios to bare paired by round."""
     rows = []
@@ -224,6 +228,10 @@ def summarise(batches: list[dict[str, Any]], keys: list[str], scenarios: Iterabl
                         m["cpu_per_request"] / b["cpu_per_request"] for m, b in pairs if b["cpu_per_request"]
                     ),
                     "cpu_delta_us": delta * 1e6,
+                    # The fastest batch of each against bare's: a batch caught in a slow spell of a shared VM only
+                    # ever costs more, so this one is the least disturbed (a second reading of the same rounds).
+                    "fastest_ratio": _fastest(mine) / _fastest(bare) if bare else None,
+                    "fastest_delta_us": (_fastest(mine) - _fastest(bare)) * 1e6 if bare else None,
                     "cpu_per_chunk_us": cpu * 1e6 / chunks if chunks else None,
                     "delta_per_chunk_us": delta * 1e6 / chunks if chunks else None,
                     "failures": sum(b["failures"] for b in mine),
@@ -398,8 +406,18 @@ def targets(report: dict[str, Any], delta: str = "cpu_delta_us", unit: str = "us
     rows = {(r["scenario"], r["variant"]): r for r in report.get("rows", [])}
     found: list[tuple[str, str, str]] = []
 
-    def check(name: str, ok: bool | None, measured: str) -> None:
-        found.append((name, measured, "n/a" if ok is None else ("met" if ok else "NOT met")))
+    def check(name: str, ok: bool | None, measured: str, fastest_ok: bool | None = None) -> None:
+        if ok is None:
+            verdict = "n/a"
+        elif fastest_ok is not None and fastest_ok != ok:
+            verdict = "unsettled"  # the two readings of the same rounds disagree: the run cannot tell
+        else:
+            verdict = "met" if ok else "NOT met"
+        found.append((name, measured, verdict))
+
+    def fastest(row: dict[str, Any], limit: float) -> bool | None:
+        ratio = row.get("fastest_ratio") if delta == "cpu_delta_us" else None
+        return None if ratio is None else ratio <= limit
 
     ours, instrumentator = rows.get(("chat", "ours")), rows.get(("chat", "instrumentator"))
     if ours and instrumentator:
@@ -407,22 +425,32 @@ def targets(report: dict[str, Any], delta: str = "cpu_delta_us", unit: str = "us
         wins = _rounds_cheaper(report.get("batches", []), "chat", "ours", "instrumentator")
         if wins is not None:
             measured += f" (cheaper in {wins[0]} of {wins[1]} rounds)"
-        check("metrics only, chat: +CPU <= instrumentator's", ours[delta] <= instrumentator[delta], measured)
+        fastest_ok = None
+        if delta == "cpu_delta_us" and ours.get("fastest_delta_us") is not None:
+            mine, theirs = ours["fastest_delta_us"], instrumentator["fastest_delta_us"]
+            measured += f"; fastest {mine:+.1f} vs {theirs:+.1f}"
+            fastest_ok = mine <= theirs
+        ok = ours[delta] <= instrumentator[delta]
+        check("metrics only, chat: +CPU <= instrumentator's", ok, measured, fastest_ok)
     for scenario in ("stream64", "stream256"):
         row = rows.get((scenario, "ours"))
         if row:
             over = (row["cpu_ratio"] - 1) * 100
             per_chunk = row[delta] / SCENARIOS[scenario].chunks
-            measured = f"{over:+.1f}% ({per_chunk:+.2f} {unit}/chunk)"
-            check(f"metrics only, {scenario}: CPU <= +5%", over <= 5, measured)
+            measured = f"{over:+.1f}% ({per_chunk:+.2f} {unit}/chunk)" + _fastest_note(row)
+            check(f"metrics only, {scenario}: CPU <= +5%", over <= 5, measured, fastest(row, 1.05))
     row = rows.get(("chat", "ours+traces"))
     if row:
-        check("traces, chat: CPU <= 3x bare", row["cpu_ratio"] <= 3, f"{row['cpu_ratio']:.2f}x")
+        measured = f"{row['cpu_ratio']:.2f}x"
+        if row.get("fastest_ratio") is not None and delta == "cpu_delta_us":
+            measured += f"; fastest {row['fastest_ratio']:.2f}x"
+        check("traces, chat: CPU <= 3x bare", row["cpu_ratio"] <= 3, measured, fastest(row, 3.0))
     for scenario in ("stream64", "stream256"):
         row = rows.get((scenario, "ours+traces"))
         if row:
             over = (row["cpu_ratio"] - 1) * 100
-            check(f"traces, {scenario}: CPU <= +15%", over <= 15, f"{over:+.1f}%")
+            measured = f"{over:+.1f}%" + _fastest_note(row)
+            check(f"traces, {scenario}: CPU <= +15%", over <= 15, measured, fastest(row, 1.15))
             otel = rows.get((scenario, "otel-asgi"))
             if otel:
                 times = otel[delta] / row[delta] if row[delta] > 0 else float("inf")
@@ -450,6 +478,12 @@ def targets(report: dict[str, Any], delta: str = "cpu_delta_us", unit: str = "us
             dropped = spans["requests"] - spans["received"]
             check(f"{key}: every span exported", dropped == 0, f"{spans['received']} of {spans['requests']} spans")
     return found
+
+
+def _fastest_note(row: dict[str, Any]) -> str:
+    """The row's figure from the fastest batches (server CPU only), beside the median of per-round ratios."""
+    fastest = row.get("fastest_ratio") if "fastest_delta_us" in row else None
+    return "" if fastest is None else f"; fastest {(fastest - 1) * 100:+.1f}%"
 
 
 def _rounds_cheaper(batches: list[dict[str, Any]], scenario: str, mine: str, other: str) -> tuple[int, int] | None:
@@ -502,7 +536,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += workers.get("notes", [])
     lines += ["", "Targets (this run)"]
     for name, measured, verdict in targets(report):
-        lines.append(f"  {name:<52}{measured:<50}{verdict}")
+        lines.append(f"  {name:<52}{measured:<72}{verdict}")
     lines += report.get("notes", [])
     return "\n".join(lines)
 

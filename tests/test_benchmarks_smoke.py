@@ -121,3 +121,29 @@ def test_unspecialised_lists_the_generic_lookups_of_the_request_path() -> None:
     assert any(re.fullmatch(r"llm_telemetry/demo/app\.py:\d+  chat  LOAD_ATTR_ADAPTIVE headers", s) for s in sites)
     # Not found: the stream's per-chunk ``send`` calls the server's ``send`` through a local, never the slot.
     assert not [s for s in sites if re.fullmatch(r"llm_telemetry/middleware\.py:\d+  \w+  \w+ _send", s)], result.stdout
+
+
+def test_a_target_whose_two_readings_disagree_is_reported_unsettled() -> None:
+    """The verdict reads both the median of per-round ratios and the fastest batches: a run where one says met and
+    the other not cannot tell, and says so rather than picking the reading that flatters."""
+    bench: Any = importlib.import_module("middleware_bench")
+
+    def batches(variant: str, cpu_us: list[float]) -> list[dict[str, Any]]:
+        return [
+            {"variant": variant, "scenario": "stream64", "round": n, "cpu_per_request": us / 1e6, "requests": 1}
+            | {"failures": 0, "rate": 1.0, "p50": 0.0, "p99": 0.0}
+            for n, us in enumerate(cpu_us)
+        ]
+
+    def verdict(bare: list[float], traced: list[float]) -> str:
+        runs = batches("bare", bare) + batches("ours+traces", traced)
+        report = {"rows": bench.summarise(runs, ["bare", "ours+traces"], ["stream64"]), "batches": runs}
+        [found] = [v for name, _, v in bench.targets(report) if name == "traces, stream64: CPU <= +15%"]
+        return str(found)
+
+    assert verdict([1000, 1000, 1300], [1100, 1100, 1400]) == "met"  # +10% in each round and between the fastest
+    assert verdict([1000, 1000, 1300], [1200, 1200, 1500]) == "NOT met"  # +20% and more, both ways
+    # Rounds at +25%, +10%, +10% (median +10%) while the fastest batches differ by 25%: the run cannot tell.
+    assert verdict([800, 1000, 1000], [1000, 1100, 1100]) == "unsettled"
+    # And the other way round: rounds at +10%, +20%, +20%, the fastest batches 10% apart.
+    assert verdict([1000, 1000, 1000], [1100, 1200, 1200]) == "unsettled"
