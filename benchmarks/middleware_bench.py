@@ -480,6 +480,15 @@ def targets(report: dict[str, Any], delta: str = "cpu_delta_us", unit: str = "us
     return found
 
 
+def _bare_spread(batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Per scenario, the bare app's slowest batch over its fastest: the same code, so all of it is the machine."""
+    cpu: dict[str, list[float]] = {}
+    for b in batches:
+        if b.get("variant") == "bare" and b.get("cpu_per_request"):
+            cpu.setdefault(b["scenario"], []).append(b["cpu_per_request"])
+    return {scenario: max(v) / min(v) for scenario, v in cpu.items() if len(v) > 1}
+
+
 def _fastest_note(row: dict[str, Any]) -> str:
     """The row's figure from the fastest batches (server CPU only), beside the median of per-round ratios."""
     fastest = row.get("fastest_ratio") if "fastest_delta_us" in row else None
@@ -501,6 +510,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines += format_rows(report.get("rows", []))
     for key, reason in report.get("skipped", {}).items():
         lines.append(f"(variant {key} not run: {reason})")
+    spread = _bare_spread(report.get("batches", []))
+    if spread:
+        lines += ["", "How disturbed the machine was: the bare app's slowest batch over its fastest, per scenario"]
+        lines.append("  " + ", ".join(f"{scenario} {ratio:.2f}x" for scenario, ratio in spread.items()))
     lines += ["", "Memory (KiB of RSS in the server process)"]
     lines.append(
         f"{'variant':<16}{'after warm-up':>14}{'after rounds':>14}{'final':>10}{'peak':>10}"
