@@ -562,11 +562,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", choices=sorted(PLANS), default="reduced")
     parser.add_argument("--variants", help="comma-separated variants (bare is always included)")
+    parser.add_argument(
+        "--scenarios", help="comma-separated: only these scenarios of the plan (then no soak and no two-worker part)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds instead of the plan's")
     parser.add_argument("--json", help="also write every measurement to this file")
     args = parser.parse_args(argv)
     started = time.monotonic()
     only = args.variants.split(",") if args.variants else None
-    report = run(PLANS[args.plan], only, log=lambda m: print(m, file=sys.stderr, flush=True))
+    plan = PLANS[args.plan]
+    if args.scenarios:
+        wanted = args.scenarios.split(",")
+        unknown = [s for s in wanted if s not in plan.batch]
+        if unknown:
+            parser.error(f"not in plan {args.plan}: {', '.join(unknown)} (it has {', '.join(plan.batch)})")
+        batch = {s: n for s, n in plan.batch.items() if s in wanted}
+        plan = dataclasses.replace(plan, batch=batch, soak=0, workers_rounds=0)
+    if args.rounds:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
+    report = run(plan, only, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_report(report))
     print(f"\nplan {args.plan}, finished in {time.monotonic() - started:.0f} s")
     if args.json:
