@@ -38,6 +38,12 @@ MAX_HELD_CHUNKS = 128
 MAX_HELD_CHUNK_BYTES = 512
 MAX_HELD_BYTES = MAX_HELD_CHUNKS * MAX_HELD_CHUNK_BYTES
 
+#: What keeping one piece of a request body costs besides its bytes (the bytes object's header with its allocator
+#: rounding, and its slot in the list), counted against the body limit with the piece's length. A client that
+#: drips its body gets one piece per read from the server, a byte or two each: counted by their bytes alone, the
+#: pieces of an 8 MiB body would keep hundreds of MB alive until the response ends (~55 bytes a piece measured).
+BODY_PIECE_OVERHEAD = 64
+
 #: Longest request id taken from the client's header (longer ones are cut).
 _MAX_REQUEST_ID_CHARS = 128
 
@@ -162,6 +168,7 @@ class _Exchange:
         #: The request body's pieces as the app received them (kept by reference, parsed once the app has
         #: answered: parsing here, inside the app's ``receive()``, would delay its work and its first token).
         self.body: list[bytes] = []
+        #: What the kept pieces cost: their lengths and BODY_PIECE_OVERHEAD each, at most ``max_body``.
         self.body_size = 0
         self.body_ok = max_body > 0
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
@@ -187,7 +194,7 @@ class _Exchange:
             if self.body_ok:
                 chunk = message.get("body", b"")
                 if chunk:
-                    size = self.body_size + len(chunk)
+                    size = self.body_size + len(chunk) + BODY_PIECE_OVERHEAD
                     if size > self.max_body:
                         self.body_ok = False  # too large to inspect; it still reaches the app untouched
                         self.body = []

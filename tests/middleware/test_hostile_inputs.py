@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import MAX_LABEL_CHARS
 from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
-from llm_telemetry.middleware import Router
+from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, Router
 from llm_telemetry.record import LLMCall
 from llm_telemetry.sse import SSEDecoder
 from support import Calls, Metrics
@@ -395,6 +396,65 @@ async def test_hostile_request_bodies_answer_as_the_bare_app(cleanup: list[Any],
         assert wire(await exchange(wrapped, path, body)) == expected
         assert len(calls.ended) == 1
         assert internal_errors(await scrape(wrapped)) == 0
+
+
+@pytest.mark.parametrize("admitted", [True, False], ids=["largest-read", "past-the-limit"])
+async def test_hostile_dripped_request_body_keeps_no_more_than_the_body_limit_alive(
+    cleanup: list[Any], admitted: bool
+) -> None:
+    """A client that drips its body gets one ``http.request`` message per read of the server, a byte or two each
+    (uvicorn delivered a 2 MB body dripped over loopback in ~1M pieces). However small the pieces, what the
+    middleware keeps of them for its parse costs no more than the body limit, both for the largest such body it
+    still reads and for one far past the limit, while the app, which reads the body as it comes and keeps none of
+    it, gets every byte. Measured with tracemalloc while the app runs."""
+    limit = 1 << 20
+    head, tail = b'{"model": "m", "messages": [{"role": "user", "content": "', b'"}]}'
+    # In two-byte pieces: the most the limit admits, counting each piece's overhead; or about 8x that.
+    size = 2 * (limit // (2 + BODY_PIECE_OVERHEAD)) if admitted else 400_000
+    body = head + b"x" * (size - len(head) - len(tail)) + tail
+    measured: list[tuple[int, int]] = []  # (bytes the app received, bytes traced as alive once it has read them)
+    baseline = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        received = 0
+        while True:
+            message = await receive()
+            received += len(message["body"])  # used and dropped, as a parser reading the body as it comes does
+            if not message.get("more_body"):
+                break
+        measured.append((received, tracemalloc.get_traced_memory()[0] - baseline))
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": b'{"model": "m", "choices": []}'})
+
+    wrapped, calls = observe(app, max_request_bytes=limit)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b"{}")  # the middleware's set-up, before memory is traced
+    offset = 0
+
+    async def receive() -> dict[str, Any]:
+        # Each piece a new bytes object, as a server makes one per read: traced, and freed unless kept.
+        nonlocal offset
+        piece, offset = body[offset : offset + 2], offset + 2
+        return {"type": "http.request", "body": piece, "more_body": offset < len(body)}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    measured.clear()
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        await wrapped(scope("/v1/chat/completions"), receive, send)
+    finally:
+        tracemalloc.stop()
+    [(received, alive)] = measured
+    assert received == len(body)
+    assert alive < limit, f"{alive} bytes kept alive for a body limit of {limit}"
+    assert len(calls.ended) == 2
+    assert calls.ended[1].request_model == ("m" if admitted else None)  # past the limit: recorded unread
+    assert internal_errors(await scrape(wrapped)) == 0
 
 
 async def test_hostile_deep_error_body_is_classified_by_status(cleanup: list[Any]) -> None:
