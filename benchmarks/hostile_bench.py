@@ -54,6 +54,15 @@ def request_body(n: int) -> tuple[bytes, list[bytes]]:
     return json.dumps({"model": "m", "messages": [message] * count}).encode(), [b'{"model": "m"}']
 
 
+def tool_results(n: int) -> tuple[bytes, list[bytes]]:
+    """A request reporting ``n`` tool results of three tools (each a message of its own, ~50 bytes)."""
+    turn = {"role": "assistant", "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": f"tool{i}", "arguments": "{}"}} for i in range(3)
+    ]}  # fmt: skip
+    results = [{"role": "tool", "tool_call_id": f"c{i % 3}", "content": "ok"} for i in range(n)]
+    return json.dumps({"model": "m", "messages": [turn, *results]}).encode(), [b'{"model": "m"}']
+
+
 def deep_request(n: int) -> tuple[bytes, list[bytes]]:
     """A request body of ``n`` opening brackets (refused at the parser's depth limit)."""
     return b"[" * n, [b'{"model": "m"}']
@@ -68,9 +77,10 @@ CASES: list[Case] = [
     ("SSE: plain text deltas (reference)", "event", text_deltas, [1_000, 10_000, 100_000], "text/event-stream"),
     ("JSON request body", "MiB", request_body, [1 << 20, 2 << 20, 4 << 20], "application/json"),
     ("request of nested brackets", "MiB", deep_request, [1 << 20, 2 << 20, 4 << 20], "application/json"),
+    ("request with tool results", "result", tool_results, [1_000, 10_000, 100_000], "application/json"),
 ]  # fmt: skip
 
-UNITS = {"line": 1, "event": 1, "KiB": 1024, "MiB": 1 << 20}
+UNITS = {"line": 1, "event": 1, "result": 1, "KiB": 1024, "MiB": 1 << 20}
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -171,6 +171,45 @@ async def test_hostile_label_values_are_bounded_in_number(cleanup: list[Any]) ->
     assert metrics.value("llm_requests_total", gen_ai_request_model="other") == 14
 
 
+async def test_hostile_many_tool_results_are_counted_exactly_per_tool_and_status(cleanup: list[Any]) -> None:
+    """A body may carry a hundred thousand tool results: each counts once, under its tool's bounded name (past the
+    label limit, in order of first appearance: ``other``) and its status, as tool calls in the answer do."""
+    turn = {"role": "assistant", "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": "{}"}}
+        for i, name in enumerate(["search", "calc", "lookup", "extra"])
+    ]}  # fmt: skip
+    sent = [("c0", "ok", 50_000), ("c0", "error: timeout", 20_000), ("c1", '{"error": "boom"}', 30_000),
+            ("c1", '{"value": 4}', 5), ("c2", "fine", 7), ("c3", "ok", 11), ("c9", "ok", 3)]  # fmt: skip
+    results = [{"role": "tool", "tool_call_id": i, "content": text} for i, text, n in sent for _ in range(n)]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "go"}, turn, *results]}).encode()
+    calls = [{"id": "x", "type": "function", "function": {"name": name, "arguments": "{}"}}
+             for name in ["calc", "search", "calc", "extra"]]  # fmt: skip
+    answer = {"model": "m", "choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": calls},
+                                         "finish_reason": "tool_calls"}]}  # fmt: skip
+    wrapped, _ = observe(replying(200, JSON, json.dumps(answer).encode()), max_label_values=3)
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", body)
+    metrics = await scrape(wrapped)
+    counted = {
+        (s.labels["gen_ai_tool_name"], s.labels["llm_tool_status"]): s.value
+        for s in metrics.samples
+        if s.name == "llm_tool_results_total"
+    }
+    # The answer's tool calls are counted first: calc, search and extra take the three places, so lookup and the
+    # unknown id's tool are "other".
+    assert counted == {
+        ("search", "success"): 50_000,
+        ("search", "error"): 20_000,
+        ("calc", "error"): 30_000,
+        ("calc", "success"): 5,
+        ("extra", "success"): 11,
+        ("other", "success"): 10,
+    }
+    tool_calls = {s.labels["gen_ai_tool_name"]: s.value for s in metrics.samples if s.name == "llm_tool_calls_total"}
+    assert tool_calls == {"calc": 2, "search": 1, "extra": 1}
+    assert internal_errors(metrics) == 0
+
+
 # --- errors by origin -------------------------------------------------------------------------------------------
 
 
