@@ -28,6 +28,11 @@ MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 #: Distinct finish reasons kept per call (a response has one per choice; a stream cannot grow the list past this).
 MAX_FINISH_REASONS: Final = 16
+#: Tool calls counted per response (models make a few at a time; a stream cannot grow the list past this).
+MAX_TOOL_CALLS: Final = 1024
+#: Generated text kept for a span when content capture is on, in characters: the span shows at most
+#: ``capture_content_max_chars`` of it, and a response that never ends must not grow the memory it takes.
+MAX_KEPT_TEXT_CHARS: Final = 1 << 18
 #: Largest count taken from a body (tokens, max_tokens): beyond it the value is not a count but an attack.
 _MAX_COUNT: Final = 2**53
 
@@ -97,6 +102,11 @@ def _add_finish_reason(call: LLMCall, reason: Any) -> None:
             reasons.append(reason)
 
 
+def _add_tool_call(call: LLMCall, name: str) -> None:
+    if len(call.tool_calls) < MAX_TOOL_CALLS:
+        call.tool_calls.append(name)
+
+
 class ResponseReader:
     """Reads one response body; subclasses implement ``_on_event`` (streams) or ``_on_json`` (JSON)."""
 
@@ -106,6 +116,7 @@ class ResponseReader:
         "_decoder",
         "_ends",
         "_fast",
+        "_kept_chars",
         "_misses",
         "_overflow",
         "_pending",
@@ -134,6 +145,8 @@ class ResponseReader:
         self._buffer = bytearray()
         self._overflow = False
         self._text: list[str] | None = [] if capture else None
+        #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
+        self._kept_chars = 0
         #: Content-bearing chunks seen: the output-token estimate when a stream reports no usage.
         self._chunks = 0
         #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
@@ -377,8 +390,10 @@ class ResponseReader:
             self.call.first_token_at = now
 
     def _keep_text(self, text: Any) -> None:
-        if self._text is not None and isinstance(text, str):
-            self._text.append(text)
+        kept = self._text
+        if kept is not None and isinstance(text, str) and self._kept_chars < MAX_KEPT_TEXT_CHARS:
+            kept.append(text)
+            self._kept_chars += len(text)
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
         # The stream began with 200: an error event inside it is the server's unless its body says otherwise.
@@ -770,7 +785,8 @@ class OpenAIChatReader(ResponseReader):
             # A tool call streams as several deltas with one index; only the first one names the function.
             key = (choice_index, _int(tool_call.get("index")) or 0)
             name = _str(_get(tool_call, "function", "name"))
-            if name and key not in self._tool_indexes:
+            # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
+            if name and key not in self._tool_indexes and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                 self._tool_indexes.add(key)
                 self.call.tool_calls.append(name)
 
@@ -790,7 +806,7 @@ class OpenAIChatReader(ResponseReader):
                 for tool_call in _list(_get(choice, "message", "tool_calls")):
                     name = _str(_get(tool_call, "function", "name"))
                     if name:
-                        self.call.tool_calls.append(name)
+                        _add_tool_call(self.call, name)
         self._usage(obj.get("usage"))
 
 
@@ -851,7 +867,7 @@ class OpenAIResponsesReader(ResponseReader):
                 self._first_token(now)
                 name = _str(item.get("name"))
                 if name:
-                    self.call.tool_calls.append(name)
+                    _add_tool_call(self.call, name)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             self._response(obj.get("response"))
         elif kind == "error":
@@ -864,7 +880,7 @@ class OpenAIResponsesReader(ResponseReader):
                 continue
             name = _str(item.get("name"))
             if item.get("type") == "function_call" and name:
-                self.call.tool_calls.append(name)
+                _add_tool_call(self.call, name)
             for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     self._text_chars += len(part["text"])
@@ -932,7 +948,7 @@ class AnthropicMessagesReader(ResponseReader):
                 self._first_token(now)
                 name = _str(block.get("name"))
                 if name:
-                    self.call.tool_calls.append(name)
+                    _add_tool_call(self.call, name)
         elif kind == "message_delta":
             _add_finish_reason(self.call, _get(obj, "delta", "stop_reason"))
             self._usage(obj.get("usage"))
@@ -949,7 +965,7 @@ class AnthropicMessagesReader(ResponseReader):
                 continue
             name = _str(block.get("name"))
             if block.get("type") in ("tool_use", "server_tool_use") and name:
-                self.call.tool_calls.append(name)
+                _add_tool_call(self.call, name)
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])
                 self._keep_text(block["text"])

@@ -73,6 +73,17 @@ LLM_TOOL_CALLS_NAMES: Final = "llm.tool_calls.names"
 LLM_TOOL_CALLS_COUNT: Final = "llm.tool_calls.count"
 LLM_COST_USD: Final = "llm.cost_usd"
 LLM_REQUEST_ID: Final = "llm.request_id"
+#: With content capture on: how many of the request's messages were left out of ``gen_ai.input.messages``.
+LLM_INPUT_MESSAGES_OMITTED: Final = "llm.input.messages.omitted"
+
+#: With content capture on, ``gen_ai.input.messages`` keeps the system prompt and the most recent messages, each cut
+#: to ``capture_content_max_chars``, while their content adds up to at most this many times that (the last message
+#: is always kept), and never more than :data:`MAX_CAPTURED_MESSAGES`: a span stays small however long the
+#: conversation, and so does the export queue holding thousands of them.
+CAPTURED_INPUT_MESSAGES_BUDGET = 4
+MAX_CAPTURED_MESSAGES = 32
+#: Roles of a first message kept whatever the budget.
+_INSTRUCTION_ROLES: Final = frozenset({"system", "developer"})
 #: The span event marking the first generated token (or tool call) of a stream.
 FIRST_TOKEN_EVENT: Final = "gen_ai.first_token"
 
@@ -1000,16 +1011,39 @@ class SpanObserver:
                 value = json.dumps(value, default=str)
         return cap(self.redact(value), self.max_chars)
 
+    def _message(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "role": str(message.get("role") or message.get("type") or "user"),
+            "parts": [{"type": "text", "content": self._text(message.get("content", message.get("output", "")))}],
+        }
+
+    def _input_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        """The messages ``gen_ai.input.messages`` shows (see :data:`CAPTURED_INPUT_MESSAGES_BUDGET`), and how many
+        were left out. Only the messages shown are redacted and cut, newest first, so the work is bounded too."""
+        budget = self.max_chars * CAPTURED_INPUT_MESSAGES_BUDGET
+        head: list[dict[str, Any]] = []
+        rest = messages
+        if str(messages[0].get("role")) in _INSTRUCTION_ROLES:
+            head, rest = [self._message(messages[0])], messages[1:]
+            budget -= len(head[0]["parts"][0]["content"])
+        newest: list[dict[str, Any]] = []
+        for message in reversed(rest):
+            if len(head) + len(newest) >= MAX_CAPTURED_MESSAGES:
+                break
+            entry = self._message(message)
+            size = len(entry["parts"][0]["content"])
+            if newest and size > budget:
+                break
+            newest.append(entry)
+            budget -= size
+        return head + newest[::-1], len(rest) - len(newest)
+
     def _content(self, attributes: dict[str, Any], call: LLMCall) -> None:
         if call.input_messages:
-            messages = [
-                {
-                    "role": str(m.get("role") or m.get("type") or "user"),
-                    "parts": [{"type": "text", "content": self._text(m.get("content", m.get("output", "")))}],
-                }
-                for m in call.input_messages
-            ]
+            messages, omitted = self._input_messages(call.input_messages)
             attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
+            if omitted:
+                attributes[LLM_INPUT_MESSAGES_OMITTED] = omitted
         if call.output_text:
             finish = call.finish_reasons[0] if call.finish_reasons else None
             output = [

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.apis import MAX_KEPT_TEXT_CHARS, MAX_TOOL_CALLS
 from llm_telemetry.labels import MAX_LABEL_CHARS
 from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, Router
@@ -534,6 +535,44 @@ async def test_hostile_response_headers_as_a_generator_reach_the_client(cleanup:
     _, headers, _ = wire(await exchange(wrapped, "/v1/chat/completions", b"{}"))
     assert headers[:2] == pairs and headers[2][0] == b"x-request-id"
     assert calls.ended[0].response_model == "m"  # and we read the response they described
+
+
+async def test_hostile_endless_stream_keeps_bounded_text_and_tool_calls(cleanup: list[Any]) -> None:
+    """A stream that does not end (a runaway model behind a gateway) must not grow what is kept per call: the
+    generated text kept for a captured span stops at MAX_KEPT_TEXT_CHARS, the tool calls counted at
+    MAX_TOOL_CALLS, while every byte still reaches the client."""
+    text = "y" * 1000
+    deltas = [
+        {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]} for _ in range(600)
+    ] + [
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": i, "id": f"c{i}", "type": "function", "function": {"name": "t", "arguments": ""}}
+        ]}, "finish_reason": None}]} for i in range(3 * MAX_TOOL_CALLS)
+    ]  # fmt: skip
+    chunks = [b"data: " + json.dumps({"model": "m", **d}).encode() + b"\n\n" for d in deltas]
+    app = replying(200, SSE, *chunks)
+    wrapped, calls = observe(app, capture_content=True)
+    cleanup.append(wrapped)
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]}).encode()
+    assert wire(await exchange(wrapped, "/v1/chat/completions", body))[2] == b"".join(chunks)
+    (call,) = calls.ended
+    assert call.output_text is not None
+    assert MAX_KEPT_TEXT_CHARS <= len(call.output_text[0]) < MAX_KEPT_TEXT_CHARS + len(text)
+    assert len(call.tool_calls) == MAX_TOOL_CALLS
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_tool_calls_total", gen_ai_tool_name="t") == MAX_TOOL_CALLS
+    assert internal_errors(metrics) == 0
+
+
+async def test_hostile_answer_with_too_many_tool_calls_counts_up_to_the_bound(cleanup: list[Any]) -> None:
+    tool_calls = [{"id": f"c{i}", "type": "function", "function": {"name": "t", "arguments": ""}} for i in range(5000)]
+    message = {"role": "assistant", "tool_calls": tool_calls}
+    answer = {"model": "m", "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    wrapped, calls = observe(replying(200, JSON, json.dumps(answer).encode()))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m"}')
+    assert len(calls.ended[0].tool_calls) == MAX_TOOL_CALLS
+    assert (await scrape(wrapped)).value("llm_tool_calls_total", gen_ai_tool_name="t") == MAX_TOOL_CALLS
 
 
 # --- routes -----------------------------------------------------------------------------------------------------

@@ -276,6 +276,36 @@ def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -
     assert text.endswith(TRUNCATION_MARK) and len(text) == 60 + len(TRUNCATION_MARK)  # 12 demo words > 60 chars
 
 
+def test_captured_conversation_keeps_the_system_prompt_and_the_newest_messages(receiver: OTLPReceiver) -> None:
+    """A long conversation keeps a span small: the system prompt, then the newest messages while their content fits
+    in four times the per-message cap, at most 32 messages, and the number left out."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="50")
+    system = {"role": "system", "content": "be brief"}
+    long = [{"role": ("user", "assistant")[i % 2], "content": f"message {i:03} " + "x" * 90} for i in range(300)]
+    short = [{"role": "user", "content": f"m{i:02}"} for i in range(100)]
+    with demo_server(env) as (_, base):
+        for request_id, messages in (("trace-test-long", long), ("trace-test-short", short)):
+            client(base).chat.completions.create(
+                model="gpt-4o", messages=[system, *messages], extra_headers={"x-request-id": request_id}
+            )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-long"})
+    captured = json.loads(span.attributes["gen_ai.input.messages"])
+    cut = 50 + len(TRUNCATION_MARK)  # each long message, cut
+    kept = (4 * 50 - len("be brief")) // cut
+    assert captured[0] == {"role": "system", "parts": [{"type": "text", "content": "be brief"}]}
+    assert [m["parts"][0]["content"] for m in captured[1:]] == [
+        m["content"][:50] + TRUNCATION_MARK for m in long[-kept:]
+    ]
+    assert [m["role"] for m in captured[1:]] == [m["role"] for m in long[-kept:]]
+    assert span.attributes["llm.input.messages.omitted"] == 300 - kept
+
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-short"})
+    captured = json.loads(span.attributes["gen_ai.input.messages"])
+    assert len(captured) == 32 and captured[0]["role"] == "system"
+    assert [m["parts"][0]["content"] for m in captured[1:]] == [m["content"] for m in short[-31:]]
+    assert span.attributes["llm.input.messages.omitted"] == 100 - 31
+
+
 def test_custom_redactor_replaces_the_default(receiver: OTLPReceiver) -> None:
     env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
     with demo_server(env, redact=lambda text: text.replace("Paris", "<city>")) as (_, base):
