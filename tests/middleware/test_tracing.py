@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,10 +14,13 @@ import anthropic
 import httpx
 import openai
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.demo.run import DEMO_TOOLS
-from llm_telemetry.redact import TRUNCATION_MARK, redact
+from llm_telemetry.redact import EMAIL_MASK, TRUNCATION_MARK, redact
+from llm_telemetry.tracing import REDACTED_BEYOND_CAP
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, parent_of, tracing_env, wait_span
 from support import serve
 
@@ -316,6 +320,48 @@ def test_custom_redactor_replaces_the_default(receiver: OTLPReceiver) -> None:
         )
     span = wait_span(receiver, **{"llm.request_id": "trace-test-redactor"})
     assert json.loads(span.attributes["gen_ai.input.messages"])[0]["parts"][0]["content"] == "<city>, bob@example.com"
+
+
+def test_a_long_message_is_redacted_only_as_far_as_it_can_be_shown(receiver: OTLPReceiver) -> None:
+    """The redactor gets each message cut to the cap plus REDACTED_BEYOND_CAP characters, not a long-context prompt
+    whole; a value that starts before the cut is still masked whole, and the cut is marked even when masking
+    leaves less than the cap."""
+    seen: list[int] = []
+
+    def counting(text: str) -> str:
+        seen.append(len(text))
+        return redact(text)
+
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="60")
+    straddling = "x" * 50 + " bob.smith@example.com " + "y" * 200_000
+    masked = "sk-" + "k" * 2000 + " tail"  # a key past the cut: masked, it leaves less than the cap
+    with demo_server(env, redact=counting) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": straddling}, {"role": "user", "content": masked}],
+            extra_headers={"x-request-id": "trace-test-long-redaction"},
+        )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-long-redaction"})
+    contents = [m["parts"][0]["content"] for m in json.loads(span.attributes["gen_ai.input.messages"])]
+    assert contents[0] == ("x" * 50 + " [email] yyyyyyyyyyyyyyyyy")[:60] + TRUNCATION_MARK
+    assert contents[1] == "[key]" + TRUNCATION_MARK
+    assert max(seen) <= 60 + REDACTED_BEYOND_CAP
+
+
+@settings(max_examples=300, deadline=None)
+@example("a@ex.com and b@ex.c, -x.y@ex.com.com@ex.com")
+@example("a@a.ab1@ex.com")  # the second address starts where the first ends, inside a run
+@given(
+    st.lists(st.sampled_from(["a", "b1", "-", ".", "_%+", "@", "@ex", ".com", ".c", " ", "\n"]), max_size=30).map(
+        "".join
+    )
+)
+def test_default_redactor_masks_the_emails_its_unanchored_pattern_would(text: str) -> None:
+    """Addresses are searched for where a run of local-part characters starts, or where the previous one ended
+    (which keeps the search linear in the text's length): masked exactly as the plain pattern, searched from every
+    character, masks them."""
+    plain = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+    assert redact(text) == redact(plain.sub(EMAIL_MASK, text))
 
 
 def test_explicit_provider_and_an_outer_server_span(receiver: OTLPReceiver) -> None:
