@@ -1,0 +1,138 @@
+"""The middleware under ASGI servers other than uvicorn, as users deploy it: Hypercorn (pure Python) and Granian
+(a Rust server whose ``send`` has no Python frame). Each serves the demo app bare and wrapped, in its own process;
+the client gets the same bytes from both, the numbers come out right, and a client that leaves mid-stream is a
+client disconnect."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from support import free_port, scrape
+
+APPS = """
+import os
+
+from llm_telemetry.demo.app import bare_app, create_app
+
+bare = bare_app(token_delay=float(os.environ["DEMO_TOKEN_DELAY"]))
+wrapped = create_app(
+    metrics_port=int(os.environ["DEMO_METRICS_PORT"]),
+    metrics_host="127.0.0.1",
+    token_delay=float(os.environ["DEMO_TOKEN_DELAY"]),
+    request_logs=False,
+)
+"""
+
+
+def _command(server: str, app: str, port: int) -> list[str]:
+    if server == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", f"apps:{app}", "--bind", f"127.0.0.1:{port}"]
+    return [sys.executable, "-m", "granian", "--interface", "asgi", f"apps:{app}", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]  # fmt: skip
+
+
+def _wait(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.1)
+    raise RuntimeError("the server did not start")
+
+
+@pytest.fixture(scope="module", params=["hypercorn", "granian"])
+def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+    """Base ports of the bare and the wrapped demo app under one server, and the wrapped one's metrics port."""
+    server = request.param
+    directory = tmp_path_factory.mktemp(server)
+    (directory / "apps.py").write_text(textwrap.dedent(APPS))
+    ports = {"bare": free_port(), "wrapped": free_port(), "metrics": free_port()}
+    env = {**os.environ, "PYTHONPATH": str(directory), "DEMO_METRICS_PORT": str(ports["metrics"]),
+           "DEMO_TOKEN_DELAY": "0.02"}  # fmt: skip
+    env = {k: v for k, v in env.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    processes = []
+    try:
+        for app in ("bare", "wrapped"):
+            process = subprocess.Popen(
+                _command(server, app, ports[app]), cwd=directory, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            processes.append(process)
+            _wait(ports[app], process)
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+#: What differs between two answers of the demo by design: ids and times made from the clock.
+_CLOCK = re.compile(rb'"(?:created|id)":\s*"?[A-Za-z0-9_-]*"?')
+
+REQUESTS = [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages", {"model": "claude-3-5-haiku", "max_tokens": 64, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": "not a list"}),
+]  # fmt: skip
+
+
+def _answer(port: int, path: str, body: dict[str, object]) -> tuple[int, str, bytes]:
+    response = httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=30)
+    return response.status_code, response.headers.get("content-type", ""), _CLOCK.sub(b"", response.content)
+
+
+def test_the_client_gets_the_bare_apps_bytes(servers: dict[str, int]) -> None:
+    for path, body in REQUESTS:
+        assert _answer(servers["wrapped"], path, body) == _answer(servers["bare"], path, body)
+
+
+def test_streams_are_measured_and_a_client_leaving_is_a_disconnect(servers: dict[str, int]) -> None:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{servers['wrapped']}/v1", api_key="test", max_retries=0)
+    before = scrape(servers["metrics"])
+    stream = client.chat.completions.create(
+        model="gpt-4o-server", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    (usage,) = [chunk.usage for chunk in stream if chunk.usage]
+    body = {"model": "gpt-4o-left", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"http://127.0.0.1:{servers['wrapped']}/v1/chat/completions", json=body) as response:
+        next(response.iter_raw())  # the first chunk, then the client goes
+
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(servers["metrics"])
+        left = after.value("llm_errors_total", gen_ai_request_model="gpt-4o-left", error_type="client_disconnect")
+        if left == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert left == 1
+    model = {"gen_ai_request_model": "gpt-4o-server"}
+    assert after.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 1
+    assert after.value("llm_tokens_total", gen_ai_token_type="output", **model) == usage.completion_tokens
+    assert after.value("llm_tokens_total", gen_ai_token_type="input", **model) == usage.prompt_tokens
+    assert after.value("llm_errors_total", gen_ai_request_model="gpt-4o-server") == 0
+    assert after.value("llm_requests_active") == before.value("llm_requests_active") == 0
+    assert after.value("llm_telemetry_internal_errors_total") == 0
