@@ -1,7 +1,9 @@
-"""A gateway's errors, as the LiteLLM proxy really sends them, behind the middleware.
+"""The LiteLLM proxy, a real gateway, behind the middleware: its traffic and its errors as it really sends them.
 
-The proxy (``litellm[proxy]``, run offline in its own process) fronts an upstream OpenAI-compatible app of ours
-that either drops its connection in the middle of a stream or answers 429. LiteLLM turns the first into an error
+The proxy (``litellm[proxy]``, run offline in its own process) fronts an upstream OpenAI-compatible app of ours.
+Fronting the demo service, it re-encodes every chunk in its own shape: the middleware must record the usage the
+proxy's clients receive, a time to first token for each stream, and the tool calls. Fronting an upstream that either
+drops its connection in the middle of a stream or answers 429, LiteLLM turns the first into an error
 event inside a 200 stream, ``{"error": {"type": null, "code": "500", ...}}``, and the second into a 429 with
 ``{"error": {"type": "throttling_error", "code": "429", ...}}``. The middleware must record ``server_error`` and
 ``rate_limit``, not ``other``.
@@ -14,6 +16,7 @@ neither makes these tests skip and say so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -21,11 +24,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
+from llm_telemetry.demo.app import bare_app
+from llm_telemetry.demo.run import DEMO_TOOLS
 from support import Metrics, free_port, scrape_text, serve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,62 +95,105 @@ def chat(base: str, prompt: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+@contextlib.contextmanager
+def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int]]:
+    """The LiteLLM proxy, wrapped in the middleware, fronting ``upstream_base`` as model "up": (base URL, metrics
+    port)."""
+    config = tmp_path / "litellm.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
+        f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+        "litellm_settings:\n  num_retries: 0\n"
+    )
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "LITELLM_"))}
+    env.update(
+        CONFIG_FILE_PATH=str(config),
+        LITELLM_MASTER_KEY=MASTER_KEY,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        PROXY_PORT=str(port),
+        LLM_TELEMETRY_METRICS_PORT=str(metrics_port),
+        LLM_TELEMETRY_METRICS_HOST="127.0.0.1",
+        LLM_TELEMETRY_REQUEST_LOGS="false",
+        PYTHONPATH=os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+    )
+    log = (tmp_path / "proxy.log").open("wb")
+    proxy = subprocess.Popen(
+        [str(PYTHON), str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health/liveliness", timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proxy.poll() is not None:
+                    raise AssertionError((tmp_path / "proxy.log").read_text(errors="replace")[-3000:]) from None
+                time.sleep(0.5)
+        yield base, metrics_port
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+        log.close()
+
+
+def settled(metrics_port: int, requests: int) -> Metrics:
+    """The scrape once ``requests`` calls to model "up" are recorded (or after 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = Metrics(scrape_text(metrics_port))
+        if metrics.value("llm_requests_total", gen_ai_request_model="up") >= requests or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.2)
+
+
 def test_hostile_litellm_proxy_errors_are_classified(tmp_path: Path) -> None:
-    with serve(upstream) as upstream_base:
-        config = tmp_path / "litellm.yaml"
-        config.write_text(
-            "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
-            f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
-            "litellm_settings:\n  num_retries: 0\n"
-        )
-        port, metrics_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "LITELLM_"))}
-        env.update(
-            CONFIG_FILE_PATH=str(config),
-            LITELLM_MASTER_KEY=MASTER_KEY,
-            LITELLM_LOCAL_MODEL_COST_MAP="True",
-            PROXY_PORT=str(port),
-            LLM_TELEMETRY_METRICS_PORT=str(metrics_port),
-            LLM_TELEMETRY_METRICS_HOST="127.0.0.1",
-            LLM_TELEMETRY_REQUEST_LOGS="false",
-            PYTHONPATH=os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
-        )
-        log = (tmp_path / "proxy.log").open("wb")
-        proxy = subprocess.Popen(
-            [str(PYTHON), str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"{base}/health/liveliness", timeout=5)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proxy.poll() is not None:
-                        raise AssertionError((tmp_path / "proxy.log").read_text(errors="replace")[-3000:]) from None
-                    time.sleep(0.5)
+    with serve(upstream) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        status, body = chat(base, "hi")
+        assert status == 200
+        error = json.loads(body.split(b"data: ")[-1])["error"]
+        assert (error["type"], error["code"]) == (None, "500")  # LiteLLM's wire format, as documented above
 
-            status, body = chat(base, "hi")
-            assert status == 200
-            error = json.loads(body.split(b"data: ")[-1])["error"]
-            assert (error["type"], error["code"]) == (None, "500")  # LiteLLM's wire format, as documented above
+        status, body = chat(base, "throttle")
+        assert status == 429
+        assert json.loads(body)["error"]["code"] == "429"
 
-            status, body = chat(base, "throttle")
-            assert status == 429
-            assert json.loads(body)["error"]["code"] == "429"
+        metrics = settled(metrics_port, 2)
+        assert metrics.value("llm_errors_total", error_type="server_error", llm_stream="true") == 1
+        assert metrics.value("llm_errors_total", error_type="rate_limit") == 1
+        assert metrics.value("llm_errors_total", error_type="other") == 0
+        assert metrics.value("llm_telemetry_internal_errors_total") == 0
 
-            deadline = time.monotonic() + 30
-            while True:
-                metrics = Metrics(scrape_text(metrics_port))
-                if metrics.value("llm_requests_total", gen_ai_request_model="up") == 2 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert metrics.value("llm_errors_total", error_type="server_error", llm_stream="true") == 1
-            assert metrics.value("llm_errors_total", error_type="rate_limit") == 1
-            assert metrics.value("llm_errors_total", error_type="other") == 0
-            assert metrics.value("llm_telemetry_internal_errors_total") == 0
-        finally:
-            proxy.terminate()
-            proxy.wait(timeout=30)
-            log.close()
+
+def test_litellm_proxy_traffic_is_measured_as_its_clients_see_it(tmp_path: Path) -> None:
+    """Successful calls through the gateway, in the chunk shapes LiteLLM re-encodes: the tokens recorded are the
+    usage its clients (the official SDK) receive, streams get a time to first token, tool calls are counted."""
+    with serve(bare_app()) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+        usages = []
+        for _ in range(2):
+            stream = client.chat.completions.create(
+                model="up", messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            (usage,) = [chunk.usage for chunk in stream if chunk.usage]
+            usages.append(usage)
+        answer = client.chat.completions.create(model="up", messages=messages)
+        usages.append(answer.usage)
+        stream = client.chat.completions.create(model="up", messages=messages, tools=DEMO_TOOLS, stream=True)
+        named = [call.function.name for chunk in stream for choice in chunk.choices
+                 for call in choice.delta.tool_calls or () if call.function and call.function.name]  # fmt: skip
+        assert named == ["get_weather"]
+
+        metrics = settled(metrics_port, 4)
+        model = {"gen_ai_request_model": "up"}
+        assert metrics.value("llm_requests_total", **model) == 4
+        for kind, field in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+            reported = metrics.value("llm_tokens_total", gen_ai_token_type=kind, llm_usage_source="reported", **model)
+            assert reported == sum(getattr(u, field) for u in usages), kind
+        assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 3
+        assert metrics.value("llm_tool_calls_total", gen_ai_tool_name="get_weather", **model) == 1
+        assert metrics.value("llm_errors_total") == 0
+        assert metrics.value("llm_telemetry_internal_errors_total") == 0
