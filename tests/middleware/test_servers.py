@@ -1,7 +1,7 @@
 """The middleware under ASGI servers other than uvicorn, as users deploy it: Hypercorn (pure Python) and Granian
 (a Rust server whose ``send`` has no Python frame). Each serves the demo app bare and wrapped, in its own process;
-the client gets the same bytes from both, the numbers come out right, and a client that leaves mid-stream is a
-client disconnect."""
+the client gets the same bytes from both, over HTTP/1.1 and HTTP/2, the numbers come out right, and a client that
+leaves mid-stream is a client disconnect."""
 
 from __future__ import annotations
 
@@ -99,14 +99,20 @@ REQUESTS = [
 ]  # fmt: skip
 
 
-def _answer(port: int, path: str, body: dict[str, object]) -> tuple[int, str, bytes]:
-    response = httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=30)
-    return response.status_code, response.headers.get("content-type", ""), _CLOCK.sub(b"", response.content)
+def _answer(port: int, path: str, body: dict[str, object], http2: bool) -> tuple[str, int, str, bytes]:
+    # HTTP/2 over cleartext with prior knowledge, which both servers speak.
+    with httpx.Client(http1=not http2, http2=http2, timeout=30) as client:
+        response = client.post(f"http://127.0.0.1:{port}{path}", json=body)
+    content_type = response.headers.get("content-type", "")
+    return response.http_version, response.status_code, content_type, _CLOCK.sub(b"", response.content)
 
 
-def test_the_client_gets_the_bare_apps_bytes(servers: dict[str, int]) -> None:
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+def test_the_client_gets_the_bare_apps_bytes(servers: dict[str, int], http2: bool) -> None:
     for path, body in REQUESTS:
-        assert _answer(servers["wrapped"], path, body) == _answer(servers["bare"], path, body)
+        answer = _answer(servers["wrapped"], path, body, http2)
+        assert answer[0] == ("HTTP/2" if http2 else "HTTP/1.1")
+        assert answer == _answer(servers["bare"], path, body, http2)
 
 
 def test_streams_are_measured_and_a_client_leaving_is_a_disconnect(servers: dict[str, int]) -> None:
