@@ -34,7 +34,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 
 from . import instruments as names
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
-from .labels import valid_text
 from .record import LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
@@ -81,12 +80,12 @@ LLM_INPUT_MESSAGES_OMITTED: Final = "llm.input.messages.omitted"
 #: to ``capture_content_max_chars``, while their content adds up to at most this many times that (the last message
 #: is always kept), and never more than :data:`MAX_CAPTURED_MESSAGES`: a span stays small however long the
 #: conversation, and so does the export queue holding thousands of them.
-CAPTURED_INPUT_MESSAGES_BUDGET = 4
-MAX_CAPTURED_MESSAGES = 32
+CAPTURED_INPUT_MESSAGES_BUDGET: Final = 4
+MAX_CAPTURED_MESSAGES: Final = 32
 #: Characters past ``capture_content_max_chars`` a message is redacted with before it is cut to that: more than any
 #: value the default redactor masks (an e-mail address, a key, a card number) needs, so one that starts before the
 #: cut is still recognised and masked whole.
-REDACTED_BEYOND_CAP = 1024
+REDACTED_BEYOND_CAP: Final = 1024
 #: Roles of a first message kept whatever the budget.
 _INSTRUCTION_ROLES: Final = frozenset({"system", "developer"})
 #: The span event marking the first generated token (or tool call) of a stream.
@@ -1014,13 +1013,12 @@ class SpanObserver:
                 )
             else:
                 value = json.dumps(value, default=str)
-        limit = self.max_chars + REDACTED_BEYOND_CAP
-        if len(value) > limit:
-            # Only what may be shown is redacted (the cut is marked, whatever the redactor leaves of the rest):
-            # redacting a long-context prompt or a long answer whole cost ~0.1-0.2 µs a character, on the loop.
-            shown = self.redact(value[:limit])
-            return cap(shown, self.max_chars) if len(shown) > self.max_chars else valid_text(shown) + TRUNCATION_MARK
-        return cap(self.redact(value), self.max_chars)
+        # Only what may be shown is redacted: redacting a long-context prompt or a long answer whole cost ~0.1-0.2 µs
+        # a character, on the loop. A text cut here is marked as cut, however short the redactor leaves it.
+        cut = len(value) > self.max_chars + REDACTED_BEYOND_CAP
+        shown = self.redact(value[: self.max_chars + REDACTED_BEYOND_CAP] if cut else value)
+        text = cap(shown, self.max_chars)
+        return text + TRUNCATION_MARK if cut and len(shown) <= self.max_chars else text
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
         return {
