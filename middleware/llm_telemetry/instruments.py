@@ -282,6 +282,13 @@ def select(spec: MetricSpec, values: Mapping[str, Any], attribution: Mapping[str
 #: The key of an empty attribute set.
 _NO_KEY: Final[frozenset[tuple[str, Any]]] = frozenset()
 
+#: Distinct attribute sets an instrument keeps before folding new ones into one overflow series, as the SDK does
+#: (its default cardinality limit, and the attribute it marks the overflow series with). The label caps bound
+#: each label's values, but not their combinations: 100 models times 100 tenants is 10,000 series.
+CARDINALITY_LIMIT: Final = 2000
+OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
+_OVERFLOW_KEY: Final = frozenset(OVERFLOW_ATTRIBUTES.items())
+
 
 def attributes_key(attributes: Attributes) -> frozenset[tuple[str, Any]]:
     """The key :class:`SummedInstrument` and :class:`BucketHistogram` keep an attribute set's series under."""
@@ -301,7 +308,8 @@ class SummedInstrument:
     The SDK's synchronous ``add`` builds a ``Measurement`` and copies and hashes the attributes on every call;
     measured here that is 10-20 µs, and a request makes up to nine of them. A dict update is well under a
     microsecond, and the exported series (names, types, labels, values) are the same, because a cumulative
-    observable counter is exactly what a synchronous one becomes in the exporter.
+    observable counter is exactly what a synchronous one becomes in the exporter. Past :data:`CARDINALITY_LIMIT`
+    attribute sets, new ones are added to the ``otel.metric.overflow`` series, as the SDK's own counter does.
     """
 
     __slots__ = ("_lock", "_totals")
@@ -335,9 +343,13 @@ class SummedInstrument:
         """:meth:`add_keyed` for a caller holding this instrument's lock (:attr:`Instruments.lock`)."""
         entry = self._totals.get(key)
         if entry is None:
-            self._totals[key] = [amount, dict(attributes or {})]
-        else:
-            entry[0] += amount
+            if len(self._totals) >= CARDINALITY_LIMIT:
+                key, attributes = _OVERFLOW_KEY, OVERFLOW_ATTRIBUTES
+                entry = self._totals.get(key)
+            if entry is None:
+                self._totals[key] = [amount, dict(attributes or {})]
+                return
+        entry[0] += amount
 
     def _observe(self, options: CallbackOptions) -> list[Observation]:
         with self._lock:
@@ -348,12 +360,6 @@ class Record(Protocol):
     """What the recorder needs of a histogram."""
 
     def record(self, amount: float, attributes: Attributes = None, context: Context | None = None) -> None: ...
-
-
-#: Distinct attribute sets a histogram keeps before folding new ones into one overflow series, as the SDK does
-#: (its default cardinality limit, and the attribute it marks the overflow series with).
-CARDINALITY_LIMIT: Final = 2000
-_OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
 
 
 #: Types of the spans found in a record's context, each a subclass of ``trace.Span`` (see BucketHistogram.exemplar).
@@ -488,11 +494,11 @@ class BucketHistogram:
     def _new_series(self, key: frozenset[tuple[str, Any]], attributes: Attributes) -> _Series:
         """Called with the lock held."""
         if len(self._series) >= CARDINALITY_LIMIT:
-            key = frozenset(_OVERFLOW_ATTRIBUTES.items())
+            key = _OVERFLOW_KEY
             series = self._series.get(key)
             if series is not None:
                 return series
-            attributes = _OVERFLOW_ATTRIBUTES
+            attributes = OVERFLOW_ATTRIBUTES
         if not self._series:
             self._owner.started(self)
         series = self._series[key] = _Series(dict(attributes or {}), len(self.bounds) + 1)

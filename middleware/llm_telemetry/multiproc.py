@@ -26,14 +26,14 @@ import threading
 import time
 import uuid
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, mmap_dict
 
 from .config import Settings
-from .instruments import CONTRACT, Histograms, Instruments, create_instruments
+from .instruments import CARDINALITY_LIMIT, CONTRACT, OVERFLOW_ATTRIBUTES, Histograms, Instruments, create_instruments
 
 try:
     import fcntl
@@ -51,6 +51,9 @@ PROMETHEUS_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 DISABLED: Final = ("off", "none", "false", "0")
 #: Seconds between attempts of a worker to take over the metrics port while another worker holds it.
 BIND_RETRY_SECONDS: Final = 1.0
+
+#: The attributes of an instrument's overflow series (see instruments.CARDINALITY_LIMIT), as stored in keys.
+_OVERFLOW: Final = tuple(OVERFLOW_ATTRIBUTES.items())
 
 _ARCHIVE = "archive.json"
 #: Label values admitted so far, per label, shared by the workers so the count bound is per deployment.
@@ -353,9 +356,7 @@ class SharedState:
             fresh = dead - absorbed
             if fresh:
                 for stem in sorted(fresh):
-                    for key, value in self._read(stem):
-                        # A dead worker's live gauge share disappears; its series stays, at 0.
-                        values[key] = values.get(key, 0.0) + (0.0 if json.loads(key)[1] == _GAUGE else value)
+                    _fold(values, self._read(stem))
                 self._save_archive({"absorbed": sorted((absorbed & stems) | fresh), "values": values})
             for stem in dead:
                 for suffix in (_DB, _ALIVE):
@@ -484,6 +485,29 @@ class SharedState:
         )
 
 
+def _fold(archive: dict[str, float], entries: Iterable[tuple[str, float]]) -> None:
+    """Add a dead worker's values to the archive's. A series new to the archive goes to its metric's overflow
+    series once the archive holds CARDINALITY_LIMIT other series of that metric, so however many workers come and
+    go the archive stays bounded like each worker's own file; a series already archived keeps its place."""
+    overflow = json.dumps(_OVERFLOW)
+    series: dict[str, set[str]] = {}  # per metric, the archived attribute sets but the overflow one
+    for key in archive:
+        name, _field, attrs = json.loads(key)
+        if (ident := json.dumps(attrs)) != overflow:
+            series.setdefault(name, set()).add(ident)
+    for key, value in entries:
+        name, field, attrs = json.loads(key)
+        if key not in archive and (ident := json.dumps(attrs)) != overflow:
+            known = series.setdefault(name, set())
+            if ident not in known:
+                if len(known) >= CARDINALITY_LIMIT:
+                    key = _key(name, field, _OVERFLOW)
+                else:
+                    known.add(ident)
+        # A dead worker's live gauge share disappears; its series stays, at 0.
+        archive[key] = archive.get(key, 0.0) + (0.0 if field == _GAUGE else value)
+
+
 class _Closed:
     def write_value(self, key: str, value: float, timestamp: float) -> None:
         pass  # a record after shutdown (e.g. a request finishing late) is dropped, not a crash
@@ -517,7 +541,11 @@ class _SharedSum:
         attrs = _attrs_key(attributes)
         key = self._keys.get(attrs)
         if key is None:
-            key = self._keys[attrs] = _key(self._name, self._field, attrs)
+            if len(self._keys) >= CARDINALITY_LIMIT:  # as the SDK's limit, per process: see _fold
+                attrs = _OVERFLOW
+                key = self._keys.get(attrs)
+            if key is None:
+                key = self._keys[attrs] = _key(self._name, self._field, attrs)
         self._state.add(key, amount)
         if self._otel is not None:
             self._otel.add(amount, attributes, context=context)
@@ -537,8 +565,12 @@ class _SharedHistogram:
         attrs = _attrs_key(attributes)
         keys = self._keys.get(attrs)
         if keys is None:
-            buckets = [_key(self._name, f"b{i}", attrs) for i in range(len(self._bounds) + 1)]
-            keys = self._keys[attrs] = (buckets, _key(self._name, _SUM, attrs))
+            if len(self._keys) >= CARDINALITY_LIMIT:
+                attrs = _OVERFLOW
+                keys = self._keys.get(attrs)
+            if keys is None:
+                buckets = [_key(self._name, f"b{i}", attrs) for i in range(len(self._bounds) + 1)]
+                keys = self._keys[attrs] = (buckets, _key(self._name, _SUM, attrs))
         self._state.add_many((keys[0][bisect_left(self._bounds, amount)], keys[1]), (1.0, amount))
         if self._otel is not None:
             self._otel.record(amount, attributes, context=context)

@@ -1,0 +1,153 @@
+"""Label combinations past the cardinality limit, in one process and across workers.
+
+Each label keeps at most ``max_label_values`` values, but their combinations multiply: 100 models sent by a client
+times 100 tenants is 10,000 series of every metric, each histogram series ~18 lines. Like the OpenTelemetry SDK,
+every instrument keeps at most CARDINALITY_LIMIT attribute sets and adds the rest to one series marked
+``otel_metric_overflow="true"``, so totals stay exact while the scrape and the memory behind it stay bounded: in
+one process, in each worker's file, and in the archive that stopped workers are folded into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from llm_telemetry import multiproc
+from llm_telemetry.config import Settings
+from llm_telemetry.instruments import CARDINALITY_LIMIT
+from llm_telemetry.record import LLMCall
+from llm_telemetry.telemetry import Telemetry
+from support import Metrics
+
+#: Distinct models and tenants per run: 60 x 60 = 3,600 combinations, past the limit, within the label caps.
+SIDE = 60
+SERIES_METRICS = (
+    "llm_requests_total",
+    "llm_tokens_total",
+    "gen_ai_server_request_duration_seconds_count",
+    "gen_ai_server_time_to_first_token_seconds_count",
+)
+
+
+def _record(telemetry: Telemetry, models: range, tenants: range) -> int:
+    """One streamed call per (model, tenant), as the middleware records it; the number of calls."""
+    recorder, limit = telemetry.recorder, telemetry.limit
+    count = 0
+    for m in models:
+        for t in tenants:
+            call = LLMCall("chat", "openai", 100.0, request_model=f"model-{m:03d}")
+            call.attribution = {"tenant": limit("tenant", f"tenant-{t:03d}")}
+            call.stream = True
+            call.first_token_at, call.end = 100.05, 100.5
+            call.input_tokens, call.output_tokens = 3, 5
+            recorder.start(call)
+            recorder.end(call)
+            count += 1
+    return count
+
+
+def _telemetry(tmp_path: Path, workers: bool) -> Telemetry:
+    return Telemetry(
+        Settings.resolve(
+            metrics_port=0,
+            request_logs=False,
+            attribution_headers={"x-tenant-id": "tenant"},
+            multiproc_dir=str(tmp_path / "state") if workers else "off",
+        )
+    )
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "worker-file"])
+def test_series_stop_at_the_limit_and_the_rest_is_counted_in_overflow(tmp_path: Path, workers: bool) -> None:
+    telemetry = _telemetry(tmp_path, workers)
+    try:
+        assert (telemetry.workers is not None) == workers
+        calls = _record(telemetry, range(SIDE), range(SIDE))
+        text = generate_latest(telemetry.registry).decode()
+    finally:
+        telemetry.shutdown()
+    # (The metrics checked, without the ~18 bucket lines of each histogram series: parsing them all takes seconds.)
+    metrics = Metrics("\n".join(line for line in text.splitlines() if line.startswith(SERIES_METRICS)) + "\n")
+    assert calls > CARDINALITY_LIMIT
+    for name in SERIES_METRICS:
+        series = [s for s in metrics.samples if s.name == name]
+        overflow = [s for s in series if s.labels.get("otel_metric_overflow") == "true"]
+        # A call makes one series of each metric, two of the tokens (input and output: 8 tokens a call).
+        sets, per_call, each = (2, 8, {3, 5}) if name == "llm_tokens_total" else (1, 1, {1})
+        kept_calls = CARDINALITY_LIMIT // sets
+        assert len(series) == CARDINALITY_LIMIT + len(overflow) and len(overflow) == 1, name
+        assert sum(s.value for s in series) == calls * per_call, name
+        assert overflow[0].value == (calls - kept_calls) * per_call, name
+        # The series kept are the first ones recorded, each with its own labels and count.
+        first = {
+            s.labels["gen_ai_request_model"] for s in series if s.labels.get("llm_metadata_tenant") == "tenant-000"
+        }
+        assert first == {f"model-{m:03d}" for m in range(SIDE) if m * SIDE < kept_calls}, name
+        assert {s.value for s in series if s not in overflow} == each, name
+
+
+def test_memory_stops_growing_at_the_limit(tmp_path: Path) -> None:
+    """Past the limit a new attribute set costs nothing kept: measured with tracemalloc, 10,000 more sets added to
+    a counter and recorded in a histogram leave less than 100 KB (each one kept costs more than 1 KB)."""
+    telemetry = _telemetry(tmp_path, workers=False)
+    counter, histogram = telemetry.instruments.requests, telemetry.instruments.request_duration
+
+    def record(models: range) -> None:
+        for m in models:
+            attributes = {"gen_ai.request.model": f"model-{m}", "llm.metadata.tenant": "tenant"}
+            counter.add(1, attributes)
+            histogram.record(0.5, attributes)
+
+    tracemalloc.start()
+    try:
+        record(range(CARDINALITY_LIMIT + 1))  # the limit reached, the overflow series made
+        before = tracemalloc.get_traced_memory()[0]
+        record(range(CARDINALITY_LIMIT + 1, CARDINALITY_LIMIT + 10_001))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        telemetry.shutdown()
+    assert grown < 100_000
+
+
+def test_stopped_workers_fold_into_an_archive_bounded_like_a_worker(tmp_path: Path) -> None:
+    """Workers that come and go, each with its own CARDINALITY_LIMIT series: the archive of the stopped ones keeps
+    the series it has and adds new ones to the overflow series, every field of a series together."""
+    directory = str(tmp_path)
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+
+    def key(field: str, series: str) -> str:
+        return json.dumps(["gen_ai.server.request.duration", field, [["gen_ai.request.model", series]]])
+
+    for worker in range(3):
+        state = multiproc.SharedState(directory, supervisor)
+        # The first worker's series, then each worker's own: a histogram series is several keys (buckets, sum).
+        names = [f"w0-{i}" for i in range(100)] + [f"w{worker}-{i}" for i in range(100, CARDINALITY_LIMIT)]
+        for name in names:
+            state.add(key("b3", name), 1)
+            state.add(key("s", name), 0.25)
+        state.close()  # the next merge folds its file into the archive
+    mine = multiproc.SharedState(directory, supervisor)
+    try:
+        merged = mine.merged()
+        assert mine.merged() == merged  # each file folded once
+    finally:
+        mine.close()
+    series: dict[str, dict[str, float]] = {}
+    for stored, value in merged.items():
+        _name, field, attributes = json.loads(stored)
+        series.setdefault(json.dumps(attributes), {})[field] = value
+    overflow = series.pop(json.dumps([["otel.metric.overflow", True]]))
+    assert len(series) == CARDINALITY_LIMIT
+    assert all(fields.keys() == {"b3", "s"} for fields in series.values())
+    shared = [json.dumps([["gen_ai.request.model", f"w0-{i}"]]) for i in range(100)]
+    assert all(series.pop(name) == {"b3": 3, "s": 0.75} for name in shared)
+    # The rest are one worker's own series (the first folded), whole; the other two workers' went to overflow.
+    owners = {json.loads(name)[0][1].partition("-")[0] for name in series}
+    assert len(owners) == 1 and all(fields == {"b3": 1, "s": 0.25} for fields in series.values())
+    assert overflow == {"b3": 2 * (CARDINALITY_LIMIT - 100), "s": 0.25 * 2 * (CARDINALITY_LIMIT - 100)}
