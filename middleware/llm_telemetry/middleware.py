@@ -16,8 +16,18 @@ from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from .apis import API, APIS, DEFAULT_ROUTES, ErrorReader, ResponseReader, loads
+from .apis import (
+    API,
+    APIS,
+    DEFAULT_ROUTES,
+    MAX_ERROR_BODY_BYTES,
+    MAX_JSON_RESPONSE_BYTES,
+    ErrorReader,
+    ResponseReader,
+    loads,
+)
 from .config import ConfigurationError, Settings
+from .decoding import MAX_DECODED_STREAM_BYTES, WINDOW_BITS, DecodingReader
 from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
@@ -50,6 +60,10 @@ _MAX_REQUEST_ID_CHARS = 128
 #: Resource collections of the OpenAI API whose sub-paths end like an inference endpoint but are not one:
 #: ``/v1/threads/{id}/messages`` (Assistants), ``/v1/chat/completions/{id}/messages`` (stored completions).
 _NOT_INFERENCE_PARENTS = frozenset({"threads", "completions", "assistants", "runs", "conversations", "batches"})
+
+
+#: What reads a response body: the API's reader, or one that decompresses the body for it.
+Reader = ResponseReader | DecodingReader
 
 
 class Observer(Protocol):
@@ -173,7 +187,7 @@ class _Exchange:
         self.body_ok = max_body > 0
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
-        self.reader: ResponseReader | None = None
+        self.reader: Reader | None = None
         #: Stream chunks sent but not read yet (see :meth:`send`), or None while chunks are read as they pass.
         self.held: list[bytes] | None = None
         self.started = False
@@ -339,25 +353,31 @@ class _Exchange:
         status = message["status"]
         call.status_code = status
         content_type = b""
-        encoded = False
+        coding: bytes | None = None
         no_id = True
         for key, value in message.get("headers", ()):
             key = key.lower()
             if key == b"content-type":
                 content_type = value.lower()
-            elif key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                encoded = True
+            elif key == b"content-encoding" and (value := value.strip().lower()) not in (b"", b"identity"):
+                coding = value
             elif key == REQUEST_ID_HEADER:
                 no_id = False  # the app chose its own: keep it
-        if encoded:
-            return no_id  # compressed bodies are passed through unread rather than misread
+        if coding is not None and coding not in WINDOW_BITS:
+            return no_id  # other codings (br, zstd, several at once) are passed through unread rather than misread
+        reader: Reader
         if status >= 400:
-            self.reader = ErrorReader(call, stream=False)
+            reader, limit = ErrorReader(call, stream=False), MAX_ERROR_BODY_BYTES
         elif content_type.startswith(b"text/event-stream"):
             call.stream = True
-            self.reader = self.api.response_reader(call, stream=True, capture=self.capture)
+            reader = self.api.response_reader(call, stream=True, capture=self.capture)
+            limit = MAX_DECODED_STREAM_BYTES
         elif content_type.startswith(b"application/json") or not content_type:
-            self.reader = self.api.response_reader(call, stream=False, capture=self.capture)
+            reader = self.api.response_reader(call, stream=False, capture=self.capture)
+            limit = MAX_JSON_RESPONSE_BYTES + 1  # one byte more than the reader reads, so that it sees the excess
+        else:
+            return no_id
+        self.reader = reader if coding is None else DecodingReader(reader, coding, limit)
         return no_id
 
     def finish(self, exc: BaseException | None) -> None:

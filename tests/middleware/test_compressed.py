@@ -1,0 +1,225 @@
+"""Responses the app compresses itself are read decompressed, and reach the client exactly as the app sent them.
+
+The common case: Starlette's (FastAPI's) ``GZipMiddleware`` added before this middleware, so it runs inside it,
+compresses every JSON answer of 500 bytes or more for a client that accepts gzip, as the official SDKs do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.middleware.gzip import GZipMiddleware
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.apis import APIS
+from llm_telemetry.decoding import DecodingReader
+from llm_telemetry.demo.app import bare_app
+from llm_telemetry.record import LLMCall
+from support import Metrics, scrape_text, serve
+
+
+def _settled(port: int, name: str, want: float) -> Metrics:
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = Metrics(scrape_text(port))
+        if metrics.value(name) >= want or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.02)
+
+
+def test_answers_compressed_by_gzip_middleware_are_counted_for_the_official_sdks() -> None:
+    inner = GZipMiddleware(bare_app(reply_words=200), minimum_size=100)
+    app = LLMTelemetryMiddleware(inner, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    with serve(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        chat = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions
+        raw = chat.with_raw_response.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "one two"}])
+        assert raw.headers["content-encoding"] == "gzip"  # what the app sent, as it sent it
+        usage = raw.parse().usage
+        assert usage is not None
+        claude = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        raw_message = claude.messages.with_raw_response.create(
+            model="claude-sonnet-4-5", max_tokens=300, messages=[{"role": "user", "content": "three"}]
+        )
+        assert raw_message.headers["content-encoding"] == "gzip"
+        message = raw_message.parse()
+        with pytest.raises(openai.BadRequestError):
+            chat.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "x"}],
+                extra_headers={"x-demo-fail": "context_length"},
+            )
+        metrics = _settled(port, "llm_requests_total", 3)
+    assert (
+        metrics.value("llm_tokens_total", gen_ai_response_model="gpt-4o-mini", gen_ai_token_type="output")
+        == usage.completion_tokens
+    )
+    assert metrics.value("llm_tokens_total", gen_ai_request_model="gpt-4o-mini", gen_ai_token_type="input") == (
+        usage.prompt_tokens
+    )
+    assert metrics.value("llm_tokens_total", gen_ai_provider_name="anthropic", gen_ai_token_type="output") == (
+        message.usage.output_tokens
+    )
+    # The error body, compressed too, still tells a context overflow from any other bad request.
+    assert metrics.value("llm_errors_total", error_type="context_length") == 1
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+def _events(words: list[str], usage: bool) -> bytes:
+    events = [{"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+    events += [{"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": w}}]} for w in words]
+    events.append({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}})
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def _compress(coding: str, body: bytes) -> bytes:
+    if coding == "gzip":
+        return gzip.compress(body, mtime=0)
+    raw = coding == "raw-deflate"  # a bare deflate stream, which some servers send as ``deflate``
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
+    return packer.compress(body) + packer.flush()
+
+
+def _read(body_pieces: list[bytes], stream: bool, coding: str | None) -> tuple[Any, ...]:
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader: Any = spec.response_reader(call, stream=stream, capture=False)
+    if coding is not None:
+        reader = DecodingReader(reader, b"deflate" if coding == "raw-deflate" else coding.encode(), 1 << 30)
+    for i, piece in enumerate(body_pieces):
+        reader.feed(piece, now=1.0 + i)
+    reader.finish(now=100.0)
+    return call.input_tokens, call.output_tokens, call.usage_source, call.finish_reasons, call.response_model
+
+
+def _cuts(data: bytes, points: list[int]) -> list[bytes]:
+    bounds = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+@given(
+    st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=20),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["gzip", "deflate", "raw-deflate"]),
+    st.lists(st.integers(min_value=0), max_size=12),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_compressed_body_reads_as_the_same_body_uncompressed(
+    words: list[str], stream: bool, usage: bool, coding: str, points: list[int]
+) -> None:
+    """Whatever the coding and wherever the compressed bytes are cut, the call read is the one the plain body
+    gives; a JSON body too."""
+    if stream:
+        body = _events(words, usage)
+    else:
+        answer: dict[str, Any] = {"model": "m", "choices": [{"index": 0, "message": {"content": " ".join(words)}}]}
+        answer["choices"][0]["finish_reason"] = "stop"
+        if usage:
+            answer["usage"] = {"prompt_tokens": 4, "completion_tokens": 9}
+        body = json.dumps(answer).encode()
+    plain = _read([body], stream, None)
+    assert plain[4] == "m" and plain[3] == ["stop"]
+    assert _read(_cuts(_compress(coding, body), points), stream, coding) == plain
+
+
+def _serve_compressed(payload: bytes, coding: bytes, content_type: bytes = b"application/json") -> Callable[..., Any]:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", content_type), (b"content-encoding", coding)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i in range(0, len(payload), 65536):
+            await send({"type": "http.response.body", "body": payload[i : i + 65536], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+@pytest.mark.parametrize("case", ["bomb", "not-gzip", "brotli"])
+def test_a_body_that_inflates_too_far_or_is_not_what_it_says_passes_unread(case: str) -> None:
+    """A JSON answer of 64 MB packed into ~64 KB is read no further than the JSON limit (memory kept stays
+    bounded); a body whose coding is false, or one not read (br), reaches the client unchanged, with nothing read
+    and no internal error."""
+    import httpx
+
+    pad = b'{"model": "m", "pad": "' + b" " * (64 << 20) + b'", "usage": {"prompt_tokens": 1}}'
+    payload, coding = {
+        "bomb": (gzip.compress(pad, compresslevel=9), b"gzip"),
+        "not-gzip": (b'{"model": "m", "usage": {"prompt_tokens": 5, "completion_tokens": 6}}', b"gzip"),
+        "brotli": (b"\x8b\x03\x80not really brotli\x03", b"br"),
+    }[case]
+    del pad
+    app = LLMTelemetryMiddleware(
+        _serve_compressed(payload, coding), metrics_port=0, metrics_app_path="/metrics", request_logs=False
+    )
+    tracemalloc.start()
+    try:
+        with serve(app) as base:
+            port = int(base.rsplit(":", 1)[1])
+            baseline = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            request = {"model": "m", "messages": []}
+            with httpx.Client(timeout=60) as client:
+                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
+                    got = b"".join(response.iter_raw())  # as sent: no decoding on the client's side either
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+            metrics = _settled(port, "llm_requests_total", 1)
+    finally:
+        tracemalloc.stop()
+    assert got == payload  # the compressed bytes, untouched
+    assert metrics.value("llm_requests_total", gen_ai_request_model="m") == 1
+    assert metrics.value("llm_errors_total") == 0
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported") == 0
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+    # The 8 MiB the JSON reader reads at most, once more while decompressing, and the client's copy of the payload.
+    assert peak < 3 * (8 << 20) + 2 * len(payload)
+
+
+class _Collect:
+    """The reader a DecodingReader feeds, keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.finished = False
+
+    def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
+        self.data += chunk
+
+    def finish(self, now: float) -> None:
+        self.finished = True
+
+
+@pytest.mark.parametrize("split", ["at-the-limit", "past-the-limit", "one-chunk"])
+def test_decoding_hands_on_no_more_than_its_limit_wherever_the_chunks_end(split: str) -> None:
+    """100 bytes, then 4 MB that compress to almost nothing: the reader behind gets the 100 bytes and no more,
+    whether a chunk ends exactly where the output reaches the limit, past it, or the body is one chunk."""
+    first, rest = b"x" * 100, b" " * (4 << 20)
+    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    head = packer.compress(first) + packer.flush(zlib.Z_SYNC_FLUSH)  # decodes to exactly the first 100 bytes
+    tail = packer.compress(rest) + packer.flush()
+    chunks = {
+        "at-the-limit": [head, *_cuts(tail, [7, 300])],
+        "past-the-limit": [head + tail[:50], tail[50:]],
+        "one-chunk": [head + tail],
+    }[split]
+    collect = _Collect()
+    reader = DecodingReader(collect, b"gzip", 100)  # type: ignore[arg-type]
+    for chunk in chunks:
+        reader.feed(chunk)
+    reader.finish(1.0)
+    assert collect.data == first and collect.finished
