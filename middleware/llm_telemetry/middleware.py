@@ -316,6 +316,11 @@ class _Exchange:
                 await send(message)
             except BaseException:
                 self.send_failed = True  # the server could not deliver: the client is gone
+                if not message.get("more_body") and not message.get("body"):
+                    # Only the end of the response was lost, none of its bytes: a client that stops reading at a
+                    # stream's last event may close first (Hypercorn's trio worker then fails this send).
+                    self.complete = True
+                    self.call.end = perf_counter()
                 raise
             if self.held is not None:
                 self.release()  # the chunks kept by send() came before this one

@@ -1,7 +1,7 @@
-"""The middleware under ASGI servers other than uvicorn, as users deploy it: Hypercorn (pure Python) and Granian
-(a Rust server whose ``send`` has no Python frame). Each serves the demo app bare and wrapped, in its own process;
-the client gets the same bytes from both, over HTTP/1.1 and HTTP/2, the numbers come out right, and a client that
-leaves mid-stream is a client disconnect."""
+"""The middleware under ASGI servers other than uvicorn, as users deploy it: Hypercorn (pure Python; its asyncio and
+trio workers) and Granian (a Rust server whose ``send`` has no Python frame). Each serves the demo app bare and
+wrapped, in its own process; the client gets the same bytes from both, over HTTP/1.1 and HTTP/2, the numbers come
+out right, and a client that leaves mid-stream is a client disconnect."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ wrapped = create_app(
 
 
 def _command(server: str, app: str, port: int) -> list[str]:
-    if server == "hypercorn":
-        return [sys.executable, "-m", "hypercorn", f"apps:{app}", "--bind", f"127.0.0.1:{port}"]
+    if server.startswith("hypercorn"):
+        worker = ["--worker-class", "trio"] if server == "hypercorn-trio" else []
+        return [sys.executable, "-m", "hypercorn", *worker, f"apps:{app}", "--bind", f"127.0.0.1:{port}"]
     return [sys.executable, "-m", "granian", "--interface", "asgi", f"apps:{app}", "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1"]  # fmt: skip
 
@@ -56,7 +57,7 @@ def _wait(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("the server did not start")
 
 
-@pytest.fixture(scope="module", params=["hypercorn", "granian"])
+@pytest.fixture(scope="module", params=["hypercorn", "hypercorn-trio", "granian"])
 def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     """Base ports of the bare and the wrapped demo app under one server, and the wrapped one's metrics port."""
     server = request.param
@@ -136,6 +137,9 @@ def test_streams_are_measured_and_a_client_leaving_is_a_disconnect(servers: dict
         time.sleep(0.1)
     assert left == 1
     model = {"gen_ai_request_model": "gpt-4o-server"}
+    # The SDK closes as soon as it has read the stream's last event; the stream was complete all the same.
+    assert after.value("llm_requests_total", **model) == 1
+    assert after.value("llm_errors_total", **model) == 0
     assert after.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 1
     assert after.value("llm_tokens_total", gen_ai_token_type="output", **model) == usage.completion_tokens
     assert after.value("llm_tokens_total", gen_ai_token_type="input", **model) == usage.prompt_tokens

@@ -20,7 +20,6 @@ Behaviour is steered per request:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import string
@@ -28,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -138,7 +138,7 @@ class DemoLLM:
 
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
-            await asyncio.sleep(seconds)
+            await anyio.sleep(seconds)  # (anyio: the demo also runs under trio)
 
     def _words(self, request: Request) -> int:
         header = request.headers.get("x-demo-words")
