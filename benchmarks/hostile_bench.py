@@ -16,6 +16,7 @@ import json
 import statistics
 import time
 import tracemalloc
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,18 @@ def deep_request(n: int) -> tuple[bytes, list[bytes]]:
     return b"[" * n, [b'{"model": "m"}']
 
 
+def gzip_bomb(n: int) -> tuple[bytes, list[bytes]]:
+    """A gzipped JSON answer that inflates to ``n`` bytes (spaces, ~1,000:1), in 64 KiB chunks: decompressed for
+    reading only up to the JSON limit, so the cost stops growing there."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = b" " * (1 << 20)
+    packed = [packer.compress(b'{"model": "m", "pad": "')]
+    packed += [packer.compress(block) for _ in range(n >> 20)]
+    packed.append(packer.compress(b'"}') + packer.flush())
+    body = b"".join(packed)
+    return b'{"model": "m"}', [body[i : i + 65536] for i in range(0, len(body), 65536)]
+
+
 CASES: list[Case] = [
     ("SSE: data lines in one event", "line", many_data_lines, [3_000, 30_000, 300_000], "text/event-stream"),
     ("SSE: empty data lines, no event end", "line", empty_data_lines, [10_000, 100_000, 1_000_000],
@@ -78,6 +91,7 @@ CASES: list[Case] = [
     ("JSON request body", "MiB", request_body, [1 << 20, 2 << 20, 4 << 20], "application/json"),
     ("request of nested brackets", "MiB", deep_request, [1 << 20, 2 << 20, 4 << 20], "application/json"),
     ("request with tool results", "result", tool_results, [1_000, 10_000, 100_000], "application/json"),
+    ("gzip answer inflating to (bomb)", "MiB", gzip_bomb, [8 << 20, 64 << 20, 512 << 20], "application/json|gzip"),
 ]  # fmt: skip
 
 UNITS = {"line": 1, "event": 1, "result": 1, "KiB": 1024, "MiB": 1 << 20}
@@ -88,7 +102,9 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     while (await receive()).get("more_body"):
         pass
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", _ANSWER["type"])]})
+    content_type, _, coding = _ANSWER["type"].partition(b"|")
+    headers = [(b"content-type", content_type)] + ([(b"content-encoding", coding)] if coding else [])
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     for chunk in _ANSWER["chunks"]:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
