@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import urllib.error
+from typing import Any
 
 import openai
 import pytest
@@ -132,3 +133,38 @@ def test_explicit_meter_provider_gets_the_metrics_and_no_listener_is_bound() -> 
             scrape_text(port)
     finally:
         telemetry.shutdown()
+
+
+def test_a_scrape_on_the_apps_own_port_is_encoded_off_its_event_loop() -> None:
+    """The exposition takes about a millisecond per label combination: on the event loop, every scrape of
+    ``metrics_app_path`` would stop the app's requests and streams for that long. The registry is collected in
+    another thread than the one the app's requests run on (benchmarks/scrape_stall.py measures the stall)."""
+    import threading
+    import urllib.request
+
+    from prometheus_client.registry import Collector
+
+    from llm_telemetry import LLMTelemetryMiddleware
+    from support import serve
+
+    threads: dict[str, int] = {}
+
+    async def ping(scope: dict[str, object], receive: object, send: Any) -> None:
+        threads["app"] = threading.get_ident()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    class Probe(Collector):
+        def collect(self) -> Any:
+            threads["scrape"] = threading.get_ident()
+            return []
+
+    app = LLMTelemetryMiddleware(ping, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    try:
+        with serve(app) as base:
+            urllib.request.urlopen(base + "/ping", timeout=10).close()
+            app.telemetry.registry.register(Probe())
+            scrape_text(int(base.rsplit(":", 1)[1]))
+    finally:
+        app.telemetry.shutdown()
+    assert threads["scrape"] != threads["app"]
