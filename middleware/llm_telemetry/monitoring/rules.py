@@ -155,6 +155,9 @@ class AlertThresholds:
 # --- PromQL helpers -------------------------------------------------------------------------------
 
 BY: Final = "namespace, job"
+#: The series of our metrics that hold the label combinations past the cardinality limit
+#: (instruments.CARDINALITY_LIMIT); the names keep other services' OpenTelemetry metrics out.
+OVERFLOW_MATCHERS: Final = ('__name__=~"llm_.+|gen_ai_.+"', 'otel_metric_overflow="true"')
 
 
 def _normalize_selector(selector: str) -> str:
@@ -424,6 +427,17 @@ def build_rule_groups(
             summary=f"llm-telemetry in {service} keeps failing in {{{{ $labels.{COMPONENT} }}}}",
             description="The middleware caught its own errors for 15 minutes; requests are unaffected but some "
             "telemetry is missing.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMTelemetrySeriesOverflow",
+            f"sum by ({BY}) (rate({series('', sel, *OVERFLOW_MATCHERS)}[15m])) > 0",
+            severity="info",
+            for_="15m",
+            summary=f"{service} has more label combinations than llm-telemetry keeps per process",
+            description=f"Some LLM metrics reached {inst.CARDINALITY_LIMIT:,} label combinations in a process; the "
+            'traffic of further ones is counted in the series labelled otel_metric_overflow="true", so per-model '
+            "and per-tenant breakdowns miss it (totals stay exact).",
             runbook_url=runbook_url,
         ),
     ]
