@@ -47,11 +47,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     pki = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "stranger-ca"):
         new_key = ("-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+        # With the key usages a cluster's CA has (kubeadm's): Python 3.13's default verification requires them.
         openssl("req", "-x509", *new_key, "-days", "2", "-subj", f"/CN={ca}",
-                "-addext", "basicConstraints=critical,CA:TRUE", cwd=pki)  # fmt: skip
-    issue(pki, "server", "/CN=127.0.0.1", "ca", "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n")
-    issue(pki, "client", "/CN=llm-telemetry-operator", "ca", "extendedKeyUsage = clientAuth\n")
-    issue(pki, "stranger", "/CN=stranger", "stranger-ca", "extendedKeyUsage = clientAuth\n")
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign", cwd=pki)  # fmt: skip
+    leaf = "keyUsage = critical, digitalSignature, keyEncipherment\nauthorityKeyIdentifier = keyid\n"
+    issue(pki, "server", "/CN=127.0.0.1", "ca", leaf + "subjectAltName = IP:127.0.0.1\nextendedKeyUsage = serverAuth\n")
+    issue(pki, "client", "/CN=llm-telemetry-operator", "ca", leaf + "extendedKeyUsage = clientAuth\n")
+    issue(pki, "stranger", "/CN=stranger", "stranger-ca", leaf + "extendedKeyUsage = clientAuth\n")
     return pki
 
 
