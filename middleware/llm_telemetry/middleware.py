@@ -162,6 +162,7 @@ class _Exchange:
         "echo_id",
         "failsafe",
         "held",
+        "left_early",
         "max_body",
         "reader",
         "send_code",
@@ -194,6 +195,8 @@ class _Exchange:
         self.complete = False
         #: The server told us the client left: an ``http.disconnect`` message, or its ``send`` raised.
         self.disconnected = False
+        #: The ``http.disconnect`` came before the response's last message (see :meth:`finish`).
+        self.left_early = False
         self.send_failed = False
         #: Request id to add to the response headers (when the app sets none), or None.
         self.echo_id: bytes | None = None
@@ -221,6 +224,7 @@ class _Exchange:
                     self.body_done = True
         elif kind == "http.disconnect":
             self.disconnected = True
+            self.left_early = not self.complete
         return message
 
     def _read_request(self) -> None:
@@ -413,11 +417,21 @@ class _Exchange:
             call.error_type = "app_exception"
             if call.status_code is None:
                 call.status_code = 500
-        elif not self.complete:
-            # The app stopped before the last byte: the client went away, or the app gave up without raising.
+        elif not self.complete or (self.left_early and not _answer_ended(call)):
+            # The app stopped before the last byte: the client went away, or the app gave up without raising. Or the
+            # client left before the end and the app (or a middleware inside ours, such as Starlette's
+            # BaseHTTPMiddleware) ended the response early rather than raising.
             call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
+
+
+def _answer_ended(call: LLMCall) -> bool:
+    """Whether the answer read reached its own end: a finish reason (which streams send last, before their usage),
+    an error, or a JSON body read whole (a cut one does not parse)."""
+    if call.finish_reasons or call.error_type is not None:
+        return True
+    return not call.stream and (call.response_model is not None or call.input_tokens is not None)
 
 
 def _code_of(send: Send) -> CodeType | None:

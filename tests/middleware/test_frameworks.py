@@ -117,3 +117,114 @@ def test_framework_stream_and_non_stream(framework: str) -> None:
     assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == 10
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output") == 5
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 1
+
+
+def test_a_client_leaving_mid_stream_through_base_http_middleware_is_a_disconnect() -> None:
+    """FastAPI's ``@app.middleware("http")`` (Starlette's BaseHTTPMiddleware) inside ours does not raise when the
+    client leaves mid-stream: it ends the response early with a last empty message. That is still a client
+    disconnect; whole streams, a chat answer and embeddings through the same stack are not."""
+    import httpx
+
+    from llm_telemetry.demo.app import bare_app
+    from support import scrape_text
+
+    api = FastAPI()
+
+    @api.middleware("http")
+    async def tag(request: FastAPIRequest, call_next: Callable[..., Any]) -> Any:
+        response = await call_next(request)
+        response.headers["x-tagged"] = "1"
+        return response
+
+    api.mount("/", bare_app(token_delay=0.02))
+    app = LLMTelemetryMiddleware(api, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        for _ in range(3):
+            stream = client.chat.completions.create(
+                model="whole", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            assert len([chunk for chunk in stream]) > 5
+        client.chat.completions.create(model="whole", messages=[{"role": "user", "content": "hi"}])
+        client.embeddings.create(model="whole-embed", input=["one", "two"])
+        body = {"model": "left", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body) as response:
+            assert response.headers["x-tagged"] == "1"
+            next(response.iter_raw())  # the first chunk, then the client goes
+        port = int(base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 10
+        while Metrics(scrape_text(port)).value("llm_requests_total") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = Metrics(scrape_text(port))
+    assert metrics.value("llm_requests_total") == 6
+    assert metrics.value("llm_errors_total", gen_ai_request_model="left", error_type="client_disconnect") == 1
+    assert metrics.value("llm_errors_total") == 1
+
+
+WHOLE_JSON = json.dumps(completion("m")).encode()
+EMBEDDING = {"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}
+EMBEDDINGS = json.dumps(
+    {"object": "list", "data": [EMBEDDING], "model": "m", "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+).encode()
+WHOLE_STREAM = [
+    b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n',
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "pieces", "error_type"),
+    [
+        ("/v1/chat/completions", "application/json", [WHOLE_JSON], None),
+        ("/v1/chat/completions", "application/json", [WHOLE_JSON[:40]], "client_disconnect"),
+        ("/v1/embeddings", "application/json", [EMBEDDINGS], None),  # no finish reason: the whole body tells
+        ("/v1/embeddings", "application/json", [EMBEDDINGS[:60]], "client_disconnect"),
+        ("/v1/chat/completions", "text/event-stream", WHOLE_STREAM, None),
+        ("/v1/chat/completions", "text/event-stream", WHOLE_STREAM[:1], "client_disconnect"),
+    ],
+    ids=["json-whole", "json-cut", "embeddings-whole", "embeddings-cut", "stream-whole", "stream-cut"],
+)
+def test_an_answer_ended_after_the_client_left_is_a_disconnect_unless_it_was_whole(
+    path: str, content_type: str, pieces: list[bytes], error_type: str | None
+) -> None:
+    """The server reports ``http.disconnect`` before the app's last (empty) message, as it does when a client
+    leaves, or closes as soon as it has read what it needs: the call is a client disconnect unless the answer read
+    had reached its own end (a finish reason, a JSON body read whole)."""
+    import asyncio
+
+    calls: list[Any] = []
+
+    class Calls:
+        def start(self, call: Any) -> None:
+            pass
+
+        def end(self, call: Any) -> None:
+            calls.append(call)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type.encode())]}
+        )
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[Calls()])
+    incoming = [{"type": "http.request", "body": b'{"model": "m"}', "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    try:
+        asyncio.run(wrapped(scope, receive, send))
+    finally:
+        wrapped.telemetry.shutdown()
+    assert [call.error_type for call in calls] == [error_type]
