@@ -192,14 +192,9 @@ def test_an_answer_ended_after_the_client_left_is_a_disconnect_unless_it_was_who
     had reached its own end (a finish reason, a JSON body read whole)."""
     import asyncio
 
-    calls: list[Any] = []
+    from support import Calls
 
-    class Calls:
-        def start(self, call: Any) -> None:
-            pass
-
-        def end(self, call: Any) -> None:
-            calls.append(call)
+    calls = Calls()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
@@ -211,7 +206,7 @@ def test_an_answer_ended_after_the_client_left_is_a_disconnect_unless_it_was_who
         assert (await receive())["type"] == "http.disconnect"
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[Calls()])
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[calls])
     incoming = [{"type": "http.request", "body": b'{"model": "m"}', "more_body": False}, {"type": "http.disconnect"}]
 
     async def receive() -> dict[str, Any]:
@@ -227,4 +222,4 @@ def test_an_answer_ended_after_the_client_left_is_a_disconnect_unless_it_was_who
         asyncio.run(wrapped(scope, receive, send))
     finally:
         wrapped.telemetry.shutdown()
-    assert [call.error_type for call in calls] == [error_type]
+    assert [call.error_type for call in calls.ended] == [error_type]
