@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
-from support import free_port, scrape_text
+from support import Metrics, free_port, scrape_text
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 DURATION = "gen_ai_server_request_duration_seconds_bucket"
@@ -66,6 +67,10 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
         # their label lists with error_type="". Every series must keep its exemplars all the same.
         with pytest.raises(openai.RateLimitError):
             stream_chat(base, "gpt-4o-limited", "ex-3", **{"x-demo-fail": "rate_limit"})
+        # A call is recorded just after its response went out: wait for the third.
+        deadline = time.monotonic() + 10
+        while Metrics(scrape_text(port)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
         # A text-format scrape first: it resets the SDK's reservoirs, yet the exemplars must survive it.
         text = scrape_text(port)
         assert "trace_id" not in text  # the classic text format has no exemplars

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_telemetry import instruments
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.monitoring import reference
-from support import free_port, scrape_text, serve
+from support import Metrics, free_port, scrape_text, serve
 
 TOOLS: list[dict[str, object]] = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
@@ -49,6 +50,10 @@ def scraped() -> Iterator[str]:
             oai.chat.completions.create(model="gpt-4o", messages=messages, extra_headers={"x-demo-fail": "rate_limit"})
         claude.messages.create(model="claude-sonnet-4", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
         oai.embeddings.create(model="an-unpriced-embedder", input="three words here")
+        # A call is recorded just after its response went out: wait for the sixth before reading the scrape.
+        deadline = time.monotonic() + 10
+        while Metrics(scrape_text(port)).value("llm_requests_total") < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
         yield scrape_text(port)
     app.telemetry.shutdown()
 

@@ -134,9 +134,13 @@ def test_app_exception_is_recorded_and_reraised(servers: tuple[str, str, int]) -
 
 def test_bad_input_is_recorded_without_internal_errors(servers: tuple[str, str, int]) -> None:
     _, observed, port = servers
+    before = scrape(port).value("llm_requests_total")
     raw_exchange(observed, "POST", "/v1/garbage/chat/completions", b"{}")
     raw_exchange(observed, "POST", "/v1/error/chat/completions", b"{}")
-    metrics = scrape(port)
+    # A call is recorded just after its response went out (the client may see the connection close first).
+    deadline = time.monotonic() + 5
+    while (metrics := scrape(port)).value("llm_requests_total") < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     # Garbage we cannot read is a fact of life, not a failure of ours: nothing counted as an internal error.
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
     # A truncated error body still classifies by status.
