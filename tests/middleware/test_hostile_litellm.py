@@ -2,11 +2,12 @@
 
 The proxy (``litellm[proxy]``, run offline in its own process) fronts an upstream OpenAI-compatible app of ours.
 Fronting the demo service, it re-encodes every chunk in its own shape: the middleware must record the usage the
-proxy's clients receive, a time to first token for each stream, and the tool calls. Fronting an upstream that either
-drops its connection in the middle of a stream or answers 429, LiteLLM turns the first into an error
-event inside a 200 stream, ``{"error": {"type": null, "code": "500", ...}}``, and the second into a 429 with
-``{"error": {"type": "throttling_error", "code": "429", ...}}``. The middleware must record ``server_error`` and
-``rate_limit``, not ``other``.
+proxy's clients receive, a time to first token for each stream, and the tool calls, on its OpenAI route and on
+its Anthropic one (which answers in Anthropic's shapes what it asked of an OpenAI-compatible upstream).
+Fronting an upstream that either drops its connection in the middle of a stream or answers 429, LiteLLM turns the
+first into an error event inside a 200 stream, ``{"error": {"type": null, "code": "500", ...}}``, and the second
+into a 429 with ``{"error": {"type": "throttling_error", "code": "429", ...}}``. The middleware must record
+``server_error`` and ``rate_limit``, not ``other``.
 
 LiteLLM is a large install with pins of its own, so it is not in the ``dev`` extra: ``scripts/get-litellm`` (which
 ``.ci/run`` calls) installs it into a virtualenv of its own, and the proxy runs on that interpreter with the
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -103,6 +105,10 @@ def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int
     config.write_text(
         "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
         f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+        # For clients of its Anthropic route: LiteLLM sends those to an OpenAI model's Responses API, which the
+        # demo lacks, and to an OpenAI-compatible server's (vLLM's) chat completions.
+        "  - model_name: up-messages\n    litellm_params:\n      model: hosted_vllm/up\n"
+        f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
         "litellm_settings:\n  num_retries: 0\n"
     )
     port, metrics_port = free_port(), free_port()
@@ -139,12 +145,12 @@ def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int
         log.close()
 
 
-def settled(metrics_port: int, requests: int) -> Metrics:
-    """The scrape once ``requests`` calls to model "up" are recorded (or after 30 s)."""
+def settled(metrics_port: int, requests: int, model: str = "up") -> Metrics:
+    """The scrape once ``requests`` calls to ``model`` are recorded (or after 30 s)."""
     deadline = time.monotonic() + 30
     while True:
         metrics = Metrics(scrape_text(metrics_port))
-        if metrics.value("llm_requests_total", gen_ai_request_model="up") >= requests or time.monotonic() > deadline:
+        if metrics.value("llm_requests_total", gen_ai_request_model=model) >= requests or time.monotonic() > deadline:
             return metrics
         time.sleep(0.2)
 
@@ -197,3 +203,27 @@ def test_litellm_proxy_traffic_is_measured_as_its_clients_see_it(tmp_path: Path)
         assert metrics.value("llm_tool_calls_total", gen_ai_tool_name="get_weather", **model) == 1
         assert metrics.value("llm_errors_total") == 0
         assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+def test_litellm_anthropic_route_is_measured_as_its_clients_see_it(tmp_path: Path) -> None:
+    """Clients of the Anthropic API (the ``anthropic`` SDK, and tools built on it) pointed at the gateway: LiteLLM
+    answers them in Anthropic's shapes, translated from an OpenAI-compatible upstream. Recorded as Anthropic calls,
+    with the usage those clients receive and a time to first token for the stream."""
+    with serve(bare_app()) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = anthropic.Anthropic(base_url=base, api_key=MASTER_KEY, max_retries=0)
+        messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+        answer = client.messages.create(model="up-messages", max_tokens=200, messages=messages)
+        with client.messages.stream(model="up-messages", max_tokens=200, messages=messages) as stream:
+            text = stream.get_final_text()
+            streamed = stream.get_final_message()
+        assert text
+
+        metrics = settled(metrics_port, 2, model="up-messages")
+    model = {"gen_ai_request_model": "up-messages", "gen_ai_provider_name": "anthropic"}
+    assert metrics.value("llm_requests_total", **model) == 2
+    for kind, field in (("input", "input_tokens"), ("output", "output_tokens")):
+        reported = metrics.value("llm_tokens_total", gen_ai_token_type=kind, llm_usage_source="reported", **model)
+        assert reported == getattr(answer.usage, field) + getattr(streamed.usage, field), kind
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 1
+    assert metrics.value("llm_errors_total") == 0
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
