@@ -1,12 +1,16 @@
-"""One line in Starlette, FastAPI and Litestar (a non-Starlette ASGI framework) gives the same metrics."""
+"""One line in Starlette, FastAPI and Litestar (a non-Starlette ASGI framework) gives the same metrics; streams sent
+with ``sse-starlette`` are read too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anthropic
+import httpx
 import openai
 import pytest
 from fastapi import FastAPI
@@ -19,7 +23,7 @@ from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Metrics, free_port, scrape, serve
+from support import Calls, Metrics, free_port, scrape, serve
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -223,3 +227,76 @@ def test_an_answer_ended_after_the_client_left_is_a_disconnect_unless_it_was_who
     finally:
         wrapped.telemetry.shutdown()
     assert [call.error_type for call in calls.ended] == [error_type]
+
+
+def test_sse_starlette_streams_with_pings_and_crlf_are_read() -> None:
+    """``sse-starlette``'s ``EventSourceResponse``, which many Python LLM servers stream with: it ends lines with
+    CRLF and sends ``: ping`` comments while the model is still thinking. A ping is not a first token, and both APIs'
+    streams are read as the SDKs read them."""
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    thinking = 0.15  # before the first token, with a ping every 10 ms
+
+    async def chat(request: Request) -> EventSourceResponse:
+        model = (await request.json())["model"]
+
+        async def events() -> AsyncIterator[str]:
+            await asyncio.sleep(thinking)
+            async for chunk in chunks(model):
+                for event in chunk.decode().split("\n\n"):
+                    if event:
+                        yield event.removeprefix("data: ")
+
+        return EventSourceResponse(events(), ping=0.01)
+
+    async def messages(request: Request) -> EventSourceResponse:
+        model = (await request.json())["model"]
+        stream = [
+            ("message_start", {"type": "message_start", "message": {
+                "id": "m1", "type": "message", "role": "assistant", "model": model, "content": [],
+                "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "one two"}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 2}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+
+        async def events() -> AsyncIterator[dict[str, str]]:
+            for kind, data in stream:
+                if kind == "content_block_delta":
+                    await asyncio.sleep(thinking)
+                yield {"event": kind, "data": json.dumps(data)}
+
+        return EventSourceResponse(events(), ping=0.01)
+
+    calls = Calls()
+    routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/messages", messages, methods=["POST"])]
+    app = LLMTelemetryMiddleware(Starlette(routes=routes), metrics_port=0, request_logs=False, observers=[calls])
+    with serve(app) as base:
+        raw = httpx.post(f"{base}/v1/chat/completions", json={"model": "m", "stream": True}).content
+        assert b": ping" in raw.split(b"data:")[0] and b"\r\n\r\n" in raw  # what this test is about
+        client = openai.OpenAI(base_url=base + "/v1", api_key="t", max_retries=0)
+        stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)  # fmt: skip
+        (usage,) = [chunk.usage for chunk in stream if chunk.usage]
+        claude = anthropic.Anthropic(base_url=base, api_key="t", max_retries=0)
+        with claude.messages.stream(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
+            message = s.get_final_message()
+        deadline = time.monotonic() + 5
+        while len(calls.ended) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    _, openai_call, anthropic_call = calls.ended
+    assert (openai_call.input_tokens, openai_call.output_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert (anthropic_call.input_tokens, anthropic_call.output_tokens) == (9, message.usage.output_tokens)
+    assert anthropic_call.finish_reasons == ["end_turn"]
+    for call in (openai_call, anthropic_call):
+        assert call.usage_source == "reported" and call.error_type is None
+        ttft = call.time_to_first_token
+        assert ttft is not None and ttft >= thinking  # the pings before it are not tokens
