@@ -39,10 +39,11 @@ import procs  # noqa: E402
 from apps import BENCH_OTLP_ENDPOINT, VARIANTS  # noqa: E402
 from loadgen import SCENARIOS  # noqa: E402
 
-DEFAULT_SCENARIOS = ["chat", "stream64", "stream64o", "stream256", "embeddings"]
+DEFAULT_SCENARIOS = ["chat", "stream64", "stream64o", "stream256", "responses64", "embeddings"]
 DEFAULT_VARIANTS = ["bare", "ours", "ours+logs", "ours+otlplogs", "ours+traces", "instrumentator"]
 #: K, the measured requests per scenario: fewer for long streams, whose requests cost more.
-DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream64o": 40, "stream256": 12}
+DEFAULT_REQUESTS = {"chat": 200, "embeddings": 200, "stream64": 40, "stream64o": 40, "stream256": 12,
+                    "responses64": 40}  # fmt: skip
 #: Items per export request of a loaded server: the batch processors' default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
 #: OTEL_BLRP_MAX_EXPORT_BATCH_SIZE).
 BATCH = 512
@@ -165,11 +166,11 @@ def format_report(report: dict[str, Any], where: str = "in-process, straight thr
     lines = [f"== Middleware overhead in instructions, {where} (valgrind; reproducible to about 1%) =="]
     if "skipped" in report:
         return "\n".join([*lines, f"(not run: {report['skipped']})"])
-    lines.append(f"{'scenario':<11} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
+    lines.append(f"{'scenario':<12} {'variant':<15} {'kinstr/req':>11} {'added':>10} {'x bare':>7} {'added/chunk':>12}")
     for row in report["rows"]:
         per_chunk = row["added_per_chunk_k"]
         lines.append(
-            f"{row['scenario']:<11} {row['variant']:<15} {row['kinstr']:11.1f} {row['added_k']:+10.1f} "
+            f"{row['scenario']:<12} {row['variant']:<15} {row['kinstr']:11.1f} {row['added_k']:+10.1f} "
             f"{row['cpu_ratio']:7.2f} {'' if per_chunk is None else format(per_chunk * 1e3, '.0f'):>12}"
         )
     ks = report["ks"]

@@ -4,7 +4,7 @@ Why not httpx or the openai SDK: their per-request cost (a few hundred microseco
 as the server's, so they could not saturate one server core from one client core. This client writes a
 pre-built request and only finds where each response ends (``Content-Length`` or the last chunk of a
 chunked body), which costs a few microseconds, so the server is always the bottleneck. It also checks every
-response: status 200 and, for streams, the final ``data: [DONE]`` event.
+response: status 200 and, for streams, the end of the stream (``data: [DONE]``, or a Responses stream's usage).
 
 It runs in its own process (see :class:`LoadGenerator`), pinned to another core than the server.
 """
@@ -31,6 +31,7 @@ class Scenario:
         body: JSON request body.
         headers: extra request headers.
         chunks: SSE events in each response (0 for a JSON response).
+        end: bytes the last 64 of a stream's response hold when it ended as it should.
     """
 
     key: str
@@ -38,6 +39,7 @@ class Scenario:
     body: dict[str, Any]
     headers: tuple[tuple[str, str], ...] = ()
     chunks: int = 0
+    end: bytes = b"data: [DONE]"
 
     @property
     def stream(self) -> bool:
@@ -72,6 +74,20 @@ def _stream(words: int, obfuscated: bool = False) -> Scenario:
     )
 
 
+def _responses_stream(words: int) -> Scenario:
+    # A Responses API stream as OpenAI sends it (see the demo): created, in_progress, the item and its content part
+    # added, one delta per word (each numbered, with its own obfuscation value), text, part and item done, and the
+    # completed response with the usage, whose last member is "total_tokens".
+    return Scenario(
+        f"responses{words}",
+        "/v1/responses",
+        {"model": "gpt-4.1-mini", "input": _MESSAGES[0]["content"], "stream": True},
+        (("x-demo-words", str(words)),),
+        chunks=words + 8,
+        end=b'"total_tokens":',
+    )
+
+
 def _long_context(size: int) -> Scenario:
     # A non-stream chat whose prompt is ``size`` bytes of words: a long-context or multimodal request body.
     words = ("lorem ipsum dolor sit amet " * (size // 26 + 1))[:size]
@@ -88,6 +104,7 @@ SCENARIOS: dict[str, Scenario] = {
         _stream(64, obfuscated=True),
         _stream(256),
         _stream(4096),
+        _responses_stream(64),
         _long_context(1 << 20),
         Scenario(
             "embeddings",
@@ -182,8 +199,10 @@ class _Connection(asyncio.Protocol):
 
 
 async def _worker(
-    port: int, data: bytes, stream: bool, budget: list[int], latencies: list[float], failures: list[int]
+    port: int, data: bytes, end: bytes, budget: list[int], latencies: list[float], failures: list[int]
 ) -> None:
+    """Send ``data`` until the budget is spent; a response fails unless its status is 200 and, when ``end`` is not
+    empty, its last bytes hold ``end``."""
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
     try:
@@ -192,7 +211,7 @@ async def _worker(
             started = perf_counter()
             status, tail = await conn.request(data)
             latencies.append(perf_counter() - started)
-            if status != 200 or (stream and b"data: [DONE]" not in tail):
+            if status != 200 or (end and end not in tail):
                 failures[0] += 1
     finally:
         assert conn.transport is not None
@@ -207,7 +226,10 @@ async def run_load(port: int, scenario: Scenario, requests: int, concurrency: in
     failures = [0]
     started = perf_counter()
     await asyncio.gather(
-        *(_worker(port, data, scenario.stream, budget, latencies, failures) for _ in range(concurrency))
+        *(
+            _worker(port, data, scenario.end if scenario.stream else b"", budget, latencies, failures)
+            for _ in range(concurrency)
+        )
     )
     return LoadResult(len(latencies), failures[0], perf_counter() - started, latencies)
 

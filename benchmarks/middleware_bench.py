@@ -58,7 +58,16 @@ class Plan:
 SMOKE = Plan(
     rounds=1,
     warmup=5,
-    batch={"chat": 20, "stream64": 6, "stream64o": 6, "stream256": 2, "stream4096": 1, "body1m": 2, "embeddings": 20},
+    batch={
+        "chat": 20,
+        "stream64": 6,
+        "stream64o": 6,
+        "stream256": 2,
+        "stream4096": 1,
+        "responses64": 6,
+        "body1m": 2,
+        "embeddings": 20,
+    },
     concurrency=2,
     settle=0.0,
     soak=0,
@@ -77,6 +86,7 @@ FULL = Plan(
         "stream64o": 400,
         "stream256": 120,
         "stream4096": 4,
+        "responses64": 400,
         "body1m": 60,
         "embeddings": 2000,
     },
@@ -97,6 +107,7 @@ REDUCED = Plan(
         "stream64o": 120,
         "stream256": 40,
         "stream4096": 3,
+        "responses64": 120,
         "body1m": 30,
         "embeddings": 300,
     },
@@ -382,7 +393,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_rows(rows: list[dict[str, Any]]) -> list[str]:
     header = (
-        f"{'scenario':<11}{'variant':<16}{'req/s':>8}{'x bare':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'scenario':<12}{'variant':<16}{'req/s':>8}{'x bare':>8}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'CPU us/req':>12}{'x bare':>8}{'+us/req':>9}{'us/chunk':>10}{'+us/chunk':>11}{'fail':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -392,7 +403,7 @@ def format_rows(rows: list[dict[str, Any]]) -> list[str]:
             lines.append("")
         last = row["scenario"]
         lines.append(
-            f"{row['scenario']:<11}{row['variant']:<16}{_fmt(row['rate'], '.0f'):>8}{_fmt(row['rate_ratio'], '.2f'):>8}"
+            f"{row['scenario']:<12}{row['variant']:<16}{_fmt(row['rate'], '.0f'):>8}{_fmt(row['rate_ratio'], '.2f'):>8}"
             f"{_fmt(row['p50'] * 1e3, '.2f'):>9}{_fmt(row['p99'] * 1e3, '.2f'):>9}"
             f"{_fmt(row['cpu_us'], '.0f'):>12}{_fmt(row['cpu_ratio'], '.2f'):>8}{_fmt(row['cpu_delta_us'], '+.0f'):>9}"
             f"{_fmt(row['cpu_per_chunk_us'], '.1f'):>10}{_fmt(row['delta_per_chunk_us'], '+.2f'):>11}"

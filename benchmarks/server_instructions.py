@@ -139,11 +139,11 @@ def format_report(report: dict[str, Any]) -> str:
     if not misses:
         return text
     lines = ["", "Simulated misses added per request over bare (cachegrind's model of the caches and predictor)"]
-    lines.append(f"{'scenario':<11} {'variant':<15} {'I1':>8} {'D1':>8} {'LL':>8} {'branch':>8}")
+    lines.append(f"{'scenario':<12} {'variant':<15} {'I1':>8} {'D1':>8} {'LL':>8} {'branch':>8}")
     for row in misses:
         m = row["misses"]
         lines.append(
-            f"{row['scenario']:<11} {row['variant']:<15} {m['i1_miss']:+8.0f} {m['d1_miss']:+8.0f} "
+            f"{row['scenario']:<12} {row['variant']:<15} {m['i1_miss']:+8.0f} {m['d1_miss']:+8.0f} "
             f"{m['ll_miss']:+8.0f} {m['mispredict']:+8.0f}"
         )
     return text + "\n" + "\n".join(lines)

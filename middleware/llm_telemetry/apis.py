@@ -225,18 +225,7 @@ class ResponseReader:
     def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
         fast = self._fast
         if fast is not None and hi - lo > 1:
-            run = chunks[lo:hi] if lo or hi < len(chunks) else chunks
-            if fast[4] is None:
-                head, tail, start, tail_length, _ = fast
-                # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape
-                # exactly when putting every text back between a head and a tail rebuilds the run byte for byte (the
-                # lengths line up, so every chunk is its own head, text and tail) and every text is non-empty.
-                texts = list(map(itemgetter(slice(start, -tail_length)), run))
-                shaped = all(texts) and head + (tail + head).join(texts) + tail == b"".join(run)
-                shaped = shaped and (_unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts)))
-            else:
-                shaped = _obfuscated_run(fast, run)
-            if shaped:
+            if self._run_shaped(fast, chunks[lo:hi] if lo or hi < len(chunks) else chunks):
                 self._chunks += hi - lo
                 return
             if hi - lo >= 8:
@@ -246,6 +235,19 @@ class ResponseReader:
                 return
         for i in range(lo, hi):
             self.feed(chunks[i])
+
+    def _run_shaped(self, fast: _Shape, run: list[bytes]) -> bool:
+        """Whether every chunk of ``run`` is of the learnt shape ``fast``, as :meth:`_shaped` would say of each."""
+        if fast[4] is not None:
+            return _obfuscated_run(fast, run)
+        head, tail, start, tail_length, _ = fast
+        # Each chunk's text is what lies between the shape's head and tail lengths. The run is of the shape exactly
+        # when putting every text back between a head and a tail rebuilds the run byte for byte (the lengths line
+        # up, so every chunk is its own head, text and tail) and every text is non-empty.
+        texts = list(map(itemgetter(slice(start, -tail_length)), run))
+        if all(texts) and head + (tail + head).join(texts) + tail == b"".join(run):
+            return _unescaped(b"".join(texts)) or all(map(_JSON_TEXT.fullmatch, texts))
+        return False
 
     def _shaped(self, chunk: bytes) -> bool:
         """Whether ``chunk`` is of the learnt text-delta shape: the same bytes around the text as the delta it was
@@ -825,12 +827,60 @@ class OpenAIEmbeddingsReader(ResponseReader):
 # --- OpenAI Responses API -------------------------------------------------------------------------
 
 
+#: The inside of a JSON string, non-empty, exactly as the reader's parse (``loads``) takes it: UTF-8 (surrogates
+#: let through, as it decodes), no raw quote, backslash or control character, and only the escapes JSON defines.
+_JSON_TEXT_STRICT: Final = (
+    rb'(?!")(?:[ !#-\[\]-\x7f]++|\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})'
+    rb"|(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xef][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]"
+    rb"|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf])*+"
+)
+#: A member of a text-delta event besides its type and text, with a value of nothing to read: a JSON integer, a plain
+#: string (printable ASCII without quote or backslash, as ids and OpenAI's obfuscation values are), an empty list,
+#: null or a boolean. Its key can be neither "type" nor "delta", so the event has each of those once.
+_PLAIN_MEMBER: Final = (
+    rb'"(?!(?:type|delta)")[a-z_]++": ?(?:-?(?:0|[1-9][0-9]*+)|"[ !#-\[\]-~]*+"|\[\]|null|true|false)'
+)
+_TYPE_MEMBER: Final = rb'"type": ?"response\.(?:output_text|reasoning_summary_text|refusal)\.delta"'
+_DELTA_MEMBER: Final = rb'"delta": ?"' + _JSON_TEXT_STRICT + rb'"'
+_OTHERS: Final = rb"(?:, ?" + _PLAIN_MEMBER + rb")*+"
+#: The data of a Responses text-delta event, in any order of its members: an object with its type, its non-empty
+#: text, and plain members (``_PLAIN_MEMBER``), each key of them once.
+_DELTA_OBJECT: Final = b"".join((
+    rb"\{(?:", _PLAIN_MEMBER, rb", ?)*+",
+    rb"(?:", _TYPE_MEMBER, _OTHERS, rb", ?", _DELTA_MEMBER,  # the type before the text,
+    rb"|", _DELTA_MEMBER, _OTHERS, rb", ?", _TYPE_MEMBER, rb")",  # or after it
+    _OTHERS, rb"\}",
+))  # fmt: skip
+_RESPONSES_DELTA_DATA: Final = re.compile(_DELTA_OBJECT)
+#: One whole chunk that is one Responses text-delta event: an optional event line, then one data line with such an
+#: object. Every event of a Responses stream numbers itself (``sequence_number``) and OpenAI's end with a random
+#: ``obfuscation``, so no two are byte for byte alike around their text, as the shapes of chat streams are: this
+#: pattern is their shape.
+_RESPONSES_DELTA: Final = re.compile(
+    rb"(?:event: ?response\.[a-z_]++\.delta\r?\n)?data: ?" + _DELTA_OBJECT + rb"\r?\n\r?\n"
+)
+#: The shape of a Responses stream whose text deltas ``_RESPONSES_DELTA`` matches (its fields are not used).
+_RESPONSES_SHAPE: Final[_Shape] = (b"", b"", 0, 0, None)
+
+
 class OpenAIResponsesReader(ResponseReader):
     __slots__ = ()
     _TEXT_KEYS = (b'"delta":"',)
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
-        return event == "response.output_text.delta" and b'"delta":""' not in data
+        return _RESPONSES_DELTA_DATA.fullmatch(data) is not None
+
+    def _shape_of(self, chunk: bytes, data: bytes) -> _Shape | None:
+        if _RESPONSES_DELTA.fullmatch(chunk) is not None:
+            return _RESPONSES_SHAPE
+        self._misses += 1  # this stream's deltas carry more (log probabilities, say): no shape is tried again
+        return None
+
+    def _shaped(self, chunk: bytes) -> bool:
+        return self._fast is not None and _RESPONSES_DELTA.fullmatch(chunk) is not None
+
+    def _run_shaped(self, fast: _Shape, run: list[bytes]) -> bool:
+        return all(map(_RESPONSES_DELTA.fullmatch, run))
 
     def _response(self, response: Any) -> None:
         if not isinstance(response, dict):

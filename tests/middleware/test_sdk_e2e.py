@@ -125,6 +125,32 @@ def test_openai_non_stream_records_no_ttft(service: tuple[str, int], oai: openai
     assert m.value("gen_ai_server_request_duration_seconds_sum", gen_ai_request_model=model) >= FIRST_TOKEN_DELAY
 
 
+def test_openai_responses_api_stream_and_non_stream(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    """The Responses API as OpenAI streams it (numbered events, obfuscated deltas): the usage the SDK receives, a
+    time to first token after the events that open the stream, and a tool call by name."""
+    model = "gpt-4.1-responses"
+    reply = oai.responses.create(model=model, input=PROMPT)
+    events = list(oai.responses.create(model=model, input=PROMPT, stream=True))
+    (done,) = [e.response for e in events if e.type == "response.completed"]
+    assert len(done.output_text.split()) == REPLY_WORDS
+    assert sum(e.type == "response.output_text.delta" for e in events) == REPLY_WORDS
+    tools: Any = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    list(oai.responses.create(model=model, input="Weather in Paris?", tools=tools, stream=True))
+
+    m = eventually(service, requests_of(model, 3))
+    assert reply.usage is not None and done.usage is not None
+    tokens = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="true") == 2
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **tokens) == (
+        reply.usage.output_tokens + done.usage.output_tokens + 1
+    )  # the tool call turn is one token
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **tokens) == PROMPT_TOKENS * 2 + 3
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 2
+    assert m.value("gen_ai_server_time_to_first_token_seconds_bucket", gen_ai_request_model=model, le="0.1") == 0
+    assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_weather") == 1
+    assert m.value("llm_errors_total", gen_ai_request_model=model) == 0
+
+
 def test_openai_tool_calls_stream_and_non_stream(service: tuple[str, int], oai: openai.OpenAI) -> None:
     model = "gpt-4o-tools"
     messages: Any = [{"role": "user", "content": "Weather in Paris?"}]

@@ -15,7 +15,10 @@ Behaviour is steered per request:
   and digits of random length (1 to 16), each event its own, as OpenAI adds by default (the same values for every
   stream, so runs repeat);
 - stream usage is sent only when asked (``stream_options.include_usage``), as OpenAI does; Anthropic streams
-  always report usage.
+  always report usage;
+- ``/v1/responses`` (the OpenAI Responses API) streams as OpenAI does: named events, each numbered
+  (``sequence_number``), and text deltas ending with an ``"obfuscation"`` member unless the request turns it off
+  (``stream_options.include_obfuscation: false``); its usage always comes in the final ``response.completed``.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class DemoLLM:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/responses", self.responses, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/healthz", self.health, methods=["GET"]),
             ]
@@ -245,6 +249,78 @@ class DemoLLM:
             yield encode({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": [], "usage": usage})  # fmt: skip
         yield b"data: [DONE]\n\n"
+
+    # --- OpenAI Responses API -----------------------------------------------------------------------------
+
+    async def responses(self, request: Request) -> Response:
+        body = await request.json()
+        failure = self._failure(request)
+        if failure is not None:
+            return failure
+        model = body.get("model", "demo-mini")
+        prompt_tokens = input_tokens(body)
+        tool = _wants_tool(body)
+        words = [] if tool else _reply(self._words(request))
+        output_tokens = 1 if tool else len(words)
+        created = int(time.time())
+        head = {"id": f"resp_demo{created}", "object": "response", "created_at": created, "model": model,
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+        usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt_tokens + output_tokens}  # fmt: skip
+        item: dict[str, Any] = (
+            {"id": "fc_demo1", "type": "function_call", "status": "completed", "call_id": "call_demo1", "name": tool,
+             "arguments": '{"city": "Paris"}'}
+            if tool
+            else {"id": "msg_demo1", "type": "message", "status": "completed", "role": "assistant",
+                  "content": [{"type": "output_text", "text": "".join(words), "annotations": [], "logprobs": []}]}
+        )  # fmt: skip
+        done = {**head, "status": "completed", "output": [item], "usage": usage}
+        if body.get("stream"):
+            obfuscated = (body.get("stream_options") or {}).get("include_obfuscation", True) is not False
+            stream = self._responses_stream(head, done, words, item, _obfuscation() if obfuscated else None)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        await self._sleep(self.first_token_delay)
+        return JSONResponse(done)
+
+    async def _responses_stream(
+        self,
+        head: dict[str, Any],
+        done: dict[str, Any],
+        words: list[str],
+        item: dict[str, Any],
+        obfuscation: Iterator[str] | None,
+    ) -> AsyncIterator[bytes]:
+        numbers = iter(range(1 << 30))
+
+        def event(kind: str, **members: Any) -> bytes:
+            obj = {"type": kind, "sequence_number": next(numbers), **members}
+            return f"event: {kind}\ndata: ".encode() + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        yield event("response.created", response={**head, "status": "in_progress", "output": [], "usage": None})
+        yield event("response.in_progress", response={**head, "status": "in_progress", "output": [], "usage": None})
+        await self._sleep(self.first_token_delay)
+        where = {"item_id": item["id"], "output_index": 0}
+        if item["type"] == "function_call":
+            yield event("response.output_item.added", output_index=0, item={**item, "status": "in_progress",
+                                                                            "arguments": ""})  # fmt: skip
+            yield event("response.function_call_arguments.delta", **where, delta=item["arguments"])
+            yield event("response.function_call_arguments.done", **where, arguments=item["arguments"])
+        else:
+            yield event("response.output_item.added", output_index=0, item={**item, "status": "in_progress",
+                                                                            "content": []})  # fmt: skip
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            yield event("response.content_part.added", **where, content_index=0, part=part)
+            for i, word in enumerate(words):
+                if i:
+                    await self._sleep(self.token_delay)
+                extra = {"obfuscation": next(obfuscation)} if obfuscation is not None else {}
+                yield event("response.output_text.delta", **where, content_index=0, delta=word, logprobs=[], **extra)
+            text = "".join(words)
+            yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+            yield event("response.content_part.done", **where, content_index=0, part={**part, "text": text})
+        yield event("response.output_item.done", output_index=0, item=item)
+        yield event("response.completed", response=done)
 
     # --- OpenAI legacy completions and embeddings -----------------------------------------------------
 
