@@ -33,8 +33,10 @@ import anthropic
 import openai
 import pytest
 
+from llm_telemetry.apis import APIS
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.demo.run import DEMO_TOOLS
+from llm_telemetry.record import LLMCall
 from support import Metrics, free_port, scrape_text, serve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,3 +229,58 @@ def test_litellm_anthropic_route_is_measured_as_its_clients_see_it(tmp_path: Pat
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 1
     assert metrics.value("llm_errors_total") == 0
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+def test_litellm_responses_route_is_measured_and_read_by_shape(tmp_path: Path) -> None:
+    """The Responses API through the gateway, which re-encodes every event in an order of its own and adds a
+    ``model`` member: the usage its clients receive, a time to first token per stream, and text deltas read by their
+    shape (the reader holds them, to be checked in bulk) with the numbers of a full parse."""
+    with serve(bare_app()) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        answer = client.responses.create(model="up", input="What is the weather in Paris?")
+        events = list(client.responses.create(model="up", input="What is the weather in Paris?", stream=True))
+        (done,) = [event.response for event in events if event.type == "response.completed"]
+        request = urllib.request.Request(
+            f"{base}/v1/responses",
+            data=json.dumps({"model": "up", "input": "hi", "stream": True}).encode(),
+            headers={"content-type": "application/json", "authorization": f"Bearer {MASTER_KEY}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+        metrics = settled(metrics_port, 3)
+    usages = [answer.usage, done.usage]
+    assert all(usages)
+    model = {"gen_ai_request_model": "up", "llm_usage_source": "reported"}
+    for kind, field in (("input", "input_tokens"), ("output", "output_tokens")):
+        recorded = metrics.value("llm_tokens_total", gen_ai_token_type=kind, **model)
+        assert recorded == sum(getattr(u, field) for u in usages) + raw_usage(raw, field), kind
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="up") == 2
+    assert metrics.value("llm_errors_total") == 0
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+    chunks = [event + b"\n\n" for event in raw.split(b"\n\n") if event.strip()]
+    deltas = [i for i, chunk in enumerate(chunks) if b'"response.output_text.delta"' in chunk]
+    assert len(deltas) > 9 and b'"model"' in chunks[deltas[0]]  # the gateway's own shape
+    spec = APIS["openai.responses"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    for i, chunk in enumerate(chunks[: deltas[-1] + 1]):
+        reader.feed(chunk, now=float(i))
+    assert reader.holding  # every delta was of the stream's shape (a reader that misses nine drops it)
+    reference = LLMCall(spec.operation, spec.provider, start=0.0)
+    full = spec.response_reader(reference, stream=True, capture=True)
+    for i, chunk in enumerate(chunks):
+        full.feed(chunk, now=float(i))
+    full.finish(now=1000.0)
+    reader.feed_held(chunks[deltas[-1] + 1 :])
+    reader.finish(now=1000.0)
+    assert (call.output_tokens, call.input_tokens, call.first_token_at, call.finish_reasons) == (
+        reference.output_tokens, reference.input_tokens, reference.first_token_at, reference.finish_reasons
+    )  # fmt: skip
+
+
+def raw_usage(raw: bytes, field: str) -> int:
+    """``field`` of the usage in the completed event of a raw Responses stream."""
+    (completed,) = [event for event in raw.split(b"\n\n") if b'"response.completed"' in event]
+    value: int = json.loads(completed.split(b"data: ", 1)[1])["response"]["usage"][field]
+    return value
