@@ -148,6 +148,13 @@ class DemoLLM:
         header = request.headers.get("x-demo-words")
         return int(header) if header and header.isdigit() else self.reply_words
 
+    def _turn(self, request: Request, body: dict[str, Any], model: str) -> tuple[str, int, str | None, list[str], int]:
+        """How the demo answers ``body``: the model (``model`` when it names none), the input tokens, the tool it
+        calls (or None), the words of its reply (none for a tool call) and the output tokens (1 for a tool call)."""
+        tool = _wants_tool(body)
+        words = [] if tool else _reply(self._words(request))
+        return body.get("model", model), input_tokens(body), tool, words, 1 if tool else len(words)
+
     def _failure(self, request: Request, anthropic: bool = False) -> Response | None:
         fail = request.headers.get("x-demo-fail")
         if fail == "rate_limit":
@@ -178,11 +185,7 @@ class DemoLLM:
         failure = self._failure(request)
         if failure is not None:
             return failure
-        model = body.get("model", "demo-mini")
-        prompt_tokens = input_tokens(body)
-        tool = _wants_tool(body)
-        words = [] if tool else _reply(self._words(request))
-        completion_tokens = 1 if tool else len(words)
+        model, prompt_tokens, tool, words, completion_tokens = self._turn(request, body, "demo-mini")
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         created = int(time.time())
@@ -257,11 +260,7 @@ class DemoLLM:
         failure = self._failure(request)
         if failure is not None:
             return failure
-        model = body.get("model", "demo-mini")
-        prompt_tokens = input_tokens(body)
-        tool = _wants_tool(body)
-        words = [] if tool else _reply(self._words(request))
-        output_tokens = 1 if tool else len(words)
+        model, prompt_tokens, tool, words, output_tokens = self._turn(request, body, "demo-mini")
         created = int(time.time())
         head = {"id": f"resp_demo{created}", "object": "response", "created_at": created, "model": model,
                 "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
@@ -368,11 +367,7 @@ class DemoLLM:
         failure = self._failure(request, anthropic=True)
         if failure is not None:
             return failure
-        model = body.get("model", "demo-claude")
-        prompt_tokens = input_tokens(body)
-        tool = _wants_tool(body)
-        words = [] if tool else _reply(self._words(request))
-        output_tokens = 1 if tool else len(words)
+        model, prompt_tokens, tool, words, output_tokens = self._turn(request, body, "demo-claude")
         if body.get("stream"):
             return StreamingResponse(
                 self._messages_stream(model, prompt_tokens, words, tool, output_tokens), media_type="text/event-stream"
