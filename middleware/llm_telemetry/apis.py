@@ -843,8 +843,8 @@ _PLAIN_MEMBER: Final = (
 _TYPE_MEMBER: Final = rb'"type": ?"response\.(?:output_text|reasoning_summary_text|refusal)\.delta"'
 _DELTA_MEMBER: Final = rb'"delta": ?"' + _JSON_TEXT_STRICT + rb'"'
 _OTHERS: Final = rb"(?:, ?" + _PLAIN_MEMBER + rb")*+"
-#: The data of a Responses text-delta event, in any order of its members: an object with its type, its non-empty
-#: text, and plain members (``_PLAIN_MEMBER``), each key of them once.
+#: The data of a Responses text-delta event, in any order of its members: an object with its type and its non-empty
+#: text, once each, and plain members (``_PLAIN_MEMBER``).
 _DELTA_OBJECT: Final = b"".join((
     rb"\{(?:", _PLAIN_MEMBER, rb", ?)*+",
     rb"(?:", _TYPE_MEMBER, _OTHERS, rb", ?", _DELTA_MEMBER,  # the type before the text,
