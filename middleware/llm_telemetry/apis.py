@@ -830,23 +830,23 @@ class OpenAIEmbeddingsReader(ResponseReader):
 #: The inside of a JSON string, non-empty, exactly as the reader's parse (``loads``) takes it: UTF-8 (surrogates
 #: let through, as it decodes), no raw quote, backslash or control character, and only the escapes JSON defines.
 _JSON_TEXT_STRICT: Final = (
-    rb'(?!")(?:[ !#-\[\]-\x7f]++|\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})'
+    # Runs of plain ASCII, each run followed by an escape or a multi-byte character, which cannot start a run: so
+    # there is one way to match any text, and a text that does not match fails in time linear in its length.
+    rb'(?!")[ !#-\[\]-\x7f]*(?:(?:\\(?:["\\/bfnrt]|u[0-9A-Fa-f]{4})'
     rb"|(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xef][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]"
-    rb"|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf])*+"
+    rb"|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf])[ !#-\[\]-\x7f]*)*"
 )
 #: A member of a text-delta event besides its type and text, with a value of nothing to read: a JSON integer, a plain
 #: string (printable ASCII without quote or backslash, as ids and OpenAI's obfuscation values are), an empty list,
 #: null or a boolean. Its key can be neither "type" nor "delta", so the event has each of those once.
-_PLAIN_MEMBER: Final = (
-    rb'"(?!(?:type|delta)")[a-z_]++": ?(?:-?(?:0|[1-9][0-9]*+)|"[ !#-\[\]-~]*+"|\[\]|null|true|false)'
-)
+_PLAIN_MEMBER: Final = rb'"(?!(?:type|delta)")[a-z_]+": ?(?:-?(?:0|[1-9][0-9]*)|"[ !#-\[\]-~]*"|\[\]|null|true|false)'
 _TYPE_MEMBER: Final = rb'"type": ?"response\.(?:output_text|reasoning_summary_text|refusal)\.delta"'
 _DELTA_MEMBER: Final = rb'"delta": ?"' + _JSON_TEXT_STRICT + rb'"'
-_OTHERS: Final = rb"(?:, ?" + _PLAIN_MEMBER + rb")*+"
+_OTHERS: Final = rb"(?:, ?" + _PLAIN_MEMBER + rb")*"
 #: The data of a Responses text-delta event, in any order of its members: an object with its type and its non-empty
 #: text, once each, and plain members (``_PLAIN_MEMBER``).
 _DELTA_OBJECT: Final = b"".join((
-    rb"\{(?:", _PLAIN_MEMBER, rb", ?)*+",
+    rb"\{(?:", _PLAIN_MEMBER, rb", ?)*",
     rb"(?:", _TYPE_MEMBER, _OTHERS, rb", ?", _DELTA_MEMBER,  # the type before the text,
     rb"|", _DELTA_MEMBER, _OTHERS, rb", ?", _TYPE_MEMBER, rb")",  # or after it
     _OTHERS, rb"\}",
@@ -857,7 +857,7 @@ _RESPONSES_DELTA_DATA: Final = re.compile(_DELTA_OBJECT)
 #: ``obfuscation``, so no two are byte for byte alike around their text, as the shapes of chat streams are: this
 #: pattern is their shape.
 _RESPONSES_DELTA: Final = re.compile(
-    rb"(?:event: ?response\.[a-z_]++\.delta\r?\n)?data: ?" + _DELTA_OBJECT + rb"\r?\n\r?\n"
+    rb"(?:event: ?response\.[a-z_]+\.delta\r?\n)?data: ?" + _DELTA_OBJECT + rb"\r?\n\r?\n"
 )
 #: The shape of a Responses stream whose text deltas ``_RESPONSES_DELTA`` matches (its fields are not used).
 _RESPONSES_SHAPE: Final[_Shape] = (b"", b"", 0, 0, None)
