@@ -115,6 +115,10 @@ def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:
     for env in ({}, tracing_env(receiver, OTEL_TRACES_SAMPLER="always_off")):
         with demo_server(env, metrics_port=port, metrics_host="127.0.0.1") as (_, base):
             stream_chat(base, "gpt-4o", "ex-none")
+            # The call is recorded just after its response went out: wait for it.
+            deadline = time.monotonic() + 10
+            while Metrics(scrape_text(port)).value("llm_requests_total") < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
             om = scrape_text(port, accept=OPENMETRICS)
         assert "gen_ai_server_request_duration_seconds_bucket" in om
         assert exemplars(om, DURATION) == [] and exemplars(om, TTFT) == []
