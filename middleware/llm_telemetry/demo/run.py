@@ -103,8 +103,9 @@ def scrape(url: str, accept: str | None = None) -> str:
     return body.decode()
 
 
-def drive(base_url: str, chats: int) -> None:
-    """Send a realistic mix through the openai SDK: streams, non-streams, a tool call, embeddings and errors."""
+def drive(base_url: str, chats: int) -> int:
+    """Send a realistic mix through the openai SDK: streams, non-streams, a tool call, embeddings and errors; return
+    how many LLM requests were sent."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="demo", max_retries=0)
@@ -150,6 +151,18 @@ def drive(base_url: str, chats: int) -> None:
             jobs.append(pool.submit(failing, kind))
         for job in jobs:
             job.result()
+    return chats + 2 + 1 + 4  # the tool call's two turns, the embeddings and the failures
+
+
+def settled_summary(url: str, requests: int, timeout: float = 10.0) -> dict[str, Any]:
+    """The summary once the scrape counts ``requests`` (a call is recorded just after its response went out), or
+    as it stands after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        summary = summarize(scrape(url))
+        if summary["requests"] >= requests or time.monotonic() > deadline:
+            return summary
+        time.sleep(0.02)
 
 
 class DemoServer:
@@ -185,8 +198,8 @@ def run_demo(host: str, port: int, metrics_port: int, chats: int, serve: bool, l
         base = f"http://{host}:{port}/v1"
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         print(f"demo LLM service on {base}, metrics on {metrics}")
-        drive(base, chats)
-        print(format_summary(summarize(scrape(metrics))))
+        sent = drive(base, chats)
+        print(format_summary(settled_summary(metrics, sent)))
         if serve:
             print(f"serving; try: curl -s {metrics} | grep llm_   (Ctrl-C to stop)")
             try:
