@@ -1,26 +1,155 @@
-"""Response bodies the app compressed itself (``Content-Encoding: gzip`` or ``deflate``), read decompressed.
+"""Response bodies the app compressed itself (``Content-Encoding``), read decompressed.
 
 Starlette's and FastAPI's ``GZipMiddleware``, added before this middleware (so it runs inside it), compresses
 every JSON response of 500 bytes or more for a client that accepts gzip, and the official SDKs all do: read as
-sent, such answers would show no usage, model or error body. The client still gets the compressed bytes exactly as
+sent, such answers would show no usage, model or error body. ``gzip`` and ``deflate`` are always read; ``br``
+when the ``brotli`` package (1.2 or later, which can bound its output) is importable, as it is wherever the app
+compresses with it (``brotli-asgi``, Litestar's brotli backend); ``zstd`` when ``backports.zstd`` (what
+``zstd-asgi`` uses) or Python 3.14's ``compression.zstd`` is. The client still gets the compressed bytes exactly as
 the app sent them; what is decompressed here is a copy for the reader, bounded like the readers themselves.
 """
 
 from __future__ import annotations
 
+import importlib
 import zlib
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 from .apis import ResponseReader
 
-#: Content codings read, and zlib's window bits for each: gzip's container, or zlib's (``deflate`` as HTTP defines
-#: it; a bare deflate stream, which some servers send instead, is recognised by its missing header).
-WINDOW_BITS: Final = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+def _module(*names: str) -> Any:
+    """The first of these modules that imports, or None."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            pass
+    return None
+
+
+_brotli = _module("brotli")
+_zstd = _module("compression.zstd", "backports.zstd")  # Python 3.14's, or its backport to 3.9-3.13
 
 #: Decompressed bytes of a stream read at most (a JSON or error body stops at its reader's own limit). An answer
 #: of millions of tokens stays below it; a body that inflates past it is not read further, so a compression bomb
 #: costs no more than this.
 MAX_DECODED_STREAM_BYTES: Final = 64 * 1024 * 1024
+
+
+#: Decompressed bytes brotli is asked for at a time: its output grows in blocks until it reaches the number asked
+#: for, and may end up to twice as large, so it is asked for little at a time and its pieces read one by one.
+BROTLI_STEP: Final = 64 * 1024
+
+
+class Inflater(Protocol):
+    def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        """The decompressed bytes that ``chunk`` completes, at most ``limit`` (> 0), and whether more may be
+        waiting (then ``take(b"", ...)`` gives them); None when the body is not what its coding says."""
+
+    def rest(self) -> bytes:
+        """Output still held once the body has ended."""
+
+
+class _Zlib:
+    """``gzip``, or ``deflate``: zlib's container as HTTP defines it, or a bare deflate stream, which some servers
+    send instead, recognised by its missing header."""
+
+    __slots__ = ("_head", "_inflate")
+
+    def __init__(self, coding: bytes) -> None:
+        self._inflate = zlib.decompressobj(zlib.MAX_WBITS if coding == b"deflate" else 16 + zlib.MAX_WBITS)
+        #: For ``deflate``, the body's bytes until its first two have passed: if they are no zlib header, the body
+        #: is a bare deflate stream, read again from its start. None once that is settled.
+        self._head: bytes | None = b"" if coding == b"deflate" else None
+
+    def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        head = self._head
+        if head is not None:
+            head += chunk
+            self._head = head if len(head) < 2 else None
+        try:
+            data = self._inflate.decompress(chunk, limit)  # what is past the limit stays unread
+        except zlib.error:
+            if head is None:
+                return None
+            self._head = None
+            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            try:
+                data = self._inflate.decompress(head, limit)
+            except zlib.error:
+                return None
+        return data, False
+
+    def rest(self) -> bytes:
+        try:
+            return self._inflate.flush()
+        except zlib.error:
+            return b""
+
+
+class _Brotli:
+    __slots__ = ("_inflate",)
+
+    def __init__(self, coding: bytes) -> None:
+        self._inflate = _brotli.Decompressor()
+
+    def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        step = min(limit, BROTLI_STEP)
+        try:
+            data = self._inflate.process(chunk, output_buffer_limit=step)
+        except _brotli.error:
+            return None
+        return data[:limit], len(data) >= step  # an output that reached the step may have more behind it
+
+    def rest(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    """One Zstandard frame after another (a stream may hold several)."""
+
+    __slots__ = ("_inflate",)
+
+    def __init__(self, coding: bytes) -> None:
+        self._inflate = _zstd.ZstdDecompressor()
+
+    def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        inflate = self._inflate
+        parts = []
+        try:
+            while True:
+                if inflate.eof:
+                    inflate = self._inflate = _zstd.ZstdDecompressor()
+                data = inflate.decompress(chunk, limit)  # what is past the limit stays unread
+                parts.append(data)
+                limit -= len(data)
+                if not (inflate.eof and inflate.unused_data and limit > 0):
+                    break
+                chunk = inflate.unused_data
+        except (_zstd.ZstdError, EOFError):
+            return None
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+
+    def rest(self) -> bytes:
+        return b""
+
+
+def _brotli_usable() -> bool:
+    try:
+        _brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except Exception:
+        return False  # before 1.2, its output cannot be bounded: a few bytes could inflate to gigabytes
+    return True
+
+
+#: Content codings read, and how.
+CODINGS: Final[dict[bytes, Callable[[bytes], Inflater]]] = {b"gzip": _Zlib, b"x-gzip": _Zlib, b"deflate": _Zlib}
+if _brotli is not None and _brotli_usable():
+    CODINGS[b"br"] = _Brotli
+if _zstd is not None:
+    CODINGS[b"zstd"] = _Zstd
 
 
 class DecodingReader:
@@ -30,45 +159,34 @@ class DecodingReader:
     wrapped reader then finishes with what it got (a JSON body cut short does not parse, so it records nothing).
     """
 
-    __slots__ = ("_head", "_inflate", "_left", "reader")
+    __slots__ = ("_inflate", "_left", "reader")
 
     #: Chunks are read as they pass, never kept for later (see ``_Exchange.send``).
     holding: Final = False
 
     def __init__(self, reader: ResponseReader, coding: bytes, limit: int) -> None:
         self.reader = reader
-        self._inflate: zlib._Decompress | None = zlib.decompressobj(WINDOW_BITS[coding])
-        #: For ``deflate``, the body's bytes until its first two have passed: if they are no zlib header, the body
-        #: is a bare deflate stream, read again from its start. None once that is settled.
-        self._head: bytes | None = b"" if coding == b"deflate" else None
+        self._inflate: Inflater | None = CODINGS[coding](coding)
         self._left = limit
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         inflate = self._inflate
         if inflate is None or not chunk:
             return
-        head = self._head
-        if head is not None:
-            head += chunk
-            self._head = head if len(head) < 2 else None
-        try:
-            data = inflate.decompress(chunk, self._left)
-        except zlib.error:
-            self._inflate = None
-            if head is None:
-                return
-            self._head = None
-            inflate = self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
-            try:
-                data = inflate.decompress(head, self._left)
-            except zlib.error:
+        while True:
+            taken = inflate.take(chunk, self._left)
+            if taken is None:
                 self._inflate = None
                 return
-        self._left -= len(data)
-        if inflate.unconsumed_tail or self._left <= 0:
-            self._inflate = None  # past the limit (``max_length`` 0 would mean no limit at all)
-        if data:
-            self.reader.feed(data, now)
+            data, more = taken
+            self._left -= len(data)
+            if self._left <= 0:
+                self._inflate = None  # past the limit (a limit of 0 would mean no limit at all to zlib)
+            if data:
+                self.reader.feed(data, now)
+            if not more or self._inflate is None:
+                return
+            chunk = b""
 
     def feed_held(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -78,10 +196,7 @@ class DecodingReader:
         inflate = self._inflate
         if inflate is not None:
             self._inflate = None
-            try:
-                data = inflate.flush()[: self._left]
-            except zlib.error:
-                data = b""
+            data = inflate.rest()[: self._left]
             if data:
                 self.reader.feed(data, now)
         self.reader.finish(now)

@@ -27,7 +27,7 @@ from .apis import (
     loads,
 )
 from .config import ConfigurationError, Settings
-from .decoding import MAX_DECODED_STREAM_BYTES, WINDOW_BITS, DecodingReader
+from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, DecodingReader
 from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
@@ -372,8 +372,8 @@ class _Exchange:
                 coding = value
             elif key == REQUEST_ID_HEADER:
                 no_id = False  # the app chose its own: keep it
-        if coding is not None and coding not in WINDOW_BITS:
-            return no_id  # other codings (br, zstd, several at once) are passed through unread rather than misread
+        if coding is not None and coding not in CODINGS:
+            return no_id  # other codings (several at once, or one with no decoder here) pass unread, not misread
         reader: Reader
         if status >= 400:
             reader, limit = ErrorReader(call, stream=False), MAX_ERROR_BODY_BYTES

@@ -1,7 +1,8 @@
 """Responses the app compresses itself are read decompressed, and reach the client exactly as the app sent them.
 
 The common case: Starlette's (FastAPI's) ``GZipMiddleware`` added before this middleware, so it runs inside it,
-compresses every JSON answer of 500 bytes or more for a client that accepts gzip, as the official SDKs do.
+compresses every JSON answer of 500 bytes or more for a client that accepts gzip, as the official SDKs do. Apps
+that use ``brotli-asgi`` or ``zstd-asgi`` instead compress streams too, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 import anthropic
+import brotli
 import openai
 import pytest
+from backports import zstd
+from brotli_asgi import BrotliMiddleware
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.middleware.gzip import GZipMiddleware
+from zstd_asgi import ZstdMiddleware
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
@@ -77,6 +82,49 @@ def test_answers_compressed_by_gzip_middleware_are_counted_for_the_official_sdks
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
 
 
+@pytest.mark.parametrize("coding", ["br", "zstd"])
+def test_streams_compressed_chunk_by_chunk_are_read_for_the_official_sdks(coding: str) -> None:
+    """``brotli-asgi`` and ``zstd-asgi`` compress streams too, flushing every chunk: each event is read as it
+    passes (tokens, time to first token), and the SDKs, which ask for both codings when they can
+    decode them, get what the app sent."""
+    compress: Any = BrotliMiddleware if coding == "br" else ZstdMiddleware
+    app = LLMTelemetryMiddleware(
+        compress(bare_app(reply_words=120), minimum_size=100),
+        metrics_port=0,
+        metrics_app_path="/metrics",
+        request_logs=False,
+    )
+    with serve(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        chat = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions
+        messages: Any = [{"role": "user", "content": "one two three"}]
+        with chat.with_streaming_response.create(
+            model="gpt-4o-mini", messages=messages, stream=True, stream_options={"include_usage": True}
+        ) as raw:
+            assert raw.headers["content-encoding"] == coding  # the stream as the app compressed it
+            chunks = list(raw.parse())
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens > 1
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        plain = chat.create(model="gpt-4o-mini", messages=messages)  # compressed too, not streamed
+        assert plain.usage is not None
+        claude = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        with claude.messages.stream(
+            model="claude-sonnet-4-5", max_tokens=300, messages=[{"role": "user", "content": "four"}]
+        ) as stream:
+            final = stream.get_final_message()
+        metrics = _settled(port, "llm_requests_total", 3)
+    assert text
+    assert metrics.value("llm_tokens_total", gen_ai_request_model="gpt-4o-mini", gen_ai_token_type="output") == (
+        usage.completion_tokens + plain.usage.completion_tokens
+    )
+    assert metrics.value("llm_tokens_total", gen_ai_provider_name="anthropic", gen_ai_token_type="output") == (
+        final.usage.output_tokens
+    )
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 2  # both streams
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
 def _events(words: list[str], usage: bool) -> bytes:
     events = [{"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
     events += [{"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": w}}]} for w in words]
@@ -89,6 +137,13 @@ def _events(words: list[str], usage: bool) -> bytes:
 def _compress(coding: str, body: bytes) -> bytes:
     if coding == "gzip":
         return gzip.compress(body, mtime=0)
+    if coding == "br":
+        return bytes(brotli.compress(body))
+    if coding == "zstd":
+        return zstd.compress(body)
+    if coding == "zstd-frames":  # one frame per third of the body: a valid stream, as a server may send it
+        third = len(body) // 3 + 1
+        return b"".join(zstd.compress(body[i : i + third]) for i in range(0, len(body), third))
     raw = coding == "raw-deflate"  # a bare deflate stream, which some servers send as ``deflate``
     packer = zlib.compressobj(wbits=-zlib.MAX_WBITS if raw else zlib.MAX_WBITS)
     return packer.compress(body) + packer.flush()
@@ -99,7 +154,8 @@ def _read(body_pieces: list[bytes], stream: bool, coding: str | None) -> tuple[A
     call = LLMCall(spec.operation, spec.provider, start=0.0)
     reader: Any = spec.response_reader(call, stream=stream, capture=False)
     if coding is not None:
-        reader = DecodingReader(reader, b"deflate" if coding == "raw-deflate" else coding.encode(), 1 << 30)
+        name = {"raw-deflate": "deflate", "zstd-frames": "zstd"}.get(coding, coding)
+        reader = DecodingReader(reader, name.encode(), 1 << 30)
     for i, piece in enumerate(body_pieces):
         reader.feed(piece, now=1.0 + i)
     reader.finish(now=100.0)
@@ -115,10 +171,10 @@ def _cuts(data: bytes, points: list[int]) -> list[bytes]:
     st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=20),
     st.booleans(),
     st.booleans(),
-    st.sampled_from(["gzip", "deflate", "raw-deflate"]),
+    st.sampled_from(["gzip", "deflate", "raw-deflate", "br", "zstd", "zstd-frames"]),
     st.lists(st.integers(min_value=0), max_size=12),
 )
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_a_compressed_body_reads_as_the_same_body_uncompressed(
     words: list[str], stream: bool, usage: bool, coding: str, points: list[int]
 ) -> None:
@@ -150,18 +206,21 @@ def _serve_compressed(payload: bytes, coding: bytes, content_type: bytes = b"app
     return app
 
 
-@pytest.mark.parametrize("case", ["bomb", "not-gzip", "brotli"])
+@pytest.mark.parametrize("case", ["bomb", "br-bomb", "zstd-bomb", "not-gzip", "not-brotli", "not-zstd"])
 def test_a_body_that_inflates_too_far_or_is_not_what_it_says_passes_unread(case: str) -> None:
-    """A JSON answer of 64 MB packed into ~64 KB is read no further than the JSON limit (memory kept stays
-    bounded); a body whose coding is false, or one not read (br), reaches the client unchanged, with nothing read
-    and no internal error."""
+    """A JSON answer of 64 MB packed into a few KB is read no further than the JSON limit (memory kept stays
+    bounded); a body whose coding is false reaches the client unchanged, with nothing read and no internal
+    error."""
     import httpx
 
     pad = b'{"model": "m", "pad": "' + b" " * (64 << 20) + b'", "usage": {"prompt_tokens": 1}}'
     payload, coding = {
         "bomb": (gzip.compress(pad, compresslevel=9), b"gzip"),
+        "br-bomb": (bytes(brotli.compress(pad, quality=5)), b"br"),
+        "zstd-bomb": (zstd.compress(pad), b"zstd"),
         "not-gzip": (b'{"model": "m", "usage": {"prompt_tokens": 5, "completion_tokens": 6}}', b"gzip"),
-        "brotli": (b"\x8b\x03\x80not really brotli\x03", b"br"),
+        "not-brotli": (b"\x8b\x03\x80not really brotli\x03", b"br"),
+        "not-zstd": (b"(\xb5/\xfd not really zstd", b"zstd"),
     }[case]
     del pad
     app = LLMTelemetryMiddleware(
@@ -204,22 +263,85 @@ class _Collect:
         self.finished = True
 
 
+def _packed_in_two(coding: bytes, first: bytes, rest: bytes) -> tuple[bytes, bytes]:
+    """``first`` and ``rest`` compressed as one body, cut where the bytes decode to exactly ``first``."""
+    if coding == b"gzip":
+        packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        return packer.compress(first) + packer.flush(zlib.Z_SYNC_FLUSH), packer.compress(rest) + packer.flush()
+    if coding == b"br":
+        brotli_packer = brotli.Compressor()
+        return brotli_packer.process(first) + brotli_packer.flush(), brotli_packer.process(
+            rest
+        ) + brotli_packer.finish()
+    zstd_packer = zstd.ZstdCompressor()
+    return (
+        zstd_packer.compress(first, zstd.ZstdCompressor.FLUSH_BLOCK),
+        zstd_packer.compress(rest, zstd.ZstdCompressor.FLUSH_FRAME),
+    )
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"br", b"zstd"])
 @pytest.mark.parametrize("split", ["at-the-limit", "past-the-limit", "one-chunk"])
-def test_decoding_hands_on_no_more_than_its_limit_wherever_the_chunks_end(split: str) -> None:
+def test_decoding_hands_on_no_more_than_its_limit_wherever_the_chunks_end(split: str, coding: bytes) -> None:
     """100 bytes, then 4 MB that compress to almost nothing: the reader behind gets the 100 bytes and no more,
     whether a chunk ends exactly where the output reaches the limit, past it, or the body is one chunk."""
     first, rest = b"x" * 100, b" " * (4 << 20)
-    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
-    head = packer.compress(first) + packer.flush(zlib.Z_SYNC_FLUSH)  # decodes to exactly the first 100 bytes
-    tail = packer.compress(rest) + packer.flush()
+    head, tail = _packed_in_two(coding, first, rest)
     chunks = {
-        "at-the-limit": [head, *_cuts(tail, [7, 300])],
-        "past-the-limit": [head + tail[:50], tail[50:]],
+        "at-the-limit": [head, *_cuts(tail, [7, 30])],
+        "past-the-limit": [head + tail[:5], tail[5:]],
         "one-chunk": [head + tail],
     }[split]
     collect = _Collect()
-    reader = DecodingReader(collect, b"gzip", 100)  # type: ignore[arg-type]
+    reader = DecodingReader(collect, coding, 100)  # type: ignore[arg-type]
     for chunk in chunks:
         reader.feed(chunk)
     reader.finish(1.0)
     assert collect.data == first and collect.finished
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd", "zstd-frames"])
+def test_a_large_answer_in_one_compressed_chunk_is_read_whole(coding: str) -> None:
+    """A JSON answer of ~2 MB sent as one compressed chunk (it packs into a few KB) is read whole, although its
+    decompressor hands it over in pieces."""
+    answer = {
+        "model": "m",
+        "choices": [{"index": 0, "message": {"content": "word " * 400_000}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 400_000},
+    }
+    body = json.dumps(answer).encode()
+    packed = _compress(coding, body)
+    assert len(packed) < len(body) // 100
+    assert _read([packed], False, coding) == _read([body], False, None) == (4, 400_000, "reported", ["stop"], "m")
+
+
+def test_without_a_decoder_a_coding_passes_unread() -> None:
+    """Where ``brotli`` or the Zstandard module is not installed (or, for brotli, too old to bound its output),
+    only ``gzip`` and ``deflate`` are read. A coding not read, here two at once, reaches the client untouched."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "sys.modules['brotli'] = sys.modules['backports.zstd'] = sys.modules['compression.zstd'] = None\n"
+        "from llm_telemetry.decoding import CODINGS\n"
+        "print(sorted(c.decode() for c in CODINGS))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["['deflate',", "'gzip',", "'x-gzip']"]
+    zstd_body = zstd.compress(b'{"model": "m", "usage": {"prompt_tokens": 5, "completion_tokens": 6}}')
+    app = LLMTelemetryMiddleware(
+        _serve_compressed(zstd_body, b"zstd, gzip"), metrics_port=0, metrics_app_path="/metrics", request_logs=False
+    )
+    import httpx
+
+    with serve(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", base + "/v1/chat/completions", json={"model": "m"}) as response:
+                got = b"".join(response.iter_raw())
+        metrics = _settled(port, "llm_requests_total", 1)
+    assert got == zstd_body
+    assert metrics.value("llm_requests_total", gen_ai_request_model="m") == 1
+    assert metrics.value("llm_tokens_total") == 0  # two codings at once: not read, rather than misread
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
