@@ -78,7 +78,7 @@ def fastapi_app(metrics_port: int) -> Any:
     return app
 
 
-def litestar_app(metrics_port: int) -> Any:
+def litestar_app(metrics_port: int, compression: Any = None) -> Any:
     @post("/v1/chat/completions", status_code=200)
     async def chat(request: LitestarRequest[Any, Any, Any]) -> LitestarResponse[Any] | Stream:
         body = await request.json()
@@ -87,13 +87,21 @@ def litestar_app(metrics_port: int) -> Any:
         return LitestarResponse(completion(body["model"]))
 
     middleware = DefineMiddleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1")
-    return Litestar(route_handlers=[chat], middleware=[middleware])
+    return Litestar(route_handlers=[chat], middleware=[middleware], compression_config=compression)
+
+
+def litestar_brotli_app(metrics_port: int) -> Any:
+    """Litestar compressing its answers with brotli, streams included (one flush per chunk)."""
+    from litestar.config.compression import CompressionConfig
+
+    return litestar_app(metrics_port, CompressionConfig(backend="brotli", minimum_size=1))
 
 
 FRAMEWORKS: dict[str, tuple[Callable[[int], Any], str]] = {
     "starlette": (starlette_app, "/v1"),
     "fastapi": (fastapi_app, "/openai/v1"),
     "litestar": (litestar_app, "/v1"),
+    "litestar+brotli": (litestar_brotli_app, "/v1"),
 }
 
 
@@ -103,11 +111,17 @@ def test_framework_stream_and_non_stream(framework: str) -> None:
     metrics_port = free_port()
     with serve(build(metrics_port)) as base:
         client = openai.OpenAI(base_url=base + prefix, api_key="t", max_retries=0)
-        reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-        assert reply.choices[0].message.content == "one two three"
-        streamed = client.chat.completions.create(
+        coding = "br" if framework.endswith("+brotli") else None
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers.get("content-encoding") == coding
+        assert raw.parse().choices[0].message.content == "one two three"
+        raw_stream = client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
         )
+        assert raw_stream.headers.get("content-encoding") == coding
+        streamed = raw_stream.parse()
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
         deadline = time.monotonic() + 5
         metrics = Metrics("")
