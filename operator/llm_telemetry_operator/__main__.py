@@ -17,6 +17,10 @@ from llm_telemetry_operator import config as cfg
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ConfigurationError
 
+#: kopf releases from 1.45 need Python 3.11, and the operator's own passes run in tasks started in kopf's
+#: context (``asyncio.create_task(..., context=)``, new in 3.11). The middleware alone runs on 3.10.
+MIN_PYTHON = (3, 11)
+
 #: Flags that stand for an environment variable: (flag destination, variable).
 _ENV_FLAGS = (
     ("traces_endpoint", cfg.LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT),
@@ -126,6 +130,10 @@ def tune_gc() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the operator until it is signalled to stop; exit 2 on bad flags or configuration."""
     args = build_parser().parse_args(argv)
+    if sys.version_info < MIN_PYTHON:
+        running = ".".join(map(str, sys.version_info[:3]))
+        print(f"llm-telemetry-operator: needs Python 3.11 or newer; this is {running}", file=sys.stderr)
+        return 2
     try:
         config = config_from_args(args)
     except ConfigurationError as exc:
