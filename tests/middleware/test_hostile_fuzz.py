@@ -77,6 +77,7 @@ def test_hostile_fuzz_properties_with_a_large_budget() -> None:
     text = p.hostile_text
     try:
         FUZZ(given(stream=p.chunked_streams())(lambda stream: p.check_chunking(observed, stream)))()
+        FUZZ(given(stream=p.compressed_streams())(lambda stream: p.check_compressed(observed, stream)))()
         FUZZ(given(body=p.request_bodies, path=paths)(lambda body, path: p.check_request_body(observed, body, path)))()
         FUZZ(
             given(m=text, r=text, t=text, h=p.header_values)(

@@ -17,10 +17,13 @@ import asyncio
 import hashlib
 import itertools
 import json
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import brotli
 import pytest
+from backports import zstd
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -280,6 +283,70 @@ def check_chunking(observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple
     ANSWER.update(status=200, headers=SSE_HEADERS, chunks=chunks)
     call = through_both(observed, path, b'{"model": "m", "stream": true}')
     assert numbers(call) == whole, name
+    check_scrape(observed[0])
+
+
+# --- streams the app compresses itself -----------------------------------------------------------------------------
+
+#: The codings read, each as the stream compressors send it: every chunk compressed and flushed as it passes.
+CODINGS = ["gzip", "deflate", "br", "zstd"]
+
+
+def compress_as_sent(coding: str, chunks: list[bytes]) -> list[bytes]:
+    """``chunks`` compressed as one body, flushed after each (as brotli-asgi and zstd-asgi do), then its end."""
+    if coding == "br":
+        brotli_packer = brotli.Compressor()
+        return [bytes(brotli_packer.process(c)) + bytes(brotli_packer.flush()) for c in chunks] + [
+            bytes(brotli_packer.finish())
+        ]
+    if coding == "zstd":
+        zstd_packer = zstd.ZstdCompressor()
+        return [zstd_packer.compress(c, zstd.ZstdCompressor.FLUSH_BLOCK) for c in chunks] + [
+            zstd_packer.compress(b"", zstd.ZstdCompressor.FLUSH_FRAME)
+        ]
+    packer = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+    return [packer.compress(c) + packer.flush(zlib.Z_SYNC_FLUSH) for c in chunks] + [packer.flush()]
+
+
+@st.composite
+def compressed_streams(draw: st.DrawFn) -> tuple[str, str, bytes, str, str, list[bytes]]:
+    """A real stream in any chunking, compressed in any coding read; intact, or damaged as a broken or hostile app
+    might send it: cut short, a byte changed, or bytes that are not the coding's appended."""
+    name, path, body, chunks = draw(chunked_streams())
+    coding = draw(st.sampled_from(CODINGS))
+    packed = [c for c in compress_as_sent(coding, chunks) if c]
+    damage = draw(st.sampled_from(["none", "none", "cut", "changed", "appended"]))
+    at = draw(st.integers(0, len(packed) - 1))
+    if damage == "cut":
+        packed = [*packed[:at], packed[at][: draw(st.integers(0, len(packed[at]) - 1))]]
+    elif damage == "changed":
+        i = draw(st.integers(0, len(packed[at]) - 1))
+        changed = packed[at][i] ^ draw(st.integers(1, 255))
+        packed[at] = packed[at][:i] + bytes([changed]) + packed[at][i + 1 :]
+    elif damage == "appended":
+        packed[at] += draw(st.binary(min_size=1, max_size=64))
+    return name, path, body, coding, damage, [c for c in packed if c]
+
+
+@PROPERTY_SETTINGS
+@given(stream=compressed_streams())
+def test_hostile_compressed_streams_pass_unchanged_and_read_as_plain_ones(
+    observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, bytes, str, str, list[bytes]]
+) -> None:
+    check_compressed(observed, stream)
+
+
+def check_compressed(
+    observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, bytes, str, str, list[bytes]]
+) -> None:
+    """The client gets the app's compressed bytes; an intact stream reads as its plain body does, a damaged one
+    is read as far as it decodes, and neither counts an internal error."""
+    name, path, body, coding, damage, packed = stream
+    whole = whole_stream_numbers(observed, path, body)
+    ANSWER.update(status=200, headers=[*SSE_HEADERS, (b"content-encoding", coding.encode())], chunks=packed)
+    call = through_both(observed, path, b'{"model": "m", "stream": true}')
+    if damage == "none":
+        assert numbers(call) == whole, (name, coding)
     check_scrape(observed[0])
 
 
