@@ -15,6 +15,7 @@ the object it applies to.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -402,3 +403,95 @@ def validate_object(crd: Mapping[str, Any], obj: Mapping[str, Any]) -> list[str]
         for error in jsonschema.Draft4Validator(schema).iter_errors(obj)
     ]
     return errors or cel_violations(schema, prune_object(schema, obj))
+
+
+# --- what the API server checks in any object, beyond its OpenAPI schema ------------------------------------------
+#
+# The OpenAPI schemas (kubernetes-validate) type ``metadata.labels`` as a map of strings and names as strings; the
+# API server's own validation (k8s.io/apimachinery's ValidateObjectMeta, IsQualifiedName, IsValidLabelValue, and
+# each kind's name rule) refuses far more. These are those rules, for the kinds the operator writes.
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_LABEL_RE = re.compile(_DNS_LABEL)
+_DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_DNS_1035_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_CONFIGMAP_KEY_RE = re.compile(r"[-._a-zA-Z0-9]+")
+#: The sum of a object's annotation keys and values (TotalAnnotationSizeLimitB), and of a ConfigMap's data.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+MAX_CONFIGMAP_BYTES = 1024 * 1024
+#: Kinds whose names must be DNS-1035 labels (a Service's name becomes a DNS label that may not start with a digit).
+_DNS_1035_NAMED = {"Service"}
+
+
+def is_dns_label(value: str) -> bool:
+    return len(value) <= 63 and _DNS_LABEL_RE.fullmatch(value) is not None
+
+
+def is_dns_subdomain(value: str) -> bool:
+    return len(value) <= 253 and _DNS_SUBDOMAIN_RE.fullmatch(value) is not None
+
+
+def is_qualified_name(key: str) -> bool:
+    """A label or annotation key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (prefix and is_dns_subdomain(prefix)):
+        return False
+    return len(name) <= 63 and _QUALIFIED_NAME_RE.fullmatch(name) is not None
+
+
+def is_label_value(value: str) -> bool:
+    return value == "" or (len(value) <= 63 and _QUALIFIED_NAME_RE.fullmatch(value) is not None)
+
+
+def label_errors(labels: Mapping[str, Any] | None, where: str) -> list[str]:
+    errors = []
+    for key, value in (labels or {}).items():
+        if not is_qualified_name(key):
+            errors.append(f"{where}: invalid label key {key!r}")
+        if not isinstance(value, str) or not is_label_value(value):
+            errors.append(
+                f"{where}[{key}]: invalid label value {value!r} (at most 63 characters: letters, digits, -_.)"
+            )
+    return errors
+
+
+def object_errors(obj: Mapping[str, Any]) -> list[str]:
+    """What a kube-apiserver refuses in ``obj`` beyond its OpenAPI schema: names, labels, annotations, selectors,
+    ConfigMap keys and sizes."""
+    kind = obj["kind"]
+    meta = obj.get("metadata") or {}
+    name = meta.get("name", "")
+    errors = []
+    if kind in _DNS_1035_NAMED:
+        if not (len(name) <= 63 and _DNS_1035_RE.fullmatch(name)):
+            errors.append(
+                f"{kind} name {name!r}: a DNS-1035 label must start with a letter, hold at most 63 of a-z0-9-"
+            )
+    elif not is_dns_subdomain(name):
+        errors.append(f"{kind} name {name!r}: not a DNS-1123 subdomain (at most 253 of a-z0-9-.)")
+    if "namespace" in meta and not is_dns_label(meta["namespace"]):
+        errors.append(f"namespace {meta['namespace']!r}: not a DNS-1123 label")
+    errors += label_errors(meta.get("labels"), "metadata.labels")
+    annotations = meta.get("annotations") or {}
+    for key in annotations:
+        if not is_qualified_name(key.lower()):
+            errors.append(f"metadata.annotations: invalid key {key!r}")
+    if sum(len(k) + len(v) for k, v in annotations.items()) > MAX_ANNOTATIONS_BYTES:
+        errors.append("metadata.annotations: larger than 256 KiB in all")
+    spec = obj.get("spec") or {}
+    if kind == "Service":
+        errors += label_errors(spec.get("selector"), "spec.selector")
+    if kind in ("Deployment", "StatefulSet"):
+        errors += label_errors((spec.get("selector") or {}).get("matchLabels"), "spec.selector.matchLabels")
+        errors += label_errors(((spec.get("template") or {}).get("metadata") or {}).get("labels"), "template labels")
+    if kind == "ServiceMonitor":
+        errors += label_errors((spec.get("selector") or {}).get("matchLabels"), "spec.selector.matchLabels")
+    if kind == "ConfigMap":
+        data = obj.get("data") or {}
+        for key in data:
+            if not (len(key) <= 253 and _CONFIGMAP_KEY_RE.fullmatch(key)):
+                errors.append(f"ConfigMap data key {key!r}: not a valid key (at most 253 of -._a-zA-Z0-9)")
+        if sum(len(k) + len(v.encode()) for k, v in data.items()) > MAX_CONFIGMAP_BYTES:
+            errors.append("ConfigMap data: larger than 1 MiB")
+    return errors

@@ -173,3 +173,30 @@ def test_validate_object_runs_rules_on_every_map_value() -> None:
     assert kube_schema.validate_object(definition, {**obj, "spec": {"x": {"a": 1}, "y": {"c": 2}}}) == [
         ".spec[y]: a or b"
     ]
+
+
+def _service(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": labels or {}}}
+
+
+@pytest.mark.parametrize(
+    ("obj", "refused"),
+    [
+        (_service("chat-llm-metrics"), False),
+        (_service("1chat-llm-metrics"), True),  # a Service name is a DNS-1035 label: a letter first
+        (_service("chat.v2-llm-metrics"), True),  # and no dots
+        (_service("c" * 64), True),
+        (_service("chat", {"app.kubernetes.io/name": "x" * 63, "example.com/tier": "", "a_b.c-d": "A.b_c"}), False),
+        (_service("chat", {"app.kubernetes.io/name": "x" * 64}), True),  # a label value holds 63 characters
+        (_service("chat", {"tier": "-api"}), True),  # and starts and ends with a letter or digit
+        (_service("chat", {"a/b/c": "x"}), True),
+        (_service("chat", {"Example.com/x": "y"}), True),  # a key's prefix is a lowercase DNS subdomain
+        ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat.v2-dashboard"}}, False),
+        ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat"}, "data": {"a/b": ""}}, True),
+        ({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat"}, "data": {"a": "x" * (1 << 20)}}, True),
+        ({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "c" * 253}}, False),
+        ({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "c" * 254}}, True),
+    ],
+)
+def test_object_errors_apply_the_api_servers_rules_for_names_and_labels(obj: dict[str, Any], refused: bool) -> None:
+    assert bool(kube_schema.object_errors(obj)) == refused, kube_schema.object_errors(obj)

@@ -427,6 +427,7 @@ def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
     if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
         try:
             state.specs[key] = parse_spec(snapshot.get("spec") or {})
+            r.check_owner_name(meta["name"])  # one that cannot have children is no peer of the others
         except SpecError:
             state.specs[key] = None
         state.index.put(key, state.specs[key])

@@ -186,7 +186,7 @@ async def reconcile(
     peers = peers if isinstance(peers, PeerView) else PeerView.of(peers)
     try:
         spec = parse_spec(owner.get("spec") or {})
-        r.build_owner_reference(owner)
+        r.check_owner(owner)
     except SpecError as exc:
         outcome.invalid = True
         outcome.failures.append(("InvalidSpec", str(exc)))

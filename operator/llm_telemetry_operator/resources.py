@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,14 +32,32 @@ ENV_POD_UID = "K8S_POD_UID"
 WORKLOAD_ATTRIBUTE = {"Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name"}
 
 
+_SERVICE_SUFFIX = "llm-metrics"
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
 def _name(base: str, suffix: str) -> str:
-    """``<base>-<suffix>`` within the 63 characters of a DNS label."""
-    room = 63 - len(suffix) - 1
-    return f"{base[:room].rstrip('-')}-{suffix}"
+    """``<base>-<suffix>``, within the 63 characters a child's name may hold (a DNS label): a longer one is cut and
+    told apart by a hash of the whole ``base``, so two names that share their first characters never meet."""
+    plain = f"{base}-{suffix}"
+    if len(plain) <= 63:
+        return plain
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    return f"{base[: 63 - len(suffix) - len(digest) - 2].rstrip('-.')}-{digest}-{suffix}"
 
 
 def service_name(workload_name: str) -> str:
-    return _name(workload_name, "llm-metrics")
+    """``<workload>-llm-metrics``, when that is a DNS-1035 label, as a Service's name must be. A workload's name is a
+    DNS subdomain of up to 253 characters: one with a dot, a leading digit or more than 51 characters gets its
+    Service named from a readable part of it and a hash of all of it, so no two workloads share one."""
+    plain = f"{workload_name}-{_SERVICE_SUFFIX}"
+    if len(plain) <= 63 and _DNS_1035.fullmatch(plain):
+        return plain
+    digest = hashlib.sha256(workload_name.encode()).hexdigest()[:8]
+    base = workload_name.replace(".", "-")
+    if not base[:1].isalpha():
+        base = "w" + base
+    return f"{base[: 63 - len(_SERVICE_SUFFIX) - len(digest) - 2].rstrip('-')}-{digest}-{_SERVICE_SUFFIX}"
 
 
 def service_monitor_name(owner_name: str) -> str:
@@ -72,6 +91,25 @@ def build_labels(owner_name: str, component: str, name: str | None = None) -> di
 def owner_selector(owner_name: str) -> dict[str, str]:
     """Labels that select every child of one LLMTelemetry."""
     return {c.LABEL_MANAGED_BY: c.MANAGER, c.LABEL_OWNER: owner_name}
+
+
+#: The longest LLMTelemetry name: its children carry it in label values (``app.kubernetes.io/instance``, the owner
+#: label, Prometheus's ``job``), which hold at most 63 characters. The CRD admits no longer name.
+MAX_OWNER_NAME = 63
+
+
+def check_owner(owner: Mapping[str, Any]) -> None:
+    """Raise :class:`SpecError` for an LLMTelemetry whose children could not be written: a name longer than a label
+    value (one stored before the CRD said so), or no uid to own them by."""
+    check_owner_name(owner.get("metadata", {}).get("name") or "")
+    build_owner_reference(owner)
+
+
+def check_owner_name(name: str) -> None:
+    if len(name) > MAX_OWNER_NAME:
+        raise SpecError(
+            "metadata.name", f"has {len(name)} characters; at most {MAX_OWNER_NAME} fit the labels its children carry"
+        )
 
 
 def build_owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -389,7 +427,8 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
     """
     workload_name = workload["metadata"]["name"]
     metadata = _metadata(owner, service_name(workload_name), "metrics")
-    metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)
+    # A label value holds 63 characters; the name it falls back to (the workload's) may hold 253.
+    metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)[:63].rstrip("-_.")
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -34,8 +34,9 @@ from kopf_testing import (
     running_operator,
 )
 
+import kube_schema
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import rbac
+from llm_telemetry_operator import rbac, resources
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
@@ -413,6 +414,44 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
             lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready after the fix"
         )
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+    check_usage(emulator)
+
+
+async def test_names_a_real_api_server_would_refuse_in_children_are_never_written(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A Deployment named with a dot gets a metrics Service whose name is a DNS-1035 label; an LLMTelemetry whose name
+    is too long for the labels its children carry (stored past the CRD, which admits 63 characters) is Invalid,
+    with a Warning event naming the field, and writes nothing."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat.v2"] = deployment("chat.v2")
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "other"] = deployment("other", labels={"app": "other"})
+    long_name = "l" * 64
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt("chat")
+    emulator.objects[LLMT, NAMESPACE, long_name] = minimal_llmt(long_name, selector={"matchLabels": {"app": "other"}})
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        assert get(emulator, SERVICES, "chat.v2-llm-metrics") is None  # a name the API server refuses for a Service
+        service = get(emulator, SERVICES, resources.service_name("chat.v2"))
+        assert service is not None and kube_schema.object_errors(service) == []
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, long_name), "Ready").get("reason") and get(emulator, LLMT, long_name),
+            "Ready written",
+        )
+        ready = condition(owner, "Ready")
+        assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+        assert "metadata.name" in ready["message"]
+        await eventually(
+            lambda: any(
+                req.method.value == "POST"
+                and str(req.url.path).endswith("/events")
+                and (req.data or {}).get("reason") == "InvalidSpec"
+                and "metadata.name" in (req.data or {}).get("message", "")
+                for req in list(emulator)
+            ),
+            "InvalidSpec event posted",
+        )
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "other"))
     check_usage(emulator)
 
 

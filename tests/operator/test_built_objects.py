@@ -1,0 +1,145 @@
+"""Whatever names and labels users give their resources and workloads, what the operator writes is what a
+kube-apiserver admits: names of the right form per kind, label keys and values, selectors, ConfigMap keys.
+
+The OpenAPI schemas (test_schemas.py) type these as plain strings; the API server's own rules
+(``kube_schema.object_errors``) are stricter, and neither kmock nor kubernetes-validate applies them. Hypothesis draws
+the names: DNS subdomains up to the 253 characters the API server allows for a Deployment or a custom resource, with
+dots, leading digits and long shared prefixes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import kube_schema
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import SpecError
+from llm_telemetry_operator.spec import parse_spec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((REPO_ROOT / "crds" / "llmtelemetry.dev_llmtelemetries.yaml").read_text())
+CONFIG = OperatorConfig(servicemonitor_labels={"release": "kube-prometheus-stack"})
+FULL = yaml.safe_load((REPO_ROOT / "examples" / "llmtelemetry-full.yaml").read_text())["spec"]
+SPECS = [FULL, {"selector": {"matchLabels": {"app": "chat"}}}]
+
+dns_labels = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+#: DNS subdomains as users write names: short words, dotted ones, a leading digit, and long ones up to 253.
+names = st.one_of(
+    st.lists(dns_labels, min_size=1, max_size=4).map(".".join),
+    st.integers(1, 253).map(lambda n: ("chat-assistant-production-" * 10)[:n].strip("-") or "x"),
+    st.tuples(st.integers(0, 240), dns_labels).map(lambda t: ("a" * t[0] + t[1])[:253]),
+).filter(kube_schema.is_dns_subdomain)
+label_values = st.from_regex(r"\A[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+
+
+def llmtelemetry(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "llmtelemetry.dev/v1alpha1",
+        "kind": "LLMTelemetry",
+        "metadata": {"name": name, "namespace": namespace, "uid": "6f1c2a8e-3b7d-4e0a-9c55-0d4b2f7e9a11"},
+        "spec": copy.deepcopy(spec),
+    }
+
+
+def workload(kind: str, name: str, namespace: str, app_name: str | None) -> dict[str, Any]:
+    labels = {"app": "chat", **({c.LABEL_NAME: app_name} if app_name is not None else {})}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": {"app": "chat"}},
+        "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "api", "image": "api:1"}]}},
+    }
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "chat"}},
+        "spec": spec,
+    }
+
+
+def written(owner: dict[str, Any], targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a pass writes for ``owner`` selecting ``targets``: children, and each workload as patched."""
+    spec = parse_spec(owner["spec"])
+    name = owner["metadata"]["name"]
+    objects = [
+        r.build_service_monitor(owner, spec, CONFIG),
+        r.build_prometheus_rule(owner, spec, CONFIG),
+        r.build_dashboard_configmap(owner, spec, CONFIG),
+    ]
+    if spec.pricing.inline:
+        objects.append(r.build_pricing_configmap(owner, spec))
+    for target in targets:
+        patch = r.build_workload_patch(target, r.build_injection(spec, CONFIG, target, name), name)
+        assert patch is not None
+        objects += [_merge(target, patch), r.build_metrics_service(owner, spec, target)]
+    return objects
+
+
+def _merge(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies application/merge-patch+json."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge(result.get(key), value)
+    return result
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(owner_name="chat", namespace="llm", workload_names=["1chat", "chat.v2"], app_name=None, spec=0)
+@example(owner_name="c" * 64, namespace="llm", workload_names=["w" * 70, "w" * 71], app_name=None, spec=1)
+@given(
+    owner_name=names,
+    namespace=dns_labels,
+    workload_names=st.lists(names, min_size=1, max_size=3, unique=True),
+    app_name=st.none() | label_values,
+    spec=st.sampled_from(range(len(SPECS))),
+)
+def test_whatever_the_names_the_api_server_admits_what_the_operator_writes(
+    owner_name: str, namespace: str, workload_names: list[str], app_name: str | None, spec: int
+) -> None:
+    owner = llmtelemetry(owner_name, namespace, SPECS[spec])
+    refused = kube_schema.validate_object(CRD, owner)
+    if refused:
+        # The CRD admits names of at most 63 characters: the operator's labels carry the name. An LLMTelemetry
+        # stored before that rule (or written past it) is refused by the operator too, as an invalid spec.
+        assert len(owner_name) > 63, refused
+        with pytest.raises(SpecError, match=r"metadata\.name"):
+            r.check_owner(owner)
+        return
+    r.check_owner(owner)
+    kinds = ["Deployment", "StatefulSet"]
+    targets = [workload(kinds[i % 2], name, namespace, app_name) for i, name in enumerate(workload_names)]
+    objects = written(owner, targets)
+    errors = [f"{o['kind']}/{o['metadata']['name']}: {e}" for o in objects for e in kube_schema.object_errors(o)]
+    assert not errors, "\n".join(errors)
+    services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
+    assert len(services) == len(targets), "two workloads got one metrics Service"
+
+
+@settings(max_examples=300, deadline=None)
+@example(names=["a" * 49 + "-x", "a" * 49 + "-y"])
+@example(names=["a" * 48 + ".b" + "c" * 10, "a" * 48 + ".b" + "c" * 11])
+@given(names=st.lists(names.filter(lambda n: len(n) <= 63), min_size=2, max_size=2, unique=True))
+def test_two_resources_never_share_a_child(names: list[str]) -> None:
+    """Children are named after their LLMTelemetry, cut to fit 63 characters: two whose names share their first
+    characters must still get children of their own (one would otherwise overwrite the other's)."""
+    children = []
+    for name in names:
+        owner = llmtelemetry(name, "llm", SPECS[0])
+        children.append(written(owner, []))
+    for a, b in zip(*children, strict=True):
+        assert a["kind"] == b["kind"] and a["metadata"]["name"] != b["metadata"]["name"]
+        assert kube_schema.object_errors(a) == [] and kube_schema.object_errors(b) == []
