@@ -51,8 +51,10 @@ def values_file(tmp_path: Path) -> Callable[[Mapping[str, Any]], Path]:
 def render(helm: Helm, values_file: Callable[[Mapping[str, Any]], Path]) -> Callable[..., list[dict[str, Any]]]:
     """Render the chart with `helm template` and return its documents (hooks included, empty ones dropped)."""
 
-    def _render(values: Mapping[str, Any] | None = None, *, include_crds: bool = False) -> list[dict[str, Any]]:
-        args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    def _render(
+        values: Mapping[str, Any] | None = None, *, include_crds: bool = False, release: str = RELEASE
+    ) -> list[dict[str, Any]]:
+        args = ["template", release, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
         if include_crds:
             args.append("--include-crds")
         if values:

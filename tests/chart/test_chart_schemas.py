@@ -15,7 +15,7 @@ import pytest
 import yaml
 from chartkit import CHART, VALUE_SETS, one
 
-from kube_schema import SUPPORTED_VERSIONS, structural_errors
+from kube_schema import SUPPORTED_VERSIONS, object_errors, structural_errors
 from prometheus_operator import KINDS, PrometheusOperatorSchemas
 
 Render = Callable[..., list[dict[str, Any]]]
@@ -51,6 +51,16 @@ def test_rendered_objects_validate_on_every_supported_version(render: Render, na
     core = [d for d in docs if d["kind"] not in KOPF_KINDS and d["kind"] not in KINDS]
     assert core
     failures = [error for version in SUPPORTED_VERSIONS for d in core if (error := kubernetes_errors(d, version))]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+@pytest.mark.parametrize("release", ["llm-telemetry", "r" * 53, "1.llm"])
+def test_rendered_names_and_labels_are_ones_the_api_server_admits(render: Render, name: str, release: str) -> None:
+    """Names, label keys and values, selectors: rules the OpenAPI schemas leave out (Helm allows release names of up
+    to 53 characters, with dots and a leading digit)."""
+    docs = render(VALUE_SETS[name], include_crds=True, release=release)
+    failures = [f"{d['kind']}/{d['metadata']['name']}: {e}" for d in docs for e in object_errors(d)]
     assert not failures, "\n".join(failures)
 
 

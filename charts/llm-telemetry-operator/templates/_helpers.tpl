@@ -26,6 +26,19 @@ and the documented `helm install llm-telemetry` give llm-telemetry-operator rath
 {{- end }}
 
 {{/*
+Name of the operator's metrics Service: <fullname>-metrics as a DNS-1035 label, as a Service's name must be (at most 63
+characters, no dots, a letter first), whatever the release name (Helm allows 53 characters, dots and a leading digit).
+*/}}
+{{- define "llm-telemetry-operator.metricsServiceName" -}}
+{{- $name := include "llm-telemetry-operator.fullname" . | replace "." "-" | trunc 55 | trimSuffix "-" }}
+{{- if regexMatch "^[a-z]" $name }}
+{{- printf "%s-metrics" $name }}
+{{- else }}
+{{- printf "s%s-metrics" ($name | trunc 54 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/*
 Value of the helm.sh/chart label.
 */}}
 {{- define "llm-telemetry-operator.chart" -}}
