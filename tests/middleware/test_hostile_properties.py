@@ -17,6 +17,8 @@ import asyncio
 import hashlib
 import itertools
 import json
+import shutil
+import subprocess
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -447,3 +449,15 @@ def check_label_values(
     for label in ("gen_ai_request_model", "llm_metadata_tenant"):
         # "other" (past a bound) and "none" (no header) are the two reserved values besides the admitted ones.
         assert len(metrics.label_values("llm_requests_total", label) - {"other", "none"}) <= MAX_VALUES
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian: apt-get install prometheus)")
+def test_hostile_label_values_parse_with_prometheus_own_parser(observed: tuple[LLMTelemetryMiddleware, Calls]) -> None:
+    """Quotes, backslashes, line breaks, lone surrogates, markup and long values as models, tools and tenants: the
+    exposition still parses with Prometheus's own text parser (``promtool check metrics``), lint included."""
+    for value in ['a"b', "c\\d", "e\nf", "g\ud800h", "ü🎉", "", " ", "x" * 300, "{}", "# HELP x y", 'q="}']:
+        check_label_values(observed, value, value + "r", value + "t", b'ten"a\\nt')
+    status, _, body = request(observed[0], "/metrics", b"", method="GET")
+    assert status == 200
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
