@@ -9,6 +9,11 @@ class ConfigurationError(ValueError):
     """The operator's own environment is unusable; raised at startup, the message names the variable."""
 
 
+#: The longest message a SpecError carries into the resource's conditions and events: it may quote the spec's values
+#: (a label value, a header name), which the schema leaves unbounded.
+MAX_MESSAGE_CHARS = 1000
+
+
 class SpecError(ValueError):
     """An LLMTelemetry spec the CRD schema let through but the operator cannot use.
 
@@ -18,7 +23,10 @@ class SpecError(ValueError):
     """
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        text = f"{field}: {message}"
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+        super().__init__(text)
         self.field = field
         self.message = message
 

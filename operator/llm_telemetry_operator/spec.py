@@ -137,6 +137,8 @@ class TelemetrySpec:
 
 def parse_spec(spec: Mapping[str, Any]) -> TelemetrySpec:
     """Validate and default a raw ``spec``; raises :class:`SpecError` naming the first bad field."""
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec", "must be an object")
     return TelemetrySpec(
         selector=_selector(_section(spec, "selector", "spec.selector", required=True)),
         containers=tuple(_strings(spec.get("containers"), "spec.containers")),
@@ -184,8 +186,15 @@ def _string_map(value: Any, path: str) -> dict[str, str]:
     return {str(k): v for k, v in value.items()}
 
 
+def _given(section: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The field's value; its default when it is absent or null (the API server prunes a null it is not told to
+    keep, then applies the default)."""
+    value = section.get(key)
+    return default if value is None else value
+
+
 def _bool(section: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    value = section.get(key, default)
+    value = _given(section, key, default)
     if not isinstance(value, bool):
         raise SpecError(path, "must be true or false")
     return value
@@ -194,7 +203,7 @@ def _bool(section: Mapping[str, Any], key: str, path: str, default: bool) -> boo
 def _int(
     section: Mapping[str, Any], key: str, path: str, default: int, minimum: int, maximum: int | None = None
 ) -> int:
-    value = section.get(key, default)
+    value = _given(section, key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(path, "must be an integer")
     if value < minimum or (maximum is not None and value > maximum):
@@ -213,7 +222,7 @@ def _number(
     maximum: float | None = None,
     exclusive: bool = False,
 ) -> float | None:
-    value = section.get(key, default)
+    value = _given(section, key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -226,7 +235,7 @@ def _number(
 
 
 def _choice(section: Mapping[str, Any], key: str, path: str, default: str, choices: tuple[str, ...]) -> str:
-    value = section.get(key, default)
+    value = _given(section, key, default)
     if value not in choices:
         raise SpecError(path, f"must be one of {', '.join(choices)}, got {value!r}")
     return str(value)
@@ -256,8 +265,11 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
     for key, value in labels.items():
         _label_key(key, "spec.selector.matchLabels")
         _label_value(value, f"spec.selector.matchLabels.{key}")
+    listed = raw.get("matchExpressions") or []
+    if not isinstance(listed, list):
+        raise SpecError("spec.selector.matchExpressions", "must be a list")
     expressions = []
-    for i, item in enumerate(raw.get("matchExpressions") or []):
+    for i, item in enumerate(listed):
         path = f"spec.selector.matchExpressions[{i}]"
         if not isinstance(item, Mapping) or not isinstance(item.get("key"), str):
             raise SpecError(path, "needs a key")
@@ -280,7 +292,7 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
 
 
 def _metrics(raw: Mapping[str, Any]) -> Metrics:
-    interval = raw.get("interval", "30s")
+    interval = _given(raw, "interval", "30s")
     if not isinstance(interval, str) or not _DURATION.match(interval):
         raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
     return Metrics(

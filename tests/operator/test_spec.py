@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from llm_telemetry_operator.errors import SpecError
+from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, SpecError
 from llm_telemetry_operator.spec import parse_spec
 
 SELECTOR = {"matchLabels": {"app": "chat"}}
@@ -111,3 +113,68 @@ def test_spec_selector_accepts_prefixed_keys_and_empty_values() -> None:
     spec = parse_spec({"selector": {"matchLabels": {"app.kubernetes.io/name": "chat", "canary": ""}}})
     assert spec.selector.matches({"app.kubernetes.io/name": "chat", "canary": ""})
     assert spec.selector.to_query() == "app.kubernetes.io/name=chat,canary="
+
+
+#: Any JSON value, long strings included.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.just("x" * 5000),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10) | st.just("k" * 3000), inner),
+    max_leaves=10,
+)
+#: Where a hostile or mistaken value may sit: every field the spec reads, and the sections themselves.
+SPEC_PATHS = [
+    ("selector",), ("selector", "matchLabels"), ("selector", "matchExpressions"), ("containers",),
+    ("metrics",), ("metrics", "port"), ("metrics", "interval"), ("metrics", "labels"),
+    ("tracing",), ("tracing", "enabled"), ("tracing", "endpoint"), ("tracing", "protocol"),
+    ("tracing", "samplingRatio"),
+    ("logs",), ("logs", "enabled"), ("logs", "mode"), ("logs", "endpoint"),
+    ("pricing",), ("pricing", "models"), ("pricing", "configMapRef"),
+    ("attribution",), ("attribution", "headers"), ("attribution", "maxLabelValues"),
+    ("alerts",), ("alerts", "errorRatio"), ("alerts", "costPerHourUsd"), ("alerts", "ttftObjectiveSeconds"),
+    ("alerts", "availabilityObjective"), ("dashboard",), ("dashboard", "enabled"), ("dashboard", "folder"),
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(SPEC_PATHS), json_values), min_size=1, max_size=4))
+def test_any_value_anywhere_parses_or_is_a_spec_error(changes: list[tuple[tuple[str, ...], Any]]) -> None:
+    """An API server without the CRD's schema (or a client writing past it) may store any JSON: the operator then
+    parses the spec or refuses it with a SpecError (an Invalid status and an event), never another exception,
+    which would only fail the pass again and again; and its message stays short enough for a condition."""
+    spec: dict[str, Any] = {"selector": dict(SELECTOR)}
+    for path, value in changes:
+        node = spec
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
+    try:
+        parse_spec(spec)
+    except SpecError as exc:
+        assert exc.field.startswith("spec")
+        assert len(str(exc)) <= MAX_MESSAGE_CHARS
+
+
+@pytest.mark.parametrize("spec", ["selector", 3, [SELECTOR], True])
+def test_a_spec_that_is_no_object_is_a_spec_error(spec: Any) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert info.value.field == "spec"
+
+
+def test_null_fields_take_their_defaults_as_the_api_server_gives_them() -> None:
+    """The API server prunes a null it is not told to keep and applies the default; so does the operator."""
+    nulls = {"metrics": {"interval": None, "port": None}, "tracing": {"samplingRatio": None, "enabled": None}}
+    assert parse_spec({"selector": SELECTOR, **nulls}) == parse_spec({"selector": SELECTOR})
+
+
+def test_spec_error_messages_stay_short_whatever_they_quote() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({"selector": {"matchLabels": {"app": "x" * 100_000}}})
+    assert info.value.field == "spec.selector.matchLabels.app" and len(str(info.value)) <= MAX_MESSAGE_CHARS
