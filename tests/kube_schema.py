@@ -485,6 +485,7 @@ def object_errors(obj: Mapping[str, Any]) -> list[str]:
     if kind in ("Deployment", "StatefulSet"):
         errors += label_errors((spec.get("selector") or {}).get("matchLabels"), "spec.selector.matchLabels")
         errors += label_errors(((spec.get("template") or {}).get("metadata") or {}).get("labels"), "template labels")
+        errors += pod_errors(((spec.get("template") or {}).get("spec")) or {})
     if kind == "ServiceMonitor":
         errors += label_errors((spec.get("selector") or {}).get("matchLabels"), "spec.selector.matchLabels")
     if kind == "ConfigMap":
@@ -494,4 +495,46 @@ def object_errors(obj: Mapping[str, Any]) -> list[str]:
                 errors.append(f"ConfigMap data key {key!r}: not a valid key (at most 253 of -._a-zA-Z0-9)")
         if sum(len(k) + len(v.encode()) for k, v in data.items()) > MAX_CONFIGMAP_BYTES:
             errors.append("ConfigMap data: larger than 1 MiB")
+    return errors
+
+
+_PORT_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+_ENV_NAME_RE = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+
+
+def is_port_name(name: str) -> bool:
+    """An IANA service name, as a container port's name must be: at most 15 of a-z0-9-, a letter among them, no
+    '--', no '-' at either end."""
+    return len(name) <= 15 and _PORT_NAME_RE.fullmatch(name) is not None and "--" not in name and not name.isdigit()
+
+
+def pod_errors(pod: Mapping[str, Any]) -> list[str]:
+    """The API server's rules for a pod spec's containers that the OpenAPI schema leaves out: unique container, port
+    and volume names, port names that are IANA service names, environment variable names, and volume mounts that
+    name a volume of the pod at a path of their own."""
+    errors = []
+    volumes = [v.get("name", "") for v in pod.get("volumes") or []]
+    if len(set(volumes)) != len(volumes):
+        errors.append(f"volumes: duplicate names in {volumes}")
+    errors += [f"volume {v!r}: not a DNS-1123 label" for v in volumes if not is_dns_label(v)]
+    containers = pod.get("containers") or []
+    names = [ct.get("name", "") for ct in containers]
+    if len(set(names)) != len(names):
+        errors.append(f"containers: duplicate names in {names}")
+    for ct in containers:
+        where = f"container {ct.get('name')!r}"
+        ports = [p["name"] for p in ct.get("ports") or [] if "name" in p]
+        if len(set(ports)) != len(ports):
+            errors.append(f"{where}: duplicate port names in {ports}")
+        errors += [f"{where}: port name {p!r} is not an IANA service name" for p in ports if not is_port_name(p)]
+        errors += [
+            f"{where}: env name {e.get('name')!r} is not valid"
+            for e in ct.get("env") or []
+            if not _ENV_NAME_RE.fullmatch(e.get("name", ""))
+        ]
+        mounts = ct.get("volumeMounts") or []
+        paths = [m.get("mountPath") for m in mounts]
+        if len(set(paths)) != len(paths):
+            errors.append(f"{where}: two volume mounts at one path in {paths}")
+        errors += [f"{where}: mount of unknown volume {m.get('name')!r}" for m in mounts if m["name"] not in volumes]
     return errors

@@ -200,3 +200,23 @@ def _service(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
 )
 def test_object_errors_apply_the_api_servers_rules_for_names_and_labels(obj: dict[str, Any], refused: bool) -> None:
     assert bool(kube_schema.object_errors(obj)) == refused, kube_schema.object_errors(obj)
+
+
+def _pod(**container: Any) -> dict[str, Any]:
+    return {"containers": [{"name": "api", "image": "api:1", **container}]}
+
+
+@pytest.mark.parametrize(
+    ("pod", "refused"),
+    [
+        (_pod(ports=[{"name": "llm-metrics", "containerPort": 9464}, {"name": "http", "containerPort": 80}]), False),
+        (_pod(ports=[{"name": "http", "containerPort": 80}, {"name": "http", "containerPort": 81}]), True),
+        (_pod(ports=[{"name": "a-very-long-port-name", "containerPort": 80}]), True),  # 15 characters at most
+        (_pod(ports=[{"name": "Metrics", "containerPort": 80}]), True),
+        (_pod(env=[{"name": "1X", "value": "v"}]), True),
+        (_pod(volumeMounts=[{"name": "data", "mountPath": "/d"}]), True),  # no such volume
+        ({**_pod(volumeMounts=[{"name": "data", "mountPath": "/d"}]), "volumes": [{"name": "data"}]}, False),
+    ],
+)
+def test_pod_errors_apply_the_api_servers_rules_for_containers(pod: dict[str, Any], refused: bool) -> None:
+    assert bool(kube_schema.pod_errors(pod)) == refused, kube_schema.pod_errors(pod)

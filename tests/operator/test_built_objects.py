@@ -143,3 +143,72 @@ def test_two_resources_never_share_a_child(names: list[str]) -> None:
     for a, b in zip(*children, strict=True):
         assert a["kind"] == b["kind"] and a["metadata"]["name"] != b["metadata"]["name"]
         assert kube_schema.object_errors(a) == [] and kube_schema.object_errors(b) == []
+
+
+#: What users' containers already carry that meets the injection: the metrics port taken, by number or by name, the
+#: middleware's variables set by hand, a volume and mounts of their own.
+PORTS = [
+    {"name": "http", "containerPort": 8000},
+    {"containerPort": 9464},
+    {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+    {"name": c.METRICS_PORT_NAME, "containerPort": 9999},
+]
+ENV = [
+    {"name": "OTEL_SERVICE_NAME", "value": "mine"},
+    {"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9100"},
+    {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "key"}}},
+]
+
+
+@st.composite
+def user_workloads(draw: st.DrawFn) -> dict[str, Any]:
+    names = draw(st.lists(dns_labels, min_size=1, max_size=3, unique=True))
+    containers = []
+    for name in names:
+        container: dict[str, Any] = {"name": name, "image": f"{name}:1"}
+        ports = draw(st.lists(st.sampled_from(PORTS), max_size=3, unique_by=lambda p: p.get("name", "")))
+        env = draw(st.lists(st.sampled_from(ENV), max_size=3, unique_by=lambda e: e["name"]))
+        if ports:
+            container["ports"] = copy.deepcopy(ports)
+        if env:
+            container["env"] = copy.deepcopy(env)
+        if draw(st.booleans()):
+            container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+        containers.append(container)
+    target = workload(draw(st.sampled_from(["Deployment", "StatefulSet"])), "chat", "llm", None)
+    pod = target["spec"]["template"]["spec"]
+    pod["containers"] = containers
+    if any("volumeMounts" in ct for ct in containers):
+        pod["volumes"] = [{"name": "data", "emptyDir": {}}]
+    if draw(st.booleans()):
+        target["spec"]["template"]["metadata"]["annotations"] = {"team": "ml"}
+    return target
+
+
+@settings(max_examples=300, deadline=None)
+@given(target=user_workloads(), spec=st.sampled_from(range(len(SPECS))), pick=st.lists(st.integers(0, 2), max_size=2))
+def test_any_workload_is_injected_validly_once_and_restored_exactly(
+    target: dict[str, Any], spec: int, pick: list[int]
+) -> None:
+    """Whatever a workload's containers already carry: the injected workload is one the API server admits, a second
+    pass finds nothing to write (no endless rollouts), and removing the injection gives the user's workload back."""
+    names = [ct["name"] for ct in target["spec"]["template"]["spec"]["containers"]]
+    raw = copy.deepcopy(SPECS[spec])
+    chosen = sorted({names[i] for i in pick if i < len(names)})
+    if chosen:
+        raw["containers"] = chosen
+    parsed = parse_spec(raw)
+    injection = r.build_injection(parsed, CONFIG, target, "chat")
+    patch = r.build_workload_patch(target, injection, "chat")
+    assert patch is not None
+    injected = _merge(target, patch)
+    assert kube_schema.object_errors(injected) == []
+    assert r.build_workload_patch(injected, r.build_injection(parsed, CONFIG, injected, "chat"), "chat") is None
+    removal = r.build_workload_patch(injected, None, "chat")
+    assert removal is not None
+    restored = _merge(injected, removal)
+    template_meta = restored["spec"]["template"]["metadata"]
+    if template_meta.get("annotations") == {}:
+        del template_meta["annotations"]  # an empty map is not stored (Go's omitempty), as if never there
+    assert restored["spec"] == target["spec"]
+    assert r.build_workload_patch(restored, None, "chat") is None
