@@ -25,6 +25,9 @@ LOG_MODES = ("otlp", "stdout")
 _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+#: Attribution labels a resource may have (the CRD's maxProperties): each multiplies the series and adds a variable
+#: and panels to the dashboard, whose ConfigMap must stay under the API server's 1 MiB.
+MAX_ATTRIBUTION_HEADERS = 10
 
 
 @dataclass(frozen=True)
@@ -354,12 +357,16 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
 
 def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
     headers = _string_map(raw.get("headers"), "spec.attribution.headers")
+    if len(headers) > MAX_ATTRIBUTION_HEADERS:
+        raise SpecError("spec.attribution.headers", f"has {len(headers)} headers; at most {MAX_ATTRIBUTION_HEADERS}")
     result: dict[str, str] = {}
     for header, label in headers.items():
         if not _HEADER.match(header):
             raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
-        if not _ATTRIBUTION_LABEL.match(label):
-            raise SpecError(f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]*")
+        if not _ATTRIBUTION_LABEL.match(label) or len(label) > 63:
+            raise SpecError(
+                f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]* (63 at most)"
+            )
         result[header.lower()] = label
     if len(set(result.values())) != len(result):
         raise SpecError("spec.attribution.headers", "two headers map to the same label")

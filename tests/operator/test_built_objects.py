@@ -212,3 +212,18 @@ def test_any_workload_is_injected_validly_once_and_restored_exactly(
         del template_meta["annotations"]  # an empty map is not stored (Go's omitempty), as if never there
     assert restored["spec"] == target["spec"]
     assert r.build_workload_patch(restored, None, "chat") is None
+
+
+def test_the_largest_spec_the_crd_admits_still_fits_the_api_servers_limits() -> None:
+    """Ten attribution labels of 63 characters (the CRD's bounds), the longest names: the dashboard ConfigMap, which
+    grows with each label, stays under the API server's 1 MiB; one label more is refused as the CRD refuses it."""
+    headers = {f"x-{'h' * 250}{i}": f"{'l' * 61}{i:02d}" for i in range(10)}
+    spec = {"selector": {"matchLabels": {"app": "chat"}}, "attribution": {"headers": headers}}
+    owner = llmtelemetry("c" * 63, "n" * 63, spec)
+    assert kube_schema.validate_object(CRD, owner) == []
+    objects = written(owner, [workload("Deployment", "w" * 253, "n" * 63, None)])
+    assert [e for o in objects for e in kube_schema.object_errors(o)] == []
+    more = llmtelemetry("chat", "llm", {**spec, "attribution": {"headers": {**headers, "x-one-more": "more"}}})
+    assert kube_schema.validate_object(CRD, more) != []
+    with pytest.raises(SpecError, match="at most 10"):
+        parse_spec(more["spec"])
