@@ -15,6 +15,7 @@ the object it applies to.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -538,3 +539,23 @@ def pod_errors(pod: Mapping[str, Any]) -> list[str]:
             errors.append(f"{where}: two volume mounts at one path in {paths}")
         errors += [f"{where}: mount of unknown volume {m.get('name')!r}" for m in mounts if m["name"] not in volumes]
     return errors
+
+
+def with_server_defaults(workload: Mapping[str, Any]) -> dict[str, Any]:
+    """``workload`` as a kube-apiserver stores it: the defaults it fills into a pod template's fields that the operator
+    writes (k8s.io/kubernetes pkg/apis/core/v1 defaults.go): a container port's ``protocol`` (TCP), a ``fieldRef``'s
+    ``apiVersion`` (v1), and a ConfigMap or Secret volume's ``defaultMode`` (0644)."""
+    stored = copy.deepcopy(dict(workload))
+    pod = stored.get("spec", {}).get("template", {}).get("spec", {})
+    for container in pod.get("containers") or []:
+        for port in container.get("ports") or []:
+            port.setdefault("protocol", "TCP")
+        for entry in container.get("env") or []:
+            field_ref = (entry.get("valueFrom") or {}).get("fieldRef")
+            if field_ref is not None:
+                field_ref.setdefault("apiVersion", "v1")
+    for volume in pod.get("volumes") or []:
+        for source in ("configMap", "secret"):
+            if source in volume:
+                volume[source].setdefault("defaultMode", 0o644)
+    return stored

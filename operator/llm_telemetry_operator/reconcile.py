@@ -360,6 +360,7 @@ async def _inject(
     skipped: list[str] = []
     lost: list[str] = []
     errors: list[str] = []
+    missing: list[str] = []
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -382,6 +383,14 @@ async def _inject(
             selected = False  # remove our injection, if we had made it before the winner appeared
             if not mine:
                 continue
+        if selected and spec.containers:
+            present = [ct.get("name") for ct in _pod_containers(workload)]
+            if not set(spec.containers) & set(present):
+                # Nothing to inject into (a misspelt or renamed container): said so, not counted as a target.
+                missing.append(f"{workload_key(workload)} (its containers: {', '.join(map(str, present))})")
+                selected = False
+                if not mine:
+                    continue
         holder = None if record is None or mine else str(record.get("owner"))
         take_over = False
         if holder is not None:
@@ -416,6 +425,10 @@ async def _inject(
         if selected:
             targets.append(workload)
     namespace = owner["metadata"]["namespace"]
+    if missing:
+        named = ", ".join(spec.containers)
+        outcome.failures.append(("NoContainer", f"no container named {named} in " + ", ".join(missing)))
+        skipped += [f"{item}, none named {named}" for item in missing]
     notes = "".join(f"; {what} " + ", ".join(items) for what, items in (("skipped", skipped), ("left", lost)) if items)
     if errors:
         conditions[c.CONDITION_INJECTED] = r.Condition(
@@ -424,6 +437,9 @@ async def _inject(
     elif not targets and lost:
         message = "every selected workload is served by an older LLMTelemetry: " + ", ".join(lost)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
+    elif not targets and missing:
+        message = f"no container named {', '.join(spec.containers)} (spec.containers) in " + ", ".join(missing)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", message)
     elif not targets:
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
@@ -431,6 +447,11 @@ async def _inject(
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
+
+
+def _pod_containers(workload: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    containers = ((workload.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers")
+    return [ct for ct in containers or [] if isinstance(ct, Mapping)]
 
 
 async def _patch_workload(

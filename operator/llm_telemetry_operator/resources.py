@@ -250,7 +250,9 @@ def build_injection(
         key = c.PRICING_FILE if spec.pricing.inline else spec.pricing.config_map_key
         volume = {
             "name": c.PRICING_VOLUME,
-            "configMap": {"name": cm_name, "items": [{"key": key, "path": c.PRICING_FILE}]},
+            # defaultMode as the API server fills it in (0644): the workload as stored then equals the one built, and
+            # a later pass finds nothing to patch.
+            "configMap": {"name": cm_name, "items": [{"key": key, "path": c.PRICING_FILE}], "defaultMode": 0o644},
         }
         mount = {"name": c.PRICING_VOLUME, "mountPath": c.PRICING_MOUNT_PATH, "readOnly": True}
         if spec.pricing.inline:

@@ -455,6 +455,49 @@ async def test_names_a_real_api_server_would_refuse_in_children_are_never_writte
     check_usage(emulator)
 
 
+async def test_a_container_name_no_workload_has_is_reported_not_injected(emulator: Any, monitoring_crds: Any) -> None:
+    """spec.containers naming no container of a selected workload (misspelt, or renamed since): the workload is left
+    as it is (no volume, annotation or rollout for nothing), the Injected condition and a Warning event say which
+    containers it has, and correcting the name injects it."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    pricing = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(containers=["ap"], pricing=pricing)
+    async with running_operator():
+        owner = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoContainer"
+                and get(emulator, LLMT, "chat")
+            ),
+            "NoContainer written",
+        )
+        injected = condition(owner, c.CONDITION_INJECTED)
+        assert injected["status"] == "False"
+        assert "Deployment/chat" in injected["message"] and "its containers: app" in injected["message"]
+        untouched = get(emulator, DEPLOYMENTS, "chat")
+        assert untouched is not None and untouched == {**deployment(), "metadata": untouched["metadata"]}
+        await eventually(
+            lambda: any(
+                req.method.value == "POST"
+                and str(req.url.path).endswith("/events")
+                and (req.data or {}).get("reason") == "NoContainer"
+                for req in list(emulator)
+            ),
+            "NoContainer event posted",
+        )
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 2}, "spec": {"containers": ["app"]}},
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("status") == "True", "injected"
+        )
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+    check_usage(emulator)
+
+
 async def test_workload_status_updates_run_no_pass_and_template_edits_are_repaired(
     emulator: Any, monitoring_crds: Any
 ) -> None:

@@ -154,7 +154,11 @@ def test_injection_pricing_configmap_is_mounted() -> None:
     assert pod["volumes"] == [
         {
             "name": c.PRICING_VOLUME,
-            "configMap": {"name": "chat-llm-pricing", "items": [{"key": c.PRICING_FILE, "path": c.PRICING_FILE}]},
+            "configMap": {
+                "name": "chat-llm-pricing",
+                "items": [{"key": c.PRICING_FILE, "path": c.PRICING_FILE}],
+                "defaultMode": 0o644,  # as the API server would fill it in: a later pass then finds nothing to patch
+            },
         }
     ]
     assert {"name": c.PRICING_VOLUME, "mountPath": c.PRICING_MOUNT_PATH, "readOnly": True} in pod["containers"][0][
