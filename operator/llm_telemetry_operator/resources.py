@@ -155,9 +155,12 @@ class Injection:
     digest: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        material = json.dumps(
-            [self.env, self.port, self.volume, self.volume_mount, self.extra_hash_input], sort_keys=True
-        )
+        volume = self.volume
+        if volume is not None and "configMap" in volume:
+            # Hashed without the defaultMode the API server would fill in anyway: adding it changed nothing in the
+            # pods, so it changes no hash (which would roll every workload with prices out on an upgrade).
+            volume = {**volume, "configMap": {k: v for k, v in volume["configMap"].items() if k != "defaultMode"}}
+        material = json.dumps([self.env, self.port, volume, self.volume_mount, self.extra_hash_input], sort_keys=True)
         object.__setattr__(self, "digest", hashlib.sha256(material.encode()).hexdigest()[:16])
 
 

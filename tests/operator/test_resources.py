@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from typing import Any
 
@@ -328,3 +329,16 @@ def test_status_keeps_transition_time_until_a_condition_flips() -> None:
         phase="Pending",
     )
     assert flipped["conditions"][0]["lastTransitionTime"] == "t3"
+
+
+def test_the_volumes_default_mode_changes_no_hash() -> None:
+    """defaultMode, which the API server fills in anyway, is left out of the config hash: writing it changed nothing
+    in the pods, so an upgrade that started writing it rolls nothing out."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1}}}})
+    injection = r.build_injection(spec, CONFIG, deployment(), "chat")
+    assert injection.volume is not None and injection.volume["configMap"]["defaultMode"] == 0o644
+    without = {**injection.volume, "configMap": {**injection.volume["configMap"]}}
+    del without["configMap"]["defaultMode"]
+    assert dataclasses.replace(injection, volume=without).digest == injection.digest
+    other = {**without, "configMap": {**without["configMap"], "name": "other"}}
+    assert dataclasses.replace(injection, volume=other).digest != injection.digest
