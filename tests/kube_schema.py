@@ -559,3 +559,17 @@ def with_server_defaults(workload: Mapping[str, Any]) -> dict[str, Any]:
             if source in volume:
                 volume[source].setdefault("defaultMode", 0o644)
     return stored
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies ``application/merge-patch+json``. (kopf_testing.py keeps
+    its own: the benchmarks import it without tests/ on their path.)"""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

@@ -80,21 +80,8 @@ def written(owner: dict[str, Any], targets: list[dict[str, Any]]) -> list[dict[s
     for target in targets:
         patch = r.build_workload_patch(target, r.build_injection(spec, CONFIG, target, name), name)
         assert patch is not None
-        objects += [_merge(target, patch), r.build_metrics_service(owner, spec, target)]
+        objects += [kube_schema.merge_patch(target, patch), r.build_metrics_service(owner, spec, target)]
     return objects
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _merge(result.get(key), value)
-    return result
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -203,12 +190,12 @@ def test_any_workload_is_injected_validly_once_and_restored_exactly(
     patch = r.build_workload_patch(target, injection, "chat")
     assert patch is not None
     # As a real API server stores it: with the defaults it fills in, which an exact comparison must expect.
-    injected = kube_schema.with_server_defaults(_merge(target, patch))
+    injected = kube_schema.with_server_defaults(kube_schema.merge_patch(target, patch))
     assert kube_schema.object_errors(injected) == []
     assert r.build_workload_patch(injected, r.build_injection(parsed, CONFIG, injected, "chat"), "chat") is None
     removal = r.build_workload_patch(injected, None, "chat")
     assert removal is not None
-    restored = _merge(injected, removal)
+    restored = kube_schema.merge_patch(injected, removal)
     template_meta = restored["spec"]["template"]["metadata"]
     if template_meta.get("annotations") == {}:
         del template_meta["annotations"]  # an empty map is not stored (Go's omitempty), as if never there

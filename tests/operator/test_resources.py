@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from typing import Any
@@ -10,25 +9,13 @@ from typing import Any
 import yaml
 from kopf_testing import deployment, minimal_llmt
 
+from kube_schema import merge_patch
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.spec import parse_spec
 
 CONFIG = OperatorConfig(servicemonitor_labels={"release": "kube-prometheus-stack"})
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch, as the API server applies ``application/merge-patch+json``."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def inject(workload: dict[str, Any], spec: dict[str, Any] | None = None, owner: str = "chat") -> dict[str, Any]:

@@ -8,7 +8,6 @@ the LLMTelemetry CRD.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +82,6 @@ def workload(kind: str) -> dict[str, Any]:
     }
 
 
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the API server applies application/merge-patch+json."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
 def built(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Everything the operator writes for one resource selecting a Deployment and a StatefulSet."""
     llmt = owner(spec)
@@ -111,7 +97,7 @@ def built(spec: dict[str, Any]) -> list[dict[str, Any]]:
         target = workload(kind)
         patch = r.build_workload_patch(target, r.build_injection(parsed, CONFIG, target, "chat"), "chat")
         assert patch is not None
-        objects += [merge_patch(target, patch), r.build_metrics_service(llmt, parsed, target)]
+        objects += [kube_schema.merge_patch(target, patch), r.build_metrics_service(llmt, parsed, target)]
     return objects
 
 
