@@ -6,7 +6,8 @@ Two ways to run it:
   test_hostile_properties.py and the decoder's own ones below, with a large example budget per property.
 * ``python tests/middleware/test_hostile_fuzz.py [libFuzzer options, e.g. -max_total_time=600]``: a coverage-guided
   atheris target (``pip install atheris``) over the same code: arbitrary bytes become a request body plus a
-  response stream cut into arbitrary chunks, through the real middleware.
+  response stream cut into arbitrary chunks, plain or under a content coding (compressed, or bytes that are not),
+  through the real middleware.
 
 Either way the properties are those of the property suite: the client sees the bare app's bytes, no exception
 escapes our code, the decoder's events do not depend on the chunking, and no internal error is counted.
@@ -118,7 +119,14 @@ def _atheris_main() -> None:  # pragma: no cover - run by hand
             chunks.append(stream[at : at + size])
             at += size
         chunks.append(stream[at:])
-        properties.ANSWER.update(status=status, headers=[(b"content-type", content_type)], chunks=chunks)
+        headers = [(b"content-type", content_type)]
+        coding = fdp.PickValueInList(["", "", "gzip", "deflate", "br", "zstd"])
+        sent = chunks
+        if coding:
+            headers.append((b"content-encoding", coding.encode()))
+            if fdp.ConsumeBool():  # the fuzzed bytes compressed as a stream compressor sends them, else as they are
+                sent = properties.compress_as_sent(coding, chunks)
+        properties.ANSWER.update(status=status, headers=headers, chunks=sent)
         properties.through_both((wrapped, calls), path, request_body)
         assert decode(chunks, 1 << 20) == decode([stream], 1 << 20)
         if len(calls.ended) % 500 == 0:
