@@ -276,8 +276,14 @@ async def reconcile(
             conditions[type_] = r.Condition(type_, False, "Conflict", message)
     for cond in conditions.values():
         # Conflicts have one event per workload lost, posted by _inject.
-        if not cond.status and cond.reason not in ("Disabled", "NoTargets", "Conflict"):
-            outcome.failures.append((cond.reason, cond.message))
+        failure = (cond.reason, cond.message)
+        # One event per failure: _inject has already listed a missing container (the same words as its condition).
+        if (
+            not cond.status
+            and cond.reason not in ("Disabled", "NoTargets", "Conflict")
+            and failure not in outcome.failures
+        ):
+            outcome.failures.append(failure)
         if cond.reason.endswith("Failed"):
             outcome.retry = True
     required = [cond for t, cond in conditions.items() if cond.reason != "Disabled" and t != c.CONDITION_COLLECTORS]
@@ -425,9 +431,10 @@ async def _inject(
         if selected:
             targets.append(workload)
     namespace = owner["metadata"]["namespace"]
+    named = ", ".join(spec.containers)
+    no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)
     if missing:
-        named = ", ".join(spec.containers)
-        outcome.failures.append(("NoContainer", f"no container named {named} in " + ", ".join(missing)))
+        outcome.failures.append(("NoContainer", no_container))
         skipped += [f"{item}, none named {named}" for item in missing]
     notes = "".join(f"; {what} " + ", ".join(items) for what, items in (("skipped", skipped), ("left", lost)) if items)
     if errors:
@@ -438,8 +445,7 @@ async def _inject(
         message = "every selected workload is served by an older LLMTelemetry: " + ", ".join(lost)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets and missing:
-        message = f"no container named {', '.join(spec.containers)} (spec.containers) in " + ", ".join(missing)
-        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", message)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", no_container)
     elif not targets:
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)

@@ -485,6 +485,16 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
             ),
             "NoContainer event posted",
         )
+        await asyncio.sleep(1)  # the pass posts its events together: a second one would be there by now
+        posted = [
+            req.data
+            for req in list(emulator)
+            if req.method.value == "POST"
+            and str(req.url.path).endswith("/events")
+            and (req.data or {}).get("reason") == "NoContainer"
+        ]
+        assert len(posted) == 1, posted  # one event per failure, in the words of the condition
+        assert posted[0]["message"] == injected["message"]
         await hand(
             emulator,
             "PATCH",
