@@ -52,9 +52,12 @@ OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT: Final = "OTEL_INSTRUMENTATIO
 # Standard OpenTelemetry variables the middleware acts on, read by OTelEnvironment.resolve (below) for metrics,
 # traces and logs alike (see docs/tracing.md and "Where the metrics go" in docs/metrics.md).
 # The SDK and its exporters read the rest themselves: OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
-# OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG, OTEL_METRICS_EXEMPLAR_FILTER.
+# OTEL_EXPORTER_OTLP_HEADERS, OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG.
 #: ``true`` turns every OpenTelemetry signal of the middleware off.
 OTEL_SDK_DISABLED: Final = "OTEL_SDK_DISABLED"
+#: Which measurements leave an exemplar: ``trace_based`` (default: those made in a sampled span), ``always_on``,
+#: ``always_off``.
+OTEL_METRICS_EXEMPLAR_FILTER: Final = "OTEL_METRICS_EXEMPLAR_FILTER"
 #: Base OTLP endpoint for every signal; setting it turns tracing on.
 OTEL_EXPORTER_OTLP_ENDPOINT: Final = "OTEL_EXPORTER_OTLP_ENDPOINT"
 #: OTLP endpoint for spans only (a full URL for http/protobuf); setting it turns tracing on.
@@ -256,6 +259,9 @@ class OTelEnvironment:
     traces_protocol: str = DEFAULT_OTLP_PROTOCOL
     metrics_protocol: str = DEFAULT_OTLP_PROTOCOL
     logs_protocol: str = DEFAULT_OTLP_PROTOCOL
+    #: Exemplar filter of the metrics: ``trace_based``, ``always_on`` or ``always_off`` (any other value: the
+    #: default, ``trace_based``).
+    metrics_exemplar_filter: str = "trace_based"
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None) -> OTelEnvironment:
@@ -270,6 +276,7 @@ class OTelEnvironment:
         if not traces and (env.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or env.get(OTEL_EXPORTER_OTLP_ENDPOINT)):
             traces = ("otlp",)  # an endpoint alone turns tracing on
         logs = _exporter_list(env.get(OTEL_LOGS_EXPORTER))
+        exemplars = env.get(OTEL_METRICS_EXEMPLAR_FILTER, "").strip().lower()
         return cls(
             sdk_disabled=disabled,
             traces_exporters=() if disabled else tuple(t for t in traces if t != "none"),
@@ -277,4 +284,5 @@ class OTelEnvironment:
             traces_protocol=protocol(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL),
             metrics_protocol=protocol(OTEL_EXPORTER_OTLP_METRICS_PROTOCOL),
             logs_protocol=protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL),
+            metrics_exemplar_filter=exemplars if exemplars in ("always_on", "always_off") else "trace_based",
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import threading
 from bisect import bisect_left
@@ -539,6 +538,15 @@ class BucketHistogram:
         return Metric(name=spec.name, description=spec.description, unit=spec.unit, data=data), newest
 
 
+def exemplar_filter(name: str) -> Any:
+    """The SDK's exemplar filter called ``name`` (``OTEL_METRICS_EXEMPLAR_FILTER``, as :class:`OTelEnvironment`
+    resolved it): ``always_on``, ``always_off``, else ``trace_based``."""
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, AlwaysOnExemplarFilter, TraceBasedExemplarFilter
+
+    filters = {"always_on": AlwaysOnExemplarFilter, "always_off": AlwaysOffExemplarFilter}
+    return filters.get(name, TraceBasedExemplarFilter)()
+
+
 class Histograms:
     """The :class:`BucketHistogram` of one meter, and their points for the SDK's export path.
 
@@ -551,14 +559,13 @@ class Histograms:
         resource: the meter provider's resource, for a collection that holds no other metric.
     """
 
-    def __init__(self, scope: Any, resource: Any) -> None:
-        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, AlwaysOnExemplarFilter, TraceBasedExemplarFilter
+    def __init__(self, scope: Any, resource: Any, exemplar_filter: Any = None) -> None:
+        from opentelemetry.sdk.metrics import TraceBasedExemplarFilter
 
         self.scope = scope
         self.resource = resource
-        # The SDK meter provider's default, read from the same variable.
-        filters = {"always_on": AlwaysOnExemplarFilter, "always_off": AlwaysOffExemplarFilter}
-        self._filter = filters.get(os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", ""), TraceBasedExemplarFilter)()
+        #: The meter provider's exemplar filter (:func:`exemplar_filter`), the SDK's default when not given.
+        self._filter = exemplar_filter if exemplar_filter is not None else TraceBasedExemplarFilter()
         #: Histograms in the order of their first record: the order the SDK reports its own instruments in.
         self._order: list[BucketHistogram] = []
         self._lock = threading.Lock()

@@ -14,7 +14,7 @@ from .pricing import PricingTable
 from .record import LLMCall
 
 #: ``gen_ai.token.type`` -> LLMCall field of the billable counts (``llm.tokens``).
-_BILLABLE = (("input", "input_tokens"), ("output", "output_tokens"))
+_BILLABLE = tuple((kind, f"{kind}_tokens") for kind in names.TOKEN_TYPES)
 #: ``llm.token.detail`` -> (the type it is part of, LLMCall field), for ``llm.token_details``.
 _DETAILS = tuple((detail, part, f"{detail}_tokens") for detail, part in names.TOKEN_DETAIL_PARTS)
 

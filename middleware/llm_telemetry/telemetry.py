@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder, start_http_server
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .instruments import Histograms, Instruments, create_instruments
+from .instruments import Histograms, Instruments, create_instruments, exemplar_filter
 from .labels import LabelLimiter
 from .logs import RequestLogs
 from .pricing import PricingTable
@@ -115,12 +115,13 @@ class Telemetry:
             resource = workers.worker_resource(resource)
         shared = workers is not None and workers.state is not None
         otlp = _otlp_metric_exporter(self.otel.metrics_protocol) if "otlp" in self.settings.metrics_exporters else None
+        exemplars = exemplar_filter(self.otel.metrics_exemplar_filter)
         if otlp is None or _cumulative_explicit_histograms(otlp):
             # Histograms aggregate on their own and reach the readers below at collection time (instruments.py);
             # under several workers, the Prometheus numbers come from the workers' files instead (multiproc.py).
             from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-            self.histograms = Histograms(InstrumentationScope(METER_NAME, __version__), resource)
+            self.histograms = Histograms(InstrumentationScope(METER_NAME, __version__), resource, exemplars)
         if "prometheus" in self.settings.metrics_exporters and shared:
             assert workers is not None
             workers.expose(self.registry, resource)  # scrapes merge every worker's share
@@ -135,7 +136,7 @@ class Telemetry:
             if self.histograms is not None:
                 otlp = HistogramExporter(otlp, self.histograms)
             readers.append(PeriodicExportingMetricReader(otlp))
-        return SDKMeterProvider(metric_readers=readers, resource=resource)
+        return SDKMeterProvider(metric_readers=readers, resource=resource, exemplar_filter=exemplars)
 
     def _service_name(self) -> str:
         name = self.tracing.service_name if self.tracing is not None else None

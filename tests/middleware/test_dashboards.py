@@ -270,32 +270,79 @@ DETAIL_LABEL = instruments.label(instruments.LLM_TOKEN_DETAIL)
 TYPE_LABEL = instruments.label(instruments.GEN_AI_TOKEN_TYPE)
 
 
+#: What an expression's series count, for the token checks: billable tokens (``llm_tokens_total``: input and
+#: output, sum-safe); token details (``llm_token_details_total``: parts of those) with several details apart by
+#: label; or one detail alone.
+BILLABLE, DETAILS_APART, ONE_DETAIL = "billable tokens", "token details", "one token detail"
+#: Aggregations that add their series' values together.
+ADDING_AGGREGATIONS = {"sum", "avg"}
+
+
 def check_token_sums(expr: str) -> None:
     """Fail if ``expr`` can add overlapping token counts.
 
-    ``llm_tokens_total`` is sum-safe (billable input and output), so any aggregation of it is fine as long as
-    it does not ask for a token type that is not billable. ``llm_token_details_total`` holds parts of those
-    (cache reads and writes of input, reasoning of output): it may only be aggregated per detail, either by
-    pinning one ``llm_token_detail`` or by keeping that label, and never added to the billable counter.
+    The expression is parsed (Grafana's variables substituted first) and walked as PromQL evaluates it.
+    ``llm_tokens_total`` (and its recording rules) holds billable tokens only, so any aggregation of it is fine,
+    as long as it asks for no token type that is not billable. ``llm_token_details_total`` (and its recording
+    rules) holds parts of those (cache reads and writes of input, reasoning of output): an adding aggregation of
+    it must keep ``llm_token_detail`` apart, and nothing may add it to billable tokens (``+``, or an adding
+    aggregation over both).
     """
-    for matchers in re.findall(rf"{TOKENS}\s*\{{([^}}]*)\}}", expr):
-        for value in re.findall(rf'{TYPE_LABEL}\s*=~?\s*"([^"]*)"', matchers):
-            assert set(value.split("|")) <= set(instruments.TOKEN_TYPES), f"{expr!r}: {value} is not a billable type"
-    for recorded in re.findall(r"llm:llm_token_details:\w+", expr):
-        raise AssertionError(f"{expr!r}: aggregates the recorded details {recorded} again")
-    uses_details = False
-    for match in re.finditer(rf"{DETAILS}\s*(\{{[^}}]*\}})?", expr):
-        uses_details = True
-        if re.search(rf'{DETAIL_LABEL}\s*=\s*"[^"|]+"', match.group(1) or ""):
-            continue  # one detail: nothing overlaps
-        # The aggregation wrapping this selector is the last one opened before it.
-        before = expr[: match.start()]
-        aggregations = list(re.finditer(r"\b(sum|avg|min|max|count|topk|bottomk)\s*(by\s*\(([^)]*)\))?\s*\(", before))
-        assert aggregations, f"{expr!r}: {DETAILS} is used unaggregated without a single {DETAIL_LABEL}"
-        kept = {label.strip() for label in (aggregations[-1].group(3) or "").split(",")}
-        assert DETAIL_LABEL in kept, f"{expr!r}: sums {DETAILS} across {DETAIL_LABEL}, adding overlapping parts"
-    if uses_details and TOKENS in expr:
-        assert not re.search(r"\)\s*[+-]\s*(sum|rate|increase)", expr), f"{expr!r}: adds details to billable tokens"
+    import promql_parser
+
+    def parts(node: Any) -> set[str]:
+        if isinstance(node, promql_parser.VectorSelector):
+            return selector(node)
+        if isinstance(node, promql_parser.MatrixSelector):
+            return selector(node.vector_selector)
+        if isinstance(node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)):
+            return parts(node.expr)
+        if isinstance(node, promql_parser.Call):
+            return set().union(*(parts(arg) for arg in node.args))
+        if isinstance(node, promql_parser.AggregateExpr):
+            inner = parts(node.expr)
+            if str(node.op) in ADDING_AGGREGATIONS:
+                assert not (BILLABLE in inner and inner - {BILLABLE}), (
+                    f"{expr!r}: {node.op} adds details to billable tokens"
+                )
+                if DETAILS_APART in inner:
+                    modifier = node.modifier
+                    if modifier is None:
+                        kept = False
+                    elif modifier.type == promql_parser.AggModifierType.By:
+                        kept = DETAIL_LABEL in modifier.labels
+                    else:
+                        kept = DETAIL_LABEL not in modifier.labels
+                    assert kept, f"{expr!r}: {node.op} adds {DETAILS} across {DETAIL_LABEL} (parts of input and output)"
+            return inner
+        if isinstance(node, promql_parser.BinaryExpr):
+            lhs, rhs = parts(node.lhs), parts(node.rhs)
+            if str(node.op) == "+":
+                for one, other in ((lhs, rhs), (rhs, lhs)):
+                    assert not (BILLABLE in one and other - {BILLABLE}), (
+                        f"{expr!r}: adds token details to billable tokens"
+                    )
+            return lhs | rhs
+        return set()  # numbers and strings
+
+    def selector(node: Any) -> set[str]:
+        name = node.name or ""
+        matchers = list(node.matchers.matchers) if node.matchers is not None else []
+        for m in matchers:
+            if m.name == "__name__" and m.op == promql_parser.MatchOp.Equal:
+                name = m.value
+        if name == TOKENS or name.startswith("llm:llm_tokens:"):
+            for m in matchers:
+                if m.name == TYPE_LABEL and m.op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.Re):
+                    asked = set(m.value.split("|"))
+                    assert asked <= set(instruments.TOKEN_TYPES), f"{expr!r}: {m.value} is not a billable type"
+            return {BILLABLE}
+        if name == DETAILS or name.startswith("llm:llm_token_details:"):
+            one = any(m.name == DETAIL_LABEL and m.op == promql_parser.MatchOp.Equal and m.value for m in matchers)
+            return {ONE_DETAIL} if one else {DETAILS_APART}
+        return set()
+
+    parts(promql_parser.parse(_dashboard_expr_as_promql(expr)))
 
 
 def _shipped_queries() -> list[str]:
@@ -320,8 +367,18 @@ def test_no_shipped_query_double_counts_tokens() -> None:
         f"sum by (gen_ai_request_model) (rate({DETAILS}[5m]))",
         f'sum by ({DETAIL_LABEL}) (rate({DETAILS}[5m])) + sum(rate({TOKENS}{{{TYPE_LABEL}="input"}}[5m]))',
         f'sum(rate({TOKENS}{{{TYPE_LABEL}=~"input|cache_read"}}[5m]))',
-        f'rate({DETAILS}{{{DETAIL_LABEL}=~"cache_read|reasoning"}}[5m])',
         "sum by (job) (llm:llm_token_details:rate5m)",
+        f'sum without ({DETAIL_LABEL}) (rate({DETAILS}{{{DETAIL_LABEL}=~"cache_read|reasoning"}}[5m]))',
+        # the pinned detail is part of the billable tokens it is added to
+        f'sum(rate({TOKENS}[5m])) + sum(rate({DETAILS}{{{DETAIL_LABEL}="cache_read"}}[5m]))',
+        f'sum(rate({TOKENS}[5m]) or rate({DETAILS}{{{DETAIL_LABEL}="reasoning"}}[5m]))',
+        # however the addition is dressed up
+        f"(sum by (m, t) (rate({TOKENS}[$__rate_interval])) + on (m, t) sum by (m, t) "
+        f'(rate({DETAILS}{{{DETAIL_LABEL}="cache_read"}}[$__rate_interval]))) * 60',
+        f"sum by (m) (rate({TOKENS}[5m])) * 60 + sum by (m, {DETAIL_LABEL}) (rate({DETAILS}[5m]))",
+        f"sum(llm:llm_tokens:rate5m) + sum by ({DETAIL_LABEL}) (llm:llm_token_details:rate5m)",
+        f"sum by (job) (llm:llm_tokens:rate5m) > 3 * (llm:llm_tokens:rate1h offset 15m + on (job) "
+        f'sum by (job) (rate({DETAILS}{{{DETAIL_LABEL}="cache_creation"}}[5m])))',
     ],
 )
 def test_token_sum_check_catches_double_counting(expr: str) -> None:
@@ -337,3 +394,18 @@ def test_no_promql_example_in_the_docs_double_counts_tokens() -> None:
     for block in blocks:
         for expr in block.strip().split("\n\n"):
             check_token_sums(expr)
+
+
+def test_docs_panel_tables_name_every_panel_and_no_other() -> None:
+    """docs/dashboards.md has a table row per panel of the default dashboard (one attribution label, tenant)."""
+    rows: list[str] = []
+    header = False
+    for line in (REPO_ROOT / "docs" / "dashboards.md").read_text().splitlines():
+        if line.startswith("| Panel |"):
+            header = True
+        elif header and line.startswith("|") and not line.startswith("|---"):
+            rows.append(line.split("|")[1].strip())
+        elif not line.startswith("|"):
+            header = False
+    titles = [p["title"] for p in _panels(build_dashboard())]
+    assert sorted(rows) == sorted(titles)

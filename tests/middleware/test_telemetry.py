@@ -13,9 +13,13 @@ from typing import Any
 
 import openai
 import pytest
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from llm_telemetry.config import Settings
 from llm_telemetry.logs import REQUEST_LOGGER, OTLPLogHandler
+from llm_telemetry.record import LLMCall
 from llm_telemetry.telemetry import Telemetry
 from support import Metrics, free_port, scrape, scrape_text
 
@@ -168,3 +172,32 @@ def test_a_scrape_on_the_apps_own_port_is_encoded_off_its_event_loop() -> None:
     finally:
         app.telemetry.shutdown()
     assert threads["scrape"] != threads["app"]
+
+
+@pytest.mark.parametrize(("env", "kept"), [({}, True), ({"OTEL_METRICS_EXEMPLAR_FILTER": "always_off"}, False)])
+def test_the_exemplar_filter_comes_from_the_environment_given(env: dict[str, str], kept: bool) -> None:
+    """OTEL_METRICS_EXEMPLAR_FILTER is read with the other OTEL_* variables, from the mapping the telemetry is
+    built with (here, not the process environment): always_off leaves a sampled call's buckets without exemplars."""
+    port = free_port()
+    settings = Settings.resolve(env={}, metrics_port=port, metrics_host="127.0.0.1")
+    telemetry = Telemetry(settings, env=env)
+    telemetry.start_server()
+    try:
+        call = LLMCall("chat", "openai", 100.0, request_model="gpt-4o", response_model="gpt-4o")
+        call.stream, call.end, call.first_token_at = True, 100.4, 100.1
+        call.input_tokens, call.output_tokens = 5, 9
+        span = NonRecordingSpan(SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        call.otel_context = trace.set_span_in_context(span)
+        telemetry.recorder.start(call)
+        telemetry.recorder.end(call)
+        om = scrape_text(port, accept="application/openmetrics-text; version=1.0.0; charset=utf-8")
+    finally:
+        telemetry.shutdown()
+    found = [
+        s.exemplar
+        for family in parse_openmetrics(om)
+        for s in family.samples
+        if s.name == "gen_ai_server_request_duration_seconds_bucket" and s.exemplar is not None
+    ]
+    assert "gen_ai_server_request_duration_seconds_bucket" in om
+    assert [e.labels["trace_id"] for e in found] == (["00000000000000000000000000000abc"] if kept else [])
