@@ -5,7 +5,11 @@ several sizes. A linear cost shows as a constant time per unit (the ``per unit``
 grow with the size, tenfold per row. Peak memory is the Python heap allocated during the request
 (``tracemalloc``), which must stay bounded by the input and the documented caps.
 
-    python benchmarks/hostile_bench.py [--repeat 3]
+    python benchmarks/hostile_bench.py [--repeat 3] [--scale 1]
+
+After each input's rows, a line compares the added cost per unit at its largest size with the one at its smallest:
+a linear (or bounded) cost keeps that ratio near 1 or below; a quadratic one multiplies it by the size ratio (100x
+over the three sizes). ``--scale`` shrinks every size (0.01 for a quick check that the script runs).
 """
 
 from __future__ import annotations
@@ -146,11 +150,13 @@ def measure(app: Any, body: bytes, repeat: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="requests per size; the median is reported")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every input size by this")
     args = parser.parse_args()
     middleware = LLMTelemetryMiddleware(_app, metrics_port=0, request_logs=False)
     print(f"{'input':38} {'size':>10} {'bare ms':>9} {'ours ms':>9} {'added µs/unit':>14} {'peak MiB':>9}")
     for title, unit, make, sizes, content_type in CASES:
-        for size in sizes:
+        per_unit = []
+        for size in (max(UNITS[unit], int(size * args.scale)) for size in sizes):
             body, chunks = make(size)
             _ANSWER.update(type=content_type.encode(), chunks=chunks)
             bare, _ = measure(_app, body, args.repeat)
@@ -158,7 +164,11 @@ def main() -> None:
             units = size / UNITS[unit]
             shown = f"{units:,.0f} {unit}"
             added = (ours - bare) / units * 1e6
+            per_unit.append(ours / units)
             print(f"{title:38} {shown:>10} {bare * 1e3:9.1f} {ours * 1e3:9.1f} {added:14.3f} {peak:9.1f}")
+        growth = per_unit[-1] / per_unit[0]
+        verdict = "linear or better" if growth <= 3 else "GROWS FASTER THAN LINEAR"
+        print(f"{'':38} {'':>10} our time per unit, largest size / smallest: x{growth:.2f} ({verdict})")
     middleware.telemetry.shutdown()
 
 

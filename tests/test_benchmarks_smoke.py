@@ -84,6 +84,23 @@ def test_smoke_operator_table_is_printed(smoke_output: str) -> None:
     assert re.fullmatch(r"\d+", row[-2]), section
 
 
+def test_hostile_bench_prints_three_sizes_and_a_growth_line_per_input() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "hostile_bench.py"), "--repeat", "1", "--scale", "0.01"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"hostile_bench.py failed:\n{result.stdout}\n{result.stderr}"
+    cases = importlib.import_module("hostile_bench").CASES
+    lines = result.stdout.splitlines()
+    for title, *_ in cases:
+        assert sum(line.startswith(title) for line in lines) == 3, (title, result.stdout)
+    growth = [line for line in lines if "largest size / smallest" in line]
+    assert len(growth) == len(cases), result.stdout
+
+
 def test_export_cost_prints_a_row_per_exporter() -> None:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "export_cost.py"), "--batches", "2", "--exports", "3"],

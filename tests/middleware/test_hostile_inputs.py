@@ -726,26 +726,57 @@ def test_hostile_sse_many_data_lines_join_exactly() -> None:
     assert events == [("message", b"\n".join([b"0123456789abcd"] * lines))]
 
 
-def test_hostile_sse_one_event_and_head_of_next_do_not_skip_events(cleanup: list[Any]) -> None:
-    def event(i: int) -> bytes:
-        return b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"w%d"},"finish_reason":null}]}\n\n' % i
+def _sse_text(i: int) -> bytes:
+    return b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"w%d"},"finish_reason":null}]}\n\n' % i
 
-    finish = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
-    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
-    head = 20  # bytes of the next event a re-chunking proxy sends early; the same for every event here
-    # [e0] [e1 + head of e2] [rest of e2] [e3 + head of finish] [rest of finish] [usage]: the fourth chunk has
-    # exactly the shape of the second, arriving between events.
-    chunks = [event(0), event(1) + event(2)[:head], event(2)[head:], event(3) + finish[:head], finish[head:], usage]
 
-    async def run() -> list[LLMCall]:
+_SSE_FINISH = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n'
+_SSE_USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+_HEAD = 20  # bytes of the next event a re-chunking proxy sends early; the same for every event here
+
+
+@pytest.mark.parametrize(
+    ("chunks", "finish_reasons", "tokens"),
+    [
+        # [e0] [e1 + head of e2] [rest of e2] [e3 + head of finish] [rest of finish] [usage]: the fourth chunk has
+        # exactly the shape of the second, arriving between events.
+        (
+            [_sse_text(0), _sse_text(1) + _sse_text(2)[:_HEAD], _sse_text(2)[_HEAD:],
+             _sse_text(3) + _SSE_FINISH[:_HEAD], _SSE_FINISH[_HEAD:], _SSE_USAGE],
+            ["length"],
+            (3, 4),
+        ),
+        # The same from the first text delta on: the first chunk with one whole event is one with the next's head.
+        (
+            [_sse_text(1) + _sse_text(2)[:_HEAD], _sse_text(2)[_HEAD:], _sse_text(3) + _SSE_FINISH[:_HEAD],
+             _SSE_FINISH[_HEAD:], _SSE_USAGE],
+            ["length"],
+            (3, 4),
+        ),
+        # No usage: the output is estimated from the text deltas, all four of them.
+        (
+            [_sse_text(1) + _sse_text(2)[:_HEAD], _sse_text(2)[_HEAD:], _sse_text(3) + _sse_text(4)[:_HEAD],
+             _sse_text(4)[_HEAD:], _SSE_FINISH],
+            ["length"],
+            None,
+        ),
+    ],
+)  # fmt: skip
+def test_hostile_sse_one_event_and_head_of_next_do_not_skip_events(
+    cleanup: list[Any], chunks: list[bytes], finish_reasons: list[str], tokens: tuple[int, int] | None
+) -> None:
+    async def run(chunks: list[bytes]) -> list[LLMCall]:
         wrapped, calls = observe(replying(200, SSE, *chunks))
         cleanup.append(wrapped)
         await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true}')
         return calls.ended
 
-    (call,) = asyncio.run(run())
-    assert call.finish_reasons == ["length"]
-    assert (call.input_tokens, call.output_tokens) == (3, 4)
+    (call,) = asyncio.run(run(chunks))
+    (whole,) = asyncio.run(run([b"".join(chunks)]))
+    assert call.finish_reasons == whole.finish_reasons == finish_reasons
+    assert (call.input_tokens, call.output_tokens) == (whole.input_tokens, whole.output_tokens)
+    if tokens is not None:
+        assert (call.input_tokens, call.output_tokens) == tokens
 
 
 @pytest.mark.parametrize(

@@ -152,12 +152,20 @@ def chunked_streams(draw: st.DrawFn) -> tuple[str, str, bytes, list[bytes]]:
     name = draw(st.sampled_from(sorted(STREAMS)))
     path, events = STREAMS[name]
     body = encode(events, draw(st.sampled_from([b"\n", b"\r\n"])), draw(st.booleans()))
-    special = interesting_cuts(body)
-    cuts = set(draw(st.lists(st.sampled_from(special), max_size=40)))
-    cuts |= set(draw(st.lists(st.integers(1, len(body) - 1), max_size=40)))
-    if draw(st.booleans()):  # a re-chunking proxy: the same size throughout, whatever the boundaries
-        size = draw(st.integers(1, 400))
-        cuts |= set(range(size, len(body), size))
+    if draw(st.integers(0, 3)) == 0:
+        # A proxy that sends the head of the next event early, every other event, and nothing else: chunks of one
+        # whole event plus the next one's first bytes, each followed by the rest of that next event, so each chunk
+        # of the first kind starts between events and has the shape of the ones of its kind before it.
+        ahead = draw(st.integers(1, 60))
+        ends = [i for i in range(2, len(body)) if body[i - 2 : i] == b"\n\n" or body[i - 4 : i] == b"\r\n\r\n"]
+        first = draw(st.integers(0, 2))
+        cuts = {end + ahead for end in ends[first::2] if end + ahead < len(body)} | set(ends[first + 1 :: 2])
+    else:
+        cuts = set(draw(st.lists(st.sampled_from(interesting_cuts(body)), max_size=40)))
+        cuts |= set(draw(st.lists(st.integers(1, len(body) - 1), max_size=40)))
+        if draw(st.booleans()):  # a re-chunking proxy: the same size throughout, whatever the boundaries
+            size = draw(st.integers(1, 400))
+            cuts |= set(range(size, len(body), size))
     edges = [0, *sorted(cuts), len(body)]
     return name, path, body, [body[a:b] for a, b in itertools.pairwise(edges)]
 

@@ -1,0 +1,151 @@
+"""The bounds of docs/metrics.md ("Bounds"), each at the number the docs give: the value on the bound is kept, the
+one past it is not, and what happens past it is what the docs say."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llm_telemetry.middleware import LLMTelemetryMiddleware, Router
+from llm_telemetry.record import LLMCall
+from support import Calls, Metrics
+
+JSON = [(b"content-type", b"application/json")]
+
+
+def answering(body: dict[str, Any]) -> Any:
+    """An app that reads the whole request, then answers 200 with ``body`` as JSON."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    return app
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+        **fields,
+    }
+
+
+async def exchange(app: Any, path: str, body: bytes = b"", *, method: str = "POST", headers: Any = None) -> bytes:
+    """One request through ``app``; the response body."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers or [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    return b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.fixture
+def made() -> Iterator[list[LLMTelemetryMiddleware]]:
+    apps: list[LLMTelemetryMiddleware] = []
+    yield apps
+    for app in apps:
+        app.telemetry.shutdown()
+
+
+def calls_of(
+    made: list[LLMTelemetryMiddleware], answer: dict[str, Any], requests: list[dict[str, Any]], **options: Any
+) -> tuple[list[LLMCall], Metrics]:
+    """Send each request body to an app answering ``answer``; the calls recorded and the scrape after them."""
+    calls = Calls()
+    options.setdefault("request_logs", False)
+    wrapped = LLMTelemetryMiddleware(
+        answering(answer), metrics_port=0, metrics_app_path="/metrics", observers=[calls], **options
+    )
+    made.append(wrapped)
+
+    async def run() -> bytes:
+        for request in requests:
+            headers = request.pop("_headers", None)
+            await exchange(wrapped, "/v1/chat/completions", json.dumps(request).encode(), headers=headers)
+        return await exchange(wrapped, "/metrics", method="GET")
+
+    scrape = asyncio.run(run())
+    return calls.ended, Metrics(scrape.decode())
+
+
+def test_a_label_value_of_256_characters_is_kept_and_one_of_257_is_other(made: list[LLMTelemetryMiddleware]) -> None:
+    kept, past = "m" * 256, "n" * 257
+    _, metrics = calls_of(made, completion(), [{"model": kept}, {"model": past}])
+    models = {s.labels["gen_ai_request_model"] for s in metrics.samples if s.name == "llm_requests_total"}
+    assert models == {kept, "other"}
+
+
+def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
+    made: list[LLMTelemetryMiddleware],
+) -> None:
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": f"r{i}"} for i in range(20)
+    ]
+    (call,), _ = calls_of(made, completion(choices=choices), [{"model": "m"}])
+    assert call.finish_reasons == [f"r{i}" for i in range(16)]
+
+
+@pytest.mark.parametrize(("count", "kept"), [(2**53, True), (2**53 + 1, False), (-1, False)])
+def test_counts_up_to_2_to_the_53_are_taken_and_larger_ones_ignored_as_if_absent(
+    made: list[LLMTelemetryMiddleware], count: int, kept: bool
+) -> None:
+    (given,), _ = calls_of(made, completion(usage={"prompt_tokens": count, "completion_tokens": 1}), [{"model": "m"}])
+    (absent,), _ = calls_of(made, completion(usage={"completion_tokens": 1}), [{"model": "m"}])
+    if kept:
+        assert given.input_tokens == count
+    else:
+        assert (given.input_tokens, given.usage_source) == (absent.input_tokens, absent.usage_source)
+
+
+def test_log_line_text_is_cut_at_1024_characters_and_a_client_request_id_at_128(
+    made: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str]
+) -> None:
+    request_id, model = "r" * 300, "é" * 3000
+    calls_of(
+        made,
+        completion(),
+        [{"model": model, "_headers": [(b"x-request-id", request_id.encode())]}],
+        request_logs=True,
+        echo_request_id=False,
+    )
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["request_id"] == request_id[:128]
+    assert line["model"] == model[:1024]
+
+
+def test_the_route_cache_keeps_at_most_256_paths_of_at_most_256_characters() -> None:
+    router = Router()
+    short = [f"/t{i}/v1/chat/completions" for i in range(1000)]
+    sizes = []
+    for path in short:
+        router.match(path)
+        sizes.append(len(router._cache))
+    assert max(sizes) == 256  # used up to the bound, never past it
+    router = Router()
+    for path in ("/" + "x" * (256 - len("/v1/chat/completions") - 1) + "/v1/chat/completions", "/" + "x" * 300):
+        router.match(path)
+    assert [len(p) for p in router._cache] == [256]
