@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_hostile_inputs import exchange, observe
 
 from llm_telemetry.middleware import LLMTelemetryMiddleware, Router
 from llm_telemetry.record import LLMCall
-from support import Calls, Metrics
+from support import Metrics
 
 JSON = [(b"content-type", b"application/json")]
 
@@ -42,27 +43,6 @@ def completion(**fields: Any) -> dict[str, Any]:
     }
 
 
-async def exchange(app: Any, path: str, body: bytes = b"", *, method: str = "POST", headers: Any = None) -> bytes:
-    """One request through ``app``; the response body."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if pending:
-            return pending.pop(0)
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers or [],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
-    await app(scope, receive, send)
-    return b"".join(m.get("body", b"") for m in sent[1:])
-
-
 @pytest.fixture
 def made() -> Iterator[list[LLMTelemetryMiddleware]]:
     apps: list[LLMTelemetryMiddleware] = []
@@ -75,20 +55,16 @@ def calls_of(
     made: list[LLMTelemetryMiddleware], answer: dict[str, Any], requests: list[dict[str, Any]], **options: Any
 ) -> tuple[list[LLMCall], Metrics]:
     """Send each request body to an app answering ``answer``; the calls recorded and the scrape after them."""
-    calls = Calls()
-    options.setdefault("request_logs", False)
-    wrapped = LLMTelemetryMiddleware(
-        answering(answer), metrics_port=0, metrics_app_path="/metrics", observers=[calls], **options
-    )
+    wrapped, calls = observe(answering(answer), **options)
     made.append(wrapped)
 
-    async def run() -> bytes:
+    async def run() -> list[dict[str, Any]]:
         for request in requests:
             headers = request.pop("_headers", None)
             await exchange(wrapped, "/v1/chat/completions", json.dumps(request).encode(), headers=headers)
         return await exchange(wrapped, "/metrics", method="GET")
 
-    scrape = asyncio.run(run())
+    scrape = b"".join(m.get("body", b"") for m in asyncio.run(run())[1:])
     return calls.ended, Metrics(scrape.decode())
 
 
