@@ -10,7 +10,12 @@ Two ways to run it:
   through the real middleware.
 
 Either way the properties are those of the property suite: the client sees the bare app's bytes, no exception
-escapes our code, the decoder's events do not depend on the chunking, and no internal error is counted.
+escapes our code, the decoder's events and the call's numbers do not depend on the chunking, and no internal error
+is counted.
+
+Latest long run (2 cores, Python 3.11, ``-max_total_time=600``): 328,634 inputs in 601 s, no failure, and the
+scrape valid at the end. An earlier 600 s run, before the numbers were compared with whole-stream ones, took
+397,231 inputs.
 """
 
 from __future__ import annotations
@@ -106,7 +111,12 @@ def _atheris_main() -> None:  # pragma: no cover - run by hand
     paths = ["/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/completions", "/v1/embeddings"]
     content_types = [b"text/event-stream", b"application/json", b""]
 
+    runs = 0
+
     def one_input(data: bytes) -> None:
+        nonlocal runs
+        runs += 1
+        calls.ended.clear()  # the calls of earlier inputs: only memory here
         fdp = atheris.FuzzedDataProvider(data)
         path = paths[fdp.ConsumeIntInRange(0, len(paths) - 1)]
         status = fdp.PickValueInList([200, 200, 200, 400, 429, 500])
@@ -121,15 +131,20 @@ def _atheris_main() -> None:  # pragma: no cover - run by hand
         chunks.append(stream[at:])
         headers = [(b"content-type", content_type)]
         coding = fdp.PickValueInList(["", "", "gzip", "deflate", "br", "zstd"])
-        sent = chunks
+        sent, whole = chunks, [stream]
         if coding:
             headers.append((b"content-encoding", coding.encode()))
             if fdp.ConsumeBool():  # the fuzzed bytes compressed as a stream compressor sends them, else as they are
-                sent = properties.compress_as_sent(coding, chunks)
+                sent, whole = properties.compress_as_sent(coding, chunks), properties.compress_as_sent(coding, whole)
         properties.ANSWER.update(status=status, headers=headers, chunks=sent)
-        properties.through_both((wrapped, calls), path, request_body)
+        call = properties.through_both((wrapped, calls), path, request_body)
         assert decode(chunks, 1 << 20) == decode([stream], 1 << 20)
-        if len(calls.ended) % 500 == 0:
+        # The numbers are those of the same bytes sent in one piece.
+        properties.ANSWER.update(chunks=whole)
+        assert properties.numbers(call) == properties.numbers(
+            properties.through_both((wrapped, calls), path, request_body)
+        )
+        if runs % 500 == 0:
             properties.check_scrape(wrapped)
 
     atheris.Setup(sys.argv, one_input)
