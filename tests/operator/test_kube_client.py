@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import http.server
 import json
 import pathlib
@@ -12,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -103,10 +105,20 @@ class ApiServer(http.server.ThreadingHTTPServer):
 @pytest.fixture
 def api_server(pki: pathlib.Path) -> Iterator[ApiServer]:
     """HTTPS on 127.0.0.1 that refuses any client without a certificate from the test's CA."""
+    yield from _serve(pki, ssl.CERT_REQUIRED)
+
+
+@pytest.fixture
+def token_api_server(pki: pathlib.Path) -> Iterator[ApiServer]:
+    """HTTPS on 127.0.0.1 for clients with a bearer token only (as a pod's ServiceAccount is)."""
+    yield from _serve(pki, ssl.CERT_NONE)
+
+
+def _serve(pki: pathlib.Path, verify_mode: ssl.VerifyMode) -> Iterator[ApiServer]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki / "server.crt", pki / "server.key")
     context.load_verify_locations(pki / "ca.crt")
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_mode = verify_mode
     server = ApiServer(("127.0.0.1", 0), ApiHandler)
     server.seen = []
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -272,3 +284,42 @@ async def test_exec_plugin_credentials_reach_the_server(
     assert len(services) == len(SERVICES)
     assert {seen["auth"] for seen in api_server.seen} == {"Bearer token-from-the-plugin"}
     assert {seen["cn"] for seen in api_server.seen} == {"llm-telemetry-operator"}
+
+
+async def test_in_cluster_token_is_read_again_as_the_kubelet_rotates_it(
+    token_api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a pod (``KUBERNETES_SERVICE_HOST`` set, no kubeconfig named) the credentials are the mounted
+    ServiceAccount token and CA. The kubelet replaces a projected token before it expires (hourly by default):
+    once the client's refresh period has passed, the next request carries the new token, not the one read at
+    startup. The package's clock is moved on instead of waiting its minute."""
+    from kubernetes.config import incluster_config
+
+    token = tmp_path / "token"
+    token.write_text("token-at-start")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(token_api_server.server_address[1]))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(pki / "ca.crt"))
+    now = [datetime.datetime(2030, 1, 1)]
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return now[0]
+
+    monkeypatch.setattr(
+        incluster_config, "datetime", types.SimpleNamespace(datetime=Clock, timedelta=datetime.timedelta)
+    )
+    client = kube.KubeClient(kube.load_configuration())
+    try:
+        await client.list(kube.SERVICES, "llm")
+        token.write_text("token-after-rotation")  # the kubelet's new token, same path
+        await client.list(kube.SERVICES, "llm")  # within the refresh period: still the one read
+        now[0] += datetime.timedelta(minutes=2)
+        await client.list(kube.SERVICES, "llm")
+    finally:
+        await client.close()
+    tokens = [seen["auth"].lower() for seen in token_api_server.seen]  # the scheme's case is free (RFC 9110)
+    assert tokens[0] == tokens[-2] == "bearer token-at-start"
+    assert tokens[-1] == "bearer token-after-rotation"
