@@ -323,3 +323,22 @@ async def test_in_cluster_token_is_read_again_as_the_kubelet_rotates_it(
     tokens = [seen["auth"].lower() for seen in token_api_server.seen]  # the scheme's case is free (RFC 9110)
     assert tokens[0] == tokens[-2] == "bearer token-at-start"
     assert tokens[-1] == "bearer token-after-rotation"
+
+
+async def test_peering_crd_missing_is_reported_not_waited_for(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The developer's path: only our CRD applied (``kubectl apply -f crds/``), none of kopf's peering CRDs. The
+    API server answers 404 to the list of peering objects; the startup check says the CRD is missing, with the
+    remedy, instead of letting kopf wait for an object that cannot exist."""
+    from llm_telemetry_operator.config import OperatorConfig
+    from llm_telemetry_operator.handlers import missing_peering
+
+    client = kube.KubeClient(kube.load_configuration(str(inline_kubeconfig(tmp_path, url_of(api_server), pki))))
+    try:
+        warnings = await missing_peering(client, OperatorConfig(peering="llm-telemetry-operator"))
+    finally:
+        await client.close()
+    assert [seen["path"] for seen in api_server.seen] == ["/apis/kopf.dev/v1/clusterkopfpeerings"]
+    (warning,) = warnings
+    assert "clusterkopfpeerings.kopf.dev CRD is not installed" in warning and "--standalone" in warning
