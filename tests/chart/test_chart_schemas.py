@@ -79,3 +79,19 @@ def test_servicemonitor_validates_against_the_prometheus_operator_schema(
     prometheus_operator_schemas.assert_valid([monitor])
     broken = {**monitor, "spec": {**monitor["spec"], "endpoints": [{"port": "metrics", "interval": "soon"}]}}
     assert prometheus_operator_schemas.errors([broken]) != [None], "the schemas must catch a bad interval"
+    # A field the schemas do not name would be dropped by the API server: a misspelt one, here or in a rule, is an
+    # error, though the schemas themselves allow unknown fields. The labels under metadata are free.
+    endpoint = {**monitor["spec"]["endpoints"][0], "metricsPath": "/metrics"}
+    misspelt = {**monitor, "spec": {**monitor["spec"], "endpoints": [endpoint], "jobLabl": "x"}}
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "r", "labels": {"anything": "goes"}},
+        "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "up == 0", "for": "5m", "severty": "x"}]}]},
+    }
+    errors = prometheus_operator_schemas.errors(
+        [misspelt, rule, {**rule, "spec": {"groups": [{"name": "g", "rules": []}]}}]
+    )
+    assert errors[0] is not None and "spec.endpoints.0.metricsPath" in errors[0] and "spec.jobLabl" in errors[0]
+    assert errors[1] is not None and errors[1].endswith("spec.groups.0.rules.0.severty")
+    assert errors[2] is None
