@@ -265,7 +265,7 @@ class _Checker:
             message = entry.get("message", "")
             if "\n" in message or len(message) > 4096:
                 self.fail(f"{where}.message", "Invalid value: must be one line of at most 4096 characters")
-            error = cel_compile_error(entry["rule"])
+            error = cel_compile_error(entry["rule"]) or cel_field_error(entry["rule"], schema)
             if error:
                 self.fail(f"{where}.rule", f"Invalid value: compilation failed: {error}")
 
@@ -340,6 +340,42 @@ def cel_compile_error(rule: str) -> str | None:
     unknown = _identifiers(ast) - CEL_VARIABLES - _bound_variables(ast)
     if unknown:
         return f"undeclared reference to {', '.join(sorted(unknown))} (only self and oldSelf are in scope)"
+    return None
+
+
+def cel_field_error(rule: str, schema: Mapping[str, Any]) -> str | None:
+    """The first field ``rule`` selects on ``self`` (or ``oldSelf``) that ``schema``, the schema the rule sits on,
+    does not declare, as the API server's type check reports it; None when every one is declared. A field of an
+    object must be one of its properties; any name may follow a map (``additionalProperties``: a key), or a node
+    that keeps unknown fields."""
+    tree = _ENV.compile(rule)
+    for node in tree.iter_subtrees():
+        if node.data != "member_dot":
+            continue
+        chain: list[str] = []
+        inner = node
+        while True:  # member_dot(member(member_dot(member(primary(ident self)), a)), b): self.a.b
+            if inner.data == "member_dot":
+                chain.insert(0, str(inner.children[1]))
+                inner = inner.children[0]
+            elif inner.data in ("member", "primary") and len(inner.children) == 1:
+                inner = inner.children[0]
+            else:
+                break
+        if getattr(inner, "data", None) != "ident" or str(inner.children[0]) not in CEL_VARIABLES:
+            continue
+        current: Mapping[str, Any] | None = schema
+        for name in chain:
+            if current is None or current.get("x-kubernetes-preserve-unknown-fields") is True:
+                break
+            props = current.get("properties")
+            extra = current.get("additionalProperties")
+            if props is not None and name in props:
+                current = props[name]
+            elif isinstance(extra, Mapping):
+                current = extra
+            else:
+                return f"undefined field '{name}'"
     return None
 
 

@@ -39,7 +39,9 @@ def test_checker_accepts_a_plain_structural_schema() -> None:
             },
         },
         "x-kubernetes-validations": [
-            {"rule": "self.port < 1024 || has(self.labels)", "message": "high ports need labels"}
+            {"rule": "self.port < 1024 || has(self.labels)", "message": "high ports need labels"},
+            # A map's keys and a node that keeps unknown fields take any name.
+            {"rule": "!has(self.labels.team) || self.labels.team != '' || has(self.extra.anything.deeper)"},
         ],
     }
     assert kube_schema.structural_errors(crd(spec)) == []
@@ -91,6 +93,20 @@ def test_checker_accepts_a_plain_structural_schema() -> None:
         ),
         ({**OBJ, "x-kubernetes-validations": [{"rule": "self.a ==", "message": "m"}]}, "compilation failed"),
         ({**OBJ, "x-kubernetes-validations": [{"rule": "size(other) > 0"}]}, "undeclared reference to other"),
+        # Refused by a real kube-apiserver (a 1.24 pre-release with CEL on): "compilation failed: ERROR: <input>:1:7:
+        # undefined field 'c'", the field a rule selects checked against the schema it sits on.
+        (
+            {**OBJ, "properties": {"a": OBJ}, "x-kubernetes-validations": [{"rule": "has(self.b)"}]},
+            "compilation failed: undefined field 'b'",
+        ),
+        (
+            {
+                **OBJ,
+                "properties": {"a": {**OBJ, "properties": {"x": {"type": "string"}}}},
+                "x-kubernetes-validations": [{"rule": "self.a.c == 1"}],
+            },
+            "compilation failed: undefined field 'c'",
+        ),
         ({**OBJ, "x-kubernetes-validations": [{"message": "no rule"}]}, "rule: Required value"),
         ({**OBJ, "x-kubernetes-validations": [{"rule": "true", "message": "a\nb"}]}, "must be one line"),
     ],
