@@ -159,7 +159,9 @@ def chunked_streams(draw: st.DrawFn) -> tuple[str, str, bytes, list[bytes]]:
         ahead = draw(st.integers(1, 60))
         ends = [i for i in range(2, len(body)) if body[i - 2 : i] == b"\n\n" or body[i - 4 : i] == b"\r\n\r\n"]
         first = draw(st.integers(0, 2))
-        cuts = {end + ahead for end in ends[first::2] if end + ahead < len(body)} | set(ends[first + 1 :: 2])
+        cuts = {end + ahead for end in ends[first::2] if end + ahead < len(body)} | set(
+            ends[first + 1 :: 2] + ends[:first]
+        )
     else:
         cuts = set(draw(st.lists(st.sampled_from(interesting_cuts(body)), max_size=40)))
         cuts |= set(draw(st.lists(st.integers(1, len(body) - 1), max_size=40)))
