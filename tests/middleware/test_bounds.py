@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,20 +42,12 @@ def completion(**fields: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def made() -> Iterator[list[LLMTelemetryMiddleware]]:
-    apps: list[LLMTelemetryMiddleware] = []
-    yield apps
-    for app in apps:
-        app.telemetry.shutdown()
-
-
 def calls_of(
-    made: list[LLMTelemetryMiddleware], answer: dict[str, Any], requests: list[dict[str, Any]], **options: Any
+    cleanup: list[LLMTelemetryMiddleware], answer: dict[str, Any], requests: list[dict[str, Any]], **options: Any
 ) -> tuple[list[LLMCall], Metrics]:
     """Send each request body to an app answering ``answer``; the calls recorded and the scrape after them."""
     wrapped, calls = observe(answering(answer), **options)
-    made.append(wrapped)
+    cleanup.append(wrapped)
 
     async def run() -> list[dict[str, Any]]:
         for request in requests:
@@ -68,29 +59,31 @@ def calls_of(
     return calls.ended, Metrics(scrape.decode())
 
 
-def test_a_label_value_of_256_characters_is_kept_and_one_of_257_is_other(made: list[LLMTelemetryMiddleware]) -> None:
+def test_a_label_value_of_256_characters_is_kept_and_one_of_257_is_other(cleanup: list[LLMTelemetryMiddleware]) -> None:
     kept, past = "m" * 256, "n" * 257
-    _, metrics = calls_of(made, completion(), [{"model": kept}, {"model": past}])
+    _, metrics = calls_of(cleanup, completion(), [{"model": kept}, {"model": past}])
     models = {s.labels["gen_ai_request_model"] for s in metrics.samples if s.name == "llm_requests_total"}
     assert models == {kept, "other"}
 
 
 def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
-    made: list[LLMTelemetryMiddleware],
+    cleanup: list[LLMTelemetryMiddleware],
 ) -> None:
     choices = [
         {"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": f"r{i}"} for i in range(20)
     ]
-    (call,), _ = calls_of(made, completion(choices=choices), [{"model": "m"}])
+    (call,), _ = calls_of(cleanup, completion(choices=choices), [{"model": "m"}])
     assert call.finish_reasons == [f"r{i}" for i in range(16)]
 
 
 @pytest.mark.parametrize(("count", "kept"), [(2**53, True), (2**53 + 1, False), (-1, False)])
 def test_counts_up_to_2_to_the_53_are_taken_and_larger_ones_ignored_as_if_absent(
-    made: list[LLMTelemetryMiddleware], count: int, kept: bool
+    cleanup: list[LLMTelemetryMiddleware], count: int, kept: bool
 ) -> None:
-    (given,), _ = calls_of(made, completion(usage={"prompt_tokens": count, "completion_tokens": 1}), [{"model": "m"}])
-    (absent,), _ = calls_of(made, completion(usage={"completion_tokens": 1}), [{"model": "m"}])
+    (given,), _ = calls_of(
+        cleanup, completion(usage={"prompt_tokens": count, "completion_tokens": 1}), [{"model": "m"}]
+    )
+    (absent,), _ = calls_of(cleanup, completion(usage={"completion_tokens": 1}), [{"model": "m"}])
     if kept:
         assert given.input_tokens == count
     else:
@@ -98,11 +91,11 @@ def test_counts_up_to_2_to_the_53_are_taken_and_larger_ones_ignored_as_if_absent
 
 
 def test_log_line_text_is_cut_at_1024_characters_and_a_client_request_id_at_128(
-    made: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str]
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str]
 ) -> None:
     request_id, model = "r" * 300, "é" * 3000
     calls_of(
-        made,
+        cleanup,
         completion(),
         [{"model": model, "_headers": [(b"x-request-id", request_id.encode())]}],
         request_logs=True,

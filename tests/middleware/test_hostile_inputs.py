@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -92,14 +91,6 @@ def observe(app: Any, **options: Any) -> tuple[LLMTelemetryMiddleware, Calls]:
     options.setdefault("echo_request_id", False)
     wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", observers=[calls], **options)
     return wrapped, calls
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list[LLMTelemetryMiddleware]]:
-    made: list[LLMTelemetryMiddleware] = []
-    yield made
-    for wrapped in made:
-        wrapped.telemetry.shutdown()
 
 
 def replying(status: int, headers: list[tuple[bytes, bytes]], *chunks: bytes) -> Any:
