@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import getpass
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from llm_telemetry_operator import config as cfg
 from llm_telemetry_operator.config import OperatorConfig
@@ -127,6 +130,44 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def peering_identity() -> str | None:
+    """The name this process goes by in the peering object, when kopf's own choice would fail; else None.
+
+    kopf takes ``POD_ID`` (the chart sets it to the pod's name), else ``user@host/time/random``, looking the user
+    up in the password database. A container run under a UID the image does not list (OpenShift's restricted
+    security context constraints assign one per namespace) has no entry there, and kopf's lookup raises before
+    the operator starts, on every restart. Such a process goes by ``uid<N>@host/pid`` instead.
+    """
+    if os.environ.get("POD_ID"):
+        return None
+    try:
+        getpass.getuser()
+    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+        return f"uid{os.getuid()}@{socket.gethostname()}/{os.getpid()}"
+    return None
+
+
+def kopf_options(config: OperatorConfig) -> dict[str, Any]:
+    """The arguments of ``kopf.run`` (and ``kopf.operator``) that follow from the configuration."""
+    import kopf
+
+    options: dict[str, Any] = {
+        # Peering on unless standalone: a standby replica waits while another one holds the peering object.
+        "standalone": config.standalone,
+        # kopf treats any peering name as "peering is mandatory" and, standalone or not, pauses every watch
+        # until the peering CRD exists: so standalone passes none.
+        "peering_name": None if config.standalone else config.peering,
+        "priority": config.priority,
+        "clusterwide": config.clusterwide,
+        "namespaces": list(config.namespaces),
+        "memo": kopf.Memo(config=config),
+    }
+    identity = peering_identity()
+    if identity is not None:
+        options["identity"] = identity
+    return options
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the operator until it is signalled to stop; exit 2 on bad flags or configuration."""
     args = build_parser().parse_args(argv)
@@ -150,18 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
 
     tune_gc()
-    kopf.run(
-        # Peering on unless standalone: a standby replica waits while another one holds the peering object.
-        standalone=config.standalone,
-        # kopf treats any peering name as "peering is mandatory" and, standalone or not, pauses every watch
-        # until the peering CRD exists: so standalone passes none.
-        peering_name=None if config.standalone else config.peering,
-        priority=config.priority,
-        clusterwide=config.clusterwide,
-        namespaces=list(config.namespaces),
-        liveness_endpoint=config.health or None,
-        memo=kopf.Memo(config=config),
-    )
+    kopf.run(liveness_endpoint=config.health or None, **kopf_options(config))
     return 0
 
 

@@ -93,11 +93,20 @@ def test_deployment_is_locked_down(render: Render, values: dict[str, Any]) -> No
     assert "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mounts["/tmp"]]
 
 
+def test_an_assigned_uid_is_a_values_change(render: Render) -> None:
+    """Where the platform assigns the UID (OpenShift's restricted SCC refuses a pod that asks for 10001), nulling the
+    pod's user, group and fsGroup leaves a pod that still refuses root and takes the UID it is given."""
+    docs = render(VALUE_SETS["assigned-uid"])
+    pod_sc = one(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert pod_sc == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container(docs)["securityContext"]["runAsNonRoot"] is True
+
+
 def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Render) -> None:
     operator = container(render())
     assert operator["command"] == ["llm-telemetry-operator"]
     assert operator["image"] == f"llm-telemetry-operator:{package_version()}"
-    env = {e["name"]: e["value"] for e in operator["env"]}
+    env = {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in operator["env"]}
     assert env == {
         "LLM_TELEMETRY_OPERATOR_NAMESPACES": "",
         "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger-collector.observability:4318",
@@ -109,6 +118,8 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
         "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "9465",
         "LLM_TELEMETRY_OPERATOR_HEALTH": "http://0.0.0.0:8080/healthz",
         "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "300",
+        # kopf's name for the replica in the peering object (else it looks the user up: see the next test).
+        "POD_ID": {"fieldRef": {"fieldPath": "metadata.name"}},
     }
     # Liveness and readiness probe kopf's health endpoint, on the port the operator is told to listen on.
     ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
@@ -129,7 +140,7 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
         "healthPort": 8181,
     }
     docs = render(values)
-    env = {e["name"]: e["value"] for e in container(docs)["env"]}
+    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
     assert env["LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT"] == "http://tempo.tracing:4318"
     assert env["LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT"] == "https://loki.example.com/otlp"
     assert env["LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"] == "prometheus=main,team=ml"
@@ -143,7 +154,7 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: str) -> None:
     values = VALUE_SETS[name]
-    env = {e["name"]: e["value"] for e in container(render(values))["env"]}
+    env = {e["name"]: e.get("value") for e in container(render(values))["env"]}
     config = OperatorConfig.from_env(env)
     assert config.namespaces == tuple(values.get("watchNamespaces", ()))
     defaults = values.get("defaults", {})

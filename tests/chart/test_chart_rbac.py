@@ -91,7 +91,8 @@ def test_namespaced_mode_splits_permissions_by_scope(render: Render) -> None:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"][0]["namespace"] == NAMESPACE
-    env = {e["name"]: e["value"] for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    [operator] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in operator["env"]}
     assert env["LLM_TELEMETRY_OPERATOR_NAMESPACES"] == ",".join(namespaces)
 
 

@@ -19,6 +19,7 @@ import kopf
 import pytest
 import yaml
 
+from llm_telemetry_operator.__main__ import kopf_options
 from llm_telemetry_operator.config import OperatorConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -474,19 +475,12 @@ async def running_operator(config: OperatorConfig | None = None, client: Any = N
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
 
     config = config or OperatorConfig(peering=PEERING, metrics_port=0, health="")
-    memo = kopf.Memo(config=config) if client is None else kopf.Memo(config=config, client=client)
+    options = kopf_options(config)  # what ``llm-telemetry-operator`` passes to kopf.run
+    if client is not None:
+        options["memo"] = kopf.Memo(config=config, client=client)
+    memo = options["memo"]
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        kopf.operator(
-            standalone=config.standalone,
-            peering_name=None if config.standalone else config.peering,
-            priority=config.priority,
-            namespaces=list(config.namespaces),
-            clusterwide=config.clusterwide,
-            memo=memo,
-            stop_flag=stop,
-        )
-    )
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, **options))
     try:
         yield memo
     finally:

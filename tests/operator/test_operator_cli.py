@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -12,6 +14,7 @@ from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
+    PEERING,
     condition,
     deployment,
     eventually,
@@ -137,3 +140,45 @@ async def test_standalone_needs_no_peering_object(emulator: Any, caplog: pytest.
     async with running_operator(config):
         await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
     assert peering_warnings(caplog) == []
+
+
+def peering_status(emulator: Any) -> dict[str, Any]:
+    peering = emulator.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING]
+    return dict(peering.get("status") or {})
+
+
+@pytest.fixture
+def assigned_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container run under a UID its image does not list (OpenShift assigns one per namespace): no user name in
+    the environment, no POD_ID, and the password database has no entry for the process's UID."""
+    import pwd
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME", "POD_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_entry(uid: int) -> Any:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+@pytest.mark.usefixtures("assigned_uid")
+async def test_runs_under_a_uid_the_image_does_not_list(emulator: Any) -> None:
+    """kopf names a replica by its user, looked up in the password database; with no entry the operator must still
+    start, peer and reconcile (it crashed at start, so the pod restarted forever)."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
+        identities = await eventually(lambda: list(peering_status(emulator)), "the replica in the peering object")
+    assert identities == [f"uid{os.getuid()}@{socket.gethostname()}/{os.getpid()}"]
+
+
+async def test_the_pod_name_names_the_replica(emulator: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart sets POD_ID to the pod's name: that is the replica's name in the peering object."""
+    monkeypatch.setenv("POD_ID", "llm-telemetry-operator-6d4b9c7f5-x2x8q")
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        identities = await eventually(lambda: list(peering_status(emulator)), "the replica in the peering object")
+    assert identities == ["llm-telemetry-operator-6d4b9c7f5-x2x8q"]
