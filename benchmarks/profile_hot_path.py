@@ -1,7 +1,8 @@
 """Profile the middleware's hot path in-process: the demo app driven directly through ASGI, no sockets.
 
 Usage: ``python benchmarks/profile_hot_path.py [--scenario stream64] [--requests 2000] [--variant ours[,...]]
-[--top 25]``. It prints the CPU time per request (all threads of the process: a tracing variant's span export
+[--top 25]`` (``--by-length``: the cost per request and per stream event instead, see :func:`by_length`). It
+prints the CPU time per request (all threads of the process: a tracing variant's span export
 is flushed and counted inside each timed window) of the chosen variants and of the bare app, measured
 interleaved, and a cProfile listing of the last variant, sorted by own time (``--top 0``: none). Without the network and
 uvicorn the per-request figures are smaller than in ``benchmarks/run``, but the difference between the two
@@ -21,6 +22,7 @@ import pathlib
 import pstats
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -28,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import procs  # noqa: E402
 from apps import BENCH_METRICS_PORT, BENCH_OTLP_ENDPOINT, BENCH_VARIANT, VARIANTS  # noqa: E402
-from loadgen import SCENARIOS, Scenario  # noqa: E402
+from loadgen import SCENARIOS, Scenario, _stream  # noqa: E402
 
 
 def _scope(scenario: Scenario) -> dict[str, Any]:
@@ -195,24 +197,103 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--per-chunk", action="store_true", help="time only the send wrapper and shape check on streamed chunks"
     )
+    parser.add_argument(
+        "--by-length",
+        action="store_true",
+        help="split the cost into a part per request and a part per stream event (chat and streams of "
+        + ", ".join(map(str, LENGTHS))
+        + " words)",
+    )
     args = parser.parse_args(argv)
     unknown = [v for v in args.variant.split(",") if v not in known]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
     if args.per_chunk:
         return asyncio.run(per_chunk())
+    if args.by_length:
+        with _sink():
+            real_stdout = sys.stdout
+            with _quiet_stdout():
+                return by_length(args, real_stdout)
 
     scenario = SCENARIOS[args.scenario]
-    # Tracing variants export to the same local OTLP sink as in benchmarks/run, so the export is profiled too.
+    with _sink():
+        real_stdout = sys.stdout
+        with _quiet_stdout():
+            return _profile(args, scenario, real_stdout)
+
+
+@contextlib.contextmanager
+def _sink() -> Iterator[None]:
+    """Tracing variants export to the same local OTLP sink as in benchmarks/run, so the export is measured too."""
     sink = procs.start("sink.py", ["--port", str(port := procs.free_port())])
     try:
         os.environ[BENCH_OTLP_ENDPOINT] = f"http://127.0.0.1:{port}"
         procs.wait_http(os.environ[BENCH_OTLP_ENDPOINT] + "/count", sink)
-        real_stdout = sys.stdout
-        with _quiet_stdout():
-            return _profile(args, scenario, real_stdout)
+        yield
     finally:
         procs.stop(sink)
+
+
+#: Words per stream in ``--by-length`` (each stream has four events more: role, finish, usage, [DONE]).
+LENGTHS = (1, 8, 64, 256)
+
+
+def by_length(args: argparse.Namespace, stdout: Any) -> int:
+    """What the variants add per request and per stream event: chat, then streams of :data:`LENGTHS` words,
+    measured interleaved as in :func:`_profile`, and a least-squares line through the streams' added cost,
+    ``fixed + per_event * events``. The fixed part is what every stream pays once (reading its request, its first
+    and last events, recording its metrics); the part per event is the ``send`` wrapper and the bulk read of the
+    kept chunks."""
+    loop = asyncio.new_event_loop()
+    keys = ["bare", *(v for v in args.variant.split(",") if v != "bare")]
+    scenarios = [SCENARIOS["chat"], *(_stream(words) for words in LENGTHS)]
+    apps, flushes = {}, {}
+    for key in keys:
+        apps[key] = build(key)
+        for scenario in scenarios:
+            loop.run_until_complete(drive(apps[key], scenario, 50))
+        flushes[key] = flusher(apps[key])
+        if flushes[key] is not None:
+            flushes[key]()
+    # As many requests per batch in every scenario: a tracing variant exports at the end of each batch (see
+    # :func:`drive`), so its share of an export per request is then the same whatever the stream's length.
+    times: dict[tuple[str, str], list[float]] = {(k, s.key): [] for k in keys for s in scenarios}
+    for r in range(args.rounds):
+        for scenario in scenarios:
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                cpu = cpu_per_request(apps[key], scenario, args.requests, loop, flushes[key])
+                times[key, scenario.key].append(cpu * 1e6)
+    loop.close()
+
+    def added(key: str, scenario: str) -> float:
+        # The median over rounds of the difference to bare in the same round.
+        deltas = sorted(v - b for v, b in zip(times[key, scenario], times["bare", scenario], strict=True))
+        return deltas[len(deltas) // 2]
+
+    header = f"{'scenario':<10} {'events':>6} {'bare µs':>9}" + "".join(f" {'+µs ' + k:>18}" for k in keys[1:])
+    print(f"CPU per request in-process (median of {args.rounds} rounds; +µs: over bare, same round)", file=stdout)
+    print(header, file=stdout)
+    print("-" * len(header), file=stdout)
+    for scenario in scenarios:
+        bare = sorted(times["bare", scenario.key])[args.rounds // 2]
+        cells = "".join(f" {added(k, scenario.key):18.1f}" for k in keys[1:])
+        print(f"{scenario.key:<10} {scenario.chunks:6d} {bare:9.1f}{cells}", file=stdout)
+    streams = scenarios[1:]
+    xs = [float(s.chunks) for s in streams]
+    mean_x = sum(xs) / len(xs)
+    for key in keys[1:]:
+        ys = [added(key, s.key) for s in streams]
+        mean_y = sum(ys) / len(ys)
+        covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+        slope = covariance / sum((x - mean_x) ** 2 for x in xs)
+        fixed = mean_y - slope * mean_x
+        chat = added(key, "chat")
+        print(
+            f"{key}: a stream adds {fixed:.1f} µs once and {slope:.2f} µs per event (a non-stream chat: {chat:.1f} µs)",
+            file=stdout,
+        )
+    return 0
 
 
 def _profile(args: argparse.Namespace, scenario: Scenario, stdout: Any) -> int:

@@ -164,3 +164,16 @@ def test_a_target_whose_two_readings_disagree_is_reported_unsettled() -> None:
     assert verdict([800, 1000, 1000], [1000, 1100, 1100]) == "unsettled"
     # And the other way round: rounds at +10%, +20%, +20%, the fastest batches 10% apart.
     assert verdict([1000, 1000, 1000], [1100, 1200, 1200]) == "unsettled"
+
+
+def test_profile_by_length_prints_a_row_per_length_and_a_line_per_variant() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "profile_hot_path.py"), "--by-length",
+         "--variant", "ours,instrumentator", "--requests", "3", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines() if re.match(r"(chat|stream\d+) ", line)]
+    assert rows == ["chat", "stream1", "stream8", "stream64", "stream256"]
+    for variant in ("ours", "instrumentator"):
+        assert re.search(rf"^{variant}: a stream adds -?[\d.]+ µs once and -?[\d.]+ µs per event", result.stdout, re.M)
