@@ -1,0 +1,225 @@
+"""The two parts together: what the operator injects into a workload for an LLMTelemetry, resolved as the kubelet
+resolves it (field references, ``$(VAR)`` expansion, the pricing ConfigMap mounted as files), configures the
+middleware in that workload's app as the resource says. The app is the demo service under uvicorn, driven by the
+official openai SDK; its metrics are scraped where the operator's Service and ServiceMonitor point, and its traces
+and request logs arrive at an OTLP receiver standing in for the resource's collectors."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from kube_schema import merge_patch
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.spec import parse_spec
+from otlp_receiver import OTLPReceiver, isolated_env, otlp_receiver, wait_span
+from support import Metrics, free_port, scrape_text, serve
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "llmtelemetry-full.yaml"
+CONFIG = OperatorConfig()
+#: The pod the kubelet starts from the injected template: what its field references resolve to.
+POD = {"metadata.name": "chat-api-6d4b9c7f5-x2x8q", "metadata.namespace": "llm", "metadata.uid": "0c9e5c1e-pod-uid"}
+
+
+def workload() -> dict[str, Any]:
+    """A Deployment the example selects: the app's container ``api`` (the example's ``containers``) and a sidecar."""
+    labels = {"app.kubernetes.io/part-of": "assistant", "tier": "api"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "chat-api", "namespace": "llm", "labels": labels, "uid": "deployment-uid"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "chat-api"}},
+            "template": {
+                "metadata": {"labels": {"app": "chat-api", "app.kubernetes.io/name": "chat"}},
+                "spec": {
+                    "containers": [
+                        {"name": "proxy", "image": "envoy:1", "env": [{"name": "MODE", "value": "edge"}]},
+                        {"name": "api", "image": "chat:1", "env": [{"name": "LOG_LEVEL", "value": "info"}]},
+                    ]
+                },
+            },
+        },
+    }
+
+
+def expand(value: str, defined: Mapping[str, str]) -> str:
+    """The kubelet's ``$(VAR)`` expansion: a variable defined earlier in the list is replaced, ``$$`` escapes, and
+    anything else is left as written."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return defined[name] if name in defined else match.group(0)
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", one, value)
+
+
+def container_env(container: Mapping[str, Any]) -> dict[str, str]:
+    """The environment the kubelet gives the container, in its order (field references of the pod only: the
+    operator injects no other kind of reference, and any other would fail here)."""
+    env: dict[str, str] = {}
+    for entry in container.get("env") or []:
+        if "value" in entry:
+            env[entry["name"]] = expand(entry["value"], env)
+        else:
+            env[entry["name"]] = POD[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def mount(
+    pod_spec: Mapping[str, Any], container: Mapping[str, Any], configmaps: Mapping[str, Any], root: pathlib.Path
+) -> None:
+    """The container's ConfigMap volumes as the kubelet lays them out, under ``root``."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    for volume_mount in container.get("volumeMounts") or []:
+        source = volumes[volume_mount["name"]]["configMap"]
+        data = configmaps[source["name"]]["data"]
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            path = root / volume_mount["mountPath"].lstrip("/") / item["path"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(data[item["key"]])
+
+
+class Deployed:
+    """The example resource reconciled into the workload, the app started in the injected container's place."""
+
+    def __init__(self, receiver: OTLPReceiver, root: pathlib.Path) -> None:
+        resource = yaml.safe_load(EXAMPLE.read_text())
+        resource["metadata"]["uid"] = "llmtelemetry-uid"
+        self.spec = parse_spec(resource["spec"])
+        self.workload = workload()
+        injection = r.build_injection(self.spec, CONFIG, self.workload, resource["metadata"]["name"])
+        patch = r.build_workload_patch(self.workload, injection, resource["metadata"]["name"])
+        assert patch is not None
+        self.injected = dict(merge_patch(self.workload, patch))
+        pod_spec = self.injected["spec"]["template"]["spec"]
+        self.containers = {ct["name"]: ct for ct in pod_spec["containers"]}
+        self.service = r.build_metrics_service(resource, self.spec, self.injected)
+        self.monitor = r.build_service_monitor(resource, self.spec, CONFIG)
+        pricing = r.build_pricing_configmap(resource, self.spec)
+        mount(pod_spec, self.containers["api"], {pricing["metadata"]["name"]: pricing}, root)
+        self.env = container_env(self.containers["api"])
+        # What differs on this machine: the files sit under ``root``, the collectors' cluster names stand for the
+        # receiver, and the metrics port is a free one (the test compares the injected one with the Service's).
+        self.metrics_port = free_port()
+        self.local_env = dict(self.env)
+        self.local_env["LLM_TELEMETRY_PRICING"] = str(root / self.env["LLM_TELEMETRY_PRICING"].lstrip("/"))
+        self.local_env["LLM_TELEMETRY_METRICS_PORT"] = str(self.metrics_port)
+        self.local_env["LLM_TELEMETRY_METRICS_HOST"] = "127.0.0.1"
+        self.local_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.grpc_endpoint
+        self.local_env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = receiver.http_endpoint + "/v1/logs"
+        self.local_env["OTEL_BSP_SCHEDULE_DELAY"] = "20"
+        self.local_env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OTLPReceiver]:
+    with otlp_receiver() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def deployed(receiver: OTLPReceiver, tmp_path_factory: pytest.TempPathFactory) -> Deployed:
+    return Deployed(receiver, tmp_path_factory.mktemp("pod"))
+
+
+@pytest.fixture(scope="module")
+def traffic(deployed: Deployed) -> Iterator[dict[str, Any]]:
+    """One stream through the app, from tenant ``acme``, continuing a sampled caller's trace."""
+    from llm_telemetry.demo.app import create_app
+
+    with isolated_env(deployed.local_env):
+        app = create_app()  # configured by the environment alone, as in the pod
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    trace_id = secrets.token_hex(16)
+    try:
+        with serve(app) as base:
+            client = openai.OpenAI(
+                base_url=f"{base}/v1",
+                api_key="sk-test",
+                default_headers={"x-tenant-id": "acme", "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+            )
+            stream = client.chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "What is our p95 time to first token?"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+            path = deployed.monitor["spec"]["endpoints"][0]["path"]
+            yield {
+                "trace_id": trace_id,
+                "usage": usage[-1],
+                "scrape": Metrics(scrape_text(deployed.metrics_port, path)),
+            }
+    finally:
+        app.telemetry.shutdown()
+
+
+def test_only_the_named_container_is_configured(deployed: Deployed) -> None:
+    assert deployed.containers["proxy"]["env"] == [{"name": "MODE", "value": "edge"}]
+    assert "volumeMounts" not in deployed.containers["proxy"]
+    assert deployed.env["LOG_LEVEL"] == "info"  # the app's own variables stay
+
+
+def test_the_service_and_servicemonitor_reach_the_port_the_middleware_listens_on(deployed: Deployed) -> None:
+    container_ports = deployed.containers["api"]["ports"]
+    [service_port] = deployed.service["spec"]["ports"]
+    target = service_port["targetPort"]  # a container port's number, or its name
+    [port] = [p for p in container_ports if target in (p["containerPort"], p.get("name"))]
+    assert port["containerPort"] == int(deployed.env["LLM_TELEMETRY_METRICS_PORT"])
+    assert int(deployed.env["LLM_TELEMETRY_METRICS_PORT"]) == deployed.spec.metrics.port
+    assert deployed.monitor["spec"]["endpoints"][0]["port"] == service_port["name"]
+
+
+def test_metrics_carry_the_resources_prices_and_attribution(traffic: dict[str, Any]) -> None:
+    metrics, usage = traffic["scrape"], traffic["usage"]
+    assert metrics.value("llm_requests_total", llm_metadata_tenant="acme", gen_ai_request_model="gpt-4o") == 1
+    tokens_in = metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_metadata_tenant="acme")
+    tokens_out = metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_metadata_tenant="acme")
+    assert (tokens_in, tokens_out) == (usage.prompt_tokens, usage.completion_tokens)
+    # examples/llmtelemetry-full.yaml: gpt-4o at 2.5 USD per million input tokens and 10 per million output.
+    expected = (tokens_in * 2.5 + tokens_out * 10) / 1e6
+    assert metrics.value("llm_cost_usd_total", llm_metadata_tenant="acme") == pytest.approx(expected, rel=1e-9)
+    assert metrics.value("llm_cost_unpriced_tokens_total") == 0
+
+
+def test_traces_reach_the_collector_with_the_pods_identity(
+    deployed: Deployed, traffic: dict[str, Any], receiver: OTLPReceiver
+) -> None:
+    span = wait_span(receiver, **{"gen_ai.request.model": "gpt-4o"})
+    assert span.trace_id == traffic["trace_id"]  # the caller's sampled trace is continued
+    assert span.protocol == "grpc"  # the resource's tracing.protocol
+    assert span.resource["service.name"] == "chat"  # the pods' app.kubernetes.io/name
+    assert span.resource["k8s.pod.name"] == POD["metadata.name"]
+    assert span.resource["k8s.pod.uid"] == POD["metadata.uid"]
+    assert span.resource["k8s.namespace.name"] == "llm"
+    assert span.resource["k8s.deployment.name"] == "chat-api"
+
+
+def test_request_logs_reach_loki_correlated_with_the_trace(
+    deployed: Deployed, traffic: dict[str, Any], receiver: OTLPReceiver
+) -> None:
+    assert deployed.env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"].endswith("/otlp/v1/logs")  # Loki's OTLP path
+    trace_id = traffic["trace_id"]
+    assert receiver.wait_for(lambda got: any(record.trace_id == trace_id for record in got.logs))
+    [record] = [record for record in receiver.logs if record.trace_id == trace_id]
+    assert record.protocol == "http"  # Loki takes OTLP over HTTP only
+    assert record.resource["k8s.pod.name"] == POD["metadata.name"]
+    assert record.resource["service.name"] == "chat"
+
+
+def test_kubelet_expansion_as_documented() -> None:
+    # The expansion this test relies on, as the Kubernetes docs define it.
+    assert expand("a=$(A),b=$(B),$$(A)", {"A": "1"}) == "a=1,b=$(B),$(A)"
