@@ -5,7 +5,8 @@ where nobody connects it to the operator. So before injecting an exporter whose 
 Service, the operator looks the Service up: when it is missing, that exporter is not injected (its
 ``OTEL_*_EXPORTER`` is ``none``), the resource's ``CollectorsAvailable`` condition names the Service and the
 remedy, and an event says the same. Once the Service exists, the next pass injects the exporter (and the
-changed config hash rolls the pods).
+changed config hash rolls the pods). A Service that lists ports but not the endpoint's (given, or the scheme's 80
+or 443) counts as missing too: the exporter could not connect either.
 
 Endpoints checked: the built-in defaults (Jaeger and Loki in ``observability``), and any endpoint whose host is
 written as a Service name, ``<service>.<namespace>.svc[.<cluster domain>]``. Other hosts (external names,
@@ -18,6 +19,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 from llm_telemetry_operator import kube
@@ -26,6 +28,8 @@ from llm_telemetry_operator.errors import ApiError, NotFoundError
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SERVICE_HOST = re.compile(rf"^(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?P<svc>\.svc(\.[a-z0-9.-]+)?)?$")
+#: What a Service read tells: the ports it lists, None when any port reaches it, False when it does not exist.
+Ports = frozenset[int] | None | Literal[False]
 #: Seconds a lookup is reused: passes for many resources share one read, and a Service installed later is
 #: noticed by the first pass after this.
 CACHE_SECONDS = 30.0
@@ -42,14 +46,26 @@ def service_of(endpoint: str) -> tuple[str, str] | None:
     return None
 
 
+def port_of(endpoint: str) -> int | None:
+    """The TCP port an exporter connects to for ``endpoint``: the one given, else its scheme's; None if unknown."""
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    return port if port is not None else {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
 @dataclass(frozen=True)
 class Lookup:
-    """What is known about one endpoint's Service: ``found`` True/False, or None (not checked, see ``note``)."""
+    """What is known about one endpoint's Service: ``found`` True/False, or None (not checked, see ``note``);
+    ``ports``: the ports the Service lists, when it was found without the endpoint's."""
 
     endpoint: str
     service: tuple[str, str] | None
     found: bool | None
     note: str = ""
+    ports: tuple[int, ...] = ()
 
 
 class CollectorCheck:
@@ -68,8 +84,9 @@ class CollectorCheck:
     def __init__(self, namespaces: tuple[str, ...] = (), ttl: float = CACHE_SECONDS) -> None:
         self.namespaces = namespaces
         self.ttl = ttl
-        self._cache: dict[tuple[str, str], tuple[float, bool]] = {}
-        self._reading: dict[tuple[str, str], asyncio.Future[bool]] = {}
+        #: Per Service: when it was read, and its ports (None: any port reaches it; False: no such Service).
+        self._cache: dict[tuple[str, str], tuple[float, Ports]] = {}
+        self._reading: dict[tuple[str, str], asyncio.Future[Ports]] = {}
 
     async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
         service = service_of(endpoint)
@@ -81,24 +98,36 @@ class CollectorCheck:
             return Lookup(endpoint, service, None, f"namespace {namespace} is not watched; not checked")
         cached = self._cache.get(service)
         if cached is not None and time.monotonic() - cached[0] < self.ttl:
-            return Lookup(endpoint, service, cached[1])
-        reading = self._reading.get(service)
-        if reading is None:
-            reading = self._reading[service] = asyncio.ensure_future(self._read(client, service))
-            reading.add_done_callback(lambda done: self._reading.pop(service, None) if done is reading else None)
-        try:
-            # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others.
-            found = await asyncio.shield(reading)
-        except ApiError as exc:
-            return Lookup(endpoint, service, None, f"could not be checked: {exc}")
-        return Lookup(endpoint, service, found)
+            ports = cached[1]
+        else:
+            reading = self._reading.get(service)
+            if reading is None:
+                reading = self._reading[service] = asyncio.ensure_future(self._read(client, service))
+                reading.add_done_callback(lambda done: self._reading.pop(service, None) if done is reading else None)
+            try:
+                # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others.
+                ports = await asyncio.shield(reading)
+            except ApiError as exc:
+                return Lookup(endpoint, service, None, f"could not be checked: {exc}")
+        if ports is False:
+            return Lookup(endpoint, service, False)
+        port = port_of(endpoint)
+        if ports is not None and port is not None and port not in ports:
+            return Lookup(endpoint, service, False, f"has no port {port}", tuple(sorted(ports)))
+        return Lookup(endpoint, service, True)
 
-    async def _read(self, client: kube.KubeClient, service: tuple[str, str]) -> bool:
+    async def _read(self, client: kube.KubeClient, service: tuple[str, str]) -> Ports:
         namespace, name = service
+        ports: Ports
         try:
-            await client.get(kube.SERVICES, namespace, name)
-            found = True
+            body = await client.get(kube.SERVICES, namespace, name)
         except NotFoundError:
-            found = False
-        self._cache[service] = (time.monotonic(), found)
-        return found
+            ports = False
+        else:
+            spec = body.get("spec") or {}
+            listed = frozenset(p["port"] for p in spec.get("ports") or () if isinstance(p.get("port"), int))
+            # An ExternalName Service is a DNS alias, and a headless one without ports resolves to its pods: any
+            # port reaches what is behind them.
+            ports = listed if listed and spec.get("type") != "ExternalName" else None
+        self._cache[service] = (time.monotonic(), ports)
+        return ports

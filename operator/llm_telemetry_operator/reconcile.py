@@ -333,10 +333,14 @@ async def _collectors(
         if lookup.found is False and lookup.service is not None:
             namespace, name = lookup.service
             outcome.without |= {signal}
-            missing.append(
-                f"{signal}: Service {name} in namespace {namespace} ({endpoint}) does not exist, so no {signal} "
-                f"exporter is injected; install the collector there or point {spec_field} at one"
-            )
+            if lookup.ports:
+                serves = ", ".join(map(str, lookup.ports))
+                problem = f"{lookup.note} (it serves {serves}), so no {signal} exporter is injected"
+                remedy = f"point {spec_field} at one of its ports"
+            else:
+                problem = f"does not exist, so no {signal} exporter is injected"
+                remedy = f"install the collector there or point {spec_field} at one"
+            missing.append(f"{signal}: Service {name} in namespace {namespace} ({endpoint}) {problem}; {remedy}")
         elif lookup.found:
             found.append(f"{signal}: {endpoint}")
         else:

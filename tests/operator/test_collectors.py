@@ -21,7 +21,7 @@ from kopf_testing import (
 from test_operator_kmock import check_usage, env_of, hand
 
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator.collectors import CollectorCheck, service_of
+from llm_telemetry_operator.collectors import CollectorCheck, port_of, service_of
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, NotFoundError
 
@@ -40,6 +40,52 @@ from llm_telemetry_operator.errors import ApiError, NotFoundError
 )
 def test_service_of_endpoint(endpoint: str, service: tuple[str, str] | None) -> None:
     assert service_of(endpoint) == service
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "port"),
+    [
+        ("http://jaeger-collector.observability:4318", 4318),
+        ("http://loki-gateway.observability/otlp", 80),
+        ("https://tempo.monitoring.svc/otlp", 443),
+        ("HTTP://tempo.monitoring.svc", 80),
+        ("http://tempo.monitoring.svc:99999", None),  # not a port: left to the exporter to refuse
+    ],
+)
+def test_port_of_endpoint(endpoint: str, port: int | None) -> None:
+    assert port_of(endpoint) == port
+
+
+class Services:
+    """A client answering Service reads from a dict of Service specs."""
+
+    def __init__(self, specs: dict[str, dict[str, Any]]) -> None:
+        self.specs = specs
+
+    async def get(self, resource: Any, namespace: str, name: str) -> dict[str, Any]:
+        if name not in self.specs:
+            raise NotFoundError(404, "NotFound", f"services {name!r} not found")
+        return {"metadata": {"name": name, "namespace": namespace}, "spec": self.specs[name]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "found", "ports"),
+    [
+        ({"ports": [{"name": "grpc", "port": 4317}, {"name": "http", "port": 4318}]}, True, ()),
+        ({"ports": [{"name": "grpc", "port": 4317}]}, False, (4317,)),
+        ({"clusterIP": "None"}, True, ()),  # headless, no ports: DNS gives the pods, any port reaches them
+        ({"type": "ExternalName", "externalName": "otel.example.com", "ports": [{"port": 4317}]}, True, ()),
+    ],
+    ids=["listed", "other-port-only", "headless-without-ports", "external-name"],
+)
+async def test_a_collector_service_without_the_endpoints_port_counts_as_missing(
+    spec: dict[str, Any], found: bool, ports: tuple[int, ...]
+) -> None:
+    lookup = await CollectorCheck().lookup(
+        Services({"jaeger-collector": spec}),  # type: ignore[arg-type]
+        "http://jaeger-collector.observability:4318",
+    )
+    assert (lookup.found, lookup.ports) == (found, ports)
 
 
 def collector_events(kmock: Any) -> list[str]:
@@ -156,3 +202,32 @@ async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
     collectors = condition(owner, c.CONDITION_COLLECTORS)
     assert (collectors["status"], collectors["reason"]) == ("True", "NotChecked")
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://otlp.example.com"
+
+
+async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(emulator: Any) -> None:
+    """The traces' endpoint names Jaeger's OTLP/gRPC port, and the Service there serves only OTLP/HTTP: the exporter
+    would fail in every pod, so it is left out and the condition says which ports the Service has."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(
+        tracing={"endpoint": "http://jaeger-collector.observability.svc:4317", "protocol": "grpc"},
+        logs={"enabled": False},
+    )
+    emulator.objects["v1/services", "observability", "jaeger-collector"] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "jaeger-collector", "namespace": "observability"},
+        "spec": {"ports": [{"name": "otlp-http", "port": 4318}]},
+    }
+    async with running_operator():
+        owner = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
+            "CollectorsAvailable written",
+        )
+        collectors = condition(owner, c.CONDITION_COLLECTORS)
+        assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
+        assert "has no port 4317 (it serves 4318)" in collectors["message"]
+        assert "point spec.tracing.endpoint at one of its ports" in collectors["message"]
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
+        events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
+        assert "has no port 4317" in events[0]
+    check_usage(emulator)
