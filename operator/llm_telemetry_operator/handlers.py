@@ -446,6 +446,14 @@ async def _track_existing(client: KubeClient, config: OperatorConfig, state: Ope
             for body in await client.list(kube.LLMTELEMETRIES, namespace):
                 if (body.get("metadata") or {}).get("namespace"):
                     _track(state, body)
+    except NotFoundError:
+        # kopf says only that the resource is unresolved; say which CRD and how it gets installed.
+        logger.warning(
+            "the %s.%s CRD is not installed: apply crds/ (the Helm chart installs it); resources are served once it "
+            "exists",
+            c.PLURAL,
+            c.GROUP,
+        )
     except ApiError as exc:
         logger.warning("could not list LLMTelemetry resources at startup (%s); learning them from the watch", exc)
 

@@ -342,3 +342,25 @@ async def test_peering_crd_missing_is_reported_not_waited_for(
     assert [seen["path"] for seen in api_server.seen] == ["/apis/kopf.dev/v1/clusterkopfpeerings"]
     (warning,) = warnings
     assert "clusterkopfpeerings.kopf.dev CRD is not installed" in warning and "--standalone" in warning
+
+
+async def test_our_crd_missing_is_named_at_startup(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chart installed with --skip-crds, or the CRD deleted: the API server answers 404 to the list of
+    LLMTelemetry resources, and the startup says which CRD is missing and how to install it."""
+    import logging
+
+    from llm_telemetry_operator.config import OperatorConfig
+    from llm_telemetry_operator.handlers import OperatorState, _track_existing
+
+    client = kube.KubeClient(kube.load_configuration(str(inline_kubeconfig(tmp_path, url_of(api_server), pki))))
+    log = logging.getLogger("test.startup")
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.startup"):
+            await _track_existing(client, OperatorConfig(), OperatorState(), log)
+    finally:
+        await client.close()
+    assert [seen["path"] for seen in api_server.seen] == ["/apis/llmtelemetry.dev/v1alpha1/llmtelemetries"]
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("the llmtelemetries.llmtelemetry.dev CRD is not installed: apply crds/")
