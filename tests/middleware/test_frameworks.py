@@ -1,5 +1,5 @@
-"""One line in Starlette, FastAPI and Litestar (a non-Starlette ASGI framework) gives the same metrics; streams sent
-with ``sse-starlette`` are read too."""
+"""One line in Starlette, FastAPI, Litestar and Quart (the last two not built on Starlette) gives the same metrics;
+streams sent with ``sse-starlette`` are read too."""
 
 from __future__ import annotations
 
@@ -97,11 +97,28 @@ def litestar_brotli_app(metrics_port: int) -> Any:
     return litestar_app(metrics_port, CompressionConfig(backend="brotli", minimum_size=1))
 
 
+def quart_app(metrics_port: int) -> Any:
+    """Quart (Flask's API on ASGI): the app object wrapped, as for any ASGI 3 app."""
+    from quart import Quart, Response, request
+
+    app = Quart(__name__)
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> Any:
+        body = await request.get_json()
+        if body.get("stream"):
+            return Response(chunks(body["model"]), mimetype="text/event-stream")
+        return completion(body["model"])
+
+    return LLMTelemetryMiddleware(app, metrics_port=metrics_port, metrics_host="127.0.0.1")
+
+
 FRAMEWORKS: dict[str, tuple[Callable[[int], Any], str]] = {
     "starlette": (starlette_app, "/v1"),
     "fastapi": (fastapi_app, "/openai/v1"),
     "litestar": (litestar_app, "/v1"),
     "litestar+brotli": (litestar_brotli_app, "/v1"),
+    "quart": (quart_app, "/v1"),
 }
 
 
