@@ -142,10 +142,30 @@ def _quiet_stdout() -> Any:
     return contextlib.redirect_stdout(open(os.devnull, "w"))  # closed when the process exits
 
 
-async def per_chunk(chunks: int = 20_000, repeats: int = 7) -> int:
+#: A content delta event as each server sends it (``--per-chunk --shape``): OpenAI's; vLLM's, with ``logprobs`` in
+#: the choice; llama.cpp's server, ``choices`` first and a ``system_fingerprint``; TGI's, with the role and a null
+#: ``tool_calls`` in every delta and a null usage on every chunk.
+DELTA_SHAPES: dict[str, Any] = {
+    "openai": lambda text: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                            "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text},
+                                                                  "finish_reason": None}]},
+    "vllm": lambda text: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "qwen",
+                          "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                       "finish_reason": None}]},
+    "llama.cpp": lambda text: {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": text}}],
+                               "created": 1, "id": "chatcmpl-1", "model": "gguf", "system_fingerprint": "b1",
+                               "object": "chat.completion.chunk"},
+    "tgi": lambda text: {"object": "chat.completion.chunk", "id": "", "created": 1, "model": "tgi",
+                         "system_fingerprint": "3.0.0-native",
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": text, "tool_calls": None},
+                                      "logprobs": None, "finish_reason": None}], "usage": None},
+}  # fmt: skip
+
+
+async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai") -> int:
     """The per-chunk floor: the middleware's ``send`` wrapper (with its reader's shape check) on content chunks
-    of one stream, against the same loop calling the downstream ``send`` directly. Minimum over repeats: the
-    figure least disturbed by whatever else the machine runs."""
+    of one stream (deltas as the server ``shape`` sends them), against the same loop calling the downstream
+    ``send`` directly. Minimum over repeats: the figure least disturbed by whatever else the machine runs."""
     from llm_telemetry.apis import APIS
     from llm_telemetry.middleware import _Exchange
     from llm_telemetry.record import LLMCall
@@ -160,9 +180,7 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7) -> int:
         raise exc
 
     def event(i: int) -> bytes:
-        delta = {"content": f" word{i % 10}"}
-        data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        data = DELTA_SHAPES[shape](f" word{i % 10}")
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
     messages = [{"type": "http.response.body", "body": event(i), "more_body": True} for i in range(chunks)]
@@ -180,7 +198,8 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7) -> int:
         for message in messages:
             await downstream(message)
         direct.append((time.process_time() - began) / chunks)
-    print(f"send wrapper + shape check: {(min(wrapped) - min(direct)) * 1e6:.2f} µs per chunk (min of {repeats})")
+    per = (min(wrapped) - min(direct)) * 1e6
+    print(f"send wrapper + shape check ({shape} deltas): {per:.2f} µs per chunk (min of {repeats})")
     return 0
 
 
@@ -198,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "--per-chunk", action="store_true", help="time only the send wrapper and shape check on streamed chunks"
     )
     parser.add_argument(
+        "--shape", default="openai", choices=sorted(DELTA_SHAPES), help="with --per-chunk: whose deltas to send"
+    )
+    parser.add_argument(
         "--by-length",
         action="store_true",
         help="split the cost into a part per request and a part per stream event (chat and streams of "
@@ -209,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
     if args.per_chunk:
-        return asyncio.run(per_chunk())
+        return asyncio.run(per_chunk(shape=args.shape))
     if args.by_length:
         with _sink():
             real_stdout = sys.stdout

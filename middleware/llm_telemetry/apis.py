@@ -594,7 +594,12 @@ class OpenAIChatReader(ResponseReader):
         # Searched as latin-1 text: one character per byte, so every test below says what it would say on the
         # bytes, and a str needle is searched without the cost CPython's bytes search has.
         text = data.decode("latin-1")
-        if '"tool_calls"' in text or '"error"' in text:
+        if '"error"' in text:
+            return False
+        # A null member says nothing (TGI sends "tool_calls":null in every delta): each spelling of these keys must
+        # be one with a null value. (Inside a string a quote is escaped, so no key spelling is found there.)
+        tools = text.count('"tool_calls"')
+        if tools and tools != text.count('"tool_calls":null') + text.count('"tool_calls": null'):
             return False
         if '"usage"' in text and '"usage":null' not in text and '"usage": null' not in text:
             return False

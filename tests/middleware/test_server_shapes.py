@@ -116,3 +116,19 @@ def test_other_servers_streams_give_their_numbers(
     assert call.error_type is None and call.first_token_at is not None
     full, _ = one_by_one(chunks, capture=True)  # capture turns the fast paths off
     assert numbers(call)[:-1] == numbers(full)[:-1]
+
+
+@given(words, st.integers(0, 30), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_a_tool_call_among_tgis_null_tool_calls_is_counted(texts: list[str], at: int, spaced: bool) -> None:
+    """TGI's deltas carry ``"tool_calls": null``, read as plain text deltas; one delta with a real tool call among
+    them, text and all, is still read in full and counted."""
+    events = tgi(texts, False)
+    call_delta = {"role": "assistant", "content": "Let me check.",
+                  "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                  "function": {"name": "get_weather", "arguments": "{}"}}]}  # fmt: skip
+    tool = {**events[0], "choices": [{"index": 0, "delta": call_delta, "logprobs": None, "finish_reason": None}]}
+    events.insert(min(at, len(texts)), tool)
+    call = through_exchange([encode(event, spaced) for event in events])
+    assert call.tool_calls == ["get_weather"]
+    assert (call.input_tokens, call.output_tokens, call.finish_reasons) == (PROMPT_TOKENS, len(texts), ["stop"])
