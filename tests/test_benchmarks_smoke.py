@@ -177,3 +177,14 @@ def test_profile_by_length_prints_a_row_per_length_and_a_line_per_variant() -> N
     assert rows == ["chat", "stream1", "stream8", "stream64", "stream256"]
     for variant in ("ours", "instrumentator"):
         assert re.search(rf"^{variant}: a stream adds -?[\d.]+ µs once and -?[\d.]+ µs per event", result.stdout, re.M)
+
+
+@pytest.mark.parametrize("shape", ["openai", "vllm", "llama.cpp", "tgi"])
+def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "profile_hot_path.py"), "--per-chunk", "--shape", shape],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line = rf"send wrapper \+ shape check \({re.escape(shape)} deltas\): -?[\d.]+ µs per chunk \(min of 7\)\n"
+    assert re.fullmatch(line, result.stdout), result.stdout
