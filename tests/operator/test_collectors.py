@@ -88,6 +88,15 @@ async def test_a_collector_service_without_the_endpoints_port_counts_as_missing(
     assert (lookup.found, lookup.ports) == (found, ports)
 
 
+async def collectors_condition(emulator: Any) -> dict[str, Any]:
+    """The ``CollectorsAvailable`` condition of resource ``chat``, once written."""
+    owner = await eventually(
+        lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
+        "CollectorsAvailable written",
+    )
+    return dict(condition(owner, c.CONDITION_COLLECTORS))
+
+
 def collector_events(kmock: Any) -> list[str]:
     return [
         str((req.data or {}).get("message"))
@@ -141,11 +150,7 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
     # A short resync, so the test sees a collector installed later being picked up by it.
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
     async with running_operator(config):
-        owner = await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
-            "CollectorsAvailable written",
-        )
-        collectors = condition(owner, c.CONDITION_COLLECTORS)
+        collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
         assert "Service jaeger-collector in namespace observability" in collectors["message"]
         assert "Service loki-gateway in namespace observability" in collectors["message"]
@@ -195,11 +200,7 @@ async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
         tracing={"endpoint": "https://otlp.example.com"}, logs={"enabled": False}
     )
     async with running_operator():
-        owner = await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
-            "CollectorsAvailable written",
-        )
-    collectors = condition(owner, c.CONDITION_COLLECTORS)
+        collectors = await collectors_condition(emulator)
     assert (collectors["status"], collectors["reason"]) == ("True", "NotChecked")
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://otlp.example.com"
 
@@ -219,11 +220,7 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
         "spec": {"ports": [{"name": "otlp-http", "port": 4318}]},
     }
     async with running_operator():
-        owner = await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS) and get(emulator, LLMT, "chat"),
-            "CollectorsAvailable written",
-        )
-        collectors = condition(owner, c.CONDITION_COLLECTORS)
+        collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
         assert "has no port 4317 (it serves 4318)" in collectors["message"]
         assert "point spec.tracing.endpoint at one of its ports" in collectors["message"]
