@@ -20,6 +20,7 @@ from clusterkit import install, service_account_kubeconfig, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
+from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
 
 pytestmark = pytest.mark.k8s
 
@@ -57,7 +58,12 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
     docs = install(api, system)
     chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = chart_deployment["spec"]["template"]["spec"]
-    env = {e["name"]: str(e["value"]) for e in pod["containers"][0].get("env") or [] if "value" in e}
+    # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference.
+    pod_fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
+    env = {
+        e["name"]: str(e["value"]) if "value" in e else pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in pod["containers"][0].get("env") or []
+    }
     workdir = tmp_path_factory.mktemp("operator")
     operator_kubeconfig = workdir / "kubeconfig"
     service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)
@@ -430,6 +436,18 @@ async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) ->
     finally:
         await client.close()
     assert "kubernetes" in {s["metadata"]["name"] for s in services}
+
+
+def test_the_replica_goes_by_its_pod_name_in_the_peering_object(operator: Operator, cluster: Cluster) -> None:
+    """The chart's POD_ID (the pod's name) is what kopf writes in the ClusterKopfPeering for this replica, so no
+    lookup of the container's user is made (an assigned UID has no entry to find)."""
+    name = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
+    peering = wait_for(
+        lambda: (cluster.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+                 .get("status") or None),
+        "the operator in its peering object",
+    )  # fmt: skip
+    assert list(peering) == [operator.env["POD_ID"]]
 
 
 def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_path: pathlib.Path) -> None:
