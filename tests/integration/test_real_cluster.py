@@ -428,6 +428,33 @@ def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
     )
 
 
+def test_collector_without_the_endpoints_port_is_reported_until_it_has_it(cluster: Cluster) -> None:
+    """OTLP/gRPC at :4317 and a collector Service that serves only OTLP/HTTP's 4318: no exporter that would fail in
+    every pod, and the condition says which ports the Service has; once it serves 4317, the exporter goes in."""
+    from kubernetes import client
+
+    endpoint = f"http://grpc-collector.{cluster.namespace}.svc:4317"
+    cluster.core.create_namespaced_service(
+        cluster.namespace,
+        client.V1Service(
+            metadata=client.V1ObjectMeta(name="grpc-collector"),
+            spec=client.V1ServiceSpec(ports=[client.V1ServicePort(name="http", port=4318)], selector={"app": "c"}),
+        ),
+    )
+    cluster.create(deployment("grpc", "grpc"))
+    cluster.create(
+        telemetry("grpc", "grpc", tracing={"endpoint": endpoint, "protocol": "grpc"}, logs={"enabled": False})
+    )
+    cluster.ready("grpc")
+    assert cluster.env("grpc")["OTEL_TRACES_EXPORTER"] == "none"
+    collectors = cluster.condition("grpc", c.CONDITION_COLLECTORS)
+    assert collectors["reason"] == "CollectorNotFound" and "has no port 4317 (it serves 4318)" in collectors["message"]
+    ports = [{"name": "http", "port": 4318}, {"name": "grpc", "port": 4317}]
+    cluster.core.patch_namespaced_service("grpc-collector", cluster.namespace, {"spec": {"ports": ports}})
+    # Picked up by a periodic pass once the collector lookup (kept 30 s) is read again.
+    wait_for(lambda: cluster.env("grpc").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 90)
+
+
 async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) -> None:
     """The admin kubeconfig carries CA, certificate and key inline (base64 *-data): the client uses it as is."""
     client = kube.KubeClient(kube.load_configuration(str(kubeconfig)))
