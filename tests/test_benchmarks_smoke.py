@@ -32,15 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def smoke_output() -> str:
-    result = subprocess.run(
-        [sys.executable, str(RUN), "--smoke", "--sizes", "1"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, f"benchmarks/run --smoke failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return run_benchmark(RUN.name, "--smoke", "--sizes", "1", timeout=240)
 
 
 def _rows(output: str, section: str) -> list[list[str]]:
@@ -84,33 +76,29 @@ def test_smoke_operator_table_is_printed(smoke_output: str) -> None:
     assert re.fullmatch(r"\d+", row[-2]), section
 
 
-def test_hostile_bench_prints_three_sizes_and_a_growth_line_per_input() -> None:
+def run_benchmark(script: str, *args: str, timeout: float = 120) -> str:
+    """Run ``benchmarks/<script>`` with ``args``; its output, once it has exited 0."""
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "hostile_bench.py"), "--repeat", "1", "--scale", "0.01"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"hostile_bench.py failed:\n{result.stdout}\n{result.stderr}"
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def test_hostile_bench_prints_three_sizes_and_a_growth_line_per_input() -> None:
+    stdout = run_benchmark("hostile_bench.py", "--repeat", "1", "--scale", "0.01")
     cases = importlib.import_module("hostile_bench").CASES
-    lines = result.stdout.splitlines()
+    lines = stdout.splitlines()
     for title, *_ in cases:
-        assert sum(line.startswith(title) for line in lines) == 3, (title, result.stdout)
+        assert sum(line.startswith(title) for line in lines) == 3, (title, stdout)
     growth = [line for line in lines if "largest size / smallest" in line]
-    assert len(growth) == len(cases), result.stdout
+    assert len(growth) == len(cases), stdout
 
 
 def test_export_cost_prints_a_row_per_exporter() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "export_cost.py"), "--batches", "2", "--exports", "3"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"export_cost.py failed:\n{result.stdout}\n{result.stderr}"
-    rows = [line.rsplit(None, 3) for line in result.stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
+    stdout = run_benchmark("export_cost.py", "--batches", "2", "--exports", "3")
+    rows = [line.rsplit(None, 3) for line in stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
     exporters = (
         "SDK exporter (SDK encoder, requests)",
         "ours, requests (a session given)",
@@ -119,25 +107,18 @@ def test_export_cost_prints_a_row_per_exporter() -> None:
     assert [row[0] for row in rows] == [
         *(f"{signal}: {exporter}" for signal in ("spans", "logs") for exporter in exporters),
         *(f"{signal}: {builder}" for signal in ("spans", "logs") for builder in ("SDK encoder", "ours (otlp_grpc)")),
-    ], result.stdout
+    ], stdout
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="reads CPython 3.11's quickened bytecode")
 def test_unspecialised_lists_the_generic_lookups_of_the_request_path() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "unspecialised.py"), "--requests", "40"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, f"unspecialised.py failed:\n{result.stdout}\n{result.stderr}"
-    sites = result.stdout.splitlines()
+    stdout = run_benchmark("unspecialised.py", "--requests", "40")
+    sites = stdout.splitlines()
     assert re.fullmatch(r"\d+ generic instructions that ran \(ours\+traces: stream64,chat, 40 each\)", sites[-1])
     # Found: the demo app reads Starlette's ``Request.headers``, a property (never specialised in 3.11).
     assert any(re.fullmatch(r"llm_telemetry/demo/app\.py:\d+  chat  LOAD_ATTR_ADAPTIVE headers", s) for s in sites)
     # Not found: the stream's per-chunk ``send`` calls the server's ``send`` through a local, never the slot.
-    assert not [s for s in sites if re.fullmatch(r"llm_telemetry/middleware\.py:\d+  \w+  \w+ _send", s)], result.stdout
+    assert not [s for s in sites if re.fullmatch(r"llm_telemetry/middleware\.py:\d+  \w+  \w+ _send", s)], stdout
 
 
 def test_a_target_whose_two_readings_disagree_is_reported_unsettled() -> None:
@@ -167,24 +148,25 @@ def test_a_target_whose_two_readings_disagree_is_reported_unsettled() -> None:
 
 
 def test_profile_by_length_prints_a_row_per_length_and_a_line_per_variant() -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "profile_hot_path.py"), "--by-length",
-         "--variant", "ours,instrumentator", "--requests", "3", "--rounds", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line.split()[0] for line in result.stdout.splitlines() if re.match(r"(chat|stream\d+) ", line)]
+    stdout = run_benchmark(
+        "profile_hot_path.py",
+        "--by-length",
+        "--variant",
+        "ours,instrumentator",
+        "--requests",
+        "3",
+        "--rounds",
+        "1",
+        timeout=300,
+    )
+    rows = [line.split()[0] for line in stdout.splitlines() if re.match(r"(chat|stream\d+) ", line)]
     assert rows == ["chat", "stream1", "stream8", "stream64", "stream256"]
     for variant in ("ours", "instrumentator"):
-        assert re.search(rf"^{variant}: a stream adds -?[\d.]+ µs once and -?[\d.]+ µs per event", result.stdout, re.M)
+        assert re.search(rf"^{variant}: a stream adds -?[\d.]+ µs once and -?[\d.]+ µs per event", stdout, re.M)
 
 
 @pytest.mark.parametrize("shape", ["openai", "vllm", "llama.cpp", "tgi"])
 def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "profile_hot_path.py"), "--per-chunk", "--shape", shape],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    stdout = run_benchmark("profile_hot_path.py", "--per-chunk", "--shape", shape, timeout=300)
     line = rf"send wrapper \+ shape check \({re.escape(shape)} deltas\): -?[\d.]+ µs per chunk \(min of 7\)\n"
-    assert re.fullmatch(line, result.stdout), result.stdout
+    assert re.fullmatch(line, stdout), stdout
