@@ -41,6 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dashboard.add_argument("--jaeger-uid", default="jaeger", help="uid of the Jaeger datasource for trace links")
     dashboard.add_argument("--loki-uid", default="loki", help="uid of the Loki datasource for the log panel")
     dashboard.add_argument(
+        "--logs-mode",
+        choices=("stdout", "otlp"),
+        default="stdout",
+        help="how request logs reach Loki, for the log panel's query: stdout (a log agent ships them) or otlp",
+    )
+    dashboard.add_argument(
         "--attribution-label", action="append", help="attribution label (without llm_metadata_); repeatable"
     )
 
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(
             render_dashboard_json(
                 title=args.title, uid=args.uid, jaeger_uid=args.jaeger_uid, loki_uid=args.loki_uid,
-                attribution_labels=labels,
+                attribution_labels=labels, logs_mode=args.logs_mode,
             )
         )  # fmt: skip
         return 0

@@ -505,33 +505,36 @@ _TITLE_MARK, _UID_MARK = "\x00title\x00", "\x00uid\x00"
 
 
 @functools.lru_cache(maxsize=32)
-def _dashboard_template(attribution: tuple[str, ...]) -> str:
-    """The dashboard's JSON for these attribution labels, with stand-ins for its title and uid.
+def _dashboard_template(attribution: tuple[str, ...], logs_mode: str) -> str:
+    """The dashboard's JSON for these attribution labels and logs mode, with stand-ins for its title and uid.
 
     Every LLMTelemetry's dashboard is the same but for those two top-level strings, and building and encoding it
     (some 40 KB) was about a twentieth of the operator's CPU per new resource; so it is built once per set of
-    labels and each resource's is this text with its own title and uid put in.
+    labels and logs mode, and each resource's is this text with its own title and uid put in.
     """
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
-    dashboard = build_dashboard(title=_TITLE_MARK, uid=_UID_MARK, attribution_labels=attribution)
+    dashboard = build_dashboard(title=_TITLE_MARK, uid=_UID_MARK, attribution_labels=attribution, logs_mode=logs_mode)
     return json.dumps(dashboard, sort_keys=True, separators=(",", ":"))
 
 
-def dashboard_json(title: str, uid: str, attribution: tuple[str, ...]) -> str:
-    """``json.dumps(build_dashboard(title=..., uid=..., attribution_labels=...), sort_keys=True,
+def dashboard_json(title: str, uid: str, attribution: tuple[str, ...], logs_mode: str) -> str:
+    """``json.dumps(build_dashboard(title=..., uid=..., attribution_labels=..., logs_mode=...), sort_keys=True,
     separators=(",", ":"))``, from the cached template (the same text)."""
-    text = _dashboard_template(attribution)
+    text = _dashboard_template(attribution, logs_mode)
     for mark, value in ((_TITLE_MARK, title), (_UID_MARK, uid)):
         text = text.replace(json.dumps(mark), json.dumps(value), 1)
     return text
 
 
 def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
-    """The project's Grafana dashboard in a ConfigMap Grafana's sidecar picks up, in ``spec.dashboard.folder``."""
+    """The project's Grafana dashboard in a ConfigMap Grafana's sidecar picks up, in ``spec.dashboard.folder``.
+
+    Its error log panel queries Loki for the lines as ``spec.logs.mode`` sends them there (OTLP or stdout)."""
     meta = owner["metadata"]
     attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)
-    text = dashboard_json(f"LLM: {meta['namespace']}/{meta['name']}", dashboard_uid(owner), attribution)
+    title = f"LLM: {meta['namespace']}/{meta['name']}"
+    text = dashboard_json(title, dashboard_uid(owner), attribution, spec.logs.mode)
     key, val = config.dashboard_label
     metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})
     metadata["annotations"] = {c.ANNOTATION_GRAFANA_FOLDER: spec.dashboard.folder}

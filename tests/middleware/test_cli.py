@@ -67,3 +67,12 @@ def test_dashboard_command_prints_grafana_json() -> None:
     dashboard = json.loads(out)
     assert dashboard["uid"] == "llm-telemetry"
     assert "my-jaeger" in out and "llm_metadata_team" in out
+
+
+@pytest.mark.parametrize("mode", ["stdout", "otlp"])
+def test_dashboard_command_queries_loki_for_the_logs_mode(mode: str) -> None:
+    from llm_telemetry.monitoring.dashboards import ERROR_LOG_QUERIES
+
+    out = subprocess.run([*CLI, "dashboard", "--logs-mode", mode], capture_output=True, text=True, check=True).stdout
+    (panel,) = [p for p in json.loads(out)["panels"] if p["type"] == "logs"]
+    assert panel["targets"][0]["expr"] == ERROR_LOG_QUERIES[mode]

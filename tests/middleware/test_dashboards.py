@@ -212,7 +212,34 @@ def test_latency_panels_show_exemplars_and_link_to_jaeger() -> None:
 def test_error_logs_panel_queries_loki() -> None:
     panel = next(p for p in _panels(build_dashboard(loki_uid="logs")) if p["type"] == "logs")
     assert panel["datasource"] == {"type": "loki", "uid": "logs"}
-    assert panel["targets"][0]["expr"].startswith('{namespace=~"$namespace"} | json | error_type != ""')
+    assert panel["targets"][0]["datasource"] == {"type": "loki", "uid": "logs"}
+    with pytest.raises(ValueError, match="logs_mode"):
+        build_dashboard(logs_mode="loki")
+
+
+#: The stream label each way of shipping the lines gives a pod's namespace. Loki's OTLP endpoint makes some
+#: resource attributes stream labels by default, k8s.namespace.name among them, their dots turned to underscores;
+#: log agents (Promtail, Grafana Alloy) label a pod's streams `namespace`.
+NAMESPACE_LABEL = {"otlp": "k8s_namespace_name", "stdout": "namespace"}
+
+
+@pytest.mark.parametrize("mode", ["otlp", "stdout"])
+def test_error_logs_query_is_one_loki_accepts_and_reads_the_lines_fields(mode: str) -> None:
+    """Loki refuses a selector whose every matcher matches the empty string, as ``namespace=~".*"`` does with
+    the namespace variable at All (the dashboard's default view); with its filters on the request-log fields.
+    A real Loki runs the query in tests/test_loki.py, when one is installed."""
+    from llm_telemetry.logs import FIELDS
+    from logql import interpolate, loki_refuses, selector
+
+    dashboard = build_dashboard(logs_mode=mode)
+    (panel,) = [p for p in _panels(dashboard) if p["type"] == "logs"]
+    expr = panel["targets"][0]["expr"]
+    for chosen in ({}, {"namespace": ["llm"]}, {"namespace": ["llm", "search"], "model": ["gpt-4o"]}):
+        assert not loki_refuses(interpolate(expr, dashboard, chosen)), (chosen, interpolate(expr, dashboard, chosen))
+    assert {label for label, _, _ in selector(expr)} == {NAMESPACE_LABEL[mode]}
+    assert (" | json " in expr) == (mode == "stdout")  # OTLP records carry the fields as structured metadata
+    filters = re.findall(r"\|\s*([a-z_]+)\s*(?:!=|=~|=|!~|>|<)", expr)
+    assert filters and set(filters) <= set(FIELDS), filters
 
 
 def test_heatmaps_read_buckets_as_heatmap_frames() -> None:

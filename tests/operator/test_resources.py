@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+import pytest
 import yaml
 from kopf_testing import deployment, minimal_llmt
 
@@ -274,16 +275,41 @@ def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> N
     building and encoding it for that resource gives."""
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
-    for namespace, name, attribution in (
-        ("llm", "chat", ("tenant",)),
-        ("a-very-long-namespace-name-for-the-uid", "chat-with-a-long-name", ("team", "tenant")),
-        ("llm", "embed", ("tenant",)),
+    for namespace, name, attribution, logs_mode in (
+        ("llm", "chat", ("tenant",), "otlp"),
+        ("a-very-long-namespace-name-for-the-uid", "chat-with-a-long-name", ("team", "tenant"), "otlp"),
+        ("llm", "embed", ("tenant",), "stdout"),
+        ("llm", "chat", ("tenant",), "stdout"),
     ):
         owner = {"metadata": {"namespace": namespace, "name": name, "uid": "u"}}
         title, uid = f"LLM: {namespace}/{name}", r.dashboard_uid(owner)
-        fresh = build_dashboard(title=title, uid=uid, attribution_labels=attribution)
+        fresh = build_dashboard(title=title, uid=uid, attribution_labels=attribution, logs_mode=logs_mode)
         expected = json.dumps(fresh, sort_keys=True, separators=(",", ":"))
-        assert r.dashboard_json(title, uid, attribution) == expected
+        assert r.dashboard_json(title, uid, attribution, logs_mode) == expected
+
+
+@pytest.mark.parametrize("mode", ["otlp", "stdout"])
+def test_dashboard_log_panel_queries_loki_as_the_resource_sends_logs(mode: str) -> None:
+    """The error log panel of a resource's dashboard finds the lines where its ``spec.logs.mode`` puts them: as
+    OTLP records (Loki's stream label for the namespace is ``k8s_namespace_name``) or as JSON lines on stdout."""
+    from llm_telemetry.monitoring.dashboards import ERROR_LOG_QUERIES
+    from logql import selector
+
+    owner = minimal_llmt(logs={"mode": mode})
+    spec = parse_spec(owner["spec"])
+    cm = r.build_dashboard_configmap(owner, spec, OperatorConfig())
+    (text,) = cm["data"].values()
+    (panel,) = [p for p in json.loads(text)["panels"] if p["type"] == "logs"]
+    expr = panel["targets"][0]["expr"]
+    assert expr == ERROR_LOG_QUERIES[mode]
+    env = {e["name"]: e.get("value") for e in r.build_env(spec, CONFIG, deployment(), "chat")}
+    assert env["OTEL_LOGS_EXPORTER"] == ("otlp" if mode == "otlp" else "none")
+    if mode == "otlp":
+        # Loki's OTLP endpoint labels a stream with the resource attribute k8s.namespace.name, as
+        # k8s_namespace_name: the attribute the injection sets is the one the panel selects on.
+        attributes = dict(pair.split("=", 1) for pair in env["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+        assert "k8s.namespace.name" in attributes
+        assert {label for label, _, _ in selector(expr)} == {"k8s_namespace_name"}
 
 
 def test_pricing_configmap_holds_the_inline_table() -> None:

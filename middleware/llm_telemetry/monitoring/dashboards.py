@@ -51,6 +51,20 @@ PROMETHEUS: Final = {"type": "prometheus", "uid": "${datasource}"}
 
 _ATTRIBUTION_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
+#: The Loki query of the error log panel, by how the request-log lines reach Loki (an LLMTelemetry's
+#: ``spec.logs.mode``). Loki refuses a stream selector whose every matcher matches the empty string, as
+#: ``namespace=~".*"`` does with the namespace variable at All, so each selector also asks for the label to be set.
+ERROR_LOG_QUERIES: Final = {
+    # OTLP, to Loki's /otlp endpoint: Loki makes the resource attribute k8s.namespace.name the stream label
+    # k8s_namespace_name, the record's body (the line's message) the log line, and its attributes (the line's
+    # non-null fields) structured metadata, which a label filter reads without a parser.
+    "otlp": '{k8s_namespace_name=~"$namespace", k8s_namespace_name!=""} | error_type != "" | model =~ "$model"',
+    # stdout, shipped by the cluster's log agent (Promtail, Grafana Alloy), which labels each stream with its pod's
+    # namespace as `namespace`; the line is the JSON object.
+    "stdout": '{namespace=~"$namespace", namespace!=""} | json | error_type != "" | model =~ "$model"',
+}
+LOGS_MODES: Final = tuple(ERROR_LOG_QUERIES)
+
 
 class _Builder:
     """Accumulates panels, assigning ids and grid positions row by row."""
@@ -410,6 +424,7 @@ def build_dashboard(
     jaeger_uid: str = "jaeger",
     loki_uid: str = "loki",
     attribution_labels: Sequence[str] = ("tenant",),
+    logs_mode: str = "stdout",
 ) -> dict[str, Any]:
     """The Grafana dashboard JSON model for the metrics of :mod:`llm_telemetry.instruments`.
 
@@ -420,7 +435,12 @@ def build_dashboard(
         loki_uid: uid of the Loki datasource of the error log panel.
         attribution_labels: Attribution label names without the ``llm_metadata_`` prefix; each gets a
             variable and a pair of "top" panels.
+        logs_mode: How the request-log lines reach Loki, which decides the error log panel's query (see
+            :data:`ERROR_LOG_QUERIES`): ``stdout`` (a log agent ships the JSON lines; the middleware's default)
+            or ``otlp`` (``OTEL_LOGS_EXPORTER=otlp`` to Loki's OTLP endpoint; the operator's default).
     """
+    if logs_mode not in ERROR_LOG_QUERIES:
+        raise ValueError(f"logs_mode {logs_mode!r}: expected one of {', '.join(LOGS_MODES)}")
     for name in attribution_labels:
         if not _ATTRIBUTION_LABEL.match(name):
             raise ValueError(f"attribution label {name!r}: expected a Prometheus label name suffix such as 'tenant'")
@@ -605,7 +625,7 @@ def build_dashboard(
     b.logs(
         "Error log lines",
         "Request log lines with an error_type for the selected namespaces and models, newest first (Loki).",
-        '{namespace=~"$namespace"} | json | error_type != "" | model =~ "$model"',
+        ERROR_LOG_QUERIES[logs_mode],
     )
 
     b.row("Tools")
