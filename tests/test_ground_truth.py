@@ -55,6 +55,10 @@ from support import free_port, scrape_text  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 APPS = REPO / "tests" / "apps"
 JOB = "llm"
+#: The service's OpenTelemetry name, unlike its Prometheus job (as with the operator, whose job is the resource's
+#: name), and the namespace its scrape is labelled with (Kubernetes service discovery's label).
+SERVICE = "chat-llm"
+NAMESPACE = "llm-ns"
 WORKERS = 2
 TTFT_OBJECTIVE = 0.25
 THRESHOLDS = AlertThresholds(ttft_objective_seconds=TTFT_OBJECTIVE, cost_per_hour_usd=1000)
@@ -356,6 +360,7 @@ def _server_env(tmp: Path, metrics_port: int) -> dict[str, str]:
             "LLM_TELEMETRY_PRICING": str(tmp / "prices.json"),
             "LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=tenant",
             "LLM_TELEMETRY_REQUEST_LOGS": "false",
+            "OTEL_SERVICE_NAME": SERVICE,
             "TMPDIR": str(tmp / "tmp"),
             "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
         }
@@ -409,7 +414,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
                 "rule_files": [str(rules)],
-                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+                "scrape_configs": [
+                    {
+                        "job_name": JOB,
+                        "static_configs": [
+                            {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": NAMESPACE}}
+                        ],
+                    }
+                ],
             }
         )
     )
@@ -814,12 +826,25 @@ def test_sum_of_tokens_over_every_label_is_the_billable_total(run: Run) -> None:
 
 
 def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
-    def values(label: str) -> set[str]:
-        return set(run.prom.get(f"/api/v1/label/{label}/values", **{"match[]": "llm_requests_total"}))
-
-    assert values(MODEL) == {r.model for r in TRAFFIC}
-    assert values(TENANT) == {r.tenant for r in TRAFFIC}
-    assert values("job") == {JOB}
+    """Each variable's query, as Grafana runs it (the label values API, the variables in its selector at All),
+    lists what the traffic had. The trace service is the OpenTelemetry service name, which the job is not."""
+    dashboard = build_dashboard(attribution_labels=("tenant",))
+    found = {}
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["definition"])
+            assert match, variable["definition"]
+            selector = re.sub(r"\$\w+", ".*", match.group(1))
+            found[variable["name"]] = set(
+                run.prom.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
+            )
+    assert found == {
+        "namespace": {NAMESPACE},
+        "job": {JOB},
+        "service": {SERVICE},
+        "model": {r.model for r in TRAFFIC},
+        TENANT: {r.tenant for r in TRAFFIC},
+    }
 
 
 def test_prometheus_records_every_rule_and_no_alert_claims_the_target_is_down(run: Run) -> None:

@@ -158,8 +158,14 @@ def test_panels_tile_the_grid_without_overlap() -> None:
 def test_variables_are_multi_with_all_and_cover_attribution_labels() -> None:
     dashboard = build_dashboard(attribution_labels=("tenant", "team"))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables) == ["datasource", "namespace", "job", "model", "llm_metadata_tenant", "llm_metadata_team"]
+    assert list(variables) == [
+        "datasource", "namespace", "job", "service", "model", "llm_metadata_tenant", "llm_metadata_team"
+    ]  # fmt: skip
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # The trace service: one value (Jaeger searches one service), from the resource the SDK exports.
+    service = variables["service"]
+    assert not service["multi"] and not service["includeAll"]
+    assert service["definition"] == 'label_values(target_info{namespace=~"$namespace",job=~"$job"}, service_name)'
     for name in ["namespace", "job", "model", "llm_metadata_tenant", "llm_metadata_team"]:
         variable = variables[name]
         assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*", name
@@ -185,7 +191,7 @@ def test_attribution_panels_follow_the_labels() -> None:
     assert titles[-4:] == ["Top tenant by tokens", "Top tenant by cost", "Top team by tokens", "Top team by cost"]
     none = build_dashboard(attribution_labels=())
     assert "Attribution" not in [p["title"] for p in none["panels"]]
-    assert [v["name"] for v in none["templating"]["list"]] == ["datasource", "namespace", "job", "model"]
+    assert [v["name"] for v in none["templating"]["list"]] == ["datasource", "namespace", "job", "service", "model"]
     with pytest.raises(ValueError, match="attribution label"):
         build_dashboard(attribution_labels=("x-tenant-id",))
 
@@ -204,9 +210,28 @@ def test_latency_panels_show_exemplars_and_link_to_jaeger() -> None:
     url = urllib.parse.unquote(link["url"])
     pane = json.loads(url.split("panes=", 1)[1])["a"]
     assert pane["datasource"] == "traces" and pane["queries"][0]["datasource"] == {"type": "jaeger", "uid": "traces"}
-    assert pane["queries"][0]["service"] == "${__field.labels.job}"
-    assert "${__field.labels.gen_ai_request_model}" in pane["queries"][0]["tags"]
-    assert "${__field.labels.job}" in link["url"]  # left for Grafana to interpolate
+    assert pane["queries"][0]["service"] == "${service}"
+    assert pane["queries"][0]["tags"] == "gen_ai.request.model=${__field.labels.gen_ai_request_model}"
+    assert "${service}" in link["url"]  # left for Grafana to interpolate
+
+
+def test_links_name_only_labels_the_series_carry_and_variables_that_exist() -> None:
+    """A data link's ``${__field.labels.x}`` is empty unless the clicked series has label x: after ``sum by
+    (...)``, only the labels it keeps (``histogram_quantile`` drops ``le``)."""
+    dashboard = build_dashboard()
+    variables = {v["name"] for v in dashboard["templating"]["list"]} | {"__from", "__to"}
+    linked = [p for p in _panels(dashboard) if p["fieldConfig"]["defaults"].get("links")]
+    assert len(linked) == 3
+    for panel in linked:
+        kept = set.intersection(
+            *({x.strip() for x in re.search(r"by \(([^)]*)\)", t["expr"]).group(1).split(",")} - {"le"}
+              for t in panel["targets"])
+        )  # fmt: skip
+        for link in panel["fieldConfig"]["defaults"]["links"]:
+            url = urllib.parse.unquote(link["url"])
+            assert set(re.findall(r"\$\{__field\.labels\.(\w+)\}", url)) <= kept, (panel["title"], kept)
+            named = set(re.findall(r"\$\{(\w+)\}", url)) | set(re.findall(r"\$(\w+)", url))
+            assert named <= variables, named - variables
 
 
 def test_error_logs_panel_queries_loki() -> None:

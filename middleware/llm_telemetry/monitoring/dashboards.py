@@ -317,7 +317,8 @@ class _Builder:
         )
 
     def jaeger_link(self) -> dict[str, Any]:
-        """A data link opening Jaeger's trace search for the clicked series' service and model."""
+        """A data link opening Jaeger's trace search for the clicked series' model, in the service the ``service``
+        variable names."""
         pane = {
             "datasource": self.jaeger_uid,
             "queries": [
@@ -325,7 +326,9 @@ class _Builder:
                     "refId": "A",
                     "datasource": {"type": "jaeger", "uid": self.jaeger_uid},
                     "queryType": "search",
-                    "service": "${__field.labels.job}",
+                    # The series carry no service: the panels sum over jobs, and a Prometheus job is named by
+                    # the scrape (the operator's is the LLMTelemetry), not by OTEL_SERVICE_NAME.
+                    "service": "${service}",
                     "tags": f"gen_ai.request.model=${{__field.labels.{REQUEST_MODEL}}}",
                 }
             ],
@@ -397,6 +400,30 @@ def _templating(attribution: Sequence[str]) -> list[dict[str, Any]]:
             f'label_values({REQUESTS}{{namespace=~"$namespace"}}, job)',
             "Prometheus job, one per scraped Service or PodMonitor.",
         ),
+        {
+            "type": "query",
+            "name": "service",
+            "label": "Trace service",
+            "description": (
+                "OpenTelemetry service name (service_name of target_info) of the selected jobs: the service the "
+                "trace links search in Jaeger. It filters no panel."
+            ),
+            "datasource": PROMETHEUS,
+            "definition": f"label_values(target_info{{{scope}}}, service_name)",
+            "query": {
+                "qryType": 1,
+                "query": f"label_values(target_info{{{scope}}}, service_name)",
+                "refId": "PrometheusVariableQueryEditor-VariableQuery",
+            },
+            "refresh": 2,
+            "regex": "",
+            "sort": 1,
+            "multi": False,
+            "includeAll": False,
+            "current": {},
+            "options": [],
+            "hide": 0,
+        },
         _variable(
             "model",
             "Model",
