@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import re
+import shutil
+import subprocess
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +18,7 @@ import openai
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
+from llm_telemetry.monitoring.dashboards import build_dashboard
 from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
 from support import Metrics, free_port, scrape_text
 
@@ -122,3 +130,75 @@ def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:
             om = scrape_text(port, accept=OPENMETRICS)
         assert "gen_ai_server_request_duration_seconds_bucket" in om
         assert exemplars(om, DURATION) == [] and exemplars(om, TTFT) == []
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="the prometheus server binary is not installed (Debian package prometheus)"
+)
+def test_a_real_prometheus_keeps_them_for_the_dashboards_latency_panels(
+    receiver: OTLPReceiver, tmp_path: pathlib.Path
+) -> None:
+    """Prometheus with exemplar storage scrapes the middleware (negotiating OpenMetrics itself) and answers the
+    exemplar queries Grafana sends for each latency panel that shows them: every dot is one of our spans."""
+    assert PROMETHEUS is not None
+    metrics_port, web_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: llm, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n"
+    )
+    command = [
+        PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{web_port}", "--enable-feature=exemplar-storage",
+    ]  # fmt: skip
+    env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-exemplars-prometheus")
+    start = time.time() - 60
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prometheus = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with demo_server(env, metrics_port=metrics_port, metrics_host="127.0.0.1", token_delay=0.001) as (_, base):
+            request_ids = {"gpt-4o": ["pe-1", "pe-2"], "gpt-4o-mini": ["pe-3"]}
+            for model, ids in request_ids.items():
+                for rid in ids:
+                    stream_chat(base, model, rid)
+            spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for ids in request_ids.values() for rid in ids}
+            trace_ids = {model: {spans[rid].trace_id for rid in ids} for model, ids in request_ids.items()}
+
+            def exemplars_of(expr: str) -> list[dict[str, Any]]:
+                query = urllib.parse.urlencode({"query": expr, "start": start, "end": time.time() + 60})
+                url = f"http://127.0.0.1:{web_port}/api/v1/query_exemplars?{query}"
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    body = json.loads(response.read())
+                assert body["status"] == "success", body
+                return [
+                    dict(series["seriesLabels"], **e["labels"]) for series in body["data"] for e in series["exemplars"]
+                ]
+
+            dashboard = build_dashboard()
+            targets = [
+                (panel["title"], target["expr"].replace("$__rate_interval", "1m"))
+                for panel in dashboard["panels"]
+                for target in panel.get("targets", [])
+                if target.get("exemplar")
+            ]
+            assert len(targets) == 3 * 3 + 2  # three quantiles on three panels, and two heatmaps
+            for title, expr in targets:
+                expr = re.sub(r"\$\w+", ".*", expr)  # every variable at All
+                found = _wait_for(lambda: exemplars_of(expr), f"exemplars for {title}")  # noqa: B023
+                for exemplar in found:
+                    assert exemplar["job"] == "llm"
+                    assert exemplar["trace_id"] in trace_ids[exemplar["gen_ai_request_model"]], (title, exemplar)
+                    assert len(exemplar["span_id"]) == 16
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+
+
+def _wait_for(check: Any, what: str, seconds: float = 60) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.25)
+    return value
