@@ -609,8 +609,11 @@ async def _apply(
                         409, "AlreadyExists", "exists and is not managed by this LLMTelemetry"
                     ) from None
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
-        if r.contains(current, patch):
+        stale = _stale_keys(current, desired)
+        if not stale and r.contains(current, patch):
             return _version(current)
+        if stale:  # a merge patch keeps keys it does not name; null removes them
+            patch["data"] = {**patch["data"], **dict.fromkeys(stale)}
         if _immutable_differs(current, desired):
             # Only this version of it: one changed meanwhile is for the next pass to judge.
             await client.delete(resource, namespace, name, resource_version=_version(current))
@@ -631,6 +634,14 @@ async def _apply(
                 raise
             current = await client.get(resource, namespace, name)
     return None
+
+
+def _stale_keys(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[str]:
+    """Keys of one of our ConfigMaps that it should not hold: its data is ours alone. Grafana's sidecar makes a
+    file of every key, so a dashboard left under an old key (an earlier version's) would stay in Grafana."""
+    if desired.get("kind") != "ConfigMap":
+        return []
+    return sorted(set(current.get("data") or {}) - set(desired.get("data") or {}))
 
 
 def _immutable_differs(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:

@@ -492,12 +492,15 @@ def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config:
 
 
 def dashboard_uid(owner: Mapping[str, Any]) -> str:
-    """A Grafana uid (at most 40 characters) unique per LLMTelemetry."""
+    """A Grafana uid unique per LLMTelemetry in the cluster: ``llmt_<namespace>_<name>``, a name's dots as
+    underscores. Grafana takes at most 40 letters, digits, ``-`` and ``_``; neither a namespace nor a name holds
+    ``_``, so no two resources share one (``-`` as the separator made ``team-a/chat`` and ``team/a-chat`` one
+    dashboard). A longer one is cut and told apart by a hash of the whole."""
     meta = owner["metadata"]
-    text = f"llmt-{meta['namespace']}-{meta['name']}"
+    text = f"llmt_{meta['namespace']}_{meta['name'].replace('.', '_')}"
     if len(text) <= 40:
         return text
-    return text[:31] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return text[:31] + "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 #: Stand-ins for a dashboard's title and uid in :func:`_dashboard_template` (a NUL is never in either).
@@ -542,7 +545,9 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata,
-        "data": {f"{meta['name']}.json": text},
+        # Grafana's sidecar writes each key as a file, in the folder the annotation names: keyed by the resource's
+        # name, a namespace's dashboard overwrote another's of the same name. The uid is unique in the cluster.
+        "data": {f"{dashboard_uid(owner)}.json": text},
     }
 
 

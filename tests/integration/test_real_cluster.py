@@ -20,6 +20,7 @@ from clusterkit import install, service_account_kubeconfig, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
+from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
 
 pytestmark = pytest.mark.k8s
@@ -309,7 +310,21 @@ def test_hand_edits_are_repaired(cluster: Cluster) -> None:
         [{"op": "replace", "path": "/spec/template/spec/containers/0/env", "value": [{"name": "MINE", "value": "1"}]}],
     )
     assert "LLM_TELEMETRY_METRICS_PORT" in {e["name"] for e in container["env"]}
+    # The dashboard as an earlier version keyed it (by the resource's name), beside a spoilt current one: Grafana's
+    # sidecar would show both files. Only the current key may stay, with its content.
+    (key,) = cluster.configmap("repair-llm-dashboard").data
+    assert key == f"{r.dashboard_uid({'metadata': {'namespace': cluster.namespace, 'name': 'repair'}})}.json"
+    cluster.core.patch_namespaced_config_map(
+        "repair-llm-dashboard", cluster.namespace, {"data": {"repair.json": "{}", key: "{}"}}
+    )
     wait_for(lambda: cluster.service("repair-llm-metrics"), "deleted Service recreated")
+    dashboard = wait_for(
+        lambda: (
+            (cm := cluster.configmap("repair-llm-dashboard")) and list(cm.data) == [key] and cm.data[key] != "{}" and cm
+        ),
+        "dashboard ConfigMap repaired, the old key gone",
+    )
+    assert json.loads(dashboard.data[key])["panels"]
     wait_for(
         lambda: (
             cluster.monitoring("servicemonitors", "repair-llm-telemetry")["spec"]["endpoints"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kopf_testing import deployment, minimal_llmt
 
 from kube_schema import merge_patch
@@ -265,9 +268,49 @@ def test_dashboard_configmap_for_grafana_sidecar() -> None:
     assert cm["metadata"]["name"] == "chat-llm-dashboard"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["annotations"] == {"grafana_folder": "Team ML"}
-    dashboard = json.loads(cm["data"]["chat.json"])
-    assert dashboard["uid"] == "llmt-llm-chat"
+    (key,) = cm["data"]
+    assert key == "llmt_llm_chat.json"  # the sidecar's file name: one per resource in the cluster
+    dashboard = json.loads(cm["data"][key])
+    assert dashboard["uid"] == "llmt_llm_chat"
     assert dashboard["title"] == "LLM: llm/chat"
+
+
+_NAMESPACES = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", fullmatch=True)
+_NAMES = st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,80}[a-z0-9])?", fullmatch=True)
+_GRAFANA_UID = re.compile(r"[a-zA-Z0-9_-]{1,40}")  # what Grafana accepts as a dashboard uid
+_CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.tuples(_NAMESPACES, _NAMES), second=st.tuples(_NAMESPACES, _NAMES))
+def test_dashboard_uid_is_one_grafana_takes_and_no_two_resources_share(
+    first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    """Grafana refuses a uid with a dot (a resource's name may have one), and two dashboards of one uid, or of one
+    file name in the sidecar's folder, are one dashboard."""
+
+    def uid(pair: tuple[str, str]) -> str:
+        return r.dashboard_uid({"metadata": {"namespace": pair[0], "name": pair[1]}})
+
+    for pair in (first, second):
+        assert _GRAFANA_UID.fullmatch(uid(pair)), uid(pair)
+        owner = minimal_llmt(pair[1]) | {"metadata": {**minimal_llmt(pair[1])["metadata"], "namespace": pair[0]}}
+        (key,) = r.build_dashboard_configmap(owner, parse_spec(owner["spec"]), CONFIG)["data"]
+        assert _CONFIGMAP_KEY.fullmatch(key) and key == f"{uid(pair)}.json"
+    assert (uid(first) == uid(second)) == (first == second)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("team-a", "chat"), ("team", "a-chat")),
+        (("llm", "chat.v2"), ("llm", "chat-v2")),
+        (("prod", "chat"), ("staging", "chat")),
+    ],
+)
+def test_dashboard_uids_of_look_alike_resources_differ(first: tuple[str, str], second: tuple[str, str]) -> None:
+    uids = {r.dashboard_uid({"metadata": {"namespace": ns, "name": name}}) for ns, name in (first, second)}
+    assert len(uids) == 2 and all(_GRAFANA_UID.fullmatch(u) for u in uids), uids
 
 
 def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> None:
