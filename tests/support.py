@@ -5,16 +5,44 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from llm_telemetry.record import LLMCall
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
+    """Poll until ``check`` returns something truthy (exceptions count as not yet); fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except Exception as exc:
+            last = exc
+        else:
+            if result:
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+def stop_process(process: subprocess.Popen[bytes], seconds: float = 15) -> None:
+    """Stop a server the test started: SIGTERM, so that it shuts down cleanly, then SIGKILL after ``seconds``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

@@ -47,7 +47,7 @@ pytest.importorskip("uvicorn")
 from llm_telemetry.monitoring.dashboards import LOGS_MODES, build_dashboard  # noqa: E402
 from logql import interpolate  # noqa: E402
 from otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: E402
-from support import free_port  # noqa: E402
+from support import free_port, stop_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -145,30 +145,6 @@ class Loki:
             assert response.status == 204
 
 
-def _wait(what: str, check: Any, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            result = check()
-        except (OSError, AssertionError):
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def loki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loki]:
     root = tmp_path_factory.mktemp("loki")
@@ -185,10 +161,10 @@ def loki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loki]:
             with urllib.request.urlopen(f"{server.base}/ready", timeout=5) as response:
                 return response.status == 200
 
-        _wait("Loki to be ready", ready)
+        wait_for("Loki to be ready", ready)
         yield server
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _pod_env(namespace: str, loki: Loki, receiver: OTLPReceiver) -> dict[str, str]:
@@ -254,19 +230,19 @@ def _run_pod(namespace: str, loki: Loki, receiver: OTLPReceiver, root: Path, sta
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait("the demo service", lambda: urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200)
+        wait_for("the demo service", lambda: urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200)
         sent = _send(base, namespace)
         ids = {s.request_id for s in sent}
         otlp = f'{{k8s_namespace_name="{namespace}"}}'
-        _wait(f"{namespace}'s OTLP records in Loki", lambda: _lines_in_loki(loki, otlp, start_ns) >= ids)
+        wait_for(f"{namespace}'s OTLP records in Loki", lambda: _lines_in_loki(loki, otlp, start_ns) >= ids)
     finally:
-        _stop(process)
+        stop_process(process)
     lines = [line for line in stdout.read_text().splitlines() if line.startswith('{"timestamp"')]
     assert len(lines) == len(sent), lines
     labels = {"namespace": namespace, "pod": f"chat-7d9f8-{namespace}", "container": "chat"}
     loki.push({**labels, "job": f"{namespace}/chat"}, lines)
     shipped = f'{{namespace="{namespace}"}} | json'
-    _wait(f"{namespace}'s stdout lines in Loki", lambda: _lines_in_loki(loki, shipped, start_ns) >= ids)
+    wait_for(f"{namespace}'s stdout lines in Loki", lambda: _lines_in_loki(loki, shipped, start_ns) >= ids)
     return sent
 
 

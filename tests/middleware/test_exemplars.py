@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from llm_telemetry.monitoring.dashboards import build_dashboard
 from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
-from support import Metrics, free_port, scrape_text
+from support import Metrics, free_port, scrape_text, stop_process, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 DURATION = "gen_ai_server_request_duration_seconds_bucket"
@@ -186,19 +186,10 @@ def test_a_real_prometheus_keeps_them_for_the_dashboards_latency_panels(
             assert len(targets) == 3 * 3 + 2  # three quantiles on three panels, and two heatmaps
             for title, expr in targets:
                 expr = re.sub(r"\$\w+", ".*", expr)  # every variable at All
-                found = _wait_for(lambda: exemplars_of(expr), f"exemplars for {title}")  # noqa: B023
+                found = wait_for(f"exemplars for {title}", lambda: exemplars_of(expr))  # noqa: B023
                 for exemplar in found:
                     assert exemplar["job"] == "llm"
                     assert exemplar["trace_id"] in trace_ids[exemplar["gen_ai_request_model"]], (title, exemplar)
                     assert len(exemplar["span_id"]) == 16
     finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
-
-
-def _wait_for(check: Any, what: str, seconds: float = 60) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.25)
-    return value
+        stop_process(prometheus)

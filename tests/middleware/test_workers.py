@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from llm_telemetry import multiproc
 from llm_telemetry.config import Settings
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.telemetry import Telemetry
-from support import Metrics, free_port, scrape_text, serve
+from support import Metrics, free_port, scrape_text, serve, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "tests" / "apps"
@@ -221,22 +220,6 @@ def is_running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-
-
-def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
-    """Poll until ``check`` returns something truthy (exceptions count as not yet); fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except Exception as exc:
-            last = exc
-        else:
-            if result:
-                return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
 
 
 class Server:
