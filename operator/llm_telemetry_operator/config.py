@@ -23,6 +23,12 @@ LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_ENDPO
 LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS: Final = "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"
 #: ``k=v`` label that Grafana's dashboard sidecar looks for.
 LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL: Final = "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL"
+#: uid of the Grafana Jaeger datasource the dashboards' trace links open.
+LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID: Final = "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID"
+#: uid of the Grafana Loki datasource of the dashboards' error log panel.
+LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID: Final = "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID"
+#: Base of the alerts' ``runbook_url`` annotation (``<base>#<alert name in lower case>``).
+LLM_TELEMETRY_OPERATOR_RUNBOOK_URL: Final = "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL"
 #: Name of the KopfPeering (namespaced) or ClusterKopfPeering (cluster-wide) object.
 LLM_TELEMETRY_OPERATOR_PEERING: Final = "LLM_TELEMETRY_OPERATOR_PEERING"
 #: kopf peering priority: an integer, or ``auto`` for a random one per pod (one replica active, the rest standby).
@@ -39,6 +45,11 @@ LLM_TELEMETRY_OPERATOR_STANDALONE: Final = "LLM_TELEMETRY_OPERATOR_STANDALONE"
 DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger-collector.observability:4318"
 DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
 DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
+DEFAULT_JAEGER_DATASOURCE_UID: Final = "jaeger"
+DEFAULT_LOKI_DATASOURCE_UID: Final = "loki"
+#: The alerts' default (llm_telemetry.monitoring.rules.DEFAULT_RUNBOOK_URL): a path in this repository, no link
+#: in an alert's notification until it is set to where the runbooks are served.
+DEFAULT_RUNBOOK_URL: Final = "docs/runbooks.md"
 DEFAULT_PEERING: Final = "llm-telemetry-operator"
 DEFAULT_PRIORITY: Final = "auto"
 #: Range "auto" draws from. kopf pauses every operator whose priority equals another's, so the range is wide
@@ -49,6 +60,8 @@ DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
 DEFAULT_RESYNC_SECONDS: Final = 300.0
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: What Grafana accepts as a uid.
+_GRAFANA_UID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +74,9 @@ class OperatorConfig:
         logs_endpoint: default Loki OTLP base URL.
         servicemonitor_labels: labels put on every ServiceMonitor.
         dashboard_label: the (key, value) label Grafana's sidecar selects dashboards by.
+        jaeger_datasource_uid: uid of the Grafana Jaeger datasource of the dashboards' trace links.
+        loki_datasource_uid: uid of the Grafana Loki datasource of the dashboards' error log panel.
+        runbook_url: base of the alerts' runbook links.
         peering: name of the kopf peering object.
         priority: kopf peering priority; the highest live one is active, lower ones stand by.
         metrics_port: port of the operator's own metrics (0: off).
@@ -85,6 +101,12 @@ class OperatorConfig:
     servicemonitor_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Label Grafana's dashboard sidecar selects ConfigMaps by.
     dashboard_label: tuple[str, str] = ("grafana_dashboard", "1")
+    #: uid of the Grafana Jaeger datasource the dashboards' trace links open.
+    jaeger_datasource_uid: str = DEFAULT_JAEGER_DATASOURCE_UID
+    #: uid of the Grafana Loki datasource of the dashboards' error log panel.
+    loki_datasource_uid: str = DEFAULT_LOKI_DATASOURCE_UID
+    #: Base of the alerts' ``runbook_url`` annotation.
+    runbook_url: str = DEFAULT_RUNBOOK_URL
     #: Name of the KopfPeering / ClusterKopfPeering.
     peering: str = DEFAULT_PEERING
     #: kopf peering priority. ``LLM_TELEMETRY_OPERATOR_PRIORITY=auto`` resolves to a random number per process, so
@@ -132,6 +154,21 @@ class OperatorConfig:
         )
         if len(dashboard) != 1:
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL}: expected exactly one key=value")
+        uids = {}
+        for name, default in (
+            (LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID, DEFAULT_JAEGER_DATASOURCE_UID),
+            (LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID, DEFAULT_LOKI_DATASOURCE_UID),
+        ):
+            uids[name] = get(name, default) or default
+            if not _GRAFANA_UID.match(uids[name]):
+                raise ConfigurationError(
+                    f"{name}={uids[name]!r}: a Grafana uid is 1 to 40 letters, digits, '-' and '_'"
+                )
+        runbook_url = get(LLM_TELEMETRY_OPERATOR_RUNBOOK_URL, DEFAULT_RUNBOOK_URL) or DEFAULT_RUNBOOK_URL
+        if any(ch.isspace() for ch in runbook_url) or "#" in runbook_url:
+            raise ConfigurationError(
+                f"{LLM_TELEMETRY_OPERATOR_RUNBOOK_URL}={runbook_url!r}: expected a URL without spaces or a fragment"
+            )
         peering = get(LLM_TELEMETRY_OPERATOR_PEERING, DEFAULT_PEERING)
         if not _DNS_LABEL.match(peering):
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_PEERING}: {peering!r} is not a valid object name")
@@ -167,6 +204,9 @@ class OperatorConfig:
             logs_endpoint=logs,
             servicemonitor_labels=sm_labels,
             dashboard_label=next(iter(dashboard.items())),
+            jaeger_datasource_uid=uids[LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID],
+            loki_datasource_uid=uids[LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID],
+            runbook_url=runbook_url,
             peering=peering,
             priority=priority,
             metrics_port=port,

@@ -486,7 +486,14 @@ def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config:
     meta = owner["metadata"]
     name = prometheus_rule_name(meta["name"])
     labels = {**config.servicemonitor_labels, **spec.metrics.labels}
-    rule = build_rule(name, meta["namespace"], spec.alerts.thresholds, selector=rule_selector(owner), labels=labels)
+    rule = build_rule(
+        name,
+        meta["namespace"],
+        spec.alerts.thresholds,
+        selector=rule_selector(owner),
+        labels=labels,
+        runbook_url=config.runbook_url,
+    )
     rule["metadata"] = _metadata(owner, name, "alerts", {**labels, **(rule.get("metadata", {}).get("labels") or {})})
     return rule
 
@@ -508,23 +515,38 @@ _TITLE_MARK, _UID_MARK = "\x00title\x00", "\x00uid\x00"
 
 
 @functools.lru_cache(maxsize=32)
-def _dashboard_template(attribution: tuple[str, ...], logs_mode: str) -> str:
-    """The dashboard's JSON for these attribution labels and logs mode, with stand-ins for its title and uid.
+def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid: str, loki_uid: str) -> str:
+    """The dashboard's JSON for these attribution labels, logs mode and datasources, with stand-ins for its title
+    and uid.
 
     Every LLMTelemetry's dashboard is the same but for those two top-level strings, and building and encoding it
     (some 40 KB) was about a twentieth of the operator's CPU per new resource; so it is built once per set of
-    labels and logs mode, and each resource's is this text with its own title and uid put in.
+    labels and settings, and each resource's is this text with its own title and uid put in.
     """
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
-    dashboard = build_dashboard(title=_TITLE_MARK, uid=_UID_MARK, attribution_labels=attribution, logs_mode=logs_mode)
+    dashboard = build_dashboard(
+        title=_TITLE_MARK,
+        uid=_UID_MARK,
+        attribution_labels=attribution,
+        logs_mode=logs_mode,
+        jaeger_uid=jaeger_uid,
+        loki_uid=loki_uid,
+    )
     return json.dumps(dashboard, sort_keys=True, separators=(",", ":"))
 
 
-def dashboard_json(title: str, uid: str, attribution: tuple[str, ...], logs_mode: str) -> str:
-    """``json.dumps(build_dashboard(title=..., uid=..., attribution_labels=..., logs_mode=...), sort_keys=True,
-    separators=(",", ":"))``, from the cached template (the same text)."""
-    text = _dashboard_template(attribution, logs_mode)
+def dashboard_json(
+    title: str,
+    uid: str,
+    attribution: tuple[str, ...],
+    logs_mode: str,
+    jaeger_uid: str,
+    loki_uid: str,
+) -> str:
+    """``json.dumps(build_dashboard(title=..., uid=..., ...), sort_keys=True, separators=(",", ":"))``, from the
+    cached template (the same text)."""
+    text = _dashboard_template(attribution, logs_mode, jaeger_uid, loki_uid)
     for mark, value in ((_TITLE_MARK, title), (_UID_MARK, uid)):
         text = text.replace(json.dumps(mark), json.dumps(value), 1)
     return text
@@ -537,7 +559,14 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
     meta = owner["metadata"]
     attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)
     title = f"LLM: {meta['namespace']}/{meta['name']}"
-    text = dashboard_json(title, dashboard_uid(owner), attribution, spec.logs.mode)
+    text = dashboard_json(
+        title,
+        dashboard_uid(owner),
+        attribution,
+        spec.logs.mode,
+        config.jaeger_datasource_uid,
+        config.loki_datasource_uid,
+    )
     key, val = config.dashboard_label
     metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})
     metadata["annotations"] = {c.ANNOTATION_GRAFANA_FOLDER: spec.dashboard.folder}

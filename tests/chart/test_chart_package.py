@@ -113,6 +113,9 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
         "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT": "http://loki-gateway.observability/otlp",
         "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS": "release=kube-prometheus-stack",
         "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL": "grafana_dashboard=1",
+        "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID": "jaeger",
+        "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID": "loki",
+        "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL": "docs/runbooks.md",
         "LLM_TELEMETRY_OPERATOR_PEERING": "llm-telemetry-operator",
         "LLM_TELEMETRY_OPERATOR_PRIORITY": "auto",
         "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "9465",
@@ -151,6 +154,16 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "llm-canary"
 
 
+def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) -> None:
+    """``helm upgrade --reuse-values`` (docs/install.md) reuses the old release's values, without keys added to
+    the chart since: the Deployment still gives the operator its defaults."""
+    unset = {"jaegerDatasourceUid": None, "lokiDatasourceUid": None, "runbookUrl": None}
+    env = {e["name"]: e.get("value") for e in container(render({"defaults": unset}))["env"]}
+    config = OperatorConfig.from_env(env)
+    assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
+    assert config.runbook_url == "docs/runbooks.md"
+
+
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: str) -> None:
     values = VALUE_SETS[name]
@@ -161,6 +174,9 @@ def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: s
     assert config.traces_endpoint == defaults.get("tracesEndpoint", "http://jaeger-collector.observability:4318")
     assert config.servicemonitor_labels == defaults.get("serviceMonitorLabels", {"release": "kube-prometheus-stack"})
     assert "=".join(config.dashboard_label) == defaults.get("dashboardLabel", "grafana_dashboard=1")
+    assert config.jaeger_datasource_uid == defaults.get("jaegerDatasourceUid", "jaeger")
+    assert config.loki_datasource_uid == defaults.get("lokiDatasourceUid", "loki")
+    assert config.runbook_url == defaults.get("runbookUrl", "docs/runbooks.md")
     assert config.metrics_port == 9465
     assert config.health == "http://0.0.0.0:8080/healthz"
 

@@ -22,6 +22,8 @@ def test_config_defaults() -> None:
     assert config.metrics_port == 9465
     assert config.health == "http://0.0.0.0:8080/healthz"
     assert config.resync_seconds == 300.0
+    assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
+    assert config.runbook_url == "docs/runbooks.md"  # the rules' own default
     low, high = AUTO_PRIORITY_RANGE
     assert low <= config.priority <= high
 
@@ -38,6 +40,9 @@ def test_config_from_environment() -> None:
         "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "0",
         "LLM_TELEMETRY_OPERATOR_HEALTH": "",
         "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "30",
+        "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID": "P14A4C8C6B8A2B0D1",
+        "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID": "loki_logs-1",
+        "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL": "https://wiki.example.com/llm/runbooks",
     }
     with mock.patch.dict(os.environ, env):
         config = OperatorConfig.from_env()
@@ -50,6 +55,8 @@ def test_config_from_environment() -> None:
     assert config.priority == 5
     assert config.metrics_port == 0 and config.health == ""
     assert config.resync_seconds == 30.0
+    assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("P14A4C8C6B8A2B0D1", "loki_logs-1")
+    assert config.runbook_url == "https://wiki.example.com/llm/runbooks"
 
 
 def test_config_auto_priority_differs_between_pods() -> None:
@@ -73,6 +80,10 @@ def test_config_auto_priority_differs_between_pods() -> None:
         ("LLM_TELEMETRY_OPERATOR_HEALTH", "0.0.0.0:8080"),
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "0"),
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "soon"),
+        ("LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID", "jaeger.prod"),
+        ("LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID", "l" * 41),
+        ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/run books"),
+        ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/runbooks#top"),
     ],
 )
 def test_config_bad_value_names_the_variable(name: str, value: str) -> None:

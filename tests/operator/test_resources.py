@@ -318,17 +318,39 @@ def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> N
     building and encoding it for that resource gives."""
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
-    for namespace, name, attribution, logs_mode in (
-        ("llm", "chat", ("tenant",), "otlp"),
-        ("a-very-long-namespace-name-for-the-uid", "chat-with-a-long-name", ("team", "tenant"), "otlp"),
-        ("llm", "embed", ("tenant",), "stdout"),
-        ("llm", "chat", ("tenant",), "stdout"),
+    for namespace, name, attribution, logs_mode, datasources in (
+        ("llm", "chat", ("tenant",), "otlp", ("jaeger", "loki")),
+        ("a-very-long-namespace-name-for-the-uid", "chat-with-a-long-name", ("team", "tenant"), "otlp", ("j", "l")),
+        ("llm", "embed", ("tenant",), "stdout", ("jaeger", "loki")),
+        ("llm", "chat", ("tenant",), "stdout", ("jaeger", "P8E80F9AEF21F6940")),
     ):
         owner = {"metadata": {"namespace": namespace, "name": name, "uid": "u"}}
         title, uid = f"LLM: {namespace}/{name}", r.dashboard_uid(owner)
-        fresh = build_dashboard(title=title, uid=uid, attribution_labels=attribution, logs_mode=logs_mode)
+        jaeger, loki = datasources
+        fresh = build_dashboard(
+            title=title, uid=uid, attribution_labels=attribution, logs_mode=logs_mode, jaeger_uid=jaeger, loki_uid=loki
+        )
         expected = json.dumps(fresh, sort_keys=True, separators=(",", ":"))
-        assert r.dashboard_json(title, uid, attribution, logs_mode) == expected
+        assert r.dashboard_json(title, uid, attribution, logs_mode, jaeger, loki) == expected
+
+
+def test_dashboards_and_alerts_take_the_operators_grafana_datasources_and_runbook_url() -> None:
+    """Grafana names a datasource made in its UI with a generated uid: the operator-wide settings reach every
+    dashboard's Loki panel and trace links, and every alert's runbook link."""
+    config = OperatorConfig(
+        jaeger_datasource_uid="P14A4C8C6B8A2B0D1",
+        loki_datasource_uid="P8E80F9AEF21F6940",
+        runbook_url="https://x.example/rb",
+    )
+    owner = minimal_llmt()
+    spec = parse_spec(owner["spec"])
+    (text,) = r.build_dashboard_configmap(owner, spec, config)["data"].values()
+    (logs,) = [p for p in json.loads(text)["panels"] if p["type"] == "logs"]
+    assert logs["datasource"] == {"type": "loki", "uid": "P8E80F9AEF21F6940"}
+    assert "P14A4C8C6B8A2B0D1" in text and '"uid":"jaeger"' not in text and '"uid":"loki"' not in text
+    alerts = [rule for g in r.build_prometheus_rule(owner, spec, config)["spec"]["groups"] for rule in g["rules"]]
+    links = {rule["annotations"]["runbook_url"] for rule in alerts if "alert" in rule}
+    assert links and all(link.startswith("https://x.example/rb#llm") for link in links)
 
 
 @pytest.mark.parametrize("mode", ["otlp", "stdout"])
