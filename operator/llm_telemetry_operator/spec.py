@@ -25,6 +25,9 @@ LOG_MODES = ("otlp", "stdout")
 _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+#: One folder name, as the CRD has it: Grafana's dashboard sidecar joins the annotation to its own directory (an
+#: absolute path or '..' would put the file anywhere the sidecar can write).
+_FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,63}")
 #: Attribution labels a resource may have (the CRD's maxProperties): each multiplies the series and adds a variable
 #: and panels to the dashboard, whose ConfigMap must stay under the API server's 1 MiB.
 MAX_ATTRIBUTION_HEADERS = 10
@@ -416,6 +419,9 @@ def _alerts(raw: Mapping[str, Any]) -> Alerts:
 
 def _dashboard(raw: Mapping[str, Any]) -> Dashboard:
     folder = raw.get("folder", "LLM")
-    if not isinstance(folder, str) or not folder:
-        raise SpecError("spec.dashboard.folder", "must be a non-empty string")
+    if not isinstance(folder, str) or not _FOLDER.fullmatch(folder) or folder in (".", ".."):
+        raise SpecError(
+            "spec.dashboard.folder",
+            "must be one folder name of 1 to 63 characters: no '/', '\\', control characters, '.' or '..'",
+        )
     return Dashboard(enabled=_bool(raw, "enabled", "spec.dashboard.enabled", True), folder=folder)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import kube_schema
-from llm_telemetry_operator.spec import parse_spec
+from llm_telemetry_operator.spec import SpecError, parse_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_NAME = "llmtelemetry.dev_llmtelemetries.yaml"
@@ -92,6 +92,14 @@ def test_crd_accepts_every_price_kind() -> None:
             "models and configMapRef together (CEL rule)",
         ),
         ({"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}, "operator enum"),
+        # Grafana's dashboard sidecar joins the folder to its directory: a path would write anywhere it can.
+        ({"dashboard": {"folder": "/etc/grafana/provisioning"}}, "folder is an absolute path"),
+        ({"dashboard": {"folder": "../other-team"}}, "folder climbs out"),
+        ({"dashboard": {"folder": "Team/ML"}}, "folder holds a separator"),
+        ({"dashboard": {"folder": ".."}}, "folder is .. (CEL rule)"),
+        ({"dashboard": {"folder": "."}}, "folder is . (CEL rule)"),
+        ({"dashboard": {"folder": "a\nb"}}, "folder holds a control character"),
+        ({"dashboard": {"folder": "x" * 64}}, "folder maxLength"),
     ],
 )
 def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
@@ -102,6 +110,26 @@ def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
         else:
             obj["spec"][key] = value
     assert kube_schema.validate_object(load(), obj), why
+
+
+@pytest.mark.parametrize("folder", ["LLM", "Team ML", "Équipe IA", "v1.2", "x" * 63])
+def test_crd_and_operator_accept_a_folder_name(folder: str) -> None:
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["dashboard"] = {"folder": folder}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).dashboard.folder == folder
+
+
+@pytest.mark.parametrize(
+    "folder", ["/etc/grafana/provisioning", "../other-team", "Team/ML", "..", ".", "a\\b", "x" * 64]
+)
+def test_operator_refuses_a_folder_the_crd_refuses(folder: str) -> None:
+    """The operator checks it too: a CRD installed before the rule (Helm never upgrades one) lets it through."""
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["dashboard"] = {"folder": folder}
+    assert kube_schema.validate_object(load(), obj)
+    with pytest.raises(SpecError, match=r"spec\.dashboard\.folder"):
+        parse_spec(obj["spec"])
 
 
 def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
