@@ -63,8 +63,12 @@ TRAFFIC = (
     ("gpt-4.1-mini", "context_length", False),
 )
 
+#: Loki runs multi-tenant, as its Helm chart installs it: the pods name this tenant (``spec.logs.tenant``, injected as
+#: ``OTEL_EXPORTER_OTLP_LOGS_HEADERS``) and the queries send it, as Grafana's Loki datasource would.
+TENANT = "llm-platform"
+
 LOKI_CONFIG = """
-auth_enabled: false
+auth_enabled: true
 server:
   http_listen_address: 127.0.0.1
   http_listen_port: {http}
@@ -114,8 +118,9 @@ class Loki:
 
     def get(self, path: str, **params: str) -> Any:
         url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
+        request = urllib.request.Request(url, headers={"X-Scope-OrgID": TENANT})
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise AssertionError(f"Loki answered {exc.code} to {params.get('query')!r}: {exc.read().decode()}") from exc
@@ -139,7 +144,9 @@ class Loki:
         values = [[str(now - (len(lines) - i) * 1000), line] for i, line in enumerate(lines)]
         payload = json.dumps({"streams": [{"stream": labels, "values": values}]}).encode()
         request = urllib.request.Request(
-            f"{self.base}/loki/api/v1/push", data=payload, headers={"Content-Type": "application/json"}
+            f"{self.base}/loki/api/v1/push",
+            data=payload,
+            headers={"Content-Type": "application/json", "X-Scope-OrgID": TENANT},
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.status == 204
@@ -181,6 +188,7 @@ def _pod_env(namespace: str, loki: Loki, receiver: OTLPReceiver) -> dict[str, st
         OTEL_LOGS_EXPORTER="otlp",
         OTEL_EXPORTER_OTLP_LOGS_ENDPOINT=f"{loki.base}/otlp/v1/logs",
         OTEL_EXPORTER_OTLP_LOGS_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_LOGS_HEADERS=f"X-Scope-OrgID={TENANT}",
         OTEL_BLRP_SCHEDULE_DELAY="50",
         OTEL_BSP_SCHEDULE_DELAY="50",
         LLM_TELEMETRY_METRICS_PORT="0",
@@ -253,6 +261,16 @@ def traffic(loki: Loki, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, 
     with otlp_receiver() as receiver:
         sent = [s for namespace in NAMESPACES for s in _run_pod(namespace, loki, receiver, root, start_ns)]
     return start_ns, sent
+
+
+def test_this_loki_refuses_logs_that_name_no_tenant(loki: Loki) -> None:
+    """Why the tenant matters: without it, a multi-tenant Loki answers 401 and the records are lost."""
+    request = urllib.request.Request(
+        f"{loki.base}/otlp/v1/logs", data=b"", headers={"Content-Type": "application/x-protobuf"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
 
 
 CHOICES = (

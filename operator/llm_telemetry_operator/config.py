@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from llm_telemetry_operator.errors import ConfigurationError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
+from llm_telemetry_operator.spec import loki_tenant_problem
 
 #: Comma-separated namespaces to watch; empty means every namespace (cluster-wide).
 LLM_TELEMETRY_OPERATOR_NAMESPACES: Final = "LLM_TELEMETRY_OPERATOR_NAMESPACES"
@@ -19,6 +20,8 @@ LLM_TELEMETRY_OPERATOR_NAMESPACES: Final = "LLM_TELEMETRY_OPERATOR_NAMESPACES"
 LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT"
 #: Loki's OTLP base URL for logs when a resource does not set ``spec.logs.endpoint``.
 LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT"
+#: Loki tenant (``X-Scope-OrgID``) for logs when a resource does not set ``spec.logs.tenant``; empty: none.
+LLM_TELEMETRY_OPERATOR_LOGS_TENANT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_TENANT"
 #: ``k=v,k=v`` labels added to every ServiceMonitor (kube-prometheus-stack selects on ``release``).
 LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS: Final = "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"
 #: ``k=v`` label that Grafana's dashboard sidecar looks for.
@@ -72,6 +75,7 @@ class OperatorConfig:
         namespaces: namespaces to watch; empty means cluster-wide.
         traces_endpoint: default OTLP endpoint for traces.
         logs_endpoint: default Loki OTLP base URL.
+        logs_tenant: default Loki tenant ("": no ``X-Scope-OrgID`` header).
         servicemonitor_labels: labels put on every ServiceMonitor.
         dashboard_label: the (key, value) label Grafana's sidecar selects dashboards by.
         jaeger_datasource_uid: uid of the Grafana Jaeger datasource of the dashboards' trace links.
@@ -97,6 +101,9 @@ class OperatorConfig:
     traces_endpoint: str = DEFAULT_TRACES_ENDPOINT
     #: Default Loki OTLP base URL (the SDK gets ``<base>/v1/logs``).
     logs_endpoint: str = DEFAULT_LOGS_ENDPOINT
+    #: Default Loki tenant, sent as ``X-Scope-OrgID`` (a multi-tenant Loki, as its Helm chart installs it, refuses
+    #: pushes without one); empty sends none.
+    logs_tenant: str = ""
     #: Labels put on every ServiceMonitor.
     servicemonitor_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Label Grafana's dashboard sidecar selects ConfigMaps by.
@@ -146,6 +153,9 @@ class OperatorConfig:
         logs = get(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, DEFAULT_LOGS_ENDPOINT) or DEFAULT_LOGS_ENDPOINT
         _check_url(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, traces)
         _check_url(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, logs)
+        logs_tenant = get(LLM_TELEMETRY_OPERATOR_LOGS_TENANT, "")
+        if logs_tenant and (problem := loki_tenant_problem(logs_tenant)):
+            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_LOGS_TENANT}={logs_tenant!r}: {problem}")
         sm_labels = parse_labels(
             LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS, get(LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS, "")
         )
@@ -202,6 +212,7 @@ class OperatorConfig:
             namespaces=namespaces,
             traces_endpoint=traces,
             logs_endpoint=logs,
+            logs_tenant=logs_tenant,
             servicemonitor_labels=sm_labels,
             dashboard_label=next(iter(dashboard.items())),
             jaeger_datasource_uid=uids[LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID],

@@ -233,6 +233,10 @@ def build_env(
             value("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", f"{base}/v1/logs"),
             value("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "http/protobuf"),
         ]
+        tenant = spec.logs.tenant if spec.logs.tenant is not None else config.logs_tenant
+        if tenant:
+            # A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant.
+            env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}"))
     else:
         env.append(value("OTEL_LOGS_EXPORTER", "none"))
     return env

@@ -25,6 +25,8 @@ LOG_MODES = ("otlp", "stdout")
 _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+#: A Loki tenant id (X-Scope-OrgID): Loki's own rule, less '|', which separates tenants in a query.
+_LOKI_TENANT = re.compile(r"[A-Za-z0-9!._*'()-]{1,150}")
 #: One folder name, as the CRD has it: Grafana's dashboard sidecar joins the annotation to its own directory (an
 #: absolute path or '..' would put the file anywhere the sidecar can write).
 _FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,63}")
@@ -97,6 +99,9 @@ class Logs:
     mode: str = "otlp"
     #: None means the operator's default (LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT).
     endpoint: str | None = None
+    #: Loki tenant (``X-Scope-OrgID``); None means the operator's default (LLM_TELEMETRY_OPERATOR_LOGS_TENANT), ""
+    #: none.
+    tenant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -324,7 +329,27 @@ def _logs(raw: Mapping[str, Any]) -> Logs:
         enabled=_bool(raw, "enabled", "spec.logs.enabled", True),
         mode=_choice(raw, "mode", "spec.logs.mode", "otlp", LOG_MODES),
         endpoint=_url(raw, "endpoint", "spec.logs.endpoint"),
+        tenant=_tenant(raw.get("tenant"), "spec.logs.tenant"),
     )
+
+
+def loki_tenant_problem(tenant: str) -> str | None:
+    """Why Loki would refuse ``tenant`` as a tenant id (its own rule), or None."""
+    if not _LOKI_TENANT.fullmatch(tenant) or tenant in (".", ".."):
+        return "must be a Loki tenant id: 1 to 150 of letters, digits and !-_.*'(), not . or .."
+    return None
+
+
+def _tenant(value: Any, where: str) -> str | None:
+    """None: the operator's default; "": no tenant, whatever the default."""
+    if value is None:
+        return None
+    if value == "":
+        return ""
+    problem = "must be a string" if not isinstance(value, str) else loki_tenant_problem(value)
+    if problem:
+        raise SpecError(where, problem)
+    return str(value)
 
 
 def _pricing(raw: Mapping[str, Any]) -> Pricing:

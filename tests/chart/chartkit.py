@@ -29,6 +29,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "jaegerDatasourceUid": "P14A4C8C6B8A2B0D1",
             "lokiDatasourceUid": "loki_prod",
             "runbookUrl": "https://wiki.example.com/llm/runbooks",
+            "logsTenant": "ml-platform",
         },
         "image": {"repository": "registry.example.com/llm-telemetry-operator", "tag": "0.1.0-rc1"},
     },

@@ -112,6 +112,7 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
         "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger-collector.observability:4318",
         "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT": "http://loki-gateway.observability/otlp",
         "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS": "release=kube-prometheus-stack",
+        "LLM_TELEMETRY_OPERATOR_LOGS_TENANT": "",
         "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL": "grafana_dashboard=1",
         "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID": "jaeger",
         "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID": "loki",
@@ -157,11 +158,12 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
 def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) -> None:
     """``helm upgrade --reuse-values`` (docs/install.md) reuses the old release's values, without keys added to
     the chart since: the Deployment still gives the operator its defaults."""
-    unset = {"jaegerDatasourceUid": None, "lokiDatasourceUid": None, "runbookUrl": None}
+    unset = {"jaegerDatasourceUid": None, "lokiDatasourceUid": None, "runbookUrl": None, "logsTenant": None}
     env = {e["name"]: e.get("value") for e in container(render({"defaults": unset}))["env"]}
     config = OperatorConfig.from_env(env)
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
     assert config.runbook_url == "docs/runbooks.md"
+    assert config.logs_tenant == ""
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -177,6 +179,7 @@ def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: s
     assert config.jaeger_datasource_uid == defaults.get("jaegerDatasourceUid", "jaeger")
     assert config.loki_datasource_uid == defaults.get("lokiDatasourceUid", "loki")
     assert config.runbook_url == defaults.get("runbookUrl", "docs/runbooks.md")
+    assert config.logs_tenant == defaults.get("logsTenant", "")
     assert config.metrics_port == 9465
     assert config.health == "http://0.0.0.0:8080/healthz"
 

@@ -77,6 +77,10 @@ def test_every_values_key_has_a_comment_above_it() -> None:
         ({"defaults": {"tracesEndpoint": "jaeger:4318"}}, "tracesEndpoint"),
         ({"peering": {"priority": "high"}}, "priority"),
         ({"metrics": {"port": 70000}}, "port"),
+        ({"defaults": {"logsTenant": ".."}}, "logsTenant"),
+        ({"defaults": {"logsTenant": "team a"}}, "logsTenant"),
+        ({"defaults": {"lokiDatasourceUid": "loki.prod"}}, "lokiDatasourceUid"),
+        ({"defaults": {"runbookUrl": "https://wiki/runbooks#top"}}, "runbookUrl"),
     ],
 )
 def test_schema_rejects_misspelled_keys_and_wrong_types(

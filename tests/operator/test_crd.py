@@ -100,6 +100,10 @@ def test_crd_accepts_every_price_kind() -> None:
         ({"dashboard": {"folder": "."}}, "folder is . (CEL rule)"),
         ({"dashboard": {"folder": "a\nb"}}, "folder holds a control character"),
         ({"dashboard": {"folder": "x" * 64}}, "folder maxLength"),
+        ({"logs": {"tenant": "team a"}}, "tenant pattern"),
+        ({"logs": {"tenant": "a|b"}}, "tenant pattern: '|' separates tenants in a query"),
+        ({"logs": {"tenant": ".."}}, "tenant is .. (CEL rule)"),
+        ({"logs": {"tenant": "t" * 151}}, "tenant maxLength"),
     ],
 )
 def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
@@ -129,6 +133,23 @@ def test_operator_refuses_a_folder_the_crd_refuses(folder: str) -> None:
     obj["spec"]["dashboard"] = {"folder": folder}
     assert kube_schema.validate_object(load(), obj)
     with pytest.raises(SpecError, match=r"spec\.dashboard\.folder"):
+        parse_spec(obj["spec"])
+
+
+@pytest.mark.parametrize("tenant", ["team-a", "fake", "acme_prod.eu", "a!*'()", "", "t" * 150])
+def test_crd_and_operator_accept_a_loki_tenant(tenant: str) -> None:
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["logs"] = {"tenant": tenant}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).logs.tenant == tenant
+
+
+@pytest.mark.parametrize("tenant", ["team a", "a|b", "..", ".", "t" * 151, "a,b", "a=b"])
+def test_operator_refuses_a_tenant_the_crd_refuses(tenant: str) -> None:
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["logs"] = {"tenant": tenant}
+    assert kube_schema.validate_object(load(), obj)
+    with pytest.raises(SpecError, match=r"spec\.logs\.tenant"):
         parse_spec(obj["spec"])
 
 

@@ -24,6 +24,7 @@ def test_config_defaults() -> None:
     assert config.resync_seconds == 300.0
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
     assert config.runbook_url == "docs/runbooks.md"  # the rules' own default
+    assert config.logs_tenant == ""
     low, high = AUTO_PRIORITY_RANGE
     assert low <= config.priority <= high
 
@@ -43,6 +44,7 @@ def test_config_from_environment() -> None:
         "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID": "P14A4C8C6B8A2B0D1",
         "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID": "loki_logs-1",
         "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL": "https://wiki.example.com/llm/runbooks",
+        "LLM_TELEMETRY_OPERATOR_LOGS_TENANT": "team-a",
     }
     with mock.patch.dict(os.environ, env):
         config = OperatorConfig.from_env()
@@ -57,6 +59,7 @@ def test_config_from_environment() -> None:
     assert config.resync_seconds == 30.0
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("P14A4C8C6B8A2B0D1", "loki_logs-1")
     assert config.runbook_url == "https://wiki.example.com/llm/runbooks"
+    assert config.logs_tenant == "team-a"
 
 
 def test_config_auto_priority_differs_between_pods() -> None:
@@ -84,6 +87,8 @@ def test_config_auto_priority_differs_between_pods() -> None:
         ("LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID", "l" * 41),
         ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/run books"),
         ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/runbooks#top"),
+        ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", "team a"),
+        ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", ".."),
     ],
 )
 def test_config_bad_value_names_the_variable(name: str, value: str) -> None:

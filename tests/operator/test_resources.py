@@ -56,6 +56,28 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     # Loki takes OTLP over HTTP only, whatever the traces use.
     assert env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://loki-gateway.observability/otlp/v1/logs"
     assert env["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
+    assert "OTEL_EXPORTER_OTLP_LOGS_HEADERS" not in env  # no tenant unless one is set
+
+
+@pytest.mark.parametrize(
+    ("spec_tenant", "default_tenant", "header"),
+    [
+        (None, "", None),
+        ("team-a", "", "X-Scope-OrgID=team-a"),
+        (None, "platform", "X-Scope-OrgID=platform"),
+        ("team-a", "platform", "X-Scope-OrgID=team-a"),
+        ("", "platform", None),  # the resource opts out of the default
+    ],
+)
+def test_logs_name_their_loki_tenant(spec_tenant: str | None, default_tenant: str, header: str | None) -> None:
+    """A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant."""
+    logs = {} if spec_tenant is None else {"tenant": spec_tenant}
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": logs})
+    config = dataclasses.replace(CONFIG, logs_tenant=default_tenant)
+    env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
+    assert env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS") == header
+    stdout = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": {**logs, "mode": "stdout"}})
+    assert "OTEL_EXPORTER_OTLP_LOGS_HEADERS" not in {e["name"] for e in r.build_env(stdout, config, deployment(), "c")}
 
 
 def test_env_resource_attributes_use_the_downward_api() -> None:
