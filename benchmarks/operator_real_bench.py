@@ -29,7 +29,7 @@ by kube-apiserver, etcd and the operator, by the whole machine and stolen by the
 processes that used the most CPU over the window, ours or not. ``OPERATOR_BENCH_KEEP_LOGS=<dir>`` keeps the
 operator's log there.
 
-By default the trace and log collector Services the operator's defaults point at (``jaeger-collector`` port 4318
+By default the trace and log collector Services the operator's defaults point at (``jaeger`` port 4318
 and ``loki-gateway`` port 80 in namespace ``observability``; see ``llm_telemetry_operator.config``) are created
 first, headless and without pods, so the operator injects both exporters, as for a user with the documented
 collectors. ``--no-collectors`` (``run(..., collectors=False)``) leaves them out: every resource then also gets a
@@ -71,7 +71,7 @@ _WORK = re.compile(r"reconciled \((?!resync)|Resuming is processed|Deletion is p
 MODES = ("proxied", "direct")
 #: The Services behind the operator's default trace and log endpoints: namespace, [(name, port)].
 COLLECTORS_NAMESPACE = "observability"
-COLLECTOR_SERVICES = [("jaeger-collector", 4318), ("loki-gateway", 80)]
+COLLECTOR_SERVICES = [("jaeger", 4318), ("loki-gateway", 80)]
 
 
 def missing() -> str | None:
@@ -719,7 +719,7 @@ def format_report(report: dict[str, Any]) -> str:
     present = report.get("collectors")
     notes = [
         legend,
-        "collector Services (jaeger-collector, loki-gateway in observability): "
+        "collector Services (jaeger, loki-gateway in observability): "
         + ("unknown" if present is None else "present" if present else "absent (a CollectorNotFound event each)"),
     ]
     for res in report.get("results", []):

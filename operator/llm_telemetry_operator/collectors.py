@@ -78,7 +78,7 @@ class CollectorCheck:
     Example::
 
         check = CollectorCheck()
-        lookup = await check.lookup(client, "http://jaeger-collector.observability:4318")
+        lookup = await check.lookup(client, "http://jaeger.observability:4318")
     """
 
     def __init__(self, namespaces: tuple[str, ...] = (), ttl: float = CACHE_SECONDS) -> None:

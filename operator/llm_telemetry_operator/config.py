@@ -45,7 +45,10 @@ LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS: Final = "LLM_TELEMETRY_OPERATOR_RESYNC_SE
 #: ``true`` runs without peering (no KopfPeering needed; run a single replica only).
 LLM_TELEMETRY_OPERATOR_STANDALONE: Final = "LLM_TELEMETRY_OPERATOR_STANDALONE"
 
-DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger-collector.observability:4318"
+#: Jaeger v2 as its Helm chart installs it (``helm install jaeger jaegertracing/jaeger -n observability``): one
+#: Service, named after the release, with OTLP on 4317 and 4318 and the UI on 16686. (Jaeger v1's chart named its
+#: collector Service ``jaeger-collector``; the OpenTelemetry Operator names one ``<collector>-collector``.)
+DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger.observability:4318"
 DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
 DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
 DEFAULT_JAEGER_DATASOURCE_UID: Final = "jaeger"

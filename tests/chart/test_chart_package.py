@@ -109,7 +109,7 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
     env = {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in operator["env"]}
     assert env == {
         "LLM_TELEMETRY_OPERATOR_NAMESPACES": "",
-        "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger-collector.observability:4318",
+        "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger.observability:4318",
         "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT": "http://loki-gateway.observability/otlp",
         "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS": "release=kube-prometheus-stack",
         "LLM_TELEMETRY_OPERATOR_LOGS_TENANT": "",
@@ -173,7 +173,7 @@ def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: s
     config = OperatorConfig.from_env(env)
     assert config.namespaces == tuple(values.get("watchNamespaces", ()))
     defaults = values.get("defaults", {})
-    assert config.traces_endpoint == defaults.get("tracesEndpoint", "http://jaeger-collector.observability:4318")
+    assert config.traces_endpoint == defaults.get("tracesEndpoint", "http://jaeger.observability:4318")
     assert config.servicemonitor_labels == defaults.get("serviceMonitorLabels", {"release": "kube-prometheus-stack"})
     assert "=".join(config.dashboard_label) == defaults.get("dashboardLabel", "grafana_dashboard=1")
     assert config.jaeger_datasource_uid == defaults.get("jaegerDatasourceUid", "jaeger")

@@ -245,7 +245,7 @@ def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster) -> None:
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
     collectors = cluster.condition("chat", c.CONDITION_COLLECTORS)
     assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
-    assert "jaeger-collector" in collectors["message"] and "loki-gateway" in collectors["message"]
+    assert "Service jaeger in" in collectors["message"] and "loki-gateway" in collectors["message"]
     assert wait_for(lambda: cluster.events("chat", "CollectorNotFound"), "CollectorNotFound event")
 
     # Children, owned by the resource (the API server accepted every one of them).

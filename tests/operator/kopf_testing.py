@@ -459,12 +459,12 @@ def install_prometheus_operator_crds(kmock: Any, monitoring_crds: Mapping[str, M
 
 def install_default_collectors(kmock: Any) -> None:
     """The Services behind the operator's default trace and log endpoints (Jaeger's and Loki's)."""
-    for name in ("jaeger-collector", "loki-gateway"):
+    for name in ("jaeger", "loki-gateway"):
         kmock.objects[SERVICES, "observability", name] = {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": name, "namespace": "observability"},
-            "spec": {"ports": [{"port": 4318 if name == "jaeger-collector" else 80}]},
+            "spec": {"ports": [{"port": 4318 if name == "jaeger" else 80}]},
         }
 
 

@@ -29,7 +29,7 @@ from llm_telemetry_operator.errors import ApiError, NotFoundError
 @pytest.mark.parametrize(
     ("endpoint", "service"),
     [
-        ("http://jaeger-collector.observability:4318", ("observability", "jaeger-collector")),
+        ("http://jaeger.observability:4318", ("observability", "jaeger")),
         ("http://loki-gateway.observability/otlp", ("observability", "loki-gateway")),
         ("http://tempo.monitoring.svc:4318", ("monitoring", "tempo")),
         ("http://tempo.monitoring.svc.cluster.local:4318", ("monitoring", "tempo")),
@@ -45,7 +45,7 @@ def test_service_of_endpoint(endpoint: str, service: tuple[str, str] | None) -> 
 @pytest.mark.parametrize(
     ("endpoint", "port"),
     [
-        ("http://jaeger-collector.observability:4318", 4318),
+        ("http://jaeger.observability:4318", 4318),
         ("http://loki-gateway.observability/otlp", 80),
         ("https://tempo.monitoring.svc/otlp", 443),
         ("HTTP://tempo.monitoring.svc", 80),
@@ -82,8 +82,8 @@ async def test_a_collector_service_without_the_endpoints_port_counts_as_missing(
     spec: dict[str, Any], found: bool, ports: tuple[int, ...]
 ) -> None:
     lookup = await CollectorCheck().lookup(
-        Services({"jaeger-collector": spec}),  # type: ignore[arg-type]
-        "http://jaeger-collector.observability:4318",
+        Services({"jaeger": spec}),  # type: ignore[arg-type]
+        "http://jaeger.observability:4318",
     )
     assert (lookup.found, lookup.ports) == (found, ports)
 
@@ -130,9 +130,7 @@ class SlowServices:
 )
 async def test_passes_started_together_read_a_collector_service_once(answer: Exception | None, found: Any) -> None:
     check, client = CollectorCheck(), SlowServices(answer)
-    lookups = [
-        asyncio.ensure_future(check.lookup(client, "http://jaeger-collector.observability:4318")) for _ in range(50)
-    ]  # type: ignore[arg-type]
+    lookups = [asyncio.ensure_future(check.lookup(client, "http://jaeger.observability:4318")) for _ in range(50)]  # type: ignore[arg-type]
     await asyncio.sleep(0.01)
     lookups[0].cancel()  # one pass stops: the others still get their answer
     client.release.set()
@@ -140,7 +138,7 @@ async def test_passes_started_together_read_a_collector_service_once(answer: Exc
     assert client.reads == 1
     assert {result.found for result in results} == {found}
     # Found or missing is remembered; an unreadable Service is read again next time.
-    await check.lookup(client, "http://jaeger-collector.observability:4318")  # type: ignore[arg-type]
+    await check.lookup(client, "http://jaeger.observability:4318")  # type: ignore[arg-type]
     assert client.reads == (2 if found is None else 1)
 
 
@@ -152,7 +150,7 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
     async with running_operator(config):
         collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
-        assert "Service jaeger-collector in namespace observability" in collectors["message"]
+        assert "Service jaeger in namespace observability" in collectors["message"]
         assert "Service loki-gateway in namespace observability" in collectors["message"]
         assert "spec.tracing.endpoint" in collectors["message"]
         # The rest of the wiring does not wait for collectors: metrics are injected all the same.
@@ -161,7 +159,7 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
         assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env
         events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
-        assert "jaeger-collector" in events[0]
+        assert "Service jaeger in" in events[0]
         old_hash = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"]["annotations"][
             c.ANNOTATION_CONFIG_HASH
         ]
@@ -171,12 +169,12 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
             emulator,
             "POST",
             "/api/v1/namespaces/observability/services",
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "jaeger-collector"}, "spec": {}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "jaeger"}, "spec": {}},
         )
         await eventually(
             lambda: (
                 env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                == "http://jaeger-collector.observability:4318"
+                == "http://jaeger.observability:4318"
             ),
             "trace exporter injected once its collector exists",
         )
@@ -210,13 +208,13 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
     would fail in every pod, so it is left out and the condition says which ports the Service has."""
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(
-        tracing={"endpoint": "http://jaeger-collector.observability.svc:4317", "protocol": "grpc"},
+        tracing={"endpoint": "http://jaeger.observability.svc:4317", "protocol": "grpc"},
         logs={"enabled": False},
     )
-    emulator.objects["v1/services", "observability", "jaeger-collector"] = {
+    emulator.objects["v1/services", "observability", "jaeger"] = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": "jaeger-collector", "namespace": "observability"},
+        "metadata": {"name": "jaeger", "namespace": "observability"},
         "spec": {"ports": [{"name": "otlp-http", "port": 4318}]},
     }
     async with running_operator():

@@ -14,7 +14,7 @@ from llm_telemetry_operator.errors import ConfigurationError
 def test_config_defaults() -> None:
     config = OperatorConfig.from_env({})
     assert config.clusterwide and config.namespaces == ()
-    assert config.traces_endpoint == "http://jaeger-collector.observability:4318"
+    assert config.traces_endpoint == "http://jaeger.observability:4318"
     assert config.logs_endpoint == "http://loki-gateway.observability/otlp"
     assert dict(config.servicemonitor_labels) == {}
     assert config.dashboard_label == ("grafana_dashboard", "1")
