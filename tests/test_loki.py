@@ -233,7 +233,7 @@ def _run_pod(namespace: str, loki: Loki, receiver: OTLPReceiver, root: Path, sta
     with open(stdout, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
+             "--host", "127.0.0.1", "--port", str(port)],
             env=_pod_env(namespace, loki, receiver), stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -245,8 +245,10 @@ def _run_pod(namespace: str, loki: Loki, receiver: OTLPReceiver, root: Path, sta
         wait_for(f"{namespace}'s OTLP records in Loki", lambda: _lines_in_loki(loki, otlp, start_ns) >= ids)
     finally:
         stop_process(process)
-    lines = [line for line in stdout.read_text().splitlines() if line.startswith('{"timestamp"')]
-    assert len(lines) == len(sent), lines
+    # The container's whole log, as an agent ships it: uvicorn's own lines and access log among the request lines.
+    lines = stdout.read_text().splitlines()
+    assert sum(line.startswith('{"timestamp"') for line in lines) == len(sent), lines
+    assert any('"POST /v1/chat/completions HTTP/1.1"' in line for line in lines), lines
     labels = {"namespace": namespace, "pod": f"chat-7d9f8-{namespace}", "container": "chat"}
     loki.push({**labels, "job": f"{namespace}/chat"}, lines)
     shipped = f'{{namespace="{namespace}"}} | json'
