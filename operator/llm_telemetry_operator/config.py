@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Final
 from urllib.parse import urlsplit
 
+from llm_telemetry.monitoring.rules import DEFAULT_RUNBOOK_URL  # a path in this repository: no link in a notification
 from llm_telemetry_operator.errors import ConfigurationError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
 from llm_telemetry_operator.spec import loki_tenant_problem
@@ -53,9 +54,6 @@ DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
 DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
 DEFAULT_JAEGER_DATASOURCE_UID: Final = "jaeger"
 DEFAULT_LOKI_DATASOURCE_UID: Final = "loki"
-#: The alerts' default (llm_telemetry.monitoring.rules.DEFAULT_RUNBOOK_URL): a path in this repository, no link
-#: in an alert's notification until it is set to where the runbooks are served.
-DEFAULT_RUNBOOK_URL: Final = "docs/runbooks.md"
 DEFAULT_PEERING: Final = "llm-telemetry-operator"
 DEFAULT_PRIORITY: Final = "auto"
 #: Range "auto" draws from. kopf pauses every operator whose priority equals another's, so the range is wide
