@@ -40,9 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dashboard.add_argument("--uid", default="llm-telemetry")
     dashboard.add_argument("--jaeger-uid", default="jaeger", help="uid of the Jaeger datasource for trace links")
     dashboard.add_argument("--loki-uid", default="loki", help="uid of the Loki datasource for the log panel")
+    from .monitoring.dashboards import LOGS_MODES
+
     dashboard.add_argument(
         "--logs-mode",
-        choices=("stdout", "otlp"),
+        choices=LOGS_MODES,
         default="stdout",
         help="how request logs reach Loki, for the log panel's query: stdout (a log agent ships them) or otlp",
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
+from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
@@ -21,7 +22,8 @@ from llm_telemetry_operator.labels import is_label_key, is_label_value
 PRICE_KINDS = ("input", "output", "cache_read", "cache_creation")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 PROTOCOLS = ("grpc", "http/protobuf")
-LOG_MODES = ("otlp", "stdout")
+#: spec.logs.mode: how the request lines reach Loki, each with the dashboard query that finds them there.
+LOG_MODES = LOGS_MODES
 _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
