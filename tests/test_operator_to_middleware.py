@@ -7,7 +7,6 @@ and request logs arrive at an OTLP receiver standing in for the resource's colle
 from __future__ import annotations
 
 import pathlib
-import re
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from kube_schema import merge_patch
+from kubelet import container_env, expand
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.spec import parse_spec
@@ -49,31 +49,6 @@ def workload() -> dict[str, Any]:
             },
         },
     }
-
-
-def expand(value: str, defined: Mapping[str, str]) -> str:
-    """The kubelet's ``$(VAR)`` expansion: a variable defined earlier in the list is replaced, ``$$`` escapes, and
-    anything else is left as written."""
-
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1)
-        return defined[name] if name in defined else match.group(0)
-
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", one, value)
-
-
-def container_env(container: Mapping[str, Any]) -> dict[str, str]:
-    """The environment the kubelet gives the container, in its order (field references of the pod only: the
-    operator injects no other kind of reference, and any other would fail here)."""
-    env: dict[str, str] = {}
-    for entry in container.get("env") or []:
-        if "value" in entry:
-            env[entry["name"]] = expand(entry["value"], env)
-        else:
-            env[entry["name"]] = POD[entry["valueFrom"]["fieldRef"]["fieldPath"]]
-    return env
 
 
 def mount(
@@ -109,7 +84,7 @@ class Deployed:
         self.monitor = r.build_service_monitor(resource, self.spec, CONFIG)
         pricing = r.build_pricing_configmap(resource, self.spec)
         mount(pod_spec, self.containers["api"], {pricing["metadata"]["name"]: pricing}, root)
-        self.env = container_env(self.containers["api"])
+        self.env = container_env(self.containers["api"], POD)
         # What differs on this machine: the files sit under ``root``, the collectors' cluster names stand for the
         # receiver, and the metrics port is a free one (the test compares the injected one with the Service's).
         self.metrics_port = free_port()
