@@ -17,6 +17,7 @@ from llm_telemetry.monitoring.rules import (
     AlertThresholds,
     build_prometheus_rule,
     build_rule_groups,
+    recorded_selector,
     render_rule_file,
 )
 from prometheus_operator import find_schemas
@@ -34,6 +35,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "thresholds": AlertThresholds(availability_objective=0.995, ttft_objective=0.95, ttft_objective_seconds=1.0)
     },
     "rules-selector.yaml": {"selector": 'namespace="llm",job="chat"'},
+    "rules-search.yaml": {"selector": 'namespace="llm",job="search"', "thresholds": AlertThresholds(error_ratio=0.5)},
 }
 
 
@@ -153,10 +155,32 @@ def test_selector_reaches_every_raw_metric() -> None:
                 assert re.search(rf"\b{metric}\{{{re.escape(selector)}", rule["expr"]), (metric, rule["expr"])
 
 
+@pytest.mark.parametrize(
+    ("selector", "kept"),
+    [
+        ('namespace="llm",job="chat"', 'namespace="llm",job="chat"'),
+        ("job=~'chat|search', container=\"api,v2\"", "job=~'chat|search'"),  # recorded series have no container
+        ('tier!="batch"', ""),
+    ],
+)
+def test_alerts_read_only_their_own_services_recorded_series(selector: str, kept: str) -> None:
+    """Every service's rules record under the same names, so each alert selects the recorded series of its own
+    service, by the selector's matchers on the labels recording keeps (tests/promtool/two_services.yaml runs it)."""
+    assert recorded_selector(selector) == kept
+    alerts = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=1), selector=selector))
+    reads = [(name, ref) for name, rule in alerts.items() for ref in re.findall(r"llm:[^\s)]+", rule["expr"])]
+    assert {name for name, _ in reads} >= {"LLMHighErrorRatio", "LLMTokenRateAnomaly", "LLMCostBudgetExceeded"}
+    for name, ref in reads:
+        assert ref.partition("{")[2] == (f"{kept}}}" if kept else ""), (name, ref)
+
+
 def test_selector_braces_are_optional_and_bad_selectors_are_refused() -> None:
     assert render_rule_file(selector='{job="chat"}') == render_rule_file(selector='job="chat"')
     with pytest.raises(ValueError, match="selector"):
         build_rule_groups(selector='up{job="chat"}')
+    for bad in ('job="chat" namespace="llm"', "job=chat", 'job="chat",,namespace="llm"'):
+        with pytest.raises(ValueError, match="selector"):
+            build_rule_groups(selector=bad)
 
 
 def test_ttft_objective_must_be_a_bucket_boundary() -> None:

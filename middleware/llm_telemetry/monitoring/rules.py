@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -170,6 +171,33 @@ def _normalize_selector(selector: str) -> str:
     return selector
 
 
+#: One label matcher of a selector, its value in any of PromQL's three quotes.
+_MATCHER: Final = re.compile(
+    r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)\s*"""
+)
+
+
+def recorded_selector(selector: str) -> str:
+    """The matchers of a (normalized) selector on the labels every recording rule keeps (``BY``).
+
+    Each service's rules record under the same names (one rule file or PrometheusRule per service), so an alert
+    that reads a recorded series must select its own service's: without this, every service's rules judged every
+    other's recorded series by their own thresholds, and identical alerts from two rule files collided.
+    Matchers on other labels cannot apply to recorded series; rules for services told apart only by such labels
+    should differ in namespace or job as well.
+    """
+    kept = {label.strip() for label in BY.split(",")}
+    matchers, position = [], 0
+    while position < len(selector):
+        match = _MATCHER.match(selector, position)
+        if match is None or (match.end() < len(selector) and selector[match.end()] != ","):
+            raise ValueError(f'selector {selector!r}: expected label matchers such as namespace="llm",job="chat"')
+        if match.group(1) in kept:
+            matchers.append(match.group(0).strip())
+        position = match.end() + 1
+    return ",".join(matchers)
+
+
 def series(metric: str, selector: str = "", *matchers: str) -> str:
     """``metric{selector,matchers...}``, or the bare name when there are no matchers."""
     parts = [p for p in (selector, *matchers) if p]
@@ -240,7 +268,9 @@ def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = 
     return f"1 - (\n  sum by ({BY}) (rate({fast}[{window}]))\n  /\n  sum by ({BY}) (rate({total}[{window}]))\n)"
 
 
-def _burn_alerts(slo: str, alert_prefix: str, objective: float, what: str, runbook_url: str) -> list[dict[str, Any]]:
+def _burn_alerts(
+    slo: str, alert_prefix: str, objective: float, what: str, runbook_url: str, own: str
+) -> list[dict[str, Any]]:
     budget = 1 - objective
     rules = []
     for severity, speed in (("critical", "Fast"), ("warning", "Slow")):
@@ -250,8 +280,8 @@ def _burn_alerts(slo: str, alert_prefix: str, objective: float, what: str, runbo
                 continue
             threshold = f"({factor:g} * (1 - {objective:g}))"
             clauses.append(
-                f"(\n  llm:slo_{slo}:ratio_rate{long_w} > {threshold}\n"
-                f"  and\n  llm:slo_{slo}:ratio_rate{short_w} > {threshold}\n)"
+                f"(\n  {series(f'llm:slo_{slo}:ratio_rate{long_w}', own)} > {threshold}\n"
+                f"  and\n  {series(f'llm:slo_{slo}:ratio_rate{short_w}', own)} > {threshold}\n)"
             )
         windows = " or ".join(
             f"{factor:g}x over {long_w} and {short_w}"
@@ -296,6 +326,7 @@ def build_rule_groups(
     """
     t = thresholds
     sel = _normalize_selector(selector)
+    own = recorded_selector(sel)  # what alerts select the recorded series by
 
     tool_error = f'{TOOL_STATUS}="error"'
     recording: list[dict[str, Any]] = [
@@ -366,7 +397,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighErrorRatio",
-            f"llm:llm_errors:ratio_rate5m > {t.error_ratio:g}",
+            f"{series('llm:llm_errors:ratio_rate5m', own)} > {t.error_ratio:g}",
             severity="warning",
             for_="5m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
@@ -376,7 +407,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighRequestDuration",
-            f"llm:{REQUEST_DURATION}:p95_5m > {t.p95_request_duration_seconds:g}",
+            f"{series(f'llm:{REQUEST_DURATION}:p95_5m', own)} > {t.p95_request_duration_seconds:g}",
             severity="warning",
             for_="10m",
             summary=f"{service}: p95 request duration of {{{{ $labels.{REQUEST_MODEL} }}}} is "
@@ -387,7 +418,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighTimeToFirstToken",
-            f"llm:{TIME_TO_FIRST_TOKEN}:p95_5m > {t.p95_ttft_seconds:g}",
+            f"{series(f'llm:{TIME_TO_FIRST_TOKEN}:p95_5m', own)} > {t.p95_ttft_seconds:g}",
             severity="warning",
             for_="10m",
             summary=f"{service}: p95 time to first token of {{{{ $labels.{REQUEST_MODEL} }}}} is "
@@ -398,7 +429,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighToolFailureRatio",
-            f"llm:llm_tool_results:error_ratio_rate5m > {t.tool_failure_ratio:g}",
+            f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {t.tool_failure_ratio:g}",
             severity="warning",
             for_="10m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of tool "
@@ -409,9 +440,9 @@ def build_rule_groups(
         ),
         _alert(
             "LLMTokenRateAnomaly",
-            f"sum by ({BY}) (llm:llm_tokens:rate5m)\n"
-            f"  > {t.token_rate_spike_factor:g} * (llm:llm_tokens:rate1h offset 15m)\n"
-            f"and\nsum by ({BY}) (llm:llm_tokens:rate5m) > {t.token_rate_floor_per_second:g}",
+            f"sum by ({BY}) ({series('llm:llm_tokens:rate5m', own)})\n"
+            f"  > {t.token_rate_spike_factor:g} * ({series('llm:llm_tokens:rate1h', own)} offset 15m)\n"
+            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {t.token_rate_floor_per_second:g}",
             severity="warning",
             for_="10m",
             summary=f"{service} is using tokens {t.token_rate_spike_factor:g}x faster than in the hour before",
@@ -445,7 +476,7 @@ def build_rule_groups(
         alerts.append(
             _alert(
                 "LLMCostBudgetExceeded",
-                f"llm:llm_cost_usd:rate1h * 3600 > {t.cost_per_hour_usd:g}",
+                f"{series('llm:llm_cost_usd:rate1h', own)} * 3600 > {t.cost_per_hour_usd:g}",
                 severity="warning",
                 for_="5m",
                 summary=f'{service} spends {{{{ $value | printf "%.2f" }}}} USD per hour',
@@ -460,12 +491,14 @@ def build_rule_groups(
         t.availability_objective,
         "Requests are failing through the service's fault (client errors excluded).",
         runbook_url,
+        own,
     ) + _burn_alerts(
         "ttft",
         "LLMTimeToFirstToken",
         t.ttft_objective,
         f"Streamed responses are taking more than {t.ttft_objective_seconds:g}s to their first token.",
         runbook_url,
+        own,
     )
 
     return [
