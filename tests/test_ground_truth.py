@@ -847,6 +847,37 @@ def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
     }
 
 
+def test_the_operators_dashboard_opens_on_its_own_service(run: Run) -> None:
+    """The dashboard the operator makes for an LLMTelemetry is titled with that resource's service and opens on it:
+    its namespace and job variables default to values their queries list (the job is the resource's name, which its
+    ServiceMonitor sets; here the scrape job plays it)."""
+    resources = pytest.importorskip("llm_telemetry_operator.resources")
+    config = pytest.importorskip("llm_telemetry_operator.config")
+    spec = pytest.importorskip("llm_telemetry_operator.spec")
+    owner = {"metadata": {"namespace": NAMESPACE, "name": JOB, "uid": "u"}}
+    parsed = spec.parse_spec(
+        {"selector": {"matchLabels": {"app": JOB}}, "attribution": {"headers": {"x-tenant": "tenant"}}}
+    )
+    configmap = resources.build_dashboard_configmap(owner, parsed, config.OperatorConfig())
+    [text] = configmap["data"].values()
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    chosen: dict[str, str] = {}
+    for name in ("namespace", "job"):
+        default = variables[name]["current"]["value"]
+        match = re.fullmatch(r"label_values\((.*), (\w+)\)", variables[name]["definition"])
+        assert match, variables[name]["definition"]
+        selector = re.sub(r"\$(\w+)", lambda m: chosen.get(m.group(1), ".*"), match.group(1))
+        options = run.prom.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
+        assert default == [{"namespace": NAMESPACE, "job": JOB}[name]]
+        assert set(default) <= set(options), (name, default, options)
+        chosen[name] = default[0]
+    assert dashboard["title"] == f"LLM: {NAMESPACE}/{JOB}"
+    # Every other variable opens on All, as the shipped dashboard's do.
+    others = [v for n, v in variables.items() if v.get("includeAll") and n not in chosen]
+    assert others and all(v["current"]["value"] == ["$__all"] for v in others)
+
+
 def test_prometheus_records_every_rule_and_no_alert_claims_the_target_is_down(run: Run) -> None:
     # Prometheus' own evaluations (fixed windows), not just the expressions: every recorded series has values.
     records = {r["record"] for g in build_rule_groups(THRESHOLDS) for r in g["rules"] if "record" in r}

@@ -514,18 +514,19 @@ def dashboard_uid(owner: Mapping[str, Any]) -> str:
     return text[:31] + "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-#: Stand-ins for a dashboard's title and uid in :func:`_dashboard_template` (a NUL is never in either).
+#: Stand-ins for a dashboard's title, uid, namespace and job in :func:`_dashboard_template` (a NUL is never in any).
 _TITLE_MARK, _UID_MARK = "\x00title\x00", "\x00uid\x00"
+_NAMESPACE_MARK, _JOB_MARK = "\x00namespace\x00", "\x00job\x00"
 
 
 @functools.lru_cache(maxsize=32)
 def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid: str, loki_uid: str) -> str:
-    """The dashboard's JSON for these attribution labels, logs mode and datasources, with stand-ins for its title
-    and uid.
+    """The dashboard's JSON for these attribution labels, logs mode and datasources, with stand-ins for its title,
+    uid, and the namespace and job it opens on.
 
-    Every LLMTelemetry's dashboard is the same but for those two top-level strings, and building and encoding it
-    (some 40 KB) was about a twentieth of the operator's CPU per new resource; so it is built once per set of
-    labels and settings, and each resource's is this text with its own title and uid put in.
+    Every LLMTelemetry's dashboard is the same but for those strings, and building and encoding it (some 40 KB) was
+    about a twentieth of the operator's CPU per new resource; so it is built once per set of labels and settings,
+    and each resource's is this text with its own values put in.
     """
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
@@ -536,6 +537,8 @@ def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid
         logs_mode=logs_mode,
         jaeger_uid=jaeger_uid,
         loki_uid=loki_uid,
+        namespace=_NAMESPACE_MARK,
+        job=_JOB_MARK,
     )
     return json.dumps(dashboard, sort_keys=True, separators=(",", ":"))
 
@@ -547,19 +550,23 @@ def dashboard_json(
     logs_mode: str,
     jaeger_uid: str,
     loki_uid: str,
+    namespace: str,
+    job: str,
 ) -> str:
     """``json.dumps(build_dashboard(title=..., uid=..., ...), sort_keys=True, separators=(",", ":"))``, from the
     cached template (the same text)."""
     text = _dashboard_template(attribution, logs_mode, jaeger_uid, loki_uid)
-    for mark, value in ((_TITLE_MARK, title), (_UID_MARK, uid)):
-        text = text.replace(json.dumps(mark), json.dumps(value), 1)
+    for mark, value in ((_TITLE_MARK, title), (_UID_MARK, uid), (_NAMESPACE_MARK, namespace), (_JOB_MARK, job)):
+        text = text.replace(json.dumps(mark), json.dumps(value))
     return text
 
 
 def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:
     """The project's Grafana dashboard in a ConfigMap Grafana's sidecar picks up, in ``spec.dashboard.folder``.
 
-    Its error log panel queries Loki for the lines as ``spec.logs.mode`` sends them there (OTLP or stdout)."""
+    It opens on this resource's service (its namespace, and the job its ServiceMonitor sets: the resource's name),
+    as its title says; the variables still offer every other. Its error log panel queries Loki for the lines as
+    ``spec.logs.mode`` sends them there (OTLP or stdout)."""
     meta = owner["metadata"]
     attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)
     title = f"LLM: {meta['namespace']}/{meta['name']}"
@@ -570,6 +577,8 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
         spec.logs.mode,
         config.jaeger_datasource_uid,
         config.loki_datasource_uid,
+        meta["namespace"],
+        meta["name"],
     )
     key, val = config.dashboard_label
     metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})

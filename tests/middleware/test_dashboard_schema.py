@@ -19,7 +19,11 @@ def schema() -> GrafanaSchema:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"logs_mode": "otlp", "attribution_labels": ("tenant", "team")}, {"attribution_labels": ()}],
+    [
+        {},
+        {"logs_mode": "otlp", "attribution_labels": ("tenant", "team"), "namespace": "llm", "job": "chat"},
+        {"attribution_labels": ()},
+    ],
     ids=["default", "operator", "no-attribution"],
 )
 def test_dashboard_is_what_grafanas_schema_declares(schema: GrafanaSchema, options: Any) -> None:

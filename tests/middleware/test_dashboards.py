@@ -174,6 +174,19 @@ def test_variables_are_multi_with_all_and_cover_attribution_labels() -> None:
     assert variables["llm_metadata_team"]["definition"].endswith("llm_metadata_team)")
 
 
+def test_the_dashboard_opens_on_all_or_on_the_service_named() -> None:
+    def currents(**scope: str) -> dict[str, list[str]]:
+        return {v["name"]: v["current"].get("value") for v in build_dashboard(**scope)["templating"]["list"]}
+
+    everything = currents()
+    assert everything["namespace"] == everything["job"] == everything["model"] == ["$__all"]
+    one = currents(namespace="llm", job="chat")
+    assert (one["namespace"], one["job"]) == (["llm"], ["chat"])
+    assert {k: v for k, v in one.items() if k not in ("namespace", "job")} == {
+        k: v for k, v in everything.items() if k not in ("namespace", "job")
+    }
+
+
 def test_every_query_filters_by_the_variables_that_apply() -> None:
     dashboard = build_dashboard(attribution_labels=("tenant",))
     for expr in _prometheus_exprs(dashboard):

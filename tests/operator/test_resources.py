@@ -336,8 +336,8 @@ def test_dashboard_uids_of_look_alike_resources_differ(first: tuple[str, str], s
 
 
 def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> None:
-    """Each resource's dashboard JSON is the cached one with its title and uid put in: byte for byte what
-    building and encoding it for that resource gives."""
+    """Each resource's dashboard JSON is the cached one with its title, uid, namespace and job put in: byte for byte
+    what building and encoding it for that resource gives."""
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
     for namespace, name, attribution, logs_mode, datasources in (
@@ -350,10 +350,17 @@ def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> N
         title, uid = f"LLM: {namespace}/{name}", r.dashboard_uid(owner)
         jaeger, loki = datasources
         fresh = build_dashboard(
-            title=title, uid=uid, attribution_labels=attribution, logs_mode=logs_mode, jaeger_uid=jaeger, loki_uid=loki
+            title=title,
+            uid=uid,
+            attribution_labels=attribution,
+            logs_mode=logs_mode,
+            jaeger_uid=jaeger,
+            loki_uid=loki,
+            namespace=namespace,
+            job=name,
         )
         expected = json.dumps(fresh, sort_keys=True, separators=(",", ":"))
-        assert r.dashboard_json(title, uid, attribution, logs_mode, jaeger, loki) == expected
+        assert r.dashboard_json(title, uid, attribution, logs_mode, jaeger, loki, namespace, name) == expected
 
 
 def test_dashboards_and_alerts_take_the_operators_grafana_datasources_and_runbook_url() -> None:

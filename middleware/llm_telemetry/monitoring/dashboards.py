@@ -351,7 +351,9 @@ def _quantiles(b: _Builder, metric: str) -> list[dict[str, Any]]:
     ]
 
 
-def _variable(name: str, label: str, query: str, description: str) -> dict[str, Any]:
+def _variable(name: str, label: str, query: str, description: str, default: str | None = None) -> dict[str, Any]:
+    """A multi-value query variable with an All option, opening on ``default`` (All when None)."""
+    current = {"text": ["All"], "value": ["$__all"]} if default is None else {"text": [default], "value": [default]}
     return {
         "type": "query",
         "name": name,
@@ -368,13 +370,13 @@ def _variable(name: str, label: str, query: str, description: str) -> dict[str, 
         # ".*" rather than an alternation of every value: also matches series without the label
         # (no namespace outside Kubernetes, no attribution header on a request).
         "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "current": {"selected": True, **current},
         "options": [],
         "hide": 0,
     }
 
 
-def _templating(attribution: Sequence[str]) -> list[dict[str, Any]]:
+def _templating(attribution: Sequence[str], namespace: str | None, job: str | None) -> list[dict[str, Any]]:
     scope = 'namespace=~"$namespace",job=~"$job"'
     variables: list[dict[str, Any]] = [
         {
@@ -393,12 +395,14 @@ def _templating(attribution: Sequence[str]) -> list[dict[str, Any]]:
             "Namespace",
             f"label_values({REQUESTS}, namespace)",
             "Kubernetes namespace of the scraped pods.",
+            namespace,
         ),
         _variable(
             "job",
             "Service",
             f'label_values({REQUESTS}{{namespace=~"$namespace"}}, job)',
             "Prometheus job, one per scraped Service or PodMonitor.",
+            job,
         ),
         {
             "type": "query",
@@ -452,6 +456,8 @@ def build_dashboard(
     loki_uid: str = "loki",
     attribution_labels: Sequence[str] = ("tenant",),
     logs_mode: str = "stdout",
+    namespace: str | None = None,
+    job: str | None = None,
 ) -> dict[str, Any]:
     """The Grafana dashboard JSON model for the metrics of :mod:`llm_telemetry.instruments`.
 
@@ -465,6 +471,8 @@ def build_dashboard(
         logs_mode: How the request-log lines reach Loki, which decides the error log panel's query (see
             :data:`ERROR_LOG_QUERIES`): ``stdout`` (a log agent ships the JSON lines; the middleware's default)
             or ``otlp`` (``OTEL_LOGS_EXPORTER=otlp`` to Loki's OTLP endpoint; the operator's default).
+        namespace, job: The namespace and job the dashboard opens on (its variables' default values; All when
+            None). The operator's dashboard for an LLMTelemetry opens on that resource's own service.
     """
     if logs_mode not in ERROR_LOG_QUERIES:
         raise ValueError(f"logs_mode {logs_mode!r}: expected one of {', '.join(LOGS_MODES)}")
@@ -722,7 +730,7 @@ def build_dashboard(
         "refresh": "30s",
         "schemaVersion": SCHEMA_VERSION,
         "tags": ["llm", "gen-ai", "llm-telemetry"],
-        "templating": {"list": _templating(b.attribution)},
+        "templating": {"list": _templating(b.attribution, namespace, job)},
         "time": {"from": "now-6h", "to": "now"},
         "timepicker": {},
         "timezone": "browser",
