@@ -45,7 +45,7 @@ anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
 
 from kubelet import container_env  # noqa: E402
-from llm_telemetry.labels import MAX_FIELD_CHARS  # noqa: E402
+from llm_telemetry.labels import MAX_FIELD_CHARS, MAX_LABEL_CHARS  # noqa: E402
 from llm_telemetry_operator import resources as r  # noqa: E402
 from llm_telemetry_operator.config import OperatorConfig  # noqa: E402
 from llm_telemetry_operator.spec import parse_spec  # noqa: E402
@@ -123,10 +123,12 @@ class Sent:
     finish: tuple[str, ...] = ()
     provider: str = "openai"
     path: str = "/v1/chat/completions"
+    #: The model as the span's name carries it: its bounded label value (see ``Traffic.label``).
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.operation} {self.model}"
+        return f"{self.operation} {self.label}"
 
 
 @dataclass
@@ -228,6 +230,7 @@ def _pod_env(pod: Pod, tempo: Tempo) -> dict[str, str]:
             "selector": {"matchLabels": {"app": "chat"}},
             "tracing": {"endpoint": endpoint, "protocol": pod.protocol, "samplingRatio": 1},
             "logs": {"enabled": False},
+            "attribution": {"maxLabelValues": MAX_MODELS},
         }
     )
     labels = {"app": "chat", "app.kubernetes.io/name": "chat"}
@@ -255,6 +258,11 @@ def _pod_env(pod: Pod, tempo: Tempo) -> dict[str, str]:
     return env
 
 
+#: Distinct model names each pod's labels (and span names) keep (``spec.attribution.maxLabelValues``).
+MAX_MODELS = 8
+#: Fine-tuned model names, each its own: a client can send any number of them.
+RANDOM_MODELS = 12
+
 #: Model names a client can send that no SDK does (as JSON escapes them), what the span must carry instead, and the
 #: error the request ends in (the demo app raises on the first: it cannot encode the model it echoes).
 HOSTILE = (
@@ -269,6 +277,7 @@ class Traffic:
     def __init__(self, pod: Pod, base: str) -> None:
         self.pod, self.base = pod, base
         self.sent: list[Sent] = []
+        self.admitted: list[str] = []
         self.openai = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test", max_retries=0)
         self.anthropic = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
 
@@ -277,7 +286,8 @@ class Traffic:
         headers = {"traceparent": f"00-{trace_id}-{parent_id}-01", **extra}
 
         def sent(**fields: Any) -> Sent:
-            record = Sent(self.pod, what, trace_id=trace_id, parent_id=parent_id, **fields)
+            label = self.label(fields["model"])
+            record = Sent(self.pod, what, trace_id=trace_id, parent_id=parent_id, label=label, **fields)
             self.sent.append(record)
             return record
 
@@ -352,7 +362,24 @@ class Traffic:
             except urllib.error.HTTPError as exc:
                 assert (exc.code, error) == (500, "app_exception")
             sent(operation="chat", model=model, error=error)
+
+        for _ in range(RANDOM_MODELS):
+            model = f"ft:gpt-4o-mini:acme:{secrets.token_hex(4)}"
+            headers, sent = self._headers("fine-tuned")
+            reply = self.openai.chat.completions.create(model=model, messages=messages, extra_headers=headers)
+            assert reply.usage is not None
+            sent(operation="chat", model=model, tokens=(reply.usage.prompt_tokens, reply.usage.completion_tokens),
+                 finish=("stop",))  # fmt: skip
         return self.sent
+
+    def label(self, model: str) -> str:
+        """The model's label value: the first MAX_MODELS distinct names as sent, then ``other`` (also for a name
+        too long to be a label), as docs/metrics.md bounds every label."""
+        if len(model) > MAX_LABEL_CHARS:
+            return "other"
+        if model not in self.admitted and len(self.admitted) < MAX_MODELS:
+            self.admitted.append(model)
+        return model if model in self.admitted else "other"
 
 
 def _run_pod(pod: Pod, tempo: Tempo, root: Path) -> list[Sent]:
@@ -379,6 +406,16 @@ def traffic(tempo: Tempo, tmp_path_factory: pytest.TempPathFactory) -> tuple[int
     for s in sent:
         wait_for(f"{s.pod.namespace} {s.what} in Tempo", lambda s=s: _ours(tempo.trace(s.trace_id)))
     return since, sent
+
+
+@pytest.fixture(scope="module")
+def searchable(tempo: Tempo, traffic: tuple[int, list[Sent]]) -> tuple[int, list[Sent]]:
+    """The traffic, once Tempo's search sees all of it (a trace is searchable once Tempo has closed it, idle for
+    ``live_store.max_trace_idle``)."""
+    since, sent = traffic
+    everything = {s.trace_id for s in sent}
+    wait_for("every trace to be searchable", lambda: tempo.search("{}", since) >= everything)
+    return traffic
 
 
 def _ours(spans: list[Span]) -> list[Span]:
@@ -450,6 +487,27 @@ def test_span_attributes_as_tempo_keeps_them(traffic: tuple[int, list[Sent]], tr
             assert event["name"] == "gen_ai.first_token"
 
 
+def test_span_names_stay_as_bounded_as_metric_labels(
+    tempo: Tempo, searchable: tuple[int, list[Sent]], traces: dict[str, list[Span]]
+) -> None:
+    """A span is named by its operation and model, and backends index span names (Tempo's tag values and span
+    metrics, Jaeger's operations): past MAX_MODELS distinct models, or a name too long for a label, the name says
+    ``other``. The attribute keeps the model sent (cut to the field bound)."""
+    _, sent = searchable
+    assert sum(s.label == "other" for s in sent) > len(PODS) * (RANDOM_MODELS - MAX_MODELS)  # the bound was reached
+    for s in sent:
+        [span] = _ours(traces[s.trace_id])
+        assert span.raw["name"] == s.name  # "chat other" past the bound
+        assert span.attributes["gen_ai.request.model"] == s.model
+    for pod in PODS:  # each model kept has one operation here; the rest are "chat other"
+        assert len({s.name for s in sent if s.pod == pod}) <= MAX_MODELS + 1
+    # What Tempo indexes: exactly these names (and the HTTP spans' of the two-span shape).
+    body = tempo.get("/api/v2/search/tag/name/values")
+    names = {value["value"] for value in body["tagValues"]}
+    http = {f"POST {s.path}" for s in sent if s.pod.two_spans}
+    assert names - http == {s.name for s in sent}
+
+
 def _documented_queries() -> list[tuple[str, str]]:
     """docs/tracing.md's TraceQL examples, each with the comment above it."""
     text = (REPO / "docs" / "tracing.md").read_text()
@@ -481,11 +539,8 @@ def test_the_documented_queries_are_all_expected() -> None:
 
 @pytest.mark.parametrize("comment,query", _documented_queries(), ids=[c for c, _ in _documented_queries()])
 def test_documented_traceql_finds_exactly_its_traces(
-    tempo: Tempo, traffic: tuple[int, list[Sent]], comment: str, query: str
+    tempo: Tempo, searchable: tuple[int, list[Sent]], comment: str, query: str
 ) -> None:
-    since, sent = traffic
-    # Search sees a trace once Tempo has closed it (idle for live_store.max_trace_idle): wait for all of them.
-    everything = {s.trace_id for s in sent}
-    wait_for("every trace to be searchable", lambda: tempo.search("{}", since) >= everything)
+    since, sent = searchable
     expected = {s.trace_id for s in sent if EXPECTED[comment](s)}
     assert tempo.search(query, since) == expected, query

@@ -50,6 +50,9 @@ class LLMCall:
     status_code: int | None = None
     error_type: str | None = None
     cost_usd: float | None = None
+    #: ``request_model`` as the metrics' label value it became (bounded in length and in distinct values, ``other``
+    #: past them; set by the recorder): the LLM span is named by it, as trace backends index span names.
+    model_label: str | None = None
     #: Attribution labels from request headers, already bounded: {"tenant": "acme"}.
     attribution: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Prompt messages and completion text, only kept when content capture is on.

@@ -196,6 +196,7 @@ class MetricsRecorder:
         ins = self._keyed
         active, active_key = self._active_attributes(call)
         shape = self._shape(call)
+        call.model_label = shape.values[names.GEN_AI_REQUEST_MODEL]
         # Everything the points need is worked out first; then they are all recorded under one lock.
         # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.
         sample = ins.request_duration.exemplar(call.otel_context)

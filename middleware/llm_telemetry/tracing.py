@@ -34,6 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 
 from . import instruments as names
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
+from .labels import label_value
 from .record import LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
@@ -934,10 +935,13 @@ class SpanObserver:
     def _fill(self, span: Any, call: LLMCall, now_perf: float, now_ns: int) -> None:
         light = type(span) is LLMSpan
         if call.request_model:
+            # Named by the model's bounded label value: a backend indexes span names (Jaeger's operations, Tempo's
+            # span metrics), and a client can send any number of model names. The attribute keeps the model sent.
+            name = f"{call.operation} {call.model_label or label_value(call.request_model)}"
             if light:
-                span.name = f"{call.operation} {call.request_model}"  # recording: update_name's condition
+                span.name = name  # recording: update_name's condition
             else:
-                span.update_name(f"{call.operation} {call.request_model}")
+                span.update_name(name)
         # Values are of OpenTelemetry's attribute types already (sequences as tuples, as the SDK stores them):
         # the span the middleware records itself takes them as they are.
         attributes: dict[str, Any] = span.attributes if light else {}

@@ -238,6 +238,36 @@ def test_grpc_export_and_anthropic_stream(receiver: OTLPReceiver) -> None:
     assert span.kind == SERVER
 
 
+@pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])
+def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two_spans: bool) -> None:
+    """Trace backends index span names (Jaeger's operations, Tempo's span metrics), and a client can send any
+    number of model names: past LLM_TELEMETRY_MAX_LABEL_VALUES models, or a model too long for a label, the span
+    is named ``chat other``, as the metrics label it; its gen_ai.request.model attribute keeps the model sent."""
+    service = f"llm-bounded-{two_spans}"
+    env = tracing_env(
+        receiver,
+        OTEL_SERVICE_NAME=service,
+        LLM_TELEMETRY_MAX_LABEL_VALUES="2",
+        LLM_TELEMETRY_TRACING_HTTP_SPAN=str(two_spans).lower(),
+    )
+    models = ["gpt-4o", "gpt-4o-mini", "gpt-4o", "ft:gpt-4o:acme:1", "m" * 300, "gpt-4o-mini"]
+    with demo_server(env) as (app, base):
+        for index, model in enumerate(models):
+            client(base).chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-request-id": f"{service}-{index}"},
+            )
+        assert app.telemetry.tracing is not None and app.telemetry.tracing.force_flush()
+    names = []
+    for index, model in enumerate(models):
+        span = wait_span(receiver, **{"llm.request_id": f"{service}-{index}"})
+        assert span.attributes["gen_ai.request.model"] == model
+        names.append(span.name)
+    expected = ["chat gpt-4o", "chat gpt-4o-mini", "chat gpt-4o", "chat other", "chat other", "chat gpt-4o-mini"]
+    assert names == expected
+
+
 def test_no_endpoint_means_no_tracing() -> None:
     with demo_server({}) as (app, base):
         assert app.telemetry.tracing is None  # no provider, no observer, no ASGI wrapper
