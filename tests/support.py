@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -43,6 +44,28 @@ def stop_process(process: subprocess.Popen[bytes], seconds: float = 15) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def config_file_server(what: str, binary: str, config: str, root: Path, base: str) -> Iterator[None]:
+    """Run a server configured by one file, as Loki and Tempo are (``-config.file``), until the block ends: the
+    config written under ``root``, its output in ``root/<what>.log``, ready once ``base``/ready answers 200."""
+    (root / "config.yaml").write_text(config)
+    log_path = root / f"{what.lower()}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([binary, f"-config.file={root / 'config.yaml'}"], stdout=log, stderr=log)
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited: {log_path.read_text()[-2000:]}")
+            with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
+                return bool(response.status == 200)
+
+        wait_for(f"{what} to be ready", ready)
+        yield
+    finally:
+        stop_process(process)
 
 
 def free_port() -> int:

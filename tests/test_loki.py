@@ -47,7 +47,7 @@ pytest.importorskip("uvicorn")
 from llm_telemetry.monitoring.dashboards import LOGS_MODES, build_dashboard  # noqa: E402
 from logql import interpolate  # noqa: E402
 from otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: E402
-from support import free_port, stop_process, wait_for  # noqa: E402
+from support import config_file_server, free_port, stop_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -156,22 +156,10 @@ class Loki:
 def loki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loki]:
     root = tmp_path_factory.mktemp("loki")
     http = free_port()
-    (root / "config.yaml").write_text(LOKI_CONFIG.format(http=http, grpc=free_port(), root=root))
-    with open(root / "loki.log", "wb") as log:
-        process = subprocess.Popen([str(LOKI), f"-config.file={root / 'config.yaml'}"], stdout=log, stderr=log)
-    try:
-        server = Loki(f"http://127.0.0.1:{http}")
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"Loki exited: {(root / 'loki.log').read_text()[-2000:]}")
-            with urllib.request.urlopen(f"{server.base}/ready", timeout=5) as response:
-                return response.status == 200
-
-        wait_for("Loki to be ready", ready)
+    server = Loki(f"http://127.0.0.1:{http}")
+    with config_file_server("Loki", str(LOKI), LOKI_CONFIG.format(http=http, grpc=free_port(), root=root), root,
+                            server.base):  # fmt: skip
         yield server
-    finally:
-        stop_process(process)
 
 
 def _pod_env(namespace: str, loki: Loki, receiver: OTLPReceiver) -> dict[str, str]:

@@ -49,7 +49,7 @@ from llm_telemetry.labels import MAX_FIELD_CHARS, MAX_LABEL_CHARS  # noqa: E402
 from llm_telemetry_operator import resources as r  # noqa: E402
 from llm_telemetry_operator.config import OperatorConfig  # noqa: E402
 from llm_telemetry_operator.spec import parse_spec  # noqa: E402
-from support import free_port, stop_process, wait_for  # noqa: E402
+from support import config_file_server, free_port, stop_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -202,22 +202,9 @@ def tempo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tempo]:
     root = tmp_path_factory.mktemp("tempo")
     http, otlp_http, otlp_grpc = free_port(), free_port(), free_port()
     config = TEMPO_CONFIG.format(http=http, grpc=free_port(), otlp_http=otlp_http, otlp_grpc=otlp_grpc, root=root)
-    (root / "tempo.yaml").write_text(config)
-    with open(root / "tempo.log", "wb") as log:
-        process = subprocess.Popen([str(TEMPO), f"-config.file={root / 'tempo.yaml'}"], stdout=log, stderr=log)
-    try:
-        server = Tempo(f"http://127.0.0.1:{http}", otlp_http, otlp_grpc)
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"Tempo exited: {(root / 'tempo.log').read_text()[-2000:]}")
-            with urllib.request.urlopen(f"{server.base}/ready", timeout=5) as response:
-                return response.status == 200
-
-        wait_for("Tempo to be ready", ready)
+    server = Tempo(f"http://127.0.0.1:{http}", otlp_http, otlp_grpc)
+    with config_file_server("Tempo", str(TEMPO), config, root, server.base):
         yield server
-    finally:
-        stop_process(process)
 
 
 def _pod_env(pod: Pod, tempo: Tempo) -> dict[str, str]:
