@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ if PROMETHEUS is None or ALERTMANAGER is None:
 pytest.importorskip("uvicorn")
 
 from llm_telemetry_operator.config import OperatorConfig  # noqa: E402
+from llm_telemetry_operator.constants import METRICS_PORT_NAME  # noqa: E402
 from llm_telemetry_operator.resources import build_prometheus_rule  # noqa: E402
 from llm_telemetry_operator.spec import parse_spec  # noqa: E402
 from support import free_port, stop_process, wait_for  # noqa: E402
@@ -124,8 +126,17 @@ def _send(base: str, fail: bool) -> None:
         assert fail and exc.code == 500
 
 
+@dataclass(frozen=True)
+class Notified:
+    receiver: Receiver
+    prometheus: str
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return self.receiver.alerts()
+
+
 @pytest.fixture(scope="module")
-def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
+def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notified]:
     """Both services under traffic until chat's alerts have reached the receiver, and a while after."""
     root = tmp_path_factory.mktemp("alerting")
     receiver = Receiver()
@@ -144,18 +155,28 @@ def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
             )
             processes.append(_start([*DEMO_SERVICE, "--port", str(port)], root / f"{name}.log", env))
             services[name] = f"http://127.0.0.1:{port}"
-            # What the Prometheus Operator makes of the ServiceMonitor: the job is the LLMTelemetry's name.
+            # What the Prometheus Operator makes of the ServiceMonitor: the job is the LLMTelemetry's name, the
+            # endpoint its port's name.
+            labels = {"namespace": NAMESPACE, "endpoint": METRICS_PORT_NAME}
             scrape_configs.append(
-                {
-                    "job_name": name,
-                    "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": NAMESPACE}}],
-                }
+                {"job_name": name, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": labels}]}
             )
             owner = {"metadata": {"name": name, "namespace": NAMESPACE, "uid": f"uid-{name}"}}
             spec = parse_spec({"selector": {"matchLabels": {"app": name}}, "alerts": alerts})
             rule = build_prometheus_rule(owner, spec, OperatorConfig(runbook_url=RUNBOOKS))
             (root / f"{name}.rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
             rule_files.append(str(root / f"{name}.rules.yaml"))
+
+        # The team's own ServiceMonitor of the app's Service, named as the LLMTelemetry is: the same job, another
+        # endpoint; its target is down (nothing listens there).
+        app_target = {"targets": [f"127.0.0.1:{free_port()}"], "labels": {"namespace": NAMESPACE, "endpoint": "http"}}
+        scrape_configs.append(
+            {
+                "job_name": "chat-app",
+                "static_configs": [app_target],
+                "relabel_configs": [{"target_label": "job", "replacement": "chat"}],
+            }
+        )
 
         am_port = free_port()
         (root / "alertmanager.yml").write_text(ALERTMANAGER_CONFIG.format(webhook=receiver.server_address[1]))
@@ -212,14 +233,14 @@ def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
         wait_for("chat's burn-rate alerts at the receiver", chat_alerted, seconds=120)
         # Long enough after for any alert on search to have been evaluated, sent and grouped too.
         traffic_until(time.monotonic() + 8)
-        yield receiver
+        yield Notified(receiver, f"http://127.0.0.1:{prom_port}")
     finally:
         for process in processes:
             stop_process(process)
         receiver.shutdown()
 
 
-def test_chats_burn_alerts_arrive_rendered(notified: Receiver) -> None:
+def test_chats_burn_alerts_arrive_rendered(notified: Notified) -> None:
     chat = [a for a in notified.alerts() if a["labels"]["job"] == "chat"]
     assert {a["labels"]["alertname"] for a in chat} == {"LLMAvailabilityBurnRateFast", "LLMAvailabilityBurnRateSlow"}
     for alert in chat:
@@ -243,5 +264,15 @@ def test_chats_burn_alerts_arrive_rendered(notified: Receiver) -> None:
         assert ratio and 20 <= float(ratio.group(1)) <= 40, annotations["description"]
 
 
-def test_no_alert_judges_a_service_by_another_resources_objective(notified: Receiver) -> None:
+def test_no_alert_judges_a_service_by_another_resources_objective(notified: Notified) -> None:
     assert [a["labels"] for a in notified.alerts() if a["labels"]["job"] != "chat"] == []
+
+
+def test_the_apps_own_scrape_of_the_same_job_is_not_an_llm_target(notified: Notified) -> None:
+    """Its target is down, but it is not the LLM metrics endpoint: LLMTargetDown must not even be pending."""
+    with urllib.request.urlopen(f"{notified.prometheus}/api/v1/targets", timeout=10) as response:
+        targets = json.loads(response.read())["data"]["activeTargets"]
+    assert [t["health"] for t in targets if t["labels"]["endpoint"] == "http"] == ["down"]
+    with urllib.request.urlopen(f"{notified.prometheus}/api/v1/alerts", timeout=10) as response:
+        alerts = json.loads(response.read())["data"]["alerts"]
+    assert [a["labels"] for a in alerts if a["labels"]["alertname"] == "LLMTargetDown"] == []

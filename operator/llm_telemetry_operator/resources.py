@@ -478,9 +478,12 @@ def build_service_monitor(owner: Mapping[str, Any], spec: TelemetrySpec, config:
 
 
 def rule_selector(owner: Mapping[str, Any]) -> str:
-    """PromQL matchers selecting this LLMTelemetry's series (namespace, and the job the ServiceMonitor sets)."""
+    """PromQL matchers selecting this LLMTelemetry's series: its namespace, the job its ServiceMonitor sets (the
+    resource's name), and the endpoint (the Prometheus Operator labels a target with its ServiceMonitor endpoint's
+    port name). The job alone is not enough: a Service the app has anyway, scraped by a ServiceMonitor of the
+    team's, is often named as the LLMTelemetry is, and its targets' ``up`` would then read as ours."""
     meta = owner["metadata"]
-    return f'namespace="{meta["namespace"]}",job="{meta["name"]}"'
+    return f'namespace="{meta["namespace"]}",job="{meta["name"]}",endpoint="{c.METRICS_PORT_NAME}"'
 
 
 def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config: OperatorConfig) -> dict[str, Any]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -281,6 +284,41 @@ def test_prometheus_rule_is_scoped_to_the_resource_and_follows_thresholds() -> N
         owner | {"spec": minimal_llmt()["spec"]}, parse_spec(minimal_llmt()["spec"]), CONFIG
     )
     assert "LLMCostBudgetExceeded" not in {rl.get("alert") for g in without_cost["spec"]["groups"] for rl in g["rules"]}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
+def test_prometheus_rule_reads_only_the_targets_of_its_servicemonitor(tmp_path: Path) -> None:
+    """The team's own ServiceMonitor of the app's Service, named as the LLMTelemetry is, gives its targets the same
+    job; the Prometheus Operator labels each target with its endpoint's port name, which tells ours apart. Only our
+    endpoint being down is LLMTargetDown ("cannot scrape LLM metrics"), in promtool's evaluation of the rule."""
+    owner = minimal_llmt()
+    rule = r.build_prometheus_rule(owner, parse_spec(owner["spec"]), CONFIG)
+    (tmp_path / "rule.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    target = {"namespace": "llm", "job": "chat", "service": "chat"}
+    ours = {**target, "endpoint": c.METRICS_PORT_NAME, "instance": "10.0.0.1:9464", "service": "chat-llm-metrics"}
+    theirs = {**target, "endpoint": "http", "instance": "10.0.0.1:8080"}
+
+    def series(labels: dict[str, str]) -> str:
+        return "up{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+    inputs = [{"series": series(ours), "values": "0x10"}, {"series": series(theirs), "values": "0x10"}]
+    annotations = {
+        "summary": "Prometheus cannot scrape LLM metrics from 10.0.0.1:9464 (llm/chat)",
+        "description": "The metrics endpoint has failed every scrape for 5 minutes; the other LLM alerts are blind.",
+        "runbook_url": f"{CONFIG.runbook_url}#llmtargetdown",
+    }
+    expected = [{"exp_labels": {**ours, "severity": "critical"}, "exp_annotations": annotations}]
+    down = {"alertname": "LLMTargetDown", "eval_time": "6m", "exp_alerts": expected}
+    test = {
+        "rule_files": ["rule.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": inputs, "alert_rule_test": [down]}],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        ["promtool", "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dashboard_configmap_for_grafana_sidecar() -> None:
