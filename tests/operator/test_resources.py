@@ -292,10 +292,13 @@ def test_prometheus_rule_reads_only_the_targets_of_its_servicemonitor(tmp_path: 
     job; the Prometheus Operator labels each target with its endpoint's port name, which tells ours apart. Only our
     endpoint being down is LLMTargetDown ("cannot scrape LLM metrics"), in promtool's evaluation of the rule."""
     owner = minimal_llmt()
-    rule = r.build_prometheus_rule(owner, parse_spec(owner["spec"]), CONFIG)
+    spec = parse_spec(owner["spec"])
+    rule = r.build_prometheus_rule(owner, spec, CONFIG)
     (tmp_path / "rule.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    # The labels the Prometheus Operator gives the targets of our ServiceMonitor: its endpoint's port name.
+    [endpoint] = r.build_service_monitor(owner, spec, CONFIG)["spec"]["endpoints"]
     target = {"namespace": "llm", "job": "chat", "service": "chat"}
-    ours = {**target, "endpoint": c.METRICS_PORT_NAME, "instance": "10.0.0.1:9464", "service": "chat-llm-metrics"}
+    ours = {**target, "endpoint": endpoint["port"], "instance": "10.0.0.1:9464", "service": "chat-llm-metrics"}
     theirs = {**target, "endpoint": "http", "instance": "10.0.0.1:8080"}
 
     def series(labels: dict[str, str]) -> str:
