@@ -390,8 +390,9 @@ def traffic(tempo: Tempo, tmp_path_factory: pytest.TempPathFactory) -> tuple[int
     root = tmp_path_factory.mktemp("pods")
     since = int(time.time()) - 60
     sent = [s for pod in PODS for s in _run_pod(pod, tempo, root)]
-    for s in sent:
-        wait_for(f"{s.pod.namespace} {s.what} in Tempo", lambda s=s: _ours(tempo.trace(s.trace_id)))
+    for s in sent:  # every span of the request's trace: one, or the HTTP span and ours
+        spans = 2 if s.pod.two_spans else 1
+        wait_for(f"{s.pod.namespace} {s.what} in Tempo", lambda s=s, n=spans: len(tempo.trace(s.trace_id)) >= n)
     return since, sent
 
 
