@@ -46,6 +46,16 @@ def stop_process(process: subprocess.Popen[bytes], seconds: float = 15) -> None:
             process.wait()
 
 
+#: The ``server`` block of a Loki or Tempo config (their common server library): HTTP and gRPC on loopback.
+LOOPBACK_SERVER_CONFIG = """server:
+  http_listen_address: 127.0.0.1
+  http_listen_port: {http}
+  grpc_listen_address: 127.0.0.1
+  grpc_listen_port: {grpc}
+  log_level: warn
+"""
+
+
 @contextmanager
 def config_file_server(what: str, binary: str, config: str, root: Path, base: str) -> Iterator[None]:
     """Run a server configured by one file, as Loki and Tempo are (``-config.file``), until the block ends: the

@@ -47,7 +47,7 @@ pytest.importorskip("uvicorn")
 from llm_telemetry.monitoring.dashboards import LOGS_MODES, build_dashboard  # noqa: E402
 from logql import interpolate  # noqa: E402
 from otlp_receiver import OTLPReceiver, otlp_receiver  # noqa: E402
-from support import config_file_server, free_port, stop_process, wait_for  # noqa: E402
+from support import LOOPBACK_SERVER_CONFIG, config_file_server, free_port, stop_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,15 +67,12 @@ TRAFFIC = (
 #: ``OTEL_EXPORTER_OTLP_LOGS_HEADERS``) and the queries send it, as Grafana's Loki datasource would.
 TENANT = "llm-platform"
 
-LOKI_CONFIG = """
+LOKI_CONFIG = (
+    """
 auth_enabled: true
-server:
-  http_listen_address: 127.0.0.1
-  http_listen_port: {http}
-  grpc_listen_address: 127.0.0.1
-  grpc_listen_port: {grpc}
-  log_level: warn
-common:
+"""
+    + LOOPBACK_SERVER_CONFIG
+    + """common:
   instance_addr: 127.0.0.1
   path_prefix: {root}
   storage:
@@ -101,6 +98,7 @@ schema_config:
 analytics:
   reporting_enabled: false
 """
+)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from llm_telemetry.labels import MAX_FIELD_CHARS, MAX_LABEL_CHARS  # noqa: E402
 from llm_telemetry_operator import resources as r  # noqa: E402
 from llm_telemetry_operator.config import OperatorConfig  # noqa: E402
 from llm_telemetry_operator.spec import parse_spec  # noqa: E402
-from support import config_file_server, free_port, stop_process, wait_for  # noqa: E402
+from support import LOOPBACK_SERVER_CONFIG, config_file_server, free_port, stop_process, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,15 +57,12 @@ REPO = Path(__file__).resolve().parents[1]
 #: The in-cluster endpoint the resources name; here it stands for the local Tempo.
 TEMPO_SERVICE = "tempo.observability"
 
-TEMPO_CONFIG = """
+TEMPO_CONFIG = (
+    """
 stream_over_http_enabled: true
-server:
-  http_listen_address: 127.0.0.1
-  http_listen_port: {http}
-  grpc_listen_address: 127.0.0.1
-  grpc_listen_port: {grpc}
-  log_level: warn
-distributor:
+"""
+    + LOOPBACK_SERVER_CONFIG
+    + """distributor:
   receivers:
     otlp:
       protocols:
@@ -94,6 +91,7 @@ storage:
 usage_report:
   reporting_enabled: false
 """
+)
 
 
 @dataclass(frozen=True)
