@@ -89,22 +89,23 @@ def api(kubeconfig: pathlib.Path) -> Any:
     return client.ApiClient(configuration)
 
 
-def helm_binary() -> str:
-    found = shutil.which("helm")
+def tool_binary(name: str = "helm") -> str:
+    """``helm`` or ``kubectl``: from PATH, else fetched by scripts/get-helm; the test skips without one."""
+    found = shutil.which(name)
     if found:
         return found
     result = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "get-helm")], capture_output=True, text=True, timeout=600, check=False
+        [str(REPO_ROOT / "scripts" / "get-helm"), name], capture_output=True, text=True, timeout=600, check=False
     )
     if result.returncode != 0 or not result.stdout.strip():
-        pytest.skip("no helm binary: not on PATH, and scripts/get-helm could not fetch one")
+        pytest.skip(f"no {name} binary: not on PATH, and scripts/get-helm could not fetch one")
     return result.stdout.strip()
 
 
 def render_chart(namespace: str) -> list[dict[str, Any]]:
     """``helm template`` of the chart with its CRDs, as a release in ``namespace``."""
     result = subprocess.run(
-        [helm_binary(), "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"],
+        [tool_binary(), "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"],
         capture_output=True,
         text=True,
         timeout=120,
