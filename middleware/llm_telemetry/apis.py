@@ -649,9 +649,13 @@ class OpenAIChatReader(ResponseReader):
         middle = pending_stop - (stop - end)
         if middle <= start or pending[:start] != data[:start] or pending[middle:pending_stop] != data[end:stop]:
             return False
-        return (
-            bytes(pending[start:middle]) in _ROLE_DELTAS or _ROLE_MEMBERS.fullmatch(pending, start, middle) is not None
-        )
+        members = bytes(pending[start:middle])
+        if members in _ROLE_DELTAS:
+            return True
+        # Empty content without a role is a token whose text is not whole yet (see _on_event): not redundant.
+        if b'"role"' not in members and (b'"content":""' in members or b'"content": ""' in members):
+            return False
+        return _ROLE_MEMBERS.fullmatch(members) is not None
 
     def _shape_of(self, chunk: bytes, data: bytes) -> _Shape | None:
         seen = self._seen
@@ -767,16 +771,25 @@ class OpenAIChatReader(ResponseReader):
                     continue
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
-                    # Role-only and empty chunks are not tokens: only text, reasoning or a tool call counts.
-                    content = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+                    # Role-only and empty chunks are not a first token: only text, reasoning or a tool call is.
+                    raw = delta.get("content")
+                    content = raw or delta.get("reasoning_content") or delta.get("reasoning")
                     tool_calls = delta.get("tool_calls")
+                    opening = "role" in delta
                 else:
-                    content = choice.get("text")  # legacy completions stream
+                    raw = content = choice.get("text")  # legacy completions stream
                     tool_calls = None
+                    opening = False
                 if content:
                     self._first_token(now)
                     self._chunks += 1
                     self._keep_text(content)
+                elif raw == "" and not opening and choice.get("finish_reason") is None:
+                    # A server that sends one delta per generated token (llama-cpp-python) sends an empty one for a
+                    # token that ends inside a character (its bytes are held until the character is whole): not
+                    # text yet, but a token for the estimate. (An opening role delta or a closing finish delta
+                    # with empty content stands for no token.)
+                    self._chunks += 1
                 if isinstance(tool_calls, list) and tool_calls:
                     self._first_token(now)
                     self._stream_tool_calls(choice, tool_calls)

@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_held_chunks import numbers, one_by_one, through_exchange
 
+from llm_telemetry.apis import APIS
+from llm_telemetry.record import LLMCall
+
 Event = dict[str, Any] | str
 PROMPT_TOKENS = 17
 
@@ -81,6 +84,27 @@ def tgi(words: list[str], usage_every_chunk: bool) -> list[Event]:
     return [*events, {**head, "choices": [], "usage": usage}, "[DONE]"]
 
 
+def llama_cpp_python(tokens: list[str], legacy: bool = False) -> list[Event]:
+    """llama-cpp-python's own server (not llama.cpp's): the role alone in the first delta, then one delta per
+    generated token, whose text is empty when the token ends inside a character (its bytes are held until the
+    character is whole), the finish in an empty delta, and no usage at all (it has no ``stream_options``). Its legacy
+    completions stream: one choice ``text`` per token, the finish with an empty text of its own."""
+    if legacy:
+        head = {"id": "cmpl-c232d78c", "object": "text_completion", "created": 1796149687, "model": "tiny-llama"}
+
+        def text(value: str, finish: str | None) -> dict[str, Any]:
+            return {**head, "choices": [{"text": value, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+        return [*(text(token, None) for token in tokens), text("", "length"), "[DONE]"]
+    head = {"id": "chatcmpl-508b09c7", "model": "tiny-llama", "created": 1796149687, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    return [chunk({"role": "assistant"}, None), *(chunk({"content": t}, None) for t in tokens), chunk({}, "length"),
+            "[DONE]"]  # fmt: skip
+
+
 SERVERS: dict[str, Callable[[list[str], bool], list[Event]]] = {"vllm": vllm, "llama.cpp": llama_cpp, "tgi": tgi}
 words = st.lists(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=8), min_size=1, max_size=30)
 
@@ -132,3 +156,54 @@ def test_a_tool_call_among_tgis_null_tool_calls_is_counted(texts: list[str], at:
     call = through_exchange([encode(event, spaced) for event in events])
     assert call.tool_calls == ["get_weather"]
     assert (call.input_tokens, call.output_tokens, call.finish_reasons) == (PROMPT_TOKENS, len(texts), ["stop"])
+
+
+@given(st.lists(st.sampled_from(["", "", " the", "x", "\u00fc", "\u6570", '"', "\\n"]), min_size=1, max_size=40),
+       st.booleans(), st.booleans(), st.data())  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_llama_cpp_python_streams_estimate_one_token_per_delta(
+    tokens: list[str], legacy: bool, spaced: bool, data: st.DataObject
+) -> None:
+    """Without a usage, the estimate is the deltas the tokens came in, the empty ones included (a real
+    llama-cpp-python server agrees with its own non-stream usage: tests/test_llama_cpp_server.py); the first token
+    is still the first delta with text."""
+    api = "openai.completions" if legacy else "openai.chat"
+    events = [encode(event, spaced) for event in llama_cpp_python(tokens, legacy)]
+    call = through_exchange(data.draw(chunkings(events)), api)
+    assert (call.output_tokens, call.usage_source, call.finish_reasons) == (len(tokens), "estimated", ["length"])
+    spec = APIS[api]
+    one = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(one, stream=True, capture=False)
+    for i, event in enumerate(events):
+        reader.feed(event, now=float(i))
+    reader.finish(now=1000.0)
+    first = next((i for i, token in enumerate(tokens) if token), None)
+    assert one.first_token_at == (None if first is None else float(first + (0 if legacy else 1)))
+    assert one.output_tokens == len(tokens)
+
+
+@given(st.sampled_from(sorted(SERVERS)), words, st.booleans(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_streams_without_usage_estimate_their_text_deltas(
+    server: str, texts: list[str], spaced: bool, data: st.DataObject
+) -> None:
+    """A client that does not ask for the usage (``stream_options`` is opt-in) gets the same streams without it: the
+    estimate counts the text deltas, not the opening role delta or the closing finish delta with empty content."""
+    events: list[Event] = []
+    for event in SERVERS[server](texts, False):
+        if isinstance(event, dict):
+            event = {key: value for key, value in event.items() if key not in ("usage", "timings")}
+            if not event["choices"]:
+                continue
+        events.append(event)
+    call = through_exchange(data.draw(chunkings([encode(event, spaced) for event in events])))
+    assert (call.output_tokens, call.usage_source, call.finish_reasons) == (len(texts), "estimated", ["stop"])
+
+
+def test_empty_deltas_before_the_first_text_are_not_set_aside_as_a_role_delta() -> None:
+    """The opening role delta is set aside until the next event shows it redundant; an empty content delta without
+    a role that follows it is a token, and must not be taken for another such delta and dropped."""
+    events = [encode(event, False) for event in llama_cpp_python(["", "", " the", ""])]
+    for chunks in (events, [b"".join(events)]):
+        call = through_exchange(chunks)
+        assert (call.output_tokens, call.usage_source) == (4, "estimated")
