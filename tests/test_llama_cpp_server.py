@@ -5,7 +5,9 @@ The model is a tiny Llama with random weights, written by this test with the ``g
 own (byte tokens, some words, CJK and accented pieces), two layers. Greedy decoding makes every answer
 deterministic, so the server's own non-stream usage is the ground truth for the same request streamed. Random
 weights pick byte tokens often, so the streams hold many tokens that end inside a UTF-8 character: the server sends
-an empty delta for each, which is what an output-token estimate has to count.
+an empty delta for each, which is what an output-token estimate has to count. A forced tool choice makes the server
+constrain the output to a real tool call (its chat format's grammar), and a prompt longer than the context gets its
+real 400.
 
 Needs ``llama-cpp-python[server]`` (built from source: PyPI has no wheel) and ``gguf``; skipped otherwise.
 """
@@ -29,6 +31,7 @@ from support import free_port, scrape, serve, wait_for  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-llama"
+CONTEXT = 512
 PROMPTS = ("hello world", "the cat", "数据 über", "red blue dog", "naïve time", "ok yes no", "日本", "fast slow model")
 
 
@@ -47,7 +50,7 @@ def write_model(path: pathlib.Path, n_embd: int = 64, n_layer: int = 2, n_head: 
         return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(512)
+    writer.add_context_length(CONTEXT)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
     writer.add_feed_forward_length(n_ff)
@@ -88,7 +91,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int]
 
     path = tmp_path_factory.mktemp("model") / "tiny-llama.gguf"
     write_model(path)
-    settings = ModelSettings(model=str(path), model_alias=MODEL, n_ctx=512, n_threads=1, seed=1, verbose=False)
+    # The chat format that answers a forced tool choice with a real tool call (a grammar constrains the output).
+    settings = ModelSettings(
+        model=str(path), model_alias=MODEL, n_ctx=CONTEXT, n_threads=1, seed=1, verbose=False,
+        chat_format="chatml-function-calling",
+    )  # fmt: skip
     app = create_app(server_settings=ServerSettings(), model_settings=[settings])
     metrics_port = free_port()
     app.add_middleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
@@ -146,3 +153,38 @@ def test_streams_without_usage_are_estimated_from_every_delta(server: tuple[Any,
     assert metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=MODEL) == len(
         PROMPTS
     )
+
+
+def test_tool_calls_and_a_context_overflow_as_the_server_sends_them(server: tuple[Any, int]) -> None:
+    client, port = server
+    before = scrape(port)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}], "tools": tools,
+               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 24}  # fmt: skip
+    answer = client.chat.completions.create(**request)
+    seen = [call.function.name for call in answer.choices[0].message.tool_calls]
+    # Streamed, every delta of the call repeats its index and name: one call still.
+    streamed = {(call.index, call.function.name)
+                for chunk in client.chat.completions.create(**request, stream=True)
+                for choice in chunk.choices for call in choice.delta.tool_calls or []}  # fmt: skip
+    assert seen == ["get_weather"] and streamed == {(0, "get_weather")}
+
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello " * CONTEXT}], max_tokens=8
+        )
+
+    def recorded() -> Any:
+        metrics = scrape(port)
+        done = metrics.value("llm_requests_total") - before.value("llm_requests_total") == 3
+        return done and metrics
+
+    metrics = wait_for("3 requests recorded", recorded, seconds=10)
+
+    def added(name: str, **labels: str) -> float:
+        return metrics.value(name, **labels) - before.value(name, **labels)
+
+    assert added("llm_tool_calls_total", gen_ai_tool_name="get_weather") == 2
+    assert added("llm_errors_total", error_type="context_length", gen_ai_request_model=MODEL) == 1
+    assert added("llm_errors_total") == 1
