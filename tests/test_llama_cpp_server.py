@@ -31,6 +31,7 @@ from support import free_port, scrape, serve, wait_for  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-llama"
+EMBEDDINGS = "tiny-llama-embeddings"
 CONTEXT = 512
 PROMPTS = ("hello world", "the cat", "数据 über", "red blue dog", "naïve time", "ok yes no", "日本", "fast slow model")
 
@@ -92,11 +93,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int]
     path = tmp_path_factory.mktemp("model") / "tiny-llama.gguf"
     write_model(path)
     # The chat format that answers a forced tool choice with a real tool call (a grammar constrains the output).
-    settings = ModelSettings(
-        model=str(path), model_alias=MODEL, n_ctx=CONTEXT, n_threads=1, seed=1, verbose=False,
-        chat_format="chatml-function-calling",
-    )  # fmt: skip
-    app = create_app(server_settings=ServerSettings(), model_settings=[settings])
+    common = {"model": str(path), "n_ctx": CONTEXT, "n_threads": 1, "seed": 1, "verbose": False}
+    settings = [
+        ModelSettings(**common, model_alias=MODEL, chat_format="chatml-function-calling"),
+        # The same file for embeddings, under another name (the server loads the one a request names).
+        ModelSettings(**common, model_alias=EMBEDDINGS, embedding=True),
+    ]
+    app = create_app(server_settings=ServerSettings(), model_settings=settings)
     metrics_port = free_port()
     app.add_middleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
     with serve(app) as url:
@@ -188,3 +191,34 @@ def test_tool_calls_and_a_context_overflow_as_the_server_sends_them(server: tupl
     assert added("llm_tool_calls_total", gen_ai_tool_name="get_weather") == 2
     assert added("llm_errors_total", error_type="context_length", gen_ai_request_model=MODEL) == 1
     assert added("llm_errors_total") == 1
+
+
+def test_legacy_completions_and_embeddings(server: tuple[Any, int]) -> None:
+    """The two other APIs the server offers: a legacy completions stream is estimated from its ``text`` pieces as
+    the chat stream is from its deltas (the server's non-stream usage for the same request is the truth); an
+    embeddings request counts the input tokens the server reports."""
+    client, port = server
+    before = scrape(port)
+    request = {"model": MODEL, "prompt": "the cat 数据", "max_tokens": 16, "temperature": 0}
+    truth = client.completions.create(**request).usage.completion_tokens
+    choices = [choice for chunk in client.completions.create(**request, stream=True) for choice in chunk.choices]
+    pieces = len(choices)
+    assert any(choice.text == "" and choice.finish_reason is None for choice in choices)  # tokens without text
+    embedded = client.embeddings.create(model=EMBEDDINGS, input=["hello world", "日本 über"])
+
+    def recorded() -> Any:
+        metrics = scrape(port)
+        return metrics.value("llm_requests_total") - before.value("llm_requests_total") == 3 and metrics
+
+    metrics = wait_for("3 requests recorded", recorded, seconds=10)
+
+    def added(**labels: str) -> float:
+        return metrics.value("llm_tokens_total", **labels) - before.value("llm_tokens_total", **labels)
+
+    legacy = {"gen_ai_operation_name": "text_completion", "gen_ai_token_type": "output"}
+    assert added(**legacy, llm_usage_source="reported") == truth
+    # Every piece but the last, which carries the finish reason with an empty text, is a token (the server may send
+    # one piece for two tokens, as in the chat test).
+    estimated = added(**legacy, llm_usage_source="estimated")
+    assert estimated == pieces - 1 and truth - 2 <= estimated <= truth, (estimated, pieces, truth)
+    assert added(gen_ai_operation_name="embeddings", gen_ai_token_type="input") == embedded.usage.prompt_tokens > 0
