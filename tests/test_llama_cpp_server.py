@@ -1,8 +1,8 @@
 """The middleware in a real LLM server: llama-cpp-python's OpenAI-compatible server (FastAPI, sse-starlette, a real
 llama.cpp model behind it) with the one line added, under uvicorn, asked through the openai SDK.
 
-The model is a tiny Llama with random weights, written by this test with the ``gguf`` package: a vocabulary of our
-own (byte tokens, some words, CJK and accented pieces), two layers. Greedy decoding makes every answer
+The model is a tiny Llama with random weights, written by ``tiny_llama.write_model`` with the ``gguf`` package: a
+vocabulary of our own (byte tokens, some words, CJK and accented pieces), two layers. Greedy decoding makes every answer
 deterministic, so the server's own non-stream usage is the ground truth for the same request streamed. Random
 weights pick byte tokens often, so the streams hold many tokens that end inside a UTF-8 character: the server sends
 an empty delta for each, which is what an output-token estimate has to count. A forced tool choice makes the server
@@ -14,74 +14,24 @@ Needs ``llama-cpp-python[server]`` (built from source: PyPI has no wheel) and ``
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install it; builds llama.cpp)")
-gguf = pytest.importorskip("gguf", reason="needs the gguf package to write the test's model")
-np = pytest.importorskip("numpy")
+pytest.importorskip("gguf", reason="needs the gguf package to write the test's model")
 openai = pytest.importorskip("openai")
 
 from llm_telemetry import LLMTelemetryMiddleware  # noqa: E402
 from support import free_port, scrape, serve, wait_for  # noqa: E402
+from tiny_llama import CONTEXT, write_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-llama"
 EMBEDDINGS = "tiny-llama-embeddings"
-CONTEXT = 512
 PROMPTS = ("hello world", "the cat", "数据 über", "red blue dog", "naïve time", "ok yes no", "日本", "fast slow model")
-
-
-def write_model(path: pathlib.Path, n_embd: int = 64, n_layer: int = 2, n_head: int = 4, n_ff: int = 128) -> None:
-    """A Llama-architecture GGUF with random weights and a SentencePiece-style vocabulary with byte fallback."""
-    words = ["the", "a", "model", "token", "stream", "hello", "world", "fast", "cat", "dog", "blue", "red", "time",
-             "ok", "yes", "no", "über", "naïve", "日本", "数据"]  # fmt: skip
-    pieces = list(dict.fromkeys(["▁" + w for w in words] + words + ["▁"] + [chr(c) for c in range(97, 123)]))
-    # (text, score, type): unknown 2, control 3, byte 6, normal 1.
-    vocab = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
-    vocab += [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
-    vocab += [(piece, -float(i), 1) for i, piece in enumerate(pieces)]
-    rng = np.random.default_rng(7)
-
-    def weights(*shape: int) -> Any:
-        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(n_embd // n_head)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([text.encode() for text, _, _ in vocab])
-    writer.add_token_scores([score for _, score, _ in vocab])
-    writer.add_token_types([kind for _, _, kind in vocab])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    ones = np.ones(n_embd, np.float32)
-    writer.add_tensor("token_embd.weight", weights(len(vocab), n_embd))
-    writer.add_tensor("output_norm.weight", ones)
-    writer.add_tensor("output.weight", weights(len(vocab), n_embd))
-    for i in range(n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
-        for name in ("q", "k", "v", "output"):
-            writer.add_tensor(f"blk.{i}.attn_{name}.weight", weights(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(n_embd, n_ff))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")

@@ -284,3 +284,35 @@ def raw_usage(raw: bytes, field: str) -> int:
     (completed,) = [event for event in raw.split(b"\n\n") if b'"response.completed"' in event]
     value: int = json.loads(completed.split(b"data: ", 1)[1])["response"]["usage"][field]
     return value
+
+
+def test_litellm_before_a_real_model_server_is_measured_as_its_clients_see_it(tmp_path: Path) -> None:
+    """A real model server behind the gateway: llama-cpp-python's, which streams no usage (tests/tiny_llama.py's
+    model; skipped without llama-cpp-python and gguf). On the gateway the middleware records what the gateway's
+    clients get: LiteLLM passes on only the deltas with text, so those are the estimate, and when a client asks for
+    a stream's usage LiteLLM counts the tokens itself, so that count is what is reported. Neither is the model's own
+    count; the middleware in the model server records that one (tests/test_llama_cpp_server.py)."""
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server]")
+    pytest.importorskip("gguf", reason="needs the gguf package to write the model")
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from tiny_llama import write_model
+
+    write_model(tmp_path / "tiny.gguf")
+    settings = ModelSettings(model=str(tmp_path / "tiny.gguf"), model_alias="up", n_threads=1, seed=1, verbose=False)
+    model_server = create_app(server_settings=ServerSettings(), model_settings=[settings])
+    with serve(model_server) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        request: Any = {"model": "up", "messages": [{"role": "user", "content": "naïve time"}], "max_tokens": 24,
+                        "temperature": 0}  # fmt: skip
+        texts = [choice.delta.content for chunk in client.chat.completions.create(**request, stream=True)
+                 for choice in chunk.choices if choice.delta.content is not None]  # fmt: skip
+        asked = client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+        (usage,) = [chunk.usage for chunk in asked if chunk.usage]
+        metrics = settled(metrics_port, 2)
+    output = {"gen_ai_request_model": "up", "gen_ai_token_type": "output"}
+    assert metrics.value("llm_tokens_total", llm_usage_source="estimated", **output) == len(texts) > 0
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported", **output) == usage.completion_tokens
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="up") == 2
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
