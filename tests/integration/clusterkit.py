@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import os
 import pathlib
+import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -25,6 +27,7 @@ import yaml
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "llm-telemetry-operator"
 RELEASE = "llmt-it"
+INSTALL_DOCS = REPO_ROOT / "docs" / "install.md"
 
 
 def _script() -> pathlib.Path:
@@ -100,6 +103,22 @@ def tool_binary(name: str = "helm") -> str:
     if result.returncode != 0 or not result.stdout.strip():
         pytest.skip(f"no {name} binary: not on PATH, and scripts/get-helm could not fetch one")
     return result.stdout.strip()
+
+
+def section(heading: str) -> str:
+    """The text of the section ``## heading`` of docs/install.md."""
+    text = INSTALL_DOCS.read_text()
+    assert f"\n## {heading}\n" in text, f"docs/install.md has no section {heading!r}"
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def sh_blocks(heading: str) -> list[list[list[str]]]:
+    """The ```sh blocks of a section, each as its commands (argv lists; comments and continuations handled)."""
+    blocks = []
+    for block in re.findall(r"```sh\n(.*?)```", section(heading), re.S):
+        lines = block.replace("\\\n", " ").splitlines()
+        blocks.append([argv for argv in (shlex.split(line, comments=True) for line in lines) if argv])
+    return blocks
 
 
 def render_chart(namespace: str) -> list[dict[str, Any]]:

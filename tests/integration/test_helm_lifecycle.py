@@ -15,32 +15,16 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import CHART, REPO_ROOT, tool_binary, wait_for
+from clusterkit import CHART, REPO_ROOT, section, sh_blocks, tool_binary, wait_for
 
 pytestmark = pytest.mark.k8s
 
-DOCS = REPO_ROOT / "docs" / "install.md"
 GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 CRD = f"{PLURAL}.{GROUP}"
 PEERING_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 EXAMPLE = REPO_ROOT / "examples" / "llmtelemetry-minimal.yaml"
 #: The namespaces the documented commands and the example use.
 RELEASE_NAMESPACE, APP_NAMESPACE = "llm-telemetry", "llm"
-
-
-def section(heading: str) -> str:
-    text = DOCS.read_text()
-    assert f"\n## {heading}\n" in text, f"docs/install.md has no section {heading!r}"
-    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def sh_blocks(heading: str) -> list[list[list[str]]]:
-    """The ```sh blocks of a section, each as its commands (argv lists; comments and continuations handled)."""
-    blocks = []
-    for block in re.findall(r"```sh\n(.*?)```", section(heading), re.S):
-        lines = block.replace("\\\n", " ").splitlines()
-        blocks.append([argv for argv in (shlex.split(line, comments=True) for line in lines) if argv])
-    return blocks
 
 
 class Shell:

@@ -9,6 +9,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from clusterkit import install, service_account_kubeconfig, unique, wait_for
+from clusterkit import install, section, service_account_kubeconfig, sh_blocks, tool_binary, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
@@ -576,3 +578,59 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     assert (service.metadata.labels or {}).get(c.LABEL_OWNER) == "blocked"
     # The failure was told once, however many retries met it.
     assert len(cluster.events("blocked", "ServiceFailed")) == 1
+
+
+def test_the_documented_resource_and_checks_work_as_written(
+    api: Any, kubeconfig: pathlib.Path, operator: Operator
+) -> None:
+    """docs/install.md, "3. Describe an LLM service" and "4. Verify", run with the real kubectl in a namespace of the
+    test's own instead of ``llm``: the resource as the page writes it, then each check the page lists that does not
+    need a running pod or the chart's Deployment (the operator runs beside the cluster here), with what it shows."""
+    from kubernetes import client
+
+    namespace = unique("llm-docs")
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    kubectl = tool_binary("kubectl")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+    def run(argv: list[str], stdin: str | None = None) -> str:
+        argv = [kubectl] + [namespace if arg == "llm" and argv[i] == "-n" else arg for i, arg in enumerate(argv[1:])]
+        result = subprocess.run(argv, input=stdin, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, f"{shlex.join(argv)}:\n{result.stderr}"
+        return result.stdout
+
+    try:
+        chat = deployment("chat", "chat")
+        chat["metadata"]["labels"] = {"app": "chat"}
+        client.AppsV1Api(api).create_namespaced_deployment(namespace, chat)
+        (describe,) = re.findall(
+            r"```sh\nkubectl apply -f - <<'YAML'\n(.*?)YAML\n```", section("3. Describe an LLM service"), re.S
+        )
+        resource = describe.replace("namespace: llm\n", f"namespace: {namespace}\n")
+        assert resource != describe
+        run(["kubectl", "apply", "-f", "-"], resource)
+
+        (checks,) = sh_blocks("4. Verify")
+        ours = [argv for argv in checks if argv[:3] == ["kubectl", "-n", "llm"] and "port-forward" not in argv]
+        assert len(ours) == 4, ours
+        wait_for(lambda: "Ready=True " in run(ours[1]), "the documented condition check shows Ready=True")
+        outputs = [run(argv) for argv in ours]
+        header, row = outputs[0].splitlines()
+        assert header.split()[:4] == ["NAME", "TARGETS", "READY", "AGE"] and row.split()[:3] == ["chat", "1", "True"]
+        conditions = dict(line.split(" ")[0].split("=") for line in outputs[1].splitlines())
+        assert conditions["Ready"] == conditions["MetricsExposed"] == "True", outputs[1]
+        created = sorted(line.split()[0] for line in outputs[2].splitlines() if line and not line.startswith("NAME"))
+        assert created == sorted([
+            "service/chat-llm-metrics", "servicemonitor.monitoring.coreos.com/chat-llm-telemetry",
+            "prometheusrule.monitoring.coreos.com/chat-llm-telemetry", "configmap/chat-llm-dashboard",
+        ]), outputs[2]  # fmt: skip
+        assert {"LLM_TELEMETRY_METRICS_PORT", "OTEL_SERVICE_NAME"} <= set(outputs[3].split())
+        (events,) = re.findall(r"`(kubectl -n llm get events [^`]+)`", section("4. Verify"))
+        assert "CollectorNotFound" in run(shlex.split(events))
+    finally:
+        custom = client.CustomObjectsApi(api)
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
+        wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"], "gone")
+        core.delete_namespace(namespace)
+    operator.assert_clean()
