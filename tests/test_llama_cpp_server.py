@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install it; builds llama.cpp)")
 pytest.importorskip("gguf", reason="needs the gguf package to write the test's model")
 openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
 
 from llm_telemetry import LLMTelemetryMiddleware  # noqa: E402
 from support import free_port, scrape, serve, wait_for  # noqa: E402
@@ -69,6 +70,8 @@ def output_tokens(port: int, source: str, requests: int) -> float:
 def test_streams_without_usage_are_estimated_from_every_delta(server: tuple[Any, int]) -> None:
     client, port = server
     truth = estimated = deltas = visible = 0
+    start = scrape(port)  # after the module's other tests, in whatever order they ran
+    done = int(start.value("llm_requests_total"))
     for i, prompt in enumerate(PROMPTS):
         request = {
             "model": MODEL,
@@ -76,20 +79,20 @@ def test_streams_without_usage_are_estimated_from_every_delta(server: tuple[Any,
             "max_tokens": 24,
             "temperature": 0,
         }
-        before = output_tokens(port, "reported", 2 * i)
+        before = output_tokens(port, "reported", done + 2 * i)
         answer = client.chat.completions.create(**request)
         # Its own count, read from its usage: exactly what the server reported.
-        assert output_tokens(port, "reported", 2 * i + 1) - before == answer.usage.completion_tokens
+        assert output_tokens(port, "reported", done + 2 * i + 1) - before == answer.usage.completion_tokens
         truth += answer.usage.completion_tokens
 
-        before = output_tokens(port, "estimated", 2 * i + 1)
+        before = output_tokens(port, "estimated", done + 2 * i + 1)
         for chunk in client.chat.completions.create(**request, stream=True):
             assert chunk.usage is None  # this server has no stream usage: the estimate is all there is
             for choice in chunk.choices:
                 if choice.delta.content is not None:
                     deltas += 1
                     visible += bool(choice.delta.content)
-        estimated += output_tokens(port, "estimated", 2 * i + 2) - before
+        estimated += output_tokens(port, "estimated", done + 2 * i + 2) - before
     # One token per delta, empty ones included, as the server sent them.
     assert estimated == deltas
     # Against the ground truth: the server holds back a token that starts a character until the character is whole
@@ -99,13 +102,15 @@ def test_streams_without_usage_are_estimated_from_every_delta(server: tuple[Any,
     assert visible < 0.8 * truth  # the streams do exercise the empty deltas
 
     metrics = scrape(port)
-    streams = {"gen_ai_request_model": MODEL, "llm_stream": "true"}
-    assert metrics.value("llm_requests_total", **streams) == len(PROMPTS)
-    assert metrics.value("llm_requests_total", gen_ai_response_model=MODEL) == 2 * len(PROMPTS)
-    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=MODEL) == len(PROMPTS)
-    assert metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=MODEL) == len(
-        PROMPTS
-    )
+
+    def added(name: str, **labels: str) -> float:
+        return metrics.value(name, **labels) - start.value(name, **labels)
+
+    model = {"gen_ai_request_model": MODEL}
+    assert added("llm_requests_total", llm_stream="true", **model) == len(PROMPTS)
+    assert added("llm_requests_total", gen_ai_response_model=MODEL) == 2 * len(PROMPTS)
+    assert added("gen_ai_server_time_to_first_token_seconds_count", **model) == len(PROMPTS)
+    assert added("gen_ai_server_time_per_output_token_seconds_count", **model) == len(PROMPTS)
 
 
 def test_tool_calls_and_a_context_overflow_as_the_server_sends_them(server: tuple[Any, int]) -> None:
@@ -172,3 +177,30 @@ def test_legacy_completions_and_embeddings(server: tuple[Any, int]) -> None:
     estimated = added(**legacy, llm_usage_source="estimated")
     assert estimated == pieces - 1 and truth - 2 <= estimated <= truth, (estimated, pieces, truth)
     assert added(gen_ai_operation_name="embeddings", gen_ai_token_type="input") == embedded.usage.prompt_tokens > 0
+
+
+def test_clients_that_leave_mid_stream(server: tuple[Any, int]) -> None:
+    """Clients that hang up after a few events of a long answer: each is a ``client_disconnect``, nothing stays
+    active, and the server goes on answering."""
+    client, port = server
+    before = scrape(port)
+    base = str(client.base_url).rstrip("/")
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", f"{base}/chat/completions", json=request, timeout=30) as response:
+            for i, _line in enumerate(response.iter_lines()):
+                if i == 5:
+                    break
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.choices[0].finish_reason == "length"
+
+    def recorded() -> Any:
+        metrics = scrape(port)
+        return metrics.value("llm_requests_total") - before.value("llm_requests_total") == 4 and metrics
+
+    metrics = wait_for("4 requests recorded", recorded, seconds=30)
+    disconnects = {"error_type": "client_disconnect", "llm_stream": "true"}
+    assert metrics.value("llm_errors_total", **disconnects) - before.value("llm_errors_total", **disconnects) == 3
+    assert metrics.value("llm_errors_total") - before.value("llm_errors_total") == 3
+    assert metrics.value("llm_requests_active") == 0
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
