@@ -119,14 +119,15 @@ def test_tool_calls_and_a_context_overflow_as_the_server_sends_them(server: tupl
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
     request = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}], "tools": tools,
-               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 24}  # fmt: skip
+               "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 24,
+               "temperature": 0}  # fmt: skip
     answer = client.chat.completions.create(**request)
     seen = [call.function.name for call in answer.choices[0].message.tool_calls]
     # Streamed, every delta of the call repeats its index and name: one call still.
-    streamed = {(call.index, call.function.name)
-                for chunk in client.chat.completions.create(**request, stream=True)
-                for choice in chunk.choices for call in choice.delta.tool_calls or []}  # fmt: skip
-    assert seen == ["get_weather"] and streamed == {(0, "get_weather")}
+    pieces = [(call.index, call.function.name)
+              for chunk in client.chat.completions.create(**request, stream=True)
+              for choice in chunk.choices for call in choice.delta.tool_calls or []]  # fmt: skip
+    assert seen == ["get_weather"] and set(pieces) == {(0, "get_weather")}
 
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.chat.completions.create(
@@ -144,6 +145,10 @@ def test_tool_calls_and_a_context_overflow_as_the_server_sends_them(server: tupl
         return metrics.value(name, **labels) - before.value(name, **labels)
 
     assert added("llm_tool_calls_total", gen_ai_tool_name="get_weather") == 2
+    # The stream has no usage: each piece of the call is about a token of the model's count for the same request.
+    estimated = added("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="estimated")
+    truth = answer.usage.completion_tokens
+    assert estimated == len(pieces) and 0.7 * truth <= estimated <= truth, (estimated, truth)
     assert added("llm_errors_total", error_type="context_length", gen_ai_request_model=MODEL) == 1
     assert added("llm_errors_total") == 1
 

@@ -780,19 +780,20 @@ class OpenAIChatReader(ResponseReader):
                     raw = content = choice.get("text")  # legacy completions stream
                     tool_calls = None
                     opening = False
+                calls = isinstance(tool_calls, list) and tool_calls
                 if content:
                     self._first_token(now)
                     self._chunks += 1
                     self._keep_text(content)
-                elif raw == "" and not opening and choice.get("finish_reason") is None:
-                    # A server that sends one delta per generated token (llama-cpp-python) sends an empty one for a
-                    # token that ends inside a character (its bytes are held until the character is whole): not
-                    # text yet, but a token for the estimate. (An opening role delta or a closing finish delta
+                elif calls or (raw == "" and not opening and choice.get("finish_reason") is None):
+                    # For the estimate, a delta is about a token: a piece of a tool call is one too, and so is an
+                    # empty delta from a server that sends one per generated token (llama-cpp-python), for a token
+                    # whose bytes are not a whole character yet. (An opening role delta or a closing finish delta
                     # with empty content stands for no token.)
                     self._chunks += 1
-                if isinstance(tool_calls, list) and tool_calls:
+                if calls:
                     self._first_token(now)
-                    self._stream_tool_calls(choice, tool_calls)
+                    self._stream_tool_calls(choice, calls)
                 _add_finish_reason(self.call, choice.get("finish_reason"))
         if obj.get("usage"):
             self._usage(obj["usage"])

@@ -207,3 +207,25 @@ def test_empty_deltas_before_the_first_text_are_not_set_aside_as_a_role_delta() 
     for chunks in (events, [b"".join(events)]):
         call = through_exchange(chunks)
         assert (call.output_tokens, call.usage_source) == (4, "estimated")
+
+
+@given(st.lists(st.text(max_size=6), min_size=0, max_size=30), st.booleans(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_tool_call_stream_without_usage_is_estimated_from_its_pieces(
+    arguments: list[str], spaced: bool, data: st.DataObject
+) -> None:
+    """A stream that answers with a tool call only, as OpenAI sends one: the name in the first delta (with the role),
+    then the arguments a piece a delta, then the finish. Without a usage, each piece is about a token, the first
+    one too; before, such a stream recorded no output tokens at all."""
+    head = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 1767225600, "model": "gpt-4o"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    first = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    events: list[Event] = [chunk({"role": "assistant", "content": None, "tool_calls": [first]})]
+    events += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}) for piece in arguments]
+    events += [chunk({}, "tool_calls"), "[DONE]"]
+    call = through_exchange(data.draw(chunkings([encode(event, spaced) for event in events])))
+    assert call.tool_calls == ["get_weather"] and call.finish_reasons == ["tool_calls"]
+    assert (call.output_tokens, call.usage_source) == (len(arguments) + 1, "estimated")
