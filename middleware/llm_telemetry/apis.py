@@ -147,7 +147,8 @@ class ResponseReader:
         self._text: list[str] | None = [] if capture else None
         #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
         self._kept_chars = 0
-        #: Content-bearing chunks seen: the output-token estimate when a stream reports no usage.
+        #: Deltas seen that carry output (see OpenAIChatReader._on_event): the output-token estimate when a stream
+        #: reports no usage.
         self._chunks = 0
         #: Characters of generated text in a JSON response, for the estimate when it has no usage block.
         self._text_chars = 0
