@@ -52,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int]
     ]
     app = create_app(server_settings=ServerSettings(), model_settings=settings)
     metrics_port = free_port()
-    app.add_middleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    app.add_middleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1")
     with serve(app) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0), metrics_port
 
@@ -209,3 +209,36 @@ def test_clients_that_leave_mid_stream(server: tuple[Any, int]) -> None:
     assert metrics.value("llm_errors_total") - before.value("llm_errors_total") == 3
     assert metrics.value("llm_requests_active") == 0
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+def test_the_logged_request_id_is_the_one_the_client_gets(server: tuple[Any, int]) -> None:
+    """The server sets its own ``x-request-id`` on every response: a request sent without one is logged under the
+    server's id, and one sent with an id under that id."""
+    import io
+    import json
+    import logging
+    import uuid
+
+    from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
+
+    client, _ = server
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(REQUEST_LOGGER)
+    previous = logger.handlers[:]
+    logger.handlers[:] = [handler]
+    messages = [{"role": "user", "content": "hi"}]
+    chosen = uuid.uuid4().hex  # (the server refuses an id that is not a UUID)
+    try:
+        plain = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2)
+        named = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=2, extra_headers={"x-request-id": chosen}
+        )
+        wait_for("two log lines", lambda: sink.getvalue().count("\n") >= 2, seconds=10)
+    finally:
+        logger.handlers[:] = previous
+    logged = [json.loads(line)["request_id"] for line in sink.getvalue().splitlines()]
+    server_id = plain.headers["x-request-id"]
+    assert server_id and logged == [server_id, chosen], (logged, server_id)
+    assert named.headers.get_list("x-request-id") == [chosen]

@@ -150,6 +150,7 @@ class _Exchange:
     __slots__ = (
         "_receive",
         "_send",
+        "adopt_id",
         "api",
         "body",
         "body_done",
@@ -200,6 +201,9 @@ class _Exchange:
         self.send_failed = False
         #: Request id to add to the response headers (when the app sets none), or None.
         self.echo_id: bytes | None = None
+        #: Whether the request came without an id and one was generated: an id the app puts on its response is
+        #: then the one the client sees, and the call takes it instead.
+        self.adopt_id = False
         #: The code of the server's ``send`` when it runs as a Python frame (see :meth:`send`), else None.
         self.send_code = _code_of(send)
 
@@ -372,6 +376,9 @@ class _Exchange:
                 coding = value
             elif key == REQUEST_ID_HEADER:
                 no_id = False  # the app chose its own: keep it
+                if self.adopt_id and value:
+                    # The client sees the app's id, not the one generated: log and trace that one.
+                    call.request_id = field_text(value.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
         if coding is not None and coding not in CODINGS:
             return no_id  # other codings (several at once, or one with no decoder here) pass unread, not misread
         reader: Reader
@@ -656,6 +663,7 @@ class LLMTelemetryMiddleware:
         call = LLMCall(api.operation, api.provider, perf_counter(), path=field_text(scope["path"]), scope=scope)
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
+        adopt = False
         limit = telemetry.limit
         for key, value in scope["headers"]:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
@@ -669,9 +677,11 @@ class LLMTelemetryMiddleware:
             call.request_id = field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
         elif self._request_ids:
             call.request_id = new_request_id()
+            adopt = True
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
+        exchange.adopt_id = adopt
         if self.settings.echo_request_id and call.request_id is not None:
             exchange.echo_id = call.request_id.encode("latin-1")
         observers = self._observers

@@ -146,12 +146,27 @@ async def sets_its_own_request_id(scope: dict[str, Any], receive: Any, send: Any
     await send({"type": "http.response.body", "body": b'{"model": "m", "choices": []}'})
 
 
-def test_request_id_set_by_the_app_is_kept() -> None:
+def test_request_id_set_by_the_app_is_kept_and_logged() -> None:
+    """An app that sets its own ``x-request-id`` (llama-cpp-python's server does) keeps it, alone. A request that
+    came without one is logged under the app's id, the one its client sees; a request with one, under its own."""
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(REQUEST_LOGGER)
+    previous = logger.handlers[:]
+    logger.handlers[:] = [handler]
     app = LLMTelemetryMiddleware(sets_its_own_request_id, metrics_port=0)
-    with serve(app) as base:
-        response = httpx.post(base + "/v1/chat/completions", json={"model": "m"})
-    app.telemetry.shutdown()
-    assert response.headers.get_list("x-request-id") == ["from-the-app"]
+    try:
+        with serve(app) as base:
+            plain = httpx.post(base + "/v1/chat/completions", json={"model": "without"})
+            named = httpx.post(base + "/v1/chat/completions", json={"model": "with"}, headers={"x-request-id": "c-1"})
+    finally:
+        logger.handlers[:] = previous
+        app.telemetry.shutdown()
+    assert plain.headers.get_list("x-request-id") == named.headers.get_list("x-request-id") == ["from-the-app"]
+    lines = log_lines(sink.getvalue())
+    assert line_for(lines, "from-the-app")["model"] == "without"
+    assert line_for(lines, "c-1")["model"] == "with"
 
 
 def test_otlp_log_export(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]) -> None:
