@@ -10,12 +10,14 @@ _CONTEXT_LENGTH_HINTS: Final = (
     "prompt is too long",
     "maximum context",
     "too many tokens",
+    "context size",
 )
 _CONTENT_FILTER_HINTS: Final = ("content_filter", "content_policy", "content policy", "safety", "moderation")
 
 #: Provider error codes and types, lower-cased, to error.type.
 _CODES: Final = {
     "context_length_exceeded": "context_length",
+    "exceed_context_size_error": "context_length",  # llama.cpp's server
     "string_above_max_length": "context_length",
     "request_too_large": "context_length",
     "content_filter": "content_filter",

@@ -172,6 +172,13 @@ def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
          "context_length"),
         ({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 1 > 0"}}, 400,
          "context_length"),
+        # llama.cpp's server, as it answers a prompt longer than its context.
+        ({"error": {"code": 400, "message": "request (3652 tokens) exceeds the available context size (512 tokens), "
+                    "try increasing it", "type": "exceed_context_size_error", "n_prompt_tokens": 3652, "n_ctx": 512}},
+         400, "context_length"),
+        ({"error": {"code": 400, "message": "x", "type": "exceed_context_size_error"}}, 400, "context_length"),
+        ({"error": {"code": 400, "message": "the request exceeds the available context size", "type": "?"}}, 400,
+         "context_length"),
         ({"error": {"code": "content_policy_violation", "message": "x"}}, 400, "content_filter"),
         ({"error": {"type": "invalid_request_error", "message": "bad temperature"}}, 400, "invalid_request"),
         ({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}, 429, "rate_limit"),

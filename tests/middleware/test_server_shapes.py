@@ -63,6 +63,24 @@ def llama_cpp(words: list[str], usage_every_chunk: bool) -> list[Event]:
     return [*events, {**chunk({}, "stop"), "usage": usage, "timings": timings}, "[DONE]"]
 
 
+def llama_server(words: list[str], usage_every_chunk: bool) -> list[Event]:
+    """llama.cpp's server as a recent build sends a stream whose client asked for the usage (seen from the build
+    vendored by llama-cpp-python 0.3.36): the finish in an empty delta of its own, then the usage and ``timings`` in
+    a chunk with no choices."""
+    tail = {"created": 1796154475, "id": "chatcmpl-18994p27Ud", "model": "tiny", "system_fingerprint": "b1-0c1e570",
+            "object": "chat.completion.chunk"}  # fmt: skip
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"choices": [{"finish_reason": finish, "index": 0, "delta": delta}], **tail}
+
+    events: list[Event] = [chunk({"role": "assistant", "content": None}, None)]
+    events += [chunk({"content": word}, None) for word in words]
+    usage = {"completion_tokens": len(words), "prompt_tokens": PROMPT_TOKENS,
+             "total_tokens": PROMPT_TOKENS + len(words), "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+    timings = {"cache_n": 0, "prompt_n": PROMPT_TOKENS, "prompt_ms": 1.778, "predicted_n": len(words)}
+    return [*events, chunk({}, "stop"), {"choices": [], **tail, "usage": usage, "timings": timings}, "[DONE]"]
+
+
 def tgi(words: list[str], usage_every_chunk: bool) -> list[Event]:
     """Text Generation Inference's Messages API: the role in every delta, ``"usage": null`` on every chunk but the
     last, whose usage follows the finish in a chunk of its own."""
@@ -105,7 +123,12 @@ def llama_cpp_python(tokens: list[str], legacy: bool = False) -> list[Event]:
             "[DONE]"]  # fmt: skip
 
 
-SERVERS: dict[str, Callable[[list[str], bool], list[Event]]] = {"vllm": vllm, "llama.cpp": llama_cpp, "tgi": tgi}
+SERVERS: dict[str, Callable[[list[str], bool], list[Event]]] = {
+    "vllm": vllm,
+    "llama.cpp": llama_cpp,
+    "llama-server": llama_server,
+    "tgi": tgi,
+}
 words = st.lists(st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=8), min_size=1, max_size=30)
 
 
