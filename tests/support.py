@@ -4,6 +4,8 @@ reader as the middleware feeds it."""
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import socket
 import subprocess
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from llm_telemetry.record import LLMCall
 
 
@@ -174,3 +177,30 @@ def read_as_middleware(reader: Any, chunks: list[bytes], groups: list[int]) -> N
     if held:
         reader.feed_held(held)
     reader.finish(now=1000.0)
+
+
+async def request_body(receive: Callable[[], Any]) -> bytes:
+    """The whole body of an ASGI request, read from ``receive`` as an app reads it."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+@contextmanager
+def request_log_lines() -> Iterator[io.StringIO]:
+    """The middleware's request-log lines, in JSON, written to the yielded buffer instead of wherever the request
+    logger sends them (other middleware instances in this process may have given it handlers already: they are put
+    back after the block)."""
+    sink = io.StringIO()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(REQUEST_LOGGER)
+    previous = logger.handlers[:]
+    logger.handlers[:] = [handler]
+    try:
+        yield sink
+    finally:
+        logger.handlers[:] = previous

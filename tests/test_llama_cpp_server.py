@@ -25,7 +25,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llm_telemetry import LLMTelemetryMiddleware  # noqa: E402
-from support import free_port, scrape, serve, wait_for  # noqa: E402
+from support import free_port, request_log_lines, scrape, serve, wait_for  # noqa: E402
 from tiny_llama import CONTEXT, write_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -214,30 +214,18 @@ def test_clients_that_leave_mid_stream(server: tuple[Any, int]) -> None:
 def test_the_logged_request_id_is_the_one_the_client_gets(server: tuple[Any, int]) -> None:
     """The server sets its own ``x-request-id`` on every response: a request sent without one is logged under the
     server's id, and one sent with an id under that id."""
-    import io
     import json
-    import logging
     import uuid
 
-    from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
-
     client, _ = server
-    sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger(REQUEST_LOGGER)
-    previous = logger.handlers[:]
-    logger.handlers[:] = [handler]
     messages = [{"role": "user", "content": "hi"}]
     chosen = uuid.uuid4().hex  # (the server refuses an id that is not a UUID)
-    try:
+    with request_log_lines() as sink:
         plain = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2)
         named = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, max_tokens=2, extra_headers={"x-request-id": chosen}
         )
         wait_for("two log lines", lambda: sink.getvalue().count("\n") >= 2, seconds=10)
-    finally:
-        logger.handlers[:] = previous
     logged = [json.loads(line)["request_id"] for line in sink.getvalue().splitlines()]
     server_id = plain.headers["x-request-id"]
     assert server_id and logged == [server_id, chosen], (logged, server_id)

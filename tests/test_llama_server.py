@@ -27,7 +27,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from llm_telemetry import LLMTelemetryMiddleware  # noqa: E402
-from support import free_port, scrape, serve, stop_process, wait_for  # noqa: E402
+from support import free_port, request_body, scrape, serve, stop_process, wait_for  # noqa: E402
 from tiny_llama import CONTEXT, write_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -44,12 +44,7 @@ def passthrough(upstream: str) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await request_body(receive)
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"host", b"content-length")]
         request = client.build_request(scope["method"], scope["path"], content=body, headers=headers)
         response = await client.send(request, stream=True)

@@ -37,7 +37,7 @@ from llm_telemetry.apis import APIS
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.demo.run import DEMO_TOOLS
 from llm_telemetry.record import LLMCall
-from support import Metrics, free_port, scrape_text, serve
+from support import Metrics, free_port, request_body, scrape_text, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,12 +66,7 @@ async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """An OpenAI-compatible upstream: "throttle" in the prompt gets a 429, anything else a stream that breaks."""
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await request_body(receive)
     if b"throttle" in body:
         error = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
         await send({"type": "http.response.start", "status": 429, "headers": [(b"content-type", b"application/json")]})

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import MAX_LABEL_CHARS
 from llm_telemetry.record import LLMCall
-from support import Calls, Metrics
+from support import Calls, Metrics, request_body
 
 #: Distinct values per label in these tests, and the scrape size that bound implies (generously).
 MAX_VALUES = 10
@@ -181,12 +181,7 @@ ANSWER: dict[str, Any] = {}
 async def scripted_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await request_body(receive)
     headers = [*ANSWER["headers"], (b"x-body-sha256", hashlib.sha256(body).hexdigest().encode())]
     await send({"type": "http.response.start", "status": ANSWER["status"], "headers": headers})
     for chunk in ANSWER["chunks"]:

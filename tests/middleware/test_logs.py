@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import re
@@ -21,7 +20,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import valid_text
 from llm_telemetry.logs import FIELDS, RECORD_ATTRIBUTE, REQUEST_LOGGER, JsonFormatter
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
-from support import serve
+from support import request_log_lines, serve
 
 
 def client(base: str) -> openai.OpenAI:
@@ -123,17 +122,8 @@ def test_request_logs_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:
     """Rerouting: an app that gives the logger its own handler gets the lines there, not on stdout."""
-    sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger(REQUEST_LOGGER)
-    previous = logger.handlers[:]  # other middleware instances in this process may have configured it already
-    logger.handlers[:] = [handler]
-    try:
-        with demo_server({}) as (_, base):
-            httpx.post(base + "/v1/chat/completions", json={"model": "m"}, headers={"x-request-id": "rerouted"})
-    finally:
-        logger.handlers[:] = previous
+    with request_log_lines() as sink, demo_server({}) as (_, base):
+        httpx.post(base + "/v1/chat/completions", json={"model": "m"}, headers={"x-request-id": "rerouted"})
     assert line_for(log_lines(sink.getvalue()), "rerouted")["model"] == "m"
     assert log_lines(capsys.readouterr().out) == []
 
@@ -149,19 +139,12 @@ async def sets_its_own_request_id(scope: dict[str, Any], receive: Any, send: Any
 def test_request_id_set_by_the_app_is_kept_and_logged() -> None:
     """An app that sets its own ``x-request-id`` (llama-cpp-python's server does) keeps it, alone. A request that
     came without one is logged under the app's id, the one its client sees; a request with one, under its own."""
-    sink = io.StringIO()
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger(REQUEST_LOGGER)
-    previous = logger.handlers[:]
-    logger.handlers[:] = [handler]
     app = LLMTelemetryMiddleware(sets_its_own_request_id, metrics_port=0)
     try:
-        with serve(app) as base:
+        with request_log_lines() as sink, serve(app) as base:
             plain = httpx.post(base + "/v1/chat/completions", json={"model": "without"})
             named = httpx.post(base + "/v1/chat/completions", json={"model": "with"}, headers={"x-request-id": "c-1"})
     finally:
-        logger.handlers[:] = previous
         app.telemetry.shutdown()
     assert plain.headers.get_list("x-request-id") == named.headers.get_list("x-request-id") == ["from-the-app"]
     lines = log_lines(sink.getvalue())

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import free_port, scrape, serve
+from support import free_port, request_body, scrape, serve
 
 SSE_BODY = [
     b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}\n\n',
@@ -28,12 +28,7 @@ async def fixed_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """Answers every request deterministically; the response depends on the path and echoes the request body."""
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await request_body(receive)
     path = scope["path"]
     digest = hashlib.sha256(body).hexdigest().encode()
     if path.endswith("/raise/chat/completions"):
