@@ -24,7 +24,7 @@ from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_S
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
-from llm_telemetry_operator.errors import ApiError, NotFoundError, SpecError
+from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
@@ -352,16 +352,27 @@ async def _reconcile(
                 state.statuses[uid] = outcome.status
             state.passes[key] = (started, outcome)
             state.index.serve(key, outcome.targets)
-        except ApiError as exc:
+        except Exception as exc:
+            # An API error after the client's retries; or a defect of ours, which kopf must not see either: its
+            # handler retries would patch the resource on every attempt, with nothing in the status or events.
+            api = isinstance(exc, ApiError)
+            reason = "ApiError" if api else "InternalError"
+            message = str(exc) if api else f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]
             metrics.RECONCILES.labels(trigger, "error").inc()
-            metrics.RECONCILE_ERRORS.labels("ApiError").inc()
-            when = state.schedule.failed(key, exc.retry_after)
-            failure = frozenset({("ApiError", str(exc))})
-            if state.reported.get(key) != failure:
-                kopf.warn(_event_target(body), reason="ApiError", message=str(exc))
+            metrics.RECONCILE_ERRORS.labels(reason).inc()
+            when = state.schedule.failed(key, exc.retry_after if isinstance(exc, ApiError) else None)
+            failure = frozenset({(reason, message)})
+            new = state.reported.get(key) != failure
+            if new:
+                kopf.warn(_event_target(body), reason=reason, message=message)
             state.reported[key] = failure
             state.wake.set()
-            logger.warning("pass (%s) failed: %s; retrying in %.0f s", trigger, exc, when - state.schedule.clock())
+            wait = when - state.schedule.clock()
+            if api:
+                logger.warning("pass (%s) failed: %s; retrying in %.0f s", trigger, exc, wait)
+            else:
+                # The traceback once per distinct failure; retries that meet it again say so in one line.
+                logger.error("pass (%s) failed: %s; retrying in %.0f s", trigger, message, wait, exc_info=new)
             return None
         finally:
             metrics.RECONCILE_DURATION.observe(time.monotonic() - started)

@@ -43,6 +43,10 @@ PERMISSIONS: tuple[Permission, ...] = (
     # Application: the LLMTelemetry resources themselves (finalizers, progress annotations, status).
     Permission("llmtelemetry.dev", ("llmtelemetries",), ("list", "watch", "patch"), "application"),
     Permission("llmtelemetry.dev", ("llmtelemetries/status",), ("patch",), "application"),
+    # Application: never called, but checked by the API server's OwnerReferencesPermissionEnforcement admission (on
+    # in OpenShift and some hardened clusters): a child whose owner reference has blockOwnerDeletion is refused
+    # unless its creator may update the owner's finalizers.
+    Permission("llmtelemetry.dev", ("llmtelemetries/finalizers",), ("update",), "application"),
     # Application: the workloads whose pod templates get the middleware's environment.
     Permission("apps", ("deployments", "statefulsets"), ("get", "list", "watch", "patch"), "application"),
     # Application: children owned by an LLMTelemetry (metrics Service, dashboard and pricing ConfigMaps).
@@ -60,6 +64,10 @@ PERMISSIONS: tuple[Permission, ...] = (
 def is_declared(api_group: str, resource: str, verb: str) -> bool:
     """Whether ``verb`` on ``resource`` of ``api_group`` is covered by :data:`PERMISSIONS`."""
     return any(p.api_group == api_group and resource in p.resources and verb in p.verbs for p in PERMISSIONS)
+
+
+#: Permissions the API server checks for the operator's writes (see above) but no call of the operator's uses.
+ADMISSION_ONLY = frozenset({("llmtelemetry.dev", "llmtelemetries/finalizers", "update")})
 
 
 def declared_triples() -> frozenset[tuple[str, str, str]]:

@@ -229,8 +229,20 @@ async def reconcile(
     rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled and not standby else []
     rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome, fresh=fresh)
 
+    # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
+    unscrapeable = [
+        f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
+    ]
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
+    elif unscrapeable:
+        message = (
+            f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: "
+            + "; ".join(unscrapeable)
+            + " (a container's own variables win over the injection: remove these, or for a port set"
+            " spec.metrics.port to it)"
+        )
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
     else:
         conditions[c.CONDITION_METRICS] = _monitoring_condition(
             c.CONDITION_METRICS,

@@ -46,18 +46,21 @@ def _name(base: str, suffix: str) -> str:
     return f"{base[: 63 - len(suffix) - len(digest) - 2].rstrip('-.')}-{digest}-{suffix}"
 
 
-def service_name(workload_name: str) -> str:
-    """``<workload>-llm-metrics``, when that is a DNS-1035 label, as a Service's name must be. A workload's name is a
-    DNS subdomain of up to 253 characters: one with a dot, a leading digit or more than 51 characters gets its
-    Service named from a readable part of it and a hash of all of it, so no two workloads share one."""
-    plain = f"{workload_name}-{_SERVICE_SUFFIX}"
+def service_name(workload_name: str, kind: str = "Deployment") -> str:
+    """``<workload>-llm-metrics`` for a Deployment, ``<workload>-llm-metrics-sts`` for a StatefulSet (a Deployment and
+    a StatefulSet may share a name, and each gets a Service of its own), when that is a DNS-1035 label, as a
+    Service's name must be. A workload's name is a DNS subdomain of up to 253 characters: one with a dot, a leading
+    digit or too long gets its Service named from a readable part of it and a hash of all of it, so no two workloads
+    share one."""
+    suffix = _SERVICE_SUFFIX if kind != "StatefulSet" else f"{_SERVICE_SUFFIX}-sts"
+    plain = f"{workload_name}-{suffix}"
     if len(plain) <= 63 and _DNS_1035.fullmatch(plain):
         return plain
     digest = hashlib.sha256(workload_name.encode()).hexdigest()[:8]
     base = workload_name.replace(".", "-")
     if not base[:1].isalpha():
         base = "w" + base
-    return f"{base[: 63 - len(_SERVICE_SUFFIX) - len(digest) - 2].rstrip('-')}-{digest}-{_SERVICE_SUFFIX}"
+    return f"{base[: 63 - len(suffix) - len(digest) - 2].rstrip('-')}-{digest}-{suffix}"
 
 
 def service_monitor_name(owner_name: str) -> str:
@@ -370,6 +373,34 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     return record
 
 
+def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
+    """The variables a chosen container sets itself (the user's win over the injection) that keep the metrics Service
+    from reaching the middleware's listener: another port than ``spec.metrics.port``, a loopback host, or no
+    Prometheus exporter. Values from ``valueFrom`` are not known here and are not judged."""
+    record = injected_record(workload) or {}
+    injected = record.get("containers")
+    if not isinstance(injected, Mapping):
+        injected = {}
+    pod = ((workload.get("spec") or {}).get("template") or {}).get("spec") or {}
+    containers = [ct for ct in pod.get("containers") or [] if isinstance(ct, Mapping)]
+    chosen = [ct for ct in containers if ct.get("name") in spec.containers] if spec.containers else containers[:1]
+    found = []
+    for container in chosen:
+        ours = (injected.get(container.get("name")) or {}).get("env") or {}
+        for entry in container.get("env") or []:
+            name, value = entry.get("name"), entry.get("value")
+            if name in ours or not isinstance(value, str):
+                continue
+            text = value.strip().lower()
+            if (
+                (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
+                or (name == mw.LLM_TELEMETRY_METRICS_HOST and text in ("127.0.0.1", "localhost", "::1", "[::1]"))
+                or (name == mw.LLM_TELEMETRY_METRICS_EXPORTER and "prometheus" not in text.split(","))
+            ):
+                found.append(f"container {container.get('name')} sets {name}={value}")
+    return found
+
+
 def build_workload_patch(
     workload: Mapping[str, Any], injection: Injection | None, owner_name: str, *, take_over: bool = False
 ) -> dict[str, Any] | None:
@@ -435,7 +466,7 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
     is replaced (see ``reconcile._apply``).
     """
     workload_name = workload["metadata"]["name"]
-    metadata = _metadata(owner, service_name(workload_name), "metrics")
+    metadata = _metadata(owner, service_name(workload_name, str(workload.get("kind") or "Deployment")), "metrics")
     # A label value holds 63 characters; the name it falls back to (the workload's) may hold 253.
     metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)[:63].rstrip("-_.")
     return {

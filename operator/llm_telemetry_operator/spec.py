@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
 from llm_telemetry.monitoring.dashboards import LOGS_MODES
@@ -260,6 +261,15 @@ def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
         return None
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
         raise SpecError(path, f"must be an http(s) URL, got {value!r}")
+    try:
+        # The schema's pattern lets through what no URL parser reads (``http://[oops:4318``, a port of 99999):
+        # refused here, or every pass would fail on it later.
+        parts = urlsplit(value)
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise SpecError(path, f"is not a valid URL ({exc}): {value!r}") from None
+    if not host:
+        raise SpecError(path, f"has no host: {value!r}")
     return value.rstrip("/")
 
 
@@ -308,10 +318,14 @@ def _metrics(raw: Mapping[str, Any]) -> Metrics:
     interval = _given(raw, "interval", "30s")
     if not isinstance(interval, str) or not _DURATION.match(interval):
         raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
+    labels = _string_map(raw.get("labels"), "spec.metrics.labels")
+    for key, value in labels.items():  # they label the ServiceMonitor and PrometheusRule
+        _label_key(key, "spec.metrics.labels")
+        _label_value(value, f"spec.metrics.labels.{key}")
     return Metrics(
         port=_int(raw, "port", "spec.metrics.port", DEFAULT_METRICS_PORT, 1, 65535),
         interval=interval,
-        labels=_string_map(raw.get("labels"), "spec.metrics.labels"),
+        labels=labels,
     )
 
 
@@ -397,6 +411,8 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
             raise SpecError(
                 f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]* (63 at most)"
             )
+        if header.lower() in result:
+            raise SpecError("spec.attribution.headers", f"{header!r} is given twice (header names ignore case)")
         result[header.lower()] = label
     if len(set(result.values())) != len(result):
         raise SpecError("spec.attribution.headers", "two headers map to the same label")

@@ -169,6 +169,8 @@ class Cluster:
     def create(self, obj: dict[str, Any]) -> None:
         if obj["kind"] == "Deployment":
             self.apps.create_namespaced_deployment(self.namespace, obj)
+        elif obj["kind"] == "StatefulSet":
+            self.apps.create_namespaced_stateful_set(self.namespace, obj)
         else:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
 
@@ -578,6 +580,62 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     assert (service.metadata.labels or {}).get(c.LABEL_OWNER) == "blocked"
     # The failure was told once, however many retries met it.
     assert len(cluster.events("blocked", "ServiceFailed")) == 1
+
+
+def test_a_spec_the_schema_admits_but_no_pass_can_use_is_reported_once(cluster: Cluster) -> None:
+    """The CRD's pattern admits an endpoint no URL parser reads: the resource says which field (InvalidSpec, one
+    Warning event), and kopf's handler retries never start (they would patch the resource on every attempt)."""
+    cluster.create(deployment("badurl", "badurl"))
+    cluster.create(telemetry("badurl", "badurl", tracing={"endpoint": "http://[oops:4318"}))
+    ready = wait_for(
+        lambda: (
+            cluster.condition("badurl", "Ready").get("reason") == "InvalidSpec" and cluster.condition("badurl", "Ready")
+        ),
+        "InvalidSpec",
+    )
+    assert ready["status"] == "False" and ready["message"].startswith("spec.tracing.endpoint: ")
+    assert wait_for(lambda: cluster.events("badurl", "InvalidSpec"), "InvalidSpec event")
+    time.sleep(6)  # past the operator's first retry (5 s): had the pass failed, it would have been retried by now
+    assert len(cluster.events("badurl", "InvalidSpec")) == 1
+    annotations = cluster.llmt("badurl")["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if key.startswith("kopf.zalando.org/")], annotations
+    assert "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("badurl")
+
+
+def test_workloads_of_one_name_and_a_containers_own_port(cluster: Cluster) -> None:
+    """A Deployment and a StatefulSet named alike each get a metrics Service selecting their own pods. The
+    Deployment's container sets its own metrics port, which wins over the injection: the resource says the Service
+    would scrape nothing there until the variable is removed."""
+    dep = deployment("twin", "twin")
+    dep["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}]
+    sts = deployment("twin", "twin")
+    sts["kind"] = "StatefulSet"
+    sts["spec"]["serviceName"] = "twin"
+    sts["spec"]["selector"]["matchLabels"] = {"app": "twin-db"}
+    sts["spec"]["template"]["metadata"]["labels"]["app"] = "twin-db"
+    cluster.create(dep)
+    cluster.create(sts)
+    cluster.create(telemetry("twin", "twin"))
+    metrics = wait_for(
+        lambda: (
+            cluster.condition("twin", c.CONDITION_METRICS).get("reason") == "SettingsOverridden"
+            and cluster.condition("twin", c.CONDITION_METRICS)
+        ),
+        "SettingsOverridden",
+    )
+    assert "Deployment/twin: container app sets LLM_TELEMETRY_METRICS_PORT=9999" in metrics["message"]
+    assert wait_for(lambda: cluster.events("twin", "SettingsOverridden"), "SettingsOverridden event")
+    assert cluster.llmt("twin")["status"]["targets"] == ["Deployment/twin", "StatefulSet/twin"]
+    assert cluster.service("twin-llm-metrics").spec.selector == {"app": "twin"}
+    assert cluster.service("twin-llm-metrics-sts").spec.selector == {"app": "twin-db"}
+    env = cluster.deployment("twin")["spec"]["template"]["spec"]["containers"][0]["env"]
+    mine = next(i for i, e in enumerate(env) if e == {"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"})
+    # A JSON patch (a list): the user removes their own variable and nothing else.
+    cluster.apps.patch_namespaced_deployment(
+        "twin", cluster.namespace, [{"op": "remove", "path": f"/spec/template/spec/containers/0/env/{mine}"}]
+    )
+    cluster.ready("twin")
+    assert cluster.env("twin")["LLM_TELEMETRY_METRICS_PORT"] == "9464"
 
 
 def test_the_documented_resource_and_checks_work_as_written(

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import kube_schema
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.collectors import port_of, service_of
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.spec import parse_spec
@@ -86,6 +87,8 @@ def written(owner: dict[str, Any], targets: list[dict[str, Any]]) -> list[dict[s
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(owner_name="chat", namespace="llm", workload_names=["1chat", "chat.v2"], app_name=None, spec=0)
+@example(owner_name="chat", namespace="llm", workload_names=["same", "same"], app_name=None, spec=1)  # both kinds
+@example(owner_name="chat", namespace="llm", workload_names=["w" * 60, "w" * 60], app_name=None, spec=1)
 @example(owner_name="c" * 64, namespace="llm", workload_names=["w" * 70, "w" * 71], app_name=None, spec=1)
 @given(
     owner_name=names,
@@ -114,6 +117,50 @@ def test_whatever_the_names_the_api_server_admits_what_the_operator_writes(
     assert not errors, "\n".join(errors)
     services = {o["metadata"]["name"] for o in objects if o["kind"] == "Service"}
     assert len(services) == len(targets), "two workloads got one metrics Service"
+
+
+#: Endpoints as users mistype them: brackets, ports out of range or not numbers, no host, and any text after the scheme.
+endpoints = st.sampled_from(
+    ["http://[oops:4318", "http://[::1]:4318", "http://jaeger:99999", "http://jaeger:43a8", "http://:4318", "https://x"]
+) | st.text(max_size=30).map(lambda tail: "http://" + tail)
+#: Label keys and values as users write them: valid ones, and any text.
+label_text = st.text(max_size=70) | label_values | st.sampled_from(["release", "example.com/team", "a" * 64])
+
+
+@settings(max_examples=300, deadline=None)
+@example(tracing="http://[oops:4318", logs="http://loki:99999", labels={"bad key!": "x"}, headers={})
+@example(tracing="https://x", logs="https://x", labels={"release": "has space"}, headers={"X-T": "a", "x-t": "b"})
+@given(
+    tracing=endpoints,
+    logs=endpoints,
+    labels=st.dictionaries(label_text, label_text, max_size=3),
+    headers=st.dictionaries(st.sampled_from(["X-Tenant", "x-tenant", "x-team", "X-TEAM"]), st.sampled_from("abc")),
+)
+def test_a_spec_the_operator_accepts_is_one_a_pass_can_write(
+    tracing: str, logs: str, labels: dict[str, str], headers: dict[str, str]
+) -> None:
+    """What parse_spec accepts, a pass can act on: the collectors' Services are looked up from the endpoints, and every
+    object written is one the API server admits. What it cannot act on is a SpecError (an InvalidSpec condition and an
+    event), never an exception later in the pass, which would fail every retry without a word in the status."""
+    raw = {
+        "selector": {"matchLabels": {"app": "chat"}},
+        "tracing": {"endpoint": tracing},
+        "logs": {"mode": "otlp", "endpoint": logs},
+        "metrics": {"labels": labels},
+        "attribution": {"headers": headers},
+    }
+    try:
+        spec = parse_spec(raw)
+    except SpecError:
+        return
+    for endpoint in (spec.tracing.endpoint, spec.logs.endpoint):
+        assert endpoint is not None
+        service_of(endpoint)
+        port_of(endpoint)
+    assert len(spec.attribution_headers) == len(headers)  # no header's label silently dropped
+    objects = written(llmtelemetry("chat", "llm", raw), [workload("Deployment", "chat", "llm", None)])
+    errors = [f"{o['kind']}/{o['metadata']['name']}: {e}" for o in objects for e in kube_schema.object_errors(o)]
+    assert not errors, "\n".join(errors)
 
 
 @settings(max_examples=300, deadline=None)

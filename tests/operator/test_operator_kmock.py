@@ -570,7 +570,7 @@ async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_c
         )
         assert "k8s.statefulset.name=db" in env_of(sts)["OTEL_RESOURCE_ATTRIBUTES"]
         assert c.ANNOTATION_CONFIG_HASH in sts["spec"]["template"]["metadata"]["annotations"]
-        svc = await eventually(lambda: get(emulator, SERVICES, "db-llm-metrics"), "Service for the StatefulSet")
+        svc = await eventually(lambda: get(emulator, SERVICES, "db-llm-metrics-sts"), "Service for the StatefulSet")
         assert svc["spec"]["selector"] == {"pod": "db"}
         await eventually(
             lambda: (
@@ -579,6 +579,71 @@ async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_c
             ),
             "both targets in status",
         )
+    check_usage(emulator)
+
+
+async def test_a_statefulset_sharing_a_deployments_name_gets_a_service_of_its_own(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A Deployment and a StatefulSet may share a name: each is scraped through a Service of its own, selecting its own
+    pods (one Service named after the workload alone was written for one, then overwritten for the other)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    sts = deployment(kind="StatefulSet")
+    sts["spec"]["selector"]["matchLabels"] = {"pod": "chat-db"}
+    sts["spec"]["template"]["metadata"]["labels"] = {"pod": "chat-db", "app": "chat"}
+    emulator.objects[STATEFULSETS, NAMESPACE, "chat"] = sts
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        owner = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
+            ),
+            "Ready",
+        )
+        assert owner["status"]["targets"] == ["Deployment/chat", "StatefulSet/chat"]
+        await asyncio.sleep(0.5)  # a pass that overwrote one Service with the other would have done so by now
+        assert get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat"}
+        assert get(emulator, SERVICES, "chat-llm-metrics-sts")["spec"]["selector"] == {"pod": "chat-db"}
+    check_usage(emulator)
+
+
+async def test_a_containers_own_metrics_port_is_reported_until_it_goes(emulator: Any, monitoring_crds: Any) -> None:
+    """The app's container sets LLM_TELEMETRY_METRICS_PORT itself, to another port than spec.metrics.port: its own
+    value wins, so the metrics Service would scrape a port where nothing listens. The resource says so (not Ready,
+    MetricsExposed=False with the variable named, one Warning event) until the variable is removed."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(
+        env=[{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}]
+    )
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        metrics = await eventually(
+            lambda: (
+                (found := condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)).get("reason")
+                == "SettingsOverridden"
+                and found
+            ),
+            "SettingsOverridden reported",
+        )
+        assert metrics["status"] == "False"
+        assert "Deployment/chat: container app sets LLM_TELEMETRY_METRICS_PORT=9999" in metrics["message"]
+        assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9999"  # the user's wins
+        await asyncio.sleep(1)
+        events = [
+            req.data
+            for req in list(emulator)
+            if req.method.value == "POST"
+            and str(req.url.path).endswith("/events")
+            and (req.data or {}).get("reason") == "SettingsOverridden"
+        ]
+        assert len(events) == 1, events
+        container = {"name": "app", "image": "example/chat:1"}
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+        await hand(emulator, "PATCH", path, {"spec": {"template": {"spec": {"containers": [container]}}}})
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
     check_usage(emulator)
 
 

@@ -254,6 +254,49 @@ def test_metrics_service_selects_the_workload_pods() -> None:
     assert svc["spec"]["ports"] == [{"name": c.METRICS_PORT_NAME, "port": 9500, "targetPort": 9500, "protocol": "TCP"}]
 
 
+def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each() -> None:
+    owner = minimal_llmt()
+    spec = parse_spec(owner["spec"])
+    services = [
+        r.build_metrics_service(owner, spec, deployment("same", kind=kind)) for kind in ("Deployment", "StatefulSet")
+    ]
+    assert [s["metadata"]["name"] for s in services] == ["same-llm-metrics", "same-llm-metrics-sts"]
+    # Names cut to fit keep the kind apart too.
+    long = "w" * 60
+    assert r.service_name(long, "Deployment") != r.service_name(long, "StatefulSet")
+    assert all(len(r.service_name(long, kind)) <= 63 for kind in ("Deployment", "StatefulSet"))
+
+
+@pytest.mark.parametrize(
+    ("env", "spec", "found"),
+    [
+        ([], {}, []),
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9464"}], {}, []),
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {}, ["LLM_TELEMETRY_METRICS_PORT=9999"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {"metrics": {"port": 9999}}, []),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "127.0.0.1"}], {}, ["LLM_TELEMETRY_METRICS_HOST=127.0.0.1"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "0.0.0.0"}], {}, []),
+        ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "otlp"}], {}, ["LLM_TELEMETRY_METRICS_EXPORTER=otlp"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "prometheus,otlp"}], {}, []),
+        # A value from elsewhere cannot be judged; a container the injection does not choose does not count.
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "valueFrom": {"configMapKeyRef": {"name": "m", "key": "p"}}}], {}, []),
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {"containers": ["sidecar"]}, []),
+    ],
+)
+def test_a_containers_own_settings_that_leave_nothing_to_scrape_are_found(
+    env: list[dict[str, Any]], spec: dict[str, Any], found: list[str]
+) -> None:
+    workload = deployment(env=env)
+    workload["spec"]["template"]["spec"]["containers"].append({"name": "sidecar", "image": "proxy:1"})
+    parsed = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, **spec})
+    assert r.unscrapeable_settings(workload, parsed) == [f"container app sets {what}" for what in found]
+    # The operator's own injected value (from a pass under an older spec) is not the user's.
+    assert (
+        r.unscrapeable_settings(inject(deployment()), parse_spec({**minimal_llmt()["spec"], "metrics": {"port": 9500}}))
+        == []
+    )
+
+
 def test_service_monitor_scrapes_metrics_services_with_extra_labels() -> None:
     owner = minimal_llmt(metrics={"interval": "15s", "labels": {"team": "ml"}})
     sm = r.build_service_monitor(owner, parse_spec(owner["spec"]), CONFIG)

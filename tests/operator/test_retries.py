@@ -211,3 +211,33 @@ async def _delete(emulator: Any, name: str) -> None:
         url = str(emulator.url).rstrip("/") + f"{LLMT_PATH}/{name}"
         async with session.delete(url, headers={"X-Test-Hand": "1"}) as rsp:
             assert rsp.status < 400, await rsp.text()
+
+
+async def test_a_pass_failing_on_what_no_check_foresaw_is_reported_and_retried_by_the_operator(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The API server answers the workload list with a body the operator cannot read (items that are not objects):
+    the pass fails with an exception of no known kind. It is reported like an API error, one InternalError event,
+    and retried by the operator's schedule, not left to kopf (whose handler retries would patch the resource on each
+    attempt and show nothing in its events); once the answers are readable again, the resource becomes Ready."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    garbled = {"apiVersion": "apps/v1", "kind": "DeploymentList", "metadata": {}, "items": ["not an object"]}
+    emulator[f"get /apis/apps/v1/namespaces/{NAMESPACE}/deployments"][:3] << 200 << garbled
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
+    async with running_operator(config, client=KubeClient(retry=Retry(attempts=2, base=0.01))):
+        await _create(emulator, minimal_llmt())
+        ready = await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_READY).get("status") == "True",
+            "Ready once the workload list could be read",
+            attempts=600,
+        )
+        assert ready
+    events = [req for req in list(emulator) if req.method.value == "POST" and str(req.url.path).endswith("/events")]
+    internal = [
+        (req.data or {}).get("message", "") for req in events if (req.data or {}).get("reason") == "InternalError"
+    ]
+    assert len(internal) == 1, [(req.data or {}).get("reason") for req in events]
+    annotations = get(emulator, LLMT, "chat")["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if key.startswith("kopf.zalando.org/llmtelemetry_reconcile")], annotations

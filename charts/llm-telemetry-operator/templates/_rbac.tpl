@@ -35,6 +35,10 @@ ClusterRole and the namespaced list in a Role per watched namespace.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries/status]
   verbs: [patch]
+# Application: never called; OwnerReferencesPermissionEnforcement (OpenShift) checks it for blockOwnerDeletion.
+- apiGroups: [llmtelemetry.dev]
+  resources: [llmtelemetries/finalizers]
+  verbs: [update]
 # Application: workloads whose pod templates receive the middleware's environment.
 - apiGroups: [apps]
   resources: [deployments, statefulsets]
