@@ -772,10 +772,13 @@ class OpenAIChatReader(ResponseReader):
                     continue
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
-                    # Role-only and empty chunks are not a first token: only text, reasoning or a tool call is.
+                    # Role-only and empty chunks are not a first token: only text, reasoning, a refusal or a tool call
+                    # is (a legacy ``function_call`` delta is read as the one tool call it is).
                     raw = delta.get("content")
-                    content = raw or delta.get("reasoning_content") or delta.get("reasoning")
+                    content = raw or delta.get("reasoning_content") or delta.get("reasoning") or delta.get("refusal")
                     tool_calls = delta.get("tool_calls")
+                    if tool_calls is None and isinstance(delta.get("function_call"), dict):
+                        tool_calls = [{"index": -1, "function": delta["function_call"]}]
                     opening = "role" in delta
                 else:
                     raw = content = choice.get("text")  # legacy completions stream
@@ -806,7 +809,7 @@ class OpenAIChatReader(ResponseReader):
                 continue
             # A tool call streams as several deltas with one index; only the first one names the function.
             key = (choice_index, _int(tool_call.get("index")) or 0)
-            name = _str(_get(tool_call, "function", "name"))
+            name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
             # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
             if name and key not in self._tool_indexes and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                 self._tool_indexes.add(key)
@@ -825,8 +828,11 @@ class OpenAIChatReader(ResponseReader):
                 if isinstance(text, str):
                     self._text_chars += len(text)
                     self._keep_text(text)
-                for tool_call in _list(_get(choice, "message", "tool_calls")):
-                    name = _str(_get(tool_call, "function", "name"))
+                calls = _list(_get(choice, "message", "tool_calls")) or [
+                    {"function": _get(choice, "message", "function_call")}
+                ]
+                for tool_call in calls:
+                    name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
                     if name:
                         _add_tool_call(self.call, name)
         self._usage(obj.get("usage"))
@@ -883,6 +889,20 @@ _RESPONSES_DELTA: Final = re.compile(
 _RESPONSES_SHAPE: Final[_Shape] = (b"", b"", 0, 0, None)
 
 
+#: Responses events whose delta is generated text: the answer, reasoning (a summary, or the text itself as open models
+#: send it), a refusal.
+_RESPONSES_TEXT_EVENTS: Final = frozenset(
+    (
+        "response.output_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+        "response.refusal.delta",
+    )
+)
+#: Output items that are the model calling a tool of the application's, by name.
+_RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
+
+
 class OpenAIResponsesReader(ResponseReader):
     __slots__ = ()
     _TEXT_KEYS = (b'"delta":"',)
@@ -926,14 +946,14 @@ class OpenAIResponsesReader(ResponseReader):
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
-        if kind in ("response.output_text.delta", "response.reasoning_summary_text.delta", "response.refusal.delta"):
+        if kind in _RESPONSES_TEXT_EVENTS:
             if obj.get("delta"):
                 self._first_token(now)
                 self._chunks += 1
                 self._keep_text(obj.get("delta"))
         elif kind == "response.output_item.added":
             item = obj.get("item")
-            if isinstance(item, dict) and item.get("type") == "function_call":
+            if isinstance(item, dict) and item.get("type") in _RESPONSES_TOOL_ITEMS:
                 self._first_token(now)
                 name = _str(item.get("name"))
                 if name:
@@ -949,7 +969,7 @@ class OpenAIResponsesReader(ResponseReader):
             if not isinstance(item, dict):
                 continue
             name = _str(item.get("name"))
-            if item.get("type") == "function_call" and name:
+            if item.get("type") in _RESPONSES_TOOL_ITEMS and name:
                 _add_tool_call(self.call, name)
             for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
@@ -980,6 +1000,15 @@ class AnthropicMessagesReader(ResponseReader):
         cache_read = _int(usage.get("cache_read_input_tokens"))
         cache_creation = _int(usage.get("cache_creation_input_tokens"))
         if fresh is not None or cache_read is not None or cache_creation is not None:
+            # A stream's message_delta may repeat some counts and leave others null or out: each count keeps the
+            # last value given (as Anthropic's SDK merges them), so a null there erases no count of message_start.
+            if call.input_tokens is not None:
+                if fresh is None:
+                    fresh = call.input_tokens - (call.cache_read_tokens or 0) - (call.cache_creation_tokens or 0)
+                if cache_read is None:
+                    cache_read = call.cache_read_tokens
+                if cache_creation is None:
+                    cache_creation = call.cache_creation_tokens
             # Anthropic counts cached input apart; the semantic conventions' input count includes it.
             call.input_tokens = (fresh or 0) + (cache_read or 0) + (cache_creation or 0)
             call.cache_read_tokens = cache_read

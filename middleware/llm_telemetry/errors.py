@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 _CONTEXT_LENGTH_HINTS: Final = (
@@ -12,7 +13,9 @@ _CONTEXT_LENGTH_HINTS: Final = (
     "too many tokens",
     "context size",
 )
-_CONTENT_FILTER_HINTS: Final = ("content_filter", "content_policy", "content policy", "safety", "moderation")
+#: Words of a content-filter refusal ("rejected as a result of our safety system", "flagged by moderation"), as words:
+#: a parameter named in an invalid-request message (``safety_identifier``) is no refusal.
+_CONTENT_FILTER_HINT: Final = re.compile(r"content_filter|content_policy|content policy|\b(?:safety|moderation)\b")
 
 #: Provider error codes and types, lower-cased, to error.type.
 _CODES: Final = {
@@ -91,7 +94,7 @@ def classify_error_body(body: dict[str, Any], status: int | None = None, default
             lowered = message.lower()
             if any(hint in lowered for hint in _CONTEXT_LENGTH_HINTS):
                 return "context_length"
-            if any(hint in lowered for hint in _CONTENT_FILTER_HINTS):
+            if _CONTENT_FILTER_HINT.search(lowered) is not None:
                 return "content_filter"
         for key in ("code", "type"):
             value = error.get(key)

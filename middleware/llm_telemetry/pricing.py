@@ -6,13 +6,17 @@ A pricing table maps model names to USD per million tokens::
 
 as a YAML or JSON file, or the same mapping in Python (with or without the ``models`` wrapper). ``cache_read`` and
 ``cache_creation`` default to the ``input`` price. A model matches its own entry, or else the longest entry that is a
-prefix of it followed by ``-``, so ``gpt-4o-2024-08-06`` is priced as ``gpt-4o``.
+prefix of it followed by ``-``, so ``gpt-4o-2024-08-06`` is priced as ``gpt-4o``. In the embedded default table only a
+snapshot's suffix counts (a date, ``-0613``, ``-latest``): a family's other models (``o3-mini``, ``o3-pro``,
+``gpt-4o-audio-preview``) have prices of their own, and a model it lacks is counted as unpriced, never priced as
+another.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
     "gpt-4.1-mini": {"input": 0.40, "output": 1.60, "cache_read": 0.10},
     "gpt-4.1-nano": {"input": 0.10, "output": 0.40, "cache_read": 0.025},
     "o3": {"input": 2.00, "output": 8.00, "cache_read": 0.50},
+    "o3-mini": {"input": 1.10, "output": 4.40, "cache_read": 0.55},
     "o4-mini": {"input": 1.10, "output": 4.40, "cache_read": 0.275},
     "text-embedding-3-small": {"input": 0.02, "output": 0.0},
     "text-embedding-3-large": {"input": 0.13, "output": 0.0},
@@ -43,6 +48,9 @@ DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
 }
 
 _KINDS: Final = ("input", "output", "cache_read", "cache_creation")
+#: What follows a model's name in the name of one of its snapshots: a date (``2024-08-06``, ``20250514``), a month and
+#: day (``0613``), or ``latest``; Anthropic's ``-0`` names the first version of a family (``claude-sonnet-4-0``).
+_SNAPSHOT: Final = re.compile(r"(?:0-)?(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)|0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +89,8 @@ class PricingTable:
             raise ConfigurationError(f"pricing {source!r}: expected a mapping of model names to prices")
         self._prices = {str(model): _price(str(model), entry) for model, entry in raw.items()}
         self._cache: dict[str, Price | None] = {}
+        #: The embedded table lists families' models by name: a longer name is another model unless it is a snapshot.
+        self._snapshots_only = source is None
 
     def __len__(self) -> int:
         return len(self._prices)
@@ -97,6 +107,8 @@ class PricingTable:
             best = ""
             for name in self._prices:
                 if model.startswith(name + "-") and len(name) > len(best):
+                    if self._snapshots_only and not _SNAPSHOT.fullmatch(model, len(name) + 1):
+                        continue
                     best = name
             found = self._prices.get(best) if best else None
         if len(self._cache) < 4096:

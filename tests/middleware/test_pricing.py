@@ -49,6 +49,34 @@ def test_default_table_prices_the_common_models() -> None:
 
 
 @pytest.mark.parametrize(
+    ("model", "priced_as"),
+    [
+        ("o3-2025-04-16", "o3"),
+        ("o3-mini", "o3-mini"),
+        ("o3-mini-2025-01-31", "o3-mini"),  # not o3: longest prefix, then a snapshot
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("gpt-4.1-mini-2025-04-14", "gpt-4.1-mini"),
+        ("claude-sonnet-4-20250514", "claude-sonnet-4"),
+        ("claude-sonnet-4-0", "claude-sonnet-4"),
+        ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
+        # Other models of a family, with prices of their own: unpriced, never priced as the family's first.
+        ("o3-pro", None),
+        ("o3-deep-research", None),
+        ("gpt-4o-audio-preview", None),
+        ("claude-opus-4-5", None),
+        ("claude-opus-4-5-20251101", None),
+    ],
+)
+def test_the_embedded_table_prices_a_models_snapshots_not_its_familys_other_models(
+    model: str, priced_as: str | None
+) -> None:
+    table = PricingTable()
+    assert table.price(model) == (table.price(priced_as) if priced_as else None)
+    # A table of the user's own keeps the documented rule: any name after the entry's and a '-'.
+    assert PricingTable({"o3": {"input": 2, "output": 8}}).price("o3-pro") is not None
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         ("models:\n  m: {input: 1}\n", "input and output prices are required"),

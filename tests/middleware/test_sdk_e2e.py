@@ -72,7 +72,7 @@ def requests_of(model: str, count: int) -> Callable[[Metrics], bool]:
 
 
 def test_openai_stream_with_usage_reports_exact_tokens_and_ttft(service: tuple[str, int], oai: openai.OpenAI) -> None:
-    model = "gpt-4o-stream-usage"
+    model = "gpt-4o-2024-11-20"  # a snapshot of gpt-4o: priced as gpt-4o
     chunks = list(
         oai.chat.completions.create(
             model=model,
@@ -99,7 +99,7 @@ def test_openai_stream_with_usage_reports_exact_tokens_and_ttft(service: tuple[s
     tpot = m.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model=model)
     assert TOKEN_DELAY <= tpot < 0.5
     assert m.series("llm_requests_total", gen_ai_request_model=model)[0]["gen_ai_response_model"] == model
-    # gpt-4o-* is priced as gpt-4o: $2.50 in, $10 out per million tokens.
+    # $2.50 in, $10 out per million tokens.
     cost = m.value("llm_cost_usd_total", gen_ai_request_model=model)
     assert cost == pytest.approx((PROMPT_TOKENS * 2.5 + REPLY_WORDS * 10.0) / 1e6)
     assert m.value("llm_errors_total", gen_ai_request_model=model) == 0
@@ -218,7 +218,7 @@ def test_embeddings_count_input_tokens(service: tuple[str, int], oai: openai.Ope
 
 
 def test_anthropic_stream_and_non_stream(service: tuple[str, int], claude: anthropic.Anthropic) -> None:
-    model = "claude-sonnet-4-e2e"
+    model = "claude-sonnet-4-20250514"
     with claude.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": PROMPT}]) as s:
         text = "".join(s.text_stream)
     assert len(text.split()) == REPLY_WORDS
@@ -230,7 +230,7 @@ def test_anthropic_stream_and_non_stream(service: tuple[str, int], claude: anthr
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **base) == 2 * REPLY_WORDS
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
     assert m.value("gen_ai_server_time_to_first_token_seconds_sum", gen_ai_request_model=model) >= FIRST_TOKEN_DELAY
-    # claude-sonnet-4-*: $3 in, $15 out per million.
+    # A snapshot of claude-sonnet-4: $3 in, $15 out per million.
     cost = m.value("llm_cost_usd_total", gen_ai_request_model=model)
     assert cost == pytest.approx(2 * (PROMPT_TOKENS * 3.0 + REPLY_WORDS * 15.0) / 1e6)
 
