@@ -263,8 +263,13 @@ class SharedState:
         self._start_ns = time.time_ns()
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: Keys of live series beyond the archive's room, and the overflow key each is shown under (see merged).
+        self._redirects: dict[str, str] = {}
         with self._locked():
             self._wipe_if_stale(process_token(supervisor.pid) or str(supervisor.pid))
+            # Workers that died since the last merge are folded now too: with nobody scraping (or no metrics port),
+            # recycled workers' files would otherwise pile up until the next scrape.
+            self._fold_dead(self._load_archive())
             alive = open(os.path.join(directory, self._stem + _ALIVE), "wb")  # held (and locked) for life
             if fcntl is not None:
                 fcntl.flock(alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -346,26 +351,59 @@ class SharedState:
     # --- merging (the scrape path) ---
 
     def merged(self) -> dict[str, float]:
-        """Sum of every worker's values: the archive of dead workers plus each live worker's file."""
+        """Sum of every worker's values: the archive of dead workers plus each live worker's file.
+
+        A series is shown under its own attributes only once the archive has a place for it (at most
+        CARDINALITY_LIMIT per metric, as each worker's own file): a live series new to the archive takes a place
+        there the first time it is shown, so that the values its worker leaves when it dies are folded back into
+        the same series. One the archive has no room for is shown in its metric's overflow series from the start,
+        and folded there. So a series once shown never moves, and never goes down (Prometheus would read a reset).
+        """
         with self._locked():
             archive = self._load_archive()
-            absorbed = set(archive["absorbed"])
-            values: dict[str, float] = dict(archive["values"])
-            stems = {name[: -len(_ALIVE)] for name in os.listdir(self.directory) if name.endswith(_ALIVE)}
-            dead = {stem for stem in stems if stem != self._stem and not self._is_alive(stem)}
-            fresh = dead - absorbed
-            if fresh:
-                for stem in sorted(fresh):
-                    _fold(values, self._read(stem))
-                self._save_archive({"absorbed": sorted((absorbed & stems) | fresh), "values": values})
-            for stem in dead:
-                for suffix in (_DB, _ALIVE):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self.directory, stem + suffix))
-            for stem in stems - dead:
+            stems = self._fold_dead(archive)
+            archived: dict[str, float] = archive["values"]
+            values = dict(archived)
+            known: dict[str, set[str]] | None = None  # per metric, the attribute sets with a place (built if needed)
+            placed = False
+            for stem in stems:
                 for key, value in self._read(stem):
+                    if key not in archived:
+                        redirect = self._redirects.get(key)
+                        if redirect is None:
+                            if known is None:
+                                known = _placed(archived)
+                            redirect = _place(known, key)
+                            if redirect == key:
+                                archived[key] = 0.0  # its place: the series is shown, and stays
+                                values.setdefault(key, 0.0)
+                                placed = True
+                            else:
+                                self._redirects[key] = redirect
+                        key = redirect
                     values[key] = values.get(key, 0.0) + value
+            if placed:
+                self._save_archive(archive)
             return values
+
+    def _fold_dead(self, archive: dict[str, Any]) -> set[str]:
+        """Fold the files of workers that died since the last merge into ``archive`` (saved if it changed), delete
+        every dead worker's files, and return the live workers' stems. Called with the directory lock held."""
+        absorbed = set(archive["absorbed"])
+        values: dict[str, float] = archive["values"]
+        stems = {name[: -len(_ALIVE)] for name in os.listdir(self.directory) if name.endswith(_ALIVE)}
+        dead = {stem for stem in stems if stem != self._stem and not self._is_alive(stem)}
+        fresh = dead - absorbed
+        if fresh:
+            for stem in sorted(fresh):
+                _fold(values, self._read(stem))
+            archive["absorbed"] = sorted((absorbed & stems) | fresh)
+            self._save_archive(archive)
+        for stem in dead:
+            for suffix in (_DB, _ALIVE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, stem + suffix))
+        return stems - dead
 
     def _is_alive(self, stem: str) -> bool:
         path = os.path.join(self.directory, stem + _ALIVE)
@@ -485,25 +523,44 @@ class SharedState:
         )
 
 
-def _fold(archive: dict[str, float], entries: Iterable[tuple[str, float]]) -> None:
-    """Add a dead worker's values to the archive's. A series new to the archive goes to its metric's overflow
-    series once the archive holds CARDINALITY_LIMIT other series of that metric, so however many workers come and
-    go the archive stays bounded like each worker's own file; a series already archived keeps its place."""
+def _placed(archive: Mapping[str, float]) -> dict[str, set[str]]:
+    """Per metric, the attribute sets (JSON) with a place in the archive, the overflow one left out."""
     overflow = json.dumps(_OVERFLOW)
-    series: dict[str, set[str]] = {}  # per metric, the archived attribute sets but the overflow one
+    series: dict[str, set[str]] = {}
     for key in archive:
         name, _field, attrs = json.loads(key)
         if (ident := json.dumps(attrs)) != overflow:
             series.setdefault(name, set()).add(ident)
+    return series
+
+
+def _place(known: dict[str, set[str]], key: str) -> str:
+    """``key`` itself if its series has a place in the archive or gets one now (``known`` updated), else the key of
+    its metric's overflow series: once CARDINALITY_LIMIT other series of the metric have places."""
+    name, field, attrs = json.loads(key)
+    ident = json.dumps(attrs)
+    if ident == json.dumps(_OVERFLOW):
+        return key
+    series = known.setdefault(name, set())
+    if ident in series:
+        return key
+    if len(series) >= CARDINALITY_LIMIT:
+        return _key(name, field, _OVERFLOW)
+    series.add(ident)
+    return key
+
+
+def _fold(archive: dict[str, float], entries: Iterable[tuple[str, float]]) -> None:
+    """Add a dead worker's values to the archive's, each series to its place (see :func:`_place`; a series shown
+    while its worker lived has one already), so however many workers come and go the archive stays bounded like each
+    worker's own file."""
+    known: dict[str, set[str]] | None = None
     for key, value in entries:
-        name, field, attrs = json.loads(key)
-        if key not in archive and (ident := json.dumps(attrs)) != overflow:
-            known = series.setdefault(name, set())
-            if ident not in known:
-                if len(known) >= CARDINALITY_LIMIT:
-                    key = _key(name, field, _OVERFLOW)
-                else:
-                    known.add(ident)
+        field = json.loads(key)[1]
+        if key not in archive:
+            if known is None:
+                known = _placed(archive)
+            key = _place(known, key)
         # A dead worker's live gauge share disappears; its series stays, at 0.
         archive[key] = archive.get(key, 0.0) + (0.0 if field == _GAUGE else value)
 

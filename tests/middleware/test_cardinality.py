@@ -9,8 +9,11 @@ one process, in each worker's file, and in the archive that stopped workers are 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -151,3 +154,110 @@ def test_stopped_workers_fold_into_an_archive_bounded_like_a_worker(tmp_path: Pa
     owners = {json.loads(name)[0][1].partition("-")[0] for name in series}
     assert len(owners) == 1 and all(fields == {"b3": 1, "s": 0.25} for fields in series.values())
     assert overflow == {"b3": 2 * (CARDINALITY_LIMIT - 100), "s": 0.25 * 2 * (CARDINALITY_LIMIT - 100)}
+
+
+def test_a_series_once_shown_never_moves_or_goes_down_when_its_worker_dies(tmp_path: Path) -> None:
+    """The worker holding the port merges while others record and die. A live series shown before the archive's places
+    are taken keeps its own series after its worker dies; one first recorded after they are taken is shown in the
+    overflow series from the start. So across every merge, each series shown is still there, never lower (a drop
+    is a counter reset to Prometheus, and increase() would count requests that never happened), and the total is
+    exact."""
+    directory = str(tmp_path)
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+
+    def key(series: str) -> str:
+        return json.dumps(["llm.requests", "c", [["gen_ai.request.model", series]]], separators=(",", ":"))
+
+    scraper = multiproc.SharedState(directory, supervisor)
+    script = (
+        "import sys, time\n"
+        "from llm_telemetry import multiproc\n"
+        f"state = multiproc.SharedState({directory!r}, multiproc.Supervisor('parent', {os.getpid()}))\n"
+        "for line in sys.stdin:\n"
+        "    key, amount = line.rsplit(' ', 1)\n"
+        "    state.add(key, float(amount))\n"
+        "    print('ok', flush=True)\n"
+    )
+    workers: list[subprocess.Popen[str]] = []
+
+    def worker() -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        workers.append(process)
+        return process
+
+    def add(process: subprocess.Popen[str], series: str, amount: int) -> None:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(f"{key(series)} {amount}\n")
+        process.stdin.flush()
+        assert process.stdout.readline() == "ok\n"
+
+    def kill(process: subprocess.Popen[str]) -> None:
+        process.kill()
+        process.wait(timeout=10)
+
+    shown: list[dict[str, float]] = []
+    try:
+        early, late = worker(), worker()
+        add(early, "early", 3)
+        shown.append(scraper.merged())  # "early" is shown: it takes a place in the archive
+        # Workers that die fill every other place (and one more series than there are places).
+        for first in (0, CARDINALITY_LIMIT // 2):
+            filler = multiproc.SharedState(directory, supervisor)
+            for i in range(first, first + CARDINALITY_LIMIT // 2):
+                filler.add(key(f"filler-{i}"), 1)
+            filler.close()
+            shown.append(scraper.merged())
+        add(early, "early", 1)
+        add(late, "late", 5)  # recorded once no place is left
+        add(late, "filler-0", 2)  # a series with a place, recorded by a live worker
+        shown.append(scraper.merged())
+        kill(early)
+        shown.append(scraper.merged())
+        kill(late)
+        shown.append(scraper.merged())
+        shown.append(scraper.merged())
+    finally:
+        for process in workers:
+            kill(process)
+        scraper.close()
+    for before, after in itertools.pairwise(shown):
+        moved = {k: (v, after.get(k)) for k, v in before.items() if after.get(k, -1.0) < v}
+        assert not moved, moved
+    final = shown[-1]
+    (overflow,) = [k for k in final if json.loads(k)[2] == [["otel.metric.overflow", True]]]
+    assert final[key("early")] == 4 and final[key("filler-0")] == 3
+    assert key("late") not in final and not any(key("late") in merged for merged in shown)
+    assert final[overflow] == 5 + 1  # the late series, and the one filler past the places
+    assert sum(final.values()) == 4 + 5 + 2 + CARDINALITY_LIMIT
+
+
+def test_files_of_dead_workers_go_when_a_worker_joins_without_a_scrape(tmp_path: Path) -> None:
+    """Recycled workers (gunicorn --max-requests) with nothing scraping, or no metrics port: each worker joining folds
+    the files of those that died, so the directory holds the live workers' files and the archive, not one pair of
+    files per worker ever started; and the counts are all there at the next scrape."""
+    directory = str(tmp_path)
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    counter = json.dumps(["llm.requests", "c", []], separators=(",", ":"))
+    script = (
+        "from llm_telemetry import multiproc\n"
+        f"state = multiproc.SharedState({directory!r}, multiproc.Supervisor('parent', {os.getpid()}))\n"
+        f"state.add({counter!r}, 1)\n"
+        "print('ok', flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    for _ in range(12):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None and process.stdout.readline() == "ok\n"
+            files = [p.name for p in tmp_path.iterdir() if p.name.startswith("w")]
+            assert len(files) <= 4, files  # this worker's pair, and the pair of the one before it at most
+        finally:
+            process.kill()  # recycled as a worker dies: no clean exit
+            process.wait(timeout=10)
+    scraper = multiproc.SharedState(directory, supervisor)
+    try:
+        assert scraper.merged() == {counter: 12}
+    finally:
+        scraper.close()
