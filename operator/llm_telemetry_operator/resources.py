@@ -375,8 +375,8 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
 
 def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
     """The variables a chosen container sets itself (the user's win over the injection) that keep the metrics Service
-    from reaching the middleware's listener: another port than ``spec.metrics.port``, a loopback host, or no
-    Prometheus exporter. Values from ``valueFrom`` are not known here and are not judged."""
+    from reaching the middleware's listener: another port than ``spec.metrics.port``, a loopback host, no
+    Prometheus exporter, or the middleware turned off. Values from ``valueFrom`` are not known here, nor judged."""
     record = injected_record(workload) or {}
     injected = record.get("containers")
     if not isinstance(injected, Mapping):
@@ -396,6 +396,7 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
                 (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
                 or (name == mw.LLM_TELEMETRY_METRICS_HOST and text in ("127.0.0.1", "localhost", "::1", "[::1]"))
                 or (name == mw.LLM_TELEMETRY_METRICS_EXPORTER and "prometheus" not in text.split(","))
+                or (name == mw.LLM_TELEMETRY_ENABLED and text in ("0", "false", "no", "off", ""))
             ):
                 found.append(f"container {container.get('name')} sets {name}={value}")
     return found

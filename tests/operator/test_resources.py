@@ -278,6 +278,8 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "0.0.0.0"}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "otlp"}], {}, ["LLM_TELEMETRY_METRICS_EXPORTER=otlp"]),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "prometheus,otlp"}], {}, []),
+        ([{"name": "LLM_TELEMETRY_ENABLED", "value": "false"}], {}, ["LLM_TELEMETRY_ENABLED=false"]),
+        ([{"name": "LLM_TELEMETRY_ENABLED", "value": "true"}], {}, []),
         # A value from elsewhere cannot be judged; a container the injection does not choose does not count.
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "valueFrom": {"configMapKeyRef": {"name": "m", "key": "p"}}}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {"containers": ["sidecar"]}, []),
