@@ -158,7 +158,16 @@ class AlertThresholds:
 BY: Final = "namespace, job"
 #: The series of our metrics that hold the label combinations past the cardinality limit
 #: (instruments.CARDINALITY_LIMIT); the names keep other services' OpenTelemetry metrics out.
-OVERFLOW_MATCHERS: Final = ('__name__=~"llm_.+|gen_ai_.+"', 'otel_metric_overflow="true"')
+OVERFLOW_MATCHER: Final = 'otel_metric_overflow="true"'
+#: What grows in an overflow series, per metric of ours (a histogram's count; the gauge of active requests has no
+#: growth to see). One term each: rate() drops the metric's name, and the overflow series of two metrics of one
+#: target have the same labels otherwise (``otel_metric_overflow`` and the target's), so a rate over several names
+#: at once is an evaluation error ("vector cannot contain metrics with the same labelset") exactly when two overflow.
+OVERFLOWING: Final = tuple(
+    spec.prometheus_name + ("_count" if spec.kind == "histogram" else "")
+    for spec in inst.CONTRACT
+    if spec.kind != "updowncounter"
+)
 
 
 def _normalize_selector(selector: str) -> str:
@@ -462,7 +471,9 @@ def build_rule_groups(
         ),
         _alert(
             "LLMTelemetrySeriesOverflow",
-            f"sum by ({BY}) (rate({series('', sel, *OVERFLOW_MATCHERS)}[15m])) > 0",
+            "\nor\n".join(
+                f"sum by ({BY}) (rate({series(name, sel, OVERFLOW_MATCHER)}[15m])) > 0" for name in OVERFLOWING
+            ),
             severity="info",
             for_="15m",
             summary=f"{service} has more label combinations than llm-telemetry keeps per process",
