@@ -96,6 +96,13 @@ def _env_bool(name: str, value: str) -> bool:
     raise ConfigurationError(f"{name}={value!r}: expected true or false")
 
 
+def _otel_capture(value: str) -> bool:
+    """OpenTelemetry's variable, which other instrumentations read too, never stops the app: ``true`` or, as
+    ``opentelemetry-util-genai`` spells it, ``SPAN_ONLY`` or ``SPAN_AND_EVENT`` capture content on spans; anything
+    else (``false``, ``NO_CONTENT``, ``EVENT_ONLY``) does not."""
+    return value.strip().lower() in ("1", "true", "yes", "on", "span_only", "span_and_event")
+
+
 def _env_int(name: str, value: str, minimum: int) -> int:
     try:
         parsed = int(value.strip())
@@ -198,10 +205,7 @@ class Settings:
         elif env.get(LLM_TELEMETRY_CAPTURE_CONTENT):
             values["capture_content"] = _env_bool(LLM_TELEMETRY_CAPTURE_CONTENT, env[LLM_TELEMETRY_CAPTURE_CONTENT])
         elif env.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT):
-            values["capture_content"] = _env_bool(
-                OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT,
-                env[OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT],
-            )
+            values["capture_content"] = _otel_capture(env[OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT])
 
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

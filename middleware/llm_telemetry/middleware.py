@@ -12,6 +12,8 @@ from time import perf_counter
 from types import CodeType
 from typing import Any, Protocol
 
+import anyio
+import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -471,6 +473,30 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
         logger.debug("llm-telemetry: shutdown after a failed setup failed too", exc_info=True)
 
 
+#: Seconds the server's shutdown waits for the last spans, log records and metrics to be exported.
+SHUTDOWN_SECONDS = 10.0
+
+
+def _flushing_on_shutdown(send: Send, telemetry: Telemetry) -> Send:
+    """The lifespan ``send``: before the app's shutdown is reported, the exporters are flushed and stopped.
+
+    Servers end the process right after (uvicorn raises SIGTERM again once it has shut down, so no exit handler of
+    the OpenTelemetry SDK runs): without this, the spans and log records still queued, up to a batch delay's worth,
+    would be lost at every rollout. Bounded by SHUTDOWN_SECONDS, so an unreachable collector cannot hold it up.
+    """
+
+    async def lifespan_send(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            with anyio.move_on_after(SHUTDOWN_SECONDS):
+                try:
+                    await anyio.to_thread.run_sync(telemetry.shutdown, abandon_on_cancel=True)
+                except Exception:
+                    logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
+        await send(message)
+
+    return lifespan_send
+
+
 class LLMTelemetryMiddleware:
     """ASGI middleware that records metrics (and, when configured, traces and logs) for LLM API traffic.
 
@@ -632,6 +658,8 @@ class LLMTelemetryMiddleware:
             return
         telemetry = self._telemetry if self._set_up else self._setup()
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and telemetry is not None:
+                send = _flushing_on_shutdown(send, telemetry)
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]

@@ -60,6 +60,8 @@ class LLMCall:
     output_text: list[str] | None = None
     #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
     scope: Any = None
+    #: ``scope["root_path"]`` as the request arrived (tracing: what routing adds is a mount's prefix of the route).
+    root_path: str = ""
     #: Free slot for observers (tracing keeps its span here).
     span: Any = None
     #: OpenTelemetry context carrying the LLM span, passed to histogram records so exemplars link to it.

@@ -98,6 +98,7 @@ class Telemetry:
         )
         self._server: Any = None
         self._server_lock = threading.Lock()
+        self._shut_down = False
 
     def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:
@@ -181,6 +182,10 @@ class Telemetry:
                 )
 
     def shutdown(self) -> None:
+        """Stop the listener and flush and stop the exporters; once (later calls do nothing)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         if self._server:
             server, thread = self._server
             server.shutdown()

@@ -880,6 +880,8 @@ class SpanObserver:
         kind = _INTERNAL
         parent = None
         scope = call.scope
+        if scope is not None:
+            call.root_path = scope.get("root_path") or ""
         if self.server_span and scope is not None and not _CONTEXT.span_is_current():
             kind = _SERVER
             # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
@@ -981,9 +983,14 @@ class SpanObserver:
             attributes[HTTP_RESPONSE_STATUS_CODE] = call.status_code
         scope = call.scope
         if scope is not None:
-            # Set by the app's router as it routed (FastAPI's APIRoute): the template, when there is one.
+            # Set by the app's router as it routed (FastAPI's APIRoute): the template, when there is one. A router
+            # inside a mount (Starlette's Mount, FastAPI's app.mount) sets it relative to the mount, whose prefix
+            # routing added to root_path: put back, as the route of the whole path.
             route = getattr(scope.get("route"), "path", None)
             if isinstance(route, str):
+                root = scope.get("root_path") or ""
+                if root != call.root_path and root.startswith(call.root_path):
+                    route = root[len(call.root_path) :] + route
                 attributes[HTTP_ROUTE] = route
         if call.request_id:
             attributes[LLM_REQUEST_ID] = call.request_id
@@ -1007,7 +1014,11 @@ class SpanObserver:
             span.set_attributes(attributes)
         if call.error_type:
             span.set_attribute(names.ERROR_TYPE, call.error_type)
-            span.set_status(Status(StatusCode.ERROR, call.error_type))
+            # The HTTP conventions: a server span's status is not an error for a 4xx answer (the client's error,
+            # which error.type still names); an LLM span inside another server span is, as the GenAI ones have it.
+            status = call.status_code
+            if not (span.kind is _SERVER and status is not None and 400 <= status < 500):
+                span.set_status(Status(StatusCode.ERROR, call.error_type))
 
     def _text(self, value: Any) -> str:
         if not isinstance(value, str):

@@ -36,6 +36,20 @@ def test_settings_env_fills_gaps_and_arguments_win() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "capture"),
+    [
+        ("true", True), ("SPAN_ONLY", True), ("span_and_event", True),
+        ("false", False), ("NO_CONTENT", False), ("EVENT_ONLY", False), ("whatever", False),
+    ],
+)  # fmt: skip
+def test_opentelemetrys_capture_variable_in_any_of_its_spellings_never_stops_the_app(value: str, capture: bool) -> None:
+    """OpenTelemetry's GenAI helpers spell the variable's values NO_CONTENT, SPAN_ONLY, EVENT_ONLY, SPAN_AND_EVENT
+    (with OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental): a pod set up for them must still start."""
+    env = {"OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": value}
+    assert Settings.resolve(env=env).capture_content is capture
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         ({"LLM_TELEMETRY_METRICS_PORT": "http"}, "LLM_TELEMETRY_METRICS_PORT='http': expected an integer"),

@@ -1,0 +1,74 @@
+"""A server that is stopped (a rollout, a scale-down: SIGTERM) exports what it still holds: the spans and OTLP log
+records queued for the next batch reach the collector before the process ends.
+
+The batch processors keep their default delays (5 s for spans, 1 s for log records), so every record of these
+requests is still queued when SIGTERM arrives. uvicorn ends the process by raising SIGTERM again after its
+shutdown, so no exit handler of the OpenTelemetry SDK runs: only the middleware's flush at lifespan shutdown
+saves them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from otlp_receiver import otlp_receiver
+from support import free_port, wait_for
+
+REQUESTS = 3
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_queued_spans_and_log_records_are_exported_when_the_server_is_stopped(protocol: str) -> None:
+    port = free_port()
+    with otlp_receiver() as receiver:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+        endpoint = receiver.http_endpoint if protocol == "http/protobuf" else receiver.grpc_endpoint
+        env |= {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "OTEL_SERVICE_NAME": "stopped",
+            "LLM_TELEMETRY_METRICS_PORT": "0",
+        }
+        command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for("the server", lambda: _up(base), seconds=30)
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            for _ in range(REQUESTS):
+                assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+            stopped = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+            took = time.monotonic() - stopped
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=10)
+        assert server.stderr is not None
+        errors = server.stderr.read().decode(errors="replace")
+        assert receiver.wait_for(lambda r: len(r.spans) >= REQUESTS and len(r.logs) >= REQUESTS, timeout=5), errors
+    assert len(receiver.spans) == REQUESTS and len(receiver.logs) == REQUESTS
+    assert {span.name for span in receiver.spans} == {"chat gpt-4o-mini"}
+    assert took < 5, took  # flushed at once, not after the batch delay
+
+
+def _up(base: str) -> bool:
+    try:
+        httpx.get(base + "/", timeout=1)
+    except httpx.TransportError:
+        return False
+    return True
