@@ -68,7 +68,8 @@ def references(expr: str) -> tuple[dict[str, set[str]], set[str]]:
 
 def _check_contract(expr: str, attribution: set[str], recorded: set[str]) -> None:
     metrics, clause_labels = references(expr)
-    allowed_everywhere = {*SCRAPE_LABELS, "le"}
+    # otel_metric_overflow: the label of every metric's overflow series (instruments.CARDINALITY_LIMIT).
+    allowed_everywhere = {*SCRAPE_LABELS, "le", OVERFLOW_LABEL}
     available: set[str] = set()
     for name, labels in metrics.items():
         if name in recorded or name == "up":
@@ -333,6 +334,7 @@ TOKENS = instruments.TOKENS.prometheus_name
 DETAILS = instruments.TOKEN_DETAILS.prometheus_name
 DETAIL_LABEL = instruments.label(instruments.LLM_TOKEN_DETAIL)
 TYPE_LABEL = instruments.label(instruments.GEN_AI_TOKEN_TYPE)
+(OVERFLOW_LABEL,) = (instruments.label(key) for key in instruments.OVERFLOW_ATTRIBUTES)
 
 
 #: What an expression's series count, for the token checks: billable tokens (``llm_tokens_total``: input and
@@ -393,6 +395,8 @@ def check_token_sums(expr: str) -> None:
     def selector(node: Any) -> set[str]:
         name = node.name or ""
         matchers = list(node.matchers.matchers) if node.matchers is not None else []
+        if any(m.name == OVERFLOW_LABEL and m.op == promql_parser.MatchOp.Equal and m.value for m in matchers):
+            return set()  # one overflow series per target, its other labels empty: nothing apart to add up
         for m in matchers:
             if m.name == "__name__" and m.op == promql_parser.MatchOp.Equal:
                 name = m.value
