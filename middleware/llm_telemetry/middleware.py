@@ -350,11 +350,15 @@ class _Exchange:
             self.started = True
             headers = message.get("headers")
             if headers is not None and not isinstance(headers, (list, tuple)):
-                # ASGI allows any iterable: read a generator once, so both we and the server see every header.
-                message["headers"] = list(headers)
+                # ASGI allows any iterable: read a generator once, so both we and the server see every header. (A copy
+                # of the message: the app may send the same dict again, for another request.)
+                message = {**message, "headers": list(headers)}
             try:
                 if self._start_response(message) and self.echo_id is not None:
-                    message["headers"] = [*(message.get("headers") or ()), (REQUEST_ID_HEADER, self.echo_id)]
+                    message = {
+                        **message,
+                        "headers": [*(message.get("headers") or ()), (REQUEST_ID_HEADER, self.echo_id)],
+                    }
             except Exception as exc:
                 self.failsafe("response_start", exc)
             await self._forward(message)
@@ -419,7 +423,7 @@ class _Exchange:
         client_left = (
             self.disconnected
             or self.send_failed
-            or isinstance(exc, asyncio.CancelledError)
+            or (exc is not None and _cancelled(exc))
             or (exc is not None and self.send_code is not None and _raised_in(exc, self.send_code))
         )
         if exc is not None and not client_left:
@@ -433,6 +437,17 @@ class _Exchange:
             call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is the server cancelling the request: asyncio's cancellation, or trio's (Hypercorn's trio
+    worker cancels the requests in flight at shutdown) as anyio names it for the running library."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())
+    except Exception:  # no async library running (a synchronous caller): not a cancellation
+        return False
 
 
 def _answer_ended(call: LLMCall) -> bool:
@@ -475,26 +490,6 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
 
 #: Seconds the server's shutdown waits for the last spans, log records and metrics to be exported.
 SHUTDOWN_SECONDS = 10.0
-
-
-def _flushing_on_shutdown(send: Send, telemetry: Telemetry) -> Send:
-    """The lifespan ``send``: before the app's shutdown is reported, the exporters are flushed and stopped.
-
-    Servers end the process right after (uvicorn raises SIGTERM again once it has shut down, so no exit handler of
-    the OpenTelemetry SDK runs): without this, the spans and log records still queued, up to a batch delay's worth,
-    would be lost at every rollout. Bounded by SHUTDOWN_SECONDS, so an unreachable collector cannot hold it up.
-    """
-
-    async def lifespan_send(message: Message) -> None:
-        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            with anyio.move_on_after(SHUTDOWN_SECONDS):
-                try:
-                    await anyio.to_thread.run_sync(telemetry.shutdown, abandon_on_cancel=True)
-                except Exception:
-                    logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
-        await send(message)
-
-    return lifespan_send
 
 
 class LLMTelemetryMiddleware:
@@ -589,8 +584,9 @@ class LLMTelemetryMiddleware:
 
     @property
     def telemetry(self) -> Telemetry:
-        """The meter provider, instruments and exposition; created on first use (or at lifespan startup)."""
-        telemetry = self._telemetry if self._set_up else self._setup()
+        """The meter provider, instruments and exposition; created on first use (or at lifespan startup). After a
+        lifespan shutdown, the one shut down, until the next call sets up anew."""
+        telemetry = self._telemetry if self._set_up or self._telemetry is not None else self._setup()
         if telemetry is None:
             raise RuntimeError("llm-telemetry setup failed; see the log")
         return telemetry
@@ -659,7 +655,7 @@ class LLMTelemetryMiddleware:
         telemetry = self._telemetry if self._set_up else self._setup()
         if scope["type"] != "http":
             if scope["type"] == "lifespan" and telemetry is not None:
-                send = _flushing_on_shutdown(send, telemetry)
+                send = self._flushing_on_shutdown(send, telemetry)
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -678,6 +674,30 @@ class LLMTelemetryMiddleware:
             await traced(scope, receive, send)
             return
         await self._observe(api, scope, receive, send)
+
+    def _flushing_on_shutdown(self, send: Send, telemetry: Telemetry) -> Send:
+        """The lifespan ``send``: before the app's shutdown is reported, the exporters are flushed and stopped.
+
+        Servers end the process right after (uvicorn raises SIGTERM again once it has shut down, so no exit handler
+        of the OpenTelemetry SDK runs): without this, the spans and log records still queued, up to a batch delay's
+        worth, would be lost at every rollout. Bounded by SHUTDOWN_SECONDS, so an unreachable collector cannot hold
+        it up. The next use (another lifespan, as a test client entered again starts one, or a request) sets
+        everything up anew.
+        """
+
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                with anyio.move_on_after(SHUTDOWN_SECONDS):
+                    try:
+                        await anyio.to_thread.run_sync(telemetry.shutdown, abandon_on_cancel=True)
+                    except Exception:
+                        logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
+                with self._lock:
+                    if self._telemetry is telemetry:
+                        self._set_up = False  # (the shut-down one stays readable through .telemetry until then)
+            await send(message)
+
+        return lifespan_send
 
     async def _observe_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = self.router.match(scope["path"])

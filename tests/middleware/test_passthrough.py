@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
@@ -158,3 +159,35 @@ def test_request_id_echo_adds_only_that_header(servers: tuple[str, str, int]) ->
         value = added[0].split(b":", 1)[1].strip()
         assert value == echoed if echoed else len(value) >= 16  # the client's id back, or a generated one
         assert b"\r\n".join(line for line in response.split(b"\r\n") if line not in added) == expected
+
+
+#: One start message for every response, as an app may keep it (a module-level constant): whatever the middleware adds
+#: to a response must not land in the app's own dict, or the next response (another client's) would carry it.
+SHARED_START: dict[str, Any] = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"application/json")],
+}
+
+
+async def shared_start_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await request_body(receive)
+    await send(SHARED_START)
+    await send({"type": "http.response.body", "body": b'{"id":"c","model":"m","choices":[]}'})
+
+
+def test_the_echoed_request_id_is_each_requests_own_when_the_app_reuses_its_start_message() -> None:
+    wrapped = LLMTelemetryMiddleware(shared_start_app, metrics_port=0, request_logs=False)
+    ids = []
+    with serve(wrapped) as base, httpx.Client(base_url=base) as client:
+        for sent in ("aaa", "bbb", None, None):
+            headers = {"x-request-id": sent} if sent else {}
+            response = client.post("/v1/chat/completions", json={"model": "m"}, headers=headers)
+            ids.append((sent, response.headers.get_list("x-request-id")))
+    wrapped.telemetry.shutdown()
+    assert ids[:2] == [("aaa", ["aaa"]), ("bbb", ["bbb"])]
+    generated = [echoed for _, echoed in ids[2:]]
+    assert all(len(echoed) == 1 and len(echoed[0]) >= 16 for echoed in generated) and generated[0] != generated[1]
+    assert SHARED_START["headers"] == [(b"content-type", b"application/json")]

@@ -15,11 +15,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+import anyio
 import httpx
 import openai
 import pytest
 
-from support import free_port, scrape
+from llm_telemetry import LLMTelemetryMiddleware
+from support import Calls, free_port, scrape
 
 APPS = """
 import os
@@ -146,3 +148,47 @@ def test_streams_are_measured_and_a_client_leaving_is_a_disconnect(servers: dict
     assert after.value("llm_errors_total", gen_ai_request_model="gpt-4o-server") == 0
     assert after.value("llm_requests_active") == before.value("llm_requests_active") == 0
     assert after.value("llm_telemetry_internal_errors_total") == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_request_the_server_cancels_is_a_client_disconnect(backend: str) -> None:
+    """Servers cancel the requests in flight when they stop (Hypercorn's trio worker after its graceful timeout,
+    any server on a cancel scope): the call is the server's doing, a client disconnect, whichever library runs it,
+    never the app's exception (which alerts count against the error budget)."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        await receive()  # type: ignore[operator]
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+        await send(start)  # type: ignore[operator]
+        chunk = (
+            b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"w "},"finish_reason":null}]}\n\n'
+        )
+        while True:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})  # type: ignore[operator]
+            await anyio.sleep(0.01)
+
+    calls = Calls()
+    middleware = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[calls])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [], "client": None, "server": None}  # fmt: skip
+    requests = [{"type": "http.request", "body": b'{"model":"m","stream":true,"messages":[]}'}]
+
+    async def receive() -> dict[str, object]:
+        if requests:
+            return requests.pop()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        pass
+
+    async def serve_until_cancelled() -> None:
+        with anyio.move_on_after(0.2):
+            await middleware(scope, receive, send)
+
+    anyio.run(serve_until_cancelled, backend=backend)
+    middleware.telemetry.shutdown()
+    [call] = calls.ended
+    assert (call.status_code, call.error_type) == (200, "client_disconnect")
+    assert call.output_tokens is not None and call.output_tokens > 0

@@ -1,5 +1,6 @@
-"""A server that is stopped (a rollout, a scale-down: SIGTERM) exports what it still holds: the spans and OTLP log
-records queued for the next batch reach the collector before the process ends.
+"""The server's lifespan. A server that is stopped (a rollout, a scale-down: SIGTERM) exports what it still holds: the
+spans and OTLP log records queued for the next batch reach the collector before the process ends. And a lifespan
+after one that ended (a test client entered again) finds everything set up again.
 
 The batch processors keep their default delays (5 s for spans, 1 s for log records), so every record of these
 requests is still queued when SIGTERM arrives. uvicorn ends the process by raising SIGTERM again after its
@@ -17,9 +18,11 @@ import time
 
 import httpx
 import pytest
+from starlette.testclient import TestClient
 
+from llm_telemetry.demo.app import create_app
 from otlp_receiver import otlp_receiver
-from support import free_port, wait_for
+from support import free_port, request_log_lines, scrape, wait_for
 
 REQUESTS = 3
 
@@ -72,3 +75,17 @@ def _up(base: str) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+def test_a_lifespan_after_one_that_ended_finds_metrics_and_logs_set_up_again() -> None:
+    """A test client entered once per test around one app (a module-level app, the usual fixture) runs one lifespan
+    per test: each finds the metrics port serving and the request logged, as the first did."""
+    port = free_port()
+    app = create_app(metrics_port=port, metrics_host="127.0.0.1")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    for cycle in range(3):
+        with TestClient(app) as client, request_log_lines() as lines:
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            assert scrape(port).value("llm_requests_total", gen_ai_request_model="gpt-4o-mini") == 1, cycle
+            assert len(lines.getvalue().splitlines()) == 1, cycle
+    app.telemetry.shutdown()
