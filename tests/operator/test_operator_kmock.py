@@ -31,6 +31,7 @@ from kopf_testing import (
     kopf_peering,
     minimal_llmt,
     namespace_object,
+    ready,
     running_operator,
 )
 
@@ -87,12 +88,7 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(env=[{"name": "OTEL_SERVICE_NAME", "value": "mine"}])
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        owner = await eventually(
-            lambda: (
-                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
-            ),
-            "Ready=True",
-        )
+        owner = await ready(emulator, what="Ready=True")
 
         # Status: generation, targets, every condition with a reason.
         status = owner["status"]
@@ -263,7 +259,7 @@ async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, monitor
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "chat Ready")
+        await ready(emulator)
         await hand(
             emulator, "POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", deployment("embed", {"app": "embed"})
         )
@@ -306,7 +302,7 @@ async def test_resource_is_written_only_for_its_finalizer_and_status(emulator: A
     path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
     async with running_operator():
         await hand(emulator, "POST", path, minimal_llmt())
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         await asyncio.sleep(1.0)  # every echo has arrived and been handled
         assert [w for w in writes_of(emulator) if "llmtelemetries" in w] == [
             f"PATCH {path}/chat",
@@ -343,7 +339,7 @@ async def test_watch_events_log_no_line_each(
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     caplog.set_level(logging.INFO)
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "Service recreated")
     lines = [record.getMessage() for record in caplog.records]
@@ -387,9 +383,9 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
             lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") and get(emulator, LLMT, "chat"),
             "Ready written",
         )
-        ready = condition(owner, "Ready")
-        assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-        assert "spec.alerts.ttftObjectiveSeconds" in ready["message"]
+        refused = condition(owner, "Ready")
+        assert refused["status"] == "False" and refused["reason"] == "InvalidSpec"
+        assert "spec.alerts.ttftObjectiveSeconds" in refused["message"]
         assert owner["status"]["phase"] == "Invalid"
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
         # kubectl describe shows why, as a Warning event naming the field.
@@ -410,9 +406,7 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
             f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
             {"metadata": {"generation": 2}, "spec": {"alerts": {"ttftObjectiveSeconds": 2.5}}},
         )
-        await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready after the fix"
-        )
+        await ready(emulator, what="Ready after the fix")
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
     check_usage(emulator)
 
@@ -430,7 +424,7 @@ async def test_names_a_real_api_server_would_refuse_in_children_are_never_writte
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt("chat")
     emulator.objects[LLMT, NAMESPACE, long_name] = minimal_llmt(long_name, selector={"matchLabels": {"app": "other"}})
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         assert get(emulator, SERVICES, "chat.v2-llm-metrics") is None  # a name the API server refuses for a Service
         service = get(emulator, SERVICES, resources.service_name("chat.v2"))
         assert service is not None and kube_schema.object_errors(service) == []
@@ -438,9 +432,9 @@ async def test_names_a_real_api_server_would_refuse_in_children_are_never_writte
             lambda: condition(get(emulator, LLMT, long_name), "Ready").get("reason") and get(emulator, LLMT, long_name),
             "Ready written",
         )
-        ready = condition(owner, "Ready")
-        assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
-        assert "metadata.name" in ready["message"]
+        refused = condition(owner, "Ready")
+        assert refused["status"] == "False" and refused["reason"] == "InvalidSpec"
+        assert "metadata.name" in refused["message"]
         await eventually(
             lambda: any(
                 req.method.value == "POST"
@@ -518,7 +512,7 @@ async def test_workload_status_updates_run_no_pass_and_template_edits_are_repair
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "chat Ready")
+        await ready(emulator)
         injected = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"][0]["env"]
         for revision in (2, 3):
             await hand(
@@ -556,7 +550,7 @@ async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_c
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         # A matching StatefulSet appears after the resource: it is selected, injected and scraped.
         await hand(
             emulator, "POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets", deployment("db", kind="StatefulSet")
@@ -595,12 +589,7 @@ async def test_a_statefulset_sharing_a_deployments_name_gets_a_service_of_its_ow
     emulator.objects[STATEFULSETS, NAMESPACE, "chat"] = sts
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        owner = await eventually(
-            lambda: (
-                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
-            ),
-            "Ready",
-        )
+        owner = await ready(emulator)
         assert owner["status"]["targets"] == ["Deployment/chat", "StatefulSet/chat"]
         await asyncio.sleep(0.5)  # a pass that overwrote one Service with the other would have done so by now
         assert get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat"}
@@ -642,7 +631,7 @@ async def test_a_containers_own_metrics_port_is_reported_until_it_goes(emulator:
         container = {"name": "app", "image": "example/chat:1"}
         path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
         await hand(emulator, "PATCH", path, {"spec": {"template": {"spec": {"containers": [container]}}}})
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
     check_usage(emulator)
 
@@ -656,7 +645,7 @@ async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: An
     new_image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:2"}]}}}}
     emulator.interfere["deployments", "chat"] = new_image
     async with running_operator():
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await ready(emulator)
         dep = get(emulator, DEPLOYMENTS, "chat")
         assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example/chat:2"
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
@@ -753,12 +742,7 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
     config = OperatorConfig(namespaces=(NAMESPACE, later), peering=PEERING, metrics_port=0, health="")
 
     async with running_operator(config):
-        owner = await eventually(
-            lambda: (
-                condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True" and get(emulator, LLMT, "chat")
-            ),
-            "Ready=True in the watched namespace",
-        )
+        owner = await ready(emulator, what="Ready=True in the watched namespace")
         assert owner["status"]["targets"] == ["Deployment/chat"]
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
         for resource, name in (
