@@ -525,7 +525,10 @@ async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Ma
     for workload in workloads:
         record = r.injected_record(workload)
         if record is not None and record.get("owner") == name:
-            await _patch_workload(client, config, owner, None, workload)
+            try:
+                await _patch_workload(client, config, owner, None, workload)
+            except NotFoundError:
+                continue  # deleted since it was listed (a namespace going, say): nothing left to undo
             touched.append(workload_key(workload))
     return touched
 

@@ -23,6 +23,7 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    ready,
     running_operator,
     writes,
 )
@@ -193,6 +194,29 @@ async def test_delete_reads_only_its_own_workloads(emulator: Any, monitoring_crd
     assert all(req.params.get("labelSelector") == "app=chat" for req in lists), [str(r.url) for r in lists]
     # Served from the API server's watch cache, not read from etcd.
     assert all(req.params.get("resourceVersion") == "0" for req in lists)
+
+
+STATUS_404 = {"kind": "Status", "status": "Failure", "reason": "NotFound", "message": "not found", "code": 404}
+
+
+async def test_a_workload_deleted_while_its_injection_is_removed_does_not_hold_up_the_delete(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A resource and its workloads deleted together (a namespace going): a workload gone between the delete's
+    list and its patch answers 404. Nothing is left to undo there: the delete goes on, and the resource is gone
+    at once (a failure here went to kopf, whose handler retry waits 60 s, holding up the namespace too)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    # The second patch of the Deployment (the first injects): the one that would remove the injection.
+    emulator["patch apps/v1/deployments"][1:2] << 404 << STATUS_404
+    async with running_operator():
+        await ready(emulator)
+        started = time.monotonic()
+        await _delete(emulator, "chat")
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "deleted")
+        assert time.monotonic() - started < 10
 
 
 async def _create(emulator: Any, body: dict[str, Any]) -> None:
