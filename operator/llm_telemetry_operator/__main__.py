@@ -162,9 +162,14 @@ def kopf_options(config: OperatorConfig) -> dict[str, Any]:
         "namespaces": list(config.namespaces),
         "memo": kopf.Memo(config=config),
     }
-    identity = peering_identity()
-    if identity is not None:
-        options["identity"] = identity
+    # The name this replica goes by in the peering object, chosen here rather than by kopf (whose own choice,
+    # without POD_ID, is random per call): the operator's passes of its own stand by as kopf does (standby.py).
+    identity = (
+        os.environ.get("POD_ID") or peering_identity() or f"{getpass.getuser()}@{socket.gethostname()}/{os.getpid()}"
+    )
+    options["identity"] = identity
+    if not config.standalone:
+        options["memo"]["identity"] = identity
     return options
 
 

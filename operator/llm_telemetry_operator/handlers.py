@@ -29,6 +29,8 @@ from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
+from llm_telemetry_operator.standby import POLL_SECONDS as STANDBY_POLL_SECONDS
+from llm_telemetry_operator.standby import standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
@@ -80,6 +82,8 @@ class OperatorState:
     event_passes: set[asyncio.Task[Any]] = field(default_factory=set)
     #: The watches of workloads and children (see :mod:`childwatch`), once started.
     watches: list[MetadataWatch] | None = None
+    #: Whether another replica is the active one (kopf's peering rule, see standby.py): no pass of our own runs.
+    standby: bool = False
     #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
     #: run in a copy of it, as kopf.warn finds kopf's settings and event queue in its context variables.
     kopf_context: contextvars.Context | None = None
@@ -182,6 +186,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     state.logger = logger
+    identity = memo.get("identity")
+    if identity and not config.standalone:
+        await _check_standby(_client(memo), config, state, str(identity), logger)
+        memo["standby"] = asyncio.create_task(
+            _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
+        )
     await _track_existing(_client(memo), config, state, logger)
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
@@ -226,6 +236,46 @@ async def missing_peering(client: KubeClient, config: OperatorConfig) -> list[st
     return warnings
 
 
+async def _check_standby(
+    client: KubeClient, config: OperatorConfig, state: OperatorState, identity: str, logger: Any
+) -> None:
+    """Read the peering objects and stand by, or resume, as kopf does (see standby.py)."""
+    if config.clusterwide:
+        places: list[tuple[kube.Resource, str | None]] = [(kube.CLUSTERKOPFPEERINGS, None)]
+    else:
+        places = [(kube.KOPFPEERINGS, namespace) for namespace in config.namespaces]
+    standby = False
+    for resource, namespace in places:
+        try:
+            found = await client.list(resource, namespace, fields={"metadata.name": config.peering})
+        except ApiError:
+            return  # unknown: keep the last decision (kopf's own pause holds its handlers meanwhile)
+        standby = standby or any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
+    if standby == state.standby:
+        return
+    state.standby = standby
+    if standby:
+        logger.info("another replica is active: this one stands by (no retries, resyncs or passes of its own)")
+        return
+    logger.info("this replica is active again: every resource gets a pass")
+    # What this replica knew may be old: no answer from a pass made before, and a fresh pass for every resource.
+    state.passes.clear()
+    for key in list(state.bodies):
+        state.schedule.resume(key)
+    state.wake.set()
+
+
+async def _watch_standby(
+    client: KubeClient, config: OperatorConfig, state: OperatorState, identity: str, logger: Any
+) -> None:
+    while True:
+        await asyncio.sleep(STANDBY_POLL_SECONDS)
+        try:
+            await _check_standby(client, config, state, identity, logger)
+        except Exception:
+            logger.exception("reading the peering objects failed")
+
+
 @kopf.on.login()
 async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """One set of credentials for kopf's watches and our client, loaded by the ``kubernetes`` package (every
@@ -248,11 +298,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
-    scheduler = memo.get("scheduler")
-    if isinstance(scheduler, asyncio.Task):
-        scheduler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await scheduler
+    for name in ("scheduler", "standby"):
+        background = memo.get(name)
+        if isinstance(background, asyncio.Task):
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
     await _client(memo).close()
 
 
@@ -270,6 +321,8 @@ async def _run_schedule(memo: Any, state: OperatorState, logger: logging.Logger 
 
     async def one(key: tuple[str, str], why: str) -> None:
         async with slots:
+            if state.standby:
+                return  # another replica is active; all get a pass when this one resumes
             owner = state.bodies.get(key)
             if owner is None or owner["metadata"].get("deletionTimestamp"):
                 state.schedule.forget(key)
@@ -584,7 +637,9 @@ def _start_pass(
     answered: Callable[[rec.Outcome], bool],
 ) -> None:
     """Run a pass for a watch event in a task of its own (it waits for the resource's lock, then may find the
-    event answered by the pass that held it)."""
+    event answered by the pass that held it); none while another replica is active."""
+    if state.standby:
+        return
     log = _ObjectLog(logger, {"object": "/".join(key)})
     context = state.kopf_context.copy() if state.kopf_context is not None else None
     task = asyncio.create_task(_reconcile(memo, owner, trigger, log, answered=answered), context=context)

@@ -76,6 +76,11 @@ class Schedule:
         periods = max(0, -(-(earliest - offset) // self.interval))  # ceil, on the resource's grid
         return self._set(key, offset + periods * self.interval, "resync")
 
+    def resume(self, key: Key) -> float:
+        """This replica became the active one: a pass now (the scheduler runs a few at a time)."""
+        self.failures.pop(key, None)
+        return self._set(key, self.clock(), "resume")
+
     def failed(self, key: Key, retry_after: float | None = None) -> float:
         """A pass failed: schedule a retry with backoff (or after ``retry_after`` when the server said)."""
         count = self.failures[key] = self.failures.get(key, 0) + 1

@@ -184,6 +184,13 @@ class Cluster:
                 return dict(cond)
         return {}
 
+    def reported(self, name: str, type_: str, reason: str) -> dict[str, Any]:
+        """The condition ``type_`` of ``name`` once it has ``reason``."""
+        return wait_for(
+            lambda: self.condition(name, type_).get("reason") == reason and self.condition(name, type_),
+            f"{name}: {type_} {reason}",
+        )
+
     def ready(self, name: str) -> dict[str, Any]:
         return wait_for(
             lambda: self.condition(name, "Ready").get("status") == "True" and self.llmt(name), f"{name} Ready"
@@ -401,13 +408,7 @@ def test_conflict_is_visible_and_not_duplicated(cluster: Cluster) -> None:
     cluster.ready("shared-a")
     time.sleep(1.1)  # creationTimestamp has one-second resolution: make the second one younger
     cluster.create(telemetry("shared-b", "shared"))
-    ready = wait_for(
-        lambda: (
-            cluster.condition("shared-b", "Ready").get("reason") == "Conflict"
-            and cluster.condition("shared-b", "Ready")
-        ),
-        "the younger resource reports Conflict",
-    )
+    ready = cluster.reported("shared-b", "Ready", "Conflict")
     assert ready["status"] == "False" and "shared-a" in ready["message"]
     events = wait_for(lambda: cluster.events("shared-b", "Conflict"), "Conflict event on the younger resource")
     assert "LLMTelemetry shared-a, which wins it" in events[0]
@@ -496,6 +497,58 @@ def test_the_replica_goes_by_its_pod_name_in_the_peering_object(operator: Operat
     assert list(peering) == [operator.env["POD_ID"]]
 
 
+def test_a_standby_replica_runs_no_pass_of_its_own(
+    operator: Operator, cluster: Cluster, tmp_path: pathlib.Path
+) -> None:
+    """A second replica with a higher priority takes over: the first stands by, with its resyncs and retries and
+    the passes its watches start, not only kopf's handlers. A spec change is applied once, by the active replica,
+    and the standby one (which kopf keeps from seeing the change) does not put the old spec back. Once the second
+    replica stops, the first is the active one again and acts on changes."""
+    name = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
+    cluster.create(deployment("standby", "standby"))
+    cluster.create(telemetry("standby", "standby"))
+    cluster.ready("standby")
+    status = cluster.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["status"]
+    first = int(status[operator.env["POD_ID"]]["priority"])
+    env = {
+        **os.environ,
+        **operator.env,
+        "POD_ID": "llm-telemetry-second-replica",
+        "LLM_TELEMETRY_OPERATOR_PRIORITY": str(first + 1),
+    }
+    log = tmp_path / "second.log"
+
+    def port() -> int:
+        container = cluster.deployment("standby")["spec"]["template"]["spec"]["containers"][0]
+        return int(next(p["containerPort"] for p in container["ports"] if p["name"] == c.METRICS_PORT_NAME))
+
+    def set_port(value: int) -> None:
+        patch = {"spec": {"metrics": {"port": value}}}
+        cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "standby", patch)
+
+    with log.open("wb") as sink:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "this one stands by" in operator.output(), "the first replica standing by")
+        set_port(9500)
+        wait_for(lambda: port() == 9500, "the active replica applying the change")
+        generation = cluster.deployment("standby")["metadata"]["generation"]
+        time.sleep(12)  # past the first replica's resync (10 s): a standby replica acting would roll it back
+        assert (cluster.deployment("standby")["metadata"]["generation"], port()) == (generation, 9500)
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    text = log.read_text(errors="replace")
+    assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+    wait_for(lambda: "this replica is active again" in operator.output(), "the first replica active again")
+    set_port(9464)
+    wait_for(lambda: port() == 9464, "the first replica applying a change again")
+
+
 def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_path: pathlib.Path) -> None:
     """Started by hand with peering on and no such peering object: a WARNING with the remedy, not a silent idle."""
     log = tmp_path / "by-hand.log"
@@ -563,13 +616,7 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     )
     cluster.create(deployment("blocked", "blocked"))
     cluster.create(telemetry("blocked", "blocked"))
-    failed = wait_for(
-        lambda: (
-            cluster.condition("blocked", c.CONDITION_METRICS).get("reason") == "ServiceFailed"
-            and cluster.condition("blocked", c.CONDITION_METRICS)
-        ),
-        "ServiceFailed",
-    )
+    failed = cluster.reported("blocked", c.CONDITION_METRICS, "ServiceFailed")
     assert "not managed by this LLMTelemetry" in failed["message"]
     assert cluster.condition("blocked", "Ready")["status"] == "False"
     generation = cluster.llmt("blocked")["metadata"]["generation"]
@@ -587,12 +634,7 @@ def test_a_spec_the_schema_admits_but_no_pass_can_use_is_reported_once(cluster: 
     Warning event), and kopf's handler retries never start (they would patch the resource on every attempt)."""
     cluster.create(deployment("badurl", "badurl"))
     cluster.create(telemetry("badurl", "badurl", tracing={"endpoint": "http://[oops:4318"}))
-    ready = wait_for(
-        lambda: (
-            cluster.condition("badurl", "Ready").get("reason") == "InvalidSpec" and cluster.condition("badurl", "Ready")
-        ),
-        "InvalidSpec",
-    )
+    ready = cluster.reported("badurl", "Ready", "InvalidSpec")
     assert ready["status"] == "False" and ready["message"].startswith("spec.tracing.endpoint: ")
     assert wait_for(lambda: cluster.events("badurl", "InvalidSpec"), "InvalidSpec event")
     time.sleep(6)  # past the operator's first retry (5 s): had the pass failed, it would have been retried by now
@@ -616,13 +658,7 @@ def test_workloads_of_one_name_and_a_containers_own_port(cluster: Cluster) -> No
     cluster.create(dep)
     cluster.create(sts)
     cluster.create(telemetry("twin", "twin"))
-    metrics = wait_for(
-        lambda: (
-            cluster.condition("twin", c.CONDITION_METRICS).get("reason") == "SettingsOverridden"
-            and cluster.condition("twin", c.CONDITION_METRICS)
-        ),
-        "SettingsOverridden",
-    )
+    metrics = cluster.reported("twin", c.CONDITION_METRICS, "SettingsOverridden")
     assert "Deployment/twin: container app sets LLM_TELEMETRY_METRICS_PORT=9999" in metrics["message"]
     assert wait_for(lambda: cluster.events("twin", "SettingsOverridden"), "SettingsOverridden event")
     assert cluster.llmt("twin")["status"]["targets"] == ["Deployment/twin", "StatefulSet/twin"]
