@@ -258,7 +258,12 @@ async def _check_standby(
         logger.info("another replica is active: this one stands by (no retries, resyncs or passes of its own)")
         return
     logger.info("this replica is active again: every resource gets a pass")
-    # What this replica knew may be old: no answer from a pass made before, and a fresh pass for every resource.
+    # What this replica knew is as old as its pause (kopf's watch paused with it): the resources are read again, one
+    # that is gone is forgotten, no answer from a pass made before counts, and every resource gets a fresh pass.
+    known = set(state.bodies)
+    present = await _track_existing(client, config, state, logger)
+    for key in known - (known if present is None else present):
+        _forget(state, key, state.bodies.get(key, {}))
     state.passes.clear()
     for key in list(state.bodies):
         state.schedule.resume(key)
@@ -497,19 +502,26 @@ def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
         state.index.put(key, state.specs[key])
 
 
-async def _track_existing(client: KubeClient, config: OperatorConfig, state: OperatorState, logger: Any) -> None:
+async def _track_existing(
+    client: KubeClient, config: OperatorConfig, state: OperatorState, logger: Any
+) -> set[tuple[str, str]] | None:
     """Read every LLMTelemetry once at startup, before kopf starts its watches and calls any handler.
 
     So the first pass of any resource, whatever event starts it (a workload's, say, which may arrive before the
     LLMTelemetry watch has delivered an older peer), already knows every peer it may conflict with. One list,
     instead of a kopf indexing handler: kopf holds every handler until each object of an indexed kind has been
-    indexed, and wakes all the waiting workers per object, which grows with the square of the resources.
+    indexed, and wakes all the waiting workers per object, which grows with the square of the resources. Returns
+    the (namespace, name) of every one found, or None when they could not be listed.
     """
+    found: set[tuple[str, str]] = set()
     try:
         for namespace in config.namespaces or (None,):
             for body in await client.list(kube.LLMTELEMETRIES, namespace):
-                if (body.get("metadata") or {}).get("namespace"):
+                meta = body.get("metadata") or {}
+                if meta.get("namespace"):
                     _track(state, body)
+                    found.add((meta["namespace"], meta["name"]))
+        return found
     except NotFoundError:
         # kopf says only that the resource is unresolved; say which CRD and how it gets installed.
         logger.warning(
@@ -519,7 +531,8 @@ async def _track_existing(client: KubeClient, config: OperatorConfig, state: Ope
             c.GROUP,
         )
     except ApiError as exc:
-        logger.warning("could not list LLMTelemetry resources at startup (%s); learning them from the watch", exc)
+        logger.warning("could not list LLMTelemetry resources (%s); learning them from the watch", exc)
+    return None
 
 
 @kopf.on.event(c.GROUP, c.VERSION, c.PLURAL)
@@ -538,7 +551,11 @@ async def llmtelemetry_track(
     if type != "DELETED":
         _track(state, body)
         return
-    key = (namespace, name)
+    _forget(state, (namespace, name), body)
+
+
+def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any]) -> None:
+    """Drop everything kept about a deleted LLMTelemetry."""
     state.bodies.pop(key, None)
     state.specs.pop(key, None)
     state.index.remove(key)

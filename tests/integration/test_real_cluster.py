@@ -545,6 +545,9 @@ def test_a_standby_replica_runs_no_pass_of_its_own(
     text = log.read_text(errors="replace")
     assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
     wait_for(lambda: "this replica is active again" in operator.output(), "the first replica active again")
+    # It read the resources again: its first passes apply the spec as it is now, not the one it knew when it paused.
+    time.sleep(3)
+    assert (cluster.deployment("standby")["metadata"]["generation"], port()) == (generation, 9500)
     set_port(9464)
     wait_for(lambda: port() == 9464, "the first replica applying a change again")
 
