@@ -379,6 +379,17 @@ async def ready(kmock: Any, name: str = "chat", what: str | None = None) -> dict
     return found
 
 
+def posted_events(kmock: Any, reason: str | None = None) -> list[dict[str, Any]]:
+    """The Events posted to the emulator (those with ``reason``, if given), as it received them."""
+    return [
+        req.data or {}
+        for req in list(kmock)
+        if req.method.value == "POST"
+        and str(req.url.path).endswith("/events")
+        and (reason is None or (req.data or {}).get("reason") == reason)
+    ]
+
+
 def writes(kmock: Any) -> list[tuple[str, str]]:
     """(method, path) of every write request the emulator received so far."""
     return [

@@ -16,6 +16,7 @@ from kopf_testing import (
     eventually,
     get,
     minimal_llmt,
+    posted_events,
     running_operator,
 )
 from test_operator_kmock import check_usage, env_of, hand
@@ -98,13 +99,7 @@ async def collectors_condition(emulator: Any) -> dict[str, Any]:
 
 
 def collector_events(kmock: Any) -> list[str]:
-    return [
-        str((req.data or {}).get("message"))
-        for req in list(kmock)
-        if req.method.value == "POST"
-        and str(req.url.path).endswith("/events")
-        and (req.data or {}).get("reason") == "CollectorNotFound"
-    ]
+    return [str(event.get("message")) for event in posted_events(kmock, "CollectorNotFound")]
 
 
 class SlowServices:

@@ -23,6 +23,7 @@ from kopf_testing import (
     get,
     install_prometheus_operator_crds,
     minimal_llmt,
+    posted_events,
     running_operator,
 )
 from test_operator_kmock import check_usage, hand
@@ -56,12 +57,9 @@ def holder(kmock: Any) -> str | None:
 
 def conflict_events(kmock: Any, owner: str) -> list[str]:
     return [
-        str((req.data or {}).get("message"))
-        for req in list(kmock)
-        if req.method.value == "POST"
-        and str(req.url.path).endswith("/events")
-        and (req.data or {}).get("reason") == "Conflict"
-        and (req.data or {}).get("involvedObject", {}).get("name") == owner
+        str(event.get("message"))
+        for event in posted_events(kmock, "Conflict")
+        if event.get("involvedObject", {}).get("name") == owner
     ]
 
 

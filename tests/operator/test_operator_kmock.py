@@ -31,6 +31,7 @@ from kopf_testing import (
     kopf_peering,
     minimal_llmt,
     namespace_object,
+    posted_events,
     ready,
     running_operator,
 )
@@ -391,11 +392,8 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
         # kubectl describe shows why, as a Warning event naming the field.
         await eventually(
             lambda: any(
-                req.method.value == "POST"
-                and str(req.url.path).endswith("/events")
-                and (req.data or {}).get("reason") == "InvalidSpec"
-                and "spec.alerts.ttftObjectiveSeconds" in (req.data or {}).get("message", "")
-                for req in list(emulator)
+                "spec.alerts.ttftObjectiveSeconds" in e.get("message", "")
+                for e in posted_events(emulator, "InvalidSpec")
             ),
             "InvalidSpec event posted",
         )
@@ -436,13 +434,7 @@ async def test_names_a_real_api_server_would_refuse_in_children_are_never_writte
         assert refused["status"] == "False" and refused["reason"] == "InvalidSpec"
         assert "metadata.name" in refused["message"]
         await eventually(
-            lambda: any(
-                req.method.value == "POST"
-                and str(req.url.path).endswith("/events")
-                and (req.data or {}).get("reason") == "InvalidSpec"
-                and "metadata.name" in (req.data or {}).get("message", "")
-                for req in list(emulator)
-            ),
+            lambda: any("metadata.name" in e.get("message", "") for e in posted_events(emulator, "InvalidSpec")),
             "InvalidSpec event posted",
         )
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "other"))
@@ -471,22 +463,11 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
         untouched = get(emulator, DEPLOYMENTS, "chat")
         assert untouched is not None and untouched == {**deployment(), "metadata": untouched["metadata"]}
         await eventually(
-            lambda: any(
-                req.method.value == "POST"
-                and str(req.url.path).endswith("/events")
-                and (req.data or {}).get("reason") == "NoContainer"
-                for req in list(emulator)
-            ),
+            lambda: posted_events(emulator, "NoContainer"),
             "NoContainer event posted",
         )
         await asyncio.sleep(1)  # the pass posts its events together: a second one would be there by now
-        posted = [
-            req.data
-            for req in list(emulator)
-            if req.method.value == "POST"
-            and str(req.url.path).endswith("/events")
-            and (req.data or {}).get("reason") == "NoContainer"
-        ]
+        posted = posted_events(emulator, "NoContainer")
         assert len(posted) == 1, posted  # one event per failure, in the words of the condition
         assert posted[0]["message"] == injected["message"]
         await hand(
@@ -620,13 +601,7 @@ async def test_a_containers_own_metrics_port_is_reported_until_it_goes(emulator:
         assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9999"  # the user's wins
         await asyncio.sleep(1)
-        events = [
-            req.data
-            for req in list(emulator)
-            if req.method.value == "POST"
-            and str(req.url.path).endswith("/events")
-            and (req.data or {}).get("reason") == "SettingsOverridden"
-        ]
+        events = posted_events(emulator, "SettingsOverridden")
         assert len(events) == 1, events
         container = {"name": "app", "image": "example/chat:1"}
         path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"

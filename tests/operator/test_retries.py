@@ -23,6 +23,7 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    posted_events,
     ready,
     running_operator,
     writes,
@@ -129,8 +130,7 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
     assert len(status_writes) == 2, llmt
     # kopf's own: the finalizer, and the record that the create handler is done. No retry bookkeeping.
     assert len(llmt) - len(status_writes) <= 2, llmt
-    events = [req for req in list(emulator) if req.method.value == "POST" and str(req.url.path).endswith("/events")]
-    reasons = [(req.data or {}).get("reason") for req in events]
+    reasons = [event.get("reason") for event in posted_events(emulator)]
     assert reasons.count("ServiceFailed") == 1, reasons
 
 
@@ -258,10 +258,7 @@ async def test_a_pass_failing_on_what_no_check_foresaw_is_reported_and_retried_b
             attempts=600,
         )
         assert ready
-    events = [req for req in list(emulator) if req.method.value == "POST" and str(req.url.path).endswith("/events")]
-    internal = [
-        (req.data or {}).get("message", "") for req in events if (req.data or {}).get("reason") == "InternalError"
-    ]
-    assert len(internal) == 1, [(req.data or {}).get("reason") for req in events]
+    internal = posted_events(emulator, "InternalError")
+    assert len(internal) == 1, [event.get("reason") for event in posted_events(emulator)]
     annotations = get(emulator, LLMT, "chat")["metadata"].get("annotations") or {}
     assert not [key for key in annotations if key.startswith("kopf.zalando.org/llmtelemetry_reconcile")], annotations
