@@ -370,11 +370,12 @@ async def eventually(check: Callable[[], Any], what: str, attempts: int = 300) -
     raise AssertionError(f"never happened: {what}")
 
 
-async def ready(kmock: Any, name: str = "chat", what: str | None = None) -> dict[str, Any]:
+async def ready(kmock: Any, name: str = "chat", what: str | None = None, attempts: int = 300) -> dict[str, Any]:
     """The LLMTelemetry ``name`` once its Ready condition is True."""
     found: dict[str, Any] = await eventually(
         lambda: condition(get(kmock, LLMT, name), "Ready").get("status") == "True" and get(kmock, LLMT, name),
         what or f"{name} Ready",
+        attempts,
     )
     return found
 

@@ -114,12 +114,7 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
             "ServiceFailed reported",
         )
         assert owner
-        ready = await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_READY).get("status") == "True",
-            "Ready once the Service could be created",
-            attempts=600,
-        )
-        assert ready
+        await ready(emulator, what="Ready once the Service could be created", attempts=600)
     service_lists = owner_lists(emulator, "services")
     assert len(service_lists) > failing  # the failures were used up by retried passes, then a list succeeded
     service_posts = [w for w in writes(emulator) if w == ("POST", f"/api/v1/namespaces/{NAMESPACE}/services")]
@@ -252,12 +247,7 @@ async def test_a_pass_failing_on_what_no_check_foresaw_is_reported_and_retried_b
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
     async with running_operator(config, client=KubeClient(retry=Retry(attempts=2, base=0.01))):
         await _create(emulator, minimal_llmt())
-        ready = await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_READY).get("status") == "True",
-            "Ready once the workload list could be read",
-            attempts=600,
-        )
-        assert ready
+        await ready(emulator, what="Ready once the workload list could be read", attempts=600)
     internal = posted_events(emulator, "InternalError")
     assert len(internal) == 1, [event.get("reason") for event in posted_events(emulator)]
     annotations = get(emulator, LLMT, "chat")["metadata"].get("annotations") or {}
