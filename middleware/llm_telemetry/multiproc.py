@@ -523,23 +523,27 @@ class SharedState:
         )
 
 
+#: The overflow series' attributes as :func:`_placed` and :func:`_place` compare them.
+_OVERFLOW_IDENT: Final = json.dumps(_OVERFLOW)
+
+
 def _placed(archive: Mapping[str, float]) -> dict[str, set[str]]:
     """Per metric, the attribute sets (JSON) with a place in the archive, the overflow one left out."""
-    overflow = json.dumps(_OVERFLOW)
     series: dict[str, set[str]] = {}
     for key in archive:
         name, _field, attrs = json.loads(key)
-        if (ident := json.dumps(attrs)) != overflow:
+        if (ident := json.dumps(attrs)) != _OVERFLOW_IDENT:
             series.setdefault(name, set()).add(ident)
     return series
 
 
-def _place(known: dict[str, set[str]], key: str) -> str:
+def _place(known: dict[str, set[str]], key: str, parsed: list[Any] | None = None) -> str:
     """``key`` itself if its series has a place in the archive or gets one now (``known`` updated), else the key of
-    its metric's overflow series: once CARDINALITY_LIMIT other series of the metric have places."""
-    name, field, attrs = json.loads(key)
+    its metric's overflow series: once CARDINALITY_LIMIT other series of the metric have places. ``parsed``: the
+    key's JSON, when the caller has read it already."""
+    name, field, attrs = parsed if parsed is not None else json.loads(key)
     ident = json.dumps(attrs)
-    if ident == json.dumps(_OVERFLOW):
+    if ident == _OVERFLOW_IDENT:
         return key
     series = known.setdefault(name, set())
     if ident in series:
@@ -556,13 +560,13 @@ def _fold(archive: dict[str, float], entries: Iterable[tuple[str, float]]) -> No
     worker's own file."""
     known: dict[str, set[str]] | None = None
     for key, value in entries:
-        field = json.loads(key)[1]
+        parsed = json.loads(key)
         if key not in archive:
             if known is None:
                 known = _placed(archive)
-            key = _place(known, key)
+            key = _place(known, key, parsed)
         # A dead worker's live gauge share disappears; its series stays, at 0.
-        archive[key] = archive.get(key, 0.0) + (0.0 if field == _GAUGE else value)
+        archive[key] = archive.get(key, 0.0) + (0.0 if parsed[1] == _GAUGE else value)
 
 
 class _Closed:
