@@ -1,4 +1,5 @@
-"""A real OTLP receiver for the tests: gRPC TraceService/LogsService and HTTP ``/v1/traces``/``/v1/logs``.
+"""A real OTLP receiver for the tests: gRPC TraceService/LogsService/MetricsService and HTTP ``/v1/traces``,
+``/v1/logs`` and ``/v1/metrics``.
 
 Both listen on 127.0.0.1 (random ports) and decode the real protobuf the OpenTelemetry exporters send, so
 a test sees exactly what a collector, Jaeger or Loki would receive.
@@ -20,6 +21,7 @@ from unittest import mock
 
 import grpc
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -75,11 +77,30 @@ class LogRecord:
 
 
 @dataclass
+class MetricPoint:
+    """One received sum or histogram point (a histogram's value is its count)."""
+
+    name: str
+    kind: str  # "sum" or "histogram"
+    #: 1 delta, 2 cumulative (the proto's AggregationTemporality).
+    temporality: int
+    start_ns: int
+    time_ns: int
+    value: float
+    attributes: dict[str, Any]
+    #: The export request that carried it, counted from 0.
+    export: int
+
+
+@dataclass
 class OTLPReceiver:
     """What arrived, by either protocol; use :meth:`wait_for` rather than reading the lists straight away."""
 
     spans: list[Span] = field(default_factory=list)
     logs: list[LogRecord] = field(default_factory=list)
+    metrics: list[MetricPoint] = field(default_factory=list)
+    #: Metric export requests received.
+    metric_exports: int = 0
     #: Request metadata (gRPC) or headers (HTTP) of every export call, lower-cased keys.
     headers: list[dict[str, str]] = field(default_factory=list)
     grpc_endpoint: str = ""
@@ -135,6 +156,36 @@ class OTLPReceiver:
             self.logs.extend(records)
             self._lock.notify_all()
 
+    def add_metrics(self, request: metrics_service_pb2.ExportMetricsServiceRequest) -> None:
+        points = []
+        with self._lock:
+            export = self.metric_exports
+        for resource_metrics in request.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for m in scope_metrics.metrics:
+                    kind = m.WhichOneof("data")
+                    if kind not in ("sum", "histogram"):
+                        continue
+                    data = getattr(m, kind)
+                    for p in data.data_points:
+                        value = p.count if kind == "histogram" else getattr(p, p.WhichOneof("value"))
+                        points.append(
+                            MetricPoint(
+                                name=m.name,
+                                kind=kind,
+                                temporality=data.aggregation_temporality,
+                                start_ns=p.start_time_unix_nano,
+                                time_ns=p.time_unix_nano,
+                                value=value,
+                                attributes=_attributes(p.attributes),
+                                export=export,
+                            )
+                        )
+        with self._lock:
+            self.metrics.extend(points)
+            self.metric_exports += 1
+            self._lock.notify_all()
+
     def add_headers(self, headers: dict[str, str]) -> None:
         with self._lock:
             self.headers.append(headers)
@@ -175,6 +226,16 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):  # type: ignore[m
         return logs_service_pb2.ExportLogsServiceResponse()
 
 
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore[misc]
+    def __init__(self, receiver: OTLPReceiver) -> None:
+        self.receiver = receiver
+
+    def Export(self, request: Any, context: Any) -> Any:
+        self.receiver.add_headers({k.lower(): v for k, v in context.invocation_metadata()})
+        self.receiver.add_metrics(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
 def _http_handler(receiver: OTLPReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -188,6 +249,9 @@ def _http_handler(receiver: OTLPReceiver) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/v1/logs":
                 receiver.add_logs(logs_service_pb2.ExportLogsServiceRequest.FromString(body), "http")
                 reply = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+            elif self.path == "/v1/metrics":
+                receiver.add_metrics(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body))
+                reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
             else:
                 self.send_response(404)
                 self.end_headers()
@@ -211,6 +275,7 @@ def otlp_receiver() -> Iterator[OTLPReceiver]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(receiver), server)
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(receiver), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(receiver), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     http = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(receiver))

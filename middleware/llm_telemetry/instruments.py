@@ -307,8 +307,12 @@ class SummedInstrument:
     The SDK's synchronous ``add`` builds a ``Measurement`` and copies and hashes the attributes on every call;
     measured here that is 10-20 µs, and a request makes up to nine of them. A dict update is well under a
     microsecond, and the exported series (names, types, labels, values) are the same, because a cumulative
-    observable counter is exactly what a synchronous one becomes in the exporter. Past :data:`CARDINALITY_LIMIT`
-    attribute sets, new ones are added to the ``otel.metric.overflow`` series, as the SDK's own counter does.
+    observable counter is exactly what a synchronous one becomes in a cumulative reader. Past
+    :data:`CARDINALITY_LIMIT` attribute sets, new ones are added to the ``otel.metric.overflow`` series, as the SDK's
+    own counter does. Only for readers that are all cumulative (see :func:`create_instruments`): in a delta reader an
+    observable counter repeats every series at each export, as a zero. The SDK stamps an observed series with the
+    time it first saw it, at a collection; the time of its first ``add`` is kept here and put back on the points by
+    :meth:`HistogramFeed.merge`.
     """
 
     __slots__ = ("_lock", "_totals")
@@ -323,6 +327,7 @@ class SummedInstrument:
         monotonic: bool = True,
         lock: threading.Lock | None = None,
     ) -> None:
+        #: Attribute key -> [running total, attributes, time of the first add (ns)].
         self._totals: dict[frozenset[tuple[str, Any]], list[Any]] = {}
         #: Guards the totals; may be shared with other instruments (see :attr:`Instruments.lock`).
         self._lock = lock or threading.Lock()
@@ -346,13 +351,18 @@ class SummedInstrument:
                 key, attributes = _OVERFLOW_KEY, OVERFLOW_ATTRIBUTES
                 entry = self._totals.get(key)
             if entry is None:
-                self._totals[key] = [amount, dict(attributes or {})]
+                self._totals[key] = [amount, dict(attributes or {}), time_ns()]
                 return
         entry[0] += amount
 
     def _observe(self, options: CallbackOptions) -> list[Observation]:
         with self._lock:
-            return [Observation(total, attributes) for total, attributes in self._totals.values()]
+            return [Observation(total, attributes) for total, attributes, _ in self._totals.values()]
+
+    def starts(self) -> dict[frozenset[tuple[str, Any]], int]:
+        """Attribute key -> the time (ns) of the series' first ``add``."""
+        with self._lock:
+            return {key: entry[2] for key, entry in self._totals.items()}
 
 
 class Record(Protocol):
@@ -571,6 +581,8 @@ class Histograms:
         self._lock = threading.Lock()
         #: The lock of every histogram created here (and of the counters created with them: :func:`create_instruments`).
         self.lock = threading.Lock()
+        #: The sums created with these histograms, by name: their points get their series' start times back.
+        self.sums: dict[str, SummedInstrument] = {}
 
     def create(self, spec: MetricSpec) -> BucketHistogram:
         return BucketHistogram(self, spec, self._filter, self.lock)
@@ -597,6 +609,27 @@ class Histograms:
                 since[histogram.spec.name] = found[1]
         return metrics
 
+    def with_starts(self, metrics: list[Any]) -> list[Any]:
+        """``metrics`` (of this meter's scope) with each point of a :class:`SummedInstrument` starting when its
+        series was first added to, as a synchronous counter's does, instead of when a collection first saw it."""
+        from opentelemetry.sdk.metrics.export import Sum
+
+        out = []
+        for metric in metrics:
+            summed = self.sums.get(metric.name)
+            if summed is None or not isinstance(metric.data, Sum):
+                out.append(metric)
+                continue
+            starts = summed.starts()
+            points = [
+                dataclasses.replace(point, start_time_unix_nano=start)
+                if (start := starts.get(frozenset((point.attributes or {}).items()))) is not None
+                else point
+                for point in metric.data.data_points
+            ]
+            out.append(dataclasses.replace(metric, data=dataclasses.replace(metric.data, data_points=points)))
+        return out
+
 
 class HistogramFeed:
     """One consumer's view of :class:`Histograms`: each exemplar is handed out once, like an SDK reservoir that
@@ -613,10 +646,10 @@ class HistogramFeed:
 
         with self._lock:
             ours = self.histograms.metrics(self._since)
-        if not ours:
-            return metrics_data
         scope = self.histograms.scope
         if metrics_data is None or not metrics_data.resource_metrics:
+            if not ours:
+                return metrics_data
             resource = self.histograms.resource
             only = ScopeMetrics(scope=scope, metrics=ours, schema_url=scope.schema_url)
             return MetricsData(
@@ -628,9 +661,12 @@ class HistogramFeed:
             if scope_metrics.scope == scope:
                 # The SDK lists instruments by first measurement; a histogram is recorded before any counter
                 # is observed (observations are taken at collection time), so the histograms come first.
-                scopes[i] = ScopeMetrics(scope, [*ours, *scope_metrics.metrics], scope_metrics.schema_url)
+                sums = self.histograms.with_starts(scope_metrics.metrics)
+                scopes[i] = ScopeMetrics(scope, [*ours, *sums], scope_metrics.schema_url)
                 break
         else:
+            if not ours:
+                return metrics_data
             scopes.append(ScopeMetrics(scope=scope, metrics=ours, schema_url=scope.schema_url))
         merged = ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url)
         return MetricsData([merged, *rest])
@@ -673,8 +709,9 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
 
     Args:
         meter: where the instruments are created.
-        summed: keep counters as :class:`SummedInstrument` (the single-process fast path); otherwise the meter's own
-            synchronous counters (what the multi-worker shared meter implements).
+        summed: keep counters as :class:`SummedInstrument` (the single-process fast path, for a meter whose readers
+            are all cumulative and get ``histograms`` through their feed); otherwise the meter's own synchronous
+            counters (what the multi-worker shared meter implements).
         histograms: keep histograms in these :class:`BucketHistogram` (whose points the meter provider's exporters
             must get through :meth:`Histograms.feed`); otherwise the meter's own synchronous histograms.
     """
@@ -686,7 +723,10 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
             return histograms.create(spec) if histograms is not None else create_histogram(meter, spec)
         monotonic = spec.kind == "counter"
         if summed:
-            return SummedInstrument(meter, spec.name, spec.unit, spec.description, monotonic=monotonic, lock=lock)
+            instrument = SummedInstrument(meter, spec.name, spec.unit, spec.description, monotonic=monotonic, lock=lock)
+            if histograms is not None:
+                histograms.sums[spec.name] = instrument
+            return instrument
         factory = meter.create_counter if monotonic else meter.create_up_down_counter
         return factory(spec.name, unit=spec.unit, description=spec.description)
 

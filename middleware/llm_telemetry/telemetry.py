@@ -86,7 +86,11 @@ class Telemetry:
             otlp = meter if "otlp" in settings.metrics_exporters else None
             self.instruments = self.workers.create_instruments(METER_NAME, __version__, otlp, self.histograms)
         else:
-            self.instruments = create_instruments(meter, summed=True, histograms=self.histograms)
+            # Sums kept by the middleware go to the readers as observable counters: faithful only where every reader
+            # is cumulative, which is when the histograms are kept here too. A delta OTLP exporter, or a provider
+            # passed in (whose readers are not ours to know), gets the SDK's synchronous instruments.
+            summed = self.histograms is not None
+            self.instruments = create_instruments(meter, summed=summed, histograms=self.histograms)
         self.limit = LabelLimiter(settings.max_label_values)
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)

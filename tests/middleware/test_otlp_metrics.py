@@ -1,0 +1,87 @@
+"""Metrics pushed over OTLP, as a receiver decodes them: the temporality the standard variable asks for, start times
+that cover what the points count, and in delta temporality no points for series that did not change.
+
+The middleware aggregates its sums itself on the default path (a dict update per point, see instruments.py); over
+OTLP they must still look like the SDK's synchronous counters: what a collector, or a backend that takes delta sums
+only, computes rates from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from otlp_receiver import MetricPoint, OTLPReceiver, demo_server, otlp_receiver, tracing_env
+from support import Metrics, free_port, scrape_text
+
+DELTA, CUMULATIVE = 1, 2
+#: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE -> what the SDK gives its synchronous counters (the OTLP
+#: exporter specification: ``lowmemory`` is delta for counters and histograms, cumulative for up-down counters).
+COUNTER_TEMPORALITY = {"cumulative": CUMULATIVE, "delta": DELTA, "lowmemory": DELTA}
+COUNTERS = ("llm.requests", "llm.tokens")
+
+
+def chat(base: str, stream: bool) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10)
+    assert response.status_code == 200
+
+
+def points(receiver: OTLPReceiver, name: str, export: int) -> list[MetricPoint]:
+    return [p for p in receiver.metrics if p.name == name and p.export == export]
+
+
+@pytest.mark.parametrize(
+    ("preference", "protocol"),
+    [("cumulative", "http/protobuf"), ("delta", "http/protobuf"), ("lowmemory", "http/protobuf"), ("delta", "grpc")],
+)
+def test_counters_over_otlp_are_what_the_sdk_counters_give(preference: str, protocol: str) -> None:
+    port = free_port()
+    with otlp_receiver() as receiver:
+        env = tracing_env(
+            receiver,
+            protocol,
+            LLM_TELEMETRY_METRICS_EXPORTER="prometheus,otlp",
+            OTEL_METRIC_EXPORT_INTERVAL="3600000",  # exports only when flushed below
+            OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=preference,
+        )
+        created = time.time_ns()
+        with demo_server(env, metrics_port=port, metrics_host="127.0.0.1") as (app, base):
+            chat(base, stream=False)
+            chat(base, stream=True)
+            chat(base, stream=False)
+            # A call is recorded just after its response went out: wait until the third is counted.
+            deadline = time.monotonic() + 10
+            while Metrics(scrape_text(port)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            counted = time.time_ns()
+            provider = app.telemetry.meter_provider
+            assert provider.force_flush()  # export 0: the three requests
+            assert receiver.wait_for(lambda r: r.metric_exports >= 1)
+            assert provider.force_flush()  # export 1: nothing new happened in between
+            assert receiver.wait_for(lambda r: r.metric_exports >= 2)
+
+    expected = COUNTER_TEMPORALITY[preference]
+    for name in COUNTERS:
+        first = points(receiver, name, 0)
+        assert first, (name, receiver.metrics)
+        for point in first:
+            assert point.temporality == expected, (name, point)
+            # The interval holds what it counts: it starts before the requests were counted, after the app started.
+            assert created <= point.start_ns <= counted < point.time_ns, (name, point, created, counted)
+            assert point.value > 0
+        later = points(receiver, name, 1)
+        if expected == DELTA:
+            assert later == [], f"{name}: a delta export repeats series that did not change: {later}"
+        else:
+            assert [(p.attributes, p.value, p.start_ns) for p in later] == [
+                (p.attributes, p.value, p.start_ns) for p in first
+            ]
+    requests = points(receiver, "llm.requests", 0)
+    assert sum(p.value for p in requests) == 3
+    # The histograms follow the same preference (the SDK's own under delta, ours under cumulative).
+    durations = points(receiver, "gen_ai.server.request.duration", 0)
+    assert durations and {p.temporality for p in durations} == {expected}
+    assert sum(p.value for p in durations) == 3
