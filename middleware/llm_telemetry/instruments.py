@@ -174,7 +174,7 @@ TIME_TO_FIRST_TOKEN: Final = MetricSpec(
     GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
     "s",
     "histogram",
-    "Time from the request's arrival to the first chunk carrying generated content or a tool call.",
+    "Time from the request's arrival to the first chunk carrying generated content or a tool call; successful streams.",
     _CALL,
     buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
 )
@@ -182,7 +182,7 @@ TIME_PER_OUTPUT_TOKEN: Final = MetricSpec(
     GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
     "s",
     "histogram",
-    "Time per output token after the first: (end - first token) / (output tokens - 1).",
+    "Time per output token after the first: (end - first token) / (output tokens - 1); successful streams.",
     _CALL,
     buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
 )

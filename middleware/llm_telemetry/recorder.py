@@ -201,7 +201,8 @@ class MetricsRecorder:
         # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.
         sample = ins.request_duration.exemplar(call.otel_context)
         end, first, tpot = call.end, None, None
-        if call.stream:
+        if call.stream and not call.error_type:
+            # As the GenAI conventions define them: successful responses only (a failed one is in the error counts).
             first, tpot = call.first_token_at, call.time_per_output_token
         total = (call.input_tokens or 0) + (call.output_tokens or 0)  # the billable counts (shape.tokens)
         cost = None

@@ -207,6 +207,11 @@ def test_openai_error_event_mid_stream(service: tuple[str, int], oai: openai.Ope
         )
     m = eventually(service, requests_of(model, 1))
     assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="server_error") == 1
+    # Tokens came before the error, but the GenAI conventions time first and later tokens of successful responses
+    # only: a failed stream is in the error counts, not in the latency histograms.
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") > 0
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 0
+    assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == 0
 
 
 def test_embeddings_count_input_tokens(service: tuple[str, int], oai: openai.OpenAI) -> None:
