@@ -1168,6 +1168,7 @@ class API:
         )
         call.temperature = _num(body.get("temperature"))
         call.top_p = _num(body.get("top_p"))
+        _read_parameters(call, body)
         if self.provider == "anthropic":
             messages = body.get("messages")
             if isinstance(messages, list):
@@ -1182,17 +1183,55 @@ class API:
                 call.tool_results = _tool_results_openai(messages)
         if capture:
             call.input_messages = _capture_input(body)
+            system = body.get("system") or body.get("instructions")
+            if isinstance(system, (str, list)):
+                call.system_instructions = system
 
     def response_reader(self, call: LLMCall, *, stream: bool, capture: bool) -> ResponseReader:
         reader = self.reader
         return reader(call, stream=stream, capture=capture)
 
 
+#: Stop sequences kept for a span, and the characters kept of each (OpenAI takes up to 4).
+MAX_STOP_SEQUENCES: Final = 8
+MAX_STOP_SEQUENCE_CHARS: Final = 64
+#: ``response_format.type`` (chat) or ``text.format.type`` (Responses) -> ``gen_ai.output.type``.
+_OUTPUT_TYPES: Final = {"text": "text", "json_object": "json", "json_schema": "json"}
+
+
+def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
+    """The request parameters besides the model, token limit, temperature and top_p that the GenAI conventions put
+    on the span. A value of the wrong type is left out, as a server would refuse it."""
+    get = body.get
+    call.top_k = _num(get("top_k"))
+    call.frequency_penalty = _num(get("frequency_penalty"))
+    call.presence_penalty = _num(get("presence_penalty"))
+    seed = get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and abs(seed) <= _MAX_COUNT:
+        call.seed = seed
+    n = _int(get("n"))
+    if n is not None and n != 1:
+        call.choice_count = n
+    stop = get("stop")
+    if stop is None:
+        stop = get("stop_sequences")  # Anthropic's name
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, list) and stop:
+        sequences = tuple(s[:MAX_STOP_SEQUENCE_CHARS] for s in stop[:MAX_STOP_SEQUENCES] if isinstance(s, str))
+        call.stop_sequences = sequences or None
+    output_format = get("response_format")
+    if output_format is None:
+        text = get("text")  # the Responses API's {"format": {...}}
+        output_format = text.get("format") if isinstance(text, dict) else None
+    if isinstance(output_format, dict):
+        kind = output_format.get("type")
+        call.output_type = _OUTPUT_TYPES.get(kind) if isinstance(kind, str) else None
+
+
 def _capture_input(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    # System instructions given apart from the messages go to their own attribute (LLMCall.system_instructions).
     captured: list[dict[str, Any]] = []
-    system = body.get("system") or body.get("instructions")
-    if system:
-        captured.append({"role": "system", "content": system})
     for key in ("messages", "input", "prompt"):
         value = body.get(key)
         if isinstance(value, str):

@@ -35,6 +35,16 @@ class LLMCall:
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    #: The other request parameters the GenAI conventions put on the span (None when not sent).
+    top_k: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    #: ``n``, only when it asks for more than one choice.
+    choice_count: int | None = None
+    stop_sequences: tuple[str, ...] | None = None
+    #: ``gen_ai.output.type`` of the output format asked for: ``text`` or ``json``.
+    output_type: str | None = None
     end: float | None = None
     first_token_at: float | None = None
     input_tokens: int | None = None
@@ -57,6 +67,9 @@ class LLMCall:
     attribution: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Prompt messages and completion text, only kept when content capture is on.
     input_messages: list[dict[str, Any]] | None = None
+    #: System instructions given apart from the messages (Anthropic's ``system``, the Responses API's
+    #: ``instructions``), only kept when content capture is on.
+    system_instructions: Any = None
     output_text: list[str] | None = None
     #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
     scope: Any = None

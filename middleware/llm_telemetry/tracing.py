@@ -49,6 +49,14 @@ GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
 GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
 GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
 GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
+GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
+GEN_AI_REQUEST_FREQUENCY_PENALTY: Final = "gen_ai.request.frequency_penalty"
+GEN_AI_REQUEST_PRESENCE_PENALTY: Final = "gen_ai.request.presence_penalty"
+GEN_AI_REQUEST_SEED: Final = "gen_ai.request.seed"
+GEN_AI_REQUEST_CHOICE_COUNT: Final = "gen_ai.request.choice.count"
+GEN_AI_REQUEST_STOP_SEQUENCES: Final = "gen_ai.request.stop_sequences"
+GEN_AI_OUTPUT_TYPE: Final = "gen_ai.output.type"
+GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
 GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
 GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: Final = "gen_ai.response.time_to_first_chunk"
@@ -956,6 +964,20 @@ class SpanObserver:
             attributes[GEN_AI_REQUEST_TEMPERATURE] = call.temperature
         if call.top_p is not None:
             attributes[GEN_AI_REQUEST_TOP_P] = call.top_p
+        if call.top_k is not None:
+            attributes[GEN_AI_REQUEST_TOP_K] = call.top_k
+        if call.frequency_penalty is not None:
+            attributes[GEN_AI_REQUEST_FREQUENCY_PENALTY] = call.frequency_penalty
+        if call.presence_penalty is not None:
+            attributes[GEN_AI_REQUEST_PRESENCE_PENALTY] = call.presence_penalty
+        if call.seed is not None:
+            attributes[GEN_AI_REQUEST_SEED] = call.seed
+        if call.choice_count is not None:
+            attributes[GEN_AI_REQUEST_CHOICE_COUNT] = call.choice_count
+        if call.stop_sequences is not None:
+            attributes[GEN_AI_REQUEST_STOP_SEQUENCES] = call.stop_sequences
+        if call.output_type is not None:
+            attributes[GEN_AI_OUTPUT_TYPE] = call.output_type
         if call.response_model:
             attributes[names.GEN_AI_RESPONSE_MODEL] = call.response_model
         if call.response_id:
@@ -1063,6 +1085,9 @@ class SpanObserver:
         return head + newest[::-1], len(rest) - len(newest)
 
     def _content(self, attributes: dict[str, Any], call: LLMCall) -> None:
+        if call.system_instructions:
+            parts = [{"type": "text", "content": self._text(call.system_instructions)}]
+            attributes[GEN_AI_SYSTEM_INSTRUCTIONS] = json.dumps(parts, ensure_ascii=False)
         if call.input_messages:
             messages, omitted = self._input_messages(call.input_messages)
             attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)

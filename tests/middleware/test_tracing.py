@@ -247,6 +247,93 @@ def test_grpc_export_and_anthropic_stream(receiver: OTLPReceiver) -> None:
     assert span.kind == SERVER
 
 
+def test_request_parameters_the_conventions_name_are_on_the_span(receiver: OTLPReceiver, http_server: str) -> None:
+    """The GenAI conventions' request attributes, as the SDKs send the parameters: the seed, a choice count other
+    than 1 and the output format (conditionally required), stop sequences, penalties and top_k (recommended)."""
+    oai = client(http_server)
+    oai.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "answer in JSON"}],
+        seed=42,
+        n=2,
+        response_format={"type": "json_object"},
+        stop=["END", "STOP"],
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
+        extra_headers={"x-request-id": "trace-test-params"},
+    )
+    oai.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "hi"}],
+        n=1,
+        stop="\n\n",
+        extra_headers={"x-request-id": "trace-test-params-plain"},
+    )
+    oai.responses.create(
+        model="gpt-4o",
+        input="hi",
+        text={"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        extra_headers={"x-request-id": "trace-test-params-responses"},
+    )
+    claude = anthropic.Anthropic(base_url=http_server, api_key="sk-ant-test", max_retries=0)
+    claude.messages.create(
+        model="claude-test",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "hi"}],
+        stop_sequences=["Human:"],
+        extra_body={"top_k": 40},  # (a sampling parameter this SDK version no longer takes as an argument)
+        extra_headers={"x-request-id": "trace-test-params-anthropic"},
+    )
+
+    attrs = wait_span(receiver, **{"llm.request_id": "trace-test-params"}).attributes
+    assert attrs["gen_ai.request.seed"] == 42
+    assert attrs["gen_ai.request.choice.count"] == 2
+    assert attrs["gen_ai.output.type"] == "json"
+    assert attrs["gen_ai.request.stop_sequences"] == ["END", "STOP"]
+    assert attrs["gen_ai.request.frequency_penalty"] == 0.5
+    assert attrs["gen_ai.request.presence_penalty"] == -0.25
+    plain = wait_span(receiver, **{"llm.request_id": "trace-test-params-plain"}).attributes
+    assert plain["gen_ai.request.stop_sequences"] == ["\n\n"]
+    for absent in ("gen_ai.request.seed", "gen_ai.request.choice.count", "gen_ai.output.type",
+                   "gen_ai.request.frequency_penalty", "gen_ai.request.top_k"):  # fmt: skip
+        assert absent not in plain, absent
+    responses = wait_span(receiver, **{"llm.request_id": "trace-test-params-responses"}).attributes
+    assert responses["gen_ai.output.type"] == "json"
+    claude_attrs = wait_span(receiver, **{"llm.request_id": "trace-test-params-anthropic"}).attributes
+    assert claude_attrs["gen_ai.request.top_k"] == 40
+    assert claude_attrs["gen_ai.request.stop_sequences"] == ["Human:"]
+
+
+def test_captured_system_instructions_given_apart_have_their_own_attribute(receiver: OTLPReceiver) -> None:
+    """Anthropic's ``system`` and the Responses API's ``instructions`` are not messages of the conversation: the
+    conventions put them in ``gen_ai.system_instructions``. A system message inside ``messages`` stays a message."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    with demo_server(env) as (_, base):
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        claude.messages.create(
+            model="claude-test",
+            max_tokens=64,
+            system=[{"type": "text", "text": "You are terse."}],
+            messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"x-request-id": "trace-test-system-anthropic"},
+        )
+        client(base).responses.create(
+            model="gpt-4o",
+            instructions="Answer in French.",
+            input="hello",
+            extra_headers={"x-request-id": "trace-test-system-responses"},
+        )
+    for request_id, instructions in (
+        ("trace-test-system-anthropic", "You are terse."),
+        ("trace-test-system-responses", "Answer in French."),
+    ):
+        attrs = wait_span(receiver, **{"llm.request_id": request_id}).attributes
+        assert json.loads(attrs["gen_ai.system_instructions"]) == [{"type": "text", "content": instructions}]
+        messages = json.loads(attrs["gen_ai.input.messages"])
+        assert [m["role"] for m in messages] == ["user"], messages
+        assert messages[0]["parts"][0]["content"] == "hello"
+
+
 @pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])
 def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two_spans: bool) -> None:
     """Trace backends index span names (Jaeger's operations, Tempo's span metrics), and a client can send any
