@@ -85,3 +85,44 @@ def test_counters_over_otlp_are_what_the_sdk_counters_give(preference: str, prot
     durations = points(receiver, "gen_ai.server.request.duration", 0)
     assert durations and {p.temporality for p in durations} == {expected}
     assert sum(p.value for p in durations) == 3
+
+
+def test_a_meter_provider_passed_in_gets_what_its_delta_reader_asks_for() -> None:
+    """A provider of the application's own, whose reader wants delta sums: each collection holds what changed since
+    the last one, and nothing for a series that did not change."""
+    from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+
+    from llm_telemetry.demo.app import create_app
+    from support import serve
+
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(preferred_temporality={Counter: delta, ObservableCounter: delta, Histogram: delta})
+    provider = MeterProvider(metric_readers=[reader])
+    app = create_app(meter_provider=provider)
+
+    def requests_in(data: object) -> list[tuple[int, float]]:
+        found = []
+        for resource_metrics in getattr(data, "resource_metrics", None) or ():
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == "llm.requests":
+                        found += [(metric.data.aggregation_temporality, p.value) for p in metric.data.data_points]
+        return found
+
+    counted = 0.0
+    try:
+        with serve(app) as base:
+            for stream in (False, True, False):
+                chat(base, stream)
+            deadline = time.monotonic() + 10
+            while counted < 3 and time.monotonic() < deadline:
+                points = requests_in(reader.get_metrics_data())
+                assert all(temporality == delta for temporality, _ in points), points
+                counted += sum(value for _, value in points)
+                time.sleep(0.02)
+            assert counted == 3
+            assert requests_in(reader.get_metrics_data()) == []
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
