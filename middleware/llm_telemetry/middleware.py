@@ -321,12 +321,16 @@ class _Exchange:
         kind = message["type"]
         if kind == "http.response.body":
             now = perf_counter()
+            # Read before handing it on: a middleware outside ours may rewrite the message it is given (Starlette's
+            # GZip responder puts the compressed bytes in its "body"), and what the app sent is what we read.
+            body = message.get("body")
+            more = message.get("more_body")
             send = self._send
             try:
                 await send(message)
             except BaseException:
                 self.send_failed = True  # the server could not deliver: the client is gone
-                if not message.get("more_body") and not message.get("body"):
+                if not more and not body:
                     # Only the end of the response was lost, none of its bytes: a client that stops reading at a
                     # stream's last event may close first (Hypercorn's trio worker then fails this send).
                     self.complete = True
@@ -335,15 +339,13 @@ class _Exchange:
             if self.held is not None:
                 self.release()  # the chunks kept by send() came before this one
             reader = self.reader
-            if reader is not None:
-                body = message.get("body")
-                if body:
-                    try:
-                        reader.feed(body, now)
-                    except Exception as exc:
-                        self.reader = None
-                        self.failsafe("response_parse", exc)
-            if not message.get("more_body"):
+            if reader is not None and body:
+                try:
+                    reader.feed(body, now)
+                except Exception as exc:
+                    self.reader = None
+                    self.failsafe("response_parse", exc)
+            if not more:
                 self.complete = True
                 self.call.end = perf_counter()
         elif kind == "http.response.start":

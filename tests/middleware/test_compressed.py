@@ -44,9 +44,16 @@ def _settled(port: int, name: str, want: float) -> Metrics:
         time.sleep(0.02)
 
 
-def test_answers_compressed_by_gzip_middleware_are_counted_for_the_official_sdks() -> None:
-    inner = GZipMiddleware(bare_app(reply_words=200), minimum_size=100)
-    app = LLMTelemetryMiddleware(inner, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+@pytest.mark.parametrize("gzip_runs", ["inside", "outside"])
+def test_answers_compressed_by_gzip_middleware_are_counted_for_the_official_sdks(gzip_runs: str) -> None:
+    """GZip inside ours (added before it) hands us compressed bytes to decode; outside ours (added after it, the
+    other usual order) it compresses what we hand on, and Starlette's responder does that by overwriting the very
+    message we sent it: what we read must be what the app sent, whatever the outer middleware does with it."""
+    options: dict[str, Any] = {"metrics_port": 0, "metrics_app_path": "/metrics", "request_logs": False}
+    if gzip_runs == "inside":
+        app: Any = LLMTelemetryMiddleware(GZipMiddleware(bare_app(reply_words=200), minimum_size=100), **options)
+    else:
+        app = GZipMiddleware(LLMTelemetryMiddleware(bare_app(reply_words=200), **options), minimum_size=100)
     with serve(app) as base:
         port = int(base.rsplit(":", 1)[1])
         chat = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions
