@@ -428,7 +428,12 @@ class _Exchange:
             or (exc is not None and _cancelled(exc))
             or (exc is not None and self.send_code is not None and _raised_in(exc, self.send_code))
         )
-        if exc is not None and not client_left:
+        # Raised after a whole answer that is no server error (by a background task, say): the client got its
+        # answer, and the call stands by it; the server still logs the exception. A whole 5xx answer is the
+        # framework's error handler answering for the exception: the app's failure.
+        status = call.status_code
+        answered = self.complete and status is not None and status < 500
+        if exc is not None and not client_left and not answered:
             call.error_type = "app_exception"
             if call.status_code is None:
                 call.status_code = 500

@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from fastapi import Request as FastAPIRequest
 from litestar import Litestar, post
 from litestar import Request as LitestarRequest
@@ -331,3 +331,56 @@ def test_sse_starlette_streams_with_pings_and_crlf_are_read() -> None:
         assert call.usage_source == "reported" and call.error_type is None
         ttft = call.time_to_first_token
         assert ttft is not None and ttft >= thinking  # the pings before it are not tokens
+
+
+def test_a_background_task_failing_after_a_whole_answer_leaves_the_call_a_success() -> None:
+    """FastAPI's BackgroundTasks run after the response went out (a usage record written to a database, say). When
+    one fails, the server logs it, but the client already had the whole answer: the LLM call succeeded, for a
+    stream and a non-stream alike. An app failing before its answer was whole is still an ``app_exception``."""
+
+    def record_usage() -> None:
+        raise ConnectionError("usage database unreachable")
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: FastAPIRequest, tasks: BackgroundTasks) -> Any:
+        body = await request.json()
+        tasks.add_task(record_usage)
+        if body.get("stream"):
+            return StreamingResponse(chunks(body["model"]), media_type="text/event-stream", background=tasks)
+        return JSONResponse(completion(body["model"]), background=tasks)
+
+    @app.post("/v1/embeddings")
+    async def broken(request: FastAPIRequest) -> Any:
+        await request.json()
+        raise RuntimeError("the app's own failure")
+
+    metrics_port = free_port()
+    app.add_middleware(LLMTelemetryMiddleware, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    with serve(app) as base:
+
+        def client() -> openai.OpenAI:  # a connection of its own: uvicorn closes one whose app raised
+            return openai.OpenAI(base_url=base + "/v1", api_key="t", max_retries=0)
+
+        answer = client().chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "one two three"
+        stream = client().chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "one two"
+        with pytest.raises(openai.InternalServerError):
+            client().embeddings.create(model="text-embedding-3-small", input="x")
+        deadline = time.monotonic() + 5
+        metrics = Metrics("")
+        while time.monotonic() < deadline:
+            metrics = scrape(metrics_port)
+            if metrics.value("llm_requests_total") >= 3:
+                break
+            time.sleep(0.02)
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", error_type="") == 2
+    assert metrics.value("llm_errors_total", gen_ai_request_model="gpt-4o-mini") == 0
+    assert (
+        metrics.value("llm_errors_total", gen_ai_request_model="text-embedding-3-small", error_type="app_exception")
+        == 1
+    )
