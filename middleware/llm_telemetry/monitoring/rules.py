@@ -159,6 +159,9 @@ BY: Final = "namespace, job"
 #: The series of our metrics that hold the label combinations past the cardinality limit
 #: (instruments.CARDINALITY_LIMIT); the names keep other services' OpenTelemetry metrics out.
 OVERFLOW_MATCHER: Final = 'otel_metric_overflow="true"'
+#: The components whose failure is counted once, when a process starts: the middleware's setup (it then passes
+#: requests through unmeasured) and the workers' shared files (the process then reports only its own share).
+SETUP_MATCHER: Final = f'{COMPONENT}=~"setup|multiproc_setup"'
 #: What grows in an overflow series, per metric of ours (a histogram's count; the gauge of active requests has no
 #: growth to see). One term each: rate() drops the metric's name, and the overflow series of two metrics of one
 #: target have the same labels otherwise (``otel_metric_overflow`` and the target's), so a rate over several names
@@ -467,6 +470,18 @@ def build_rule_groups(
             summary=f"llm-telemetry in {service} keeps failing in {{{{ $labels.{COMPONENT} }}}}",
             description="The middleware caught its own errors for 15 minutes; requests are unaffected but some "
             "telemetry is missing.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMTelemetrySetupFailed",
+            # Counted once per process and never again: a rate would never see it, its presence is the failure.
+            f"max by ({BY}, {COMPONENT}) ({series(INTERNAL_ERRORS, sel, SETUP_MATCHER)}) > 0",
+            severity="warning",
+            for_="5m",
+            summary=f"llm-telemetry could not start in {service} ({{{{ $labels.{COMPONENT} }}}})",
+            description="A process of the service failed to set up llm-telemetry and stays so until it restarts: "
+            "after a setup failure it passes every LLM request through unmeasured, after a multiproc_setup failure "
+            "it reports only its own share of the workers' metrics.",
             runbook_url=runbook_url,
         ),
         _alert(
