@@ -553,18 +553,34 @@ class LLMTelemetryMiddleware:
         **options: Any,
     ) -> None:
         self.app = app
-        self.settings = settings or Settings.resolve(
-            pricing=pricing,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-            metrics_app_path=metrics_app_path,
-            attribution_headers=attribution_headers,
-            max_label_values=max_label_values,
-            max_request_bytes=max_request_bytes,
-            routes=routes,
-            **options,
-        )
-        self.router = Router(self.settings.routes)
+        #: A setting the middleware cannot use (``LLM_TELEMETRY_*``, an option, the pricing table): the server's
+        #: lifespan startup fails with it. Not raised here: Starlette and FastAPI build their middleware inside the
+        #: first ASGI call, the lifespan's, where an exception reads to uvicorn as "lifespan unsupported" and every
+        #: request after it would fail. Until then, and without a lifespan, requests pass through unmeasured.
+        self.configuration_error: ConfigurationError | None = None
+        try:
+            self.settings = settings or Settings.resolve(
+                pricing=pricing,
+                metrics_port=metrics_port,
+                metrics_host=metrics_host,
+                metrics_app_path=metrics_app_path,
+                attribution_headers=attribution_headers,
+                max_label_values=max_label_values,
+                max_request_bytes=max_request_bytes,
+                routes=routes,
+                **options,
+            )
+            if self.settings.pricing is not None:
+                # Fail at startup, not on the first request, when the pricing file is wrong.
+                from .pricing import PricingTable
+
+                PricingTable(self.settings.pricing)
+            self.router = Router(self.settings.routes)
+        except ConfigurationError as error:
+            logger.error("llm-telemetry: %s; startup fails, and requests pass through unmeasured", error)
+            self.configuration_error = error
+            self.settings = dataclasses.replace(Settings.resolve(env={}), enabled=False)
+            self.router = Router(self.settings.routes)
         self._attribution = {
             h.lower().encode("latin-1"): label for h, label in self.settings.attribution_headers.items()
         }
@@ -583,16 +599,13 @@ class LLMTelemetryMiddleware:
         self._observing = False
         #: Whether a request without an ``x-request-id`` header gets a generated one (see ``_start``).
         self._request_ids = True
-        if self.settings.pricing is not None:
-            # Fail at startup, not on the first request, when the pricing file is wrong.
-            from .pricing import PricingTable
-
-            PricingTable(self.settings.pricing)
 
     @property
     def telemetry(self) -> Telemetry:
         """The meter provider, instruments and exposition; created on first use (or at lifespan startup). After a
         lifespan shutdown, the one shut down, until the next call sets up anew."""
+        if self.configuration_error is not None:
+            raise self.configuration_error
         telemetry = self._telemetry if self._set_up or self._telemetry is not None else self._setup()
         if telemetry is None:
             raise RuntimeError("llm-telemetry setup failed; see the log")
@@ -657,6 +670,9 @@ class LLMTelemetryMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.settings.enabled:
+            if self.configuration_error is not None and scope["type"] == "lifespan":
+                await self._fail_startup(receive, send)
+                return
             await self.app(scope, receive, send)
             return
         telemetry = self._telemetry if self._set_up else self._setup()
@@ -681,6 +697,12 @@ class LLMTelemetryMiddleware:
             await traced(scope, receive, send)
             return
         await self._observe(api, scope, receive, send)
+
+    async def _fail_startup(self, receive: Receive, send: Send) -> None:
+        """Answer the server's lifespan startup with the configuration error: the server reports it and exits."""
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": f"llm-telemetry: {self.configuration_error}"})
 
     def _flushing_on_shutdown(self, send: Send, telemetry: Telemetry) -> Send:
         """The lifespan ``send``: before the app's shutdown is reported, the exporters are flushed and stopped.

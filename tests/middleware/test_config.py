@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.config import ConfigurationError, OTelEnvironment, Settings
 from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.middleware import Router
+from support import free_port, wait_for
 
 
 def test_settings_defaults() -> None:
@@ -124,3 +131,64 @@ def test_otel_sdk_disabled_turns_every_signal_off() -> None:
     }
     otel = OTelEnvironment.resolve(env)
     assert otel.sdk_disabled and otel.traces_exporters == () and otel.logs_exporters == ()
+
+
+_CONFIGURED_APP = """
+import sys
+from fastapi import FastAPI
+from llm_telemetry import LLMTelemetryMiddleware
+
+app = FastAPI()
+
+@app.get("/health")
+async def health() -> dict:
+    return {"ok": True}
+
+if sys.argv[1] == "starlette":
+    app.add_middleware(LLMTelemetryMiddleware, metrics_port=0)  # built inside the first ASGI call, the lifespan's
+else:
+    app = LLMTelemetryMiddleware(app, metrics_port=0)  # built here, as the module is imported
+"""
+
+
+@pytest.mark.parametrize("form", ["starlette", "wrapped"])
+def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(tmp_path: Path, form: str) -> None:
+    """Both forms the README shows fail the server's startup with the setting named. Starlette and FastAPI build their
+    middleware inside the lifespan's first call, where an exception would read to uvicorn as "lifespan unsupported"
+    and leave a server answering 500 to everything. Without a lifespan (``--lifespan off``) requests pass through."""
+    module = tmp_path / "configured.py"
+    module.write_text(_CONFIGURED_APP)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    env["LLM_TELEMETRY_MAX_LABEL_VALUES"] = "0"
+    run = (
+        "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
+        "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", run, form, str(tmp_path), str(port), "auto"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode != 0, started.stderr
+    assert "LLM_TELEMETRY_MAX_LABEL_VALUES" in started.stderr and "Application startup failed" in started.stderr
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", run, form, str(tmp_path), str(port), "off"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for("the server", lambda: _answers(f"http://127.0.0.1:{port}/health"), seconds=30)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"ok": True}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert server.stderr is not None
+    assert "LLM_TELEMETRY_MAX_LABEL_VALUES" in server.stderr.read().decode(errors="replace")  # logged at construction
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.TransportError:
+        return False
+    return True

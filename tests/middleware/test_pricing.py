@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,10 +90,25 @@ def test_the_embedded_table_prices_a_models_snapshots_not_its_familys_other_mode
     ],
 )
 def test_bad_pricing_files_fail_at_startup_with_a_clear_message(tmp_path: Path, content: str, message: str) -> None:
+    """The server's lifespan startup fails with the message (the server reports it and exits); the middleware's
+    ``telemetry`` raises it too. (tests/middleware/test_config.py runs this under uvicorn.)"""
     path = tmp_path / "prices.yaml"
     path.write_text(content)
+    middleware = LLMTelemetryMiddleware(lambda *a: None, pricing=str(path))  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    (failed,) = sent
+    assert failed["type"] == "lifespan.startup.failed"
+    assert re.search(message, failed["message"]), failed
     with pytest.raises(ConfigurationError, match=message):
-        LLMTelemetryMiddleware(lambda *a: None, pricing=str(path))  # type: ignore[arg-type]
+        middleware.telemetry  # noqa: B018
 
 
 def test_missing_pricing_file_names_the_path(tmp_path: Path) -> None:
