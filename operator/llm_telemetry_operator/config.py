@@ -250,6 +250,11 @@ def _int(name: str, value: str) -> int:
 
 
 def _check_url(name: str, value: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        # (The port is read too: a bracket left open or a port past 65535 is a ValueError only then.)
+        parts = urlsplit(value)
+        host, _ = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={value!r}: not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(f"{name}={value!r}: expected an http(s) URL")
