@@ -499,6 +499,14 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
 SHUTDOWN_SECONDS = 10.0
 
 
+#: The telemetry behind each metrics listener of this process, by (host, port), with the settings it was made with.
+#: Another middleware instance with the same settings records into it rather than failing to bind the port and
+#: recording where nothing is scraped: Litestar makes one instance per route handler of ``middleware=[...]``, and
+#: an app may add the middleware to several mounted sub-apps.
+_LISTENERS: dict[tuple[str, int], tuple[Settings, Telemetry]] = {}
+_LISTENERS_LOCK = threading.Lock()
+
+
 class LLMTelemetryMiddleware:
     """ASGI middleware that records metrics (and, when configured, traces and logs) for LLM API traffic.
 
@@ -620,13 +628,14 @@ class LLMTelemetryMiddleware:
             if self._set_up:
                 return self._telemetry
             telemetry: Telemetry | None = None
+            fresh = True
             try:
-                telemetry = Telemetry(self.settings, self._meter_provider, self._tracer_provider)
-                self._start(telemetry)
+                telemetry, fresh = self._listening_telemetry()
+                self._start(telemetry, fresh)
                 self._observing = True
             except Exception as exc:
                 logger.error("llm-telemetry: setup failed; requests pass through unobserved: %r", exc, exc_info=exc)
-                if telemetry is not None:
+                if telemetry is not None and fresh:  # (one another instance uses stays up)
                     _shutdown_quietly(telemetry)
                 self._observers = ()
                 self._traced = None
@@ -635,15 +644,46 @@ class LLMTelemetryMiddleware:
             self._set_up = True
             return telemetry
 
-    def _start(self, telemetry: Telemetry) -> None:
-        telemetry.start_server()
+    def _listening_telemetry(self) -> tuple[Telemetry, bool]:
+        """A new :class:`Telemetry` (and True), or the one another instance of this process made with the same
+        settings for the same metrics listener (and False; see :data:`_LISTENERS`)."""
+        settings = self.settings
+        if (
+            self._meter_provider is not None
+            or self._tracer_provider is not None
+            or settings.metrics_port == 0
+            or "prometheus" not in settings.metrics_exporters
+        ):
+            return Telemetry(settings, self._meter_provider, self._tracer_provider), True
+        key = (settings.metrics_host, settings.metrics_port)
+        with _LISTENERS_LOCK:
+            found = _LISTENERS.get(key)
+            if found is not None and not found[1].closed:
+                if found[0] == settings:
+                    return found[1], False
+                logger.warning(
+                    "llm-telemetry: another LLMTelemetryMiddleware in this process serves metrics on %s:%s with "
+                    "other settings, so this one's metrics are not served; add the middleware once, around the whole "
+                    "app, or give each its own metrics_port",
+                    *key,
+                )
+                return Telemetry(settings), True
+            telemetry = Telemetry(settings)
+            _LISTENERS[key] = (settings, telemetry)
+            return telemetry, True
+
+    def _start(self, telemetry: Telemetry, fresh: bool = True) -> None:
+        """Set this instance up on ``telemetry``; ``fresh`` when no other instance uses it yet (then its listener
+        and shared label counts are started here)."""
         failsafe = self._failsafe = _Failsafe(telemetry)
         workers = telemetry.workers
-        if workers is not None and workers.state is not None:
-            # Label values are counted per deployment of workers, across worker restarts (see labels.py).
-            telemetry.limit.share(workers.state)
-        elif workers is not None and workers.error is not None:
-            failsafe("multiproc_setup", workers.error)  # serving, but this worker reports only its own share
+        if fresh:
+            telemetry.start_server()
+            if workers is not None and workers.state is not None:
+                # Label values are counted per deployment of workers, across worker restarts (see labels.py).
+                telemetry.limit.share(workers.state)
+            elif workers is not None and workers.error is not None:
+                failsafe("multiproc_setup", workers.error)  # serving, but this worker reports only its own share
         observers: list[Observer] = [telemetry.recorder]
         if telemetry.tracing is not None:
             observers.append(telemetry.tracing.observer)

@@ -151,6 +151,11 @@ class Telemetry:
             name = str(Resource.create().attributes.get("service.name", "unknown_service"))
         return name
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` has run."""
+        return self._shut_down
+
     def start_server(self) -> None:
         """Serve the Prometheus endpoint on its own port, once; a busy port is logged, never raised."""
         settings = self.settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -384,3 +385,74 @@ def test_a_background_task_failing_after_a_whole_answer_leaves_the_call_a_succes
         metrics.value("llm_errors_total", gen_ai_request_model="text-embedding-3-small", error_type="app_exception")
         == 1
     )
+
+
+def test_several_instances_in_one_process_serve_one_set_of_metrics() -> None:
+    """Litestar makes one middleware instance per route handler of ``middleware=[...]``, and an app may add the
+    middleware to each of its mounted sub-apps: instances with the same settings record into the same metrics, on
+    the one port, instead of all but the first failing to bind it and recording where nothing is scraped. One with
+    other settings says so."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    litestar_port, fastapi_port = free_port(), free_port()
+
+    @post("/v1/embeddings", status_code=200)
+    async def embeddings(request: LitestarRequest[Any, Any, Any]) -> LitestarResponse[Any]:
+        body = await request.json()
+        usage = {"prompt_tokens": 2, "total_tokens": 2}
+        return LitestarResponse({"object": "list", "data": [], "model": body["model"], "usage": usage})
+
+    litestar = litestar_app(litestar_port)
+    litestar.register(embeddings)  # a second handler: a second instance of the middleware
+
+    def sub_app() -> FastAPI:
+        sub = FastAPI()
+
+        @sub.post("/v1/chat/completions")
+        async def chat(request: FastAPIRequest) -> Any:
+            return JSONResponse(completion((await request.json())["model"]))
+
+        sub.add_middleware(LLMTelemetryMiddleware, metrics_port=fastapi_port, metrics_host="127.0.0.1")
+        return sub
+
+    outer = Starlette(routes=[Mount("/a", app=sub_app()), Mount("/b", app=sub_app())])
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    with serve(litestar) as litestar_base, serve(outer) as outer_base:
+        assert httpx.post(litestar_base + "/v1/chat/completions", json=body).status_code == 200
+        embedded = httpx.post(litestar_base + "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
+        assert embedded.status_code == 200
+        for prefix in ("/a", "/a", "/b", "/b", "/b"):
+            assert httpx.post(outer_base + prefix + "/v1/chat/completions", json=body).status_code == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            counted = (
+                scrape(litestar_port).value("llm_requests_total"),
+                scrape(fastapi_port).value("llm_requests_total"),
+            )
+            if counted == (2, 5):
+                break
+            time.sleep(0.02)
+    assert counted == (2, 5)
+
+    # (The servers' lifespans shut those down.) Now one instance holds the port, and another comes with other
+    # settings: it cannot share, and says why its metrics will not be served.
+    holder = LLMTelemetryMiddleware(
+        lambda *a: None,  # type: ignore[arg-type]
+        metrics_port=fastapi_port,
+        metrics_host="127.0.0.1",
+        max_label_values=7,
+    )
+    other = LLMTelemetryMiddleware(lambda *a: None, metrics_port=fastapi_port, metrics_host="127.0.0.1")  # type: ignore[arg-type]
+    # (Litestar's logging setup replaces the root logger's handlers, pytest's capture among them: listen here.)
+    warned: list[str] = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("llm_telemetry").addHandler(listener)
+    try:
+        assert holder.telemetry is not other.telemetry
+        assert any("with other settings" in message for message in warned)
+    finally:
+        logging.getLogger("llm_telemetry").removeHandler(listener)
+        for middleware in (other, holder):
+            middleware.telemetry.shutdown()
