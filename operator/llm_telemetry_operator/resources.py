@@ -373,6 +373,26 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     return record
 
 
+def _keep_env_order(template: dict[str, Any], current: Mapping[str, Any]) -> None:
+    """Give each container's env (in place) the order it has in ``current`` when it holds the same names.
+
+    Stripped and added again, our variables come last; a variable added after them since (server-side apply,
+    ``helm upgrade`` and ``kubectl set env`` append) would then move ahead of them: another pod template, a second
+    rollout for the same settings. With the same names the order can stay as it is; a new variable of ours keeps
+    the order built (the downward-API variables before ``OTEL_RESOURCE_ATTRIBUTES``, which refers to them)."""
+    before: dict[Any, list[Any]] = {
+        ct.get("name"): [e.get("name") for e in ct.get("env") or []]
+        for ct in (current.get("spec") or {}).get("containers") or []
+    }
+    for container in (template.get("spec") or {}).get("containers") or []:
+        env = container.get("env")
+        names = before.get(container.get("name"))
+        if not env or not names or sorted(map(str, names)) != sorted(str(e.get("name")) for e in env):
+            continue
+        position = {name: i for i, name in reversed(list(enumerate(names)))}  # a repeated name: its first place
+        env.sort(key=lambda e: position[e.get("name")])
+
+
 def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
     """The variables a chosen container sets itself (the user's win over the injection) that keep the metrics Service
     from reaching the middleware's listener: another port than ``spec.metrics.port``, a loopback host, no
@@ -420,6 +440,7 @@ def build_workload_patch(
     new_record: dict[str, Any] | None = None
     if injection is not None:
         new_record = {"owner": owner_name, **_apply(template, injection)}
+        _keep_env_order(template, current)
     record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
     if template == current and record_text == (workload.get("metadata", {}).get("annotations") or {}).get(
         c.ANNOTATION_INJECTED

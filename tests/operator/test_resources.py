@@ -142,6 +142,22 @@ def test_injection_second_pass_changes_nothing() -> None:
     assert r.build_workload_patch(injected, r.build_injection(spec, CONFIG, injected, "chat"), "chat") is None
 
 
+def test_a_variable_the_user_adds_after_ours_rolls_the_pods_once() -> None:
+    """Server-side apply, ``helm upgrade`` and ``kubectl set env`` add a new variable after the injected ones: that
+    edit is one rollout, and the next pass must not move the variable ahead of ours (a second template, a second
+    rollout, for the same settings). A change of ours in the same pass keeps the order too."""
+    spec = parse_spec(minimal_llmt()["spec"])
+    injected = inject(deployment())
+    edited = json.loads(json.dumps(injected))
+    edited["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "FOO", "value": "bar"})
+    assert r.build_workload_patch(edited, r.build_injection(spec, CONFIG, edited, "chat"), "chat") is None
+
+    moved = inject(edited, {"selector": {"matchLabels": {"app": "chat"}}, "metrics": {"port": 9500}})
+    names = [e["name"] for e in moved["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names == [e["name"] for e in edited["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names[-1] == "FOO" and env_of(moved)["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+
+
 def test_injection_config_change_changes_the_hash() -> None:
     first = inject(deployment())
     second = inject(first, {"selector": {"matchLabels": {"app": "chat"}}, "metrics": {"port": 9500}})
