@@ -54,17 +54,21 @@ class Inflater(Protocol):
 
 class _Zlib:
     """``gzip``, or ``deflate``: zlib's container as HTTP defines it, or a bare deflate stream, which some servers
-    send instead, recognised by its missing header."""
+    send instead, recognised by its missing header. A gzip body may hold several members one after another (Django's
+    GZipMiddleware compresses each piece of a streamed answer as one): each is read in turn."""
 
-    __slots__ = ("_head", "_inflate")
+    __slots__ = ("_gzip", "_head", "_inflate")
 
     def __init__(self, coding: bytes) -> None:
-        self._inflate = zlib.decompressobj(zlib.MAX_WBITS if coding == b"deflate" else 16 + zlib.MAX_WBITS)
+        self._gzip = coding != b"deflate"
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS)
         #: For ``deflate``, the body's bytes until its first two have passed: if they are no zlib header, the body
         #: is a bare deflate stream, read again from its start. None once that is settled.
-        self._head: bytes | None = b"" if coding == b"deflate" else None
+        self._head: bytes | None = None if self._gzip else b""
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        if self._gzip:
+            return self._members(chunk, limit)
         head = self._head
         if head is not None:
             head += chunk
@@ -81,6 +85,23 @@ class _Zlib:
             except zlib.error:
                 return None
         return data, False
+
+    def _members(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        inflate = self._inflate
+        parts = []
+        while True:
+            if inflate.eof:  # the member before ended: this one starts where it did
+                inflate = self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                data = inflate.decompress(chunk, limit)  # what is past the limit stays unread
+            except zlib.error:
+                return None
+            parts.append(data)
+            limit -= len(data)
+            if not (inflate.eof and inflate.unused_data and limit > 0):
+                break
+            chunk = inflate.unused_data
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
 
     def rest(self) -> bytes:
         try:
