@@ -107,6 +107,10 @@ def _add_tool_call(call: LLMCall, name: str) -> None:
         call.tool_calls.append(name)
 
 
+#: How an event stream's first line starts (after whitespace); a JSON body starts with none of these.
+_SSE_FIELDS: Final = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
 class ResponseReader:
     """Reads one response body; subclasses implement ``_on_event`` (streams) or ``_on_json`` (JSON)."""
 
@@ -196,6 +200,12 @@ class ResponseReader:
                     self._shape = self._shape_of(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
+        elif not self._buffer and chunk.lstrip().startswith(_SSE_FIELDS):
+            # An event stream labelled as JSON (Litestar does, for a handler typed to return Any): the SDKs read it
+            # as a stream whatever the label, and so do we. A JSON body starts with neither of these.
+            self._decoder = SSEDecoder()
+            self.call.stream = True
+            self.feed(chunk, now, shaped)
         elif not self._overflow:
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
                 self._overflow = True

@@ -456,3 +456,51 @@ def test_several_instances_in_one_process_serve_one_set_of_metrics() -> None:
         logging.getLogger("llm_telemetry").removeHandler(listener)
         for middleware in (other, holder):
             middleware.telemetry.shutdown()
+
+
+def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
+    """Litestar sends a ``ServerSentEvent`` from a handler typed to return ``Any`` (as an endpoint answering JSON or a
+    stream, by the request, is typed) with ``content-type: application/json``. The openai SDK reads it as a stream
+    all the same; so must the middleware: tokens, first token, model."""
+    from litestar.response import ServerSentEvent
+
+    def events(model: str) -> Any:
+        for chunk in chunks_list(model):
+            yield chunk.removeprefix(b"data: ").strip().decode()
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat(data: dict[str, Any]) -> Any:
+        return ServerSentEvent(events(data["model"]))
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(
+        Litestar(route_handlers=[chat]), metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False
+    )
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="t", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        assert raw.headers["content-type"].startswith("application/json")  # the label this test is about
+        streamed = list(raw.parse())
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
+        deadline = time.monotonic() + 5
+        metrics = Metrics("")
+        while time.monotonic() < deadline:
+            metrics = scrape(metrics_port)
+            if metrics.value("llm_requests_total") >= 1:
+                break
+            time.sleep(0.02)
+    assert metrics.value("llm_requests_total", gen_ai_response_model="gpt-4o-mini", llm_stream="true") == 1
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 2
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 1
+
+
+def chunks_list(model: str) -> list[bytes]:
+    """The events of :func:`chunks`, one each (the last piece holds two: the usage and ``[DONE]``)."""
+
+    async def collect() -> list[bytes]:
+        return [piece async for piece in chunks(model)]
+
+    pieces = asyncio.run(collect())
+    return [event + b"\n\n" for piece in pieces for event in piece.split(b"\n\n") if event]
