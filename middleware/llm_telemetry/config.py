@@ -7,6 +7,7 @@ operator (which injects them into pods) and the docs use the same names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -273,7 +274,16 @@ class OTelEnvironment:
         env = os.environ if env is None else env
 
         def protocol(signal_var: str) -> str:
-            return (env.get(signal_var) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or DEFAULT_OTLP_PROTOCOL).strip()
+            value = (env.get(signal_var) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or DEFAULT_OTLP_PROTOCOL).strip()
+            if value not in ("grpc", DEFAULT_OTLP_PROTOCOL):
+                # http/json is a valid value the OpenTelemetry Python exporters do not implement; a typo is none.
+                logging.getLogger("llm_telemetry").warning(
+                    "llm-telemetry: OTLP protocol %r (%s) is not one of grpc, http/protobuf; using http/protobuf",
+                    value,
+                    signal_var if env.get(signal_var) else OTEL_EXPORTER_OTLP_PROTOCOL,
+                )
+                return DEFAULT_OTLP_PROTOCOL
+            return value
 
         disabled = env.get(OTEL_SDK_DISABLED, "").strip().lower() == "true"
         traces = _exporter_list(env.get(OTEL_TRACES_EXPORTER))

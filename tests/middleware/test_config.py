@@ -192,3 +192,19 @@ def _answers(url: str) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+@pytest.mark.parametrize("value", ["http/json", "grcp"])
+def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    with caplog.at_level("WARNING", logger="llm_telemetry"):
+        env = OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": value})
+    assert env.traces_protocol == "http/protobuf"
+    assert any(
+        value in r.getMessage() and "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" in r.getMessage() for r in caplog.records
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llm_telemetry"):
+        assert OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).metrics_protocol == "grpc"
+    assert not caplog.records
