@@ -173,6 +173,7 @@ class DemoServer:
 
         from .app import create_app
 
+        app_options.setdefault("metrics_host", host)  # the metrics as reachable as the service, no more
         app = create_app(first_token_delay=0.05, token_delay=0.005, metrics_port=metrics_port, **app_options)
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(self.config)
