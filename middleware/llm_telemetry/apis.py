@@ -1170,7 +1170,8 @@ class API:
     def __repr__(self) -> str:
         return f"API({self.name!r})"
 
-    def read_request(self, call: LLMCall, body: dict[str, Any], capture: bool) -> None:
+    def read_request(self, call: LLMCall, body: dict[str, Any], capture: bool, parameters: bool = True) -> None:
+        """Fill ``call`` from the request ``body``; ``parameters``: also the parameters only a span shows."""
         call.request_model = _str(body.get("model"))
         call.stream = body.get("stream") is True
         call.max_tokens = _int(
@@ -1178,7 +1179,8 @@ class API:
         )
         call.temperature = _num(body.get("temperature"))
         call.top_p = _num(body.get("top_p"))
-        _read_parameters(call, body)
+        if parameters:
+            _read_parameters(call, body)
         if self.provider == "anthropic":
             messages = body.get("messages")
             if isinstance(messages, list):

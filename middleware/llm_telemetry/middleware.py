@@ -167,6 +167,7 @@ class _Exchange:
         "held",
         "left_early",
         "max_body",
+        "parameters",
         "reader",
         "send_code",
         "send_failed",
@@ -174,7 +175,15 @@ class _Exchange:
     )
 
     def __init__(
-        self, api: API, call: LLMCall, receive: Receive, send: Send, max_body: int, capture: bool, failsafe: _Failsafe
+        self,
+        api: API,
+        call: LLMCall,
+        receive: Receive,
+        send: Send,
+        max_body: int,
+        capture: bool,
+        failsafe: _Failsafe,
+        parameters: bool = True,
     ) -> None:
         self.api = api
         self.call = call
@@ -182,6 +191,8 @@ class _Exchange:
         self._send = send
         self.max_body = max_body
         self.capture = capture
+        #: Read the request parameters only a span shows (seed, stop sequences, ...): when tracing is on.
+        self.parameters = parameters
         self.failsafe = failsafe
         #: The request body's pieces as the app received them (kept by reference, parsed once the app has
         #: answered: parsing here, inside the app's ``receive()``, would delay its work and its first token).
@@ -242,7 +253,7 @@ class _Exchange:
             # Not JSON, or nested too deep: the app will answer it; we learn nothing from it.
             parsed = loads(body) if body else None
             if isinstance(parsed, dict):
-                self.api.read_request(call, parsed, self.capture)
+                self.api.read_request(call, parsed, self.capture, self.parameters)
         except Exception as exc:
             self.failsafe("request_parse", exc)
         finally:
@@ -797,7 +808,9 @@ class LLMTelemetryMiddleware:
             adopt = True
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
-        exchange = _Exchange(api, call, receive, send, max_body, self.settings.capture_content, failsafe)
+        exchange = _Exchange(
+            api, call, receive, send, max_body, self.settings.capture_content, failsafe, telemetry.tracing is not None
+        )
         exchange.adopt_id = adopt
         if self.settings.echo_request_id and call.request_id is not None:
             exchange.echo_id = call.request_id.encode("latin-1")
