@@ -34,7 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 
 from . import instruments as names
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
-from .labels import label_value
+from .labels import label_value, valid_text
 from .record import LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
@@ -95,6 +95,10 @@ MAX_CAPTURED_MESSAGES: Final = 32
 #: value the default redactor masks (an e-mail address, a key, a card number) needs, so one that starts before the
 #: cut is still recognised and masked whole.
 REDACTED_BEYOND_CAP: Final = 1024
+#: How many times the window a message is redacted in grows when masks shortened it below the cap plus that margin
+#: (each time by what they took): bounded work, however many values a message holds; what is shown always keeps
+#: the margin before the window's edge.
+WINDOW_GROWTHS: Final = 3
 #: Roles of a first message kept whatever the budget.
 _INSTRUCTION_ROLES: Final = frozenset({"system", "developer"})
 #: The span event marking the first generated token (or tool call) of a stream.
@@ -1052,10 +1056,19 @@ class SpanObserver:
                 value = json.dumps(value, default=str)
         # Only what may be shown is redacted: redacting a long-context prompt or a long answer whole cost ~0.1-0.2 µs
         # a character, on the loop. A text cut here is marked as cut, however short the redactor leaves it.
-        cut = len(value) > self.max_chars + REDACTED_BEYOND_CAP
-        shown = self.redact(value[: self.max_chars + REDACTED_BEYOND_CAP] if cut else value)
-        text = cap(shown, self.max_chars)
-        return text + TRUNCATION_MARK if cut and len(shown) <= self.max_chars else text
+        full = self.max_chars + REDACTED_BEYOND_CAP
+        window = full
+        for _ in range(WINDOW_GROWTHS + 1):
+            if len(value) <= window:
+                return cap(self.redact(value), self.max_chars)
+            shown = self.redact(value[:window])
+            if len(shown) >= full:
+                break
+            window += full - len(shown)  # masks shortened it: redact further, a bounded number of times
+        # At least REDACTED_BEYOND_CAP characters of the redacted window stay unshown after what is shown: masks only
+        # shorten, so what is shown ends at least that far before the window's edge, and a value cut by the edge
+        # (which the redactor could not recognise) is never shown. Text dense with masked values shows less.
+        return valid_text(shown[: min(self.max_chars, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.demo.run import DEMO_TOOLS
 from llm_telemetry.redact import EMAIL_MASK, TRUNCATION_MARK, redact
-from llm_telemetry.tracing import REDACTED_BEYOND_CAP
+from llm_telemetry.tracing import REDACTED_BEYOND_CAP, WINDOW_GROWTHS
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, parent_of, tracing_env, wait_span
 from support import serve
 
@@ -450,8 +450,8 @@ def test_custom_redactor_replaces_the_default(receiver: OTLPReceiver) -> None:
 
 def test_a_long_message_is_redacted_only_as_far_as_it_can_be_shown(receiver: OTLPReceiver) -> None:
     """The redactor gets each message cut to the cap plus REDACTED_BEYOND_CAP characters, not a long-context prompt
-    whole; a value that starts before the cut is still masked whole, and the cut is marked even when masking
-    leaves less than the cap."""
+    whole; a value that starts before the cut is still masked whole. Masks that shorten the window below that make
+    it grow by what they took, a bounded number of times (here to the whole of the second message)."""
     seen: list[int] = []
 
     def counting(text: str) -> str:
@@ -470,8 +470,44 @@ def test_a_long_message_is_redacted_only_as_far_as_it_can_be_shown(receiver: OTL
     span = wait_span(receiver, **{"llm.request_id": "trace-test-long-redaction"})
     contents = [m["parts"][0]["content"] for m in json.loads(span.attributes["gen_ai.input.messages"])]
     assert contents[0] == ("x" * 50 + " [email] yyyyyyyyyyyyyyyyy")[:60] + TRUNCATION_MARK
-    assert contents[1] == "[key]" + TRUNCATION_MARK
-    assert max(seen) <= 60 + REDACTED_BEYOND_CAP
+    assert contents[1] == "[key] tail"
+    # The long-context message is redacted in its window (grown by the 14 characters its mask took), never whole.
+    assert max(seen) <= min(2008, (WINDOW_GROWTHS + 1) * (60 + REDACTED_BEYOND_CAP))
+    assert 60 + REDACTED_BEYOND_CAP in seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=80),
+    st.sampled_from(["sk-proj-HALFKEYVISIBLE_REST_OF_THE_KEY_IS_HIDDEN_0123456789", "alice.private@example.com",
+                     "4111 1111 1111 1111"]),
+    st.integers(min_value=1, max_value=40),
+    st.sampled_from([60, 4096]),
+)  # fmt: skip
+def test_a_value_cut_by_the_redaction_window_is_never_shown_in_part(
+    fillers: int, secret: str, inside: int, max_chars: int
+) -> None:
+    """Masks shorten the window a message is redacted in (the cap plus REDACTED_BEYOND_CAP): however many masked
+    values come first, a value the window's edge cuts in two (so the redactor cannot recognise it) is not shown,
+    not even its first characters, and what is shown is what the whole message redacted would show."""
+    from opentelemetry.trace import NoOpTracer
+
+    from llm_telemetry.config import Settings
+    from llm_telemetry.tracing import SpanObserver
+
+    settings = Settings.resolve(env={}, capture_content=True, capture_content_max_chars=max_chars)
+    tracing = SpanObserver(NoOpTracer(), settings)
+    keys = " ".join(f"sk-FILLERKEY{i:03d}abcdefghijklmnopqrstuvwxyz0123" for i in range(fillers)) + " "
+    window = max_chars + REDACTED_BEYOND_CAP
+    pad = max(window - len(keys) - inside - 1, 0)
+    message = keys + "x" * pad + " " + secret + " tail " + "y" * 10_000
+    shown = tracing._text(message)
+    assert shown.endswith(TRUNCATION_MARK)
+    text = shown.removesuffix(TRUNCATION_MARK)
+    assert len(text) <= max_chars
+    assert redact(message).startswith(text), (text[-80:], secret)
+    for length in range(4, len(secret) + 1):
+        assert secret[:length] not in text or secret[:length] in redact(message)[: len(text)], secret[:length]
 
 
 @settings(max_examples=300, deadline=None)
@@ -596,6 +632,16 @@ def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced
         ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "Authorization: Bearer [key]"),
         ("card 4111 1111 1111 1111 or 5500-0000-0000-0004", "card [card] or [card]"),
         ("order 12345 on 2024-05-01, call +1 555 0100", "order 12345 on 2024-05-01, call +1 555 0100"),
+        # A file in a tool result, as JSON text: the key follows an escaped tab or newline.
+        (
+            '{"content": "# env\\nOPENAI_API_KEY\\tsk-proj-AbCdEfGhIjKlMnOpQrSt"}',
+            '{"content": "# env\\nOPENAI_API_KEY\\t[key]"}',
+        ),
+        (
+            "authorization: bearer abcdefghijklmnopqrstuv, BEARER abcdefghijklmnopqrstuv",
+            "authorization: bearer [key], BEARER [key]",
+        ),
+        ("a task-abcdefghijklmnopqrstuv is no key", "a task-abcdefghijklmnopqrstuv is no key"),
     ],
 )
 def test_default_redactor_masks_emails_keys_and_cards(text: str, expected: str) -> None:
