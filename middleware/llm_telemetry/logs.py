@@ -141,14 +141,31 @@ class JsonFormatter(logging.Formatter):
                 line["span_id"] = trace.format_span_id(span_context.span_id)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        # Lone surrogates (JSON allows them in any string a client sends) would make the handler's write fail.
-        return valid_text(_encode_line(line))
+        return _line_text(_encode_line(line))
 
 
 def _request_line(created: float, level: str, message: str, fields: Mapping[str, Any]) -> str:
     """A request line as :class:`JsonFormatter` writes it."""
     line = {"timestamp": _timestamp(created), "level": level.lower(), "message": message, **fields}
-    return valid_text(_encode_line(line))
+    return _line_text(_encode_line(line))
+
+
+#: Characters that end a line for Unicode-aware readers (Python's ``str.splitlines``, many JavaScript and editor
+#: line readers) though JSON lets them stand unescaped in a string: escaped, one line stays one line for every reader.
+_LINE_BREAKS: Final = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def _line_text(encoded: str) -> str:
+    """An encoded line as written: lone surrogates (JSON allows them in any string a client sends, and they would
+    make the handler's write fail) replaced, Unicode line breaks escaped. (The JSON's own structure is ASCII: these
+    can only be inside strings, where the escape means the same character.)"""
+    if encoded.isascii():
+        return encoded
+    encoded = valid_text(encoded)
+    for char, escape in _LINE_BREAKS.items():
+        if char in encoded:
+            encoded = encoded.replace(char, escape)
+    return encoded
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -475,10 +475,26 @@ _JSON_VALUES = st.recursive(
 @settings(max_examples=300, deadline=None)
 def test_a_request_line_is_the_json_module_s_text(fields: dict[str, Any]) -> None:
     """The line the formatter writes is ``json.dumps`` of the same fields (compact, non-ASCII kept, anything else
-    through ``str``), whatever the fields hold: NaN and infinities, lone surrogates (made writable), nesting."""
+    through ``str``), whatever the fields hold: NaN and infinities, lone surrogates (made writable), nesting. And it
+    stays one line for every reader: the Unicode line breaks JSON lets stand in a string are escaped."""
     record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "llm request", None, None)
     setattr(record, RECORD_ATTRIBUTE, fields)
     line = JsonFormatter().format(record)
     timestamp = json.loads(line)["timestamp"] if "timestamp" not in fields else fields["timestamp"]
     expected = {"timestamp": timestamp, "level": "info", "message": "llm request", **fields}
-    assert line == valid_text(json.dumps(expected, ensure_ascii=False, separators=(",", ":"), default=str))
+    text = valid_text(json.dumps(expected, ensure_ascii=False, separators=(",", ":"), default=str))
+    assert line == text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    assert len(line.splitlines()) == 1
+
+
+def test_a_model_name_with_unicode_line_breaks_stays_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A client can send any model name; U+2028, U+2029 and NEL end a line for Python's ``splitlines`` and many log
+    readers. Every line written is still one JSON object, and the name reads back as sent."""
+    model = 'gpt\u2028{"forged": true}\u2029x\x85y'
+    with demo_server({}) as (_, base):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"x-request-id": "line-breaks"}
+        assert httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
+    out = capsys.readouterr().out
+    assert all(isinstance(json.loads(part), dict) for part in out.splitlines() if part.strip())
+    assert line_for(log_lines(out), "line-breaks")["model"] == model
