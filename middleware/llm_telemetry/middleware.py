@@ -457,6 +457,14 @@ class _Exchange:
             call.error_type = call.error_type or classify_status(call.status_code)
 
 
+def _header_text(value: bytes) -> str:
+    """A header value as text: UTF-8, as clients send non-ASCII values today, else Latin-1 (HTTP's old default)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
 def _cancelled(exc: BaseException) -> bool:
     """Whether ``exc`` is the server cancelling the request: asyncio's cancellation, or trio's (Hypercorn's trio
     worker cancels the requests in flight at shutdown) as anyio names it for the running library."""
@@ -800,7 +808,7 @@ class LLMTelemetryMiddleware:
                 request_id = value
             label = self._attribution.get(key)
             if label is not None:
-                call.attribution[label] = limit(label, value.decode("latin-1"))
+                call.attribution[label] = limit(label, _header_text(value))
         if request_id:
             call.request_id = field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
         elif self._request_ids:

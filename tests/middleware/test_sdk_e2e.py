@@ -292,6 +292,25 @@ def test_attribution_header_becomes_a_bounded_label() -> None:
     assert m.value("llm_tokens_total", llm_metadata_tenant="other", gen_ai_token_type="output") == 2 * REPLY_WORDS
 
 
+def test_an_attribution_header_in_utf_8_keeps_its_characters() -> None:
+    """HTTP carries header values as bytes; clients send non-ASCII ones in UTF-8 (``café``, ``東京``), which must read
+    back as sent, not as Latin-1 mojibake. A value that is no UTF-8 is still read, as Latin-1."""
+    metrics_port = free_port()
+    app = create_app(metrics_port=metrics_port, attribution_headers={"x-tenant-id": "tenant"})
+    with serve(app) as base:
+        for tenant in ("café".encode(), "東京".encode(), b"caf\xe9"):
+            response = httpx.post(
+                base + "/v1/chat/completions",
+                json={"model": "gpt-4o-utf8", "messages": [{"role": "user", "content": PROMPT}]},
+                headers=[(b"x-tenant-id", tenant)],
+            )
+            assert response.status_code == 200
+        m = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 3)
+    app.telemetry.shutdown()
+    assert m.label_values("llm_requests_total", "llm_metadata_tenant") == {"café", "東京"}
+    assert m.value("llm_requests_total", llm_metadata_tenant="café") == 2  # UTF-8 and Latin-1 bytes alike
+
+
 def test_requests_without_the_header_are_labelled_none(service: tuple[str, int], oai: openai.OpenAI) -> None:
     model = "gpt-4o-no-tenant"
     oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}])
