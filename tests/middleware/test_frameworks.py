@@ -48,6 +48,17 @@ async def chunks(model: str) -> AsyncIterator[bytes]:
     yield b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n"
 
 
+def settled(metrics_port: int, requests: int) -> Metrics:
+    """The scrape once ``requests`` LLM requests are counted (a call is recorded just after its response went out),
+    or the last one after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = scrape(metrics_port)
+        if metrics.value("llm_requests_total") >= requests or time.monotonic() > deadline:
+            return metrics
+        time.sleep(0.02)
+
+
 def starlette_app(metrics_port: int) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -141,13 +152,7 @@ def test_framework_stream_and_non_stream(framework: str) -> None:
         assert raw_stream.headers.get("content-encoding") == coding
         streamed = raw_stream.parse()
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
-        deadline = time.monotonic() + 5
-        metrics = Metrics("")
-        while time.monotonic() < deadline:
-            metrics = scrape(metrics_port)
-            if metrics.value("llm_requests_total") >= 2:
-                break
-            time.sleep(0.02)
+        metrics = settled(metrics_port, 2)
     assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", llm_stream="false") == 1
     assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", llm_stream="true") == 1
     assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == 10
@@ -372,13 +377,7 @@ def test_a_background_task_failing_after_a_whole_answer_leaves_the_call_a_succes
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "one two"
         with pytest.raises(openai.InternalServerError):
             client().embeddings.create(model="text-embedding-3-small", input="x")
-        deadline = time.monotonic() + 5
-        metrics = Metrics("")
-        while time.monotonic() < deadline:
-            metrics = scrape(metrics_port)
-            if metrics.value("llm_requests_total") >= 3:
-                break
-            time.sleep(0.02)
+        metrics = settled(metrics_port, 3)
     assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", error_type="") == 2
     assert metrics.value("llm_errors_total", gen_ai_request_model="gpt-4o-mini") == 0
     assert (
@@ -424,15 +423,10 @@ def test_several_instances_in_one_process_serve_one_set_of_metrics() -> None:
         assert embedded.status_code == 200
         for prefix in ("/a", "/a", "/b", "/b", "/b"):
             assert httpx.post(outer_base + prefix + "/v1/chat/completions", json=body).status_code == 200
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            counted = (
-                scrape(litestar_port).value("llm_requests_total"),
-                scrape(fastapi_port).value("llm_requests_total"),
-            )
-            if counted == (2, 5):
-                break
-            time.sleep(0.02)
+        counted = (
+            settled(litestar_port, 2).value("llm_requests_total"),
+            settled(fastapi_port, 5).value("llm_requests_total"),
+        )
     assert counted == (2, 5)
 
     # (The servers' lifespans shut those down.) Now one instance holds the port, and another comes with other
@@ -484,13 +478,7 @@ def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
         assert raw.headers["content-type"].startswith("application/json")  # the label this test is about
         streamed = list(raw.parse())
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
-        deadline = time.monotonic() + 5
-        metrics = Metrics("")
-        while time.monotonic() < deadline:
-            metrics = scrape(metrics_port)
-            if metrics.value("llm_requests_total") >= 1:
-                break
-            time.sleep(0.02)
+        metrics = settled(metrics_port, 1)
     assert metrics.value("llm_requests_total", gen_ai_response_model="gpt-4o-mini", llm_stream="true") == 1
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 2
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 1
