@@ -54,6 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo":
+        try:
+            import openai  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ModuleNotFoundError as exc:
+            print(
+                f"llm-telemetry demo: {exc}; install the demo's extra: pip install 'llm-telemetry[demo]'",
+                file=sys.stderr,
+            )
+            return 2
         from .demo.run import run_demo
 
         return run_demo(args.host, args.port, args.metrics_port, args.requests, args.serve, logs=args.logs)

@@ -185,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"llm-telemetry-operator: configuration error: {exc}", file=sys.stderr)
         return 2
-    import kopf  # imported here so that --help and configuration errors answer at once
+    try:
+        import kopf  # imported here so that --help and configuration errors answer at once
+    except ModuleNotFoundError as exc:
+        print(f"llm-telemetry-operator: {exc}; install the operator's extra: pip install 'llm-telemetry[operator]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
 
     kopf.configure(
         debug=args.verbose,

@@ -76,3 +76,15 @@ def test_dashboard_command_queries_loki_for_the_logs_mode(mode: str) -> None:
     out = subprocess.run([*CLI, "dashboard", "--logs-mode", mode], capture_output=True, text=True, check=True).stdout
     (panel,) = [p for p in json.loads(out)["panels"] if p["type"] == "logs"]
     assert panel["targets"][0]["expr"] == ERROR_LOG_QUERIES[mode]
+
+
+@pytest.mark.parametrize("missing", ["uvicorn", "openai"])
+def test_the_demo_without_its_extra_names_the_extra_to_install(missing: str) -> None:
+    """Installed without the ``demo`` extra (a ``None`` in ``sys.modules`` makes an import fail as a missing module
+    does), the demo says what to install instead of ending in a traceback."""
+    script = (
+        f"import sys; sys.modules[{missing!r}] = None; from llm_telemetry.cli import main; sys.exit(main(['demo']))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'llm-telemetry[demo]'" in result.stderr and "Traceback" not in result.stderr

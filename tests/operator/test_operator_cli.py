@@ -182,3 +182,14 @@ async def test_the_pod_name_names_the_replica(emulator: Any, monkeypatch: pytest
     async with running_operator():
         identities = await eventually(lambda: list(peering_status(emulator)), "the replica in the peering object")
     assert identities == ["llm-telemetry-operator-6d4b9c7f5-x2x8q"]
+
+
+def test_without_the_operator_extra_it_names_the_extra_to_install() -> None:
+    script = (
+        "import sys; sys.modules['kopf'] = None; from llm_telemetry_operator.__main__ import main; "
+        "sys.exit(main(['--standalone']))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_TELEMETRY_OPERATOR_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'llm-telemetry[operator]'" in result.stderr and "Traceback" not in result.stderr
