@@ -200,7 +200,8 @@ class ResponseReader:
                     self._shape = self._shape_of(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
-        elif not self._buffer and chunk.lstrip().startswith(_SSE_FIELDS):
+        elif not self._buffer and not self._overflow and chunk.lstrip().startswith(_SSE_FIELDS):
+            # (Only the body's first bytes say: past an overflow the buffer is empty again, mid-body.)
             # An event stream labelled as JSON (Litestar does, for a handler typed to return Any): the SDKs read it
             # as a stream whatever the label, and so do we. A JSON body starts with neither of these.
             self._decoder = SSEDecoder()

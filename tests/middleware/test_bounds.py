@@ -118,3 +118,19 @@ def test_the_route_cache_keeps_at_most_256_paths_of_at_most_256_characters() -> 
     for path in ("/" + "x" * (256 - len("/v1/chat/completions") - 1) + "/v1/chat/completions", "/" + "x" * 300):
         router.match(path)
     assert [len(p) for p in router._cache] == [256]
+
+
+def test_bytes_past_an_oversized_json_answer_are_never_read_as_an_event_stream() -> None:
+    """A JSON answer past MAX_JSON_RESPONSE_BYTES is left unread. A later chunk of it that happens to start like an
+    event (``data: ...``) is still part of that body, not the start of a stream: only the body's first bytes say."""
+    from llm_telemetry.apis import APIS, MAX_JSON_RESPONSE_BYTES
+    from llm_telemetry.record import LLMCall
+
+    api = APIS["openai.chat"]
+    call = LLMCall(api.operation, api.provider, start=0.0)
+    reader = api.response_reader(call, stream=False, capture=False)
+    reader.feed(b'{"pad": "' + b"x" * MAX_JSON_RESPONSE_BYTES, now=1.0)
+    event = {"model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}
+    reader.feed(b"data: " + json.dumps(event).encode() + b'\n\n"}', now=2.0)
+    reader.finish(now=3.0)
+    assert (call.stream, call.output_tokens, call.response_model) == (False, None, None)
