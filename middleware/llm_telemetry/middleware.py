@@ -626,6 +626,8 @@ class LLMTelemetryMiddleware:
         self._observing = False
         #: Whether a request without an ``x-request-id`` header gets a generated one (see ``_start``).
         self._request_ids = True
+        #: Whether the request parameters only a span shows are read: tracing is on (see ``_start``).
+        self._span_parameters = False
 
     @property
     def telemetry(self) -> Telemetry:
@@ -714,6 +716,7 @@ class LLMTelemetryMiddleware:
         # A request without an x-request-id gets one of ours only when something reads it.
         readers = [o for o in self._observers if o is not telemetry.recorder]
         self._request_ids = bool(self.settings.echo_request_id or readers)
+        self._span_parameters = telemetry.tracing is not None
 
     def _fallback(self, error: Exception) -> Telemetry | None:
         """Metrics with nothing but the failure in them, so that it shows up where alerts look."""
@@ -817,7 +820,7 @@ class LLMTelemetryMiddleware:
         for label in self._attribution.values():
             call.attribution.setdefault(label, "none")
         exchange = _Exchange(
-            api, call, receive, send, max_body, self.settings.capture_content, failsafe, telemetry.tracing is not None
+            api, call, receive, send, max_body, self.settings.capture_content, failsafe, self._span_parameters
         )
         exchange.adopt_id = adopt
         if self.settings.echo_request_id and call.request_id is not None:
