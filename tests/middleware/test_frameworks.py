@@ -459,8 +459,12 @@ def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
     from litestar.response import ServerSentEvent
 
     def events(model: str) -> Any:
-        for chunk in chunks_list(model):
-            yield chunk.removeprefix(b"data: ").strip().decode()
+        # The stream of chunks(), with a finish reason before its usage: an answer read to its own end, so the call
+        # is a success however soon the client closes after [DONE] (otherwise it may read as a client disconnect).
+        *deltas, usage, done = [chunk.removeprefix(b"data: ").strip().decode() for chunk in chunks_list(model)]
+        finish = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}  # fmt: skip
+        yield from (*deltas, json.dumps(finish), usage, done)
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(data: dict[str, Any]) -> Any:
