@@ -39,9 +39,13 @@ def completion(model: str) -> dict[str, Any]:
 
 
 async def chunks(model: str) -> AsyncIterator[bytes]:
-    for delta in ({"role": "assistant"}, {"content": "one "}, {"content": "two"}):
+    """A chat stream as OpenAI sends it: deltas, the finish reason, the usage, ``[DONE]``. (The finish reason makes
+    the answer read to its own end: a client that closes right after ``[DONE]``, before the server's last empty
+    message, is then no client disconnect, whatever the timing.)"""
+    steps = ({"role": "assistant"}, None), ({"content": "one "}, None), ({"content": "two"}, None), ({}, "stop")
+    for delta, finish in steps:
         obj = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
         yield b"data: " + json.dumps(obj).encode() + b"\n\n"
     final = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
              "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
@@ -459,12 +463,8 @@ def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
     from litestar.response import ServerSentEvent
 
     def events(model: str) -> Any:
-        # The stream of chunks(), with a finish reason before its usage: an answer read to its own end, so the call
-        # is a success however soon the client closes after [DONE] (otherwise it may read as a client disconnect).
-        *deltas, usage, done = [chunk.removeprefix(b"data: ").strip().decode() for chunk in chunks_list(model)]
-        finish = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                  "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}  # fmt: skip
-        yield from (*deltas, json.dumps(finish), usage, done)
+        for chunk in chunks_list(model):
+            yield chunk.removeprefix(b"data: ").strip().decode()
 
     @post("/v1/chat/completions", status_code=200)
     async def chat(data: dict[str, Any]) -> Any:
