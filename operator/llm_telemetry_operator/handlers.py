@@ -477,7 +477,13 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
 @kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
 async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     meta = body["metadata"]
-    async with _lock(memo, meta["namespace"], meta["name"]):
+    key = (meta["namespace"], meta["name"])
+    _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
+    # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving); what
+    # is left is undone below. Their passes take their own locks, and none of them waits on this one's.
+    for successor, _spec in await rec.successors(_client(memo), body, _peers(memo, key)):
+        await _reconcile(memo, successor, "handover", logger)
+    async with _lock(memo, *key):
         touched = await rec.remove_injection(_client(memo), _config(memo), body)
         deleted = await rec.delete_children(_client(memo), body)
     _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
@@ -595,7 +601,11 @@ def _peers(memo: Any, key: tuple[str, str]) -> rec.PeerView:
             return None
         return body, spec
 
-    return rec.PeerView(selecting=selecting, named=named)
+    def leaving(name: str) -> bool:
+        body = state.bodies.get((namespace, name))
+        return name != me and body is not None and bool(body["metadata"].get("deletionTimestamp"))
+
+    return rec.PeerView(selecting=selecting, named=named, leaving=leaving)
 
 
 def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str, Any]) -> None:

@@ -128,10 +128,14 @@ class PeerView:
     Args:
         selecting: the peers that may select a workload with these labels (a superset; each is checked).
         named: the peer of that name, or None.
+        leaving: whether an LLMTelemetry of that name is being deleted. Its workloads and their metrics Services
+            go to the peer that wins them next in one step, a change of injection (see :func:`successors`), not
+            a removal and then an injection: two rollouts and a gap in the telemetry.
     """
 
     selecting: Callable[[Mapping[str, str]], Iterable[Peer]]
     named: Callable[[str], Peer | None]
+    leaving: Callable[[str], bool] = lambda _name: False
 
     @classmethod
     def of(cls, peers: Sequence[Peer]) -> PeerView:
@@ -148,8 +152,10 @@ class _Outranked:
         self._peers = peers
 
     def __contains__(self, name: object) -> bool:
-        peer = self._peers.named(name) if isinstance(name, str) else None
-        return peer is not None and precedence(peer[0]) > self._rank
+        if not isinstance(name, str):
+            return False
+        peer = self._peers.named(name)
+        return precedence(peer[0]) > self._rank if peer is not None else self._peers.leaving(name)
 
 
 def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
@@ -416,8 +422,9 @@ async def _inject(
         holder = None if record is None or mine else str(record.get("owner"))
         take_over = False
         if holder is not None:
-            # Injected by another: ours only if that one is a live peer this resource wins the workload from.
-            beaten = peers.named(holder) is not None
+            # Injected by another: ours only if that one is a live peer this resource wins the workload from, or
+            # one being deleted (which this resource wins the workload from too, being its best live selector).
+            beaten = peers.named(holder) is not None or peers.leaving(holder)
             if not (selected and beaten):
                 if selected:
                     skipped.append(f"{workload_key(workload)} (already injected by {holder})")
@@ -506,6 +513,29 @@ async def _patch_workload(
                 raise
             workload = {**await client.get(resource, namespace, wl_name), "kind": workload["kind"]}
     return None
+
+
+async def successors(client: KubeClient, owner: Mapping[str, Any], peers: PeerView) -> list[Peer]:
+    """The live peers that win the workloads ``owner`` injected, once it is gone (it is being deleted), in
+    precedence order. A pass of each of them before ``owner``'s injection is removed takes those workloads over
+    from it in one patch each (``peers.leaving``), so their pods roll once, to the new injection, and their
+    metrics Services stay."""
+    name = owner["metadata"]["name"]
+    try:
+        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}))
+    except SpecError:
+        return []  # no selector to go by: its injection, if any, is removed as before
+    found: dict[str, Peer] = {}
+    for workload in workloads:
+        record = r.injected_record(workload)
+        if record is None or record.get("owner") != name:
+            continue
+        labels = (workload.get("metadata") or {}).get("labels") or {}
+        selecting = [peer for peer in peers.selecting(labels) if peer[1].selector.matches(labels)]
+        if selecting:
+            best = min(selecting, key=lambda peer: precedence(peer[0]))
+            found.setdefault(best[0]["metadata"]["name"], best)
+    return sorted(found.values(), key=lambda peer: precedence(peer[0]))
 
 
 async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> list[str]:

@@ -421,6 +421,25 @@ def test_conflict_is_visible_and_not_duplicated(cluster: Cluster) -> None:
     assert cluster.configmap("shared-b-llm-dashboard") is None
     assert cluster.monitoring("servicemonitors", "shared-a-llm-telemetry") is not None
 
+    # The winner deleted: shared-b takes the workload over in one step. The API server counts changes of the
+    # Deployment's spec in its generation: one at most (none when both inject the same), where removing the
+    # injection and injecting again made two rollouts; and the metrics Service is handed over, not recreated.
+    generation = cluster.deployment("shared")["metadata"]["generation"]
+    service_uid = cluster.service("shared-llm-metrics").metadata.uid
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "shared-a")
+    cluster.reported("shared-b", "Ready", "Ready")
+
+    def holder() -> str:
+        return str(json.loads(cluster.deployment("shared")["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"])
+
+    wait_for(lambda: holder() == "shared-b", "shared-b holds the workload")
+    assert cluster.deployment("shared")["metadata"]["generation"] <= generation + 1
+    service = cluster.service("shared-llm-metrics")
+    assert service.metadata.uid == service_uid
+    assert service.metadata.labels[c.LABEL_OWNER] == "shared-b"
+    assert [ref.name for ref in service.metadata.owner_references] == ["shared-b"]
+    wait_for(lambda: cluster.monitoring("servicemonitors", "shared-b-llm-telemetry") is not None, "shared-b scrapes")
+
 
 def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
     from kubernetes import client

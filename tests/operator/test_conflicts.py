@@ -129,3 +129,31 @@ async def test_older_resource_arriving_later_takes_the_workload_over(emulator: A
         )
         assert await eventually(lambda: conflict_events(emulator, "alpha"), "Conflict event on alpha")
     check_usage(emulator)
+
+
+async def test_the_winner_deleted_hands_its_workload_over_in_one_step(emulator: Any, monitoring_crds: Any) -> None:
+    """The next in line takes the workload over from the resource being deleted before that one's injection is
+    removed: the pod template changes once, not twice (removed, then injected again: two rollouts and pods without
+    telemetry in between), and the metrics Service changes owner instead of being deleted and created again."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
+        before = len(list(emulator))
+        await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
+        await eventually(lambda: get(emulator, LLMT, "zeta") is None, "zeta deleted")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        assert holder(emulator) == "alpha"
+        assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] <= generation + 1
+        service_path = f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"
+        after = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
+        assert ("DELETE", service_path) not in after
+        assert (get(emulator, SERVICES, "chat-llm-metrics") or {})["metadata"]["labels"][c.LABEL_OWNER] == "alpha"
+        # The Service no longer names the deleted resource as its owner (the garbage collector would delete it).
+        references = get(emulator, SERVICES, "chat-llm-metrics")["metadata"].get("ownerReferences") or []
+        assert [ref["name"] for ref in references] == ["alpha"]
+    check_usage(emulator)
