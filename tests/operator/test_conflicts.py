@@ -67,12 +67,17 @@ def reason(kmock: Any, owner: str, type_: str) -> str | None:
     return condition(get(kmock, LLMT, owner), type_).get("reason")
 
 
+def contested(kmock: Any, monitoring_crds: Any) -> None:
+    """One Deployment selected by two resources: "zeta" is older (and last by name, so age decides, not name)."""
+    install_prometheus_operator_crds(kmock, monitoring_crds)
+    kmock.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    kmock.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    kmock.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+
+
 async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, monitoring_crds: Any) -> None:
-    """Found together at startup: "zeta" is older (and last by name, so age decides, not name)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
-    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    """Found together at startup: the older one wins."""
+    contested(emulator, monitoring_crds)
     async with running_operator():
         await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "the older one Ready")
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "the newer one in Conflict")
@@ -135,10 +140,7 @@ async def test_the_winner_deleted_hands_its_workload_over_in_one_step(emulator: 
     """The next in line takes the workload over from the resource being deleted before that one's injection is
     removed: the pod template changes once, not twice (removed, then injected again: two rollouts and pods without
     telemetry in between), and the metrics Service changes owner instead of being deleted and created again."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
-    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    contested(emulator, monitoring_crds)
     async with running_operator():
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
         await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
