@@ -110,6 +110,9 @@ def test_the_built_package_runs_without_the_checkout(installed: pathlib.Path) ->
         "llm-telemetry-operator": "llm_telemetry_operator.__main__:main",
     }
     assert (installed / "llm_telemetry" / "py.typed").is_file()  # the middleware's types reach its users' mypy
+    # The image carries the license its metadata declares (Apache-2.0 asks that its text go with the work).
+    [license_file] = installed.glob("llm_telemetry-*.dist-info/licenses/LICENSE")
+    assert license_file.read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
 
 
 def test_the_image_entry_point_starts(installed: pathlib.Path) -> None:
