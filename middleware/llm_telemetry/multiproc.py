@@ -51,6 +51,13 @@ PROMETHEUS_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
 DISABLED: Final = ("off", "none", "false", "0")
 #: Seconds between attempts of a worker to take over the metrics port while another worker holds it.
 BIND_RETRY_SECONDS: Final = 1.0
+#: Failed attempts in a row, with no worker of this server holding the port, after which a worker says that
+#: another process holds it (a worker that has just bound it claims it within milliseconds).
+FOREIGN_HOLDER_ATTEMPTS: Final = 3
+#: Seconds without a change, and with no live worker, after which the directory of a server in another PID
+#: namespace (another container on a shared ``/tmp``) counts as left behind, and the default location's sweep
+#: removes it: its pids mean nothing in this namespace, so they cannot tell.
+ABANDONED_SECONDS: Final = 300.0
 
 #: The attributes of an instrument's overflow series (see instruments.CARDINALITY_LIMIT), as stored in keys.
 _OVERFLOW: Final = tuple(OVERFLOW_ATTRIBUTES.items())
@@ -60,6 +67,8 @@ _ARCHIVE = "archive.json"
 _LABELS = "labels.json"
 _RUN = "run"
 _LOCK = "lock"
+#: The stem of the worker that serves the metrics port.
+_PORT = "port"
 _ALIVE = ".alive"
 _DB = ".db"
 #: Field of a key: monotonic sum, live gauge, histogram sum; histogram buckets are "b<index>".
@@ -97,12 +106,27 @@ def detect_supervisor() -> Supervisor | None:
     return None
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (the inode number ``/proc/self/ns/pid`` links to) on Linux, else "".
+
+    Two containers of one pod have a namespace each, and the same pids in them (the server is often pid 1 in
+    both); when they share a ``/tmp`` (one ``emptyDir``), their state directories are told apart by it."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+    return "".join(ch for ch in link if ch.isdigit())
+
+
 def process_token(pid: int) -> str:
-    """Identifies one lifetime of ``pid``: its start time on Linux, else the pid alone (empty when gone)."""
+    """Identifies one lifetime of ``pid``: its start time and PID namespace on Linux (``pid@start@namespace``),
+    else the pid alone (empty when gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             # Field 22 (starttime); the command name in field 2 may contain spaces, so split after its ')'.
-            return f"{pid}@{stat.read().rsplit(b')', 1)[1].split()[19].decode()}"
+            token = f"{pid}@{stat.read().rsplit(b')', 1)[1].split()[19].decode()}"
+        namespace = pid_namespace()
+        return f"{token}@{namespace}" if namespace else token
     except (OSError, IndexError):
         pass
     try:
@@ -149,7 +173,8 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
 
 
 def default_directory(supervisor: Supervisor) -> str:
-    """``<tmp>/llm-telemetry-<uid>/<kind>-<supervisor pid>``; directories of supervisors gone are removed."""
+    """``<tmp>/llm-telemetry-<uid>/<kind>-<supervisor pid>-<pid namespace>`` (without the namespace where there is
+    none); directories of supervisors gone are removed."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     base = os.path.join(tempfile.gettempdir(), f"llm-telemetry-{uid}")
     with contextlib.suppress(FileExistsError):
@@ -158,11 +183,15 @@ def default_directory(supervisor: Supervisor) -> str:
     # The temp dir is shared: refuse a symlink or a directory someone else made for us.
     if not os.path.isdir(base) or os.path.islink(base) or (hasattr(os, "getuid") and info.st_uid != uid):
         raise PermissionError(f"{base} is not a private directory of this user")
-    _sweep(base)
-    return os.path.join(base, f"{supervisor.kind}-{supervisor.pid}")
+    namespace = pid_namespace()
+    _sweep(base, namespace)
+    name = f"{supervisor.kind}-{supervisor.pid}" + (f"-{namespace}" if namespace else "")
+    return os.path.join(base, name)
 
 
-def _sweep(base: str) -> None:
+def _sweep(base: str, namespace: str) -> None:
+    """Remove the directories of supervisors that have exited: of this PID namespace by their pid and start time,
+    of another one (a container beside this one) once left behind (see :data:`ABANDONED_SECONDS`)."""
     for name in os.listdir(base):
         path = os.path.join(base, name)
         try:
@@ -170,9 +199,43 @@ def _sweep(base: str) -> None:
                 token = run.read().strip()
         except OSError:
             continue
-        pid = token.partition("@")[0]
-        if pid.isdigit() and process_token(int(pid)) != token:
+        pid, _, rest = token.partition("@")
+        theirs = rest.partition("@")[2]
+        if theirs and theirs != namespace:
+            if _abandoned(path):
+                shutil.rmtree(path, ignore_errors=True)
+        elif pid.isdigit() and process_token(int(pid)) != token:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _abandoned(path: str) -> bool:
+    """Whether no worker holds a liveness lock in ``path`` and nothing in it changed for ABANDONED_SECONDS."""
+    if fcntl is None:  # pragma: no cover - no locks to tell by
+        return False
+    try:
+        if time.time() - os.stat(path).st_mtime < ABANDONED_SECONDS:
+            return False
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return not any(_held(os.path.join(path, name)) for name in names if name.endswith(_ALIVE))
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds the ``flock`` on ``path`` (a worker's liveness file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)  # also releases the lock if we got it
+    return False
 
 
 class WorkerMode:
@@ -223,7 +286,7 @@ class WorkerMode:
     def serve(self, host: str, port: int, registry: CollectorRegistry) -> None:
         """Hold the metrics port if free; otherwise keep trying, so a worker takes over when its holder dies."""
         if self._listener is None:
-            self._listener = _Listener(host, port, registry)
+            self._listener = _Listener(host, port, registry, self.state)
             self._listener.start()
 
     def close(self) -> None:
@@ -406,23 +469,26 @@ class SharedState:
         return stems - dead
 
     def _is_alive(self, stem: str) -> bool:
-        path = os.path.join(self.directory, stem + _ALIVE)
         if fcntl is None:  # pragma: no cover
             pid = stem[1:].partition("-")[0]
             return bool(process_token(int(pid)))
+        return _held(os.path.join(self.directory, stem + _ALIVE))
+
+    def claim_port(self) -> None:
+        """Record that this worker serves the metrics port."""
+        port = os.path.join(self.directory, _PORT)
+        with open(port + f".{self._stem}.tmp", "w", encoding="utf-8") as claim:
+            claim.write(self._stem)
+        os.replace(port + f".{self._stem}.tmp", port)
+
+    def port_held_by_worker(self) -> bool:
+        """Whether a live worker of this server has claimed the metrics port (see :meth:`claim_port`)."""
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            with open(os.path.join(self.directory, _PORT), encoding="utf-8") as claim:
+                stem = claim.read().strip()
+        except OSError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        finally:
-            os.close(fd)  # also releases the lock if we got it
-        return False
+        return bool(stem) and (stem == self._stem or self._is_alive(stem))
 
     def _read(self, stem: str) -> Iterator[tuple[str, float]]:
         path = os.path.join(self.directory, stem + _DB)
@@ -695,12 +761,16 @@ class _SharedMeter:
 
 
 class _Listener:
-    """Serves the port from whichever worker binds it first; the others retry quietly in a daemon thread."""
+    """Serves the port from whichever worker binds it first; the others retry quietly in a daemon thread, and say
+    so once when the port stays taken with no worker of this server holding it (another service on the port)."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, state: SharedState | None = None) -> None:
         self.host = host
         self.port = port
         self.registry = registry
+        self.state = state
+        #: Failed attempts in a row while no worker of this server claimed the port; None once reported.
+        self._unclaimed: int | None = 0
         self.server: Any = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -721,9 +791,12 @@ class _Listener:
             self.server = start_http_server(self.port, self.host, registry=self.registry)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return False  # another worker serves it (or will): not an error
+                self._held_elsewhere()  # most often another worker serves it (or will): not an error
+                return False
             logger.warning("llm-telemetry: metrics listener not started on %s:%s: %s", self.host, self.port, exc)
             return True
+        if self.state is not None:
+            self.state.claim_port()
         logger.info(
             "llm-telemetry: worker %s serves the metrics of all workers on http://%s:%s/metrics",
             os.getpid(),
@@ -731,6 +804,21 @@ class _Listener:
             self.port,
         )
         return True
+
+    def _held_elsewhere(self) -> None:
+        """Count an attempt that found the port taken; report once if no worker of this server has it."""
+        if self._unclaimed is None or self.state is None:
+            return
+        self._unclaimed = 0 if self.state.port_held_by_worker() else self._unclaimed + 1
+        if self._unclaimed >= FOREIGN_HOLDER_ATTEMPTS:
+            self._unclaimed = None
+            logger.warning(
+                "llm-telemetry: metrics port %s:%s is held by a process that is not a worker of this server; "
+                "this server's metrics are not served until the port is free (set LLM_TELEMETRY_METRICS_PORT to "
+                "a free one)",
+                self.host,
+                self.port,
+            )
 
     def _retry(self) -> None:
         while not self._stop.wait(BIND_RETRY_SECONDS):

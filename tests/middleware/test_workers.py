@@ -411,7 +411,9 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
         assert_totals(server.scrape(), fresh)
         if state_dir == "default":
             new_state = sorted(p.name for p in (tmp_path / "tmp").glob("llm-telemetry-*/*"))
-            assert new_state == [f"{kind}-{server.pid}"] and old_state != new_state, (old_state, new_state)
+            namespace = f"-{multiproc.pid_namespace()}" if multiproc.pid_namespace() else ""
+            expected = [f"{kind}-{server.pid}{namespace}"]
+            assert new_state == expected and old_state != new_state, (old_state, new_state)
     assert "address already in use" not in server.log.read_text(errors="replace").lower()
 
 
@@ -754,3 +756,119 @@ def test_workers_label_values_are_counted_per_deployment(tmp_path: Path) -> None
     finally:
         for state in states[1:]:
             state.close()
+
+
+def _unshare_works() -> bool:
+    try:
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+class _ContainerServer(Server):
+    """A server that is pid 1 of a PID namespace of its own, as in a container (``unshare``)."""
+
+    def command(self) -> list[str]:
+        return ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", *super().command()]
+
+    @property
+    def pid(self) -> int:
+        """The supervisor (the only child of ``unshare``), whose children are the workers."""
+        assert self.process is not None
+        found = process_children(self.process.pid)
+        return next(iter(found)) if len(found) == 1 else -1
+
+    def stop(self) -> None:
+        """SIGTERM to the supervisor, as the container runtime sends it to pid 1 (``unshare`` forwards none)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the namespace's processes die with its pid 1
+            self.process.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare --pid --fork --mount-proc (root or user namespaces)")
+def test_workers_servers_in_two_containers_sharing_tmp_keep_their_own_numbers(tmp_path: Path) -> None:
+    """Two containers of one pod, each running gunicorn as pid 1, with one ``emptyDir`` on ``/tmp``: both
+    supervisors are pid 1, so the pid alone would give them one state directory, each start would wipe the other's
+    numbers and they would export each other's traffic."""
+    first_port, second_port = free_port(), free_port()
+    env = _server_env(tmp_path, first_port, {})
+    first = _ContainerServer("gunicorn", 2, free_port(), first_port, env, tmp_path / "first.log")
+    second = _ContainerServer(
+        "gunicorn", 2, free_port(), second_port, {**env, "LLM_TELEMETRY_METRICS_PORT": str(second_port)},
+        tmp_path / "second.log",
+    )  # fmt: skip
+    with running(first):
+        one, _ = drive(first.base, streams=2, plains=3, rate_limited=1, embeddings=0)
+        settle(first, one)
+        with running(second):
+            assert_totals(first.scrape(), one)  # not wiped by the second start
+            two, _ = drive(second.base, streams=1, plains=1, rate_limited=0, embeddings=1)
+            settle(second, two)
+            assert_totals(first.scrape(), one)  # nor showing the second's traffic
+            more, _ = drive(first.base, streams=1, plains=0, rate_limited=0, embeddings=0)
+            settle(first, one + more)
+            assert_totals(second.scrape(), two)
+        assert len(list((tmp_path / "tmp").glob("llm-telemetry-*/gunicorn-1-*"))) == 2
+
+
+@pytest.mark.slow
+def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path) -> None:
+    """Another process (a second service on the host, another exporter) holds the metrics port: the workers
+    cannot tell it from a sibling at first, but once no worker of theirs has claimed the port they say so."""
+    metrics_port = free_port()
+
+    class Exporter(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"# someone else's metrics\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", metrics_port), Exporter)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    log = tmp_path / "server.log"
+    try:
+        with running(Server("uvicorn", 2, free_port(), metrics_port, _server_env(tmp_path, metrics_port, {}), log)):
+            wait_for(
+                "the warning", lambda: "is held by a process that is not a worker of this server" in log.read_text()
+            )
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_workers_sweep_leaves_another_namespaces_live_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory whose supervisor lives in another PID namespace (another container on the shared ``/tmp``) is
+    removed only once no worker holds its liveness lock and it has not changed for a while."""
+    import fcntl
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    supervisor = multiproc.Supervisor("gunicorn", os.getpid())
+    mine = multiproc.default_directory(supervisor)
+    base = Path(mine).parent
+    theirs = base / "gunicorn-1-1"
+    theirs.mkdir()
+    (theirs / "run").write_text(f"1@12345@{multiproc.pid_namespace()}0")  # pid 1 of a namespace not ours
+    alive = open(theirs / "w7-abc.alive", "wb")  # held open: the worker's lock
+    fcntl.flock(alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    old = 10 * multiproc.ABANDONED_SECONDS
+    os.utime(theirs, (os.stat(theirs).st_atime - old, os.stat(theirs).st_mtime - old))
+    assert multiproc.default_directory(supervisor) == mine
+    assert theirs.is_dir(), "a live worker's directory was removed"
+    alive.close()  # its last worker is gone
+    os.utime(theirs, (os.stat(theirs).st_atime, os.stat(theirs).st_mtime - old))
+    multiproc.default_directory(supervisor)
+    assert not theirs.exists(), "a left-behind directory stayed"
