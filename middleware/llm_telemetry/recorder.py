@@ -49,9 +49,21 @@ class _Shape:
         self.tpot = _keyed(select(names.TIME_PER_OUTPUT_TOKEN, values, attribution))
         self.cost = _keyed(select(names.COST, values, attribution))
         self.unpriced = _keyed(select(names.UNPRICED_TOKENS, values))
+        # Only output tokens are ever estimated: any other count a call has is the provider's own (a stream cut
+        # before its usage still had its input tokens reported at its start), so it is labelled reported.
+        reported = {**values, names.LLM_USAGE_SOURCE: "reported"}
         #: (LLMCall field, attributes) of each billable count and each detail.
         self.tokens = [
-            (field, _keyed(select(names.TOKENS, {**values, names.GEN_AI_TOKEN_TYPE: token_type}, attribution)))
+            (
+                field,
+                _keyed(
+                    select(
+                        names.TOKENS,
+                        {**(values if token_type == "output" else reported), names.GEN_AI_TOKEN_TYPE: token_type},
+                        attribution,
+                    )
+                ),
+            )
             for token_type, field in _BILLABLE
         ]
         self.details = [
@@ -60,7 +72,7 @@ class _Shape:
                 _keyed(
                     select(
                         names.TOKEN_DETAILS,
-                        {**values, names.GEN_AI_TOKEN_TYPE: part, names.LLM_TOKEN_DETAIL: detail},
+                        {**reported, names.GEN_AI_TOKEN_TYPE: part, names.LLM_TOKEN_DETAIL: detail},
                         attribution,
                     )
                 ),

@@ -638,6 +638,12 @@ async def test_hostile_anthropic_stream_cut_before_message_delta_is_estimated(cl
     await exchange(wrapped, "/v1/messages", b'{"model": "claude-x", "stream": true}')
     (call,) = calls.ended
     assert (call.input_tokens, call.output_tokens, call.usage_source) == (9, 5, "estimated")
+    # Only the output is estimated: the input count is the one message_start reported.
+    metrics = await scrape(wrapped)
+    tokens = {"gen_ai_request_model": "claude-x"}
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported", **tokens) == 9
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="estimated", **tokens) == 5
+    assert not metrics.series("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="estimated")
 
     end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}}
     whole = replying(200, SSE, anthropic_events(start), *[anthropic_events(delta)] * 5, anthropic_events(end))
