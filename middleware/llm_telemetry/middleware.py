@@ -158,6 +158,7 @@ class _Exchange:
         "body_done",
         "body_ok",
         "body_size",
+        "broke_protocol",
         "call",
         "capture",
         "complete",
@@ -212,6 +213,8 @@ class _Exchange:
         #: The ``http.disconnect`` came before the response's last message (see :meth:`finish`).
         self.left_early = False
         self.send_failed = False
+        #: The app sent a second ``http.response.start``: its failure, whatever the server raises for it.
+        self.broke_protocol = False
         #: Request id to add to the response headers (when the app sets none), or None.
         self.echo_id: bytes | None = None
         #: Whether the request came without an id and one was generated: an id the app puts on its response is
@@ -360,6 +363,13 @@ class _Exchange:
                 self.complete = True
                 self.call.end = perf_counter()
         elif kind == "http.response.start":
+            if self.started:
+                # A second start breaks ASGI: the server refuses it (raising into the app), and the client keeps the
+                # first one's status. Not read, and the app's failure, not the client leaving.
+                self.broke_protocol = True
+                send = self._send
+                await send(message)
+                return
             self.started = True
             headers = message.get("headers")
             if headers is not None and not isinstance(headers, (list, tuple)):
@@ -433,7 +443,7 @@ class _Exchange:
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a failed
         # ``send``, or cancelling the app). An exception the app raises itself is the app's failure, whatever
         # its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a client leaving.
-        client_left = (
+        client_left = not self.broke_protocol and (
             self.disconnected
             or self.send_failed
             or (exc is not None and _cancelled(exc))

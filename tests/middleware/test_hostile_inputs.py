@@ -8,6 +8,7 @@ middleware tests do) and reads its real Prometheus exposition through ``metrics_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, Router
 from llm_telemetry.record import LLMCall
 from llm_telemetry.sse import SSEDecoder
-from support import Calls, Metrics
+from support import Calls, Metrics, serve, wait_for
 
 JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream")]
@@ -621,6 +622,31 @@ async def test_hostile_gateway_stream_errors_are_classified(
     cleanup.append(wrapped)
     await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true}')
     assert calls.ended[0].error_type == expected
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_hostile_second_response_start_is_the_apps_failure_with_the_first_status(cleanup: list[Any], http: str) -> None:
+    """An app that sends ``http.response.start`` twice breaks ASGI: uvicorn refuses the second (raising into the
+    app) and the client gets the first one's status. The call keeps that status and is the app's failure; it is no
+    client disconnect, though the exception comes out of the server's ``send``."""
+    import httpx
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.start", "status": 500, "headers": JSON})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    with serve(wrapped, http=http) as base:
+        with contextlib.suppress(httpx.HTTPError):  # the server cuts the response short
+            status = httpx.post(f"{base}/v1/chat/completions", json={"model": "m"}).status_code
+            assert status == 200
+        (call,) = wait_for("the call", lambda: calls.ended)
+    assert (call.status_code, call.error_type) == (200, "app_exception")
 
 
 def anthropic_events(*events: dict[str, Any]) -> bytes:
