@@ -419,7 +419,7 @@ def _otlp_logger_provider(protocol: str) -> tuple[Any, bool]:
         return current, False
     from opentelemetry.sdk.resources import Resource
 
-    provider = LoggerProvider(resource=Resource.create())
+    provider = LoggerProvider(resource=Resource.create(), shutdown_on_exit=False)  # see Telemetry's exit handler
     exporter: Any
     if protocol == "grpc":
         from .otlp_grpc import OTLPGrpcLogExporter  # the SDK's, with our log encoding

@@ -34,7 +34,7 @@ from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
-from .telemetry import Telemetry
+from .telemetry import SHUTDOWN_SECONDS, Telemetry
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_telemetry")
@@ -524,10 +524,6 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
         logger.debug("llm-telemetry: shutdown after a failed setup failed too", exc_info=True)
 
 
-#: Seconds the server's shutdown waits for the last spans, log records and metrics to be exported.
-SHUTDOWN_SECONDS = 10.0
-
-
 #: The telemetry behind each metrics listener of this process, by (host, port), with the settings it was made with.
 #: Another middleware instance with the same settings records into it rather than failing to bind the port and
 #: recording where nothing is scraped: Litestar makes one instance per route handler of ``middleware=[...]``, and
@@ -788,11 +784,11 @@ class LLMTelemetryMiddleware:
 
         async def lifespan_send(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                with anyio.move_on_after(SHUTDOWN_SECONDS):
-                    try:
-                        await anyio.to_thread.run_sync(telemetry.shutdown, abandon_on_cancel=True)
-                    except Exception:
-                        logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
+                # In a daemon thread: one still flushing to a collector that does not answer is left behind at
+                # exit. (A worker thread abandoned by anyio is not a daemon: the interpreter's exit would wait for
+                # it, and for the exporters' own timeouts after it, half a minute and more.)
+                done = telemetry.shutdown_in_background()
+                await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS)
                 with self._lock:
                     if self._telemetry is telemetry:
                         self._set_up = False  # (the shut-down one stays readable through .telemetry until then)

@@ -6,9 +6,11 @@ binds ports at import time, which matters for servers that fork workers after im
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,6 +105,10 @@ class Telemetry:
         self._server: Any = None
         self._server_lock = threading.Lock()
         self._shut_down = False
+        # The exporters are flushed at exit by this handler, bounded by SHUTDOWN_SECONDS: the SDK's own handlers
+        # are off (shutdown_on_exit=False), as each would wait its exporters' whole timeouts (30 s and more) on a
+        # collector that does not answer.
+        atexit.register(_shutdown_at_exit, weakref.ref(self))
 
     def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:
@@ -141,7 +147,9 @@ class Telemetry:
             if self.histograms is not None:
                 otlp = HistogramExporter(otlp, self.histograms)
             readers.append(PeriodicExportingMetricReader(otlp))
-        return SDKMeterProvider(metric_readers=readers, resource=resource, exemplar_filter=exemplars)
+        return SDKMeterProvider(
+            metric_readers=readers, resource=resource, exemplar_filter=exemplars, shutdown_on_exit=False
+        )
 
     def _service_name(self) -> str:
         name = self.tracing.service_name if self.tracing is not None else None
@@ -150,6 +158,22 @@ class Telemetry:
 
             name = str(Resource.create().attributes.get("service.name", "unknown_service"))
         return name
+
+    def shutdown_in_background(self) -> threading.Event:
+        """Run :meth:`shutdown` in a daemon thread; the event is set once it is done. A daemon thread: one still
+        flushing to a collector that does not answer is left behind at exit, not waited for."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.shutdown()
+            except Exception:
+                logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="llm-telemetry-shutdown", daemon=True).start()
+        return done
 
     @property
     def closed(self) -> bool:
@@ -230,6 +254,17 @@ class Telemetry:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+#: Seconds a server's shutdown, and the interpreter's exit, wait for the last spans, log records and metrics to be
+#: exported.
+SHUTDOWN_SECONDS = 10.0
+
+
+def _shutdown_at_exit(ref: weakref.ref[Telemetry]) -> None:
+    telemetry = ref()
+    if telemetry is not None and not telemetry.closed:
+        telemetry.shutdown_in_background().wait(SHUTDOWN_SECONDS)
 
 
 _warned_global_provider = False

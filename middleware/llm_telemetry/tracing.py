@@ -164,7 +164,8 @@ class Tracing:
 
         # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the SDK provider reads
         # OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG itself.
-        sdk_provider = SDKTracerProvider(resource=Resource.create())
+        # Flushed at exit by Telemetry's handler, within a bound; the SDK's own would wait 30 s on a silent collector.
+        sdk_provider = SDKTracerProvider(resource=Resource.create(), shutdown_on_exit=False)
         for kind in exporters:
             if kind not in ("otlp", "console"):
                 logger.warning("llm-telemetry: %s: unsupported exporter %r ignored", OTEL_TRACES_EXPORTER, kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from llm_telemetry.demo.app import create_app
+from llm_telemetry.telemetry import SHUTDOWN_SECONDS
 from otlp_receiver import otlp_receiver
 from support import free_port, request_log_lines, scrape, wait_for
 
@@ -67,6 +69,49 @@ def test_queued_spans_and_log_records_are_exported_when_the_server_is_stopped(pr
     assert len(receiver.spans) == REQUESTS and len(receiver.logs) == REQUESTS
     assert {span.name for span in receiver.spans} == {"chat gpt-4o-mini"}
     assert took < 5, took  # flushed at once, not after the batch delay
+
+
+def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only() -> None:
+    """The collector accepts connections and never answers, and the batch processors are busy exporting to it when
+    the server is stopped (SIGINT: uvicorn then returns from ``main`` and the interpreter exits normally, running
+    exit handlers). The stop waits SHUTDOWN_SECONDS for the flush, and no more: the exporters' own timeouts would
+    each add their 10 s, past the 30 s a Kubernetes pod gets before SIGKILL."""
+    port = free_port()
+    with socket.socket() as blackhole:  # listening, never accepting: connections complete, nothing is answered
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+        env |= {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_BLRP_SCHEDULE_DELAY": "100",
+            "LLM_TELEMETRY_METRICS_PORT": "0",
+        }
+        command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for("the server", lambda: _up(base), seconds=30)
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            for _ in range(20):
+                assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+            time.sleep(1)  # the span and log record processors are now each waiting on an export
+            stopped = time.monotonic()
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=120)
+            took = time.monotonic() - stopped
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=10)
+    assert server.returncode == 0
+    assert took < SHUTDOWN_SECONDS + 5, took
 
 
 def _up(base: str) -> bool:
