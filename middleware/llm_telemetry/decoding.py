@@ -38,9 +38,10 @@ _zstd = _module("compression.zstd", "backports.zstd")  # Python 3.14's, or its b
 MAX_DECODED_STREAM_BYTES: Final = 64 * 1024 * 1024
 
 
-#: Decompressed bytes brotli is asked for at a time: its output grows in blocks until it reaches the number asked
-#: for, and may end up to twice as large, so it is asked for little at a time and its pieces read one by one.
-BROTLI_STEP: Final = 64 * 1024
+#: Decompressed bytes asked for at a time, and read before the next are: a chunk of a few kilobytes may inflate to
+#: the whole limit (a compression bomb), which asked for at once would be held in full, and again by the reader's
+#: buffer. (Brotli's output grows in blocks until it reaches the number asked for, and may end up twice as large.)
+DECODE_STEP: Final = 64 * 1024
 
 
 class Inflater(Protocol):
@@ -57,7 +58,7 @@ class _Zlib:
     send instead, recognised by its missing header. A gzip body may hold several members one after another (Django's
     GZipMiddleware compresses each piece of a streamed answer as one): each is read in turn."""
 
-    __slots__ = ("_gzip", "_head", "_inflate")
+    __slots__ = ("_gzip", "_head", "_inflate", "_pending")
 
     def __init__(self, coding: bytes) -> None:
         self._gzip = coding != b"deflate"
@@ -65,43 +66,42 @@ class _Zlib:
         #: For ``deflate``, the body's bytes until its first two have passed: if they are no zlib header, the body
         #: is a bare deflate stream, read again from its start. None once that is settled.
         self._head: bytes | None = None if self._gzip else b""
+        #: Input not decompressed yet: what a step left (``unconsumed_tail``), or the next gzip member's start.
+        self._pending = b""
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
+        step = min(limit, DECODE_STEP)
+        if self._pending:
+            chunk, self._pending = self._pending + chunk, b""
+        inflate = self._inflate
         if self._gzip:
-            return self._members(chunk, limit)
+            if inflate.eof:  # the member before ended: the next one starts here
+                if not chunk:
+                    return b"", False
+                inflate = self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                data = inflate.decompress(chunk, step)
+            except zlib.error:
+                return None
+            self._pending = inflate.unconsumed_tail or (inflate.unused_data if inflate.eof else b"")
+            return data, bool(self._pending)
         head = self._head
         if head is not None:
             head += chunk
             self._head = head if len(head) < 2 else None
         try:
-            data = self._inflate.decompress(chunk, limit)  # what is past the limit stays unread
+            data = inflate.decompress(chunk, step)
         except zlib.error:
             if head is None:
                 return None
             self._head = None
-            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            inflate = self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
             try:
-                data = self._inflate.decompress(head, limit)
+                data = inflate.decompress(head, step)
             except zlib.error:
                 return None
-        return data, False
-
-    def _members(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
-        inflate = self._inflate
-        parts = []
-        while True:
-            if inflate.eof:  # the member before ended: this one starts where it did
-                inflate = self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                data = inflate.decompress(chunk, limit)  # what is past the limit stays unread
-            except zlib.error:
-                return None
-            parts.append(data)
-            limit -= len(data)
-            if not (inflate.eof and inflate.unused_data and limit > 0):
-                break
-            chunk = inflate.unused_data
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+        self._pending = inflate.unconsumed_tail
+        return data, bool(self._pending)
 
     def rest(self) -> bytes:
         try:
@@ -117,7 +117,7 @@ class _Brotli:
         self._inflate = _brotli.Decompressor()
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
-        step = min(limit, BROTLI_STEP)
+        step = min(limit, DECODE_STEP)
         try:
             data = self._inflate.process(chunk, output_buffer_limit=step)
         except _brotli.error:
@@ -138,20 +138,17 @@ class _Zstd:
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
         inflate = self._inflate
-        parts = []
         try:
-            while True:
-                if inflate.eof:
-                    inflate = self._inflate = _zstd.ZstdDecompressor()
-                data = inflate.decompress(chunk, limit)  # what is past the limit stays unread
-                parts.append(data)
-                limit -= len(data)
-                if not (inflate.eof and inflate.unused_data and limit > 0):
-                    break
-                chunk = inflate.unused_data
+            if inflate.eof:  # the frame before ended: the next one starts with what followed it
+                chunk = inflate.unused_data + chunk
+                if not chunk:
+                    return b"", False
+                inflate = self._inflate = _zstd.ZstdDecompressor()
+            data = inflate.decompress(chunk, min(limit, DECODE_STEP))
         except (_zstd.ZstdError, EOFError):
             return None
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+        # More output may wait (asked for with b""), or another frame may have begun in this chunk.
+        return data, (not inflate.eof and not inflate.needs_input) or (inflate.eof and bool(inflate.unused_data))
 
     def rest(self) -> bytes:
         return b""

@@ -259,6 +259,47 @@ def test_a_body_that_inflates_too_far_or_is_not_what_it_says_passes_unread(case:
     assert peak < 3 * (8 << 20) + 2 * len(payload)
 
 
+def _one_long_line(coding: str, size: int) -> bytes:
+    line = b"data: " + b"x" * size
+    if coding == "br":
+        return bytes(brotli.compress(line, quality=5))
+    return gzip.compress(line, compresslevel=9) if coding == "gzip" else zstd.compress(line)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd"])
+def test_a_stream_that_inflates_too_far_costs_no_more_than_a_step_of_it(coding: str) -> None:
+    """An event stream of a few hundred KB that inflates to 96 MB of one line: decompressed a step at a time, each
+    step read (and dropped, past the event size limit) before the next, never the 64 MiB stream limit at once and
+    once more in the event reader's buffer. The client gets the compressed bytes untouched."""
+    import httpx
+
+    payload = _one_long_line(coding, 96 << 20)
+    app = LLMTelemetryMiddleware(
+        _serve_compressed(payload, coding.encode(), b"text/event-stream"),
+        metrics_port=0,
+        metrics_app_path="/metrics",
+        request_logs=False,
+    )
+    tracemalloc.start()
+    try:
+        with serve(app) as base:
+            port = int(base.rsplit(":", 1)[1])
+            baseline = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            request = {"model": "m", "messages": [], "stream": True}
+            with httpx.Client(timeout=60) as client:
+                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
+                    got = b"".join(response.iter_raw())
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+            metrics = _settled(port, "llm_requests_total", 1)
+    finally:
+        tracemalloc.stop()
+    assert got == payload
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+    # The event reader's limit for one event (1 MiB), a step or two, and the client's copy of the payload.
+    assert peak < (4 << 20) + 2 * len(payload), peak
+
+
 class _Collect:
     """The reader a DecodingReader feeds, keeping what it is given."""
 
