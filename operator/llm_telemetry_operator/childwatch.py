@@ -12,9 +12,11 @@ label selector: the server sends a few hundred bytes per event, for children onl
 
 Each watch runs in a thread of its own (a watch request blocks for minutes) and hands every event to the event
 loop. It starts without a resourceVersion (the API server sends every current object as ADDED, then changes),
-continues from the last version seen (bookmarks included) when the server ends the stream, and starts over the
-same way when the version is too old (410). A kind that is not served (the Prometheus Operator's CRDs not installed
-yet) is tried again every :data:`MISSING_RETRY` seconds; other failures back off up to :data:`MAX_BACKOFF`.
+continues from the last version seen (bookmarks included) when the server ends the stream or the connection
+breaks (the server then sends every change since, deletions included), and starts over the same way, at once,
+when the version is too old (410): deletions in such a gap are left to the resync. A kind that is not served
+(the Prometheus Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds; other
+failures back off up to :data:`MAX_BACKOFF`.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class MetadataWatch:
         self.context = contextvars.copy_context()
         self._stopped = threading.Event()
         self._response: Any = None
+        #: The last resourceVersion seen, kept as events are read: a stream that breaks resumes from it.
+        self._version: str | None = None
         where = namespace or "all namespaces"
         self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}-{where}", daemon=True)
 
@@ -94,22 +98,25 @@ class MetadataWatch:
         return all(labels.get(k) == v for k, v in self.labels.items())
 
     def _run(self) -> None:
-        version: str | None = None
         backoff = 1.0
         while not self._stopped.is_set():
             try:
-                version = self._watch(version)
+                self._watch(self._version)
                 backoff = 1.0
             except ApiError as exc:
                 if self._stopped.is_set():
                     break
                 if exc.status == 404:
                     wait = MISSING_RETRY
+                elif exc.status == 410:
+                    wait = 0.0  # not a failure: the version is too old to resume from; list again now
+                    logger.info("watch of %s expired (%s); watching anew", self.resource.plural, exc)
                 else:
                     wait = exc.retry_after if exc.retry_after is not None else backoff
                     backoff = min(MAX_BACKOFF, backoff * 2)
                     logger.warning("watching %s failed (%s); again in %.0f s", self.resource.plural, exc, wait)
-                version = None if exc.status in (404, 410) else version
+                if exc.status in (404, 410):
+                    self._version = None
                 self._stopped.wait(wait)
             except Exception as exc:  # a dropped connection, a garbled line: watch again from the last version
                 if self._stopped.is_set():
@@ -118,8 +125,9 @@ class MetadataWatch:
                 self._stopped.wait(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
 
-    def _watch(self, version: str | None) -> str | None:
-        """One watch request, from ``version`` (None: every current object first); the last version seen."""
+    def _watch(self, version: str | None) -> None:
+        """One watch request, from ``version`` (None: every current object first); each event's version is kept
+        in ``_version`` as it is read."""
         params = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(SERVER_TIMEOUT))]
         if self.labels:
             params.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))))
@@ -132,29 +140,27 @@ class MetadataWatch:
         self._response = response
         try:
             if self._stopped.is_set():
-                return version
+                return
             buffer = b""
             for chunk in response.stream(amt=None, decode_content=False):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        version = self._event(json.loads(line), version)
+                        self._event(json.loads(line))
         finally:
             self._response = None
             response.release_conn()
         if time.monotonic() - started < 1.0:
             self._stopped.wait(1.0)  # a server that ends watches at once is not asked again in a tight loop
-        return version
 
-    def _event(self, event: Mapping[str, Any], version: str | None) -> str | None:
+    def _event(self, event: Mapping[str, Any]) -> None:
         kind = event.get("type")
         obj = event.get("object") or {}
         if kind == "ERROR":
             code = int(obj.get("code") or 0)
             raise ApiError(code, str(obj.get("reason") or ""), str(obj.get("message") or "watch error"))
         meta = obj.get("metadata") or {}
-        version = str(meta.get("resourceVersion") or version or "") or None
+        self._version = str(meta.get("resourceVersion") or self._version or "") or None
         if kind in ("ADDED", "MODIFIED", "DELETED") and meta.get("name") and self._selected(meta):
             self.loop.call_soon_threadsafe(self.deliver, str(kind), dict(meta), context=self.context)
-        return version

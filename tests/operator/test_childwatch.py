@@ -1,0 +1,106 @@
+"""The metadata watches' resumption: a stream that breaks resumes from the last version it delivered.
+
+The API server answers a watch from a resourceVersion with every change after it, deletions included; a watch
+started again without one sends only what exists. So a connection cut (an API server restart, a proxy's idle
+timeout) must not lose the versions read on it, or the deletions made while it was down are never heard of.
+The API server is played by a stand-in that serves scripted watch streams and records the requests made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import urllib3
+
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.childwatch import MetadataWatch
+from llm_telemetry_operator.errors import ApiError
+
+
+class _Stream:
+    """One watch response: its event lines, then the end of the stream or a broken connection."""
+
+    def __init__(self, events: list[dict[str, Any]], then: BaseException | None) -> None:
+        self.events, self.then = events, then
+
+    def stream(self, amt: Any = None, decode_content: bool = False) -> Iterator[bytes]:
+        for event in self.events:
+            yield json.dumps(event).encode() + b"\n"
+        if self.then is not None:
+            raise self.then
+
+    def release_conn(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Server:
+    """Serves the scripted responses in turn, recording each request's resourceVersion; then none."""
+
+    def __init__(self, *responses: _Stream | ApiError) -> None:
+        self.responses = list(responses)
+        self.versions: list[str | None] = []
+        self.done = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def open_stream(self, resource: Any, verb: str, path: str, accept: str) -> Any:
+        self.versions.append(parse_qs(urlsplit(path).query).get("resourceVersion", [None])[0])
+        if not self.responses:
+            self.loop.call_soon_threadsafe(self.done.set)
+            raise ApiError(503, "ServiceUnavailable", "no more")
+        response = self.responses.pop(0)
+        if isinstance(response, ApiError):
+            raise response
+        return response
+
+
+def _event(kind: str, name: str, version: str) -> dict[str, Any]:
+    return {"type": kind, "object": {"metadata": {"name": name, "namespace": "llm", "resourceVersion": version}}}
+
+
+async def _watch(server: _Server) -> list[tuple[str, str]]:
+    delivered: list[tuple[str, str]] = []
+    watch = MetadataWatch(
+        server,  # type: ignore[arg-type]
+        kube.SERVICES,
+        None,
+        {},
+        lambda kind, meta: delivered.append((kind, meta["name"])),
+        asyncio.get_running_loop(),
+    )
+    watch.start()
+    try:
+        await asyncio.wait_for(server.done.wait(), 30)
+    finally:
+        watch.stop()
+    await asyncio.sleep(0)  # the deliveries queued on the loop
+    return delivered
+
+
+async def test_a_broken_stream_resumes_from_the_last_version_it_delivered() -> None:
+    """The first watch (from no version) breaks after two events: the next asks for the changes after the second,
+    and so hears of the deletion made meanwhile."""
+    server = _Server(
+        _Stream([_event("ADDED", "a", "5"), _event("ADDED", "b", "6")], urllib3.exceptions.ProtocolError("cut")),
+        _Stream([_event("DELETED", "a", "9")], None),
+    )
+    delivered = await _watch(server)
+    assert server.versions[:2] == [None, "6"]
+    assert delivered == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a")]
+
+
+async def test_an_expired_version_starts_over_at_once_from_no_version() -> None:
+    """410 Gone: the version is too old to resume from; the next watch starts from the current objects."""
+    server = _Server(
+        _Stream([_event("ADDED", "a", "5")], urllib3.exceptions.ProtocolError("cut")),
+        ApiError(410, "Expired", "too old resource version"),
+        _Stream([_event("ADDED", "a", "12")], None),
+    )
+    await _watch(server)
+    assert server.versions[:3] == [None, "5", None]
