@@ -503,8 +503,7 @@ class KubeClient:
             )
             status = int(response.status)
             data = response.read() if response.data is None else response.data
-            # ``headers`` from kubernetes 30 on; 29, the floor, has ``getheaders()`` only (kept by later versions).
-            response_headers = response.getheaders()
+            response_headers = response.headers
         except k8s_client.ApiException as exc:
             if not exc.status:  # a TLS failure, raised with status 0
                 raise ApiError(0, "TLSError", str(exc.reason)) from exc
