@@ -216,12 +216,32 @@ def _serve_compressed(payload: bytes, coding: bytes, content_type: bytes = b"app
     return app
 
 
+def _request_traced(app: Callable[..., Any], request: dict[str, Any]) -> tuple[bytes, int, Metrics]:
+    """One request to ``app`` wrapped in the middleware, under uvicorn: the bytes the client got as sent (no
+    decoding on its side either), the peak of memory traced meanwhile, and the metrics once it is recorded."""
+    import httpx
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    tracemalloc.start()
+    try:
+        with serve(wrapped) as base:
+            port = int(base.rsplit(":", 1)[1])
+            baseline = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            with httpx.Client(timeout=60) as client:
+                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
+                    got = b"".join(response.iter_raw())
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+            return got, peak, _settled(port, "llm_requests_total", 1)
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("case", ["bomb", "br-bomb", "zstd-bomb", "not-gzip", "not-brotli", "not-zstd"])
 def test_a_body_that_inflates_too_far_or_is_not_what_it_says_passes_unread(case: str) -> None:
     """A JSON answer of 64 MB packed into a few KB is read no further than the JSON limit (memory kept stays
     bounded); a body whose coding is false reaches the client unchanged, with nothing read and no internal
     error."""
-    import httpx
 
     pad = b'{"model": "m", "pad": "' + b" " * (64 << 20) + b'", "usage": {"prompt_tokens": 1}}'
     payload, coding = {
@@ -233,23 +253,7 @@ def test_a_body_that_inflates_too_far_or_is_not_what_it_says_passes_unread(case:
         "not-zstd": (b"(\xb5/\xfd not really zstd", b"zstd"),
     }[case]
     del pad
-    app = LLMTelemetryMiddleware(
-        _serve_compressed(payload, coding), metrics_port=0, metrics_app_path="/metrics", request_logs=False
-    )
-    tracemalloc.start()
-    try:
-        with serve(app) as base:
-            port = int(base.rsplit(":", 1)[1])
-            baseline = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            request = {"model": "m", "messages": []}
-            with httpx.Client(timeout=60) as client:
-                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
-                    got = b"".join(response.iter_raw())  # as sent: no decoding on the client's side either
-            peak = tracemalloc.get_traced_memory()[1] - baseline
-            metrics = _settled(port, "llm_requests_total", 1)
-    finally:
-        tracemalloc.stop()
+    got, peak, metrics = _request_traced(_serve_compressed(payload, coding), {"model": "m", "messages": []})
     assert got == payload  # the compressed bytes, untouched
     assert metrics.value("llm_requests_total", gen_ai_request_model="m") == 1
     assert metrics.value("llm_errors_total") == 0
@@ -271,29 +275,9 @@ def test_a_stream_that_inflates_too_far_costs_no_more_than_a_step_of_it(coding: 
     """An event stream of a few hundred KB that inflates to 96 MB of one line: decompressed a step at a time, each
     step read (and dropped, past the event size limit) before the next, never the 64 MiB stream limit at once and
     once more in the event reader's buffer. The client gets the compressed bytes untouched."""
-    import httpx
-
     payload = _one_long_line(coding, 96 << 20)
-    app = LLMTelemetryMiddleware(
-        _serve_compressed(payload, coding.encode(), b"text/event-stream"),
-        metrics_port=0,
-        metrics_app_path="/metrics",
-        request_logs=False,
-    )
-    tracemalloc.start()
-    try:
-        with serve(app) as base:
-            port = int(base.rsplit(":", 1)[1])
-            baseline = tracemalloc.get_traced_memory()[0]
-            tracemalloc.reset_peak()
-            request = {"model": "m", "messages": [], "stream": True}
-            with httpx.Client(timeout=60) as client:
-                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
-                    got = b"".join(response.iter_raw())
-            peak = tracemalloc.get_traced_memory()[1] - baseline
-            metrics = _settled(port, "llm_requests_total", 1)
-    finally:
-        tracemalloc.stop()
+    app = _serve_compressed(payload, coding.encode(), b"text/event-stream")
+    got, peak, metrics = _request_traced(app, {"model": "m", "messages": [], "stream": True})
     assert got == payload
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
     # The event reader's limit for one event (1 MiB), a step or two, and the client's copy of the payload.

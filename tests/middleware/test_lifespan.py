@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,89 +31,83 @@ from support import free_port, request_log_lines, scrape, wait_for
 REQUESTS = 3
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
-def test_queued_spans_and_log_records_are_exported_when_the_server_is_stopped(protocol: str) -> None:
+@dataclass
+class Stopped:
+    took: float  # seconds from the signal to the process's exit
+    returncode: int
+    stderr: str
+
+
+def _serve_and_stop(
+    env: dict[str, str], requests: int, stop: signal.Signals, tmp_path: Path, pause: float = 0
+) -> Stopped:
+    """The demo under uvicorn with ``env`` added to a clean environment: ``requests`` chat requests, ``pause``
+    seconds, then ``stop``; how the stop went."""
     port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
+    log = tmp_path / "server.log"
+    with log.open("wb") as stderr:
+        server = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            env={**clean, "LLM_TELEMETRY_METRICS_PORT": "0", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for("the server", lambda: _up(base), seconds=30)
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(requests):
+            assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+        time.sleep(pause)
+        stopped = time.monotonic()
+        server.send_signal(stop)
+        server.wait(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+    return Stopped(took, server.returncode, log.read_text(errors="replace"))
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_queued_spans_and_log_records_are_exported_when_the_server_is_stopped(protocol: str, tmp_path: Path) -> None:
     with otlp_receiver() as receiver:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
         endpoint = receiver.http_endpoint if protocol == "http/protobuf" else receiver.grpc_endpoint
-        env |= {
+        env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
             "OTEL_LOGS_EXPORTER": "otlp",
             "OTEL_SERVICE_NAME": "stopped",
-            "LLM_TELEMETRY_METRICS_PORT": "0",
         }
-        command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for("the server", lambda: _up(base), seconds=30)
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-            for _ in range(REQUESTS):
-                assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
-            stopped = time.monotonic()
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
-            took = time.monotonic() - stopped
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait(timeout=10)
-        assert server.stderr is not None
-        errors = server.stderr.read().decode(errors="replace")
-        assert receiver.wait_for(lambda r: len(r.spans) >= REQUESTS and len(r.logs) >= REQUESTS, timeout=5), errors
+        stopped = _serve_and_stop(env, REQUESTS, signal.SIGTERM, tmp_path)
+        flushed = receiver.wait_for(lambda r: len(r.spans) >= REQUESTS and len(r.logs) >= REQUESTS, timeout=5)
+        assert flushed, stopped.stderr
     assert len(receiver.spans) == REQUESTS and len(receiver.logs) == REQUESTS
     assert {span.name for span in receiver.spans} == {"chat gpt-4o-mini"}
-    assert took < 5, took  # flushed at once, not after the batch delay
+    assert stopped.took < 5, stopped.took  # flushed at once, not after the batch delay
 
 
-def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only() -> None:
+def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only(tmp_path: Path) -> None:
     """The collector accepts connections and never answers, and the batch processors are busy exporting to it when
     the server is stopped (SIGINT: uvicorn then returns from ``main`` and the interpreter exits normally, running
     exit handlers). The stop waits SHUTDOWN_SECONDS for the flush, and no more: the exporters' own timeouts would
     each add their 10 s, past the 30 s a Kubernetes pod gets before SIGKILL."""
-    port = free_port()
     with socket.socket() as blackhole:  # listening, never accepting: connections complete, nothing is answered
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
-        env |= {
+        env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{blackhole.getsockname()[1]}",
             "OTEL_LOGS_EXPORTER": "otlp",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_BLRP_SCHEDULE_DELAY": "100",
-            "LLM_TELEMETRY_METRICS_PORT": "0",
         }
-        command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
-        server = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for("the server", lambda: _up(base), seconds=30)
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-            for _ in range(20):
-                assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
-            time.sleep(1)  # the span and log record processors are now each waiting on an export
-            stopped = time.monotonic()
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=120)
-            took = time.monotonic() - stopped
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait(timeout=10)
-    assert server.returncode == 0
-    assert took < SHUTDOWN_SECONDS + 5, took
+        # After the requests, the span and log record processors are each waiting on an export.
+        stopped = _serve_and_stop(env, 20, signal.SIGINT, tmp_path, pause=1)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.took < SHUTDOWN_SECONDS + 5, stopped.took
 
 
 def _up(base: str) -> bool:
