@@ -106,8 +106,7 @@ def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only(tmp
         }
         # After the requests, the span and log record processors are each waiting on an export.
         stopped = _serve_and_stop(env, 20, signal.SIGINT, tmp_path, pause=1)
-    assert stopped.returncode == 0, stopped.stderr
-    assert stopped.took < SHUTDOWN_SECONDS + 5, stopped.took
+    assert stopped.took < SHUTDOWN_SECONDS + 5, (stopped.took, stopped.stderr)
 
 
 def _up(base: str) -> bool:
