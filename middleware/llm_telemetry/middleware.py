@@ -458,10 +458,14 @@ class _Exchange:
             call.error_type = "app_exception"
             if call.status_code is None:
                 call.status_code = 500
-        elif not self.complete or (self.left_early and not _answer_ended(call)):
+        elif (not self.complete and not (client_left and _answer_ended(call))) or (
+            self.left_early and not _answer_ended(call)
+        ):
             # The app stopped before the last byte: the client went away, or the app gave up without raising. Or the
             # client left before the end and the app (or a middleware inside ours, such as Starlette's
-            # BaseHTTPMiddleware) ended the response early rather than raising.
+            # BaseHTTPMiddleware) ended the response early rather than raising. A client that leaves once the
+            # answer has reached its own end (an SDK closes the connection after a stream's last event) got all
+            # of it, whether or not the app had sent its closing message by then (Litestar stops at the leave).
             call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)

@@ -265,6 +265,43 @@ async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(clea
     assert [c.error_type for c in calls.ended] == ["client_disconnect", "client_disconnect"]
 
 
+async def test_hostile_client_leaving_after_the_streams_end_got_the_whole_answer(cleanup: list[Any]) -> None:
+    """The openai SDK closes the connection once it has read a stream's ``[DONE]``; an app told of the leave before
+    it sent its closing (empty) message stops there, as Litestar's does. The client had the whole answer: a
+    success, with its time to first token, not a disconnect. A client leaving before the finish reason is one."""
+    stop = b'data: {"model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+    text = b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+
+    def streaming(*events: bytes) -> Any:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await receive()  # the leave: the app stops without its closing message
+
+        return app
+
+    async def leaving(app: Any) -> LLMCall:
+        wrapped, calls = observe(app)
+        cleanup.append(wrapped)
+        messages = [{"type": "http.request", "body": b'{"model": "m", "stream": true}'}, {"type": "http.disconnect"}]
+
+        async def receive() -> dict[str, Any]:
+            return messages.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await wrapped(scope("/v1/chat/completions"), receive, send)
+        (call,) = calls.ended
+        return call
+
+    whole = await leaving(streaming(text, stop, b"data: [DONE]\n\n"))
+    assert whole.error_type is None and whole.first_token_at is not None
+    assert (await leaving(streaming(text))).error_type == "client_disconnect"
+
+
 @given(st.lists(st.text(alphabet="/abcv1chatompletinsrgx", max_size=40), max_size=60))
 @settings(max_examples=100, deadline=None)
 def test_hostile_paths_get_the_same_route_from_the_cache_and_cannot_grow_it(paths: list[str]) -> None:
