@@ -232,6 +232,20 @@ async def test_hostile_app_raised_oserror_is_a_server_error_not_a_disconnect(
     assert metrics.value("llm_errors_total", error_type="app_exception") == 1
 
 
+async def request_then_leave(app: Any, body: bytes) -> None:
+    """One chat request through ``app`` from a client that leaves once the app asks for more than the body: the
+    server's ``http.disconnect``; what the app sends is dropped."""
+    messages = [{"type": "http.request", "body": body}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope("/v1/chat/completions"), receive, send)
+
+
 async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(cleanup: list[Any]) -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
@@ -242,16 +256,8 @@ async def test_hostile_disconnect_told_by_the_server_is_a_client_disconnect(clea
 
     wrapped, calls = observe(app)
     cleanup.append(wrapped)
-    messages = [{"type": "http.request", "body": b'{"model": "m"}'}, {"type": "http.disconnect"}]
-
-    async def receive() -> dict[str, Any]:
-        return messages.pop(0)
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
     with pytest.raises(OSError):
-        await wrapped(scope("/v1/chat/completions"), receive, send)
+        await request_then_leave(wrapped, b'{"model": "m"}')
 
     async def broken_pipe(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
@@ -285,15 +291,7 @@ async def test_hostile_client_leaving_after_the_streams_end_got_the_whole_answer
     async def leaving(app: Any) -> LLMCall:
         wrapped, calls = observe(app)
         cleanup.append(wrapped)
-        messages = [{"type": "http.request", "body": b'{"model": "m", "stream": true}'}, {"type": "http.disconnect"}]
-
-        async def receive() -> dict[str, Any]:
-            return messages.pop(0)
-
-        async def send(message: dict[str, Any]) -> None:
-            pass
-
-        await wrapped(scope("/v1/chat/completions"), receive, send)
+        await request_then_leave(wrapped, b'{"model": "m", "stream": true}')
         (call,) = calls.ended
         return call
 
