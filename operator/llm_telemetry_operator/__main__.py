@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Peering: unless --standalone is given, the operator coordinates replicas through a ClusterKopfPeering "
-            "(cluster-wide) or a KopfPeering in each watched namespace (namespaced), which the Helm chart creates. "
+            "(in namespaced mode too), which the Helm chart creates. "
             "Without that object the operator stands by; run with --standalone when only one replica runs, e.g. "
             "by hand against a development cluster."
         ),
@@ -68,13 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--standalone",
         action="store_true",
         default=None,
-        help="run without peering: no KopfPeering/ClusterKopfPeering needed (one replica only)",
+        help="run without peering: no ClusterKopfPeering needed (one replica only)",
     )
     parser.add_argument(
         "--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)"
     )
     parser.add_argument("--context", help="kubeconfig context (default: the current one)")
-    parser.add_argument("--peering", metavar="NAME", help="name of the KopfPeering / ClusterKopfPeering")
+    parser.add_argument("--peering", metavar="NAME", help="name of the ClusterKopfPeering")
     parser.add_argument("--priority", help="peering priority: an integer, or 'auto' for a random one")
     parser.add_argument("--traces-endpoint", metavar="URL", help="default OTLP endpoint for traces")
     parser.add_argument("--logs-endpoint", metavar="URL", help="default Loki OTLP base URL for logs")

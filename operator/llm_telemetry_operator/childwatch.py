@@ -99,10 +99,12 @@ class MetadataWatch:
 
     def _run(self) -> None:
         backoff = 1.0
+        refused = False  # a 403 told already: a watched namespace being deleted takes the Role with it (namespaced
+        # mode), and its watches are refused until the namespace leaves watchNamespaces; say so once, not forever
         while not self._stopped.is_set():
             try:
                 self._watch(self._version)
-                backoff = 1.0
+                backoff, refused = 1.0, False
             except ApiError as exc:
                 if self._stopped.is_set():
                     break
@@ -114,7 +116,9 @@ class MetadataWatch:
                 else:
                     wait = exc.retry_after if exc.retry_after is not None else backoff
                     backoff = min(MAX_BACKOFF, backoff * 2)
-                    logger.warning("watching %s failed (%s); again in %.0f s", self.resource.plural, exc, wait)
+                    log = logger.debug if refused and exc.status == 403 else logger.warning
+                    log("watching %s failed (%s); again in %.0f s", self.resource.plural, exc, wait)
+                    refused = exc.status == 403
                 if exc.status in (404, 410):
                     self._version = None
                 self._stopped.wait(wait)

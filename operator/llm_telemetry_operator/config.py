@@ -33,7 +33,7 @@ LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID: Final = "LLM_TELEMETRY_OPERATOR_JA
 LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID: Final = "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID"
 #: Base of the alerts' ``runbook_url`` annotation (``<base>#<alert name in lower case>``).
 LLM_TELEMETRY_OPERATOR_RUNBOOK_URL: Final = "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL"
-#: Name of the KopfPeering (namespaced) or ClusterKopfPeering (cluster-wide) object.
+#: Name of the ClusterKopfPeering object (in namespaced mode too).
 LLM_TELEMETRY_OPERATOR_PEERING: Final = "LLM_TELEMETRY_OPERATOR_PEERING"
 #: kopf peering priority: an integer, or ``auto`` for a random one per pod (one replica active, the rest standby).
 LLM_TELEMETRY_OPERATOR_PRIORITY: Final = "LLM_TELEMETRY_OPERATOR_PRIORITY"
@@ -43,7 +43,7 @@ LLM_TELEMETRY_OPERATOR_METRICS_PORT: Final = "LLM_TELEMETRY_OPERATOR_METRICS_POR
 LLM_TELEMETRY_OPERATOR_HEALTH: Final = "LLM_TELEMETRY_OPERATOR_HEALTH"
 #: Seconds between full re-reconciles of every resource, which also retries degraded ones.
 LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS: Final = "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS"
-#: ``true`` runs without peering (no KopfPeering needed; run a single replica only).
+#: ``true`` runs without peering (no ClusterKopfPeering needed; run a single replica only).
 LLM_TELEMETRY_OPERATOR_STANDALONE: Final = "LLM_TELEMETRY_OPERATOR_STANDALONE"
 
 #: Jaeger v2 as its Helm chart installs it (``helm install jaeger jaegertracing/jaeger -n observability``): one
@@ -115,7 +115,7 @@ class OperatorConfig:
     loki_datasource_uid: str = DEFAULT_LOKI_DATASOURCE_UID
     #: Base of the alerts' ``runbook_url`` annotation.
     runbook_url: str = DEFAULT_RUNBOOK_URL
-    #: Name of the KopfPeering / ClusterKopfPeering.
+    #: Name of the ClusterKopfPeering.
     peering: str = DEFAULT_PEERING
     #: kopf peering priority. ``LLM_TELEMETRY_OPERATOR_PRIORITY=auto`` resolves to a random number per process, so
     #: that of several replicas exactly one (the highest) runs and the others stand by.
@@ -130,7 +130,7 @@ class OperatorConfig:
     kubeconfig: str | None = None
     #: Kubeconfig context to use; None: the file's current context.
     context: str | None = None
-    #: Run without peering (no KopfPeering object needed); only one replica may then run.
+    #: Run without peering (no ClusterKopfPeering needed); only one replica may then run.
     standalone: bool = False
 
     @property

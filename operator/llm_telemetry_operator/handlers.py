@@ -185,6 +185,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # One ClusterKopfPeering in namespaced mode too (kopf would keep a KopfPeering in each watched namespace): a
+    # watched namespace being deleted takes its KopfPeering and the chart's Role there with it, and kopf stops the
+    # whole operator once it cannot keep its entry in one. kopf starts its peering only after the startup handlers.
+    settings.peering.clusterwide = True
     state.logger = logger
     identity = memo.get("identity")
     if identity and not config.standalone:
@@ -203,54 +207,39 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
 async def missing_peering(client: KubeClient, config: OperatorConfig) -> list[str]:
     """Warnings for each peering object kopf will wait for that does not exist (or cannot be read).
 
-    With peering on, kopf pauses the operator until its KopfPeering / ClusterKopfPeering exists, and says so
+    With peering on, kopf pauses the operator until its ClusterKopfPeering exists, and says so
     only at DEBUG level: without this check an operator started by hand just sits there.
     """
     remedy = (
         "install the chart's peering CRDs and objects (helm install/upgrade of llm-telemetry-operator creates "
         "them), create the object by hand, or run with --standalone (LLM_TELEMETRY_OPERATOR_STANDALONE=true)"
     )
-    if config.clusterwide:
-        places: list[tuple[kube.Resource, str | None]] = [(kube.CLUSTERKOPFPEERINGS, None)]
-    else:
-        places = [(kube.KOPFPEERINGS, namespace) for namespace in config.namespaces]
-    warnings = []
-    for resource, namespace in places:
-        kind = "ClusterKopfPeering" if namespace is None else f"KopfPeering in namespace {namespace}"
-        try:
-            found = await client.list(resource, namespace, fields={"metadata.name": config.peering})
-        except NotFoundError:
-            warnings.append(
-                f"peering is on but the {resource.plural}.kopf.dev CRD is not installed: the operator will stand "
-                f"by and do nothing; {remedy}"
-            )
-            continue
-        except ApiError as exc:
-            warnings.append(f"peering is on but {kind} {config.peering!r} could not be checked ({exc}); {remedy}")
-            continue
-        if not found:
-            warnings.append(
-                f"peering is on but {kind} {config.peering!r} does not exist: the operator will stand by and do "
-                f"nothing until it does; {remedy}"
-            )
-    return warnings
+    try:
+        found = await client.list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": config.peering})
+    except NotFoundError:
+        return [
+            "peering is on but the clusterkopfpeerings.kopf.dev CRD is not installed: the operator will stand by and "
+            f"do nothing; {remedy}"
+        ]
+    except ApiError as exc:
+        return [f"peering is on but ClusterKopfPeering {config.peering!r} could not be checked ({exc}); {remedy}"]
+    if not found:
+        return [
+            f"peering is on but ClusterKopfPeering {config.peering!r} does not exist: the operator will stand by and "
+            f"do nothing until it does; {remedy}"
+        ]
+    return []
 
 
 async def _check_standby(
     client: KubeClient, config: OperatorConfig, state: OperatorState, identity: str, logger: Any
 ) -> None:
-    """Read the peering objects and stand by, or resume, as kopf does (see standby.py)."""
-    if config.clusterwide:
-        places: list[tuple[kube.Resource, str | None]] = [(kube.CLUSTERKOPFPEERINGS, None)]
-    else:
-        places = [(kube.KOPFPEERINGS, namespace) for namespace in config.namespaces]
-    standby = False
-    for resource, namespace in places:
-        try:
-            found = await client.list(resource, namespace, fields={"metadata.name": config.peering})
-        except ApiError:
-            return  # unknown: keep the last decision (kopf's own pause holds its handlers meanwhile)
-        standby = standby or any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
+    """Read the peering object and stand by, or resume, as kopf does (see standby.py)."""
+    try:
+        found = await client.list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": config.peering})
+    except ApiError:
+        return  # unknown: keep the last decision (kopf's own pause holds its handlers meanwhile)
+    standby = any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
     if standby == state.standby:
         return
     state.standby = standby
@@ -479,18 +468,34 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
-    # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving); what
-    # is left is undone below. Their passes take their own locks, and none of them waits on this one's.
-    for successor, _spec in await rec.successors(_client(memo), body, _peers(memo, key)):
-        await _reconcile(memo, successor, "handover", logger)
-    async with _lock(memo, *key):
-        touched = await rec.remove_injection(_client(memo), _config(memo), body)
-        deleted = await rec.delete_children(_client(memo), body)
-    _state(memo).bodies.pop((meta["namespace"], meta["name"]), None)
-    _state(memo).specs.pop((meta["namespace"], meta["name"]), None)
-    _state(memo).index.remove((meta["namespace"], meta["name"]))
-    _state(memo).schedule.forget((meta["namespace"], meta["name"]))
-    logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
+    try:
+        # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
+        # what is left is undone below. Their passes take their own locks, and none of them waits on this one's.
+        for successor, _spec in await rec.successors(_client(memo), body, _peers(memo, key)):
+            await _reconcile(memo, successor, "handover", logger)
+        async with _lock(memo, *key):
+            touched = await rec.remove_injection(_client(memo), _config(memo), body)
+            deleted = await rec.delete_children(_client(memo), body)
+        logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
+    except ApiError as exc:
+        # In a namespace being deleted, everything the resource made goes with the namespace; in namespaced mode
+        # the chart's Role there may already be gone (403), and retrying would hold the namespace up for good.
+        if not await _namespace_leaving(_client(memo), key[0]):
+            raise
+        logger.info("namespace %s is being deleted, and with it what this resource made (%s)", key[0], exc)
+    _state(memo).bodies.pop(key, None)
+    _state(memo).specs.pop(key, None)
+    _state(memo).index.remove(key)
+    _state(memo).schedule.forget(key)
+
+
+async def _namespace_leaving(client: KubeClient, namespace: str) -> bool:
+    """Whether ``namespace`` is being deleted, or is gone (read with the cluster-wide grant kopf needs anyway)."""
+    try:
+        found = await client.list(kube.NAMESPACES, None, fields={"metadata.name": namespace})
+    except ApiError:
+        return False
+    return not found or bool((found[0].get("metadata") or {}).get("deletionTimestamp"))
 
 
 def _track(state: OperatorState, body: Mapping[str, Any]) -> None:

@@ -170,8 +170,8 @@ SERVICES = Resource("", "v1", "services")
 CONFIGMAPS = Resource("", "v1", "configmaps")
 SERVICEMONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors")
 PROMETHEUSRULES = Resource("monitoring.coreos.com", "v1", "prometheusrules")
-KOPFPEERINGS = Resource("kopf.dev", "v1", "kopfpeerings")
 CLUSTERKOPFPEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings")
+NAMESPACES = Resource("", "v1", "namespaces")
 
 #: Workload kinds whose pod templates get injected, by ``kind``.
 WORKLOADS: dict[str, Resource] = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}

@@ -21,28 +21,33 @@ class Permission:
         resources: plural resource names, with ``/status`` for subresources.
         verbs: Kubernetes verbs (``get``, ``list``, ``watch``, ``create``, ``patch``, ``delete``).
         kind: ``framework`` for what kopf needs, ``application`` for what our handlers touch.
-        cluster_scoped: True for cluster-scoped objects, which only a ClusterRole can grant.
+        cluster_wide: granted by the chart's ClusterRole in namespaced mode too, rather than by a Role in each
+            watched namespace: cluster-scoped objects, which only a ClusterRole can grant, and the LLMTelemetry
+            resources themselves. Deleting a watched namespace deletes its Role along with everything else, often
+            before the operator has taken its finalizer off the LLMTelemetry resources there; without a grant that
+            outlives the Role, their finalizers (and with them the namespace) would stay until removed by hand.
     """
 
     api_group: str
     resources: tuple[str, ...]
     verbs: tuple[str, ...]
     kind: Literal["framework", "application"]
-    cluster_scoped: bool = False
+    cluster_wide: bool = False
 
 
 PERMISSIONS: tuple[Permission, ...] = (
     # Framework: kopf notices CRDs and namespaces appearing and disappearing.
     Permission("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"), "framework", True),
     Permission("", ("namespaces",), ("list", "watch"), "framework", True),
-    # Framework: peering, so that standby replicas stay idle while one replica is active.
+    # Framework: peering, so that standby replicas stay idle while one replica is active. One ClusterKopfPeering in
+    # either mode: a KopfPeering in each watched namespace would go with the namespace, and kopf stops the whole
+    # operator when it cannot keep its entry in one.
     Permission("kopf.dev", ("clusterkopfpeerings",), ("list", "watch", "patch"), "framework", True),
-    Permission("kopf.dev", ("kopfpeerings",), ("list", "watch", "patch"), "framework"),
     # Framework: kopf posts events about handler progress and failures (ours go the same way).
     Permission("", ("events",), ("create",), "framework"),
     # Application: the LLMTelemetry resources themselves (finalizers, progress annotations, status).
-    Permission("llmtelemetry.dev", ("llmtelemetries",), ("list", "watch", "patch"), "application"),
-    Permission("llmtelemetry.dev", ("llmtelemetries/status",), ("patch",), "application"),
+    Permission("llmtelemetry.dev", ("llmtelemetries",), ("list", "watch", "patch"), "application", True),
+    Permission("llmtelemetry.dev", ("llmtelemetries/status",), ("patch",), "application", True),
     # Application: never called, but checked by the API server's OwnerReferencesPermissionEnforcement admission (on
     # in OpenShift and some hardened clusters): a child whose owner reference has blockOwnerDeletion is refused
     # unless its creator may update the owner's finalizers.

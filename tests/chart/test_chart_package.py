@@ -11,7 +11,7 @@ import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from chartkit import CHART, NAMESPACE, REPO_ROOT, VALUE_SETS, Helm, one
+from chartkit import CHART, NAMESPACE, REPO_ROOT, VALUE_SETS, Helm, find, one
 
 from kube_schema import SUPPORTED_VERSIONS
 from llm_telemetry_operator.config import OperatorConfig
@@ -152,6 +152,22 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
     assert env["LLM_TELEMETRY_OPERATOR_PEERING"] == "llm-canary"
     assert env["LLM_TELEMETRY_OPERATOR_PRIORITY"] == "5"
     assert env["LLM_TELEMETRY_OPERATOR_HEALTH"] == "http://0.0.0.0:8181/healthz"
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "llm-canary"
+
+
+def test_namespaced_releases_get_peering_objects_of_their_own(render: Render) -> None:
+    """Namespaced releases coordinate through a ClusterKopfPeering too, each its own unless peering.name is set:
+    two releases watching different namespaces through one object would pause each other."""
+    names = set()
+    for release, namespaces in (("team-a", ["llm-a"]), ("team-b", ["llm-b"])):
+        docs = render({"watchNamespaces": namespaces, "fullnameOverride": release})
+        [peering] = find(docs, "ClusterKopfPeering")
+        env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+        assert env["LLM_TELEMETRY_OPERATOR_PEERING"] == peering["metadata"]["name"]
+        names.add(peering["metadata"]["name"])
+    assert len(names) == 2
+    assert all(name.startswith(f"{NAMESPACE}-team-") for name in names), names
+    docs = render({"watchNamespaces": ["llm-a"], "peering": {"name": "llm-canary"}})
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "llm-canary"
 
 

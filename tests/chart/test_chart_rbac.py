@@ -16,11 +16,11 @@ Render = Callable[..., list[dict[str, Any]]]
 Triple = tuple[str, str, str]
 
 
-def declared(*, cluster_scoped: bool | None = None, kind: str | None = None) -> set[Triple]:
+def declared(*, cluster_wide: bool | None = None, kind: str | None = None) -> set[Triple]:
     return {
         (p.api_group, resource, verb)
         for p in rbac.PERMISSIONS
-        if (cluster_scoped is None or p.cluster_scoped == cluster_scoped) and (kind is None or p.kind == kind)
+        if (cluster_wide is None or p.cluster_wide == cluster_wide) and (kind is None or p.kind == kind)
         for resource in p.resources
         for verb in p.verbs
     }
@@ -56,7 +56,7 @@ def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Triple]]:
 def test_permissions_declare_both_kinds() -> None:
     # Guards the comparisons below against an empty or one-sided declaration.
     assert declared(kind="framework") and declared(kind="application")
-    assert declared(cluster_scoped=True) and declared(cluster_scoped=False)
+    assert declared(cluster_wide=True) and declared(cluster_wide=False)
 
 
 def test_cluster_mode_clusterrole_grants_exactly_the_declared_permissions(render: Render) -> None:
@@ -79,11 +79,17 @@ def test_cluster_mode_clusterrole_grants_exactly_the_declared_permissions(render
 def test_namespaced_mode_splits_permissions_by_scope(render: Render) -> None:
     namespaces = VALUE_SETS["namespaced"]["watchNamespaces"]
     docs = render(VALUE_SETS["namespaced"])
-    assert granted(one(docs, "ClusterRole")) == declared(cluster_scoped=True)
+    assert granted(one(docs, "ClusterRole")) == declared(cluster_wide=True)
+    # The LLMTelemetry resources are granted cluster-wide, so that their finalizers can come off after a watched
+    # namespace's deletion has taken its Role; nothing else namespaced is.
+    assert {(g, r) for g, r, _ in declared(cluster_wide=True) if g not in ("", "apiextensions.k8s.io", "kopf.dev")} == {
+        ("llmtelemetry.dev", "llmtelemetries"),
+        ("llmtelemetry.dev", "llmtelemetries/status"),
+    }
     roles = find(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
     for role in roles:
-        assert granted(role) == declared(cluster_scoped=False)
+        assert granted(role) == declared(cluster_wide=False)
     bindings = {b["metadata"]["namespace"]: b for b in find(docs, "RoleBinding")}
     assert sorted(bindings) == sorted(namespaces)
     for role in roles:
@@ -107,8 +113,8 @@ def test_rules_are_grouped_into_framework_and_application(helm: Helm) -> None:
     ).stdout
     groups = grouped(namespaced, "Role", name)
     assert groups == {
-        "framework": declared(kind="framework", cluster_scoped=False),
-        "application": declared(kind="application", cluster_scoped=False),
+        "framework": declared(kind="framework", cluster_wide=False),
+        "application": declared(kind="application", cluster_wide=False),
     }
 
 

@@ -58,13 +58,14 @@ def test_peering_objects_match_the_rendered_peering_crds(render: Render, name: s
     crds = {d["spec"]["names"]["kind"]: d for d in find(docs, "CustomResourceDefinition")}
     assert set(crds) == {"ClusterKopfPeering", "KopfPeering"}
     peerings = [d for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS]
-    assert peerings
+    # One ClusterKopfPeering in either mode: a KopfPeering in a watched namespace would go with the namespace.
+    assert [d["kind"] for d in peerings] == ["ClusterKopfPeering"]
     for peering in peerings:
         crd = crds[peering["kind"]]
         assert crd["spec"]["group"] == peering["apiVersion"].split("/")[0]
         # kopf writes its peers into `status` through the main resource: no status subresource may swallow it.
         assert "subresources" not in crd["spec"]["versions"][0]
-        assert ("namespace" in peering["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
+        assert "namespace" not in peering["metadata"] and crd["spec"]["scope"] == "Cluster"
         jsonschema.Draft4Validator(crd_schema(crd, "v1")).validate(peering)
 
 

@@ -121,10 +121,11 @@ def sh_blocks(heading: str) -> list[list[list[str]]]:
     return blocks
 
 
-def render_chart(namespace: str) -> list[dict[str, Any]]:
-    """``helm template`` of the chart with its CRDs, as a release in ``namespace``."""
+def render_chart(namespace: str, release: str = RELEASE, *sets: str) -> list[dict[str, Any]]:
+    """``helm template`` of the chart with its CRDs, as a release in ``namespace`` (``sets``: ``--set`` values)."""
+    options = [arg for value in sets for arg in ("--set", value)]
     result = subprocess.run(
-        [tool_binary(), "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds"],
+        [tool_binary(), "template", release, str(CHART), "--namespace", namespace, "--include-crds", *options],
         capture_output=True,
         text=True,
         timeout=120,
@@ -165,11 +166,11 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 60, interval:
     raise AssertionError(f"never happened within {timeout:.0f} s: {what} (last: {last!r})")
 
 
-def install(api: Any, namespace: str) -> list[dict[str, Any]]:
+def install(api: Any, namespace: str, release: str = RELEASE, *sets: str) -> list[dict[str, Any]]:
     """The chart's CRDs first (and the Prometheus Operator's), then everything else it renders."""
     from kubernetes import client
 
-    docs = render_chart(namespace)
+    docs = render_chart(namespace, release, *sets)
     crds = [doc for doc in docs if doc["kind"] == "CustomResourceDefinition"]
     for path in sorted(_prometheus_crds().glob("monitoring.coreos.com_*.yaml")):
         crds.append(yaml.safe_load(path.read_text()))
@@ -224,3 +225,42 @@ def service_account_kubeconfig(
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def start_chart_operator(
+    api: Any, kubeconfig: pathlib.Path, docs: list[dict[str, Any]], system: str, workdir: pathlib.Path, *args: str
+) -> tuple[subprocess.Popen[bytes], pathlib.Path, pathlib.Path, dict[str, str]]:
+    """The operator started as the chart's ServiceAccount (release in ``system``, rendered as ``docs``) with the
+    environment the chart's Deployment sets, logging to ``workdir``; ``args``: more command-line flags.
+
+    Returns the process, its log, its kubeconfig and that environment."""
+    import sys
+
+    chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = chart_deployment["spec"]["template"]["spec"]
+    # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference.
+    pod_fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
+    env = {
+        e["name"]: str(e["value"]) if "value" in e else pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in pod["containers"][0].get("env") or []
+    }
+    operator_kubeconfig = workdir / "kubeconfig"
+    service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)
+    log = workdir / "operator.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator_kubeconfig),
+             "--log-format", "text", "--metrics-port", "0", "--health", "", *args],
+            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return process, log, operator_kubeconfig, env
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -18,7 +18,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from clusterkit import install, section, service_account_kubeconfig, sh_blocks, tool_binary, unique, wait_for
+from clusterkit import (
+    install,
+    section,
+    sh_blocks,
+    start_chart_operator,
+    stop,
+    tool_binary,
+    unique,
+    wait_for,
+)
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
@@ -59,28 +68,12 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
 
     system = unique("llmt-it-system")
     docs = install(api, system)
-    chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
-    pod = chart_deployment["spec"]["template"]["spec"]
-    # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference.
-    pod_fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
-    env = {
-        e["name"]: str(e["value"]) if "value" in e else pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
-        for e in pod["containers"][0].get("env") or []
-    }
-    workdir = tmp_path_factory.mktemp("operator")
-    operator_kubeconfig = workdir / "kubeconfig"
-    service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)
-
     apps = unique("llmt-it")
-    core = client.CoreV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
-    log = workdir / "operator.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator_kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
-            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
+    workdir = tmp_path_factory.mktemp("operator")
+    process, log, operator_kubeconfig, env = start_chart_operator(
+        api, kubeconfig, docs, system, workdir, "--resync-seconds", "10"
+    )
     running = Operator(process, log, apps, operator_kubeconfig, env)
     try:
         yield running
@@ -95,12 +88,7 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
                 "LLMTelemetry resources deleted",
             )
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
         uninstall(api, docs, (apps, system))
 
 
@@ -586,12 +574,7 @@ def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_
             f"a startup warning about the missing peering object in {log}",
         )
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
     assert "ClusterKopfPeering" in line and "does not exist" in line
     assert "--standalone" in line and "helm" in line
 
@@ -750,3 +733,76 @@ def test_the_documented_resource_and_checks_work_as_written(
         wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"], "gone")
         core.delete_namespace(namespace)
     operator.assert_clean()
+
+
+def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
+    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Namespaced mode grants most of its access through a Role in each watched namespace, and deleting the
+    namespace deletes the Role with everything else. The namespace still goes (the operator takes its finalizer
+    off the LLMTelemetry there), and the operator goes on serving the other namespace, its peering held in the
+    release's ClusterKopfPeering rather than in a KopfPeering of each namespace."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core, custom, apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
+    system, kept, doomed = unique("llmt-ns-system"), unique("llmt-ns-kept"), unique("llmt-ns-doomed")
+    for namespace in (kept, doomed):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    docs = install(api, system, unique("llmt-ns"), f"watchNamespaces={{{kept},{doomed}}}")
+    [peering] = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"]
+    process, log, _, env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
+
+    def ready(namespace: str) -> bool:
+        found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
+        conditions = (found.get("status") or {}).get("conditions") or []
+        return any(cond["type"] == "Ready" and cond["status"] == "True" for cond in conditions)
+
+    def gone(namespace: str) -> bool:
+        try:
+            core.read_namespace(namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    def port(namespace: str) -> str | None:
+        container = apps.read_namespaced_deployment("chat", namespace).spec.template.spec.containers[0]
+        return next((e.value for e in container.env or [] if e.name == "LLM_TELEMETRY_METRICS_PORT"), None)
+
+    try:
+        for namespace in (kept, doomed):
+            apps.create_namespaced_deployment(namespace, deployment("chat", "chat"))
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, telemetry("chat", "chat"))
+        for namespace in (kept, doomed):
+            wait_for(lambda namespace=namespace: ready(namespace), f"Ready in {namespace}")
+        assert env[LLM_TELEMETRY_OPERATOR_PEERING] == peering
+        wait_for(
+            lambda: (
+                env["POD_ID"]
+                in (
+                    custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering).get("status")
+                    or {}
+                )
+            ),
+            f"the operator in the ClusterKopfPeering {peering}",
+        )
+
+        core.delete_namespace(doomed)
+        wait_for(lambda: gone(doomed), f"namespace {doomed} deleted, not held by a finalizer", timeout=120)
+
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, kept, PLURAL, "chat", {"spec": {"metrics": {"port": 9600}}}
+        )
+        wait_for(lambda: port(kept) == "9600", f"a change in {kept} applied after {doomed} went")
+        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+        text = log.read_text(errors="replace")
+        refused = [x for x in text.splitlines() if (" 403" in x or "Forbidden" in x) and doomed not in x]
+        assert not refused, "\n".join(refused[:20])
+    finally:
+        try:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, kept, PLURAL, "chat")
+            wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, kept, PLURAL)["items"], "gone")
+        finally:
+            stop(process)
+        uninstall(api, docs, (kept, system))
+        custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)

@@ -35,7 +35,7 @@ _NAMESPACES_STAND_IN = f"{NAMESPACES_PATH}/{_STAND_IN_NAMESPACE}/namespaces"
 
 LLMT = "llmtelemetry.dev/v1alpha1/llmtelemetries"
 NAMESPACES = "v1/namespaces"
-KOPFPEERINGS = "kopf.dev/v1/kopfpeerings"
+CLUSTERKOPFPEERINGS = "kopf.dev/v1/clusterkopfpeerings"
 DEPLOYMENTS = "apps/v1/deployments"
 STATEFULSETS = "apps/v1/statefulsets"
 SERVICES = "v1/services"
@@ -75,6 +75,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         #: Foreign writes to slip in right before the operator's next PATCH of an object, by (plural, name):
         #: another client writing between the operator's read and its write, which must end in a 409.
         self.interfere: dict[tuple[str, str], dict[str, Any]] = {}
+        #: (plural, namespace) pairs the operator is refused with a 403, as RBAC refuses what no Role grants.
+        self.forbid: set[tuple[str, str]] = set()
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -111,6 +113,14 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             and request.resource.plural == "namespaces"
         ):
             request = self._restore_namespaces_request(request)
+        if (
+            request.resource is not None
+            and (request.resource.plural, request.namespace) in self.forbid
+            and not request.headers.get("X-Test-Hand")
+        ):
+            raise kmocklib.KubernetesError(
+                status=403, reason="Forbidden", message=f"{request.resource.plural} is forbidden in {request.namespace}"
+            )
         action, data = request.action, request.data
         if request.resource is None or action not in (
             kmocklib.action.CREATE,
@@ -411,10 +421,9 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     r["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch"}
     )
-    r["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+    r[CLUSTERKOPFPEERINGS] = kmock.ResourceInfo(
         kind="ClusterKopfPeering", namespaced=False, verbs={"list", "watch", "patch", "get"}
     )
-    r[KOPFPEERINGS] = kmock.ResourceInfo(kind="KopfPeering", namespaced=True, verbs={"list", "watch", "patch", "get"})
     r[LLMT] = kmock.ResourceInfo(
         kind="LLMTelemetry",
         namespaced=True,
@@ -431,7 +440,7 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     ):
         r[res] = kmock.ResourceInfo(kind=kind, namespaced=True, verbs=all_verbs)
     kmock.objects[NAMESPACES, None, NAMESPACE] = namespace_object(NAMESPACE)
-    kmock.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
+    kmock.objects[CLUSTERKOPFPEERINGS, None, PEERING] = {
         "apiVersion": "kopf.dev/v1",
         "kind": "ClusterKopfPeering",
         "metadata": {"name": PEERING},
@@ -457,15 +466,6 @@ def emulator(kmock: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 
 def namespace_object(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-
-
-def kopf_peering(namespace: str) -> dict[str, Any]:
-    """The KopfPeering of namespaced mode (the chart creates one per watched namespace)."""
-    return {
-        "apiVersion": "kopf.dev/v1",
-        "kind": "KopfPeering",
-        "metadata": {"name": PEERING, "namespace": namespace},
-    }
 
 
 def install_prometheus_operator_crds(kmock: Any, monitoring_crds: Mapping[str, Mapping[str, Any]]) -> None:

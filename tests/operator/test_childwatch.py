@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -104,3 +105,14 @@ async def test_an_expired_version_starts_over_at_once_from_no_version() -> None:
     )
     await _watch(server)
     assert server.versions[:3] == [None, "5", None]
+
+
+async def test_refusals_are_told_once_until_a_watch_succeeds(caplog: Any) -> None:
+    """A watched namespace deleted in namespaced mode takes the chart's Role with it: every watch there is refused
+    until the namespace leaves the watched list. The first refusal of a run is a WARNING, the rest are not."""
+    caplog.set_level(logging.DEBUG, logger="llm_telemetry_operator.childwatch")
+    forbidden = ApiError(403, "Forbidden", "services is forbidden")
+    server = _Server(forbidden, forbidden, _Stream([_event("ADDED", "a", "5")], None), forbidden)
+    await _watch(server)
+    told = [r for r in caplog.records if "403" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG, logging.WARNING]

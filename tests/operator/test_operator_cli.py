@@ -107,10 +107,10 @@ async def test_missing_peering_object_is_a_startup_warning(emulator: Any, caplog
     assert "--standalone" in warnings[0] and "helm" in warnings[0]
 
 
-async def test_missing_namespaced_peering_object_is_a_startup_warning(
+async def test_missing_peering_object_is_a_startup_warning_in_namespaced_mode_too(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Watching one namespace, kopf waits for a KopfPeering there: the warning names that kind and namespace."""
+    """Watching one namespace, kopf waits for the ClusterKopfPeering too (no KopfPeering in the namespace)."""
     caplog.set_level(logging.INFO)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
@@ -118,7 +118,7 @@ async def test_missing_namespaced_peering_object_is_a_startup_warning(
     async with running_operator(config):
         warnings = await eventually(lambda: peering_warnings(caplog), "a warning about the missing peering object")
     assert len(warnings) == 1
-    assert f"KopfPeering in namespace {NAMESPACE} 'nobody-made-this' does not exist" in warnings[0]
+    assert "ClusterKopfPeering 'nobody-made-this' does not exist" in warnings[0]
     assert "--standalone" in warnings[0]
 
 

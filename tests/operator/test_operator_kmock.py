@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 from kopf_testing import (
+    CLUSTERKOPFPEERINGS,
     CONFIGMAPS,
     DEPLOYMENTS,
-    KOPFPEERINGS,
     LLMT,
     NAMESPACE,
     NAMESPACES,
@@ -28,7 +28,6 @@ from kopf_testing import (
     get,
     install_default_collectors,
     install_prometheus_operator_crds,
-    kopf_peering,
     minimal_llmt,
     namespace_object,
     posted_events,
@@ -687,14 +686,15 @@ async def test_relabel_and_delete_remove_injection(emulator: Any, monitoring_crd
 
 
 def namespaced_grants(namespaces: tuple[str, ...]) -> set[tuple[str, str, str, str | None]]:
-    """What the chart grants in namespaced mode: cluster-scoped permissions in a ClusterRole (namespace None),
-    the others in a Role per watched namespace; so nothing namespaced cluster-wide, nothing in other namespaces."""
+    """What the chart grants in namespaced mode: a ClusterRole (namespace None: every namespace) for cluster-scoped
+    objects and the LLMTelemetry resources, a Role per watched namespace for the rest; nothing else namespaced
+    cluster-wide, nothing in other namespaces."""
     return {
-        (p.api_group, resource, verb, None if p.cluster_scoped else namespace)
+        (p.api_group, resource, verb, None if p.cluster_wide else namespace)
         for p in rbac.PERMISSIONS
         for resource in p.resources
         for verb in p.verbs
-        for namespace in (namespaces if not p.cluster_scoped else (None,))
+        for namespace in (namespaces if not p.cluster_wide else (None,))
     }
 
 
@@ -704,15 +704,13 @@ def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
 
 
 async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, monitoring_crds: Any) -> None:
-    """LLM_TELEMETRY_OPERATOR_NAMESPACES: kopf watches only those namespaces, with a KopfPeering in each."""
+    """LLM_TELEMETRY_OPERATOR_NAMESPACES: kopf watches only those namespaces, peering through the ClusterKopfPeering."""
     later, unwatched = "staging", "other"
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[NAMESPACES, None, unwatched] = namespace_object(unwatched)
     for ns in (NAMESPACE, unwatched):
         emulator.objects[DEPLOYMENTS, ns, "chat"] = in_namespace(deployment(), ns)
         emulator.objects[LLMT, ns, "chat"] = in_namespace(minimal_llmt(), ns)
-    # The chart creates the KopfPeering in every watched namespace (a post-install hook).
-    emulator.objects[KOPFPEERINGS, NAMESPACE, PEERING] = kopf_peering(NAMESPACE)
     untouched = {res: get(emulator, res, "chat", unwatched) for res in (LLMT, DEPLOYMENTS)}
     config = OperatorConfig(namespaces=(NAMESPACE, later), peering=PEERING, metrics_port=0, health="")
 
@@ -729,17 +727,17 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
             child = get(emulator, resource, name)
             assert child is not None, name
             assert child["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
-        # The peering object is this namespace's KopfPeering, kept alive by the operator.
+        # The peering object is the ClusterKopfPeering, kept alive by the operator: no KopfPeering in a watched
+        # namespace, which would go with the namespace (and kopf stop the whole operator with it).
         peering = await eventually(
-            lambda: (get(emulator, KOPFPEERINGS, PEERING) or {}).get("status"), "keep-alive in the KopfPeering"
+            lambda: (get(emulator, CLUSTERKOPFPEERINGS, PEERING, None) or {}).get("status"),
+            "keep-alive in the ClusterKopfPeering",
         )
         assert [peer["priority"] for peer in peering.values()] == [config.priority]
 
-        # A watched namespace created while the operator runs is noticed through kopf's namespace watch. Until
-        # its KopfPeering exists (helm upgrade recreates it with the Role), kopf pauses the operator in every
-        # namespace: peering is mandatory, and one namespace's unknown peers block all of them.
+        # A watched namespace created while the operator runs is noticed through kopf's namespace watch and
+        # served, with no peering object of its own to wait for.
         await hand(emulator, "POST", NAMESPACES_PATH, namespace_object(later))
-        await hand(emulator, "POST", f"/apis/kopf.dev/v1/namespaces/{later}/kopfpeerings", kopf_peering(later))
         await hand(emulator, "POST", f"/apis/apps/v1/namespaces/{later}/deployments", in_namespace(deployment(), later))
         await hand(
             emulator,
@@ -753,7 +751,7 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
         )
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat", later))
         assert get(emulator, SERVICES, "chat-llm-metrics", later) is not None
-        # ... and the first namespace is served again after that pause.
+        # ... and the first namespace is still served.
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), f"Service recreated in {NAMESPACE}")
 
@@ -770,11 +768,58 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
     calls = operator_calls(emulator)
     assert not [call for call in calls if call[3] == unwatched]
     # Everything the operator did is granted by the chart's namespaced-mode RBAC (ClusterRole + Roles).
-    assert calls <= namespaced_grants(config.namespaces), sorted(calls - namespaced_grants(config.namespaces))
-    # kopf really watched the namespace collection and the KopfPeering objects (they used to be unreachable).
+    grants = namespaced_grants(config.namespaces)
+    ungranted = {call for call in calls if call not in grants and (*call[:3], None) not in grants}
+    assert not ungranted, sorted(ungranted, key=str)
+    # kopf really watched the namespace collection and kept its entry in the ClusterKopfPeering.
     assert {("", "namespaces", "list", None), ("", "namespaces", "watch", None)} <= calls
-    assert ("kopf.dev", "kopfpeerings", "patch", NAMESPACE) in calls
+    assert ("kopf.dev", "clusterkopfpeerings", "patch", None) in calls
+    assert not [call for call in calls if call[1] == "kopfpeerings"]
     check_usage(emulator)
+
+
+#: What a watched namespace's Role grants in namespaced mode: refused once the namespace's deletion has taken it.
+ROLE_GRANTED = ("deployments", "statefulsets", "services", "configmaps", "servicemonitors", "prometheusrules", "events")
+
+
+@pytest.mark.parametrize("leaving", [True, False], ids=["namespace-deleted", "namespace-kept"])
+async def test_delete_after_the_namespaces_role_is_gone(emulator: Any, monitoring_crds: Any, leaving: bool) -> None:
+    """Namespaced mode, and the namespace's Role gone (every call there refused but those on the LLMTelemetry
+    resources, which the chart grants cluster-wide). When the namespace is being deleted, a deleted resource lets
+    go of its finalizer: what it made goes with the namespace. Otherwise the refusal is a failure, retried, and
+    the finalizer holds."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        await ready(emulator)
+        if leaving:
+            namespace = namespace_object(NAMESPACE)
+            namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+            emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
+        emulator.forbid |= {(plural, NAMESPACE) for plural in ROLE_GRANTED}
+        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        if leaving:
+            await eventually(lambda: get(emulator, LLMT, "chat") is None, "the finalizer let go")
+        else:
+            await eventually(
+                lambda: any(r.method == "GET" and "deployments" in str(r.url.path) for r in refused(emulator)),
+                "the delete handler refused",
+            )
+            await asyncio.sleep(1)
+            assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+
+
+def refused(kmock: Any) -> list[Any]:
+    """The operator's requests to a resource and namespace the emulator refuses."""
+    return [
+        r
+        for r in list(kmock)
+        if not r.headers.get("X-Test-Hand")
+        and r.resource is not None
+        and (r.resource.plural, r.namespace) in kmock.forbid
+    ]
 
 
 async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(

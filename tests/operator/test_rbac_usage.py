@@ -17,7 +17,6 @@ import aiohttp
 from kopf_testing import (
     CONFIGMAPS,
     DEPLOYMENTS,
-    KOPFPEERINGS,
     LLMT,
     NAMESPACE,
     PEERING,
@@ -29,7 +28,6 @@ from kopf_testing import (
     deployment,
     eventually,
     get,
-    kopf_peering,
     minimal_llmt,
     running_operator,
 )
@@ -163,11 +161,10 @@ async def test_every_declared_permission_is_used_and_nothing_else(emulator: Any)
         for resource, name in ((SERVICEMONITORS, "chat-llm-telemetry"), (PROMETHEUSRULES, "chat-llm-telemetry")):
             assert get(emulator, resource, name) is None, name
 
-    # Namespaced mode: kopf watches namespaces and keeps the namespace's KopfPeering alive.
-    emulator.objects[KOPFPEERINGS, NAMESPACE, PEERING] = kopf_peering(NAMESPACE)
+    # Namespaced mode: kopf watches the namespaces, and keeps its entry in the ClusterKopfPeering as before.
     config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
     async with running_operator(config):
-        await eventually(lambda: (get(emulator, KOPFPEERINGS, PEERING) or {}).get("status"), "KopfPeering keep-alive")
+        await eventually(lambda: ("", "namespaces", "watch") in usage(emulator), "kopf's watch of the namespaces")
 
     used, declared = usage(emulator), rbac.declared_triples()
     assert used <= declared, f"API calls missing from rbac.PERMISSIONS: {sorted(used - declared)}"

@@ -39,6 +39,21 @@ characters, no dots, a letter first), whatever the release name (Helm allows 53 
 {{- end }}
 
 {{/*
+Name of the release's ClusterKopfPeering: peering.name when set; otherwise llm-telemetry-operator for a cluster-wide
+release, and <release namespace>-<fullname> for a namespaced one, so that releases watching different namespaces do
+not pause each other through one peering object.
+*/}}
+{{- define "llm-telemetry-operator.peeringName" -}}
+{{- if .Values.peering.name }}
+{{- .Values.peering.name }}
+{{- else if .Values.watchNamespaces }}
+{{- printf "%s-%s" .Release.Namespace (include "llm-telemetry-operator.fullname" .) | replace "." "-" | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- "llm-telemetry-operator" }}
+{{- end }}
+{{- end }}
+
+{{/*
 Value of the helm.sh/chart label.
 */}}
 {{- define "llm-telemetry-operator.chart" -}}

@@ -1,11 +1,13 @@
 {{/*
 The operator's RBAC rules, split by scope. They mirror operator/llm_telemetry_operator/rbac.py (PERMISSIONS) rule
 for rule; tests/chart/test_rbac.py renders the chart and fails on anything missing or extra in either direction.
-Cluster-wide mode grants both lists in one ClusterRole; namespaced mode grants the cluster-scoped list in a
-ClusterRole and the namespaced list in a Role per watched namespace.
+Cluster-wide mode grants both lists in one ClusterRole; namespaced mode grants the first list in a ClusterRole and
+the second in a Role per watched namespace. The first holds the cluster-scoped objects and the LLMTelemetry resources
+themselves: deleting a watched namespace deletes its Role too, often before the operator has taken its finalizer off
+the resources there, and only a grant that outlives the Role lets it do so (and the namespace go).
 */}}
 
-{{- define "llm-telemetry-operator.rules.clusterScoped" -}}
+{{- define "llm-telemetry-operator.rules.clusterWide" -}}
 # Framework: kopf notices CRDs and namespaces appearing and disappearing.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
@@ -13,21 +15,10 @@ ClusterRole and the namespaced list in a Role per watched namespace.
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
-# Framework: cluster-wide peering, so that standby replicas stay paused while one replica is active.
+# Framework: peering through one ClusterKopfPeering, so that standby replicas stay paused while one replica is active.
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
   verbs: [list, watch, patch]
-{{- end }}
-
-{{- define "llm-telemetry-operator.rules.namespaced" -}}
-# Framework: per-namespace peering (namespaced mode).
-- apiGroups: [kopf.dev]
-  resources: [kopfpeerings]
-  verbs: [list, watch, patch]
-# Framework: events about handler progress and failures.
-- apiGroups: [""]
-  resources: [events]
-  verbs: [create]
 # Application: the LLMTelemetry resources (finalizers, progress annotations) and their status.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries]
@@ -35,6 +26,13 @@ ClusterRole and the namespaced list in a Role per watched namespace.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries/status]
   verbs: [patch]
+{{- end }}
+
+{{- define "llm-telemetry-operator.rules.namespaced" -}}
+# Framework: events about handler progress and failures.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
 # Application: never called; OwnerReferencesPermissionEnforcement (OpenShift) checks it for blockOwnerDeletion.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries/finalizers]
