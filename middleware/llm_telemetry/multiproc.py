@@ -785,10 +785,10 @@ class _Listener:
 
     def _try_bind(self) -> bool:
         """True when this worker now serves the port, or when retrying is pointless."""
-        from prometheus_client.exposition import start_http_server
+        from .exposition import serve_metrics
 
         try:
-            self.server = start_http_server(self.port, self.host, registry=self.registry)
+            self.server = serve_metrics(self.port, self.host, self.registry)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 self._held_elsewhere()  # most often another worker serves it (or will): not an error

@@ -19,10 +19,11 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, start_http_server
+from prometheus_client.exposition import choose_encoder
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
+from .exposition import serve_metrics
 from .instruments import Histograms, Instruments, create_instruments, exemplar_filter
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -200,7 +201,7 @@ class Telemetry:
             if self._server is not None:
                 return
             try:
-                self._server = start_http_server(settings.metrics_port, settings.metrics_host, registry=self.registry)
+                self._server = serve_metrics(settings.metrics_port, settings.metrics_host, self.registry)
             except OSError as exc:
                 self._server = False
                 logger.warning(

@@ -1,0 +1,141 @@
+"""The metrics port against clients that hold it: ones that connect and send nothing, ones that never read the
+answer, and more of them than the listener serves at once. What they can hold is bounded (connections served at
+once, seconds per connection); a scrape is answered again once they are gone; the app's requests never wait."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.demo.app import create_app
+from llm_telemetry.exposition import MAX_CONNECTIONS, serve_metrics
+from support import free_port, scrape_text, serve, wait_for
+
+
+class _Large(Collector):
+    """An exposition of about ``megabytes`` MB: far more than a socket's buffers hold."""
+
+    def __init__(self, megabytes: int) -> None:
+        self.series = megabytes * 1024 * 1024 // 100
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("llm_test_large", "Filler.", labels=["series"])
+        for i in range(self.series):
+            family.add_metric([f"{i:060d}"], 1.0)
+        yield family
+
+
+def _idle(port: int) -> socket.socket:
+    """A client that connects and sends nothing."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(1 << 16):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def _status(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        assert exc.headers["Retry-After"] == "1"
+        return exc.code
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    registry = CollectorRegistry()
+    port = free_port()
+    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=2, timeout=1.0)
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_clients_that_send_nothing_are_answered_busy_then_dropped(listener: int) -> None:
+    idle = [_idle(listener) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both accepted, each holding one of the two connections served at once
+        assert _status(listener) == 503
+        # Each had a second to send its request: the server closes them, and scrapes are answered again.
+        for sock in idle:
+            sock.settimeout(5)
+            assert _closed_by_server(sock)
+        assert wait_for("a scrape answered again", lambda: _status(listener) == 200, seconds=5)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_client_that_never_reads_is_dropped_and_frees_its_copy() -> None:
+    registry = CollectorRegistry()
+    registry.register(_Large(16))
+    port = free_port()
+    baseline = threading.active_count()
+    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=1, timeout=1.0)
+    try:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        # It reads nothing while the server sends; the one connection served is its until the timeout.
+        time.sleep(0.3)
+        assert _status(port) == 503
+        # After the second it had to take the answer, the server gives up on it: what it can still read is the
+        # part the server sent, not the whole exposition.
+        time.sleep(1.5)
+        received = 0
+        reader.settimeout(5)
+        while chunk := reader.recv(1 << 20):
+            received += len(chunk)
+        reader.close()
+        assert 0 < received < 16 * 1024 * 1024
+        assert wait_for("a scrape answered again", lambda: _status(port) == 200, seconds=5)
+        assert wait_for("no thread left for it", lambda: threading.active_count() <= baseline + 1, seconds=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_the_middlewares_port_stays_bounded_and_the_app_unaffected() -> None:
+    """The real middleware under uvicorn, its port held by more idle clients than it serves at once."""
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(create_app(), metrics_port=metrics_port, request_logs=False)
+    with serve(app) as base:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+        wait_for("the metrics port", lambda: "llm_requests_total" in scrape_text(metrics_port))
+        idle = [_idle(metrics_port) for _ in range(MAX_CONNECTIONS + 4)]
+        try:
+            time.sleep(0.2)
+            assert _status(metrics_port) == 503
+            started = time.monotonic()
+            assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+            assert time.monotonic() - started < 5
+        finally:
+            for sock in idle:
+                sock.close()
+        text = wait_for("a scrape answered again", lambda: scrape_text(metrics_port), seconds=10)
+        assert "llm_requests_total{" in text
