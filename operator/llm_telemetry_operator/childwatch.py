@@ -11,12 +11,14 @@ watched here instead, with the API server's metadata-only answer (``PartialObjec
 label selector: the server sends a few hundred bytes per event, for children only those this operator manages.
 
 Each watch runs in a thread of its own (a watch request blocks for minutes) and hands every event to the event
-loop. It starts without a resourceVersion (the API server sends every current object as ADDED, then changes),
-continues from the last version seen (bookmarks included) when the server ends the stream or the connection
-breaks (the server then sends every change since, deletions included), and starts over the same way, at once,
-when the version is too old (410): deletions in such a gap are left to the resync. A kind that is not served
-(the Prometheus Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds; other
-failures back off up to :data:`MAX_BACKOFF`.
+loop. It starts with a list (metadata only): every current object is handed on as ADDED, and the watch goes on from
+the list's resourceVersion. It continues from the last version seen (bookmarks included) when the server ends the
+stream or the connection breaks (the server then sends every change since, deletions included), and lists again,
+at once, when the version is too old to resume from (410): an object it knew that the new list lacks was deleted
+in the gap, and is handed on as DELETED with the metadata last seen (an informer's relist). So it keeps the
+metadata of every object it watches, without ``managedFields``. A kind that is not served (the Prometheus
+Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds; other failures back off up
+to :data:`MAX_BACKOFF`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from llm_telemetry_operator.kube import KubeClient, Resource
 #: The ``Accept`` of a metadata-only watch: each event's object is a ``PartialObjectMetadata`` (a server that
 #: cannot transform it sends the whole object, which is read the same way).
 WATCH_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+#: The same for a list: a ``PartialObjectMetadataList``.
+LIST_METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
 #: Seconds the API server keeps one watch request open.
 SERVER_TIMEOUT = 300
 #: Seconds before watching a kind that is not served (404) again.
@@ -75,8 +79,10 @@ class MetadataWatch:
         self.context = contextvars.copy_context()
         self._stopped = threading.Event()
         self._response: Any = None
-        #: The last resourceVersion seen, kept as events are read: a stream that breaks resumes from it.
+        #: The last resourceVersion seen, kept as events are read: a stream that breaks resumes from it; None: list.
         self._version: str | None = None
+        #: The metadata last seen of every object watched, by (namespace, name): what a relist finds gone was deleted.
+        self._known: dict[tuple[str, str], dict[str, Any]] = {}
         where = namespace or "all namespaces"
         self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}-{where}", daemon=True)
 
@@ -103,6 +109,8 @@ class MetadataWatch:
         # mode), and its watches are refused until the namespace leaves watchNamespaces; say so once, not forever
         while not self._stopped.is_set():
             try:
+                if self._version is None:
+                    self._list()
                 self._watch(self._version)
                 backoff, refused = 1.0, False
             except ApiError as exc:
@@ -129,12 +137,38 @@ class MetadataWatch:
                 self._stopped.wait(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
 
+    def _selector(self) -> list[tuple[str, str]]:
+        if not self.labels:
+            return []
+        return [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))]
+
+    def _list(self) -> None:
+        """Every current object as ADDED, and every object known before and now gone as DELETED; the watch goes on
+        from the list's version."""
+        # From the API server's watch cache ("any version", as informers list): the watch goes on from its version.
+        path = self.resource.path(self.namespace) + "?" + urlencode([("resourceVersion", "0"), *self._selector()])
+        response = self.client.open_stream(self.resource, "list", path, LIST_METADATA_ONLY)
+        try:
+            body = json.loads(response.data)
+        finally:
+            response.release_conn()
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in body.get("items") or []:
+            meta = (item or {}).get("metadata") or {}
+            if meta.get("name") and self._selected(meta):
+                current[str(meta.get("namespace") or ""), str(meta["name"])] = _kept(meta)
+        for key in self._known.keys() - current.keys():
+            self.loop.call_soon_threadsafe(self.deliver, "DELETED", dict(self._known[key]), context=self.context)
+        for meta in current.values():
+            self.loop.call_soon_threadsafe(self.deliver, "ADDED", dict(meta), context=self.context)
+        self._known = current
+        self._version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+
     def _watch(self, version: str | None) -> None:
         """One watch request, from ``version`` (None: every current object first); each event's version is kept
         in ``_version`` as it is read."""
         params = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(SERVER_TIMEOUT))]
-        if self.labels:
-            params.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))))
+        params += self._selector()
         if version is not None:
             params.append(("resourceVersion", version))
         started = time.monotonic()
@@ -167,4 +201,14 @@ class MetadataWatch:
         meta = obj.get("metadata") or {}
         self._version = str(meta.get("resourceVersion") or self._version or "") or None
         if kind in ("ADDED", "MODIFIED", "DELETED") and meta.get("name") and self._selected(meta):
+            key = (str(meta.get("namespace") or ""), str(meta["name"]))
+            if kind == "DELETED":
+                self._known.pop(key, None)
+            else:
+                self._known[key] = _kept(meta)
             self.loop.call_soon_threadsafe(self.deliver, str(kind), dict(meta), context=self.context)
+
+
+def _kept(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata worth keeping: all but ``managedFields``, the bulk of it and read by no decision."""
+    return {k: v for k, v in meta.items() if k != "managedFields"}

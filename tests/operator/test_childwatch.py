@@ -1,9 +1,11 @@
-"""The metadata watches' resumption: a stream that breaks resumes from the last version it delivered.
+"""The metadata watches' resumption: a stream that breaks resumes from the last version it delivered, and a
+version too old to resume from is answered by a list that tells what was deleted in the gap.
 
-The API server answers a watch from a resourceVersion with every change after it, deletions included; a watch
-started again without one sends only what exists. So a connection cut (an API server restart, a proxy's idle
-timeout) must not lose the versions read on it, or the deletions made while it was down are never heard of.
-The API server is played by a stand-in that serves scripted watch streams and records the requests made.
+The API server answers a watch from a resourceVersion with every change after it, deletions included; a list
+sends only what exists. So a connection cut (an API server restart, a proxy's idle timeout) must not lose the
+versions read on it, and a list after a 410 must be compared with what was known, or the deletions made meanwhile
+are never heard of. The API server is played by a stand-in that serves scripted lists and watch streams and
+records the requests made.
 """
 
 from __future__ import annotations
@@ -41,17 +43,30 @@ class _Stream:
         pass
 
 
-class _Server:
-    """Serves the scripted responses in turn, recording each request's resourceVersion; then none."""
+class _List:
+    """One list response: the objects' metadata and the list's resourceVersion."""
 
-    def __init__(self, *responses: _Stream | ApiError) -> None:
+    def __init__(self, version: str, *names: str) -> None:
+        items = [{"metadata": {"name": name, "namespace": "llm", "resourceVersion": version}} for name in names]
+        self.data = json.dumps({"metadata": {"resourceVersion": version}, "items": items}).encode()
+
+    def release_conn(self) -> None:
+        pass
+
+
+class _Server:
+    """Serves the scripted responses in turn, recording each request (``list``, or the version a watch asks for);
+    then none."""
+
+    def __init__(self, *responses: _Stream | _List | ApiError) -> None:
         self.responses = list(responses)
         self.versions: list[str | None] = []
         self.done = asyncio.Event()
         self.loop = asyncio.get_running_loop()
 
     def open_stream(self, resource: Any, verb: str, path: str, accept: str) -> Any:
-        self.versions.append(parse_qs(urlsplit(path).query).get("resourceVersion", [None])[0])
+        query = parse_qs(urlsplit(path).query)
+        self.versions.append("list" if verb == "list" else query.get("resourceVersion", [None])[0])
         if not self.responses:
             self.loop.call_soon_threadsafe(self.done.set)
             raise ApiError(503, "ServiceUnavailable", "no more")
@@ -85,26 +100,39 @@ async def _watch(server: _Server) -> list[tuple[str, str]]:
 
 
 async def test_a_broken_stream_resumes_from_the_last_version_it_delivered() -> None:
-    """The first watch (from no version) breaks after two events: the next asks for the changes after the second,
-    and so hears of the deletion made meanwhile."""
+    """The first watch (from the list's version) breaks after two events: the next asks for the changes after the
+    second, and so hears of the deletion made meanwhile."""
     server = _Server(
+        _List("4"),
         _Stream([_event("ADDED", "a", "5"), _event("ADDED", "b", "6")], urllib3.exceptions.ProtocolError("cut")),
         _Stream([_event("DELETED", "a", "9")], None),
     )
     delivered = await _watch(server)
-    assert server.versions[:2] == [None, "6"]
+    assert server.versions[:3] == ["list", "4", "6"]
     assert delivered == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a")]
 
 
-async def test_an_expired_version_starts_over_at_once_from_no_version() -> None:
-    """410 Gone: the version is too old to resume from; the next watch starts from the current objects."""
+async def test_an_expired_version_lists_again_and_tells_what_went_meanwhile() -> None:
+    """410 Gone: the version is too old to resume from. A list at once: what it lacks of what was known (``a``,
+    deleted while no watch could say so) is handed on as DELETED, what it has as ADDED; the watch goes on from the
+    list's version."""
     server = _Server(
-        _Stream([_event("ADDED", "a", "5")], urllib3.exceptions.ProtocolError("cut")),
+        _List("4", "a"),
+        _Stream([_event("ADDED", "b", "5")], urllib3.exceptions.ProtocolError("cut")),
         ApiError(410, "Expired", "too old resource version"),
-        _Stream([_event("ADDED", "a", "12")], None),
+        _List("12", "b", "c"),
+        _Stream([_event("MODIFIED", "c", "13")], None),
     )
-    await _watch(server)
-    assert server.versions[:3] == [None, "5", None]
+    delivered = await _watch(server)
+    assert server.versions[:5] == ["list", "4", "5", "list", "12"]
+    assert delivered == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("DELETED", "a"),
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+        ("MODIFIED", "c"),
+    ]
 
 
 async def test_refusals_are_told_once_until_a_watch_succeeds(caplog: Any) -> None:
@@ -112,7 +140,7 @@ async def test_refusals_are_told_once_until_a_watch_succeeds(caplog: Any) -> Non
     until the namespace leaves the watched list. The first refusal of a run is a WARNING, the rest are not."""
     caplog.set_level(logging.DEBUG, logger="llm_telemetry_operator.childwatch")
     forbidden = ApiError(403, "Forbidden", "services is forbidden")
-    server = _Server(forbidden, forbidden, _Stream([_event("ADDED", "a", "5")], None), forbidden)
+    server = _Server(forbidden, forbidden, _List("4"), _Stream([_event("ADDED", "a", "5")], None), forbidden)
     await _watch(server)
     told = [r for r in caplog.records if "403" in r.getMessage()]
     assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG, logging.WARNING]

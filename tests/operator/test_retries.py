@@ -41,7 +41,8 @@ LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetr
 
 
 def owner_lists(emulator: Any, plural: str) -> list[Any]:
-    """The operator's own list requests of ``plural`` (kopf's watches and listings excluded)."""
+    """The operator's own list requests of ``plural`` (kopf's watches and listings, and the metadata-only lists its
+    own watches start from, excluded)."""
     return [
         req
         for req in list(emulator)
@@ -51,6 +52,7 @@ def owner_lists(emulator: Any, plural: str) -> list[Any]:
         and req.name is None
         and "watch" not in req.params
         and "kopf" not in req.headers.get("User-Agent", "").lower()
+        and "PartialObjectMetadataList" not in req.headers.get("Accept", "")
     ]
 
 
