@@ -169,6 +169,20 @@ def test_namespaced_releases_get_peering_objects_of_their_own(render: Render) ->
     assert all(name.startswith(f"{NAMESPACE}-team-") for name in names), names
     docs = render({"watchNamespaces": ["llm-a"], "peering": {"name": "llm-canary"}})
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "llm-canary"
+    # `helm upgrade --reuse-values` from a chart before this one carries peering.name=llm-telemetry-operator, the
+    # cluster-wide default: a namespaced release still gets its own name.
+    for release in ("team-a", "team-b"):
+        docs = render(
+            {"watchNamespaces": ["llm-a"], "fullnameOverride": release, "peering": {"name": "llm-telemetry-operator"}}
+        )
+        assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == f"{NAMESPACE}-{release}"
+    # Names long enough that a cut at 63 characters would make two releases share one are not cut.
+    long = [f"team-payments-chat-{i}-{'x' * 40}" for i in (1, 2)]
+    found = {
+        one(render({"watchNamespaces": ["a"], "fullnameOverride": n}), "ClusterKopfPeering")["metadata"]["name"]
+        for n in long
+    }
+    assert len(found) == 2, found
 
 
 def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) -> None:

@@ -41,15 +41,17 @@ characters, no dots, a letter first), whatever the release name (Helm allows 53 
 {{/*
 Name of the release's ClusterKopfPeering: peering.name when set; otherwise llm-telemetry-operator for a cluster-wide
 release, and <release namespace>-<fullname> for a namespaced one, so that releases watching different namespaces do
-not pause each other through one peering object.
+not pause each other through one peering object. A namespaced release given llm-telemetry-operator gets its own name
+too: that is the cluster-wide default, and what `helm upgrade --reuse-values` carries over from charts before this one
+(whose namespaced releases each had KopfPeerings of that name in their own namespaces).
 */}}
 {{- define "llm-telemetry-operator.peeringName" -}}
-{{- if .Values.peering.name }}
-{{- .Values.peering.name }}
-{{- else if .Values.watchNamespaces }}
-{{- printf "%s-%s" .Release.Namespace (include "llm-telemetry-operator.fullname" .) | replace "." "-" | trunc 63 | trimSuffix "-" }}
+{{- $default := "llm-telemetry-operator" }}
+{{- $name := .Values.peering.name | default "" }}
+{{- if and .Values.watchNamespaces (or (not $name) (eq $name $default)) }}
+{{- printf "%s-%s" .Release.Namespace (include "llm-telemetry-operator.fullname" .) | replace "." "-" }}
 {{- else }}
-{{- "llm-telemetry-operator" }}
+{{- $name | default $default }}
 {{- end }}
 {{- end }}
 
