@@ -110,7 +110,7 @@ class MetadataWatch:
         while not self._stopped.is_set():
             try:
                 if self._version is None:
-                    self._list()
+                    self._list(fresh=bool(self._known))
                 self._watch(self._version)
                 backoff, refused = 1.0, False
             except ApiError as exc:
@@ -142,11 +142,15 @@ class MetadataWatch:
             return []
         return [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))]
 
-    def _list(self) -> None:
+    def _list(self, fresh: bool) -> None:
         """Every current object as ADDED, and every object known before and now gone as DELETED; the watch goes on
-        from the list's version."""
-        # From the API server's watch cache ("any version", as informers list): the watch goes on from its version.
-        path = self.resource.path(self.namespace) + "?" + urlencode([("resourceVersion", "0"), *self._selector()])
+        from the list's version.
+
+        The first list is served from the API server's watch cache ("any version", as informers list). A list
+        after a 410 (``fresh``) is read from etcd: a cache behind the versions already seen (another API server's,
+        say) could lack objects created since, and they would be handed on as deleted."""
+        params = [] if fresh else [("resourceVersion", "0")]
+        path = self.resource.path(self.namespace) + "?" + urlencode([*params, *self._selector()])
         response = self.client.open_stream(self.resource, "list", path, LIST_METADATA_ONLY)
         try:
             body = json.loads(response.data)

@@ -66,7 +66,9 @@ class _Server:
 
     def open_stream(self, resource: Any, verb: str, path: str, accept: str) -> Any:
         query = parse_qs(urlsplit(path).query)
-        self.versions.append("list" if verb == "list" else query.get("resourceVersion", [None])[0])
+        version = query.get("resourceVersion", [None])[0]
+        # A list from the watch cache ("any version": resourceVersion=0), or a fresh one from etcd (none).
+        self.versions.append(("list from cache" if version == "0" else "list") if verb == "list" else version)
         if not self.responses:
             self.loop.call_soon_threadsafe(self.done.set)
             raise ApiError(503, "ServiceUnavailable", "no more")
@@ -108,7 +110,7 @@ async def test_a_broken_stream_resumes_from_the_last_version_it_delivered() -> N
         _Stream([_event("DELETED", "a", "9")], None),
     )
     delivered = await _watch(server)
-    assert server.versions[:3] == ["list", "4", "6"]
+    assert server.versions[:3] == ["list from cache", "4", "6"]
     assert delivered == [("ADDED", "a"), ("ADDED", "b"), ("DELETED", "a")]
 
 
@@ -124,7 +126,9 @@ async def test_an_expired_version_lists_again_and_tells_what_went_meanwhile() ->
         _Stream([_event("MODIFIED", "c", "13")], None),
     )
     delivered = await _watch(server)
-    assert server.versions[:5] == ["list", "4", "5", "list", "12"]
+    # The first list from the API server's cache, the one after the 410 from etcd: a cache behind what the watch
+    # has seen could lack objects created since, which would pass for deleted.
+    assert server.versions[:5] == ["list from cache", "4", "5", "list", "12"]
     assert delivered == [
         ("ADDED", "a"),
         ("ADDED", "b"),
