@@ -3,17 +3,26 @@
 prometheus_client's own ``start_http_server`` gives each connection a thread of its own, for as long as the client
 keeps it, and each scrape its own copy of the exposition: a client that connects and sends nothing holds a thread
 forever, and one that reads slowly holds a thread and a copy (several such readers of a 14 MB exposition held
-~300 MB, and slowed the app beside them). This server answers the same requests with the same app (formats,
-``name[]`` filters, gzip), but serves at most :data:`MAX_CONNECTIONS` at once, answering the ones beyond with a 503,
-and gives every connection :data:`SOCKET_TIMEOUT` seconds to send its request and to take each answer. So what
-scrapers can hold is bounded by these two numbers, whatever they do; the app's own requests never wait on them.
+~300 MB, and slowed the app beside them). This server answers the same requests with the same app (formats, gzip)
+within two bounds, each with its own time limit, which the server loop enforces by shutting the connection down
+however the client trickles:
+
+- a connection has :data:`REQUEST_SECONDS` to send its request, and at most :data:`MAX_CONNECTIONS` are open at
+  once (a thread each, cheap: no exposition yet);
+- a request has :data:`ANSWER_SECONDS` to take its answer, and at most :data:`MAX_ANSWERS` are answered at once
+  (each holding its copy of the exposition).
+
+Past either count a request is answered 503 at once. So what clients can hold is bounded whatever they do, a
+scrape is refused only while that many clients hold the port, and the app's own requests never wait on them.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
+import time
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -22,69 +31,154 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 logger = logging.getLogger(__name__)
 
-#: Connections served at once; one more is answered 503 at once. Prometheus scrapes a target once per interval
-#: (twice for a pair of HA replicas), with one connection per scrape.
-MAX_CONNECTIONS = 4
-#: Seconds a connection has to send its request, and to take the whole answer (Prometheus gives up on a scrape
-#: after its scrape_timeout, 10 s by default).
-SOCKET_TIMEOUT = 30.0
+#: Connections open at once, each a thread (one more is answered 503 at once).
+MAX_CONNECTIONS = 64
+#: Seconds a connection has to send its whole request.
+REQUEST_SECONDS = 10.0
+#: Requests answered at once, each with its own copy of the exposition (one more is answered 503). Prometheus scrapes
+#: a target once per interval (twice for a pair of HA replicas).
+MAX_ANSWERS = 4
+#: Seconds a request has to take its whole answer (Prometheus gives up on a scrape after its scrape_timeout, 10 s by
+#: default).
+ANSWER_SECONDS = 30.0
 
 _BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\nContent-Length: 27\r\n\r\n"
 _BUSY += b"metrics listener is busy.\r\n"
 
 
-class _Discard:
-    """Where wsgiref writes the traceback of a client that timed out: nowhere (the app's stderr is not ours)."""
+#: Exceptions that mean the client went away or ran out of time: no news for the app's log.
+_CLIENT_GONE = ("TimeoutError", "socket.timeout", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError")
+
+
+class _LogWriter:
+    """Where wsgiref writes the traceback of a request that failed (its ``stderr``): to this module's logger, an
+    ERROR when the exposition itself failed (a collector raised), DEBUG when the client went away or timed out."""
+
+    def __init__(self) -> None:
+        self.text = ""
 
     def write(self, text: str) -> int:
+        self.text += text
         return len(text)
 
     def flush(self) -> None:
-        pass
+        text, self.text = self.text.strip(), ""
+        if not text:
+            return
+        last = text.splitlines()[-1]
+        if last.startswith(_CLIENT_GONE):
+            logger.debug("llm-telemetry: metrics connection ended early: %s", last)
+        else:
+            logger.error("llm-telemetry: answering a scrape failed:\n%s", text)
 
 
 class _Handler(WSGIRequestHandler):
+    server: BoundedServer
+    answering = False
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def get_stderr(self) -> Any:
-        return _Discard()
+        return _LogWriter()
+
+    def parse_request(self) -> bool:
+        """The request is read: answer it if one of the answers is free, else 503 (and no copy made)."""
+        if not super().parse_request():
+            return False
+        self.answering = self.server.start_answer(self.connection)
+        if not self.answering:
+            self.server.tell_busy("answers")
+            self.wfile.write(_BUSY)
+        return self.answering
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.answering:
+                self.server.end_answer()
 
 
 class BoundedServer(ThreadingWSGIServer):
-    """A thread per connection, as prometheus_client's server, but at most ``max_connections`` of them."""
+    """A thread per connection, as prometheus_client's server, within the bounds the module describes."""
 
     max_connections = MAX_CONNECTIONS
+    request_seconds = REQUEST_SECONDS
+    max_answers = MAX_ANSWERS
+    answer_seconds = ANSWER_SECONDS
+    #: Seconds between two "busy" WARNINGs.
+    busy_warning_seconds = 300.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
-        self._told_busy = False
+        self._connections = threading.BoundedSemaphore(self.max_connections)
+        self._answers = threading.BoundedSemaphore(self.max_answers)
+        self._deadlines: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._told_busy = -self.busy_warning_seconds
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._connections.acquire(blocking=False):
+            self.tell_busy("connections")
             self._refuse(request)
             return
+        self._deadline(request, self.request_seconds)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release(request)
+
+    def start_answer(self, request: socket.socket) -> bool:
+        if not self._answers.acquire(blocking=False):
+            return False
+        self._deadline(request, self.answer_seconds)
+        return True
+
+    def end_answer(self) -> None:
+        self._answers.release()
+
+    def _deadline(self, request: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._deadlines[request] = time.monotonic() + seconds
+
+    def _release(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        self._connections.release()
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between polls (every half second): connections past their time are shut
+        down, which ends whatever read or write their thread is blocked in."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [request for request, deadline in self._deadlines.items() if deadline < now]
+        for request in expired:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def tell_busy(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._told_busy >= self.busy_warning_seconds:
+            self._told_busy = now
+            limit = self.max_connections if what == "connections" else self.max_answers
+            logger.warning(
+                "llm-telemetry: metrics listener busy: %d %s at once, answering more with 503 (clients that read or "
+                "send slowly, or send nothing; keep the metrics port for the scraper)",
+                limit,
+                what,
+            )
 
     def _refuse(self, request: socket.socket) -> None:
-        if not self._told_busy:
-            self._told_busy = True
-            logger.warning(
-                "llm-telemetry: metrics listener busy: %d connections open, answering more with 503 (a client that "
-                "reads slowly or sends nothing; keep the metrics port for the scraper)",
-                self.max_connections,
-            )
         try:
             request.settimeout(0)  # a 100-byte answer fits any new socket's buffer; never wait on this client
             request.send(_BUSY)
@@ -93,8 +187,11 @@ class BoundedServer(ThreadingWSGIServer):
         self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that timed out or went away: nothing to report on the app's stderr.
-        logger.debug("llm-telemetry: metrics connection from %s ended early", client_address, exc_info=True)
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # a client that went away, timed out or was shut down at its deadline
+            logger.debug("llm-telemetry: metrics connection from %s ended early: %s", client_address, error)
+        else:
+            logger.warning("llm-telemetry: serving a metrics connection failed", exc_info=True)
 
 
 def serve_metrics(
@@ -103,7 +200,9 @@ def serve_metrics(
     registry: CollectorRegistry,
     *,
     max_connections: int = MAX_CONNECTIONS,
-    timeout: float = SOCKET_TIMEOUT,
+    request_seconds: float = REQUEST_SECONDS,
+    max_answers: int = MAX_ANSWERS,
+    answer_seconds: float = ANSWER_SECONDS,
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve ``registry`` on ``host``:``port`` from a daemon thread; raises ``OSError`` when it cannot bind."""
     family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
@@ -113,8 +212,10 @@ def serve_metrics(
     class Server(BoundedServer):
         address_family = family
 
-    Server.max_connections = max_connections
-    handler = type("Handler", (_Handler,), {"timeout": timeout})
+    Server.max_connections, Server.request_seconds = max_connections, request_seconds
+    Server.max_answers, Server.answer_seconds = max_answers, answer_seconds
+    # Each read or write also gives up after the longer limit, should the server loop not be there to enforce it.
+    handler = type("Handler", (_Handler,), {"timeout": max(request_seconds, answer_seconds)})
     server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=handler)
     thread = threading.Thread(target=server.serve_forever, name="llm-telemetry-metrics", daemon=True)
     thread.start()

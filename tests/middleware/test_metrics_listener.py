@@ -1,6 +1,7 @@
-"""The metrics port against clients that hold it: ones that connect and send nothing, ones that never read the
-answer, and more of them than the listener serves at once. What they can hold is bounded (connections served at
-once, seconds per connection); a scrape is answered again once they are gone; the app's requests never wait."""
+"""The metrics port against clients that hold it: ones that connect and send nothing, ones that send their request
+a byte at a time, ones that never read the answer, and more of them than the listener serves at once. What they can
+hold is bounded (connections served at once, seconds per connection); a scrape is answered again once they are gone;
+the app's requests never wait. A scrape that fails on the server's side is logged."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llm_telemetry import LLMTelemetryMiddleware
-from llm_telemetry.demo.app import create_app
+from llm_telemetry.demo.app import bare_app
 from llm_telemetry.exposition import MAX_CONNECTIONS, serve_metrics
 from support import free_port, scrape_text, serve, wait_for
 
@@ -64,7 +65,7 @@ def _status(port: int) -> int:
 def listener() -> Iterator[int]:
     registry = CollectorRegistry()
     port = free_port()
-    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=2, timeout=1.0)
+    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=2, request_seconds=1.0)
     try:
         yield port
     finally:
@@ -76,7 +77,7 @@ def listener() -> Iterator[int]:
 def test_clients_that_send_nothing_are_answered_busy_then_dropped(listener: int) -> None:
     idle = [_idle(listener) for _ in range(2)]
     try:
-        time.sleep(0.2)  # both accepted, each holding one of the two connections served at once
+        time.sleep(0.2)  # both accepted, each holding one of the two connections open at once
         assert _status(listener) == 503
         # Each had a second to send its request: the server closes them, and scrapes are answered again.
         for sock in idle:
@@ -88,18 +89,87 @@ def test_clients_that_send_nothing_are_answered_busy_then_dropped(listener: int)
             sock.close()
 
 
+def test_a_request_sent_a_byte_at_a_time_gets_no_more_than_its_time(listener: int) -> None:
+    """Each byte within the socket timeout, but the whole request never: shut down once its time is up."""
+    trickling = [_idle(listener) for _ in range(2)]
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 1000:
+            if stop.is_set():
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    senders = [threading.Thread(target=trickle, args=(sock,), daemon=True) for sock in trickling]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(0.3)
+        assert _status(listener) == 503
+        assert wait_for("a scrape answered again", lambda: _status(listener) == 200, seconds=5)
+    finally:
+        stop.set()
+        for sock in trickling:
+            sock.close()
+
+
+def test_a_few_slow_clients_do_not_keep_the_scrape_out() -> None:
+    """Clients still sending their request hold a connection each, not an answer: the scrape is answered beside
+    them as long as connections are left."""
+    registry = CollectorRegistry()
+    port = free_port()
+    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=8, max_answers=1)
+    slow = [_idle(port) for _ in range(4)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n")  # and the rest never
+        time.sleep(0.2)
+        assert [_status(port) for _ in range(3)] == [200, 200, 200]
+    finally:
+        for sock in slow:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_a_scrape_that_fails_on_the_server_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(Collector):
+        def collect(self) -> Iterable[GaugeMetricFamily]:
+            raise RuntimeError("a collector broke")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    port = free_port()
+    server, thread = serve_metrics(port, "127.0.0.1", registry)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            scrape_text(port)
+        assert answer.value.code == 500
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "llm_telemetry.exposition"]
+        assert errors and "a collector broke" in errors[0].getMessage()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_a_client_that_never_reads_is_dropped_and_frees_its_copy() -> None:
     registry = CollectorRegistry()
     registry.register(_Large(16))
     port = free_port()
     baseline = threading.active_count()
-    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=1, timeout=1.0)
+    server, thread = serve_metrics(port, "127.0.0.1", registry, max_answers=1, answer_seconds=1.0)
     try:
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", port))
         reader.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        # It reads nothing while the server sends; the one connection served is its until the timeout.
+        # It reads nothing while the server sends; the one answer served at once is its until its time is up.
         time.sleep(0.3)
         assert _status(port) == 503
         # After the second it had to take the answer, the server gives up on it: what it can still read is the
@@ -122,7 +192,7 @@ def test_a_client_that_never_reads_is_dropped_and_frees_its_copy() -> None:
 def test_the_middlewares_port_stays_bounded_and_the_app_unaffected() -> None:
     """The real middleware under uvicorn, its port held by more idle clients than it serves at once."""
     metrics_port = free_port()
-    app = LLMTelemetryMiddleware(create_app(), metrics_port=metrics_port, request_logs=False)
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, request_logs=False)
     with serve(app) as base:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
