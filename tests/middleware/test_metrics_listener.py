@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -61,17 +63,23 @@ def _status(port: int) -> int:
         return exc.code
 
 
-@pytest.fixture
-def listener() -> Iterator[int]:
-    registry = CollectorRegistry()
+@contextmanager
+def serving(registry: CollectorRegistry, **bounds: Any) -> Iterator[int]:
+    """``registry`` served on a free port with ``bounds``; the port."""
     port = free_port()
-    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=2, request_seconds=1.0)
+    server, thread = serve_metrics(port, "127.0.0.1", registry, **bounds)
     try:
         yield port
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    with serving(CollectorRegistry(), max_connections=2, request_seconds=1.0) as port:
+        yield port
 
 
 def test_clients_that_send_nothing_are_answered_busy_then_dropped(listener: int) -> None:
@@ -120,21 +128,16 @@ def test_a_request_sent_a_byte_at_a_time_gets_no_more_than_its_time(listener: in
 def test_a_few_slow_clients_do_not_keep_the_scrape_out() -> None:
     """Clients still sending their request hold a connection each, not an answer: the scrape is answered beside
     them as long as connections are left."""
-    registry = CollectorRegistry()
-    port = free_port()
-    server, thread = serve_metrics(port, "127.0.0.1", registry, max_connections=8, max_answers=1)
-    slow = [_idle(port) for _ in range(4)]
-    try:
-        for sock in slow:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n")  # and the rest never
-        time.sleep(0.2)
-        assert [_status(port) for _ in range(3)] == [200, 200, 200]
-    finally:
-        for sock in slow:
-            sock.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(CollectorRegistry(), max_connections=8, max_answers=1) as port:
+        slow = [_idle(port) for _ in range(4)]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /metrics HTTP/1.0\r\n")  # and the rest never
+            time.sleep(0.2)
+            assert [_status(port) for _ in range(3)] == [200, 200, 200]
+        finally:
+            for sock in slow:
+                sock.close()
 
 
 def test_a_scrape_that_fails_on_the_server_is_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -144,27 +147,20 @@ def test_a_scrape_that_fails_on_the_server_is_logged(caplog: pytest.LogCaptureFi
 
     registry = CollectorRegistry()
     registry.register(Broken())
-    port = free_port()
-    server, thread = serve_metrics(port, "127.0.0.1", registry)
-    try:
+    with serving(registry) as port:
         with pytest.raises(urllib.error.HTTPError) as answer:
             scrape_text(port)
         assert answer.value.code == 500
         errors = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "llm_telemetry.exposition"]
         assert errors and "a collector broke" in errors[0].getMessage()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_a_client_that_never_reads_is_dropped_and_frees_its_copy() -> None:
     registry = CollectorRegistry()
-    registry.register(_Large(16))
-    port = free_port()
+    large = _Large(16)
+    registry.register(large)
     baseline = threading.active_count()
-    server, thread = serve_metrics(port, "127.0.0.1", registry, max_answers=1, answer_seconds=1.0)
-    try:
+    with serving(registry, max_answers=1, answer_seconds=1.0) as port:
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", port))
@@ -181,12 +177,9 @@ def test_a_client_that_never_reads_is_dropped_and_frees_its_copy() -> None:
             received += len(chunk)
         reader.close()
         assert 0 < received < 16 * 1024 * 1024
+        large.series = 10  # a scrape now answered well within the second a request is given here
         assert wait_for("a scrape answered again", lambda: _status(port) == 200, seconds=5)
         assert wait_for("no thread left for it", lambda: threading.active_count() <= baseline + 1, seconds=5)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_the_middlewares_port_stays_bounded_and_the_app_unaffected() -> None:
