@@ -1,0 +1,90 @@
+"""Namespaced mode against a real API server: a watched namespace deleted with its Role.
+
+Its own module: the cluster-wide operator of test_real_cluster.py watches every namespace, and would act on this
+test's resources too while its module runs (the suite is shuffled by module, so the two never overlap)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+from clusterkit import install, start_chart_operator, stop, unique, wait_for
+from test_real_cluster import GROUP, PLURAL, VERSION, deployment, telemetry, uninstall
+
+from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
+
+pytestmark = pytest.mark.k8s
+
+
+def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
+    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Namespaced mode grants most of its access through a Role in each watched namespace, and deleting the
+    namespace deletes the Role with everything else. The namespace still goes (the operator takes its finalizer
+    off the LLMTelemetry there), and the operator goes on serving the other namespace, its peering held in the
+    release's ClusterKopfPeering rather than in a KopfPeering of each namespace."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    core, custom, apps = client.CoreV1Api(api), client.CustomObjectsApi(api), client.AppsV1Api(api)
+    system, kept, doomed = unique("llmt-ns-system"), unique("llmt-ns-kept"), unique("llmt-ns-doomed")
+    for namespace in (kept, doomed):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    docs = install(api, system, unique("llmt-ns"), f"watchNamespaces={{{kept},{doomed}}}")
+    [peering] = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"]
+    process, log, _, env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
+
+    def ready(namespace: str) -> bool:
+        found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
+        conditions = (found.get("status") or {}).get("conditions") or []
+        return any(cond["type"] == "Ready" and cond["status"] == "True" for cond in conditions)
+
+    def gone(namespace: str) -> bool:
+        try:
+            core.read_namespace(namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    def port(namespace: str) -> str | None:
+        container = apps.read_namespaced_deployment("chat", namespace).spec.template.spec.containers[0]
+        return next((e.value for e in container.env or [] if e.name == "LLM_TELEMETRY_METRICS_PORT"), None)
+
+    try:
+        for namespace in (kept, doomed):
+            apps.create_namespaced_deployment(namespace, deployment("chat", "chat"))
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, telemetry("chat", "chat"))
+        for namespace in (kept, doomed):
+            wait_for(lambda namespace=namespace: ready(namespace), f"Ready in {namespace}")
+        assert env[LLM_TELEMETRY_OPERATOR_PEERING] == peering
+        wait_for(
+            lambda: (
+                env["POD_ID"]
+                in (
+                    custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering).get("status")
+                    or {}
+                )
+            ),
+            f"the operator in the ClusterKopfPeering {peering}",
+        )
+
+        core.delete_namespace(doomed)
+        wait_for(lambda: gone(doomed), f"namespace {doomed} deleted, not held by a finalizer", timeout=120)
+
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, kept, PLURAL, "chat", {"spec": {"metrics": {"port": 9600}}}
+        )
+        wait_for(lambda: port(kept) == "9600", f"a change in {kept} applied after {doomed} went")
+        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+        text = log.read_text(errors="replace")
+        refused = [x for x in text.splitlines() if (" 403" in x or "Forbidden" in x) and doomed not in x]
+        assert not refused, "\n".join(refused[:20])
+    finally:
+        try:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, kept, PLURAL, "chat")
+            wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, kept, PLURAL)["items"], "gone")
+        finally:
+            stop(process)
+        uninstall(api, docs, (kept, system))
+        custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
