@@ -23,11 +23,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,31 @@ _BUSY += b"metrics listener is busy.\r\n"
 
 #: Exceptions that mean the client went away or ran out of time: no news for the app's log.
 _CLIENT_GONE = ("TimeoutError", "socket.timeout", "ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError")
+
+
+class _Filterable:
+    """``registry`` with the ``name[]`` filter of the exposition app (``/metrics?name[]=llm_requests_total``) applied
+    to what it collects: prometheus_client's own filter serves only collectors that described their names when they
+    were registered, and the OpenTelemetry reader's families have no names until the first collection."""
+
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str] | None = None) -> None:
+        self.registry = registry
+        self.names = set(names) if names is not None else None
+
+    def restricted_registry(self, names: Iterable[str]) -> _Filterable:
+        return _Filterable(self.registry, names)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if self.names is None:
+                yield family
+                continue
+            # As prometheus_client filters: by sample name (``llm_ttft_seconds_bucket``, ``llm_requests_total``).
+            samples = [sample for sample in family.samples if sample.name in self.names]
+            if samples:
+                kept = Metric(family.name, family.documentation, family.type, family.unit)
+                kept.samples = samples
+                yield kept
 
 
 class _LogWriter:
@@ -219,7 +246,7 @@ def serve_metrics(
     Server.max_answers, Server.answer_seconds = max_answers, answer_seconds
     # Each read or write also gives up after the longer limit, should the server loop not be there to enforce it.
     handler = type("Handler", (_Handler,), {"timeout": max(request_seconds, answer_seconds)})
-    server = make_server(str(sockaddr[0]), port, make_wsgi_app(registry), Server, handler_class=handler)
+    server = make_server(str(sockaddr[0]), port, make_wsgi_app(_Filterable(registry)), Server, handler_class=handler)
     thread = threading.Thread(target=server.serve_forever, name="llm-telemetry-metrics", daemon=True)
     thread.start()
     return server, thread

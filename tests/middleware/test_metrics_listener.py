@@ -204,3 +204,27 @@ def test_the_middlewares_port_stays_bounded_and_the_app_unaffected() -> None:
                 sock.close()
         text = wait_for("a scrape answered again", lambda: scrape_text(metrics_port), seconds=10)
         assert "llm_requests_total{" in text
+
+
+def test_a_scrape_can_ask_for_some_series_by_name() -> None:
+    """``/metrics?name[]=...``, prometheus_client's filter by sample name, on the real middleware's port: only the
+    series asked for, each as a full scrape has it."""
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, request_logs=False)
+    with serve(app) as base:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+
+        def counted() -> str:
+            text = scrape_text(metrics_port)
+            return text if "llm_requests_total{" in text else ""
+
+        full = wait_for("the request counted", counted)
+        wanted = ("llm_requests_total", "gen_ai_server_request_duration_seconds_count")
+        query = "&".join(f"name[]={name}" for name in wanted)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics?{query}", timeout=10).text
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples
+    assert {line.split("{")[0].split(" ")[0] for line in samples} == set(wanted)
+    assert set(samples) <= set(full.splitlines())
+    assert "# TYPE llm_requests_total counter" in text
