@@ -413,6 +413,12 @@ async def _reconcile(
             if new:
                 kopf.warn(_event_target(body), reason=reason, message=message)
             state.reported[key] = failure
+            # The status says so too: in a namespace where no event can be posted (namespaced mode, a watched
+            # namespace created again has no Role until the chart is upgraded) it is all a user can see.
+            shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
+            status = await rec.write_failure(_client(memo), shown, reason, message)
+            if uid and status is not None:
+                state.statuses[uid] = status
             state.wake.set()
             wait = when - state.schedule.clock()
             if api:

@@ -728,6 +728,49 @@ def _monitoring_condition(
     return r.Condition(type_, True, f"{kind}Ready", ready)
 
 
+async def write_failure(
+    client: KubeClient, owner: Mapping[str, Any], reason: str, message: str
+) -> dict[str, Any] | None:
+    """Say in the status that a pass failed before it could write its own (an API error after the client's
+    retries, say a write refused with 403): ``Ready`` False with the failure, phase ``Degraded``, the other
+    conditions and the targets as last written. ``observedGeneration``, which kopf reads as "this spec was
+    applied" (see diffbase.py), is left as it was. Returns the status now stored, or None when it already said
+    so or could not be written (the failure is in the operator's log either way)."""
+    meta = owner["metadata"]
+    previous = owner.get("status") or {}
+    failed = r.Condition(c.CONDITION_READY, False, reason, message)
+    built = r.build_status(
+        [failed],
+        generation=meta.get("generation"),
+        targets=previous.get("targets") or [],
+        previous=previous,
+        now=_now(),
+        phase="Degraded",
+    )
+    others = [cond for cond in previous.get("conditions") or [] if cond.get("type") != c.CONDITION_READY]
+    patch = {"phase": built["phase"], "conditions": built["conditions"] + others}
+    if r.contains(previous, patch):
+        return None
+    try:
+        await client.patch(
+            kube.LLMTELEMETRIES,
+            meta["namespace"],
+            meta["name"],
+            {"status": patch},
+            subresource="status",
+            metadata_only=True,
+        )
+    except Exception as exc:  # an outage refuses this too; the next failed pass tries again
+        logger.debug(
+            "LLMTelemetry %s/%s: the failure could not be written to its status: %s",
+            meta["namespace"],
+            meta["name"],
+            exc,
+        )
+        return None
+    return {**previous, **patch}
+
+
 async def _write_status(
     client: KubeClient,
     owner: Mapping[str, Any],

@@ -811,6 +811,45 @@ async def test_delete_after_the_namespaces_role_is_gone(emulator: Any, monitorin
             assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
 
 
+async def test_a_pass_refused_by_the_api_server_says_so_in_the_status(emulator: Any, monitoring_crds: Any) -> None:
+    """Namespaced mode, and the namespace's Role missing (a watched namespace created again before `helm upgrade`):
+    no event can be posted there, so the status is where a user sees why nothing happens. A new resource and one
+    that was Ready both get Ready False with the API server's refusal; once the Role is back, the retries make
+    them Ready again (the one that was Ready, with the very status it had before)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "embed"] = deployment("embed", labels={"app": "embed"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        before = await ready(emulator)
+        emulator.forbid |= {(plural, NAMESPACE) for plural in ROLE_GRANTED}
+        collection = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+        await hand(emulator, "POST", collection, minimal_llmt("embed", selector={"matchLabels": {"app": "embed"}}))
+        # chat's pass, on its metrics Service's deletion, is refused (the watch opened before still delivers).
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        for name in ("embed", "chat"):
+            failed = await eventually(
+                lambda name=name: (
+                    condition(get(emulator, LLMT, name), "Ready").get("reason") == "ApiError"
+                    and get(emulator, LLMT, name)
+                ),
+                f"{name}: the refusal in its status",
+            )
+            ready_condition = condition(failed, "Ready")
+            assert ready_condition["status"] == "False"
+            assert "forbidden" in ready_condition["message"]
+            assert failed["status"]["phase"] == "Degraded"
+        chat = get(emulator, LLMT, "chat")
+        # What the last pass that could run wrote stays, so kopf still reads the spec as handled (diffbase.py).
+        assert chat["status"]["observedGeneration"] == before["status"]["observedGeneration"]
+        assert condition(chat, "Injected") == condition(before, "Injected")
+        emulator.forbid.clear()
+        for name in ("embed", "chat"):
+            await ready(emulator, name, attempts=800)
+        assert get(emulator, SERVICES, "chat-llm-metrics") is not None
+
+
 def refused(kmock: Any) -> list[Any]:
     """The operator's requests to a resource and namespace the emulator refuses."""
     return [
