@@ -179,8 +179,11 @@ class Settings:
         values: dict[str, Any] = {}
 
         def pick(field: str, var: str, convert: Any) -> None:
-            if overrides.get(field) is not None:
-                values[field] = overrides[field]
+            given = overrides.get(field)
+            if isinstance(given, str):
+                values[field] = convert(field, given)  # an argument written as its variable would be
+            elif given is not None:
+                values[field] = _argument(field, given)
             elif env.get(var) not in (None, ""):
                 values[field] = convert(var, env[var])
 
@@ -201,8 +204,10 @@ class Settings:
         if overrides.get("redact") is not None:
             values["redact"] = overrides["redact"]  # a function: no environment variable
         pick("multiproc_dir", LLM_TELEMETRY_MULTIPROC_DIR, lambda n, v: v.strip())
-        if overrides.get("capture_content") is not None:
-            values["capture_content"] = overrides["capture_content"]
+        if isinstance(overrides.get("capture_content"), str):
+            values["capture_content"] = _env_bool("capture_content", overrides["capture_content"])
+        elif overrides.get("capture_content") is not None:
+            values["capture_content"] = _argument("capture_content", overrides["capture_content"])
         elif env.get(LLM_TELEMETRY_CAPTURE_CONTENT):
             values["capture_content"] = _env_bool(LLM_TELEMETRY_CAPTURE_CONTENT, env[LLM_TELEMETRY_CAPTURE_CONTENT])
         elif env.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT):
@@ -228,6 +233,49 @@ class Settings:
                 raise ConfigurationError(
                     f"attribution header {header!r} maps to {label!r}: a label is letters, digits and '_'"
                 )
+
+
+#: The type each argument that is not text must have (text is read as its environment variable would be).
+_ARGUMENT_TYPES: dict[str, str] = {
+    "enabled": "bool",
+    "request_logs": "bool",
+    "echo_request_id": "bool",
+    "tracing_http_span": "bool",
+    "capture_content": "bool",
+    "metrics_port": "int",
+    "max_label_values": "int",
+    "max_request_bytes": "int",
+    "capture_content_max_chars": "int",
+    "attribution_headers": "mapping",
+    "routes": "mapping",
+    "metrics_exporters": "exporters",
+    "pricing": "mapping",
+}
+
+
+def _argument(name: str, value: Any) -> Any:
+    """A constructor argument that is not text, checked now: a wrong type would otherwise fail every request."""
+    kind = _ARGUMENT_TYPES.get(name)
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigurationError(f"{name}={value!r}: expected True or False")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{name}={value!r}: expected an integer")
+        return _env_int(name, str(value), 1 if name == "max_label_values" else 0)
+    if name == "pricing" and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if kind == "mapping":
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(f"{name}={value!r}: expected a mapping, or text as its variable takes")
+        if name != "pricing":
+            if not all(isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()):
+                raise ConfigurationError(f"{name}={value!r}: keys and values must be non-empty text")
+            return {k.strip(): v.strip() for k, v in value.items()}
+    if kind == "exporters":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigurationError(f"{name}={value!r}: expected a list of names, or text as its variable takes")
+        return _parse_exporters(name, ",".join(value))
+    return value
 
 
 def _parse_exporters(name: str, value: str) -> tuple[str, ...]:

@@ -73,6 +73,69 @@ def test_settings_bad_values_fail_with_the_setting_named(env: dict[str, str], me
         Settings.resolve(env=env)
 
 
+#: Every option of the README's table, as text its environment variable takes.
+_AS_TEXT = {
+    "metrics_port": ("LLM_TELEMETRY_METRICS_PORT", "9999"),
+    "metrics_host": ("LLM_TELEMETRY_METRICS_HOST", "127.0.0.1"),
+    "metrics_app_path": ("LLM_TELEMETRY_METRICS_APP_PATH", "/metrics"),
+    "metrics_exporters": ("LLM_TELEMETRY_METRICS_EXPORTER", "prometheus,otlp"),
+    "pricing": ("LLM_TELEMETRY_PRICING", "prices.yaml"),
+    "attribution_headers": ("LLM_TELEMETRY_ATTRIBUTION_HEADERS", "x-tenant-id=tenant, x-team=team"),
+    "max_label_values": ("LLM_TELEMETRY_MAX_LABEL_VALUES", "7"),
+    "max_request_bytes": ("LLM_TELEMETRY_MAX_REQUEST_BYTES", "1024"),
+    "routes": ("LLM_TELEMETRY_ROUTES", "/generate=openai.chat"),
+    "request_logs": ("LLM_TELEMETRY_REQUEST_LOGS", "false"),
+    "capture_content": ("LLM_TELEMETRY_CAPTURE_CONTENT", "true"),
+    "echo_request_id": ("LLM_TELEMETRY_ECHO_REQUEST_ID", "false"),
+    "tracing_http_span": ("LLM_TELEMETRY_TRACING_HTTP_SPAN", "true"),
+    "multiproc_dir": ("LLM_TELEMETRY_MULTIPROC_DIR", "off"),
+    "enabled": ("LLM_TELEMETRY_ENABLED", "false"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(_AS_TEXT))
+def test_an_argument_written_as_its_variable_means_what_the_variable_means(option: str) -> None:
+    """The README's table gives each option's values as its variable takes them (``x-tenant-id=tenant``,
+    ``prometheus,otlp``, ``false``); given so as an argument, each means the same (not a string iterated, nor a
+    truthy ``"false"``)."""
+    var, text = _AS_TEXT[option]
+    assert Settings.resolve(env={}, **{option: text}) == Settings.resolve(env={var: text})
+    assert Settings.resolve(env={}, **{option: text}) != Settings.resolve(env={})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"metrics_port": [1]}, "metrics_port=[1]: expected an integer"),
+        ({"metrics_port": True}, "metrics_port=True: expected an integer"),
+        ({"metrics_port": "http"}, "metrics_port='http': expected an integer"),
+        ({"max_label_values": 0}, "max_label_values='0': must be at least 1"),
+        ({"enabled": "maybe"}, "enabled='maybe': expected true or false"),
+        ({"request_logs": 0}, "request_logs=0: expected True or False"),
+        ({"attribution_headers": 5}, "attribution_headers=5: expected a mapping"),
+        ({"routes": {"/generate": 1}}, "keys and values must be non-empty text"),
+        ({"metrics_exporters": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
+        ({"metrics_exporters": [1]}, "expected a list of names"),
+        ({"pricing": 3}, "pricing=3: expected a mapping"),
+    ],
+)
+def test_an_argument_of_the_wrong_type_fails_naming_it(arguments: dict[str, object], message: str) -> None:
+    """Checked when the settings are made, so the server's startup fails naming it: taken as it was, a wrong type
+    failed every request with a 500 instead."""
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Settings.resolve(env={}, **arguments)
+
+
+def test_exporters_as_a_list_and_none() -> None:
+    assert Settings.resolve(env={}, metrics_exporters=["otlp", "prometheus"]).metrics_exporters == (
+        "otlp",
+        "prometheus",
+    )
+    assert Settings.resolve(env={}, metrics_exporters=("none",)).metrics_exporters == ()
+    assert Settings.resolve(env={}, metrics_exporters=()).metrics_exporters == ()
+    assert Settings.resolve(env={}, pricing=Path("prices.yaml")).pricing == "prices.yaml"
+
+
 def test_unknown_option_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="unknown settings: metrics_prot"):
         LLMTelemetryMiddleware(lambda *a: None, metrics_prot=1)  # type: ignore[arg-type]
