@@ -286,7 +286,24 @@ def injected_record(workload: Mapping[str, Any]) -> dict[str, Any] | None:
         record = json.loads(raw)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    return record if _well_formed(record) else None
+
+
+def _well_formed(record: Any) -> bool:
+    """Whether an injection record has the shape this operator writes: anyone who can annotate a workload can
+    write one, and a record of another shape must read as none, not fail every pass (and the deletion)."""
+    if not isinstance(record, dict) or not isinstance(record.get("owner", ""), (str, type(None))):
+        return False
+    if not isinstance(record.get("volume", False), bool) or not isinstance(record.get("containers", {}), dict):
+        return False
+    for done in (record.get("containers") or {}).values():
+        if not isinstance(done, dict) or not isinstance(done.get("env", {}), dict):
+            return False
+        if not all(isinstance(v, str) for v in (done.get("env") or {}).values()):
+            return False
+        if not isinstance(done.get("port", False), bool) or not isinstance(done.get("mount", False), bool):
+            return False
+    return True
 
 
 def _env_key(entry: Mapping[str, Any]) -> str:

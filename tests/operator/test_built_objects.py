@@ -10,6 +10,7 @@ dots, leading digits and long shared prefixes.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,41 @@ def test_any_workload_is_injected_validly_once_and_restored_exactly(
         del template_meta["annotations"]  # an empty map is not stored (Go's omitempty), as if never there
     assert restored["spec"] == kube_schema.with_server_defaults(target)["spec"]
     assert r.build_workload_patch(restored, None, "chat") is None
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["app", "env", "x"]), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_RECORD = st.fixed_dictionaries(
+    {},
+    optional={
+        "owner": st.none() | st.sampled_from(["chat", "other"]) | _JSON,
+        "volume": _JSON,
+        "containers": _JSON
+        | st.dictionaries(
+            st.sampled_from(["app", "x"]),
+            _JSON | st.fixed_dictionaries({}, optional={"env": _JSON, "port": _JSON, "mount": _JSON}),
+            max_size=2,
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(record=_RECORD | _JSON)
+def test_an_injection_record_of_any_shape_never_fails_a_pass(record: Any) -> None:
+    """The record annotation is there for anyone who can annotate a workload to write: one of another shape reads
+    as no record, and injecting and removing still work (a record whose inner types were wrong used to raise
+    AttributeError on every pass, and block the LLMTelemetry's deletion)."""
+    target = workload("Deployment", "chat", "llm", None)
+    target["metadata"]["annotations"] = {c.ANNOTATION_INJECTED: json.dumps(record)}
+    parsed = parse_spec(SPECS[0])
+    r.build_workload_patch(target, r.build_injection(parsed, CONFIG, target, "chat"), "chat")
+    r.build_workload_patch(target, None, "chat")
 
 
 def test_the_largest_spec_the_crd_admits_still_fits_the_api_servers_limits() -> None:
