@@ -228,12 +228,33 @@ async def reconcile(
             configmaps.append(r.build_dashboard_configmap(owner, spec, config))
         except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
             dashboard_error = f"dashboard could not be rendered: {exc}"
-    cm_error = await _sync_children(client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh)
+    failed: dict[str, str] = {}
+    cm_error = await _sync_children(
+        client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh, failed=failed
+    )
+    pricing_error = failed.pop(r.pricing_configmap_name(name), None)
+    cm_error = "; ".join(failed.values()) or None
 
     monitor = [] if standby else [r.build_service_monitor(owner, spec, config)]
     monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome, fresh=fresh)
     rules = [r.build_prometheus_rule(owner, spec, config)] if spec.alerts.enabled and not standby else []
     rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome, fresh=fresh)
+
+    # The injected pricing volume names a ConfigMap: without it (or its key) the pods cannot start.
+    if targets and pricing_error:
+        conditions[c.CONDITION_INJECTED] = r.Condition(
+            c.CONDITION_INJECTED,
+            False,
+            "PricingConfigMapFailed",
+            f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
+        )
+    elif targets and spec.pricing.config_map and not standby:
+        missing_prices = await _missing_pricing(client, meta["namespace"], spec)
+        if missing_prices:
+            outcome.retry = True  # the user's ConfigMap has no watch of ours: look again with backoff
+            conditions[c.CONDITION_INJECTED] = r.Condition(
+                c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", missing_prices
+            )
 
     # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
     unscrapeable = [
@@ -577,6 +598,24 @@ async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
     return deleted
 
 
+async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySpec) -> str | None:
+    """Why ``spec.pricing.configMapRef`` cannot be mounted (the ConfigMap or its key missing), or None."""
+    name, key = spec.pricing.config_map, spec.pricing.config_map_key
+    try:
+        found = await client.get(kube.CONFIGMAPS, namespace, str(name))
+    except NotFoundError:
+        return (
+            f"ConfigMap {name} (spec.pricing.configMapRef) does not exist in {namespace}: the pods mount it, and "
+            "cannot start until it does"
+        )
+    if key not in (found.get("data") or {}) and key not in (found.get("binaryData") or {}):
+        return (
+            f"ConfigMap {name} (spec.pricing.configMapRef) has no key {key!r}: the pods mount it, and cannot start "
+            "until it has"
+        )
+    return None
+
+
 async def _sync_children(
     client: KubeClient,
     resource: Resource,
@@ -586,11 +625,14 @@ async def _sync_children(
     outcome: Outcome,
     adoptable: Container[str] = frozenset(),
     fresh: bool = False,
+    failed: dict[str, str] | None = None,
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
     A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error.
     ``fresh``: the owner cannot have children yet, so none are listed (nothing to prune); each is created, and
-    one found to exist all the same (409) is read and repaired."""
+    one found to exist all the same (409) is read and repaired. ``failed`` gets each desired child's error by name.
+    Only what this LLMTelemetry controls (its uid in the controller owner reference) is pruned: a copy someone
+    made of a child, labels and all, is theirs."""
     meta = owner["metadata"]
     namespace = meta["namespace"]
     missing = _CRD_MISSING if resource.group == "monitoring.coreos.com" else f"{resource.plural} not found"
@@ -613,16 +655,21 @@ async def _sync_children(
             errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
         except ApiError as exc:
             errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
+        if failed is not None and len(errors) > len(failed):
+            failed[obj["metadata"]["name"]] = errors[-1]
     for obj_name, obj in by_name.items():
         labels = obj["metadata"].get("labels") or {}
         if obj_name in wanted or (component is not None and labels.get(c.LABEL_COMPONENT) != component):
             continue
         if resource == kube.CONFIGMAPS and labels.get(c.LABEL_COMPONENT) not in ("pricing", "dashboard"):
             continue
+        if _controller_uid(obj) != meta.get("uid"):
+            continue
         try:
             # Only the version listed: one changed since (say relabelled by the LLMTelemetry that took its
             # workload over) is for the next pass to judge.
             await client.delete(resource, namespace, obj_name, resource_version=_version(obj))
+            logger.info("deleted %s %s/%s (no longer wanted)", resource.plural, namespace, obj_name)
         except ConflictError:
             continue
         except ApiError as exc:
@@ -649,9 +696,13 @@ async def _apply(
             except ConflictError:
                 current = await client.get(resource, namespace, name)
                 owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
-                if owner_label != desired["metadata"]["labels"][c.LABEL_OWNER] and owner_label not in adoptable:
+                ours = owner_label == desired["metadata"]["labels"][c.LABEL_OWNER] or owner_label in adoptable
+                # Its labels edited away, it is still ours while we control it (and so is repaired).
+                if not ours and _controller_uid(current) != _controller_uid(desired):
                     raise ConflictError(
-                        409, "AlreadyExists", "exists and is not managed by this LLMTelemetry"
+                        409,
+                        "AlreadyExists",
+                        "exists and is not this LLMTelemetry's (not labelled or owned by it): rename or delete it",
                     ) from None
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         stale = _stale_keys(current, desired)
@@ -707,6 +758,14 @@ def _remember(
     for version in (_version(read), written):
         if version:
             outcome.seen.add((resource.plural, name, version))
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid in an object's controller owner reference, if it has one."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "") or None
+    return None
 
 
 def _version(obj: Mapping[str, Any] | None) -> str | None:

@@ -482,6 +482,99 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
     check_usage(emulator)
 
 
+async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator: Any, monitoring_crds: Any) -> None:
+    """The pods mount the pricing ConfigMap, and cannot start without it. Inline prices whose ConfigMap's name is
+    someone else's, and a configMapRef to a ConfigMap that does not exist (then without the key), each set Injected
+    and Ready False, the dashboard off or not; once the ConfigMap is there, the retries make the resource Ready."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "embed"] = deployment("embed", labels={"app": "embed"})
+    foreign = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "chat-llm-pricing"}, "data": {"x": "1"}}
+    emulator.objects[CONFIGMAPS, NAMESPACE, "chat-llm-pricing"] = foreign
+    inline = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+    off = {"enabled": False}
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(pricing=inline, dashboard=off)
+    ref = {"configMapRef": {"name": "prices"}}
+    emulator.objects[LLMT, NAMESPACE, "embed"] = minimal_llmt(
+        "embed", selector={"matchLabels": {"app": "embed"}}, pricing=ref, dashboard=off
+    )
+
+    def reason(name: str) -> str:
+        return str(condition(get(emulator, LLMT, name), c.CONDITION_INJECTED).get("reason"))
+
+    async with running_operator():
+        await eventually(lambda: reason("chat") == "PricingConfigMapFailed", "chat: the pricing ConfigMap refused")
+        await eventually(lambda: reason("embed") == "PricingConfigMapNotFound", "embed: the ConfigMap missing")
+        for name in ("chat", "embed"):
+            assert condition(get(emulator, LLMT, name), "Ready")["status"] == "False"
+        assert "not this LLMTelemetry's" in condition(get(emulator, LLMT, "chat"), "Ready")["message"]
+        assert get(emulator, CONFIGMAPS, "chat-llm-pricing")["data"] == {"x": "1"}  # theirs, left alone
+        await eventually(lambda: posted_events(emulator, "PricingConfigMapNotFound"), "an event for embed")
+
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"}, "data": {"other": "{}"}}
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(
+            lambda: "has no key 'pricing.yaml'" in condition(get(emulator, LLMT, "embed"), "Ready")["message"],
+            "embed: the key missing",
+            attempts=800,
+        )
+        await hand(
+            emulator, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/configmaps/prices", {"data": {"pricing.yaml": "{}"}}
+        )
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/chat-llm-pricing")
+        for name in ("chat", "embed"):
+            await ready(emulator, name, attempts=1200)
+        assert get(emulator, CONFIGMAPS, "chat-llm-pricing")["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+
+
+async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repaired(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A user's copy of a child, its labels kept (a dashboard to customise, a debug Service), is not the resource's:
+    it is not pruned. A child of the resource whose labels someone removed is still the resource's (its controller
+    owner reference says so): it is repaired, not reported as someone else's."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)
+        for resource, name, copy_name in (
+            (CONFIGMAPS, "chat-llm-dashboard", "my-dashboard"),
+            (SERVICES, "chat-llm-metrics", "chat-debug"),
+        ):
+            copy = get(emulator, resource, name)
+            meta = copy["metadata"]
+            copy["metadata"] = {"name": copy_name, "labels": meta["labels"], "annotations": meta.get("annotations", {})}
+            if resource == SERVICES:
+                copy["spec"] = {"selector": copy["spec"]["selector"], "ports": [{"name": "http", "port": 8080}]}
+                path = f"/api/v1/namespaces/{NAMESPACE}/services"
+            else:
+                path = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+            await hand(emulator, "POST", path, copy)
+        # Its labels removed (and its selector changed): the next pass finds it by name, and repairs it.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics",
+            {"metadata": {"labels": None}, "spec": {"selector": {"pod": "other"}}},
+        )
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 2}, "spec": {"metrics": {"port": 9600}}},
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("observedGeneration") == 2, "a pass run"
+        )
+        assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "True"
+        repaired = get(emulator, SERVICES, "chat-llm-metrics")
+        assert repaired["spec"]["selector"] == {"pod": "chat"}
+        assert repaired["metadata"]["labels"][c.LABEL_OWNER] == "chat"
+        assert get(emulator, CONFIGMAPS, "my-dashboard") is not None
+        assert get(emulator, SERVICES, "chat-debug") is not None
+
+
 async def test_workload_status_updates_run_no_pass_and_template_edits_are_repaired(
     emulator: Any, monitoring_crds: Any
 ) -> None:
