@@ -1,4 +1,4 @@
-"""Namespaced mode against a real API server: a watched namespace deleted with its Role.
+"""Namespaced mode against a real API server: a watched namespace deleted with its Role, and created again.
 
 Its own module: the cluster-wide operator of test_real_cluster.py watches every namespace, and would act on this
 test's resources too while its module runs (the suite is shuffled by module, so the two never overlap)."""
@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 import pytest
-from clusterkit import install, start_chart_operator, stop, unique, wait_for
+from clusterkit import apply, install, start_chart_operator, stop, unique, wait_for
 from test_real_cluster import GROUP, PLURAL, VERSION, deployment, telemetry, uninstall
 
 from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
@@ -23,7 +23,8 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
     """Namespaced mode grants most of its access through a Role in each watched namespace, and deleting the
     namespace deletes the Role with everything else. The namespace still goes (the operator takes its finalizer
     off the LLMTelemetry there), and the operator goes on serving the other namespace, its peering held in the
-    release's ClusterKopfPeering rather than in a KopfPeering of each namespace."""
+    release's ClusterKopfPeering rather than in a KopfPeering of each namespace. Created again, the namespace has
+    no Role until the chart is applied again: a resource there says so in its status, and is served once it is."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -35,10 +36,13 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
     [peering] = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"]
     process, log, _, env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
 
-    def ready(namespace: str) -> bool:
+    def condition(namespace: str) -> dict[str, Any]:
         found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
         conditions = (found.get("status") or {}).get("conditions") or []
-        return any(cond["type"] == "Ready" and cond["status"] == "True" for cond in conditions)
+        return next((cond for cond in conditions if cond["type"] == "Ready"), {})
+
+    def ready(namespace: str) -> bool:
+        return condition(namespace).get("status") == "True"
 
     def gone(namespace: str) -> bool:
         try:
@@ -80,11 +84,23 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
         text = log.read_text(errors="replace")
         refused = [x for x in text.splitlines() if (" 403" in x or "Forbidden" in x) and doomed not in x]
         assert not refused, "\n".join(refused[:20])
+
+        # Created again, the namespace has no Role until the chart's objects are applied again (helm upgrade), and
+        # no event can be posted there: the status says why nothing happens.
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=doomed)))
+        apps.create_namespaced_deployment(doomed, deployment("chat", "chat"))
+        custom.create_namespaced_custom_object(GROUP, VERSION, doomed, PLURAL, telemetry("chat", "chat"))
+        refusal = wait_for(lambda: condition(doomed).get("reason") == "ApiError" and condition(doomed), "refusal shown")
+        assert refusal["status"] == "False" and "forbidden" in refusal["message"], refusal
+        for doc in docs:
+            if doc["kind"] in ("Role", "RoleBinding") and doc["metadata"].get("namespace") == doomed:
+                apply(api, doc, doomed)
+        wait_for(lambda: ready(doomed), f"Ready in {doomed} once its Role is back")
     finally:
         try:
             custom.delete_namespaced_custom_object(GROUP, VERSION, kept, PLURAL, "chat")
             wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, kept, PLURAL)["items"], "gone")
         finally:
             stop(process)
-        uninstall(api, docs, (kept, system))
+        uninstall(api, docs, (kept, system) if gone(doomed) else (kept, system, doomed))
         custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
