@@ -622,7 +622,7 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     cluster.create(deployment("blocked", "blocked"))
     cluster.create(telemetry("blocked", "blocked"))
     failed = cluster.reported("blocked", c.CONDITION_METRICS, "ServiceFailed")
-    assert "not managed by this LLMTelemetry" in failed["message"]
+    assert "not this LLMTelemetry's" in failed["message"]
     assert cluster.condition("blocked", "Ready")["status"] == "False"
     generation = cluster.llmt("blocked")["metadata"]["generation"]
     cluster.core.delete_namespaced_service("blocked-llm-metrics", cluster.namespace)
@@ -632,6 +632,45 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     assert (service.metadata.labels or {}).get(c.LABEL_OWNER) == "blocked"
     # The failure was told once, however many retries met it.
     assert len(cluster.events("blocked", "ServiceFailed")) == 1
+
+
+def test_pricing_the_pods_cannot_mount_holds_ready_back(cluster: Cluster) -> None:
+    """A configMapRef to a ConfigMap that does not exist: the pods would sit in ContainerCreating, so the resource
+    is not Ready, and says why; once the ConfigMap is created, the operator's retries make it Ready."""
+    from kubernetes import client
+
+    cluster.create(deployment("priced", "priced"))
+    cluster.create(telemetry("priced", "priced", pricing={"configMapRef": {"name": "priced-prices"}}))
+    missing = cluster.reported("priced", c.CONDITION_INJECTED, "PricingConfigMapNotFound")
+    assert "priced-prices" in missing["message"] and cluster.condition("priced", "Ready")["status"] == "False"
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace,
+        client.V1ConfigMap(metadata=client.V1ObjectMeta(name="priced-prices"), data={"pricing.yaml": "{}"}),
+    )
+    cluster.ready("priced")
+
+
+def test_a_users_copy_of_a_child_is_left_alone(cluster: Cluster) -> None:
+    """A copy of the dashboard ConfigMap made to customise it, labels and all, is the user's: passes that prune the
+    resource's children (a spec change here) leave it."""
+    from kubernetes import client
+
+    cluster.create(deployment("copied", "copied"))
+    cluster.create(telemetry("copied", "copied"))
+    cluster.ready("copied")
+    original = cluster.configmap("copied-llm-dashboard")
+    cluster.core.create_namespaced_config_map(
+        cluster.namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="my-dashboard", labels=original.metadata.labels), data=original.data
+        ),
+    )
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "copied", {"spec": {"metrics": {"port": 9601}}}
+    )
+    wait_for(lambda: cluster.env("copied").get("LLM_TELEMETRY_METRICS_PORT") == "9601", "the change applied")
+    cluster.ready("copied")
+    assert cluster.configmap("my-dashboard") is not None
 
 
 def test_a_spec_the_schema_admits_but_no_pass_can_use_is_reported_once(cluster: Cluster) -> None:
