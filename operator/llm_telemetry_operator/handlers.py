@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -470,7 +470,7 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
-async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int = 0, **_: Any) -> None:
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
@@ -483,16 +483,40 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             touched = await rec.remove_injection(_client(memo), _config(memo), body)
             deleted = await rec.delete_children(_client(memo), body)
         logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
-    except ApiError as exc:
+    except Exception as exc:
         # In a namespace being deleted, everything the resource made goes with the namespace; in namespaced mode
         # the chart's Role there may already be gone (403), and retrying would hold the namespace up for good.
-        if not await _namespace_leaving(_client(memo), key[0]):
-            raise
+        if not isinstance(exc, ApiError) or not await _namespace_leaving(_client(memo), key[0]):
+            await _cleanup_failed(memo, body, logger, exc, retry)
         logger.info("namespace %s is being deleted, and with it what this resource made (%s)", key[0], exc)
     _state(memo).bodies.pop(key, None)
     _state(memo).specs.pop(key, None)
     _state(memo).index.remove(key)
     _state(memo).schedule.forget(key)
+
+
+async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exception, retry: int) -> NoReturn:
+    """A clean-up refused (an admission policy on the workload, an API error) or failed: the resource stays, with
+    its finalizer, and says why where a user looks (its Ready condition, a Warning event once per failure); kopf
+    retries it with backoff, with no traceback for an API error."""
+    state = _state(memo)
+    meta = body["metadata"]
+    key, uid = (meta["namespace"], meta["name"]), meta.get("uid") or ""
+    api = isinstance(exc, ApiError)
+    reason = "CleanupFailed" if api else "InternalError"
+    error = str(exc) if api else f"{type(exc).__name__}: {exc}"
+    message = f"clean-up failed, so the resource stays until it succeeds: {error}"[:MAX_MESSAGE_CHARS]
+    failure = frozenset({(reason, message)})
+    if state.reported.get(key) != failure:
+        kopf.warn(_event_target(body), reason=reason, message=message)
+    state.reported[key] = failure
+    shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
+    status = await rec.write_failure(_client(memo), shown, reason, message)
+    if uid and status is not None:
+        state.statuses[uid] = status
+    delay = min(300, 5 * 2 ** min(retry, 6))
+    logger.warning("clean-up failed: %s; retrying in %d s", error, delay, exc_info=not api and retry == 0)
+    raise kopf.TemporaryError(message, delay=delay)
 
 
 async def _namespace_leaving(client: KubeClient, namespace: str) -> bool:

@@ -880,7 +880,7 @@ async def test_delete_after_the_namespaces_role_is_gone(emulator: Any, monitorin
     """Namespaced mode, and the namespace's Role gone (every call there refused but those on the LLMTelemetry
     resources, which the chart grants cluster-wide). When the namespace is being deleted, a deleted resource lets
     go of its finalizer: what it made goes with the namespace. Otherwise the refusal is a failure, retried, and
-    the finalizer holds."""
+    the finalizer holds, and the status says why."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
@@ -902,6 +902,15 @@ async def test_delete_after_the_namespaces_role_is_gone(emulator: Any, monitorin
             )
             await asyncio.sleep(1)
             assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+            # Where a user sees why it stays (no event can be posted there either).
+            failed = await eventually(
+                lambda: (
+                    condition(get(emulator, LLMT, "chat"), "Ready").get("reason") == "CleanupFailed"
+                    and condition(get(emulator, LLMT, "chat"), "Ready")
+                ),
+                "the failed clean-up in the status",
+            )
+            assert failed["status"] == "False" and "forbidden" in failed["message"], failed
 
 
 async def test_a_pass_refused_by_the_api_server_says_so_in_the_status(emulator: Any, monitoring_crds: Any) -> None:
