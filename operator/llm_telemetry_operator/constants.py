@@ -28,6 +28,9 @@ LABEL_OWNER: Final = f"{GROUP}/owner"
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 #: Workload annotation: JSON record of what was injected, so it can be removed exactly.
 ANNOTATION_INJECTED: Final = f"{GROUP}/injected"
+#: Child annotation: the keys of the labels it carries from settings (``spec.metrics.labels``, the chart's), so that
+#: one taken out of them is taken off the child too (a merge patch keeps the keys it does not name).
+ANNOTATION_LABELS: Final = f"{GROUP}/labels"
 #: Grafana sidecar folder annotation on the dashboard ConfigMap.
 ANNOTATION_GRAFANA_FOLDER: Final = "grafana_folder"
 

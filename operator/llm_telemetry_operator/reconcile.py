@@ -706,10 +706,17 @@ async def _apply(
                     ) from None
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         stale = _stale_keys(current, desired)
-        if not stale and r.contains(current, patch):
+        stale_metadata = _stale_metadata(current, desired)
+        if not stale and not stale_metadata and r.contains(current, patch):
             return _version(current)
-        if stale:  # a merge patch keeps keys it does not name; null removes them
+        # A merge patch keeps the keys it does not name; null removes them.
+        if stale:
             patch["data"] = {**patch["data"], **dict.fromkeys(stale)}
+        for part, keys in stale_metadata.items():
+            patch["metadata"] = {
+                **patch["metadata"],
+                part: {**patch["metadata"].get(part, {}), **dict.fromkeys(keys)},
+            }
         if _immutable_differs(current, desired):
             # Only this version of it: one changed meanwhile is for the next pass to judge.
             await client.delete(resource, namespace, name, resource_version=_version(current))
@@ -738,6 +745,25 @@ def _stale_keys(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[
     if desired.get("kind") != "ConfigMap":
         return []
     return sorted(set(current.get("data") or {}) - set(desired.get("data") or {}))
+
+
+def _stale_metadata(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Labels a child carries from settings that no longer name them (the annotation lists the ones it was given),
+    and that annotation itself once it lists none."""
+    current_meta = current.get("metadata") or {}
+    desired_meta = desired.get("metadata") or {}
+    given = ((current_meta.get("annotations") or {}).get(c.ANNOTATION_LABELS) or "").split(",")
+    have = current_meta.get("labels") or {}
+    want = desired_meta.get("labels") or {}
+    stale: dict[str, list[str]] = {}
+    labels = sorted(key for key in given if key and key in have and key not in want)
+    if labels:
+        stale["labels"] = labels
+    if c.ANNOTATION_LABELS in (current_meta.get("annotations") or {}) and c.ANNOTATION_LABELS not in (
+        desired_meta.get("annotations") or {}
+    ):
+        stale["annotations"] = [c.ANNOTATION_LABELS]
+    return stale
 
 
 def _immutable_differs(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:

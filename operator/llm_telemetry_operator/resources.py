@@ -133,12 +133,17 @@ def _metadata(
     owner: Mapping[str, Any], name: str, component: str, labels: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     meta = owner["metadata"]
-    return {
+    own = build_labels(meta["name"], component)
+    metadata: dict[str, Any] = {
         "name": name,
         "namespace": meta["namespace"],
-        "labels": {**(labels or {}), **build_labels(meta["name"], component)},
+        "labels": {**(labels or {}), **own},
         "ownerReferences": [build_owner_reference(owner)],
     }
+    extra = sorted(set(labels or ()) - set(own))
+    if extra:
+        metadata["annotations"] = {c.ANNOTATION_LABELS: ",".join(extra)}
+    return metadata
 
 
 # --- injection --------------------------------------------------------------------------------
@@ -655,7 +660,7 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
     )
     key, val = config.dashboard_label
     metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})
-    metadata["annotations"] = {c.ANNOTATION_GRAFANA_FOLDER: spec.dashboard.folder}
+    metadata.setdefault("annotations", {})[c.ANNOTATION_GRAFANA_FOLDER] = spec.dashboard.folder
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -575,6 +575,66 @@ async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repai
         assert get(emulator, SERVICES, "chat-debug") is not None
 
 
+async def labelled_pass(emulator: Any, config: OperatorConfig) -> None:
+    client = KubeClient(server_configuration(str(emulator.url)))
+    try:
+        outcome = await reconcile(client, config, get(emulator, LLMT, "chat"))
+    finally:
+        await client.close()
+    assert outcome.ready
+
+
+def child_labels(emulator: Any) -> dict[str, dict[str, str]]:
+    return {
+        plural: get(emulator, resource, name)["metadata"]["labels"]
+        for plural, resource, name in (
+            ("servicemonitors", SERVICEMONITORS, "chat-llm-telemetry"),
+            ("prometheusrules", PROMETHEUSRULES, "chat-llm-telemetry"),
+            ("configmaps", CONFIGMAPS, "chat-llm-dashboard"),
+        )
+    }
+
+
+async def test_labels_taken_out_of_the_settings_come_off_the_children(emulator: Any, monitoring_crds: Any) -> None:
+    """A merge patch keeps the keys it does not name. A label taken out of ``spec.metrics.labels``, or out of the
+    chart's ServiceMonitor labels or dashboard label, stayed on the children, and a Prometheus or a Grafana sidecar
+    selecting by it kept picking them up. Each child notes the labels it has from settings and sheds the ones no
+    longer named, and only those: a label someone else put on it stays."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(metrics={"labels": {"release": "kps", "team": "ml"}})
+    await labelled_pass(emulator, OperatorConfig(servicemonitor_labels={"prometheus": "main"}))
+    for plural, labels in child_labels(emulator).items():
+        if plural != "configmaps":
+            assert {"release": "kps", "team": "ml", "prometheus": "main"}.items() <= labels.items(), plural
+    await hand(
+        emulator,
+        "PATCH",
+        f"/apis/monitoring.coreos.com/v1/namespaces/{NAMESPACE}/servicemonitors/chat-llm-telemetry",
+        {"metadata": {"labels": {"argocd.argoproj.io/instance": "apps"}}},
+    )
+
+    owner_path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
+    await hand(emulator, "PATCH", owner_path, {"spec": {"metrics": {"labels": {"team": None}}}})
+    await labelled_pass(emulator, OperatorConfig(dashboard_label=("dashboards", "llm")))
+    labels = child_labels(emulator)
+    for plural in ("servicemonitors", "prometheusrules"):
+        assert labels[plural]["release"] == "kps"
+        assert "team" not in labels[plural] and "prometheus" not in labels[plural], plural
+    assert labels["servicemonitors"]["argocd.argoproj.io/instance"] == "apps"
+    assert labels["configmaps"]["dashboards"] == "llm" and "grafana_dashboard" not in labels["configmaps"]
+
+    await hand(emulator, "PATCH", owner_path, {"spec": {"metrics": {"labels": None}}})
+    await labelled_pass(emulator, OperatorConfig(dashboard_label=("dashboards", "llm")))
+    monitor = get(emulator, SERVICEMONITORS, "chat-llm-telemetry")["metadata"]
+    assert "release" not in monitor["labels"] and c.ANNOTATION_LABELS not in (monitor.get("annotations") or {})
+    assert monitor["labels"][c.LABEL_OWNER] == "chat"
+
+    before = len(list(emulator))
+    await labelled_pass(emulator, OperatorConfig(dashboard_label=("dashboards", "llm")))
+    assert [r for r in list(emulator)[before:] if r.method.value != "GET"] == []  # settled: nothing more to write
+
+
 async def test_workload_status_updates_run_no_pass_and_template_edits_are_repaired(
     emulator: Any, monitoring_crds: Any
 ) -> None:

@@ -391,7 +391,7 @@ def test_dashboard_configmap_for_grafana_sidecar() -> None:
     assert_child_metadata(cm, "dashboard")
     assert cm["metadata"]["name"] == "chat-llm-dashboard"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert cm["metadata"]["annotations"] == {"grafana_folder": "Team ML"}
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "Team ML"
     (key,) = cm["data"]
     assert key == "llmt_llm_chat.json"  # the sidecar's file name: one per resource in the cluster
     dashboard = json.loads(cm["data"][key])
