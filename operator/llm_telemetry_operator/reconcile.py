@@ -260,8 +260,18 @@ async def reconcile(
     unscrapeable = [
         f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
     ]
+    clashes = [f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.port_conflicts(w, spec))]
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
+    elif clashes:
+        message = (
+            f"spec.metrics.port {spec.metrics.port} is taken in these pods, and the middleware's listener cannot"
+            " share it: "
+            + "; ".join(clashes)
+            + " (set spec.metrics.port to a free port; a port that is the middleware's own listener, declared by"
+            f" hand, is named {c.METRICS_PORT_NAME})"
+        )
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "PortConflict", message)
     elif unscrapeable:
         message = (
             f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: "

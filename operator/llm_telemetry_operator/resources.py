@@ -444,6 +444,28 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
     return found
 
 
+def port_conflicts(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
+    """The containers of a workload's pods that declare ``spec.metrics.port`` for something else than the
+    middleware's listener (any port there not named ``llm-metrics``). A pod's containers share one network: the app
+    itself or a sidecar on that port, and the middleware's listener and it cannot both bind it (the first to start
+    wins; when that is the middleware, the app cannot start). Sidecars started as init containers count too."""
+    pod = ((workload.get("spec") or {}).get("template") or {}).get("spec") or {}
+    containers = [ct for ct in pod.get("containers") or [] if isinstance(ct, Mapping)]
+    containers += [
+        ct for ct in pod.get("initContainers") or [] if isinstance(ct, Mapping) and ct.get("restartPolicy") == "Always"
+    ]
+    found = []
+    for container in containers:
+        for port in container.get("ports") or []:
+            if not isinstance(port, Mapping) or port.get("containerPort") != spec.metrics.port:
+                continue
+            if port.get("name") == c.METRICS_PORT_NAME or (port.get("protocol") or "TCP") != "TCP":
+                continue
+            named = f" ({port['name']})" if port.get("name") else ""
+            found.append(f"container {container.get('name')} declares port {spec.metrics.port}{named}")
+    return found
+
+
 def build_workload_patch(
     workload: Mapping[str, Any], injection: Injection | None, owner_name: str, *, take_over: bool = False
 ) -> dict[str, Any] | None:

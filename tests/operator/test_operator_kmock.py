@@ -763,6 +763,40 @@ async def test_a_containers_own_metrics_port_is_reported_until_it_goes(emulator:
     check_usage(emulator)
 
 
+async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, monitoring_crds: Any) -> None:
+    """A sidecar already listens on spec.metrics.port: the middleware's listener cannot bind it too, and the metrics
+    Service would scrape the sidecar. The resource says so (not Ready, MetricsExposed=False PortConflict naming the
+    container, one Warning event), and is Ready once spec.metrics.port names a free port."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    workload = deployment()
+    sidecar = {"name": "proxy", "image": "proxy:1", "ports": [{"name": "admin", "containerPort": 9464}]}
+    workload["spec"]["template"]["spec"]["containers"].append(sidecar)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = workload
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        metrics = await eventually(
+            lambda: (
+                (found := condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)).get("reason") == "PortConflict"
+                and found
+            ),
+            "PortConflict reported",
+        )
+        assert metrics["status"] == "False"
+        assert "Deployment/chat: container proxy declares port 9464 (admin)" in metrics["message"]
+        assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
+        await asyncio.sleep(1)
+        assert len(posted_events(emulator, "PortConflict")) == 1
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 2}, "spec": {"metrics": {"port": 9500}}},
+        )
+        await ready(emulator)
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+    check_usage(emulator)
+
+
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()

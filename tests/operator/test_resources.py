@@ -315,6 +315,46 @@ def test_a_containers_own_settings_that_leave_nothing_to_scrape_are_found(
     )
 
 
+@pytest.mark.parametrize(
+    ("app_ports", "sidecar", "found"),
+    [
+        ([], None, []),
+        # The app's own port given as the metrics port: the middleware would take it before the app binds it.
+        ([{"name": "http", "containerPort": 9464}], None, ["container app declares port 9464 (http)"]),
+        ([{"containerPort": 9464}], None, ["container app declares port 9464"]),
+        # The middleware's listener declared by hand, under the injection's name: no clash.
+        ([{"name": "llm-metrics", "containerPort": 9464}], None, []),
+        ([{"name": "dns", "containerPort": 9464, "protocol": "UDP"}], None, []),
+        ([{"name": "http", "containerPort": 8000}], None, []),
+        # A sidecar on the port, as a container or as an init container that keeps running; one that runs to
+        # completion before the app starts holds no port.
+        ([], {"ports": [{"name": "prom", "containerPort": 9464}]}, ["container proxy declares port 9464 (prom)"]),
+        (
+            [],
+            {"ports": [{"containerPort": 9464}], "restartPolicy": "Always", "init": True},
+            ["container proxy declares port 9464"],
+        ),
+        ([], {"ports": [{"containerPort": 9464}], "init": True}, []),
+    ],
+)
+def test_a_port_the_pods_already_use_is_found(
+    app_ports: list[dict[str, Any]], sidecar: dict[str, Any] | None, found: list[str]
+) -> None:
+    workload = deployment()
+    pod = workload["spec"]["template"]["spec"]
+    if app_ports:
+        pod["containers"][0]["ports"] = app_ports
+    if sidecar is not None:
+        container = {"name": "proxy", "image": "proxy:1", **{k: v for k, v in sidecar.items() if k != "init"}}
+        pod.setdefault("initContainers" if sidecar.get("init") else "containers", []).append(container)
+    spec = parse_spec(minimal_llmt()["spec"])
+    assert r.port_conflicts(workload, spec) == found
+    # Injected, the workload's pods carry the middleware's own port beside the rest: no clash with itself.
+    assert r.port_conflicts(inject(workload), spec) == found
+    # Another port for the listener frees it.
+    assert r.port_conflicts(workload, parse_spec({**minimal_llmt()["spec"], "metrics": {"port": 9500}})) == []
+
+
 def test_service_monitor_scrapes_metrics_services_with_extra_labels() -> None:
     owner = minimal_llmt(metrics={"interval": "15s", "labels": {"team": "ml"}})
     sm = r.build_service_monitor(owner, parse_spec(owner["spec"]), CONFIG)
