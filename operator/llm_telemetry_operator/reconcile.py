@@ -166,11 +166,24 @@ def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
     return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
-def _rival(owner: Mapping[str, Any], labels: Mapping[str, str], peers: PeerView) -> Mapping[str, Any] | None:
-    """The peer that wins a workload with these labels over ``owner``, or None if ``owner`` wins it."""
-    rivals = [body for body, spec in peers.selecting(labels) if spec.selector.matches(labels)]
+def _rival(owner: Mapping[str, Any], workload: Mapping[str, Any], peers: PeerView) -> Mapping[str, Any] | None:
+    """The peer that wins ``workload`` over ``owner``, or None if ``owner`` wins it."""
+    rivals = [body for body, spec in _serving(workload, peers)]
     best = min(rivals, key=precedence, default=None)
     return best if best is not None and precedence(best) < precedence(owner) else None
+
+
+def _serving(workload: Mapping[str, Any], peers: PeerView) -> list[Peer]:
+    """The peers that would inject ``workload``: their selector selects it and, if they name containers, it has
+    one of them. One that names none of its containers does not inject it (``NoContainer``), so it cannot hold
+    the workload against another that would."""
+    labels = (workload.get("metadata") or {}).get("labels") or {}
+    present = {ct.get("name") for ct in _pod_containers(workload)}
+    return [
+        (body, spec)
+        for body, spec in peers.selecting(labels)
+        if spec.selector.matches(labels) and (not spec.containers or not present.isdisjoint(spec.containers))
+    ]
 
 
 async def reconcile(
@@ -429,7 +442,7 @@ async def _inject(
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
         selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
-        rival = _rival(owner, labels, peers) if selected else None
+        rival = _rival(owner, workload, peers) if selected else None
         if rival is not None:
             winner = rival["metadata"]["name"]
             created = rival["metadata"].get("creationTimestamp") or "the same time"
@@ -561,8 +574,7 @@ async def successors(client: KubeClient, owner: Mapping[str, Any], peers: PeerVi
         record = r.injected_record(workload)
         if record is None or record.get("owner") != name:
             continue
-        labels = (workload.get("metadata") or {}).get("labels") or {}
-        selecting = [peer for peer in peers.selecting(labels) if peer[1].selector.matches(labels)]
+        selecting = _serving(workload, peers)
         if selecting:
             best = min(selecting, key=lambda peer: precedence(peer[0]))
             found.setdefault(best[0]["metadata"]["name"], best)

@@ -159,3 +159,34 @@ async def test_the_winner_deleted_hands_its_workload_over_in_one_step(emulator: 
         references = get(emulator, SERVICES, "chat-llm-metrics")["metadata"].get("ownerReferences") or []
         assert [ref["name"] for ref in references] == ["alpha"]
     check_usage(emulator)
+
+
+async def test_an_older_resource_naming_no_container_of_the_workload_does_not_hold_it(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The older "zeta" names a container the workload does not have: it does not inject it (``NoContainer``), so it
+    does not win it either, and "alpha" serves it. Once the workload gets zeta's container, zeta takes it over."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    zeta = created("zeta", OLDER)
+    zeta["spec"]["containers"] = ["worker"]
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = zeta
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        await eventually(lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "NoContainer", "zeta NoContainer")
+        assert holder(emulator) == "alpha"
+        assert conflict_events(emulator, "alpha") == []
+
+        worker = {"name": "worker", "image": "example/worker:1"}
+        containers = [*get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"], worker]
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat",
+            {"spec": {"template": {"spec": {"containers": containers}}}},
+        )
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+    check_usage(emulator)
