@@ -30,6 +30,26 @@ def load(path: Path = CRD_COPIES[0]) -> dict[str, Any]:
     return crd
 
 
+def test_every_field_says_what_it_is() -> None:
+    """``kubectl explain llmtelemetry.spec.alerts`` (and status) prints each field's description: none may be
+    blank. apiVersion, kind and metadata are explained by Kubernetes itself."""
+    schema = load()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    blank: list[str] = []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for key, sub in (node.get("properties") or {}).items():
+            if not str(sub.get("description") or "").strip():
+                blank.append(f"{path}.{key}")
+            walk(sub, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    for part in ("spec", "status"):
+        walk(schema["properties"][part], part)
+    assert blank == []
+    assert schema["properties"]["status"].get("description")
+
+
 def test_crd_names_and_printer_columns() -> None:
     crd = load()
     assert crd["spec"]["names"]["plural"] == "llmtelemetries"
