@@ -517,6 +517,10 @@ async def _inject(
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
     else:
+        paused = [workload_key(w) for w in targets if (w.get("spec") or {}).get("paused") is True]
+        if paused:
+            # Its pod template has the injection, but no pod rolls until the Deployment is resumed.
+            notes += "; paused (its pods get it once resumed with kubectl rollout resume): " + ", ".join(paused)
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets

@@ -797,6 +797,21 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
     check_usage(emulator)
 
 
+async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitoring_crds: Any) -> None:
+    """A paused Deployment's pods do not roll: its template is injected, but its pods serve no metrics until it is
+    resumed. The Injected message says so, and how to resume it."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    paused = deployment()
+    paused["spec"]["paused"] = True
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = paused
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat-b"] = deployment("chat-b", labels={"app": "chat"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    await one_pass(emulator, "chat")
+    message = condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
+    assert message.endswith("; paused (its pods get it once resumed with kubectl rollout resume): Deployment/chat")
+    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+
+
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
