@@ -408,17 +408,7 @@ async def _reconcile(
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels(reason).inc()
             when = state.schedule.failed(key, exc.retry_after if isinstance(exc, ApiError) else None)
-            failure = frozenset({(reason, message)})
-            new = state.reported.get(key) != failure
-            if new:
-                kopf.warn(_event_target(body), reason=reason, message=message)
-            state.reported[key] = failure
-            # The status says so too: in a namespace where no event can be posted (namespaced mode, a watched
-            # namespace created again has no Role until the chart is upgraded) it is all a user can see.
-            shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
-            status = await rec.write_failure(_client(memo), shown, reason, message)
-            if uid and status is not None:
-                state.statuses[uid] = status
+            new = await _report_failure(memo, body, reason, message)
             state.wake.set()
             wait = when - state.schedule.clock()
             if api:
@@ -495,25 +485,35 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     _state(memo).schedule.forget(key)
 
 
-async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exception, retry: int) -> NoReturn:
-    """A clean-up refused (an admission policy on the workload, an API error) or failed: the resource stays, with
-    its finalizer, and says why where a user looks (its Ready condition, a Warning event once per failure); kopf
-    retries it with backoff, with no traceback for an API error."""
+async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, message: str) -> bool:
+    """A failed pass or clean-up, where a user looks: a Warning event once per distinct failure, and Ready False
+    with it in the status (in a namespace where no event can be posted, namespaced mode's watched namespace
+    created again with no Role until the chart is upgraded, the status is all a user can see). Returns whether
+    the failure is new (not the one reported last)."""
     state = _state(memo)
     meta = body["metadata"]
     key, uid = (meta["namespace"], meta["name"]), meta.get("uid") or ""
-    api = isinstance(exc, ApiError)
-    reason = "CleanupFailed" if api else "InternalError"
-    error = str(exc) if api else f"{type(exc).__name__}: {exc}"
-    message = f"clean-up failed, so the resource stays until it succeeds: {error}"[:MAX_MESSAGE_CHARS]
     failure = frozenset({(reason, message)})
-    if state.reported.get(key) != failure:
+    new = state.reported.get(key) != failure
+    if new:
         kopf.warn(_event_target(body), reason=reason, message=message)
     state.reported[key] = failure
     shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
     status = await rec.write_failure(_client(memo), shown, reason, message)
     if uid and status is not None:
         state.statuses[uid] = status
+    return new
+
+
+async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exception, retry: int) -> NoReturn:
+    """A clean-up refused (an admission policy on the workload, an API error) or failed: the resource stays, with
+    its finalizer, and says why where a user looks (its Ready condition, a Warning event once per failure); kopf
+    retries it with backoff, with no traceback for an API error."""
+    api = isinstance(exc, ApiError)
+    reason = "CleanupFailed" if api else "InternalError"
+    error = str(exc) if api else f"{type(exc).__name__}: {exc}"
+    message = f"clean-up failed, so the resource stays until it succeeds: {error}"[:MAX_MESSAGE_CHARS]
+    await _report_failure(memo, body, reason, message)
     delay = min(300, 5 * 2 ** min(retry, 6))
     logger.warning("clean-up failed: %s; retrying in %d s", error, delay, exc_info=not api and retry == 0)
     raise kopf.TemporaryError(message, delay=delay)

@@ -863,14 +863,7 @@ async def write_failure(
     if r.contains(previous, patch):
         return None
     try:
-        await client.patch(
-            kube.LLMTELEMETRIES,
-            meta["namespace"],
-            meta["name"],
-            {"status": patch},
-            subresource="status",
-            metadata_only=True,
-        )
+        await _patch_status(client, meta, patch)
     except Exception as exc:  # an outage refuses this too; the next failed pass tries again
         logger.debug(
             "LLMTelemetry %s/%s: the failure could not be written to its status: %s",
@@ -880,6 +873,18 @@ async def write_failure(
         )
         return None
     return {**previous, **patch}
+
+
+async def _patch_status(client: KubeClient, meta: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    """Merge ``status`` into the resource's status subresource."""
+    await client.patch(
+        kube.LLMTELEMETRIES,
+        meta["namespace"],
+        meta["name"],
+        {"status": status},
+        subresource="status",
+        metadata_only=True,
+    )
 
 
 async def _write_status(
@@ -899,13 +904,6 @@ async def _write_status(
     if r.contains(previous, status):
         return
     try:
-        await client.patch(
-            kube.LLMTELEMETRIES,
-            meta["namespace"],
-            meta["name"],
-            {"status": status},
-            subresource="status",
-            metadata_only=True,
-        )
+        await _patch_status(client, meta, status)
     except NotFoundError:
         logger.info("LLMTelemetry %s/%s is gone; status not written", meta["namespace"], meta["name"])
