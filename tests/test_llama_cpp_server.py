@@ -107,7 +107,7 @@ def test_streams_without_usage_are_estimated_from_every_delta(server: tuple[Any,
         return metrics.value(name, **labels) - start.value(name, **labels)
 
     model = {"gen_ai_request_model": MODEL}
-    assert added("llm_requests_total", llm_stream="true", **model) == len(PROMPTS)
+    assert added("llm_requests_total", gen_ai_request_stream="true", **model) == len(PROMPTS)
     assert added("llm_requests_total", gen_ai_response_model=MODEL) == 2 * len(PROMPTS)
     assert added("gen_ai_server_time_to_first_token_seconds_count", **model) == len(PROMPTS)
     assert added("gen_ai_server_time_per_output_token_seconds_count", **model) == len(PROMPTS)
@@ -204,7 +204,7 @@ def test_clients_that_leave_mid_stream(server: tuple[Any, int]) -> None:
         return metrics.value("llm_requests_total") - before.value("llm_requests_total") == 4 and metrics
 
     metrics = wait_for("4 requests recorded", recorded, seconds=30)
-    disconnects = {"error_type": "client_disconnect", "llm_stream": "true"}
+    disconnects = {"error_type": "client_disconnect", "gen_ai_request_stream": "true"}
     assert metrics.value("llm_errors_total", **disconnects) - before.value("llm_errors_total", **disconnects) == 3
     assert metrics.value("llm_errors_total") - before.value("llm_errors_total") == 3
     assert metrics.value("llm_requests_active") == 0

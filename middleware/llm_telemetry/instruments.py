@@ -52,7 +52,7 @@ GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
 GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
 GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 ERROR_TYPE: Final = "error.type"
-LLM_STREAM: Final = "llm.stream"
+GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
 LLM_USAGE_SOURCE: Final = "llm.usage.source"
 LLM_TOKEN_DETAIL: Final = "llm.token.detail"
 LLM_TOOL_STATUS: Final = "llm.tool.status"
@@ -167,7 +167,7 @@ REQUEST_DURATION: Final = MetricSpec(
     "s",
     "histogram",
     "Time from the request's arrival to the last byte of its response.",
-    (*_CALL, GEN_AI_RESPONSE_MODEL, LLM_STREAM, ERROR_TYPE),
+    (*_CALL, GEN_AI_RESPONSE_MODEL, GEN_AI_REQUEST_STREAM, ERROR_TYPE),
     buckets=REQUEST_DURATION_BUCKETS,
 )
 TIME_TO_FIRST_TOKEN: Final = MetricSpec(
@@ -205,10 +205,14 @@ REQUESTS: Final = MetricSpec(
     "{request}",
     "counter",
     "LLM API requests handled.",
-    (*_CALL, GEN_AI_RESPONSE_MODEL, LLM_STREAM, ERROR_TYPE),
+    (*_CALL, GEN_AI_RESPONSE_MODEL, GEN_AI_REQUEST_STREAM, ERROR_TYPE),
 )
 ERRORS: Final = MetricSpec(
-    LLM_ERRORS, "{error}", "counter", "Failed LLM API requests by error.type.", (*_CALL, LLM_STREAM, ERROR_TYPE)
+    LLM_ERRORS,
+    "{error}",
+    "counter",
+    "Failed LLM API requests by error.type.",
+    (*_CALL, GEN_AI_REQUEST_STREAM, ERROR_TYPE),
 )
 COST: Final = MetricSpec(LLM_COST, "usd", "counter", "Cost of priced tokens in US dollars.", _CALL)
 UNPRICED_TOKENS: Final = MetricSpec(

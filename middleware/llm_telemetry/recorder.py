@@ -169,7 +169,7 @@ class MetricsRecorder:
             names.GEN_AI_RESPONSE_MODEL: (
                 limit(names.GEN_AI_RESPONSE_MODEL, call.response_model) if call.response_model else None
             ),
-            names.LLM_STREAM: "true" if call.stream else "false",
+            names.GEN_AI_REQUEST_STREAM: "true" if call.stream else "false",
             names.ERROR_TYPE: call.error_type,
             names.LLM_USAGE_SOURCE: call.usage_source,
         }

@@ -157,8 +157,8 @@ def test_framework_stream_and_non_stream(framework: str) -> None:
         streamed = raw_stream.parse()
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
         metrics = settled(metrics_port, 2)
-    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", llm_stream="false") == 1
-    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", llm_stream="true") == 1
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", gen_ai_request_stream="false") == 1
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-mini", gen_ai_request_stream="true") == 1
     assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == 10
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output") == 5
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 1
@@ -483,7 +483,7 @@ def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
         streamed = list(raw.parse())
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "one two"
         metrics = settled(metrics_port, 1)
-    assert metrics.value("llm_requests_total", gen_ai_response_model="gpt-4o-mini", llm_stream="true") == 1
+    assert metrics.value("llm_requests_total", gen_ai_response_model="gpt-4o-mini", gen_ai_request_stream="true") == 1
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 2
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count") == 1
 

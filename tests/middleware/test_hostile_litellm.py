@@ -164,7 +164,7 @@ def test_hostile_litellm_proxy_errors_are_classified(tmp_path: Path) -> None:
         assert json.loads(body)["error"]["code"] == "429"
 
         metrics = settled(metrics_port, 2)
-        assert metrics.value("llm_errors_total", error_type="server_error", llm_stream="true") == 1
+        assert metrics.value("llm_errors_total", error_type="server_error", gen_ai_request_stream="true") == 1
         assert metrics.value("llm_errors_total", error_type="rate_limit") == 1
         assert metrics.value("llm_errors_total", error_type="other") == 0
         assert metrics.value("llm_telemetry_internal_errors_total") == 0

@@ -85,7 +85,7 @@ def test_openai_stream_with_usage_reports_exact_tokens_and_ttft(service: tuple[s
     assert len(text.split()) == REPLY_WORDS
 
     m = eventually(service, requests_of(model, 1))
-    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="true") == 1
+    assert m.value("llm_requests_total", gen_ai_request_model=model, gen_ai_request_stream="true") == 1
     tokens = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
     assert m.value("llm_tokens_total", gen_ai_token_type="input", **tokens) == PROMPT_TOKENS
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **tokens) == REPLY_WORDS
@@ -119,7 +119,7 @@ def test_openai_non_stream_records_no_ttft(service: tuple[str, int], oai: openai
     reply = oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}])
     assert reply.usage is not None and reply.usage.completion_tokens == REPLY_WORDS
     m = eventually(service, requests_of(model, 1))
-    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="false") == 1
+    assert m.value("llm_requests_total", gen_ai_request_model=model, gen_ai_request_stream="false") == 1
     assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == REPLY_WORDS
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 0
     assert m.value("gen_ai_server_request_duration_seconds_sum", gen_ai_request_model=model) >= FIRST_TOKEN_DELAY
@@ -144,7 +144,7 @@ def test_openai_responses_api_stream_and_non_stream(service: tuple[str, int], oa
     m = eventually(service, requests_of(model, 3))
     assert reply.usage is not None and done.usage is not None
     tokens = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
-    assert m.value("llm_requests_total", gen_ai_request_model=model, llm_stream="true") == 2
+    assert m.value("llm_requests_total", gen_ai_request_model=model, gen_ai_request_stream="true") == 2
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **tokens) == (
         reply.usage.output_tokens + done.usage.output_tokens + 1
     )  # the tool call turn is one token

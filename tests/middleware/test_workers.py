@@ -72,7 +72,7 @@ def assert_totals(metrics: Metrics, sent: Traffic, active: int = 0) -> None:
     chats = sent.streams + sent.plains
     priced = {"gen_ai_request_model": "demo-priced"}
     assert metrics.value("llm_requests_total", **priced) == chats + sent.rate_limited
-    assert metrics.value("llm_requests_total", llm_stream="true", **priced) == sent.streams
+    assert metrics.value("llm_requests_total", gen_ai_request_stream="true", **priced) == sent.streams
     assert metrics.value("llm_requests_total", gen_ai_request_model="demo-embed") == sent.embeddings
     assert metrics.value("llm_requests_total", gen_ai_request_model="demo-slow") == sent.disconnected
     assert metrics.value("llm_errors_total", error_type="rate_limit") == sent.rate_limited
