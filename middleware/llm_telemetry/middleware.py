@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Mapping
 from inspect import CO_COROUTINE
 from time import perf_counter
 from types import CodeType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 import anyio.to_thread
@@ -167,11 +167,13 @@ class _Exchange:
         "failsafe",
         "held",
         "left_early",
+        "left_unanswered",
         "max_body",
         "parameters",
         "reader",
         "send_code",
         "send_failed",
+        "send_refused",
         "started",
     )
 
@@ -212,7 +214,9 @@ class _Exchange:
         self.disconnected = False
         #: The ``http.disconnect`` came before the response's last message (see :meth:`finish`).
         self.left_early = False
+        self.left_unanswered = False
         self.send_failed = False
+        self.send_refused = False
         #: The app sent a second ``http.response.start``: its failure, whatever the server raises for it.
         self.broke_protocol = False
         #: Request id to add to the response headers (when the app sets none), or None.
@@ -245,6 +249,7 @@ class _Exchange:
         elif kind == "http.disconnect":
             self.disconnected = True
             self.left_early = not self.complete
+            self.left_unanswered = not self.started
         return message
 
     def _read_request(self) -> None:
@@ -266,9 +271,19 @@ class _Exchange:
         send = self._send
         try:
             await send(message)
-        except BaseException:
-            self.send_failed = True  # the server could not deliver: the client is gone
+        except BaseException as error:
+            self._send_failed(error)
             raise
+
+    def _send_failed(self, error: BaseException) -> bool:
+        """Note that the server's ``send`` raised ``error``; returns whether the connection is gone (else the server
+        refused the message). The exception itself is not kept: it holds the frames that hold this object."""
+        gone = _client_gone(error)
+        if gone:
+            self.send_failed = True
+        else:
+            self.send_refused = True
+        return gone
 
     def send(self, message: Message) -> Awaitable[None]:
         """The ``send`` the app gets. A body chunk with more to follow (the hot path of a stream, once per chunk)
@@ -307,6 +322,8 @@ class _Exchange:
         reader = self.reader
         if reader is not None and body:
             try:
+                if type(body) is memoryview:
+                    body = bytes(body)  # ASGI says bytes; a memoryview has no decode(): read a copy
                 reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
                 if reader.holding:
                     self.held = []
@@ -342,9 +359,8 @@ class _Exchange:
             send = self._send
             try:
                 await send(message)
-            except BaseException:
-                self.send_failed = True  # the server could not deliver: the client is gone
-                if not more and not body:
+            except BaseException as error:
+                if self._send_failed(error) and not more and not body:
                     # Only the end of the response was lost, none of its bytes: a client that stops reading at a
                     # stream's last event may close first (Hypercorn's trio worker then fails this send).
                     self.complete = True
@@ -355,7 +371,7 @@ class _Exchange:
             reader = self.reader
             if reader is not None and body:
                 try:
-                    reader.feed(body, now)
+                    reader.feed(body if type(body) is not memoryview else bytes(body), now)  # (as in send())
                 except Exception as exc:
                     self.reader = None
                     self.failsafe("response_parse", exc)
@@ -384,9 +400,20 @@ class _Exchange:
                     }
             except Exception as exc:
                 self.failsafe("response_start", exc)
-            await self._forward(message)
+            try:
+                await self._forward(message)
+            except BaseException:
+                if self.send_refused:
+                    self.call.status_code = None  # the start refused (a header value with a line break): not sent
+                raise
         else:
             await self._forward(message)
+            if kind == "http.response.pathsend" or (
+                kind == "http.response.zerocopysend" and not message.get("more_body")
+            ):
+                # The whole response (pathsend), or its last part: sent by the server from a file, unread here.
+                self.complete = True
+                self.call.end = perf_counter()
 
     def _start_response(self, message: Message) -> bool:
         """Read the response's status and headers, choose the reader; True when the app set no request id header
@@ -440,14 +467,16 @@ class _Exchange:
                 self.reader.finish(now)
             except Exception as error:
                 self.failsafe("response_parse", error)
-        # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a failed
-        # ``send``, or cancelling the app). An exception the app raises itself is the app's failure, whatever
-        # its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a client leaving.
+        # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
+        # failing for want of a connection, or cancelling the app). An exception the app raises itself is the
+        # app's failure, whatever its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a
+        # client leaving; and so is a message the server refuses (a body longer than its Content-Length).
+        if exc is not None and not (self.send_failed or self.send_refused) and self.send_code is not None:
+            failed = _raised_in(exc, self.send_code)  # the server's own awaitable, handed on by send()
+            if failed is not None:
+                self._send_failed(failed)
         client_left = not self.broke_protocol and (
-            self.disconnected
-            or self.send_failed
-            or (exc is not None and _cancelled(exc))
-            or (exc is not None and self.send_code is not None and _raised_in(exc, self.send_code))
+            self.disconnected or self.send_failed or (exc is not None and _cancelled(exc))
         )
         # Raised after a whole answer that is no server error (by a background task, say): the client got its
         # answer, and the call stands by it; the server still logs the exception. A whole 5xx answer is the
@@ -458,14 +487,17 @@ class _Exchange:
             call.error_type = "app_exception"
             if call.status_code is None:
                 call.status_code = 500
-        elif (not self.complete and not (client_left and _answer_ended(call))) or (
-            self.left_early and not _answer_ended(call)
+        elif (
+            (not self.complete and not (client_left and _answer_ended(call)))
+            or (self.left_early and not _answer_ended(call))
+            or self.left_unanswered
         ):
             # The app stopped before the last byte: the client went away, or the app gave up without raising. Or the
             # client left before the end and the app (or a middleware inside ours, such as Starlette's
             # BaseHTTPMiddleware) ended the response early rather than raising. A client that leaves once the
             # answer has reached its own end (an SDK closes the connection after a stream's last event) got all
-            # of it, whether or not the app had sent its closing message by then (Litestar stops at the leave).
+            # of it, whether or not the app had sent its closing message by then (Litestar stops at the leave). A
+            # client that left before the response started got none of it, whatever the app sent after.
             call.error_type = "client_disconnect" if client_left else "other"
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
@@ -505,9 +537,9 @@ def _code_of(send: Send) -> CodeType | None:
     return code if isinstance(code, CodeType) and code.co_flags & CO_COROUTINE else None
 
 
-def _raised_in(exc: BaseException, code: CodeType) -> bool:
-    """Whether ``exc``, or an exception it was raised while handling or from, passed through a frame of
-    ``code`` (the server's ``send``): the server could not deliver, whatever the app made of it."""
+def _raised_in(exc: BaseException, code: CodeType) -> BaseException | None:
+    """``exc``, or the exception it was raised while handling or from, that passed through a frame of ``code``
+    (the server's ``send``: the server could not deliver, whatever the app made of it), or None."""
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen and len(seen) < 16:
@@ -515,10 +547,28 @@ def _raised_in(exc: BaseException, code: CodeType) -> bool:
         tb = error.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code is code:
-                return True
+                return error
             tb = tb.tb_next
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+#: Exceptions servers and their I/O libraries raise from ``send`` when the connection is gone, besides ``OSError``
+#: (anyio's and trio's closed or broken streams, h2's reset stream, a server's own disconnect error), by class name:
+#: none of those libraries need be importable here.
+_GONE_ERRORS: Final = frozenset(
+    {"BrokenResourceError", "ClosedResourceError", "EndOfStream", "StreamClosedError", "ClientDisconnected"}
+)
+
+
+def _client_gone(error: BaseException) -> bool:
+    """Whether an exception from the server's ``send`` says the connection is gone (closed, reset, cancelled),
+    rather than that the server refused the message, which is the app's failure: a body longer than its
+    Content-Length, a header value with a line break, a message of the wrong type (a ``RuntimeError``, or the
+    HTTP library's protocol error)."""
+    if isinstance(error, (OSError, EOFError)) or _cancelled(error):
+        return True
+    return any(cls.__name__ in _GONE_ERRORS for cls in type(error).__mro__)
 
 
 def _shutdown_quietly(telemetry: Telemetry) -> None:

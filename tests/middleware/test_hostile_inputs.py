@@ -851,3 +851,108 @@ def test_hostile_sse_overlong_line_drops_its_event_however_it_is_cut(
         decoder = SSEDecoder(max_event_bytes=16)
         events = decoder.feed(body[:cut]) + decoder.feed(body[cut:]) + decoder.close()
         assert (events, decoder.dropped_events) == (expected, 1), cut
+
+
+def test_hostile_sse_short_data_lines_cost_about_their_bytes() -> None:
+    """An event of a million one-byte data lines stays within the event limit's bytes, and so does the decoder's
+    memory: the lines are joined as they come, not kept as a million objects (some forty times their bytes)."""
+    decoder = SSEDecoder()
+    chunk = b"data: z\n" * 8192
+    tracemalloc.start()
+    try:
+        for _ in range(64):  # just under the 1 MiB limit, as one event still being assembled
+            assert decoder.feed(chunk) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoder.dropped_events == 0
+    assert peak < 3 * 1024 * 1024, peak
+    assert decoder.feed(b"\n") == [("message", b"\n".join([b"z"] * 8192 * 64))]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_hostile_memoryview_body_chunks_are_read(cleanup: list[Any], stream: bool) -> None:
+    """ASGI says a body is bytes; an app or a middleware inside ours that sends memoryviews (slices of a buffer it
+    reuses) reaches the client as ever, and is read too."""
+    events = [
+        b'data: {"model": "m", "choices": [{"index": 0, "delta": {"content": "hi there"}}]}\n\n',
+        b'data: {"model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    answer = b'{"model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]}'
+    chunks = events if stream else [answer[:20], answer[20:]]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE if stream else JSON})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": memoryview(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": memoryview(b"")})
+
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    sent: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "m", "stream": %s}' % (b"true" if stream else b"false")}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(bytes(message["body"]))
+
+    await wrapped(scope("/v1/chat/completions"), receive, send)
+    assert b"".join(sent) == b"".join(chunks)
+    (call,) = calls.ended
+    assert (call.error_type, call.finish_reasons, call.response_model) == (None, ["stop"], "m")
+    assert call.output_tokens is not None and call.output_tokens > 0
+    assert (call.first_token_at is not None) is stream
+
+
+@pytest.mark.parametrize("kind", ["http.response.pathsend", "http.response.zerocopysend"])
+async def test_hostile_a_body_the_server_sends_from_a_file_is_a_whole_answer(cleanup: list[Any], kind: str) -> None:
+    """With the ASGI extensions a server advertises, an app may answer from a file (Starlette's FileResponse uses
+    ``http.response.pathsend``): the server sends it whole; the call is a success (unread: no tokens), not an app
+    that stopped before its last byte."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        if kind == "http.response.pathsend":
+            await send({"type": kind, "path": "/srv/cached/answer.json"})
+        else:
+            await send({"type": kind, "file": 3, "count": 100, "more_body": True})
+            await send({"type": kind, "file": 3, "count": 50})
+
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"model": "m"}'}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    extended = {**scope("/v1/chat/completions"), "extensions": {kind: {}}}
+    await wrapped(extended, receive, send)
+    assert [m["type"] for m in sent[1:]] == [kind] * (len(sent) - 1)
+    (call,) = calls.ended
+    assert (call.status_code, call.error_type) == (200, None)
+
+
+async def test_hostile_a_client_that_left_before_the_answer_started_got_none_of_it(cleanup: list[Any]) -> None:
+    """The client leaves while the app still works on its request (a raw ASGI app reads the ``http.disconnect``
+    and answers all the same); the server drops the answer. It is a client disconnect, not a success."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        assert (await receive())["type"] == "http.disconnect"
+        answer = b'{"model": "m", "choices": [{"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}]}'
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": answer})
+
+    wrapped, calls = observe(app)
+    cleanup.append(wrapped)
+    await request_then_leave(wrapped, b'{"model": "m"}')
+    (call,) = calls.ended
+    assert call.error_type == "client_disconnect"

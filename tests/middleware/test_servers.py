@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Calls, free_port, scrape
+from support import Calls, free_port, scrape, serve, wait_for
 
 APPS = """
 import os
@@ -192,3 +192,46 @@ def test_a_request_the_server_cancels_is_a_client_disconnect(backend: str) -> No
     [call] = calls.ended
     assert (call.status_code, call.error_type) == (200, "client_disconnect")
     assert call.output_tokens is not None and call.output_tokens > 0
+
+
+JSON_ANSWER = (
+    b'{"id":"c","object":"chat.completion","model":"m","choices":[{"index":0,"message":{"role":"assistant",'
+    b'"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
+)
+SSE_CHUNK = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"w "},"finish_reason":null}]}\n\n'
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+@pytest.mark.parametrize("fault", ["json-longer-than-content-length", "stream-longer-than-content-length", "header"])
+def test_a_message_the_server_refuses_is_the_apps_failure(http: str, fault: str) -> None:
+    """The server raises from ``send`` when the app breaks HTTP (a body longer than the Content-Length it declared,
+    as a proxy forwarding the upstream's length for a body it decompressed; a header value with a line break). The
+    client is still there: this is the app's failure, counted against the error budget, not a client disconnect
+    (which the alert rules leave out), whichever path the refused message took through the middleware."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()  # type: ignore[operator]
+        stream = fault.startswith("stream")
+        headers = [(b"content-type", b"text/event-stream" if stream else b"application/json")]
+        headers.append((b"x-note", b"a\r\nb") if fault == "header" else (b"content-length", b"40"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+        if stream:
+            for _ in range(5):
+                await send({"type": "http.response.body", "body": SSE_CHUNK, "more_body": True})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"" if stream else JSON_ANSWER})  # type: ignore[operator]
+
+    calls = Calls()
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[calls])
+    body = {"model": "m", "messages": [], "stream": fault.startswith("stream")}
+    with serve(wrapped, http=http) as url:
+        try:
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).read()
+        except httpx.HTTPError:
+            pass  # the server cut the response
+        wait_for("the call ended", lambda: calls.ended)
+    wrapped.telemetry.shutdown()
+    [call] = calls.ended
+    assert call.error_type == "app_exception"
+    assert call.status_code == (500 if fault == "header" else 200)
