@@ -499,6 +499,8 @@ class _Exchange:
             # of it, whether or not the app had sent its closing message by then (Litestar stops at the leave). A
             # client that left before the response started got none of it, whatever the app sent after.
             call.error_type = "client_disconnect" if client_left else "other"
+            if not self.started and not client_left:
+                call.status_code = 500  # the app returned without an answer: the server answers 500 for it
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
 

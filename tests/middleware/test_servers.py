@@ -235,3 +235,22 @@ def test_a_message_the_server_refuses_is_the_apps_failure(http: str, fault: str)
     [call] = calls.ended
     assert call.error_type == "app_exception"
     assert call.status_code == (500 if fault == "header" else 200)
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_an_app_that_returns_without_an_answer_is_logged_as_the_servers_500(http: str) -> None:
+    """The app reads the request and returns without starting a response: the server answers 500 for it, and
+    the call says so (it had no status at all)."""
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            await receive()  # type: ignore[operator]
+
+    calls = Calls()
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[calls])
+    with serve(wrapped, http=http) as url:
+        status = httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": []}, timeout=10).status_code
+        wait_for("the call ended", lambda: calls.ended)
+    wrapped.telemetry.shutdown()
+    [call] = calls.ended
+    assert (status, call.status_code, call.error_type) == (500, 500, "other")
