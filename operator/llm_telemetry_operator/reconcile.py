@@ -145,17 +145,22 @@ class PeerView:
 
 
 class _Outranked:
-    """The names of the peers ``owner`` outranks (``name in outranked``), looked up one at a time."""
+    """The names of the peers whose metrics Services ``owner`` may take over with its ``targets`` (``name in
+    outranked``), looked up one at a time: those it outranks, those being deleted, and those that no longer serve
+    any of its targets (their selector or containers changed), which a pass of theirs has yet to notice."""
 
-    def __init__(self, owner: Mapping[str, Any], peers: PeerView) -> None:
+    def __init__(self, owner: Mapping[str, Any], peers: PeerView, targets: Sequence[Mapping[str, Any]] = ()) -> None:
         self._rank = precedence(owner)
         self._peers = peers
+        self._serving = {body["metadata"]["name"] for w in targets for body, _spec in _serving(w, peers)}
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
         peer = self._peers.named(name)
-        return precedence(peer[0]) > self._rank if peer is not None else self._peers.leaving(name)
+        if peer is None:
+            return self._peers.leaving(name)
+        return precedence(peer[0]) > self._rank or name not in self._serving
 
 
 def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
@@ -230,8 +235,18 @@ async def reconcile(
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
-    outranked = _Outranked(owner, peers)
-    service_error = await _sync_children(client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh)
+    outranked = _Outranked(owner, peers, targets)
+    # A workload another resource serves now (this one's selector or containers no longer fit it): its Service is
+    # left for that one to take over with the workload, in one step, rather than deleted and made anew (a gap).
+    served = {id(w) for w in targets}
+    handed = {
+        r.service_name(w["metadata"]["name"], str(w.get("kind") or "Deployment"))
+        for w in workloads
+        if id(w) not in served and _serving(w, peers)
+    }
+    service_error = await _sync_children(
+        client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh, keep=handed
+    )
     configmaps: list[dict[str, Any]] = []
     if spec.pricing.inline and not standby:
         configmaps.append(r.build_pricing_configmap(owner, spec))
@@ -433,6 +448,7 @@ async def _inject(
     lost: list[str] = []
     errors: list[str] = []
     missing: list[str] = []
+    paused: list[str] = []
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -497,6 +513,8 @@ async def _inject(
             outcome.settled.pop(settled, None)
         if selected:
             targets.append(workload)
+            if _held_back(workload, patched=after is not workload):
+                paused.append(workload_key(workload))
     namespace = owner["metadata"]["namespace"]
     named = ", ".join(spec.containers)
     no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)
@@ -517,13 +535,25 @@ async def _inject(
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
     else:
-        paused = [workload_key(w) for w in targets if (w.get("spec") or {}).get("paused") is True]
         if paused:
             # Its pod template has the injection, but no pod rolls until the Deployment is resumed.
             notes += "; paused (its pods get it once resumed with kubectl rollout resume): " + ", ".join(paused)
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
+
+
+def _held_back(workload: Mapping[str, Any], patched: bool) -> bool:
+    """Whether a paused Deployment's pods have yet to get its template: this pass changed the template, or its
+    status counts fewer pods of the current template than it wants (one paused after its pods rolled is not)."""
+    if (workload.get("spec") or {}).get("paused") is not True:
+        return False
+    status = workload.get("status")
+    if patched or not isinstance(status, Mapping):
+        return patched
+    wanted = (workload.get("spec") or {}).get("replicas")
+    stale = (status.get("observedGeneration") or 0) < ((workload.get("metadata") or {}).get("generation") or 0)
+    return stale or int(status.get("updatedReplicas") or 0) < (wanted if isinstance(wanted, int) else 1)
 
 
 def _pod_containers(workload: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -652,8 +682,10 @@ async def _sync_children(
     adoptable: Container[str] = frozenset(),
     fresh: bool = False,
     failed: dict[str, str] | None = None,
+    keep: Container[str] = frozenset(),
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
+    Children named in ``keep`` are not pruned.
     A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error.
     ``fresh``: the owner cannot have children yet, so none are listed (nothing to prune); each is created, and
     one found to exist all the same (409) is read and repaired. ``failed`` gets each desired child's error by name.
@@ -685,7 +717,9 @@ async def _sync_children(
             failed[obj["metadata"]["name"]] = errors[-1]
     for obj_name, obj in by_name.items():
         labels = obj["metadata"].get("labels") or {}
-        if obj_name in wanted or (component is not None and labels.get(c.LABEL_COMPONENT) != component):
+        if obj_name in wanted or obj_name in keep:
+            continue
+        if component is not None and labels.get(c.LABEL_COMPONENT) != component:
             continue
         if resource == kube.CONFIGMAPS and labels.get(c.LABEL_COMPONENT) not in ("pricing", "dashboard"):
             continue

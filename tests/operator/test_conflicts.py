@@ -189,4 +189,28 @@ async def test_an_older_resource_naming_no_container_of_the_workload_does_not_ho
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over")
         await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: service_owner(emulator) == "zeta", "the metrics Service is zeta's")
+
+        # The container goes again: alpha takes the workload back, and its metrics Service with it, in one step
+        # (whichever pass runs first), not deleted and made anew, nor refused as someone else's.
+        before = len(list(emulator))
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat",
+            {"spec": {"template": {"spec": {"containers": containers[:-1]}}}},
+        )
+        await eventually(lambda: holder(emulator) == "alpha", "alpha took the workload back")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        await eventually(lambda: service_owner(emulator) == "alpha", "the metrics Service is alpha's")
+        writes = [
+            (r.method.value, str(r.url.path)) for r in list(emulator)[before:] if not r.headers.get("X-Test-Hand")
+        ]
+        assert ("DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics") not in writes
+        assert posted_events(emulator, "ServiceFailed") == []
     check_usage(emulator)
+
+
+def service_owner(kmock: Any) -> str | None:
+    service = get(kmock, SERVICES, "chat-llm-metrics")
+    return None if service is None else service["metadata"]["labels"].get(c.LABEL_OWNER)

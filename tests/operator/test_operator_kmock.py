@@ -806,10 +806,22 @@ async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitorin
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = paused
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat-b"] = deployment("chat-b", labels={"app": "chat"})
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    await one_pass(emulator, "chat")
-    message = condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
-    assert message.endswith("; paused (its pods get it once resumed with kubectl rollout resume): Deployment/chat")
+    note = "; paused (its pods get it once resumed with kubectl rollout resume): Deployment/chat"
+
+    async def injected_message() -> str:
+        await one_pass(emulator, "chat")
+        return str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
+
+    assert (await injected_message()).endswith(note)
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    # Its pods have the template (paused after they rolled, say): nothing is held back.
+    generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
+    rolled = {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1}
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+    await hand(emulator, "PATCH", path, {"status": rolled})
+    assert not (await injected_message()).endswith(note)
+    await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 0}})
+    assert (await injected_message()).endswith(note)
 
 
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
