@@ -57,6 +57,8 @@ class Outcome:
     applied: tuple[str, Any] = ("", None)
     #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
     without: frozenset[str] = frozenset()
+    #: Selected workloads left uninjected because their pods already use ``spec.metrics.port``, each with why.
+    port_conflicts: list[str] = field(default_factory=list)
 
 
 def _now() -> str:
@@ -288,18 +290,13 @@ async def reconcile(
     unscrapeable = [
         f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
     ]
-    clashes = [f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.port_conflicts(w, spec))]
+    clashes = outcome.port_conflicts
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
     elif clashes:
-        message = (
-            f"spec.metrics.port {spec.metrics.port} is taken in these pods, and the middleware's listener cannot"
-            " share it: "
-            + "; ".join(clashes)
-            + " (set spec.metrics.port to a free port; a port that is the middleware's own listener, declared by"
-            f" hand, is named {c.METRICS_PORT_NAME})"
+        conditions[c.CONDITION_METRICS] = r.Condition(
+            c.CONDITION_METRICS, False, "PortConflict", _port_conflict_message(spec, clashes)
         )
-        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "PortConflict", message)
     elif unscrapeable:
         message = (
             f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: "
@@ -479,6 +476,14 @@ async def _inject(
                 selected = False
                 if not mine:
                     continue
+        if selected and (found := r.port_conflicts(workload, spec)):
+            # The middleware's listener and that port cannot both be served (when the middleware binds first, the
+            # app cannot start): not injected, its injection removed if it had one, until the port is free.
+            outcome.port_conflicts.append(f"{workload_key(workload)}: {', '.join(found)}")
+            skipped.append(f"{workload_key(workload)} (port {spec.metrics.port} taken)")
+            selected = False
+            if not mine:
+                continue
         holder = None if record is None or mine else str(record.get("owner"))
         take_over = False
         if holder is not None:
@@ -531,6 +536,9 @@ async def _inject(
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets and missing:
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", no_container)
+    elif not targets and outcome.port_conflicts:
+        message = _port_conflict_message(spec, outcome.port_conflicts)  # the words of MetricsExposed: one event
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PortConflict", message)
     elif not targets:
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
@@ -541,6 +549,16 @@ async def _inject(
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
+
+
+def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
+    return (
+        f"spec.metrics.port {spec.metrics.port} is taken in these pods, and the middleware's listener cannot share"
+        " it: "
+        + "; ".join(conflicts)
+        + " (they are not injected until it is free: set spec.metrics.port to a free port; a port that is the"
+        f" middleware's own listener, declared by hand, is named {c.METRICS_PORT_NAME})"
+    )
 
 
 def _held_back(workload: Mapping[str, Any], patched: bool) -> bool:

@@ -784,6 +784,10 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
         assert metrics["status"] == "False"
         assert "Deployment/chat: container proxy declares port 9464 (admin)" in metrics["message"]
         assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
+        # Not injected: the pods would roll into a listener that cannot bind, or an app that cannot.
+        assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "PortConflict"
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert get(emulator, SERVICES, "chat-llm-metrics") is None
         await asyncio.sleep(1)
         assert len(posted_events(emulator, "PortConflict")) == 1
         await hand(
@@ -794,6 +798,19 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
         )
         await ready(emulator)
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+
+        # The sidecar moves onto the new port: the injection made is taken out again, and the resource says why.
+        containers = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"]
+        containers[1]["ports"] = [{"name": "admin", "containerPort": 9500}]
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+        await hand(emulator, "PATCH", path, {"spec": {"template": {"spec": {"containers": containers}}}})
+        await eventually(
+            lambda: "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat")), "injection removed"
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "PortConflict",
+            "PortConflict again",
+        )
     check_usage(emulator)
 
 
