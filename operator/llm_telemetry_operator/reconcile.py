@@ -147,14 +147,15 @@ class PeerView:
 
 
 class _Outranked:
-    """The names of the peers whose metrics Services ``owner`` may take over with its ``targets`` (``name in
+    """The names of the peers whose metrics Services ``owner`` may take over with its targets (``name in
     outranked``), looked up one at a time: those it outranks, those being deleted, and those that no longer serve
-    any of its targets (their selector or containers changed), which a pass of theirs has yet to notice."""
+    any of its targets (``serving``: the names of those that do; a peer whose selector or containers changed has
+    yet to notice in a pass of its own)."""
 
-    def __init__(self, owner: Mapping[str, Any], peers: PeerView, targets: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, owner: Mapping[str, Any], peers: PeerView, serving: Container[str] = frozenset()) -> None:
         self._rank = precedence(owner)
         self._peers = peers
-        self._serving = {body["metadata"]["name"] for w in targets for body, _spec in _serving(w, peers)}
+        self._serving = serving
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -173,10 +174,10 @@ def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
     return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
 
 
-def _rival(owner: Mapping[str, Any], workload: Mapping[str, Any], peers: PeerView) -> Mapping[str, Any] | None:
-    """The peer that wins ``workload`` over ``owner``, or None if ``owner`` wins it."""
-    rivals = [body for body, spec in _serving(workload, peers)]
-    best = min(rivals, key=precedence, default=None)
+def _rival(owner: Mapping[str, Any], serving: Sequence[Peer]) -> Mapping[str, Any] | None:
+    """The peer of those ``serving`` a workload (see :func:`_serving`) that wins it over ``owner``, or None if
+    ``owner`` wins it."""
+    best = min((body for body, _spec in serving), key=precedence, default=None)
     return best if best is not None and precedence(best) < precedence(owner) else None
 
 
@@ -223,7 +224,9 @@ async def reconcile(
     conditions: dict[str, r.Condition] = {}
     conditions[c.CONDITION_COLLECTORS] = await _collectors(client, config, spec, collectors, outcome)
     workloads = await _candidates(client, owner, spec)
-    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome, peers)
+    # The peers that would inject each workload: who wins it, and whose metrics Service may be taken over.
+    serving = {id(w): _serving(w, peers) for w in workloads}
+    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome, peers, serving)
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
     # scraped, alerted on or charted twice (any it made before the conflict are removed).
@@ -237,14 +240,14 @@ async def reconcile(
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
-    outranked = _Outranked(owner, peers, targets)
+    outranked = _Outranked(owner, peers, {body["metadata"]["name"] for w in targets for body, _ in serving[id(w)]})
     # A workload another resource serves now (this one's selector or containers no longer fit it): its Service is
     # left for that one to take over with the workload, in one step, rather than deleted and made anew (a gap).
     served = {id(w) for w in targets}
     handed = {
         r.service_name(w["metadata"]["name"], str(w.get("kind") or "Deployment"))
         for w in workloads
-        if id(w) not in served and _serving(w, peers)
+        if id(w) not in served and serving[id(w)]
     }
     service_error = await _sync_children(
         client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh, keep=handed
@@ -438,7 +441,10 @@ async def _inject(
     conditions: dict[str, r.Condition],
     outcome: Outcome,
     peers: PeerView,
+    serving: Mapping[int, Sequence[Peer]],
 ) -> list[dict[str, Any]]:
+    """Inject or remove the injection of each workload; returns the targets (those injected). ``serving``: the
+    peers that would inject each workload, by ``id``."""
     name = owner["metadata"]["name"]
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -455,7 +461,7 @@ async def _inject(
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
         selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
-        rival = _rival(owner, workload, peers) if selected else None
+        rival = _rival(owner, serving[id(workload)]) if selected else None
         if rival is not None:
             winner = rival["metadata"]["name"]
             created = rival["metadata"].get("creationTimestamp") or "the same time"
