@@ -772,3 +772,121 @@ def test_the_documented_resource_and_checks_work_as_written(
         wait_for(lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"], "gone")
         core.delete_namespace(namespace)
     operator.assert_clean()
+
+
+def test_a_sidecar_on_the_metrics_port_holds_the_injection_back(cluster: Cluster) -> None:
+    """A sidecar already declares spec.metrics.port: the workload is not injected (its pods would roll into a listener,
+    or an app, that cannot bind), the resource says which container (one Warning event), and it is served once the
+    port is changed. When the sidecar later moves onto the new port, the API server takes the pod template with two
+    containers declaring it, and the operator takes its injection back out."""
+    dep = deployment("portclash", "portclash")
+    dep["spec"]["template"]["spec"]["containers"].append(
+        {"name": "proxy", "image": "example.invalid/proxy:1", "ports": [{"name": "admin", "containerPort": 9464}]}
+    )
+    cluster.create(dep)
+    cluster.create(telemetry("portclash", "portclash"))
+    metrics = cluster.reported("portclash", c.CONDITION_METRICS, "PortConflict")
+    assert metrics["status"] == "False"
+    assert "Deployment/portclash: container proxy declares port 9464 (admin)" in metrics["message"]
+    assert cluster.condition("portclash", "Ready")["status"] == "False"
+    assert cluster.condition("portclash", c.CONDITION_INJECTED)["reason"] == "PortConflict"
+    assert "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("portclash")
+    assert cluster.service("portclash-llm-metrics") is None
+    assert wait_for(lambda: cluster.events("portclash", "PortConflict"), "PortConflict event")
+
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "portclash", {"spec": {"metrics": {"port": 9500}}}
+    )
+    cluster.ready("portclash")
+    assert cluster.env("portclash")["LLM_TELEMETRY_METRICS_PORT"] == "9500"
+    assert len(cluster.events("portclash", "PortConflict")) == 1
+
+    cluster.apps.patch_namespaced_deployment(
+        "portclash",
+        cluster.namespace,
+        [{"op": "replace", "path": "/spec/template/spec/containers/1/ports/0/containerPort", "value": 9500}],
+    )
+    wait_for(lambda: "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("portclash"), "injection taken out")
+    again = cluster.reported("portclash", c.CONDITION_METRICS, "PortConflict")
+    assert "container proxy declares port 9500 (admin)" in again["message"]
+    app = cluster.deployment("portclash")["spec"]["template"]["spec"]["containers"][0]
+    assert not [p for p in app.get("ports") or [] if p.get("name") == c.METRICS_PORT_NAME], app
+    wait_for(lambda: cluster.service("portclash-llm-metrics") is None, "the metrics Service removed")
+
+
+def test_labels_taken_out_of_the_settings_come_off_the_children(cluster: Cluster) -> None:
+    """Labels from spec.metrics.labels go on the children; one taken out of the spec comes off them again (a merge
+    or strategic merge patch alone would keep it), while a label someone else put on a child stays."""
+    cluster.create(deployment("relabel", "relabel"))
+    cluster.create(telemetry("relabel", "relabel", metrics={"labels": {"release": "kps", "team": "ml"}}))
+    cluster.ready("relabel")
+
+    def labels() -> dict[str, dict[str, str]]:
+        monitor = cluster.monitoring("servicemonitors", "relabel-llm-telemetry") or {}
+        rules = cluster.monitoring("prometheusrules", "relabel-llm-telemetry") or {}
+        return {
+            "servicemonitor": monitor.get("metadata", {}).get("labels") or {},
+            "prometheusrule": rules.get("metadata", {}).get("labels") or {},
+        }
+
+    for kind, found in labels().items():
+        assert {"release": "kps", "team": "ml"}.items() <= found.items(), (kind, found)
+    cluster.custom.patch_namespaced_custom_object(
+        MONITORING,
+        "v1",
+        cluster.namespace,
+        "servicemonitors",
+        "relabel-llm-telemetry",
+        {"metadata": {"labels": {"argocd.argoproj.io/instance": "apps"}}},
+    )
+    cluster.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "relabel", {"spec": {"metrics": {"labels": {"team": None}}}}
+    )
+    wait_for(lambda: all("team" not in found for found in labels().values()), "team label taken off the children")
+    found = labels()
+    assert found["servicemonitor"]["release"] == found["prometheusrule"]["release"] == "kps"
+    assert found["servicemonitor"]["argocd.argoproj.io/instance"] == "apps"
+    assert found["servicemonitor"][c.LABEL_OWNER] == "relabel"
+
+
+def test_an_older_resource_naming_no_container_of_the_workload_does_not_hold_it(cluster: Cluster) -> None:
+    """The older resource names a container the workload lacks, so the newer one serves it. Once the workload gets
+    that container the older takes it over, and when the container goes again the newer takes it back, with the same
+    metrics Service object throughout: handed over, never deleted and made anew (a gap in the scrapes)."""
+    cluster.create(deployment("handover", "handover"))
+    older = telemetry("handover-zeta", "handover", containers=["worker"])
+    cluster.create(older)
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second; the conflict rule goes by it
+    cluster.create(telemetry("handover-alpha", "handover"))
+    cluster.ready("handover-alpha")
+    cluster.reported("handover-zeta", c.CONDITION_INJECTED, "NoContainer")
+    assert cluster.events("handover-alpha", "Conflict") == []
+    service = cluster.service("handover-llm-metrics")
+    assert service.metadata.labels[c.LABEL_OWNER] == "handover-alpha"
+    uid = service.metadata.uid
+
+    containers = cluster.deployment("handover")["spec"]["template"]["spec"]["containers"]
+    worker = {"name": "worker", "image": "example.invalid/worker:1"}
+    cluster.apps.patch_namespaced_deployment(
+        "handover", cluster.namespace, [{"op": "add", "path": "/spec/template/spec/containers/-", "value": worker}]
+    )
+    cluster.ready("handover-zeta")
+    cluster.reported("handover-alpha", "Ready", "Conflict")
+    wait_for(
+        lambda: cluster.service("handover-llm-metrics").metadata.labels[c.LABEL_OWNER] == "handover-zeta",
+        "the metrics Service handed to the older resource",
+    )
+    assert cluster.service("handover-llm-metrics").metadata.uid == uid
+
+    cluster.apps.patch_namespaced_deployment(
+        "handover",
+        cluster.namespace,
+        [{"op": "remove", "path": f"/spec/template/spec/containers/{len(containers)}"}],
+    )
+    cluster.ready("handover-alpha")
+    wait_for(
+        lambda: cluster.service("handover-llm-metrics").metadata.labels[c.LABEL_OWNER] == "handover-alpha",
+        "the metrics Service handed back",
+    )
+    assert cluster.service("handover-llm-metrics").metadata.uid == uid
+    assert cluster.events("handover-alpha", "ServiceFailed") == []
