@@ -418,7 +418,9 @@ def _keep_env_order(template: dict[str, Any], current: Mapping[str, Any]) -> Non
 def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
     """The variables a chosen container sets itself (the user's win over the injection) that keep the metrics Service
     from reaching the middleware's listener: another port than ``spec.metrics.port``, a loopback host, no
-    Prometheus exporter, or the middleware turned off. Values from ``valueFrom`` are not known here, nor judged."""
+    Prometheus exporter, or the middleware turned off. Values from ``valueFrom`` are not known here, nor judged.
+    A variable the record lists is still the user's once its value differs from the one injected (as in
+    :func:`_strip`): a pass reads the workload before its own patch rewrites the record."""
     record = injected_record(workload) or {}
     injected = record.get("containers")
     if not isinstance(injected, Mapping):
@@ -431,7 +433,7 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
         ours = (injected.get(container.get("name")) or {}).get("env") or {}
         for entry in container.get("env") or []:
             name, value = entry.get("name"), entry.get("value")
-            if name in ours or not isinstance(value, str):
+            if ours.get(name) == _env_key(entry) or not isinstance(value, str):
                 continue
             text = value.strip().lower()
             if (

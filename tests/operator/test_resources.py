@@ -315,6 +315,19 @@ def test_a_containers_own_settings_that_leave_nothing_to_scrape_are_found(
     )
 
 
+def test_an_injected_variable_the_user_changed_is_theirs_before_the_record_says_so() -> None:
+    """``kubectl set env`` on an injected variable: the pass that sees it reads the workload before its own patch
+    rewrites the record, which still lists the variable as injected. The changed value is the user's already, and
+    one that leaves nothing to scrape is reported by that pass (it had waited for the next resync)."""
+    injected = inject(deployment())
+    container = injected["spec"]["template"]["spec"]["containers"][0]
+    for entry in container["env"]:
+        if entry["name"] == "LLM_TELEMETRY_METRICS_PORT":
+            entry["value"] = "9999"
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    assert r.unscrapeable_settings(injected, spec) == ["container app sets LLM_TELEMETRY_METRICS_PORT=9999"]
+
+
 @pytest.mark.parametrize(
     ("app_ports", "sidecar", "found"),
     [
