@@ -150,7 +150,12 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
     wait_for(established, "the chart's CRD established")
     for name in PEERING_CRDS:
         extensions.read_custom_resource_definition(name)
-    custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llm-telemetry-operator")
+    peering = ("kopf.dev", "v1", "clusterkopfpeerings", "llm-telemetry-operator")
+    # A replica's entry, as kopf keeps it: an upgrade must keep the object and its peers (a standby replica that
+    # found it empty would resume work beside the active one).
+    alive = {"status": {"llm-telemetry-operator-0": {"priority": 0, "lifetime": 60, "lastseen": "2026-01-01T00:00:00"}}}
+    custom.patch_cluster_custom_object(*peering, alive)
+    peering_uid = custom.get_cluster_custom_object(*peering)["metadata"]["uid"]
 
     # A user's resource, plus a field this release's CRD does not know: the API server prunes it.
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=APP_NAMESPACE)))
@@ -171,6 +176,8 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
     (upgrade,) = upgrade_block
     assert upgrade[:2] == ["helm", "upgrade"], upgrade
     run(upgrade)
+    kept = custom.get_cluster_custom_object(*peering)
+    assert kept["metadata"]["uid"] == peering_uid and kept["status"] == alive["status"], kept
     (apply_crd,) = crd_block
     run(apply_crd)
 
