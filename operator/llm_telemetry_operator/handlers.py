@@ -433,6 +433,8 @@ async def _reconcile(
         # restart's resume posts no event for a failure the resource shows already).
         conditions = (body.get("status") or {}).get("conditions") or []
         reported = frozenset((str(x.get("reason")), str(x.get("message"))) for x in conditions)
+        stored = [str(x.get("message")) for x in conditions]
+        reported |= {f for f, words in outcome.shown.items() if any(words in message for message in stored)}
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         if (reason, message) not in reported:

@@ -59,6 +59,10 @@ class Outcome:
     without: frozenset[str] = frozenset()
     #: Selected workloads left uninjected because their pods already use ``spec.metrics.port``, each with why.
     port_conflicts: list[str] = field(default_factory=list)
+    #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
+    #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
+    #: stored status already shows.
+    shown: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def _now() -> str:
@@ -461,6 +465,15 @@ async def _inject(
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
         selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
+        if selected and spec.containers:
+            present = [ct.get("name") for ct in _pod_containers(workload)]
+            if not set(spec.containers) & set(present):
+                # Nothing to inject into (a misspelt or renamed container): said so, not counted as a target, and
+                # whoever else serves the workload is no rival of this resource's.
+                missing.append(f"{workload_key(workload)} (its containers: {', '.join(map(str, present))})")
+                selected = False
+                if not mine:
+                    continue
         rival = _rival(owner, serving[id(workload)]) if selected else None
         if rival is not None:
             winner = rival["metadata"]["name"]
@@ -471,17 +484,10 @@ async def _inject(
             )
             lost.append(f"{workload_key(workload)} (served by {winner})")
             outcome.failures.append(("Conflict", message))
+            outcome.shown[("Conflict", message)] = lost[-1]
             selected = False  # remove our injection, if we had made it before the winner appeared
             if not mine:
                 continue
-        if selected and spec.containers:
-            present = [ct.get("name") for ct in _pod_containers(workload)]
-            if not set(spec.containers) & set(present):
-                # Nothing to inject into (a misspelt or renamed container): said so, not counted as a target.
-                missing.append(f"{workload_key(workload)} (its containers: {', '.join(map(str, present))})")
-                selected = False
-                if not mine:
-                    continue
         if selected and (found := r.port_conflicts(workload, spec)):
             # The middleware's listener and that port cannot both be served (when the middleware binds first, the
             # app cannot start): not injected, its injection removed if it had one, until the port is free.

@@ -7,6 +7,7 @@ Warning event, and keeps no ServiceMonitor, PrometheusRule or dashboard of its o
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kopf_testing import (
@@ -26,7 +27,7 @@ from kopf_testing import (
     posted_events,
     running_operator,
 )
-from test_operator_kmock import check_usage, hand
+from test_operator_kmock import check_usage, hand, passes_for
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r
@@ -103,6 +104,24 @@ async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, monito
         await eventually(lambda: all(children(emulator, "alpha").values()), "alpha's children")
         await eventually(lambda: get(emulator, SERVICEMONITORS, "zeta-llm-telemetry") is None, "zeta's children gone")
     check_usage(emulator)
+
+
+async def test_a_restart_posts_no_conflict_event_the_status_shows(emulator: Any, monitoring_crds: Any) -> None:
+    """The newer resource's Conflict event names the workload and the winner; its condition sums up every workload
+    it left. A restarted operator (or a standby replica taking over) resumes it with a pass that meets the same
+    conflict, which the stored status shows already: no second event."""
+    contested(emulator, monitoring_crds)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "the newer one in Conflict")
+        await eventually(lambda: conflict_events(emulator, "alpha"), "Conflict event on alpha")
+        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+        passes = passes_for(emulator, "chat")
+    assert len(conflict_events(emulator, "alpha")) == 1
+    async with running_operator():
+        await eventually(lambda: passes_for(emulator, "chat") >= passes + 2, "both resumed with a pass")
+        await asyncio.sleep(1.0)
+    assert len(conflict_events(emulator, "alpha")) == 1
+    assert reason(emulator, "alpha", "Ready") == "Conflict"
 
 
 async def test_older_resource_arriving_later_takes_the_workload_over(emulator: Any, monitoring_crds: Any) -> None:
@@ -208,6 +227,27 @@ async def test_an_older_resource_naming_no_container_of_the_workload_does_not_ho
         ]
         assert ("DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics") not in writes
         assert posted_events(emulator, "ServiceFailed") == []
+    check_usage(emulator)
+
+
+async def test_a_newer_resource_naming_no_container_says_so_not_conflict(emulator: Any, monitoring_crds: Any) -> None:
+    """The newer "alpha" names a container the workload lacks, while the older "zeta" serves it: alpha could not
+    inject it whoever served it, so it says NoContainer (deleting zeta would not help), with no Conflict event."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["containers"] = ["worker"]
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        await eventually(lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "NoContainer", "alpha NoContainer")
+        injected = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)
+        assert "no container named worker" in injected["message"] and "zeta" not in injected["message"]
+        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+        assert conflict_events(emulator, "alpha") == []
+        assert [e for e in posted_events(emulator, "NoContainer") if e["involvedObject"]["name"] == "alpha"]
+        assert holder(emulator) == "zeta"
     check_usage(emulator)
 
 
