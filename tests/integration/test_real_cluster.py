@@ -890,3 +890,33 @@ def test_an_older_resource_naming_no_container_of_the_workload_does_not_hold_it(
     )
     assert cluster.service("handover-llm-metrics").metadata.uid == uid
     assert cluster.events("handover-alpha", "ServiceFailed") == []
+
+
+def test_a_paused_deployment_is_said_to_be_paused_until_resumed(cluster: Cluster) -> None:
+    """A paused Deployment gets the injection in its template, but the Deployment controller rolls no pod until it is
+    resumed: the Injected condition says so, and how. Resumed, the controller makes a ReplicaSet of the injected
+    template and the note goes."""
+    from kubernetes import client
+
+    note = "; paused (its pods get it once resumed with kubectl rollout resume): Deployment/paused"
+    dep = deployment("paused", "paused")
+    dep["spec"]["paused"] = True
+    cluster.create(dep)
+    cluster.create(telemetry("paused", "paused"))
+    cluster.ready("paused")
+    assert cluster.condition("paused", c.CONDITION_INJECTED)["message"].endswith(note)
+    injected = cluster.config_hash("paused")
+    assert injected
+
+    def rolled_out() -> bool:
+        found = client.AppsV1Api(cluster.apps.api_client).list_namespaced_replica_set(
+            cluster.namespace, label_selector="app=paused"
+        )
+        return any((rs.spec.template.metadata.annotations or {}).get(c.ANNOTATION_CONFIG_HASH) == injected
+                   for rs in found.items)  # fmt: skip
+
+    assert not rolled_out()
+    cluster.apps.patch_namespaced_deployment("paused", cluster.namespace, {"spec": {"paused": False}})
+    wait_for(rolled_out, "a ReplicaSet of the injected template once resumed")
+    wait_for(lambda: not cluster.condition("paused", c.CONDITION_INJECTED)["message"].endswith(note), "the note gone")
+    assert cluster.condition("paused", "Ready")["status"] == "True"
