@@ -95,6 +95,8 @@ def test_crd_accepts_every_price_kind() -> None:
     [
         ({"selector": None}, "selector is required"),
         ({"selector": {}}, "selector without matchLabels or matchExpressions (CEL rule)"),
+        ({"selector": {"matchLabels": {}}}, "empty matchLabels: would select every workload (CEL rule)"),
+        ({"selector": {"matchExpressions": []}}, "empty matchExpressions: would select every workload (CEL rule)"),
         ({"metrics": {"port": 0}}, "port minimum"),
         ({"metrics": {"interval": "often"}}, "interval pattern"),
         ({"tracing": {"protocol": "thrift"}}, "protocol enum"),
