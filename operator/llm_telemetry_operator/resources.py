@@ -317,6 +317,10 @@ def _env_key(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+#: A reference to another variable in an env value, as the kubelet expands it (``$(NAME)``; ``$$(NAME)`` is literal).
+_ENV_REFERENCE = re.compile(r"(?<!\$)\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
+
+
 def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
     """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
     if not record:
@@ -327,8 +331,18 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
         if not done:
             continue
         ours = done.get("env") or {}
-        # A value the user changed since we injected it is theirs now: keep it.
-        env = [e for e in container.get("env") or [] if ours.get(e.get("name")) != _env_key(e)]
+        # A value the user changed since we injected it is theirs now: keep it, with the injected variables it
+        # refers to ($(K8S_POD_NAME) in an OTEL_RESOURCE_ATTRIBUTES the user extended): without them the pods would
+        # get the reference as literal text.
+        entries = container.get("env") or []
+        kept = {i for i, e in enumerate(entries) if ours.get(e.get("name")) != _env_key(e)}
+        while True:
+            referred = {name for i in kept for name in _ENV_REFERENCE.findall(str(entries[i].get("value") or ""))}
+            more = {i for i, e in enumerate(entries) if i not in kept and e.get("name") in referred}
+            if not more:
+                break
+            kept |= more
+        env = [e for i, e in enumerate(entries) if i in kept]
         if env:
             container["env"] = env
         else:

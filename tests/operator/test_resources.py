@@ -226,6 +226,33 @@ def test_removal_keeps_values_the_user_changed_since() -> None:
     assert env_of(merge_patch(injected, removal)) == {"LLM_TELEMETRY_METRICS_PORT": "7000"}
 
 
+def test_a_users_value_keeps_the_injected_variables_it_refers_to() -> None:
+    """The user extends the injected OTEL_RESOURCE_ATTRIBUTES (kubectl set env ...,team=search): theirs now, and it
+    refers to the injected downward-API variables ($(K8S_POD_NAME), ...). Removing the injection keeps those too,
+    in their places before it, or the pods would get the references as literal text. The rest goes."""
+    injected = inject(deployment())
+    container = injected["spec"]["template"]["spec"]["containers"][0]
+    for entry in container["env"]:
+        if entry["name"] == "OTEL_RESOURCE_ATTRIBUTES":
+            entry["value"] += ",team=search"
+            extended = entry["value"]
+    referred = {r.ENV_POD_NAMESPACE, r.ENV_POD_NAME, r.ENV_POD_UID}
+    assert all(f"$({name})" in extended for name in referred)
+    removal = r.build_workload_patch(injected, None, "chat")
+    assert removal is not None
+    left = merge_patch(injected, removal)["spec"]["template"]["spec"]["containers"][0]["env"]
+    names = [e["name"] for e in left]
+    assert set(names) == referred | {"OTEL_RESOURCE_ATTRIBUTES"}, names
+    assert names[-1] == "OTEL_RESOURCE_ATTRIBUTES" and left[-1]["value"] == extended
+    assert {e["name"]: e for e in left}[r.ENV_POD_NAME]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+    # While the injection stays, a pass leaves the pod template as it is (no rollout), the variables now the user's.
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    again = r.build_workload_patch(injected, r.build_injection(spec, CONFIG, injected, "chat"), "chat")
+    if again is not None:
+        assert merge_patch(injected, again)["spec"]["template"] == injected["spec"]["template"]
+
+
 def test_workload_patch_never_fights_another_owner() -> None:
     injected = inject(deployment(), owner="first")
     spec = parse_spec(minimal_llmt()["spec"])
