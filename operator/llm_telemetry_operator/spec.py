@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
 from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
+from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
 
@@ -273,6 +274,12 @@ def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
     return value.rstrip("/")
 
 
+#: The labels the operator puts on every child (it finds them by these): not for spec.metrics.labels to set.
+OWN_LABELS = frozenset(
+    (c.LABEL_NAME, c.LABEL_INSTANCE, c.LABEL_COMPONENT, c.LABEL_PART_OF, c.LABEL_MANAGED_BY, c.LABEL_OWNER)
+)
+
+
 def _label_key(key: str, path: str) -> None:
     if not is_label_key(key):
         raise SpecError(path, f"{key!r} is not a valid label key")
@@ -322,6 +329,8 @@ def _metrics(raw: Mapping[str, Any]) -> Metrics:
     for key, value in labels.items():  # they label the ServiceMonitor and PrometheusRule
         _label_key(key, "spec.metrics.labels")
         _label_value(value, f"spec.metrics.labels.{key}")
+        if key in OWN_LABELS:
+            raise SpecError(f"spec.metrics.labels.{key}", "is a label the operator sets on its children itself")
     return Metrics(
         port=_int(raw, "port", "spec.metrics.port", DEFAULT_METRICS_PORT, 1, 65535),
         interval=interval,

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import kube_schema
-from llm_telemetry_operator.spec import SpecError, parse_spec
+from llm_telemetry_operator.spec import OWN_LABELS, SpecError, parse_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_NAME = "llmtelemetry.dev_llmtelemetries.yaml"
@@ -169,6 +169,20 @@ def test_operator_refuses_what_the_crd_refuses(section: str, field: str, value: 
     assert kube_schema.validate_object(load(), obj)
     with pytest.raises(SpecError, match=rf"spec\.{section}\.{field}"):
         parse_spec(obj["spec"])
+
+
+@pytest.mark.parametrize("key", sorted(OWN_LABELS))
+def test_the_operators_own_labels_are_refused_in_spec_metrics_labels(key: str) -> None:
+    """The operator finds its children by these labels and sets them itself: one in spec.metrics.labels was
+    dropped without a word. Refused by the CRD at apply, and by the operator (a CRD from before the rule)."""
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["metrics"] = {"labels": {"release": "kps", key: "argocd"}}
+    assert kube_schema.validate_object(load(), obj)
+    with pytest.raises(SpecError, match=r"spec\.metrics\.labels\."):
+        parse_spec(obj["spec"])
+    obj["spec"]["metrics"] = {"labels": {"release": "kps", "app.kubernetes.io/version": "1"}}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).metrics.labels["release"] == "kps"
 
 
 def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
