@@ -456,6 +456,7 @@ async def _inject(
     errors: list[str] = []
     missing: list[str] = []
     paused: list[str] = []
+    on_delete: list[str] = []
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -530,8 +531,9 @@ async def _inject(
             outcome.settled.pop(settled, None)
         if selected:
             targets.append(workload)
-            if _held_back(workload, patched=after is not workload):
-                paused.append(workload_key(workload))
+            held = _held_back(workload, patched=after is not workload)
+            if held is not None:
+                (paused if held == "paused" else on_delete).append(workload_key(workload))
     namespace = owner["metadata"]["namespace"]
     named = ", ".join(spec.containers)
     no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)
@@ -558,6 +560,9 @@ async def _inject(
         if paused:
             # Its pod template has the injection, but no pod rolls until the Deployment is resumed.
             notes += "; paused (its pods get it once resumed with kubectl rollout resume): " + ", ".join(paused)
+        if on_delete:
+            # Its controller replaces a pod only once someone deletes it.
+            notes += "; updateStrategy OnDelete (each pod gets it once deleted): " + ", ".join(on_delete)
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
@@ -573,17 +578,27 @@ def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
     )
 
 
-def _held_back(workload: Mapping[str, Any], patched: bool) -> bool:
-    """Whether a paused Deployment's pods have yet to get its template: this pass changed the template, or its
-    status counts fewer pods of the current template than it wants (one paused after its pods rolled is not)."""
-    if (workload.get("spec") or {}).get("paused") is not True:
-        return False
+def _held_back(workload: Mapping[str, Any], patched: bool) -> str | None:
+    """Why a workload's pods have yet to get its template, or None: a paused Deployment (``"paused"``) or a
+    StatefulSet whose update strategy is OnDelete (``"on_delete"``), whose controllers roll no pod by themselves,
+    while this pass changed the template or the status counts fewer pods of the current template than it wants (one
+    paused after its pods rolled is not held back)."""
+    spec = workload.get("spec") or {}
+    if workload.get("kind") == "StatefulSet":
+        if (spec.get("updateStrategy") or {}).get("type") != "OnDelete":
+            return None
+        why = "on_delete"
+    elif spec.get("paused") is True:
+        why = "paused"
+    else:
+        return None
     status = workload.get("status")
     if patched or not isinstance(status, Mapping):
-        return patched
-    wanted = (workload.get("spec") or {}).get("replicas")
+        return why if patched else None
+    wanted = spec.get("replicas")
     stale = (status.get("observedGeneration") or 0) < ((workload.get("metadata") or {}).get("generation") or 0)
-    return stale or int(status.get("updatedReplicas") or 0) < (wanted if isinstance(wanted, int) else 1)
+    behind = int(status.get("updatedReplicas") or 0) < (wanted if isinstance(wanted, int) else 1)
+    return why if stale or behind else None
 
 
 def _pod_containers(workload: Mapping[str, Any]) -> list[Mapping[str, Any]]:

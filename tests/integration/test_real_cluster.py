@@ -920,3 +920,34 @@ def test_a_paused_deployment_is_said_to_be_paused_until_resumed(cluster: Cluster
     wait_for(rolled_out, "a ReplicaSet of the injected template once resumed")
     wait_for(lambda: not cluster.condition("paused", c.CONDITION_INJECTED)["message"].endswith(note), "the note gone")
     assert cluster.condition("paused", "Ready")["status"] == "True"
+
+
+def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_deleted(cluster: Cluster) -> None:
+    """A StatefulSet with updateStrategy OnDelete: the StatefulSet controller leaves its pod on the old template after
+    the injection, and the Injected message says so. Once the pod is deleted, the controller makes it anew from the
+    injected template, its status counts it updated, and the note goes (at the latest with the next resync)."""
+    sts = deployment("manual", "manual")
+    sts["kind"] = "StatefulSet"
+    sts["spec"]["serviceName"] = "manual"
+    sts["spec"]["updateStrategy"] = {"type": "OnDelete"}
+    cluster.create(sts)
+    wait_for(lambda: cluster.core.read_namespaced_pod("manual-0", cluster.namespace), "the StatefulSet's pod made")
+    cluster.create(telemetry("manual", "manual"))
+    cluster.ready("manual")
+    note = "; updateStrategy OnDelete (each pod gets it once deleted): StatefulSet/manual"
+    assert cluster.condition("manual", c.CONDITION_INJECTED)["message"].endswith(note)
+    old = cluster.core.read_namespaced_pod("manual-0", cluster.namespace)
+    assert c.ANNOTATION_CONFIG_HASH not in (old.metadata.annotations or {})
+
+    cluster.core.delete_namespaced_pod("manual-0", cluster.namespace, grace_period_seconds=0)
+
+    def replaced() -> bool:
+        pod = _absent_as_none(cluster.core.read_namespaced_pod, "manual-0", cluster.namespace)
+        return pod is not None and c.ANNOTATION_CONFIG_HASH in (pod.metadata.annotations or {})
+
+    wait_for(replaced, "the pod made anew from the injected template")
+    wait_for(
+        lambda: not cluster.condition("manual", c.CONDITION_INJECTED)["message"].endswith(note),
+        "the note gone",
+        timeout=90,
+    )

@@ -841,6 +841,36 @@ async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitorin
     assert (await injected_message()).endswith(note)
 
 
+async def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_deleted(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A StatefulSet whose updateStrategy is OnDelete replaces a pod only once someone deletes it: its template is
+    injected, and the Injected message says its pods get it as they are deleted, until its status counts them all
+    updated. A StatefulSet rolling by itself (RollingUpdate, the default) gets no such note."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    manual = deployment("db", kind="StatefulSet")
+    manual["spec"]["updateStrategy"] = {"type": "OnDelete"}
+    emulator.objects[STATEFULSETS, NAMESPACE, "db"] = manual
+    emulator.objects[STATEFULSETS, NAMESPACE, "cache"] = deployment("cache", kind="StatefulSet", labels={"app": "chat"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    note = "; updateStrategy OnDelete (each pod gets it once deleted): StatefulSet/db"
+
+    async def injected_message() -> str:
+        await one_pass(emulator, "chat")
+        return str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
+
+    assert (await injected_message()).endswith(note)
+    assert env_of(get(emulator, STATEFULSETS, "db"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    generation = get(emulator, STATEFULSETS, "db")["metadata"]["generation"]
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/db"
+    await hand(
+        emulator, "PATCH", path, {"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 0}}
+    )
+    assert (await injected_message()).endswith(note)
+    await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 1}})  # its pod deleted and made anew
+    assert "OnDelete" not in await injected_message()
+
+
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
