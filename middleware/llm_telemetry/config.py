@@ -162,8 +162,9 @@ class Settings:
     capture_content_max_chars: int = DEFAULT_CAPTURE_CONTENT_MAX_CHARS
     #: Emit one JSON log line per LLM request.
     request_logs: bool = True
-    #: Add the request id (``x-request-id``) to LLM responses that have none.
-    echo_request_id: bool = True
+    #: Add the request id (``x-request-id``) to LLM responses that have none. Off by default: the client gets the
+    #: app's response unchanged, headers included.
+    echo_request_id: bool = False
     #: Trace LLM requests as two spans (OpenTelemetry's ASGI server span, the GenAI span as its child) instead of
     #: one GenAI span of kind SERVER.
     tracing_http_span: bool = False

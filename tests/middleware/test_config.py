@@ -86,7 +86,7 @@ _AS_TEXT = {
     "routes": ("LLM_TELEMETRY_ROUTES", "/generate=openai.chat"),
     "request_logs": ("LLM_TELEMETRY_REQUEST_LOGS", "false"),
     "capture_content": ("LLM_TELEMETRY_CAPTURE_CONTENT", "true"),
-    "echo_request_id": ("LLM_TELEMETRY_ECHO_REQUEST_ID", "false"),
+    "echo_request_id": ("LLM_TELEMETRY_ECHO_REQUEST_ID", "true"),
     "tracing_http_span": ("LLM_TELEMETRY_TRACING_HTTP_SPAN", "true"),
     "multiproc_dir": ("LLM_TELEMETRY_MULTIPROC_DIR", "off"),
     "enabled": ("LLM_TELEMETRY_ENABLED", "false"),

@@ -47,7 +47,8 @@ def receiver() -> Iterator[OTLPReceiver]:
 def test_one_json_line_per_request_with_trace_ids_of_the_spans(
     receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with demo_server(tracing_env(receiver, OTEL_SERVICE_NAME="llm-logs")) as (_, base):
+    env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-logs", LLM_TELEMETRY_ECHO_REQUEST_ID="true")
+    with demo_server(env) as (_, base):
         sdk = client(base)
         stream = sdk.chat.completions.create(
             model="gpt-4o",
@@ -107,7 +108,7 @@ def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[
         response = httpx.post(
             base + "/v1/chat/completions", json={"model": "m", "messages": []}, headers={"x-request-id": "plain-1"}
         )
-        assert response.headers["x-request-id"] == "plain-1"
+        assert "x-request-id" not in response.headers  # echoed only when asked to (LLM_TELEMETRY_ECHO_REQUEST_ID)
     line = line_for(log_lines(capsys.readouterr().out), "plain-1")
     assert line["trace_id"] is None and line["span_id"] is None
     assert line["service"] == "llm-plain"

@@ -143,10 +143,23 @@ def test_bad_input_is_recorded_without_internal_errors(servers: tuple[str, str, 
     assert metrics.value("llm_errors_total", error_type="rate_limit") >= 1
 
 
+def test_by_default_an_llm_response_is_the_apps_byte_for_byte(servers: tuple[str, str, int]) -> None:
+    """With every default (request logs on, so each request has an id), the client gets the app's response as the
+    app sent it, headers included, whether or not it sent an id of its own."""
+    bare = servers[0]
+    wrapped = LLMTelemetryMiddleware(fixed_app, metrics_port=0)
+    body = json.dumps({"model": "m", "stream": True}).encode()
+    with serve(wrapped) as observed:
+        for headers in ({}, {"X-Request-Id": "req-42"}):
+            expected = raw_exchange(bare, "POST", "/v1/stream/chat/completions", body, headers)
+            assert raw_exchange(observed, "POST", "/v1/stream/chat/completions", body, headers) == expected
+    wrapped.telemetry.shutdown()
+
+
 def test_request_id_echo_adds_only_that_header(servers: tuple[str, str, int]) -> None:
     bare = servers[0]
     port = free_port()
-    wrapped = LLMTelemetryMiddleware(fixed_app, metrics_port=port, metrics_host="127.0.0.1")
+    wrapped = LLMTelemetryMiddleware(fixed_app, metrics_port=port, metrics_host="127.0.0.1", echo_request_id=True)
     body = json.dumps({"model": "m", "stream": True}).encode()
     with serve(wrapped) as observed:
         expected = raw_exchange(bare, "POST", "/v1/stream/chat/completions", body)
@@ -179,7 +192,7 @@ async def shared_start_app(scope: dict[str, Any], receive: Any, send: Any) -> No
 
 
 def test_the_echoed_request_id_is_each_requests_own_when_the_app_reuses_its_start_message() -> None:
-    wrapped = LLMTelemetryMiddleware(shared_start_app, metrics_port=0, request_logs=False)
+    wrapped = LLMTelemetryMiddleware(shared_start_app, metrics_port=0, request_logs=False, echo_request_id=True)
     ids = []
     with serve(wrapped) as base, httpx.Client(base_url=base) as client:
         for sent in ("aaa", "bbb", None, None):
