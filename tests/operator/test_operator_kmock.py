@@ -814,6 +814,12 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
     check_usage(emulator)
 
 
+async def injected_message(emulator: Any) -> str:
+    """The Injected condition's message after one pass of the LLMTelemetry "chat"."""
+    await one_pass(emulator, "chat")
+    return str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
+
+
 async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitoring_crds: Any) -> None:
     """A paused Deployment's pods do not roll: its template is injected, but its pods serve no metrics until it is
     resumed. The Injected message says so, and how to resume it."""
@@ -825,20 +831,16 @@ async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitorin
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     note = "; paused (its pods get it once resumed with kubectl rollout resume): Deployment/chat"
 
-    async def injected_message() -> str:
-        await one_pass(emulator, "chat")
-        return str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
-
-    assert (await injected_message()).endswith(note)
+    assert (await injected_message(emulator)).endswith(note)
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
     # Its pods have the template (paused after they rolled, say): nothing is held back.
     generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
     rolled = {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1}
     path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
     await hand(emulator, "PATCH", path, {"status": rolled})
-    assert not (await injected_message()).endswith(note)
+    assert not (await injected_message(emulator)).endswith(note)
     await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 0}})
-    assert (await injected_message()).endswith(note)
+    assert (await injected_message(emulator)).endswith(note)
 
 
 async def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_deleted(
@@ -855,20 +857,16 @@ async def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_del
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     note = "; updateStrategy OnDelete (each pod gets it once deleted): StatefulSet/db"
 
-    async def injected_message() -> str:
-        await one_pass(emulator, "chat")
-        return str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
-
-    assert (await injected_message()).endswith(note)
+    assert (await injected_message(emulator)).endswith(note)
     assert env_of(get(emulator, STATEFULSETS, "db"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
     generation = get(emulator, STATEFULSETS, "db")["metadata"]["generation"]
     path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/db"
     await hand(
         emulator, "PATCH", path, {"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 0}}
     )
-    assert (await injected_message()).endswith(note)
+    assert (await injected_message(emulator)).endswith(note)
     await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 1}})  # its pod deleted and made anew
-    assert "OnDelete" not in await injected_message()
+    assert "OnDelete" not in await injected_message(emulator)
 
 
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
