@@ -317,6 +317,12 @@ def _env_key(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _as_injected(entry: Mapping[str, Any], ours: Mapping[Any, Any]) -> bool:
+    """Whether an env entry is still as the record ``ours`` (name to :func:`_env_key`) says it was injected; once the
+    user changes its value it is theirs."""
+    return bool(ours.get(entry.get("name")) == _env_key(entry))
+
+
 #: A reference to another variable in an env value, as the kubelet expands it (``$(NAME)``; ``$$(NAME)`` is literal).
 _ENV_REFERENCE = re.compile(r"(?<!\$)\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
@@ -335,7 +341,7 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
         # refers to ($(K8S_POD_NAME) in an OTEL_RESOURCE_ATTRIBUTES the user extended): without them the pods would
         # get the reference as literal text.
         entries = container.get("env") or []
-        kept = {i for i, e in enumerate(entries) if ours.get(e.get("name")) != _env_key(e)}
+        kept = {i for i, e in enumerate(entries) if not _as_injected(e, ours)}
         while True:
             referred = {name for i in kept for name in _ENV_REFERENCE.findall(str(entries[i].get("value") or ""))}
             more = {i for i, e in enumerate(entries) if i not in kept and e.get("name") in referred}
@@ -447,7 +453,7 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
         ours = (injected.get(container.get("name")) or {}).get("env") or {}
         for entry in container.get("env") or []:
             name, value = entry.get("name"), entry.get("value")
-            if ours.get(name) == _env_key(entry) or not isinstance(value, str):
+            if _as_injected(entry, ours) or not isinstance(value, str):
                 continue
             text = value.strip().lower()
             if (
