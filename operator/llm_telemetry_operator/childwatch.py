@@ -55,9 +55,9 @@ Deliver = Callable[[str, dict[str, Any]], None]
 
 
 class MetadataWatch:
-    """Watch one kind's objects with ``labels`` in ``namespace`` (None: all) and call ``deliver(type, metadata)``
-    on ``loop``, in the context the watch was made in, for each ADDED, MODIFIED and DELETED event, until
-    :meth:`stop`."""
+    """Watch one kind's objects with ``labels`` in ``namespace`` (None: all), or the one object named ``name``
+    there, and call ``deliver(type, metadata)`` on ``loop``, in the context the watch was made in, for each ADDED,
+    MODIFIED and DELETED event, until :meth:`stop`."""
 
     def __init__(
         self,
@@ -67,11 +67,13 @@ class MetadataWatch:
         labels: Mapping[str, str],
         deliver: Deliver,
         loop: asyncio.AbstractEventLoop,
+        name: str | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
         self.namespace = namespace
         self.labels = dict(labels)
+        self.name = name
         self.deliver = deliver
         self.loop = loop
         # The context of whoever made the watch (kopf's startup handler): the passes events start post Kubernetes
@@ -84,7 +86,8 @@ class MetadataWatch:
         #: The metadata last seen of every object watched, by (namespace, name): what a relist finds gone was deleted.
         self._known: dict[tuple[str, str], dict[str, Any]] = {}
         where = namespace or "all namespaces"
-        self._thread = threading.Thread(target=self._run, name=f"watch-{resource.plural}-{where}", daemon=True)
+        what = resource.plural if name is None else f"{resource.plural}-{name}"
+        self._thread = threading.Thread(target=self._run, name=f"watch-{what}-{where}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -100,6 +103,8 @@ class MetadataWatch:
                 pass
 
     def _selected(self, meta: Mapping[str, Any]) -> bool:
+        if self.name is not None and meta.get("name") != self.name:
+            return False
         labels = meta.get("labels") or {}
         return all(labels.get(k) == v for k, v in self.labels.items())
 
@@ -138,9 +143,12 @@ class MetadataWatch:
                 backoff = min(MAX_BACKOFF, backoff * 2)
 
     def _selector(self) -> list[tuple[str, str]]:
-        if not self.labels:
-            return []
-        return [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items())))]
+        selector = []
+        if self.labels:
+            selector.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(self.labels.items()))))
+        if self.name is not None:
+            selector.append(("fieldSelector", f"metadata.name={self.name}"))
+        return selector
 
     def _list(self, fresh: bool) -> None:
         """Every current object as ADDED, and every object known before and now gone as DELETED; the watch goes on

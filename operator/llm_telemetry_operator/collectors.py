@@ -4,8 +4,9 @@ An exporter pointed at a Service that does not exist fails in every pod, on ever
 where nobody connects it to the operator. So before injecting an exporter whose endpoint names an in-cluster
 Service, the operator looks the Service up: when it is missing, that exporter is not injected (its
 ``OTEL_*_EXPORTER`` is ``none``), the resource's ``CollectorsAvailable`` condition names the Service and the
-remedy, and an event says the same. Once the Service exists, the next pass injects the exporter (and the
-changed config hash rolls the pods). A Service that lists ports but not the endpoint's (given, or the scheme's 80
+remedy, and an event says the same. The operator then watches that Service (see ``handlers.py``): once it exists,
+or serves the endpoint's port, the resources waiting for it get a pass, which injects the exporter (and the changed
+config hash rolls the pods). A Service that lists ports but not the endpoint's (given, or the scheme's 80
 or 443) counts as missing too: the exporter could not connect either.
 
 Endpoints checked: the built-in defaults (Jaeger and Loki in ``observability``), and any endpoint whose host is
@@ -87,6 +88,15 @@ class CollectorCheck:
         #: Per Service: when it was read, and its ports (None: any port reaches it; False: no such Service).
         self._cache: dict[tuple[str, str], tuple[float, Ports]] = {}
         self._reading: dict[tuple[str, str], asyncio.Future[Ports]] = {}
+        #: When each Service was last seen to change (:meth:`forget`): a read started before then is not kept.
+        self._changed: dict[tuple[str, str], float] = {}
+
+    def forget(self, service: tuple[str, str]) -> None:
+        """The Service ``(namespace, name)`` was created or changed: the next lookup reads it again, and a read
+        already under way, which may have missed the change, is neither kept nor shared."""
+        self._changed[service] = time.monotonic()
+        self._cache.pop(service, None)
+        self._reading.pop(service, None)
 
     async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
         service = service_of(endpoint)
@@ -103,7 +113,9 @@ class CollectorCheck:
             reading = self._reading.get(service)
             if reading is None:
                 reading = self._reading[service] = asyncio.ensure_future(self._read(client, service))
-                reading.add_done_callback(lambda done: self._reading.pop(service, None) if done is reading else None)
+                reading.add_done_callback(
+                    lambda done: self._reading.pop(service) if self._reading.get(service) is done else None
+                )
             try:
                 # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others.
                 ports = await asyncio.shield(reading)
@@ -118,6 +130,7 @@ class CollectorCheck:
 
     async def _read(self, client: kube.KubeClient, service: tuple[str, str]) -> Ports:
         namespace, name = service
+        started = time.monotonic()
         ports: Ports
         try:
             body = await client.get(kube.SERVICES, namespace, name)
@@ -129,5 +142,6 @@ class CollectorCheck:
             # An ExternalName Service is a DNS alias, and a headless one without ports resolves to its pods: any
             # port reaches what is behind them.
             ports = listed if listed and spec.get("type") != "ExternalName" else None
-        self._cache[service] = (time.monotonic(), ports)
+        if started >= self._changed.get(service, 0.0):
+            self._cache[service] = (time.monotonic(), ports)
         return ports

@@ -82,6 +82,11 @@ class OperatorState:
     event_passes: set[asyncio.Task[Any]] = field(default_factory=set)
     #: The watches of workloads and children (see :mod:`childwatch`), once started.
     watches: list[MetadataWatch] | None = None
+    #: The collector Services each resource's last pass found missing (or without the endpoint's port), the
+    #: resources waiting for each, and a watch of each such Service (see :func:`_await_collectors`).
+    awaiting: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
+    collector_waiters: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
+    collector_watches: dict[tuple[str, str], MetadataWatch] = field(default_factory=dict)
     #: Whether another replica is the active one (kopf's peering rule, see standby.py): no pass of our own runs.
     standby: bool = False
     #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
@@ -287,7 +292,7 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = memo.get("state")
     if isinstance(state, OperatorState):
-        for watch in state.watches or ():
+        for watch in [*(state.watches or ()), *state.collector_watches.values()]:
             watch.stop()
         for task in list(state.event_passes):
             task.cancel()
@@ -399,6 +404,7 @@ async def _reconcile(
                 state.statuses[uid] = outcome.status
             state.passes[key] = (started, outcome)
             state.index.serve(key, outcome.targets)
+            _await_collectors(memo, state, key, outcome.awaiting)
         except Exception as exc:
             # An API error after the client's retries; or a defect of ours, which kopf must not see either: its
             # handler retries would patch the resource on every attempt, with nothing in the status or events.
@@ -606,6 +612,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
     state.reported.pop(key, None)
     state.schedule.forget(key)
+    _await_collectors(None, state, key, frozenset())
 
 
 def _owners(
@@ -771,3 +778,55 @@ def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str,
     if last is not None and answered(last[1]):
         return  # the echo of the last pass's own work, with no pass in flight that could change it
     _start_pass(memo, logger, state, (namespace, owner_name), owner, "child", answered)
+
+
+def _await_collectors(
+    memo: Any, state: OperatorState, key: tuple[str, str], services: frozenset[tuple[str, str]]
+) -> None:
+    """Record that resource ``key`` waits for the collector ``services`` (its last pass found them missing, or
+    without the endpoint's port), and watch each of them, so that the resource gets a pass as soon as one is
+    created or changed rather than at its resync; stop watching a Service once no resource waits for it.
+
+    A Service is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
+    other watches run (``memo`` None: only stop watching). A watch starts with a list, so a Service created
+    between the pass and the watch is not missed.
+    """
+    before = state.awaiting.pop(key, frozenset())
+    if services:
+        state.awaiting[key] = services
+    for service in before - services:
+        waiters = state.collector_waiters.get(service)
+        if waiters is not None:
+            waiters.discard(key)
+        if not waiters:
+            state.collector_waiters.pop(service, None)
+            watch = state.collector_watches.pop(service, None)
+            if watch is not None:
+                watch.stop()
+    for service in services:
+        state.collector_waiters.setdefault(service, set()).add(key)
+        if memo is not None and state.watches is not None and service not in state.collector_watches:
+            namespace, name = service
+            watch = MetadataWatch(
+                _client(memo), kube.SERVICES, namespace, {},
+                functools.partial(_collector_event, memo, state.logger, service), asyncio.get_running_loop(), name,
+            )  # fmt: skip
+            state.collector_watches[service] = watch
+            watch.start()
+
+
+def _collector_event(memo: Any, logger: Any, service: tuple[str, str], type: str, meta: dict[str, Any]) -> None:
+    """A collector Service some resources wait for was created or changed: each of them gets a pass, which reads
+    it again (a deletion changes nothing for a resource that found it missing)."""
+    if type == "DELETED":
+        return
+    state = _state(memo)
+    state.collectors.forget(service)
+
+    def answered(outcome: rec.Outcome) -> bool:
+        return service not in outcome.awaiting  # a pass after the change found it (the pass reads it afresh)
+
+    for key in sorted(state.collector_waiters.get(service, ())):
+        owner = state.bodies.get(key)
+        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+            _start_pass(memo, logger, state, key, owner, "collector", answered)

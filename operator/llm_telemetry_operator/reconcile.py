@@ -57,6 +57,9 @@ class Outcome:
     applied: tuple[str, Any] = ("", None)
     #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
     without: frozenset[str] = frozenset()
+    #: The (namespace, name) of each collector Service found missing, or without the endpoint's port: once it
+    #: appears or changes, this resource needs a pass.
+    awaiting: frozenset[tuple[str, str]] = frozenset()
     #: Selected workloads left uninjected because their pods already use ``spec.metrics.port``, each with why.
     port_conflicts: list[str] = field(default_factory=list)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
@@ -414,6 +417,7 @@ async def _collectors(
         if lookup.found is False and lookup.service is not None:
             namespace, name = lookup.service
             outcome.without |= {signal}
+            outcome.awaiting |= {lookup.service}
             if lookup.ports:
                 serves = ", ".join(map(str, lookup.ports))
                 problem = f"{lookup.note} (it serves {serves}), so no {signal} exporter is injected"

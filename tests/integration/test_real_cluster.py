@@ -429,7 +429,9 @@ def test_conflict_is_visible_and_not_duplicated(cluster: Cluster) -> None:
     wait_for(lambda: cluster.monitoring("servicemonitors", "shared-b-llm-telemetry") is not None, "shared-b scrapes")
 
 
-def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
+def test_collector_installed_later_is_injected(cluster: Cluster, operator: Operator) -> None:
+    """The operator watches the collector Service it found missing: once created, the resource gets a pass at once
+    (as the chart's ServiceAccount, allowed to watch it), not at its resync."""
     from kubernetes import client
 
     endpoint = f"http://collector.{cluster.namespace}.svc:4318"
@@ -445,17 +447,20 @@ def test_collector_installed_later_is_injected(cluster: Cluster) -> None:
             spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=4318)], selector={"app": "collector"}),
         ),
     )
-    # Picked up by the periodic pass (10 s here). A pass patches the Deployment before it writes the status, so
-    # the condition is awaited too, not read the moment the exporter shows.
+    # A pass patches the Deployment before it writes the status, so the condition is awaited too, not read the
+    # moment the exporter shows.
     wait_for(lambda: cluster.env("late").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 60)
     wait_for(
         lambda: cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorsFound",
         "CollectorsAvailable reason CollectorsFound",
         30,
     )
+    # By a pass the Service's watch event started (the fixture's resync, 10 s, would have come too, later).
+    assert f"{cluster.namespace}/late: reconciled (collector): ready" in operator.output()
+    operator.assert_clean()
 
 
-def test_collector_without_the_endpoints_port_is_reported_until_it_has_it(cluster: Cluster) -> None:
+def test_collector_without_the_endpoints_port_is_reported_until_it_has_it(cluster: Cluster, operator: Operator) -> None:
     """OTLP/gRPC at :4317 and a collector Service that serves only OTLP/HTTP's 4318: no exporter that would fail in
     every pod, and the condition says which ports the Service has; once it serves 4317, the exporter goes in."""
     from kubernetes import client
@@ -478,8 +483,10 @@ def test_collector_without_the_endpoints_port_is_reported_until_it_has_it(cluste
     assert collectors["reason"] == "CollectorNotFound" and "has no port 4317 (it serves 4318)" in collectors["message"]
     ports = [{"name": "http", "port": 4318}, {"name": "grpc", "port": 4317}]
     cluster.core.patch_namespaced_service("grpc-collector", cluster.namespace, {"spec": {"ports": ports}})
-    # Picked up by a periodic pass once the collector lookup (kept 30 s) is read again.
-    wait_for(lambda: cluster.env("grpc").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 90)
+    # The Service's watch event starts a pass, which reads it again (its lookup is otherwise kept 30 s).
+    wait_for(lambda: cluster.env("grpc").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 30)
+    wait_for(lambda: f"{cluster.namespace}/grpc: reconciled (collector)" in operator.output(), "a collector pass")
+    operator.assert_clean()
 
 
 async def test_inline_client_certificate_kubeconfig(kubeconfig: pathlib.Path) -> None:

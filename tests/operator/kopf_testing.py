@@ -138,6 +138,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             if action == kmocklib.action.CREATE and isinstance(data, dict):
                 self._rv += 1
                 meta = data.setdefault("metadata", {})
+                if request.namespace:
+                    meta.setdefault("namespace", request.namespace)  # as the API server fills it in from the path
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", datetime.datetime.now(tz=datetime.timezone.utc).isoformat())
                 meta["resourceVersion"] = str(self._rv)

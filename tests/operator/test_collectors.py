@@ -140,9 +140,9 @@ async def test_passes_started_together_read_a_collector_service_once(answer: Exc
 async def test_missing_default_collectors_are_reported_and_not_injected(emulator: Any) -> None:
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    # A short resync, so the test sees a collector installed later being picked up by it.
-    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
-    async with running_operator(config):
+    # A resync far beyond the test: a collector installed later is picked up by the watch of its Service.
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config) as memo:
         collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
         assert "Service jaeger in namespace observability" in collectors["message"]
@@ -159,7 +159,8 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
             c.ANNOTATION_CONFIG_HASH
         ]
 
-        # Jaeger gets installed: the next resync injects the trace exporter, and the new hash rolls the pods.
+        # Jaeger gets installed: the resource gets a pass at once, which injects the trace exporter, and the new
+        # hash rolls the pods.
         await hand(
             emulator,
             "POST",
@@ -184,6 +185,8 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
             "condition names only Loki",
         )
         assert collectors["reason"] == "CollectorNotFound" and "loki-gateway" in collectors["message"]
+        # Only the Service still awaited is watched.
+        assert set(memo["state"].collector_watches) == {("observability", "loki-gateway")}
     check_usage(emulator)
 
 
@@ -220,4 +223,29 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
         events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
         assert "has no port 4317" in events[0]
+
+        # The collector starts serving OTLP/gRPC too: the exporter goes in now, not at the resync (300 s).
+        ports = [{"name": "otlp-http", "port": 4318}, {"name": "otlp-grpc", "port": 4317}]
+        await hand(emulator, "PATCH", "/api/v1/namespaces/observability/services/jaeger", {"spec": {"ports": ports}})
+        await eventually(
+            lambda: (
+                env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                == "http://jaeger.observability.svc:4317"
+            ),
+            "trace exporter injected once the Service serves the endpoint's port",
+        )
     check_usage(emulator)
+
+
+async def test_a_change_seen_while_a_read_is_under_way_is_read_again() -> None:
+    """A collector Service created while a lookup of it is in flight: that read may have missed it, so it is not
+    remembered, and the next lookup reads the Service again."""
+    check, client = CollectorCheck(), SlowServices(NotFoundError(404, "NotFound", "gone"))
+    first = asyncio.ensure_future(check.lookup(client, "http://jaeger.observability:4318"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    check.forget(("observability", "jaeger"))  # the watch saw it created
+    client.release.set()
+    assert (await first).found is False  # what that read found
+    client.answer = None
+    again = await check.lookup(client, "http://jaeger.observability:4318")  # type: ignore[arg-type]
+    assert (again.found, client.reads) == (True, 2)
