@@ -1231,7 +1231,9 @@ def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
     if isinstance(stop, str):
         stop = [stop]
     if isinstance(stop, list) and stop:
-        sequences = tuple(s[:MAX_STOP_SEQUENCE_CHARS] for s in stop[:MAX_STOP_SEQUENCES] if isinstance(s, str))
+        sequences = tuple(
+            field_text(s, MAX_STOP_SEQUENCE_CHARS) for s in stop[:MAX_STOP_SEQUENCES] if isinstance(s, str)
+        )
         call.stop_sequences = sequences or None
     output_format = get("response_format")
     if output_format is None:

@@ -57,6 +57,8 @@ _UINT64: Final = (1 << 64) - 1
 #: cleared when full, so bounded.
 _CACHE_SIZE: Final = 4096
 _caches: dict[bytes, _Cache] = {}
+#: Attribute keys whose value has failed to encode (logged in full once each).
+_unencodable: set[str] = set()
 
 
 def _varint(n: int) -> bytes:
@@ -226,7 +228,13 @@ def _entry(tag: bytes, key: str, kind: type, value: Any) -> bytes:
         n = len(pair)
         return tag + (small[n] if n < 128 else _varint(n)) + pair
     except Exception as error:
-        logger.exception("llm-telemetry: failed to encode OTLP attribute %s: %s", key, error)
+        # With its traceback once per attribute key, then in one line at DEBUG: a value a client sends on every
+        # request must not flood the log.
+        if key in _unencodable or len(_unencodable) >= _CACHE_SIZE:
+            logger.debug("llm-telemetry: failed to encode OTLP attribute %s: %s", key, error)
+        else:
+            _unencodable.add(key)
+            logger.exception("llm-telemetry: failed to encode OTLP attribute %s: %s (logged once per key)", key, error)
         return b""
 
 

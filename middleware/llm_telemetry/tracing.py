@@ -34,7 +34,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 
 from . import instruments as names
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
-from .labels import label_value, valid_text
+from .labels import field_text, label_value, valid_text
 from .record import LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
@@ -101,6 +101,14 @@ REDACTED_BEYOND_CAP: Final = 1024
 WINDOW_GROWTHS: Final = 3
 #: Roles of a first message kept whatever the budget.
 _INSTRUCTION_ROLES: Final = frozenset({"system", "developer"})
+#: Longest message role shown in captured messages (``user``, ``assistant``, ``tool``, ...); a longer one is cut.
+MAX_ROLE_CHARS: Final = 64
+
+
+def _role(message: Mapping[str, Any]) -> str:
+    """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field."""
+    role = message.get("role") or message.get("type")
+    return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
 #: The span event marking the first generated token (or tool call) of a stream.
 FIRST_TOKEN_EVENT: Final = "gen_ai.first_token"
 
@@ -1073,7 +1081,7 @@ class SpanObserver:
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
         return {
-            "role": str(message.get("role") or message.get("type") or "user"),
+            "role": _role(message),
             "parts": [{"type": "text", "content": self._text(message.get("content", message.get("output", "")))}],
         }
 

@@ -361,6 +361,28 @@ def test_an_attribute_that_cannot_be_encoded_is_left_out_like_the_sdk_does(caplo
     assert "huge" in caplog.text
 
 
+def test_an_attribute_failing_on_every_span_is_logged_with_its_traceback_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A value a client sends on every request must not put a traceback in the log per request."""
+    spans = [
+        ReadableSpan(
+            name=f"span {i}",
+            context=SpanContext(7, 8 + i, False),
+            resource=Resource({}),
+            attributes={"too.big.each.time": 2**70 + i, "kept": i},
+            start_time=1,
+        )
+        for i in range(5)
+    ]
+    with caplog.at_level(logging.ERROR, logger="llm_telemetry"):
+        request = encode_spans(spans)
+    assert [[kv.key for kv in span.attributes] for span in request.resource_spans[0].scope_spans[0].spans] == [
+        ["kept"]
+    ] * 5
+    assert [record.exc_info is not None for record in caplog.records if "too.big.each.time" in record.getMessage()] == [
+        True
+    ]
+
+
 def test_the_exporter_delivers_to_an_otlp_receiver(receiver: OTLPReceiver) -> None:
     spans = _spans()
     exporter = OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces", headers={"x-token": "t1"})

@@ -414,6 +414,34 @@ def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -
     assert text.endswith(TRUNCATION_MARK) and len(text) == 60 + len(TRUNCATION_MARK)  # 12 demo words > 60 chars
 
 
+def test_client_strings_on_the_span_are_valid_utf8_and_bounded(receiver: OTLPReceiver) -> None:
+    """A message role and stop sequences as any client may send them (a lone surrogate, which JSON allows; a
+    megabyte; not a string): every attribute is on the span, repaired (U+FFFD) and cut, none dropped."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    bodies = {
+        "trace-test-role-surrogate": {"messages": [{"role": "\ud800", "content": "hi"}], "stop": ["\ud800END"]},
+        "trace-test-role-long": {"messages": [{"role": "r" * 1_000_000, "content": "hi"}], "stop": "s" * 100_000},
+        "trace-test-role-object": {"messages": [{"role": {"name": "x" * 100_000}, "content": "hi"}]},
+    }
+    with demo_server(env) as (_, base):
+        for request_id, body in bodies.items():
+            answer = httpx.post(
+                base + "/v1/chat/completions",
+                content=json.dumps({"model": "gpt-4o", **body}),  # ensure_ascii: a lone surrogate as its escape
+                headers={"content-type": "application/json", "x-request-id": request_id},
+            )
+            assert answer.status_code == 200, answer.text
+    spans = {request_id: wait_span(receiver, **{"llm.request_id": request_id}).attributes for request_id in bodies}
+    roles = {request_id: json.loads(attrs["gen_ai.input.messages"])[0]["role"] for request_id, attrs in spans.items()}
+    assert roles == {
+        "trace-test-role-surrogate": "\ufffd",
+        "trace-test-role-long": "r" * 64,
+        "trace-test-role-object": "user",
+    }
+    assert spans["trace-test-role-surrogate"]["gen_ai.request.stop_sequences"] == ["\ufffdEND"]
+    assert spans["trace-test-role-long"]["gen_ai.request.stop_sequences"] == ["s" * 64]
+
+
 def test_captured_conversation_keeps_the_system_prompt_and_the_newest_messages(receiver: OTLPReceiver) -> None:
     """A long conversation keeps a span small: the system prompt, then the newest messages while their content fits
     in four times the per-message cap, at most 32 messages, and the number left out."""
