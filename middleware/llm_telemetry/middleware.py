@@ -41,6 +41,8 @@ logger = logging.getLogger("llm_telemetry")
 
 #: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
 REQUEST_ID_HEADER = b"x-request-id"
+#: The ASGI scope key an instance sets on a request it observes: an instance nested inside it passes it through.
+OBSERVED = "llm_telemetry.observed"
 
 #: Stream chunks kept unread at most before they are read together, and the largest chunk kept (a larger one
 #: is read as it passes): so at most MAX_HELD_BYTES (64 KiB) are kept. Counting chunks, rather than adding up
@@ -810,7 +812,9 @@ class LLMTelemetryMiddleware:
             await telemetry.metrics_app(scope, receive, send)
             return
         api = self.router.match(path) if self._observing and scope["method"] == "POST" else None
-        if api is None:
+        if api is None or OBSERVED in scope:
+            # Not an LLM request; or one an instance further out observes already (nested instances, say one
+            # around the app and one in a mounted sub-app): each request is counted once, by the outermost.
             await self.app(scope, receive, send)
             return
         traced = self._traced
@@ -894,6 +898,7 @@ class LLMTelemetryMiddleware:
             except Exception as exc:
                 failsafe("observer_start", exc)
         error: BaseException | None = None
+        scope[OBSERVED] = True
         try:
             app = self.app
             await app(scope, exchange.receive, exchange.send)

@@ -456,6 +456,38 @@ def test_several_instances_in_one_process_serve_one_set_of_metrics() -> None:
             middleware.telemetry.shutdown()
 
 
+def test_nested_instances_count_each_request_once() -> None:
+    """The middleware around the whole app and again in a mounted sub-app (two teams each added it): each request
+    is observed by the outer one only, so requests and tokens are what the client was answered, not twice that."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    port = free_port()
+    sub = FastAPI()
+
+    @sub.post("/v1/chat/completions")
+    async def chat(request: FastAPIRequest) -> Any:
+        return JSONResponse(completion((await request.json())["model"]))
+
+    sub.add_middleware(LLMTelemetryMiddleware, metrics_port=port, metrics_host="127.0.0.1")
+    outer = Starlette(routes=[Mount("/openai", app=sub)])
+    outer.add_middleware(LLMTelemetryMiddleware, metrics_port=port, metrics_host="127.0.0.1")
+    with serve(outer) as base:
+        client = openai.OpenAI(base_url=base + "/openai/v1", api_key="sk-test", max_retries=0)
+        answers = [
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            for _ in range(3)
+        ]
+        metrics = settled(port, 3)
+        time.sleep(0.2)  # (a second count of the last request would be in by now)
+        metrics = scrape(port)
+    assert metrics.value("llm_requests_total") == 3
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == sum(a.usage.prompt_tokens for a in answers)
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output") == sum(
+        a.usage.completion_tokens for a in answers
+    )
+
+
 def test_an_event_stream_labelled_as_json_is_read_as_the_stream_it_is() -> None:
     """Litestar sends a ``ServerSentEvent`` from a handler typed to return ``Any`` (as an endpoint answering JSON or a
     stream, by the request, is typed) with ``content-type: application/json``. The openai SDK reads it as a stream
