@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import multiprocessing
@@ -218,7 +219,7 @@ def _abandoned(path: str) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return not any(_held(os.path.join(path, name)) for name in names if name.endswith(_ALIVE))
+    return not any(_held(os.path.join(path, name)) for name in names if name.endswith((_ALIVE, _DB)))
 
 
 def _held(path: str) -> bool:
@@ -328,21 +329,93 @@ class SharedState:
         self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         #: Keys of live series beyond the archive's room, and the overflow key each is shown under (see merged).
         self._redirects: dict[str, str] = {}
+        self._token = process_token(supervisor.pid) or str(supervisor.pid)
+        #: The archive as last read or written by this worker: put back should its file be removed.
+        self._archive: dict[str, Any] | None = None
+        #: Whether this worker serves the metrics port (its claim is put back should the file be removed).
+        self._claimed = False
         with self._locked():
-            self._wipe_if_stale(process_token(supervisor.pid) or str(supervisor.pid))
+            self._wipe_if_stale(self._token)
             # Workers that died since the last merge are folded now too: with nobody scraping (or no metrics port),
             # recycled workers' files would otherwise pile up until the next scrape.
             self._fold_dead(self._load_archive())
-            alive = open(os.path.join(directory, self._stem + _ALIVE), "wb")  # held (and locked) for life
-            if fcntl is not None:
-                fcntl.flock(alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._alive: Any = alive
+            self._alive: Any = self._open_alive()
             self._file: Any = MmapedDict(os.path.join(directory, self._stem + _DB))
+            self._db_lock: Any = self._lock_file(self._stem + _DB)
+
+    def _lock_file(self, name: str) -> Any:
+        """``name`` opened and locked for this worker's life: a second liveness lock, on its values file, which
+        changes with every request, so an age-based /tmp cleaner does not take it as it takes the liveness file."""
+        held = open(os.path.join(self.directory, name), "rb")
+        if fcntl is not None:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return held
+
+    def _open_alive(self) -> Any:
+        """This worker's liveness file, created and locked: held for the worker's life."""
+        alive = open(os.path.join(self.directory, self._stem + _ALIVE), "wb")
+        if fcntl is not None:
+            fcntl.flock(alive.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return alive
+
+    def restore(self) -> bool:
+        """Put back what this worker keeps in the directory should someone have removed it (an age-based /tmp
+        cleaner takes the files that never change first: the ``run`` record and the liveness files; ``rm -rf``
+        takes all): the directory, the ``run`` record, its liveness file and its values file (rewritten from the
+        values it holds), and for the worker serving the metrics port its claim and the archive as it last saw it.
+        True when anything was missing. Called every second by the workers waiting for the metrics port, and
+        before each merge."""
+        path = functools.partial(os.path.join, self.directory)
+        alive, db = path(self._stem + _ALIVE), path(self._stem + _DB)
+        with self._write_lock:
+            if self._alive is None:
+                return False  # closed
+            # The archive and the port claim only by the worker that merges (its copy is the newest).
+            shared = (_RUN, _ARCHIVE, _PORT) if self._claimed and self._archive is not None else (_RUN,)
+            try:
+                alive_kept = os.stat(alive).st_ino == os.fstat(self._alive.fileno()).st_ino
+            except FileNotFoundError:
+                alive_kept = False
+            db_kept = os.path.exists(db)
+            missing = [name for name in shared if not os.path.exists(path(name))]
+            if alive_kept and db_kept and not missing:
+                return False
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            with self._locked():
+                if not alive_kept:
+                    # First: a live worker's lock is what tells the check below that this is no earlier run's state.
+                    old = self._alive
+                    self._alive = self._open_alive()
+                    old.close()
+                self._wipe_if_stale(self._token)
+                if not db_kept:
+                    old = self._file
+                    self._file = MmapedDict(db)
+                    old.close()
+                    for key, value in self._values.items():
+                        self._file.write_value(key, value, 0.0)
+                    self._db_lock.close()
+                    self._db_lock = self._lock_file(self._stem + _DB)
+                if _ARCHIVE in missing and self._archive is not None:
+                    self._save_archive(self._archive)
+                if _PORT in missing:
+                    self.claim_port()
+        logger.warning(
+            "llm-telemetry: files of the multi-worker state directory %s were removed; worker %s put its own back",
+            self.directory,
+            os.getpid(),
+        )
+        return True
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialises workers joining, and merges (which may fold dead workers' files into the archive)."""
-        fd = os.open(os.path.join(self.directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.path.join(self.directory, _LOCK)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the directory was removed: made again (the workers put their files back)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -358,8 +431,13 @@ class SharedState:
                     return
         except FileNotFoundError:
             pass
+        names = os.listdir(self.directory)
+        if any(_held(os.path.join(self.directory, name)) for name in names if name.endswith((_ALIVE, _DB))):
+            # Workers of this server are alive here: its record was removed (a /tmp cleaner), not left by an
+            # earlier run. Their numbers stay; the record is written again.
+            names = []
         # A previous run of the server (or another server) left state here: a restart starts from zero.
-        for name in os.listdir(self.directory):
+        for name in names:
             if name in (_ARCHIVE, _LABELS) or name.endswith((_ALIVE, _DB, ".tmp")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
@@ -391,6 +469,7 @@ class SharedState:
             if self._alive is not None:
                 self._alive.close()
                 self._alive = None
+                self._db_lock.close()
 
     # --- label values (the count bound, see labels.py) ---
 
@@ -422,6 +501,16 @@ class SharedState:
         the same series. One the archive has no room for is shown in its metric's overflow series from the start,
         and folded there. So a series once shown never moves, and never goes down (Prometheus would read a reset).
         """
+        try:
+            restored = self.restore()
+        except OSError as exc:  # the directory cannot be made again: merge what there is
+            logger.warning("llm-telemetry: multi-worker state directory %s not put back: %s", self.directory, exc)
+            restored = False
+        if restored:
+            # Files were removed: give the other workers (which look every BIND_RETRY_SECONDS) time to put theirs
+            # back before their numbers are summed, or this scrape would show them gone and the next one back,
+            # which Prometheus would read as a counter reset and count again.
+            time.sleep(BIND_RETRY_SECONDS * 2)
         with self._locked():
             archive = self._load_archive()
             stems = self._fold_dead(archive)
@@ -454,7 +543,9 @@ class SharedState:
         every dead worker's files, and return the live workers' stems. Called with the directory lock held."""
         absorbed = set(archive["absorbed"])
         values: dict[str, float] = archive["values"]
-        stems = {name[: -len(_ALIVE)] for name in os.listdir(self.directory) if name.endswith(_ALIVE)}
+        # A worker's liveness file may be gone (a /tmp cleaner; the worker puts it back within a second): its values
+        # file tells too.
+        stems = {name.rpartition(".")[0] for name in os.listdir(self.directory) if name.endswith((_ALIVE, _DB))}
         dead = {stem for stem in stems if stem != self._stem and not self._is_alive(stem)}
         fresh = dead - absorbed
         if fresh:
@@ -472,10 +563,11 @@ class SharedState:
         if fcntl is None:  # pragma: no cover
             pid = stem[1:].partition("-")[0]
             return bool(process_token(int(pid)))
-        return _held(os.path.join(self.directory, stem + _ALIVE))
+        return any(_held(os.path.join(self.directory, stem + suffix)) for suffix in (_ALIVE, _DB))
 
     def claim_port(self) -> None:
         """Record that this worker serves the metrics port."""
+        self._claimed = True
         port = os.path.join(self.directory, _PORT)
         with open(port + f".{self._stem}.tmp", "w", encoding="utf-8") as claim:
             claim.write(self._stem)
@@ -503,11 +595,13 @@ class SharedState:
         try:
             with open(os.path.join(self.directory, _ARCHIVE), encoding="utf-8") as archive:
                 loaded: dict[str, Any] = json.load(archive)
-                return loaded
         except FileNotFoundError:
-            return {"absorbed": [], "values": {}}
+            loaded = {"absorbed": [], "values": {}}
+        self._archive = loaded
+        return loaded
 
     def _save_archive(self, archive: dict[str, Any]) -> None:
+        self._archive = archive
         path = os.path.join(self.directory, _ARCHIVE)
         with open(path + ".tmp", "w", encoding="utf-8") as tmp:
             json.dump(archive, tmp)
@@ -777,10 +871,11 @@ class _Listener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._try_bind():
-            return
-        if self.server is None and not self._stop.is_set():
-            self._thread = threading.Thread(target=self._retry, name="llm-telemetry-metrics-bind", daemon=True)
+        bound = self._try_bind()
+        if (not bound or self.state is not None) and not self._stop.is_set():
+            self._thread = threading.Thread(
+                target=self._retry, args=(bound,), name="llm-telemetry-metrics-bind", daemon=True
+            )
             self._thread.start()
 
     def _try_bind(self) -> bool:
@@ -820,11 +915,22 @@ class _Listener:
                 self.port,
             )
 
-    def _retry(self) -> None:
+    def _retry(self, bound: bool) -> None:
+        """Until stopped, every BIND_RETRY_SECONDS: try for the port until bound, and put this worker's files in the
+        shared directory back should someone have removed them (see :meth:`SharedState.restore`)."""
         while not self._stop.wait(BIND_RETRY_SECONDS):
             with self._lock:
-                if self._stop.is_set() or self._try_bind():
+                if self._stop.is_set():
                     return
+                if self.state is not None:
+                    try:
+                        self.state.restore()
+                    except OSError as exc:
+                        logger.debug("llm-telemetry: state files not put back: %s", exc)
+                if not bound:
+                    bound = self._try_bind()
+                    if bound and self.state is None:
+                        return
 
     def stop(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import contextlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -733,6 +734,50 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
         metrics = wait_for("a recorded request", lambda: (m := server.scrape()).value("llm_requests_total") and m)
         assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="multiproc_setup") == 1
     assert list(elsewhere.iterdir()) == []  # nothing was written through the planted link
+    assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("removal", ["tmp-cleaner", "rm-rf"])
+def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_path: Path, removal: str) -> None:
+    """An age-based /tmp cleaner (systemd-tmpfiles, tmpreaper) removes the files that never change first: the run
+    record, the liveness files, the lock and the port claim; then a worker dies and its replacement joins. Or the
+    whole directory goes (``rm -rf``). Nothing counted before or after is lost or counted twice, and every scrape
+    answers: the workers put their files back, and a joining worker does not take live workers' state for an
+    earlier run's."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    state = tmp_path / "state"
+    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MULTIPROC_DIR": str(state)})
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    with running(server):
+        first_workers = process_children(server.pid)
+        sent = Traffic()
+        pids: set[int] = set()
+        for _ in range(20):
+            more, answered = drive(server.base, streams=2, plains=6, rate_limited=1, embeddings=1)
+            sent, pids = sent + more, pids | answered
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, "all traffic went to one worker"
+        settle(server, sent)
+
+        if removal == "rm-rf":
+            shutil.rmtree(state)
+        else:
+            for path in state.iterdir():
+                if path.name in ("run", "lock", "port") or path.suffix == ".alive":
+                    path.unlink()
+            victim = min(first_workers)
+            os.kill(victim, signal.SIGKILL)
+            wait_for("a replacement worker", lambda: len(process_children(server.pid) - first_workers) == 1)
+        for _ in range(3):
+            more, _ = drive(server.base, streams=2, plains=6, rate_limited=1, embeddings=1)
+            sent += more
+        settle(server, sent)
+        for _ in range(3):
+            assert_totals(server.scrape(), sent)
     assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
 
 
