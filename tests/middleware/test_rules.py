@@ -36,6 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "rules-selector.yaml": {"selector": 'namespace="llm",job="chat"'},
     "rules-search.yaml": {"selector": 'namespace="llm",job="search"', "thresholds": AlertThresholds(error_ratio=0.5)},
+    # The thresholds an older resource has stored (the defaults before): not bucket boundaries.
+    "rules-p95.yaml": {"thresholds": AlertThresholds(p95_ttft_seconds=2, p95_request_duration_seconds=60)},
 }
 
 

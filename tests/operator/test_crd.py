@@ -104,6 +104,9 @@ def test_crd_accepts_every_price_kind() -> None:
         ({"logs": {"mode": "syslog"}}, "logs mode enum"),
         ({"alerts": {"availabilityObjective": 1}}, "objective below 1"),
         ({"alerts": {"ttftObjectiveSeconds": 3}}, "TTFT bucket"),
+        # Past the histogram's last finite buckets a p95 cannot be told apart: the alert could never fire.
+        ({"alerts": {"p95TtftSeconds": 8}}, "p95 TTFT maximum"),
+        ({"alerts": {"p95RequestDurationSeconds": 600}}, "p95 duration maximum"),
         ({"attribution": {"headers": {"x-tenant-id": "Tenant-Id"}}}, "label pattern"),
         ({"pricing": {"models": {"gpt-4o": {"input": -1, "output": 1}}}}, "negative price"),
         ({"pricing": {"models": {"gpt-4o": {"input": 1}}}}, "output price is required"),

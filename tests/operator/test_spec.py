@@ -26,7 +26,7 @@ def test_spec_minimal_gets_every_default() -> None:
     assert dict(spec.attribution_headers) == {} and spec.max_label_values == 100
     assert spec.alerts.enabled
     a = spec.alerts.thresholds
-    assert (a.error_ratio, a.p95_request_duration_seconds, a.p95_ttft_seconds) == (0.05, 60.0, 2.0)
+    assert (a.error_ratio, a.p95_request_duration_seconds, a.p95_ttft_seconds) == (0.05, 81.92, 2.5)
     assert (a.tool_failure_ratio, a.cost_per_hour_usd) == (0.2, None)
     assert (a.availability_objective, a.ttft_objective, a.ttft_objective_seconds) == (0.99, 0.99, 2.5)
     assert spec.dashboard.enabled and spec.dashboard.folder == "LLM"
@@ -105,6 +105,8 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"attribution": {"headers": {"X-Tenant": "tenant", "x-tenant": "team"}}}, "spec.attribution.headers"),
         ({"attribution": {"maxLabelValues": 0}}, "spec.attribution.maxLabelValues"),
         ({"alerts": {"availabilityObjective": 1}}, "spec.alerts.availabilityObjective"),
+        ({"alerts": {"p95TtftSeconds": 8}}, "spec.alerts.p95TtftSeconds"),
+        ({"alerts": {"p95RequestDurationSeconds": 600}}, "spec.alerts.p95RequestDurationSeconds"),
         ({"dashboard": {"folder": ""}}, "spec.dashboard.folder"),
     ],
 )

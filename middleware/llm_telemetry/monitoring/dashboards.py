@@ -509,7 +509,8 @@ def build_dashboard(
         f"histogram_quantile(0.95, sum by (le) ({b.rate(REQUEST_DURATION + '_bucket')}))",
         "p95",
         "s",
-        [{"color": "green", "value": None}, {"color": "orange", "value": 30}, {"color": "red", "value": 60}],
+        # At bucket boundaries, as the alerts' defaults: between two, a quantile is an interpolation.
+        [{"color": "green", "value": None}, {"color": "orange", "value": 40.96}, {"color": "red", "value": 81.92}],
     )
     b.stat(
         "p95 time to first token",
@@ -517,7 +518,7 @@ def build_dashboard(
         f"histogram_quantile(0.95, sum by (le) ({b.rate(TIME_TO_FIRST_TOKEN + '_bucket')}))",
         "p95",
         "s",
-        [{"color": "green", "value": None}, {"color": "orange", "value": 1}, {"color": "red", "value": 2}],
+        [{"color": "green", "value": None}, {"color": "orange", "value": 1}, {"color": "red", "value": 2.5}],
     )
     b.stat(
         "Active requests",

@@ -102,7 +102,8 @@ class AlertThresholds:
     Args:
         error_ratio: Share of failed requests over 5 minutes above which LLMHighErrorRatio fires.
         p95_request_duration_seconds: p95 request duration (per model) for LLMHighRequestDuration.
-        p95_ttft_seconds: p95 time to first token (per model) for LLMHighTimeToFirstToken.
+        p95_ttft_seconds: p95 time to first token (per model) for LLMHighTimeToFirstToken. Both alerts compare with
+            the histogram's bucket boundaries (see :meth:`alert_bound`): a value between two is rounded up.
         tool_failure_ratio: Share of tool results reported as errors (per tool) for LLMHighToolFailureRatio.
         cost_per_hour_usd: Spend per hour for LLMCostBudgetExceeded; ``None`` leaves the alert out.
         availability_objective: Share of requests that must not fail through the service's fault.
@@ -118,8 +119,8 @@ class AlertThresholds:
     """
 
     error_ratio: float = 0.05
-    p95_request_duration_seconds: float = 60.0
-    p95_ttft_seconds: float = 2.0
+    p95_request_duration_seconds: float = 81.92
+    p95_ttft_seconds: float = 2.5
     tool_failure_ratio: float = 0.2
     cost_per_hour_usd: float | None = None
     availability_objective: float = 0.99
@@ -145,12 +146,41 @@ class AlertThresholds:
                 raise ValueError(
                     f"AlertThresholds.{name}={getattr(self, name)!r}: an objective must be below 1 (1 leaves no budget)"
                 )
+        for name, buckets in _P95_BUCKETS.items():
+            if getattr(self, name) > buckets[-2]:
+                raise ValueError(
+                    f"AlertThresholds.{name}={getattr(self, name)!r}: at most {buckets[-2]:g}; a p95 past the "
+                    f"histogram's last bucket boundaries ({buckets[-2]:g}, {buckets[-1]:g}) cannot be told apart"
+                )
         if float(self.ttft_objective_seconds) not in inst.TIME_TO_FIRST_TOKEN_BUCKETS:
             bounds = ", ".join(f"{b:g}" for b in inst.TIME_TO_FIRST_TOKEN_BUCKETS)
             raise ValueError(
                 f"AlertThresholds.ttft_objective_seconds={self.ttft_objective_seconds!r} is not a bucket boundary of "
                 f"{TIME_TO_FIRST_TOKEN}; choose one of: {bounds}"
             )
+
+    def alert_bound(self, name: str) -> float:
+        """The value the p95 alert of threshold ``name`` compares with: the threshold, or the histogram's next
+        bucket boundary above it. A quantile between two boundaries is an interpolation, which reads a p95 of
+        2.425 s for requests that all took 1.05 s (2.5 s buckets' linear spread): compared with 2 s, that alerts
+        on traffic well under the threshold. Against a boundary, ``p95 > bound`` holds exactly when more than 5%
+        of the requests took longer than the bound."""
+        threshold = float(getattr(self, name))
+        return next(bound for bound in _P95_BUCKETS[name] if bound >= threshold)
+
+
+#: The buckets of each p95 alert's histogram.
+_P95_BUCKETS: Final = {
+    "p95_request_duration_seconds": inst.REQUEST_DURATION_BUCKETS,
+    "p95_ttft_seconds": inst.TIME_TO_FIRST_TOKEN_BUCKETS,
+}
+
+
+def _rounded_note(thresholds: AlertThresholds, name: str) -> str:
+    bound = thresholds.alert_bound(name)
+    if bound == getattr(thresholds, name):
+        return ""
+    return f" ({getattr(thresholds, name):g}s, rounded up to the histogram's next bucket boundary)"
 
 
 # --- PromQL helpers -------------------------------------------------------------------------------
@@ -419,24 +449,25 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighRequestDuration",
-            f"{series(f'llm:{REQUEST_DURATION}:p95_5m', own)} > {t.p95_request_duration_seconds:g}",
+            f"{series(f'llm:{REQUEST_DURATION}:p95_5m', own)} > {t.alert_bound('p95_request_duration_seconds'):g}",
             severity="warning",
             for_="10m",
             summary=f"{service}: p95 request duration of {{{{ $labels.{REQUEST_MODEL} }}}} is "
             "{{ $value | humanizeDuration }}",
             description=f"The 95th percentile of LLM request duration has been above "
-            f"{t.p95_request_duration_seconds:g}s for 10 minutes.",
+            f"{t.alert_bound('p95_request_duration_seconds'):g}s"
+            f"{_rounded_note(t, 'p95_request_duration_seconds')} for 10 minutes.",
             runbook_url=runbook_url,
         ),
         _alert(
             "LLMHighTimeToFirstToken",
-            f"{series(f'llm:{TIME_TO_FIRST_TOKEN}:p95_5m', own)} > {t.p95_ttft_seconds:g}",
+            f"{series(f'llm:{TIME_TO_FIRST_TOKEN}:p95_5m', own)} > {t.alert_bound('p95_ttft_seconds'):g}",
             severity="warning",
             for_="10m",
             summary=f"{service}: p95 time to first token of {{{{ $labels.{REQUEST_MODEL} }}}} is "
             "{{ $value | humanizeDuration }}",
             description=f"The 95th percentile of time to first token of streamed responses has been above "
-            f"{t.p95_ttft_seconds:g}s for 10 minutes.",
+            f"{t.alert_bound('p95_ttft_seconds'):g}s{_rounded_note(t, 'p95_ttft_seconds')} for 10 minutes.",
             runbook_url=runbook_url,
         ),
         _alert(
