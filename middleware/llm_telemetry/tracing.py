@@ -109,6 +109,8 @@ def _role(message: Mapping[str, Any]) -> str:
     """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field."""
     role = message.get("role") or message.get("type")
     return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
+
+
 #: The span event marking the first generated token (or tool call) of a stream.
 FIRST_TOKEN_EVENT: Final = "gen_ai.first_token"
 
