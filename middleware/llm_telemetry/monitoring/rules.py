@@ -485,7 +485,10 @@ def build_rule_groups(
             "LLMTokenRateAnomaly",
             f"sum by ({BY}) ({series('llm:llm_tokens:rate5m', own)})\n"
             f"  > {t.token_rate_spike_factor:g} * ({series('llm:llm_tokens:rate1h', own)} offset 15m)\n"
-            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {t.token_rate_floor_per_second:g}",
+            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {t.token_rate_floor_per_second:g}\n"
+            # A baseline of a whole hour: the service had traffic 75 minutes ago (else the hourly rate 15 minutes
+            # ago spans a few minutes of smoke tests, and real traffic starting reads as a spike).
+            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)} offset 75m)",
             severity="warning",
             for_="10m",
             summary=f"{service} is using tokens {t.token_rate_spike_factor:g}x faster than in the hour before",
