@@ -27,6 +27,9 @@ PROTOCOLS = ("grpc", "http/protobuf")
 #: spec.logs.mode: how the request lines reach Loki, each with the dashboard query that finds them there.
 LOG_MODES = LOGS_MODES
 _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+#: The longest scrape interval the rules' 5 minute rates work with: four scrapes in each window.
+MAX_SCRAPE_INTERVAL_SECONDS = 75
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
 #: A Loki tenant id (X-Scope-OrgID): Loki's own rule, less '|', which separates tenants in a query.
@@ -325,6 +328,14 @@ def _metrics(raw: Mapping[str, Any]) -> Metrics:
     interval = _given(raw, "interval", "30s")
     if not isinstance(interval, str) or not _DURATION.match(interval):
         raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
+    seconds = int(interval.rstrip("msh")) * _DURATION_UNITS[interval.lstrip("0123456789")]
+    if not 0 < seconds <= MAX_SCRAPE_INTERVAL_SECONDS:
+        # The CRD says so too; this is for resources stored before it did.
+        raise SpecError(
+            "spec.metrics.interval",
+            f"must be above 0s and at most {MAX_SCRAPE_INTERVAL_SECONDS}s (the alert and recording rules rate over 5 "
+            f"minutes, which takes four scrapes in each window), got {interval}",
+        )
     labels = _string_map(raw.get("labels"), "spec.metrics.labels")
     for key, value in labels.items():  # they label the ServiceMonitor and PrometheusRule
         _label_key(key, "spec.metrics.labels")

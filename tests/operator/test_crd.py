@@ -90,6 +90,14 @@ def test_crd_accepts_every_price_kind() -> None:
     assert parse_spec(obj["spec"]).pricing.models["gpt-4o"] == prices
 
 
+@pytest.mark.parametrize("interval", ["500ms", "15s", "1m", "75s"])
+def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: str) -> None:
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["metrics"] = {"interval": interval}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).metrics.interval == interval
+
+
 @pytest.mark.parametrize(
     ("patch", "why"),
     [
@@ -99,6 +107,8 @@ def test_crd_accepts_every_price_kind() -> None:
         ({"selector": {"matchExpressions": []}}, "empty matchExpressions: would select every workload (CEL rule)"),
         ({"metrics": {"port": 0}}, "port minimum"),
         ({"metrics": {"interval": "often"}}, "interval pattern"),
+        ({"metrics": {"interval": "90s"}}, "interval past 75s: the rules' 5 minute rates need four scrapes (CEL rule)"),
+        ({"metrics": {"interval": "0s"}}, "interval of 0 (CEL rule)"),
         ({"tracing": {"protocol": "thrift"}}, "protocol enum"),
         ({"tracing": {"samplingRatio": 1.5}}, "ratio maximum"),
         ({"logs": {"mode": "syslog"}}, "logs mode enum"),

@@ -106,6 +106,8 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"attribution": {"maxLabelValues": 0}}, "spec.attribution.maxLabelValues"),
         ({"alerts": {"availabilityObjective": 1}}, "spec.alerts.availabilityObjective"),
         ({"alerts": {"p95TtftSeconds": 8}}, "spec.alerts.p95TtftSeconds"),
+        ({"metrics": {"interval": "2m"}}, "spec.metrics.interval"),
+        ({"metrics": {"interval": "0s"}}, "spec.metrics.interval"),
         ({"alerts": {"p95RequestDurationSeconds": 600}}, "spec.alerts.p95RequestDurationSeconds"),
         ({"dashboard": {"folder": ""}}, "spec.dashboard.folder"),
     ],
