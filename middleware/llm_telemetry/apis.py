@@ -399,9 +399,11 @@ class ResponseReader:
     def _on_json(self, obj: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _first_token(self, now: float) -> None:
+    def _first_token(self, now: float, reasoning: bool = False) -> None:
+        """The first token came ``now``; ``reasoning``: it was a piece of the reasoning, streamed."""
         if self.call.first_token_at is None:
             self.call.first_token_at = now
+            self.call.reasoning_shown = reasoning
 
     def _keep_text(self, text: Any) -> None:
         kept = self._text
@@ -786,18 +788,20 @@ class OpenAIChatReader(ResponseReader):
                     # Role-only and empty chunks are not a first token: only text, reasoning, a refusal or a tool call
                     # is (a legacy ``function_call`` delta is read as the one tool call it is).
                     raw = delta.get("content")
-                    content = raw or delta.get("reasoning_content") or delta.get("reasoning") or delta.get("refusal")
+                    reasoning = not raw and (delta.get("reasoning_content") or delta.get("reasoning"))
+                    content = raw or reasoning or delta.get("refusal")
                     tool_calls = delta.get("tool_calls")
                     if tool_calls is None and isinstance(delta.get("function_call"), dict):
                         tool_calls = [{"index": -1, "function": delta["function_call"]}]
                     opening = "role" in delta
                 else:
                     raw = content = choice.get("text")  # legacy completions stream
+                    reasoning = None
                     tool_calls = None
                     opening = False
                 calls = isinstance(tool_calls, list) and tool_calls
                 if content:
-                    self._first_token(now)
+                    self._first_token(now, reasoning=bool(reasoning))
                     self._chunks += 1
                     self._keep_text(content)
                 elif calls or (raw == "" and not opening and choice.get("finish_reason") is None):
@@ -910,6 +914,10 @@ _RESPONSES_TEXT_EVENTS: Final = frozenset(
         "response.refusal.delta",
     )
 )
+#: Of those, the reasoning's: a stream that starts with them shows its reasoning tokens after its first token.
+_RESPONSES_REASONING_EVENTS: Final = frozenset(
+    ("response.reasoning_summary_text.delta", "response.reasoning_text.delta")
+)
 #: Output items that are the model calling a tool of the application's, by name.
 _RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
 
@@ -959,7 +967,7 @@ class OpenAIResponsesReader(ResponseReader):
         kind = obj.get("type") or event
         if kind in _RESPONSES_TEXT_EVENTS:
             if obj.get("delta"):
-                self._first_token(now)
+                self._first_token(now, reasoning=kind in _RESPONSES_REASONING_EVENTS)
                 self._chunks += 1
                 self._keep_text(obj.get("delta"))
         elif kind == "response.output_item.added":
@@ -1048,7 +1056,7 @@ class AnthropicMessagesReader(ResponseReader):
             if isinstance(delta, dict):
                 text = delta.get("text") or delta.get("thinking") or delta.get("partial_json")
                 if text:
-                    self._first_token(now)
+                    self._first_token(now, reasoning=delta.get("type") == "thinking_delta")
                     self._chunks += 1
                     if delta.get("type") == "text_delta":
                         self._keep_text(text)

@@ -52,6 +52,9 @@ class LLMCall:
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
     reasoning_tokens: int | None = None
+    #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
+    #: token); False when the first token was the answer or a tool call.
+    reasoning_shown: bool = False
     #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
     usage_source: str = "reported"
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
@@ -92,7 +95,15 @@ class LLMCall:
 
     @property
     def time_per_output_token(self) -> float | None:
-        """Mean gap between output tokens after the first, for streams with at least two output tokens."""
-        if self.end is None or self.first_token_at is None or not self.output_tokens or self.output_tokens < 2:
+        """Mean gap between output tokens after the first, for streams with at least two output tokens after it.
+
+        Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only)
+        were generated before its first token, so they are not among the tokens after it."""
+        if self.end is None or self.first_token_at is None or not self.output_tokens:
             return None
-        return (self.end - self.first_token_at) / (self.output_tokens - 1)
+        tokens = self.output_tokens
+        if self.reasoning_tokens and not self.reasoning_shown:
+            tokens -= self.reasoning_tokens
+        if tokens < 2:
+            return None
+        return (self.end - self.first_token_at) / (tokens - 1)

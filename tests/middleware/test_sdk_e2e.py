@@ -357,3 +357,67 @@ def test_metrics_on_app_path_when_asked() -> None:
         metrics = Metrics(httpx.get(base + "/metrics").text)
     assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-app-path") == 1
     app.telemetry.shutdown()
+
+
+def reasoning_app(metrics_port: int) -> Any:
+    """A reasoning model's stream as OpenAI sends it (the reasoning hidden: a pause, then the answer) and as open
+    models' servers do (the reasoning streamed as ``reasoning_content`` deltas first), each ten deltas 30 ms apart
+    and a usage that counts the reasoning tokens."""
+    import asyncio
+    import json as json_
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    async def chat(request: Request) -> StreamingResponse:
+        model = (await request.json())["model"]
+        hidden = model == "o-hidden"
+
+        async def events() -> Any:
+            head = {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 1767225600, "model": model}
+
+            def chunk(delta: dict[str, Any], **extra: Any) -> bytes:
+                event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}], **extra}
+                return b"data: " + json_.dumps(event).encode() + b"\n\n"
+
+            yield chunk({"role": "assistant", "content": ""})
+            if hidden:
+                await asyncio.sleep(0.3)  # 1,000 reasoning tokens nobody sees
+            for i in range(10):
+                key = "content" if hidden or i >= 5 else "reasoning_content"
+                yield chunk({key: f"w{i} "})
+                await asyncio.sleep(0.03)
+            reasoning = 1000 if hidden else 5
+            usage = {"prompt_tokens": 3, "completion_tokens": 10 + (1000 if hidden else 0), "total_tokens": 0,
+                     "completion_tokens_details": {"reasoning_tokens": reasoning}}  # fmt: skip
+            yield b"data: " + json_.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    return LLMTelemetryMiddleware(app, metrics_port=metrics_port, metrics_host="127.0.0.1")
+
+
+def test_time_per_output_token_of_reasoning_models_is_the_gap_between_the_tokens_streamed() -> None:
+    """Reasoning tokens the stream does not show are generated before its first token: the time after it is spread
+    over the tokens that follow it, not over a thousand that came before (which read 100 times too fast)."""
+    metrics_port = free_port()
+    app = reasoning_app(metrics_port)
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+        for model in ("o-hidden", "open-reasoner"):
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "think"}], stream=True
+            )
+            assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta) == 11
+        metrics = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 2)
+    app.telemetry.shutdown()
+    for model in ("o-hidden", "open-reasoner"):
+        tpot = metrics.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model=model)
+        # Nine gaps of 30 ms over nine tokens (plus scheduling): about 0.03 s each.
+        assert 0.025 <= tpot < 0.1, (model, tpot)
