@@ -224,6 +224,36 @@ class BoundedServer(ThreadingWSGIServer):
             logger.warning("llm-telemetry: serving a metrics connection failed", exc_info=True)
 
 
+def exposition_app(registry: CollectorRegistry) -> Any:
+    """The WSGI app the metrics port serves for ``registry``: prometheus_client's, with its formats (text,
+    OpenMetrics), gzip when asked, and the ``name[]`` filter."""
+    return make_wsgi_app(_Filterable(registry))
+
+
+def answer(
+    app: Any, method: str, query: str, accept: str, accept_encoding: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Call the WSGI ``app`` for one scrape (blocking: the exposition's work); (status, headers, body)."""
+    environ = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": "/metrics",
+        "QUERY_STRING": query,
+        "HTTP_ACCEPT": accept,
+        "HTTP_ACCEPT_ENCODING": accept_encoding,
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "0",
+        "wsgi.url_scheme": "http",
+    }
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started[:] = [status, headers]
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    return int(str(started[0]).split()[0]), list(started[1]), body
+
+
 def serve_metrics(
     port: int,
     host: str,
@@ -246,7 +276,7 @@ def serve_metrics(
     Server.max_answers, Server.answer_seconds = max_answers, answer_seconds
     # Each read or write also gives up after the longer limit, should the server loop not be there to enforce it.
     handler = type("Handler", (_Handler,), {"timeout": max(request_seconds, answer_seconds)})
-    server = make_server(str(sockaddr[0]), port, make_wsgi_app(_Filterable(registry)), Server, handler_class=handler)
+    server = make_server(str(sockaddr[0]), port, exposition_app(registry), Server, handler_class=handler)
     thread = threading.Thread(target=server.serve_forever, name="llm-telemetry-metrics", daemon=True)
     thread.start()
     return server, thread

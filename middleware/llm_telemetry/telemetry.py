@@ -19,11 +19,10 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .exposition import serve_metrics
+from .exposition import answer, exposition_app, serve_metrics
 from .instruments import Histograms, Instruments, create_instruments, exemplar_filter
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -73,6 +72,8 @@ class Telemetry:
             settings = dataclasses.replace(settings, metrics_exporters=())
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=True)
+        #: The exposition app answering scrapes on the application's own port (made on the first).
+        self._exposition: Any = None
         self._external_provider = meter_provider is not None
         if meter_provider is None and settings.metrics_exporters:
             _warn_about_global_meter_provider(settings)
@@ -238,20 +239,30 @@ class Telemetry:
             shutdown()
 
     async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer a scrape on the application's own port (text format, or OpenMetrics when asked)."""
-        accept = ""
+        """Answer a scrape on the application's own port as the metrics port does (text format, or OpenMetrics when
+        asked; gzip when accepted; the ``name[]`` filter)."""
+        accept = accept_encoding = ""
         for key, value in scope.get("headers", ()):
             if key == b"accept":
                 accept = value.decode("latin-1")
-        encoder, content_type = choose_encoder(accept)
+            elif key == b"accept-encoding":
+                accept_encoding = value.decode("latin-1")
+        if self._exposition is None:
+            self._exposition = exposition_app(self.registry)
+        query = bytes(scope.get("query_string") or b"").decode("latin-1")
         # In a worker thread: the exposition takes ~1 ms per label combination (tens of ms for a few dozen models
         # and tenants), time the event loop would otherwise stop serving every request and stream it holds.
-        body = await anyio.to_thread.run_sync(encoder, self.registry)
+        status, headers, body = await anyio.to_thread.run_sync(
+            answer, self._exposition, scope.get("method", "GET"), query, accept, accept_encoding
+        )
         await send(
             {
                 "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+                "status": status,
+                "headers": [
+                    *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -228,3 +228,27 @@ def test_a_scrape_can_ask_for_some_series_by_name() -> None:
     assert {line.split("{")[0].split(" ")[0] for line in samples} == set(wanted)
     assert set(samples) <= set(full.splitlines())
     assert "# TYPE llm_requests_total counter" in text
+
+
+def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> None:
+    """``LLM_TELEMETRY_METRICS_APP_PATH`` answers what the metrics port does, for each way a scraper may ask: the
+    ``name[]`` filter, OpenMetrics, gzip."""
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, metrics_app_path="/metrics", request_logs=False)
+    asks: list[tuple[str, dict[str, str]]] = [
+        ("?name[]=llm_requests_total&name[]=gen_ai_server_request_duration_seconds_count", {}),
+        ("", {"Accept": "application/openmetrics-text; version=1.0.0"}),
+        ("", {"Accept-Encoding": "gzip"}),
+    ]
+    with serve(app) as base:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+        wait_for("the request counted", lambda: "llm_requests_total{" in scrape_text(metrics_port))
+        for query, headers in asks:
+            answers = [
+                httpx.get(f"{where}/metrics{query}", headers=headers, timeout=10)
+                for where in (f"http://127.0.0.1:{metrics_port}", base)
+            ]
+            port, path = ((a.status_code, a.headers.get("content-type"), a.headers.get("content-encoding"), a.text)
+                          for a in answers)  # fmt: skip
+            assert port[0] == 200 and port == path, (query, headers)
