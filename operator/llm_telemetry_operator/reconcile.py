@@ -301,6 +301,7 @@ async def reconcile(
         f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
     ]
     clashes = outcome.port_conflicts
+    overlaps = _overlapping(targets)
     if service_error:
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceFailed", service_error)
     elif clashes:
@@ -315,6 +316,14 @@ async def reconcile(
             " spec.metrics.port to it)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
+    elif overlaps:
+        message = (
+            "the metrics Service of one workload selects the pods of another, so those pods are scraped twice and "
+            "every number they export counted twice: "
+            + "; ".join(overlaps)
+            + " (Kubernetes asks that workloads' selectors not overlap: give each a label the others' pods lack)"
+        )
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SelectorsOverlap", message)
     else:
         conditions[c.CONDITION_METRICS] = _monitoring_condition(
             c.CONDITION_METRICS,
@@ -603,6 +612,28 @@ def _held_back(workload: Mapping[str, Any], patched: bool) -> str | None:
     stale = (status.get("observedGeneration") or 0) < ((workload.get("metadata") or {}).get("generation") or 0)
     behind = int(status.get("updatedReplicas") or 0) < (wanted if isinstance(wanted, int) else 1)
     return why if stale or behind else None
+
+
+def _overlapping(targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Of the targets, each whose metrics Service (its pod selector) also selects another's pods, and whose."""
+    found = []
+    for workload in targets:
+        selector = r.workload_pod_selector(workload)
+        if not selector:
+            continue
+        others = [
+            workload_key(other)
+            for other in targets
+            if other is not workload and all(_pod_labels(other).get(k) == v for k, v in selector.items())
+        ]
+        if others:
+            found.append(f"{workload_key(workload)} selects the pods of {', '.join(others)}")
+    return found
+
+
+def _pod_labels(workload: Mapping[str, Any]) -> Mapping[str, Any]:
+    labels = (((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels")
+    return labels if isinstance(labels, Mapping) else {}
 
 
 def _pod_containers(workload: Mapping[str, Any]) -> list[Mapping[str, Any]]:
