@@ -958,3 +958,18 @@ def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_deleted(c
         "the note gone",
         timeout=90,
     )
+
+
+def test_workloads_whose_selectors_overlap_are_reported(cluster: Cluster, operator: Operator) -> None:
+    """A Deployment selecting ``app: ov`` beside a canary whose pods are ``app: ov, track: canary`` (the API server
+    takes both): the first's metrics Service selects the canary's pods too, which would be scraped twice."""
+    for name, pods in (("ov", {"app": "ov"}), ("ov-canary", {"app": "ov", "track": "canary"})):
+        workload = deployment(name, "ov")
+        workload["spec"]["selector"] = {"matchLabels": pods}
+        workload["spec"]["template"]["metadata"]["labels"] = {**pods, "llm": "ov"}
+        cluster.create(workload)
+    cluster.create(telemetry("ov", "ov"))
+    metrics = cluster.reported("ov", c.CONDITION_METRICS, "SelectorsOverlap")
+    assert "Deployment/ov selects the pods of Deployment/ov-canary" in metrics["message"]
+    assert wait_for(lambda: cluster.events("ov", "SelectorsOverlap"), "SelectorsOverlap event")
+    operator.assert_clean()
