@@ -436,7 +436,7 @@ class _Exchange:
                 no_id = False  # the app chose its own: keep it
                 if self.adopt_id and value:
                     # The client sees the app's id, not the one generated: log and trace that one.
-                    call.request_id = field_text(value.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
+                    call.request_id = field_text(_header_text(value), _MAX_REQUEST_ID_CHARS)
         if coding is not None and coding not in CODINGS:
             return no_id  # other codings (several at once, or one with no decoder here) pass unread, not misread
         reader: Reader
@@ -879,7 +879,7 @@ class LLMTelemetryMiddleware:
             if label is not None:
                 call.attribution[label] = limit(label, _header_text(value))
         if request_id:
-            call.request_id = field_text(request_id.decode("latin-1"), _MAX_REQUEST_ID_CHARS)
+            call.request_id = field_text(_header_text(request_id), _MAX_REQUEST_ID_CHARS)
         elif self._request_ids:
             call.request_id = new_request_id()
             adopt = True
@@ -890,7 +890,8 @@ class LLMTelemetryMiddleware:
         )
         exchange.adopt_id = adopt
         if self.settings.echo_request_id and call.request_id is not None:
-            exchange.echo_id = call.request_id.encode("latin-1")
+            # The client's own bytes when it sent one; ours are ASCII.
+            exchange.echo_id = request_id or call.request_id.encode("ascii")
         observers = self._observers
         for observer in observers:
             try:

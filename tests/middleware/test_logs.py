@@ -114,6 +114,17 @@ def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[
     assert line["service"] == "llm-plain"
 
 
+def test_a_utf8_request_id_is_logged_as_sent_and_echoed_byte_for_byte(capsys: pytest.CaptureFixture[str]) -> None:
+    """Header values are bytes; clients send non-ASCII ones as UTF-8 (as the attribution headers are read)."""
+    sent = "réq-ünïcode-1".encode()
+    with demo_server({"LLM_TELEMETRY_ECHO_REQUEST_ID": "true"}) as (_, base):
+        response = httpx.post(
+            base + "/v1/chat/completions", json={"model": "m", "messages": []}, headers=[(b"x-request-id", sent)]
+        )
+    assert (b"x-request-id", sent) in response.headers.raw
+    assert line_for(log_lines(capsys.readouterr().out), "réq-ünïcode-1")["model"] == "m"
+
+
 def test_request_logs_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
     with demo_server({"LLM_TELEMETRY_REQUEST_LOGS": "false"}) as (app, base):
         httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": []})
