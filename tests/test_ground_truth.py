@@ -70,6 +70,8 @@ PRICES = {
 }
 SLOW_TTFT = 0.3  # above the TTFT objective, in the (0.25, 0.5] bucket
 SLOW_GAP = 0.12
+#: The user prompt of every request: 20 characters, 5 tokens by the estimate of a response without usage.
+PROMPT = "What is the weather?"
 DISCONNECT_PAUSE = 1.0  # truth_app's pause before the chunk the departed client never reads
 
 
@@ -101,7 +103,8 @@ class Req:
         if self.fail:
             return {}
         if self.no_usage:
-            return {"output": self.words}
+            # Output from the content chunks; input from the prompt's text at four characters a token.
+            return {"output": self.words, "input": math.ceil(len(PROMPT) / 4)}
         return {k: v for k, v in zip(("input", "output"), self.usage[:2], strict=False) if v}
 
     @property
@@ -116,6 +119,11 @@ class Req:
     @property
     def output_tokens(self) -> int:
         return self.tokens.get("output", 0)
+
+    @property
+    def visible_tokens(self) -> int:
+        """Output tokens the stream shows: the reasoning is not streamed (OpenAI's reasoning models)."""
+        return self.output_tokens - self.details.get("reasoning", 0)
 
     @property
     def usage_source(self) -> str:
@@ -141,7 +149,7 @@ class Req:
 
     @property
     def has_tpot(self) -> bool:
-        return self.has_ttft and self.output_tokens >= 2
+        return self.has_ttft and self.visible_tokens >= 2
 
 
 def _traffic() -> list[Req]:
@@ -152,7 +160,7 @@ def _traffic() -> list[Req]:
 
     # OpenAI: cache-heavy fast streams, slow reasoning streams, non-streams, a tool call round trip, an estimate.
     add(3, api="openai", model="gpt-4o", tenant="acme", stream=True, usage=(120, 4, 100, 0, 0), words=4)
-    add(2, api="openai", model="gpt-4o", tenant="globex", stream=True, usage=(50, 3, 0, 0, 2), words=3,
+    add(2, api="openai", model="gpt-4o", tenant="globex", stream=True, usage=(50, 5, 0, 0, 2), words=3,
         ttft=SLOW_TTFT, gap=SLOW_GAP)  # fmt: skip
     add(3, api="openai", model="gpt-4o", tenant="acme", usage=(40, 10, 32, 0, 6))
     add(2, api="openai", model="gpt-4o", tenant="globex", usage=(30, 1, 0, 0, 0), tool="get_weather")
@@ -191,7 +199,7 @@ class Sent:
 
 
 def _body(req: Req) -> dict[str, Any]:
-    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather?"}]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": PROMPT}]
     if req.tool_results and req.api == "openai":
         calls = [{"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": "{}"}}
                  for i, (name, _) in enumerate(req.tool_results)]  # fmt: skip
@@ -247,7 +255,7 @@ def send(base: str, req: Req) -> Sent:
     assert first is not None, f"no content chunk seen for {req}"
     sent = Sent(req, (req.ttft + (req.words - 1) * req.gap, end), (req.ttft, first), pid=pid)
     if req.has_tpot:
-        out = req.output_tokens
+        out = req.visible_tokens  # the hidden reasoning came before the first token
         sent.tpot = ((req.words - 1) * req.gap / (out - 1), (end - req.ttft) / (out - 1))
     return sent
 

@@ -1167,6 +1167,26 @@ def _looks_like_error(content: Any) -> bool:
     return False
 
 
+def _content_chars(value: Any, key: str) -> int:
+    """Characters of text in ``value``: a string; a list of strings, of text parts (``{"text": ...}``), or of
+    messages holding either under ``key``."""
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, list):
+        return 0
+    chars = 0
+    for item in value:
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, dict):
+            text = item.get("text")
+            if isinstance(text, str):
+                chars += len(text)
+            elif key and key in item:
+                chars += _content_chars(item[key], "")
+    return chars
+
+
 class API:
     """One LLM HTTP API: its operation, provider, and how to read its requests and responses."""
 
@@ -1207,6 +1227,21 @@ class API:
             system = body.get("system") or body.get("instructions")
             if isinstance(system, (str, list)):
                 call.system_instructions = system
+
+    def estimate_input_tokens(self, body: Mapping[str, Any]) -> int | None:
+        """Input tokens of a request whose response reported no usage, from the text it sends at ~4 characters a
+        token (as the output estimate of a body's text), or None. A lower bound: message framing, tool definitions
+        and images are not counted. None for the APIs whose responses always report their input (embeddings, and
+        Anthropic's stream, which reports it in its first event)."""
+        if self.name == "openai.chat":
+            chars = _content_chars(body.get("messages"), "content")
+        elif self.name == "openai.responses":
+            chars = _content_chars(body.get("input"), "content") + _content_chars(body.get("instructions"), "")
+        elif self.name == "openai.completions":
+            chars = _content_chars(body.get("prompt"), "")
+        else:
+            return None
+        return math.ceil(chars / 4) if chars else None
 
     def response_reader(self, call: LLMCall, *, stream: bool, capture: bool) -> ResponseReader:
         reader = self.reader

@@ -182,7 +182,8 @@ TIME_PER_OUTPUT_TOKEN: Final = MetricSpec(
     GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
     "s",
     "histogram",
-    "Time per output token after the first: (end - first token) / (output tokens - 1); successful streams.",
+    "Time per output token after the first: (end - first token) / (output tokens - 1), reasoning the stream did not"
+    " show left out; successful streams.",
     _CALL,
     buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
 )

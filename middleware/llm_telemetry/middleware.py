@@ -173,6 +173,7 @@ class _Exchange:
         "max_body",
         "parameters",
         "reader",
+        "request",
         "send_code",
         "send_failed",
         "send_refused",
@@ -207,6 +208,8 @@ class _Exchange:
         self.body_ok = max_body > 0
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
+        #: The parsed request body, until :meth:`finish` knows whether the response reported its usage.
+        self.request: dict[str, Any] | None = None
         self.reader: Reader | None = None
         #: Stream chunks sent but not read yet (see :meth:`send`), or None while chunks are read as they pass.
         self.held: list[bytes] | None = None
@@ -263,6 +266,7 @@ class _Exchange:
             # Not JSON, or nested too deep: the app will answer it; we learn nothing from it.
             parsed = loads(body) if body else None
             if isinstance(parsed, dict):
+                self.request = parsed
                 self.api.read_request(call, parsed, self.capture, self.parameters)
         except Exception as exc:
             self.failsafe("request_parse", exc)
@@ -469,6 +473,15 @@ class _Exchange:
                 self.reader.finish(now)
             except Exception as error:
                 self.failsafe("response_parse", error)
+        request, self.request = self.request, None
+        if request is not None and call.usage_source == "estimated" and call.input_tokens is None:
+            # No usage in the response (a stream whose client did not ask for it): its output was estimated, and
+            # so is its input, or its tokens and cost would count none.
+            try:
+                call.input_tokens = self.api.estimate_input_tokens(request)
+                call.input_estimated = call.input_tokens is not None
+            except Exception as error:
+                self.failsafe("request_parse", error)
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
         # failing for want of a connection, or cancelling the app). An exception the app raises itself is the
         # app's failure, whatever its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a

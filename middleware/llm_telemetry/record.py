@@ -55,6 +55,8 @@ class LLMCall:
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False
+    #: ``input_tokens`` is the middleware's estimate from the request's text (the response reported no usage).
+    input_estimated: bool = False
     #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
     usage_source: str = "reported"
     finish_reasons: list[str] = dataclasses.field(default_factory=list)

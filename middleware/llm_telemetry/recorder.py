@@ -39,7 +39,7 @@ class _Shape:
 
     __slots__ = ("cost", "details", "duration", "errors", "requests", "tokens", "tpot", "ttft", "unpriced", "values")
 
-    def __init__(self, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
+    def __init__(self, values: dict[str, Any], attribution: Mapping[str, str], input_estimated: bool = False) -> None:
         #: The call's bounded label values (without attribution), for the tool points.
         self.values = values
         self.requests = _keyed(select(names.REQUESTS, values, attribution))
@@ -49,9 +49,11 @@ class _Shape:
         self.tpot = _keyed(select(names.TIME_PER_OUTPUT_TOKEN, values, attribution))
         self.cost = _keyed(select(names.COST, values, attribution))
         self.unpriced = _keyed(select(names.UNPRICED_TOKENS, values))
-        # Only output tokens are ever estimated: any other count a call has is the provider's own (a stream cut
-        # before its usage still had its input tokens reported at its start), so it is labelled reported.
+        # Output tokens are estimated when a response reports no usage, and then input tokens too (from the
+        # request's text); any other count a call has is the provider's own (a stream cut before its usage still had
+        # its input tokens reported at its start), so it is labelled reported.
         reported = {**values, names.LLM_USAGE_SOURCE: "reported"}
+        estimated = ("output", "input") if input_estimated else ("output",)
         #: (LLMCall field, attributes) of each billable count and each detail.
         self.tokens = [
             (
@@ -59,7 +61,7 @@ class _Shape:
                 _keyed(
                     select(
                         names.TOKENS,
-                        {**(values if token_type == "output" else reported), names.GEN_AI_TOKEN_TYPE: token_type},
+                        {**(values if token_type in estimated else reported), names.GEN_AI_TOKEN_TYPE: token_type},
                         attribution,
                     )
                 ),
@@ -183,17 +185,17 @@ class MetricsRecorder:
         raw = None
         if short:
             raw = (call.operation, call.provider, request_model, response_model, call.stream, call.error_type,
-                   call.usage_source, *attribution.items())  # fmt: skip
+                   call.usage_source, call.input_estimated, *attribution.items())  # fmt: skip
             shape = self._shapes.get(raw)
             if shape is not None:
                 return shape
         values = self._values(call)
-        key = (*values.values(), *attribution.items())
+        key = (*values.values(), call.input_estimated, *attribution.items())
         shape = self._shapes.get(key)
         if shape is None:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
-            shape = self._shapes[key] = _Shape(values, attribution)
+            shape = self._shapes[key] = _Shape(values, attribution, call.input_estimated)
         if (
             raw is not None
             and values[names.GEN_AI_REQUEST_MODEL] == (request_model or "unknown")

@@ -106,12 +106,21 @@ def test_openai_stream_with_usage_reports_exact_tokens_and_ttft(service: tuple[s
 
 
 def test_openai_stream_without_usage_is_estimated(service: tuple[str, int], oai: openai.OpenAI) -> None:
-    model = "gpt-4o-stream-estimate"
-    list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}], stream=True))
+    """The openai SDK's default stream reports no usage: output is counted by its deltas, input from the request's
+    text at ~4 characters a token, both labelled estimated, and both priced (input used to count none, and the cost
+    of a long prompt went missing)."""
+    model = "gpt-4o-2024-08-06"  # a snapshot of gpt-4o: priced as gpt-4o
+    prompt = "Summarise this. " + "lorem ipsum " * 500  # 6,016 characters: 1,504 tokens by the estimate
+    list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], stream=True))
     m = eventually(service, requests_of(model, 1))
     estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated"}
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == REPLY_WORDS
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **estimated) == 1504
     assert m.value("llm_tokens_total", gen_ai_request_model=model, llm_usage_source="reported") == 0
+    # $2.50 in, $10 out per million tokens.
+    assert m.value("llm_cost_usd_total", gen_ai_request_model=model) == pytest.approx(
+        (1504 * 2.5 + REPLY_WORDS * 10.0) / 1e6
+    )
 
 
 def test_openai_non_stream_records_no_ttft(service: tuple[str, int], oai: openai.OpenAI) -> None:

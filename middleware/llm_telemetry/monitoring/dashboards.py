@@ -593,9 +593,9 @@ def build_dashboard(
     )
     b.timeseries(
         "Cost per hour by model",
-        "Spend in US dollars per hour at the current rate, from the pricing table. A response without usage has no"
-        " input tokens, so no input cost: streams whose client did not ask for usage (stream_options.include_usage,"
-        " off in the openai SDK by default) read low here; see Estimated vs reported tokens.",
+        "Spend in US dollars per hour at the current rate, from the pricing table. A response without usage (a"
+        " stream whose client did not ask for it: stream_options.include_usage, off in the openai SDK by default) is"
+        " priced from estimated tokens; see Estimated vs reported tokens.",
         [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(COST)}) * 3600", model_legend)],
         "currencyUSD",
         stack=True,
@@ -626,10 +626,9 @@ def build_dashboard(
     )
     b.timeseries(
         "Estimated vs reported tokens",
-        "Tokens per minute by usage source: reported by the provider, or estimated when the response had no usage."
-        " Only output tokens are estimated: a response without usage (a stream whose client did not set"
-        " stream_options.include_usage) adds no input tokens anywhere, so estimates here mean tokens and cost read"
-        " low.",
+        "Tokens per minute by usage source: reported by the provider, or estimated when the response had no usage"
+        " (a stream whose client did not set stream_options.include_usage): output from the deltas, input from the"
+        " request's text at four characters a token, a lower bound.",
         [b.target(f"sum by ({USAGE_SOURCE}) ({b.rate(TOKENS)}) * 60", f"{{{{{USAGE_SOURCE}}}}}")],
         "suffix: tok/min",
         stack=True,
