@@ -488,7 +488,7 @@ def build_rule_groups(
             f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {t.token_rate_floor_per_second:g}\n"
             # A baseline of a whole hour: the service had traffic 75 minutes ago (else the hourly rate 15 minutes
             # ago spans a few minutes of smoke tests, and real traffic starting reads as a spike).
-            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)} offset 75m)",
+            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)} offset 75m) > 0",
             severity="warning",
             for_="10m",
             summary=f"{service} is using tokens {t.token_rate_spike_factor:g}x faster than in the hour before",
