@@ -330,10 +330,14 @@ class SharedState:
         #: Keys of live series beyond the archive's room, and the overflow key each is shown under (see merged).
         self._redirects: dict[str, str] = {}
         self._token = process_token(supervisor.pid) or str(supervisor.pid)
-        #: The archive as last read or written by this worker: put back should its file be removed.
+        #: The archive as this worker last read it from its file or wrote it, or None: put back should the file be
+        #: removed, by a worker that merges (its copy is as new as its last scrape).
         self._archive: dict[str, Any] | None = None
         #: Whether this worker serves the metrics port (its claim is put back should the file be removed).
         self._claimed = False
+        #: The label values as this worker last read or wrote them (see :meth:`admit`).
+        self._labels: dict[str, list[str]] = {}
+        self._closed = threading.Event()
         with self._locked():
             self._wipe_if_stale(self._token)
             # Workers that died since the last merge are folded now too: with nobody scraping (or no metrics port),
@@ -342,6 +346,15 @@ class SharedState:
             self._alive: Any = self._open_alive()
             self._file: Any = MmapedDict(os.path.join(directory, self._stem + _DB))
             self._db_lock: Any = self._lock_file(self._stem + _DB)
+        threading.Thread(target=self._keep, name="llm-telemetry-state", daemon=True).start()
+
+    def _keep(self) -> None:
+        """Every BIND_RETRY_SECONDS until closed: put this worker's files back should someone remove them."""
+        while not self._closed.wait(BIND_RETRY_SECONDS):
+            try:
+                self.restore()
+            except OSError as exc:
+                logger.debug("llm-telemetry: state files not put back: %s", exc)
 
     def _lock_file(self, name: str) -> Any:
         """``name`` opened and locked for this worker's life: a second liveness lock, on its values file, which
@@ -371,13 +384,19 @@ class SharedState:
             if self._alive is None:
                 return False  # closed
             # The archive and the port claim only by the worker that merges (its copy is the newest).
-            shared = (_RUN, _ARCHIVE, _PORT) if self._claimed and self._archive is not None else (_RUN,)
+            shared = [_RUN]
+            if self._archive is not None:
+                shared.append(_ARCHIVE)
+            if self._claimed:
+                shared.append(_PORT)
             try:
                 alive_kept = os.stat(alive).st_ino == os.fstat(self._alive.fileno()).st_ino
             except FileNotFoundError:
                 alive_kept = False
             db_kept = os.path.exists(db)
             missing = [name for name in shared if not os.path.exists(path(name))]
+            if self._archive is not None and _ARCHIVE not in missing and self._archive_behind():
+                missing.append(_ARCHIVE)  # put back from an older copy than this worker's
             if alive_kept and db_kept and not missing:
                 return False
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -397,7 +416,12 @@ class SharedState:
                     self._db_lock.close()
                     self._db_lock = self._lock_file(self._stem + _DB)
                 if _ARCHIVE in missing and self._archive is not None:
-                    self._save_archive(self._archive)
+                    # Under the lock, read as a merge reads it (this worker's newer copy wins); still missing, this
+                    # worker's copy goes back as it is: another worker may have a newer one, and puts that back over
+                    # it within a second.
+                    self._load_archive()
+                    if not (os.path.exists(path(_ARCHIVE)) and os.path.exists(path(_ARCHIVE + ".version"))):
+                        self._save_archive(self._archive, bump=False)
                 if _PORT in missing:
                     self.claim_port()
         logger.warning(
@@ -438,7 +462,7 @@ class SharedState:
             names = []
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in names:
-            if name in (_ARCHIVE, _LABELS) or name.endswith((_ALIVE, _DB, ".tmp")):
+            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS) or name.endswith((_ALIVE, _DB, ".tmp")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
         with open(run + ".tmp", "w", encoding="utf-8") as fresh:
@@ -466,6 +490,7 @@ class SharedState:
             if self._file is not None:
                 self._file.close()
                 self._file = _Closed()
+            self._closed.set()
             if self._alive is not None:
                 self._alive.close()
                 self._alive = None
@@ -481,13 +506,16 @@ class SharedState:
                 with open(path, encoding="utf-8") as stored:
                     labels: dict[str, list[str]] = json.load(stored)
             except (FileNotFoundError, ValueError):
-                labels = {}  # none yet (or a torn file from a killed writer: os.replace makes that unlikely)
+                # None yet (or a torn file from a killed writer: os.replace makes that unlikely), or removed under a
+                # running server: the values this worker last saw stay admitted, and count against the bound.
+                labels = {name: list(values) for name, values in self._labels.items()}
             values = labels.setdefault(label, [])
             if value not in values and len(values) < max_values:
                 values.append(value)
                 with open(path + ".tmp", "w", encoding="utf-8") as tmp:
                     json.dump(labels, tmp)
                 os.replace(path + ".tmp", path)
+            self._labels = labels
             return set(values)
 
     # --- merging (the scrape path) ---
@@ -506,7 +534,7 @@ class SharedState:
         except OSError as exc:  # the directory cannot be made again: merge what there is
             logger.warning("llm-telemetry: multi-worker state directory %s not put back: %s", self.directory, exc)
             restored = False
-        if restored:
+        if restored or self._values_missing():
             # Files were removed: give the other workers (which look every BIND_RETRY_SECONDS) time to put theirs
             # back before their numbers are summed, or this scrape would show them gone and the next one back,
             # which Prometheus would read as a counter reset and count again.
@@ -537,6 +565,18 @@ class SharedState:
             if placed:
                 self._save_archive(archive)
             return values
+
+    def _values_missing(self) -> bool:
+        """Whether a live worker's values file is missing (it puts it back within BIND_RETRY_SECONDS)."""
+        try:
+            names = set(os.listdir(self.directory))
+        except OSError:
+            return False
+        return any(
+            name[: -len(_ALIVE)] + _DB not in names and _held(os.path.join(self.directory, name))
+            for name in names
+            if name.endswith(_ALIVE)
+        )
 
     def _fold_dead(self, archive: dict[str, Any]) -> set[str]:
         """Fold the files of workers that died since the last merge into ``archive`` (saved if it changed), delete
@@ -592,21 +632,59 @@ class SharedState:
             yield key, value
 
     def _load_archive(self) -> dict[str, Any]:
+        """The archive of dead workers' values, with the directory lock held.
+
+        Each save gives it a higher ``version`` (and the first one an ``id``), and each worker keeps the copy it last
+        read or wrote. Should the file be removed under the running server, the copy this worker has stands in for
+        it; should it have been put back from an older copy (same ``id``, lower ``version``), this worker's newer copy
+        wins; should a worker that never saw it have made it anew (another ``id``: it folded a dead worker into an
+        empty one), what this worker's copy holds is added to it, as the two hold different dead workers."""
+        cached = self._archive
         try:
             with open(os.path.join(self.directory, _ARCHIVE), encoding="utf-8") as archive:
                 loaded: dict[str, Any] = json.load(archive)
         except FileNotFoundError:
-            loaded = {"absorbed": [], "values": {}}
+            if cached is None:
+                return {"absorbed": [], "values": {}}
+            loaded = json.loads(json.dumps(cached))
+        else:
+            if cached is not None and loaded.get("id") != cached.get("id"):
+                values: dict[str, float] = loaded["values"]
+                for key, value in cached["values"].items():
+                    values[key] = values.get(key, 0.0) + value
+                self._save_archive(loaded)
+            elif cached is not None and int(loaded.get("version", 0)) < int(cached.get("version", 0)):
+                loaded = json.loads(json.dumps(cached))
+                self._save_archive(loaded)
         self._archive = loaded
         return loaded
 
-    def _save_archive(self, archive: dict[str, Any]) -> None:
+    def _save_archive(self, archive: dict[str, Any], bump: bool = True) -> None:
+        """Write ``archive``, as a new version (``bump``) or put back as it was; its id and version also go in a
+        small file of their own, which every worker reads each second (see :meth:`_archive_behind`)."""
+        archive.setdefault("id", uuid.uuid4().hex)
+        if bump:
+            archive["version"] = int(archive.get("version", 0)) + 1
         self._archive = archive
         path = os.path.join(self.directory, _ARCHIVE)
         with open(path + ".tmp", "w", encoding="utf-8") as tmp:
             json.dump(archive, tmp)
         # Atomic: a merge that dies half-way leaves the old archive, whose "absorbed" list still matches the files.
         os.replace(path + ".tmp", path)
+        with open(path + ".version.tmp", "w", encoding="utf-8") as tmp:
+            tmp.write(f"{archive['id']} {archive['version']}")
+        os.replace(path + ".version.tmp", path + ".version")
+
+    def _archive_behind(self) -> bool:
+        """Whether the archive in the directory is an older version of this worker's copy (or says nothing)."""
+        assert self._archive is not None
+        try:
+            with open(os.path.join(self.directory, _ARCHIVE + ".version"), encoding="utf-8") as marker:
+                their_id, _, version = marker.read().partition(" ")
+            behind = their_id == self._archive.get("id") and int(version) < int(self._archive.get("version", 0))
+        except (FileNotFoundError, ValueError):
+            return True
+        return behind
 
     def metrics_data(self, resource: Any) -> Any:
         """The merged values as OpenTelemetry ``MetricsData``, ready for the Prometheus exporter."""
@@ -871,11 +949,10 @@ class _Listener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        bound = self._try_bind()
-        if (not bound or self.state is not None) and not self._stop.is_set():
-            self._thread = threading.Thread(
-                target=self._retry, args=(bound,), name="llm-telemetry-metrics-bind", daemon=True
-            )
+        if self._try_bind():
+            return
+        if self.server is None and not self._stop.is_set():
+            self._thread = threading.Thread(target=self._retry, name="llm-telemetry-metrics-bind", daemon=True)
             self._thread.start()
 
     def _try_bind(self) -> bool:
@@ -915,22 +992,11 @@ class _Listener:
                 self.port,
             )
 
-    def _retry(self, bound: bool) -> None:
-        """Until stopped, every BIND_RETRY_SECONDS: try for the port until bound, and put this worker's files in the
-        shared directory back should someone have removed them (see :meth:`SharedState.restore`)."""
+    def _retry(self) -> None:
         while not self._stop.wait(BIND_RETRY_SECONDS):
             with self._lock:
-                if self._stop.is_set():
+                if self._stop.is_set() or self._try_bind():
                     return
-                if self.state is not None:
-                    try:
-                        self.state.restore()
-                    except OSError as exc:
-                        logger.debug("llm-telemetry: state files not put back: %s", exc)
-                if not bound:
-                    bound = self._try_bind()
-                    if bound and self.state is None:
-                        return
 
     def stop(self) -> None:
         with self._lock:

@@ -252,16 +252,20 @@ class Telemetry:
         query = bytes(scope.get("query_string") or b"").decode("latin-1")
         # In a worker thread: the exposition takes ~1 ms per label combination (tens of ms for a few dozen models
         # and tenants), time the event loop would otherwise stop serving every request and stream it holds.
+        # Any method gets what a GET gets (prometheus_client's app answers only GET); a HEAD, without the body.
         status, headers, body = await anyio.to_thread.run_sync(
-            answer, self._exposition, scope.get("method", "GET"), query, accept, accept_encoding
+            answer, self._exposition, "GET", query, accept, accept_encoding
         )
+        length = str(len(body)).encode()
+        if scope.get("method") == "HEAD":
+            body = b""
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
                     *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers),
-                    (b"content-length", str(len(body)).encode()),
+                    (b"content-length", length),
                 ],
             }
         )

@@ -404,7 +404,10 @@ async def _reconcile(
                 state.statuses[uid] = outcome.status
             state.passes[key] = (started, outcome)
             state.index.serve(key, outcome.targets)
-            _await_collectors(memo, state, key, outcome.awaiting)
+            if key in state.bodies:
+                _await_collectors(memo, state, key, outcome.awaiting)
+            else:  # deleted while this pass ran (_forget has stopped its watches): start none for it
+                _await_collectors(None, state, key, frozenset())
         except Exception as exc:
             # An API error after the client's retries; or a defect of ours, which kopf must not see either: its
             # handler retries would patch the resource on every attempt, with nothing in the status or events.

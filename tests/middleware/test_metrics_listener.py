@@ -252,3 +252,7 @@ def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> N
             port, path = ((a.status_code, a.headers.get("content-type"), a.headers.get("content-encoding"), a.text)
                           for a in answers)  # fmt: skip
             assert port[0] == 200 and port == path, (query, headers)
+        # What the app path answered before it used the exposition app: any method gets what a GET gets.
+        head = httpx.head(f"{base}/metrics", timeout=10)
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+        assert httpx.post(f"{base}/metrics", timeout=10).status_code == 200

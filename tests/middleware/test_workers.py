@@ -738,11 +738,11 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("removal", ["tmp-cleaner", "rm-rf"])
+@pytest.mark.parametrize("removal", ["tmp-cleaner", "rm-rf", "archive-after-a-death"])
 def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_path: Path, removal: str) -> None:
     """An age-based /tmp cleaner (systemd-tmpfiles, tmpreaper) removes the files that never change first: the run
     record, the liveness files, the lock and the port claim; then a worker dies and its replacement joins. Or the
-    whole directory goes (``rm -rf``). Nothing counted before or after is lost or counted twice, and every scrape
+    whole directory goes (``rm -rf``). Or the archive goes just after a replacement folded a dead worker into it. Nothing counted before or after is lost or counted twice, and every scrape
     answers: the workers put their files back, and a joining worker does not take live workers' state for an
     earlier run's."""
     if sys.platform != "linux":
@@ -765,6 +765,14 @@ def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_pat
 
         if removal == "rm-rf":
             shutil.rmtree(state)
+        elif removal == "archive-after-a-death":
+            # The replacement folds the dead worker into the archive as it joins; then the archive goes, before the
+            # worker serving the port (whose copy lacks the dead worker) has read it again.
+            (victim,) = first_workers - {server.serving_pid(server.scrape())}
+            os.kill(victim, signal.SIGKILL)
+            wait_for("a replacement worker", lambda: len(process_children(server.pid) - first_workers) == 1)
+            wait_for("the dead worker folded", lambda: not list(state.glob(f"w{victim}-*")))
+            (state / "archive.json").unlink()
         else:
             for path in state.iterdir():
                 if path.name in ("run", "lock", "port") or path.suffix == ".alive":
