@@ -104,7 +104,8 @@ class LLMCall:
         if self.end is None or self.first_token_at is None or not self.output_tokens:
             return None
         tokens = self.output_tokens
-        if self.reasoning_tokens and not self.reasoning_shown:
+        if self.reasoning_tokens and not self.reasoning_shown and self.reasoning_tokens < tokens:
+            # (Not when the usage says more reasoning than output: a provider that counts them apart.)
             tokens -= self.reasoning_tokens
         if tokens < 2:
             return None

@@ -95,6 +95,29 @@ def test_openai_reasoning_content_counts_as_first_token() -> None:
     assert call.first_token_at is not None
 
 
+@pytest.mark.parametrize(
+    ("first", "output", "reasoning", "tpot"),
+    [
+        ({"content": "hi"}, 1010, 1000, 900.0 / 9),  # hidden reasoning, before the first token: left out
+        ({"reasoning_content": "hm"}, 1010, 1000, 900.0 / 1009),  # streamed reasoning follows the first token
+        ({"content": "hi"}, 10, 500, 900.0 / 9),  # more reasoning than output: a provider counting them apart
+        ({"content": "hi"}, 10, 9, None),  # one token after the first: no gap to measure
+    ],
+    ids=["hidden", "streamed", "counted-apart", "too-few"],
+)
+def test_time_per_output_token_counts_the_tokens_after_the_first(
+    first: dict[str, Any], output: int, reasoning: int, tpot: float | None
+) -> None:
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": output,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+    call = read("openai.chat", sse(chat_chunk(first), {"id": "c1", "choices": [], "usage": usage}), stream=True)
+    call.first_token_at, call.end = 100.0, 1000.0
+    assert call.time_per_output_token == (pytest.approx(tpot) if tpot is not None else None)
+
+
 def test_openai_legacy_completions_stream() -> None:
     body = sse({"id": "x", "model": "m", "choices": [{"index": 0, "text": "hello", "finish_reason": None}]},
                {"id": "x", "model": "m", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})  # fmt: skip

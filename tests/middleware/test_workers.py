@@ -742,9 +742,9 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
 def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_path: Path, removal: str) -> None:
     """An age-based /tmp cleaner (systemd-tmpfiles, tmpreaper) removes the files that never change first: the run
     record, the liveness files, the lock and the port claim; then a worker dies and its replacement joins. Or the
-    whole directory goes (``rm -rf``). Or the archive goes just after a replacement folded a dead worker into it. Nothing counted before or after is lost or counted twice, and every scrape
-    answers: the workers put their files back, and a joining worker does not take live workers' state for an
-    earlier run's."""
+    whole directory goes (``rm -rf``). Or the archive goes just after a replacement folded a dead worker into it.
+    Nothing counted before or after is lost or counted twice, and every scrape answers: the workers put their files
+    back, and a joining worker does not take live workers' state for an earlier run's."""
     if sys.platform != "linux":
         pytest.skip("reads worker pids from /proc")
     port, metrics_port = free_port(), free_port()
