@@ -185,8 +185,11 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
             "condition names only Loki",
         )
         assert collectors["reason"] == "CollectorNotFound" and "loki-gateway" in collectors["message"]
-        # Only the Service still awaited is watched.
-        assert set(memo["state"].collector_watches) == {("observability", "loki-gateway")}
+        # Only the Service still awaited is watched (from just after the pass that wrote the status).
+        await eventually(
+            lambda: set(memo["state"].collector_watches) == {("observability", "loki-gateway")},
+            "only loki-gateway watched",
+        )
     check_usage(emulator)
 
 
