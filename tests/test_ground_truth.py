@@ -4,7 +4,11 @@ the traffic itself says.
 ``tests/apps/truth_app.py`` (a scripted upstream wrapped in the middleware) runs under ``uvicorn --workers 2``.
 The test sends known traffic: several models, providers and tenants, streams and non-streams, prompt-cache and
 reasoning tokens, tool calls and tool results, and every ``error.type``. The Debian ``prometheus`` binary
-scrapes the metrics port every second and loads the shipped rule file.
+scrapes the metrics port every second and loads the shipped rule file. It scrapes the port twice, as the
+Prometheus Operator labels targets: once as the operator's ServiceMonitor does (``endpoint="metrics"``), and once
+more under the same job as a team's own ServiceMonitor of the app's port would (``endpoint="http"``). The
+dashboard, opened as the operator opens it, and the rules, scoped as the operator scopes them, must count the
+traffic once.
 
 Exact numbers from ``rate()``: the same traffic is sent twice. Between the two passes the test finds the
 timestamp ``t0`` of a scrape that saw all of the first pass and none of the second; after the second pass, the
@@ -59,6 +63,12 @@ JOB = "llm"
 #: name), and the namespace its scrape is labelled with (Kubernetes service discovery's label).
 SERVICE = "chat-llm"
 NAMESPACE = "llm-ns"
+#: The endpoint label of the operator's scrape (its ServiceMonitor's port name), and of a second scrape of the
+#: same job (a team's ServiceMonitor of the app's port, the app serving the metrics on its own path too).
+ENDPOINT, OTHER_ENDPOINT = "llm-metrics", "http"
+#: The rules' selector as the operator writes it (``rule_selector``).
+SELECTOR = f'job="{JOB}",endpoint="{ENDPOINT}"'
+ONE = f'{{endpoint="{ENDPOINT}"}}'
 WORKERS = 2
 TTFT_OBJECTIVE = 0.25
 THRESHOLDS = AlertThresholds(ttft_objective_seconds=TTFT_OBJECTIVE, cost_per_hour_usd=1000)
@@ -304,13 +314,13 @@ def wait_for(what: str, check: Callable[[], Any], seconds: float = 60) -> Any:
 #: What a scrape must show once ``passes`` copies of the traffic are recorded (sum over all series).
 def _settled_checks(passes: int) -> dict[str, float]:
     return {
-        "sum(llm_requests_total)": passes * len(TRAFFIC),
-        "sum(llm_tokens_total)": passes * sum(sum(r.tokens.values()) for r in TRAFFIC),
-        "sum(llm_token_details_total)": passes * sum(sum(r.details.values()) for r in TRAFFIC),
-        "sum(llm_errors_total)": passes * sum(1 for r in TRAFFIC if r.fail),
-        "sum(gen_ai_server_request_duration_seconds_count)": passes * len(TRAFFIC),
-        "sum(gen_ai_server_time_to_first_token_seconds_count)": passes * sum(1 for r in TRAFFIC if r.has_ttft),
-        "sum(llm_requests_active)": 0,
+        f"sum(llm_requests_total{ONE})": passes * len(TRAFFIC),
+        f"sum(llm_tokens_total{ONE})": passes * sum(sum(r.tokens.values()) for r in TRAFFIC),
+        f"sum(llm_token_details_total{ONE})": passes * sum(sum(r.details.values()) for r in TRAFFIC),
+        f"sum(llm_errors_total{ONE})": passes * sum(1 for r in TRAFFIC if r.fail),
+        f"sum(gen_ai_server_request_duration_seconds_count{ONE})": passes * len(TRAFFIC),
+        f"sum(gen_ai_server_time_to_first_token_seconds_count{ONE})": passes * sum(1 for r in TRAFFIC if r.has_ttft),
+        f"sum(llm_requests_active{ONE})": 0,
     }
 
 
@@ -327,7 +337,7 @@ def settled_scrape(prom: Prometheus, passes: int) -> int:
             if value != expected:
                 last[:] = [f"{expr} = {value}, expected {expected}"]
                 return None
-        stamp = prom.scalar("max(timestamp(llm_requests_total))", at)
+        stamp = prom.scalar(f"max(timestamp(llm_requests_total{ONE}))", at)
         return round(stamp * 1000) if stamp is not None else None
 
     try:
@@ -415,7 +425,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             start_new_session=True,
         )
     rules = tmp / "rules.yaml"
-    rules.write_text(dump_yaml({"groups": build_rule_groups(THRESHOLDS, selector=f'job="{JOB}"')}))
+    rules.write_text(dump_yaml({"groups": build_rule_groups(THRESHOLDS, selector=SELECTOR)}))
     config = tmp / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -426,9 +436,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                     {
                         "job_name": JOB,
                         "static_configs": [
-                            {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": NAMESPACE}}
+                            {
+                                "targets": [f"127.0.0.1:{metrics_port}"],
+                                "labels": {"namespace": NAMESPACE, "endpoint": ENDPOINT},
+                            }
                         ],
-                    }
+                    },
+                    {
+                        # The same job again (a target's own job label wins over the job name).
+                        "job_name": f"{JOB}-app-port",
+                        "static_configs": [
+                            {
+                                "targets": [f"127.0.0.1:{metrics_port}"],
+                                "labels": {"namespace": NAMESPACE, "job": JOB, "endpoint": OTHER_ENDPOINT},
+                            }
+                        ],
+                    },
                 ],
             }
         )
@@ -720,8 +743,10 @@ UNCHECKED = {"Error log lines": "a Loki (LogQL) query over request log lines; no
 
 
 def _as_promql(expr: str, run: Run) -> str:
-    """The query as Grafana sends it with every variable on "All", its ranges set to the traffic window."""
+    """The query as Grafana sends it with the scrape endpoint on the operator's and every other variable on "All",
+    its ranges set to the traffic window."""
     expr = expr.replace("$__rate_interval", run.window).replace("$__range", run.window)
+    expr = expr.replace("$endpoint", ENDPOINT)
     return re.sub(r"\$[a-zA-Z_]+", ".*", expr)
 
 
@@ -797,7 +822,7 @@ def _rule_checks(run: Run) -> dict[str, Callable[[list[dict[str, Any]]], None]]:
 
 
 def test_every_recording_rule_matches_the_traffic(run: Run) -> None:
-    groups = build_rule_groups(THRESHOLDS, selector=f'job="{JOB}"')
+    groups = build_rule_groups(THRESHOLDS, selector=SELECTOR)
     records = [r for g in groups for r in g["rules"] if "record" in r]
     checks = _rule_checks(run)
     names = {r["record"] for r in records}
@@ -827,7 +852,7 @@ def test_prometheus_loads_and_evaluates_every_shipped_rule(run: Run) -> None:
 def test_sum_of_tokens_over_every_label_is_the_billable_total(run: Run) -> None:
     # What a user writes without reading the docs must be right: no label combination double counts.
     billable = sum(r.tokens.get("input", 0) + r.tokens.get("output", 0) for r in TRAFFIC)
-    value = run.prom.scalar(f"sum(increase(llm_tokens_total[{run.window}]))", run.end_ms / 1000)
+    value = run.prom.scalar(f"sum(increase(llm_tokens_total{ONE}[{run.window}]))", run.end_ms / 1000)
     assert value is not None and _close(value, billable)
     cached = sum(r.details.get("cache_read", 0) + r.details.get("cache_creation", 0) for r in TRAFFIC)
     assert cached > billable / 2, "the traffic should be cache-heavy enough for double counting to show"
@@ -849,6 +874,7 @@ def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
     assert found == {
         "namespace": {NAMESPACE},
         "job": {JOB},
+        "endpoint": {ENDPOINT, OTHER_ENDPOINT},
         "service": {SERVICE},
         "model": {r.model for r in TRAFFIC},
         TENANT: {r.tenant for r in TRAFFIC},
@@ -857,8 +883,8 @@ def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
 
 def test_the_operators_dashboard_opens_on_its_own_service(run: Run) -> None:
     """The dashboard the operator makes for an LLMTelemetry is titled with that resource's service and opens on it:
-    its namespace and job variables default to values their queries list (the job is the resource's name, which its
-    ServiceMonitor sets; here the scrape job plays it)."""
+    its namespace, job and scrape endpoint variables default to values their queries list (the job is the resource's
+    name, which its ServiceMonitor sets, and the endpoint its port name; here the first scrape plays it)."""
     resources = pytest.importorskip("llm_telemetry_operator.resources")
     config = pytest.importorskip("llm_telemetry_operator.config")
     spec = pytest.importorskip("llm_telemetry_operator.spec")
@@ -871,13 +897,13 @@ def test_the_operators_dashboard_opens_on_its_own_service(run: Run) -> None:
     dashboard = json.loads(text)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     chosen: dict[str, str] = {}
-    for name in ("namespace", "job"):
+    for name in ("namespace", "job", "endpoint"):
         default = variables[name]["current"]["value"]
         match = re.fullmatch(r"label_values\((.*), (\w+)\)", variables[name]["definition"])
         assert match, variables[name]["definition"]
         selector = re.sub(r"\$(\w+)", lambda m: chosen.get(m.group(1), ".*"), match.group(1))
         options = run.prom.get(f"/api/v1/label/{match.group(2)}/values", **{"match[]": selector})
-        assert default == [{"namespace": NAMESPACE, "job": JOB}[name]]
+        assert default == [{"namespace": NAMESPACE, "job": JOB, "endpoint": ENDPOINT}[name]]
         assert set(default) <= set(options), (name, default, options)
         chosen[name] = default[0]
     assert dashboard["title"] == f"LLM: {NAMESPACE}/{JOB}"

@@ -661,6 +661,7 @@ def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid
         loki_uid=loki_uid,
         namespace=_NAMESPACE_MARK,
         job=_JOB_MARK,
+        endpoint=c.METRICS_PORT_NAME,
     )
     return json.dumps(dashboard, sort_keys=True, separators=(",", ":"))
 

@@ -160,14 +160,16 @@ def test_variables_are_multi_with_all_and_cover_attribution_labels() -> None:
     dashboard = build_dashboard(attribution_labels=("tenant", "team"))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert list(variables) == [
-        "datasource", "namespace", "job", "service", "model", "llm_metadata_tenant", "llm_metadata_team"
+        "datasource", "namespace", "job", "endpoint", "service", "model", "llm_metadata_tenant", "llm_metadata_team"
     ]  # fmt: skip
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     # The trace service: one value (Jaeger searches one service), from the resource the SDK exports.
     service = variables["service"]
     assert not service["multi"] and not service["includeAll"]
-    assert service["definition"] == 'label_values(target_info{namespace=~"$namespace",job=~"$job"}, service_name)'
-    for name in ["namespace", "job", "model", "llm_metadata_tenant", "llm_metadata_team"]:
+    assert service["definition"] == (
+        'label_values(target_info{namespace=~"$namespace",job=~"$job",endpoint=~"$endpoint"}, service_name)'
+    )
+    for name in ["namespace", "job", "endpoint", "model", "llm_metadata_tenant", "llm_metadata_team"]:
         variable = variables[name]
         assert variable["multi"] and variable["includeAll"] and variable["allValue"] == ".*", name
         assert variable["datasource"]["uid"] == "${datasource}"
@@ -181,11 +183,11 @@ def test_the_dashboard_opens_on_all_or_on_the_service_named() -> None:
 
     everything = currents()
     assert everything["namespace"] == everything["job"] == everything["model"] == ["$__all"]
-    one = currents(namespace="llm", job="chat")
-    assert (one["namespace"], one["job"]) == (["llm"], ["chat"])
-    assert {k: v for k, v in one.items() if k not in ("namespace", "job")} == {
-        k: v for k, v in everything.items() if k not in ("namespace", "job")
-    }
+    assert everything["endpoint"] == ["$__all"]
+    one = currents(namespace="llm", job="chat", endpoint="llm-metrics")
+    assert (one["namespace"], one["job"], one["endpoint"]) == (["llm"], ["chat"], ["llm-metrics"])
+    scope = ("namespace", "job", "endpoint")
+    assert {k: v for k, v in one.items() if k not in scope} == {k: v for k, v in everything.items() if k not in scope}
 
 
 def test_every_query_filters_by_the_variables_that_apply() -> None:
@@ -195,7 +197,8 @@ def test_every_query_filters_by_the_variables_that_apply() -> None:
         for name, labels in metrics.items():
             base = re.sub(r"_(bucket|count|sum)$", "", name)
             spec = METRICS[base]
-            assert {"namespace", "job"} <= labels, expr
+            # The scrape endpoint too: a job scraped on two ports that both export the metrics counts twice.
+            assert {"namespace", "job", "endpoint"} <= labels, expr
             assert ("gen_ai_request_model" in labels) == ("gen_ai_request_model" in spec.labels), expr
             assert ("llm_metadata_tenant" in labels) == spec.attributed, expr
 
@@ -205,7 +208,9 @@ def test_attribution_panels_follow_the_labels() -> None:
     assert titles[-4:] == ["Top tenant by tokens", "Top tenant by cost", "Top team by tokens", "Top team by cost"]
     none = build_dashboard(attribution_labels=())
     assert "Attribution" not in [p["title"] for p in none["panels"]]
-    assert [v["name"] for v in none["templating"]["list"]] == ["datasource", "namespace", "job", "service", "model"]
+    assert [v["name"] for v in none["templating"]["list"]] == [
+        "datasource", "namespace", "job", "endpoint", "service", "model"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="attribution label"):
         build_dashboard(attribution_labels=("x-tenant-id",))
 

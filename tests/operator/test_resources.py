@@ -519,7 +519,7 @@ def test_dashboard_uids_of_look_alike_resources_differ(first: tuple[str, str], s
 
 def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> None:
     """Each resource's dashboard JSON is the cached one with its title, uid, namespace and job put in: byte for byte
-    what building and encoding it for that resource gives."""
+    what building and encoding it for that resource gives (opening on the endpoint its ServiceMonitor scrapes)."""
     from llm_telemetry.monitoring.dashboards import build_dashboard
 
     for namespace, name, attribution, logs_mode, datasources in (
@@ -540,6 +540,7 @@ def test_dashboard_from_the_cached_template_is_the_dashboard_built_afresh() -> N
             loki_uid=loki,
             namespace=namespace,
             job=name,
+            endpoint="llm-metrics",
         )
         expected = json.dumps(fresh, sort_keys=True, separators=(",", ":"))
         assert r.dashboard_json(title, uid, attribution, logs_mode, jaeger, loki, namespace, name) == expected

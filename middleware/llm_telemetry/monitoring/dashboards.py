@@ -88,7 +88,7 @@ class _Builder:
             if metric.endswith(suffix) and metric[: -len(suffix)] in METRICS:
                 base = metric[: -len(suffix)]
         spec = METRICS[base]
-        matchers = ['namespace=~"$namespace"', 'job=~"$job"']
+        matchers = ['namespace=~"$namespace"', 'job=~"$job"', 'endpoint=~"$endpoint"']
         if REQUEST_MODEL in spec.labels:
             matchers.append(f'{REQUEST_MODEL}=~"$model"')
         if spec.attributed:
@@ -376,8 +376,10 @@ def _variable(name: str, label: str, query: str, description: str, default: str 
     }
 
 
-def _templating(attribution: Sequence[str], namespace: str | None, job: str | None) -> list[dict[str, Any]]:
-    scope = 'namespace=~"$namespace",job=~"$job"'
+def _templating(
+    attribution: Sequence[str], namespace: str | None, job: str | None, endpoint: str | None
+) -> list[dict[str, Any]]:
+    scope = 'namespace=~"$namespace",job=~"$job",endpoint=~"$endpoint"'
     variables: list[dict[str, Any]] = [
         {
             "type": "datasource",
@@ -403,6 +405,17 @@ def _templating(attribution: Sequence[str], namespace: str | None, job: str | No
             f'label_values({REQUESTS}{{namespace=~"$namespace"}}, job)',
             "Prometheus job, one per scraped Service or PodMonitor.",
             job,
+        ),
+        _variable(
+            "endpoint",
+            "Scrape endpoint",
+            f'label_values({REQUESTS}{{namespace=~"$namespace",job=~"$job"}}, endpoint)',
+            (
+                "Port name of the scraped endpoint (the Prometheus Operator's endpoint label). A job scraped on two "
+                "ports that both export these metrics (the metrics port and the app's own metrics path) would "
+                "count every request twice; pick one."
+            ),
+            endpoint,
         ),
         {
             "type": "query",
@@ -458,6 +471,7 @@ def build_dashboard(
     logs_mode: str = "stdout",
     namespace: str | None = None,
     job: str | None = None,
+    endpoint: str | None = None,
 ) -> dict[str, Any]:
     """The Grafana dashboard JSON model for the metrics of :mod:`llm_telemetry.instruments`.
 
@@ -471,8 +485,9 @@ def build_dashboard(
         logs_mode: How the request-log lines reach Loki, which decides the error log panel's query (see
             :data:`ERROR_LOG_QUERIES`): ``stdout`` (a log agent ships the JSON lines; the middleware's default)
             or ``otlp`` (``OTEL_LOGS_EXPORTER=otlp`` to Loki's OTLP endpoint; the operator's default).
-        namespace, job: The namespace and job the dashboard opens on (its variables' default values; All when
-            None). The operator's dashboard for an LLMTelemetry opens on that resource's own service.
+        namespace, job, endpoint: The namespace, job and scrape endpoint (port name) the dashboard opens on (its
+            variables' default values; All when None). The operator's dashboard for an LLMTelemetry opens on that
+            resource's own service and the endpoint its ServiceMonitor scrapes, as its alerts select.
     """
     if logs_mode not in ERROR_LOG_QUERIES:
         raise ValueError(f"logs_mode {logs_mode!r}: expected one of {', '.join(LOGS_MODES)}")
@@ -735,7 +750,7 @@ def build_dashboard(
         "refresh": "30s",
         "schemaVersion": SCHEMA_VERSION,
         "tags": ["llm", "gen-ai", "llm-telemetry"],
-        "templating": {"list": _templating(b.attribution, namespace, job)},
+        "templating": {"list": _templating(b.attribution, namespace, job, endpoint)},
         "time": {"from": "now-6h", "to": "now"},
         "timepicker": {},
         "timezone": "browser",

@@ -61,8 +61,8 @@ COMPONENT: Final = label(inst.LLM_TELEMETRY_COMPONENT)
 #: Attribution labels: ``llm_metadata_<name>``.
 METADATA_PREFIX: Final = label(inst.LLM_METADATA_PREFIX)
 
-#: Labels Prometheus itself adds when scraping a pod through a ServiceMonitor or PodMonitor.
-SCRAPE_LABELS: Final = ("namespace", "job", "pod", "instance")
+#: Labels Prometheus itself adds when scraping a pod through a ServiceMonitor or PodMonitor (`endpoint`: the port name).
+SCRAPE_LABELS: Final = ("namespace", "job", "endpoint", "pod", "instance")
 
 #: Every metric the middleware exports, by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
 METRICS: Final[Mapping[str, inst.MetricSpec]] = inst.BY_PROMETHEUS_NAME
