@@ -67,7 +67,6 @@ _ARCHIVE = "archive.json"
 #: Label values admitted so far, per label, shared by the workers so the count bound is per deployment.
 _LABELS = "labels.json"
 _RUN = "run"
-_LOCK = "lock"
 #: The stem of the worker that serves the metrics port.
 _PORT = "port"
 _ALIVE = ".alive"
@@ -220,6 +219,13 @@ def _abandoned(path: str) -> bool:
     except OSError:
         return False
     return not any(_held(os.path.join(path, name)) for name in names if name.endswith((_ALIVE, _DB)))
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
 
 
 def _held(path: str) -> bool:
@@ -433,19 +439,29 @@ class SharedState:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Serialises workers joining, and merges (which may fold dead workers' files into the archive)."""
-        lock = os.path.join(self.directory, _LOCK)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:  # the directory was removed: made again (the workers put their files back)
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        """Serialises workers joining, and merges (which may fold dead workers' files into the archive).
+
+        The lock is an ``flock`` on the directory itself, not on a file in it: an age-based temp cleaner removes
+        a file nobody writes to while a worker holds its lock, and the next worker would then lock a new file of
+        the same name and be inside at once (two merges folding dead workers into the archive, one's writes lost).
+        """
+        while True:
+            try:
+                fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileNotFoundError:  # the directory was removed: made again (the workers put their files back)
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                continue
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    # Removed and made again while this waited: the lock of the directory in use is another.
+                    held, current = os.fstat(fd), _stat(self.directory)
+                    if current is None or (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
+                        continue
+                yield
+                return
+            finally:
+                os.close(fd)
 
     def _wipe_if_stale(self, token: str) -> None:
         run = os.path.join(self.directory, _RUN)

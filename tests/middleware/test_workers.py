@@ -742,7 +742,7 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
 @pytest.mark.parametrize("removal", ["tmp-cleaner", "rm-rf", "archive-after-a-death"])
 def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_path: Path, removal: str) -> None:
     """An age-based /tmp cleaner (systemd-tmpfiles, tmpreaper) removes the files that never change first: the run
-    record, the liveness files, the lock and the port claim; then a worker dies and its replacement joins. Or the
+    record, the liveness files and the port claim; then a worker dies and its replacement joins. Or the
     whole directory goes (``rm -rf``). Or the archive goes just after a replacement folded a dead worker into it.
     Nothing counted before or after is lost or counted twice, and every scrape answers: the workers put their files
     back, and a joining worker does not take live workers' state for an earlier run's."""
@@ -779,7 +779,7 @@ def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_pat
             time.sleep(3.5)
         else:
             for path in state.iterdir():
-                if path.name in ("run", "lock", "port") or path.suffix == ".alive":
+                if path.name in ("run", "port") or path.suffix == ".alive":
                     path.unlink()
             victim = min(first_workers)
             os.kill(victim, signal.SIGKILL)
@@ -812,6 +812,33 @@ def test_workers_label_values_are_counted_per_deployment(tmp_path: Path) -> None
         assert second("tool", "x") == "x"  # each label has its own allowance
     finally:
         for state in states[1:]:
+            state.close()
+
+
+def test_workers_lock_holds_while_a_temp_cleaner_removes_the_files_that_never_change(tmp_path: Path) -> None:
+    """A worker inside the directory's lock (a merge folding dead workers into the archive) keeps the others out
+    even when an age-based temp cleaner removes every file in the directory nobody writes to meanwhile."""
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    directory = tmp_path / "state"
+    states = [multiproc.SharedState(str(directory), supervisor) for _ in range(2)]
+    entered = threading.Event()
+
+    def merge_of_the_other_worker() -> None:
+        with states[1]._locked():
+            entered.set()
+
+    try:
+        with states[0]._locked():
+            for path in directory.iterdir():
+                if path.suffix != ".db":
+                    path.unlink()
+            other = threading.Thread(target=merge_of_the_other_worker, daemon=True)
+            other.start()
+            assert not entered.wait(1.5), "another worker got inside the lock while one held it"
+        assert entered.wait(10), "the lock was never released to the other worker"
+        other.join(10)
+    finally:
+        for state in states:
             state.close()
 
 
