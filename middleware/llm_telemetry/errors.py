@@ -77,18 +77,31 @@ def _status_code(value: Any) -> int | None:
     return None
 
 
+#: Error types that name only a broad family (invalid request, server fault) and which gateways put on any error:
+#: the LiteLLM proxy sends ``invalid_request_error`` with a 408, 404 or 413, and an Anthropic-shaped ``api_error``
+#: with a 408 or 422. When the response's status (or a status carried as the error's code) is known, it says more.
+_BROAD: Final = frozenset({"invalid_request_error", "api_error", "server_error", "internal_error"})
+
+
 def classify_error_body(body: dict[str, Any], status: int | None = None, default: str = "other") -> str:
     """Read an OpenAI (``{"error": {"code", "type", "message"}}``) or Anthropic
     (``{"type": "error", "error": {"type", "message"}}``) error body; fall back to the status code, then
-    ``default`` (``server_error`` for an error event inside a stream, whose HTTP status said success)."""
+    ``default`` (``server_error`` for an error event inside a stream, whose HTTP status said success).
+
+    A specific code or type wins (``context_length_exceeded``, ``rate_limit_error``), then a context-length or
+    content-filter message, then the status: the response's, or one carried as the error's ``code`` (an error event
+    inside a stream, whose response said 200). A broad type (``invalid_request_error``, ``api_error``) is used only
+    when there is no status to read."""
     error = body.get("error")
     if isinstance(error, dict):
+        broad: str | None = None
         for key in ("code", "type"):
             value = error.get(key)
             if isinstance(value, str) and value.lower() in _CODES:
-                found = _CODES[value.lower()]
-                if found != "invalid_request":
-                    return found
+                if value.lower() in _BROAD:
+                    broad = broad or _CODES[value.lower()]
+                    continue
+                return _CODES[value.lower()]
         message = error.get("message")
         if isinstance(message, str):
             lowered = message.lower()
@@ -96,13 +109,12 @@ def classify_error_body(body: dict[str, Any], status: int | None = None, default
                 return "context_length"
             if _CONTENT_FILTER_HINT.search(lowered) is not None:
                 return "content_filter"
-        for key in ("code", "type"):
-            value = error.get(key)
-            if isinstance(value, str) and _CODES.get(value.lower()) == "invalid_request":
-                return "invalid_request" if status is None or status < 500 else "server_error"
-        carried = _status_code(error.get("code"))
-        if carried is not None:
-            return classify_status(carried) or default
+        if status is None or status < 400:
+            status = _status_code(error.get("code"))
+        if status is not None:
+            return classify_status(status) or default
+        if broad is not None:
+            return broad
     if status is not None:
         return classify_status(status) or default
     return default

@@ -217,6 +217,20 @@ def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
         ({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, 529, "server_error"),
         ({"detail": "Not Found"}, 404, "not_found"),
         ({"detail": "?"}, 418, "invalid_request"),
+        # The LiteLLM proxy puts a broad type on any error, with the status as it answered: the status decides.
+        ({"error": {"message": "litellm.Timeout: Request timed out", "type": "invalid_request_error", "param": None,
+                    "code": "408"}}, 408, "timeout"),
+        ({"error": {"message": "litellm.NotFoundError: x", "type": "invalid_request_error", "param": None,
+                    "code": "404"}}, 404, "not_found"),
+        ({"error": {"message": "x", "type": "invalid_request_error", "param": None, "code": "413"}}, 413,
+         "context_length"),
+        ({"type": "error", "error": {"type": "api_error", "message": "litellm.Timeout: x"}}, 504, "timeout"),
+        ({"type": "error", "error": {"type": "api_error", "message": "x"}}, 422, "invalid_request"),
+        ({"type": "error", "error": {"type": "api_error", "message": "x"}}, 500, "server_error"),
+        ({"error": {"type": "invalid_request_error", "message": "x"}}, 500, "server_error"),
+        # An error event in a stream that answered 200: the status carried as the code, else the type.
+        ({"error": {"type": "invalid_request_error", "message": "x", "code": "408"}}, 200, "timeout"),
+        ({"error": {"type": "invalid_request_error", "message": "x"}}, 200, "invalid_request"),
     ],
 )  # fmt: skip
 def test_error_bodies_map_to_the_fixed_error_types(body: dict[str, Any], status: int, expected: str) -> None:

@@ -17,6 +17,7 @@ neither makes these tests skip and say so.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -60,13 +61,18 @@ pytestmark = [
     pytest.mark.skipif(PYTHON is None, reason="litellm[proxy] is not installed (scripts/get-litellm installs it)"),
 ]
 MASTER_KEY = "sk-test-" + "7c1e" * 8
+#: Seconds LiteLLM waits for the upstream of the models named "...-timeout".
+UPSTREAM_TIMEOUT = 1
 
 
 async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """An OpenAI-compatible upstream: "throttle" in the prompt gets a 429, anything else a stream that breaks."""
+    """An OpenAI-compatible upstream: "throttle" in the prompt gets a 429, "dawdle" no answer within LiteLLM's
+    timeout, anything else a stream that breaks."""
     if scope["type"] != "http":
         return
     body = await request_body(receive)
+    if b"dawdle" in body:
+        await asyncio.sleep(UPSTREAM_TIMEOUT * 3)
     if b"throttle" in body:
         error = {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
         await send({"type": "http.response.start", "status": 429, "headers": [(b"content-type", b"application/json")]})
@@ -81,10 +87,10 @@ async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     raise RuntimeError("the upstream connection drops mid-stream")
 
 
-def chat(base: str, prompt: str) -> tuple[int, bytes]:
+def chat(base: str, prompt: str, model: str = "up") -> tuple[int, bytes]:
     request = urllib.request.Request(
         f"{base}/v1/chat/completions",
-        data=json.dumps({"model": "up", "stream": True, "messages": [{"role": "user", "content": prompt}]}).encode(),
+        data=json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": prompt}]}).encode(),
         headers={"content-type": "application/json", "authorization": f"Bearer {MASTER_KEY}"},
     )
     try:
@@ -106,6 +112,13 @@ def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int
         # demo lacks, and to an OpenAI-compatible server's (vLLM's) chat completions.
         "  - model_name: up-messages\n    litellm_params:\n      model: hosted_vllm/up\n"
         f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+        # The same two, with a timeout for the upstream's answer.
+        "  - model_name: up-timeout\n    litellm_params:\n      model: openai/up\n"
+        f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+        f"      timeout: {UPSTREAM_TIMEOUT}\n      stream_timeout: {UPSTREAM_TIMEOUT}\n"
+        "  - model_name: up-messages-timeout\n    litellm_params:\n      model: hosted_vllm/up\n"
+        f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
+        f"      timeout: {UPSTREAM_TIMEOUT}\n      stream_timeout: {UPSTREAM_TIMEOUT}\n"
         "litellm_settings:\n  num_retries: 0\n"
     )
     port, metrics_port = free_port(), free_port()
@@ -168,6 +181,28 @@ def test_hostile_litellm_proxy_errors_are_classified(tmp_path: Path) -> None:
         assert metrics.value("llm_errors_total", error_type="rate_limit") == 1
         assert metrics.value("llm_errors_total", error_type="other") == 0
         assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+def test_litellm_proxy_timeouts_are_recorded_as_timeouts(tmp_path: Path) -> None:
+    """LiteLLM answers an upstream that does not answer in time with a 408 and a broad error type on both routes
+    (``invalid_request_error`` on its OpenAI one, ``api_error`` on its Anthropic one): the status says timeout."""
+    with serve(upstream) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        status, body = chat(base, "dawdle", model="up-timeout")
+        assert status == 408, body
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"  # the broad type, as documented above
+
+        client = anthropic.Anthropic(base_url=base, api_key=MASTER_KEY, max_retries=0, timeout=60)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            client.messages.create(
+                model="up-messages-timeout", max_tokens=16, messages=[{"role": "user", "content": "dawdle"}]
+            )
+        assert raised.value.status_code == 408, raised.value.body
+        assert raised.value.body["error"]["type"] == "api_error"
+
+        metrics = settled(metrics_port, 1, model="up-messages-timeout")
+        assert metrics.value("llm_errors_total", error_type="timeout", gen_ai_request_model="up-timeout") == 1
+        assert metrics.value("llm_errors_total", error_type="timeout", gen_ai_request_model="up-messages-timeout") == 1
+        assert metrics.value("llm_errors_total") == 2
 
 
 def test_litellm_proxy_traffic_is_measured_as_its_clients_see_it(tmp_path: Path) -> None:
