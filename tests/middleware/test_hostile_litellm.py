@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,9 +102,11 @@ def chat(base: str, prompt: str, model: str = "up") -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int]]:
-    """The LiteLLM proxy, wrapped in the middleware, fronting ``upstream_base`` as model "up": (base URL, metrics
-    port)."""
+def litellm_proxy(
+    tmp_path: Path, upstream_base: str, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
+    """The LiteLLM proxy, wrapped in the middleware, fronting ``upstream_base`` as model "up" (and as an Anthropic
+    upstream, "claude-up"): (base URL, metrics port)."""
     config = tmp_path / "litellm.yaml"
     config.write_text(
         "model_list:\n  - model_name: up\n    litellm_params:\n      model: openai/up\n"
@@ -119,6 +122,8 @@ def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int
         "  - model_name: up-messages-timeout\n    litellm_params:\n      model: hosted_vllm/up\n"
         f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
         f"      timeout: {UPSTREAM_TIMEOUT}\n      stream_timeout: {UPSTREAM_TIMEOUT}\n"
+        "  - model_name: claude-up\n    litellm_params:\n      model: anthropic/claude-up\n"
+        f"      api_base: {upstream_base}\n      api_key: sk-ant-upstream\n      max_retries: 0\n"
         "litellm_settings:\n  num_retries: 0\n"
     )
     port, metrics_port = free_port(), free_port()
@@ -133,6 +138,7 @@ def litellm_proxy(tmp_path: Path, upstream_base: str) -> Iterator[tuple[str, int
         LLM_TELEMETRY_REQUEST_LOGS="false",
         PYTHONPATH=os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
     )
+    env.update(extra_env or {})
     log = (tmp_path / "proxy.log").open("wb")
     proxy = subprocess.Popen(
         [str(PYTHON), str(REPO / "tests" / "apps" / "litellm_proxy.py")], env=env, stdout=log, stderr=log
@@ -203,6 +209,74 @@ def test_litellm_proxy_timeouts_are_recorded_as_timeouts(tmp_path: Path) -> None
         assert metrics.value("llm_errors_total", error_type="timeout", gen_ai_request_model="up-timeout") == 1
         assert metrics.value("llm_errors_total", error_type="timeout", gen_ai_request_model="up-messages-timeout") == 1
         assert metrics.value("llm_errors_total") == 2
+
+
+#: What the Anthropic upstream below reports for every call: fresh input, cache reads, cache writes, output.
+CACHED_USAGE = {"input_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2, "output_tokens": 7}
+
+
+async def anthropic_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An Anthropic Messages API upstream whose every answer reads from and writes to the prompt cache."""
+    if scope["type"] != "http":
+        return
+    raw = await request_body(receive)
+    body = json.loads(raw) if raw else {}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up", "stop_sequence": None}
+    if not body.get("stream"):
+        answer = {**message, "content": [{"type": "text", "text": "Sunny."}], "stop_reason": "end_turn",
+                  "usage": CACHED_USAGE}  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+        return
+    events = [
+        ("message_start", {"message": {**message, "content": [], "stop_reason": None,
+                                       "usage": {**CACHED_USAGE, "output_tokens": 1}}}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Sunny."}}),
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": CACHED_USAGE["output_tokens"]}}),
+        ("message_stop", {}),
+    ]  # fmt: skip
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for name, data in events:
+        event = f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_litellm_openai_clients_of_a_caching_provider_have_its_cache_writes_counted_and_priced(
+    tmp_path: Path,
+) -> None:
+    """OpenAI SDK clients of the gateway, in front of a provider that bills prompt-cache writes (Anthropic): LiteLLM
+    reports the writes in OpenAI-shaped usage (``prompt_tokens_details.cache_creation_tokens``, the Responses API's
+    ``input_tokens_details.cache_write_tokens``). They are counted as cache_creation and priced at its price, as the
+    same call on the gateway's Anthropic route is."""
+    pricing = tmp_path / "pricing.yaml"
+    pricing.write_text("models:\n  claude-up: {input: 3.0, output: 15.0, cache_read: 0.3, cache_creation: 3.75}\n")
+    env = {"LLM_TELEMETRY_PRICING": str(pricing)}
+    with serve(anthropic_upstream) as upstream_base, litellm_proxy(tmp_path, upstream_base, env) as (base, port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+        usages = [client.chat.completions.create(model="claude-up", messages=messages).usage]
+        stream = client.chat.completions.create(
+            model="claude-up", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        usages += [chunk.usage for chunk in stream if chunk.usage]
+        usages.append(client.responses.create(model="claude-up", input="What is the weather in Paris?").usage)
+        anthropic.Anthropic(base_url=base, api_key=MASTER_KEY, max_retries=0).messages.create(
+            model="claude-up", max_tokens=16, messages=messages
+        )
+        metrics = settled(port, 4, model="claude-up")
+    assert len(usages) == 3 and all(usages)
+    calls = 4
+    detail = {"gen_ai_request_model": "claude-up", "gen_ai_token_type": "input"}
+    assert metrics.value("llm_token_details_total", llm_token_detail="cache_creation", **detail) == 2 * calls
+    assert metrics.value("llm_token_details_total", llm_token_detail="cache_read", **detail) == 3 * calls
+    assert metrics.value("llm_tokens_total", **detail) == 10 * calls
+    one = (5 * 3.0 + 3 * 0.3 + 2 * 3.75 + 7 * 15.0) / 1_000_000
+    assert math.isclose(metrics.value("llm_cost_usd_total", gen_ai_request_model="claude-up"), one * calls)
+    assert metrics.value("llm_errors_total") == 0
 
 
 def test_litellm_proxy_traffic_is_measured_as_its_clients_see_it(tmp_path: Path) -> None:
