@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llm_telemetry.monitoring.rules import (
     DEFAULT_RUNBOOK_URL,
@@ -212,6 +214,37 @@ def test_burn_rate_alerts_use_both_windows_of_each_pair() -> None:
     assert "llm:slo_availability:ratio_rate3d > (1 * (1 - 0.999))" in slow
     assert alerts["LLMAvailabilityBurnRateFast"]["labels"]["severity"] == "critical"
     assert alerts["LLMAvailabilityBurnRateSlow"]["labels"]["severity"] == "warning"
+
+
+@given(
+    objective=st.floats(min_value=0.5, max_value=1, exclude_max=True),
+    ratio=st.floats(min_value=1e-9, max_value=1),
+    cost=st.floats(min_value=1e-6, max_value=1e12),
+)
+def test_thresholds_are_written_as_the_numbers_given(objective: float, ratio: float, cost: float) -> None:
+    """Each threshold reads back as the float configured: six significant digits turned an objective of 0.9999999
+    into 1 (a budget of 0: the burn-rate alerts fired on any error), an error ratio of 0.9999995 into 1 (never
+    fires), and a budget of 1234567.8 USD into 1.23457e+06."""
+    alerts = _alerts(
+        build_rule_groups(
+            AlertThresholds(
+                availability_objective=objective,
+                ttft_objective=objective,
+                error_ratio=ratio,
+                tool_failure_ratio=ratio,
+                cost_per_hour_usd=cost,
+            )
+        )
+    )
+    for name in ("LLMAvailabilityBurnRateFast", "LLMTimeToFirstTokenBurnRateSlow"):
+        written = re.findall(r"\(1 - ([^)]+)\)\)", alerts[name]["expr"])
+        assert written and all(float(number) == objective for number in written), (name, written)
+    for name, value in (
+        ("LLMHighErrorRatio", ratio),
+        ("LLMHighToolFailureRatio", ratio),
+        ("LLMCostBudgetExceeded", cost),
+    ):
+        assert float(alerts[name]["expr"].rsplit(" > ", 1)[1]) == value, name
 
 
 def test_prometheus_rule_object_validates_against_the_operator_schema() -> None:

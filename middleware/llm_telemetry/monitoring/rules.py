@@ -180,7 +180,7 @@ def _rounded_note(thresholds: AlertThresholds, name: str) -> str:
     bound = thresholds.alert_bound(name)
     if bound == getattr(thresholds, name):
         return ""
-    return f" ({getattr(thresholds, name):g}s, rounded up to the histogram's next bucket boundary)"
+    return f" ({_exact(getattr(thresholds, name))}s, rounded up to the histogram's next bucket boundary)"
 
 
 # --- PromQL helpers -------------------------------------------------------------------------------
@@ -255,6 +255,13 @@ def _fmt(number: float) -> str:
     return f"{number:g}" if abs(number) >= 1e-4 else repr(number)
 
 
+def _exact(number: float) -> str:
+    """A threshold as written into a rule: the shortest text that reads back as the same float (``:g`` keeps six
+    digits, which makes an objective of 0.9999999 read 1, a budget of 0, and the burn-rate alerts fire on any error)."""
+    text = repr(float(number))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _record(name: str, expr: str) -> dict[str, Any]:
     return {"record": name, "expr": expr}
 
@@ -320,7 +327,7 @@ def _burn_alerts(
         for sev, long_w, short_w, factor in BURN_RATE_WINDOWS:
             if sev != severity:
                 continue
-            threshold = f"({factor:g} * (1 - {objective:g}))"
+            threshold = f"({factor:g} * (1 - {_exact(objective)}))"
             clauses.append(
                 f"(\n  {series(f'llm:slo_{slo}:ratio_rate{long_w}', own)} > {threshold}\n"
                 f"  and\n  {series(f'llm:slo_{slo}:ratio_rate{short_w}', own)} > {threshold}\n)"
@@ -339,7 +346,7 @@ def _burn_alerts(
                 summary=f"{{{{ $labels.namespace }}}}/{{{{ $labels.job }}}} is spending its {slo} error budget "
                 + ("fast" if speed == "Fast" else "steadily"),
                 description=(
-                    f"{what} Objective {objective:g} ({_fmt(budget * 100)}% budget); burn rate above {windows}. "
+                    f"{what} Objective {_exact(objective)} ({_fmt(budget * 100)}% budget); burn rate above {windows}. "
                     "Ratio over the long window: {{ $value | humanizePercentage }}."
                 ),
                 runbook_url=runbook_url,
@@ -439,7 +446,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighErrorRatio",
-            f"{series('llm:llm_errors:ratio_rate5m', own)} > {t.error_ratio:g}",
+            f"{series('llm:llm_errors:ratio_rate5m', own)} > {_exact(t.error_ratio)}",
             severity="warning",
             for_="5m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
@@ -472,7 +479,7 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighToolFailureRatio",
-            f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {t.tool_failure_ratio:g}",
+            f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {_exact(t.tool_failure_ratio)}",
             severity="warning",
             for_="10m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of tool "
@@ -484,16 +491,17 @@ def build_rule_groups(
         _alert(
             "LLMTokenRateAnomaly",
             f"sum by ({BY}) ({series('llm:llm_tokens:rate5m', own)})\n"
-            f"  > {t.token_rate_spike_factor:g} * ({series('llm:llm_tokens:rate1h', own)} offset 15m)\n"
-            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {t.token_rate_floor_per_second:g}\n"
+            f"  > {_exact(t.token_rate_spike_factor)} * ({series('llm:llm_tokens:rate1h', own)} offset 15m)\n"
+            f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)}) > {_exact(t.token_rate_floor_per_second)}\n"
             # A baseline of a whole hour: the service had traffic 75 minutes ago (else the hourly rate 15 minutes
             # ago spans a few minutes of smoke tests, and real traffic starting reads as a spike).
             f"and\nsum by ({BY}) ({series('llm:llm_tokens:rate5m', own)} offset 75m) > 0",
             severity="warning",
             for_="10m",
-            summary=f"{service} is using tokens {t.token_rate_spike_factor:g}x faster than in the hour before",
-            description=f"Token rate {{{{ $value | humanize }}}}/s exceeds {t.token_rate_spike_factor:g} times the "
-            f"hourly average measured 15 minutes earlier (and the floor of {t.token_rate_floor_per_second:g}/s).",
+            summary=f"{service} is using tokens {_exact(t.token_rate_spike_factor)}x faster than in the hour before",
+            description=f"Token rate {{{{ $value | humanize }}}}/s exceeds {_exact(t.token_rate_spike_factor)} times "
+            "the hourly average measured 15 minutes earlier "
+            f"(and the floor of {_exact(t.token_rate_floor_per_second)}/s).",
             runbook_url=runbook_url,
         ),
         _alert(
@@ -536,11 +544,12 @@ def build_rule_groups(
         alerts.append(
             _alert(
                 "LLMCostBudgetExceeded",
-                f"{series('llm:llm_cost_usd:rate1h', own)} * 3600 > {t.cost_per_hour_usd:g}",
+                f"{series('llm:llm_cost_usd:rate1h', own)} * 3600 > {_exact(t.cost_per_hour_usd)}",
                 severity="warning",
                 for_="5m",
                 summary=f'{service} spends {{{{ $value | printf "%.2f" }}}} USD per hour',
-                description=f"Spend over the last hour is above the budget of {t.cost_per_hour_usd:g} USD per hour.",
+                description="Spend over the last hour is above the budget of "
+                f"{_exact(t.cost_per_hour_usd)} USD per hour.",
                 runbook_url=runbook_url,
             )
         )
@@ -556,7 +565,7 @@ def build_rule_groups(
         "ttft",
         "LLMTimeToFirstToken",
         t.ttft_objective,
-        f"Streamed responses are taking more than {t.ttft_objective_seconds:g}s to their first token.",
+        f"Streamed responses are taking more than {_exact(t.ttft_objective_seconds)}s to their first token.",
         runbook_url,
         own,
     )
