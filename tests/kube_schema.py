@@ -431,13 +431,44 @@ def cel_violations(schema: Mapping[str, Any], value: Any, path: str = "") -> lis
     return found
 
 
+def go_pattern(pattern: str) -> str:
+    """A schema ``pattern`` as the API server reads it (Go's RE2), for Python's ``re``: there ``$`` outside a
+    character class is the very end of the text, where Python's also matches before a final newline (so
+    ``^[0-9]+s$`` would take ``"30s\\n"``, which the API server refuses)."""
+    out: list[str] = []
+    escaped = in_class = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "$":
+            out.append(r"\Z")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]) -> Iterator[Any]:
+    if validator.is_type(instance, "string") and not re.search(go_pattern(pattern), instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+#: Draft 4, as the API server validates a custom resource, with its patterns read as Go reads them.
+_CRDValidator = jsonschema.validators.extend(jsonschema.Draft4Validator, {"pattern": _pattern})
+
+
 def validate_object(crd: Mapping[str, Any], obj: Mapping[str, Any]) -> list[str]:
     """What the API server would refuse in ``obj`` (an object of ``crd``'s kind): schema errors, then CEL rules."""
     version = obj["apiVersion"].split("/")[-1]
     schema = dict(versions(crd))[version]
     errors = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
-        for error in jsonschema.Draft4Validator(schema).iter_errors(obj)
+        for error in _CRDValidator(schema).iter_errors(obj)
     ]
     return errors or cel_violations(schema, prune_object(schema, obj))
 

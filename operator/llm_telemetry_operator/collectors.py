@@ -39,7 +39,7 @@ CACHE_SECONDS = 30.0
 def service_of(endpoint: str) -> tuple[str, str] | None:
     """The (namespace, name) of the Service an endpoint names, or None when it does not name one."""
     host = (urlsplit(endpoint).hostname or "").lower()
-    match = _SERVICE_HOST.match(host)
+    match = _SERVICE_HOST.fullmatch(host)
     if match is None:
         return None
     if match.group("svc") or endpoint.rstrip("/") in (DEFAULT_TRACES_ENDPOINT, DEFAULT_LOGS_ENDPOINT):

@@ -148,12 +148,12 @@ class OperatorConfig:
 
         namespaces = tuple(ns.strip() for ns in get(LLM_TELEMETRY_OPERATOR_NAMESPACES, "").split(",") if ns.strip())
         for ns in namespaces:
-            if not _DNS_LABEL.match(ns) or len(ns) > 63:
+            if not _DNS_LABEL.fullmatch(ns) or len(ns) > 63:
                 raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_NAMESPACES}: {ns!r} is not a namespace name")
         traces = get(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, DEFAULT_TRACES_ENDPOINT) or DEFAULT_TRACES_ENDPOINT
         logs = get(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, DEFAULT_LOGS_ENDPOINT) or DEFAULT_LOGS_ENDPOINT
-        _check_url(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, traces)
-        _check_url(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, logs)
+        traces = _otlp_base(LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT, traces, "traces")
+        logs = _otlp_base(LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT, logs, "logs")
         logs_tenant = get(LLM_TELEMETRY_OPERATOR_LOGS_TENANT, "")
         if logs_tenant and (problem := loki_tenant_problem(logs_tenant)):
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_LOGS_TENANT}={logs_tenant!r}: {problem}")
@@ -171,7 +171,7 @@ class OperatorConfig:
             (LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID, DEFAULT_LOKI_DATASOURCE_UID),
         ):
             uids[name] = get(name, default) or default
-            if not _GRAFANA_UID.match(uids[name]):
+            if not _GRAFANA_UID.fullmatch(uids[name]):
                 raise ConfigurationError(
                     f"{name}={uids[name]!r}: a Grafana uid is 1 to 40 letters, digits, '-' and '_'"
                 )
@@ -181,7 +181,7 @@ class OperatorConfig:
                 f"{LLM_TELEMETRY_OPERATOR_RUNBOOK_URL}={runbook_url!r}: expected a URL without spaces or a fragment"
             )
         peering = get(LLM_TELEMETRY_OPERATOR_PEERING, DEFAULT_PEERING)
-        if not _DNS_LABEL.match(peering):
+        if not _DNS_LABEL.fullmatch(peering):
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_PEERING}: {peering!r} is not a valid object name")
         priority_text = get(LLM_TELEMETRY_OPERATOR_PRIORITY, DEFAULT_PRIORITY) or DEFAULT_PRIORITY
         if priority_text.lower() == "auto":
@@ -258,3 +258,13 @@ def _check_url(name: str, value: str) -> None:
         raise ConfigurationError(f"{name}={value!r}: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(f"{name}={value!r}: expected an http(s) URL")
+
+
+def _otlp_base(name: str, value: str, signal: str) -> str:
+    """An OTLP endpoint's base URL, to which the exporter adds ``/v1/<signal>`` (given with it, it loses it)."""
+    _check_url(name, value)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ConfigurationError(f"{name}={value!r}: must have no query or fragment (the exporter adds a path)")
+    value = value.rstrip("/")
+    return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value

@@ -1,4 +1,7 @@
-"""Kubernetes label syntax, checked where the operator accepts labels: its settings and ``spec.selector``."""
+"""Kubernetes label syntax, checked where the operator accepts labels: its settings and ``spec.selector``.
+
+Whole strings only (``fullmatch``): ``$`` also matches before a final newline, which YAML's ``key: |`` gives a value,
+and the API server refuses such a label on every write of the child that carries it."""
 
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ _PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0
 def is_label_key(key: str) -> bool:
     """``[prefix/]name``, as the API server accepts it."""
     prefix, slash, name = key.rpartition("/")
-    if slash and not (prefix and len(prefix) <= 253 and _PREFIX.match(prefix)):
+    if slash and not (prefix and len(prefix) <= 253 and _PREFIX.fullmatch(prefix)):
         return False
-    return bool(_NAME.match(name))
+    return bool(_NAME.fullmatch(name))
 
 
 def is_label_value(value: str) -> bool:
     """Empty, or a name of at most 63 characters."""
-    return value == "" or bool(_NAME.match(value))
+    return value == "" or bool(_NAME.fullmatch(value))

@@ -32,6 +32,9 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 MAX_SCRAPE_INTERVAL_SECONDS = 75
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
+#: An object name (DNS subdomain) and a ConfigMap key, as the API server checks them.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 #: A Loki tenant id (X-Scope-OrgID): Loki's own rule, less '|', which separates tenants in a query.
 _LOKI_TENANT = re.compile(r"[A-Za-z0-9!._*'()-]{1,150}")
 #: One folder name, as the CRD has it: Grafana's dashboard sidecar joins the annotation to its own directory (an
@@ -259,7 +262,9 @@ def _choice(section: Mapping[str, Any], key: str, path: str, default: str, choic
     return str(value)
 
 
-def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
+def _url(section: Mapping[str, Any], key: str, path: str, signal: str) -> str | None:
+    """An OTLP endpoint's base URL, to which the exporter adds ``/v1/<signal>``: one given with that path already
+    (the signal's own URL, as collectors document it) loses it, or the path would be sent twice."""
     value = section.get(key)
     if value is None or value == "":
         return None
@@ -274,7 +279,10 @@ def _url(section: Mapping[str, Any], key: str, path: str) -> str | None:
         raise SpecError(path, f"is not a valid URL ({exc}): {value!r}") from None
     if not host:
         raise SpecError(path, f"has no host: {value!r}")
-    return value.rstrip("/")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise SpecError(path, f"must have no query or fragment (the exporter adds a path after it): {value!r}")
+    value = value.rstrip("/")
+    return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value
 
 
 #: The labels the operator puts on every child (it finds them by these): not for spec.metrics.labels to set.
@@ -326,7 +334,7 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
 
 def _metrics(raw: Mapping[str, Any]) -> Metrics:
     interval = _given(raw, "interval", "30s")
-    if not isinstance(interval, str) or not _DURATION.match(interval):
+    if not isinstance(interval, str) or not _DURATION.fullmatch(interval):
         raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
     seconds = int(interval.rstrip("msh")) * _DURATION_UNITS[interval.lstrip("0123456789")]
     if not 0 < seconds <= MAX_SCRAPE_INTERVAL_SECONDS:
@@ -354,7 +362,7 @@ def _tracing(raw: Mapping[str, Any]) -> Tracing:
     assert ratio is not None
     return Tracing(
         enabled=_bool(raw, "enabled", "spec.tracing.enabled", True),
-        endpoint=_url(raw, "endpoint", "spec.tracing.endpoint"),
+        endpoint=_url(raw, "endpoint", "spec.tracing.endpoint", "traces"),
         protocol=_choice(raw, "protocol", "spec.tracing.protocol", "http/protobuf", PROTOCOLS),
         sampling_ratio=ratio,
     )
@@ -364,7 +372,7 @@ def _logs(raw: Mapping[str, Any]) -> Logs:
     return Logs(
         enabled=_bool(raw, "enabled", "spec.logs.enabled", True),
         mode=_choice(raw, "mode", "spec.logs.mode", "otlp", LOG_MODES),
-        endpoint=_url(raw, "endpoint", "spec.logs.endpoint"),
+        endpoint=_url(raw, "endpoint", "spec.logs.endpoint", "logs"),
         tenant=_tenant(raw.get("tenant"), "spec.logs.tenant"),
     )
 
@@ -412,9 +420,13 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
     if ref is not None:
         if not isinstance(ref, Mapping) or not isinstance(ref.get("name"), str) or not ref["name"]:
             raise SpecError("spec.pricing.configMapRef.name", "is required")
+        if len(ref["name"]) > 253 or not _DNS_SUBDOMAIN.fullmatch(ref["name"]):
+            raise SpecError("spec.pricing.configMapRef.name", f"{ref['name']!r} is not a ConfigMap name")
         key = ref.get("key", "pricing.yaml")
-        if not isinstance(key, str) or not key:
-            raise SpecError("spec.pricing.configMapRef.key", "must be a non-empty string")
+        if not isinstance(key, str) or len(key) > 253 or not _CONFIGMAP_KEY.fullmatch(key) or key in (".", ".."):
+            raise SpecError(
+                "spec.pricing.configMapRef.key", f"must be a ConfigMap key (letters, digits, - _ .), got {key!r}"
+            )
         return Pricing(config_map=ref["name"], config_map_key=key)
     return Pricing(models=models)
 
@@ -425,9 +437,9 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
         raise SpecError("spec.attribution.headers", f"has {len(headers)} headers; at most {MAX_ATTRIBUTION_HEADERS}")
     result: dict[str, str] = {}
     for header, label in headers.items():
-        if not _HEADER.match(header):
+        if not _HEADER.fullmatch(header):
             raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
-        if not _ATTRIBUTION_LABEL.match(label) or len(label) > 63:
+        if not _ATTRIBUTION_LABEL.fullmatch(label) or len(label) > 63:
             raise SpecError(
                 f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]* (63 at most)"
             )

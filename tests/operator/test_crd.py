@@ -156,10 +156,17 @@ def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
 ACCEPTED = [("dashboard", "folder", v) for v in ("LLM", "Team ML", "Équipe IA", "v1.2", "x" * 63)] + [
     ("logs", "tenant", v) for v in ("team-a", "fake", "acme_prod.eu", "a!*'()", "", "t" * 150)
 ]
-REFUSED = [
-    ("dashboard", "folder", v)
-    for v in ("/etc/grafana/provisioning", "../other-team", "Team/ML", "..", ".", "a\\b", "x" * 64)
-] + [("logs", "tenant", v) for v in ("team a", "a|b", "..", ".", "t" * 151, "a,b", "a=b")]
+REFUSED = (
+    [
+        ("dashboard", "folder", v)
+        for v in ("/etc/grafana/provisioning", "../other-team", "Team/ML", "..", ".", "a\\b", "x" * 64)
+    ]
+    + [("logs", "tenant", v) for v in ("team a", "a|b", "..", ".", "t" * 151, "a,b", "a=b", "team-a\n")]
+    + [
+        # A final newline (YAML's `key: |`), which the API server's patterns refuse: Go's `$` is the end of the text.
+        ("metrics", "interval", "30s\n"),
+    ]
+)
 
 
 def _with(section: str, field: str, value: str) -> dict[str, Any]:

@@ -92,8 +92,20 @@ def test_config_auto_priority_differs_between_pods() -> None:
         ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/runbooks#top"),
         ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", "team a"),
         ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", ".."),
+        ("LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT", "http://loki:3100/otlp?org=a"),
     ],
 )
 def test_config_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigurationError, match=f"^{name}"):
         OperatorConfig.from_env({name: value})
+
+
+def test_config_otlp_endpoints_given_with_the_signals_path_lose_it() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger.observability:4318/v1/traces",
+            "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT": "http://loki-gateway.observability/otlp/v1/logs/",
+        }
+    )
+    assert config.traces_endpoint == "http://jaeger.observability:4318"
+    assert config.logs_endpoint == "http://loki-gateway.observability/otlp"

@@ -110,6 +110,24 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"metrics": {"interval": "0s"}}, "spec.metrics.interval"),
         ({"alerts": {"p95RequestDurationSeconds": 600}}, "spec.alerts.p95RequestDurationSeconds"),
         ({"dashboard": {"folder": ""}}, "spec.dashboard.folder"),
+        # A final newline, which YAML's `key: |` gives a value, and which the API server refuses in a label: not
+        # passed on to a child that would be refused on every write, nor to a selector the server reads without it.
+        ({"metrics": {"labels": {"release": "kube-prometheus-stack\n"}}}, "spec.metrics.labels.release"),
+        ({"metrics": {"labels": {"release\n": "kps"}}}, "spec.metrics.labels"),
+        ({"selector": {"matchLabels": {"app": "chat\n"}}}, "spec.selector.matchLabels.app"),
+        (
+            {"selector": {"matchExpressions": [{"key": "app\n", "operator": "Exists"}]}},
+            "spec.selector.matchExpressions[0].key",
+        ),
+        (
+            {"attribution": {"headers": {"X-Tenant": "tenant", "x-tenant\n": "team"}}},
+            "spec.attribution.headers.x-tenant\n",
+        ),
+        ({"metrics": {"interval": "30s\n"}}, "spec.metrics.interval"),
+        ({"pricing": {"configMapRef": {"name": "prices-50%"}}}, "spec.pricing.configMapRef.name"),
+        ({"pricing": {"configMapRef": {"name": "../prices"}}}, "spec.pricing.configMapRef.name"),
+        ({"pricing": {"configMapRef": {"name": "prices", "key": "a/b"}}}, "spec.pricing.configMapRef.key"),
+        ({"logs": {"endpoint": "http://loki:3100/otlp?tenant=a"}}, "spec.logs.endpoint"),
     ],
 )
 def test_spec_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
@@ -118,6 +136,24 @@ def test_spec_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
         parse_spec(raw)
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("http://jaeger:4318", "http://jaeger:4318"),
+        ("http://jaeger:4318/", "http://jaeger:4318"),
+        ("http://jaeger:4318/v1/traces", "http://jaeger:4318"),
+        ("https://gateway.example/otel/v1/traces/", "https://gateway.example/otel"),
+    ],
+)
+def test_otlp_endpoints_given_with_the_signals_path_lose_it(given: str, base: str) -> None:
+    """The exporter adds /v1/traces (and the operator /v1/logs) to the base: the signal's own URL, as collectors
+    document it, would otherwise be sent to with the path twice."""
+    spec = parse_spec({"selector": SELECTOR, "tracing": {"endpoint": given}, "logs": {"endpoint": f"{given}/otlp"}})
+    assert spec.tracing.endpoint == base
+    logs = parse_spec({"selector": SELECTOR, "logs": {"endpoint": given.replace("traces", "logs")}}).logs.endpoint
+    assert logs == base
 
 
 def test_spec_selector_accepts_prefixed_keys_and_empty_values() -> None:

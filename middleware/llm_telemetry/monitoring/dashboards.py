@@ -492,7 +492,7 @@ def build_dashboard(
     if logs_mode not in ERROR_LOG_QUERIES:
         raise ValueError(f"logs_mode {logs_mode!r}: expected one of {', '.join(LOGS_MODES)}")
     for name in attribution_labels:
-        if not _ATTRIBUTION_LABEL.match(name):
+        if not _ATTRIBUTION_LABEL.fullmatch(name):
             raise ValueError(f"attribution label {name!r}: expected a Prometheus label name suffix such as 'tenant'")
     b = _Builder(attribution_labels, jaeger_uid, loki_uid)
     model_legend = f"{{{{{REQUEST_MODEL}}}}}"
