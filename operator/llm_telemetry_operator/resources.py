@@ -15,13 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from llm_telemetry import config as mw
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import SpecError
-from llm_telemetry_operator.spec import TelemetrySpec
+from llm_telemetry_operator.spec import TelemetrySpec, pricing_document
 
 # Downward-API variables that OTEL_RESOURCE_ATTRIBUTES refers to with $(VAR); they must come first.
 ENV_POD_NAMESPACE = "K8S_NAMESPACE_NAME"
@@ -718,8 +716,7 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
 
 def build_pricing_document(spec: TelemetrySpec) -> str:
     """The inline pricing table as the YAML file the middleware reads (``LLM_TELEMETRY_PRICING``)."""
-    models = {model: dict(prices) for model, prices in sorted(spec.pricing.models.items())}
-    return yaml.safe_dump({"models": models}, sort_keys=True)
+    return pricing_document(spec.pricing.models)
 
 
 def build_pricing_configmap(owner: Mapping[str, Any], spec: TelemetrySpec) -> dict[str, Any]:

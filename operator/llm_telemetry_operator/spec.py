@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+
 from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
 from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
@@ -396,6 +398,17 @@ def _tenant(value: Any, where: str) -> str | None:
     return str(value)
 
 
+#: The pricing file's largest size: a ConfigMap's data is 1 MiB at most, less room for its metadata.
+MAX_PRICING_BYTES = 1_000_000
+
+
+def pricing_document(models: Mapping[str, Mapping[str, float]]) -> str:
+    """The inline pricing table as the YAML file the middleware reads (``LLM_TELEMETRY_PRICING``); names as they
+    are (escaped, a non-ASCII character took up to ten bytes)."""
+    table = {model: dict(prices) for model, prices in sorted(models.items())}
+    return yaml.safe_dump({"models": table}, sort_keys=True, allow_unicode=True)
+
+
 def _pricing(raw: Mapping[str, Any]) -> Pricing:
     models_raw = raw.get("models")
     ref = raw.get("configMapRef")
@@ -417,6 +430,13 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
                 assert value is not None
                 entry[kind] = value
             models[str(model)] = entry
+        size = len(pricing_document(models).encode())
+        if size > MAX_PRICING_BYTES:
+            raise SpecError(
+                "spec.pricing.models",
+                f"makes a pricing file of {size} bytes; its ConfigMap holds {MAX_PRICING_BYTES} at most (use "
+                "configMapRef, or fewer or shorter model names)",
+            )
     if ref is not None:
         if not isinstance(ref, Mapping) or not isinstance(ref.get("name"), str) or not ref["name"]:
             raise SpecError("spec.pricing.configMapRef.name", "is required")

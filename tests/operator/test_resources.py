@@ -597,6 +597,27 @@ def test_pricing_configmap_holds_the_inline_table() -> None:
     assert yaml.safe_load(cm["data"][c.PRICING_FILE]) == {"models": {"gpt-4o": {"input": 2.5, "output": 10.0}}}
 
 
+def test_pricing_configmap_of_the_largest_table_the_crd_admits_fits_and_reads_back(tmp_path: Path) -> None:
+    """500 models (the CRD's most) with long non-ASCII names: the file keeps them as they are (escaped, each character
+    took ten bytes and the ConfigMap outgrew its 1 MiB, refused on every pass while the pods mounted it), and the
+    middleware reads the same prices back. A table that cannot fit is InvalidSpec."""
+    from kube_schema import object_errors
+    from llm_telemetry.pricing import PricingTable
+    from llm_telemetry_operator.errors import SpecError
+
+    models = {f"{i:03d}" + "😀" * 200: {"input": 1.5, "output": 2.0} for i in range(500)}
+    owner = minimal_llmt(pricing={"models": models})
+    cm = r.build_pricing_configmap(owner, parse_spec(owner["spec"]))
+    assert object_errors(cm) == []
+    (tmp_path / "pricing.yaml").write_text(cm["data"][c.PRICING_FILE], encoding="utf-8")
+    table = PricingTable(str(tmp_path / "pricing.yaml"))
+    assert all(table.price(model) is not None for model in models)
+
+    bigger = {f"{i:03d}" + "😀" * 600: {"input": 1.5, "output": 2.0} for i in range(500)}
+    with pytest.raises(SpecError, match=r"spec\.pricing\.models"):
+        parse_spec(minimal_llmt(pricing={"models": bigger})["spec"])
+
+
 def test_child_names_fit_a_dns_label() -> None:
     long = "a" * 70
     for name in (r.service_name(long), r.service_monitor_name(long), r.dashboard_configmap_name(long)):
