@@ -1207,6 +1207,17 @@ def _content_chars(value: Any, key: str) -> int:
     return chars
 
 
+def _path_model(path: str) -> str | None:
+    """The model a path names when the body does not: Azure OpenAI's ``/openai/deployments/{deployment}/...`` (its
+    REST API takes no ``model`` in the body) and the legacy ``/engines/{model}/...``."""
+    for marker in ("/deployments/", "/engines/"):
+        at = path.rfind(marker)
+        if at >= 0:
+            name = path[at + len(marker) :].partition("/")[0]
+            return name or None
+    return None
+
+
 class API:
     """One LLM HTTP API: its operation, provider, and how to read its requests and responses."""
 
@@ -1221,7 +1232,7 @@ class API:
 
     def read_request(self, call: LLMCall, body: dict[str, Any], capture: bool, parameters: bool = True) -> None:
         """Fill ``call`` from the request ``body``; ``parameters``: also the parameters only a span shows."""
-        call.request_model = _str(body.get("model"))
+        call.request_model = _str(body.get("model")) or _path_model(call.path)
         call.stream = body.get("stream") is True
         call.max_tokens = _int(
             body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")

@@ -430,3 +430,39 @@ def test_time_per_output_token_of_reasoning_models_is_the_gap_between_the_tokens
         tpot = metrics.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model=model)
         # Nine gaps of 30 ms over nine tokens (plus scheduling): about 0.03 s each.
         assert 0.025 <= tpot < 0.1, (model, tpot)
+
+
+def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
+    """Azure OpenAI's REST API names the deployment in the path and takes no ``model`` in the body (the legacy
+    ``/engines/{model}/`` paths too): the request model is that name, not ``unknown``; a body's model still wins."""
+    import json
+
+    from llm_telemetry import LLMTelemetryMiddleware
+    from support import request_body
+
+    async def azure(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await request_body(receive)
+        choice = {"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+        answer = {"object": "chat.completion", "model": "gpt-4o", "choices": [choice], "usage": usage}
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(azure, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    messages = [{"role": "user", "content": PROMPT}]
+    with serve(app) as base:
+        with httpx.Client(base_url=base, headers={"api-key": "k"}) as client:
+            path = "/openai/deployments/chat-prod/chat/completions"
+            assert client.post(path, params={"api-version": "2024-10-21"}, json={"messages": messages}).is_success
+            assert client.post("/v1/engines/legacy-model/completions", json={"prompt": PROMPT}).is_success
+            assert client.post(path, json={"model": "named-in-body", "messages": messages}).is_success
+        azure_sdk = openai.AzureOpenAI(azure_endpoint=base, api_key="k", api_version="2024-10-21", max_retries=0)
+        azure_sdk.chat.completions.create(model="sdk-deployment", messages=messages)  # type: ignore[arg-type]
+        metrics = eventually((base, metrics_port), lambda m: m.value("llm_requests_total") >= 4)
+    app.telemetry.shutdown()
+    for model in ("chat-prod", "legacy-model", "named-in-body", "sdk-deployment"):
+        assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1, model
+    assert metrics.value("llm_requests_total", gen_ai_request_model="unknown") == 0
