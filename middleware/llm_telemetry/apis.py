@@ -1067,6 +1067,11 @@ class AnthropicMessagesReader(ResponseReader):
             # message_start carries the real input counts but a placeholder output count (0 or 1): the output
             # is reported by message_delta, and a stream cut before it is estimated from what was sent instead.
             usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+            if not any(_int(usage.get(key)) for key in _ANTHROPIC_INPUT_COUNTS):
+                # No input at all is a placeholder too: a gateway translating another provider's stream (the LiteLLM
+                # proxy) sends 0 and the real count in message_delta; a stream cut before that has its input
+                # estimated from the request, as one without usage has.
+                return
         self._usage(usage)
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
@@ -1207,6 +1212,10 @@ def _content_chars(value: Any, key: str) -> int:
     return chars
 
 
+#: The input counts of an Anthropic usage: fresh input, cache reads, cache writes.
+_ANTHROPIC_INPUT_COUNTS: Final = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def _path_model(path: str) -> str | None:
     """The model a path names when the body does not: Azure OpenAI's ``/openai/deployments/{deployment}/...`` (its
     REST API takes no ``model`` in the body) and the legacy ``/engines/{model}/...``."""
@@ -1262,10 +1271,13 @@ class API:
     def estimate_input_tokens(self, body: Mapping[str, Any]) -> int | None:
         """Input tokens of a request whose response reported no usage, from the text it sends at ~4 characters a
         token (as the output estimate of a body's text), or None. A lower bound: message framing, tool definitions
-        and images are not counted. None for the APIs whose responses always report their input (embeddings, and
-        Anthropic's stream, which reports it in its first event)."""
+        and images are not counted. None for embeddings, whose responses always report their input. Anthropic's
+        stream reports it in its first event, but a gateway translating another provider's stream sends 0 there
+        and the count only at the end: a stream cut before that is estimated too."""
         if self.name == "openai.chat":
             chars = _content_chars(body.get("messages"), "content")
+        elif self.name == "anthropic.messages":
+            chars = _content_chars(body.get("messages"), "content") + _content_chars(body.get("system"), "")
         elif self.name == "openai.responses":
             chars = _content_chars(body.get("input"), "content") + _content_chars(body.get("instructions"), "")
         elif self.name == "openai.completions":

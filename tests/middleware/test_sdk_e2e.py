@@ -466,3 +466,51 @@ def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
     for model in ("chat-prod", "legacy-model", "named-in-body", "sdk-deployment"):
         assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1, model
     assert metrics.value("llm_requests_total", gen_ai_request_model="unknown") == 0
+
+
+def test_anthropic_stream_cut_before_its_only_input_count_has_its_input_estimated() -> None:
+    """A gateway translating another provider's stream into Anthropic's (the LiteLLM proxy) reports 0 input in
+    ``message_start`` and the real count only in ``message_delta``. Cut before that (an error event), the stream has
+    its input estimated from the request, as a stream without usage has: not 0 input labelled ``reported``."""
+    import json
+
+    from llm_telemetry import LLMTelemetryMiddleware
+    from support import request_body
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await request_body(receive)
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "translated", "content": [],
+                   "stop_reason": None, "usage": {"input_tokens": 0, "output_tokens": 0}}  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in (
+            event("message_start", {"message": message}),
+            event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Sunny"}}),
+            event("error", {"error": {"type": "overloaded_error", "message": "upstream went away"}}),
+        ):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(gateway, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    system, prompt = "Answer in one word.", "What is the weather in Paris today?"
+    with serve(app) as base:
+        client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError):
+            with client.messages.stream(
+                model="claude-via-gateway", max_tokens=64, system=system, messages=[{"role": "user", "content": prompt}]
+            ) as stream:
+                for _ in stream:
+                    pass
+        metrics = eventually((base, metrics_port), lambda m: m.value("llm_requests_total") >= 1)
+    app.telemetry.shutdown()
+    model = {"gen_ai_request_model": "claude-via-gateway", "gen_ai_token_type": "input"}
+    expected = -(-(len(system) + len(prompt)) // 4)
+    assert metrics.value("llm_tokens_total", llm_usage_source="estimated", **model) == expected
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported", **model) == 0
+    assert metrics.value("llm_errors_total", error_type="server_error") == 1
