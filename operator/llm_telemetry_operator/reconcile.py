@@ -470,6 +470,7 @@ async def _inject(
     missing: list[str] = []
     paused: list[str] = []
     on_delete: list[str] = []
+    partitioned: list[str] = []
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -546,7 +547,9 @@ async def _inject(
             targets.append(workload)
             held = _held_back(workload, patched=after is not workload)
             if held is not None:
-                (paused if held == "paused" else on_delete).append(workload_key(workload))
+                {"paused": paused, "on_delete": on_delete, "partition": partitioned}[held].append(
+                    workload_key(workload)
+                )
     namespace = owner["metadata"]["namespace"]
     named = ", ".join(spec.containers)
     no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)
@@ -576,6 +579,12 @@ async def _inject(
         if on_delete:
             # Its controller replaces a pod only once someone deletes it.
             notes += "; updateStrategy OnDelete (each pod gets it once deleted): " + ", ".join(on_delete)
+        if partitioned:
+            # Its controller rolls only the pods whose ordinal is at least the partition.
+            notes += (
+                "; rollingUpdate.partition (pods with an ordinal below it keep the old template until it is lowered): "
+                + ", ".join(partitioned)
+            )
         message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
@@ -592,15 +601,21 @@ def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
 
 
 def _held_back(workload: Mapping[str, Any], patched: bool) -> str | None:
-    """Why a workload's pods have yet to get its template, or None: a paused Deployment (``"paused"``) or a
-    StatefulSet whose update strategy is OnDelete (``"on_delete"``), whose controllers roll no pod by themselves,
-    while this pass changed the template or the status counts fewer pods of the current template than it wants (one
-    paused after its pods rolled is not held back)."""
+    """Why a workload's pods have yet to get its template, or None: a paused Deployment (``"paused"``), a
+    StatefulSet whose update strategy is OnDelete (``"on_delete"``), whose controllers roll no pod by themselves, or
+    one rolling only the pods from its ``rollingUpdate.partition`` up (``"partition"``), while this pass changed the
+    template or the status counts fewer pods of the current template than it wants (one paused after its pods
+    rolled is not held back)."""
     spec = workload.get("spec") or {}
     if workload.get("kind") == "StatefulSet":
-        if (spec.get("updateStrategy") or {}).get("type") != "OnDelete":
+        strategy = spec.get("updateStrategy") or {}
+        partition = (strategy.get("rollingUpdate") or {}).get("partition") if isinstance(strategy, Mapping) else None
+        if strategy.get("type") == "OnDelete":
+            why = "on_delete"
+        elif isinstance(partition, int) and not isinstance(partition, bool) and partition > 0:
+            why = "partition"
+        else:
             return None
-        why = "on_delete"
     elif spec.get("paused") is True:
         why = "paused"
     else:

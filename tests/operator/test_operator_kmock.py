@@ -869,6 +869,31 @@ async def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_del
     assert "OnDelete" not in await injected_message(emulator)
 
 
+async def test_a_partitioned_statefulset_is_said_to_hold_back_the_pods_below_its_partition(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A StatefulSet rolling with a partition (a staged rollout) gives the new template only to the pods whose ordinal
+    is at least the partition: those below serve no metrics, and the Injected message says so, until its status
+    counts every pod updated."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    staged = deployment("db", kind="StatefulSet")
+    staged["spec"]["replicas"] = 3
+    staged["spec"]["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
+    emulator.objects[STATEFULSETS, NAMESPACE, "db"] = staged
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    note = "; rollingUpdate.partition (pods with an ordinal below it keep the old template until it is lowered): "
+    note += "StatefulSet/db"
+
+    assert (await injected_message(emulator)).endswith(note)
+    generation = get(emulator, STATEFULSETS, "db")["metadata"]["generation"]
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/db"
+    status = {"observedGeneration": generation, "replicas": 3, "updatedReplicas": 1}
+    await hand(emulator, "PATCH", path, {"status": status})
+    assert (await injected_message(emulator)).endswith(note)
+    await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 3}})  # the partition lowered to 0, rolled
+    assert "partition" not in await injected_message(emulator)
+
+
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
