@@ -589,6 +589,15 @@ def pod_errors(pod: Mapping[str, Any]) -> list[str]:
     names = [ct.get("name", "") for ct in containers]
     if len(set(names)) != len(names):
         errors.append(f"containers: duplicate names in {names}")
+    # A host port is the host's: one (port, protocol) per pod. A hostNetwork pod's ports are all host ports.
+    host_ports = [
+        (p.get("hostPort") or (p.get("containerPort") if pod.get("hostNetwork") is True else None),
+         p.get("protocol") or "TCP")
+        for ct in containers for p in ct.get("ports") or []
+    ]  # fmt: skip
+    taken = [port for port in host_ports if port[0]]
+    if len(set(taken)) != len(taken):
+        errors.append(f"containers: duplicate host ports in {taken}")
     for ct in containers:
         where = f"container {ct.get('name')!r}"
         ports = [p["name"] for p in ct.get("ports") or [] if "name" in p]
@@ -611,12 +620,15 @@ def pod_errors(pod: Mapping[str, Any]) -> list[str]:
 def with_server_defaults(workload: Mapping[str, Any]) -> dict[str, Any]:
     """``workload`` as a kube-apiserver stores it: the defaults it fills into a pod template's fields that the operator
     writes (k8s.io/kubernetes pkg/apis/core/v1 defaults.go): a container port's ``protocol`` (TCP), a ``fieldRef``'s
-    ``apiVersion`` (v1), and a ConfigMap or Secret volume's ``defaultMode`` (0644)."""
+    ``apiVersion`` (v1), a ConfigMap or Secret volume's ``defaultMode`` (0644), and in a ``hostNetwork`` pod a port's
+    ``hostPort`` (its ``containerPort``: in pod templates up to Kubernetes 1.27, in pods always)."""
     stored = copy.deepcopy(dict(workload))
     pod = stored.get("spec", {}).get("template", {}).get("spec", {})
     for container in pod.get("containers") or []:
         for port in container.get("ports") or []:
             port.setdefault("protocol", "TCP")
+            if pod.get("hostNetwork") is True:
+                port.setdefault("hostPort", port.get("containerPort"))
         for entry in container.get("env") or []:
             field_ref = (entry.get("valueFrom") or {}).get("fieldRef")
             if field_ref is not None:

@@ -381,6 +381,20 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     chosen = (
         [ct for ct in containers if ct.get("name") in injection.containers] if injection.containers else containers[:1]
     )
+    port = dict(injection.port)
+    host_network = template["spec"].get("hostNetwork") is True
+    declared = False
+    if host_network:
+        # Every port of a hostNetwork pod is a host port, its hostPort filled in by the API server (in templates up to
+        # Kubernetes 1.27; written here, a later pass finds the template as it built it); and one host port is
+        # declared once per pod, so only the first chosen container declares it (the others' listeners find it
+        # taken, as they would in any pod).
+        port["hostPort"] = port["containerPort"]
+        declared = any(
+            p.get("containerPort") == port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
+            for ct in containers
+            for p in ct.get("ports") or []
+        )
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
@@ -393,9 +407,10 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
         if not any(
             p.get("containerPort") == injection.port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
             for p in ports
-        ):
-            ports.append(dict(injection.port))
+        ) and not (host_network and declared):
+            ports.append(dict(port))
             done["port"] = True
+            declared = True
         if not ports:
             container.pop("ports")
         if injection.volume_mount is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import kube_schema
@@ -217,6 +217,8 @@ def user_workloads(draw: st.DrawFn) -> dict[str, Any]:
         pod["volumes"] = [{"name": "data", "emptyDir": {}}]
     if draw(st.booleans()):
         target["spec"]["template"]["metadata"]["annotations"] = {"team": "ml"}
+    if draw(st.booleans()):
+        pod["hostNetwork"] = True  # every port is a host port, its hostPort filled in by the API server
     return target
 
 
@@ -227,6 +229,7 @@ def test_any_workload_is_injected_validly_once_and_restored_exactly(
 ) -> None:
     """Whatever a workload's containers already carry: the injected workload is one the API server admits, a second
     pass finds nothing to write (no endless rollouts), and removing the injection gives the user's workload back."""
+    assume(kube_schema.object_errors(kube_schema.with_server_defaults(target)) == [])  # the user's own is valid
     names = [ct["name"] for ct in target["spec"]["template"]["spec"]["containers"]]
     raw = copy.deepcopy(SPECS[spec])
     raw.pop("containers", None)  # (a spec naming none of the workload's containers injects nothing: see reconcile)
