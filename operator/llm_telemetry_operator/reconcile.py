@@ -62,6 +62,8 @@ class Outcome:
     awaiting: frozenset[tuple[str, str]] = frozenset()
     #: Selected workloads left uninjected because their pods already use ``spec.metrics.port``, each with why.
     port_conflicts: list[str] = field(default_factory=list)
+    #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
+    held: list[str] = field(default_factory=list)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
     #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
     #: stored status already shows.
@@ -233,7 +235,12 @@ async def reconcile(
     workloads = await _candidates(client, owner, spec)
     # The peers that would inject each workload: who wins it, and whose metrics Service may be taken over.
     serving = {id(w): _serving(w, peers) for w in workloads}
-    targets = await _inject(client, config, owner, spec, workloads, conditions, outcome, peers, serving)
+    # The pricing volume names the user's ConfigMap: injected while it (or its key) is missing, the rollout would
+    # make pods that cannot start. So nothing is injected until it exists; what was injected before is left.
+    missing_prices = await _missing_pricing(client, meta["namespace"], spec) if spec.pricing.config_map else None
+    targets = await _inject(
+        client, config, owner, spec, workloads, conditions, outcome, peers, serving, held=missing_prices
+    )
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
     # scraped, alerted on or charted twice (any it made before the conflict are removed).
@@ -288,13 +295,12 @@ async def reconcile(
             "PricingConfigMapFailed",
             f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
         )
-    elif targets and spec.pricing.config_map and not standby:
-        missing_prices = await _missing_pricing(client, meta["namespace"], spec)
-        if missing_prices:
-            outcome.retry = True  # the user's ConfigMap has no watch of ours: look again with backoff
-            conditions[c.CONDITION_INJECTED] = r.Condition(
-                c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", missing_prices
-            )
+    elif missing_prices and not standby and (targets or outcome.held):
+        outcome.retry = True  # the user's ConfigMap has no watch of ours: look again with backoff
+        message = missing_prices + "; until then no workload is injected: " + ", ".join(outcome.held)
+        if targets:
+            message += "; left as they were: " + ", ".join(workload_key(w) for w in targets)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
 
     # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
     unscrapeable = [
@@ -459,9 +465,12 @@ async def _inject(
     outcome: Outcome,
     peers: PeerView,
     serving: Mapping[int, Sequence[Peer]],
+    held: str | None = None,
 ) -> list[dict[str, Any]]:
     """Inject or remove the injection of each workload; returns the targets (those injected). ``serving``: the
-    peers that would inject each workload, by ``id``."""
+    peers that would inject each workload, by ``id``. ``held``: why no workload may be injected now (the pricing
+    ConfigMap missing): the selected ones are left as they are, and those this resource had injected before stay
+    its targets."""
     name = owner["metadata"]["name"]
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -517,12 +526,21 @@ async def _inject(
             # Injected by another: ours only if that one is a live peer this resource wins the workload from, or
             # one being deleted (which this resource wins the workload from too, being its best live selector).
             beaten = peers.named(holder) is not None or peers.leaving(holder)
+            if selected and not beaten and not await _exists(client, owner["metadata"]["namespace"], holder):
+                # A record of an LLMTelemetry that is gone (a manifest copied with its annotations, a finalizer
+                # removed by hand): nobody serves the workload, so it is this resource's to take.
+                beaten = True
             if not (selected and beaten):
                 if selected:
                     skipped.append(f"{workload_key(workload)} (already injected by {holder})")
                 continue
             take_over = True
         if not selected and not mine:
+            continue
+        if held is not None and selected:
+            outcome.held.append(workload_key(workload))
+            if mine:
+                targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
             continue
         try:
             after = await _patch_workload(
@@ -749,6 +767,13 @@ async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
     return deleted
 
 
+async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
+    """Whether the LLMTelemetry ``name`` exists in ``namespace`` (an invalid one too, which is no peer). A list by
+    name: the operator's role lists these resources, and has no need to get them."""
+    found = await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name})
+    return any((item.get("metadata") or {}).get("name") == name for item in found)
+
+
 async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySpec) -> str | None:
     """Why ``spec.pricing.configMapRef`` cannot be mounted (the ConfigMap or its key missing), or None."""
     name, key = spec.pricing.config_map, spec.pricing.config_map_key
@@ -756,13 +781,13 @@ async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySp
         found = await client.get(kube.CONFIGMAPS, namespace, str(name))
     except NotFoundError:
         return (
-            f"ConfigMap {name} (spec.pricing.configMapRef) does not exist in {namespace}: the pods mount it, and "
-            "cannot start until it does"
+            f"ConfigMap {name} (spec.pricing.configMapRef) does not exist in {namespace}: the pods would mount it, "
+            "and could not start"
         )
     if key not in (found.get("data") or {}) and key not in (found.get("binaryData") or {}):
         return (
-            f"ConfigMap {name} (spec.pricing.configMapRef) has no key {key!r}: the pods mount it, and cannot start "
-            "until it has"
+            f"ConfigMap {name} (spec.pricing.configMapRef) has no key {key!r}: the pods would mount it, and could not "
+            "start"
         )
     return None
 

@@ -642,19 +642,22 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
 
 
 def test_pricing_the_pods_cannot_mount_holds_ready_back(cluster: Cluster) -> None:
-    """A configMapRef to a ConfigMap that does not exist: the pods would sit in ContainerCreating, so the resource
-    is not Ready, and says why; once the ConfigMap is created, the operator's retries make it Ready."""
+    """A configMapRef to a ConfigMap that does not exist: the pods would sit in ContainerCreating, so the workload is
+    left as it is and the resource is not Ready, and says why; once the ConfigMap is created, the operator's retries
+    inject it and make it Ready."""
     from kubernetes import client
 
     cluster.create(deployment("priced", "priced"))
     cluster.create(telemetry("priced", "priced", pricing={"configMapRef": {"name": "priced-prices"}}))
     missing = cluster.reported("priced", c.CONDITION_INJECTED, "PricingConfigMapNotFound")
     assert "priced-prices" in missing["message"] and cluster.condition("priced", "Ready")["status"] == "False"
+    assert "LLM_TELEMETRY_PRICING" not in cluster.env("priced")
     cluster.core.create_namespaced_config_map(
         cluster.namespace,
         client.V1ConfigMap(metadata=client.V1ObjectMeta(name="priced-prices"), data={"pricing.yaml": "{}"}),
     )
     cluster.ready("priced")
+    assert cluster.env("priced")["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
 
 
 def test_a_users_copy_of_a_child_is_left_alone(cluster: Cluster) -> None:

@@ -485,7 +485,8 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
 async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator: Any, monitoring_crds: Any) -> None:
     """The pods mount the pricing ConfigMap, and cannot start without it. Inline prices whose ConfigMap's name is
     someone else's, and a configMapRef to a ConfigMap that does not exist (then without the key), each set Injected
-    and Ready False, the dashboard off or not; once the ConfigMap is there, the retries make the resource Ready."""
+    and Ready False, the dashboard off or not; once the ConfigMap is there, the retries make the resource Ready. The
+    workload of a missing configMapRef is not injected meanwhile: its rollout would make pods that cannot start."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "embed"] = deployment("embed", labels={"app": "embed"})
@@ -502,6 +503,9 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
     def reason(name: str) -> str:
         return str(condition(get(emulator, LLMT, name), c.CONDITION_INJECTED).get("reason"))
 
+    def reason_message(name: str) -> str:
+        return str(condition(get(emulator, LLMT, name), c.CONDITION_INJECTED).get("message"))
+
     async with running_operator():
         await eventually(lambda: reason("chat") == "PricingConfigMapFailed", "chat: the pricing ConfigMap refused")
         await eventually(lambda: reason("embed") == "PricingConfigMapNotFound", "embed: the ConfigMap missing")
@@ -510,6 +514,8 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
         assert "not this LLMTelemetry's" in condition(get(emulator, LLMT, "chat"), "Ready")["message"]
         assert get(emulator, CONFIGMAPS, "chat-llm-pricing")["data"] == {"x": "1"}  # theirs, left alone
         await eventually(lambda: posted_events(emulator, "PricingConfigMapNotFound"), "an event for embed")
+        assert "until then no workload is injected: Deployment/embed" in reason_message("embed")
+        assert get(emulator, DEPLOYMENTS, "embed")["spec"] == deployment("embed", labels={"app": "embed"})["spec"]
 
         prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"}, "data": {"other": "{}"}}
         await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
@@ -522,9 +528,11 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
             emulator, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/configmaps/prices", {"data": {"pricing.yaml": "{}"}}
         )
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/chat-llm-pricing")
+        assert get(emulator, DEPLOYMENTS, "embed")["spec"] == deployment("embed", labels={"app": "embed"})["spec"]
         for name in ("chat", "embed"):
             await ready(emulator, name, attempts=1200)
         assert get(emulator, CONFIGMAPS, "chat-llm-pricing")["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
+        assert env_of(get(emulator, DEPLOYMENTS, "embed"))["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
 
 
 async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repaired(
@@ -892,6 +900,32 @@ async def test_a_partitioned_statefulset_is_said_to_hold_back_the_pods_below_its
     assert (await injected_message(emulator)).endswith(note)
     await hand(emulator, "PATCH", path, {"status": {"updatedReplicas": 3}})  # the partition lowered to 0, rolled
     assert "partition" not in await injected_message(emulator)
+
+
+async def test_a_record_of_an_llmtelemetry_that_is_gone_blocks_nobody(emulator: Any, monitoring_crds: Any) -> None:
+    """An injection record naming an LLMTelemetry that does not exist (a manifest copied with its annotations, a
+    finalizer removed by hand) holds the workload for nobody: the resource selecting it takes it over. A record naming
+    one that exists, an invalid one too, still holds its workload."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+
+    def recorded(owner: str, name: str) -> dict[str, Any]:
+        workload = deployment(name, labels={"app": "chat"})
+        record = json.dumps({"containers": {}, "owner": owner, "volume": False})
+        workload["metadata"]["annotations"] = {c.ANNOTATION_INJECTED: record}
+        return workload
+
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = recorded("ghost", "chat")
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "held"] = recorded("broken", "held")
+    emulator.objects[LLMT, NAMESPACE, "broken"] = minimal_llmt("broken", tracing={"endpoint": "http://[oops:4318"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+
+    message = await injected_message(emulator)
+    assert message.startswith("injected into Deployment/chat;"), message
+    assert "skipped Deployment/held (already injected by broken)" in message
+    taken = get(emulator, DEPLOYMENTS, "chat")
+    assert json.loads(taken["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"] == "chat"
+    assert env_of(taken)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "held"))
 
 
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
