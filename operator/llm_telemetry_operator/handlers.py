@@ -771,7 +771,22 @@ def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str,
     namespace = meta.get("namespace")
     if not namespace:
         return
-    owner_name = str((meta.get("labels") or {}).get(c.LABEL_OWNER))
+    owner_name = (meta.get("labels") or {}).get(c.LABEL_OWNER)
+    if not isinstance(owner_name, str):
+        # The owner label removed by hand (it is what the ServiceMonitor selects the metrics Services by): the
+        # child's owner reference still names its LLMTelemetry, whose pass puts the label back.
+        owner_name = next(
+            (
+                str(ref.get("name"))
+                for ref in meta.get("ownerReferences") or []
+                if isinstance(ref, dict)
+                and ref.get("kind") == "LLMTelemetry"
+                and str(ref.get("apiVersion", "")).startswith("llmtelemetry.dev/")
+            ),
+            None,
+        )
+        if owner_name is None:
+            return
     state = _state(memo)
     owner = state.bodies.get((namespace, owner_name))
     if owner is None or owner["metadata"].get("deletionTimestamp"):

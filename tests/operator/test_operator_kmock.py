@@ -583,6 +583,25 @@ async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repai
         assert get(emulator, SERVICES, "chat-debug") is not None
 
 
+async def test_a_child_whose_owner_label_is_removed_is_repaired_at_once(emulator: Any, monitoring_crds: Any) -> None:
+    """The ServiceMonitor selects the metrics Services by their owner label, and the operator told whose child an
+    event was by it: one removed by hand is put back by the pass its event starts (the child's owner reference
+    names the resource), not at the next resync, minutes later, with the Service unscraped meanwhile."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config):
+        await ready(emulator, "chat")
+        path = f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"
+        await hand(emulator, "PATCH", path, {"metadata": {"labels": {c.LABEL_OWNER: None}}})
+        assert c.LABEL_OWNER not in get(emulator, SERVICES, "chat-llm-metrics")["metadata"]["labels"]
+        await eventually(
+            lambda: get(emulator, SERVICES, "chat-llm-metrics")["metadata"]["labels"].get(c.LABEL_OWNER) == "chat",
+            "the owner label put back",
+        )
+
+
 async def labelled_pass(emulator: Any, config: OperatorConfig) -> None:
     client = KubeClient(server_configuration(str(emulator.url)))
     try:
