@@ -227,7 +227,14 @@ async def reconcile(
         outcome.invalid = True
         outcome.failures.append(("InvalidSpec", str(exc)))
         invalid = [r.Condition(t, False, "InvalidSpec", str(exc)) for t in _CONDITION_TYPES]
-        await _write_status(client, owner, invalid, [], "Invalid", outcome)
+        # Nothing is changed until the spec is fixed: the workloads injected before keep their injection (and their
+        # metrics Services and ServiceMonitor their scrapes), and the status still counts them.
+        kept = [t for t in (owner.get("status") or {}).get("targets") or [] if isinstance(t, str)]
+        if kept:
+            note = f"{exc}; left as the last valid spec made them until it is fixed: {', '.join(kept)}"
+            invalid = [r.Condition(c.CONDITION_INJECTED, False, "InvalidSpec", note) if i.type == c.CONDITION_INJECTED
+                       else i for i in invalid]  # fmt: skip
+        await _write_status(client, owner, invalid, kept, "Invalid", outcome)
         return outcome
 
     conditions: dict[str, r.Condition] = {}

@@ -405,6 +405,19 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
         )
         await ready(emulator, what="Ready after the fix")
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        # Made invalid again: nothing changes until it is fixed, and the status says what stays injected.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 3}, "spec": {"alerts": {"ttftObjectiveSeconds": 3}}},
+        )
+        await eventually(lambda: get(emulator, LLMT, "chat")["status"]["phase"] == "Invalid", "Invalid again")
+        status = get(emulator, LLMT, "chat")["status"]
+        assert status["targets"] == ["Deployment/chat"] and status["targetCount"] == 1
+        injected = condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
+        assert injected.endswith("left as the last valid spec made them until it is fixed: Deployment/chat")
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
     check_usage(emulator)
 
 
