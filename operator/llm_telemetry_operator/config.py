@@ -187,7 +187,12 @@ class OperatorConfig:
         if priority_text.lower() == "auto":
             priority = random.SystemRandom().randint(*AUTO_PRIORITY_RANGE)
         else:
-            priority = _int(LLM_TELEMETRY_OPERATOR_PRIORITY, priority_text)
+            try:
+                priority = _int(LLM_TELEMETRY_OPERATOR_PRIORITY, priority_text)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    f"{LLM_TELEMETRY_OPERATOR_PRIORITY}={priority_text!r}: expected an integer or auto"
+                ) from None
         port = _int(
             LLM_TELEMETRY_OPERATOR_METRICS_PORT, get(LLM_TELEMETRY_OPERATOR_METRICS_PORT, str(DEFAULT_METRICS_PORT))
         )
@@ -196,6 +201,11 @@ class OperatorConfig:
         health = get(LLM_TELEMETRY_OPERATOR_HEALTH, DEFAULT_HEALTH)
         if health:
             _check_url(LLM_TELEMETRY_OPERATOR_HEALTH, health)
+            if port and urlsplit(health).port == port:
+                raise ConfigurationError(
+                    f"{LLM_TELEMETRY_OPERATOR_HEALTH}={health!r}: the same port as "
+                    f"{LLM_TELEMETRY_OPERATOR_METRICS_PORT}={port}; each needs a listener of its own"
+                )
         resync_text = get(LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS, str(DEFAULT_RESYNC_SECONDS))
         try:
             resync = float(resync_text)

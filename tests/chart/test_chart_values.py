@@ -93,6 +93,14 @@ def test_schema_rejects_misspelled_keys_and_wrong_types(
         assert complaint in result.stdout + result.stderr
 
 
+def test_health_and_metrics_on_one_port_fail_the_install(helm: Helm) -> None:
+    """The operator cannot start with both listeners on one port: refused at install, not a crash-looping pod."""
+    result = helm.run("template", "x", str(CHART), "--set", "healthPort=9465", check=False)
+    assert result.returncode != 0
+    assert "healthPort and metrics.port must differ" in result.stderr
+    helm.run("template", "x", str(CHART), "--set", "healthPort=9465", "--set", "metrics.port=9466")
+
+
 def test_set_flags_are_checked_too(helm: Helm) -> None:
     result = helm.run("template", "x", str(CHART), "--set", "podDisruptionBudget.enabeld=true", check=False)
     assert result.returncode != 0

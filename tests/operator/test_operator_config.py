@@ -109,3 +109,13 @@ def test_config_otlp_endpoints_given_with_the_signals_path_lose_it() -> None:
     )
     assert config.traces_endpoint == "http://jaeger.observability:4318"
     assert config.logs_endpoint == "http://loki-gateway.observability/otlp"
+
+
+def test_config_health_and_metrics_on_one_port_is_refused_at_startup() -> None:
+    """Two listeners on one port: the second bind failed with a traceback and the operator exited, a crash loop."""
+    env = {"LLM_TELEMETRY_OPERATOR_HEALTH": "http://0.0.0.0:9465/healthz"}
+    env["LLM_TELEMETRY_OPERATOR_METRICS_PORT"] = "9465"
+    with pytest.raises(ConfigurationError, match=r"^LLM_TELEMETRY_OPERATOR_HEALTH=.*same port"):
+        OperatorConfig.from_env(env)
+    with pytest.raises(ConfigurationError, match="integer or auto"):
+        OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_PRIORITY": "high"})
