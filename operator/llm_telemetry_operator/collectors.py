@@ -101,7 +101,8 @@ class CollectorCheck:
     async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
         service = service_of(endpoint)
         if service is None:
-            return Lookup(endpoint, None, None, "not an in-cluster Service name; not checked")
+            note = "not checked (an in-cluster Service is checked when named <name>.<namespace>.svc)"
+            return Lookup(endpoint, None, None, note)
         namespace = service[0]
         if self.namespaces and namespace not in self.namespaces:
             # In namespaced mode the operator has no right to read Services elsewhere: say so, do not 403.
