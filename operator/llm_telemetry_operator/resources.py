@@ -325,6 +325,33 @@ def _as_injected(entry: Mapping[str, Any], ours: Mapping[Any, Any]) -> bool:
 _ENV_REFERENCE = re.compile(r"(?<!\$)\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
+def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, Any] | None:
+    """The record of an injection whose record annotation was removed (by hand, or by a tool that rewrites the
+    workload's metadata), rebuilt from the pod template, or None. Only a template with the injection's config hash
+    annotation (which no one else writes) was injected; in it, what equals what the injection makes is taken to be
+    the injection's, so that it is replaced and removed as such rather than kept as the user's own (a variable or
+    port the user declared by hand exactly as the injection makes it is taken for the injection's too)."""
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    if c.ANNOTATION_CONFIG_HASH not in annotations:
+        return None
+    made = {entry["name"]: entry for entry in injection.env}
+    containers: dict[str, Any] = {}
+    for container in (template.get("spec") or {}).get("containers") or []:
+        env = {
+            entry["name"]: _env_key(entry)
+            for entry in container.get("env") or []
+            if isinstance(entry, Mapping) and made.get(entry.get("name")) == entry
+        }
+        port = any(
+            {k: v for k, v in p.items() if k != "hostPort"} == injection.port for p in container.get("ports") or []
+        )
+        mount = injection.volume_mount is not None and injection.volume_mount in (container.get("volumeMounts") or [])
+        if env or port or mount:
+            containers[container.get("name")] = {"env": env, "port": port, "mount": mount}
+    volume = injection.volume is not None and injection.volume in ((template.get("spec") or {}).get("volumes") or [])
+    return {"containers": containers, "volume": volume} if containers or volume else None
+
+
 def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
     """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
     if not record:
@@ -514,6 +541,8 @@ def build_workload_patch(
     if record is not None and record.get("owner") not in (None, owner_name) and not (take_over and injection):
         return None  # another LLMTelemetry's injection: only the winner of a conflict replaces it
     current = workload.get("spec", {}).get("template", {})
+    if record is None and injection is not None:
+        record = _reclaimed(current, injection)
     template = copy.deepcopy(current)
     _strip(template, record)
     new_record: dict[str, Any] | None = None

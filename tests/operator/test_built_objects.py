@@ -223,12 +223,19 @@ def user_workloads(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(target=user_workloads(), spec=st.sampled_from(range(len(SPECS))), pick=st.lists(st.integers(0, 2), max_size=2))
+@given(
+    target=user_workloads(),
+    spec=st.sampled_from(range(len(SPECS))),
+    pick=st.lists(st.integers(0, 2), max_size=2),
+    lose_record=st.booleans(),
+)
 def test_any_workload_is_injected_validly_once_and_restored_exactly(
-    target: dict[str, Any], spec: int, pick: list[int]
+    target: dict[str, Any], spec: int, pick: list[int], lose_record: bool
 ) -> None:
     """Whatever a workload's containers already carry: the injected workload is one the API server admits, a second
-    pass finds nothing to write (no endless rollouts), and removing the injection gives the user's workload back."""
+    pass finds nothing to write (no endless rollouts), and removing the injection gives the user's workload back;
+    also after the injection record was removed by hand and a pass wrote it again (without it, the injected values
+    were taken for the user's, and stayed on the workload after the LLMTelemetry was deleted)."""
     assume(kube_schema.object_errors(kube_schema.with_server_defaults(target)) == [])  # the user's own is valid
     names = [ct["name"] for ct in target["spec"]["template"]["spec"]["containers"]]
     raw = copy.deepcopy(SPECS[spec])
@@ -244,6 +251,14 @@ def test_any_workload_is_injected_validly_once_and_restored_exactly(
     injected = kube_schema.with_server_defaults(kube_schema.merge_patch(target, patch))
     assert kube_schema.object_errors(injected) == []
     assert r.build_workload_patch(injected, r.build_injection(parsed, CONFIG, injected, "chat"), "chat") is None
+    if lose_record:
+        annotations = injected["metadata"]["annotations"]
+        del annotations[c.ANNOTATION_INJECTED]
+        rewrite = r.build_workload_patch(injected, r.build_injection(parsed, CONFIG, injected, "chat"), "chat")
+        assert rewrite is not None
+        rewritten = kube_schema.with_server_defaults(kube_schema.merge_patch(injected, rewrite))
+        assert rewritten["spec"] == injected["spec"], "the record is written again, and nothing else (no rollout)"
+        injected = rewritten
     removal = r.build_workload_patch(injected, None, "chat")
     assert removal is not None
     restored = kube_schema.merge_patch(injected, removal)
