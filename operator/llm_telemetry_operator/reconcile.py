@@ -487,6 +487,7 @@ async def _inject(
     paused: list[str] = []
     on_delete: list[str] = []
     partitioned: list[str] = []
+    partly: list[str] = []
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -505,6 +506,9 @@ async def _inject(
                 selected = False
                 if not mine:
                     continue
+            elif absent := [n for n in spec.containers if n not in present]:
+                # Some named, not all: the others may be misspelt, which injecting the rest would otherwise hide.
+                partly.append(f"{workload_key(workload)} has no container {', '.join(absent)}")
         rival = _rival(owner, serving[id(workload)]) if selected else None
         if rival is not None:
             winner = rival["metadata"]["name"]
@@ -604,6 +608,8 @@ async def _inject(
         if on_delete:
             # Its controller replaces a pod only once someone deletes it.
             notes += "; updateStrategy OnDelete (each pod gets it once deleted): " + ", ".join(on_delete)
+        if partly:
+            notes += "; " + "; ".join(partly) + " (spec.containers)"
         if partitioned:
             # Its controller rolls only the pods whose ordinal is at least the partition.
             notes += (

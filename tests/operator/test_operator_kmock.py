@@ -492,6 +492,19 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
             lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("status") == "True", "injected"
         )
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        # One name right and one misspelt: the right one is injected, and the message names the other.
+        await hand(
+            emulator,
+            "PATCH",
+            f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat",
+            {"metadata": {"generation": 3}, "spec": {"containers": ["app", "wroker"]}},
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)
+            .get("message", "")
+            .endswith("; Deployment/chat has no container wroker (spec.containers)"),
+            "the misspelt name said",
+        )
     check_usage(emulator)
 
 
