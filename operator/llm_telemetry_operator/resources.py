@@ -471,8 +471,21 @@ def _keep_env_order(template: dict[str, Any], current: Mapping[str, Any]) -> Non
         names = before.get(container.get("name"))
         if not env or not names or sorted(map(str, names)) != sorted(str(e.get("name")) for e in env):
             continue
-        position = {name: i for i, name in reversed(list(enumerate(names)))}  # a repeated name: its first place
-        env.sort(key=lambda e: position[e.get("name")])
+        # A name given twice (Kubernetes admits it, with a warning; the last one wins) keeps each of its places: by
+        # first place alone, the second one moved ahead of the variables between, and another value won.
+        position = {key: i for i, key in enumerate(_occurrences(names))}
+        order = dict(zip(map(id, env), _occurrences([e.get("name") for e in env]), strict=True))
+        env.sort(key=lambda e: position[order[id(e)]])
+
+
+def _occurrences(names: list[Any]) -> list[tuple[Any, int]]:
+    """Each name with how many times it came before: ``[A, B, A]`` -> ``[(A, 0), (B, 0), (A, 1)]``."""
+    seen: dict[Any, int] = {}
+    keys = []
+    for name in names:
+        keys.append((name, seen.get(name, 0)))
+        seen[name] = seen.get(name, 0) + 1
+    return keys
 
 
 def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:

@@ -203,6 +203,8 @@ def user_workloads(draw: st.DrawFn) -> dict[str, Any]:
         container: dict[str, Any] = {"name": name, "image": f"{name}:1"}
         ports = draw(st.lists(st.sampled_from(PORTS), max_size=3, unique_by=lambda p: p.get("name", "")))
         env = draw(st.lists(st.sampled_from(ENV), max_size=3, unique_by=lambda e: e["name"]))
+        if len(env) > 1 and draw(st.booleans()):
+            env.append({"name": env[0]["name"], "value": "again"})  # a name twice: admitted, with a warning
         if ports:
             container["ports"] = copy.deepcopy(ports)
         if env:
