@@ -246,7 +246,7 @@ async def reconcile(
     # make pods that cannot start. So nothing is injected until it exists; what was injected before is left.
     missing_prices = await _missing_pricing(client, meta["namespace"], spec) if spec.pricing.config_map else None
     targets = await _inject(
-        client, config, owner, spec, workloads, conditions, outcome, peers, serving, held=missing_prices
+        client, config, owner, spec, workloads, conditions, outcome, peers, serving, blocked=missing_prices
     )
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
@@ -472,10 +472,10 @@ async def _inject(
     outcome: Outcome,
     peers: PeerView,
     serving: Mapping[int, Sequence[Peer]],
-    held: str | None = None,
+    blocked: str | None = None,
 ) -> list[dict[str, Any]]:
     """Inject or remove the injection of each workload; returns the targets (those injected). ``serving``: the
-    peers that would inject each workload, by ``id``. ``held``: why no workload may be injected now (the pricing
+    peers that would inject each workload, by ``id``. ``blocked``: why no workload may be injected now (the pricing
     ConfigMap missing): the selected ones are left as they are, and those this resource had injected before stay
     its targets."""
     name = owner["metadata"]["name"]
@@ -548,7 +548,7 @@ async def _inject(
             take_over = True
         if not selected and not mine:
             continue
-        if held is not None and selected:
+        if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
@@ -574,11 +574,9 @@ async def _inject(
             outcome.settled.pop(settled, None)
         if selected:
             targets.append(workload)
-            held = _held_back(workload, patched=after is not workload)
-            if held is not None:
-                {"paused": paused, "on_delete": on_delete, "partition": partitioned}[held].append(
-                    workload_key(workload)
-                )
+            why = _held_back(workload, patched=after is not workload)
+            if why is not None:
+                {"paused": paused, "on_delete": on_delete, "partition": partitioned}[why].append(workload_key(workload))
     namespace = owner["metadata"]["namespace"]
     named = ", ".join(spec.containers)
     no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)

@@ -500,9 +500,11 @@ async def test_a_container_name_no_workload_has_is_reported_not_injected(emulato
             {"metadata": {"generation": 3}, "spec": {"containers": ["app", "wroker"]}},
         )
         await eventually(
-            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)
-            .get("message", "")
-            .endswith("; Deployment/chat has no container wroker (spec.containers)"),
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)
+                .get("message", "")
+                .endswith("; Deployment/chat has no container wroker (spec.containers)")
+            ),
             "the misspelt name said",
         )
     check_usage(emulator)
@@ -886,6 +888,9 @@ async def test_a_paused_deployment_is_said_to_be_paused(emulator: Any, monitorin
 
     assert (await injected_message(emulator)).endswith(note)
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    # The workload after it is injected as any other.
+    assert env_of(get(emulator, DEPLOYMENTS, "chat-b"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    assert get(emulator, LLMT, "chat")["status"]["targets"] == ["Deployment/chat", "Deployment/chat-b"]
     # Its pods have the template (paused after they rolled, say): nothing is held back.
     generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
     rolled = {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1}
@@ -933,11 +938,13 @@ async def test_a_partitioned_statefulset_is_said_to_hold_back_the_pods_below_its
     staged["spec"]["replicas"] = 3
     staged["spec"]["updateStrategy"] = {"type": "RollingUpdate", "rollingUpdate": {"partition": 2}}
     emulator.objects[STATEFULSETS, NAMESPACE, "db"] = staged
+    emulator.objects[STATEFULSETS, NAMESPACE, "web"] = deployment("web", kind="StatefulSet", labels={"app": "chat"})
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     note = "; rollingUpdate.partition (pods with an ordinal below it keep the old template until it is lowered): "
     note += "StatefulSet/db"
 
     assert (await injected_message(emulator)).endswith(note)
+    assert env_of(get(emulator, STATEFULSETS, "web"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"  # the next one too
     generation = get(emulator, STATEFULSETS, "db")["metadata"]["generation"]
     path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/db"
     status = {"observedGeneration": generation, "replicas": 3, "updatedReplicas": 1}
