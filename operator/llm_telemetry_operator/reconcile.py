@@ -283,8 +283,11 @@ async def reconcile(
         except ImportError as exc:  # the dashboards module ships with the middleware; a broken install only
             dashboard_error = f"dashboard could not be rendered: {exc}"
     failed: dict[str, str] = {}
+    # Workloads left as they were while the configMapRef is missing may still mount the inline prices' ConfigMap
+    # (the spec switched from inline prices): it stays until they are injected anew, or their pods could not start.
+    spared = frozenset({r.pricing_configmap_name(name)}) if missing_prices and outcome.held and targets else frozenset()
     cm_error = await _sync_children(
-        client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh, failed=failed
+        client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh, failed=failed, keep=spared
     )
     pricing_error = failed.pop(r.pricing_configmap_name(name), None)
     cm_error = "; ".join(failed.values()) or None

@@ -336,7 +336,9 @@ def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, A
         return None
     made = {entry["name"]: entry for entry in injection.env}
     containers: dict[str, Any] = {}
-    for container in (template.get("spec") or {}).get("containers") or []:
+    present = (template.get("spec") or {}).get("containers") or []
+    chosen = [ct for ct in present if ct.get("name") in injection.containers] if injection.containers else present[:1]
+    for container in chosen:  # only where the injection goes: a sidecar's own settings are its own
         env = {
             entry["name"]: _env_key(entry)
             for entry in container.get("env") or []

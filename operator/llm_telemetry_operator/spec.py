@@ -404,9 +404,13 @@ MAX_PRICING_BYTES = 1_000_000
 
 def pricing_document(models: Mapping[str, Mapping[str, float]]) -> str:
     """The inline pricing table as the YAML file the middleware reads (``LLM_TELEMETRY_PRICING``); names as they
-    are (escaped, a non-ASCII character took up to ten bytes)."""
+    are (escaped, a non-ASCII character took up to ten bytes), unless one would not read back so."""
     table = {model: dict(prices) for model, prices in sorted(models.items())}
-    return yaml.safe_dump({"models": table}, sort_keys=True, allow_unicode=True)
+    document = yaml.safe_dump({"models": table}, sort_keys=True, allow_unicode=True)
+    if not document.isascii() and yaml.safe_load(document) != {"models": table}:
+        # A character YAML reads as a line break (NEL, U+2028) would fold into a space: those names escaped.
+        document = yaml.safe_dump({"models": table}, sort_keys=True)
+    return document
 
 
 def _pricing(raw: Mapping[str, Any]) -> Pricing:
@@ -443,7 +447,13 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
         if len(ref["name"]) > 253 or not _DNS_SUBDOMAIN.fullmatch(ref["name"]):
             raise SpecError("spec.pricing.configMapRef.name", f"{ref['name']!r} is not a ConfigMap name")
         key = ref.get("key", "pricing.yaml")
-        if not isinstance(key, str) or len(key) > 253 or not _CONFIGMAP_KEY.fullmatch(key) or key in (".", ".."):
+        if (
+            not isinstance(key, str)
+            or len(key) > 253
+            or not _CONFIGMAP_KEY.fullmatch(key)
+            or key == "."
+            or key.startswith("..")
+        ):
             raise SpecError(
                 "spec.pricing.configMapRef.key", f"must be a ConfigMap key (letters, digits, - _ .), got {key!r}"
             )

@@ -563,6 +563,36 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
         assert env_of(get(emulator, DEPLOYMENTS, "embed"))["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
 
 
+async def test_switching_to_a_missing_configmapref_keeps_the_inline_prices_the_pods_mount(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """From inline prices to a configMapRef that does not exist yet: the workload is left as it was, mounting the
+    inline prices' ConfigMap, which therefore stays (deleted, its pods could not start); once the referenced
+    ConfigMap exists, the workload mounts it and the inline one goes."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(pricing={"models": {"gpt-4o": {"input": 2, "output": 8}}})
+
+    def mounted() -> list[str]:
+        volumes = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"].get("volumes") or []
+        return [v["configMap"]["name"] for v in volumes if "configMap" in v]
+
+    await one_pass(emulator, "chat")
+    assert mounted() == ["chat-llm-pricing"]
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
+    await hand(emulator, "PATCH", path, {"spec": {"pricing": {"models": None, "configMapRef": {"name": "prices"}}}})
+    await one_pass(emulator, "chat")
+    assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "PricingConfigMapNotFound"
+    assert mounted() == ["chat-llm-pricing"]
+    assert get(emulator, CONFIGMAPS, "chat-llm-pricing") is not None
+
+    prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"}, "data": {"pricing.yaml": "{}"}}
+    await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+    await one_pass(emulator, "chat")
+    assert mounted() == ["prices"]
+    assert get(emulator, CONFIGMAPS, "chat-llm-pricing") is None
+
+
 async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repaired(
     emulator: Any, monitoring_crds: Any
 ) -> None:

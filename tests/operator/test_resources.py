@@ -613,9 +613,36 @@ def test_pricing_configmap_of_the_largest_table_the_crd_admits_fits_and_reads_ba
     table = PricingTable(str(tmp_path / "pricing.yaml"))
     assert all(table.price(model) is not None for model in models)
 
+    # Characters YAML reads as line breaks (NEL, the Unicode line separator) are escaped, or they would fold.
+    odd = {"claude\x85x": {"input": 3.0, "output": 15.0}, "gpt\u2028y": {"input": 2.0, "output": 8.0}}
+    owner = minimal_llmt(pricing={"models": {**odd, "éclair": {"input": 1.0, "output": 1.0}}})
+    (tmp_path / "odd.yaml").write_text(
+        r.build_pricing_configmap(owner, parse_spec(owner["spec"]))["data"][c.PRICING_FILE]
+    )
+    table = PricingTable(str(tmp_path / "odd.yaml"))
+    assert all(table.price(model) is not None for model in [*odd, "éclair"]) and table.price("claude x") is None
+
     bigger = {f"{i:03d}" + "😀" * 600: {"input": 1.5, "output": 2.0} for i in range(500)}
     with pytest.raises(SpecError, match=r"spec\.pricing\.models"):
         parse_spec(minimal_llmt(pricing={"models": bigger})["spec"])
+
+
+def test_a_lost_record_is_rebuilt_only_from_the_containers_injected() -> None:
+    """The injection record removed by hand: what equals the injection's values is taken back as the injection's,
+    but only in the containers the injection goes into; a sidecar that sets the same variables itself keeps them."""
+    target = deployment()
+    sidecar = {"name": "collector", "image": "otel:1", "env": [{"name": "OTEL_TRACES_EXPORTER", "value": "otlp"}]}
+    target["spec"]["template"]["spec"]["containers"].append(sidecar)
+    spec = parse_spec(minimal_llmt()["spec"])
+    injection = r.build_injection(spec, OperatorConfig(), target, "chat")
+    injected = merge_patch(target, r.build_workload_patch(target, injection, "chat"))
+    del injected["metadata"]["annotations"][c.ANNOTATION_INJECTED]
+    rewrite = r.build_workload_patch(injected, injection, "chat")
+    assert rewrite is not None
+    after = merge_patch(injected, rewrite)
+    assert after["spec"]["template"]["spec"]["containers"][1] == sidecar
+    removed = merge_patch(after, r.build_workload_patch(after, None, "chat"))
+    assert removed["spec"]["template"]["spec"]["containers"] == target["spec"]["template"]["spec"]["containers"]
 
 
 def test_child_names_fit_a_dns_label() -> None:

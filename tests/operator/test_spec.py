@@ -127,6 +127,8 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"pricing": {"configMapRef": {"name": "prices-50%"}}}, "spec.pricing.configMapRef.name"),
         ({"pricing": {"configMapRef": {"name": "../prices"}}}, "spec.pricing.configMapRef.name"),
         ({"pricing": {"configMapRef": {"name": "prices", "key": "a/b"}}}, "spec.pricing.configMapRef.key"),
+        ({"pricing": {"configMapRef": {"name": "prices", "key": "..data"}}}, "spec.pricing.configMapRef.key"),
+        ({"pricing": {"configMapRef": {"name": "prices", "key": "."}}}, "spec.pricing.configMapRef.key"),
         ({"logs": {"endpoint": "http://loki:3100/otlp?tenant=a"}}, "spec.logs.endpoint"),
     ],
 )
