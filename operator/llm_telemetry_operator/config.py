@@ -277,4 +277,7 @@ def _otlp_base(name: str, value: str, signal: str) -> str:
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         raise ConfigurationError(f"{name}={value!r}: must have no query or fragment (the exporter adds a path)")
     value = value.rstrip("/")
+    other = "logs" if signal == "traces" else "traces"
+    if parts.path.rstrip("/").endswith(f"/v1/{other}"):
+        raise ConfigurationError(f"{name}={value!r}: the URL of the {other}, not of the {signal}")
     return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value

@@ -284,6 +284,9 @@ def _url(section: Mapping[str, Any], key: str, path: str, signal: str) -> str | 
     if parts.query or parts.fragment or value.endswith(("?", "#")):
         raise SpecError(path, f"must have no query or fragment (the exporter adds a path after it): {value!r}")
     value = value.rstrip("/")
+    other = "logs" if signal == "traces" else "traces"
+    if parts.path.rstrip("/").endswith(f"/v1/{other}"):
+        raise SpecError(path, f"is the URL of the {other}, not of the {signal}: {value!r}")
     return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value
 
 

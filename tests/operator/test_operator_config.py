@@ -93,6 +93,7 @@ def test_config_auto_priority_differs_between_pods() -> None:
         ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", "team a"),
         ("LLM_TELEMETRY_OPERATOR_LOGS_TENANT", ".."),
         ("LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT", "http://loki:3100/otlp?org=a"),
+        ("LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT", "http://collector:4318/v1/logs"),
     ],
 )
 def test_config_bad_value_names_the_variable(name: str, value: str) -> None:

@@ -130,6 +130,8 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"pricing": {"configMapRef": {"name": "prices", "key": "..data"}}}, "spec.pricing.configMapRef.key"),
         ({"pricing": {"configMapRef": {"name": "prices", "key": "."}}}, "spec.pricing.configMapRef.key"),
         ({"logs": {"endpoint": "http://loki:3100/otlp?tenant=a"}}, "spec.logs.endpoint"),
+        ({"tracing": {"endpoint": "http://collector:4318/v1/logs"}}, "spec.tracing.endpoint"),
+        ({"logs": {"endpoint": "http://loki:3100/otlp/v1/traces"}}, "spec.logs.endpoint"),
     ],
 )
 def test_spec_errors_name_the_field(spec: dict[str, Any], field: str) -> None:
