@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from llm_telemetry.monitoring.rules import DEFAULT_RUNBOOK_URL  # a path in this repository: no link in a notification
 from llm_telemetry_operator.errors import ConfigurationError
 from llm_telemetry_operator.labels import is_label_key, is_label_value
-from llm_telemetry_operator.spec import loki_tenant_problem
+from llm_telemetry_operator.spec import loki_tenant_problem, otlp_base
 
 #: Comma-separated namespaces to watch; empty means every namespace (cluster-wide).
 LLM_TELEMETRY_OPERATOR_NAMESPACES: Final = "LLM_TELEMETRY_OPERATOR_NAMESPACES"
@@ -271,13 +271,9 @@ def _check_url(name: str, value: str) -> None:
 
 
 def _otlp_base(name: str, value: str, signal: str) -> str:
-    """An OTLP endpoint's base URL, to which the exporter adds ``/v1/<signal>`` (given with it, it loses it)."""
+    """An OTLP endpoint's base URL, to which the exporter adds ``/v1/<signal>`` (see :func:`spec.otlp_base`)."""
     _check_url(name, value)
-    parts = urlsplit(value)
-    if parts.query or parts.fragment or value.endswith(("?", "#")):
-        raise ConfigurationError(f"{name}={value!r}: must have no query or fragment (the exporter adds a path)")
-    value = value.rstrip("/")
-    other = "logs" if signal == "traces" else "traces"
-    if parts.path.rstrip("/").endswith(f"/v1/{other}"):
-        raise ConfigurationError(f"{name}={value!r}: the URL of the {other}, not of the {signal}")
-    return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value
+    try:
+        return otlp_base(value, signal)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={value!r}: {exc}") from None

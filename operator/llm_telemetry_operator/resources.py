@@ -19,7 +19,7 @@ from llm_telemetry import config as mw
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import SpecError
-from llm_telemetry_operator.spec import TelemetrySpec, pricing_document
+from llm_telemetry_operator.spec import TelemetrySpec
 
 # Downward-API variables that OTEL_RESOURCE_ATTRIBUTES refers to with $(VAR); they must come first.
 ENV_POD_NAMESPACE = "K8S_NAMESPACE_NAME"
@@ -775,7 +775,7 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
 
 def build_pricing_document(spec: TelemetrySpec) -> str:
     """The inline pricing table as the YAML file the middleware reads (``LLM_TELEMETRY_PRICING``)."""
-    return pricing_document(spec.pricing.models)
+    return spec.pricing.document
 
 
 def build_pricing_configmap(owner: Mapping[str, Any], spec: TelemetrySpec) -> dict[str, Any]:

@@ -7,6 +7,7 @@ expressible in the schema: those raise :class:`SpecError` naming the field.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,12 @@ class Pricing:
     @property
     def inline(self) -> bool:
         return bool(self.models)
+
+    @functools.cached_property
+    def document(self) -> str:
+        """The inline table as the pricing file (:func:`pricing_document`), rendered once per parsed spec: its size
+        is checked when the spec is parsed, and each pass hashes and writes it."""
+        return pricing_document(self.models)
 
 
 @dataclass(frozen=True)
@@ -281,13 +288,25 @@ def _url(section: Mapping[str, Any], key: str, path: str, signal: str) -> str | 
         raise SpecError(path, f"is not a valid URL ({exc}): {value!r}") from None
     if not host:
         raise SpecError(path, f"has no host: {value!r}")
-    if parts.query or parts.fragment or value.endswith(("?", "#")):
-        raise SpecError(path, f"must have no query or fragment (the exporter adds a path after it): {value!r}")
-    value = value.rstrip("/")
+    try:
+        return otlp_base(value, signal)
+    except ValueError as exc:
+        raise SpecError(path, f"{exc}: {value!r}") from None
+
+
+def otlp_base(url: str, signal: str) -> str:
+    """The base URL of an OTLP endpoint (a parseable http(s) URL), to which the exporter adds ``/v1/<signal>``: one
+    given with that path already loses it. ValueError saying why for one with a query or fragment (the path would
+    come after it) or with the other signal's path. Used for the spec's endpoints and the operator's defaults."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError("must have no query or fragment (the exporter adds a path after it)")
+    path = parts.path.rstrip("/")
     other = "logs" if signal == "traces" else "traces"
-    if parts.path.rstrip("/").endswith(f"/v1/{other}"):
-        raise SpecError(path, f"is the URL of the {other}, not of the {signal}: {value!r}")
-    return value.removesuffix(f"/v1/{signal}") if parts.path.rstrip("/").endswith(f"/v1/{signal}") else value
+    if path.endswith(f"/v1/{other}"):
+        raise ValueError(f"is the URL of the {other}, not of the {signal}")
+    url = url.rstrip("/")
+    return url.removesuffix(f"/v1/{signal}") if path.endswith(f"/v1/{signal}") else url
 
 
 #: The labels the operator puts on every child (it finds them by these): not for spec.metrics.labels to set.
@@ -422,6 +441,7 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
     if models_raw and ref:
         raise SpecError("spec.pricing", "set either models or configMapRef, not both")
     models: dict[str, dict[str, float]] = {}
+    pricing = Pricing()
     if models_raw is not None:
         if not isinstance(models_raw, Mapping):
             raise SpecError("spec.pricing.models", "must map model names to prices")
@@ -437,7 +457,8 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
                 assert value is not None
                 entry[kind] = value
             models[str(model)] = entry
-        size = len(pricing_document(models).encode())
+        pricing = Pricing(models=models)
+        size = len(pricing.document.encode())
         if size > MAX_PRICING_BYTES:
             raise SpecError(
                 "spec.pricing.models",
@@ -461,7 +482,7 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
                 "spec.pricing.configMapRef.key", f"must be a ConfigMap key (letters, digits, - _ .), got {key!r}"
             )
         return Pricing(config_map=ref["name"], config_map_key=key)
-    return Pricing(models=models)
+    return pricing
 
 
 def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
