@@ -13,10 +13,15 @@ _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
+def is_dns_subdomain(name: str) -> bool:
+    """A DNS subdomain of at most 253 characters: a label key's prefix, most objects' names."""
+    return 0 < len(name) <= 253 and _PREFIX.fullmatch(name) is not None
+
+
 def is_label_key(key: str) -> bool:
     """``[prefix/]name``, as the API server accepts it."""
     prefix, slash, name = key.rpartition("/")
-    if slash and not (prefix and len(prefix) <= 253 and _PREFIX.fullmatch(prefix)):
+    if slash and not is_dns_subdomain(prefix):
         return False
     return bool(_NAME.fullmatch(name))
 

@@ -21,7 +21,7 @@ from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.errors import SpecError
-from llm_telemetry_operator.labels import is_label_key, is_label_value
+from llm_telemetry_operator.labels import is_dns_subdomain, is_label_key, is_label_value
 
 #: Prices a model entry may carry, in USD per million tokens.
 PRICE_KINDS = ("input", "output", "cache_read", "cache_creation")
@@ -35,8 +35,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 MAX_SCRAPE_INTERVAL_SECONDS = 75
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
-#: An object name (DNS subdomain) and a ConfigMap key, as the API server checks them.
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+#: A ConfigMap key, as the API server checks it.
 _CONFIGMAP_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 #: A Loki tenant id (X-Scope-OrgID): Loki's own rule, less '|', which separates tenants in a query.
 _LOKI_TENANT = re.compile(r"[A-Za-z0-9!._*'()-]{1,150}")
@@ -468,7 +467,7 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
     if ref is not None:
         if not isinstance(ref, Mapping) or not isinstance(ref.get("name"), str) or not ref["name"]:
             raise SpecError("spec.pricing.configMapRef.name", "is required")
-        if len(ref["name"]) > 253 or not _DNS_SUBDOMAIN.fullmatch(ref["name"]):
+        if not is_dns_subdomain(ref["name"]):
             raise SpecError("spec.pricing.configMapRef.name", f"{ref['name']!r} is not a ConfigMap name")
         key = ref.get("key", "pricing.yaml")
         if (
