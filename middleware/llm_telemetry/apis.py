@@ -69,12 +69,12 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _cache_writes(details: dict[str, Any] | None, usage: dict[str, Any]) -> int | None:
+def _cache_writes(details: Any, usage: dict[str, Any]) -> int | None:
     """Prompt-cache writes in an OpenAI-shaped usage (part of its prompt or input tokens, as cached reads are): no
     OpenAI model reports them, but gateways in front of a provider that bills them do. The LiteLLM proxy sends
     ``cache_creation_tokens`` (chat) or ``cache_write_tokens`` (Responses) in the details and
     ``cache_creation_input_tokens`` beside them; OpenRouter ``cache_write_tokens``."""
-    if details is not None:
+    if isinstance(details, dict):
         for key in ("cache_creation_tokens", "cache_write_tokens"):
             found = _int(details.get(key))
             if found is not None:
@@ -774,12 +774,8 @@ class OpenAIChatReader(ResponseReader):
         call.output_tokens = _int(usage.get("completion_tokens"))
         # (What _get reads, without its calls: this runs once per stream, and its cost showed.)
         details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict):
-            call.cache_read_tokens = _int(details.get("cached_tokens"))
-            call.cache_creation_tokens = _cache_writes(details, usage)
-        else:
-            call.cache_read_tokens = None
-            call.cache_creation_tokens = _cache_writes(None, usage)
+        call.cache_read_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        call.cache_creation_tokens = _cache_writes(details, usage)
         details = usage.get("completion_tokens_details")
         call.reasoning_tokens = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
         call.usage_source = "reported"
@@ -971,7 +967,7 @@ class OpenAIResponsesReader(ResponseReader):
             call.output_tokens = _int(usage.get("output_tokens"))
             details = usage.get("input_tokens_details")
             call.cache_read_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
-            call.cache_creation_tokens = _cache_writes(details if isinstance(details, dict) else None, usage)
+            call.cache_creation_tokens = _cache_writes(details, usage)
             call.reasoning_tokens = _int(_get(usage, "output_tokens_details", "reasoning_tokens"))
             call.usage_source = "reported"
         status = response.get("status")
