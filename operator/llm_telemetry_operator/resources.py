@@ -325,6 +325,13 @@ def _as_injected(entry: Mapping[str, Any], ours: Mapping[Any, Any]) -> bool:
 _ENV_REFERENCE = re.compile(r"(?<!\$)\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
+def _chosen(containers: list[Any], injection: Injection) -> list[Any]:
+    """The containers the injection goes into: those ``spec.containers`` names, else the first."""
+    return (
+        [ct for ct in containers if ct.get("name") in injection.containers] if injection.containers else containers[:1]
+    )
+
+
 def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, Any] | None:
     """The record of an injection whose record annotation was removed (by hand, or by a tool that rewrites the
     workload's metadata), rebuilt from the pod template, or None. Only a template with the injection's config hash
@@ -337,8 +344,7 @@ def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, A
     made = {entry["name"]: entry for entry in injection.env}
     containers: dict[str, Any] = {}
     present = (template.get("spec") or {}).get("containers") or []
-    chosen = [ct for ct in present if ct.get("name") in injection.containers] if injection.containers else present[:1]
-    for container in chosen:  # only where the injection goes: a sidecar's own settings are its own
+    for container in _chosen(present, injection):  # only where the injection goes: a sidecar's own settings are its own
         env = {
             entry["name"]: _env_key(entry)
             for entry in container.get("env") or []
@@ -407,9 +413,7 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
     containers = template.setdefault("spec", {}).setdefault("containers", [])
-    chosen = (
-        [ct for ct in containers if ct.get("name") in injection.containers] if injection.containers else containers[:1]
-    )
+    chosen = _chosen(containers, injection)
     port = dict(injection.port)
     host_network = template["spec"].get("hostNetwork") is True
     declared = False
