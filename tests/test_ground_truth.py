@@ -53,7 +53,13 @@ pytest.importorskip("uvicorn")
 
 from llm_telemetry import instruments  # noqa: E402
 from llm_telemetry.monitoring.dashboards import build_dashboard  # noqa: E402
-from llm_telemetry.monitoring.rules import CLIENT_ERROR_TYPES, AlertThresholds, build_rule_groups, dump_yaml  # noqa: E402
+from llm_telemetry.monitoring.rules import (  # noqa: E402
+    CLIENT_ERROR_TYPES,
+    TRUNCATED_FINISH_REASONS,
+    AlertThresholds,
+    build_rule_groups,
+    dump_yaml,
+)
 from support import free_port, scrape_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +108,26 @@ class Req:
     tool_results: tuple[tuple[str, bool], ...] = ()
     fail: str | None = None
     no_usage: bool = False  # a stream without a usage block: output estimated from its content chunks
+    finish: str | None = None  # the finish reason the upstream sends instead of its usual one
 
     # What the middleware should record ----------------------------------------------------------------
     @property
     def error_type(self) -> str | None:
         return self.fail
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.fail:
+            return None  # an error, a stream the client left or the app abandoned: no choice finished
+        if self.finish:
+            return self.finish
+        if self.tool:
+            return "tool_calls" if self.api == "openai" else "tool_use"
+        return "stop" if self.api == "openai" else "end_turn"
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason in TRUNCATED_FINISH_REASONS
 
     @property
     def tokens(self) -> dict[str, int]:
@@ -184,6 +205,10 @@ def _traffic() -> list[Req]:
         tool="search")  # fmt: skip
     add(1, api="anthropic", model="claude-sonnet-4", tenant="globex", usage=(25, 3, 0, 0, 0),
         tool_results=(("search", True),))  # fmt: skip
+    # Answers cut at their token limit, as each API says it.
+    add(2, api="openai", model="gpt-4o-mini", tenant="acme", stream=True, usage=(10, 3, 0, 0, 0), words=3,
+        finish="length")  # fmt: skip
+    add(1, api="anthropic", model="claude-sonnet-4", tenant="globex", usage=(12, 100, 0, 0, 0), finish="max_tokens")
     # A model missing from the pricing table.
     add(2, api="openai", model="free-model", tenant="globex", usage=(15, 5, 0, 0, 0))
     # Every error type (two of them need a stream), and one more on another provider and model.
@@ -238,7 +263,7 @@ _CONTENT = re.compile(rb'"(content":"w|text_delta|tool_calls":\[|tool_use")')
 
 def send(base: str, req: Req) -> Sent:
     script = {"api": req.api, "usage": list(req.usage), "words": req.words, "ttft": req.ttft, "gap": req.gap,
-              "tool": req.tool, "fail": req.fail, "no_usage": req.no_usage}  # fmt: skip
+              "tool": req.tool, "fail": req.fail, "no_usage": req.no_usage, "finish": req.finish}  # fmt: skip
     path = "/v1/messages" if req.api == "anthropic" else "/v1/chat/completions"
     headers = {"x-truth": json.dumps(script), "x-tenant-id": req.tenant}
     with httpx.Client(base_url=base, timeout=30) as client:
@@ -318,6 +343,7 @@ def _settled_checks(passes: int) -> dict[str, float]:
         f"sum(llm_tokens_total{ONE})": passes * sum(sum(r.tokens.values()) for r in TRAFFIC),
         f"sum(llm_token_details_total{ONE})": passes * sum(sum(r.details.values()) for r in TRAFFIC),
         f"sum(llm_errors_total{ONE})": passes * sum(1 for r in TRAFFIC if r.fail),
+        f"sum(llm_finish_reasons_total{ONE})": passes * sum(1 for r in TRAFFIC if r.finish_reason),
         f"sum(gen_ai_server_request_duration_seconds_count{ONE})": passes * len(TRAFFIC),
         f"sum(gen_ai_server_time_to_first_token_seconds_count{ONE})": passes * sum(1 for r in TRAFFIC if r.has_ttft),
         f"sum(llm_requests_active{ONE})": 0,
@@ -718,6 +744,19 @@ def _panel_checks() -> dict[str, PanelCheck]:
         ),
         "Error ratio by model": lambda run, rs: assert_equal(
             vector(rs[0], MODEL), _ratio(_errors_by_model(), _requests_by_model()), "error ratio by model"
+        ),
+        "Responses/s by finish reason": lambda run, rs: assert_equal(
+            vector(rs[0], "llm_finish_reason"),
+            grouped(lambda r: (r.finish_reason,), lambda r: 1 / run.seconds, lambda r: r.finish_reason is not None),
+            "finish reasons/s",
+        ),
+        "Truncated response ratio by model": lambda run, rs: assert_equal(
+            vector(rs[0], MODEL),
+            _ratio(
+                grouped(lambda r: (r.model,), lambda r: 1, lambda r: r.truncated),
+                grouped(lambda r: (r.model,), lambda r: 1, lambda r: r.finish_reason is not None),
+            ),
+            "truncated ratio",
         ),
         "Tool calls/s by tool": lambda run, rs: assert_equal(
             vector(rs[0], "gen_ai_tool_name"),

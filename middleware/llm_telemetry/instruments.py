@@ -40,6 +40,7 @@ LLM_COST: Final = "llm.cost"
 LLM_COST_UNPRICED_TOKENS: Final = "llm.cost.unpriced_tokens"
 LLM_TOOL_CALLS: Final = "llm.tool_calls"
 LLM_TOOL_RESULTS: Final = "llm.tool_results"
+LLM_FINISH_REASONS: Final = "llm.finish_reasons"
 LLM_REQUESTS_ACTIVE: Final = "llm.requests.active"
 LLM_TELEMETRY_INTERNAL_ERRORS: Final = "llm_telemetry.internal_errors"
 
@@ -56,6 +57,8 @@ GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
 LLM_USAGE_SOURCE: Final = "llm.usage.source"
 LLM_TOKEN_DETAIL: Final = "llm.token.detail"
 LLM_TOOL_STATUS: Final = "llm.tool.status"
+#: One of the reasons in the span's ``gen_ai.response.finish_reasons``, as the provider named it.
+LLM_FINISH_REASON: Final = "llm.finish_reason"
 LLM_TELEMETRY_COMPONENT: Final = "llm_telemetry.component"
 #: Attribution labels are ``llm.metadata.<name>`` -> ``llm_metadata_<name>``.
 LLM_METADATA_PREFIX: Final = "llm.metadata."
@@ -235,6 +238,14 @@ TOOL_RESULTS: Final = MetricSpec(
     (GEN_AI_PROVIDER_NAME, GEN_AI_TOOL_NAME, LLM_TOOL_STATUS),
     attributed=False,
 )
+FINISH_REASONS: Final = MetricSpec(
+    LLM_FINISH_REASONS,
+    "{response}",
+    "counter",
+    "Responses by llm.finish_reason, as the provider named it (stop, length, tool_calls, end_turn, max_tokens...);"
+    " a response whose choices stopped for different reasons counts once under each.",
+    (*_CALL, LLM_FINISH_REASON),
+)
 REQUESTS_ACTIVE: Final = MetricSpec(
     LLM_REQUESTS_ACTIVE,
     "{request}",
@@ -265,6 +276,7 @@ CONTRACT: Final = (
     UNPRICED_TOKENS,
     TOOL_CALLS,
     TOOL_RESULTS,
+    FINISH_REASONS,
     REQUESTS_ACTIVE,
     INTERNAL_ERRORS,
 )
@@ -692,6 +704,7 @@ class Instruments:
     unpriced_tokens: Sum
     tool_calls: Sum
     tool_results: Sum
+    finish_reasons: Sum
     requests_active: Sum
     internal_errors: Sum
     #: Held by the recorder around the ``add_locked`` / ``record_locked`` calls of one call's points, so a call
@@ -747,6 +760,7 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
         unpriced_tokens=create(UNPRICED_TOKENS),
         tool_calls=create(TOOL_CALLS),
         tool_results=create(TOOL_RESULTS),
+        finish_reasons=create(FINISH_REASONS),
         requests_active=create(REQUESTS_ACTIVE),
         internal_errors=create(INTERNAL_ERRORS),
         lock=lock if summed or histograms is not None else nullcontext(),

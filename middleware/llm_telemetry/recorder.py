@@ -37,11 +37,27 @@ class _Shape:
     """The attribute sets of every point a call of one shape makes (same labels, attribution, outcome), each
     with its key, so that recording a point is one dict lookup."""
 
-    __slots__ = ("cost", "details", "duration", "errors", "requests", "tokens", "tpot", "ttft", "unpriced", "values")
+    __slots__ = (
+        "attribution",
+        "cost",
+        "details",
+        "duration",
+        "errors",
+        "finish",
+        "requests",
+        "tokens",
+        "tpot",
+        "ttft",
+        "unpriced",
+        "values",
+    )
 
     def __init__(self, values: dict[str, Any], attribution: Mapping[str, str], input_estimated: bool = False) -> None:
-        #: The call's bounded label values (without attribution), for the tool points.
+        #: The call's bounded label values (without attribution), for the tool and finish-reason points.
         self.values = values
+        self.attribution = attribution
+        #: Finish reason as sent -> its point's attributes, for the reasons the label limit admitted as they are.
+        self.finish: dict[str, Keyed] = {}
         self.requests = _keyed(select(names.REQUESTS, values, attribution))
         self.duration = _keyed(select(names.REQUEST_DURATION, values, attribution))
         self.errors = _keyed(select(names.ERRORS, values, attribution))
@@ -218,6 +234,7 @@ class MetricsRecorder:
         if call.stream and not call.error_type:
             # As the GenAI conventions define them: successful responses only (a failed one is in the error counts).
             first, tpot = call.first_token_at, call.time_per_output_token
+        finishes = [self._finish(shape, reason) for reason in call.finish_reasons] if call.finish_reasons else None
         total = (call.input_tokens or 0) + (call.output_tokens or 0)  # the billable counts (shape.tokens)
         cost = None
         if total:
@@ -251,9 +268,23 @@ class MetricsRecorder:
             elif total:
                 attributes, key = shape.unpriced
                 ins.unpriced_tokens.add_locked(total, key, attributes)
+            if finishes:
+                for attributes, key in finishes:
+                    ins.finish_reasons.add_locked(1, key, attributes)
 
         if call.tool_calls or call.tool_results:
             self._tools(call, dict(shape.values), call.attribution)
+
+    def _finish(self, shape: _Shape, reason: str) -> Keyed:
+        """The attributes of ``reason``'s point for calls of ``shape`` (a call's reasons are distinct already)."""
+        keyed = shape.finish.get(reason)
+        if keyed is None:
+            value = self.limit(names.LLM_FINISH_REASON, reason)
+            values = {**shape.values, names.LLM_FINISH_REASON: value}
+            keyed = _keyed(select(names.FINISH_REASONS, values, shape.attribution))
+            if value == reason:
+                shape.finish[reason] = keyed  # admitted values stay admitted; ``other`` is asked about each time
+        return keyed
 
     def _tools(self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
         # Counted per distinct tool first (in the order of first appearance, which the label limit admits by):

@@ -4,7 +4,8 @@ Each request carries its script in the ``x-truth`` header (JSON), so the test kn
 should see: ``api`` ("openai" or "anthropic"), ``usage`` ([input, output, cache_read, cache_creation,
 reasoning]; input includes the cached parts, as the middleware counts it), ``ttft`` and ``gap`` (seconds slept
 before the first token and between tokens, or before a non-stream reply), ``words`` (content chunks of a
-stream), ``no_usage`` (a stream without a usage block), ``tool`` (the model calls this tool) and ``fail``
+stream), ``no_usage`` (a stream without a usage block), ``tool`` (the model calls this tool), ``finish`` (the
+finish reason to send instead of the usual one) and ``fail``
 (one way to fail, named after the ``error.type`` the middleware should give it). The middleware reads its
 settings from ``LLM_TELEMETRY_*``; every response carries ``x-worker-pid``.
 """
@@ -67,7 +68,7 @@ async def _openai_stream(script: dict[str, Any], model: str) -> AsyncIterator[by
         if i:
             await asyncio.sleep(script.get("gap", 0.0))
         yield chunk({"content": f"w{i} "})
-    yield chunk({}, "tool_calls" if tool else "stop")
+    yield chunk({}, script.get("finish") or ("tool_calls" if tool else "stop"))
     if not script.get("no_usage"):
         yield _sse({"id": "c1", "object": "chat.completion.chunk", "model": model, "choices": [],
                     "usage": _openai_usage(script["usage"])})  # fmt: skip
@@ -108,7 +109,8 @@ async def _anthropic_stream(script: dict[str, Any], model: str) -> AsyncIterator
             yield _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"w{i} "}},
                        "content_block_delta")  # fmt: skip
     yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-    yield _sse({"type": "message_delta", "delta": {"stop_reason": "tool_use" if tool else "end_turn"},
+    stop = script.get("finish") or ("tool_use" if tool else "end_turn")
+    yield _sse({"type": "message_delta", "delta": {"stop_reason": stop},
                 "usage": {"output_tokens": usage["output_tokens"]}}, "message_delta")  # fmt: skip
     yield _sse({"type": "message_stop"}, "message_stop")
 
@@ -134,12 +136,12 @@ async def llm(request: Request) -> Response:
             [{"type": "tool_use", "id": "tu1", "name": tool, "input": {}}] if tool else [{"type": "text", "text": "hi"}]
         )
         return JSONResponse({"id": "m1", "type": "message", "role": "assistant", "model": model, "content": content,
-                             "stop_reason": "tool_use" if tool else "end_turn",
+                             "stop_reason": script.get("finish") or ("tool_use" if tool else "end_turn"),
                              "usage": _anthropic_usage(script["usage"])})  # fmt: skip
     message: dict[str, Any] = {"role": "assistant", "content": None if tool else "hi"}
     if tool:
         message["tool_calls"] = [{"id": "call_1", "type": "function", "function": {"name": tool, "arguments": "{}"}}]
-    finish = "tool_calls" if tool else "stop"
+    finish = script.get("finish") or ("tool_calls" if tool else "stop")
     return JSONResponse({"id": "c1", "object": "chat.completion", "model": model,
                          "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                          "usage": _openai_usage(script["usage"])})  # fmt: skip

@@ -25,8 +25,12 @@ def test_demo_drives_the_service_and_prints_a_summary_from_its_metrics() -> None
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    # 8 chats + 2 for the tool round trip + 1 embedding + 4 failures.
-    assert re.search(r"^requests\s+15$", out, re.M), out
+    # 8 chats + 2 for the tool round trip + 1 answer cut at max_tokens + 1 embedding + 4 failures.
+    assert re.search(r"^requests\s+16$", out, re.M), out
+    # The chats and the tool call's answer stop; the tool call itself, and the capped answer, do not.
+    assert re.search(r"^  stop\s+9$", out, re.M), out
+    assert re.search(r"^  tool_calls\s+1$", out, re.M), out
+    assert re.search(r"^  length\s+1$", out, re.M), out
     assert re.search(r"^  get_weather\s+1$", out, re.M), out
     assert re.search(r"^  rate_limit\s+2$", out, re.M), out
     assert re.search(r"^  context_length\s+1$", out, re.M), out

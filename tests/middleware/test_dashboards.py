@@ -20,7 +20,7 @@ from llm_telemetry.monitoring.rules import METRICS, SCRAPE_LABELS, AlertThreshol
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool")
 
-ROWS = ["Health", "Latency", "Tokens and cost", "Errors", "Tools", "Attribution"]
+ROWS = ["Health", "Latency", "Tokens and cost", "Errors and finish reasons", "Tools", "Attribution"]
 PROMQL_KEYWORDS = {
     "by",
     "without",
@@ -129,7 +129,13 @@ def test_rows_hold_the_panels_the_issue_asks_for() -> None:
         "Cache and reasoning tokens/min by model",
         "Estimated vs reported tokens",
     } <= set(rows["Tokens and cost"])
-    assert {"Errors/s by error type", "Error ratio by model", "Error log lines"} <= set(rows["Errors"])
+    assert {
+        "Errors/s by error type",
+        "Error ratio by model",
+        "Responses/s by finish reason",
+        "Truncated response ratio by model",
+        "Error log lines",
+    } <= set(rows["Errors and finish reasons"])
     assert rows["Tools"] == ["Tool calls/s by tool", "Tool failure ratio by tool"]
     assert rows["Attribution"] == ["Top tenant by tokens", "Top tenant by cost"]
 

@@ -287,6 +287,41 @@ def test_anthropic_tool_use_and_rate_limit(service: tuple[str, int], claude: ant
     assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="rate_limit") == 1
 
 
+def test_answers_cut_at_their_token_limit_are_counted_by_finish_reason(
+    service: tuple[str, int], oai: openai.OpenAI, claude: anthropic.Anthropic
+) -> None:
+    """Each API's way of saying the output hit its cap (the demo cuts its 12-word reply at the request's cap), as
+    the SDKs hand it to the caller, is the ``llm_finish_reason`` counted; whole answers count their own reason."""
+    cap = 5
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    model = "gpt-4o-cut"
+    answer = oai.chat.completions.create(model=model, messages=messages, max_completion_tokens=cap)
+    chunks = list(oai.chat.completions.create(model=model, messages=messages, max_tokens=cap, stream=True))
+    whole = oai.chat.completions.create(model=model, messages=messages)
+    seen = [answer.choices[0].finish_reason, *(c.choices[0].finish_reason for c in chunks if c.choices)]
+    assert [reason for reason in seen if reason] == ["length", "length"]
+    assert whole.choices[0].finish_reason == "stop"
+    responses_model = "gpt-4.1-cut"
+    cut = oai.responses.create(model=responses_model, input=PROMPT, max_output_tokens=cap)
+    assert cut.status == "incomplete" and cut.incomplete_details is not None
+    assert cut.incomplete_details.reason == "max_output_tokens"
+    claude_model = "claude-cut"
+    with claude.messages.stream(model=claude_model, max_tokens=cap, messages=messages) as stream:
+        streamed = stream.get_final_message()
+    created = claude.messages.create(model=claude_model, max_tokens=100, messages=messages)
+    assert (streamed.stop_reason, created.stop_reason) == ("max_tokens", "end_turn")
+
+    m = eventually(service, lambda m: m.value("llm_requests_total", gen_ai_request_model=claude_model) >= 2)
+    assert m.value("llm_finish_reasons_total", gen_ai_request_model=model, llm_finish_reason="length") == 2
+    assert m.value("llm_finish_reasons_total", gen_ai_request_model=model, llm_finish_reason="stop") == 1
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 2 * cap + 12
+    reasons = {"gen_ai_request_model": responses_model, "llm_finish_reason": "max_output_tokens"}
+    assert m.value("llm_finish_reasons_total", **reasons) == 1
+    assert m.value("llm_finish_reasons_total", gen_ai_request_model=claude_model, llm_finish_reason="max_tokens") == 1
+    assert m.value("llm_finish_reasons_total", gen_ai_request_model=claude_model, llm_finish_reason="end_turn") == 1
+    assert m.value("llm_finish_reasons_total", gen_ai_request_model=claude_model) == 2
+
+
 def test_attribution_header_becomes_a_bounded_label() -> None:
     metrics_port = free_port()
     app = create_app(metrics_port=metrics_port, attribution_headers={"x-tenant-id": "tenant"}, max_label_values=3)

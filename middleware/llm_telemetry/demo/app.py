@@ -11,6 +11,9 @@ Behaviour is steered per request:
 - header ``x-demo-fail``: ``rate_limit`` (429), ``context_length`` (400 ``context_length_exceeded``),
   ``server_error`` (500), ``exception`` (the app raises), ``stream_error`` (an error event mid-stream);
 - header ``x-demo-words``: the number of words in the reply (e.g. 64 or 512 chunks for benchmarks);
+- the request's output cap (``max_completion_tokens`` or ``max_tokens``; Anthropic's ``max_tokens``; the Responses
+  API's ``max_output_tokens``) below the reply's words cuts the reply there, and the response says so as each API
+  does: finish reason ``length``, stop reason ``max_tokens``, or an ``incomplete`` response;
 - header ``x-demo-obfuscation: 1``: every streamed chat event ends with an ``"obfuscation"`` member, random letters
   and digits of random length (1 to 16), each event its own, as OpenAI adds by default (the same values for every
   stream, so runs repeat);
@@ -44,6 +47,14 @@ WORDS = (
 
 def _reply(count: int) -> list[str]:
     return [WORDS[i % len(WORDS)] + " " for i in range(count)]
+
+
+def _capped(words: list[str], body: dict[str, Any], caps: tuple[str, ...]) -> tuple[list[str], bool]:
+    """``words`` cut at the first of the request's output caps (fields ``caps``) it sets, and whether they were."""
+    cap = next((v for k in caps if type(v := body.get(k)) is int and v > 0), None)
+    if cap is None or len(words) <= cap:
+        return words, False
+    return words[:cap], True
 
 
 def _count_words(value: Any) -> int:
@@ -148,12 +159,15 @@ class DemoLLM:
         header = request.headers.get("x-demo-words")
         return int(header) if header and header.isdigit() else self.reply_words
 
-    def _turn(self, request: Request, body: dict[str, Any], model: str) -> tuple[str, int, str | None, list[str], int]:
+    def _turn(
+        self, request: Request, body: dict[str, Any], model: str, *caps: str
+    ) -> tuple[str, int, str | None, list[str], int, bool]:
         """How the demo answers ``body``: the model (``model`` when it names none), the input tokens, the tool it
-        calls (or None), the words of its reply (none for a tool call) and the output tokens (1 for a tool call)."""
+        calls (or None), the words of its reply (none for a tool call), the output tokens (1 for a tool call), and
+        whether the reply was cut at the first of the request's fields ``caps`` that it sets."""
         tool = _wants_tool(body)
-        words = [] if tool else _reply(self._words(request))
-        return body.get("model", model), input_tokens(body), tool, words, 1 if tool else len(words)
+        words, cut = _capped([] if tool else _reply(self._words(request)), body, caps)
+        return body.get("model", model), input_tokens(body), tool, words, 1 if tool else len(words), cut
 
     def _failure(self, request: Request, anthropic: bool = False) -> Response | None:
         fail = request.headers.get("x-demo-fail")
@@ -185,7 +199,9 @@ class DemoLLM:
         failure = self._failure(request)
         if failure is not None:
             return failure
-        model, prompt_tokens, tool, words, completion_tokens = self._turn(request, body, "demo-mini")
+        model, prompt_tokens, tool, words, completion_tokens, cut = self._turn(
+            request, body, "demo-mini", "max_completion_tokens", "max_tokens"
+        )
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
         created = int(time.time())
@@ -195,7 +211,7 @@ class DemoLLM:
             fail_midway = request.headers.get("x-demo-fail") == "stream_error"
             obfuscation = _obfuscation() if request.headers.get("x-demo-obfuscation") == "1" else None
             stream = self._chat_stream(
-                ident, model, created, words, tool, usage if include_usage else None, fail_midway, obfuscation
+                ident, model, created, words, tool, usage if include_usage else None, fail_midway, obfuscation, cut
             )
             return StreamingResponse(stream, media_type="text/event-stream")
         await self._sleep(self.first_token_delay)
@@ -206,7 +222,8 @@ class DemoLLM:
         return JSONResponse(
             {
                 "id": ident, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": "tool_calls" if tool else "length" if cut else "stop"}],
                 "usage": usage,
             }
         )  # fmt: skip
@@ -221,6 +238,7 @@ class DemoLLM:
         usage: dict[str, int] | None,
         fail_midway: bool,
         obfuscation: Iterator[str] | None = None,
+        cut: bool = False,
     ) -> AsyncIterator[bytes]:
         def encode(obj: dict[str, Any]) -> bytes:
             if obfuscation is not None:
@@ -247,7 +265,7 @@ class DemoLLM:
                     yield b"data: " + json.dumps(err).encode() + b"\n\n"
                     return
                 yield chunk({"content": word})
-            yield chunk({}, "stop")
+            yield chunk({}, "length" if cut else "stop")
         if usage is not None:
             yield encode({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
                           "choices": [], "usage": usage})  # fmt: skip
@@ -260,7 +278,9 @@ class DemoLLM:
         failure = self._failure(request)
         if failure is not None:
             return failure
-        model, prompt_tokens, tool, words, output_tokens = self._turn(request, body, "demo-mini")
+        model, prompt_tokens, tool, words, output_tokens, cut = self._turn(
+            request, body, "demo-mini", "max_output_tokens"
+        )
         created = int(time.time())
         head = {"id": f"resp_demo{created}", "object": "response", "created_at": created, "model": model,
                 "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
@@ -271,10 +291,13 @@ class DemoLLM:
             {"id": "fc_demo1", "type": "function_call", "status": "completed", "call_id": "call_demo1", "name": tool,
              "arguments": '{"city": "Paris"}'}
             if tool
-            else {"id": "msg_demo1", "type": "message", "status": "completed", "role": "assistant",
+            else {"id": "msg_demo1", "type": "message", "status": "incomplete" if cut else "completed",
+                  "role": "assistant",
                   "content": [{"type": "output_text", "text": "".join(words), "annotations": [], "logprobs": []}]}
         )  # fmt: skip
         done = {**head, "status": "completed", "output": [item], "usage": usage}
+        if cut:
+            done.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
         if body.get("stream"):
             obfuscated = (body.get("stream_options") or {}).get("include_obfuscation", True) is not False
             stream = self._responses_stream(head, done, words, item, _obfuscation() if obfuscated else None)
@@ -319,7 +342,7 @@ class DemoLLM:
             yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
             yield event("response.content_part.done", **where, content_index=0, part={**part, "text": text})
         yield event("response.output_item.done", output_index=0, item=item)
-        yield event("response.completed", response=done)
+        yield event(f"response.{done['status']}", response=done)
 
     # --- OpenAI legacy completions and embeddings -----------------------------------------------------
 
@@ -328,14 +351,15 @@ class DemoLLM:
         failure = self._failure(request)
         if failure is not None:
             return failure
-        words = _reply(self._words(request))
+        words, cut = _capped(_reply(self._words(request)), body, ("max_tokens",))
         prompt_tokens = input_tokens(body)
         await self._sleep(self.first_token_delay)
         return JSONResponse(
             {
                 "id": "cmpl-demo", "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model", "demo-mini"),
-                "choices": [{"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}],
+                "choices": [{"index": 0, "text": "".join(words), "finish_reason": "length" if cut else "stop",
+                             "logprobs": None}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                           "total_tokens": prompt_tokens + len(words)},
             }
@@ -367,10 +391,12 @@ class DemoLLM:
         failure = self._failure(request, anthropic=True)
         if failure is not None:
             return failure
-        model, prompt_tokens, tool, words, output_tokens = self._turn(request, body, "demo-claude")
+        model, prompt_tokens, tool, words, output_tokens, cut = self._turn(request, body, "demo-claude", "max_tokens")
+        stop = "tool_use" if tool else "max_tokens" if cut else "end_turn"
         if body.get("stream"):
             return StreamingResponse(
-                self._messages_stream(model, prompt_tokens, words, tool, output_tokens), media_type="text/event-stream"
+                self._messages_stream(model, prompt_tokens, words, tool, output_tokens, stop),
+                media_type="text/event-stream",
             )
         await self._sleep(self.first_token_delay)
         content: list[dict[str, Any]] = (
@@ -381,14 +407,14 @@ class DemoLLM:
         return JSONResponse(
             {
                 "id": "msg_demo1", "type": "message", "role": "assistant", "model": model, "content": content,
-                "stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None,
+                "stop_reason": stop, "stop_sequence": None,
                 "usage": {"input_tokens": prompt_tokens, "output_tokens": output_tokens,
                           "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
             }
         )  # fmt: skip
 
     async def _messages_stream(
-        self, model: str, prompt_tokens: int, words: list[str], tool: str | None, output_tokens: int
+        self, model: str, prompt_tokens: int, words: list[str], tool: str | None, output_tokens: int, stop: str
     ) -> AsyncIterator[bytes]:
         def event(name: str, obj: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: ".encode() + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
@@ -413,7 +439,7 @@ class DemoLLM:
                             "delta": {"type": "text_delta", "text": word}})  # fmt: skip
         yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield event("message_delta", {"type": "message_delta",
-                    "delta": {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None},
+                    "delta": {"stop_reason": stop, "stop_sequence": None},
                     "usage": {"output_tokens": output_tokens}})  # fmt: skip
         yield event("message_stop", {"type": "message_stop"})
 

@@ -52,6 +52,7 @@ def summarize(text: str) -> dict[str, Any]:
     cost = 0.0
     ttft: dict[float, float] = defaultdict(float)
     tools: dict[str, float] = defaultdict(float)
+    finishes: dict[str, float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -67,6 +68,8 @@ def summarize(text: str) -> dict[str, Any]:
                 ttft[float(labels["le"])] += sample.value
             elif sample.name == "llm_tool_calls_total":
                 tools[labels.get("gen_ai_tool_name", "?")] += sample.value
+            elif sample.name == "llm_finish_reasons_total":
+                finishes[labels.get("llm_finish_reason", "?")] += sample.value
     return {
         "requests": requests,
         "errors": dict(errors),
@@ -75,6 +78,7 @@ def summarize(text: str) -> dict[str, Any]:
         "ttft_p50": histogram_quantile(0.5, ttft.items()),
         "ttft_p95": histogram_quantile(0.95, ttft.items()),
         "tool_calls": dict(tools),
+        "finish_reasons": dict(finishes),
     }
 
 
@@ -90,6 +94,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         *(f"  {kind:<24}{count:.0f}" for kind, count in sorted(summary["tokens"].items())),
         "tool calls",
         *(f"  {name:<24}{count:.0f}" for name, count in sorted(summary["tool_calls"].items())),
+        "finish reasons",
+        *(f"  {reason:<24}{count:.0f}" for reason, count in sorted(summary["finish_reasons"].items())),
         "errors by type",
         *(f"  {kind:<24}{count:.0f}" for kind, count in sorted(summary["errors"].items())),
     ]
@@ -104,8 +110,8 @@ def scrape(url: str, accept: str | None = None) -> str:
 
 
 def drive(base_url: str, chats: int) -> int:
-    """Send a realistic mix through the openai SDK: streams, non-streams, a tool call, embeddings and errors; return
-    how many LLM requests were sent."""
+    """Send a realistic mix through the openai SDK: streams, non-streams, a tool call, an answer cut at its
+    ``max_tokens``, embeddings and errors; return how many LLM requests were sent."""
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="demo", max_retries=0)
@@ -146,12 +152,13 @@ def drive(base_url: str, chats: int) -> int:
         for i in range(chats):
             jobs.append(pool.submit(stream if i % 2 == 0 else plain, i))
         jobs.append(pool.submit(tool_round_trip))
+        jobs.append(pool.submit(client.chat.completions.create, model="gpt-4o-mini", messages=messages, max_tokens=4))
         jobs.append(pool.submit(client.embeddings.create, model="text-embedding-3-small", input=["one two three"]))
         for kind in ("rate_limit", "rate_limit", "context_length", "server_error"):
             jobs.append(pool.submit(failing, kind))
         for job in jobs:
             job.result()
-    return chats + 2 + 1 + 4  # the tool call's two turns, the embeddings and the failures
+    return chats + 2 + 1 + 1 + 4  # the tool call's two turns, the capped answer, the embeddings and the failures
 
 
 def settled_summary(url: str, requests: int, timeout: float = 10.0) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from llm_telemetry.monitoring.rules import (
     COST,
     ERROR_TYPE,
     ERRORS,
+    FINISH_REASON,
+    FINISH_REASONS,
     METADATA_PREFIX,
     METRICS,
     REQUEST_DURATION,
@@ -40,6 +42,7 @@ from llm_telemetry.monitoring.rules import (
     TOOL_NAME,
     TOOL_RESULTS,
     TOOL_STATUS,
+    TRUNCATED_FINISH_REASONS,
     UNPRICED_TOKENS,
     USAGE_SOURCE,
 )
@@ -655,7 +658,7 @@ def build_dashboard(
         "suffix: tok/min",
     )
 
-    b.row("Errors")
+    b.row("Errors and finish reasons")
     b.timeseries(
         "Errors/s by error type",
         "Failed requests per second, stacked by error_type.",
@@ -671,6 +674,31 @@ def build_dashboard(
                 # "or ... * 0": a model without errors shows 0 rather than no line at all.
                 f"(sum by ({REQUEST_MODEL}) ({b.rate(ERRORS)}) or sum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)}) * 0)"
                 f"\n/\nsum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)})",
+                model_legend,
+            )
+        ],
+        "percentunit",
+        max_value=1,
+    )
+    truncated = f'{FINISH_REASON}=~"{"|".join(TRUNCATED_FINISH_REASONS)}"'
+    b.timeseries(
+        "Responses/s by finish reason",
+        "Responses per second by the reason the model stopped, as the provider names it (stop, length, tool_calls,"
+        " content_filter; Anthropic's end_turn, max_tokens, tool_use). A response whose choices stopped for different"
+        " reasons counts once under each; failed requests have none.",
+        [b.target(f"sum by ({FINISH_REASON}) ({b.rate(FINISH_REASONS)})", f"{{{{{FINISH_REASON}}}}}")],
+        "reqps",
+        stack=True,
+    )
+    b.timeseries(
+        "Truncated response ratio by model",
+        "Share of each model's finish reasons that say the output hit its token limit (length, max_tokens,"
+        " max_output_tokens): answers cut short, which a larger max_tokens or a shorter prompt would have finished.",
+        [
+            b.target(
+                f"(sum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS, truncated)})"
+                f" or sum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS)}) * 0)"
+                f"\n/\nsum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS)})",
                 model_legend,
             )
         ],

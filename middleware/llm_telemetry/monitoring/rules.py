@@ -43,6 +43,7 @@ COST: Final = inst.COST.prometheus_name
 UNPRICED_TOKENS: Final = inst.UNPRICED_TOKENS.prometheus_name
 TOOL_CALLS: Final = inst.TOOL_CALLS.prometheus_name
 TOOL_RESULTS: Final = inst.TOOL_RESULTS.prometheus_name
+FINISH_REASONS: Final = inst.FINISH_REASONS.prometheus_name
 REQUESTS_ACTIVE: Final = inst.REQUESTS_ACTIVE.prometheus_name
 INTERNAL_ERRORS: Final = inst.INTERNAL_ERRORS.prometheus_name
 
@@ -57,6 +58,7 @@ ERROR_TYPE: Final = label(inst.ERROR_TYPE)
 STREAM: Final = label(inst.GEN_AI_REQUEST_STREAM)
 USAGE_SOURCE: Final = label(inst.LLM_USAGE_SOURCE)
 TOOL_STATUS: Final = label(inst.LLM_TOOL_STATUS)
+FINISH_REASON: Final = label(inst.LLM_FINISH_REASON)
 COMPONENT: Final = label(inst.LLM_TELEMETRY_COMPONENT)
 #: Attribution labels: ``llm_metadata_<name>``.
 METADATA_PREFIX: Final = label(inst.LLM_METADATA_PREFIX)
@@ -66,6 +68,11 @@ SCRAPE_LABELS: Final = ("namespace", "job", "endpoint", "pod", "instance")
 
 #: Every metric the middleware exports, by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
 METRICS: Final[Mapping[str, inst.MetricSpec]] = inst.BY_PROMETHEUS_NAME
+
+#: ``llm_finish_reason`` values that say the output was cut at its token limit: OpenAI's chat and completions
+#: (``length``), Anthropic's messages (``max_tokens``) and the Responses API's incomplete responses
+#: (``max_output_tokens``).
+TRUNCATED_FINISH_REASONS: Final = ("length", "max_tokens", "max_output_tokens")
 
 #: ``error_type`` values caused by the caller rather than the service; they don't spend the availability
 #: error budget (they still count in the plain error ratio alert and on the dashboard).
