@@ -76,6 +76,19 @@ def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
     assert call.finish_reasons == [f"r{i}" for i in range(16)]
 
 
+def test_finish_reasons_become_label_values_within_the_label_bounds(cleanup: list[LLMTelemetryMiddleware]) -> None:
+    """An upstream that names its own finish reasons cannot widen the label: past the cap of distinct values, or
+    past 256 characters, a reason is counted as ``other``."""
+    reasons = [f"r{i}" for i in range(15)] + ["x" * 257]
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": "x"}, "finish_reason": reason}
+        for i, reason in enumerate(reasons)
+    ]
+    _, metrics = calls_of(cleanup, completion(choices=choices), [{"model": "m"}], max_label_values=10)
+    counted = {s.labels["llm_finish_reason"]: s.value for s in metrics.samples if s.name == "llm_finish_reasons_total"}
+    assert counted == {**{f"r{i}": 1.0 for i in range(10)}, "other": 6.0}
+
+
 @pytest.mark.parametrize(("count", "kept"), [(2**53, True), (2**53 + 1, False), (-1, False)])
 def test_counts_up_to_2_to_the_53_are_taken_and_larger_ones_ignored_as_if_absent(
     cleanup: list[LLMTelemetryMiddleware], count: int, kept: bool
