@@ -33,6 +33,9 @@ _DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 #: The longest scrape interval the rules' 5 minute rates work with: four scrapes in each window.
 MAX_SCRAPE_INTERVAL_SECONDS = 75
+#: The shortest scrape interval: every scrape is work in the app's own process, and faster than once a second
+#: no query of the rules or the dashboard reads the difference.
+MIN_SCRAPE_INTERVAL_SECONDS = 1
 _ATTRIBUTION_LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]+$")
 #: A ConfigMap key, as the API server checks it.
@@ -360,12 +363,13 @@ def _metrics(raw: Mapping[str, Any]) -> Metrics:
     if not isinstance(interval, str) or not _DURATION.fullmatch(interval):
         raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
     seconds = int(interval.rstrip("msh")) * _DURATION_UNITS[interval.lstrip("0123456789")]
-    if not 0 < seconds <= MAX_SCRAPE_INTERVAL_SECONDS:
+    if not MIN_SCRAPE_INTERVAL_SECONDS <= seconds <= MAX_SCRAPE_INTERVAL_SECONDS:
         # The CRD says so too; this is for resources stored before it did.
         raise SpecError(
             "spec.metrics.interval",
-            f"must be above 0s and at most {MAX_SCRAPE_INTERVAL_SECONDS}s (the alert and recording rules rate over 5 "
-            f"minutes, which takes four scrapes in each window), got {interval}",
+            f"must be at least {MIN_SCRAPE_INTERVAL_SECONDS}s (each scrape is work in the app's process) and at most "
+            f"{MAX_SCRAPE_INTERVAL_SECONDS}s (the alert and recording rules rate over 5 minutes, which takes four "
+            f"scrapes in each window), got {interval}",
         )
     labels = _string_map(raw.get("labels"), "spec.metrics.labels")
     for key, value in labels.items():  # they label the ServiceMonitor and PrometheusRule

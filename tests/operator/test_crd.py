@@ -90,7 +90,7 @@ def test_crd_accepts_every_price_kind() -> None:
     assert parse_spec(obj["spec"]).pricing.models["gpt-4o"] == prices
 
 
-@pytest.mark.parametrize("interval", ["500ms", "15s", "1m", "75s"])
+@pytest.mark.parametrize("interval", ["1s", "1000ms", "15s", "1m", "75s"])
 def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: str) -> None:
     obj = copy.deepcopy(MINIMAL)
     obj["spec"]["metrics"] = {"interval": interval}
@@ -109,6 +109,8 @@ def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: st
         ({"metrics": {"interval": "often"}}, "interval pattern"),
         ({"metrics": {"interval": "90s"}}, "interval past 75s: the rules' 5 minute rates need four scrapes (CEL rule)"),
         ({"metrics": {"interval": "0s"}}, "interval of 0 (CEL rule)"),
+        ({"metrics": {"interval": "1ms"}}, "interval below 1s: a thousand scrapes a second of the app (CEL rule)"),
+        ({"metrics": {"interval": "999ms"}}, "interval just below 1s (CEL rule)"),
         ({"tracing": {"protocol": "thrift"}}, "protocol enum"),
         ({"tracing": {"samplingRatio": 1.5}}, "ratio maximum"),
         ({"logs": {"mode": "syslog"}}, "logs mode enum"),

@@ -108,6 +108,7 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"alerts": {"p95TtftSeconds": 8}}, "spec.alerts.p95TtftSeconds"),
         ({"metrics": {"interval": "2m"}}, "spec.metrics.interval"),
         ({"metrics": {"interval": "0s"}}, "spec.metrics.interval"),
+        ({"metrics": {"interval": "999ms"}}, "spec.metrics.interval"),
         ({"alerts": {"p95RequestDurationSeconds": 600}}, "spec.alerts.p95RequestDurationSeconds"),
         ({"dashboard": {"folder": ""}}, "spec.dashboard.folder"),
         # A final newline, which YAML's `key: |` gives a value, and which the API server refuses in a label: not
