@@ -352,9 +352,14 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
         for value in values:
             _label_value(value, f"{path}.values")
         expressions.append(Requirement(item["key"], op, values))
-    if not labels and not expressions:
-        # An empty selector would inject into every workload of the namespace: almost certainly a mistake.
-        raise SpecError("spec.selector", "must have matchLabels or matchExpressions")
+    if not labels and not any(e.operator in ("In", "Exists") for e in expressions):
+        # An empty selector would inject into every workload of the namespace, and one of only NotIn and
+        # DoesNotExist into every workload but a few (each injection restarts its pods): almost certainly a mistake.
+        raise SpecError(
+            "spec.selector",
+            "must name the workloads it selects: a matchLabels entry, or a matchExpressions requirement with In or"
+            " Exists (NotIn and DoesNotExist alone select every other workload of the namespace)",
+        )
     return Selector(labels, tuple(expressions))
 
 

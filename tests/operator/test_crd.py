@@ -90,6 +90,27 @@ def test_crd_accepts_every_price_kind() -> None:
     assert parse_spec(obj["spec"]).pricing.models["gpt-4o"] == prices
 
 
+@pytest.mark.parametrize(
+    "selector",
+    [
+        {"matchLabels": {"app": "chat"}},
+        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["chat"]}]},
+        {
+            "matchExpressions": [
+                {"key": "llm", "operator": "Exists"},
+                {"key": "app", "operator": "NotIn", "values": ["db"]},
+            ]
+        },
+        {"matchLabels": {"app": "chat"}, "matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]},
+    ],
+)
+def test_crd_and_operator_take_selectors_that_name_their_workloads(selector: dict[str, Any]) -> None:
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["selector"] = selector
+    assert kube_schema.validate_object(load(), obj) == []
+    parse_spec(obj["spec"])
+
+
 @pytest.mark.parametrize("interval", ["1s", "1000ms", "15s", "1m", "75s"])
 def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: str) -> None:
     obj = copy.deepcopy(MINIMAL)
@@ -105,6 +126,14 @@ def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: st
         ({"selector": {}}, "selector without matchLabels or matchExpressions (CEL rule)"),
         ({"selector": {"matchLabels": {}}}, "empty matchLabels: would select every workload (CEL rule)"),
         ({"selector": {"matchExpressions": []}}, "empty matchExpressions: would select every workload (CEL rule)"),
+        (
+            {"selector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}},
+            "NotIn alone: would select every other workload (CEL rule)",
+        ),
+        (
+            {"selector": {"matchExpressions": [{"key": "legacy", "operator": "DoesNotExist"}]}},
+            "DoesNotExist alone: would select every other workload (CEL rule)",
+        ),
         ({"metrics": {"port": 0}}, "port minimum"),
         ({"metrics": {"interval": "often"}}, "interval pattern"),
         ({"metrics": {"interval": "90s"}}, "interval past 75s: the rules' 5 minute rates need four scrapes (CEL rule)"),

@@ -75,8 +75,8 @@ def test_candidates_are_never_fewer_than_the_selectors_that_match() -> None:
             }
             for op in rnd.sample(["In", "NotIn", "Exists", "DoesNotExist"], rnd.randint(0, 2))
         ]
-        if not labels and not expressions:
-            expressions = [{"key": "app", "operator": "Exists"}]
+        if not labels and not any(e["operator"] in ("In", "Exists") for e in expressions):
+            expressions.append({"key": "app", "operator": "Exists"})  # a selector must name what it selects
         specs[f"r{i:03}"] = spec(labels or None, expressions or None)
         index.put((NS, f"r{i:03}"), specs[f"r{i:03}"])
     for _ in range(500):

@@ -69,6 +69,8 @@ def test_spec_pricing_reference_and_attribution() -> None:
     [
         ({}, "spec.selector"),
         ({"selector": {}}, "spec.selector"),
+        ({"selector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}}, "spec.selector"),
+        ({"selector": {"matchExpressions": [{"key": "legacy", "operator": "DoesNotExist"}]}}, "spec.selector"),
         ({"selector": "app=chat"}, "spec.selector"),
         (
             {"selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
