@@ -96,17 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> OperatorConfig:
     """The environment's settings with the flags given on the command line put over them."""
     merged = dict(os.environ if env is None else env)
+    #: The variables set from flags, with the flag: a bad value is reported as the flag's, as it was typed.
+    flags: dict[str, str] = {}
     if args.all_namespaces:
         merged[cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES] = ""
     elif args.namespaces:
         merged[cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES] = ",".join(args.namespaces)
+        flags[cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES] = "--namespace"
     if args.standalone:
         merged[cfg.LLM_TELEMETRY_OPERATOR_STANDALONE] = "true"
     for dest, variable in _ENV_FLAGS:
         value = getattr(args, dest)
         if value is not None:
             merged[variable] = str(value)
-    config = OperatorConfig.from_env(merged)
+            flags[variable] = "--" + dest.replace("_", "-")
+    try:
+        config = OperatorConfig.from_env(merged)
+    except ConfigurationError as exc:
+        message = str(exc)
+        for variable, flag in flags.items():
+            if message.startswith(variable) and message[len(variable) : len(variable) + 1] in ("=", ":"):
+                raise ConfigurationError(flag + message[len(variable) :]) from None
+        raise
     return dataclasses.replace(config, kubeconfig=args.kubeconfig, context=args.context)
 
 

@@ -84,11 +84,21 @@ def test_standalone_from_environment() -> None:
     assert configured(env={cfg.LLM_TELEMETRY_OPERATOR_STANDALONE: "true"}).standalone
 
 
-def test_bad_flag_value_exits_2_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flag_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--metrics-port", "99999"]) == 2
-    assert cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--metrics-port=99999" in err and cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT not in err
     assert main(["-n", "Not_A_Namespace"]) == 2
-    assert "Not_A_Namespace" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--namespace: 'Not_A_Namespace'" in err and cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES not in err
+
+
+def test_bad_environment_value_exits_2_naming_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS, "-5")
+    assert main(["--metrics-port", "0"]) == 2
+    assert f"{cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}='-5'" in capsys.readouterr().err
 
 
 def peering_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
