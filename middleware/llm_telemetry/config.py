@@ -7,6 +7,7 @@ operator (which injects them into pods) and the docs use the same names.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -86,6 +87,17 @@ DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096
 
 class ConfigurationError(ValueError):
     """A setting has a value the middleware cannot use; the message names the setting."""
+
+
+class UnknownSettingError(ConfigurationError, TypeError):
+    """An option the middleware does not have (a misspelling): a ``TypeError``, as for any unknown keyword, and a
+    configuration error, so that it fails the server's startup like a bad value rather than every request."""
+
+
+def _meant(name: str, names: list[str]) -> str:
+    """``name`` with the setting it is closest to, if any is close: ``metrics_prot (did you mean metrics_port?)``."""
+    close = difflib.get_close_matches(name, names, 1)
+    return f"{name} (did you mean {close[0]}?)" if close else name
 
 
 def _env_bool(name: str, value: str) -> bool:
@@ -214,9 +226,10 @@ class Settings:
         elif env.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT):
             values["capture_content"] = _otel_capture(env[OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT])
 
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
         if unknown:
-            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+            raise UnknownSettingError(f"unknown settings: {', '.join(_meant(name, names) for name in unknown)}")
         settings = cls(**values)
         settings._validate()
         return settings

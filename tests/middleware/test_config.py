@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.config import ConfigurationError, OTelEnvironment, Settings
 from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.middleware import Router
@@ -136,9 +137,9 @@ def test_exporters_as_a_list_and_none() -> None:
     assert Settings.resolve(env={}, pricing=Path("prices.yaml")).pricing == "prices.yaml"
 
 
-def test_unknown_option_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="unknown settings: metrics_prot"):
-        LLMTelemetryMiddleware(lambda *a: None, metrics_prot=1)  # type: ignore[arg-type]
+def test_an_unknown_option_is_a_type_error_naming_the_option_meant() -> None:
+    with pytest.raises(TypeError, match=r"unknown settings: metrics_prot \(did you mean metrics_port\?\), zzz$"):
+        Settings.resolve(env={}, metrics_prot=1, zzz=2)
 
 
 def test_router_matches_by_suffix_longest_first_and_custom_routes() -> None:
@@ -197,7 +198,7 @@ def test_otel_sdk_disabled_turns_every_signal_off() -> None:
 
 
 _CONFIGURED_APP = """
-import sys
+import json, os, sys
 from fastapi import FastAPI
 from llm_telemetry import LLMTelemetryMiddleware
 
@@ -207,15 +208,27 @@ app = FastAPI()
 async def health() -> dict:
     return {"ok": True}
 
+options = json.loads(os.environ.get("CONFIGURED_OPTIONS", "{}"))
 if sys.argv[1] == "starlette":
-    app.add_middleware(LLMTelemetryMiddleware, metrics_port=0)  # built inside the first ASGI call, the lifespan's
+    app.add_middleware(LLMTelemetryMiddleware, **options)  # built inside the first ASGI call, the lifespan's
 else:
-    app = LLMTelemetryMiddleware(app, metrics_port=0)  # built here, as the module is imported
+    app = LLMTelemetryMiddleware(app, **options)  # built here, as the module is imported
 """
 
 
+@pytest.mark.parametrize(
+    ("options", "variables", "named"),
+    [
+        ({"metrics_port": 0}, {"LLM_TELEMETRY_MAX_LABEL_VALUES": "0"}, "LLM_TELEMETRY_MAX_LABEL_VALUES"),
+        ({"metrics_port": 0, "max_label_values": 0}, {}, "max_label_values"),
+        ({"metrics_prot": 0}, {}, "metrics_prot (did you mean metrics_port?)"),  # a misspelt option
+    ],
+    ids=["variable", "argument", "unknown-option"],
+)
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
-def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(tmp_path: Path, form: str) -> None:
+def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(
+    tmp_path: Path, form: str, options: dict[str, Any], variables: dict[str, str], named: str
+) -> None:
     """Both forms the README shows fail the server's startup with the setting named. Starlette and FastAPI build their
     middleware inside the lifespan's first call, where an exception would read to uvicorn as "lifespan unsupported"
     and leave a server answering 500 to everything. Without a lifespan (``--lifespan off``) requests pass through."""
@@ -223,7 +236,7 @@ def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(tmp_pat
     module.write_text(_CONFIGURED_APP)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
-    env["LLM_TELEMETRY_MAX_LABEL_VALUES"] = "0"
+    env.update(variables, CONFIGURED_OPTIONS=json.dumps(options))
     run = (
         "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
         "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
@@ -233,7 +246,7 @@ def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(tmp_pat
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert started.returncode != 0, started.stderr
-    assert "LLM_TELEMETRY_MAX_LABEL_VALUES" in started.stderr and "Application startup failed" in started.stderr
+    assert named in started.stderr and "Application startup failed" in started.stderr
 
     server = subprocess.Popen(
         [sys.executable, "-c", run, form, str(tmp_path), str(port), "off"],
@@ -246,7 +259,7 @@ def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(tmp_pat
         server.terminate()
         server.wait(timeout=10)
     assert server.stderr is not None
-    assert "LLM_TELEMETRY_MAX_LABEL_VALUES" in server.stderr.read().decode(errors="replace")  # logged at construction
+    assert named in server.stderr.read().decode(errors="replace")  # logged at construction
 
 
 def _answers(url: str) -> bool:
