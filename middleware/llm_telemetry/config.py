@@ -190,6 +190,8 @@ class Settings:
         """Combine explicit arguments (``None`` means unset), the environment and the defaults."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
+        #: The variable each setting read from the environment came from, for the checks' messages.
+        variables: dict[str, str] = {}
 
         def pick(field: str, var: str, convert: Any) -> None:
             given = overrides.get(field)
@@ -199,6 +201,7 @@ class Settings:
                 values[field] = _argument(field, given)
             elif env.get(var) not in (None, ""):
                 values[field] = convert(var, env[var])
+                variables[field] = var
 
         pick("enabled", LLM_TELEMETRY_ENABLED, _env_bool)
         pick("metrics_port", LLM_TELEMETRY_METRICS_PORT, lambda n, v: _env_int(n, v, 0))
@@ -231,21 +234,26 @@ class Settings:
         if unknown:
             raise UnknownSettingError(f"unknown settings: {', '.join(_meant(name, names) for name in unknown)}")
         settings = cls(**values)
-        settings._validate()
+        settings._validate(variables)
         return settings
 
-    def _validate(self) -> None:
+    def _validate(self, variables: Mapping[str, str]) -> None:
+        """Check the values together; a message names the setting as it was given (``variables``: the environment
+        variable of each setting read from there)."""
         if not 0 <= self.metrics_port <= 65535:
-            raise ConfigurationError(f"metrics_port={self.metrics_port}: must be between 0 and 65535")
+            name = variables.get("metrics_port", "metrics_port")
+            raise ConfigurationError(f"{name}={self.metrics_port}: must be between 0 and 65535")
         if self.metrics_app_path is not None and self.metrics_app_path and not self.metrics_app_path.startswith("/"):
-            raise ConfigurationError(f"metrics_app_path={self.metrics_app_path!r}: must start with '/'")
+            name = variables.get("metrics_app_path", "metrics_app_path")
+            raise ConfigurationError(f"{name}={self.metrics_app_path!r}: must start with '/'")
         for exporter in self.metrics_exporters:
             if exporter not in ("prometheus", "otlp"):
                 raise ConfigurationError(f"metrics exporter {exporter!r}: expected prometheus, otlp or none")
         for header, label in self.attribution_headers.items():
             if not label.replace("_", "").isalnum() or not label[0].isalpha():
+                name = variables.get("attribution_headers", "attribution_headers")
                 raise ConfigurationError(
-                    f"attribution header {header!r} maps to {label!r}: a label is letters, digits and '_'"
+                    f"{name}: header {header!r} maps to {label!r}: a label is letters, digits and '_'"
                 )
 
 

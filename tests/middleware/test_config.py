@@ -61,10 +61,17 @@ def test_opentelemetrys_capture_variable_in_any_of_its_spellings_never_stops_the
     ("env", "message"),
     [
         ({"LLM_TELEMETRY_METRICS_PORT": "http"}, "LLM_TELEMETRY_METRICS_PORT='http': expected an integer"),
-        ({"LLM_TELEMETRY_METRICS_PORT": "70000"}, "metrics_port=70000"),
+        ({"LLM_TELEMETRY_METRICS_PORT": "70000"}, "^LLM_TELEMETRY_METRICS_PORT=70000: must be between 0 and 65535"),
+        (
+            {"LLM_TELEMETRY_METRICS_APP_PATH": "metrics"},
+            "^LLM_TELEMETRY_METRICS_APP_PATH='metrics': must start with '/'",
+        ),
         ({"LLM_TELEMETRY_MAX_LABEL_VALUES": "0"}, "must be at least 1"),
         ({"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id"}, "not of the form key=value"),
-        ({"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=ten-ant"}, "a label is letters, digits and '_'"),
+        (
+            {"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=ten-ant"},
+            "^LLM_TELEMETRY_ATTRIBUTION_HEADERS: header 'x-tenant-id' maps to 'ten-ant': a label is letters",
+        ),
         ({"LLM_TELEMETRY_METRICS_EXPORTER": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
         ({"LLM_TELEMETRY_REQUEST_LOGS": "maybe"}, "expected true or false"),
     ],
@@ -118,6 +125,8 @@ def test_an_argument_written_as_its_variable_means_what_the_variable_means(optio
         ({"metrics_exporters": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
         ({"metrics_exporters": [1]}, "expected a list of names"),
         ({"pricing": 3}, "pricing=3: expected a mapping"),
+        ({"metrics_port": 70000}, "^metrics_port=70000: must be between 0 and 65535"),
+        ({"attribution_headers": {"x-tenant-id": "ten-ant"}}, "^attribution_headers: header 'x-tenant-id' maps to"),
     ],
 )
 def test_an_argument_of_the_wrong_type_fails_naming_it(arguments: dict[str, object], message: str) -> None:
