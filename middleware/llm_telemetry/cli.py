@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
 from .version import __version__
+
+#: Kubernetes object names: a PrometheusRule's (DNS subdomain) and a namespace's (DNS label).
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,6 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules.add_argument("--availability-objective", type=float, help="SLO for burn-rate alerts (0.99)")
     rules.add_argument("--ttft-objective", type=float, help="share of first tokens under --ttft-objective-seconds")
     rules.add_argument("--ttft-objective-seconds", type=float, help="a TTFT bucket boundary (2.5)")
+    rules.add_argument(
+        "--token-rate-spike-factor",
+        type=float,
+        help="token rate anomaly: this many times the earlier hourly average (3)",
+    )
+    rules.add_argument(
+        "--token-rate-floor", type=float, help="token rate anomaly: only above this many tokens per second (20)"
+    )
+    rules.add_argument("--runbook-url", metavar="URL", help="base of each alert's runbook_url annotation")
     rules.add_argument("--prometheus-rule", metavar="NAME", help="print a PrometheusRule object named NAME instead")
     rules.add_argument("--namespace", default="default", help="namespace of the PrometheusRule object")
 
@@ -72,12 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .monitoring.dashboards import render_dashboard_json
 
         labels = tuple(args.attribution_label) if args.attribution_label else ("tenant",)
-        sys.stdout.write(
-            render_dashboard_json(
+        try:
+            text = render_dashboard_json(
                 title=args.title, uid=args.uid, jaeger_uid=args.jaeger_uid, loki_uid=args.loki_uid,
                 attribution_labels=labels, logs_mode=args.logs_mode,
-            )
-        )  # fmt: skip
+            )  # fmt: skip
+        except ValueError as exc:
+            print(f"llm-telemetry dashboard: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.write(text)
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
@@ -95,17 +112,24 @@ def _rules(args: argparse.Namespace) -> int:
         "availability_objective": args.availability_objective,
         "ttft_objective": args.ttft_objective,
         "ttft_objective_seconds": args.ttft_objective_seconds,
+        "token_rate_spike_factor": args.token_rate_spike_factor,
+        "token_rate_floor_per_second": args.token_rate_floor,
     }
+    options = {"selector": args.selector, **({"runbook_url": args.runbook_url} if args.runbook_url else {})}
     try:
         thresholds = AlertThresholds(**{k: v for k, v in fields.items() if v is not None})
+        if args.prometheus_rule:
+            if len(args.prometheus_rule) > 253 or not _SUBDOMAIN.fullmatch(args.prometheus_rule):
+                raise ValueError(f"--prometheus-rule {args.prometheus_rule!r}: not a Kubernetes object name")
+            if len(args.namespace) > 63 or not _DNS_LABEL.fullmatch(args.namespace):
+                raise ValueError(f"--namespace {args.namespace!r}: not a Kubernetes namespace name")
+            text = dump_yaml(build_prometheus_rule(args.prometheus_rule, args.namespace, thresholds, **options))
+        else:
+            text = render_rule_file(thresholds, **options)
     except ValueError as exc:
         print(f"llm-telemetry rules: {exc}", file=sys.stderr)
         return 2
-    if args.prometheus_rule:
-        rule = build_prometheus_rule(args.prometheus_rule, args.namespace, thresholds, selector=args.selector)
-        sys.stdout.write(dump_yaml(rule))
-    else:
-        sys.stdout.write(render_rule_file(thresholds, selector=args.selector))
+    sys.stdout.write(text)
     return 0
 
 

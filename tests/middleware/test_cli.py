@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from support import free_port
 
@@ -61,6 +62,35 @@ def test_rules_command_rejects_a_ttft_objective_off_the_buckets() -> None:
     result = subprocess.run([*CLI, "rules", "--ttft-objective-seconds", "3"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "not a bucket boundary" in result.stderr
+
+
+def test_rules_command_sets_the_runbook_base_and_the_token_rate_anomaly() -> None:
+    out = subprocess.run(
+        [*CLI, "rules", "--runbook-url", "https://wiki.example/llm", "--token-rate-spike-factor", "5",
+         "--token-rate-floor", "50"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    groups = yaml.safe_load(out)["groups"]
+    alerts = {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+    assert alerts["LLMNoTraffic"]["annotations"]["runbook_url"] == "https://wiki.example/llm#llmnotraffic"
+    anomaly = alerts["LLMTokenRateAnomaly"]["expr"]
+    assert "> 50" in anomaly and "> 5 * (" in anomaly, anomaly
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["rules", "--selector", "bad selector"], "llm-telemetry rules: selector 'bad selector'"),
+        (["rules", "--prometheus-rule", "Bad Name"], "--prometheus-rule 'Bad Name': not a Kubernetes object name"),
+        (["rules", "--prometheus-rule", "llm", "--namespace", "x y"], "--namespace 'x y': not a Kubernetes namespace"),
+        (["rules", "--token-rate-floor", "-1"], "token_rate_floor_per_second=-1.0"),
+        (["dashboard", "--attribution-label", "bad-label"], "llm-telemetry dashboard: attribution label 'bad-label'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_naming_them(arguments: list[str], message: str) -> None:
+    result = subprocess.run([*CLI, *arguments], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_dashboard_command_prints_grafana_json() -> None:
