@@ -28,6 +28,10 @@ MIN_PYTHON = (3, 11)
 _ENV_FLAGS = (
     ("traces_endpoint", cfg.LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT),
     ("logs_endpoint", cfg.LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT),
+    ("logs_tenant", cfg.LLM_TELEMETRY_OPERATOR_LOGS_TENANT),
+    ("jaeger_datasource_uid", cfg.LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID),
+    ("loki_datasource_uid", cfg.LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID),
+    ("runbook_url", cfg.LLM_TELEMETRY_OPERATOR_RUNBOOK_URL),
     ("servicemonitor_labels", cfg.LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS),
     ("dashboard_label", cfg.LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL),
     ("peering", cfg.LLM_TELEMETRY_OPERATOR_PEERING),
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--priority", help="peering priority: an integer, or 'auto' for a random one")
     parser.add_argument("--traces-endpoint", metavar="URL", help="default OTLP endpoint for traces")
     parser.add_argument("--logs-endpoint", metavar="URL", help="default Loki OTLP base URL for logs")
+    parser.add_argument("--logs-tenant", metavar="TENANT", help="default Loki tenant (X-Scope-OrgID) for logs")
+    parser.add_argument("--jaeger-datasource-uid", metavar="UID", help="Grafana's Jaeger datasource, for trace links")
+    parser.add_argument("--loki-datasource-uid", metavar="UID", help="Grafana's Loki datasource, for the log panel")
+    parser.add_argument("--runbook-url", metavar="URL", help="base of each alert's runbook_url annotation")
     parser.add_argument("--servicemonitor-labels", metavar="K=V,...", help="labels put on every ServiceMonitor")
     parser.add_argument("--dashboard-label", metavar="K=V", help="label Grafana's dashboard sidecar selects by")
     parser.add_argument("--metrics-port", metavar="PORT", help="port of the operator's own metrics; 0 turns them off")

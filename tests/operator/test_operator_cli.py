@@ -24,7 +24,7 @@ from kopf_testing import (
 )
 
 from llm_telemetry_operator import config as cfg
-from llm_telemetry_operator.__main__ import build_parser, config_from_args, main
+from llm_telemetry_operator.__main__ import _ENV_FLAGS, build_parser, config_from_args, main
 from llm_telemetry_operator.config import OperatorConfig
 
 ENV = {
@@ -66,6 +66,25 @@ def test_flags_override_environment() -> None:
     assert config.namespaces == ("a", "b")
     assert (config.peering, config.metrics_port, config.standalone) == ("mine", 0, True)
     assert (config.kubeconfig, config.context, config.resync_seconds) == ("kc.yaml", "dev", 30.0)
+
+
+def test_every_setting_has_a_flag() -> None:
+    """docs/operator.md: by hand, flags do what the chart's variables do (the namespaces and standalone mode have
+    flags of their own shape)."""
+    config = configured(
+        "--logs-tenant", "team-a", "--jaeger-datasource-uid", "j1", "--loki-datasource-uid", "l1",
+        "--runbook-url", "https://wiki.example/llm", "--traces-endpoint", "http://otel:4318",
+        "--logs-endpoint", "http://loki:3100/otlp", "--servicemonitor-labels", "release=kps",
+        "--dashboard-label", "grafana_dashboard=1", "--priority", "7", "--health", "", "--metrics-port", "0",
+    )  # fmt: skip
+    assert (config.logs_tenant, config.jaeger_datasource_uid, config.loki_datasource_uid) == ("team-a", "j1", "l1")
+    assert config.runbook_url == "https://wiki.example/llm"
+    flagged = {variable for _, variable in _ENV_FLAGS} | {
+        cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES,
+        cfg.LLM_TELEMETRY_OPERATOR_STANDALONE,
+    }
+    variables = {value for name, value in vars(cfg).items() if name.startswith("LLM_TELEMETRY_OPERATOR_")}
+    assert variables == flagged
 
 
 def test_all_namespaces_overrides_the_environments_list() -> None:
