@@ -83,7 +83,12 @@ class PricingTable:
             raw = source
         else:
             raw = _load_file(Path(source))
-        if isinstance(raw, Mapping) and isinstance(raw.get("models"), Mapping):
+        if isinstance(raw, Mapping) and "models" in raw:
+            if not isinstance(raw["models"], Mapping):
+                raise ConfigurationError(
+                    f"pricing {source!r}: 'models' must map model names to prices, like"
+                    " {models: {gpt-4o: {input: 2.5, output: 10}}}"
+                )
             raw = raw["models"]
         if not isinstance(raw, Mapping):
             raise ConfigurationError(f"pricing {source!r}: expected a mapping of model names to prices")

@@ -85,7 +85,7 @@ def test_the_embedded_table_prices_a_models_snapshots_not_its_familys_other_mode
         ("models:\n  m: {input: 1}\n", "input and output prices are required"),
         ("models:\n  m: {input: -1, output: 1}\n", "input must be a non-negative number"),
         ("models:\n  m: {input: 1, output: 1, cached: 1}\n", "unknown keys \\['cached'\\]"),
-        ("models: [1, 2]\n", "expected a mapping"),
+        ("models: [1, 2]\n", "'models' must map model names to prices"),
         ("models:\n  m: {input: 1\n", "is not valid YAML"),
     ],
 )
