@@ -56,9 +56,13 @@ class Inflater(Protocol):
 class _Zlib:
     """``gzip``, or ``deflate``: zlib's container as HTTP defines it, or a bare deflate stream, which some servers
     send instead, recognised by its missing header. A gzip body may hold several members one after another (Django's
-    GZipMiddleware compresses each piece of a streamed answer as one): each is read in turn."""
+    GZipMiddleware compresses each piece of a streamed answer as one): each is read in turn.
 
-    __slots__ = ("_gzip", "_head", "_inflate", "_pending")
+    zlib is given at most :data:`DECODE_STEP` bytes of input at a time, a view into the chunk: handed a whole chunk
+    of megabytes, it would copy what it left unread (``unconsumed_tail``) at every step, and a chunk read in many
+    steps would cost the square of its size."""
+
+    __slots__ = ("_at", "_gzip", "_head", "_inflate", "_input")
 
     def __init__(self, coding: bytes) -> None:
         self._gzip = coding != b"deflate"
@@ -66,42 +70,56 @@ class _Zlib:
         #: For ``deflate``, the body's bytes until its first two have passed: if they are no zlib header, the body
         #: is a bare deflate stream, read again from its start. None once that is settled.
         self._head: bytes | None = None if self._gzip else b""
-        #: Input not decompressed yet: what a step left (``unconsumed_tail``), or the next gzip member's start.
-        self._pending = b""
+        #: Input not decompressed yet: ``_input`` from offset ``_at``.
+        self._input = b""
+        self._at = 0
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
         step = min(limit, DECODE_STEP)
-        if self._pending:
-            chunk, self._pending = self._pending + chunk, b""
+        if chunk:
+            at, held = self._at, self._input
+            self._input, self._at = (held[at:] + chunk if at < len(held) else chunk), 0
+        held, at = self._input, self._at
+        piece = memoryview(held)[at : at + DECODE_STEP]
         inflate = self._inflate
         if self._gzip:
             if inflate.eof:  # the member before ended: the next one starts here
-                if not chunk:
+                if not piece:
                     return b"", False
                 inflate = self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
-                data = inflate.decompress(chunk, step)
+                data = inflate.decompress(piece, step)
             except zlib.error:
                 return None
-            self._pending = inflate.unconsumed_tail or (inflate.unused_data if inflate.eof else b"")
-            return data, bool(self._pending)
-        head = self._head
-        if head is not None:
-            head += chunk
-            self._head = head if len(head) < 2 else None
-        try:
-            data = inflate.decompress(chunk, step)
-        except zlib.error:
-            if head is None:
-                return None
-            self._head = None
-            inflate = self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        else:
+            if inflate.eof:  # the stream ended: what follows it is not read
+                self._input, self._at = b"", 0
+                return b"", False
+            head = self._head
+            if head is not None:
+                head += piece
+                self._head = head if len(head) < 2 else None
             try:
-                data = inflate.decompress(head, step)
+                data = inflate.decompress(piece, step)
             except zlib.error:
-                return None
-        self._pending = inflate.unconsumed_tail
-        return data, bool(self._pending)
+                if head is None:
+                    return None
+                # No zlib header: a bare deflate stream, read again from the body's start.
+                self._head = None
+                inflate = self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                held = self._input = head + held[at + len(piece) :]
+                piece, at = memoryview(held)[:DECODE_STEP], 0
+                try:
+                    data = inflate.decompress(piece, step)
+                except zlib.error:
+                    return None
+        # What zlib left of the piece: past a member's end, the bytes after it (``unconsumed_tail`` may still hold
+        # the last step's); else what the step's output limit left.
+        unread = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+        self._at = at = at + len(piece) - len(unread)
+        if inflate.eof and not self._gzip:
+            return data, False
+        return data, at < len(held) or len(data) >= step
 
     def rest(self) -> bytes:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import random
 import time
 import tracemalloc
 import zlib
@@ -333,6 +334,33 @@ def test_decoding_hands_on_no_more_than_its_limit_wherever_the_chunks_end(split:
         reader.feed(chunk)
     reader.finish(1.0)
     assert collect.data == first and collect.finished
+
+
+@given(
+    st.integers(min_value=0, max_value=2**32),
+    st.integers(min_value=1, max_value=400_000),
+    st.sampled_from(["gzip", "gzip-members", "deflate", "raw-deflate", "br", "zstd", "zstd-frames"]),
+    st.lists(st.integers(min_value=0), max_size=6),
+)
+@settings(max_examples=60, deadline=None)
+def test_bytes_that_do_not_compress_are_decoded_whole_in_steps_wherever_the_chunks_end(
+    seed: int, size: int, coding: str, points: list[int]
+) -> None:
+    """Random bytes compress to about their own size, so a chunk of hundreds of kilobytes is decompressed over many
+    steps, each one a piece of the chunk; runs of one byte between them inflate a piece past a step, which leaves
+    part of it for the next: the reader behind gets every byte, in order, once."""
+    rnd = random.Random(seed)
+    parts: list[bytes] = []
+    while sum(map(len, parts)) < size:
+        parts += [rnd.randbytes(rnd.randint(1, 20_000)), bytes([rnd.randrange(256)]) * rnd.randint(1, 200_000)]
+    body = b"".join(parts)[:size]
+    name = {"raw-deflate": "deflate", "zstd-frames": "zstd", "gzip-members": "gzip"}.get(coding, coding)
+    collect = _Collect()
+    reader = DecodingReader(collect, name.encode(), 1 << 30)  # type: ignore[arg-type]
+    for chunk in _cuts(_compress(coding, body), points):
+        reader.feed(chunk)
+    reader.finish(1.0)
+    assert collect.data == body
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br", "zstd", "zstd-frames"])
