@@ -115,6 +115,12 @@ def _add_finish_reason(call: LLMCall, reason: Any) -> None:
             reasons.append(reason)
 
 
+def _is_tool_item(item: dict[str, Any]) -> bool:
+    """Whether a Responses API output item is a tool call (its ``type`` a string naming one)."""
+    kind = item.get("type")
+    return type(kind) is str and kind in _RESPONSES_TOOL_ITEMS
+
+
 def _add_tool_call(call: LLMCall, name: str) -> None:
     if len(call.tool_calls) < MAX_TOOL_CALLS:
         call.tool_calls.append(name)
@@ -981,6 +987,8 @@ class OpenAIResponsesReader(ResponseReader):
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
+        if type(kind) is not str:
+            kind = event  # (a list or an object would not even hash)
         if kind in _RESPONSES_TEXT_EVENTS:
             if obj.get("delta"):
                 self._first_token(now, reasoning=kind in _RESPONSES_REASONING_EVENTS)
@@ -988,7 +996,7 @@ class OpenAIResponsesReader(ResponseReader):
                 self._keep_text(obj.get("delta"))
         elif kind == "response.output_item.added":
             item = obj.get("item")
-            if isinstance(item, dict) and item.get("type") in _RESPONSES_TOOL_ITEMS:
+            if isinstance(item, dict) and _is_tool_item(item):
                 self._first_token(now)
                 name = _str(item.get("name"))
                 if name:
@@ -1004,7 +1012,7 @@ class OpenAIResponsesReader(ResponseReader):
             if not isinstance(item, dict):
                 continue
             name = _str(item.get("name"))
-            if item.get("type") in _RESPONSES_TOOL_ITEMS and name:
+            if name and _is_tool_item(item):
                 _add_tool_call(self.call, name)
             for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):

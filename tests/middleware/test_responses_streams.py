@@ -195,3 +195,21 @@ def test_openai_text_deltas_are_kept_and_read_in_bulk() -> None:
     reader.finish(now=4.0)
     assert (call.first_token_at, call.output_tokens, call.finish_reasons) == (2.0, 7, ["stop"])
     assert reader._chunks == 40
+
+
+def test_events_and_items_whose_type_is_not_text_are_skipped_and_the_rest_is_read() -> None:
+    """A ``type`` that is a list or an object (JSON allows it; no frozenset lookup does) is an event or item of no
+    known kind: skipped, and the usage after it still counted."""
+    call = LLMCall(SPEC.operation, SPEC.provider, start=0.0)
+    reader = SPEC.response_reader(call, stream=True, capture=False)
+    events = [{"type": ["x"]}, {"type": {"a": 1}, "delta": "hi"},
+              {"type": "response.output_item.added", "item": {"type": ["function_call"], "name": "f"}},
+              {"type": "response.completed", "response": response("completed", usage=USAGE)}]  # fmt: skip
+    read_as_middleware(reader, [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events], [1])
+    assert (call.input_tokens, call.output_tokens, call.tool_calls) == (11, 7, [])
+    call = LLMCall(SPEC.operation, SPEC.provider, start=0.0)
+    reader = SPEC.response_reader(call, stream=False, capture=False)
+    answer = response("completed", usage=USAGE, output=[{"type": {}}, {"type": ["function_call"], "name": "f"}])
+    reader.feed(json.dumps(answer).encode(), now=1.0)
+    reader.finish(now=2.0)
+    assert (call.input_tokens, call.output_tokens, call.tool_calls) == (11, 7, [])
