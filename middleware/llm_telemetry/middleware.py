@@ -51,6 +51,10 @@ OBSERVED = "llm_telemetry.observed"
 MAX_HELD_CHUNKS = 128
 MAX_HELD_CHUNK_BYTES = 512
 MAX_HELD_BYTES = MAX_HELD_CHUNKS * MAX_HELD_CHUNK_BYTES
+#: A stream chunk larger than this is handed on before it is read (through ``_watched_send``, a coroutine of ours):
+#: reading a chunk of many events takes long enough to delay its bytes (1 MB of small events: ~35 ms). Smaller ones
+#: are read first, in microseconds, which costs less than the coroutine would.
+READ_AFTER_BYTES = 16 * 1024
 
 #: What keeping one piece of a request body costs besides its bytes (the bytes object's header with its allocator
 #: rounding, and its slot in the list), counted against the body limit with the piece's length. A client that
@@ -318,11 +322,13 @@ class _Exchange:
                         self.release()
                 send = self._send  # (a slot holding a function: ``self._send(...)`` would not be specialised)
                 return send(message)
-            if not (more and message["type"] == "http.response.body"):
+            if not (more and message["type"] == "http.response.body") or len(body or b"") > READ_AFTER_BYTES:
                 return self._watched_send(message)
             self.release()  # the kept chunks come first; this one is read as it passes
         elif self.send_code is not None and message["type"] == "http.response.body" and message.get("more_body"):
             body = message.get("body")
+            if body and len(body) > READ_AFTER_BYTES:
+                return self._watched_send(message)
         else:
             return self._watched_send(message)
         reader = self.reader

@@ -437,3 +437,59 @@ def test_obfuscated_deltas_of_any_text_and_value_are_counted_in_bulk(
     counted = reader._chunks
     reader.feed_held(run)
     assert reader._chunks == counted + len(run) and reader.holding
+
+
+def test_a_chunk_of_many_events_reaches_the_client_before_it_is_read() -> None:
+    """Reading a chunk of thousands of events takes milliseconds: the server gets such a chunk before the reader
+    looks at it (the first token is not known yet when the bytes go out), and its time is still the one the chunk
+    was handed over at."""
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    calls: list[LLMCall] = []
+
+    class Keep:
+        def start(self, call: LLMCall) -> None:
+            calls.append(call)
+
+        def end(self, call: LLMCall) -> None:
+            pass
+
+    role = encode(chat_chunk({"role": "assistant", "content": ""}), False, True)
+    many = b"".join(encode(chat_chunk({"content": f"w{i} "}), False, True) for i in range(2000))
+    small = encode(chat_chunk({"content": "small"}), False, True)
+    end = encode(chat_chunk({}, "stop"), False, True) + b"data: [DONE]\n\n"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in (role, many, small, end):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    seen: list[tuple[bytes, float | None, float]] = []  # each chunk, the first token's time known then, and now
+
+    async def server_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            seen.append((message["body"], calls[0].first_token_at, time.perf_counter()))
+
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": []}).encode()
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, request_logs=False, observers=[Keep()])
+    try:
+        asyncio.run(wrapped(scope, receive, server_send))
+    finally:
+        wrapped.telemetry.shutdown()
+    assert [chunk for chunk, _, _ in seen] == [role, many, small, end]  # byte for byte, in order
+    _, known_at_many, sent_many = seen[1]
+    assert known_at_many is None  # handed on before it was read
+    call = calls[0]
+    assert call.first_token_at is not None and call.first_token_at <= sent_many
+    assert seen[3][1] is not None and call.output_tokens == 2001 and call.finish_reasons == ["stop"]
