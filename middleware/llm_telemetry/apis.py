@@ -1190,7 +1190,7 @@ def _looks_like_error(content: Any) -> bool:
     text = content.lstrip()
     if text[:5].lower() == "error":
         return True
-    if text.startswith("{"):
+    if text.startswith("{") and '"error"' in text:  # (no need to parse an object that names no error key)
         obj = loads(text)
         return isinstance(obj, dict) and bool(obj.get("error"))
     return False
