@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import logging
 import threading
 import weakref
@@ -35,6 +36,8 @@ from .version import __version__
 logger = logging.getLogger("llm_telemetry")
 
 METER_NAME = "llm_telemetry"
+#: How often a metrics port found busy at startup is tried again.
+BIND_RETRY_SECONDS = 1.0
 
 
 class Telemetry:
@@ -106,6 +109,8 @@ class Telemetry:
         )
         self._server: Any = None
         self._server_lock = threading.Lock()
+        #: Set at shutdown: a listener still waiting for its port stops trying.
+        self._stopping = threading.Event()
         self._shut_down = False
         # The exporters are flushed at exit by this handler, bounded by SHUTDOWN_SECONDS: the SDK's own handlers
         # are off (shutdown_on_exit=False), as each would wait its exporters' whole timeouts (30 s and more) on a
@@ -205,28 +210,52 @@ class Telemetry:
                 self._server = serve_metrics(settings.metrics_port, settings.metrics_host, self.registry)
             except OSError as exc:
                 self._server = False
+                busy = exc.errno == errno.EADDRINUSE
                 logger.warning(
-                    "llm-telemetry: metrics listener not started on %s:%s: %s",
+                    "llm-telemetry: metrics listener not started on %s:%s: %s%s",
                     settings.metrics_host,
                     settings.metrics_port,
                     exc,
+                    "; trying again every second" if busy else "",
                 )
+                if busy:
+                    # The process before this one (a restart, a reload) may still be letting go of the port.
+                    threading.Thread(target=self._bind_when_free, name="llm-telemetry-bind", daemon=True).start()
             else:
                 logger.info(
                     "llm-telemetry: metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port
                 )
+
+    def _bind_when_free(self) -> None:
+        """Try the busy metrics port again every second until it is bound, or shutdown."""
+        settings = self.settings
+        while not self._stopping.wait(BIND_RETRY_SECONDS):
+            with self._server_lock:
+                if self._shut_down:
+                    return
+                try:
+                    self._server = serve_metrics(settings.metrics_port, settings.metrics_host, self.registry)
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        continue
+                    logger.warning("llm-telemetry: metrics listener not started: %s", exc)
+                    return
+            logger.info("llm-telemetry: metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
+            return
 
     def shutdown(self) -> None:
         """Stop the listener and flush and stop the exporters; once (later calls do nothing)."""
         if self._shut_down:
             return
         self._shut_down = True
-        if self._server:
-            server, thread = self._server
+        self._stopping.set()
+        with self._server_lock:
+            listening, self._server = self._server, None
+        if listening:
+            server, thread = listening
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
-        self._server = None
         if self.workers is not None:
             self.workers.close()
         if self.tracing is not None:

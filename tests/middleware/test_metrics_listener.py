@@ -256,3 +256,32 @@ def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> N
         head = httpx.head(f"{base}/metrics", timeout=10)
         assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
         assert httpx.post(f"{base}/metrics", timeout=10).status_code == 200
+
+
+def test_a_metrics_port_busy_at_startup_is_served_once_it_is_free(caplog: pytest.LogCaptureFixture) -> None:
+    """A restart whose old process still holds the port (uvicorn's reload, a rolling restart on a host port): the
+    port is tried again every second, and served once the other process lets it go."""
+    metrics_port = free_port()
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", metrics_port))
+    holder.listen()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    try:
+        with caplog.at_level("WARNING", logger="llm_telemetry"), serve(app) as base:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+            assert any("trying again every second" in r.getMessage() for r in caplog.records)
+            holder.close()
+            text = wait_for("the port served", lambda: _scraped(metrics_port), seconds=10)
+            assert "llm_requests_total{" in text
+    finally:
+        holder.close()
+        app.telemetry.shutdown()
+
+
+def _scraped(port: int) -> str:
+    try:
+        return scrape_text(port)
+    except OSError:
+        return ""
