@@ -449,7 +449,11 @@ async def _reconcile(
         if (reason, message) not in reported:
             kopf.warn(_event_target(body), reason=reason, message=message)
     state.reported[key] = frozenset(outcome.failures)
-    logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
+    if outcome.invalid:
+        # The targets of an invalid spec are the last valid one's, kept as they were: the log says why instead.
+        logger.info("reconciled (%s): invalid: %s", trigger, "; ".join(message for _, message in outcome.failures))
+    else:
+        logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
     return outcome
 
 

@@ -374,7 +374,10 @@ async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
     check_usage(emulator)
 
 
-async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any) -> None:
+async def test_invalid_spec_names_the_field(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(alerts={"ttftObjectiveSeconds": 3})
@@ -388,6 +391,9 @@ async def test_invalid_spec_names_the_field(emulator: Any, monitoring_crds: Any)
         assert "spec.alerts.ttftObjectiveSeconds" in refused["message"]
         assert owner["status"]["phase"] == "Invalid"
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        # The operator's log says why, not the targets of a spec it did not apply.
+        logged = [r.getMessage() for r in caplog.records if "reconciled (" in r.getMessage()]
+        assert logged and "invalid: " in logged[-1] and "spec.alerts.ttftObjectiveSeconds" in logged[-1], logged
         # kubectl describe shows why, as a Warning event naming the field.
         await eventually(
             lambda: any(
