@@ -360,6 +360,34 @@ def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, A
     return {"containers": containers, "volume": volume} if containers or volume else None
 
 
+def _renamed(template: Mapping[str, Any], record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` with each container it names that the pod template no longer has found under its new name: a
+    container renamed since the injection keeps the injected variables, and they are still ours, to replace or
+    remove. The new name is the one container the record does not name yet that holds at least one of those
+    variables as injected; without exactly one, the entry is dropped (the container is gone)."""
+    if not record:
+        return record
+    recorded = record.get("containers") or {}
+    present = [ct for ct in (template.get("spec") or {}).get("containers") or [] if isinstance(ct, Mapping)]
+    names = {ct.get("name") for ct in present}
+    if all(name in names for name in recorded):
+        return record
+    containers = {name: done for name, done in recorded.items() if name in names}
+    for name, done in recorded.items():
+        if name in names:
+            continue
+        ours = done.get("env") or {}
+        holders = [
+            ct
+            for ct in present
+            if ct.get("name") not in containers
+            and any(isinstance(e, Mapping) and _as_injected(e, ours) for e in ct.get("env") or [])
+        ]
+        if len(holders) == 1:
+            containers[holders[0].get("name")] = done
+    return {**record, "containers": containers}
+
+
 def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
     """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
     if not record:
@@ -500,11 +528,12 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
     Prometheus exporter, or the middleware turned off. Values from ``valueFrom`` are not known here, nor judged.
     A variable the record lists is still the user's once its value differs from the one injected (as in
     :func:`_strip`): a pass reads the workload before its own patch rewrites the record."""
-    record = injected_record(workload) or {}
+    template = (workload.get("spec") or {}).get("template") or {}
+    record = _renamed(template, injected_record(workload)) or {}
     injected = record.get("containers")
     if not isinstance(injected, Mapping):
         injected = {}
-    pod = ((workload.get("spec") or {}).get("template") or {}).get("spec") or {}
+    pod = template.get("spec") or {}
     containers = [ct for ct in pod.get("containers") or [] if isinstance(ct, Mapping)]
     chosen = [ct for ct in containers if ct.get("name") in spec.containers] if spec.containers else containers[:1]
     found = []
@@ -562,6 +591,7 @@ def build_workload_patch(
     current = workload.get("spec", {}).get("template", {})
     if record is None and injection is not None:
         record = _reclaimed(current, injection)
+    record = _renamed(current, record)
     template = copy.deepcopy(current)
     _strip(template, record)
     new_record: dict[str, Any] | None = None

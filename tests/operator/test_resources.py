@@ -680,3 +680,32 @@ def test_the_volumes_default_mode_changes_no_hash() -> None:
     assert dataclasses.replace(injection, volume=without).digest == injection.digest
     other = {**without, "configMap": {**without["configMap"], "name": "other"}}
     assert dataclasses.replace(injection, volume=other).digest != injection.digest
+
+
+@pytest.mark.parametrize("chosen", [(), ("app",)], ids=["first-container", "named-container"])
+def test_a_container_renamed_after_the_injection_keeps_it_as_ours(chosen: tuple[str, ...]) -> None:
+    """``app`` renamed ``server`` (kubectl edit, a chart upgrade) keeps the injected variables and port: they are
+    still the injection's, replaced by the next pass and removed with the resource, never taken for the user's own
+    (which blamed the user's settings for the operator's old values, and left them behind on delete)."""
+    target = deployment()
+    fields: dict[str, Any] = {"containers": list(chosen)} if chosen else {}
+    spec = parse_spec(minimal_llmt(**fields)["spec"])
+    injection = r.build_injection(spec, OperatorConfig(), target, "chat")
+    injected = merge_patch(target, r.build_workload_patch(target, injection, "chat"))
+    renamed = json.loads(json.dumps(injected))
+    renamed["spec"]["template"]["spec"]["containers"][0]["name"] = "server"
+    assert r.unscrapeable_settings(renamed, spec) == []
+    removed = merge_patch(renamed, r.build_workload_patch(renamed, None, "chat"))
+    (left,) = removed["spec"]["template"]["spec"]["containers"]
+    original = dict(target["spec"]["template"]["spec"]["containers"][0], name="server")
+    assert left == original
+    if not chosen:  # the first container is still the one the injection goes into: it stays, recorded under its name
+        again = merge_patch(renamed, r.build_workload_patch(renamed, injection, "chat"))
+        record = json.loads(again["metadata"]["annotations"][c.ANNOTATION_INJECTED])
+        assert set(record["containers"]) == {"server"} and record["containers"]["server"]["env"]
+        assert again["spec"]["template"]["spec"] == renamed["spec"]["template"]["spec"]
+        moved = parse_spec(minimal_llmt(metrics={"port": 9470})["spec"])
+        other = r.build_injection(moved, OperatorConfig(), again, "chat")
+        rewritten = merge_patch(again, r.build_workload_patch(again, other, "chat"))
+        env = {e["name"]: e.get("value") for e in rewritten["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["LLM_TELEMETRY_METRICS_PORT"] == "9470"
