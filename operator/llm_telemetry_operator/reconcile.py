@@ -889,10 +889,7 @@ async def _apply(
                 return _version(created)
             except ConflictError:
                 current = await client.get(resource, namespace, name)
-                owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
-                ours = owner_label == desired["metadata"]["labels"][c.LABEL_OWNER] or owner_label in adoptable
-                # Its labels edited away, it is still ours while we control it (and so is repaired).
-                if not ours and _controller_uid(current) != _controller_uid(desired):
+                if not _ours(current, desired, adoptable):
                     raise ConflictError(
                         409,
                         "AlreadyExists",
@@ -930,7 +927,21 @@ async def _apply(
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
             current = await client.get(resource, namespace, name)
+            if not _ours(current, desired, adoptable):
+                # Changed meanwhile by another LLMTelemetry that took it over (this pass began before that one was
+                # known): not written back; the retry, knowing it, decides who serves the workload.
+                owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
+                raise ConflictError(409, "Conflict", f"taken over by LLMTelemetry {owner_label} meanwhile") from None
     return None
+
+
+def _ours(current: Mapping[str, Any], desired: Mapping[str, Any], adoptable: Container[str]) -> bool:
+    """Whether ``current`` is this LLMTelemetry's to write as ``desired``: labelled as its (or as an adoptable
+    one's), or, its labels edited away, still controlled by it."""
+    owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
+    if owner_label == desired["metadata"]["labels"][c.LABEL_OWNER] or owner_label in adoptable:
+        return True
+    return _controller_uid(current) == _controller_uid(desired)
 
 
 def _stale_keys(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[str]:

@@ -976,3 +976,49 @@ def test_workloads_whose_selectors_overlap_are_reported(cluster: Cluster, operat
     assert "Deployment/ov selects the pods of Deployment/ov-canary" in metrics["message"]
     assert wait_for(lambda: cluster.events("ov", "SelectorsOverlap"), "SelectorsOverlap event")
     operator.assert_clean()
+
+
+async def test_a_child_taken_over_during_a_pass_is_not_written_back(cluster: Cluster, kubeconfig: pathlib.Path) -> None:
+    """Two resources created together, the younger one's pass begun before the older one was known: meanwhile the
+    older one takes the workload's metrics Service over. The younger pass's write of it, made on the version it read,
+    is refused by the API server (409); re-read, the Service is another LLMTelemetry's now, and is left so: the pass
+    fails and is retried knowing both, instead of relabelling the Service its own (nothing scraped it under the
+    winner's job then, and deleting the loser deleted the winner's Service)."""
+    from kubernetes import client as k8s
+
+    from llm_telemetry_operator import reconcile as rec
+    from llm_telemetry_operator.errors import ConflictError
+
+    def owner_of(name: str) -> dict[str, Any]:
+        made = cluster.core.create_namespaced_config_map(
+            cluster.namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=name))
+        )
+        return {"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": made.metadata.uid, "controller": True}
+
+    loser, winner = owner_of("race-loser"), owner_of("race-winner")
+
+    def service(owner: dict[str, Any], label: str, note: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "race-llm-metrics", "labels": {c.LABEL_OWNER: label},
+                         "annotations": {"note": note}, "ownerReferences": [owner]},
+            "spec": {"clusterIP": "None", "selector": {"app": "race"}, "ports": [{"name": "m", "port": 9464}]},
+        }  # fmt: skip
+
+    api = kube.KubeClient(kube.load_configuration(str(kubeconfig)))
+    try:
+        await api.create(kube.SERVICES, cluster.namespace, service(loser, "race-loser", "made by the loser"))
+        read = await api.get(kube.SERVICES, cluster.namespace, "race-llm-metrics")
+        # The winner's pass takes it over (as _apply does for an outranked peer's Service).
+        await api.patch(
+            kube.SERVICES, cluster.namespace, "race-llm-metrics",
+            {"metadata": {"labels": {c.LABEL_OWNER: "race-winner"}, "ownerReferences": [winner]}},
+        )  # fmt: skip
+        with pytest.raises(ConflictError, match="taken over by LLMTelemetry race-winner meanwhile"):
+            await rec._apply(api, kube.SERVICES, cluster.namespace, service(loser, "race-loser", "repaired"), read)
+        now = await api.get(kube.SERVICES, cluster.namespace, "race-llm-metrics")
+    finally:
+        await api.close()
+    assert now["metadata"]["labels"][c.LABEL_OWNER] == "race-winner"
+    assert [ref["uid"] for ref in now["metadata"]["ownerReferences"]] == [winner["uid"]]
