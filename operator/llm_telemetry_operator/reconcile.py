@@ -158,13 +158,15 @@ class PeerView:
 class _Outranked:
     """The names of the peers whose metrics Services ``owner`` may take over with its targets (``name in
     outranked``), looked up one at a time: those it outranks, those being deleted, and those that no longer serve
-    any of its targets (``serving``: the names of those that do; a peer whose selector or containers changed has
-    yet to notice in a pass of its own)."""
+    any of its targets (a peer whose selector or containers changed has yet to notice in a pass of its own).
 
-    def __init__(self, owner: Mapping[str, Any], peers: PeerView, serving: Container[str] = frozenset()) -> None:
+    Each is judged as the operator knows the peer at that moment, not as the pass began: a peer created meanwhile
+    (two resources applied together) is not taken for one that serves none of the targets."""
+
+    def __init__(self, owner: Mapping[str, Any], peers: PeerView, targets: Sequence[Mapping[str, Any]] = ()) -> None:
         self._rank = precedence(owner)
         self._peers = peers
-        self._serving = serving
+        self._targets = targets
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -172,7 +174,7 @@ class _Outranked:
         peer = self._peers.named(name)
         if peer is None:
             return self._peers.leaving(name)
-        return precedence(peer[0]) > self._rank or name not in self._serving
+        return precedence(peer[0]) > self._rank or not any(_serves(peer, w) for w in self._targets)
 
 
 def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
@@ -195,12 +197,16 @@ def _serving(workload: Mapping[str, Any], peers: PeerView) -> list[Peer]:
     one of them. One that names none of its containers does not inject it (``NoContainer``), so it cannot hold
     the workload against another that would."""
     labels = (workload.get("metadata") or {}).get("labels") or {}
-    present = {ct.get("name") for ct in _pod_containers(workload)}
-    return [
-        (body, spec)
-        for body, spec in peers.selecting(labels)
-        if spec.selector.matches(labels) and (not spec.containers or not present.isdisjoint(spec.containers))
-    ]
+    return [peer for peer in peers.selecting(labels) if _serves(peer, workload)]
+
+
+def _serves(peer: Peer, workload: Mapping[str, Any]) -> bool:
+    """Whether ``peer`` would inject ``workload`` (see :func:`_serving`)."""
+    labels = (workload.get("metadata") or {}).get("labels") or {}
+    spec = peer[1]
+    if not spec.selector.matches(labels):
+        return False
+    return not spec.containers or not {ct.get("name") for ct in _pod_containers(workload)}.isdisjoint(spec.containers)
 
 
 async def reconcile(
@@ -261,7 +267,7 @@ async def reconcile(
     services = [r.build_metrics_service(owner, spec, w) for w in targets]
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
-    outranked = _Outranked(owner, peers, {body["metadata"]["name"] for w in targets for body, _ in serving[id(w)]})
+    outranked = _Outranked(owner, peers, targets)
     # A workload another resource serves now (this one's selector or containers no longer fit it): its Service is
     # left for that one to take over with the workload, in one step, rather than deleted and made anew (a gap).
     served = {id(w) for w in targets}

@@ -254,3 +254,29 @@ async def test_a_newer_resource_naming_no_container_says_so_not_conflict(emulato
 def service_owner(kmock: Any) -> str | None:
     service = get(kmock, SERVICES, "chat-llm-metrics")
     return None if service is None else service["metadata"]["labels"].get(c.LABEL_OWNER)
+
+
+def test_a_peer_known_only_after_a_pass_began_keeps_the_metrics_services_of_the_workloads_it_wins() -> None:
+    """Resources applied together: a pass of the broad one began before the narrow one, older by name, was known,
+    and counts the narrow one's workload among its targets. The metrics Service the narrow one made for it is not
+    the broad pass's to take over (it was, as the Service of a peer serving none of its targets, and the workload
+    was then scraped under the wrong job): the peer is judged as the operator knows it when the Service is met."""
+    from llm_telemetry_operator import reconcile as rec
+    from llm_telemetry_operator.spec import parse_spec
+
+    stamp = "2026-12-03T01:57:41Z"
+    broad = minimal_llmt("z-broad", selector={"matchLabels": {"grp": "all"}})
+    narrow = minimal_llmt("a6", selector={"matchLabels": {"app": "w6"}})
+    for body in (broad, narrow):
+        body["metadata"]["creationTimestamp"] = stamp  # the same second: the first by name wins
+    workload = deployment("w6")
+    workload["metadata"]["labels"] = {"app": "w6", "grp": "all"}
+    known: dict[str, Any] = {}
+    peers = rec.PeerView(selecting=lambda labels: [], named=known.get)  # the narrow one not indexed at the start
+    outranked = rec._Outranked(broad, peers, [workload])
+    assert "a6" not in outranked  # unknown and not being deleted: never taken over
+    known["a6"] = (narrow, parse_spec(narrow["spec"]))  # known now, while the pass runs
+    assert "a6" not in outranked  # it wins w6: its Service stays its own
+    other = deployment("w7")
+    other["metadata"]["labels"] = {"app": "w7", "grp": "all"}
+    assert "a6" in rec._Outranked(broad, peers, [other])  # it serves none of these targets: taken over with them
