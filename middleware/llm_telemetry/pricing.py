@@ -143,11 +143,16 @@ def _load_file(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"pricing file {str(path)!r}: {exc.strerror or exc}") from exc
+    return parse_pricing_text(text, str(path))
+
+
+def parse_pricing_text(text: str, name: str) -> Any:
+    """The document of a pricing file named ``name`` (JSON when it ends in ``.json``, else YAML), as read from it."""
+    is_json = name.endswith(".json")
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if is_json else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        raise ConfigurationError(f"pricing file {str(path)!r} is not valid {kind}: {exc}") from exc
+        raise ConfigurationError(f"pricing file {name!r} is not valid {'JSON' if is_json else 'YAML'}: {exc}") from exc
 
 
 def _price(model: str, entry: Any) -> Price:

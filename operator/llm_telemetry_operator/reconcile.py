@@ -6,12 +6,15 @@ from the desired state, so running it twice in a row writes nothing the second t
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_telemetry.config import ConfigurationError
+from llm_telemetry.pricing import PricingTable, parse_pricing_text
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
@@ -316,7 +319,8 @@ async def reconcile(
         message = missing_prices + "; until then no workload is injected: " + ", ".join(outcome.held)
         if targets:
             message += "; left as they were: " + ", ".join(workload_key(w) for w in targets)
-        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
+        why = "PricingConfigMapInvalid" if _UNREADABLE_PRICES in missing_prices else "PricingConfigMapNotFound"
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, why, message)
 
     # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
     unscrapeable = [
@@ -794,8 +798,15 @@ async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
     return any((item.get("metadata") or {}).get("name") == name for item in found)
 
 
+#: What the message of a configMapRef whose key holds no prices says (the condition's reason is then
+#: ``PricingConfigMapInvalid``).
+_UNREADABLE_PRICES = "is no pricing table the middleware reads"
+
+
 async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySpec) -> str | None:
-    """Why ``spec.pricing.configMapRef`` cannot be mounted (the ConfigMap or its key missing), or None."""
+    """Why ``spec.pricing.configMapRef`` cannot be mounted (the ConfigMap or its key missing) or read (its content
+    no pricing table the middleware takes: every pod would fail its startup, or pass requests through unmeasured),
+    or None."""
     name, key = spec.pricing.config_map, spec.pricing.config_map_key
     try:
         found = await client.get(kube.CONFIGMAPS, namespace, str(name))
@@ -804,10 +815,19 @@ async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySp
             f"ConfigMap {name} (spec.pricing.configMapRef) does not exist in {namespace}: the pods would mount it, "
             "and could not start"
         )
-    if key not in (found.get("data") or {}) and key not in (found.get("binaryData") or {}):
+    data, binary = found.get("data") or {}, found.get("binaryData") or {}
+    if key not in data and key not in binary:
         return (
             f"ConfigMap {name} (spec.pricing.configMapRef) has no key {key!r}: the pods would mount it, and could not "
             "start"
+        )
+    try:
+        text = data[key] if key in data else base64.b64decode(binary[key]).decode("utf-8")
+        PricingTable(parse_pricing_text(text, key))
+    except (ValueError, ConfigurationError) as exc:  # (UnicodeDecodeError and binascii.Error are ValueErrors)
+        return (
+            f"ConfigMap {name} (spec.pricing.configMapRef) key {key!r} {_UNREADABLE_PRICES} ({exc}): the pods would "
+            "fail their startup, or serve unmeasured"
         )
     return None
 

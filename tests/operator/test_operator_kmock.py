@@ -558,6 +558,19 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
             "embed: the key missing",
             attempts=800,
         )
+        # A key the middleware cannot read as prices: every pod would fail its startup, so nothing is injected yet.
+        garbage = {"data": {"pricing.yaml": "this is: [not valid"}}
+        await hand(emulator, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/configmaps/prices", garbage)
+        await eventually(
+            lambda: (
+                "is no pricing table the middleware reads"
+                in condition(get(emulator, LLMT, "embed"), "Ready")["message"]
+            ),
+            "embed: the prices unreadable",
+            attempts=1200,
+        )
+        assert reason("embed") == "PricingConfigMapInvalid"
+        assert get(emulator, DEPLOYMENTS, "embed")["spec"] == deployment("embed", labels={"app": "embed"})["spec"]
         await hand(
             emulator, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/configmaps/prices", {"data": {"pricing.yaml": "{}"}}
         )
