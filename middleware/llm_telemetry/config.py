@@ -85,6 +85,14 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096
 
 
+#: Request headers that never become attribution labels: credentials (each distinct key or cookie would be a label
+#: value on every dashboard, readable by anyone who can query Prometheus) and per-request ids (a series each).
+UNLABELLED_HEADERS: Final = frozenset((
+    "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-goog-api-key",
+    "x-request-id", "traceparent", "tracestate",
+))  # fmt: skip
+
+
 class ConfigurationError(ValueError):
     """A setting has a value the middleware cannot use; the message names the setting."""
 
@@ -250,6 +258,11 @@ class Settings:
             if exporter not in ("prometheus", "otlp"):
                 raise ConfigurationError(f"metrics exporter {exporter!r}: expected prometheus, otlp or none")
         for header, label in self.attribution_headers.items():
+            if header.strip().lower() in UNLABELLED_HEADERS:
+                name = variables.get("attribution_headers", "attribution_headers")
+                raise ConfigurationError(
+                    f"{name}: header {header!r} carries credentials or a per-request id, never a label value"
+                )
             if not label.replace("_", "").isalnum() or not label[0].isalpha():
                 name = variables.get("attribution_headers", "attribution_headers")
                 raise ConfigurationError(

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT
+from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT, UNLABELLED_HEADERS
 from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
 from llm_telemetry_operator import constants as c
@@ -501,6 +501,10 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
     for header, label in headers.items():
         if not _HEADER.fullmatch(header):
             raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
+        if header.lower() in UNLABELLED_HEADERS:
+            raise SpecError(
+                f"spec.attribution.headers.{header}", "carries credentials or a per-request id, never a label value"
+            )
         if not _ATTRIBUTION_LABEL.fullmatch(label) or len(label) > 63:
             raise SpecError(
                 f"spec.attribution.headers.{header}", f"label {label!r} must match [a-z][a-z0-9_]* (63 at most)"

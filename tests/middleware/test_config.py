@@ -127,6 +127,8 @@ def test_an_argument_written_as_its_variable_means_what_the_variable_means(optio
         ({"pricing": 3}, "pricing=3: expected a mapping"),
         ({"metrics_port": 70000}, "^metrics_port=70000: must be between 0 and 65535"),
         ({"attribution_headers": {"x-tenant-id": "ten-ant"}}, "^attribution_headers: header 'x-tenant-id' maps to"),
+        ({"attribution_headers": {"Authorization": "key"}}, "header 'Authorization' carries credentials"),
+        ({"attribution_headers": "x-api-key=key"}, "header 'x-api-key' carries credentials"),
     ],
 )
 def test_an_argument_of_the_wrong_type_fails_naming_it(arguments: dict[str, object], message: str) -> None:

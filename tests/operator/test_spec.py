@@ -69,6 +69,11 @@ def test_spec_pricing_reference_and_attribution() -> None:
     [
         ({}, "spec.selector"),
         ({"selector": {}}, "spec.selector"),
+        (
+            {"selector": SELECTOR, "attribution": {"headers": {"Authorization": "a"}}},
+            "spec.attribution.headers.Authorization",
+        ),
+        ({"selector": SELECTOR, "attribution": {"headers": {"cookie": "session"}}}, "spec.attribution.headers.cookie"),
         ({"selector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}}, "spec.selector"),
         ({"selector": {"matchExpressions": [{"key": "legacy", "operator": "DoesNotExist"}]}}, "spec.selector"),
         ({"selector": "app=chat"}, "spec.selector"),
