@@ -22,7 +22,7 @@ from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient, Resource
-from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
+from llm_telemetry_operator.spec import TelemetrySpec, parse_spec, shown
 
 logger = logging.getLogger(__name__)
 
@@ -460,11 +460,11 @@ async def _collectors(
             else:
                 problem = f"does not exist, so no {signal} exporter is injected"
                 remedy = f"install the collector there or point {spec_field} at one"
-            missing.append(f"{signal}: Service {name} in namespace {namespace} ({endpoint}) {problem}; {remedy}")
+            missing.append(f"{signal}: Service {name} in namespace {namespace} ({shown(endpoint)}) {problem}; {remedy}")
         elif lookup.found:
-            found.append(f"{signal}: {endpoint}")
+            found.append(f"{signal}: {shown(endpoint)}")
         else:
-            unchecked.append(f"{signal}: {endpoint} ({lookup.note})")
+            unchecked.append(f"{signal}: {shown(endpoint)} ({lookup.note})")
     if missing:
         return r.Condition(c.CONDITION_COLLECTORS, False, "CollectorNotFound", "; ".join(missing))
     if unchecked:

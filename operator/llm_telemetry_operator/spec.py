@@ -280,20 +280,37 @@ def _url(section: Mapping[str, Any], key: str, path: str, signal: str) -> str | 
     if value is None or value == "":
         return None
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
-        raise SpecError(path, f"must be an http(s) URL, got {value!r}")
+        raise SpecError(path, f"must be an http(s) URL, got {shown(value) if isinstance(value, str) else value!r}")
     try:
         # The schema's pattern lets through what no URL parser reads (``http://[oops:4318``, a port of 99999):
         # refused here, or every pass would fail on it later.
         parts = urlsplit(value)
         host, _ = parts.hostname, parts.port
     except ValueError as exc:
-        raise SpecError(path, f"is not a valid URL ({exc}): {value!r}") from None
+        raise SpecError(path, f"is not a valid URL ({exc}): {shown(value)!r}") from None
     if not host:
-        raise SpecError(path, f"has no host: {value!r}")
+        raise SpecError(path, f"has no host: {shown(value)!r}")
+    # What a URL parser reads but no exporter connects to, or that requests would send differently.
+    if any(ch.isspace() for ch in value):
+        raise SpecError(path, f"holds whitespace: {shown(value)!r}")
+    if not host.isascii():
+        raise SpecError(path, f"has a host that is not ASCII (give its IDNA form, xn--...): {shown(value)!r}")
+    if parts.port == 0 or parts.netloc.endswith(":"):
+        raise SpecError(path, f"has no usable port (0 or empty): {shown(value)!r}")
     try:
         return otlp_base(value, signal)
     except ValueError as exc:
-        raise SpecError(path, f"{exc}: {value!r}") from None
+        raise SpecError(path, f"{exc}: {shown(value)!r}") from None
+
+
+def shown(url: str) -> str:
+    """``url`` as a status or event may show it: credentials in it (``http://user:secret@host``, a token as the user)
+    as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{scheme}{sep}***@{netloc.rsplit('@', 1)[1]}{slash}{path}"
 
 
 def otlp_base(url: str, signal: str) -> str:

@@ -194,14 +194,15 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
 
 
 async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
+    """An endpoint outside the cluster is injected unchecked; credentials in it reach the pods, never the status."""
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(
-        tracing={"endpoint": "https://otlp.example.com"}, logs={"enabled": False}
-    )
+    endpoint = "https://team:s3cret@otlp.example.com"
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(tracing={"endpoint": endpoint}, logs={"enabled": False})
     async with running_operator():
         collectors = await collectors_condition(emulator)
     assert (collectors["status"], collectors["reason"]) == ("True", "NotChecked")
-    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://otlp.example.com"
+    assert "otlp.example.com" in collectors["message"] and "s3cret" not in collectors["message"]
+    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
 
 
 async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(emulator: Any) -> None:

@@ -97,6 +97,10 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"tracing": {"endpoint": "jaeger:4318"}}, "spec.tracing.endpoint"),
         ({"tracing": {"endpoint": "http://[oops:4318"}}, "spec.tracing.endpoint"),
         ({"tracing": {"endpoint": "http://jaeger:99999"}}, "spec.tracing.endpoint"),
+        ({"tracing": {"endpoint": "http://collector.example.com:4318/a b"}}, "spec.tracing.endpoint"),
+        ({"tracing": {"endpoint": "http://collector.example.com:0"}}, "spec.tracing.endpoint"),
+        ({"tracing": {"endpoint": "http://collector.obs.svc:/x"}}, "spec.tracing.endpoint"),
+        ({"logs": {"endpoint": "http://jäger.observability.svc:4318"}}, "spec.logs.endpoint"),
         ({"logs": {"endpoint": "http://loki:port/otlp"}}, "spec.logs.endpoint"),
         ({"logs": {"endpoint": "http://:3100/otlp"}}, "spec.logs.endpoint"),
         ({"metrics": {"labels": {"bad key!": "x"}}}, "spec.metrics.labels"),
@@ -237,3 +241,14 @@ def test_spec_error_messages_stay_short_whatever_they_quote() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec({"selector": {"matchLabels": {"app": "x" * 100_000}}})
     assert info.value.field == "spec.selector.matchLabels.app" and len(str(info.value)) <= MAX_MESSAGE_CHARS
+
+
+def test_credentials_in_an_endpoint_are_never_shown() -> None:
+    """A password (or a token as the user) in an endpoint URL is masked in what the status and events say."""
+    from llm_telemetry_operator.spec import shown
+
+    assert shown("http://user:s3cret@collector.obs.svc:4318/x@y") == "http://***@collector.obs.svc:4318/x@y"
+    assert shown("https://tok@h") == "https://***@h" and shown("http://h:4318/a@b") == "http://h:4318/a@b"
+    with pytest.raises(SpecError) as info:
+        parse_spec({"selector": SELECTOR, "tracing": {"endpoint": "http://user:s3cret@collector:99999"}})
+    assert "s3cret" not in str(info.value)
