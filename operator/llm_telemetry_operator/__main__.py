@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug=args.verbose,
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+        # Text lines about a resource start with its "[namespace/name]" (JSON lines carry it as "object").
+        log_prefix=args.log_format != "json",
         log_refkey="object",
     )
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)

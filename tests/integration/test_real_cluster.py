@@ -221,10 +221,12 @@ def cluster(api: Any, operator: Operator) -> Iterator[Cluster]:
     operator.assert_clean()
 
 
-def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster) -> None:
+def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster, operator: Operator) -> None:
     cluster.create(deployment("chat", "chat"))
     cluster.create(telemetry("chat", "chat"))
     owner = cluster.ready("chat")
+    # The operator's text log names the resource a line is about.
+    wait_for(lambda: f"[{cluster.namespace}/chat] reconciled (" in operator.output(), "a log line naming the resource")
     uid = owner["metadata"]["uid"]
     assert owner["status"]["targets"] == ["Deployment/chat"]
     assert c.FINALIZER in owner["metadata"]["finalizers"]
