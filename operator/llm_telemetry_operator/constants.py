@@ -21,6 +21,8 @@ LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_PART_OF: Final = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+#: ``app.kubernetes.io/name`` of the operator's own Deployment (the chart's), which no LLMTelemetry injects.
+OPERATOR_NAME: Final = "llm-telemetry-operator"
 #: Label on children and injected workloads naming the LLMTelemetry that owns them.
 LABEL_OWNER: Final = f"{GROUP}/owner"
 

@@ -510,6 +510,12 @@ async def _inject(
         record = r.injected_record(workload)
         mine = record is not None and record.get("owner") == name
         selected = spec.selector.matches(labels) and workload.get("metadata", {}).get("deletionTimestamp") is None
+        if selected and labels.get(c.LABEL_NAME) == c.OPERATOR_NAME:
+            # The operator itself (no LLM service): injected, its own pods would roll, and roll again on every change.
+            skipped.append(f"{workload_key(workload)} (the operator itself)")
+            selected = False
+            if not mine:
+                continue
         if selected and spec.containers:
             present = [ct.get("name") for ct in _pod_containers(workload)]
             if not set(spec.containers) & set(present):

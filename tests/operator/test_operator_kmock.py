@@ -1330,3 +1330,20 @@ async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(
     assert json.loads(dashboard["data"][key])["panels"]
     writes = [r for r in new if r.method.value in ("POST", "PATCH")]
     assert writes and all("as=PartialObjectMetadata" in r.headers.get("Accept", "") for r in writes)
+
+
+async def test_a_resource_selecting_the_operator_itself_leaves_it_alone(emulator: Any, monitoring_crds: Any) -> None:
+    """The operator's own Deployment (the chart's name label) is no LLM service: selected, it is skipped and said so,
+    rather than injected, which rolled the operator's pods."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    labels = {c.LABEL_NAME: c.OPERATOR_NAME, c.LABEL_INSTANCE: "llm-telemetry"}
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "llm-telemetry-operator"] = deployment("llm-telemetry-operator", labels)
+    emulator.objects[LLMT, NAMESPACE, "self"] = minimal_llmt("self", selector={"matchLabels": labels})
+    await one_pass(emulator, "self")
+    untouched = deployment("llm-telemetry-operator", labels)
+    assert get(emulator, DEPLOYMENTS, "llm-telemetry-operator")["spec"] == untouched["spec"]
+    injected = condition(get(emulator, LLMT, "self"), c.CONDITION_INJECTED)
+    assert (
+        injected["status"] == "False"
+        and "Deployment/llm-telemetry-operator (the operator itself)" in injected["message"]
+    )
