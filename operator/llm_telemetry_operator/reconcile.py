@@ -615,6 +615,9 @@ async def _inject(
     elif not targets and outcome.port_conflicts:
         message = _port_conflict_message(spec, outcome.port_conflicts)  # the words of MetricsExposed: one event
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PortConflict", message)
+    elif not targets and skipped:
+        message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
     elif not targets:
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)

@@ -1343,7 +1343,7 @@ async def test_a_resource_selecting_the_operator_itself_leaves_it_alone(emulator
     untouched = deployment("llm-telemetry-operator", labels)
     assert get(emulator, DEPLOYMENTS, "llm-telemetry-operator")["spec"] == untouched["spec"]
     injected = condition(get(emulator, LLMT, "self"), c.CONDITION_INJECTED)
-    assert (
-        injected["status"] == "False"
-        and "Deployment/llm-telemetry-operator (the operator itself)" in injected["message"]
+    assert injected["status"] == "False" and injected["message"] == (
+        f"no Deployment or StatefulSet it selects in namespace {NAMESPACE} is one to inject; skipped "
+        "Deployment/llm-telemetry-operator (the operator itself)"
     )
