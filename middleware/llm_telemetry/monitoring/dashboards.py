@@ -69,6 +69,12 @@ ERROR_LOG_QUERIES: Final = {
 LOGS_MODES: Final = tuple(ERROR_LOG_QUERIES)
 
 
+def _share(by: str, part: str, whole: str) -> str:
+    """``part`` over ``whole`` (two rates) per value of ``by``; "or ... * 0": a value with no ``part`` (a model
+    without errors) shows 0 rather than no line at all."""
+    return f"(sum by ({by}) ({part}) or sum by ({by}) ({whole}) * 0)\n/\nsum by ({by}) ({whole})"
+
+
 class _Builder:
     """Accumulates panels, assigning ids and grid positions row by row."""
 
@@ -669,14 +675,7 @@ def build_dashboard(
     b.timeseries(
         "Error ratio by model",
         "Share of requests to each model that failed, any error type.",
-        [
-            b.target(
-                # "or ... * 0": a model without errors shows 0 rather than no line at all.
-                f"(sum by ({REQUEST_MODEL}) ({b.rate(ERRORS)}) or sum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)}) * 0)"
-                f"\n/\nsum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)})",
-                model_legend,
-            )
-        ],
+        [b.target(_share(REQUEST_MODEL, b.rate(ERRORS), b.rate(REQUESTS)), model_legend)],
         "percentunit",
         max_value=1,
     )
@@ -694,14 +693,7 @@ def build_dashboard(
         "Truncated response ratio by model",
         "Share of each model's finish reasons that say the output hit its token limit (length, max_tokens,"
         " max_output_tokens): answers cut short, which a larger max_tokens or a shorter prompt would have finished.",
-        [
-            b.target(
-                f"(sum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS, truncated)})"
-                f" or sum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS)}) * 0)"
-                f"\n/\nsum by ({REQUEST_MODEL}) ({b.rate(FINISH_REASONS)})",
-                model_legend,
-            )
-        ],
+        [b.target(_share(REQUEST_MODEL, b.rate(FINISH_REASONS, truncated), b.rate(FINISH_REASONS)), model_legend)],
         "percentunit",
         max_value=1,
     )
@@ -722,14 +714,7 @@ def build_dashboard(
     b.timeseries(
         "Tool failure ratio by tool",
         "Share of the tool results clients sent back that were errors, by tool name.",
-        [
-            b.target(
-                f"(sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS, tool_error)})"
-                f" or sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS)}) * 0)\n/\n"
-                f"sum by ({TOOL_NAME}) ({b.rate(TOOL_RESULTS)})",
-                f"{{{{{TOOL_NAME}}}}}",
-            )
-        ],
+        [b.target(_share(TOOL_NAME, b.rate(TOOL_RESULTS, tool_error), b.rate(TOOL_RESULTS)), f"{{{{{TOOL_NAME}}}}}")],
         "percentunit",
         max_value=1,
     )
