@@ -219,8 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_prefix=args.log_format != "json",
         log_refkey="object",
     )
-    from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
+    from llm_telemetry_operator import (
+        handlers,  # noqa: F401  (registers the handlers)
+        metrics,
+    )
 
+    try:
+        # Bound before kopf runs: a port taken is a configuration error to exit on, not a startup retried each minute.
+        metrics.serve(config.metrics_port)
+    except OSError as exc:
+        print(f"llm-telemetry-operator: metrics port {config.metrics_port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     tune_gc()
     kopf.run(liveness_endpoint=config.health or None, **kopf_options(config))
     return 0

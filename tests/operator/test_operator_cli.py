@@ -222,3 +222,19 @@ def test_without_the_operator_extra_it_names_the_extra_to_install() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2, result.stderr
     assert "pip install 'llm-telemetry[operator]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_already_taken_exits_2_naming_it() -> None:
+    """Another process on the operator's metrics port: it exits at once, saying so, rather than starting and retrying
+    its startup every minute with neither the metrics nor the resources served."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "llm_telemetry_operator", "--standalone", "--metrics-port", str(port), "--health",
+             "", "--kubeconfig", "/nonexistent/kubeconfig"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"metrics port {port}: Address already in use" in result.stderr
