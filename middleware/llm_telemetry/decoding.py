@@ -129,18 +129,34 @@ class _Zlib:
 
 
 class _Brotli:
-    __slots__ = ("_inflate",)
+    """Given its input a :data:`DECODE_STEP` piece at a time, as zlib is: the decompressor keeps what a step leaves
+    unread, and takes no more until that is read (``can_accept_more_data``)."""
+
+    __slots__ = ("_at", "_inflate", "_input")
 
     def __init__(self, coding: bytes) -> None:
         self._inflate = _brotli.Decompressor()
+        #: Input not handed to the decompressor yet: ``_input`` from offset ``_at``.
+        self._input = b""
+        self._at = 0
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
         step = min(limit, DECODE_STEP)
+        if chunk:
+            at, held = self._at, self._input
+            self._input, self._at = (held[at:] + chunk if at < len(held) else chunk), 0
+        inflate = self._inflate
+        piece: bytes | memoryview = b""
+        if inflate.can_accept_more_data():
+            piece = memoryview(self._input)[self._at : self._at + DECODE_STEP]
+            self._at += len(piece)
         try:
-            data = self._inflate.process(chunk, output_buffer_limit=step)
+            data = inflate.process(piece, output_buffer_limit=step)
         except _brotli.error:
             return None
-        return data[:limit], len(data) >= step  # an output that reached the step may have more behind it
+        # More waits when input is left, or the decompressor holds some of its own (an output that reached the step).
+        more = self._at < len(self._input) or not inflate.can_accept_more_data() or len(data) >= step
+        return data[:limit], more and not inflate.is_finished()
 
     def rest(self) -> bytes:
         return b""
