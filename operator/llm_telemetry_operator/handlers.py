@@ -179,7 +179,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # kopf's record of the last handled spec is status.observedGeneration, which every pass writes anyway,
     # not an annotation patched after every change (see diffbase.py).
     settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
-    # Only failures become Kubernetes events; a success event per handler is noise in `kubectl describe`.
+    # Only failures (and an idle resource's NoTargets) become Kubernetes events; a success event per handler is
+    # noise in `kubectl describe`.
     settings.posting.level = logging.WARNING
     # Nor a log line per watch event (kopf's per-object messages go to the "kopf.objects" logger).
     objects_logger = logging.getLogger("kopf.objects")
@@ -448,7 +449,10 @@ async def _reconcile(
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         if (reason, message) not in reported:
             kopf.warn(_event_target(body), reason=reason, message=message)
-    state.reported[key] = frozenset(outcome.failures)
+    for reason, message in outcome.notices:
+        if (reason, message) not in reported:
+            kopf.event(_event_target(body), type="Normal", reason=reason, message=message)
+    state.reported[key] = frozenset(outcome.failures + outcome.notices)
     if outcome.invalid:
         # The targets of an invalid spec are the last valid one's, kept as they were: the log says why instead.
         logger.info("reconciled (%s): invalid: %s", trigger, "; ".join(message for _, message in outcome.failures))

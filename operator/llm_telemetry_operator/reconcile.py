@@ -38,7 +38,9 @@ class Outcome:
         ready: every enabled part is in place.
         invalid: the spec is unusable (a :class:`SpecError`); retrying will not help until it changes.
         retry: something may fix itself (a CRD installed later, an API hiccup); try again later.
-        failures: (reason, message) pairs worth a Kubernetes event.
+        failures: (reason, message) pairs worth a Warning event.
+        notices: (reason, message) pairs worth a Normal event: a state that is not a failure but leaves the
+            resource idle, which a user should hear of (a selector that matches nothing).
     """
 
     ready: bool = False
@@ -46,6 +48,7 @@ class Outcome:
     retry: bool = False
     targets: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    notices: list[tuple[str, str]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     #: (plural, name, resourceVersion) of every version of a workload or child this pass read and brought to
     #: (or found in) the desired state, and of every version it wrote. A watch event for one of these versions
@@ -618,9 +621,11 @@ async def _inject(
     elif not targets and skipped:
         message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
+        outcome.notices.append(("NoTargets", message))
     elif not targets:
         message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
+        outcome.notices.append(("NoTargets", message))
     else:
         if paused:
             # Its pod template has the injection, but no pod rolls until the Deployment is resumed.

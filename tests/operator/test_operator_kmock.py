@@ -813,6 +813,35 @@ async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_c
     check_usage(emulator)
 
 
+async def test_a_selector_that_matches_nothing_says_so_in_one_event(emulator: Any, monitoring_crds: Any) -> None:
+    """A resource whose selector matches nothing (a typo in a label, the app not deployed yet) is not left idle in
+    silence: kubectl describe shows one Normal event saying so, beside its NoTargets condition. A restarted
+    operator posts no second one for what the status already shows; the workload appearing makes it Ready."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+
+    def no_targets() -> list[dict[str, Any]]:
+        return posted_events(emulator, "NoTargets")
+
+    async with running_operator():
+        events = await eventually(no_targets, "a NoTargets event")
+        await asyncio.sleep(1.0)  # every echo of the pass's own writes has been handled
+        passes = passes_for(emulator, "chat")
+    assert len(no_targets()) == 1
+    assert events[0]["type"] == "Normal"
+    assert events[0]["involvedObject"]["name"] == "chat"
+    assert events[0]["message"] == f"no Deployment or StatefulSet matches spec.selector in namespace {NAMESPACE}"
+    assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "NoTargets"
+    async with running_operator():
+        await eventually(lambda: passes_for(emulator, "chat") > passes, "resumed with a pass")
+        await asyncio.sleep(1.0)
+        assert len(no_targets()) == 1
+        await hand(emulator, "POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", deployment())
+        await ready(emulator)
+    assert len(no_targets()) == 1
+    check_usage(emulator)
+
+
 async def test_a_statefulset_sharing_a_deployments_name_gets_a_service_of_its_own(
     emulator: Any, monitoring_crds: Any
 ) -> None:
