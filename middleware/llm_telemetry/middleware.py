@@ -928,6 +928,8 @@ class LLMTelemetryMiddleware:
         finally:
             try:
                 exchange.finish(error)
+                if call.error_type == "app_exception":
+                    call.exception = error
             except Exception as exc:
                 failsafe("finish", exc)
             for observer in observers:

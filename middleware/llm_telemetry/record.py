@@ -80,6 +80,9 @@ class LLMCall:
     scope: Any = None
     #: ``scope["root_path"]`` as the request arrived (tracing: what routing adds is a mount's prefix of the route).
     root_path: str = ""
+    #: The exception the app raised, when it is the call's failure (``error_type`` ``app_exception``): tracing
+    #: records it on the span.
+    exception: BaseException | None = None
     #: Free slot for observers (tracing keeps its span here).
     span: Any = None
     #: OpenTelemetry context carrying the LLM span, passed to histogram records so exemplars link to it.

@@ -970,7 +970,8 @@ class SpanObserver:
         # Values are of OpenTelemetry's attribute types already (sequences as tuples, as the SDK stores them):
         # the span the middleware records itself takes them as they are.
         attributes: dict[str, Any] = span.attributes if light else {}
-        attributes[GEN_AI_REQUEST_STREAM] = call.stream
+        if call.stream:  # the conventions: set only on a streaming request; unset means not streaming
+            attributes[GEN_AI_REQUEST_STREAM] = True
         if call.request_model:
             attributes[names.GEN_AI_REQUEST_MODEL] = call.request_model
         if call.max_tokens is not None:
@@ -1054,8 +1055,15 @@ class SpanObserver:
             # The HTTP conventions: a server span's status is not an error for a 4xx answer (the client's error,
             # which error.type still names); an LLM span inside another server span is, as the GenAI ones have it.
             status = call.status_code
-            if not (span.kind is _SERVER and status is not None and 400 <= status < 500):
-                span.set_status(Status(StatusCode.ERROR, call.error_type))
+            exc = call.exception
+            if exc is not None:
+                # As the SDK records an exception leaving a span: an event with its type, message and traceback,
+                # and the status described by it. Otherwise no description: error.type says it already, and the
+                # conventions advise against repeating it there.
+                span.record_exception(exc, escaped=True)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            elif not (span.kind is _SERVER and status is not None and 400 <= status < 500):
+                span.set_status(Status(StatusCode.ERROR))
 
     def _text(self, value: Any) -> str:
         if not isinstance(value, str):

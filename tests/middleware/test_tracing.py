@@ -176,7 +176,8 @@ def test_tool_calls_are_visible_on_the_span(receiver: OTLPReceiver, http_server:
     assert span.attributes["llm.tool_calls.names"] == ["get_weather"]
     assert span.attributes["llm.tool_calls.count"] == 1
     assert span.attributes["gen_ai.response.finish_reasons"] == ["tool_calls"]
-    assert span.attributes["gen_ai.request.stream"] is False
+    # The GenAI conventions set it only on a streaming request: unset means not streaming.
+    assert "gen_ai.request.stream" not in span.attributes
 
 
 @pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])
@@ -196,6 +197,7 @@ def test_a_4xx_answer_is_an_error_type_and_no_server_span_error(
     span = wait_span(receiver, **{"llm.request_id": request_id})
     assert span.kind == (INTERNAL if two_spans else SERVER)
     assert span.status_code == (ERROR if two_spans else UNSET)
+    assert span.status_message == ""  # error.type names it; the conventions advise against repeating it there
     assert span.attributes["error.type"] == "rate_limit"
     assert span.attributes["http.response.status_code"] == 429
 
@@ -211,6 +213,13 @@ def test_span_ends_when_the_app_raises(receiver: OTLPReceiver, http_server: str)
     span = wait_span(receiver, **{"llm.request_id": "trace-test-raise"})
     assert span.status_code == ERROR
     assert span.attributes["error.type"] == "app_exception"
+    # The exception as the SDK records one leaving a span: an event with its traceback, the status described by it.
+    assert span.status_message == "RuntimeError: demo: the app failed"
+    [(_, attributes, _)] = [e for e in span.events if e[0] == "exception"]
+    assert attributes["exception.type"] == "RuntimeError"
+    assert attributes["exception.message"] == "demo: the app failed"
+    assert attributes["exception.escaped"] == "True"
+    assert 'raise RuntimeError("demo: the app failed")' in attributes["exception.stacktrace"]
     assert span.end_ns >= span.start_ns > 0
     assert span.kind == SERVER and span.attributes["http.response.status_code"] == 500
 
@@ -228,7 +237,8 @@ def test_span_ends_when_the_client_disconnects_mid_stream(receiver: OTLPReceiver
     # Closing the connection after two chunks of a ~200 s stream: the span must still end, marked as such.
     span = wait_span(receiver, **{"llm.request_id": "trace-test-disconnect"})
     assert span.attributes["error.type"] == "client_disconnect"
-    assert span.status_code == ERROR
+    assert span.status_code == ERROR and span.status_message == ""
+    assert not [e for e in span.events if e[0] == "exception"]  # the server cancelling the app is no app failure
     assert span.attributes["gen_ai.request.model"] == "gpt-4o"
     assert any(e[0] == "gen_ai.first_token" for e in span.events)
 

@@ -183,6 +183,35 @@ def test_the_span_equals_the_sdk_spans(
         assert ours.parent is None and ours.context.trace_id == 1  # from the provider's id generator
 
 
+def test_an_app_exception_is_recorded_as_the_sdk_records_it() -> None:
+    """The app raising: the span the middleware records itself carries the same exception event (type, message,
+    traceback) and the same described ERROR status as the SDK's span does."""
+    light_provider, light = provider()
+    sdk_provider, sdk = provider(Watching())
+    body, headers = chat_body(), [(b"x-demo-fail", b"exception")]
+    for app in (middleware(bare_app(), light_provider), middleware(bare_app(), sdk_provider)):
+        with pytest.raises(RuntimeError):
+            call(app, body, headers)
+    (ours,), (theirs,) = light.get_finished_spans(), sdk.get_finished_spans()
+
+    def stackless(span: ReadableSpan) -> dict[str, Any]:
+        found = shape(span)
+        # Each raise has a traceback of its own (the frames of its own call); its first and last lines agree.
+        found["events"] = [
+            (name, {**attributes, "exception.stacktrace": attributes["exception.stacktrace"].splitlines()[::-1][:1]})
+            if name == "exception"
+            else (name, attributes)
+            for name, attributes in found["events"]
+        ]
+        return found
+
+    assert stackless(ours) == stackless(theirs)
+    assert ours.status.status_code is StatusCode.ERROR
+    assert ours.status.description == "RuntimeError: demo: the app failed"
+    [event] = [e for e in ours.events if e.name == "exception"]
+    assert event.attributes is not None and event.attributes["exception.type"] == "RuntimeError"
+
+
 class Fixed(IdGenerator):
     """The same (possibly invalid) ids every time."""
 
