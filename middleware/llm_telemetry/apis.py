@@ -1145,16 +1145,19 @@ def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
     names: dict[str, str] = {}
     results: list[ToolResult] = []
     for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+        if not isinstance(message, dict):
             continue
+        content = message.get("content")
         if message.get("role") == "assistant":
+            # A model turn, its content given as blocks or as a plain string: the results before it were sent
+            # with an earlier request, and counted then.
             results = []
-            for block in message["content"]:
+            for block in content if isinstance(content, list) else ():
                 block_id = _str(block.get("id")) if isinstance(block, dict) else None
                 if block_id and block.get("type") == "tool_use":
                     names[block_id] = _str(block.get("name")) or "unknown"
-        else:
-            for block in message["content"]:
+        elif isinstance(content, list):
+            for block in content:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     name = names.get(_str(block.get("tool_use_id")) or "", "unknown")
                     results.append(ToolResult(name, block.get("is_error") is True))

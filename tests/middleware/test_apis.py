@@ -431,6 +431,14 @@ def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "b", "is_error": True}]},
     ]
     assert results("anthropic.messages", {"messages": anthropic_history}) == [("fetch", True)]
+    # A later model turn given as a plain string (the Messages API allows it) ends the turn as well: the results
+    # before it were sent, and counted, with the request that asked for that turn.
+    answered = [
+        *anthropic_history,
+        {"role": "assistant", "content": "It timed out."},
+        {"role": "user", "content": "ok"},
+    ]
+    assert results("anthropic.messages", {"messages": answered}) == []
     responses_history = [
         {"type": "function_call", "call_id": "a", "name": "search", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "a", "output": "old"},
