@@ -775,9 +775,15 @@ class OpenAIChatReader(ResponseReader):
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
+        prompt, completion = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        if prompt == 0 and completion == 0:
+            # Nothing in and nothing out is no count but a placeholder: the LiteLLM proxy puts one in every chunk
+            # of a legacy completions stream whose client did not ask for the usage. Read as none, so the tokens
+            # are estimated, as for any stream without usage.
+            return
         call = self.call
-        call.input_tokens = _int(usage.get("prompt_tokens"))
-        call.output_tokens = _int(usage.get("completion_tokens"))
+        call.input_tokens = prompt
+        call.output_tokens = completion
         # (What _get reads, without its calls: this runs once per stream, and its cost showed.)
         details = usage.get("prompt_tokens_details")
         call.cache_read_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else None

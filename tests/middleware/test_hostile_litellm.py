@@ -124,6 +124,9 @@ def litellm_proxy(
         f"      timeout: {UPSTREAM_TIMEOUT}\n      stream_timeout: {UPSTREAM_TIMEOUT}\n"
         "  - model_name: claude-up\n    litellm_params:\n      model: anthropic/claude-up\n"
         f"      api_base: {upstream_base}\n      api_key: sk-ant-upstream\n      max_retries: 0\n"
+        # For clients of the legacy completions API.
+        "  - model_name: up-text\n    litellm_params:\n      model: text-completion-openai/up\n"
+        f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
         "litellm_settings:\n  num_retries: 0\n"
     )
     port, metrics_port = free_port(), free_port()
@@ -308,6 +311,48 @@ def test_litellm_proxy_traffic_is_measured_as_its_clients_see_it(tmp_path: Path)
         assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 3
         assert metrics.value("llm_tool_calls_total", gen_ai_tool_name="get_weather", **model) == 1
         assert metrics.value("llm_errors_total") == 0
+        assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+COMPLETION_WORDS = ("Once", " upon", " a", " time")
+
+
+async def completions_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A legacy completions stream as OpenAI sends one to a client that did not ask for the usage: text chunks, a
+    finish reason, no usage."""
+    if scope["type"] != "http":
+        return
+    await request_body(receive)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for i, word in enumerate(COMPLETION_WORDS):
+        last = i == len(COMPLETION_WORDS) - 1
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "up",
+                 "choices": [{"index": 0, "text": word, "finish_reason": "stop" if last else None}]}  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def test_litellm_legacy_completions_stream_without_usage_has_its_tokens_estimated(tmp_path: Path) -> None:
+    """A legacy completions stream whose client did not ask for the usage: LiteLLM puts a usage of zeros in every
+    chunk. Those zeros are no count: the text its client received is estimated as any stream without usage is,
+    rather than recorded as no tokens and no cost."""
+    with serve(completions_upstream) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        chunks = list(client.completions.create(model="up-text", prompt="Say something", stream=True))
+        texts = [choice.text for chunk in chunks for choice in chunk.choices if choice.text]
+        assert "".join(texts) == "".join(COMPLETION_WORDS)
+        placeholders = [chunk.usage for chunk in chunks if chunk.usage is not None]
+        assert placeholders and all(u.prompt_tokens == u.completion_tokens == 0 for u in placeholders)
+
+        metrics = settled(metrics_port, 1)
+        model = {"gen_ai_request_model": "up-text", "gen_ai_operation_name": "text_completion"}
+        assert metrics.value("llm_requests_total", **model) == 1
+        assert metrics.value("llm_tokens_total", llm_usage_source="reported", **model) == 0
+        estimated = {"llm_usage_source": "estimated", **model}
+        # One text delta is about one token; the input is estimated from the prompt.
+        assert metrics.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == len(texts)
+        assert metrics.value("llm_tokens_total", gen_ai_token_type="input", **estimated) > 0
         assert metrics.value("llm_telemetry_internal_errors_total") == 0
 
 
