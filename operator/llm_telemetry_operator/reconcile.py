@@ -795,6 +795,10 @@ async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
     """Delete every child of this LLMTelemetry (the API server's garbage collector would too, eventually)."""
     meta = owner["metadata"]
     deleted = 0
+    if len(meta["name"]) > r.MAX_OWNER_NAME:
+        # No label value holds the name (a resource stored before the CRD limited it): no child carries it, and
+        # the API server refuses a selector for it, which would hold the deletion up for good.
+        return deleted
     for resource in (kube.SERVICES, kube.CONFIGMAPS, kube.SERVICEMONITORS, kube.PROMETHEUSRULES):
         try:
             children = await client.list(resource, meta["namespace"], labels=r.owner_selector(meta["name"]))

@@ -1090,6 +1090,26 @@ async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: An
     check_usage(emulator)
 
 
+async def test_a_name_too_long_for_a_label_is_invalid_and_can_be_deleted(emulator: Any, monitoring_crds: Any) -> None:
+    """A resource stored before the CRD limited names to 63 characters: its name fits no label value, so it is
+    InvalidSpec, and deleting it finishes. Its clean-up asks for no children by a selector the API server refuses
+    (400: a label value over 63 characters), which held its finalizer, and its namespace's deletion, for good."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    long_name = "a" * 70
+    emulator.objects[LLMT, NAMESPACE, long_name] = minimal_llmt(long_name)
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/{long_name}"
+    async with running_operator():
+        await eventually(lambda: (get(emulator, LLMT, long_name).get("status") or {}).get("phase"), "status written")
+        refused = condition(get(emulator, LLMT, long_name), "Ready")
+        assert refused["reason"] == "InvalidSpec" and "metadata.name" in refused["message"]
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        await hand(emulator, "DELETE", path)
+        await eventually(lambda: get(emulator, LLMT, long_name) is None, "the resource deleted")
+    selectors = [str(req.url.query.get("labelSelector") or "") for req in list(emulator)]
+    assert not [s for s in selectors if long_name in s], "a selector the API server refuses"
+
+
 async def test_relabel_and_delete_remove_injection(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     original = deployment(env=[{"name": "APP_MODE", "value": "prod"}])
