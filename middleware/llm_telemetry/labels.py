@@ -82,6 +82,12 @@ class LabelLimiter:
             self._seen = {}
             self._full = set()
 
+    def known(self, label: str, value: str) -> str:
+        """``value`` if it is admitted for ``label`` already (as this process knows), else ``other``; admits
+        nothing. For values a refused request names: junk sent with a bad key cannot take the slots of real ones."""
+        seen = self._seen.get(label)
+        return value if seen is not None and value in seen else OTHER
+
     def __call__(self, label: str, value: str) -> str:
         seen = self._seen.get(label)
         if seen is not None and value in seen:

@@ -180,10 +180,16 @@ class MetricsRecorder:
 
     def _values(self, call: LLMCall) -> dict[str, Any]:
         limit = self.limit
+        status = call.status_code
+        # A request refused with a 4xx (a bad key, an unknown model, a malformed body) admits no new model name:
+        # its name is the client's word alone, and a flood of them would fold every model seen later into other.
+        # Not a timeout or a rate limit (408, 429): those meet real models, whose errors must keep their names.
+        refused = status is not None and 400 <= status < 500 and status != 408 and status != 429
+        model = (limit.known if refused else limit)(names.GEN_AI_REQUEST_MODEL, call.request_model or "unknown")
         return {
             names.GEN_AI_OPERATION_NAME: call.operation,
             names.GEN_AI_PROVIDER_NAME: call.provider,
-            names.GEN_AI_REQUEST_MODEL: limit(names.GEN_AI_REQUEST_MODEL, call.request_model or "unknown"),
+            names.GEN_AI_REQUEST_MODEL: model,
             names.GEN_AI_RESPONSE_MODEL: (
                 limit(names.GEN_AI_RESPONSE_MODEL, call.response_model) if call.response_model else None
             ),

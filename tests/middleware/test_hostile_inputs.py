@@ -164,6 +164,38 @@ async def test_hostile_label_values_are_bounded_in_number(cleanup: list[Any]) ->
     assert metrics.value("llm_requests_total", gen_ai_request_model="other") == 14
 
 
+async def test_hostile_refused_requests_take_no_model_slots(cleanup: list[Any]) -> None:
+    """Requests the service refuses with a 4xx (a gateway's bad key: it never reaches a model) name whatever model
+    the client wrote. They admit no new model name: a flood of them would fold every real model seen after it into
+    ``other`` until a restart. A model admitted already keeps its name on its refusals too."""
+    refused = replying(401, JSON, b'{"error": {"message": "invalid key", "type": "authentication_error"}}')
+
+    async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        accepted = dict(scope["headers"]).get(b"authorization") == b"Bearer good"
+        await (OK_JSON if accepted else refused)(scope, receive, send)
+
+    wrapped, _ = observe(gateway, max_label_values=3)
+    cleanup.append(wrapped)
+    good = [(b"authorization", b"Bearer good")]
+    for i in range(20):
+        await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": f"junk-{i}"}).encode())
+    for model in ("gpt-4o", "claude"):
+        await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": model}).encode(), headers=good)
+    await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": "gpt-4o"}).encode())  # refused, known
+    # A rate limit meets real models: a new name answered 429 takes its place as any answered request's does.
+    limited = replying(429, JSON, b'{"error": {"message": "slow down", "type": "rate_limit_error"}}')
+    limited_wrapped, _ = observe(limited, max_label_values=3)
+    cleanup.append(limited_wrapped)
+    await exchange(limited_wrapped, "/v1/chat/completions", json.dumps({"model": "new-model"}).encode())
+    assert (await scrape(limited_wrapped)).label_values("llm_requests_total", "gen_ai_request_model") == {"new-model"}
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"gpt-4o", "claude", "other"}
+    assert metrics.value("llm_requests_total", gen_ai_request_model="other", error_type="auth") == 20
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o", error_type="auth") == 1
+    assert metrics.value("llm_requests_total", gen_ai_request_model="claude") == 1
+    assert metrics.value("llm_cost_usd_total", gen_ai_request_model="other") == 0
+
+
 async def test_hostile_many_tool_results_are_counted_exactly_per_tool_and_status(cleanup: list[Any]) -> None:
     """A body may carry a hundred thousand tool results: each counts once, under its tool's bounded name (past the
     label limit, in order of first appearance: ``other``) and its status, as tool calls in the answer do."""

@@ -349,6 +349,7 @@ def test_an_invalid_parameter_named_like_a_refusal_is_an_invalid_request(
     with pytest.raises(openai.BadRequestError) as raised:
         oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "?"}], safety_identifier=7)  # type: ignore[arg-type]
     assert raised.value.code == "invalid_type"
-    m = settled(service, model)
-    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="invalid_request") == 1
-    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="content_filter") == 0
+    # A model never answered, refused with a 400: its name takes no label place (see test_hostile_inputs).
+    m = settled(service, "other")
+    assert m.value("llm_errors_total", gen_ai_request_model="other", error_type="invalid_request") == 1
+    assert m.value("llm_errors_total", gen_ai_request_model="other", error_type="content_filter") == 0
