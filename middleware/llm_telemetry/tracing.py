@@ -105,6 +105,25 @@ _INSTRUCTION_ROLES: Final = frozenset({"system", "developer"})
 MAX_ROLE_CHARS: Final = 64
 
 
+#: Tool calls and tool results shown per captured message (a message may carry any number of them).
+MAX_CAPTURED_TOOL_PARTS: Final = 16
+#: Longest tool call id or tool name shown in captured messages.
+MAX_TOOL_FIELD_CHARS: Final = 256
+
+
+def _short(value: Any) -> str | None:
+    """A tool call's id or name as shown: a string, bounded and valid UTF-8; None for anything else."""
+    return field_text(value, MAX_TOOL_FIELD_CHARS) if isinstance(value, str) else None
+
+
+def _shown_chars(message: Mapping[str, Any]) -> int:
+    """The content characters a captured message shows (text, arguments, results), for the messages' budget."""
+    return sum(
+        len(part.get("content") or "") + len(part.get("arguments") or "") + len(part.get("result") or "")
+        for part in message["parts"]
+    )
+
+
 def _role(message: Mapping[str, Any]) -> str:
     """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field."""
     role = message.get("role") or message.get("type")
@@ -1090,10 +1109,54 @@ class SpanObserver:
         return valid_text(shown[: min(self.max_chars, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "role": _role(message),
-            "parts": [{"type": "text", "content": self._text(message.get("content", message.get("output", "")))}],
-        }
+        return {"role": _role(message), "parts": self._parts(message)}
+
+    def _parts(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """A request message's parts as the GenAI conventions shape them: text, and the tool calls and tool results
+        of the three APIs (OpenAI's ``tool_calls`` and ``tool`` role, Anthropic's ``tool_use`` and ``tool_result``
+        blocks, the Responses API's ``function_call`` and ``function_call_output`` items). Arguments and results
+        are content: redacted and cut like text."""
+        kind = message.get("type")
+        if kind == "function_call":
+            return [self._tool_call(message.get("call_id"), message.get("name"), message.get("arguments"))]
+        if kind == "function_call_output":
+            return [self._tool_result(message.get("call_id"), message.get("output"))]
+        content = message.get("content", message.get("output"))
+        if message.get("role") == "tool":
+            return [self._tool_result(message.get("tool_call_id"), content)]
+        parts: list[dict[str, Any]] = []
+        blocks = content if isinstance(content, list) else ()
+        if any(isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in blocks):
+            text = [b for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)]
+            if text:
+                parts.append({"type": "text", "content": self._text(text)})
+            for block in blocks[:MAX_CAPTURED_TOOL_PARTS]:
+                if not isinstance(block, dict):
+                    continue
+                if block.get("type") == "tool_use":
+                    parts.append(self._tool_call(block.get("id"), block.get("name"), block.get("input")))
+                elif block.get("type") == "tool_result":
+                    parts.append(self._tool_result(block.get("tool_use_id"), block.get("content")))
+            return parts
+        calls = message.get("tool_calls")
+        calls = calls[:MAX_CAPTURED_TOOL_PARTS] if isinstance(calls, list) else []
+        if content is not None or not calls:
+            parts.append({"type": "text", "content": self._text("" if content is None else content)})
+        for tool_call in calls:
+            if isinstance(tool_call, dict):
+                function = tool_call.get("function")
+                function = function if isinstance(function, dict) else {}
+                parts.append(self._tool_call(tool_call.get("id"), function.get("name"), function.get("arguments")))
+        return parts
+
+    def _tool_call(self, call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "tool_call", "id": _short(call_id), "name": _short(name) or "unknown"}
+        if arguments is not None:
+            part["arguments"] = self._text(arguments)
+        return part
+
+    def _tool_result(self, call_id: Any, result: Any) -> dict[str, Any]:
+        return {"type": "tool_call_response", "id": _short(call_id), "result": self._text(result)}
 
     def _input_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """The messages ``gen_ai.input.messages`` shows (see :data:`CAPTURED_INPUT_MESSAGES_BUDGET`), and how many
@@ -1103,13 +1166,13 @@ class SpanObserver:
         rest = messages
         if str(messages[0].get("role")) in _INSTRUCTION_ROLES:
             head, rest = [self._message(messages[0])], messages[1:]
-            budget -= len(head[0]["parts"][0]["content"])
+            budget -= _shown_chars(head[0])
         newest: list[dict[str, Any]] = []
         for message in reversed(rest):
             if len(head) + len(newest) >= MAX_CAPTURED_MESSAGES:
                 break
             entry = self._message(message)
-            size = len(entry["parts"][0]["content"])
+            size = _shown_chars(entry)
             if newest and size > budget:
                 break
             newest.append(entry)
@@ -1125,10 +1188,14 @@ class SpanObserver:
             attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
             if omitted:
                 attributes[LLM_INPUT_MESSAGES_OMITTED] = omitted
-        if call.output_text:
+        if call.output_text or call.tool_calls:
             finish = call.finish_reasons[0] if call.finish_reasons else None
-            output = [
-                {"role": "assistant", "parts": [{"type": "text", "content": self._text(t)}], "finish_reason": finish}
-                for t in call.output_text
+            texts: list[list[dict[str, Any]]] = [
+                [{"type": "text", "content": self._text(t)}] for t in call.output_text or ()
+            ] or [[]]
+            # The tool calls the model made, by name (the readers keep no ids or arguments of the answer's calls).
+            texts[0] += [
+                {"type": "tool_call", "id": None, "name": name} for name in call.tool_calls[:MAX_CAPTURED_TOOL_PARTS]
             ]
+            output = [{"role": "assistant", "parts": parts, "finish_reason": finish} for parts in texts]
             attributes[GEN_AI_OUTPUT_MESSAGES] = json.dumps(output, ensure_ascii=False)

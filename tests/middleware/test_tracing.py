@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -422,6 +423,94 @@ def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -
     assert output[0]["role"] == "assistant" and output[0]["finish_reason"] == "stop"
     text = output[0]["parts"][0]["content"]
     assert text.endswith(TRUNCATION_MARK) and len(text) == 60 + len(TRUNCATION_MARK)  # 12 demo words > 60 chars
+
+
+def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPReceiver) -> None:
+    """With content capture on, a tool round trip is shown as the GenAI conventions shape it, in all three APIs:
+    the model's tool call as a ``tool_call`` part (id, name, arguments), the tool's answer as a
+    ``tool_call_response`` part (id, result), and an answer that calls a tool as a ``tool_call`` part by name.
+    Before, the call was the text ``null``, the result a text without its id, and the answer had no output at all."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    secret = "mail jane.doe@example.com"
+    with demo_server(env) as (_, base):
+        openai_client = client(base)
+        openai_client.chat.completions.create(
+            model="gpt-4o",
+            messages=[
+                {"role": "user", "content": "weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": f"18C; {secret}"},
+            ],
+            tools=DEMO_TOOLS,
+            extra_headers={"x-request-id": "trace-test-tools-chat"},
+        )
+        openai_client.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=DEMO_TOOLS,
+            stream=True,
+            extra_headers={"x-request-id": "trace-test-tools-answer"},
+        ).close()
+        anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0).messages.create(
+            model="claude-test",
+            max_tokens=64,
+            messages=[
+                {"role": "user", "content": "weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Let me look."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"}]},
+            ],
+            extra_headers={"x-request-id": "trace-test-tools-anthropic"},
+        )
+        openai_client.responses.create(
+            model="gpt-4o",
+            input=[
+                {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+                {"type": "function_call_output", "call_id": "fc_1", "output": "18C"},
+            ],
+            extra_headers={"x-request-id": "trace-test-tools-responses"},
+        )
+
+    def messages(request_id: str, attribute: str = "gen_ai.input.messages") -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = json.loads(
+            wait_span(receiver, **{"llm.request_id": request_id}).attributes[attribute]
+        )
+        return found
+
+    chat = messages("trace-test-tools-chat")
+    assert chat[1] == {"role": "assistant", "parts": [
+        {"type": "tool_call", "id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]}  # fmt: skip
+    assert chat[2] == {"role": "tool", "parts": [
+        {"type": "tool_call_response", "id": "call_1", "result": "18C; mail [email]"}]}  # fmt: skip  # redacted
+    answer = messages("trace-test-tools-answer", "gen_ai.output.messages")
+    assert answer == [{"role": "assistant", "finish_reason": "tool_calls", "parts": [
+        {"type": "tool_call", "id": None, "name": "get_weather"}]}]  # fmt: skip
+    claude = messages("trace-test-tools-anthropic")
+    assert claude[1]["parts"] == [
+        {"type": "text", "content": "Let me look."},
+        {"type": "tool_call", "id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+    ]
+    assert claude[2]["parts"] == [{"type": "tool_call_response", "id": "toolu_1", "result": "18C"}]
+    responses = messages("trace-test-tools-responses")
+    assert [m["parts"] for m in responses] == [
+        [{"type": "tool_call", "id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
+        [{"type": "tool_call_response", "id": "fc_1", "result": "18C"}],
+    ]
 
 
 def test_client_strings_on_the_span_are_valid_utf8_and_bounded(receiver: OTLPReceiver) -> None:
