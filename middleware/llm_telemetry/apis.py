@@ -619,7 +619,8 @@ class OpenAIChatReader(ResponseReader):
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
         super().__init__(call, stream=stream, capture=capture, shortcuts=shortcuts)
-        self._tool_indexes: set[tuple[int, int]] = set()
+        #: The tool calls counted, by (choice, index): the id of each, when its first delta gave one.
+        self._tool_indexes: dict[tuple[int, int], Any] = {}
         #: The last event looked at by ``_member`` and what it found (the first token's, used up to three times).
         self._seen: tuple[bytes, tuple[str, int, int, int] | None] | None = None
 
@@ -848,12 +849,19 @@ class OpenAIChatReader(ResponseReader):
         for tool_call in tool_calls:
             if not isinstance(tool_call, dict):
                 continue
-            # A tool call streams as several deltas with one index; only the first one names the function.
+            # A tool call streams as several deltas with one index; only the first one names the function. A named
+            # delta whose id differs from the one its index had is another call (parallel calls each sent whole
+            # with no index, or all at index 0, as the LiteLLM proxy re-emits some providers' calls).
             key = (choice_index, _int(tool_call.get("index")) or 0)
             name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
             # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
-            if name and key not in self._tool_indexes and len(self.call.tool_calls) < MAX_TOOL_CALLS:
-                self._tool_indexes.add(key)
+            if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
+                call_id = tool_call.get("id")
+                if key in self._tool_indexes:
+                    seen = self._tool_indexes[key]
+                    if not isinstance(call_id, str) or not call_id or seen is None or call_id == seen:
+                        continue
+                self._tool_indexes[key] = call_id if isinstance(call_id, str) and call_id else None
                 self.call.tool_calls.append(name)
 
     def _on_json(self, obj: dict[str, Any]) -> None:

@@ -409,6 +409,23 @@ def test_anthropic_text_deltas_take_the_fast_path_and_count_exactly() -> None:
     assert reader._chunks == 40
 
 
+def test_openai_chat_stream_parallel_tool_calls_sent_whole_at_one_index_each_count() -> None:
+    """Parallel calls each sent whole in one delta, with no index (Gemini's OpenAI-compatible streams) or all at
+    index 0 (the LiteLLM proxy re-emitting them): each has an id of its own, and each is counted. A server that
+    repeats a call's id and name on its later deltas still counts it once."""
+
+    def whole(name: str, call_id: str, index: int | None) -> dict[str, Any]:
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+        return chat_chunk({"tool_calls": [call if index is None else {"index": index, **call}]})
+
+    for index in (None, 0):
+        body = sse(whole("get_weather", "call_a", index), whole("get_time", "call_b", index), chat_chunk({}, "stop"))
+        assert read("openai.chat", body, stream=True).tool_calls == ["get_weather", "get_time"], index
+    repeated = [{"index": 0, "id": "call_a", "function": {"name": "search", "arguments": piece}} for piece in "{}"]
+    body = sse(*(chat_chunk({"tool_calls": [delta]}) for delta in repeated), chat_chunk({}, "tool_calls"))
+    assert read("openai.chat", body, stream=True).tool_calls == ["search"]
+
+
 def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
     def results(api: str, body: dict[str, Any]) -> list[tuple[str, bool]]:
         spec = APIS[api]
