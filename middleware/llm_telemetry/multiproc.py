@@ -43,8 +43,36 @@ except ImportError:  # pragma: no cover - Windows: liveness falls back to the pi
 
 logger = logging.getLogger("llm_telemetry")
 
-# prometheus_client's memory-mapped dict of doubles, the storage of its own multiprocess mode (untyped).
-MmapedDict: Any = mmap_dict.MmapedDict
+
+class MmapedDict(mmap_dict.MmapedDict):  # type: ignore[misc]
+    """prometheus_client's memory-mapped dict of doubles (the storage of its own multiprocess mode), with its file's
+    blocks reserved before they are mapped. Its file is sparse: writing a page with no block behind it on a full
+    file system (a small ``emptyDir`` with ``medium: Memory``) kills the process with SIGBUS, which nothing can
+    catch. Reserved first, a full file system is an ``OSError`` where the file is opened or grown instead."""
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            with open(filename, "a+b") as created:
+                size = os.fstat(created.fileno()).st_size
+                _reserve(created.fileno(), size or mmap_dict._INITIAL_MMAP_SIZE)
+        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
+
+    def _init_value(self, key: str) -> None:
+        # As the parent grows it: reserved first, so its truncate() only takes the size already allocated.
+        needed = self._used + 4 + len(key.encode("utf-8")) + 8 + 16
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            _reserve(self._f.fileno(), capacity)
+        super()._init_value(key)  # type: ignore[no-untyped-call]
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the blocks of the first ``size`` bytes of ``fd`` (extending it), or raise ``OSError``."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+
 
 #: prometheus_client's variable; when set, our state goes into its ``llm_telemetry`` subdirectory.
 PROMETHEUS_MULTIPROC_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -341,6 +369,8 @@ class SharedState:
         self._archive: dict[str, Any] | None = None
         #: Whether this worker serves the metrics port (its claim is put back should the file be removed).
         self._claimed = False
+        #: Whether the last write of the archive failed (logged once until one succeeds).
+        self._archive_unsaved = False
         #: The label values as this worker last read or wrote them (see :meth:`admit`).
         self._labels: dict[str, list[str]] = {}
         self._closed = threading.Event()
@@ -609,6 +639,8 @@ class SharedState:
                 _fold(values, self._read(stem))
             archive["absorbed"] = sorted((absorbed & stems) | fresh)
             self._save_archive(archive)
+        if self._archive_unsaved:
+            return stems - dead  # their files stay until the archive holding them is written
         for stem in dead:
             for suffix in (_DB, _ALIVE):
                 with contextlib.suppress(FileNotFoundError):
@@ -641,7 +673,7 @@ class SharedState:
     def _read(self, stem: str) -> Iterator[tuple[str, float]]:
         path = os.path.join(self.directory, stem + _DB)
         try:
-            entries = list(MmapedDict.read_all_values_from_file(path))
+            entries = list(MmapedDict.read_all_values_from_file(path))  # type: ignore[no-untyped-call]
         except (OSError, RuntimeError):
             return
         for key, value, _timestamp, _pos in entries:
@@ -675,21 +707,43 @@ class SharedState:
         self._archive = loaded
         return loaded
 
-    def _save_archive(self, archive: dict[str, Any], bump: bool = True) -> None:
+    def _save_archive(self, archive: dict[str, Any], bump: bool = True) -> bool:
         """Write ``archive``, as a new version (``bump``) or put back as it was; its id and version also go in a
-        small file of their own, which every worker reads each second (see :meth:`_archive_behind`)."""
+        small file of their own, which every worker reads each second (see :meth:`_archive_behind`).
+
+        Returns whether it was written. One that cannot be (the file system full) stays this worker's copy, newer
+        than the directory's, so the next merge works from it and writes it again: the scrape is still answered,
+        and the dead workers it folded keep their files until it is written."""
         archive.setdefault("id", uuid.uuid4().hex)
         if bump:
             archive["version"] = int(archive.get("version", 0)) + 1
         self._archive = archive
         path = os.path.join(self.directory, _ARCHIVE)
-        with open(path + ".tmp", "w", encoding="utf-8") as tmp:
-            json.dump(archive, tmp)
-        # Atomic: a merge that dies half-way leaves the old archive, whose "absorbed" list still matches the files.
-        os.replace(path + ".tmp", path)
-        with open(path + ".version.tmp", "w", encoding="utf-8") as tmp:
-            tmp.write(f"{archive['id']} {archive['version']}")
-        os.replace(path + ".version.tmp", path + ".version")
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as tmp:
+                json.dump(archive, tmp)
+            # Atomic: a merge that dies half-way leaves the old archive, whose "absorbed" list still matches the files.
+            os.replace(path + ".tmp", path)
+            with open(path + ".version.tmp", "w", encoding="utf-8") as tmp:
+                tmp.write(f"{archive['id']} {archive['version']}")
+            os.replace(path + ".version.tmp", path + ".version")
+        except OSError as exc:
+            for leftover in (path + ".tmp", path + ".version.tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            if not self._archive_unsaved:
+                logger.warning(
+                    "llm-telemetry: the multi-worker archive cannot be written to %s (%s): scrapes are answered from "
+                    "this worker's copy until it can",
+                    self.directory,
+                    exc,
+                )
+            self._archive_unsaved = True
+            return False
+        if self._archive_unsaved:
+            logger.warning("llm-telemetry: the multi-worker archive is written to %s again", self.directory)
+        self._archive_unsaved = False
+        return True
 
     def _archive_behind(self) -> bool:
         """Whether the archive in the directory is an older version of this worker's copy (or says nothing)."""

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.error
@@ -736,6 +737,84 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
         assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="multiproc_setup") == 1
     assert list(elsewhere.iterdir()) == []  # nothing was written through the planted link
     assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, as a small ``emptyDir`` with ``medium: Memory``; skips where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_workers_values_file_on_a_full_file_system_raises_instead_of_killing(small_tmpfs: Path) -> None:
+    """A worker's values file growing on a full file system: an OSError the recording survives (counted as an
+    internal error), never the SIGBUS of writing a page that has no block behind it."""
+    code = textwrap.dedent(
+        f"""
+        import subprocess
+        from llm_telemetry.multiproc import MmapedDict
+        values = MmapedDict({str(small_tmpfs / "w.db")!r})
+        values.write_value("in-place", 1.0, 0.0)
+        subprocess.run(["dd", "if=/dev/zero", "of={small_tmpfs / "fill"}", "bs=64k"], capture_output=True)
+        try:
+            for i in range(100_000):
+                values.write_value(f"key-{{i}}-" + "x" * 150, 1.0, 0.0)
+        except OSError as error:
+            values.write_value("in-place", 2.0, 0.0)  # a series in place is still written
+            print("refused", error.errno, values.read_value("in-place")[0])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "middleware")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, f"exit {done.returncode} (-7 is SIGBUS): {done.stderr}"
+    assert done.stdout.split() == ["refused", "28", "2.0"]  # ENOSPC
+
+
+@pytest.mark.slow
+def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, small_tmpfs: Path) -> None:
+    """The state directory's file system full (a small in-memory emptyDir): a request that brings a new series
+    cannot grow its worker's file, and the worker goes on serving. Its file's pages are reserved before they are
+    mapped; a write to an unreserved page of a full file system was a SIGBUS that killed the worker, losing what it
+    held. The series already in place keep counting exactly."""
+    port, metrics_port = free_port(), free_port()
+    env = _server_env(tmp_path, metrics_port, {})
+    env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(small_tmpfs / "state")
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    with running(server):
+        pids: set[int] = set()
+        for _ in range(40):
+            pids |= _chat_models(server.base, ["demo-priced"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, "all traffic went to one worker"
+        before = wait_for("the first requests", lambda: (m := server.scrape()).value("llm_requests_total") and m)
+        counted = before.value("llm_requests_total", gen_ai_request_model="demo-priced")
+        subprocess.run(["dd", "if=/dev/zero", f"of={small_tmpfs / 'fill'}", "bs=64k"], capture_output=True)
+        answered: set[int] = set()
+        for i in range(300):  # each a new series, past what the files' reserved pages hold
+            answered |= _chat_models(server.base, [f"new-model-{i:03d}-" + "x" * 100])
+        assert answered <= pids, f"a worker died and was replaced: {answered - pids}"
+        for _ in range(20):
+            answered |= _chat_models(server.base, ["demo-priced"])
+        assert answered <= pids
+        expected = counted + 20
+        metrics = wait_for(
+            "the series in place counted",
+            lambda: (
+                (m := server.scrape()).value("llm_requests_total", gen_ai_request_model="demo-priced") == expected and m
+            ),
+        )
+        assert metrics.value("llm_requests_total", gen_ai_request_model="demo-priced") == expected
+    assert "died" not in server.log.read_text(errors="replace")
 
 
 @pytest.mark.slow
