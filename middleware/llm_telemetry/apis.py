@@ -108,11 +108,13 @@ def _get(obj: Any, *keys: str) -> Any:
 
 
 def _add_finish_reason(call: LLMCall, reason: Any) -> None:
-    reasons = call.finish_reasons
-    if isinstance(reason, str) and reason and len(reasons) < MAX_FINISH_REASONS:
-        reason = field_text(reason)
-        if reason not in reasons:
-            reasons.append(reason)
+    if isinstance(reason, str) and reason:
+        call.finishes += 1
+        reasons = call.finish_reasons
+        if len(reasons) < MAX_FINISH_REASONS:
+            reason = field_text(reason)
+            if reason not in reasons:
+                reasons.append(reason)
 
 
 def _is_tool_item(item: dict[str, Any]) -> bool:
@@ -1283,6 +1285,10 @@ class API:
             messages = body.get("messages")
             if isinstance(messages, list):
                 call.tool_results = _tool_results_openai(messages)
+            # Read with or without a span: with n choices, the answer ends once each has its finish reason.
+            n = _int(body.get("n"))
+            if n is not None and n != 1:
+                call.choice_count = n
         if capture:
             call.input_messages = _capture_input(body)
             system = body.get("system") or body.get("instructions")
@@ -1329,9 +1335,6 @@ def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
     seed = get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool) and abs(seed) <= _MAX_COUNT:
         call.seed = seed
-    n = _int(get("n"))
-    if n is not None and n != 1:
-        call.choice_count = n
     stop = get("stop")
     if stop is None:
         stop = get("stop_sequences")  # Anthropic's name

@@ -546,9 +546,9 @@ def _cancelled(exc: BaseException) -> bool:
 
 
 def _answer_ended(call: LLMCall) -> bool:
-    """Whether the answer read reached its own end: a finish reason (which streams send last, before their usage),
-    an error, or a JSON body read whole (a cut one does not parse)."""
-    if call.finish_reasons or call.error_type is not None:
+    """Whether the answer read reached its own end: a finish reason for each choice asked for (which streams send
+    last, before their usage), an error, or a JSON body read whole (a cut one does not parse)."""
+    if call.error_type is not None or (call.finish_reasons and call.finishes >= (call.choice_count or 1)):
         return True
     return not call.stream and (call.response_model is not None or call.input_tokens is not None)
 

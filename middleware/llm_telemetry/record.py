@@ -60,6 +60,8 @@ class LLMCall:
     #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
     usage_source: str = "reported"
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
+    #: Finish reasons read, repeats included: with ``n`` choices, the answer ends once each has one.
+    finishes: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
     status_code: int | None = None

@@ -331,6 +331,19 @@ async def test_hostile_client_leaving_after_the_streams_end_got_the_whole_answer
     assert whole.error_type is None and whole.first_token_at is not None
     assert (await leaving(streaming(text))).error_type == "client_disconnect"
 
+    # Two choices asked for (n=2): the first one's finish reason is not the end of the answer.
+    async def asked_two(*events: bytes) -> LLMCall:
+        wrapped, calls = observe(streaming(*events))
+        cleanup.append(wrapped)
+        await request_then_leave(wrapped, b'{"model": "m", "stream": true, "n": 2}')
+        (call,) = calls.ended
+        return call
+
+    second = text.replace(b'"index": 0', b'"index": 1')
+    second_stop = stop.replace(b'"index": 0', b'"index": 1')
+    assert (await asked_two(text, second, stop, second)).error_type == "client_disconnect"
+    assert (await asked_two(text, second, stop, second_stop, b"data: [DONE]\n\n")).error_type is None
+
 
 @given(st.lists(st.text(alphabet="/abcv1chatompletinsrgx", max_size=40), max_size=60))
 @settings(max_examples=100, deadline=None)
