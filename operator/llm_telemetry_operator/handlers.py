@@ -492,6 +492,14 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             touched = await rec.remove_injection(_client(memo), _config(memo), body)
             deleted = await rec.delete_children(_client(memo), body)
         logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
+        refusal = await rec.update_refused(_client(memo), body)
+        if refusal is not None:
+            message = (
+                "the API server refuses every update of this resource, so its finalizer cannot be removed and it "
+                "stays until the CRD admits it again (see Upgrading in docs/install.md): " + refusal
+            )[:MAX_MESSAGE_CHARS]
+            logger.error("%s", message)
+            kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
     except Exception as exc:
         # In a namespace being deleted, everything the resource made goes with the namespace; in namespaced mode
         # the chart's Role there may already be gone (403), and retrying would hold the namespace up for good.

@@ -380,8 +380,10 @@ class KubeClient:
         *,
         subresource: str | None = None,
         metadata_only: bool = False,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
-        """Merge-patch an object; ``metadata_only`` as for :meth:`create`."""
+        """Merge-patch an object; ``metadata_only`` as for :meth:`create`; ``dry_run``: checked by the API server
+        (admission, validation) but not stored."""
         plural = f"{resource.plural}/{subresource}" if subresource else resource.plural
         return await self._request(
             "PATCH",
@@ -390,6 +392,7 @@ class KubeClient:
             resource.path(namespace, name, subresource),
             patch,
             plural=plural,
+            query=[("dryRun", "All")] if dry_run else None,
             accept=METADATA_ONLY if metadata_only else None,
         )
 

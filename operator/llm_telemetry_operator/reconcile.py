@@ -809,6 +809,19 @@ async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
     return deleted
 
 
+async def update_refused(client: KubeClient, owner: Mapping[str, Any]) -> str | None:
+    """Why the API server refuses any update of this LLMTelemetry (422: it breaks a rule of the CRD installed since it
+    was stored, on a server without validation ratcheting), or None. Its finalizer cannot be removed then, and kopf
+    says nothing of it: an empty patch, dry run, asks."""
+    meta = owner["metadata"]
+    try:
+        await client.patch(kube.LLMTELEMETRIES, meta["namespace"], meta["name"], {"metadata": {}}, dry_run=True)
+    except ApiError as exc:
+        if exc.status == 422:
+            return str(exc)
+    return None
+
+
 async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
     """Whether the LLMTelemetry ``name`` exists in ``namespace`` (an invalid one too, which is no peer). A list by
     name: the operator's role lists these resources, and has no need to get them."""

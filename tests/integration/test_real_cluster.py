@@ -5,6 +5,7 @@ conflicts, and never a 403."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -1028,3 +1029,55 @@ async def test_a_child_taken_over_during_a_pass_is_not_written_back(cluster: Clu
         await api.close()
     assert now["metadata"]["labels"][c.LABEL_OWNER] == "race-winner"
     assert [ref["uid"] for ref in now["metadata"]["ownerReferences"]] == [winner["uid"]]
+
+
+def test_a_resource_a_newer_crd_refuses_says_why_it_cannot_be_deleted(cluster: Cluster, api: Any) -> None:
+    """The upgrade that skipped the documented order: a resource stored under a CRD that allowed it (here a name of
+    70 characters; the CRD allows 63 now), then the stricter CRD applied. Without validation ratcheting the API
+    server refuses every update of it, its finalizer's removal included, so it cannot be deleted; kopf says nothing
+    of that. The operator says it: an UpdateRefused Warning event naming the refusal. Putting the looser CRD back
+    lets it go, as docs/install.md says."""
+    from kubernetes import client
+
+    extensions = client.ApiextensionsV1Api(api)
+    crd_name = f"{PLURAL}.{GROUP}"
+    name_schema = "/spec/versions/0/schema/openAPIV3Schema/properties/metadata/properties/name/maxLength"
+    limit = extensions.read_custom_resource_definition(crd_name).spec.versions[0].schema.open_apiv3_schema
+    assert limit.properties["metadata"].properties["name"].max_length == r.MAX_OWNER_NAME
+
+    def set_limit(value: int | None) -> None:
+        patch = (
+            [{"op": "add", "path": name_schema, "value": value}] if value else [{"op": "remove", "path": name_schema}]
+        )
+        extensions.patch_custom_resource_definition(crd_name, patch)
+        time.sleep(2)  # the API server serves the new schema once it has read it back (no condition says so)
+
+    def gone() -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            cluster.llmt(long_name)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    long_name = "a" * 70
+    set_limit(None)
+    try:
+        cluster.create(telemetry(long_name, "nothing-here"))
+        refused = cluster.reported(long_name, "Ready", "InvalidSpec")
+        assert "metadata.name" in refused["message"]
+        set_limit(r.MAX_OWNER_NAME)
+        cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, long_name)
+        [event] = wait_for(lambda: cluster.events(long_name, "UpdateRefused"), "UpdateRefused event")
+        assert "finalizer cannot be removed" in event and "63" in event
+        assert cluster.llmt(long_name)["metadata"]["finalizers"] == [c.FINALIZER]  # still there, Terminating
+        set_limit(None)
+        wait_for(gone, "deleted once the CRD admits it again")
+    finally:
+        if not gone():  # failed half-way: let it go before the CRD is strict again, or it stays for good
+            with contextlib.suppress(Exception):
+                set_limit(None)
+            cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, long_name)
+            wait_for(gone, "the long-named resource deleted")
+        set_limit(r.MAX_OWNER_NAME)
