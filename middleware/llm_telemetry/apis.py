@@ -7,6 +7,7 @@ up to a cap and read once at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -126,6 +127,23 @@ def _is_tool_item(item: dict[str, Any]) -> bool:
 def _add_tool_call(call: LLMCall, name: str) -> None:
     if len(call.tool_calls) < MAX_TOOL_CALLS:
         call.tool_calls.append(name)
+
+
+#: Tool names of the Responses API's recent function calls, by ``call_id``, for the process: a conversation continued
+#: with ``previous_response_id`` sends only the tool outputs, whose call the response before it made (served by this
+#: process, most often; by another worker, the name stays unknown).
+RECENT_TOOL_CALLS: Final = 4096
+_recent_tool_calls: dict[str, str] = {}
+
+
+def _remember_tool_call(item: dict[str, Any], name: str) -> None:
+    call_id = item.get("call_id")
+    if type(call_id) is str and 0 < len(call_id) <= 256:
+        recent = _recent_tool_calls
+        if len(recent) >= RECENT_TOOL_CALLS:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del recent[next(iter(recent))]  # the oldest (dicts keep insertion order)
+        recent[call_id] = name
 
 
 #: How an event stream's first line starts (after whitespace); a JSON body starts with none of these.
@@ -1017,6 +1035,7 @@ class OpenAIResponsesReader(ResponseReader):
                 name = _str(item.get("name"))
                 if name:
                     _add_tool_call(self.call, name)
+                    _remember_tool_call(item, name)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             self._response(obj.get("response"))
         elif kind == "error":
@@ -1030,6 +1049,7 @@ class OpenAIResponsesReader(ResponseReader):
             name = _str(item.get("name"))
             if name and _is_tool_item(item):
                 _add_tool_call(self.call, name)
+                _remember_tool_call(item, name)
             for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     self._text_chars += len(part["text"])
@@ -1194,7 +1214,8 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
             if kind == "function_call" and call_id:
                 names[call_id] = _str(item.get("name")) or "unknown"
         elif kind == "function_call_output":
-            name = names.get(_str(item.get("call_id")) or "", "unknown")
+            call_id = _str(item.get("call_id")) or ""
+            name = names.get(call_id) or _recent_tool_calls.get(call_id, "unknown")
             results.append(ToolResult(name, _looks_like_error(item.get("output"))))
     return results
 

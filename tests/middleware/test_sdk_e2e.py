@@ -164,6 +164,22 @@ def test_openai_responses_api_stream_and_non_stream(service: tuple[str, int], oa
     assert m.value("llm_errors_total", gen_ai_request_model=model) == 0
 
 
+def test_responses_tool_output_sent_with_previous_response_id_is_named(
+    service: tuple[str, int], oai: openai.OpenAI
+) -> None:
+    """The Responses API's stateful way (OpenAI's advice): the next turn sends only the tool's output and
+    previous_response_id, not the call. The call's name comes from the response that made it."""
+    model = "gpt-4.1-stateful"
+    tools: Any = [{"type": "function", "name": "get_tide", "parameters": {"type": "object", "properties": {}}}]
+    first = oai.responses.create(model=model, input="Tide in Brest?", tools=tools)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    output: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": '{"error": "no tide data"}'}]
+    oai.responses.create(model=model, previous_response_id=first.id, input=output, tools=tools)
+    m = eventually(service, requests_of(model, 2))
+    assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_tide") == 1
+    assert m.value("llm_tool_results_total", gen_ai_tool_name="get_tide", llm_tool_status="error") == 1
+
+
 def test_openai_tool_calls_stream_and_non_stream(service: tuple[str, int], oai: openai.OpenAI) -> None:
     model = "gpt-4o-tools"
     messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
