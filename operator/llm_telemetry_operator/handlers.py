@@ -7,11 +7,12 @@ import contextlib
 import contextvars
 import copy
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import kopf
 
@@ -149,6 +150,34 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(copied)
 
 
+#: kopf's own retry delays for an API request, then this one for as long as the API server stays away.
+FIRST_BACKOFFS: Final = (1.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0)
+OUTAGE_BACKOFF: Final = 30.0
+#: The task kopf runs until it is told to stop (a signal, its stop flag).
+_KOPF_RUNNING_TASK: Final = "stop-flag checker"
+
+
+class OutageBackoffs:
+    """kopf's ``error_backoffs``: the delays between retries of one failed API request. Each request iterates
+    afresh: kopf's first delays, then :data:`OUTAGE_BACKOFF` without end, until the operator is stopping (kopf's
+    ``stop-flag checker`` task is no longer running), when it gives up at once."""
+
+    def __iter__(self) -> Iterator[float]:
+        for delay in itertools.chain(FIRST_BACKOFFS, itertools.repeat(OUTAGE_BACKOFF)):
+            if _stopping():
+                return
+            yield delay
+
+
+def _stopping() -> bool:
+    """Whether kopf is stopping: its task that waits for a stop has ended (or there is no loop to ask)."""
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:
+        return True
+    return not any(task.get_name() == _KOPF_RUNNING_TASK for task in tasks)
+
+
 def _event_target(body: Mapping[str, Any]) -> kopf.Body:
     """What kopf.warn needs to address an event: the object's identity only (passes may hold a plain dict)."""
     meta = body.get("metadata", {})
@@ -191,6 +220,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # kopf's API retries give up after 1+1+2+3+5+8+13+21 s, and then the whole operator exits: an API server away
+    # for two minutes (an upgrade, an etcd failover) stopped every replica. These keep retrying, every 30 s, for
+    # as long as the operator runs; once it is stopping, they give up at once (its last writes to an API server
+    # that is gone no longer hold its exit up for a minute).
+    settings.networking.error_backoffs = OutageBackoffs()
     # One ClusterKopfPeering in namespaced mode too (kopf would keep a KopfPeering in each watched namespace): a
     # watched namespace being deleted takes its KopfPeering and the chart's Role there with it, and kopf stops the
     # whole operator once it cannot keep its entry in one. kopf starts its peering only after the startup handlers.
@@ -811,7 +845,44 @@ def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str,
     last = state.passes.get((namespace, owner_name))
     if last is not None and answered(last[1]):
         return  # the echo of the last pass's own work, with no pass in flight that could change it
+    if type == "DELETED" and not state.standby:
+        # Deleted by hand, or by the garbage collector because its owner is gone: then a pass would make it again
+        # for an owner that no longer exists, and the collector delete it again, without end.
+        context = state.kopf_context.copy() if state.kopf_context is not None else None
+        task = asyncio.create_task(
+            _child_deleted(memo, logger, (namespace, owner_name), owner, answered), context=context
+        )
+        state.event_passes.add(task)
+        task.add_done_callback(functools.partial(_event_pass_done, state, (namespace, owner_name), "child"))
+        return
     _start_pass(memo, logger, state, (namespace, owner_name), owner, "child", answered)
+
+
+async def _child_deleted(
+    memo: Any, logger: Any, key: tuple[str, str], owner: Mapping[str, Any], answered: Callable[[rec.Outcome], bool]
+) -> None:
+    """A child was deleted: a pass puts it back, unless its LLMTelemetry is gone. The operator hears of a deletion
+    from kopf's watch, but a watch that starts again after its history expired (410 Gone, an API server restart)
+    lists what exists and reports nothing of what went meanwhile: the resource would live on here, its children
+    made again by every pass for the collector to delete, and its workloads held from the resources next in line."""
+    state = _state(memo)
+    log = _ObjectLog(logger, {"object": "/".join(key)})
+    uid = owner["metadata"].get("uid")
+    try:
+        found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+    except ApiError:
+        found = None  # cannot tell: the pass decides, as for any child event
+    if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):
+        if (state.bodies.get(key) or {}).get("metadata", {}).get("uid") == uid:
+            _forget(state, key, owner)
+            log.info("is gone, though its deletion was never reported (a watch listed anew); forgotten")
+            # The resources next in line take over what it held (an injection record naming an LLMTelemetry that
+            # does not exist holds its workload for nobody).
+            for peer, body in sorted(state.bodies.items()):
+                if peer[0] == key[0] and not body["metadata"].get("deletionTimestamp"):
+                    _start_pass(memo, logger, state, peer, body, "handover", lambda outcome: False)
+        return
+    await _reconcile(memo, owner, "child", log, answered=answered)
 
 
 def _await_collectors(

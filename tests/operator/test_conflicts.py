@@ -280,3 +280,32 @@ def test_a_peer_known_only_after_a_pass_began_keeps_the_metrics_services_of_the_
     other = deployment("w7")
     other["metadata"]["labels"] = {"app": "w7", "grp": "all"}
     assert "a6" in rec._Outranked(broad, peers, [other])  # it serves none of these targets: taken over with them
+
+
+async def test_a_winner_gone_unseen_is_forgotten_once_its_children_are_collected(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The winner deleted while the operator's watch did not see it (its finalizer removed by hand, and the watch
+    listed anew after its history expired: kopf reports no deletion then). The garbage collector deletes its
+    children; the operator, finding it gone, forgets it instead of making them again without end, and the
+    resource next in line takes the workload over."""
+    contested(emulator, monitoring_crds)
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: all(children(emulator, "zeta").values()), "zeta's children")
+        del emulator.objects[LLMT, NAMESPACE, "zeta"]  # gone, with no watch event
+        # The garbage collector removes its children: their owner references name a uid that no longer exists.
+        monitoring = f"/apis/monitoring.coreos.com/v1/namespaces/{NAMESPACE}"
+        for path in (
+            f"{monitoring}/servicemonitors/zeta-llm-telemetry",
+            f"{monitoring}/prometheusrules/zeta-llm-telemetry",
+            f"/api/v1/namespaces/{NAMESPACE}/configmaps/zeta-llm-dashboard",
+            f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics",
+        ):
+            await hand(emulator, "DELETE", path)
+        await eventually(lambda: holder(emulator) == "alpha", "alpha took the workload over")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready", attempts=600)
+        await asyncio.sleep(1.0)
+        assert get(emulator, SERVICEMONITORS, "zeta-llm-telemetry") is None, "made again for an owner that is gone"
+        assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is not None

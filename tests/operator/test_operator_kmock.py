@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from typing import Any
@@ -37,7 +38,7 @@ from kopf_testing import (
 
 import kube_schema
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import rbac, resources
+from llm_telemetry_operator import handlers, rbac, resources
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
@@ -1396,3 +1397,18 @@ async def test_a_resource_selecting_the_operator_itself_leaves_it_alone(emulator
         f"no Deployment or StatefulSet it selects in namespace {NAMESPACE} is one to inject; skipped "
         "Deployment/llm-telemetry-operator (the operator itself)"
     )
+
+
+async def test_api_retries_outlast_an_outage_until_the_operator_stops(emulator: Any, monitoring_crds: Any) -> None:
+    """kopf gives a failed API request up after 1+1+2+3+5+8+13+21 s, and then the whole operator exits: an API
+    server away for two minutes stopped every replica. While the operator runs, the retries go on every 30 s
+    without end; once kopf is stopping, they end at once, so a stop with the API server gone is not held up."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)  # the operator is up
+        delays = list(itertools.islice(iter(handlers.OutageBackoffs()), 40))
+        assert delays[:8] == list(handlers.FIRST_BACKOFFS)
+        assert delays[8:] == [handlers.OUTAGE_BACKOFF] * 32
+    assert list(handlers.OutageBackoffs()) == []
