@@ -876,12 +876,10 @@ class OpenAIChatReader(ResponseReader):
             name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
             # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
             if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
-                call_id = tool_call.get("id")
-                if key in self._tool_indexes:
-                    seen = self._tool_indexes[key]
-                    if not isinstance(call_id, str) or not call_id or seen is None or call_id == seen:
-                        continue
-                self._tool_indexes[key] = call_id if isinstance(call_id, str) and call_id else None
+                call_id = _str(tool_call.get("id"))
+                if key in self._tool_indexes and (call_id is None or self._tool_indexes[key] in (None, call_id)):
+                    continue  # the same call: a later delta of it, or one that gives no id to tell
+                self._tool_indexes[key] = call_id
                 self.call.tool_calls.append(name)
 
     def _on_json(self, obj: dict[str, Any]) -> None:

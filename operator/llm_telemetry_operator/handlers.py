@@ -765,8 +765,14 @@ def _start_pass(
     if state.standby:
         return
     log = _ObjectLog(logger, {"object": "/".join(key)})
+    _spawn_event_pass(state, key, trigger, _reconcile(memo, owner, trigger, log, answered=answered))
+
+
+def _spawn_event_pass(state: OperatorState, key: tuple[str, str], trigger: str, work: Any) -> None:
+    """Run ``work`` (a pass, or what decides on one) for a watch event in a task of its own, in kopf's context,
+    cancelled at cleanup with the other event passes."""
     context = state.kopf_context.copy() if state.kopf_context is not None else None
-    task = asyncio.create_task(_reconcile(memo, owner, trigger, log, answered=answered), context=context)
+    task = asyncio.create_task(work, context=context)
     state.event_passes.add(task)
     task.add_done_callback(functools.partial(_event_pass_done, state, key, trigger))
 
@@ -848,12 +854,8 @@ def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str,
     if type == "DELETED" and not state.standby:
         # Deleted by hand, or by the garbage collector because its owner is gone: then a pass would make it again
         # for an owner that no longer exists, and the collector delete it again, without end.
-        context = state.kopf_context.copy() if state.kopf_context is not None else None
-        task = asyncio.create_task(
-            _child_deleted(memo, logger, (namespace, owner_name), owner, answered), context=context
-        )
-        state.event_passes.add(task)
-        task.add_done_callback(functools.partial(_event_pass_done, state, (namespace, owner_name), "child"))
+        key = (namespace, owner_name)
+        _spawn_event_pass(state, key, "child", _child_deleted(memo, logger, key, owner, answered))
         return
     _start_pass(memo, logger, state, (namespace, owner_name), owner, "child", answered)
 
