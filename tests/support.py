@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import random
 import socket
 import subprocess
 import threading
@@ -81,11 +83,39 @@ def config_file_server(what: str, binary: str, config: str, root: Path, base: st
         stop_process(process)
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+_PORTS = [p for p in range(10000, 65000) if p not in _EPHEMERAL]
+_handed_out: set[int] = set()
+_next_port = random.Random(os.getpid()).randrange(len(_PORTS))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A free TCP port on 127.0.0.1 for a server a test starts later. It comes from outside the kernel's ephemeral
+    range, so no client connection the suite opens in the meantime can take it as its local port (a port the kernel
+    picks with bind(0) can be, which failed runs with "address already in use"), and this process never hands the
+    same port out twice."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 @contextmanager

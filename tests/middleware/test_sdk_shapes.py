@@ -27,7 +27,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from support import Metrics, free_port, scrape, serve
 
 PAUSE = 0.05
-LATE = 0.4
+LATE = 1.5  # wide enough that a busy machine stalling the first event still tells the two apart
 Step = dict[str, Any] | str | float  # an event (a name goes first when the API names its events), or a pause
 
 
