@@ -6,6 +6,8 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
   becomes U+FFFD, the Unicode replacement character;
 * length: a label value longer than :data:`MAX_LABEL_CHARS` characters is not a name anyone chose to read on a
   dashboard; it becomes ``other``, like a value past the count bound (a cut prefix could pass for a real name);
+* control characters: nor is one with a line break, NUL or other control character in it, which would also reach
+  the span named after it and the request log line's message, where a viewer prints it raw; it becomes ``other``;
 * count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
   the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
   workers, across worker restarts, not per process lifetime.
@@ -25,6 +27,8 @@ MAX_LABEL_CHARS: Final = 256
 MAX_FIELD_CHARS: Final = 1024
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+#: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def valid_text(value: str) -> str:
@@ -41,8 +45,9 @@ def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
 
 
 def label_value(value: str) -> str:
-    """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long."""
-    if len(value) > MAX_LABEL_CHARS:
+    """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long or when it holds
+    a control character."""
+    if len(value) > MAX_LABEL_CHARS or _CONTROL.search(value):
         return OTHER
     return valid_text(value)
 

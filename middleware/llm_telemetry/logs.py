@@ -22,7 +22,7 @@ from typing import IO, Any, Final
 from opentelemetry import context, trace
 
 from .config import OTelEnvironment
-from .labels import valid_text
+from .labels import label_value, valid_text
 from .record import LLMCall
 
 #: The logger every request line is written to.
@@ -251,7 +251,10 @@ class RequestLogObserver:
             "duration_ms": _ms(call.duration),
             "ttft_ms": _ms(call.time_to_first_token),
         }
-        message = f"{call.operation} {model or 'unknown'} {call.status_code if call.status_code is not None else '-'}"
+        # The message (the OTLP record's body) is printed raw by log viewers: the model in it is ``other`` when it
+        # could not be a label value (too long, or holding a line break or other control character).
+        shown = label_value(model) if model else "unknown"
+        message = f"{call.operation} {shown} {call.status_code if call.status_code is not None else '-'}"
         logger = self.logger
         handler = self._direct
         otlp = self._otlp

@@ -66,6 +66,24 @@ def test_a_label_value_of_256_characters_is_kept_and_one_of_257_is_other(cleanup
     assert models == {kept, "other"}
 
 
+@pytest.mark.parametrize("control", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028"])
+def test_a_label_value_with_a_control_character_is_other_and_takes_no_place(
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str], control: str
+) -> None:
+    """A line break or other control character in a model name would reach the request log's message, which log
+    viewers print raw (a forged line), and the span named after the model."""
+    forged = f"gpt-4o{control}level=error msg=forged"
+    _, metrics = calls_of(
+        cleanup, completion(), [{"model": forged}, {"model": "gpt-4o-mini"}], request_logs=True, max_label_values=1
+    )
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"other", "gpt-4o-mini"}
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(line["message"], line["model"]) for line in lines] == [
+        ("chat other 200", forged),  # the field keeps the model sent, escaped as JSON
+        ("chat gpt-4o-mini 200", "gpt-4o-mini"),
+    ]
+
+
 def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
     cleanup: list[LLMTelemetryMiddleware],
 ) -> None:

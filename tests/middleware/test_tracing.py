@@ -356,8 +356,9 @@ def test_captured_system_instructions_given_apart_have_their_own_attribute(recei
 @pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])
 def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two_spans: bool) -> None:
     """Trace backends index span names (Jaeger's operations, Tempo's span metrics), and a client can send any
-    number of model names: past LLM_TELEMETRY_MAX_LABEL_VALUES models, or a model too long for a label, the span
-    is named ``chat other``, as the metrics label it; its gen_ai.request.model attribute keeps the model sent."""
+    number of model names: past LLM_TELEMETRY_MAX_LABEL_VALUES models, or a model too long for a label or with a
+    line break in it (which takes no place), the span is named ``chat other``, as the metrics label it; its
+    gen_ai.request.model attribute keeps the model sent."""
     service = f"llm-bounded-{two_spans}"
     env = tracing_env(
         receiver,
@@ -365,7 +366,7 @@ def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two
         LLM_TELEMETRY_MAX_LABEL_VALUES="2",
         LLM_TELEMETRY_TRACING_HTTP_SPAN=str(two_spans).lower(),
     )
-    models = ["gpt-4o", "gpt-4o-mini", "gpt-4o", "ft:gpt-4o:acme:1", "m" * 300, "gpt-4o-mini"]
+    models = ["gpt-4o", "gpt-4o\nlevel=error", "gpt-4o-mini", "gpt-4o", "ft:gpt-4o:acme:1", "m" * 300, "gpt-4o-mini"]
     with demo_server(env) as (app, base):
         for index, model in enumerate(models):
             client(base).chat.completions.create(
@@ -379,7 +380,15 @@ def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two
         span = wait_span(receiver, **{"llm.request_id": f"{service}-{index}"})
         assert span.attributes["gen_ai.request.model"] == model
         names.append(span.name)
-    expected = ["chat gpt-4o", "chat gpt-4o-mini", "chat gpt-4o", "chat other", "chat other", "chat gpt-4o-mini"]
+    expected = [
+        "chat gpt-4o",
+        "chat other",
+        "chat gpt-4o-mini",
+        "chat gpt-4o",
+        "chat other",
+        "chat other",
+        "chat gpt-4o-mini",
+    ]
     assert names == expected
 
 
