@@ -1272,11 +1272,15 @@ def _path_model(path: str) -> str | None:
 class API:
     """One LLM HTTP API: its operation, provider, and how to read its requests and responses."""
 
-    def __init__(self, name: str, operation: str, provider: str, reader: type[ResponseReader]) -> None:
+    def __init__(
+        self, name: str, operation: str, provider: str, reader: type[ResponseReader], api_type: str | None = None
+    ) -> None:
         self.name = name
         self.operation = operation
         self.provider = provider
         self.reader = reader
+        #: The conventions' ``openai.api.type``: which of OpenAI's two chat APIs this is (None for the others).
+        self.api_type = api_type
 
     def __repr__(self) -> str:
         return f"API({self.name!r})"
@@ -1388,10 +1392,10 @@ def _capture_input(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 APIS: Final[dict[str, API]] = {
     p.name: p
     for p in (
-        API("openai.chat", "chat", "openai", OpenAIChatReader),
+        API("openai.chat", "chat", "openai", OpenAIChatReader, "chat_completions"),
         API("openai.completions", "text_completion", "openai", OpenAIChatReader),
         API("openai.embeddings", "embeddings", "openai", OpenAIEmbeddingsReader),
-        API("openai.responses", "chat", "openai", OpenAIResponsesReader),
+        API("openai.responses", "chat", "openai", OpenAIResponsesReader, "responses"),
         API("anthropic.messages", "chat", "anthropic", AnthropicMessagesReader),
     )
 }

@@ -884,7 +884,14 @@ class LLMTelemetryMiddleware:
         failsafe = self._failsafe
         telemetry = self._telemetry
         assert failsafe is not None and telemetry is not None
-        call = LLMCall(api.operation, api.provider, perf_counter(), path=field_text(scope["path"]), scope=scope)
+        call = LLMCall(
+            api.operation,
+            api.provider,
+            perf_counter(),
+            path=field_text(scope["path"]),
+            scope=scope,
+            api_type=api.api_type,
+        )
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
         adopt = False

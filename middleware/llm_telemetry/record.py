@@ -80,6 +80,9 @@ class LLMCall:
     output_text: list[str] | None = None
     #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
     scope: Any = None
+    #: OpenAI's chat APIs, told apart as the conventions' ``openai.api.type`` does: ``chat_completions`` or
+    #: ``responses`` (None for the other APIs).
+    api_type: str | None = None
     #: ``scope["root_path"]`` as the request arrived (tracing: what routing adds is a mount's prefix of the route).
     root_path: str = ""
     #: The exception the app raised, when it is the call's failure (``error_type`` ``app_exception``): tracing

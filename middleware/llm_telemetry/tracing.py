@@ -68,6 +68,7 @@ GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tok
 GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+OPENAI_API_TYPE: Final = "openai.api.type"
 # HTTP server attributes of the single (SERVER) span.
 HTTP_REQUEST_METHOD: Final = "http.request.method"
 HTTP_ROUTE: Final = "http.route"
@@ -919,6 +920,8 @@ class SpanObserver:
             names.GEN_AI_OPERATION_NAME: call.operation,
             names.GEN_AI_PROVIDER_NAME: call.provider,
         }
+        if call.api_type is not None:
+            attributes[OPENAI_API_TYPE] = call.api_type
         kind = _INTERNAL
         parent = None
         scope = call.scope

@@ -311,6 +311,7 @@ def test_request_parameters_the_conventions_name_are_on_the_span(receiver: OTLPR
     assert attrs["gen_ai.request.stop_sequences"] == ["END", "STOP"]
     assert attrs["gen_ai.request.frequency_penalty"] == 0.5
     assert attrs["gen_ai.request.presence_penalty"] == -0.25
+    assert attrs["openai.api.type"] == "chat_completions"
     plain = wait_span(receiver, **{"llm.request_id": "trace-test-params-plain"}).attributes
     assert plain["gen_ai.request.stop_sequences"] == ["\n\n"]
     for absent in ("gen_ai.request.seed", "gen_ai.request.choice.count", "gen_ai.output.type",
@@ -318,8 +319,11 @@ def test_request_parameters_the_conventions_name_are_on_the_span(receiver: OTLPR
         assert absent not in plain, absent
     responses = wait_span(receiver, **{"llm.request_id": "trace-test-params-responses"}).attributes
     assert responses["gen_ai.output.type"] == "json"
+    # Both OpenAI APIs are the operation chat (and so the span chat gpt-4o): this attribute tells them apart.
+    assert responses["openai.api.type"] == "responses"
     claude_attrs = wait_span(receiver, **{"llm.request_id": "trace-test-params-anthropic"}).attributes
     assert claude_attrs["gen_ai.request.top_k"] == 40
+    assert "openai.api.type" not in claude_attrs
     assert claude_attrs["gen_ai.request.stop_sequences"] == ["Human:"]
 
 
