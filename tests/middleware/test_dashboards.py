@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from llm_telemetry import instruments
+from llm_telemetry.monitoring.dashboards import OVERFLOW_LEGEND as OVERFLOW
 from llm_telemetry.monitoring.dashboards import build_dashboard, render_dashboard_json
 from llm_telemetry.monitoring.rules import METRICS, SCRAPE_LABELS, AlertThresholds, build_rule_groups
 
@@ -317,6 +318,50 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     result = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+def test_the_overflow_series_has_a_name_in_by_label_panels(tmp_path: Path) -> None:
+    """Past the series limit, a metric's new label sets go to one series labelled otel_metric_overflow="true", its
+    other labels empty. Grouped by model, Grafana would show it with a blank legend, or the whole query as its name
+    when no label is left: the panels name it. Evaluated by Prometheus's engine (promtool's rule unit tests) beside
+    a model's series, which keeps its name."""
+    targets = {p["title"]: p["targets"] for p in _panels(build_dashboard()) if p["datasource"]["type"] == "prometheus"}
+    scrape = 'namespace="llm",job="chat",endpoint="llm-metrics"'
+    named, overflow = f'{scrape},gen_ai_request_model="gpt-4o"', f'{scrape},otel_metric_overflow="true"'
+    series = [
+        # a dollar a second for the model, two in the overflow series
+        {"series": f"llm_cost_usd_total{{{named}}}", "values": "0+60x10"},
+        {"series": f"llm_cost_usd_total{{{overflow}}}", "values": "0+120x10"},
+        {"series": f'llm_tokens_total{{{named},gen_ai_token_type="input"}}', "values": "0+60x10"},
+        {"series": f"llm_tokens_total{{{overflow}}}", "values": "0+30x10"},
+    ]
+    for labels in (named, overflow):  # every request took under half a second
+        series += [
+            {"series": f'gen_ai_server_time_to_first_token_seconds_bucket{{{labels},le="{le}"}}', "values": "0+60x10"}
+            for le in ("0.5", "+Inf")
+        ]
+    cases = [
+        ("Cost per hour by model", "A", {"gpt-4o": 3600, OVERFLOW: 7200}, ["gen_ai_request_model"]),
+        ("Tokens/min by model and type", "A", {"gpt-4o input": 60, f"{OVERFLOW} {OVERFLOW}": 30},
+         ["gen_ai_request_model", "gen_ai_token_type"]),
+        ("Time to first token by model", "A", {"gpt-4o": 0.25, OVERFLOW: 0.25}, ["gen_ai_request_model"]),
+    ]  # fmt: skip
+    tests = []
+    for title, ref, expected, labels in cases:
+        (target,) = [t for t in targets[title] if t["refId"] == ref]
+        samples = [
+            {
+                "labels": "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, key.split(" "), strict=True)) + "}",
+                "value": value,
+            }
+            for key, value in expected.items()
+        ]
+        tests.append({"expr": _dashboard_expr_as_promql(target["expr"]), "eval_time": "10m", "exp_samples": samples})
+    path = tmp_path / "overflow.yaml"
+    path.write_text(yaml.safe_dump({"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_rules_and_dashboard_only_use_contract_metrics_and_labels() -> None:

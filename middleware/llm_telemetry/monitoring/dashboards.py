@@ -53,6 +53,10 @@ RATE: Final = "$__rate_interval"
 PROMETHEUS: Final = {"type": "prometheus", "uid": "${datasource}"}
 
 _ATTRIBUTION_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_LEGEND_LABEL = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
+#: The legend of a metric's overflow series (``otel_metric_overflow="true"``, past the series limit of
+#: ``instruments.CARDINALITY_LIMIT``), whose other labels are empty.
+OVERFLOW_LEGEND: Final = "(overflow)"
 
 #: The Loki query of the error log panel, by how the request-log lines reach Loki (an LLMTelemetry's
 #: ``spec.logs.mode``). Loki refuses a stream selector whose every matcher matches the empty string, as
@@ -150,6 +154,11 @@ class _Builder:
     def target(
         expr: str, legend: str, ref: str = "A", *, instant: bool = False, exemplar: bool = False, fmt: str = ""
     ) -> dict[str, Any]:
+        # A series without a label its legend names is the overflow series: Grafana would show a blank legend for
+        # it, or the whole query when it has no label left, so it is named (le: a heatmap's buckets, never empty).
+        for label in dict.fromkeys(_LEGEND_LABEL.findall(legend)):
+            if label != "le":
+                expr = f'label_replace({expr}, "{label}", "{OVERFLOW_LEGEND}", "{label}", "")'
         target: dict[str, Any] = {
             "refId": ref,
             "datasource": PROMETHEUS,
