@@ -25,6 +25,9 @@ from .config import OTelEnvironment
 from .labels import label_value, valid_text
 from .record import LLMCall
 
+#: Fields an OTLP log record carries as its own trace context (trace id, span id, flags), not as attributes.
+_RECORD_CONTEXT: Final = frozenset(("trace_id", "span_id", "trace_sampled"))
+
 #: The logger every request line is written to.
 REQUEST_LOGGER: Final = "llm_telemetry.requests"
 
@@ -36,6 +39,7 @@ FIELDS: Final = (
     "request_id",
     "trace_id",
     "span_id",
+    "trace_sampled",
     "service",
     "operation",
     "provider",
@@ -115,8 +119,8 @@ _encode_line: Final = _line_encoder()
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object: ``timestamp``, ``level``, ``message``, then the request fields.
 
-    Records without request fields (any other logger) get ``trace_id``/``span_id`` of the current span, when
-    there is one, so the application's own lines can share the format. Usage::
+    Records without request fields (any other logger) get ``trace_id``/``span_id``/``trace_sampled`` of the current
+    span, when there is one, so the application's own lines can share the format. Usage::
 
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
@@ -139,6 +143,7 @@ class JsonFormatter(logging.Formatter):
             if span_context.is_valid:
                 line["trace_id"] = trace.format_trace_id(span_context.trace_id)
                 line["span_id"] = trace.format_span_id(span_context.span_id)
+                line["trace_sampled"] = span_context.trace_flags.sampled
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return _line_text(_encode_line(line))
@@ -227,17 +232,21 @@ class RequestLogObserver:
         level = logging.WARNING if call.error_type else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
-        trace_id = span_id = None
+        trace_id = span_id = sampled = None
         span = call.span if call.span is not None else trace.get_current_span(call.otel_context)
         span_context = span.get_span_context()
         if span_context.is_valid:
             trace_id = trace.format_trace_id(span_context.trace_id)
             span_id = trace.format_span_id(span_context.span_id)
+            # A sampler that drops the trace still gives it ids (propagated to the app's upstream calls): a log
+            # viewer's link from the line to the trace finds it only when this is true.
+            sampled = span_context.trace_flags.sampled
         model = call.request_model or call.response_model
         fields = {
             "request_id": call.request_id,
             "trace_id": trace_id,
             "span_id": span_id,
+            "trace_sampled": sampled,
             "service": self.service,
             "operation": call.operation,
             "provider": call.provider,
@@ -333,7 +342,7 @@ class OTLPLogHandler(logging.Handler):
             "severity_number": self._severity.get(level),
             "severity_text": "WARN" if name == "WARNING" else name,
             "body": message,
-            "attributes": {k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")},
+            "attributes": {k: v for k, v in fields.items() if v is not None and k not in _RECORD_CONTEXT},
         }
         direct = self._direct
         if direct is None or not direct.emit(values):

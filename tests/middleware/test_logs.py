@@ -22,6 +22,9 @@ from llm_telemetry.logs import FIELDS, RECORD_ATTRIBUTE, REQUEST_LOGGER, JsonFor
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
 from support import request_log_lines, serve
 
+#: Request fields an OTLP record carries as its trace context rather than as attributes.
+OTLP_TRACE_CONTEXT = ("trace_id", "span_id", "trace_sampled")
+
 
 def client(base: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
@@ -87,6 +90,7 @@ def test_one_json_line_per_request_with_trace_ids_of_the_spans(
     assert streamed["duration_ms"] >= streamed["ttft_ms"] > 0
     span = wait_span(receiver, **{"llm.request_id": "log-stream-1"})
     assert (streamed["trace_id"], streamed["span_id"]) == (span.trace_id, span.span_id)
+    assert streamed["trace_sampled"] is True
 
     # No x-request-id from the client: one is generated and echoed, and it is the one logged.
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
@@ -102,6 +106,21 @@ def test_one_json_line_per_request_with_trace_ids_of_the_spans(
     assert (embedded["operation"], embedded["input_tokens"], embedded["output_tokens"]) == ("embeddings", 3, None)
 
 
+def test_a_line_says_its_trace_was_not_sampled(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sampler that drops traces still gives them ids, which the line carries (the app's upstream calls share
+    them); trace_sampled false tells a log viewer the trace behind the link was not kept."""
+    env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-unsampled", OTEL_TRACES_SAMPLER="always_off")
+    with demo_server(env) as (app, base):
+        client(base).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-request-id": "unsampled"}
+        )
+        assert app.telemetry.tracing is not None and app.telemetry.tracing.force_flush()
+    line = line_for(log_lines(capsys.readouterr().out), "unsampled")
+    assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"]) and re.fullmatch(r"[0-9a-f]{16}", line["span_id"])
+    assert line["trace_sampled"] is False
+    assert not [s for s in receiver.spans if s.attributes.get("llm.request_id") == "unsampled"]
+
+
 def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[str]) -> None:
     with demo_server({"OTEL_SERVICE_NAME": "llm-plain"}) as (app, base):
         assert app.telemetry.tracing is None
@@ -110,7 +129,7 @@ def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[
         )
         assert "x-request-id" not in response.headers  # echoed only when asked to (LLM_TELEMETRY_ECHO_REQUEST_ID)
     line = line_for(log_lines(capsys.readouterr().out), "plain-1")
-    assert line["trace_id"] is None and line["span_id"] is None
+    assert line["trace_id"] is None and line["span_id"] is None and line["trace_sampled"] is None
     assert line["service"] == "llm-plain"
 
 
@@ -402,7 +421,7 @@ def _send_both_ways(provider: Any, fields: dict[str, Any], level: int, message: 
         severity_number=handler._severity[level],
         severity_text=name,
         body=message,
-        attributes={k: v for k, v in fields.items() if v is not None and k not in ("trace_id", "span_id")},
+        attributes={k: v for k, v in fields.items() if v is not None and k not in OTLP_TRACE_CONTEXT},
     )
 
 
