@@ -618,6 +618,11 @@ async def _inject(
     elif not targets and outcome.port_conflicts:
         message = _port_conflict_message(spec, outcome.port_conflicts)  # the words of MetricsExposed: one event
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PortConflict", message)
+    elif not targets and outcome.held:
+        # Selected, but left as they are until the pricing ConfigMap can be had: the pass says why once it has
+        # looked at the ConfigMap (PricingConfigMapNotFound or PricingConfigMapInvalid), with no NoTargets event.
+        message = "no workload is injected until the pricing ConfigMap can be read: " + ", ".join(outcome.held)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
     elif not targets and skipped:
         message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)

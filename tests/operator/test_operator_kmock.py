@@ -581,6 +581,8 @@ async def test_a_pricing_configmap_that_cannot_be_had_holds_ready_back(emulator:
             await ready(emulator, name, attempts=1200)
         assert get(emulator, CONFIGMAPS, "chat-llm-pricing")["metadata"]["ownerReferences"][0]["uid"] == "uid-chat"
         assert env_of(get(emulator, DEPLOYMENTS, "embed"))["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
+        # Held back, the workload was selected all along: no event said the selector matched nothing.
+        assert not posted_events(emulator, "NoTargets")
 
 
 async def test_switching_to_a_missing_configmapref_keeps_the_inline_prices_the_pods_mount(
