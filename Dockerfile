@@ -1,6 +1,6 @@
 # The llm-telemetry operator image: `llm-telemetry-operator` (kopf) on a slim Python, as a numeric non-root user.
 #
-#   docker build -t llm-telemetry-operator:0.1.0 .
+#   docker build -t llm-telemetry-operator:0.2.0 .
 #
 # The chart's image.repository/tag default to exactly that name and the package version (see docs/install.md).
 

@@ -87,6 +87,16 @@ def test_the_dockerfile_copies_the_package_sources() -> None:
     assert {"pyproject.toml", "middleware/", "operator/"} <= set(build_stage_sources())
 
 
+def test_the_dockerfile_builds_the_tag_the_chart_pulls() -> None:
+    """The build command in the Dockerfile's header makes the image the chart's defaults pull: its tag is the
+    package version, which is the chart's appVersion."""
+    from llm_telemetry.version import __version__
+
+    (tag,) = re.findall(r"docker build -t llm-telemetry-operator:(\S+) \.", DOCKERFILE.read_text())
+    chart = (REPO_ROOT / "charts" / "llm-telemetry-operator" / "Chart.yaml").read_text()
+    assert tag == __version__ and re.search(rf"^appVersion: \"?{re.escape(tag)}\"?$", chart, re.M), (tag, __version__)
+
+
 def test_the_built_package_runs_without_the_checkout(installed: pathlib.Path) -> None:
     dependencies = sysconfig.get_paths()["purelib"]  # the test environment's, for kopf, OpenTelemetry and the rest
     probe = subprocess.run(
