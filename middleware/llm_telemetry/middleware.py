@@ -895,7 +895,6 @@ class LLMTelemetryMiddleware:
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
         adopt = False
-        limit = telemetry.limit
         for key, value in scope["headers"]:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 max_body = 0  # a compressed request body is not read
@@ -903,14 +902,15 @@ class LLMTelemetryMiddleware:
                 request_id = value
             label = self._attribution.get(key)
             if label is not None:
-                call.attribution[label] = limit(label, _header_text(value))
+                # As sent: the recorder bounds it once the outcome is known (a refused request admits no new value).
+                call.attribution[label] = _header_text(value)
         if request_id:
             call.request_id = field_text(_header_text(request_id), _MAX_REQUEST_ID_CHARS)
         elif self._request_ids:
             call.request_id = new_request_id()
             adopt = True
         for label in self._attribution.values():
-            call.attribution.setdefault(label, "none")
+            call.attribution.setdefault(label, "")  # absent: recorded as none
         exchange = _Exchange(
             api, call, receive, send, max_body, self.settings.capture_content, failsafe, self._span_parameters
         )

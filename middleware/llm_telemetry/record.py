@@ -70,7 +70,8 @@ class LLMCall:
     #: ``request_model`` as the metrics' label value it became (bounded in length and in distinct values, ``other``
     #: past them; set by the recorder): the LLM span is named by it, as trace backends index span names.
     model_label: str | None = None
-    #: Attribution labels from request headers, already bounded: {"tenant": "acme"}.
+    #: Attribution labels from request headers: {"tenant": "acme"}. The header values as sent ("" for a header
+    #: absent or empty) until the recorder has recorded the call; then as recorded, bounded ("none" for "").
     attribution: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Prompt messages and completion text, only kept when content capture is on.
     input_messages: list[dict[str, Any]] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from . import instruments as names
 from .instruments import BucketHistogram, Instruments, SummedInstrument, attributes_key, select
@@ -31,6 +31,18 @@ Keyed = tuple[dict[str, Any], frozenset[tuple[str, Any]]]
 
 def _keyed(attributes: dict[str, Any]) -> Keyed:
     return attributes, attributes_key(attributes)
+
+
+#: The attribution label value of a request without the header (or with an empty one).
+NO_HEADER: Final = "none"
+
+
+def _refused(status: int | None) -> bool:
+    """Whether a request answered ``status`` was refused: a 4xx (a bad key, an unknown model, a malformed body).
+    Such a request admits no new label value (model, tool or attribution): its values are the client's word
+    alone, and a flood of them would fold every value seen later into other. Not a timeout or a rate limit (408,
+    429): those meet real models and tenants, whose errors must keep their names."""
+    return status is not None and 400 <= status < 500 and status != 408 and status != 429
 
 
 class _Shape:
@@ -178,13 +190,8 @@ class MetricsRecorder:
         attributes, key = self._active_attributes(call)
         self._keyed.requests_active.add_keyed(1, key, attributes)
 
-    def _values(self, call: LLMCall) -> dict[str, Any]:
+    def _values(self, call: LLMCall, refused: bool) -> dict[str, Any]:
         limit = self.limit
-        status = call.status_code
-        # A request refused with a 4xx (a bad key, an unknown model, a malformed body) admits no new model name:
-        # its name is the client's word alone, and a flood of them would fold every model seen later into other.
-        # Not a timeout or a rate limit (408, 429): those meet real models, whose errors must keep their names.
-        refused = status is not None and 400 <= status < 500 and status != 408 and status != 429
         model = (limit.known if refused else limit)(names.GEN_AI_REQUEST_MODEL, call.request_model or "unknown")
         return {
             names.GEN_AI_OPERATION_NAME: call.operation,
@@ -211,22 +218,32 @@ class MetricsRecorder:
             shape = self._shapes.get(raw)
             if shape is not None:
                 return shape
-        values = self._values(call)
-        key = (*values.values(), call.input_estimated, *attribution.items())
+        refused = _refused(call.status_code)
+        values = self._values(call, refused)
+        bounded = self._attribution(attribution, refused)
+        key = (*values.values(), call.input_estimated, *bounded.items())
         shape = self._shapes.get(key)
         if shape is None:
             if len(self._shapes) >= MAX_SHAPES:
                 self._shapes.clear()
-            shape = self._shapes[key] = _Shape(values, attribution, call.input_estimated)
+            shape = self._shapes[key] = _Shape(values, bounded, call.input_estimated)
         if (
             raw is not None
             and values[names.GEN_AI_REQUEST_MODEL] == (request_model or "unknown")
             and values[names.GEN_AI_RESPONSE_MODEL] == response_model
+            and all(bounded[label] == (value or NO_HEADER) for label, value in attribution.items())
         ):
-            # Both models were admitted as sent, and an admitted value stays admitted: from now on the raw values
+            # Every value was admitted as sent, and an admitted value stays admitted: from now on the raw values
             # stand for the bounded ones. (A value folded into ``other`` is asked about again each time.)
             self._shapes[raw] = shape
         return shape
+
+    def _attribution(self, sent: Mapping[str, str], refused: bool) -> dict[str, str]:
+        """The attribution labels of header values ``sent``: bounded, ``none`` for a header absent or empty."""
+        if not sent:
+            return {}
+        admit = self.limit.known if refused else self.limit
+        return {label: admit(label, value) if value else NO_HEADER for label, value in sent.items()}
 
     def end(self, call: LLMCall) -> None:
         ins = self._keyed
@@ -278,8 +295,9 @@ class MetricsRecorder:
                 for attributes, key in finishes:
                     ins.finish_reasons.add_locked(1, key, attributes)
 
+        call.attribution = dict(shape.attribution)  # as recorded, for the observers after this one
         if call.tool_calls or call.tool_results:
-            self._tools(call, dict(shape.values), call.attribution)
+            self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
 
     def _finish(self, shape: _Shape, reason: str) -> Keyed:
         """The attributes of ``reason``'s point for calls of ``shape`` (a call's reasons are distinct already)."""
@@ -292,12 +310,13 @@ class MetricsRecorder:
                 shape.finish[reason] = keyed  # admitted values stay admitted; ``other`` is asked about each time
         return keyed
 
-    def _tools(self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str]) -> None:
+    def _tools(self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str], refused: bool) -> None:
         # Counted per distinct tool first (in the order of first appearance, which the label limit admits by):
         # one point per tool and status, however many calls or results a request carries. A client may send
         # a hundred thousand tool results in one body; recorded one by one, they took ~3 µs each.
         ins = self.instruments
-        limit = self.limit
+        # The tool results of a refused request are the client's word alone, as its model is (see _refused).
+        limit = self.limit.known if refused else self.limit
         for tool, count in Counter(call.tool_calls).items():
             values[names.GEN_AI_TOOL_NAME] = limit(names.GEN_AI_TOOL_NAME, tool)
             ins.tool_calls.add(count, select(names.TOOL_CALLS, values, attribution))

@@ -196,6 +196,38 @@ async def test_hostile_refused_requests_take_no_model_slots(cleanup: list[Any]) 
     assert metrics.value("llm_cost_usd_total", gen_ai_request_model="other") == 0
 
 
+async def test_hostile_refused_requests_take_no_tool_or_tenant_slots(cleanup: list[Any]) -> None:
+    """As for models: the tenant header and the tool results of a refused request are the client's word alone, and
+    admit no new value, so a flood of them sent with a bad key cannot fold every real tenant and tool seen after it
+    into ``other``; values admitted already keep their names on refusals. An empty header counts as none."""
+    refused = replying(401, JSON, b'{"error": {"message": "invalid key", "type": "authentication_error"}}')
+
+    async def gateway(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        accepted = dict(scope["headers"]).get(b"authorization") == b"Bearer good"
+        await (OK_JSON if accepted else refused)(scope, receive, send)
+
+    def body(tool: str) -> bytes:
+        call = {"id": "c1", "type": "function", "function": {"name": tool, "arguments": "{}"}}
+        messages = [{"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "1"}]
+        return json.dumps({"model": "gpt-4o", "messages": messages}).encode()
+
+    wrapped, _ = observe(gateway, max_label_values=3, attribution_headers={"x-tenant-id": "tenant"})
+    cleanup.append(wrapped)
+    good = [(b"authorization", b"Bearer good")]
+    for i in range(20):
+        await exchange(wrapped, "/v1/chat/completions", body(f"junk-tool-{i}"), headers=[(b"x-tenant-id", b"j%d" % i)])
+    await exchange(wrapped, "/v1/chat/completions", body("get_weather"), headers=[*good, (b"x-tenant-id", b"acme")])
+    await exchange(wrapped, "/v1/chat/completions", body("get_weather"), headers=[(b"x-tenant-id", b"acme")])
+    await exchange(wrapped, "/v1/chat/completions", body("get_weather"), headers=[*good, (b"x-tenant-id", b"")])
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_requests_total", "llm_metadata_tenant") == {"acme", "other", "none"}
+    assert metrics.value("llm_requests_total", llm_metadata_tenant="other", error_type="auth") == 20
+    assert metrics.value("llm_requests_total", llm_metadata_tenant="acme", error_type="auth") == 1  # known: kept
+    assert metrics.label_values("llm_tool_results_total", "gen_ai_tool_name") == {"get_weather", "other"}
+    assert metrics.value("llm_tool_results_total", gen_ai_tool_name="get_weather") == 3
+    assert metrics.value("llm_tool_results_total", gen_ai_tool_name="other") == 20
+
+
 async def test_hostile_many_tool_results_are_counted_exactly_per_tool_and_status(cleanup: list[Any]) -> None:
     """A body may carry a hundred thousand tool results: each counts once, under its tool's bounded name (past the
     label limit, in order of first appearance: ``other``) and its status, as tool calls in the answer do."""
