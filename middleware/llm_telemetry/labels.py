@@ -6,8 +6,9 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
   becomes U+FFFD, the Unicode replacement character;
 * length: a label value longer than :data:`MAX_LABEL_CHARS` characters is not a name anyone chose to read on a
   dashboard; it becomes ``other``, like a value past the count bound (a cut prefix could pass for a real name);
-* control characters: nor is one with a line break, NUL or other control character in it, which would also reach
-  the span named after it and the request log line's message, where a viewer prints it raw; it becomes ``other``;
+* control characters: nor is one with a line break, NUL or other control character in it (or an invisible
+  format character, a right-to-left override say), which would also reach the span named after it and the request
+  log line's message, where a viewer prints it raw; it becomes ``other``;
 * count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
   the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
   workers, across worker restarts, not per process lifetime.
@@ -27,8 +28,10 @@ MAX_LABEL_CHARS: Final = 256
 MAX_FIELD_CHARS: Final = 1024
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
-#: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: C0 and C1 controls, DEL, the Unicode line and paragraph separators, and the invisible format characters that
+#: change how the text around them shows: zero-width ones, bidirectional overrides (U+202E shows what follows
+#: backwards), word joiners and the byte order mark.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 
 
 def valid_text(value: str) -> str:

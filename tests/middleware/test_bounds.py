@@ -66,7 +66,9 @@ def test_a_label_value_of_256_characters_is_kept_and_one_of_257_is_other(cleanup
     assert models == {kept, "other"}
 
 
-@pytest.mark.parametrize("control", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028"])
+@pytest.mark.parametrize(
+    "control", ["\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u202e", "\u200b", "\ufeff"]
+)
 def test_a_label_value_with_a_control_character_is_other_and_takes_no_place(
     cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str], control: str
 ) -> None:
