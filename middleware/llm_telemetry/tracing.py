@@ -68,6 +68,11 @@ GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tok
 GEN_AI_INPUT_MESSAGES: Final = "gen_ai.input.messages"
 GEN_AI_OUTPUT_MESSAGES: Final = "gen_ai.output.messages"
 HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+EXCEPTION_MESSAGE: Final = "exception.message"
+#: Longest exception message and traceback recorded on a span: an app's message may quote a whole request (a
+#: 10 MB prompt made spans of three copies of it, which a batch export then failed to send).
+MAX_EXCEPTION_MESSAGE_CHARS: Final = 1024
+MAX_EXCEPTION_STACKTRACE_CHARS: Final = 8192
 OPENAI_API_TYPE: Final = "openai.api.type"
 # HTTP server attributes of the single (SERVER) span.
 HTTP_REQUEST_METHOD: Final = "http.request.method"
@@ -730,6 +735,31 @@ _FLAGS: Final = {
 }
 
 
+def exception_attributes(exception: BaseException, escaped: bool) -> dict[str, Any]:
+    """The ``exception`` event's attributes, as the SDK's ``record_exception`` makes them, but bounded: the message
+    cut to :data:`MAX_EXCEPTION_MESSAGE_CHARS`, the traceback to its first and last parts within
+    :data:`MAX_EXCEPTION_STACKTRACE_CHARS`; an exception whose ``str`` raises is named by its type."""
+    kind = type(exception)
+    module, qualname = kind.__module__, kind.__qualname__
+    try:
+        message = str(exception)
+    except Exception:
+        message = f"<{qualname} object, unprintable>"
+    try:
+        stack = "".join(traceback.format_exception(exception))
+    except Exception:
+        stack = f"{qualname}: {message[:MAX_EXCEPTION_MESSAGE_CHARS]}"
+    if len(stack) > MAX_EXCEPTION_STACKTRACE_CHARS:
+        half = MAX_EXCEPTION_STACKTRACE_CHARS // 2
+        stack = f"{stack[:half]}\n... {len(stack) - 2 * half} characters left out ...\n{stack[-half:]}"
+    return {
+        "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
+        EXCEPTION_MESSAGE: field_text(message, MAX_EXCEPTION_MESSAGE_CHARS),
+        "exception.stacktrace": valid_text(stack),
+        "exception.escaped": str(escaped),
+    }
+
+
 class LLMSpan(trace.Span):
     """The LLM span as the middleware records it: a plain recording span, made into the SDK's ``ReadableSpan``
     and handed to the provider's span processors when it ends (see :class:`_Pipeline`).
@@ -830,14 +860,7 @@ class LLMSpan(trace.Span):
     def record_exception(
         self, exception: BaseException, attributes: Any = None, timestamp: int | None = None, escaped: bool = False
     ) -> None:
-        module = type(exception).__module__
-        qualname = type(exception).__qualname__
-        recorded: dict[str, Any] = {
-            "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
+        recorded = exception_attributes(exception, escaped)
         if attributes:
             recorded.update(attributes)
         self.add_event("exception", recorded, timestamp)
@@ -1082,8 +1105,9 @@ class SpanObserver:
                 # As the SDK records an exception leaving a span: an event with its type, message and traceback,
                 # and the status described by it. Otherwise no description: error.type says it already, and the
                 # conventions advise against repeating it there.
-                span.record_exception(exc, escaped=True)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                recorded = exception_attributes(exc, escaped=True)
+                span.add_event("exception", recorded)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {recorded[EXCEPTION_MESSAGE]}"))
             elif not (span.kind is _SERVER and status is not None and 400 <= status < 500):
                 span.set_status(Status(StatusCode.ERROR))
 

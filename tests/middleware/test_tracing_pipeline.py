@@ -212,6 +212,43 @@ def test_an_app_exception_is_recorded_as_the_sdk_records_it() -> None:
     assert event.attributes is not None and event.attributes["exception.type"] == "RuntimeError"
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text for this one")
+
+
+@pytest.mark.parametrize(
+    "raised, message",
+    [
+        (RuntimeError("upstream refused the prompt: " + "p" * 10_000_000), "upstream refused the prompt: " + "p" * 995),
+        (Unprintable(), "<Unprintable object, unprintable>"),
+    ],
+    ids=["10-MB message", "str raises"],
+)
+def test_an_app_exception_is_recorded_within_bounds(raised: Exception, message: str) -> None:
+    """An app's exception message may quote the whole request: recorded in full, each span carried three copies of
+    a 10 MB prompt (message, traceback, status), which a batch export could not send. On both the span the
+    middleware records itself and the SDK's, the message is cut to 1,024 characters and the traceback to 8 KiB (its
+    first and last parts); an exception whose str() raises is still recorded, by its type."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        raise raised
+
+    for processors in ((), (Watching(),)):
+        tracer_provider, memory = provider(*processors)
+        with pytest.raises(type(raised)):
+            call(middleware(app, tracer_provider), chat_body())
+        (span,) = memory.get_finished_spans()
+        [event] = [e for e in span.events if e.name == "exception"]
+        assert event.attributes is not None
+        assert event.attributes["exception.message"] == message
+        stack = event.attributes["exception.stacktrace"]
+        assert isinstance(stack, str) and len(stack) <= 8192 + 64 and stack.startswith("Traceback")
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == f"{type(raised).__name__}: {message}"
+
+
 class Fixed(IdGenerator):
     """The same (possibly invalid) ids every time."""
 
