@@ -633,14 +633,16 @@ def _lone_delta(data: bytes, obj: dict[str, Any]) -> tuple[str, int, int, int] |
 
 
 class OpenAIChatReader(ResponseReader):
-    __slots__ = ("_seen", "_tool_indexes")
+    __slots__ = ("_seen", "_tool_ids", "_tool_indexes")
     _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
     _DEFERS = True
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
         super().__init__(call, stream=stream, capture=capture, shortcuts=shortcuts)
-        #: The tool calls counted, by (choice, index): the id of each, when its first delta gave one.
+        #: The tool calls counted, by (choice, index): the id of the latest, when its first delta gave one.
         self._tool_indexes: dict[tuple[int, int], Any] = {}
+        #: (choice, id) of every tool call counted that had an id.
+        self._tool_ids: set[tuple[int, str]] = set()
         #: The last event looked at by ``_member`` and what it found (the first token's, used up to three times).
         self._seen: tuple[bytes, tuple[str, int, int, int] | None] | None = None
 
@@ -877,9 +879,17 @@ class OpenAIChatReader(ResponseReader):
             # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
             if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                 call_id = _str(tool_call.get("id"))
-                if key in self._tool_indexes and (call_id is None or self._tool_indexes[key] in (None, call_id)):
-                    continue  # the same call: a later delta of it, or one that gives no id to tell
+                if call_id is not None and (choice_index, call_id) in self._tool_ids:
+                    continue  # a later delta of a call counted, whichever call its index had last
+                if key in self._tool_indexes and (call_id is None or self._tool_indexes[key] is None):
+                    # The same call: a later delta of it, or one that gives no id to tell.
+                    if call_id is not None:
+                        self._tool_indexes[key] = call_id
+                        self._tool_ids.add((choice_index, call_id))
+                    continue
                 self._tool_indexes[key] = call_id
+                if call_id is not None:
+                    self._tool_ids.add((choice_index, call_id))
                 self.call.tool_calls.append(name)
 
     def _on_json(self, obj: dict[str, Any]) -> None:
@@ -972,6 +982,8 @@ _RESPONSES_REASONING_EVENTS: Final = frozenset(
 )
 #: Output items that are the model calling a tool of the application's, by name.
 _RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
+#: The input items that carry a tool's output back, for function and custom tools alike.
+_RESPONSES_TOOL_OUTPUTS: Final = frozenset(("function_call_output", "custom_tool_call_output"))
 
 
 class OpenAIResponsesReader(ResponseReader):
@@ -1156,36 +1168,46 @@ class AnthropicMessagesReader(ResponseReader):
 
 
 def _tool_results_openai(messages: list[Any]) -> list[ToolResult]:
-    """Tool results after the last assistant turn: the ones this request reports for the first time."""
+    """Tool results after the last assistant turn: the ones this request reports for the first time. An assistant
+    turn that ends the messages is a prefill the model is to continue, not an answer to them: the results before it
+    are this request's."""
     names: dict[str, str] = {}
     results: list[ToolResult] = []
+    before: list[ToolResult] = []
+    model_last = False
     for message in messages:
         if not isinstance(message, dict):
             continue
         role = message.get("role")
-        if role == "assistant":
-            results = []
+        model_last = role == "assistant"
+        if model_last:
+            before, results = results, []
             for tool_call in _list(message.get("tool_calls")):
                 call_id = _str(tool_call.get("id")) if isinstance(tool_call, dict) else None
                 if call_id:
-                    names[call_id] = _str(_get(tool_call, "function", "name")) or "unknown"
+                    name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
+                    names[call_id] = name or "unknown"
         elif role == "tool":
             name = names.get(_str(message.get("tool_call_id")) or "", "unknown")
             results.append(ToolResult(name, _looks_like_error(message.get("content"))))
-    return results
+    return before if model_last else results
 
 
 def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
     names: dict[str, str] = {}
     results: list[ToolResult] = []
+    before: list[ToolResult] = []
+    model_last = False
     for message in messages:
         if not isinstance(message, dict):
             continue
         content = message.get("content")
-        if message.get("role") == "assistant":
+        model_last = message.get("role") == "assistant"
+        if model_last:
             # A model turn, its content given as blocks or as a plain string: the results before it were sent
-            # with an earlier request, and counted then.
-            results = []
+            # with an earlier request, and counted then; unless it ends the messages, a prefill the model is to
+            # continue (as _tool_results_openai).
+            before, results = results, []
             for block in content if isinstance(content, list) else ():
                 block_id = _str(block.get("id")) if isinstance(block, dict) else None
                 if block_id and block.get("type") == "tool_use":
@@ -1195,7 +1217,7 @@ def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     name = names.get(_str(block.get("tool_use_id")) or "", "unknown")
                     results.append(ToolResult(name, block.get("is_error") is True))
-    return results
+    return before if model_last else results
 
 
 def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
@@ -1205,13 +1227,13 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
-        if kind == "function_call" or (kind in (None, "message") and item.get("role") == "assistant"):
+        if kind in _RESPONSES_TOOL_ITEMS or (kind in (None, "message") and item.get("role") == "assistant"):
             if results:
                 results = []  # a model turn after tool outputs: those outputs belong to an earlier request
             call_id = _str(item.get("call_id"))
-            if kind == "function_call" and call_id:
+            if kind in _RESPONSES_TOOL_ITEMS and call_id:
                 names[call_id] = _str(item.get("name")) or "unknown"
-        elif kind == "function_call_output":
+        elif kind in _RESPONSES_TOOL_OUTPUTS:
             call_id = _str(item.get("call_id")) or ""
             name = names.get(call_id) or _recent_tool_calls.get(call_id, "unknown")
             results.append(ToolResult(name, _looks_like_error(item.get("output"))))

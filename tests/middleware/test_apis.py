@@ -424,6 +424,16 @@ def test_openai_chat_stream_parallel_tool_calls_sent_whole_at_one_index_each_cou
     repeated = [{"index": 0, "id": "call_a", "function": {"name": "search", "arguments": piece}} for piece in "{}"]
     body = sse(*(chat_chunk({"tool_calls": [delta]}) for delta in repeated), chat_chunk({}, "tool_calls"))
     assert read("openai.chat", body, stream=True).tool_calls == ["search"]
+    # Two calls at index 0, their argument deltas interleaved, each repeating its id and name: two calls.
+    interleaved = [
+        {"index": 0, "id": call_id, "function": {"name": name, "arguments": piece}}
+        for piece in "{}"
+        for call_id, name in (("call_a", "search"), ("call_b", "fetch"))
+    ]
+    body = sse(chat_chunk({"tool_calls": interleaved}), chat_chunk({}, "tool_calls"))
+    assert read("openai.chat", body, stream=True).tool_calls == ["search", "fetch"]
+    body = sse(*(chat_chunk({"tool_calls": [delta]}) for delta in interleaved), chat_chunk({}, "tool_calls"))
+    assert read("openai.chat", body, stream=True).tool_calls == ["search", "fetch"]
 
 
 def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
@@ -465,3 +475,19 @@ def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
         {"type": "function_call_output", "call_id": "c", "output": "found"},
     ]
     assert results("openai.responses", {"input": responses_history}) == [("fetch", True), ("lookup", False)]
+    # Custom tools (free-form input): their results are named after them too.
+    custom_chat = [
+        {"role": "assistant", "tool_calls": [{"id": "x", "type": "custom", "custom": {"name": "code_exec"}}]},
+        {"role": "tool", "tool_call_id": "x", "content": "42"},
+    ]
+    assert results("openai.chat", {"messages": custom_chat}) == [("code_exec", False)]
+    custom_responses = [
+        {"type": "custom_tool_call", "call_id": "x", "name": "code_exec", "input": "print(6 * 7)"},
+        {"type": "custom_tool_call_output", "call_id": "x", "output": "42"},
+    ]
+    assert results("openai.responses", {"input": custom_responses}) == [("code_exec", False)]
+    # An assistant turn that ends the messages is a prefill the model continues: the results before it are new.
+    prefilled_anthropic = [*anthropic_history, {"role": "assistant", "content": "The fetch"}]
+    assert results("anthropic.messages", {"messages": prefilled_anthropic}) == [("fetch", True)]
+    prefilled_openai = [*openai_history, {"role": "assistant", "content": "The fetch"}]
+    assert results("openai.chat", {"messages": prefilled_openai}) == [("fetch", True)]
