@@ -665,6 +665,8 @@ def test_pricing_the_pods_cannot_mount_holds_ready_back(cluster: Cluster) -> Non
     )
     cluster.ready("priced")
     assert cluster.env("priced")["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
+    # The workload was selected all along, only held back: no event said the selector matched nothing.
+    assert cluster.events("priced", "PricingConfigMapNotFound") and not cluster.events("priced", "NoTargets")
 
 
 def test_a_users_copy_of_a_child_is_left_alone(cluster: Cluster) -> None:
