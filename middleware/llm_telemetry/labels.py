@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Final, Protocol
 
 from .instruments import OTHER
 
+#: Shortest time between two looks at the shared label values for a value a refused request names.
+PEEK_SECONDS: Final = 1.0
 #: Longest label value kept; a longer one is recorded as ``other``.
 MAX_LABEL_CHARS: Final = 256
 #: Longest free-text field (request id, path) kept on a log line or span; longer ones are cut to this.
@@ -59,7 +62,8 @@ class LabelStore(Protocol):
     """Shared memory of admitted label values (one per deployment of workers, see ``multiproc.SharedState``)."""
 
     def admit(self, label: str, value: str, max_values: int) -> set[str]:
-        """Add ``value`` to ``label``'s values unless ``max_values`` are already taken; return all of them."""
+        """Add ``value`` to ``label``'s values unless ``max_values`` are already taken; return all of them (with
+        ``max_values`` 0, only read them)."""
         ...
 
 
@@ -81,6 +85,8 @@ class LabelLimiter:
         #: Labels whose values are all taken: every new value is ``other`` without asking the store.
         self._full: set[str] = set()
         self._store: LabelStore | None = None
+        #: When :meth:`known` last looked a label's values up in the store (time.monotonic()).
+        self._looked_up: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def share(self, store: LabelStore) -> None:
@@ -91,10 +97,27 @@ class LabelLimiter:
             self._full = set()
 
     def known(self, label: str, value: str) -> str:
-        """``value`` if it is admitted for ``label`` already (as this process knows), else ``other``; admits
-        nothing. For values a refused request names: junk sent with a bad key cannot take the slots of real ones."""
+        """``value`` if it is admitted for ``label`` already, else ``other``; admits nothing. For values a refused
+        request names: junk sent with a bad key cannot take the slots of real ones. Under several workers, a value
+        this worker has not seen yet is looked up in the shared memory, at most once a second per label (a flood of
+        junk costs no more), so a worker new to a model another one admitted keeps its name on its refusals."""
         seen = self._seen.get(label)
-        return value if seen is not None and value in seen else OTHER
+        if seen is not None and value in seen:
+            return value
+        store = self._store
+        if store is None or label in self._full or len(value) > MAX_LABEL_CHARS:
+            return OTHER
+        now = time.monotonic()
+        if now - self._looked_up.get(label, -PEEK_SECONDS) < PEEK_SECONDS:
+            return OTHER
+        self._looked_up[label] = now
+        try:
+            admitted = store.admit(label, value, 0)  # a bound of 0 admits nothing: it only reads
+        except OSError:
+            return OTHER
+        with self._lock:
+            self._seen[label] = set(admitted) | self._seen.get(label, set())
+        return value if value in admitted else OTHER
 
     def __call__(self, label: str, value: str) -> str:
         seen = self._seen.get(label)

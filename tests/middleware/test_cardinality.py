@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from llm_telemetry import multiproc
 from llm_telemetry.config import Settings
 from llm_telemetry.instruments import CARDINALITY_LIMIT
+from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.record import LLMCall
 from llm_telemetry.telemetry import Telemetry
 from support import Metrics
@@ -261,3 +262,22 @@ def test_files_of_dead_workers_go_when_a_worker_joins_without_a_scrape(tmp_path:
         assert scraper.merged() == {counter: 12}
     finally:
         scraper.close()
+
+
+def test_a_refusal_keeps_the_name_of_a_model_another_worker_admitted(tmp_path: Path) -> None:
+    """A refused request admits no new model name; one another worker of the deployment admitted is known all the
+    same, on a worker that has not served it (a new or restarted one), and junk still takes no place."""
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
+    try:
+        served, refusing = LabelLimiter(3), LabelLimiter(3)
+        served.share(first)
+        refusing.share(second)
+        assert served("model", "gpt-4o") == "gpt-4o"
+        assert refusing.known("model", "gpt-4o") == "gpt-4o"
+        for i in range(20):
+            assert refusing.known("model", f"junk-{i}") == "other"
+        assert [served("model", m) for m in ("claude", "mistral", "llama")] == ["claude", "mistral", "other"]
+    finally:
+        first.close()
+        second.close()
