@@ -694,6 +694,12 @@ def _panel_checks() -> dict[str, PanelCheck]:
         "Request duration by model": quantiles("duration"),
         "Time to first token by model": quantiles("ttft"),
         "Time per output token by model": quantiles("tpot"),
+        # The client_disconnect stream leaves after its role chunk, before any token.
+        "Streams left before the first token/s by model": lambda run, rs: assert_equal(
+            vector(rs[0], MODEL),
+            grouped(lambda r: (r.model,), lambda r: 1 / run.seconds, lambda r: r.fail == "client_disconnect"),
+            "streams left/s",
+        ),
         "Request duration distribution": lambda run, rs: _heatmap(run, rs[0], "duration"),
         "Time to first token distribution": lambda run, rs: _heatmap(run, rs[0], "ttft"),
         "Tokens/min by model and type": lambda run, rs: assert_equal(

@@ -32,6 +32,7 @@ from opentelemetry.util.types import Attributes
 GEN_AI_SERVER_REQUEST_DURATION: Final = "gen_ai.server.request.duration"
 GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: Final = "gen_ai.server.time_to_first_token"
 GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN: Final = "gen_ai.server.time_per_output_token"
+LLM_SERVER_TIME_TO_ABANDONMENT: Final = "llm.server.time_to_abandonment"
 LLM_TOKENS: Final = "llm.tokens"
 LLM_TOKEN_DETAILS: Final = "llm.token_details"
 LLM_REQUESTS: Final = "llm.requests"
@@ -99,9 +100,10 @@ REQUEST_DURATION_BUCKETS: Final = (
     0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
     163.84, 327.68, 655.36,
 )  # fmt: skip
-#: The semantic conventions' boundaries for gen_ai.server.time_to_first_token.
+#: The semantic conventions' boundaries for gen_ai.server.time_to_first_token (up to 10 s), extended by three
+#: doublings to 80 s: a reasoning model's first token can take tens of seconds, which would all land in +Inf.
 TIME_TO_FIRST_TOKEN_BUCKETS: Final = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
 #: The semantic conventions' boundaries for gen_ai.server.time_per_output_token.
 TIME_PER_OUTPUT_TOKEN_BUCKETS: Final = (
@@ -178,6 +180,15 @@ TIME_TO_FIRST_TOKEN: Final = MetricSpec(
     "s",
     "histogram",
     "Time from the request's arrival to the first chunk carrying generated content or a tool call; successful streams.",
+    _CALL,
+    buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+)
+TIME_TO_ABANDONMENT: Final = MetricSpec(
+    LLM_SERVER_TIME_TO_ABANDONMENT,
+    "s",
+    "histogram",
+    "Time from the request's arrival until its client left, of streams left before their first token: the waits"
+    " time to first token leaves out.",
     _CALL,
     buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
 )
@@ -267,6 +278,7 @@ INTERNAL_ERRORS: Final = MetricSpec(
 CONTRACT: Final = (
     REQUEST_DURATION,
     TIME_TO_FIRST_TOKEN,
+    TIME_TO_ABANDONMENT,
     TIME_PER_OUTPUT_TOKEN,
     TOKENS,
     TOKEN_DETAILS,
@@ -695,6 +707,7 @@ class Instruments:
 
     request_duration: Record
     time_to_first_token: Record
+    time_to_abandonment: Record
     time_per_output_token: Record
     tokens: Sum
     token_details: Sum
@@ -751,6 +764,7 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
     return Instruments(
         request_duration=create(REQUEST_DURATION),
         time_to_first_token=create(TIME_TO_FIRST_TOKEN),
+        time_to_abandonment=create(TIME_TO_ABANDONMENT),
         time_per_output_token=create(TIME_PER_OUTPUT_TOKEN),
         tokens=create(TOKENS),
         token_details=create(TOKEN_DETAILS),

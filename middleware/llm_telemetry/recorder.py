@@ -50,6 +50,7 @@ class _Shape:
     with its key, so that recording a point is one dict lookup."""
 
     __slots__ = (
+        "abandoned",
         "attribution",
         "cost",
         "details",
@@ -74,6 +75,7 @@ class _Shape:
         self.duration = _keyed(select(names.REQUEST_DURATION, values, attribution))
         self.errors = _keyed(select(names.ERRORS, values, attribution))
         self.ttft = _keyed(select(names.TIME_TO_FIRST_TOKEN, values, attribution))
+        self.abandoned = _keyed(select(names.TIME_TO_ABANDONMENT, values, attribution))
         self.tpot = _keyed(select(names.TIME_PER_OUTPUT_TOKEN, values, attribution))
         self.cost = _keyed(select(names.COST, values, attribution))
         self.unpriced = _keyed(select(names.UNPRICED_TOKENS, values))
@@ -253,10 +255,14 @@ class MetricsRecorder:
         # Everything the points need is worked out first; then they are all recorded under one lock.
         # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.
         sample = ins.request_duration.exemplar(call.otel_context)
-        end, first, tpot = call.end, None, None
+        end, first, tpot, abandoned = call.end, None, None, None
         if call.stream and not call.error_type:
             # As the GenAI conventions define them: successful responses only (a failed one is in the error counts).
             first, tpot = call.first_token_at, call.time_per_output_token
+        elif call.stream and call.error_type == "client_disconnect" and call.first_token_at is None and end is not None:
+            # A stream its client left before any token: a wait time to first token leaves out (a stalled upstream
+            # the clients give up on would otherwise not show in it at all).
+            abandoned = end - call.start
         finishes = [self._finish(shape, reason) for reason in call.finish_reasons] if call.finish_reasons else None
         total = (call.input_tokens or 0) + (call.output_tokens or 0)  # the billable counts (shape.tokens)
         cost = None
@@ -276,6 +282,9 @@ class MetricsRecorder:
             if first is not None:
                 attributes, key = shape.ttft
                 ins.time_to_first_token.record_locked(first - call.start, key, attributes, sample)
+            if abandoned is not None:
+                attributes, key = shape.abandoned
+                ins.time_to_abandonment.record_locked(abandoned, key, attributes, sample)
             if tpot is not None:
                 attributes, key = shape.tpot
                 ins.time_per_output_token.record_locked(tpot, key, attributes, sample)

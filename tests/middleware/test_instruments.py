@@ -26,7 +26,12 @@ SCOPE_LABELS = {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"
 @pytest.fixture(scope="module")
 def scraped() -> Iterator[str]:
     port = free_port()
-    app = create_app(metrics_port=port, metrics_host="127.0.0.1", attribution_headers={"x-tenant-id": "tenant"})
+    app = create_app(
+        first_token_delay=0.2,
+        metrics_port=port,
+        metrics_host="127.0.0.1",
+        attribution_headers={"x-tenant-id": "tenant"},
+    )
     with serve(app) as base:
         oai = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
         claude = anthropic.Anthropic(base_url=base, api_key="sk-test", max_retries=0)
@@ -50,9 +55,14 @@ def scraped() -> Iterator[str]:
             oai.chat.completions.create(model="gpt-4o", messages=messages, extra_headers={"x-demo-fail": "rate_limit"})
         claude.messages.create(model="claude-sonnet-4", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
         oai.embeddings.create(model="an-unpriced-embedder", input="three words here")
-        # A call is recorded just after its response went out: wait for the sixth before reading the scrape.
+        # A stream its client gives up on before the first token (llm_server_time_to_abandonment_seconds).
+        impatient = oai.with_options(timeout=0.05)
+        with pytest.raises(openai.APITimeoutError):
+            for _chunk in impatient.chat.completions.create(model="gpt-4o", messages=messages, stream=True):
+                pass
+        # A call is recorded just after its response went out: wait for the seventh before reading the scrape.
         deadline = time.monotonic() + 10
-        while Metrics(scrape_text(port)).value("llm_requests_total") < 6 and time.monotonic() < deadline:
+        while Metrics(scrape_text(port)).value("llm_requests_total") < 7 and time.monotonic() < deadline:
             time.sleep(0.02)
         yield scrape_text(port)
     app.telemetry.shutdown()

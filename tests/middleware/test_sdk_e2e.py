@@ -399,6 +399,39 @@ def test_client_disconnect_mid_stream_is_recorded(service: tuple[str, int]) -> N
     assert m.value("llm_requests_active") == 0
 
 
+def test_a_stream_left_before_its_first_token_records_the_wait(service: tuple[str, int], oai: openai.OpenAI) -> None:
+    """A client that gives up on a stream before its first token (a stalled upstream, an impatient user) is a
+    client_disconnect with no time to first token: its wait goes to llm_server_time_to_abandonment_seconds, so
+    the TTFT objective can count it (see docs/alerts.md). A client leaving after the first token waited for none."""
+    model = "gpt-4o-abandoned"
+    impatient = oai.with_options(timeout=FIRST_TOKEN_DELAY / 3)
+    with pytest.raises(openai.APITimeoutError):
+        for _chunk in impatient.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": PROMPT}], stream=True
+        ):
+            pass
+    m = eventually(service, lambda m: m.value("llm_errors_total", gen_ai_request_model=model) >= 1)
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="client_disconnect") == 1
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 0
+    assert m.value("llm_server_time_to_abandonment_seconds_count", gen_ai_request_model=model) == 1
+    waited = m.value("llm_server_time_to_abandonment_seconds_sum", gen_ai_request_model=model)
+    assert FIRST_TOKEN_DELAY / 3 <= waited < FIRST_TOKEN_DELAY
+
+    after = "gpt-4o-left-after-first-token"
+    with oai.chat.completions.create(
+        model=after,
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=True,
+        extra_headers={"x-demo-words": "2000"},
+    ) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # the first token came: leave
+    m = eventually(service, lambda m: m.value("llm_errors_total", gen_ai_request_model=after) >= 1)
+    assert m.value("llm_errors_total", gen_ai_request_model=after, error_type="client_disconnect") == 1
+    assert m.value("llm_server_time_to_abandonment_seconds_count", gen_ai_request_model=after) == 0
+
+
 def test_metrics_served_on_own_port_only_by_default(service: tuple[str, int], oai: openai.OpenAI) -> None:
     # A request of its own first: series exist only once something was recorded, whatever ran before.
     oai.chat.completions.create(model="gpt-4o-own-port", messages=[{"role": "user", "content": PROMPT}])

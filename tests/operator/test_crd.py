@@ -30,6 +30,19 @@ def load(path: Path = CRD_COPIES[0]) -> dict[str, Any]:
     return crd
 
 
+def test_the_alert_bounds_are_the_histograms() -> None:
+    """The CRD refuses what AlertThresholds refuses, no more: p95 thresholds up to each histogram's second-to-last
+    bucket boundary, TTFT objective latencies among its boundaries. The buckets were widened once (TTFT to 80 s),
+    and a CRD left behind would refuse values the rules take."""
+    from llm_telemetry import instruments
+
+    alerts = load()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["alerts"]
+    fields = alerts["properties"]
+    assert fields["p95TtftSeconds"]["maximum"] == instruments.TIME_TO_FIRST_TOKEN_BUCKETS[-2]
+    assert fields["p95RequestDurationSeconds"]["maximum"] == instruments.REQUEST_DURATION_BUCKETS[-2]
+    assert fields["ttftObjectiveSeconds"]["enum"] == list(instruments.TIME_TO_FIRST_TOKEN_BUCKETS)
+
+
 def test_every_field_says_what_it_is() -> None:
     """``kubectl explain llmtelemetry.spec.alerts`` (and status) prints each field's description: none may be
     blank. apiVersion, kind and metadata are explained by Kubernetes itself."""
@@ -146,7 +159,7 @@ def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: st
         ({"alerts": {"availabilityObjective": 1}}, "objective below 1"),
         ({"alerts": {"ttftObjectiveSeconds": 3}}, "TTFT bucket"),
         # Past the histogram's last finite buckets a p95 cannot be told apart: the alert could never fire.
-        ({"alerts": {"p95TtftSeconds": 8}}, "p95 TTFT maximum"),
+        ({"alerts": {"p95TtftSeconds": 41}}, "p95 TTFT maximum"),
         ({"alerts": {"p95RequestDurationSeconds": 600}}, "p95 duration maximum"),
         ({"attribution": {"headers": {"x-tenant-id": "Tenant-Id"}}}, "label pattern"),
         ({"pricing": {"models": {"gpt-4o": {"input": -1, "output": 1}}}}, "negative price"),

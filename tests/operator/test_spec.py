@@ -116,7 +116,7 @@ def test_spec_pricing_reference_and_attribution() -> None:
         ({"attribution": {"headers": {"X-Tenant": "tenant", "x-tenant": "team"}}}, "spec.attribution.headers"),
         ({"attribution": {"maxLabelValues": 0}}, "spec.attribution.maxLabelValues"),
         ({"alerts": {"availabilityObjective": 1}}, "spec.alerts.availabilityObjective"),
-        ({"alerts": {"p95TtftSeconds": 8}}, "spec.alerts.p95TtftSeconds"),
+        ({"alerts": {"p95TtftSeconds": 41}}, "spec.alerts.p95TtftSeconds"),
         ({"metrics": {"interval": "2m"}}, "spec.metrics.interval"),
         ({"metrics": {"interval": "0s"}}, "spec.metrics.interval"),
         ({"metrics": {"interval": "999ms"}}, "spec.metrics.interval"),

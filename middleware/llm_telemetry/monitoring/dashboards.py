@@ -33,6 +33,7 @@ from llm_telemetry.monitoring.rules import (
     REQUESTS,
     REQUESTS_ACTIVE,
     TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_ABANDONMENT,
     TIME_TO_FIRST_TOKEN,
     TOKEN_DETAIL,
     TOKEN_DETAILS,
@@ -583,8 +584,16 @@ def build_dashboard(
         "p50, p95 and p99 time per generated token after the first, per model (decode speed), with exemplars.",
         _quantiles(b, TIME_PER_OUTPUT_TOKEN),
         "s",
-        width=24,
         links=link,
+    )
+    b.timeseries(
+        "Streams left before the first token/s by model",
+        "Streams whose clients left while still waiting for the first token, per second: the waits the time to first"
+        " token panels leave out (they read the first tokens that came). A stalled upstream shows here. The TTFT"
+        " objective counts those that waited longer than its latency as slow.",
+        [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(TIME_TO_ABANDONMENT + '_count')})", model_legend)],
+        "reqps",
+        stack=True,
     )
     b.heatmap(
         "Request duration distribution",

@@ -34,6 +34,7 @@ label = inst.label
 
 REQUEST_DURATION: Final = inst.REQUEST_DURATION.prometheus_name
 TIME_TO_FIRST_TOKEN: Final = inst.TIME_TO_FIRST_TOKEN.prometheus_name
+TIME_TO_ABANDONMENT: Final = inst.TIME_TO_ABANDONMENT.prometheus_name
 TIME_PER_OUTPUT_TOKEN: Final = inst.TIME_PER_OUTPUT_TOKEN.prometheus_name
 TOKENS: Final = inst.TOKENS.prometheus_name
 TOKEN_DETAILS: Final = inst.TOKEN_DETAILS.prometheus_name
@@ -317,11 +318,25 @@ def availability_error_ratio_expr(window: str, selector: str = "") -> str:
     )
 
 
+def _plus(one: str, other: str) -> str:
+    """``one + other`` per service, either side missing read as 0 (a service with no series of one of them)."""
+    return f"({one} or {other} * 0)\n  +\n  ({other} or {one} * 0)"
+
+
 def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = "") -> str:
-    """Streamed responses whose first token came later than the objective, over all streamed responses."""
-    fast = series(TIME_TO_FIRST_TOKEN + "_bucket", selector, f'le="{le_value(objective_seconds)}"')
-    total = series(TIME_TO_FIRST_TOKEN + "_count", selector)
-    return f"1 - (\n  sum by ({BY}) (rate({fast}[{window}]))\n  /\n  sum by ({BY}) (rate({total}[{window}]))\n)"
+    """Streams whose first token came later than the objective, or that their clients left without one after
+    waiting longer than the objective, over all those streams. Streams left sooner are counted in neither: whether
+    their first token would have been in time is unknown. Without the left ones, a stalled upstream that every
+    client gives up on would meet the objective: only the streams that got a token would count."""
+    le = f'le="{le_value(objective_seconds)}"'
+
+    def rate(metric: str, *matchers: str) -> str:
+        return f"sum by ({BY}) (rate({series(metric, selector, *matchers)}[{window}]))"
+
+    answered = rate(TIME_TO_FIRST_TOKEN + "_count")
+    slow = f"({answered} - {rate(TIME_TO_FIRST_TOKEN + '_bucket', le)})"
+    left_late = f"({rate(TIME_TO_ABANDONMENT + '_count')} - {rate(TIME_TO_ABANDONMENT + '_bucket', le)})"
+    return f"(\n  {_plus(slow, left_late)}\n)\n/\n(\n  {_plus(answered, left_late)}\n)"
 
 
 def _burn_alerts(
@@ -572,7 +587,8 @@ def build_rule_groups(
         "ttft",
         "LLMTimeToFirstToken",
         t.ttft_objective,
-        f"Streamed responses are taking more than {_exact(t.ttft_objective_seconds)}s to their first token.",
+        f"Streamed responses are taking more than {_exact(t.ttft_objective_seconds)}s to their first token, or"
+        " are left without one after waiting that long.",
         runbook_url,
         own,
     )
