@@ -168,6 +168,7 @@ class _Exchange:
         "call",
         "capture",
         "complete",
+        "content_length",
         "disconnected",
         "echo_id",
         "failsafe",
@@ -212,6 +213,10 @@ class _Exchange:
         self.body_ok = max_body > 0
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
+        #: The request's Content-Length, when it declared one: an app may stop reading once it has that many bytes,
+        #: before the server's closing message (``more_body`` false), as Falcon does under Granian and Hypercorn,
+        #: which deliver the body and then an empty closing message.
+        self.content_length: int | None = None
         #: The parsed request body, until :meth:`finish` knows whether the response reported its usage.
         self.request: dict[str, Any] | None = None
         self.reader: Reader | None = None
@@ -470,7 +475,9 @@ class _Exchange:
         now = perf_counter()
         if call.end is None:
             call.end = now
-        if self.body_done:
+        if self.body_done or (
+            self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
+        ):
             self._read_request()
         if self.held is not None:
             self.release()
@@ -894,12 +901,15 @@ class LLMTelemetryMiddleware:
         )
         max_body = self.settings.max_request_bytes
         request_id: bytes | None = None
+        content_length: bytes | None = None
         adopt = False
         for key, value in scope["headers"]:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 max_body = 0  # a compressed request body is not read
             elif key == REQUEST_ID_HEADER:
                 request_id = value
+            elif key == b"content-length":
+                content_length = value
             label = self._attribution.get(key)
             if label is not None:
                 # As sent: the recorder bounds it once the outcome is known (a refused request admits no new value).
@@ -915,6 +925,8 @@ class LLMTelemetryMiddleware:
             api, call, receive, send, max_body, self.settings.capture_content, failsafe, self._span_parameters
         )
         exchange.adopt_id = adopt
+        if content_length is not None and len(content_length) <= 18 and content_length.isdigit():
+            exchange.content_length = int(content_length)
         if self.settings.echo_request_id and call.request_id is not None:
             # The client's own bytes when it sent one; ours are ASCII.
             exchange.echo_id = request_id or call.request_id.encode("ascii")

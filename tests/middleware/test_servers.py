@@ -26,6 +26,7 @@ from support import Calls, free_port, scrape, serve, wait_for
 APPS = """
 import os
 
+from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import bare_app, create_app
 
 bare = bare_app(token_delay=float(os.environ["DEMO_TOKEN_DELAY"]))
@@ -34,6 +35,35 @@ wrapped = create_app(
     metrics_host="127.0.0.1",
     token_delay=float(os.environ["DEMO_TOKEN_DELAY"]),
     request_logs=False,
+)
+
+
+async def _exact(scope, receive, send):
+    # Reads the request body up to its Content-Length and no further, as Falcon does: Hypercorn and Granian send
+    # the body, then an empty closing message this app never asks for.
+    if scope["type"] == "lifespan":  # (Hypercorn's trio worker fails to start an app that ignores it)
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    length = int(dict(scope["headers"]).get(b"content-length", b"0"))
+    got = b""
+    while len(got) < length:
+        got += (await receive()).get("body", b"")
+    answer = (b'{"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini-2024", "choices": [{"index": 0, '
+              b'"message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}], '
+              b'"usage": {"prompt_tokens": 3, "completion_tokens": 1}}')
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": answer})
+
+
+exact = LLMTelemetryMiddleware(
+    _exact, metrics_port=int(os.environ["DEMO_EXACT_METRICS_PORT"]), metrics_host="127.0.0.1", request_logs=False
 )
 """
 
@@ -65,13 +95,14 @@ def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     server = request.param
     directory = tmp_path_factory.mktemp(server)
     (directory / "apps.py").write_text(textwrap.dedent(APPS))
-    ports = {"bare": free_port(), "wrapped": free_port(), "metrics": free_port()}
+    ports = {"bare": free_port(), "wrapped": free_port(), "metrics": free_port(), "exact": free_port(),
+             "exact_metrics": free_port()}  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(directory), "DEMO_METRICS_PORT": str(ports["metrics"]),
-           "DEMO_TOKEN_DELAY": "0.02"}  # fmt: skip
+           "DEMO_EXACT_METRICS_PORT": str(ports["exact_metrics"]), "DEMO_TOKEN_DELAY": "0.02"}  # fmt: skip
     env = {k: v for k, v in env.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     processes = []
     try:
-        for app in ("bare", "wrapped"):
+        for app in ("bare", "wrapped", "exact"):
             process = subprocess.Popen(
                 _command(server, app, ports[app]), cwd=directory, env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -108,6 +139,18 @@ def _answer(port: int, path: str, body: dict[str, object], http2: bool) -> tuple
         response = client.post(f"http://127.0.0.1:{port}{path}", json=body)
     content_type = response.headers.get("content-type", "")
     return response.http_version, response.status_code, content_type, _CLOCK.sub(b"", response.content)
+
+
+def test_a_body_read_to_its_content_length_is_read(servers: dict[str, int]) -> None:
+    """An app that stops reading at the body's Content-Length (Falcon) never asks for the server's closing message:
+    the body is read all the same, so the call has its model, where it was recorded as unknown."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{servers['exact']}/v1", api_key="test", max_retries=0)
+    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    metrics = wait_for(
+        "the call recorded",
+        lambda: (m := scrape(servers["exact_metrics"])).value("llm_requests_total") and m,
+    )
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"gpt-4o-mini"}
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
