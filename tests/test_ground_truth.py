@@ -607,8 +607,13 @@ def _requests_by_model() -> dict[Any, float]:
     return grouped(lambda r: (r.model,), lambda r: 1)
 
 
+def _failed(req: Req) -> bool:
+    """A failed request, as the error ratios count them: a client leaving is not one."""
+    return req.fail is not None and req.fail != "client_disconnect"
+
+
 def _errors_by_model() -> dict[Any, float]:
-    return grouped(lambda r: (r.model,), lambda r: 1, lambda r: r.fail is not None)
+    return grouped(lambda r: (r.model,), lambda r: 1, _failed)
 
 
 def _tokens(key: Callable[[Req, str], tuple[str, ...]], scale: float, run: Run) -> dict[Any, float]:
@@ -671,7 +676,7 @@ PanelCheck = Callable[[Run, list[list[dict[str, Any]]]], None]
 
 def _panel_checks() -> dict[str, PanelCheck]:
     n = len(TRAFFIC)
-    errors = sum(1 for r in TRAFFIC if r.fail)
+    errors = sum(1 for r in TRAFFIC if _failed(r))
     failed_tools, all_tools = _tool_results()
 
     def only(result: list[dict[str, Any]]) -> float:
@@ -839,7 +844,7 @@ def _rule_checks(run: Run) -> dict[str, Callable[[list[dict[str, Any]]], None]]:
             {k: v * per_second for k, v in grouped(lambda r: (r.fail,), lambda r: 1, lambda r: bool(r.fail)).items()},
             "errors/s by type",
         ),
-        "llm:llm_errors:ratio_rate5m": scalar(sum(1 for r in TRAFFIC if r.fail) / n, "error ratio"),
+        "llm:llm_errors:ratio_rate5m": scalar(sum(1 for r in TRAFFIC if _failed(r)) / n, "error ratio"),
         "llm:llm_tokens:rate5m": lambda result: assert_equal(
             vector(result, MODEL, "gen_ai_token_type"), _tokens(lambda r, t: (r.model, t), 1, run), "tokens/s"
         ),

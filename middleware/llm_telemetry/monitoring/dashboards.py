@@ -28,6 +28,7 @@ from llm_telemetry.monitoring.rules import (
     FINISH_REASONS,
     METADATA_PREFIX,
     METRICS,
+    NOT_LEFT,
     REQUEST_DURATION,
     REQUEST_MODEL,
     REQUESTS,
@@ -531,8 +532,9 @@ def build_dashboard(
     )
     b.stat(
         "Error ratio",
-        "Share of LLM requests that failed, any error type (client errors included).",
-        f"(sum({b.rate(ERRORS)}) or vector(0)) / {requests_rate}",
+        "Share of LLM requests that failed, any error type but client_disconnect (client errors included; a client"
+        " leaving, its user pressing stop say, is no failure: see Errors/s by error type).",
+        f"(sum({b.rate(ERRORS, NOT_LEFT)}) or vector(0)) / {requests_rate}",
         "error ratio",
         "percentunit",
         [{"color": "green", "value": None}, {"color": "orange", "value": 0.01}, {"color": "red", "value": 0.05}],
@@ -692,8 +694,8 @@ def build_dashboard(
     )
     b.timeseries(
         "Error ratio by model",
-        "Share of requests to each model that failed, any error type.",
-        [b.target(_share(REQUEST_MODEL, b.rate(ERRORS), b.rate(REQUESTS)), model_legend)],
+        "Share of requests to each model that failed, any error type but client_disconnect.",
+        [b.target(_share(REQUEST_MODEL, b.rate(ERRORS, NOT_LEFT), b.rate(REQUESTS)), model_legend)],
         "percentunit",
         max_value=1,
     )

@@ -75,8 +75,12 @@ METRICS: Final[Mapping[str, inst.MetricSpec]] = inst.BY_PROMETHEUS_NAME
 #: (``max_output_tokens``).
 TRUNCATED_FINISH_REASONS: Final = ("length", "max_tokens", "max_output_tokens")
 
+#: The failed requests of the error ratios: a client leaving (its user pressing stop, say) is not one. A stream
+#: left before its first token counts against the TTFT objective instead, when it waited past its latency.
+NOT_LEFT: Final = f'{ERROR_TYPE}!="client_disconnect"'
+
 #: ``error_type`` values caused by the caller rather than the service; they don't spend the availability
-#: error budget (they still count in the plain error ratio alert and on the dashboard).
+#: error budget (but for client_disconnect, they still count in the plain error ratio alert and on the dashboard).
 CLIENT_ERROR_TYPES: Final = (
     "invalid_request",
     "auth",
@@ -406,7 +410,8 @@ def build_rule_groups(
         _record(
             "llm:llm_errors:ratio_rate5m",
             _ratio(
-                f"sum by ({BY}) (rate({series(ERRORS, sel)}[5m]))", f"sum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))"
+                f"sum by ({BY}) (rate({series(ERRORS, sel, NOT_LEFT)}[5m]))",
+                f"sum by ({BY}) (rate({series(REQUESTS, sel)}[5m]))",
             ),
         ),
     ]
@@ -473,7 +478,7 @@ def build_rule_groups(
             for_="5m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
             description=f"More than {_fmt(t.error_ratio * 100)}% of LLM requests failed over 5 minutes "
-            "(all error types).",
+            "(every error type but client_disconnect: a client leaving is not a failure).",
             runbook_url=runbook_url,
         ),
         _alert(
