@@ -746,14 +746,18 @@ def build_dashboard(
         legend = f"{{{{{name}}}}}"
         b.bargauge(
             f"Top {short} by tokens",
-            f"The 10 values of {name} that used the most tokens over the dashboard's time range.",
+            f"The 10 values of {name} that used the most tokens over the dashboard's time range. increase() leaves"
+            " out each series' first count (a series starts holding it: a new pod, model or value), so a value with"
+            " a few requests spread over pods can read low, or 0.",
             f"topk(10, sum by ({name}) (increase({b.sel(TOKENS)}[$__range])))",
             legend,
             "short",
         )
         b.bargauge(
             f"Top {short} by cost",
-            f"The 10 values of {name} that cost the most (USD) over the dashboard's time range.",
+            f"The 10 values of {name} that cost the most (USD) over the dashboard's time range. increase() leaves"
+            " out each series' first count (a series starts holding it: a new pod, model or value), so a value with"
+            " a few requests spread over pods can read low, or 0.",
             f"topk(10, sum by ({name}) (increase({b.sel(COST)}[$__range])))",
             legend,
             "currencyUSD",
