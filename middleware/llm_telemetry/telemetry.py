@@ -216,7 +216,14 @@ class Telemetry:
                     settings.metrics_host,
                     settings.metrics_port,
                     exc,
-                    "; trying again every second" if busy else "",
+                    (
+                        "; trying again every second. If this process is one of several workers of one server"
+                        " (Granian's or Hypercorn's --workers, which are not detected), each keeps its own numbers"
+                        " and one port shows only its own: set LLM_TELEMETRY_MULTIPROC_DIR to merge them"
+                        " (docs/workers.md)"
+                    )
+                    if busy
+                    else "",
                 )
                 if busy:
                     # The process before this one (a restart, a reload) may still be letting go of the port.
