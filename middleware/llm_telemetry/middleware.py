@@ -262,6 +262,8 @@ class _Exchange:
                     self.body_done = True
         elif kind == "http.disconnect":
             self.disconnected = True
+            if self.call.left_at is None:
+                self.call.left_at = perf_counter()
             self.left_early = not self.complete
             self.left_unanswered = not self.started
         return message
@@ -296,6 +298,8 @@ class _Exchange:
         gone = _client_gone(error)
         if gone:
             self.send_failed = True
+            if self.call.left_at is None:
+                self.call.left_at = perf_counter()
         else:
             self.send_refused = True
         return gone
@@ -486,6 +490,11 @@ class _Exchange:
                 self.reader.finish(now)
             except Exception as error:
                 self.failsafe("response_parse", error)
+        left = call.left_at
+        if left is not None and call.first_token_at is not None and call.first_token_at > left:
+            # Sent after the client had left (an app waiting on its upstream notices only when it answers; uvicorn's
+            # and Granian's send take a gone client's bytes without a word): no first token reached the client.
+            call.first_token_at = None
         request, self.request = self.request, None
         if request is not None and call.usage_source == "estimated" and call.input_tokens is None:
             # No usage in the response (a stream whose client did not ask for it): its output was estimated, and

@@ -47,6 +47,9 @@ class LLMCall:
     output_type: str | None = None
     end: float | None = None
     first_token_at: float | None = None
+    #: When the middleware learned the client had left (an ``http.disconnect``, or a ``send`` failing for want of a
+    #: connection), or None.
+    left_at: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
     cache_read_tokens: int | None = None

@@ -6,6 +6,7 @@ Each test uses its own model name so that the tests sharing one server do not se
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -601,3 +602,55 @@ def test_anthropic_stream_cut_before_its_only_input_count_has_its_input_estimate
     assert metrics.value("llm_tokens_total", llm_usage_source="estimated", **model) == expected
     assert metrics.value("llm_tokens_total", llm_usage_source="reported", **model) == 0
     assert metrics.value("llm_errors_total", error_type="server_error") == 1
+
+
+def test_a_stream_left_while_the_app_waits_to_answer_records_the_wait() -> None:
+    """A proxy waits for its upstream's headers before it starts its own answer: its client gives up first. The
+    answer then goes out after the client left (uvicorn's send takes a gone client's bytes without a word), so no
+    token reached the client: the stream has no time to first token, and its wait, until the app answered (the
+    earliest its first token could have come), is the time to abandonment."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    stall = 0.8
+
+    async def chat(request: Request) -> StreamingResponse:
+        await request.body()
+        await asyncio.sleep(stall)  # the upstream's headers are late
+
+        async def events() -> Any:
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": []}
+            for delta, finish in (({"role": "assistant"}, None), ({"content": "hi"}, None), ({}, "stop")):
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                yield f"data: {json.dumps({**chunk, 'choices': [choice]})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+        request_logs=False,
+    )
+    with serve(app) as base:
+        impatient = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0, timeout=stall / 4)
+        with pytest.raises(openai.APITimeoutError):
+            for _chunk in impatient.chat.completions.create(
+                model="gpt-4o-proxied", messages=[{"role": "user", "content": PROMPT}], stream=True
+            ):
+                pass
+        m = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 1)
+    app.telemetry.shutdown()
+    model = {"gen_ai_request_model": "gpt-4o-proxied"}
+    assert m.value("llm_errors_total", error_type="client_disconnect", **model) == 1
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", **model) == 0
+    assert m.value("llm_server_time_to_abandonment_seconds_count", **model) == 1
+    assert m.value("llm_server_time_to_abandonment_seconds_sum", **model) >= stall * 0.9
