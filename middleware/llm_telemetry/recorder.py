@@ -304,7 +304,8 @@ class MetricsRecorder:
                 for attributes, key in finishes:
                     ins.finish_reasons.add_locked(1, key, attributes)
 
-        call.attribution = dict(shape.attribution)  # as recorded, for the observers after this one
+        if shape.attribution:  # (none configured: the call's is empty already, with no copy per request)
+            call.attribution = dict(shape.attribution)  # as recorded, for the observers after this one
         if call.tool_calls or call.tool_results:
             self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
 

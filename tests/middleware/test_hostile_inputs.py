@@ -211,7 +211,7 @@ async def test_hostile_refused_requests_take_no_tool_or_tenant_slots(cleanup: li
         messages = [{"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "1"}]
         return json.dumps({"model": "gpt-4o", "messages": messages}).encode()
 
-    wrapped, _ = observe(gateway, max_label_values=3, attribution_headers={"x-tenant-id": "tenant"})
+    wrapped, calls = observe(gateway, max_label_values=3, attribution_headers={"x-tenant-id": "tenant"})
     cleanup.append(wrapped)
     good = [(b"authorization", b"Bearer good")]
     for i in range(20):
@@ -226,6 +226,8 @@ async def test_hostile_refused_requests_take_no_tool_or_tenant_slots(cleanup: li
     assert metrics.label_values("llm_tool_results_total", "gen_ai_tool_name") == {"get_weather", "other"}
     assert metrics.value("llm_tool_results_total", gen_ai_tool_name="get_weather") == 3
     assert metrics.value("llm_tool_results_total", gen_ai_tool_name="other") == 20
+    # An observer (the public hook) gets each call's attribution as it was recorded.
+    assert [c.attribution for c in calls.ended[19:]] == [{"tenant": t} for t in ("other", "acme", "acme", "none")]
 
 
 async def test_hostile_many_tool_results_are_counted_exactly_per_tool_and_status(cleanup: list[Any]) -> None:
