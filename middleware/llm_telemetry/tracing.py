@@ -117,6 +117,21 @@ MAX_CAPTURED_TOOL_PARTS: Final = 16
 MAX_TOOL_FIELD_CHARS: Final = 256
 
 
+#: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
+#: MAX_TOOL_FIELD_CHARS, a span carries at most 16 KiB of them, however many calls a response makes.
+MAX_SPAN_TOOL_NAMES: Final = 64
+
+
+def _tool_names(names: list[str]) -> tuple[str, ...]:
+    """The names of the tools called, each once, in the order first called, bounded in number and length."""
+    shown: dict[str, None] = {}
+    for name in names:
+        shown[field_text(name, MAX_TOOL_FIELD_CHARS)] = None
+        if len(shown) >= MAX_SPAN_TOOL_NAMES:
+            break
+    return tuple(shown)
+
+
 def _short(value: Any) -> str | None:
     """A tool call's id or name as shown: a string, bounded and valid UTF-8; None for anything else."""
     return field_text(value, MAX_TOOL_FIELD_CHARS) if isinstance(value, str) else None
@@ -1058,7 +1073,7 @@ class SpanObserver:
         if call.usage_source != "reported" and call.output_tokens is not None:
             attributes[names.LLM_USAGE_SOURCE] = call.usage_source
         if call.tool_calls:
-            attributes[LLM_TOOL_CALLS_NAMES] = tuple(call.tool_calls)
+            attributes[LLM_TOOL_CALLS_NAMES] = _tool_names(call.tool_calls)
             attributes[LLM_TOOL_CALLS_COUNT] = len(call.tool_calls)
         if call.cost_usd is not None:
             attributes[LLM_COST_USD] = call.cost_usd

@@ -824,3 +824,54 @@ def test_the_route_of_an_llm_app_under_a_mount_carries_the_mounts_prefix(receive
     assert span.attributes["http.route"] == "/openai/v1/chat/completions"
     assert wait_span(receiver, **{"llm.request_id": "mounted-2"}).attributes["http.route"] == "/v1/chat/completions"
     provider.shutdown()
+
+
+def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLPReceiver) -> None:
+    """A model (or a hostile upstream) calling 1,100 tools with 3,000-character names put ~1 MiB of names on one span,
+    enough to make a collector's 4 MiB gRPC limit refuse whole batches: names are listed once each, bounded."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    names = [f"tool{i % 100}" + "x" * 3000 for i in range(1100)]
+
+    async def chat(request: Any) -> JSONResponse:
+        calls = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": "{}"}}
+            for i, name in enumerate(names)
+        ]
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        return JSONResponse(
+            {
+                "id": "chatcmpl-many",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "gpt-4o",
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 5000, "total_tokens": 5005},
+            }
+        )
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-many-tools"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=0,
+        tracer_provider=provider,
+    )
+    with serve(app) as base:
+        response = client(base).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "go"}], extra_headers={"x-request-id": "tools-1100"}
+        )
+    app.telemetry.shutdown()
+    provider.shutdown()
+    assert len(response.choices[0].message.tool_calls or []) == 1100  # the client got every call, unchanged
+    span = wait_span(receiver, **{"llm.request_id": "tools-1100"})
+    shown = span.attributes["llm.tool_calls.names"]
+    assert shown == [(f"tool{i}" + "x" * 3000)[:256] for i in range(64)]
+    assert span.attributes["llm.tool_calls.count"] == 1024  # every call counted, up to the middleware's bound
+    assert sum(len(n) for n in shown) <= 64 * 256
