@@ -21,9 +21,10 @@ from typing import Any, Final
 from .errors import classify_error_body
 from .labels import field_text
 from .record import LLMCall, ToolResult
-from .sse import SSEDecoder
+from .sse import TAIL_BYTES, SSEDecoder
 
-#: Non-streamed response bodies larger than this are passed through without being read.
+#: Non-streamed response bodies larger than this are passed through without being read, but for their usage, read
+#: from their last TAIL_BYTES (see :func:`usage_in_tail`).
 MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 #: Error bodies are small; only this much is kept to classify them.
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
@@ -62,6 +63,28 @@ _OPENERS: Final = (b"{", b"[")
 #: The scanner of json's default decoder (the C one when available), and the whitespace json allows after a value.
 _scan: Final = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # typeshed types it as its own class
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+#: A ``usage`` member whose value is an object. In valid JSON an unescaped quote cannot be inside a string, so each
+#: match is a member's name, wherever in a document the bytes searched begin.
+_USAGE_MEMBER: Final = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
+_USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
+
+
+def usage_in_tail(tail: bytes | bytearray) -> dict[str, Any] | None:
+    """The usage object in the last bytes of a JSON document too large to read whole: the last ``"usage": {...}``
+    member found complete in ``tail`` whose object holds a token count, or None. Each API puts its usage after the
+    output (OpenAI's chat completions, embeddings and Responses, Anthropic's messages), which is what makes a large
+    body large (images, long texts, embeddings)."""
+    starts = [match.end() for match in _USAGE_MEMBER.finditer(tail)]
+    for start in reversed(starts[-8:]):
+        try:
+            value, _ = _scan(bytes(tail[start:]).decode("utf-8", "replace"), 0)
+        except (ValueError, RecursionError, StopIteration):
+            continue
+        if isinstance(value, dict) and any(_int(value.get(key)) is not None for key in _USAGE_COUNTS):
+            return value
+    return None
 
 
 def _int(value: Any) -> int | None:
@@ -248,10 +271,16 @@ class ResponseReader:
             self.feed(chunk, now, shaped)
         elif not self._overflow:
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
+                # Too large to read: only the body's last bytes are kept from now on, for its usage.
                 self._overflow = True
-                self._buffer = bytearray()
+                self._buffer = bytearray((self._buffer + chunk)[-TAIL_BYTES:])
             else:
                 self._buffer += chunk
+        else:
+            tail = self._buffer
+            tail += chunk
+            if len(tail) > 2 * TAIL_BYTES:
+                del tail[:-TAIL_BYTES]
 
     @property
     def holding(self) -> bool:
@@ -332,11 +361,21 @@ class ResponseReader:
         if self._decoder is not None:
             if self._pending is not None:
                 self._read_pending(self._pending)
-            for event, data in self._decoder.close():
+            decoder = self._decoder
+            for event, data in decoder.close():
                 self._event(event, data, now)
+            if decoder.dropped_events and self.call.input_tokens is None and self.call.output_tokens is None:
+                usage = usage_in_tail(decoder.dropped_tail())
+                if usage is not None:
+                    self._on_dropped(decoder.dropped_event, usage)
             if self.call.output_tokens is None and self._chunks:
                 self.call.output_tokens = self._chunks
                 self.call.usage_source = "estimated"
+        elif self._overflow:
+            usage = usage_in_tail(self._buffer)
+            self._buffer = bytearray()
+            if usage is not None:
+                self._on_json({"usage": usage})
         elif self._buffer:
             # Not JSON after all (or nested too deep): the client gets it as it is, we learn nothing from it.
             obj = loads(self._buffer)
@@ -437,6 +476,10 @@ class ResponseReader:
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
+        """A stream event too large to read (``event``: its name) ended with ``usage``, and no other event had any.
+        Only the Responses API sends events that large, and its usage is in its last one."""
 
     def _first_token(self, now: float, reasoning: bool = False) -> None:
         """The first token came ``now``; ``reasoning``: it was a piece of the reasoning, streamed."""
@@ -986,6 +1029,14 @@ _RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
 _RESPONSES_TOOL_OUTPUTS: Final = frozenset(("function_call_output", "custom_tool_call_output"))
 
 
+#: The status a Responses stream's last event names.
+_RESPONSE_END_STATUS: Final = {
+    "response.completed": "completed",
+    "response.incomplete": "incomplete",
+    "response.failed": "failed",
+}
+
+
 class OpenAIResponsesReader(ResponseReader):
     __slots__ = ()
     _TEXT_KEYS = (b'"delta":"',)
@@ -1050,6 +1101,11 @@ class OpenAIResponsesReader(ResponseReader):
             self._response(obj.get("response"))
         elif kind == "error":
             self._stream_error({"error": obj})
+
+    def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
+        # ``response.completed`` repeats the whole response: with image results or long instructions it may be
+        # larger than an event can be. Its name (OpenAI sends ``event:`` lines) still says how the response ended.
+        self._response({"usage": usage, "status": _RESPONSE_END_STATUS.get(event)})
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._response(obj)

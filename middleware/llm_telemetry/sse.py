@@ -11,6 +11,8 @@ from typing import Final
 
 #: An event larger than this is dropped (and counted) instead of growing the buffer without end.
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
+#: The last bytes of a dropped event that are kept (see :meth:`SSEDecoder.dropped_tail`).
+TAIL_BYTES: Final = 64 * 1024
 
 Event = tuple[str, bytes]
 
@@ -22,7 +24,8 @@ class SSEDecoder:
     event being assembled (each line counted with its joining newline, so empty ``data:`` lines count too) never
     exceed it; an event that would is dropped whole (``dropped_events``) and its remaining lines are skipped. The
     lines are joined as they come, in one buffer: kept as objects, a million one-byte lines would cost some forty
-    times their bytes.
+    times their bytes. Of the last event dropped only its name and its last TAIL_BYTES are kept
+    (:meth:`dropped_tail`): an API that puts its usage at the end of a large last event can still be read.
     """
 
     __slots__ = (
@@ -33,6 +36,8 @@ class SSEDecoder:
         "_event",
         "_pending_cr",
         "_skipping",
+        "_tail",
+        "dropped_event",
         "dropped_events",
         "idle",
         "max_event_bytes",
@@ -41,6 +46,10 @@ class SSEDecoder:
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
         self.dropped_events = 0
+        #: The name of the last event dropped, and its data's last bytes so far (its data lines as they came; once
+        #: an overlong line began, every byte up to the event's end, line breaks as LF).
+        self.dropped_event = ""
+        self._tail = bytearray()
         #: The partial line after the last line break seen (a bytearray: appends do not copy it).
         self._buffer = bytearray()
         #: The event's data lines so far, joined by newlines; ``_data_bytes`` counts one more (0: no data line yet).
@@ -84,7 +93,9 @@ class SSEDecoder:
         # Only the new bytes are searched for a line break: the buffer holds none.
         cut = chunk.rfind(b"\n")
         if cut < 0:
-            if not self._discarding:
+            if self._discarding:
+                self._keep(chunk)
+            else:
                 self._buffer += chunk
                 self._check_size()
             return []
@@ -92,6 +103,7 @@ class SSEDecoder:
         lines = chunk[:cut].split(b"\n")
         if self._discarding:
             self._discarding = False
+            self._keep(lines[0])
             del lines[0]  # the end of the overlong line: not a line of its own (an empty one would end the event)
         elif self._buffer:
             self._buffer += lines[0]
@@ -110,15 +122,32 @@ class SSEDecoder:
             self._buffer = bytearray()
         return events
 
+    def dropped_tail(self) -> bytes:
+        """The last TAIL_BYTES (at most) of the last event dropped; empty when none was."""
+        return bytes(self._tail[-TAIL_BYTES:])
+
+    def _keep(self, data: bytes | bytearray) -> None:
+        tail = self._tail
+        tail += data
+        if len(tail) > 2 * TAIL_BYTES:
+            del tail[:-TAIL_BYTES]
+
     def _check_size(self) -> None:
         if len(self._buffer) > self.max_event_bytes:
-            self._buffer = bytearray()
-            self._discarding = True
             if not self._skipping:
                 self._drop()
+            elif self._tail:
+                self._keep(b"\n")
+            self._keep(self._buffer)
+            self._buffer = bytearray()
+            self._discarding = True
 
     def _drop(self) -> None:
         self.dropped_events += 1
+        self.dropped_event = self._event or "message"
+        self._tail = bytearray(self._data[-TAIL_BYTES:])
+        if self._data_bytes:
+            self._tail.append(0x0A)
         self._data.clear()
         self._data_bytes = 0
         self._event = ""
@@ -135,10 +164,12 @@ class SSEDecoder:
             self._event = ""
             return
         if self._skipping:
+            self._keep(b"\n" + line[-TAIL_BYTES:])
             return
         if len(line) > self.max_event_bytes:
             # The same bound as on a partial line kept between chunks, so the chunking never changes the outcome.
             self._drop()
+            self._keep(line[-TAIL_BYTES:])
             return
         if line[0] == 0x3A:  # ':' starts a comment
             return
@@ -151,6 +182,7 @@ class SSEDecoder:
             self._data_bytes += len(value) + 1
             if self._data_bytes > self.max_event_bytes:
                 self._drop()
+                self._keep(value[-TAIL_BYTES:])
             else:
                 self._data += value
         elif field == b"event":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 from hypothesis import example, given, settings
@@ -115,3 +116,54 @@ def test_sse_whole_event_chunks_decode_like_byte_by_byte(events: list[tuple[str,
     # Whole-event chunks take a fast path; it must agree with the general decoder fed one byte at a time.
     data = b"".join(head.encode() + b"data: " + body + b"\n\n" for head, body in events)
     assert decode([data]) == decode([data[i : i + 1] for i in range(len(data))])
+
+
+def test_sse_a_dropped_event_keeps_its_name_and_last_bytes() -> None:
+    """An event over the limit is dropped, but its name and last TAIL_BYTES are kept: the Responses API puts a
+    stream's usage at the end of its last event, which repeats the whole response (image results and all)."""
+    decoder = SSEDecoder(max_event_bytes=1024)
+    big = b'{"type":"response.completed","response":{"output":"' + b"A" * 5000 + b'","usage":{"input_tokens":7}}}'
+    events = decode([b"event: response.created\ndata: {}\n\n"], decoder)
+    assert events == [("response.created", b"{}")]
+    assert (decoder.dropped_events, decoder.dropped_event, decoder.dropped_tail()) == (0, "", b"")
+    events = decode(
+        [b"event: response.completed\n", b"data: " + big[:3000], big[3000:] + b"\n\n", b"data: ok\n\n"], decoder
+    )
+    assert events == [("message", b"ok")]
+    assert decoder.dropped_event == "response.completed"
+    assert decoder.dropped_tail().endswith(b'"usage":{"input_tokens":7}}}')
+
+
+def test_sse_a_dropped_tail_is_bounded() -> None:
+    from llm_telemetry.sse import TAIL_BYTES
+
+    decoder = SSEDecoder(max_event_bytes=1024)
+    for _ in range(100):
+        decoder.feed(b"data: " + b"x" * 10_000)
+        assert len(decoder._tail) <= 2 * TAIL_BYTES + 10_006
+    decoder.feed(b"END\n\n")
+    assert decoder.dropped_events == 1
+    assert len(decoder.dropped_tail()) == TAIL_BYTES and decoder.dropped_tail().endswith(b"xEND")
+
+
+@given(
+    body=st.lists(
+        st.sampled_from(
+            [b"data: ", b"data:", b"event: big\n", b"x" * 7, b"\n", b"\r\n", b"\r", b"\n\n", b": c\n", b"y"]
+        ),
+        max_size=60,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(0, 400), max_size=12),
+    limit=st.sampled_from([8, 16, 64]),
+)
+@settings(max_examples=400, deadline=None)
+@example(body=b"event: big\ndata: " + b"x" * 7 * 4 + b"\n\n", cuts=[20], limit=16)
+@example(body=b"data: " + b"x" * 7 * 3 + b"\ndata: y\r\n\r\n", cuts=[3, 30], limit=8)
+def test_sse_what_a_dropped_event_leaves_does_not_depend_on_chunking(body: bytes, cuts: list[int], limit: int) -> None:
+    def run(chunks: list[bytes]) -> tuple[object, ...]:
+        decoder = SSEDecoder(max_event_bytes=limit)
+        events = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.close()
+        return events, decoder.dropped_events, decoder.dropped_event, decoder.dropped_tail()
+
+    edges = sorted({0, len(body), *(c for c in cuts if c < len(body))})
+    assert run([body[a:b] for a, b in itertools.pairwise(edges)]) == run([body])

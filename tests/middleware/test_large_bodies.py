@@ -1,0 +1,163 @@
+"""Responses too large to read whole still give their usage: a Responses stream whose last event repeats a response
+carrying an image (over the decoder's 1 MiB per event), and JSON bodies over the 8 MiB the reader parses. Each API
+puts its usage after the output, so it is read from the body's last bytes. Served by real uvicorn, read by the
+official SDKs, checked in a real scrape against the usage the SDK got."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from support import free_port, scrape, serve
+
+IMAGE = "iVBORw0KGgo" * 100_000  # 1.1 MB of base64: one generated image, as the Responses API returns it
+RESPONSES_USAGE = {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1024}, "output_tokens": 300,
+                   "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 2300}  # fmt: skip
+
+
+def _responses_events(model: str, status: str) -> list[bytes]:
+    def event(kind: str, **body: Any) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **body})}\n\n".encode()
+
+    base = {"id": "resp_big", "object": "response", "created_at": 1, "model": model, "output": []}
+    image = {"id": "ig_1", "type": "image_generation_call", "status": "completed", "result": IMAGE}
+    text = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "Here it is.", "annotations": []}]}  # fmt: skip
+    done = {**base, "status": status, "output": [image, text], "usage": RESPONSES_USAGE, "user": None, "metadata": {}}
+    if status == "incomplete":
+        done["incomplete_details"] = {"reason": "max_output_tokens"}
+    end = "response.completed" if status == "completed" else "response.incomplete"
+    return [
+        event("response.created", sequence_number=0, response={**base, "status": "in_progress", "usage": None}),
+        event(
+            "response.output_text.delta",
+            sequence_number=1,
+            item_id="msg_1",
+            output_index=1,
+            content_index=0,
+            delta="Here it is.",
+        ),
+        event(end, sequence_number=2, response=done),
+    ]
+
+
+async def responses(request: Request) -> Response:
+    body = await request.json()
+    events = _responses_events(body["model"], request.headers.get("x-status", "completed"))
+
+    async def stream() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def chat(request: Request) -> Response:
+    body = await request.json()
+    message = {"role": "assistant", "content": "x" * 9_000_000}
+    return JSONResponse(
+        {
+            "id": "chatcmpl-big",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": 50,
+                "completion_tokens": 2_000_000,
+                "total_tokens": 2_000_050,
+                "prompt_tokens_details": {"cached_tokens": 32},
+            },
+        }
+    )
+
+
+async def messages(request: Request) -> Response:
+    body = await request.json()
+    return JSONResponse(
+        {
+            "id": "msg_big",
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [{"type": "text", "text": "y" * 9_000_000}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 40,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 2000,
+                "output_tokens": 2_200_000,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[str, int]]:
+    port = free_port()
+    routes = [
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+    ]
+    app = LLMTelemetryMiddleware(Starlette(routes=routes), metrics_port=port, metrics_host="127.0.0.1")
+    with serve(app) as base:
+        yield base, port
+    app.telemetry.shutdown()
+
+
+@pytest.mark.parametrize(("status", "finish"), [("completed", "stop"), ("incomplete", "incomplete")])
+def test_a_responses_stream_whose_last_event_holds_an_image_keeps_its_usage(
+    service: tuple[str, int], status: str, finish: str
+) -> None:
+    base, port = service
+    model = "gpt-4.1" if status == "completed" else "gpt-4.1-2025-04-14"  # (a series of each)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+    with client.responses.create(model=model, input="draw", stream=True, extra_headers={"x-status": status}) as s:
+        last = list(s)[-1]
+    assert last.response.usage is not None and last.response.usage.input_tokens == 2000  # the SDK's truth
+    assert last.response.output[0].result == IMAGE  # and the client's bytes, unchanged
+    m = scrape(port)
+    labels = {"gen_ai_request_model": model}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported", **labels) == 2000
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported", **labels) == 300
+    assert m.value("llm_token_details_total", llm_token_detail="cache_read", **labels) == 1024
+    assert m.value("llm_tokens_total", llm_usage_source="estimated", **labels) == 0
+    # gpt-4.1: $2 per million input tokens, $0.50 cached, $8 output.
+    assert m.value("llm_cost_usd_total", **labels) == pytest.approx((976 * 2 + 1024 * 0.5 + 300 * 8) / 1e6)
+    assert m.value("llm_finish_reasons_total", llm_finish_reason=finish, **labels) == 1
+
+
+def test_a_json_body_over_the_read_limit_keeps_its_usage(service: tuple[str, int]) -> None:
+    base, port = service
+    client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "long"}])
+    assert reply.usage is not None and reply.usage.completion_tokens == 2_000_000
+    assert len(reply.choices[0].message.content or "") == 9_000_000
+    claude = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+    ask = [{"role": "user", "content": "long"}]
+    message = claude.messages.create(model="claude-sonnet-4-20250514", max_tokens=10, messages=ask)  # type: ignore[arg-type]
+    assert message.usage.cache_read_input_tokens == 2000
+    m = scrape(port)
+    chat_labels = {"gen_ai_request_model": "gpt-4o-mini"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **chat_labels) == 50
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **chat_labels) == 2_000_000
+    assert m.value("llm_token_details_total", llm_token_detail="cache_read", **chat_labels) == 32
+    claude_labels = {"gen_ai_request_model": "claude-sonnet-4-20250514"}
+    # Anthropic's input_tokens leaves the cache out: the input is all three.
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **claude_labels) == 2140
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **claude_labels) == 2_200_000
+    # claude-sonnet-4: $3 input, $0.30 cache reads, $3.75 cache writes, $15 output, per million.
+    expected = (40 * 3 + 2000 * 0.3 + 100 * 3.75 + 2_200_000 * 15) / 1e6
+    assert m.value("llm_cost_usd_total", **claude_labels) == pytest.approx(expected)
