@@ -1158,6 +1158,9 @@ class AnthropicMessagesReader(ResponseReader):
             call.input_tokens = (fresh or 0) + (cache_read or 0) + (cache_creation or 0)
             call.cache_read_tokens = cache_read
             call.cache_creation_tokens = cache_creation
+        one_hour = _int(_get(usage, "cache_creation", "ephemeral_1h_input_tokens"))
+        if one_hour is not None:
+            call.cache_creation_1h_tokens = one_hour
         output = _int(usage.get("output_tokens"))
         if output is not None:
             call.output_tokens = output

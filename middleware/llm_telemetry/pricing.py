@@ -5,7 +5,8 @@ A pricing table maps model names to USD per million tokens::
     {"models": {"gpt-4o": {"input": 2.5, "output": 10.0, "cache_read": 1.25}}}
 
 as a YAML or JSON file, or the same mapping in Python (with or without the ``models`` wrapper). ``cache_read`` and
-``cache_creation`` default to the ``input`` price. A model matches its own entry, or else the longest entry that is a
+``cache_creation`` default to the ``input`` price, ``cache_creation_1h`` (writes to Anthropic's one-hour cache) to the
+``cache_creation`` price. A model matches its own entry, or else the longest entry that is a
 prefix of it followed by ``-``, so ``gpt-4o-2024-08-06`` is priced as ``gpt-4o``. In the embedded default table only a
 snapshot's suffix counts (a date, ``-0613``, ``-latest``): a family's other models (``o3-mini``, ``o3-pro``,
 ``gpt-4o-audio-preview``) have prices of their own, and a model it lacks is counted as unpriced, never priced as
@@ -28,26 +29,43 @@ from .config import ConfigurationError
 from .record import LLMCall
 
 #: The date the embedded default table was taken from the providers' public price lists.
-DEFAULT_PRICING_DATE: Final = "2025-06-01"
+DEFAULT_PRICING_DATE: Final = "2025-10-15"
 
-#: USD per million tokens. A starting point: pass your own table for the prices you actually pay.
+#: USD per million tokens. A starting point: pass your own table for the prices you actually pay. Anthropic's cache
+#: writes cost 1.25 times the input price for its five-minute cache and twice it for its one-hour one. Not in it:
+#: OpenAI's flex and priority tiers, Anthropic's long-context price (prompts over 200 K tokens), audio tokens.
 DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
+    "gpt-5": {"input": 1.25, "output": 10.00, "cache_read": 0.125},
+    "gpt-5-mini": {"input": 0.25, "output": 2.00, "cache_read": 0.025},
+    "gpt-5-nano": {"input": 0.05, "output": 0.40, "cache_read": 0.005},
     "gpt-4o": {"input": 2.50, "output": 10.00, "cache_read": 1.25},
+    # The first gpt-4o snapshot kept its launch price (and had no cached-input price).
+    "gpt-4o-2024-05-13": {"input": 5.00, "output": 15.00},
     "gpt-4o-mini": {"input": 0.15, "output": 0.60, "cache_read": 0.075},
     "gpt-4.1": {"input": 2.00, "output": 8.00, "cache_read": 0.50},
     "gpt-4.1-mini": {"input": 0.40, "output": 1.60, "cache_read": 0.10},
     "gpt-4.1-nano": {"input": 0.10, "output": 0.40, "cache_read": 0.025},
     "o3": {"input": 2.00, "output": 8.00, "cache_read": 0.50},
+    "o3-pro": {"input": 20.00, "output": 80.00},
     "o3-mini": {"input": 1.10, "output": 4.40, "cache_read": 0.55},
     "o4-mini": {"input": 1.10, "output": 4.40, "cache_read": 0.275},
     "text-embedding-3-small": {"input": 0.02, "output": 0.0},
     "text-embedding-3-large": {"input": 0.13, "output": 0.0},
-    "claude-opus-4": {"input": 15.00, "output": 75.00, "cache_read": 1.50, "cache_creation": 18.75},
-    "claude-sonnet-4": {"input": 3.00, "output": 15.00, "cache_read": 0.30, "cache_creation": 3.75},
-    "claude-3-5-haiku": {"input": 0.80, "output": 4.00, "cache_read": 0.08, "cache_creation": 1.00},
-}
+    "claude-opus-4": {"input": 15.00, "output": 75.00, "cache_read": 1.50, "cache_creation": 18.75,
+                      "cache_creation_1h": 30.00},
+    "claude-opus-4-1": {"input": 15.00, "output": 75.00, "cache_read": 1.50, "cache_creation": 18.75,
+                        "cache_creation_1h": 30.00},
+    "claude-sonnet-4": {"input": 3.00, "output": 15.00, "cache_read": 0.30, "cache_creation": 3.75,
+                        "cache_creation_1h": 6.00},
+    "claude-sonnet-4-5": {"input": 3.00, "output": 15.00, "cache_read": 0.30, "cache_creation": 3.75,
+                          "cache_creation_1h": 6.00},
+    "claude-haiku-4-5": {"input": 1.00, "output": 5.00, "cache_read": 0.10, "cache_creation": 1.25,
+                         "cache_creation_1h": 2.00},
+    "claude-3-5-haiku": {"input": 0.80, "output": 4.00, "cache_read": 0.08, "cache_creation": 1.00,
+                         "cache_creation_1h": 1.60},
+}  # fmt: skip
 
-_KINDS: Final = ("input", "output", "cache_read", "cache_creation")
+_KINDS: Final = ("input", "output", "cache_read", "cache_creation", "cache_creation_1h")
 #: What follows a model's name in the name of one of its snapshots: a date (``2024-08-06``, ``20250514``), a month and
 #: day (``0613``), or ``latest``; Anthropic's ``-0`` names the first version of a family (``claude-sonnet-4-0``).
 _SNAPSHOT: Final = re.compile(r"(?:0-)?(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)|0")
@@ -61,6 +79,7 @@ class Price:
     output: float
     cache_read: float
     cache_creation: float
+    cache_creation_1h: float
 
 
 class PricingTable:
@@ -129,11 +148,13 @@ class PricingTable:
             return None
         cache_read = call.cache_read_tokens or 0
         cache_creation = call.cache_creation_tokens or 0
+        one_hour = min(call.cache_creation_1h_tokens or 0, cache_creation)
         fresh = max((call.input_tokens or 0) - cache_read - cache_creation, 0)
         return (
             fresh * price.input
             + cache_read * price.cache_read
-            + cache_creation * price.cache_creation
+            + (cache_creation - one_hour) * price.cache_creation
+            + one_hour * price.cache_creation_1h
             + (call.output_tokens or 0) * price.output
         ) / 1_000_000
 
@@ -171,9 +192,11 @@ def _price(model: str, entry: Any) -> Price:
         values[kind] = float(value)
     if "input" not in values or "output" not in values:
         raise ConfigurationError(f"pricing for {model!r}: input and output prices are required")
+    cache_creation = values.get("cache_creation", values["input"])
     return Price(
         input=values["input"],
         output=values["output"],
         cache_read=values.get("cache_read", values["input"]),
-        cache_creation=values.get("cache_creation", values["input"]),
+        cache_creation=cache_creation,
+        cache_creation_1h=values.get("cache_creation_1h", cache_creation),
     )

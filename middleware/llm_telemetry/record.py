@@ -54,6 +54,8 @@ class LLMCall:
     output_tokens: int | None = None
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
+    #: Of ``cache_creation_tokens``, those written to a one-hour cache (Anthropic's ``ttl: 1h``), billed higher.
+    cache_creation_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.

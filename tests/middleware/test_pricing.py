@@ -62,8 +62,15 @@ def test_default_table_prices_the_common_models() -> None:
         ("claude-sonnet-4-20250514", "claude-sonnet-4"),
         ("claude-sonnet-4-0", "claude-sonnet-4"),
         ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
+        ("o3-pro-2025-06-10", "o3-pro"),  # a model of the family with a price of its own, in the table
+        ("gpt-5-2025-08-07", "gpt-5"),
+        ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
+        ("claude-opus-4-1-20250805", "claude-opus-4-1"),
+        ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
+        ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
+        # A snapshot priced apart from its family: its own entry wins over the family's.
+        ("gpt-4o-2024-05-13", "gpt-4o-2024-05-13"),
         # Other models of a family, with prices of their own: unpriced, never priced as the family's first.
-        ("o3-pro", None),
         ("o3-deep-research", None),
         ("gpt-4o-audio-preview", None),
         ("claude-opus-4-5", None),
@@ -74,6 +81,7 @@ def test_the_embedded_table_prices_a_models_snapshots_not_its_familys_other_mode
     model: str, priced_as: str | None
 ) -> None:
     table = PricingTable()
+    assert priced_as is None or priced_as in DEFAULT_PRICING
     assert table.price(model) == (table.price(priced_as) if priced_as else None)
     # A table of the user's own keeps the documented rule: any name after the entry's and a '-'.
     assert PricingTable({"o3": {"input": 2, "output": 8}}).price("o3-pro") is not None
@@ -114,3 +122,32 @@ def test_bad_pricing_files_fail_at_startup_with_a_clear_message(tmp_path: Path, 
 def test_missing_pricing_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"nope\.yaml"):
         PricingTable(str(tmp_path / "nope.yaml"))
+
+
+def test_the_first_gpt_4o_snapshot_keeps_its_own_price() -> None:
+    table = PricingTable()
+    cost = table.cost(call("gpt-4o-2024-05-13", input_tokens=1000, output_tokens=100))
+    assert cost == pytest.approx((1000 * 5 + 100 * 15) / 1e6)  # not gpt-4o's $2.50 and $10
+
+
+def test_anthropic_one_hour_cache_writes_are_priced_at_their_own_price() -> None:
+    """Anthropic bills writes to its one-hour cache at twice the input price, five-minute ones at 1.25 times: the
+    usage's ``cache_creation`` breakdown says which, read from the real stream and JSON shapes."""
+    from test_apis import read, sse
+
+    usage = {"input_tokens": 50, "cache_read_input_tokens": 10000, "cache_creation_input_tokens": 2500,
+             "cache_creation": {"ephemeral_5m_input_tokens": 500, "ephemeral_1h_input_tokens": 2000}}  # fmt: skip
+    start = {"type": "message_start", "message": {"id": "m", "model": "claude-sonnet-4-20250514", "usage": usage}}
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 300}}
+    streamed = read("anthropic.messages", sse(start, end, named=True), stream=True)
+    body = {"id": "m", "type": "message", "model": "claude-sonnet-4-20250514", "content": [],
+            "stop_reason": "end_turn", "usage": {**usage, "output_tokens": 300}}  # fmt: skip
+    whole = read("anthropic.messages", json.dumps(body).encode(), stream=False)
+    # claude-sonnet-4: $3 input, $0.30 cache reads, $3.75 five-minute writes, $6 one-hour writes, $15 output.
+    expected = (50 * 3 + 10000 * 0.30 + 500 * 3.75 + 2000 * 6 + 300 * 15) / 1e6
+    for read_call in (streamed, whole):
+        assert (read_call.cache_creation_tokens, read_call.cache_creation_1h_tokens) == (2500, 2000)
+        assert PricingTable().cost(read_call) == pytest.approx(expected)
+    # A table without a one-hour price charges those writes as the others.
+    own = PricingTable({"claude-sonnet-4": {"input": 3, "output": 15, "cache_read": 0.3, "cache_creation": 3.75}})
+    assert own.cost(whole) == pytest.approx((50 * 3 + 10000 * 0.30 + 2500 * 3.75 + 300 * 15) / 1e6)

@@ -256,5 +256,18 @@ def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
     schema = dict(kube_schema.versions(load()))["v1alpha1"]
     assert kube_schema.prune_object(schema, obj) == obj, "the price map keeps unknown keys for the rule to see"
     assert kube_schema.validate_object(load(), obj) == [
-        ".spec.pricing.models[gpt-4o]: price kinds are input, output, cache_read and cache_creation"
+        ".spec.pricing.models[gpt-4o]: price kinds are input, output, cache_read, cache_creation and cache_creation_1h"
     ]
+
+
+def test_every_price_kind_the_middleware_reads_is_accepted_by_the_crd_and_the_operator() -> None:
+    """The three lists of price kinds (the middleware's pricing table, the operator's spec check, the CRD's rule and
+    size bound) name the same kinds: a kind the middleware reads but the CRD refused could never be set."""
+    from llm_telemetry.pricing import _KINDS
+    from llm_telemetry_operator.spec import PRICE_KINDS
+
+    assert set(PRICE_KINDS) == set(_KINDS)
+    obj = copy.deepcopy(MINIMAL)
+    obj["spec"]["pricing"] = {"models": {"claude-sonnet-4": dict.fromkeys(_KINDS, 1.0)}}
+    assert kube_schema.validate_object(load(), obj) == []
+    assert set(parse_spec(obj["spec"]).pricing.models["claude-sonnet-4"]) == set(_KINDS)
