@@ -585,7 +585,7 @@ async def _inject(
                 take_over=take_over,
                 without=outcome.without,
             )
-        except ApiError as exc:
+        except (ApiError, r.InjectionConflict) as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
             outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
             continue

@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from llm_telemetry import config as mw
 from llm_telemetry_operator import constants as c
@@ -437,6 +437,20 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
     annotations.pop(c.ANNOTATION_CONFIG_HASH, None)
 
 
+class InjectionConflict(ValueError):
+    """The workload has something of its own where the injection must go (a volume or a volume mount under the
+    pricing volume's name): injecting would leave the prices unmounted and the middleware unable to start."""
+
+
+#: An exporter switched off (``none``, when the LLMTelemetry's collector is missing or the signal is disabled) stays
+#: unset in a container that sends that signal to an OTLP endpoint of its own: it would switch off the app's own
+#: pipeline, which the OpenTelemetry SDK (and the middleware) turn on from the endpoint alone.
+_OWN_ENDPOINTS: Final = {
+    "OTEL_TRACES_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    "OTEL_LOGS_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+}
+
+
 def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
@@ -461,9 +475,12 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
         env = container.setdefault("env", [])
         taken = {e.get("name") for e in env}
         for entry in injection.env:
-            if entry["name"] not in taken:  # the user's own variables win
-                env.append(copy.deepcopy(entry))
-                done["env"][entry["name"]] = _env_key(entry)
+            if entry["name"] in taken:  # the user's own variables win
+                continue
+            if entry.get("value") == "none" and not taken.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
+                continue
+            env.append(copy.deepcopy(entry))
+            done["env"][entry["name"]] = _env_key(entry)
         ports = container.setdefault("ports", [])
         if not any(
             p.get("containerPort") == injection.port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
@@ -476,15 +493,24 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
             container.pop("ports")
         if injection.volume_mount is not None:
             mounts = container.setdefault("volumeMounts", [])
-            if not any(m.get("name") == c.PRICING_VOLUME for m in mounts):
-                mounts.append(dict(injection.volume_mount))
-                done["mount"] = True
+            if any(m.get("name") == c.PRICING_VOLUME for m in mounts):
+                # (What the stripped template still has is the user's own.)
+                raise InjectionConflict(
+                    f"container {container['name']} mounts a volume named {c.PRICING_VOLUME} of its own, where the"
+                    f" prices (spec.pricing) must be mounted: rename it"
+                )
+            mounts.append(dict(injection.volume_mount))
+            done["mount"] = True
         record["containers"][container["name"]] = done
     if injection.volume is not None:
         volumes = template["spec"].setdefault("volumes", [])
-        if not any(v.get("name") == c.PRICING_VOLUME for v in volumes):
-            volumes.append(copy.deepcopy(injection.volume))
-            record["volume"] = True
+        if any(v.get("name") == c.PRICING_VOLUME for v in volumes):
+            raise InjectionConflict(
+                f"the pod template has a volume named {c.PRICING_VOLUME} of its own, where the prices (spec.pricing)"
+                f" must be: rename it"
+            )
+        volumes.append(copy.deepcopy(injection.volume))
+        record["volume"] = True
     template.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_CONFIG_HASH] = injection.digest
     return record
 

@@ -709,3 +709,49 @@ def test_a_container_renamed_after_the_injection_keeps_it_as_ours(chosen: tuple[
         rewritten = merge_patch(again, r.build_workload_patch(again, other, "chat"))
         env = {e["name"]: e.get("value") for e in rewritten["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["LLM_TELEMETRY_METRICS_PORT"] == "9470"
+
+
+def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
+    """With the LLMTelemetry's collector missing (or the signal off), the operator switches the exporter off
+    (``none``); a container that sends to an endpoint of its own must not have its own pipeline switched off."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    without = frozenset({"traces", "logs"})
+    own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector.example:4318"}]
+    workload = deployment(env=own)
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat", without), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.example:4318"
+    assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_LOGS_EXPORTER" not in env
+    # Only the signal the container's own endpoint is for.
+    workload = deployment(env=[{"name": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "value": "http://mine:4318/v1/traces"}])
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat", without), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    assert "OTEL_TRACES_EXPORTER" not in env and env["OTEL_LOGS_EXPORTER"] == "none"
+    # Without an endpoint of its own, the exporters are off, as before.
+    workload = deployment()
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat", without), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+
+
+@pytest.mark.parametrize("where", ["volume", "mount"])
+def test_a_volume_of_the_users_own_under_the_pricing_volumes_name_is_refused_not_skipped(where: str) -> None:
+    """Skipped, the prices would not be mounted where LLM_TELEMETRY_PRICING points, and the middleware would not
+    start: the injection is refused with a message saying why (the pass reports it as InjectionFailed)."""
+    workload = deployment()
+    pod = workload["spec"]["template"]["spec"]
+    if where == "volume":
+        pod["volumes"] = [{"name": c.PRICING_VOLUME, "emptyDir": {}}]
+    else:
+        pod["containers"][0]["volumeMounts"] = [{"name": c.PRICING_VOLUME, "mountPath": "/data"}]
+    spec = parse_spec(
+        {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+    )
+    with pytest.raises(r.InjectionConflict, match=f"named {c.PRICING_VOLUME} of its own"):
+        r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
+    # Without prices nothing is mounted, and the workload is injected as usual.
+    plain = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    assert r.build_workload_patch(workload, r.build_injection(plain, CONFIG, workload, "chat"), "chat") is not None
