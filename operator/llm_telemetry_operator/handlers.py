@@ -475,9 +475,8 @@ async def _reconcile(
     else:
         # First pass since the operator started: what the stored status already says was reported before (a
         # restart's resume posts no event for a failure the resource shows already).
-        conditions = (body.get("status") or {}).get("conditions") or []
-        reported = frozenset((str(x.get("reason")), str(x.get("message"))) for x in conditions)
-        stored = [str(x.get("message")) for x in conditions]
+        reported = _stored_reports(body)
+        stored = [str(x.get("message")) for x in (body.get("status") or {}).get("conditions") or []]
         reported |= {f for f, words in outcome.shown.items() if any(words in message for message in stored)}
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
@@ -554,16 +553,26 @@ async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, messa
     state = _state(memo)
     meta = body["metadata"]
     key, uid = (meta["namespace"], meta["name"]), meta.get("uid") or ""
-    failure = frozenset({(reason, message)})
-    new = state.reported.get(key) != failure
+    failure = (reason, message)
+    # What was reported before stays reported: a failed pass keeps the other conditions in the status, so the next
+    # pass that gets through posts no event again for a failure the resource still shows.
+    reported = state.reported[key] if key in state.reported else _stored_reports(body)
+    new = failure not in reported
     if new:
         kopf.warn(_event_target(body), reason=reason, message=message)
-    state.reported[key] = failure
+    state.reported[key] = reported | {failure}
     shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
     status = await rec.write_failure(_client(memo), shown, reason, message)
     if uid and status is not None:
         state.statuses[uid] = status
     return new
+
+
+def _stored_reports(body: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    """The (reason, message) of each condition in the stored status: reported already, by this operator or one
+    before a restart."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return frozenset((str(x.get("reason")), str(x.get("message"))) for x in conditions)
 
 
 async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exception, retry: int) -> NoReturn:

@@ -11,6 +11,7 @@ from kopf_testing import (
     LLMT,
     NAMESPACE,
     PEERING,
+    SERVICES,
     condition,
     deployment,
     eventually,
@@ -253,3 +254,26 @@ async def test_a_change_seen_while_a_read_is_under_way_is_read_again() -> None:
     client.answer = None
     again = await check.lookup(client, "http://jaeger.observability:4318")  # type: ignore[arg-type]
     assert (again.found, client.reads) == (True, 2)
+
+
+async def test_a_failed_pass_does_not_make_the_next_one_post_its_events_again(emulator: Any) -> None:
+    """A pass the API server refuses keeps the other conditions in the status: the next pass that gets through
+    posts no event again for what the resource still shows (a refusal made every event be posted twice)."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config):
+        await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
+        emulator.forbid.add(("deployments", NAMESPACE))
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") == "ApiError", "the refused pass"
+        )
+        emulator.forbid.clear()
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the retry", attempts=800)
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") != "ApiError", "the status mended"
+        )
+        await asyncio.sleep(1)
+        assert len(collector_events(emulator)) == 1
+        assert len(posted_events(emulator, "ApiError")) == 1
