@@ -447,6 +447,9 @@ async def _reconcile(
             # An API error after the client's retries; or a defect of ours, which kopf must not see either: its
             # handler retries would patch the resource on every attempt, with nothing in the status or events.
             api = isinstance(exc, ApiError)
+            if api and TERMINATING in str(exc) and await _namespace_leaving(_client(memo), key[0]):
+                _leave_be(state, key, uid, trigger, str(exc))
+                return None
             reason = "ApiError" if api else "InternalError"
             message = str(exc) if api else f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]
             metrics.RECONCILES.labels(trigger, "error").inc()
@@ -463,6 +466,13 @@ async def _reconcile(
             return None
         finally:
             metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
+    if any(TERMINATING in message for _, message in outcome.failures) and await _namespace_leaving(
+        _client(memo), key[0]
+    ):
+        # The namespace controller deletes the children before the resource: recreating them is refused, and so
+        # would the events be. Nothing to repair or report there; the resource's own deletion comes next.
+        _leave_be(state, key, uid, trigger, "; ".join(m for _, m in outcome.failures if TERMINATING in m))
+        return outcome
     if outcome.retry:
         state.schedule.failed(key)
     else:
@@ -566,6 +576,20 @@ async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, messa
     if uid and status is not None:
         state.statuses[uid] = status
     return new
+
+
+#: What the API server says when refusing to create anything in a namespace being deleted.
+TERMINATING: Final = "because it is being terminated"
+
+
+def _leave_be(state: OperatorState, key: tuple[str, str], uid: str, trigger: str, why: str) -> None:
+    """A pass in a namespace being deleted: no retry, no event (none could be posted there), a line in the log."""
+    state.schedule.succeeded(key, uid)
+    state.wake.set()
+    metrics.RECONCILES.labels(trigger, "namespace_leaving").inc()
+    logging.getLogger(__name__).info(
+        "%s/%s: pass (%s): namespace being deleted, nothing repaired or reported (%s)", *key, trigger, why
+    )
 
 
 def _stored_reports(body: Mapping[str, Any]) -> frozenset[tuple[str, str]]:

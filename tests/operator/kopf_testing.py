@@ -122,6 +122,16 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 status=403, reason="Forbidden", message=f"{request.resource.plural} is forbidden in {request.namespace}"
             )
         action, data = request.action, request.data
+        if action == kmocklib.action.CREATE and request.namespace and not request.headers.get("X-Test-Hand"):
+            # The API server's NamespaceLifecycle admission: nothing new in a namespace being deleted.
+            namespace = get_raw(self, NAMESPACES, None, request.namespace)
+            if namespace is not None and (namespace.get("metadata") or {}).get("deletionTimestamp"):
+                raise kmocklib.KubernetesError(
+                    status=403,
+                    reason="Forbidden",
+                    message=f"{request.resource.plural if request.resource else 'object'} is forbidden: unable to"
+                    f" create new content in namespace {request.namespace} because it is being terminated",
+                )
         if request.resource is None or action not in (
             kmocklib.action.CREATE,
             kmocklib.action.UPDATE,

@@ -1414,3 +1414,47 @@ async def test_api_retries_outlast_an_outage_until_the_operator_stops(emulator: 
         assert delays[:8] == list(handlers.FIRST_BACKOFFS)
         assert delays[8:] == [handlers.OUTAGE_BACKOFF] * 32
     assert list(handlers.OutageBackoffs()) == []
+
+
+async def test_children_deleted_with_their_namespace_are_not_fought_for(emulator: Any, monitoring_crds: Any) -> None:
+    """The namespace controller deletes a namespace's objects kind by kind, the resource's children before the
+    resource: recreating them is refused (403, the namespace is being terminated), and so is every Warning event
+    about it. The operator leaves them be, and posts nothing there."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        await ready(emulator)
+
+        def creates() -> list[str]:
+            return [
+                str(r.url.path)
+                for r in list(emulator)
+                if r.method.value == "POST"
+                and str(r.url.path).endswith(("/services", "/configmaps"))
+                and not r.headers.get("X-Test-Hand")
+            ]
+
+        made = len(creates())
+        events_before = len(posted_events(emulator))
+        namespace = namespace_object(NAMESPACE)
+        namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/chat-llm-dashboard")
+        await eventually(
+            lambda: any(
+                r.method.value == "POST" and str(r.url.path).endswith(("/services", "/configmaps"))
+                for r in list(emulator)
+                if not r.headers.get("X-Test-Hand")
+            ),
+            "a pass that tried to recreate them",
+        )
+
+        await asyncio.sleep(1)
+        tried = creates()[made:]
+        await asyncio.sleep(3)
+        assert posted_events(emulator)[events_before:] == []
+        # A pass for each child deleted tried once; none was retried.
+        assert creates()[made:] == tried and len(tried) <= 4, tried
