@@ -9,6 +9,7 @@ import copy
 import functools
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -211,6 +212,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # Only failures (and an idle resource's NoTargets) become Kubernetes events; a success event per handler is
     # noise in `kubectl describe`.
     settings.posting.level = logging.WARNING
+    # Who says so, in `kubectl describe` ("From") and the events' reporting fields: this operator, and which replica
+    # (a pod's host name is its name), not kopf's defaults ("kopf", "dev") that every kopf operator shares.
+    settings.posting.reporting_component = c.OPERATOR_NAME
+    settings.posting.reporting_instance = socket.gethostname()[:128]
     # Nor a log line per watch event (kopf's per-object messages go to the "kopf.objects" logger).
     objects_logger = logging.getLogger("kopf.objects")
     if not any(isinstance(f, QuietWatchEventHandlers) for f in objects_logger.filters):
