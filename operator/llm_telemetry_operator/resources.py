@@ -654,12 +654,21 @@ def build_workload_patch(
 
 
 def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
-    """Labels selecting the workload's pods: its ``matchLabels``, else its pod template's labels."""
-    spec = workload.get("spec", {})
-    labels = (spec.get("selector") or {}).get("matchLabels") or spec.get("template", {}).get("metadata", {}).get(
-        "labels"
-    )
-    return dict(labels or {})
+    """Labels selecting the workload's pods, as a Service selects (by equality only): its ``matchLabels`` and, for
+    each key its ``matchExpressions`` name, the value its pod template has (a selector ``track NotIn (canary)``
+    beside a template ``track: stable`` selects ``track: stable``, not the canary's pods too); with no
+    ``matchLabels``, its pod template's labels."""
+    spec = workload.get("spec") or {}
+    selector = spec.get("selector") or {}
+    template = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    labels = dict(selector.get("matchLabels") or {})
+    if not labels:
+        return dict(template)
+    for requirement in selector.get("matchExpressions") or []:
+        key = requirement.get("key") if isinstance(requirement, Mapping) else None
+        if key in template and key not in labels:
+            labels[key] = template[key]
+    return labels
 
 
 def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workload: Mapping[str, Any]) -> dict[str, Any]:
@@ -669,6 +678,11 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
     IP, so a cluster IP per target would only use up the cluster's Service range (one per workload; a /24 range
     holds 254). ``clusterIP`` cannot be changed on an existing Service: one made with an IP by an earlier version
     is replaced (see ``reconcile._apply``).
+
+    The target port is the injected port's name: a pod the selector matches that was not injected (one of another
+    workload with the same labels, one not yet rolled) declares no such port, so the endpoints controllers list no
+    endpoint of that port for it, and the ServiceMonitor (which scrapes the port by that name) no target with nothing
+    listening.
     """
     workload_name = workload["metadata"]["name"]
     metadata = _metadata(owner, service_name(workload_name, str(workload.get("kind") or "Deployment")), "metrics")
@@ -685,7 +699,7 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
                 {
                     "name": c.METRICS_PORT_NAME,
                     "port": spec.metrics.port,
-                    "targetPort": spec.metrics.port,
+                    "targetPort": c.METRICS_PORT_NAME,
                     "protocol": "TCP",
                 }
             ],

@@ -294,7 +294,27 @@ def test_metrics_service_selects_the_workload_pods() -> None:
     assert_child_metadata(svc, "metrics")
     assert svc["metadata"]["name"] == "chat-llm-metrics"
     assert svc["spec"]["selector"] == {"pod": "chat"}
-    assert svc["spec"]["ports"] == [{"name": c.METRICS_PORT_NAME, "port": 9500, "targetPort": 9500, "protocol": "TCP"}]
+    # The port by the name of the injected one: pods that were not injected are no endpoints of it.
+    assert svc["spec"]["ports"] == [
+        {"name": c.METRICS_PORT_NAME, "port": 9500, "targetPort": c.METRICS_PORT_NAME, "protocol": "TCP"}
+    ]
+
+
+def test_metrics_service_selects_as_narrowly_as_the_workloads_selector_can_be_said_by_equality() -> None:
+    """A Service selects by equality only: a workload whose selector has expressions gets, for each key they name,
+    the value of its pod template, so the pods of a sibling (its canary) are not selected too."""
+    workload = deployment(labels={"tier": "mixed", "track": "stable"})
+    workload["spec"]["selector"] = {
+        "matchLabels": {"tier": "mixed"},
+        "matchExpressions": [
+            {"key": "track", "operator": "NotIn", "values": ["canary"]},
+            {"key": "absent", "operator": "DoesNotExist"},
+        ],
+    }
+    svc = r.build_metrics_service(minimal_llmt(), parse_spec(minimal_llmt()["spec"]), workload)
+    assert svc["spec"]["selector"] == {"tier": "mixed", "track": "stable"}
+    canary = {"tier": "mixed", "track": "canary"}
+    assert not all(canary.get(k) == v for k, v in svc["spec"]["selector"].items())
 
 
 def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each() -> None:
