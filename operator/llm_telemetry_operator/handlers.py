@@ -966,7 +966,11 @@ def _collector_event(memo: Any, logger: Any, service: tuple[str, str], type: str
     if type == "DELETED":
         return
     state = _state(memo)
-    state.collectors.forget(service)
+    # Every awaited collector is read again, not just this one: collectors are installed together (Jaeger and Loki
+    # in one apply), and the pass this event starts must not take the other's "missing" from before (it would
+    # roll the workloads twice, and warn once more about the one just installed).
+    for awaited in {service, *state.collector_waiters}:
+        state.collectors.forget(awaited)
 
     def answered(outcome: rec.Outcome) -> bool:
         return service not in outcome.awaiting  # a pass after the change found it (the pass reads it afresh)

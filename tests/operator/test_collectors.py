@@ -281,3 +281,33 @@ async def test_a_failed_pass_does_not_make_the_next_one_post_its_events_again(em
         # Said by this operator, as `kubectl describe` shows it ("From"), not by kopf's default name.
         assert refused["source"]["component"] == refused["reportingComponent"] == "llm-telemetry-operator"
         assert refused["reportingInstance"] == socket.gethostname()
+
+
+async def test_collectors_installed_together_are_found_by_one_pass(emulator: Any) -> None:
+    """Jaeger and Loki installed in one apply: the pass the first one's event starts reads the other afresh too, so
+    the workload rolls once, to both exporters, with no Warning that the second is missing. (Here the second Service
+    is stored without a watch event, so only the first one's pass can find it.)"""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config):
+        await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
+        emulator.objects[SERVICES, "observability", "loki-gateway"] = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "loki-gateway", "namespace": "observability"},
+            "spec": {"ports": [{"port": 80}]},
+        }
+        await hand(
+            emulator,
+            "POST",
+            "/api/v1/namespaces/observability/services",
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "jaeger"}, "spec": {}},
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS).get("status") == "True",
+            "both collectors found",
+        )
+        env = env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("otlp", "otlp")
+        assert len(collector_events(emulator)) == 1
