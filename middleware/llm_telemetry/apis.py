@@ -30,6 +30,9 @@ MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 #: Distinct finish reasons kept per call (a response has one per choice; a stream cannot grow the list past this).
 MAX_FINISH_REASONS: Final = 16
+#: Choices whose text is kept apart for a span when content capture is on (``n`` asks for several): later ones are
+#: not shown.
+MAX_CAPTURED_CHOICES: Final = 16
 #: Tool calls counted per response (models make a few at a time; a stream cannot grow the list past this).
 MAX_TOOL_CALLS: Final = 1024
 #: Generated text kept for a span when content capture is on, in characters: the span shows at most
@@ -182,6 +185,7 @@ class ResponseReader:
         "_decoder",
         "_ends",
         "_fast",
+        "_finishes",
         "_kept_chars",
         "_misses",
         "_overflow",
@@ -210,7 +214,10 @@ class ResponseReader:
         self._decoder = SSEDecoder() if stream else None
         self._buffer = bytearray()
         self._overflow = False
-        self._text: list[str] | None = [] if capture else None
+        #: The generated text kept for the span (content capture on), by choice index; None when capture is off.
+        self._text: dict[int, list[str]] | None = {} if capture else None
+        #: Each choice's finish reason, by index (kept with the text, for the span's output messages).
+        self._finishes: dict[int, str] = {}
         #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
         self._kept_chars = 0
         #: Deltas seen that carry output (see OpenAIChatReader._on_event): the output-token estimate when a stream
@@ -386,8 +393,13 @@ class ResponseReader:
                     # No usage block: estimate from the generated text at ~4 characters per token.
                     self.call.output_tokens = math.ceil(self._text_chars / 4)
                     self.call.usage_source = "estimated"
-        if self._text is not None and self._text:
-            self.call.output_text = ["".join(self._text)]
+        kept = self._text
+        if kept:
+            # One output message per choice, as the conventions ask, each with its own finish reason.
+            indexes = sorted(kept.keys() | self._finishes.keys())[:MAX_CAPTURED_CHOICES]
+            self.call.output_text = ["".join(kept.get(i, ())) for i in indexes]
+            if self._finishes:
+                self.call.output_finish_reasons = [self._finishes.get(i) for i in indexes]
 
     # Streams -----------------------------------------------------------------------------------
     def _event(self, event: str, data: bytes, now: float) -> bool:
@@ -487,11 +499,21 @@ class ResponseReader:
             self.call.first_token_at = now
             self.call.reasoning_shown = reasoning
 
-    def _keep_text(self, text: Any) -> None:
+    def _keep_text(self, text: Any, choice: int = 0) -> None:
         kept = self._text
         if kept is not None and isinstance(text, str) and self._kept_chars < MAX_KEPT_TEXT_CHARS:
-            kept.append(text)
+            parts = kept.get(choice)
+            if parts is None:
+                if len(kept) >= MAX_CAPTURED_CHOICES:
+                    return
+                parts = kept[choice] = []
+            parts.append(text)
             self._kept_chars += len(text)
+
+    def _keep_finish(self, reason: Any, choice: int) -> None:
+        """A choice's finish reason, kept beside its text when content capture is on."""
+        if self._text is not None and isinstance(reason, str) and reason and len(self._finishes) < MAX_CAPTURED_CHOICES:
+            self._finishes[choice] = field_text(reason)
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
         # The stream began with 200: an error event inside it is the server's unless its body says otherwise.
@@ -895,7 +917,8 @@ class OpenAIChatReader(ResponseReader):
                 if content:
                     self._first_token(now, reasoning=bool(reasoning))
                     self._chunks += 1
-                    self._keep_text(content)
+                    if self._text is not None:
+                        self._keep_text(content, _int(choice.get("index")) or 0)
                 elif calls or (raw == "" and not opening and choice.get("finish_reason") is None):
                     # For the estimate, a delta is about a token: a piece of a tool call is one too, and so is an
                     # empty delta from a server that sends one per generated token (llama-cpp-python), for a token
@@ -906,6 +929,8 @@ class OpenAIChatReader(ResponseReader):
                     self._first_token(now)
                     self._stream_tool_calls(choice, calls)
                 _add_finish_reason(self.call, choice.get("finish_reason"))
+                if self._text is not None:
+                    self._keep_finish(choice.get("finish_reason"), _int(choice.get("index")) or 0)
         if obj.get("usage"):
             self._usage(obj["usage"])
 
@@ -939,15 +964,18 @@ class OpenAIChatReader(ResponseReader):
         self._head(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
-            for choice in choices:
+            for position, choice in enumerate(choices):
                 if not isinstance(choice, dict):
                     continue
                 _add_finish_reason(self.call, choice.get("finish_reason"))
+                index = _int(choice.get("index"))
+                index = position if index is None else index
+                self._keep_finish(choice.get("finish_reason"), index)
                 message = choice.get("message")
                 text = message.get("content") if isinstance(message, dict) else choice.get("text")
                 if isinstance(text, str):
                     self._text_chars += len(text)
-                    self._keep_text(text)
+                    self._keep_text(text, index)
                 calls = _list(_get(choice, "message", "tool_calls")) or [
                     {"function": _get(choice, "message", "function_call")}
                 ]

@@ -83,7 +83,10 @@ class LLMCall:
     #: System instructions given apart from the messages (Anthropic's ``system``, the Responses API's
     #: ``instructions``), only kept when content capture is on.
     system_instructions: Any = None
+    #: The generated text of each choice, and each one's finish reason (None: not reported), only kept when content
+    #: capture is on.
     output_text: list[str] | None = None
+    output_finish_reasons: list[str | None] | None = None
     #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
     scope: Any = None
     #: OpenAI's chat APIs, told apart as the conventions' ``openai.api.type`` does: ``chat_completions`` or

@@ -1231,13 +1231,22 @@ class SpanObserver:
             if omitted:
                 attributes[LLM_INPUT_MESSAGES_OMITTED] = omitted
         if call.output_text or call.tool_calls:
+            # One message per choice (``n`` of them), each with its own finish reason where one was reported.
             finish = call.finish_reasons[0] if call.finish_reasons else None
+            finishes = call.output_finish_reasons or ()
             texts: list[list[dict[str, Any]]] = [
-                [{"type": "text", "content": self._text(t)}] for t in call.output_text or ()
+                [{"type": "text", "content": self._text(t)}] if t else [] for t in call.output_text or ()
             ] or [[]]
             # The tool calls the model made, by name (the readers keep no ids or arguments of the answer's calls).
             texts[0] += [
                 {"type": "tool_call", "id": None, "name": name} for name in call.tool_calls[:MAX_CAPTURED_TOOL_PARTS]
             ]
-            output = [{"role": "assistant", "parts": parts, "finish_reason": finish} for parts in texts]
+            output = [
+                {
+                    "role": "assistant",
+                    "parts": parts,
+                    "finish_reason": (finishes[i] if i < len(finishes) else None) or finish,
+                }
+                for i, parts in enumerate(texts)
+            ]
             attributes[GEN_AI_OUTPUT_MESSAGES] = json.dumps(output, ensure_ascii=False)

@@ -875,3 +875,71 @@ def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLP
     assert shown == [(f"tool{i}" + "x" * 3000)[:256] for i in range(64)]
     assert span.attributes["llm.tool_calls.count"] == 1024  # every call counted, up to the middleware's bound
     assert sum(len(n) for n in shown) <= 64 * 256
+
+
+def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: OTLPReceiver) -> None:
+    """``n`` choices are ``n`` output messages, as the conventions define gen_ai.output.messages (one per choice),
+    each with its own text and finish reason: streamed (deltas of the choices interleaved) and not."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    answers = [("Hello world!", "stop"), ("HELLO WORLD!", "length")]
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                for i, (text, finish) in enumerate(answers)
+            ]
+            return JSONResponse(
+                {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+            )
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+            return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+        async def stream() -> Any:
+            for i in range(2):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            for word in range(2):  # the choices' deltas interleaved, as OpenAI sends them
+                for i, (text, _) in enumerate(answers):
+                    yield chunk(i, {"content": text.split(" ")[word] + ("" if word else " ")})
+            for i, (_, finish) in enumerate(answers):
+                yield chunk(i, {}, finish)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-choices"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"}):
+        app = LLMTelemetryMiddleware(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            metrics_port=0,
+            tracer_provider=provider,
+        )
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    with serve(app) as base:
+        for stream in (False, True):
+            reply = client(base).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=stream,
+                extra_headers={"x-request-id": f"choices-{stream}"},
+            )  # fmt: skip
+            if stream:
+                list(reply)  # type: ignore[arg-type]
+    app.telemetry.shutdown()
+    provider.shutdown()
+    for stream in (False, True):
+        span = wait_span(receiver, **{"llm.request_id": f"choices-{stream}"})
+        messages = json.loads(span.attributes["gen_ai.output.messages"])
+        shown = [(m["parts"][0]["content"], m["finish_reason"]) for m in messages]
+        assert shown == answers, (stream, messages)
