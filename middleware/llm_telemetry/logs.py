@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -155,22 +156,25 @@ def _request_line(created: float, level: str, message: str, fields: Mapping[str,
     return _line_text(_encode_line(line))
 
 
-#: Characters that end a line for Unicode-aware readers (Python's ``str.splitlines``, many JavaScript and editor
-#: line readers) though JSON lets them stand unescaped in a string: escaped, one line stays one line for every reader.
-_LINE_BREAKS: Final = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+#: Characters JSON lets stand unescaped in a string that a reader of the raw line should not meet raw: those that end
+#: a line for Unicode-aware readers (U+2028, U+2029 and NEL, for Python's ``str.splitlines``, many JavaScript and
+#: editor line readers), the other C1 controls, and the invisible format characters: zero-width ones and the
+#: bidirectional overrides and isolates, with which a client's model name or request id could turn the rest of the
+#: line around in a terminal. Escaped, one line stays one line and reads as written; a JSON reader gets them back.
+_INVISIBLE: Final = re.compile("[\x80-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return f"\\u{ord(found.group()):04x}"
 
 
 def _line_text(encoded: str) -> str:
     """An encoded line as written: lone surrogates (JSON allows them in any string a client sends, and they would
-    make the handler's write fail) replaced, Unicode line breaks escaped. (The JSON's own structure is ASCII: these
-    can only be inside strings, where the escape means the same character.)"""
+    make the handler's write fail) replaced, Unicode line breaks and invisible characters escaped. (The JSON's own
+    structure is ASCII: these can only be inside strings, where the escape means the same character.)"""
     if encoded.isascii():
         return encoded
-    encoded = valid_text(encoded)
-    for char, escape in _LINE_BREAKS.items():
-        if char in encoded:
-            encoded = encoded.replace(char, escape)
-    return encoded
+    return _INVISIBLE.sub(_escaped, valid_text(encoded))
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -507,14 +507,18 @@ _JSON_VALUES = st.recursive(
 def test_a_request_line_is_the_json_module_s_text(fields: dict[str, Any]) -> None:
     """The line the formatter writes is ``json.dumps`` of the same fields (compact, non-ASCII kept, anything else
     through ``str``), whatever the fields hold: NaN and infinities, lone surrogates (made writable), nesting. And it
-    stays one line for every reader: the Unicode line breaks JSON lets stand in a string are escaped."""
+    stays one line for every reader, with nothing invisible in it: the Unicode line breaks and format characters JSON
+    lets stand in a string are escaped."""
     record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "llm request", None, None)
     setattr(record, RECORD_ATTRIBUTE, fields)
     line = JsonFormatter().format(record)
     timestamp = json.loads(line)["timestamp"] if "timestamp" not in fields else fields["timestamp"]
     expected = {"timestamp": timestamp, "level": "info", "message": "llm request", **fields}
     text = valid_text(json.dumps(expected, ensure_ascii=False, separators=(",", ":"), default=str))
-    assert line == text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    # Escaped: the C1 controls (NEL among them), the Unicode line breaks, and the invisible format characters
+    # (zero-width ones, bidirectional overrides and isolates, the byte order mark).
+    invisible = "[\x80-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]"
+    assert line == re.sub(invisible, lambda found: f"\\u{ord(found.group()):04x}", text)
     assert len(line.splitlines()) == 1
 
 
@@ -529,3 +533,20 @@ def test_a_model_name_with_unicode_line_breaks_stays_on_one_line(capsys: pytest.
     out = capsys.readouterr().out
     assert all(isinstance(json.loads(part), dict) for part in out.splitlines() if part.strip())
     assert line_for(log_lines(out), "line-breaks")["model"] == model
+
+
+def test_a_model_name_with_invisible_characters_shows_them_escaped_in_the_raw_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A right-to-left override (U+202E) raw in a line turns the rest of it around in a terminal (`kubectl logs`),
+    and zero-width characters hide in it: the raw line spells them out, a JSON reader gets the name back as sent."""
+    model = 'gpt-4o\u202e}"eslaf":"nimda"{\u200bx\u2066y\ufeff'
+    with demo_server({}) as (_, base):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"x-request-id": "invisible"}
+        assert httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
+    out = capsys.readouterr().out
+    (raw,) = [part for part in out.splitlines() if '"invisible"' in part]
+    assert not any(char in raw for char in "\u202e\u200b\u2066\ufeff")
+    assert "\\u202e" in raw
+    assert json.loads(raw)["model"] == model
