@@ -886,6 +886,10 @@ class OpenAIChatReader(ResponseReader):
             call.response_model = _str(obj.get("model"))
         if call.response_id is None:
             call.response_id = _str(obj.get("id"))
+        if call.system_fingerprint is None:
+            call.system_fingerprint = _str(obj.get("system_fingerprint"))
+        if call.response_service_tier is None:
+            call.response_service_tier = _str(obj.get("service_tier"))
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         if "error" in obj and isinstance(obj["error"], dict):
@@ -1090,6 +1094,7 @@ class OpenAIResponsesReader(ResponseReader):
         call = self.call
         call.response_model = _str(response.get("model")) or call.response_model
         call.response_id = _str(response.get("id")) or call.response_id
+        call.response_service_tier = _str(response.get("service_tier")) or call.response_service_tier
         usage = response.get("usage")
         if isinstance(usage, dict):
             call.input_tokens = _int(usage.get("input_tokens"))
@@ -1477,6 +1482,9 @@ def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
             field_text(s, MAX_STOP_SEQUENCE_CHARS) for s in stop[:MAX_STOP_SEQUENCES] if isinstance(s, str)
         )
         call.stop_sequences = sequences or None
+    tier = get("service_tier")
+    if isinstance(tier, str) and tier:
+        call.service_tier = field_text(tier, MAX_STOP_SEQUENCE_CHARS)
     output_format = get("response_format")
     if output_format is None:
         text = get("text")  # the Responses API's {"format": {...}}

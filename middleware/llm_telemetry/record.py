@@ -45,6 +45,11 @@ class LLMCall:
     stop_sequences: tuple[str, ...] | None = None
     #: ``gen_ai.output.type`` of the output format asked for: ``text`` or ``json``.
     output_type: str | None = None
+    #: OpenAI's ``service_tier`` asked for, the one that served the request, and the response's
+    #: ``system_fingerprint`` (the conventions' ``openai.request.service_tier`` and ``openai.response.*``).
+    service_tier: str | None = None
+    response_service_tier: str | None = None
+    system_fingerprint: str | None = None
     end: float | None = None
     first_token_at: float | None = None
     #: When the middleware learned the client had left (an ``http.disconnect``, or a ``send`` failing for want of a

@@ -58,6 +58,9 @@ GEN_AI_REQUEST_STOP_SEQUENCES: Final = "gen_ai.request.stop_sequences"
 GEN_AI_OUTPUT_TYPE: Final = "gen_ai.output.type"
 GEN_AI_SYSTEM_INSTRUCTIONS: Final = "gen_ai.system_instructions"
 GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+OPENAI_REQUEST_SERVICE_TIER: Final = "openai.request.service_tier"
+OPENAI_RESPONSE_SERVICE_TIER: Final = "openai.response.service_tier"
+OPENAI_RESPONSE_SYSTEM_FINGERPRINT: Final = "openai.response.system_fingerprint"
 GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
 GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK: Final = "gen_ai.response.time_to_first_chunk"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
@@ -1058,6 +1061,13 @@ class SpanObserver:
             attributes[names.GEN_AI_RESPONSE_MODEL] = call.response_model
         if call.response_id:
             attributes[GEN_AI_RESPONSE_ID] = call.response_id
+        if call.provider == "openai":
+            if call.service_tier is not None:
+                attributes[OPENAI_REQUEST_SERVICE_TIER] = call.service_tier
+            if call.response_service_tier is not None:
+                attributes[OPENAI_RESPONSE_SERVICE_TIER] = call.response_service_tier
+            if call.system_fingerprint is not None:
+                attributes[OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = call.system_fingerprint
         if call.finish_reasons:
             attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(call.finish_reasons)
         if call.input_tokens is not None:

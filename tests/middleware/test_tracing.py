@@ -943,3 +943,58 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
         messages = json.loads(span.attributes["gen_ai.output.messages"])
         shown = [(m["parts"][0]["content"], m["finish_reason"]) for m in messages]
         assert shown == answers, (stream, messages)
+
+
+def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OTLPReceiver) -> None:
+    """The conventions' OpenAI attributes: the service tier asked for and the one that served the request
+    (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    head = {"id": "c", "created": 0, "model": "gpt-4o", "service_tier": "default", "system_fingerprint": "fp_9a2b"}
+
+    async def chat(request: Request) -> Response:
+        if not (await request.json()).get("stream"):
+            choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+            return JSONResponse({**head, "object": "chat.completion", "choices": [choice]})
+
+        async def stream() -> Any:
+            for delta, finish in (
+                ({"role": "assistant", "content": ""}, None),
+                ({"content": "hi"}, None),
+                ({}, "stop"),
+            ):
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                yield b"data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]}).encode()
+                yield b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-tiers"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), metrics_port=0,
+        tracer_provider=provider,
+    )  # fmt: skip
+    with serve(app) as base:
+        for stream in (False, True):
+            reply = client(base).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=stream, service_tier="flex",
+                extra_headers={"x-request-id": f"tier-{stream}"},
+            )  # fmt: skip
+            if stream:
+                list(reply)  # type: ignore[arg-type]
+    app.telemetry.shutdown()
+    provider.shutdown()
+    for stream in (False, True):
+        attributes = wait_span(receiver, **{"llm.request_id": f"tier-{stream}"}).attributes
+        assert attributes["openai.request.service_tier"] == "flex"
+        assert attributes["openai.response.service_tier"] == "default"
+        assert attributes["openai.response.system_fingerprint"] == "fp_9a2b"
