@@ -1083,3 +1083,34 @@ def test_a_resource_a_newer_crd_refuses_says_why_it_cannot_be_deleted(cluster: C
             cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, long_name)
             wait_for(gone, "the long-named resource deleted")
         set_limit(r.MAX_OWNER_NAME)
+
+
+def test_a_users_volume_under_the_pricing_volumes_name_fails_the_injection_and_own_otlp_stays_on(
+    cluster: Cluster,
+) -> None:
+    """On the real API server: a pod template with a volume of its own named llm-telemetry-pricing is not injected
+    (the prices could not be mounted, and the middleware would not start), and the resource says so; renamed, the
+    workload is injected. A container with an OTLP endpoint of its own keeps its exporters (the default collectors
+    do not exist in this cluster, so the operator would otherwise set them to none)."""
+    workload = deployment("volumed", "volumed")
+    pod = workload["spec"]["template"]["spec"]
+    pod["volumes"] = [{"name": "llm-telemetry-pricing", "emptyDir": {}}]
+    pod["containers"][0]["volumeMounts"] = [{"name": "llm-telemetry-pricing", "mountPath": "/data"}]
+    pod["containers"][0]["env"] = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel.example:4318"}]
+    cluster.create(workload)
+    cluster.create(telemetry("volumed", "volumed", pricing={"models": {"m": {"input": 1, "output": 2}}}))
+    failed = cluster.reported("volumed", c.CONDITION_INJECTED, "InjectionFailed")
+    assert "llm-telemetry-pricing" in failed["message"] and "rename it" in failed["message"]
+    assert cluster.condition("volumed", "Ready")["status"] == "False"
+    assert "LLM_TELEMETRY_PRICING" not in cluster.env("volumed")
+    assert cluster.events("volumed", "InjectionFailed")
+    # Renamed: injected, the prices mounted, and the container's own trace pipeline left on.
+    current = cluster.apps.read_namespaced_deployment("volumed", cluster.namespace)
+    current.spec.template.spec.volumes[0].name = "data"
+    current.spec.template.spec.containers[0].volume_mounts[0].name = "data"
+    cluster.apps.replace_namespaced_deployment("volumed", cluster.namespace, current)
+    cluster.ready("volumed")
+    env = cluster.env("volumed")
+    assert env["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.example:4318"
+    assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_LOGS_EXPORTER" not in env
