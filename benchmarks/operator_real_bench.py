@@ -424,6 +424,8 @@ def _run(
     api = client.ApiClient(configuration)
     created = create_collectors(api) if collectors else []
     report["collectors"] = collectors_present(api)
+    info = client.VersionApi(api).get_code()
+    report["server"] = f"{info.git_version} ({info.go_version}, built {info.build_date})"
     log(f"operator (real API server): collector Services {'present' if report['collectors'] else 'absent'}")
     system = f"llmt-bench-system-{uuid.uuid4().hex[:6]}"
     docs = clusterkit.install(api, system)
@@ -721,6 +723,7 @@ def format_report(report: dict[str, Any]) -> str:
         legend,
         "collector Services (jaeger, loki-gateway in observability): "
         + ("unknown" if present is None else "present" if present else "absent (a CollectorNotFound event each)"),
+        f"API server: {report.get('server', 'unknown')}",
     ]
     for res in report.get("results", []):
         n, mode = res["n"], res.get("mode", "proxied")
