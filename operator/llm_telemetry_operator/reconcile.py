@@ -960,11 +960,17 @@ async def _apply(
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         stale = _stale_keys(current, desired)
         stale_metadata = _stale_metadata(current, desired)
-        if not stale and not stale_metadata and r.contains(current, patch):
+        stale_selector = _stale_selector(current, desired)
+        if not stale and not stale_metadata and not stale_selector and r.contains(current, patch):
             return _version(current)
         # A merge patch keeps the keys it does not name; null removes them.
         if stale:
             patch["data"] = {**patch["data"], **dict.fromkeys(stale)}
+        if stale_selector:
+            patch["spec"] = {
+                **patch["spec"],
+                "selector": {**patch["spec"]["selector"], **dict.fromkeys(stale_selector)},
+            }
         for part, keys in stale_metadata.items():
             patch["metadata"] = {
                 **patch["metadata"],
@@ -1012,6 +1018,16 @@ def _stale_keys(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[
     if desired.get("kind") != "ConfigMap":
         return []
     return sorted(set(current.get("data") or {}) - set(desired.get("data") or {}))
+
+
+def _stale_selector(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[str]:
+    """Keys of a metrics Service's selector it should not have: a selector is all ours, and one key too many (a pod
+    template label the workload's selector no longer names) would select none of its pods."""
+    if desired.get("kind") != "Service":
+        return []
+    have = (current.get("spec") or {}).get("selector") or {}
+    want = (desired.get("spec") or {}).get("selector") or {}
+    return sorted(set(have) - set(want)) if isinstance(have, Mapping) else []
 
 
 def _stale_metadata(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, list[str]]:

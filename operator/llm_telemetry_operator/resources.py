@@ -451,6 +451,25 @@ _OWN_ENDPOINTS: Final = {
 }
 
 
+def _injected_volume(volume: Mapping[str, Any]) -> bool:
+    """Whether a volume named as the pricing volume is shaped as an injection makes it (a ConfigMap's one key as the
+    pricing file): one whose record was lost (removed by hand, and the spec changed before a pass could rebuild it)."""
+    config_map = volume.get("configMap")
+    items = config_map.get("items") if isinstance(config_map, Mapping) else None
+    return (
+        set(volume) == {"name", "configMap"}
+        and isinstance(items, list)
+        and len(items) == 1
+        and isinstance(items[0], Mapping)
+        and items[0].get("path") == c.PRICING_FILE
+    )
+
+
+def _injected_mount(mount: Mapping[str, Any]) -> bool:
+    """Whether a mount named as the pricing volume is the one an injection makes (at the pricing mount path)."""
+    return mount.get("mountPath") == c.PRICING_MOUNT_PATH
+
+
 def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
@@ -466,7 +485,8 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
         # taken, as they would in any pod).
         port["hostPort"] = port["containerPort"]
         declared = any(
-            p.get("containerPort") == port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
+            (p.get("containerPort") == port["containerPort"] and (p.get("protocol") or "TCP") == "TCP")
+            or p.get("name") == c.METRICS_PORT_NAME
             for ct in containers
             for p in ct.get("ports") or []
         )
@@ -482,8 +502,11 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)
         ports = container.setdefault("ports", [])
+        # (A UDP or SCTP port of that number, a statsd listener say, is another port: ours is declared beside it,
+        # or the Service, which targets ours by name, would find nothing to scrape in these pods.)
         if not any(
-            p.get("containerPort") == injection.port["containerPort"] or p.get("name") == c.METRICS_PORT_NAME
+            (p.get("containerPort") == injection.port["containerPort"] and (p.get("protocol") or "TCP") == "TCP")
+            or p.get("name") == c.METRICS_PORT_NAME
             for p in ports
         ) and not (host_network and declared):
             ports.append(dict(port))
@@ -493,6 +516,8 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
             container.pop("ports")
         if injection.volume_mount is not None:
             mounts = container.setdefault("volumeMounts", [])
+            # One as the injection makes it is an older injection's whose record was lost: replaced.
+            mounts[:] = [m for m in mounts if not (m.get("name") == c.PRICING_VOLUME and _injected_mount(m))]
             if any(m.get("name") == c.PRICING_VOLUME for m in mounts):
                 # (What the stripped template still has is the user's own.)
                 raise InjectionConflict(
@@ -504,6 +529,7 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
         record["containers"][container["name"]] = done
     if injection.volume is not None:
         volumes = template["spec"].setdefault("volumes", [])
+        volumes[:] = [v for v in volumes if not (v.get("name") == c.PRICING_VOLUME and _injected_volume(v))]
         if any(v.get("name") == c.PRICING_VOLUME for v in volumes):
             raise InjectionConflict(
                 f"the pod template has a volume named {c.PRICING_VOLUME} of its own, where the prices (spec.pricing)"
@@ -654,10 +680,12 @@ def build_workload_patch(
 
 
 def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
-    """Labels selecting the workload's pods, as a Service selects (by equality only): its ``matchLabels`` and, for
-    each key its ``matchExpressions`` name, the value its pod template has (a selector ``track NotIn (canary)``
-    beside a template ``track: stable`` selects ``track: stable``, not the canary's pods too); with no
-    ``matchLabels``, its pod template's labels."""
+    """Labels selecting the workload's pods, as a Service selects (by equality only): its ``matchLabels``, what its
+    ``matchExpressions`` say by equality (``In`` one value), and for a ``NotIn`` key the value its pod template has
+    (``track NotIn (canary)`` beside a template ``track: stable`` selects ``track: stable``, not the canary's pods
+    too; a key ``In`` several values or ``Exists`` is left out: its value may change from one rollout to the next,
+    and the old pods would drop out of the Service while they still serve); with no ``matchLabels``, its pod
+    template's labels."""
     spec = workload.get("spec") or {}
     selector = spec.get("selector") or {}
     template = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
@@ -665,8 +693,14 @@ def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
     if not labels:
         return dict(template)
     for requirement in selector.get("matchExpressions") or []:
-        key = requirement.get("key") if isinstance(requirement, Mapping) else None
-        if key in template and key not in labels:
+        if not isinstance(requirement, Mapping):
+            continue
+        key, operator, values = requirement.get("key"), requirement.get("operator"), requirement.get("values")
+        if not isinstance(key, str) or key in labels:
+            continue
+        if operator == "In" and isinstance(values, list) and len(values) == 1 and isinstance(values[0], str):
+            labels[key] = values[0]
+        elif operator == "NotIn" and isinstance(template.get(key), str):
             labels[key] = template[key]
     return labels
 

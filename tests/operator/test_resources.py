@@ -303,16 +303,19 @@ def test_metrics_service_selects_the_workload_pods() -> None:
 def test_metrics_service_selects_as_narrowly_as_the_workloads_selector_can_be_said_by_equality() -> None:
     """A Service selects by equality only: a workload whose selector has expressions gets, for each key they name,
     the value of its pod template, so the pods of a sibling (its canary) are not selected too."""
-    workload = deployment(labels={"tier": "mixed", "track": "stable"})
+    workload = deployment(labels={"tier": "mixed", "track": "stable", "zone": "a", "version": "v2"})
     workload["spec"]["selector"] = {
         "matchLabels": {"tier": "mixed"},
         "matchExpressions": [
             {"key": "track", "operator": "NotIn", "values": ["canary"]},
+            {"key": "zone", "operator": "In", "values": ["a"]},
+            # Values that may change from one rollout to the next: not selected on.
+            {"key": "version", "operator": "In", "values": ["v1", "v2"]},
             {"key": "absent", "operator": "DoesNotExist"},
         ],
     }
     svc = r.build_metrics_service(minimal_llmt(), parse_spec(minimal_llmt()["spec"]), workload)
-    assert svc["spec"]["selector"] == {"tier": "mixed", "track": "stable"}
+    assert svc["spec"]["selector"] == {"tier": "mixed", "track": "stable", "zone": "a"}
     canary = {"tier": "mixed", "track": "canary"}
     assert not all(canary.get(k) == v for k, v in svc["spec"]["selector"].items())
 
@@ -775,3 +778,37 @@ def test_a_volume_of_the_users_own_under_the_pricing_volumes_name_is_refused_not
     # Without prices nothing is mounted, and the workload is injected as usual.
     plain = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
     assert r.build_workload_patch(workload, r.build_injection(plain, CONFIG, workload, "chat"), "chat") is not None
+
+
+def test_a_udp_port_of_the_metrics_ports_number_gets_the_metrics_port_beside_it() -> None:
+    """A statsd listener on UDP 9464 is another port: the metrics port is declared beside it, by its name, which
+    the metrics Service targets (without it, the pods would be no endpoints of the Service)."""
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": "statsd", "containerPort": 9464, "protocol": "UDP"}
+    ]
+    spec = parse_spec(minimal_llmt()["spec"])
+    assert r.port_conflicts(workload, spec) == []
+    ports = inject(workload)["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
+    svc = r.build_metrics_service(minimal_llmt(), spec, workload)
+    assert svc["spec"]["ports"][0]["targetPort"] == c.METRICS_PORT_NAME
+
+
+def test_an_injected_pricing_volume_whose_record_was_lost_is_replaced_not_taken_for_the_users() -> None:
+    """The record annotation removed by hand, and the prices' ConfigMap changed before a pass could rebuild it: the
+    pricing volume and mount, shaped as an injection makes them, are the injection's, replaced (no InjectionFailed
+    asking the user to rename a volume that is not theirs)."""
+    first = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"configMapRef": {"name": "a"}}})
+    injected = inject(
+        deployment(), {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"configMapRef": {"name": "a"}}}
+    )
+    del injected["metadata"]["annotations"][c.ANNOTATION_INJECTED]
+    later = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"configMapRef": {"name": "b"}}})
+    assert first != later
+    patch = r.build_workload_patch(injected, r.build_injection(later, CONFIG, injected, "chat"), "chat")
+    assert patch is not None
+    pod = dict(merge_patch(injected, patch))["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == c.PRICING_VOLUME]
+    assert volume["configMap"]["name"] == "b"
+    assert [m["name"] for m in pod["containers"][0]["volumeMounts"]].count(c.PRICING_VOLUME) == 1
