@@ -194,6 +194,7 @@ class ResponseReader:
         "_shortcuts",
         "_text",
         "_text_chars",
+        "_tool_choices",
         "call",
         "capture",
     )
@@ -218,6 +219,8 @@ class ResponseReader:
         self._text: dict[int, list[str]] | None = {} if capture else None
         #: Each choice's finish reason, by index (kept with the text, for the span's output messages).
         self._finishes: dict[int, str] = {}
+        #: The choice each tool call counted was made in (content capture on; the chat API's ``n`` choices).
+        self._tool_choices: list[int] = []
         #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
         self._kept_chars = 0
         #: Deltas seen that carry output (see OpenAIChatReader._on_event): the output-token estimate when a stream
@@ -400,6 +403,10 @@ class ResponseReader:
             self.call.output_text = ["".join(kept.get(i, ())) for i in indexes]
             if self._finishes:
                 self.call.output_finish_reasons = [self._finishes.get(i) for i in indexes]
+            if self._tool_choices and len(indexes) > 1:
+                # Which output message each tool call goes to (the first, for a choice not shown).
+                position = {index: n for n, index in enumerate(indexes)}
+                self.call.output_tool_messages = [position.get(i, 0) for i in self._tool_choices]
 
     # Streams -----------------------------------------------------------------------------------
     def _event(self, event: str, data: bytes, now: float) -> bool:
@@ -963,6 +970,8 @@ class OpenAIChatReader(ResponseReader):
                 if call_id is not None:
                     self._tool_ids.add((choice_index, call_id))
                 self.call.tool_calls.append(name)
+                if self._text is not None:
+                    self._tool_choices.append(choice_index)
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._head(obj)
@@ -985,8 +994,10 @@ class OpenAIChatReader(ResponseReader):
                 ]
                 for tool_call in calls:
                     name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
-                    if name:
+                    if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                         _add_tool_call(self.call, name)
+                        if self._text is not None:
+                            self._tool_choices.append(index)
         self._usage(obj.get("usage"))
 
 

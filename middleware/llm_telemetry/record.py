@@ -92,6 +92,8 @@ class LLMCall:
     #: capture is on.
     output_text: list[str] | None = None
     output_finish_reasons: list[str | None] | None = None
+    #: With several output messages: the one (its position in ``output_text``) each of ``tool_calls`` belongs to.
+    output_tool_messages: list[int] | None = None
     #: The request's ASGI scope (tracing reads the HTTP server attributes and the caller's trace context).
     scope: Any = None
     #: OpenAI's chat APIs, told apart as the conventions' ``openai.api.type`` does: ``chat_completions`` or

@@ -1136,7 +1136,9 @@ class SpanObserver:
             elif not (span.kind is _SERVER and status is not None and 400 <= status < 500):
                 span.set_status(Status(StatusCode.ERROR))
 
-    def _text(self, value: Any) -> str:
+    def _text(self, value: Any, max_chars: int | None = None) -> str:
+        """``value`` as shown: redacted, and cut to ``max_chars`` (default: the capture cap)."""
+        limit = self.max_chars if max_chars is None else max_chars
         if not isinstance(value, str):
             if isinstance(value, list):  # content parts: keep their text
                 value = "".join(
@@ -1146,11 +1148,11 @@ class SpanObserver:
                 value = json.dumps(value, default=str)
         # Only what may be shown is redacted: redacting a long-context prompt or a long answer whole cost ~0.1-0.2 µs
         # a character, on the loop. A text cut here is marked as cut, however short the redactor leaves it.
-        full = self.max_chars + REDACTED_BEYOND_CAP
+        full = limit + REDACTED_BEYOND_CAP
         window = full
         for _ in range(WINDOW_GROWTHS + 1):
             if len(value) <= window:
-                return cap(self.redact(value), self.max_chars)
+                return cap(self.redact(value), limit)
             shown = self.redact(value[:window])
             if len(shown) >= full:
                 break
@@ -1158,7 +1160,7 @@ class SpanObserver:
         # At least REDACTED_BEYOND_CAP characters of the redacted window stay unshown after what is shown: masks only
         # shorten, so what is shown ends at least that far before the window's edge, and a value cut by the edge
         # (which the redactor could not recognise) is never shown. Text dense with masked values shows less.
-        return valid_text(shown[: min(self.max_chars, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
+        return valid_text(shown[: min(limit, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
 
     def _message(self, message: dict[str, Any]) -> dict[str, Any]:
         return {"role": _role(message), "parts": self._parts(message)}
@@ -1244,13 +1246,20 @@ class SpanObserver:
             # One message per choice (``n`` of them), each with its own finish reason where one was reported.
             finish = call.finish_reasons[0] if call.finish_reasons else None
             finishes = call.output_finish_reasons or ()
-            texts: list[list[dict[str, Any]]] = [
-                [{"type": "text", "content": self._text(t)}] if t else [] for t in call.output_text or ()
-            ] or [[]]
-            # The tool calls the model made, by name (the readers keep no ids or arguments of the answer's calls).
-            texts[0] += [
-                {"type": "tool_call", "id": None, "name": name} for name in call.tool_calls[:MAX_CAPTURED_TOOL_PARTS]
-            ]
+            # The choices share the cap: the first ones' text is shown whole, up to it, the rest as far as it goes.
+            budget = self.max_chars
+            texts: list[list[dict[str, Any]]] = []
+            for text in call.output_text or ():
+                shown = self._text(text, budget) if text and budget > 0 else ""
+                budget -= len(shown)
+                texts.append([{"type": "text", "content": shown}] if shown else [])
+            texts = texts or [[]]
+            # The tool calls the model made, by name (the readers keep no ids or arguments of the answer's calls),
+            # each in the message of its choice.
+            owners = call.output_tool_messages or ()
+            for n, name in enumerate(call.tool_calls[:MAX_CAPTURED_TOOL_PARTS]):
+                at = owners[n] if n < len(owners) and owners[n] < len(texts) else 0
+                texts[at].append({"type": "tool_call", "id": None, "name": name})
             output = [
                 {
                     "role": "assistant",

@@ -945,6 +945,52 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
         assert shown == answers, (stream, messages)
 
 
+def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: OTLPReceiver) -> None:
+    """Sixteen choices of 10,000 characters show at most the cap between them (it bounds a span's output, as
+    documented), and a tool call is in the message of the choice that made it."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    choices: list[dict[str, Any]] = [
+        {"index": i, "message": {"role": "assistant", "content": chr(97 + i) * 10_000}, "finish_reason": "stop"}
+        for i in range(15)
+    ]
+    tool = {"id": "t", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    choices.append({"index": 15, "message": {"role": "assistant", "content": None, "tool_calls": [tool]},
+                    "finish_reason": "tool_calls"})  # fmt: skip
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-choices-cap"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"}):
+        app = LLMTelemetryMiddleware(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            metrics_port=0,
+            tracer_provider=provider,
+        )
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    with serve(app) as base:
+        client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=16, extra_headers={"x-request-id": "cap-16"}
+        )
+    app.telemetry.shutdown()
+    provider.shutdown()
+    messages = json.loads(wait_span(receiver, **{"llm.request_id": "cap-16"}).attributes["gen_ai.output.messages"])
+    assert len(messages) == 16
+    shown = sum(len(p.get("content", "")) for m in messages for p in m["parts"] if p["type"] == "text")
+    assert 4096 <= shown <= 4096 + len(TRUNCATION_MARK)
+    assert messages[15]["parts"] == [{"type": "tool_call", "id": None, "name": "get_weather"}]
+    assert messages[15]["finish_reason"] == "tool_calls"
+    assert all(p["type"] == "text" for p in messages[0]["parts"])
+
+
 def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OTLPReceiver) -> None:
     """The conventions' OpenAI attributes: the service tier asked for and the one that served the request
     (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks."""
