@@ -23,7 +23,7 @@ from typing import IO, Any, Final
 from opentelemetry import context, trace
 
 from .config import OTelEnvironment
-from .labels import label_value, valid_text
+from .labels import INVISIBLE, label_value, valid_text
 from .record import LLMCall
 
 #: Fields an OTLP log record carries as its own trace context (trace id, span id, flags), not as attributes.
@@ -156,16 +156,19 @@ def _request_line(created: float, level: str, message: str, fields: Mapping[str,
     return _line_text(_encode_line(line))
 
 
-#: Characters JSON lets stand unescaped in a string that a reader of the raw line should not meet raw: those that end
-#: a line for Unicode-aware readers (U+2028, U+2029 and NEL, for Python's ``str.splitlines``, many JavaScript and
-#: editor line readers), the other C1 controls, and the invisible format characters: zero-width ones and the
-#: bidirectional overrides and isolates, with which a client's model name or request id could turn the rest of the
-#: line around in a terminal. Escaped, one line stays one line and reads as written; a JSON reader gets them back.
-_INVISIBLE: Final = re.compile("[\x80-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+#: Characters JSON lets stand unescaped in a string that a reader of the raw line should not meet raw (see
+#: labels.INVISIBLE): the Unicode line breaks, the C1 controls and the invisible format characters, with which a
+#: client's model name or request id could end the line or turn the rest of it around in a terminal. Escaped, one
+#: line stays one line and reads as written; a JSON reader gets them back.
+_INVISIBLE: Final = INVISIBLE
 
 
 def _escaped(found: re.Match[str]) -> str:
-    return f"\\u{ord(found.group()):04x}"
+    code = ord(found.group())
+    if code > 0xFFFF:  # (a tag character): JSON spells it as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 def _line_text(encoded: str) -> str:

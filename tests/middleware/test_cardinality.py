@@ -281,3 +281,21 @@ def test_a_refusal_keeps_the_name_of_a_model_another_worker_admitted(tmp_path: P
     finally:
         first.close()
         second.close()
+
+
+def test_the_invisible_characters_are_every_format_and_control_character_beyond_ascii() -> None:
+    """What a label value may not hold and a raw log line spells out is, beyond ASCII, exactly the interpreter's
+    Unicode categories Cc, Cf, Zl and Zp: no soft hyphen, Arabic letter mark or tag character left out by hand."""
+    import sys
+    import unicodedata
+
+    from llm_telemetry.labels import INVISIBLE, label_value
+
+    expected = {
+        code for code in range(0x80, sys.maxunicode + 1) if unicodedata.category(chr(code)) in ("Cc", "Cf", "Zl", "Zp")
+    }
+    found = {code for code in range(0x80, sys.maxunicode + 1) if INVISIBLE.fullmatch(chr(code))}
+    assert found == expected
+    for char in ("\u00ad", "\u061c", "\u202e", "\U000e0041", "\x85", "\u2028"):
+        assert label_value(f"gpt{char}4o") == "other"
+    assert label_value("gpt-4o-é") == "gpt-4o-é"
