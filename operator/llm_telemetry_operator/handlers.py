@@ -485,14 +485,11 @@ async def _reconcile(
     state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
     metrics.RECONCILES.labels(trigger, result).inc()
-    if key in state.reported:
-        reported = state.reported[key]
-    else:
-        # First pass since the operator started: what the stored status already says was reported before (a
-        # restart's resume posts no event for a failure the resource shows already).
-        reported = _stored_reports(body)
-        stored = [str(x.get("message")) for x in (body.get("status") or {}).get("conditions") or []]
-        reported |= {f for f, words in outcome.shown.items() if any(words in message for message in stored)}
+    # What the stored status already says was reported before (a restart's resume posts no event for a failure the
+    # resource shows already, also when the first pass after it failed), and what this operator posted since.
+    reported = state.reported[key] if key in state.reported else _stored_reports(body)
+    stored = [str(x.get("message")) for x in (body.get("status") or {}).get("conditions") or []]
+    reported |= {f for f, words in outcome.shown.items() if any(words in message for message in stored)}
     for reason, message in outcome.failures:
         metrics.RECONCILE_ERRORS.labels(reason).inc()
         if (reason, message) not in reported:
@@ -575,6 +572,9 @@ async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, messa
     new = failure not in reported
     if new:
         kopf.warn(_event_target(body), reason=reason, message=message)
+        if len(reported) >= MAX_REPORTED:
+            # Failures of a pass each differ (an API error's message names what it was doing): kept bounded.
+            reported = _stored_reports(body)
     state.reported[key] = reported | {failure}
     shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
     status = await rec.write_failure(_client(memo), shown, reason, message)
@@ -583,6 +583,8 @@ async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, messa
     return new
 
 
+#: Distinct failures remembered as reported for one resource while its passes fail.
+MAX_REPORTED: Final = 64
 #: What the API server says when refusing to create anything in a namespace being deleted.
 TERMINATING: Final = "because it is being terminated"
 

@@ -164,6 +164,7 @@ def test_bytes_past_an_oversized_json_answer_are_never_read_as_an_event_stream()
     reader = api.response_reader(call, stream=False, capture=False)
     reader.feed(b'{"pad": "' + b"x" * MAX_JSON_RESPONSE_BYTES, now=1.0)
     event = {"model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}
-    reader.feed(b"data: " + json.dumps(event).encode() + b'\n\n"}', now=2.0)
+    # (Inside the JSON string its quotes are escaped, as in any valid answer: no usage member is there either.)
+    reader.feed(b"data: " + json.dumps(event).replace('"', '\\"').encode() + b'\\n\\n"}', now=2.0)
     reader.finish(now=3.0)
     assert (call.stream, call.output_tokens, call.response_model) == (False, None, None)

@@ -1421,11 +1421,13 @@ async def test_children_deleted_with_their_namespace_are_not_fought_for(emulator
     resource: recreating them is refused (403, the namespace is being terminated), and so is every Warning event
     about it. The operator leaves them be, and posts nothing there."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
     async with running_operator(config):
         await ready(emulator)
+        await asyncio.sleep(1)  # kopf posts events in the background: those of the first pass are out
 
         def creates() -> list[str]:
             return [
