@@ -270,7 +270,9 @@ async def reconcile(
     # first pass creates them without listing each kind first; one that exists all the same (a pass that failed
     # after creating it, before writing the status) answers 409 and is read and compared as a listed one is.
     fresh = not owner.get("status")
-    services = [r.build_metrics_service(owner, spec, w) for w in targets]
+    services, name_clashes = _unique_services(
+        [(workload_key(w), r.build_metrics_service(owner, spec, w)) for w in targets]
+    )
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
     outranked = _Outranked(owner, peers, targets)
@@ -345,6 +347,14 @@ async def reconcile(
             " spec.metrics.port to it)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
+    elif name_clashes:
+        message = (
+            "two workloads would share one metrics Service, and only the first (by kind and name) has it: "
+            + "; ".join(name_clashes)
+            + " (a workload name with a dot, a leading digit or too long for a Service name gets one made of a part of"
+            " it and a hash, which another workload's name can equal: rename one)"
+        )
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceNameClash", message)
     elif overlaps:
         message = (
             "the metrics Service of one workload selects the pods of another, so those pods are scraped twice and "
@@ -688,6 +698,22 @@ def _held_back(workload: Mapping[str, Any], patched: bool) -> str | None:
     stale = (status.get("observedGeneration") or 0) < ((workload.get("metadata") or {}).get("generation") or 0)
     behind = int(status.get("updatedReplicas") or 0) < (wanted if isinstance(wanted, int) else 1)
     return why if stale or behind else None
+
+
+def _unique_services(built: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The metrics Services to keep, one per name, the first by workload (kind and name) winning each, and what
+    lost: two workloads whose Services would share a name would otherwise rewrite it on every pass."""
+    owners: dict[str, str] = {}
+    kept: list[dict[str, Any]] = []
+    clashes: list[str] = []
+    for key, service in sorted(built, key=lambda pair: pair[0]):
+        name = service["metadata"]["name"]
+        if name in owners:
+            clashes.append(f"{key} would share Service {name} with {owners[name]}")
+            continue
+        owners[name] = key
+        kept.append(service)
+    return kept, clashes
 
 
 def _overlapping(targets: Sequence[Mapping[str, Any]]) -> list[str]:

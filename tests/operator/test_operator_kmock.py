@@ -1478,3 +1478,35 @@ async def test_a_selector_key_the_workload_no_longer_names_comes_off_its_metrics
             lambda: get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat"},
             "the key no longer named taken off",
         )
+
+
+async def test_two_workloads_whose_metrics_services_would_share_a_name_are_reported(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """``chat.v2`` gets a Service named from a hash, which a workload can be named after: both selected, the first
+    (by kind and name) has the Service and the other is reported, rather than the Service being rewritten between
+    the two on every pass."""
+    from llm_telemetry_operator import resources as r
+
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    hashed = r.service_name("chat.v2")[: -len("-llm-metrics")]
+    for name in ("chat.v2", hashed):
+        emulator.objects[DEPLOYMENTS, NAMESPACE, name] = deployment(name, labels={"app": "chat"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")):
+        metrics = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceNameClash"
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
+            ),
+            "the clash reported",
+        )
+        # ("chat-v2-..." sorts before "chat.v2": it keeps the Service.)
+        lost = f"Deployment/chat.v2 would share Service {r.service_name('chat.v2')} with Deployment/{hashed}"
+        assert lost in metrics["message"]
+        service = get(emulator, SERVICES, r.service_name("chat.v2"))
+        assert service["spec"]["selector"] == {"pod": hashed}
+        before = service["metadata"]["resourceVersion"]
+        await asyncio.sleep(2)
+        assert get(emulator, SERVICES, r.service_name("chat.v2"))["metadata"]["resourceVersion"] == before
