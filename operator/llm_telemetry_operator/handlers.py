@@ -89,6 +89,10 @@ class OperatorState:
     awaiting: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
     collector_waiters: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
     collector_watches: dict[tuple[str, str], MetadataWatch] = field(default_factory=dict)
+    #: Collector Services seen created or changed since the waiting resources' last passes, and the timer that
+    #: starts those passes once they have settled (see :func:`_collector_event`).
+    collectors_changed: set[tuple[str, str]] = field(default_factory=set)
+    collectors_settling: asyncio.TimerHandle | None = None
     #: Whether another replica is the active one (kopf's peering rule, see standby.py): no pass of our own runs.
     standby: bool = False
     #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
@@ -334,6 +338,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if isinstance(state, OperatorState):
         for watch in [*(state.watches or ()), *state.collector_watches.values()]:
             watch.stop()
+        if state.collectors_settling is not None:
+            state.collectors_settling.cancel()
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
@@ -962,22 +968,43 @@ def _await_collectors(
             watch.start()
 
 
+#: Seconds a collector Service's creation waits for others before the resources waiting for it get their passes.
+COLLECTOR_SETTLE_SECONDS: Final = 2.0
+
+
 def _collector_event(memo: Any, logger: Any, service: tuple[str, str], type: str, meta: dict[str, Any]) -> None:
     """A collector Service some resources wait for was created or changed: each of them gets a pass, which reads
-    it again (a deletion changes nothing for a resource that found it missing)."""
+    it again (a deletion changes nothing for a resource that found it missing). Collectors are installed together
+    (Jaeger and Loki in one apply, one Service a few milliseconds after the other): the passes start
+    COLLECTOR_SETTLE_SECONDS after the first one's event, for every collector seen by then, so a workload rolls
+    once, to both exporters, and no Warning says the second is missing."""
     if type == "DELETED":
         return
     state = _state(memo)
-    # Every awaited collector is read again, not just this one: collectors are installed together (Jaeger and Loki
-    # in one apply), and the pass this event starts must not take the other's "missing" from before (it would
-    # roll the workloads twice, and warn once more about the one just installed).
-    for awaited in {service, *state.collector_waiters}:
+    state.collectors.forget(service)
+    state.collectors_changed.add(service)
+    if (
+        state.collectors_settling is None
+    ):  # (a window from the first one: a Service changing all the time waits no more)
+        state.collectors_settling = asyncio.get_running_loop().call_later(
+            COLLECTOR_SETTLE_SECONDS, _collectors_settled, memo, logger, context=contextvars.copy_context()
+        )
+
+
+def _collectors_settled(memo: Any, logger: Any) -> None:
+    state = _state(memo)
+    state.collectors_settling = None
+    changed, state.collectors_changed = frozenset(state.collectors_changed), set()
+    # Every awaited collector is read again, not just those seen: the passes must not take another's "missing"
+    # from before.
+    for awaited in {*changed, *state.collector_waiters}:
         state.collectors.forget(awaited)
 
     def answered(outcome: rec.Outcome) -> bool:
-        return service not in outcome.awaiting  # a pass after the change found it (the pass reads it afresh)
+        return changed.isdisjoint(outcome.awaiting)  # a pass after the change found them (it reads them afresh)
 
-    for key in sorted(state.collector_waiters.get(service, ())):
+    waiting = {key for service in changed for key in state.collector_waiters.get(service, ())}
+    for key in sorted(waiting):
         owner = state.bodies.get(key)
         if owner is not None and not owner["metadata"].get("deletionTimestamp"):
             _start_pass(memo, logger, state, key, owner, "collector", answered)

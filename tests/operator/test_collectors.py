@@ -284,30 +284,31 @@ async def test_a_failed_pass_does_not_make_the_next_one_post_its_events_again(em
 
 
 async def test_collectors_installed_together_are_found_by_one_pass(emulator: Any) -> None:
-    """Jaeger and Loki installed in one apply: the pass the first one's event starts reads the other afresh too, so
-    the workload rolls once, to both exporters, with no Warning that the second is missing. (Here the second Service
-    is stored without a watch event, so only the first one's pass can find it.)"""
+    """Jaeger and Loki installed in one apply, one Service a moment after the other: the waiting resources get
+    their pass once both are there, so the workload rolls once, to both exporters, with no Warning that the
+    second is missing."""
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
     async with running_operator(config):
         await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
-        emulator.objects[SERVICES, "observability", "loki-gateway"] = {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "loki-gateway", "namespace": "observability"},
-            "spec": {"ports": [{"port": 80}]},
-        }
-        await hand(
-            emulator,
-            "POST",
-            "/api/v1/namespaces/observability/services",
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "jaeger"}, "spec": {}},
-        )
+        await asyncio.sleep(0.5)
+        generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
+        for name, port in (("jaeger", 4318), ("loki-gateway", 80)):
+            service = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name},
+                "spec": {"ports": [{"port": port}]},
+            }
+            await hand(emulator, "POST", "/api/v1/namespaces/observability/services", service)
+            await asyncio.sleep(0.3)
         await eventually(
             lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS).get("status") == "True",
             "both collectors found",
         )
+        await asyncio.sleep(1)
         env = env_of(get(emulator, DEPLOYMENTS, "chat"))
         assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("otlp", "otlp")
+        assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] == generation + 1  # one rollout
         assert len(collector_events(emulator)) == 1

@@ -392,9 +392,14 @@ async def test_invalid_spec_names_the_field(
         assert "spec.alerts.ttftObjectiveSeconds" in refused["message"]
         assert owner["status"]["phase"] == "Invalid"
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
-        # The operator's log says why, not the targets of a spec it did not apply.
-        logged = [r.getMessage() for r in caplog.records if "reconciled (" in r.getMessage()]
-        assert logged and "invalid: " in logged[-1] and "spec.alerts.ttftObjectiveSeconds" in logged[-1], logged
+
+        # The operator's log says why, not the targets of a spec it did not apply (the line follows the status
+        # write, once the pass's events are queued: waited for, as a loaded machine may take a while).
+        def reconciled() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "reconciled (" in r.getMessage()]
+
+        logged = await eventually(reconciled, "the pass logged")
+        assert "invalid: " in logged[-1] and "spec.alerts.ttftObjectiveSeconds" in logged[-1], logged
         # kubectl describe shows why, as a Warning event naming the field.
         await eventually(
             lambda: any(
