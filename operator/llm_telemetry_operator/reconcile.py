@@ -370,7 +370,7 @@ async def reconcile(
             monitor_error,
             outcome,
             ready=f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}",
-            missing_prefix="metrics Services exist, but ",
+            missing_prefix="metrics Services exist, but " if services else "",
         )
 
     if not spec.alerts.enabled:

@@ -1515,3 +1515,18 @@ async def test_two_workloads_whose_metrics_services_would_share_a_name_are_repor
         before = service["metadata"]["resourceVersion"]
         await asyncio.sleep(2)
         assert get(emulator, SERVICES, r.service_name("chat.v2"))["metadata"]["resourceVersion"] == before
+
+
+async def test_a_missing_servicemonitor_crd_is_not_said_to_follow_services_that_do_not_exist(emulator: Any) -> None:
+    """With no workload selected there is no metrics Service: the condition says only that the CRD is missing."""
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")):
+        metrics = await eventually(
+            lambda: (
+                condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceMonitorCRDMissing"
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
+            ),
+            "the condition written",
+        )
+        assert metrics["message"].startswith("monitoring.coreos.com/v1 ServiceMonitor is not installed"), metrics
+        assert get(emulator, SERVICES, "chat-llm-metrics") is None
