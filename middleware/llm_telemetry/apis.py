@@ -90,6 +90,11 @@ def usage_in_tail(tail: bytes | bytearray) -> dict[str, Any] | None:
     return None
 
 
+#: What a reader keeps per choice when content capture is off: nothing (shared, never written to).
+_NONE_KEPT: Final[dict[int, str]] = {}
+_NO_CHOICES: Final[list[int]] = []
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
         return value
@@ -218,9 +223,9 @@ class ResponseReader:
         #: The generated text kept for the span (content capture on), by choice index; None when capture is off.
         self._text: dict[int, list[str]] | None = {} if capture else None
         #: Each choice's finish reason, by index (kept with the text, for the span's output messages).
-        self._finishes: dict[int, str] = {}
+        self._finishes: dict[int, str] = {} if capture else _NONE_KEPT  # (written to only when capturing)
         #: The choice each tool call counted was made in (content capture on; the chat API's ``n`` choices).
-        self._tool_choices: list[int] = []
+        self._tool_choices: list[int] = [] if capture else _NO_CHOICES
         #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
         self._kept_chars = 0
         #: Deltas seen that carry output (see OpenAIChatReader._on_event): the output-token estimate when a stream
@@ -894,9 +899,9 @@ class OpenAIChatReader(ResponseReader):
         if call.response_id is None:
             call.response_id = _str(obj.get("id"))
         if call.system_fingerprint is None:
-            call.system_fingerprint = _str(obj.get("system_fingerprint"))
+            call.system_fingerprint = obj.get("system_fingerprint")  # (made safe by the span that shows it)
         if call.response_service_tier is None:
-            call.response_service_tier = _str(obj.get("service_tier"))
+            call.response_service_tier = obj.get("service_tier")
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         if "error" in obj and isinstance(obj["error"], dict):
@@ -977,18 +982,22 @@ class OpenAIChatReader(ResponseReader):
         self._head(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
+            capture = self._text is not None
+            index = 0
             for position, choice in enumerate(choices):
                 if not isinstance(choice, dict):
                     continue
                 _add_finish_reason(self.call, choice.get("finish_reason"))
-                index = _int(choice.get("index"))
-                index = position if index is None else index
-                self._keep_finish(choice.get("finish_reason"), index)
+                if capture:
+                    given = _int(choice.get("index"))
+                    index = position if given is None else given
+                    self._keep_finish(choice.get("finish_reason"), index)
                 message = choice.get("message")
                 text = message.get("content") if isinstance(message, dict) else choice.get("text")
                 if isinstance(text, str):
                     self._text_chars += len(text)
-                    self._keep_text(text, index)
+                    if capture:
+                        self._keep_text(text, index)
                 calls = _list(_get(choice, "message", "tool_calls")) or [
                     {"function": _get(choice, "message", "function_call")}
                 ]
@@ -996,7 +1005,7 @@ class OpenAIChatReader(ResponseReader):
                     name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
                     if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                         _add_tool_call(self.call, name)
-                        if self._text is not None:
+                        if capture:
                             self._tool_choices.append(index)
         self._usage(obj.get("usage"))
 
@@ -1105,7 +1114,7 @@ class OpenAIResponsesReader(ResponseReader):
         call = self.call
         call.response_model = _str(response.get("model")) or call.response_model
         call.response_id = _str(response.get("id")) or call.response_id
-        call.response_service_tier = _str(response.get("service_tier")) or call.response_service_tier
+        call.response_service_tier = response.get("service_tier") or call.response_service_tier
         usage = response.get("usage")
         if isinstance(usage, dict):
             call.input_tokens = _int(usage.get("input_tokens"))

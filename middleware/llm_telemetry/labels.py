@@ -44,7 +44,7 @@ INVISIBLE: Final = re.compile(
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
 )
 #: C0 controls and DEL, and the invisible characters beyond ASCII.
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f]|" + INVISIBLE.pattern)
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f" + INVISIBLE.pattern[1:])  # (one class: a search per label value)
 
 
 def valid_text(value: str) -> str:

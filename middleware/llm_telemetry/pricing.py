@@ -148,14 +148,14 @@ class PricingTable:
             return None
         cache_read = call.cache_read_tokens or 0
         cache_creation = call.cache_creation_tokens or 0
-        one_hour = min(call.cache_creation_1h_tokens or 0, cache_creation)
         fresh = max((call.input_tokens or 0) - cache_read - cache_creation, 0)
+        one_hour = call.cache_creation_1h_tokens
+        writes = cache_creation * price.cache_creation
+        if one_hour:  # (Anthropic's one-hour cache: part of the writes, at a price of its own)
+            one_hour = min(one_hour, cache_creation)
+            writes += one_hour * (price.cache_creation_1h - price.cache_creation)
         return (
-            fresh * price.input
-            + cache_read * price.cache_read
-            + (cache_creation - one_hour) * price.cache_creation
-            + one_hour * price.cache_creation_1h
-            + (call.output_tokens or 0) * price.output
+            fresh * price.input + cache_read * price.cache_read + writes + (call.output_tokens or 0) * price.output
         ) / 1_000_000
 
 

@@ -48,8 +48,9 @@ class LLMCall:
     #: OpenAI's ``service_tier`` asked for, the one that served the request, and the response's
     #: ``system_fingerprint`` (the conventions' ``openai.request.service_tier`` and ``openai.response.*``).
     service_tier: str | None = None
-    response_service_tier: str | None = None
-    system_fingerprint: str | None = None
+    #: (As the body gave them, of any type: a span shows them only when they are strings, bounded.)
+    response_service_tier: Any = None
+    system_fingerprint: Any = None
     end: float | None = None
     first_token_at: float | None = None
     #: When the middleware learned the client had left (an ``http.disconnect``, or a ``send`` failing for want of a

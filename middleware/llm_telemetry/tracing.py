@@ -1064,10 +1064,12 @@ class SpanObserver:
         if call.provider == "openai":
             if call.service_tier is not None:
                 attributes[OPENAI_REQUEST_SERVICE_TIER] = call.service_tier
-            if call.response_service_tier is not None:
-                attributes[OPENAI_RESPONSE_SERVICE_TIER] = call.response_service_tier
-            if call.system_fingerprint is not None:
-                attributes[OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = call.system_fingerprint
+            tier = _short(call.response_service_tier)
+            if tier:
+                attributes[OPENAI_RESPONSE_SERVICE_TIER] = tier
+            fingerprint = _short(call.system_fingerprint)
+            if fingerprint:
+                attributes[OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fingerprint
         if call.finish_reasons:
             attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(call.finish_reasons)
         if call.input_tokens is not None:
