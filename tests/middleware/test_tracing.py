@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anthropic
@@ -52,6 +53,34 @@ def two_span_server(receiver: OTLPReceiver) -> Iterator[str]:
     env = tracing_env(receiver, LLM_TELEMETRY_TRACING_HTTP_SPAN="true")
     with demo_server(env, token_delay=0.002) as (_, base):
         yield base
+
+
+@contextmanager
+def traced_chat_app(receiver: OTLPReceiver, chat: Any, service: str, capture: bool = False) -> Iterator[str]:
+    """A chat-completions endpoint of a test's own under the middleware, its spans sent straight to ``receiver``,
+    served by uvicorn; every span is exported by the time the block is left."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"} if capture else {}):
+        app = LLMTelemetryMiddleware(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            metrics_port=0,
+            tracer_provider=provider,
+        )
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    try:
+        with serve(app) as base:
+            yield base
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
 
 
 def client(base: str) -> openai.OpenAI:
@@ -829,13 +858,7 @@ def test_the_route_of_an_llm_app_under_a_mount_carries_the_mounts_prefix(receive
 def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLPReceiver) -> None:
     """A model (or a hostile upstream) calling 1,100 tools with 3,000-character names put ~1 MiB of names on one span,
     enough to make a collector's 4 MiB gRPC limit refuse whole batches: names are listed once each, bounded."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from starlette.applications import Starlette
     from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     names = [f"tool{i % 100}" + "x" * 3000 for i in range(1100)]
 
@@ -856,19 +879,10 @@ def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLP
             }
         )
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "llm-many-tools"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-        metrics_port=0,
-        tracer_provider=provider,
-    )
-    with serve(app) as base:
+    with traced_chat_app(receiver, chat, "llm-many-tools") as base:
         response = client(base).chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "go"}], extra_headers={"x-request-id": "tools-1100"}
         )
-    app.telemetry.shutdown()
-    provider.shutdown()
     assert len(response.choices[0].message.tool_calls or []) == 1100  # the client got every call, unchanged
     span = wait_span(receiver, **{"llm.request_id": "tools-1100"})
     shown = span.attributes["llm.tool_calls.names"]
@@ -880,14 +894,8 @@ def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLP
 def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: OTLPReceiver) -> None:
     """``n`` choices are ``n`` output messages, as the conventions define gen_ai.output.messages (one per choice),
     each with its own text and finish reason: streamed (deltas of the choices interleaved) and not."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
 
     answers = [("Hello world!", "stop"), ("HELLO WORLD!", "length")]
 
@@ -919,16 +927,7 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "llm-choices"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"}):
-        app = LLMTelemetryMiddleware(
-            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-            metrics_port=0,
-            tracer_provider=provider,
-        )
-        app.telemetry  # noqa: B018 - built while the environment is in place
-    with serve(app) as base:
+    with traced_chat_app(receiver, chat, "llm-choices", capture=True) as base:
         for stream in (False, True):
             reply = client(base).chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=stream,
@@ -936,8 +935,6 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
             )  # fmt: skip
             if stream:
                 list(reply)  # type: ignore[arg-type]
-    app.telemetry.shutdown()
-    provider.shutdown()
     for stream in (False, True):
         span = wait_span(receiver, **{"llm.request_id": f"choices-{stream}"})
         messages = json.loads(span.attributes["gen_ai.output.messages"])
@@ -948,13 +945,7 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
 def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: OTLPReceiver) -> None:
     """Sixteen choices of 10,000 characters show at most the cap between them (it bounds a span's output, as
     documented), and a tool call is in the message of the choice that made it."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from starlette.applications import Starlette
     from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     choices: list[dict[str, Any]] = [
         {"index": i, "message": {"role": "assistant", "content": chr(97 + i) * 10_000}, "finish_reason": "stop"}
@@ -967,21 +958,10 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     async def chat(request: Any) -> JSONResponse:
         return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "llm-choices-cap"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"}):
-        app = LLMTelemetryMiddleware(
-            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-            metrics_port=0,
-            tracer_provider=provider,
-        )
-        app.telemetry  # noqa: B018 - built while the environment is in place
-    with serve(app) as base:
+    with traced_chat_app(receiver, chat, "llm-choices-cap", capture=True) as base:
         client(base).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}], n=16, extra_headers={"x-request-id": "cap-16"}
         )
-    app.telemetry.shutdown()
-    provider.shutdown()
     messages = json.loads(wait_span(receiver, **{"llm.request_id": "cap-16"}).attributes["gen_ai.output.messages"])
     assert len(messages) == 16
     shown = sum(len(p.get("content", "")) for m in messages for p in m["parts"] if p["type"] == "text")
@@ -994,14 +974,8 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
 def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OTLPReceiver) -> None:
     """The conventions' OpenAI attributes: the service tier asked for and the one that served the request
     (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
 
     head = {"id": "c", "created": 0, "model": "gpt-4o", "service_tier": "default", "system_fingerprint": "fp_9a2b"}
 
@@ -1023,13 +997,7 @@ def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OT
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "llm-tiers"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), metrics_port=0,
-        tracer_provider=provider,
-    )  # fmt: skip
-    with serve(app) as base:
+    with traced_chat_app(receiver, chat, "llm-tiers") as base:
         for stream in (False, True):
             reply = client(base).chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=stream, service_tier="flex",
@@ -1037,8 +1005,6 @@ def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OT
             )  # fmt: skip
             if stream:
                 list(reply)  # type: ignore[arg-type]
-    app.telemetry.shutdown()
-    provider.shutdown()
     for stream in (False, True):
         attributes = wait_span(receiver, **{"llm.request_id": f"tier-{stream}"}).attributes
         assert attributes["openai.request.service_tier"] == "flex"
