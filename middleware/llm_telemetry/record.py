@@ -122,7 +122,7 @@ class LLMCall:
 
     @property
     def time_per_output_token(self) -> float | None:
-        """Mean gap between output tokens after the first, for streams with at least two output tokens after it.
+        """Mean gap between output tokens after the first, for streams with at least two output tokens.
 
         Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only)
         were generated before its first token, so they are not among the tokens after it."""

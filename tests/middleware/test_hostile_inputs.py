@@ -829,6 +829,32 @@ async def test_hostile_failed_setup_leaves_a_counted_pass_through(
     assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="setup") == 1
 
 
+class FailingObserver:
+    """An observer of the application's own that fails at both ends of every call."""
+
+    def start(self, call: LLMCall) -> None:
+        raise ValueError("start failed")
+
+    def end(self, call: LLMCall) -> None:
+        raise ValueError("end failed")
+
+
+async def test_hostile_failing_observer_is_counted_and_the_answer_unchanged(cleanup: list[Any]) -> None:
+    calls = Calls()
+    wrapped = LLMTelemetryMiddleware(
+        OK_JSON, metrics_port=0, metrics_app_path="/metrics", request_logs=False, observers=[FailingObserver(), calls]
+    )
+    cleanup.append(wrapped)
+    for _ in range(3):
+        answer = wire(await exchange(wrapped, "/v1/chat/completions", b'{"model": "m"}'))
+        assert answer == wire(await exchange(OK_JSON, "/v1/chat/completions", b'{"model": "m"}'))
+    assert len(calls.ended) == 3  # the observers after it are still told
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_requests_total") == 3
+    assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="observer_start") == 3
+    assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="observer_end") == 3
+
+
 async def test_hostile_setup_runs_at_lifespan_startup(cleanup: list[Any]) -> None:
     wrapped, _ = observe(OK_JSON)
     cleanup.append(wrapped)
