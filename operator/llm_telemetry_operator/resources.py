@@ -451,6 +451,11 @@ _OWN_ENDPOINTS: Final = {
 }
 
 
+def _blank(entry: Any) -> bool:
+    """Whether an env entry sets nothing: no value (the API server stores an empty one as none) and no valueFrom."""
+    return isinstance(entry, Mapping) and not entry.get("value") and entry.get("valueFrom") is None
+
+
 def _injected_volume(volume: Mapping[str, Any]) -> bool:
     """Whether a volume named as the pricing volume is shaped as an injection makes it (a ConfigMap's one key as the
     pricing file): one whose record was lost (removed by hand, and the spec changed before a pass could rebuild it)."""
@@ -493,13 +498,21 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
-        taken = {e.get("name") for e in env}
+        # An entry with no value is not a setting: the OpenTelemetry SDK and the middleware read an empty variable as
+        # unset. A server-side apply leaves one where its manifest overrode an injected variable and then dropped
+        # the override (the apply gives up the value it took over, not the name the operator's patch had written).
+        # The injected value goes into its place, as it would for a variable never declared.
+        blank = {e.get("name"): i for i, e in enumerate(env) if _blank(e)}
+        taken = {e.get("name") for e in env if not _blank(e)}
         for entry in injection.env:
             if entry["name"] in taken:  # the user's own variables win
                 continue
             if entry.get("value") == "none" and not taken.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
                 continue
-            env.append(copy.deepcopy(entry))
+            if entry["name"] in blank:
+                env[blank[entry["name"]]] = copy.deepcopy(entry)
+            else:
+                env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)
         ports = container.setdefault("ports", [])
         # (A UDP or SCTP port of that number, a statsd listener say, is another port: ours is declared beside it,
@@ -593,14 +606,14 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
         ours = (injected.get(container.get("name")) or {}).get("env") or {}
         for entry in container.get("env") or []:
             name, value = entry.get("name"), entry.get("value")
-            if _as_injected(entry, ours) or not isinstance(value, str):
-                continue
+            if _as_injected(entry, ours) or not isinstance(value, str) or _blank(entry):
+                continue  # (an empty variable is unset, and the injection's value goes into it)
             text = value.strip().lower()
             if (
                 (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
                 or (name == mw.LLM_TELEMETRY_METRICS_HOST and text in ("127.0.0.1", "localhost", "::1", "[::1]"))
                 or (name == mw.LLM_TELEMETRY_METRICS_EXPORTER and "prometheus" not in text.split(","))
-                or (name == mw.LLM_TELEMETRY_ENABLED and text in ("0", "false", "no", "off", ""))
+                or (name == mw.LLM_TELEMETRY_ENABLED and text in ("0", "false", "no", "off"))
             ):
                 found.append(f"container {container.get('name')} sets {name}={value}")
     return found

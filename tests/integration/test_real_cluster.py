@@ -620,6 +620,40 @@ def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     assert after["spec"]["template"] == injected["spec"]["template"]
 
 
+def test_an_override_a_gitops_commit_drops_again_gets_the_injected_value_back(cluster: Cluster) -> None:
+    """A GitOps tool server-side applies with ``--force-conflicts`` (Argo CD, Flux): a commit overrides an injected
+    variable, a later commit drops the override. The apply gives up the value it took over but not the entry's name,
+    which the operator's patch wrote: the entry is left with no value, unset to the SDK (the sampler at 1.0, traces
+    to localhost). The operator puts its value back, as for a variable never declared."""
+    manifest = deployment("ssa", "ssa")
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [{"name": "MODEL", "value": "gpt"}]
+
+    def gitops_apply(env: list[dict[str, str]]) -> None:
+        container["env"] = env
+        cluster.apps.patch_namespaced_deployment(
+            "ssa",
+            cluster.namespace,
+            manifest,
+            field_manager="argocd",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    first = [{"name": "MODEL", "value": "gpt"}]
+    gitops_apply(first)
+    cluster.create(telemetry("ssa", "ssa"))
+    cluster.ready("ssa")
+    injected = wait_for(lambda: cluster.env("ssa").get("OTEL_SERVICE_NAME") == "ssa" and cluster.env("ssa"), "env")
+    assert injected["OTEL_TRACES_EXPORTER"] == "none"  # no collector in this cluster
+    gitops_apply([*first, {"name": "OTEL_SERVICE_NAME", "value": "mine"}])
+    assert cluster.env("ssa")["OTEL_SERVICE_NAME"] == "mine"
+    gitops_apply(first)
+    wait_for(lambda: cluster.env("ssa") == injected, "the injected values back after the override was dropped")
+    entries = cluster.deployment("ssa")["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert len(entries) == len({e["name"] for e in entries})
+
+
 def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> None:
     """Someone else's Service holds the metrics Service's name: the resource says so (and is not Ready); once
     that Service is removed, the operator's own retry (the resource itself does not change) creates the metrics

@@ -760,6 +760,42 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
 
 
+def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back() -> None:
+    """A GitOps tool's server-side apply (``--force-conflicts``) overrode two injected variables, then a commit
+    dropped the override: the apply gives up the values it took over, not the names the operator's patch wrote, so
+    the entries are left with no value. An empty variable is unset to the OpenTelemetry SDK and the middleware
+    (traces to localhost, the sampler at 1.0): the injected values go back in, where they are."""
+    spec = parse_spec(minimal_llmt(tracing={"samplingRatio": 0.25})["spec"])
+    workload = deployment(
+        env=[
+            {"name": "MODEL", "value": "gpt"},
+            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT"},
+            {"name": "OTEL_TRACES_SAMPLER_ARG", "value": ""},
+            {"name": "OTEL_SERVICE_NAME", "value": "mine"},
+        ]
+    )
+    injection = r.build_injection(spec, CONFIG, workload, "chat")
+    injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
+    entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
+    env = env_of(dict(injected))
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    assert env["OTEL_SERVICE_NAME"] == "mine"  # a value of the user's still wins
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names))  # in their place, not declared twice
+    assert names[:4] == ["MODEL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME"]
+    # They are the injection's now: the next pass changes nothing, and removing the resource removes them.
+    assert r.build_workload_patch(injected, injection, "chat") is None
+    removed = merge_patch(injected, r.build_workload_patch(injected, None, "chat"))
+    left = {e["name"] for e in removed["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert left == {"MODEL", "OTEL_SERVICE_NAME"}
+    # With the collector missing, an empty endpoint is no endpoint of the container's own: the exporter goes off.
+    workload = deployment(env=[{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": ""}])
+    without = r.build_injection(spec, CONFIG, workload, "chat", frozenset({"traces", "logs"}))
+    env = env_of(dict(merge_patch(workload, r.build_workload_patch(workload, without, "chat"))))
+    assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+
+
 @pytest.mark.parametrize("where", ["volume", "mount"])
 def test_a_volume_of_the_users_own_under_the_pricing_volumes_name_is_refused_not_skipped(where: str) -> None:
     """Skipped, the prices would not be mounted where LLM_TELEMETRY_PRICING points, and the middleware would not
