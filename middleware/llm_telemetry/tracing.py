@@ -1180,29 +1180,49 @@ class SpanObserver:
         content = message.get("content", message.get("output"))
         if message.get("role") == "tool":
             return [self._tool_result(message.get("tool_call_id"), content)]
-        parts: list[dict[str, Any]] = []
-        blocks = content if isinstance(content, list) else ()
-        if any(isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") for b in blocks):
-            text = [b for b in blocks if isinstance(b, dict) and isinstance(b.get("text"), str)]
-            if text:
-                parts.append({"type": "text", "content": self._text(text)})
-            for block in blocks[:MAX_CAPTURED_TOOL_PARTS]:
-                if not isinstance(block, dict):
-                    continue
-                if block.get("type") == "tool_use":
-                    parts.append(self._tool_call(block.get("id"), block.get("name"), block.get("input")))
-                elif block.get("type") == "tool_result":
-                    parts.append(self._tool_result(block.get("tool_use_id"), block.get("content")))
-            return parts
         calls = message.get("tool_calls")
         calls = calls[:MAX_CAPTURED_TOOL_PARTS] if isinstance(calls, list) else []
-        if content is not None or not calls:
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, list):
+            parts = self._blocks(content)
+        elif content is not None or not calls:
             parts.append({"type": "text", "content": self._text("" if content is None else content)})
         for tool_call in calls:
             if isinstance(tool_call, dict):
                 function = tool_call.get("function")
                 function = function if isinstance(function, dict) else {}
                 parts.append(self._tool_call(tool_call.get("id"), function.get("name"), function.get("arguments")))
+        return parts
+
+    def _blocks(self, blocks: list[Any]) -> list[dict[str, Any]]:
+        """A list of content blocks as parts, in their order: each text block a text part (OpenAI's content parts,
+        the Responses API's ``input_text``, Anthropic's text blocks), Anthropic's ``tool_use`` and ``tool_result``
+        blocks tool parts; images, audio and documents are not shown. The text parts share the cap, as one text
+        would; at most :data:`MAX_CAPTURED_TOOL_PARTS` of each kind are shown, and text left out marks the last text
+        part shown as cut."""
+        parts: list[dict[str, Any]] = []
+        budget = self.max_chars
+        texts = tools = 0
+        last: dict[str, Any] | None = None
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "tool_use" or kind == "tool_result":
+                if tools < MAX_CAPTURED_TOOL_PARTS:
+                    tools += 1
+                    if kind == "tool_use":
+                        parts.append(self._tool_call(block.get("id"), block.get("name"), block.get("input")))
+                    else:
+                        parts.append(self._tool_result(block.get("tool_use_id"), block.get("content")))
+            elif isinstance(text := block.get("text"), str):
+                if texts < MAX_CAPTURED_TOOL_PARTS and budget > 0:
+                    texts += 1
+                    last = {"type": "text", "content": self._text(text, budget)}
+                    budget -= len(last["content"])
+                    parts.append(last)
+                elif text and last is not None and not last["content"].endswith(TRUNCATION_MARK):
+                    last["content"] += TRUNCATION_MARK
         return parts
 
     def _tool_call(self, call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
@@ -1237,7 +1257,10 @@ class SpanObserver:
 
     def _content(self, attributes: dict[str, Any], call: LLMCall) -> None:
         if call.system_instructions:
-            parts = [{"type": "text", "content": self._text(call.system_instructions)}]
+            system = call.system_instructions
+            parts = (
+                self._blocks(system) if isinstance(system, list) else [{"type": "text", "content": self._text(system)}]
+            )
             attributes[GEN_AI_SYSTEM_INSTRUCTIONS] = json.dumps(parts, ensure_ascii=False)
         if call.input_messages:
             messages, omitted = self._input_messages(call.input_messages)

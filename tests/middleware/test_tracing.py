@@ -386,6 +386,101 @@ def test_captured_system_instructions_given_apart_have_their_own_attribute(recei
         assert messages[0]["parts"][0]["content"] == "hello"
 
 
+def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver) -> None:
+    """A message given as a list of content blocks (OpenAI's content parts, Anthropic's blocks and its ``system``
+    list) is one part per text block and per tool block, in the order sent, as the conventions keep them: text
+    blocks had been run together with no separator ("Describein one word."), ahead of the tool calls wherever they
+    stood. Images are not shown. The text blocks of a message share the capture cap."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="40")
+    with demo_server(env) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe"},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                        {"type": "text", "text": "in one word."},
+                    ],
+                },
+                {"role": "user", "content": [{"type": "text", "text": "a" * 30}, {"type": "text", "text": "b" * 30}]},
+            ],
+            extra_headers={"x-request-id": "trace-test-blocks-openai"},
+        )
+        anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0).messages.create(
+            model="claude-test",
+            max_tokens=64,
+            system=[{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Answer in French."}],
+            messages=[
+                {"role": "user", "content": "weather and time?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "Let me look."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                        {"type": "text", "text": "And the time:"},
+                        {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                        {"type": "tool_result", "tool_use_id": "toolu_2", "content": "noon"},
+                        {"type": "text", "text": "x" * 50},
+                    ],
+                },
+            ],
+            extra_headers={"x-request-id": "trace-test-blocks-anthropic"},
+        )
+    openai_attrs = wait_span(receiver, **{"llm.request_id": "trace-test-blocks-openai"}).attributes
+    described, shared = json.loads(openai_attrs["gen_ai.input.messages"])
+    assert described["parts"] == [{"type": "text", "content": "Describe"}, {"type": "text", "content": "in one word."}]
+    assert shared["parts"] == [
+        {"type": "text", "content": "a" * 30},
+        {"type": "text", "content": "b" * 10 + TRUNCATION_MARK},
+    ]
+    claude_attrs = wait_span(receiver, **{"llm.request_id": "trace-test-blocks-anthropic"}).attributes
+    assert json.loads(claude_attrs["gen_ai.system_instructions"]) == [
+        {"type": "text", "content": "You are terse."},
+        {"type": "text", "content": "Answer in French."},
+    ]
+    _, asked, results = json.loads(claude_attrs["gen_ai.input.messages"])
+    assert asked["parts"] == [
+        {"type": "text", "content": "Let me look."},
+        {"type": "tool_call", "id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "text", "content": "And the time:"},
+        {"type": "tool_call", "id": "toolu_2", "name": "get_time", "arguments": "{}"},
+    ]
+    assert results["parts"] == [
+        {"type": "tool_call_response", "id": "toolu_1", "result": "18C"},
+        {"type": "tool_call_response", "id": "toolu_2", "result": "noon"},
+        {"type": "text", "content": "x" * 40 + TRUNCATION_MARK},
+    ]
+
+
+def test_captured_content_blocks_are_bounded_in_number() -> None:
+    """However many blocks a message has, at most MAX_CAPTURED_TOOL_PARTS text parts and as many tool parts are
+    shown, the text within one cap; text left out marks the last text part shown as cut."""
+    from opentelemetry.trace import NoOpTracer
+
+    from llm_telemetry.config import Settings
+    from llm_telemetry.tracing import MAX_CAPTURED_TOOL_PARTS, SpanObserver
+
+    observer = SpanObserver(NoOpTracer(), Settings.resolve(env={}, capture_content=True, capture_content_max_chars=100))
+    blocks: list[Any] = []
+    for i in range(1000):
+        blocks += [{"type": "text", "text": "t"}, {"type": "tool_result", "tool_use_id": f"id{i}", "content": "r"}, i]
+    parts = observer._parts({"role": "user", "content": blocks})
+    texts = [p for p in parts if p["type"] == "text"]
+    assert len(texts) == MAX_CAPTURED_TOOL_PARTS
+    assert len(parts) - len(texts) == MAX_CAPTURED_TOOL_PARTS
+    assert texts[-1]["content"] == "t" + TRUNCATION_MARK and texts[0]["content"] == "t"
+    long = observer._parts({"role": "user", "content": [{"type": "text", "text": "w" * 90}] * 5})
+    assert [p["content"] for p in long] == ["w" * 90, "w" * 10 + TRUNCATION_MARK]
+
+
 @pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])
 def test_span_names_are_bounded_like_the_model_label(receiver: OTLPReceiver, two_spans: bool) -> None:
     """Trace backends index span names (Jaeger's operations, Tempo's span metrics), and a client can send any
