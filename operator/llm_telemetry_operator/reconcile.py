@@ -369,7 +369,12 @@ async def reconcile(
             "ServiceMonitor",
             monitor_error,
             outcome,
-            ready=f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}",
+            ready=(
+                f"{len(services)} metrics Service(s) scraped by ServiceMonitor {r.service_monitor_name(name)}"
+                if services
+                else f"ServiceMonitor {r.service_monitor_name(name)} is in place; no selected workload has a metrics"
+                " Service to scrape yet"
+            ),
             missing_prefix="metrics Services exist, but " if services else "",
         )
 

@@ -840,6 +840,9 @@ async def test_a_selector_that_matches_nothing_says_so_in_one_event(emulator: An
     assert events[0]["involvedObject"]["name"] == "chat"
     assert events[0]["message"] == f"no Deployment or StatefulSet matches spec.selector in namespace {NAMESPACE}"
     assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "NoTargets"
+    exposed = condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
+    assert "0 metrics Service" not in exposed["message"]
+    assert "no selected workload has a metrics Service to scrape yet" in exposed["message"]
     async with running_operator():
         await eventually(lambda: passes_for(emulator, "chat") > passes, "resumed with a pass")
         await asyncio.sleep(1.0)
