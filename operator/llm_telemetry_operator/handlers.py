@@ -506,7 +506,7 @@ async def _reconcile(
     state.reported[key] = frozenset(outcome.failures + outcome.notices)
     if outcome.invalid:
         # The targets of an invalid spec are the last valid one's, kept as they were: the log says why instead.
-        logger.info("reconciled (%s): invalid: %s", trigger, "; ".join(message for _, message in outcome.failures))
+        logger.warning("reconciled (%s): invalid: %s", trigger, "; ".join(message for _, message in outcome.failures))
     else:
         logger.info("reconciled (%s): %s, targets %s", trigger, result, outcome.targets)
     return outcome
@@ -522,11 +522,11 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
     trigger = str(reason)
     if trigger == "create" and (body.get("status") or {}).get("observedGeneration") is not None:
         trigger = "update"  # kopf's create: the generation is not the observed one (see diffbase.py)
-    outcome = await _reconcile(memo, body, trigger, logger, answered=answered)
-    # A failed or degraded pass is retried by the schedule (no kopf retry: see schedule.py); an invalid spec
-    # waits for the spec to change, and kopf records that this generation failed.
-    if outcome is not None and outcome.invalid:
-        raise kopf.PermanentError(outcome.failures[0][1])
+    # A failed or degraded pass is retried by the schedule (no kopf retry: see schedule.py); an invalid spec waits
+    # for the spec to change. Either way the handler returns: the status, the event and the pass's log line say what
+    # went wrong, where a kopf PermanentError added an ERROR line ("failed permanently") at every operator start for
+    # a mistake in a user's resource, which is no error of the operator's.
+    await _reconcile(memo, body, trigger, logger, answered=answered)
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)

@@ -400,6 +400,8 @@ async def test_invalid_spec_names_the_field(
 
         logged = await eventually(reconciled, "the pass logged")
         assert "invalid: " in logged[-1] and "spec.alerts.ttftObjectiveSeconds" in logged[-1], logged
+        # A mistake in a user's resource is a WARNING, not an ERROR of the operator's (kopf's "failed permanently").
+        assert [r.levelname for r in caplog.records if "reconciled (" in r.getMessage()][-1] == "WARNING"
         # kubectl describe shows why, as a Warning event naming the field.
         await eventually(
             lambda: any(
@@ -430,6 +432,13 @@ async def test_invalid_spec_names_the_field(
         injected = condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
         assert injected.endswith("left as the last valid spec made them until it is fixed: Deployment/chat")
         assert "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+    # A restart finds it invalid again: a WARNING line, and no ERROR (kopf's "failed permanently").
+    before = len(reconciled())
+    async with running_operator():
+        await eventually(lambda: len(reconciled()) > before, "the resumed pass logged")
+        await asyncio.sleep(0.5)  # kopf's own lines about the handler follow it
+    assert "invalid: " in reconciled()[-1]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     check_usage(emulator)
 
 
