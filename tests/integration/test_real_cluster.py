@@ -34,6 +34,7 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
+from llm_telemetry_operator.spec import parse_spec
 
 pytestmark = pytest.mark.k8s
 
@@ -1148,3 +1149,41 @@ def test_a_users_volume_under_the_pricing_volumes_name_fails_the_injection_and_o
     assert env["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.example:4318"
     assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_LOGS_EXPORTER" not in env
+
+
+def test_selectors_match_what_the_api_server_lists(api: Any) -> None:
+    """The operator sends a resource's selector to the API server as a list's labelSelector (``to_query``) and
+    judges a workload it already holds with ``matches`` (after a relabel, say): both select what the API server
+    selects, for every operator, over objects with and without each label."""
+    import itertools
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    namespace = unique("llmt-selectors")
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    try:
+        labelled = {}
+        for i, (app, track) in enumerate(itertools.product(["chat", "other", None], ["stable", "canary", None])):
+            labels = {k: v for k, v in (("app", app), ("track", track)) if v is not None}
+            labelled[f"o{i}"] = labels
+            core.create_namespaced_config_map(
+                namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=f"o{i}", labels=labels or None))
+            )
+        expressions = [
+            {"key": "track", "operator": "In", "values": ["stable", "beta"]},
+            {"key": "track", "operator": "NotIn", "values": ["canary"]},
+            {"key": "track", "operator": "Exists"},
+            {"key": "track", "operator": "DoesNotExist"},
+        ]
+        selectors = [{"matchLabels": {"app": "chat"}, "matchExpressions": [e]} for e in expressions]
+        selectors += [{"matchExpressions": [e, expressions[1]]} for e in (expressions[0], expressions[2])]
+        selectors.append({"matchExpressions": [{"key": "app", "operator": "In", "values": ["chat", "other"]}]})
+        for raw in selectors:
+            selector = parse_spec({"selector": raw}).selector
+            listed = core.list_namespaced_config_map(namespace, label_selector=selector.to_query()).items
+            assert {item.metadata.name for item in listed} == {
+                name for name, labels in labelled.items() if selector.matches(labels)
+            }, raw
+    finally:
+        core.delete_namespace(namespace)

@@ -131,6 +131,31 @@ def test_openai_json_without_usage_is_estimated_from_text() -> None:
     assert call.output_tokens == 10 and call.usage_source == "estimated"
 
 
+def test_openai_legacy_completions_json_without_usage_is_estimated_from_its_text() -> None:
+    body = json.dumps({"model": "m", "choices": [{"index": 0, "text": "x" * 40, "finish_reason": "stop"}]})
+    call = read("openai.completions", body.encode(), stream=False)
+    assert (call.output_tokens, call.usage_source, call.finish_reasons) == (10, "estimated", ["stop"])
+
+
+@pytest.mark.parametrize(
+    ("api", "request_body"),
+    [
+        ("openai.chat", {"messages": [{"role": "user", "content": "x" * 40}]}),
+        ("anthropic.messages", {"system": "y" * 20, "messages": [{"role": "user", "content": "x" * 20}]}),
+        ("openai.responses", {"instructions": "y" * 10, "input": "x" * 30}),
+        ("openai.responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x" * 40}]}]}),
+        ("openai.completions", {"prompt": ["x" * 20, "y" * 20]}),
+    ],
+)
+def test_input_tokens_of_an_answer_without_usage_are_estimated_from_the_request(
+    api: str, request_body: dict[str, Any]
+) -> None:
+    """An answer that reports no usage (a stream cut before it, a server that sends none) still counts its input,
+    from the text the request sent at ~4 characters a token: 40 characters here, 10 tokens, in every API."""
+    assert APIS[api].estimate_input_tokens(request_body) == 10
+    assert APIS["openai.embeddings"].estimate_input_tokens({"input": "x" * 40}) is None  # always reported
+
+
 def test_anthropic_stream_with_cache_and_thinking() -> None:
     body = sse(
         {
@@ -235,6 +260,46 @@ def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
 )  # fmt: skip
 def test_error_bodies_map_to_the_fixed_error_types(body: dict[str, Any], status: int, expected: str) -> None:
     assert classify_error_body(body, status) == expected
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        # Anthropic's error types (its errors page), as an `error` event inside a stream.
+        ("invalid_request_error", "invalid_request"),
+        ("authentication_error", "auth"),
+        ("permission_error", "auth"),
+        ("not_found_error", "not_found"),
+        ("request_too_large", "context_length"),
+        ("rate_limit_error", "rate_limit"),
+        ("api_error", "server_error"),
+        ("overloaded_error", "server_error"),
+        ("timeout_error", "timeout"),
+        # OpenAI's types and codes, in a stream's error event or a Realtime-style error.
+        ("server_error", "server_error"),
+        ("internal_error", "server_error"),
+        ("tokens", "rate_limit"),
+        ("requests", "rate_limit"),
+        ("insufficient_quota", "rate_limit"),
+        ("rate_limit_exceeded", "rate_limit"),
+        ("context_length_exceeded", "context_length"),
+        ("string_above_max_length", "context_length"),
+        ("content_filter", "content_filter"),
+        ("invalid_api_key", "auth"),
+        ("model_not_found", "not_found"),
+        ("timeout", "timeout"),
+        # Other servers and gateways (Bedrock through a gateway, vLLM, llama.cpp).
+        ("throttling_error", "rate_limit"),
+        ("service_unavailable", "server_error"),
+        ("exceed_context_size_error", "context_length"),
+    ],
+)
+@pytest.mark.parametrize("status", [None, 200], ids=["no-status", "stream-said-200"])
+def test_an_error_inside_a_stream_is_typed_by_its_code_alone(kind: str, expected: str, status: int | None) -> None:
+    """An error event inside a stream whose response said 200 has only its type or code to go by (no HTTP status
+    to fall back on): each documented one maps to its error type, not to the stream default ``server_error``."""
+    for body in ({"type": "error", "error": {"type": kind, "message": "x"}}, {"error": {"code": kind, "message": "x"}}):
+        assert classify_error_body(body, status, default="unknown") == expected, body
 
 
 # --- the Responses API stream through the real openai SDK -----------------------------------------------

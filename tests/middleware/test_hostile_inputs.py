@@ -182,12 +182,15 @@ async def test_hostile_refused_requests_take_no_model_slots(cleanup: list[Any]) 
     for model in ("gpt-4o", "claude"):
         await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": model}).encode(), headers=good)
     await exchange(wrapped, "/v1/chat/completions", json.dumps({"model": "gpt-4o"}).encode())  # refused, known
-    # A rate limit meets real models: a new name answered 429 takes its place as any answered request's does.
-    limited = replying(429, JSON, b'{"error": {"message": "slow down", "type": "rate_limit_error"}}')
-    limited_wrapped, _ = observe(limited, max_label_values=3)
-    cleanup.append(limited_wrapped)
-    await exchange(limited_wrapped, "/v1/chat/completions", json.dumps({"model": "new-model"}).encode())
-    assert (await scrape(limited_wrapped)).label_values("llm_requests_total", "gen_ai_request_model") == {"new-model"}
+    # A rate limit or a timeout meets real models: a new name answered 429 or 408 takes its place as any answered
+    # request's does; another 4xx (409) is a refusal.
+    for status, admitted in ((429, {"new-model"}), (408, {"new-model"}), (409, {"other"})):
+        limited = replying(status, JSON, b'{"error": {"message": "slow down", "type": "rate_limit_error"}}')
+        limited_wrapped, _ = observe(limited, max_label_values=3)
+        cleanup.append(limited_wrapped)
+        await exchange(limited_wrapped, "/v1/chat/completions", json.dumps({"model": "new-model"}).encode())
+        models = (await scrape(limited_wrapped)).label_values("llm_requests_total", "gen_ai_request_model")
+        assert models == admitted, status
     metrics = await scrape(wrapped)
     assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"gpt-4o", "claude", "other"}
     assert metrics.value("llm_requests_total", gen_ai_request_model="other", error_type="auth") == 20

@@ -51,6 +51,38 @@ def test_default_table_prices_the_common_models() -> None:
     assert table.price("claude-sonnet-4-20250514") is not None
 
 
+#: The embedded table's prices as the providers' lists relate them: output per input, and the cache prices per input
+#: (OpenAI bills cached input at a tenth, a quarter or a half of it by family and has no cache-write price; Anthropic
+#: bills output at five times the input, cache reads at a tenth, five-minute writes at 1.25 and one-hour ones at 2).
+PUBLISHED_RATIOS = {
+    **dict.fromkeys(["gpt-5", "gpt-5-mini", "gpt-5-nano"], (8, 0.1, None, None)),
+    **dict.fromkeys(["gpt-4o", "gpt-4o-mini", "o3-mini"], (4, 0.5, None, None)),
+    **dict.fromkeys(["gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini"], (4, 0.25, None, None)),
+    **dict.fromkeys(["gpt-4o-2024-05-13"], (3, None, None, None)),
+    **dict.fromkeys(["o3-pro"], (4, None, None, None)),
+    **dict.fromkeys(
+        ["claude-opus-4", "claude-opus-4-1", "claude-sonnet-4", "claude-sonnet-4-5", "claude-haiku-4-5",
+         "claude-3-5-haiku"],
+        (5, 0.1, 1.25, 2),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(DEFAULT_PRICING))
+def test_the_embedded_prices_keep_the_ratios_the_providers_publish(model: str) -> None:
+    """A mistyped digit in the embedded table changes every dollar counted for that model: each entry is held to how
+    its provider's list relates its prices (and an entry added without its ratios fails here until they are)."""
+    prices = DEFAULT_PRICING[model]
+    if model.startswith("text-embedding-"):
+        assert prices["output"] == 0 and set(prices) == {"input", "output"}
+        return
+    output, cache_read, cache_creation, cache_creation_1h = PUBLISHED_RATIOS[model]
+    assert prices["output"] == pytest.approx(output * prices["input"])
+    for kind, ratio in (("cache_read", cache_read), ("cache_creation", cache_creation),
+                        ("cache_creation_1h", cache_creation_1h)):  # fmt: skip
+        assert prices.get(kind) == (None if ratio is None else pytest.approx(ratio * prices["input"])), kind
+
+
 @pytest.mark.parametrize(
     ("model", "priced_as"),
     [

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from llm_telemetry.apis import usage_in_tail
 from llm_telemetry.sse import SSEDecoder
 
 STREAM = (
@@ -132,6 +134,24 @@ def test_sse_a_dropped_event_keeps_its_name_and_last_bytes() -> None:
     assert events == [("message", b"ok")]
     assert decoder.dropped_event == "response.completed"
     assert decoder.dropped_tail().endswith(b'"usage":{"input_tokens":7}}}')
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "line-by-line"])
+def test_sse_a_dropped_events_later_data_lines_are_in_its_tail(split: bool) -> None:
+    """A multi-line event whose first line is over the limit keeps its later lines in the tail, each after a LF
+    (as sent, field name and all): the usage, sent last on a line of its own, is there to read."""
+    decoder = SSEDecoder(max_event_bytes=1024)
+    lines = [
+        b"event: response.completed\n",
+        b'data: {"output":"' + b"A" * 5000 + b'",\n',
+        b'data: "usage":{"input_tokens":7}}\n',
+        b"\n",
+    ]
+    events = decode(lines if split else [b"".join(lines)], decoder) + decode([b"data: ok\n\n"], decoder)
+    assert events == [("message", b"ok")]
+    assert decoder.dropped_event == "response.completed"
+    assert decoder.dropped_tail().endswith(b'A",\ndata: "usage":{"input_tokens":7}}')
+    assert usage_in_tail(decoder.dropped_tail()) == {"input_tokens": 7}
 
 
 def test_sse_a_dropped_tail_is_bounded() -> None:

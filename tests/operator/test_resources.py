@@ -341,7 +341,12 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {}, ["LLM_TELEMETRY_METRICS_PORT=9999"]),
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {"metrics": {"port": 9999}}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "127.0.0.1"}], {}, ["LLM_TELEMETRY_METRICS_HOST=127.0.0.1"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "::1"}], {}, ["LLM_TELEMETRY_METRICS_HOST=::1"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "[::1]"}], {}, ["LLM_TELEMETRY_METRICS_HOST=[::1]"]),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "localhost"}], {}, ["LLM_TELEMETRY_METRICS_HOST=localhost"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "0.0.0.0"}], {}, []),
+        # An empty value is unset (to the middleware as to the SDK), and the injection's value goes into it.
+        ([{"name": "LLM_TELEMETRY_ENABLED", "value": ""}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "otlp"}], {}, ["LLM_TELEMETRY_METRICS_EXPORTER=otlp"]),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "prometheus,otlp"}], {}, []),
         ([{"name": "LLM_TELEMETRY_ENABLED", "value": "false"}], {}, ["LLM_TELEMETRY_ENABLED=false"]),

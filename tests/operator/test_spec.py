@@ -52,6 +52,27 @@ def test_spec_selector_match_expressions() -> None:
     assert spec.selector.to_query() == "app=chat,tier in (gold,silver),!canary"
 
 
+@pytest.mark.parametrize(
+    ("expression", "selected"),
+    [
+        # Each operator as Kubernetes defines it, over: no such label, the label with a listed value, with another.
+        ({"key": "track", "operator": "In", "values": ["stable", "beta"]}, (False, True, False)),
+        ({"key": "track", "operator": "NotIn", "values": ["stable", "beta"]}, (True, False, True)),
+        ({"key": "track", "operator": "Exists"}, (False, True, True)),
+        ({"key": "track", "operator": "DoesNotExist"}, (True, False, False)),
+    ],
+)
+def test_selector_matches_each_operator_as_kubernetes_defines_it(
+    expression: dict[str, Any], selected: tuple[bool, bool, bool]
+) -> None:
+    """``matches`` decides whether a workload the operator injected is still selected after a relabel (and which
+    peers a resource has): a workload relabelled into a NotIn value must be let go, as the API server's list would."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}, "matchExpressions": [expression]}})
+    labels = ({"app": "chat"}, {"app": "chat", "track": "stable"}, {"app": "chat", "track": "canary"})
+    assert tuple(spec.selector.matches(one) for one in labels) == selected
+    assert not any(spec.selector.matches({**one, "app": "other"}) for one in labels)  # and matchLabels still holds
+
+
 def test_spec_pricing_reference_and_attribution() -> None:
     spec = parse_spec(
         {
@@ -136,6 +157,14 @@ def test_spec_pricing_reference_and_attribution() -> None:
             "spec.attribution.headers.x-tenant\n",
         ),
         ({"metrics": {"interval": "30s\n"}}, "spec.metrics.interval"),
+        (
+            {"selector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["chat"]}]}},
+            "spec.selector.matchExpressions[0].values",
+        ),
+        (
+            {"selector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": []}]}},
+            "spec.selector.matchExpressions[0].values",
+        ),
         ({"pricing": {"configMapRef": {"name": "prices-50%"}}}, "spec.pricing.configMapRef.name"),
         ({"pricing": {"configMapRef": {"name": "../prices"}}}, "spec.pricing.configMapRef.name"),
         ({"pricing": {"configMapRef": {"name": "prices", "key": "a/b"}}}, "spec.pricing.configMapRef.key"),
