@@ -1066,6 +1066,47 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     assert all(p["type"] == "text" for p in messages[0]["parts"])
 
 
+def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(receiver: OTLPReceiver) -> None:
+    """Two streamed choices (``n=2``): the first answers in text, the second calls a tool. Each output message has
+    its own parts and finish reason, the call in the second's."""
+    from starlette.responses import StreamingResponse
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    events = [
+        chunk(0, {"role": "assistant", "content": ""}),
+        chunk(1, {"role": "assistant", "content": None}),
+        chunk(0, {"content": "Sunny"}),
+        chunk(1, {"tool_calls": [call]}),
+        chunk(1, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+        chunk(0, {}, "stop"),
+        chunk(1, {}, "tool_calls"),
+        b"data: [DONE]\n\n",
+    ]
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-stream-choices", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=True,
+            extra_headers={"x-request-id": "stream-choices"},
+        )  # fmt: skip
+        for _ in stream:
+            pass
+    attributes = wait_span(receiver, **{"llm.request_id": "stream-choices"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "Sunny"}], "finish_reason": "stop"},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": None, "name": "get_weather"}],
+         "finish_reason": "tool_calls"},
+    ]  # fmt: skip
+
+
 def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OTLPReceiver) -> None:
     """The conventions' OpenAI attributes: the service tier asked for and the one that served the request
     (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks."""
