@@ -1181,12 +1181,14 @@ class SpanObserver:
         if message.get("role") == "tool":
             return [self._tool_result(message.get("tool_call_id"), content)]
         calls = message.get("tool_calls")
-        calls = calls[:MAX_CAPTURED_TOOL_PARTS] if isinstance(calls, list) else []
+        calls = calls if isinstance(calls, list) else []
         parts: list[dict[str, Any]] = []
         if isinstance(content, list):
             parts = self._blocks(content)
         elif content is not None or not calls:
             parts.append({"type": "text", "content": self._text("" if content is None else content)})
+        # (The tool calls beside tool blocks count against the same bound per message.)
+        calls = calls[: MAX_CAPTURED_TOOL_PARTS - sum(p["type"] != "text" for p in parts)]
         for tool_call in calls:
             if isinstance(tool_call, dict):
                 function = tool_call.get("function")
@@ -1194,23 +1196,24 @@ class SpanObserver:
                 parts.append(self._tool_call(tool_call.get("id"), function.get("name"), function.get("arguments")))
         return parts
 
-    def _blocks(self, blocks: list[Any]) -> list[dict[str, Any]]:
+    def _blocks(self, blocks: list[Any], tools: bool = True) -> list[dict[str, Any]]:
         """A list of content blocks as parts, in their order: each text block a text part (OpenAI's content parts,
         the Responses API's ``input_text``, Anthropic's text blocks), Anthropic's ``tool_use`` and ``tool_result``
-        blocks tool parts; images, audio and documents are not shown. The text parts share the cap, as one text
-        would; at most :data:`MAX_CAPTURED_TOOL_PARTS` of each kind are shown, and text left out marks the last text
-        part shown as cut."""
+        blocks tool parts (unless not ``tools``); images, audio and documents are not shown. The text parts share
+        the cap, as one text would; at most :data:`MAX_CAPTURED_TOOL_PARTS` of each kind are shown, and text left
+        out marks the last text part shown as cut."""
         parts: list[dict[str, Any]] = []
         budget = self.max_chars
-        texts = tools = 0
+        texts = 0
+        calls = 0 if tools else MAX_CAPTURED_TOOL_PARTS
         last: dict[str, Any] | None = None
         for block in blocks:
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")
             if kind == "tool_use" or kind == "tool_result":
-                if tools < MAX_CAPTURED_TOOL_PARTS:
-                    tools += 1
+                if calls < MAX_CAPTURED_TOOL_PARTS:
+                    calls += 1
                     if kind == "tool_use":
                         parts.append(self._tool_call(block.get("id"), block.get("name"), block.get("input")))
                     else:
@@ -1258,10 +1261,14 @@ class SpanObserver:
     def _content(self, attributes: dict[str, Any], call: LLMCall) -> None:
         if call.system_instructions:
             system = call.system_instructions
+            # Text only, within one cap, whatever blocks a client puts there.
             parts = (
-                self._blocks(system) if isinstance(system, list) else [{"type": "text", "content": self._text(system)}]
+                self._blocks(system, tools=False)
+                if isinstance(system, list)
+                else [{"type": "text", "content": self._text(system)}]
             )
-            attributes[GEN_AI_SYSTEM_INSTRUCTIONS] = json.dumps(parts, ensure_ascii=False)
+            if parts:
+                attributes[GEN_AI_SYSTEM_INSTRUCTIONS] = json.dumps(parts, ensure_ascii=False)
         if call.input_messages:
             messages, omitted = self._input_messages(call.input_messages)
             attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)

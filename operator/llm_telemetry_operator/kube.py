@@ -38,6 +38,7 @@ import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import rbac
 from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, PermissionNotDeclaredError
 
@@ -51,7 +52,7 @@ DEFAULT_PAGE_SIZE = 500
 DEFAULT_WORKERS = 32
 #: The field manager of every write, so ``managedFields`` (``kubectl get -o yaml --show-managed-fields``) name
 #: this operator as the owner of what it wrote (the injected env, port and annotations; its children).
-FIELD_MANAGER = "llm-telemetry-operator"
+FIELD_MANAGER = c.OPERATOR_NAME
 #: Statuses worth sending the same request again for: throttled (429) or the server failing for now (5xx).
 RETRIABLE = frozenset({429, 500, 502, 503, 504})
 #: Seconds a streaming read (a watch) may wait for its next bytes: longer than a watch the operator asks for lasts.

@@ -456,6 +456,43 @@ def _blank(entry: Any) -> bool:
     return isinstance(entry, Mapping) and not entry.get("value") and entry.get("valueFrom") is None
 
 
+def _leftovers(workload: Mapping[str, Any]) -> frozenset[tuple[Any, Any]]:
+    """The (container, variable) pairs of the pod template's env entries that no field manager but the operator's
+    owns (``metadata.managedFields``): what a server-side apply leaves of an override it dropped. None without
+    managedFields (an API server that keeps none, or a client that stripped them)."""
+    managed = (workload.get("metadata") or {}).get("managedFields")
+    if not isinstance(managed, list):
+        return frozenset()
+    ours: set[tuple[Any, Any]] = set()
+    theirs: set[tuple[Any, Any]] = set()
+    for entry in managed:
+        if not isinstance(entry, Mapping):
+            continue
+        fields: Any = entry.get("fieldsV1")
+        for step in ("f:spec", "f:template", "f:spec", "f:containers"):
+            fields = fields.get(step) if isinstance(fields, Mapping) else None
+        if not isinstance(fields, Mapping):
+            continue
+        owned = ours if entry.get("manager") == c.OPERATOR_NAME else theirs
+        for container_key, container_fields in fields.items():
+            container = _keyed_name(container_key)
+            env = container_fields.get("f:env") if isinstance(container_fields, Mapping) else None
+            for env_key in env if isinstance(env, Mapping) else ():
+                owned.add((container, _keyed_name(env_key)))
+    return frozenset(ours - theirs)
+
+
+def _keyed_name(key: Any) -> Any:
+    """The name in a managedFields list-item key (``k:{"name":"app"}``), or None."""
+    if not isinstance(key, str) or not key.startswith("k:"):
+        return None
+    try:
+        item = json.loads(key[2:])
+    except ValueError:
+        return None
+    return item.get("name") if isinstance(item, dict) else None
+
+
 def _injected_volume(volume: Mapping[str, Any]) -> bool:
     """Whether a volume named as the pricing volume is shaped as an injection makes it (a ConfigMap's one key as the
     pricing file): one whose record was lost (removed by hand, and the spec changed before a pass could rebuild it)."""
@@ -475,8 +512,11 @@ def _injected_mount(mount: Mapping[str, Any]) -> bool:
     return mount.get("mountPath") == c.PRICING_MOUNT_PATH
 
 
-def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
-    """Add ``injection`` to a stripped ``template`` (in place); return the new record."""
+def _apply(
+    template: dict[str, Any], injection: Injection, leftovers: frozenset[tuple[Any, Any]] = frozenset()
+) -> dict[str, Any]:
+    """Add ``injection`` to a stripped ``template`` (in place); return the new record. ``leftovers``: the (container,
+    variable) pairs of :func:`_leftovers`."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
     containers = template.setdefault("spec", {}).setdefault("containers", [])
     chosen = _chosen(containers, injection)
@@ -498,21 +538,23 @@ def _apply(template: dict[str, Any], injection: Injection) -> dict[str, Any]:
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
-        # An entry with no value is not a setting: the OpenTelemetry SDK and the middleware read an empty variable as
-        # unset. A server-side apply leaves one where its manifest overrode an injected variable and then dropped
-        # the override (the apply gives up the value it took over, not the name the operator's patch had written).
-        # The injected value goes into its place, as it would for a variable never declared.
-        blank = {e.get("name"): i for i, e in enumerate(env) if _blank(e)}
-        taken = {e.get("name") for e in env if not _blank(e)}
+        # A server-side apply that overrode an injected variable and then dropped the override gives up the value
+        # it took over, not the entry the operator's patch wrote: an entry with no value, which no one but the
+        # operator owns any more, is left. The OpenTelemetry SDK and the middleware read it as unset, so it goes,
+        # and the injected one is added as for a variable never declared (at the end, after the variables its value
+        # may refer to). An empty entry someone else declares (a chart's `value: ""`) is theirs, as any value.
+        names = {entry["name"] for entry in injection.env} & {e.get("name") for e in env}
+        gone = {name for name in names if (container.get("name"), name) in leftovers}
+        if gone:
+            env[:] = [e for e in env if not (e.get("name") in gone and _blank(e))]
+        taken = {e.get("name") for e in env}
+        set_here = {e.get("name") for e in env if not _blank(e)}
         for entry in injection.env:
             if entry["name"] in taken:  # the user's own variables win
                 continue
-            if entry.get("value") == "none" and not taken.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
+            if entry.get("value") == "none" and not set_here.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
                 continue
-            if entry["name"] in blank:
-                env[blank[entry["name"]]] = copy.deepcopy(entry)
-            else:
-                env.append(copy.deepcopy(entry))
+            env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)
         ports = container.setdefault("ports", [])
         # (A UDP or SCTP port of that number, a statsd listener say, is another port: ours is declared beside it,
@@ -574,7 +616,23 @@ def _keep_env_order(template: dict[str, Any], current: Mapping[str, Any]) -> Non
         # first place alone, the second one moved ahead of the variables between, and another value won.
         position = {key: i for i, key in enumerate(_occurrences(names))}
         order = dict(zip(map(id, env), _occurrences([e.get("name") for e in env]), strict=True))
+        built = list(env)
         env.sort(key=lambda e: position[order[id(e)]])
+        if not _references_resolve(env) and _references_resolve(built):
+            env[:] = built  # the kubelet expands $(NAME) only from the variables before it: keep them before
+
+
+def _references_resolve(env: list[Any]) -> bool:
+    """Whether every ``$(NAME)`` reference in an env list to a variable of the same list comes after it."""
+    declared = {e.get("name") for e in env if isinstance(e, Mapping)}
+    seen: set[Any] = set()
+    for entry in env:
+        if not isinstance(entry, Mapping):
+            continue
+        if any(name in declared and name not in seen for name in _ENV_REFERENCE.findall(str(entry.get("value") or ""))):
+            return False
+        seen.add(entry.get("name"))
+    return True
 
 
 def _occurrences(names: list[Any]) -> list[tuple[Any, int]]:
@@ -607,7 +665,7 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
         for entry in container.get("env") or []:
             name, value = entry.get("name"), entry.get("value")
             if _as_injected(entry, ours) or not isinstance(value, str) or _blank(entry):
-                continue  # (an empty variable is unset, and the injection's value goes into it)
+                continue  # (an empty variable is unset to the middleware: its default, as if not declared)
             text = value.strip().lower()
             if (
                 (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
@@ -661,7 +719,7 @@ def build_workload_patch(
     _strip(template, record)
     new_record: dict[str, Any] | None = None
     if injection is not None:
-        new_record = {"owner": owner_name, **_apply(template, injection)}
+        new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload))}
         _keep_env_order(template, current)
     record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
     if template == current and record_text == (workload.get("metadata", {}).get("annotations") or {}).get(

@@ -479,6 +479,24 @@ def test_captured_content_blocks_are_bounded_in_number() -> None:
     assert texts[-1]["content"] == "t" + TRUNCATION_MARK and texts[0]["content"] == "t"
     long = observer._parts({"role": "user", "content": [{"type": "text", "text": "w" * 90}] * 5})
     assert [p["content"] for p in long] == ["w" * 90, "w" * 10 + TRUNCATION_MARK]
+    # Tool calls beside tool blocks count against the same bound.
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    both = observer._parts({"role": "assistant", "content": blocks, "tool_calls": [call] * 100})
+    assert sum(p["type"] != "text" for p in both) == MAX_CAPTURED_TOOL_PARTS
+    # System instructions are text, within one cap, whatever blocks a client sends there.
+    from llm_telemetry.record import LLMCall
+
+    attributes: dict[str, Any] = {}
+    system = LLMCall("chat", "anthropic", start=0.0)
+    system.system_instructions = [{"type": "text", "text": "s" * 90}, *blocks[:300]]
+    observer._content(attributes, system)
+    shown = json.loads(attributes["gen_ai.system_instructions"])
+    assert {p["type"] for p in shown} == {"text"}
+    assert sum(len(p["content"]) for p in shown) <= 100 + len(TRUNCATION_MARK)
+    image_only = LLMCall("chat", "anthropic", start=0.0)
+    image_only.system_instructions = [{"type": "image", "source": {}}]
+    observer._content(attributes := {}, image_only)
+    assert "gen_ai.system_instructions" not in attributes
 
 
 @pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-span"])

@@ -345,7 +345,7 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "[::1]"}], {}, ["LLM_TELEMETRY_METRICS_HOST=[::1]"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "localhost"}], {}, ["LLM_TELEMETRY_METRICS_HOST=localhost"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "0.0.0.0"}], {}, []),
-        # An empty value is unset (to the middleware as to the SDK), and the injection's value goes into it.
+        # An empty value is unset to the middleware: its default, as if the variable were not declared.
         ([{"name": "LLM_TELEMETRY_ENABLED", "value": ""}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "otlp"}], {}, ["LLM_TELEMETRY_METRICS_EXPORTER=otlp"]),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "prometheus,otlp"}], {}, []),
@@ -765,40 +765,81 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
 
 
+def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
+    """A managedFields entry: ``manager`` owns the env entries ``names`` of ``container`` in the pod template."""
+    env = {f'k:{{"name":"{name}"}}': {".": {}, "f:name": {}} for name in names}
+    fields = {"f:spec": {"f:template": {"f:spec": {"f:containers": {f'k:{{"name":"{container}"}}': {"f:env": env}}}}}}
+    return {"manager": manager, "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": fields}
+
+
 def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back() -> None:
-    """A GitOps tool's server-side apply (``--force-conflicts``) overrode two injected variables, then a commit
-    dropped the override: the apply gives up the values it took over, not the names the operator's patch wrote, so
-    the entries are left with no value. An empty variable is unset to the OpenTelemetry SDK and the middleware
-    (traces to localhost, the sampler at 1.0): the injected values go back in, where they are."""
+    """A GitOps tool's server-side apply (``--force-conflicts``) overrode injected variables, then a commit dropped
+    the override: the apply gives up the values it took over, not the entries the operator's patch wrote, which are
+    left with no value and owned by the operator alone. An empty variable is unset to the OpenTelemetry SDK and the
+    middleware (traces to localhost, the sampler at 1.0): such an entry goes and the injected one comes back, after
+    the variables it refers to. An empty entry another manager owns (a chart's ``value: ""``) stays theirs."""
     spec = parse_spec(minimal_llmt(tracing={"samplingRatio": 0.25})["spec"])
+    leftovers = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES")
     workload = deployment(
         env=[
+            {"name": "OTEL_RESOURCE_ATTRIBUTES"},
             {"name": "MODEL", "value": "gpt"},
             {"name": "OTEL_EXPORTER_OTLP_ENDPOINT"},
             {"name": "OTEL_TRACES_SAMPLER_ARG", "value": ""},
-            {"name": "OTEL_SERVICE_NAME", "value": "mine"},
+            {"name": "OTEL_TRACES_SAMPLER_ARG"},  # declared twice (the API server admits it): both are left over
+            {"name": "OTEL_SERVICE_NAME", "value": ""},
         ]
     )
+    workload["metadata"]["managedFields"] = [
+        managed("argocd", "MODEL"),
+        managed("helm", "OTEL_SERVICE_NAME"),
+        managed(c.OPERATOR_NAME, *leftovers, "OTEL_SERVICE_NAME"),
+    ]
     injection = r.build_injection(spec, CONFIG, workload, "chat")
     injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
     entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
     env = env_of(dict(injected))
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
-    assert env["OTEL_SERVICE_NAME"] == "mine"  # a value of the user's still wins
+    assert not env["OTEL_SERVICE_NAME"]  # the chart's empty value is the chart's
     names = [e["name"] for e in entries]
-    assert len(names) == len(set(names))  # in their place, not declared twice
-    assert names[:4] == ["MODEL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG", "OTEL_SERVICE_NAME"]
+    assert len(names) == len(set(names))
+    # The kubelet expands $(K8S_POD_NAME) only from a variable declared before: they come first.
+    attributes = names.index("OTEL_RESOURCE_ATTRIBUTES")
+    for referred in re.findall(r"\$\(([A-Z_]+)\)", env["OTEL_RESOURCE_ATTRIBUTES"]):
+        assert names.index(referred) < attributes, referred
     # They are the injection's now: the next pass changes nothing, and removing the resource removes them.
     assert r.build_workload_patch(injected, injection, "chat") is None
     removed = merge_patch(injected, r.build_workload_patch(injected, None, "chat"))
     left = {e["name"] for e in removed["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert left == {"MODEL", "OTEL_SERVICE_NAME"}
+    # Without managedFields nothing is known to be left over: an empty entry is kept as the user's, as before.
+    del workload["metadata"]["managedFields"]
+    kept = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
+    assert not env_of(dict(kept))["OTEL_TRACES_SAMPLER_ARG"]
     # With the collector missing, an empty endpoint is no endpoint of the container's own: the exporter goes off.
     workload = deployment(env=[{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": ""}])
     without = r.build_injection(spec, CONFIG, workload, "chat", frozenset({"traces", "logs"}))
     env = env_of(dict(merge_patch(workload, r.build_workload_patch(workload, without, "chat"))))
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+
+
+def test_a_restored_env_order_never_puts_a_reference_before_its_variable() -> None:
+    """Env order is kept as the workload has it (no rollout for a reordering), but not where that would put
+    ``$(K8S_POD_NAME)`` before the variable: the kubelet would leave the reference as literal text."""
+    spec = parse_spec(minimal_llmt()["spec"])
+    workload = deployment()
+    injection = r.build_injection(spec, CONFIG, workload, "chat")
+    injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
+    entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
+    at = next(i for i, e in enumerate(entries) if e["name"] == "OTEL_RESOURCE_ATTRIBUTES")
+    moved = json.loads(json.dumps(injected))
+    moved_env = moved["spec"]["template"]["spec"]["containers"][0]["env"]
+    moved_env.insert(0, moved_env.pop(at))  # someone moved it first (by hand; kept as the user's order otherwise)
+    patch = r.build_workload_patch(moved, injection, "chat")
+    assert patch is not None
+    names = [e["name"] for e in merge_patch(moved, patch)["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.index("OTEL_RESOURCE_ATTRIBUTES") > names.index("K8S_POD_NAME")
 
 
 @pytest.mark.parametrize("where", ["volume", "mount"])
