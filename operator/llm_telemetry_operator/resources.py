@@ -459,12 +459,15 @@ def _blank(entry: Any) -> bool:
 def _leftovers(workload: Mapping[str, Any]) -> frozenset[tuple[Any, Any]]:
     """The (container, variable) pairs of the pod template's env entries that no field manager but the operator's
     owns (``metadata.managedFields``): what a server-side apply leaves of an override it dropped. None without
-    managedFields (an API server that keeps none, or a client that stripped them)."""
-    managed = (workload.get("metadata") or {}).get("managedFields")
+    managedFields (an API server that keeps none, or a client that stripped them). A variable the manifest of the
+    last client-side ``kubectl apply`` declares is the user's, whoever the API server counts as its owner (an
+    apply that empties a value changes no field it could be counted for)."""
+    metadata = workload.get("metadata") or {}
+    managed = metadata.get("managedFields")
     if not isinstance(managed, list):
         return frozenset()
     ours: set[tuple[Any, Any]] = set()
-    theirs: set[tuple[Any, Any]] = set()
+    theirs: set[tuple[Any, Any]] = _last_applied_env((metadata.get("annotations") or {}).get(_LAST_APPLIED))
     for entry in managed:
         if not isinstance(entry, Mapping):
             continue
@@ -480,6 +483,26 @@ def _leftovers(workload: Mapping[str, Any]) -> frozenset[tuple[Any, Any]]:
             for env_key in env if isinstance(env, Mapping) else ():
                 owned.add((container, _keyed_name(env_key)))
     return frozenset(ours - theirs)
+
+
+#: The manifest a client-side ``kubectl apply`` last sent, kept by kubectl on the object.
+_LAST_APPLIED: Final = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _last_applied_env(text: Any) -> set[tuple[Any, Any]]:
+    """The (container, variable) pairs a last-applied configuration declares in the pod template."""
+    try:
+        applied = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return set()
+    pairs: set[tuple[Any, Any]] = set()
+    for step in ("spec", "template", "spec"):
+        applied = applied.get(step) if isinstance(applied, dict) else None
+    containers = applied.get("containers") if isinstance(applied, dict) else None
+    for container in containers if isinstance(containers, list) else ():
+        if isinstance(container, dict) and isinstance(container.get("env"), list):
+            pairs.update((container.get("name"), e.get("name")) for e in container["env"] if isinstance(e, dict))
+    return pairs
 
 
 def _keyed_name(key: Any) -> Any:

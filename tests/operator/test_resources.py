@@ -813,6 +813,15 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
     removed = merge_patch(injected, r.build_workload_patch(injected, None, "chat"))
     left = {e["name"] for e in removed["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert left == {"MODEL", "OTEL_SERVICE_NAME"}
+    # A manifest applied client-side that declares the variable empty (after the injection: the apply changes no
+    # field it could be counted as the owner of) is the user's: kept, not fought over on every apply.
+    declared = json.loads(json.dumps(workload))
+    applied = {"spec": {"template": {"spec": {"containers": [{"name": "app", "env": [
+        {"name": "OTEL_TRACES_SAMPLER_ARG", "value": ""}]}]}}}}  # fmt: skip
+    declared["metadata"].setdefault("annotations", {})[r._LAST_APPLIED] = json.dumps(applied)
+    kept = merge_patch(declared, r.build_workload_patch(declared, injection, "chat"))
+    assert not env_of(dict(kept))["OTEL_TRACES_SAMPLER_ARG"]
+    assert env_of(dict(kept))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
     # Without managedFields nothing is known to be left over: an empty entry is kept as the user's, as before.
     del workload["metadata"]["managedFields"]
     kept = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
