@@ -655,6 +655,45 @@ def test_an_override_a_gitops_commit_drops_again_gets_the_injected_value_back(cl
     assert len(entries) == len({e["name"] for e in entries})
 
 
+def test_an_injected_variable_a_manifest_declares_empty_is_the_users(
+    cluster: Cluster, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """``kubectl apply`` (client-side) of a manifest that declares an injected variable with ``value: ""``: the
+    apply empties it, and it stays the user's, with no rollout at the next applies. (The apply changes no field the
+    API server could count it as the owner of; the manifest kubectl keeps on the object says it is the user's.)
+    The same variable emptied by ``kubectl set env`` is refilled, as one removed by hand is re-injected."""
+    kubectl = tool_binary("kubectl")
+    manifest = deployment("declared", "declared")
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    path = tmp_path / "declared.json"
+
+    def apply(env: list[dict[str, str]]) -> None:
+        container["env"] = env
+        path.write_text(json.dumps(manifest))
+        command = [kubectl, "--kubeconfig", str(kubeconfig), "-n", cluster.namespace, "apply", "-f", str(path)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    apply([{"name": "MODEL", "value": "gpt"}])
+    cluster.create(telemetry("declared", "declared"))
+    cluster.ready("declared")
+    wait_for(lambda: cluster.env("declared").get("OTEL_SERVICE_NAME") == "declared", "injected")
+    apply([{"name": "MODEL", "value": "gpt"}, {"name": "OTEL_SERVICE_NAME", "value": ""}])
+    assert not cluster.env("declared")["OTEL_SERVICE_NAME"]
+    time.sleep(5)  # the operator's pass on the change has run
+    generation = cluster.deployment("declared")["metadata"]["generation"]
+    for _ in range(2):
+        apply([{"name": "MODEL", "value": "gpt"}, {"name": "OTEL_SERVICE_NAME", "value": ""}])
+        time.sleep(3)
+    assert not cluster.env("declared")["OTEL_SERVICE_NAME"]
+    assert cluster.deployment("declared")["metadata"]["generation"] == generation
+    # Emptied by hand, an injected variable is refilled.
+    apply([{"name": "MODEL", "value": "gpt"}])
+    wait_for(lambda: cluster.env("declared").get("OTEL_SERVICE_NAME") == "declared", "re-injected")
+    set_env = [kubectl, "--kubeconfig", str(kubeconfig), "-n", cluster.namespace, "set", "env", "deployment/declared"]
+    subprocess.run([*set_env, "OTEL_SERVICE_NAME="], check=True, capture_output=True, timeout=60)
+    wait_for(lambda: cluster.env("declared").get("OTEL_SERVICE_NAME") == "declared", "refilled")
+
+
 def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> None:
     """Someone else's Service holds the metrics Service's name: the resource says so (and is not Ready); once
     that Service is removed, the operator's own retry (the resource itself does not change) creates the metrics
