@@ -402,6 +402,17 @@ async def ready(kmock: Any, name: str = "chat", what: str | None = None, attempt
     return found
 
 
+async def reported(kmock: Any, type_: str, reason: str, what: str, name: str = "chat") -> dict[str, Any]:
+    """The condition ``type_`` of the LLMTelemetry ``name`` once it has ``reason``."""
+
+    def found() -> dict[str, Any] | None:
+        written = condition(get(kmock, LLMT, name), type_)
+        return written if written.get("reason") == reason else None
+
+    result: dict[str, Any] = await eventually(found, what)
+    return result
+
+
 def posted_events(kmock: Any, reason: str | None = None) -> list[dict[str, Any]]:
     """The Events posted to the emulator (those with ``reason``, if given), as it received them."""
     return [

@@ -33,6 +33,7 @@ from kopf_testing import (
     namespace_object,
     posted_events,
     ready,
+    reported,
     running_operator,
 )
 
@@ -927,13 +928,7 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = workload
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator():
-        metrics = await eventually(
-            lambda: (
-                (found := condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)).get("reason") == "PortConflict"
-                and found
-            ),
-            "PortConflict reported",
-        )
+        metrics = await reported(emulator, c.CONDITION_METRICS, "PortConflict", "PortConflict reported")
         assert metrics["status"] == "False"
         assert "Deployment/chat: container proxy declares port 9464 (admin)" in metrics["message"]
         assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
@@ -1298,13 +1293,7 @@ async def test_delete_after_the_namespaces_role_is_gone(emulator: Any, monitorin
             await asyncio.sleep(1)
             assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
             # Where a user sees why it stays (no event can be posted there either).
-            failed = await eventually(
-                lambda: (
-                    condition(get(emulator, LLMT, "chat"), "Ready").get("reason") == "CleanupFailed"
-                    and condition(get(emulator, LLMT, "chat"), "Ready")
-                ),
-                "the failed clean-up in the status",
-            )
+            failed = await reported(emulator, "Ready", "CleanupFailed", "the failed clean-up in the status")
             assert failed["status"] == "False" and "forbidden" in failed["message"], failed
 
 
@@ -1512,13 +1501,7 @@ async def test_two_workloads_whose_metrics_services_would_share_a_name_are_repor
         emulator.objects[DEPLOYMENTS, NAMESPACE, name] = deployment(name, labels={"app": "chat"})
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")):
-        metrics = await eventually(
-            lambda: (
-                condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceNameClash"
-                and condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
-            ),
-            "the clash reported",
-        )
+        metrics = await reported(emulator, c.CONDITION_METRICS, "ServiceNameClash", "the clash reported")
         # ("chat-v2-..." sorts before "chat.v2": it keeps the Service.)
         lost = f"Deployment/chat.v2 would share Service {r.service_name('chat.v2')} with Deployment/{hashed}"
         assert lost in metrics["message"]
@@ -1533,12 +1516,6 @@ async def test_a_missing_servicemonitor_crd_is_not_said_to_follow_services_that_
     """With no workload selected there is no metrics Service: the condition says only that the CRD is missing."""
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")):
-        metrics = await eventually(
-            lambda: (
-                condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS).get("reason") == "ServiceMonitorCRDMissing"
-                and condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
-            ),
-            "the condition written",
-        )
+        metrics = await reported(emulator, c.CONDITION_METRICS, "ServiceMonitorCRDMissing", "the condition written")
         assert metrics["message"].startswith("monitoring.coreos.com/v1 ServiceMonitor is not installed"), metrics
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
