@@ -33,7 +33,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
 
 from . import instruments as names
-from .instruments import Histograms
+from .instruments import Histograms, observed_cardinality_limits
 
 #: OpenTelemetry names of the histograms whose buckets carry exemplars: every latency histogram of the contract.
 EXEMPLAR_HISTOGRAMS: Final = tuple(spec.name for spec in names.LATENCY_HISTOGRAMS)
@@ -156,11 +156,13 @@ class ExemplarPrometheusReader(PrometheusMetricReader):  # type: ignore[misc]
     Args:
         store: where the exemplars go.
         registry: the (private) registry the reader's own collector is registered in.
-        histograms: histograms aggregated outside the SDK, added to every collection (see instruments.py).
+        histograms: histograms aggregated outside the SDK, added to every collection (see instruments.py); the
+            counters are then summed outside it too, and their own limit on series applies, not the SDK's.
     """
 
     def __init__(self, store: ExemplarStore, registry: CollectorRegistry, histograms: Histograms | None = None) -> None:
-        super().__init__(registry=registry)
+        limits = observed_cardinality_limits() if histograms is not None else None
+        super().__init__(registry=registry, cardinality_limits=limits)
         self.store = store
         self._feed = histograms.feed() if histograms is not None else None
 

@@ -310,12 +310,50 @@ def select(spec: MetricSpec, values: Mapping[str, Any], attribution: Mapping[str
 #: The key of an empty attribute set.
 _NO_KEY: Final[frozenset[tuple[str, Any]]] = frozenset()
 
-#: Distinct attribute sets an instrument keeps before folding new ones into one overflow series, as the SDK does
-#: (its default cardinality limit, and the attribute it marks the overflow series with). The label caps bound
-#: each label's values, but not their combinations: 100 models times 100 tenants is 10,000 series.
+#: Distinct attribute sets an instrument keeps before folding new ones into overflow series (the SDK's default
+#: cardinality limit, and the attribute it marks an overflow series with). The label caps bound each label's
+#: values, but not their combinations: 100 models times 100 tenants is 10,000 series.
 CARDINALITY_LIMIT: Final = 2000
 OVERFLOW_ATTRIBUTES: Final = {"otel.metric.overflow": True}
-_OVERFLOW_KEY: Final = frozenset(OVERFLOW_ATTRIBUTES.items())
+#: The attributes an overflow series keeps: those whose values are few by construction (operation, provider,
+#: stream, error type, token type and detail, usage source, tool status). It leaves out the others, whose values
+#: come from clients or upstream servers (models, tool names, finish reasons, the attribution labels), each value
+#: capped by the label limiter but not their combinations. So what an error ratio or an availability rule selects
+#: on survives the overflow, where the SDK's own overflow series drops every attribute (its errors would match
+#: every ``error_type!=...`` filter), and an instrument has at most a few hundred overflow series.
+FEW_VALUED: Final = frozenset(
+    {
+        GEN_AI_OPERATION_NAME,
+        GEN_AI_PROVIDER_NAME,
+        GEN_AI_REQUEST_STREAM,
+        ERROR_TYPE,
+        GEN_AI_TOKEN_TYPE,
+        LLM_TOKEN_DETAIL,
+        LLM_USAGE_SOURCE,
+        LLM_TOOL_STATUS,
+        LLM_TELEMETRY_COMPONENT,
+    }
+)
+#: What the SDK's own limit is for the observable instruments :class:`SummedInstrument` hands its totals to: above
+#: all a summed instrument can hold (CARDINALITY_LIMIT series and its overflow series), so that its limit, not the
+#: SDK's, decides which series overflow and into which.
+OBSERVED_CARDINALITY_LIMIT: Final = 4 * CARDINALITY_LIMIT
+
+
+def observed_cardinality_limits() -> dict[type, int]:
+    """``cardinality_limits`` for a metric reader that gets the totals of :class:`SummedInstrument` (see
+    :data:`OBSERVED_CARDINALITY_LIMIT`)."""
+    from opentelemetry.sdk.metrics import ObservableCounter, ObservableUpDownCounter
+
+    return {ObservableCounter: OBSERVED_CARDINALITY_LIMIT, ObservableUpDownCounter: OBSERVED_CARDINALITY_LIMIT}
+
+
+def overflow_attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The attributes of the overflow series a new attribute set past :data:`CARDINALITY_LIMIT` is added to: its
+    few-valued attributes (see :data:`FEW_VALUED`) and ``otel.metric.overflow``."""
+    kept = {key: value for key, value in (attributes or {}).items() if key in FEW_VALUED}
+    kept.update(OVERFLOW_ATTRIBUTES)
+    return kept
 
 
 def attributes_key(attributes: Attributes) -> frozenset[tuple[str, Any]]:
@@ -337,9 +375,10 @@ class SummedInstrument:
     measured here that is 10-20 µs, and a request makes up to nine of them. A dict update is well under a
     microsecond, and the exported series (names, types, labels, values) are the same, because a cumulative
     observable counter is exactly what a synchronous one becomes in a cumulative reader. Past
-    :data:`CARDINALITY_LIMIT` attribute sets, new ones are added to the ``otel.metric.overflow`` series, as the SDK's
-    own counter does. Only for readers that are all cumulative (see :func:`create_instruments`): in a delta reader an
-    observable counter repeats every series at each export, as a zero. The SDK stamps an observed series with the
+    :data:`CARDINALITY_LIMIT` attribute sets, new ones are added to an ``otel.metric.overflow`` series, as in the
+    SDK's own counter, but one per combination of the few-valued attributes (see :func:`overflow_attributes`).
+    Only for readers that are all cumulative (see :func:`create_instruments`): in a delta reader an observable
+    counter repeats every series at each export, as a zero. The SDK stamps an observed series with the
     time it first saw it, at a collection; the time of its first ``add`` is kept here and put back on the points by
     :meth:`HistogramFeed.merge`.
     """
@@ -377,7 +416,8 @@ class SummedInstrument:
         entry = self._totals.get(key)
         if entry is None:
             if len(self._totals) >= CARDINALITY_LIMIT:
-                key, attributes = _OVERFLOW_KEY, OVERFLOW_ATTRIBUTES
+                attributes = overflow_attributes(attributes)
+                key = frozenset(attributes.items())
                 entry = self._totals.get(key)
             if entry is None:
                 self._totals[key] = [amount, dict(attributes or {}), time_ns()]
@@ -436,7 +476,8 @@ class BucketHistogram:
     boundary counts in that bucket; negative and non-finite values are dropped; the configured exemplar filter
     (``OTEL_METRICS_EXEMPLAR_FILTER``, ``trace_based`` by default) decides which records leave an exemplar, and
     each bucket keeps the newest one with the trace and span id of the recording's span; past
-    :data:`CARDINALITY_LIMIT` attribute sets, new ones go to the ``otel.metric.overflow`` series.
+    :data:`CARDINALITY_LIMIT` attribute sets, new ones go to an ``otel.metric.overflow`` series (see
+    :func:`overflow_attributes`).
     """
 
     __slots__ = ("_filter", "_lock", "_owner", "_sequence", "_series", "_trace_based", "bounds", "spec")
@@ -532,11 +573,11 @@ class BucketHistogram:
     def _new_series(self, key: frozenset[tuple[str, Any]], attributes: Attributes) -> _Series:
         """Called with the lock held."""
         if len(self._series) >= CARDINALITY_LIMIT:
-            key = _OVERFLOW_KEY
+            attributes = overflow_attributes(attributes)
+            key = frozenset(attributes.items())
             series = self._series.get(key)
             if series is not None:
                 return series
-            attributes = OVERFLOW_ATTRIBUTES
         if not self._series:
             self._owner.started(self)
         series = self._series[key] = _Series(dict(attributes or {}), len(self.bounds) + 1)

@@ -34,7 +34,15 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, mmap_dict
 
 from .config import Settings
-from .instruments import CARDINALITY_LIMIT, CONTRACT, OVERFLOW_ATTRIBUTES, Histograms, Instruments, create_instruments
+from .instruments import (
+    CARDINALITY_LIMIT,
+    CONTRACT,
+    OVERFLOW_ATTRIBUTES,
+    Histograms,
+    Instruments,
+    create_instruments,
+    overflow_attributes,
+)
 
 try:
     import fcntl
@@ -88,8 +96,8 @@ FOREIGN_HOLDER_ATTEMPTS: Final = 3
 #: removes it: its pids mean nothing in this namespace, so they cannot tell.
 ABANDONED_SECONDS: Final = 300.0
 
-#: The attributes of an instrument's overflow series (see instruments.CARDINALITY_LIMIT), as stored in keys.
-_OVERFLOW: Final = tuple(OVERFLOW_ATTRIBUTES.items())
+#: The attribute that marks an instrument's overflow series (see instruments.overflow_attributes).
+(_OVERFLOW_ATTRIBUTE,) = OVERFLOW_ATTRIBUTES
 
 _ARCHIVE = "archive.json"
 #: Label values admitted so far, per label, shared by the workers so the count bound is per deployment.
@@ -831,17 +839,23 @@ class SharedState:
         )
 
 
-#: The overflow series' attributes as :func:`_placed` and :func:`_place` compare them.
-_OVERFLOW_IDENT: Final = json.dumps(_OVERFLOW)
+def _is_overflow(attrs: Iterable[Sequence[Any]]) -> bool:
+    """Whether attributes as stored in a key (pairs) are those of an overflow series."""
+    return any(pair[0] == _OVERFLOW_ATTRIBUTE for pair in attrs)
+
+
+def _overflow_of(attributes: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """The attributes, as stored in keys, of the overflow series that ``attributes`` are added to past the limit."""
+    return _attrs_key(overflow_attributes(attributes))
 
 
 def _placed(archive: Mapping[str, float]) -> dict[str, set[str]]:
-    """Per metric, the attribute sets (JSON) with a place in the archive, the overflow one left out."""
+    """Per metric, the attribute sets (JSON) with a place in the archive, the overflow ones left out."""
     series: dict[str, set[str]] = {}
     for key in archive:
         name, _field, attrs = json.loads(key)
-        if (ident := json.dumps(attrs)) != _OVERFLOW_IDENT:
-            series.setdefault(name, set()).add(ident)
+        if not _is_overflow(attrs):
+            series.setdefault(name, set()).add(json.dumps(attrs))
     return series
 
 
@@ -850,14 +864,14 @@ def _place(known: dict[str, set[str]], key: str, parsed: list[Any] | None = None
     its metric's overflow series: once CARDINALITY_LIMIT other series of the metric have places. ``parsed``: the
     key's JSON, when the caller has read it already."""
     name, field, attrs = parsed if parsed is not None else json.loads(key)
-    ident = json.dumps(attrs)
-    if ident == _OVERFLOW_IDENT:
+    if _is_overflow(attrs):
         return key
+    ident = json.dumps(attrs)
     series = known.setdefault(name, set())
     if ident in series:
         return key
     if len(series) >= CARDINALITY_LIMIT:
-        return _key(name, field, _OVERFLOW)
+        return _key(name, field, _overflow_of(dict(attrs)))
     series.add(ident)
     return key
 
@@ -911,7 +925,7 @@ class _SharedSum:
         key = self._keys.get(attrs)
         if key is None:
             if len(self._keys) >= CARDINALITY_LIMIT:  # as the SDK's limit, per process: see _fold
-                attrs = _OVERFLOW
+                attrs = _overflow_of(attributes)
                 key = self._keys.get(attrs)
             if key is None:
                 key = self._keys[attrs] = _key(self._name, self._field, attrs)
@@ -935,7 +949,7 @@ class _SharedHistogram:
         keys = self._keys.get(attrs)
         if keys is None:
             if len(self._keys) >= CARDINALITY_LIMIT:
-                attrs = _OVERFLOW
+                attrs = _overflow_of(attributes)
                 keys = self._keys.get(attrs)
             if keys is None:
                 buckets = [_key(self._name, f"b{i}", attrs) for i in range(len(self._bounds) + 1)]

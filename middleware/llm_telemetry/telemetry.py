@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
 from .exposition import answer, exposition_app, serve_metrics
-from .instruments import Histograms, Instruments, create_instruments, exemplar_filter
+from .instruments import Histograms, Instruments, create_instruments, exemplar_filter, observed_cardinality_limits
 from .labels import LabelLimiter
 from .logs import RequestLogs
 from .pricing import PricingTable
@@ -151,9 +151,11 @@ class Telemetry:
         if otlp is not None:
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
+            limits = None
             if self.histograms is not None:
                 otlp = HistogramExporter(otlp, self.histograms)
-            readers.append(PeriodicExportingMetricReader(otlp))
+                limits = observed_cardinality_limits()  # the counters are summed here too, with their own limit
+            readers.append(PeriodicExportingMetricReader(otlp, cardinality_limits=limits))
         return SDKMeterProvider(
             metric_readers=readers, resource=resource, exemplar_filter=exemplars, shutdown_on_exit=False
         )

@@ -2,9 +2,10 @@
 
 Each label keeps at most ``max_label_values`` values, but their combinations multiply: 100 models sent by a client
 times 100 tenants is 10,000 series of every metric, each histogram series ~18 lines. Like the OpenTelemetry SDK,
-every instrument keeps at most CARDINALITY_LIMIT attribute sets and adds the rest to one series marked
-``otel_metric_overflow="true"``, so totals stay exact while the scrape and the memory behind it stay bounded: in
-one process, in each worker's file, and in the archive that stopped workers are folded into.
+every instrument keeps at most CARDINALITY_LIMIT attribute sets and adds the rest to series marked
+``otel_metric_overflow="true"`` (one per combination of the few-valued labels, such as the error type), so totals
+stay exact while the scrape and the memory behind it stay bounded: in one process, in each worker's file, and in
+the archive that stopped workers are folded into.
 """
 
 from __future__ import annotations
@@ -84,15 +85,79 @@ def test_series_stop_at_the_limit_and_the_rest_is_counted_in_overflow(tmp_path: 
         # A call makes one series of each metric, two of the tokens (input and output: 8 tokens a call).
         sets, per_call, each = (2, 8, {3, 5}) if name == "llm_tokens_total" else (1, 1, {1})
         kept_calls = CARDINALITY_LIMIT // sets
-        assert len(series) == CARDINALITY_LIMIT + len(overflow) and len(overflow) == 1, name
+        # One overflow series per combination of the labels with few values: here the token type alone varies.
+        assert len(series) == CARDINALITY_LIMIT + len(overflow) and len(overflow) == sets, name
         assert sum(s.value for s in series) == calls * per_call, name
-        assert overflow[0].value == (calls - kept_calls) * per_call, name
+        assert sum(s.value for s in overflow) == (calls - kept_calls) * per_call, name
+        for s in overflow:
+            # The many-valued labels are left out (empty in the scrape), the few-valued ones kept.
+            assert not s.labels.get("gen_ai_request_model") and not s.labels.get("llm_metadata_tenant"), name
+            assert s.labels["gen_ai_operation_name"] == "chat" and s.labels["gen_ai_provider_name"] == "openai"
+        if name == "llm_tokens_total":
+            by_type = {s.labels["gen_ai_token_type"]: s.value for s in overflow}
+            assert by_type == {"input": (calls - kept_calls) * 3, "output": (calls - kept_calls) * 5}
         # The series kept are the first ones recorded, each with its own labels and count.
         first = {
             s.labels["gen_ai_request_model"] for s in series if s.labels.get("llm_metadata_tenant") == "tenant-000"
         }
         assert first == {f"model-{m:03d}" for m in range(SIDE) if m * SIDE < kept_calls}, name
         assert {s.value for s in series if s not in overflow} == each, name
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "worker-file"])
+def test_errors_past_the_limit_keep_their_error_type(tmp_path: Path, workers: bool) -> None:
+    """The errors counted past the series limit keep their error type, the stream flag, operation and provider:
+    an availability rule or error ratio that leaves client errors out (error_type!="invalid_request"...) must not
+    count them as the service's failures, as it would if the overflow series had no error type at all."""
+    telemetry = _telemetry(tmp_path, workers)
+    recorder, limit = telemetry.recorder, telemetry.limit
+
+    def fail(model: int, tenant: int, error: str) -> None:
+        call = LLMCall("chat", "openai", 100.0, request_model=f"model-{model:03d}")
+        call.attribution = {"tenant": limit("tenant", f"tenant-{tenant:03d}")}
+        call.stream = error == "client_disconnect"
+        call.status_code = {"client_disconnect": 200, "rate_limit": 429, "server_error": 500}.get(error, 400)
+        call.error_type = error
+        call.end = 100.5
+        recorder.start(call)
+        recorder.end(call)
+
+    try:
+        successes = _record(telemetry, range(SIDE), range(SIDE))
+        for m, t in itertools.product(range(SIDE), range(SIDE)):  # every place of the errors taken, some overflow
+            fail(m, t, "rate_limit")
+        late = {"context_length": 0, "server_error": 0, "client_disconnect": 0}
+        for i in range(90):
+            error = list(late)[i % 3]
+            late[error] += 1
+            fail(i % SIDE, SIDE - 1 - i % SIDE, error)
+        text = generate_latest(telemetry.registry).decode()
+    finally:
+        telemetry.shutdown()
+    wanted = ("llm_errors_total", "llm_requests_total")
+    metrics = Metrics("\n".join(line for line in text.splitlines() if line.startswith(wanted)) + "\n")
+
+    def overflow(name: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.labels.get("error_type", ""), s.labels["gen_ai_request_stream"]): s.value
+            for s in metrics.samples
+            if s.name == name and s.labels.get("otel_metric_overflow") == "true"
+        }
+
+    fills = SIDE * SIDE
+    assert overflow("llm_errors_total") == {
+        ("rate_limit", "false"): fills - CARDINALITY_LIMIT,
+        ("context_length", "false"): late["context_length"],
+        ("server_error", "false"): late["server_error"],
+        ("client_disconnect", "true"): late["client_disconnect"],
+    }
+    assert overflow("llm_requests_total") == {
+        ("", "true"): successes - CARDINALITY_LIMIT,
+        ("rate_limit", "false"): fills,
+        ("context_length", "false"): late["context_length"],
+        ("server_error", "false"): late["server_error"],
+        ("client_disconnect", "true"): late["client_disconnect"],
+    }
 
 
 def test_memory_stops_growing_at_the_limit(tmp_path: Path) -> None:
