@@ -322,19 +322,24 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
 def test_the_overflow_series_has_a_name_in_by_label_panels(tmp_path: Path) -> None:
-    """Past the series limit, a metric's new label sets go to one series labelled otel_metric_overflow="true", its
-    other labels empty. Grouped by model, Grafana would show it with a blank legend, or the whole query as its name
-    when no label is left: the panels name it. Evaluated by Prometheus's engine (promtool's rule unit tests) beside
-    a model's series, which keeps its name."""
+    """Past the series limit, a metric's new label sets go to series labelled otel_metric_overflow="true", with
+    no model, tool name or attribution label (the labels with few values, such as the token type, kept). Grouped
+    by model, Grafana would show one with a blank legend, or the whole query as its name when no label is left: the
+    panels name it. The attribution panels tell it from a series recorded with no attribution at all (the
+    middleware's attribution not set up), which is not an overflow. Evaluated by Prometheus's engine (promtool's
+    rule unit tests) beside a model's series, which keeps its name."""
     targets = {p["title"]: p["targets"] for p in _panels(build_dashboard()) if p["datasource"]["type"] == "prometheus"}
     scrape = 'namespace="llm",job="chat",endpoint="llm-metrics"'
     named, overflow = f'{scrape},gen_ai_request_model="gpt-4o"', f'{scrape},otel_metric_overflow="true"'
+    input_type = 'gen_ai_token_type="input"'
     series = [
         # a dollar a second for the model, two in the overflow series
         {"series": f"llm_cost_usd_total{{{named}}}", "values": "0+60x10"},
         {"series": f"llm_cost_usd_total{{{overflow}}}", "values": "0+120x10"},
-        {"series": f'llm_tokens_total{{{named},gen_ai_token_type="input"}}', "values": "0+60x10"},
-        {"series": f"llm_tokens_total{{{overflow}}}", "values": "0+30x10"},
+        {"series": f'llm_tokens_total{{{named},{input_type},llm_metadata_tenant="acme"}}', "values": "0+60x10"},
+        {"series": f"llm_tokens_total{{{overflow},{input_type}}}", "values": "0+30x10"},
+        # a process whose middleware records no tenant
+        {"series": f'llm_tokens_total{{{scrape},gen_ai_request_model="llama",{input_type}}}', "values": "0+10x10"},
     ]
     for labels in (named, overflow):  # every request took under half a second
         series += [
@@ -343,7 +348,7 @@ def test_the_overflow_series_has_a_name_in_by_label_panels(tmp_path: Path) -> No
         ]
     cases = [
         ("Cost per hour by model", "A", {"gpt-4o": 3600, OVERFLOW: 7200}, ["gen_ai_request_model"]),
-        ("Tokens/min by model and type", "A", {"gpt-4o input": 60, f"{OVERFLOW} {OVERFLOW}": 30},
+        ("Tokens/min by model and type", "A", {"gpt-4o input": 60, "llama input": 10, f"{OVERFLOW} input": 30},
          ["gen_ai_request_model", "gen_ai_token_type"]),
         ("Time to first token by model", "A", {"gpt-4o": 0.25, OVERFLOW: 0.25}, ["gen_ai_request_model"]),
     ]  # fmt: skip
@@ -358,6 +363,19 @@ def test_the_overflow_series_has_a_name_in_by_label_panels(tmp_path: Path) -> No
             for key, value in expected.items()
         ]
         tests.append({"expr": _dashboard_expr_as_promql(target["expr"]), "eval_time": "10m", "exp_samples": samples})
+    (target,) = targets["Top tenant by tokens"]
+    tenants = [
+        ('{llm_metadata_tenant="acme"}', 600),
+        ('{llm_metadata_tenant="(overflow)",otel_metric_overflow="true"}', 300),
+        ('{llm_metadata_tenant="(not attributed)"}', 100),
+    ]
+    tests.append(
+        {
+            "expr": _dashboard_expr_as_promql(target["expr"]),
+            "eval_time": "10m",
+            "exp_samples": [{"labels": labels, "value": value} for labels, value in tenants],
+        }
+    )
     path = tmp_path / "overflow.yaml"
     path.write_text(yaml.safe_dump({"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}))
     result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)

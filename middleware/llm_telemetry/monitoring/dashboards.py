@@ -59,6 +59,11 @@ _LEGEND_LABEL = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
 #: The legend of a metric's overflow series (``otel_metric_overflow="true"``, past the series limit of
 #: ``instruments.CARDINALITY_LIMIT``), whose other labels are empty.
 OVERFLOW_LEGEND: Final = "(overflow)"
+#: The legend of the series with no attribution label at all: the middleware records none where its attribution
+#: does not name that label (``LLM_TELEMETRY_ATTRIBUTION_HEADERS``), which is not an overflow.
+UNATTRIBUTED_LEGEND: Final = "(not attributed)"
+#: The Prometheus label of the overflow series (``otel.metric.overflow``).
+OVERFLOW_LABEL: Final = "otel_metric_overflow"
 
 #: The Loki query of the error log panel, by how the request-log lines reach Loki (an LLMTelemetry's
 #: ``spec.logs.mode``). Loki refuses a stream selector whose every matcher matches the empty string, as
@@ -79,6 +84,13 @@ def _share(by: str, part: str, whole: str) -> str:
     """``part`` over ``whole`` (two rates) per value of ``by``; "or ... * 0": a value with no ``part`` (a model
     without errors) shows 0 rather than no line at all."""
     return f"(sum by ({by}) ({part}) or sum by ({by}) ({whole}) * 0)\n/\nsum by ({by}) ({whole})"
+
+
+def _by_attribution(label: str, increase: str) -> str:
+    """The 10 values of attribution ``label`` with the most ``increase``, the overflow series named by its own
+    label: a series without ``label`` is also one the middleware recorded without attribution, not an overflow."""
+    top = f"topk(10, sum by ({label}, {OVERFLOW_LABEL}) ({increase}))"
+    return f'label_replace({top}, "{label}", "{OVERFLOW_LEGEND}", "{OVERFLOW_LABEL}", "true")'
 
 
 class _Builder:
@@ -154,13 +166,21 @@ class _Builder:
 
     @staticmethod
     def target(
-        expr: str, legend: str, ref: str = "A", *, instant: bool = False, exemplar: bool = False, fmt: str = ""
+        expr: str,
+        legend: str,
+        ref: str = "A",
+        *,
+        instant: bool = False,
+        exemplar: bool = False,
+        fmt: str = "",
+        unlabelled: str = OVERFLOW_LEGEND,
     ) -> dict[str, Any]:
-        # A series without a label its legend names is the overflow series: Grafana would show a blank legend for
-        # it, or the whole query when it has no label left, so it is named (le: a heatmap's buckets, never empty).
+        # A series without a label its legend names is an overflow series (or, ``unlabelled`` says, one recorded
+        # without that label): Grafana would show a blank legend for it, or the whole query when it has no label
+        # left, so it is named (le: a heatmap's buckets, never empty).
         for label in dict.fromkeys(_LEGEND_LABEL.findall(legend)):
             if label != "le":
-                expr = f'label_replace({expr}, "{label}", "{OVERFLOW_LEGEND}", "{label}", "")'
+                expr = f'label_replace({expr}, "{label}", "{unlabelled}", "{label}", "")'
         target: dict[str, Any] = {
             "refId": ref,
             "datasource": PROMETHEUS,
@@ -284,7 +304,9 @@ class _Builder:
             8,
         )
 
-    def bargauge(self, title: str, description: str, expr: str, legend: str, unit: str) -> None:
+    def bargauge(
+        self, title: str, description: str, expr: str, legend: str, unit: str, unlabelled: str = OVERFLOW_LEGEND
+    ) -> None:
         self.add(
             {
                 "type": "bargauge",
@@ -305,7 +327,7 @@ class _Builder:
                     "showUnfilled": True,
                     "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
                 },
-                "targets": [self.target(expr, legend, instant=True)],
+                "targets": [self.target(expr, legend, instant=True, unlabelled=unlabelled)],
             },
             12,
             8,
@@ -749,18 +771,20 @@ def build_dashboard(
             f"The 10 values of {name} that used the most tokens over the dashboard's time range. increase() leaves"
             " out each series' first count (a series starts holding it: a new pod, model or value), so a value with"
             " a few requests spread over pods can read low, or 0.",
-            f"topk(10, sum by ({name}) (increase({b.sel(TOKENS)}[$__range])))",
+            _by_attribution(name, f"increase({b.sel(TOKENS)}[$__range])"),
             legend,
             "short",
+            UNATTRIBUTED_LEGEND,
         )
         b.bargauge(
             f"Top {short} by cost",
             f"The 10 values of {name} that cost the most (USD) over the dashboard's time range. increase() leaves"
             " out each series' first count (a series starts holding it: a new pod, model or value), so a value with"
             " a few requests spread over pods can read low, or 0.",
-            f"topk(10, sum by ({name}) (increase({b.sel(COST)}[$__range])))",
+            _by_attribution(name, f"increase({b.sel(COST)}[$__range])"),
             legend,
             "currencyUSD",
+            UNATTRIBUTED_LEGEND,
         )
 
     return {
