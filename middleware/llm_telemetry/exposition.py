@@ -18,6 +18,7 @@ scrape is refused only while that many clients hold the port, and the app's own 
 
 from __future__ import annotations
 
+import gzip
 import logging
 import socket
 import sys
@@ -28,7 +29,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ REQUEST_SECONDS = 10.0
 #: Requests answered at once, each with its own copy of the exposition (one more is answered 503). Prometheus scrapes
 #: a target once per interval (twice for a pair of HA replicas).
 MAX_ANSWERS = 4
+#: A rendering of the exposition answers the plain scrapes that come within this many times what it took to make,
+#: and no new one starts sooner: clients that scrape without pause (or alternate formats and filters to miss the
+#: kept one) keep the renderings, which hold the interpreter's lock, to a fifth of the time at most, where four
+#: such clients slowed the app's requests fifty times. A Prometheus scraping every few seconds gets a fresh one.
+SHARE = 4.0
+#: The longest a scrape waits for a new rendering to be allowed (an exposition that takes seconds to render would
+#: otherwise keep one waiting past Prometheus's scrape timeout).
+MAX_WAIT = 2.0
 #: Seconds a request has to take its whole answer (Prometheus gives up on a scrape after its scrape_timeout, 10 s by
 #: default).
 ANSWER_SECONDS = 30.0
@@ -226,8 +235,68 @@ class BoundedServer(ThreadingWSGIServer):
 
 def exposition_app(registry: CollectorRegistry) -> Any:
     """The WSGI app the metrics port serves for ``registry``: prometheus_client's, with its formats (text,
-    OpenMetrics), gzip when asked, and the ``name[]`` filter."""
-    return make_wsgi_app(_Filterable(registry))
+    OpenMetrics), gzip when asked, and the ``name[]`` filter. An ``Accept`` header whose format version
+    prometheus_client cannot compare (``version=1.x``: its ``choose_encoder`` raises) is answered as one with no
+    ``Accept``, in the text format, where prometheus_client would fail the scrape with a 500."""
+    return _Exposition(make_wsgi_app(_Filterable(registry)))
+
+
+class _Exposition:
+    """A WSGI exposition ``app`` whose renderings are shared and spaced (see :data:`SHARE`): one at a time; a GET
+    without a query (what Prometheus asks) gets the newest rendering of its format while it is fresh; any other new
+    rendering waits until SHARE times the last one's duration has passed since it ended. gzip is applied per answer
+    (zlib lets go of the interpreter's lock as it compresses)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+        #: When (time.monotonic()) a new rendering may start.
+        self.ready_at = 0.0
+        #: The newest rendering without a query: (its content type, fresh until, status, headers, body).
+        self.kept: tuple[str, float, str, list[tuple[str, str]], bytes] | None = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        accept = environ.get("HTTP_ACCEPT") or ""
+        try:
+            content_type = choose_encoder(accept)[1]
+        except Exception:
+            content_type = choose_encoder("")[1]
+            environ = {**environ, "HTTP_ACCEPT": ""}
+        if environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
+        query = environ.get("QUERY_STRING") or ""
+        with self.lock:
+            kept = self.kept
+            now = time.monotonic()
+            if query or kept is None or kept[0] != content_type or now >= kept[1]:
+                if now < self.ready_at:
+                    time.sleep(min(self.ready_at - now, MAX_WAIT))  # (holding the lock: the others wait as well)
+                begun = time.monotonic()
+                status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
+                ended = time.monotonic()
+                self.ready_at = ended + SHARE * (ended - begun)
+                kept = (content_type, self.ready_at, status, headers, body)
+                if not query:
+                    self.kept = kept
+        _type, _until, status, headers, body = kept
+        headers = list(headers)  # (the server adds to the list it is given: the Content-Length of this answer)
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response(status, headers)
+        return [body]
+
+
+def _render(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+    """What the WSGI ``app`` answers to ``environ``: (status line, headers, body)."""
+    started: list[Any] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started[:] = [status, headers]
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    return str(started[0]), list(started[1]), body
 
 
 def answer(
@@ -244,14 +313,8 @@ def answer(
         "SERVER_PORT": "0",
         "wsgi.url_scheme": "http",
     }
-    started: list[Any] = []
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        started[:] = [status, headers]
-        return lambda data: None
-
-    body = b"".join(app(environ, start_response))
-    return int(str(started[0]).split()[0]), list(started[1]), body
+    status, headers, body = _render(app, environ)
+    return int(status.split()[0]), headers, body
 
 
 def serve_metrics(

@@ -22,8 +22,10 @@ from prometheus_client.registry import Collector
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import bare_app
-from llm_telemetry.exposition import MAX_CONNECTIONS, serve_metrics
+from llm_telemetry.exposition import MAX_CONNECTIONS, SHARE, serve_metrics
 from support import free_port, scrape_text, serve, wait_for
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 class _Large(Collector):
@@ -142,6 +144,43 @@ def test_a_few_slow_clients_do_not_keep_the_scrape_out() -> None:
                 sock.close()
 
 
+class _Counting(Collector):
+    """A collector that takes ``seconds`` and tells how many times it was collected."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.collected = seconds, 0
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        time.sleep(self.seconds)
+        self.collected += 1
+        yield GaugeMetricFamily("llm_test_collections", "Times collected.", value=self.collected)
+
+
+def test_scrapes_that_come_without_pause_share_a_rendering() -> None:
+    """Scrapers that come back without pause (or ask with a filter or another format each time, to miss the kept
+    rendering) would keep the exposition, which holds the interpreter's lock, rendering all the time, and the app
+    beside it slowed fifty times. A plain scrape soon after a rendering gets that rendering; a new one starts only
+    once SHARE times what the last one took has passed; a later plain scrape gets a fresh one."""
+    collector = _Counting(0.3)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    with serving(registry) as port:
+        first = scrape_text(port)
+        again = [scrape_text(port) for _ in range(3)]
+        assert collector.collected == 1 and again == [first] * 3
+        gzipped = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10)
+        assert gzipped.headers["content-encoding"] == "gzip" and gzipped.text == first  # (httpx inflates it)
+        assert collector.collected == 1
+        # Another format, then a filter: each a rendering of its own, made no sooner than allowed.
+        asked = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": OPENMETRICS}, timeout=10)
+        assert asked.headers["content-type"].startswith("application/openmetrics-text")
+        assert "llm_test_collections 2.0" in asked.text and collector.collected == 2
+        query = httpx.get(f"http://127.0.0.1:{port}/metrics?name[]=llm_test_collections", timeout=10).text
+        assert "llm_test_collections 3.0" in query and collector.collected == 3
+        time.sleep(SHARE * 0.3 + 0.5)  # the last rendering no longer fresh
+        assert "llm_test_collections 4.0" in scrape_text(port)
+
+
 def test_a_scrape_that_fails_on_the_server_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     class Broken(Collector):
         def collect(self) -> Iterable[GaugeMetricFamily]:
@@ -228,6 +267,24 @@ def test_a_scrape_can_ask_for_some_series_by_name() -> None:
     assert {line.split("{")[0].split(" ")[0] for line in samples} == set(wanted)
     assert set(samples) <= set(full.splitlines())
     assert "# TYPE llm_requests_total counter" in text
+
+
+def test_an_accept_header_with_a_version_prometheus_client_cannot_read_gets_the_text_format() -> None:
+    """prometheus_client compares an asked format's version as numbers, and fails on ``version=1.x``: any client
+    could make the scrape answer 500 (and log a traceback) on the metrics port and the app's path. Such a header is
+    answered as no ``Accept`` at all: 200, the text format; a readable one keeps its format."""
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, metrics_app_path="/metrics", request_logs=False)
+    unreadable = ["application/openmetrics-text; version=1.x", "text/plain; version=abc", "text/plain; version=.1"]
+    with serve(app) as base:
+        plain = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        for where in (f"http://127.0.0.1:{metrics_port}", base):
+            for accept in unreadable:
+                answer = httpx.get(f"{where}/metrics", headers={"Accept": accept}, timeout=10)
+                assert answer.status_code == 200, (where, accept, answer.text[:200])
+                assert answer.headers["content-type"] == plain.headers["content-type"], (where, accept)
+            asked = httpx.get(f"{where}/metrics", headers={"Accept": OPENMETRICS}, timeout=10)
+            assert asked.status_code == 200 and asked.headers["content-type"].startswith("application/openmetrics-text")
 
 
 def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> None:
