@@ -1339,6 +1339,8 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
+        if kind is not None and type(kind) is not str:
+            continue  # ("type": [...] or {...}: no item of this API, and a set cannot look it up)
         if kind in _RESPONSES_TOOL_ITEMS or (kind in (None, "message") and item.get("role") == "assistant"):
             if results:
                 results = []  # a model turn after tool outputs: those outputs belong to an earlier request

@@ -631,6 +631,24 @@ async def test_hostile_deep_sse_event_does_not_switch_the_reader_off(cleanup: li
     assert internal_errors(await scrape(wrapped)) == 0
 
 
+async def test_hostile_responses_items_with_a_list_or_object_type_are_skipped(cleanup: list[Any]) -> None:
+    """A Responses API input item whose ``type`` is a list or an object is no item of the API: skipped, the tool
+    results of the others still counted, and nothing in the internal errors (which would page on any client)."""
+    wrapped, calls = observe(OK_JSON)
+    cleanup.append(wrapped)
+    items = [
+        {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{}"},
+        {"type": ["function_call_output"], "call_id": "c1", "output": "x"},
+        {"type": {"k": 1}, "call_id": "c1", "output": "x"},
+        {"type": "function_call_output", "call_id": "c1", "output": "found"},
+    ]
+    body = json.dumps({"model": "m", "input": items}).encode()
+    await exchange(wrapped, "/v1/responses", body)
+    (call,) = calls.ended
+    assert [result.name for result in call.tool_results] == ["lookup"]
+    assert internal_errors(await scrape(wrapped)) == 0
+
+
 async def test_hostile_response_headers_as_a_generator_reach_the_client(cleanup: list[Any]) -> None:
     pairs = [(b"content-type", b"application/json"), (b"x-upstream", b"1")]
 
