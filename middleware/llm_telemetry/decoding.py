@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import zlib
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, Final, Protocol
 
 from .apis import ResponseReader
@@ -42,6 +43,25 @@ MAX_DECODED_STREAM_BYTES: Final = 64 * 1024 * 1024
 #: the whole limit (a compression bomb), which asked for at once would be held in full, and again by the reader's
 #: buffer. (Brotli's output grows in blocks until it reaches the number asked for, and may end up twice as large.)
 DECODE_STEP: Final = 64 * 1024
+
+#: Seconds one chunk of the app's may take to read: past them the rest of the response is not read (its usage is
+#: then unknown). Within the size limits, reading costs what the events cost: a chunk of millions of empty or non-JSON
+#: events, or a compressed chunk of 100 KB inflating to them, held the event loop for half a minute. A chunk of real
+#: events takes a few milliseconds (a 16 KiB one at most 7 ms of the shapes tried).
+MAX_READ_SECONDS: Final = 0.1
+#: Bytes of a large chunk read at a time, between two looks at the clock.
+READ_STEP: Final = 256 * 1024
+
+
+def read_within(reader: Any, chunk: bytes, now: float) -> bool:
+    """Feed ``chunk`` to ``reader`` READ_STEP bytes at a time; False, and the rest unread, once reading it has taken
+    more than MAX_READ_SECONDS."""
+    started = perf_counter()
+    for start in range(0, len(chunk), READ_STEP):
+        reader.feed(chunk[start : start + READ_STEP], now)
+        if perf_counter() - started > MAX_READ_SECONDS:
+            return False
+    return True
 
 
 class Inflater(Protocol):
@@ -207,8 +227,9 @@ if _zstd is not None:
 class DecodingReader:
     """Decompresses a body as it passes and hands the result to the reader it wraps, at most ``limit`` bytes.
 
-    A body that is not what its ``Content-Encoding`` says, or inflates past ``limit``, is read no further; the
-    wrapped reader then finishes with what it got (a JSON body cut short does not parse, so it records nothing).
+    A body that is not what its ``Content-Encoding`` says, inflates past ``limit``, or one chunk of which takes more
+    than MAX_READ_SECONDS to read, is read no further; the wrapped reader then finishes with what it got (a JSON
+    body cut short does not parse, so it records nothing).
     """
 
     __slots__ = ("_inflate", "_left", "reader")
@@ -225,6 +246,7 @@ class DecodingReader:
         inflate = self._inflate
         if inflate is None or not chunk:
             return
+        started = None
         while True:
             taken = inflate.take(chunk, self._left)
             if taken is None:
@@ -237,6 +259,11 @@ class DecodingReader:
             if data:
                 self.reader.feed(data, now)
             if not more or self._inflate is None:
+                return
+            if started is None:
+                started = perf_counter()  # (a chunk that inflates in one piece reads no clock)
+            elif perf_counter() - started > MAX_READ_SECONDS:
+                self._inflate = None  # too slow to read (see MAX_READ_SECONDS)
                 return
             chunk = b""
 

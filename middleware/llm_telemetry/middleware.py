@@ -29,7 +29,7 @@ from .apis import (
     loads,
 )
 from .config import ConfigurationError, Settings
-from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, DecodingReader
+from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, READ_STEP, DecodingReader, read_within
 from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
@@ -392,7 +392,11 @@ class _Exchange:
             reader = self.reader
             if reader is not None and body:
                 try:
-                    reader.feed(body if type(body) is not memoryview else bytes(body), now)  # (as in send())
+                    data = body if type(body) is not memoryview else bytes(body)  # (as in send())
+                    if len(data) <= READ_STEP:
+                        reader.feed(data, now)
+                    elif not read_within(reader, data, now):
+                        self.reader = None  # too slow to read (see decoding.MAX_READ_SECONDS): the rest unread
                 except Exception as exc:
                     self.reader = None
                     self.failsafe("response_parse", exc)

@@ -285,6 +285,32 @@ def test_a_stream_that_inflates_too_far_costs_no_more_than_a_step_of_it(coding: 
     assert peak < (4 << 20) + 2 * len(payload), peak
 
 
+@pytest.mark.parametrize("coding", ["gzip", "identity"])
+@pytest.mark.parametrize("junk", [1000, 4_000_000])
+def test_a_chunk_of_millions_of_empty_events_is_read_for_a_tenth_of_a_second_at_most(coding: str, junk: int) -> None:
+    """Reading costs what the events cost: one chunk of millions of empty events (28 MB, sent whole, or packed by
+    gzip into a few tens of KB) held the event loop, and every other request, for up to half a minute. One chunk is
+    read for MAX_READ_SECONDS at most, then the rest of the answer is not read: its usage, after the junk, is not
+    found. The same answer with a thousand empty events is read to its usage. The client gets the bytes untouched."""
+    delta = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+    body = delta + b"data:\n\n" * junk + usage + b"data: [DONE]\n\n"
+    payload = gzip.compress(body, compresslevel=6) if coding == "gzip" else body
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream"), (b"content-encoding", coding.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    got, _peak, metrics = _request_traced(app, {"model": "m", "messages": [], "stream": True})
+    assert got == payload
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported") == (0 if junk > 1000 else 5)
+
+
 class _Collect:
     """The reader a DecodingReader feeds, keeping what it is given."""
 
