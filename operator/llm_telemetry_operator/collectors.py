@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import DEFAULT_LOGS_ENDPOINT, DEFAULT_TRACES_ENDPOINT
-from llm_telemetry_operator.errors import ApiError, NotFoundError
+from llm_telemetry_operator.errors import NotFoundError
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SERVICE_HOST = re.compile(rf"^(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?P<svc>\.svc(\.[a-z0-9.-]+)?)?$")
@@ -117,11 +117,11 @@ class CollectorCheck:
                 reading.add_done_callback(
                     lambda done: self._reading.pop(service) if self._reading.get(service) is done else None
                 )
-            try:
-                # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others.
-                ports = await asyncio.shield(reading)
-            except ApiError as exc:
-                return Lookup(endpoint, service, None, f"could not be checked: {exc}")
+            # Shielded: a waiter cancelled (its pass stopped) leaves the read to the others. A read the API server
+            # refuses (403 while its RBAC cache fills after a restart, a role edited) or fails raises: the pass fails
+            # and is retried, changing nothing, where injecting as if the Service were there rolled the workloads
+            # to exporters aimed at a collector known to be missing, and back at the next pass.
+            ports = await asyncio.shield(reading)
         if ports is False:
             return Lookup(endpoint, service, False)
         port = port_of(endpoint)

@@ -918,6 +918,8 @@ async def _child_deleted(
     uid = owner["metadata"].get("uid")
     try:
         found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+    except NotFoundError:
+        found = []  # the kind itself is gone (the CRD deleted): so is every resource of it
     except ApiError:
         found = None  # cannot tell: the pass decides, as for any child event
     if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):

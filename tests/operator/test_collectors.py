@@ -131,12 +131,43 @@ async def test_passes_started_together_read_a_collector_service_once(answer: Exc
     await asyncio.sleep(0.01)
     lookups[0].cancel()  # one pass stops: the others still get their answer
     client.release.set()
-    results = await asyncio.gather(*lookups[1:])
+    results = await asyncio.gather(*lookups[1:], return_exceptions=True)
     assert client.reads == 1
-    assert {result.found for result in results} == {found}
+    if found is None:
+        # Unreadable: every pass that asked fails (and is retried), none goes on as if the Service were there.
+        assert all(isinstance(result, ApiError) for result in results)
+    else:
+        assert {result.found for result in results} == {found}  # type: ignore[union-attr]
     # Found or missing is remembered; an unreadable Service is read again next time.
+    client.answer = None
     await check.lookup(client, "http://jaeger.observability:4318")  # type: ignore[arg-type]
     assert client.reads == (2 if found is None else 1)
+
+
+async def test_a_collector_lookup_the_api_server_refuses_fails_the_pass_and_injects_nothing(emulator: Any) -> None:
+    """Refused a look at the collectors' Services (403 while the API server's RBAC cache fills after a restart, a
+    role edited), a pass fails (Ready=False ApiError, retried) and leaves the workload as it is; it went on as if
+    the Services were there, injecting exporters aimed at collectors that do not exist, to take them out again at
+    the next pass: two rollouts of every workload. Once the lookups are allowed, one pass reports the collectors
+    missing and injects no exporter for them."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.forbid.add(("services", "observability"))
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config):
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("reason") == "ApiError", "the refused pass"
+        )
+        workload = get(emulator, DEPLOYMENTS, "chat")
+        assert "OTEL_TRACES_EXPORTER" not in env_of(workload)
+        emulator.forbid.clear()
+        await eventually(  # the retry, after the pass's backoff
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS).get("reason") == "CollectorNotFound",
+            "the collectors reported missing",
+            attempts=800,
+        )
+        env = env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
 
 
 async def test_missing_default_collectors_are_reported_and_not_injected(emulator: Any) -> None:

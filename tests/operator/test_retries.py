@@ -28,6 +28,7 @@ from kopf_testing import (
     running_operator,
     writes,
 )
+from test_operator_kmock import hand
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
@@ -214,6 +215,32 @@ async def test_a_workload_deleted_while_its_injection_is_removed_does_not_hold_u
         await _delete(emulator, "chat")
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "deleted")
         assert time.monotonic() - started < 10
+
+
+async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: Any, monitoring_crds: Any) -> None:
+    """With the LLMTelemetry CRD deleted (its resources gone with it, their finalizers taken off as install.md says),
+    the garbage collector deletes their children, and each deletion reached a pass that made the child again, owned
+    by a resource that no longer exists, which the collector then left (it cannot resolve the owner's kind): on a
+    real cluster ~230 Services, ServiceMonitors, rules and dashboards came back for 166 resources. Asked to put a
+    child back, the operator finds the kind gone (its list answers 404), forgets the resource and makes nothing."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator() as memo:
+        await ready(emulator)
+        gone = emulator[
+            lambda request: (
+                request.method == "GET"
+                and request.url.path == LLMT_PATH
+                and request.params.get("fieldSelector") == "metadata.name=chat"
+            )
+        ]
+        gone << 404 << STATUS_404
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
+        await asyncio.sleep(1)
+        assert get(emulator, SERVICES, "chat-llm-metrics") is None
 
 
 async def _create(emulator: Any, body: dict[str, Any]) -> None:
