@@ -36,6 +36,11 @@ from llm_telemetry_operator.standby import standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
+#: Seconds without its event loop running after which a replica counts as having been frozen (half the 60 s
+#: kopf's peering keeps a silent replica's entry alive: a standby may have taken over meanwhile). Coming back, it
+#: would act on what it knew before the freeze: a resource's old spec put back over the new one, which the other
+#: replica put back again. It stands by until it has read the peering object, and the resources if it is active.
+FROZEN_SECONDS = 30.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -93,8 +98,11 @@ class OperatorState:
     #: starts those passes once they have settled (see :func:`_collector_event`).
     collectors_changed: set[tuple[str, str]] = field(default_factory=set)
     collectors_settling: asyncio.TimerHandle | None = None
-    #: Whether another replica is the active one (kopf's peering rule, see standby.py): no pass of our own runs.
+    #: Whether another replica is the active one (kopf's peering rule, see standby.py), or this one has not read the
+    #: peering object since it was frozen (see FROZEN_SECONDS): no pass of our own runs.
     standby: bool = False
+    #: When (time.monotonic()) the peering watch last ran; None while peering is off.
+    ticked: float | None = None
     #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
     #: run in a copy of it, as kopf.warn finds kopf's settings and event queue in its context variables.
     kopf_context: contextvars.Context | None = None
@@ -308,11 +316,33 @@ async def _check_standby(
     state.wake.set()
 
 
+def _paused(state: OperatorState) -> bool:
+    """Whether a pass of our own must not run: another replica is active, or this one was frozen (its event loop
+    did not run for FROZEN_SECONDS) and has not read the peering object since. Checked as a pass is about to start,
+    so that one started by an event queued over the freeze cannot run ahead of the peering watch."""
+    if not state.standby and state.ticked is not None and time.monotonic() - state.ticked > FROZEN_SECONDS:
+        state.standby = True  # until _watch_standby reads the peering object (and, if active, the resources) again
+    return state.standby
+
+
 async def _watch_standby(
     client: KubeClient, config: OperatorConfig, state: OperatorState, identity: str, logger: Any
 ) -> None:
+    state.ticked = time.monotonic()
     while True:
         await asyncio.sleep(STANDBY_POLL_SECONDS)
+        stalled = time.monotonic() - state.ticked
+        if stalled > FROZEN_SECONDS:
+            # Frozen (SIGSTOP, a paused VM, a stalled node) past the point where another replica may have taken
+            # over and changed what this one knew: stand by until the peering object says otherwise, then, if
+            # active, read every resource again, as after any standby.
+            logger.warning(
+                "this replica did not run for %.0f s: it reads the peering object and the resources again before"
+                " any pass",
+                stalled,
+            )
+            state.standby = True
+        state.ticked = time.monotonic()
         try:
             await _check_standby(client, config, state, identity, logger)
         except Exception:
@@ -366,7 +396,7 @@ async def _run_schedule(memo: Any, state: OperatorState, logger: logging.Logger 
 
     async def one(key: tuple[str, str], why: str) -> None:
         async with slots:
-            if state.standby:
+            if _paused(state):
                 return  # another replica is active; all get a pass when this one resumes
             owner = state.bodies.get(key)
             if owner is None or owner["metadata"].get("deletionTimestamp"):
@@ -808,7 +838,7 @@ def _start_pass(
 ) -> None:
     """Run a pass for a watch event in a task of its own (it waits for the resource's lock, then may find the
     event answered by the pass that held it); none while another replica is active."""
-    if state.standby:
+    if _paused(state):
         return
     log = _ObjectLog(logger, {"object": "/".join(key)})
     _spawn_event_pass(state, key, trigger, _reconcile(memo, owner, trigger, log, answered=answered))

@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -572,6 +573,62 @@ def test_a_standby_replica_runs_no_pass_of_its_own(
     assert (cluster.deployment("standby")["metadata"]["generation"], port()) == (generation, 9500)
     set_port(9464)
     wait_for(lambda: port() == 9464, "the first replica applying a change again")
+
+
+def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
+    operator: Operator, cluster: Cluster, tmp_path: pathlib.Path
+) -> None:
+    """The active replica's process stops running (SIGSTOP here; a paused VM, a stalled node) past its peering
+    keepalive: the standby takes over, and the spec changes meanwhile. Coming back, the frozen replica acted at once
+    on what it knew before the freeze (its resync, the watch events queued meanwhile): the old metrics port put
+    back, and the other replica put the new one back again, three rollouts where one was due. It now stands by until
+    it has read the peering object, and, active again, the resources."""
+    name = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
+    cluster.create(deployment("frozen", "frozen"))
+    cluster.create(telemetry("frozen", "frozen"))
+    cluster.ready("frozen")
+    status = cluster.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)["status"]
+    first = int(status[operator.env["POD_ID"]]["priority"])
+    env = {
+        **os.environ,
+        **operator.env,
+        "POD_ID": "llm-telemetry-standby-replica",
+        "LLM_TELEMETRY_OPERATOR_PRIORITY": str(first - 1),
+    }
+    log = tmp_path / "standby.log"
+
+    def port() -> int:
+        container = cluster.deployment("frozen")["spec"]["template"]["spec"]["containers"][0]
+        return int(next(p["containerPort"] for p in container["ports"] if p["name"] == c.METRICS_PORT_NAME))
+
+    with log.open("wb") as sink:
+        standby = subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    active_again = operator.output().count("this replica is active again")
+    try:
+        wait_for(lambda: "this one stands by" in log.read_text(errors="replace"), "the second replica standing by")
+        os.kill(operator.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: "this replica is active again" in log.read_text(errors="replace"),
+                "the second replica taking over once the first one's keepalive ran out",
+                timeout=150,
+            )
+            patch = {"spec": {"metrics": {"port": 9502}}}
+            cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "frozen", patch)
+            wait_for(lambda: port() == 9502, "the active replica applying the change")
+            generation = cluster.deployment("frozen")["metadata"]["generation"]
+        finally:
+            os.kill(operator.process.pid, signal.SIGCONT)
+        time.sleep(15)  # past both replicas' resyncs (10 s), and the first one's look at the peering object
+        assert (cluster.deployment("frozen")["metadata"]["generation"], port()) == (generation, 9502)
+        text = operator.output()
+        assert "did not run for" in text and text.count("this replica is active again") > active_again
+    finally:
+        stop(standby)
 
 
 def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_path: pathlib.Path) -> None:
