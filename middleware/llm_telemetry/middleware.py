@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Mapping
 from inspect import CO_COROUTINE
 from time import perf_counter
 from types import CodeType
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 import anyio
 import anyio.to_thread
@@ -71,7 +71,7 @@ _NOT_INFERENCE_PARENTS = frozenset({"threads", "completions", "assistants", "run
 
 
 #: What reads a response body: the API's reader, or one that decompresses the body for it.
-Reader = ResponseReader | DecodingReader
+Reader: TypeAlias = "ResponseReader | DecodingReader | _Unread"
 
 
 class Observer(Protocol):
@@ -396,7 +396,9 @@ class _Exchange:
                     if len(data) <= READ_STEP:
                         reader.feed(data, now)
                     elif not read_within(reader, data, now):
-                        self.reader = None  # too slow to read (see decoding.MAX_READ_SECONDS): the rest unread
+                        # Too slow to read (see decoding.MAX_READ_SECONDS): the rest is not read, what was is
+                        # recorded (the reader still finishes: estimates, a usage already seen).
+                        self.reader = _Unread(reader)
                 except Exception as exc:
                     self.reader = None
                     self.failsafe("response_parse", exc)
@@ -544,6 +546,24 @@ class _Exchange:
                 call.status_code = 500  # the app returned without an answer: the server answers 500 for it
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
+
+
+class _Unread:
+    """A reader whose answer is read no further: later chunks are not read, and it still finishes."""
+
+    holding = False
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+
+    def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
+        pass
+
+    def feed_held(self, chunks: list[bytes]) -> None:
+        pass
+
+    def finish(self, now: float) -> None:
+        self.reader.finish(now)
 
 
 def _header_text(value: bytes) -> str:

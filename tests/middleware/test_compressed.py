@@ -290,8 +290,9 @@ def test_a_stream_that_inflates_too_far_costs_no_more_than_a_step_of_it(coding: 
 def test_a_chunk_of_millions_of_empty_events_is_read_for_a_tenth_of_a_second_at_most(coding: str, junk: int) -> None:
     """Reading costs what the events cost: one chunk of millions of empty events (28 MB, sent whole, or packed by
     gzip into a few tens of KB) held the event loop, and every other request, for up to half a minute. One chunk is
-    read for MAX_READ_SECONDS at most, then the rest of the answer is not read: its usage, after the junk, is not
-    found. The same answer with a thousand empty events is read to its usage. The client gets the bytes untouched."""
+    read for MAX_READ_SECONDS of CPU at most, then the rest of the answer is not read: its usage, after the junk, is
+    not found, and what was read counts (the output estimated from the delta before the junk). The same answer with
+    a thousand empty events is read to its usage. The client gets the bytes untouched."""
     delta = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
     usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
     body = delta + b"data:\n\n" * junk + usage + b"data: [DONE]\n\n"
@@ -309,6 +310,8 @@ def test_a_chunk_of_millions_of_empty_events_is_read_for_a_tenth_of_a_second_at_
     assert got == payload
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
     assert metrics.value("llm_tokens_total", llm_usage_source="reported") == (0 if junk > 1000 else 5)
+    estimated = metrics.value("llm_tokens_total", llm_usage_source="estimated", gen_ai_token_type="output")
+    assert estimated == (1 if junk > 1000 else 0)
 
 
 class _Collect:
