@@ -41,14 +41,11 @@ REQUEST_SECONDS = 10.0
 #: Requests answered at once, each with its own copy of the exposition (one more is answered 503). Prometheus scrapes
 #: a target once per interval (twice for a pair of HA replicas).
 MAX_ANSWERS = 4
-#: A rendering of the exposition answers the plain scrapes that come within this many times what it took to make,
-#: and no new one starts sooner: clients that scrape without pause (or alternate formats and filters to miss the
-#: kept one) keep the renderings, which hold the interpreter's lock, to a fifth of the time at most, where four
-#: such clients slowed the app's requests fifty times. A Prometheus scraping every few seconds gets a fresh one.
+#: A rendering of the exposition answers the plain scrapes (no query, same format) that come within this many times
+#: what it took to make: clients that scrape without pause share renderings, which hold the interpreter's lock,
+#: where four such clients slowed the app's requests twenty to fifty times. A Prometheus scraping every few seconds
+#: gets a fresh one. Renderings are made one at a time.
 SHARE = 4.0
-#: The longest a scrape waits for a new rendering to be allowed (an exposition that takes seconds to render would
-#: otherwise keep one waiting past Prometheus's scrape timeout).
-MAX_WAIT = 2.0
 #: Seconds a request has to take its whole answer (Prometheus gives up on a scrape after its scrape_timeout, 10 s by
 #: default).
 ANSWER_SECONDS = 30.0
@@ -242,16 +239,14 @@ def exposition_app(registry: CollectorRegistry) -> Any:
 
 
 class _Exposition:
-    """A WSGI exposition ``app`` whose renderings are shared and spaced (see :data:`SHARE`): one at a time; a GET
-    without a query (what Prometheus asks) gets the newest rendering of its format while it is fresh; any other new
-    rendering waits until SHARE times the last one's duration has passed since it ended. gzip is applied per answer
-    (zlib lets go of the interpreter's lock as it compresses)."""
+    """A WSGI exposition ``app`` whose renderings are shared (see :data:`SHARE`): one at a time, and a GET without a
+    query (what Prometheus asks) gets the newest rendering of its format while it is fresh, also when it waited for
+    that rendering to end. gzip is applied per answer (zlib lets go of the interpreter's lock as it compresses). The
+    newest plain rendering is kept until the next one replaces it: one more copy of the exposition."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.lock = threading.Lock()
-        #: When (time.monotonic()) a new rendering may start.
-        self.ready_at = 0.0
         #: The newest rendering without a query: (its content type, fresh until, status, headers, body).
         self.kept: tuple[str, float, str, list[tuple[str, str]], bytes] | None = None
 
@@ -269,13 +264,9 @@ class _Exposition:
             kept = self.kept
             now = time.monotonic()
             if query or kept is None or kept[0] != content_type or now >= kept[1]:
-                if now < self.ready_at:
-                    time.sleep(min(self.ready_at - now, MAX_WAIT))  # (holding the lock: the others wait as well)
-                begun = time.monotonic()
                 status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
                 ended = time.monotonic()
-                self.ready_at = ended + SHARE * (ended - begun)
-                kept = (content_type, self.ready_at, status, headers, body)
+                kept = (content_type, ended + SHARE * (ended - now), status, headers, body)
                 if not query:
                     self.kept = kept
         _type, _until, status, headers, body = kept
