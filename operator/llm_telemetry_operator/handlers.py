@@ -946,10 +946,13 @@ async def _child_deleted(
     state = _state(memo)
     log = _ObjectLog(logger, {"object": "/".join(key)})
     uid = owner["metadata"].get("uid")
+    found: list[dict[str, Any]] | None
     try:
         found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
     except NotFoundError:
-        found = []  # the kind itself is gone (the CRD deleted): so is every resource of it
+        # The kind itself is not served: gone with its CRD (then so is every resource of it), or an API server still
+        # starting, which serves the CRD but not yet its kind (then nothing can be told).
+        found = [] if await _crd_gone(memo) else None
     except ApiError:
         found = None  # cannot tell: the pass decides, as for any child event
     if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):
@@ -963,6 +966,15 @@ async def _child_deleted(
                     _start_pass(memo, logger, state, peer, body, "handover", lambda outcome: False)
         return
     await _reconcile(memo, owner, "child", log, answered=answered)
+
+
+async def _crd_gone(memo: Any) -> bool:
+    """Whether the LLMTelemetry CRD no longer exists (False when that cannot be read either)."""
+    try:
+        crds = await _client(memo).list(kube.CRDS, None, fields={"metadata.name": f"{c.PLURAL}.{c.GROUP}"})
+    except ApiError:
+        return False
+    return not crds
 
 
 def _await_collectors(

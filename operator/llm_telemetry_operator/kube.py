@@ -173,6 +173,7 @@ SERVICEMONITORS = Resource("monitoring.coreos.com", "v1", "servicemonitors")
 PROMETHEUSRULES = Resource("monitoring.coreos.com", "v1", "prometheusrules")
 CLUSTERKOPFPEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings")
 NAMESPACES = Resource("", "v1", "namespaces")
+CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
 #: Workload kinds whose pod templates get injected, by ``kind``.
 WORKLOADS: dict[str, Resource] = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}

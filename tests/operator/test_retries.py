@@ -39,6 +39,7 @@ from llm_telemetry_operator.kube import KubeClient, Retry, server_configuration
 STATUS_429 = {"kind": "Status", "status": "Failure", "reason": "TooManyRequests", "message": "slow down", "code": 429}
 STATUS_500 = {"kind": "Status", "status": "Failure", "reason": "InternalError", "message": "etcd timeout", "code": 500}
 LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+CRDS_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 def owner_lists(emulator: Any, plural: str) -> list[Any]:
@@ -222,7 +223,8 @@ async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: 
     the garbage collector deletes their children, and each deletion reached a pass that made the child again, owned
     by a resource that no longer exists, which the collector then left (it cannot resolve the owner's kind): on a
     real cluster ~230 Services, ServiceMonitors, rules and dashboards came back for 166 resources. Asked to put a
-    child back, the operator finds the kind gone (its list answers 404), forgets the resource and makes nothing."""
+    child back, the operator finds the kind gone (its list answers 404, and the CRD is not there), forgets the
+    resource and makes nothing."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
@@ -237,10 +239,36 @@ async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: 
             )
         ]
         gone << 404 << STATUS_404
+        emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
         await asyncio.sleep(1)
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
+
+
+async def test_a_child_deleted_while_the_kind_is_not_served_yet_is_made_again(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """An API server just restarted may answer 404 for a kind whose CRD it has not loaded yet: with the CRD there,
+    the resource is not taken for gone (forgotten, its workloads handed to the next in line); the pass decides, and
+    the child is made again."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator() as memo:
+        await ready(emulator)
+        not_yet = emulator[
+            lambda request: (
+                request.method == "GET"
+                and request.url.path == LLMT_PATH
+                and request.params.get("fieldSelector") == "metadata.name=chat"
+            )
+        ]
+        not_yet << 404 << STATUS_404
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the child made again")
+        assert (NAMESPACE, "chat") in memo["state"].bodies
 
 
 async def _create(emulator: Any, body: dict[str, Any]) -> None:
