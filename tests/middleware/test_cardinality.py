@@ -222,6 +222,41 @@ def test_stopped_workers_fold_into_an_archive_bounded_like_a_worker(tmp_path: Pa
     assert overflow == {"b3": 2 * (CARDINALITY_LIMIT - 100), "s": 0.25 * 2 * (CARDINALITY_LIMIT - 100)}
 
 
+def test_the_archive_adds_series_past_its_places_to_the_overflow_of_their_few_valued_labels(tmp_path: Path) -> None:
+    """Past the archive's places, a stopped worker's series go to the overflow series of their few-valued labels
+    (the error type here; the model left out), not to one with no labels at all: an availability rule still tells a
+    client's errors from the service's failures."""
+    directory = str(tmp_path)
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+
+    def key(model: str, error: str) -> str:
+        attributes = [["error.type", error], ["gen_ai.request.model", model]]
+        return json.dumps(["llm.errors", "c", attributes], separators=(",", ":"))
+
+    mine = multiproc.SharedState(directory, supervisor)
+    try:
+        filler = multiproc.SharedState(directory, supervisor)
+        for i in range(CARDINALITY_LIMIT):
+            filler.add(key(f"m{i}", "timeout"), 1)
+        filler.close()
+        mine.merged()  # the filler's series take every place
+        late = multiproc.SharedState(directory, supervisor)
+        late.add(key("x1", "invalid_request"), 2)
+        late.add(key("x2", "server_error"), 3)
+        late.add(key("x3", "server_error"), 4)
+        late.close()
+        merged = mine.merged()
+    finally:
+        mine.close()
+    overflow = {}
+    for stored, value in merged.items():
+        attributes = dict(json.loads(stored)[2])
+        if attributes.get("otel.metric.overflow"):
+            assert "gen_ai.request.model" not in attributes
+            overflow[attributes["error.type"]] = value
+    assert overflow == {"invalid_request": 2, "server_error": 7}
+
+
 def test_a_series_once_shown_never_moves_or_goes_down_when_its_worker_dies(tmp_path: Path) -> None:
     """The worker holding the port merges while others record and die. A live series shown before the archive's places
     are taken keeps its own series after its worker dies; one first recorded after they are taken is shown in the
