@@ -218,6 +218,26 @@ async def test_a_workload_deleted_while_its_injection_is_removed_does_not_hold_u
         assert time.monotonic() - started < 10
 
 
+def _one_resource(emulator: Any, monitoring_crds: Any) -> None:
+    """Resource ``chat`` selecting Deployment ``chat``, with the Prometheus Operator's CRDs and the collectors."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+
+
+def _kind_not_served(emulator: Any) -> None:
+    """The operator's look for resource ``chat`` (a list by name) answers 404, as for a kind not served."""
+    lookup = emulator[
+        lambda request: (
+            request.method == "GET"
+            and request.url.path == LLMT_PATH
+            and request.params.get("fieldSelector") == "metadata.name=chat"
+        )
+    ]
+    lookup << 404 << STATUS_404
+
+
 async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: Any, monitoring_crds: Any) -> None:
     """With the LLMTelemetry CRD deleted (its resources gone with it, their finalizers taken off as install.md says),
     the garbage collector deletes their children, and each deletion reached a pass that made the child again, owned
@@ -225,20 +245,10 @@ async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: 
     real cluster ~230 Services, ServiceMonitors, rules and dashboards came back for 166 resources. Asked to put a
     child back, the operator finds the kind gone (its list answers 404, and the CRD is not there), forgets the
     resource and makes nothing."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    _one_resource(emulator, monitoring_crds)
     async with running_operator() as memo:
         await ready(emulator)
-        gone = emulator[
-            lambda request: (
-                request.method == "GET"
-                and request.url.path == LLMT_PATH
-                and request.params.get("fieldSelector") == "metadata.name=chat"
-            )
-        ]
-        gone << 404 << STATUS_404
+        _kind_not_served(emulator)
         emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
@@ -252,20 +262,10 @@ async def test_a_child_deleted_while_the_kind_is_not_served_yet_is_made_again(
     """An API server just restarted may answer 404 for a kind whose CRD it has not loaded yet: with the CRD there,
     the resource is not taken for gone (forgotten, its workloads handed to the next in line); the pass decides, and
     the child is made again."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    _one_resource(emulator, monitoring_crds)
     async with running_operator() as memo:
         await ready(emulator)
-        not_yet = emulator[
-            lambda request: (
-                request.method == "GET"
-                and request.url.path == LLMT_PATH
-                and request.params.get("fieldSelector") == "metadata.name=chat"
-            )
-        ]
-        not_yet << 404 << STATUS_404
+        _kind_not_served(emulator)
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the child made again")
         assert (NAMESPACE, "chat") in memo["state"].bodies
