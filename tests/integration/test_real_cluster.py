@@ -520,6 +520,24 @@ def test_the_replica_goes_by_its_pod_name_in_the_peering_object(operator: Operat
     assert list(peering) == [operator.env["POD_ID"]]
 
 
+def _other_replica(operator: Operator, pod_id: str, priority: int, log: pathlib.Path) -> subprocess.Popen[bytes]:
+    """Another replica of ``operator`` (same credentials and settings), named ``pod_id`` with peering ``priority``,
+    its output in ``log``; resyncs every 10 s, as the first."""
+    env = {**os.environ, **operator.env, "POD_ID": pod_id, "LLM_TELEMETRY_OPERATOR_PRIORITY": str(priority)}
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _metrics_port(cluster: Cluster, workload: str) -> int:
+    """The metrics port injected into Deployment ``workload``."""
+    container = cluster.deployment(workload)["spec"]["template"]["spec"]["containers"][0]
+    return int(next(p["containerPort"] for p in container["ports"] if p["name"] == c.METRICS_PORT_NAME))
+
+
 def _priority(cluster: Cluster, peering: str, pod_id: str) -> int:
     """The peering priority of replica ``pod_id``, once its entry is in the peering object: a replica frozen past
     its keepalive had its entry removed by the others, and writes it again at its next keepalive."""
@@ -543,28 +561,16 @@ def test_a_standby_replica_runs_no_pass_of_its_own(
     cluster.create(telemetry("standby", "standby"))
     cluster.ready("standby")
     first = _priority(cluster, name, operator.env["POD_ID"])
-    env = {
-        **os.environ,
-        **operator.env,
-        "POD_ID": "llm-telemetry-second-replica",
-        "LLM_TELEMETRY_OPERATOR_PRIORITY": str(first + 1),
-    }
     log = tmp_path / "second.log"
 
     def port() -> int:
-        container = cluster.deployment("standby")["spec"]["template"]["spec"]["containers"][0]
-        return int(next(p["containerPort"] for p in container["ports"] if p["name"] == c.METRICS_PORT_NAME))
+        return _metrics_port(cluster, "standby")
 
     def set_port(value: int) -> None:
         patch = {"spec": {"metrics": {"port": value}}}
         cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "standby", patch)
 
-    with log.open("wb") as sink:
-        second = subprocess.Popen(
-            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
-            env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    second = _other_replica(operator, "llm-telemetry-second-replica", first + 1, log)
     try:
         wait_for(lambda: "this one stands by" in operator.output(), "the first replica standing by")
         set_port(9500)
@@ -598,24 +604,12 @@ def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
     cluster.create(telemetry("frozen", "frozen"))
     cluster.ready("frozen")
     first = _priority(cluster, name, operator.env["POD_ID"])
-    env = {
-        **os.environ,
-        **operator.env,
-        "POD_ID": "llm-telemetry-standby-replica",
-        "LLM_TELEMETRY_OPERATOR_PRIORITY": str(first - 1),
-    }
     log = tmp_path / "standby.log"
 
     def port() -> int:
-        container = cluster.deployment("frozen")["spec"]["template"]["spec"]["containers"][0]
-        return int(next(p["containerPort"] for p in container["ports"] if p["name"] == c.METRICS_PORT_NAME))
+        return _metrics_port(cluster, "frozen")
 
-    with log.open("wb") as sink:
-        standby = subprocess.Popen(
-            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
-            env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    standby = _other_replica(operator, "llm-telemetry-standby-replica", first - 1, log)
     active_again = operator.output().count("this replica is active again")
     try:
         wait_for(lambda: "this one stands by" in log.read_text(errors="replace"), "the second replica standing by")
