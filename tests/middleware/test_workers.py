@@ -374,14 +374,9 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
         # Closing the surviving streams ends them as client disconnects on their (live) workers.
         sent.disconnected += len(survivors)
 
-        def settled() -> bool:
-            # A request leaves the gauge first and is counted right after: wait for both.
-            metrics = server.scrape()
-            slow_requests = metrics.value("llm_requests_total", gen_ai_request_model="demo-slow")
-            return metrics.value("llm_requests_active") == 0 and slow_requests == sent.disconnected
-
-        wait_for("the closed streams to end", settled)
-        assert_totals(server.scrape(), sent)
+        # A call's points (the gauge, then the request, then its error) are written one after another, and a scrape
+        # reading the workers' files meanwhile sees some of them: wait until a scrape has them all.
+        settle(server, sent)
 
         # The replacements join: keep sending until one of them has answered, counting everything sent.
         def replaced() -> set[int]:
