@@ -61,5 +61,10 @@ class ConflictError(ApiError):
     """409: the object already exists, or it changed since it was read."""
 
 
+class WriteWithheld(Exception):
+    """A write this replica must not make now: it stands by, or has not yet looked again after a freeze (see
+    ``handlers._paused``). A pass meeting it stops there; the replica gives every resource a pass when it resumes."""
+
+
 class PermissionNotDeclaredError(RuntimeError):
     """An API call that :data:`llm_telemetry_operator.rbac.PERMISSIONS` does not declare; a bug in the operator."""

@@ -26,7 +26,7 @@ from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_S
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
-from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, NotFoundError, SpecError
+from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, NotFoundError, SpecError, WriteWithheld
 from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
@@ -249,6 +249,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     state.logger = logger
     identity = memo.get("identity")
     if identity and not config.standalone:
+        # No write while this replica stands by, not even one of a pass already under way when it began to.
+        _client(memo).writable = lambda: not _paused(state)
         await _check_standby(_client(memo), config, state, str(identity), logger)
         memo["standby"] = asyncio.create_task(
             _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
@@ -299,18 +301,20 @@ async def _check_standby(
     standby = any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
     if standby == state.standby:
         return
-    state.standby = standby
     if standby:
+        state.standby = True
         logger.info("another replica is active: this one stands by (no retries, resyncs or passes of its own)")
         return
     logger.info("this replica is active again: every resource gets a pass")
     # What this replica knew is as old as its pause (kopf's watch paused with it): the resources are read again, one
     # that is gone is forgotten, no answer from a pass made before counts, and every resource gets a fresh pass.
+    # It stands by until then: a pass started meanwhile would act on what it knew before.
     known = set(state.bodies)
     present = await _track_existing(client, config, state, logger)
     for key in known - (known if present is None else present):
         _forget(state, key, state.bodies.get(key, {}))
     state.passes.clear()
+    state.standby = False
     for key in list(state.bodies):
         state.schedule.resume(key)
     state.wake.set()
@@ -439,7 +443,8 @@ async def _reconcile(
     answered: Callable[[rec.Outcome], bool] | None = None,
 ) -> rec.Outcome | None:
     """Run a pass for one LLMTelemetry, unless the last pass already answers this request; None when the pass
-    failed on an API error (reported, and retried later).
+    failed on an API error (reported, and retried later), or when this replica stands by (then the replica gives
+    every resource a pass when it resumes, see :func:`_check_standby`).
 
     Events come in bursts (a pass's own writes, a restart's listings, four children per resource); the
     passes they ask for wait on the resource's lock, and each pass lists and reads everything afresh. So a
@@ -457,6 +462,10 @@ async def _reconcile(
     key = (meta["namespace"], meta["name"])
     uid = meta.get("uid") or ""
     async with _lock(memo, *key):
+        if _paused(state):
+            # kopf's own handlers run here too: kopf holds them while another replica is active, but not while this
+            # one has yet to look at the peering object again after a freeze, or stands by as its entry is missing.
+            return None
         last = state.passes.get(key)
         if last is not None and (last[0] > requested or (answered is not None and answered(last[1]))):
             metrics.RECONCILES.labels(trigger, "coalesced").inc()
@@ -484,6 +493,10 @@ async def _reconcile(
                 _await_collectors(memo, state, key, outcome.awaiting)
             else:  # deleted while this pass ran (_forget has stopped its watches): start none for it
                 _await_collectors(None, state, key, frozenset())
+        except WriteWithheld:
+            # This replica began to stand by while the pass ran: what it worked out is not written.
+            logger.info("pass (%s) stopped: this replica stands by", trigger)
+            return None
         except Exception as exc:
             # An API error after the client's retries; or a defect of ours, which kopf must not see either: its
             # handler retries would patch the resource on every attempt, with nothing in the status or events.
@@ -563,6 +576,10 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
 async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int = 0, **_: Any) -> None:
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
+    if _paused(_state(memo)):
+        # Not done, nor the finalizer removed: the active replica does it (kopf there sees the deletion too), or this
+        # one once it is active again.
+        raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS)
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
@@ -581,6 +598,8 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             )[:MAX_MESSAGE_CHARS]
             logger.error("%s", message)
             kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
+    except WriteWithheld as exc:
+        raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS) from exc
     except Exception as exc:
         # In a namespace being deleted, everything the resource made goes with the namespace; in namespaced mode
         # the chart's Role there may already be gone (403), and retrying would hold the namespace up for good.

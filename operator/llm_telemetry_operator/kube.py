@@ -40,7 +40,13 @@ from kubernetes import config as k8s_config
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import rbac
-from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, PermissionNotDeclaredError
+from llm_telemetry_operator.errors import (
+    ApiError,
+    ConflictError,
+    NotFoundError,
+    PermissionNotDeclaredError,
+    WriteWithheld,
+)
 
 #: (connect, read) seconds for every request: a dead connection fails the pass instead of hanging it.
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 60.0)
@@ -301,6 +307,10 @@ class KubeClient:
         self._workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
         self._closed = False
+        #: Asked before every write (create, patch, delete): False refuses it with :class:`WriteWithheld`. The
+        #: operator says no while its replica stands by, so a pass that was under way when the replica stopped
+        #: running (a freeze, another replica taking over) writes nothing of what it worked out before.
+        self.writable: Callable[[], bool] | None = None
 
     def configure(self, configuration: k8s_client.Configuration) -> None:
         """Use new credentials from the next request on (kopf logs in again when its credentials expire)."""
@@ -433,6 +443,8 @@ class KubeClient:
         while True:
             if self._closed:
                 raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
+            if method != "GET" and self.writable is not None and not self.writable():
+                raise WriteWithheld(f"{method} {path}: this replica stands by")
             try:
                 return await loop.run_in_executor(self._executor, self._call, method, path, body, query, accept)
             except ApiError as exc:

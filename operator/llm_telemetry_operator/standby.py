@@ -21,12 +21,18 @@ POLL_SECONDS = 2.0
 
 def standing_by(status: Any, identity: str, priority: int, now: datetime.datetime | None = None) -> bool:
     """kopf's rule for one peering object's ``status`` (``{identity: {priority, lastseen, lifetime}}``): stand by
-    while another live peer has a higher priority, or the same one (kopf then pauses all of them)."""
+    while another live peer has a higher priority, or the same one (kopf then pauses all of them).
+
+    And while this replica's own entry is missing or dead and another peer is alive: that peer then sees no one
+    above it and acts. kopf removes an entry it reads as dead, its own included: a replica frozen past its lifetime
+    reads, once it runs again, the peering events queued meanwhile, and takes its just renewed entry out again until
+    its next keepalive, up to a minute later. Acting meanwhile, it would act beside the replica that took over."""
     if not isinstance(status, Mapping):
         return False
     now = now or datetime.datetime.now(datetime.UTC)
+    registered = others = False
     for peer, info in status.items():
-        if peer == identity or not isinstance(info, Mapping):
+        if not isinstance(info, Mapping):
             continue
         try:
             seen = datetime.datetime.fromisoformat(str(info.get("lastseen")))
@@ -36,6 +42,10 @@ def standing_by(status: Any, identity: str, priority: int, now: datetime.datetim
             other = int(info.get("priority", 0))
         except (TypeError, ValueError):
             continue  # an entry kopf could not have written: kopf ignores it too
-        if alive and other >= priority:
+        if peer == identity:
+            registered = registered or alive
+        elif alive and other >= priority:
             return True
-    return False
+        else:
+            others = others or alive
+    return others and not registered

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from llm_telemetry_operator import kube
-from llm_telemetry_operator.errors import ApiError, NotFoundError, PermissionNotDeclaredError
+from llm_telemetry_operator.errors import ApiError, NotFoundError, PermissionNotDeclaredError, WriteWithheld
 
 TOKEN = "token-for-the-test"
 SERVICES = [{"metadata": {"name": f"svc-{i}", "namespace": "llm", "labels": {"app": "chat"}}} for i in range(5)]
@@ -242,6 +242,38 @@ async def test_undeclared_call_is_refused_before_any_request() -> None:
             await client.create(kube.LLMTELEMETRIES, "llm", {"metadata": {"name": "x"}})
     finally:
         await client.close()
+
+
+async def test_writes_are_withheld_while_the_operator_says_no() -> None:
+    """While ``writable`` says no (the replica stands by), a create, patch or delete fails before any request leaves,
+    so a pass under way when the replica stopped running writes nothing it worked out before; once it says yes,
+    writes go out again."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        client = kube.KubeClient(kube.server_configuration(f"http://127.0.0.1:{listener.getsockname()[1]}"))
+        client.timeout = (1, 0.2)
+        allowed = False
+        client.writable = lambda: allowed
+        try:
+            body = {"metadata": {"name": "chat-llm-metrics"}}
+            for write in (
+                client.create(kube.SERVICES, "llm", body),
+                client.patch(kube.SERVICES, "llm", "chat-llm-metrics", body),
+                client.delete(kube.SERVICES, "llm", "chat-llm-metrics"),
+            ):
+                with pytest.raises(WriteWithheld):
+                    await write
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # no connection was made
+            allowed = True
+            with pytest.raises(ApiError) as raised:
+                await client.patch(kube.SERVICES, "llm", "chat-llm-metrics", body)  # sent; the listener never answers
+            listener.accept()[0].close()
+        finally:
+            await client.close()
+    assert raised.value.reason == "Unreachable"
 
 
 async def test_closed_client_fails_fast() -> None:

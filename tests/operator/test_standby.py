@@ -1,6 +1,6 @@
 """kopf's peering rule, as the operator applies it to its own passes (standby.py): stand by while another live
 replica has a higher priority or the same one; a dead one (its lastseen older than its lifetime) counts for
-nothing, nor does this replica's own entry."""
+nothing. And while this replica's own entry is missing or dead and another replica is alive, which then acts."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def peer(priority: int, seconds_ago: float = 1, lifetime: int = 60) -> dict[str,
         ({"me": peer(10), "other": peer(20, seconds_ago=61)}, False),  # dead: its lifetime has passed
         ({"me": peer(10), "other": peer(20, seconds_ago=100, lifetime=120)}, True),
         ({"other": peer(20)}, True),  # this replica not written yet
+        # Missing or dead itself, it is nobody's peer: the live one acts (kopf there sees no one above it).
+        ({"other": peer(5)}, True),
+        ({"me": peer(10, seconds_ago=61), "other": peer(5)}, True),
+        ({"other": peer(5, seconds_ago=61)}, False),  # nobody else alive: it acts alone
+        ({"me": peer(10, seconds_ago=61)}, False),
         ({"me": peer(10), "other": {"priority": "x", "lastseen": "never"}}, False),  # nothing kopf wrote
         (
             {"me": peer(10), "other": {**peer(20), "lastseen": (NOW - datetime.timedelta(seconds=1)).isoformat()[:-6]}},
