@@ -32,7 +32,7 @@ from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 from llm_telemetry_operator.standby import POLL_SECONDS as STANDBY_POLL_SECONDS
-from llm_telemetry_operator.standby import standing_by
+from llm_telemetry_operator.standby import alive_until, standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
@@ -103,6 +103,10 @@ class OperatorState:
     standby: bool = False
     #: When (time.monotonic()) the peering watch last ran; None while peering is off.
     ticked: float | None = None
+    #: Until when (time.time()) the other replicas see this one alive, by its entry in the peering object as last
+    #: read; past it one of them may take over, so this one stands by until it reads its entry renewed. None
+    #: without an entry of its own (then it acts only alone, see standby.standing_by).
+    lease: float | None = None
     #: The context kopf processes a resource's events in: passes of our own (scheduled, or started by our watches)
     #: run in a copy of it, as kopf.warn finds kopf's settings and event queue in its context variables.
     kopf_context: contextvars.Context | None = None
@@ -299,6 +303,9 @@ async def _check_standby(
     except ApiError:
         return  # unknown: keep the last decision (kopf's own pause holds its handlers meanwhile)
     standby = any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
+    # An entry already dead (a pod of the same name before a restart) is no lease: kopf writes it anew shortly.
+    leases = [until.timestamp() for p in found if (until := alive_until(p.get("status"), identity)) is not None]
+    state.lease = max((until for until in leases if until > time.time()), default=None)
     if standby == state.standby:
         return
     if standby:
@@ -321,11 +328,23 @@ async def _check_standby(
 
 
 def _paused(state: OperatorState) -> bool:
-    """Whether a pass of our own must not run: another replica is active, or this one was frozen (its event loop
-    did not run for FROZEN_SECONDS) and has not read the peering object since. Checked as a pass is about to start,
-    so that one started by an event queued over the freeze cannot run ahead of the peering watch."""
-    if not state.standby and state.ticked is not None and time.monotonic() - state.ticked > FROZEN_SECONDS:
+    """Whether this replica must not act (no pass, no write): another replica is active; or this one was frozen
+    (its event loop did not run for FROZEN_SECONDS), or its entry in the peering object has not been read renewed
+    before the others would see it dead, and it has not read the peering object since. Checked as a pass is about to
+    start and before every write, so that nothing started before or over a freeze runs ahead of the peering watch."""
+    if state.standby:
+        return True
+    if state.ticked is not None and time.monotonic() - state.ticked > FROZEN_SECONDS:
         state.standby = True  # until _watch_standby reads the peering object (and, if active, the resources) again
+    elif state.lease is not None and time.time() > state.lease:
+        # Its keepalive was due before a freeze too short to tell, or the peering object could not be read: another
+        # replica may have taken over meanwhile.
+        state.standby = True
+        if state.logger is not None:
+            state.logger.warning(
+                "this replica's peering entry was not seen renewed before it expired: it stands by until it reads"
+                " the peering object and the resources again"
+            )
     return state.standby
 
 

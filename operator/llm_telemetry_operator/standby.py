@@ -32,16 +32,14 @@ def standing_by(status: Any, identity: str, priority: int, now: datetime.datetim
     now = now or datetime.datetime.now(datetime.UTC)
     registered = others = False
     for peer, info in status.items():
-        if not isinstance(info, Mapping):
-            continue
+        until = alive_until(status, peer)
         try:
-            seen = datetime.datetime.fromisoformat(str(info.get("lastseen")))
-            if seen.tzinfo is None:
-                seen = seen.replace(tzinfo=datetime.UTC)
-            alive = seen + datetime.timedelta(seconds=int(info.get("lifetime", 60))) > now
             other = int(info.get("priority", 0))
-        except (TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError):
             continue  # an entry kopf could not have written: kopf ignores it too
+        if until is None:
+            continue
+        alive = until > now
         if peer == identity:
             registered = registered or alive
         elif alive and other >= priority:
@@ -49,3 +47,17 @@ def standing_by(status: Any, identity: str, priority: int, now: datetime.datetim
         else:
             others = others or alive
     return others and not registered
+
+
+def alive_until(status: Any, identity: str) -> datetime.datetime | None:
+    """Until when the other replicas see this one alive by its entry in a peering object's ``status`` (its
+    ``lastseen`` plus its ``lifetime``): past it, one of them may take over. None without a readable entry."""
+    info = status.get(identity) if isinstance(status, Mapping) else None
+    if not isinstance(info, Mapping):
+        return None
+    try:
+        seen = datetime.datetime.fromisoformat(str(info.get("lastseen")))
+        lifetime = int(info.get("lifetime", 60))
+    except (TypeError, ValueError):
+        return None
+    return (seen if seen.tzinfo else seen.replace(tzinfo=datetime.UTC)) + datetime.timedelta(seconds=lifetime)

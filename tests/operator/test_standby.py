@@ -4,12 +4,17 @@ nothing. And while this replica's own entry is missing or dead and another repli
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import logging
 from typing import Any
 
 import pytest
 
-from llm_telemetry_operator.standby import standing_by
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.handlers import OperatorState, _check_standby, _paused
+from llm_telemetry_operator.standby import alive_until, standing_by
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
 
@@ -45,3 +50,57 @@ def peer(priority: int, seconds_ago: float = 1, lifetime: int = 60) -> dict[str,
 )
 def test_standing_by_follows_kopfs_peering_rule(status: Any, expected: bool) -> None:
     assert standing_by(status, "me", 10, NOW) is expected
+
+
+def test_alive_until_is_the_entrys_lastseen_plus_its_lifetime() -> None:
+    assert alive_until({"me": peer(10, seconds_ago=5, lifetime=60)}, "me") == NOW + datetime.timedelta(seconds=55)
+    assert alive_until({"other": peer(5)}, "me") is None
+    assert alive_until({"me": {"priority": 10, "lastseen": "never"}}, "me") is None
+    assert alive_until(None, "me") is None
+
+
+class PeeringReads:
+    """What the standby check reads: the peering object as kopf keeps it, and the LLMTelemetry resources."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+        self.listed: list[str] = []
+
+    async def list(self, resource: kube.Resource, namespace: str | None, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        self.listed.append(resource.plural)
+        if resource is kube.CLUSTERKOPFPEERINGS:
+            return [{"metadata": {"name": "llm-telemetry"}, "status": self.status}]
+        return []
+
+
+def entry(seconds_ago: float, priority: int = 10) -> dict[str, Any]:
+    seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
+    return {"priority": priority, "lastseen": seen.isoformat(), "lifetime": 60}
+
+
+async def test_a_replica_stands_by_once_its_entry_may_have_expired_until_it_reads_it_renewed() -> None:
+    """Its keepalive was due before a freeze too short to notice (or the peering object could not be read): another
+    replica may have taken over. It acts again only once it has read its entry renewed, and the resources again."""
+    reads, state = PeeringReads(), OperatorState()
+    config = OperatorConfig(peering="llm-telemetry", priority=10)
+    log = logging.getLogger("test")
+    reads.status = {"me": entry(seconds_ago=58), "other": entry(seconds_ago=1, priority=5)}
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert not _paused(state)
+    await asyncio.sleep(2.1)  # past its lastseen + lifetime
+    assert _paused(state)
+    reads.status["me"] = entry(seconds_ago=0)
+    reads.listed.clear()
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert not _paused(state)
+    assert kube.LLMTELEMETRIES.plural in reads.listed  # what it knew is read again before it acts
+
+
+async def test_an_entry_already_dead_at_startup_is_no_lease() -> None:
+    """A pod restarted under the same name finds its old entry dead: alone, it acts at once (kopf renews it)."""
+    reads, state = PeeringReads(), OperatorState()
+    reads.status = {"me": entry(seconds_ago=300)}
+    await _check_standby(
+        reads, OperatorConfig(peering="llm-telemetry", priority=10), state, "me", logging.getLogger("t")
+    )  # type: ignore[arg-type]
+    assert not _paused(state)
