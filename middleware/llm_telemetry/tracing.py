@@ -1133,7 +1133,10 @@ class SpanObserver:
                 # and the status described by it. Otherwise no description: error.type says it already, and the
                 # conventions advise against repeating it there.
                 recorded = exception_attributes(exc, escaped=True)
-                span.add_event("exception", recorded)
+                # At the span's end (its last byte sent), not now: the exception reaches here after it, and an event
+                # stamped later is drawn outside the span.
+                end = call.end if call.end is not None else now_perf
+                span.add_event("exception", recorded, timestamp=now_ns - int((now_perf - end) * 1e9))  # _wall_ns
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {recorded[EXCEPTION_MESSAGE]}"))
             elif not (span.kind is _SERVER and status is not None and 400 <= status < 500):
                 span.set_status(Status(StatusCode.ERROR))

@@ -26,7 +26,7 @@ from llm_telemetry.demo.run import DEMO_TOOLS
 from llm_telemetry.redact import EMAIL_MASK, TRUNCATION_MARK, redact
 from llm_telemetry.tracing import REDACTED_BEYOND_CAP, WINDOW_GROWTHS
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, parent_of, tracing_env, wait_span
-from support import serve
+from support import free_port, serve
 
 #: Starlette's router sets ``scope["route"]`` from 1.7 (FastAPI's always has): before it, a plain Starlette app's
 #: spans have no ``http.route`` (docs/tracing.md).
@@ -245,12 +245,13 @@ def test_span_ends_when_the_app_raises(receiver: OTLPReceiver, http_server: str)
     assert span.attributes["error.type"] == "app_exception"
     # The exception as the SDK records one leaving a span: an event with its traceback, the status described by it.
     assert span.status_message == "RuntimeError: demo: the app failed"
-    [(_, attributes, _)] = [e for e in span.events if e[0] == "exception"]
+    [(_, attributes, at)] = [e for e in span.events if e[0] == "exception"]
     assert attributes["exception.type"] == "RuntimeError"
     assert attributes["exception.message"] == "demo: the app failed"
     assert attributes["exception.escaped"] == "True"
     assert 'raise RuntimeError("demo: the app failed")' in attributes["exception.stacktrace"]
-    assert span.end_ns >= span.start_ns > 0
+    # Within the span, as a trace view draws it: not stamped when recorded, after the span's end (its last byte).
+    assert span.end_ns >= at >= span.start_ns > 0
     assert span.kind == SERVER and span.attributes["http.response.status_code"] == 500
 
 
@@ -912,6 +913,54 @@ def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced
     assert result.returncode == 0, result.stderr
     names = result.stdout.strip().splitlines()[-1]
     assert names == "['chat m']"  # one span per LLM request: the GenAI span is the server span
+
+
+def test_a_tracer_provider_the_app_installs_in_its_lifespan_startup_is_used() -> None:
+    """FastAPI's ``lifespan`` is where apps commonly set up OpenTelemetry. The middleware set itself up as the
+    lifespan began, before the app's startup ran, found no provider, and made no LLM span at all; it now sets up as
+    the app reports its startup complete. Served by real uvicorn, in a process of its own (a global provider is
+    set once per process)."""
+    script = textwrap.dedent(
+        """
+        import contextlib, sys, threading, time, httpx, uvicorn
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+        from llm_telemetry import LLMTelemetryMiddleware
+        from llm_telemetry.demo.app import bare_app
+
+        exporter = InMemorySpanExporter()
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            trace.set_tracer_provider(provider)
+            yield
+
+        app = LLMTelemetryMiddleware(Starlette(lifespan=lifespan, routes=[Mount("/", app=bare_app())]), metrics_port=0)
+        port = int(sys.argv[1])
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                              json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200, response.text
+        server.should_exit = True
+        thread.join()
+        print(sorted(span.name for span in exporter.get_finished_spans()))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    command = [sys.executable, "-c", script, str(free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['chat gpt-4o']"
 
 
 @pytest.mark.parametrize(
