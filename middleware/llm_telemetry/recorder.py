@@ -268,7 +268,11 @@ class MetricsRecorder:
         cost = None
         if total:
             cost = call.cost_usd = self.pricing.cost(call)
+        tools = None
+        if call.tool_calls or call.tool_results:
+            tools = self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
 
+        # Under one lock: a scrape after one that showed the call's request shows every point of it.
         with ins.lock:
             ins.requests_active.add_locked(-1, active_key, active)
             attributes, key = shape.requests
@@ -303,11 +307,12 @@ class MetricsRecorder:
             if finishes:
                 for attributes, key in finishes:
                     ins.finish_reasons.add_locked(1, key, attributes)
+            if tools:
+                for instrument, count, attributes in tools:
+                    instrument.add_locked(count, attributes_key(attributes), attributes)
 
         if shape.attribution:  # (none configured: the call's is empty already, with no copy per request)
             call.attribution = dict(shape.attribution)  # as recorded, for the observers after this one
-        if call.tool_calls or call.tool_results:
-            self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
 
     def _finish(self, shape: _Shape, reason: str) -> Keyed:
         """The attributes of ``reason``'s point for calls of ``shape`` (a call's reasons are distinct already)."""
@@ -320,17 +325,22 @@ class MetricsRecorder:
                 shape.finish[reason] = keyed  # admitted values stay admitted; ``other`` is asked about each time
         return keyed
 
-    def _tools(self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str], refused: bool) -> None:
+    def _tools(
+        self, call: LLMCall, values: dict[str, Any], attribution: Mapping[str, str], refused: bool
+    ) -> list[tuple[Any, int, dict[str, Any]]]:
+        """The tool points of ``call``: (instrument, count, attributes), to record with its other points."""
         # Counted per distinct tool first (in the order of first appearance, which the label limit admits by):
         # one point per tool and status, however many calls or results a request carries. A client may send
         # a hundred thousand tool results in one body; recorded one by one, they took ~3 µs each.
-        ins = self.instruments
+        ins = self._keyed
         # The tool results of a refused request are the client's word alone, as its model is (see _refused).
         limit = self.limit.known if refused else self.limit
+        points: list[tuple[Any, int, dict[str, Any]]] = []
         for tool, count in Counter(call.tool_calls).items():
             values[names.GEN_AI_TOOL_NAME] = limit(names.GEN_AI_TOOL_NAME, tool)
-            ins.tool_calls.add(count, select(names.TOOL_CALLS, values, attribution))
+            points.append((ins.tool_calls, count, select(names.TOOL_CALLS, values, attribution)))
         for (tool, is_error), count in Counter((r.name, r.is_error) for r in call.tool_results).items():
             values[names.GEN_AI_TOOL_NAME] = limit(names.GEN_AI_TOOL_NAME, tool)
             values[names.LLM_TOOL_STATUS] = "error" if is_error else "success"
-            ins.tool_results.add(count, select(names.TOOL_RESULTS, values))
+            points.append((ins.tool_results, count, select(names.TOOL_RESULTS, values)))
+        return points
