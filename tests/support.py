@@ -175,6 +175,30 @@ def scrape(port: int) -> Metrics:
     return Metrics(scrape_text(port))
 
 
+def settled(port: int, check: Callable[[Metrics], None], path: str = "/metrics", seconds: float = 10) -> Metrics:
+    """The first scrape on which ``check`` passes (it raises AssertionError until then), each one rendered afresh
+    (a query string: a plain scrape may get the rendering another one just had).
+
+    A call is recorded just after its last byte is sent, and an SDK may be done with the answer before that; a
+    scrape taken while a call is recorded can show some of its points and not yet others. A test asserting on a
+    scrape taken once, at once, fails now and then on a loaded machine."""
+
+    def passed() -> Metrics:
+        metrics = Metrics(scrape_text(port, f"{path}?fresh"))
+        check(metrics)
+        return metrics
+
+    result: Metrics = wait_for("a scrape showing the calls whole", passed, seconds)
+    return result
+
+
+def whole_after(port: int, path: str = "/metrics") -> Metrics:
+    """A scrape rendered afresh, taken once one showed the calls a test waits for. One middleware process records a
+    call's points under one lock, but a scrape collects each metric in turn: the scrape that first showed the
+    call's request may have collected its tokens before the call was recorded. The next one shows all of it."""
+    return Metrics(scrape_text(port, f"{path}?fresh"))
+
+
 class Calls:
     """An observer keeping every finished call (the middleware's public ``observers`` hook)."""
 

@@ -275,4 +275,6 @@ def test_the_apps_own_scrape_of_the_same_job_is_not_an_llm_target(notified: Noti
     assert [t["health"] for t in targets if t["labels"]["endpoint"] == "http"] == ["down"]
     with urllib.request.urlopen(f"{notified.prometheus}/api/v1/alerts", timeout=10) as response:
         alerts = json.loads(response.read())["data"]["alerts"]
-    assert [a["labels"] for a in alerts if a["labels"]["alertname"] == "LLMTargetDown"] == []
+    # (About that target: the LLM one, scraped with a 1 s timeout on a loaded machine, may miss one scrape.)
+    down = [a["labels"] for a in alerts if a["labels"]["alertname"] == "LLMTargetDown"]
+    assert [labels for labels in down if labels.get("endpoint") == "http"] == []

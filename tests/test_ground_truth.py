@@ -969,5 +969,6 @@ def test_prometheus_records_every_rule_and_no_alert_claims_the_target_is_down(ru
     wait_for("Prometheus' rule evaluations to catch up", lambda: time.time() > at + 1)
     empty = sorted(name for name in records if not run.prom.query(f'{name}{{job="{JOB}"}}', at))
     assert empty == []
-    firing = run.prom.get("/api/v1/alerts")["alerts"]
-    assert [a for a in firing if a["labels"]["alertname"] == "LLMTargetDown"] == []
+    # Firing, not pending: one scrape of a loaded machine's target missing its 1 s timeout makes it pending.
+    alerts = run.prom.get("/api/v1/alerts")["alerts"]
+    assert [a for a in alerts if a["labels"]["alertname"] == "LLMTargetDown" and a["state"] == "firing"] == []

@@ -21,7 +21,7 @@ from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.spec import parse_spec
 from otlp_receiver import OTLPReceiver, isolated_env, otlp_receiver, wait_span
-from support import Metrics, free_port, scrape_text, serve
+from support import Metrics, free_port, serve, settled
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "llmtelemetry-full.yaml"
 CONFIG = OperatorConfig()
@@ -133,11 +133,13 @@ def traffic(deployed: Deployed) -> Iterator[dict[str, Any]]:
             )
             usage = [chunk.usage for chunk in stream if chunk.usage is not None]
             path = deployed.monitor["spec"]["endpoints"][0]["path"]
-            yield {
-                "trace_id": trace_id,
-                "usage": usage[-1],
-                "scrape": Metrics(scrape_text(deployed.metrics_port, path)),
-            }
+
+            def whole(metrics: Metrics) -> None:  # the call recorded (just after its last byte), all of its points
+                assert metrics.value("llm_requests_total", llm_metadata_tenant="acme") == 1
+                assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_metadata_tenant="acme") > 0
+                assert metrics.value("llm_cost_usd_total", llm_metadata_tenant="acme") > 0
+
+            yield {"trace_id": trace_id, "usage": usage[-1], "scrape": settled(deployed.metrics_port, whole, path)}
     finally:
         app.telemetry.shutdown()
 

@@ -83,7 +83,7 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
         text = scrape_text(port)
         assert "trace_id" not in text  # the classic text format has no exemplars
         om = scrape_text(port, accept=OPENMETRICS)
-        again = scrape_text(port, accept=OPENMETRICS)
+        again = scrape_text(port, "/metrics?again", accept=OPENMETRICS)  # rendered afresh, not the one just made
 
     assert 'error_type=""' in om, "the scrape should mix label sets (padded error_type) to test the matching"
     spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for rid in ("ex-1", "ex-2", "ex-3")}

@@ -24,7 +24,7 @@ from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Calls, Metrics, free_port, scrape, serve
+from support import Calls, Metrics, free_port, scrape, serve, whole_after
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -58,7 +58,9 @@ def settled(metrics_port: int, requests: int) -> Metrics:
     deadline = time.monotonic() + 5
     while True:
         metrics = scrape(metrics_port)
-        if metrics.value("llm_requests_total") >= requests or time.monotonic() > deadline:
+        if metrics.value("llm_requests_total") >= requests:
+            return whole_after(metrics_port)
+        if time.monotonic() > deadline:
             return metrics
         time.sleep(0.02)
 

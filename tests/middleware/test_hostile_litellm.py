@@ -39,7 +39,7 @@ from llm_telemetry.apis import APIS
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.demo.run import DEMO_TOOLS
 from llm_telemetry.record import LLMCall
-from support import Metrics, free_port, request_body, scrape_text, serve
+from support import Metrics, free_port, request_body, scrape_text, serve, whole_after
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,7 +169,9 @@ def settled(metrics_port: int, requests: int, model: str = "up") -> Metrics:
     deadline = time.monotonic() + 30
     while True:
         metrics = Metrics(scrape_text(metrics_port))
-        if metrics.value("llm_requests_total", gen_ai_request_model=model) >= requests or time.monotonic() > deadline:
+        if metrics.value("llm_requests_total", gen_ai_request_model=model) >= requests:
+            return whole_after(metrics_port)
+        if time.monotonic() > deadline:
             return metrics
         time.sleep(0.2)
 

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import free_port, scrape, serve
+from support import Metrics, free_port, serve, settled
 
 IMAGE = "iVBORw0KGgo" * 100_000  # 1.1 MB of base64: one generated image, as the Responses API returns it
 RESPONSES_USAGE = {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1024}, "output_tokens": 300,
@@ -128,15 +128,18 @@ def test_a_responses_stream_whose_last_event_holds_an_image_keeps_its_usage(
         last = list(s)[-1]
     assert last.response.usage is not None and last.response.usage.input_tokens == 2000  # the SDK's truth
     assert last.response.output[0].result == IMAGE  # and the client's bytes, unchanged
-    m = scrape(port)
     labels = {"gen_ai_request_model": model}
-    assert m.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported", **labels) == 2000
-    assert m.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported", **labels) == 300
-    assert m.value("llm_token_details_total", llm_token_detail="cache_read", **labels) == 1024
-    assert m.value("llm_tokens_total", llm_usage_source="estimated", **labels) == 0
-    # gpt-4.1: $2 per million input tokens, $0.50 cached, $8 output.
-    assert m.value("llm_cost_usd_total", **labels) == pytest.approx((976 * 2 + 1024 * 0.5 + 300 * 8) / 1e6)
-    assert m.value("llm_finish_reasons_total", llm_finish_reason=finish, **labels) == 1
+
+    def recorded(m: Metrics) -> None:
+        assert m.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported", **labels) == 2000
+        assert m.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported", **labels) == 300
+        assert m.value("llm_token_details_total", llm_token_detail="cache_read", **labels) == 1024
+        assert m.value("llm_tokens_total", llm_usage_source="estimated", **labels) == 0
+        # gpt-4.1: $2 per million input tokens, $0.50 cached, $8 output.
+        assert m.value("llm_cost_usd_total", **labels) == pytest.approx((976 * 2 + 1024 * 0.5 + 300 * 8) / 1e6)
+        assert m.value("llm_finish_reasons_total", llm_finish_reason=finish, **labels) == 1
+
+    settled(port, recorded)
 
 
 def test_a_json_body_over_the_read_limit_keeps_its_usage(service: tuple[str, int]) -> None:
@@ -149,15 +152,18 @@ def test_a_json_body_over_the_read_limit_keeps_its_usage(service: tuple[str, int
     ask = [{"role": "user", "content": "long"}]
     message = claude.messages.create(model="claude-sonnet-4-20250514", max_tokens=10, messages=ask)  # type: ignore[arg-type]
     assert message.usage.cache_read_input_tokens == 2000
-    m = scrape(port)
     chat_labels = {"gen_ai_request_model": "gpt-4o-mini"}
-    assert m.value("llm_tokens_total", gen_ai_token_type="input", **chat_labels) == 50
-    assert m.value("llm_tokens_total", gen_ai_token_type="output", **chat_labels) == 2_000_000
-    assert m.value("llm_token_details_total", llm_token_detail="cache_read", **chat_labels) == 32
     claude_labels = {"gen_ai_request_model": "claude-sonnet-4-20250514"}
-    # Anthropic's input_tokens leaves the cache out: the input is all three.
-    assert m.value("llm_tokens_total", gen_ai_token_type="input", **claude_labels) == 2140
-    assert m.value("llm_tokens_total", gen_ai_token_type="output", **claude_labels) == 2_200_000
     # claude-sonnet-4: $3 input, $0.30 cache reads, $3.75 cache writes, $15 output, per million.
     expected = (40 * 3 + 2000 * 0.3 + 100 * 3.75 + 2_200_000 * 15) / 1e6
-    assert m.value("llm_cost_usd_total", **claude_labels) == pytest.approx(expected)
+
+    def recorded(m: Metrics) -> None:
+        assert m.value("llm_tokens_total", gen_ai_token_type="input", **chat_labels) == 50
+        assert m.value("llm_tokens_total", gen_ai_token_type="output", **chat_labels) == 2_000_000
+        assert m.value("llm_token_details_total", llm_token_detail="cache_read", **chat_labels) == 32
+        # Anthropic's input_tokens leaves the cache out: the input is all three.
+        assert m.value("llm_tokens_total", gen_ai_token_type="input", **claude_labels) == 2140
+        assert m.value("llm_tokens_total", gen_ai_token_type="output", **claude_labels) == 2_200_000
+        assert m.value("llm_cost_usd_total", **claude_labels) == pytest.approx(expected)
+
+    settled(port, recorded)

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Metrics, free_port, scrape, serve
+from support import Metrics, free_port, scrape, serve, whole_after
 
 PAUSE = 0.05
 LATE = 1.5  # wide enough that a busy machine stalling the first event still tells the two apart
@@ -255,8 +255,9 @@ def settled(service: tuple[str, int], model: str, check: Callable[[Metrics], boo
     deadline = time.monotonic() + 5
     while True:
         metrics = scrape(service[1])
-        done = metrics.value("llm_requests_total", gen_ai_request_model=model) >= 1 and check(metrics)
-        if done or time.monotonic() > deadline:
+        if metrics.value("llm_requests_total", gen_ai_request_model=model) >= 1 and check(metrics):
+            return whole_after(service[1])
+        if time.monotonic() > deadline:
             return metrics
         time.sleep(0.02)
 

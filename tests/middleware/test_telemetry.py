@@ -21,7 +21,7 @@ from llm_telemetry.config import Settings
 from llm_telemetry.logs import REQUEST_LOGGER, OTLPLogHandler
 from llm_telemetry.record import LLMCall
 from llm_telemetry.telemetry import Telemetry
-from support import Metrics, free_port, scrape, scrape_text
+from support import Metrics, free_port, scrape, scrape_text, whole_after
 
 #: Installs a global SDK MeterProvider first, as ``opentelemetry-instrument`` does, then serves the demo LLM
 #: wrapped in the middleware under uvicorn. Run in its own interpreter: a global provider can be set only once.
@@ -79,6 +79,7 @@ def test_global_sdk_meter_provider_installed_first_still_leaves_our_metrics_on_t
                 break
             time.sleep(0.05)
         assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o") == 1
+        metrics = whole_after(metrics_port)
         assert metrics.value("llm_tokens_total", gen_ai_request_model="gpt-4o", gen_ai_token_type="input") == 2
     finally:
         process.terminate()

@@ -244,9 +244,13 @@ async def test_a_newer_resource_naming_no_container_says_so_not_conflict(emulato
         await eventually(lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "NoContainer", "alpha NoContainer")
         injected = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)
         assert "no container named worker" in injected["message"] and "zeta" not in injected["message"]
-        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+        # The event is posted once the pass has written the status; then every echo has a second to arrive.
+        await eventually(
+            lambda: [e for e in posted_events(emulator, "NoContainer") if e["involvedObject"]["name"] == "alpha"],
+            "alpha's NoContainer event",
+        )
+        await asyncio.sleep(1.0)
         assert conflict_events(emulator, "alpha") == []
-        assert [e for e in posted_events(emulator, "NoContainer") if e["involvedObject"]["name"] == "alpha"]
         assert holder(emulator) == "zeta"
     check_usage(emulator)
 

@@ -906,6 +906,8 @@ async def test_a_containers_own_metrics_port_is_reported_until_it_goes(emulator:
         assert "Deployment/chat: container app sets LLM_TELEMETRY_METRICS_PORT=9999" in metrics["message"]
         assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "False"
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9999"  # the user's wins
+        # The event is posted once the pass has written the status: awaited, then a second for any other to come.
+        await eventually(lambda: posted_events(emulator, "SettingsOverridden"), "the SettingsOverridden event")
         await asyncio.sleep(1)
         events = posted_events(emulator, "SettingsOverridden")
         assert len(events) == 1, events
@@ -936,6 +938,7 @@ async def test_a_metrics_port_the_pods_already_use_is_reported(emulator: Any, mo
         assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "PortConflict"
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
+        await eventually(lambda: posted_events(emulator, "PortConflict"), "the PortConflict event")
         await asyncio.sleep(1)
         assert len(posted_events(emulator, "PortConflict")) == 1
         await hand(
