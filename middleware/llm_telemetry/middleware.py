@@ -764,11 +764,10 @@ class LLMTelemetryMiddleware:
         return telemetry
 
     def _setup(self) -> Telemetry | None:
-        """Build everything once, before the first request is observed (as the app reports its lifespan startup
-        complete, or at the first call of any other kind). Any failure is logged and leaves the middleware a
-        pass-through: the app keeps serving. The failure is counted in
-        ``llm_telemetry_internal_errors_total{component="setup"}`` when a plain single-process setup can still be
-        made to expose it."""
+        """Build everything once, before the first request is observed (the server's lifespan startup, or the
+        first call of any kind). Any failure is logged and leaves the middleware a pass-through: the app keeps
+        serving. The failure is counted in ``llm_telemetry_internal_errors_total{component="setup"}`` when a
+        plain single-process setup can still be made to expose it."""
         with self._lock:
             if self._set_up:
                 return self._telemetry
@@ -829,6 +828,10 @@ class LLMTelemetryMiddleware:
                 telemetry.limit.share(workers.state)
             elif workers is not None and workers.error is not None:
                 failsafe("multiproc_setup", workers.error)  # serving, but this worker reports only its own share
+        self._wire(telemetry)
+
+    def _wire(self, telemetry: Telemetry) -> None:
+        """Hand each request to what ``telemetry`` records it with."""
         observers: list[Observer] = [telemetry.recorder]
         if telemetry.tracing is not None:
             observers.append(telemetry.tracing.observer)
@@ -861,12 +864,10 @@ class LLMTelemetryMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        kind = scope["type"]
-        if kind == "lifespan":
-            await self.app(scope, receive, self._lifespan_send(send))
-            return
         telemetry = self._telemetry if self._set_up else self._setup()
-        if kind != "http":
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and telemetry is not None:
+                send = self._flushing_on_shutdown(send, telemetry)
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -894,12 +895,8 @@ class LLMTelemetryMiddleware:
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.failed", "message": f"llm-telemetry: {self.configuration_error}"})
 
-    def _lifespan_send(self, send: Send) -> Send:
-        """The lifespan ``send``. Everything is set up as the app reports its startup complete, before the server
-        takes any request: after the app's own startup, so that a tracer provider it installs there (FastAPI's
-        ``lifespan``, where apps commonly set up OpenTelemetry) is found and used.
-
-        Before the app's shutdown is reported, the exporters are flushed and stopped.
+    def _flushing_on_shutdown(self, send: Send, telemetry: Telemetry) -> Send:
+        """The lifespan ``send``: before the app's shutdown is reported, the exporters are flushed and stopped.
 
         Servers end the process right after (uvicorn raises SIGTERM again once it has shut down, so no exit handler
         of the OpenTelemetry SDK runs): without this, the spans and log records still queued, up to a batch delay's
@@ -909,21 +906,24 @@ class LLMTelemetryMiddleware:
         """
 
         async def lifespan_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "lifespan.startup.complete":
-                if not self._set_up:
-                    self._setup()
-            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                telemetry = self._telemetry if self._set_up else None
-                if telemetry is not None:
-                    # In a daemon thread: one still flushing to a collector that does not answer is left behind at
-                    # exit. (A worker thread abandoned by anyio is not a daemon: the interpreter's exit would wait
-                    # for it, and for the exporters' own timeouts after it, half a minute and more.)
-                    done = telemetry.shutdown_in_background()
-                    await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS)
-                    with self._lock:
-                        if self._telemetry is telemetry:
-                            self._set_up = False  # (the shut-down one stays readable through .telemetry until then)
+            if message["type"] == "lifespan.startup.complete":
+                # Set up as the lifespan began (the metrics port open while the app starts, a model loading, say);
+                # a tracer provider the app installed in its startup (FastAPI's lifespan, where apps commonly set
+                # up OpenTelemetry) is taken up now, before the server takes any request. No span was made before.
+                with self._lock:
+                    if self._observing and self._telemetry is telemetry:
+                        telemetry.adopt_global_tracing()
+                        if telemetry.tracing is not None and not self._span_parameters:  # (_wire sets it)
+                            self._wire(telemetry)
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # In a daemon thread: one still flushing to a collector that does not answer is left behind at
+                # exit. (A worker thread abandoned by anyio is not a daemon: the interpreter's exit would wait for
+                # it, and for the exporters' own timeouts after it, half a minute and more.)
+                done = telemetry.shutdown_in_background()
+                await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS)
+                with self._lock:
+                    if self._telemetry is telemetry:
+                        self._set_up = False  # (the shut-down one stays readable through .telemetry until then)
             await send(message)
 
         return lifespan_send

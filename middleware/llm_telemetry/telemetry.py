@@ -103,6 +103,8 @@ class Telemetry:
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
         #: None when tracing is off (no endpoint, no provider): then no span work happens per request.
         self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env)
+        self._tracing_given = tracer_provider is not None
+        self._env = env
         #: None when request logs are off.
         self.request_logs: RequestLogs | None = (
             RequestLogs(self._service_name(), env) if settings.request_logs else None
@@ -116,6 +118,14 @@ class Telemetry:
         # are off (shutdown_on_exit=False), as each would wait its exporters' whole timeouts (30 s and more) on a
         # collector that does not answer.
         atexit.register(_shutdown_at_exit, weakref.ref(self))
+
+    def adopt_global_tracing(self) -> bool:
+        """Turn tracing on for a global SDK ``TracerProvider`` installed since this was made (an app sets one up in
+        its lifespan startup, which runs after this); True if it did."""
+        if self.tracing is not None or self._tracing_given:
+            return False
+        self.tracing = Tracing.create(self.settings, None, self._env)
+        return self.tracing is not None
 
     def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:

@@ -916,10 +916,10 @@ def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced
 
 
 def test_a_tracer_provider_the_app_installs_in_its_lifespan_startup_is_used() -> None:
-    """FastAPI's ``lifespan`` is where apps commonly set up OpenTelemetry. The middleware set itself up as the
-    lifespan began, before the app's startup ran, found no provider, and made no LLM span at all; it now sets up as
-    the app reports its startup complete. Served by real uvicorn, in a process of its own (a global provider is
-    set once per process)."""
+    """FastAPI's ``lifespan`` is where apps commonly set up OpenTelemetry. The middleware sets itself up as the
+    lifespan begins, before the app's startup runs, found no provider, and made no LLM span at all; it now takes up
+    the provider as the app reports its startup complete. Served by real uvicorn, in a process of its own (a global
+    provider is set once per process)."""
     script = textwrap.dedent(
         """
         import contextlib, sys, threading, time, httpx, uvicorn
