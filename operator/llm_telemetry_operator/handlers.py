@@ -41,6 +41,12 @@ SCHEDULED_PASSES = 4
 #: would act on what it knew before the freeze: a resource's old spec put back over the new one, which the other
 #: replica put back again. It stands by until it has read the peering object, and the resources if it is active.
 FROZEN_SECONDS = 30.0
+#: Polls a deletion waits for a replica standing by (past the minute a kopf keepalive takes) before kopf retries it.
+DELETE_WAIT_POLLS = 35
+#: Lists of the resources tried (one a STANDBY_POLL_SECONDS) before a replica active again acts without one.
+RELIST_ATTEMPTS = 5
+#: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
+HEARTBEAT_SECONDS = 1.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -101,8 +107,10 @@ class OperatorState:
     #: Whether another replica is the active one (kopf's peering rule, see standby.py), or this one has not read the
     #: peering object since it was frozen (see FROZEN_SECONDS): no pass of our own runs.
     standby: bool = False
-    #: When (time.monotonic()) the peering watch last ran; None while peering is off.
+    #: When (time.monotonic()) the event loop's heartbeat last ticked; None while peering is off.
     ticked: float | None = None
+    #: Failed lists of the resources since this replica found itself active again (see _check_standby).
+    relists_failed: int = 0
     #: Until when (time.time()) the other replicas see this one alive, by its entry in the peering object as last
     #: read; past it one of them may take over, so this one stands by until it reads its entry renewed. None
     #: without an entry of its own (then it acts only alone, see standby.standing_by).
@@ -256,6 +264,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # No write while this replica stands by, not even one of a pass already under way when it began to.
         _client(memo).writable = lambda: not _paused(state)
         await _check_standby(_client(memo), config, state, str(identity), logger)
+        memo["heartbeat"] = asyncio.create_task(_heartbeat(state), name="llm-telemetry-heartbeat")
         memo["standby"] = asyncio.create_task(
             _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
         )
@@ -318,6 +327,16 @@ async def _check_standby(
     # It stands by until then: a pass started meanwhile would act on what it knew before.
     known = set(state.bodies)
     present = await _track_existing(client, config, state, logger)
+    if present is None and state.relists_failed < RELIST_ATTEMPTS:
+        state.relists_failed += 1
+        return  # still standing by: the next look tries again (_track_existing said why)
+    if present is None:
+        logger.warning(
+            "the resources could not be listed again after %d tries: active on what this replica knew, and what its"
+            " watch delivers",
+            RELIST_ATTEMPTS,
+        )
+    state.relists_failed = 0
     for key in known - (known if present is None else present):
         _forget(state, key, state.bodies.get(key, {}))
     state.passes.clear()
@@ -334,8 +353,18 @@ def _paused(state: OperatorState) -> bool:
     start and before every write, so that nothing started before or over a freeze runs ahead of the peering watch."""
     if state.standby:
         return True
-    if state.ticked is not None and time.monotonic() - state.ticked > FROZEN_SECONDS:
-        state.standby = True  # until _watch_standby reads the peering object (and, if active, the resources) again
+    stalled = time.monotonic() - state.ticked if state.ticked is not None else 0.0
+    if stalled > FROZEN_SECONDS:
+        # Frozen (SIGSTOP, a paused VM, a stalled node) past the point where another replica may have taken over and
+        # changed what this one knew: stand by until _watch_standby reads the peering object (and, if active, the
+        # resources) again.
+        state.standby = True
+        if state.logger is not None:
+            state.logger.warning(
+                "this replica did not run for %.0f s: it reads the peering object and the resources again before"
+                " any pass",
+                stalled,
+            )
     elif state.lease is not None and time.time() > state.lease:
         # Its keepalive was due before a freeze too short to tell, or the peering object could not be read: another
         # replica may have taken over meanwhile.
@@ -348,24 +377,20 @@ def _paused(state: OperatorState) -> bool:
     return state.standby
 
 
+async def _heartbeat(state: OperatorState) -> None:
+    """Tick every HEARTBEAT_SECONDS while the event loop runs: a tick overdue by FROZEN_SECONDS is a freeze (see
+    :func:`_paused`), told from a slow API call, which the loop runs beside."""
+    while True:
+        _paused(state)  # a freeze is noticed (and said) before the tick below hides it
+        state.ticked = time.monotonic()
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
 async def _watch_standby(
     client: KubeClient, config: OperatorConfig, state: OperatorState, identity: str, logger: Any
 ) -> None:
-    state.ticked = time.monotonic()
     while True:
         await asyncio.sleep(STANDBY_POLL_SECONDS)
-        stalled = time.monotonic() - state.ticked
-        if stalled > FROZEN_SECONDS:
-            # Frozen (SIGSTOP, a paused VM, a stalled node) past the point where another replica may have taken
-            # over and changed what this one knew: stand by until the peering object says otherwise, then, if
-            # active, read every resource again, as after any standby.
-            logger.warning(
-                "this replica did not run for %.0f s: it reads the peering object and the resources again before"
-                " any pass",
-                stalled,
-            )
-            state.standby = True
-        state.ticked = time.monotonic()
         try:
             await _check_standby(client, config, state, identity, logger)
         except Exception:
@@ -396,7 +421,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
-    for name in ("scheduler", "standby"):
+    for name in ("scheduler", "standby", "heartbeat"):
         background = memo.get(name)
         if isinstance(background, asyncio.Task):
             background.cancel()
@@ -595,10 +620,15 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
 async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, retry: int = 0, **_: Any) -> None:
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
-    if _paused(_state(memo)):
-        # Not done, nor the finalizer removed: the active replica does it (kopf there sees the deletion too), or this
-        # one once it is active again.
-        raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS)
+    # Not done, nor the finalizer removed, while this replica stands by: the active replica does it (kopf there sees
+    # the deletion too), or this one once it is active again. Waited for here: each kopf retry patches the resource
+    # twice (its progress annotations), one every poll would be a write a second.
+    polls = 0
+    while _paused(_state(memo)):
+        if polls == DELETE_WAIT_POLLS:
+            raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS)
+        await asyncio.sleep(STANDBY_POLL_SECONDS)
+        polls += 1
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);

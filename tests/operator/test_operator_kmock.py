@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
 import logging
@@ -1522,3 +1523,35 @@ async def test_a_missing_servicemonitor_crd_is_not_said_to_follow_services_that_
         metrics = await reported(emulator, c.CONDITION_METRICS, "ServiceMonitorCRDMissing", "the condition written")
         assert metrics["message"].startswith("monitoring.coreos.com/v1 ServiceMonitor is not installed"), metrics
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
+
+
+async def test_a_replica_standing_by_leaves_a_deletion_to_the_active_one(emulator: Any, monitoring_crds: Any) -> None:
+    """kopf took this replica's peering entry out (it read it as dead after a freeze) and another replica is alive:
+    that one acts, and kopf here is not paused. A deletion then is neither cleaned up here (its finalizer kept, the
+    Deployment's injection left for the active replica's hand-over) nor retried by kopf every 2 s, each retry two
+    patches of the resource's annotations: it waits, writing nothing."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator() as memo:
+        await ready(emulator)
+        me = str(memo["identity"])
+        peering = f"/apis/kopf.dev/v1/clusterkopfpeerings/{PEERING}"
+        await eventually(
+            lambda: me in ((get(emulator, CLUSTERKOPFPEERINGS, PEERING, None) or {}).get("status") or {}), "own entry"
+        )
+        alive = {"priority": -100, "lastseen": datetime.datetime.now(datetime.UTC).isoformat(), "lifetime": 60}
+        await hand(emulator, "PATCH", peering, {"status": {me: None, "other": alive}})
+        await eventually(lambda: handlers._state(memo).standby, "this replica standing by")
+        seen = len(list(emulator))
+        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        await asyncio.sleep(5)
+        writes = [
+            (r.method.value, str(r.url.path))
+            for r in list(emulator)[seen:]
+            if r.method.value in ("POST", "PATCH", "PUT", "DELETE") and "kopfpeerings" not in str(r.url.path)
+        ]
+        assert [w for w in writes if w[0] != "DELETE" or "llmtelemetries" not in w[1]] == []  # only the test's own
+        assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"

@@ -13,7 +13,8 @@ import pytest
 
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.handlers import OperatorState, _check_standby, _paused
+from llm_telemetry_operator.errors import ApiError
+from llm_telemetry_operator.handlers import RELIST_ATTEMPTS, OperatorState, _check_standby, _paused
 from llm_telemetry_operator.standby import alive_until, standing_by
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
@@ -65,11 +66,15 @@ class PeeringReads:
     def __init__(self) -> None:
         self.status: dict[str, Any] = {}
         self.listed: list[str] = []
+        self.refused = 0  # lists of the resources answered 503 before one is served
 
     async def list(self, resource: kube.Resource, namespace: str | None, *_: Any, **__: Any) -> list[dict[str, Any]]:
         self.listed.append(resource.plural)
         if resource is kube.CLUSTERKOPFPEERINGS:
             return [{"metadata": {"name": "llm-telemetry"}, "status": self.status}]
+        if self.refused:
+            self.refused -= 1
+            raise ApiError(503, "ServiceUnavailable", "the API server is starting")
         return []
 
 
@@ -103,4 +108,29 @@ async def test_an_entry_already_dead_at_startup_is_no_lease() -> None:
     await _check_standby(
         reads, OperatorConfig(peering="llm-telemetry", priority=10), state, "me", logging.getLogger("t")
     )  # type: ignore[arg-type]
+    assert not _paused(state)
+
+
+async def test_a_replica_active_again_stands_by_while_it_cannot_list_the_resources() -> None:
+    """What it knew is as old as its pause: it acts again once it has read the resources anew, not before; after
+    RELIST_ATTEMPTS failed lists it acts on what it knew (and what its watch delivers), rather than idle for good."""
+    reads, state = PeeringReads(), OperatorState()
+    config, log = OperatorConfig(peering="llm-telemetry", priority=10), logging.getLogger("test")
+    reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=20)}
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert _paused(state)
+    del reads.status["other"]  # the other replica has gone
+    reads.refused = 1
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert _paused(state)  # the list failed: still standing by
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert not _paused(state)
+    reads.status["other"] = entry(seconds_ago=0, priority=20)
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    del reads.status["other"]
+    reads.refused = 100
+    for _ in range(RELIST_ATTEMPTS):
+        await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+        assert _paused(state)
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
     assert not _paused(state)
