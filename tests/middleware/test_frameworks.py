@@ -482,7 +482,7 @@ def test_nested_instances_count_each_request_once() -> None:
         ]
         metrics = settled(port, 3)
         time.sleep(0.2)  # (a second count of the last request would be in by now)
-        metrics = scrape(port)
+        metrics = whole_after(port)
     assert metrics.value("llm_requests_total") == 3
     assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == sum(a.usage.prompt_tokens for a in answers)
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output") == sum(
