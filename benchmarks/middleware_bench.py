@@ -172,17 +172,25 @@ def start_server(key: str, otlp: str, workers: int = 1) -> Server:
     return Server(key, port, metrics_port, workers, process)
 
 
-def scrape_counts(server: Server) -> dict[str, float]:
-    """Requests our middleware counted, and its internal errors, from its Prometheus endpoint."""
-    text = procs.http_get(f"http://127.0.0.1:{server.metrics_port}/metrics").decode()
-    counted = {"requests": 0.0, "internal_errors": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "llm_requests_total":
-                counted["requests"] += sample.value
-            elif sample.name == "llm_telemetry_internal_errors_total":
-                counted["internal_errors"] += sample.value
-    return counted
+def scrape_counts(server: Server, settle: float = 5.0) -> dict[str, float]:
+    """Requests our middleware counted, and its internal errors, from its Prometheus endpoint.
+
+    A client has its whole answer a moment before the middleware records the call, and a scrape shortly after
+    another may share its rendering, so this scrapes afresh (`?fresh`) until every request sent shows or
+    ``settle`` seconds have passed; a count still short then is what the table prints."""
+    deadline = time.monotonic() + settle
+    while True:
+        text = procs.http_get(f"http://127.0.0.1:{server.metrics_port}/metrics?fresh").decode()
+        counted = {"requests": 0.0, "internal_errors": 0.0}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "llm_requests_total":
+                    counted["requests"] += sample.value
+                elif sample.name == "llm_telemetry_internal_errors_total":
+                    counted["internal_errors"] += sample.value
+        if counted["requests"] >= server.sent or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.1)
 
 
 def _median(values: Iterable[float]) -> float:

@@ -323,6 +323,7 @@ async def test_collectors_installed_together_are_found_by_one_pass(emulator: Any
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
     async with running_operator(config):
         await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
+        await eventually(lambda: "OTEL_TRACES_EXPORTER" in env_of(get(emulator, DEPLOYMENTS, "chat")), "injected")
         await asyncio.sleep(0.5)
         generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
         for name, port in (("jaeger", 4318), ("loki-gateway", 80)):
@@ -338,8 +339,11 @@ async def test_collectors_installed_together_are_found_by_one_pass(emulator: Any
             lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_COLLECTORS).get("status") == "True",
             "both collectors found",
         )
-        await asyncio.sleep(1)
-        env = env_of(get(emulator, DEPLOYMENTS, "chat"))
-        assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("otlp", "otlp")
+        exporters = ("OTEL_TRACES_EXPORTER", "OTEL_LOGS_EXPORTER")
+        await eventually(
+            lambda: [env_of(get(emulator, DEPLOYMENTS, "chat")).get(k) for k in exporters] == ["otlp", "otlp"],
+            "both exporters injected",
+        )
+        await asyncio.sleep(1)  # time for a second rollout, were one to come
         assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] == generation + 1  # one rollout
         assert len(collector_events(emulator)) == 1

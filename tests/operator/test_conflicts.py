@@ -310,11 +310,19 @@ async def test_a_winner_gone_unseen_is_forgotten_once_its_children_are_collected
             await hand(emulator, "DELETE", path)
         await eventually(lambda: holder(emulator) == "alpha", "alpha took the workload over")
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready", attempts=600)
-        await asyncio.sleep(1.0)
         # A pass of zeta's already under way as it was forgotten may have made a child again; the garbage collector
-        # deletes that one too, and then it stays gone: no pass makes it again.
-        if get(emulator, SERVICEMONITORS, "zeta-llm-telemetry") is not None:
-            await hand(emulator, "DELETE", f"{monitoring}/servicemonitors/zeta-llm-telemetry")
-        await asyncio.sleep(1.0)
-        assert get(emulator, SERVICEMONITORS, "zeta-llm-telemetry") is None, "made again for an owner that is gone"
+        # deletes such a one too, and then it stays gone: no pass makes it again.
+        zeta_children = {
+            SERVICEMONITORS: f"{monitoring}/servicemonitors/zeta-llm-telemetry",
+            PROMETHEUSRULES: f"{monitoring}/prometheusrules/zeta-llm-telemetry",
+            CONFIGMAPS: f"/api/v1/namespaces/{NAMESPACE}/configmaps/zeta-llm-dashboard",
+        }
+        for _ in range(3):
+            await asyncio.sleep(0.5)
+            for kind, path in zeta_children.items():
+                if get(emulator, kind, path.rsplit("/", 1)[1]) is not None:
+                    await hand(emulator, "DELETE", path)
+        await asyncio.sleep(1.5)
+        again = [path for kind, path in zeta_children.items() if get(emulator, kind, path.rsplit("/", 1)[1])]
+        assert not again, f"made again for an owner that is gone: {again}"
         assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is not None
