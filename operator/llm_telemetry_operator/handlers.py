@@ -32,7 +32,7 @@ from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 from llm_telemetry_operator.standby import POLL_SECONDS as STANDBY_POLL_SECONDS
-from llm_telemetry_operator.standby import alive_until, standing_by
+from llm_telemetry_operator.standby import alive_until, anyone_alive, standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
@@ -47,6 +47,9 @@ DELETE_WAIT_POLLS = 35
 RELIST_ATTEMPTS = 5
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
+#: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
+#: _held_elsewhere): passes for the resources it serves come in bursts, one per event of its writes.
+HOLDER_CHECK_SECONDS = 10.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -120,6 +123,11 @@ class OperatorState:
     kopf_context: contextvars.Context | None = None
     #: The operator's logger (the startup handler's), for passes not started by a kopf handler.
     logger: Any = None
+    #: Other operators' peering objects, by name, as last read: when (time.monotonic()) and whether one of their
+    #: replicas was alive (see _held_elsewhere).
+    holders: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    #: The resources left to another operator, and its name, as last said in the log and an event.
+    left: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 #: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
@@ -520,6 +528,18 @@ async def _reconcile(
         latest = state.bodies.get(key)
         if latest is not None and (latest["metadata"].get("uid") or "") == uid:
             body = latest
+        holder = await _held_elsewhere(memo, body)
+        if holder is not None:
+            _leave_to(memo, body, holder, logger)
+            state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may be gone
+            state.wake.set()
+            return None
+        if _holder(body) not in (None, _config(memo).peering):
+            # Taken over from an operator no longer running: the pass compares against the status stored, which
+            # names that operator, not against the one this operator last wrote.
+            logger.info("taking this resource over from operator %r, which no longer runs", _holder(body))
+            state.statuses.pop(uid, None)
+        state.left.pop(key, None)
         try:
             written = state.statuses.get(uid)
             outcome = await rec.reconcile(
@@ -629,6 +649,18 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS)
         await asyncio.sleep(STANDBY_POLL_SECONDS)
         polls += 1
+    # Served by another operator that runs (see _held_elsewhere): that one cleans up and takes the finalizer off,
+    # which both share; taken off here first, what that one injected would stay.
+    polls = 0
+    seen: Mapping[str, Any] = body
+    while (holder := await _held_elsewhere(memo, seen)) is not None:
+        if polls == DELETE_WAIT_POLLS:
+            raise kopf.TemporaryError(f"left to operator {holder!r}", delay=STANDBY_POLL_SECONDS)
+        await asyncio.sleep(STANDBY_POLL_SECONDS)
+        polls += 1
+        if key not in _state(memo).bodies:
+            return  # gone: that operator has cleaned up and taken the finalizer off
+        seen = _state(memo).bodies[key]
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
@@ -659,6 +691,55 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     _state(memo).specs.pop(key, None)
     _state(memo).index.remove(key)
     _state(memo).schedule.forget(key)
+
+
+def _holder(body: Mapping[str, Any]) -> str | None:
+    """The operator that serves the resource, as its status says (by the name of its peering object)."""
+    holder = (body.get("status") or {}).get("operator")
+    return holder if isinstance(holder, str) and holder else None
+
+
+async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
+    """The name of another operator serving this resource, if one of its replicas is alive; else None.
+
+    Two releases of the operator whose watched namespaces overlap (one cluster-wide, one for a team's namespaces)
+    each see the resources there, and their settings differ (endpoints, labels): each would put its own injection
+    back over the other's, a rollout a pass, without end. The status names the operator that wrote it last, by
+    its peering object; another operator leaves the resource to it while a replica of it is alive in that object,
+    and takes the resource over once none is (uninstalled, or stopped for good)."""
+    holder = _holder(body)
+    if holder is None or holder == _config(memo).peering:
+        return None
+    state = _state(memo)
+    now = time.monotonic()
+    checked = state.holders.get(holder)
+    if checked is None or now - checked[0] > HOLDER_CHECK_SECONDS:
+        try:
+            found = await _client(memo).list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": holder})
+            alive = any(anyone_alive(peering.get("status")) for peering in found)
+        except NotFoundError:
+            alive = False  # no peering CRD: no operator of that name runs with peering
+        except ApiError:
+            return holder  # unknown: left alone this time, looked at again at the next pass
+        checked = state.holders[holder] = (now, alive)
+    return holder if checked[1] else None
+
+
+def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> None:
+    """Say, once per resource and holder, that this operator leaves the resource to another one."""
+    state = _state(memo)
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if state.left.get(key) == holder:
+        return
+    state.left[key] = holder
+    message = (
+        f"served by the operator of peering object {holder!r}, which runs; this operator "
+        f"({_config(memo).peering!r}) watches namespace {key[0]} too and leaves the resource to it. Two releases of "
+        "the operator watch this namespace: take it out of one release's watchNamespaces"
+    )[:MAX_MESSAGE_CHARS]
+    logger.warning("%s", message)
+    kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 
 
 async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, message: str) -> bool:
@@ -808,6 +889,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.passes.pop(key, None)
     state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
     state.reported.pop(key, None)
+    state.left.pop(key, None)
     state.schedule.forget(key)
     _await_collectors(None, state, key, frozenset())
 

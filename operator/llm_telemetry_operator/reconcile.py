@@ -246,7 +246,7 @@ async def reconcile(
             note = f"{exc}; left as the last valid spec made them until it is fixed: {', '.join(kept)}"
             invalid = [r.Condition(c.CONDITION_INJECTED, False, "InvalidSpec", note) if i.type == c.CONDITION_INJECTED
                        else i for i in invalid]  # fmt: skip
-        await _write_status(client, owner, invalid, kept, "Invalid", outcome)
+        await _write_status(client, config, owner, invalid, kept, "Invalid", outcome)
         return outcome
 
     conditions: dict[str, r.Condition] = {}
@@ -433,7 +433,7 @@ async def reconcile(
         ready = r.Condition(c.CONDITION_READY, False, first.reason, first.message)
     phase = "Ready" if outcome.ready else ("Pending" if not targets else "Degraded")
     ordered = [ready] + [conditions[t] for t in _CONDITION_TYPES[1:]]
-    await _write_status(client, owner, ordered, outcome.targets, phase, outcome)
+    await _write_status(client, config, owner, ordered, outcome.targets, phase, outcome)
     return outcome
 
 
@@ -1177,6 +1177,7 @@ async def _patch_status(client: KubeClient, meta: Mapping[str, Any], status: Map
 
 async def _write_status(
     client: KubeClient,
+    config: OperatorConfig,
     owner: Mapping[str, Any],
     conditions: list[r.Condition],
     targets: list[str],
@@ -1188,6 +1189,9 @@ async def _write_status(
     status = r.build_status(
         conditions, generation=meta.get("generation"), targets=targets, previous=previous, now=_now(), phase=phase
     )
+    # Which operator serves the resource, by its peering object: another one watching the namespace too leaves it
+    # alone while that operator is alive (see handlers._held_elsewhere).
+    status["operator"] = config.peering
     outcome.status = status
     if r.contains(previous, status):
         return

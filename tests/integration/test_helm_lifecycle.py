@@ -178,6 +178,23 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
     run(upgrade)
     kept = custom.get_cluster_custom_object(*peering)
     assert kept["metadata"]["uid"] == peering_uid and kept["status"] == alive["status"], kept
+    # A second cluster-wide release, installed as "Several releases" says (--skip-crds), shares that peering object
+    # by default: its install keeps the object and its peers too.
+    second = ["-n", "llm-telemetry-second"]
+    run(
+        [
+            "helm",
+            "install",
+            "llm-telemetry-second",
+            str(CHART.relative_to(REPO_ROOT)),
+            *second,
+            "--create-namespace",
+            "--skip-crds",
+        ]
+    )
+    kept = custom.get_cluster_custom_object(*peering)
+    assert kept["metadata"]["uid"] == peering_uid and kept["status"] == alive["status"], kept
+    run(["helm", "uninstall", "llm-telemetry-second", *second])
     (apply_crd,) = crd_block
     run(apply_crd)
 

@@ -1299,3 +1299,45 @@ def test_selectors_match_what_the_api_server_lists(api: Any) -> None:
             }, raw
     finally:
         core.delete_namespace(namespace)
+
+
+def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_first(
+    api: Any, kubeconfig: pathlib.Path, operator: Operator, cluster: Cluster, tmp_path: pathlib.Path
+) -> None:
+    """A team's namespaced release beside the cluster-wide one, watching one of its namespaces, with settings of
+    its own (a traces endpoint). Before, the two put their own injection back over each other's, dozens of
+    rollouts a second. Now the second leaves what the first serves to it and says so in one Warning event; a
+    resource created while both run is served by one of them, and its workload stops rolling."""
+    first = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
+    cluster.create(deployment("twice", "twice"))
+    cluster.create(telemetry("twice", "twice"))
+    assert cluster.ready("twice")["status"]["operator"] == first
+    env = cluster.env("twice")
+    system = unique("llmt-it-team")
+    sets = (f"watchNamespaces={{{cluster.namespace}}}", "defaults.tracesEndpoint=http://otel.example:4318")
+    docs = install(api, system, "llm-telemetry-team", *sets)
+    process, log, _, team_env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
+    second = team_env[LLM_TELEMETRY_OPERATOR_PEERING]
+    assert second != first
+    try:
+        (said,) = wait_for(lambda: cluster.events("twice", "WatchedTwice"), "the second release's event", timeout=90)
+        assert first in said and second in said, said
+        cluster.create(deployment("twice-new", "twice-new"))
+        cluster.create(telemetry("twice-new", "twice-new"))
+        serving = cluster.ready("twice-new")["status"]["operator"]
+        time.sleep(12)  # past both operators' resyncs (10 s), and the new resource's first passes
+        generations = {name: cluster.deployment(name)["metadata"]["generation"] for name in ("twice", "twice-new")}
+        time.sleep(12)
+        assert {name: cluster.deployment(name)["metadata"]["generation"] for name in generations} == generations
+        assert cluster.env("twice") == env
+        assert cluster.llmt("twice-new")["status"]["operator"] == serving
+        assert len(cluster.events("twice", "WatchedTwice")) == 1
+        text = log.read_text(errors="replace")
+        assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+    finally:
+        stop(process)
+        for name in ("twice", "twice-new"):
+            _absent_as_none(
+                cluster.custom.delete_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL, name
+            )
+        uninstall(api, docs, (system,))

@@ -215,7 +215,7 @@ async def one_pass(emulator: Any, name: str) -> Any:
     """One reconcile pass of the LLMTelemetry ``name``, run directly (no kopf) with a client of the emulator."""
     client = KubeClient(server_configuration(str(emulator.url)))
     try:
-        return await reconcile(client, OperatorConfig(), get(emulator, LLMT, name))
+        return await reconcile(client, OperatorConfig(peering=PEERING), get(emulator, LLMT, name))
     finally:
         await client.close()
 

@@ -1,0 +1,124 @@
+"""Two releases of the operator whose watched namespaces overlap (one cluster-wide, one for a team's namespaces):
+each sees the resources there. The status names the operator that serves a resource (by its peering object);
+another leaves the resource to it while a replica of it runs, and takes it over once none does. On a real API
+server, without this, the two put their own settings back over each other's, dozens of rollouts a second."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+from kopf_testing import (
+    CLUSTERKOPFPEERINGS,
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PEERING,
+    SERVICES,
+    deployment,
+    eventually,
+    get,
+    install_default_collectors,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    posted_events,
+    ready,
+    running_operator,
+)
+from test_operator_kmock import env_of, hand
+
+from llm_telemetry_operator import constants as c
+
+OTHER = "team-a-llm-telemetry-operator"
+WRITES = ("POST", "PATCH", "PUT", "DELETE")
+
+
+def other_operator(emulator: Any, seen: datetime.timedelta) -> None:
+    """The other release's peering object, with one replica last seen ``seen`` ago (alive for 60 s after)."""
+    lastseen = (datetime.datetime.now(datetime.UTC) - seen).isoformat()
+    emulator.objects[CLUSTERKOPFPEERINGS, None, OTHER] = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": OTHER},
+        "status": {"other-pod": {"priority": 0, "lastseen": lastseen, "lifetime": 60}},
+    }
+
+
+def served_by_other(emulator: Any) -> None:
+    """A resource the other operator has served: its status, its finalizer and its injection."""
+    resource = minimal_llmt()
+    resource["metadata"]["finalizers"] = [c.FINALIZER]
+    resource["status"] = {"operator": OTHER, "phase": "Ready", "targets": ["Deployment/chat"], "targetCount": 1}
+    emulator.objects[LLMT, NAMESPACE, "chat"] = resource
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+
+
+def writes_since(emulator: Any, seen: int) -> list[tuple[str, str]]:
+    """The writes made after the first ``seen`` requests, but for events and the peering objects' keepalives."""
+    return [
+        (r.method.value, str(r.url.path))
+        for r in list(emulator)[seen:]
+        if r.method.value in WRITES
+        and "kopfpeerings" not in str(r.url.path)
+        and not str(r.url.path).endswith("/events")
+    ]
+
+
+async def test_a_resource_another_running_operator_serves_is_left_to_it(emulator: Any, monitoring_crds: Any) -> None:
+    """Nothing injected, made or written: one Warning event and a log line say why and what to change."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    served_by_other(emulator)
+    async with running_operator():
+        (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        assert event["type"] == "Warning"
+        assert OTHER in event["message"] and PEERING in event["message"] and "watchNamespaces" in event["message"]
+        seen = len(list(emulator))
+        await asyncio.sleep(3)
+        assert [w for w in writes_since(emulator, 0) if "llmtelemetries" not in w[1] or "status" in w[1]] == []
+        assert writes_since(emulator, seen) == []
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert get(emulator, SERVICES, "chat-llm-metrics") is None
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+        assert len(posted_events(emulator, "WatchedTwice")) == 1  # said once, not at every pass
+
+
+async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: Any, monitoring_crds: Any) -> None:
+    """Its operator's replicas all dead (uninstalled, say): this operator serves the resource, and its status then
+    names this operator."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(minutes=5))
+    served_by_other(emulator)
+    async with running_operator():
+        found = await ready(emulator)
+        assert found["status"]["operator"] == PEERING
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert posted_events(emulator, "WatchedTwice") == []
+
+
+async def test_a_resource_this_operator_serves_names_it_in_its_status(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        assert (await ready(emulator))["status"]["operator"] == PEERING
+
+
+async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator: Any, monitoring_crds: Any) -> None:
+    """The finalizer is shared: taken off here, the resource would go before the operator serving it removed its
+    injection. This operator waits, writing nothing, and cleans up itself only once that operator is gone."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    served_by_other(emulator)
+    async with running_operator():
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        seen = len(list(emulator))
+        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        await asyncio.sleep(4)
+        assert [w for w in writes_since(emulator, seen) if w[0] != "DELETE"] == []
+        assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
