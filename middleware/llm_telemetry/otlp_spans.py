@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -56,6 +57,9 @@ _UINT64: Final = (1 << 64) - 1
 #: counts, ...), one table per enclosing field tag (the tag and length prefix included), by (key, type, value);
 #: cleared when full, so bounded.
 _CACHE_SIZE: Final = 4096
+#: The longest encoded field a cache keeps. Captured content (tens of kilobytes a value, seldom the same twice) is
+#: encoded each time: kept, 4096 such values and their strings would stay in memory.
+_CACHED_FIELD_BYTES: Final = 1024
 _caches: dict[bytes, _Cache] = {}
 #: Attribute keys whose value has failed to encode (logged in full once each).
 _unencodable: set[str] = set()
@@ -183,7 +187,11 @@ class _Cache(dict[tuple[str, type, Any], bytes]):
             entry = _entry(self.tag, key, kind, value)
             if entry and type(key) is str:
                 self._head(key)
-        if entry and (kind is str or kind is int or kind is bool or _cacheable(kind, value)):
+        if (
+            entry
+            and len(entry) <= _CACHED_FIELD_BYTES
+            and (kind is str or kind is int or kind is bool or _cacheable(kind, value))
+        ):
             if len(self) >= _CACHE_SIZE:
                 self.clear()
             self[item] = entry
@@ -619,6 +627,45 @@ def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] =
     current.close()
 
 
+def _forget_frames(error: BaseException | None) -> None:
+    """Take the tracebacks off ``error`` and the exceptions it chains, their frames' locals cleared first.
+
+    A refused connection's exception is kept by urllib3 in a local of a frame of its own traceback (``new_e`` in
+    ``HTTPConnectionPool.urlopen``): a reference cycle, which through each frame's caller (``f_back``) holds the
+    exporter's frames too, and their locals: the encoded request and the batch of spans or log records. Only the
+    cyclic garbage collector frees that, seldom in an idle process, and with the collector down every attempt of
+    every export made one more: over a gigabyte with content capture on. The SDK uses the error for its log line
+    and the error type of its export metric, neither of which needs the traceback."""
+    seen: set[int] = set()
+    pending: list[Any] = [error]
+    while pending:
+        exc = pending.pop()
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        pending += (exc.__cause__, exc.__context__, getattr(exc, "reason", None))
+
+
+class _ForgetfulTransport:
+    """The SDK client's HTTP transport, with the frames of a failed request's exceptions let go (see
+    :func:`_forget_frames`); anything else is the transport's own."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._transport.request(*args, **kwargs)
+        error = getattr(result, "error", None)
+        if error is not None:
+            _forget_frames(error)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], providers: Sequence[str]) -> bool:
     """For our subclasses of the SDK's OTLP/HTTP exporters, once the SDK's ``__init__`` has run: the plain-http
     transport where it applies (no session given; ``providers``, the signal's credential-provider variables), and
@@ -626,6 +673,8 @@ def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], pro
     client = getattr(exporter, "_client", None)
     if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
         _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
+    if callable(getattr(getattr(client, "_transport", None), "request", None)):
+        client._transport = _ForgetfulTransport(client._transport)
     return (
         callable(getattr(client, "export", None))
         and hasattr(exporter, "_metrics")

@@ -19,8 +19,9 @@ Redactor = Callable[[str], str]
 EMAIL_MASK: Final = "[email]"
 KEY_MASK: Final = "[key]"
 CARD_MASK: Final = "[card]"
-#: Appended to content cut at the size cap.
-TRUNCATION_MARK: Final = "…[truncated]"
+#: Appended to content cut at the size cap. ASCII: one character beyond Latin-1 makes CPython store the whole
+#: message's JSON text at two bytes a character, and a span queued for export holds several such messages.
+TRUNCATION_MARK: Final = "...[truncated]"
 
 # An e-mail address. Searched for as is, a long run of these characters with no "@" after it (a token, a hex or
 # base64 string) is scanned to its end from each of its characters: quadratic in its length (40,000 letters took

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import tracemalloc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -427,3 +430,47 @@ def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
     received = grpc_deliveries((OTLPGrpcSpanExporter, SDKGrpcSpanExporter), spans, "spans", sdk_encode_spans)
     ours, sdk = received
     assert ours == sdk and {s.protocol for s in ours} == {"grpc"}
+
+
+def test_a_failed_export_leaves_its_spans_to_be_freed_without_the_cyclic_collector() -> None:
+    """With the collector down, each failed attempt's exception (urllib3 keeps it in a local of a frame of its own
+    traceback) used to hold, through its frames' callers, the encoded request and the batch: freed only by a full
+    cyclic collection, which an idle process seldom runs. With content capture on, RSS passed a gigabyte."""
+    exporter = OTLPSpanExporter(endpoint="http://127.0.0.1:9/v1/traces", timeout=0.2)
+    spans = [
+        ReadableSpan(name="lost", context=SpanContext(11, n + 1, False), resource=Resource({}), start_time=1)
+        for n in range(8)
+    ]
+    alive = [weakref.ref(span) for span in spans]
+    gc.collect()
+    gc.disable()
+    try:
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+        del spans
+        assert [ref for ref in alive if ref() is not None] == []
+    finally:
+        gc.enable()
+        exporter.shutdown()
+
+
+def test_captured_content_is_not_kept_by_the_encoder() -> None:
+    """Recurring values (model, route, counts) are kept encoded for the next span; long values, such as captured
+    prompts, are encoded each time and not kept, or thousands of them would stay in memory."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(64):
+            prompt = f"{n:04d}" + "x" * 40_000
+            span = ReadableSpan(
+                name="chat m",
+                context=SpanContext(13, n + 1, False),
+                resource=Resource({}),
+                attributes={"gen_ai.input.messages": prompt, "gen_ai.request.model": "m"},
+                start_time=1,
+            )
+            assert prompt.encode() in encode_request([span])
+            del span, prompt
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 512 * 1024, f"{kept} bytes kept after encoding 64 spans of 40 kB prompts (2.5 MB)"
