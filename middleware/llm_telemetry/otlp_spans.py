@@ -673,8 +673,9 @@ def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], pro
     client = getattr(exporter, "_client", None)
     if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
         _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
-    if callable(getattr(getattr(client, "_transport", None), "request", None)):
-        client._transport = _ForgetfulTransport(client._transport)
+    transport = getattr(client, "_transport", None)
+    if client is not None and callable(getattr(transport, "request", None)):
+        client._transport = _ForgetfulTransport(transport)
     return (
         callable(getattr(client, "export", None))
         and hasattr(exporter, "_metrics")
