@@ -30,6 +30,7 @@ from opentelemetry.sdk._logs.export import LogRecordExportResult
 
 from .otlp_spans import (
     _CACHE_SIZE,
+    _CACHED_FIELD_BYTES,
     _attributes,
     _export_encoded,
     _field,
@@ -83,9 +84,11 @@ def _body(body: Any) -> bytes:
     if type(body) is str:
         found = _bodies.get(body)
         if found is None:
-            if len(_bodies) >= _CACHE_SIZE:
-                _bodies.clear()
-            found = _bodies[body] = _field(b"\x2a", _value(body))
+            found = _field(b"\x2a", _value(body))
+            if len(found) <= _CACHED_FIELD_BYTES:  # a long body (an app's traceback, say) is not kept
+                if len(_bodies) >= _CACHE_SIZE:
+                    _bodies.clear()
+                _bodies[body] = found
         return found
     return _field(b"\x2a", _value(body))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -627,7 +628,7 @@ def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] =
     current.close()
 
 
-def _forget_frames(error: BaseException | None) -> None:
+def _forget_frames(error: BaseException | None, handled: BaseException | None) -> None:
     """Take the tracebacks off ``error`` and the exceptions it chains, their frames' locals cleared first.
 
     A refused connection's exception is kept by urllib3 in a local of a frame of its own traceback (``new_e`` in
@@ -635,12 +636,14 @@ def _forget_frames(error: BaseException | None) -> None:
     exporter's frames too, and their locals: the encoded request and the batch of spans or log records. Only the
     cyclic garbage collector frees that, seldom in an idle process, and with the collector down every attempt of
     every export made one more: over a gigabyte with content capture on. The SDK uses the error for its log line
-    and the error type of its export metric, neither of which needs the traceback."""
+    and the error type of its export metric, neither of which needs the traceback. ``handled``: the exception being
+    handled where the export was called (an app's, when a record is exported from its ``except`` block), which the
+    chain reaches as a ``__context__`` and which stays as it is, with what it chains."""
     seen: set[int] = set()
     pending: list[Any] = [error]
     while pending:
         exc = pending.pop()
-        if not isinstance(exc, BaseException) or id(exc) in seen:
+        if not isinstance(exc, BaseException) or id(exc) in seen or exc is handled:
             continue
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
@@ -656,10 +659,11 @@ class _ForgetfulTransport:
         self._transport = transport
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
+        handled = sys.exc_info()[1]
         result = self._transport.request(*args, **kwargs)
         error = getattr(result, "error", None)
         if error is not None:
-            _forget_frames(error)
+            _forget_frames(error, handled)
         return result
 
     def __getattr__(self, name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as sdk_encode_logs
 from opentelemetry.sdk._logs import (
     LoggerProvider,
+    LoggingHandler,
     LogRecordDroppedAttributesWarning,
     LogRecordLimits,
     ReadableLogRecord,
@@ -345,3 +347,36 @@ def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
     received = grpc_deliveries((OTLPGrpcLogExporter, SDKGrpcLogExporter), records, "logs", sdk_encode_logs)
     ours, sdk = received
     assert ours == sdk and {r.protocol for r in ours} == {"grpc"}
+
+
+def test_a_record_exported_from_an_apps_except_block_leaves_the_apps_traceback_alone() -> None:
+    """A failed export lets go of its own exceptions' tracebacks (they held batches in reference cycles), but an
+    app that logs from its ``except`` block, with a synchronous processor and the collector down, still re-raises
+    its exception with every frame and local."""
+    provider = LoggerProvider()
+    exporter = OTLPLogExporter(endpoint="http://127.0.0.1:9/v1/logs", timeout=0.2)
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    log = logging.getLogger("llm_telemetry_tests.app_except")
+    log.propagate = False
+    handler = LoggingHandler(logger_provider=provider)
+    log.addHandler(handler)
+
+    def inner() -> None:
+        kept = "a local of the app's"  # noqa: F841  (read back from the traceback below)
+        raise ValueError("boom")
+
+    try:
+        with pytest.raises(ValueError) as raised:
+            try:
+                inner()
+            except ValueError:
+                log.exception("request failed")
+                raise
+        frames = [
+            (frame.f_code.co_name, dict(frame.f_locals)) for frame, _ in traceback.walk_tb(raised.value.__traceback__)
+        ]
+        assert [name for name, _ in frames][-1] == "inner"
+        assert frames[-1][1].get("kept") == "a local of the app's"
+    finally:
+        log.removeHandler(handler)
+        provider.shutdown()
