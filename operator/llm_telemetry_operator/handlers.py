@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import datetime
 import functools
 import itertools
 import logging
@@ -26,13 +27,20 @@ from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_S
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
-from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, NotFoundError, SpecError, WriteWithheld
+from llm_telemetry_operator.errors import (
+    MAX_MESSAGE_CHARS,
+    ApiError,
+    ConflictError,
+    NotFoundError,
+    SpecError,
+    WriteWithheld,
+)
 from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
 from llm_telemetry_operator.standby import POLL_SECONDS as STANDBY_POLL_SECONDS
-from llm_telemetry_operator.standby import alive_until, anyone_alive, standing_by
+from llm_telemetry_operator.standby import alive_until, standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
@@ -50,6 +58,10 @@ HEARTBEAT_SECONDS = 1.0
 #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
 #: _held_elsewhere): passes for the resources it serves come in bursts, one per event of its writes.
 HOLDER_CHECK_SECONDS = 10.0
+#: Seconds the operator serving a resource may have no live replica before another operator takes the resource
+#: over: kopf marks a replica's entry dead as it exits, and a restart, or a rollout of a single replica (the chart's
+#: Recreate strategy), leaves none alive for a while.
+TAKEOVER_GRACE_SECONDS = 300.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -123,11 +135,14 @@ class OperatorState:
     kopf_context: contextvars.Context | None = None
     #: The operator's logger (the startup handler's), for passes not started by a kopf handler.
     logger: Any = None
-    #: Other operators' peering objects, by name, as last read: when (time.monotonic()) and whether one of their
-    #: replicas was alive (see _held_elsewhere).
+    #: Other operators' peering objects, by name, as last read: when (time.monotonic()), and whether one of their
+    #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS (see _held_elsewhere).
     holders: dict[str, tuple[float, bool]] = field(default_factory=dict)
     #: The resources left to another operator, and its name, as last said in the log and an event.
     left: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The resources (by uid) this operator has claimed (see _claim), so that a pass before the watch has delivered
+    #: the claim does not claim them again.
+    claimed: set[str] = field(default_factory=set)
 
 
 #: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
@@ -528,19 +543,17 @@ async def _reconcile(
         latest = state.bodies.get(key)
         if latest is not None and (latest["metadata"].get("uid") or "") == uid:
             body = latest
-        holder = await _held_elsewhere(memo, body)
-        if holder is not None:
-            _leave_to(memo, body, holder, logger)
-            state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may be gone
-            state.wake.set()
-            return None
-        if _holder(body) not in (None, _config(memo).peering):
-            # Taken over from an operator no longer running: the pass compares against the status stored, which
-            # names that operator, not against the one this operator last wrote.
-            logger.info("taking this resource over from operator %r, which no longer runs", _holder(body))
-            state.statuses.pop(uid, None)
-        state.left.pop(key, None)
         try:
+            claimed = await _claim(memo, body, logger)
+            if claimed is None:
+                state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may go
+                state.wake.set()
+                return None
+            if claimed is not body:
+                # Claimed now: the pass compares against the status stored (which may name another operator), not
+                # against the one this operator last wrote.
+                state.statuses.pop(uid, None)
+                body = claimed
             written = state.statuses.get(uid)
             outcome = await rec.reconcile(
                 _client(memo),
@@ -658,9 +671,11 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             raise kopf.TemporaryError(f"left to operator {holder!r}", delay=STANDBY_POLL_SECONDS)
         await asyncio.sleep(STANDBY_POLL_SECONDS)
         polls += 1
-        if key not in _state(memo).bodies:
-            return  # gone: that operator has cleaned up and taken the finalizer off
-        seen = _state(memo).bodies[key]
+        # Read from the API server: kopf delivers this resource's next events only once this handler returns.
+        found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+        if not found or (found[0]["metadata"].get("uid") or "") != (meta.get("uid") or ""):
+            return  # gone (that operator cleaned up and took the finalizer off), or made anew: not this one's
+        seen = found[0]
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
@@ -700,15 +715,16 @@ def _holder(body: Mapping[str, Any]) -> str | None:
 
 
 async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
-    """The name of another operator serving this resource, if one of its replicas is alive; else None.
+    """The name of another operator serving this resource, unless it has been without a live replica for
+    TAKEOVER_GRACE_SECONDS (or its peering object is gone); else None. Always None with peering off.
 
     Two releases of the operator whose watched namespaces overlap (one cluster-wide, one for a team's namespaces)
     each see the resources there, and their settings differ (endpoints, labels): each would put its own injection
-    back over the other's, a rollout a pass, without end. The status names the operator that wrote it last, by
-    its peering object; another operator leaves the resource to it while a replica of it is alive in that object,
-    and takes the resource over once none is (uninstalled, or stopped for good)."""
+    back over the other's, a rollout a pass, without end. The status names the operator that claimed the resource
+    (see :func:`_claim`), by its peering object; another operator leaves the resource to it while it runs."""
+    config = _config(memo)
     holder = _holder(body)
-    if holder is None or holder == _config(memo).peering:
+    if config.standalone or holder is None or holder == config.peering:
         return None
     state = _state(memo)
     now = time.monotonic()
@@ -716,13 +732,67 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
     if checked is None or now - checked[0] > HOLDER_CHECK_SECONDS:
         try:
             found = await _client(memo).list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": holder})
-            alive = any(anyone_alive(peering.get("status")) for peering in found)
         except NotFoundError:
-            alive = False  # no peering CRD: no operator of that name runs with peering
+            found = []  # no peering CRD: no operator of that name runs with peering
         except ApiError:
             return holder  # unknown: left alone this time, looked at again at the next pass
+        horizon = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=TAKEOVER_GRACE_SECONDS)
+        alive = any(
+            until > horizon
+            for peering in found
+            for peer in (peering.get("status") or {})
+            if (until := alive_until(peering.get("status"), peer)) is not None
+        )
         checked = state.holders[holder] = (now, alive)
     return holder if checked[1] else None
+
+
+async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str, Any] | None:
+    """The resource's body once this operator has claimed it (``body`` itself when it had), or None when another
+    operator serves it (said once, see :func:`_leave_to`) or it is gone.
+
+    The claim is the operator's name in ``status.operator``, written only over the resource version just read: of
+    two operators claiming a new resource at once, the API server lets one write it (409 for the other, which then
+    reads it and leaves the resource alone). Both injecting would be rollouts under both settings."""
+    config = _config(memo)
+    state = _state(memo)
+    meta = body["metadata"]
+    key, uid = (meta["namespace"], meta["name"]), meta.get("uid") or ""
+    holder = _holder(body)
+    if config.standalone or holder == config.peering or (holder is None and uid in state.claimed):
+        state.left.pop(key, None)
+        return body
+    client = _client(memo)
+    for _ in range(3):
+        # Read afresh: the body a handler is given predates kopf's finalizer, say, and another claim may be newer.
+        found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+        if not found or (found[0]["metadata"].get("uid") or "") != uid:
+            return None
+        body = found[0]
+        holder = _holder(body)
+        if holder == config.peering:
+            break
+        if holder is not None and (await _held_elsewhere(memo, body)) is not None:
+            _leave_to(memo, body, holder, logger)
+            return None
+        patch = {
+            "metadata": {"resourceVersion": body["metadata"].get("resourceVersion")},
+            "status": {"operator": config.peering},
+        }
+        try:
+            await client.patch(kube.LLMTELEMETRIES, *key, patch, subresource="status", metadata_only=True)
+        except ConflictError:
+            continue  # written meanwhile: read it again
+        except NotFoundError:
+            return None
+        if holder is not None:
+            logger.info("took this resource over from operator %r, which has not run for a while", holder)
+        break
+    else:
+        return None  # written between each read and claim: the resync looks again
+    state.left.pop(key, None)
+    state.claimed.add(uid)
+    return {**body, "status": {**(body.get("status") or {}), "operator": config.peering}}
 
 
 def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> None:
@@ -734,9 +804,9 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
         return
     state.left[key] = holder
     message = (
-        f"served by the operator of peering object {holder!r}, which runs; this operator "
-        f"({_config(memo).peering!r}) watches namespace {key[0]} too and leaves the resource to it. Two releases of "
-        "the operator watch this namespace: take it out of one release's watchNamespaces"
+        f"served by the operator of peering object {holder!r}; this operator ({_config(memo).peering!r}) watches "
+        f"namespace {key[0]} too and leaves the resource to it while that operator runs. Two releases of the "
+        "operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it"
     )[:MAX_MESSAGE_CHARS]
     logger.warning("%s", message)
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
@@ -890,6 +960,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.statuses.pop(body.get("metadata", {}).get("uid") or "", None)
     state.reported.pop(key, None)
     state.left.pop(key, None)
+    state.claimed.discard(body.get("metadata", {}).get("uid") or "")
     state.schedule.forget(key)
     _await_collectors(None, state, key, frozenset())
 

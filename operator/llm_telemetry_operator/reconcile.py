@@ -1190,8 +1190,9 @@ async def _write_status(
         conditions, generation=meta.get("generation"), targets=targets, previous=previous, now=_now(), phase=phase
     )
     # Which operator serves the resource, by its peering object: another one watching the namespace too leaves it
-    # alone while that operator is alive (see handlers._held_elsewhere).
-    status["operator"] = config.peering
+    # alone while that operator runs (see handlers._claim). Not said with peering off: no other can tell it runs.
+    if not config.standalone:
+        status["operator"] = config.peering
     outcome.status = status
     if r.contains(previous, status):
         return

@@ -61,11 +61,3 @@ def alive_until(status: Any, identity: str) -> datetime.datetime | None:
     except (TypeError, ValueError):
         return None
     return (seen if seen.tzinfo else seen.replace(tzinfo=datetime.UTC)) + datetime.timedelta(seconds=lifetime)
-
-
-def anyone_alive(status: Any, now: datetime.datetime | None = None) -> bool:
-    """Whether a peering object's ``status`` has a live entry: some replica of the operator it is for runs."""
-    if not isinstance(status, Mapping):
-        return False
-    now = now or datetime.datetime.now(datetime.UTC)
-    return any((until := alive_until(status, peer)) is not None and until > now for peer in status)

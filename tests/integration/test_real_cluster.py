@@ -1325,10 +1325,13 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
         cluster.create(deployment("twice-new", "twice-new"))
         cluster.create(telemetry("twice-new", "twice-new"))
         serving = cluster.ready("twice-new")["status"]["operator"]
+        assert serving in (first, second)
         time.sleep(12)  # past both operators' resyncs (10 s), and the new resource's first passes
         generations = {name: cluster.deployment(name)["metadata"]["generation"] for name in ("twice", "twice-new")}
         time.sleep(12)
         assert {name: cluster.deployment(name)["metadata"]["generation"] for name in generations} == generations
+        # Claimed by one operator before either injected it: one rollout, under the settings of the one serving it.
+        assert generations["twice-new"] == 2, generations
         assert cluster.env("twice") == env
         assert cluster.llmt("twice-new")["status"]["operator"] == serving
         assert len(cluster.events("twice", "WatchedTwice")) == 1
@@ -1336,8 +1339,14 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
         assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
     finally:
         stop(process)
-        for name in ("twice", "twice-new"):
+        names = ("twice", "twice-new")
+        for name in names:
             _absent_as_none(
                 cluster.custom.delete_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL, name
             )
+        read = cluster.custom.get_namespaced_custom_object
+        wait_for(
+            lambda: all(_absent_as_none(read, GROUP, VERSION, cluster.namespace, PLURAL, n) is None for n in names),
+            "both resources deleted",
+        )
         uninstall(api, docs, (system,))

@@ -296,9 +296,10 @@ def writes_of(kmock: Any, since: int = 0) -> list[str]:
 
 
 async def test_resource_is_written_only_for_its_finalizer_and_status(emulator: Any, monitoring_crds: Any) -> None:
-    """A new LLMTelemetry is patched twice: kopf's finalizer and the pass's status (kopf keeps no record of the
-    handled spec on the object: ``status.observedGeneration`` is that record). A spec change is applied all
-    the same, and a restarted operator resumes every resource with a pass that writes nothing."""
+    """A new LLMTelemetry is patched three times: kopf's finalizer, the operator's claim (``status.operator``, see
+    test_two_operators.py) and the pass's status (kopf keeps no record of the handled spec on the object:
+    ``status.observedGeneration`` is that record). A spec change is applied all the same, and a restarted operator
+    resumes every resource with a pass that writes nothing."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
@@ -309,6 +310,7 @@ async def test_resource_is_written_only_for_its_finalizer_and_status(emulator: A
         await asyncio.sleep(1.0)  # every echo has arrived and been handled
         assert [w for w in writes_of(emulator) if "llmtelemetries" in w] == [
             f"PATCH {path}/chat",
+            f"PATCH {path}/chat/status",
             f"PATCH {path}/chat/status",
         ]
         owner = get(emulator, LLMT, "chat")

@@ -125,8 +125,8 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
     assert len(service_posts) == 1
     llmt = [path for method, path in writes(emulator) if method == "PATCH" and path.startswith(LLMT_PATH)]
     status_writes = [path for path in llmt if path.endswith("/status")]
-    # The failure once, then Ready: the retries that met the same failure wrote nothing.
-    assert len(status_writes) == 2, llmt
+    # The claim (status.operator), the failure once, then Ready: the retries that met the same failure wrote nothing.
+    assert len(status_writes) == 3, llmt
     # kopf's own: the finalizer, and the record that the create handler is done. No retry bookkeeping.
     assert len(llmt) - len(status_writes) <= 2, llmt
     reasons = [event.get("reason") for event in posted_events(emulator)]

@@ -29,19 +29,21 @@ from kopf_testing import (
 from test_operator_kmock import env_of, hand
 
 from llm_telemetry_operator import constants as c
+from llm_telemetry_operator.config import OperatorConfig
 
 OTHER = "team-a-llm-telemetry-operator"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
-def other_operator(emulator: Any, seen: datetime.timedelta) -> None:
-    """The other release's peering object, with one replica last seen ``seen`` ago (alive for 60 s after)."""
+def other_operator(emulator: Any, seen: datetime.timedelta, lifetime: int = 60) -> None:
+    """The other release's peering object, with one replica last seen ``seen`` ago, alive for ``lifetime`` seconds
+    after (kopf writes 0 as a replica exits)."""
     lastseen = (datetime.datetime.now(datetime.UTC) - seen).isoformat()
     emulator.objects[CLUSTERKOPFPEERINGS, None, OTHER] = {
         "apiVersion": "kopf.dev/v1",
         "kind": "ClusterKopfPeering",
         "metadata": {"name": OTHER},
-        "status": {"other-pod": {"priority": 0, "lastseen": lastseen, "lifetime": 60}},
+        "status": {"other-pod": {"priority": 0, "lastseen": lastseen, "lifetime": lifetime}},
     }
 
 
@@ -90,7 +92,7 @@ async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: 
     names this operator."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    other_operator(emulator, datetime.timedelta(minutes=5))
+    other_operator(emulator, datetime.timedelta(minutes=10))
     served_by_other(emulator)
     async with running_operator():
         found = await ready(emulator)
@@ -122,3 +124,43 @@ async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator:
         await asyncio.sleep(4)
         assert [w for w in writes_since(emulator, seen) if w[0] != "DELETE"] == []
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+
+
+async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulator: Any, monitoring_crds: Any) -> None:
+    """Its only replica exited a minute ago (kopf marked its entry dead): a restart, or a rollout of one replica,
+    leaves none alive for a while, and taking its resources over then would move them to this release's settings
+    for good. They are left to it until it has been gone for a while."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(minutes=1), lifetime=0)
+    served_by_other(emulator)
+    async with running_operator():
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        await asyncio.sleep(1)
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: Any, monitoring_crds: Any) -> None:
+    """This operator served it; another claimed it and wrote a status of its own, then went for good. Taking it
+    back, this operator writes its own status again, not comparing against the one it wrote last."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
+    async with running_operator(config):
+        await ready(emulator)
+        other_operator(emulator, datetime.timedelta(minutes=10))
+        theirs = {"operator": OTHER, "phase": "Pending", "targets": [], "targetCount": 0, "conditions": []}
+        path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat/status"
+        await hand(emulator, "PATCH", path, {"status": theirs})
+        found = await eventually(
+            lambda: (
+                (get(emulator, LLMT, "chat").get("status") or {}).get("operator") == PEERING
+                and get(emulator, LLMT, "chat")
+            ),
+            "taken back",
+        )
+        found = await ready(emulator)
+        assert found["status"]["targetCount"] == 1 and found["status"]["phase"] == "Ready"
