@@ -164,3 +164,29 @@ async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: 
         )
         found = await ready(emulator)
         assert found["status"]["targetCount"] == 1 and found["status"]["phase"] == "Ready"
+
+
+async def test_a_deletion_left_to_the_other_operator_ends_when_it_is_done(emulator: Any, monitoring_crds: Any) -> None:
+    """The other operator cleans up and takes the finalizer off; the resource is then made anew, by a user, for
+    this operator. The wait ends there: it reads the resource from the API server (kopf hands its next events to
+    this operator only once the handler returns), finds another uid, and leaves the new resource as it is, where
+    acting on the old body would have removed the new one's injection."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    served_by_other(emulator)
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+    async with running_operator():
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        await hand(emulator, "DELETE", f"{path}/chat")
+        await asyncio.sleep(1)
+        await hand(emulator, "PATCH", f"{path}/chat", {"metadata": {"finalizers": None}})
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "gone once its finalizer is off")
+        again = minimal_llmt()
+        again["metadata"]["uid"] = "uid-chat-again"
+        await hand(emulator, "POST", path, again)
+        injected = await ready(emulator)
+        assert injected["metadata"]["uid"] == "uid-chat-again"
+        await asyncio.sleep(4)  # past the old deletion's next look (every 2 s)
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert get(emulator, SERVICES, "chat-llm-metrics") is not None
