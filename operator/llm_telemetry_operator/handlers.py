@@ -672,10 +672,10 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
         await asyncio.sleep(STANDBY_POLL_SECONDS)
         polls += 1
         # Read from the API server: kopf delivers this resource's next events only once this handler returns.
-        found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
-        if not found or (found[0]["metadata"].get("uid") or "") != (meta.get("uid") or ""):
+        current = await _read_again(memo, key, meta.get("uid") or "")
+        if current is None:
             return  # gone (that operator cleaned up and took the finalizer off), or made anew: not this one's
-        seen = found[0]
+        seen = current
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
@@ -747,6 +747,13 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
     return holder if checked[1] else None
 
 
+async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
+    """The LLMTelemetry ``key`` as the API server has it now (a list by name: the chart grants no ``get``), or None
+    when it is gone or is another resource of that name (``uid``)."""
+    found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+    return found[0] if found and (found[0]["metadata"].get("uid") or "") == uid else None
+
+
 async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str, Any] | None:
     """The resource's body once this operator has claimed it (``body`` itself when it had), or None when another
     operator serves it (said once, see :func:`_leave_to`) or it is gone.
@@ -765,10 +772,10 @@ async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str
     client = _client(memo)
     for _ in range(3):
         # Read afresh: the body a handler is given predates kopf's finalizer, say, and another claim may be newer.
-        found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
-        if not found or (found[0]["metadata"].get("uid") or "") != uid:
+        current = await _read_again(memo, key, uid)
+        if current is None:
             return None
-        body = found[0]
+        body = current
         holder = _holder(body)
         if holder == config.peering:
             break
