@@ -33,6 +33,10 @@ ANNOTATION_INJECTED: Final = f"{GROUP}/injected"
 #: Child annotation: the keys of the labels it carries from settings (``spec.metrics.labels``, the chart's), so that
 #: one taken out of them is taken off the child too (a merge patch keeps the keys it does not name).
 ANNOTATION_LABELS: Final = f"{GROUP}/labels"
+#: Peering-object annotation: the namespaces the operator of that peering object watches, comma-separated, or ``*``
+#: for every namespace. Another operator takes over a resource claimed by that one in a namespace it no longer
+#: watches (see handlers._held_elsewhere).
+ANNOTATION_WATCHED: Final = f"{GROUP}/watched-namespaces"
 #: Grafana sidecar folder annotation on the dashboard ConfigMap.
 ANNOTATION_GRAFANA_FOLDER: Final = "grafana_folder"
 

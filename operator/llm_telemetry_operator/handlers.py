@@ -135,9 +135,13 @@ class OperatorState:
     kopf_context: contextvars.Context | None = None
     #: The operator's logger (the startup handler's), for passes not started by a kopf handler.
     logger: Any = None
-    #: Other operators' peering objects, by name, as last read: when (time.monotonic()), and whether one of their
-    #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS (see _held_elsewhere).
-    holders: dict[str, tuple[float, bool]] = field(default_factory=dict)
+    #: Other operators' peering objects, by name, as last read: when (time.monotonic()), whether one of their
+    #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS, and the namespaces that operator watches (None:
+    #: every one, or not said) (see _held_elsewhere).
+    holders: dict[str, tuple[float, bool, frozenset[str] | None]] = field(default_factory=dict)
+    #: Whether writing the watched namespaces on this operator's peering object failed (see _publish_watched): said
+    #: once, and not tried again until the operator restarts.
+    publish_failed: bool = False
     #: The resources left to another operator, and its name, as last said in the log and an event.
     left: dict[tuple[str, str], str] = field(default_factory=dict)
     #: The resources (by uid) this operator has claimed (see _claim), so that a pass before the watch has delivered
@@ -338,6 +342,9 @@ async def _check_standby(
     # An entry already dead (a pod of the same name before a restart) is no lease: kopf writes it anew shortly.
     leases = [until.timestamp() for p in found if (until := alive_until(p.get("status"), identity)) is not None]
     state.lease = max((until for until in leases if until > time.time()), default=None)
+    if not standby and not _paused(state):
+        for peering in found:
+            await _publish_watched(client, config, state, peering, logger)
     if standby == state.standby:
         return
     if standby:
@@ -367,6 +374,34 @@ async def _check_standby(
     for key in list(state.bodies):
         state.schedule.resume(key)
     state.wake.set()
+
+
+async def _publish_watched(
+    client: KubeClient, config: OperatorConfig, state: OperatorState, peering: Mapping[str, Any], logger: Any
+) -> None:
+    """Write the namespaces this operator watches on its peering object, unless it says so already: another operator
+    whose watched namespaces overlap leaves the resources this one claimed to it, but only in namespaces this one
+    still watches (see :func:`_held_elsewhere`). Written by the active replica, as it reads the object anyway."""
+    watched = ",".join(config.namespaces) or "*"
+    annotations = (peering.get("metadata") or {}).get("annotations") or {}
+    if state.publish_failed or annotations.get(c.ANNOTATION_WATCHED) == watched:
+        return
+    patch = {"metadata": {"annotations": {c.ANNOTATION_WATCHED: watched}}}
+    try:
+        await client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True)
+    except WriteWithheld:
+        return  # began to stand by meanwhile: the active replica writes it
+    except ApiError as exc:
+        state.publish_failed = True
+        logger.warning(
+            "could not write the watched namespaces on ClusterKopfPeering %r (%s): another operator watching a "
+            "namespace this one no longer watches leaves the resources this one served there alone until this one "
+            "stops",
+            config.peering,
+            exc,
+        )
+        return
+    logger.info("peering object %r now says this operator watches %s", config.peering, watched)
 
 
 def _paused(state: OperatorState) -> bool:
@@ -716,12 +751,14 @@ def _holder(body: Mapping[str, Any]) -> str | None:
 
 async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
     """The name of another operator serving this resource, unless it has been without a live replica for
-    TAKEOVER_GRACE_SECONDS (or its peering object is gone); else None. Always None with peering off.
+    TAKEOVER_GRACE_SECONDS (or its peering object is gone), or its peering object says it no longer watches the
+    resource's namespace; else None. Always None with peering off.
 
     Two releases of the operator whose watched namespaces overlap (one cluster-wide, one for a team's namespaces)
     each see the resources there, and their settings differ (endpoints, labels): each would put its own injection
     back over the other's, a rollout a pass, without end. The status names the operator that claimed the resource
-    (see :func:`_claim`), by its peering object; another operator leaves the resource to it while it runs."""
+    (see :func:`_claim`), by its peering object; another operator leaves the resource to it while it runs and
+    watches the namespace (see :func:`_publish_watched`)."""
     config = _config(memo)
     holder = _holder(body)
     if config.standalone or holder is None or holder == config.peering:
@@ -743,8 +780,19 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
             for peer in (peering.get("status") or {})
             if (until := alive_until(peering.get("status"), peer)) is not None
         )
-        checked = state.holders[holder] = (now, alive)
-    return holder if checked[1] else None
+        checked = state.holders[holder] = (now, alive, _watched(found))
+    _, alive, watched = checked
+    return holder if alive and (watched is None or body["metadata"]["namespace"] in watched) else None
+
+
+def _watched(peerings: list[dict[str, Any]]) -> frozenset[str] | None:
+    """The namespaces the operator of a peering object watches, as the object says (see :func:`_publish_watched`);
+    None for every namespace, or when it does not say (an operator from before it said so)."""
+    for peering in peerings:
+        said = ((peering.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_WATCHED)
+        if isinstance(said, str) and said.strip() != "*":
+            return frozenset(ns.strip() for ns in said.split(",") if ns.strip())
+    return None
 
 
 async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
@@ -793,7 +841,9 @@ async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str
         except NotFoundError:
             return None
         if holder is not None:
-            logger.info("took this resource over from operator %r, which has not run for a while", holder)
+            alive = state.holders.get(holder, (0.0, False, None))[1]
+            gone = f"no longer watches namespace {key[0]}" if alive else "has not run for a while"
+            logger.info("took this resource over from operator %r, which %s", holder, gone)
         break
     else:
         return None  # written between each read and claim: the resync looks again

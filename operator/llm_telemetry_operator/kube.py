@@ -386,7 +386,7 @@ class KubeClient:
     async def patch(
         self,
         resource: Resource,
-        namespace: str,
+        namespace: str | None,
         name: str,
         patch: Mapping[str, Any],
         *,

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError
@@ -67,15 +68,28 @@ class PeeringReads:
         self.status: dict[str, Any] = {}
         self.listed: list[str] = []
         self.refused = 0  # lists of the resources answered 503 before one is served
+        self.annotations: dict[str, str] = {}  # the peering object's, written by the active replica
+        self.patches = 0
+        self.patch_refused = False  # the peering object's patch answered 403 (an older chart's Role, say)
 
     async def list(self, resource: kube.Resource, namespace: str | None, *_: Any, **__: Any) -> list[dict[str, Any]]:
         self.listed.append(resource.plural)
         if resource is kube.CLUSTERKOPFPEERINGS:
-            return [{"metadata": {"name": "llm-telemetry"}, "status": self.status}]
+            return [{"metadata": {"name": "llm-telemetry", "annotations": self.annotations}, "status": self.status}]
         if self.refused:
             self.refused -= 1
             raise ApiError(503, "ServiceUnavailable", "the API server is starting")
         return []
+
+    async def patch(
+        self, resource: kube.Resource, namespace: str | None, name: str, patch: dict[str, Any], **_: Any
+    ) -> dict[str, Any]:
+        assert resource is kube.CLUSTERKOPFPEERINGS and namespace is None
+        self.patches += 1
+        if self.patch_refused:
+            raise ApiError(403, "Forbidden", "clusterkopfpeerings is forbidden")
+        self.annotations.update(patch["metadata"]["annotations"])
+        return {}
 
 
 def entry(seconds_ago: float, priority: int = 10) -> dict[str, Any]:
@@ -134,3 +148,33 @@ async def test_a_replica_active_again_stands_by_while_it_cannot_list_the_resourc
         assert _paused(state)
     await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
     assert not _paused(state)
+
+
+async def test_the_active_replica_says_once_on_the_peering_object_which_namespaces_the_operator_watches() -> None:
+    """Another operator reads it to tell whether this one still serves a namespace (see test_two_operators.py). A
+    replica standing by writes nothing; the active one writes it once, and again only if it is changed."""
+    reads, state, log = PeeringReads(), OperatorState(), logging.getLogger("test")
+    config = OperatorConfig(peering="llm-telemetry", priority=10, namespaces=("llm", "team-b"))
+    reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=20)}
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert reads.patches == 0
+    del reads.status["other"]
+    for _ in range(3):
+        await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert reads.annotations == {c.ANNOTATION_WATCHED: "llm,team-b"} and reads.patches == 1
+    reads.annotations[c.ANNOTATION_WATCHED] = "*"  # another release of the same peering name, say
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    assert reads.annotations == {c.ANNOTATION_WATCHED: "llm,team-b"} and reads.patches == 2
+
+
+async def test_a_refused_write_of_the_watched_namespaces_is_said_once_and_not_retried(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reads, state, log = PeeringReads(), OperatorState(), logging.getLogger("test")
+    reads.status, reads.patch_refused = {"me": entry(seconds_ago=0)}, True
+    with caplog.at_level(logging.WARNING, logger="test"):
+        for _ in range(3):
+            await _check_standby(reads, OperatorConfig(peering="llm-telemetry", priority=10), state, "me", log)  # type: ignore[arg-type]
+    assert reads.patches == 1 and not _paused(state)
+    assert [r.getMessage() for r in caplog.records if "watched namespaces" in r.getMessage()] != []
+    assert len(caplog.records) == 1

@@ -9,6 +9,7 @@ import asyncio
 import datetime
 from typing import Any
 
+import pytest
 from kopf_testing import (
     CLUSTERKOPFPEERINGS,
     DEPLOYMENTS,
@@ -35,14 +36,18 @@ OTHER = "team-a-llm-telemetry-operator"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
-def other_operator(emulator: Any, seen: datetime.timedelta, lifetime: int = 60) -> None:
+def other_operator(emulator: Any, seen: datetime.timedelta, lifetime: int = 60, watched: str | None = None) -> None:
     """The other release's peering object, with one replica last seen ``seen`` ago, alive for ``lifetime`` seconds
-    after (kopf writes 0 as a replica exits)."""
+    after (kopf writes 0 as a replica exits); ``watched``: the namespaces it says that operator watches (None: an
+    operator from before it said so)."""
     lastseen = (datetime.datetime.now(datetime.UTC) - seen).isoformat()
+    metadata: dict[str, Any] = {"name": OTHER}
+    if watched is not None:
+        metadata["annotations"] = {c.ANNOTATION_WATCHED: watched}
     emulator.objects[CLUSTERKOPFPEERINGS, None, OTHER] = {
         "apiVersion": "kopf.dev/v1",
         "kind": "ClusterKopfPeering",
-        "metadata": {"name": OTHER},
+        "metadata": metadata,
         "status": {"other-pod": {"priority": 0, "lastseen": lastseen, "lifetime": lifetime}},
     }
 
@@ -67,11 +72,15 @@ def writes_since(emulator: Any, seen: int) -> list[tuple[str, str]]:
     ]
 
 
-async def test_a_resource_another_running_operator_serves_is_left_to_it(emulator: Any, monitoring_crds: Any) -> None:
-    """Nothing injected, made or written: one Warning event and a log line say why and what to change."""
+@pytest.mark.parametrize("watched", [None, "*", f"team-b,{NAMESPACE}"])
+async def test_a_resource_another_running_operator_serves_is_left_to_it(
+    emulator: Any, monitoring_crds: Any, watched: str | None
+) -> None:
+    """Nothing injected, made or written: one Warning event and a log line say why and what to change. So whether
+    the other operator says it watches every namespace, this one among others, or nothing (an older operator)."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    other_operator(emulator, datetime.timedelta(seconds=5))
+    other_operator(emulator, datetime.timedelta(seconds=5), watched=watched)
     served_by_other(emulator)
     async with running_operator():
         (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
@@ -99,6 +108,58 @@ async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: 
         assert found["status"]["operator"] == PEERING
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert posted_events(emulator, "WatchedTwice") == []
+
+
+async def test_a_resource_in_a_namespace_its_operator_no_longer_watches_is_taken_over(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Its operator runs, but its release's watchNamespaces no longer has the namespace, as its peering object says:
+    nothing serves the resource there but this operator, which takes it over at once and says so in its status."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5), watched="team-b,team-c")
+    served_by_other(emulator)
+    async with running_operator():
+        found = await ready(emulator)
+        assert found["status"]["operator"] == PEERING
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert posted_events(emulator, "WatchedTwice") == []
+
+
+async def test_a_deletion_in_a_namespace_its_operator_no_longer_watches_is_done_here(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Deleted while this operator was away, after the operator that served it stopped watching the namespace: that
+    one does not see the deletion, so this one cleans up and takes the shared finalizer off, without waiting."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5), watched="team-b")
+    served_by_other(emulator)
+    emulator.objects[LLMT, NAMESPACE, "chat"] = {
+        **get(emulator, LLMT, "chat"),
+        "metadata": {**get(emulator, LLMT, "chat")["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"},
+    }
+    async with running_operator():
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "finalizer taken off")
+        assert posted_events(emulator, "WatchedTwice") == []
+
+
+@pytest.mark.parametrize(("namespaces", "said"), [((), "*"), ((NAMESPACE, "team-b"), f"{NAMESPACE},team-b")])
+async def test_the_operator_says_on_its_peering_object_which_namespaces_it_watches(
+    emulator: Any, namespaces: tuple[str, ...], said: str
+) -> None:
+    """What another operator reads to tell whether this one still serves a namespace (``*``: every one)."""
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", namespaces=namespaces)
+    async with running_operator(config):
+        await eventually(
+            lambda: (
+                (get(emulator, CLUSTERKOPFPEERINGS, PEERING, namespace=None)["metadata"].get("annotations") or {}).get(
+                    c.ANNOTATION_WATCHED
+                )
+                == said
+            ),
+            "watched namespaces written",
+        )
 
 
 async def test_a_resource_this_operator_serves_names_it_in_its_status(emulator: Any, monitoring_crds: Any) -> None:
