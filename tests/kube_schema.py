@@ -408,6 +408,36 @@ def cel_rules(schema: Mapping[str, Any], path: str = "") -> Iterator[tuple[str, 
         yield from cel_rules(schema["items"], f"{path}[*]")
 
 
+#: A CEL macro over a collection reached from ``self`` through fields: ``self.a.b.all(``, ``self.exists(``, ...
+_ITERATION = re.compile(r"\b(self(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\.(all|exists|exists_one|map|filter)\(")
+
+
+def unbounded_iterations(schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """Each rule that iterates over a list without ``maxItems`` or a map without ``maxProperties``, as ``path:
+    rule``. The API server estimates a rule's cost when the CRD is created or updated (Kubernetes 1.25 and later),
+    sizing a collection by its declared bound, or without one by as many items as a 3 MiB request could hold, and
+    refuses the CRD when a rule's estimate exceeds its budget ("estimated rule cost exceeds budget ... try adding
+    maxItems, maxProperties, and maxLength"). The rules are not compiled here: this finds their iterations by
+    their text."""
+    found: list[str] = []
+    for entry in schema.get("x-kubernetes-validations") or []:
+        for match in _ITERATION.finditer(entry["rule"]):
+            node: Mapping[str, Any] | None = schema
+            for field in match.group(1).split(".")[1:]:
+                node = ((node or {}).get("properties") or {}).get(field)
+            if node is None:
+                continue  # not a field of the schema: cel_field_error says so
+            bounded = "maxItems" in node if node.get("type") == "array" else "maxProperties" in node
+            if not bounded:
+                found.append(f"{path or '<root>'}: {entry['rule']}")
+    for name, sub in (schema.get("properties") or {}).items():
+        found += unbounded_iterations(sub, f"{path}.{name}")
+    for key, suffix in (("additionalProperties", ".*"), ("items", "[*]")):
+        if isinstance(schema.get(key), Mapping):
+            found += unbounded_iterations(schema[key], f"{path}{suffix}")
+    return found
+
+
 def cel_violations(schema: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
     """Each CEL rule that fails on a node of ``value``, as ``path: message`` (``oldSelf`` rules are skipped)."""
     found: list[str] = []
