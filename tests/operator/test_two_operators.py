@@ -110,6 +110,20 @@ async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: 
         assert posted_events(emulator, "WatchedTwice") == []
 
 
+async def test_a_resource_whose_operators_peering_object_is_gone_is_taken_over(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """No peering object of that name: no operator runs under it (a release switched between cluster-wide and
+    namespaced mode runs under another name; deleting its old object hands its resources over without the wait)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    served_by_other(emulator)
+    async with running_operator():
+        found = await ready(emulator)
+        assert found["status"]["operator"] == PEERING
+        assert posted_events(emulator, "WatchedTwice") == []
+
+
 async def test_a_resource_in_a_namespace_its_operator_no_longer_watches_is_taken_over(
     emulator: Any, monitoring_crds: Any
 ) -> None:
