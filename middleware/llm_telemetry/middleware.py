@@ -811,7 +811,7 @@ class LLMTelemetryMiddleware:
                     "app, or give each its own metrics_port",
                     *key,
                 )
-                return Telemetry(settings), True
+                return Telemetry(settings).without_listener(), True
             telemetry = Telemetry(settings)
             _LISTENERS[key] = (settings, telemetry)
             return telemetry, True

@@ -199,6 +199,12 @@ class Telemetry:
         """Whether :meth:`shutdown` has run."""
         return self._shut_down
 
+    def without_listener(self) -> Telemetry:
+        """This telemetry, with no metrics listener started for it (another one in this process holds its port):
+        :meth:`start_server` then does nothing. Returns itself."""
+        self._server = False
+        return self
+
     def start_server(self) -> None:
         """Serve the Prometheus endpoint on its own port, once; a busy port is logged, never raised."""
         settings = self.settings
