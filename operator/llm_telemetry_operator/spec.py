@@ -48,6 +48,12 @@ _FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,63}")
 #: Attribution labels a resource may have (the CRD's maxProperties): each multiplies the series and adds a variable
 #: and panels to the dashboard, whose ConfigMap must stay under the API server's 1 MiB.
 MAX_ATTRIBUTION_HEADERS = 10
+#: The CRD's other bounds (maxItems, maxProperties, maxLength), checked here too for a resource stored before the CRD
+#: had them: the CRD applied on an upgrade then refuses every update of it, the finalizer's removal included.
+MAX_SELECTOR_REQUIREMENTS = 64
+MAX_CHILD_LABELS = 64
+MAX_INTERVAL_CHARS = 16
+MAX_PRICED_MODELS = 500
 
 
 @dataclass(frozen=True)
@@ -352,6 +358,10 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
     listed = raw.get("matchExpressions") or []
     if not isinstance(listed, list):
         raise SpecError("spec.selector.matchExpressions", "must be a list")
+    if len(listed) > MAX_SELECTOR_REQUIREMENTS:
+        raise SpecError(
+            "spec.selector.matchExpressions", f"has {len(listed)} requirements; at most {MAX_SELECTOR_REQUIREMENTS}"
+        )
     expressions = []
     for i, item in enumerate(listed):
         path = f"spec.selector.matchExpressions[{i}]"
@@ -382,8 +392,13 @@ def _selector(raw: Mapping[str, Any]) -> Selector:
 
 def _metrics(raw: Mapping[str, Any]) -> Metrics:
     interval = _given(raw, "interval", "30s")
-    if not isinstance(interval, str) or not _DURATION.fullmatch(interval):
-        raise SpecError("spec.metrics.interval", f"must be a duration like 30s, got {interval!r}")
+    if not isinstance(interval, str) or not _DURATION.fullmatch(interval) or len(interval) > MAX_INTERVAL_CHARS:
+        raise SpecError(
+            "spec.metrics.interval",
+            f"must be a duration like 30s, of at most {MAX_INTERVAL_CHARS} characters, got {interval[:64]!r}"
+            if isinstance(interval, str)
+            else f"must be a duration like 30s, got {interval!r}",
+        )
     seconds = int(interval.rstrip("msh")) * _DURATION_UNITS[interval.lstrip("0123456789")]
     if not MIN_SCRAPE_INTERVAL_SECONDS <= seconds <= MAX_SCRAPE_INTERVAL_SECONDS:
         # The CRD says so too; this is for resources stored before it did.
@@ -394,6 +409,8 @@ def _metrics(raw: Mapping[str, Any]) -> Metrics:
             f"scrapes in each window), got {interval}",
         )
     labels = _string_map(raw.get("labels"), "spec.metrics.labels")
+    if len(labels) > MAX_CHILD_LABELS:
+        raise SpecError("spec.metrics.labels", f"has {len(labels)} labels; at most {MAX_CHILD_LABELS}")
     for key, value in labels.items():  # they label the ServiceMonitor and PrometheusRule
         _label_key(key, "spec.metrics.labels")
         _label_value(value, f"spec.metrics.labels.{key}")
@@ -470,6 +487,11 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
     if models_raw is not None:
         if not isinstance(models_raw, Mapping):
             raise SpecError("spec.pricing.models", "must map model names to prices")
+        if len(models_raw) > MAX_PRICED_MODELS:
+            raise SpecError(
+                "spec.pricing.models",
+                f"has {len(models_raw)} models; at most {MAX_PRICED_MODELS} (use configMapRef for a larger table)",
+            )
         for model, prices in models_raw.items():
             path = f"spec.pricing.models.{model}"
             if not isinstance(prices, Mapping) or not prices:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, SpecError
-from llm_telemetry_operator.spec import parse_spec
+from llm_telemetry_operator.spec import PRICE_KINDS, parse_spec
 
 SELECTOR = {"matchLabels": {"app": "chat"}}
 
@@ -281,3 +281,64 @@ def test_credentials_in_an_endpoint_are_never_shown() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec({"selector": SELECTOR, "tracing": {"endpoint": "http://user:s3cret@collector:99999"}})
     assert "s3cret" not in str(info.value)
+
+
+def _crd_bounds() -> dict[str, tuple[str, int]]:
+    """Each bound on a count or a length in the CRD's spec schema (maxItems, maxProperties, maxLength), by path."""
+    import pathlib
+
+    import yaml
+
+    crd = next(pathlib.Path(__file__).parents[2].glob("crds/*.yaml"))
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    bounds: dict[str, tuple[str, int]] = {}
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for keyword in ("maxItems", "maxProperties", "maxLength"):
+            if keyword in node:
+                bounds[path] = (keyword, node[keyword])
+        for name, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        for key, suffix in (("additionalProperties", ".*"), ("items", "[*]")):
+            if isinstance(node.get(key), dict):
+                walk(node[key], path + suffix)
+
+    walk(schema["properties"]["spec"], "spec")
+    return bounds
+
+
+def _over(path: str, n: int) -> dict[str, Any]:
+    """A spec valid but for ``path``, which has ``n`` items, properties or characters."""
+    price = {"input": 1, "output": 2}
+    given: dict[str, Any] = {
+        "spec.selector.matchExpressions": {
+            "selector": {"matchExpressions": [{"key": f"k{i}", "operator": "Exists"} for i in range(n)]}
+        },
+        # An enum: no value of the bound's length is valid; one within it is.
+        "spec.selector.matchExpressions[*].operator": {
+            "selector": {
+                "matchExpressions": [{"key": "app", "operator": "In" if n <= 16 else "I" * n, "values": ["a"]}]
+            }
+        },
+        "spec.metrics.interval": {"metrics": {"interval": "3s".rjust(n, "0")}},
+        "spec.metrics.labels": {"metrics": {"labels": {f"team{i}": "x" for i in range(n)}}},
+        "spec.logs.tenant": {"logs": {"tenant": "t" * n}},
+        "spec.pricing.models": {"pricing": {"models": {f"model-{i}": price for i in range(n)}}},
+        "spec.pricing.models.*": {"pricing": {"models": {"m": {kind: 1 for kind in [*PRICE_KINDS, "other"][:n]}}}},
+        "spec.attribution.headers": {"attribution": {"headers": {f"X-H{i}": f"h{i}" for i in range(n)}}},
+        "spec.attribution.headers.*": {"attribution": {"headers": {"X-Tenant": "t" * n}}},
+        "spec.dashboard.folder": {"dashboard": {"folder": "f" * n}},
+    }[path]
+    return {"selector": SELECTOR, **given}
+
+
+@pytest.mark.parametrize(("path", "bound"), sorted(_crd_bounds().items()))
+def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound: tuple[str, int]) -> None:
+    """A resource stored before the CRD had a bound (or on a server that did not check it) is refused by the
+    operator, with the field named, rather than served: the CRD applied on the upgrade refuses every update of it,
+    so its deletion would hang on the finalizer. At the bound it is accepted."""
+    _, most = bound
+    parse_spec(_over(path, most))
+    with pytest.raises(SpecError) as refused:
+        parse_spec(_over(path, most + 1))
+    assert refused.value.field.startswith(path.split("[")[0].split(".*")[0]), refused.value
