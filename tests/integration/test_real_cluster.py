@@ -1350,3 +1350,91 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
             "both resources deleted",
         )
         uninstall(api, docs, (system,))
+
+
+def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_other_operator(
+    api: Any, kubeconfig: pathlib.Path, operator: Operator, cluster: Cluster, tmp_path: pathlib.Path
+) -> None:
+    """A team's namespaced release serves a resource the cluster-wide one watches too; the team's release is then
+    upgraded to watch another namespace. Its operator says so on its peering object as it starts, and the cluster-wide
+    operator takes the resource over at its next pass: its own settings injected again, its name in the status. Before,
+    the resource stayed claimed by an operator that no longer watched it, for as long as that one ran."""
+    from kubernetes import client
+
+    first = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
+    cluster.create(deployment("handed", "handed"))
+    cluster.create(telemetry("handed", "handed"))
+    assert cluster.ready("handed")["status"]["operator"] == first
+    env = cluster.env("handed")
+    system, elsewhere = unique("llmt-it-team"), unique("llmt-it-elsewhere")
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=elsewhere)))
+    team = ("llm-telemetry-team", "defaults.tracesEndpoint=http://otel.example:4318")
+    docs = install(api, system, team[0], f"watchNamespaces={{{cluster.namespace}}}", team[1])
+    (tmp_path / "before").mkdir()
+    (tmp_path / "after").mkdir()
+    process, _, _, team_env = start_chart_operator(
+        api, kubeconfig, docs, system, tmp_path / "before", "--resync-seconds", "10"
+    )
+    second = team_env[LLM_TELEMETRY_OPERATOR_PEERING]
+    peerings = cluster.custom.get_cluster_custom_object
+
+    def says(namespaces: str) -> bool:
+        annotations = peerings("kopf.dev", "v1", "clusterkopfpeerings", second)["metadata"].get("annotations") or {}
+        return bool(annotations.get(c.ANNOTATION_WATCHED) == namespaces)
+
+    try:
+        wait_for(lambda: says(cluster.namespace), "the team's operator says which namespace it watches")
+        # The team's operator serves it (as if it had claimed it first): its settings go in.
+        cluster.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, cluster.namespace, PLURAL, "handed", {"status": {"operator": second}}
+        )
+        wait_for(
+            lambda: cluster.env("handed").get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel.example:4318",
+            "the team's settings injected",
+        )
+        # The team's release upgraded to watch another namespace: its Role here goes, its operator restarts.
+        stop(process)
+        narrowed = install(api, system, team[0], f"watchNamespaces={{{elsewhere}}}", team[1])
+        kept = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in narrowed}
+        rbac = client.RbacAuthorizationV1Api(api)
+        for doc in docs:
+            meta = doc["metadata"]
+            if (doc["kind"], meta.get("namespace"), meta["name"]) in kept or meta.get("namespace") != cluster.namespace:
+                continue
+            if doc["kind"] == "Role":
+                rbac.delete_namespaced_role(meta["name"], cluster.namespace)
+            elif doc["kind"] == "RoleBinding":
+                rbac.delete_namespaced_role_binding(meta["name"], cluster.namespace)
+        process, log, _, _ = start_chart_operator(
+            api, kubeconfig, narrowed, system, tmp_path / "after", "--resync-seconds", "10"
+        )
+        wait_for(lambda: says(elsewhere), "the team's operator says it watches the other namespace now")
+        found = wait_for(
+            lambda: cluster.llmt("handed")["status"].get("operator") == first and cluster.llmt("handed"),
+            "taken over by the cluster-wide operator",
+            timeout=60,
+        )
+        assert found["status"]["phase"] == "Ready"
+        wait_for(lambda: cluster.env("handed") == env, "the cluster-wide operator's settings injected again")
+        assert "no longer watches namespace" in operator.output()
+        generation = cluster.deployment("handed")["metadata"]["generation"]
+        time.sleep(12)  # past both operators' resyncs (10 s): no more rollouts
+        assert cluster.deployment("handed")["metadata"]["generation"] == generation
+        text = log.read_text(errors="replace")
+        assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+    finally:
+        stop(process)
+        # Left to no one that runs, its deletion would wait for the team's operator's takeover grace to pass.
+        _absent_as_none(
+            cluster.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, cluster.namespace, PLURAL, "handed", {"status": {"operator": None}},
+        )  # fmt: skip
+        _absent_as_none(
+            cluster.custom.delete_namespaced_custom_object, GROUP, VERSION, cluster.namespace, PLURAL, "handed"
+        )
+        read = cluster.custom.get_namespaced_custom_object
+        wait_for(
+            lambda: _absent_as_none(read, GROUP, VERSION, cluster.namespace, PLURAL, "handed") is None,
+            "the resource deleted",
+        )
+        uninstall(api, docs, (system, elsewhere))
