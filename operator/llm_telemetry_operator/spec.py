@@ -501,8 +501,12 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
                 if kind not in PRICE_KINDS:
                     raise SpecError(f"{path}.{kind}", f"unknown price kind; expected one of {', '.join(PRICE_KINDS)}")
                 value = _number(prices, kind, f"{path}.{kind}", None)
-                assert value is not None
+                if value is None:  # null: the API server drops it where the CRD's schema applies
+                    raise SpecError(f"{path}.{kind}", "must be a number")
                 entry[kind] = value
+            missing = [kind for kind in ("input", "output") if kind not in entry]
+            if missing:  # the middleware refuses such a table at startup: every pod would fail to start
+                raise SpecError(path, f"needs the {' and '.join(missing)} price")
             models[str(model)] = entry
         pricing = Pricing(models=models)
         size = len(pricing.document.encode())

@@ -213,6 +213,8 @@ def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: st
     ],
 )
 def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
+    """And the operator refuses each too (an Invalid status naming the field): a server without the CRD's rules (before
+    1.25, or a CRD installed before a rule, which Helm never upgrades) stores what the CRD now refuses."""
     obj = copy.deepcopy(MINIMAL)
     for key, value in patch.items():
         if value is None:
@@ -220,6 +222,8 @@ def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
         else:
             obj["spec"][key] = value
     assert kube_schema.validate_object(load(), obj), why
+    with pytest.raises(SpecError):
+        parse_spec(obj["spec"])
 
 
 #: Values the CRD and the operator both take, and both refuse: a dashboard folder is one folder name (Grafana's

@@ -655,6 +655,44 @@ def test_pricing_configmap_of_the_largest_table_the_crd_admits_fits_and_reads_ba
         parse_spec(minimal_llmt(pricing={"models": bigger})["spec"])
 
 
+#: Prices as a resource may hold them: mostly numbers the CRD admits (any size, 0 included), sometimes not.
+_PRICE = st.one_of(
+    st.integers(0, 10**12),
+    st.floats(min_value=0, allow_nan=False, allow_infinity=False, width=64),
+    st.sampled_from([-1, "2", None, True]),
+)
+_ENTRY = st.fixed_dictionaries(
+    {"input": _PRICE, "output": _PRICE},
+    optional={kind: _PRICE for kind in ("cache_read", "cache_creation", "cache_creation_1h", "cached")},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=40), st.one_of(_ENTRY, _ENTRY, _ENTRY, _PRICE), max_size=4))
+def test_an_inline_table_the_operator_takes_is_one_the_middleware_reads(models: dict[str, Any]) -> None:
+    """The middleware refuses a table it cannot use at startup, so every pod it is mounted into would fail to start:
+    what the operator does not refuse as InvalidSpec, the middleware must read, each model at its prices."""
+    import tempfile
+
+    from llm_telemetry.pricing import PricingTable
+    from llm_telemetry_operator.errors import SpecError
+
+    owner = minimal_llmt(pricing={"models": models})
+    try:
+        spec = parse_spec(owner["spec"])
+    except SpecError:
+        return
+    with tempfile.TemporaryDirectory() as where:
+        path = Path(where) / "pricing.yaml"
+        path.write_text(r.build_pricing_configmap(owner, spec)["data"][c.PRICING_FILE], encoding="utf-8")
+        table = PricingTable(str(path))
+    for model, prices in models.items():
+        if not model:
+            continue  # an entry for "" is read but inert: a request without a model is priced as nothing
+        price = table.price(model)
+        assert price is not None and (price.input, price.output) == (prices["input"], prices["output"]), model
+
+
 def test_a_lost_record_is_rebuilt_only_from_the_containers_injected() -> None:
     """The injection record removed by hand: what equals the injection's values is taken back as the injection's,
     but only in the containers the injection goes into; a sidecar that sets the same variables itself keeps them."""
