@@ -167,7 +167,9 @@ def test_injection_config_change_changes_the_hash() -> None:
     ports = second["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert ports == [{"name": c.METRICS_PORT_NAME, "containerPort": 9500, "protocol": "TCP"}]
     # Inline prices reach the pods through a mounted file, so they count in the hash too.
-    priced = inject(first, {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}})
+    priced = inject(
+        first, {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+    )
     assert hash_of(priced) != hash_of(first)
 
 
@@ -181,7 +183,8 @@ def test_injection_selected_containers_only() -> None:
 
 def test_injection_pricing_configmap_is_mounted() -> None:
     injected = inject(
-        deployment(), {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+        deployment(),
+        {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}},
     )
     pod = injected["spec"]["template"]["spec"]
     assert pod["volumes"] == [
@@ -204,7 +207,8 @@ def test_removal_patch_restores_the_original() -> None:
     original = deployment(env=[{"name": "APP_MODE", "value": "prod"}])
     original["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8000}]
     injected = inject(
-        original, {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+        original,
+        {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}},
     )
     removal = r.build_workload_patch(injected, None, "chat")
     assert removal is not None
@@ -738,7 +742,9 @@ def test_status_keeps_transition_time_until_a_condition_flips() -> None:
 def test_the_volumes_default_mode_changes_no_hash() -> None:
     """defaultMode, which the API server fills in anyway, is left out of the config hash: writing it changed nothing
     in the pods, so an upgrade that started writing it rolls nothing out."""
-    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}})
+    spec = parse_spec(
+        {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+    )
     injection = r.build_injection(spec, CONFIG, deployment(), "chat")
     assert injection.volume is not None and injection.volume["configMap"]["defaultMode"] == 0o644
     without = {**injection.volume, "configMap": {**injection.volume["configMap"]}}
