@@ -462,11 +462,16 @@ def build_rule_groups(
             description="The metrics endpoint has failed every scrape for 5 minutes; the other LLM alerts are blind.",
             runbook_url=runbook_url,
         ),
+        # No increase in 30 minutes, and the count the same as 30 minutes ago: a series born holding its first
+        # requests (those of a new or restarted process before its first scrape) shows no increase to rate() or
+        # increase(), but changes the count, so a restart that served requests and then fell quiet is not taken for
+        # 30 quiet minutes.
         _alert(
             "LLMNoTraffic",
-            f"sum by ({BY}) (rate({series(REQUESTS, sel)}[15m])) == 0",
+            f"(sum by ({BY}) (increase({series(REQUESTS, sel)}[30m])) == 0) and on ({BY}) "
+            f"(sum by ({BY}) ({series(REQUESTS, sel)}) == sum by ({BY}) ({series(REQUESTS, sel)} offset 30m))",
             severity="info",
-            for_="15m",
+            for_=None,
             summary=f"{service} has handled no LLM requests for 30 minutes",
             description="The service exports LLM metrics but its request counter has not moved for 30 minutes.",
             runbook_url=runbook_url,
