@@ -724,11 +724,12 @@ def _panel_checks() -> dict[str, PanelCheck]:
             {k: v / _requests_by_model()[k] for k, v in _cost_by(lambda r: (r.model,)).items()},
             "cost/request",
         ),
+        # Every model with input tokens has a line, 0 for one without cache reads.
         "Cache-hit share of input tokens": lambda run, rs: assert_equal(
             vector(rs[0], MODEL),
             {
-                k: v / grouped(lambda r: (r.model,), lambda r: r.tokens.get("input", 0))[k]
-                for k, v in grouped(lambda r: (r.model,), lambda r: r.details.get("cache_read", 0)).items()
+                k: grouped(lambda r: (r.model,), lambda r: r.details.get("cache_read", 0)).get(k, 0) / v
+                for k, v in grouped(lambda r: (r.model,), lambda r: r.tokens.get("input", 0)).items()
                 if v
             },
             "cache-hit share",

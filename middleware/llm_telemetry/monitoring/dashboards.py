@@ -668,7 +668,8 @@ def build_dashboard(
     )
     b.timeseries(
         "Cost per request by model",
-        "Average spend per request in US dollars.",
+        "Average spend per request in US dollars, failed requests included: most cost nothing, so fewer failures"
+        " raise it as surely as longer prompts or a pricier model.",
         [
             b.target(
                 f"sum by ({REQUEST_MODEL}) ({b.rate(COST)})\n/\nsum by ({REQUEST_MODEL}) ({b.rate(REQUESTS)})",
@@ -679,11 +680,11 @@ def build_dashboard(
     )
     b.timeseries(
         "Cache-hit share of input tokens",
-        "cache_read / input tokens per model (input includes cached tokens): the prompt share served from cache.",
+        "cache_read / input tokens per model (input includes cached tokens): the prompt share served from cache;"
+        " 0 for a model with input and no cache reads.",
         [
             b.target(
-                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKEN_DETAILS, cache_read)})\n/\n"
-                f"sum by ({REQUEST_MODEL}) ({b.rate(TOKENS, input_tokens)})",
+                _share(REQUEST_MODEL, b.rate(TOKEN_DETAILS, cache_read), b.rate(TOKENS, input_tokens)),
                 model_legend,
             )
         ],
