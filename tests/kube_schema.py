@@ -418,7 +418,9 @@ def unbounded_iterations(schema: Mapping[str, Any], path: str = "") -> list[str]
     sizing a collection by its declared bound, or without one by as many items as a 3 MiB request could hold, and
     refuses the CRD when a rule's estimate exceeds its budget ("estimated rule cost exceeds budget ... try adding
     maxItems, maxProperties, and maxLength"). The rules are not compiled here: this finds their iterations by
-    their text."""
+    their text, over a collection reached from ``self`` through field names only; one reached through a macro's
+    variable (``self.a.all(x, x.b.all(...))``) or an index (``self.m['k'].all(...)``) is not followed, and no rule
+    of the CRD has one."""
     found: list[str] = []
     for entry in schema.get("x-kubernetes-validations") or []:
         for match in _ITERATION.finditer(entry["rule"]):

@@ -37,6 +37,13 @@ ANNOTATION_LABELS: Final = f"{GROUP}/labels"
 #: for every namespace. Another operator takes over a resource claimed by that one in a namespace it no longer
 #: watches (see handlers._held_elsewhere).
 ANNOTATION_WATCHED: Final = f"{GROUP}/watched-namespaces"
+#: Peering-object annotation: the replica (its peering identity) that wrote ANNOTATION_WATCHED. The namespaces are
+#: taken as said only while that replica has an entry in the object: after a rollback to an operator that writes no
+#: annotation, what a newer one wrote no longer holds.
+ANNOTATION_WATCHED_BY: Final = f"{GROUP}/watched-namespaces-by"
+#: Peering-object annotation: when (ISO 8601, UTC) the operator's active replica last stopped. kopf removes a
+#: replica's entry as it stops, so without it an operator being restarted would look long gone.
+ANNOTATION_STOPPED: Final = f"{GROUP}/stopped-at"
 #: Grafana sidecar folder annotation on the dashboard ConfigMap.
 ANNOTATION_GRAFANA_FOLDER: Final = "grafana_folder"
 

@@ -36,6 +36,7 @@ from llm_telemetry_operator.errors import (
     WriteWithheld,
 )
 from llm_telemetry_operator.kube import KubeClient
+from llm_telemetry_operator.labels import is_dns_label
 from llm_telemetry_operator.owners import OwnerIndex
 from llm_telemetry_operator.schedule import Schedule
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec
@@ -139,9 +140,11 @@ class OperatorState:
     #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS, and the namespaces that operator watches (None:
     #: every one, or not said) (see _held_elsewhere).
     holders: dict[str, tuple[float, bool, frozenset[str] | None]] = field(default_factory=dict)
-    #: Whether writing the watched namespaces on this operator's peering object failed (see _publish_watched): said
-    #: once, and not tried again until the operator restarts.
-    publish_failed: bool = False
+    #: Whether writing the watched namespaces on this operator's peering object was refused (403: the chart's RBAC
+    #: from before it did so), and whether a failure to write them was said (see _publish_watched): a refusal is not
+    #: tried again until the operator restarts; another failure is, at the next read of the peering object.
+    publish_refused: bool = False
+    publish_warned: bool = False
     #: The resources left to another operator, and its name, as last said in the log and an event.
     left: dict[tuple[str, str], str] = field(default_factory=dict)
     #: The resources (by uid) this operator has claimed (see _claim), so that a pass before the watch has delivered
@@ -344,7 +347,11 @@ async def _check_standby(
     state.lease = max((until for until in leases if until > time.time()), default=None)
     if not standby and not _paused(state):
         for peering in found:
-            await _publish_watched(client, config, state, peering, logger)
+            # Bounded: a slow write (429s, say) must not hold up noticing a change of the active replica.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    _publish_watched(client, config, state, identity, peering, logger), STANDBY_POLL_SECONDS
+                )
     if standby == state.standby:
         return
     if standby:
@@ -377,31 +384,58 @@ async def _check_standby(
 
 
 async def _publish_watched(
-    client: KubeClient, config: OperatorConfig, state: OperatorState, peering: Mapping[str, Any], logger: Any
+    client: KubeClient,
+    config: OperatorConfig,
+    state: OperatorState,
+    identity: str,
+    peering: Mapping[str, Any],
+    logger: Any,
 ) -> None:
-    """Write the namespaces this operator watches on its peering object, unless it says so already: another operator
-    whose watched namespaces overlap leaves the resources this one claimed to it, but only in namespaces this one
-    still watches (see :func:`_held_elsewhere`). Written by the active replica, as it reads the object anyway."""
+    """Write the namespaces this operator watches on its peering object, and this replica as the one that says so,
+    unless the object says so already: another operator whose watched namespaces overlap leaves the resources this
+    one claimed to it, but only in namespaces this one still watches (see :func:`_held_elsewhere`). Written by the
+    active replica, as it reads the object anyway."""
     watched = ",".join(config.namespaces) or "*"
     annotations = (peering.get("metadata") or {}).get("annotations") or {}
-    if state.publish_failed or annotations.get(c.ANNOTATION_WATCHED) == watched:
+    said = (annotations.get(c.ANNOTATION_WATCHED), annotations.get(c.ANNOTATION_WATCHED_BY))
+    if state.publish_refused or said == (watched, identity):
         return
-    patch = {"metadata": {"annotations": {c.ANNOTATION_WATCHED: watched}}}
+    patch = {"metadata": {"annotations": {c.ANNOTATION_WATCHED: watched, c.ANNOTATION_WATCHED_BY: identity}}}
     try:
         await client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True)
     except WriteWithheld:
         return  # began to stand by meanwhile: the active replica writes it
     except ApiError as exc:
-        state.publish_failed = True
-        logger.warning(
-            "could not write the watched namespaces on ClusterKopfPeering %r (%s): another operator watching a "
-            "namespace this one no longer watches leaves the resources this one served there alone until this one "
-            "stops",
-            config.peering,
-            exc,
-        )
+        state.publish_refused = exc.status == 403
+        if not state.publish_warned:
+            state.publish_warned = True
+            logger.warning(
+                "could not write the watched namespaces on ClusterKopfPeering %r (%s)%s: until it is written, another "
+                "operator watching a namespace this one no longer watches leaves the resources this one served there "
+                "alone while this one runs",
+                config.peering,
+                exc,
+                "" if state.publish_refused else "; trying again at the next read of the peering object",
+            )
         return
+    state.publish_warned = False
     logger.info("peering object %r now says this operator watches %s", config.peering, watched)
+
+
+async def _mark_stopped(client: KubeClient, config: OperatorConfig, state: OperatorState, logger: Any) -> None:
+    """Say on the peering object when the active replica stopped: kopf takes its entry out as it stops, and another
+    operator would otherwise take the resources this one claimed over at once, though it is only restarting (see
+    :func:`_held_elsewhere`)."""
+    if config.standalone or _paused(state):
+        return  # a replica standing by: the active one goes on
+    stopped = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    patch = {"metadata": {"annotations": {c.ANNOTATION_STOPPED: stopped}}}
+    try:
+        await asyncio.wait_for(
+            client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True), 5.0
+        )
+    except (ApiError, WriteWithheld, asyncio.TimeoutError) as exc:
+        logger.warning("could not say on ClusterKopfPeering %r that this operator stopped: %s", config.peering, exc)
 
 
 def _paused(state: OperatorState) -> bool:
@@ -471,6 +505,8 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = memo.get("state")
+    if isinstance(state, OperatorState) and memo.get("identity"):
+        await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
     if isinstance(state, OperatorState):
         for watch in [*(state.watches or ()), *state.collector_watches.values()]:
             watch.stop()
@@ -779,7 +815,7 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
             for peering in found
             for peer in (peering.get("status") or {})
             if (until := alive_until(peering.get("status"), peer)) is not None
-        )
+        ) or any(stopped > horizon for peering in found if (stopped := _stopped_at(peering)) is not None)
         checked = state.holders[holder] = (now, alive, _watched(found))
     _, alive, watched = checked
     return holder if alive and (watched is None or body["metadata"]["namespace"] in watched) else None
@@ -787,12 +823,28 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
 
 def _watched(peerings: list[dict[str, Any]]) -> frozenset[str] | None:
     """The namespaces the operator of a peering object watches, as the object says (see :func:`_publish_watched`);
-    None for every namespace, or when it does not say (an operator from before it said so)."""
+    None for every namespace, or when it does not say so in a way to rely on: no annotation (an operator from
+    before it said so), one that is not a list of namespace names, or one written by a replica with no entry in the
+    object now (a rollback to such an operator)."""
     for peering in peerings:
-        said = ((peering.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_WATCHED)
-        if isinstance(said, str) and said.strip() != "*":
-            return frozenset(ns.strip() for ns in said.split(",") if ns.strip())
+        annotations = (peering.get("metadata") or {}).get("annotations") or {}
+        said, by = annotations.get(c.ANNOTATION_WATCHED), annotations.get(c.ANNOTATION_WATCHED_BY)
+        if not isinstance(said, str) or by not in (peering.get("status") or {}):
+            continue
+        names = [name.strip() for name in said.split(",")]
+        if names and all(is_dns_label(name) for name in names):
+            return frozenset(names)
     return None
+
+
+def _stopped_at(peering: Mapping[str, Any]) -> datetime.datetime | None:
+    """When the operator of a peering object last stopped, as the object says (see :func:`_mark_stopped`)."""
+    said = ((peering.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_STOPPED)
+    try:
+        when = datetime.datetime.fromisoformat(str(said))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
 
 
 async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, Any] | None:

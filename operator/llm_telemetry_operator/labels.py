@@ -9,8 +9,15 @@ import re
 
 # A name: at most 63 characters, alphanumerics at both ends, '-', '_' and '.' between (a value may also be empty).
 _NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+# A DNS label: lower-case alphanumerics and '-', alphanumerics at both ends.
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # A key's optional prefix: a DNS subdomain of at most 253 characters.
 _PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def is_dns_label(name: str) -> bool:
+    """A DNS label of at most 63 characters: a namespace's name."""
+    return 0 < len(name) <= 63 and _LABEL.fullmatch(name) is not None
 
 
 def is_dns_subdomain(name: str) -> bool:

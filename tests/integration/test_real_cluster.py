@@ -1355,10 +1355,11 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
 def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_other_operator(
     api: Any, kubeconfig: pathlib.Path, operator: Operator, cluster: Cluster, tmp_path: pathlib.Path
 ) -> None:
-    """A team's namespaced release serves a resource the cluster-wide one watches too; the team's release is then
-    upgraded to watch another namespace. Its operator says so on its peering object as it starts, and the cluster-wide
-    operator takes the resource over at its next pass: its own settings injected again, its name in the status. Before,
-    the resource stayed claimed by an operator that no longer watched it, for as long as that one ran."""
+    """A team's namespaced release serves a resource the cluster-wide one watches too, and keeps it over a restart;
+    the team's release is then upgraded to watch another namespace. Its operator says so on its peering object as
+    it starts, and the cluster-wide operator takes the resource over at its next pass: its own settings injected
+    again, its name in the status. Before, the resource stayed claimed by an operator that no longer watched it,
+    for as long as that one ran; and a restart handed it over at once (kopf takes a stopping replica's entry out)."""
     from kubernetes import client
 
     first = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
@@ -1392,6 +1393,18 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
             lambda: cluster.env("handed").get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel.example:4318",
             "the team's settings injected",
         )
+        # A restart of the team's operator (kopf takes its entry out of the peering object as it stops) leaves the
+        # resource to it: no takeover past the cluster-wide operator's resync and its cache of the peering object.
+        generation = cluster.deployment("handed")["metadata"]["generation"]
+        stop(process)
+        (tmp_path / "restarted").mkdir()
+        time.sleep(22)
+        process, _, _, _ = start_chart_operator(
+            api, kubeconfig, docs, system, tmp_path / "restarted", "--resync-seconds", "10"
+        )
+        time.sleep(12)
+        assert cluster.llmt("handed")["status"]["operator"] == second
+        assert cluster.deployment("handed")["metadata"]["generation"] == generation
         # The team's release upgraded to watch another namespace: its Role here goes, its operator restarts.
         stop(process)
         narrowed = install(api, system, team[0], f"watchNamespaces={{{elsewhere}}}", team[1])

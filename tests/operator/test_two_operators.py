@@ -36,19 +36,34 @@ OTHER = "team-a-llm-telemetry-operator"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
-def other_operator(emulator: Any, seen: datetime.timedelta, lifetime: int = 60, watched: str | None = None) -> None:
+def other_operator(
+    emulator: Any,
+    seen: datetime.timedelta | None,
+    lifetime: int = 60,
+    watched: str | None = None,
+    by: str = "other-pod",
+    stopped: datetime.timedelta | None = None,
+) -> None:
     """The other release's peering object, with one replica last seen ``seen`` ago, alive for ``lifetime`` seconds
-    after (kopf writes 0 as a replica exits); ``watched``: the namespaces it says that operator watches (None: an
-    operator from before it said so)."""
-    lastseen = (datetime.datetime.now(datetime.UTC) - seen).isoformat()
-    metadata: dict[str, Any] = {"name": OTHER}
+    after (None: no replica, as kopf leaves it once the last one has stopped); ``watched``: the namespaces it says
+    that operator watches (None: an operator from before it said so), written by replica ``by``; ``stopped``: how
+    long ago it says its active replica stopped."""
+    now = datetime.datetime.now(datetime.UTC)
+    metadata: dict[str, Any] = {"name": OTHER, "annotations": {}}
     if watched is not None:
-        metadata["annotations"] = {c.ANNOTATION_WATCHED: watched}
+        metadata["annotations"] |= {c.ANNOTATION_WATCHED: watched, c.ANNOTATION_WATCHED_BY: by}
+    if stopped is not None:
+        metadata["annotations"][c.ANNOTATION_STOPPED] = (now - stopped).isoformat(timespec="seconds")
+    status = (
+        {}
+        if seen is None
+        else {"other-pod": {"priority": 0, "lastseen": (now - seen).isoformat(), "lifetime": lifetime}}
+    )
     emulator.objects[CLUSTERKOPFPEERINGS, None, OTHER] = {
         "apiVersion": "kopf.dev/v1",
         "kind": "ClusterKopfPeering",
         "metadata": metadata,
-        "status": {"other-pod": {"priority": 0, "lastseen": lastseen, "lifetime": lifetime}},
+        "status": status,
     }
 
 
@@ -202,17 +217,67 @@ async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator:
 
 
 async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulator: Any, monitoring_crds: Any) -> None:
-    """Its only replica exited a minute ago (kopf marked its entry dead): a restart, or a rollout of one replica,
-    leaves none alive for a while, and taking its resources over then would move them to this release's settings
-    for good. They are left to it until it has been gone for a while."""
+    """Its only replica stopped a minute ago: kopf took its entry out, and the operator said when it stopped. A
+    restart, or a rollout of one replica, leaves none alive for a while, and taking its resources over then would
+    move them to this release's settings for good. They are left to it until it has been gone for a while."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    other_operator(emulator, datetime.timedelta(minutes=1), lifetime=0)
+    other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
     served_by_other(emulator)
     async with running_operator():
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         await asyncio.sleep(1)
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+async def test_a_resource_whose_operator_stopped_long_ago_is_taken_over(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, None, stopped=datetime.timedelta(minutes=10))
+    served_by_other(emulator)
+    async with running_operator():
+        assert (await ready(emulator))["status"]["operator"] == PEERING
+
+
+async def test_the_active_replica_says_when_it_stopped(emulator: Any) -> None:
+    """So that another operator leaves the resources this one claimed alone while it restarts (kopf removes the
+    replica's entry as it stops)."""
+    async with running_operator():
+        await eventually(
+            lambda: (
+                get(emulator, CLUSTERKOPFPEERINGS, PEERING, namespace=None)["metadata"].get("annotations") or {}
+            ).get(c.ANNOTATION_WATCHED),
+            "active",
+        )
+        before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    said = (get(emulator, CLUSTERKOPFPEERINGS, PEERING, namespace=None)["metadata"].get("annotations") or {}).get(
+        c.ANNOTATION_STOPPED
+    )
+    assert said is not None and datetime.datetime.fromisoformat(said) >= before
+
+
+@pytest.mark.parametrize(
+    ("watched", "by"),
+    [
+        ("team-b", "a-replica-gone"),
+        ("", "other-pod"),
+        (",", "other-pod"),
+        ("*,team-b", "other-pod"),
+        ("llm*", "other-pod"),
+    ],
+)
+async def test_a_namespace_list_not_to_rely_on_leaves_the_resource_to_its_running_operator(
+    emulator: Any, monitoring_crds: Any, watched: str, by: str
+) -> None:
+    """Written by a replica with no entry now (a rollback to an operator that writes none: what a newer one wrote is
+    stale), or not a list of namespace names: the operator is taken to watch every namespace."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5), watched=watched, by=by)
+    served_by_other(emulator)
+    async with running_operator():
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
