@@ -63,6 +63,12 @@ HOLDER_CHECK_SECONDS = 10.0
 #: over: kopf marks a replica's entry dead as it exits, and a restart, or a rollout of a single replica (the chart's
 #: Recreate strategy), leaves none alive for a while.
 TAKEOVER_GRACE_SECONDS = 300.0
+#: Seconds another operator, once seen with no live replica and no recent stop, must still be seen so before its
+#: resources are taken over: kopf takes a stopping replica's entry out before the operator's cleanup can say it
+#: stopped (see _mark_stopped), and a read in between would take the resources of a mere restart.
+TAKEOVER_CONFIRM_SECONDS = 15.0
+#: How far ahead of this node's clock a stop mark may be and still count (clock skew); further is no mark.
+STOP_MARK_SKEW_SECONDS = 60.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -140,6 +146,14 @@ class OperatorState:
     #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS, and the namespaces that operator watches (None:
     #: every one, or not said) (see _held_elsewhere).
     holders: dict[str, tuple[float, bool, frozenset[str] | None]] = field(default_factory=dict)
+    #: When (time.monotonic()) each such operator was first seen with no live replica and no recent stop, since it
+    #: was last seen otherwise (see TAKEOVER_CONFIRM_SECONDS).
+    holders_gone: dict[str, float] = field(default_factory=dict)
+    #: When (time.monotonic()) this replica last read the peering object and found itself the active one: the
+    #: replica active until the operator stopped says so on the object (see _mark_stopped).
+    active_seen: float | None = None
+    #: The write of the watched namespaces under way, if any (see _publish_watched).
+    publishing: asyncio.Task[None] | None = None
     #: Whether writing the watched namespaces on this operator's peering object was refused (403: the chart's RBAC
     #: from before it did so), and whether a failure to write them was said (see _publish_watched): a refusal is not
     #: tried again until the operator restarts; another failure is, at the next read of the peering object.
@@ -345,13 +359,13 @@ async def _check_standby(
     # An entry already dead (a pod of the same name before a restart) is no lease: kopf writes it anew shortly.
     leases = [until.timestamp() for p in found if (until := alive_until(p.get("status"), identity)) is not None]
     state.lease = max((until for until in leases if until > time.time()), default=None)
-    if not standby and not _paused(state):
-        for peering in found:
-            # Bounded: a slow write (429s, say) must not hold up noticing a change of the active replica.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    _publish_watched(client, config, state, identity, peering, logger), STANDBY_POLL_SECONDS
-                )
+    if not standby and found:
+        state.active_seen = time.monotonic()
+    if not standby and not _paused(state) and found and (state.publishing is None or state.publishing.done()):
+        # Apart: a slow write (429s, say) must not hold up noticing a change of the active replica.
+        state.publishing = asyncio.create_task(
+            _publish_watched(client, config, state, identity, found[0], logger), name="llm-telemetry-publish"
+        )
     if standby == state.standby:
         return
     if standby:
@@ -406,7 +420,8 @@ async def _publish_watched(
     except WriteWithheld:
         return  # began to stand by meanwhile: the active replica writes it
     except ApiError as exc:
-        state.publish_refused = exc.status == 403
+        # Refused (RBAC, an admission policy): asked again, the same. Anything else is tried again.
+        state.publish_refused = exc.status in (400, 403, 422)
         if not state.publish_warned:
             state.publish_warned = True
             logger.warning(
@@ -424,17 +439,20 @@ async def _publish_watched(
 
 async def _mark_stopped(client: KubeClient, config: OperatorConfig, state: OperatorState, logger: Any) -> None:
     """Say on the peering object when the active replica stopped: kopf takes its entry out as it stops, and another
-    operator would otherwise take the resources this one claimed over at once, though it is only restarting (see
-    :func:`_held_elsewhere`)."""
-    if config.standalone or _paused(state):
-        return  # a replica standing by: the active one goes on
+    operator would otherwise take the resources this one claimed over, though it is only restarting (see
+    :func:`_held_elsewhere`). Written by the replica that was active until the stop: kopf has taken its entry out
+    by now, so the last reads may have shown it another replica's standby."""
+    active = state.active_seen is not None and time.monotonic() - state.active_seen < 3 * STANDBY_POLL_SECONDS
+    if config.standalone or not active:
+        return
     stopped = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     patch = {"metadata": {"annotations": {c.ANNOTATION_STOPPED: stopped}}}
+    client.writable = None  # the operator's passes have stopped; this write is its last
     try:
         await asyncio.wait_for(
             client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True), 5.0
         )
-    except (ApiError, WriteWithheld, asyncio.TimeoutError) as exc:
+    except (ApiError, asyncio.TimeoutError) as exc:
         logger.warning("could not say on ClusterKopfPeering %r that this operator stopped: %s", config.peering, exc)
 
 
@@ -505,8 +523,6 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = memo.get("state")
-    if isinstance(state, OperatorState) and memo.get("identity"):
-        await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
     if isinstance(state, OperatorState):
         for watch in [*(state.watches or ()), *state.collector_watches.values()]:
             watch.stop()
@@ -521,6 +537,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
+    if isinstance(state, OperatorState):
+        if state.publishing is not None:
+            state.publishing.cancel()
+            await asyncio.gather(state.publishing, return_exceptions=True)
+        if memo.get("identity"):
+            await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
     await _client(memo).close()
 
 
@@ -617,7 +639,11 @@ async def _reconcile(
         try:
             claimed = await _claim(memo, body, logger)
             if claimed is None:
-                state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may go
+                if _holder(state.bodies.get(key) or body) in state.holders_gone:
+                    # That operator was seen gone once: looked at again once that can be confirmed.
+                    state.schedule.again(key, TAKEOVER_CONFIRM_SECONDS + 1)
+                else:
+                    state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may go
                 state.wake.set()
                 return None
             if claimed is not body:
@@ -816,6 +842,13 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
             for peer in (peering.get("status") or {})
             if (until := alive_until(peering.get("status"), peer)) is not None
         ) or any(stopped > horizon for peering in found if (stopped := _stopped_at(peering)) is not None)
+        if alive:
+            state.holders_gone.pop(holder, None)
+        else:
+            # Seen gone once: maybe between kopf taking a stopping replica's entry out and the operator's cleanup
+            # saying it stopped. Taken as gone only once seen so again, TAKEOVER_CONFIRM_SECONDS later.
+            first = state.holders_gone.setdefault(holder, now)
+            alive = now - first < TAKEOVER_CONFIRM_SECONDS
         checked = state.holders[holder] = (now, alive, _watched(found))
     _, alive, watched = checked
     return holder if alive and (watched is None or body["metadata"]["namespace"] in watched) else None
@@ -844,7 +877,9 @@ def _stopped_at(peering: Mapping[str, Any]) -> datetime.datetime | None:
         when = datetime.datetime.fromisoformat(str(said))
     except ValueError:
         return None
-    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+    ahead = when - datetime.datetime.now(datetime.UTC)
+    return None if ahead.total_seconds() > STOP_MARK_SKEW_SECONDS else when  # a future one would hold for ever
 
 
 async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
@@ -880,7 +915,8 @@ async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str
         if holder == config.peering:
             break
         if holder is not None and (await _held_elsewhere(memo, body)) is not None:
-            _leave_to(memo, body, holder, logger)
+            if holder not in state.holders_gone:  # (else it looks gone: no event while that is confirmed)
+                _leave_to(memo, body, holder, logger)
             return None
         patch = {
             "metadata": {"resourceVersion": body["metadata"].get("resourceVersion")},

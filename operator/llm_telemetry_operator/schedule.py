@@ -90,6 +90,10 @@ class Schedule:
             delay = random.uniform(0.5, 1.0) * min(self.interval, self.retry_base * 2 ** (count - 1))
         return self._set(key, self.clock() + delay, "retry")
 
+    def again(self, key: Key, delay: float) -> float:
+        """Look at the resource again in ``delay`` seconds, as a retry (something it waits on is being confirmed)."""
+        return self._set(key, self.clock() + delay, "retry")
+
     def forget(self, key: Key) -> None:
         self.due.pop(key, None)
         self.failures.pop(key, None)

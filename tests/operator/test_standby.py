@@ -15,7 +15,14 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError
-from llm_telemetry_operator.handlers import RELIST_ATTEMPTS, OperatorState, _check_standby, _paused
+from llm_telemetry_operator.handlers import (
+    RELIST_ATTEMPTS,
+    OperatorState,
+    _check_standby,
+    _mark_stopped,
+    _paused,
+    _stopped_at,
+)
 from llm_telemetry_operator.standby import alive_until, standing_by
 
 NOW = datetime.datetime(2026, 12, 1, 12, 0, 0, tzinfo=datetime.UTC)
@@ -93,6 +100,13 @@ class PeeringReads:
         return {}
 
 
+async def check(reads: PeeringReads, config: OperatorConfig, state: OperatorState, log: logging.Logger) -> None:
+    """One look at the peering object, and the write of the watched namespaces it started, if any."""
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    if state.publishing is not None:
+        await state.publishing
+
+
 def entry(seconds_ago: float, priority: int = 10) -> dict[str, Any]:
     seen = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds_ago)
     return {"priority": priority, "lastseen": seen.isoformat(), "lifetime": 60}
@@ -158,18 +172,18 @@ async def test_the_active_replica_says_once_on_the_peering_object_which_namespac
     reads, state, log = PeeringReads(), OperatorState(), logging.getLogger("test")
     config = OperatorConfig(peering="llm-telemetry", priority=10, namespaces=("llm", "team-b"))
     reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=20)}
-    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    await check(reads, config, state, log)
     assert reads.patches == 0
     del reads.status["other"]
     for _ in range(3):
-        await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+        await check(reads, config, state, log)
     said = {c.ANNOTATION_WATCHED: "llm,team-b", c.ANNOTATION_WATCHED_BY: "me"}
     assert reads.annotations == said and reads.patches == 1
     reads.annotations[c.ANNOTATION_WATCHED] = "*"  # another release of the same peering name, say
-    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    await check(reads, config, state, log)
     assert reads.annotations == said and reads.patches == 2
     reads.annotations[c.ANNOTATION_WATCHED_BY] = "other"  # the replica active before this one
-    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    await check(reads, config, state, log)
     assert reads.annotations == said and reads.patches == 3
 
 
@@ -181,7 +195,7 @@ async def test_a_refused_write_of_the_watched_namespaces_is_said_once_and_not_re
     reads.status, reads.patch_failures = {"me": entry(seconds_ago=0)}, [403]
     with caplog.at_level(logging.WARNING, logger="test"):
         for _ in range(3):
-            await _check_standby(reads, OperatorConfig(peering="llm-telemetry", priority=10), state, "me", log)  # type: ignore[arg-type]
+            await check(reads, OperatorConfig(peering="llm-telemetry", priority=10), state, log)
     assert reads.patches == 1 and not _paused(state) and reads.annotations == {}
     assert len([r for r in caplog.records if "watched namespaces" in r.getMessage()]) == 1
 
@@ -196,7 +210,37 @@ async def test_a_failed_write_of_the_watched_namespaces_is_tried_again(
     reads.status, reads.patch_failures = {"me": entry(seconds_ago=0)}, [status, status]
     with caplog.at_level(logging.WARNING, logger="test"):
         for _ in range(4):
-            await _check_standby(reads, OperatorConfig(peering="llm-telemetry", priority=10), state, "me", log)  # type: ignore[arg-type]
+            await check(reads, OperatorConfig(peering="llm-telemetry", priority=10), state, log)
     assert reads.patches == 3
     assert reads.annotations == {c.ANNOTATION_WATCHED: "*", c.ANNOTATION_WATCHED_BY: "me"}
     assert len([r for r in caplog.records if "watched namespaces" in r.getMessage()]) == 1
+
+
+async def test_the_replica_active_until_the_stop_says_when_it_stopped() -> None:
+    """kopf takes its entry out before the cleanup runs, so its last read may have shown it another replica's
+    standby: it says so all the same. A replica that stood by says nothing (the active one goes on)."""
+    reads, log = PeeringReads(), logging.getLogger("test")
+    config = OperatorConfig(peering="llm-telemetry", priority=10)
+    state = OperatorState()
+    reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=5)}
+    await check(reads, config, state, log)
+    assert not _paused(state)
+    del reads.status["me"]  # kopf took this replica's entry out as it stopped
+    await check(reads, config, state, log)
+    assert _paused(state)
+    await _mark_stopped(reads, config, state, log)  # type: ignore[arg-type]
+    assert c.ANNOTATION_STOPPED in reads.annotations
+
+    standing_by, reads = OperatorState(), PeeringReads()
+    reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=20)}
+    await check(reads, config, standing_by, log)
+    await _mark_stopped(reads, config, standing_by, log)  # type: ignore[arg-type]
+    assert reads.annotations == {}
+
+
+def test_a_stop_mark_far_in_the_future_counts_for_nothing() -> None:
+    """A clock far ahead, or a hand-written date, would otherwise hold another operator's resources for good."""
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30)
+    assert _stopped_at({"metadata": {"annotations": {c.ANNOTATION_STOPPED: soon.isoformat()}}}) == soon
+    for far in ("9999-12-31T23:59:59+00:00", (soon + datetime.timedelta(hours=1)).isoformat()):
+        assert _stopped_at({"metadata": {"annotations": {c.ANNOTATION_STOPPED: far}}}) is None

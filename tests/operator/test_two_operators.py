@@ -31,8 +31,12 @@ from test_operator_kmock import env_of, hand
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.handlers import TAKEOVER_CONFIRM_SECONDS
 
 OTHER = "team-a-llm-telemetry-operator"
+#: Polls (of 0.05 s) to wait for a takeover of an operator seen gone: it is confirmed by a second look
+#: TAKEOVER_CONFIRM_SECONDS later (kopf takes a stopping replica's entry out before its stop can be said).
+CONFIRMED = int((TAKEOVER_CONFIRM_SECONDS + 10) / 0.05)
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
@@ -119,7 +123,7 @@ async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: 
     other_operator(emulator, datetime.timedelta(minutes=10))
     served_by_other(emulator)
     async with running_operator():
-        found = await ready(emulator)
+        found = await ready(emulator, attempts=CONFIRMED)
         assert found["status"]["operator"] == PEERING
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert posted_events(emulator, "WatchedTwice") == []
@@ -134,7 +138,7 @@ async def test_a_resource_whose_operators_peering_object_is_gone_is_taken_over(
     install_default_collectors(emulator)
     served_by_other(emulator)
     async with running_operator():
-        found = await ready(emulator)
+        found = await ready(emulator, attempts=CONFIRMED)
         assert found["status"]["operator"] == PEERING
         assert posted_events(emulator, "WatchedTwice") == []
 
@@ -231,13 +235,31 @@ async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulato
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
+async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so_again(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """kopf takes a stopping replica's entry out before the operator's cleanup writes its stop mark: a look in
+    between finds neither. The resource is taken over only if a second look, TAKEOVER_CONFIRM_SECONDS later, finds
+    the same; here the mark arrives meanwhile (a restart), and the resource stays with its operator."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, None)
+    served_by_other(emulator)
+    async with running_operator():
+        await asyncio.sleep(2)
+        other_operator(emulator, None, stopped=datetime.timedelta(seconds=2))
+        await asyncio.sleep(TAKEOVER_CONFIRM_SECONDS + 6)
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+
+
 async def test_a_resource_whose_operator_stopped_long_ago_is_taken_over(emulator: Any, monitoring_crds: Any) -> None:
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     other_operator(emulator, None, stopped=datetime.timedelta(minutes=10))
     served_by_other(emulator)
     async with running_operator():
-        assert (await ready(emulator))["status"]["operator"] == PEERING
+        assert (await ready(emulator, attempts=CONFIRMED))["status"]["operator"] == PEERING
 
 
 async def test_the_active_replica_says_when_it_stopped(emulator: Any) -> None:
@@ -290,7 +312,7 @@ async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: 
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
     async with running_operator(config):
-        await ready(emulator)
+        await ready(emulator, attempts=CONFIRMED)
         other_operator(emulator, datetime.timedelta(minutes=10))
         theirs = {"operator": OTHER, "phase": "Pending", "targets": [], "targetCount": 0, "conditions": []}
         path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat/status"
@@ -301,8 +323,9 @@ async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: 
                 and get(emulator, LLMT, "chat")
             ),
             "taken back",
+            CONFIRMED,
         )
-        found = await ready(emulator)
+        found = await ready(emulator, attempts=CONFIRMED)
         assert found["status"]["targetCount"] == 1 and found["status"]["phase"] == "Ready"
 
 
