@@ -60,13 +60,16 @@ HEARTBEAT_SECONDS = 1.0
 #: _held_elsewhere): passes for the resources it serves come in bursts, one per event of its writes.
 HOLDER_CHECK_SECONDS = 10.0
 #: Seconds the operator serving a resource may have no live replica before another operator takes the resource
-#: over: kopf marks a replica's entry dead as it exits, and a restart, or a rollout of a single replica (the chart's
-#: Recreate strategy), leaves none alive for a while.
+#: over: a restart, or a rollout of a single replica (the chart's Recreate strategy), leaves none alive for a while
+#: (kopf takes a stopping replica's entry out; the operator says when it stopped, see _mark_stopped).
 TAKEOVER_GRACE_SECONDS = 300.0
 #: Seconds another operator, once seen with no live replica and no recent stop, must still be seen so before its
 #: resources are taken over: kopf takes a stopping replica's entry out before the operator's cleanup can say it
 #: stopped (see _mark_stopped), and a read in between would take the resources of a mere restart.
 TAKEOVER_CONFIRM_SECONDS = 15.0
+#: Seconds after which a first sighting of such an operator as gone no longer counts towards the confirmation: what it
+#: did since is unknown, so a later sighting starts a new one.
+TAKEOVER_CONFIRM_WINDOW_SECONDS = 120.0
 #: How far ahead of this node's clock a stop mark may be and still count (clock skew); further is no mark.
 STOP_MARK_SKEW_SECONDS = 60.0
 _CHILD_RESOURCES = (
@@ -449,11 +452,12 @@ async def _mark_stopped(client: KubeClient, config: OperatorConfig, state: Opera
     patch = {"metadata": {"annotations": {c.ANNOTATION_STOPPED: stopped}}}
     client.writable = None  # the operator's passes have stopped; this write is its last
     try:
+        # Within the pod's grace period (30 s by default), of which kopf's own exit takes a few.
         await asyncio.wait_for(
-            client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True), 5.0
+            client.patch(kube.CLUSTERKOPFPEERINGS, None, config.peering, patch, metadata_only=True), 15.0
         )
     except (ApiError, asyncio.TimeoutError) as exc:
-        logger.warning("could not say on ClusterKopfPeering %r that this operator stopped: %s", config.peering, exc)
+        logger.warning("could not say on ClusterKopfPeering %r that this operator stopped: %r", config.peering, exc)
 
 
 def _paused(state: OperatorState) -> bool:
@@ -847,7 +851,9 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
         else:
             # Seen gone once: maybe between kopf taking a stopping replica's entry out and the operator's cleanup
             # saying it stopped. Taken as gone only once seen so again, TAKEOVER_CONFIRM_SECONDS later.
-            first = state.holders_gone.setdefault(holder, now)
+            first = state.holders_gone.get(holder)
+            if first is None or now - first > TAKEOVER_CONFIRM_SECONDS + TAKEOVER_CONFIRM_WINDOW_SECONDS:
+                first = state.holders_gone[holder] = now
             alive = now - first < TAKEOVER_CONFIRM_SECONDS
         checked = state.holders[holder] = (now, alive, _watched(found))
     _, alive, watched = checked

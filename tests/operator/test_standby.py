@@ -244,3 +244,34 @@ def test_a_stop_mark_far_in_the_future_counts_for_nothing() -> None:
     assert _stopped_at({"metadata": {"annotations": {c.ANNOTATION_STOPPED: soon.isoformat()}}}) == soon
     for far in ("9999-12-31T23:59:59+00:00", (soon + datetime.timedelta(hours=1)).isoformat()):
         assert _stopped_at({"metadata": {"annotations": {c.ANNOTATION_STOPPED: far}}}) is None
+
+
+async def test_an_operator_is_taken_as_gone_only_when_seen_so_twice_apart_and_not_long_apart() -> None:
+    """Its peering object with no replica and no stop mark: maybe read between kopf taking a stopping replica's
+    entry out and the operator's cleanup saying it stopped. Gone once seen so again TAKEOVER_CONFIRM_SECONDS later;
+    a sighting long before (what it did since is unknown) starts a new confirmation."""
+    from llm_telemetry_operator.handlers import HOLDER_CHECK_SECONDS, TAKEOVER_CONFIRM_SECONDS, _held_elsewhere
+
+    class TheirPeering:
+        async def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
+            return [{"metadata": {"name": "theirs"}, "status": {}}]
+
+    state = OperatorState()
+    memo = {"config": OperatorConfig(peering="mine"), "client": TheirPeering(), "state": state}
+    body = {"metadata": {"namespace": "llm", "name": "chat"}, "status": {"operator": "theirs"}}
+
+    def later(seconds: float) -> None:
+        """As if ``seconds`` had passed since the sightings so far (and the cached read had expired)."""
+        state.holders_gone["theirs"] -= seconds
+        checked, alive, watched = state.holders["theirs"]
+        state.holders["theirs"] = (checked - max(seconds, HOLDER_CHECK_SECONDS + 1), alive, watched)
+
+    assert await _held_elsewhere(memo, body) == "theirs"  # first sighting: left to it for now
+    later(TAKEOVER_CONFIRM_SECONDS / 2)
+    assert await _held_elsewhere(memo, body) == "theirs"
+    later(TAKEOVER_CONFIRM_SECONDS / 2 + 1)
+    assert await _held_elsewhere(memo, body) is None  # seen gone twice, far enough apart
+
+    state.holders.clear()
+    state.holders_gone["theirs"] -= 1000  # that sighting is long past
+    assert await _held_elsewhere(memo, body) == "theirs"  # a new confirmation starts
