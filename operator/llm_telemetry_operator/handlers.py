@@ -413,7 +413,7 @@ async def _publish_watched(
     one claimed to it, but only in namespaces this one still watches (see :func:`_held_elsewhere`). Written by the
     active replica, as it reads the object anyway."""
     watched = ",".join(config.namespaces) or "*"
-    annotations = (peering.get("metadata") or {}).get("annotations") or {}
+    annotations = _annotations(peering)
     said = (annotations.get(c.ANNOTATION_WATCHED), annotations.get(c.ANNOTATION_WATCHED_BY))
     if state.publish_refused or said == (watched, identity):
         return
@@ -866,7 +866,7 @@ def _watched(peerings: list[dict[str, Any]]) -> frozenset[str] | None:
     before it said so), one that is not a list of namespace names, or one written by a replica with no entry in the
     object now (a rollback to such an operator)."""
     for peering in peerings:
-        annotations = (peering.get("metadata") or {}).get("annotations") or {}
+        annotations = _annotations(peering)
         said, by = annotations.get(c.ANNOTATION_WATCHED), annotations.get(c.ANNOTATION_WATCHED_BY)
         if not isinstance(said, str) or by not in (peering.get("status") or {}):
             continue
@@ -876,9 +876,14 @@ def _watched(peerings: list[dict[str, Any]]) -> frozenset[str] | None:
     return None
 
 
+def _annotations(peering: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A peering object's annotations (none when it has none)."""
+    return (peering.get("metadata") or {}).get("annotations") or {}
+
+
 def _stopped_at(peering: Mapping[str, Any]) -> datetime.datetime | None:
     """When the operator of a peering object last stopped, as the object says (see :func:`_mark_stopped`)."""
-    said = ((peering.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_STOPPED)
+    said = _annotations(peering).get(c.ANNOTATION_STOPPED)
     try:
         when = datetime.datetime.fromisoformat(str(said))
     except ValueError:
