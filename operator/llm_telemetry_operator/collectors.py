@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import DEFAULT_LOGS_ENDPOINT, DEFAULT_TRACES_ENDPOINT
-from llm_telemetry_operator.errors import NotFoundError
+from llm_telemetry_operator.errors import ApiError, NotFoundError
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SERVICE_HOST = re.compile(rf"^(?P<name>{_LABEL})\.(?P<namespace>{_LABEL})(?P<svc>\.svc(\.[a-z0-9.-]+)?)?$")
@@ -34,6 +34,13 @@ Ports = frozenset[int] | None | Literal[False]
 #: Seconds a lookup is reused: passes for many resources share one read, and a Service installed later is
 #: noticed by the first pass after this.
 CACHE_SECONDS = 30.0
+#: Seconds a namespaced operator's reads of a watched namespace's Service may be refused (403) before the Service
+#: counts as not checked: a refusal that long is no RBAC cache filling after a restart, but the namespace deleted
+#: (its Role with it) or the Role taken away, and failing every pass on it stopped the operator serving resources
+#: in the namespaces it still watches.
+REFUSED_SECONDS = 60.0
+#: Refusals further apart than this are not one run: a transient refusal long after an old one starts anew.
+REFUSALS_APART_SECONDS = 900.0
 
 
 def service_of(endpoint: str) -> tuple[str, str] | None:
@@ -75,6 +82,8 @@ class CollectorCheck:
 
     Args:
         namespaces: the namespaces the operator may read Services in (its watched namespaces); empty: all.
+        refused_seconds: how long reads of a Service in one of ``namespaces`` may be refused before it counts as
+            not checked (see :data:`REFUSED_SECONDS`).
 
     Example::
 
@@ -82,9 +91,14 @@ class CollectorCheck:
         lookup = await check.lookup(client, "http://jaeger.observability:4318")
     """
 
-    def __init__(self, namespaces: tuple[str, ...] = (), ttl: float = CACHE_SECONDS) -> None:
+    def __init__(
+        self, namespaces: tuple[str, ...] = (), ttl: float = CACHE_SECONDS, refused_seconds: float = REFUSED_SECONDS
+    ) -> None:
         self.namespaces = namespaces
         self.ttl = ttl
+        self.refused_seconds = refused_seconds
+        #: Per Service of a watched namespace: since when every read of it has been refused, and the last refusal.
+        self._refused: dict[tuple[str, str], tuple[float, float]] = {}
         #: Per Service: when it was read, and its ports (None: any port reaches it; False: no such Service).
         self._cache: dict[tuple[str, str], tuple[float, Ports]] = {}
         self._reading: dict[tuple[str, str], asyncio.Future[Ports]] = {}
@@ -121,7 +135,26 @@ class CollectorCheck:
             # refuses (403 while its RBAC cache fills after a restart, a role edited) or fails raises: the pass fails
             # and is retried, changing nothing, where injecting as if the Service were there rolled the workloads
             # to exporters aimed at a collector known to be missing, and back at the next pass.
-            ports = await asyncio.shield(reading)
+            try:
+                ports = await asyncio.shield(reading)
+            except ApiError as exc:
+                if exc.status != 403 or not self.namespaces:
+                    raise
+                # A namespaced operator refused for long in a namespace it watches: the namespace was deleted, or
+                # the Role the chart made there was taken away. The Service is left unchecked, as in a namespace it
+                # does not watch, rather than failing every pass of every resource exporting there.
+                now = time.monotonic()
+                since, last = self._refused.get(service, (now, now))
+                if now - last > REFUSALS_APART_SECONDS:
+                    since = now
+                self._refused[service] = (since, now)
+                if now - since < self.refused_seconds:
+                    raise
+                note = (
+                    f"reading Services in namespace {namespace} has been refused for over {self.refused_seconds:.0f} s"
+                    " (was the namespace deleted, or the operator's Role there?); not checked"
+                )
+                return Lookup(endpoint, service, None, note)
         if ports is False:
             return Lookup(endpoint, service, False)
         port = port_of(endpoint)
@@ -143,6 +176,7 @@ class CollectorCheck:
             # An ExternalName Service is a DNS alias, and a headless one without ports resolves to its pods: any
             # port reaches what is behind them.
             ports = listed if listed and spec.get("type") != "ExternalName" else None
+        self._refused.pop(service, None)
         if started >= self._changed.get(service, 0.0):
             self._cache[service] = (time.monotonic(), ports)
         return ports

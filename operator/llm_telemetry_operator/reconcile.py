@@ -343,8 +343,9 @@ async def reconcile(
         message = (
             f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: "
             + "; ".join(unscrapeable)
-            + " (a container's own variables win over the injection: remove these, or for a port set"
-            " spec.metrics.port to it)"
+            + " (a container's own variables and its own port named "
+            + c.METRICS_PORT_NAME
+            + " win over the injection: remove these, or for a port set spec.metrics.port to it)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
     elif name_clashes:
@@ -580,7 +581,16 @@ async def _inject(
                 beaten = True
             if not (selected and beaten):
                 if selected:
-                    skipped.append(f"{workload_key(workload)} (already injected by {holder})")
+                    # Its injector is there but no peer: its spec is invalid (it keeps what its last valid spec
+                    # made). A conflict all the same, said as one: this resource does not serve a workload it selects.
+                    message = (
+                        f"{workload_key(workload)} is injected by LLMTelemetry {holder}, whose spec is not valid; it"
+                        f" keeps the workload as its last valid spec made it, and this resource leaves it alone until"
+                        f" {holder} is fixed or deleted"
+                    )
+                    lost.append(f"{workload_key(workload)} (held by {holder}, invalid)")
+                    outcome.failures.append(("Conflict", message))
+                    outcome.shown[("Conflict", message)] = lost[-1]
                 continue
             take_over = True
         if not selected and not mine:
@@ -626,7 +636,7 @@ async def _inject(
             c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)
         )
     elif not targets and lost:
-        message = "every selected workload is served by an older LLMTelemetry: " + ", ".join(lost)
+        message = "every selected workload is served by another LLMTelemetry: " + ", ".join(lost)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets and missing:
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", no_container)

@@ -684,7 +684,18 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
     chosen = [ct for ct in containers if ct.get("name") in spec.containers] if spec.containers else containers[:1]
     found = []
     for container in chosen:
-        ours = (injected.get(container.get("name")) or {}).get("env") or {}
+        mine = injected.get(container.get("name")) or {}
+        ours = mine.get("env") or {}
+        if not mine.get("port"):
+            # A port the user named for the middleware's listener is theirs and is kept (none is added beside it),
+            # and the Service targets it by name: on another number than spec.metrics.port nothing answers there.
+            found += [
+                f"container {container.get('name')} declares port {c.METRICS_PORT_NAME} as {port.get('containerPort')}"
+                for port in container.get("ports") or []
+                if isinstance(port, Mapping)
+                and port.get("name") == c.METRICS_PORT_NAME
+                and port.get("containerPort") != spec.metrics.port
+            ]
         for entry in container.get("env") or []:
             name, value = entry.get("name"), entry.get("value")
             if _as_injected(entry, ours) or not isinstance(value, str) or _blank(entry):
@@ -704,9 +715,15 @@ def port_conflicts(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str
     """The containers of a workload's pods that declare ``spec.metrics.port`` for something else than the
     middleware's listener (any port there not named ``llm-metrics``). A pod's containers share one network: the app
     itself or a sidecar on that port, and the middleware's listener and it cannot both bind it (the first to start
-    wins; when that is the middleware, the app cannot start). Sidecars started as init containers count too."""
-    pod = ((workload.get("spec") or {}).get("template") or {}).get("spec") or {}
+    wins; when that is the middleware, the app cannot start). Sidecars started as init containers count too, and a
+    port named ``llm-metrics`` in a container the resource does not inject, unless an injection declared it."""
+    template = (workload.get("spec") or {}).get("template") or {}
+    injected = (_renamed(template, injected_record(workload)) or {}).get("containers")
+    if not isinstance(injected, Mapping):
+        injected = {}
+    pod = template.get("spec") or {}
     containers = [ct for ct in pod.get("containers") or [] if isinstance(ct, Mapping)]
+    chosen = [ct for ct in containers if ct.get("name") in spec.containers] if spec.containers else containers[:1]
     containers += [
         ct for ct in pod.get("initContainers") or [] if isinstance(ct, Mapping) and ct.get("restartPolicy") == "Always"
     ]
@@ -715,8 +732,12 @@ def port_conflicts(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str
         for port in container.get("ports") or []:
             if not isinstance(port, Mapping) or port.get("containerPort") != spec.metrics.port:
                 continue
-            if port.get("name") == c.METRICS_PORT_NAME or (port.get("protocol") or "TCP") != "TCP":
+            if (port.get("protocol") or "TCP") != "TCP":
                 continue
+            if port.get("name") == c.METRICS_PORT_NAME and (
+                any(container is ct for ct in chosen) or (injected.get(container.get("name")) or {}).get("port")
+            ):
+                continue  # the middleware's listener: declared by hand where it is injected, or by an injection
             named = f" ({port['name']})" if port.get("name") else ""
             found.append(f"container {container.get('name')} declares port {spec.metrics.port}{named}")
     return found

@@ -23,8 +23,10 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
     """Namespaced mode grants most of its access through a Role in each watched namespace, and deleting the
     namespace deletes the Role with everything else. The namespace still goes (the operator takes its finalizer
     off the LLMTelemetry there), and the operator goes on serving the other namespace, its peering held in the
-    release's ClusterKopfPeering rather than in a KopfPeering of each namespace. Created again, the namespace has
-    no Role until the chart is applied again: a resource there says so in its status, and is served once it is."""
+    release's ClusterKopfPeering rather than in a KopfPeering of each namespace, a resource there that exports its
+    traces to a collector in the deleted namespace included (after a minute of refused reads, the collector is left
+    unchecked). Created again, the namespace has no Role until the chart is applied again: a resource there says so
+    in its status, and is served once it is."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -36,10 +38,10 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
     [peering] = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"]
     process, log, _, env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
 
-    def condition(namespace: str) -> dict[str, Any]:
+    def condition(namespace: str, kind: str = "Ready") -> dict[str, Any]:
         found = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
         conditions = (found.get("status") or {}).get("conditions") or []
-        return next((cond for cond in conditions if cond["type"] == "Ready"), {})
+        return next((cond for cond in conditions if cond["type"] == kind), {})
 
     def ready(namespace: str) -> bool:
         return condition(namespace).get("status") == "True"
@@ -55,12 +57,19 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
         container = apps.read_namespaced_deployment("chat", namespace).spec.template.spec.containers[0]
         return next((e.value for e in container.env or [] if e.name == "LLM_TELEMETRY_METRICS_PORT"), None)
 
+    collector = client.V1Service(
+        metadata=client.V1ObjectMeta(name="jaeger"),
+        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=4318)], selector={"app": "jaeger"}),
+    )
     try:
-        for namespace in (kept, doomed):
+        core.create_namespaced_service(doomed, collector)
+        traced = telemetry("chat", "chat", tracing={"endpoint": f"http://jaeger.{doomed}.svc:4318"})
+        for namespace, resource in ((kept, traced), (doomed, telemetry("chat", "chat"))):
             apps.create_namespaced_deployment(namespace, deployment("chat", "chat"))
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, telemetry("chat", "chat"))
+            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, resource)
         for namespace in (kept, doomed):
             wait_for(lambda namespace=namespace: ready(namespace), f"Ready in {namespace}")
+        assert "jaeger" in condition(kept, "CollectorsAvailable")["message"]
         assert env[LLM_TELEMETRY_OPERATOR_PEERING] == peering
         wait_for(
             lambda: (
@@ -79,7 +88,12 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
         custom.patch_namespaced_custom_object(
             GROUP, VERSION, kept, PLURAL, "chat", {"spec": {"metrics": {"port": 9600}}}
         )
-        wait_for(lambda: port(kept) == "9600", f"a change in {kept} applied after {doomed} went")
+        # Its collector's reads refused from then on, the resource in the namespace kept fails its passes for a
+        # minute (a refusal may be the RBAC cache filling after a restart), then is served with it unchecked.
+        wait_for(lambda: port(kept) == "9600", f"a change in {kept} applied after {doomed} went", timeout=180)
+        collectors = condition(kept, "CollectorsAvailable")
+        assert collectors["reason"] == "NotChecked" and f"namespace {doomed} has been refused" in collectors["message"]
+        assert ready(kept), condition(kept)
         assert process.poll() is None, log.read_text(errors="replace")[-4000:]
         text = log.read_text(errors="replace")
         refused = [x for x in text.splitlines() if (" 403" in x or "Forbidden" in x) and doomed not in x]

@@ -144,6 +144,44 @@ async def test_passes_started_together_read_a_collector_service_once(answer: Exc
     assert client.reads == (2 if found is None else 1)
 
 
+@pytest.mark.parametrize(
+    ("namespaces", "answer", "unchecked"),
+    [
+        (("llm", "observability"), ApiError(403, "Forbidden", "refused"), True),
+        ((), ApiError(403, "Forbidden", "refused"), False),  # cluster-wide: a ClusterRole that lacks it, said loudly
+        (("llm", "observability"), ApiError(503, "", "busy"), False),
+    ],
+    ids=["namespaced-refused", "cluster-wide-refused", "namespaced-unavailable"],
+)
+async def test_a_watched_namespace_that_refuses_for_long_leaves_its_collector_unchecked(
+    namespaces: tuple[str, ...], answer: ApiError, unchecked: bool
+) -> None:
+    """A namespaced operator whose watched namespace holding the collector was deleted (its Role with it) is
+    refused every read there. A refusal fails the pass (the RBAC cache filling after a restart); one that lasts
+    leaves the Service unchecked instead, so that resources exporting there are still served. Refused again after
+    a read that worked, it starts anew."""
+    endpoint = "http://jaeger.observability:4318"
+    check, client = CollectorCheck(namespaces, refused_seconds=0.2), SlowServices(answer)
+    client.release.set()
+    with pytest.raises(ApiError):
+        await check.lookup(client, endpoint)  # type: ignore[arg-type]
+    await asyncio.sleep(0.25)
+    if not unchecked:
+        with pytest.raises(ApiError):
+            await check.lookup(client, endpoint)  # type: ignore[arg-type]
+        return
+    lookup = await check.lookup(client, endpoint)  # type: ignore[arg-type]
+    assert lookup.found is None
+    assert "namespace observability has been refused" in lookup.note
+    assert client.reads == 2  # each lookup asks again: the answer is not kept
+    client.answer = None
+    assert (await check.lookup(client, endpoint)).found is True  # type: ignore[arg-type]
+    check.forget(("observability", "jaeger"))
+    client.answer = answer
+    with pytest.raises(ApiError):
+        await check.lookup(client, endpoint)  # type: ignore[arg-type]
+
+
 async def test_a_collector_lookup_the_api_server_refuses_fails_the_pass_and_injects_nothing(emulator: Any) -> None:
     """Refused a look at the collectors' Services (403 while the API server's RBAC cache fills after a restart, a
     role edited), a pass fails (Ready=False ApiError, retried) and leaves the workload as it is; it went on as if

@@ -1070,9 +1070,13 @@ async def test_a_record_of_an_llmtelemetry_that_is_gone_blocks_nobody(emulator: 
     emulator.objects[LLMT, NAMESPACE, "broken"] = minimal_llmt("broken", tracing={"endpoint": "http://[oops:4318"})
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
 
-    message = await injected_message(emulator)
+    outcome = await one_pass(emulator, "chat")
+    message = str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
     assert message.startswith("injected into Deployment/chat;"), message
-    assert "skipped Deployment/held (already injected by broken)" in message
+    assert "left Deployment/held (held by broken, invalid)" in message
+    # A conflict, said as one (a Warning event): this resource does not serve a workload it selects.
+    said = "Deployment/held is injected by LLMTelemetry broken, whose spec is not valid"
+    assert [reason for reason, text in outcome.failures if said in text] == ["Conflict"]
     taken = get(emulator, DEPLOYMENTS, "chat")
     assert json.loads(taken["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"] == "chat"
     assert env_of(taken)["LLM_TELEMETRY_METRICS_PORT"] == "9464"

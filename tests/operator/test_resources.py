@@ -407,6 +407,13 @@ def test_an_injected_variable_the_user_changed_is_theirs_before_the_record_says_
             ["container proxy declares port 9464"],
         ),
         ([], {"ports": [{"containerPort": 9464}], "init": True}, []),
+        # The name of the middleware's listener in a container it is not injected into: that one's own listener
+        # would bind the port beside the injected one.
+        (
+            [],
+            {"ports": [{"name": "llm-metrics", "containerPort": 9464}]},
+            ["container proxy declares port 9464 (llm-metrics)"],
+        ),
     ],
 )
 def test_a_port_the_pods_already_use_is_found(
@@ -425,6 +432,37 @@ def test_a_port_the_pods_already_use_is_found(
     assert r.port_conflicts(inject(workload), spec) == found
     # Another port for the listener frees it.
     assert r.port_conflicts(workload, parse_spec({**minimal_llmt()["spec"], "metrics": {"port": 9500}})) == []
+
+
+def test_the_listener_an_injection_declared_is_no_conflict_once_another_container_is_chosen() -> None:
+    """``spec.containers`` changed from the app to its sidecar: the port the last injection declared in the app is
+    the operator's own, removed by the pass that injects the sidecar, not a port the pods use for something else."""
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["containers"].append({"name": "proxy", "image": "proxy:1"})
+    injected = inject(workload)
+    assert injected["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"] == c.METRICS_PORT_NAME
+    spec = parse_spec({**minimal_llmt()["spec"], "containers": ["proxy"]})
+    assert r.port_conflicts(injected, spec) == []
+
+
+@pytest.mark.parametrize(("declared", "port", "found"), [(9464, 9464, []), (9464, 9500, [9464]), (9999, 9464, [9999])])
+def test_a_listener_port_declared_by_hand_on_another_number_leaves_nothing_to_scrape(
+    declared: int, port: int, found: list[int]
+) -> None:
+    """A port the user named ``llm-metrics`` is theirs: the injection adds none beside it, and the metrics Service
+    targets it by name. On another number than ``spec.metrics.port``, where the injected variable makes the
+    middleware listen, the Service reaches nothing; said so, as for a variable of the user's that wins."""
+    workload = deployment()
+    workload["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": c.METRICS_PORT_NAME, "containerPort": declared}
+    ]
+    raw = {**minimal_llmt()["spec"], "metrics": {"port": port}}
+    spec = parse_spec(raw)
+    expected = [f"container app declares port {c.METRICS_PORT_NAME} as {number}" for number in found]
+    assert r.unscrapeable_settings(workload, spec) == expected
+    injected = inject(workload, raw)
+    assert [p["containerPort"] for p in injected["spec"]["template"]["spec"]["containers"][0]["ports"]] == [declared]
+    assert r.unscrapeable_settings(injected, spec) == expected
 
 
 def test_service_monitor_scrapes_metrics_services_with_extra_labels() -> None:
