@@ -83,15 +83,24 @@ def _status_code(value: Any) -> int | None:
 _BROAD: Final = frozenset({"invalid_request_error", "api_error", "server_error", "internal_error"})
 
 
+def _decisive(status: int | None) -> bool:
+    """Whether a status says what failed whatever the message's words: authentication, a missing model, a timeout, a
+    rate limit, a server fault. A message may say more only of a 400, 413 or 422 (a prompt too long, a refusal)."""
+    return status is not None and (status in (401, 403, 404, 408, 429) or status >= 500)
+
+
 def classify_error_body(body: dict[str, Any], status: int | None = None, default: str = "other") -> str:
     """Read an OpenAI (``{"error": {"code", "type", "message"}}``) or Anthropic
     (``{"type": "error", "error": {"type", "message"}}``) error body; fall back to the status code, then
     ``default`` (``server_error`` for an error event inside a stream, whose HTTP status said success).
 
-    A specific code or type wins (``context_length_exceeded``, ``rate_limit_error``), then a context-length or
-    content-filter message, then the status: the response's, or one carried as the error's ``code`` (an error event
-    inside a stream, whose response said 200). A broad type (``invalid_request_error``, ``api_error``) is used only
-    when there is no status to read."""
+    A specific code or type wins (``context_length_exceeded``, ``rate_limit_error``), then a status that says what
+    failed (:func:`_decisive`), then a context-length or content-filter message, then any other status: the
+    response's, or one carried as the error's ``code`` (an error event inside a stream, whose response said 200). A
+    broad type (``invalid_request_error``, ``api_error``) is used only when there is no status to read. Words
+    of a message are a guess: a rate limit saying "too many tokens" (Bedrock's throttling), a 5xx of a gateway whose
+    model is named for moderation, are not a long prompt or a refusal, and counted as such they left the
+    availability alerts, which leave those two out."""
     error = body.get("error")
     if isinstance(error, dict):
         broad: str | None = None
@@ -102,15 +111,15 @@ def classify_error_body(body: dict[str, Any], status: int | None = None, default
                     broad = broad or _CODES[value.lower()]
                     continue
                 return _CODES[value.lower()]
+        if status is None or status < 400:
+            status = _status_code(error.get("code"))
         message = error.get("message")
-        if isinstance(message, str):
+        if isinstance(message, str) and not _decisive(status):
             lowered = message.lower()
             if any(hint in lowered for hint in _CONTEXT_LENGTH_HINTS):
                 return "context_length"
             if _CONTENT_FILTER_HINT.search(lowered) is not None:
                 return "content_filter"
-        if status is None or status < 400:
-            status = _status_code(error.get("code"))
         if status is not None:
             return classify_status(status) or default
         if broad is not None:

@@ -253,6 +253,21 @@ def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
         ({"type": "error", "error": {"type": "api_error", "message": "x"}}, 422, "invalid_request"),
         ({"type": "error", "error": {"type": "api_error", "message": "x"}}, 500, "server_error"),
         ({"error": {"type": "invalid_request_error", "message": "x"}}, 500, "server_error"),
+        # A status that says what failed wins over a message's words: Bedrock's throttling ("too many tokens"), a
+        # gateway's 404 or 5xx naming a moderation model or a safety service, a 401 whose project name has the words.
+        ({"error": {"message": "Too many tokens, please wait before trying again.", "type": None, "code": None}},
+         429, "rate_limit"),
+        ({"error": {"message": "The model `omni-moderation-latest` does not exist", "type": "invalid_request_error",
+                    "code": "404"}}, 404, "not_found"),
+        ({"error": {"message": "Upstream safety service unavailable", "type": "server_error"}}, 503, "server_error"),
+        ({"error": {"message": "litellm.InternalServerError: llama-guard-safety: boom",
+                    "type": "internal_server_error"}}, 500, "server_error"),
+        ({"error": {"message": "Invalid API key for project 'context size tests'"}}, 401, "auth"),
+        ({"error": {"message": "request timed out: context length 9000"}}, 408, "timeout"),
+        ({"error": {"message": "Too many tokens in flight", "code": "429"}}, 200, "rate_limit"),
+        # Of a 400, 413 or 422 the words say more.
+        ({"error": {"message": "This model's maximum context length is 8192 tokens"}}, 422, "context_length"),
+        ({"error": {"message": "prompt is too long: 250000 tokens"}}, 413, "context_length"),
         # An error event in a stream that answered 200: the status carried as the code, else the type.
         ({"error": {"type": "invalid_request_error", "message": "x", "code": "408"}}, 200, "timeout"),
         ({"error": {"type": "invalid_request_error", "message": "x"}}, 200, "invalid_request"),
