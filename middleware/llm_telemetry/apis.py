@@ -1505,7 +1505,7 @@ def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
         )
         call.stop_sequences = sequences or None
     tier = get("service_tier")
-    if isinstance(tier, str) and tier:
+    if isinstance(tier, str) and tier and tier != "auto":  # (the default: the conventions leave it out)
         call.service_tier = field_text(tier, MAX_STOP_SEQUENCE_CHARS)
     output_format = get("response_format")
     if output_format is None:

@@ -14,7 +14,7 @@ from typing import Any, Final, Protocol, TypeAlias
 
 import anyio
 import anyio.to_thread
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
@@ -881,11 +881,20 @@ class LLMTelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         traced = self._traced
-        if traced is not None and not trace.get_current_span().get_span_context().is_valid:
-            # Two-span tracing (``tracing_http_span``) and no server span yet: OpenTelemetry's ASGI middleware
-            # opens one, continuing the caller's ``traceparent``. With a span already current, the LLM span joins
-            # it. By default ``_traced`` is None and the LLM span itself is the server span (tracing.py).
-            await traced(scope, receive, send)
+        current = trace.get_current_span().get_span_context() if traced is not None else None
+        if traced is not None and current is not None and (not current.is_valid or current.is_remote):
+            # Two-span tracing (``tracing_http_span``) and no span of this process current: OpenTelemetry's ASGI
+            # middleware opens the server span, continuing the caller's ``traceparent``. With a span of this process
+            # already current, the LLM span joins it. By default ``_traced`` is None and the LLM span itself is the
+            # server span (tracing.py). The caller's span context alone may be current (OpenTelemetry's ASGI
+            # middleware further out, without an SDK, leaves it so), which OpenTelemetry's middleware would take for
+            # a server span and open an INTERNAL one under: it is set aside, and the header read again.
+            token = context.attach(trace.set_span_in_context(trace.INVALID_SPAN)) if current.is_valid else None
+            try:
+                await traced(scope, receive, send)
+            finally:
+                if token is not None:
+                    context.detach(token)
             return
         await self._observe(api, scope, receive, send)
 
@@ -953,7 +962,8 @@ class LLMTelemetryMiddleware:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 max_body = 0  # a compressed request body is not read
             elif key == REQUEST_ID_HEADER:
-                request_id = value
+                # The first, as the app reads it (Starlette's ``request.headers[...]`` gives the first of several).
+                request_id = request_id or value
             elif key == b"content-length":
                 content_length = value
             label = self._attribution.get(key)

@@ -351,12 +351,13 @@ class _RuntimeContext:
             return
         self.runtime, self.var, self.span_key = runtime, var, _SPAN_KEY
 
-    def span_is_current(self) -> bool:
-        """``trace.get_current_span().get_span_context().is_valid``."""
+    def current_span_context(self) -> trace.SpanContext | None:
+        """``trace.get_current_span().get_span_context()`` when it is valid, else None."""
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
             if self.var.get().get(self.span_key) is None:
-                return False  # what get_current_span gives then: the invalid span
-        return bool(trace.get_current_span().get_span_context().is_valid)
+                return None  # what get_current_span gives then: the invalid span
+        found = trace.get_current_span().get_span_context()
+        return found if found.is_valid else None
 
     def attach_span(self, span: trace.Span) -> tuple[context.Context, Any]:
         """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token)."""
@@ -968,11 +969,16 @@ class SpanObserver:
         scope = call.scope
         if scope is not None:
             call.root_path = scope.get("root_path") or ""
-        if self.server_span and scope is not None and not _CONTEXT.span_is_current():
-            kind = _SERVER
-            # The caller's trace context (W3C traceparent by default; whatever propagator the app configured).
-            parent = _extract(scope.get("headers") or ())
-            _server_attributes(scope, call.path, attributes)
+        if self.server_span and scope is not None:
+            current = _CONTEXT.current_span_context()
+            if current is None or current.is_remote:
+                # No span of this process is current: the LLM span is the server span. Its parent is the caller's
+                # context: the one code further out made current, if any (OpenTelemetry's ASGI middleware without
+                # an SDK leaves the caller's span context alone current), else the request's headers (W3C
+                # traceparent by default; whatever propagator the app configured).
+                kind = _SERVER
+                parent = _extract(scope.get("headers") or ()) if current is None else None
+                _server_attributes(scope, call.path, attributes)
         start_time = now_ns - int((now_perf - call.start) * 1e9)  # _wall_ns(call.start, now_perf, now_ns)
         pipeline = self._light
         if pipeline is None or not (  # pipeline.current(), inline; else as self._pipeline() decides

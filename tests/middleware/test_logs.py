@@ -145,6 +145,33 @@ def test_a_utf8_request_id_is_logged_as_sent_and_echoed_byte_for_byte(capsys: py
     assert line_for(log_lines(capsys.readouterr().out), "réq-ünïcode-1")["model"] == "m"
 
 
+def test_of_two_request_ids_the_line_has_the_one_the_app_reads() -> None:
+    """A request with two ``x-request-id`` headers (a proxy that adds one beside the client's): the line carries the
+    first, the one the app's ``request.headers["x-request-id"]`` gives, so the two can be joined."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> JSONResponse:
+        return JSONResponse({"model": "m", "choices": [], "seen": request.headers["x-request-id"]})
+
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), metrics_port=0
+    )
+    try:
+        with request_log_lines() as sink, serve(app) as base:
+            response = httpx.post(
+                base + "/v1/chat/completions",
+                json={"model": "m"},
+                headers=[(b"x-request-id", b"from-client"), (b"x-request-id", b"from-proxy")],
+            )
+    finally:
+        app.telemetry.shutdown()
+    assert response.json()["seen"] == "from-client"
+    assert line_for(log_lines(sink.getvalue()), "from-client")["model"] == "m"
+
+
 def test_request_logs_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
     with demo_server({"LLM_TELEMETRY_REQUEST_LOGS": "false"}) as (app, base):
         httpx.post(base + "/v1/chat/completions", json={"model": "m", "messages": []})

@@ -1176,7 +1176,8 @@ def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(recei
 
 def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OTLPReceiver) -> None:
     """The conventions' OpenAI attributes: the service tier asked for and the one that served the request
-    (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks."""
+    (conditionally required), and the system fingerprint, from a JSON answer and from a stream's chunks. A request
+    asking for ``auto`` (the default) has no request tier on its span, as the conventions ask."""
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -1202,14 +1203,76 @@ def test_openai_service_tier_and_system_fingerprint_are_on_the_span(receiver: OT
 
     with traced_chat_app(receiver, chat, "llm-tiers") as base:
         for stream in (False, True):
-            reply = client(base).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=stream, service_tier="flex",
-                extra_headers={"x-request-id": f"tier-{stream}"},
-            )  # fmt: skip
-            if stream:
-                list(reply)  # type: ignore[arg-type]
+            for tier in ("flex", "auto"):
+                reply = client(base).chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=stream, service_tier=tier,
+                    extra_headers={"x-request-id": f"tier-{stream}-{tier}"},
+                )  # fmt: skip
+                if stream:
+                    list(reply)  # type: ignore[arg-type]
     for stream in (False, True):
-        attributes = wait_span(receiver, **{"llm.request_id": f"tier-{stream}"}).attributes
+        asked_auto = wait_span(receiver, **{"llm.request_id": f"tier-{stream}-auto"}).attributes
+        assert "openai.request.service_tier" not in asked_auto
+        assert asked_auto["openai.response.service_tier"] == "default"
+        attributes = wait_span(receiver, **{"llm.request_id": f"tier-{stream}-flex"}).attributes
         assert attributes["openai.request.service_tier"] == "flex"
         assert attributes["openai.response.service_tier"] == "default"
         assert attributes["openai.response.system_fingerprint"] == "fp_9a2b"
+
+
+@pytest.mark.parametrize("two_spans", [False, True], ids=["one-span", "two-spans"])
+def test_an_outer_asgi_instrumentation_without_an_sdk_leaves_the_span_shape_as_it_is(
+    receiver: OTLPReceiver, two_spans: bool
+) -> None:
+    """OpenTelemetry's ASGI middleware around the app with no SDK of its own (tracing set up for the middleware
+    alone) makes the caller's span context current when the request has a ``traceparent``, as a non-recording span.
+    That is no server span of this service: the trace has the same shape with and without the header, the LLM span
+    (or, with two spans, OpenTelemetry's) the server span with the HTTP attributes, continuing the caller's trace.
+    It used to become an INTERNAL span hanging from the caller, with no server span in the service at all."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import NoOpTracerProvider
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request: Any) -> JSONResponse:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]})
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-outer-noop"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({"LLM_TELEMETRY_TRACING_HTTP_SPAN": "true"} if two_spans else {}):
+        inner = LLMTelemetryMiddleware(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            metrics_port=0,
+            tracer_provider=provider,
+        )
+        inner.telemetry  # noqa: B018 - built while the environment is in place
+    app = OpenTelemetryMiddleware(inner, tracer_provider=NoOpTracerProvider())
+    trace_id, caller = "7cf92f3577b34da6a3ce929d0e0e4731", "30f067aa0ba902b9"
+    tag = "two" if two_spans else "one"
+    try:
+        with serve(app) as base:
+            for headers in ({}, {"traceparent": f"00-{trace_id}-{caller}-01"}):
+                client(base).chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": "hi"}],
+                    extra_headers={**headers, "x-request-id": f"outer-noop-{tag}-{len(headers)}"},
+                )
+    finally:
+        inner.telemetry.shutdown()
+        provider.shutdown()
+    for continued in (False, True):
+        span = wait_span(receiver, **{"llm.request_id": f"outer-noop-{tag}-{int(continued)}"})
+        server = parent_of(receiver, span) if two_spans else span
+        assert server.kind == SERVER
+        assert (server.trace_id, server.parent_span_id) == ((trace_id, caller) if continued else (span.trace_id, ""))
+        if two_spans:
+            assert server.scope.startswith("opentelemetry.instrumentation.asgi") and span.kind == INTERNAL
+        else:
+            assert server.attributes["http.request.method"] == "POST"
+            assert server.attributes["url.path"] == "/v1/chat/completions"
