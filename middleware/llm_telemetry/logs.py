@@ -427,8 +427,9 @@ class _DirectEmit:
         return True
 
 
-def _otlp_logger_provider(protocol: str) -> tuple[Any, bool]:
-    """The application's global SDK LoggerProvider, or a new one exporting over OTLP (owned by us)."""
+def _otlp_logger_provider(protocol: str, resource: Any = None) -> tuple[Any, bool]:
+    """The application's global SDK LoggerProvider, or a new one of ``resource`` (default: the environment's)
+    exporting over OTLP (owned by us)."""
     from opentelemetry._logs import get_logger_provider
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
@@ -436,9 +437,11 @@ def _otlp_logger_provider(protocol: str) -> tuple[Any, bool]:
     current = get_logger_provider()
     if isinstance(current, LoggerProvider):
         return current, False
-    from opentelemetry.sdk.resources import Resource
+    if resource is None:
+        from opentelemetry.sdk.resources import Resource
 
-    provider = LoggerProvider(resource=Resource.create(), shutdown_on_exit=False)  # see Telemetry's exit handler
+        resource = Resource.create()
+    provider = LoggerProvider(resource=resource, shutdown_on_exit=False)  # see Telemetry's exit handler
     exporter: Any
     if protocol == "grpc":
         from .otlp_grpc import OTLPGrpcLogExporter  # the SDK's, with our log encoding
@@ -458,9 +461,11 @@ class RequestLogs:
     Args:
         service: the ``service`` field of every line.
         env: environment (``OTEL_LOGS_EXPORTER``, OTLP protocol); default ``os.environ``.
+        resource: the SDK ``Resource`` of the OTLP records, when the logger provider is ours (a global SDK one the
+            application installed keeps its own); default the environment's (``Resource.create()``).
     """
 
-    def __init__(self, service: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, service: str, env: Mapping[str, str] | None = None, resource: Any = None) -> None:
         otel = OTelEnvironment.resolve(env)
         self.logger = logging.getLogger(REQUEST_LOGGER)
         self.observer = RequestLogObserver(service, self.logger)
@@ -476,7 +481,7 @@ class RequestLogs:
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
         if "otlp" in otel.logs_exporters:  # never when OTEL_SDK_DISABLED=true
-            self._provider, self._owns_provider = _otlp_logger_provider(otel.logs_protocol)
+            self._provider, self._owns_provider = _otlp_logger_provider(otel.logs_protocol, resource)
             otlp = OTLPLogHandler(self._provider)
             self._add(otlp)
             self.observer._otlp = otlp

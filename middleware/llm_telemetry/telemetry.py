@@ -106,9 +106,7 @@ class Telemetry:
         self._tracing_given = tracer_provider is not None
         self._env = env
         #: None when request logs are off.
-        self.request_logs: RequestLogs | None = (
-            RequestLogs(self._service_name(), env) if settings.request_logs else None
-        )
+        self.request_logs: RequestLogs | None = self._request_logs() if settings.request_logs else None
         self._server: Any = None
         self._server_lock = threading.Lock()
         #: Set at shutdown: a listener still waiting for its port stops trying.
@@ -125,7 +123,14 @@ class Telemetry:
         if self.tracing is not None or self._tracing_given:
             return False
         self.tracing = Tracing.create(self.settings, None, self._env)
-        return self.tracing is not None
+        if self.tracing is None:
+            return False
+        if self.request_logs is not None:
+            # They were set up for the environment's service; the app's provider may name another in code, and the
+            # spans now carry it. Set up again (no request has been logged: the server takes none before this).
+            self.request_logs.shutdown()
+            self.request_logs = self._request_logs()
+        return True
 
     def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:
@@ -170,13 +175,20 @@ class Telemetry:
             metric_readers=readers, resource=resource, exemplar_filter=exemplars, shutdown_on_exit=False
         )
 
-    def _service_name(self) -> str:
-        name = self.tracing.service_name if self.tracing is not None else None
-        if name is None:
-            from opentelemetry.sdk.resources import Resource
+    def _request_logs(self) -> RequestLogs:
+        """Request logs naming the service the spans name: an app that sets ``service.name`` in code, on its tracer
+        provider's resource, gets it in the lines' ``service`` field and on the resource of the OTLP records (Loki
+        labels them ``service_name``), not the environment's ``unknown_service:python``."""
+        from opentelemetry.sdk.resources import Resource
 
-            name = str(Resource.create().attributes.get("service.name", "unknown_service"))
-        return name
+        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. The provider's attributes go over
+        # it rather than replace it: the k8s.* ones the operator sets there, which Loki's labels come from, stay.
+        resource = Resource.create()
+        traced = self.tracing.resource if self.tracing is not None else None
+        if traced is not None:
+            resource = resource.merge(traced)
+        service = str(resource.attributes.get("service.name", "unknown_service"))
+        return RequestLogs(service, self._env, resource)
 
     def shutdown_in_background(self) -> threading.Event:
         """Run :meth:`shutdown` in a daemon thread; the event is set once it is done. A daemon thread: one still

@@ -228,10 +228,13 @@ class Tracing:
         return cls(sdk_provider, True, settings)
 
     @property
-    def service_name(self) -> str | None:
+    def resource(self) -> Any:
+        """The provider's SDK ``Resource`` (its spans', ``service.name`` among it), or None for a provider that has
+        none."""
+        from opentelemetry.sdk.resources import Resource
+
         resource = getattr(self.provider, "resource", None)
-        value = resource.attributes.get("service.name") if resource is not None else None
-        return str(value) if value is not None else None
+        return resource if isinstance(resource, Resource) else None
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """Wrap ``app`` in OpenTelemetry's ASGI middleware: the HTTP server span and ``traceparent`` extraction.

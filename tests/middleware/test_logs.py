@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +25,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import valid_text
 from llm_telemetry.logs import FIELDS, RECORD_ATTRIBUTE, REQUEST_LOGGER, JsonFormatter
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
-from support import request_log_lines, serve
+from support import free_port, request_log_lines, serve
 
 #: Request fields an OTLP record carries as its trace context rather than as attributes.
 OTLP_TRACE_CONTEXT = ("trace_id", "span_id", "trace_sampled")
@@ -230,6 +234,116 @@ def test_otlp_log_export(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[s
     assert "error_type" not in record.attributes  # nulls are left out of OTLP attributes
     # stdout still gets its line too.
     assert line_for(log_lines(capsys.readouterr().out), "otlp-log-1")["trace_id"] == span.trace_id
+
+
+#: An app that names its service in code, on the tracer provider it installs globally at import or in its lifespan
+#: startup (FastAPI's ``lifespan``), served by uvicorn with request logs exported over OTLP. In a process of its own:
+#: a global provider is set once per process.
+APP_NAMING_ITS_SERVICE = textwrap.dedent(
+    """
+    import contextlib, sys, threading, time, httpx, uvicorn
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from llm_telemetry import LLMTelemetryMiddleware
+    from llm_telemetry.demo.app import bare_app
+
+    port, traces, installed = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+    def install():
+        provider = TracerProvider(resource=Resource({"service.name": "llm-named-in-code"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=traces)))
+        trace.set_tracer_provider(provider)
+
+    if installed == "import":
+        install()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if installed == "lifespan":
+            install()
+        yield
+
+    app = LLMTelemetryMiddleware(Starlette(lifespan=lifespan, routes=[Mount("/", app=bare_app())]), metrics_port=0)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"x-request-id": "named-" + installed})
+    assert response.status_code == 200, response.text
+    server.should_exit = True
+    thread.join()
+    """
+)
+
+
+@pytest.mark.parametrize("installed", ["import", "lifespan"])
+def test_lines_and_otlp_records_name_the_service_the_app_names_in_code(installed: str, receiver: OTLPReceiver) -> None:
+    """The ``service.name`` of the app's own tracer provider, the spans', is the lines' ``service`` and the OTLP
+    records' resource (Loki labels them ``service_name``), not the environment's ``unknown_service:python``; the
+    environment's resource attributes (the operator sets k8s.* there) stay on the records."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    env.update(
+        OTEL_LOGS_EXPORTER="otlp",
+        OTEL_EXPORTER_OTLP_LOGS_ENDPOINT=receiver.http_endpoint + "/v1/logs",
+        OTEL_RESOURCE_ATTRIBUTES="k8s.namespace.name=llm",
+    )
+    command = [sys.executable, "-c", APP_NAMING_ITS_SERVICE, str(free_port()), receiver.http_endpoint + "/v1/traces"]
+    result = subprocess.run([*command, installed], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    request_id = "named-" + installed
+    line = line_for(log_lines(result.stdout), request_id)
+    span = wait_span(receiver, **{"llm.request_id": request_id})
+    assert span.resource["service.name"] == "llm-named-in-code"
+    assert (line["service"], line["span_id"]) == ("llm-named-in-code", span.span_id)
+    assert receiver.wait_for(lambda r: any(rec.attributes.get("request_id") == request_id for rec in r.logs))
+    record = next(rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id)
+    assert record.span_id == span.span_id
+    assert record.resource["service.name"] == "llm-named-in-code"
+    assert record.resource["k8s.namespace.name"] == "llm"
+
+
+def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
+    receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tracer_provider=``: its ``service.name`` is the OTLP records' as it is the spans' and the lines'."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from llm_telemetry.demo.app import bare_app
+
+    provider = TracerProvider(resource=Resource({"service.name": "llm-passed-in"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    env = {
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
+        "OTEL_SERVICE_NAME": "llm-from-the-environment",
+    }
+    with isolated_env(env):
+        app = LLMTelemetryMiddleware(bare_app(), metrics_port=0, tracer_provider=provider)
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    try:
+        with serve(app) as base:
+            sdk = client(base)
+            sdk.chat.completions.create(model="gpt-4o", messages=[], extra_headers={"x-request-id": "passed-in"})
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
+    span = wait_span(receiver, **{"llm.request_id": "passed-in"})
+    assert span.resource["service.name"] == "llm-passed-in"
+    assert line_for(log_lines(capsys.readouterr().out), "passed-in")["service"] == "llm-passed-in"
+    assert receiver.wait_for(lambda r: any(rec.attributes.get("request_id") == "passed-in" for rec in r.logs))
+    record = next(rec for rec in receiver.logs if rec.attributes.get("request_id") == "passed-in")
+    assert (record.resource["service.name"], record.span_id) == ("llm-passed-in", span.span_id)
 
 
 @pytest.mark.parametrize(
