@@ -25,6 +25,7 @@ from opentelemetry import context, trace
 from .config import OTelEnvironment
 from .labels import INVISIBLE, label_value, valid_text
 from .record import LLMCall
+from .redact import TRUNCATION_MARK
 
 #: Fields an OTLP log record carries as its own trace context (trace id, span id, flags), not as attributes.
 _RECORD_CONTEXT: Final = frozenset(("trace_id", "span_id", "trace_sampled"))
@@ -57,6 +58,12 @@ FIELDS: Final = (
 
 #: Attribute of a ``logging.LogRecord`` holding the request fields (pass it with ``extra=``).
 RECORD_ATTRIBUTE: Final = "llm_request"
+
+#: The most bytes a request line takes as written (UTF-8, with its newline): PIPE_BUF on Linux, the most one write to
+#: a pipe puts in it at once. A longer write to a pipe whose reader is behind (a log agent under load) goes in by
+#: parts, between which other processes' writes go in: with several workers on one stdout, a client's model name
+#: written long (1,024 invisible characters, each a 6-byte escape) broke its own lines and other requests'.
+MAX_LINE_BYTES: Final = 4096
 
 
 #: The generator of request ids: seeded from the OS once, and again in every forked worker (so no two workers
@@ -151,9 +158,74 @@ class JsonFormatter(logging.Formatter):
 
 
 def _request_line(created: float, level: str, message: str, fields: Mapping[str, Any]) -> str:
-    """A request line as :class:`JsonFormatter` writes it."""
+    """A request line as :class:`JsonFormatter` writes it: at most :data:`MAX_LINE_BYTES` with its newline."""
     line = {"timestamp": _timestamp(created), "level": level.lower(), "message": message, **fields}
+    text = _line_text(_encode_line(line))
+    # A character takes at most 4 bytes, so a line this short fits whatever it holds: the one check most lines cost.
+    if len(text) <= _SURELY_FITS or _size(text) <= _MAX_TEXT_BYTES:
+        return text
+    return _shortened(line, text)
+
+
+#: Bytes of a line's text, without its newline; and the most characters that cannot take more.
+_MAX_TEXT_BYTES: Final = MAX_LINE_BYTES - 1
+_SURELY_FITS: Final = _MAX_TEXT_BYTES // 4
+
+
+def _size(text: str) -> int:
+    """The bytes ``text`` takes in UTF-8 (text as written: :func:`_line_text` replaced any lone surrogate)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _written_size(value: str) -> int:
+    """Bytes ``value`` takes in a line as written: quoted, escaped."""
+    return _size(_line_text(_encode_line(value)))
+
+
+def _shortened(line: dict[str, Any], text: str) -> str:
+    """``line`` written within :data:`MAX_LINE_BYTES`, its longest strings cut (``text``: it written whole).
+
+    The free text of a line is what a client sends or an app or its upstream names: the model (up to 1,024
+    characters), the request id (128), and the message and the service. Written, a character takes up to 12 bytes
+    (an invisible one beyond U+FFFF is escaped as a surrogate pair). The strings share what the rest of the line
+    leaves: those shorter than an equal share stay whole, each longer one is cut to the share left, ending in
+    ``...[truncated]`` (whole characters, cut before escaping, so a JSON reader gets the start of what was sent).
+    Numbers, booleans and nulls stay as they are (the middleware's are short); a line whose other fields leave no
+    room for the strings' marks (a mapping of the app's own, of hundreds of fields) is written longer.
+    """
+    sizes = {key: _written_size(value) for key, value in line.items() if isinstance(value, str)}
+    room = _MAX_TEXT_BYTES - (_size(text) - sum(sizes.values()))
+    share = _share(sorted(sizes.values()), room)
+    for key, size in sizes.items():
+        if size > share:
+            line[key] = _cut(line[key], share)
     return _line_text(_encode_line(line))
+
+
+def _share(sizes: list[int], room: int) -> int:
+    """The most bytes each string may take so that all of them take at most ``room`` (``sizes`` ascending): those
+    that fit an equal share of what the smaller ones leave stay whole."""
+    left = len(sizes)
+    for size in sizes:
+        if size * left > room:
+            return room // left
+        room -= size
+        left -= 1
+    return room
+
+
+def _cut(value: str, most: int) -> str:
+    """The longest start of ``value`` that, followed by :data:`TRUNCATION_MARK`, takes at most ``most`` bytes written
+    (just the mark when none does). A longer start never takes fewer bytes, so a binary search over the characters
+    finds it; it has at most ``most`` characters."""
+    low, high = 0, min(len(value), most)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _written_size(value[:middle] + TRUNCATION_MARK) <= most:
+            low = middle
+        else:
+            high = middle - 1
+    return value[:low] + TRUNCATION_MARK
 
 
 #: Characters JSON lets stand unescaped in a string that a reader of the raw line should not meet raw (see
@@ -196,12 +268,25 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def stream(self, value: IO[str]) -> None:
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """A line through ``logging`` (a filter on the handler or the logger, another handler beside it), written as
+        :func:`_write_line` writes it: after what the app left in stdout's buffers, which goes out by itself."""
+        try:
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+            return
+        super().emit(record)
+
 
 def _write_line(handler: _StdoutHandler, text: str) -> None:
-    """What ``handler.emit`` does with a formatted line: write it and flush, under the handler's lock."""
+    """What ``handler.emit`` does with a formatted line: write it and flush, under the handler's lock. What the app
+    wrote to stdout and left in its buffers is flushed first, by itself: joined to the line, one write could take it
+    past :data:`MAX_LINE_BYTES`, and a pipe takes such a write by parts (a flush of empty buffers writes nothing)."""
     handler.acquire()
     try:
         stream = sys.stdout
+        stream.flush()
         stream.write(text + handler.terminator)
         stream.flush()
     except Exception:

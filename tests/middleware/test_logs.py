@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import unicodedata
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,9 +29,20 @@ from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.labels import valid_text
-from llm_telemetry.logs import FIELDS, RECORD_ATTRIBUTE, REQUEST_LOGGER, JsonFormatter
+from llm_telemetry.logs import (
+    FIELDS,
+    MAX_LINE_BYTES,
+    RECORD_ATTRIBUTE,
+    REQUEST_LOGGER,
+    JsonFormatter,
+    RequestLogObserver,
+)
+from llm_telemetry.record import LLMCall
+from llm_telemetry.redact import TRUNCATION_MARK
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
-from support import free_port, request_log_lines, serve
+from support import free_port, request_log_lines, serve, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 #: Request fields an OTLP record carries as its trace context rather than as attributes.
 OTLP_TRACE_CONTEXT = ("trace_id", "span_id", "trace_sampled")
@@ -651,13 +668,16 @@ def test_a_request_line_is_the_json_module_s_text(fields: dict[str, Any]) -> Non
     """The line the formatter writes is ``json.dumps`` of the same fields (compact, non-ASCII kept, anything else
     through ``str``), whatever the fields hold: NaN and infinities, lone surrogates (made writable), nesting. And it
     stays one line for every reader, with nothing invisible in it: the Unicode line breaks and format characters JSON
-    lets stand in a string are escaped."""
+    lets stand in a string are escaped. (Unless it would not fit in one write to a pipe: see the tests below.)"""
     record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "llm request", None, None)
     setattr(record, RECORD_ATTRIBUTE, fields)
     line = JsonFormatter().format(record)
     timestamp = json.loads(line)["timestamp"] if "timestamp" not in fields else fields["timestamp"]
     expected = {"timestamp": timestamp, "level": "info", "message": "llm request", **fields}
     text = valid_text(json.dumps(expected, ensure_ascii=False, separators=(",", ":"), default=str))
+    if TRUNCATION_MARK in line and TRUNCATION_MARK not in text:  # cut to MAX_LINE_BYTES
+        assert len(line.encode()) < MAX_LINE_BYTES and len(line.splitlines()) == 1
+        return
     # The same JSON, with nothing invisible left raw: the C1 controls (NEL among them), the Unicode line breaks and
     # every format character (zero-width ones, bidirectional overrides and isolates, tags) are escapes.
     assert json.dumps(json.loads(line)) == json.dumps(json.loads(text))  # (NaN is no equal of itself)
@@ -695,3 +715,190 @@ def test_a_model_name_with_invisible_characters_shows_them_escaped_in_the_raw_li
     assert not any(char in raw for char in "\u202e\u200b\u2066\ufeff")
     assert "\\u202e" in raw
     assert json.loads(raw)["model"] == model
+
+
+#: What a client may send that a line writes long, or that could break it: C0 and C1 controls and line breaks
+#: (6-byte escapes), quotes and backslashes (2), invisible characters (6; 12 beyond U+FFFF, as a surrogate pair), lone
+#: surrogates, 4-byte UTF-8; and any other character.
+_HOSTILE_CHARACTERS = st.sampled_from(
+    list('\x00\n\r\x1b\x7f\x85\u2028\u2029\u202e\u2066\u200b\ufeff\U000e0041\ud800\udfff"\\\u00e9\U0001f600a')
+) | st.characters(codec=None)
+#: Short strings of them, and long runs: the middleware keeps 1,024 characters of a model and 128 of a request id,
+#: but an app's own records or its service name have no such cap.
+_HOSTILE_TEXT = st.text(_HOSTILE_CHARACTERS, max_size=64) | st.lists(
+    st.tuples(_HOSTILE_CHARACTERS, st.integers(1, 1500)), min_size=1, max_size=4
+).map(lambda runs: "".join(character * count for character, count in runs))
+
+
+def _sent_or_cut(logged: str, sent: str) -> bool:
+    """Whether a logged string is the one sent (lone surrogates replaced), or a start of it ending in the mark."""
+    sent = valid_text(sent)
+    if logged == sent:
+        return True
+    return logged.endswith(TRUNCATION_MARK) and sent.startswith(logged[: -len(TRUNCATION_MARK)])
+
+
+@given(request_id=_HOSTILE_TEXT, model=_HOSTILE_TEXT, response_model=st.none() | _HOSTILE_TEXT, service=_HOSTILE_TEXT)
+@settings(max_examples=200, deadline=None)
+@example(request_id="h0-0", model="\u202e" * 1024, response_model=None, service="svc")  # the audit's 6.5 KB line
+@example(request_id="\U000e0041" * 128, model="\U000e0041" * 1024, response_model=None, service="s")  # 14 KB
+@example(request_id="r" * 4000, model="", response_model="\x00" * 700, service="\u00e9" * 3000)
+def test_a_request_line_fits_one_write_to_a_pipe_whatever_the_client_sends(
+    request_id: str, model: str, response_model: str | None, service: str
+) -> None:
+    """A write of at most PIPE_BUF bytes goes into a pipe whole; a longer one can go in by parts, with other
+    processes' lines between them. Whatever the strings, the line with its newline is at most MAX_LINE_BYTES, one
+    line, valid JSON with every field; each string is as sent, or a start of it and the mark."""
+    call = LLMCall("chat", "openai", 1.0, request_id=request_id, request_model=model, status_code=200)
+    call.response_model, call.end = response_model, 1.5
+    logger = logging.getLogger("llm_telemetry.requests.test-bound")
+    captured = _Records()
+    logger.addHandler(captured)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        RequestLogObserver(service, logger).end(call)
+    finally:
+        logger.removeHandler(captured)
+    (record,) = captured.records
+    line = JsonFormatter().format(record)
+    assert len((line + "\n").encode()) <= MAX_LINE_BYTES
+    assert len(line.splitlines()) == 1
+    parsed = json.loads(line)
+    assert list(parsed) == list(FIELDS)
+    assert _sent_or_cut(parsed["request_id"], request_id) and _sent_or_cut(parsed["service"], service)
+    assert parsed["model"] is None or _sent_or_cut(parsed["model"], model or response_model or "")
+
+
+class _Writes(io.RawIOBase):
+    """The file under ``sys.stdout``: records what each write call (one write(2) on a pipe) puts in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.calls.append(bytes(data))
+        return len(data)
+
+
+@pytest.mark.parametrize(
+    ("printed", "model"),
+    [
+        pytest.param("", "\u202e" * 1024, id="a-long-line"),
+        pytest.param("x" * 3900 + "\n", "gpt-4o", id="after-the-app-s-own-output"),
+        pytest.param("started\n", "\U000e0041" * 1024, id="a-long-line-after-the-app-s-own-output"),
+    ],
+)
+@pytest.mark.parametrize("through_logging", [False, True], ids=["direct", "through-logging"])
+@pytest.mark.usefixtures("request_logger")
+def test_each_line_goes_to_stdout_in_one_write_of_its_own(printed: str, model: str, through_logging: bool) -> None:
+    """stdout on a pipe, as Python opens it (a 4096-byte buffer, flushed only when full): the line goes out in a
+    write call of its own, what the app printed and left in the buffer before it in another, so no write holding a
+    line is over MAX_LINE_BYTES. Written directly, and through ``logging`` (a filter on the handler)."""
+    from llm_telemetry.logs import RequestLogs
+
+    written = _Writes()
+    stdout = io.TextIOWrapper(io.BufferedWriter(written, buffer_size=4096), encoding="utf-8")
+    call = LLMCall("chat", "openai", 1.0, request_id="one-write", request_model=model, status_code=200)
+    call.end = 1.5
+    logs = RequestLogs("svc", env={})
+    if through_logging:
+        logs.logger.handlers[0].addFilter(lambda record: True)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            print(printed, end="")
+            logs.observer.end(call)
+    finally:
+        logs.shutdown()
+    (line,) = [data for data in written.calls if b'"one-write"' in data]
+    assert line.startswith(b"{") and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert len(line) <= MAX_LINE_BYTES
+    assert b"".join(written.calls) == printed.encode() + line
+
+
+#: The model a hostile client sends: 1,024 right-to-left overrides, each written as a 6-byte escape.
+_LONG_MODEL = "\u202e" * 1024
+
+
+@pytest.mark.slow
+def test_lines_of_several_workers_on_one_slow_pipe_stay_whole(tmp_path: Path) -> None:
+    """Three uvicorn workers write to one stdout, a pipe read slowly (a log agent under load: the pipe fills up),
+    while half the clients send a model written in over 6 KB. Writes to a full pipe wait for room; one of at most
+    PIPE_BUF bytes then goes in whole, a longer one by parts, other workers' lines between them: every line read
+    back is whole, one per request, those of the other clients as they sent them."""
+    from llm_telemetry.labels import MAX_FIELD_CHARS
+
+    assert len(_LONG_MODEL) == MAX_FIELD_CHARS  # all of it is kept
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
+    env.update(
+        {
+            "LLM_TELEMETRY_METRICS_PORT": str(metrics_port),
+            "LLM_TELEMETRY_METRICS_HOST": "127.0.0.1",
+            "OTEL_TRACES_EXPORTER": "none",
+            "TMPDIR": str(tmp_path),  # the workers' shared state
+            "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+            "WORKERS_APP_FIRST_TOKEN_DELAY": "0",
+            "WORKERS_APP_TOKEN_DELAY": "0",
+        }
+    )
+    command = [sys.executable, "-m", "uvicorn", "workers_app:app", "--app-dir", str(REPO / "tests" / "apps"),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "3", "--no-access-log"]  # fmt: skip
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+    assert server.stdout is not None
+    read = bytearray()
+
+    def slow_reader(pipe: int) -> None:  # till every process writing to the pipe has exited
+        while chunk := os.read(pipe, 700):
+            read.extend(chunk)
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=slow_reader, args=(server.stdout.fileno(),))
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    sent: dict[str, str] = {}
+
+    def send_requests(number: int) -> None:
+        model = _LONG_MODEL if number % 2 else "gpt-4o-mini"
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for i in range(40):
+                request_id = f"client-{number}-{i}"
+                sent[request_id] = model
+                response = http.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+                assert response.status_code == 200
+
+    try:
+        wait_for("the app", lambda: httpx.get(base + "/healthz", timeout=5).status_code == 200)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(send_requests, range(8)))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        reader.join()
+        server.stdout.close()
+    lines = bytes(read).split(b"\n")
+    assert lines.pop() == b""  # every line ends with its newline
+    logged: dict[str, Any] = {}
+    broken = []
+    for line in lines:
+        try:
+            parsed = json.loads(line)
+            logged[parsed["request_id"]] = parsed["model"]
+        except (ValueError, TypeError, KeyError):
+            broken.append(line[:80])
+    assert not broken, f"{len(broken)} of {len(lines)} lines broken, e.g. {broken[:3]}"
+    assert max(map(len, lines)) < MAX_LINE_BYTES
+    assert len(logged) == len(lines) and set(logged) == set(sent)
+    for request_id, model in sent.items():
+        assert _sent_or_cut(logged[request_id], model), request_id
+        assert (logged[request_id] == model) == (model != _LONG_MODEL)
