@@ -194,7 +194,10 @@ class MetricsRecorder:
 
     def _values(self, call: LLMCall, refused: bool) -> dict[str, Any]:
         limit = self.limit
-        model = (limit.known if refused else limit)(names.GEN_AI_REQUEST_MODEL, call.request_model or "unknown")
+        # A request that names no model we could read (a body over the read limit, a multimodal one with large
+        # images, say, or not JSON): the model that answered, as in the log line, rather than ``unknown``.
+        asked = call.request_model or call.response_model or "unknown"
+        model = (limit.known if refused else limit)(names.GEN_AI_REQUEST_MODEL, asked)
         return {
             names.GEN_AI_OPERATION_NAME: call.operation,
             names.GEN_AI_PROVIDER_NAME: call.provider,
@@ -231,7 +234,7 @@ class MetricsRecorder:
             shape = self._shapes[key] = _Shape(values, bounded, call.input_estimated)
         if (
             raw is not None
-            and values[names.GEN_AI_REQUEST_MODEL] == (request_model or "unknown")
+            and values[names.GEN_AI_REQUEST_MODEL] == (request_model or response_model or "unknown")
             and values[names.GEN_AI_RESPONSE_MODEL] == response_model
             and all(bounded[label] == (value or NO_HEADER) for label, value in attribution.items())
         ):

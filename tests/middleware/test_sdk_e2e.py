@@ -567,6 +567,25 @@ def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
     assert metrics.value("llm_requests_total", gen_ai_request_model="unknown") == 0
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_request_too_large_to_read_is_counted_under_the_model_that_answered(stream: bool) -> None:
+    """A body over the read limit (a multimodal request with large images, say) passes unread, and its model with
+    it: the model that answered stands for it, as in the log line, so such traffic stays on the per-model panels
+    and alerts instead of under ``unknown``."""
+    metrics_port = free_port()
+    app = create_app(metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False, max_request_bytes=4096)
+    with serve(app) as base:
+        sdk = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        big = [{"role": "user", "content": "x" * 20_000}]
+        reply = sdk.chat.completions.create(model="gpt-4o", messages=big, stream=stream)  # type: ignore[call-overload]
+        if stream:
+            list(reply)
+        metrics = eventually((base, metrics_port), lambda m: m.value("llm_requests_total") >= 1)
+    app.telemetry.shutdown()
+    assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o") == 1
+    assert metrics.value("llm_requests_total", gen_ai_request_model="unknown") == 0
+
+
 def test_anthropic_stream_cut_before_its_only_input_count_has_its_input_estimated() -> None:
     """A gateway translating another provider's stream into Anthropic's (the LiteLLM proxy) reports 0 input in
     ``message_start`` and the real count only in ``message_delta``. Cut before that (an error event), the stream has
