@@ -85,7 +85,8 @@ _BROAD: Final = frozenset({"invalid_request_error", "api_error", "server_error",
 
 def _decisive(status: int | None) -> bool:
     """Whether a status says what failed whatever the message's words: authentication, a missing model, a timeout, a
-    rate limit, a server fault. A message may say more only of a 400, 413 or 422 (a prompt too long, a refusal)."""
+    rate limit, a server fault. A message may say more of any other 4xx (a 400, 413 or 422 for a prompt too long or
+    a refusal, as providers answer them)."""
     return status is not None and (status in (401, 403, 404, 408, 429) or status >= 500)
 
 

@@ -962,8 +962,10 @@ class LLMTelemetryMiddleware:
             if key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
                 max_body = 0  # a compressed request body is not read
             elif key == REQUEST_ID_HEADER:
-                # The first, as the app reads it (Starlette's ``request.headers[...]`` gives the first of several).
-                request_id = request_id or value
+                # The first, as the app reads it (Starlette's ``request.headers[...]`` gives the first of several);
+                # an empty one is none, to the app too: the request gets an id of ours, not a later header's.
+                if request_id is None:
+                    request_id = value
             elif key == b"content-length":
                 content_length = value
             label = self._attribution.get(key)

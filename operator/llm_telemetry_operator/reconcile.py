@@ -582,11 +582,12 @@ async def _inject(
             if not (selected and beaten):
                 if selected:
                     # Its injector is there but no peer: its spec is invalid (it keeps what its last valid spec
-                    # made). A conflict all the same, said as one: this resource does not serve a workload it selects.
+                    # made), or it is too new to be read yet. A conflict all the same, said as one: this resource
+                    # does not serve a workload it selects.
                     message = (
-                        f"{workload_key(workload)} is injected by LLMTelemetry {holder}, whose spec is not valid; it"
-                        f" keeps the workload as its last valid spec made it, and this resource leaves it alone until"
-                        f" {holder} is fixed or deleted"
+                        f"{workload_key(workload)} is injected by LLMTelemetry {holder}, whose spec is not valid (or"
+                        f" not read yet); it keeps the workload as its last valid spec made it, and this resource"
+                        f" leaves it alone until {holder} is fixed or deleted"
                     )
                     lost.append(f"{workload_key(workload)} (held by {holder}, invalid)")
                     outcome.failures.append(("Conflict", message))
