@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -190,13 +191,17 @@ def _shortened(line: dict[str, Any], text: str) -> str:
     leaves: those shorter than an equal share stay whole, each longer one is cut to the share left, ending in
     ``...[truncated]`` (whole characters, cut before escaping, so a JSON reader gets the start of what was sent).
     Numbers, booleans and nulls stay as they are (the middleware's are short); a line whose other fields leave no
-    room for the strings' marks (a mapping of the app's own, of hundreds of fields) is written longer.
+    room for the strings' marks (a mapping of the app's own, of hundreds of fields) is written longer, only its
+    strings over :data:`_CUT_WHEN_NO_ROOM` bytes cut.
     """
     sizes = {key: _written_size(value) for key, value in line.items() if isinstance(value, str)}
     room = _MAX_TEXT_BYTES - (_size(text) - sum(sizes.values()))
     share = _share(sorted(sizes.values()), room)
     if share < 2 + len(TRUNCATION_MARK):
-        return text  # no room for the strings' marks: cut to nothing, they would not bring the line within it
+        # No room even for the strings' marks (an app's own mapping of hundreds of numbers): the line cannot be brought
+        # within the bound. The long strings, the ones a client or an app can make long, are cut to a fixed length,
+        # and the short ones (the timestamp, the level) stay whole.
+        share = _CUT_WHEN_NO_ROOM
     for key, size in sizes.items():
         if size > share:
             line[key] = _cut(line[key], share, size)
@@ -215,17 +220,25 @@ def _share(sizes: list[int], room: int) -> int:
     return room
 
 
+#: The bytes a string keeps, written, on a line that cannot be brought within the bound (see :func:`_shortened`).
+_CUT_WHEN_NO_ROOM: Final = 256
+#: The most bytes one character takes written: an invisible one beyond U+FFFF, escaped as a surrogate pair.
+_MOST_CHARACTER_BYTES: Final = 12
+
+
 def _cut(value: str, most: int, size: int) -> str:
     """A start of ``value`` (``size``: the bytes it takes written) that, followed by :data:`TRUNCATION_MARK`, takes
-    at most ``most`` bytes written; just the mark when none does. The start is taken in proportion to what the whole
-    takes, and again while it is still too long: each try escapes the string anew (a hostile one of escaped
-    characters costs ~0.4 ms a time), so a search of ten tries made a line cost six times what writing it did. A
-    string escaped unevenly may keep fewer characters than would fit. (The mark is ASCII, escaped as it is.)"""
+    at most ``most`` bytes written; just the mark when none does. Escaped at most once more: the start is taken in
+    proportion to what the whole takes, which fits a string escaped evenly; one that does not fit (some characters
+    escaped, others not) gives way to as many characters as fit at the most bytes a character takes. Each escape of a
+    hostile string costs about as much as writing the line, so a search of ten of them made such a line cost ten times
+    that. A string escaped unevenly may keep fewer characters than would fit. (The mark is ASCII, written as it is.)"""
     budget = most - len(TRUNCATION_MARK)
     kept = len(value)
-    while kept > 0 and size > budget:
+    if size > budget:
         kept = min(kept - 1, kept * budget // size)
-        size = _written_size(value[:kept])
+        if kept > 0 and _written_size(value[:kept]) > budget:
+            kept = min(kept, max(0, (budget - 2) // _MOST_CHARACTER_BYTES))  # (2: the quotes)
     return value[:kept] + TRUNCATION_MARK
 
 
@@ -260,9 +273,16 @@ def _escape_table() -> dict[int, str]:
     return table
 
 
-#: Escapes in one C call: a line of 1,024 invisible characters (a client's model name) took ~0.4 ms through a
-#: regular expression's replacement calls, and a line cut to size is escaped a few times.
+#: Each invisible character to its escape, for ``str.translate`` on a run of them.
 _ESCAPES: Final = _escape_table()
+#: A run of invisible characters: one replacement call a run, not one a character (a client's model name of 1,024 of
+#: them took ~0.4 ms in calls, one a character), and ``str.translate`` only over the run, whose every character is
+#: in the table (over a whole line it looked up every other character too, and cost more for a line with one).
+_INVISIBLE_RUNS: Final = re.compile(_INVISIBLE.pattern + "+")
+
+
+def _escaped_run(found: re.Match[str]) -> str:
+    return found.group().translate(_ESCAPES)
 
 
 def _line_text(encoded: str) -> str:
@@ -271,8 +291,7 @@ def _line_text(encoded: str) -> str:
     structure is ASCII: these can only be inside strings, where the escape means the same character.)"""
     if encoded.isascii():
         return encoded
-    text = valid_text(encoded)
-    return text if _INVISIBLE.search(text) is None else text.translate(_ESCAPES)
+    return _INVISIBLE_RUNS.sub(_escaped_run, valid_text(encoded))
 
 
 class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]

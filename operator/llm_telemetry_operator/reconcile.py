@@ -589,7 +589,7 @@ async def _inject(
                         f" not read yet); it keeps the workload as its last valid spec made it, and this resource"
                         f" leaves it alone until {holder} is fixed or deleted"
                     )
-                    lost.append(f"{workload_key(workload)} (held by {holder}, invalid)")
+                    lost.append(f"{workload_key(workload)} (held by {holder}, not valid or not read yet)")
                     outcome.failures.append(("Conflict", message))
                     outcome.shown[("Conflict", message)] = lost[-1]
                 continue

@@ -746,6 +746,7 @@ def _sent_or_cut(logged: str, sent: str) -> bool:
 @example(request_id="h0-0", model="\u202e" * 1024, response_model=None, service="svc")  # the audit's 6.5 KB line
 @example(request_id="\U000e0041" * 128, model="\U000e0041" * 1024, response_model=None, service="s")  # 14 KB
 @example(request_id="r" * 4000, model="", response_model="\x00" * 700, service="\u00e9" * 3000)
+@example(request_id="r", model="\U000e0041" * 310 + "a" * 629, response_model=None, service="s")  # escaped unevenly
 def test_a_request_line_fits_one_write_to_a_pipe_whatever_the_client_sends(
     request_id: str, model: str, response_model: str | None, service: str
 ) -> None:
@@ -773,25 +774,31 @@ def test_a_request_line_fits_one_write_to_a_pipe_whatever_the_client_sends(
     assert parsed["model"] is None or _sent_or_cut(parsed["model"], model or response_model or "")
 
 
-def test_a_line_long_for_fields_that_are_not_text_is_written_whole() -> None:
-    """An app's own mapping of hundreds of numbers: no cut of its strings would bring the line within the bound, so
-    it is written whole rather than with every string cut to the mark."""
-    fields = {f"n{i}": i for i in range(400)} | {"model": "gpt-4o"}
+@pytest.mark.parametrize("model", ["gpt-4o", "\U000e0041" * 1024], ids=["short-strings", "a-hostile-model"])
+def test_a_line_long_for_fields_that_are_not_text_keeps_its_short_strings_whole(model: str) -> None:
+    """An app's own mapping of hundreds of numbers: no cut of its strings would bring the line within the bound.
+    Its short strings (the timestamp, the level, the message) stay whole rather than cut to the mark; a long one
+    (a client's model of 1,024 tag characters, 12 bytes each written) is still cut, to 256 bytes written."""
+    fields = {f"n{i}": i for i in range(400)} | {"model": model}
     record = logging.LogRecord(REQUEST_LOGGER, logging.INFO, __file__, 1, "llm request", None, None)
     setattr(record, RECORD_ATTRIBUTE, fields)
-    line = json.loads(JsonFormatter().format(record))
-    assert {key: line[key] for key in ("level", "message", "model")} == {
-        "level": "info",
-        "message": "llm request",
-        "model": "gpt-4o",
-    }
+    text = JsonFormatter().format(record)
+    line = json.loads(text)
+    assert (line["level"], line["message"]) == ("info", "llm request")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
     assert all(line[f"n{i}"] == i for i in range(400))
+    if model == "gpt-4o":
+        assert line["model"] == model
+    else:
+        assert _sent_or_cut(line["model"], model) and line["model"] != model
+        assert len(json.dumps(line["model"]).encode()) <= 256
+        assert len(text.encode()) < 2 * MAX_LINE_BYTES  # (whole, the model alone took 12 KB)
 
 
 def test_lines_escape_every_invisible_character_and_no_other() -> None:
-    """Lines are escaped in one ``str.translate`` with a table read from the class of invisible characters (a
-    regular expression's replacement calls cost ~0.4 ms for a model of 1,024 of them): the table holds each
-    character the class matches, and only those, each spelled as JSON spells it."""
+    """Runs of invisible characters are escaped by ``str.translate`` with a table read from their class (a regular
+    expression's replacement call for each of them cost ~0.4 ms for a model of 1,024): the table holds each character
+    the class matches, and only those, each spelled as JSON spells it."""
     from llm_telemetry.labels import INVISIBLE
     from llm_telemetry.logs import _ESCAPES
 

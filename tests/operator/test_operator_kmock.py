@@ -1073,7 +1073,7 @@ async def test_a_record_of_an_llmtelemetry_that_is_gone_blocks_nobody(emulator: 
     outcome = await one_pass(emulator, "chat")
     message = str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
     assert message.startswith("injected into Deployment/chat;"), message
-    assert "left Deployment/held (held by broken, invalid)" in message
+    assert "left Deployment/held (held by broken, not valid or not read yet)" in message
     # A conflict, said as one (a Warning event): this resource does not serve a workload it selects.
     said = "Deployment/held is injected by LLMTelemetry broken, whose spec is not valid"
     assert [reason for reason, text in outcome.failures if said in text] == ["Conflict"]
