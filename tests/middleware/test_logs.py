@@ -389,22 +389,28 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
-    from llm_telemetry.logs import RECORD_ATTRIBUTE, RequestLogObserver
-    from llm_telemetry.record import LLMCall
-
-    call = LLMCall("chat", "openai", 1.0, request_id="rid-1", request_model="gpt-4o", status_code=429)
-    call.error_type, call.end = "RateLimitError", 1.25
-    logger = logging.getLogger("llm_telemetry.requests.test")
+def observed_record(call: LLMCall, service: str, logger_name: str) -> logging.LogRecord:
+    """The one record the request-log observer of ``service`` makes for ``call`` on the logger ``logger_name``."""
+    logger = logging.getLogger(logger_name)
     captured = _Records()
     logger.addHandler(captured)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        RequestLogObserver("svc", logger).end(call)
+        RequestLogObserver(service, logger).end(call)
     finally:
         logger.removeHandler(captured)
     (record,) = captured.records
+    return record
+
+
+def test_the_line_is_one_record_of_the_request_logger_with_the_fields() -> None:
+    from llm_telemetry.logs import RECORD_ATTRIBUTE
+    from llm_telemetry.record import LLMCall
+
+    call = LLMCall("chat", "openai", 1.0, request_id="rid-1", request_model="gpt-4o", status_code=429)
+    call.error_type, call.end = "RateLimitError", 1.25
+    record = observed_record(call, "svc", "llm_telemetry.requests.test")
     assert record.name == "llm_telemetry.requests.test"
     assert record.levelno == logging.WARNING and record.getMessage() == "chat gpt-4o 429"
     fields = getattr(record, RECORD_ATTRIBUTE)
@@ -755,16 +761,7 @@ def test_a_request_line_fits_one_write_to_a_pipe_whatever_the_client_sends(
     line, valid JSON with every field; each string is as sent, or a start of it and the mark."""
     call = LLMCall("chat", "openai", 1.0, request_id=request_id, request_model=model, status_code=200)
     call.response_model, call.end = response_model, 1.5
-    logger = logging.getLogger("llm_telemetry.requests.test-bound")
-    captured = _Records()
-    logger.addHandler(captured)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        RequestLogObserver(service, logger).end(call)
-    finally:
-        logger.removeHandler(captured)
-    (record,) = captured.records
+    record = observed_record(call, service, "llm_telemetry.requests.test-bound")
     line = JsonFormatter().format(record)
     assert len((line + "\n").encode()) <= MAX_LINE_BYTES
     assert len(line.splitlines()) == 1

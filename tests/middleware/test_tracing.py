@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -56,9 +56,17 @@ def two_span_server(receiver: OTLPReceiver) -> Iterator[str]:
 
 
 @contextmanager
-def traced_chat_app(receiver: OTLPReceiver, chat: Any, service: str, capture: bool = False) -> Iterator[str]:
+def traced_chat_app(
+    receiver: OTLPReceiver,
+    chat: Any,
+    service: str,
+    capture: bool = False,
+    env: dict[str, str] | None = None,
+    wrap: Callable[[Any], Any] | None = None,
+) -> Iterator[str]:
     """A chat-completions endpoint of a test's own under the middleware, its spans sent straight to ``receiver``,
-    served by uvicorn; every span is exported by the time the block is left."""
+    served by uvicorn; every span is exported by the time the block is left. ``env``: more of the middleware's
+    variables; ``wrap``: what the served app is made of the middleware (an outer ASGI middleware, say)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -68,7 +76,7 @@ def traced_chat_app(receiver: OTLPReceiver, chat: Any, service: str, capture: bo
 
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    with isolated_env({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"} if capture else {}):
+    with isolated_env({**({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"} if capture else {}), **(env or {})}):
         app = LLMTelemetryMiddleware(
             Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
             metrics_port=0,
@@ -76,7 +84,7 @@ def traced_chat_app(receiver: OTLPReceiver, chat: Any, service: str, capture: bo
         )
         app.telemetry  # noqa: B018 - built while the environment is in place
     try:
-        with serve(app) as base:
+        with serve(wrap(app) if wrap is not None else app) as base:
             yield base
     finally:
         app.telemetry.shutdown()
@@ -1229,43 +1237,25 @@ def test_an_outer_asgi_instrumentation_without_an_sdk_leaves_the_span_shape_as_i
     That is no server span of this service: the trace has the same shape with and without the header, the LLM span
     (or, with two spans, OpenTelemetry's) the server span with the HTTP attributes, continuing the caller's trace.
     It used to become an INTERNAL span hanging from the caller, with no server span in the service at all."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.trace import NoOpTracerProvider
-    from starlette.applications import Starlette
     from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     async def chat(request: Any) -> JSONResponse:
         choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
         return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]})
 
-    provider = TracerProvider(resource=Resource.create({"service.name": "llm-outer-noop"}))
-    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
-    with isolated_env({"LLM_TELEMETRY_TRACING_HTTP_SPAN": "true"} if two_spans else {}):
-        inner = LLMTelemetryMiddleware(
-            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-            metrics_port=0,
-            tracer_provider=provider,
-        )
-        inner.telemetry  # noqa: B018 - built while the environment is in place
-    app = OpenTelemetryMiddleware(inner, tracer_provider=NoOpTracerProvider())
+    env = {"LLM_TELEMETRY_TRACING_HTTP_SPAN": "true"} if two_spans else {}
     trace_id, caller = "7cf92f3577b34da6a3ce929d0e0e4731", "30f067aa0ba902b9"
     tag = "two" if two_spans else "one"
-    try:
-        with serve(app) as base:
-            for headers in ({}, {"traceparent": f"00-{trace_id}-{caller}-01"}):
-                client(base).chat.completions.create(
-                    model="m",
-                    messages=[{"role": "user", "content": "hi"}],
-                    extra_headers={**headers, "x-request-id": f"outer-noop-{tag}-{len(headers)}"},
-                )
-    finally:
-        inner.telemetry.shutdown()
-        provider.shutdown()
+    outer = lambda app: OpenTelemetryMiddleware(app, tracer_provider=NoOpTracerProvider())  # noqa: E731
+    with traced_chat_app(receiver, chat, "llm-outer-noop", env=env, wrap=outer) as base:
+        for headers in ({}, {"traceparent": f"00-{trace_id}-{caller}-01"}):
+            client(base).chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={**headers, "x-request-id": f"outer-noop-{tag}-{len(headers)}"},
+            )
     for continued in (False, True):
         span = wait_span(receiver, **{"llm.request_id": f"outer-noop-{tag}-{int(continued)}"})
         server = parent_of(receiver, span) if two_spans else span
