@@ -126,14 +126,19 @@ class Req:
         return "stop" if self.api == "openai" else "end_turn"
 
     @property
+    def cut_short(self) -> bool:
+        """A stream its upstream cut off: its content chunks came, its end (usage, finish, [DONE]) never did."""
+        return self.fail == "incomplete_stream"
+
+    @property
     def truncated(self) -> bool:
         return self.finish_reason in TRUNCATED_FINISH_REASONS
 
     @property
     def tokens(self) -> dict[str, int]:
-        if self.fail:
+        if self.fail and not self.cut_short:
             return {}
-        if self.no_usage:
+        if self.no_usage or self.cut_short:
             # Output from the content chunks; input from the prompt's text at four characters a token.
             return {"output": self.words, "input": math.ceil(len(PROMPT) / 4)}
         return {k: v for k, v in zip(("input", "output"), self.usage[:2], strict=False) if v}
@@ -158,7 +163,7 @@ class Req:
 
     @property
     def usage_source(self) -> str:
-        return "estimated" if self.no_usage else "reported"
+        return "estimated" if self.no_usage or self.cut_short else "reported"
 
     @property
     def cost(self) -> float | None:
@@ -181,6 +186,10 @@ class Req:
     @property
     def has_tpot(self) -> bool:
         return self.has_ttft and self.visible_tokens >= 2
+
+
+#: The error types only a stream can have.
+STREAMED_FAILURES = ("client_disconnect", "other", "incomplete_stream")
 
 
 def _traffic() -> list[Req]:
@@ -211,9 +220,9 @@ def _traffic() -> list[Req]:
     add(1, api="anthropic", model="claude-sonnet-4", tenant="globex", usage=(12, 100, 0, 0, 0), finish="max_tokens")
     # A model missing from the pricing table.
     add(2, api="openai", model="free-model", tenant="globex", usage=(15, 5, 0, 0, 0))
-    # Every error type (two of them need a stream), and one more on another provider and model.
+    # Every error type (three of them need a stream), and one more on another provider and model.
     for fail in instruments.ERROR_TYPES:
-        add(1, api="openai", model="gpt-4o-mini", tenant="globex", stream=fail in ("client_disconnect", "other"),
+        add(1, api="openai", model="gpt-4o-mini", tenant="globex", stream=fail in STREAMED_FAILURES,
             fail=fail)  # fmt: skip
     add(1, api="anthropic", model="claude-sonnet-4", tenant="acme", fail="rate_limit")
     return reqs

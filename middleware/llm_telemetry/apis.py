@@ -187,6 +187,7 @@ class ResponseReader:
     __slots__ = (
         "_buffer",
         "_chunks",
+        "_closed",
         "_decoder",
         "_ends",
         "_fast",
@@ -247,6 +248,8 @@ class ResponseReader:
         #: with one), the bytes of its usage event before the usage value, where those start to differ from the
         #: first token's, and whether its events end with an obfuscation member.
         self._ends: _Ends | None = None
+        #: The stream's closing event came: OpenAI's ``[DONE]``, Anthropic's ``message_stop``.
+        self._closed = False
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
@@ -261,8 +264,9 @@ class ResponseReader:
                 self._shape = None  # this stream's chunks vary (e.g. sequence numbers): stop trying
         decoder = self._decoder
         if decoder is not None and chunk == b"data: [DONE]\n\n" and decoder.idle:
-            # OpenAI's last event, alone in its chunk: nothing to learn from it, and the decoder stays idle.
+            # OpenAI's last event, alone in its chunk: nothing to learn from it but the end, and the decoder stays idle.
             self._fast = self._shape
+            self._closed = True
             return
         if now is None:
             now = perf_counter()
@@ -302,6 +306,14 @@ class ResponseReader:
         """Whether the next chunks can be kept and read later with :meth:`feed_held`: a text-delta shape is
         known (so the first token's time is too) and the decoder is between events."""
         return self._fast is not None
+
+    def cut_short(self) -> bool:
+        """Whether a stream this reader read whole (after :meth:`finish`) ended before its end: no finish reason,
+        no error and no closing event. An event too large to read might have held any of them: then False."""
+        decoder = self._decoder
+        if decoder is None or decoder.dropped_events or self._closed:
+            return False
+        return not self.call.finishes and self.call.error_type is None
 
     def feed_held(self, chunks: list[bytes]) -> None:
         """Read chunks that arrived one after another while :attr:`holding`, exactly as :meth:`feed` would one by
@@ -418,6 +430,7 @@ class ResponseReader:
         """Read one event; True when it is a plain text delta (one a shape may be learnt from), the first token
         or one after it."""
         if data == b"[DONE]":
+            self._closed = True
             return False
         call = self.call
         if call.first_token_at is not None:
@@ -1259,6 +1272,8 @@ class AnthropicMessagesReader(ResponseReader):
             self._usage(obj.get("usage"))
         elif kind == "message_start":
             self._message(obj.get("message"), stream=True)
+        elif kind == "message_stop":
+            self._closed = True
         elif kind == "error":
             self._stream_error(obj)
 

@@ -235,7 +235,7 @@ class DecodingReader:
     body cut short does not parse, so it records nothing).
     """
 
-    __slots__ = ("_inflate", "_left", "reader")
+    __slots__ = ("_inflate", "_left", "_whole", "reader")
 
     #: Chunks are read as they pass, never kept for later (see ``_Exchange.send``).
     holding: Final = False
@@ -244,6 +244,8 @@ class DecodingReader:
         self.reader = reader
         self._inflate: Inflater | None = CODINGS[coding](coding)
         self._left = limit
+        #: No byte was left unread: the body was what its coding says, within the limits.
+        self._whole = True
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         inflate = self._inflate
@@ -254,11 +256,13 @@ class DecodingReader:
             taken = inflate.take(chunk, self._left)
             if taken is None:
                 self._inflate = None
+                self._whole = False
                 return
             data, more = taken
             self._left -= len(data)
             if self._left <= 0:
                 self._inflate = None  # past the limit (a limit of 0 would mean no limit at all to zlib)
+                self._whole = False
             if data:
                 self.reader.feed(data, now)
             if not more or self._inflate is None:
@@ -267,6 +271,7 @@ class DecodingReader:
                 started = thread_time()  # (a chunk that inflates in one piece reads no clock)
             elif thread_time() - started > MAX_READ_SECONDS:
                 self._inflate = None  # too slow to read (see MAX_READ_SECONDS)
+                self._whole = False
                 return
             chunk = b""
 
@@ -282,3 +287,6 @@ class DecodingReader:
             if data:
                 self.reader.feed(data, now)
         self.reader.finish(now)
+
+    def cut_short(self) -> bool:
+        return self._whole and self.reader.cut_short()

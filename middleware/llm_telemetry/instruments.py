@@ -85,6 +85,7 @@ ERROR_TYPES: Final = (
     "not_found",
     "timeout",
     "server_error",
+    "incomplete_stream",
     "client_disconnect",
     "app_exception",
     "other",

@@ -68,6 +68,8 @@ async def _openai_stream(script: dict[str, Any], model: str) -> AsyncIterator[by
         if i:
             await asyncio.sleep(script.get("gap", 0.0))
         yield chunk({"content": f"w{i} "})
+    if script.get("fail") == "incomplete_stream":
+        return  # its upstream cut it off: no finish reason, no usage, no [DONE]
     yield chunk({}, script.get("finish") or ("tool_calls" if tool else "stop"))
     if not script.get("no_usage"):
         yield _sse({"id": "c1", "object": "chat.completion.chunk", "model": model, "choices": [],

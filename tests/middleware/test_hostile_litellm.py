@@ -35,6 +35,7 @@ import anthropic
 import openai
 import pytest
 
+from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.demo.run import DEMO_TOOLS
@@ -467,3 +468,37 @@ def test_litellm_before_a_real_model_server_is_measured_as_its_clients_see_it(tm
     assert metrics.value("llm_tokens_total", llm_usage_source="reported", **output) == usage.completion_tokens
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="up") == 2
     assert metrics.value("llm_telemetry_internal_errors_total") == 0
+
+
+async def cut_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An OpenAI-compatible upstream whose answer stops after two words: no finish reason, no usage, no [DONE], and
+    a response ended normally (a relay whose own provider dropped the connection)."""
+    if scope["type"] != "http":
+        return
+    await request_body(receive)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for word in ("Hello", " there"):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True})  # fmt: skip
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_stream_cut_behind_the_gateway_is_an_incomplete_stream_where_it_was_cut(tmp_path: Path) -> None:
+    """The upstream's own middleware sees its stream end before the end of its answer. The gateway makes up the end
+    (a finish reason and ``[DONE]``), so its clients, and the middleware in front of it, see a whole answer."""
+    upstream_metrics = free_port()
+    relay = LLMTelemetryMiddleware(cut_upstream, metrics_port=upstream_metrics, metrics_host="127.0.0.1")
+    with serve(relay) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        chunks = list(client.chat.completions.create(model="up", messages=[{"role": "user", "content": "Hi"}],
+                                                     stream=True))  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there"
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        gateway = settled(metrics_port, 1)
+        upstream = settled(upstream_metrics, 1)
+    relay.telemetry.shutdown()
+    assert upstream.value("llm_errors_total", error_type="incomplete_stream") == 1
+    assert finishes  # the gateway's own ending ...
+    assert gateway.value("llm_errors_total") == 0  # ... which is all a middleware in front of it can go by

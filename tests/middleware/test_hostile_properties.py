@@ -467,3 +467,53 @@ def test_hostile_label_values_parse_with_prometheus_own_parser(observed: tuple[L
     assert status == 200
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+# --- streams cut short ---------------------------------------------------------------------------------------------
+
+
+def _ends_answer(data: dict[str, Any] | str) -> bool:
+    """Whether an event says the answer ended: a finish reason, Anthropic's stop reason or a completed response."""
+    if isinstance(data, str):
+        return data == "[DONE]"
+    choices, delta = data.get("choices") or [{}], data.get("delta")
+    return bool(
+        choices[0].get("finish_reason")
+        or data.get("type") in ("message_stop", "response.completed")
+        or (isinstance(delta, dict) and delta.get("stop_reason"))
+    )
+
+
+@st.composite
+def cut_streams(draw: st.DrawFn) -> tuple[str, str, int, int, list[bytes]]:
+    """A whole stream cut anywhere (most often near the end of the event that ends its answer), in any chunking:
+    its name and path, where its answer's end is dispatched, where it was cut, and the chunks before the cut."""
+    name = draw(st.sampled_from(sorted(n for n in STREAMS if n != "anthropic-cut")))
+    path, events = STREAMS[name]
+    newline, spaced = draw(st.sampled_from([b"\n", b"\r\n"])), draw(st.booleans())
+    body = encode(events, newline, spaced)
+    first_end = next(i for i, (_, data) in enumerate(events) if _ends_answer(data))
+    # The event is dispatched at the blank line after it: a lone CR is a line break already.
+    end = len(encode(events[: first_end + 1], newline, spaced)) - (len(newline) - 1)
+    cut = draw(st.sampled_from([end - 2, end - 1, end, end + 1]) | st.integers(0, len(body)))
+    kept = body[: max(0, min(cut, len(body)))]
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(kept) - 1)), max_size=20))))
+    edges = [0, *(c for c in cuts if c < len(kept)), len(kept)]
+    return name, path, end, len(kept), [kept[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+@PROPERTY_SETTINGS
+@example(stream=("openai-estimated", "/v1/chat/completions", 10, 0, []))
+@given(stream=cut_streams())
+def test_a_stream_cut_before_the_end_of_its_answer_is_an_incomplete_stream(
+    observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, int, int, list[bytes]]
+) -> None:
+    """An upstream that stops mid-answer, passed on by an app that ends its response normally: the client's SDK
+    ends the stream without a word, and the call is ``incomplete_stream`` exactly when the event that ends the answer
+    (a finish reason, a stop reason, a completed response) did not come whole. The bytes pass unchanged."""
+    name, path, end, cut, chunks = stream
+    ANSWER.update(status=200, headers=SSE_HEADERS, chunks=chunks)
+    call = through_both(observed, path, b'{"model": "m", "stream": true}')
+    assert call.error_type == (None if cut >= end else "incomplete_stream"), (name, end, cut)
+    assert call.status_code == 200
+    check_scrape(observed[0])

@@ -1,0 +1,192 @@
+"""Streams whose upstream cut them off, through a real uvicorn server and the official SDKs.
+
+An app that relays a provider's stream passes on what it got and ends its response normally when the provider's
+connection drops. The SDKs end such a stream without a word (no exception), so the middleware is the only one left
+to tell: a stream read whole that ended without the end of its answer is ``incomplete_stream``. A stream that ends
+with its closing event (OpenAI's ``[DONE]``, Anthropic's ``message_stop``) but no finish reason is whole, and so is
+one the middleware did not read to its end (it cannot know what the unread part held).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from support import Metrics, free_port, request_log_lines, serve, settled
+
+WORDS = ["The", " answer", " is"]
+
+
+def _sse(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
+
+
+def _chat(model: str, how: str) -> Iterator[bytes]:
+    def chunk(delta: dict[str, Any]) -> bytes:
+        return _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})  # fmt: skip
+
+    yield chunk({"role": "assistant", "content": ""})
+    for word in WORDS[:-1]:
+        yield chunk({"content": word})
+    if how == "closed":
+        yield chunk({"content": WORDS[-1]})
+        yield _sse("[DONE]")  # a server that sends no finish reason, but ends its stream as OpenAI's do
+    elif how == "closed-joined":
+        yield chunk({"content": WORDS[-1]}) + _sse("[DONE]")  # (the same, in one chunk with the last delta)
+    else:
+        yield chunk({"content": WORDS[-1]})
+        if how == "unread":
+            yield b": " + b"x" * (2 << 20) + b"\n\n"  # a comment line too large to read: what followed is unknown
+
+
+def _messages(model: str, how: str) -> Iterator[bytes]:
+    yield _sse({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                "model": model, "content": [], "stop_reason": None, "usage": {"input_tokens": 9, "output_tokens": 1}}},
+               "message_start")  # fmt: skip
+    yield _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+               "content_block_start")  # fmt: skip
+    for word in WORDS:
+        yield _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}},
+                   "content_block_delta")  # fmt: skip
+    if how == "closed":
+        yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        yield _sse({"type": "message_stop"}, "message_stop")
+
+
+def _responses(model: str, how: str) -> Iterator[bytes]:
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": model, "output": [],
+                "status": "in_progress"}  # fmt: skip
+    yield _sse({"type": "response.created", "sequence_number": 0, "response": response}, "response.created")
+    for i, word in enumerate(WORDS):
+        yield _sse({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
+                    "output_index": 0, "content_index": 0, "delta": word}, "response.output_text.delta")  # fmt: skip
+
+
+STREAMS = {"/v1/chat/completions": _chat, "/v1/messages": _messages, "/v1/responses": _responses}
+
+
+async def relay(request: Request) -> Response:
+    """Relays a scripted upstream stream. ``x-upstream``: ``cut`` (the default) stops mid-answer; ``closed`` ends
+    with the API's closing event but no finish reason (``closed-joined``: in one chunk with the last delta); ``unread``
+    cuts after something too large to read. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not
+    decode."""
+    body = await request.json()
+    how = request.headers.get("x-upstream", "cut")
+    events = list(STREAMS[request.url.path](body["model"], how))
+    if request.headers.get("x-gzip"):
+        packed = gzip.compress(b"".join(events))
+        if request.headers["x-gzip"] == "damaged":
+            packed += b"\x1f\x8b\x08\x00 and then bytes that are no gzip member"
+        return Response(packed, media_type="text/event-stream", headers={"content-encoding": "gzip"})
+
+    async def stream() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[tuple[str, int]]:
+    metrics_port = free_port()
+    routes = [Route(path, relay, methods=["POST"]) for path in STREAMS]
+    app = LLMTelemetryMiddleware(Starlette(routes=routes), metrics_port=metrics_port, metrics_host="127.0.0.1")
+    with serve(app) as base:
+        yield base, metrics_port
+    app.telemetry.shutdown()
+
+
+def _counted(port: int, model: str) -> Metrics:
+    def recorded(metrics: Metrics) -> None:
+        assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1
+
+    return settled(port, recorded)
+
+
+def test_streams_their_upstream_cut_off_are_incomplete_streams_the_sdks_say_nothing_of(
+    service: tuple[str, int],
+) -> None:
+    base, port = service
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+    claude = anthropic.Anthropic(base_url=base, api_key="test", max_retries=0)
+    prompt = [{"role": "user", "content": "Say something"}]
+    with request_log_lines() as lines:
+        # Each SDK returns the part that came, raising nothing.
+        chat = oai.chat.completions.create(model="cut-chat", messages=prompt, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in chat) == "".join(WORDS)
+        events = oai.responses.create(model="cut-responses", input="Say something", stream=True)
+        assert "".join(getattr(e, "delta", "") for e in events) == "".join(WORDS)
+        with claude.messages.stream(model="cut-messages", max_tokens=10, messages=prompt) as streamed:  # type: ignore[arg-type]
+            assert "".join(streamed.text_stream) == "".join(WORDS)
+        for model in ("cut-chat", "cut-responses", "cut-messages"):
+            metrics = _counted(port, model)
+            assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type="incomplete_stream") == 1
+            # A failed stream is in the error counts, not in the latency histograms; its tokens still count.
+            assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 0
+            assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") > 0
+    logged = {line["model"]: line for line in map(json.loads, lines.getvalue().splitlines())}
+    for model in ("cut-chat", "cut-responses", "cut-messages"):
+        assert (logged[model]["level"], logged[model]["error_type"], logged[model]["status_code"]) == (
+            "warning",
+            "incomplete_stream",
+            200,
+        )
+
+
+@pytest.mark.parametrize(
+    ("path", "how"),
+    [("/v1/chat/completions", "closed"), ("/v1/chat/completions", "closed-joined"), ("/v1/messages", "closed")],
+)
+def test_a_stream_that_ends_with_its_closing_event_is_whole_without_a_finish_reason(
+    service: tuple[str, int], path: str, how: str
+) -> None:
+    base, port = service
+    model = f"{how}-{path.rsplit('/', 1)[1]}"
+    body = {"model": model, "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+    answer = httpx.post(base + path, json=body, headers={"x-upstream": how}, timeout=30)
+    assert answer.status_code == 200
+    metrics = _counted(port, model)
+    assert metrics.value("llm_errors_total", gen_ai_request_model=model) == 0
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+
+
+def test_a_stream_not_read_to_its_end_is_not_called_incomplete(service: tuple[str, int]) -> None:
+    """An event too large to read could have held the finish reason: the middleware does not guess."""
+    base, port = service
+    body = {"model": "unread-chat", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-upstream": "unread"}, timeout=30)
+    assert len(answer.content) > 2 << 20
+    metrics = _counted(port, "unread-chat")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="unread-chat") == 0
+
+
+def test_a_compressed_stream_cut_off_is_read_through_its_coding(service: tuple[str, int]) -> None:
+    base, port = service
+    body = {"model": "cut-gzip", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-gzip": "1"}, timeout=30)
+    assert answer.headers["content-encoding"] == "gzip" and b"answer" in answer.content  # (httpx decoded it)
+    metrics = _counted(port, "cut-gzip")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="cut-gzip", error_type="incomplete_stream") == 1
+
+
+def test_a_compressed_stream_that_does_not_decode_to_its_end_is_not_called_incomplete(service: tuple[str, int]) -> None:
+    base, port = service
+    body = {"model": "damaged-gzip", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers={"x-gzip": "damaged"}) as answer:
+        assert b"no gzip member" in b"".join(answer.iter_raw())
+    metrics = _counted(port, "damaged-gzip")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="damaged-gzip") == 0
