@@ -1495,6 +1495,8 @@ class API:
 #: Stop sequences kept for a span, and the characters kept of each (OpenAI takes up to 4).
 MAX_STOP_SEQUENCES: Final = 8
 MAX_STOP_SEQUENCE_CHARS: Final = 64
+#: Characters kept of a conversation id (OpenAI's are ``conv_`` and 48 hexadecimal digits).
+MAX_CONVERSATION_ID_CHARS: Final = 256
 #: ``response_format.type`` (chat) or ``text.format.type`` (Responses) -> ``gen_ai.output.type``.
 _OUTPUT_TYPES: Final = {"text": "text", "json_object": "json", "json_schema": "json"}
 
@@ -1519,6 +1521,17 @@ def _read_parameters(call: LLMCall, body: Mapping[str, Any]) -> None:
             field_text(s, MAX_STOP_SEQUENCE_CHARS) for s in stop[:MAX_STOP_SEQUENCES] if isinstance(s, str)
         )
         call.stop_sequences = sequences or None
+    encoding = get("encoding_format")
+    if isinstance(encoding, str) and encoding:
+        call.encoding_format = field_text(encoding, MAX_STOP_SEQUENCE_CHARS)
+    dimensions = get("dimensions")
+    if isinstance(dimensions, int) and not isinstance(dimensions, bool) and 0 < dimensions <= _MAX_COUNT:
+        call.dimension_count = dimensions
+    conversation = get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")  # (given as an object: {"id": "conv_..."})
+    if isinstance(conversation, str) and conversation:
+        call.conversation_id = field_text(conversation, MAX_CONVERSATION_ID_CHARS)
     tier = get("service_tier")
     if isinstance(tier, str) and tier and tier != "auto":  # (the default: the conventions leave it out)
         call.service_tier = field_text(tier, MAX_STOP_SEQUENCE_CHARS)

@@ -45,6 +45,11 @@ class LLMCall:
     stop_sequences: tuple[str, ...] | None = None
     #: ``gen_ai.output.type`` of the output format asked for: ``text`` or ``json``.
     output_type: str | None = None
+    #: An embeddings request's ``encoding_format`` and ``dimensions``, when sent.
+    encoding_format: str | None = None
+    dimension_count: int | None = None
+    #: The conversation the request belongs to (the Responses API's ``conversation``), when sent.
+    conversation_id: str | None = None
     #: OpenAI's ``service_tier`` asked for, the one that served the request, and the response's
     #: ``system_fingerprint`` (the conventions' ``openai.request.service_tier`` and ``openai.response.*``).
     service_tier: str | None = None

@@ -53,6 +53,9 @@ GEN_AI_REQUEST_TOP_K: Final = "gen_ai.request.top_k"
 GEN_AI_REQUEST_FREQUENCY_PENALTY: Final = "gen_ai.request.frequency_penalty"
 GEN_AI_REQUEST_PRESENCE_PENALTY: Final = "gen_ai.request.presence_penalty"
 GEN_AI_REQUEST_SEED: Final = "gen_ai.request.seed"
+GEN_AI_REQUEST_ENCODING_FORMATS: Final = "gen_ai.request.encoding_formats"
+GEN_AI_EMBEDDINGS_DIMENSION_COUNT: Final = "gen_ai.embeddings.dimension.count"
+GEN_AI_CONVERSATION_ID: Final = "gen_ai.conversation.id"
 GEN_AI_REQUEST_CHOICE_COUNT: Final = "gen_ai.request.choice.count"
 GEN_AI_REQUEST_STOP_SEQUENCES: Final = "gen_ai.request.stop_sequences"
 GEN_AI_OUTPUT_TYPE: Final = "gen_ai.output.type"
@@ -1066,6 +1069,13 @@ class SpanObserver:
             attributes[GEN_AI_REQUEST_STOP_SEQUENCES] = call.stop_sequences
         if call.output_type is not None:
             attributes[GEN_AI_OUTPUT_TYPE] = call.output_type
+        if call.operation == "embeddings":
+            if call.encoding_format is not None:
+                attributes[GEN_AI_REQUEST_ENCODING_FORMATS] = (call.encoding_format,)
+            if call.dimension_count is not None:
+                attributes[GEN_AI_EMBEDDINGS_DIMENSION_COUNT] = call.dimension_count
+        if call.conversation_id is not None:
+            attributes[GEN_AI_CONVERSATION_ID] = call.conversation_id
         if call.response_model:
             attributes[names.GEN_AI_RESPONSE_MODEL] = call.response_model
         if call.response_id:

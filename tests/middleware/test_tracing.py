@@ -365,6 +365,48 @@ def test_request_parameters_the_conventions_name_are_on_the_span(receiver: OTLPR
     assert claude_attrs["gen_ai.request.stop_sequences"] == ["Human:"]
 
 
+def test_embeddings_parameters_and_the_conversation_are_on_the_span(receiver: OTLPReceiver, http_server: str) -> None:
+    """The conventions' embeddings request attributes (the SDK asks for base64 unless told otherwise) and the
+    conversation a Responses request belongs to, given as an id or as an object."""
+    oai = client(http_server)
+    oai.embeddings.create(
+        model="text-embedding-3-small", input=["x"], dimensions=256, extra_headers={"x-request-id": "trace-test-emb"}
+    )
+    oai.embeddings.create(
+        model="text-embedding-3-small",
+        input=["x"],
+        encoding_format="float",
+        extra_headers={"x-request-id": "trace-test-emb-float"},
+    )
+    oai.responses.create(
+        model="gpt-4o", input="hi", conversation="conv_123", extra_headers={"x-request-id": "trace-test-conv"}
+    )
+    oai.responses.create(
+        model="gpt-4o", input="hi", conversation={"id": "conv_456"}, extra_headers={"x-request-id": "trace-test-conv2"}
+    )
+    oai.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-request-id": "trace-test-noconv"},
+    )
+
+    embedded = wait_span(receiver, **{"llm.request_id": "trace-test-emb"}).attributes
+    assert embedded["gen_ai.request.encoding_formats"] == ["base64"]
+    assert embedded["gen_ai.embeddings.dimension.count"] == 256
+    floats = wait_span(receiver, **{"llm.request_id": "trace-test-emb-float"}).attributes
+    assert floats["gen_ai.request.encoding_formats"] == ["float"]
+    assert "gen_ai.embeddings.dimension.count" not in floats
+    assert (
+        wait_span(receiver, **{"llm.request_id": "trace-test-conv"}).attributes["gen_ai.conversation.id"] == "conv_123"
+    )
+    assert (
+        wait_span(receiver, **{"llm.request_id": "trace-test-conv2"}).attributes["gen_ai.conversation.id"] == "conv_456"
+    )
+    plain = wait_span(receiver, **{"llm.request_id": "trace-test-noconv"}).attributes
+    for absent in ("gen_ai.conversation.id", "gen_ai.request.encoding_formats", "gen_ai.embeddings.dimension.count"):
+        assert absent not in plain, absent
+
+
 def test_captured_system_instructions_given_apart_have_their_own_attribute(receiver: OTLPReceiver) -> None:
     """Anthropic's ``system`` and the Responses API's ``instructions`` are not messages of the conversation: the
     conventions put them in ``gen_ai.system_instructions``. A system message inside ``messages`` stays a message."""
