@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
@@ -50,8 +50,10 @@ SHARE = 4.0
 #: default).
 ANSWER_SECONDS = 30.0
 
+#: The body of a 503 answered to a request past the bounds.
+BUSY_BODY: Final = b"metrics listener is busy.\r\n"
 _BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\nContent-Length: 27\r\n\r\n"
-_BUSY += b"metrics listener is busy.\r\n"
+_BUSY += BUSY_BODY
 
 
 #: Exceptions that mean the client went away or ran out of time: no news for the app's log.

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .exposition import answer, exposition_app, serve_metrics
+from .exposition import BUSY_BODY, MAX_ANSWERS, answer, exposition_app, serve_metrics
 from .instruments import Histograms, Instruments, create_instruments, exemplar_filter, observed_cardinality_limits
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -77,6 +77,8 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         #: The exposition app answering scrapes on the application's own port (made on the first).
         self._exposition: Any = None
+        #: Scrapes on the application's own path being answered now (at most MAX_ANSWERS).
+        self._answering = 0
         self._external_provider = meter_provider is not None
         if meter_provider is None and settings.metrics_exporters:
             _warn_about_global_meter_provider(settings)
@@ -306,7 +308,29 @@ class Telemetry:
 
     async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a scrape on the application's own port as the metrics port does (text format, or OpenMetrics when
-        asked; gzip when accepted; the ``name[]`` filter)."""
+        asked; gzip when accepted; the ``name[]`` filter), at most MAX_ANSWERS at once, as there: that port is the
+        one every API client reaches, and each answer holds its own copy of the exposition."""
+        if self._answering >= MAX_ANSWERS:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"text/plain"),
+                        (b"retry-after", b"1"),
+                        (b"content-length", str(len(BUSY_BODY)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": BUSY_BODY})
+            return
+        self._answering += 1
+        try:
+            await self._answer_scrape(scope, send)
+        finally:
+            self._answering -= 1
+
+    async def _answer_scrape(self, scope: Scope, send: Send) -> None:
         accept = accept_encoding = ""
         for key, value in scope.get("headers", ()):
             if key == b"accept":
@@ -335,8 +359,17 @@ class Telemetry:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        # In pieces: a server waits for the client to take what it was given only between sends, so a client that
+        # does not read holds one piece in the server's buffers, and its place here, not a copy of the whole answer.
+        for start in range(0, len(body), ANSWER_PIECE):
+            end = start + ANSWER_PIECE
+            await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
+        if not body:
+            await send({"type": "http.response.body", "body": b""})
 
+
+#: Bytes of an answer on the application's own path handed to the server at a time (see ``metrics_app``).
+ANSWER_PIECE = 64 * 1024
 
 #: Seconds a server's shutdown, and the interpreter's exit, wait for the last spans, log records and metrics to be
 #: exported.

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import bare_app
-from llm_telemetry.exposition import MAX_CONNECTIONS, SHARE, serve_metrics
+from llm_telemetry.exposition import MAX_ANSWERS, MAX_CONNECTIONS, SHARE, serve_metrics
 from support import free_port, scrape_text, serve, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -322,6 +322,32 @@ def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> N
         head = httpx.head(f"{base}/metrics", timeout=10)
         assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
         assert httpx.post(f"{base}/metrics", timeout=10).status_code == 200
+
+
+def test_scrapes_on_the_apps_own_path_that_are_not_read_hold_a_bounded_number_of_places() -> None:
+    """The app's own port is the one every API client reaches. A client that asks for the metrics and never reads
+    holds one of MAX_ANSWERS places (and about a piece of the answer in the server's buffers), not a copy of the
+    exposition each; past them a scrape is answered 503 at once, and the places come back as those clients go."""
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    with serve(app) as base:
+        app.telemetry.registry.register(_Large(12))
+        port = int(base.rsplit(":", 1)[1])
+        readers = []
+        for i in range(MAX_ANSWERS):
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", port))
+            reader.sendall(f"GET /metrics?fresh-{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            readers.append(reader)
+        for reader in readers:
+            reader.settimeout(60)
+            assert reader.recv(12) == b"HTTP/1.1 200"  # its answer started: rendered, and being sent
+        time.sleep(0.5)
+        assert _status(port, "/metrics?fresh") == 503
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 200  # the app itself is served meanwhile
+        for reader in readers:
+            reader.close()
+        assert wait_for("the app's path answering again", lambda: _status(port, "/metrics?fresh") == 200, seconds=60)
 
 
 def test_a_metrics_port_busy_at_startup_is_served_once_it_is_free(caplog: pytest.LogCaptureFixture) -> None:
