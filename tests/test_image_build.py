@@ -53,20 +53,51 @@ def build_stage_sources() -> list[str]:
     return sources
 
 
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A ``.dockerignore`` pattern as Docker reads it (Go's ``filepath.Match`` per path segment, ``**/`` for any
+    number of leading segments), matching a path or anything under it."""
+    parts = []
+    for segment in pattern.strip("/").split("/"):
+        if segment == "**":
+            parts.append("(?:[^/]+/)*")
+        else:
+            parts.append(re.escape(segment).replace(r"\*", "[^/]*").replace(r"\?", "[^/]") + "/")
+    return re.compile("".join(parts).removesuffix("/") + "(?:/.*)?")
+
+
+def build_context() -> set[str]:
+    """The checkout's files that ``docker build .`` sends as its context: ``.dockerignore`` applied, the last
+    matching pattern deciding (``!`` takes a path back)."""
+    rules = []
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rules.append((line.startswith("!"), _pattern(line.lstrip("!"))))
+    files = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    sent = set()
+    for path in files.splitlines():
+        kept = True
+        for taken_back, pattern in rules:
+            if pattern.fullmatch(path):
+                kept = taken_back
+        if kept:
+            sent.add(path)
+    return sent
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The wheel built from the build stage's context, unpacked into a directory of its own."""
     root = tmp_path_factory.mktemp("image")
     context = root / "context"
     context.mkdir()
+    sent = build_context()
     for source in build_stage_sources():
-        path = REPO_ROOT / source.rstrip("/")
-        target = context / source.rstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(path, target)
+        name = source.rstrip("/")
+        for path in sorted(p for p in sent if p == name or p.startswith(name + "/")):
+            target = context / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / path, target)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     build = subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(root / "dist"), str(context)],
@@ -85,6 +116,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 def test_the_dockerfile_copies_the_package_sources() -> None:
     assert {"pyproject.toml", "middleware/", "operator/"} <= set(build_stage_sources())
+
+
+def test_every_file_the_build_stage_copies_is_in_the_build_context() -> None:
+    """A COPY of a path ``.dockerignore`` keeps out fails the build (``"/LICENSE": not found``)."""
+    sent = build_context()
+    for source in build_stage_sources():
+        name = source.rstrip("/")
+        assert any(p == name or p.startswith(name + "/") for p in sent), f"{source} is not in the build context"
+    assert not any(p.startswith(("tests/", "charts/", ".git")) or p.endswith(".pyc") for p in sent)
 
 
 def test_the_dockerfile_builds_the_tag_the_chart_pulls() -> None:
