@@ -654,7 +654,10 @@ async def _inject(
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
         outcome.notices.append(("NoTargets", message))
     elif not targets:
-        message = f"no Deployment or StatefulSet matches spec.selector in namespace {namespace}{notes}"
+        message = (
+            f"no Deployment or StatefulSet matches spec.selector in namespace {namespace} (by the workload's own"
+            f" labels, not its pod template's){notes}"
+        )
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
         outcome.notices.append(("NoTargets", message))
     else:

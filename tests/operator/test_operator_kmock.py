@@ -851,7 +851,10 @@ async def test_a_selector_that_matches_nothing_says_so_in_one_event(emulator: An
     assert len(no_targets()) == 1
     assert events[0]["type"] == "Normal"
     assert events[0]["involvedObject"]["name"] == "chat"
-    assert events[0]["message"] == f"no Deployment or StatefulSet matches spec.selector in namespace {NAMESPACE}"
+    assert events[0]["message"] == (
+        f"no Deployment or StatefulSet matches spec.selector in namespace {NAMESPACE} (by the workload's own labels,"
+        " not its pod template's)"
+    )
     assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["reason"] == "NoTargets"
     exposed = condition(get(emulator, LLMT, "chat"), c.CONDITION_METRICS)
     assert "0 metrics Service" not in exposed["message"]
