@@ -46,6 +46,9 @@ MAX_ANSWERS = 4
 #: where four such clients slowed the app's requests twenty to fifty times. A Prometheus scraping every few seconds
 #: gets a fresh one. Renderings are made one at a time.
 SHARE = 4.0
+#: Seconds a server being closed (the worker that serves the port shutting down, or recycled) waits for the answers
+#: under way: their threads are daemons, which the interpreter's exit would cut off mid-answer.
+CLOSE_SECONDS = 5.0
 #: Seconds a request has to take its whole answer (Prometheus gives up on a scrape after its scrape_timeout, 10 s by
 #: default).
 ANSWER_SECONDS = 30.0
@@ -182,6 +185,15 @@ class BoundedServer(ThreadingWSGIServer):
 
     def end_answer(self) -> None:
         self._answers.release()
+
+    def server_close(self) -> None:
+        """Stop listening, then give the answers under way up to CLOSE_SECONDS to end. Each place taken here is one
+        no answer holds any more; a request that comes meanwhile is answered 503."""
+        super().server_close()
+        deadline = time.monotonic() + CLOSE_SECONDS
+        for _ in range(self.max_answers):
+            if not self._answers.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
 
     def _deadline(self, request: socket.socket, seconds: float) -> None:
         with self._lock:

@@ -5,7 +5,10 @@ the app's requests never wait. A scrape that fails on the server's side is logge
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -348,6 +351,60 @@ def test_scrapes_on_the_apps_own_path_that_are_not_read_hold_a_bounded_number_of
         for reader in readers:
             reader.close()
         assert wait_for("the app's path answering again", lambda: _status(port, "/metrics?fresh") == 200, seconds=60)
+
+
+#: A process serving a 12 MB exposition on the port it is given, which closes its server and exits when told to.
+CLOSING_SERVER = """
+import sys
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from llm_telemetry.exposition import serve_metrics
+
+class Large:
+    def collect(self):
+        family = GaugeMetricFamily("llm_test_large", "Filler.", labels=["series"])
+        for i in range(12 * 1024 * 1024 // 100):
+            family.add_metric([f"{i:060d}"], 1.0)
+        yield family
+
+registry = CollectorRegistry()
+registry.register(Large())
+server, thread = serve_metrics(int(sys.argv[1]), "127.0.0.1", registry)
+print("serving", flush=True)
+sys.stdin.readline()
+server.shutdown()
+server.server_close()
+"""
+
+
+def test_a_scrape_under_way_when_the_server_closes_gets_its_whole_answer() -> None:
+    """A worker that serves the port and is recycled (gunicorn's ``--max-requests``) closes its server and exits:
+    the answer being sent then is finished first, not cut off by the interpreter's exit."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", CLOSING_SERVER, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "serving\n"
+        client = socket.create_connection(("127.0.0.1", port), timeout=30)
+        client.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        head = client.recv(4096)
+        assert head.startswith(b"HTTP/1.0 200")  # rendered, and being sent
+        assert server.stdin is not None
+        server.stdin.write("close\n")  # it closes and exits while the answer is under way
+        server.stdin.flush()
+        received = head
+        while chunk := client.recv(1 << 17):
+            received += chunk
+            time.sleep(0.01)  # a client reading at its pace: about a second for the rest
+        client.close()
+        assert server.wait(timeout=30) == 0
+        headers, body = received.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: (\d+)", headers)[1])  # type: ignore[index]
+        assert len(body) == length > 10 * 1024 * 1024
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_a_metrics_port_busy_at_startup_is_served_once_it_is_free(caplog: pytest.LogCaptureFixture) -> None:
