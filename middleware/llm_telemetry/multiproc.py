@@ -423,28 +423,20 @@ class SharedState:
         True when anything was missing. Called every second by the workers waiting for the metrics port, and
         before each merge."""
         path = functools.partial(os.path.join, self.directory)
-        alive, db = path(self._stem + _ALIVE), path(self._stem + _DB)
+        db = path(self._stem + _DB)
         with self._write_lock:
             if self._alive is None:
                 return False  # closed
-            # The archive and the port claim only by the worker that merges (its copy is the newest).
-            shared = [_RUN]
-            if self._archive is not None:
-                shared.append(_ARCHIVE)
-            if self._claimed:
-                shared.append(_PORT)
-            try:
-                alive_kept = os.stat(alive).st_ino == os.fstat(self._alive.fileno()).st_ino
-            except FileNotFoundError:
-                alive_kept = False
-            db_kept = os.path.exists(db)
-            missing = [name for name in shared if not os.path.exists(path(name))]
-            if self._archive is not None and _ARCHIVE not in missing and self._archive_behind():
-                missing.append(_ARCHIVE)  # put back from an older copy than this worker's
+            alive_kept, db_kept, missing = self._gone()
             if alive_kept and db_kept and not missing:
                 return False
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             with self._locked():
+                # Looked at again inside the lock: a save of the archive (by a merge of this worker, in another
+                # thread) may have been under way, its version file not yet written, when the look above read it.
+                alive_kept, db_kept, missing = self._gone()
+                if alive_kept and db_kept and not missing:
+                    return False
                 if not alive_kept:
                     # First: a live worker's lock is what tells the check below that this is no earlier run's state.
                     old = self._alive
@@ -474,6 +466,27 @@ class SharedState:
             os.getpid(),
         )
         return True
+
+    def _gone(self) -> tuple[bool, bool, list[str]]:
+        """Whether this worker's liveness file and values file are in place, and which of the shared files it puts
+        back are missing (the archive also when the directory's is older than this worker's copy). With the
+        ``_write_lock`` held; only with the directory lock held too is a save of the archive never half-way."""
+        path = functools.partial(os.path.join, self.directory)
+        # The archive and the port claim only by the worker that merges (its copy is the newest).
+        shared = [_RUN]
+        if self._archive is not None:
+            shared.append(_ARCHIVE)
+        if self._claimed:
+            shared.append(_PORT)
+        try:
+            alive_kept = os.stat(path(self._stem + _ALIVE)).st_ino == os.fstat(self._alive.fileno()).st_ino
+        except FileNotFoundError:
+            alive_kept = False
+        db_kept = os.path.exists(path(self._stem + _DB))
+        missing = [name for name in shared if not os.path.exists(path(name))]
+        if self._archive is not None and _ARCHIVE not in missing and self._archive_behind():
+            missing.append(_ARCHIVE)  # put back from an older copy than this worker's
+        return alive_kept, db_kept, missing
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -917,6 +917,60 @@ def test_workers_lock_holds_while_a_temp_cleaner_removes_the_files_that_never_ch
             state.close()
 
 
+def test_workers_archive_saved_while_a_worker_looks_is_not_taken_for_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's once-a-second look for removed files may read ``archive.json.version`` while a merge of the same
+    worker (another thread, inside the directory's lock) is saving the archive: its copy is one version ahead of the
+    file then. Nothing was removed: no WARNING, nothing put back. Files really removed still are, with the WARNING.
+    The interleaving is driven: the save is held just before it writes, until the look has read the file."""
+    monkeypatch.setattr(multiproc.SharedState, "_keep", lambda self: None)  # the test looks, in the racing order
+    state = multiproc.SharedState(str(tmp_path / "state"), multiproc.Supervisor("parent", os.getpid()))
+    saving, looked, go = threading.Event(), threading.Event(), threading.Event()
+
+    def held_open(file: str, *args: Any, **kwargs: Any) -> Any:
+        if file.endswith(multiproc._ARCHIVE + ".tmp") and not go.is_set():
+            saving.set()
+            assert go.wait(10), "the look never read the version file"
+        return open(file, *args, **kwargs)
+
+    behind = state._archive_behind
+
+    def look() -> bool:
+        try:
+            return behind()
+        finally:
+            looked.set()
+
+    try:
+        state.add(multiproc._key("llm.requests", "c", (("model", "a"),)), 1.0)
+        state.merged()  # the series takes a place in the archive: saved, version 1
+        state.add(multiproc._key("llm.requests", "c", (("model", "b"),)), 1.0)
+        monkeypatch.setattr(multiproc, "open", held_open, raising=False)
+        monkeypatch.setattr(state, "_archive_behind", look)
+        with ThreadPoolExecutor(2) as pool, caplog.at_level("WARNING", logger="llm_telemetry"):
+            merge = pool.submit(state.merged)  # places the new series: saves version 2
+            assert saving.wait(10), "the merge never saved the archive"
+            looked.clear()  # the merge's own look, before its save
+            restored = pool.submit(state.restore)
+            assert looked.wait(10), "the look never read the version file"
+            go.set()
+            assert merge.result(10)
+            assert restored.result(10) is False, "a save under way was taken for removed files"
+        assert not [r for r in caplog.records if "were removed" in r.getMessage()]
+        version = (tmp_path / "state" / "archive.json.version").read_text()
+        assert version.endswith(" 2")
+
+        for name in ("archive.json", "archive.json.version"):
+            (tmp_path / "state" / name).unlink()
+        with caplog.at_level("WARNING", logger="llm_telemetry"):
+            assert state.restore() is True
+        assert [r for r in caplog.records if "were removed" in r.getMessage()]
+        assert (tmp_path / "state" / "archive.json.version").read_text() == version
+    finally:
+        state.close()
+
+
 def _unshare_works() -> bool:
     try:
         done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30)
