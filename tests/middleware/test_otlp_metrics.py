@@ -126,3 +126,26 @@ def test_a_meter_provider_passed_in_gets_what_its_delta_reader_asks_for() -> Non
     finally:
         app.telemetry.shutdown()
         provider.shutdown()
+
+
+def test_a_server_shutting_down_pushes_what_it_counted_since_its_last_export() -> None:
+    """A pull scrape misses what a pod counted after its last scrape; an OTLP push does not: the server's lifespan
+    shutdown (a rollout's SIGTERM) exports the counts once more before the process exits."""
+    from llm_telemetry.demo.app import create_app
+    from otlp_receiver import isolated_env
+    from support import serve
+
+    with otlp_receiver() as receiver:
+        env = tracing_env(receiver, LLM_TELEMETRY_METRICS_EXPORTER="otlp", OTEL_METRIC_EXPORT_INTERVAL="3600000")
+        with isolated_env(env):
+            app = create_app(metrics_port=0)
+            app.telemetry  # noqa: B018 - built while the environment is in place
+        try:
+            with serve(app) as base:
+                for stream in (False, True, False):
+                    chat(base, stream)
+            # uvicorn has stopped, its lifespan shut down: no flush by the test, no export interval elapsed.
+            assert receiver.wait_for(lambda r: any(p.name == "llm.requests" for p in r.metrics), timeout=5)
+            assert sum(p.value for p in receiver.metrics if p.name == "llm.requests") == 3
+        finally:
+            app.telemetry.shutdown()
