@@ -484,8 +484,15 @@ class SharedState:
             alive_kept = False
         db_kept = os.path.exists(path(self._stem + _DB))
         missing = [name for name in shared if not os.path.exists(path(name))]
-        if self._archive is not None and _ARCHIVE not in missing and self._archive_behind():
-            missing.append(_ARCHIVE)  # put back from an older copy than this worker's
+        if (
+            self._archive is not None
+            and not self._archive_unsaved
+            and _ARCHIVE not in missing
+            and self._archive_behind()
+        ):
+            # Put back from an older copy than this worker's. (Not when this worker's newer copy could not be
+            # written, the file system full: the next merge that can writes it.)
+            missing.append(_ARCHIVE)
         return alive_kept, db_kept, missing
 
     @contextlib.contextmanager

@@ -775,6 +775,28 @@ def test_workers_values_file_on_a_full_file_system_raises_instead_of_killing(sma
     assert done.stdout.split() == ["refused", "28", "2.0"]  # ENOSPC
 
 
+def test_workers_archive_that_cannot_be_written_is_not_taken_for_removed(
+    small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file system full when a merge saves the archive: the directory keeps the older version, this worker's
+    copy stays the newest (it is written at the next merge that can). Its once-a-second look must not take that
+    older version for removed files: no WARNING saying so, no put-back (which would also make every scrape wait)."""
+    monkeypatch.setattr(multiproc.SharedState, "_keep", lambda self: None)  # the test looks, as the keeper would
+    state = multiproc.SharedState(str(small_tmpfs / "state"), multiproc.Supervisor("parent", os.getpid()))
+    try:
+        state.add(multiproc._key("llm.requests", "c", (("model", "a"),)), 1.0)
+        state.merged()  # saved: version 1
+        subprocess.run(["dd", "if=/dev/zero", f"of={small_tmpfs / 'fill'}", "bs=64k"], capture_output=True)
+        with caplog.at_level("WARNING", logger="llm_telemetry"):
+            state.add(multiproc._key("llm.requests", "c", (("model", "b"),)), 1.0)
+            state.merged()  # version 2 cannot be written
+            assert "cannot be written" in caplog.text
+            assert [state.restore() for _ in range(3)] == [False, False, False]
+            assert "were removed" not in caplog.text
+    finally:
+        state.close()
+
+
 @pytest.mark.slow
 def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, small_tmpfs: Path) -> None:
     """The state directory's file system full (a small in-memory emptyDir): a request that brings a new series
