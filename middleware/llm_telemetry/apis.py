@@ -139,6 +139,29 @@ def _get(obj: Any, *keys: str) -> Any:
     return obj
 
 
+#: Events that end a stream's answer, by their type.
+_LAST_EVENTS: Final = frozenset(
+    ("message_stop", "response.completed", "response.incomplete", "response.failed", "error")
+)
+
+
+def _ends_answer(event: str, data: bytes) -> bool:
+    """Whether an event's data ends the answer: OpenAI's ``[DONE]``, a finish or stop reason, a closing event of
+    the Messages or Responses API, an error."""
+    if data.startswith(b"[DONE]"):
+        return True
+    obj = loads(data)
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("type") or event
+    if (type(kind) is str and kind in _LAST_EVENTS) or obj.get("error"):
+        return True
+    delta, choices = obj.get("delta"), obj.get("choices")
+    if isinstance(delta, dict) and delta.get("stop_reason"):
+        return True
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
 def _add_finish_reason(call: LLMCall, reason: Any) -> None:
     if isinstance(reason, str) and reason:
         call.finishes += 1
@@ -309,11 +332,16 @@ class ResponseReader:
 
     def cut_short(self) -> bool:
         """Whether a stream this reader read whole (after :meth:`finish`) ended before its end: no finish reason,
-        no error and no closing event. An event too large to read might have held any of them: then False."""
+        no error and no closing event. An event too large to read might have held any of them: then False. So
+        does a last event that came without its blank line (a server that leaves it out, which no SSE reader
+        dispatches): what its data says decides."""
         decoder = self._decoder
         if decoder is None or decoder.dropped_events or self._closed:
             return False
-        return not self.call.finishes and self.call.error_type is None
+        if self.call.finishes or self.call.error_type is not None:
+            return False
+        last = decoder.unfinished()
+        return last is None or not _ends_answer(*last)
 
     def feed_held(self, chunks: list[bytes]) -> None:
         """Read chunks that arrived one after another while :attr:`holding`, exactly as :meth:`feed` would one by
@@ -451,6 +479,8 @@ class ResponseReader:
         obj = loads(data)  # a keep-alive or a non-JSON event gives None: nothing to learn from it
         pending = self._pending
         if not isinstance(obj, dict):
+            if data.startswith(b"[DONE]"):
+                self._closed = True  # (with something after it, which the SDKs allow too)
             if pending is not None:
                 self._read_pending(pending)
             return False
@@ -1164,6 +1194,8 @@ class OpenAIResponsesReader(ResponseReader):
                     _add_tool_call(self.call, name)
                     _remember_tool_call(item, name)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
+            if kind != "response.created":
+                self._closed = True  # whatever its response's status says (or leaves out)
             self._response(obj.get("response"))
         elif kind == "error":
             self._stream_error({"error": obj})

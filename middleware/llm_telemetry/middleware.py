@@ -546,7 +546,14 @@ class _Exchange:
                 call.status_code = 500  # the app returned without an answer: the server answers 500 for it
         elif call.status_code is not None and call.status_code >= 400:
             call.error_type = call.error_type or classify_status(call.status_code)
-        elif exc is None and self.complete and self.reader is not None and self.reader.cut_short():
+        elif (
+            exc is None
+            and self.complete
+            and 200 <= (status or 0) < 300
+            and status not in (204, 205)  # (no body, by their definition)
+            and self.reader is not None
+            and self.reader.cut_short()
+        ):
             # A stream the app ended, read whole, without the end of its answer (no finish reason, no error, no
             # closing event): its upstream cut it off, and the app passed on what it had. The client's SDK ends the
             # stream without a word. (A client that left before the end is a client_disconnect above; one that

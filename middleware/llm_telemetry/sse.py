@@ -122,6 +122,11 @@ class SSEDecoder:
             self._buffer = bytearray()
         return events
 
+    def unfinished(self) -> Event | None:
+        """After :meth:`close`: the event whose data lines came but whose blank line did not (none of the SSE
+        readers dispatch it), or None."""
+        return (self._event or "message", bytes(self._data)) if self._data_bytes and not self._skipping else None
+
     def dropped_tail(self) -> bytes:
         """The last TAIL_BYTES (at most) of the last event dropped; empty when none was."""
         return bytes(self._tail[-TAIL_BYTES:])

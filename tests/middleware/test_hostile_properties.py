@@ -493,8 +493,9 @@ def cut_streams(draw: st.DrawFn) -> tuple[str, str, int, int, list[bytes]]:
     newline, spaced = draw(st.sampled_from([b"\n", b"\r\n"])), draw(st.booleans())
     body = encode(events, newline, spaced)
     first_end = next(i for i, (_, data) in enumerate(events) if _ends_answer(data))
-    # The event is dispatched at the blank line after it: a lone CR is a line break already.
-    end = len(encode(events[: first_end + 1], newline, spaced)) - (len(newline) - 1)
+    # Its data line whole is enough: a stream that stops there, without the line break and blank line that would
+    # have dispatched the event, is a server leaving them out as much as a cut.
+    end = len(encode(events[: first_end + 1], newline, spaced)) - 2 * len(newline)
     cut = draw(st.sampled_from([end - 2, end - 1, end, end + 1]) | st.integers(0, len(body)))
     kept = body[: max(0, min(cut, len(body)))]
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(kept) - 1)), max_size=20))))
@@ -509,8 +510,9 @@ def test_a_stream_cut_before_the_end_of_its_answer_is_an_incomplete_stream(
     observed: tuple[LLMTelemetryMiddleware, Calls], stream: tuple[str, str, int, int, list[bytes]]
 ) -> None:
     """An upstream that stops mid-answer, passed on by an app that ends its response normally: the client's SDK
-    ends the stream without a word, and the call is ``incomplete_stream`` exactly when the event that ends the answer
-    (a finish reason, a stop reason, a completed response) did not come whole. The bytes pass unchanged."""
+    ends the stream without a word, and the call is ``incomplete_stream`` exactly when the data of the event that
+    ends the answer (a finish reason, a stop reason, a completed response) did not come whole. The bytes pass
+    unchanged."""
     name, path, end, cut, chunks = stream
     ANSWER.update(status=200, headers=SSE_HEADERS, chunks=chunks)
     call = through_both(observed, path, b'{"model": "m", "stream": true}')

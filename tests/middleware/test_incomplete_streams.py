@@ -47,6 +47,15 @@ def _chat(model: str, how: str) -> Iterator[bytes]:
         yield _sse("[DONE]")  # a server that sends no finish reason, but ends its stream as OpenAI's do
     elif how == "closed-joined":
         yield chunk({"content": WORDS[-1]}) + _sse("[DONE]")  # (the same, in one chunk with the last delta)
+    elif how == "closed-padded":
+        yield chunk({"content": WORDS[-1]})
+        yield _sse("[DONE] ")  # (the SDKs take what starts with it)
+    elif how == "closed-open":
+        yield chunk({"content": WORDS[-1]})
+        yield b"data: [DONE]"  # and no line break: a server that leaves out the blank line after the last event
+    elif how == "finished-open":
+        yield chunk({"content": WORDS[-1]})[:-1]  # (one line break: the finish is in the next event)
+        yield b"\n" + chunk({})[:-2].replace(b'"finish_reason":null', b'"finish_reason":"stop"') + b"\n"
     else:
         yield chunk({"content": WORDS[-1]})
         if how == "unread":
@@ -74,6 +83,9 @@ def _responses(model: str, how: str) -> Iterator[bytes]:
     for i, word in enumerate(WORDS):
         yield _sse({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1",
                     "output_index": 0, "content_index": 0, "delta": word}, "response.output_text.delta")  # fmt: skip
+    if how == "closed":  # a Responses-compatible server whose last event says nothing of the response's status
+        yield _sse({"type": "response.completed", "sequence_number": 9, "response": {"id": "resp_1", "model": model}},
+                   "response.completed")  # fmt: skip
 
 
 STREAMS = {"/v1/chat/completions": _chat, "/v1/messages": _messages, "/v1/responses": _responses}
@@ -81,11 +93,14 @@ STREAMS = {"/v1/chat/completions": _chat, "/v1/messages": _messages, "/v1/respon
 
 async def relay(request: Request) -> Response:
     """Relays a scripted upstream stream. ``x-upstream``: ``cut`` (the default) stops mid-answer; ``closed`` ends
-    with the API's closing event but no finish reason (``closed-joined``: in one chunk with the last delta); ``unread``
-    cuts after something too large to read. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not
-    decode."""
+    with the API's closing event but no finish reason (``-joined``: in one chunk with the last delta; ``-padded``:
+    ``[DONE]`` with a space after it; ``-open``: without the blank line after it); ``finished-open`` ends with a
+    finish reason, without the blank line; ``unread`` cuts after something too large to read; ``no-content``
+    answers 204. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not decode."""
     body = await request.json()
     how = request.headers.get("x-upstream", "cut")
+    if how == "no-content":
+        return Response(status_code=204, media_type="text/event-stream")
     events = list(STREAMS[request.url.path](body["model"], how))
     if request.headers.get("x-gzip"):
         packed = gzip.compress(b"".join(events))
@@ -149,7 +164,15 @@ def test_streams_their_upstream_cut_off_are_incomplete_streams_the_sdks_say_noth
 
 @pytest.mark.parametrize(
     ("path", "how"),
-    [("/v1/chat/completions", "closed"), ("/v1/chat/completions", "closed-joined"), ("/v1/messages", "closed")],
+    [
+        ("/v1/chat/completions", "closed"),
+        ("/v1/chat/completions", "closed-joined"),
+        ("/v1/chat/completions", "closed-padded"),
+        ("/v1/chat/completions", "closed-open"),
+        ("/v1/chat/completions", "finished-open"),
+        ("/v1/messages", "closed"),
+        ("/v1/responses", "closed"),
+    ],
 )
 def test_a_stream_that_ends_with_its_closing_event_is_whole_without_a_finish_reason(
     service: tuple[str, int], path: str, how: str
@@ -162,6 +185,14 @@ def test_a_stream_that_ends_with_its_closing_event_is_whole_without_a_finish_rea
     metrics = _counted(port, model)
     assert metrics.value("llm_errors_total", gen_ai_request_model=model) == 0
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+
+
+def test_an_answer_with_no_content_is_no_stream_cut_short(service: tuple[str, int]) -> None:
+    base, port = service
+    body = {"model": "no-content", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-upstream": "no-content"}, timeout=30)
+    assert answer.status_code == 204
+    assert _counted(port, "no-content").value("llm_errors_total", gen_ai_request_model="no-content") == 0
 
 
 def test_a_stream_not_read_to_its_end_is_not_called_incomplete(service: tuple[str, int]) -> None:
