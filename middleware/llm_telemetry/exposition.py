@@ -157,6 +157,8 @@ class BoundedServer(ThreadingWSGIServer):
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._told_busy = -self.busy_warning_seconds
+        #: Set by server_close: a request refused then is refused for the close, not for being busy.
+        self._closing = False
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -189,6 +191,7 @@ class BoundedServer(ThreadingWSGIServer):
     def server_close(self) -> None:
         """Stop listening, then give the answers under way up to CLOSE_SECONDS to end. Each place taken here is one
         no answer holds any more; a request that comes meanwhile is answered 503."""
+        self._closing = True
         super().server_close()
         deadline = time.monotonic() + CLOSE_SECONDS
         for _ in range(self.max_answers):
@@ -217,6 +220,8 @@ class BoundedServer(ThreadingWSGIServer):
                 pass
 
     def tell_busy(self, what: str) -> None:
+        if self._closing:
+            return
         now = time.monotonic()
         if now - self._told_busy >= self.busy_warning_seconds:
             self._told_busy = now

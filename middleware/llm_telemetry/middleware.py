@@ -495,6 +495,7 @@ class _Exchange:
             try:
                 self.reader.finish(now)
             except Exception as error:
+                self.reader = None  # not finished: nothing more is asked of it
                 self.failsafe("response_parse", error)
         left = call.left_at
         if left is not None and call.first_token_at is not None and call.first_token_at > left:

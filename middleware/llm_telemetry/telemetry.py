@@ -360,7 +360,8 @@ class Telemetry:
             }
         )
         # In pieces: a server waits for the client to take what it was given only between sends, so a client that
-        # does not read holds one piece in the server's buffers, and its place here, not a copy of the whole answer.
+        # does not read holds its place here and its answer (the plain scrapes' rendering is shared), and about one
+        # piece in the server's buffers rather than another copy of the whole answer there.
         for start in range(0, len(body), ANSWER_PIECE):
             end = start + ANSWER_PIECE
             await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})

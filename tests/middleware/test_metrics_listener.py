@@ -329,8 +329,9 @@ def test_a_scrape_on_the_apps_own_path_is_answered_as_on_the_metrics_port() -> N
 
 def test_scrapes_on_the_apps_own_path_that_are_not_read_hold_a_bounded_number_of_places() -> None:
     """The app's own port is the one every API client reaches. A client that asks for the metrics and never reads
-    holds one of MAX_ANSWERS places (and about a piece of the answer in the server's buffers), not a copy of the
-    exposition each; past them a scrape is answered 503 at once, and the places come back as those clients go."""
+    holds one of MAX_ANSWERS places (its answer waits in pieces, the server taking one at a time), so the copies of
+    the exposition held are bounded however many such clients come; past them a scrape is answered 503 at once, and
+    the places come back as those clients go."""
     app = LLMTelemetryMiddleware(bare_app(), metrics_port=0, metrics_app_path="/metrics", request_logs=False)
     with serve(app) as base:
         app.telemetry.registry.register(_Large(12))
