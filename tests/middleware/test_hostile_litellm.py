@@ -67,6 +67,16 @@ MASTER_KEY = "sk-test-" + "7c1e" * 8
 UPSTREAM_TIMEOUT = 1
 
 
+async def _two_words(send: Any) -> None:
+    """The start of a stream: a 200 and two content chunks, with no finish reason."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for word in ("Hello", " there"):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
+                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
+        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
+                    "more_body": True})  # fmt: skip
+
+
 async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """An OpenAI-compatible upstream: "throttle" in the prompt gets a 429, "dawdle" no answer within LiteLLM's
     timeout, anything else a stream that breaks."""
@@ -80,12 +90,7 @@ async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 429, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(error).encode()})
         return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-    for word in ("Hello", " there"):
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
-                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
-        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
-                    "more_body": True})  # fmt: skip
+    await _two_words(send)
     raise RuntimeError("the upstream connection drops mid-stream")
 
 
@@ -476,18 +481,13 @@ async def cut_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     await request_body(receive)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-    for word in ("Hello", " there"):
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up",
-                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}  # fmt: skip
-        await send({"type": "http.response.body", "body": b"data: " + json.dumps(chunk).encode() + b"\n\n",
-                    "more_body": True})  # fmt: skip
+    await _two_words(send)
     await send({"type": "http.response.body", "body": b""})
 
 
 def test_a_stream_cut_behind_the_gateway_is_an_incomplete_stream_where_it_was_cut(tmp_path: Path) -> None:
     """The upstream's own middleware sees its stream end before the end of its answer. The gateway makes up the end
-    (a finish reason and ``[DONE]``), so its clients, and the middleware in front of it, see a whole answer."""
+    (a finish reason of its own), so its clients, and the middleware in front of it, see a whole answer."""
     upstream_metrics = free_port()
     relay = LLMTelemetryMiddleware(cut_upstream, metrics_port=upstream_metrics, metrics_host="127.0.0.1")
     with serve(relay) as upstream_base, litellm_proxy(tmp_path, upstream_base) as (base, metrics_port):
