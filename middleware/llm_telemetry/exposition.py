@@ -18,6 +18,7 @@ scrape is refused only while that many clients hold the port, and the app's own 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import socket
@@ -189,13 +190,20 @@ class BoundedServer(ThreadingWSGIServer):
         self._answers.release()
 
     def server_close(self) -> None:
-        """Stop listening, then give the answers under way up to CLOSE_SECONDS to end. Each place taken here is one
-        no answer holds any more; a request that comes meanwhile is answered 503."""
+        """Stop listening, then give the connections under way up to CLOSE_SECONDS to end. Those still waiting to
+        be accepted are taken first: closing the socket would reset them (a scrape whose request was sent, failing
+        as it reads). Each place taken here is one no connection holds any more."""
         self._closing = True
+        with contextlib.suppress(OSError):  # (a socket never bound or listening: nothing waits on it)
+            self.socket.setblocking(False)
+            while True:
+                request, address = self.socket.accept()
+                request.setblocking(True)
+                self.process_request(request, address)
         super().server_close()
         deadline = time.monotonic() + CLOSE_SECONDS
-        for _ in range(self.max_answers):
-            if not self._answers.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        for _ in range(self.max_connections):
+            if not self._connections.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 break
 
     def _deadline(self, request: socket.socket, seconds: float) -> None:
