@@ -196,10 +196,16 @@ class BoundedServer(ThreadingWSGIServer):
         self._closing = True
         with contextlib.suppress(OSError):  # (a socket never bound or listening: nothing waits on it)
             self.socket.setblocking(False)
-            while True:
-                request, address = self.socket.accept()
-                request.setblocking(True)
-                self.process_request(request, address)
+            for _ in range(self.max_connections):  # (a client connecting without pause cannot hold the close)
+                try:
+                    request, address = self.socket.accept()
+                except OSError:
+                    break  # none waiting
+                try:
+                    request.setblocking(True)
+                    self.process_request(request, address)
+                except Exception:  # (no thread to be had, say): that one is dropped, the close goes on
+                    self.shutdown_request(request)
         super().server_close()
         deadline = time.monotonic() + CLOSE_SECONDS
         for _ in range(self.max_connections):

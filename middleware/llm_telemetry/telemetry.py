@@ -288,6 +288,13 @@ class Telemetry:
             return
         self._shut_down = True
         self._stopping.set()
+        # Spans and log records first: closing the metrics listener may wait for the scrapes it is answering (see
+        # exposition.CLOSE_SECONDS), time the lifespan's shutdown budget would otherwise not have for them.
+        if self.tracing is not None:
+            self.tracing.force_flush()
+            self.tracing.shutdown()
+        if self.request_logs is not None:
+            self.request_logs.shutdown()
         with self._server_lock:
             listening, self._server = self._server, None
         if listening:
@@ -297,11 +304,6 @@ class Telemetry:
             thread.join(timeout=5)
         if self.workers is not None:
             self.workers.close()
-        if self.tracing is not None:
-            self.tracing.force_flush()
-            self.tracing.shutdown()
-        if self.request_logs is not None:
-            self.request_logs.shutdown()
         shutdown = getattr(self.meter_provider, "shutdown", None)  # the no-op provider has none
         if self._owns_provider and shutdown is not None:
             shutdown()
