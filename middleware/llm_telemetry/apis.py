@@ -271,7 +271,8 @@ class ResponseReader:
         #: with one), the bytes of its usage event before the usage value, where those start to differ from the
         #: first token's, and whether its events end with an obfuscation member.
         self._ends: _Ends | None = None
-        #: The stream's closing event came: OpenAI's ``[DONE]``, Anthropic's ``message_stop``.
+        #: The stream's closing event came: OpenAI's ``[DONE]``, one of ``_LAST_EVENTS`` (``message_stop``, the
+        #: Responses API's ``response.completed`` and the like).
         self._closed = False
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
@@ -1194,7 +1195,7 @@ class OpenAIResponsesReader(ResponseReader):
                     _add_tool_call(self.call, name)
                     _remember_tool_call(item, name)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
-            if kind != "response.created":
+            if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
             self._response(obj.get("response"))
         elif kind == "error":
