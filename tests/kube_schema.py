@@ -25,7 +25,8 @@ import jsonschema
 
 #: The Kubernetes minors the project supports (docs/install.md): from 1.26 (CRD validation rules are on by default
 #: from 1.25, GA in 1.29) through the newest release. The real API server of tests/integration is older (a 1.23
-#: build with the validation-rules gate on), so for these minors the schema checks here are the evidence.
+#: build, whose validation rules are off unless a feature gate is given), so for these minors the schema checks here
+#: are the evidence.
 #: Chart.yaml's kubeVersion starts at the oldest; every minor is validated against.
 OLDEST_MINOR = 26
 NEWEST_MINOR = 37

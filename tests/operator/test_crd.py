@@ -10,6 +10,16 @@ import pytest
 import yaml
 
 import kube_schema
+from crd_cases import (
+    ACCEPTED,
+    BAD_SPECS,
+    GOOD_INTERVALS,
+    GOOD_SELECTORS,
+    MINIMAL,
+    REFUSED,
+    with_field,
+    with_spec,
+)
 from llm_telemetry_operator.spec import OWN_LABELS, SpecError, parse_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -17,12 +27,6 @@ CRD_NAME = "llmtelemetry.dev_llmtelemetries.yaml"
 #: The source, and the copy the chart installs (scripts/sync-crds writes it; a chart test keeps it identical).
 CRD_COPIES = [REPO_ROOT / "crds" / CRD_NAME, REPO_ROOT / "charts" / "llm-telemetry-operator" / "crds" / CRD_NAME]
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("llmtelemetry-*.yaml"))
-MINIMAL: dict[str, Any] = {
-    "apiVersion": "llmtelemetry.dev/v1alpha1",
-    "kind": "LLMTelemetry",
-    "metadata": {"name": "chat", "namespace": "llm"},
-    "spec": {"selector": {"matchLabels": {"app": "chat"}}},
-}
 
 
 def load(path: Path = CRD_COPIES[0]) -> dict[str, Any]:
@@ -130,20 +134,7 @@ def test_crd_accepts_every_price_kind() -> None:
     assert parse_spec(obj["spec"]).pricing.models["gpt-4o"] == prices
 
 
-@pytest.mark.parametrize(
-    "selector",
-    [
-        {"matchLabels": {"app": "chat"}},
-        {"matchExpressions": [{"key": "app", "operator": "In", "values": ["chat"]}]},
-        {
-            "matchExpressions": [
-                {"key": "llm", "operator": "Exists"},
-                {"key": "app", "operator": "NotIn", "values": ["db"]},
-            ]
-        },
-        {"matchLabels": {"app": "chat"}, "matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]},
-    ],
-)
+@pytest.mark.parametrize("selector", GOOD_SELECTORS)
 def test_crd_and_operator_take_selectors_that_name_their_workloads(selector: dict[str, Any]) -> None:
     obj = copy.deepcopy(MINIMAL)
     obj["spec"]["selector"] = selector
@@ -151,7 +142,7 @@ def test_crd_and_operator_take_selectors_that_name_their_workloads(selector: dic
     parse_spec(obj["spec"])
 
 
-@pytest.mark.parametrize("interval", ["1s", "1000ms", "15s", "1m", "75s"])
+@pytest.mark.parametrize("interval", GOOD_INTERVALS)
 def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: str) -> None:
     obj = copy.deepcopy(MINIMAL)
     obj["spec"]["metrics"] = {"interval": interval}
@@ -159,100 +150,19 @@ def test_crd_and_operator_take_scrape_intervals_the_rules_work_with(interval: st
     assert parse_spec(obj["spec"]).metrics.interval == interval
 
 
-@pytest.mark.parametrize(
-    ("patch", "why"),
-    [
-        ({"selector": None}, "selector is required"),
-        ({"selector": {}}, "selector without matchLabels or matchExpressions (CEL rule)"),
-        ({"selector": {"matchLabels": {}}}, "empty matchLabels: would select every workload (CEL rule)"),
-        ({"selector": {"matchExpressions": []}}, "empty matchExpressions: would select every workload (CEL rule)"),
-        (
-            {"selector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}},
-            "NotIn alone: would select every other workload (CEL rule)",
-        ),
-        (
-            {"selector": {"matchExpressions": [{"key": "legacy", "operator": "DoesNotExist"}]}},
-            "DoesNotExist alone: would select every other workload (CEL rule)",
-        ),
-        ({"metrics": {"port": 0}}, "port minimum"),
-        ({"metrics": {"interval": "often"}}, "interval pattern"),
-        ({"metrics": {"interval": "90s"}}, "interval past 75s: the rules' 5 minute rates need four scrapes (CEL rule)"),
-        ({"metrics": {"interval": "0s"}}, "interval of 0 (CEL rule)"),
-        ({"metrics": {"interval": "1ms"}}, "interval below 1s: a thousand scrapes a second of the app (CEL rule)"),
-        ({"metrics": {"interval": "999ms"}}, "interval just below 1s (CEL rule)"),
-        ({"tracing": {"protocol": "thrift"}}, "protocol enum"),
-        ({"tracing": {"samplingRatio": 1.5}}, "ratio maximum"),
-        ({"logs": {"mode": "syslog"}}, "logs mode enum"),
-        ({"alerts": {"availabilityObjective": 1}}, "objective below 1"),
-        ({"alerts": {"ttftObjectiveSeconds": 3}}, "TTFT bucket"),
-        # Past the histogram's last finite buckets a p95 cannot be told apart: the alert could never fire.
-        ({"alerts": {"p95TtftSeconds": 41}}, "p95 TTFT maximum"),
-        ({"alerts": {"p95RequestDurationSeconds": 600}}, "p95 duration maximum"),
-        ({"attribution": {"headers": {"x-tenant-id": "Tenant-Id"}}}, "label pattern"),
-        ({"pricing": {"models": {"gpt-4o": {"input": -1, "output": 1}}}}, "negative price"),
-        ({"pricing": {"models": {"gpt-4o": {"input": 1}}}}, "output price is required"),
-        ({"pricing": {"models": {"gpt-4o": {"input": 1, "output": 2, "cached_input": 0.5}}}}, "unknown price kind"),
-        ({"pricing": {"models": {"gpt-4o": {"input": 1, "output": "2"}}}}, "price is a number"),
-        (
-            {"pricing": {"models": {"gpt-4o": {"input": 1, "output": 2}}, "configMapRef": {"name": "prices"}}},
-            "models and configMapRef together (CEL rule)",
-        ),
-        ({"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}, "operator enum"),
-        # Grafana's dashboard sidecar joins the folder to its directory: a path would write anywhere it can.
-        ({"dashboard": {"folder": "/etc/grafana/provisioning"}}, "folder is an absolute path"),
-        ({"dashboard": {"folder": "../other-team"}}, "folder climbs out"),
-        ({"dashboard": {"folder": "Team/ML"}}, "folder holds a separator"),
-        ({"dashboard": {"folder": ".."}}, "folder is .. (CEL rule)"),
-        ({"dashboard": {"folder": "."}}, "folder is . (CEL rule)"),
-        ({"dashboard": {"folder": "a\nb"}}, "folder holds a control character"),
-        ({"dashboard": {"folder": "x" * 64}}, "folder maxLength"),
-        ({"logs": {"tenant": "team a"}}, "tenant pattern"),
-        ({"logs": {"tenant": "a|b"}}, "tenant pattern: '|' separates tenants in a query"),
-        ({"logs": {"tenant": ".."}}, "tenant is .. (CEL rule)"),
-        ({"logs": {"tenant": "t" * 151}}, "tenant maxLength"),
-    ],
-)
+@pytest.mark.parametrize(("patch", "why"), BAD_SPECS)
 def test_crd_rejects_bad_specs(patch: dict[str, Any], why: str) -> None:
     """And the operator refuses each too (an Invalid status naming the field): a server without the CRD's rules (before
     1.25, or a CRD installed before a rule, which Helm never upgrades) stores what the CRD now refuses."""
-    obj = copy.deepcopy(MINIMAL)
-    for key, value in patch.items():
-        if value is None:
-            del obj["spec"][key]
-        else:
-            obj["spec"][key] = value
+    obj = with_spec(patch)
     assert kube_schema.validate_object(load(), obj), why
     with pytest.raises(SpecError):
         parse_spec(obj["spec"])
 
 
-#: Values the CRD and the operator both take, and both refuse: a dashboard folder is one folder name (Grafana's
-#: sidecar joins it to its directory), a Loki tenant is one Loki accepts.
-ACCEPTED = [("dashboard", "folder", v) for v in ("LLM", "Team ML", "Équipe IA", "v1.2", "x" * 63)] + [
-    ("logs", "tenant", v) for v in ("team-a", "fake", "acme_prod.eu", "a!*'()", "", "t" * 150)
-]
-REFUSED = (
-    [
-        ("dashboard", "folder", v)
-        for v in ("/etc/grafana/provisioning", "../other-team", "Team/ML", "..", ".", "a\\b", "x" * 64)
-    ]
-    + [("logs", "tenant", v) for v in ("team a", "a|b", "..", ".", "t" * 151, "a,b", "a=b", "team-a\n")]
-    + [
-        # A final newline (YAML's `key: |`), which the API server's patterns refuse: Go's `$` is the end of the text.
-        ("metrics", "interval", "30s\n"),
-    ]
-)
-
-
-def _with(section: str, field: str, value: str) -> dict[str, Any]:
-    obj = copy.deepcopy(MINIMAL)
-    obj["spec"][section] = {field: value}
-    return obj
-
-
 @pytest.mark.parametrize(("section", "field", "value"), ACCEPTED)
 def test_crd_and_operator_accept(section: str, field: str, value: str) -> None:
-    obj = _with(section, field, value)
+    obj = with_field(section, field, value)
     assert kube_schema.validate_object(load(), obj) == []
     assert getattr(getattr(parse_spec(obj["spec"]), section), field) == value
 
@@ -260,7 +170,7 @@ def test_crd_and_operator_accept(section: str, field: str, value: str) -> None:
 @pytest.mark.parametrize(("section", "field", "value"), REFUSED)
 def test_operator_refuses_what_the_crd_refuses(section: str, field: str, value: str) -> None:
     """The operator checks it too: a CRD installed before the rule (Helm never upgrades one) lets it through."""
-    obj = _with(section, field, value)
+    obj = with_field(section, field, value)
     assert kube_schema.validate_object(load(), obj)
     with pytest.raises(SpecError, match=rf"spec\.{section}\.{field}"):
         parse_spec(obj["spec"])
