@@ -948,8 +948,13 @@ class OpenAIChatReader(ResponseReader):
             call.response_service_tier = obj.get("service_tier")
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
-        if "error" in obj and isinstance(obj["error"], dict):
+        error = obj.get("error")
+        if isinstance(error, dict):
             self._stream_error(obj)
+            return
+        if isinstance(error, str) and error:
+            # Hugging Face TGI's error event: the message as a string, and its kind (``error_type``) beside it.
+            self._stream_error({"error": {"message": error, "type": obj.get("error_type")}})
             return
         self._head(obj)
         choices = obj.get("choices")
@@ -1115,6 +1120,10 @@ _RESPONSES_TEXT_EVENTS: Final = frozenset(
         "response.refusal.delta",
     )
 )
+#: Responses events whose delta is a piece of the input of a tool call the model makes.
+_RESPONSES_TOOL_DELTA_EVENTS: Final = frozenset(
+    ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta")
+)
 #: Of those, the reasoning's: a stream that starts with them shows its reasoning tokens after its first token.
 _RESPONSES_REASONING_EVENTS: Final = frozenset(
     ("response.reasoning_summary_text.delta", "response.reasoning_text.delta")
@@ -1198,8 +1207,14 @@ class OpenAIResponsesReader(ResponseReader):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
             self._response(obj.get("response"))
+        elif kind in _RESPONSES_TOOL_DELTA_EVENTS:
+            if obj.get("delta"):
+                self._first_token(now)
+                self._chunks += 1  # (a piece of a tool call's input counts like a piece of text in the estimate)
         elif kind == "error":
-            self._stream_error({"error": obj})
+            # OpenAI documents the error's members on the event itself; its API has also sent them in an ``error``
+            # object inside it, as its error bodies do.
+            self._stream_error(obj if isinstance(obj.get("error"), dict) else {"error": obj})
 
     def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
         # ``response.completed`` repeats the whole response: with image results or long instructions it may be
@@ -1222,6 +1237,11 @@ class OpenAIResponsesReader(ResponseReader):
 
 
 # --- Anthropic Messages ---------------------------------------------------------------------------
+
+
+#: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
+#: execution), one of an MCP server the API connects to.
+_ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
 
 
 class AnthropicMessagesReader(ResponseReader):
@@ -1295,11 +1315,16 @@ class AnthropicMessagesReader(ResponseReader):
                         self._keep_text(text)
         elif kind == "content_block_start":
             block = obj.get("content_block")
-            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
-                self._first_token(now)
-                name = _str(block.get("name"))
-                if name:
-                    _add_tool_call(self.call, name)
+            if isinstance(block, dict):
+                block_type = block.get("type")
+                if block_type in _ANTHROPIC_TOOL_BLOCKS:
+                    self._first_token(now)
+                    name = _str(block.get("name"))
+                    if name:
+                        _add_tool_call(self.call, name)
+                elif block_type == "redacted_thinking":  # reasoning the stream shows as one block, without deltas
+                    self._first_token(now, reasoning=True)
+                    self._chunks += 1
         elif kind == "message_delta":
             _add_finish_reason(self.call, _get(obj, "delta", "stop_reason"))
             self._usage(obj.get("usage"))
@@ -1317,7 +1342,7 @@ class AnthropicMessagesReader(ResponseReader):
             if not isinstance(block, dict):
                 continue
             name = _str(block.get("name"))
-            if block.get("type") in ("tool_use", "server_tool_use") and name:
+            if block.get("type") in _ANTHROPIC_TOOL_BLOCKS and name:
                 _add_tool_call(self.call, name)
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])

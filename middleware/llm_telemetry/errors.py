@@ -12,6 +12,8 @@ _CONTEXT_LENGTH_HINTS: Final = (
     "maximum context",
     "too many tokens",
     "context size",
+    "context limit",  # Anthropic's: "input length and `max_tokens` exceed context limit: ..."
+    "context window",  # OpenAI's Responses API: "Your input exceeds the context window of this model."
 )
 #: Words of a content-filter refusal ("rejected as a result of our safety system", "flagged by moderation"), as words:
 #: a parameter named in an invalid-request message (``safety_identifier``) is no refusal.
@@ -27,6 +29,7 @@ _CODES: Final = {
     "content_policy_violation": "content_filter",
     "rate_limit_exceeded": "rate_limit",
     "rate_limit_error": "rate_limit",
+    "too_many_requests": "rate_limit",
     "insufficient_quota": "rate_limit",
     "tokens": "rate_limit",
     "requests": "rate_limit",

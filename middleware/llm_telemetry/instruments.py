@@ -198,7 +198,7 @@ TIME_PER_OUTPUT_TOKEN: Final = MetricSpec(
     "s",
     "histogram",
     "Time per output token after the first: (end - first token) / (output tokens - 1), reasoning the stream did not"
-    " show left out; successful streams.",
+    " show left out; successful streams. With n choices, per choice.",
     _CALL,
     buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
 )

@@ -130,13 +130,18 @@ class LLMCall:
         """Mean gap between output tokens after the first, for streams with at least two output tokens.
 
         Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only)
-        were generated before its first token, so they are not among the tokens after it."""
+        were generated before its first token, so they are not among the tokens after it. With ``n`` choices,
+        which are generated side by side, it is per choice: the output of the choices that finished, each taken as
+        an equal share."""
         if self.end is None or self.first_token_at is None or not self.output_tokens:
             return None
-        tokens = self.output_tokens
+        tokens: float = self.output_tokens
         if self.reasoning_tokens and not self.reasoning_shown and self.reasoning_tokens < tokens:
             # (Not when the usage says more reasoning than output: a provider that counts them apart.)
             tokens -= self.reasoning_tokens
+        choices = min(self.finishes, self.choice_count or 1)  # (a server that ignores n sends one choice)
+        if choices > 1:
+            tokens /= choices
         if tokens < 2:
             return None
         return (self.end - self.first_token_at) / (tokens - 1)

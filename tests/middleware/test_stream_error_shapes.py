@@ -1,0 +1,275 @@
+"""Error events and tool calls in the shapes real servers send them, through a real uvicorn server and the official
+openai SDK: what each SDK raises (or returns) is what the metrics say.
+
+- OpenAI's Responses API documents an ``error`` event with the error's members on the event, and has also sent them
+  nested in an ``error`` object, as its error bodies are: a rate limit either way.
+- Hugging Face TGI sends an error inside a chat stream as ``{"error": "<message>", "error_type": "<kind>"}``.
+- A Responses stream cut off while the model was writing a tool call's arguments counts those pieces, estimated.
+- With ``n`` choices, generated side by side, the time per output token is per choice.
+- Anthropic: a context overflow as its API words it is ``context_length``; a stream that opens with redacted
+  reasoning has its first token there; a call of a tool of an MCP server the API connects to is a tool call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from support import Metrics, free_port, serve, settled
+
+#: Seconds between two tokens of one choice, in the ``n`` stream.
+GAP = 0.02
+#: Tokens of each choice in the ``n`` stream.
+PER_CHOICE = 6
+
+
+def _sse(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {data}\n\n".encode()
+
+
+def _chunk(model: str, index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                 "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})  # fmt: skip
+
+
+def _responses_head(model: str) -> list[bytes]:
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": model, "output": [],
+                "status": "in_progress"}  # fmt: skip
+    return [_sse({"type": "response.created", "sequence_number": 0, "response": response}, "response.created")]
+
+
+async def _events(model: str, how: str) -> AsyncIterator[bytes]:
+    if how.startswith("responses-error-"):
+        for event in _responses_head(model):
+            yield event
+        yield _sse({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
+                    "content_index": 0, "delta": "Hi"}, "response.output_text.delta")  # fmt: skip
+        code = how.removeprefix("responses-error-").removesuffix("-flat")
+        error = {"type": "tokens", "code": code, "message": "Rate limit reached for gpt-4.1 on tokens per min"}
+        nested = {"type": "error", "sequence_number": 2, "error": error}
+        flat = {"type": "error", "sequence_number": 2, "code": code, "message": error["message"], "param": None}
+        yield _sse(flat if how.endswith("-flat") else nested, "error")
+    elif how == "responses-tool-cut":
+        for event in _responses_head(model):
+            yield event
+        item = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "",
+                "status": "in_progress"}  # fmt: skip
+        yield _sse({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item},
+                   "response.output_item.added")  # fmt: skip
+        for i, piece in enumerate(['{"', "city", '":"', "Paris", '"}']):
+            yield _sse({"type": "response.function_call_arguments.delta", "sequence_number": i + 2, "item_id": "fc_1",
+                        "output_index": 0, "delta": piece}, "response.function_call_arguments.delta")  # fmt: skip
+        # ... and the upstream's connection dropped: the app ends its response with what came.
+    elif how == "tgi-error":
+        yield _chunk(model, 0, {"role": "assistant", "content": ""})
+        yield _chunk(model, 0, {"content": "Hello"})
+        yield _sse({"error": "Request failed during generation: Server error: CUDA out of memory",
+                    "error_type": "generation"})  # fmt: skip
+    elif how == "n":
+        for index in (0, 1):
+            yield _chunk(model, index, {"role": "assistant", "content": ""})
+        for token in range(PER_CHOICE):
+            if token:
+                await asyncio.sleep(GAP)
+            for index in (0, 1):
+                yield _chunk(model, index, {"content": f" t{token}"})
+        for index in (0, 1):
+            yield _chunk(model, index, {}, "stop")
+        usage = {"prompt_tokens": 5, "completion_tokens": 2 * PER_CHOICE, "total_tokens": 5 + 2 * PER_CHOICE}
+        yield _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                    "choices": [], "usage": usage})  # fmt: skip
+        yield _sse("[DONE]")
+
+
+def _anthropic(model: str, how: str) -> list[bytes]:
+    def block(index: int, content_block: dict[str, Any]) -> bytes:
+        return _sse({"type": "content_block_start", "index": index, "content_block": content_block},
+                    "content_block_start")  # fmt: skip
+
+    events = [_sse({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+               "model": model, "content": [], "stop_reason": None, "usage": {"input_tokens": 9, "output_tokens": 1}}},
+              "message_start")]  # fmt: skip
+    if how == "redacted":  # reasoning the API hides: one block with its encrypted data, no deltas, and no text after
+        events.append(block(0, {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}))
+        stop = "end_turn"
+    else:  # "mcp": the API calls a tool of an MCP server it connects to
+        events.append(block(0, {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "echo", "server_name": "tools",
+                                "input": {}}))  # fmt: skip
+        events.append(_sse({"type": "content_block_delta", "index": 0,
+                            "delta": {"type": "input_json_delta", "partial_json": '{"text":"hi"}'}},
+                           "content_block_delta"))  # fmt: skip
+        stop = "end_turn"
+    events.append(_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    events.append(_sse({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                        "usage": {"output_tokens": 7}}, "message_delta"))  # fmt: skip
+    events.append(_sse({"type": "message_stop"}, "message_stop"))
+    return events
+
+
+async def messages(request: Request) -> Response:
+    body = await request.json()
+    how = request.headers["x-script"]
+    if how == "overflow":
+        message = "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, decrease input length"
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+        return JSONResponse(error, status_code=400)
+    if how == "mcp-json":
+        content = [{"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "echo", "server_name": "tools", "input": {}}]
+        return JSONResponse({"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                             "content": content, "stop_reason": "end_turn", "stop_sequence": None,
+                             "usage": {"input_tokens": 9, "output_tokens": 7}})  # fmt: skip
+    events = _anthropic(body["model"], how)
+
+    async def stream() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def scripted(request: Request) -> Response:
+    body = await request.json()
+    how = request.headers["x-script"]
+    return StreamingResponse(_events(body["model"], how), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, int]]:
+    metrics_port = free_port()
+    routes = [Route(path, scripted, methods=["POST"]) for path in ("/v1/chat/completions", "/v1/responses")]
+    routes.append(Route("/v1/messages", messages, methods=["POST"]))
+    app = LLMTelemetryMiddleware(Starlette(routes=routes), metrics_port=metrics_port, metrics_host="127.0.0.1")
+    with serve(app) as base:
+        yield base, metrics_port
+    app.telemetry.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(server: tuple[str, int]) -> tuple[openai.OpenAI, int]:
+    base, port = server
+    return openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0), port
+
+
+@pytest.fixture(scope="module")
+def claude(server: tuple[str, int]) -> tuple[anthropic.Anthropic, int]:
+    base, port = server
+    return anthropic.Anthropic(base_url=base, api_key="test", max_retries=0), port
+
+
+def _counted(port: int, model: str) -> Metrics:
+    def recorded(metrics: Metrics) -> None:
+        assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1
+
+    return settled(port, recorded)
+
+
+@pytest.mark.parametrize("how", ["responses-error-rate_limit_exceeded", "responses-error-rate_limit_exceeded-flat",
+                                 "responses-error-too_many_requests"])  # fmt: skip
+def test_a_rate_limit_inside_a_responses_stream_is_a_rate_limit(service: tuple[openai.OpenAI, int], how: str) -> None:
+    client, port = service
+    model = how
+    events = client.responses.create(model=model, input="Hi", stream=True, extra_headers={"x-script": how})
+    if how.endswith("-flat"):  # the SDK hands the documented event on as one of the stream's
+        assert [e.code for e in events if e.type == "error"] == ["rate_limit_exceeded"]
+    else:  # and raises for the nested one
+        with pytest.raises(openai.APIError, match="Rate limit reached"):
+            list(events)
+    metrics = _counted(port, model)
+    assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type="rate_limit") == 1, metrics.text
+
+
+def test_a_tgi_error_event_inside_a_chat_stream_is_the_servers_failure(service: tuple[openai.OpenAI, int]) -> None:
+    client, port = service
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(
+            model="tgi",
+            messages=[{"role": "user", "content": "Hi"}],
+            stream=True,
+            extra_headers={"x-script": "tgi-error"},
+        ):
+            pass
+    metrics = _counted(port, "tgi")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="tgi", error_type="server_error") == 1, metrics.text
+
+
+def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.OpenAI, int]) -> None:
+    client, port = service
+    model = "responses-tool-cut"
+    events = client.responses.create(model=model, input="Weather?", stream=True, extra_headers={"x-script": model})
+    arguments = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert arguments == '{"city":"Paris"}'  # the SDK returns what came, and raises nothing
+    metrics = _counted(port, model)
+    assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type="incomplete_stream") == 1
+    # Each piece of the arguments is about a token, as a piece of text is; the input is estimated with them.
+    assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 5
+    assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="input") > 0
+    assert metrics.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_weather") == 1
+
+
+def test_time_per_output_token_with_n_choices_is_per_choice(service: tuple[openai.OpenAI, int]) -> None:
+    """Two choices, each a token every GAP seconds: the gap is at least GAP, not half of it (the usage counts the
+    tokens of both). Only a lower bound is asserted: a slow machine makes the gaps longer, never shorter."""
+    client, port = service
+    chunks = list(
+        client.chat.completions.create(
+            model="two-choices", messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
+            stream_options={"include_usage": True}, extra_headers={"x-script": "n"},
+        )
+    )  # fmt: skip
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    metrics = _counted(port, "two-choices")
+    count = metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model="two-choices")
+    total = metrics.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model="two-choices")
+    assert count == 1
+    assert total >= GAP * 0.95, f"{total:.4f} s per token for a choice that made one every {GAP} s"
+
+
+PROMPT: list[Any] = [{"role": "user", "content": "Hi"}]
+
+
+def test_anthropics_context_overflow_is_context_length(claude: tuple[anthropic.Anthropic, int]) -> None:
+    client, port = claude
+    with pytest.raises(anthropic.BadRequestError, match="exceed context limit"):
+        client.messages.create(
+            model="overflow", max_tokens=1024, messages=PROMPT, extra_headers={"x-script": "overflow"}
+        )
+    metrics = _counted(port, "other")  # (a refused request's model is "other", as metrics.md says)
+    assert metrics.value("llm_errors_total", error_type="context_length") == 1, metrics.text
+
+
+def test_a_stream_that_opens_with_redacted_reasoning_has_its_first_token_there(
+    claude: tuple[anthropic.Anthropic, int],
+) -> None:
+    """The only output is the hidden reasoning: before, the stream had no first token at all."""
+    client, port = claude
+    with client.messages.stream(model="redacted", max_tokens=10, messages=PROMPT,
+                                extra_headers={"x-script": "redacted"}) as streamed:  # fmt: skip
+        message = streamed.get_final_message()
+    assert [block.type for block in message.content] == ["redacted_thinking"]
+    metrics = _counted(port, "redacted")
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="redacted") == 1
+
+
+@pytest.mark.parametrize("how", ["mcp", "mcp-json"])
+def test_a_call_of_an_mcp_servers_tool_is_a_tool_call(claude: tuple[anthropic.Anthropic, int], how: str) -> None:
+    client, port = claude
+    if how == "mcp":
+        events = client.messages.create(model=how, max_tokens=10, messages=PROMPT, stream=True,
+                                        extra_headers={"x-script": how})  # fmt: skip
+        assert "content_block_start" in [event.type for event in events]
+    else:
+        client.messages.create(model=how, max_tokens=10, messages=PROMPT, extra_headers={"x-script": how})
+    metrics = _counted(port, how)
+    assert metrics.value("llm_tool_calls_total", gen_ai_request_model=how, gen_ai_tool_name="echo") == 1, metrics.text
