@@ -90,6 +90,8 @@ class MetricPoint:
     attributes: dict[str, Any]
     #: The export request that carried it, counted from 0.
     export: int
+    #: The resource's attributes (``service.name`` and the like).
+    resource: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +163,7 @@ class OTLPReceiver:
         with self._lock:
             export = self.metric_exports
         for resource_metrics in request.resource_metrics:
+            resource = _attributes(resource_metrics.resource.attributes)
             for scope_metrics in resource_metrics.scope_metrics:
                 for m in scope_metrics.metrics:
                     kind = m.WhichOneof("data")
@@ -179,6 +182,7 @@ class OTLPReceiver:
                                 value=value,
                                 attributes=_attributes(p.attributes),
                                 export=export,
+                                resource=resource,
                             )
                         )
         with self._lock:

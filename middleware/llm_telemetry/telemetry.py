@@ -87,7 +87,9 @@ class Telemetry:
         self.histograms: Histograms | None = None
         #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
         self.workers = multiproc.activate(settings) if meter_provider is None else None
-        self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
+        self.meter_provider = (
+            meter_provider if meter_provider is not None else self._create_meter_provider(tracer_provider)
+        )
         meter = self.meter_provider.get_meter(METER_NAME, __version__)
         self.instruments: Instruments
         if self.workers is not None and self.workers.state is not None:
@@ -134,7 +136,7 @@ class Telemetry:
             self.request_logs = self._request_logs()
         return True
 
-    def _create_meter_provider(self) -> MeterProvider:
+    def _create_meter_provider(self, tracer_provider: TracerProvider | None = None) -> MeterProvider:
         if not self.settings.metrics_exporters:
             from opentelemetry.metrics import NoOpMeterProvider
 
@@ -143,8 +145,11 @@ class Telemetry:
         from opentelemetry.sdk.resources import Resource
 
         readers: list[Any] = []
-        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-        resource = Resource.create()
+        # The resource of the tracer provider passed in, so the numbers name the service the spans and log lines
+        # name (one set up in code); else Resource.create(), which reads OTEL_SERVICE_NAME and
+        # OTEL_RESOURCE_ATTRIBUTES.
+        given = getattr(tracer_provider, "resource", None)
+        resource = given if isinstance(given, Resource) else Resource.create()
         workers = self.workers
         if workers is not None:
             resource = workers.worker_resource(resource)

@@ -40,7 +40,7 @@ from llm_telemetry.logs import (
 from llm_telemetry.record import LLMCall
 from llm_telemetry.redact import TRUNCATION_MARK
 from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, tracing_env, wait_span
-from support import free_port, request_log_lines, serve, wait_for
+from support import free_port, request_log_lines, serve, settled, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -333,7 +333,8 @@ def test_lines_and_otlp_records_name_the_service_the_app_names_in_code(installed
 def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
     receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``tracer_provider=``: its ``service.name`` is the OTLP records' as it is the spans' and the lines'."""
+    """``tracer_provider=``: its ``service.name`` is the OTLP records' as it is the spans' and the lines', and the
+    metrics' (``target_info`` on the metrics port, the resource of their OTLP push)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -347,17 +348,27 @@ def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
         "OTEL_LOGS_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
         "OTEL_SERVICE_NAME": "llm-from-the-environment",
+        "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.http_endpoint + "/v1/metrics",
+        "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # exported at the shutdown below
     }
+    metrics_port = free_port()
     with isolated_env(env):
-        app = LLMTelemetryMiddleware(bare_app(), metrics_port=0, tracer_provider=provider)
+        app = LLMTelemetryMiddleware(
+            bare_app(), metrics_port=metrics_port, metrics_host="127.0.0.1", tracer_provider=provider
+        )
         app.telemetry  # noqa: B018 - built while the environment is in place
     try:
         with serve(app) as base:
             sdk = client(base)
             sdk.chat.completions.create(model="gpt-4o", messages=[], extra_headers={"x-request-id": "passed-in"})
+            (info,) = settled(metrics_port, lambda m: None).series("target_info")
+            assert info["service_name"] == "llm-passed-in"
     finally:
         app.telemetry.shutdown()
         provider.shutdown()
+    assert receiver.wait_for(lambda r: any(p.name == "llm.requests" for p in r.metrics))
+    assert {p.resource["service.name"] for p in receiver.metrics} == {"llm-passed-in"}
     span = wait_span(receiver, **{"llm.request_id": "passed-in"})
     assert span.resource["service.name"] == "llm-passed-in"
     assert line_for(log_lines(capsys.readouterr().out), "passed-in")["service"] == "llm-passed-in"
