@@ -145,6 +145,15 @@ _LAST_EVENTS: Final = frozenset(
 )
 
 
+def _says_error(event: str, data: bytes) -> bool:
+    """Whether an event's data is an error: an ``error`` member, or an error event of the Messages or Responses API."""
+    obj = loads(data)
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("type") or event
+    return bool(obj.get("error")) or (type(kind) is str and kind in ("error", "response.failed"))
+
+
 def _ends_answer(event: str, data: bytes) -> bool:
     """Whether an event's data ends the answer: OpenAI's ``[DONE]``, a finish or stop reason, a closing event of
     the Messages or Responses API, an error."""
@@ -420,6 +429,11 @@ class ResponseReader:
             decoder = self._decoder
             for event, data in decoder.close():
                 self._event(event, data, now)
+            last = decoder.unfinished()
+            if last is not None and self.call.error_type is None and _says_error(*last):
+                # An error event whose blank line never came: no SSE reader dispatches it, so the client's SDK raises
+                # nothing and its stream just stops; but the server said it failed, and how.
+                self._event(*last, now)
             if decoder.dropped_events and self.call.input_tokens is None and self.call.output_tokens is None:
                 usage = usage_in_tail(decoder.dropped_tail())
                 if usage is not None:
