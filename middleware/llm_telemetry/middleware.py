@@ -471,7 +471,9 @@ class _Exchange:
             call.stream = True
             reader = self.api.response_reader(call, stream=True, capture=self.capture)
             limit = MAX_DECODED_STREAM_BYTES
-        elif content_type.startswith(b"application/json") or not content_type:
+        elif content_type.startswith((b"application/json", b"text/plain")) or not content_type:
+            # (An event stream labelled as one of these, which the SDKs read as a stream whatever the label, is
+            # found by its first bytes: see ResponseReader.feed.)
             reader = self.api.response_reader(call, stream=False, capture=self.capture)
             limit = MAX_JSON_RESPONSE_BYTES + 1  # one byte more than the reader reads, so that it sees the excess
         else:

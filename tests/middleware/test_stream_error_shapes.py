@@ -6,6 +6,7 @@ openai SDK: what each SDK raises (or returns) is what the metrics say.
 - Hugging Face TGI sends an error inside a chat stream as ``{"error": "<message>", "error_type": "<kind>"}``.
 - A Responses stream cut off while the model was writing a tool call's arguments counts those pieces, estimated.
 - With ``n`` choices, generated side by side, the time per output token is per choice.
+- A stream an app labels ``text/plain`` (the SDKs read it as the stream the request asked for) is read as one.
 - Anthropic: a context overflow as its API words it is ``context_length``; a stream that opens with redacted
   reasoning has its first token there; a call of a tool of an MCP server the API connects to is a tool call.
 """
@@ -143,7 +144,8 @@ async def messages(request: Request) -> Response:
 async def scripted(request: Request) -> Response:
     body = await request.json()
     how = request.headers["x-script"]
-    return StreamingResponse(_events(body["model"], how), media_type="text/event-stream")
+    media_type = request.headers.get("x-media-type", "text/event-stream")
+    return StreamingResponse(_events(body["model"], how), media_type=media_type)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +281,17 @@ def test_a_call_of_an_mcp_servers_tool_is_a_tool_call(claude: tuple[anthropic.An
         client.messages.create(model=how, max_tokens=10, messages=PROMPT, extra_headers={"x-script": how})
     metrics = _counted(port, how)
     assert metrics.value("llm_tool_calls_total", gen_ai_request_model=how, gen_ai_tool_name="echo") == 1, metrics.text
+
+
+def test_a_stream_labelled_text_plain_is_read_as_the_stream_it_is(service: tuple[openai.OpenAI, int]) -> None:
+    client, port = service
+    chunks = list(
+        client.chat.completions.create(
+            model="plain", messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
+            stream_options={"include_usage": True}, extra_headers={"x-script": "n", "x-media-type": "text/plain"},
+        )
+    )  # fmt: skip
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2 * PER_CHOICE
+    metrics = _counted(port, "plain")
+    assert metrics.value("llm_tokens_total", gen_ai_request_model="plain", gen_ai_token_type="output") == 2 * PER_CHOICE
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="plain") == 1
