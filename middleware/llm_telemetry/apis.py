@@ -335,6 +335,11 @@ class ResponseReader:
                 del tail[:-TAIL_BYTES]
 
     @property
+    def closed(self) -> bool:
+        """Whether the stream came to its closing event (``[DONE]``, ``message_stop``, ``response.completed``...)."""
+        return self._closed
+
+    @property
     def holding(self) -> bool:
         """Whether the next chunks can be kept and read later with :meth:`feed_held`: a text-delta shape is
         known (so the first token's time is too) and the decoder is between events."""

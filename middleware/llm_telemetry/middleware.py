@@ -534,8 +534,8 @@ class _Exchange:
             if call.status_code is None:
                 call.status_code = 500
         elif (
-            (not self.complete and not (client_left and _answer_ended(call)))
-            or (self.left_early and not _answer_ended(call))
+            (not self.complete and not (client_left and _answer_ended(call, self.reader)))
+            or (self.left_early and not _answer_ended(call, self.reader))
             or self.left_unanswered
         ):
             # The app stopped before the last byte: the client went away, or the app gave up without raising. Or the
@@ -604,10 +604,15 @@ def _cancelled(exc: BaseException) -> bool:
         return False
 
 
-def _answer_ended(call: LLMCall) -> bool:
+def _answer_ended(call: LLMCall, reader: Any = None) -> bool:
     """Whether the answer read reached its own end: a finish reason for each choice asked for (which streams send
-    last, before their usage), an error, or a JSON body read whole (a cut one does not parse)."""
+    last, before their usage), an error, a stream's closing event (``[DONE]``, ``message_stop``; the SDKs close the
+    connection on it), or a JSON body read whole (a cut one does not parse)."""
     if call.error_type is not None or (call.finish_reasons and call.finishes >= (call.choice_count or 1)):
+        return True
+    while reader is not None and not isinstance(reader, ResponseReader):
+        reader = getattr(reader, "reader", None)  # (a decoding or unread wrapper's own reader)
+    if reader is not None and reader.closed:
         return True
     return not call.stream and (call.response_model is not None or call.input_tokens is not None)
 

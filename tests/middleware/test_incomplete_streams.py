@@ -9,6 +9,7 @@ one the middleware did not read to its end (it cannot know what the unread part 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -96,7 +97,8 @@ async def relay(request: Request) -> Response:
     with the API's closing event but no finish reason (``-joined``: in one chunk with the last delta; ``-padded``:
     ``[DONE]`` with a space after it; ``-open``: without the blank line after it); ``finished-open`` ends with a
     finish reason, without the blank line; ``unread`` cuts after something too large to read; ``no-content``
-    answers 204. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not decode."""
+    answers 204. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not decode. ``x-linger``: seconds
+    the app takes to end its response after the last event."""
     body = await request.json()
     how = request.headers.get("x-upstream", "cut")
     if how == "no-content":
@@ -111,6 +113,8 @@ async def relay(request: Request) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         for event in events:
             yield event
+        if request.headers.get("x-linger"):
+            await asyncio.sleep(float(request.headers["x-linger"]))  # (its upstream's teardown, say)
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -221,3 +225,19 @@ def test_a_compressed_stream_that_does_not_decode_to_its_end_is_not_called_incom
         assert b"no gzip member" in b"".join(answer.iter_raw())
     metrics = _counted(port, "damaged-gzip")
     assert metrics.value("llm_errors_total", gen_ai_request_model="damaged-gzip") == 0
+
+
+def test_a_client_that_leaves_on_the_closing_event_got_the_whole_answer(service: tuple[str, int]) -> None:
+    """The openai SDK closes the connection on ``[DONE]``; an app that takes a while longer to end its response sees
+    the client leave. A stream without finish reasons (some servers send none) ended there all the same: no
+    client_disconnect."""
+    base, port = service
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+    stream = oai.chat.completions.create(
+        model="closed-lingering", messages=[{"role": "user", "content": "Hi"}], stream=True,
+        extra_headers={"x-upstream": "closed", "x-linger": "2"},
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "".join(WORDS)
+    stream.close()
+    metrics = _counted(port, "closed-lingering")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="closed-lingering") == 0, metrics.text
