@@ -772,6 +772,22 @@ def _lone_delta(data: bytes, obj: dict[str, Any]) -> tuple[str, int, int, int] |
     return None
 
 
+#: Choice indexes a stream's count of choices is taken from, for the time per output token (OpenAI allows n up to 128;
+#: a legacy completions batch asks n for each of its prompts).
+MAX_STREAM_CHOICES: Final = 4096
+
+
+#: Hugging Face TGI's kinds of error (its events' ``error_type``) and the status it answers each with.
+_TGI_ERROR_STATUS: Final = {
+    "validation": 422,
+    "template_error": 422,
+    "tool_error": 422,
+    "overloaded": 429,
+    "generation": 424,
+    "incomplete_generation": 500,
+}
+
+
 class OpenAIChatReader(ResponseReader):
     __slots__ = ("_seen", "_tool_ids", "_tool_indexes")
     _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
@@ -972,8 +988,11 @@ class OpenAIChatReader(ResponseReader):
             self._stream_error(obj)
             return
         if isinstance(error, str) and error:
-            # Hugging Face TGI's error event: the message as a string, and its kind (``error_type``) beside it.
-            self._stream_error({"error": {"message": error, "type": obj.get("error_type")}})
+            # Hugging Face TGI's error event: the message as a string, and its kind beside it, read as the status TGI
+            # answers that kind with outside a stream (a prompt too long is a validation error there, a 422).
+            kind = obj.get("error_type")
+            status = _TGI_ERROR_STATUS.get(kind) if isinstance(kind, str) else None
+            self.call.error_type = classify_error_body({"error": {"message": error}}, status, default="server_error")
             return
         self._head(obj)
         choices = obj.get("choices")
@@ -981,6 +1000,10 @@ class OpenAIChatReader(ResponseReader):
             for choice in choices:
                 if not isinstance(choice, dict):
                     continue
+                index = choice.get("index")
+                if type(index) is int and self.call.stream_choices <= index < MAX_STREAM_CHOICES:
+                    # (Each choice's first chunk is read here: the shortcuts take only chunks shaped like one read.)
+                    self.call.stream_choices = index + 1
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
                     # Role-only and empty chunks are not a first token: only text, reasoning, a refusal or a tool call
@@ -1341,8 +1364,9 @@ class AnthropicMessagesReader(ResponseReader):
                     name = _str(block.get("name"))
                     if name:
                         _add_tool_call(self.call, name)
-                elif block_type == "redacted_thinking":  # reasoning the stream shows as one block, without deltas
-                    self._first_token(now, reasoning=True)
+                elif block_type == "redacted_thinking":
+                    # Reasoning sent as one encrypted block once made (no deltas): the first output the client gets.
+                    self._first_token(now)
                     self._chunks += 1
         elif kind == "message_delta":
             _add_finish_reason(self.call, _get(obj, "delta", "stop_reason"))

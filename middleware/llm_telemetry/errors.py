@@ -66,6 +66,8 @@ def classify_status(status: int) -> str | None:
         return "timeout"
     if status == 413:
         return "context_length"
+    if status == 424:
+        return "server_error"  # Failed Dependency: Hugging Face TGI's answer when the generation itself failed
     if status < 500:
         return "invalid_request"
     return "server_error"

@@ -78,6 +78,8 @@ class LLMCall:
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
     #: Finish reasons read, repeats included: with ``n`` choices, the answer ends once each has one.
     finishes: int = 0
+    #: Choices a stream's events named (the highest choice index read, plus one; 0 for streams without choices).
+    stream_choices: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
     status_code: int | None = None
@@ -131,17 +133,16 @@ class LLMCall:
 
         Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only)
         were generated before its first token, so they are not among the tokens after it. With ``n`` choices,
-        which are generated side by side, it is per choice: the output of the choices that finished, each taken as
-        an equal share."""
+        which are generated side by side, it is per choice: the output of the choices the stream named, each taken
+        as an equal share."""
         if self.end is None or self.first_token_at is None or not self.output_tokens:
             return None
         tokens: float = self.output_tokens
         if self.reasoning_tokens and not self.reasoning_shown and self.reasoning_tokens < tokens:
             # (Not when the usage says more reasoning than output: a provider that counts them apart.)
             tokens -= self.reasoning_tokens
-        choices = min(self.finishes, self.choice_count or 1)  # (a server that ignores n sends one choice)
-        if choices > 1:
-            tokens /= choices
+        if self.stream_choices > 1:  # (a server that ignores n sends one choice; a batch of prompts, n for each)
+            tokens /= self.stream_choices
         if tokens < 2:
             return None
         return (self.end - self.first_token_at) / (tokens - 1)

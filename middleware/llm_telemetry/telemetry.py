@@ -87,9 +87,10 @@ class Telemetry:
         self.histograms: Histograms | None = None
         #: Set when this process is one of several workers (uvicorn --workers, gunicorn); see multiproc.py.
         self.workers = multiproc.activate(settings) if meter_provider is None else None
-        self.meter_provider = (
-            meter_provider if meter_provider is not None else self._create_meter_provider(tracer_provider)
-        )
+        #: None when tracing is off (no endpoint, no provider): then no span work happens per request. Made before
+        #: the meter provider, whose resource names the service its spans name.
+        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env)
+        self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
         meter = self.meter_provider.get_meter(METER_NAME, __version__)
         self.instruments: Instruments
         if self.workers is not None and self.workers.state is not None:
@@ -105,8 +106,6 @@ class Telemetry:
         self.limit = LabelLimiter(settings.max_label_values)
         self.pricing = PricingTable(settings.pricing)
         self.recorder = MetricsRecorder(self.instruments, self.pricing, self.limit)
-        #: None when tracing is off (no endpoint, no provider): then no span work happens per request.
-        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env)
         self._tracing_given = tracer_provider is not None
         self._env = env
         #: None when request logs are off.
@@ -136,7 +135,7 @@ class Telemetry:
             self.request_logs = self._request_logs()
         return True
 
-    def _create_meter_provider(self, tracer_provider: TracerProvider | None = None) -> MeterProvider:
+    def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:
             from opentelemetry.metrics import NoOpMeterProvider
 
@@ -145,11 +144,13 @@ class Telemetry:
         from opentelemetry.sdk.resources import Resource
 
         readers: list[Any] = []
-        # The resource of the tracer provider passed in, so the numbers name the service the spans and log lines
-        # name (one set up in code); else Resource.create(), which reads OTEL_SERVICE_NAME and
-        # OTEL_RESOURCE_ATTRIBUTES.
-        given = getattr(tracer_provider, "resource", None)
-        resource = given if isinstance(given, Resource) else Resource.create()
+        # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the spans' provider's attributes
+        # (a service.name set in code) go over it, as for the request logs: the numbers name the service the spans
+        # and lines name, and keep the k8s.* attributes the operator sets in the environment.
+        resource = Resource.create()
+        traced = self.tracing.resource if self.tracing is not None else None
+        if traced is not None:
+            resource = resource.merge(traced)
         workers = self.workers
         if workers is not None:
             resource = workers.worker_resource(resource)

@@ -334,7 +334,8 @@ def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
     receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``tracer_provider=``: its ``service.name`` is the OTLP records' as it is the spans' and the lines', and the
-    metrics' (``target_info`` on the metrics port, the resource of their OTLP push)."""
+    metrics' (``target_info`` on the metrics port, the resource of their OTLP push), over the environment's resource,
+    whose k8s.* attributes (the operator's) stay."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -348,6 +349,7 @@ def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
         "OTEL_LOGS_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
         "OTEL_SERVICE_NAME": "llm-from-the-environment",
+        "OTEL_RESOURCE_ATTRIBUTES": "k8s.namespace.name=llm,k8s.pod.name=chat-0",  # (as the operator sets them)
         "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.http_endpoint + "/v1/metrics",
         "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # exported at the shutdown below
@@ -363,12 +365,17 @@ def test_otlp_records_name_the_service_of_a_tracer_provider_passed_in(
             sdk = client(base)
             sdk.chat.completions.create(model="gpt-4o", messages=[], extra_headers={"x-request-id": "passed-in"})
             (info,) = settled(metrics_port, lambda m: None).series("target_info")
-            assert info["service_name"] == "llm-passed-in"
+            assert (info["service_name"], info["k8s_namespace_name"], info["k8s_pod_name"]) == (
+                "llm-passed-in",
+                "llm",
+                "chat-0",
+            )
     finally:
         app.telemetry.shutdown()
         provider.shutdown()
     assert receiver.wait_for(lambda r: any(p.name == "llm.requests" for p in r.metrics))
-    assert {p.resource["service.name"] for p in receiver.metrics} == {"llm-passed-in"}
+    resources = {(p.resource["service.name"], p.resource.get("k8s.pod.name")) for p in receiver.metrics}
+    assert resources == {("llm-passed-in", "chat-0")}
     span = wait_span(receiver, **{"llm.request_id": "passed-in"})
     assert span.resource["service.name"] == "llm-passed-in"
     assert line_for(log_lines(capsys.readouterr().out), "passed-in")["service"] == "llm-passed-in"

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import anthropic
@@ -29,6 +30,12 @@ from starlette.routing import Route
 from llm_telemetry import LLMTelemetryMiddleware
 from support import Metrics, free_port, serve, settled
 
+#: Messages of Hugging Face TGI's errors, by kind.
+TGI_MESSAGES = {
+    "generation": "Request failed during generation: Server error: CUDA out of memory",
+    "validation": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 + 200",
+    "overloaded": "Model is overloaded",
+}
 #: Seconds between two tokens of one choice, in the ``n`` stream.
 GAP = 0.02
 #: Tokens of each choice in the ``n`` stream.
@@ -51,14 +58,16 @@ def _responses_head(model: str) -> list[bytes]:
     return [_sse({"type": "response.created", "sequence_number": 0, "response": response}, "response.created")]
 
 
-async def _events(model: str, how: str) -> AsyncIterator[bytes]:
+async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
     if how.startswith("responses-error-"):
         for event in _responses_head(model):
             yield event
         yield _sse({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
                     "content_index": 0, "delta": "Hi"}, "response.output_text.delta")  # fmt: skip
         code = how.removeprefix("responses-error-").removesuffix("-flat")
-        error = {"type": "tokens", "code": code, "message": "Rate limit reached for gpt-4.1 on tokens per min"}
+        error: dict[str, Any] = {"code": code, "message": "Rate limit reached for gpt-4.1 on tokens per min"}
+        if code == "rate_limit_exceeded":
+            error["type"] = "tokens"  # (as OpenAI sends it; the other case has only its code to say what it is)
         nested = {"type": "error", "sequence_number": 2, "error": error}
         flat = {"type": "error", "sequence_number": 2, "code": code, "message": error["message"], "param": None}
         yield _sse(flat if how.endswith("-flat") else nested, "error")
@@ -73,23 +82,28 @@ async def _events(model: str, how: str) -> AsyncIterator[bytes]:
             yield _sse({"type": "response.function_call_arguments.delta", "sequence_number": i + 2, "item_id": "fc_1",
                         "output_index": 0, "delta": piece}, "response.function_call_arguments.delta")  # fmt: skip
         # ... and the upstream's connection dropped: the app ends its response with what came.
-    elif how.startswith("tgi-error"):
+    elif how.startswith("tgi-"):
         yield _chunk(model, 0, {"role": "assistant", "content": ""})
         yield _chunk(model, 0, {"content": "Hello"})
-        error = _sse({"error": "Request failed during generation: Server error: CUDA out of memory",
-                      "error_type": "generation"})  # fmt: skip
+        kind = how.split("-")[1]
+        error = _sse({"error": TGI_MESSAGES[kind], "error_type": kind})
         yield error[:-1] if how.endswith("-open") else error  # -open: without the blank line that dispatches it
     elif how == "n":
-        for index in (0, 1):
+        # x-choices: how many choices the server sends (it may ignore n); x-repeat-finish: each finish chunk twice,
+        # as some gateways send it.
+        choices = range(int(headers.get("x-choices", "2")))
+        for index in choices:
             yield _chunk(model, index, {"role": "assistant", "content": ""})
         for token in range(PER_CHOICE):
             if token:
                 await asyncio.sleep(GAP)
-            for index in (0, 1):
+            for index in choices:
                 yield _chunk(model, index, {"content": f" t{token}"})
-        for index in (0, 1):
-            yield _chunk(model, index, {}, "stop")
-        usage = {"prompt_tokens": 5, "completion_tokens": 2 * PER_CHOICE, "total_tokens": 5 + 2 * PER_CHOICE}
+        for index in choices:
+            for _ in range(2 if headers.get("x-repeat-finish") else 1):
+                yield _chunk(model, index, {}, "stop")
+        tokens = len(choices) * PER_CHOICE
+        usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
         yield _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
                     "choices": [], "usage": usage})  # fmt: skip
         yield _sse("[DONE]")
@@ -144,8 +158,10 @@ async def messages(request: Request) -> Response:
 async def scripted(request: Request) -> Response:
     body = await request.json()
     how = request.headers["x-script"]
+    if how == "tgi-424":  # the same failure outside a stream
+        return JSONResponse({"error": TGI_MESSAGES["generation"], "error_type": "generation"}, status_code=424)
     media_type = request.headers.get("x-media-type", "text/event-stream")
-    return StreamingResponse(_events(body["model"], how), media_type=media_type)
+    return StreamingResponse(_events(body["model"], how, request.headers), media_type=media_type)
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +187,10 @@ def claude(server: tuple[str, int]) -> tuple[anthropic.Anthropic, int]:
     return anthropic.Anthropic(base_url=base, api_key="test", max_retries=0), port
 
 
+def _once(metrics: Metrics, model: str, error_type: str) -> None:
+    assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type=error_type) == 1, metrics.text
+
+
 def _counted(port: int, model: str) -> Metrics:
     def recorded(metrics: Metrics) -> None:
         assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1
@@ -193,23 +213,36 @@ def test_a_rate_limit_inside_a_responses_stream_is_a_rate_limit(service: tuple[o
     assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type="rate_limit") == 1, metrics.text
 
 
-@pytest.mark.parametrize("how", ["tgi-error", "tgi-error-open"])
-def test_a_tgi_error_event_inside_a_chat_stream_is_the_servers_failure(
-    service: tuple[openai.OpenAI, int], how: str
-) -> None:
+@pytest.mark.parametrize(
+    ("how", "error_type"),
+    [
+        ("tgi-generation", "server_error"),
+        ("tgi-generation-open", "server_error"),
+        ("tgi-validation", "invalid_request"),  # (TGI answers 422 to it outside a stream)
+        ("tgi-overloaded", "rate_limit"),  # (a 429 outside a stream)
+        ("tgi-424", "server_error"),  # the generation's failure outside a stream
+    ],
+)
+def test_a_tgi_error_is_what_tgi_says_it_is(service: tuple[openai.OpenAI, int], how: str, error_type: str) -> None:
     """``-open``: the server leaves out the blank line after its last event. No SSE reader dispatches that event, so
     the SDK raises nothing and the stream just stops; the server still said it failed."""
     client, port = service
-    stream = client.chat.completions.create(
-        model=how, messages=[{"role": "user", "content": "Hi"}], stream=True, extra_headers={"x-script": how}
-    )
-    if how.endswith("-open"):
-        assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello"
+    if how == "tgi-424":
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(
+                model=how, messages=[{"role": "user", "content": "Hi"}], extra_headers={"x-script": how}
+            )
     else:
-        with pytest.raises(openai.APIError):
-            list(stream)
-    metrics = _counted(port, how)
-    assert metrics.value("llm_errors_total", gen_ai_request_model=how, error_type="server_error") == 1, metrics.text
+        stream = client.chat.completions.create(
+            model=how, messages=[{"role": "user", "content": "Hi"}], stream=True, extra_headers={"x-script": how}
+        )
+        if how.endswith("-open"):
+            assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello"
+        else:
+            with pytest.raises(openai.APIError):
+                list(stream)
+    # (A refused request's model is "other", as metrics.md says: each error type is found once there.)
+    settled(port, lambda m: _once(m, "other" if how == "tgi-424" else how, error_type))
 
 
 def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.OpenAI, int]) -> None:
@@ -226,22 +259,33 @@ def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.O
     assert metrics.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_weather") == 1
 
 
-def test_time_per_output_token_with_n_choices_is_per_choice(service: tuple[openai.OpenAI, int]) -> None:
-    """Two choices, each a token every GAP seconds: the gap is at least GAP, not half of it (the usage counts the
-    tokens of both). Only a lower bound is asserted: a slow machine makes the gaps longer, never shorter."""
+@pytest.mark.parametrize(
+    ("n", "choices", "repeat"),
+    [(4, 4, False), (2, 1, True)],  # four choices side by side; a server that ignores n and repeats its finish reason
+)
+def test_time_per_output_token_with_n_choices_is_per_choice(
+    service: tuple[openai.OpenAI, int], n: int, choices: int, repeat: bool
+) -> None:
+    """Each choice gets a token every GAP seconds: the time per output token is that of one choice, as the client
+    saw its tokens come (the usage counts the tokens of all of them). Compared with what the client measured, so a
+    slow machine, which makes every gap longer, changes both alike."""
     client, port = service
-    chunks = list(
-        client.chat.completions.create(
-            model="two-choices", messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
-            stream_options={"include_usage": True}, extra_headers={"x-script": "n"},
-        )
-    )  # fmt: skip
-    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
-    metrics = _counted(port, "two-choices")
-    count = metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model="two-choices")
-    total = metrics.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model="two-choices")
+    model = f"n{n}-choices{choices}{'-repeat' if repeat else ''}"
+    headers = {"x-script": "n", "x-choices": str(choices), **({"x-repeat-finish": "1"} if repeat else {})}
+    arrivals: list[float] = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], n=n, stream=True,
+        stream_options={"include_usage": True}, extra_headers=headers,
+    ):  # fmt: skip
+        if chunk.choices and chunk.choices[0].index == 0 and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+    assert len(arrivals) == PER_CHOICE
+    seen = (arrivals[-1] - arrivals[0]) / (PER_CHOICE - 1)
+    metrics = _counted(port, model)
+    count = metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model)
+    total = metrics.value("gen_ai_server_time_per_output_token_seconds_sum", gen_ai_request_model=model)
     assert count == 1
-    assert total >= GAP * 0.95, f"{total:.4f} s per token for a choice that made one every {GAP} s"
+    assert seen / 1.5 <= total <= seen * 1.5, f"{total:.4f} s per token; the client saw one every {seen:.4f} s"
 
 
 PROMPT: list[Any] = [{"role": "user", "content": "Hi"}]
@@ -253,8 +297,7 @@ def test_anthropics_context_overflow_is_context_length(claude: tuple[anthropic.A
         client.messages.create(
             model="overflow", max_tokens=1024, messages=PROMPT, extra_headers={"x-script": "overflow"}
         )
-    metrics = _counted(port, "other")  # (a refused request's model is "other", as metrics.md says)
-    assert metrics.value("llm_errors_total", error_type="context_length") == 1, metrics.text
+    settled(port, lambda m: _once(m, "other", "context_length"))  # (a refused request's model is "other")
 
 
 def test_a_stream_that_opens_with_redacted_reasoning_has_its_first_token_there(
