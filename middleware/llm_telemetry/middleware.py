@@ -35,6 +35,7 @@ from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
 from .telemetry import SHUTDOWN_SECONDS, Telemetry
+from .tracing import leaked_into
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_telemetry")
@@ -906,13 +907,18 @@ class LLMTelemetryMiddleware:
             return
         traced = self._traced
         current = trace.get_current_span().get_span_context() if traced is not None else None
-        if traced is not None and current is not None and (not current.is_valid or current.is_remote):
+        if (
+            traced is not None
+            and current is not None
+            and (not current.is_valid or current.is_remote or leaked_into(scope))
+        ):
             # Two-span tracing (``tracing_http_span``) and no span of this process current: OpenTelemetry's ASGI
             # middleware opens the server span, continuing the caller's ``traceparent``. With a span of this process
             # already current, the LLM span joins it. By default ``_traced`` is None and the LLM span itself is the
             # server span (tracing.py). The caller's span context alone may be current (OpenTelemetry's ASGI
             # middleware further out, without an SDK, leaves it so), which OpenTelemetry's middleware would take for
-            # a server span and open an INTERNAL one under: it is set aside, and the header read again.
+            # a server span and open an INTERNAL one under: it is set aside, and the header read again. So is an LLM
+            # span of an earlier request on the connection, which uvicorn may leave current (tracing.leaked_into).
             token = context.attach(trace.set_span_in_context(trace.INVALID_SPAN)) if current.is_valid else None
             try:
                 await traced(scope, receive, send)

@@ -302,9 +302,10 @@ def _is_default_textmap(textmap: Any) -> bool:
     )
 
 
-def _extract(headers: Any) -> context.Context:
+def _extract(headers: Any, apart: bool = False) -> context.Context:
     """``propagate.extract`` of the request headers. With the default propagators and neither a ``traceparent``
-    nor a ``baggage`` header, what it would return (an empty context) without asking it."""
+    nor a ``baggage`` header, what it would return (an empty context) without asking it. ``apart``: into an
+    empty context rather than the current one."""
     textmap = propagate.get_global_textmap()
     if textmap is not _default_textmap[0]:
         _default_textmap[:] = [textmap, _is_default_textmap(textmap)]
@@ -314,7 +315,7 @@ def _extract(headers: Any) -> context.Context:
                 break
         else:
             return _EMPTY_CONTEXT
-    return propagate.extract(headers, getter=_HEADERS)
+    return propagate.extract(headers, context=_EMPTY_CONTEXT if apart else None, getter=_HEADERS)
 
 
 class _RuntimeContext:
@@ -365,16 +366,33 @@ class _RuntimeContext:
         found = trace.get_current_span().get_span_context()
         return found if found.is_valid else None
 
-    def attach_span(self, span: trace.Span) -> tuple[context.Context, Any]:
-        """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token)."""
+    def attach_span(self, span: trace.Span, connection: Any = None) -> tuple[context.Context, Any]:
+        """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token). ``connection``: the
+        request's, kept beside the span (see :meth:`leaked`)."""
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
             var = self.var
             values = var.get().copy()
             values[self.span_key] = span
+            values[_CONNECTION_KEY] = (span, connection)
             ctx = context.Context(values)
             return ctx, var.set(ctx)
-        ctx = trace.set_span_in_context(span)
+        ctx = context.set_value(_CONNECTION_KEY, (span, connection), trace.set_span_in_context(span))
         return ctx, context.attach(ctx)
+
+    def leaked(self, scope: Mapping[str, Any]) -> bool:
+        """Whether the current span is an LLM span this middleware made current for an earlier request on the same
+        connection. uvicorn starts a connection's next request inside the context of the one before it when that
+        one's body was large enough to pause reading (over 64 KiB, on asyncio's loop) or when requests are
+        pipelined (CPython #140947): that span is no parent of the new request, which is another server span."""
+        connection = _connection(scope)
+        if connection is None:
+            return False
+        if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
+            values = self.var.get()
+            attached, current = values.get(_CONNECTION_KEY), values.get(self.span_key)
+        else:
+            attached, current = context.get_value(_CONNECTION_KEY), trace.get_current_span()
+        return attached is not None and attached[0] is current and attached[1] == connection
 
     def detach(self, token: Any) -> None:
         """``context.detach(token)``: a token it cannot restore is logged by the API, as there."""
@@ -387,7 +405,24 @@ class _RuntimeContext:
         context.detach(token)
 
 
+#: The context key of the (span, connection) pair of the LLM span this middleware made current.
+_CONNECTION_KEY: Final = context.create_key("llm_telemetry.connection")
+
+
+def _connection(scope: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """The request's connection as the server describes it (client and server addresses), or None when the server
+    gives no client address (then no two requests are known to share one)."""
+    client = scope.get("client")
+    return (tuple(client), scope.get("server")) if client else None
+
+
 _CONTEXT: Final = _RuntimeContext()
+
+
+def leaked_into(scope: Mapping[str, Any]) -> bool:
+    """Whether the current span is one this middleware made current for an earlier request on the connection of
+    ``scope`` (see ``_RuntimeContext.leaked``)."""
+    return _CONTEXT.leaked(scope)
 
 
 def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
@@ -977,13 +1012,16 @@ class SpanObserver:
             call.root_path = scope.get("root_path") or ""
         if self.server_span and scope is not None:
             current = _CONTEXT.current_span_context()
+            leaked = current is not None and not current.is_remote and _CONTEXT.leaked(scope)
+            if leaked:
+                current = None  # (and the headers are read into a context of their own: see leaked())
             if current is None or current.is_remote:
                 # No span of this process is current: the LLM span is the server span. Its parent is the caller's
                 # context: the one code further out made current, if any (OpenTelemetry's ASGI middleware without
                 # an SDK leaves the caller's span context alone current), else the request's headers (W3C
                 # traceparent by default; whatever propagator the app configured).
                 kind = _SERVER
-                parent = _extract(scope.get("headers") or ()) if current is None else None
+                parent = _extract(scope.get("headers") or (), leaked) if current is None else None
                 _server_attributes(scope, call.path, attributes)
         start_time = now_ns - int((now_perf - call.start) * 1e9)  # _wall_ns(call.start, now_perf, now_ns)
         pipeline = self._light
@@ -1000,7 +1038,7 @@ class SpanObserver:
             )
         call.span = span
         # The app runs inside the LLM span, so its own spans (an upstream HTTP call, say) become children.
-        call.otel_context, call.otel_token = _CONTEXT.attach_span(span)
+        call.otel_context, call.otel_token = _CONTEXT.attach_span(span, None if scope is None else _connection(scope))
 
     def _pipeline(self) -> _Pipeline | None:
         """The provider's pipeline when the middleware may record the span itself, else None (the SDK's way)."""

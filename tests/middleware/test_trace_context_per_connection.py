@@ -1,0 +1,104 @@
+"""Each request on a connection is a trace of its own, through a real uvicorn server.
+
+uvicorn starts a connection's next request inside the context of the one before it when that one's body paused
+reading (over 64 KiB, on asyncio's event loop) or when the client pipelines its requests (CPython #140947): the
+earlier request's LLM span is then current when the next request arrives. Taken as a parent, it made every later
+request on the connection an INTERNAL span of the first one's trace, its own ``traceparent`` (and sampling
+decision) ignored, and its log line and exemplars pointing into another request's trace.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from support import serve, wait_for
+
+MODELS = ["big-prompt", "next-1", "next-2"]
+
+
+async def chat(request: Request) -> JSONResponse:
+    body = await request.json()
+    return JSONResponse({"id": "c", "object": "chat.completion", "model": body["model"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                      "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})  # fmt: skip
+
+
+def _request(i: int, model: str, prompt_chars: int) -> bytes:
+    """A chat request whose traceparent names trace i+1, parent span i+1."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * prompt_chars}]}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\ntraceparent: 00-{i + 1:032x}-{i + 1:016x}-01\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _read_answers(sock: socket.socket, count: int) -> None:
+    seen = b""
+    while seen.count(b'"usage"') < count:
+        piece = sock.recv(65536)
+        assert piece, "the server closed the connection"
+        seen += piece
+
+
+@pytest.fixture(params=["one-span", "two-span"])
+def traced(request: pytest.FixtureRequest) -> Iterator[tuple[str, InMemorySpanExporter]]:
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=0,
+        tracer_provider=provider,
+        tracing_http_span=request.param == "two-span",
+    )
+    with serve(app, http="h11") as base:
+        yield base, exporter
+    app.telemetry.shutdown()
+
+
+@pytest.mark.parametrize("how", ["large-body-first", "pipelined"])
+def test_every_request_on_a_connection_continues_its_own_traceparent(
+    traced: tuple[str, InMemorySpanExporter], how: str
+) -> None:
+    base, exporter = traced
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if how == "pipelined":
+            sock.sendall(b"".join(_request(i, model, 10) for i, model in enumerate(MODELS)))
+            _read_answers(sock, len(MODELS))
+        else:  # one after another, the first over uvicorn's 64 KiB read limit
+            for i, model in enumerate(MODELS):
+                sock.sendall(_request(i, model, 300_000 if i == 0 else 10))
+                _read_answers(sock, 1)
+
+    def llm_spans() -> list[Any] | None:
+        spans = [s for s in exporter.get_finished_spans() if s.name.startswith("chat ")]
+        return spans if len(spans) >= len(MODELS) else None
+
+    spans = wait_for("the LLM spans", llm_spans, seconds=20)
+    by_model = {span.name.removeprefix("chat "): span for span in spans}
+    assert sorted(by_model) == sorted(MODELS)
+    server_spans = {s.context.span_id: s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER}
+    for i, model in enumerate(MODELS):
+        span = by_model[model]
+        # The server span of the request (the LLM span itself, or OpenTelemetry's HTTP span above it) continues the
+        # request's own traceparent.
+        server = span if span.kind == SpanKind.SERVER else server_spans[span.parent.span_id]
+        assert server.kind == SpanKind.SERVER, (model, span.kind)
+        assert (server.context.trace_id, server.parent.span_id) == (i + 1, i + 1), model
+        assert span.context.trace_id == i + 1, model
