@@ -60,6 +60,7 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"alerts": {"p95TtftSeconds": 41}}, "p95 TTFT maximum"),
     ({"alerts": {"p95RequestDurationSeconds": 600}}, "p95 duration maximum"),
     ({"attribution": {"headers": {"x-tenant-id": "Tenant-Id"}}}, "label pattern"),
+    ({"attribution": {"maxLabelValues": 1_000_000_000}}, "label values maximum: a series each"),
     ({"pricing": {"models": {"gpt-4o": {"input": -1, "output": 1}}}}, "negative price"),
     ({"pricing": {"models": {"gpt-4o": {"input": 1}}}}, "output price is required"),
     (

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -86,11 +87,25 @@ DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096
 
 
 #: Request headers that never become attribution labels: credentials (each distinct key or cookie would be a label
-#: value on every dashboard, readable by anyone who can query Prometheus) and per-request ids (a series each).
+#: value on every dashboard, readable by anyone who can query Prometheus, and an attribute of every span) and
+#: per-request ids (a series each). See :func:`unlabelled_header` for the words that mark others.
 UNLABELLED_HEADERS: Final = frozenset((
     "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-goog-api-key",
     "x-request-id", "traceparent", "tracestate",
 ))  # fmt: skip
+#: Words of a header name that carries a credential (``x-auth-token``, ``x-amz-security-token``,
+#: ``ocp-apim-subscription-key``, ``x-csrf-token``), a user's identity (``x-user-id``, ``openai-user``) or a
+#: per-request or per-trace id (``x-correlation-id``, ``x-amzn-trace-id``, ``x-b3-traceid``).
+_UNLABELLED_WORDS: Final = re.compile(
+    r"auth|token|secret|passw|cookie|session|signature|credential|bearer|jwt|key$|user|"
+    r"(?:request|correlation|trace|span)-?id|^x-b3-|^uber-trace-id$|^x-cloud-trace-context$"
+)
+
+
+def unlabelled_header(name: str) -> bool:
+    """Whether request header ``name`` may never be an attribution label (see UNLABELLED_HEADERS)."""
+    name = name.strip().lower()
+    return name in UNLABELLED_HEADERS or _UNLABELLED_WORDS.search(name) is not None
 
 
 class ConfigurationError(ValueError):
@@ -258,7 +273,7 @@ class Settings:
             if exporter not in ("prometheus", "otlp"):
                 raise ConfigurationError(f"metrics exporter {exporter!r}: expected prometheus, otlp or none")
         for header, label in self.attribution_headers.items():
-            if header.strip().lower() in UNLABELLED_HEADERS:
+            if unlabelled_header(header):
                 name = variables.get("attribution_headers", "attribution_headers")
                 raise ConfigurationError(
                     f"{name}: header {header!r} carries credentials or a per-request id, never a label value"

@@ -904,13 +904,37 @@ async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySp
         )
     try:
         text = data[key] if key in data else base64.b64decode(binary[key]).decode("utf-8")
-        PricingTable(parse_pricing_text(text, key))
+        document = parse_pricing_text(text, key)
+        if not isinstance(document, Mapping):
+            # (Never a path to open: a string from a ConfigMap would have the operator read its own files.)
+            raise ConfigurationError("not a mapping")
+        PricingTable(document)
     except (ValueError, ConfigurationError) as exc:  # (UnicodeDecodeError and binascii.Error are ValueErrors)
         return (
-            f"ConfigMap {name} (spec.pricing.configMapRef) key {key!r} {_UNREADABLE_PRICES} ({exc}): the pods would "
-            "fail their startup, or serve unmeasured"
+            f"ConfigMap {name} (spec.pricing.configMapRef) key {key!r} {_UNREADABLE_PRICES} ({_unreadable(exc, key)}):"
+            " the pods would fail their startup, or serve unmeasured"
         )
     return None
+
+
+def _unreadable(error: Exception, key: str) -> str:
+    """What is wrong with a pricing key, without a word of its content: whoever may read the resource's status may
+    not be allowed to read the ConfigMap (the pods' startup error, in the app's log, says more)."""
+    cause = error.__cause__ or error
+    if isinstance(cause, UnicodeDecodeError):
+        return "binaryData that is not UTF-8 text"
+    mark = getattr(cause, "problem_mark", None)
+    if mark is not None:
+        return f"not YAML: line {mark.line + 1}, column {mark.column + 1}"
+    if hasattr(cause, "lineno") and hasattr(cause, "colno"):
+        return f"not JSON: line {cause.lineno}, column {cause.colno}"
+    if isinstance(cause, ValueError) and not isinstance(cause, ConfigurationError):
+        return "binaryData that is not base64"
+    kind = "JSON" if key.endswith(".json") else "YAML"
+    return (
+        f"not a {kind} mapping of model names to prices in USD per million tokens: input and output, and optionally "
+        "cache_read, cache_creation and cache_creation_1h, each a number of at least 0"
+    )
 
 
 async def _sync_children(

@@ -194,7 +194,12 @@ def build_env(
         return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
     def value(name: str, val: str | int | float) -> dict[str, Any]:
-        return {"name": name, "value": str(val)}
+        # Taken literally: Kubernetes expands $(NAME) in a value from the container's variables declared before it,
+        # and $$ is its escape. An endpoint with $(OPENAI_API_KEY) in it would send the app's key to that endpoint.
+        return {"name": name, "value": str(val).replace("$", "$$")}
+
+    def expanded(name: str, val: str) -> dict[str, Any]:
+        return {"name": name, "value": val}  # (refers to the pod's own variables, set just before it)
 
     kind = str(workload.get("kind") or "Deployment")
     workload_name = workload["metadata"]["name"]
@@ -209,7 +214,7 @@ def build_env(
         field_ref(ENV_POD_NAME, "metadata.name"),
         field_ref(ENV_POD_UID, "metadata.uid"),
         value("OTEL_SERVICE_NAME", otel_service_name(workload)),
-        value("OTEL_RESOURCE_ATTRIBUTES", ",".join(attributes)),
+        expanded("OTEL_RESOURCE_ATTRIBUTES", ",".join(attributes)),
         value(mw.LLM_TELEMETRY_METRICS_PORT, spec.metrics.port),
         value(mw.LLM_TELEMETRY_METRICS_HOST, mw.DEFAULT_METRICS_HOST),
         value(mw.LLM_TELEMETRY_METRICS_EXPORTER, "prometheus"),

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT, UNLABELLED_HEADERS
+from llm_telemetry.config import DEFAULT_MAX_LABEL_VALUES, DEFAULT_METRICS_PORT, unlabelled_header
 from llm_telemetry.monitoring.dashboards import LOGS_MODES
 from llm_telemetry.monitoring.rules import AlertThresholds
 from llm_telemetry_operator import constants as c
@@ -191,6 +191,7 @@ def parse_spec(spec: Mapping[str, Any]) -> TelemetrySpec:
             "spec.attribution.maxLabelValues",
             DEFAULT_MAX_LABEL_VALUES,
             1,
+            MAX_LABEL_VALUES,
         ),
         alerts=_alerts(_section(spec, "alerts", "spec.alerts")),
         dashboard=_dashboard(_section(spec, "dashboard", "spec.dashboard")),
@@ -536,6 +537,11 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
     return pricing
 
 
+#: The most distinct values a resource may keep per attribution label (the CRD's maximum too): each one is a series
+#: of every metric the label is on, in every Prometheus that scrapes the pods.
+MAX_LABEL_VALUES = 10_000
+
+
 def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
     headers = _string_map(raw.get("headers"), "spec.attribution.headers")
     if len(headers) > MAX_ATTRIBUTION_HEADERS:
@@ -544,7 +550,7 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
     for header, label in headers.items():
         if not _HEADER.fullmatch(header):
             raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
-        if header.lower() in UNLABELLED_HEADERS:
+        if unlabelled_header(header):
             raise SpecError(
                 f"spec.attribution.headers.{header}", "carries credentials or a per-request id, never a label value"
             )

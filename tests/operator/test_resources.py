@@ -985,3 +985,45 @@ def test_an_injected_pricing_volume_whose_record_was_lost_is_replaced_not_taken_
     (volume,) = [v for v in pod["volumes"] if v["name"] == c.PRICING_VOLUME]
     assert volume["configMap"]["name"] == "b"
     assert [m["name"] for m in pod["containers"][0]["volumeMounts"]].count(c.PRICING_VOLUME) == 1
+
+
+def _container_env(workload: dict[str, Any], resolved: dict[str, str]) -> dict[str, str]:
+    """The variables the container starts with, as the kubelet makes them: in order, each value's ``$(NAME)``
+    replaced by a variable declared before it (``resolved``: the values of those set from secrets or fields), ``$$``
+    by one ``$``, and any other reference left as written."""
+    made: dict[str, str] = {}
+    for entry in workload["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "valueFrom" in entry:
+            made[entry["name"]] = resolved[entry["name"]]
+            continue
+
+        def expand(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            return made.get(match.group(1), match.group(0))
+
+        made[entry["name"]] = re.sub(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)", expand, entry["value"])
+    return made
+
+
+def test_a_spec_value_is_taken_literally_and_never_expands_the_apps_variables() -> None:
+    """Kubernetes expands ``$(NAME)`` in a variable's value from the variables declared before it. An endpoint of
+    ``.../$(OPENAI_API_KEY)`` (a spec anyone who may edit LLMTelemetry resources writes) would have sent the app's
+    key, which the workload sets from a Secret, to that endpoint. The pod's own variables in the resource
+    attributes still expand."""
+    secret = {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "key"}}}
+    workload = inject(
+        deployment(env=[secret]),
+        {
+            "selector": {"matchLabels": {"app": "chat"}},
+            "tracing": {"endpoint": "http://collector.example:4318/k/$(OPENAI_API_KEY)"},
+            "logs": {"endpoint": "http://$(OPENAI_API_KEY).logs.example/otlp", "tenant": "team-a"},
+        },
+    )
+    resolved = {"OPENAI_API_KEY": "sk-secret", "K8S_NAMESPACE_NAME": "llm", "K8S_POD_NAME": "chat-1",
+                "K8S_POD_UID": "u-1"}  # fmt: skip
+    started = _container_env(workload, resolved)
+    assert started["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector.example:4318/k/$(OPENAI_API_KEY)"
+    assert started["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://$(OPENAI_API_KEY).logs.example/otlp/v1/logs"
+    assert "sk-secret" not in json.dumps({name: v for name, v in started.items() if name != "OPENAI_API_KEY"})
+    assert "k8s.pod.name=chat-1" in started["OTEL_RESOURCE_ATTRIBUTES"].split(",")

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llm_telemetry.config import ConfigurationError, Settings
 from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, SpecError
 from llm_telemetry_operator.spec import PRICE_KINDS, parse_spec
 
@@ -342,3 +343,39 @@ def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound:
     with pytest.raises(SpecError) as refused:
         parse_spec(_over(path, most + 1))
     assert refused.value.field.startswith(path.split("[")[0].split(".*")[0]), refused.value
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # credentials by another name
+        "x-auth-token", "x-amz-security-token", "ocp-apim-subscription-key", "x-csrf-token", "x-access-token",
+        "x-client-secret", "x-session-id", "x-signature", "x-jwt-assertion", "x-tenant-key",
+        # a user's identity
+        "x-user-id", "openai-user", "x-end-user",
+        # per-request and per-trace ids
+        "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id",
+        "x-cloud-trace-context", "X-Auth-Token",
+    ],
+)  # fmt: skip
+def test_headers_that_name_credentials_users_or_requests_are_never_labels(header: str) -> None:
+    """Their values would be label values anyone who queries Prometheus reads, and attributes of every span."""
+    with pytest.raises(ConfigurationError, match="carries credentials"):
+        Settings.resolve(env={}, attribution_headers={header: "label"})
+    with pytest.raises(SpecError, match="carries credentials"):
+        parse_spec({"selector": {"matchLabels": {"a": "b"}}, "attribution": {"headers": {header: "label"}}})
+
+
+@pytest.mark.parametrize("header", ["x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment"])
+def test_headers_that_name_a_tenant_or_a_feature_are_labels(header: str) -> None:
+    assert Settings.resolve(env={}, attribution_headers={header: "label"}).attribution_headers
+    assert parse_spec({"selector": {"matchLabels": {"a": "b"}}, "attribution": {"headers": {header: "label"}}})
+
+
+def test_a_label_keeps_at_most_ten_thousand_values() -> None:
+    """Each value is a series of every metric the label is on, in every Prometheus that scrapes the pods."""
+    spec = {"selector": {"matchLabels": {"a": "b"}}, "attribution": {"maxLabelValues": 10_000}}
+    assert parse_spec(spec).max_label_values == 10_000
+    spec["attribution"] = {"maxLabelValues": 1_000_000_000}
+    with pytest.raises(SpecError, match=r"spec\.attribution\.maxLabelValues"):
+        parse_spec(spec)

@@ -1,0 +1,66 @@
+"""What the status says of a pricing ConfigMap the middleware cannot read: where it is wrong, never what it holds.
+
+Whoever may read an LLMTelemetry's status (anyone who may create one) may not be allowed to read the ConfigMap its
+``pricing.configMapRef`` names. The reason once quoted the parser's error, and with it the content: a one-line key
+whole (a YAML scalar was even taken as a path, and the operator opened that file of its own), the offending line of
+broken YAML, the keys of a mapping.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from kopf_testing import CONFIGMAPS, NAMESPACE
+
+from llm_telemetry_operator import kube
+from llm_telemetry_operator.reconcile import _missing_pricing
+from llm_telemetry_operator.spec import parse_spec
+
+SECRET = "sk-TEAMB-TOP-SECRET-0001"
+
+
+async def _reason(emulator: Any, data: dict[str, str], key: str = "pricing.yaml", binary: bool = False) -> str | None:
+    config_map: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"}}
+    config_map["binaryData" if binary else "data"] = data
+    emulator.objects[CONFIGMAPS, NAMESPACE, "prices"] = config_map
+    reference = {"configMapRef": {"name": "prices", "key": key}}
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "pricing": reference})
+    client = kube.KubeClient(kube.load_configuration())
+    try:
+        return await _missing_pricing(client, NAMESPACE, spec)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (SECRET, "not a YAML mapping of model names to prices"),  # a scalar: no path to open
+        ("/etc/hostname", "not a YAML mapping of model names to prices"),
+        (f"admin: {{token: [unterminated {SECRET}\n", "not YAML: line 2, column 1"),
+        (f"db_password: {SECRET}\n", "not a YAML mapping of model names to prices"),
+        (f"gpt-4o: {{input: 1, output: 2, {SECRET}: 3}}\n", "not a YAML mapping of model names to prices"),
+        (f"gpt-4o: {{input: -1, output: '{SECRET}'}}\n", "not a YAML mapping of model names to prices"),
+    ],
+)
+async def test_an_unreadable_pricing_key_is_described_without_its_content(
+    emulator: Any, content: str, says: str
+) -> None:
+    reason = await _reason(emulator, {"pricing.yaml": content})
+    assert reason is not None and says in reason, reason
+    for leaked in (SECRET, "db_password", "admin", "unterminated", "No such file", "hostname"):
+        assert leaked not in reason, reason
+
+
+async def test_json_and_binary_keys_are_described_the_same_way(emulator: Any) -> None:
+    reason = await _reason(emulator, {"prices.json": f'{{"{SECRET}": 1,'}, key="prices.json")
+    assert reason is not None and "not JSON: line 1" in reason and SECRET not in reason, reason
+    encoded = base64.b64encode(b"\xff\xfe" + SECRET.encode()).decode()
+    reason = await _reason(emulator, {"pricing.yaml": encoded}, binary=True)
+    assert reason is not None and "not UTF-8 text" in reason and SECRET not in reason, reason
+
+
+async def test_a_readable_pricing_key_is_fine(emulator: Any) -> None:
+    assert await _reason(emulator, {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}) is None
