@@ -1155,7 +1155,11 @@ def _peers(memo: Any, key: tuple[str, str]) -> rec.PeerView:
         body = state.bodies.get((namespace, name))
         return name != me and body is not None and bool(body["metadata"].get("deletionTimestamp"))
 
-    return rec.PeerView(selecting=selecting, named=named, leaving=leaving)
+    def uid(name: str) -> str | None:
+        body = state.bodies.get((namespace, name))
+        return None if name == me or body is None else (body["metadata"].get("uid") or None)
+
+    return rec.PeerView(selecting=selecting, named=named, leaving=leaving, uid=uid)
 
 
 def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str, Any]) -> None:

@@ -148,17 +148,28 @@ class PeerView:
         leaving: whether an LLMTelemetry of that name is being deleted. Its workloads and their metrics Services
             go to the peer that wins them next in one step, a change of injection (see :func:`successors`), not
             a removal and then an injection: two rollouts and a gap in the telemetry.
+        uid: the uid of the LLMTelemetry of that name the operator knows (live or being deleted), or None. A child
+            is taken over from a peer only if that peer controls it (see :meth:`_Outranked.adopts`). Default: that
+            of the live peer ``named`` gives.
     """
 
     selecting: Callable[[Mapping[str, str]], Iterable[Peer]]
     named: Callable[[str], Peer | None]
     leaving: Callable[[str], bool] = lambda _name: False
+    uid: Callable[[str], str | None] | None = None
 
     @classmethod
     def of(cls, peers: Sequence[Peer]) -> PeerView:
         """A view of a plain list of peers."""
         by_name = {body["metadata"]["name"]: (body, spec) for body, spec in peers}
         return cls(selecting=lambda _labels: peers, named=by_name.get)
+
+    def uid_of(self, name: str) -> str | None:
+        """The uid of the LLMTelemetry ``name`` as the operator knows it (see ``uid``)."""
+        if self.uid is not None:
+            return self.uid(name)
+        peer = self.named(name)
+        return None if peer is None else str((peer[0].get("metadata") or {}).get("uid") or "") or None
 
 
 class _Outranked:
@@ -181,6 +192,16 @@ class _Outranked:
         if peer is None:
             return self._peers.leaving(name)
         return precedence(peer[0]) > self._rank or not any(_serves(peer, w) for w in self._targets)
+
+    def adopts(self, obj: Mapping[str, Any]) -> bool:
+        """Whether ``obj`` is a child of a peer this resource may take over (``name in outranked``): labelled as that
+        peer's *and* controlled by it (that peer's uid in its controller owner reference). The label alone is no
+        proof: anyone may copy it onto an object of theirs, which is then not the peer's to hand over."""
+        label = ((obj.get("metadata") or {}).get("labels") or {}).get(c.LABEL_OWNER)
+        controller = _controller_uid(obj)
+        if not isinstance(label, str) or controller is None or label not in self:
+            return False
+        return self._peers.uid_of(label) == controller
 
 
 def precedence(owner: Mapping[str, Any]) -> tuple[str, str]:
@@ -285,7 +306,7 @@ async def reconcile(
         if id(w) not in served and serving[id(w)]
     }
     service_error = await _sync_children(
-        client, kube.SERVICES, owner, services, "metrics", outcome, outranked, fresh, keep=handed
+        client, kube.SERVICES, owner, services, "metrics", outcome, outranked.adopts, fresh, keep=handed
     )
     configmaps: list[dict[str, Any]] = []
     if spec.pricing.inline and not standby:
@@ -842,7 +863,9 @@ async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Ma
 
 
 async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
-    """Delete every child of this LLMTelemetry (the API server's garbage collector would too, eventually)."""
+    """Delete every child of this LLMTelemetry (the API server's garbage collector would too, eventually): every
+    object labelled as its child that it controls (its uid in the controller owner reference); one labelled so
+    without that reference is someone else's (see :func:`_ours`) and stays."""
     meta = owner["metadata"]
     deleted = 0
     if len(meta["name"]) > r.MAX_OWNER_NAME:
@@ -855,6 +878,8 @@ async def delete_children(client: KubeClient, owner: Mapping[str, Any]) -> int:
         except NotFoundError:
             continue  # the CRD is not installed: nothing of ours there
         for child in children:
+            if _controller_uid(child) != meta.get("uid"):
+                continue  # labelled as its child but not controlled by it (a copy, an orphan): someone else's
             deleted += await client.delete(resource, meta["namespace"], child["metadata"]["name"])
     return deleted
 
@@ -944,14 +969,16 @@ async def _sync_children(
     desired: list[dict[str, Any]],
     component: str | None,
     outcome: Outcome,
-    adoptable: Container[str] = frozenset(),
+    adoptable: Callable[[Mapping[str, Any]], bool] = lambda _obj: False,
     fresh: bool = False,
     failed: dict[str, str] | None = None,
     keep: Container[str] = frozenset(),
 ) -> str | None:
     """Create, repair and prune one kind of child; returns an error message, ``_CRD_MISSING``, or None.
     Children named in ``keep`` are not pruned.
-    A same-named object of an LLMTelemetry in ``adoptable`` is taken over; of anyone else, it is an error.
+    Only an object this LLMTelemetry controls (its uid in the controller owner reference) is written; a same-named
+    one that ``adoptable`` accepts (a child of a peer it takes over from) is taken over; anyone else's, whatever its
+    labels, is an error and left as it is (see :func:`_ours`).
     ``fresh``: the owner cannot have children yet, so none are listed (nothing to prune); each is created, and
     one found to exist all the same (409) is read and repaired. ``failed`` gets each desired child's error by name.
     Only what this LLMTelemetry controls (its uid in the controller owner reference) is pruned: a copy someone
@@ -1008,9 +1035,11 @@ async def _apply(
     namespace: str,
     desired: dict[str, Any],
     current: dict[str, Any] | None,
-    adoptable: Container[str] = frozenset(),
+    adoptable: Callable[[Mapping[str, Any]], bool] = lambda _obj: False,
 ) -> str | None:
-    """Create or repair one child; returns its resourceVersion once it is as desired (None if not known)."""
+    """Create or repair one child; returns its resourceVersion once it is as desired (None if not known).
+    ``current`` (as listed by the owner label, or read after a create met it) is written only if it is ours (see
+    :func:`_ours`); else the child fails with a :class:`ConflictError` saying so, and nothing is written."""
     name = desired["metadata"]["name"]
     for attempt in range(CONFLICT_ATTEMPTS):
         if current is None:
@@ -1021,11 +1050,10 @@ async def _apply(
             except ConflictError:
                 current = await client.get(resource, namespace, name)
                 if not _ours(current, desired, adoptable):
-                    raise ConflictError(
-                        409,
-                        "AlreadyExists",
-                        "exists and is not this LLMTelemetry's (not labelled or owned by it): rename or delete it",
-                    ) from None
+                    raise ConflictError(409, "AlreadyExists", _foreign_message(current)) from None
+        elif attempt == 0 and not _ours(current, desired, adoptable):
+            # As listed by the owner label, which anyone may put on an object of theirs.
+            raise ConflictError(409, "AlreadyExists", _foreign_message(current))
         patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
         stale = _stale_keys(current, desired)
         stale_metadata = _stale_metadata(current, desired)
@@ -1072,13 +1100,31 @@ async def _apply(
     return None
 
 
-def _ours(current: Mapping[str, Any], desired: Mapping[str, Any], adoptable: Container[str]) -> bool:
-    """Whether ``current`` is this LLMTelemetry's to write as ``desired``: labelled as its (or as an adoptable
-    one's), or, its labels edited away, still controlled by it."""
-    owner_label = (current.get("metadata", {}).get("labels") or {}).get(c.LABEL_OWNER)
-    if owner_label == desired["metadata"]["labels"][c.LABEL_OWNER] or owner_label in adoptable:
+def _ours(
+    current: Mapping[str, Any], desired: Mapping[str, Any], adoptable: Callable[[Mapping[str, Any]], bool]
+) -> bool:
+    """Whether ``current`` is this LLMTelemetry's to write as ``desired``: controlled by it (its uid in the
+    controller owner reference, whatever the labels say: a child whose labels someone edited is still repaired), or
+    a child of a peer it takes over (``adoptable``: controlled by that peer). The owner label alone proves nothing:
+    a copy of a child (a GitOps manifest of it), or a child orphaned by ``kubectl delete --cascade=orphan``, carries
+    it with no owner reference, and is someone else's to keep: never written, nor deleted."""
+    controller = _controller_uid(current)
+    if controller is not None and controller == _controller_uid(desired):
         return True
-    return _controller_uid(current) == _controller_uid(desired)
+    return adoptable(current)
+
+
+def _foreign_message(current: Mapping[str, Any]) -> str:
+    """What a child's condition says of an object of its name that is not this LLMTelemetry's (see :func:`_ours`)."""
+    labels = (current.get("metadata") or {}).get("labels") or {}
+    if labels.get(c.LABEL_OWNER) is None:
+        return "exists and is not this LLMTelemetry's (not labelled or owned by it): rename or delete it"
+    return (
+        f"exists and is not this LLMTelemetry's: it is labelled {c.LABEL_OWNER}={labels[c.LABEL_OWNER]} but has"
+        " no controller owner reference to this resource (a copy of a child, or one left by an LLMTelemetry of this"
+        " name deleted with --cascade=orphan), so it is left as it is: delete it (or rename it) and the next pass"
+        " makes this resource's own"
+    )
 
 
 def _stale_keys(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[str]:

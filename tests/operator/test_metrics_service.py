@@ -20,6 +20,7 @@ from kopf_testing import (
 )
 
 from llm_telemetry_operator import constants as c
+from llm_telemetry_operator.resources import build_owner_reference
 
 
 async def test_metrics_service_with_a_cluster_ip_is_replaced_by_a_headless_one(
@@ -39,6 +40,8 @@ async def test_metrics_service_with_a_cluster_ip_is_replaced_by_a_headless_one(
             "namespace": NAMESPACE,
             "resourceVersion": "7",
             "labels": {c.LABEL_MANAGED_BY: c.MANAGER, c.LABEL_OWNER: "chat", c.LABEL_COMPONENT: "metrics"},
+            # Every version made its children controlled by the resource (one without it is someone else's).
+            "ownerReferences": [build_owner_reference(minimal_llmt())],
         },
         "spec": {"clusterIP": "10.0.0.5", "selector": {"pod": "chat"}, "ports": [{"name": "llm-metrics", "port": 1}]},
     }

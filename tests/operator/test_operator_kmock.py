@@ -1383,6 +1383,8 @@ async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(
                 c.LABEL_OWNER: "chat",
                 c.LABEL_COMPONENT: "dashboard",
             },
+            # Made by that pass: controlled by the resource (one labelled so without it is someone else's).
+            "ownerReferences": [resources.build_owner_reference(owner)],
         },
         "data": {"chat.json": "{}"},
     }
