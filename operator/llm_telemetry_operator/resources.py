@@ -32,13 +32,21 @@ WORKLOAD_ATTRIBUTE = {"Deployment": "k8s.deployment.name", "StatefulSet": "k8s.s
 
 _SERVICE_SUFFIX = "llm-metrics"
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+#: The end of a base that a cut name ends its readable part with: ``-`` and the 8 hex digits of :func:`_name`'s hash.
+_HASH_SHAPED = re.compile(r"-[0-9a-f]{8}")
 
 
 def _name(base: str, suffix: str) -> str:
     """``<base>-<suffix>``, within the 63 characters a child's name may hold (a DNS label): a longer one is cut and
-    told apart by a hash of the whole ``base``, so two names that share their first characters never meet."""
+    told apart by a hash of the whole ``base``, so two names that share their first characters never meet.
+
+    A cut name reads ``<part of base>-<8 hex digits>-<suffix>``; so a base that itself ends in ``-`` and 8 hex digits
+    is given its hashed form too, whatever its length: its plain name could be, to the letter, the cut name of a
+    longer base (a 49-character ``<40 characters>-<hash>`` beside a 63-character name sharing those 40), and the two
+    resources would then claim one child. Plain names (bases without that ending) and cut ones are thus never equal,
+    and two cut ones only if both the readable part and the hash of the whole base agree."""
     plain = f"{base}-{suffix}"
-    if len(plain) <= 63:
+    if len(plain) <= 63 and not _HASH_SHAPED.fullmatch(base[-9:]):
         return plain
     digest = hashlib.sha256(base.encode()).hexdigest()[:8]
     return f"{base[: 63 - len(suffix) - len(digest) - 2].rstrip('-.')}-{digest}-{suffix}"
@@ -909,16 +917,30 @@ def build_prometheus_rule(owner: Mapping[str, Any], spec: TelemetrySpec, config:
     return rule
 
 
+#: Hex digits of the hash that ends a cut dashboard uid (64 bits: no two resources are found to share one by trying
+#: names), and the readable part before it and its ``__``: together Grafana's 40 characters.
+_UID_HASH = 16
+_UID_READABLE = 40 - 2 - _UID_HASH
+
+
 def dashboard_uid(owner: Mapping[str, Any]) -> str:
     """A Grafana uid unique per LLMTelemetry in the cluster: ``llmt_<namespace>_<name>``, a name's dots as
     underscores. Grafana takes at most 40 letters, digits, ``-`` and ``_``; neither a namespace nor a name holds
     ``_``, so no two resources share one (``-`` as the separator made ``team-a/chat`` and ``team/a-chat`` one
-    dashboard). A longer one is cut and told apart by a hash of the whole."""
+    dashboard).
+
+    A longer one is cut to its first characters, then ``__`` and a hash of the whole namespace and name. An uncut uid
+    never holds ``__`` (a namespace has no ``_``, and a name neither two dots in a row nor one at either end), so an
+    uncut uid is never a cut one: the earlier form (cut at 31, ``_`` and 8 hex digits) was the uncut uid of a
+    resource named to look like it (``customer-support-as.<those 8 digits>`` beside ``customer-support-assistant-prod``
+    in a namespace of 6 characters, or in a namespace that is the first 26 characters of another's), and Grafana
+    showed one dashboard for both. The readable part is for people; the hash alone tells resources apart."""
     meta = owner["metadata"]
     text = f"llmt_{meta['namespace']}_{meta['name'].replace('.', '_')}"
     if len(text) <= 40:
         return text
-    return text[:31] + "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{meta['namespace']}/{meta['name']}".encode()).hexdigest()[:_UID_HASH]
+    return f"{text[:_UID_READABLE]}__{digest}"
 
 
 #: Stand-ins for a dashboard's title, uid, namespace and job in :func:`_dashboard_template` (a NUL is never in any).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -1027,3 +1028,75 @@ def test_a_spec_value_is_taken_literally_and_never_expands_the_apps_variables() 
     assert started["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://$(OPENAI_API_KEY).logs.example/otlp/v1/logs"
     assert "sk-secret" not in json.dumps({name: v for name, v in started.items() if name != "OPENAI_API_KEY"})
     assert "k8s.pod.name=chat-1" in started["OTEL_RESOURCE_ATTRIBUTES"].split(",")
+
+
+def _earlier_uid(namespace: str, name: str) -> str:
+    """The dashboard uid the earlier scheme gave: cut at 31 characters, then ``_`` and 8 hex digits of a hash."""
+    text = f"llmt_{namespace}_{name.replace('.', '_')}"
+    return text if len(text) <= 40 else text[:31] + "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _uid_look_alikes() -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Pairs of resources whose dashboards shared a uid: the second's short uid spells the first's cut one."""
+    pairs = []
+    # The same namespace: a name with a dot (an underscore in the uid) ending in the first one's hash.
+    victim = ("team-a", "customer-support-assistant-prod")
+    digest = _earlier_uid(*victim).rsplit("_", 1)[1]
+    pairs.append((victim, ("team-a", f"customer-support-as.{digest}")))
+    # Two namespaces, one the first 26 characters of the other: a resource named after the hash.
+    victim = ("a" * 26 + "-prod", "chat")
+    pairs.append((victim, ("a" * 26, _earlier_uid(*victim).rsplit("_", 1)[1])))
+    return pairs
+
+
+@pytest.mark.parametrize(("first", "second"), _uid_look_alikes(), ids=["same-namespace", "namespace-prefix"])
+def test_a_short_uid_spelling_a_cut_one_is_not_that_dashboard(first: tuple[str, str], second: tuple[str, str]) -> None:
+    """A resource named so that its uncut uid reads as another's cut one (the readable part, ``_`` and that one's
+    hash) shared that one's dashboard: Grafana showed one of the two. Each gets its own, within 40 characters."""
+    assert _earlier_uid(*first) == _earlier_uid(*second)  # the collision this guards against
+    uids = [r.dashboard_uid({"metadata": {"namespace": ns, "name": name}}) for ns, name in (first, second)]
+    assert uids[0] != uids[1], uids
+    assert all(_GRAFANA_UID.fullmatch(u) for u in uids), uids
+
+
+def test_a_dashboard_uid_that_fits_is_unchanged() -> None:
+    """Only uids longer than Grafana's 40 characters changed form: the rest keep the dashboards they name."""
+    assert r.dashboard_uid({"metadata": {"namespace": "llm", "name": "chat.v2"}}) == "llmt_llm_chat_v2"
+    fits = {"metadata": {"namespace": "team-a", "name": "customer-support-assistant"}}
+    assert r.dashboard_uid(fits) == "llmt_team-a_customer-support-assistant"
+    cut = r.dashboard_uid({"metadata": {"namespace": "team-a", "name": "customer-support-assistant-prod"}})
+    assert len(cut) == 40 and cut.startswith("llmt_team-a_customer-s__")
+
+
+def _child_look_alike(long_name: str, suffix: str) -> str:
+    """The shorter name whose plain child name was, to the letter, the cut child name of ``long_name`` (its first
+    characters, ``-`` and the 8 hex digits of its hash)."""
+    digest = hashlib.sha256(long_name.encode()).hexdigest()[:8]
+    return f"{long_name[: 63 - len(suffix) - 10].rstrip('-.')}-{digest}"
+
+
+@pytest.mark.parametrize(
+    "long_name",
+    ["customer-support-assistant-production-eu-west-1-blue-green-can", "abc" + "-" * 40 + "d" * 20],
+    ids=["49-beside-63", "cut-at-dashes"],
+)
+@pytest.mark.parametrize(
+    ("child", "suffix"),
+    [
+        (r.service_monitor_name, "llm-telemetry"),
+        (r.prometheus_rule_name, "llm-telemetry"),
+        (r.dashboard_configmap_name, "llm-dashboard"),
+        (r.pricing_configmap_name, "llm-pricing"),
+    ],
+)
+def test_a_name_spelling_a_cut_child_name_gets_children_of_its_own(long_name: str, child: Any, suffix: str) -> None:
+    """A resource named ``<the first characters of another's>-<its hash>`` had, uncut, the other's cut child names:
+    the two claimed one ServiceMonitor, PrometheusRule and ConfigMaps (the later one reported them as someone else's).
+    A name that ends as a cut name does (``-`` and 8 hex digits) gets the cut form too."""
+    short = _child_look_alike(long_name, suffix)
+    assert len(long_name) <= 63 and len(f"{short}-{suffix}") <= 63
+    assert child(long_name) == f"{short}-{suffix}"  # the long one's child name, which the short one's was
+    assert child(short) != child(long_name)
+    assert len(child(short)) <= 63
+    assert child("chat") == f"chat-{suffix}"  # names that do not end so keep their children's names
+    assert child("chat-2026") == f"chat-2026-{suffix}"
