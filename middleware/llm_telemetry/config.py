@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import logging
 import os
 import re
@@ -93,19 +94,48 @@ UNLABELLED_HEADERS: Final = frozenset((
     "authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-goog-api-key",
     "x-request-id", "traceparent", "tracestate",
 ))  # fmt: skip
-#: Words of a header name that carries a credential (``x-auth-token``, ``x-amz-security-token``,
-#: ``ocp-apim-subscription-key``, ``x-csrf-token``), a user's identity (``x-user-id``, ``openai-user``) or a
-#: per-request or per-trace id (``x-correlation-id``, ``x-amzn-trace-id``, ``x-b3-traceid``).
-_UNLABELLED_WORDS: Final = re.compile(
-    r"auth|token|secret|passw|cookie|session|signature|credential|bearer|jwt|key$|user|"
-    r"(?:request|correlation|trace|span)-?id|^x-b3-|^uber-trace-id$|^x-cloud-trace-context$"
-)
+#: Header names that identify the client or its user by value: its address, its mail, its certificate, the
+#: principal a gateway authenticated.
+_IDENTIFYING_HEADERS: Final = frozenset((
+    "forwarded", "x-forwarded-for", "x-real-ip", "cf-connecting-ip", "true-client-ip", "x-client-ip",
+    "x-forwarded-email", "x-forwarded-user", "x-forwarded-client-cert", "ssl-client-cert", "x-ssl-client-cert",
+    "openai-user", "baggage", "sentry-trace", "elastic-apm-traceparent", "x-ot-span-context", "x-request-start",
+    "x-cloud-trace-context", "uber-trace-id",
+))  # fmt: skip
+#: Parts of a header name (split at ``-`` and ``_``) that mark a credential wherever they stand.
+_CREDENTIAL_PARTS: Final = frozenset((
+    "authorization", "auth", "cookie", "password", "passwd", "secret", "signature", "credential", "credentials",
+    "bearer", "jwt", "csrf", "xsrf", "apikey", "oidc", "principal", "session",
+))  # fmt: skip
+#: Last parts that mark a credential, and the parts before ``key`` or ``keys`` that make one (``x-api-key``,
+#: ``ocp-apim-subscription-key``; not ``x-project-key``).
+_CREDENTIAL_ENDS: Final = frozenset(("token", "tokens"))
+_KEY_KINDS: Final = frozenset(("api", "access", "secret", "private", "subscription", "auth", "session", "client"))
+#: Parts before ``id`` or ``ids`` that make a per-request, per-conversation or per-user id.
+_ID_KINDS: Final = frozenset((
+    "request", "correlation", "trace", "span", "parent", "message", "conversation", "thread", "run", "call",
+    "session", "user", "device", "transaction", "event",
+))  # fmt: skip
 
 
 def unlabelled_header(name: str) -> bool:
-    """Whether request header ``name`` may never be an attribution label (see UNLABELLED_HEADERS)."""
+    """Whether request header ``name`` may never be an attribution label: it carries a credential, identifies the
+    client or its user, or is an id per request (see UNLABELLED_HEADERS): ``x-auth-token``, ``x-amz-security-token``,
+    ``x-goog-api-key``, ``x-user-id``, ``x-end-user``, ``x-correlation-id``, ``x-forwarded-for``, ``x-b3-traceid``...
+    Not ``x-tenant-id``, ``x-user-tier``, ``user-agent``, ``x-token-budget`` or ``x-project-key``."""
     name = name.strip().lower()
-    return name in UNLABELLED_HEADERS or _UNLABELLED_WORDS.search(name) is not None
+    if name in UNLABELLED_HEADERS or name in _IDENTIFYING_HEADERS or name.startswith(("x-b3-", "x-datadog-")):
+        return True
+    parts = re.split(r"[-_]", name)
+    if not _CREDENTIAL_PARTS.isdisjoint(parts) or parts[-1] in _CREDENTIAL_ENDS or parts[-1] == "user":
+        return True
+    for before, part in itertools.pairwise(parts):
+        if part in ("key", "keys") and before in _KEY_KINDS:
+            return True
+        if part in ("id", "ids") and before in _ID_KINDS:
+            return True
+    # A kind of id spelt as one word: traceid, requestid, spanid.
+    return any(part.endswith("id") and part[:-2] in _ID_KINDS for part in parts)
 
 
 class ConfigurationError(ValueError):
@@ -276,7 +306,8 @@ class Settings:
             if unlabelled_header(header):
                 name = variables.get("attribution_headers", "attribution_headers")
                 raise ConfigurationError(
-                    f"{name}: header {header!r} carries credentials or a per-request id, never a label value"
+                    f"{name}: header {header!r} carries credentials, names the client or its user, or is an id per"
+                    " request: never a label value"
                 )
             if not label.replace("_", "").isalnum() or not label[0].isalpha():
                 name = variables.get("attribution_headers", "attribution_headers")

@@ -529,7 +529,14 @@ class _Exchange:
         # answer, and the call stands by it; the server still logs the exception. A whole 5xx answer is the
         # framework's error handler answering for the exception: the app's failure.
         status = call.status_code
-        answered = self.complete and status is not None and status < 500
+        answered = (
+            self.complete
+            and status is not None
+            and status < 500
+            # A stream the app ended without the end of its answer and then raised: its failure, whatever closed the
+            # response (Starlette's BaseHTTPMiddleware sends the last message before it raises again).
+            and not (exc is not None and self.reader is not None and self.reader.cut_short())
+        )
         if exc is not None and not client_left and not answered:
             call.error_type = "app_exception"
             if call.status_code is None:
@@ -907,11 +914,7 @@ class LLMTelemetryMiddleware:
             return
         traced = self._traced
         current = trace.get_current_span().get_span_context() if traced is not None else None
-        if (
-            traced is not None
-            and current is not None
-            and (not current.is_valid or current.is_remote or leaked_into(scope))
-        ):
+        if traced is not None and current is not None and (not current.is_valid or current.is_remote or leaked_into()):
             # Two-span tracing (``tracing_http_span``) and no span of this process current: OpenTelemetry's ASGI
             # middleware opens the server span, continuing the caller's ``traceparent``. With a span of this process
             # already current, the LLM span joins it. By default ``_traced`` is None and the LLM span itself is the

@@ -20,6 +20,7 @@ span is then the parent (the shape before single-span tracing, and twice the SDK
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -366,33 +367,31 @@ class _RuntimeContext:
         found = trace.get_current_span().get_span_context()
         return found if found.is_valid else None
 
-    def attach_span(self, span: trace.Span, connection: Any = None) -> tuple[context.Context, Any]:
-        """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token). ``connection``: the
-        request's, kept beside the span (see :meth:`leaked`)."""
+    def attach_span(self, span: trace.Span) -> tuple[context.Context, Any]:
+        """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token). The task that made it
+        current is kept beside it (see :meth:`leaked`)."""
+        task = _current_task()
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
             var = self.var
             values = var.get().copy()
             values[self.span_key] = span
-            values[_CONNECTION_KEY] = (span, connection)
+            values[_TASK_KEY] = task
             ctx = context.Context(values)
             return ctx, var.set(ctx)
-        ctx = context.set_value(_CONNECTION_KEY, (span, connection), trace.set_span_in_context(span))
+        ctx = context.set_value(_TASK_KEY, task, trace.set_span_in_context(span))
         return ctx, context.attach(ctx)
 
-    def leaked(self, scope: Mapping[str, Any]) -> bool:
-        """Whether the current span is an LLM span this middleware made current for an earlier request on the same
-        connection. uvicorn starts a connection's next request inside the context of the one before it when that
-        one's body was large enough to pause reading (over 64 KiB, on asyncio's loop) or when requests are
-        pipelined (CPython #140947): that span is no parent of the new request, which is another server span."""
-        connection = _connection(scope)
-        if connection is None:
-            return False
+    def leaked(self) -> bool:
+        """Whether the current context is one this middleware made current in another task: an earlier request's,
+        which uvicorn passes on to the next request on a connection when that one's body paused its reading (over
+        64 KiB, on asyncio's event loop) or when requests are pipelined (CPython #140947). Its span, and any span
+        made in it since, is no parent of the new request, which is another server span. (An app that calls itself
+        in process, through httpx's ASGI transport say, does so in its own task: that call is a child.)"""
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
-            values = self.var.get()
-            attached, current = values.get(_CONNECTION_KEY), values.get(self.span_key)
+            task = self.var.get().get(_TASK_KEY)
         else:
-            attached, current = context.get_value(_CONNECTION_KEY), trace.get_current_span()
-        return attached is not None and attached[0] is current and attached[1] == connection
+            task = context.get_value(_TASK_KEY)
+        return task is not None and task is not _current_task()
 
     def detach(self, token: Any) -> None:
         """``context.detach(token)``: a token it cannot restore is logged by the API, as there."""
@@ -405,24 +404,25 @@ class _RuntimeContext:
         context.detach(token)
 
 
-#: The context key of the (span, connection) pair of the LLM span this middleware made current.
-_CONNECTION_KEY: Final = context.create_key("llm_telemetry.connection")
+#: The context key of the task in which this middleware made its LLM span current.
+_TASK_KEY: Final = context.create_key("llm_telemetry.task")
 
 
-def _connection(scope: Mapping[str, Any]) -> tuple[Any, Any] | None:
-    """The request's connection as the server describes it (client and server addresses), or None when the server
-    gives no client address (then no two requests are known to share one)."""
-    client = scope.get("client")
-    return (tuple(client), scope.get("server")) if client else None
+def _current_task() -> Any:
+    """The running asyncio task, or None (no event loop running here, or another async library's)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 _CONTEXT: Final = _RuntimeContext()
 
 
-def leaked_into(scope: Mapping[str, Any]) -> bool:
-    """Whether the current span is one this middleware made current for an earlier request on the connection of
-    ``scope`` (see ``_RuntimeContext.leaked``)."""
-    return _CONTEXT.leaked(scope)
+def leaked_into() -> bool:
+    """Whether the current context is an earlier request's, passed on by the server (see
+    ``_RuntimeContext.leaked``)."""
+    return _CONTEXT.leaked()
 
 
 def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
@@ -1012,7 +1012,7 @@ class SpanObserver:
             call.root_path = scope.get("root_path") or ""
         if self.server_span and scope is not None:
             current = _CONTEXT.current_span_context()
-            leaked = current is not None and not current.is_remote and _CONTEXT.leaked(scope)
+            leaked = current is not None and not current.is_remote and _CONTEXT.leaked()
             if leaked:
                 current = None  # (and the headers are read into a context of their own: see leaked())
             if current is None or current.is_remote:
@@ -1038,7 +1038,7 @@ class SpanObserver:
             )
         call.span = span
         # The app runs inside the LLM span, so its own spans (an upstream HTTP call, say) become children.
-        call.otel_context, call.otel_token = _CONTEXT.attach_span(span, None if scope is None else _connection(scope))
+        call.otel_context, call.otel_token = _CONTEXT.attach_span(span)
 
     def _pipeline(self) -> _Pipeline | None:
         """The provider's pipeline when the middleware may record the span itself, else None (the SDK's way)."""

@@ -934,18 +934,21 @@ async def _missing_pricing(client: KubeClient, namespace: str, spec: TelemetrySp
             # (Never a path to open: a string from a ConfigMap would have the operator read its own files.)
             raise ConfigurationError("not a mapping")
         PricingTable(document)
-    except (ValueError, ConfigurationError) as exc:  # (UnicodeDecodeError and binascii.Error are ValueErrors)
+    except (ValueError, ConfigurationError, RecursionError) as exc:  # (UnicodeDecodeError, binascii.Error: ValueErrors)
         return (
-            f"ConfigMap {name} (spec.pricing.configMapRef) key {key!r} {_UNREADABLE_PRICES} ({_unreadable(exc, key)}):"
+            f"ConfigMap {name} (spec.pricing.configMapRef) key {key!r} {_UNREADABLE_PRICES}"
+            f" ({_unreadable(exc, key, key not in data)}):"
             " the pods would fail their startup, or serve unmeasured"
         )
     return None
 
 
-def _unreadable(error: Exception, key: str) -> str:
+def _unreadable(error: Exception, key: str, binary: bool) -> str:
     """What is wrong with a pricing key, without a word of its content: whoever may read the resource's status may
     not be allowed to read the ConfigMap (the pods' startup error, in the app's log, says more)."""
     cause = error.__cause__ or error
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
     if isinstance(cause, UnicodeDecodeError):
         return "binaryData that is not UTF-8 text"
     mark = getattr(cause, "problem_mark", None)
@@ -953,7 +956,7 @@ def _unreadable(error: Exception, key: str) -> str:
         return f"not YAML: line {mark.line + 1}, column {mark.column + 1}"
     if hasattr(cause, "lineno") and hasattr(cause, "colno"):
         return f"not JSON: line {cause.lineno}, column {cause.colno}"
-    if isinstance(cause, ValueError) and not isinstance(cause, ConfigurationError):
+    if binary and isinstance(cause, ValueError) and not isinstance(cause, ConfigurationError):
         return "binaryData that is not base64"
     kind = "JSON" if key.endswith(".json") else "YAML"
     return (

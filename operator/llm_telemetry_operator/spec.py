@@ -552,7 +552,8 @@ def _attribution(raw: Mapping[str, Any]) -> dict[str, str]:
             raise SpecError(f"spec.attribution.headers.{header}", "is not a valid HTTP header name")
         if unlabelled_header(header):
             raise SpecError(
-                f"spec.attribution.headers.{header}", "carries credentials or a per-request id, never a label value"
+                f"spec.attribution.headers.{header}",
+                "carries credentials, names the client or its user, or is an id per request: never a label value",
             )
         if not _ATTRIBUTION_LABEL.fullmatch(label) or len(label) > 63:
             raise SpecError(

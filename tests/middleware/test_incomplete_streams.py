@@ -241,3 +241,40 @@ def test_a_client_that_leaves_on_the_closing_event_got_the_whole_answer(service:
     stream.close()
     metrics = _counted(port, "closed-lingering")
     assert metrics.value("llm_errors_total", gen_ai_request_model="closed-lingering") == 0, metrics.text
+
+
+def test_a_stream_the_app_fails_mid_answer_under_basehttpmiddleware_is_the_apps_failure() -> None:
+    """Starlette's BaseHTTPMiddleware (FastAPI's ``@app.middleware("http")``) ends the response normally and then
+    raises the app's exception again: the client gets a 200 stream cut short, and the call was a success."""
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+
+        async def stream() -> AsyncIterator[bytes]:
+            for i, chunk in enumerate(_chat(body["model"], "cut")):
+                if i == 2:
+                    raise RuntimeError("the upstream dropped mid-answer")
+                yield chunk
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    class Passthrough(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            return await call_next(request)
+
+    inner = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    inner.add_middleware(Passthrough)
+    port = free_port()
+    app = LLMTelemetryMiddleware(inner, metrics_port=port, metrics_host="127.0.0.1")
+    try:
+        with serve(app) as base:
+            oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+            chunks = oai.chat.completions.create(
+                model="failed-mid", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == WORDS[0]  # and no error raised
+            metrics = _counted(port, "failed-mid")
+    finally:
+        app.telemetry.shutdown()
+    assert metrics.value("llm_errors_total", gen_ai_request_model="failed-mid", error_type="app_exception") == 1

@@ -39,11 +39,12 @@ async def chat(request: Request) -> JSONResponse:
 
 
 def _request(i: int, model: str, prompt_chars: int) -> bytes:
-    """A chat request whose traceparent names trace i+1, parent span i+1."""
+    """A chat request whose traceparent names trace i+1, parent span i+1, forwarded for client 10.0.0.<i+1>."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * prompt_chars}]}).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\ntraceparent: 00-{i + 1:032x}-{i + 1:016x}-01\r\n\r\n"
+        f"Content-Length: {len(body)}\r\ntraceparent: 00-{i + 1:032x}-{i + 1:016x}-01\r\n"
+        f"X-Forwarded-For: 10.0.0.{i + 1}\r\n\r\n"
     )
     return head.encode() + body
 
@@ -56,26 +57,37 @@ def _read_answers(sock: socket.socket, count: int) -> None:
         seen += piece
 
 
-@pytest.fixture(params=["one-span", "two-span"])
-def traced(request: pytest.FixtureRequest) -> Iterator[tuple[str, InMemorySpanExporter]]:
+#: How the app is served: the LLM span as the server span; under OpenTelemetry's HTTP span (two spans); behind a proxy
+#: whose X-Forwarded-For uvicorn takes for the client (a different one on each request of the connection); with
+#: OpenTelemetry's ASGI middleware inside the app, which sends the response inside a span of its own.
+SHAPES = ["one-span", "two-span", "forwarded", "otel-inside"]
+
+
+@pytest.fixture(params=SHAPES)
+def traced(request: pytest.FixtureRequest) -> Iterator[tuple[str, InMemorySpanExporter, str]]:
     exporter, provider = InMemorySpanExporter(), TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    inner: Any = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    if request.param == "otel-inside":
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        inner = OpenTelemetryMiddleware(inner, tracer_provider=provider)
     app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-        metrics_port=0,
-        tracer_provider=provider,
-        tracing_http_span=request.param == "two-span",
+        inner, metrics_port=0, tracer_provider=provider, tracing_http_span=request.param == "two-span"
     )
-    with serve(app, http="h11") as base:
-        yield base, exporter
+    config: dict[str, Any] = {"http": "h11"}
+    if request.param == "forwarded":
+        config.update(proxy_headers=True, forwarded_allow_ips="*")
+    with serve(app, **config) as base:
+        yield base, exporter, request.param
     app.telemetry.shutdown()
 
 
 @pytest.mark.parametrize("how", ["large-body-first", "pipelined"])
 def test_every_request_on_a_connection_continues_its_own_traceparent(
-    traced: tuple[str, InMemorySpanExporter], how: str
+    traced: tuple[str, InMemorySpanExporter, str], how: str
 ) -> None:
-    base, exporter = traced
+    base, exporter, shape = traced
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         if how == "pipelined":
@@ -93,12 +105,12 @@ def test_every_request_on_a_connection_continues_its_own_traceparent(
     spans = wait_for("the LLM spans", llm_spans, seconds=20)
     by_model = {span.name.removeprefix("chat "): span for span in spans}
     assert sorted(by_model) == sorted(MODELS)
-    server_spans = {s.context.span_id: s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER}
+    spans_by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
     for i, model in enumerate(MODELS):
         span = by_model[model]
         # The server span of the request (the LLM span itself, or OpenTelemetry's HTTP span above it) continues the
         # request's own traceparent.
-        server = span if span.kind == SpanKind.SERVER else server_spans[span.parent.span_id]
-        assert server.kind == SpanKind.SERVER, (model, span.kind)
+        server = span if span.kind == SpanKind.SERVER else spans_by_id[span.parent.span_id]
+        assert server.kind == SpanKind.SERVER, (shape, model, span.kind)
         assert (server.context.trace_id, server.parent.span_id) == (i + 1, i + 1), model
         assert span.context.trace_id == i + 1, model

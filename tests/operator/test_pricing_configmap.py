@@ -62,5 +62,11 @@ async def test_json_and_binary_keys_are_described_the_same_way(emulator: Any) ->
     assert reason is not None and "not UTF-8 text" in reason and SECRET not in reason, reason
 
 
+async def test_a_key_nested_too_deeply_is_said_to_be(emulator: Any) -> None:
+    """(The parser's RecursionError escaped the check, and every pass of the resource failed.)"""
+    reason = await _reason(emulator, {"deep.json": "[" * 100_000}, key="deep.json")
+    assert reason is not None and "nested too deeply" in reason, reason
+
+
 async def test_a_readable_pricing_key_is_fine(emulator: Any) -> None:
     assert await _reason(emulator, {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}) is None

@@ -350,12 +350,15 @@ def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound:
     [
         # credentials by another name
         "x-auth-token", "x-amz-security-token", "ocp-apim-subscription-key", "x-csrf-token", "x-access-token",
-        "x-client-secret", "x-session-id", "x-signature", "x-jwt-assertion", "x-tenant-key",
-        # a user's identity
-        "x-user-id", "openai-user", "x-end-user",
-        # per-request and per-trace ids
-        "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id",
-        "x-cloud-trace-context", "X-Auth-Token",
+        "x-client-secret", "x-session-id", "x-signature", "x-jwt-assertion", "x-access-key-id", "x-api-keys",
+        "x-amzn-oidc-data", "x-ms-client-principal-name", "x-forwarded-client-cert", "X-Auth-Token",
+        # the client or its user
+        "x-user-id", "openai-user", "x-end-user", "x-forwarded-for", "x-real-ip", "cf-connecting-ip", "forwarded",
+        "x-forwarded-email",
+        # per-request, per-conversation and per-trace ids
+        "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id", "x-cloud-trace-context",
+        "x-message-id", "x-conversation-id", "x-thread-id", "x-run-id", "x-litellm-call-id", "baggage",
+        "sentry-trace", "x-datadog-parent-id", "x-request-start",
     ],
 )  # fmt: skip
 def test_headers_that_name_credentials_users_or_requests_are_never_labels(header: str) -> None:
@@ -366,7 +369,14 @@ def test_headers_that_name_credentials_users_or_requests_are_never_labels(header
         parse_spec({"selector": {"matchLabels": {"a": "b"}}, "attribution": {"headers": {header: "label"}}})
 
 
-@pytest.mark.parametrize("header", ["x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment", "x-org", "x-customer",
+        "x-use-case", "x-model-route", "x-client-name", "user-agent", "x-user-tier", "x-user-role", "x-project-key",
+        "x-token-budget", "x-author",
+    ],
+)  # fmt: skip
 def test_headers_that_name_a_tenant_or_a_feature_are_labels(header: str) -> None:
     assert Settings.resolve(env={}, attribution_headers={header: "label"}).attribution_headers
     assert parse_spec({"selector": {"matchLabels": {"a": "b"}}, "attribution": {"headers": {header: "label"}}})
