@@ -31,6 +31,7 @@ _CODES: Final = {
     "rate_limit_error": "rate_limit",
     "too_many_requests": "rate_limit",
     "insufficient_quota": "rate_limit",
+    "billing_error": "rate_limit",  # Anthropic's 402, a spent credit balance: its insufficient_quota
     "tokens": "rate_limit",
     "requests": "rate_limit",
     "overloaded_error": "server_error",
@@ -56,8 +57,8 @@ def classify_status(status: int) -> str | None:
     """The error.type a status code implies on its own, or None for a success."""
     if status < 400:
         return None
-    if status == 429:
-        return "rate_limit"
+    if status in (402, 429):
+        return "rate_limit"  # 402: a provider's account out of credit (OpenAI says that with a 429)
     if status in (401, 403):
         return "auth"
     if status == 404:
@@ -92,7 +93,7 @@ def _decisive(status: int | None) -> bool:
     """Whether a status says what failed whatever the message's words: authentication, a missing model, a timeout, a
     rate limit, a server fault. A message may say more of any other 4xx (a 400, 413 or 422 for a prompt too long or
     a refusal, as providers answer them)."""
-    return status is not None and (status in (401, 403, 404, 408, 429) or status >= 500)
+    return status is not None and (status in (401, 402, 403, 404, 408, 429) or status >= 500)
 
 
 def classify_error_body(body: dict[str, Any], status: int | None = None, default: str = "other") -> str:

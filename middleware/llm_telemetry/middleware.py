@@ -42,6 +42,9 @@ logger = logging.getLogger("llm_telemetry")
 
 #: Request header carrying the request id; read for the logs, echoed on the response when the app sets none.
 REQUEST_ID_HEADER = b"x-request-id"
+#: Anthropic's response header for its request id (``req_...``), which its SDKs expose as the response's id: adopted
+#: like an app's own ``x-request-id`` when the app sets no ``x-request-id``.
+ANTHROPIC_REQUEST_ID_HEADER = b"request-id"
 #: The ASGI scope key an instance sets on a request it observes: an instance nested inside it passes it through.
 OBSERVED = "llm_telemetry.observed"
 
@@ -452,6 +455,7 @@ class _Exchange:
         content_type = b""
         coding: bytes | None = None
         no_id = True
+        other_id = b""
         for key, value in message.get("headers", ()):
             key = key.lower()
             if key == b"content-type":
@@ -463,6 +467,14 @@ class _Exchange:
                 if self.adopt_id and value:
                     # The client sees the app's id, not the one generated: log and trace that one.
                     call.request_id = field_text(_header_text(value), _MAX_REQUEST_ID_CHARS)
+            elif key == ANTHROPIC_REQUEST_ID_HEADER and not other_id:
+                other_id = value
+        if no_id and other_id and self.adopt_id:
+            # Anthropic's name for it (its SDKs show it as the response's request id): the id the client can quote,
+            # and the one echoed as ``x-request-id`` too, so that the two agree.
+            call.request_id = field_text(_header_text(other_id), _MAX_REQUEST_ID_CHARS)
+            if self.echo_id is not None:
+                self.echo_id = other_id
         if coding is not None and coding not in CODINGS:
             return no_id  # other codings (several at once, or one with no decoder here) pass unread, not misread
         reader: Reader

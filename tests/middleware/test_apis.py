@@ -242,6 +242,10 @@ def test_malformed_json_chunks_are_skipped_not_fatal() -> None:
         ({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, 529, "server_error"),
         ({"detail": "Not Found"}, 404, "not_found"),
         ({"detail": "?"}, 418, "invalid_request"),
+        # A 402 is an account out of credit, whatever else its body says (a gateway's broad type, words of a limit).
+        ({"detail": "Payment Required"}, 402, "rate_limit"),
+        ({"error": {"type": "invalid_request_error", "message": "spend exceeds the context limit"}}, 402,
+         "rate_limit"),
         # The LiteLLM proxy puts a broad type on any error, with the status as it answered: the status decides.
         ({"error": {"message": "litellm.Timeout: Request timed out", "type": "invalid_request_error", "param": None,
                     "code": "408"}}, 408, "timeout"),
@@ -287,6 +291,7 @@ def test_error_bodies_map_to_the_fixed_error_types(body: dict[str, Any], status:
         ("not_found_error", "not_found"),
         ("request_too_large", "context_length"),
         ("rate_limit_error", "rate_limit"),
+        ("billing_error", "rate_limit"),
         ("api_error", "server_error"),
         ("overloaded_error", "server_error"),
         ("timeout_error", "timeout"),

@@ -235,6 +235,52 @@ def test_request_id_set_by_the_app_is_kept_and_logged() -> None:
     assert line_for(lines, "c-1")["model"] == "with"
 
 
+async def answers_like_anthropic(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A Messages endpoint that names its answer by Anthropic's ``request-id`` header, as Anthropic's API and the
+    services in front of it do; the request's ``x-request-id``, when there is one, comes back as ``x-client-id``."""
+    while (await receive()).get("more_body"):
+        pass
+    sent = dict(scope["headers"]).get(b"x-request-id", b"")
+    headers = [(b"content-type", b"application/json"), (b"request-id", b"req_011CTa9"), (b"x-client-id", sent)]
+    body = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "stop_reason": "end_turn",
+        "content": [{"type": "text", "text": "hi"}],
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    }
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_anthropics_request_id_is_the_one_logged_and_echoed(echo: bool) -> None:
+    """The id the anthropic SDK shows for a response (``message._request_id``, from its ``request-id`` header) is
+    the one logged when the client sent none, and the one echoed as ``x-request-id``; a client's own id still wins,
+    and the response's headers are otherwise the app's."""
+    import anthropic
+
+    app = LLMTelemetryMiddleware(answers_like_anthropic, metrics_port=0, echo_request_id=echo)
+    try:
+        with request_log_lines() as sink, serve(app) as base:
+            sdk = anthropic.Anthropic(base_url=base, api_key="sk-test", max_retries=0)
+            ask = {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+            plain = sdk.messages.with_raw_response.create(**ask)
+            named = sdk.messages.with_raw_response.create(**ask, extra_headers={"x-request-id": "c-7"})
+    finally:
+        app.telemetry.shutdown()
+    assert plain.parse()._request_id == "req_011CTa9"
+    lines = log_lines(sink.getvalue())
+    assert line_for(lines, "req_011CTa9")["model"] == "claude-x"
+    assert line_for(lines, "c-7")["model"] == "claude-x"
+    assert plain.headers.get_list("x-request-id") == (["req_011CTa9"] if echo else [])
+    assert named.headers.get_list("x-request-id") == (["c-7"] if echo else [])
+    assert plain.headers.get_list("request-id") == named.headers.get_list("request-id") == ["req_011CTa9"]
+    assert named.headers["x-client-id"] == "c-7"
+
+
 def test_otlp_log_export(receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]) -> None:
     env = tracing_env(receiver, "grpc", OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-otlp-logs")
     env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"

@@ -586,6 +586,36 @@ def test_a_request_too_large_to_read_is_counted_under_the_model_that_answered(st
     assert metrics.value("llm_requests_total", gen_ai_request_model="unknown") == 0
 
 
+async def out_of_credit(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Anthropic's answer to an account whose credit balance is spent: a 402 with a ``billing_error``."""
+    while (await receive()).get("more_body"):
+        pass
+    message = "Your credit balance is too low to access the Anthropic API."
+    body = {"type": "error", "error": {"type": "billing_error", "message": message}}
+    await send({"type": "http.response.start", "status": 402, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+def test_an_account_out_of_credit_is_a_rate_limit_as_openais_spent_quota_is() -> None:
+    """A provider refusing work for want of credit is the service's outage, not the caller's bad request: Anthropic's
+    402 ``billing_error`` is ``rate_limit``, the type OpenAI's ``insufficient_quota`` (a 429) has, which spends the
+    availability budget."""
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(out_of_credit, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
+    with serve(app) as base:
+        sdk = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            sdk.messages.create(model="claude-x", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        metrics = eventually((base, metrics_port), lambda m: m.value("llm_requests_total") >= 1)
+    app.telemetry.shutdown()
+    assert raised.value.status_code == 402
+    # (Under the model ``other``: a refused request admits no new model name to the label.)
+    assert metrics.value("llm_errors_total", gen_ai_provider_name="anthropic", error_type="rate_limit") == 1
+    assert metrics.value("llm_errors_total") == 1
+
+
 def test_anthropic_stream_cut_before_its_only_input_count_has_its_input_estimated() -> None:
     """A gateway translating another provider's stream into Anthropic's (the LiteLLM proxy) reports 0 input in
     ``message_start`` and the real count only in ``message_delta``. Cut before that (an error event), the stream has
