@@ -367,31 +367,33 @@ class _RuntimeContext:
         found = trace.get_current_span().get_span_context()
         return found if found.is_valid else None
 
-    def attach_span(self, span: trace.Span) -> tuple[context.Context, Any]:
+    def attach_span(self, span: trace.Span, call: LLMCall) -> tuple[context.Context, Any]:
         """``ctx = trace.set_span_in_context(span)`` and ``context.attach(ctx)``: (ctx, token). The task that made it
-        current is kept beside it (see :meth:`leaked`)."""
-        task = _current_task()
+        current, and its call, are kept beside it (see :meth:`leaked`)."""
+        made = (_current_task(), call)
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
             var = self.var
             values = var.get().copy()
             values[self.span_key] = span
-            values[_TASK_KEY] = task
+            values[_TASK_KEY] = made
             ctx = context.Context(values)
             return ctx, var.set(ctx)
-        ctx = context.set_value(_TASK_KEY, task, trace.set_span_in_context(span))
+        ctx = context.set_value(_TASK_KEY, made, trace.set_span_in_context(span))
         return ctx, context.attach(ctx)
 
     def leaked(self) -> bool:
-        """Whether the current context is one this middleware made current in another task: an earlier request's,
-        which uvicorn passes on to the next request on a connection when that one's body paused its reading (over
-        64 KiB, on asyncio's event loop) or when requests are pipelined (CPython #140947). Its span, and any span
-        made in it since, is no parent of the new request, which is another server span. (An app that calls itself
-        in process, through httpx's ASGI transport say, does so in its own task: that call is a child.)"""
+        """Whether the current context is one this middleware made current for a request that has since answered,
+        in another task: an earlier request's, which uvicorn passes on to the next request on a connection when that
+        one's body paused its reading (over 64 KiB, on asyncio's event loop) or when requests are pipelined (CPython
+        #140947). Its span, and any span made in it since, is no parent of the new request, which is another server
+        span. An app that calls itself in process (through httpx's ASGI transport, say, one call after another or
+        several at once in tasks of their own) does so while its own request is still answering: that call is a
+        child."""
         if self.runtime is not None and context._RUNTIME_CONTEXT is self.runtime:
-            task = self.var.get().get(_TASK_KEY)
+            made = self.var.get().get(_TASK_KEY)
         else:
-            task = context.get_value(_TASK_KEY)
-        return task is not None and task is not _current_task()
+            made = context.get_value(_TASK_KEY)
+        return made is not None and made[1].end is not None and made[0] is not _current_task()
 
     def detach(self, token: Any) -> None:
         """``context.detach(token)``: a token it cannot restore is logged by the API, as there."""
@@ -404,7 +406,7 @@ class _RuntimeContext:
         context.detach(token)
 
 
-#: The context key of the task in which this middleware made its LLM span current.
+#: The context key of the task in which this middleware made its LLM span current, and of that request's call.
 _TASK_KEY: Final = context.create_key("llm_telemetry.task")
 
 
@@ -1038,7 +1040,7 @@ class SpanObserver:
             )
         call.span = span
         # The app runs inside the LLM span, so its own spans (an upstream HTTP call, say) become children.
-        call.otel_context, call.otel_token = _CONTEXT.attach_span(span)
+        call.otel_context, call.otel_token = _CONTEXT.attach_span(span, call)
 
     def _pipeline(self) -> _Pipeline | None:
         """The provider's pipeline when the middleware may record the span itself, else None (the SDK's way)."""

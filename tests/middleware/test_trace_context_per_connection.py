@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,3 +115,67 @@ def test_every_request_on_a_connection_continues_its_own_traceparent(
         assert server.kind == SpanKind.SERVER, (shape, model, span.kind)
         assert (server.context.trace_id, server.parent.span_id) == (i + 1, i + 1), model
         assert span.context.trace_id == i + 1, model
+
+
+#: The app served in the fan-out test, which its route calls in process.
+_FAN_OUT: list[Any] = []
+
+
+async def fan_out(request: Request) -> JSONResponse:
+    """An LLM route that asks two others of the same app in process (a router, a mixture of agents), one after the
+    other or at once (``asyncio.gather``, a ``TaskGroup``: tasks of their own), before it answers."""
+    import asyncio
+
+    import httpx
+
+    body = await request.json()
+    model = body["model"]
+    if not model.startswith("outer-"):
+        return await chat(request)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=_FAN_OUT[0]), base_url="http://in") as http:
+        how = model.removeprefix("outer-")
+        asks = [http.post("/v1/chat/completions", json={"model": f"inner-{how}-{p}", "messages": []}) for p in "ab"]
+        if how == "one-by-one":
+            for ask in asks:
+                await ask
+        elif how == "gather":
+            await asyncio.gather(*asks)
+        else:
+            async with asyncio.TaskGroup() as group:
+                for ask in asks:
+                    group.create_task(ask)
+    return await chat(request)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["one-by-one", "gather",
+     pytest.param("task-group", marks=pytest.mark.skipif(sys.version_info < (3, 11), reason="TaskGroup is 3.11's"))],
+)  # fmt: skip
+def test_in_process_calls_of_a_request_are_its_children_however_they_are_made(how: str) -> None:
+    """Calls an LLM request makes to the app in process, while it is still answering, are INTERNAL spans of its
+    trace, whether made one after another or at once in tasks of their own; a context is set aside as an earlier
+    request's only once that request has answered. (The first fix of uvicorn's leak, which set aside any context made
+    current in another task, split a fan-out into traces of their own.)"""
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", fan_out, methods=["POST"])]), metrics_port=0,
+        tracer_provider=provider,
+    )  # fmt: skip
+    _FAN_OUT[:] = [app]
+    try:
+        with serve(app) as base, socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(_request(6, f"outer-{how}", 10))
+            _read_answers(sock, 1)
+            spans = wait_for("the LLM spans", lambda: len(exporter.get_finished_spans()) >= 3 or None, seconds=20)
+    finally:
+        app.telemetry.shutdown()
+    spans = {span.name.removeprefix("chat "): span for span in exporter.get_finished_spans()}
+    assert sorted(spans) == [f"inner-{how}-a", f"inner-{how}-b", f"outer-{how}"], spans
+    outer = spans[f"outer-{how}"]
+    assert outer.kind == SpanKind.SERVER and (outer.context.trace_id, outer.parent.span_id) == (7, 7)
+    for part in "ab":
+        inner = spans[f"inner-{how}-{part}"]
+        assert inner.kind == SpanKind.INTERNAL, (part, inner.kind)
+        assert (inner.context.trace_id, inner.parent.span_id) == (7, outer.context.span_id), part
