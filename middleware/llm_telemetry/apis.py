@@ -23,6 +23,20 @@ from .labels import field_text
 from .record import LLMCall, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
+#: Reading one response's event stream may take this long (the clock, added up over the chunks read in full: the
+#: shortcuts for plain text deltas are not timed, and cost well under a microsecond each) plus READ_BUDGET_SHARE of
+#: the rest of the time the response has taken so far; past that, the rest of it is not read (see ReadBudgetSpent).
+#: A stream of real events costs a few microseconds an event, tens of milliseconds for the longest answers; millions
+#: of empty events sent in many chunks (or inflated from a little gzip) cost seconds, which no chunk alone reached.
+READ_BUDGET_SECONDS: Final = 0.25
+READ_BUDGET_SHARE: Final = 0.1
+
+
+class ReadBudgetSpent(Exception):
+    """Raised by a reader once reading its response has taken more than its budget (``READ_BUDGET_SECONDS``): the
+    caller reads no further, and the reader still finishes with what it read."""
+
+
 #: Non-streamed response bodies larger than this are passed through without being read, but for their usage, read
 #: from their last TAIL_BYTES (see :func:`usage_in_tail`).
 MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
@@ -230,6 +244,7 @@ class ResponseReader:
         "_pending",
         "_shape",
         "_shortcuts",
+        "_spent",
         "_text",
         "_text_chars",
         "_tool_choices",
@@ -283,6 +298,8 @@ class ResponseReader:
         #: The stream's closing event came: OpenAI's ``[DONE]``, one of ``_LAST_EVENTS`` (``message_stop``, the
         #: Responses API's ``response.completed`` and the like).
         self._closed = False
+        #: Seconds spent reading this stream's chunks in full (see READ_BUDGET_SECONDS).
+        self._spent = 0.0
 
     def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
         """Read the next piece of the body; ``now`` is when the app sent it (read from the clock when None, and
@@ -302,7 +319,9 @@ class ResponseReader:
             self._closed = True
             return
         if now is None:
-            now = perf_counter()
+            now = started = perf_counter()
+        else:
+            started = perf_counter()  # (``now`` may be from before the chunk was handed on)
         if decoder is not None:
             was_idle = decoder.idle
             events = decoder.feed(chunk)
@@ -314,6 +333,10 @@ class ResponseReader:
                     self._shape = self._shape_of(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
+            spent = self._spent + (perf_counter() - started)
+            self._spent = spent
+            if spent > READ_BUDGET_SECONDS:
+                self._over_budget(spent)
         elif not self._buffer and not self._overflow and chunk.lstrip().startswith(_SSE_FIELDS):
             # (Only the body's first bytes say: past an overflow the buffer is empty again, mid-body.)
             # An event stream labelled as JSON (Litestar does, for a handler typed to return Any): the SDKs read it
@@ -353,10 +376,19 @@ class ResponseReader:
         decoder = self._decoder
         if decoder is None or decoder.dropped_events or self._closed:
             return False
-        if self.call.finishes or self.call.error_type is not None:
-            return False
+        call = self.call
+        if call.finishes >= max(call.stream_choices, 1) or call.error_type is not None:
+            return False  # (a finish reason for each choice the stream had: a server may ignore ``n``)
         last = decoder.unfinished()
         return last is None or not _ends_answer(*last)
+
+    def _over_budget(self, spent: float) -> None:
+        """Raise ReadBudgetSpent when ``spent`` is over the budget: READ_BUDGET_SECONDS and a share of the time the
+        response took otherwise (a stream that lasts minutes may read for longer than one sent all at once)."""
+        taken = perf_counter() - self.call.start - spent
+        if spent > READ_BUDGET_SECONDS + READ_BUDGET_SHARE * taken:
+            self._fast = self._shape = None
+            raise ReadBudgetSpent
 
     def feed_held(self, chunks: list[bytes]) -> None:
         """Read chunks that arrived one after another while :attr:`holding`, exactly as :meth:`feed` would one by
@@ -439,6 +471,10 @@ class ResponseReader:
                 # An error event whose blank line never came: no SSE reader dispatches it, so the client's SDK raises
                 # nothing and its stream just stops; but the server said it failed, and how.
                 self._event(*last, now)
+            if self._pending is not None:
+                # Set aside just now, with no later event to prove it redundant (an error before the first token
+                # looks like the role chunk that opens a stream): read.
+                self._read_pending(self._pending)
             if decoder.dropped_events and self.call.input_tokens is None and self.call.output_tokens is None:
                 usage = usage_in_tail(decoder.dropped_tail())
                 if usage is not None:
@@ -1359,6 +1395,8 @@ class AnthropicMessagesReader(ResponseReader):
             block = obj.get("content_block")
             if isinstance(block, dict):
                 block_type = block.get("type")
+                if type(block_type) is not str:
+                    block_type = None  # (a list or an object would not even hash)
                 if block_type in _ANTHROPIC_TOOL_BLOCKS:
                     self._first_token(now)
                     name = _str(block.get("name"))
@@ -1385,7 +1423,7 @@ class AnthropicMessagesReader(ResponseReader):
             if not isinstance(block, dict):
                 continue
             name = _str(block.get("name"))
-            if block.get("type") in _ANTHROPIC_TOOL_BLOCKS and name:
+            if name and type(block.get("type")) is str and block["type"] in _ANTHROPIC_TOOL_BLOCKS:
                 _add_tool_call(self.call, name)
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])

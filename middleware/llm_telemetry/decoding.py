@@ -17,7 +17,7 @@ from collections.abc import Callable
 from time import thread_time
 from typing import Any, Final, Protocol
 
-from .apis import ResponseReader
+from .apis import ReadBudgetSpent, ResponseReader
 
 
 def _module(*names: str) -> Any:
@@ -264,7 +264,12 @@ class DecodingReader:
                 self._inflate = None  # past the limit (a limit of 0 would mean no limit at all to zlib)
                 self._whole = False
             if data:
-                self.reader.feed(data, now)
+                try:
+                    self.reader.feed(data, now)
+                except ReadBudgetSpent:
+                    self._inflate = None  # (nothing more is inflated, at the end either)
+                    self._whole = False
+                    raise
             if not more or self._inflate is None:
                 return
             if started is None:

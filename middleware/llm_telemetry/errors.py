@@ -14,6 +14,10 @@ _CONTEXT_LENGTH_HINTS: Final = (
     "context size",
     "context limit",  # Anthropic's: "input length and `max_tokens` exceed context limit: ..."
     "context window",  # OpenAI's Responses API: "Your input exceeds the context window of this model."
+    # Hugging Face TGI's: "`inputs` must have less than 4096 tokens. Given: 5000", "`inputs` tokens +
+    # `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`".
+    "`inputs` must have less than",
+    "`inputs` tokens + `max_new_tokens`",
 )
 #: Words of a content-filter refusal ("rejected as a result of our safety system", "flagged by moderation"), as words:
 #: a parameter named in an invalid-request message (``safety_identifier``) is no refusal.
@@ -109,6 +113,8 @@ def classify_error_body(body: dict[str, Any], status: int | None = None, default
     model is named for moderation, are not a long prompt or a refusal, and counted as such they left the
     availability alerts, which leave those two out."""
     error = body.get("error")
+    if isinstance(error, str):
+        error = {"message": error}  # Hugging Face TGI's and others': the message alone (its kind beside it)
     if isinstance(error, dict):
         broad: str | None = None
         for key in ("code", "type"):

@@ -25,6 +25,7 @@ from .apis import (
     MAX_ERROR_BODY_BYTES,
     MAX_JSON_RESPONSE_BYTES,
     ErrorReader,
+    ReadBudgetSpent,
     ResponseReader,
     loads,
 )
@@ -352,6 +353,8 @@ class _Exchange:
                 reader.feed(body)  # reads the clock itself, before the chunk is handed on, if it needs to
                 if reader.holding:
                     self.held = []
+            except ReadBudgetSpent:
+                self.reader = _Unread(reader)  # (see apis.READ_BUDGET_SECONDS)
             except Exception as exc:
                 self.reader = None
                 self.failsafe("response_parse", exc)
@@ -369,6 +372,8 @@ class _Exchange:
                 reader.feed_held(held)
             if reader.holding:
                 self.held = []
+        except ReadBudgetSpent:
+            self.reader = _Unread(reader)
         except Exception as exc:
             self.reader = None
             self.failsafe("response_parse", exc)
@@ -403,6 +408,8 @@ class _Exchange:
                         # Too slow to read (see decoding.MAX_READ_SECONDS): the rest is not read, what was is
                         # recorded (the reader still finishes: estimates, a usage already seen).
                         self.reader = _Unread(reader)
+                except ReadBudgetSpent:
+                    self.reader = _Unread(reader)  # (read for too long in all: see apis.READ_BUDGET_SECONDS)
                 except Exception as exc:
                     self.reader = None
                     self.failsafe("response_parse", exc)

@@ -314,6 +314,50 @@ def test_a_chunk_of_millions_of_empty_events_is_read_for_a_tenth_of_a_second_at_
     assert estimated == (1 if junk > 1000 else 0)
 
 
+def _in_pieces(body: bytes, coding: str, piece: int) -> list[bytes]:
+    """``body`` in chunks of ``piece`` bytes; gzip: each piece compressed and flushed on its own, as a relay of a
+    compressed upstream (or Starlette's GZipMiddleware, per body message) sends it."""
+    pieces = [body[i : i + piece] for i in range(0, len(body), piece)]
+    if coding == "identity":
+        return pieces
+    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return [packer.compress(p) + packer.flush(zlib.Z_SYNC_FLUSH) for p in pieces] + [packer.flush()]
+
+
+@pytest.mark.parametrize(("coding", "piece"), [("identity", 4 << 10), ("identity", 40 << 10), ("gzip", 32 << 10)])
+@pytest.mark.parametrize("junk", [1000, 4_000_000])
+def test_millions_of_empty_events_in_many_small_chunks_are_read_for_a_bounded_time_in_all(
+    coding: str, piece: int, junk: int
+) -> None:
+    """The time limit of one chunk bounded nothing when the same junk came in many chunks, each read within it: 28
+    MB of empty events in 4 KB chunks, or 94 KB of gzip in 241 chunks, kept the event loop (and every other request)
+    for tens of seconds, and the client's stream crawled. A response is read for READ_BUDGET_SECONDS in all (and a
+    share of its own time), then no further: its usage, after the junk, is not found, and what was read counts. The
+    same answer with a thousand empty events is read to its usage. The client gets the bytes untouched, in the
+    chunks the app sent."""
+    delta = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+    rest = _in_pieces(b"data:\n\n" * junk + usage + b"data: [DONE]\n\n", "identity", piece)
+    chunks = [delta, *rest] if coding == "identity" else _in_pieces(delta + b"".join(rest), coding, piece)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream"), (b"content-encoding", coding.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    got, _peak, metrics = _request_traced(app, {"model": "m", "messages": [], "stream": True})
+    assert got == b"".join(chunks)
+    assert metrics.value("llm_telemetry_internal_errors_total") == 0
+    assert metrics.value("llm_errors_total") == 0
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported") == (0 if junk > 1000 else 5)
+    estimated = metrics.value("llm_tokens_total", llm_usage_source="estimated", gen_ai_token_type="output")
+    assert estimated == (1 if junk > 1000 else 0)
+
+
 class _Collect:
     """The reader a DecodingReader feeds, keeping what it is given."""
 

@@ -372,6 +372,90 @@ def test_hostile_whole_streams_read_as_documented(observed: tuple[LLMTelemetryMi
         assert (got[4], got[5], got[9], got[10], got[11]) == expected[name], name
 
 
+# --- answers with one value of the wrong type ---------------------------------------------------------------------
+
+#: Whole JSON answers, as the APIs document them, beside the streams above.
+JSON_ANSWERS = {
+    "openai-json": ("/v1/chat/completions", {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o", "choices": [
+            {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": "Hi",
+             "tool_calls": [{"id": "call_1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                  "prompt_tokens_details": {"cached_tokens": 1}}}),
+    "anthropic-json": ("/v1/messages", {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "stop_reason": "tool_use",
+        "content": [{"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                                     "input": {}}],
+        "usage": {"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 1}}),
+    "responses-json": ("/v1/responses", {
+        "id": "resp_1", "object": "response", "model": "gpt-4.1", "status": "completed", "output": [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}],
+        "usage": {"input_tokens": 5, "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 1}}}),
+}  # fmt: skip
+#: What a broken or hostile server puts where a value belongs: each type JSON has, and the extremes of each.
+WRONG_VALUES = [None, True, -1, 2**70, 1e308, "", "x" * 300, [], ["text"], {}, {"type": "text"}]
+
+
+def _places(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    """The path of every value inside ``value`` (keys and list indexes)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield (*at, key)
+        yield from _places(item, (*at, key))
+
+
+def _with(value: Any, place: tuple[Any, ...], new: Any) -> Any:
+    copy = json.loads(json.dumps(value))
+    target = copy
+    for key in place[:-1]:
+        target = target[key]
+    target[place[-1]] = new
+    return copy
+
+
+@st.composite
+def answers_with_a_wrong_value(draw: st.DrawFn) -> tuple[str, str, list[bytes]]:
+    """A real answer (a stream, or a JSON body) with one value anywhere in it replaced by one of another type."""
+    name = draw(st.sampled_from(sorted(STREAMS) + sorted(JSON_ANSWERS)))
+    new = draw(st.sampled_from(WRONG_VALUES))
+    if name in JSON_ANSWERS:
+        path, answer = JSON_ANSWERS[name]
+        place = draw(st.sampled_from(list(_places(answer))))
+        return f"{name} {place} = {new!r:.20}", path, [json.dumps(_with(answer, place, new)).encode()]
+    path, events = STREAMS[name]
+    index = draw(st.sampled_from([i for i, (_, data) in enumerate(events) if isinstance(data, dict)]))
+    event, data = events[index]
+    place = draw(st.sampled_from(list(_places(data))))
+    changed = [*events[:index], (event, _with(data, place, new)), *events[index + 1 :]]
+    return f"{name} #{index} {place} = {new!r:.20}", path, [encode([e], b"\n", False) for e in changed]
+
+
+def _block_types_as_lists() -> tuple[str, str, list[bytes]]:
+    """The Anthropic stream with every content block's type a list."""
+    events = [(e, _with(d, ("content_block", "type"), ["text"]) if "content_block" in d else d)
+              for e, d in _anthropic(complete=True) if isinstance(d, dict)]  # fmt: skip
+    return "anthropic block types", "/v1/messages", [encode([event], b"\n", False) for event in events]
+
+
+@PROPERTY_SETTINGS
+@example(answer=_block_types_as_lists())
+@given(answer=answers_with_a_wrong_value())
+def test_hostile_a_value_of_the_wrong_type_anywhere_is_no_internal_error(
+    observed: tuple[LLMTelemetryMiddleware, Calls], answer: tuple[str, str, list[bytes]]
+) -> None:
+    """Whatever value of whatever type a server puts anywhere in a real answer (a list where a block's type belongs,
+    an object for a token count), the client gets the bytes the bare app sends, one call is recorded, and nothing
+    in the middleware fails: the reader reads the rest of the answer. (A content block whose type was a list
+    stopped the Anthropic reader for the rest of the stream: its usage and finish reason were lost.)"""
+    name, path, chunks = answer
+    headers = [(b"content-type", b"application/json")] if name.split(" ")[0].endswith("-json") else SSE_HEADERS
+    ANSWER.update(status=200, headers=headers, chunks=chunks)
+    through_both(observed, path, b'{"model": "m", "stream": true}')
+    check_scrape(observed[0])
+
+
 # --- request bodies and label values ------------------------------------------------------------------------------
 
 #: Strings as JSON can carry them: any code point, lone surrogates included, sometimes very long.

@@ -33,7 +33,10 @@ from support import Metrics, free_port, serve, settled
 #: Messages of Hugging Face TGI's errors, by kind.
 TGI_MESSAGES = {
     "generation": "Request failed during generation: Server error: CUDA out of memory",
-    "validation": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 + 200",
+    "validation": "Input validation error: `temperature` must be strictly positive",
+    # (-long: the validation error TGI gives a prompt too long, in its words)
+    "validation-long": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 "
+    "`inputs` tokens and 200 `max_new_tokens`",
     "overloaded": "Model is overloaded",
 }
 #: Seconds between two tokens of one choice, in the ``n`` stream.
@@ -83,10 +86,14 @@ async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIter
                         "output_index": 0, "delta": piece}, "response.function_call_arguments.delta")  # fmt: skip
         # ... and the upstream's connection dropped: the app ends its response with what came.
     elif how.startswith("tgi-"):
-        yield _chunk(model, 0, {"role": "assistant", "content": ""})
-        yield _chunk(model, 0, {"content": "Hello"})
+        # -first: the error comes before any token (after the chunk that opens the stream); -only: it is all there is.
+        if "-only" not in how:
+            yield _chunk(model, 0, {"role": "assistant", "content": ""})
+        if "-first" not in how and "-only" not in how:
+            yield _chunk(model, 0, {"content": "Hello"})
         kind = how.split("-")[1]
-        error = _sse({"error": TGI_MESSAGES[kind], "error_type": kind})
+        message = TGI_MESSAGES[kind + "-long" if "-long" in how else kind]
+        error = _sse({"error": message, "error_type": kind})
         yield error[:-1] if how.endswith("-open") else error  # -open: without the blank line that dispatches it
     elif how == "n":
         # x-choices: how many choices the server sends (it may ignore n); x-repeat-finish: each finish chunk twice,
@@ -102,6 +109,8 @@ async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIter
         for index in choices:
             for _ in range(2 if headers.get("x-repeat-finish") else 1):
                 yield _chunk(model, index, {}, "stop")
+            if headers.get("x-cut-after-first-finish"):
+                return  # the upstream dropped before the other choices finished
         tokens = len(choices) * PER_CHOICE
         usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
         yield _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
@@ -160,6 +169,8 @@ async def scripted(request: Request) -> Response:
     how = request.headers["x-script"]
     if how == "tgi-424":  # the same failure outside a stream
         return JSONResponse({"error": TGI_MESSAGES["generation"], "error_type": "generation"}, status_code=424)
+    if how == "tgi-validation-long-422":
+        return JSONResponse({"error": TGI_MESSAGES["validation-long"], "error_type": "validation"}, status_code=422)
     media_type = request.headers.get("x-media-type", "text/event-stream")
     return StreamingResponse(_events(body["model"], how, request.headers), media_type=media_type)
 
@@ -187,8 +198,9 @@ def claude(server: tuple[str, int]) -> tuple[anthropic.Anthropic, int]:
     return anthropic.Anthropic(base_url=base, api_key="test", max_retries=0), port
 
 
-def _once(metrics: Metrics, model: str, error_type: str) -> None:
-    assert metrics.value("llm_errors_total", gen_ai_request_model=model, error_type=error_type) == 1, metrics.text
+def _once(metrics: Metrics, model: str, error_type: str, provider: str = "openai") -> None:
+    labels = {"gen_ai_request_model": model, "error_type": error_type, "gen_ai_provider_name": provider}
+    assert metrics.value("llm_errors_total", **labels) == 1, metrics.text
 
 
 def _counted(port: int, model: str) -> Metrics:
@@ -218,6 +230,10 @@ def test_a_rate_limit_inside_a_responses_stream_is_a_rate_limit(service: tuple[o
     [
         ("tgi-generation", "server_error"),
         ("tgi-generation-open", "server_error"),
+        ("tgi-validation-first-open", "invalid_request"),  # (what validation errors are: before any token)
+        ("tgi-overloaded-only-open", "rate_limit"),
+        ("tgi-validation-long-first", "context_length"),
+        ("tgi-validation-long-422", "context_length"),  # the same error outside a stream: a 422 with that body
         ("tgi-validation", "invalid_request"),  # (TGI answers 422 to it outside a stream)
         ("tgi-overloaded", "rate_limit"),  # (a 429 outside a stream)
         ("tgi-424", "server_error"),  # the generation's failure outside a stream
@@ -227,7 +243,8 @@ def test_a_tgi_error_is_what_tgi_says_it_is(service: tuple[openai.OpenAI, int], 
     """``-open``: the server leaves out the blank line after its last event. No SSE reader dispatches that event, so
     the SDK raises nothing and the stream just stops; the server still said it failed."""
     client, port = service
-    if how == "tgi-424":
+    refused = how in ("tgi-424", "tgi-validation-long-422")
+    if refused:
         with pytest.raises(openai.APIStatusError):
             client.chat.completions.create(
                 model=how, messages=[{"role": "user", "content": "Hi"}], extra_headers={"x-script": how}
@@ -237,12 +254,13 @@ def test_a_tgi_error_is_what_tgi_says_it_is(service: tuple[openai.OpenAI, int], 
             model=how, messages=[{"role": "user", "content": "Hi"}], stream=True, extra_headers={"x-script": how}
         )
         if how.endswith("-open"):
-            assert "".join(c.choices[0].delta.content or "" for c in stream) == "Hello"
+            said = "" if "-first" in how or "-only" in how else "Hello"
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == said
         else:
             with pytest.raises(openai.APIError):
                 list(stream)
     # (A refused request's model is "other", as metrics.md says: each error type is found once there.)
-    settled(port, lambda m: _once(m, "other" if how == "tgi-424" else how, error_type))
+    settled(port, lambda m: _once(m, "other" if refused else how, error_type))
 
 
 def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.OpenAI, int]) -> None:
@@ -257,6 +275,30 @@ def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.O
     assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 5
     assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="input") > 0
     assert metrics.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_weather") == 1
+
+
+@pytest.mark.parametrize("choices", [2, 1])
+def test_a_stream_cut_before_each_of_its_choices_finished_is_incomplete(
+    service: tuple[openai.OpenAI, int], choices: int
+) -> None:
+    """With ``n=2``, a stream whose upstream dropped after the first choice finished left the second one cut; the
+    client's SDK says nothing. One finish reason for each choice the stream had makes the answer whole: a server
+    that ignores ``n`` (one choice) is not cut when its only choice finished."""
+    client, port = service
+    model = f"cut-n2-choices{choices}"
+    headers = {"x-script": "n", "x-choices": str(choices), "x-cut-after-first-finish": "1"}
+    finished = {
+        choice.index: choice.finish_reason
+        for chunk in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], n=2, stream=True, extra_headers=headers
+        )
+        for choice in chunk.choices
+        if choice.finish_reason
+    }
+    assert finished == {0: "stop"}
+    metrics = _counted(port, model)
+    errors = metrics.value("llm_errors_total", gen_ai_request_model=model, error_type="incomplete_stream")
+    assert errors == (1 if choices == 2 else 0)
 
 
 @pytest.mark.parametrize(
@@ -297,7 +339,7 @@ def test_anthropics_context_overflow_is_context_length(claude: tuple[anthropic.A
         client.messages.create(
             model="overflow", max_tokens=1024, messages=PROMPT, extra_headers={"x-script": "overflow"}
         )
-    settled(port, lambda m: _once(m, "other", "context_length"))  # (a refused request's model is "other")
+    settled(port, lambda m: _once(m, "other", "context_length", "anthropic"))  # (a refused request's model: "other")
 
 
 def test_a_stream_that_opens_with_redacted_reasoning_has_its_first_token_there(
