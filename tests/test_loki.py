@@ -235,7 +235,8 @@ def _run_pod(namespace: str, loki: Loki, receiver: OTLPReceiver, root: Path, sta
     lines = stdout.read_text().splitlines()
     assert sum(line.startswith('{"timestamp"') for line in lines) == len(sent), lines
     assert any('"POST /v1/chat/completions HTTP/1.1"' in line for line in lines), lines
-    labels = {"namespace": namespace, "pod": f"chat-7d9f8-{namespace}", "container": "chat"}
+    # (As Promtail's and Alloy's CRI stage label them: `stream` too, which the line's own `stream` field meets.)
+    labels = {"namespace": namespace, "pod": f"chat-7d9f8-{namespace}", "container": "chat", "stream": "stdout"}
     loki.push({**labels, "job": f"{namespace}/chat"}, lines)
     shipped = f'{{namespace="{namespace}"}} | json'
     wait_for(f"{namespace}'s stdout lines in Loki", lambda: _lines_in_loki(loki, shipped, start_ns) >= ids)

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvicorn  # noqa: F401
         except ModuleNotFoundError as exc:
             print(
-                f"llm-telemetry demo: {exc}; install the demo's extra: pip install 'llm-telemetry[demo]'",
+                f"llm-telemetry demo: {exc}; install the demo's extra from the checkout: pip install '.[demo]'",
                 file=sys.stderr,
             )
             return 2

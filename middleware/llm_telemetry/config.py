@@ -107,10 +107,18 @@ _CREDENTIAL_PARTS: Final = frozenset((
     "authorization", "auth", "cookie", "password", "passwd", "secret", "signature", "credential", "credentials",
     "bearer", "jwt", "csrf", "xsrf", "apikey", "oidc", "principal", "session",
 ))  # fmt: skip
-#: Last parts that mark a credential, and the parts before ``key`` or ``keys`` that make one (``x-api-key``,
-#: ``ocp-apim-subscription-key``; not ``x-project-key``).
+#: Parts that name the user or their account wherever they stand: an identity-aware proxy's
+#: ``X-Goog-Authenticated-User-Email``, ``Cf-Access-Authenticated-User-Email``, oauth2-proxy's
+#: ``X-Forwarded-Preferred-Username``, ``x-user-email``.
+_IDENTITY_PARTS: Final = frozenset(("email", "mail", "username", "upn", "authenticated"))
+#: Last parts that mark a credential. A ``key`` or ``keys`` is one too (``x-api-key``, ``x-functions-key``,
+#: ``x-master-key``, ``ocp-apim-subscription-key``; an ``idempotency-key`` is an id per request), but for the kinds
+#: below, which name a group of callers (``x-project-key``).
 _CREDENTIAL_ENDS: Final = frozenset(("token", "tokens"))
-_KEY_KINDS: Final = frozenset(("api", "access", "secret", "private", "subscription", "auth", "session", "client"))
+_GROUP_KEY_KINDS: Final = frozenset((
+    "project", "tenant", "team", "org", "organization", "workspace", "app", "application", "product", "plan", "tier",
+    "region", "route", "routing", "partition", "shard", "feature",
+))  # fmt: skip
 #: Parts before ``id`` or ``ids`` that make a per-request, per-conversation or per-user id.
 _ID_KINDS: Final = frozenset((
     "request", "correlation", "trace", "span", "parent", "message", "conversation", "thread", "run", "call",
@@ -127,10 +135,14 @@ def unlabelled_header(name: str) -> bool:
     if name in UNLABELLED_HEADERS or name in _IDENTIFYING_HEADERS or name.startswith(("x-b3-", "x-datadog-")):
         return True
     parts = re.split(r"[-_]", name)
-    if not _CREDENTIAL_PARTS.isdisjoint(parts) or parts[-1] in _CREDENTIAL_ENDS or parts[-1] == "user":
+    if not (_CREDENTIAL_PARTS.isdisjoint(parts) and _IDENTITY_PARTS.isdisjoint(parts)):
+        return True
+    if parts[-1] in _CREDENTIAL_ENDS or parts[-1] == "user":
         return True
     for before, part in itertools.pairwise(parts):
-        if part in ("key", "keys") and before in _KEY_KINDS:
+        if part in ("key", "keys") and before not in _GROUP_KEY_KINDS:
+            return True
+        if part == "name" and before == "user":
             return True
         if part in ("id", "ids") and before in _ID_KINDS:
             return True

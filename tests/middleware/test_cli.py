@@ -121,4 +121,4 @@ def test_the_demo_without_its_extra_names_the_extra_to_install(missing: str) -> 
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert "pip install 'llm-telemetry[demo]'" in result.stderr and "Traceback" not in result.stderr
+    assert "pip install '.[demo]'" in result.stderr and "Traceback" not in result.stderr

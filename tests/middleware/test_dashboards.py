@@ -294,10 +294,13 @@ def test_error_logs_query_is_one_loki_accepts_and_reads_the_lines_fields(mode: s
 
 
 def test_heatmaps_read_buckets_as_heatmap_frames() -> None:
+    """Each cell is a rate of requests, labelled as one: Grafana gives the cells the buckets' unit (seconds) unless
+    the panel names theirs, and showed 0.4 req/s as "400 ms"."""
     for panel in _panels(build_dashboard()):
         if panel["type"] == "heatmap":
             assert panel["targets"][0]["format"] == "heatmap"
             assert panel["targets"][0]["expr"].startswith("sum by (le) (rate(")
+            assert panel["options"]["yAxis"]["unit"] == "s" and panel["options"]["cellValues"]["unit"] == "reqps"
 
 
 # --- PromQL ----------------------------------------------------------------------------------------

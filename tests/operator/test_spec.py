@@ -352,13 +352,15 @@ def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound:
         "x-auth-token", "x-amz-security-token", "ocp-apim-subscription-key", "x-csrf-token", "x-access-token",
         "x-client-secret", "x-session-id", "x-signature", "x-jwt-assertion", "x-access-key-id", "x-api-keys",
         "x-amzn-oidc-data", "x-ms-client-principal-name", "x-forwarded-client-cert", "X-Auth-Token",
+        "x-functions-key", "x-master-key", "x-admin-key",
         # the client or its user
         "x-user-id", "openai-user", "x-end-user", "x-forwarded-for", "x-real-ip", "cf-connecting-ip", "forwarded",
-        "x-forwarded-email",
+        "x-forwarded-email", "X-Goog-Authenticated-User-Email", "Cf-Access-Authenticated-User-Email",
+        "X-Forwarded-Preferred-Username", "x-user-email", "x-username", "x-user-name", "x-authenticated-userid",
         # per-request, per-conversation and per-trace ids
         "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id", "x-cloud-trace-context",
         "x-message-id", "x-conversation-id", "x-thread-id", "x-run-id", "x-litellm-call-id", "baggage",
-        "sentry-trace", "x-datadog-parent-id", "x-request-start",
+        "sentry-trace", "x-datadog-parent-id", "x-request-start", "idempotency-key",
     ],
 )  # fmt: skip
 def test_headers_that_name_credentials_users_or_requests_are_never_labels(header: str) -> None:
@@ -374,7 +376,7 @@ def test_headers_that_name_credentials_users_or_requests_are_never_labels(header
     [
         "x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment", "x-org", "x-customer",
         "x-use-case", "x-model-route", "x-client-name", "user-agent", "x-user-tier", "x-user-role", "x-project-key",
-        "x-token-budget", "x-author",
+        "x-token-budget", "x-author", "x-tenant-key", "x-feature-key",
     ],
 )  # fmt: skip
 def test_headers_that_name_a_tenant_or_a_feature_are_labels(header: str) -> None:
