@@ -316,6 +316,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
             _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
         )
     await _track_existing(_client(memo), config, state, logger)
+    if config.namespaces:
+        await _release_in_leaving_namespaces(_client(memo), state, logger)
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
     if not config.standalone:
@@ -662,6 +664,7 @@ async def _reconcile(
                 body if written is None else {**body, "status": written},
                 _peers(memo, key),
                 state.collectors,
+                state.index.recorded(key),
             )
             if uid and outcome.status:
                 state.statuses[uid] = outcome.status
@@ -781,10 +784,11 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
         # what is left is undone below. Their passes take their own locks, and none of them waits on this one's.
-        for successor, _spec in await rec.successors(_client(memo), body, _peers(memo, key)):
+        recorded = _state(memo).index.recorded(key)
+        for successor, _spec in await rec.successors(_client(memo), body, _peers(memo, key), recorded):
             await _reconcile(memo, successor, "handover", logger)
         async with _lock(memo, *key):
-            touched = await rec.remove_injection(_client(memo), _config(memo), body)
+            touched = await rec.remove_injection(_client(memo), _config(memo), body, _state(memo).index.recorded(key))
             deleted = await rec.delete_children(_client(memo), body)
         logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
         refusal = await rec.update_refused(_client(memo), body)
@@ -1031,6 +1035,41 @@ async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exceptio
     raise kopf.TemporaryError(message, delay=delay)
 
 
+async def _release_in_leaving_namespaces(client: KubeClient, state: OperatorState, logger: Any) -> None:
+    """Take this operator's finalizer off the resources being deleted in watched namespaces that are being deleted
+    too, found at startup (namespaced mode). kopf watches no namespace that is already being deleted when it
+    starts, so such a resource's deletion never reached a handler, and the namespace stayed Terminating for good (a
+    namespace deleted while the operator's pod was being replaced). Everything the resource made goes with the
+    namespace: there is nothing to undo."""
+    leaving: dict[str, bool] = {}
+    for (namespace, name), body in list(state.bodies.items()):
+        meta = body.get("metadata") or {}
+        if not meta.get("deletionTimestamp") or c.FINALIZER not in (meta.get("finalizers") or ()):
+            continue
+        if namespace not in leaving:
+            leaving[namespace] = await _namespace_leaving(client, namespace)
+        if not leaving[namespace]:
+            continue
+        finalizers = [f for f in meta.get("finalizers") or () if f != c.FINALIZER]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}}
+        try:
+            await client.patch(kube.LLMTELEMETRIES, namespace, name, patch, metadata_only=True)
+        except NotFoundError:
+            continue
+        except (ApiError, WriteWithheld) as exc:
+            logger.warning(
+                "%s/%s: could not release it in namespace %s, being deleted (%s)", namespace, name, namespace, exc
+            )
+            continue
+        logger.info(
+            "%s/%s: released (its finalizer taken off): namespace %s is being deleted, and with it everything the "
+            "resource made",
+            namespace,
+            name,
+            namespace,
+        )
+
+
 async def _namespace_leaving(client: KubeClient, namespace: str) -> bool:
     """Whether ``namespace`` is being deleted, or is gone (read with the cluster-wide grant kopf needs anyway)."""
     try:
@@ -1180,6 +1219,8 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     labels = dict(meta.get("labels") or {})
     record = r.injected_record({"metadata": meta})
     key = f"{kind}/{name}"
+    injector = record.get("owner") if record is not None else None
+    _state(memo).index.record(namespace, key, str(injector) if injector and type != "DELETED" else None)
     seen = _answered_by(type, resource.plural, meta)
     settled = ((resource.plural, name), rec.workload_state({"metadata": meta}))
 

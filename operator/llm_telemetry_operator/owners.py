@@ -39,6 +39,10 @@ class OwnerIndex:
         self._unlabelled: dict[str, set[str]] = {}
         self._served: dict[tuple[str, str], set[str]] = {}
         self._serves: dict[Key, frozenset[str]] = {}
+        #: The workloads (``Kind/name``) whose injection record names each LLMTelemetry, as their watch last showed
+        #: them; and the reverse, by (namespace, workload).
+        self._recorded: dict[Key, set[str]] = {}
+        self._record_of: dict[tuple[str, str], str] = {}
 
     def put(self, key: Key, spec: TelemetrySpec | None) -> None:
         """Add an LLMTelemetry, or file it anew after its spec changed (None: the spec is invalid)."""
@@ -84,6 +88,23 @@ class OwnerIndex:
             self._served.setdefault((namespace, workload), set()).add(name)
         if new:
             self._serves[key] = new
+
+    def record(self, namespace: str, workload: str, owner: str | None) -> None:
+        """Note which LLMTelemetry the injection record of ``workload`` (``Kind/name``) names: None when it has none,
+        or is gone. Kept whether or not that LLMTelemetry exists: the record is what says what to remove."""
+        old = self._record_of.pop((namespace, workload), None)
+        if old is not None:
+            names = self._recorded[(namespace, old)]
+            names.discard(workload)
+            if not names:
+                del self._recorded[(namespace, old)]
+        if owner:
+            self._record_of[(namespace, workload)] = owner
+            self._recorded.setdefault((namespace, owner), set()).add(workload)
+
+    def recorded(self, key: Key) -> list[str]:
+        """The workloads (``Kind/name``) whose injection record names the LLMTelemetry ``key``, in name order."""
+        return sorted(self._recorded.get(key, ()))
 
     def candidates(self, namespace: str, labels: Mapping[str, str], workload: str = "", *also: str | None) -> list[str]:
         """In name order, every LLMTelemetry of the namespace that may select a workload with these labels or

@@ -86,6 +86,7 @@ def workload_state(workload: Mapping[str, Any]) -> tuple[Any, ...]:
     differ only in status or other metadata share it."""
     meta = workload.get("metadata") or {}
     return (
+        meta.get("uid"),
         meta.get("generation"),
         tuple(sorted((meta.get("labels") or {}).items())),
         (meta.get("annotations") or {}).get(c.ANNOTATION_INJECTED),
@@ -108,20 +109,27 @@ async def list_workloads(
     return sorted(found, key=workload_key)
 
 
-async def _candidates(client: KubeClient, owner: Mapping[str, Any], spec: TelemetrySpec) -> list[dict[str, Any]]:
-    """The workloads a pass must look at: those the selector selects now, plus the targets of the last pass
-    that it no longer selects (relabelled), whose injection must be removed.
+async def _candidates(
+    client: KubeClient, owner: Mapping[str, Any], spec: TelemetrySpec, injected: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """The workloads a pass must look at: those the selector selects now, plus those it no longer selects
+    (relabelled) whose injection must be removed: the targets of the last pass, and ``injected``, the workloads
+    (``Kind/name``) whose injection record names this resource as the operator's watch of them last showed it.
 
     Listing by selector keeps a pass's cost independent of how many other workloads share the namespace; the
-    previous targets come from the status this operator wrote, so they cost a GET only after a relabel.
+    previous targets come from the status this operator wrote, so they cost a GET only after a relabel. The
+    records cover what the status does not: a removal that failed (a webhook refused it) leaves the workload out of
+    the next status, and an injection whose status was never written (the operator killed, a status write failed)
+    never entered it; without them no later pass, nor the deletion, looked at that workload again.
     """
     namespace = owner["metadata"]["namespace"]
     workloads = await list_workloads(client, namespace, spec.selector)
     listed = {workload_key(w) for w in workloads}
-    for key in (owner.get("status") or {}).get("targets") or []:
+    for key in [*((owner.get("status") or {}).get("targets") or []), *injected]:
         kind, _, name = str(key).partition("/")
         if key in listed or kind not in kube.WORKLOADS or not name:
             continue
+        listed.add(key)
         try:
             workloads.append({**await client.get(kube.WORKLOADS[kind], namespace, name), "kind": kind})
         except NotFoundError:
@@ -242,12 +250,14 @@ async def reconcile(
     owner: Mapping[str, Any],
     peers: Sequence[Peer] | PeerView = (),
     collectors: CollectorCheck | None = None,
+    injected: Iterable[str] = (),
 ) -> Outcome:
     """Bring the cluster in line with one LLMTelemetry and write its status.
 
     ``peers`` are the other live LLMTelemetry of the namespace with valid specs; a workload that one of them
     also selects goes to the winner under :func:`precedence`. ``collectors`` looks up the collectors' Services
-    (a shared one caches them; default: a fresh lookup).
+    (a shared one caches them; default: a fresh lookup). ``injected``: the workloads whose injection record names
+    this resource, as the operator last saw them (see :func:`_candidates`).
     """
     meta = owner["metadata"]
     name = meta["name"]
@@ -272,7 +282,7 @@ async def reconcile(
 
     conditions: dict[str, r.Condition] = {}
     conditions[c.CONDITION_COLLECTORS] = await _collectors(client, config, spec, collectors, outcome)
-    workloads = await _candidates(client, owner, spec)
+    workloads = await _candidates(client, owner, spec, injected)
     # The peers that would inject each workload: who wins it, and whose metrics Service may be taken over.
     serving = {id(w): _serving(w, peers) for w in workloads}
     # The pricing volume names the user's ConfigMap: injected while it (or its key) is missing, the rollout would
@@ -815,14 +825,16 @@ async def _patch_workload(
     return None
 
 
-async def successors(client: KubeClient, owner: Mapping[str, Any], peers: PeerView) -> list[Peer]:
+async def successors(
+    client: KubeClient, owner: Mapping[str, Any], peers: PeerView, injected: Iterable[str] = ()
+) -> list[Peer]:
     """The live peers that win the workloads ``owner`` injected, once it is gone (it is being deleted), in
     precedence order. A pass of each of them before ``owner``'s injection is removed takes those workloads over
     from it in one patch each (``peers.leaving``), so their pods roll once, to the new injection, and their
     metrics Services stay."""
     name = owner["metadata"]["name"]
     try:
-        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}))
+        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}), injected)
     except SpecError:
         return []  # no selector to go by: its injection, if any, is removed as before
     found: dict[str, Peer] = {}
@@ -837,18 +849,20 @@ async def successors(client: KubeClient, owner: Mapping[str, Any], peers: PeerVi
     return sorted(found.values(), key=lambda peer: precedence(peer[0]))
 
 
-async def remove_injection(client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any]) -> list[str]:
+async def remove_injection(
+    client: KubeClient, config: OperatorConfig, owner: Mapping[str, Any], injected: Iterable[str] = ()
+) -> list[str]:
     """Undo injection into every workload this LLMTelemetry injected; returns the workloads touched.
 
-    The workloads looked at are those its selector selects and the targets its last status names (the same
-    reads as a pass, see :func:`_candidates`), so deleting many resources costs each one the reads of its own
-    workloads, not a list of the whole namespace. Only a spec that cannot be parsed (no selector to go by)
+    The workloads looked at are those its selector selects, the targets its last status names and ``injected``
+    (the same reads as a pass, see :func:`_candidates`), so deleting many resources costs each one the reads of
+    its own workloads, not a list of the whole namespace. Only a spec that cannot be parsed (no selector to go by)
     falls back to every workload of the namespace.
     """
     name = owner["metadata"]["name"]
     touched = []
     try:
-        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}))
+        workloads = await _candidates(client, owner, parse_spec(owner.get("spec") or {}), injected)
     except SpecError:
         workloads = await list_workloads(client, owner["metadata"]["namespace"])
     for workload in workloads:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import ipaddress
 import json
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -401,7 +403,7 @@ def _renamed(template: Mapping[str, Any], record: dict[str, Any] | None) -> dict
     return {**record, "containers": containers}
 
 
-def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
+def _strip(template: dict[str, Any], record: Mapping[str, Any] | None, keep_referred: bool = True) -> None:
     """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
     if not record:
         return
@@ -416,7 +418,7 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None) -> None:
         # get the reference as literal text.
         entries = container.get("env") or []
         kept = {i for i, e in enumerate(entries) if not _as_injected(e, ours)}
-        while True:
+        while keep_referred:
             referred = {name for i in kept for name in _ENV_REFERENCE.findall(str(entries[i].get("value") or ""))}
             more = {i for i, e in enumerate(entries) if i not in kept and e.get("name") in referred}
             if not more:
@@ -716,12 +718,34 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
             text = value.strip().lower()
             if (
                 (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
-                or (name == mw.LLM_TELEMETRY_METRICS_HOST and text in ("127.0.0.1", "localhost", "::1", "[::1]"))
+                or (name == mw.LLM_TELEMETRY_METRICS_HOST and _loopback(text))
                 or (name == mw.LLM_TELEMETRY_METRICS_EXPORTER and "prometheus" not in text.split(","))
                 or (name == mw.LLM_TELEMETRY_ENABLED and text in ("0", "false", "no", "off"))
+                or (name == mw.OTEL_SDK_DISABLED and text == "true")  # (every signal off, the listener too)
             ):
                 found.append(f"container {container.get('name')} sets {name}={value}")
     return found
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listener bound to ``host`` answers only inside the pod: a loopback address in any spelling the
+    socket layer takes (``127.0.0.2``, ``127.1``, ``::ffff:127.0.0.1``, ``[::1]``), or ``localhost``."""
+    host = host.strip().strip("[]").rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback or _mapped_loopback(host)
+    except ValueError:
+        pass
+    try:
+        return socket.inet_aton(host)[0] == 127  # the old IPv4 forms: 127.1, 0x7f.1
+    except OSError:
+        return False
+
+
+def _mapped_loopback(host: str) -> bool:
+    mapped = getattr(ipaddress.ip_address(host), "ipv4_mapped", None)
+    return mapped is not None and mapped.is_loopback
 
 
 def port_conflicts(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str]:
@@ -773,7 +797,7 @@ def build_workload_patch(
         record = _reclaimed(current, injection)
     record = _renamed(current, record)
     template = copy.deepcopy(current)
-    _strip(template, record)
+    _strip(template, record, keep_referred=injection is None)
     new_record: dict[str, Any] | None = None
     if injection is not None:
         new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload))}

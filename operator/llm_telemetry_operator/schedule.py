@@ -10,7 +10,8 @@ passes that are due. A pass that writes nothing when nothing changed then costs 
 - After a failed pass (an API error, a missing CRD, a child that could not be created): a retry after
   ``retry_base * 2**(failures - 1)`` seconds, capped at the resync interval, each wait drawn between half and
   all of it, so resources that failed together do not retry together; the server's ``Retry-After`` wins when it gave
-  one.
+  one. ``failures`` counts the failed retries in a row (and the first failure): passes that fail in between,
+  started by watch events, change nothing.
 - After a successful pass: the periodic resync. Each resource has a fixed place (phase) in the resync interval,
   taken from a hash of its uid, and is resynced at the first point of its phase at least half an interval after
   its last pass. So the resyncs of N resources are spread evenly over the interval, however they were created
@@ -82,13 +83,20 @@ class Schedule:
         return self._set(key, self.clock(), "resume")
 
     def failed(self, key: Key, retry_after: float | None = None) -> float:
-        """A pass failed: schedule a retry with backoff (or after ``retry_after`` when the server said)."""
+        """A pass failed: schedule a retry with backoff (or after ``retry_after`` when the server said). A pass that
+        failed while a retry was still to come (one a watch event started: the echoes of a failed pass's own writes
+        start more) leaves that retry as it is: only the retries' own failures lengthen the wait, so a blip of two
+        seconds is retried seconds later, not minutes."""
+        pending = self.due.get(key)
+        now = self.clock()
+        if retry_after is None and pending is not None and pending[1] == "retry" and pending[0] > now:
+            return pending[0]
         count = self.failures[key] = self.failures.get(key, 0) + 1
         if retry_after is not None:
             delay = max(retry_after, 0.0)
         else:
             delay = random.uniform(0.5, 1.0) * min(self.interval, self.retry_base * 2 ** (count - 1))
-        return self._set(key, self.clock() + delay, "retry")
+        return self._set(key, now + delay, "retry")
 
     def again(self, key: Key, delay: float) -> float:
         """Look at the resource again in ``delay`` seconds, as a retry (something it waits on is being confirmed)."""

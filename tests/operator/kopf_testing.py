@@ -10,7 +10,7 @@ import json
 import pathlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import jsonschema
@@ -77,6 +77,12 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         self.interfere: dict[tuple[str, str], dict[str, Any]] = {}
         #: (plural, namespace) pairs the operator is refused with a 403, as RBAC refuses what no Role grants.
         self.forbid: set[tuple[str, str]] = set()
+        #: Updates by the operator refused, by (plural, name) (``plural/status`` for the status subresource), each
+        #: with the error answered and nothing stored: an admission webhook in enforce mode (``DENIED``), say.
+        self.deny: dict[tuple[str, str], tuple[int, str, str]] = {}
+        #: Refusals that start once the operator has updated an object, by (plural, name) of that object: what then
+        #: goes into ``deny``.
+        self.deny_after: dict[tuple[str, str], dict[tuple[str, str], tuple[int, str, str]]] = {}
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -121,6 +127,11 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             raise kmocklib.KubernetesError(
                 status=403, reason="Forbidden", message=f"{request.resource.plural} is forbidden in {request.namespace}"
             )
+        if request.resource is not None and request.action == kmocklib.action.UPDATE and self.deny:
+            plural = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            refusal = self.deny.get((plural, request.name))
+            if refusal is not None and not request.headers.get("X-Test-Hand"):
+                raise kmocklib.KubernetesError(status=refusal[0], reason=refusal[1], message=refusal[2])
         action, data = request.action, request.data
         if action == kmocklib.action.CREATE and request.namespace and not request.headers.get("X-Test-Hand"):
             # The API server's NamespaceLifecycle admission: nothing new in a namespace being deleted.
@@ -181,7 +192,10 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                             data.append({"op": "add", "path": "/metadata/generation", "value": generation})
             else:
                 self._rv += 1
-            return await super()._handle(request)
+            answer = await super()._handle(request)
+        if action == kmocklib.action.UPDATE and not request.headers.get("X-Test-Hand") and not request.subresource:
+            self.deny.update(self.deny_after.pop((request.resource.plural, request.name), {}))
+        return answer
 
     async def _serve_list(self, request: Any) -> Any:
         async with self._writes:
@@ -233,6 +247,10 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
 #: Resources whose ``metadata.generation`` the emulator keeps as a real API server does: 1 on create, one more for
 #: every write that changes the object other than its metadata and status.
 _GENERATED = {"llmtelemetries", "deployments", "statefulsets"}
+
+
+#: Refusals for ``ApiServerEmulator.deny``.
+DENIED: Final = (403, "Forbidden", 'admission webhook "policy.example.com" denied the request: updates are frozen')
 
 
 def _merged(target: Any, patch: Any) -> Any:

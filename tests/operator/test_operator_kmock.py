@@ -1566,3 +1566,67 @@ async def test_a_replica_standing_by_leaves_a_deletion_to_the_active_one(emulato
         assert [w for w in writes if w[0] != "DELETE" or "llmtelemetries" not in w[1]] == []  # only the test's own
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+
+
+@pytest.mark.parametrize("why", ["NoContainer", "PortConflict"])
+async def test_a_workload_made_anew_under_its_name_is_injected_at_once(
+    emulator: Any, monitoring_crds: Any, why: str
+) -> None:
+    """A Deployment left alone for a reason of its own (no container of the name asked for, the metrics port
+    taken), fixed by deleting it and creating it again (``kubectl replace --force``, a Helm reinstall): the new
+    object, of the same name, labels and generation, was taken for the one the last pass had decided on, and waited
+    for the resync (up to 7.5 minutes) with the old reason shown. A new object (a new uid) is looked at."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    bad = deployment()
+    container = bad["spec"]["template"]["spec"]["containers"][0]
+    if why == "NoContainer":
+        container["name"] = "wrong"
+    else:
+        container["ports"] = [{"name": "other", "containerPort": 9464, "protocol": "TCP"}]
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = bad
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(containers=["app"])
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+    async with running_operator():
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == why, "reported"
+        )
+        await hand(emulator, "DELETE", f"{path}/chat")
+        await eventually(lambda: get(emulator, DEPLOYMENTS, "chat") is None, "deleted")
+        fixed = deployment()
+        for key in ("uid", "resourceVersion", "generation"):
+            del fixed["metadata"][key]
+        await hand(emulator, "POST", path, fixed)
+        await eventually(lambda: "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat")), "injected")
+        await ready(emulator)
+
+
+async def test_a_resource_whose_namespace_was_deleted_while_the_operator_was_down_is_let_go(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Namespaced mode: a watched namespace deleted while the operator's pod was being replaced (a node drain, an
+    upgrade with the chart's one replica). kopf watches no namespace that is being deleted when it starts, so the
+    resource's deletion never reached a handler, its finalizer stayed, and the namespace stayed Terminating, with
+    nothing logged. The operator lets it go at its start: what it made goes with the namespace."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        await ready(emulator)
+    # kubectl delete namespace llm, while no operator runs: the namespace controller deletes the resource, whose
+    # finalizer holds it, and says so in the namespace's conditions.
+    await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+    assert get(emulator, LLMT, "chat")["metadata"]["deletionTimestamp"]
+    namespace = namespace_object(NAMESPACE)
+    namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    remaining = [
+        {"type": "NamespaceContentRemaining", "status": "True", "reason": "SomeResourcesRemain",
+         "message": "Some resources are remaining: llmtelemetries.llmtelemetry.dev has 1 resource instances"},
+        {"type": "NamespaceFinalizersRemaining", "status": "True", "reason": "SomeFinalizersRemain",
+         "message": f"Some content in the namespace has finalizers remaining: {c.FINALIZER} in 1 resource instances"},
+    ]  # fmt: skip
+    namespace["status"] = {"phase": "Terminating", "conditions": remaining}
+    emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
+    async with running_operator(config):
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "the resource let go")

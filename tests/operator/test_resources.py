@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kopf_testing import deployment, minimal_llmt
 
 from kube_schema import merge_patch
+from kubelet import container_env
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
@@ -258,6 +259,44 @@ def test_a_users_value_keeps_the_injected_variables_it_refers_to() -> None:
         assert merge_patch(injected, again)["spec"]["template"] == injected["spec"]["template"]
 
 
+def test_a_variable_the_user_refers_to_stays_the_operators_to_change() -> None:
+    """``kubectl set env deploy/chat 'TRACES_URL=$(OTEL_EXPORTER_OTLP_ENDPOINT)/v1/traces'``: a variable of the
+    user's that refers to an injected one. The next pass took the injected one for the user's (dropped from the
+    record), so a new endpoint never reached the pods, turning tracing off left them exporting, and the deletion left
+    the endpoint behind. It stays the operator's, in its place before the reference, which keeps resolving."""
+    pod = {"metadata.name": "chat-1", "metadata.namespace": "llm", "metadata.uid": "u-1"}
+
+    def step(workload: dict[str, Any], tracing: dict[str, Any] | None) -> dict[str, Any]:
+        injection = None
+        if tracing is not None:
+            spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "tracing": tracing})
+            injection = r.build_injection(spec, CONFIG, workload, "chat")
+        patch = r.build_workload_patch(workload, injection, "chat")
+        return workload if patch is None else dict(merge_patch(workload, patch))
+
+    def seen(workload: dict[str, Any]) -> dict[str, str]:
+        return container_env(workload["spec"]["template"]["spec"]["containers"][0], pod)
+
+    a, b = "http://collector-a.obs:4318", "http://collector-b.obs:4318"
+    injected = step(deployment(), {"endpoint": a})
+    injected["spec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "TRACES_URL", "value": "$(OTEL_EXPORTER_OTLP_ENDPOINT)/v1/traces"}
+    )
+    again = step(injected, {"endpoint": a})
+    assert again["spec"]["template"] == injected["spec"]["template"]  # no rollout
+    assert seen(again)["TRACES_URL"] == a + "/v1/traces"
+    moved = step(again, {"endpoint": b})
+    assert seen(moved)["OTEL_EXPORTER_OTLP_ENDPOINT"] == b
+    assert seen(moved)["TRACES_URL"] == b + "/v1/traces"  # (still after the variable it refers to)
+    off = step(moved, {"enabled": False})
+    assert seen(off)["OTEL_TRACES_EXPORTER"] == "none"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in seen(off)
+    # Removed while the reference stands: the variable it refers to stays for it (as any injected variable a
+    # value of the user's refers to), the rest goes.
+    removed = step(moved, None)
+    assert set(seen(removed)) == {"OTEL_EXPORTER_OTLP_ENDPOINT", "TRACES_URL"}
+
+
 def test_workload_patch_never_fights_another_owner() -> None:
     injected = inject(deployment(), owner="first")
     spec = parse_spec(minimal_llmt()["spec"])
@@ -350,6 +389,15 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "[::1]"}], {}, ["LLM_TELEMETRY_METRICS_HOST=[::1]"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "localhost"}], {}, ["LLM_TELEMETRY_METRICS_HOST=localhost"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "0.0.0.0"}], {}, []),
+        # Loopback in the other spellings the socket layer takes.
+        *(
+            ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": host}], {}, [f"LLM_TELEMETRY_METRICS_HOST={host}"])
+            for host in ("127.0.0.2", "127.1", "::ffff:127.0.0.1", "0:0:0:0:0:0:0:1", "localhost.")
+        ),
+        ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "10.0.0.7"}], {}, []),
+        # Every OpenTelemetry signal off, the metrics listener with them (as LLM_TELEMETRY_ENABLED=false).
+        ([{"name": "OTEL_SDK_DISABLED", "value": "true"}], {}, ["OTEL_SDK_DISABLED=true"]),
+        ([{"name": "OTEL_SDK_DISABLED", "value": "false"}], {}, []),
         # An empty value is unset to the middleware: its default, as if the variable were not declared.
         ([{"name": "LLM_TELEMETRY_ENABLED", "value": ""}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_EXPORTER", "value": "otlp"}], {}, ["LLM_TELEMETRY_METRICS_EXPORTER=otlp"]),
@@ -653,11 +701,11 @@ def test_dashboard_log_panel_queries_loki_as_the_resource_sends_logs(mode: str) 
     env = {e["name"]: e.get("value") for e in r.build_env(spec, CONFIG, deployment(), "chat")}
     assert env["OTEL_LOGS_EXPORTER"] == ("otlp" if mode == "otlp" else "none")
     if mode == "otlp":
-        # Loki's OTLP endpoint labels a stream with the resource attribute k8s.namespace.name, as
-        # k8s_namespace_name: the attribute the injection sets is the one the panel selects on.
+        # Loki's OTLP endpoint labels a stream with the resource attributes k8s.namespace.name and service.name, as
+        # k8s_namespace_name and service_name: the attributes the injection sets are the ones the panel selects on.
         attributes = dict(pair.split("=", 1) for pair in env["OTEL_RESOURCE_ATTRIBUTES"].split(","))
-        assert "k8s.namespace.name" in attributes
-        assert {label for label, _, _ in selector(expr)} == {"k8s_namespace_name"}
+        assert "k8s.namespace.name" in attributes and env["OTEL_SERVICE_NAME"]
+        assert {label for label, _, _ in selector(expr)} == {"k8s_namespace_name", "service_name"}
 
 
 def test_pricing_configmap_holds_the_inline_table() -> None:

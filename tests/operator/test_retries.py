@@ -28,7 +28,7 @@ from kopf_testing import (
     running_operator,
     writes,
 )
-from test_operator_kmock import hand
+from test_operator_kmock import env_of, hand
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
@@ -131,6 +131,26 @@ async def test_failed_pass_is_retried_until_it_succeeds_without_writes_meanwhile
     assert len(llmt) - len(status_writes) <= 2, llmt
     reasons = [event.get("reason") for event in posted_events(emulator)]
     assert reasons.count("ServiceFailed") == 1, reasons
+
+
+async def test_a_blip_of_two_seconds_is_retried_seconds_later(emulator: Any, monitoring_crds: Any) -> None:
+    """The API server fails every status write for two seconds right after an injection. The failed pass's own
+    writes echo back as watch events, each starting a pass that fails too: counted as failures in a row, they
+    doubled the retry's wait a dozen times, and the resource was Ready only four minutes after the server was
+    back. The retry scheduled after the first failure stands."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = {**minimal_llmt(), "status": {"phase": "Pending"}}
+    client = KubeClient(retry=Retry(attempts=2, base=0.01))
+    # From the injection on (the first update of the Deployment).
+    failing = {("llmtelemetries/status", "chat"): (500, "InternalError", "etcdserver: request timed out")}
+    emulator.deny_after[("deployments", "chat")] = failing
+    async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health=""), client=client):
+        await eventually(lambda: "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat")), "injected")
+        await asyncio.sleep(2)
+        emulator.deny.clear()
+        await ready(emulator, what="Ready within a retry or two of the server's return", attempts=400)
 
 
 async def test_resyncs_are_spread_over_their_interval(emulator: Any, monitoring_crds: Any) -> None:

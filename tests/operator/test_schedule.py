@@ -31,16 +31,38 @@ def test_resyncs_of_resources_passed_together_spread_over_the_interval() -> None
     assert schedule.pop_due() and abs(schedule.succeeded(keys[0], "uid-0") - clock.now - 300) < 1e-6
 
 
+def _retry_fails(schedule: Schedule, clock: Clock, key: tuple[str, str]) -> float:
+    """The retry due comes (the clock moved to it, the scheduler takes it) and fails: the delay of the next one."""
+    clock.now = schedule.due[key][0]
+    assert schedule.pop_due() == [(key, "retry")]
+    return schedule.failed(key) - clock.now
+
+
 def test_failures_back_off_until_a_success_resets_them() -> None:
     clock = Clock()
     schedule = Schedule(interval=300, retry_base=5, clock=clock)
     key = ("llm", "chat")
-    delays = [schedule.failed(key) - clock.now for _ in range(8)]
+    delays = [schedule.failed(key) - clock.now] + [_retry_fails(schedule, clock, key) for _ in range(7)]
     for n, d in enumerate(delays, start=1):
         assert 0.5 * min(300, 5 * 2 ** (n - 1)) <= d <= min(300, 5 * 2 ** (n - 1))
     assert schedule.failed(key, retry_after=7) - clock.now == 7  # the server's Retry-After wins
     schedule.succeeded(key, "uid")
     assert schedule.failed(key) - clock.now <= 5
+
+
+def test_passes_failing_before_the_retry_is_due_do_not_push_it_back() -> None:
+    """A blip of two seconds: the failed pass's own writes echo back as watch events, each starting a pass that
+    fails too. Counted as failures in a row, they doubled the wait a dozen times (a 2 s outage, retried after
+    four minutes); the retry scheduled after the first failure stands, and only its own failure backs off."""
+    clock = Clock()
+    schedule = Schedule(interval=300, retry_base=5, clock=clock)
+    key = ("llm", "chat")
+    first = schedule.failed(key)
+    for _ in range(30):
+        clock.now += 0.05
+        assert schedule.failed(key) == first
+    assert first - 1000.0 <= 5
+    assert 5 <= _retry_fails(schedule, clock, key) <= 10  # the second failure of a retry: the second step
 
 
 def test_due_passes_are_handed_out_once_in_time_order() -> None:
