@@ -20,8 +20,14 @@ _REGEX_SPECIAL = re.compile(r"[$^*{}\[\]+?.()|]")
 _MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
 
 
-def interpolate(expr: str, dashboard: Mapping[str, Any], chosen: Mapping[str, Sequence[str]] | None = None) -> str:
-    """``expr`` with the dashboard's variables replaced: those in ``chosen`` by their values, the rest at All."""
+def interpolate(
+    expr: str,
+    dashboard: Mapping[str, Any],
+    chosen: Mapping[str, Sequence[str]] | None = None,
+    found: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """``expr`` with the dashboard's variables replaced: those in ``chosen`` by their values, the rest at All. A
+    variable at All with no ``allValue`` of its own stands for every value its query found: ``found`` gives them."""
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     chosen = chosen or {}
 
@@ -29,9 +35,10 @@ def interpolate(expr: str, dashboard: Mapping[str, Any], chosen: Mapping[str, Se
         name = match.group(1) or match.group(2)
         if name not in variables:
             return match.group(0)  # a Grafana built-in ($__range) or text
-        if name not in chosen:
+        if name not in chosen and variables[name].get("allValue") is not None:
             return str(variables[name]["allValue"])
-        values = [_REGEX_SPECIAL.sub(r"\\\\\g<0>", v.replace("\\", "\\" * 4)) for v in chosen[name]]
+        picked = chosen[name] if name in chosen else (found or {})[name]
+        values = [_REGEX_SPECIAL.sub(r"\\\\\g<0>", v.replace("\\", "\\" * 4)) for v in picked]
         return values[0] if len(values) == 1 else "(" + "|".join(values) + ")"
 
     return _VARIABLE.sub(value, expr)

@@ -279,7 +279,7 @@ def test_error_log_panel_shows_exactly_the_failed_requests(
     start_ns, sent = traffic
     dashboard = build_dashboard(logs_mode=mode)
     (panel,) = [p for p in dashboard["panels"] if p["type"] == "logs"]
-    expr = interpolate(panel["targets"][0]["expr"], dashboard, chosen)
+    expr = interpolate(panel["targets"][0]["expr"], dashboard, chosen, {"log_services": ["chat"]})
     lines = loki.query(expr, start_ns)
     expected = {
         s.request_id: s.trace_id

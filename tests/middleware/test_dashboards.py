@@ -167,7 +167,8 @@ def test_variables_are_multi_with_all_and_cover_attribution_labels() -> None:
     dashboard = build_dashboard(attribution_labels=("tenant", "team"))
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert list(variables) == [
-        "datasource", "namespace", "job", "endpoint", "service", "model", "llm_metadata_tenant", "llm_metadata_team"
+        "datasource", "namespace", "job", "endpoint", "service", "log_services", "model", "llm_metadata_tenant",
+        "llm_metadata_team",
     ]  # fmt: skip
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     # The trace service: one value (Jaeger searches one service), from the resource the SDK exports.
@@ -216,7 +217,7 @@ def test_attribution_panels_follow_the_labels() -> None:
     none = build_dashboard(attribution_labels=())
     assert "Attribution" not in [p["title"] for p in none["panels"]]
     assert [v["name"] for v in none["templating"]["list"]] == [
-        "datasource", "namespace", "job", "endpoint", "service", "model"
+        "datasource", "namespace", "job", "endpoint", "service", "log_services", "model"
     ]  # fmt: skip
     with pytest.raises(ValueError, match="attribution label"):
         build_dashboard(attribution_labels=("x-tenant-id",))
@@ -285,12 +286,46 @@ def test_error_logs_query_is_one_loki_accepts_and_reads_the_lines_fields(mode: s
     dashboard = build_dashboard(logs_mode=mode)
     (panel,) = [p for p in _panels(dashboard) if p["type"] == "logs"]
     expr = panel["targets"][0]["expr"]
+    services = {"log_services": ["chat", "search"]}  # what the variable's query finds
     for chosen in ({}, {"namespace": ["llm"]}, {"namespace": ["llm", "search"], "model": ["gpt-4o"]}):
-        assert not loki_refuses(interpolate(expr, dashboard, chosen)), (chosen, interpolate(expr, dashboard, chosen))
-    assert {label for label, _, _ in selector(expr)} == {NAMESPACE_LABEL[mode]}
+        query = interpolate(expr, dashboard, chosen, services)
+        assert not loki_refuses(query), (chosen, query)
+        assert ('service_name=~"(chat|search)"' if mode == "otlp" else '| service =~ "(chat|search)"') in query
+    assert {label for label, _, _ in selector(expr)} == {NAMESPACE_LABEL[mode]} | (
+        {"service_name"} if mode == "otlp" else set()
+    )
     assert (" | json " in expr) == (mode == "stdout")  # OTLP records carry the fields as structured metadata
     filters = re.findall(r"\|\s*([a-z_]+)\s*(?:!=|=~|=|!~|>|<)", expr)
     assert filters and set(filters) <= set(FIELDS), filters
+
+
+def test_the_error_log_panel_keeps_the_lines_of_the_dashboards_services() -> None:
+    """Two LLMTelemetry resources in one namespace each get a dashboard; by namespace alone, the error log panel of
+    one listed the other's failures too. It keeps the lines of the services of the jobs the dashboard is scoped to
+    (the OpenTelemetry service names their metrics carry in target_info), every one of them."""
+    dashboard = build_dashboard(namespace="llm", job="chat", endpoint="llm-metrics")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    scope = 'namespace=~"$namespace",job=~"$job",endpoint=~"$endpoint"'
+    services = variables["log_services"]
+    assert services["definition"] == f"label_values(target_info{{{scope}}}, service_name)"
+    assert services["multi"] and services["includeAll"] and services.get("allValue") is None
+    assert services["hide"] == 2 and services["current"]["value"] == ["$__all"]
+    # The request-log line names its service as target_info does (both are the resource's service.name).
+    from llm_telemetry.logs import FIELDS
+
+    assert "service" in FIELDS
+
+
+def test_stat_panels_show_the_latest_value_and_say_when_there_is_no_traffic() -> None:
+    """An error ratio or a quantile of no requests is NaN. Reduced with "lastNotNull", Grafana skipped it and kept
+    showing the value from before the traffic stopped (a red 24% error ratio on an idle service, for as long as the
+    time range held it); the latest value is shown, and NaN reads "no traffic"."""
+    stats = [p for p in _panels(build_dashboard()) if p["type"] == "stat"]
+    assert len(stats) == 5
+    for panel in stats:
+        assert panel["options"]["reduceOptions"]["calcs"] == ["last"], panel["title"]
+        (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+        assert mapping["options"] == {"match": "null+nan", "result": {"text": "no traffic"}}, panel["title"]
 
 
 def test_heatmaps_read_buckets_as_heatmap_frames() -> None:

@@ -68,14 +68,18 @@ OVERFLOW_LABEL: Final = "otel_metric_overflow"
 #: The Loki query of the error log panel, by how the request-log lines reach Loki (an LLMTelemetry's
 #: ``spec.logs.mode``). Loki refuses a stream selector whose every matcher matches the empty string, as
 #: ``namespace=~".*"`` does with the namespace variable at All, so each selector also asks for the label to be set.
+#: Each keeps the lines of the selected jobs' services (``log_services``): by namespace alone, the dashboard of one
+#: LLMTelemetry listed the failures of every other LLM service of its namespace.
 ERROR_LOG_QUERIES: Final = {
     # OTLP, to Loki's /otlp endpoint: Loki makes the resource attribute k8s.namespace.name the stream label
     # k8s_namespace_name, the record's body (the line's message) the log line, and its attributes (the line's
     # non-null fields) structured metadata, which a label filter reads without a parser.
-    "otlp": '{k8s_namespace_name=~"$namespace", k8s_namespace_name!=""} | error_type != "" | model =~ "$model"',
+    "otlp": '{k8s_namespace_name=~"$namespace", k8s_namespace_name!="", service_name=~"$log_services"}'
+    ' | error_type != "" | model =~ "$model"',
     # stdout, shipped by the cluster's log agent (Promtail, Grafana Alloy), which labels each stream with its pod's
     # namespace as `namespace`; the line is the JSON object.
-    "stdout": '{namespace=~"$namespace", namespace!=""} | json | error_type != "" | model =~ "$model"',
+    "stdout": '{namespace=~"$namespace", namespace!=""} | json | service =~ "$log_services" | error_type != ""'
+    ' | model =~ "$model"',
 }
 LOGS_MODES: Final = tuple(ERROR_LOG_QUERIES)
 
@@ -211,6 +215,10 @@ class _Builder:
                         "decimals": 2,
                         "color": {"mode": "thresholds"},
                         "thresholds": {"mode": "absolute", "steps": steps},
+                        # A ratio or a quantile of no requests is NaN: said so, rather than the last value before.
+                        "mappings": [
+                            {"type": "special", "options": {"match": "null+nan", "result": {"text": "no traffic"}}}
+                        ],
                     },
                     "overrides": [],
                 },
@@ -220,7 +228,9 @@ class _Builder:
                     "justifyMode": "auto",
                     "orientation": "auto",
                     "textMode": "auto",
-                    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    # The latest value, NaN included: "lastNotNull" skips a NaN and showed the last ratio or quantile
+                    # from before the traffic stopped, for as long as the time range held one (hours, red).
+                    "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
                 },
                 "targets": [self.target(expr, legend)],
             },
@@ -485,6 +495,30 @@ def _templating(
             "current": {},
             "options": [],
             "hide": 0,
+        },
+        {
+            # The same services, every one of them: what the error log panel keeps (Loki knows no Prometheus job,
+            # and two LLMTelemetry resources of a namespace each have a dashboard). Hidden; at All with no value of
+            # its own for All, Grafana joins every service found into one alternation.
+            "type": "query",
+            "name": "log_services",
+            "label": "Services (logs)",
+            "description": "Every OpenTelemetry service name of the selected jobs: the error log panel shows theirs.",
+            "datasource": PROMETHEUS,
+            "definition": f"label_values(target_info{{{scope}}}, service_name)",
+            "query": {
+                "qryType": 1,
+                "query": f"label_values(target_info{{{scope}}}, service_name)",
+                "refId": "PrometheusVariableQueryEditor-VariableQuery",
+            },
+            "refresh": 2,
+            "regex": "",
+            "sort": 1,
+            "multi": True,
+            "includeAll": True,
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "options": [],
+            "hide": 2,
         },
         _variable(
             "model",
