@@ -94,6 +94,23 @@ def gzip_one_chunk(n: int) -> tuple[bytes, list[bytes]]:
     return b'{"model": "m"}', [gzip.compress(event * (n // len(event)), 0)]
 
 
+def empty_events_in_chunks(n: int) -> tuple[bytes, list[bytes]]:
+    """``n`` empty events (``data:`` and a blank line), 16 KiB a chunk: each chunk reads quickly, and only the time
+    limit of the whole answer (``apis.READ_BUDGET_SECONDS``) bounds their sum, so our time stops growing there."""
+    body = b"data:\n\n" * n
+    return b'{"stream": true}', [body[i : i + 16384] for i in range(0, len(body), 16384)]
+
+
+def gzip_events_in_chunks(n: int) -> tuple[bytes, list[bytes]]:
+    """The same ``n`` empty events gzipped, each 256 KiB of them compressed and flushed on its own (~400 bytes a
+    chunk, inflating to 256 KiB: as a relay of a compressed upstream sends them)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    body = b"data:\n\n" * n
+    step = 256 << 10
+    chunks = [packer.compress(body[i : i + step]) + packer.flush(zlib.Z_SYNC_FLUSH) for i in range(0, len(body), step)]
+    return b'{"stream": true}', [*chunks, packer.flush()]
+
+
 CASES: list[Case] = [
     ("SSE: data lines in one event", "line", many_data_lines, [3_000, 30_000, 300_000], "text/event-stream"),
     ("SSE: empty data lines, no event end", "line", empty_data_lines, [10_000, 100_000, 1_000_000],
@@ -106,6 +123,10 @@ CASES: list[Case] = [
     ("request with tool results", "result", tool_results, [1_000, 10_000, 100_000], "application/json"),
     ("gzip answer inflating to (bomb)", "MiB", gzip_bomb, [8 << 20, 64 << 20, 512 << 20], "application/json|gzip"),
     ("gzip stream in one chunk", "MiB", gzip_one_chunk, [4 << 20, 16 << 20, 64 << 20], "text/event-stream|gzip"),
+    ("SSE: empty events, 16 KiB chunks", "event", empty_events_in_chunks, [100_000, 1_000_000, 4_000_000],
+     "text/event-stream"),
+    ("gzip: empty events, chunk by chunk", "event", gzip_events_in_chunks, [100_000, 1_000_000, 8_000_000],
+     "text/event-stream|gzip"),
 ]  # fmt: skip
 
 UNITS = {"line": 1, "event": 1, "result": 1, "KiB": 1024, "MiB": 1 << 20}

@@ -358,6 +358,47 @@ def test_millions_of_empty_events_in_many_small_chunks_are_read_for_a_bounded_ti
     assert estimated == (1 if junk > 1000 else 0)
 
 
+def test_a_long_real_stream_sent_at_once_is_read_whole() -> None:
+    """The limit on reading a whole answer leaves real ones alone: 20,000 deltas of the Responses API cut by a proxy
+    into 8 KiB pieces (so that every chunk is read in full, none by the shortcut for a text delta), sent as fast as
+    a cache replays them, through real uvicorn, are read to their usage."""
+    import httpx
+
+    def event(obj: dict[str, Any]) -> bytes:
+        return b"event: " + obj["type"].encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+
+    head = {"id": "r", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
+    chunks = [event({"type": "response.created", "sequence_number": 0, "response": head})]
+    chunks += [
+        event({"type": "response.output_text.delta", "sequence_number": i, "item_id": "m", "output_index": 0,
+               "content_index": 0, "delta": " word", "logprobs": []})
+        for i in range(1, 20_001)
+    ]  # fmt: skip
+    usage = {"input_tokens": 5, "output_tokens": 20_000, "total_tokens": 20_005}
+    done = {**head, "status": "completed", "usage": usage}
+    chunks.append(event({"type": "response.completed", "sequence_number": 20_001, "response": done}))
+
+    body = b"".join(chunks)
+    chunks = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    with serve(wrapped) as base:
+        with httpx.Client(timeout=60) as client:
+            got = client.post(base + "/v1/responses", json={"model": "gpt-4.1", "input": "hi", "stream": True})
+        metrics = _settled(int(base.rsplit(":", 1)[1]), "llm_requests_total", 1)
+    wrapped.telemetry.shutdown()
+    assert got.content == b"".join(chunks)
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported", gen_ai_token_type="output") == 20_000
+
+
 class _Collect:
     """The reader a DecodingReader feeds, keeping what it is given."""
 
