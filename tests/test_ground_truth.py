@@ -936,6 +936,7 @@ def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
         "job": {JOB},
         "endpoint": {ENDPOINT, OTHER_ENDPOINT},
         "service": {SERVICE},
+        "log_services": {SERVICE},  # (every one: the error log panel's)
         "model": {r.model for r in TRAFFIC},
         TENANT: {r.tenant for r in TRAFFIC},
     }

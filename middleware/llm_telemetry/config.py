@@ -100,24 +100,30 @@ _IDENTIFYING_HEADERS: Final = frozenset((
     "forwarded", "x-forwarded-for", "x-real-ip", "cf-connecting-ip", "true-client-ip", "x-client-ip",
     "x-forwarded-email", "x-forwarded-user", "x-forwarded-client-cert", "ssl-client-cert", "x-ssl-client-cert",
     "openai-user", "baggage", "sentry-trace", "elastic-apm-traceparent", "x-ot-span-context", "x-request-start",
-    "x-cloud-trace-context", "uber-trace-id",
+    "x-cloud-trace-context", "uber-trace-id", "ssl-client-subject-dn", "ssl-client-issuer-dn",
+    "x-envoy-external-address", "x-original-forwarded-for",
 ))  # fmt: skip
 #: Parts of a header name (split at ``-`` and ``_``) that mark a credential wherever they stand.
 _CREDENTIAL_PARTS: Final = frozenset((
     "authorization", "auth", "cookie", "password", "passwd", "secret", "signature", "credential", "credentials",
     "bearer", "jwt", "csrf", "xsrf", "apikey", "oidc", "principal", "session",
 ))  # fmt: skip
-#: Parts that name the user or their account wherever they stand: an identity-aware proxy's
+#: Parts that name the user, their account or their certificate wherever they stand: an identity-aware proxy's
 #: ``X-Goog-Authenticated-User-Email``, ``Cf-Access-Authenticated-User-Email``, oauth2-proxy's
-#: ``X-Forwarded-Preferred-Username``, ``x-user-email``.
-_IDENTITY_PARTS: Final = frozenset(("email", "mail", "username", "upn", "authenticated"))
+#: ``X-Forwarded-Preferred-Username``, ``x-user-email``, Google's ``X-Endpoint-API-UserInfo``, a client
+#: certificate's ``X-ARR-ClientCert`` or ``X-Client-Cert-Spiffe``.
+_IDENTITY_PARTS: Final = frozenset((
+    "email", "mail", "username", "upn", "authenticated", "userinfo", "cert", "clientcert", "spiffe",
+))  # fmt: skip
 #: Last parts that mark a credential. A ``key`` or ``keys`` is one too (``x-api-key``, ``x-functions-key``,
 #: ``x-master-key``, ``ocp-apim-subscription-key``; an ``idempotency-key`` is an id per request), but for the kinds
 #: below, which name a group of callers (``x-project-key``).
 _CREDENTIAL_ENDS: Final = frozenset(("token", "tokens"))
 _GROUP_KEY_KINDS: Final = frozenset((
-    "project", "tenant", "team", "org", "organization", "workspace", "app", "application", "product", "plan", "tier",
-    "region", "route", "routing", "partition", "shard", "feature",
+    "project", "tenant", "team", "group", "org", "organization", "workspace", "customer", "department", "dept",
+    "division", "unit", "center", "centre", "environment", "env", "stage", "case", "product", "plan", "tier", "region",
+    "route", "routing", "partition", "shard", "feature", "experiment", "cohort", "segment", "channel", "category",
+    "domain", "market", "locale", "model",
 ))  # fmt: skip
 #: Parts before ``id`` or ``ids`` that make a per-request, per-conversation or per-user id.
 _ID_KINDS: Final = frozenset((

@@ -290,7 +290,10 @@ class DecodingReader:
             self._inflate = None
             data = inflate.rest()[: self._left]
             if data:
-                self.reader.feed(data, now)
+                try:
+                    self.reader.feed(data, now)
+                except ReadBudgetSpent:
+                    self._whole = False  # (what it read counts, as for a chunk that spent the budget)
         self.reader.finish(now)
 
     def cut_short(self) -> bool:

@@ -354,7 +354,7 @@ class _Exchange:
                 if reader.holding:
                     self.held = []
             except ReadBudgetSpent:
-                self.reader = _Unread(reader)  # (see apis.READ_BUDGET_SECONDS)
+                self.reader = _budget_spent(reader)
             except Exception as exc:
                 self.reader = None
                 self.failsafe("response_parse", exc)
@@ -373,7 +373,7 @@ class _Exchange:
             if reader.holding:
                 self.held = []
         except ReadBudgetSpent:
-            self.reader = _Unread(reader)
+            self.reader = _budget_spent(reader)
         except Exception as exc:
             self.reader = None
             self.failsafe("response_parse", exc)
@@ -409,7 +409,7 @@ class _Exchange:
                         # recorded (the reader still finishes: estimates, a usage already seen).
                         self.reader = _Unread(reader)
                 except ReadBudgetSpent:
-                    self.reader = _Unread(reader)  # (read for too long in all: see apis.READ_BUDGET_SECONDS)
+                    self.reader = _budget_spent(reader)
                 except Exception as exc:
                     self.reader = None
                     self.failsafe("response_parse", exc)
@@ -610,6 +610,22 @@ class _Unread:
 
     def cut_short(self) -> bool:
         return False  # what was left unread may have held the end
+
+
+_BUDGET_SPENT_LOGGED = [False]
+
+
+def _budget_spent(reader: Any) -> _Unread:
+    """The reader of an answer that took longer to read than its budget (``apis.READ_BUDGET_SECONDS``): read no
+    further. Logged once per process: what came after (the usage, the finish reason) is unknown for such answers."""
+    if not _BUDGET_SPENT_LOGGED[0]:
+        _BUDGET_SPENT_LOGGED[0] = True
+        logger.warning(
+            "llm-telemetry: an answer took longer to read than its budget (a stream of junk events, say); the rest"
+            " of it was passed on unread, and its usage and finish reason, if they came later, are unknown"
+            " (logged once)"
+        )
+    return _Unread(reader)
 
 
 def _header_text(value: bytes) -> str:

@@ -317,7 +317,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         )
     await _track_existing(_client(memo), config, state, logger)
     if config.namespaces:
-        await _release_in_leaving_namespaces(_client(memo), state, logger)
+        await _release_in_leaving_namespaces(memo, state, logger)
     metrics.serve(config.metrics_port)
     logger.info("watching %s", ", ".join(config.namespaces) or "all namespaces")
     if not config.standalone:
@@ -1035,16 +1035,19 @@ async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exceptio
     raise kopf.TemporaryError(message, delay=delay)
 
 
-async def _release_in_leaving_namespaces(client: KubeClient, state: OperatorState, logger: Any) -> None:
+async def _release_in_leaving_namespaces(memo: Any, state: OperatorState, logger: Any) -> None:
     """Take this operator's finalizer off the resources being deleted in watched namespaces that are being deleted
     too, found at startup (namespaced mode). kopf watches no namespace that is already being deleted when it
     starts, so such a resource's deletion never reached a handler, and the namespace stayed Terminating for good (a
     namespace deleted while the operator's pod was being replaced). Everything the resource made goes with the
-    namespace: there is nothing to undo."""
+    namespace: there is nothing to undo. One another running operator serves is left to it."""
+    client = _client(memo)
     leaving: dict[str, bool] = {}
     for (namespace, name), body in list(state.bodies.items()):
         meta = body.get("metadata") or {}
         if not meta.get("deletionTimestamp") or c.FINALIZER not in (meta.get("finalizers") or ()):
+            continue
+        if await _held_elsewhere(memo, body) is not None:
             continue
         if namespace not in leaving:
             leaving[namespace] = await _namespace_leaving(client, namespace)

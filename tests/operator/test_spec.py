@@ -357,6 +357,9 @@ def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound:
         "x-user-id", "openai-user", "x-end-user", "x-forwarded-for", "x-real-ip", "cf-connecting-ip", "forwarded",
         "x-forwarded-email", "X-Goog-Authenticated-User-Email", "Cf-Access-Authenticated-User-Email",
         "X-Forwarded-Preferred-Username", "x-user-email", "x-username", "x-user-name", "x-authenticated-userid",
+        "ssl-client-subject-dn", "x-arr-clientcert", "x-client-cert-spiffe", "x-client-cert-dnsname-san",
+        "x-endpoint-api-userinfo", "x-apigateway-api-userinfo", "x-userinfo", "x-envoy-external-address",
+        "x-original-forwarded-for",
         # per-request, per-conversation and per-trace ids
         "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id", "x-cloud-trace-context",
         "x-message-id", "x-conversation-id", "x-thread-id", "x-run-id", "x-litellm-call-id", "baggage",
@@ -376,7 +379,8 @@ def test_headers_that_name_credentials_users_or_requests_are_never_labels(header
     [
         "x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment", "x-org", "x-customer",
         "x-use-case", "x-model-route", "x-client-name", "user-agent", "x-user-tier", "x-user-role", "x-project-key",
-        "x-token-budget", "x-author", "x-tenant-key", "x-feature-key",
+        "x-token-budget", "x-author", "x-tenant-key", "x-feature-key", "x-group-key", "x-customer-key",
+        "x-department-key", "x-cost-center-key", "x-environment-key", "x-business-unit-key", "x-use-case-key",
     ],
 )  # fmt: skip
 def test_headers_that_name_a_tenant_or_a_feature_are_labels(header: str) -> None:

@@ -15,6 +15,7 @@ from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
+    NAMESPACES,
     PEERING,
     SERVICES,
     deployment,
@@ -23,6 +24,7 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    namespace_object,
     posted_events,
     ready,
     running_operator,
@@ -353,3 +355,24 @@ async def test_a_deletion_left_to_the_other_operator_ends_when_it_is_done(emulat
         await asyncio.sleep(4)  # past the old deletion's next look (every 2 s)
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert get(emulator, SERVICES, "chat-llm-metrics") is not None
+
+
+async def test_a_resource_another_running_operator_serves_is_not_let_go_at_start(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Namespaced mode lets go of resources being deleted in a namespace being deleted, found at its start (kopf
+    watches no such namespace): not of one another running operator serves, whose own deletion handler runs."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    other_operator(emulator, datetime.timedelta(seconds=5), watched=NAMESPACE)
+    served_by_other(emulator)
+    await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+    namespace = namespace_object(NAMESPACE)
+    namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    namespace["status"] = {"phase": "Terminating"}
+    emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
+    seen = len(list(emulator))
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        await asyncio.sleep(2)
+    assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+    assert not [w for w in writes_since(emulator, seen) if "llmtelemetries" in w[1]]
