@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from itertools import repeat
 from json.scanner import make_scanner
 from operator import itemgetter
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Any, Final
 
 from .errors import classify_error_body
@@ -23,9 +23,10 @@ from .labels import field_text
 from .record import LLMCall, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
-#: Reading one response's event stream may take this long (the clock, added up over the chunks read in full: the
-#: shortcuts for plain text deltas are not timed, and cost well under a microsecond each) plus READ_BUDGET_SHARE of
-#: the rest of the time the response has taken so far; past that, the rest of it is not read (see ReadBudgetSpent).
+#: Reading one response's event stream may take this long (the reading thread's CPU time, added up over the chunks
+#: read in full: the shortcuts for plain text deltas are not timed, and cost well under a microsecond each) plus
+#: READ_BUDGET_SHARE of the rest of the time the response has taken so far; past that, the rest of it is not read
+#: (see ReadBudgetSpent).
 #: A real stream's text deltas take the shortcut, one to a chunk; a proxy that cuts the stream into chunks of its own
 #: size has every chunk read in full, about 2 µs an event (100,000 deltas in 8 KiB pieces: 0.2 s, sent at once as a
 #: cache might replay them; minutes apart, as a model writes them, they have the share of that time as well).
@@ -33,10 +34,10 @@ from .sse import TAIL_BYTES, SSEDecoder
 #: chunk alone reached.
 READ_BUDGET_SECONDS: Final = 0.5
 READ_BUDGET_SHARE: Final = 0.1
-#: The most one chunk's reading adds to that time: a millisecond and a microsecond a byte, above the costliest
-#: events tried (empty ``data:`` events: 0.4 µs a byte).
+#: The most one chunk's reading adds to that time: a millisecond and 3 µs a byte, several times the costliest events
+#: tried (``data`` lines without a colon, each an empty event: 0.65 µs a byte).
 _MOST_PER_CHUNK: Final = 0.001
-_MOST_PER_BYTE: Final = 1e-6
+_MOST_PER_BYTE: Final = 3e-6
 
 
 class ReadBudgetSpent(Exception):
@@ -326,10 +327,9 @@ class ResponseReader:
             self._closed = True
             return
         if now is None:
-            now = started = perf_counter()
-        else:
-            started = perf_counter()  # (``now`` may be from before the chunk was handed on)
+            now = perf_counter()
         if decoder is not None:
+            started = thread_time()
             was_idle = decoder.idle
             events = decoder.feed(chunk)
             # A shape is learnt only from a chunk that is exactly one event: it starts and ends between events.
@@ -340,10 +340,11 @@ class ResponseReader:
                     self._shape = self._shape_of(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
-            # A stall inside this chunk's reading (a garbage collection, a throttled container, another thread
-            # holding the interpreter) counts no more than reading the chunk itself can cost: the budget is for the
-            # many chunks of costly junk, and one pause must not cut a real stream short.
-            spent = self._spent + min(perf_counter() - started, _MOST_PER_CHUNK + len(chunk) * _MOST_PER_BYTE)
+            # This thread's CPU time: waiting for the interpreter while another thread holds it, or in a throttled
+            # container, spends none. A garbage collection does, and one inside this chunk's reading counts no more
+            # than reading the chunk itself can cost: the budget is for the many chunks of costly junk, and one
+            # pause must not cut a real stream short.
+            spent = self._spent + min(thread_time() - started, _MOST_PER_CHUNK + len(chunk) * _MOST_PER_BYTE)
             self._spent = spent
             if spent > READ_BUDGET_SECONDS:
                 self._over_budget(spent)

@@ -101,34 +101,47 @@ _IDENTIFYING_HEADERS: Final = frozenset((
     "x-forwarded-email", "x-forwarded-user", "x-forwarded-client-cert", "ssl-client-cert", "x-ssl-client-cert",
     "openai-user", "baggage", "sentry-trace", "elastic-apm-traceparent", "x-ot-span-context", "x-request-start",
     "x-cloud-trace-context", "uber-trace-id", "ssl-client-subject-dn", "ssl-client-issuer-dn",
-    "x-envoy-external-address", "x-original-forwarded-for",
+    "x-envoy-external-address", "x-original-forwarded-for", "x-vercel-forwarded-for", "x-consumer-custom-id",
+    "from", "eppn",
 ))  # fmt: skip
 #: Parts of a header name (split at ``-`` and ``_``) that mark a credential wherever they stand.
 _CREDENTIAL_PARTS: Final = frozenset((
     "authorization", "auth", "cookie", "password", "passwd", "secret", "signature", "credential", "credentials",
-    "bearer", "jwt", "csrf", "xsrf", "apikey", "oidc", "principal", "session",
+    "bearer", "jwt", "csrf", "xsrf", "apikey", "oidc", "principal", "session", "encryption",
 ))  # fmt: skip
 #: Parts that name the user, their account or their certificate wherever they stand: an identity-aware proxy's
 #: ``X-Goog-Authenticated-User-Email``, ``Cf-Access-Authenticated-User-Email``, oauth2-proxy's
 #: ``X-Forwarded-Preferred-Username``, ``x-user-email``, Google's ``X-Endpoint-API-UserInfo``, a client
 #: certificate's ``X-ARR-ClientCert`` or ``X-Client-Cert-Spiffe``.
 _IDENTITY_PARTS: Final = frozenset((
-    "email", "mail", "username", "upn", "authenticated", "userinfo", "cert", "clientcert", "spiffe",
+    "email", "mail", "username", "upn", "authenticated", "userinfo", "cert", "clientcert", "certificate", "spiffe",
+    "nickname", "claim", "claims", "authentik", "webauth",
 ))  # fmt: skip
+#: Last parts that name the client's address (``Fastly-Client-IP``, ``X-Azure-SocketIP``, ``CloudFront-Viewer-Address``,
+#: ``Remote-Addr``); not ``x-vercel-ip-country``, whose last part is the country.
+_ADDRESS_ENDS: Final = frozenset((
+    "ip", "ipv4", "ipv6", "addr", "address", "clientip", "socketip", "userip", "remoteip", "realip", "sourceip",
+))  # fmt: skip
+#: With a part naming TLS, the last parts that give the client certificate's subject or identity
+#: (``X-SSL-Client-DN``, ``X-SSL-Client-Fingerprint``).
+_TLS_PARTS: Final = frozenset(("ssl", "tls", "mtls"))
+_CERTIFICATE_ENDS: Final = frozenset(("dn", "cn", "subject", "fingerprint", "sha1", "sha256", "serial", "issuer"))
+#: Parts after ``user`` or ``remote`` that name the user (``Remote-Name``, ``Tailscale-User-Login``).
+_USER_NAMES: Final = frozenset(("name", "login"))
 #: Last parts that mark a credential. A ``key`` or ``keys`` is one too (``x-api-key``, ``x-functions-key``,
 #: ``x-master-key``, ``ocp-apim-subscription-key``; an ``idempotency-key`` is an id per request), but for the kinds
 #: below, which name a group of callers (``x-project-key``).
 _CREDENTIAL_ENDS: Final = frozenset(("token", "tokens"))
 _GROUP_KEY_KINDS: Final = frozenset((
-    "project", "tenant", "team", "group", "org", "organization", "workspace", "customer", "department", "dept",
-    "division", "unit", "center", "centre", "environment", "env", "stage", "case", "product", "plan", "tier", "region",
-    "route", "routing", "partition", "shard", "feature", "experiment", "cohort", "segment", "channel", "category",
-    "domain", "market", "locale", "model",
+    "project", "tenant", "team", "squad", "group", "org", "organization", "workspace", "customer", "department",
+    "dept", "division", "unit", "lob", "center", "centre", "costcenter", "case", "usecase", "budget", "product", "plan",
+    "tier", "region", "route", "routing", "partition", "shard", "feature", "experiment", "cohort", "segment",
+    "category", "market", "locale",
 ))  # fmt: skip
 #: Parts before ``id`` or ``ids`` that make a per-request, per-conversation or per-user id.
 _ID_KINDS: Final = frozenset((
     "request", "correlation", "trace", "span", "parent", "message", "conversation", "thread", "run", "call",
-    "session", "user", "device", "transaction", "event",
+    "session", "user", "device", "transaction", "event", "consumer",
 ))  # fmt: skip
 
 
@@ -143,12 +156,16 @@ def unlabelled_header(name: str) -> bool:
     parts = re.split(r"[-_]", name)
     if not (_CREDENTIAL_PARTS.isdisjoint(parts) and _IDENTITY_PARTS.isdisjoint(parts)):
         return True
-    if parts[-1] in _CREDENTIAL_ENDS or parts[-1] == "user":
+    if parts[-1] in _CREDENTIAL_ENDS or parts[-1] == "user" or parts[-1] in _ADDRESS_ENDS:
+        return True
+    if parts[-1] in _CERTIFICATE_ENDS and not _TLS_PARTS.isdisjoint(parts):
         return True
     for before, part in itertools.pairwise(parts):
         if part in ("key", "keys") and before not in _GROUP_KEY_KINDS:
             return True
-        if part == "name" and before == "user":
+        if part in _USER_NAMES and before in ("user", "remote"):
+            return True
+        if part in ("dn", "cn") and before == "client":
             return True
         if part in ("id", "ids") and before in _ID_KINDS:
             return True

@@ -621,9 +621,9 @@ def _budget_spent(reader: Any) -> _Unread:
     if not _BUDGET_SPENT_LOGGED[0]:
         _BUDGET_SPENT_LOGGED[0] = True
         logger.warning(
-            "llm-telemetry: an answer took longer to read than its budget (a stream of junk events, say); the rest"
-            " of it was passed on unread, and its usage and finish reason, if they came later, are unknown"
-            " (logged once)"
+            "llm-telemetry: an answer took more CPU time to read than its budget (apis.READ_BUDGET_SECONDS; a stream"
+            " of junk events, say); the rest of it was passed on unread, and its usage and finish reason, if they"
+            " came later, are unknown (logged once)"
         )
     return _Unread(reader)
 

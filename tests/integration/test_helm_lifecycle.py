@@ -25,6 +25,9 @@ PEERING_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 EXAMPLE = REPO_ROOT / "examples" / "llmtelemetry-minimal.yaml"
 #: The namespaces the documented commands and the example use.
 RELEASE_NAMESPACE, APP_NAMESPACE = "llm-telemetry", "llm"
+#: The namespace of the second release the upgrade test installs (helm --create-namespace makes it; the clean-up
+#: deletes it).
+SECOND_NAMESPACE = "llm-telemetry-second"
 
 
 class Shell:
@@ -93,7 +96,7 @@ def fresh(api: Any, kubeconfig: pathlib.Path) -> Iterator[None]:
             [tool_binary("helm"), "uninstall", "llm-telemetry", "-n", RELEASE_NAMESPACE],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)}, capture_output=True, timeout=300, check=False,
         )  # fmt: skip
-        for namespace in (APP_NAMESPACE, RELEASE_NAMESPACE):
+        for namespace in (APP_NAMESPACE, RELEASE_NAMESPACE, SECOND_NAMESPACE):
             _delete_and_wait(core.delete_namespace, core.read_namespace, namespace)
         if not _absent(extensions.read_custom_resource_definition, PEERING_CRDS[0]):
             _delete_and_wait(
@@ -180,7 +183,7 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
     assert kept["metadata"]["uid"] == peering_uid and kept["status"] == alive["status"], kept
     # A second cluster-wide release, installed as "Several releases" says (--skip-crds), shares that peering object
     # by default: its install keeps the object and its peers too.
-    second = ["-n", "llm-telemetry-second"]
+    second = ["-n", SECOND_NAMESPACE]
     run(
         [
             "helm",

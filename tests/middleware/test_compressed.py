@@ -399,35 +399,57 @@ def test_a_long_real_stream_sent_at_once_is_read_whole() -> None:
     assert metrics.value("llm_tokens_total", llm_usage_source="reported", gen_ai_token_type="output") == 20_000
 
 
-def test_one_pause_while_a_chunk_is_read_does_not_cut_the_stream_short() -> None:
-    """A full garbage collection of a large heap (or a throttled container, or another thread holding the
-    interpreter) may pause the process for half a second inside the reading of one chunk. Counted whole, that one
-    pause spent the budget of the whole answer at its start, and the stream's usage was lost without a word (tokens
-    estimated, cost too low): a chunk adds to it no more than its reading can cost. The pause here is the chunk's
-    own: bytes whose first slicing by the event decoder takes 0.7 s."""
+def _chat_chunk(delta: dict[str, Any]) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    return b"data: " + json.dumps({"id": "c", "model": "m", "choices": [choice]}).encode() + b"\n\n"
+
+
+def _read_with_stalls(stall: Callable[[], None], chunks: int) -> Any:
+    """A chat stream of ``chunks`` chunks of two deltas each (read in full, not by the shortcut), each of whose
+    first look by the event decoder runs ``stall``, then its usage; the call as recorded."""
     from llm_telemetry.apis import APIS
     from llm_telemetry.record import LLMCall
 
-    class Slow(bytes):
+    class Stalling(bytes):
         def __getitem__(self, key: Any) -> Any:
             if key == slice(None, 6):  # (the event decoder's first look at a chunk)
-                time.sleep(0.7)
+                stall()
             return bytes.__getitem__(self, key)
-
-    def chunk(delta: dict[str, Any]) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": None}
-        return b"data: " + json.dumps({"id": "c", "model": "m", "choices": [choice]}).encode() + b"\n\n"
 
     call = LLMCall("chat", "openai", time.perf_counter())
     reader = APIS["openai.chat"].response_reader(call, stream=True, capture=False)
-    reader.feed(chunk({"role": "assistant", "content": ""}))
-    reader.feed(Slow(chunk({"content": "Hello"}) + chunk({"content": " there"})))
-    for word in ("a", "b", "c"):
-        reader.feed(chunk({"content": word}) + chunk({"content": word}))
-    usage = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 8}}
+    reader.feed(_chat_chunk({"role": "assistant", "content": ""}))
+    for i in range(chunks):
+        reader.feed(Stalling(_chat_chunk({"content": f"w{i}"}) + _chat_chunk({"content": " x"})))
+    usage = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2 * chunks}}
     reader.feed(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
     reader.finish(time.perf_counter())
+    return call
+
+
+def test_one_pause_while_a_chunk_is_read_does_not_cut_the_stream_short() -> None:
+    """A full garbage collection of a large heap takes the process's CPU for half a second, and may do so inside
+    the reading of one chunk. Counted whole, that one pause spent the budget of the whole answer at its start, and
+    the stream's usage was lost without a word (tokens estimated, cost too low): a chunk adds to it no more than its
+    reading can cost. The pause here is the chunk's own: bytes whose first slicing keeps the CPU busy 0.7 s."""
+
+    def busy() -> None:
+        until = time.thread_time() + 0.7
+        while time.thread_time() < until:
+            pass
+
+    calls = iter([busy])
+    call = _read_with_stalls(lambda: next(calls, lambda: None)(), 4)
     assert (call.input_tokens, call.output_tokens, call.usage_source) == (3, 8, "reported")
+
+
+def test_waiting_while_a_chunk_is_read_does_not_count() -> None:
+    """Another thread of the app holding the interpreter (a sync endpoint in the thread pool, CPU-heavy Python
+    work), or a throttled container, makes the reading of every chunk wait. Counted by the clock, those waits cut a
+    real stream replayed at once short (a quarter of its output estimated, its cost too low); the budget counts the
+    reading thread's CPU time. The wait here: each chunk's first slicing sleeps a millisecond."""
+    call = _read_with_stalls(lambda: time.sleep(0.001), 1000)
+    assert (call.input_tokens, call.output_tokens, call.usage_source) == (3, 2000, "reported")
 
 
 class _Collect:

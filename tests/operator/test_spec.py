@@ -359,7 +359,14 @@ def test_every_bound_of_the_crd_is_checked_by_the_operator_too(path: str, bound:
         "X-Forwarded-Preferred-Username", "x-user-email", "x-username", "x-user-name", "x-authenticated-userid",
         "ssl-client-subject-dn", "x-arr-clientcert", "x-client-cert-spiffe", "x-client-cert-dnsname-san",
         "x-endpoint-api-userinfo", "x-apigateway-api-userinfo", "x-userinfo", "x-envoy-external-address",
-        "x-original-forwarded-for",
+        "x-original-forwarded-for", "Fastly-Client-IP", "Fly-Client-IP", "X-Azure-ClientIP", "X-Azure-SocketIP",
+        "CloudFront-Viewer-Address", "X-Cluster-Client-IP", "X-AppEngine-User-IP", "CF-Connecting-IPv6",
+        "X-Vercel-Forwarded-For", "X-Originating-IP", "Remote-Addr", "X-SSL-Client-DN", "X-SSL-Client-S-DN",
+        "X-SSL-Client-CN", "X-SSL-Client-SHA1", "X-SSL-Client-Fingerprint", "X-Client-DN", "X-Client-Certificate",
+        "Remote-Name", "X-Webauth-Name", "Tailscale-User-Login", "X-authentik-name", "X-authentik-uid",
+        "X-Pomerium-Claim-Sub", "X-AppEngine-User-Nickname", "X-Consumer-ID", "X-Consumer-Custom-ID", "From", "eppn",
+        # keys that are credentials: an app's (DD-APPLICATION-KEY's kind), an SDK's environment key, an encryption key
+        "x-app-key", "x-application-key", "x-environment-key", "x-amz-server-side-encryption-customer-key",
         # per-request, per-conversation and per-trace ids
         "x-correlation-id", "x-amzn-trace-id", "x-b3-traceid", "request-id", "uber-trace-id", "x-cloud-trace-context",
         "x-message-id", "x-conversation-id", "x-thread-id", "x-run-id", "x-litellm-call-id", "baggage",
@@ -380,7 +387,8 @@ def test_headers_that_name_credentials_users_or_requests_are_never_labels(header
         "x-tenant-id", "x-team", "x-feature", "x-llm-app", "x-project", "x-environment", "x-org", "x-customer",
         "x-use-case", "x-model-route", "x-client-name", "user-agent", "x-user-tier", "x-user-role", "x-project-key",
         "x-token-budget", "x-author", "x-tenant-key", "x-feature-key", "x-group-key", "x-customer-key",
-        "x-department-key", "x-cost-center-key", "x-environment-key", "x-business-unit-key", "x-use-case-key",
+        "x-department-key", "x-cost-center-key", "x-costcenter-key", "x-business-unit-key", "x-use-case-key",
+        "x-usecase-key", "x-squad-key", "x-budget-key", "x-vercel-ip-country", "cf-ipcountry", "x-membership-tier",
     ],
 )  # fmt: skip
 def test_headers_that_name_a_tenant_or_a_feature_are_labels(header: str) -> None:
