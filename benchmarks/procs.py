@@ -20,11 +20,19 @@ _logs: dict[int, IO[bytes]] = {}
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+#: The ports :func:`free_port` handed out: never the same twice in a process (the kernel may give a port just closed
+#: to the next bind, and a server and its metrics listener on one port answered the scrape with the app's 404).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def cpus() -> list[int]:

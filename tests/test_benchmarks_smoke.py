@@ -170,3 +170,11 @@ def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) ->
     stdout = run_benchmark("profile_hot_path.py", "--per-chunk", "--shape", shape, timeout=300)
     line = rf"send wrapper \+ shape check \({re.escape(shape)} deltas\): -?[\d.]+ µs per chunk \(min of 7\)\n"
     assert re.fullmatch(line, stdout), stdout
+
+
+def test_the_benchmarks_never_hand_out_a_port_twice() -> None:
+    """A server and its metrics listener given one port (the kernel may give a port just closed to the next bind)
+    made a smoke run fail: the scrape reached the app, which answered 404."""
+    procs = importlib.import_module("procs")
+    ports = [procs.free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)
