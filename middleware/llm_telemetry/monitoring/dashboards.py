@@ -431,6 +431,29 @@ def _variable(name: str, label: str, query: str, description: str, default: str 
     }
 
 
+def _services_variable(name: str, label: str, description: str, scope: str, *, every: bool) -> dict[str, Any]:
+    """A variable of the OpenTelemetry service names (``target_info``) of the jobs ``scope`` selects: one of them
+    (``every=False``, shown), or all of them at All (``every=True``, hidden)."""
+    query = f"label_values(target_info{{{scope}}}, service_name)"
+    return {
+        "type": "query",
+        "name": name,
+        "label": label,
+        "description": description,
+        "datasource": PROMETHEUS,
+        "definition": query,
+        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "refresh": 2,
+        "regex": "",
+        "sort": 1,
+        "multi": every,
+        "includeAll": every,
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if every else {},
+        "options": [],
+        "hide": 2 if every else 0,
+    }
+
+
 def _templating(
     attribution: Sequence[str], namespace: str | None, job: str | None, endpoint: str | None
 ) -> list[dict[str, Any]]:
@@ -472,54 +495,24 @@ def _templating(
             ),
             endpoint,
         ),
-        {
-            "type": "query",
-            "name": "service",
-            "label": "Trace service",
-            "description": (
-                "OpenTelemetry service name (service_name of target_info) of the selected jobs: the service the "
-                "trace links search in Jaeger. It filters no panel."
-            ),
-            "datasource": PROMETHEUS,
-            "definition": f"label_values(target_info{{{scope}}}, service_name)",
-            "query": {
-                "qryType": 1,
-                "query": f"label_values(target_info{{{scope}}}, service_name)",
-                "refId": "PrometheusVariableQueryEditor-VariableQuery",
-            },
-            "refresh": 2,
-            "regex": "",
-            "sort": 1,
-            "multi": False,
-            "includeAll": False,
-            "current": {},
-            "options": [],
-            "hide": 0,
-        },
-        {
-            # The same services, every one of them: what the error log panel keeps (Loki knows no Prometheus job,
-            # and two LLMTelemetry resources of a namespace each have a dashboard). Hidden; at All with no value of
-            # its own for All, Grafana joins every service found into one alternation.
-            "type": "query",
-            "name": "log_services",
-            "label": "Services (logs)",
-            "description": "Every OpenTelemetry service name of the selected jobs: the error log panel shows theirs.",
-            "datasource": PROMETHEUS,
-            "definition": f"label_values(target_info{{{scope}}}, service_name)",
-            "query": {
-                "qryType": 1,
-                "query": f"label_values(target_info{{{scope}}}, service_name)",
-                "refId": "PrometheusVariableQueryEditor-VariableQuery",
-            },
-            "refresh": 2,
-            "regex": "",
-            "sort": 1,
-            "multi": True,
-            "includeAll": True,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "options": [],
-            "hide": 2,
-        },
+        _services_variable(
+            "service",
+            "Trace service",
+            "OpenTelemetry service name (service_name of target_info) of the selected jobs: the service the trace"
+            " links search in Jaeger. It filters no panel.",
+            scope,
+            every=False,
+        ),
+        # The same services, every one of them: what the error log panel keeps (Loki knows no Prometheus job, and
+        # two LLMTelemetry resources of a namespace each have a dashboard). Hidden; at All with no value of its own
+        # for All, Grafana joins every service found into one alternation.
+        _services_variable(
+            "log_services",
+            "Services (logs)",
+            "Every OpenTelemetry service name of the selected jobs: the error log panel shows theirs.",
+            scope,
+            every=True,
+        ),
         _variable(
             "model",
             "Model",
