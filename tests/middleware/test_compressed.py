@@ -452,6 +452,55 @@ def test_waiting_while_a_chunk_is_read_does_not_count() -> None:
     assert (call.input_tokens, call.output_tokens, call.usage_source) == (3, 2000, "reported")
 
 
+def _busy(seconds: float) -> None:
+    """Keep this thread's CPU busy for ``seconds``, as a full garbage collection of a large heap does."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+def test_one_pause_while_a_large_chunk_is_read_does_not_stop_its_reading() -> None:
+    """A chunk over READ_STEP (an event of a long tool call's arguments, or a proxy's large pieces) is read a step
+    at a time for MAX_READ_SECONDS of CPU at most. A garbage collection inside one step counted whole and passed
+    that limit: the rest of the answer went unread, and its usage, after the large event, was lost (the output
+    estimated). Through real uvicorn: the chunk's first step costs 0.3 s of CPU (bytes whose first slicing keeps
+    the CPU busy), the answer is still read to its usage, and the client gets the bytes untouched."""
+    import httpx
+
+    from llm_telemetry.decoding import READ_STEP
+
+    class Pausing(bytes):
+        def __getitem__(self, key: Any) -> Any:
+            if key == slice(0, READ_STEP):  # (the first step of the reading)
+                _busy(0.3)
+            return bytes.__getitem__(self, key)
+
+    body = (
+        _chat_chunk({"role": "assistant", "content": ""})
+        + _chat_chunk({"content": "x" * 100_000})
+        + b'data: {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        + b'data: {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}\n\n'
+        + b"data: [DONE]\n\n"
+    )
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": Pausing(body), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+    with serve(wrapped) as base:
+        with httpx.Client(timeout=60) as client:
+            got = client.post(base + "/v1/chat/completions", json={"model": "m", "messages": [], "stream": True})
+        metrics = _settled(int(base.rsplit(":", 1)[1]), "llm_requests_total", 1)
+    wrapped.telemetry.shutdown()
+    assert got.content == body
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported", gen_ai_token_type="output") == 7
+    assert metrics.value("llm_tokens_total", llm_usage_source="estimated") == 0
+
+
 class _Collect:
     """The reader a DecodingReader feeds, keeping what it is given."""
 
@@ -464,6 +513,31 @@ class _Collect:
 
     def finish(self, now: float) -> None:
         self.finished = True
+
+
+@pytest.mark.parametrize("coding", [b"gzip", b"br", b"zstd"])
+def test_one_pause_while_a_compressed_chunk_is_inflated_does_not_stop_its_reading(coding: bytes) -> None:
+    """A compressed chunk is inflated a piece at a time for MAX_READ_SECONDS of CPU at most; one garbage collection
+    inside one piece's reading counts no more than that piece can cost. Here 1 MB of real events in one compressed
+    chunk, the second piece's reading taking 0.3 s of CPU: every byte reaches the reader behind."""
+
+    class Pausing(_Collect):
+        paused = False
+
+        def feed(self, chunk: bytes, now: float | None = None, shaped: bool = True) -> None:
+            if self.data and not self.paused:
+                self.paused = True
+                _busy(0.3)
+            super().feed(chunk, now, shaped)
+
+    body = b"".join(_chat_chunk({"content": f"w{i}"}) for i in range(15_000))
+    assert len(body) > 1_000_000
+    collect = Pausing()
+    reader = DecodingReader(collect, coding, 64 << 20)  # type: ignore[arg-type]
+    reader.feed(_compress(coding.decode(), body))
+    reader.finish(1.0)
+    assert collect.paused
+    assert collect.data == body
 
 
 def _packed_in_two(coding: bytes, first: bytes, rest: bytes) -> tuple[bytes, bytes]:
