@@ -233,6 +233,8 @@ def _remember_tool_call(item: dict[str, Any], name: str) -> None:
 
 #: How an event stream's first line starts (after whitespace); a JSON body starts with none of these.
 _SSE_FIELDS: Final = (b"data:", b"event:", b"id:", b"retry:", b":")
+#: The UTF-8 byte order mark an event stream may start with (before its first line; the SSE standard skips it).
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 class ResponseReader:
@@ -348,14 +350,18 @@ class ResponseReader:
             self._spent = spent
             if spent > READ_BUDGET_SECONDS:
                 self._over_budget(spent)
-        elif not self._buffer and not self._overflow and chunk.lstrip().startswith(_SSE_FIELDS):
+        elif not self._buffer and not self._overflow and chunk.removeprefix(_BOM).lstrip().startswith(_SSE_FIELDS):
             # (Only the body's first bytes say: past an overflow the buffer is empty again, mid-body.)
-            # An event stream labelled as JSON (Litestar does, for a handler typed to return Any): the SDKs read it
-            # as a stream whatever the label, and so do we. A JSON body starts with neither of these.
+            # An event stream labelled as JSON (Litestar does, for a handler typed to return Any) or as text: the
+            # SDKs read it as a stream whatever the label, and so do we. A JSON body starts with neither of these.
             self._decoder = SSEDecoder()
             self.call.stream = True
             self.feed(chunk, now, shaped)
         elif not self._overflow:
+            if not self._buffer and chunk.isspace():
+                # Blank lines before the body's first bytes, in chunks of their own: left out, so that the next chunk
+                # is still the body's start above (an event stream's, maybe); a JSON value reads the same without them.
+                return
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
                 # Too large to read: only the body's last bytes are kept from now on, for its usage.
                 self._overflow = True

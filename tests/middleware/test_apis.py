@@ -125,6 +125,28 @@ def test_openai_legacy_completions_stream() -> None:
     assert call.finish_reasons == ["length"] and call.output_tokens == 1 and call.first_token_at is not None
 
 
+@pytest.mark.parametrize("lead", [b"", b"\n", b"\r\n\r\n", b"\xef\xbb\xbf"])
+def test_a_body_is_an_event_stream_only_when_its_first_bytes_say_so(lead: bytes) -> None:
+    """A body labelled JSON or text is read as an event stream when it starts with a field, after blank lines (in
+    chunks of their own too) or a byte order mark; JSON and plain text after the same are read as they were."""
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    # (The event a mark is put before is unread, as the SDKs leave it unread: a field they do not know.)
+    role, token = chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": "Hi"})
+    events = sse(role, token, {"id": "c1", "choices": [], "usage": usage})
+    answer = json.dumps({"model": "m", "choices": [{"message": {"content": "Hi"}}], "usage": usage}).encode()
+    for body, stream in [(events, True), (answer, False), (b"hello: world\ndata is here\n", False)]:
+        spec = APIS["openai.chat"]
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        reader = spec.response_reader(call, stream=False, capture=False)
+        # (Blank lines alone in their chunk, as a server may flush them; the mark always comes with what follows.)
+        for chunk in [lead, body] if lead.isspace() else [lead + body]:
+            reader.feed(chunk, now=2.0)
+        reader.finish(now=3.0)
+        assert call.stream is stream
+        assert call.output_tokens == (None if body.startswith(b"hello") else 2)
+        assert (call.first_token_at is not None) is stream
+
+
 def test_openai_json_without_usage_is_estimated_from_text() -> None:
     body = json.dumps({"model": "m", "choices": [{"message": {"content": "x" * 40}, "finish_reason": "stop"}]})
     call = read("openai.chat", body.encode(), stream=False)

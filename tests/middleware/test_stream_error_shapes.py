@@ -6,7 +6,8 @@ openai SDK: what each SDK raises (or returns) is what the metrics say.
 - Hugging Face TGI sends an error inside a chat stream as ``{"error": "<message>", "error_type": "<kind>"}``.
 - A Responses stream cut off while the model was writing a tool call's arguments counts those pieces, estimated.
 - With ``n`` choices, generated side by side, the time per output token is per choice.
-- A stream an app labels ``text/plain`` (the SDKs read it as the stream the request asked for) is read as one.
+- A stream an app labels ``text/plain`` (the SDKs read it as the stream the request asked for) is read as one, and so
+  is one that opens with a blank line in a chunk of its own, or with a byte order mark.
 - Anthropic: a context overflow as its API words it is ``context_length``; a stream that opens with redacted
   reasoning has its first token there; a call of a tool of an MCP server the API connects to is a tool call.
 """
@@ -59,6 +60,16 @@ def _responses_head(model: str) -> list[bytes]:
     response = {"id": "resp_1", "object": "response", "created_at": 1, "model": model, "output": [],
                 "status": "in_progress"}  # fmt: skip
     return [_sse({"type": "response.created", "sequence_number": 0, "response": response}, "response.created")]
+
+
+async def _led(events: AsyncIterator[bytes], lead: str) -> AsyncIterator[bytes]:
+    """``events`` after a blank line sent alone (``lead="blank"``), or with a UTF-8 byte order mark before the first
+    (``"bom"``), as some servers open a stream."""
+    if lead == "blank":
+        yield b"\r\n"
+    async for event in events:
+        yield b"\xef\xbb\xbf" + event if lead == "bom" else event
+        lead = ""
 
 
 async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIterator[bytes]:
@@ -172,7 +183,8 @@ async def scripted(request: Request) -> Response:
     if how == "tgi-validation-long-422":
         return JSONResponse({"error": TGI_MESSAGES["validation-long"], "error_type": "validation"}, status_code=422)
     media_type = request.headers.get("x-media-type", "text/event-stream")
-    return StreamingResponse(_events(body["model"], how, request.headers), media_type=media_type)
+    events = _events(body["model"], how, request.headers)
+    return StreamingResponse(_led(events, request.headers.get("x-lead", "")), media_type=media_type)
 
 
 @pytest.fixture(scope="module")
@@ -368,15 +380,22 @@ def test_a_call_of_an_mcp_servers_tool_is_a_tool_call(claude: tuple[anthropic.An
     assert metrics.value("llm_tool_calls_total", gen_ai_request_model=how, gen_ai_tool_name="echo") == 1, metrics.text
 
 
-def test_a_stream_labelled_text_plain_is_read_as_the_stream_it_is(service: tuple[openai.OpenAI, int]) -> None:
+@pytest.mark.parametrize("lead", ["", "blank", "bom"])
+def test_a_stream_labelled_text_plain_is_read_as_the_stream_it_is(
+    service: tuple[openai.OpenAI, int], lead: str
+) -> None:
+    """``blank``: a blank line, alone in the body's first chunk, before the first event; ``bom``: a byte order mark
+    before it. Both hid the stream from the middleware (its first bytes said no field), and its tokens were lost."""
     client, port = service
+    model = f"plain-{lead}" if lead else "plain"
+    headers = {"x-script": "n", "x-media-type": "text/plain", "x-lead": lead}
     chunks = list(
         client.chat.completions.create(
-            model="plain", messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
-            stream_options={"include_usage": True}, extra_headers={"x-script": "n", "x-media-type": "text/plain"},
+            model=model, messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
+            stream_options={"include_usage": True}, extra_headers=headers,
         )
     )  # fmt: skip
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2 * PER_CHOICE
-    metrics = _counted(port, "plain")
-    assert metrics.value("llm_tokens_total", gen_ai_request_model="plain", gen_ai_token_type="output") == 2 * PER_CHOICE
-    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model="plain") == 1
+    metrics = _counted(port, model)
+    assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 2 * PER_CHOICE
+    assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
