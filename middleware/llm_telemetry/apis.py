@@ -1256,9 +1256,11 @@ class OpenAIResponsesReader(ResponseReader):
     def _run_shaped(self, fast: _Shape, run: list[bytes]) -> bool:
         return all(map(_RESPONSES_DELTA.fullmatch, run))
 
-    def _response(self, response: Any) -> None:
+    def _response(self, response: Any, ended: str | None = None) -> None:
+        """Read a response object; ``ended``: the status the closing event that carried it names (``failed`` for
+        ``response.failed``), which is how the response ended whatever its own status says (a proxy's may say none)."""
         if not isinstance(response, dict):
-            return
+            response = {}
         call = self.call
         call.response_model = _str(response.get("model")) or call.response_model
         call.response_id = _str(response.get("id")) or call.response_id
@@ -1272,14 +1274,13 @@ class OpenAIResponsesReader(ResponseReader):
             call.cache_creation_tokens = _cache_writes(details, usage)
             call.reasoning_tokens = _int(_get(usage, "output_tokens_details", "reasoning_tokens"))
             call.usage_source = "reported"
-        status = response.get("status")
+        status = ended or response.get("status")
         if status == "incomplete":
             _add_finish_reason(call, _get(response, "incomplete_details", "reason") or "incomplete")
         elif status == "completed":
             _add_finish_reason(call, "stop")
         elif status == "failed":
-            error = response.get("error")
-            call.error_type = classify_error_body({"error": error}) if isinstance(error, dict) else "server_error"
+            self._stream_error({"error": response.get("error")})  # (read as an ``error`` event's error is)
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
@@ -1301,7 +1302,7 @@ class OpenAIResponsesReader(ResponseReader):
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
-            self._response(obj.get("response"))
+            self._response(obj.get("response"), _RESPONSE_END_STATUS.get(kind))
         elif kind in _RESPONSES_TOOL_DELTA_EVENTS:
             if obj.get("delta"):
                 self._first_token(now)

@@ -4,6 +4,8 @@ openai SDK: what each SDK raises (or returns) is what the metrics say.
 - OpenAI's Responses API documents an ``error`` event with the error's members on the event, and has also sent them
   nested in an ``error`` object, as its error bodies are: a rate limit either way.
 - Hugging Face TGI sends an error inside a chat stream as ``{"error": "<message>", "error_type": "<kind>"}``.
+- A Responses stream's closing event (``response.failed``, ``response.incomplete``, ``response.completed``) says how it
+  ended, when the response in it says no status too (a proxy's may not), and its error is read as an error event's.
 - A Responses stream cut off while the model was writing a tool call's arguments counts those pieces, estimated.
 - With ``n`` choices, generated side by side, the time per output token is per choice.
 - A stream an app labels ``text/plain`` (the SDKs read it as the stream the request asked for) is read as one, and so
@@ -85,6 +87,21 @@ async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIter
         nested = {"type": "error", "sequence_number": 2, "error": error}
         flat = {"type": "error", "sequence_number": 2, "code": code, "message": error["message"], "param": None}
         yield _sse(flat if how.endswith("-flat") else nested, "error")
+    elif how.startswith("responses-end-"):
+        # The closing event as a proxy may send it: its response without the status OpenAI always puts there.
+        for event in _responses_head(model):
+            yield event
+        yield _sse({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
+                    "content_index": 0, "delta": "Hi"}, "response.output_text.delta")  # fmt: skip
+        kind, _, what = how.removeprefix("responses-end-").partition("-")
+        response: dict[str, Any] = {"id": "resp_1", "object": "response", "created_at": 1, "model": model, "output": []}
+        if what == "rate":  # (OpenAI's words and code for it)
+            response["error"] = {"code": "rate_limit_exceeded", "message": "Rate limit reached for gpt-4.1"}
+        elif what == "unknown":  # with its status, and an error code nothing here knows
+            response.update(status="failed", error={"code": "upstream_mishap", "message": "Something went wrong"})
+        elif kind == "incomplete":
+            response["incomplete_details"] = {"reason": "max_output_tokens"}
+        yield _sse({"type": f"response.{kind}", "sequence_number": 2, "response": response}, f"response.{kind}")
     elif how == "responses-tool-cut":
         for event in _responses_head(model):
             yield event
@@ -273,6 +290,36 @@ def test_a_tgi_error_is_what_tgi_says_it_is(service: tuple[openai.OpenAI, int], 
                 list(stream)
     # (A refused request's model is "other", as metrics.md says: each error type is found once there.)
     settled(port, lambda m: _once(m, "other" if refused else how, error_type))
+
+
+@pytest.mark.parametrize(
+    ("how", "error_type", "reason"),
+    [
+        ("responses-end-failed-rate", "rate_limit", None),  # the error in the response says what failed
+        ("responses-end-failed", "server_error", None),  # nor any error: the event's name says it failed
+        ("responses-end-failed-unknown", "server_error", None),  # an unknown code: as in an ``error`` event
+        ("responses-end-incomplete", None, "max_output_tokens"),
+        ("responses-end-completed", None, "stop"),
+    ],
+)
+def test_a_responses_streams_closing_event_says_how_it_ended(
+    service: tuple[openai.OpenAI, int], how: str, error_type: str | None, reason: str | None
+) -> None:
+    """The status OpenAI puts in the closing event's response repeats the event's name; a proxy's may leave it out,
+    and a ``response.failed`` so sent was a success. The SDK raises for none of them: it hands the event on."""
+    client, port = service
+    events = [
+        e.type for e in client.responses.create(model=how, input="Hi", stream=True, extra_headers={"x-script": how})
+    ]
+    assert events[-1] == "response." + how.split("-")[2]
+
+    def ended(metrics: Metrics) -> None:
+        assert metrics.value("llm_requests_total", gen_ai_request_model=how) == 1
+        errors = {s["error_type"] for s in metrics.series("llm_errors_total", gen_ai_request_model=how)}
+        reasons = {s["llm_finish_reason"] for s in metrics.series("llm_finish_reasons_total", gen_ai_request_model=how)}
+        assert (errors, reasons) == ({error_type} - {None}, {reason} - {None})
+
+    settled(port, ended)
 
 
 def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.OpenAI, int]) -> None:
