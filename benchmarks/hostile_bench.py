@@ -111,6 +111,15 @@ def gzip_events_in_chunks(n: int) -> tuple[bytes, list[bytes]]:
     return b'{"stream": true}', [*chunks, packer.flush()]
 
 
+def gzip_empty_flushes(n: int) -> tuple[bytes, list[bytes]]:
+    """A gzipped stream whose ``n`` chunks after the first inflate to nothing: a relay flushing its compressor with
+    nothing new may send an empty block each time (5 bytes). The app's own cost grows with them too (a send each)."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    first = packer.compress(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n') + packer.flush(zlib.Z_SYNC_FLUSH)
+    empty = b"\x00\x00\x00\xff\xff"  # a stored block of no bytes (zlib's own flush gives nothing when nothing is new)
+    return b'{"stream": true}', [first, *[empty] * n, packer.flush()]
+
+
 CASES: list[Case] = [
     ("SSE: data lines in one event", "line", many_data_lines, [3_000, 30_000, 300_000], "text/event-stream"),
     ("SSE: empty data lines, no event end", "line", empty_data_lines, [10_000, 100_000, 1_000_000],
@@ -127,9 +136,11 @@ CASES: list[Case] = [
      "text/event-stream"),
     ("gzip: empty events, chunk by chunk", "event", gzip_events_in_chunks, [100_000, 1_000_000, 8_000_000],
      "text/event-stream|gzip"),
+    ("gzip: chunks inflating to nothing", "chunk", gzip_empty_flushes, [10_000, 100_000, 1_000_000],
+     "text/event-stream|gzip"),
 ]  # fmt: skip
 
-UNITS = {"line": 1, "event": 1, "result": 1, "KiB": 1024, "MiB": 1 << 20}
+UNITS = {"line": 1, "event": 1, "chunk": 1, "result": 1, "KiB": 1024, "MiB": 1 << 20}
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -113,12 +113,15 @@ class _Zlib:
         self._at = 0
 
     def take(self, chunk: bytes, limit: int) -> tuple[bytes, bool] | None:
-        step = min(limit, DECODE_STEP)
-        if chunk:
-            at, held = self._at, self._input
-            self._input, self._at = (held[at:] + chunk if at < len(held) else chunk), 0
+        step = limit if limit < DECODE_STEP else DECODE_STEP
         held, at = self._input, self._at
-        piece = memoryview(held)[at : at + DECODE_STEP]
+        if chunk:
+            held = self._input = held[at:] + chunk if at < len(held) else chunk
+            at = self._at = 0
+        # Input read in one step is given as it is: a view costs more than inflating a chunk of a few bytes does.
+        piece: bytes | memoryview = (
+            held if not at and len(held) <= DECODE_STEP else memoryview(held)[at : at + DECODE_STEP]
+        )
         inflate = self._inflate
         if self._gzip:
             if inflate.eof:  # the member before ended: the next one starts here
