@@ -70,6 +70,9 @@ class Outcome:
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
     held: list[str] = field(default_factory=list)
+    #: The peers left to take over workloads this resource served until now and injected (see :func:`_inject`): each
+    #: needs a pass, and this resource one more after those, which removes what they did not take.
+    handed: set[str] = field(default_factory=set)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
     #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
     #: stored status already shows.
@@ -542,6 +545,7 @@ async def _inject(
     ConfigMap missing): the selected ones are left as they are, and those this resource had injected before stay
     its targets."""
     name = owner["metadata"]["name"]
+    last_targets = set((owner.get("status") or {}).get("targets") or [])
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
     lost: list[str] = []
@@ -626,6 +630,13 @@ async def _inject(
                 continue
             take_over = True
         if not selected and not mine:
+            continue
+        if not selected and serving[id(workload)] and workload_key(workload) in last_targets:
+            # A peer serves it now: left for that one to take over in one patch, rather than removed here and injected
+            # there (two rollouts, and pods without telemetry in between). Once no target, it is removed by this
+            # resource's next pass if it is still this one's then.
+            best = min(serving[id(workload)], key=lambda peer: precedence(peer[0]))
+            outcome.handed.add(best[0]["metadata"]["name"])
             continue
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))

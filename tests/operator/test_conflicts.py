@@ -338,3 +338,59 @@ async def test_a_winner_gone_unseen_is_forgotten_once_its_children_are_collected
         again = [path for kind, path in zeta_children.items() if get(emulator, kind, path.rsplit("/", 1)[1])]
         assert not again, f"made again for an owner that is gone: {again}"
         assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is not None
+
+
+async def test_the_winner_selecting_the_workload_no_more_hands_it_over_in_one_step(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The older "zeta" serves the workload that "alpha" selects too; then zeta's selector stops selecting it.
+    alpha takes it over in one patch: zeta's injection is not removed first and then made again (two pod template
+    changes, two rollouts and pods without telemetry in between). Here both inject the same settings, so the pod
+    template does not change at all: only the record says who injected it."""
+    contested(emulator, monitoring_crds)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        template = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]
+        generation = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
+        before = len(list(emulator))
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
+        await eventually(lambda: holder(emulator) == "alpha", "alpha took the workload over")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        await eventually(lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "NoTargets", "zeta NoTargets")
+        await asyncio.sleep(1.0)  # every pass the change started has run
+        deployment_path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+        patches = [
+            req
+            for req in list(emulator)[before:]
+            if req.method.value == "PATCH" and str(req.url.path) == deployment_path
+        ]
+        assert len(patches) == 1, [req.data for req in patches]
+        assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] == generation
+        assert get(emulator, DEPLOYMENTS, "chat")["spec"]["template"] == template
+        assert service_owner(emulator) == "alpha"
+    check_usage(emulator)
+
+
+async def test_a_workload_left_to_a_peer_that_does_not_take_it_is_given_back(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """As above, but "alpha" cannot inject the workload (its pricing ConfigMap is missing): zeta's next pass, a few
+    seconds later, removes its injection all the same, and gives the user's pod template back."""
+    contested(emulator, monitoring_crds)
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
+        await eventually(lambda: holder(emulator) is None, "zeta's injection removed", attempts=400)
+        assert (
+            get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"] == deployment()["spec"]["template"]["spec"]
+        )
+        await eventually(
+            lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "alpha waits"
+        )
+    check_usage(emulator)
