@@ -415,12 +415,18 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None, keep_refe
         ours = done.get("env") or {}
         # A value the user changed since we injected it is theirs now: keep it, with the injected variables it
         # refers to ($(K8S_POD_NAME) in an OTEL_RESOURCE_ATTRIBUTES the user extended): without them the pods would
-        # get the reference as literal text.
+        # get the reference as literal text. Only those declared before it: the kubelet expands no other, so a
+        # reference the user had before the injection (which added the variable after it) keeps nothing.
         entries = container.get("env") or []
         kept = {i for i, e in enumerate(entries) if not _as_injected(e, ours)}
         while keep_referred:
-            referred = {name for i in kept for name in _ENV_REFERENCE.findall(str(entries[i].get("value") or ""))}
-            more = {i for i, e in enumerate(entries) if i not in kept and e.get("name") in referred}
+            more = {
+                j
+                for i in kept
+                for name in _ENV_REFERENCE.findall(str(entries[i].get("value") or ""))
+                for j in range(i)
+                if j not in kept and entries[j].get("name") == name
+            }
             if not more:
                 break
             kept |= more

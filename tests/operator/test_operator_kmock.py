@@ -1181,6 +1181,26 @@ async def test_relabel_and_delete_remove_injection(emulator: Any, monitoring_crd
     check_usage(emulator)
 
 
+async def test_a_reference_the_user_had_before_the_injection_does_not_keep_an_injected_variable(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The user's container had ``INSTANCE=$(K8S_POD_NAME)`` before any injection (no such variable then: the kubelet
+    leaves the reference as it is). The injection adds K8S_POD_NAME after it, where the kubelet does not expand it
+    from either; removing the injection gives the pod spec back exactly as it was, K8S_POD_NAME gone with the rest.
+    A value of the user's that refers to an injected variable declared before it keeps that one (see
+    test_resources)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    original = deployment(env=[{"name": "INSTANCE", "value": f"$({resources.ENV_POD_NAME})"}])
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = original
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)
+        assert resources.ENV_POD_NAME in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "LLMTelemetry gone")
+    assert get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"] == original["spec"]["template"]["spec"]
+
+
 def namespaced_grants(namespaces: tuple[str, ...]) -> set[tuple[str, str, str, str | None]]:
     """What the chart grants in namespaced mode: a ClusterRole (namespace None: every namespace) for cluster-scoped
     objects and the LLMTelemetry resources, a Role per watched namespace for the rest; nothing else namespaced
