@@ -12,7 +12,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
@@ -539,7 +539,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
-    for name in ("scheduler", "standby", "heartbeat"):
+    for name in ("scheduler", "standby", "heartbeat", "releasing"):
         background = memo.get(name)
         if isinstance(background, asyncio.Task):
             background.cancel()
@@ -1048,18 +1048,56 @@ async def _release_in_leaving_namespaces(memo: Any, state: OperatorState, logger
     too, found at startup (namespaced mode). kopf watches no namespace that is already being deleted when it
     starts, so such a resource's deletion never reached a handler, and the namespace stayed Terminating for good (a
     namespace deleted while the operator's pod was being replaced). Everything the resource made goes with the
-    namespace: there is nothing to undo. One another running operator serves is left to it."""
+    namespace: there is nothing to undo. One another running operator serves is left to it, and looked at again
+    every RELEASE_RECHECK_SECONDS: that operator may be gone for good, and once it has been for its grace (see
+    :func:`_held_elsewhere`) the resource is let go here."""
+    held = await _release(memo, list(state.bodies.values()), logger)
+    if held:
+        memo["releasing"] = asyncio.create_task(_release_held(memo, state, held, logger), name="llm-telemetry-release")
+
+
+#: Seconds between two looks at a resource to let go (see _release_in_leaving_namespaces) that another operator
+#: serves: past the cache of its peering object, and the confirmation that it is gone.
+RELEASE_RECHECK_SECONDS = HOLDER_CHECK_SECONDS + TAKEOVER_CONFIRM_SECONDS
+
+
+async def _release_held(memo: Any, state: OperatorState, held: list[Mapping[str, Any]], logger: Any) -> None:
+    """Look again at the resources :func:`_release_in_leaving_namespaces` left to another operator, read afresh,
+    until each is let go or gone (that operator cleaned up itself), or its namespace no longer being deleted."""
+    while held:
+        await asyncio.sleep(RELEASE_RECHECK_SECONDS)
+        if _paused(state):
+            continue  # the active replica does it
+        current, unread = [], []
+        for body in held:
+            meta = body["metadata"]
+            try:
+                found = await _read_again(memo, (meta["namespace"], meta["name"]), meta.get("uid") or "")
+            except ApiError:
+                unread.append(body)
+                continue
+            if found is not None:
+                current.append(found)
+        held = unread + await _release(memo, current, logger)
+
+
+async def _release(memo: Any, bodies: Sequence[Mapping[str, Any]], logger: Any) -> list[Mapping[str, Any]]:
+    """Let go of each of ``bodies`` being deleted in a namespace being deleted (see
+    :func:`_release_in_leaving_namespaces`); returns those left to another operator that serves them."""
     client = _client(memo)
     leaving: dict[str, bool] = {}
-    for (namespace, name), body in list(state.bodies.items()):
-        meta = body.get("metadata") or {}
+    held = []
+    for body in bodies:
+        meta = body["metadata"]
+        namespace, name = str(meta["namespace"]), str(meta["name"])
         if not meta.get("deletionTimestamp") or c.FINALIZER not in (meta.get("finalizers") or ()):
-            continue
-        if await _held_elsewhere(memo, body) is not None:
             continue
         if namespace not in leaving:
             leaving[namespace] = await _namespace_leaving(client, namespace)
         if not leaving[namespace]:
+            continue
+        if await _held_elsewhere(memo, body) is not None:
+            held.append(body)
             continue
         finalizers = [f for f in meta.get("finalizers") or () if f != c.FINALIZER]
         patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}}
@@ -1079,6 +1117,7 @@ async def _release_in_leaving_namespaces(memo: Any, state: OperatorState, logger
             name,
             namespace,
         )
+    return held
 
 
 async def _namespace_leaving(client: KubeClient, namespace: str) -> bool:

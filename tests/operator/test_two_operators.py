@@ -32,6 +32,7 @@ from kopf_testing import (
 from test_operator_kmock import env_of, hand
 
 from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import handlers
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.handlers import TAKEOVER_CONFIRM_SECONDS
 
@@ -376,3 +377,36 @@ async def test_a_resource_another_running_operator_serves_is_not_let_go_at_start
         await asyncio.sleep(2)
     assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
     assert not [w for w in writes_since(emulator, seen) if "llmtelemetries" in w[1]]
+
+
+async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_let_go(
+    emulator: Any, monitoring_crds: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the other operator had stopped a moment before (a restart, as far as anyone can tell: its
+    resources are left to it for its grace), and never comes back. The resource is looked at again: once the grace
+    has passed, and that operator is confirmed gone, it is let go, and the namespace can go. (The grace and the
+    looks are shortened here; by default 5 minutes, then a look every 25 s.)"""
+    monkeypatch.setattr(handlers, "TAKEOVER_GRACE_SECONDS", 4.0)
+    monkeypatch.setattr(handlers, "TAKEOVER_CONFIRM_SECONDS", 0.5)
+    monkeypatch.setattr(handlers, "HOLDER_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(handlers, "RELEASE_RECHECK_SECONDS", 1.0)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    other_operator(emulator, None, stopped=datetime.timedelta(seconds=1))
+    served_by_other(emulator)
+    await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+    namespace = namespace_object(NAMESPACE)
+    namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    # As the namespace controller says it is held up (kopf then watches no such namespace when it starts).
+    remaining = {
+        "type": "NamespaceFinalizersRemaining",
+        "status": "True",
+        "reason": "SomeFinalizersRemain",
+        "message": f"Some content in the namespace has finalizers remaining: {c.FINALIZER} in 1 resource instances",
+    }
+    namespace["status"] = {"phase": "Terminating", "conditions": [remaining]}
+    emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config):
+        await asyncio.sleep(1)
+        assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]  # within the grace: left to it
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "let go once its operator is gone for good")
