@@ -590,7 +590,10 @@ async def _inject(
                 f"{workload_key(workload)} is also selected by LLMTelemetry {winner}, which wins it (the oldest "
                 f"wins: created {created}, then by name); this resource leaves it alone"
             )
-            lost.append(f"{workload_key(workload)} (served by {winner})")
+            if record is not None and record.get("owner") == winner:
+                lost.append(f"{workload_key(workload)} (served by {winner})")
+            else:  # it holds the workload uninjected (its pricing ConfigMap missing, say), or has yet to inject it
+                lost.append(f"{workload_key(workload)} (won by {winner}, which has not injected it: see its status)")
             outcome.failures.append(("Conflict", message))
             outcome.shown[("Conflict", message)] = lost[-1]
             selected = False  # remove our injection, if we had made it before the winner appeared
@@ -679,7 +682,7 @@ async def _inject(
             c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)
         )
     elif not targets and lost:
-        message = "every selected workload is served by another LLMTelemetry: " + ", ".join(lost)
+        message = "every selected workload is left to another LLMTelemetry: " + ", ".join(lost)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets and missing:
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", no_container)

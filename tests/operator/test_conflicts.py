@@ -83,8 +83,15 @@ async def test_oldest_wins_and_the_other_stands_by_visibly(emulator: Any, monito
         await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "the older one Ready")
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "the newer one in Conflict")
         assert holder(emulator) == "zeta"
-        injected = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)
-        assert injected["status"] == "False" and "served by zeta" in injected["message"]
+        # (A pass of alpha's before zeta's injection says "won by zeta"; the one its injection starts, "served by".)
+        injected = await eventually(
+            lambda: (
+                "served by zeta" in (found := condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED))["message"]
+                and found
+            ),
+            "alpha says zeta serves the workload",
+        )
+        assert injected["status"] == "False"
         for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
             assert reason(emulator, "alpha", type_) == "Conflict"
         assert get(emulator, LLMT, "alpha")["status"]["targets"] == []
@@ -394,3 +401,35 @@ async def test_a_workload_left_to_a_peer_that_does_not_take_it_is_given_back(
             lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "alpha waits"
         )
     check_usage(emulator)
+
+
+async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_so(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The older "zeta" wins the workload but injects nothing until its pricing ConfigMap exists: "alpha"'s Conflict
+    does not say the workload is served by zeta (nobody serves it), but that zeta wins it and has not injected it.
+    Once zeta injects it, the words are "served by" again."""
+    contested(emulator, monitoring_crds)
+    zeta = created("zeta", OLDER)
+    zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = zeta
+    async with running_operator():
+        await eventually(
+            lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "zeta waits"
+        )
+        await eventually(lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "Conflict", "alpha in Conflict")
+        message = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"]
+        assert holder(emulator) is None
+        assert "served by" not in message, message
+        assert "Deployment/chat (won by zeta, which has not injected it" in message, message
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected once its ConfigMap exists", attempts=600)
+        await eventually(
+            lambda: (
+                "Deployment/chat (served by zeta)"
+                in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"]
+            ),
+            "alpha says served by zeta",
+        )
