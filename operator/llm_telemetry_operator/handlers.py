@@ -667,6 +667,7 @@ async def _reconcile(
                 _peers(memo, key),
                 state.collectors,
                 state.index.recorded(key),
+                functools.partial(state.index.gone, key),
             )
             if uid and outcome.status:
                 state.statuses[uid] = outcome.status

@@ -102,6 +102,12 @@ class OwnerIndex:
             self._record_of[(namespace, workload)] = owner
             self._recorded.setdefault((namespace, owner), set()).add(workload)
 
+    def gone(self, key: Key, workload: str) -> None:
+        """Forget that the injection record of ``workload`` names ``key``: a read found the workload gone (its
+        deletion was missed, say while a watch was away), and no DELETED event will say so."""
+        if self._record_of.get((key[0], workload)) == key[1]:
+            self.record(key[0], workload, None)
+
     def recorded(self, key: Key) -> list[str]:
         """The workloads (``Kind/name``) whose injection record names the LLMTelemetry ``key``, in name order."""
         return sorted(self._recorded.get(key, ()))

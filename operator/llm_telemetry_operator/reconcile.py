@@ -113,7 +113,11 @@ async def list_workloads(
 
 
 async def _candidates(
-    client: KubeClient, owner: Mapping[str, Any], spec: TelemetrySpec, injected: Iterable[str] = ()
+    client: KubeClient,
+    owner: Mapping[str, Any],
+    spec: TelemetrySpec,
+    injected: Iterable[str] = (),
+    gone: Callable[[str], None] = lambda _workload: None,
 ) -> list[dict[str, Any]]:
     """The workloads a pass must look at: those the selector selects now, plus those it no longer selects
     (relabelled) whose injection must be removed: the targets of the last pass, and ``injected``, the workloads
@@ -123,11 +127,13 @@ async def _candidates(
     previous targets come from the status this operator wrote, so they cost a GET only after a relabel. The
     records cover what the status does not: a removal that failed (a webhook refused it) leaves the workload out of
     the next status, and an injection whose status was never written (the operator killed, a status write failed)
-    never entered it; without them no later pass, nor the deletion, looked at that workload again.
+    never entered it; without them no later pass, nor the deletion, looked at that workload again. ``gone`` is
+    told of each of ``injected`` found gone (its deletion missed by the watch), to be read no more.
     """
     namespace = owner["metadata"]["namespace"]
     workloads = await list_workloads(client, namespace, spec.selector)
     listed = {workload_key(w) for w in workloads}
+    injected = list(injected)
     for key in [*((owner.get("status") or {}).get("targets") or []), *injected]:
         kind, _, name = str(key).partition("/")
         if key in listed or kind not in kube.WORKLOADS or not name:
@@ -136,6 +142,8 @@ async def _candidates(
         try:
             workloads.append({**await client.get(kube.WORKLOADS[kind], namespace, name), "kind": kind})
         except NotFoundError:
+            if key in injected:
+                gone(key)
             continue
     return sorted(workloads, key=workload_key)
 
@@ -254,13 +262,14 @@ async def reconcile(
     peers: Sequence[Peer] | PeerView = (),
     collectors: CollectorCheck | None = None,
     injected: Iterable[str] = (),
+    gone: Callable[[str], None] = lambda _workload: None,
 ) -> Outcome:
     """Bring the cluster in line with one LLMTelemetry and write its status.
 
     ``peers`` are the other live LLMTelemetry of the namespace with valid specs; a workload that one of them
     also selects goes to the winner under :func:`precedence`. ``collectors`` looks up the collectors' Services
     (a shared one caches them; default: a fresh lookup). ``injected``: the workloads whose injection record names
-    this resource, as the operator last saw them (see :func:`_candidates`).
+    this resource, as the operator last saw them, and ``gone`` told of each found gone (see :func:`_candidates`).
     """
     meta = owner["metadata"]
     name = meta["name"]
@@ -285,7 +294,7 @@ async def reconcile(
 
     conditions: dict[str, r.Condition] = {}
     conditions[c.CONDITION_COLLECTORS] = await _collectors(client, config, spec, collectors, outcome)
-    workloads = await _candidates(client, owner, spec, injected)
+    workloads = await _candidates(client, owner, spec, injected, gone)
     # The peers that would inject each workload: who wins it, and whose metrics Service may be taken over.
     serving = {id(w): _serving(w, peers) for w in workloads}
     # The pricing volume names the user's ConfigMap: injected while it (or its key) is missing, the rollout would

@@ -124,3 +124,31 @@ async def test_an_injection_whose_status_was_never_written_is_removed_after_a_re
             "no targets reported",
         )
     assert get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"] == deployment()["spec"]["template"]["spec"]
+
+
+async def test_a_workload_whose_deletion_was_missed_is_read_once(emulator: Any, monitoring_crds: Any) -> None:
+    """Deployment ``chat``, injected, is deleted while the operator's watch of it is away (a reconnect after its
+    history expired reports nothing of what went meanwhile): its record stays known, and the resource's next pass
+    reads the workload it names, which is gone. It is forgotten then: the passes after read it no more (each read
+    one GET more, for good)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+
+    def reads() -> int:
+        return sum(1 for req in list(emulator) if req.method.value == "GET" and str(req.url.path) == path)
+
+    async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")) as memo:
+        await ready(emulator)
+        await eventually(lambda: memo["state"].index.recorded((NAMESPACE, "chat")), "the record seen")
+        del emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"]  # gone, with no watch event
+        before = reads()
+        for generation, interval in ((2, "20s"), (3, "40s")):
+            await hand(emulator, "PATCH", f"{LLMT_PATH}/chat", {"spec": {"metrics": {"interval": interval}}})
+            await eventually(
+                lambda g=generation: (get(emulator, LLMT, "chat")["status"] or {}).get("observedGeneration") == g,
+                f"generation {generation} applied",
+            )
+    assert reads() - before == 1

@@ -85,3 +85,13 @@ def test_candidates_are_never_fewer_than_the_selectors_that_match() -> None:
         found = index.candidates(NS, labels)
         assert matching <= set(found), (labels, sorted(matching - set(found)))
         assert found == sorted(found)
+
+
+def test_a_workload_found_gone_is_forgotten_only_for_the_resource_its_record_names() -> None:
+    index = OwnerIndex()
+    index.record(NS, "Deployment/chat", "chat")
+    index.record(NS, "Deployment/embed", "embed")
+    index.gone((NS, "chat"), "Deployment/embed")  # (its record names another: a newer version than the read)
+    index.gone((NS, "chat"), "Deployment/chat")
+    assert index.recorded((NS, "chat")) == []
+    assert index.recorded((NS, "embed")) == ["Deployment/embed"]
