@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import threading
@@ -62,7 +63,13 @@ class MmapedDict(mmap_dict.MmapedDict):  # type: ignore[misc]
         if not read_mode:
             with open(filename, "a+b") as created:
                 size = os.fstat(created.fileno()).st_size
-                _reserve(created.fileno(), size or mmap_dict._INITIAL_MMAP_SIZE)
+                try:
+                    _reserve(created.fileno(), size or mmap_dict._INITIAL_MMAP_SIZE)
+                except OSError:
+                    if not size:  # made here: not left behind empty (it would read as no file at all)
+                        with contextlib.suppress(OSError):
+                            os.unlink(filename)
+                    raise
         super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
 
     def _init_value(self, key: str) -> None:
@@ -388,8 +395,17 @@ class SharedState:
             # recycled workers' files would otherwise pile up until the next scrape.
             self._fold_dead(self._load_archive())
             self._alive: Any = self._open_alive()
-            self._file: Any = MmapedDict(os.path.join(directory, self._stem + _DB))
-            self._db_lock: Any = self._lock_file(self._stem + _DB)
+            try:
+                self._file: Any = MmapedDict(os.path.join(directory, self._stem + _DB))
+                self._db_lock: Any = self._lock_file(self._stem + _DB)
+            except BaseException:
+                # (A full file system, say.) Nothing of this worker stays: its lock held by the error kept for the
+                # warning, it would count as a live worker with a values file of nothing, for good.
+                self._alive.close()
+                for suffix in (_DB, _ALIVE):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(directory, self._stem + suffix))
+                raise
         threading.Thread(target=self._keep, name="llm-telemetry-state", daemon=True).start()
 
     def _keep(self) -> None:
@@ -702,7 +718,8 @@ class SharedState:
         path = os.path.join(self.directory, stem + _DB)
         try:
             entries = list(MmapedDict.read_all_values_from_file(path))  # type: ignore[no-untyped-call]
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError, struct.error):
+            # Gone, or not a values file as a worker writes it (empty: a worker killed as it made it): no values.
             return
         for key, value, _timestamp, _pos in entries:
             yield key, value

@@ -249,19 +249,23 @@ class Telemetry:
             except OSError as exc:
                 self._server = False
                 busy = exc.errno == errno.EADDRINUSE
-                logger.warning(
-                    "llm-telemetry: metrics listener not started on %s:%s: %s%s",
-                    settings.metrics_host,
-                    settings.metrics_port,
-                    exc,
-                    (
+                if not busy:
+                    hint = ""
+                elif self.workers is not None:  # a worker whose shared state could not be set up (logged before)
+                    hint = "; trying again every second. This worker keeps its own numbers (docs/workers.md)"
+                else:
+                    hint = (
                         "; trying again every second. If this process is one of several workers of one server"
                         " (Granian's or Hypercorn's --workers, which are not detected), each keeps its own numbers"
                         " and one port shows only its own: set LLM_TELEMETRY_MULTIPROC_DIR to merge them"
                         " (docs/workers.md)"
                     )
-                    if busy
-                    else "",
+                logger.warning(
+                    "llm-telemetry: metrics listener not started on %s:%s: %s%s",
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    exc,
+                    hint,
                 )
                 if busy:
                     # The process before this one (a restart, a reload) may still be letting go of the port.

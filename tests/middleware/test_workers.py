@@ -775,6 +775,71 @@ def test_workers_values_file_on_a_full_file_system_raises_instead_of_killing(sma
     assert done.stdout.split() == ["refused", "28", "2.0"]  # ENOSPC
 
 
+def test_workers_worker_that_cannot_make_its_files_leaves_nothing_behind(small_tmpfs: Path) -> None:
+    """A worker starting while the state directory's file system is full (a small in-memory emptyDir, other files
+    on it) cannot make its values file: it says so and keeps its own numbers, and leaves nothing in the directory.
+    It left an empty values file, and its liveness lock held (by the error kept for its warning) for as long as it
+    lived: every merge read that file, and every scrape of the other workers was answered 500 until the server was
+    restarted; workers started later failed their setup on it too."""
+    directory = small_tmpfs / "state"
+    serving = multiproc.SharedState(str(directory), multiproc.Supervisor("parent", os.getpid()))
+    try:
+        serving.add(multiproc._key("llm.requests", "c", (("model", "a"),)), 2.0)
+        assert serving.merged()
+        free = shutil.disk_usage(small_tmpfs).free
+        (small_tmpfs / "fill").write_bytes(b"\0" * (free - 16 * 1024))  # no room for another values file
+        code = textwrap.dedent(
+            f"""
+            import sys
+            from llm_telemetry import multiproc
+            from llm_telemetry.config import Settings
+            mode = multiproc.activate(Settings(multiproc_dir={str(directory)!r}))
+            print(mode.state is None, getattr(mode.error, "errno", None), flush=True)
+            sys.stdin.read()  # alive, the error kept, until the test is done
+            """
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO / "middleware")}
+        with subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        ) as worker:
+            try:
+                assert worker.stdout is not None
+                assert worker.stdout.readline().split() == ["True", "28"]  # no state: ENOSPC
+                assert sorted(p.name for p in directory.iterdir() if p.name.startswith("w")) == [
+                    serving._stem + ".alive",
+                    serving._stem + ".db",
+                ]
+                merged = serving.merged()  # (a scrape)
+            finally:
+                worker.communicate("", timeout=30)
+        assert merged[multiproc._key("llm.requests", "c", (("model", "a"),))] == 2.0
+        (small_tmpfs / "fill").unlink()
+        joining = multiproc.SharedState(str(directory), multiproc.Supervisor("parent", os.getpid()))
+        joining.add(multiproc._key("llm.requests", "c", (("model", "a"),)), 1.0)
+        assert serving.merged()[multiproc._key("llm.requests", "c", (("model", "a"),))] == 3.0
+        joining.close()
+    finally:
+        serving.close()
+
+
+def test_workers_empty_values_file_of_a_dead_worker_is_read_as_none(tmp_path: Path) -> None:
+    """A worker killed between making its values file and reserving its blocks leaves it empty: merges (scrapes),
+    and the setup of workers started later, read it as no values and remove it, rather than fail on it for good."""
+    directory = tmp_path / "state"
+    serving = multiproc.SharedState(str(directory), multiproc.Supervisor("parent", os.getpid()))
+    try:
+        serving.add(multiproc._key("llm.requests", "c", (("model", "a"),)), 2.0)
+        (directory / "w1-deadbeef.db").write_bytes(b"")
+        (directory / "w1-deadbeef.alive").write_bytes(b"")
+        assert serving.merged()[multiproc._key("llm.requests", "c", (("model", "a"),))] == 2.0
+        assert not (directory / "w1-deadbeef.db").exists()
+        (directory / "w2-deadbeef.db").write_bytes(b"\x01")
+        multiproc.SharedState(str(directory), multiproc.Supervisor("parent", os.getpid())).close()
+        assert not (directory / "w2-deadbeef.db").exists()
+    finally:
+        serving.close()
+
+
 def test_workers_archive_that_cannot_be_written_is_not_taken_for_removed(
     small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
