@@ -172,7 +172,7 @@ def test_alerts_read_only_their_own_services_recorded_series(selector: str, kept
     service, by the selector's matchers on the labels recording keeps (tests/promtool/two_services.yaml runs it)."""
     assert recorded_selector(selector) == kept
     alerts = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=1), selector=selector))
-    reads = [(name, ref) for name, rule in alerts.items() for ref in re.findall(r"llm:[^\s)]+", rule["expr"])]
+    reads = [(name, ref) for name, rule in alerts.items() for ref in re.findall(r"llm:[^\s)\[]+", rule["expr"])]
     assert {name for name, _ in reads} >= {"LLMHighErrorRatio", "LLMTokenRateAnomaly", "LLMCostBudgetExceeded"}
     for name, ref in reads:
         assert ref.partition("{")[2] == (f"{kept}}}" if kept else ""), (name, ref)
@@ -244,7 +244,8 @@ def test_thresholds_are_written_as_the_numbers_given(objective: float, ratio: fl
         ("LLMHighToolFailureRatio", ratio),
         ("LLMCostBudgetExceeded", cost),
     ):
-        assert float(alerts[name]["expr"].rsplit(" > ", 1)[1]) == value, name
+        threshold = re.search(r" > (\S+)", alerts[name]["expr"])
+        assert threshold and float(threshold[1]) == value, name
 
 
 def test_prometheus_rule_object_validates_against_the_operator_schema() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -105,6 +105,10 @@ BURN_RATE_WINDOWS: Final = (
     ("warning", "3d", "6h", 1.0),
 )
 SLO_WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+#: Bad events (failed requests, late first tokens) a burn-rate alert needs in its short window, and failed requests
+#: the error-ratio alert needs in its 5 minutes: at a few requests an hour, or in a service's first minutes (when
+#: every window holds only those minutes), one failure is a ratio of 10 or 20%, which paged and stayed firing.
+MIN_BURN_EVENTS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -314,11 +318,16 @@ def _ratio(bad: str, total: str) -> str:
     return f"(\n  {bad}\n  or\n  {total} * 0\n)\n/\n{total}"
 
 
+def _failed(selector: str) -> str:
+    """The errors through the service's fault: the availability SLO's bad events."""
+    return series(ERRORS, selector, f'{ERROR_TYPE}!~"{"|".join(CLIENT_ERROR_TYPES)}"')
+
+
 def availability_error_ratio_expr(window: str, selector: str = "") -> str:
     """Requests failed through the service's fault over all requests, per service."""
-    bad = series(ERRORS, selector, f'{ERROR_TYPE}!~"{"|".join(CLIENT_ERROR_TYPES)}"')
     return _ratio(
-        f"sum by ({BY}) (rate({bad}[{window}]))", f"sum by ({BY}) (rate({series(REQUESTS, selector)}[{window}]))"
+        f"sum by ({BY}) (rate({_failed(selector)}[{window}]))",
+        f"sum by ({BY}) (rate({series(REQUESTS, selector)}[{window}]))",
     )
 
 
@@ -327,25 +336,49 @@ def _plus(one: str, other: str) -> str:
     return f"({one} or {other} * 0)\n  +\n  ({other} or {one} * 0)"
 
 
+def availability_bad_events_expr(window: str, selector: str = "") -> str:
+    """Requests failed through the service's fault over ``window``, per service."""
+    return f"sum by ({BY}) (increase({_failed(selector)}[{window}]))"
+
+
+def _ttft_parts(function: str, window: str, objective_seconds: float, selector: str) -> tuple[str, str]:
+    """The streams late to their first token (see :func:`ttft_slow_ratio_expr`), and all those streams, by
+    ``function`` (``rate`` or ``increase``) over ``window``."""
+    le = f'le="{le_value(objective_seconds)}"'
+
+    def over(metric: str, *matchers: str) -> str:
+        return f"sum by ({BY}) ({function}({series(metric, selector, *matchers)}[{window}]))"
+
+    answered = over(TIME_TO_FIRST_TOKEN + "_count")
+    slow = f"({answered} - {over(TIME_TO_FIRST_TOKEN + '_bucket', le)})"
+    left_late = f"({over(TIME_TO_ABANDONMENT + '_count')} - {over(TIME_TO_ABANDONMENT + '_bucket', le)})"
+    return _plus(slow, left_late), _plus(answered, left_late)
+
+
 def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = "") -> str:
     """Streams whose first token came later than the objective, or that their clients left without one after
     waiting longer than the objective, over all those streams. Streams left sooner are counted in neither: whether
     their first token would have been in time is unknown. Without the left ones, a stalled upstream that every
     client gives up on would meet the objective: only the streams that got a token would count."""
-    le = f'le="{le_value(objective_seconds)}"'
+    late, streams = _ttft_parts("rate", window, objective_seconds, selector)
+    return f"(\n  {late}\n)\n/\n(\n  {streams}\n)"
 
-    def rate(metric: str, *matchers: str) -> str:
-        return f"sum by ({BY}) (rate({series(metric, selector, *matchers)}[{window}]))"
 
-    answered = rate(TIME_TO_FIRST_TOKEN + "_count")
-    slow = f"({answered} - {rate(TIME_TO_FIRST_TOKEN + '_bucket', le)})"
-    left_late = f"({rate(TIME_TO_ABANDONMENT + '_count')} - {rate(TIME_TO_ABANDONMENT + '_bucket', le)})"
-    return f"(\n  {_plus(slow, left_late)}\n)\n/\n(\n  {_plus(answered, left_late)}\n)"
+def ttft_late_events_expr(window: str, objective_seconds: float, selector: str = "") -> str:
+    """Streams late to their first token (see :func:`ttft_slow_ratio_expr`) over ``window``, per service."""
+    return _ttft_parts("increase", window, objective_seconds, selector)[0]
 
 
 def _burn_alerts(
-    slo: str, alert_prefix: str, objective: float, what: str, runbook_url: str, own: str
+    slo: str,
+    alert_prefix: str,
+    objective: float,
+    what: str,
+    runbook_url: str,
+    own: str,
+    bad_events: Callable[[str], str],
 ) -> list[dict[str, Any]]:
+    """The burn-rate alerts of an SLO; ``bad_events(window)``: its bad events over ``window``, per service."""
     budget = 1 - objective
     rules = []
     for severity, speed in (("critical", "Fast"), ("warning", "Slow")):
@@ -356,7 +389,8 @@ def _burn_alerts(
             threshold = f"({factor:g} * (1 - {_exact(objective)}))"
             clauses.append(
                 f"(\n  {series(f'llm:slo_{slo}:ratio_rate{long_w}', own)} > {threshold}\n"
-                f"  and\n  {series(f'llm:slo_{slo}:ratio_rate{short_w}', own)} > {threshold}\n)"
+                f"  and\n  {series(f'llm:slo_{slo}:ratio_rate{short_w}', own)} > {threshold}\n"
+                f"  and\n  ({bad_events(short_w)}) >= {MIN_BURN_EVENTS}\n)"
             )
         windows = " or ".join(
             f"{factor:g}x over {long_w} and {short_w}"
@@ -372,7 +406,8 @@ def _burn_alerts(
                 summary=f"{{{{ $labels.namespace }}}}/{{{{ $labels.job }}}} is spending its {slo} error budget "
                 + ("fast" if speed == "Fast" else "steadily"),
                 description=(
-                    f"{what} Objective {_exact(objective)} ({_fmt(budget * 100)}% budget); burn rate above {windows}. "
+                    f"{what} Objective {_exact(objective)} ({_fmt(budget * 100)}% budget); burn rate above {windows}"
+                    f" (and at least {MIN_BURN_EVENTS} bad events in the short window). "
                     "Ratio over the long window: {{ $value | humanizePercentage }}."
                 ),
                 runbook_url=runbook_url,
@@ -466,24 +501,33 @@ def build_rule_groups(
         # requests (those of a new or restarted process before its first scrape) shows no increase to rate() or
         # increase(), but changes the count, so a restart that served requests and then fell quiet is not taken for
         # 30 quiet minutes.
+        # Or: its targets are up, and none has shown a request series for 30 minutes, although the service had
+        # traffic within 6 hours. A process exports no request series before its first request, so a service
+        # restarted (a rollout) into silence had none to stay flat, and was never reported.
         _alert(
             "LLMNoTraffic",
-            f"(sum by ({BY}) (increase({series(REQUESTS, sel)}[30m])) == 0) and on ({BY}) "
-            f"(sum by ({BY}) ({series(REQUESTS, sel)}) == sum by ({BY}) ({series(REQUESTS, sel)} offset 30m))",
+            f"(\n  (sum by ({BY}) (increase({series(REQUESTS, sel)}[30m])) == 0) and on ({BY})\n"
+            f"  (sum by ({BY}) ({series(REQUESTS, sel)}) == sum by ({BY}) ({series(REQUESTS, sel)} offset 30m))\n)\n"
+            f"or\n(\n  (sum by ({BY}) ({series('up', sel)} == 1) unless on ({BY})"
+            f" sum by ({BY}) (last_over_time({series(REQUESTS, sel)}[30m])))\n"
+            f"  and on ({BY})\n  (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[6h])) > 0)\n)",
             severity="info",
             for_=None,
             summary=f"{service} has handled no LLM requests for 30 minutes",
-            description="The service exports LLM metrics but its request counter has not moved for 30 minutes.",
+            description="The service's LLM request counter has not moved for 30 minutes (or, its processes "
+            "restarted, none has counted a request since, within 6 hours of its last traffic).",
             runbook_url=runbook_url,
         ),
         _alert(
             "LLMHighErrorRatio",
-            f"{series('llm:llm_errors:ratio_rate5m', own)} > {_exact(t.error_ratio)}",
+            f"{series('llm:llm_errors:ratio_rate5m', own)} > {_exact(t.error_ratio)}\n"
+            f"and on ({BY})\n"
+            f"sum by ({BY}) (increase({series(ERRORS, sel, NOT_LEFT)}[5m])) >= {MIN_BURN_EVENTS}",
             severity="warning",
             for_="5m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
-            description=f"More than {_fmt(t.error_ratio * 100)}% of LLM requests failed over 5 minutes "
-            "(every error type but client_disconnect: a client leaving is not a failure).",
+            description=f"More than {_fmt(t.error_ratio * 100)}% of LLM requests failed over 5 minutes, at least "
+            f"{MIN_BURN_EVENTS} of them (every error type but client_disconnect: a client leaving is not a failure).",
             runbook_url=runbook_url,
         ),
         _alert(
@@ -593,6 +637,7 @@ def build_rule_groups(
         "Requests are failing through the service's fault (client errors excluded).",
         runbook_url,
         own,
+        lambda window: availability_bad_events_expr(window, sel),
     ) + _burn_alerts(
         "ttft",
         "LLMTimeToFirstToken",
@@ -601,6 +646,7 @@ def build_rule_groups(
         " are left without one after waiting that long.",
         runbook_url,
         own,
+        lambda window: ttft_late_events_expr(window, t.ttft_objective_seconds, sel),
     )
 
     return [
