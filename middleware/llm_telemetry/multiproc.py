@@ -18,6 +18,7 @@ import errno
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -107,6 +108,9 @@ ABANDONED_SECONDS: Final = 300.0
 (_OVERFLOW_ATTRIBUTE,) = OVERFLOW_ATTRIBUTES
 
 _ARCHIVE = "archive.json"
+#: Key of the archive's exact sums: per key of its rounded ``values`` whose dead workers' sum a float cannot hold, that
+#: sum as a few floats (see :func:`_exact_add`); a key without one is exactly its value.
+_PARTIALS = "partials"
 #: Label values admitted so far, per label, shared by the workers so the count bound is per deployment.
 _LABELS = "labels.json"
 _RUN = "run"
@@ -633,7 +637,14 @@ class SharedState:
             archive = self._load_archive()
             stems = self._fold_dead(archive)
             archived: dict[str, float] = archive["values"]
+            # Each total is rounded once from the exact sum of its shares (the archive's, each live worker's), so it is
+            # the same whichever worker answers (the stems come in the order of a set, another in each worker) and
+            # whichever workers are folded already, and a float total (a cost, a histogram's sum) never shows one unit
+            # in the last place less than before, which Prometheus would read as a counter reset. Integers below 2**53
+            # (bucket counts, requests, tokens) add exactly as floats: those totals are summed as they come, and only
+            # the others keep their shares, in ``exact``, for math.fsum (a value of ``values`` is always exact).
             values = dict(archived)
+            exact = _exact_shares(archive)
             known: dict[str, set[str]] | None = None  # per metric, the attribute sets with a place (built if needed)
             placed = False
             for stem in stems:
@@ -651,9 +662,19 @@ class SharedState:
                             else:
                                 self._redirects[key] = redirect
                         key = redirect
-                    values[key] = values.get(key, 0.0) + value
+                    shares = exact.get(key)
+                    if shares is not None:
+                        shares.append(value)
+                        continue
+                    current = values.get(key, 0.0)  # the exact sum so far (an archive's value may be an int)
+                    total = current + value
+                    if value.is_integer() and not current % 1.0 and -_EXACT_INTEGERS < total < _EXACT_INTEGERS:
+                        values[key] = total  # integers: exact too
+                    else:
+                        exact[key] = [current, value]
             if placed:
                 self._save_archive(archive)
+            values.update(_totals(exact))
             return values
 
     def _values_missing(self) -> bool:
@@ -672,7 +693,6 @@ class SharedState:
         """Fold the files of workers that died since the last merge into ``archive`` (saved if it changed), delete
         every dead worker's files, and return the live workers' stems. Called with the directory lock held."""
         absorbed = set(archive["absorbed"])
-        values: dict[str, float] = archive["values"]
         # A worker's liveness file may be gone (a /tmp cleaner; the worker puts it back within a second): its values
         # file tells too.
         stems = {name.rpartition(".")[0] for name in os.listdir(self.directory) if name.endswith((_ALIVE, _DB))}
@@ -680,7 +700,7 @@ class SharedState:
         fresh = dead - absorbed
         if fresh:
             for stem in sorted(fresh):
-                _fold(values, self._read(stem))
+                _fold(archive, self._read(stem))
             archive["absorbed"] = sorted((absorbed & stems) | fresh)
             self._save_archive(archive)
         if self._archive_unsaved:
@@ -742,9 +762,10 @@ class SharedState:
             loaded = json.loads(json.dumps(cached))
         else:
             if cached is not None and loaded.get("id") != cached.get("id"):
-                values: dict[str, float] = loaded["values"]
-                for key, value in cached["values"].items():
-                    values[key] = values.get(key, 0.0) + value
+                theirs = _partials(cached)
+                for key in cached["values"]:
+                    for part in _exact_of(cached["values"], theirs, key):
+                        _accumulate(loaded, key, part)
                 self._save_archive(loaded)
             elif cached is not None and int(loaded.get("version", 0)) < int(cached.get("version", 0)):
                 loaded = json.loads(json.dumps(cached))
@@ -913,19 +934,129 @@ def _place(known: dict[str, set[str]], key: str, parsed: list[Any] | None = None
     return key
 
 
-def _fold(archive: dict[str, float], entries: Iterable[tuple[str, float]]) -> None:
+def _fold(archive: dict[str, Any], entries: Iterable[tuple[str, float]]) -> None:
     """Add a dead worker's values to the archive's, each series to its place (see :func:`_place`; a series shown
     while its worker lived has one already), so however many workers come and go the archive stays bounded like each
-    worker's own file."""
+    worker's own file. Added exactly (see :func:`_accumulate`): folding a worker changes no merged total."""
+    values: dict[str, float] = archive["values"]
+    partials = archive.get(_PARTIALS)
+    if not isinstance(partials, dict):
+        partials = archive[_PARTIALS] = {}
     known: dict[str, set[str]] | None = None
     for key, value in entries:
         parsed = json.loads(key)
-        if key not in archive:
+        if key not in values:
             if known is None:
-                known = _placed(archive)
+                known = _placed(values)
             key = _place(known, key, parsed)
-        # A dead worker's live gauge share disappears; its series stays, at 0.
-        archive[key] = archive.get(key, 0.0) + (0.0 if parsed[1] == _GAUGE else value)
+        if parsed[1] == _GAUGE:
+            values.setdefault(key, 0.0)  # a dead worker's live gauge share disappears; its series stays, at 0
+            continue
+        current = values.get(key, 0.0)
+        total = current + value
+        if (
+            key not in partials
+            and value.is_integer()
+            and not current % 1.0
+            and -_EXACT_INTEGERS < total < _EXACT_INTEGERS
+        ):
+            values[key] = total  # integers: exact as they are
+        else:
+            _accumulate(archive, key, value)
+
+
+# --- exact sums of floats -----------------------------------------------------------------------------------
+# The total of a float series (a cost, a histogram's sum) is one rounding of the exact sum of the workers' values,
+# never a chain of roundings whose result depends on the order of the additions: the archive keeps the exact sum of
+# the dead workers' values as an expansion (Shewchuk, "Adaptive precision floating-point arithmetic", 1997), a list
+# of floats with no bits in common, and math.fsum rounds archive and live values together exactly once.
+
+
+def _partials(archive: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The archive's exact sums by key (none in an archive of an earlier version, or a damaged one)."""
+    partials = archive.get(_PARTIALS)
+    return partials if isinstance(partials, dict) else {}
+
+
+def _exact_of(values: Mapping[str, float], partials: Mapping[str, Any], key: str) -> list[float]:
+    """The archive's exact sum for ``key``: its partials when they are floats that round to its value (else that
+    value alone: a key with none, an archive of an earlier version or edited by hand), or [] without a value."""
+    value = values.get(key)
+    if value is None:
+        return []
+    parts = partials.get(key)
+    if isinstance(parts, list) and parts and all(type(part) is float for part in parts) and _sum(parts) == value:
+        return list(parts)
+    return [value]
+
+
+def _accumulate(archive: dict[str, Any], key: str, value: float) -> None:
+    """Add ``value`` to the archive's series ``key`` exactly: its partials grow, its value is their sum rounded."""
+    values: dict[str, float] = archive["values"]
+    parts = _exact_add(_exact_of(values, _partials(archive), key), value)
+    values[key] = _sum(parts)
+    if len(parts) > 1:
+        partials = archive.get(_PARTIALS)
+        if not isinstance(partials, dict):
+            partials = archive[_PARTIALS] = {}
+        partials[key] = parts
+    else:  # the rounded value is the exact sum (integers, most of all): nothing more to keep
+        partials = archive.get(_PARTIALS)
+        if isinstance(partials, dict):
+            partials.pop(key, None)
+
+
+def _exact_add(parts: list[float], value: float) -> list[float]:
+    """``parts`` (an expansion: floats of increasing magnitude with no bits in common, whose exact sum is the number
+    it stands for) with ``value`` added exactly, as a new expansion. Where something is not finite (an infinite or
+    NaN value, or a sum past the largest float), the plain float sum instead, as one part."""
+    if not math.isfinite(value) or not all(math.isfinite(part) for part in parts):
+        return [_sum([*parts, value])]
+    grown: list[float] = []
+    carry = value
+    for part in parts:
+        # Two-sum: with |larger| >= |smaller|, rounded + error is exactly larger + smaller.
+        larger, smaller = (carry, part) if abs(carry) >= abs(part) else (part, carry)
+        rounded = larger + smaller
+        error = smaller - (rounded - larger)
+        if error:
+            grown.append(error)
+        carry = rounded
+    grown.append(carry)
+    if not math.isfinite(carry):  # overflow: no exact sum in floats
+        return [_sum([*parts, value])]
+    return grown
+
+
+#: Integer-valued floats below this add exactly, in any order.
+_EXACT_INTEGERS: Final = float(2**53)
+
+
+def _exact_shares(archive: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The exact sums of the archive's keys that have partials: the first shares of their totals in a merge."""
+    values: dict[str, float] = archive["values"]
+    partials = _partials(archive)
+    return {key: _exact_of(values, partials, key) for key in partials if key in values}
+
+
+def _totals(shares: Mapping[str, list[float]]) -> dict[str, float]:
+    """Each key's sum of ``shares``, correctly rounded (see :func:`_sum`)."""
+    try:
+        return dict(zip(shares, map(math.fsum, shares.values()), strict=True))
+    except (OverflowError, ValueError):  # not all finite: those keys as _sum has them
+        return {key: _sum(values) for key, values in shares.items()}
+
+
+def _sum(values: list[float]) -> float:
+    """The correctly rounded sum of ``values`` (math.fsum); where that raises (an infinity less another, or a sum
+    past the largest float) the plain sum, which is what a float would show: a scrape never fails on it."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):
+        total = 0.0
+        for value in values:
+            total += value
+        return total
 
 
 class _Closed:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -24,11 +26,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -557,6 +562,147 @@ def test_workers_dead_worker_counters_kept_gauges_dropped(tmp_path: Path) -> Non
         other.kill()
         other.wait(timeout=10)
         mine.close()
+
+
+#: Three costs in US$ whose float sum depends on the order of the additions: only the first two added first round to
+#: the exact sum; the third added first (as when its worker has died and is folded into the archive) is one unit in
+#: the last place lower.
+ORDERED_COSTS = (0.0004199, 0.0002434, 0.0003231)
+
+
+def test_workers_float_totals_are_the_same_from_every_worker_and_never_go_down_when_one_dies(tmp_path: Path) -> None:
+    """A cost (and every histogram's ``_sum``) is the sum of the workers' shares, and float addition depends on its
+    order. Summed in the order a worker lists the files in (a set, in another order in each worker: uvicorn's workers
+    are fresh interpreters, each with its own hash seed) or with a dead worker's share folded first, the same costs
+    came out one unit in the last place apart: the total changed with the worker answering the scrape, and went down
+    when a worker died, which Prometheus reads as a counter reset (``increase()`` then counts the whole total again).
+    Every worker shows the correctly rounded exact sum, before and after the others are killed."""
+    cost, requests = multiproc._key("llm.cost", "c", ()), multiproc._key("llm.requests", "c", ())
+    exact = math.fsum(ORDERED_COSTS)
+    assert exact == float(sum(map(Fraction, ORDERED_COSTS)))  # fsum rounds the exact sum once
+    assert exact > (ORDERED_COSTS[2] + ORDERED_COSTS[0]) + ORDERED_COSTS[1]  # folded first, the third lowered it
+    script = (
+        "import json, sys\n"
+        "from llm_telemetry import multiproc\n"
+        f"state = multiproc.SharedState({str(tmp_path)!r}, multiproc.Supervisor('parent', {os.getpid()}))\n"
+        f"state.add({cost!r}, float(sys.argv[1]))\n"
+        f"state.add({requests!r}, 1)\n"
+        "print('ready', flush=True)\n"
+        "for _ in sys.stdin:\n"
+        "    merged = state.merged()\n"
+        f"    print(json.dumps([merged[{cost!r}], merged[{requests!r}]]), flush=True)\n"
+    )
+    path = os.pathsep.join(filter(None, [str(REPO / "middleware"), os.environ.get("PYTHONPATH")]))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, repr(amount)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": path},
+        )
+        for seed, amount in enumerate(ORDERED_COSTS)
+    ]
+
+    def shown(worker: subprocess.Popen[str]) -> list[float]:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write("merge\n")
+        worker.stdin.flush()
+        return list(json.loads(worker.stdout.readline()))
+
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+        assert [shown(worker) for worker in workers] == [[exact, 3]] * 3
+        for victim in (2, 0):  # the third cost's worker first: folded first, it lowered the total
+            workers[victim].kill()
+            workers[victim].wait(timeout=10)
+            alive = [worker for worker in workers if worker.poll() is None]
+            assert [shown(worker) for worker in alive] == [[exact, 3]] * len(alive)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(timeout=10)
+
+
+def test_workers_float_total_kept_exact_when_a_worker_that_never_saw_the_archive_makes_it_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive removed under a running server (a /tmp cleaner), and a worker joining makes a new one, folding a
+    worker that died meanwhile: the scraping worker adds its own copy (the workers dead before) to it. That sum is
+    exact too, so the cost shown does not go down across it."""
+    monkeypatch.setattr(multiproc.SharedState, "_keep", lambda self: None)  # nothing puts the archive back
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    cost = multiproc._key("llm.cost", "c", ())
+    first, second, third = ORDERED_COSTS
+    scraper = multiproc.SharedState(str(tmp_path), supervisor)
+    try:
+        dead = multiproc.SharedState(str(tmp_path), supervisor)
+        dead.add(cost, third)
+        dead.close()
+        assert scraper.merged()[cost] == third  # folded into the archive the scraper keeps a copy of
+        (tmp_path / "archive.json").unlink()
+        (tmp_path / "archive.json.version").unlink()
+        gone = multiproc.SharedState(str(tmp_path), supervisor)
+        gone.add(cost, first)
+        gone.close()
+        joining = multiproc.SharedState(str(tmp_path), supervisor)  # folds ``gone`` into a new archive
+        try:
+            joining.add(cost, second)
+            assert scraper.merged()[cost] == math.fsum(ORDERED_COSTS)
+        finally:
+            joining.close()
+        assert scraper.merged()[cost] == math.fsum(ORDERED_COSTS)
+    finally:
+        scraper.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shares=st.lists(
+        st.lists(st.floats(min_value=0.0, max_value=100.0, allow_subnormal=False), min_size=1, max_size=4),
+        min_size=2,
+        max_size=5,
+    ),
+    data=st.data(),
+)
+def test_workers_float_total_is_the_exact_sum_and_never_goes_down_whatever_order_workers_die_in(
+    shares: list[list[float]], data: st.DataObject
+) -> None:
+    """Workers record amounts (each keeps its own running float sum, its share), then die one by one in any order,
+    and any worker still alive answers each scrape: the total shown is always the correctly rounded sum of the
+    shares, so it never goes down."""
+    cost = multiproc._key("llm.cost", "c", ())
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    deaths = data.draw(st.permutations(range(len(shares))), label="order of deaths")
+    answering = data.draw(
+        st.lists(st.integers(min_value=0, max_value=len(shares)), min_size=len(shares)), label="workers answering"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        scraper = multiproc.SharedState(directory, supervisor)  # the worker holding the metrics port, all along
+        workers = [multiproc.SharedState(directory, supervisor) for _ in shares]
+        try:
+            totals = []
+            for worker, amounts in zip(workers, shares, strict=True):
+                total = 0.0
+                for amount in amounts:
+                    worker.add(cost, amount)
+                    total += amount
+                totals.append(total)
+            exact = math.fsum(totals)
+            before = scraper.merged()[cost]
+            assert before == exact
+            alive = [scraper, *workers]
+            for victim, pick in zip(deaths, answering, strict=False):
+                workers[victim].close()
+                alive.remove(workers[victim])
+                after = alive[pick % len(alive)].merged()[cost]
+                assert after >= before
+                assert after == exact
+                before = after
+        finally:
+            for worker in [scraper, *workers]:
+                worker.close()
 
 
 class _OTLPReceiver:
