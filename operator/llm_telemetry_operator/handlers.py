@@ -721,6 +721,12 @@ async def _reconcile(
         handed = state.bodies.get((key[0], peer))
         if handed is not None and not handed["metadata"].get("deletionTimestamp"):
             _start_pass(memo, logger, state, (key[0], peer), handed, "handover", lambda _outcome: False)
+    for peer in sorted(outcome.holders):
+        # It serves workloads this resource wins but cannot inject yet: a pass of its own says so in its status, once.
+        holder = state.bodies.get((key[0], peer))
+        if holder is not None and not holder["metadata"].get("deletionTimestamp"):
+            keeps = lambda last: key[1] in last.kept_for  # noqa: E731
+            _start_pass(memo, logger, state, (key[0], peer), holder, "conflict", keeps)
     state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
     metrics.RECONCILES.labels(trigger, result).inc()

@@ -73,6 +73,12 @@ class Outcome:
     #: The peers left to take over workloads this resource served until now and injected (see :func:`_inject`): each
     #: needs a pass, and this resource one more after those, which removes what they did not take.
     handed: set[str] = field(default_factory=set)
+    #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``): they keep
+    #: serving those (see ``kept_for``), and each needs a pass to learn who wins them, as nothing is written to them.
+    holders: set[str] = field(default_factory=set)
+    #: The peers that win workloads this resource serves but cannot inject them yet (their pricing ConfigMap missing):
+    #: this resource keeps serving those until the winner can take them over in one patch.
+    kept_for: set[str] = field(default_factory=set)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
     #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
     #: stored status already shows.
@@ -236,6 +242,25 @@ def _rival(owner: Mapping[str, Any], serving: Sequence[Peer]) -> Mapping[str, An
     ``owner`` wins it."""
     best = min((body for body, _spec in serving), key=precedence, default=None)
     return best if best is not None and precedence(best) < precedence(owner) else None
+
+
+async def _cannot_inject(
+    client: KubeClient,
+    owner: Mapping[str, Any],
+    serving: Sequence[Peer],
+    rival: Mapping[str, Any],
+    known: dict[tuple[Any, Any], bool],
+) -> bool:
+    """Whether ``rival``, of the peers ``serving`` a workload, cannot inject it now: the pricing ConfigMap its pods
+    would mount is missing or unreadable (see :func:`_missing_pricing`). ``known``: the answers of this pass so far,
+    by ConfigMap name and key."""
+    spec = next(spec for body, spec in serving if body is rival)
+    if not spec.pricing.config_map:
+        return False
+    ref = (spec.pricing.config_map, spec.pricing.config_map_key)
+    if ref not in known:
+        known[ref] = await _missing_pricing(client, owner["metadata"]["namespace"], spec) is not None
+    return known[ref]
 
 
 def _serving(workload: Mapping[str, Any], peers: PeerView) -> list[Peer]:
@@ -558,6 +583,9 @@ async def _inject(
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
     lost: list[str] = []
+    kept: list[str] = []
+    #: Whether each pricing ConfigMap (name, key) a winning peer mounts is missing, as looked up by this pass.
+    peer_prices: dict[tuple[Any, Any], bool] = {}
     errors: list[str] = []
     missing: list[str] = []
     paused: list[str] = []
@@ -592,6 +620,17 @@ async def _inject(
                 # Some named, not all: the others may be misspelt, which injecting the rest would otherwise hide.
                 partly.append(f"{workload_key(workload)} has no container {', '.join(absent)}")
         rival = _rival(owner, serving[id(workload)]) if selected else None
+        if (
+            rival is not None
+            and mine
+            and await _cannot_inject(client, owner, serving[id(workload)], rival, peer_prices)
+        ):
+            # The winner cannot inject it yet: left to it now, the workload would have no telemetry until it can. So
+            # it is kept, and the winner takes it over in one patch once it can (see ``holders``).
+            winner = rival["metadata"]["name"]
+            kept.append(f"{workload_key(workload)} (won by {winner}, which cannot inject it yet: see its status)")
+            outcome.kept_for.add(winner)
+            rival = None
         if rival is not None:
             winner = rival["metadata"]["name"]
             created = rival["metadata"].get("creationTimestamp") or "the same time"
@@ -652,6 +691,8 @@ async def _inject(
             continue
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
+            if holder is not None and peers.named(holder) is not None:
+                outcome.holders.add(holder)  # it keeps serving the workload until this resource can take it over
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
             continue
@@ -685,7 +726,11 @@ async def _inject(
     if missing:
         outcome.failures.append(("NoContainer", no_container))
         skipped += [f"{item}, none named {named}" for item in missing]
-    notes = "".join(f"; {what} " + ", ".join(items) for what, items in (("skipped", skipped), ("left", lost)) if items)
+    notes = "".join(
+        f"; {what} " + ", ".join(items)
+        for what, items in (("skipped", skipped), ("left", lost), ("kept", kept))
+        if items
+    )
     if errors:
         conditions[c.CONDITION_INJECTED] = r.Condition(
             c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)

@@ -30,6 +30,7 @@ from kopf_testing import (
 from test_operator_kmock import check_usage, hand, passes_for
 
 from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import handlers
 from llm_telemetry_operator import resources as r
 
 OLDER, NEWER = "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"
@@ -433,3 +434,49 @@ async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_
             ),
             "alpha says served by zeta",
         )
+
+
+async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_serving_it(
+    emulator: Any, monitoring_crds: Any, monkeypatch: Any
+) -> None:
+    """ "alpha" serves the workload; then "zeta", which ranks first, comes to select it, but its pricing ConfigMap is
+    missing, so it cannot inject it. alpha keeps serving it, and learns at once (not at its resync, minutes away) that
+    zeta wins it: handed to zeta, it had its injection removed and no telemetry at all until zeta's ConfigMap came.
+    Once the ConfigMap exists, zeta takes the workload over in one patch, its metrics Service included."""
+    monkeypatch.setattr(handlers, "HANDOVER_CHECK_SECONDS", 0.5)  # a workload handed and not taken goes at once
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        assert holder(emulator) == "alpha"
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await eventually(
+            lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "zeta waits"
+        )
+        await eventually(
+            lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
+            "alpha says zeta wins the workload",
+        )
+        await asyncio.sleep(1.5)  # past the check of a handover
+        assert holder(emulator) == "alpha"
+        assert reason(emulator, "alpha", "Ready") == "Ready"
+        assert get(emulator, LLMT, "alpha")["status"]["targets"] == ["Deployment/chat"]
+        assert service_owner(emulator) == "alpha"
+        message = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"]
+        assert "Deployment/chat (won by zeta, which cannot inject it yet: see its status)" in message, message
+
+        before = len(list(emulator))
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: service_owner(emulator) == "zeta", "the metrics Service is zeta's")
+        await asyncio.sleep(1.0)  # every pass the takeover started has run
+        writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
+        assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
+        assert ("DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics") not in writes
+    check_usage(emulator)
