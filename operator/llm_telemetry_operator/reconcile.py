@@ -73,11 +73,12 @@ class Outcome:
     #: The peers left to take over workloads this resource served until now and injected (see :func:`_inject`): each
     #: needs a pass, and this resource one more after those, which removes what they did not take.
     handed: set[str] = field(default_factory=set)
-    #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``): they keep
-    #: serving those (see ``kept_for``), and each needs a pass to learn who wins them, as nothing is written to them.
+    #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``, or its metrics port
+    #: taken there): they keep serving those (see ``kept_for``), and each needs a pass to learn who wins them, as
+    #: nothing is written to them.
     holders: set[str] = field(default_factory=set)
-    #: The peers that win workloads this resource serves but cannot inject them yet (their pricing ConfigMap missing):
-    #: this resource keeps serving those until the winner can take them over in one patch.
+    #: The peers that win workloads this resource serves but cannot inject them yet (their pricing ConfigMap missing,
+    #: their metrics port taken in the pods): this resource keeps serving those until the winner can take them over.
     kept_for: set[str] = field(default_factory=set)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
     #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
@@ -247,14 +248,18 @@ def _rival(owner: Mapping[str, Any], serving: Sequence[Peer]) -> Mapping[str, An
 async def _cannot_inject(
     client: KubeClient,
     owner: Mapping[str, Any],
+    workload: Mapping[str, Any],
     serving: Sequence[Peer],
     rival: Mapping[str, Any],
     known: dict[tuple[Any, Any], bool],
 ) -> bool:
-    """Whether ``rival``, of the peers ``serving`` a workload, cannot inject it now: the pricing ConfigMap its pods
-    would mount is missing or unreadable (see :func:`_missing_pricing`). ``known``: the answers of this pass so far,
-    by ConfigMap name and key."""
+    """Whether ``rival``, of the peers ``serving`` ``workload``, cannot inject it now: its ``spec.metrics.port`` is
+    taken in the workload's pods (see :func:`resources.port_conflicts`), or the pricing ConfigMap its pods would mount
+    is missing or unreadable (see :func:`_missing_pricing`). ``known``: the answers of this pass so far, by ConfigMap
+    name and key."""
     spec = next(spec for body, spec in serving if body is rival)
+    if r.port_conflicts(workload, spec):
+        return True
     if not spec.pricing.config_map:
         return False
     ref = (spec.pricing.config_map, spec.pricing.config_map_key)
@@ -623,7 +628,7 @@ async def _inject(
         if (
             rival is not None
             and mine
-            and await _cannot_inject(client, owner, serving[id(workload)], rival, peer_prices)
+            and await _cannot_inject(client, owner, workload, serving[id(workload)], rival, peer_prices)
         ):
             # The winner cannot inject it yet: left to it now, the workload would have no telemetry until it can. So
             # it is kept, and the winner takes it over in one patch once it can (see ``holders``).
@@ -654,6 +659,8 @@ async def _inject(
             skipped.append(f"{workload_key(workload)} (port {spec.metrics.port} taken)")
             selected = False
             if not mine:
+                if record is not None and peers.named(str(record.get("owner"))) is not None:
+                    outcome.holders.add(str(record.get("owner")))  # it keeps serving the workload (see ``kept_for``)
                 continue
         holder = None if record is None or mine else str(record.get("owner"))
         take_over = False

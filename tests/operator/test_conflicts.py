@@ -480,3 +480,39 @@ async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_se
         assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
         assert ("DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics") not in writes
     check_usage(emulator)
+
+
+async def test_a_winner_whose_metrics_port_is_taken_leaves_the_workload_to_the_one_serving_it(
+    emulator: Any, monitoring_crds: Any, monkeypatch: Any
+) -> None:
+    """As above, but "zeta" cannot inject the workload because its spec.metrics.port is taken in the pods
+    (``PortConflict``): alpha keeps serving it, and zeta takes it over in one patch once its port is free."""
+    monkeypatch.setattr(handlers, "HANDOVER_CHECK_SECONDS", 0.5)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    chat = deployment()
+    chat["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "admin", "containerPort": 9100}]
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = chat
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["metrics"] = {"port": 9100}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await eventually(lambda: reason(emulator, "zeta", c.CONDITION_METRICS) == "PortConflict", "zeta's port taken")
+        await eventually(
+            lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
+            "alpha says zeta wins the workload",
+        )
+        await asyncio.sleep(1.5)  # past the check of a handover
+        assert holder(emulator) == "alpha"
+        assert reason(emulator, "alpha", "Ready") == "Ready"
+
+        before = len(list(emulator))
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"metrics": {"port": 9464}}})
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await eventually(lambda: service_owner(emulator) == "zeta", "the metrics Service is zeta's")
+        await asyncio.sleep(1.0)  # every pass the takeover started has run
+        writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
+        assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
+    check_usage(emulator)
