@@ -70,8 +70,6 @@ TAKEOVER_CONFIRM_SECONDS = 15.0
 #: Seconds after which a first sighting of such an operator as gone no longer counts towards the confirmation: what it
 #: did since is unknown, so a later sighting starts a new one.
 TAKEOVER_CONFIRM_WINDOW_SECONDS = 120.0
-#: Seconds after a pass that left workloads to peers to take over (see reconcile.Outcome.handed) before its next one.
-HANDOVER_CHECK_SECONDS = 5.0
 #: How far ahead of this node's clock a stop mark may be and still count (clock skew); further is no mark.
 STOP_MARK_SKEW_SECONDS = 60.0
 _CHILD_RESOURCES = (
@@ -713,8 +711,6 @@ async def _reconcile(
         return outcome
     if outcome.retry:
         state.schedule.failed(key)
-    elif outcome.handed:
-        state.schedule.again(key, HANDOVER_CHECK_SECONDS)  # removes what the peers did not take (see Outcome.handed)
     else:
         state.schedule.succeeded(key, uid)
     for peer in sorted(outcome.handed):

@@ -70,8 +70,8 @@ class Outcome:
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
     held: list[str] = field(default_factory=list)
-    #: The peers left to take over workloads this resource served until now and injected (see :func:`_inject`): each
-    #: needs a pass, and this resource one more after those, which removes what they did not take.
+    #: The peers left to take over workloads this resource injected and no longer serves (see :func:`_inject`): each
+    #: needs a pass, which swaps the injection in one patch.
     handed: set[str] = field(default_factory=set)
     #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``, or its metrics port
     #: taken there): they keep serving those (see ``kept_for``), and each needs a pass to learn who wins them, as
@@ -584,7 +584,6 @@ async def _inject(
     ConfigMap missing): the selected ones are left as they are, and those this resource had injected before stay
     its targets."""
     name = owner["metadata"]["name"]
-    last_targets = set((owner.get("status") or {}).get("targets") or [])
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
     lost: list[str] = []
@@ -689,13 +688,16 @@ async def _inject(
             take_over = True
         if not selected and not mine:
             continue
-        if not selected and serving[id(workload)] and workload_key(workload) in last_targets:
-            # A peer serves it now: left for that one to take over in one patch, rather than removed here and injected
-            # there (two rollouts, and pods without telemetry in between). Once no target, it is removed by this
-            # resource's next pass if it is still this one's then.
+        if not selected and serving[id(workload)] and labels.get(c.LABEL_NAME) != c.OPERATOR_NAME:
+            # A peer serves it now: left for that one to take over in one patch (its pass starts at once), rather
+            # than removed here and injected there (two rollouts, and pods without telemetry in between). Every pass
+            # of this resource leaves it so until then: one coming first (its children's events, say) removed it.
+            # A peer that cannot inject it (its pricing ConfigMap missing, its port taken) would not take it: the
+            # injection is removed now.
             best = min(serving[id(workload)], key=lambda peer: precedence(peer[0]))
-            outcome.handed.add(best[0]["metadata"]["name"])
-            continue
+            if not await _cannot_inject(client, owner, workload, serving[id(workload)], best[0], peer_prices):
+                outcome.handed.add(best[0]["metadata"]["name"])
+                continue
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
             if holder is not None and peers.named(holder) is not None:

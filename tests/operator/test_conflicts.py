@@ -30,7 +30,6 @@ from kopf_testing import (
 from test_operator_kmock import check_usage, hand, passes_for
 
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import handlers
 from llm_telemetry_operator import resources as r
 
 OLDER, NEWER = "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"
@@ -437,13 +436,12 @@ async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_
 
 
 async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_serving_it(
-    emulator: Any, monitoring_crds: Any, monkeypatch: Any
+    emulator: Any, monitoring_crds: Any
 ) -> None:
     """ "alpha" serves the workload; then "zeta", which ranks first, comes to select it, but its pricing ConfigMap is
     missing, so it cannot inject it. alpha keeps serving it, and learns at once (not at its resync, minutes away) that
     zeta wins it: handed to zeta, it had its injection removed and no telemetry at all until zeta's ConfigMap came.
     Once the ConfigMap exists, zeta takes the workload over in one patch, its metrics Service included."""
-    monkeypatch.setattr(handlers, "HANDOVER_CHECK_SECONDS", 0.5)  # a workload handed and not taken goes at once
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
@@ -482,12 +480,46 @@ async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_se
     check_usage(emulator)
 
 
+async def test_a_workload_handed_over_stays_as_it_is_until_the_winner_takes_it(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "alpha" keeps serving the workload that "zeta" wins but cannot inject yet (as above). The ConfigMap comes, and
+    a pass of alpha's (its spec edited) finds first that zeta can inject now: alpha leaves the workload to zeta and
+    stands by, deleting its ServiceMonitor, PrometheusRule and dashboard. Their events start passes of alpha's at
+    once, before zeta's takes the workload over: those passes leave it as it is too. One of them removed alpha's
+    injection, and zeta's made its own again: the pods rolled twice, and ran without telemetry in between."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await eventually(
+            lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
+            "alpha says zeta wins the workload",
+        )
+        await asyncio.sleep(0.5)
+        before = len(list(emulator))
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/alpha", {"spec": {"dashboard": {"folder": "Chat"}}})
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await asyncio.sleep(1.0)  # every pass the takeover started has run
+        writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
+        assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
+        assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is None  # (alpha stood by)
+    check_usage(emulator)
+
+
 async def test_a_winner_whose_metrics_port_is_taken_leaves_the_workload_to_the_one_serving_it(
-    emulator: Any, monitoring_crds: Any, monkeypatch: Any
+    emulator: Any, monitoring_crds: Any
 ) -> None:
     """As above, but "zeta" cannot inject the workload because its spec.metrics.port is taken in the pods
     (``PortConflict``): alpha keeps serving it, and zeta takes it over in one patch once its port is free."""
-    monkeypatch.setattr(handlers, "HANDOVER_CHECK_SECONDS", 0.5)
     install_prometheus_operator_crds(emulator, monitoring_crds)
     chat = deployment()
     chat["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "admin", "containerPort": 9100}]
