@@ -501,21 +501,23 @@ def build_rule_groups(
         # requests (those of a new or restarted process before its first scrape) shows no increase to rate() or
         # increase(), but changes the count, so a restart that served requests and then fell quiet is not taken for
         # 30 quiet minutes.
-        # Or: its targets are up, and none has shown a request series for 30 minutes, although the service had
-        # traffic within 6 hours. A process exports no request series before its first request, so a service
-        # restarted (a rollout) into silence had none to stay flat, and was never reported.
+        # Or: its targets are up, none shows a request series, its recorded request rate has been 0 (or absent) for
+        # 25 minutes (so 30 after its last request), and the service had traffic within a day. A process exports
+        # no request series before its first request, so a service restarted (a rollout) into silence had none to
+        # stay flat, and was never reported; one quiet before the rollout stays reported through it.
         _alert(
             "LLMNoTraffic",
             f"(\n  (sum by ({BY}) (increase({series(REQUESTS, sel)}[30m])) == 0) and on ({BY})\n"
             f"  (sum by ({BY}) ({series(REQUESTS, sel)}) == sum by ({BY}) ({series(REQUESTS, sel)} offset 30m))\n)\n"
-            f"or\n(\n  (sum by ({BY}) ({series('up', sel)} == 1) unless on ({BY})"
-            f" sum by ({BY}) (last_over_time({series(REQUESTS, sel)}[30m])))\n"
-            f"  and on ({BY})\n  (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[6h])) > 0)\n)",
+            f"or\n(\n  sum by ({BY}) ({series('up', sel)} == 1)\n"
+            f"  unless on ({BY}) sum by ({BY}) ({series(REQUESTS, sel)})\n"
+            f"  unless on ({BY}) (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[25m])) > 0)\n"
+            f"  and on ({BY}) (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[1d])) > 0)\n)",
             severity="info",
             for_=None,
             summary=f"{service} has handled no LLM requests for 30 minutes",
             description="The service's LLM request counter has not moved for 30 minutes (or, its processes "
-            "restarted, none has counted a request since, within 6 hours of its last traffic).",
+            "restarted, none has counted a request since, within a day of its last traffic).",
             runbook_url=runbook_url,
         ),
         _alert(
