@@ -358,9 +358,10 @@ class ResponseReader:
             self.call.stream = True
             self.feed(chunk, now, shaped)
         elif not self._overflow:
-            if not self._buffer and chunk.isspace():
-                # Blank lines before the body's first bytes, in chunks of their own: left out, so that the next chunk
-                # is still the body's start above (an event stream's, maybe); a JSON value reads the same without them.
+            if not self._buffer and (not (lead := chunk.removeprefix(_BOM)) or lead.isspace()):
+                # Blank lines or a byte order mark before the body's first bytes, in chunks of their own: left out,
+                # so that the next chunk is still the body's start above (an event stream's, maybe); a JSON value
+                # reads the same without them.
                 return
             if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
                 # Too large to read: only the body's last bytes are kept from now on, for its usage.
@@ -1280,7 +1281,10 @@ class OpenAIResponsesReader(ResponseReader):
         elif status == "completed":
             _add_finish_reason(call, "stop")
         elif status == "failed":
-            self._stream_error({"error": response.get("error")})  # (read as an ``error`` event's error is)
+            error = response.get("error")
+            if isinstance(error, dict) or self.call.error_type is None:
+                # (Read as an ``error`` event's error is; one without its own error keeps what such an event said.)
+                self._stream_error({"error": error})
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event

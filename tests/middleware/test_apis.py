@@ -125,10 +125,15 @@ def test_openai_legacy_completions_stream() -> None:
     assert call.finish_reasons == ["length"] and call.output_tokens == 1 and call.first_token_at is not None
 
 
-@pytest.mark.parametrize("lead", [b"", b"\n", b"\r\n\r\n", b"\xef\xbb\xbf"])
-def test_a_body_is_an_event_stream_only_when_its_first_bytes_say_so(lead: bytes) -> None:
-    """A body labelled JSON or text is read as an event stream when it starts with a field, after blank lines (in
-    chunks of their own too) or a byte order mark; JSON and plain text after the same are read as they were."""
+@pytest.mark.parametrize(
+    ("lead", "apart"),
+    [(b"", False), (b"\n", True), (b"\r\n\r\n", True), (b"\xef\xbb\xbf", False), (b"\xef\xbb\xbf", True),
+     (b"\xef\xbb\xbf\n", True)],
+)  # fmt: skip
+def test_a_body_is_an_event_stream_only_when_its_first_bytes_say_so(lead: bytes, apart: bool) -> None:
+    """A body labelled JSON or text is read as an event stream when it starts with a field, after blank lines or a
+    byte order mark (in chunks of their own too: ``apart``); JSON and plain text after the same are read as they
+    were."""
     usage = {"prompt_tokens": 3, "completion_tokens": 2}
     # (The event a mark is put before is unread, as the SDKs leave it unread: a field they do not know.)
     role, token = chat_chunk({"role": "assistant", "content": ""}), chat_chunk({"content": "Hi"})
@@ -138,13 +143,30 @@ def test_a_body_is_an_event_stream_only_when_its_first_bytes_say_so(lead: bytes)
         spec = APIS["openai.chat"]
         call = LLMCall(spec.operation, spec.provider, start=0.0)
         reader = spec.response_reader(call, stream=False, capture=False)
-        # (Blank lines alone in their chunk, as a server may flush them; the mark always comes with what follows.)
-        for chunk in [lead, body] if lead.isspace() else [lead + body]:
+        for chunk in [lead, body] if apart else [lead + body]:
             reader.feed(chunk, now=2.0)
         reader.finish(now=3.0)
         assert call.stream is stream
         assert call.output_tokens == (None if body.startswith(b"hello") else 2)
         assert (call.first_token_at is not None) is stream
+
+
+@pytest.mark.parametrize(("error", "expected"), [(None, "rate_limit"), ({"code": "server_error"}, "server_error")])
+def test_a_responses_failure_after_an_error_event_keeps_its_type_unless_it_says_its_own(
+    error: dict[str, Any] | None, expected: str
+) -> None:
+    """An ``error`` event (a rate limit), then the stream's ``response.failed`` whose response, as a proxy sends it,
+    has no status and no error of its own: the rate limit stands (it was taken for a server error). One whose
+    response says its own error is that error."""
+    head = {"id": "r", "object": "response", "model": "gpt-4.1", "status": "in_progress", "output": []}
+    body = sse(
+        {"type": "response.created", "sequence_number": 0, "response": head},
+        {"type": "error", "sequence_number": 1, "error": {"code": "rate_limit_exceeded", "message": "Rate limit"}},
+        {"type": "response.failed", "sequence_number": 2, "response": {"id": "r", "model": "gpt-4.1", "error": error}},
+        named=True,
+    )
+    call = read("openai.responses", body, stream=True)
+    assert call.error_type == expected
 
 
 def test_openai_json_without_usage_is_estimated_from_text() -> None:
