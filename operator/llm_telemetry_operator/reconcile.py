@@ -73,6 +73,9 @@ class Outcome:
     #: The peers left to take over workloads this resource injected and no longer serves (see :func:`_inject`): each
     #: needs a pass, which swaps the injection in one patch.
     handed: set[str] = field(default_factory=set)
+    #: The workloads (``Kind/name``) this resource lets go whose next server cannot inject them: their injection is
+    #: removed, and their metrics Services go with it (nobody takes them over).
+    untaken: set[str] = field(default_factory=set)
     #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``, or its metrics port
     #: taken there): they keep serving those (see ``kept_for``), and each needs a pass to learn who wins them, as
     #: nothing is written to them.
@@ -355,7 +358,7 @@ async def reconcile(
     handed = {
         r.service_name(w["metadata"]["name"], str(w.get("kind") or "Deployment"))
         for w in workloads
-        if id(w) not in served and serving[id(w)]
+        if id(w) not in served and serving[id(w)] and workload_key(w) not in outcome.untaken
     }
     service_error = await _sync_children(
         client, kube.SERVICES, owner, services, "metrics", outcome, outranked.adopts, fresh, keep=handed
@@ -698,6 +701,7 @@ async def _inject(
             if not await _cannot_inject(client, owner, workload, serving[id(workload)], best[0], peer_prices):
                 outcome.handed.add(best[0]["metadata"]["name"])
                 continue
+            outcome.untaken.add(workload_key(workload))
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
             if holder is not None and peers.named(holder) is not None:

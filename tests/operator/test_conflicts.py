@@ -400,6 +400,9 @@ async def test_a_workload_left_to_a_peer_that_does_not_take_it_is_given_back(
         await eventually(
             lambda: reason(emulator, "alpha", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "alpha waits"
         )
+        # Its metrics Service too: alpha would take it over with the workload, but alpha takes nothing (it stayed,
+        # with no endpoints, until zeta's resync).
+        await eventually(lambda: service_owner(emulator) is None, "zeta's metrics Service deleted")
     check_usage(emulator)
 
 
