@@ -1086,7 +1086,8 @@ async def _release_held(memo: Any, state: OperatorState, held: list[Mapping[str,
 
 async def _release(memo: Any, bodies: Sequence[Mapping[str, Any]], logger: Any) -> list[Mapping[str, Any]]:
     """Let go of each of ``bodies`` being deleted in a namespace being deleted (see
-    :func:`_release_in_leaving_namespaces`); returns those left to another operator that serves them."""
+    :func:`_release_in_leaving_namespaces`); returns those to look at again: left to another operator that serves
+    them, or whose release failed."""
     client = _client(memo)
     leaving: dict[str, bool] = {}
     held = []
@@ -1110,8 +1111,14 @@ async def _release(memo: Any, bodies: Sequence[Mapping[str, Any]], logger: Any) 
             continue
         except (ApiError, WriteWithheld) as exc:
             logger.warning(
-                "%s/%s: could not release it in namespace %s, being deleted (%s)", namespace, name, namespace, exc
+                "%s/%s: could not release it in namespace %s, being deleted (%s); trying again in %g s",
+                namespace,
+                name,
+                namespace,
+                exc,
+                RELEASE_RECHECK_SECONDS,
             )
+            held.append(body)  # (looked at again, read afresh)
             continue
         logger.info(
             "%s/%s: released (its finalizer taken off): namespace %s is being deleted, and with it everything the "

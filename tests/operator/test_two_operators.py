@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kopf_testing import (
     CLUSTERKOPFPEERINGS,
+    DENIED,
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
@@ -379,13 +380,15 @@ async def test_a_resource_another_running_operator_serves_is_not_let_go_at_start
     assert not [w for w in writes_since(emulator, seen) if "llmtelemetries" in w[1]]
 
 
+@pytest.mark.parametrize("refused", [False, True])
 async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_let_go(
-    emulator: Any, monitoring_crds: Any, monkeypatch: pytest.MonkeyPatch
+    emulator: Any, monitoring_crds: Any, monkeypatch: pytest.MonkeyPatch, refused: bool
 ) -> None:
     """As above, but the other operator had stopped a moment before (a restart, as far as anyone can tell: its
     resources are left to it for its grace), and never comes back. The resource is looked at again: once the grace
     has passed, and that operator is confirmed gone, it is let go, and the namespace can go. (The grace and the
-    looks are shortened here; by default 5 minutes, then a look every 25 s.)"""
+    looks are shortened here; by default 5 minutes, then a look every 25 s.) ``refused``: the first release is
+    refused (a webhook, a conflict): looked at again, not dropped with the namespace left Terminating."""
     monkeypatch.setattr(handlers, "TAKEOVER_GRACE_SECONDS", 4.0)
     monkeypatch.setattr(handlers, "TAKEOVER_CONFIRM_SECONDS", 0.5)
     monkeypatch.setattr(handlers, "HOLDER_CHECK_SECONDS", 0.5)
@@ -406,7 +409,22 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
     namespace["status"] = {"phase": "Terminating", "conditions": [remaining]}
     emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
     config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    if refused:
+        emulator.deny[("llmtelemetries", "chat")] = DENIED
+    seen = len(list(emulator))
     async with running_operator(config):
         await asyncio.sleep(1)
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]  # within the grace: left to it
+        if refused:
+            await eventually(
+                lambda: (
+                    ("PATCH", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+                    in writes_since(emulator, seen)
+                ),
+                "a release tried",
+                attempts=400,
+            )
+            await asyncio.sleep(0.5)
+            assert get(emulator, LLMT, "chat") is not None
+            emulator.deny.clear()
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "let go once its operator is gone for good")
