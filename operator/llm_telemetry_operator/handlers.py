@@ -12,7 +12,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
@@ -717,12 +717,7 @@ async def _reconcile(
         handed = state.bodies.get((key[0], peer))
         if handed is not None and not handed["metadata"].get("deletionTimestamp"):
             _start_pass(memo, logger, state, (key[0], peer), handed, "handover", lambda _outcome: False)
-    for peer in sorted(outcome.holders):
-        # It serves workloads this resource wins but cannot inject yet: a pass of its own says so in its status, once.
-        holder = state.bodies.get((key[0], peer))
-        if holder is not None and not holder["metadata"].get("deletionTimestamp"):
-            keeps = lambda last: key[1] in last.kept_for  # noqa: E731
-            _start_pass(memo, logger, state, (key[0], peer), holder, "conflict", keeps)
+    _tell_keepers(memo, logger, state, key, outcome.holders)
     state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
     metrics.RECONCILES.labels(trigger, result).inc()
@@ -822,6 +817,35 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     _state(memo).specs.pop(key, None)
     _state(memo).index.remove(key)
     _state(memo).schedule.forget(key)
+    _state(memo).passes.pop(key, None)
+    _tell_keepers(memo, logger, _state(memo), key, ())  # (those that kept a workload it won: it wins none now)
+
+
+def _tell_keepers(
+    memo: Any, logger: Any, state: OperatorState, key: tuple[str, str], holders: Collection[tuple[str, str]]
+) -> None:
+    """Start a pass of each peer whose status is not as ``holders`` (see ``Outcome.holders``; none when the resource
+    is deleted) has it: one that keeps serving a workload this resource wins but cannot inject yet says so, and one
+    that said so of a workload this resource no longer wins (deleted, its selector changed) says so no more. Nothing
+    is written to the workload either way, so no watch event would start those passes; the peer's resync would."""
+    namespace, winner = key
+    told = {(namespace, peer) for peer, _workload in holders}
+    for peer_key, (_started, outcome) in list(state.passes.items()):
+        if peer_key[0] == namespace and peer_key != key and any(w == winner for w, _ in outcome.kept_for):
+            told.add(peer_key)
+    for peer_key in sorted(told):
+        wanted = {(winner, workload) for peer, workload in holders if peer == peer_key[1]}
+        body = state.bodies.get(peer_key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            continue
+        seen = state.passes.get(peer_key)
+        if seen is not None and {(w, wl) for w, wl in seen[1].kept_for if w == winner} == wanted:
+            continue  # its status says so already
+
+        def answered(outcome: rec.Outcome, wanted: set[tuple[str, str]] = wanted) -> bool:
+            return {(w, wl) for w, wl in outcome.kept_for if w == winner} == wanted
+
+        _start_pass(memo, logger, state, peer_key, body, "conflict", answered)
 
 
 def _holder(body: Mapping[str, Any]) -> str | None:

@@ -76,13 +76,14 @@ class Outcome:
     #: The workloads (``Kind/name``) this resource lets go whose next server cannot inject them: their injection is
     #: removed, and their metrics Services go with it (nobody takes them over).
     untaken: set[str] = field(default_factory=set)
-    #: The peers whose injection is in workloads this resource wins but cannot inject yet (``held``, or its metrics port
-    #: taken there): they keep serving those (see ``kept_for``), and each needs a pass to learn who wins them, as
-    #: nothing is written to them.
-    holders: set[str] = field(default_factory=set)
-    #: The peers that win workloads this resource serves but cannot inject them yet (their pricing ConfigMap missing,
-    #: their metrics port taken in the pods): this resource keeps serving those until the winner can take them over.
-    kept_for: set[str] = field(default_factory=set)
+    #: (peer, workload) for each workload this resource wins but cannot inject yet (``held``, or its metrics port taken
+    #: there) that the peer's injection is in: the peer keeps serving it (see ``kept_for``), and needs a pass to learn
+    #: who wins it, as nothing is written to the workload.
+    holders: set[tuple[str, str]] = field(default_factory=set)
+    #: (winner, workload) for each workload this resource serves that a peer wins but cannot inject yet (its pricing
+    #: ConfigMap missing, its metrics port taken in the pods): this resource keeps serving it until the winner can
+    #: take it over in one patch.
+    kept_for: set[tuple[str, str]] = field(default_factory=set)
     #: Of failures whose event words differ from their condition's (one Conflict event per workload, one condition
     #: for all): the words that condition shows for it. A restart's first pass posts no event for a failure the
     #: stored status already shows.
@@ -636,7 +637,7 @@ async def _inject(
             # it is kept, and the winner takes it over in one patch once it can (see ``holders``).
             winner = rival["metadata"]["name"]
             kept.append(f"{workload_key(workload)} (won by {winner}, which cannot inject it yet: see its status)")
-            outcome.kept_for.add(winner)
+            outcome.kept_for.add((winner, workload_key(workload)))
             rival = None
         if rival is not None:
             winner = rival["metadata"]["name"]
@@ -662,7 +663,8 @@ async def _inject(
             selected = False
             if not mine:
                 if record is not None and peers.named(str(record.get("owner"))) is not None:
-                    outcome.holders.add(str(record.get("owner")))  # it keeps serving the workload (see ``kept_for``)
+                    # It keeps serving the workload (see ``kept_for``).
+                    outcome.holders.add((str(record.get("owner")), workload_key(workload)))
                 continue
         holder = None if record is None or mine else str(record.get("owner"))
         take_over = False
@@ -705,7 +707,8 @@ async def _inject(
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
             if holder is not None and peers.named(holder) is not None:
-                outcome.holders.add(holder)  # it keeps serving the workload until this resource can take it over
+                # It keeps serving the workload until this resource can take it over.
+                outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
             continue

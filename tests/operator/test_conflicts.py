@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from kopf_testing import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -515,6 +516,45 @@ async def test_a_workload_handed_over_stays_as_it_is_until_the_winner_takes_it(
         writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
         assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
         assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is None  # (alpha stood by)
+    check_usage(emulator)
+
+
+def _injected_message(kmock: Any, name: str) -> str:
+    return str(condition(get(kmock, LLMT, name), c.CONDITION_INJECTED).get("message"))
+
+
+@pytest.mark.parametrize("change", ["deleted", "unselects", "widens"])
+async def test_what_a_resource_keeps_for_a_winner_follows_the_winner(
+    emulator: Any, monitoring_crds: Any, change: str
+) -> None:
+    """ "alpha" serves Deployments chat and chat2; "zeta", which ranks first but cannot inject yet (its pricing
+    ConfigMap missing), selects chat: alpha keeps it, saying so. Then zeta is deleted, or stops selecting chat, or
+    comes to select chat2 as well: alpha's status follows at once (a pass of its own), not at its resync minutes
+    later. It said zeta won chat after zeta was gone, and left chat2 out."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment(labels={"app": "chat", "w": "one"})
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat2"] = deployment("chat2", labels={"app": "chat", "w": "two"})
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["selector"] = {"matchLabels": {"app": "chat", "w": "one"}}
+        zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await eventually(lambda: "Deployment/chat (won by zeta" in _injected_message(emulator, "alpha"), "chat kept")
+        if change == "deleted":
+            await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
+        else:
+            selector = {"app": "other"} if change == "unselects" else {"app": "chat", "w": None}
+            await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": selector}}})
+        if change == "widens":
+            await eventually(
+                lambda: "Deployment/chat2 (won by zeta" in _injected_message(emulator, "alpha"), "chat2 kept too"
+            )
+            assert "Deployment/chat (won by zeta" in _injected_message(emulator, "alpha")
+        else:
+            await eventually(lambda: "won by zeta" not in _injected_message(emulator, "alpha"), "alpha says so no more")
+        assert holder(emulator) == "alpha"
     check_usage(emulator)
 
 
