@@ -693,7 +693,14 @@ async def _inject(
             take_over = True
         if not selected and not mine:
             continue
-        if not selected and serving[id(workload)] and labels.get(c.LABEL_NAME) != c.OPERATOR_NAME:
+        # Its peers defer to it while it still selects the workload and outranks them: none would take it over
+        # (its metrics port taken in the pods, say), so its injection is removed here.
+        deferred_to = (
+            spec.selector.matches(labels)
+            and _serves((owner, spec), workload)
+            and _rival(owner, serving[id(workload)]) is None
+        )
+        if not selected and serving[id(workload)] and labels.get(c.LABEL_NAME) != c.OPERATOR_NAME and not deferred_to:
             # A peer serves it now: left for that one to take over in one patch (its pass starts at once), rather
             # than removed here and injected there (two rollouts, and pods without telemetry in between). Every pass
             # of this resource leaves it so until then: one coming first (its children's events, say) removed it.

@@ -8,6 +8,7 @@ Warning event, and keeps no ServiceMonitor, PrometheusRule or dashboard of its o
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -516,6 +517,33 @@ async def test_a_workload_handed_over_stays_as_it_is_until_the_winner_takes_it(
         writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
         assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
         assert get(emulator, SERVICEMONITORS, "alpha-llm-telemetry") is None  # (alpha stood by)
+    check_usage(emulator)
+
+
+async def test_the_winner_whose_port_comes_to_be_taken_removes_its_injection(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "zeta" serves the workload, "alpha" (another metrics port) selects it too; then the pods come to declare
+    zeta's port (a sidecar, an admin port). zeta's injection goes, as its PortConflict says: alpha defers to zeta,
+    which still wins the workload, so nobody would take it over. It was left to alpha for good, the middleware's
+    listener and the sidecar both wanting the port."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["metrics"] = {"port": 9465}
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        containers = copy.deepcopy(get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]["containers"])
+        containers.append(
+            {"name": "admin", "image": "example/admin:1", "ports": [{"name": "admin", "containerPort": 9464}]}
+        )
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+        await hand(emulator, "PATCH", path, {"spec": {"template": {"spec": {"containers": containers}}}})
+        await eventually(lambda: holder(emulator) is None, "zeta's injection removed", attempts=400)
+        await eventually(lambda: reason(emulator, "zeta", c.CONDITION_METRICS) == "PortConflict", "zeta says why")
     check_usage(emulator)
 
 
