@@ -501,15 +501,16 @@ def build_rule_groups(
         # requests (those of a new or restarted process before its first scrape) shows no increase to rate() or
         # increase(), but changes the count, so a restart that served requests and then fell quiet is not taken for
         # 30 quiet minutes.
-        # Or: its targets are up, none shows a request series, its recorded request rate has been 0 (or absent) for
-        # 25 minutes (so 30 after its last request), and the service had traffic within a day. A process exports
-        # no request series before its first request, so a service restarted (a rollout) into silence had none to
-        # stay flat, and was never reported; one quiet before the rollout stays reported through it.
+        # Or: a target of it is up (or was, within 10 minutes: a Recreate rollout leaves none for minutes), none
+        # shows a request series, its recorded request rate has been 0 (or absent) for 25 minutes (so 30 after its
+        # last request), and it had traffic within a day. A process exports no request series before its first
+        # request, so a service restarted (a rollout) into silence had none to stay flat, and was never reported;
+        # one quiet before the rollout stays reported through it.
         _alert(
             "LLMNoTraffic",
             f"(\n  (sum by ({BY}) (increase({series(REQUESTS, sel)}[30m])) == 0) and on ({BY})\n"
             f"  (sum by ({BY}) ({series(REQUESTS, sel)}) == sum by ({BY}) ({series(REQUESTS, sel)} offset 30m))\n)\n"
-            f"or\n(\n  sum by ({BY}) ({series('up', sel)} == 1)\n"
+            f"or\n(\n  sum by ({BY}) (max_over_time({series('up', sel)}[10m]) == 1)\n"
             f"  unless on ({BY}) sum by ({BY}) ({series(REQUESTS, sel)})\n"
             f"  unless on ({BY}) (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[25m])) > 0)\n"
             f"  and on ({BY}) (max by ({BY}) (max_over_time({series('llm:llm_requests:rate5m', own)}[1d])) > 0)\n)",
