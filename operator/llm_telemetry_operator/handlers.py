@@ -817,8 +817,14 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     _state(memo).specs.pop(key, None)
     _state(memo).index.remove(key)
     _state(memo).schedule.forget(key)
-    _state(memo).passes.pop(key, None)
-    _tell_keepers(memo, logger, _state(memo), key, ())  # (those that kept a workload it won: it wins none now)
+    state = _state(memo)
+    for peer_key, (_started, outcome) in list(state.passes.items()):
+        # A peer that left workloads to this one, which had yet to take them: they are its own to undo or keep.
+        peer = state.bodies.get(peer_key)
+        if peer_key[0] == key[0] and key[1] in outcome.handed and peer is not None:
+            _start_pass(memo, logger, state, peer_key, peer, "handover", lambda _outcome: False)
+    state.passes.pop(key, None)
+    _tell_keepers(memo, logger, state, key, ())  # (those that kept a workload it won: it wins none now)
 
 
 def _tell_keepers(

@@ -592,6 +592,7 @@ async def _inject(
     skipped: list[str] = []
     lost: list[str] = []
     kept: list[str] = []
+    handing: list[str] = []
     #: Whether each pricing ConfigMap (name, key) a winning peer mounts is missing, as looked up by this pass.
     peer_prices: dict[tuple[Any, Any], bool] = {}
     errors: list[str] = []
@@ -709,6 +710,10 @@ async def _inject(
             best = min(serving[id(workload)], key=lambda peer: precedence(peer[0]))
             if not await _cannot_inject(client, owner, workload, serving[id(workload)], best[0], peer_prices):
                 outcome.handed.add(best[0]["metadata"]["name"])
+                # Its injection is still in it until then: said so (a status of no targets alone would hide it).
+                handing.append(
+                    f"{workload_key(workload)} (to {best[0]['metadata']['name']}, its injection still in it)"
+                )
                 continue
             outcome.untaken.add(workload_key(workload))
         if blocked is not None and selected:
@@ -751,7 +756,7 @@ async def _inject(
         skipped += [f"{item}, none named {named}" for item in missing]
     notes = "".join(
         f"; {what} " + ", ".join(items)
-        for what, items in (("skipped", skipped), ("left", lost), ("kept", kept))
+        for what, items in (("skipped", skipped), ("left", lost), ("kept", kept), ("handing over", handing))
         if items
     )
     if errors:

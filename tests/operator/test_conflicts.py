@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kopf_testing import (
     CONFIGMAPS,
+    DENIED,
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
@@ -545,6 +546,32 @@ async def test_the_winner_whose_port_comes_to_be_taken_removes_its_injection(
         await eventually(lambda: holder(emulator) is None, "zeta's injection removed", attempts=400)
         await eventually(lambda: reason(emulator, "zeta", c.CONDITION_METRICS) == "PortConflict", "zeta says why")
     check_usage(emulator)
+
+
+async def test_a_workload_handed_over_and_not_taken_is_said_so_and_given_back_when_the_taker_goes(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "zeta" serves the workload; its selector moves away, and "alpha", which selects it too, is left to take it
+    over, but every update of the workload is refused (an admission webhook): zeta's injection stays meanwhile, and
+    its status says so (it said only that nothing matched its selector). Then alpha is deleted: zeta's injection is
+    removed at once, not at its resync minutes later."""
+    contested(emulator, monitoring_crds)
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        emulator.deny[("deployments", "chat")] = DENIED
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
+        await eventually(
+            lambda: "handing over Deployment/chat (to alpha" in _injected_message(emulator, "zeta"), "zeta says so"
+        )
+        assert holder(emulator) == "zeta"
+        await hand(emulator, "DELETE", f"{LLMT_PATH}/alpha")
+        await eventually(lambda: get(emulator, LLMT, "alpha") is None, "alpha gone")
+        emulator.deny.clear()
+        await eventually(lambda: holder(emulator) is None, "zeta's injection removed", attempts=300)
+        assert (
+            get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"] == deployment()["spec"]["template"]["spec"]
+        )
 
 
 def _injected_message(kmock: Any, name: str) -> str:
