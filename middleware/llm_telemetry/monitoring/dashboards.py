@@ -433,25 +433,14 @@ def _variable(name: str, label: str, query: str, description: str, default: str 
 
 def _services_variable(name: str, label: str, description: str, scope: str, *, every: bool) -> dict[str, Any]:
     """A variable of the OpenTelemetry service names (``target_info``) of the jobs ``scope`` selects: one of them
-    (``every=False``, shown), or all of them at All (``every=True``, hidden)."""
-    query = f"label_values(target_info{{{scope}}}, service_name)"
-    return {
-        "type": "query",
-        "name": name,
-        "label": label,
-        "description": description,
-        "datasource": PROMETHEUS,
-        "definition": query,
-        "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "refresh": 2,
-        "regex": "",
-        "sort": 1,
-        "multi": every,
-        "includeAll": every,
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if every else {},
-        "options": [],
-        "hide": 2 if every else 0,
-    }
+    (``every=False``, shown), or all of them at All (``every=True``, hidden). At All it is every service name, not
+    ``.*``: the log queries filter by it."""
+    variable = _variable(name, label, f"label_values(target_info{{{scope}}}, service_name)", description)
+    del variable["allValue"]
+    variable.update(multi=every, includeAll=every, hide=2 if every else 0)
+    if not every:
+        variable["current"] = {}
+    return variable
 
 
 def _templating(
