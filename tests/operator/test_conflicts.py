@@ -441,6 +441,17 @@ async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_
         )
 
 
+async def _alpha_keeps_what_zeta_wins(emulator: Any) -> None:
+    """alpha says at once that zeta wins the workload, and a while after still serves it, Ready."""
+    await eventually(
+        lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
+        "alpha says zeta wins the workload",
+    )
+    await asyncio.sleep(1.5)  # (every pass that saying started has run)
+    assert holder(emulator) == "alpha"
+    assert reason(emulator, "alpha", "Ready") == "Ready"
+
+
 async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_serving_it(
     emulator: Any, monitoring_crds: Any
 ) -> None:
@@ -460,13 +471,7 @@ async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_se
         await eventually(
             lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "zeta waits"
         )
-        await eventually(
-            lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
-            "alpha says zeta wins the workload",
-        )
-        await asyncio.sleep(1.5)  # past the check of a handover
-        assert holder(emulator) == "alpha"
-        assert reason(emulator, "alpha", "Ready") == "Ready"
+        await _alpha_keeps_what_zeta_wins(emulator)
         assert get(emulator, LLMT, "alpha")["status"]["targets"] == ["Deployment/chat"]
         assert service_owner(emulator) == "alpha"
         message = condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"]
@@ -629,13 +634,7 @@ async def test_a_winner_whose_metrics_port_is_taken_leaves_the_workload_to_the_o
         zeta["spec"]["metrics"] = {"port": 9100}
         await hand(emulator, "POST", LLMT_PATH, zeta)
         await eventually(lambda: reason(emulator, "zeta", c.CONDITION_METRICS) == "PortConflict", "zeta's port taken")
-        await eventually(
-            lambda: "won by zeta" in condition(get(emulator, LLMT, "alpha"), c.CONDITION_INJECTED)["message"],
-            "alpha says zeta wins the workload",
-        )
-        await asyncio.sleep(1.5)  # past the check of a handover
-        assert holder(emulator) == "alpha"
-        assert reason(emulator, "alpha", "Ready") == "Ready"
+        await _alpha_keeps_what_zeta_wins(emulator)
 
         before = len(list(emulator))
         await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"metrics": {"port": 9464}}})
