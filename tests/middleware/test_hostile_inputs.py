@@ -1082,3 +1082,23 @@ async def test_hostile_a_client_that_left_before_the_answer_started_got_none_of_
     await request_then_leave(wrapped, b'{"model": "m"}')
     (call,) = calls.ended
     assert call.error_type == "client_disconnect"
+
+
+def test_the_demo_answers_a_model_name_holding_a_lone_surrogate() -> None:
+    """The demo echoes the request's model in its answers; a lone surrogate (valid JSON as an escape; the SDKs
+    refuse to send one, a raw client does) made its non-stream answers a 500 with a traceback: it has no UTF-8
+    form."""
+    import httpx
+
+    from llm_telemetry.demo.app import bare_app
+
+    messages = ', "messages": [{"role": "user", "content": "hi"}]}'
+    with serve(bare_app()) as base:
+        for path, body in (
+            ("/v1/chat/completions", '{"model": "demo-\\ud800"' + messages),
+            ("/v1/embeddings", '{"model": "e-\\udfff", "input": "hi"}'),
+            ("/v1/messages", '{"model": "c-\\ud800", "max_tokens": 5' + messages),
+        ):
+            answer = httpx.post(base + path, content=body, headers={"content-type": "application/json"})
+            assert answer.status_code == 200, (path, answer.text)
+            assert answer.json()["model"] == json.loads(body)["model"]

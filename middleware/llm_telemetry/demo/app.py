@@ -36,13 +36,22 @@ from typing import Any
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse as _StarletteJSON
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 WORDS = (
     "Observability turns a black box into a glass box so that every token and every millisecond has a name "
     "and a place on a dashboard where the team can see it"
 ).split()
+
+
+class JSONResponse(_StarletteJSON):
+    """Starlette's JSON response, escaping non-ASCII characters: a request's model name is echoed back, and one
+    holding a lone surrogate (valid JSON, ``"\\ud800"``) has no UTF-8 form, so Starlette's own rendering raised."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _reply(count: int) -> list[str]:
