@@ -20,11 +20,11 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from llm_telemetry_operator import kube
-from llm_telemetry_operator.config import DEFAULT_LOGS_ENDPOINT, DEFAULT_TRACES_ENDPOINT
+from llm_telemetry_operator.config import DEFAULT_LOGS_ENDPOINT, DEFAULT_TRACES_ENDPOINT, grpc_default
 from llm_telemetry_operator.errors import ApiError, NotFoundError
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
@@ -43,13 +43,17 @@ REFUSED_SECONDS = 60.0
 REFUSALS_APART_SECONDS = 900.0
 
 
+#: The operator's own default endpoints: in the cluster, though named without ``.svc``.
+_DEFAULTS: Final = (DEFAULT_TRACES_ENDPOINT, grpc_default(DEFAULT_TRACES_ENDPOINT), DEFAULT_LOGS_ENDPOINT)
+
+
 def service_of(endpoint: str) -> tuple[str, str] | None:
     """The (namespace, name) of the Service an endpoint names, or None when it does not name one."""
     host = (urlsplit(endpoint).hostname or "").lower()
     match = _SERVICE_HOST.fullmatch(host)
     if match is None:
         return None
-    if match.group("svc") or endpoint.rstrip("/") in (DEFAULT_TRACES_ENDPOINT, DEFAULT_LOGS_ENDPOINT):
+    if match.group("svc") or endpoint.rstrip("/") in _DEFAULTS:
         return match.group("namespace"), match.group("name")
     return None
 

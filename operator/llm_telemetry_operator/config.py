@@ -50,7 +50,25 @@ LLM_TELEMETRY_OPERATOR_STANDALONE: Final = "LLM_TELEMETRY_OPERATOR_STANDALONE"
 #: Service, named after the release, with OTLP on 4317 and 4318 and the UI on 16686. (Jaeger v1's chart named its
 #: collector Service ``jaeger-collector``; the OpenTelemetry Operator names one ``<collector>-collector``.)
 DEFAULT_TRACES_ENDPOINT: Final = "http://jaeger.observability:4318"
+#: OTLP's ports by convention: HTTP on 4318, gRPC on 4317 (Jaeger, Tempo and the OpenTelemetry Collector serve them).
+OTLP_HTTP_PORT: Final = 4318
+OTLP_GRPC_PORT: Final = 4317
 DEFAULT_LOGS_ENDPOINT: Final = "http://loki-gateway.observability/otlp"
+
+
+def grpc_default(endpoint: str) -> str:
+    """A default traces endpoint as ``protocol: grpc`` takes it: on OTLP's gRPC port if it names OTLP's HTTP port (gRPC
+    sent to the HTTP port is refused, every trace lost, while the collector's Service, serving both, looks found)."""
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # (refused at start as the default)
+        return endpoint
+    if port != OTLP_HTTP_PORT:
+        return endpoint
+    return parts._replace(netloc=f"{parts.netloc.rpartition(':')[0]}:{OTLP_GRPC_PORT}").geturl()
+
+
 DEFAULT_DASHBOARD_LABEL: Final = "grafana_dashboard=1"
 DEFAULT_JAEGER_DATASOURCE_UID: Final = "jaeger"
 DEFAULT_LOKI_DATASOURCE_UID: Final = "loki"

@@ -537,7 +537,7 @@ async def _collectors(
     check = check or CollectorCheck(config.namespaces)
     wanted = []
     if spec.tracing.enabled:
-        wanted.append(("traces", spec.tracing.endpoint or config.traces_endpoint, "spec.tracing.endpoint"))
+        wanted.append(("traces", r.traces_endpoint(spec, config), "spec.tracing.endpoint"))
     if spec.logs.enabled and spec.logs.mode == "otlp":
         wanted.append(("logs", spec.logs.endpoint or config.logs_endpoint, "spec.logs.endpoint"))
     if not wanted:

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from llm_telemetry import config as mw
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.config import OperatorConfig, grpc_default
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.spec import TelemetrySpec
 
@@ -187,6 +187,14 @@ def otel_service_name(workload: Mapping[str, Any]) -> str:
     return str(template_labels.get(c.LABEL_NAME) or labels.get(c.LABEL_NAME) or workload["metadata"]["name"])
 
 
+def traces_endpoint(spec: TelemetrySpec, config: OperatorConfig) -> str:
+    """Where the workloads' traces go: ``spec.tracing.endpoint``, else the operator's default (for ``grpc``, on its
+    gRPC port: :func:`~llm_telemetry_operator.config.grpc_default`)."""
+    if spec.tracing.endpoint:
+        return spec.tracing.endpoint
+    return grpc_default(config.traces_endpoint) if spec.tracing.protocol == "grpc" else config.traces_endpoint
+
+
 def build_env(
     spec: TelemetrySpec,
     config: OperatorConfig,
@@ -239,7 +247,7 @@ def build_env(
     if spec.tracing.enabled and "traces" not in without:
         env += [
             value("OTEL_TRACES_EXPORTER", "otlp"),
-            value("OTEL_EXPORTER_OTLP_ENDPOINT", spec.tracing.endpoint or config.traces_endpoint),
+            value("OTEL_EXPORTER_OTLP_ENDPOINT", traces_endpoint(spec, config)),
             value("OTEL_EXPORTER_OTLP_PROTOCOL", spec.tracing.protocol),
             value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),

@@ -312,6 +312,34 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
     check_usage(emulator)
 
 
+async def test_grpc_without_an_endpoint_goes_to_the_default_collectors_grpc_port(emulator: Any) -> None:
+    """``protocol: grpc`` alone: the operator's default endpoint is on OTLP's HTTP port (4318), where gRPC is refused
+    and every trace lost while the Service looked found; the default's gRPC port (4317) is checked and injected."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(tracing={"protocol": "grpc"}, logs={"enabled": False})
+    emulator.objects["v1/services", "observability", "jaeger"] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "jaeger", "namespace": "observability"},
+        "spec": {"ports": [{"name": "otlp-http", "port": 4318}]},
+    }
+    async with running_operator():
+        collectors = await collectors_condition(emulator)
+        assert "has no port 4317 (it serves 4318)" in collectors["message"]
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
+        ports = [{"name": "otlp-http", "port": 4318}, {"name": "otlp-grpc", "port": 4317}]
+        await hand(emulator, "PATCH", "/api/v1/namespaces/observability/services/jaeger", {"spec": {"ports": ports}})
+        env = await eventually(
+            lambda: (e := env_of(get(emulator, DEPLOYMENTS, "chat"))).get("OTEL_TRACES_EXPORTER") == "otlp" and e,
+            "trace exporter injected",
+        )
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (
+        "http://jaeger.observability:4317",
+        "grpc",
+    )
+    check_usage(emulator)
+
+
 async def test_a_change_seen_while_a_read_is_under_way_is_read_again() -> None:
     """A collector Service created while a lookup of it is in flight: that read may have missed it, so it is not
     remembered, and the next lookup reads the Service again."""

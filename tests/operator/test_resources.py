@@ -65,6 +65,26 @@ def test_env_carries_middleware_and_otel_settings() -> None:
 
 
 @pytest.mark.parametrize(
+    ("spec_endpoint", "default", "protocol", "injected"),
+    [
+        (None, "http://jaeger.observability:4318", "grpc", "http://jaeger.observability:4317"),
+        (None, "https://u:p@[fd00::1]:4318/otlp", "grpc", "https://u:p@[fd00::1]:4317/otlp"),
+        (None, "http://jaeger.observability:4318", "http/protobuf", "http://jaeger.observability:4318"),
+        (None, "http://collector.observability:55681", "grpc", "http://collector.observability:55681"),
+        ("http://tempo:4318", "http://jaeger.observability:4318", "grpc", "http://tempo:4318"),  # as the user says
+    ],
+)
+def test_grpc_takes_a_default_endpoint_on_otlps_http_port_at_its_grpc_port(
+    spec_endpoint: str | None, default: str, protocol: str, injected: str
+) -> None:
+    tracing = {"protocol": protocol} | ({"endpoint": spec_endpoint} if spec_endpoint else {})
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "tracing": tracing})
+    config = dataclasses.replace(CONFIG, traces_endpoint=default)
+    env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (injected, protocol)
+
+
+@pytest.mark.parametrize(
     ("spec_tenant", "default_tenant", "header"),
     [
         (None, "", None),
