@@ -344,10 +344,11 @@ class Settings:
                     f"{name}: header {header!r} carries credentials, names the client or its user, or is an id per"
                     " request: never a label value"
                 )
-            if not label.replace("_", "").isalnum() or not label[0].isalpha():
+            if not label.isascii() or not label.replace("_", "").isalnum() or not label[0].isalpha():
+                # (ASCII: a Prometheus label name is; other letters came out of the exposition dropped)
                 name = variables.get("attribution_headers", "attribution_headers")
                 raise ConfigurationError(
-                    f"{name}: header {header!r} maps to {label!r}: a label is letters, digits and '_'"
+                    f"{name}: header {header!r} maps to {label!r}: a label is ASCII letters, digits and '_'"
                 )
 
 

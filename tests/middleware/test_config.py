@@ -70,7 +70,11 @@ def test_opentelemetrys_capture_variable_in_any_of_its_spellings_never_stops_the
         ({"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id"}, "not of the form key=value"),
         (
             {"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-tenant-id=ten-ant"},
-            "^LLM_TELEMETRY_ATTRIBUTION_HEADERS: header 'x-tenant-id' maps to 'ten-ant': a label is letters",
+            "^LLM_TELEMETRY_ATTRIBUTION_HEADERS: header 'x-tenant-id' maps to 'ten-ant': a label is ASCII letters",
+        ),
+        (  # Prometheus label names are ASCII: this one was scraped as llm_metadata_quipe
+            {"LLM_TELEMETRY_ATTRIBUTION_HEADERS": "x-team=\u00e9quipe"},
+            "^LLM_TELEMETRY_ATTRIBUTION_HEADERS: header 'x-team' maps to '\u00e9quipe': a label is ASCII letters",
         ),
         ({"LLM_TELEMETRY_METRICS_EXPORTER": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
         ({"LLM_TELEMETRY_REQUEST_LOGS": "maybe"}, "expected true or false"),
