@@ -108,6 +108,21 @@ def test_pdb_selects_the_operator_pods(render: Render) -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.parametrize(
+    ("budget", "spec"),
+    [
+        ({"maxUnavailable": 1}, {"maxUnavailable": 1}),  # alone: minAvailable keeps its default of 1
+        ({"maxUnavailable": "50%", "minAvailable": None}, {"maxUnavailable": "50%"}),
+        ({"minAvailable": "60%"}, {"minAvailable": "60%"}),
+    ],
+)
+def test_pdb_takes_the_budget_that_is_set(render: Render, budget: dict[str, Any], spec: dict[str, Any]) -> None:
+    """maxUnavailable set alone is used: it was dropped for minAvailable's default."""
+    docs = render({"replicaCount": 2, "podDisruptionBudget": {"enabled": True, **budget}})
+    pdb = one(docs, "PodDisruptionBudget")
+    assert {k: v for k, v in pdb["spec"].items() if k != "selector"} == spec
+
+
 def test_optional_objects_are_off_by_default(render: Render) -> None:
     kinds = {d["kind"] for d in render()}
     assert "PodDisruptionBudget" not in kinds
