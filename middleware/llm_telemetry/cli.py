@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules.add_argument("--error-ratio", type=float, help="alert above this share of failed requests (0.05)")
     rules.add_argument("--p95-request-duration", type=float, help="alert above this p95 duration, seconds (81.92)")
     rules.add_argument("--p95-ttft", type=float, help="alert above this p95 time to first token, seconds (2.5)")
-    rules.add_argument("--tool-failure-ratio", type=float, help="alert above this share of failed tool calls (0.2)")
+    rules.add_argument("--tool-failure-ratio", type=float, help="alert above this share of failed tool results (0.2)")
     rules.add_argument("--cost-per-hour", type=float, help="alert above this spend per hour, USD (off)")
     rules.add_argument("--availability-objective", type=float, help="SLO for burn-rate alerts (0.99)")
     rules.add_argument("--ttft-objective", type=float, help="share of first tokens under --ttft-objective-seconds")

@@ -84,6 +84,7 @@ def test_rules_command_sets_the_runbook_base_and_the_token_rate_anomaly() -> Non
         (["rules", "--prometheus-rule", "Bad Name"], "--prometheus-rule 'Bad Name': not a Kubernetes object name"),
         (["rules", "--prometheus-rule", "llm", "--namespace", "x y"], "--namespace 'x y': not a Kubernetes namespace"),
         (["rules", "--token-rate-floor", "-1"], "token_rate_floor_per_second=-1.0"),
+        (["rules", "--runbook-url", "https://wiki/r#llm"], "runbook URL 'https://wiki/r#llm': no spaces or fragment"),
         (["dashboard", "--attribution-label", "bad-label"], "llm-telemetry dashboard: attribution label 'bad-label'"),
     ],
 )

@@ -434,6 +434,8 @@ def build_rule_groups(
             selector, so rules made for different services don't read each other's series.
         runbook_url: Base of each alert's ``runbook_url`` annotation; ``#<alert name in lower case>`` is appended.
     """
+    if "#" in runbook_url or any(ch.isspace() for ch in runbook_url):
+        raise ValueError(f"runbook URL {runbook_url!r}: no spaces or fragment (each alert appends its own #name)")
     t = thresholds
     sel = _normalize_selector(selector)
     own = recorded_selector(sel)  # what alerts select the recorded series by
