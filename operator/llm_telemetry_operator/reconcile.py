@@ -70,6 +70,9 @@ class Outcome:
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
     held: list[str] = field(default_factory=list)
+    #: Selected workloads this resource would inject but cannot yet: ``held``, and those whose pods use
+    #: ``spec.metrics.port``.
+    unable: set[str] = field(default_factory=set)
     #: The peers left to take over workloads this resource injected and no longer serves (see :func:`_inject`): each
     #: needs a pass, which swaps the injection in one patch.
     handed: set[str] = field(default_factory=set)
@@ -340,7 +343,13 @@ async def reconcile(
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
     # scraped, alerted on or charted twice (any it made before the conflict are removed).
-    standby = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict"
+    conflicted = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict"
+    # Or it wins them but cannot inject them yet, and the peers serving them keep them meanwhile (see ``kept_for``):
+    # their ServiceMonitor, rules and dashboard are the ones in use until it takes the workloads over (then in the
+    # same pass it makes its own), not a second, empty dashboard of the same service beside them.
+    kept_by_peers = {workload for _peer, workload in outcome.holders}
+    keeping = not targets and bool(outcome.unable) and outcome.unable <= kept_by_peers
+    standby = conflicted or keeping
 
     # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
     # A resource no pass has written a status for yet (just created) has had no children made for it, so its
@@ -396,7 +405,7 @@ async def reconcile(
             "PricingConfigMapFailed",
             f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
         )
-    elif missing_prices and not standby and (targets or outcome.held):
+    elif missing_prices and not conflicted and (targets or outcome.held):
         outcome.retry = True  # the user's ConfigMap has no watch of ours: look again with backoff
         message = missing_prices + "; until then no workload is injected: " + ", ".join(outcome.held)
         if targets:
@@ -487,8 +496,15 @@ async def reconcile(
 
     if standby:
         message = "no children while " + conditions[c.CONDITION_INJECTED].message
+        if keeping:
+            message = (
+                "no children while "
+                + ", ".join(f"{workload} is kept by {peer}" for peer, workload in sorted(outcome.holders))
+                + ", whose children serve it until this resource can inject it (see Injected)"
+            )
         for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
-            conditions[type_] = r.Condition(type_, False, "Conflict", message)
+            if not (keeping and conditions[type_].reason == "PortConflict"):  # (said where the port is taken)
+                conditions[type_] = r.Condition(type_, False, "Conflict", message)
     for cond in conditions.values():
         # Conflicts have one event per workload lost, posted by _inject.
         failure = (cond.reason, cond.message)
@@ -660,6 +676,7 @@ async def _inject(
             # The middleware's listener and that port cannot both be served (when the middleware binds first, the
             # app cannot start): not injected, its injection removed if it had one, until the port is free.
             outcome.port_conflicts.append(f"{workload_key(workload)}: {', '.join(found)}")
+            outcome.unable.add(workload_key(workload))
             skipped.append(f"{workload_key(workload)} (port {spec.metrics.port} taken)")
             selected = False
             if not mine:
@@ -718,6 +735,7 @@ async def _inject(
             outcome.untaken.add(workload_key(workload))
         if blocked is not None and selected:
             outcome.held.append(workload_key(workload))
+            outcome.unable.add(workload_key(workload))
             if holder is not None and peers.named(holder) is not None:
                 # It keeps serving the workload until this resource can take it over.
                 outcome.holders.add((holder, workload_key(workload)))

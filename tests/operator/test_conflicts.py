@@ -645,3 +645,47 @@ async def test_a_winner_whose_metrics_port_is_taken_leaves_the_workload_to_the_o
         writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
         assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
     check_usage(emulator)
+
+
+@pytest.mark.parametrize("why", ["pricing", "port"])
+async def test_a_winner_that_cannot_inject_yet_makes_no_children_beside_the_keepers(
+    emulator: Any, monitoring_crds: Any, why: str
+) -> None:
+    """ "alpha" serves the workload and keeps it for "zeta", which wins it but cannot inject it yet (its pricing
+    ConfigMap missing, or its metrics port taken in the pods). alpha's ServiceMonitor, PrometheusRule and dashboard
+    serve the workload meanwhile; zeta makes none of its own until it takes the workload over (then, in that pass,
+    it makes them, and alpha's go). zeta published a second, empty dashboard of the same service in Grafana."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    chat = deployment()
+    if why == "port":
+        chat["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "admin", "containerPort": 9100}]
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = chat
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        if why == "port":
+            zeta["spec"]["metrics"] = {"port": 9100}
+        else:
+            zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await _alpha_keeps_what_zeta_wins(emulator)
+        await eventually(lambda: reason(emulator, "zeta", c.CONDITION_DASHBOARD) == "Conflict", "zeta says why")
+        kept = children(emulator, "zeta")
+        assert (kept["monitor"], kept["rules"], kept["dashboard"]) == (None, None, None), kept
+        assert all(children(emulator, "alpha").values())
+        message = condition(get(emulator, LLMT, "zeta"), c.CONDITION_DASHBOARD)["message"]
+        assert message.startswith("no children while Deployment/chat is kept by alpha"), message
+        expected = "PortConflict" if why == "port" else "PricingConfigMapNotFound"
+        assert reason(emulator, "zeta", c.CONDITION_INJECTED) == expected
+
+        if why == "port":
+            await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"metrics": {"port": 9464}}})
+        else:
+            prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                      "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+            await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
+        await eventually(lambda: all(children(emulator, "zeta").values()), "zeta's children made")
+        await eventually(lambda: children(emulator, "alpha")["dashboard"] is None, "alpha's children gone")
+    check_usage(emulator)
