@@ -125,6 +125,11 @@ class OperatorState:
     awaiting: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
     collector_waiters: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
     collector_watches: dict[tuple[str, str], MetadataWatch] = field(default_factory=dict)
+    #: The same for the pricing ConfigMaps (``spec.pricing.configMapRef``) passes found missing or unreadable while
+    #: they held workloads back (see :func:`_await_pricing`).
+    awaiting_prices: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
+    pricing_waiters: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
+    pricing_watches: dict[tuple[str, str], MetadataWatch] = field(default_factory=dict)
     #: Collector Services seen created or changed since the waiting resources' last passes, and the timer that
     #: starts those passes once they have settled (see :func:`_collector_event`).
     collectors_changed: set[tuple[str, str]] = field(default_factory=set)
@@ -530,7 +535,7 @@ async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = memo.get("state")
     if isinstance(state, OperatorState):
-        for watch in [*(state.watches or ()), *state.collector_watches.values()]:
+        for watch in [*(state.watches or ()), *state.collector_watches.values(), *state.pricing_watches.values()]:
             watch.stop()
         if state.collectors_settling is not None:
             state.collectors_settling.cancel()
@@ -673,8 +678,10 @@ async def _reconcile(
             state.index.serve(key, outcome.targets)
             if key in state.bodies:
                 _await_collectors(memo, state, key, outcome.awaiting)
+                _await_pricing(memo, state, key, outcome.awaiting_prices)
             else:  # deleted while this pass ran (_forget has stopped its watches): start none for it
                 _await_collectors(None, state, key, frozenset())
+                _await_pricing(None, state, key, frozenset())
         except WriteWithheld:
             # This replica began to stand by while the pass ran: what it worked out is not written.
             logger.info("pass (%s) stopped: this replica stands by", trigger)
@@ -1248,6 +1255,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.claimed.discard(body.get("metadata", {}).get("uid") or "")
     state.schedule.forget(key)
     _await_collectors(None, state, key, frozenset())
+    _await_pricing(None, state, key, frozenset())
 
 
 def _owners(
@@ -1494,34 +1502,78 @@ def _await_collectors(
 ) -> None:
     """Record that resource ``key`` waits for the collector ``services`` (its last pass found them missing, or
     without the endpoint's port), and watch each of them, so that the resource gets a pass as soon as one is
-    created or changed rather than at its resync; stop watching a Service once no resource waits for it.
-
-    A Service is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
-    other watches run (``memo`` None: only stop watching). A watch starts with a list, so a Service created
-    between the pass and the watch is not missed.
-    """
+    created or changed rather than at its resync; stop watching a Service once no resource waits for it (see
+    :func:`_follow`)."""
     before = state.awaiting.pop(key, frozenset())
     if services:
         state.awaiting[key] = services
-    for service in before - services:
-        waiters = state.collector_waiters.get(service)
-        if waiters is not None:
-            waiters.discard(key)
-        if not waiters:
-            state.collector_waiters.pop(service, None)
-            watch = state.collector_watches.pop(service, None)
+    _follow(memo, state, key, kube.SERVICES, before, services, state.collector_waiters, state.collector_watches,
+            _collector_event)  # fmt: skip
+
+
+def _await_pricing(
+    memo: Any, state: OperatorState, key: tuple[str, str], configmaps: frozenset[tuple[str, str]]
+) -> None:
+    """Record that resource ``key`` waits for its pricing ``configmaps`` (its last pass found them missing or
+    unreadable while it held workloads back), and watch each, so that the resource gets a pass as soon as one is
+    created or changed rather than at its next retry, which backs off up to the resync interval (see
+    :func:`_follow`). The operator watches no ConfigMap of its users otherwise."""
+    before = state.awaiting_prices.pop(key, frozenset())
+    if configmaps:
+        state.awaiting_prices[key] = configmaps
+    _follow(memo, state, key, kube.CONFIGMAPS, before, configmaps, state.pricing_waiters, state.pricing_watches,
+            _pricing_event)  # fmt: skip
+
+
+def _follow(
+    memo: Any,
+    state: OperatorState,
+    key: tuple[str, str],
+    resource: kube.Resource,
+    before: frozenset[tuple[str, str]],
+    wanted: frozenset[tuple[str, str]],
+    waiters: dict[tuple[str, str], set[tuple[str, str]]],
+    watches: dict[tuple[str, str], MetadataWatch],
+    deliver: Callable[[Any, Any, tuple[str, str], str, dict[str, Any]], None],
+) -> None:
+    """Resource ``key`` now waits for the objects ``wanted`` of ``resource``, no longer for the rest of ``before``:
+    each wanted object is watched, one watch per object whatever the resources waiting for it, and a watch stops
+    once no resource waits for its object.
+
+    An object is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
+    other watches run (``memo`` None: only stop watching). A watch starts with a list, so an object created between
+    the pass and the watch is not missed."""
+    for obj in before - wanted:
+        keys = waiters.get(obj)
+        if keys is not None:
+            keys.discard(key)
+        if not keys:
+            waiters.pop(obj, None)
+            watch = watches.pop(obj, None)
             if watch is not None:
                 watch.stop()
-    for service in services:
-        state.collector_waiters.setdefault(service, set()).add(key)
-        if memo is not None and state.watches is not None and service not in state.collector_watches:
-            namespace, name = service
+    for obj in wanted:
+        waiters.setdefault(obj, set()).add(key)
+        if memo is not None and state.watches is not None and obj not in watches:
+            namespace, name = obj
             watch = MetadataWatch(
-                _client(memo), kube.SERVICES, namespace, {},
-                functools.partial(_collector_event, memo, state.logger, service), asyncio.get_running_loop(), name,
+                _client(memo), resource, namespace, {},
+                functools.partial(deliver, memo, state.logger, obj), asyncio.get_running_loop(), name,
             )  # fmt: skip
-            state.collector_watches[service] = watch
+            watches[obj] = watch
             watch.start()
+
+
+def _pricing_event(memo: Any, logger: Any, configmap: tuple[str, str], type: str, meta: dict[str, Any]) -> None:
+    """A pricing ConfigMap some resources wait for was created or changed: each of them gets a pass, which reads it
+    again (a deletion changes nothing for a resource that found it missing or unreadable)."""
+    if type == "DELETED":
+        return
+    state = _state(memo)
+    for key in sorted(state.pricing_waiters.get(configmap, ())):
+        owner = state.bodies.get(key)
+        if owner is not None and not owner["metadata"].get("deletionTimestamp"):
+            _start_pass(memo, logger, state, key, owner, "pricing", lambda _outcome: False)
 
 
 #: Seconds a collector Service's creation waits for others before the resources waiting for it get their passes.

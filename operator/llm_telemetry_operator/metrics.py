@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram, start_http_server
 
-#: Reconcile passes by trigger (create, update, resume, resync, retry, workload, child, handover: a peer being
-#: deleted hands its workloads over; resume also when a standby
-#: replica becomes the active one) and result (ready, degraded,
-#: invalid, error; coalesced: answered by a pass that started after the request, so no pass of its own).
+#: Reconcile passes by trigger (create, update, resume, resync, retry, workload, child, collector, pricing: something
+#: it waited for appeared; handover: a peer being deleted hands its workloads over; conflict; resume also when a
+#: standby replica becomes the active one) and result (ready, degraded, invalid, error; coalesced: answered by a pass
+#: that started after the request, so no pass of its own).
 RECONCILES = Counter(
     "llm_telemetry_operator_reconciles",
     "Reconcile passes of LLMTelemetry resources.",

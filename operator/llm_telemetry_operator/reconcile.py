@@ -66,6 +66,9 @@ class Outcome:
     #: The (namespace, name) of each collector Service found missing, or without the endpoint's port: once it
     #: appears or changes, this resource needs a pass.
     awaiting: frozenset[tuple[str, str]] = frozenset()
+    #: The (namespace, name) of the pricing ConfigMap (``spec.pricing.configMapRef``) found missing or unreadable
+    #: while it holds workloads back: once it is created or changed, this resource needs a pass.
+    awaiting_prices: frozenset[tuple[str, str]] = frozenset()
     #: Selected workloads left uninjected because their pods already use ``spec.metrics.port``, each with why.
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
@@ -406,7 +409,10 @@ async def reconcile(
             f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
         )
     elif missing_prices and not conflicted and (targets or outcome.held):
-        outcome.retry = True  # the user's ConfigMap has no watch of ours: look again with backoff
+        # Its creation or change is watched (by name, see handlers._await_pricing); the retries with backoff stay,
+        # should the watch fail.
+        outcome.retry = True
+        outcome.awaiting_prices = frozenset({(str(meta["namespace"]), str(spec.pricing.config_map))})
         message = missing_prices + "; until then no workload is injected: " + ", ".join(outcome.held)
         if targets:
             message += "; left as they were: " + ", ".join(workload_key(w) for w in targets)

@@ -689,3 +689,37 @@ async def test_a_winner_that_cannot_inject_yet_makes_no_children_beside_the_keep
         await eventually(lambda: all(children(emulator, "zeta").values()), "zeta's children made")
         await eventually(lambda: children(emulator, "alpha")["dashboard"] is None, "alpha's children gone")
     check_usage(emulator)
+
+
+def _pricing_reads(kmock: Any) -> int:
+    """Reads of ConfigMap "prices" by name (each pass of a resource waiting for it makes one)."""
+    path = f"/api/v1/namespaces/{NAMESPACE}/configmaps/prices"
+    return sum(1 for req in list(kmock) if req.method.value == "GET" and str(req.url.path) == path)
+
+
+async def test_a_winner_waiting_for_its_pricing_configmap_takes_the_workload_as_soon_as_it_is_created(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "zeta" wins the workload "alpha" keeps for it, and waits for its pricing ConfigMap. Its passes back off
+    (5 s, 10, 20, ... up to the resync interval, 5 minutes): it took the workload over only at its next retry after
+    the ConfigMap was created, minutes after for one that had waited long. The ConfigMap it waits for is watched
+    by name: zeta takes the workload over as soon as it is created, and the watch stops."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator() as memo:
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await _alpha_keeps_what_zeta_wins(emulator)
+        # zeta's first retry has come (2.5 to 5 s after its first pass): its next is 5 to 10 s away.
+        reads = _pricing_reads(emulator)
+        await eventually(lambda: _pricing_reads(emulator) > reads, "zeta's first retry", attempts=200)
+        await asyncio.sleep(0.5)
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over at once", attempts=60)
+        await eventually(lambda: not memo["state"].pricing_watches, "the ConfigMap no longer watched")
+    check_usage(emulator)
