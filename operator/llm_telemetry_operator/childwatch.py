@@ -85,6 +85,8 @@ class MetadataWatch:
         self._version: str | None = None
         #: The metadata last seen of every object watched, by (namespace, name): what a relist finds gone was deleted.
         self._known: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Set on the event loop once the events of the first list have been delivered (see :meth:`_list`).
+        self.listed = asyncio.Event()
         where = namespace or "all namespaces"
         what = resource.plural if name is None else f"{resource.plural}-{name}"
         self._thread = threading.Thread(target=self._run, name=f"watch-{what}-{where}", daemon=True)
@@ -173,6 +175,8 @@ class MetadataWatch:
             self.loop.call_soon_threadsafe(self.deliver, "DELETED", dict(self._known[key]), context=self.context)
         for meta in current.values():
             self.loop.call_soon_threadsafe(self.deliver, "ADDED", dict(meta), context=self.context)
+        # After them: callbacks run in the order they were scheduled, so whoever waits for it has seen every object.
+        self.loop.call_soon_threadsafe(self.listed.set)
         self._known = current
         self._version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
 

@@ -794,6 +794,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             return  # gone (that operator cleaned up and took the finalizer off), or made anew: not this one's
         seen = current
     _track(_state(memo), body)  # known as leaving to the passes below, whatever the watch has delivered yet
+    await _records_listed(_state(memo), key[0])
     try:
         # The peers that win its workloads next take them over first, each in one patch (see PeerView.leaving);
         # what is left is undone below. Their passes take their own locks, and none of them waits on this one's.
@@ -832,6 +833,36 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             _start_pass(memo, logger, state, peer_key, peer, "handover", lambda _outcome: False)
     state.passes.pop(key, None)
     _tell_keepers(memo, logger, state, key, ())  # (those that kept a workload it won: it wins none now)
+
+
+#: The longest a deletion waits for the workloads' watches to have listed them (see _records_listed).
+RECORDS_WAIT_SECONDS: Final = 10.0
+
+
+async def _records_listed(state: OperatorState, namespace: str) -> None:
+    """Wait (up to RECORDS_WAIT_SECONDS) until the watches of the workloads of ``namespace`` have delivered their first
+    lists, so that the injection records are known: a deletion finds the workloads its selector no longer selects (one
+    it was handing over) only by their records. Just after a start, it found such a workload only once its removal was
+    under way: the injection was removed, and the resource next in line injected its own, two rollouts instead of one
+    swap (or, with no resource next in line, the injection stayed, its record naming a resource that is gone)."""
+    watches = [
+        watch
+        for watch in state.watches or ()
+        if watch.resource in kube.WORKLOADS.values()
+        and watch.namespace in (None, namespace)
+        and not watch.listed.is_set()
+    ]
+    if not watches:
+        return
+    waits = [asyncio.ensure_future(watch.listed.wait()) for watch in watches]
+    try:
+        await asyncio.wait(waits, timeout=RECORDS_WAIT_SECONDS)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    for watch in watches:
+        # Waited for once: a watch that cannot list (refused, say) holds no later deletion up.
+        watch.listed.set()
 
 
 def _tell_keepers(

@@ -723,3 +723,35 @@ async def test_a_winner_waiting_for_its_pricing_configmap_takes_the_workload_as_
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over at once", attempts=60)
         await eventually(lambda: not memo["state"].pricing_watches, "the ConfigMap no longer watched")
     check_usage(emulator)
+
+
+async def test_a_restart_between_a_hand_over_and_the_deletion_swaps_the_injection_in_one_patch(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "zeta" lets the workload go to "alpha" (its selector moved away), whose patch of it is refused for now (an
+    admission webhook): zeta's injection stays for alpha to swap. The operator is restarted, and zeta is deleted
+    meanwhile. The deletion finds the workload only by its injection record, which the restarted operator learns
+    from its watch of the workloads: it found it only once its removal was under way, so the injection was removed
+    and alpha injected its own, two rollouts. It waits for the workloads' watch, and alpha swaps the injection in one
+    patch."""
+    contested(emulator, monitoring_crds)
+    for n in range(20):  # (others in the namespace: the watch's first list takes the time a real one would)
+        emulator.objects[DEPLOYMENTS, NAMESPACE, f"other{n}"] = deployment(f"other{n}", labels={"app": f"other{n}"})
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        emulator.deny[("deployments", "chat")] = DENIED
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
+        await eventually(
+            lambda: "handing over Deployment/chat (to alpha" in _injected_message(emulator, "zeta"), "zeta says so"
+        )
+    await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
+    emulator.deny.clear()
+    before = len(list(emulator))
+    async with running_operator():
+        await eventually(lambda: get(emulator, LLMT, "zeta") is None, "zeta gone")
+        await eventually(lambda: holder(emulator) == "alpha", "alpha took the workload over")
+        await asyncio.sleep(1.0)  # every pass the takeover started has run
+        writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
+    assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
+    assert service_owner(emulator) == "alpha"
