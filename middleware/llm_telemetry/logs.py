@@ -358,6 +358,8 @@ class RequestLogObserver:
         #: The stdout handler the middleware gave the logger, and its OTLP handler (when it exports over OTLP).
         self._direct: _StdoutHandler | None = None
         self._otlp: OTLPLogHandler | None = None
+        #: Set when the middleware's handlers were taken off at shutdown.
+        self._closed = False
 
     def start(self, call: LLMCall) -> None:
         pass
@@ -422,6 +424,11 @@ class RequestLogObserver:
                     otlp.send(created, level, message, fields, otel_context)
                 except Exception:
                     otlp.handleError(logging.makeLogRecord({"msg": message, "name": REQUEST_LOGGER}))
+            return
+        if self._closed and handler is not None:
+            # A request that ended after the shutdown took our handlers off (one the server cancelled and the
+            # shutdown did not wait for): its line still goes to stdout as JSON, not to logging's plain stderr.
+            _write_line(handler, _request_line(time.time(), logging.getLevelName(level), message, fields))
             return
         # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
         # What Logger.log does, minus finding the caller's source line (which no request line shows).
@@ -626,6 +633,7 @@ class RequestLogs:
         for handler in self._handlers:
             self.logger.removeHandler(handler)
         self._handlers.clear()
+        self.observer._closed = True
         self.logger.propagate = self._propagate
         if self._provider is not None and self._owns_provider:
             self._provider.shutdown()

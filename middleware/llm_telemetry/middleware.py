@@ -35,7 +35,7 @@ from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
-from .telemetry import SHUTDOWN_SECONDS, Telemetry
+from .telemetry import DRAIN_SECONDS, SHUTDOWN_SECONDS, Telemetry
 from .tracing import leaked_into
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -977,9 +977,10 @@ class LLMTelemetryMiddleware:
 
         Servers end the process right after (uvicorn raises SIGTERM again once it has shut down, so no exit handler
         of the OpenTelemetry SDK runs): without this, the spans and log records still queued, up to a batch delay's
-        worth, would be lost at every rollout. Bounded by SHUTDOWN_SECONDS, so an unreachable collector cannot hold
-        it up. The next use (another lifespan, as a test client entered again starts one, or a request) sets
-        everything up anew.
+        worth, would be lost at every rollout. The requests still in flight (streams the server cut at its graceful
+        timeout) are waited for first, up to DRAIN_SECONDS of it. Bounded by SHUTDOWN_SECONDS in all, so an
+        unreachable collector cannot hold it up. The next use (another lifespan, as a test client entered again
+        starts one, or a request) sets everything up anew.
         """
 
         async def lifespan_send(message: Message) -> None:
@@ -993,11 +994,17 @@ class LLMTelemetryMiddleware:
                         if telemetry.tracing is not None and not self._span_parameters:  # (_wire sets it)
                             self._wire(telemetry)
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # Requests the server has just cancelled (uvicorn's --timeout-graceful-shutdown goes straight on to
+                # the lifespan shutdown) are still unwinding: their spans and lines are recorded once they end.
+                waited = 0.0
+                while telemetry.in_flight > 0 and waited < DRAIN_SECONDS:
+                    await anyio.sleep(0.01)
+                    waited += 0.01
                 # In a daemon thread: one still flushing to a collector that does not answer is left behind at
                 # exit. (A worker thread abandoned by anyio is not a daemon: the interpreter's exit would wait for
                 # it, and for the exporters' own timeouts after it, half a minute and more.)
                 done = telemetry.shutdown_in_background()
-                await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS)
+                await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS - waited)
                 with self._lock:
                     if self._telemetry is telemetry:
                         self._set_up = False  # (the shut-down one stays readable through .telemetry until then)
@@ -1064,6 +1071,7 @@ class LLMTelemetryMiddleware:
                 failsafe("observer_start", exc)
         error: BaseException | None = None
         scope[OBSERVED] = True
+        telemetry.in_flight += 1  # (the lifespan shutdown waits for it to be recorded)
         try:
             app = self.app
             await app(scope, exchange.receive, exchange.send)
@@ -1082,3 +1090,4 @@ class LLMTelemetryMiddleware:
                     observer.end(call)
                 except Exception as exc:
                     failsafe("observer_end", exc)
+            telemetry.in_flight -= 1

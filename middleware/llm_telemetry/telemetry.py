@@ -115,6 +115,8 @@ class Telemetry:
         #: Set at shutdown: a listener still waiting for its port stops trying.
         self._stopping = threading.Event()
         self._shut_down = False
+        #: LLM requests being observed now (counted by the middleware; its lifespan shutdown waits for them).
+        self.in_flight = 0
         # The exporters are flushed at exit by this handler, bounded by SHUTDOWN_SECONDS: the SDK's own handlers
         # are off (shutdown_on_exit=False), as each would wait its exporters' whole timeouts (30 s and more) on a
         # collector that does not answer.
@@ -387,6 +389,9 @@ ANSWER_PIECE = 64 * 1024
 #: Seconds a server's shutdown, and the interpreter's exit, wait for the last spans, log records and metrics to be
 #: exported.
 SHUTDOWN_SECONDS = 10.0
+#: Of those, the seconds the lifespan shutdown waits for the requests still in flight (streams the server has just
+#: cancelled, as uvicorn's ``--timeout-graceful-shutdown`` does, unwinding) to be recorded before the exporters stop.
+DRAIN_SECONDS = 2.0
 
 
 def _shutdown_at_exit(ref: weakref.ref[Telemetry]) -> None:

@@ -10,6 +10,7 @@ saves them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -107,6 +108,56 @@ def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only(tmp
         # After the requests, the span and log record processors are each waiting on an export.
         stopped = _serve_and_stop(env, 20, signal.SIGINT, tmp_path, pause=1)
     assert stopped.took < SHUTDOWN_SECONDS + 5, (stopped.took, stopped.stderr)
+
+
+@pytest.mark.parametrize("otlp", [True, False], ids=["otlp", "stdout-only"])
+def test_a_stream_the_server_cuts_at_its_graceful_timeout_is_recorded_before_the_exporters_stop(
+    otlp: bool, tmp_path: Path
+) -> None:
+    """uvicorn's ``--timeout-graceful-shutdown`` cancels the streams still running and goes straight on to the
+    lifespan shutdown: the cut stream ends after that began. Its span, its JSON line (on stdout, as every line) and
+    its OTLP log record all get out; none of its line falls to logging's plain-text stderr."""
+    (tmp_path / "slow_app.py").write_text(
+        "from llm_telemetry.demo.app import create_app\napp = create_app(token_delay=1.0, reply_words=30)\n"
+    )
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    path = os.pathsep.join(filter(None, [str(tmp_path), clean.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "uvicorn", "slow_app:app", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--timeout-graceful-shutdown", "1", "--log-level", "warning"]
+    with otlp_receiver() as receiver:
+        env = {
+            **clean,
+            "PYTHONPATH": path,
+            "LLM_TELEMETRY_METRICS_PORT": "0",
+            **(
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint, "OTEL_LOGS_EXPORTER": "otlp"}
+                if otlp
+                else {"OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"}
+            ),
+        }
+        stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+        with stdout.open("wb") as out, stderr.open("wb") as err:
+            server = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for("the server", lambda: _up(base), seconds=30)
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            with httpx.Client(timeout=30) as client, client.stream("POST", base + "/v1/chat/completions", json=body):
+                time.sleep(0.5)  # the stream is under way: 30 words, one a second
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=10)
+        if otlp:
+            receiver.wait_for(lambda r: r.spans and r.logs, timeout=5)
+    lines = [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
+    assert [line["error_type"] for line in lines] == ["client_disconnect"], (stdout.read_text(), stderr.read_text())
+    assert "chat gpt-4o-mini" not in stderr.read_text()
+    assert [span.name for span in receiver.spans] == (["chat gpt-4o-mini"] if otlp else [])
+    assert len(receiver.logs) == (1 if otlp else 0)
 
 
 def _up(base: str) -> bool:

@@ -1000,3 +1000,28 @@ def test_lines_of_several_workers_on_one_slow_pipe_stay_whole(tmp_path: Path) ->
     for request_id, model in sent.items():
         assert _sent_or_cut(logged[request_id], model), request_id
         assert (logged[request_id] == model) == (model != _LONG_MODEL)
+
+
+def test_a_request_that_ends_after_the_shutdown_is_still_one_json_line_on_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A request the server cancelled may end after the middleware's shutdown took its stdout handler off (the
+    shutdown waits for such requests, within a bound): its line is JSON on stdout still, not logging's last-resort
+    plain text on stderr."""
+    from llm_telemetry.logs import RequestLogs
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers[:] = []
+    try:
+        logs = RequestLogs("late", env={})
+        logs.shutdown()
+        assert logger.handlers == []
+        call = LLMCall("chat", "openai", 1.0, request_id="late-1", request_model="m", status_code=200)
+        call.error_type = "client_disconnect"
+        logs.observer.end(call)
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+    captured = capsys.readouterr()
+    assert line_for(log_lines(captured.out), "late-1")["error_type"] == "client_disconnect"
+    assert "late-1" not in captured.err and "chat m" not in captured.err
