@@ -295,18 +295,36 @@ class Telemetry:
             return
 
     def shutdown(self) -> None:
-        """Stop the listener and flush and stop the exporters; once (later calls do nothing)."""
+        """Stop the listener and flush and stop the exporters; once (later calls do nothing).
+
+        Spans, log records and metrics are flushed side by side, each in a daemon thread: a collector that takes
+        one signal's connection and never answers (the traces endpoint, say) holds up that signal alone, not the
+        final metrics push or the log records behind it. The callers bound the whole by SHUTDOWN_SECONDS."""
         if self._shut_down:
             return
         self._shut_down = True
         self._stopping.set()
-        # Spans and log records first: closing the metrics listener may wait for the scrapes it is answering (see
-        # exposition.CLOSE_SECONDS), time the lifespan's shutdown budget would otherwise not have for them.
+        steps = [self._stop_metrics]
         if self.tracing is not None:
-            self.tracing.force_flush()
-            self.tracing.shutdown()
+            steps.append(self._stop_tracing)
         if self.request_logs is not None:
-            self.request_logs.shutdown()
+            steps.append(self.request_logs.shutdown)
+        threads = [
+            threading.Thread(target=_logged, args=(step,), name="llm-telemetry-flush", daemon=True) for step in steps
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _stop_tracing(self) -> None:
+        assert self.tracing is not None
+        self.tracing.force_flush()
+        self.tracing.shutdown()
+
+    def _stop_metrics(self) -> None:
+        """Close the metrics listener (it may wait for the scrapes it is answering, exposition.CLOSE_SECONDS), then
+        push the metrics a last time and stop the meter provider."""
         with self._server_lock:
             listening, self._server = self._server, None
         if listening:
@@ -392,6 +410,14 @@ SHUTDOWN_SECONDS = 10.0
 #: Of those, the seconds the lifespan shutdown waits for the requests still in flight (streams the server has just
 #: cancelled, as uvicorn's ``--timeout-graceful-shutdown`` does, unwinding) to be recorded before the exporters stop.
 DRAIN_SECONDS = 2.0
+
+
+def _logged(step: Any) -> None:
+    """Run one step of the shutdown; a failure is logged (the other steps go on)."""
+    try:
+        step()
+    except Exception:
+        logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
 
 
 def _shutdown_at_exit(ref: weakref.ref[Telemetry]) -> None:

@@ -110,6 +110,31 @@ def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only(tmp
     assert stopped.took < SHUTDOWN_SECONDS + 5, (stopped.took, stopped.stderr)
 
 
+def test_a_traces_endpoint_that_never_answers_does_not_hold_back_the_last_metrics_and_log_records(
+    tmp_path: Path,
+) -> None:
+    """Traces go to a socket that takes connections and never answers; metrics and log records go to a collector
+    that works. At the stop, the span flush waits on its silent endpoint, and the final OTLP metrics push and the
+    queued log records reach theirs all the same, within the bound."""
+    with socket.socket() as blackhole, otlp_receiver() as receiver:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        env = {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{blackhole.getsockname()[1]}/v1/traces",
+            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": receiver.http_endpoint + "/v1/logs",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.http_endpoint + "/v1/metrics",
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "60",  # the span export outwaits the whole bound
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "LLM_TELEMETRY_METRICS_EXPORTER": "otlp",
+        }
+        stopped = _serve_and_stop(env, REQUESTS, signal.SIGTERM, tmp_path)
+        arrived = receiver.wait_for(lambda r: r.metric_exports >= 1 and len(r.logs) >= REQUESTS, timeout=5)
+        assert arrived, (receiver.metric_exports, len(receiver.logs), stopped.stderr)
+    assert len(receiver.logs) == REQUESTS and receiver.spans == []
+    assert stopped.took < SHUTDOWN_SECONDS + 3, (stopped.took, stopped.stderr)
+
+
 @pytest.mark.parametrize("otlp", [True, False], ids=["otlp", "stdout-only"])
 def test_a_stream_the_server_cuts_at_its_graceful_timeout_is_recorded_before_the_exporters_stop(
     otlp: bool, tmp_path: Path
