@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .config import ConfigurationError, Settings
-from .middleware import LLMTelemetryMiddleware, Observer
+from .middleware import LLMTelemetryMiddleware, Observer, shutdown
 from .pricing import PricingTable
 from .record import LLMCall
 from .version import __version__
@@ -16,4 +16,5 @@ __all__ = [
     "PricingTable",
     "Settings",
     "__version__",
+    "shutdown",
 ]

@@ -6,9 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Mapping
 from inspect import CO_COROUTINE
-from time import perf_counter
+from time import monotonic, perf_counter
 from types import CodeType
 from typing import Any, Final, Protocol, TypeAlias
 
@@ -714,6 +715,47 @@ def _shutdown_quietly(telemetry: Telemetry) -> None:
 #: an app may add the middleware to several mounted sub-apps.
 _LISTENERS: dict[tuple[str, int], tuple[Settings, Telemetry]] = {}
 _LISTENERS_LOCK = threading.Lock()
+#: Every middleware instance of this process that has set up, for :func:`shutdown`.
+_INSTANCES: weakref.WeakSet[LLMTelemetryMiddleware] = weakref.WeakSet()
+
+
+async def shutdown() -> None:
+    """Flush and stop the telemetry of every middleware instance of this process: the spans, OTLP log records and
+    metrics they still hold are exported, as the lifespan shutdown of an instance around the whole app does.
+
+    For instances the server's lifespan never reaches (the middleware added to mounted sub-apps only, Litestar's
+    ``DefineMiddleware``): call it from the app's own shutdown (Starlette's ``lifespan``, Litestar's
+    ``on_shutdown=[shutdown]``). It waits for the requests in flight to be recorded (at most DRAIN_SECONDS), then
+    for the export, SHUTDOWN_SECONDS at most in all. The instances set up anew on their next use."""
+    found: dict[int, Telemetry] = {}
+    for instance in list(_INSTANCES):
+        with instance._lock:
+            telemetry = instance._telemetry
+            if instance._set_up and telemetry is not None:
+                found[id(telemetry)] = telemetry
+                instance._set_up = False  # (the shut-down one stays readable through .telemetry until then)
+    await _drain_and_shut_down(list(found.values()))
+
+
+async def _drain_and_shut_down(pipelines: list[Telemetry]) -> None:
+    """Wait (up to DRAIN_SECONDS) for the requests ``pipelines`` are recording to end (streams the server has just
+    cancelled, as uvicorn's ``--timeout-graceful-shutdown`` does, are still unwinding: their spans and lines are
+    recorded once they end), then shut them down, SHUTDOWN_SECONDS at most in all. In daemon threads: one still
+    flushing to a collector that does not answer is left behind at exit. (A worker thread abandoned by anyio is not a
+    daemon: the interpreter's exit would wait for it, and for the exporters' own timeouts after it, half a minute
+    and more.)"""
+    waited = 0.0
+    while any(telemetry.in_flight > 0 for telemetry in pipelines) and waited < DRAIN_SECONDS:
+        await anyio.sleep(0.01)
+        waited += 0.01
+    deadline = monotonic() + SHUTDOWN_SECONDS - waited
+    done = [telemetry.shutdown_in_background() for telemetry in pipelines]
+
+    def wait() -> None:
+        for event in done:
+            event.wait(max(0.0, deadline - monotonic()))
+
+    await anyio.to_thread.run_sync(wait)
 
 
 class LLMTelemetryMiddleware:
@@ -853,6 +895,7 @@ class LLMTelemetryMiddleware:
                 telemetry = self._fallback(exc)
             self._telemetry = telemetry
             self._set_up = True
+            _INSTANCES.add(self)
             return telemetry
 
     def _listening_telemetry(self) -> tuple[Telemetry, bool]:
@@ -994,17 +1037,7 @@ class LLMTelemetryMiddleware:
                         if telemetry.tracing is not None and not self._span_parameters:  # (_wire sets it)
                             self._wire(telemetry)
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                # Requests the server has just cancelled (uvicorn's --timeout-graceful-shutdown goes straight on to
-                # the lifespan shutdown) are still unwinding: their spans and lines are recorded once they end.
-                waited = 0.0
-                while telemetry.in_flight > 0 and waited < DRAIN_SECONDS:
-                    await anyio.sleep(0.01)
-                    waited += 0.01
-                # In a daemon thread: one still flushing to a collector that does not answer is left behind at
-                # exit. (A worker thread abandoned by anyio is not a daemon: the interpreter's exit would wait for
-                # it, and for the exporters' own timeouts after it, half a minute and more.)
-                done = telemetry.shutdown_in_background()
-                await anyio.to_thread.run_sync(done.wait, SHUTDOWN_SECONDS - waited)
+                await _drain_and_shut_down([telemetry])
                 with self._lock:
                     if self._telemetry is telemetry:
                         self._set_up = False  # (the shut-down one stays readable through .telemetry until then)

@@ -40,13 +40,23 @@ class Stopped:
 
 
 def _serve_and_stop(
-    env: dict[str, str], requests: int, stop: signal.Signals, tmp_path: Path, pause: float = 0
+    env: dict[str, str],
+    requests: int,
+    stop: signal.Signals,
+    tmp_path: Path,
+    pause: float = 0,
+    app: str | None = None,
+    paths: tuple[str, ...] = ("/v1/chat/completions",),
 ) -> Stopped:
-    """The demo under uvicorn with ``env`` added to a clean environment: ``requests`` chat requests, ``pause``
-    seconds, then ``stop``; how the stop went."""
+    """The demo (or the ``app`` of this module source) under uvicorn with ``env`` added to a clean environment:
+    ``requests`` chat requests on each of ``paths``, ``pause`` seconds, then ``stop``; how the stop went."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     command = [sys.executable, "-m", "uvicorn", "--factory", "llm_telemetry.demo.app:create_app"]
+    if app is not None:
+        (tmp_path / "stopped_app.py").write_text(app)
+        clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), clean.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "uvicorn", "stopped_app:app"]
     log = tmp_path / "server.log"
     with log.open("wb") as stderr:
         server = subprocess.Popen(
@@ -60,7 +70,8 @@ def _serve_and_stop(
         wait_for("the server", lambda: _up(base), seconds=30)
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         for _ in range(requests):
-            assert httpx.post(base + "/v1/chat/completions", json=body, timeout=10).status_code == 200
+            for path in paths:
+                assert httpx.post(base + path, json=body, timeout=10).status_code == 200
         time.sleep(pause)
         stopped = time.monotonic()
         server.send_signal(stop)
@@ -108,6 +119,68 @@ def test_a_collector_that_never_answers_holds_the_stop_up_for_the_bound_only(tmp
         # After the requests, the span and log record processors are each waiting on an export.
         stopped = _serve_and_stop(env, 20, signal.SIGINT, tmp_path, pause=1)
     assert stopped.took < SHUTDOWN_SECONDS + 5, (stopped.took, stopped.stderr)
+
+
+MOUNTED = """
+from contextlib import asynccontextmanager
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from llm_telemetry import LLMTelemetryMiddleware, shutdown
+from llm_telemetry.demo.app import bare_app
+
+@asynccontextmanager
+async def lifespan(app):
+    yield
+    await shutdown()
+
+app = Starlette(
+    routes=[Mount("/a", LLMTelemetryMiddleware(bare_app())), Mount("/b", LLMTelemetryMiddleware(bare_app()))],
+    lifespan=lifespan,
+)
+"""
+
+LITESTAR = """
+from litestar import Litestar, Request, post
+from litestar.middleware import DefineMiddleware
+from llm_telemetry import LLMTelemetryMiddleware, shutdown
+
+@post("/v1/chat/completions", status_code=200)
+async def chat(request: Request) -> dict:
+    body = await request.json()
+    message = {"role": "assistant", "content": "hi"}
+    return {"id": "c1", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+app = Litestar([chat], middleware=[DefineMiddleware(LLMTelemetryMiddleware)], on_shutdown=[shutdown])
+"""
+
+
+@pytest.mark.parametrize(
+    ("app", "paths"),
+    [(MOUNTED, ("/a/v1/chat/completions", "/b/v1/chat/completions")), (LITESTAR, ("/v1/chat/completions",))],
+    ids=["mounted-sub-apps", "litestar-define-middleware"],
+)
+def test_instances_the_lifespan_never_reaches_are_flushed_by_the_apps_own_shutdown(
+    app: str, paths: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Servers pass the lifespan to the app, and neither Starlette's router (to mounted sub-apps) nor Litestar (to
+    route handlers' middleware) passes it on: the app's own shutdown calls ``llm_telemetry.shutdown()``, which
+    exports what every instance still holds."""
+    with otlp_receiver() as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+            "OTEL_LOGS_EXPORTER": "otlp",
+            # The instances share one pipeline, as they do on a metrics port (README.md).
+            "LLM_TELEMETRY_METRICS_PORT": str(free_port()),
+            "LLM_TELEMETRY_METRICS_HOST": "127.0.0.1",
+        }
+        stopped = _serve_and_stop(env, REQUESTS, signal.SIGTERM, tmp_path, app=app, paths=paths)
+        expected = REQUESTS * len(paths)
+        flushed = receiver.wait_for(lambda r: len(r.spans) >= expected and len(r.logs) >= expected, timeout=5)
+        assert flushed, (len(receiver.spans), len(receiver.logs), stopped.stderr)
+    assert len(receiver.spans) == expected and len(receiver.logs) == expected
+    assert stopped.took < 5, stopped.took  # flushed at once, not after the batch delay
 
 
 def test_a_traces_endpoint_that_never_answers_does_not_hold_back_the_last_metrics_and_log_records(
