@@ -208,16 +208,34 @@ def test_a_traces_endpoint_that_never_answers_does_not_hold_back_the_last_metric
     assert stopped.took < SHUTDOWN_SECONDS + 3, (stopped.took, stopped.stderr)
 
 
+CUT_APP = """
+import anyio
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.demo.app import bare_app
+
+inner = bare_app(token_delay=1.0, reply_words=30)
+
+async def closing(scope, receive, send):
+    try:
+        await inner(scope, receive, send)
+    finally:
+        if scope["type"] == "http":
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.3)  # as an app closing its upstream stream when cut
+
+app = LLMTelemetryMiddleware(closing)
+"""
+
+
 @pytest.mark.parametrize("otlp", [True, False], ids=["otlp", "stdout-only"])
 def test_a_stream_the_server_cuts_at_its_graceful_timeout_is_recorded_before_the_exporters_stop(
     otlp: bool, tmp_path: Path
 ) -> None:
     """uvicorn's ``--timeout-graceful-shutdown`` cancels the streams still running and goes straight on to the
-    lifespan shutdown: the cut stream ends after that began. Its span, its JSON line (on stdout, as every line) and
-    its OTLP log record all get out; none of its line falls to logging's plain-text stderr."""
-    (tmp_path / "slow_app.py").write_text(
-        "from llm_telemetry.demo.app import create_app\napp = create_app(token_delay=1.0, reply_words=30)\n"
-    )
+    lifespan shutdown: the cut stream ends after that began (here 0.3 s after, the app closing what it streamed
+    from). Its span, its JSON line (on stdout, as every line) and its OTLP log record all get out; none of its line
+    falls to logging's plain-text stderr."""
+    (tmp_path / "slow_app.py").write_text(CUT_APP)
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     path = os.pathsep.join(filter(None, [str(tmp_path), clean.get("PYTHONPATH")]))
