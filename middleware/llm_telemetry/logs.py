@@ -58,6 +58,9 @@ FIELDS: Final = (
 
 #: Attribute of a ``logging.LogRecord`` holding the request fields (pass it with ``extra=``).
 RECORD_ATTRIBUTE: Final = "llm_request"
+#: The attribute naming the OTLP handler of the instance that logged a request record (None: one that exports none).
+#: Every instance's OTLP handler sits on the one request logger: each exports its own instance's records only.
+SENDER_ATTRIBUTE: Final = "llm_request_sender"
 
 #: The most bytes a request line takes as written (UTF-8, with its newline): PIPE_BUF on Linux, the most one write to
 #: a pipe puts in it at once. A longer write to a pipe whose reader is behind (a log agent under load) goes in by
@@ -433,7 +436,15 @@ class RequestLogObserver:
         # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
         # What Logger.log does, minus finding the caller's source line (which no request line shows).
         record = logger.makeRecord(
-            logger.name, level, __file__, 0, message, (), None, "end", {RECORD_ATTRIBUTE: fields}
+            logger.name,
+            level,
+            __file__,
+            0,
+            message,
+            (),
+            None,
+            "end",
+            {RECORD_ATTRIBUTE: fields, SENDER_ATTRIBUTE: otlp},
         )
         token = context.attach(call.otel_context) if call.otel_context is not None else None
         try:
@@ -466,6 +477,8 @@ class OTLPLogHandler(logging.Handler):
         }
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, SENDER_ATTRIBUTE, self) is not self:
+            return  # another instance's request (under its own resource, through its own handler, or by none)
         try:
             fields = getattr(record, RECORD_ATTRIBUTE, None) or {}
             self.send(record.created, record.levelno, record.getMessage(), fields, context.get_current())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import traceback
@@ -335,6 +336,26 @@ def test_a_request_log_over_otlp_http_arrives_with_its_trace_ids(receiver: OTLPR
     assert record.attributes["operation"] == "chat" and record.attributes["provider"] == "openai"
     assert "error_type" not in record.attributes and "trace_id" not in record.attributes
     assert any(h.get("x-collector-token") == "secret123" for h in receiver.headers)
+
+
+def test_two_instances_that_share_no_pipeline_export_each_request_log_once(receiver: OTLPReceiver) -> None:
+    """Two instances in one process that share no pipeline (metrics on no port of their own, as with OTLP metrics
+    only, or with other settings) each put their OTLP handler on the one request logger: each request's record was
+    exported by both, the second time under the other instance's resource."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with contextlib.ExitStack() as stack:
+        bases = []
+        for name in ("llm-logs-a", "llm-logs-b"):
+            env = tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME=name, OTEL_TRACES_EXPORTER="none")
+            env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+            bases.append(stack.enter_context(demo_server(env))[1])
+        for base, request_id in zip(bases, ("twice-a", "twice-b"), strict=True):
+            answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+            assert answer.status_code == 200
+    # (both pipelines shut down on leaving: what they held is exported)
+    records = [(rec.attributes.get("request_id"), rec.resource["service.name"]) for rec in receiver.logs]
+    mine = sorted(record for record in records if record[0] in ("twice-a", "twice-b"))
+    assert mine == [("twice-a", "llm-logs-a"), ("twice-b", "llm-logs-b")]
 
 
 def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
