@@ -346,7 +346,8 @@ async def reconcile(
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
     # scraped, alerted on or charted twice (any it made before the conflict are removed).
-    conflicted = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict"
+    # (Not one that also wins workloads it holds back for its pricing ConfigMap: it says so, and waits for it.)
+    conflicted = not targets and conditions[c.CONDITION_INJECTED].reason == "Conflict" and not outcome.held
     # Or it wins them but cannot inject them yet, and the peers serving them keep them meanwhile (see ``kept_for``):
     # their ServiceMonitor, rules and dashboard are the ones in use until it takes the workloads over (then in the
     # same pass it makes its own), not a second, empty dashboard of the same service beside them.
@@ -575,6 +576,9 @@ async def _collectors(
                 serves = ", ".join(map(str, lookup.ports))
                 problem = f"{lookup.note} (it serves {serves}), so no {signal} exporter is injected"
                 remedy = f"point {spec_field} at one of its ports"
+                if signal == "traces" and spec.tracing.protocol == "grpc":
+                    # (OTLP's HTTP port refuses gRPC: the port to point at, or to open, is the gRPC one)
+                    remedy = f"open the collector's OTLP/gRPC port there, or point {spec_field} at its gRPC port"
             else:
                 problem = f"does not exist, so no {signal} exporter is injected"
                 remedy = f"install the collector there or point {spec_field} at one"

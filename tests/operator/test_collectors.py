@@ -294,7 +294,7 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
         collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
         assert "has no port 4317 (it serves 4318)" in collectors["message"]
-        assert "point spec.tracing.endpoint at one of its ports" in collectors["message"]
+        assert "open the collector's OTLP/gRPC port there" in collectors["message"]
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
         events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
         assert "has no port 4317" in events[0]
@@ -326,6 +326,8 @@ async def test_grpc_without_an_endpoint_goes_to_the_default_collectors_grpc_port
     async with running_operator():
         collectors = await collectors_condition(emulator)
         assert "has no port 4317 (it serves 4318)" in collectors["message"]
+        # Not "point it at one of its ports": 4318 takes no gRPC.
+        assert "point spec.tracing.endpoint at its gRPC port" in collectors["message"]
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
         ports = [{"name": "otlp-http", "port": 4318}, {"name": "otlp-grpc", "port": 4317}]
         await hand(emulator, "PATCH", "/api/v1/namespaces/observability/services/jaeger", {"spec": {"ports": ports}})

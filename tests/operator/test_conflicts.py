@@ -755,3 +755,39 @@ async def test_a_restart_between_a_hand_over_and_the_deletion_swaps_the_injectio
         writes = [(req.method.value, str(req.url.path)) for req in list(emulator)[before:]]
     assert writes.count(("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat")) == 1
     assert service_owner(emulator) == "alpha"
+
+
+async def test_a_winner_that_also_loses_another_workload_still_waits_for_its_pricing_configmap(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """ "zeta" wins Deployment/chat, which "alpha" keeps for it while zeta's pricing ConfigMap is missing, and loses
+    Deployment/other to the older "aaa". Counted as a loser only, it neither said it waits for the ConfigMap nor
+    watched it: it took chat over at its resync, minutes later. It says why it holds chat back, and takes it over
+    as soon as the ConfigMap is created."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "other"] = deployment("other", labels={"app": "other"})
+    aaa = created("aaa", "2025-12-01T00:00:00Z")
+    aaa["spec"]["selector"] = {"matchLabels": {"app": "other"}}
+    emulator.objects[LLMT, NAMESPACE, "aaa"] = aaa
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        await eventually(lambda: reason(emulator, "aaa", "Ready") == "Ready", "aaa Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["selector"] = {"matchExpressions": [{"key": "app", "operator": "In", "values": ["chat", "other"]}]}
+        zeta["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await _alpha_keeps_what_zeta_wins(emulator)
+        await eventually(
+            lambda: reason(emulator, "zeta", c.CONDITION_INJECTED) == "PricingConfigMapNotFound", "zeta says why"
+        )
+        assert "Deployment/chat" in _injected_message(emulator, "zeta")
+        assert children(emulator, "zeta")["dashboard"] is None  # (alpha's serve chat meanwhile)
+        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took chat over at once", attempts=60)
+        other = r.injected_record(get(emulator, DEPLOYMENTS, "other") or {})
+        assert other is not None and other.get("owner") == "aaa"
+    check_usage(emulator)
