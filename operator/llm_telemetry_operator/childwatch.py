@@ -41,8 +41,10 @@ from llm_telemetry_operator.kube import KubeClient, Resource
 WATCH_METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
 #: The same for a list: a ``PartialObjectMetadataList``.
 LIST_METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1, application/json"
-#: Seconds the API server keeps one watch request open.
-SERVER_TIMEOUT = 300
+#: Seconds the API server keeps one watch request open: a minute, so that a quiet watch is answered within the read
+#: timeout (``kube.STREAM_READ_TIMEOUT``), which then tells a dead connection from a quiet one. A watch goes on
+#: from its last version: one request a minute per watch.
+SERVER_TIMEOUT = 60
 #: Seconds before watching a kind that is not served (404) again.
 MISSING_RETRY = 30.0
 #: The longest wait before watching again after a failure.

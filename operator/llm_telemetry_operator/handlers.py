@@ -297,9 +297,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     if not any(isinstance(f, QuietWatchEventHandlers) for f in objects_logger.filters):
         objects_logger.addFilter(QuietWatchEventHandlers())
     # Long-lived watches get cut by load balancers without notice; let the server close them first
-    # (kopf docs "Configuration: API timeouts", nolar/kopf#585).
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
+    # (kopf docs "Configuration: API timeouts", nolar/kopf#585), and give a connection that died without a word up
+    # within a minute and a half (as childwatch does; kopf goes on from the last version seen).
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 30
     # kopf's API retries give up after 1+1+2+3+5+8+13+21 s, and then the whole operator exits: an API server away
     # for two minutes (an upgrade, an etcd failover) stopped every replica. These keep retrying, every 30 s, for

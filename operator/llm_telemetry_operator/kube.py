@@ -61,8 +61,10 @@ DEFAULT_WORKERS = 32
 FIELD_MANAGER = c.OPERATOR_NAME
 #: Statuses worth sending the same request again for: throttled (429) or the server failing for now (5xx).
 RETRIABLE = frozenset({429, 500, 502, 503, 504})
-#: Seconds a streaming read (a watch) may wait for its next bytes: longer than a watch the operator asks for lasts.
-STREAM_READ_TIMEOUT = 400.0
+#: Seconds a streaming read (a watch) may wait for its next bytes: longer than a watch the operator asks for lasts
+#: (``childwatch.SERVER_TIMEOUT``), so that a connection that died without a word (a NAT entry or a load balancer's
+#: flow dropped) is given up and the watch resumed within this, not after minutes of hearing nothing.
+STREAM_READ_TIMEOUT = 90.0
 #: Connections the pool keeps beyond one per worker thread, for the long-lived watches (six per watched namespace).
 STREAM_CONNECTIONS = 32
 #: The ``Accept`` header of a write whose answer is read for its metadata only (a child's ``resourceVersion``):
@@ -277,6 +279,7 @@ class KubeClient:
         workers: threads making API calls at once.
         loader: how to load the configuration when none is given (default: :func:`load_configuration`).
         retry: how requests answered 429 or 5xx are sent again (:class:`Retry`).
+        stream_timeout: seconds a watch may wait for its next bytes (:data:`STREAM_READ_TIMEOUT`).
 
     Example::
 
@@ -294,9 +297,11 @@ class KubeClient:
         workers: int = DEFAULT_WORKERS,
         loader: Callable[[], k8s_client.Configuration] = load_configuration,
         retry: Retry = DEFAULT_RETRY,
+        stream_timeout: float = STREAM_READ_TIMEOUT,
     ) -> None:
         self._loader = loader
         self.retry = retry
+        self.stream_timeout = stream_timeout
         #: Requests answered 429 or 5xx and sent again, by status (for metrics and tests).
         self.retried: dict[int, int] = {}
         self.timeout = timeout
@@ -458,8 +463,9 @@ class KubeClient:
 
     def open_stream(self, resource: Resource, verb: str, path: str, accept: str) -> Any:
         """Open a streaming GET (a watch) of ``path`` (with its query) and return its urllib3 response unread.
-        Blocking: call it from a thread of the caller's own, not the event loop. The read timeout is long enough
-        for the longest watch the operator asks for; an error status raises an :class:`ApiError` (not retried)."""
+        Blocking: call it from a thread of the caller's own, not the event loop. The read timeout
+        (``stream_timeout``) is longer than a watch the operator asks for; an error status raises an
+        :class:`ApiError` (not retried)."""
         _check_declared(resource.group, resource.plural, verb)
         if self._closed:
             raise ApiError(0, "Closed", f"GET {path}: the client is closed (the operator is stopping)")
@@ -468,7 +474,7 @@ class KubeClient:
         url = str(api.configuration.host).rstrip("/") + path
         try:
             response = api.rest_client.request(  # type: ignore[no-untyped-call]
-                "GET", url, headers=headers, _request_timeout=(self.timeout[0], STREAM_READ_TIMEOUT)
+                "GET", url, headers=headers, _request_timeout=(self.timeout[0], self.stream_timeout)
             )
         except k8s_client.ApiException as exc:
             raise ApiError(int(exc.status or 0), str(exc.reason), str(exc.body or exc.reason)) from exc

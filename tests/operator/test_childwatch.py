@@ -11,8 +11,10 @@ records the requests made.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -148,3 +150,78 @@ async def test_refusals_are_told_once_until_a_watch_succeeds(caplog: Any) -> Non
     await _watch(server)
     told = [r for r in caplog.records if "403" in r.getMessage()]
     assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG, logging.WARNING]
+
+
+class _SilentOnce(http.server.BaseHTTPRequestHandler):
+    """An API server whose first watch connection goes silent for good (as one a NAT or load balancer dropped
+    without a word): the headers, then nothing. Lists answer at version 4; the next watch sends one event."""
+
+    protocol_version = "HTTP/1.1"
+    watches: list[str] = []
+    hang = threading.Event()
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        if "watch" not in query:
+            body = json.dumps({"metadata": {"resourceVersion": "4"}, "items": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.watches.append(query.get("resourceVersion", [""])[0])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        if len(self.watches) == 1:
+            self.hang.wait(30)  # silent: no bytes, no close
+            return
+        line = json.dumps(_event("ADDED", "a", "5")).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+        self.hang.wait(30)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_a_watch_whose_connection_goes_silent_is_resumed_within_the_read_timeout() -> None:
+    """Through a real socket: the first watch's connection goes silent (no bytes, no close). The watch gives it up
+    after the client's stream read timeout and resumes from the list's version, so the change made meanwhile
+    arrives; with the old timeout of 400 s (the server asked for 300 s watches) it took minutes."""
+    _SilentOnce.watches, _SilentOnce.hang = [], threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SilentOnce)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = kube.KubeClient(
+        kube.server_configuration(f"http://127.0.0.1:{server.server_address[1]}"), stream_timeout=0.5
+    )
+    delivered: list[tuple[str, str]] = []
+    arrived = asyncio.Event()
+
+    def deliver(kind: str, meta: dict[str, Any]) -> None:
+        delivered.append((kind, meta["name"]))
+        arrived.set()
+
+    watch = MetadataWatch(client, kube.SERVICES, "llm", {}, deliver, asyncio.get_running_loop())
+    watch.start()
+    try:
+        await asyncio.wait_for(arrived.wait(), 10)
+    finally:
+        watch.stop()
+        _SilentOnce.hang.set()
+        server.shutdown()
+        server.server_close()
+        await client.close()
+    assert delivered == [("ADDED", "a")]
+    assert _SilentOnce.watches[:2] == ["4", "4"]
+
+
+def test_a_watch_asks_the_server_to_end_it_before_the_client_would_give_it_up() -> None:
+    """A quiet watch must be ended by the server (and resumed) before the client's read timeout counts it dead."""
+    from llm_telemetry_operator.childwatch import SERVER_TIMEOUT
+
+    assert SERVER_TIMEOUT < kube.STREAM_READ_TIMEOUT <= 120
