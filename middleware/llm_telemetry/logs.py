@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import IO, Any, Final
 
@@ -58,9 +59,10 @@ FIELDS: Final = (
 
 #: Attribute of a ``logging.LogRecord`` holding the request fields (pass it with ``extra=``).
 RECORD_ATTRIBUTE: Final = "llm_request"
-#: The attribute naming the OTLP handler of the instance that logged a request record (None: one that exports none).
-#: Every instance's OTLP handler sits on the one request logger: each exports its own instance's records only.
-SENDER_ATTRIBUTE: Final = "llm_request_sender"
+#: The OTLP handler of the instance logging a request record now (None: one that exports none). Every instance's
+#: OTLP handler sits on the one request logger, and each exports its own instance's records only. Kept off the record:
+#: an application's handlers pickle a record's attributes (``SocketHandler``, a multiprocessing ``QueueHandler``).
+_SENDER: ContextVar[Any] = ContextVar("llm_telemetry_request_sender")
 
 #: The most bytes a request line takes as written (UTF-8, with its newline): PIPE_BUF on Linux, the most one write to
 #: a pipe puts in it at once. A longer write to a pipe whose reader is behind (a log agent under load) goes in by
@@ -444,12 +446,14 @@ class RequestLogObserver:
             (),
             None,
             "end",
-            {RECORD_ATTRIBUTE: fields, SENDER_ATTRIBUTE: otlp},
+            {RECORD_ATTRIBUTE: fields},
         )
         token = context.attach(call.otel_context) if call.otel_context is not None else None
+        sender = _SENDER.set(otlp)
         try:
             logger.handle(record)
         finally:
+            _SENDER.reset(sender)
             if token is not None:
                 context.detach(token)
 
@@ -477,7 +481,7 @@ class OTLPLogHandler(logging.Handler):
         }
 
     def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, SENDER_ATTRIBUTE, self) is not self:
+        if _SENDER.get(self) is not self:
             return  # another instance's request (under its own resource, through its own handler, or by none)
         try:
             fields = getattr(record, RECORD_ATTRIBUTE, None) or {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import struct
 import traceback
 from collections.abc import Iterator
@@ -356,6 +357,35 @@ def test_two_instances_that_share_no_pipeline_export_each_request_log_once(recei
     records = [(rec.attributes.get("request_id"), rec.resource["service.name"]) for rec in receiver.logs]
     mine = sorted(record for record in records if record[0] in ("twice-a", "twice-b"))
     assert mine == [("twice-a", "llm-logs-a"), ("twice-b", "llm-logs-b")]
+
+
+def test_an_apps_own_handler_on_the_request_logger_gets_a_record_it_can_pickle(receiver: OTLPReceiver) -> None:
+    """docs/logging.md: an application may add its own handlers to the request logger. Those that pickle a record's
+    attributes (``SocketHandler``, a multiprocessing ``QueueHandler``) failed on every request once an OTLP handler
+    rode on the record to say which instance sent it; the record carries the request fields and nothing of ours
+    besides, and the OTLP record goes out once."""
+    env = tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none")
+    env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+    pickled: list[dict[str, Any]] = []
+
+    class Pickling(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # as SocketHandler.makePickle does, and it raised
+            pickled.append(pickle.loads(pickle.dumps(dict(record.__dict__, args=None, exc_info=None, msg="m"))))
+
+    own = Pickling()
+    logger = logging.getLogger("llm_telemetry.requests")
+    logger.addHandler(own)
+    try:
+        with demo_server(env) as (_app, base):
+            body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+            answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "pickled-1"})
+            assert answer.status_code == 200
+    finally:
+        logger.removeHandler(own)
+    (record,) = pickled
+    assert record["llm_request"]["request_id"] == "pickled-1"
+    assert not {key for key in record if key.startswith("llm_")} - {"llm_request"}
+    assert [rec.attributes.get("request_id") for rec in receiver.logs].count("pickled-1") == 1
 
 
 def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
