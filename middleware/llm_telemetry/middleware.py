@@ -727,14 +727,20 @@ async def shutdown() -> None:
     ``DefineMiddleware``): call it from the app's own shutdown (Starlette's ``lifespan``, Litestar's
     ``on_shutdown=[shutdown]``). It waits for the requests in flight to be recorded (at most DRAIN_SECONDS), then
     for the export, SHUTDOWN_SECONDS at most in all. The instances set up anew on their next use."""
+    instances = list(_INSTANCES)
     found: dict[int, Telemetry] = {}
-    for instance in list(_INSTANCES):
+    for instance in instances:
         with instance._lock:
             telemetry = instance._telemetry
             if instance._set_up and telemetry is not None:
                 found[id(telemetry)] = telemetry
-                instance._set_up = False  # (the shut-down one stays readable through .telemetry until then)
     await _drain_and_shut_down(list(found.values()))
+    for instance in instances:
+        # Only now: a request meanwhile found its pipeline still set up, rather than setting the one being shut down
+        # up again (a listener not yet closed is shared), which would have stayed in use, closed, for good.
+        with instance._lock:
+            if instance._telemetry is not None and id(instance._telemetry) in found:
+                instance._set_up = False  # (the shut-down one stays readable through .telemetry until then)
 
 
 async def _drain_and_shut_down(pipelines: list[Telemetry]) -> None:
@@ -1037,9 +1043,12 @@ class LLMTelemetryMiddleware:
                         if telemetry.tracing is not None and not self._span_parameters:  # (_wire sets it)
                             self._wire(telemetry)
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await _drain_and_shut_down([telemetry])
+                # And the pipeline in use now, when shutdown() replaced the one the lifespan started with.
+                current = self._telemetry
+                pipelines = [telemetry] if current is None or current is telemetry else [telemetry, current]
+                await _drain_and_shut_down(pipelines)
                 with self._lock:
-                    if self._telemetry is telemetry:
+                    if any(self._telemetry is pipeline for pipeline in pipelines):
                         self._set_up = False  # (the shut-down one stays readable through .telemetry until then)
             await send(message)
 

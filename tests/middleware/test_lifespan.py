@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -296,3 +297,67 @@ def test_a_lifespan_after_one_that_ended_finds_metrics_and_logs_set_up_again() -
             assert scrape(port).value("llm_requests_total", gen_ai_request_model="gpt-4o-mini") == 1, cycle
             assert len(lines.getvalue().splitlines()) == 1, cycle
     app.telemetry.shutdown()
+
+
+async def test_a_request_while_shutdown_drains_leaves_the_instance_working_after_it() -> None:
+    """``llm_telemetry.shutdown()`` waits for a stream in flight; a request arriving meanwhile set the instance up
+    again on the pipeline being shut down (its listener not closed yet, so shared), and the instance stayed on it,
+    closed: its metrics port gone and every later request counted nowhere."""
+    import asyncio
+
+    from llm_telemetry import LLMTelemetryMiddleware, shutdown
+    from llm_telemetry.demo.app import bare_app
+
+    port = free_port()
+    app = LLMTelemetryMiddleware(
+        bare_app(token_delay=0.05, reply_words=12), metrics_port=port, metrics_host="127.0.0.1", request_logs=False
+    )
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app", timeout=30) as client:
+        await client.post("/v1/chat/completions", json=body)
+        stream = asyncio.create_task(client.post("/v1/chat/completions", json={**body, "stream": True}))
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(shutdown())
+        await asyncio.sleep(0.1)  # (shutdown() waits for the stream)
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        await stream
+        await stopping
+        for _ in range(3):
+            await client.post("/v1/chat/completions", json=body)
+        metrics = await asyncio.to_thread(scrape, port)
+    try:
+        assert metrics.value("llm_requests_total") == 3  # (the requests since: a new pipeline)
+    finally:
+        await shutdown()
+
+
+async def test_the_servers_stop_closes_the_pipeline_set_up_after_a_shutdown_call() -> None:
+    """After ``llm_telemetry.shutdown()`` mid-run the instance sets up a new pipeline at its next request; the
+    server's lifespan shutdown flushed only the one it started with: the new one's metrics port stayed open and what
+    it held was never exported at the stop."""
+    import asyncio
+
+    from llm_telemetry import LLMTelemetryMiddleware, shutdown
+    from llm_telemetry.demo.app import bare_app
+
+    port = free_port()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=port, metrics_host="127.0.0.1", request_logs=False)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    await inbox.put({"type": "lifespan.startup"})
+    assert (await outbox.get())["type"] == "lifespan.startup.complete"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+        await client.post("/v1/chat/completions", json=body)
+        await shutdown()
+        await client.post("/v1/chat/completions", json=body)
+        assert (await asyncio.to_thread(scrape, port)).value("llm_requests_total") == 1
+    await inbox.put({"type": "lifespan.shutdown"})
+    assert (await outbox.get())["type"] == "lifespan.shutdown.complete"
+    await lifespan
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0  # the listener closed with the pipeline
