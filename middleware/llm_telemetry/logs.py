@@ -326,6 +326,10 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+#: Writes the lines of requests that end after every handler of ours is gone (see RequestLogObserver.end).
+_LATE_LINES: Final = _StdoutHandler()
+
+
 def _write_line(handler: _StdoutHandler, text: str) -> None:
     """What ``handler.emit`` does with a formatted line: write it and flush, under the handler's lock. What the app
     wrote to stdout and left in its buffers is flushed first, by itself: joined to the line, one write could take it
@@ -430,10 +434,12 @@ class RequestLogObserver:
                 except Exception:
                     otlp.handleError(logging.makeLogRecord({"msg": message, "name": REQUEST_LOGGER}))
             return
-        if self._closed and handler is not None:
+        if self._closed and (handler is not None or not handlers):
             # A request that ended after the shutdown took our handlers off (one the server cancelled and the
-            # shutdown did not wait for): its line still goes to stdout as JSON, not to logging's plain stderr.
-            _write_line(handler, _request_line(time.time(), logging.getLevelName(level), message, fields))
+            # shutdown did not wait for): its line still goes to stdout as JSON, not to logging's plain stderr (also
+            # that of an instance which found another's stdout handler on the logger, gone with it).
+            line = _request_line(time.time(), logging.getLevelName(level), message, fields)
+            _write_line(handler or _LATE_LINES, line)
             return
         # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
         # What Logger.log does, minus finding the caller's source line (which no request line shows).
@@ -623,11 +629,12 @@ class RequestLogs:
         self._handlers: list[logging.Handler] = []
         self._provider: Any = None
         self._owns_provider = False
-        self._propagate = self.logger.propagate
+        #: What ``propagate`` was before this instance turned it off (None: it did not; another instance did, or none).
+        self._propagate: bool | None = None
         if not self.logger.handlers:
             handler = _StdoutHandler()
             self._add(handler)
-            self.logger.propagate = False
+            self._propagate, self.logger.propagate = self.logger.propagate, False
             self.observer._direct = handler
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
@@ -651,7 +658,8 @@ class RequestLogs:
             self.logger.removeHandler(handler)
         self._handlers.clear()
         self.observer._closed = True
-        self.logger.propagate = self._propagate
+        if self._propagate is not None:  # (only the instance that turned it off: others found it off)
+            self.logger.propagate = self._propagate
         if self._provider is not None and self._owns_provider:
             self._provider.shutdown()
         self._provider = None

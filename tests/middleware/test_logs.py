@@ -1025,3 +1025,32 @@ def test_a_request_that_ends_after_the_shutdown_is_still_one_json_line_on_stdout
     captured = capsys.readouterr()
     assert line_for(log_lines(captured.out), "late-1")["error_type"] == "client_disconnect"
     assert "late-1" not in captured.err and "chat m" not in captured.err
+
+
+@pytest.mark.parametrize("order", ["first instance first", "second instance first"])
+def test_two_instances_late_lines_are_json_and_the_logger_is_left_as_found(
+    capsys: pytest.CaptureFixture[str], order: str
+) -> None:
+    """Two instances on pipelines of their own: the second finds the first's stdout handler and adds none. Once
+    both shut down, a late request of the second was logging's plain last-resort text on stderr; and the logger's
+    ``propagate`` ended as the second found it (off), when the second was shut down last."""
+    from llm_telemetry.logs import RequestLogs
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers[:], logger.propagate = [], True
+    try:
+        first, second = RequestLogs("first", env={}), RequestLogs("second", env={})
+        for logs in (first, second) if order == "first instance first" else (second, first):
+            logs.shutdown()
+        assert (logger.handlers, logger.propagate) == ([], True)
+        for name, logs in (("a", first), ("b", second)):
+            call = LLMCall("chat", "openai", 1.0, request_id=f"late-{name}", request_model="m", status_code=200)
+            call.error_type = "client_disconnect"
+            logs.observer.end(call)
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+    captured = capsys.readouterr()
+    lines = log_lines(captured.out)
+    assert line_for(lines, "late-a")["error_type"] == line_for(lines, "late-b")["error_type"] == "client_disconnect"
+    assert "chat m" not in captured.err
