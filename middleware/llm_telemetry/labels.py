@@ -40,7 +40,7 @@ _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 #: backwards), word joiners, the byte order mark, the tag characters. (A test derives it from ``unicodedata``.)
 INVISIBLE: Final = re.compile(
     "[\x80-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e"
-    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
     "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
 )
 #: C0 controls and DEL, and the invisible characters beyond ASCII.
