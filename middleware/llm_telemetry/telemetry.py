@@ -309,11 +309,15 @@ class Telemetry:
             steps.append(self._stop_tracing)
         if self.request_logs is not None:
             steps.append(self.request_logs.shutdown)
-        threads = [
-            threading.Thread(target=_logged, args=(step,), name="llm-telemetry-flush", daemon=True) for step in steps
-        ]
-        for thread in threads:
-            thread.start()
+        threads = []
+        for step in steps:
+            thread = threading.Thread(target=_logged, args=(step,), name="llm-telemetry-flush", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # (CPython 3.12.0-3.12.2 start no thread from an exit handler: in this one, then)
+                _logged(step)
+            else:
+                threads.append(thread)
         for thread in threads:
             thread.join()
 
@@ -423,7 +427,14 @@ def _logged(step: Any) -> None:
 def _shutdown_at_exit(ref: weakref.ref[Telemetry]) -> None:
     telemetry = ref()
     if telemetry is not None and not telemetry.closed:
-        telemetry.shutdown_in_background().wait(SHUTDOWN_SECONDS)
+        try:
+            done = telemetry.shutdown_in_background()
+        except RuntimeError:
+            # CPython 3.12.0-3.12.2 start no thread from an exit handler (cpython#113964): flushed in this one, then,
+            # unbounded by SHUTDOWN_SECONDS (the exporters' own timeouts bound it). Before, nothing was exported.
+            telemetry.shutdown()
+        else:
+            done.wait(SHUTDOWN_SECONDS)
 
 
 _warned_global_provider = False
