@@ -399,6 +399,6 @@ def test_the_invisible_characters_are_every_format_and_control_character_beyond_
     # Beyond this interpreter's categories, only what its Unicode database has not assigned yet: the class holds the
     # newest Python's (U+13439..U+1343F are format characters from Unicode 15.0, Python 3.12).
     assert all(unicodedata.category(chr(code)) == "Cn" for code in found - expected)
-    for char in ("\u00ad", "\u061c", "\u202e", "\U000e0041", "\x85", "\u2028"):
+    for char in ("\u00ad", "\u061c", "\u202e", "\U000e0041", "\x85", "\u2028", "\U0001343f"):  # (Unicode 15)
         assert label_value(f"gpt{char}4o") == "other"
     assert label_value("gpt-4o-é") == "gpt-4o-é"
