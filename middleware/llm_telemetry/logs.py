@@ -15,6 +15,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -306,6 +307,9 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(JsonFormatter())
+        #: The middleware instances writing through it (see RequestLogs), and ``propagate`` before it was added.
+        self.users = 0
+        self.propagate_before = True
 
     @property  # type: ignore[override]
     def stream(self) -> IO[str]:
@@ -328,6 +332,8 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 #: Writes the lines of requests that end after every handler of ours is gone (see RequestLogObserver.end).
 _LATE_LINES: Final = _StdoutHandler()
+#: Held while instances share or let go of the stdout handler on the request logger.
+_SHARED: Final = threading.Lock()
 
 
 def _write_line(handler: _StdoutHandler, text: str) -> None:
@@ -629,13 +635,19 @@ class RequestLogs:
         self._handlers: list[logging.Handler] = []
         self._provider: Any = None
         self._owns_provider = False
-        #: What ``propagate`` was before this instance turned it off (None: it did not; another instance did, or none).
-        self._propagate: bool | None = None
-        if not self.logger.handlers:
-            handler = _StdoutHandler()
-            self._add(handler)
-            self._propagate, self.logger.propagate = self.logger.propagate, False
-            self.observer._direct = handler
+        #: The stdout handler this instance uses, shared by every instance that found it on the logger: the last of
+        #: them to shut down takes it off and puts ``propagate`` back (one shut down earlier left the others
+        #: writing to no handler at all, their lines lost or plain on stderr).
+        self._stdout: _StdoutHandler | None = None
+        with _SHARED:
+            handler = next((h for h in self.logger.handlers if isinstance(h, _StdoutHandler)), None)
+            if handler is None and not self.logger.handlers:
+                handler = _StdoutHandler()
+                handler.propagate_before, self.logger.propagate = self.logger.propagate, False
+                self.logger.addHandler(handler)
+            if handler is not None:
+                handler.users += 1
+                self._stdout = self.observer._direct = handler
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
         if "otlp" in otel.logs_exporters:  # never when OTEL_SDK_DISABLED=true
@@ -653,13 +665,19 @@ class RequestLogs:
             self._provider.force_flush()
 
     def shutdown(self) -> None:
-        """Remove the handlers we added and shut down the logger provider we created."""
+        """Remove the handlers we added (the stdout handler once no instance uses it) and shut down the logger
+        provider we created."""
         for handler in self._handlers:
             self.logger.removeHandler(handler)
         self._handlers.clear()
         self.observer._closed = True
-        if self._propagate is not None:  # (only the instance that turned it off: others found it off)
-            self.logger.propagate = self._propagate
+        with _SHARED:
+            stdout, self._stdout = self._stdout, None
+            if stdout is not None:
+                stdout.users -= 1
+                if stdout.users == 0:
+                    self.logger.removeHandler(stdout)
+                    self.logger.propagate = stdout.propagate_before
         if self._provider is not None and self._owns_provider:
             self._provider.shutdown()
         self._provider = None

@@ -1027,6 +1027,33 @@ def test_a_request_that_ends_after_the_shutdown_is_still_one_json_line_on_stdout
     assert "late-1" not in captured.err and "chat m" not in captured.err
 
 
+def test_an_instance_still_serving_keeps_its_lines_when_the_one_whose_handler_it_shares_shuts_down(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Two instances on pipelines of their own share the stdout handler the first put on the request logger. The
+    first shutting down took it off while the second still served: the second's lines went to no handler (an INFO
+    line lost, an error line plain on stderr). The handler stays until the last instance using it shuts down."""
+    from llm_telemetry.logs import RequestLogs
+
+    logger = logging.getLogger(REQUEST_LOGGER)
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers[:], logger.propagate = [], True
+    try:
+        first, second = RequestLogs("first", env={}), RequestLogs("second", env={})
+        first.shutdown()
+        for request_id, status in (("live-ok", 200), ("live-err", 502)):
+            call = LLMCall("chat", "openai", 1.0, request_id=request_id, request_model="m", status_code=status)
+            second.observer.end(call)
+        second.shutdown()
+        assert (logger.handlers, logger.propagate) == ([], True)
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+    captured = capsys.readouterr()
+    lines = log_lines(captured.out)
+    assert line_for(lines, "live-ok")["status_code"] == 200 and line_for(lines, "live-err")["status_code"] == 502
+    assert captured.err == ""
+
+
 @pytest.mark.parametrize("order", ["first instance first", "second instance first"])
 def test_two_instances_late_lines_are_json_and_the_logger_is_left_as_found(
     capsys: pytest.CaptureFixture[str], order: str
