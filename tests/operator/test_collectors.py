@@ -276,14 +276,25 @@ async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
     assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
 
 
-async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(emulator: Any) -> None:
+@pytest.mark.parametrize(
+    ("tracing", "endpoint"),
+    [
+        (
+            {"endpoint": "http://jaeger.observability.svc:4317", "protocol": "grpc"},
+            "http://jaeger.observability.svc:4317",
+        ),
+        # grpc alone: the operator's default endpoint names OTLP's HTTP port (4318), which refuses gRPC (every trace
+        # was lost while the Service looked found); the default's gRPC port is checked and injected.
+        ({"protocol": "grpc"}, "http://jaeger.observability:4317"),
+    ],
+)
+async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(
+    emulator: Any, tracing: dict[str, str], endpoint: str
+) -> None:
     """The traces' endpoint names Jaeger's OTLP/gRPC port, and the Service there serves only OTLP/HTTP: the exporter
     would fail in every pod, so it is left out and the condition says which ports the Service has."""
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(
-        tracing={"endpoint": "http://jaeger.observability.svc:4317", "protocol": "grpc"},
-        logs={"enabled": False},
-    )
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(tracing=tracing, logs={"enabled": False})
     emulator.objects["v1/services", "observability", "jaeger"] = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -294,7 +305,11 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
         collectors = await collectors_condition(emulator)
         assert (collectors["status"], collectors["reason"]) == ("False", "CollectorNotFound")
         assert "has no port 4317 (it serves 4318)" in collectors["message"]
-        assert "open the collector's OTLP/gRPC port there" in collectors["message"]
+        # Not "point it at one of its ports": 4318 takes no gRPC.
+        assert (
+            "open the collector's OTLP/gRPC port there, or point spec.tracing.endpoint at its gRPC port"
+            in (collectors["message"])
+        )
         assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
         events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
         assert "has no port 4317" in events[0]
@@ -302,43 +317,11 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(e
         # The collector starts serving OTLP/gRPC too: the exporter goes in now, not at the resync (300 s).
         ports = [{"name": "otlp-http", "port": 4318}, {"name": "otlp-grpc", "port": 4317}]
         await hand(emulator, "PATCH", "/api/v1/namespaces/observability/services/jaeger", {"spec": {"ports": ports}})
-        await eventually(
-            lambda: (
-                env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                == "http://jaeger.observability.svc:4317"
-            ),
-            "trace exporter injected once the Service serves the endpoint's port",
-        )
-    check_usage(emulator)
-
-
-async def test_grpc_without_an_endpoint_goes_to_the_default_collectors_grpc_port(emulator: Any) -> None:
-    """``protocol: grpc`` alone: the operator's default endpoint is on OTLP's HTTP port (4318), where gRPC is refused
-    and every trace lost while the Service looked found; the default's gRPC port (4317) is checked and injected."""
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(tracing={"protocol": "grpc"}, logs={"enabled": False})
-    emulator.objects["v1/services", "observability", "jaeger"] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "jaeger", "namespace": "observability"},
-        "spec": {"ports": [{"name": "otlp-http", "port": 4318}]},
-    }
-    async with running_operator():
-        collectors = await collectors_condition(emulator)
-        assert "has no port 4317 (it serves 4318)" in collectors["message"]
-        # Not "point it at one of its ports": 4318 takes no gRPC.
-        assert "point spec.tracing.endpoint at its gRPC port" in collectors["message"]
-        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_TRACES_EXPORTER"] == "none"
-        ports = [{"name": "otlp-http", "port": 4318}, {"name": "otlp-grpc", "port": 4317}]
-        await hand(emulator, "PATCH", "/api/v1/namespaces/observability/services/jaeger", {"spec": {"ports": ports}})
         env = await eventually(
             lambda: (e := env_of(get(emulator, DEPLOYMENTS, "chat"))).get("OTEL_TRACES_EXPORTER") == "otlp" and e,
-            "trace exporter injected",
+            "trace exporter injected once the Service serves the endpoint's port",
         )
-    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (
-        "http://jaeger.observability:4317",
-        "grpc",
-    )
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (endpoint, "grpc")
     check_usage(emulator)
 
 

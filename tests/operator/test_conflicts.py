@@ -428,9 +428,7 @@ async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_
         assert holder(emulator) is None
         assert "served by" not in message, message
         assert "Deployment/chat (won by zeta, which has not injected it" in message, message
-        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await _create_prices(emulator)
         await eventually(lambda: holder(emulator) == "zeta", "zeta injected once its ConfigMap exists", attempts=600)
         await eventually(
             lambda: (
@@ -439,6 +437,25 @@ async def test_a_conflict_with_a_winner_that_holds_the_workload_uninjected_says_
             ),
             "alpha says served by zeta",
         )
+
+
+async def _zeta_hands_over_while_alpha_is_refused(emulator: Any) -> None:
+    """zeta serves the workload; its selector moves away, and alpha's updates of the workload are refused (an
+    admission webhook): zeta's injection stays for alpha to take over, and its status says so."""
+    await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+    await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+    emulator.deny[("deployments", "chat")] = DENIED
+    await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
+    await eventually(
+        lambda: "handing over Deployment/chat (to alpha" in _injected_message(emulator, "zeta"), "zeta says so"
+    )
+
+
+async def _create_prices(emulator: Any) -> None:
+    """The user creates ConfigMap "prices", the pricing table zeta's ``configMapRef`` names."""
+    prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
+              "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+    await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
 
 
 async def _alpha_keeps_what_zeta_wins(emulator: Any) -> None:
@@ -478,9 +495,7 @@ async def test_a_winner_that_cannot_inject_yet_leaves_the_workload_to_the_one_se
         assert "Deployment/chat (won by zeta, which cannot inject it yet: see its status)" in message, message
 
         before = len(list(emulator))
-        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await _create_prices(emulator)
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
         await eventually(lambda: service_owner(emulator) == "zeta", "the metrics Service is zeta's")
@@ -513,9 +528,7 @@ async def test_a_workload_handed_over_stays_as_it_is_until_the_winner_takes_it(
         )
         await asyncio.sleep(0.5)
         before = len(list(emulator))
-        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await _create_prices(emulator)
         await hand(emulator, "PATCH", f"{LLMT_PATH}/alpha", {"spec": {"dashboard": {"folder": "Chat"}}})
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
@@ -562,13 +575,7 @@ async def test_a_workload_handed_over_and_not_taken_is_said_so_and_given_back_wh
     removed at once, not at its resync minutes later."""
     contested(emulator, monitoring_crds)
     async with running_operator():
-        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
-        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
-        emulator.deny[("deployments", "chat")] = DENIED
-        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
-        await eventually(
-            lambda: "handing over Deployment/chat (to alpha" in _injected_message(emulator, "zeta"), "zeta says so"
-        )
+        await _zeta_hands_over_while_alpha_is_refused(emulator)
         assert holder(emulator) == "zeta"
         await hand(emulator, "DELETE", f"{LLMT_PATH}/alpha")
         await eventually(lambda: get(emulator, LLMT, "alpha") is None, "alpha gone")
@@ -682,9 +689,7 @@ async def test_a_winner_that_cannot_inject_yet_makes_no_children_beside_the_keep
         if why == "port":
             await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"metrics": {"port": 9464}}})
         else:
-            prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                      "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-            await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+            await _create_prices(emulator)
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=600)
         await eventually(lambda: all(children(emulator, "zeta").values()), "zeta's children made")
         await eventually(lambda: children(emulator, "alpha")["dashboard"] is None, "alpha's children gone")
@@ -717,9 +722,7 @@ async def test_a_winner_waiting_for_its_pricing_configmap_takes_the_workload_as_
         reads = _pricing_reads(emulator)
         await eventually(lambda: _pricing_reads(emulator) > reads, "zeta's first retry", attempts=200)
         await asyncio.sleep(0.5)
-        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await _create_prices(emulator)
         await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over at once", attempts=60)
         await eventually(lambda: not memo["state"].pricing_watches, "the ConfigMap no longer watched")
     check_usage(emulator)
@@ -738,13 +741,7 @@ async def test_a_restart_between_a_hand_over_and_the_deletion_swaps_the_injectio
     for n in range(20):  # (others in the namespace: the watch's first list takes the time a real one would)
         emulator.objects[DEPLOYMENTS, NAMESPACE, f"other{n}"] = deployment(f"other{n}", labels={"app": f"other{n}"})
     async with running_operator():
-        await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
-        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
-        emulator.deny[("deployments", "chat")] = DENIED
-        await hand(emulator, "PATCH", f"{LLMT_PATH}/zeta", {"spec": {"selector": {"matchLabels": {"app": "other"}}}})
-        await eventually(
-            lambda: "handing over Deployment/chat (to alpha" in _injected_message(emulator, "zeta"), "zeta says so"
-        )
+        await _zeta_hands_over_while_alpha_is_refused(emulator)
     await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
     emulator.deny.clear()
     before = len(list(emulator))
@@ -784,9 +781,7 @@ async def test_a_winner_that_also_loses_another_workload_still_waits_for_its_pri
         )
         assert "Deployment/chat" in _injected_message(emulator, "zeta")
         assert children(emulator, "zeta")["dashboard"] is None  # (alpha's serve chat meanwhile)
-        prices = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices", "namespace": NAMESPACE},
-                  "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
-        await hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", prices)
+        await _create_prices(emulator)
         await eventually(lambda: holder(emulator) == "zeta", "zeta took chat over at once", attempts=60)
         other = r.injected_record(get(emulator, DEPLOYMENTS, "other") or {})
         assert other is not None and other.get("owner") == "aaa"
