@@ -1536,11 +1536,8 @@ def _await_collectors(
     without the endpoint's port), and watch each of them, so that the resource gets a pass as soon as one is
     created or changed rather than at its resync; stop watching a Service once no resource waits for it (see
     :func:`_follow`)."""
-    before = state.awaiting.pop(key, frozenset())
-    if services:
-        state.awaiting[key] = services
-    _follow(memo, state, key, kube.SERVICES, before, services, state.collector_waiters, state.collector_watches,
-            _collector_event)  # fmt: skip
+    _follow(memo, state, key, kube.SERVICES, services, state.awaiting, state.collector_waiters,
+            state.collector_watches, _collector_event)  # fmt: skip
 
 
 def _await_pricing(
@@ -1550,11 +1547,8 @@ def _await_pricing(
     unreadable while it held workloads back), and watch each, so that the resource gets a pass as soon as one is
     created or changed rather than at its next retry, which backs off up to the resync interval (see
     :func:`_follow`). The operator watches no ConfigMap of its users otherwise."""
-    before = state.awaiting_prices.pop(key, frozenset())
-    if configmaps:
-        state.awaiting_prices[key] = configmaps
-    _follow(memo, state, key, kube.CONFIGMAPS, before, configmaps, state.pricing_waiters, state.pricing_watches,
-            _pricing_event)  # fmt: skip
+    _follow(memo, state, key, kube.CONFIGMAPS, configmaps, state.awaiting_prices, state.pricing_waiters,
+            state.pricing_watches, _pricing_event)  # fmt: skip
 
 
 def _follow(
@@ -1562,19 +1556,22 @@ def _follow(
     state: OperatorState,
     key: tuple[str, str],
     resource: kube.Resource,
-    before: frozenset[tuple[str, str]],
     wanted: frozenset[tuple[str, str]],
+    awaiting: dict[tuple[str, str], frozenset[tuple[str, str]]],
     waiters: dict[tuple[str, str], set[tuple[str, str]]],
     watches: dict[tuple[str, str], MetadataWatch],
     deliver: Callable[[Any, Any, tuple[str, str], str, dict[str, Any]], None],
 ) -> None:
-    """Resource ``key`` now waits for the objects ``wanted`` of ``resource``, no longer for the rest of ``before``:
-    each wanted object is watched, one watch per object whatever the resources waiting for it, and a watch stops
-    once no resource waits for its object.
+    """Resource ``key`` now waits for the objects ``wanted`` of ``resource`` (recorded in ``awaiting``, by resource),
+    no longer for the others it waited for: each wanted object is watched, one watch per object whatever the
+    resources waiting for it (``waiters``, by object), and a watch stops once no resource waits for its object.
 
     An object is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
     other watches run (``memo`` None: only stop watching). A watch starts with a list, so an object created between
     the pass and the watch is not missed."""
+    before = awaiting.pop(key, frozenset())
+    if wanted:
+        awaiting[key] = wanted
     for obj in before - wanted:
         keys = waiters.get(obj)
         if keys is not None:
