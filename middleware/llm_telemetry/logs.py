@@ -330,8 +330,6 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-#: Writes the lines of requests that end after every handler of ours is gone (see RequestLogObserver.end).
-_LATE_LINES: Final = _StdoutHandler()
 #: Held while instances share or let go of the stdout handler on the request logger.
 _SHARED: Final = threading.Lock()
 
@@ -440,12 +438,10 @@ class RequestLogObserver:
                 except Exception:
                     otlp.handleError(logging.makeLogRecord({"msg": message, "name": REQUEST_LOGGER}))
             return
-        if self._closed and (handler is not None or not handlers):
+        if self._closed and handler is not None:
             # A request that ended after the shutdown took our handlers off (one the server cancelled and the
-            # shutdown did not wait for): its line still goes to stdout as JSON, not to logging's plain stderr (also
-            # that of an instance which found another's stdout handler on the logger, gone with it).
-            line = _request_line(time.time(), logging.getLevelName(level), message, fields)
-            _write_line(handler or _LATE_LINES, line)
+            # shutdown did not wait for): its line still goes to stdout as JSON, not to logging's plain stderr.
+            _write_line(handler, _request_line(time.time(), logging.getLevelName(level), message, fields))
             return
         # Current while logging, so OpenTelemetry-aware handlers (ours for OTLP, or the app's) see the LLM span.
         # What Logger.log does, minus finding the caller's source line (which no request line shows).

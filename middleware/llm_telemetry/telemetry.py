@@ -207,9 +207,7 @@ class Telemetry:
 
         def run() -> None:
             try:
-                self.shutdown()
-            except Exception:
-                logger.warning("llm-telemetry: flushing the exporters at shutdown failed", exc_info=True)
+                _logged(self.shutdown)
             finally:
                 done.set()
 
