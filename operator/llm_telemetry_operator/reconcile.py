@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,8 +340,33 @@ async def reconcile(
     # The pricing volume names the user's ConfigMap: injected while it (or its key) is missing, the rollout would
     # make pods that cannot start. So nothing is injected until it exists; what was injected before is left.
     missing_prices = await _missing_pricing(client, meta["namespace"], spec) if spec.pricing.config_map else None
+    # The inline prices' ConfigMap the injection mounts is written before the first workload is patched to mount it
+    # (pods made by the rollout before it exists cannot start); once per pass, and only by a pass that injects.
+    prices_written: list[bool] = []
+
+    async def write_prices() -> None:
+        if prices_written or not spec.pricing.inline:
+            return
+        prices_written.append(True)
+        prices = r.build_pricing_configmap(owner, spec)
+        try:
+            version = await _apply(client, kube.CONFIGMAPS, meta["namespace"], prices, None)
+        except ApiError:
+            return  # the ConfigMaps' sync below meets the error again and reports it (PricingConfigMapFailed)
+        _remember(outcome, kube.CONFIGMAPS, prices["metadata"]["name"], None, version)
+
     targets = await _inject(
-        client, config, owner, spec, workloads, conditions, outcome, peers, serving, blocked=missing_prices
+        client,
+        config,
+        owner,
+        spec,
+        workloads,
+        conditions,
+        outcome,
+        peers,
+        serving,
+        blocked=missing_prices,
+        before_injecting=write_prices,
     )
     outcome.targets = [workload_key(w) for w in targets]
     # Every workload it selects is served by an older LLMTelemetry: no children of its own, so nothing is
@@ -608,11 +633,12 @@ async def _inject(
     peers: PeerView,
     serving: Mapping[int, Sequence[Peer]],
     blocked: str | None = None,
+    before_injecting: Callable[[], Awaitable[None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Inject or remove the injection of each workload; returns the targets (those injected). ``serving``: the
     peers that would inject each workload, by ``id``. ``blocked``: why no workload may be injected now (the pricing
     ConfigMap missing): the selected ones are left as they are, and those this resource had injected before stay
-    its targets."""
+    its targets. ``before_injecting``: awaited before each patch that injects (what the injection mounts is made)."""
     name = owner["metadata"]["name"]
     targets: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -761,6 +787,7 @@ async def _inject(
                 workload,
                 take_over=take_over,
                 without=outcome.without,
+                before=before_injecting if selected else None,
             )
         except (ApiError, r.InjectionConflict) as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
@@ -926,10 +953,12 @@ async def _patch_workload(
     *,
     take_over: bool = False,
     without: frozenset[str] = frozenset(),
+    before: Callable[[], Awaitable[None]] | None = None,
 ) -> Mapping[str, Any] | None:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
     which may hold its metadata only, or the workload as read when it needed none).
-    ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it)."""
+    ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it).
+    ``before``: awaited once a patch is to be sent, before it is."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
@@ -938,6 +967,8 @@ async def _patch_workload(
         patch = r.build_workload_patch(workload, injection, name, take_over=take_over)
         if patch is None:
             return workload
+        if before is not None:
+            await before()
         try:
             patched = await client.patch(resource, namespace, wl_name, patch, metadata_only=True)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -785,4 +786,46 @@ async def test_a_winner_that_also_loses_another_workload_still_waits_for_its_pri
         await eventually(lambda: holder(emulator) == "zeta", "zeta took chat over at once", attempts=60)
         other = r.injected_record(get(emulator, DEPLOYMENTS, "other") or {})
         assert other is not None and other.get("owner") == "aaa"
+    check_usage(emulator)
+
+
+def _prices_before_mounts(kmock: Any, owner: str) -> list[str]:
+    """The operator's writes of ConfigMap ``<owner>-llm-pricing`` and of Deployment chat's injection by ``owner``,
+    in the order the API server received them."""
+    prices = r.pricing_configmap_name(owner)
+    seen: list[str] = []
+    for req in list(kmock):
+        path, data = str(req.url.path), req.data if isinstance(req.data, dict) else {}
+        if req.headers.get("X-Test-Hand"):
+            continue
+        if req.method.value == "POST" and path.endswith("/configmaps") and data["metadata"]["name"] == prices:
+            seen.append("prices created")
+        elif req.method.value == "PATCH" and path.endswith("/deployments/chat") and prices in json.dumps(data):
+            seen.append("workload mounts them")
+    return seen
+
+
+@pytest.mark.parametrize("how", ["created", "taken over"])
+async def test_the_inline_prices_configmap_exists_before_the_workload_mounts_it(
+    emulator: Any, monitoring_crds: Any, how: str
+) -> None:
+    """Pods of a rollout that mount a ConfigMap not yet there cannot start: the ConfigMap of ``spec.pricing.models``
+    is created before the patch that makes the workload mount it, on a first injection as on taking the workload
+    over from the older resource that held it (which kept alpha from making one while it lost)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    if how == "taken over":
+        emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    async with running_operator():
+        if how == "taken over":
+            await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+            await eventually(lambda: holder(emulator) == "zeta", "zeta injected")
+            assert get(emulator, CONFIGMAPS, r.pricing_configmap_name("alpha")) is None
+            await hand(emulator, "DELETE", f"{LLMT_PATH}/zeta")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        assert holder(emulator) == "alpha"
+    assert _prices_before_mounts(emulator, "alpha") == ["prices created", "workload mounts them"]
     check_usage(emulator)
