@@ -54,6 +54,9 @@ FROZEN_SECONDS = 30.0
 DELETE_WAIT_POLLS = 35
 #: Lists of the resources tried (one a STANDBY_POLL_SECONDS) before a replica active again acts without one.
 RELIST_ATTEMPTS = 5
+#: Seconds between two lines saying the peering objects still cannot be read (the poll tries every
+#: STANDBY_POLL_SECONDS): one line when it starts, one a minute while it lasts, one when it ends.
+PEERING_UNREAD_LOG_SECONDS = 60.0
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
 #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
@@ -141,6 +144,9 @@ class OperatorState:
     ticked: float | None = None
     #: Failed lists of the resources since this replica found itself active again (see _check_standby).
     relists_failed: int = 0
+    #: When (time.monotonic()) reading the peering objects began to fail, and when that was last said; None: read.
+    peering_unread_since: float | None = None
+    peering_unread_said: float = 0.0
     #: Until when (time.time()) the other replicas see this one alive, by its entry in the peering object as last
     #: read; past it one of them may take over, so this one stands by until it reads its entry renewed. None
     #: without an entry of its own (then it acts only alone, see standby.standing_by).
@@ -364,8 +370,16 @@ async def _check_standby(
     """Read the peering object and stand by, or resume, as kopf does (see standby.py)."""
     try:
         found = await client.list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": config.peering})
-    except ApiError:
+    except ApiError as exc:
+        _peering_unread(state, config, exc, logger)
         return  # unknown: keep the last decision (kopf's own pause holds its handlers meanwhile)
+    if state.peering_unread_since is not None:
+        logger.info(
+            "ClusterKopfPeering %r is read again (after %.0f s)",
+            config.peering,
+            time.monotonic() - state.peering_unread_since,
+        )
+        state.peering_unread_since = None
     standby = any(standing_by(peering.get("status"), identity, config.priority) for peering in found)
     # An entry already dead (a pod of the same name before a restart) is no lease: kopf writes it anew shortly.
     leases = [until.timestamp() for p in found if (until := alive_until(p.get("status"), identity)) is not None]
@@ -406,6 +420,29 @@ async def _check_standby(
     for key in list(state.bodies):
         state.schedule.resume(key)
     state.wake.set()
+
+
+def _peering_unread(state: OperatorState, config: OperatorConfig, exc: ApiError, logger: Any) -> None:
+    """Say that the peering object could not be read: when it first fails, then once a PEERING_UNREAD_LOG_SECONDS
+    while it goes on failing (the poll tries every STANDBY_POLL_SECONDS), not at every poll."""
+    now = time.monotonic()
+    if state.peering_unread_since is None:
+        state.peering_unread_since = state.peering_unread_said = now
+        logger.warning(
+            "cannot read ClusterKopfPeering %r (%s): this replica keeps standing by or acting as it last read, and"
+            " tries again every %.0f s",
+            config.peering,
+            exc,
+            STANDBY_POLL_SECONDS,
+        )
+    elif now - state.peering_unread_said >= PEERING_UNREAD_LOG_SECONDS:
+        state.peering_unread_said = now
+        logger.warning(
+            "still cannot read ClusterKopfPeering %r, for %.0f s now (%s)",
+            config.peering,
+            now - state.peering_unread_since,
+            exc,
+        )
 
 
 async def _publish_watched(

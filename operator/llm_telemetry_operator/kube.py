@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import os
 import random
 import threading
@@ -74,6 +75,23 @@ STREAM_CONNECTIONS = 32
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
 
 
+class QuietConnectRetries(logging.Filter):
+    """Drops urllib3's WARNING "Retrying (Retry(total=...)) after connection broken by ..." of each failed connect
+    it tries again: with the API server away, the standby poll alone wrote three such lines every two seconds, and
+    the failure itself said nothing of the server. The call that still fails after them raises an :class:`ApiError`
+    naming the server and the error, which the caller reports once (see ``handlers._check_standby``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith("Retrying ("))
+
+
+def _quiet_connect_retries() -> None:
+    """Install :class:`QuietConnectRetries` on urllib3's connection pool logger, once per process."""
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, QuietConnectRetries) for f in pool_logger.filters):
+        pool_logger.addFilter(QuietConnectRetries())
+
+
 @dataclass(frozen=True)
 class Retry:
     """How a request answered with a :data:`RETRIABLE` status is sent again.
@@ -113,6 +131,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _unreachable(method: str, path: str, server: str, exc: Exception) -> str:
+    """What a request that got no answer says: the API server's URL and the cause (the last attempt's error, not
+    urllib3's "Max retries exceeded" wrapper around it)."""
+    cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None else exc
+    return f"{method} {path}: no answer from the API server {server.rstrip('/')}: {cause}"
 
 
 def _check_declared(group: str, plural: str, verb: str) -> None:
@@ -479,7 +504,7 @@ class KubeClient:
         except k8s_client.ApiException as exc:
             raise ApiError(int(exc.status or 0), str(exc.reason), str(exc.body or exc.reason)) from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise ApiError(0, "Unreachable", f"GET {path}: {exc}") from exc
+            raise ApiError(0, "Unreachable", _unreachable("GET", path, str(api.configuration.host), exc)) from exc
         raw = response.response
         if int(response.status) >= 400:
             data = raw.data
@@ -496,6 +521,7 @@ class KubeClient:
                 # Retry-After, up to its default three times: leave statuses to :class:`Retry`, which covers
                 # every verb and every retriable status with one policy; urllib3 keeps retrying failed connects.
                 self._configuration.retries = urllib3.Retry(total=3, respect_retry_after_header=False)
+                _quiet_connect_retries()  # those retries are not a line each (the failure after them is one)
                 # A kept connection per thread, and room for the watches' (:meth:`open_stream`): a smaller pool (the
                 # package's default is five per CPU) closes the connections above it after each request, and every
                 # new one costs a TLS handshake.
@@ -533,7 +559,7 @@ class KubeClient:
             status, data = int(exc.status), exc.body  # older package versions raise for every error status
             response_headers = exc.headers
         except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, after urllib3's own retries
-            raise ApiError(0, "Unreachable", f"{method} {path}: {exc}") from exc
+            raise ApiError(0, "Unreachable", _unreachable(method, path, str(configuration.host), exc)) from exc
         text, parsed = _parse(data)
         if status >= 400:
             raise _api_error(status, text, parsed, response_headers)

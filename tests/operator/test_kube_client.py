@@ -233,6 +233,35 @@ async def test_server_that_never_answers_times_out() -> None:
     assert raised.value.reason == "Unreachable"
 
 
+async def test_an_api_server_away_is_one_line_naming_it_not_a_line_per_retry(caplog: pytest.LogCaptureFixture) -> None:
+    """The API server down (an upgrade, an outage): the standby poll reads the peering object every two seconds and
+    urllib3 tries each connect again three times, each with a WARNING of its own ("Retrying (Retry(total=2...")),
+    some 700 lines in three minutes that never said which server failed. Now the retries write nothing, and the
+    failed poll is one line naming the server and the error; the polls after it within a minute write none."""
+    import logging
+
+    from llm_telemetry_operator.config import OperatorConfig
+    from llm_telemetry_operator.handlers import OperatorState, _check_standby
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: every connect is refused
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        client = kube.KubeClient(kube.server_configuration(url))
+        config, state, log = OperatorConfig(peering="llm-telemetry-operator"), OperatorState(), logging.getLogger("t.o")
+        try:
+            with caplog.at_level(logging.DEBUG, logger="t.o"), caplog.at_level(logging.INFO):
+                for _ in range(3):
+                    await _check_standby(client, config, state, "me", log)
+        finally:
+            await client.close()
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("urllib3")] == []
+    (line,) = [record for record in caplog.records if record.name == "t.o"]
+    assert line.levelname == "WARNING"
+    message = line.getMessage()
+    assert "cannot read ClusterKopfPeering 'llm-telemetry-operator'" in message, message
+    assert f"no answer from the API server {url}: " in message and "Connection refused" in message, message
+
+
 async def test_undeclared_call_is_refused_before_any_request() -> None:
     client = kube.KubeClient(kube.server_configuration("http://127.0.0.1:9"))
     try:
