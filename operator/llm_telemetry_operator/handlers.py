@@ -10,6 +10,7 @@ import datetime
 import functools
 import itertools
 import logging
+import pathlib
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -557,16 +558,58 @@ async def _watch_standby(
 
 
 @kopf.on.login()
-async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+async def login(memo: kopf.Memo, logger: Any, **_: Any) -> kopf.ConnectionInfo:
     """One set of credentials for kopf's watches and our client, loaded by the ``kubernetes`` package (every
-    kubeconfig form, in-cluster tokens). kopf calls this again when its credentials stop working."""
+    kubeconfig form, in-cluster tokens). kopf calls this again when its credentials stop working: when the API
+    server answered 401 to them. Loaded again, they are new (a rotated token, an exec plugin's fresh one), or the
+    same, which kopf refuses ("Ran out of valid credentials"), and the operator stops: said here, with what to do."""
     config = _config(memo)
     try:
         configuration = await asyncio.to_thread(kube.load_configuration, config.kubeconfig, config.context)
     except Exception as exc:  # ConfigException, a failing exec plugin, an unreadable file
         raise kopf.LoginError(f"cannot load Kubernetes credentials: {exc}") from exc
+    info = kube.connection_info(configuration)
+    credentials = await asyncio.to_thread(_credentials, info)
+    if credentials == memo.get("credentials") and memo.get("refused_said") != credentials:
+        memo["refused_said"] = credentials  # once: kopf may ask again while it retries
+        logger.error("%s", _refused_message(config, info))
+    memo["credentials"] = credentials
     _client(memo).configure(configuration)
-    return kube.connection_info(configuration)
+    return info
+
+
+def _credentials(info: kopf.ConnectionInfo) -> tuple[Any, ...]:
+    """What identifies the client to the API server: token, user and password, client certificate and key (their
+    content: the ``kubernetes`` package writes inline ones to a new temporary file at every load)."""
+
+    def content(path: Any) -> bytes | None:
+        try:
+            return pathlib.Path(path).read_bytes() if path else None
+        except OSError:
+            return None
+
+    return (info.token, info.username, info.password, content(info.certificate_path), content(info.private_key_path))
+
+
+def _refused_message(config: OperatorConfig, info: kopf.ConnectionInfo) -> str:
+    source = kube.credentials_source(config.kubeconfig, config.context)
+    message = (
+        f"the API server {info.server} refused this operator's credentials (401 Unauthorized), and {source} holds"
+        " no new ones"
+    )
+    if not kube.in_cluster(config.kubeconfig, config.context):
+        return (
+            message + ": renew that kubeconfig's credentials (token, client certificate, exec plugin login) and start"
+            " the operator again"
+        )
+    account = kube.token_service_account(info.token)
+    named = f"ServiceAccount {account}" if account else "the pod's ServiceAccount (spec.serviceAccountName)"
+    check = f" (kubectl get serviceaccount -n {account.replace('/', ' ')})" if account else ""
+    return (
+        message + f": its token was revoked, or {named} deleted. The operator stops and its pod restarts with"
+        f" the token the kubelet holds now; check that {named} exists{check}, and if it was deleted and created"
+        " again, restart the operator's pods (kubectl rollout restart) so that they get a token of the new one"
+    )
 
 
 @kopf.on.cleanup()

@@ -21,6 +21,7 @@ of the kind from etcd (see :meth:`KubeClient.list`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import logging
@@ -38,6 +39,7 @@ import kopf
 import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.config import incluster_config
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import rbac
@@ -219,16 +221,45 @@ def load_configuration(kubeconfig: str | None = None, context: str | None = None
     Blocking (it may run an exec plugin); raises ``kubernetes.config.ConfigException`` when neither works.
     """
     configuration = k8s_client.Configuration()
-    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if in_cluster(kubeconfig, context):
         # Also installs a hook that re-reads the projected token file as the kubelet rotates it.
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         return configuration
-    # $KUBECONFIG is read here, not through the package's default (which it fixes when first imported).
-    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=path, context=context, client_configuration=configuration
+        config_file=_kubeconfig_path(kubeconfig), context=context, client_configuration=configuration
     )
     return configuration
+
+
+def in_cluster(kubeconfig: str | None = None, context: str | None = None) -> bool:
+    """Whether :func:`load_configuration` takes the in-cluster credentials (in a pod, no kubeconfig named)."""
+    return kubeconfig is None and context is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _kubeconfig_path(kubeconfig: str | None) -> str:
+    # $KUBECONFIG is read here, not through the package's default (which it fixes when first imported).
+    return kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+
+
+def credentials_source(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """Where :func:`load_configuration` takes the credentials from, as a message says it: the ServiceAccount token
+    file in a pod, else the kubeconfig file (and context)."""
+    if in_cluster(kubeconfig, context):
+        return f"the ServiceAccount token file {incluster_config.SERVICE_TOKEN_FILENAME}"
+    return f"kubeconfig {os.path.abspath(_kubeconfig_path(kubeconfig))}" + (f" (context {context})" if context else "")
+
+
+def token_service_account(token: str | None) -> str | None:
+    """``namespace/name`` of the ServiceAccount a ServiceAccount token (a JWT) names in its ``sub`` claim
+    (``system:serviceaccount:<namespace>:<name>``), read without checking the signature (for a message only); None
+    for any other token."""
+    try:
+        payload = str(token).split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        kind, namespace, name = str(claims["sub"]).rsplit(":", 2)
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+    return f"{namespace}/{name}" if kind == "system:serviceaccount" and namespace and name else None
 
 
 def server_configuration(server: str, token: str | None = None) -> k8s_client.Configuration:

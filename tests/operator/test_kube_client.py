@@ -66,6 +66,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     server: ApiServer
 
     def do_GET(self) -> None:
+        if self.server.revoked:
+            return self.unauthorized()
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         peer = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
@@ -86,6 +88,13 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.answer(404, {"kind": "Status", "reason": "NotFound", "message": f"{url.path} not found"})
 
+    def unauthorized(self) -> None:
+        """What the API server answers a revoked token (a deleted ServiceAccount's, say), whatever the request."""
+        self.server.seen.append({"path": urlsplit(self.path).path, "auth": self.headers.get("Authorization")})
+        self.answer(401, {"kind": "Status", "status": "Failure", "reason": "Unauthorized", "code": 401})
+
+    do_POST = do_PATCH = do_PUT = do_DELETE = unauthorized
+
     def answer(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -100,6 +109,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
 
 class ApiServer(http.server.ThreadingHTTPServer):
     seen: list[dict[str, Any]]
+    #: Every request answered 401 (the token revoked); writes always are, this sliver serves none.
+    revoked: bool = False
 
 
 @pytest.fixture
@@ -384,6 +395,51 @@ async def test_in_cluster_token_is_read_again_as_the_kubelet_rotates_it(
     tokens = [seen["auth"].lower() for seen in token_api_server.seen]  # the scheme's case is free (RFC 9110)
     assert tokens[0] == tokens[-2] == "bearer token-at-start"
     assert tokens[-1] == "bearer token-after-rotation"
+
+
+async def test_a_revoked_token_is_said_to_be_with_what_to_do(
+    token_api_server: ApiServer,
+    pki: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ServiceAccount's token revoked (the ServiceAccount deleted, say): the API server answers 401 to all, kopf
+    logs in again, and the token file holds the same token. kopf then stops the operator with "Ran out of valid
+    credentials. Consider installing an API client library or adding a login handler", the 401 only in tracebacks;
+    before that, one ERROR line says the server refused the credentials, where they came from, and what to do."""
+    import logging
+
+    import kopf
+    from kopf_testing import eventually, running_operator
+    from kubernetes.config import incluster_config
+
+    from llm_telemetry_operator.config import OperatorConfig
+
+    token_api_server.revoked = True
+    token = tmp_path / "token"
+    claims = {"sub": "system:serviceaccount:llm-telemetry:llm-telemetry-operator"}  # as a ServiceAccount token's
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    token.write_text(f"eyJhbGciOiJSUzI1NiJ9.{payload}.c2lnbmF0dXJl")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(token_api_server.server_address[1]))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(pki / "ca.crt"))
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "refused" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO), pytest.raises(kopf.LoginError):  # kopf stops the operator
+        async with running_operator(OperatorConfig(standalone=True, metrics_port=0, health="")):
+            await eventually(refused, "the refusal said", attempts=100)
+    # The scheme's case is free (RFC 9110).
+    assert {seen["auth"].lower() for seen in token_api_server.seen} == {f"bearer {token.read_text()}".lower()}
+    (line,) = refused()
+    server = f"https://127.0.0.1:{token_api_server.server_address[1]}"
+    assert line.startswith(f"the API server {server} refused this operator's credentials (401 Unauthorized)"), line
+    assert f"the ServiceAccount token file {token} holds no new ones" in line, line
+    assert "ServiceAccount llm-telemetry/llm-telemetry-operator" in line, line
+    assert "kubectl get serviceaccount -n llm-telemetry llm-telemetry-operator" in line, line
 
 
 async def test_peering_crd_missing_is_reported_not_waited_for(
