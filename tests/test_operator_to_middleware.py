@@ -20,7 +20,7 @@ from kubelet import container_env, expand
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.spec import parse_spec
-from otlp_receiver import OTLPReceiver, isolated_env, otlp_receiver, wait_span
+from otlp_receiver import OTLPReceiver, demo_server, isolated_env, otlp_receiver, wait_span
 from support import Metrics, free_port, serve, settled
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "llmtelemetry-full.yaml"
@@ -200,3 +200,40 @@ def test_request_logs_reach_loki_correlated_with_the_trace(
 def test_kubelet_expansion_as_documented() -> None:
     # The expansion this test relies on, as the Kubernetes docs define it.
     assert expand("a=$(A),b=$(B),$$(A)", {"A": "1"}) == "a=1,b=$(B),$(A)"
+
+
+@pytest.mark.parametrize("own_endpoint", [False, True], ids=["app headers only", "app endpoint and headers"])
+def test_the_apps_own_otlp_credential_is_not_sent_where_the_operator_points(own_endpoint: bool) -> None:
+    """An app that sends its own telemetry to a vendor sets OTEL_EXPORTER_OTLP_HEADERS (the vendor's key), which the
+    SDK sends to every signal without headers of its own: the collectors the operator injects must not get it."""
+    key = "Bearer vendor-key-" + secrets.token_hex(4)
+    with otlp_receiver() as collectors, otlp_receiver() as vendor:
+        own = [{"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"}]
+        if own_endpoint:  # its traces go to the vendor (kept: the app's own variables win), its logs to Loki
+            own[:0] = [
+                {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": vendor.http_endpoint},
+                {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "http/protobuf"},
+            ]
+        deployment = workload()
+        deployment["spec"]["template"]["spec"]["containers"][1]["env"] += own
+        spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"]})
+        injection = r.build_injection(spec, CONFIG, deployment, "chat")
+        patch = r.build_workload_patch(deployment, injection, "chat")
+        assert patch is not None
+        pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
+        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD)
+        # The cluster's collectors, here the receiver: where the operator's endpoints point.
+        if not own_endpoint:
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == CONFIG.traces_endpoint
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collectors.http_endpoint
+        env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = collectors.http_endpoint + "/v1/logs"
+        env.update(OTEL_BSP_SCHEDULE_DELAY="20", OTEL_BLRP_SCHEDULE_DELAY="20", LLM_TELEMETRY_METRICS_PORT="0")
+        with demo_server(env) as (_, base):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test").chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+            traces = vendor if own_endpoint else collectors
+            assert traces.wait_for(lambda got: bool(got.spans)) and collectors.wait_for(lambda got: bool(got.logs))
+        assert collectors.headers and not [h for h in collectors.headers if "authorization" in h]
+        if own_endpoint:  # and the vendor still gets its key
+            assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)

@@ -30,6 +30,9 @@ ENV_POD_UID = "K8S_POD_UID"
 
 #: Workload kind to the OpenTelemetry resource attribute naming it.
 WORKLOAD_ATTRIBUTE = {"Deployment": "k8s.deployment.name", "StatefulSet": "k8s.statefulset.name"}
+#: A signal's OTLP headers set to none: an empty list, written ``,`` since the SDK reads an empty variable as unset
+#: and then sends that signal the headers of OTEL_EXPORTER_OTLP_HEADERS.
+NO_HEADERS = ","
 
 
 _SERVICE_SUFFIX = "llm-metrics"
@@ -251,6 +254,9 @@ def build_env(
             value("OTEL_EXPORTER_OTLP_PROTOCOL", spec.tracing.protocol),
             value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),
+            # The signal's own headers, so that OTEL_EXPORTER_OTLP_HEADERS, which the SDK sends to every signal
+            # without headers of its own, does not carry the app's credential for its own backend here.
+            value("OTEL_EXPORTER_OTLP_TRACES_HEADERS", NO_HEADERS),
         ]
     else:
         env.append(value("OTEL_TRACES_EXPORTER", "none"))
@@ -263,9 +269,9 @@ def build_env(
             value("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "http/protobuf"),
         ]
         tenant = spec.logs.tenant if spec.logs.tenant is not None else config.logs_tenant
-        if tenant:
-            # A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant.
-            env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}"))
+        # A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant. Without one,
+        # no headers: set all the same, as for the traces.
+        env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}" if tenant else NO_HEADERS))
     else:
         env.append(value("OTEL_LOGS_EXPORTER", "none"))
     return env
@@ -478,6 +484,14 @@ _OWN_ENDPOINTS: Final = {
     "OTEL_TRACES_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
     "OTEL_LOGS_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
 }
+#: A signal's headers go with the endpoint injected for it: not into a container that sends the signal to an
+#: endpoint of its own (which the injected one does not replace), where they would replace the headers the app
+#: sends there. (A generic endpoint of the app's own does not keep its logs: the injected logs endpoint is the
+#: signal's own, which the SDK prefers.)
+_HEADERS_FOR_ENDPOINT: Final = {
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
+}
 
 
 def _blank(entry: Any) -> bool:
@@ -605,6 +619,8 @@ def _apply(
             if entry["name"] in taken:  # the user's own variables win
                 continue
             if entry.get("value") == "none" and not set_here.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
+                continue
+            if not set_here.isdisjoint(_HEADERS_FOR_ENDPOINT.get(entry["name"], ())):
                 continue
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)

@@ -61,7 +61,8 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     # Loki takes OTLP over HTTP only, whatever the traces use.
     assert env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://loki-gateway.observability/otlp/v1/logs"
     assert env["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
-    assert "OTEL_EXPORTER_OTLP_LOGS_HEADERS" not in env  # no tenant unless one is set
+    # No tenant unless one is set, and no headers (not even the app's own OTEL_EXPORTER_OTLP_HEADERS).
+    assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == ","
 
 
 @pytest.mark.parametrize(
@@ -87,20 +88,20 @@ def test_grpc_takes_a_default_endpoint_on_otlps_http_port_at_its_grpc_port(
 @pytest.mark.parametrize(
     ("spec_tenant", "default_tenant", "header"),
     [
-        (None, "", None),
+        (None, "", ","),  # none at all (an empty list: an empty variable would be read as unset)
         ("team-a", "", "X-Scope-OrgID=team-a"),
         (None, "platform", "X-Scope-OrgID=platform"),
         ("team-a", "platform", "X-Scope-OrgID=team-a"),
-        ("", "platform", None),  # the resource opts out of the default
+        ("", "platform", ","),  # the resource opts out of the default
     ],
 )
-def test_logs_name_their_loki_tenant(spec_tenant: str | None, default_tenant: str, header: str | None) -> None:
+def test_logs_name_their_loki_tenant(spec_tenant: str | None, default_tenant: str, header: str) -> None:
     """A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant."""
     logs = {} if spec_tenant is None else {"tenant": spec_tenant}
     spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": logs})
     config = dataclasses.replace(CONFIG, logs_tenant=default_tenant)
     env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
-    assert env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS") == header
+    assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == header
     stdout = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": {**logs, "mode": "stdout"}})
     assert "OTEL_EXPORTER_OTLP_LOGS_HEADERS" not in {e["name"] for e in r.build_env(stdout, config, deployment(), "c")}
 
@@ -914,6 +915,29 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
     assert patch is not None
     env = env_of(dict(merge_patch(workload, patch)))
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
+
+
+@pytest.mark.parametrize(
+    ("own", "traces_headers", "logs_headers"),
+    [
+        ({}, ",", ","),  # both signals to the collectors: neither takes OTEL_EXPORTER_OTLP_HEADERS along
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, ","),  # the injected logs endpoint wins
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, ","),
+        ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, ",", None),
+    ],
+)
+def test_a_signals_headers_go_with_the_endpoint_injected_for_it(
+    own: dict[str, str], traces_headers: str | None, logs_headers: str | None
+) -> None:
+    """The app's OTEL_EXPORTER_OTLP_HEADERS (a vendor's key) would reach the collectors the operator injects; where
+    the app sends a signal to an endpoint of its own, the injected headers would replace those it sends there."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    workload = deployment(env=[{"name": name, "value": value} for name, value in own.items()])
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    assert env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") == traces_headers
+    assert env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS") == logs_headers
 
 
 def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
