@@ -484,12 +484,15 @@ _OWN_ENDPOINTS: Final = {
     "OTEL_TRACES_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
     "OTEL_LOGS_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
 }
-#: A signal's headers go with the endpoint injected for it: not into a container that sends the signal to an
-#: endpoint of its own (which the injected one does not replace), where they would replace the headers the app
-#: sends there. (A generic endpoint of the app's own does not keep its logs: the injected logs endpoint is the
-#: signal's own, which the SDK prefers.)
-_HEADERS_FOR_ENDPOINT: Final = {
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+_OWN_TRACES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+#: A signal's headers and protocol go with the endpoint injected for it: not into a container that sends the signal
+#: to an endpoint of its own (which the injected one does not replace), where they would replace the headers and
+#: protocol the app sends there with. (A generic endpoint of the app's own does not keep its logs: the injected logs
+#: endpoint is the signal's own, which the SDK prefers.)
+_WITH_ENDPOINT: Final = {
+    "OTEL_EXPORTER_OTLP_PROTOCOL": _OWN_TRACES,
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": _OWN_TRACES,
+    "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
     "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
 }
 
@@ -620,7 +623,7 @@ def _apply(
                 continue
             if entry.get("value") == "none" and not set_here.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
                 continue
-            if not set_here.isdisjoint(_HEADERS_FOR_ENDPOINT.get(entry["name"], ())):
+            if not set_here.isdisjoint(_WITH_ENDPOINT.get(entry["name"], ())):
                 continue
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)

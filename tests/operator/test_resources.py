@@ -918,26 +918,28 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
 
 
 @pytest.mark.parametrize(
-    ("own", "traces_headers", "logs_headers"),
+    ("own", "traces", "logs"),
     [
-        ({}, ",", ","),  # both signals to the collectors: neither takes OTEL_EXPORTER_OTLP_HEADERS along
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, ","),  # the injected logs endpoint wins
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, ","),
-        ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, ",", None),
+        ({}, (",", "http/protobuf"), (",", "http/protobuf")),  # neither takes OTEL_EXPORTER_OTLP_HEADERS along
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, (",", "http/protobuf")),  # logs: injected
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, (",", "http/protobuf")),
+        ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, (",", "http/protobuf"), None),
     ],
 )
-def test_a_signals_headers_go_with_the_endpoint_injected_for_it(
-    own: dict[str, str], traces_headers: str | None, logs_headers: str | None
+def test_a_signals_headers_and_protocol_go_with_the_endpoint_injected_for_it(
+    own: dict[str, str], traces: tuple[str, str] | None, logs: tuple[str, str] | None
 ) -> None:
     """The app's OTEL_EXPORTER_OTLP_HEADERS (a vendor's key) would reach the collectors the operator injects; where
-    the app sends a signal to an endpoint of its own, the injected headers would replace those it sends there."""
+    the app sends a signal to an endpoint of its own, the injected headers and protocol would replace those it sends
+    there with."""
     spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
     workload = deployment(env=[{"name": name, "value": value} for name, value in own.items()])
     patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
     assert patch is not None
     env = env_of(dict(merge_patch(workload, patch)))
-    assert env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") == traces_headers
-    assert env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS") == logs_headers
+    injected_traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), env.get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    injected_logs = (env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS"), env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"))
+    assert injected_traces == (traces or (None, None)) and injected_logs == (logs or (None, None))
 
 
 def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
