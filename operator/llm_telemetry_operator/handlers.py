@@ -215,7 +215,8 @@ def _client(memo: Any) -> KubeClient:
     if memo.get("client") is None:
         config = _config(memo)
         memo["client"] = KubeClient(
-            loader=functools.partial(kube.load_configuration, config.kubeconfig, config.context)
+            loader=functools.partial(kube.load_configuration, config.kubeconfig, config.context),
+            peering=None if config.standalone else config.peering,
         )
     client: KubeClient = memo["client"]
     return client

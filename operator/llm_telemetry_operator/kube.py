@@ -142,10 +142,13 @@ def _unreachable(method: str, path: str, server: str, exc: Exception) -> str:
     return f"{method} {path}: no answer from the API server {server.rstrip('/')}: {cause}"
 
 
-def _check_declared(group: str, plural: str, verb: str) -> None:
-    """Refuse a request the chart's RBAC does not grant (so a missing permission fails every test, not a cluster)."""
-    if not rbac.is_declared(group, plural, verb):
-        raise PermissionNotDeclaredError(f"{verb} {plural}.{group or 'core'} is not in rbac.PERMISSIONS")
+def _check_declared(group: str, plural: str, verb: str, name: str | None = None, peering: str | None = None) -> None:
+    """Refuse a request the chart's RBAC does not grant (so a missing permission fails every test, not a cluster):
+    ``name`` is the object a request on one object names, ``peering`` the client's own ClusterKopfPeering (see
+    :func:`rbac.is_declared`)."""
+    if not rbac.is_declared(group, plural, verb, name, peering=peering):
+        which = f" {name}" if name is not None else ""
+        raise PermissionNotDeclaredError(f"{verb} {plural}.{group or 'core'}{which} is not in rbac.PERMISSIONS")
 
 
 def _headers(api: k8s_client.ApiClient, accept: str) -> dict[str, str]:
@@ -336,6 +339,8 @@ class KubeClient:
         loader: how to load the configuration when none is given (default: :func:`load_configuration`).
         retry: how requests answered 429 or 5xx are sent again (:class:`Retry`).
         stream_timeout: seconds a watch may wait for its next bytes (:data:`STREAM_READ_TIMEOUT`).
+        peering: the name of this operator's ClusterKopfPeering, the one object of its kind it may write (the
+            chart grants ``patch`` on that name only); None: it may write none.
 
     Example::
 
@@ -354,8 +359,10 @@ class KubeClient:
         loader: Callable[[], k8s_client.Configuration] = load_configuration,
         retry: Retry = DEFAULT_RETRY,
         stream_timeout: float = STREAM_READ_TIMEOUT,
+        peering: str | None = None,
     ) -> None:
         self._loader = loader
+        self.peering = peering
         self.retry = retry
         self.stream_timeout = stream_timeout
         #: Requests answered 429 or 5xx and sent again, by status (for metrics and tests).
@@ -392,7 +399,7 @@ class KubeClient:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any]:
-        return await self._request("GET", resource, "get", resource.path(namespace, name))
+        return await self._request("GET", resource, "get", resource.path(namespace, name), name=name)
 
     async def list(
         self,
@@ -465,6 +472,7 @@ class KubeClient:
             resource.path(namespace, name, subresource),
             patch,
             plural=plural,
+            name=name,
             query=[("dryRun", "All")] if dry_run else None,
             accept=METADATA_ONLY if metadata_only else None,
         )
@@ -478,7 +486,7 @@ class KubeClient:
         if resource_version:
             body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"resourceVersion": resource_version}}
         try:
-            await self._request("DELETE", resource, "delete", resource.path(namespace, name), body)
+            await self._request("DELETE", resource, "delete", resource.path(namespace, name), body, name=name)
         except NotFoundError:
             return False
         return True
@@ -492,11 +500,12 @@ class KubeClient:
         body: Mapping[str, Any] | None = None,
         *,
         plural: str | None = None,
+        name: str | None = None,
         query: Sequence[tuple[str, str]] | None = None,
         accept: str | None = None,
     ) -> dict[str, Any]:
         plural = plural or resource.plural
-        _check_declared(resource.group, plural, verb)
+        _check_declared(resource.group, plural, verb, name, self.peering)
         if method in ("POST", "PATCH"):
             query = [*(query or ()), ("fieldManager", FIELD_MANAGER)]
         loop = asyncio.get_running_loop()

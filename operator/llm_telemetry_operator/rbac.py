@@ -26,6 +26,10 @@ class Permission:
             resources themselves. Deleting a watched namespace deletes its Role along with everything else, often
             before the operator has taken its finalizer off the LLMTelemetry resources there; without a grant that
             outlives the Role, their finalizers (and with them the namespace) would stay until removed by hand.
+        names: the objects the rule is limited to (the ClusterRole's ``resourceNames``), or None for every object.
+            ``"peering"`` is this operator's own ClusterKopfPeering, whose name only the release knows (the chart's
+            ``peering.name``, the operator's ``config.peering``). Only verbs on one named object can be limited
+            this way: RBAC cannot limit a list or a watch by name.
     """
 
     api_group: str
@@ -33,6 +37,7 @@ class Permission:
     verbs: tuple[str, ...]
     kind: Literal["framework", "application"]
     cluster_wide: bool = False
+    names: Literal["peering"] | None = None
 
 
 PERMISSIONS: tuple[Permission, ...] = (
@@ -41,8 +46,12 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", ("namespaces",), ("list", "watch"), "framework", True),
     # Framework: peering, so that standby replicas stay idle while one replica is active. One ClusterKopfPeering in
     # either mode: a KopfPeering in each watched namespace would go with the namespace, and kopf stops the whole
-    # operator when it cannot keep its entry in one.
-    Permission("kopf.dev", ("clusterkopfpeerings",), ("list", "watch", "patch"), "framework", True),
+    # operator when it cannot keep its entry in one. Written only in this operator's own: a patch of another release's
+    # (a fake peer of top priority in it) would keep that release's operator standing by for good. Read in every one:
+    # kopf lists and watches them all (and picks its own by name), the operator reads another's to tell whether it is
+    # alive (see handlers.py), and RBAC cannot limit a list or a watch by name anyway.
+    Permission("kopf.dev", ("clusterkopfpeerings",), ("list", "watch"), "framework", True),
+    Permission("kopf.dev", ("clusterkopfpeerings",), ("patch",), "framework", True, names="peering"),
     # Framework: kopf posts events about handler progress and failures (ours go the same way).
     Permission("", ("events",), ("create",), "framework"),
     # Application: the LLMTelemetry resources themselves (finalizers, progress annotations, status).
@@ -66,9 +75,19 @@ PERMISSIONS: tuple[Permission, ...] = (
 )
 
 
-def is_declared(api_group: str, resource: str, verb: str) -> bool:
-    """Whether ``verb`` on ``resource`` of ``api_group`` is covered by :data:`PERMISSIONS`."""
-    return any(p.api_group == api_group and resource in p.resources and verb in p.verbs for p in PERMISSIONS)
+def is_declared(
+    api_group: str, resource: str, verb: str, name: str | None = None, *, peering: str | None = None
+) -> bool:
+    """Whether ``verb`` on ``resource`` of ``api_group`` is covered by :data:`PERMISSIONS`: for a permission limited
+    to named objects (:attr:`Permission.names`), only a call on one of them (``name``), given the name of this
+    operator's ClusterKopfPeering as ``peering``."""
+
+    def covers(p: Permission) -> bool:
+        if p.api_group != api_group or resource not in p.resources or verb not in p.verbs:
+            return False
+        return p.names is None or (name is not None and name == {"peering": peering}[p.names])
+
+    return any(covers(p) for p in PERMISSIONS)
 
 
 #: Permissions the API server checks for the operator's writes (see above) but no call of the operator's uses.

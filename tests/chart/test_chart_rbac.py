@@ -13,30 +13,46 @@ from chartkit import CHART, NAMESPACE, RELEASE, VALUE_SETS, Helm, find, one
 from llm_telemetry_operator import rbac
 
 Render = Callable[..., list[dict[str, Any]]]
-Triple = tuple[str, str, str]
+#: (api group, resource, verb, the one object it is limited to or None for every object).
+Grant = tuple[str, str, str, str | None]
+#: The name of the release's ClusterKopfPeering with the default values, cluster-wide and namespaced.
+PEERING = "llm-telemetry-operator"
+NAMESPACED_PEERING = f"{NAMESPACE}-{RELEASE}-operator"
 
 
-def declared(*, cluster_wide: bool | None = None, kind: str | None = None) -> set[Triple]:
+def declared(*, cluster_wide: bool | None = None, kind: str | None = None, peering: str = PEERING) -> set[Grant]:
+    """What rbac.PERMISSIONS declares; a permission limited to the operator's own ClusterKopfPeering is limited to
+    ``peering``."""
     return {
-        (p.api_group, resource, verb)
+        (p.api_group, resource, verb, name)
         for p in rbac.PERMISSIONS
         if (cluster_wide is None or p.cluster_wide == cluster_wide) and (kind is None or p.kind == kind)
         for resource in p.resources
         for verb in p.verbs
+        for name in ([None] if p.names is None else [{"peering": peering}[p.names]])
     }
 
 
-def granted(role: dict[str, Any]) -> set[Triple]:
-    triples = set()
+def granted(role: dict[str, Any]) -> set[Grant]:
+    grants: set[Grant] = set()
     for rule in role["rules"]:
-        # Least privilege: no wildcards, no name-restricted rules we cannot compare, no non-resource URLs.
-        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
+        # Least privilege: no wildcards, no non-resource URLs.
+        assert set(rule) <= {"apiGroups", "resources", "verbs", "resourceNames"}, rule
         assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], rule
-        triples |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    return triples
+        names = rule.get("resourceNames", [None])
+        assert names, rule  # an empty resourceNames grants every object
+        grants |= {
+            (g, r, v, n) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"] for n in names
+        }
+    return grants
 
 
-def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Triple]]:
+def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [operator] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in operator["env"]}
+
+
+def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Grant]]:
     """The rules of one rendered Role/ClusterRole split by their `# Framework:` / `# Application:` comments."""
     for text in rendered.split("\n---\n"):
         doc = yaml.safe_load(text)
@@ -45,7 +61,7 @@ def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Triple]]:
     else:
         raise AssertionError(f"no {kind}/{name} in the output")
     rules_text = text.split("\nrules:\n", 1)[1]
-    groups: dict[str, set[Triple]] = {}
+    groups: dict[str, set[Grant]] = {}
     for heading, body in re.findall(r"^\s*# (Framework|Application):[^\n]*\n((?:(?!\s*#).*\n?)*)", rules_text, re.M):
         groups.setdefault(heading.lower(), set())
         groups[heading.lower()] |= granted({"rules": yaml.safe_load(body) or []})
@@ -79,10 +95,12 @@ def test_cluster_mode_clusterrole_grants_exactly_the_declared_permissions(render
 def test_namespaced_mode_splits_permissions_by_scope(render: Render) -> None:
     namespaces = VALUE_SETS["namespaced"]["watchNamespaces"]
     docs = render(VALUE_SETS["namespaced"])
-    assert granted(one(docs, "ClusterRole")) == declared(cluster_wide=True)
+    assert granted(one(docs, "ClusterRole")) == declared(cluster_wide=True, peering=NAMESPACED_PEERING)
     # The LLMTelemetry resources are granted cluster-wide, so that their finalizers can come off after a watched
     # namespace's deletion has taken its Role; nothing else namespaced is.
-    assert {(g, r) for g, r, _ in declared(cluster_wide=True) if g not in ("", "apiextensions.k8s.io", "kopf.dev")} == {
+    assert {
+        (g, r) for g, r, _, _ in declared(cluster_wide=True) if g not in ("", "apiextensions.k8s.io", "kopf.dev")
+    } == {
         ("llmtelemetry.dev", "llmtelemetries"),
         ("llmtelemetry.dev", "llmtelemetries/status"),
     }
@@ -97,9 +115,29 @@ def test_namespaced_mode_splits_permissions_by_scope(render: Render) -> None:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"][0]["namespace"] == NAMESPACE
-    [operator] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in operator["env"]}
-    assert env["LLM_TELEMETRY_OPERATOR_NAMESPACES"] == ",".join(namespaces)
+    assert env(docs)["LLM_TELEMETRY_OPERATOR_NAMESPACES"] == ",".join(namespaces)
+
+
+@pytest.mark.parametrize(
+    ("values", "peering"),
+    [
+        ({}, PEERING),
+        ({"peering": {"name": "shared-peering"}}, "shared-peering"),
+        (VALUE_SETS["namespaced"], NAMESPACED_PEERING),
+        ({**VALUE_SETS["namespaced"], "peering": {"name": "team-a-peering"}}, "team-a-peering"),
+    ],
+)
+def test_the_release_writes_only_its_own_peering_object(render: Render, values: dict[str, Any], peering: str) -> None:
+    # A token of one release that may patch every ClusterKopfPeering writes a fake peer of top priority into another
+    # release's, and that release's operator stands by for good. Its own peering object is the one the operator is
+    # told to use, the one the chart creates; the others can still be read (kopf watches them all).
+    docs = render(values)
+    assert env(docs)["LLM_TELEMETRY_OPERATOR_PEERING"] == peering
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == peering
+    peerings = {
+        (v, n) for g, r, v, n in granted(one(docs, "ClusterRole")) if (g, r) == ("kopf.dev", "clusterkopfpeerings")
+    }
+    assert peerings == {("list", None), ("watch", None), ("patch", peering)}
 
 
 def test_rules_are_grouped_into_framework_and_application(helm: Helm) -> None:
@@ -111,6 +149,10 @@ def test_rules_are_grouped_into_framework_and_application(helm: Helm) -> None:
     namespaced = helm.run(
         "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "watchNamespaces={llm}"
     ).stdout
+    assert grouped(namespaced, "ClusterRole", name) == {
+        "framework": declared(kind="framework", cluster_wide=True, peering=f"{NAMESPACE}-{name}"),
+        "application": declared(kind="application", cluster_wide=True),
+    }
     groups = grouped(namespaced, "Role", name)
     assert groups == {
         "framework": declared(kind="framework", cluster_wide=False),

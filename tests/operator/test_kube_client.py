@@ -284,6 +284,38 @@ async def test_undeclared_call_is_refused_before_any_request() -> None:
         await client.close()
 
 
+async def test_only_its_own_peering_object_is_written(
+    api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The chart lets the operator patch its own ClusterKopfPeering only (another release's, patched, could be made
+    to keep that release's operator standing by): a patch of another one is refused before any request leaves, one
+    of its own goes out (this sliver of a server answers every write 401), and any of them can be read."""
+    path = inline_kubeconfig(tmp_path, url_of(api_server), pki)
+    client = kube.KubeClient(kube.load_configuration(str(path)), peering="team-a-peering")
+    annotation = {"metadata": {"annotations": {"example.com/x": "1"}}}
+    try:
+        with pytest.raises(PermissionNotDeclaredError, match="team-b-peering"):
+            await client.patch(kube.CLUSTERKOPFPEERINGS, None, "team-b-peering", annotation)
+        assert api_server.seen == []
+        with pytest.raises(ApiError) as refused:
+            await client.patch(kube.CLUSTERKOPFPEERINGS, None, "team-a-peering", annotation)
+        assert refused.value.status == 401
+        assert [seen["path"] for seen in api_server.seen] == ["/apis/kopf.dev/v1/clusterkopfpeerings/team-a-peering"]
+        # Reading another one is allowed (it reaches the server, which here knows no such path).
+        with pytest.raises(NotFoundError):
+            await client.list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": "team-b-peering"})
+        assert api_server.seen[-1]["query"]["fieldSelector"] == "metadata.name=team-b-peering"
+    finally:
+        await client.close()
+    # Without a peering object of its own (standalone), none.
+    alone = kube.KubeClient(kube.load_configuration(str(path)))
+    try:
+        with pytest.raises(PermissionNotDeclaredError):
+            await alone.patch(kube.CLUSTERKOPFPEERINGS, None, "team-a-peering", annotation)
+    finally:
+        await alone.close()
+
+
 async def test_writes_are_withheld_while_the_operator_says_no() -> None:
     """While ``writable`` says no (the replica stands by), a create, patch or delete fails before any request leaves,
     so a pass under way when the replica stopped running writes nothing it worked out before; once it says yes,

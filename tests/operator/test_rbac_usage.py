@@ -63,15 +63,21 @@ def register_monitoring_kinds(kmock: Any) -> None:
         }
 
 
-def usage(kmock: Any) -> set[tuple[str, str, str]]:
-    """(api_group, resource, verb) of every API call the operator made (the test's own calls excluded)."""
+def named_usage(kmock: Any) -> set[tuple[str, str, str, str | None]]:
+    """(api_group, resource, verb, name or None) of every API call the operator and kopf made (the test's own calls
+    excluded)."""
     calls = set()
     for req in list(kmock):
         if req.headers.get("X-Test-Hand") or req.resource is None or req.resource.plural is None or req.action is None:
             continue
         plural = req.resource.plural + (f"/{req.subresource}" if req.subresource else "")
-        calls.add((req.resource.group, plural, VERBS[str(req.action.value).lower()]))
+        calls.add((req.resource.group, plural, VERBS[str(req.action.value).lower()], req.name))
     return calls
+
+
+def usage(kmock: Any) -> set[tuple[str, str, str]]:
+    """(api_group, resource, verb) of every API call the operator made (the test's own calls excluded)."""
+    return {call[:3] for call in named_usage(kmock)}
 
 
 async def hand(kmock: Any, method: str, path: str, body: Any = None) -> None:
@@ -171,3 +177,18 @@ async def test_every_declared_permission_is_used_and_nothing_else(emulator: Any)
     # The owner's finalizers are checked by the API server's admission when a child is created, never called.
     unused = declared - used - rbac.ADMISSION_ONLY
     assert not unused, f"declared but never used: {sorted(unused)}"
+    # A permission limited to named objects (the chart's resourceNames) is used on those only, by kopf too (whose
+    # calls bypass the operator's client and its check): the peering object's keepalives and clean-ups go to the
+    # operator's own ClusterKopfPeering and no other.
+    limited = [p for p in rbac.PERMISSIONS if p.names is not None]
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in {
+        (p.api_group, resource, verb) for p in limited for resource in p.resources for verb in p.verbs
+    }
+    for permission in limited:
+        allowed = {"peering": PEERING}[permission.names]
+        names = {
+            name
+            for group, resource, verb, name in named_usage(emulator)
+            if group == permission.api_group and resource in permission.resources and verb in permission.verbs
+        }
+        assert names == {allowed}, f"{permission}: used on {sorted(map(str, names))}"

@@ -1,6 +1,7 @@
 {{/*
 The operator's RBAC rules, split by scope. They mirror operator/llm_telemetry_operator/rbac.py (PERMISSIONS) rule
-for rule; tests/chart/test_rbac.py renders the chart and fails on anything missing or extra in either direction.
+for rule, a rule limited to named objects there (`names`) by resourceNames here; tests/chart/test_chart_rbac.py
+renders the chart and fails on anything missing or extra in either direction.
 Cluster-wide mode grants both lists in one ClusterRole; namespaced mode grants the first list in a ClusterRole and
 the second in a Role per watched namespace. The first holds the cluster-scoped objects and the LLMTelemetry resources
 themselves: deleting a watched namespace deletes its Role too, often before the operator has taken its finalizer off
@@ -15,10 +16,19 @@ the resources there, and only a grant that outlives the Role lets it do so (and 
 - apiGroups: [""]
   resources: [namespaces]
   verbs: [list, watch]
+{{- /*
+The ClusterKopfPeerings are read in every one (kopf watches them all; RBAC cannot limit a list or a watch by name)
+and written only in this release's: a write in another release's (a fake peer of top priority) would keep that
+release's operator paused.
+*/}}
 # Framework: peering through one ClusterKopfPeering, so that standby replicas stay paused while one replica is active.
 - apiGroups: [kopf.dev]
   resources: [clusterkopfpeerings]
-  verbs: [list, watch, patch]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [clusterkopfpeerings]
+  verbs: [patch]
+  resourceNames: [{{ include "llm-telemetry-operator.peeringName" . | quote }}]
 # Application: the LLMTelemetry resources (finalizers, progress annotations) and their status.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries]
