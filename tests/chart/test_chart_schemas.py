@@ -7,13 +7,14 @@ schemas (npm @kubernetes-models/prometheus-operator).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
-from chartkit import CHART, VALUE_SETS, one
+from chartkit import CHART, NAMESPACE, REPO_ROOT, VALUE_SETS, one
 
 from kube_schema import SUPPORTED_VERSIONS, object_errors, structural_errors
 from prometheus_operator import KINDS, PrometheusOperatorSchemas
@@ -95,3 +96,39 @@ def test_servicemonitor_validates_against_the_prometheus_operator_schema(
     assert errors[0] is not None and "spec.endpoints.0.metricsPath" in errors[0] and "spec.jobLabl" in errors[0]
     assert errors[1] is not None and errors[1].endswith("spec.groups.0.rules.0.severty")
     assert errors[2] is None
+
+
+def documented_admission_policy() -> list[dict[str, Any]]:
+    """The ValidatingAdmissionPolicy and its binding that docs/install.md offers cluster administrators."""
+    text = (REPO_ROOT / "docs" / "install.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "kind: ValidatingAdmissionPolicy\n" in b]
+    return [doc for doc in yaml.safe_load_all(block) if doc]
+
+
+def test_the_documented_admission_policy_fits_the_api_and_the_chart(render: Render) -> None:
+    # admissionregistration.k8s.io/v1 serves ValidatingAdmissionPolicy from 1.30 on, as the page says. Only its shape
+    # is checked here: no API server of the tests has ValidatingAdmissionPolicy, so its CEL has not run.
+    policy, binding = documented_admission_policy()
+    newer = [v for v in SUPPORTED_VERSIONS if tuple(map(int, v.split(".")[:2])) >= (1, 30)]
+    assert newer
+    failures = [error for version in newer for d in (policy, binding) if (error := kubernetes_errors(d, version))]
+    assert not failures, "\n".join(failures)
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    # It guards the chart's LLMTelemetry resources, whose status the operator writes through the status subresource
+    # (which takes no spec change: the policy leaves it alone), against the ServiceAccount of the page's install.
+    docs = render(include_crds=True)
+    [crd] = [
+        d for d in docs if d["kind"] == "CustomResourceDefinition" and d["spec"]["names"]["kind"] == "LLMTelemetry"
+    ]
+    assert all("status" in (v.get("subresources") or {}) for v in crd["spec"]["versions"])
+    [rule] = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"], rule["operations"]) == (
+        [crd["spec"]["group"]],
+        [crd["spec"]["names"]["plural"]],
+        ["UPDATE"],
+    )
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    [condition] = policy["spec"]["matchConditions"]
+    assert f"'system:serviceaccount:{NAMESPACE}:{account}'" in condition["expression"]
+    assert [v["expression"] for v in policy["spec"]["validations"]] == ["object.spec == oldObject.spec"]
