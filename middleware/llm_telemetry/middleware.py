@@ -37,7 +37,7 @@ from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
 from .telemetry import DRAIN_SECONDS, SHUTDOWN_SECONDS, Telemetry
-from .tracing import leaked_into
+from .tracing import detach, leaked_into
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("llm_telemetry")
@@ -182,13 +182,19 @@ class _Exchange:
         "left_early",
         "left_unanswered",
         "max_body",
+        "observers",
         "parameters",
+        "read",
         "reader",
         "request",
         "send_code",
         "send_failed",
         "send_refused",
+        "settled",
         "started",
+        "telemetry",
+        "token",
+        "trailers",
     )
 
     def __init__(
@@ -201,6 +207,8 @@ class _Exchange:
         capture: bool,
         failsafe: _Failsafe,
         parameters: bool = True,
+        observers: tuple[Observer, ...] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.api = api
         self.call = call
@@ -246,6 +254,19 @@ class _Exchange:
         self.adopt_id = False
         #: The code of the server's ``send`` when it runs as a Python frame (see :meth:`send`), else None.
         self.send_code = _code_of(send)
+        #: Told the call's end by :meth:`settle`, which takes the request out of ``telemetry.in_flight``; None
+        #: (an exchange driven by hand): the call is settled only by calling :meth:`finish`.
+        self.observers = observers
+        self.telemetry = telemetry
+        #: The response declared trailers (``http.response.start``'s ``trailers``): whole only after them.
+        self.trailers = False
+        #: The response and the request have been read to their end (see :meth:`read_answer`).
+        self.read = False
+        #: The call has been recorded (:meth:`settle`): at its last message, or when the app returned.
+        self.settled = False
+        #: The token that made the LLM span current, kept from a call settled before the app returned: the
+        #: context is restored where it was set, once the app has returned (see :meth:`whole`).
+        self.token: Any = None
 
     async def receive(self) -> Message:
         receive = self._receive  # (called through the slot itself, the call would not be specialised)
@@ -417,6 +438,8 @@ class _Exchange:
             if not more:
                 self.complete = True
                 self.call.end = perf_counter()
+                if not self.trailers:
+                    self.whole()
         elif kind == "http.response.start":
             if self.started:
                 # A second start breaks ASGI: the server refuses it (raising into the app), and the client keeps the
@@ -426,6 +449,8 @@ class _Exchange:
                 await send(message)
                 return
             self.started = True
+            if message.get("trailers"):
+                self.trailers = True
             headers = message.get("headers")
             if headers is not None and not isinstance(headers, (list, tuple)):
                 # ASGI allows any iterable: read a generator once, so both we and the server see every header. (A copy
@@ -453,6 +478,10 @@ class _Exchange:
                 # The whole response (pathsend), or its last part: sent by the server from a file, unread here.
                 self.complete = True
                 self.call.end = perf_counter()
+                if not self.trailers:
+                    self.whole()
+            elif kind == "http.response.trailers" and not message.get("more_trailers"):
+                self.whole()
 
     def _start_response(self, message: Message) -> bool:
         """Read the response's status and headers, choose the reader; True when the app set no request id header
@@ -502,8 +531,61 @@ class _Exchange:
         self.reader = reader if coding is None else DecodingReader(reader, coding, limit)
         return no_id
 
+    def whole(self) -> None:
+        """The answer's last message has reached the server: the client has all of it, whatever the app does next
+        (Starlette runs an answer's background tasks now, inside the app's call, for as long as they take). The
+        call is settled here unless what the app does next can still change its outcome: an exception raised after
+        a 5xx answer, or after a stream that ended without the end of its answer, is the app's failure (see
+        :meth:`classify`); those are settled when the app returns."""
+        status = self.call.status_code
+        if self.observers is None or self.settled or status is None or status >= 500:
+            return
+        try:
+            self.read_answer()
+            reader = self.reader
+            if reader is not None and reader.cut_short():
+                return
+        except Exception as exc:
+            self.failsafe("finish", exc)
+            return
+        call = self.call
+        # The context that makes the LLM span current was set in the request's task, which this may not be (a
+        # streaming response sends from a task of its own): restored there, once the app has returned.
+        self.token, call.otel_token = call.otel_token, None
+        self.settle(None)
+
+    def settle(self, error: BaseException | None) -> None:
+        """Record the call: settle its outcome, tell the observers it ended, take it out of the requests in flight
+        (which the lifespan shutdown waits for)."""
+        self.settled = True
+        call = self.call
+        failsafe = self.failsafe
+        try:
+            if not self.read:
+                self.read_answer()
+            self.classify(error)
+            if call.error_type == "app_exception":
+                call.exception = error
+        except Exception as exc:
+            failsafe("finish", exc)
+        for observer in self.observers or ():
+            try:
+                observer.end(call)
+            except Exception as exc:
+                failsafe("observer_end", exc)
+        if self.telemetry is not None:
+            self.telemetry.in_flight -= 1
+
     def finish(self, exc: BaseException | None) -> None:
-        """Settle the outcome once the app has returned or raised."""
+        """Settle the outcome: once the answer is whole, or once the app has returned or raised."""
+        self.read_answer()
+        self.classify(exc)
+
+    def read_answer(self) -> None:
+        """Read what is left of the request and the response (once)."""
+        if self.read:
+            return
+        self.read = True
         call = self.call
         now = perf_counter()
         if call.end is None:
@@ -512,6 +594,7 @@ class _Exchange:
             self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
         ):
             self._read_request()
+        self.body_ok = False  # (pieces the app may still receive are not kept)
         if self.held is not None:
             self.release()
         if self.reader is not None:
@@ -534,6 +617,10 @@ class _Exchange:
                 call.input_estimated = call.input_tokens is not None
             except Exception as error:
                 self.failsafe("request_parse", error)
+
+    def classify(self, exc: BaseException | None) -> None:
+        """The call's outcome, from what the app sent and ``exc``, what it raised (if anything)."""
+        call = self.call
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
         # failing for want of a connection, or cancelling the app). An exception the app raises itself is the
         # app's failure, whatever its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a
@@ -1096,8 +1183,18 @@ class LLMTelemetryMiddleware:
             adopt = True
         for label in self._attribution.values():
             call.attribution.setdefault(label, "")  # absent: recorded as none
+        observers = self._observers
         exchange = _Exchange(
-            api, call, receive, send, max_body, self.settings.capture_content, failsafe, self._span_parameters
+            api,
+            call,
+            receive,
+            send,
+            max_body,
+            self.settings.capture_content,
+            failsafe,
+            self._span_parameters,
+            observers,
+            telemetry,
         )
         exchange.adopt_id = adopt
         if content_length is not None and len(content_length) <= 18 and content_length.isdigit():
@@ -1105,7 +1202,6 @@ class LLMTelemetryMiddleware:
         if self.settings.echo_request_id and call.request_id is not None:
             # The client's own bytes when it sent one; ours are ASCII.
             exchange.echo_id = request_id or call.request_id.encode("ascii")
-        observers = self._observers
         for observer in observers:
             try:
                 observer.start(call)
@@ -1121,15 +1217,8 @@ class LLMTelemetryMiddleware:
             error = exc
             raise
         finally:
-            try:
-                exchange.finish(error)
-                if call.error_type == "app_exception":
-                    call.exception = error
-            except Exception as exc:
-                failsafe("finish", exc)
-            for observer in observers:
-                try:
-                    observer.end(call)
-                except Exception as exc:
-                    failsafe("observer_end", exc)
-            telemetry.in_flight -= 1
+            if not exchange.settled:
+                exchange.settle(error)
+            elif exchange.token is not None:
+                # Recorded when its answer was whole (see _Exchange.whole); what the app did since changes nothing.
+                detach(exchange.token)

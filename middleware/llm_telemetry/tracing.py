@@ -421,6 +421,11 @@ def _current_task() -> Any:
 _CONTEXT: Final = _RuntimeContext()
 
 
+def detach(token: Any) -> None:
+    """Restore the context the LLM span's ``attach_span`` replaced (as ``context.detach(token)``)."""
+    _CONTEXT.detach(token)
+
+
 def leaked_into() -> bool:
     """Whether the current context is an earlier request's, passed on by the server (see
     ``_RuntimeContext.leaked``)."""
