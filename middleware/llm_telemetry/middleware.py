@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Mapping
@@ -36,6 +37,7 @@ from .errors import classify_status
 from .labels import field_text
 from .logs import new_request_id
 from .record import LLMCall
+from .sse import TAIL_BYTES
 from .telemetry import DRAIN_SECONDS, SHUTDOWN_SECONDS, Telemetry
 from .tracing import detach, leaked_into
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -475,13 +477,49 @@ class _Exchange:
             if kind == "http.response.pathsend" or (
                 kind == "http.response.zerocopysend" and not message.get("more_body")
             ):
-                # The whole response (pathsend), or its last part: sent by the server from a file, unread here.
+                # The whole response (pathsend), or its last part: sent by the server from a file.
                 self.complete = True
                 self.call.end = perf_counter()
+                if kind == "http.response.pathsend" and self.reader is not None:
+                    await self._read_file(message.get("path"))
+                # (A zerocopysend answer is not read: its file descriptor's position is the server's to move.)
                 if not self.trailers:
                     self.whole()
             elif kind == "http.response.trailers" and not message.get("more_trailers"):
                 self.whole()
+
+    async def _read_file(self, path: Any) -> None:
+        """Read the file a ``pathsend`` answer was sent from (Starlette's FileResponse, under a server offering the
+        extension: a cached completion, say), as much of it as the reader reads of a body, in a worker thread; once
+        the server has it, before the app goes on (which may remove the file)."""
+        call = self.call
+        status = call.status_code or 0
+        if status >= 400:
+            limit, tail = MAX_ERROR_BODY_BYTES, 0
+        elif call.stream:
+            limit, tail = MAX_DECODED_STREAM_BYTES, 0
+        else:
+            # A JSON answer's usage comes last: past the reader's limit only its last bytes are read.
+            limit, tail = MAX_JSON_RESPONSE_BYTES + 1, (TAIL_BYTES if isinstance(self.reader, ResponseReader) else 0)
+        try:
+            parts = await anyio.to_thread.run_sync(_file_parts, os.fsdecode(path), limit, tail)
+        except (OSError, TypeError, ValueError):
+            return  # no such file, or no path: the server failed to send it too
+        now = call.end or perf_counter()
+        for data in parts:
+            reader = self.reader
+            if reader is None or not data or (data is not parts[0] and call.stream):
+                return  # (the last bytes of a large body only after a JSON one's head)
+            try:
+                if len(data) <= READ_STEP:
+                    reader.feed(data, now)
+                elif not read_within(reader, data, now):
+                    self.reader = _Unread(reader)
+            except ReadBudgetSpent:
+                self.reader = _budget_spent(reader)
+            except Exception as exc:
+                self.reader = None
+                self.failsafe("response_parse", exc)
 
     def _start_response(self, message: Message) -> bool:
         """Read the response's status and headers, choose the reader; True when the app set no request id header
@@ -714,6 +752,20 @@ def _budget_spent(reader: Any) -> _Unread:
             " came later, are unknown (logged once)"
         )
     return _Unread(reader)
+
+
+def _file_parts(path: str, limit: int, tail: int) -> list[bytes]:
+    """The first ``limit`` bytes of the file at ``path``, and when it is longer and ``tail`` is not 0, its last
+    ``tail`` bytes after them (none read twice)."""
+    with open(path, "rb") as file:
+        head = file.read(limit)
+        if not tail or len(head) < limit:
+            return [head]
+        size = os.fstat(file.fileno()).st_size
+        if size <= limit:
+            return [head]
+        file.seek(max(limit, size - tail))
+        return [head, file.read(tail)]
 
 
 def _header_text(value: bytes) -> str:

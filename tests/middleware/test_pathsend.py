@@ -1,0 +1,128 @@
+"""Answers a server sends from a file (ASGI's ``http.response.pathsend``): Starlette's FileResponse uses it under a
+server offering the extension, as Granian does (uvicorn does not), so a completion served from a cache file reached
+the client whole and was recorded with no tokens and no model. Served by Granian, in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from support import Metrics, free_port, settled, whole_after
+
+APP = """
+import os
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+async def chat(request: Request):
+    body = await request.json()  # (a cache finds its answer by the request)
+    name = "large.json" if body["model"] == "gpt-large" else "cached.json"
+    return FileResponse(os.path.join(HERE, name), media_type="application/json")
+
+
+async def healthz(request: Request):
+    return JSONResponse({"ok": True})
+
+
+app = LLMTelemetryMiddleware(
+    Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/healthz", healthz)]),
+    metrics_port=int(os.environ["PATHSEND_METRICS_PORT"]),
+    metrics_host="127.0.0.1",
+    request_logs=False,
+)
+"""
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}
+
+
+@pytest.fixture(scope="module")
+def granian(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    import urllib.error
+    import urllib.request
+
+    from support import wait_for
+
+    directory: Path = tmp_path_factory.mktemp("pathsend")
+    (directory / "pathsend_app.py").write_text(textwrap.dedent(APP))
+    answer = {
+        "id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-cached-2024",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "from the cache"},
+                     "finish_reason": "stop"}],
+        "usage": USAGE,
+    }  # fmt: skip
+    (directory / "cached.json").write_text(json.dumps(answer))
+    # Larger than the reader reads (8 MiB): its usage, last, is read from the file's last bytes.
+    large = {
+        **answer,
+        "choices": [{**answer["choices"][0], "message": {"role": "assistant", "content": "x" * (9 << 20)}}],
+    }
+    (directory / "large.json").write_text(json.dumps(large))
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(directory), env.get("PYTHONPATH", "")]))
+    env["PATHSEND_METRICS_PORT"] = str(metrics_port)
+    command = [sys.executable, "-m", "granian", "--interface", "asgi", "pathsend_app:app", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"granian exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).close()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+        return True
+
+    try:
+        wait_for("granian to serve", ready, 30)
+        yield f"http://127.0.0.1:{port}", metrics_port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_an_answer_sent_from_a_file_is_read(granian: tuple[str, int]) -> None:
+    """A cached completion sent by Granian from its file: recorded with the usage, response model and finish reason
+    in it, as the same answer sent as body messages is; and one larger than the reader reads, with its usage."""
+    base, metrics_port = granian
+    client = openai.OpenAI(base_url=base + "/v1", api_key="t", max_retries=0)
+    for model in ("gpt-cached", "gpt-large"):
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].finish_reason == "stop" and answer.usage is not None
+
+    def recorded(metrics: Metrics) -> None:
+        assert metrics.value("llm_requests_total") == 2
+
+    settled(metrics_port, recorded)
+    metrics = whole_after(metrics_port)
+    responded = metrics.value(
+        "llm_requests_total", gen_ai_request_model="gpt-cached", gen_ai_response_model="gpt-cached-2024"
+    )
+    assert responded == 1
+    for model in ("gpt-cached", "gpt-large"):  # (past the read limit only its usage is read, as of a body)
+        assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="input") == 11
+        assert metrics.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 8
+        assert metrics.value("llm_errors_total", gen_ai_request_model=model) == 0
+    finish = metrics.value("llm_finish_reasons_total", gen_ai_request_model="gpt-cached", llm_finish_reason="stop")
+    assert finish == 1
+    assert metrics.value("llm_requests_active") == 0
