@@ -256,15 +256,15 @@ class _Exchange:
         self.adopt_id = False
         #: The code of the server's ``send`` when it runs as a Python frame (see :meth:`send`), else None.
         self.send_code = _code_of(send)
-        #: Told the call's end by :meth:`settle`, which takes the request out of ``telemetry.in_flight``; None
-        #: (an exchange driven by hand): the call is settled only by calling :meth:`finish`.
+        #: Told the call's end by :meth:`whole`, which takes the request out of ``telemetry.in_flight``; None (an
+        #: exchange driven by hand): the call is settled only by calling :meth:`finish`.
         self.observers = observers
         self.telemetry = telemetry
         #: The response declared trailers (``http.response.start``'s ``trailers``): whole only after them.
         self.trailers = False
-        #: The response and the request have been read to their end (see :meth:`read_answer`).
+        #: The response and the request have been read to their end (see :meth:`finish`).
         self.read = False
-        #: The call has been recorded (:meth:`settle`): at its last message, or when the app returned.
+        #: The call was recorded when its answer was whole (:meth:`whole`), before the app returned.
         self.settled = False
         #: The token that made the LLM span current, kept from a call settled before the app returned: the
         #: context is restored where it was set, once the app has returned (see :meth:`whole`).
@@ -572,93 +572,71 @@ class _Exchange:
     def whole(self) -> None:
         """The answer's last message has reached the server: the client has all of it, whatever the app does next
         (Starlette runs an answer's background tasks now, inside the app's call, for as long as they take). The
-        call is settled here unless what the app does next can still change its outcome: an exception raised after
+        call is recorded here unless what the app does next can still change its outcome: an exception raised after
         a 5xx answer, or after a stream that ended without the end of its answer, is the app's failure (see
-        :meth:`classify`); those are settled when the app returns."""
-        status = self.call.status_code
+        :meth:`finish`); those are recorded when the app returns."""
+        call = self.call
+        status = call.status_code
         if self.observers is None or self.settled or status is None or status >= 500:
             return
+        failsafe = self.failsafe
         try:
-            self.read_answer()
-            reader = self.reader
-            if reader is not None and reader.cut_short():
+            if not self.finish(None, True):
                 return
         except Exception as exc:
-            self.failsafe("finish", exc)
-            return
-        call = self.call
+            failsafe("finish", exc)
+        self.settled = True
         # The context that makes the LLM span current was set in the request's task, which this may not be (a
         # streaming response sends from a task of its own): restored there, once the app has returned.
         self.token, call.otel_token = call.otel_token, None
-        self.settle(None)
-
-    def settle(self, error: BaseException | None) -> None:
-        """Record the call: settle its outcome, tell the observers it ended, take it out of the requests in flight
-        (which the lifespan shutdown waits for)."""
-        self.settled = True
-        call = self.call
-        failsafe = self.failsafe
-        try:
-            if not self.read:
-                self.read_answer()
-            self.classify(error)
-            if call.error_type == "app_exception":
-                call.exception = error
-        except Exception as exc:
-            failsafe("finish", exc)
-        for observer in self.observers or ():
+        for observer in self.observers:
             try:
                 observer.end(call)
             except Exception as exc:
                 failsafe("observer_end", exc)
         if self.telemetry is not None:
-            self.telemetry.in_flight -= 1
+            self.telemetry.in_flight -= 1  # (the lifespan shutdown waits for it to be recorded)
 
-    def finish(self, exc: BaseException | None) -> None:
-        """Settle the outcome: once the answer is whole, or once the app has returned or raised."""
-        self.read_answer()
-        self.classify(exc)
-
-    def read_answer(self) -> None:
-        """Read what is left of the request and the response (once)."""
-        if self.read:
-            return
-        self.read = True
+    def finish(self, exc: BaseException | None, whole: bool = False) -> bool:
+        """Settle the outcome once the app has returned or raised (``exc``); or, ``whole``, once the answer is whole:
+        then False, and nothing settled, when what the app does next can still change the outcome (a stream cut
+        short). What is left of the request and the response is read once."""
         call = self.call
-        now = perf_counter()
-        if call.end is None:
-            call.end = now
-        if self.body_done or (
-            self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
-        ):
-            self._read_request()
-        self.body_ok = False  # (pieces the app may still receive are not kept)
-        if self.held is not None:
-            self.release()
-        if self.reader is not None:
-            try:
-                self.reader.finish(now)
-            except Exception as error:
-                self.reader = None  # not finished: nothing more is asked of it
-                self.failsafe("response_parse", error)
-        left = call.left_at
-        if left is not None and call.first_token_at is not None and call.first_token_at > left:
-            # Sent after the client had left (an app waiting on its upstream notices only when it answers; uvicorn's
-            # and Granian's send take a gone client's bytes without a word): no first token reached the client.
-            call.first_token_at = None
-        request, self.request = self.request, None
-        if request is not None and call.usage_source == "estimated" and call.input_tokens is None:
-            # No usage in the response (a stream whose client did not ask for it): its output was estimated, and
-            # so is its input, or its tokens and cost would count none.
-            try:
-                call.input_tokens = self.api.estimate_input_tokens(request)
-                call.input_estimated = call.input_tokens is not None
-            except Exception as error:
-                self.failsafe("request_parse", error)
-
-    def classify(self, exc: BaseException | None) -> None:
-        """The call's outcome, from what the app sent and ``exc``, what it raised (if anything)."""
-        call = self.call
+        if not self.read:
+            self.read = True
+            now = perf_counter()
+            if call.end is None:
+                call.end = now
+            if self.body_done or (
+                self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
+            ):
+                self._read_request()
+            self.body_ok = False  # (pieces the app may still receive are not kept)
+            if self.held is not None:
+                self.release()
+            if self.reader is not None:
+                try:
+                    self.reader.finish(now)
+                except Exception as error:
+                    self.reader = None  # not finished: nothing more is asked of it
+                    self.failsafe("response_parse", error)
+            left = call.left_at
+            if left is not None and call.first_token_at is not None and call.first_token_at > left:
+                # Sent after the client had left (an app waiting on its upstream notices only when it answers;
+                # uvicorn's and Granian's send take a gone client's bytes without a word): no first token reached
+                # the client.
+                call.first_token_at = None
+            request, self.request = self.request, None
+            if request is not None and call.usage_source == "estimated" and call.input_tokens is None:
+                # No usage in the response (a stream whose client did not ask for it): its output was estimated,
+                # and so is its input, or its tokens and cost would count none.
+                try:
+                    call.input_tokens = self.api.estimate_input_tokens(request)
+                    call.input_estimated = call.input_tokens is not None
+                except Exception as error:
+                    self.failsafe("request_parse", error)
+        if whole and self.reader is not None and self.reader.cut_short():
+            return False
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
         # failing for want of a connection, or cancelling the app). An exception the app raises itself is the
         # app's failure, whatever its type: an upstream TimeoutError or ConnectionRefusedError is an OSError, not a
@@ -707,6 +685,7 @@ class _Exchange:
             and self.complete
             and 200 <= (status or 0) < 300
             and status not in (204, 205)  # (no body, by their definition)
+            and not whole  # (then not cut short: see above)
             and self.reader is not None
             and self.reader.cut_short()
         ):
@@ -715,6 +694,7 @@ class _Exchange:
             # stream without a word. (A client that left before the end is a client_disconnect above; one that
             # closed the connection afterwards got what the app sent.)
             call.error_type = "incomplete_stream"
+        return True
 
 
 class _Unread:
@@ -1270,7 +1250,18 @@ class LLMTelemetryMiddleware:
             raise
         finally:
             if not exchange.settled:
-                exchange.settle(error)
+                try:
+                    exchange.finish(error)
+                    if call.error_type == "app_exception":
+                        call.exception = error
+                except Exception as exc:
+                    failsafe("finish", exc)
+                for observer in observers:
+                    try:
+                        observer.end(call)
+                    except Exception as exc:
+                        failsafe("observer_end", exc)
+                telemetry.in_flight -= 1
             elif exchange.token is not None:
                 # Recorded when its answer was whole (see _Exchange.whole); what the app did since changes nothing.
                 detach(exchange.token)
