@@ -14,6 +14,9 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
 from kube_schema import merge_patch
 from kubelet import container_env, expand
@@ -234,6 +237,13 @@ def test_the_apps_own_otlp_credential_is_not_sent_where_the_operator_points(own_
             )
             traces = vendor if own_endpoint else collectors
             assert traces.wait_for(lambda got: bool(got.spans)) and collectors.wait_for(lambda got: bool(got.logs))
+        # The app's own OpenTelemetry SDK exporting metrics over OTLP (opentelemetry-instrument's default) follows
+        # the generic endpoint too: to the traces collector, unless the app names one of its own.
+        with isolated_env(env):
+            meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+        meters.get_meter("app").create_counter("app.requests").add(1)
+        meters.shutdown()
+        assert (vendor if own_endpoint else collectors).metric_exports == 1
         assert collectors.headers and not [h for h in collectors.headers if "authorization" in h]
         if own_endpoint:  # and the vendor still gets its key
             assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)

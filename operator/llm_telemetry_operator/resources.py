@@ -255,8 +255,11 @@ def build_env(
             value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),
             # The signal's own headers, so that OTEL_EXPORTER_OTLP_HEADERS, which the SDK sends to every signal
-            # without headers of its own, does not carry the app's credential for its own backend here.
+            # without headers of its own, does not carry the app's credential for its own backend here; the
+            # metrics' too, which the endpoint above also sends to the collector when the app's own SDK exports
+            # metrics over OTLP with no endpoint of their own.
             value("OTEL_EXPORTER_OTLP_TRACES_HEADERS", NO_HEADERS),
+            value("OTEL_EXPORTER_OTLP_METRICS_HEADERS", NO_HEADERS),
         ]
     else:
         env.append(value("OTEL_TRACES_EXPORTER", "none"))
@@ -492,6 +495,7 @@ _OWN_TRACES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_
 _WITH_ENDPOINT: Final = {
     "OTEL_EXPORTER_OTLP_PROTOCOL": _OWN_TRACES,
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS": _OWN_TRACES,
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
     "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
     "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
 }

@@ -63,6 +63,7 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     assert env["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
     # No tenant unless one is set, and no headers (not even the app's own OTEL_EXPORTER_OTLP_HEADERS).
     assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == ","
+    assert env["OTEL_EXPORTER_OTLP_METRICS_HEADERS"] == ","  # (the app's own metrics follow the generic endpoint)
 
 
 @pytest.mark.parametrize(
