@@ -73,6 +73,8 @@ class Outcome:
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
     held: list[str] = field(default_factory=list)
+    #: Workloads not patched to mount the inline prices, whose ConfigMap could not be written in this pass.
+    unpriced: list[str] = field(default_factory=list)
     #: Selected workloads this resource would inject but cannot yet: ``held``, and those whose pods use
     #: ``spec.metrics.port``.
     unable: set[str] = field(default_factory=set)
@@ -341,19 +343,25 @@ async def reconcile(
     # make pods that cannot start. So nothing is injected until it exists; what was injected before is left.
     missing_prices = await _missing_pricing(client, meta["namespace"], spec) if spec.pricing.config_map else None
     # The inline prices' ConfigMap the injection mounts is written before the first workload is patched to mount it
-    # (pods made by the rollout before it exists cannot start); once per pass, and only by a pass that injects.
+    # (pods made by the rollout before it exists cannot start); once per pass, and only by a pass that injects. One
+    # that cannot be written (another's of that name, a quota, a webhook) leaves the workloads unpatched, and the
+    # ConfigMaps' sync below says why (PricingConfigMapFailed).
     prices_written: list[bool] = []
 
     async def write_prices() -> None:
-        if prices_written or not spec.pricing.inline:
+        if not spec.pricing.inline:
             return
-        prices_written.append(True)
-        prices = r.build_pricing_configmap(owner, spec)
-        try:
-            version = await _apply(client, kube.CONFIGMAPS, meta["namespace"], prices, None)
-        except ApiError:
-            return  # the ConfigMaps' sync below meets the error again and reports it (PricingConfigMapFailed)
-        _remember(outcome, kube.CONFIGMAPS, prices["metadata"]["name"], None, version)
+        if not prices_written:
+            prices = r.build_pricing_configmap(owner, spec)
+            try:
+                version = await _apply(client, kube.CONFIGMAPS, meta["namespace"], prices, None)
+            except ApiError:
+                prices_written.append(False)
+            else:
+                prices_written.append(True)
+                _remember(outcome, kube.CONFIGMAPS, prices["metadata"]["name"], None, version)
+        if not prices_written[0]:
+            raise _PricesUnwritten()
 
     targets = await _inject(
         client,
@@ -433,6 +441,14 @@ async def reconcile(
             False,
             "PricingConfigMapFailed",
             f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
+        )
+    elif outcome.unpriced and pricing_error:
+        message = f"the pricing volume's ConfigMap could not be written: {pricing_error}; until then no workload is"
+        conditions[c.CONDITION_INJECTED] = r.Condition(
+            c.CONDITION_INJECTED,
+            False,
+            "PricingConfigMapFailed",
+            message + " made to mount it (its pods could not start): " + ", ".join(outcome.unpriced),
         )
     elif missing_prices and not conflicted and (targets or outcome.held):
         # Its creation or change is watched (by name, see handlers._await_pricing); the retries with backoff stay,
@@ -622,6 +638,10 @@ async def _collectors(
 _CRD_MISSING = "crd-missing"
 
 
+class _PricesUnwritten(Exception):
+    """The inline prices' ConfigMap could not be written: the workload is not patched to mount it."""
+
+
 async def _inject(
     client: KubeClient,
     config: OperatorConfig,
@@ -789,6 +809,11 @@ async def _inject(
                 without=outcome.without,
                 before=before_injecting if selected else None,
             )
+        except _PricesUnwritten:
+            outcome.unpriced.append(workload_key(workload))
+            if mine:
+                targets.append(workload)  # (already mounting them: see the ConfigMaps' sync)
+            continue
         except (ApiError, r.InjectionConflict) as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
             outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
@@ -831,6 +856,13 @@ async def _inject(
         # looked at the ConfigMap (PricingConfigMapNotFound or PricingConfigMapInvalid), with no NoTargets event.
         message = "no workload is injected until the pricing ConfigMap can be read: " + ", ".join(outcome.held)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
+    elif not targets and outcome.unpriced:
+        # Left unpatched, the inline prices' ConfigMap unwritten: the pass says why once it has synced the ConfigMaps
+        # (PricingConfigMapFailed), with no NoTargets event.
+        message = "no workload is made to mount the prices until their ConfigMap is written: "
+        conditions[c.CONDITION_INJECTED] = r.Condition(
+            c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message + ", ".join(outcome.unpriced)
+        )
     elif not targets and skipped:
         message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)

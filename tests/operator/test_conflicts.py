@@ -829,3 +829,34 @@ async def test_the_inline_prices_configmap_exists_before_the_workload_mounts_it(
         assert holder(emulator) == "alpha"
     assert _prices_before_mounts(emulator, "alpha") == ["prices created", "workload mounts them"]
     check_usage(emulator)
+
+
+async def test_a_workload_is_not_made_to_mount_prices_that_could_not_be_written(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A ConfigMap of the inline prices' name that is another's (or a create refused by a quota or a webhook): the
+    workload is not patched to mount it, since its pods could not read their prices and would not start; the status
+    says why. Once the name is free, the prices are written and the workload injected."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    prices = r.pricing_configmap_name("alpha")
+    emulator.objects[CONFIGMAPS, NAMESPACE, prices] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": prices, "namespace": NAMESPACE},
+        "data": {"x": "1"},
+    }
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Injected") == "PricingConfigMapFailed", "refused")
+        said = condition(get(emulator, LLMT, "alpha"), "Injected")["message"]
+        assert "not this LLMTelemetry's" in said and said.endswith("(its pods could not start): Deployment/chat")
+        assert holder(emulator) is None
+        assert "volumes" not in get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{prices}")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        assert holder(emulator) == "alpha"
+    assert _prices_before_mounts(emulator, "alpha")[-2:] == ["prices created", "workload mounts them"]
+    check_usage(emulator)
