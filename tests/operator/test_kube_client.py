@@ -474,6 +474,44 @@ async def test_a_revoked_token_is_said_to_be_with_what_to_do(
     assert "kubectl get serviceaccount -n llm-telemetry llm-telemetry-operator" in line, line
 
 
+async def test_fresh_credentials_refused_again_and_again_are_waited_between(
+    token_api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kubeconfig whose exec plugin gives a fresh token at each call (``aws eks get-token``), for an identity the
+    cluster refuses: each new token is refused, kopf logs in again, and the plugin ran about 40 times a second for
+    as long as it lasted. The logins are spaced out, doubling up to a minute, and an ERROR line says why."""
+    import asyncio
+    import logging
+    import sys
+
+    from kopf_testing import running_operator
+
+    from llm_telemetry_operator.config import OperatorConfig
+
+    token_api_server.revoked = True
+    calls = tmp_path / "calls"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        "import json, pathlib, uuid\n"
+        f"with open({str(calls)!r}, 'a') as f: f.write('x')\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1beta1', 'kind': 'ExecCredential',"
+        " 'status': {'token': uuid.uuid4().hex}}))\n"
+    )
+    config = yaml.safe_load(inline_kubeconfig(tmp_path, url_of(token_api_server), pki).read_text())
+    exec_ = {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable, "args": [str(plugin)]}
+    config["users"][0]["user"] = {"exec": exec_}
+    path = tmp_path / "exec-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    settings = OperatorConfig(standalone=True, metrics_port=0, health="", kubeconfig=str(path))
+    with caplog.at_level(logging.INFO):
+        async with running_operator(settings):
+            await asyncio.sleep(6)
+    # Logins 1 s, 2 s and 4 s apart after the first two: five or six in 6 s (the tight loop made hundreds).
+    assert 2 <= len(calls.read_text()) <= 8, len(calls.read_text())
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "again and again" in r.getMessage()]
+    assert len(said) == 1 and f"kubeconfig {path}" in said[0], said
+
+
 async def test_peering_crd_missing_is_reported_not_waited_for(
     api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
