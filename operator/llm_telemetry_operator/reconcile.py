@@ -272,6 +272,19 @@ async def _cannot_inject(
     spec = next(spec for body, spec in serving if body is rival)
     if r.port_conflicts(workload, spec):
         return True
+    if spec.pricing.inline:
+        # Its prices' ConfigMap is another's (whoever made one of that name): it cannot write it, so it does not
+        # inject (see reconcile's write_prices). (A quota or a webhook refusing it is not seen from here.)
+        prices = r.build_pricing_configmap(rival, spec)
+        key = (prices["metadata"]["name"], None)
+        if key not in known:
+            try:
+                current = await client.get(kube.CONFIGMAPS, owner["metadata"]["namespace"], prices["metadata"]["name"])
+            except NotFoundError:
+                known[key] = False
+            else:
+                known[key] = not _ours(current, prices, lambda _obj: False)
+        return known[key]
     if not spec.pricing.config_map:
         return False
     ref = (spec.pricing.config_map, spec.pricing.config_map_key)
@@ -346,7 +359,7 @@ async def reconcile(
     # (pods made by the rollout before it exists cannot start); once per pass, and only by a pass that injects. One
     # that cannot be written (another's of that name, a quota, a webhook) leaves the workloads unpatched, and the
     # ConfigMaps' sync below says why (PricingConfigMapFailed).
-    prices_written: list[bool] = []
+    prices_written: list[ApiError | None] = []  # (once written: None; refused: why)
 
     async def write_prices() -> None:
         if not spec.pricing.inline:
@@ -355,12 +368,12 @@ async def reconcile(
             prices = r.build_pricing_configmap(owner, spec)
             try:
                 version = await _apply(client, kube.CONFIGMAPS, meta["namespace"], prices, None)
-            except ApiError:
-                prices_written.append(False)
+            except ApiError as exc:
+                prices_written.append(exc)
             else:
-                prices_written.append(True)
+                prices_written.append(None)
                 _remember(outcome, kube.CONFIGMAPS, prices["metadata"]["name"], None, version)
-        if not prices_written[0]:
+        if prices_written[0] is not None:
             raise _PricesUnwritten()
 
     targets = await _inject(
@@ -435,20 +448,17 @@ async def reconcile(
     rules_error = await _sync_children(client, kube.PROMETHEUSRULES, owner, rules, None, outcome, fresh=fresh)
 
     # The injected pricing volume names a ConfigMap: without it (or its key) the pods cannot start.
-    if targets and pricing_error:
+    if outcome.unpriced:
+        outcome.retry = True  # (also when standing by, which syncs no ConfigMap: nothing else retries it)
+        message = f"the inline prices' ConfigMap could not be written: {pricing_error or prices_written[0]}"
+        message += "; until it is, these are not made to mount it (left as they were): " + ", ".join(outcome.unpriced)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message)
+    elif targets and pricing_error:
         conditions[c.CONDITION_INJECTED] = r.Condition(
             c.CONDITION_INJECTED,
             False,
             "PricingConfigMapFailed",
             f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
-        )
-    elif outcome.unpriced and pricing_error:
-        message = f"the pricing volume's ConfigMap could not be written: {pricing_error}; until then no workload is"
-        conditions[c.CONDITION_INJECTED] = r.Condition(
-            c.CONDITION_INJECTED,
-            False,
-            "PricingConfigMapFailed",
-            message + " made to mount it (its pods could not start): " + ", ".join(outcome.unpriced),
         )
     elif missing_prices and not conflicted and (targets or outcome.held):
         # Its creation or change is watched (by name, see handlers._await_pricing); the retries with backoff stay,
@@ -810,7 +820,12 @@ async def _inject(
                 before=before_injecting if selected else None,
             )
         except _PricesUnwritten:
+            # Held back as for a missing configMapRef (above): a holder keeps serving it until this one can.
             outcome.unpriced.append(workload_key(workload))
+            outcome.held.append(workload_key(workload))
+            outcome.unable.add(workload_key(workload))
+            if holder is not None and peers.named(holder) is not None:
+                outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # (already mounting them: see the ConfigMaps' sync)
             continue
@@ -851,18 +866,18 @@ async def _inject(
     elif not targets and outcome.port_conflicts:
         message = _port_conflict_message(spec, outcome.port_conflicts)  # the words of MetricsExposed: one event
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PortConflict", message)
-    elif not targets and outcome.held:
-        # Selected, but left as they are until the pricing ConfigMap can be had: the pass says why once it has
-        # looked at the ConfigMap (PricingConfigMapNotFound or PricingConfigMapInvalid), with no NoTargets event.
-        message = "no workload is injected until the pricing ConfigMap can be read: " + ", ".join(outcome.held)
-        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
-    elif not targets and outcome.unpriced:
+    elif outcome.unpriced:
         # Left unpatched, the inline prices' ConfigMap unwritten: the pass says why once it has synced the ConfigMaps
         # (PricingConfigMapFailed), with no NoTargets event.
         message = "no workload is made to mount the prices until their ConfigMap is written: "
         conditions[c.CONDITION_INJECTED] = r.Condition(
             c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message + ", ".join(outcome.unpriced)
         )
+    elif not targets and outcome.held:
+        # Selected, but left as they are until the pricing ConfigMap can be had: the pass says why once it has
+        # looked at the ConfigMap (PricingConfigMapNotFound or PricingConfigMapInvalid), with no NoTargets event.
+        message = "no workload is injected until the pricing ConfigMap can be read: " + ", ".join(outcome.held)
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
     elif not targets and skipped:
         message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)

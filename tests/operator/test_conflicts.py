@@ -852,11 +852,40 @@ async def test_a_workload_is_not_made_to_mount_prices_that_could_not_be_written(
     async with running_operator():
         await eventually(lambda: reason(emulator, "alpha", "Injected") == "PricingConfigMapFailed", "refused")
         said = condition(get(emulator, LLMT, "alpha"), "Injected")["message"]
-        assert "not this LLMTelemetry's" in said and said.endswith("(its pods could not start): Deployment/chat")
+        assert "not this LLMTelemetry's" in said and said.endswith("(left as they were): Deployment/chat")
         assert holder(emulator) is None
         assert "volumes" not in get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{prices}")
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
         assert holder(emulator) == "alpha"
     assert _prices_before_mounts(emulator, "alpha")[-2:] == ["prices created", "workload mounts them"]
+    check_usage(emulator)
+
+
+async def test_a_winner_whose_inline_prices_cannot_be_written_leaves_the_workload_to_its_holder(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """zeta, older, wins chat from alpha, but a ConfigMap of its prices' name is another's: it cannot inject chat, so
+    alpha keeps serving it (its injection, metrics Service, ServiceMonitor, rules and dashboard) and zeta publishes
+    none of its own, as for a winner whose configMapRef is missing; once the name is free, zeta takes chat over."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    prices = r.pricing_configmap_name("zeta")
+    foreign = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": prices, "namespace": NAMESPACE}}
+    emulator.objects[CONFIGMAPS, NAMESPACE, prices] = {**foreign, "data": {"x": "1"}}
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        zeta = created("zeta", OLDER)
+        zeta["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+        await hand(emulator, "POST", LLMT_PATH, zeta)
+        await eventually(lambda: reason(emulator, "zeta", "Injected") == "PricingConfigMapFailed", "zeta refused")
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/alpha", {"spec": {"dashboard": {"folder": "Chat"}}})  # a pass
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha still Ready")
+        assert holder(emulator) == service_owner(emulator) == "alpha"
+        assert all(child is not None for child in children(emulator, "alpha").values())
+        assert all(child is None for name, child in children(emulator, "zeta").items() if name != "service")
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{prices}")
+        await eventually(lambda: holder(emulator) == "zeta", "zeta takes chat over", attempts=800)
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
     check_usage(emulator)
