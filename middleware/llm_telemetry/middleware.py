@@ -424,19 +424,7 @@ class _Exchange:
                 self.release()  # the chunks kept by send() came before this one
             reader = self.reader
             if reader is not None and body:
-                try:
-                    data = body if type(body) is not memoryview else bytes(body)  # (as in send())
-                    if len(data) <= READ_STEP:
-                        reader.feed(data, now)
-                    elif not read_within(reader, data, now):
-                        # Too slow to read (see decoding.MAX_READ_SECONDS): the rest is not read, what was is
-                        # recorded (the reader still finishes: estimates, a usage already seen).
-                        self.reader = _Unread(reader)
-                except ReadBudgetSpent:
-                    self.reader = _budget_spent(reader)
-                except Exception as exc:
-                    self.reader = None
-                    self.failsafe("response_parse", exc)
+                self._feed(reader, body if type(body) is not memoryview else bytes(body), now)  # (as in send())
             if not more:
                 self.complete = True
                 self.call.end = perf_counter()
@@ -508,18 +496,29 @@ class _Exchange:
         now = call.end or perf_counter()
         for data in parts:
             reader = self.reader
-            if reader is None or not data or (data is not parts[0] and call.stream):
-                return  # (the last bytes of a large body only after a JSON one's head)
-            try:
-                if len(data) <= READ_STEP:
-                    reader.feed(data, now)
-                elif not read_within(reader, data, now):
-                    self.reader = _Unread(reader)
-            except ReadBudgetSpent:
-                self.reader = _budget_spent(reader)
-            except Exception as exc:
-                self.reader = None
-                self.failsafe("response_parse", exc)
+            if reader is None or not data:
+                return
+            if data is not parts[0] and call.stream:
+                # Read as a JSON answer's head and found to be a stream (a file labelled text/plain, say): its middle
+                # was not read, so its end is unknown, not missing (the last bytes go only after a JSON one's head).
+                self.reader = _Unread(reader)
+                return
+            self._feed(reader, data, now)
+
+    def _feed(self, reader: Any, data: bytes, now: float) -> None:
+        """Hand ``data`` to the response's reader, in steps a slow reading can be stopped between."""
+        try:
+            if len(data) <= READ_STEP:
+                reader.feed(data, now)
+            elif not read_within(reader, data, now):
+                # Too slow to read (see decoding.MAX_READ_SECONDS): the rest is not read, what was is recorded (the
+                # reader still finishes: estimates, a usage already seen).
+                self.reader = _Unread(reader)
+        except ReadBudgetSpent:
+            self.reader = _budget_spent(reader)
+        except Exception as exc:
+            self.reader = None
+            self.failsafe("response_parse", exc)
 
     def _start_response(self, message: Message) -> bool:
         """Read the response's status and headers, choose the reader; True when the app set no request id header
@@ -573,11 +572,12 @@ class _Exchange:
         """The answer's last message has reached the server: the client has all of it, whatever the app does next
         (Starlette runs an answer's background tasks now, inside the app's call, for as long as they take). The
         call is recorded here unless what the app does next can still change its outcome: an exception raised after
-        a 5xx answer, or after a stream that ended without the end of its answer, is the app's failure (see
-        :meth:`finish`); those are recorded when the app returns."""
+        a 500 answer (Starlette's error handler answers 500, then raises it again), or after a stream that ended
+        without the end of its answer, is the app's failure (see :meth:`finish`); those are recorded when the app
+        returns."""
         call = self.call
         status = call.status_code
-        if self.observers is None or self.settled or status is None or status >= 500:
+        if self.observers is None or self.settled or status is None or status == 500:
             return
         failsafe = self.failsafe
         try:

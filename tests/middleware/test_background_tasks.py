@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from fastapi import BackgroundTasks, FastAPI
@@ -185,3 +186,46 @@ def test_an_app_failure_answered_with_a_500_is_recorded_once_when_the_app_raises
     assert metrics.value("llm_errors_total", gen_ai_request_model="failing") == 1
     assert metrics.value("llm_errors_total", gen_ai_request_model="failing", error_type="app_exception") == 1
     assert metrics.value("llm_requests_active") == 0
+
+
+def test_an_upstream_5xx_passed_on_is_recorded_when_whole_while_its_background_task_still_runs() -> None:
+    """A gateway passes on its upstream's 529 (Anthropic overloaded) with a background task that logs the spend: the
+    error is counted as soon as the client has it, as an answer below 500 is; only a 500 waits for the app to
+    return, since Starlette's error handler answers 500 and then raises the app's exception again."""
+    release = threading.Event()
+    waiting = threading.Event()
+
+    def after_answer() -> None:
+        waiting.set()
+        release.wait(30)
+
+    app = FastAPI()
+
+    @app.post("/v1/messages")
+    async def messages(request: FastAPIRequest, tasks: BackgroundTasks) -> Any:
+        await request.json()  # (the upstream's answer, here)
+        tasks.add_task(after_answer)
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        return JSONResponse(error, status_code=529, background=tasks)
+
+    metrics_port = free_port()
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=metrics_port, metrics_host="127.0.0.1")
+    try:
+        with serve(wrapped) as base:
+            client = anthropic.Anthropic(base_url=base, api_key="t", max_retries=0)
+            with pytest.raises(anthropic.InternalServerError):
+                client.messages.create(
+                    model="claude-sonnet-4-5", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+                )
+            wait_for("the background task to start", waiting.is_set, 10)
+
+            def recorded(metrics: Metrics) -> None:
+                assert metrics.value("llm_requests_total", gen_ai_request_model="claude-sonnet-4-5") == 1
+                assert metrics.value("llm_errors_total", error_type="server_error") == 1
+                assert metrics.value("llm_requests_active") == 0
+
+            settled(metrics_port, recorded)
+            assert waiting.is_set() and not release.is_set()  # (the task still waits)
+    finally:
+        release.set()
+        wrapped.telemetry.shutdown()
