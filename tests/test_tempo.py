@@ -232,7 +232,7 @@ def _pod_env(pod: Pod, tempo: Tempo) -> dict[str, str]:
     }
     injected = container_env({"env": r.build_env(spec, OperatorConfig(), workload, "chat")}, fields)
     assert injected["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
-    assert injected["OTEL_EXPORTER_OTLP_PROTOCOL"] == pod.protocol
+    assert injected["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == pod.protocol
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     env.update(injected)
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{tempo.otlp[pod.protocol]}"

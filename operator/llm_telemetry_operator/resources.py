@@ -251,7 +251,9 @@ def build_env(
         env += [
             value("OTEL_TRACES_EXPORTER", "otlp"),
             value("OTEL_EXPORTER_OTLP_ENDPOINT", traces_endpoint(spec, config)),
-            value("OTEL_EXPORTER_OTLP_PROTOCOL", spec.tracing.protocol),
+            # The traces' own protocol: the generic one would also switch the protocol of the app's own metrics
+            # exporter, sent to an endpoint of the app's own.
+            value("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", spec.tracing.protocol),
             value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),
             # The signal's own headers, so that OTEL_EXPORTER_OTLP_HEADERS, which the SDK sends to every signal
@@ -493,7 +495,7 @@ _OWN_TRACES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_
 #: protocol the app sends there with. (A generic endpoint of the app's own does not keep its logs: the injected logs
 #: endpoint is the signal's own, which the SDK prefers.)
 _WITH_ENDPOINT: Final = {
-    "OTEL_EXPORTER_OTLP_PROTOCOL": _OWN_TRACES,
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": _OWN_TRACES,
     "OTEL_EXPORTER_OTLP_TRACES_HEADERS": _OWN_TRACES,
     "OTEL_EXPORTER_OTLP_METRICS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
     "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),

@@ -321,7 +321,7 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(
             lambda: (e := env_of(get(emulator, DEPLOYMENTS, "chat"))).get("OTEL_TRACES_EXPORTER") == "otlp" and e,
             "trace exporter injected once the Service serves the endpoint's port",
         )
-    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (endpoint, "grpc")
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (endpoint, "grpc")
     check_usage(emulator)
 
 

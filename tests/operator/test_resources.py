@@ -55,7 +55,7 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     assert env["OTEL_SERVICE_NAME"] == "chat"
     assert env["OTEL_TRACES_EXPORTER"] == "otlp"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4318"
-    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "grpc"
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     # Loki takes OTLP over HTTP only, whatever the traces use.
@@ -83,7 +83,7 @@ def test_grpc_takes_a_default_endpoint_on_otlps_http_port_at_its_grpc_port(
     spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "tracing": tracing})
     config = dataclasses.replace(CONFIG, traces_endpoint=default)
     env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
-    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_PROTOCOL"]) == (injected, protocol)
+    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (injected, protocol)
 
 
 @pytest.mark.parametrize(
@@ -925,6 +925,12 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, (",", "http/protobuf")),  # logs: injected
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, (",", "http/protobuf")),
         ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, (",", "http/protobuf"), None),
+        # The app's own metrics keep their protocol: only the traces' is injected.
+        (
+            {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "https://vendor.example:4317"},
+            (",", "http/protobuf"),
+            (",", "http/protobuf"),
+        ),
     ],
 )
 def test_a_signals_headers_and_protocol_go_with_the_endpoint_injected_for_it(
@@ -938,9 +944,10 @@ def test_a_signals_headers_and_protocol_go_with_the_endpoint_injected_for_it(
     patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
     assert patch is not None
     env = env_of(dict(merge_patch(workload, patch)))
-    injected_traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), env.get("OTEL_EXPORTER_OTLP_PROTOCOL"))
+    injected_traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
     injected_logs = (env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS"), env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"))
     assert injected_traces == (traces or (None, None)) and injected_logs == (logs or (None, None))
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" not in env
 
 
 def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
