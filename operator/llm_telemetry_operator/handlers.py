@@ -55,9 +55,10 @@ FROZEN_SECONDS = 30.0
 DELETE_WAIT_POLLS = 35
 #: Lists of the resources tried (one a STANDBY_POLL_SECONDS) before a replica active again acts without one.
 RELIST_ATTEMPTS = 5
-#: A login within this many seconds of the last one waits first (see _relogin_backoff), at most RELOGIN_MOST_SECONDS,
-#: and says so once a RELOGIN_SAID_SECONDS.
+#: The RELOGIN_BURST-th login within RELOGIN_SECONDS, and the next ones, wait first (see _relogin_backoff), at most
+#: RELOGIN_MOST_SECONDS, and say so once a RELOGIN_SAID_SECONDS.
 RELOGIN_SECONDS = 10.0
+RELOGIN_BURST = 3
 RELOGIN_MOST_SECONDS = 60.0
 RELOGIN_SAID_SECONDS = 60.0
 #: Seconds between two lines saying the peering objects still cannot be read (the poll tries every
@@ -588,28 +589,32 @@ async def login(memo: kopf.Memo, logger: Any, **_: Any) -> kopf.ConnectionInfo:
 
 
 async def _relogin_backoff(memo: kopf.Memo, config: OperatorConfig, logger: Any) -> None:
-    """Wait before handing kopf new credentials when the last were handed within RELOGIN_SECONDS: new credentials
-    refused at once (an exec plugin, ``aws eks get-token`` say, gives a fresh token each time, for an identity the
-    cluster no longer admits) made kopf log in again in a tight loop, about 40 times a second, each login running
-    the plugin. The wait doubles from 1 s up to RELOGIN_MOST_SECONDS while it goes on; said at its start and once
-    a minute."""
+    """Wait before handing kopf new credentials when it has asked for them RELOGIN_BURST times within
+    RELOGIN_SECONDS: new credentials refused at once (an exec plugin, ``aws eks get-token`` say, gives a fresh
+    token each time, for an identity the cluster no longer admits) made kopf log in again in a tight loop, about 40
+    times a second, each login running the plugin. (kopf also asks when the API server closes its connection: once
+    or twice in a while is no loop.) The wait doubles from 1 s up to RELOGIN_MOST_SECONDS while it goes on; said at
+    its start and once a minute."""
     now = time.monotonic()
-    last, wait = memo.get("login_at"), float(memo.get("login_wait") or 0.0)
-    wait = min(max(1.0, wait * 2), RELOGIN_MOST_SECONDS) if last is not None and now - last < RELOGIN_SECONDS else 0.0
+    recent = [t for t in memo.get("logins") or () if now - t < RELOGIN_SECONDS]
+    wait = float(memo.get("login_wait") or 0.0)
+    wait = min(max(1.0, wait * 2), RELOGIN_MOST_SECONDS) if len(recent) + 1 >= RELOGIN_BURST else 0.0
     memo["login_wait"] = wait
     if wait:
         if now - float(memo.get("login_wait_said") or -RELOGIN_SAID_SECONDS) >= RELOGIN_SAID_SECONDS:
             memo["login_wait_said"] = now
             logger.error(
-                "the API server refuses this operator's credentials again and again, new ones from %s included (a"
-                " login every few seconds): check that the identity they are for may still use the cluster; logging"
-                " in again in %.0f s, and at most every %.0f s while it lasts",
+                "kopf has asked for new credentials %d times within %.0f s: the API server refuses the ones %s"
+                " gives (check that the identity they are for may still use the cluster), or keeps closing the"
+                " connection; logging in again in %.0f s, and at most every %.0f s while it lasts",
+                len(recent) + 1,
+                RELOGIN_SECONDS,
                 kube.credentials_source(config.kubeconfig, config.context),
                 wait,
                 RELOGIN_MOST_SECONDS,
             )
         await asyncio.sleep(wait)
-    memo["login_at"] = time.monotonic()
+    memo["logins"] = [*recent, time.monotonic()]
 
 
 def _credentials(info: kopf.ConnectionInfo) -> tuple[Any, ...]:
