@@ -597,24 +597,26 @@ async def _relogin_backoff(memo: kopf.Memo, config: OperatorConfig, logger: Any)
     its start and once a minute."""
     now = time.monotonic()
     recent = [t for t in memo.get("logins") or () if now - t < RELOGIN_SECONDS]
-    wait = float(memo.get("login_wait") or 0.0)
-    wait = min(max(1.0, wait * 2), RELOGIN_MOST_SECONDS) if len(recent) + 1 >= RELOGIN_BURST else 0.0
+    wait, last = float(memo.get("login_wait") or 0.0), memo.get("login_at")
+    if wait and last is not None and now - last < RELOGIN_SECONDS:
+        wait = min(wait * 2, RELOGIN_MOST_SECONDS)  # still going on: the last login's wait is no quiet spell
+    else:
+        wait = 1.0 if len(recent) + 1 >= RELOGIN_BURST else 0.0
     memo["login_wait"] = wait
     if wait:
         if now - float(memo.get("login_wait_said") or -RELOGIN_SAID_SECONDS) >= RELOGIN_SAID_SECONDS:
             memo["login_wait_said"] = now
             logger.error(
-                "kopf has asked for new credentials %d times within %.0f s: the API server refuses the ones %s"
-                " gives (check that the identity they are for may still use the cluster), or keeps closing the"
-                " connection; logging in again in %.0f s, and at most every %.0f s while it lasts",
-                len(recent) + 1,
-                RELOGIN_SECONDS,
+                "kopf keeps asking for new credentials, one login right after another: the API server refuses"
+                " the ones %s gives (check that the identity they are for may still use the cluster), or keeps"
+                " closing the connection; logging in again in %.0f s, and at most every %.0f s while it lasts",
                 kube.credentials_source(config.kubeconfig, config.context),
                 wait,
                 RELOGIN_MOST_SECONDS,
             )
         await asyncio.sleep(wait)
-    memo["logins"] = [*recent, time.monotonic()]
+    memo["login_at"] = time.monotonic()
+    memo["logins"] = [*recent, memo["login_at"]]
 
 
 def _credentials(info: kopf.ConnectionInfo) -> tuple[Any, ...]:
