@@ -273,8 +273,17 @@ async def _cannot_inject(
     if r.port_conflicts(workload, spec):
         return True
     if spec.pricing.inline:
-        # Its prices' ConfigMap is another's (whoever made one of that name): it cannot write it, so it does not
-        # inject (see reconcile's write_prices). (A quota or a webhook refusing it is not seen from here.)
+        # Its prices' ConfigMap could not be written (a quota, a webhook: its status says so for its spec as it is),
+        # or is another's (whoever made one of that name, seen before the rival's first pass has said anything): it
+        # does not inject (see reconcile's write_prices).
+        status = rival.get("status") or {}
+        injected: Mapping[str, Any] = next(
+            (x for x in status.get("conditions") or () if x.get("type") == c.CONDITION_INJECTED), {}
+        )
+        if injected.get("reason") == "PricingConfigMapFailed" and injected.get("observedGeneration") == (
+            rival.get("metadata") or {}
+        ).get("generation"):
+            return True
         prices = r.build_pricing_configmap(rival, spec)
         key = (prices["metadata"]["name"], None)
         if key not in known:

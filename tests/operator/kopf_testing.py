@@ -127,9 +127,12 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             raise kmocklib.KubernetesError(
                 status=403, reason="Forbidden", message=f"{request.resource.plural} is forbidden in {request.namespace}"
             )
-        if request.resource is not None and request.action == kmocklib.action.UPDATE and self.deny:
+        if request.resource is not None and request.action in _WRITES and self.deny:
             plural = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-            refusal = self.deny.get((plural, request.name))
+            name = request.name
+            if request.action == kmocklib.action.CREATE and isinstance(request.data, Mapping):
+                name = (request.data.get("metadata") or {}).get("name")  # (a quota, a webhook refusing the create)
+            refusal = self.deny.get((plural, name))
             if refusal is not None and not request.headers.get("X-Test-Hand"):
                 raise kmocklib.KubernetesError(status=refusal[0], reason=refusal[1], message=refusal[2])
         action, data = request.action, request.data
@@ -249,6 +252,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
 _GENERATED = {"llmtelemetries", "deployments", "statefulsets"}
 
 
+#: The requests ``ApiServerEmulator.deny`` refuses.
+_WRITES: Final = frozenset({kmocklib.action.UPDATE, kmocklib.action.CREATE})
 #: Refusals for ``ApiServerEmulator.deny``.
 DENIED: Final = (403, "Forbidden", 'admission webhook "policy.example.com" denied the request: updates are frozen')
 

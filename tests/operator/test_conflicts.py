@@ -862,18 +862,24 @@ async def test_a_workload_is_not_made_to_mount_prices_that_could_not_be_written(
     check_usage(emulator)
 
 
+@pytest.mark.parametrize("refused", ["by a ConfigMap of its name", "by a quota"])
 async def test_a_winner_whose_inline_prices_cannot_be_written_leaves_the_workload_to_its_holder(
-    emulator: Any, monitoring_crds: Any
+    emulator: Any, monitoring_crds: Any, refused: str
 ) -> None:
-    """zeta, older, wins chat from alpha, but a ConfigMap of its prices' name is another's: it cannot inject chat, so
-    alpha keeps serving it (its injection, metrics Service, ServiceMonitor, rules and dashboard) and zeta publishes
-    none of its own, as for a winner whose configMapRef is missing; once the name is free, zeta takes chat over."""
+    """zeta, older, wins chat from alpha, but its prices' ConfigMap cannot be written (a ConfigMap of that name is
+    another's, or a quota refuses it): it cannot inject chat, so alpha keeps serving it (its injection, metrics
+    Service, ServiceMonitor, rules and dashboard) and zeta publishes none of its own, as for a winner whose
+    configMapRef is missing; once the name is free, zeta takes chat over."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
     prices = r.pricing_configmap_name("zeta")
     foreign = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": prices, "namespace": NAMESPACE}}
-    emulator.objects[CONFIGMAPS, NAMESPACE, prices] = {**foreign, "data": {"x": "1"}}
+    if refused == "by a quota":
+        quota = "exceeded quota: cm-quota, requested: count/configmaps=1, used: count/configmaps=10"
+        emulator.deny[("configmaps", prices)] = (403, "Forbidden", f'configmaps "{prices}" is forbidden: {quota}')
+    else:
+        emulator.objects[CONFIGMAPS, NAMESPACE, prices] = {**foreign, "data": {"x": "1"}}
     async with running_operator():
         await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
         zeta = created("zeta", OLDER)
@@ -885,7 +891,10 @@ async def test_a_winner_whose_inline_prices_cannot_be_written_leaves_the_workloa
         assert holder(emulator) == service_owner(emulator) == "alpha"
         assert all(child is not None for child in children(emulator, "alpha").values())
         assert all(child is None for name, child in children(emulator, "zeta").items() if name != "service")
-        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{prices}")
+        if refused == "by a quota":
+            del emulator.deny[("configmaps", prices)]
+        else:
+            await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/{prices}")
         await eventually(lambda: holder(emulator) == "zeta", "zeta takes chat over", attempts=800)
         await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
     check_usage(emulator)
