@@ -461,6 +461,9 @@ async def reconcile(
         outcome.retry = True  # (also when standing by, which syncs no ConfigMap: nothing else retries it)
         message = f"the inline prices' ConfigMap could not be written: {pricing_error or prices_written[0]}"
         message += "; until it is, these are not made to mount it (left as they were): " + ", ".join(outcome.unpriced)
+        earlier = conditions.get(c.CONDITION_INJECTED)
+        if earlier is not None and earlier.reason == "InjectionFailed":
+            message += f"; and the injection failed: {earlier.message}"  # (said here too, not hidden by this)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message)
     elif targets and pricing_error:
         conditions[c.CONDITION_INJECTED] = r.Condition(

@@ -898,3 +898,33 @@ async def test_a_winner_whose_inline_prices_cannot_be_written_leaves_the_workloa
         await eventually(lambda: holder(emulator) == "zeta", "zeta takes chat over", attempts=800)
         await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
     check_usage(emulator)
+
+
+async def test_prices_that_cannot_be_written_do_not_hide_a_failed_injection(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """In one pass the inline prices' ConfigMap is refused (a webhook) and the removal of the injection from a
+    workload no longer selected fails too: the status says both, not only the prices."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat2"] = deployment("chat2", labels={"app": "chat2"})
+    alpha = created("alpha", NEWER)
+    alpha["spec"]["selector"] = {"matchExpressions": [{"key": "app", "operator": "In", "values": ["chat", "chat2"]}]}
+    alpha["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 2.5, "output": 10}}}
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = alpha
+    async with running_operator():
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+        emulator.deny[("configmaps", r.pricing_configmap_name("alpha"))] = DENIED
+        emulator.deny[("deployments", "chat2")] = DENIED
+        spec = {
+            "selector": {"matchLabels": {"app": "chat"}},
+            "pricing": {"models": {"gpt-4o": {"input": 3, "output": 12}}},
+        }
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/alpha", {"spec": spec})
+
+        def said() -> str:
+            injected = condition(get(emulator, LLMT, "alpha"), "Injected")
+            return str(injected.get("message")) if injected.get("reason") == "PricingConfigMapFailed" else ""
+
+        message = await eventually(said, "the prices refused")
+        assert "left as they were): Deployment/chat;" in message and "Deployment/chat2: 403" in message, message
