@@ -366,8 +366,8 @@ async def reconcile(
     missing_prices = await _missing_pricing(client, meta["namespace"], spec) if spec.pricing.config_map else None
     # The inline prices' ConfigMap the injection mounts is written before the first workload is patched to mount it
     # (pods made by the rollout before it exists cannot start); once per pass, and only by a pass that injects. One
-    # that cannot be written (another's of that name, a quota, a webhook) leaves the workloads unpatched, and the
-    # ConfigMaps' sync below says why (PricingConfigMapFailed).
+    # that cannot be written (another's of that name, a quota, a webhook) holds the workloads back as a missing
+    # configMapRef does (see _inject), and the status says why (PricingConfigMapFailed).
     prices_written: list[ApiError | None] = []  # (once written: None; refused: why)
 
     async def write_prices() -> None:
