@@ -597,11 +597,7 @@ async def _relogin_backoff(memo: kopf.Memo, config: OperatorConfig, logger: Any)
     its start and once a minute."""
     now = time.monotonic()
     recent = [t for t in memo.get("logins") or () if now - t < RELOGIN_SECONDS]
-    wait, last = float(memo.get("login_wait") or 0.0), memo.get("login_at")
-    if wait and last is not None and now - last < RELOGIN_SECONDS:
-        wait = min(wait * 2, RELOGIN_MOST_SECONDS)  # still going on: the last login's wait is no quiet spell
-    else:
-        wait = 1.0 if len(recent) + 1 >= RELOGIN_BURST else 0.0
+    wait = relogin_wait(recent, memo.get("login_at"), float(memo.get("login_wait") or 0.0), now)
     memo["login_wait"] = wait
     if wait:
         if now - float(memo.get("login_wait_said") or -RELOGIN_SAID_SECONDS) >= RELOGIN_SAID_SECONDS:
@@ -617,6 +613,16 @@ async def _relogin_backoff(memo: kopf.Memo, config: OperatorConfig, logger: Any)
         await asyncio.sleep(wait)
     memo["login_at"] = time.monotonic()
     memo["logins"] = [*recent, memo["login_at"]]
+
+
+def relogin_wait(logins: Sequence[float], last_at: float | None, last_wait: float, now: float) -> float:
+    """Seconds to wait before a login at ``now``, given the times of the logins before it (``logins``, the last one
+    ``last_at``, after its wait of ``last_wait``): none for the first RELOGIN_BURST - 1 within RELOGIN_SECONDS, then
+    1 s, doubling while logins keep following each other within RELOGIN_SECONDS, up to RELOGIN_MOST_SECONDS."""
+    if last_wait and last_at is not None and now - last_at < RELOGIN_SECONDS:
+        return min(last_wait * 2, RELOGIN_MOST_SECONDS)  # still going on: the last login's wait is no quiet spell
+    recent = sum(1 for t in logins if now - t < RELOGIN_SECONDS)
+    return 1.0 if recent + 1 >= RELOGIN_BURST else 0.0
 
 
 def _credentials(info: kopf.ConnectionInfo) -> tuple[Any, ...]:

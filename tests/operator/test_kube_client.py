@@ -512,6 +512,34 @@ async def test_fresh_credentials_refused_again_and_again_are_waited_between(
     assert len(said) == 1 and f"kubeconfig {path}" in said[0], said
 
 
+def test_logins_in_a_loop_wait_doubling_to_a_minute_and_a_quiet_spell_starts_over() -> None:
+    """The waits between logins a refusing cluster keeps asking for, as a loop of logins meets them: none for the
+    first two, then 1 s doubling up to the one-minute cap, where it stays; after a quiet spell the count starts over,
+    and two logins close together (connections the API server closed) never wait."""
+    from llm_telemetry_operator.handlers import RELOGIN_MOST_SECONDS, RELOGIN_SECONDS, relogin_wait
+
+    def loop(start: float, count: int, gap: float) -> tuple[list[float], list[float], float]:
+        logins: list[float] = []
+        waits: list[float] = []
+        now, last_wait = start, 0.0
+        for _ in range(count):
+            last_wait = relogin_wait(logins, logins[-1] if logins else None, last_wait, now)
+            waits.append(last_wait)
+            now += last_wait
+            logins.append(now)  # the login happens after its wait
+            now += gap  # kopf's next request, refused at once
+        return logins, waits, now
+
+    logins, waits, now = loop(1000.0, 12, 0.025)
+    assert waits == [0, 0, 1, 2, 4, 8, 16, 32, *[RELOGIN_MOST_SECONDS] * 4]
+    quiet = now + RELOGIN_SECONDS
+    assert relogin_wait(logins, logins[-1], waits[-1], quiet) == 0
+    _, waits, _ = loop(quiet, 4, 0.025)
+    assert waits == [0, 0, 1, 2]
+    _, waits, _ = loop(5000.0, 2, 0.1)
+    assert waits == [0, 0]
+
+
 async def test_peering_crd_missing_is_reported_not_waited_for(
     api_server: ApiServer, pki: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
