@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Mapping
 from inspect import CO_COROUTINE
 from time import monotonic, perf_counter
 from types import CodeType
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, BinaryIO, Final, Protocol, TypeAlias
 
 import anyio
 import anyio.to_thread
@@ -59,6 +59,9 @@ OBSERVED = "llm_telemetry.observed"
 MAX_HELD_CHUNKS = 128
 MAX_HELD_CHUNK_BYTES = 512
 MAX_HELD_BYTES = MAX_HELD_CHUNKS * MAX_HELD_CHUNK_BYTES
+#: Bytes of a ``pathsend`` answer's file read at a time, each piece read before the next (a stream's file may be
+#: up to MAX_DECODED_STREAM_BYTES long).
+FILE_PIECE: Final = 1024 * 1024
 #: A stream chunk larger than this is handed on before it is read (through ``_watched_send``, a coroutine of ours):
 #: reading a chunk of many events takes long enough to delay its bytes (1 MB of small events: ~35 ms). Smaller ones
 #: are read first, in microseconds, which costs less than the coroutine would.
@@ -490,20 +493,38 @@ class _Exchange:
             # A JSON answer's usage comes last: past the reader's limit only its last bytes are read.
             limit, tail = MAX_JSON_RESPONSE_BYTES + 1, (TAIL_BYTES if isinstance(self.reader, ResponseReader) else 0)
         try:
-            parts = await anyio.to_thread.run_sync(_file_parts, os.fsdecode(path), limit, tail)
+            file, data = await anyio.to_thread.run_sync(_open_file, os.fsdecode(path), min(limit, FILE_PIECE))
         except (OSError, TypeError, ValueError):
             return  # no such file, or no path: the server failed to send it too
-        now = call.end or perf_counter()
-        for data in parts:
-            reader = self.reader
-            if reader is None or not data:
+        try:
+            now = call.end or perf_counter()
+            left = limit
+            # The head in pieces, each fed before the next is read: a stream's file is never held whole.
+            while data and self._reading():
+                self._feed(self.reader, data, now)
+                left -= len(data)
+                if left <= 0 or len(data) < FILE_PIECE:
+                    break
+                data = await anyio.to_thread.run_sync(file.read, min(left, FILE_PIECE))
+            if left > 0 or not tail or not self._reading():
                 return
-            if data is not parts[0] and call.stream:
+            end = await anyio.to_thread.run_sync(_file_tail, file, limit, tail)
+            if end is None or not self._reading():
+                return
+            if call.stream:
                 # Read as a JSON answer's head and found to be a stream (a file labelled text/plain, say): its middle
-                # was not read, so its end is unknown, not missing (the last bytes go only after a JSON one's head).
-                self.reader = _Unread(reader)
+                # is not read, so its end is unknown, not missing (the last bytes go only after a JSON one's head).
+                self.reader = _Unread(self.reader)
                 return
-            self._feed(reader, data, now)
+            self._feed(self.reader, end, now)
+        except OSError:
+            return
+        finally:
+            file.close()
+
+    def _reading(self) -> bool:
+        """Whether the answer is still being read (no failure, and not given up as too costly)."""
+        return self.reader is not None and not isinstance(self.reader, _Unread)
 
     def _feed(self, reader: Any, data: bytes, now: float) -> None:
         """Hand ``data`` to the response's reader, in steps a slow reading can be stopped between."""
@@ -734,18 +755,24 @@ def _budget_spent(reader: Any) -> _Unread:
     return _Unread(reader)
 
 
-def _file_parts(path: str, limit: int, tail: int) -> list[bytes]:
-    """The first ``limit`` bytes of the file at ``path``, and when it is longer and ``tail`` is not 0, its last
-    ``tail`` bytes after them (none read twice)."""
-    with open(path, "rb") as file:
-        head = file.read(limit)
-        if not tail or len(head) < limit:
-            return [head]
-        size = os.fstat(file.fileno()).st_size
-        if size <= limit:
-            return [head]
-        file.seek(max(limit, size - tail))
-        return [head, file.read(tail)]
+def _open_file(path: str, size: int) -> tuple[BinaryIO, bytes]:
+    """The file at ``path``, open, and its first ``size`` bytes."""
+    file = open(path, "rb")  # closed by the caller, once read
+    try:
+        return file, file.read(size)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _file_tail(file: BinaryIO, limit: int, tail: int) -> bytes | None:
+    """The last ``tail`` bytes of ``file`` that come after its first ``limit`` (none read twice); None when there
+    are none."""
+    size = os.fstat(file.fileno()).st_size
+    if size <= limit:
+        return None
+    file.seek(max(limit, size - tail))
+    return file.read(tail)
 
 
 def _header_text(value: bytes) -> str:

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -153,3 +154,58 @@ def test_a_stream_sent_from_a_file_past_the_read_limit_is_no_error(granian: tupl
     metrics = settled(metrics_port, recorded)
     assert metrics.value("llm_errors_total", gen_ai_request_model="gpt-stream-file") == 0
     assert metrics.value("llm_requests_active") == 0
+
+
+def test_a_large_stream_sent_from_a_file_is_read_in_pieces_to_its_usage(tmp_path: Path) -> None:
+    """A recorded stream of 40 MiB sent from its file (the server offers ``pathsend``): read a piece at a time, each
+    piece read before the next is, so the file is never held whole, and read to its end, where its usage is (read
+    whole, its reading stopped at the CPU time one chunk may take, and the usage was lost)."""
+    import asyncio
+    import tracemalloc
+
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    delta = {"id": "c4", "object": "chat.completion.chunk", "created": 1, "model": "gpt-big-file"}
+    event = "data: " + json.dumps({**delta, "choices": [{"index": 0, "delta": {"content": "y" * 2000}}]}) + "\n\n"
+    end = {**delta, "choices": [], "usage": USAGE}
+    path = tmp_path / "big-stream.txt"
+    path.write_text(event * ((40 << 20) // len(event)) + f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n")
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_port=0, metrics_app_path="/metrics", request_logs=False)
+
+    async def call(method: str, target: str, body: bytes) -> bytes:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": target, "raw_path": target.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                 "extensions": {"http.response.pathsend": {}}}  # fmt: skip
+        received = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            return received.pop() if received else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message.get("body", b""))
+
+        await wrapped(scope, receive, send)
+        return b"".join(sent)
+
+    request = {"model": "gpt-big-file", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        asyncio.run(call("POST", "/v1/chat/completions", json.dumps(request).encode()))
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    metrics = Metrics(asyncio.run(call("GET", "/metrics", b"")).decode())
+    assert metrics.value("llm_tokens_total", gen_ai_request_model="gpt-big-file", gen_ai_token_type="output") == 8
+    assert metrics.value("llm_errors_total", gen_ai_request_model="gpt-big-file") == 0
+    assert peak < 8 << 20, peak  # the file is 40 MiB
