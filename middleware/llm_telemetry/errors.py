@@ -54,6 +54,29 @@ _CODES: Final = {
     "throttling_error": "rate_limit",
     "service_unavailable": "server_error",
     "service_unavailable_error": "server_error",
+    # OpenAI's refusals of a prompt by policy (its reasoning models answer ``invalid_prompt`` with a 400, and the
+    # Responses API fails a response with these codes): the caller's prompt, refused, as a content filter refuses it.
+    "invalid_prompt": "content_filter",
+    "bio_policy": "content_filter",
+    "cyber_policy": "content_filter",
+    "misalignment_policy_violation": "content_filter",
+    # The Responses API's failures of what the caller sent (its ResponseError codes): an image it cannot use, a
+    # request its project's data residency does not allow.
+    "data_residency_mismatch": "invalid_request",
+    "invalid_image": "invalid_request",
+    "invalid_image_format": "invalid_request",
+    "invalid_base64_image": "invalid_request",
+    "invalid_image_url": "invalid_request",
+    "invalid_image_mode": "invalid_request",
+    "image_too_large": "invalid_request",
+    "image_too_small": "invalid_request",
+    "image_parse_error": "invalid_request",
+    "image_file_too_large": "invalid_request",
+    "image_file_not_found": "invalid_request",
+    "empty_image_file": "invalid_request",
+    "unsupported_image_media_type": "invalid_request",
+    "failed_to_download_image": "invalid_request",
+    "vector_store_timeout": "timeout",
 }
 
 

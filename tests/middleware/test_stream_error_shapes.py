@@ -99,6 +99,8 @@ async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIter
             response["error"] = {"code": "rate_limit_exceeded", "message": "Rate limit reached for gpt-4.1"}
         elif what == "unknown":  # with its status, and an error code nothing here knows
             response.update(status="failed", error={"code": "upstream_mishap", "message": "Something went wrong"})
+        elif what.startswith("code:"):  # with its status, and one of the codes the SDK's ResponseError lists
+            response.update(status="failed", error={"code": what.removeprefix("code:"), "message": "Request failed"})
         elif kind == "incomplete":
             response["incomplete_details"] = {"reason": "max_output_tokens"}
         yield _sse({"type": f"response.{kind}", "sequence_number": 2, "response": response}, f"response.{kind}")
@@ -195,6 +197,10 @@ async def messages(request: Request) -> Response:
 async def scripted(request: Request) -> Response:
     body = await request.json()
     how = request.headers["x-script"]
+    if how == "invalid-prompt":  # a reasoning model's refusal of a prompt, as OpenAI answers it
+        error = {"message": "Invalid prompt: your prompt was flagged as potentially violating our usage policy.",
+                 "type": "invalid_request_error", "param": None, "code": "invalid_prompt"}  # fmt: skip
+        return JSONResponse({"error": error}, status_code=400)
     if how == "tgi-424":  # the same failure outside a stream
         return JSONResponse({"error": TGI_MESSAGES["generation"], "error_type": "generation"}, status_code=424)
     if how == "tgi-validation-long-422":
@@ -298,6 +304,16 @@ def test_a_tgi_error_is_what_tgi_says_it_is(service: tuple[openai.OpenAI, int], 
         ("responses-end-failed-rate", "rate_limit", None),  # the error in the response says what failed
         ("responses-end-failed", "server_error", None),  # nor any error: the event's name says it failed
         ("responses-end-failed-unknown", "server_error", None),  # an unknown code: as in an ``error`` event
+        # What the caller sent or asked for, refused: not the service's failure (the availability alerts leave these
+        # out), as the same refusals answered with a 400 are.
+        ("responses-end-failed-code:invalid_prompt", "content_filter", None),
+        ("responses-end-failed-code:bio_policy", "content_filter", None),
+        ("responses-end-failed-code:misalignment_policy_violation", "content_filter", None),
+        ("responses-end-failed-code:invalid_image_url", "invalid_request", None),
+        ("responses-end-failed-code:failed_to_download_image", "invalid_request", None),
+        ("responses-end-failed-code:image_too_large", "invalid_request", None),
+        ("responses-end-failed-code:data_residency_mismatch", "invalid_request", None),
+        ("responses-end-failed-code:vector_store_timeout", "timeout", None),
         ("responses-end-incomplete", None, "max_output_tokens"),
         ("responses-end-completed", None, "stop"),
     ],
@@ -320,6 +336,20 @@ def test_a_responses_streams_closing_event_says_how_it_ended(
         assert (errors, reasons) == ({error_type} - {None}, {reason} - {None})
 
     settled(port, ended)
+
+
+def test_a_prompt_refused_by_policy_is_a_content_filter(service: tuple[openai.OpenAI, int]) -> None:
+    """OpenAI refuses a prompt it flags (its reasoning models) with a 400 whose code is ``invalid_prompt``: a refusal
+    by policy, as a content filter's is, not a malformed request."""
+    client, port = service
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(
+            model="invalid-prompt",
+            messages=[{"role": "user", "content": "Hi"}],
+            extra_headers={"x-script": "invalid-prompt"},
+        )
+    assert raised.value.code == "invalid_prompt"
+    settled(port, lambda m: _once(m, "other", "content_filter"))
 
 
 def test_a_responses_tool_call_cut_off_counts_its_pieces(service: tuple[openai.OpenAI, int]) -> None:
