@@ -17,7 +17,8 @@ from typing import Any, Final
 
 #: Port of the Prometheus endpoint served on its own listener. ``0`` disables the listener.
 LLM_TELEMETRY_METRICS_PORT: Final = "LLM_TELEMETRY_METRICS_PORT"
-#: Address the metrics listener binds to. ``0.0.0.0`` so a ServiceMonitor can reach it.
+#: Address the metrics listener binds to. ``::``, every address of the pod, IPv6 and IPv4, so a ServiceMonitor reaches
+#: it in any cluster (``0.0.0.0`` where the host has no IPv6).
 LLM_TELEMETRY_METRICS_HOST: Final = "LLM_TELEMETRY_METRICS_HOST"
 #: Path at which ``/metrics`` is also answered on the application's own port (empty: off).
 LLM_TELEMETRY_METRICS_APP_PATH: Final = "LLM_TELEMETRY_METRICS_APP_PATH"
@@ -81,7 +82,7 @@ OTEL_LOGS_EXPORTER: Final = "OTEL_LOGS_EXPORTER"
 
 DEFAULT_OTLP_PROTOCOL: Final = "http/protobuf"
 DEFAULT_METRICS_PORT: Final = 9464
-DEFAULT_METRICS_HOST: Final = "0.0.0.0"
+DEFAULT_METRICS_HOST: Final = "::"
 DEFAULT_MAX_LABEL_VALUES: Final = 100
 DEFAULT_MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096

@@ -19,6 +19,7 @@ scrape is refused only while that many clients hold the port, and the app's own 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import logging
 import socket
@@ -351,13 +352,51 @@ def serve_metrics(
     max_answers: int = MAX_ANSWERS,
     answer_seconds: float = ANSWER_SECONDS,
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``registry`` on ``host``:``port`` from a daemon thread; raises ``OSError`` when it cannot bind."""
+    """Serve ``registry`` on ``host``:``port`` from a daemon thread; raises ``OSError`` when it cannot bind.
+
+    ``::`` (the default) is every address of the host, IPv6 and IPv4 alike (a dual-stack socket), so that Prometheus
+    reaches the pod whatever family its address is: ``0.0.0.0`` is IPv4's alone, refused to the IPv6 pod addresses of
+    an IPv6 cluster. Where the host has no IPv6 (a pod whose IPv6 is switched off), ``::`` falls back to ``0.0.0.0``."""
+    try:
+        return _serve(port, host, registry, max_connections, request_seconds, max_answers, answer_seconds)
+    except OSError as exc:
+        if host != ANY_ADDRESS or exc.errno not in _NO_IPV6:
+            raise
+    return _serve(port, "0.0.0.0", registry, max_connections, request_seconds, max_answers, answer_seconds)
+
+
+#: The address that binds every address of the host, IPv6 and IPv4 (see serve_metrics).
+ANY_ADDRESS: Final = "::"
+#: Why a host without IPv6 refuses an IPv6 socket or address.
+_NO_IPV6: Final = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def listener_url(host: str, port: int, path: str = "/metrics") -> str:
+    """The URL of a listener on ``host``:``port``, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
+
+
+def _serve(
+    port: int,
+    host: str,
+    registry: CollectorRegistry,
+    max_connections: int,
+    request_seconds: float,
+    max_answers: int,
+    answer_seconds: float,
+) -> tuple[WSGIServer, threading.Thread]:
     family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    dual_stack = host == ANY_ADDRESS and family == socket.AF_INET6
 
     class Server(BoundedServer):
         address_family = family
+
+        def server_bind(self) -> None:
+            if dual_stack:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
 
     Server.max_connections, Server.request_seconds = max_connections, request_seconds
     Server.max_answers, Server.answer_seconds = max_answers, answer_seconds

@@ -921,7 +921,7 @@ class LLMTelemetryMiddleware:
         app: the ASGI application to wrap.
         pricing: pricing table path (YAML/JSON) or mapping; default: the embedded table.
         metrics_port: port of the separate Prometheus listener (default 9464; 0 turns it off).
-        metrics_host: address of that listener (default 0.0.0.0).
+        metrics_host: address of that listener (default ``::``: every address, IPv6 and IPv4).
         metrics_app_path: also answer scrapes at this path on the app's own port (default off).
         attribution_headers: request header to label, e.g. ``{"x-tenant-id": "tenant"}``.
         max_label_values: distinct values kept per label before folding into ``other`` (default 100).

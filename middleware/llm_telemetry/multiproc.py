@@ -1209,7 +1209,7 @@ class _Listener:
 
     def _try_bind(self) -> bool:
         """True when this worker now serves the port, or when retrying is pointless."""
-        from .exposition import serve_metrics
+        from .exposition import listener_url, serve_metrics
 
         try:
             self.server = serve_metrics(self.port, self.host, self.registry)
@@ -1222,10 +1222,9 @@ class _Listener:
         if self.state is not None:
             self.state.claim_port()
         logger.info(
-            "llm-telemetry: worker %s serves the metrics of all workers on http://%s:%s/metrics",
+            "llm-telemetry: worker %s serves the metrics of all workers on %s",
             os.getpid(),
-            self.host,
-            self.port,
+            listener_url(self.host, self.port),
         )
         return True
 

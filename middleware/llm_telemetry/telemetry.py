@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .exposition import BUSY_BODY, MAX_ANSWERS, answer, exposition_app, serve_metrics
+from .exposition import BUSY_BODY, MAX_ANSWERS, answer, exposition_app, listener_url, serve_metrics
 from .instruments import Histograms, Instruments, create_instruments, exemplar_filter, observed_cardinality_limits
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -271,9 +271,7 @@ class Telemetry:
                     # The process before this one (a restart, a reload) may still be letting go of the port.
                     threading.Thread(target=self._bind_when_free, name="llm-telemetry-bind", daemon=True).start()
             else:
-                logger.info(
-                    "llm-telemetry: metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port
-                )
+                logger.info("llm-telemetry: metrics on %s", listener_url(settings.metrics_host, settings.metrics_port))
 
     def _bind_when_free(self) -> None:
         """Try the busy metrics port again every second until it is bound, or shutdown."""
@@ -289,7 +287,7 @@ class Telemetry:
                         continue
                     logger.warning("llm-telemetry: metrics listener not started: %s", exc)
                     return
-            logger.info("llm-telemetry: metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
+            logger.info("llm-telemetry: metrics on %s", listener_url(settings.metrics_host, settings.metrics_port))
             return
 
     def shutdown(self) -> None:

@@ -20,7 +20,7 @@ from support import free_port, wait_for
 
 def test_settings_defaults() -> None:
     settings = Settings.resolve(env={})
-    assert (settings.metrics_port, settings.metrics_host, settings.metrics_app_path) == (9464, "0.0.0.0", None)
+    assert (settings.metrics_port, settings.metrics_host, settings.metrics_app_path) == (9464, "::", None)
     assert settings.max_label_values == 100 and settings.max_request_bytes == 8 * 1024 * 1024
     assert settings.metrics_exporters == ("prometheus",) and settings.capture_content is False
 

@@ -257,6 +257,30 @@ def test_the_middlewares_port_stays_bounded_and_the_app_unaffected() -> None:
         assert "llm_requests_total{" in text
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback address")
+def test_the_metrics_port_answers_on_ipv6_and_ipv4_addresses_by_default() -> None:
+    """In an IPv6 cluster Prometheus scrapes the pod's IPv6 address, in an IPv4 one its IPv4 address: by default the
+    listener answers on both (bound to 0.0.0.0, as it was, it refused every scrape of an IPv6 pod)."""
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(bare_app(), metrics_port=metrics_port, request_logs=False)
+    with serve(app) as base:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10).status_code == 200
+        for host in ("127.0.0.1", "[::1]"):
+            url = f"http://{host}:{metrics_port}/metrics"
+            assert "llm_requests_total{" in wait_for(url, lambda url=url: httpx.get(url, timeout=5).text), host
+    app.telemetry.shutdown()
+
+
 def test_a_scrape_can_ask_for_some_series_by_name() -> None:
     """``/metrics?name[]=...``, prometheus_client's filter by sample name, on the real middleware's port: only the
     series asked for, each as a full scrape has it."""
