@@ -1339,14 +1339,54 @@ class OpenAIResponsesReader(ResponseReader):
 # --- Anthropic Messages ---------------------------------------------------------------------------
 
 
+#: The counts of an Anthropic usage that a stream's ``message_delta`` may repeat, leave out or send as null.
+_ANTHROPIC_COUNTS: Final = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
+#: The counts of a compaction entry of ``usage.iterations``, and where their sums are kept.
+_COMPACTION_COUNTS: Final = (
+    ("input_tokens", "compaction_input"),
+    ("cache_read_input_tokens", "compaction_read"),
+    ("cache_creation_input_tokens", "compaction_creation"),
+    ("output_tokens", "compaction_output"),
+)
+
+
+def _plus(count: int | None, more: int) -> int | None:
+    """``count`` (None: none reported) with ``more`` added: None when both are none."""
+    return None if count is None and not more else min((count or 0) + more, _MAX_COUNT)
+
+
+def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
+    """Sum the entries of ``type`` ``compaction`` of an Anthropic usage's ``iterations`` into ``counts``, in place of
+    the sums of an earlier list. Anthropic leaves a compaction pass out of the usage's top-level counts (the message's
+    own sampling, the ``message`` entries, is what those count), though it is billed: its input (cache reads and
+    writes included, as at the top level) and output are added to the call's."""
+    sums = dict.fromkeys(("compaction_input", "compaction_read", "compaction_creation", "compaction_output"), 0)
+    one_hour = 0
+    for entry in iterations:
+        if isinstance(entry, dict) and entry.get("type") == "compaction":
+            for key, total in _COMPACTION_COUNTS:
+                sums[total] += _int(entry.get(key)) or 0
+            one_hour += _int(_get(entry, "cache_creation", "ephemeral_1h_input_tokens")) or 0
+    sums["compaction_input"] += sums["compaction_read"] + sums["compaction_creation"]
+    for total, value in sums.items():
+        counts[total] = min(value, _MAX_COUNT)
+    counts["compaction_one_hour"] = min(one_hour, _MAX_COUNT)
+
+
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
 
 
 class AnthropicMessagesReader(ResponseReader):
-    __slots__ = ()
+    __slots__ = ("_counts",)
     _TEXT_KEYS = (b'"text":"', b'"thinking":"', b'"partial_json":"')
+
+    def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
+        super().__init__(call, stream=stream, capture=capture, shortcuts=shortcuts)
+        #: The usage read so far, as Anthropic's SDK merges a stream's: each count its last value given (a null or a
+        #: count left out erases none), and the sums of the last ``iterations`` list's compaction entries.
+        self._counts: dict[str, int] = {}
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
         return (
@@ -1359,30 +1399,42 @@ class AnthropicMessagesReader(ResponseReader):
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
-        call = self.call
-        fresh = _int(usage.get("input_tokens"))
-        cache_read = _int(usage.get("cache_read_input_tokens"))
-        cache_creation = _int(usage.get("cache_creation_input_tokens"))
-        if fresh is not None or cache_read is not None or cache_creation is not None:
-            # A stream's message_delta may repeat some counts and leave others null or out: each count keeps the
-            # last value given (as Anthropic's SDK merges them), so a null there erases no count of message_start.
-            if call.input_tokens is not None:
-                if fresh is None:
-                    fresh = call.input_tokens - (call.cache_read_tokens or 0) - (call.cache_creation_tokens or 0)
-                if cache_read is None:
-                    cache_read = call.cache_read_tokens
-                if cache_creation is None:
-                    cache_creation = call.cache_creation_tokens
-            # Anthropic counts cached input apart; the semantic conventions' input count includes it.
-            call.input_tokens = (fresh or 0) + (cache_read or 0) + (cache_creation or 0)
-            call.cache_read_tokens = cache_read
-            call.cache_creation_tokens = cache_creation
+        counts = self._counts
+        for key in _ANTHROPIC_COUNTS:
+            value = _int(usage.get(key))
+            if value is not None:
+                counts[key] = value
         one_hour = _int(_get(usage, "cache_creation", "ephemeral_1h_input_tokens"))
         if one_hour is not None:
+            counts["one_hour"] = one_hour
+        thinking = _int(_get(usage, "output_tokens_details", "thinking_tokens"))
+        if thinking is not None:
+            counts["thinking"] = thinking
+        iterations = usage.get("iterations")
+        if isinstance(iterations, list):
+            _compactions(iterations, counts)
+        call = self.call
+        fresh = counts.get("input_tokens")
+        cache_read = counts.get("cache_read_input_tokens")
+        cache_creation = counts.get("cache_creation_input_tokens")
+        if fresh is not None or cache_read is not None or cache_creation is not None:
+            # Anthropic counts cached input apart; the semantic conventions' input count includes it. A compaction
+            # pass (the beta's server-side compaction) is left out of the top-level counts: its tokens are added.
+            call.input_tokens = min(
+                (fresh or 0) + (cache_read or 0) + (cache_creation or 0) + counts.get("compaction_input", 0), _MAX_COUNT
+            )
+            call.cache_read_tokens = _plus(cache_read, counts.get("compaction_read", 0))
+            call.cache_creation_tokens = _plus(cache_creation, counts.get("compaction_creation", 0))
+        one_hour = _plus(counts.get("one_hour"), counts.get("compaction_one_hour", 0))
+        if one_hour is not None:
             call.cache_creation_1h_tokens = one_hour
-        output = _int(usage.get("output_tokens"))
+        output = counts.get("output_tokens")
         if output is not None:
-            call.output_tokens = output
+            compacted = counts.get("compaction_output", 0)
+            call.output_tokens = min(output + compacted, _MAX_COUNT)
+            call.compaction_output_tokens = compacted
+            # The tokens of thinking: shown or not (``display: omitted``), a part of the message's output.
+            call.reasoning_tokens = counts.get("thinking")
         call.usage_source = "reported"
 
     def _message(self, message: Any, *, stream: bool = False) -> None:
@@ -1394,7 +1446,7 @@ class AnthropicMessagesReader(ResponseReader):
         if stream and isinstance(usage, dict):
             # message_start carries the real input counts but a placeholder output count (0 or 1): the output
             # is reported by message_delta, and a stream cut before it is estimated from what was sent instead.
-            usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+            usage = {k: v for k, v in usage.items() if k != "output_tokens" and k != "output_tokens_details"}
             if not any(_int(usage.get(key)) for key in _ANTHROPIC_INPUT_COUNTS):
                 # No input at all is a placeholder too: a gateway translating another provider's stream (the LiteLLM
                 # proxy) sends 0 and the real count in message_delta; a stream cut before that has its input

@@ -68,6 +68,9 @@ class LLMCall:
     #: Of ``cache_creation_tokens``, those written to a one-hour cache (Anthropic's ``ttl: 1h``), billed higher.
     cache_creation_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
+    #: Of ``output_tokens``, those of a compaction pass made before the answer (Anthropic's server-side compaction,
+    #: which its usage reports apart): never streamed as tokens, so left out of the time per output token.
+    compaction_output_tokens: int = 0
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False
@@ -131,13 +134,16 @@ class LLMCall:
     def time_per_output_token(self) -> float | None:
         """Mean gap between output tokens after the first, for streams with at least two output tokens.
 
-        Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only)
-        were generated before its first token, so they are not among the tokens after it. With ``n`` choices,
+        Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only, as
+        Anthropic's do with ``display: omitted``) were generated before its first token, so they are not among the
+        tokens after it; nor are those of a compaction pass, made before the answer. With ``n`` choices,
         which are generated side by side, it is per choice: the output of the choices the stream named, each taken
         as an equal share."""
         if self.end is None or self.first_token_at is None or not self.output_tokens:
             return None
         tokens: float = self.output_tokens
+        if 0 < self.compaction_output_tokens < tokens:
+            tokens -= self.compaction_output_tokens
         if self.reasoning_tokens and not self.reasoning_shown and self.reasoning_tokens < tokens:
             # (Not when the usage says more reasoning than output: a provider that counts them apart.)
             tokens -= self.reasoning_tokens

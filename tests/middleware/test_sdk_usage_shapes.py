@@ -1,0 +1,358 @@
+"""Answers as the official SDKs' own types define them, read through the middleware under real uvicorn. Every body
+is validated by the SDK's pydantic model before it is served, and the client is the SDK itself; the metrics are read
+from real scrapes, the finished calls from the middleware's public ``observers`` hook, the spans from an in-memory
+exporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anthropic
+import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pydantic import TypeAdapter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response as HTTPResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.record import LLMCall
+from support import Calls, Metrics, free_port, serve, settled
+
+PRICING = {
+    "models": {
+        "claude-sonnet-4": {"input": 3.0, "output": 15.0, "cache_read": 0.3},
+        "gpt-5": {"input": 1.25, "output": 10.0},
+    }
+}
+#: Served as JSON (model name -> body) or as an event stream (model name -> [(event name or None, data)]).
+ANSWERS: dict[str, Any] = {}
+STREAMS: dict[str, list[tuple[str | None, Any]]] = {}
+
+_ANTHROPIC_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+_BETA_EVENT: TypeAdapter[Any] = TypeAdapter(BetaRawMessageStreamEvent)
+_RESPONSES_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+def claude_event(data: dict[str, Any], beta: bool = False) -> tuple[str, dict[str, Any]]:
+    event = (_BETA_EVENT if beta else _ANTHROPIC_EVENT).validate_python(data)
+    return data["type"], event.model_dump(mode="json", exclude_none=True)
+
+
+def responses_event(data: dict[str, Any], number: int) -> tuple[str, dict[str, Any]]:
+    event = _RESPONSES_EVENT.validate_python({**data, "sequence_number": number})
+    return data["type"], event.model_dump(mode="json", exclude_unset=True)
+
+
+def chat_event(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> tuple[None, dict[str, Any]]:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-audio-preview"}
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    valid = ChatCompletionChunk.model_validate({**chunk, "choices": choices, **extra})
+    return None, valid.model_dump(mode="json", exclude_unset=True)
+
+
+def responses_body(model: str, output: list[dict[str, Any]], status: str = "completed") -> dict[str, Any]:
+    usage = {
+        "input_tokens": 100,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 40,
+        "output_tokens_details": {"reasoning_tokens": 10},
+        "total_tokens": 140,
+    }
+    body = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": model,
+        "status": status,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": usage if status == "completed" else None,
+    }
+    return Response.model_validate(body).model_dump(mode="json", exclude_unset=True)
+
+
+async def _events(steps: list[tuple[str | None, Any]]) -> AsyncIterator[bytes]:
+    for name, data in steps:
+        await asyncio.sleep(0.002)  # each event in its own chunk, as a model sends them
+        text = data if isinstance(data, str) else json.dumps(data)
+        yield (f"event: {name}\n" if name else "").encode() + f"data: {text}\n\n".encode()
+
+
+async def answer(request: Request) -> HTTPResponse:
+    model = (await request.json())["model"]
+    if model in STREAMS:
+        return StreamingResponse(_events(STREAMS[model]), media_type="text/event-stream")
+    return JSONResponse(ANSWERS[model])
+
+
+class Service:
+    def __init__(self, base: str, port: int, calls: Calls, spans: InMemorySpanExporter) -> None:
+        self.base, self.port, self.calls, self.spans = base, port, calls, spans
+
+    def metrics(self, model: str, check: Any = None) -> Metrics:
+        def recorded(m: Metrics) -> None:
+            assert m.value("llm_requests_total", gen_ai_request_model=model) >= 1
+            assert self.call(model) is not None
+            if check is not None:
+                check(m)
+
+        return settled(self.port, recorded)
+
+    def call(self, model: str) -> LLMCall | None:
+        return next((c for c in reversed(self.calls.ended) if c.request_model == model), None)
+
+    def output_messages(self, model: str) -> list[dict[str, Any]]:
+        self.metrics(model)
+        (span,) = [s for s in self.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == model]
+        return list(json.loads(str(span.attributes["gen_ai.output.messages"])))
+
+
+def _service(capture: bool) -> Iterator[Service]:
+    port, calls, spans = free_port(), Calls(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    paths = ("/v1/chat/completions", "/v1/responses", "/v1/responses/compact", "/v1/messages")
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route(path, answer, methods=["POST"]) for path in paths]),
+        metrics_port=port,
+        metrics_host="127.0.0.1",
+        pricing=PRICING,
+        observers=[calls],
+        tracer_provider=provider,
+        capture_content=capture,
+    )
+    with serve(app) as base:
+        yield Service(base, port, calls, spans)
+    if app._telemetry is not None:
+        app._telemetry.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[Service]:
+    yield from _service(capture=False)
+
+
+@pytest.fixture(scope="module")
+def capturing() -> Iterator[Service]:
+    yield from _service(capture=True)
+
+
+# --- Claude's thinking tokens ---------------------------------------------------------------------------------------
+
+
+def test_claudes_thinking_tokens_are_its_reasoning_tokens_in_a_message(service: Service) -> None:
+    model = "claude-sonnet-4-thinking"
+    usage = {"input_tokens": 10, "output_tokens": 50, "output_tokens_details": {"thinking_tokens": 30}}
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "thinking", "thinking": "Hmm.", "signature": "sig"}, {"type": "text", "text": "Hi."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage,
+    }
+    ANSWERS[model] = Message.model_validate(message).model_dump(mode="json", exclude_none=True)
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    reply = claude.messages.create(model=model, max_tokens=100, messages=[{"role": "user", "content": "?"}])
+    assert reply.usage.output_tokens_details is not None and reply.usage.output_tokens_details.thinking_tokens == 30
+    m = service.metrics(model)
+    assert m.value("llm_token_details_total", gen_ai_request_model=model, llm_token_detail="reasoning") == 30
+    assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 50
+    (span,) = [s for s in service.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == model]
+    assert span.attributes["gen_ai.usage.reasoning.output_tokens"] == 30
+
+
+def test_thinking_a_claude_stream_does_not_show_is_left_out_of_its_time_per_output_token(service: Service) -> None:
+    """``display: omitted``: the thinking block carries a signature and no text, so the stream's first token is the
+    answer's, and the 1,800 thinking tokens of the 2,000 reported were made before it: 200 tokens are spread over the
+    time from the first token to the end (the usage's output_tokens_details, as the SDK merges message_delta's)."""
+    model = "claude-sonnet-4-omitted"
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_2",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1},
+        },
+    }
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+    }
+    events = [
+        claude_event(start),
+        claude_event(block),
+        claude_event(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "s"}}
+        ),
+        claude_event({"type": "content_block_stop", "index": 0}),
+        claude_event({"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}),
+        *[
+            claude_event({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": f"w{i} "}})
+            for i in range(50)
+        ],
+        claude_event({"type": "content_block_stop", "index": 1}),
+        claude_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 2000, "output_tokens_details": {"thinking_tokens": 1800}},
+            }
+        ),
+        claude_event({"type": "message_stop"}),
+    ]
+    STREAMS[model] = events
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.messages.stream(
+        model=model,
+        max_tokens=4000,
+        messages=[{"role": "user", "content": "?"}],
+        thinking={"type": "enabled", "budget_tokens": 2000},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens_details is not None and final.usage.output_tokens_details.thinking_tokens == 1800
+    m = service.metrics(model)
+    assert m.value("llm_token_details_total", gen_ai_request_model=model, llm_token_detail="reasoning") == 1800
+    call = service.call(model)
+    assert call is not None and call.end is not None and call.first_token_at is not None
+    assert call.time_per_output_token == pytest.approx((call.end - call.first_token_at) / (200 - 1))
+
+
+# --- Claude's compaction passes -------------------------------------------------------------------------------------
+
+#: A beta message whose conversation the API compacted first: the compaction pass is an entry of ``iterations`` that
+#: the top-level counts leave out; the ``message`` entry is the top level again.
+COMPACTED_USAGE = {
+    "input_tokens": 20000,
+    "output_tokens": 500,
+    "cache_read_input_tokens": 0,
+    "cache_creation_input_tokens": 0,
+    "iterations": [
+        {
+            "type": "compaction",
+            "input_tokens": 179000,
+            "output_tokens": 3000,
+            "cache_read_input_tokens": 1000,
+            "cache_creation_input_tokens": 0,
+        },
+        {
+            "type": "message",
+            "input_tokens": 20000,
+            "output_tokens": 500,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 0,
+        },
+    ],
+}
+
+
+def _compaction_counted(m: Metrics, model: str) -> None:
+    reported = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **reported) == 20000 + 179000 + 1000
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **reported) == 500 + 3000
+    assert m.value("llm_token_details_total", llm_token_detail="cache_read", **reported) == 1000
+    cost = ((20000 + 179000) * 3.0 + 1000 * 0.3 + (500 + 3000) * 15.0) / 1e6
+    assert m.value("llm_cost_usd_total", gen_ai_request_model=model) == pytest.approx(cost)
+
+
+def test_a_compaction_pass_is_counted_in_a_claude_message(service: Service) -> None:
+    model = "claude-sonnet-4-compacted"
+    message = {
+        "id": "msg_3",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "compaction", "content": "What was said."}, {"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": COMPACTED_USAGE,
+    }
+    ANSWERS[model] = BetaMessage.model_validate(message).model_dump(mode="json", exclude_none=True)
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    reply = claude.beta.messages.create(
+        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["compact-2026-01-12"]
+    )
+    assert [i.type for i in reply.usage.iterations or []] == ["compaction", "message"]
+    service.metrics(model, lambda m: _compaction_counted(m, model))
+
+
+def test_a_compaction_pass_is_counted_in_a_claude_stream_and_not_timed_as_its_tokens(service: Service) -> None:
+    model = "claude-sonnet-4-compacted-stream"
+    start_usage = {
+        "input_tokens": 20000,
+        "output_tokens": 1,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0,
+    }
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_4",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": start_usage,
+        },
+    }
+    closing = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 500, "input_tokens": 20000, "iterations": COMPACTED_USAGE["iterations"]},
+    }
+    compaction = {"type": "compaction_delta", "content": "What was said."}
+    STREAMS[model] = [
+        claude_event(start, beta=True),
+        claude_event({"type": "content_block_start", "index": 0, "content_block": {"type": "compaction"}}, beta=True),
+        claude_event({"type": "content_block_delta", "index": 0, "delta": compaction}, beta=True),
+        claude_event({"type": "content_block_stop", "index": 0}, beta=True),
+        claude_event(
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}, beta=True
+        ),
+        *[
+            claude_event(
+                {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "w "}}, beta=True
+            )
+            for _ in range(20)
+        ],
+        claude_event({"type": "content_block_stop", "index": 1}, beta=True),
+        claude_event(closing, beta=True),
+        claude_event({"type": "message_stop"}, beta=True),
+    ]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.beta.messages.stream(
+        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["compact-2026-01-12"]
+    ) as stream:
+        final = stream.get_final_message()
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (20000, 500)
+    assert [i.type for i in final.usage.iterations or []] == ["compaction", "message"]
+    service.metrics(model, lambda m: _compaction_counted(m, model))
+    call = service.call(model)
+    assert call is not None and call.end is not None and call.first_token_at is not None
+    # The pass was made before the answer's first token: the message's own 500 tokens are the ones timed.
+    assert call.time_per_output_token == pytest.approx((call.end - call.first_token_at) / (500 - 1))
