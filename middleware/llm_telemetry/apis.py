@@ -1786,5 +1786,8 @@ DEFAULT_ROUTES: Final[dict[str, str]] = {
     "/completions": "openai.completions",
     "/embeddings": "openai.embeddings",
     "/responses": "openai.responses",
+    # A compaction pass (``responses.compact``): the model reads the conversation and writes it shorter, billed as
+    # any Responses call (its answer has the same usage).
+    "/responses/compact": "openai.responses",
     "/messages": "anthropic.messages",
 }

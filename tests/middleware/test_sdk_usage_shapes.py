@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses.compacted_response import CompactedResponse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -28,6 +30,7 @@ from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
 from support import Calls, Metrics, free_port, serve, settled
 
@@ -356,3 +359,37 @@ def test_a_compaction_pass_is_counted_in_a_claude_stream_and_not_timed_as_its_to
     assert call is not None and call.end is not None and call.first_token_at is not None
     # The pass was made before the answer's first token: the message's own 500 tokens are the ones timed.
     assert call.time_per_output_token == pytest.approx((call.end - call.first_token_at) / (500 - 1))
+
+
+# --- OpenAI's compaction pass ---------------------------------------------------------------------------------------
+
+
+def test_openais_responses_compact_is_a_responses_call(service: Service) -> None:
+    model = "gpt-5-compact"
+    compacted = {
+        "id": "cmp_1",
+        "created_at": 1,
+        "object": "response.compaction",
+        "output": [{"type": "compaction", "id": "cmpi_1", "encrypted_content": "enc"}],
+        "usage": {
+            "input_tokens": 50000,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": 2000,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 52000,
+        },
+    }
+    ANSWERS[model] = CompactedResponse.model_validate(compacted).model_dump(mode="json")
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    assert oai.responses.compact(model=model, input="a long conversation").usage.input_tokens == 50000
+    m = service.metrics(model)
+    reported = {"gen_ai_request_model": model, "llm_usage_source": "reported", "gen_ai_operation_name": "chat"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **reported) == 50000
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **reported) == 2000
+    assert m.value("llm_cost_usd_total", gen_ai_request_model=model) == pytest.approx((50000 * 1.25 + 2000 * 10) / 1e6)
+    # The route takes that path only: a stored response's own paths are no inference calls.
+    router = Router()
+    assert router.match("/openai/v1/responses/compact").name == "openai.responses"  # type: ignore[union-attr]
+    assert router.match("/v1/responses/resp_1/input_items") is None
+    assert router.match("/v1/responses/resp_1/cancel") is None
+    assert router.match("/v1/responses").name == "openai.responses"  # type: ignore[union-attr]
