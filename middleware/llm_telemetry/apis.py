@@ -1069,17 +1069,26 @@ class OpenAIChatReader(ResponseReader):
                     if tool_calls is None and isinstance(delta.get("function_call"), dict):
                         tool_calls = [{"index": -1, "function": delta["function_call"]}]
                     opening = "role" in delta
+                    audio = None if content else delta.get("audio")
                 else:
                     raw = content = choice.get("text")  # legacy completions stream
                     reasoning = None
                     tool_calls = None
                     opening = False
+                    audio = None
                 calls = isinstance(tool_calls, list) and tool_calls
                 if content:
                     self._first_token(now, reasoning=bool(reasoning))
                     self._chunks += 1
                     if self._text is not None:
                         self._keep_text(content, _int(choice.get("index")) or 0)
+                elif isinstance(audio, dict) and (audio.get("transcript") or audio.get("data")):
+                    # A spoken answer (``modalities`` with ``audio``): a piece of its transcript or of its audio is
+                    # output the client gets. A piece of the transcript counts in the estimate as a piece of text
+                    # does; the audio itself says nothing of its tokens.
+                    self._first_token(now)
+                    if audio.get("transcript"):
+                        self._chunks += 1
                 elif calls or (raw == "" and not opening and choice.get("finish_reason") is None):
                     # For the estimate, a delta is about a token: a piece of a tool call is one too, and so is an
                     # empty delta from a server that sends one per generated token (llama-cpp-python), for a token
@@ -1224,6 +1233,8 @@ _RESPONSES_TOOL_DELTA_EVENTS: Final = frozenset(
 _RESPONSES_REASONING_EVENTS: Final = frozenset(
     ("response.reasoning_summary_text.delta", "response.reasoning_text.delta")
 )
+#: Responses events whose delta is a piece of a spoken answer: its audio, its transcript.
+_RESPONSES_AUDIO_EVENTS: Final = frozenset(("response.audio.delta", "response.audio.transcript.delta"))
 #: Output items that are the model calling a tool of the application's, by name.
 _RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
 #: The input items that carry a tool's output back, for function and custom tools alike.
@@ -1311,6 +1322,13 @@ class OpenAIResponsesReader(ResponseReader):
             if obj.get("delta"):
                 self._first_token(now)
                 self._chunks += 1  # (a piece of a tool call's input counts like a piece of text in the estimate)
+        elif kind in _RESPONSES_AUDIO_EVENTS:
+            # A spoken answer: a piece of its audio or of its transcript is output the client gets. A piece of the
+            # transcript counts in the estimate as a piece of text does; the audio itself says nothing of its tokens.
+            if obj.get("delta"):
+                self._first_token(now)
+                if kind == "response.audio.transcript.delta":
+                    self._chunks += 1
         elif kind == "error":
             # OpenAI documents the error's members on the event itself; its API has also sent them in an ``error``
             # object inside it, as its error bodies do.

@@ -16,6 +16,8 @@ import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses.compacted_response import CompactedResponse
@@ -30,6 +32,7 @@ from starlette.responses import Response as HTTPResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.apis import APIS
 from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
 from support import Calls, Metrics, free_port, serve, settled
@@ -393,3 +396,106 @@ def test_openais_responses_compact_is_a_responses_call(service: Service) -> None
     assert router.match("/v1/responses/resp_1/input_items") is None
     assert router.match("/v1/responses/resp_1/cancel") is None
     assert router.match("/v1/responses").name == "openai.responses"  # type: ignore[union-attr]
+
+
+# --- spoken answers -------------------------------------------------------------------------------------------------
+
+AUDIO = "UklGRiQAAABXQVZF" * 20
+
+
+def _spoken_chat(usage: bool) -> list[tuple[None, Any]]:
+    events = [chat_event({"role": "assistant", "content": None})]
+    events += [chat_event({"audio": {"id": "audio_1", "transcript": word}}) for word in ("Hello", " there", "!")]
+    events += [chat_event({"audio": {"data": AUDIO}}) for _ in range(4)]
+    events += [chat_event({"audio": {"expires_at": 1700000000}}), chat_event({}, "stop")]
+    if usage:
+        events.append(chat_event(None, usage={"prompt_tokens": 20, "completion_tokens": 120, "total_tokens": 140}))
+    return [*events, (None, "[DONE]")]
+
+
+@pytest.mark.parametrize("usage", [True, False])
+def test_a_spoken_chat_answer_has_a_first_token_and_an_estimate(service: Service, usage: bool) -> None:
+    model = f"gpt-4o-audio-preview-{usage}"
+    STREAMS[model] = _spoken_chat(usage)
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    extra: Any = {"stream_options": {"include_usage": True}} if usage else {}
+    chunks = list(
+        oai.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "?"}],
+            modalities=["text", "audio"],
+            audio={"voice": "alloy", "format": "pcm16"},
+            stream=True,
+            **extra,
+        )
+    )
+    audio = [c.choices[0].delta.audio for c in chunks if c.choices and c.choices[0].delta.audio]
+    transcript = [piece.transcript for piece in audio if piece.transcript]
+    assert transcript == ["Hello", " there", "!"]
+    m = service.metrics(model)
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    if usage:
+        assert m.value("llm_tokens_total", gen_ai_request_model=model, gen_ai_token_type="output") == 120
+    else:
+        # Each piece of the transcript is about a token, as a piece of text is (the audio says nothing of its own).
+        estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+        assert m.value("llm_tokens_total", **estimated) == len(transcript)
+
+
+def test_a_spoken_responses_answer_has_a_first_token(service: Service) -> None:
+    model = "gpt-5-spoken"
+    created = {"type": "response.created", "response": responses_body(model, [], "in_progress")}
+    steps = [
+        created,
+        {"type": "response.audio.transcript.delta", "delta": "Hello", "response_id": "resp_1"},
+        {"type": "response.audio.delta", "delta": AUDIO, "response_id": "resp_1"},
+        {"type": "response.audio.delta", "delta": AUDIO, "response_id": "resp_1"},
+        {"type": "response.audio.done", "response_id": "resp_1"},
+        {"type": "response.audio.transcript.done", "response_id": "resp_1"},
+        {"type": "response.completed", "response": responses_body(model, [])},
+    ]
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    kinds = [event.type for event in oai.responses.create(model=model, input="?", stream=True)]
+    assert "response.audio.delta" in kinds and "response.audio.transcript.delta" in kinds
+    m = service.metrics(model)
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+
+
+pieces = st.lists(
+    st.tuples(st.sampled_from(["content", "transcript", "data"]), st.text(min_size=1, max_size=8)),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(pieces, st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_audio_deltas_never_pass_for_text_deltas_on_the_fast_path(chunks: list[tuple[str, str]], spaced: bool) -> None:
+    """A chat stream whose text deltas teach the reader their shape, with audio deltas among them: the audio ones
+    fall to the full parse (their bytes are not of the text's shape) and are read there, so the reader with its
+    shortcuts (content capture off) and the one without them count the same output and the same first token."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    deltas = [{"content": text} if kind == "content" else {"audio": {kind: text}} for kind, text in chunks]
+    events = [{"role": "assistant", "content": None}, *deltas]
+    body = [b"data: " + json.dumps(chat_event(delta)[1], separators=separators).encode() + b"\n\n" for delta in events]
+    body += [
+        b"data: " + json.dumps(chat_event({}, "stop")[1], separators=separators).encode() + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+
+    def run(capture: bool) -> LLMCall:
+        spec = APIS["openai.chat"]
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        reader = spec.response_reader(call, stream=True, capture=capture)
+        for i, chunk in enumerate(body):
+            reader.feed(chunk, now=1.0 + i)
+        reader.finish(now=100.0)
+        return call
+
+    fast, full = run(False), run(True)
+    # Every piece but the audio's bytes is about a token (with none, there is nothing to estimate from); the first
+    # piece of either kind is the first token.
+    tokens = sum(kind != "data" for kind, _ in chunks) or None
+    assert fast.output_tokens == full.output_tokens == tokens
+    assert fast.first_token_at == full.first_token_at == 2.0
