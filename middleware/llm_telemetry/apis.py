@@ -1080,7 +1080,9 @@ class OpenAIChatReader(ResponseReader):
                 if content:
                     self._first_token(now, reasoning=bool(reasoning))
                     self._chunks += 1
-                    if self._text is not None:
+                    if self._text is not None and not reasoning:
+                        # (The answer and a refusal are kept; reasoning is no part of the output message, as an answer
+                        # that is not streamed has it apart too.)
                         self._keep_text(content, _int(choice.get("index")) or 0)
                 elif isinstance(audio, dict) and (audio.get("transcript") or audio.get("data")):
                     # A spoken answer (``modalities`` with ``audio``): a piece of its transcript or of its audio is
@@ -1303,9 +1305,13 @@ class OpenAIResponsesReader(ResponseReader):
             kind = event  # (a list or an object would not even hash)
         if kind in _RESPONSES_TEXT_EVENTS:
             if obj.get("delta"):
-                self._first_token(now, reasoning=kind in _RESPONSES_REASONING_EVENTS)
+                reasoning = kind in _RESPONSES_REASONING_EVENTS
+                self._first_token(now, reasoning=reasoning)
                 self._chunks += 1
-                self._keep_text(obj.get("delta"))
+                if not reasoning:
+                    # (The answer and a refusal: reasoning is no part of the output message, as in an answer that is
+                    # not streamed, where it is an item of its own.)
+                    self._keep_text(obj.get("delta"))
         elif kind == "response.output_item.added":
             item = obj.get("item")
             if isinstance(item, dict) and _is_tool_item(item):
@@ -1348,10 +1354,13 @@ class OpenAIResponsesReader(ResponseReader):
             if name and _is_tool_item(item):
                 _add_tool_call(self.call, name)
                 _remember_tool_call(item, name)
+            # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)
+            answer = item.get("type") != "reasoning"
             for part in _list(item.get("content")):
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     self._text_chars += len(part["text"])
-                    self._keep_text(part["text"])
+                    if answer:
+                        self._keep_text(part["text"])
 
 
 # --- Anthropic Messages ---------------------------------------------------------------------------

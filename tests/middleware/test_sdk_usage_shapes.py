@@ -499,3 +499,73 @@ def test_audio_deltas_never_pass_for_text_deltas_on_the_fast_path(chunks: list[t
     tokens = sum(kind != "data" for kind, _ in chunks) or None
     assert fast.output_tokens == full.output_tokens == tokens
     assert fast.first_token_at == full.first_token_at == 2.0
+
+
+# --- reasoning is no part of the captured answer --------------------------------------------------------------------
+
+
+def test_a_responses_streams_captured_answer_leaves_its_reasoning_out(capturing: Service) -> None:
+    model = "gpt-5-captured"
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Hello world", "annotations": []}],
+    }
+    reasoning = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "thinking"}]}
+    text = {"item_id": "msg_1", "output_index": 1, "content_index": 0, "logprobs": []}
+    summary = {"item_id": "rs_1", "output_index": 0, "summary_index": 0}
+    steps = [
+        {"type": "response.created", "response": responses_body(model, [], "in_progress")},
+        {"type": "response.reasoning_summary_text.delta", **summary, "delta": "think"},
+        {"type": "response.reasoning_summary_text.delta", **summary, "delta": "ing"},
+        {"type": "response.output_text.delta", **text, "delta": "Hello"},
+        {"type": "response.output_text.delta", **text, "delta": " world"},
+        {"type": "response.completed", "response": responses_body(model, [reasoning, message])},
+    ]
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    events = list(oai.responses.create(model=model, input="?", stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hello world"
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == "Hello world"
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [{"type": "text", "content": "Hello world"}]
+
+
+def test_a_responses_answers_captured_text_leaves_an_open_models_reasoning_text_out(capturing: Service) -> None:
+    model = "gpt-oss-captured"
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": "Paris.", "annotations": []}],
+    }
+    reasoning = {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": "The capital of France"}],
+    }
+    ANSWERS[model] = responses_body(model, [reasoning, message])
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    assert oai.responses.create(model=model, input="?").output_text == "Paris."
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [{"type": "text", "content": "Paris."}]
+
+
+def test_a_chat_streams_captured_answer_leaves_its_reasoning_content_out(capturing: Service) -> None:
+    model = "deepseek-captured"
+    STREAMS[model] = [
+        chat_event({"role": "assistant", "content": ""}),
+        (None, {**chat_event({})[1], "choices": [{"index": 0, "delta": {"reasoning_content": "Let me think. "}}]}),
+        chat_event({"content": "Answer"}),
+        chat_event({}, "stop"),
+        (None, "[DONE]"),
+    ]
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    chunks = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "?"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Answer"
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [{"type": "text", "content": "Answer"}]
