@@ -209,6 +209,15 @@ def _is_tool_item(item: dict[str, Any]) -> bool:
     return type(kind) is str and kind in _RESPONSES_TOOL_ITEMS
 
 
+def _tool_item_name(item: dict[str, Any]) -> str | None:
+    """The tool a Responses API tool call item calls (see ``_RESPONSES_TOOL_ITEMS``), or None (no tool call, or one
+    whose name is missing)."""
+    kind = item.get("type")
+    if type(kind) is not str or kind not in _RESPONSES_TOOL_ITEMS:
+        return None
+    return _RESPONSES_TOOL_ITEMS[kind] or _str(item.get("name"))
+
+
 def _add_tool_call(call: LLMCall, name: str) -> None:
     if len(call.tool_calls) < MAX_TOOL_CALLS:
         call.tool_calls.append(name)
@@ -1237,8 +1246,25 @@ _RESPONSES_REASONING_EVENTS: Final = frozenset(
 )
 #: Responses events whose delta is a piece of a spoken answer: its audio, its transcript.
 _RESPONSES_AUDIO_EVENTS: Final = frozenset(("response.audio.delta", "response.audio.transcript.delta"))
-#: Output items that are the model calling a tool of the application's, by name.
-_RESPONSES_TOOL_ITEMS: Final = frozenset(("function_call", "custom_tool_call"))
+#: Output items that are the model calling a tool, and the name of the tool each calls when the item names none: the
+#: application's (function and custom tools, and the computer, shell and patch tools it runs for the model), one the
+#: API runs (web and file search, code interpreter, image generation, tool search), one of an MCP server the API
+#: calls (named by the item). An item the API names after its tool's type (``web_search_call``) is that type's tool,
+#: as Anthropic names its own (``web_search``).
+_RESPONSES_TOOL_ITEMS: Final[dict[str, str | None]] = {
+    "function_call": None,
+    "custom_tool_call": None,
+    "mcp_call": None,
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
+    "tool_search_call": "tool_search",
+    "computer_call": "computer",
+    "local_shell_call": "local_shell",
+    "shell_call": "shell",
+    "apply_patch_call": "apply_patch",
+}
 #: The input items that carry a tool's output back, for function and custom tools alike.
 _RESPONSES_TOOL_OUTPUTS: Final = frozenset(("function_call_output", "custom_tool_call_output"))
 
@@ -1316,7 +1342,7 @@ class OpenAIResponsesReader(ResponseReader):
             item = obj.get("item")
             if isinstance(item, dict) and _is_tool_item(item):
                 self._first_token(now)
-                name = _str(item.get("name"))
+                name = _tool_item_name(item)
                 if name:
                     _add_tool_call(self.call, name)
                     _remember_tool_call(item, name)
@@ -1350,8 +1376,8 @@ class OpenAIResponsesReader(ResponseReader):
         for item in _list(obj.get("output")):
             if not isinstance(item, dict):
                 continue
-            name = _str(item.get("name"))
-            if name and _is_tool_item(item):
+            name = _tool_item_name(item)
+            if name:
                 _add_tool_call(self.call, name)
                 _remember_tool_call(item, name)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)
@@ -1601,7 +1627,7 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
                 results = []  # a model turn after tool outputs: those outputs belong to an earlier request
             call_id = _str(item.get("call_id"))
             if kind in _RESPONSES_TOOL_ITEMS and call_id:
-                names[call_id] = _str(item.get("name")) or "unknown"
+                names[call_id] = _tool_item_name(item) or "unknown"
         elif kind in _RESPONSES_TOOL_OUTPUTS:
             call_id = _str(item.get("call_id")) or ""
             name = names.get(call_id) or _recent_tool_calls.get(call_id, "unknown")

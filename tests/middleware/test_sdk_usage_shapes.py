@@ -569,3 +569,59 @@ def test_a_chat_streams_captured_answer_leaves_its_reasoning_content_out(capturi
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Answer"
     (output,) = capturing.output_messages(model)
     assert output["parts"] == [{"type": "text", "content": "Answer"}]
+
+
+# --- the Responses API's hosted and client tools --------------------------------------------------------------------
+
+HOSTED_TOOL_ITEMS = [
+    {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"type": "search", "query": "weather"}},
+    {
+        "type": "mcp_call",
+        "id": "mcp_1",
+        "server_label": "deepwiki",
+        "name": "read_wiki",
+        "arguments": "{}",
+        "output": "ok",
+    },
+    {
+        "type": "code_interpreter_call",
+        "id": "ci_1",
+        "status": "completed",
+        "code": "1+1",
+        "container_id": "c",
+        "outputs": [],
+    },
+    {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+]
+HOSTED_TOOL_NAMES = ["web_search", "read_wiki", "code_interpreter", "get_weather"]
+
+
+def test_hosted_tools_are_tool_calls_in_a_responses_answer(service: Service) -> None:
+    model = "gpt-5-hosted-tools"
+    ANSWERS[model] = responses_body(model, HOSTED_TOOL_ITEMS)
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    assert [item.type for item in oai.responses.create(model=model, input="?").output] == [
+        item["type"] for item in HOSTED_TOOL_ITEMS
+    ]
+    m = service.metrics(model)
+    for name in HOSTED_TOOL_NAMES:
+        assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name=name) == 1, name
+
+
+def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> None:
+    model = "gpt-5-hosted-tools-stream"
+    steps: list[dict[str, Any]] = [{"type": "response.created", "response": responses_body(model, [], "in_progress")}]
+    for index, item in enumerate(HOSTED_TOOL_ITEMS):
+        steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+        steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    steps.append({"type": "response.completed", "response": responses_body(model, HOSTED_TOOL_ITEMS)})
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    with oai.responses.stream(model=model, input="?") as stream:
+        final = stream.get_final_response()
+    assert [item.type for item in final.output] == [item["type"] for item in HOSTED_TOOL_ITEMS]
+    m = service.metrics(model)
+    for name in HOSTED_TOOL_NAMES:
+        assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name=name) == 1, name
+    # The first of them is the stream's first output.
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
