@@ -1159,6 +1159,8 @@ class OpenAIChatReader(ResponseReader):
                     self._keep_finish(choice.get("finish_reason"), index)
                 message = choice.get("message")
                 text = message.get("content") if isinstance(message, dict) else choice.get("text")
+                if not text and isinstance(message, dict) and isinstance(message.get("refusal"), str):
+                    text = message["refusal"]  # (the answer a refusal is, as a stream's refusal deltas are)
                 if isinstance(text, str):
                     self._text_chars += len(text)
                     if capture:
@@ -1383,10 +1385,14 @@ class OpenAIResponsesReader(ResponseReader):
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)
             answer = item.get("type") != "reasoning"
             for part in _list(item.get("content")):
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    self._text_chars += len(part["text"])
+                if not isinstance(part, dict):
+                    continue
+                # (A refusal part has its text under ``refusal``: the answer, as a stream's refusal deltas are.)
+                text = part.get("text") if "text" in part else part.get("refusal")
+                if isinstance(text, str):
+                    self._text_chars += len(text)
                     if answer:
-                        self._keep_text(part["text"])
+                        self._keep_text(text)
 
 
 # --- Anthropic Messages ---------------------------------------------------------------------------

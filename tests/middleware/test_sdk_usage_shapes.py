@@ -18,7 +18,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from openai.types.chat import ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses.compacted_response import CompactedResponse
 from opentelemetry.sdk.trace import TracerProvider
@@ -569,6 +569,35 @@ def test_a_chat_streams_captured_answer_leaves_its_reasoning_content_out(capturi
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Answer"
     (output,) = capturing.output_messages(model)
     assert output["parts"] == [{"type": "text", "content": "Answer"}]
+
+
+def test_a_refusal_not_streamed_is_the_captured_answer_as_a_streamed_one_is(capturing: Service) -> None:
+    """A refusal streamed (chat ``delta.refusal``, the Responses API's ``response.refusal.delta``) is the output
+    message's text; the same refusal in an answer not streamed (chat ``message.refusal``, a Responses ``refusal``
+    part) is too."""
+    refusal = "I can't help with that."
+    chat = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": None, "refusal": refusal}}
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+    }
+    ANSWERS["gpt-4o-refusing"] = ChatCompletion.model_validate(chat).model_dump(mode="json", exclude_unset=True)
+    part = {"type": "refusal", "refusal": refusal}
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [part]}
+    ANSWERS["gpt-5-refusing"] = responses_body("gpt-5-refusing", [message])
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    reply = oai.chat.completions.create(model="gpt-4o-refusing", messages=[{"role": "user", "content": "?"}])
+    assert reply.choices[0].message.refusal == refusal
+    answer = oai.responses.create(model="gpt-5-refusing", input="?")
+    assert [p.type for item in answer.output if item.type == "message" for p in item.content] == ["refusal"]
+    for model in ("gpt-4o-refusing", "gpt-5-refusing"):
+        (output,) = capturing.output_messages(model)
+        assert output["parts"] == [{"type": "text", "content": refusal}], model
 
 
 # --- the Responses API's hosted and client tools --------------------------------------------------------------------
