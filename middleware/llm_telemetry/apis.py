@@ -1382,6 +1382,8 @@ class OpenAIResponsesReader(ResponseReader):
             if name:
                 _add_tool_call(self.call, name)
                 _remember_tool_call(item, name)
+            if item.get("role", "assistant") != "assistant":
+                continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)
             answer = item.get("type") != "reasoning"
             for part in _list(item.get("content")):

@@ -60,6 +60,7 @@ _CODES: Final = {
     "bio_policy": "content_filter",
     "cyber_policy": "content_filter",
     "misalignment_policy_violation": "content_filter",
+    "image_content_policy_violation": "content_filter",
     # The Responses API's failures of what the caller sent (its ResponseError codes): an image it cannot use, a
     # request its project's data residency does not allow.
     "data_residency_mismatch": "invalid_request",

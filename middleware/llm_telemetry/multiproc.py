@@ -1217,7 +1217,9 @@ class _Listener:
             if exc.errno == errno.EADDRINUSE:
                 self._held_elsewhere()  # most often another worker serves it (or will): not an error
                 return False
-            logger.warning("llm-telemetry: metrics listener not started on %s:%s: %s", self.host, self.port, exc)
+            logger.warning(
+                "llm-telemetry: metrics listener not started on %s: %s", listener_url(self.host, self.port, ""), exc
+            )
             return True
         if self.state is not None:
             self.state.claim_port()
@@ -1234,13 +1236,14 @@ class _Listener:
             return
         self._unclaimed = 0 if self.state.port_held_by_worker() else self._unclaimed + 1
         if self._unclaimed >= FOREIGN_HOLDER_ATTEMPTS:
+            from .exposition import listener_url
+
             self._unclaimed = None
             logger.warning(
-                "llm-telemetry: metrics port %s:%s is held by a process that is not a worker of this server; "
+                "llm-telemetry: metrics port %s is held by a process that is not a worker of this server; "
                 "this server's metrics are not served until the port is free (set LLM_TELEMETRY_METRICS_PORT to "
                 "a free one)",
-                self.host,
-                self.port,
+                listener_url(self.host, self.port, ""),
             )
 
     def _retry(self) -> None:

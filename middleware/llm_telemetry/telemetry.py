@@ -261,9 +261,8 @@ class Telemetry:
                         " (docs/workers.md)"
                     )
                 logger.warning(
-                    "llm-telemetry: metrics listener not started on %s:%s: %s%s",
-                    settings.metrics_host,
-                    settings.metrics_port,
+                    "llm-telemetry: metrics listener not started on %s: %s%s",
+                    listener_url(settings.metrics_host, settings.metrics_port, ""),
                     exc,
                     hint,
                 )

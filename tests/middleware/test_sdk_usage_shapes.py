@@ -398,6 +398,34 @@ def test_openais_responses_compact_is_a_responses_call(service: Service) -> None
     assert router.match("/v1/responses").name == "openai.responses"  # type: ignore[union-attr]
 
 
+def test_a_compaction_captures_no_user_message_as_the_models_answer(capturing: Service) -> None:
+    """A compaction's output is the user's messages followed by the compaction item (``CompactedResponse.output``):
+    with content capture on, none of it is the model's answer."""
+    model = "gpt-5-compact-captured"
+    said = {"type": "message", "id": "msg_u", "role": "user", "status": "completed",
+            "content": [{"type": "input_text", "text": "My account number is 12345."}]}  # fmt: skip
+    compacted = {
+        "id": "cmp_2",
+        "created_at": 1,
+        "object": "response.compaction",
+        "output": [said, {"type": "compaction", "id": "cmpi_2", "encrypted_content": "enc"}],
+        "usage": {
+            "input_tokens": 900,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 100,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 1000,
+        },
+    }
+    ANSWERS[model] = compacted
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    assert oai.responses.compact(model=model, input="My account number is 12345.").usage.output_tokens == 100
+    capturing.metrics(model)
+    (span,) = [s for s in capturing.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == model]
+    assert "12345" not in str(span.attributes.get("gen_ai.output.messages", ""))
+    assert "12345" in str(span.attributes.get("gen_ai.input.messages", ""))  # (what the user said, as such)
+
+
 # --- spoken answers -------------------------------------------------------------------------------------------------
 
 AUDIO = "UklGRiQAAABXQVZF" * 20
