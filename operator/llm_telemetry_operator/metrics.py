@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Histogram
+
+from llm_telemetry.exposition import ANY_ADDRESS, serve_metrics
 
 #: Reconcile passes by trigger (create, update, resume, resync, retry, workload, child, collector, pricing: something
 #: it waited for appeared; handover: a peer being deleted hands its workloads over; conflict; resume also when a
@@ -29,7 +31,8 @@ _started: set[int] = set()
 
 
 def serve(port: int) -> None:
-    """Start the metrics listener once per process (0 disables it)."""
+    """Start the metrics listener once per process (0 disables it), on every address of the pod, IPv6 and IPv4 (the
+    middleware's listener: see ``llm_telemetry.exposition.serve_metrics``)."""
     if port and port not in _started:
-        start_http_server(port)
+        serve_metrics(port, ANY_ADDRESS, REGISTRY)
         _started.add(port)

@@ -189,11 +189,19 @@ def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) 
     """``helm upgrade --reuse-values`` (docs/install.md) reuses the old release's values, without keys added to
     the chart since: the Deployment still gives the operator its defaults."""
     unset = {"jaegerDatasourceUid": None, "lokiDatasourceUid": None, "runbookUrl": None, "logsTenant": None}
-    env = {e["name"]: e.get("value") for e in container(render({"defaults": unset}))["env"]}
+    env = {e["name"]: e.get("value") for e in container(render({"defaults": unset, "healthAddress": None}))["env"]}
     config = OperatorConfig.from_env(env)
+    assert config.health == "http://0.0.0.0:8080/healthz"
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
     assert config.runbook_url == "docs/runbooks.md"
     assert config.logs_tenant == ""
+
+
+def test_an_ipv6_cluster_gets_its_health_endpoint_on_ipv6(render: Render) -> None:
+    """The kubelet probes the pod's own address: in a cluster whose pods have IPv6 addresses first, ``healthAddress:
+    "::"`` makes kopf listen there (the test of the operator's command checks that it answers on IPv6)."""
+    env = {e["name"]: e.get("value") for e in container(render({"healthAddress": "::"}))["env"]}
+    assert OperatorConfig.from_env(env).health == "http://[::]:8080/healthz"
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

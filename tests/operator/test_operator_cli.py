@@ -238,3 +238,46 @@ def test_a_metrics_port_already_taken_exits_2_naming_it() -> None:
         )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert f"metrics port {port}: Address already in use" in result.stderr
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback address")
+async def test_its_metrics_answer_on_ipv6_and_ipv4_and_its_health_where_the_chart_says(emulator: Any) -> None:
+    """The kubelet probes, and Prometheus scrapes, the pod's own address, IPv6 in an IPv6 cluster: the metrics port
+    answers on both families, and the liveness endpoint the chart renders for ``healthAddress: "::"`` answers on
+    IPv6 (kopf's, as ``llm-telemetry-operator`` starts it)."""
+    import asyncio
+
+    import httpx
+    import kopf
+
+    from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
+    from llm_telemetry_operator.__main__ import kopf_options
+    from support import free_port
+
+    metrics_port, health_port = free_port(), free_port()
+    config = OperatorConfig(
+        standalone=True, metrics_port=metrics_port, health=f"http://[::]:{health_port}/healthz", peering=PEERING
+    )
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, liveness_endpoint=config.health, **kopf_options(config)))
+    try:
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
+        async with httpx.AsyncClient(timeout=5) as client:
+            for host in ("127.0.0.1", "[::1]"):
+                scraped = await client.get(f"http://{host}:{metrics_port}/metrics")
+                assert "llm_telemetry_operator_reconciles_total" in scraped.text, host
+            assert (await client.get(f"http://[::1]:{health_port}/healthz")).status_code == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
