@@ -26,6 +26,10 @@ OPERATOR_NAME: Final = "llm-telemetry-operator"
 #: Label on children and injected workloads naming the LLMTelemetry that owns them.
 LABEL_OWNER: Final = f"{GROUP}/owner"
 
+#: Pod-template label the injection adds: the name of the workload's metrics Service, which selects on it alone, so
+#: that it lists the pods of its own workload only (not those of a canary whose pods carry the same labels, injected
+#: by another LLMTelemetry). The Service's name is unique per workload and a valid label value.
+LABEL_METRICS_SERVICE: Final = f"{GROUP}/metrics-service"
 #: Pod-template annotation: hash of the injected configuration; changing it rolls the pods.
 ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 #: Workload annotation: JSON record of what was injected, so it can be removed exactly.

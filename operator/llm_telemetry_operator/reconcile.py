@@ -514,10 +514,10 @@ async def reconcile(
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceNameClash", message)
     elif overlaps:
         message = (
-            "the metrics Service of one workload selects the pods of another, so those pods are scraped twice and "
-            "every number they export counted twice: "
+            "the selector of one workload matches the pods of another: "
             + "; ".join(overlaps)
-            + " (Kubernetes asks that workloads' selectors not overlap: give each a label the others' pods lack)"
+            + " (Kubernetes asks that workloads' selectors not overlap, or their controllers may act on each other's"
+            " pods: give each a label the others' pods lack)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SelectorsOverlap", message)
     else:
@@ -977,7 +977,8 @@ def _unique_services(built: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict
 
 
 def _overlapping(targets: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Of the targets, each whose metrics Service (its pod selector) also selects another's pods, and whose."""
+    """Of the targets, each whose selector also matches another's pods, and whose. (Its metrics Service selects its
+    own pods only, by the label the injection adds: this is Kubernetes' rule, not a second scrape.)"""
     found = []
     for workload in targets:
         selector = r.workload_pod_selector(workload)

@@ -473,8 +473,9 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None, keep_refe
             pod_spec["volumes"] = volumes
         else:
             pod_spec.pop("volumes", None)
-    annotations = template.get("metadata", {}).get("annotations") or {}
-    annotations.pop(c.ANNOTATION_CONFIG_HASH, None)
+    metadata = template.get("metadata") or {}
+    (metadata.get("annotations") or {}).pop(c.ANNOTATION_CONFIG_HASH, None)
+    (metadata.get("labels") or {}).pop(c.LABEL_METRICS_SERVICE, None)
 
 
 class InjectionConflict(ValueError):
@@ -588,10 +589,14 @@ def _injected_mount(mount: Mapping[str, Any]) -> bool:
 
 
 def _apply(
-    template: dict[str, Any], injection: Injection, leftovers: frozenset[tuple[Any, Any]] = frozenset()
+    template: dict[str, Any],
+    injection: Injection,
+    leftovers: frozenset[tuple[Any, Any]] = frozenset(),
+    service: str | None = None,
 ) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record. ``leftovers``: the (container,
-    variable) pairs of :func:`_leftovers`."""
+    variable) pairs of :func:`_leftovers`. ``service``: the workload's metrics Service, named in the pods' label it
+    selects them by."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
     containers = template.setdefault("spec", {}).setdefault("containers", [])
     chosen = _chosen(containers, injection)
@@ -670,6 +675,8 @@ def _apply(
         volumes.append(copy.deepcopy(injection.volume))
         record["volume"] = True
     template.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_CONFIG_HASH] = injection.digest
+    if service is not None:
+        template["metadata"].setdefault("labels", {})[c.LABEL_METRICS_SERVICE] = service
     return record
 
 
@@ -839,17 +846,22 @@ def build_workload_patch(
     _strip(template, record, keep_referred=injection is None)
     new_record: dict[str, Any] | None = None
     if injection is not None:
-        new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload))}
+        service = service_name(workload["metadata"]["name"], str(workload.get("kind") or "Deployment"))
+        new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload), service)}
         _keep_env_order(template, current)
     record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
     if template == current and record_text == (workload.get("metadata", {}).get("annotations") or {}).get(
         c.ANNOTATION_INJECTED
     ):
         return None
-    old_annotations = current.get("metadata", {}).get("annotations") or {}
-    new_annotations = template.get("metadata", {}).get("annotations") or {}
-    annotation_patch: dict[str, Any] = {k: v for k, v in new_annotations.items() if old_annotations.get(k) != v}
-    annotation_patch.update({k: None for k in old_annotations if k not in new_annotations})
+    metadata_patch: dict[str, Any] = {}
+    for part in ("annotations", "labels"):
+        old = current.get("metadata", {}).get(part) or {}
+        new = template.get("metadata", {}).get(part) or {}
+        changed: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+        changed.update({k: None for k in old if k not in new})
+        if changed:
+            metadata_patch[part] = changed
     pod_spec = template.get("spec", {})
     spec_patch: dict[str, Any] = {"containers": pod_spec.get("containers", [])}
     if pod_spec.get("volumes") != current.get("spec", {}).get("volumes"):
@@ -858,8 +870,8 @@ def build_workload_patch(
         "metadata": {"annotations": {c.ANNOTATION_INJECTED: record_text}},
         "spec": {"template": {"spec": spec_patch}},
     }
-    if annotation_patch:
-        patch["spec"]["template"]["metadata"] = {"annotations": annotation_patch}
+    if metadata_patch:
+        patch["spec"]["template"]["metadata"] = metadata_patch
     resource_version = workload.get("metadata", {}).get("resourceVersion")
     if resource_version:
         # Optimistic concurrency: a 409 tells us someone else wrote in between, and we re-read and retry.
@@ -871,18 +883,18 @@ def build_workload_patch(
 
 
 def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
-    """Labels selecting the workload's pods, as a Service selects (by equality only): its ``matchLabels``, what its
-    ``matchExpressions`` say by equality (``In`` one value), and for a ``NotIn`` key the value its pod template has
-    (``track NotIn (canary)`` beside a template ``track: stable`` selects ``track: stable``, not the canary's pods
-    too; a key ``In`` several values or ``Exists`` is left out: its value may change from one rollout to the next,
-    and the old pods would drop out of the Service while they still serve); with no ``matchLabels``, its pod
-    template's labels."""
+    """Labels the workload's selector requires of its pods by equality (for the ``SelectorsOverlap`` check, see
+    ``reconcile._overlapping``): its ``matchLabels``, what its ``matchExpressions`` say by equality (``In`` one
+    value), and for a ``NotIn`` key the value its pod template has (``track NotIn (canary)`` beside a template
+    ``track: stable`` requires ``track: stable``, which the canary's pods lack; a key ``In`` several values or
+    ``Exists`` is left out: its value may change from one rollout to the next); with no ``matchLabels``, its pod
+    template's labels (less the one the injection adds, which no other workload's pods have)."""
     spec = workload.get("spec") or {}
     selector = spec.get("selector") or {}
     template = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
     labels = dict(selector.get("matchLabels") or {})
     if not labels:
-        return dict(template)
+        return {k: v for k, v in template.items() if k != c.LABEL_METRICS_SERVICE}
     for requirement in selector.get("matchExpressions") or []:
         if not isinstance(requirement, Mapping):
             continue
@@ -904,13 +916,18 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
     holds 254). ``clusterIP`` cannot be changed on an existing Service: one made with an IP by an earlier version
     is replaced (see ``reconcile._apply``).
 
-    The target port is the injected port's name: a pod the selector matches that was not injected (one of another
-    workload with the same labels, one not yet rolled) declares no such port, so the endpoints controllers list no
-    endpoint of that port for it, and the ServiceMonitor (which scrapes the port by that name) no target with nothing
-    listening.
+    It selects the label the injection puts on the workload's pod template (:data:`c.LABEL_METRICS_SERVICE`, the
+    Service's own name) alone, not the workload's pod selector: that one also matches the pods of a canary labelled
+    as the workload's pods plus a label of its own (``app: chat, track: canary`` beside ``app: chat``), which declare
+    the metrics port too once another LLMTelemetry injects them, and they would be scraped twice, under two jobs.
+    Only this workload's pods carry that label with this value. (Pods injected by an earlier version, without it,
+    are not scraped from the pass that adds it until the rollout it starts replaces them.)
+
+    The target port is the injected port's name, which the ServiceMonitor scrapes by.
     """
     workload_name = workload["metadata"]["name"]
-    metadata = _metadata(owner, service_name(workload_name, str(workload.get("kind") or "Deployment")), "metrics")
+    name = service_name(workload_name, str(workload.get("kind") or "Deployment"))
+    metadata = _metadata(owner, name, "metrics")
     # A label value holds 63 characters; the name it falls back to (the workload's) may hold 253.
     metadata["labels"][c.LABEL_NAME] = otel_service_name(workload)[:63].rstrip("-_.")
     return {
@@ -919,7 +936,7 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
         "metadata": metadata,
         "spec": {
             "clusterIP": "None",
-            "selector": workload_pod_selector(workload),
+            "selector": {c.LABEL_METRICS_SERVICE: name},
             "ports": [
                 {
                     "name": c.METRICS_PORT_NAME,

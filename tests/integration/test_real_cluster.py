@@ -1121,7 +1121,7 @@ def test_an_on_delete_statefulset_is_said_to_roll_only_as_its_pods_are_deleted(c
 
 def test_workloads_whose_selectors_overlap_are_reported(cluster: Cluster, operator: Operator) -> None:
     """A Deployment selecting ``app: ov`` beside a canary whose pods are ``app: ov, track: canary`` (the API server
-    takes both): the first's metrics Service selects the canary's pods too, which would be scraped twice."""
+    takes both): Kubernetes asks that selectors not overlap, and the resource says so."""
     for name, pods in (("ov", {"app": "ov"}), ("ov-canary", {"app": "ov", "track": "canary"})):
         workload = deployment(name, "ov")
         workload["spec"]["selector"] = {"matchLabels": pods}

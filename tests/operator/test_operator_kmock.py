@@ -125,7 +125,8 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
 
         # Children, owned by the resource (their schemas: test_written_monitoring_objects_are_valid below).
         svc = get(emulator, SERVICES, "chat-llm-metrics")
-        assert svc["spec"]["selector"] == {"pod": "chat"}
+        assert svc["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
+        assert dep["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
         sm = get(emulator, SERVICEMONITORS, "chat-llm-telemetry")
         pr = get(emulator, PROMETHEUSRULES, "chat-llm-telemetry")
         dash = get(emulator, CONFIGMAPS, "chat-llm-dashboard")
@@ -675,7 +676,7 @@ async def test_copies_of_children_are_left_alone_and_a_child_relabelled_is_repai
         )
         assert condition(get(emulator, LLMT, "chat"), "Ready")["status"] == "True"
         repaired = get(emulator, SERVICES, "chat-llm-metrics")
-        assert repaired["spec"]["selector"] == {"pod": "chat"}
+        assert repaired["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
         assert repaired["metadata"]["labels"][c.LABEL_OWNER] == "chat"
         assert get(emulator, CONFIGMAPS, "my-dashboard") is not None
         assert get(emulator, SERVICES, "chat-debug") is not None
@@ -823,7 +824,8 @@ async def test_statefulset_created_later_is_injected(emulator: Any, monitoring_c
         assert "k8s.statefulset.name=db" in env_of(sts)["OTEL_RESOURCE_ATTRIBUTES"]
         assert c.ANNOTATION_CONFIG_HASH in sts["spec"]["template"]["metadata"]["annotations"]
         svc = await eventually(lambda: get(emulator, SERVICES, "db-llm-metrics-sts"), "Service for the StatefulSet")
-        assert svc["spec"]["selector"] == {"pod": "db"}
+        assert svc["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "db-llm-metrics-sts"}
+        assert sts["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "db-llm-metrics-sts"
         await eventually(
             lambda: (
                 (get(emulator, LLMT, "chat").get("status") or {}).get("targets")
@@ -885,8 +887,13 @@ async def test_a_statefulset_sharing_a_deployments_name_gets_a_service_of_its_ow
         owner = await ready(emulator)
         assert owner["status"]["targets"] == ["Deployment/chat", "StatefulSet/chat"]
         await asyncio.sleep(0.5)  # a pass that overwrote one Service with the other would have done so by now
-        assert get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat"}
-        assert get(emulator, SERVICES, "chat-llm-metrics-sts")["spec"]["selector"] == {"pod": "chat-db"}
+        for kind, resource, service in (
+            ("Deployment", DEPLOYMENTS, "chat-llm-metrics"),
+            ("StatefulSet", STATEFULSETS, "chat-llm-metrics-sts"),
+        ):
+            assert get(emulator, SERVICES, service)["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: service}, kind
+            pods = get(emulator, resource, "chat")["spec"]["template"]["metadata"]["labels"]
+            assert pods[c.LABEL_METRICS_SERVICE] == service, kind
     check_usage(emulator)
 
 
@@ -1496,31 +1503,6 @@ async def test_children_deleted_with_their_namespace_are_not_fought_for(emulator
         assert creates()[made:] == tried and 1 <= len(tried) <= 4, tried
 
 
-async def test_a_selector_key_the_workload_no_longer_names_comes_off_its_metrics_service(
-    emulator: Any, monitoring_crds: Any
-) -> None:
-    """The metrics Service selects a NotIn key's pod template value; once the template drops that label, the key
-    comes off the Service's selector (a merge patch would keep it, and the Service would select no pod)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    workload = deployment(labels={"app": "chat", "track": "stable"})
-    workload["spec"]["selector"] = {
-        "matchLabels": {"pod": "chat"},
-        "matchExpressions": [{"key": "track", "operator": "NotIn", "values": ["canary"]}],
-    }
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = workload
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    async with running_operator(OperatorConfig(peering=PEERING, metrics_port=0, health="")):
-        await ready(emulator)
-        assert get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat", "track": "stable"}
-        drop = {"metadata": {"generation": 2}, "spec": {"template": {"metadata": {"labels": {"track": None}}}}}
-        await hand(emulator, "PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat", drop)
-        assert "track" not in get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"]["labels"]
-        await eventually(
-            lambda: get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"] == {"pod": "chat"},
-            "the key no longer named taken off",
-        )
-
-
 async def test_two_workloads_whose_metrics_services_would_share_a_name_are_reported(
     emulator: Any, monitoring_crds: Any
 ) -> None:
@@ -1541,7 +1523,7 @@ async def test_two_workloads_whose_metrics_services_would_share_a_name_are_repor
         lost = f"Deployment/chat.v2 would share Service {r.service_name('chat.v2')} with Deployment/{hashed}"
         assert lost in metrics["message"]
         service = get(emulator, SERVICES, r.service_name("chat.v2"))
-        assert service["spec"]["selector"] == {"pod": hashed}
+        assert service["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: r.service_name("chat.v2")}
         before = service["metadata"]["resourceVersion"]
         await asyncio.sleep(2)
         assert get(emulator, SERVICES, r.service_name("chat.v2"))["metadata"]["resourceVersion"] == before

@@ -1,7 +1,7 @@
-"""Workloads whose selectors overlap (a canary selected by ``app: chat`` and by ``app: chat, track: canary``): the
-metrics Service of one selects the other's pods too, so the ServiceMonitor scrapes those pods twice and every number
-they export is counted twice. Kubernetes asks that selectors not overlap; the operator says so instead of doubling
-silently."""
+"""Workloads of one resource whose selectors overlap (a canary selected by ``app: chat`` and by ``app: chat, track:
+canary``). Kubernetes asks that selectors not overlap, and the operator says so. (The metrics Services no longer
+scrape such pods twice: each selects the label the injection puts on its own workload's pods, see
+test_metrics_service_label.py.)"""
 
 from __future__ import annotations
 

@@ -238,9 +238,26 @@ def test_removal_patch_restores_the_original() -> None:
     assert removal is not None
     restored = merge_patch(injected, removal)
     assert restored["spec"]["template"]["spec"] == original["spec"]["template"]["spec"]
+    # The label the metrics Service selects goes with the rest.
+    assert injected["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+    assert restored["spec"]["template"]["metadata"]["labels"] == original["spec"]["template"]["metadata"]["labels"]
     assert c.ANNOTATION_CONFIG_HASH not in (restored["spec"]["template"]["metadata"].get("annotations") or {})
     assert c.ANNOTATION_INJECTED not in (restored["metadata"].get("annotations") or {})
     assert r.build_workload_patch(restored, None, "chat") is None
+
+
+def test_an_injection_without_the_label_gets_it_and_nothing_else() -> None:
+    """A workload an earlier version injected, before the pod template got the label its metrics Service selects:
+    the next pass adds the label alone (one rollout), and the pass after changes nothing."""
+    earlier = inject(deployment())
+    del earlier["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE]
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
+    patch = r.build_workload_patch(earlier, r.build_injection(spec, CONFIG, earlier, "chat"), "chat")
+    assert patch is not None
+    assert patch["spec"]["template"]["metadata"] == {"labels": {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}}
+    upgraded = merge_patch(earlier, patch)
+    assert upgraded["spec"]["template"]["spec"] == earlier["spec"]["template"]["spec"]
+    assert r.build_workload_patch(upgraded, r.build_injection(spec, CONFIG, upgraded, "chat"), "chat") is None
 
 
 def test_removal_keeps_values_the_user_changed_since() -> None:
@@ -359,16 +376,22 @@ def test_metrics_service_selects_the_workload_pods() -> None:
     svc = r.build_metrics_service(owner, parse_spec({**owner["spec"], "metrics": {"port": 9500}}), deployment())
     assert_child_metadata(svc, "metrics")
     assert svc["metadata"]["name"] == "chat-llm-metrics"
-    assert svc["spec"]["selector"] == {"pod": "chat"}
+    # By the label the injection puts on the pod template alone, not the pod selector (a canary's pods match that).
+    assert svc["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
+    assert inject(deployment())["spec"]["template"]["metadata"]["labels"] == {
+        "pod": "chat",
+        "app": "chat",
+        c.LABEL_METRICS_SERVICE: "chat-llm-metrics",
+    }
     # The port by the name of the injected one: pods that were not injected are no endpoints of it.
     assert svc["spec"]["ports"] == [
         {"name": c.METRICS_PORT_NAME, "port": 9500, "targetPort": c.METRICS_PORT_NAME, "protocol": "TCP"}
     ]
 
 
-def test_metrics_service_selects_as_narrowly_as_the_workloads_selector_can_be_said_by_equality() -> None:
-    """A Service selects by equality only: a workload whose selector has expressions gets, for each key they name,
-    the value of its pod template, so the pods of a sibling (its canary) are not selected too."""
+def test_a_workloads_pod_selector_is_said_by_equality_as_narrowly_as_it_can_be() -> None:
+    """For the ``SelectorsOverlap`` check: a workload whose selector has expressions gets, for each key they name,
+    the value of its pod template, so the pods of a sibling (its canary) are not taken for its own."""
     workload = deployment(labels={"tier": "mixed", "track": "stable", "zone": "a", "version": "v2"})
     workload["spec"]["selector"] = {
         "matchLabels": {"tier": "mixed"},
@@ -380,10 +403,10 @@ def test_metrics_service_selects_as_narrowly_as_the_workloads_selector_can_be_sa
             {"key": "absent", "operator": "DoesNotExist"},
         ],
     }
-    svc = r.build_metrics_service(minimal_llmt(), parse_spec(minimal_llmt()["spec"]), workload)
-    assert svc["spec"]["selector"] == {"tier": "mixed", "track": "stable", "zone": "a"}
+    selector = r.workload_pod_selector(workload)
+    assert selector == {"tier": "mixed", "track": "stable", "zone": "a"}
     canary = {"tier": "mixed", "track": "canary"}
-    assert not all(canary.get(k) == v for k, v in svc["spec"]["selector"].items())
+    assert not all(canary.get(k) == v for k, v in selector.items())
 
 
 def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each() -> None:
@@ -393,6 +416,10 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         r.build_metrics_service(owner, spec, deployment("same", kind=kind)) for kind in ("Deployment", "StatefulSet")
     ]
     assert [s["metadata"]["name"] for s in services] == ["same-llm-metrics", "same-llm-metrics-sts"]
+    # Each selects the pods of its own workload, whose template the injection labels with the Service's name.
+    for service, kind in zip(services, ("Deployment", "StatefulSet"), strict=True):
+        pods = inject(deployment("same", kind=kind))["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: pods[c.LABEL_METRICS_SERVICE]}
     # Names cut to fit keep the kind apart too.
     long = "w" * 60
     assert r.service_name(long, "Deployment") != r.service_name(long, "StatefulSet")

@@ -1,0 +1,151 @@
+"""Each metrics Service lists the pods of its own workload only: it selects the label the injection puts on that
+workload's pod template (``llmtelemetry.dev/metrics-service: <the Service's name>``), not the workload's pod
+selector. In the usual canary layout (``chat`` with pods ``app: chat`` and ``chat-canary`` with pods ``app: chat,
+track: canary``, each served by an LLMTelemetry of its own) the pod selector of ``chat`` matches the canary's pods
+too, which declare the metrics port once the other resource injects them: Prometheus scraped them twice, under the
+jobs of both resources, and neither resource said so."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    PEERING,
+    SERVICES,
+    deployment,
+    eventually,
+    get,
+    install_default_collectors,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    ready,
+    running_operator,
+    writes,
+)
+from test_operator_kmock import hand
+
+from kube_schema import merge_patch
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import resources as r
+from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.spec import parse_spec
+
+DEPLOYMENT_PATH = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+
+
+def selecting(name: str, labels: dict[str, str], pods: dict[str, str]) -> dict[str, Any]:
+    """A Deployment labelled ``labels`` whose selector and pod template labels are ``pods``."""
+    workload = deployment(name, labels=labels)
+    workload["spec"]["selector"] = {"matchLabels": dict(pods)}
+    workload["spec"]["template"]["metadata"]["labels"] = dict(pods)
+    return workload
+
+
+def pod_labels(workload: Mapping[str, Any] | None) -> dict[str, str]:
+    return dict((workload or {})["spec"]["template"]["metadata"].get("labels") or {})
+
+
+def selects(service: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
+    """Whether a Service's selector (equality on every key) selects pods labelled ``labels``."""
+    selector = (service or {})["spec"]["selector"]
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+async def test_in_the_canary_layout_each_metrics_service_selects_its_own_workloads_pods_only(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = selecting("chat", {"app": "chat"}, {"app": "chat"})
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat-canary"] = selecting(
+        "chat-canary", {"app": "chat-canary"}, {"app": "chat", "track": "canary"}
+    )
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt("chat")
+    emulator.objects[LLMT, NAMESPACE, "canary"] = minimal_llmt(
+        "canary", selector={"matchLabels": {"app": "chat-canary"}}
+    )
+    async with running_operator():
+        for name in ("chat", "canary"):
+            await ready(emulator, name)
+        stable, canary = get(emulator, DEPLOYMENTS, "chat"), get(emulator, DEPLOYMENTS, "chat-canary")
+        stable_service = get(emulator, SERVICES, "chat-llm-metrics")
+        canary_service = get(emulator, SERVICES, "chat-canary-llm-metrics")
+    # The pod template of each carries the label, naming its own Service, and each Service selects on it alone.
+    assert pod_labels(stable)[c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+    assert pod_labels(canary)[c.LABEL_METRICS_SERVICE] == "chat-canary-llm-metrics"
+    assert (stable_service or {})["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
+    assert (canary_service or {})["spec"]["selector"] == {c.LABEL_METRICS_SERVICE: "chat-canary-llm-metrics"}
+    # Each selects its own workload's pods and not the other's (the canary's pods, app: chat, are not chat's).
+    assert selects(stable_service, pod_labels(stable)) and not selects(stable_service, pod_labels(canary))
+    assert selects(canary_service, pod_labels(canary)) and not selects(canary_service, pod_labels(stable))
+    # And no pod can be selected by both: the two selectors ask one key for two values.
+    both = {**stable_service["spec"]["selector"], **canary_service["spec"]["selector"]}  # type: ignore[index]
+    assert not (selects(stable_service, both) and selects(canary_service, both))
+
+
+async def test_the_label_comes_off_with_the_injection(emulator: Any, monitoring_crds: Any) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)
+        assert pod_labels(get(emulator, DEPLOYMENTS, "chat"))[c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+        # No longer selected (relabelled): the injection is removed, the label with it, and the Service goes.
+        relabel = {"metadata": {"labels": {"app": "other"}}}
+        await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/chat", relabel)
+        workload = await eventually(
+            lambda: (
+                c.ANNOTATION_INJECTED not in (get(emulator, DEPLOYMENTS, "chat")["metadata"].get("annotations") or {})
+                and get(emulator, DEPLOYMENTS, "chat")
+            ),
+            "the injection removed",
+        )
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is None, "the metrics Service deleted")
+    assert pod_labels(workload) == pod_labels(deployment())
+
+
+async def test_a_workload_injected_before_the_label_gets_it_and_then_its_service_selects_it(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A workload and a metrics Service as an earlier version left them (the injection without the label, the
+    Service on the pod selector): the next pass adds the label to the pod template (one rollout), and only then
+    switches the Service's selector to it, taking the old keys off."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    plain = deployment()
+    spec = parse_spec(minimal_llmt()["spec"])
+    patch = r.build_workload_patch(plain, r.build_injection(spec, config, plain, "chat"), "chat")
+    earlier = merge_patch(plain, patch)
+    del earlier["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE]
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = earlier
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.objects[SERVICES, NAMESPACE, "chat-llm-metrics"] = {
+        **r.build_metrics_service(minimal_llmt(), spec, plain),
+        "spec": {"clusterIP": "None", "selector": {"pod": "chat"}, "ports": [{"name": "llm-metrics", "port": 9464}]},
+    }
+    async with running_operator():
+        await ready(emulator)
+        service = await eventually(
+            lambda: (
+                get(emulator, SERVICES, "chat-llm-metrics")["spec"]["selector"]  # type: ignore[index]
+                == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
+                and get(emulator, SERVICES, "chat-llm-metrics")
+            ),
+            "the Service on the label alone",
+        )
+        upgraded = get(emulator, DEPLOYMENTS, "chat")
+    assert pod_labels(upgraded)[c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+    assert selects(service, pod_labels(upgraded))
+    # The same injection otherwise: the label is all the rollout brings.
+    assert upgraded["spec"]["template"]["spec"] == earlier["spec"]["template"]["spec"]  # type: ignore[index]
+    # The workload first, then the Service: old pods drop out of the Service as the rollout replaces them.
+    done = writes(emulator)
+    workload_patch = done.index(("PATCH", f"{DEPLOYMENT_PATH}/chat"))
+    service_patch = done.index(("PATCH", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"))
+    assert workload_patch < service_patch
