@@ -245,9 +245,15 @@ def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster, operator: Operato
     ports = cluster.deployment("chat")["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert {"name": c.METRICS_PORT_NAME, "containerPort": 9464, "protocol": "TCP"} in ports
     assert cluster.config_hash("chat")
-    # managedFields name the operator as the writer of the injected part.
-    managers = {entry["manager"] for entry in cluster.deployment("chat")["metadata"]["managedFields"]}
+    # managedFields name the operator as the writer of the injected part, the pod template's label with it.
+    managed = cluster.deployment("chat")["metadata"]["managedFields"]
+    managers = {entry["manager"] for entry in managed}
     assert kube.FIELD_MANAGER in managers, managers
+    assert cluster.deployment("chat")["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == (
+        "chat-llm-metrics"
+    )
+    owners = [entry["manager"] for entry in managed if f"f:{c.LABEL_METRICS_SERVICE}" in json.dumps(entry)]
+    assert owners == [kube.FIELD_MANAGER], owners
 
     # No Jaeger or Loki in this cluster: no exporter that would fail in every pod, and the user is told.
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
@@ -258,7 +264,8 @@ def test_resource_is_wired_as_a_user_sees_it(cluster: Cluster, operator: Operato
 
     # Children, owned by the resource (the API server accepted every one of them).
     service = cluster.service("chat-llm-metrics")
-    assert service.spec.selector == {"app": "chat"} and service.spec.ports[0].port == 9464
+    assert service.spec.selector == {c.LABEL_METRICS_SERVICE: "chat-llm-metrics"}
+    assert service.spec.ports[0].port == 9464
     assert service.spec.cluster_ip == "None"  # headless: no Service IP per target
     monitor = cluster.monitoring("servicemonitors", "chat-llm-telemetry")
     rules = cluster.monitoring("prometheusrules", "chat-llm-telemetry")
@@ -351,6 +358,7 @@ def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
     original = cluster.deployment("gone")["spec"]["template"]["spec"]["containers"][0]
     cluster.create(telemetry("gone", "gone"))
     cluster.ready("gone")
+    assert c.LABEL_METRICS_SERVICE in cluster.deployment("gone")["spec"]["template"]["metadata"]["labels"]
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "gone")
 
     def gone() -> bool:
@@ -374,6 +382,7 @@ def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
     )
     restored = cluster.deployment("gone")
     assert restored["spec"]["template"]["spec"]["containers"][0].get("env") == original.get("env")
+    assert restored["spec"]["template"]["metadata"]["labels"] == {"app": "gone", "llm": "gone"}
     assert c.ANNOTATION_INJECTED not in (restored["metadata"].get("annotations") or {})
     assert c.ANNOTATION_CONFIG_HASH not in (restored["spec"]["template"]["metadata"].get("annotations") or {})
 
@@ -692,6 +701,8 @@ def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     assert "LLM_TELEMETRY_METRICS_PORT" in cluster.env("gitops")
     assert after["metadata"]["generation"] == injected["metadata"]["generation"]
     assert after["spec"]["template"] == injected["spec"]["template"]
+    # The label the metrics Service selects is the operator's too: the apply leaves it.
+    assert after["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "gitops-llm-metrics"
 
 
 def test_an_override_a_gitops_commit_drops_again_gets_the_injected_value_back(cluster: Cluster) -> None:
@@ -872,8 +883,8 @@ def test_workloads_of_one_name_and_a_containers_own_port(cluster: Cluster) -> No
     assert "Deployment/twin: container app sets LLM_TELEMETRY_METRICS_PORT=9999" in metrics["message"]
     assert wait_for(lambda: cluster.events("twin", "SettingsOverridden"), "SettingsOverridden event")
     assert cluster.llmt("twin")["status"]["targets"] == ["Deployment/twin", "StatefulSet/twin"]
-    assert cluster.service("twin-llm-metrics").spec.selector == {"app": "twin"}
-    assert cluster.service("twin-llm-metrics-sts").spec.selector == {"app": "twin-db"}
+    assert cluster.service("twin-llm-metrics").spec.selector == {c.LABEL_METRICS_SERVICE: "twin-llm-metrics"}
+    assert cluster.service("twin-llm-metrics-sts").spec.selector == {c.LABEL_METRICS_SERVICE: "twin-llm-metrics-sts"}
     env = cluster.deployment("twin")["spec"]["template"]["spec"]["containers"][0]["env"]
     mine = next(i for i, e in enumerate(env) if e == {"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"})
     # A JSON patch (a list): the user removes their own variable and nothing else.
@@ -1132,6 +1143,98 @@ def test_workloads_whose_selectors_overlap_are_reported(cluster: Cluster, operat
     assert "Deployment/ov selects the pods of Deployment/ov-canary" in metrics["message"]
     assert wait_for(lambda: cluster.events("ov", "SelectorsOverlap"), "SelectorsOverlap event")
     operator.assert_clean()
+
+
+def test_in_the_canary_layout_each_metrics_service_lists_its_own_workloads_pods_only(
+    cluster: Cluster, api: Any
+) -> None:
+    """``cn`` (pods ``app: cn``) and ``cn-canary`` (pods ``app: cn, track: canary``), each served by an LLMTelemetry of
+    its own. The canary's pods match the pod selector of ``cn`` and declare the metrics port (injected by the other
+    resource): a Service on that selector listed them, and Prometheus scraped them under both jobs. Each Service
+    selects the label the injection puts on its own workload's pods: the endpoints controllers list its pods only.
+    (No kubelet here: the pods are bound to a Node object and given a Ready status with an address by hand.)"""
+    from kubernetes import client
+
+    for name, pods in (("cn", {"app": "cn"}), ("cn-canary", {"app": "cn", "track": "canary"})):
+        workload = deployment(name, name)
+        workload["spec"]["selector"] = {"matchLabels": pods}
+        workload["spec"]["template"]["metadata"]["labels"] = pods
+        cluster.create(workload)
+        cluster.create(telemetry(name, name))
+    for name in ("cn", "cn-canary"):
+        cluster.ready(name)
+
+    def injected_pods(selector: str) -> list[Any]:
+        """The live pods (by a label selector) that declare the metrics port: those of the injected template."""
+        found = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector).items
+        return [
+            pod
+            for pod in found
+            if pod.metadata.deletion_timestamp is None
+            and any(port.name == c.METRICS_PORT_NAME for ct in pod.spec.containers for port in ct.ports or [])
+        ]
+
+    stable = wait_for(lambda: len(injected_pods("app=cn,!track")) == 1 and injected_pods("app=cn,!track"), "cn pod")
+    canary = wait_for(
+        lambda: len(injected_pods("app=cn,track=canary")) == 1 and injected_pods("app=cn,track=canary"),
+        "cn-canary pod",
+    )
+    node = unique("llmt-it-node")
+    cluster.core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    try:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        addresses = {"cn": "10.250.0.1", "cn-canary": "10.250.0.2"}
+        for workload, (pod,) in (("cn", stable), ("cn-canary", canary)):
+            binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod.metadata.name},
+                       "target": {"apiVersion": "v1", "kind": "Node", "name": node}}  # fmt: skip
+            cluster.core.create_namespaced_binding(cluster.namespace, binding, _preload_content=False)
+            ip = addresses[workload]
+            status = {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "hostIP": "10.250.255.1",
+                "startTime": now,
+                "conditions": [
+                    {"type": kind, "status": "True", "lastTransitionTime": now}
+                    for kind in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+                ],
+                "containerStatuses": [
+                    {"name": "app", "ready": True, "restartCount": 0, "image": "example.invalid/chat:1",
+                     "imageID": "", "started": True, "state": {"running": {"startedAt": now}}}
+                ],
+            }  # fmt: skip
+            cluster.core.patch_namespaced_pod_status(pod.metadata.name, cluster.namespace, {"status": status})
+
+        def listed(service: str) -> tuple[set[str], set[str]]:
+            """The addresses the Service's Endpoints and its EndpointSlices list (ready or not)."""
+            endpoints = _absent_as_none(cluster.core.read_namespaced_endpoints, service, cluster.namespace)
+            legacy = {
+                address.ip
+                for subset in (endpoints.subsets if endpoints else None) or []
+                for address in [*(subset.addresses or []), *(subset.not_ready_addresses or [])]
+            }
+            slices = client.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+                cluster.namespace, label_selector=f"kubernetes.io/service-name={service}"
+            )
+            sliced = {address for item in slices.items for point in item.endpoints or [] for address in point.addresses}
+            return legacy, sliced
+
+        seen: dict[str, tuple[set[str], set[str]]] = {}
+
+        def lists_its_own(workload: str) -> bool:
+            own = {addresses[workload]}
+            seen[workload] = listed(f"{workload}-llm-metrics")
+            return seen[workload] == (own, own)
+
+        for workload in ("cn", "cn-canary"):
+            try:
+                wait_for(lambda w=workload: lists_its_own(w), f"{workload}-llm-metrics listing its own pod only")
+            except AssertionError:
+                raise AssertionError(f"{workload}-llm-metrics lists (Endpoints, EndpointSlices) {seen[workload]}, "
+                                     f"the pods' addresses being {addresses}") from None  # fmt: skip
+    finally:
+        cluster.core.delete_node(node)
 
 
 async def test_a_child_taken_over_during_a_pass_is_not_written_back(cluster: Cluster, kubeconfig: pathlib.Path) -> None:
