@@ -147,14 +147,21 @@ def _short(value: Any) -> str | None:
 def _shown_chars(message: Mapping[str, Any]) -> int:
     """The content characters a captured message shows (text, arguments, results), for the messages' budget."""
     return sum(
-        len(part.get("content") or "") + len(part.get("arguments") or "") + len(part.get("result") or "")
+        len(part.get("content") or "") + len(part.get("arguments") or "") + len(part.get("response") or "")
         for part in message["parts"]
     )
 
 
 def _role(message: Mapping[str, Any]) -> str:
-    """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field."""
-    role = message.get("role") or message.get("type")
+    """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field. A
+    Responses API input item has none unless it is a message: a tool's output (``function_call_output``, any
+    ``*_output``) is the tool's, the model's own items sent back (a tool call, its reasoning) the assistant's."""
+    role = message.get("role")
+    if not role:
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            return "user"
+        return "tool" if kind.endswith("_output") else "assistant"
     return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
 
 
@@ -1242,6 +1249,8 @@ class SpanObserver:
         kind = message.get("type")
         if kind == "function_call":
             return [self._tool_call(message.get("call_id"), message.get("name"), message.get("arguments"))]
+        if kind == "reasoning":
+            return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if kind == "function_call_output":
             return [self._tool_result(message.get("call_id"), message.get("output"))]
         content = message.get("content", message.get("output"))
@@ -1302,7 +1311,8 @@ class SpanObserver:
         return part
 
     def _tool_result(self, call_id: Any, result: Any) -> dict[str, Any]:
-        return {"type": "tool_call_response", "id": _short(call_id), "result": self._text(result)}
+        # (``response``: the conventions' name for a tool's result in a ``tool_call_response`` part.)
+        return {"type": "tool_call_response", "id": _short(call_id), "response": self._text(result)}
 
     def _input_messages(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         """The messages ``gen_ai.input.messages`` shows (see :data:`CAPTURED_INPUT_MESSAGES_BUDGET`), and how many
@@ -1363,7 +1373,11 @@ class SpanObserver:
                 {
                     "role": "assistant",
                     "parts": parts,
-                    "finish_reason": (finishes[i] if i < len(finishes) else None) or finish,
+                    # (Required by the conventions, a string: "error" for a call that failed before any was
+                    # reported, "" when the answer reported none.)
+                    "finish_reason": (finishes[i] if i < len(finishes) else None)
+                    or finish
+                    or ("error" if call.error_type else ""),
                 }
                 for i, parts in enumerate(texts)
             ]

@@ -505,8 +505,8 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
         {"type": "tool_call", "id": "toolu_2", "name": "get_time", "arguments": "{}"},
     ]
     assert results["parts"] == [
-        {"type": "tool_call_response", "id": "toolu_1", "result": "18C"},
-        {"type": "tool_call_response", "id": "toolu_2", "result": "noon"},
+        {"type": "tool_call_response", "id": "toolu_1", "response": "18C"},
+        {"type": "tool_call_response", "id": "toolu_2", "response": "noon"},
         {"type": "text", "content": "x" * 40 + TRUNCATION_MARK},
     ]
 
@@ -686,6 +686,7 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
         openai_client.responses.create(
             model="gpt-4o",
             input=[
+                {"type": "reasoning", "id": "rs_1", "summary": []},  # (the model's reasoning, sent back)
                 {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
                 {"type": "function_call_output", "call_id": "fc_1", "output": "18C"},
             ],
@@ -702,7 +703,7 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
     assert chat[1] == {"role": "assistant", "parts": [
         {"type": "tool_call", "id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]}  # fmt: skip
     assert chat[2] == {"role": "tool", "parts": [
-        {"type": "tool_call_response", "id": "call_1", "result": "18C; mail [email]"}]}  # fmt: skip  # redacted
+        {"type": "tool_call_response", "id": "call_1", "response": "18C; mail [email]"}]}  # fmt: skip  # redacted
     answer = messages("trace-test-tools-answer", "gen_ai.output.messages")
     assert answer == [{"role": "assistant", "finish_reason": "tool_calls", "parts": [
         {"type": "tool_call", "id": None, "name": "get_weather"}]}]  # fmt: skip
@@ -711,12 +712,35 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
         {"type": "text", "content": "Let me look."},
         {"type": "tool_call", "id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
     ]
-    assert claude[2]["parts"] == [{"type": "tool_call_response", "id": "toolu_1", "result": "18C"}]
+    assert claude[2]["parts"] == [{"type": "tool_call_response", "id": "toolu_1", "response": "18C"}]
     responses = messages("trace-test-tools-responses")
+    # Items with no role are the model's own (its reasoning, its tool call) or a tool's output, as the conventions'
+    # roles name them.
+    assert [m["role"] for m in responses] == ["assistant", "assistant", "tool"]
     assert [m["parts"] for m in responses] == [
+        [],
         [{"type": "tool_call", "id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
-        [{"type": "tool_call_response", "id": "fc_1", "result": "18C"}],
+        [{"type": "tool_call_response", "id": "fc_1", "response": "18C"}],
     ]
+
+
+def test_a_stream_that_failed_before_its_finish_has_the_finish_reason_error(receiver: OTLPReceiver) -> None:
+    """The conventions require each output message's ``finish_reason``, a string: a stream whose server failed
+    midway, after some text, says ``error`` there (null is no finish reason a reader of the schema accepts)."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    with demo_server(env) as (_, base):
+        stream = client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-request-id": "trace-test-failed-midway", "x-demo-fail": "stream_error"},
+        )
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-failed-midway"})
+    (output,) = json.loads(span.attributes["gen_ai.output.messages"])
+    assert output["finish_reason"] == "error" and output["parts"][0]["content"]
 
 
 def test_client_strings_on_the_span_are_valid_utf8_and_bounded(receiver: OTLPReceiver) -> None:
