@@ -73,6 +73,10 @@ class Outcome:
     port_conflicts: list[str] = field(default_factory=list)
     #: Selected workloads left as they are because the pricing ConfigMap their pods would mount is missing.
     held: list[str] = field(default_factory=list)
+    #: Targets whose pods do not carry the label their metrics Service selects by and are not rolled to it by
+    #: their controller (held back for prices, paused, OnDelete, a partition): their Service selects their pods
+    #: by the workload's selector until then (see ``resources.build_metrics_service``).
+    unlabelled: set[str] = field(default_factory=set)
     #: Workloads not patched to mount the inline prices, whose ConfigMap could not be written in this pass.
     unpriced: list[str] = field(default_factory=list)
     #: Selected workloads this resource would inject but cannot yet: ``held``, and those whose pods use
@@ -416,7 +420,10 @@ async def reconcile(
     # after creating it, before writing the status) answers 409 and is read and compared as a listed one is.
     fresh = not owner.get("status")
     services, name_clashes = _unique_services(
-        [(workload_key(w), r.build_metrics_service(owner, spec, w)) for w in targets]
+        [
+            (workload_key(w), r.build_metrics_service(owner, spec, w, workload_key(w) not in outcome.unlabelled))
+            for w in targets
+        ]
     )
     # A workload's metrics Service is named after the workload: one that a lower-ranked peer made while it held
     # the workload is taken over with it.
@@ -819,6 +826,8 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
+                if not r.carries_service_label(workload):
+                    outcome.unlabelled.add(workload_key(workload))
             continue
         try:
             after = await _patch_workload(
@@ -840,6 +849,8 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # (already mounting them: see the ConfigMaps' sync)
+                if not r.carries_service_label(workload):
+                    outcome.unlabelled.add(workload_key(workload))
             continue
         except (ApiError, r.InjectionConflict) as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
@@ -855,6 +866,8 @@ async def _inject(
             why = _held_back(workload, patched=after is not workload)
             if why is not None:
                 {"paused": paused, "on_delete": on_delete, "partition": partitioned}[why].append(workload_key(workload))
+                # Its pods keep the template they have, which may lack the label (injected by an earlier version).
+                outcome.unlabelled.add(workload_key(workload))
     namespace = owner["metadata"]["namespace"]
     named = ", ".join(spec.containers)
     no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)

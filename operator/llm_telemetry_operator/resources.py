@@ -908,7 +908,16 @@ def workload_pod_selector(workload: Mapping[str, Any]) -> dict[str, str]:
     return labels
 
 
-def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workload: Mapping[str, Any]) -> dict[str, Any]:
+def carries_service_label(workload: Mapping[str, Any]) -> bool:
+    """Whether the workload's pod template, as read, carries the label its metrics Service selects by."""
+    template = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    name = service_name(str(workload["metadata"]["name"]), str(workload.get("kind") or "Deployment"))
+    return bool((template.get("labels") or {}).get(c.LABEL_METRICS_SERVICE) == name)
+
+
+def build_metrics_service(
+    owner: Mapping[str, Any], spec: TelemetrySpec, workload: Mapping[str, Any], labelled: bool = True
+) -> dict[str, Any]:
     """A headless Service on the metrics port selecting one workload's pods, for the ServiceMonitor to find.
 
     Headless (``clusterIP: None``): Prometheus scrapes the pods the Service's endpoints list, never its cluster
@@ -921,7 +930,10 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
     as the workload's pods plus a label of its own (``app: chat, track: canary`` beside ``app: chat``), which declare
     the metrics port too once another LLMTelemetry injects them, and they would be scraped twice, under two jobs.
     Only this workload's pods carry that label with this value. (Pods injected by an earlier version, without it,
-    are not scraped from the pass that adds it until the rollout it starts replaces them.)
+    are not scraped from the pass that adds it until the rollout it starts replaces them.) Not ``labelled``: the
+    workload's pods do not carry it and are not about to (its template lacks it, held back for its prices; its
+    controller rolls no pod by itself, paused or OnDelete): its pod selector, as earlier versions did, so that the
+    pods it runs are still scraped (see :func:`workload_pod_selector`).
 
     The target port is the injected port's name, which the ServiceMonitor scrapes by.
     """
@@ -936,7 +948,7 @@ def build_metrics_service(owner: Mapping[str, Any], spec: TelemetrySpec, workloa
         "metadata": metadata,
         "spec": {
             "clusterIP": "None",
-            "selector": {c.LABEL_METRICS_SERVICE: name},
+            "selector": {c.LABEL_METRICS_SERVICE: name} if labelled else workload_pod_selector(workload),
             "ports": [
                 {
                     "name": c.METRICS_PORT_NAME,

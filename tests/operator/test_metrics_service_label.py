@@ -149,3 +149,52 @@ async def test_a_workload_injected_before_the_label_gets_it_and_then_its_service
     workload_patch = done.index(("PATCH", f"{DEPLOYMENT_PATH}/chat"))
     service_patch = done.index(("PATCH", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"))
     assert workload_patch < service_patch
+
+
+def _injected_before(plain: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """``plain`` as an earlier version injected it: the injection without the label."""
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    earlier = merge_patch(plain, r.build_workload_patch(plain, r.build_injection(spec, config, plain, "chat"), "chat"))
+    del earlier["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE]
+    return earlier
+
+
+async def test_a_paused_workload_injected_before_the_label_keeps_its_pods_scraped(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A paused Deployment's controller rolls no pod: its template gets the label, its pods (injected by an earlier
+    version, without it) keep running as they are, and its Service keeps selecting them by the workload's selector
+    (on the label alone it listed none, and the status still said it was scraped)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    earlier = _injected_before(deployment(), parse_spec(minimal_llmt()["spec"]))
+    earlier["spec"]["paused"] = True
+    earlier["spec"]["replicas"] = 1
+    earlier["status"] = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 0}  # (the pods of before)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = earlier
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)
+        await eventually(
+            lambda: c.LABEL_METRICS_SERVICE in pod_labels(get(emulator, DEPLOYMENTS, "chat")), "the template labelled"
+        )
+        service = await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service")
+    assert selects(service, pod_labels(earlier))  # the pods it runs, without the label
+
+
+async def test_a_workload_injected_before_the_label_and_held_for_its_prices_keeps_its_pods_scraped(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Its pricing ConfigMap is missing, so the workload is left as it is (injected by an earlier version, without
+    the label): its Service keeps selecting its pods by the workload's selector until it can be injected again."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    pricing = {"configMapRef": {"name": "prices", "key": "prices.yaml"}}
+    earlier = _injected_before(deployment(), parse_spec(minimal_llmt(pricing=pricing)["spec"]))
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = earlier
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(pricing=pricing)
+    async with running_operator():
+        service = await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service")
+        still = get(emulator, DEPLOYMENTS, "chat")
+    assert c.LABEL_METRICS_SERVICE not in pod_labels(still)  # left as it was
+    assert selects(service, pod_labels(earlier))
