@@ -1247,13 +1247,17 @@ class SpanObserver:
         blocks, the Responses API's ``function_call`` and ``function_call_output`` items). Arguments and results
         are content: redacted and cut like text."""
         kind = message.get("type")
-        if kind == "function_call":
-            return [self._tool_call(message.get("call_id"), message.get("name"), message.get("arguments"))]
+        if kind == "function_call" or kind == "custom_tool_call":
+            arguments = message.get("arguments" if kind == "function_call" else "input")
+            return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
-        if kind == "function_call_output":
+        if isinstance(kind, str) and kind.endswith("_output") and "role" not in message:
+            # A tool's output (``function_call_output``, ``custom_tool_call_output``, a computer or shell call's).
             return [self._tool_result(message.get("call_id"), message.get("output"))]
         content = message.get("content", message.get("output"))
+        if content is None and kind is not None and "role" not in message:
+            return []  # an item with nothing to show (``item_reference``, an approval): no empty text part
         if message.get("role") == "tool":
             return [self._tool_result(message.get("tool_call_id"), content)]
         calls = message.get("tool_calls")

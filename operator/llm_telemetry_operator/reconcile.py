@@ -826,7 +826,7 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
-                if not r.carries_service_label(workload):
+                if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
             continue
         try:
@@ -849,7 +849,7 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # (already mounting them: see the ConfigMaps' sync)
-                if not r.carries_service_label(workload):
+                if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
             continue
         except (ApiError, r.InjectionConflict) as exc:
@@ -942,6 +942,12 @@ def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
         + " (they are not injected until it is free: set spec.metrics.port to a free port; a port that is the"
         f" middleware's own listener, declared by hand, is named {c.METRICS_PORT_NAME})"
     )
+
+
+def _unrolled(workload: Mapping[str, Any]) -> bool:
+    """Whether a workload left as it is may run pods without the label its metrics Service selects by: its template
+    lacks it (injected by an earlier version), or its controller has yet to roll its pods to that template."""
+    return not r.carries_service_label(workload) or _held_back(workload, patched=False) is not None
 
 
 def _held_back(workload: Mapping[str, Any], patched: bool) -> str | None:

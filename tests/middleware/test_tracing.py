@@ -689,6 +689,9 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
                 {"type": "reasoning", "id": "rs_1", "summary": []},  # (the model's reasoning, sent back)
                 {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
                 {"type": "function_call_output", "call_id": "fc_1", "output": "18C"},
+                {"type": "custom_tool_call", "call_id": "ct_1", "name": "grep", "input": "TODO"},
+                {"type": "custom_tool_call_output", "call_id": "ct_1", "output": "3 lines"},
+                {"type": "item_reference", "id": "msg_0"},
             ],
             extra_headers={"x-request-id": "trace-test-tools-responses"},
         )
@@ -716,11 +719,14 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
     responses = messages("trace-test-tools-responses")
     # Items with no role are the model's own (its reasoning, its tool call) or a tool's output, as the conventions'
     # roles name them.
-    assert [m["role"] for m in responses] == ["assistant", "assistant", "tool"]
+    assert [m["role"] for m in responses] == ["assistant", "assistant", "tool", "assistant", "tool", "assistant"]
     assert [m["parts"] for m in responses] == [
         [],
         [{"type": "tool_call", "id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
         [{"type": "tool_call_response", "id": "fc_1", "response": "18C"}],
+        [{"type": "tool_call", "id": "ct_1", "name": "grep", "arguments": "TODO"}],  # (a custom tool's input)
+        [{"type": "tool_call_response", "id": "ct_1", "response": "3 lines"}],
+        [],  # (a reference to an item stored before: nothing to show)
     ]
 
 

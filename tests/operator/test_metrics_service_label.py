@@ -198,3 +198,26 @@ async def test_a_workload_injected_before_the_label_and_held_for_its_prices_keep
         still = get(emulator, DEPLOYMENTS, "chat")
     assert c.LABEL_METRICS_SERVICE not in pod_labels(still)  # left as it was
     assert selects(service, pod_labels(earlier))
+
+
+async def test_a_paused_workload_labelled_but_not_rolled_and_held_for_its_prices_keeps_its_pods_scraped(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A paused Deployment whose template this version labelled while its pods did not roll, then held back because
+    its pricing ConfigMap is missing: its pods (without the label) are still selected."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    pricing = {"configMapRef": {"name": "prices", "key": "prices.yaml"}}
+    spec = parse_spec(minimal_llmt(pricing=pricing)["spec"])
+    plain = deployment()
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    labelled = merge_patch(plain, r.build_workload_patch(plain, r.build_injection(spec, config, plain, "chat"), "chat"))
+    labelled["spec"].update(paused=True, replicas=1)
+    labelled["metadata"]["generation"] = 2
+    labelled["status"] = {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 0}  # (pods of before)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = labelled
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(pricing=pricing)
+    running = {k: v for k, v in pod_labels(labelled).items() if k != c.LABEL_METRICS_SERVICE}
+    async with running_operator():
+        service = await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service")
+    assert selects(service, running)
