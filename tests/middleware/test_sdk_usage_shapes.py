@@ -69,6 +69,11 @@ def chat_event(delta: dict[str, Any] | None, finish: str | None = None, **extra:
     return None, valid.model_dump(mode="json", exclude_unset=True)
 
 
+def output_message(*parts: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API answer's message item holding ``parts``."""
+    return {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": list(parts)}
+
+
 def responses_body(model: str, output: list[dict[str, Any]], status: str = "completed") -> dict[str, Any]:
     usage = {
         "input_tokens": 100,
@@ -534,13 +539,7 @@ def test_audio_deltas_never_pass_for_text_deltas_on_the_fast_path(chunks: list[t
 
 def test_a_responses_streams_captured_answer_leaves_its_reasoning_out(capturing: Service) -> None:
     model = "gpt-5-captured"
-    message = {
-        "type": "message",
-        "id": "msg_1",
-        "role": "assistant",
-        "status": "completed",
-        "content": [{"type": "output_text", "text": "Hello world", "annotations": []}],
-    }
+    message = output_message({"type": "output_text", "text": "Hello world", "annotations": []})
     reasoning = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "thinking"}]}
     text = {"item_id": "msg_1", "output_index": 1, "content_index": 0, "logprobs": []}
     summary = {"item_id": "rs_1", "output_index": 0, "summary_index": 0}
@@ -563,13 +562,7 @@ def test_a_responses_streams_captured_answer_leaves_its_reasoning_out(capturing:
 
 def test_a_responses_answers_captured_text_leaves_an_open_models_reasoning_text_out(capturing: Service) -> None:
     model = "gpt-oss-captured"
-    message = {
-        "type": "message",
-        "id": "msg_1",
-        "role": "assistant",
-        "status": "completed",
-        "content": [{"type": "output_text", "text": "Paris.", "annotations": []}],
-    }
+    message = output_message({"type": "output_text", "text": "Paris.", "annotations": []})
     reasoning = {
         "type": "reasoning",
         "id": "rs_1",
@@ -616,7 +609,7 @@ def test_a_refusal_not_streamed_is_the_captured_answer_as_a_streamed_one_is(capt
     }
     ANSWERS["gpt-4o-refusing"] = ChatCompletion.model_validate(chat).model_dump(mode="json", exclude_unset=True)
     part = {"type": "refusal", "refusal": refusal}
-    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [part]}
+    message = output_message(part)
     ANSWERS["gpt-5-refusing"] = responses_body("gpt-5-refusing", [message])
     oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
     reply = oai.chat.completions.create(model="gpt-4o-refusing", messages=[{"role": "user", "content": "?"}])
