@@ -145,9 +145,10 @@ def _short(value: Any) -> str | None:
 
 
 def _shown_chars(message: Mapping[str, Any]) -> int:
-    """The content characters a captured message shows (text, arguments, results), for the messages' budget."""
+    """The characters a captured message shows (text, arguments, results, tool calls' ids and names), for the
+    messages' budget."""
     return sum(
-        len(part.get("content") or "") + len(part.get("arguments") or "") + len(part.get("response") or "")
+        sum(len(part.get(key) or "") for key in ("content", "arguments", "response", "id", "name"))
         for part in message["parts"]
     )
 
@@ -163,6 +164,22 @@ def _role(message: Mapping[str, Any]) -> str:
             return "user"
         return "tool" if kind.endswith("_output") else "assistant"
     return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
+
+
+#: Responses API tool outputs that are an image (a computer call's screenshot), not shown as text.
+_IMAGE_OUTPUTS: Final = frozenset(("computer_screenshot", "input_image", "input_file"))
+
+
+def _tool_output(item: Mapping[str, Any]) -> Any:
+    """What a Responses API tool output item shows: its ``output`` (text, or content parts whose text is kept), a
+    shell call's commands' stdout and stderr, nothing for a screenshot or a missing output."""
+    output = item.get("output")
+    if output is None or (isinstance(output, dict) and output.get("type") in _IMAGE_OUTPUTS):
+        return ""
+    if isinstance(output, list) and not any(isinstance(p, dict) and "text" in p for p in output):
+        runs = [p for p in output[:MAX_CAPTURED_TOOL_PARTS] if isinstance(p, dict)]
+        return "".join(f"{p.get('stdout') or ''}{p.get('stderr') or ''}" for p in runs)
+    return output
 
 
 #: The span event marking the first generated token (or tool call) of a stream.
@@ -1252,11 +1269,11 @@ class SpanObserver:
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
-        if isinstance(kind, str) and kind.endswith("_output") and "role" not in message:
+        if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):
             # A tool's output (``function_call_output``, ``custom_tool_call_output``, a computer or shell call's).
-            return [self._tool_result(message.get("call_id"), message.get("output"))]
+            return [self._tool_result(message.get("call_id") or message.get("id"), _tool_output(message))]
         content = message.get("content", message.get("output"))
-        if content is None and kind is not None and "role" not in message:
+        if content is None and kind is not None and not message.get("role"):
             return []  # an item with nothing to show (``item_reference``, an approval): no empty text part
         if message.get("role") == "tool":
             return [self._tool_result(message.get("tool_call_id"), content)]

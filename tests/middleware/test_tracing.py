@@ -692,6 +692,17 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
                 {"type": "custom_tool_call", "call_id": "ct_1", "name": "grep", "input": "TODO"},
                 {"type": "custom_tool_call_output", "call_id": "ct_1", "output": "3 lines"},
                 {"type": "item_reference", "id": "msg_0"},
+                {
+                    "type": "shell_call_output",
+                    "call_id": "sh_1",
+                    "output": [{"stdout": "a.txt\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}],
+                },
+                {
+                    "type": "computer_call_output",
+                    "call_id": "cu_1",
+                    "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+                },
+                {"type": "apply_patch_call_output", "call_id": "ap_1", "status": "completed"},
             ],
             extra_headers={"x-request-id": "trace-test-tools-responses"},
         )
@@ -719,7 +730,9 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
     responses = messages("trace-test-tools-responses")
     # Items with no role are the model's own (its reasoning, its tool call) or a tool's output, as the conventions'
     # roles name them.
-    assert [m["role"] for m in responses] == ["assistant", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert [m["role"] for m in responses] == ["assistant", "assistant", "tool", "assistant", "tool", "assistant"] + [
+        "tool"
+    ] * 3
     assert [m["parts"] for m in responses] == [
         [],
         [{"type": "tool_call", "id": "fc_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
@@ -727,6 +740,9 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
         [{"type": "tool_call", "id": "ct_1", "name": "grep", "arguments": "TODO"}],  # (a custom tool's input)
         [{"type": "tool_call_response", "id": "ct_1", "response": "3 lines"}],
         [],  # (a reference to an item stored before: nothing to show)
+        [{"type": "tool_call_response", "id": "sh_1", "response": "a.txt\n"}],  # a shell command's output
+        [{"type": "tool_call_response", "id": "cu_1", "response": ""}],  # (a screenshot: images are not shown)
+        [{"type": "tool_call_response", "id": "ap_1", "response": ""}],  # (no output)
     ]
 
 
@@ -747,6 +763,31 @@ def test_a_stream_that_failed_before_its_finish_has_the_finish_reason_error(rece
     span = wait_span(receiver, **{"llm.request_id": "trace-test-failed-midway"})
     (output,) = json.loads(span.attributes["gen_ai.output.messages"])
     assert output["finish_reason"] == "error" and output["parts"][0]["content"]
+
+
+def test_tool_calls_ids_and_names_count_in_the_captured_messages_budget(receiver: OTLPReceiver) -> None:
+    """Tool calls' ids and names are shown too, up to 256 characters each: they count in the budget of the messages
+    shown (32 turns of 16 such calls were shown whole, ~300,000 characters against a budget of a few thousand)."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="100")
+    calls = [
+        {
+            "id": f"call_{i}_{'x' * 240}",
+            "type": "function",
+            "function": {"name": f"tool_{i}_{'n' * 200}", "arguments": "{}"},
+        }
+        for i in range(16)
+    ]
+    turns = [{"role": "assistant", "content": None, "tool_calls": calls} for _ in range(32)]
+    with demo_server(env) as (_, base):
+        client(base).chat.completions.create(
+            model="gpt-4o",
+            messages=[*turns, {"role": "user", "content": "and now?"}],  # type: ignore[list-item]
+            extra_headers={"x-request-id": "trace-test-tool-budget"},
+        )
+    span = wait_span(receiver, **{"llm.request_id": "trace-test-tool-budget"})
+    shown = json.loads(span.attributes["gen_ai.input.messages"])
+    assert [m["role"] for m in shown] == ["user"]  # the newest alone: one turn of those calls is over the budget
+    assert span.attributes["llm.input.messages.omitted"] == 32
 
 
 def test_client_strings_on_the_span_are_valid_utf8_and_bounded(receiver: OTLPReceiver) -> None:
