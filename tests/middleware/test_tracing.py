@@ -497,7 +497,7 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
         {"type": "text", "content": "You are terse."},
         {"type": "text", "content": "Answer in French."},
     ]
-    _, asked, results = json.loads(claude_attrs["gen_ai.input.messages"])
+    *_, asked, results = json.loads(claude_attrs["gen_ai.input.messages"])  # (the oldest may be over the budget)
     assert asked["parts"] == [
         {"type": "text", "content": "Let me look."},
         {"type": "tool_call", "id": "toolu_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
