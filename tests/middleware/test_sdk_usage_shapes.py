@@ -57,6 +57,13 @@ def claude_event(data: dict[str, Any], beta: bool = False) -> tuple[str, dict[st
     return data["type"], event.model_dump(mode="json", exclude_none=True)
 
 
+def message_start(message_id: str, model: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic stream's ``message_start`` event, its message empty and its usage ``usage``."""
+    message = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": usage}  # fmt: skip
+    return {"type": "message_start", "message": message}
+
+
 def responses_event(data: dict[str, Any], number: int) -> tuple[str, dict[str, Any]]:
     event = _RESPONSES_EVENT.validate_python({**data, "sequence_number": number})
     return data["type"], event.model_dump(mode="json", exclude_unset=True)
@@ -195,19 +202,7 @@ def test_thinking_a_claude_stream_does_not_show_is_left_out_of_its_time_per_outp
     answer's, and the 1,800 thinking tokens of the 2,000 reported were made before it: 200 tokens are spread over the
     time from the first token to the end (the usage's output_tokens_details, as the SDK merges message_delta's)."""
     model = "claude-sonnet-4-omitted"
-    start = {
-        "type": "message_start",
-        "message": {
-            "id": "msg_2",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": {"input_tokens": 10, "output_tokens": 1},
-        },
-    }
+    start = message_start("msg_2", model, {"input_tokens": 10, "output_tokens": 1})
     block = {
         "type": "content_block_start",
         "index": 0,
@@ -318,19 +313,7 @@ def test_a_compaction_pass_is_counted_in_a_claude_stream_and_not_timed_as_its_to
         "cache_read_input_tokens": 0,
         "cache_creation_input_tokens": 0,
     }
-    start = {
-        "type": "message_start",
-        "message": {
-            "id": "msg_4",
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-            "usage": start_usage,
-        },
-    }
+    start = message_start("msg_4", model, start_usage)
     closing = {
         "type": "message_delta",
         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
