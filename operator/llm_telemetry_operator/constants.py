@@ -57,6 +57,8 @@ METRICS_PORT_NAME: Final = "llm-metrics"
 PRICING_VOLUME: Final = "llm-telemetry-pricing"
 PRICING_MOUNT_PATH: Final = "/etc/llm-telemetry"
 PRICING_FILE: Final = "pricing.yaml"
+#: The file a ConfigMap key ending in ``.json`` is mounted as: the middleware reads a file by its name's format.
+PRICING_FILE_JSON: Final = "pricing.json"
 
 #: Condition types written to status.
 CONDITION_READY: Final = "Ready"

@@ -246,7 +246,7 @@ def build_env(
         headers = ",".join(f"{h}={label}" for h, label in sorted(spec.attribution_headers.items()))
         env.append(value(mw.LLM_TELEMETRY_ATTRIBUTION_HEADERS, headers))
     if spec.pricing.inline or spec.pricing.config_map:
-        env.append(value(mw.LLM_TELEMETRY_PRICING, f"{c.PRICING_MOUNT_PATH}/{c.PRICING_FILE}"))
+        env.append(value(mw.LLM_TELEMETRY_PRICING, f"{c.PRICING_MOUNT_PATH}/{pricing_file(spec)}"))
     if spec.tracing.enabled and "traces" not in without:
         env += [
             value("OTEL_TRACES_EXPORTER", "otlp"),
@@ -282,6 +282,13 @@ def build_env(
     return env
 
 
+def pricing_file(spec: TelemetrySpec) -> str:
+    """The name the pricing table is mounted under: the middleware reads it as JSON when it ends in ``.json``, as YAML
+    otherwise, which is how the operator checks a ConfigMap's key by the key's own name (so both read it alike)."""
+    json_key = spec.pricing.config_map and not spec.pricing.inline and spec.pricing.config_map_key.endswith(".json")
+    return c.PRICING_FILE_JSON if json_key else c.PRICING_FILE
+
+
 def build_injection(
     spec: TelemetrySpec,
     config: OperatorConfig,
@@ -299,7 +306,7 @@ def build_injection(
             "name": c.PRICING_VOLUME,
             # defaultMode as the API server fills it in (0644): the workload as stored then equals the one built, and
             # a later pass finds nothing to patch.
-            "configMap": {"name": cm_name, "items": [{"key": key, "path": c.PRICING_FILE}], "defaultMode": 0o644},
+            "configMap": {"name": cm_name, "items": [{"key": key, "path": pricing_file(spec)}], "defaultMode": 0o644},
         }
         mount = {"name": c.PRICING_VOLUME, "mountPath": c.PRICING_MOUNT_PATH, "readOnly": True}
         if spec.pricing.inline:
@@ -579,7 +586,7 @@ def _injected_volume(volume: Mapping[str, Any]) -> bool:
         and isinstance(items, list)
         and len(items) == 1
         and isinstance(items[0], Mapping)
-        and items[0].get("path") == c.PRICING_FILE
+        and items[0].get("path") in (c.PRICING_FILE, c.PRICING_FILE_JSON)
     )
 
 
@@ -763,7 +770,7 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
                 continue  # (an empty variable is unset to the middleware: its default, as if not declared)
             text = value.strip().lower()
             if (
-                (name == mw.LLM_TELEMETRY_METRICS_PORT and text != str(spec.metrics.port))
+                (name == mw.LLM_TELEMETRY_METRICS_PORT and _as_int(text) != spec.metrics.port)
                 or (name == mw.LLM_TELEMETRY_METRICS_HOST and _loopback(text))
                 or (name == mw.LLM_TELEMETRY_METRICS_EXPORTER and "prometheus" not in text.split(","))
                 or (name == mw.LLM_TELEMETRY_ENABLED and text in ("0", "false", "no", "off"))
@@ -771,6 +778,14 @@ def unscrapeable_settings(workload: Mapping[str, Any], spec: TelemetrySpec) -> l
             ):
                 found.append(f"container {container.get('name')} sets {name}={value}")
     return found
+
+
+def _as_int(text: str) -> int | None:
+    """``text`` as the middleware reads an integer variable (``09464``, ``+9464`` and ``9_464`` are 9464), or None."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _loopback(host: str) -> bool:

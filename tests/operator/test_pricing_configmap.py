@@ -9,13 +9,18 @@ broken YAML, the keys of a mapping.
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kopf_testing import CONFIGMAPS, NAMESPACE
 
+from llm_telemetry.config import Settings
+from llm_telemetry.pricing import PricingTable
 from llm_telemetry_operator import kube
+from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.reconcile import _missing_pricing
+from llm_telemetry_operator.resources import build_injection
 from llm_telemetry_operator.spec import parse_spec
 
 SECRET = "sk-TEAMB-TOP-SECRET-0001"
@@ -70,3 +75,34 @@ async def test_a_key_nested_too_deeply_is_said_to_be(emulator: Any) -> None:
 
 async def test_a_readable_pricing_key_is_fine(emulator: Any) -> None:
     assert await _reason(emulator, {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "content"),
+    [
+        # Tab-indented JSON (``jq --tab``, Go's MarshalIndent with a tab) is JSON, and not YAML: YAML forbids tabs
+        # in indentation. It was checked as JSON and mounted as pricing.yaml, where the pods failed their startup.
+        ("pricing.json", '{\n\t"models": {\n\t\t"gpt-4o": {"input": 2.5, "output": 10}\n\t}\n}\n'),
+        ("prices.yml", "models:\n  gpt-4o: {input: 2.5, output: 10}\n"),
+    ],
+)
+async def test_a_key_the_check_accepts_is_read_alike_by_the_middleware(
+    emulator: Any, tmp_path: Path, key: str, content: str
+) -> None:
+    """The operator checks a key by its own name (JSON when it ends in ``.json``); the middleware reads the file the
+    injection mounts by that file's name. A kubelet writes the key's text at the volume item's path."""
+    assert await _reason(emulator, {key: content}, key=key) is None
+    spec = parse_spec(
+        {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"configMapRef": {"name": "prices", "key": key}}}
+    )
+    workload = {"kind": "Deployment", "metadata": {"name": "chat"}, "spec": {"template": {"spec": {}}}}
+    injection = build_injection(spec, OperatorConfig(), workload, "llm")
+    assert injection.volume is not None and injection.volume_mount is not None
+    (item,) = injection.volume["configMap"]["items"]
+    assert item["key"] == key
+    (tmp_path / item["path"]).write_text(content)
+    (variable,) = [e["value"] for e in injection.env if e["name"] == "LLM_TELEMETRY_PRICING"]
+    mounted = Path(variable).relative_to(injection.volume_mount["mountPath"])
+    table = PricingTable(Settings.resolve(env={"LLM_TELEMETRY_PRICING": str(tmp_path / mounted)}).pricing)
+    price = table.price("gpt-4o")
+    assert price is not None and price.input == 2.5, price

@@ -432,6 +432,9 @@ def test_a_deployment_and_a_statefulset_of_one_name_get_a_metrics_service_each()
         ([], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9464"}], {}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {}, ["LLM_TELEMETRY_METRICS_PORT=9999"]),
+        # Spellings the middleware reads as 9464 (an integer, as Python reads one) bind spec.metrics.port.
+        *(([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": port}], {}, []) for port in ("09464", "+9464", " 9464")),
+        ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9464x"}], {}, ["LLM_TELEMETRY_METRICS_PORT=9464x"]),
         ([{"name": "LLM_TELEMETRY_METRICS_PORT", "value": "9999"}], {"metrics": {"port": 9999}}, []),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "127.0.0.1"}], {}, ["LLM_TELEMETRY_METRICS_HOST=127.0.0.1"]),
         ([{"name": "LLM_TELEMETRY_METRICS_HOST", "value": "::1"}], {}, ["LLM_TELEMETRY_METRICS_HOST=::1"]),
