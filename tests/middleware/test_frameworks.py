@@ -533,3 +533,49 @@ def chunks_list(model: str) -> list[bytes]:
 
     pieces = asyncio.run(collect())
     return [event + b"\n\n" for piece in pieces for event in piece.split(b"\n\n") if event]
+
+
+def test_a_websocket_session_passes_through_untouched_and_uncounted() -> None:
+    """A Realtime-style WebSocket beside the HTTP routes (``/v1/realtime``): its frames arrive byte for byte, both
+    ways, and nothing is counted for it, as docs/metrics.md says (the middleware reads HTTP requests only)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket
+    from websockets.sync.client import connect
+
+    async def realtime(websocket: WebSocket) -> None:
+        await websocket.accept(subprotocol="realtime")
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                await websocket.send_bytes(message["bytes"][::-1])
+            else:
+                await websocket.send_text(message["text"].upper())
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse(completion("m"))
+
+    calls = Calls()
+    api = Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), WebSocketRoute("/v1/realtime", realtime)]
+    )
+    app = LLMTelemetryMiddleware(
+        api, metrics_port=0, metrics_app_path="/metrics", request_logs=False, observers=[calls]
+    )
+    event = json.dumps({"type": "response.create", "response": {"modalities": ["text"]}})
+    with serve(app) as base:
+        url = base.replace("http://", "ws://") + "/v1/realtime?model=gpt-realtime"
+        with connect(url, subprotocols=["realtime"]) as websocket:  # type: ignore[list-item]
+            assert websocket.subprotocol == "realtime"
+            websocket.send(event)
+            assert websocket.recv() == event.upper()
+            websocket.send(b"\x00\xffaudio")
+            assert websocket.recv() == b"oidua\xff\x00"
+        openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        metrics = Metrics(httpx.get(base + "/metrics").text)
+    assert [call.path for call in calls.ended] == ["/v1/chat/completions"]
+    assert metrics.value("llm_requests_total") == 1
