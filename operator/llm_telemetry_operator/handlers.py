@@ -931,7 +931,11 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             await _reconcile(memo, successor, "handover", logger)
         async with _lock(memo, *key):
             touched = await rec.remove_injection(_client(memo), _config(memo), body, _state(memo).index.recorded(key))
-            deleted = await rec.delete_children(_client(memo), body)
+            # Deleted with propagationPolicy=Orphan (`kubectl delete --cascade=orphan`), the API server's finalizer
+            # "orphan" has the garbage collector take the owner references off the children, which stay: deleting
+            # those it has not reached yet would leave a random part of them.
+            orphaning = "orphan" in (meta.get("finalizers") or ())
+            deleted = 0 if orphaning else await rec.delete_children(_client(memo), body)
         logger.info("removed injection from %s and deleted %d children", touched or "no workloads", deleted)
         refusal = await rec.update_refused(_client(memo), body)
         if refusal is not None:

@@ -408,6 +408,40 @@ def test_children_are_garbage_collected_with_their_owner(cluster: Cluster) -> No
     )
 
 
+def test_an_orphaning_delete_keeps_every_child(cluster: Cluster) -> None:
+    """``kubectl delete --cascade=orphan``: the garbage collector takes the owner references off the children and
+    they stay, all of them (the operator's clean-up deleted those it reached first); the injection is removed."""
+    cluster.create(deployment("kept", "kept"))
+    cluster.create(telemetry("kept", "kept"))
+    cluster.ready("kept")
+    children = {
+        "Service": lambda: cluster.service("kept-llm-metrics"),
+        "ServiceMonitor": lambda: cluster.monitoring("servicemonitors", "kept-llm-telemetry"),
+        "PrometheusRule": lambda: cluster.monitoring("prometheusrules", "kept-llm-telemetry"),
+        "dashboard ConfigMap": lambda: cluster.configmap("kept-llm-dashboard"),
+    }
+    cluster.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, PLURAL, "kept", propagation_policy="Orphan"
+    )
+
+    def gone() -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            cluster.llmt("kept")
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, "LLMTelemetry deleted (both finalizers released)")
+    wait_for(lambda: r.injected_record(cluster.deployment("kept")) is None, "injection removed")
+    for kind, read in children.items():
+        child = read()
+        assert child is not None, f"the {kind} was deleted"
+        meta = cluster.apps.api_client.sanitize_for_serialization(child)["metadata"]
+        assert not meta.get("ownerReferences"), meta
+
+
 def test_conflict_is_visible_and_not_duplicated(cluster: Cluster) -> None:
     cluster.create(deployment("shared", "shared"))
     cluster.create(telemetry("shared-a", "shared"))

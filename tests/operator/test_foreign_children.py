@@ -18,6 +18,7 @@ from kopf_testing import (
     NAMESPACE,
     PROMETHEUSRULES,
     SERVICEMONITORS,
+    SERVICES,
     condition,
     deployment,
     eventually,
@@ -25,6 +26,7 @@ from kopf_testing import (
     install_prometheus_operator_crds,
     minimal_llmt,
     posted_events,
+    ready,
     running_operator,
 )
 from test_operator_kmock import check_usage, hand, one_pass
@@ -240,3 +242,30 @@ async def test_the_clean_up_deletes_only_what_the_resource_controls(emulator: An
     assert get(emulator, SERVICEMONITORS, "teamb-llm-telemetry") is None
     unchanged(emulator, CONFIGMAPS, "teamb-llm-dashboard", dashboard)
     unchanged(emulator, PROMETHEUSRULES, "teamb-llm-telemetry", rule)
+
+
+async def test_an_orphaning_delete_leaves_every_child(emulator: Any, monitoring_crds: Any) -> None:
+    """``kubectl delete --cascade=orphan``: the API server adds its finalizer ``orphan``, and its garbage collector
+    takes the owner references off the children, which stay. The operator removes its injection (workloads are
+    not the resource's children) and its own finalizer, and deletes no child: on a real API server it raced the
+    garbage collector and deleted those not reached yet, a random part of them."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    made = {
+        (SERVICES, "chat-llm-metrics"),
+        (SERVICEMONITORS, "chat-llm-telemetry"),
+        (PROMETHEUSRULES, "chat-llm-telemetry"),
+        (CONFIGMAPS, "chat-llm-dashboard"),
+    }
+    async with running_operator():
+        await ready(emulator)
+        assert all(get(emulator, resource, name) is not None for resource, name in made)
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/chat", {"metadata": {"finalizers": [c.FINALIZER, "orphan"]}})
+        await hand(emulator, "DELETE", f"{LLMT_PATH}/chat")
+        await eventually(
+            lambda: get(emulator, LLMT, "chat")["metadata"]["finalizers"] == ["orphan"], "the operator's finalizer off"
+        )
+        assert r.injected_record(get(emulator, DEPLOYMENTS, "chat")) is None
+        assert {(resource, name) for resource, name in made if get(emulator, resource, name) is not None} == made
+    check_usage(emulator)
