@@ -193,14 +193,15 @@ def _ends_answer(event: str, data: bytes) -> bool:
     return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
 
 
-def _add_finish_reason(call: LLMCall, reason: Any) -> None:
+def _add_finish_reason(call: LLMCall, reason: Any, index: int = 0) -> None:
+    """A finish reason read, of choice ``index``."""
     if isinstance(reason, str) and reason:
         call.finishes += 1
+        reason = field_text(reason)
+        call.add_choice_finish(index, reason)
         reasons = call.finish_reasons
-        if len(reasons) < MAX_FINISH_REASONS:
-            reason = field_text(reason)
-            if reason not in reasons:
-                reasons.append(reason)
+        if len(reasons) < MAX_FINISH_REASONS and reason not in reasons:
+            reasons.append(reason)
 
 
 def _is_tool_item(item: dict[str, Any]) -> bool:
@@ -993,7 +994,7 @@ class OpenAIChatReader(ResponseReader):
             else:
                 middle = len(data) - len(finish_tail)
                 matched = data.endswith(finish_tail)
-            if matched and middle > len(finish_head):
+            if matched and middle > len(finish_head) and self.call.stream_choices <= 1:
                 reason = _REASONS.get(bytes(data[len(finish_head) : middle]))  # (a chunk may be a bytearray)
                 if reason is None:
                     return False
@@ -1109,7 +1110,7 @@ class OpenAIChatReader(ResponseReader):
                 if calls:
                     self._first_token(now)
                     self._stream_tool_calls(choice, calls)
-                _add_finish_reason(self.call, choice.get("finish_reason"))
+                _add_finish_reason(self.call, choice.get("finish_reason"), _int(choice.get("index")) or 0)
                 if self._text is not None:
                     self._keep_finish(choice.get("finish_reason"), _int(choice.get("index")) or 0)
         if obj.get("usage"):
@@ -1152,10 +1153,10 @@ class OpenAIChatReader(ResponseReader):
             for position, choice in enumerate(choices):
                 if not isinstance(choice, dict):
                     continue
-                _add_finish_reason(self.call, choice.get("finish_reason"))
+                given = _int(choice.get("index"))
+                index = position if given is None else given
+                _add_finish_reason(self.call, choice.get("finish_reason"), index)
                 if capture:
-                    given = _int(choice.get("index"))
-                    index = position if given is None else given
                     self._keep_finish(choice.get("finish_reason"), index)
                 message = choice.get("message")
                 text = message.get("content") if isinstance(message, dict) else choice.get("text")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Final
+
+#: Choices whose finish reason is kept apart for the span's ``gen_ai.response.finish_reasons`` (one per choice):
+#: OpenAI's ``n`` asks for at most 128.
+MAX_CHOICE_FINISHES: Final = 128
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,6 +88,8 @@ class LLMCall:
     #: Choices a stream's events named (the highest choice index read, plus one; 0 for streams without choices).
     stream_choices: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
+    #: Each choice's finish reason, by choice index (a finish repeated for one choice read once), or None.
+    choice_finishes: dict[int, str] | None = None
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
     status_code: int | None = None
     error_type: str | None = None
@@ -121,6 +127,14 @@ class LLMCall:
     otel_context: Any = None
     #: Token of ``opentelemetry.context.attach`` while the LLM span is current (tracing detaches it at the end).
     otel_token: Any = None
+
+    def add_choice_finish(self, index: int, reason: str) -> None:
+        """A choice's finish reason: the first read for each choice kept, up to MAX_CHOICE_FINISHES choices."""
+        finishes = self.choice_finishes
+        if finishes is None:
+            self.choice_finishes = {index: reason}
+        elif index not in finishes and len(finishes) < MAX_CHOICE_FINISHES:
+            finishes[index] = reason
 
     @property
     def duration(self) -> float | None:

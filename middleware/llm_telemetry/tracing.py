@@ -1158,7 +1158,11 @@ class SpanObserver:
             fingerprint = _short(call.system_fingerprint)
             if fingerprint:
                 attributes[OPENAI_RESPONSE_SYSTEM_FINGERPRINT] = fingerprint
-        if call.finish_reasons:
+        if call.choice_finishes:
+            # One per choice (generation), in their order, as the conventions define it.
+            finishes = call.choice_finishes
+            attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(finishes[i] for i in sorted(finishes))
+        elif call.finish_reasons:
             attributes[GEN_AI_RESPONSE_FINISH_REASONS] = tuple(call.finish_reasons)
         if call.input_tokens is not None:
             attributes[GEN_AI_USAGE_INPUT_TOKENS] = call.input_tokens

@@ -1379,3 +1379,48 @@ def test_an_outer_asgi_instrumentation_without_an_sdk_leaves_the_span_shape_as_i
         else:
             assert server.attributes["http.request.method"] == "POST"
             assert server.attributes["url.path"] == "/v1/chat/completions"
+
+
+def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceiver) -> None:
+    """``gen_ai.response.finish_reasons`` has one reason per choice received, in the choices' order (the
+    conventions' ``["stop", "stop"]`` for two choices that both stopped), with content capture on and off, streamed
+    and not; a finish a gateway repeats for one choice is that choice's one reason."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    answers = [("Hello", "stop"), ("HELLO", "length"), ("Hi", "stop")]
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                for i, (text, finish) in enumerate(answers)
+            ]
+            return JSONResponse(
+                {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+            )
+        events = [chunk(i, {"role": "assistant", "content": ""}) for i in range(3)]
+        # The last choice's text comes first (the stream's first token), and it finishes first; the first one's
+        # finish is sent twice (as gateways repeat it).
+        events += [chunk(i, {"content": answers[i][0]}) for i in (2, 1, 0)]
+        events += [chunk(i, {}, answers[i][1]) for i in (2, 1, 0, 0)]
+        return StreamingResponse(iter([*events, b"data: [DONE]\n\n"]), media_type="text/event-stream")
+
+    for capture in (False, True):
+        with traced_chat_app(receiver, chat, "llm-finishes", capture=capture) as base:
+            for stream in (False, True):
+                reply = client(base).chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], n=3, stream=stream,
+                    extra_headers={"x-request-id": f"finishes-{capture}-{stream}"},
+                )  # fmt: skip
+                if stream:
+                    list(reply)  # type: ignore[arg-type]
+        for stream in (False, True):
+            span = wait_span(receiver, **{"llm.request_id": f"finishes-{capture}-{stream}"})
+            assert span.attributes["gen_ai.response.finish_reasons"] == ["stop", "length", "stop"], (capture, stream)
