@@ -124,6 +124,25 @@ MAX_CAPTURED_TOOL_PARTS: Final = 16
 MAX_TOOL_FIELD_CHARS: Final = 256
 
 
+#: The providers' finish reasons as the conventions' ``FinishReason`` values name them in an output message's
+#: ``finish_reason`` (``gen_ai.response.finish_reasons`` keeps the provider's words); any other is shown as sent.
+_FINISH_REASONS: Final = {
+    "stop": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "max_output_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "content_filter": "content_filter",
+    "refusal": "content_filter",
+    "tool_calls": "tool_call",
+    "function_call": "tool_call",
+    "tool_use": "tool_call",
+    "error": "error",
+}
+
+
 #: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
 #: MAX_TOOL_FIELD_CHARS, a span carries at most 16 KiB of them, however many calls a response makes.
 MAX_SPAN_TOOL_NAMES: Final = 64
@@ -180,6 +199,11 @@ def _tool_output(item: Mapping[str, Any]) -> Any:
         runs = [p for p in output[:MAX_CAPTURED_TOOL_PARTS] if isinstance(p, dict)]
         return "".join(f"{p.get('stdout') or ''}{p.get('stderr') or ''}" for p in runs)
     return output
+
+
+def _finish_reason(reason: str) -> str:
+    """An output message's ``finish_reason``: the conventions' value for a provider's word that has one."""
+    return _FINISH_REASONS.get(reason, reason)
 
 
 #: The span event marking the first generated token (or tool call) of a stream.
@@ -1400,9 +1424,9 @@ class SpanObserver:
                     "parts": parts,
                     # (Required by the conventions, a string: "error" for a call that failed before any was
                     # reported, "" when the answer reported none.)
-                    "finish_reason": (finishes[i] if i < len(finishes) else None)
-                    or finish
-                    or ("error" if call.error_type else ""),
+                    "finish_reason": _finish_reason(
+                        (finishes[i] if i < len(finishes) else None) or finish or ("error" if call.error_type else "")
+                    ),
                 }
                 for i, parts in enumerate(texts)
             ]

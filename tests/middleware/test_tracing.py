@@ -719,7 +719,8 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
     assert chat[2] == {"role": "tool", "parts": [
         {"type": "tool_call_response", "id": "call_1", "response": "18C; mail [email]"}]}  # fmt: skip  # redacted
     answer = messages("trace-test-tools-answer", "gen_ai.output.messages")
-    assert answer == [{"role": "assistant", "finish_reason": "tool_calls", "parts": [
+    # (The finish reason as the conventions name it, tool_calls being OpenAI's.)
+    assert answer == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
         {"type": "tool_call", "id": None, "name": "get_weather"}]}]  # fmt: skip
     claude = messages("trace-test-tools-anthropic")
     assert claude[1]["parts"] == [
@@ -1250,7 +1251,7 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     shown = sum(len(p.get("content", "")) for m in messages for p in m["parts"] if p["type"] == "text")
     assert 4096 <= shown <= 4096 + len(TRUNCATION_MARK)
     assert messages[15]["parts"] == [{"type": "tool_call", "id": None, "name": "get_weather"}]
-    assert messages[15]["finish_reason"] == "tool_calls"
+    assert messages[15]["finish_reason"] == "tool_call"
     assert all(p["type"] == "text" for p in messages[0]["parts"])
 
 
@@ -1291,7 +1292,7 @@ def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(recei
     assert messages == [
         {"role": "assistant", "parts": [{"type": "text", "content": "Sunny"}], "finish_reason": "stop"},
         {"role": "assistant", "parts": [{"type": "tool_call", "id": None, "name": "get_weather"}],
-         "finish_reason": "tool_calls"},
+         "finish_reason": "tool_call"},
     ]  # fmt: skip
 
 
@@ -1424,3 +1425,35 @@ def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceive
         for stream in (False, True):
             span = wait_span(receiver, **{"llm.request_id": f"finishes-{capture}-{stream}"})
             assert span.attributes["gen_ai.response.finish_reasons"] == ["stop", "length", "stop"], (capture, stream)
+
+
+def test_output_messages_finish_reasons_are_the_conventions_words(receiver: OTLPReceiver) -> None:
+    """Each output message's ``finish_reason`` is the conventions' word (``stop``, ``length``, ``tool_call``) for the
+    provider's (Anthropic's ``end_turn``, ``max_tokens``, ``tool_use``; OpenAI's ``tool_calls``), streamed and not, as
+    the conventions' tool-call example shows it; ``gen_ai.response.finish_reasons`` keeps the provider's own words,
+    as that example does."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    claude_tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    with demo_server(env) as (_, base):
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        for stream in (False, True):
+            reply: Any = client(base).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "weather?"}], tools=DEMO_TOOLS, stream=stream,
+                extra_headers={"x-request-id": f"words-chat-{stream}"},
+            )  # fmt: skip
+            list(reply) if stream else None
+            for name, tools, max_tokens in (("tool", [claude_tool], 64), ("text", [], 64), ("cut", [], 3)):
+                reply = claude.messages.create(
+                    model="claude-test", max_tokens=max_tokens, messages=[{"role": "user", "content": "weather?"}],
+                    tools=tools, stream=stream, extra_headers={"x-request-id": f"words-{name}-{stream}"},
+                )  # type: ignore[call-overload]  # fmt: skip
+                list(reply) if stream else None
+    for stream in (False, True):
+        for name, word, provider in (
+            ("chat", "tool_call", "tool_calls"), ("tool", "tool_call", "tool_use"), ("text", "stop", "end_turn"),
+            ("cut", "length", "max_tokens"),
+        ):  # fmt: skip
+            attributes = wait_span(receiver, **{"llm.request_id": f"words-{name}-{stream}"}).attributes
+            [message] = json.loads(attributes["gen_ai.output.messages"])
+            assert message["finish_reason"] == word, (name, stream, message)
+            assert attributes["gen_ai.response.finish_reasons"] == [provider], (name, stream)
