@@ -219,9 +219,23 @@ def _tool_item_name(item: dict[str, Any]) -> str | None:
     return _RESPONSES_TOOL_ITEMS[kind] or _str(item.get("name"))
 
 
-def _add_tool_call(call: LLMCall, name: str) -> None:
+def _add_tool_call(call: LLMCall, name: str, call_id: Any = None, hosted: str | None = None) -> None:
     if len(call.tool_calls) < MAX_TOOL_CALLS:
-        call.tool_calls.append(name)
+        call.add_tool_call(name, call_id, hosted)
+
+
+#: Responses API items of the tools OpenAI runs itself (a tool search may be left to the client).
+_RESPONSES_HOSTED_ITEMS: Final = frozenset(
+    ("web_search_call", "file_search_call", "code_interpreter_call", "image_generation_call", "mcp_call")
+)
+
+
+def _hosted_item(item: dict[str, Any]) -> str | None:
+    """The kind of hosted tool a Responses API output item calls (``web_search``, ``mcp``, ...), or None."""
+    kind = item.get("type")
+    if kind in _RESPONSES_HOSTED_ITEMS or (kind == "tool_search_call" and item.get("execution") != "client"):
+        return "mcp" if kind == "mcp_call" else str(kind)[: -len("_call")]
+    return None
 
 
 #: Tool names of the Responses API's recent function calls, by ``call_id``, for the process: a conversation continued
@@ -1140,7 +1154,7 @@ class OpenAIChatReader(ResponseReader):
                 self._tool_indexes[key] = call_id
                 if call_id is not None:
                     self._tool_ids.add((choice_index, call_id))
-                self.call.tool_calls.append(name)
+                self.call.add_tool_call(name, call_id)
                 if self._text is not None:
                     self._tool_choices.append(choice_index)
 
@@ -1172,7 +1186,7 @@ class OpenAIChatReader(ResponseReader):
                 for tool_call in calls:
                     name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
                     if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
-                        _add_tool_call(self.call, name)
+                        _add_tool_call(self.call, name, _get(tool_call, "id"))
                         if capture:
                             self._tool_choices.append(index)
         self._usage(obj.get("usage"))
@@ -1347,7 +1361,7 @@ class OpenAIResponsesReader(ResponseReader):
                 self._first_token(now)
                 name = _tool_item_name(item)
                 if name:
-                    _add_tool_call(self.call, name)
+                    _add_tool_call(self.call, name, item.get("call_id") or item.get("id"), _hosted_item(item))
                     _remember_tool_call(item, name)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
@@ -1381,7 +1395,7 @@ class OpenAIResponsesReader(ResponseReader):
                 continue
             name = _tool_item_name(item)
             if name:
-                _add_tool_call(self.call, name)
+                _add_tool_call(self.call, name, item.get("call_id") or item.get("id"), _hosted_item(item))
                 _remember_tool_call(item, name)
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
@@ -1438,6 +1452,11 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
+
+
+def _hosted_block(block_type: Any, name: str) -> str | None:
+    """The kind of hosted tool an Anthropic tool block calls (its name, ``mcp`` for an MCP server's), or None."""
+    return None if block_type == "tool_use" else "mcp" if block_type == "mcp_tool_use" else name
 
 
 class AnthropicMessagesReader(ResponseReader):
@@ -1537,7 +1556,9 @@ class AnthropicMessagesReader(ResponseReader):
                     self._first_token(now)
                     name = _str(block.get("name"))
                     if name:
-                        _add_tool_call(self.call, name)
+                        _add_tool_call(self.call, name, block.get("id"), _hosted_block(block_type, name))
+                elif block_type is not None and block_type.endswith("_tool_result"):
+                    self.call.add_server_tool_result(block.get("tool_use_id"), block_type[: -len("_tool_result")])
                 elif block_type == "redacted_thinking":
                     # Reasoning sent as one encrypted block once made (no deltas): the first output the client gets.
                     self._first_token(now)
@@ -1560,7 +1581,9 @@ class AnthropicMessagesReader(ResponseReader):
                 continue
             name = _str(block.get("name"))
             if name and type(block.get("type")) is str and block["type"] in _ANTHROPIC_TOOL_BLOCKS:
-                _add_tool_call(self.call, name)
+                _add_tool_call(self.call, name, block.get("id"), _hosted_block(block["type"], name))
+            elif type(kind := block.get("type")) is str and kind.endswith("_tool_result"):
+                self.call.add_server_tool_result(block.get("tool_use_id"), kind[: -len("_tool_result")])
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])
                 self._keep_text(block["text"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Final
 
+#: Tool calls whose id (and, for a tool the provider runs itself, its kind) is kept for the span's output messages:
+#: as many as a captured message shows.
+MAX_TOOL_CALL_IDS: Final = 16
 #: Choices whose finish reason is kept apart for the span's ``gen_ai.response.finish_reasons`` (one per choice):
 #: OpenAI's ``n`` asks for at most 128.
 MAX_CHOICE_FINISHES: Final = 128
@@ -88,6 +91,11 @@ class LLMCall:
     #: Choices a stream's events named (the highest choice index read, plus one; 0 for streams without choices).
     stream_choices: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
+    #: (id, hosted tool kind or None) of each of the first MAX_TOOL_CALL_IDS of ``tool_calls``; None until one.
+    tool_call_ids: list[tuple[str | None, str | None]] | None = None
+    #: (tool_use_id, hosted tool kind) of each of the first MAX_TOOL_CALL_IDS results of a tool the provider ran
+    #: itself that the answer carries (Anthropic's ``web_search_tool_result`` and the like); None until one.
+    server_tool_results: list[tuple[str | None, str]] | None = None
     #: Each choice's finish reason, by choice index (a finish repeated for one choice read once), or None.
     choice_finishes: dict[int, str] | None = None
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
@@ -127,6 +135,24 @@ class LLMCall:
     otel_context: Any = None
     #: Token of ``opentelemetry.context.attach`` while the LLM span is current (tracing detaches it at the end).
     otel_token: Any = None
+
+    def add_tool_call(self, name: str, call_id: Any = None, hosted: str | None = None) -> None:
+        """Count a tool call made by the model: ``call_id`` its id, ``hosted`` the kind of a tool the provider runs
+        itself (``web_search``, ``code_interpreter``, ...), None for the client's own."""
+        self.tool_calls.append(name)
+        ids = self.tool_call_ids
+        if ids is None:
+            ids = self.tool_call_ids = []
+        if len(ids) < MAX_TOOL_CALL_IDS:
+            ids.append((call_id[:256] if isinstance(call_id, str) else None, hosted))
+
+    def add_server_tool_result(self, call_id: Any, kind: str) -> None:
+        """A result of a tool the provider ran itself, in the answer: ``call_id`` the id of its call."""
+        results = self.server_tool_results
+        if results is None:
+            results = self.server_tool_results = []
+        if len(results) < MAX_TOOL_CALL_IDS:
+            results.append((call_id[:256] if isinstance(call_id, str) else None, kind[:256]))
 
     def add_choice_finish(self, index: int, reason: str) -> None:
         """A choice's finish reason: the first read for each choice kept, up to MAX_CHOICE_FINISHES choices."""

@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 from . import instruments as names
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
 from .labels import field_text, label_value, valid_text
-from .record import LLMCall
+from .record import MAX_TOOL_CALL_IDS, LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
 from .version import __version__
@@ -123,7 +123,6 @@ MAX_CAPTURED_TOOL_PARTS: Final = 16
 #: Longest tool call id or tool name shown in captured messages.
 MAX_TOOL_FIELD_CHARS: Final = 256
 
-
 #: The providers' finish reasons as the conventions' ``FinishReason`` values name them in an output message's
 #: ``finish_reason`` (``gen_ai.response.finish_reasons`` keeps the provider's words); any other is shown as sent.
 _FINISH_REASONS: Final = {
@@ -140,6 +139,18 @@ _FINISH_REASONS: Final = {
     "function_call": "tool_call",
     "tool_use": "tool_call",
     "error": "error",
+}
+
+#: Anthropic's content blocks of the tools it runs itself (a call, and each tool's result block, ``*_tool_result``).
+_SERVER_TOOL_BLOCKS: Final = frozenset(("server_tool_use", "mcp_tool_use"))
+#: The Responses API's items of the tools OpenAI runs itself, by the kind of tool each calls.
+_SERVER_TOOL_ITEMS: Final = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
+    "mcp_call": "mcp",
+    "tool_search_call": "tool_search",
 }
 
 
@@ -204,6 +215,27 @@ def _tool_output(item: Mapping[str, Any]) -> Any:
 def _finish_reason(reason: str) -> str:
     """An output message's ``finish_reason``: the conventions' value for a provider's word that has one."""
     return _FINISH_REASONS.get(reason, reason)
+
+
+def _server_tool_call(call_id: Any, name: Any, kind: str) -> dict[str, Any]:
+    """A call of a tool the provider runs itself (``kind``: ``web_search``, ``code_interpreter``, ``mcp``, ...), as
+    the conventions' ``server_tool_call`` part."""
+    return {
+        "type": "server_tool_call",
+        "id": _short(call_id),
+        "name": _short(name) or kind,
+        "server_tool_call": {"type": field_text(kind, MAX_TOOL_FIELD_CHARS)},
+    }
+
+
+def _server_tool_result(call_id: Any, kind: str) -> dict[str, Any]:
+    """The result of a tool the provider ran itself, as the conventions' ``server_tool_call_response`` part (its
+    content, search results and the like, is not shown)."""
+    return {
+        "type": "server_tool_call_response",
+        "id": _short(call_id),
+        "server_tool_call_response": {"type": field_text(kind, MAX_TOOL_FIELD_CHARS)},
+    }
 
 
 #: The span event marking the first generated token (or tool call) of a stream.
@@ -1295,6 +1327,10 @@ class SpanObserver:
         if kind == "function_call" or kind == "custom_tool_call":
             arguments = message.get("arguments" if kind == "function_call" else "input")
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
+        if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS:
+            # A call of a tool OpenAI ran itself, sent back (its results are not shown).
+            hosted = _SERVER_TOOL_ITEMS[kind]
+            return [_server_tool_call(message.get("id") or message.get("call_id"), message.get("name"), hosted)]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):
@@ -1324,9 +1360,10 @@ class SpanObserver:
     def _blocks(self, blocks: list[Any], tools: bool = True) -> list[dict[str, Any]]:
         """A list of content blocks as parts, in their order: each text block a text part (OpenAI's content parts,
         the Responses API's ``input_text``, Anthropic's text blocks), Anthropic's ``tool_use`` and ``tool_result``
-        blocks tool parts (unless not ``tools``); images, audio and documents are not shown. The text parts share
-        the cap, as one text would; at most :data:`MAX_CAPTURED_TOOL_PARTS` of each kind are shown, and text left
-        out marks the last text part shown as cut."""
+        blocks tool parts, and its hosted tools' calls and results server tool parts (unless not ``tools``);
+        images, audio and documents are not shown. The text parts share the cap, as one text would; at most
+        :data:`MAX_CAPTURED_TOOL_PARTS` of each kind are shown, and text left out marks the last text part shown as
+        cut."""
         parts: list[dict[str, Any]] = []
         budget = self.max_chars
         texts = 0
@@ -1336,13 +1373,22 @@ class SpanObserver:
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")
-            if kind == "tool_use" or kind == "tool_result":
+            server = isinstance(kind, str) and (kind in _SERVER_TOOL_BLOCKS or kind.endswith("_tool_result"))
+            if kind == "tool_use" or kind == "tool_result" or server:
                 if calls < MAX_CAPTURED_TOOL_PARTS:
                     calls += 1
                     if kind == "tool_use":
                         parts.append(self._tool_call(block.get("id"), block.get("name"), block.get("input")))
-                    else:
+                    elif kind == "tool_result":
                         parts.append(self._tool_result(block.get("tool_use_id"), block.get("content")))
+                    elif kind in _SERVER_TOOL_BLOCKS:
+                        # A call of a tool Anthropic runs itself (web search, code execution, an MCP server's tool).
+                        name = block.get("name")
+                        hosted = "mcp" if kind == "mcp_tool_use" else name if isinstance(name, str) else "unknown"
+                        parts.append(_server_tool_call(block.get("id"), name, hosted))
+                    else:  # its result (``web_search_tool_result``, ``mcp_tool_result``, ...)
+                        hosted = str(kind)[: -len("_tool_result")]
+                        parts.append(_server_tool_result(block.get("tool_use_id"), hosted))
             elif isinstance(text := block.get("text"), str):
                 if texts < MAX_CAPTURED_TOOL_PARTS and budget > 0:
                     texts += 1
@@ -1400,7 +1446,7 @@ class SpanObserver:
             attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages, ensure_ascii=False)
             if omitted:
                 attributes[LLM_INPUT_MESSAGES_OMITTED] = omitted
-        if call.output_text or call.tool_calls:
+        if call.output_text or call.tool_calls or call.server_tool_results:
             # One message per choice (``n`` of them), each with its own finish reason where one was reported.
             finish = call.finish_reasons[0] if call.finish_reasons else None
             finishes = call.output_finish_reasons or ()
@@ -1412,12 +1458,25 @@ class SpanObserver:
                 budget -= len(shown)
                 texts.append([{"type": "text", "content": shown}] if shown else [])
             texts = texts or [[]]
-            # The tool calls the model made, by name (the readers keep no ids or arguments of the answer's calls),
-            # each in the message of its choice.
+            # The tool calls the model made, by id and name (the readers keep no arguments of the answer's calls),
+            # each in the message of its choice; a call of a tool the provider runs itself a server tool call.
             owners = call.output_tool_messages or ()
-            for n, name in enumerate(call.tool_calls[:MAX_CAPTURED_TOOL_PARTS]):
+            ids = call.tool_call_ids or ()
+            for n, name in enumerate(call.tool_calls[: min(MAX_CAPTURED_TOOL_PARTS, MAX_TOOL_CALL_IDS)]):
                 at = owners[n] if n < len(owners) and owners[n] < len(texts) else 0
-                texts[at].append({"type": "tool_call", "id": None, "name": name})
+                call_id, hosted = ids[n] if n < len(ids) else (None, None)
+                if hosted is None:
+                    texts[at].append({"type": "tool_call", "id": _short(call_id), "name": _short(name) or "unknown"})
+                else:
+                    texts[at].append(_server_tool_call(call_id, name, hosted))
+            # The results of the tools the provider ran itself, each after its call.
+            for call_id, kind in call.server_tool_results or ():
+                result = _server_tool_result(call_id, kind)
+                parts = texts[0]
+                at = next(
+                    (i + 1 for i, p in enumerate(parts) if p.get("server_tool_call") and p["id"] == result["id"]), 0
+                )
+                parts.insert(at or len(parts), result)
             output = [
                 {
                     "role": "assistant",

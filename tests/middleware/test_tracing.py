@@ -63,10 +63,12 @@ def traced_chat_app(
     capture: bool = False,
     env: dict[str, str] | None = None,
     wrap: Callable[[Any], Any] | None = None,
+    path: str = "/v1/chat/completions",
 ) -> Iterator[str]:
     """A chat-completions endpoint of a test's own under the middleware, its spans sent straight to ``receiver``,
     served by uvicorn; every span is exported by the time the block is left. ``env``: more of the middleware's
-    variables; ``wrap``: what the served app is made of the middleware (an outer ASGI middleware, say)."""
+    variables; ``wrap``: what the served app is made of the middleware (an outer ASGI middleware, say); ``path``:
+    the endpoint's (another API's)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -78,7 +80,7 @@ def traced_chat_app(
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
     with isolated_env({**({"LLM_TELEMETRY_CAPTURE_CONTENT": "true"} if capture else {}), **(env or {})}):
         app = LLMTelemetryMiddleware(
-            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            Starlette(routes=[Route(path, chat, methods=["POST"])]),
             metrics_port=0,
             tracer_provider=provider,
         )
@@ -719,9 +721,9 @@ def test_captured_tool_round_trips_show_the_calls_and_results(receiver: OTLPRece
     assert chat[2] == {"role": "tool", "parts": [
         {"type": "tool_call_response", "id": "call_1", "response": "18C; mail [email]"}]}  # fmt: skip  # redacted
     answer = messages("trace-test-tools-answer", "gen_ai.output.messages")
-    # (The finish reason as the conventions name it, tool_calls being OpenAI's.)
+    # (The call's id as the stream gave it; the finish reason as the conventions name it, tool_calls being OpenAI's.)
     assert answer == [{"role": "assistant", "finish_reason": "tool_call", "parts": [
-        {"type": "tool_call", "id": None, "name": "get_weather"}]}]  # fmt: skip
+        {"type": "tool_call", "id": "call_demo1", "name": "get_weather"}]}]  # fmt: skip
     claude = messages("trace-test-tools-anthropic")
     assert claude[1]["parts"] == [
         {"type": "text", "content": "Let me look."},
@@ -1250,7 +1252,7 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     assert len(messages) == 16
     shown = sum(len(p.get("content", "")) for m in messages for p in m["parts"] if p["type"] == "text")
     assert 4096 <= shown <= 4096 + len(TRUNCATION_MARK)
-    assert messages[15]["parts"] == [{"type": "tool_call", "id": None, "name": "get_weather"}]
+    assert messages[15]["parts"] == [{"type": "tool_call", "id": "t", "name": "get_weather"}]
     assert messages[15]["finish_reason"] == "tool_call"
     assert all(p["type"] == "text" for p in messages[0]["parts"])
 
@@ -1291,7 +1293,7 @@ def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(recei
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [
         {"role": "assistant", "parts": [{"type": "text", "content": "Sunny"}], "finish_reason": "stop"},
-        {"role": "assistant", "parts": [{"type": "tool_call", "id": None, "name": "get_weather"}],
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_1", "name": "get_weather"}],
          "finish_reason": "tool_call"},
     ]  # fmt: skip
 
@@ -1382,6 +1384,106 @@ def test_an_outer_asgi_instrumentation_without_an_sdk_leaves_the_span_shape_as_i
             assert server.attributes["url.path"] == "/v1/chat/completions"
 
 
+def _output_messages_of_the_conventions(messages: list[dict[str, Any]]) -> None:
+    """What the conventions' output-message schema (v1.41.1) requires of each message and of its parts."""
+    for message in messages:
+        assert isinstance(message["role"], str) and isinstance(message["finish_reason"], str), message
+        for part in message["parts"]:
+            required = {
+                "text": ("content",),
+                "tool_call": ("name",),
+                "server_tool_call": ("name", "server_tool_call"),
+                "server_tool_call_response": ("server_tool_call_response",),
+            }[part["type"]]
+            assert all(key in part for key in required), part
+            for key in ("server_tool_call", "server_tool_call_response"):
+                if key in part:
+                    assert isinstance(part[key]["type"], str), part
+            assert part.get("id") is None or isinstance(part["id"], str), part
+
+
+def test_output_tool_calls_have_the_providers_ids_and_the_conventions_finish_reasons(receiver: OTLPReceiver) -> None:
+    """An answer's tool call shows the id the provider gave it (OpenAI's ``tool_calls[].id``, the Responses API's
+    ``call_id``, Anthropic's ``tool_use`` id), streamed and not, so a trace can tie it to the tool's result in the
+    next request; each output message's finish reason is the conventions' word for the provider's (``tool_call``,
+    ``stop``), while ``gen_ai.response.finish_reasons`` keeps the provider's own, as the conventions' examples do."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    with demo_server(env) as (_, base):
+        openai_client = client(base)
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        for stream in (False, True):
+            ask = {"messages": [{"role": "user", "content": "weather?"}], "tools": DEMO_TOOLS, "stream": stream}
+            reply: Any = openai_client.chat.completions.create(
+                model="gpt-4o", **ask, extra_headers={"x-request-id": f"ids-chat-{stream}"}
+            )
+            list(reply) if stream else None
+            tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+            reply = openai_client.responses.create(
+                model="gpt-4o", input="weather?", tools=[tool], stream=stream,  # type: ignore[list-item]
+                extra_headers={"x-request-id": f"ids-responses-{stream}"},
+            )  # fmt: skip
+            list(reply) if stream else None
+            claude_tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+            for tools, name in (([claude_tool], "tools"), ([], "text")):
+                reply = claude.messages.create(
+                    model="claude-test", max_tokens=64, messages=[{"role": "user", "content": "weather?"}],
+                    tools=tools, stream=stream, extra_headers={"x-request-id": f"ids-claude-{name}-{stream}"},
+                )  # type: ignore[call-overload]  # fmt: skip
+                list(reply) if stream else None
+
+    for stream in (False, True):
+        shown = {}
+        for api in ("chat", "responses", "claude-tools", "claude-text"):
+            span = wait_span(receiver, **{"llm.request_id": f"ids-{api}-{stream}"})
+            messages = json.loads(span.attributes["gen_ai.output.messages"])
+            _output_messages_of_the_conventions(messages)
+            shown[api] = (messages, list(span.attributes["gen_ai.response.finish_reasons"]))
+        call = {"type": "tool_call", "id": "call_demo1", "name": "get_weather"}
+        assert shown["chat"] == (
+            [{"role": "assistant", "parts": [call], "finish_reason": "tool_call"}],
+            ["tool_calls"],
+        ), stream
+        assert shown["responses"][0] == [{"role": "assistant", "parts": [call], "finish_reason": "stop"}], stream
+        assert shown["claude-tools"] == (
+            [{"role": "assistant", "parts": [{**call, "id": "toolu_demo1"}], "finish_reason": "tool_call"}],
+            ["tool_use"],
+        ), stream
+        [text] = shown["claude-text"][0]
+        assert (text["finish_reason"], shown["claude-text"][1]) == ("stop", ["end_turn"]), stream
+
+
+def test_output_messages_finish_reasons_are_the_conventions_words(receiver: OTLPReceiver) -> None:
+    """Each output message's ``finish_reason`` is the conventions' word (``stop``, ``length``, ``tool_call``) for the
+    provider's (Anthropic's ``end_turn``, ``max_tokens``, ``tool_use``; OpenAI's ``tool_calls``), streamed and not, as
+    the conventions' tool-call example shows it; ``gen_ai.response.finish_reasons`` keeps the provider's own words,
+    as that example does."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    claude_tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    with demo_server(env) as (_, base):
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        for stream in (False, True):
+            reply: Any = client(base).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "weather?"}], tools=DEMO_TOOLS, stream=stream,
+                extra_headers={"x-request-id": f"words-chat-{stream}"},
+            )  # fmt: skip
+            list(reply) if stream else None
+            for name, tools, max_tokens in (("tool", [claude_tool], 64), ("text", [], 64), ("cut", [], 3)):
+                reply = claude.messages.create(
+                    model="claude-test", max_tokens=max_tokens, messages=[{"role": "user", "content": "weather?"}],
+                    tools=tools, stream=stream, extra_headers={"x-request-id": f"words-{name}-{stream}"},
+                )  # type: ignore[call-overload]  # fmt: skip
+                list(reply) if stream else None
+    for stream in (False, True):
+        for name, word, provider in (
+            ("chat", "tool_call", "tool_calls"), ("tool", "tool_call", "tool_use"), ("text", "stop", "end_turn"),
+            ("cut", "length", "max_tokens"),
+        ):  # fmt: skip
+            attributes = wait_span(receiver, **{"llm.request_id": f"words-{name}-{stream}"}).attributes
+            [message] = json.loads(attributes["gen_ai.output.messages"])
+            assert message["finish_reason"] == word, (name, stream, message)
+            assert attributes["gen_ai.response.finish_reasons"] == [provider], (name, stream)
+
+
 def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceiver) -> None:
     """``gen_ai.response.finish_reasons`` has one reason per choice received, in the choices' order (the
     conventions' ``["stop", "stop"]`` for two choices that both stopped), with content capture on and off, streamed
@@ -1427,33 +1529,88 @@ def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceive
             assert span.attributes["gen_ai.response.finish_reasons"] == ["stop", "length", "stop"], (capture, stream)
 
 
-def test_output_messages_finish_reasons_are_the_conventions_words(receiver: OTLPReceiver) -> None:
-    """Each output message's ``finish_reason`` is the conventions' word (``stop``, ``length``, ``tool_call``) for the
-    provider's (Anthropic's ``end_turn``, ``max_tokens``, ``tool_use``; OpenAI's ``tool_calls``), streamed and not, as
-    the conventions' tool-call example shows it; ``gen_ai.response.finish_reasons`` keeps the provider's own words,
-    as that example does."""
-    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
-    claude_tool = {"name": "get_weather", "input_schema": {"type": "object"}}
-    with demo_server(env) as (_, base):
+#: Anthropic's answer that searched the web (a hosted tool) before answering.
+_SEARCHED = [
+    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "Paris weather"}},
+    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+        {"type": "web_search_result", "url": "https://example.com", "title": "Paris", "encrypted_content": "x"}]},
+    {"type": "text", "text": "Sunny."},
+]  # fmt: skip
+
+
+def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
+    """A tool the provider runs itself (Anthropic's web search, the Responses API's web search) is a
+    ``server_tool_call`` part, as the conventions tell it from the client's own tools: in the answer (streamed and
+    not) and in the conversation sent back, where its result is a ``server_tool_call_response`` part."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    usage = {"input_tokens": 5, "output_tokens": 3}
+
+    def event(kind: str, **members: Any) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **members})}\n\n".encode()
+
+    async def messages(request: Request) -> Response:
+        body = await request.json()
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test"}
+        if not body.get("stream"):
+            return JSONResponse({**message, "content": _SEARCHED, "stop_reason": "end_turn", "usage": usage})
+        events = [event("message_start", message={**message, "content": [], "stop_reason": None, "usage": usage})]
+        for i, block in enumerate(_SEARCHED):
+            if block["type"] == "text":
+                events.append(event("content_block_start", index=i, content_block={"type": "text", "text": ""}))
+                events.append(event("content_block_delta", index=i, delta={"type": "text_delta", "text": "Sunny."}))
+            else:
+                start = {**block, "input": {}} if block["type"] == "server_tool_use" else block
+                events.append(event("content_block_start", index=i, content_block=start))
+            events.append(event("content_block_stop", index=i))
+        events.append(event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 3}))
+        events.append(event("message_stop"))
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    searched = {"type": "server_tool_call", "id": "srvtoolu_1", "name": "web_search",
+                "server_tool_call": {"type": "web_search"}}  # fmt: skip
+    result = {"type": "server_tool_call_response", "id": "srvtoolu_1",
+              "server_tool_call_response": {"type": "web_search"}}  # fmt: skip
+    with traced_chat_app(receiver, messages, "llm-hosted", capture=True, path="/v1/messages") as base:
         claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
         for stream in (False, True):
-            reply: Any = client(base).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "weather?"}], tools=DEMO_TOOLS, stream=stream,
-                extra_headers={"x-request-id": f"words-chat-{stream}"},
+            reply: Any = claude.messages.create(
+                model="claude-test", max_tokens=64, stream=stream,  # type: ignore[call-overload]
+                messages=[{"role": "user", "content": "weather in Paris?"}, {"role": "assistant", "content": _SEARCHED},
+                          {"role": "user", "content": "and tomorrow?"}],
+                extra_headers={"x-request-id": f"hosted-claude-{stream}"},
             )  # fmt: skip
             list(reply) if stream else None
-            for name, tools, max_tokens in (("tool", [claude_tool], 64), ("text", [], 64), ("cut", [], 3)):
-                reply = claude.messages.create(
-                    model="claude-test", max_tokens=max_tokens, messages=[{"role": "user", "content": "weather?"}],
-                    tools=tools, stream=stream, extra_headers={"x-request-id": f"words-{name}-{stream}"},
-                )  # type: ignore[call-overload]  # fmt: skip
-                list(reply) if stream else None
     for stream in (False, True):
-        for name, word, provider in (
-            ("chat", "tool_call", "tool_calls"), ("tool", "tool_call", "tool_use"), ("text", "stop", "end_turn"),
-            ("cut", "length", "max_tokens"),
-        ):  # fmt: skip
-            attributes = wait_span(receiver, **{"llm.request_id": f"words-{name}-{stream}"}).attributes
-            [message] = json.loads(attributes["gen_ai.output.messages"])
-            assert message["finish_reason"] == word, (name, stream, message)
-            assert attributes["gen_ai.response.finish_reasons"] == [provider], (name, stream)
+        attributes = wait_span(receiver, **{"llm.request_id": f"hosted-claude-{stream}"}).attributes
+        [answer] = json.loads(attributes["gen_ai.output.messages"])
+        _output_messages_of_the_conventions([answer])
+        # (The answer's text first, as for any answer; the search's result after its call.)
+        assert answer["parts"] == [{"type": "text", "content": "Sunny."}, searched, result], answer
+        sent = json.loads(attributes["gen_ai.input.messages"])[1]
+        assert sent["parts"] == [searched, result, {"type": "text", "content": "Sunny."}]
+
+    item = {"id": "ws_1", "type": "web_search_call", "status": "completed",
+            "action": {"type": "search", "query": "Paris weather"}}  # fmt: skip
+    text = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "Sunny.", "annotations": []}]}  # fmt: skip
+
+    async def responses(request: Request) -> Response:
+        await request.json()  # (the middleware reads a request as the app does)
+        return JSONResponse({"id": "resp_1", "object": "response", "created_at": 0, "model": "gpt-4o",
+                             "status": "completed", "output": [item, text],
+                             "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}})  # fmt: skip
+
+    with traced_chat_app(receiver, responses, "llm-hosted-responses", capture=True, path="/v1/responses") as base:
+        client(base).responses.create(
+            model="gpt-4o", input=[{"role": "user", "content": "weather?"}, item, text],  # type: ignore[list-item]
+            tools=[{"type": "web_search"}], extra_headers={"x-request-id": "hosted-responses"},
+        )  # fmt: skip
+    attributes = wait_span(receiver, **{"llm.request_id": "hosted-responses"}).attributes
+    web = {"type": "server_tool_call", "id": "ws_1", "name": "web_search", "server_tool_call": {"type": "web_search"}}
+    [answer] = json.loads(attributes["gen_ai.output.messages"])
+    _output_messages_of_the_conventions([answer])
+    assert answer["parts"] == [{"type": "text", "content": "Sunny."}, web]
+    sent = json.loads(attributes["gen_ai.input.messages"])
+    assert sent[1] == {"role": "assistant", "parts": [web]}
