@@ -9,8 +9,10 @@ from typing import Any, Final
 #: as many as a captured message shows.
 MAX_TOOL_CALL_IDS: Final = 16
 #: Choices whose finish reason is kept apart for the span's ``gen_ai.response.finish_reasons`` (one per choice):
-#: OpenAI's ``n`` asks for at most 128.
+#: OpenAI's ``n`` asks for at most 128. Each is cut to MAX_CHOICE_FINISH_CHARS (the providers' are short words), so
+#: an upstream's long ones leave the span small.
 MAX_CHOICE_FINISHES: Final = 128
+MAX_CHOICE_FINISH_CHARS: Final = 64
 
 
 @dataclasses.dataclass(slots=True)
@@ -156,6 +158,7 @@ class LLMCall:
 
     def add_choice_finish(self, index: int, reason: str) -> None:
         """A choice's finish reason: the first read for each choice kept, up to MAX_CHOICE_FINISHES choices."""
+        reason = reason[:MAX_CHOICE_FINISH_CHARS]
         finishes = self.choice_finishes
         if finishes is None:
             self.choice_finishes = {index: reason}

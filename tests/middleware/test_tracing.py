@@ -1538,6 +1538,31 @@ _SEARCHED = [
 ]  # fmt: skip
 
 
+def test_finish_reasons_of_many_choices_keep_the_span_small(receiver: OTLPReceiver) -> None:
+    """An upstream answering 200 choices, each with a 1,000-character finish reason: the span lists the first 128
+    choices' reasons (OpenAI's largest ``n``), each cut to 64 characters."""
+    from starlette.responses import JSONResponse
+
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": "a"}, "finish_reason": str(i) + "x" * 1000}
+        for i in range(200)
+    ]
+
+    async def chat(request: Any) -> JSONResponse:
+        await request.json()
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
+
+    with traced_chat_app(receiver, chat, "llm-many-finishes") as base:
+        client(base).chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "hi"}],
+            n=128,
+            extra_headers={"x-request-id": "finishes-200"},
+        )
+    reasons = wait_span(receiver, **{"llm.request_id": "finishes-200"}).attributes["gen_ai.response.finish_reasons"]
+    assert reasons == [(str(i) + "x" * 1000)[:64] for i in range(128)]
+
+
 def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
     """A tool the provider runs itself (Anthropic's web search, the Responses API's web search) is a
     ``server_tool_call`` part, as the conventions tell it from the client's own tools: in the answer (streamed and
