@@ -1622,20 +1622,36 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
             "content": [{"type": "output_text", "text": "Sunny.", "annotations": []}]}  # fmt: skip
 
     async def responses(request: Request) -> Response:
-        await request.json()  # (the middleware reads a request as the app does)
-        return JSONResponse({"id": "resp_1", "object": "response", "created_at": 0, "model": "gpt-4o",
-                             "status": "completed", "output": [item, text],
-                             "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}})  # fmt: skip
+        body = await request.json()
+        usage = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
+        done = {"id": "resp_1", "object": "response", "created_at": 0, "model": "gpt-4o", "status": "completed",
+                "output": [item, text], "usage": usage}  # fmt: skip
+        if not body.get("stream"):
+            return JSONResponse(done)
+        events = [
+            event("response.created", response={**done, "status": "in_progress", "output": [], "usage": None}),
+            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress"}),
+            event("response.output_item.done", output_index=0, item=item),
+            event("response.output_item.added", output_index=1, item={**text, "content": []}),
+            event("response.output_text.delta", output_index=1, content_index=0, item_id="msg_1", delta="Sunny."),
+            event("response.output_item.done", output_index=1, item=text),
+            event("response.completed", response=done),
+        ]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
 
-    with traced_chat_app(receiver, responses, "llm-hosted-responses", capture=True, path="/v1/responses") as base:
-        client(base).responses.create(
-            model="gpt-4o", input=[{"role": "user", "content": "weather?"}, item, text],  # type: ignore[list-item]
-            tools=[{"type": "web_search"}], extra_headers={"x-request-id": "hosted-responses"},
-        )  # fmt: skip
-    attributes = wait_span(receiver, **{"llm.request_id": "hosted-responses"}).attributes
     web = {"type": "server_tool_call", "id": "ws_1", "name": "web_search", "server_tool_call": {"type": "web_search"}}
-    [answer] = json.loads(attributes["gen_ai.output.messages"])
-    _output_messages_of_the_conventions([answer])
-    assert answer["parts"] == [{"type": "text", "content": "Sunny."}, web]
-    sent = json.loads(attributes["gen_ai.input.messages"])
-    assert sent[1] == {"role": "assistant", "parts": [web]}
+    with traced_chat_app(receiver, responses, "llm-hosted-responses", capture=True, path="/v1/responses") as base:
+        for stream in (False, True):
+            reply = client(base).responses.create(
+                model="gpt-4o", input=[{"role": "user", "content": "weather?"}, item, text],  # type: ignore[list-item]
+                tools=[{"type": "web_search"}], stream=stream,
+                extra_headers={"x-request-id": f"hosted-responses-{stream}"},
+            )  # fmt: skip
+            list(reply) if stream else None
+    for stream in (False, True):
+        attributes = wait_span(receiver, **{"llm.request_id": f"hosted-responses-{stream}"}).attributes
+        [answer] = json.loads(attributes["gen_ai.output.messages"])
+        _output_messages_of_the_conventions([answer])
+        assert answer["parts"] == [{"type": "text", "content": "Sunny."}, web], stream
+        sent = json.loads(attributes["gen_ai.input.messages"])
+        assert sent[1] == {"role": "assistant", "parts": [web]}, stream
