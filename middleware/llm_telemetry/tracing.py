@@ -1327,8 +1327,9 @@ class SpanObserver:
         if kind == "function_call" or kind == "custom_tool_call":
             arguments = message.get("arguments" if kind == "function_call" else "input")
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
-        if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS:
-            # A call of a tool OpenAI ran itself, sent back (its results are not shown).
+        if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS and message.get("execution") != "client":
+            # A call of a tool OpenAI ran itself, sent back (its results are not shown; a tool search may be the
+            # client's).
             hosted = _SERVER_TOOL_ITEMS[kind]
             return [_server_tool_call(message.get("id") or message.get("call_id"), message.get("name"), hosted)]
         if kind == "reasoning":

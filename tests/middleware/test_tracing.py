@@ -1621,6 +1621,9 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
     text = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
             "content": [{"type": "output_text", "text": "Sunny.", "annotations": []}]}  # fmt: skip
 
+    searched_by_client = {"type": "tool_search_call", "id": "ts_1", "call_id": "call_ts", "execution": "client",
+                          "arguments": {}, "status": "completed"}  # fmt: skip
+
     async def responses(request: Request) -> Response:
         body = await request.json()
         usage = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
@@ -1643,7 +1646,8 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
     with traced_chat_app(receiver, responses, "llm-hosted-responses", capture=True, path="/v1/responses") as base:
         for stream in (False, True):
             reply = client(base).responses.create(
-                model="gpt-4o", input=[{"role": "user", "content": "weather?"}, item, text],  # type: ignore[list-item]
+                model="gpt-4o",
+                input=[{"role": "user", "content": "weather?"}, item, text, searched_by_client],  # type: ignore[list-item]
                 tools=[{"type": "web_search"}], stream=stream,
                 extra_headers={"x-request-id": f"hosted-responses-{stream}"},
             )  # fmt: skip
@@ -1655,3 +1659,4 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
         assert answer["parts"] == [{"type": "text", "content": "Sunny."}, web], stream
         sent = json.loads(attributes["gen_ai.input.messages"])
         assert sent[1] == {"role": "assistant", "parts": [web]}, stream
+        assert sent[3] == {"role": "assistant", "parts": []}, stream  # (the client's own tool search: not OpenAI's)
