@@ -81,6 +81,29 @@ def test_the_server_keeps_the_validation_rules(stored: dict[str, Any]) -> None:
     assert sorted(kept) == sorted(ours)
 
 
+def test_kubectl_explain_finds_the_status_fields(api: Any, stored: dict[str, Any]) -> None:
+    """The server's OpenAPI v2, which ``kubectl explain`` reads before 1.27, lists the status's fields (a status
+    keeping unknown fields was published as an empty object: ``kubectl explain llmtelemetry.status.conditions``
+    printed no field)."""
+    import json
+    import time
+
+    def published() -> dict[str, Any]:
+        request = api.param_serialize(method="GET", resource_path="/openapi/v2", auth_settings=["BearerToken"])
+        response = api.call_api(*request)
+        response.read()
+        definition = json.loads(response.data)["definitions"].get("dev.llmtelemetry.v1alpha1.LLMTelemetry") or {}
+        return dict((definition.get("properties") or {}).get("status") or {})
+
+    # (The server publishes a CRD's OpenAPI, or a change of it, a moment after it is established.)
+    deadline = time.monotonic() + 30
+    while "properties" not in (status := published()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert {"conditions", "phase", "observedGeneration", "targets"} <= set(status.get("properties") or {}), status
+    condition = status["properties"]["conditions"]["items"]
+    assert {"type", "status", "reason", "message", "lastTransitionTime"} <= set(condition["properties"])
+
+
 def _load(path: pathlib.Path) -> dict[str, Any]:
     import yaml
 

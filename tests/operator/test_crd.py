@@ -65,6 +65,10 @@ def test_every_field_says_what_it_is() -> None:
         walk(schema["properties"][part], part)
     assert blank == []
     assert schema["properties"]["status"].get("description")
+    # A node that keeps unknown fields is published in the API server's OpenAPI v2 without its fields, which is
+    # what kubectl explain reads before 1.27: `kubectl explain llmtelemetry.status.conditions` then showed nothing.
+    keeping = [key for key, node in schema["properties"].items() if node.get("x-kubernetes-preserve-unknown-fields")]
+    assert keeping == []
 
 
 def test_crd_names_and_printer_columns() -> None:
