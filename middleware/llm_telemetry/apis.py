@@ -1282,8 +1282,20 @@ _RESPONSES_TOOL_ITEMS: Final[dict[str, str | None]] = {
     "shell_call": "shell",
     "apply_patch_call": "apply_patch",
 }
-#: The input items that carry a tool's output back, for function and custom tools alike.
-_RESPONSES_TOOL_OUTPUTS: Final = frozenset(("function_call_output", "custom_tool_call_output"))
+#: The input items that carry a tool's output back to the model: function and custom tools', and those of the tools
+#: the application runs for the model (computer, shell, local shell, apply_patch) and of a tool search it ran. (A
+#: ``program_output`` item is the result of a program the API runs, as a ``mcp_call`` carries its own output.)
+_RESPONSES_TOOL_OUTPUTS: Final = frozenset(
+    (
+        "function_call_output",
+        "custom_tool_call_output",
+        "computer_call_output",
+        "shell_call_output",
+        "local_shell_call_output",
+        "apply_patch_call_output",
+        "tool_search_output",
+    )
+)
 
 
 #: The status a Responses stream's last event names.
@@ -1660,11 +1672,32 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
             call_id = _str(item.get("call_id"))
             if kind in _RESPONSES_TOOL_ITEMS and call_id:
                 names[call_id] = _tool_item_name(item) or "unknown"
-        elif kind in _RESPONSES_TOOL_OUTPUTS:
-            call_id = _str(item.get("call_id")) or ""
+        elif kind in _RESPONSES_TOOL_OUTPUTS and not (
+            kind == "tool_search_output" and item.get("execution") == "server"
+        ):
+            # (A tool search the API ran itself sent back with the conversation is its result, as a web search's is:
+            # no tool result of the application's.) A local shell call's output names its call in ``id``.
+            call_id = _str(item.get("call_id")) or _str(item.get("id")) or ""
             name = names.get(call_id) or _recent_tool_calls.get(call_id, "unknown")
-            results.append(ToolResult(name, _looks_like_error(item.get("output"))))
+            results.append(ToolResult(name, _tool_output_failed(kind, item)))
     return results
+
+
+def _tool_output_failed(kind: str, item: dict[str, Any]) -> bool:
+    """Whether a Responses API tool output item reports a failure: a shell call's commands' outcome (one that timed out
+    or exited with a status other than 0), an apply_patch call's status ``failed``, else its output as a function
+    call's is read (see _looks_like_error; a computer call's screenshot is never one)."""
+    if kind == "shell_call_output":
+        for chunk in _list(item.get("output")):
+            outcome = chunk.get("outcome") if isinstance(chunk, dict) else None
+            if isinstance(outcome, dict):
+                code = outcome.get("exit_code")
+                if outcome.get("type") == "timeout" or (type(code) is int and code != 0):
+                    return True
+        return False
+    if kind == "apply_patch_call_output":
+        return item.get("status") == "failed"
+    return _looks_like_error(item.get("output"))
 
 
 def _looks_like_error(content: Any) -> bool:

@@ -19,7 +19,7 @@ from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseInputItemParam, ResponseStreamEvent
 from openai.types.responses.compacted_response import CompactedResponse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -658,3 +658,81 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> 
         assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name=name) == 1, name
     # The first of them is the stream's first output.
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+
+
+#: A turn of an agent that runs the shell, computer, local shell and apply_patch tools and a tool search for the model,
+#: then sends their outputs back (the model's calls, then the application's outputs, as the SDK's input items).
+CLIENT_TOOL_TURN: list[dict[str, Any]] = [
+    {"type": "message", "role": "user", "content": "Fix the build."},
+    {"type": "shell_call", "call_id": "call_sh", "action": {"commands": ["make"]}, "status": "completed"},
+    {
+        "type": "local_shell_call",
+        "id": "lsh_1",
+        "call_id": "call_lsh",
+        "status": "completed",
+        "action": {"type": "exec", "command": ["ls"], "env": {}},
+    },
+    {
+        "type": "computer_call",
+        "id": "cu_1",
+        "call_id": "call_cu",
+        "status": "completed",
+        "pending_safety_checks": [],
+        "action": {"type": "screenshot"},
+    },
+    {
+        "type": "apply_patch_call",
+        "call_id": "call_ap",
+        "status": "completed",
+        "operation": {"type": "delete_file", "path": "stale.txt"},
+    },
+    {"type": "tool_search_call", "call_id": "call_ts", "arguments": {"query": "deploy"}, "execution": "client"},
+    {
+        "type": "shell_call_output",
+        "call_id": "call_sh",
+        "output": [{"stdout": "", "stderr": "make: *** No rule", "outcome": {"type": "exit", "exit_code": 2}}],
+    },
+    # (A local shell call's output names its call in ``id``.)
+    {"type": "local_shell_call_output", "id": "call_lsh", "output": '{"stdout": "Makefile"}'},
+    {
+        "type": "computer_call_output",
+        "call_id": "call_cu",
+        "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,AAAA"},
+    },
+    {"type": "apply_patch_call_output", "call_id": "call_ap", "status": "failed", "output": "no such file"},
+    {"type": "tool_search_output", "call_id": "call_ts", "tools": [], "execution": "client"},
+]
+
+
+def test_the_outputs_of_the_tools_an_application_runs_for_the_model_are_tool_results(service: Service) -> None:
+    """Every tool output item the SDK defines is a tool result, named after the call it answers; a shell command that
+    exited with a status other than 0 and a patch that failed to apply are failures. A tool search the API ran itself,
+    sent back with the conversation, is its own result, as a web search's is."""
+    items = TypeAdapter(list[ResponseInputItemParam]).validate_python(CLIENT_TOOL_TURN)
+    hosted_search: Any = [
+        {"type": "tool_search_call", "call_id": "call_ts2", "arguments": {}, "execution": "server"},
+        {"type": "tool_search_output", "call_id": "call_ts2", "tools": [], "execution": "server"},
+    ]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    for model, sent in (("gpt-5-client-tools", items), ("gpt-5-hosted-search", hosted_search)):
+        ANSWERS[model] = responses_body(
+            model, [output_message({"type": "output_text", "text": "ok", "annotations": []})]
+        )
+        assert oai.responses.create(model=model, input=sent).output_text == "ok"
+
+    def counted(m: Metrics) -> None:
+        results = {
+            (tool, status): m.value("llm_tool_results_total", gen_ai_tool_name=tool, llm_tool_status=status)
+            for tool in ("shell", "local_shell", "computer", "apply_patch", "tool_search")
+            for status in ("success", "error")
+        }
+        assert {key: count for key, count in results.items() if count} == {
+            ("shell", "error"): 1,
+            ("local_shell", "success"): 1,
+            ("computer", "success"): 1,
+            ("apply_patch", "error"): 1,
+            ("tool_search", "success"): 1,
+        }
+
+    service.metrics("gpt-5-client-tools")
+    service.metrics("gpt-5-hosted-search", counted)
