@@ -1180,6 +1180,12 @@ class OpenAIChatReader(ResponseReader):
                     self._text_chars += len(text)
                     if capture:
                         self._keep_text(text, index)
+                if not text and isinstance(message, dict) and isinstance(message.get("audio"), dict):
+                    # A spoken answer (``modalities`` with ``audio``): its transcript counts in the estimate as text
+                    # does, as a stream's transcript deltas do (and, as theirs, is no text of the output message).
+                    transcript = message["audio"].get("transcript")
+                    if isinstance(transcript, str):
+                        self._text_chars += len(transcript)
                 calls = _list(_get(choice, "message", "tool_calls")) or [
                     {"function": _get(choice, "message", "function_call")}
                 ]

@@ -458,6 +458,37 @@ def test_a_spoken_chat_answer_has_a_first_token_and_an_estimate(service: Service
         assert m.value("llm_tokens_total", **estimated) == len(transcript)
 
 
+def test_a_spoken_chat_answer_not_streamed_is_estimated_as_the_same_answer_in_text(service: Service) -> None:
+    """An answer without usage is estimated from its text; a spoken one (``message.audio``, no ``content``) from its
+    transcript, as a stream's transcript deltas are: the same words, written or spoken, the same estimate."""
+    words = "The tide in Brest is high at noon and low at six."
+    spoken = {"role": "assistant", "content": None, "audio": {"id": "audio_1", "data": AUDIO, "expires_at": 1700000000,
+                                                              "transcript": words}}  # fmt: skip
+    for model, message in (("gpt-4o-audio-written", {"role": "assistant", "content": words}),
+                           ("gpt-4o-audio-spoken", spoken)):  # fmt: skip
+        body = {"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}]}  # fmt: skip
+        ANSWERS[model] = ChatCompletion.model_validate(body).model_dump(mode="json", exclude_unset=True)
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    written = oai.chat.completions.create(model="gpt-4o-audio-written", messages=[{"role": "user", "content": "?"}])
+    reply = oai.chat.completions.create(
+        model="gpt-4o-audio-spoken",
+        messages=[{"role": "user", "content": "?"}],
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+    )
+    assert written.choices[0].message.content == words and written.usage is None
+    audio = reply.choices[0].message.audio
+    assert audio is not None and audio.transcript == words and reply.choices[0].message.content is None
+    estimated = {"llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+    text_estimate = service.metrics("gpt-4o-audio-written").value(
+        "llm_tokens_total", gen_ai_request_model="gpt-4o-audio-written", **estimated
+    )
+    assert text_estimate == -(-len(words) // 4)  # ~4 characters a token
+    m = service.metrics("gpt-4o-audio-spoken")
+    assert m.value("llm_tokens_total", gen_ai_request_model="gpt-4o-audio-spoken", **estimated) == text_estimate
+
+
 def test_a_spoken_responses_answer_has_a_first_token(service: Service) -> None:
     model = "gpt-5-spoken"
     created = {"type": "response.created", "response": responses_body(model, [], "in_progress")}
