@@ -1633,6 +1633,10 @@ def _tool_results_openai(messages: list[Any]) -> list[ToolResult]:
         elif role == "tool":
             name = names.get(_str(message.get("tool_call_id")) or "", "unknown")
             results.append(ToolResult(name, _looks_like_error(message.get("content"))))
+        elif role == "function":
+            # The result of a legacy ``function_call`` (counted as a tool call): the message names its function.
+            name = _str(message.get("name")) or "unknown"
+            results.append(ToolResult(name, _looks_like_error(message.get("content"))))
     return before if model_last else results
 
 

@@ -18,7 +18,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.responses import Response, ResponseInputItemParam, ResponseStreamEvent
 from openai.types.responses.compacted_response import CompactedResponse
 from opentelemetry.sdk.trace import TracerProvider
@@ -767,3 +767,30 @@ def test_the_outputs_of_the_tools_an_application_runs_for_the_model_are_tool_res
 
     service.metrics("gpt-5-client-tools")
     service.metrics("gpt-5-hosted-search", counted)
+
+
+def test_a_legacy_function_calls_result_is_a_tool_result(service: Service) -> None:
+    """A conversation that used the legacy ``function_call`` (counted as a tool call) sends its result back as a
+    message of role ``function`` naming the function: a tool result, read as a tool message's is."""
+    model = "gpt-4o-legacy-functions"
+    answer = {"role": "assistant", "content": "No clock."}
+    body = {"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": answer}],
+            "usage": {"prompt_tokens": 30, "completion_tokens": 3, "total_tokens": 33}}  # fmt: skip
+    ANSWERS[model] = ChatCompletion.model_validate(body).model_dump(mode="json", exclude_unset=True)
+    messages = TypeAdapter(list[ChatCompletionMessageParam]).validate_python(
+        [
+            {"role": "user", "content": "What time is it?"},
+            {"role": "assistant", "content": None, "function_call": {"name": "read_clock", "arguments": "{}"}},
+            {"role": "function", "name": "read_clock", "content": '{"error": "clock unavailable"}'},
+        ]
+    )
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    functions: Any = [{"name": "read_clock", "parameters": {"type": "object", "properties": {}}}]
+    reply = oai.chat.completions.create(model=model, messages=messages, functions=functions)
+    assert reply.choices[0].message.content == "No clock."
+
+    def counted(m: Metrics) -> None:
+        assert m.value("llm_tool_results_total", gen_ai_tool_name="read_clock", llm_tool_status="error") == 1
+
+    service.metrics(model, counted)
