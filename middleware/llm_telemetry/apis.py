@@ -1259,9 +1259,16 @@ _RESPONSES_TEXT_EVENTS: Final = frozenset(
         "response.refusal.delta",
     )
 )
-#: Responses events whose delta is a piece of the input of a tool call the model makes.
+#: Responses events whose delta is a piece of the input of a tool call the model makes: a function's arguments, a custom
+#: tool's input, the code it has the code interpreter run, an MCP tool's arguments, the commands it has a shell run.
 _RESPONSES_TOOL_DELTA_EVENTS: Final = frozenset(
-    ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta")
+    (
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.code_interpreter_call_code.delta",
+        "response.mcp_call_arguments.delta",
+        "response.shell_call_command.delta",
+    )
 )
 #: Of those, the reasoning's: a stream that starts with them shows its reasoning tokens after its first token.
 _RESPONSES_REASONING_EVENTS: Final = frozenset(

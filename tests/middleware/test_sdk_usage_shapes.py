@@ -691,6 +691,45 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> 
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
 
 
+def test_the_code_and_commands_a_model_writes_for_its_tools_are_estimated_in_a_cut_responses_stream(
+    service: Service,
+) -> None:
+    """A stream cut before ``response.completed`` has its output estimated from the pieces it sent: the code the model
+    writes for the code interpreter, an MCP tool's arguments and a shell's commands count as a function call's
+    arguments do, a piece a token."""
+    model = "gpt-5-tools-cut"
+    interpreter = {"type": "code_interpreter_call", "id": "ci_1", "status": "in_progress", "code": "",
+                   "container_id": "cntr_1", "outputs": []}  # fmt: skip
+    mcp = {"type": "mcp_call", "id": "mcp_1", "server_label": "deepwiki", "name": "read_wiki", "arguments": ""}
+    shell = {"type": "shell_call", "id": "sh_1", "call_id": "call_sh", "status": "in_progress",
+             "action": {"commands": []}}  # fmt: skip
+    steps: list[dict[str, Any]] = [
+        {"type": "response.created", "response": responses_body(model, [], "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": interpreter},
+        *[
+            {"type": "response.code_interpreter_call_code.delta", "output_index": 0, "item_id": "ci_1", "delta": code}
+            for code in ("import math", "\nprint(", "math.pi)")
+        ],
+        {"type": "response.output_item.added", "output_index": 1, "item": mcp},
+        *[
+            {"type": "response.mcp_call_arguments.delta", "output_index": 1, "item_id": "mcp_1", "delta": piece}
+            for piece in ('{"page":', ' "intro"}')
+        ],
+        {"type": "response.output_item.added", "output_index": 2, "item": shell},
+        *[
+            {"type": "response.shell_call_command.delta", "output_index": 2, "command_index": 0, "delta": piece}
+            for piece in ("ls", " -la")
+        ],
+    ]
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    kinds = [event.type for event in oai.responses.create(model=model, input="?", stream=True)]
+    assert "response.completed" not in kinds and len(kinds) == len(steps)
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+    m = service.metrics(model)
+    assert m.value("llm_tokens_total", **estimated) == 3 + 2 + 2
+
+
 #: A turn of an agent that runs the shell, computer, local shell and apply_patch tools and a tool search for the model,
 #: then sends their outputs back (the model's calls, then the application's outputs, as the SDK's input items).
 CLIENT_TOOL_TURN: list[dict[str, Any]] = [
