@@ -1191,6 +1191,10 @@ class OpenAIChatReader(ResponseReader):
                 ]
                 for tool_call in calls:
                     name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
+                    # A tool call's input is output to estimate, as a stream's pieces of it are.
+                    tool_input = _get(tool_call, "function", "arguments") or _get(tool_call, "custom", "input")
+                    if isinstance(tool_input, str):
+                        self._text_chars += len(tool_input)
                     if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
                         _add_tool_call(self.call, name, _get(tool_call, "id"))
                         if capture:
@@ -1422,6 +1426,11 @@ class OpenAIResponsesReader(ResponseReader):
             if name:
                 _add_tool_call(self.call, name, item.get("call_id") or item.get("id"), _hosted_item(item))
                 _remember_tool_call(item, name)
+                # Its input (a function's or MCP tool's arguments, a custom tool's input, the code interpreter's code)
+                # is output to estimate, as a stream's pieces of it are.
+                tool_input = item.get("arguments") or item.get("input") or item.get("code")
+                if isinstance(tool_input, str):
+                    self._text_chars += len(tool_input)
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)

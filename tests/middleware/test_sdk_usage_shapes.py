@@ -691,6 +691,31 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> 
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
 
 
+def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
+    """An answer not streamed that reports no usage is estimated from its text at ~4 characters a token; one whose
+    output is a tool call, from the call's input (its arguments), as a stream's pieces of a call are counted."""
+    arguments = '{"city": "Paris", "unit": "celsius", "days": 3}'
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_forecast", "arguments": arguments}}
+    chat = {"id": "c1", "object": "chat.completion", "created": 1, "model": "local-chat-tools",
+            "choices": [{"index": 0, "finish_reason": "tool_calls",
+                         "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}  # fmt: skip
+    ANSWERS["local-chat-tools"] = ChatCompletion.model_validate(chat).model_dump(mode="json", exclude_unset=True)
+    item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_forecast", "arguments": arguments}
+    responses = {**responses_body("local-responses-tools", [item]), "usage": None}
+    ANSWERS["local-responses-tools"] = Response.model_validate(responses).model_dump(mode="json", exclude_unset=True)
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    reply = oai.chat.completions.create(model="local-chat-tools", messages=[{"role": "user", "content": "?"}])
+    assert reply.usage is None and reply.choices[0].message.tool_calls is not None
+    assert [t.model_dump()["function"]["name"] for t in reply.choices[0].message.tool_calls] == ["get_forecast"]
+    answer = oai.responses.create(model="local-responses-tools", input="?")
+    assert answer.usage is None and [i.type for i in answer.output] == ["function_call"]
+    for model in ("local-chat-tools", "local-responses-tools"):
+        estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+        m = service.metrics(model)
+        assert m.value("llm_tokens_total", **estimated) == -(-len(arguments) // 4), model
+        assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_forecast") == 1
+
+
 def test_the_code_and_commands_a_model_writes_for_its_tools_are_estimated_in_a_cut_responses_stream(
     service: Service,
 ) -> None:
