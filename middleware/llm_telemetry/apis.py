@@ -1744,7 +1744,8 @@ def _looks_like_error(content: Any) -> bool:
 
 def _content_chars(value: Any, key: str) -> int:
     """Characters of text in ``value``: a string; a list of strings, of text parts (``{"text": ...}``), or of
-    messages holding either under ``key``."""
+    messages holding either under ``key``; and of tool results sent back, as a tool message's content is counted: an
+    Anthropic ``tool_result`` block's content, a Responses API tool output item's output (see ``_output_chars``)."""
     if isinstance(value, str):
         return len(value)
     if not isinstance(value, list):
@@ -1755,10 +1756,30 @@ def _content_chars(value: Any, key: str) -> int:
             chars += len(item)
         elif isinstance(item, dict):
             text = item.get("text")
+            kind = item.get("type")
             if isinstance(text, str):
                 chars += len(text)
             elif key and key in item:
                 chars += _content_chars(item[key], "")
+            elif kind == "tool_result":
+                chars += _content_chars(item.get("content"), "")
+            elif type(kind) is str and kind in _RESPONSES_TOOL_OUTPUTS:
+                chars += _output_chars(item.get("output"))
+    return chars
+
+
+def _output_chars(output: Any) -> int:
+    """Characters of text in a Responses API tool output: a string, or a list of text parts or of a shell call's
+    stdout and stderr (a screenshot has none)."""
+    if isinstance(output, str):
+        return len(output)
+    chars = 0
+    for part in _list(output):
+        if isinstance(part, dict):
+            for key in ("text", "stdout", "stderr"):
+                text = part.get(key)
+                if isinstance(text, str):
+                    chars += len(text)
     return chars
 
 

@@ -189,6 +189,39 @@ def test_openai_legacy_completions_json_without_usage_is_estimated_from_its_text
         ("openai.responses", {"instructions": "y" * 10, "input": "x" * 30}),
         ("openai.responses", {"input": [{"role": "user", "content": [{"type": "input_text", "text": "x" * 40}]}]}),
         ("openai.completions", {"prompt": ["x" * 20, "y" * 20]}),
+        # Tool results sent back count as a chat request's tool messages do.
+        (
+            "anthropic.messages",
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x" * 25}]},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "u", "content": [{"type": "text", "text": "y" * 15}]}
+                        ],
+                    },
+                ]
+            },
+        ),
+        (
+            "openai.responses",
+            {
+                "input": [
+                    {"type": "function_call_output", "call_id": "c", "output": "x" * 20},
+                    {
+                        "type": "custom_tool_call_output",
+                        "call_id": "d",
+                        "output": [{"type": "input_text", "text": "y" * 10}],
+                    },
+                    {
+                        "type": "shell_call_output",
+                        "call_id": "e",
+                        "output": [{"stdout": "z" * 6, "stderr": "w" * 4, "outcome": {"type": "exit", "exit_code": 1}}],
+                    },
+                ]
+            },
+        ),
     ],
 )
 def test_input_tokens_of_an_answer_without_usage_are_estimated_from_the_request(

@@ -35,7 +35,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
 from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
-from support import Calls, Metrics, free_port, serve, settled
+from support import Calls, Metrics, free_port, scrape, serve, settled
 
 PRICING = {
     "models": {
@@ -755,6 +755,44 @@ def test_the_code_and_commands_a_model_writes_for_its_tools_are_estimated_in_a_c
     assert m.value("llm_tokens_total", **estimated) == 3 + 2 + 2
 
 
+def test_the_tool_outputs_a_request_sends_back_count_in_its_estimated_input(service: Service) -> None:
+    """A Responses stream cut before ``response.completed`` reports no usage: its input is estimated from the text the
+    request sends at ~4 characters a token, the tool outputs it sends back included (a function's output, a shell's
+    stdout and stderr), as a chat request's tool messages are."""
+    model = "gpt-5-cut-after-tools"
+    question, found, listing, errors = "Which files are stale?", "x" * 400, "a.txt\nb.txt\n", "rm: denied"
+    given = TypeAdapter(list[ResponseInputItemParam]).validate_python(
+        [
+            {"type": "message", "role": "user", "content": question},
+            {"type": "function_call", "call_id": "call_fn", "name": "find_stale", "arguments": "{}"},
+            {"type": "shell_call", "call_id": "call_sh", "action": {"commands": ["ls"]}, "status": "completed"},
+            {"type": "function_call_output", "call_id": "call_fn", "output": found},
+            {
+                "type": "shell_call_output",
+                "call_id": "call_sh",
+                "output": [{"stdout": listing, "stderr": errors, "outcome": {"type": "exit", "exit_code": 0}}],
+            },
+        ]
+    )
+    text = {"item_id": "msg_1", "output_index": 0, "content_index": 0, "logprobs": []}
+    STREAMS[model] = [
+        responses_event(step, n)
+        for n, step in enumerate(
+            [
+                {"type": "response.created", "response": responses_body(model, [], "in_progress")},
+                {"type": "response.output_text.delta", **text, "delta": "Both"},
+            ]
+        )
+    ]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    kinds = [event.type for event in oai.responses.create(model=model, input=given, stream=True)]
+    assert kinds == ["response.created", "response.output_text.delta"]
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "input"}
+    m = service.metrics(model)
+    chars = len(question) + len(found) + len(listing) + len(errors)
+    assert m.value("llm_tokens_total", **estimated) == -(-chars // 4)
+
+
 #: A turn of an agent that runs the shell, computer, local shell and apply_patch tools and a tool search for the model,
 #: then sends their outputs back (the model's calls, then the application's outputs, as the SDK's input items).
 CLIENT_TOOL_TURN: list[dict[str, Any]] = [
@@ -808,6 +846,16 @@ def test_the_outputs_of_the_tools_an_application_runs_for_the_model_are_tool_res
         {"type": "tool_search_call", "call_id": "call_ts2", "arguments": {}, "execution": "server"},
         {"type": "tool_search_output", "call_id": "call_ts2", "tools": [], "execution": "server"},
     ]
+
+    def results(m: Metrics) -> dict[tuple[str, str], float]:
+        return {
+            (tool, status): m.value("llm_tool_results_total", gen_ai_tool_name=tool, llm_tool_status=status)
+            for tool in ("shell", "local_shell", "computer", "apply_patch", "tool_search")
+            for status in ("success", "error")
+        }
+
+    # (The results have no model label: those other tests of this service sent are left out.)
+    before = results(scrape(service.port))
     oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
     for model, sent in (("gpt-5-client-tools", items), ("gpt-5-hosted-search", hosted_search)):
         ANSWERS[model] = responses_body(
@@ -816,12 +864,8 @@ def test_the_outputs_of_the_tools_an_application_runs_for_the_model_are_tool_res
         assert oai.responses.create(model=model, input=sent).output_text == "ok"
 
     def counted(m: Metrics) -> None:
-        results = {
-            (tool, status): m.value("llm_tool_results_total", gen_ai_tool_name=tool, llm_tool_status=status)
-            for tool in ("shell", "local_shell", "computer", "apply_patch", "tool_search")
-            for status in ("success", "error")
-        }
-        assert {key: count for key, count in results.items() if count} == {
+        added = {key: count - before[key] for key, count in results(m).items()}
+        assert {key: count for key, count in added.items() if count} == {
             ("shell", "error"): 1,
             ("local_shell", "success"): 1,
             ("computer", "success"): 1,
