@@ -495,6 +495,8 @@ def _chat_events(words: list[str], spaced: bool, twin_finish: bool) -> list[dict
             }
         )
     events.append(chat_chunk({}, "stop"))
+    if twin_finish:
+        events[-1]["choices"][0]["index"] = 1  # then the second choice finishes, in a chunk shaped as the first's
     return events
 
 
@@ -518,10 +520,12 @@ def test_stream_fast_paths_agree_with_full_parsing(words: list[str], spaced: boo
 
     fast, full = run(False), run(True)
     assert fast.finish_reasons == full.finish_reasons
+    assert fast.choice_finishes == full.choice_finishes  # the span's one finish reason per choice
     assert (fast.output_tokens, fast.usage_source) == (full.output_tokens, full.usage_source)
     assert fast.first_token_at == full.first_token_at == 2.0
     if twin:
         assert "length" in fast.finish_reasons
+        assert fast.choice_finishes == {0: "length", 1: "stop"}
 
 
 @given(st.binary(max_size=24), st.booleans())
