@@ -1431,6 +1431,10 @@ class OpenAIResponsesReader(ResponseReader):
                 tool_input = item.get("arguments") or item.get("input") or item.get("code")
                 if isinstance(tool_input, str):
                     self._text_chars += len(tool_input)
+                elif item.get("type") == "shell_call":  # the commands it has a shell run
+                    self._text_chars += sum(
+                        len(c) for c in _list(_get(item, "action", "commands")) if isinstance(c, str)
+                    )
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)
@@ -1486,6 +1490,16 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
+
+
+def _json_chars(value: Any) -> int:
+    """Characters of ``value`` written as compact JSON (0 for None, or a value too deep to write)."""
+    if value is None:
+        return 0
+    try:
+        return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    except (RecursionError, ValueError, TypeError):
+        return 0
 
 
 def _hosted_block(block_type: Any, name: str) -> str | None:
@@ -1616,6 +1630,10 @@ class AnthropicMessagesReader(ResponseReader):
             name = _str(block.get("name"))
             if name and type(block.get("type")) is str and block["type"] in _ANTHROPIC_TOOL_BLOCKS:
                 _add_tool_call(self.call, name, block.get("id"), _hosted_block(block["type"], name))
+                if not isinstance(obj.get("usage"), dict):
+                    # Its input is output to estimate, as a stream's ``partial_json`` pieces of it are (written out
+                    # only when there is no usage to read instead).
+                    self._text_chars += _json_chars(block.get("input"))
             elif type(kind := block.get("type")) is str and kind.endswith("_tool_result"):
                 self.call.add_server_tool_result(block.get("tool_use_id"), kind[: -len("_tool_result")])
             elif isinstance(block.get("text"), str):
@@ -1686,6 +1704,7 @@ def _tool_results_anthropic(messages: list[Any]) -> list[ToolResult]:
 def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
     names: dict[str, str] = {}
     results: list[ToolResult] = []
+    hosted: set[str] = set()  # shell calls the API ran in its own container: their outputs are its, not the app's
     for item in items:
         if not isinstance(item, dict):
             continue
@@ -1698,12 +1717,17 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
             call_id = _str(item.get("call_id"))
             if kind in _RESPONSES_TOOL_ITEMS and call_id:
                 names[call_id] = _tool_item_name(item) or "unknown"
+                if kind == "shell_call" and _get(item, "environment", "type") == "container_reference":
+                    hosted.add(call_id)
         elif kind in _RESPONSES_TOOL_OUTPUTS and not (
             kind == "tool_search_output" and item.get("execution") == "server"
         ):
             # (A tool search the API ran itself sent back with the conversation is its result, as a web search's is:
-            # no tool result of the application's.) A local shell call's output names its call in ``id``.
+            # no tool result of the application's; so is a shell call's output it ran in its container.) A local
+            # shell call's output names its call in ``id``.
             call_id = _str(item.get("call_id")) or _str(item.get("id")) or ""
+            if kind == "shell_call_output" and call_id in hosted:
+                continue
             name = names.get(call_id) or _recent_tool_calls.get(call_id, "unknown")
             results.append(ToolResult(name, _tool_output_failed(kind, item)))
     return results
@@ -1762,7 +1786,8 @@ def _content_chars(value: Any, key: str) -> int:
             elif key and key in item:
                 chars += _content_chars(item[key], "")
             elif kind == "tool_result":
-                chars += _content_chars(item.get("content"), "")
+                # (Its blocks' text, and that of a search result's own content blocks.)
+                chars += _content_chars(item.get("content"), "content")
             elif type(kind) is str and kind in _RESPONSES_TOOL_OUTPUTS:
                 chars += _output_chars(item.get("output"))
     return chars

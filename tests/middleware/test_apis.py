@@ -222,6 +222,31 @@ def test_openai_legacy_completions_json_without_usage_is_estimated_from_its_text
                 ]
             },
         ),
+        # A search result a tool returns: the text of its own content blocks.
+        (
+            "anthropic.messages",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "t",
+                                "content": [
+                                    {
+                                        "type": "search_result",
+                                        "source": "https://example.com/a",
+                                        "title": "A",
+                                        "content": [{"type": "text", "text": "x" * 40}],
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            },
+        ),
     ],
 )
 def test_input_tokens_of_an_answer_without_usage_are_estimated_from_the_request(

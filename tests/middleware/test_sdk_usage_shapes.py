@@ -703,17 +703,39 @@ def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_ca
     item = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_forecast", "arguments": arguments}
     responses = {**responses_body("local-responses-tools", [item]), "usage": None}
     ANSWERS["local-responses-tools"] = Response.model_validate(responses).model_dump(mode="json", exclude_unset=True)
+    # The commands a shell call has run are its input; an Anthropic tool_use block's is its input object.
+    commands = ["ls -la /srv/data", "grep -c ERROR /var/log/app.log"]
+    shell = {"type": "shell_call", "id": "sh_1", "call_id": "call_sh", "status": "completed",
+             "action": {"commands": commands}}  # fmt: skip
+    responses = {**responses_body("local-responses-shell", [shell]), "usage": None}
+    ANSWERS["local-responses-shell"] = Response.model_validate(responses).model_dump(mode="json", exclude_unset=True)
+    forecast = {"city": "Paris", "unit": "celsius", "days": 3}
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_forecast", "input": forecast}
+    ANSWERS["local-claude-tools"] = {"id": "msg_1", "type": "message", "role": "assistant", "content": [use],
+                                     "model": "local-claude-tools", "stop_reason": "tool_use"}  # fmt: skip
     oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
     reply = oai.chat.completions.create(model="local-chat-tools", messages=[{"role": "user", "content": "?"}])
     assert reply.usage is None and reply.choices[0].message.tool_calls is not None
     assert [t.model_dump()["function"]["name"] for t in reply.choices[0].message.tool_calls] == ["get_forecast"]
     answer = oai.responses.create(model="local-responses-tools", input="?")
     assert answer.usage is None and [i.type for i in answer.output] == ["function_call"]
-    for model in ("local-chat-tools", "local-responses-tools"):
+    shell_answer = oai.responses.create(model="local-responses-shell", input="?")
+    assert shell_answer.usage is None and [i.type for i in shell_answer.output] == ["shell_call"]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    message = claude.messages.create(
+        model="local-claude-tools", max_tokens=64, messages=[{"role": "user", "content": "?"}]
+    )
+    assert [block.type for block in message.content] == ["tool_use"]
+    written = len(json.dumps(forecast, separators=(",", ":")))
+    for model, chars in (
+        ("local-chat-tools", len(arguments)),
+        ("local-responses-tools", len(arguments)),
+        ("local-responses-shell", sum(map(len, commands))),
+        ("local-claude-tools", written),
+    ):
         estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "output"}
         m = service.metrics(model)
-        assert m.value("llm_tokens_total", **estimated) == -(-len(arguments) // 4), model
-        assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="get_forecast") == 1
+        assert m.value("llm_tokens_total", **estimated) == -(-chars // 4), model
 
 
 def test_the_code_and_commands_a_model_writes_for_its_tools_are_estimated_in_a_cut_responses_stream(
@@ -840,12 +862,28 @@ CLIENT_TOOL_TURN: list[dict[str, Any]] = [
 def test_the_outputs_of_the_tools_an_application_runs_for_the_model_are_tool_results(service: Service) -> None:
     """Every tool output item the SDK defines is a tool result, named after the call it answers; a shell command that
     exited with a status other than 0 and a patch that failed to apply are failures. A tool search the API ran itself,
-    sent back with the conversation, is its own result, as a web search's is."""
+    or a shell it ran in its own container, sent back with the conversation, is its own result, as a web search's
+    is."""
     items = TypeAdapter(list[ResponseInputItemParam]).validate_python(CLIENT_TOOL_TURN)
-    hosted_search: Any = [
-        {"type": "tool_search_call", "call_id": "call_ts2", "arguments": {}, "execution": "server"},
-        {"type": "tool_search_output", "call_id": "call_ts2", "tools": [], "execution": "server"},
-    ]
+    hosted_search = TypeAdapter(list[ResponseInputItemParam]).validate_python(
+        [
+            {"type": "tool_search_call", "call_id": "call_ts2", "arguments": {}, "execution": "server"},
+            {"type": "tool_search_output", "call_id": "call_ts2", "tools": [], "execution": "server"},
+            # A shell the API ran in its own container (the tool's ``container_auto``), and its output.
+            {
+                "type": "shell_call",
+                "call_id": "call_sh2",
+                "action": {"commands": ["ls"]},
+                "status": "completed",
+                "environment": {"type": "container_reference", "container_id": "cntr_1"},
+            },
+            {
+                "type": "shell_call_output",
+                "call_id": "call_sh2",
+                "output": [{"stdout": "a.txt", "stderr": "", "outcome": {"type": "exit", "exit_code": 1}}],
+            },
+        ]
+    )
 
     def results(m: Metrics) -> dict[tuple[str, str], float]:
         return {
