@@ -1105,6 +1105,10 @@ def test_a_tracer_provider_the_app_installs_in_its_lifespan_startup_is_used() ->
             "authorization: bearer [key], BEARER [key]",
         ),
         ("a task-abcdefghijklmnopqrstuv is no key", "a task-abcdefghijklmnopqrstuv is no key"),
+        # After a word of another script, and in JSON that escapes non-ASCII characters (Python's json.dumps).
+        ("API密钥sk-proj-AbCdEfGhIjKlMnOpQrSt", "API密钥[key]"),
+        (json.dumps({"note": "密钥\uff1ask-proj-AbCdEfGhIjKlMnOpQrSt"}), '{"note": "\\u5bc6\\u94a5\\uff1a[key]"}'),
+        (json.dumps("\u00a0AKIAABCDEFGHIJKLMNOP ghp_abcdefghijklmnopqrstuvwx"), '"\\u00a0[key] [key]"'),
     ],
 )
 def test_default_redactor_masks_emails_keys_and_cards(text: str, expected: str) -> None:
