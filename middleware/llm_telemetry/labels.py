@@ -9,6 +9,7 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
 * control characters: nor is one with a line break, NUL or other control character in it (or an invisible
   format character, a right-to-left override say), which would also reach the span named after it and the request
   log line's message, where a viewer prints it raw; it becomes ``other``;
+* secrets: nor is one holding what looks like a provider's secret key or an e-mail address; it becomes ``other``;
 * count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
   the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
   workers, across worker restarts, not per process lifetime.
@@ -49,6 +50,18 @@ _CONTROL: Final = re.compile("[\x00-\x1f\x7f" + INVISIBLE.pattern[1:])
 #: faster than one reaching the tag characters.
 _ASCII_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
 
+#: Provider-style secret keys (OpenAI sk-/sk-proj-, Anthropic sk-ant-, GitHub ghp_/github_pat_, AWS AKIA, Google
+#: AIza, Slack xox?-), as the redactor masks them in captured text (see ``redact``).
+SECRET_KEYS: Final = (
+    r"(?:sk-[A-Za-z0-9_-]{16,}|(?:ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})"
+)
+#: A secret key, or an e-mail address, in a label value: a client that swapped its key and model settings, or put
+#: a person's address in a model name, against a server that answers whatever the model.
+_PRIVATE: Final = re.compile(
+    r"(?<![A-Za-z0-9_])" + SECRET_KEYS + r"|[A-Za-z0-9._%+-]@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+)
+
 
 def valid_text(value: str) -> str:
     """``value`` with every lone surrogate replaced by U+FFFD, so it always encodes as UTF-8."""
@@ -64,9 +77,9 @@ def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
 
 
 def label_value(value: str) -> str:
-    """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long or when it holds
-    a control character."""
-    if len(value) > MAX_LABEL_CHARS:
+    """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long, when it holds
+    a control character, or when it holds what looks like a secret key or an e-mail address."""
+    if len(value) > MAX_LABEL_CHARS or _PRIVATE.search(value):
         return OTHER
     if value.isascii():
         return OTHER if _ASCII_CONTROL.search(value) else value

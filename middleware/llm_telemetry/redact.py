@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
-from .labels import valid_text
+from .labels import SECRET_KEYS, valid_text
 
 Redactor = Callable[[str], str]
 
@@ -29,16 +29,15 @@ TRUNCATION_MARK: Final = "...[truncated]"
 _EMAIL: Final = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 # The same, starting only where a run of local-part characters starts.
 _EMAIL_AT_RUN: Final = re.compile(r"(?<![A-Za-z0-9._%+-])" + _EMAIL.pattern)
-# Provider-style secret keys (OpenAI sk-/sk-proj-, Anthropic sk-ant-, GitHub ghp_/github_pat_, AWS AKIA,
-# Google AIza, Slack xox?-) and "Bearer <token>" credentials (the scheme in any case, as HTTP has it). A key follows
-# no ASCII letter, digit or underscore (a word in another script may run into it: "API密钥sk-..."), or follows a JSON
-# escape: a tool result holding a file is JSON text, where "KEY\tsk-..." has a "t" before it, and JSON written with
-# escaped non-ASCII characters (Python's json.dumps) has "\uff1ask-..." for a full-width colon before it.
+# Provider-style secret keys (labels.SECRET_KEYS) and "Bearer <token>" credentials (the scheme in any case, as HTTP
+# has it). A key follows no ASCII letter, digit or underscore (a word in another script may run into it:
+# "API密钥sk-..."), or follows a JSON escape: a tool result holding a file is JSON text, where "KEY\tsk-..." has a
+# "t" before it, and JSON written with escaped non-ASCII characters (Python's json.dumps) has "\uff1ask-..." for a
+# full-width colon before it.
 _KEY: Final = re.compile(
     r"(?:(?<![A-Za-z0-9_])|(?<=\\[nrtbf])|(?<=\\u[0-9A-Fa-f]{4}))"
-    r"(?:sk-[A-Za-z0-9_-]{16,}|(?:ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-    r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})"
-    r"|(?i:(?<=bearer ))[A-Za-z0-9._~+/-]{16,}=*"
+    + SECRET_KEYS
+    + r"|(?i:(?<=bearer ))[A-Za-z0-9._~+/-]{16,}=*"
 )
 # 13 to 19 digits, optionally grouped by single spaces or dashes: the shape of a payment card number.
 _CARD: Final = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")

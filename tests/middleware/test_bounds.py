@@ -86,6 +86,26 @@ def test_a_label_value_with_a_control_character_is_other_and_takes_no_place(
     ]
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx",  # a client that swapped its key and model settings
+        "claude-sonnet-4-sk-ant-api03-AbCdEfGhIjKlMnOp",
+        "AKIAABCDEFGHIJKLMNOP",
+        "gpt-4o-dave@example.com",  # a person's address in a model name
+    ],
+)
+def test_a_label_value_holding_a_secret_key_or_an_e_mail_address_is_other(
+    cleanup: list[LLMTelemetryMiddleware], model: str
+) -> None:
+    """A server that answers whatever the model (a local one, the demo) would otherwise make a metric label of a key
+    or an address; names that merely look alike stay."""
+    alike = ["claude-3-5-sonnet-v2@20241022", "task-abcdefghijklmnopqrstuvwx", "gpt-4o-mini"]
+    _, metrics = calls_of(cleanup, completion(), [{"model": model}, *({"model": m} for m in alike)])
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"other", *alike}
+    assert model not in metrics.text
+
+
 def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
     cleanup: list[LLMTelemetryMiddleware],
 ) -> None:
