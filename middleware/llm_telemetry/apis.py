@@ -540,9 +540,10 @@ class ResponseReader:
                     self.call.output_tokens = math.ceil(self._text_chars / 4)
                     self.call.usage_source = "estimated"
         kept = self._text
-        if kept:
-            # One output message per choice, as the conventions ask, each with its own finish reason.
-            indexes = sorted(kept.keys() | self._finishes.keys())[:MAX_CAPTURED_CHOICES]
+        if kept is not None and (kept or self._finishes or self._tool_choices):
+            # One output message per choice, as the conventions ask, each with its own finish reason: every choice
+            # the answer showed, by its text, its finish or its tool calls (choices that only call tools have no text).
+            indexes = sorted(kept.keys() | self._finishes.keys() | set(self._tool_choices))[:MAX_CAPTURED_CHOICES]
             self.call.output_text = ["".join(kept.get(i, ())) for i in indexes]
             if self._finishes:
                 self.call.output_finish_reasons = [self._finishes.get(i) for i in indexes]

@@ -1664,3 +1664,50 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
         sent = json.loads(attributes["gen_ai.input.messages"])
         assert sent[1] == {"role": "assistant", "parts": [web]}, stream
         assert sent[3] == {"role": "assistant", "parts": []}, stream  # (the client's own tool search: not OpenAI's)
+
+
+def _chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    """One chat-completions stream event of choice ``index``."""
+    event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+             "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def test_choices_that_only_call_tools_are_one_output_message_each(receiver: OTLPReceiver) -> None:
+    """``n=2`` choices that both only call a tool (no text in either) are two output messages, each with its own
+    call and finish reason, streamed and not, and in a stream that reported no finish (both calls were in one
+    message)."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    def call(i: int) -> dict[str, Any]:
+        return {"id": f"call_{i}", "type": "function", "function": {"name": f"tool_{i}", "arguments": "{}"}}
+
+    async def chat(request: Request) -> Response:
+        if not (await request.json()).get("stream"):
+            choices = [{"index": i, "message": {"role": "assistant", "content": None, "tool_calls": [call(i)]},
+                        "finish_reason": "tool_calls"} for i in range(2)]  # fmt: skip
+            answer = {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+            return JSONResponse(answer)
+        events = [_chunk(i, {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call(i)}]})
+                  for i in range(2)]  # fmt: skip
+        if request.headers["x-request-id"] != "tool-choices-unfinished":
+            events += [_chunk(i, {}, "tool_calls") for i in range(2)]
+        return StreamingResponse(iter([*events, b"data: [DONE]\n\n"]), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-tool-choices", capture=True) as base:
+        for stream, name in ((False, "False"), (True, "True"), (True, "unfinished")):
+            reply = client(base).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=stream,
+                extra_headers={"x-request-id": f"tool-choices-{name}"},
+            )  # fmt: skip
+            if stream:
+                list(reply)  # type: ignore[arg-type]
+    for name in ("False", "True", "unfinished"):
+        attributes = wait_span(receiver, **{"llm.request_id": f"tool-choices-{name}"}).attributes
+        messages = json.loads(attributes["gen_ai.output.messages"])
+        assert messages == [
+            {"role": "assistant", "parts": [{"type": "tool_call", "id": f"call_{i}", "name": f"tool_{i}"}],
+             "finish_reason": "" if name == "unfinished" else "tool_call"}
+            for i in range(2)
+        ], name  # fmt: skip
