@@ -665,9 +665,16 @@ class ResponseReader:
             self._kept_chars += len(text)
 
     def _keep_finish(self, reason: Any, choice: int) -> None:
-        """A choice's finish reason, kept beside its text when content capture is on."""
-        if self._text is not None and isinstance(reason, str) and reason and len(self._finishes) < MAX_CAPTURED_CHOICES:
-            self._finishes[choice] = field_text(reason)
+        """A choice's finish reason, kept beside its text when content capture is on: the last one read, as for the
+        span's ``gen_ai.response.finish_reasons`` (see LLMCall.add_choice_finish)."""
+        finishes = self._finishes
+        if (
+            self._text is not None
+            and isinstance(reason, str)
+            and reason
+            and (choice in finishes or len(finishes) < MAX_CAPTURED_CHOICES)
+        ):
+            finishes[choice] = field_text(reason)
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
         # The stream began with 200: an error event inside it is the server's unless its body says otherwise.

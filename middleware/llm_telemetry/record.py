@@ -98,7 +98,7 @@ class LLMCall:
     #: (tool_use_id, hosted tool kind) of each of the first MAX_TOOL_CALL_IDS results of a tool the provider ran
     #: itself that the answer carries (Anthropic's ``web_search_tool_result`` and the like); None until one.
     server_tool_results: list[tuple[str | None, str]] | None = None
-    #: Each choice's finish reason, by choice index (a finish repeated for one choice read once), or None.
+    #: Each choice's finish reason, by choice index (of a finish repeated for one choice, the last), or None.
     choice_finishes: dict[int, str] | None = None
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
     status_code: int | None = None
@@ -157,12 +157,14 @@ class LLMCall:
             results.append((call_id[:256] if isinstance(call_id, str) else None, kind[:256]))
 
     def add_choice_finish(self, index: int, reason: str) -> None:
-        """A choice's finish reason: the first read for each choice kept, up to MAX_CHOICE_FINISHES choices."""
+        """A choice's finish reason, up to MAX_CHOICE_FINISHES choices: the last read for each choice kept, as the
+        OpenAI SDK's stream accumulator and the LiteLLM proxy's stream builder keep it (a gateway may send an early
+        finish for a choice, then its final one)."""
         reason = reason[:MAX_CHOICE_FINISH_CHARS]
         finishes = self.choice_finishes
         if finishes is None:
             self.choice_finishes = {index: reason}
-        elif index not in finishes and len(finishes) < MAX_CHOICE_FINISHES:
+        elif index in finishes or len(finishes) < MAX_CHOICE_FINISHES:
             finishes[index] = reason
 
     @property

@@ -1449,7 +1449,9 @@ class SpanObserver:
                 attributes[LLM_INPUT_MESSAGES_OMITTED] = omitted
         if call.output_text or call.tool_calls or call.server_tool_results:
             # One message per choice (``n`` of them), each with its own finish reason where one was reported.
-            finish = call.finish_reasons[0] if call.finish_reasons else None
+            # (A message whose choice's finish is not kept apart shows the first choice's, the last word it sent.)
+            choices = call.choice_finishes
+            finish = choices[min(choices)] if choices else call.finish_reasons[0] if call.finish_reasons else None
             finishes = call.output_finish_reasons or ()
             # The choices share the cap: the first ones' text is shown whole, up to it, the rest as far as it goes.
             budget = self.max_chars

@@ -1711,3 +1711,68 @@ def test_choices_that_only_call_tools_are_one_output_message_each(receiver: OTLP
              "finish_reason": "" if name == "unfinished" else "tool_call"}
             for i in range(2)
         ], name  # fmt: skip
+
+
+def test_a_finish_repeated_with_another_word_shows_the_last_one_everywhere(receiver: OTLPReceiver) -> None:
+    """A gateway that sends a choice's finish twice with different words (an early one, then its final word): the
+    span's ``gen_ai.response.finish_reasons`` and the output message both show the last, as the OpenAI SDK's stream
+    helper ends up with it (the attribute kept the first and the message the last)."""
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+
+    tool = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    streams = {
+        "text": [_chunk(0, {"role": "assistant", "content": "Hello"}), _chunk(0, {}, "length"), _chunk(0, {}, "stop")],
+        "tool": [_chunk(0, {"role": "assistant", "tool_calls": [tool]}), _chunk(0, {}, "tool_calls"),
+                 _chunk(0, {}, "stop")],
+    }  # fmt: skip
+
+    async def chat(request: Request) -> Response:
+        events = streams[request.headers["x-request-id"].split("-")[1]]
+        return StreamingResponse(iter([*events, b"data: [DONE]\n\n"]), media_type="text/event-stream")
+
+    sdk = {}
+    for capture in (False, True):
+        with traced_chat_app(receiver, chat, "llm-finish-twice", capture=capture) as base:
+            for kind in streams:
+                with client(base).chat.completions.stream(
+                    model="m", messages=[{"role": "user", "content": "hi"}],
+                    extra_headers={"x-request-id": f"twice-{kind}-{capture}"},
+                ) as stream:  # fmt: skip
+                    sdk[kind] = stream.get_final_completion().choices[0].finish_reason
+    assert sdk == {"text": "stop", "tool": "stop"}  # what the application's SDK reads
+
+    def event(kind: str, **members: Any) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **members})}\n\n".encode()
+
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test", "content": [],
+               "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+    claude_events = [
+        event("message_start", message=message),
+        event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hello"}),
+        event("content_block_stop", index=0),
+        event("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 1}),
+        event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 1}),
+        event("message_stop"),
+    ]
+
+    async def messages(request: Request) -> Response:
+        await request.body()
+        return StreamingResponse(iter(claude_events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, messages, "llm-finish-twice-claude", capture=True, path="/v1/messages") as base:
+        with anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0).messages.stream(
+            model="claude-test", max_tokens=16, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": "twice-claude-True"},
+        ) as claude_stream:  # fmt: skip
+            sdk["claude"] = claude_stream.get_final_message().stop_reason
+    assert sdk["claude"] == "end_turn"
+    for capture in (False, True):
+        for kind in [*streams, "claude"] if capture else streams:
+            attributes = wait_span(receiver, **{"llm.request_id": f"twice-{kind}-{capture}"}).attributes
+            last = "end_turn" if kind == "claude" else "stop"
+            assert attributes["gen_ai.response.finish_reasons"] == [last], (kind, capture)
+            if capture:
+                [shown] = json.loads(attributes["gen_ai.output.messages"])
+                assert shown["finish_reason"] == "stop", kind  # (the conventions' word for end_turn too)
