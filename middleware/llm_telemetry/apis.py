@@ -881,8 +881,9 @@ class OpenAIChatReader(ResponseReader):
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:
         super().__init__(call, stream=stream, capture=capture, shortcuts=shortcuts)
-        #: The tool calls counted, by (choice, index): the id of the latest, when its first delta gave one.
-        self._tool_indexes: dict[tuple[int, int], Any] = {}
+        #: The tool calls counted, by (choice, index): the id of the latest (None until a delta gave one) and its
+        #: position among the calls counted.
+        self._tool_indexes: dict[tuple[int, int], tuple[str | None, int]] = {}
         #: (choice, id) of every tool call counted that had an id.
         self._tool_ids: set[tuple[int, str]] = set()
         #: The last event looked at by ``_member`` and what it found (the first token's, used up to three times).
@@ -1148,23 +1149,37 @@ class OpenAIChatReader(ResponseReader):
             # with no index, or all at index 0, as the LiteLLM proxy re-emits some providers' calls).
             key = (choice_index, _int(tool_call.get("index")) or 0)
             name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
+            call_id = _str(tool_call.get("id"))
             # (Bounded by the calls counted, so the indexes seen cannot grow past MAX_TOOL_CALLS either.)
             if name and len(self.call.tool_calls) < MAX_TOOL_CALLS:
-                call_id = _str(tool_call.get("id"))
                 if call_id is not None and (choice_index, call_id) in self._tool_ids:
                     continue  # a later delta of a call counted, whichever call its index had last
-                if key in self._tool_indexes and (call_id is None or self._tool_indexes[key] is None):
+                known = self._tool_indexes.get(key)
+                if known is not None and (call_id is None or known[0] is None):
                     # The same call: a later delta of it, or one that gives no id to tell.
                     if call_id is not None:
-                        self._tool_indexes[key] = call_id
-                        self._tool_ids.add((choice_index, call_id))
+                        self._late_tool_id(key, known[1], call_id)
                     continue
-                self._tool_indexes[key] = call_id
+                self._tool_indexes[key] = (call_id, len(self.call.tool_calls))
                 if call_id is not None:
                     self._tool_ids.add((choice_index, call_id))
                 self.call.add_tool_call(name, call_id)
                 if self._text is not None:
                     self._tool_choices.append(choice_index)
+            elif not name and call_id is not None:
+                # A later delta that gives the id of a call whose first delta gave none (some servers send the id
+                # after the name): the call's id, as the client's SDK puts it together.
+                known = self._tool_indexes.get(key)
+                if known is not None and known[0] is None and (choice_index, call_id) not in self._tool_ids:
+                    self._late_tool_id(key, known[1], call_id)
+
+    def _late_tool_id(self, key: tuple[int, int], position: int, call_id: str) -> None:
+        """The id of the tool call counted ``position``-th (at ``key``), given after its first delta."""
+        self._tool_indexes[key] = (call_id, position)
+        self._tool_ids.add((key[0], call_id))
+        ids = self.call.tool_call_ids
+        if ids is not None and position < len(ids) and ids[position][0] is None:
+            ids[position] = (call_id[:256], ids[position][1])
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._head(obj)

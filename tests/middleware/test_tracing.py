@@ -1776,3 +1776,40 @@ def test_a_finish_repeated_with_another_word_shows_the_last_one_everywhere(recei
             if capture:
                 [shown] = json.loads(attributes["gen_ai.output.messages"])
                 assert shown["finish_reason"] == "stop", kind  # (the conventions' word for end_turn too)
+
+
+def test_a_streamed_tool_calls_id_given_after_its_name_is_shown(receiver: OTLPReceiver) -> None:
+    """A streamed tool call whose first delta names the function without an id, the id coming in a later delta (with
+    the name again, or alone): the output message shows that id, as the OpenAI SDK puts the call together (it
+    showed ``"id": null``)."""
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+
+    named = {"index": 0, "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    later = {
+        "with-name": {"index": 0, "id": "call_late", "function": {"name": "get_weather", "arguments": "{}"}},
+        "alone": {"index": 0, "id": "call_late", "function": {"arguments": "{}"}},
+    }
+
+    async def chat(request: Request) -> Response:
+        events = [
+            _chunk(0, {"role": "assistant", "tool_calls": [named]}),
+            _chunk(0, {"tool_calls": [later[request.headers["x-request-id"].removeprefix("late-id-")]]}),
+            _chunk(0, {}, "tool_calls"),
+            b"data: [DONE]\n\n",
+        ]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-late-id", capture=True) as base:
+        for kind in later:
+            with client(base).chat.completions.stream(
+                model="m",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-request-id": f"late-id-{kind}"},
+            ) as stream:
+                [sdk_call] = stream.get_final_completion().choices[0].message.tool_calls or []
+                assert sdk_call.id == "call_late"
+    for kind in later:
+        attributes = wait_span(receiver, **{"llm.request_id": f"late-id-{kind}"}).attributes
+        [message] = json.loads(attributes["gen_ai.output.messages"])
+        assert message["parts"] == [{"type": "tool_call", "id": "call_late", "name": "get_weather"}], kind
