@@ -152,6 +152,21 @@ _SERVER_TOOL_ITEMS: Final = {
     "mcp_call": "mcp",
     "tool_search_call": "tool_search",
 }
+#: The Responses API's items of the tools the application runs for the model (and a tool search it runs itself,
+#: ``execution: client``): the tool each calls, named as in an answer, and the member holding what it asks for.
+_CLIENT_TOOL_ITEMS: Final = {
+    "computer_call": ("computer", "action"),
+    "shell_call": ("shell", "action"),
+    "local_shell_call": ("local_shell", "action"),
+    "apply_patch_call": ("apply_patch", "operation"),
+    "tool_search_call": ("tool_search", "arguments"),
+}
+
+
+def _server_output(item: Mapping[str, Any]) -> bool:
+    """Whether a Responses API input item is the output of a tool search the API ran itself, sent back (the
+    application's own outputs carry no ``execution``, or ``client``)."""
+    return item.get("type") == "tool_search_output" and item.get("execution") == "server"
 
 
 #: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
@@ -192,7 +207,7 @@ def _role(message: Mapping[str, Any]) -> str:
         kind = message.get("type")
         if not isinstance(kind, str):
             return "user"
-        return "tool" if kind.endswith("_output") else "assistant"
+        return "tool" if kind.endswith("_output") and not _server_output(message) else "assistant"
     return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
 
 
@@ -1329,9 +1344,18 @@ class SpanObserver:
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
         if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS and message.get("execution") != "client":
             # A call of a tool OpenAI ran itself, sent back (its results are not shown; a tool search may be the
-            # client's).
+            # client's). Its id as in the answer: the call's ``call_id`` (a tool search's, which its output names),
+            # else the item's.
             hosted = _SERVER_TOOL_ITEMS[kind]
-            return [_server_tool_call(message.get("id") or message.get("call_id"), message.get("name"), hosted)]
+            return [_server_tool_call(message.get("call_id") or message.get("id"), message.get("name"), hosted)]
+        if isinstance(kind, str) and kind in _CLIENT_TOOL_ITEMS:
+            # A call of a tool the application ran for the model (computer, shell, patch, its own tool search), sent
+            # back: a tool call, as in the answer, whose output follows as a tool_call_response.
+            name, asked = _CLIENT_TOOL_ITEMS[kind]
+            return [self._tool_call(message.get("call_id") or message.get("id"), name, message.get(asked))]
+        if _server_output(message):
+            # What a tool search the API ran itself found, sent back: its result, as in the answer (not shown).
+            return [_server_tool_result(message.get("call_id") or message.get("id"), "tool_search")]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):

@@ -1663,7 +1663,9 @@ def test_hosted_tools_are_server_tool_calls(receiver: OTLPReceiver) -> None:
         assert answer["parts"] == [{"type": "text", "content": "Sunny."}, web], stream
         sent = json.loads(attributes["gen_ai.input.messages"])
         assert sent[1] == {"role": "assistant", "parts": [web]}, stream
-        assert sent[3] == {"role": "assistant", "parts": []}, stream  # (the client's own tool search: not OpenAI's)
+        # (The client's own tool search: a tool call, not OpenAI's, as in an answer.)
+        assert sent[3] == {"role": "assistant", "parts": [
+            {"type": "tool_call", "id": "call_ts", "name": "tool_search", "arguments": "{}"}]}, stream  # fmt: skip
 
 
 def _chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -1813,3 +1815,69 @@ def test_a_streamed_tool_calls_id_given_after_its_name_is_shown(receiver: OTLPRe
         attributes = wait_span(receiver, **{"llm.request_id": f"late-id-{kind}"}).attributes
         [message] = json.loads(attributes["gen_ai.output.messages"])
         assert message["parts"] == [{"type": "tool_call", "id": "call_late", "name": "get_weather"}], kind
+
+
+def test_tools_the_client_ran_sent_back_in_a_responses_conversation_are_tool_calls(receiver: OTLPReceiver) -> None:
+    """The Responses API's calls of tools the application runs (computer, shell, local shell, apply_patch, its own
+    tool search), sent back with their outputs, are ``tool_call`` parts named as in an answer, with the ``call_id``
+    their outputs name (they were messages with no parts); a tool search the API ran itself is a ``server_tool_call``
+    with the same id as in the answer (its ``call_id``), and its output sent back a ``server_tool_call_response``."""
+    from starlette.responses import JSONResponse
+
+    calls = [
+        ({"type": "computer_call", "id": "cu_1", "call_id": "call_cu", "action": {"type": "click", "x": 1, "y": 2},
+          "pending_safety_checks": [], "status": "completed"}, "computer", '{"type": "click", "x": 1, "y": 2}'),
+        ({"type": "shell_call", "id": "sh_1", "call_id": "call_sh", "action": {"commands": ["ls"]},
+          "status": "completed"}, "shell", '{"commands": ["ls"]}'),
+        ({"type": "local_shell_call", "id": "ls_1", "call_id": "call_ls", "status": "completed",
+          "action": {"type": "exec", "command": ["pwd"], "env": {}}}, "local_shell",
+         '{"type": "exec", "command": ["pwd"], "env": {}}'),
+        ({"type": "apply_patch_call", "id": "ap_1", "call_id": "call_ap", "status": "completed",
+          "operation": {"type": "delete_file", "path": "a.txt"}}, "apply_patch",
+         '{"type": "delete_file", "path": "a.txt"}'),
+        ({"type": "tool_search_call", "id": "ts_1", "call_id": "call_ts", "execution": "client",
+          "arguments": {"query": "weather"}, "status": "completed"}, "tool_search", '{"query": "weather"}'),
+    ]  # fmt: skip
+    outputs = [
+        {"type": "computer_call_output", "call_id": "call_cu",
+         "output": {"type": "computer_screenshot", "image_url": "data:image/png;base64,AA=="}},
+        {"type": "shell_call_output", "call_id": "call_sh",
+         "output": [{"stdout": "a.txt", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]},
+        {"type": "local_shell_call_output", "id": "call_ls", "output": "/home"},
+        {"type": "apply_patch_call_output", "call_id": "call_ap", "status": "completed", "output": "done"},
+        {"type": "tool_search_output", "call_id": "call_ts", "execution": "client", "tools": []},
+    ]  # fmt: skip
+    searched = {"type": "tool_search_call", "id": "tsc_1", "call_id": "call_srv", "execution": "server",
+                "arguments": {"query": "maps"}, "status": "completed"}  # fmt: skip
+    found = {"type": "tool_search_output", "id": "tso_1", "call_id": "call_srv", "execution": "server", "tools": [],
+             "status": "completed"}  # fmt: skip
+
+    async def responses(request: Any) -> JSONResponse:
+        await request.body()  # (the middleware reads the request as the app does)
+        return JSONResponse({"id": "resp_1", "object": "response", "created_at": 0, "model": "gpt-4o",
+                             "status": "completed", "output": [searched, found],
+                             "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}})  # fmt: skip
+
+    with traced_chat_app(receiver, responses, "llm-client-tools", capture=True, path="/v1/responses") as base:
+        client(base).responses.create(
+            model="gpt-4o",
+            input=[{"role": "user", "content": "go"}, *(c for c, _, _ in calls), *outputs, searched, found],  # type: ignore[list-item]
+            extra_headers={"x-request-id": "client-tools"},
+        )
+    attributes = wait_span(receiver, **{"llm.request_id": "client-tools"}).attributes
+    sent = json.loads(attributes["gen_ai.input.messages"])
+    assert sent[1:6] == [
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": item["call_id"], "name": name, "arguments": asked}]}
+        for item, name, asked in calls
+    ]
+    assert [m["parts"][0]["id"] for m in sent[6:11]] == [c["call_id"] for c, _, _ in calls]  # their outputs
+    assert all(m["role"] == "tool" and m["parts"][0]["type"] == "tool_call_response" for m in sent[6:11])
+    server_call = {"type": "server_tool_call", "id": "call_srv", "name": "tool_search",
+                   "server_tool_call": {"type": "tool_search"}}  # fmt: skip
+    assert sent[11:] == [
+        {"role": "assistant", "parts": [server_call]},
+        {"role": "assistant", "parts": [{"type": "server_tool_call_response", "id": "call_srv",
+                                         "server_tool_call_response": {"type": "tool_search"}}]},
+    ]  # fmt: skip
+    [answer] = json.loads(attributes["gen_ai.output.messages"])
+    assert answer["parts"] == [server_call]  # the same id in the answer as sent back
