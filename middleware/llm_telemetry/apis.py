@@ -987,10 +987,12 @@ class OpenAIChatReader(ResponseReader):
                 value += 2
             else:
                 value = -1
-            # Its only spelling belongs to a choice: the one finish reason the finish event can report.
+            # Its only spelling belongs to a choice: the one finish reason the finish event can report. Only of the
+            # first choice (index 0, or none given), which is where _end files it: a first token of another choice
+            # (a server may start with any) teaches no template.
             if value > 0:
                 for choice in _list(obj.get("choices")):
-                    if isinstance(choice, dict) and "finish_reason" in choice:
+                    if isinstance(choice, dict) and "finish_reason" in choice and not _int(choice.get("index")):
                         finish_head = data[:start] + data[end:value]
                         finish_tail = data[value + 4 : obfuscation] if obfuscation > 0 else data[value + 4 :]
                         break

@@ -9,7 +9,7 @@ from typing import Any
 
 import openai
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llm_telemetry import LLMTelemetryMiddleware
@@ -525,10 +525,27 @@ def _chat_events(words: list[str], spaced: bool, twin_finish: bool) -> list[dict
     return events
 
 
-@given(st.lists(texts, min_size=1, max_size=30), st.booleans(), st.booleans(), st.booleans())
+@given(
+    st.lists(texts, min_size=1, max_size=30),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.none() | st.tuples(st.integers(0, 5000), st.integers(0, 5000), st.sampled_from(["content_filter", "stop"])),
+)
 @settings(max_examples=150, deadline=None)
-def test_stream_fast_paths_agree_with_full_parsing(words: list[str], spaced: bool, twin: bool, usage: bool) -> None:
+@example(["a"], False, False, False, (4096, 0, "content_filter"))  # a first token of choice 4096 (MAX_STREAM_CHOICES)
+def test_stream_fast_paths_agree_with_full_parsing(
+    words: list[str], spaced: bool, twin: bool, usage: bool, other: tuple[int, int, str] | None
+) -> None:
     events = _chat_events(words, spaced, twin)
+    if other is not None and not twin:
+        # The stream's one choice at any index (a server may number it as it likes), and another choice's finish
+        # (or the same choice's, repeated with another word) before its own.
+        index, other_index, reason = other
+        for event in events:
+            event["choices"][0]["index"] = index
+        events.insert(-1, {"id": "c1", "model": "gpt-4o-2024-08-06",
+                           "choices": [{"index": other_index, "delta": {}, "finish_reason": reason}]})  # fmt: skip
     if usage:
         events.append({"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}})
     separators = (", ", ": ") if spaced else (",", ":")
