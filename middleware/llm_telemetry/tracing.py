@@ -189,13 +189,26 @@ def _short(value: Any) -> str | None:
     return field_text(value, MAX_TOOL_FIELD_CHARS) if isinstance(value, str) else None
 
 
+#: Characters a captured message's tool part is counted for beyond its values and its type (its keys and
+#: punctuation in the JSON, about), for the messages' budget: many tool parts with little in them add up too. (A text
+#: part is counted for its text only: a message's text parts share one cap, at most 16 of them.)
+PART_OVERHEAD_CHARS: Final = 32
+
+
 def _shown_chars(message: Mapping[str, Any]) -> int:
-    """The characters a captured message shows (text, arguments, results, tool calls' ids and names), for the
-    messages' budget."""
-    return sum(
-        sum(len(part.get(key) or "") for key in ("content", "arguments", "response", "id", "name"))
-        for part in message["parts"]
-    )
+    """The characters a captured message shows, for the messages' budget: its text, and its tool parts about as long
+    as their JSON (arguments, results, ids and names, the part's type, a server tool part's kind, and
+    PART_OVERHEAD_CHARS)."""
+    shown = 0
+    for part in message["parts"]:
+        shown += sum(len(part.get(key) or "") for key in ("content", "arguments", "response", "id", "name"))
+        kind = part["type"]
+        if kind != "text":
+            shown += PART_OVERHEAD_CHARS + len(kind)
+            server = part.get(kind)  # (a server tool part's kind, under a key named as its type)
+            if isinstance(server, dict):
+                shown += len(kind) + len(server["type"])
+    return shown
 
 
 def _role(message: Mapping[str, Any]) -> str:

@@ -444,7 +444,7 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
     list) is one part per text block and per tool block, in the order sent, as the conventions keep them: text
     blocks had been run together with no separator ("Describein one word."), ahead of the tool calls wherever they
     stood. Images are not shown. The text blocks of a message share the capture cap."""
-    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="40")
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="100")
     with demo_server(env) as (_, base):
         client(base).chat.completions.create(
             model="gpt-4o",
@@ -457,7 +457,7 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
                         {"type": "text", "text": "in one word."},
                     ],
                 },
-                {"role": "user", "content": [{"type": "text", "text": "a" * 30}, {"type": "text", "text": "b" * 30}]},
+                {"role": "user", "content": [{"type": "text", "text": "a" * 60}, {"type": "text", "text": "b" * 60}]},
             ],
             extra_headers={"x-request-id": "trace-test-blocks-openai"},
         )
@@ -481,7 +481,7 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
                     "content": [
                         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
                         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "noon"},
-                        {"type": "text", "text": "x" * 50},
+                        {"type": "text", "text": "x" * 120},
                     ],
                 },
             ],
@@ -491,8 +491,8 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
     described, shared = json.loads(openai_attrs["gen_ai.input.messages"])
     assert described["parts"] == [{"type": "text", "content": "Describe"}, {"type": "text", "content": "in one word."}]
     assert shared["parts"] == [
-        {"type": "text", "content": "a" * 30},
-        {"type": "text", "content": "b" * 10 + TRUNCATION_MARK},
+        {"type": "text", "content": "a" * 60},
+        {"type": "text", "content": "b" * 40 + TRUNCATION_MARK},
     ]
     claude_attrs = wait_span(receiver, **{"llm.request_id": "trace-test-blocks-anthropic"}).attributes
     assert json.loads(claude_attrs["gen_ai.system_instructions"]) == [
@@ -509,7 +509,7 @@ def test_captured_content_blocks_are_parts_in_their_order(receiver: OTLPReceiver
     assert results["parts"] == [
         {"type": "tool_call_response", "id": "toolu_1", "response": "18C"},
         {"type": "tool_call_response", "id": "toolu_2", "response": "noon"},
-        {"type": "text", "content": "x" * 40 + TRUNCATION_MARK},
+        {"type": "text", "content": "x" * 100 + TRUNCATION_MARK},
     ]
 
 
@@ -1881,3 +1881,27 @@ def test_tools_the_client_ran_sent_back_in_a_responses_conversation_are_tool_cal
     ]  # fmt: skip
     [answer] = json.loads(attributes["gen_ai.output.messages"])
     assert answer["parts"] == [server_call]  # the same id in the answer as sent back
+
+
+def test_server_tool_parts_count_in_the_captured_messages_budget(receiver: OTLPReceiver) -> None:
+    """A conversation of many messages full of results of tools the provider ran (Anthropic's ``*_tool_result``
+    blocks, shown as ``server_tool_call_response`` parts with their kind): the parts count in the budget of the
+    messages shown, so ``gen_ai.input.messages`` stays near four times the cap (it was 48 KB with short kinds and
+    163 KB with long ones, at the default cap of 4,096)."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true")
+    with demo_server(env) as (_, base):
+        claude = anthropic.Anthropic(base_url=base, api_key="sk-ant-test", max_retries=0)
+        for kind in (1, 240):
+            blocks = [{"type": "k" * kind + f"{j:02d}_tool_result", "tool_use_id": f"srvtoolu_{j}", "content": []}
+                      for j in range(16)]  # fmt: skip
+            claude.messages.create(
+                model="claude-test", max_tokens=16,
+                messages=[*[{"role": "assistant", "content": blocks}] * 200, {"role": "user", "content": "hi"}],  # type: ignore[list-item]
+                extra_headers={"x-request-id": f"server-budget-{kind}"},
+            )  # fmt: skip
+    for kind in (1, 240):
+        attributes = wait_span(receiver, **{"llm.request_id": f"server-budget-{kind}"}).attributes
+        shown = attributes["gen_ai.input.messages"]
+        assert len(shown) <= 4 * 4096 * 1.25, (kind, len(shown))
+        assert attributes["llm.input.messages.omitted"] > 200 - 32, kind
+        assert json.loads(shown)[-2]["parts"][0]["type"] == "server_tool_call_response"
