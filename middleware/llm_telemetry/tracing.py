@@ -232,7 +232,9 @@ def _tool_output(item: Mapping[str, Any]) -> Any:
     """What a Responses API tool output item shows: its ``output`` (text, or content parts whose text is kept), a
     shell call's commands' stdout and stderr, nothing for a screenshot or a missing output."""
     output = item.get("output")
-    if output is None or (isinstance(output, dict) and output.get("type") in _IMAGE_OUTPUTS):
+    if output is None or (
+        isinstance(output, dict) and isinstance(output.get("type"), str) and output["type"] in _IMAGE_OUTPUTS
+    ):
         return ""
     if isinstance(output, list) and not any(isinstance(p, dict) and "text" in p for p in output):
         runs = [p for p in output[:MAX_CAPTURED_TOOL_PARTS] if isinstance(p, dict)]
@@ -362,6 +364,7 @@ class Tracing:
             tracer_provider=self.provider,
             meter_provider=NoOpMeterProvider(),
             exclude_spans=["receive", "send"],
+            server_request_hook=_scrub_query,
         )
         return wrapped
 
@@ -372,6 +375,26 @@ class Tracing:
     def shutdown(self) -> None:
         if self.owned:
             self.provider.shutdown()  # type: ignore[attr-defined]
+
+
+#: The HTTP server span's attributes that carry the request's query string, and whether they hold the URL around it.
+_QUERY_ATTRIBUTES: Final = (("http.url", True), ("url.full", True), ("http.target", True), ("url.query", False))
+
+
+def _scrub_query(span: Any, scope: Mapping[str, Any]) -> None:
+    """OpenTelemetry's ASGI middleware puts the query string on its HTTP server span, and a query may carry a key
+    (``?key=``, ``?api_key=``): every parameter's value is shown as ``REDACTED``, its name kept, as the HTTP
+    conventions redact the values they know to be secret."""
+    query = scope.get("query_string")
+    attributes = getattr(span, "attributes", None)
+    if not query or attributes is None:
+        return
+    text = query.decode("latin-1") if isinstance(query, bytes) else str(query)
+    scrubbed = "&".join(f"{part.split('=', 1)[0]}=REDACTED" if "=" in part else part for part in text.split("&"))
+    for key, in_url in _QUERY_ATTRIBUTES:
+        value = attributes.get(key)
+        if isinstance(value, str) and value:
+            span.set_attribute(key, f"{value.split('?', 1)[0]}?{scrubbed}" if in_url else scrubbed)
 
 
 def _wall_ns(reading: float, now_perf: float, now_ns: int) -> int:
@@ -910,10 +933,11 @@ _FLAGS: Final = {
 }
 
 
-def exception_attributes(exception: BaseException, escaped: bool) -> dict[str, Any]:
+def exception_attributes(exception: BaseException, escaped: bool, redact: Redactor | None = None) -> dict[str, Any]:
     """The ``exception`` event's attributes, as the SDK's ``record_exception`` makes them, but bounded: the message
     cut to :data:`MAX_EXCEPTION_MESSAGE_CHARS`, the traceback to its first and last parts within
-    :data:`MAX_EXCEPTION_STACKTRACE_CHARS`; an exception whose ``str`` raises is named by its type."""
+    :data:`MAX_EXCEPTION_STACKTRACE_CHARS`; an exception whose ``str`` raises is named by its type. ``redact``
+    masks the message and the traceback (an error that quotes a URL with its ``?key=``, or the prompt)."""
     kind = type(exception)
     module, qualname = kind.__module__, kind.__qualname__
     try:
@@ -927,9 +951,15 @@ def exception_attributes(exception: BaseException, escaped: bool) -> dict[str, A
     if len(stack) > MAX_EXCEPTION_STACKTRACE_CHARS:
         half = MAX_EXCEPTION_STACKTRACE_CHARS // 2
         stack = f"{stack[:half]}\n... {len(stack) - 2 * half} characters left out ...\n{stack[-half:]}"
+    message = field_text(message, MAX_EXCEPTION_MESSAGE_CHARS)
+    if redact is not None:
+        try:
+            message, stack = redact(message), redact(stack)
+        except Exception:
+            message, stack = f"<{qualname} message withheld: the redactor failed>", qualname
     return {
         "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
-        EXCEPTION_MESSAGE: field_text(message, MAX_EXCEPTION_MESSAGE_CHARS),
+        EXCEPTION_MESSAGE: message,
         "exception.stacktrace": valid_text(stack),
         "exception.escaped": str(escaped),
     }
@@ -1308,7 +1338,7 @@ class SpanObserver:
                 # As the SDK records an exception leaving a span: an event with its type, message and traceback,
                 # and the status described by it. Otherwise no description: error.type says it already, and the
                 # conventions advise against repeating it there.
-                recorded = exception_attributes(exc, escaped=True)
+                recorded = exception_attributes(exc, escaped=True, redact=self.redact)
                 # At the span's end (its last byte sent), not now: the exception reaches here after it, and an event
                 # stamped later is drawn outside the span.
                 end = call.end if call.end is not None else now_perf
@@ -1326,7 +1356,8 @@ class SpanObserver:
                     p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str)
                 )
             else:
-                value = json.dumps(value, default=str)
+                # (Non-ASCII characters as they are: escaped, each took six characters of the cap.)
+                value = json.dumps(value, default=str, ensure_ascii=False)
         # Only what may be shown is redacted: redacting a long-context prompt or a long answer whole cost ~0.1-0.2 µs
         # a character, on the loop. A text cut here is marked as cut, however short the redactor leaves it.
         full = limit + REDACTED_BEYOND_CAP

@@ -1,0 +1,185 @@
+"""What spans show of secrets a client or the app lets slip: the query string on OpenTelemetry's HTTP server span
+(the two-span option), an exception's text, and captured tool input. Real uvicorn, the official SDKs, spans kept
+in memory."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from llm_telemetry import LLMTelemetryMiddleware
+from support import serve
+
+KEY = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx"
+GOOGLE_KEY = "AIzaSyAbCdEfGhIjKlMnOpQrStUvWxYz012345"
+
+
+def completion(model: str) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}  # fmt: skip
+
+
+async def chat(request: Request) -> JSONResponse:
+    body = await request.json()
+    if body["model"] == "failing":
+        # An app whose upstream call failed, its error quoting the URL it called, with its key.
+        raise RuntimeError(f"upstream 400 for url 'https://upstream.example/v1/chat?key={GOOGLE_KEY}'")
+    return JSONResponse(completion(body["model"]))
+
+
+async def messages(request: Request) -> JSONResponse:
+    body = await request.json()
+    return JSONResponse({"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                         "content": [{"type": "text", "text": "noted"}], "stop_reason": "end_turn",
+                         "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}})  # fmt: skip
+
+
+async def responses(request: Request) -> JSONResponse:
+    body = await request.json()
+    text = {"type": "output_text", "text": "ok", "annotations": []}
+    message = {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [text]}
+    return JSONResponse({"id": "resp_1", "object": "response", "created_at": 1, "model": body["model"],
+                         "status": "completed", "output": [message], "parallel_tool_calls": True,
+                         "tool_choice": "auto", "tools": [],
+                         "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, InMemorySpanExporter]]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+    ]
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=routes),
+        metrics_port=0,
+        request_logs=False,
+        tracer_provider=provider,
+        tracing_http_span=True,
+        capture_content=True,
+    )
+    with serve(app) as base:
+        yield base, spans
+    if app._telemetry is not None:
+        app._telemetry.shutdown()
+
+
+def finished(spans: InMemorySpanExporter, model: str) -> list[ReadableSpan]:
+    """The spans of the request for ``model`` (the LLM span and the HTTP server span of its trace), once ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        done = spans.get_finished_spans()
+        llm = [s for s in done if s.attributes and s.attributes.get("gen_ai.request.model") == model]
+        if llm:
+            trace_id = llm[0].context.trace_id
+            trace = [s for s in done if s.context.trace_id == trace_id]
+            if len(trace) == 2 or time.monotonic() > deadline:
+                return trace
+        assert time.monotonic() < deadline, f"no span of {model}"
+        time.sleep(0.02)
+
+
+def shown(span: ReadableSpan) -> str:
+    """Everything a span carries, as text: its attributes, its events' and its status description."""
+    events = [{"name": e.name, **dict(e.attributes or {})} for e in span.events]
+    return json.dumps([dict(span.attributes or {}), events, span.status.description], ensure_ascii=False)
+
+
+def test_a_query_strings_values_are_redacted_on_the_http_server_span(
+    served: tuple[str, InMemorySpanExporter],
+) -> None:
+    """OpenTelemetry's ASGI middleware puts the query on its span; a client of a gateway that takes its key there
+    (``?key=``, ``?api_key=``) must not leave it in the trace. The parameters' names stay."""
+    base, spans = served
+    client = openai.OpenAI(
+        base_url=base + "/v1", api_key="k", max_retries=0, default_query={"api_key": KEY, "api-version": "2024-10-21"}
+    )
+    client.chat.completions.create(model="queried", messages=[{"role": "user", "content": "hi"}])
+    httpx.post(base + f"/v1/chat/completions?key={GOOGLE_KEY}&flag", json={"model": "queried-raw", "messages": []})
+    for model in ("queried", "queried-raw"):
+        trace = finished(spans, model)
+        assert len(trace) == 2, [s.name for s in trace]
+        for span in trace:
+            assert KEY not in shown(span) and GOOGLE_KEY not in shown(span), shown(span)
+        (http,) = [s for s in trace if "gen_ai.request.model" not in (s.attributes or {})]
+        query = [v for k, v in (http.attributes or {}).items() if k in ("http.target", "http.url", "url.query")]
+        assert query, http.attributes
+        expected = "api_key=REDACTED&api-version=REDACTED" if model == "queried" else "key=REDACTED&flag"
+        assert all(str(value).endswith(expected) for value in query), query
+
+
+def test_an_exceptions_text_on_the_span_is_redacted(served: tuple[str, InMemorySpanExporter]) -> None:
+    """An app error quoting a URL with its key reaches the LLM span's exception event and status: masked there, as
+    captured content is, whether content capture is on or not."""
+    base, spans = served
+    response = httpx.post(base + "/v1/chat/completions", json={"model": "failing", "messages": []})
+    assert response.status_code == 500
+    trace = finished(spans, "failing")
+    assert all(GOOGLE_KEY not in shown(span) for span in trace), [shown(span) for span in trace]
+    (llm,) = [s for s in trace if (s.attributes or {}).get("gen_ai.request.model") == "failing"]
+    (event,) = [e for e in llm.events if e.name == "exception"]
+    assert str((event.attributes or {})["exception.message"]).endswith("v1/chat?key=[key]'")
+
+
+def test_captured_tool_input_keeps_its_characters_and_masks_a_key_after_them(
+    served: tuple[str, InMemorySpanExporter],
+) -> None:
+    """A tool's input object sent back is shown as JSON with its characters as they are (escaped, each took six
+    characters of the cap and hid a key after a full-width colon from the redactor)."""
+    base, spans = served
+    use = {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "remember",
+        "input": {"note": "密钥\uff1a" + KEY, "city": "東京"},
+    }
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "saved"}
+    claude = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+    claude.messages.create(
+        model="claude-tools",
+        max_tokens=16,
+        messages=[
+            {"role": "user", "content": "note it"},
+            {"role": "assistant", "content": [use]},  # type: ignore[list-item]
+            {"role": "user", "content": [result]},  # type: ignore[list-item]
+        ],
+    )
+    (llm,) = [s for s in finished(spans, "claude-tools") if "gen_ai.input.messages" in (s.attributes or {})]
+    assert KEY not in shown(llm), shown(llm)
+    sent = json.loads(str((llm.attributes or {})["gen_ai.input.messages"]))
+    (call,) = [part for message in sent for part in message["parts"] if part["type"] == "tool_call"]
+    assert "東京" in json.dumps(call["arguments"], ensure_ascii=False) and "[key]" in str(call["arguments"])
+
+
+def test_a_tool_output_of_a_strange_type_leaves_the_captured_conversation_shown(
+    served: tuple[str, InMemorySpanExporter],
+) -> None:
+    """A Responses tool output whose ``type`` is an object (no API sends one; a hostile client may) is shown as any
+    output is, and the conversation with it (it stopped the capture of the whole span)."""
+    base, spans = served
+    given: Any = [
+        {"type": "function_call", "call_id": "c1", "name": "look", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": {"type": {"a": 1}}},
+    ]
+    openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).responses.create(model="strange", input=given)
+    (llm,) = [s for s in finished(spans, "strange") if (s.attributes or {}).get("gen_ai.request.model") == "strange"]
+    assert "gen_ai.input.messages" in (llm.attributes or {}), llm.attributes
