@@ -9,7 +9,7 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
 * control characters: nor is one with a line break, NUL or other control character in it (or an invisible
   format character, a right-to-left override say), which would also reach the span named after it and the request
   log line's message, where a viewer prints it raw; it becomes ``other``;
-* secrets: nor is one holding what looks like a provider's secret key or an e-mail address; it becomes ``other``;
+* secrets: nor is one holding what looks like a provider's secret key; it becomes ``other``;
 * count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
   the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
   workers, across worker restarts, not per process lifetime.
@@ -52,15 +52,16 @@ _ASCII_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
 
 #: Provider-style secret keys (OpenAI sk-/sk-proj-, Anthropic sk-ant-, GitHub ghp_/github_pat_, AWS AKIA, Google
 #: AIza, Slack xox?-), as the redactor masks them in captured text (see ``redact``).
-SECRET_KEYS: Final = (
-    r"(?:sk-[A-Za-z0-9_-]{16,}|(?:ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
-    r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}|xox[abprs]-[A-Za-z0-9-]{10,})"
+_OTHER_KEYS: Final = (
+    r"(?:ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}"
+    r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}|xox[abprs]-[A-Za-z0-9-]{10,}"
 )
-#: A secret key, or an e-mail address, in a label value: a client that swapped its key and model settings, or put
-#: a person's address in a model name, against a server that answers whatever the model.
-_PRIVATE: Final = re.compile(
-    r"(?<![A-Za-z0-9_])" + SECRET_KEYS + r"|[A-Za-z0-9._%+-]@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
-)
+SECRET_KEYS: Final = r"(?:sk-[A-Za-z0-9_-]{16,}|" + _OTHER_KEYS + ")"
+#: A secret key as a label value holds one: a client that swapped its key and model settings, against a server that
+#: answers whatever the model. Stricter than the redactor, whose false positives cost only masked prose: the key
+#: starts the value or follows a separator other than a hyphen, and an OpenAI or Anthropic one is 32 characters
+#: long at least after its ``sk-`` (model names such as ``opus-mt-sk-en`` or ``sk-learn-classifier`` stay).
+_KEY_IN_LABEL: Final = re.compile(r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{32,}|" + _OTHER_KEYS + ")")
 
 
 def valid_text(value: str) -> str:
@@ -78,8 +79,8 @@ def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
 
 def label_value(value: str) -> str:
     """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long, when it holds
-    a control character, or when it holds what looks like a secret key or an e-mail address."""
-    if len(value) > MAX_LABEL_CHARS or _PRIVATE.search(value):
+    a control character, or when it holds what looks like a provider's secret key."""
+    if len(value) > MAX_LABEL_CHARS or _KEY_IN_LABEL.search(value):
         return OTHER
     if value.isascii():
         return OTHER if _ASCII_CONTROL.search(value) else value
@@ -151,8 +152,10 @@ class LabelLimiter:
         seen = self._seen.get(label)
         if seen is not None and value in seen:
             return value
+        if label in self._full:
+            return OTHER
         value = label_value(value)
-        if value == OTHER or label in self._full:
+        if value == OTHER:
             return OTHER
         with self._lock:
             seen = self._seen.setdefault(label, set())
