@@ -194,12 +194,17 @@ def _ends_answer(event: str, data: bytes) -> bool:
 
 
 def _add_finish_reason(call: LLMCall, reason: Any, index: int = 0) -> None:
-    """A finish reason read, of choice ``index``."""
+    """A finish reason read, of choice ``index``. A choice's later finish replaces its earlier one (see
+    ``LLMCall.add_choice_finish``), in the reasons counted too unless another choice has the earlier one."""
     if isinstance(reason, str) and reason:
         call.finishes += 1
         reason = field_text(reason)
+        earlier = call.choice_finishes.get(index) if call.choice_finishes else None
         call.add_choice_finish(index, reason)
         reasons = call.finish_reasons
+        if earlier is not None and earlier != reason and earlier in reasons:
+            if earlier not in call.choice_finishes.values():  # type: ignore[union-attr]
+                reasons.remove(earlier)
         if len(reasons) < MAX_FINISH_REASONS and reason not in reasons:
             reasons.append(reason)
 

@@ -109,6 +109,46 @@ def test_a_label_value_holding_a_secret_key_is_other(cleanup: list[LLMTelemetryM
     assert model not in metrics.text
 
 
+@pytest.mark.parametrize(
+    ("finishes", "counted"),
+    [
+        ([(0, "length"), (0, "stop")], {"stop": 1}),  # an early finish, then the choice's final one
+        ([(0, "length"), (1, "length"), (0, "stop")], {"length": 1, "stop": 1}),  # the other choice keeps "length"
+    ],
+)
+def test_a_choices_finish_sent_again_with_another_word_counts_its_last(
+    cleanup: list[LLMTelemetryMiddleware], finishes: list[tuple[int, str]], counted: dict[str, int]
+) -> None:
+    """A gateway that sends a choice's finish early, then its final word: the finish-reason metric counts the last,
+    as the span and the OpenAI SDK's stream helper read it (a truncation ratio counted the early ``length``)."""
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": index, "delta": delta, "finish_reason": finish}
+        return b"data: " + json.dumps({"id": "c1", "model": "gpt-4o", "choices": [choice]}).encode() + b"\n\n"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        events = [chunk(0, {"role": "assistant", "content": "Hi"}), chunk(1, {"content": "Yo"})]
+        events += [chunk(index, {}, finish) for index, finish in finishes] + [b"data: [DONE]\n\n"]
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped, _ = observe(app)
+    cleanup.append(wrapped)
+
+    async def run() -> list[dict[str, Any]]:
+        body = json.dumps({"model": "gpt-4o", "stream": True, "n": 2, "messages": []}).encode()
+        await exchange(wrapped, "/v1/chat/completions", body)
+        return await exchange(wrapped, "/metrics", method="GET")
+
+    metrics = Metrics(b"".join(m.get("body", b"") for m in asyncio.run(run())[1:]).decode())
+    found = {s.labels["llm_finish_reason"]: s.value for s in metrics.samples if s.name == "llm_finish_reasons_total"}
+    assert found == counted
+
+
 def test_16_distinct_finish_reasons_are_kept_per_call_and_later_ones_ignored(
     cleanup: list[LLMTelemetryMiddleware],
 ) -> None:
