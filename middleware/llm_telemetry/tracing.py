@@ -163,10 +163,25 @@ _CLIENT_TOOL_ITEMS: Final = {
 }
 
 
-def _server_output(item: Mapping[str, Any]) -> bool:
-    """Whether a Responses API input item is the output of a tool search the API ran itself, sent back (the
-    application's own outputs carry no ``execution``, or ``client``)."""
-    return item.get("type") == "tool_search_output" and item.get("execution") == "server"
+def _server_output(item: Mapping[str, Any], hosted_shells: frozenset[str] = frozenset()) -> bool:
+    """Whether a Responses API input item is the output of a tool the API ran itself, sent back: a tool search's (the
+    application's own outputs carry no ``execution``, or ``client``), or a shell's it ran in its own container (its
+    call's ``call_id`` among ``hosted_shells``)."""
+    kind = item.get("type")
+    if kind == "shell_call_output":
+        call_id = item.get("call_id")
+        return isinstance(call_id, str) and call_id in hosted_shells
+    return kind == "tool_search_output" and item.get("execution") == "server"
+
+
+def _hosted_shell(item: Mapping[str, Any]) -> bool:
+    """Whether a Responses API item is a call of the shell tool the API runs in its own container."""
+    environment = item.get("environment")
+    return (
+        item.get("type") == "shell_call"
+        and isinstance(environment, Mapping)
+        and environment.get("type") == "container_reference"
+    )
 
 
 #: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
@@ -211,7 +226,7 @@ def _shown_chars(message: Mapping[str, Any]) -> int:
     return shown
 
 
-def _role(message: Mapping[str, Any]) -> str:
+def _role(message: Mapping[str, Any], hosted_shells: frozenset[str] = frozenset()) -> str:
     """A captured message's role as a client sent it, bounded and valid UTF-8 like every other captured field. A
     Responses API input item has none unless it is a message: a tool's output (``function_call_output``, any
     ``*_output``) is the tool's, the model's own items sent back (a tool call, its reasoning) the assistant's."""
@@ -220,7 +235,7 @@ def _role(message: Mapping[str, Any]) -> str:
         kind = message.get("type")
         if not isinstance(kind, str):
             return "user"
-        return "tool" if kind.endswith("_output") and not _server_output(message) else "assistant"
+        return "tool" if kind.endswith("_output") and not _server_output(message, hosted_shells) else "assistant"
     return field_text(role, MAX_ROLE_CHARS) if isinstance(role, str) else "user"
 
 
@@ -1374,10 +1389,10 @@ class SpanObserver:
         # (which the redactor could not recognise) is never shown. Text dense with masked values shows less.
         return valid_text(shown[: min(limit, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
 
-    def _message(self, message: dict[str, Any]) -> dict[str, Any]:
-        return {"role": _role(message), "parts": self._parts(message)}
+    def _message(self, message: dict[str, Any], hosted_shells: frozenset[str] = frozenset()) -> dict[str, Any]:
+        return {"role": _role(message, hosted_shells), "parts": self._parts(message, hosted_shells)}
 
-    def _parts(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+    def _parts(self, message: dict[str, Any], hosted_shells: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         """A request message's parts as the GenAI conventions shape them: text, and the tool calls and tool results
         of the three APIs (OpenAI's ``tool_calls`` and ``tool`` role, Anthropic's ``tool_use`` and ``tool_result``
         blocks, the Responses API's ``function_call`` and ``function_call_output`` items). Arguments and results
@@ -1386,6 +1401,9 @@ class SpanObserver:
         if kind == "function_call" or kind == "custom_tool_call":
             arguments = message.get("arguments" if kind == "function_call" else "input")
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
+        if _hosted_shell(message):
+            # A shell the API ran in its own container, sent back: its call, as a hosted tool's (not the app's).
+            return [_server_tool_call(message.get("call_id") or message.get("id"), "shell", "shell")]
         if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS and message.get("execution") != "client":
             # A call of a tool OpenAI ran itself, sent back (its results are not shown; a tool search may be the
             # client's). Its id as in the answer: the call's ``call_id`` (a tool search's, which its output names),
@@ -1397,9 +1415,11 @@ class SpanObserver:
             # back: a tool call, as in the answer, whose output follows as a tool_call_response.
             name, asked = _CLIENT_TOOL_ITEMS[kind]
             return [self._tool_call(message.get("call_id") or message.get("id"), name, message.get(asked))]
-        if _server_output(message):
-            # What a tool search the API ran itself found, sent back: its result, as in the answer (not shown).
-            return [_server_tool_result(message.get("call_id") or message.get("id"), "tool_search")]
+        if _server_output(message, hosted_shells):
+            # What a tool the API ran itself (a tool search, a shell in its container) gave, sent back: its result,
+            # as in the answer (not shown).
+            hosted = "shell" if kind == "shell_call_output" else "tool_search"
+            return [_server_tool_result(message.get("call_id") or message.get("id"), hosted)]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):
@@ -1484,6 +1504,10 @@ class SpanObserver:
         budget = self.max_chars * CAPTURED_INPUT_MESSAGES_BUDGET
         head: list[dict[str, Any]] = []
         rest = messages
+        # The shells the API ran in its own container: their outputs sent back are its results, not the app's.
+        hosted_shells = frozenset(
+            str(m["call_id"]) for m in messages if _hosted_shell(m) and isinstance(m.get("call_id"), str)
+        )
         if str(messages[0].get("role")) in _INSTRUCTION_ROLES:
             head, rest = [self._message(messages[0])], messages[1:]
             budget -= _shown_chars(head[0])
@@ -1491,7 +1515,7 @@ class SpanObserver:
         for message in reversed(rest):
             if len(head) + len(newest) >= MAX_CAPTURED_MESSAGES:
                 break
-            entry = self._message(message)
+            entry = self._message(message, hosted_shells)
             size = _shown_chars(entry)
             if newest and size > budget:
                 break

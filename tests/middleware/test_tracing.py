@@ -1883,6 +1883,51 @@ def test_tools_the_client_ran_sent_back_in_a_responses_conversation_are_tool_cal
     assert answer["parts"] == [server_call]  # the same id in the answer as sent back
 
 
+def test_a_shell_the_api_ran_in_its_container_sent_back_is_a_server_tool_call(receiver: OTLPReceiver) -> None:
+    """The shell tool with a container of the API's (``environment.type: container_reference``): its call and its
+    output sent back are the API's, a ``server_tool_call`` and its ``server_tool_call_response``, as the metrics count
+    no tool result of the application's for it; a shell the application ran stays a ``tool_call``."""
+    from starlette.responses import JSONResponse
+
+    hosted = {
+        "type": "shell_call",
+        "id": "sh_1",
+        "call_id": "call_hosted",
+        "action": {"commands": ["ls"]},
+        "status": "completed",
+        "environment": {"type": "container_reference", "container_id": "cntr_1"},
+    }
+    own = {
+        "type": "shell_call",
+        "id": "sh_2",
+        "call_id": "call_own",
+        "action": {"commands": ["pwd"]},
+        "status": "completed",
+    }
+    ran = [{"stdout": "a.txt", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]
+    given = [{"role": "user", "content": "go"}, hosted,
+             {"type": "shell_call_output", "call_id": "call_hosted", "output": ran},
+             own, {"type": "shell_call_output", "call_id": "call_own", "output": ran}]  # fmt: skip
+    text = {"type": "output_text", "text": "done", "annotations": []}
+
+    async def responses(request: Any) -> JSONResponse:
+        await request.body()
+        message = {"type": "message", "id": "m1", "role": "assistant", "status": "completed", "content": [text]}
+        return JSONResponse({"id": "resp_1", "object": "response", "created_at": 0, "model": "gpt-4o",
+                             "status": "completed", "output": [message],
+                             "usage": {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}})  # fmt: skip
+
+    with traced_chat_app(receiver, responses, "llm-hosted-shell", capture=True, path="/v1/responses") as base:
+        client(base).responses.create(model="gpt-4o", input=given, extra_headers={"x-request-id": "hosted-shell"})  # type: ignore[arg-type]
+    sent = json.loads(wait_span(receiver, **{"llm.request_id": "hosted-shell"}).attributes["gen_ai.input.messages"])
+    assert [(m["role"], m["parts"][0]["type"], m["parts"][0]["id"]) for m in sent[1:]] == [
+        ("assistant", "server_tool_call", "call_hosted"),
+        ("assistant", "server_tool_call_response", "call_hosted"),
+        ("assistant", "tool_call", "call_own"),
+        ("tool", "tool_call_response", "call_own"),
+    ]
+
+
 def test_server_tool_parts_count_in_the_captured_messages_budget(receiver: OTLPReceiver) -> None:
     """A conversation of many messages full of results of tools the provider ran (Anthropic's ``*_tool_result``
     blocks, shown as ``server_tool_call_response`` parts with their kind): the parts count in the budget of the
