@@ -64,6 +64,11 @@ SECRET_KEYS: Final = r"(?:sk-[A-Za-z0-9_-]{16,}|" + _OTHER_KEYS + ")"
 _KEY_IN_LABEL: Final = re.compile(r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{32,}|" + _OTHER_KEYS + ")")
 
 
+def mask_keys(text: str | None) -> str | None:
+    """``text`` with every secret key a label value may not hold (see ``label_value``) shown as ``[key]``."""
+    return _KEY_IN_LABEL.sub("[key]", text) if text else text
+
+
 def valid_text(value: str) -> str:
     """``value`` with every lone surrogate replaced by U+FFFD, so it always encodes as UTF-8."""
     if value.isascii():

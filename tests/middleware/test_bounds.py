@@ -95,18 +95,25 @@ def test_a_label_value_with_a_control_character_is_other_and_takes_no_place(
         "AKIAABCDEFGHIJKLMNOP",
     ],
 )
-def test_a_label_value_holding_a_secret_key_is_other(cleanup: list[LLMTelemetryMiddleware], model: str) -> None:
+def test_a_label_value_holding_a_secret_key_is_other(
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str], model: str
+) -> None:
     """A server that answers whatever the model (a local one, the demo) would otherwise make a metric label of a key;
-    model names that merely look alike stay."""
+    model names that merely look alike stay. The request log line shows the key masked."""
     alike = [
         "claude-3-5-sonnet-v2@20241022",
         "Helsinki-NLP/opus-mt-sk-en-finetuned-legal",
         "ft:gpt-4o-2024-08-06:acme:sk-learn-helper:9abcXYZ",
         "task-abcdefghijklmnopqrstuvwxyz0123456789",
     ]
-    _, metrics = calls_of(cleanup, completion(), [{"model": model}, *({"model": m} for m in alike)])
+    calls, metrics = calls_of(
+        cleanup, completion(), [{"model": model}, *({"model": m} for m in alike)], request_logs=True
+    )
     assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"other", *alike}
     assert model not in metrics.text
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 1 + len(alike) and "[key]" in lines[0]["model"] and model not in json.dumps(lines)
+    assert [call.request_model for call in calls[1:]] == alike  # (the observers see the names that stay as sent)
 
 
 @pytest.mark.parametrize(
