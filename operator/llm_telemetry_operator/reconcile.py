@@ -419,6 +419,10 @@ async def reconcile(
     # first pass creates them without listing each kind first; one that exists all the same (a pass that failed
     # after creating it, before writing the status) answers 409 and is read and compared as a listed one is.
     fresh = not owner.get("status")
+    # Pods whose template sets the label its Service selects by to a value of the user's own, which the injection
+    # leaves (it would fight the manifest): their Service selects them by their workload's selector instead.
+    user_labelled = [(w, value) for w in targets if (value := r.user_service_label(w)) is not None]
+    outcome.unlabelled |= {workload_key(w) for w, _value in user_labelled}
     services, name_clashes = _unique_services(
         [
             (workload_key(w), r.build_metrics_service(owner, spec, w, workload_key(w) not in outcome.unlabelled))
@@ -511,6 +515,20 @@ async def reconcile(
             + " win over the injection: remove these, or for a port set spec.metrics.port to it)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
+    elif user_labelled:
+        message = (
+            f"the pod template of these workloads sets the label {c.LABEL_METRICS_SERVICE} itself, which the"
+            " injection puts on the pods with the name of their metrics Service; the operator leaves the value it did"
+            " not write: "
+            + "; ".join(
+                f"{workload_key(w)} sets it to {value!r} (its metrics Service is {_service_of(w)})"
+                for w, value in user_labelled
+            )
+            + ". So their metrics Services select their pods by the workload's selector, which also lists the pods"
+            " of any other workload it matches (a canary's), and a metrics Service of that name, if there is one,"
+            " lists these pods too: scraped twice (remove the label from the workload's manifest)"
+        )
+        conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceLabelOverridden", message)
     elif name_clashes:
         message = (
             "two workloads would share one metrics Service, and only the first (by kind and name) has it: "
@@ -942,6 +960,10 @@ def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
         + " (they are not injected until it is free: set spec.metrics.port to a free port; a port that is the"
         f" middleware's own listener, declared by hand, is named {c.METRICS_PORT_NAME})"
     )
+
+
+def _service_of(workload: Mapping[str, Any]) -> str:
+    return r.service_name(workload["metadata"]["name"], str(workload.get("kind") or "Deployment"))
 
 
 def _unrolled(workload: Mapping[str, Any]) -> bool:

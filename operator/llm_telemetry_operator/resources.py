@@ -340,6 +340,8 @@ def _well_formed(record: Any) -> bool:
         return False
     if not isinstance(record.get("volume", False), bool) or not isinstance(record.get("containers", {}), dict):
         return False
+    if not isinstance(record.get("user_label", False), bool):
+        return False
     for done in (record.get("containers") or {}).values():
         if not isinstance(done, dict) or not isinstance(done.get("env", {}), dict):
             return False
@@ -429,8 +431,12 @@ def _renamed(template: Mapping[str, Any], record: dict[str, Any] | None) -> dict
     return {**record, "containers": containers}
 
 
-def _strip(template: dict[str, Any], record: Mapping[str, Any] | None, keep_referred: bool = True) -> None:
-    """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected."""
+def _strip(
+    template: dict[str, Any], record: Mapping[str, Any] | None, keep_referred: bool = True, service: str = ""
+) -> None:
+    """Remove from ``template`` (in place) what ``record`` says was injected and is still as injected. ``service``:
+    the workload's metrics Service, whose name the label :data:`c.LABEL_METRICS_SERVICE` the injection put on the
+    pods holds; a value of the label the injection did not put there is the user's, and stays (see :func:`_apply`)."""
     if not record:
         return
     containers = record.get("containers") or {}
@@ -482,7 +488,9 @@ def _strip(template: dict[str, Any], record: Mapping[str, Any] | None, keep_refe
             pod_spec.pop("volumes", None)
     metadata = template.get("metadata") or {}
     (metadata.get("annotations") or {}).pop(c.ANNOTATION_CONFIG_HASH, None)
-    (metadata.get("labels") or {}).pop(c.LABEL_METRICS_SERVICE, None)
+    labels = metadata.get("labels") or {}
+    if labels.get(c.LABEL_METRICS_SERVICE) == service and not record.get("user_label"):
+        labels.pop(c.LABEL_METRICS_SERVICE)
 
 
 class InjectionConflict(ValueError):
@@ -603,7 +611,11 @@ def _apply(
 ) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record. ``leftovers``: the (container,
     variable) pairs of :func:`_leftovers`. ``service``: the workload's metrics Service, named in the pods' label it
-    selects them by."""
+    selects them by (None: no label).
+
+    A value of that label the stripped template still has is the user's (a manifest copied from an injected
+    workload's live YAML): it is neither replaced, which made each re-apply of the manifest and the next pass set it
+    back and forth, rolling the pods twice, nor removed with the injection. The record says so (``user_label``)."""
     record: dict[str, Any] = {"containers": {}, "volume": False}
     containers = template.setdefault("spec", {}).setdefault("containers", [])
     chosen = _chosen(containers, injection)
@@ -682,7 +694,9 @@ def _apply(
         volumes.append(copy.deepcopy(injection.volume))
         record["volume"] = True
     template.setdefault("metadata", {}).setdefault("annotations", {})[c.ANNOTATION_CONFIG_HASH] = injection.digest
-    if service is not None:
+    if c.LABEL_METRICS_SERVICE in (template["metadata"].get("labels") or {}):
+        record["user_label"] = True
+    elif service is not None:
         template["metadata"].setdefault("labels", {})[c.LABEL_METRICS_SERVICE] = service
     return record
 
@@ -858,10 +872,10 @@ def build_workload_patch(
         record = _reclaimed(current, injection)
     record = _renamed(current, record)
     template = copy.deepcopy(current)
-    _strip(template, record, keep_referred=injection is None)
+    service = service_name(workload["metadata"]["name"], str(workload.get("kind") or "Deployment"))
+    _strip(template, record, keep_referred=injection is None, service=service)
     new_record: dict[str, Any] | None = None
     if injection is not None:
-        service = service_name(workload["metadata"]["name"], str(workload.get("kind") or "Deployment"))
         new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload), service)}
         _keep_env_order(template, current)
     record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
@@ -928,6 +942,18 @@ def carries_service_label(workload: Mapping[str, Any]) -> bool:
     template = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
     name = service_name(str(workload["metadata"]["name"]), str(workload.get("kind") or "Deployment"))
     return bool((template.get("labels") or {}).get(c.LABEL_METRICS_SERVICE) == name)
+
+
+def user_service_label(workload: Mapping[str, Any]) -> str | None:
+    """The value of :data:`c.LABEL_METRICS_SERVICE` on the workload's pod template when it is not its metrics
+    Service's name, or None: the injection writes only that name, so another is the user's own (see :func:`_apply`)."""
+    template = ((workload.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    labels = template.get("labels") or {}
+    if c.LABEL_METRICS_SERVICE not in labels:
+        return None
+    value = labels[c.LABEL_METRICS_SERVICE]
+    name = service_name(str(workload["metadata"]["name"]), str(workload.get("kind") or "Deployment"))
+    return None if value == name else str(value)
 
 
 def build_metrics_service(

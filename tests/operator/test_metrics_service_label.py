@@ -22,7 +22,9 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    posted_events,
     ready,
+    reported,
     running_operator,
     writes,
 )
@@ -221,3 +223,88 @@ async def test_a_paused_workload_labelled_but_not_rolled_and_held_for_its_prices
     async with running_operator():
         service = await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service")
     assert selects(service, running)
+
+
+def _label_writes(emulator: Any, name: str) -> list[Any]:
+    """The label's values in the operator's patches of the Deployment ``name`` (a key set to None: removed)."""
+    found = []
+    for req in list(emulator):
+        if req.method.value != "PATCH" or str(req.url.path) != f"{DEPLOYMENT_PATH}/{name}":
+            continue
+        if req.headers.get("X-Test-Hand"):
+            continue  # (the user's)
+        data = req.data if isinstance(req.data, dict) else {}
+        labels = ((data.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
+        if c.LABEL_METRICS_SERVICE in labels:
+            found.append(labels[c.LABEL_METRICS_SERVICE])
+    return found
+
+
+async def test_a_label_value_the_manifest_sets_itself_is_left_as_it_is_and_reported(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A manifest copied from another injected workload's live YAML (``chat-v2`` with ``chat``'s label value), applied
+    again by GitOps on every sync: the operator replaced the value with its own at every pass and each sync set it
+    back, two rollouts per sync; and the removal deleted it. The value it did not write is left (and kept on removal),
+    the Service selects the pods by the workload's selector, and the status and a Warning event say so."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    copied = deployment("chat-v2")
+    copied["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] = "chat-llm-metrics"
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat-v2"] = copied
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        metrics = await reported(emulator, c.CONDITION_METRICS, "ServiceLabelOverridden", "the user's label reported")
+        injected = await eventually(
+            lambda: (
+                c.ANNOTATION_INJECTED in (get(emulator, DEPLOYMENTS, "chat-v2")["metadata"].get("annotations") or {})
+                and get(emulator, DEPLOYMENTS, "chat-v2")
+            ),
+            "the workload injected",
+        )
+        service = await eventually(lambda: get(emulator, SERVICES, "chat-v2-llm-metrics"), "its metrics Service")
+        events = await eventually(lambda: posted_events(emulator, "ServiceLabelOverridden"), "a Warning event")
+        # The user's sync again: nothing for the operator to set back.
+        await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/chat-v2", {"spec": copied["spec"]})
+        # No longer selected: the injection is removed, the user's label is not.
+        await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/chat-v2", {"metadata": {"labels": {"app": "other"}}})
+        removed = await eventually(
+            lambda: (
+                c.ANNOTATION_INJECTED
+                not in (get(emulator, DEPLOYMENTS, "chat-v2")["metadata"].get("annotations") or {})
+                and get(emulator, DEPLOYMENTS, "chat-v2")
+            ),
+            "the injection removed",
+        )
+    assert "Deployment/chat-v2 sets it to 'chat-llm-metrics'" in metrics["message"], metrics
+    assert c.LABEL_METRICS_SERVICE in metrics["message"]
+    assert events and events[0]["type"] == "Warning" and "Deployment/chat-v2" in events[0]["message"]
+    # Injected, with the user's value as it was: one rollout (the injection), no value of the operator's written.
+    assert pod_labels(injected) == pod_labels(copied)
+    assert injected["metadata"]["generation"] == 2
+    assert _label_writes(emulator, "chat-v2") == []
+    # Its Service lists its pods by the workload's selector, not by the label (which names chat's Service).
+    assert service["spec"]["selector"] == {"pod": "chat-v2"}
+    assert selects(service, pod_labels(injected))
+    # What the user wrote stays.
+    assert pod_labels(removed) == pod_labels(copied)
+    assert removed["spec"]["template"]["spec"] == copied["spec"]["template"]["spec"]
+
+
+def test_a_label_the_manifest_sets_to_the_services_own_name_stays_after_the_removal() -> None:
+    """The manifest of the workload itself, exported from its live YAML: the same value as the injection's, which
+    nothing then changes; the record says it was there before, so removing the injection leaves it."""
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+    spec = parse_spec(minimal_llmt()["spec"])
+    own = deployment()
+    own["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] = "chat-llm-metrics"
+    injected = merge_patch(own, r.build_workload_patch(own, r.build_injection(spec, config, own, "chat"), "chat"))
+    assert pod_labels(injected) == pod_labels(own)
+    removed = merge_patch(injected, r.build_workload_patch(injected, None, "chat"))
+    assert c.ANNOTATION_INJECTED not in (removed["metadata"].get("annotations") or {})
+    assert pod_labels(removed) == pod_labels(own)
+    # One the injection put there goes with it.
+    plain = deployment()
+    ours = merge_patch(plain, r.build_workload_patch(plain, r.build_injection(spec, config, plain, "chat"), "chat"))
+    assert pod_labels(ours)[c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+    assert pod_labels(merge_patch(ours, r.build_workload_patch(ours, None, "chat"))) == pod_labels(plain)
