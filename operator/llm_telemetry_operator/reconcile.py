@@ -533,8 +533,9 @@ async def reconcile(
         message = (
             "two workloads would share one metrics Service, and only the first (by kind and name) has it: "
             + "; ".join(name_clashes)
-            + " (a workload name with a dot, a leading digit or too long for a Service name gets one made of a part of"
-            " it and a hash, which another workload's name can equal: rename one)"
+            + " (the other is injected, but its pods do not get the label that Service selects by, so its metrics"
+            " are not scraped; a workload name with a dot, a leading digit or too long for a Service name gets one"
+            " made of a part of it and a hash, which another workload's name can equal: rename one)"
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceNameClash", message)
     elif overlaps:
@@ -720,6 +721,10 @@ async def _inject(
     on_delete: list[str] = []
     partitioned: list[str] = []
     partly: list[str] = []
+    #: The metrics Service names of the targets so far, each the first by kind and name to have it: the workloads
+    #: come in that order, so a later one of the same name loses the Service (ServiceNameClash, see
+    #: ``_unique_services``), and its pods do not get the label the winner's Service selects by.
+    claimed: set[str] = set()
     for workload in workloads:
         settled = (kube.WORKLOADS[workload["kind"]].plural, workload["metadata"]["name"])
         if (workload.get("metadata") or {}).get("generation") is not None:
@@ -844,6 +849,7 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # injected before: its pods run as they are, not rolled to ones that fail
+                claimed.add(_service_of(workload))
                 if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
             continue
@@ -857,6 +863,7 @@ async def _inject(
                 take_over=take_over,
                 without=outcome.without,
                 before=before_injecting if selected else None,
+                label=_service_of(workload) not in claimed,
             )
         except _PricesUnwritten:
             # Held back as for a missing configMapRef (above): a holder keeps serving it until this one can.
@@ -867,6 +874,7 @@ async def _inject(
                 outcome.holders.add((holder, workload_key(workload)))
             if mine:
                 targets.append(workload)  # (already mounting them: see the ConfigMaps' sync)
+                claimed.add(_service_of(workload))
                 if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
             continue
@@ -881,6 +889,7 @@ async def _inject(
             outcome.settled.pop(settled, None)
         if selected:
             targets.append(workload)
+            claimed.add(_service_of(workload))
             why = _held_back(workload, patched=after is not workload)
             if why is not None:
                 {"paused": paused, "on_delete": on_delete, "partition": partitioned}[why].append(workload_key(workload))
@@ -1055,17 +1064,19 @@ async def _patch_workload(
     take_over: bool = False,
     without: frozenset[str] = frozenset(),
     before: Callable[[], Awaitable[None]] | None = None,
+    label: bool = True,
 ) -> Mapping[str, Any] | None:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
     which may hold its metadata only, or the workload as read when it needed none).
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it).
-    ``before``: awaited once a patch is to be sent, before it is."""
+    ``before``: awaited once a patch is to be sent, before it is.
+    ``label``: whether its pods get the label its metrics Service selects by (see ``r.build_workload_patch``)."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
     for attempt in range(CONFLICT_ATTEMPTS):
         injection = r.build_injection(spec, config, workload, name, without) if spec is not None else None
-        patch = r.build_workload_patch(workload, injection, name, take_over=take_over)
+        patch = r.build_workload_patch(workload, injection, name, take_over=take_over, label=label)
         if patch is None:
             return workload
         if before is not None:

@@ -611,7 +611,7 @@ def _apply(
 ) -> dict[str, Any]:
     """Add ``injection`` to a stripped ``template`` (in place); return the new record. ``leftovers``: the (container,
     variable) pairs of :func:`_leftovers`. ``service``: the workload's metrics Service, named in the pods' label it
-    selects them by (None: no label).
+    selects them by (None: no label, see :func:`build_workload_patch`).
 
     A value of that label the stripped template still has is the user's (a manifest copied from an injected
     workload's live YAML): it is neither replaced, which made each re-apply of the manifest and the next pass set it
@@ -856,12 +856,20 @@ def port_conflicts(workload: Mapping[str, Any], spec: TelemetrySpec) -> list[str
 
 
 def build_workload_patch(
-    workload: Mapping[str, Any], injection: Injection | None, owner_name: str, *, take_over: bool = False
+    workload: Mapping[str, Any],
+    injection: Injection | None,
+    owner_name: str,
+    *,
+    take_over: bool = False,
+    label: bool = True,
 ) -> dict[str, Any] | None:
     """The merge patch that brings ``workload`` to ``injection`` (None: remove ours), or None if already there.
 
     A workload injected by another LLMTelemetry is left alone (None), unless ``take_over``: the caller decided
     that this one wins the workload (see ``reconcile``), and the other's injection is replaced by ours.
+    ``label``: whether its pods get the label :data:`c.LABEL_METRICS_SERVICE` naming its metrics Service; not when
+    another workload served has a Service of that name (``reconcile``'s ServiceNameClash), whose Service would
+    then list these pods too.
     Lists (containers, volumes) are sent whole because a merge patch replaces lists.
     """
     record = injected_record(workload)
@@ -876,7 +884,8 @@ def build_workload_patch(
     _strip(template, record, keep_referred=injection is None, service=service)
     new_record: dict[str, Any] | None = None
     if injection is not None:
-        new_record = {"owner": owner_name, **_apply(template, injection, _leftovers(workload), service)}
+        made = _apply(template, injection, _leftovers(workload), service if label else None)
+        new_record = {"owner": owner_name, **made}
         _keep_env_order(template, current)
     record_text = None if new_record is None else json.dumps(new_record, sort_keys=True)
     if template == current and record_text == (workload.get("metadata", {}).get("annotations") or {}).get(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
@@ -289,6 +290,51 @@ async def test_a_label_value_the_manifest_sets_itself_is_left_as_it_is_and_repor
     # What the user wrote stays.
     assert pod_labels(removed) == pod_labels(copied)
     assert removed["spec"]["template"]["spec"] == copied["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "labelled-by-an-earlier-version"])
+async def test_the_pods_of_a_workload_that_loses_its_metrics_service_name_do_not_carry_the_winners(
+    emulator: Any, monitoring_crds: Any, earlier: bool
+) -> None:
+    """``chat.v2``'s metrics Service is named from a hash, which ``chat-v2-f5101bcf``'s plain name equals: the first
+    by kind and name has the Service (ServiceNameClash), and the other's pods carried its name in the label that
+    Service selects by, so it listed them too (a second workload's pods scraped under the first's Service). They are
+    injected without it; pods an earlier version labelled so have it taken off."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    shared = r.service_name("chat.v2")
+    winner = shared[: -len("-llm-metrics")]
+    loser = deployment("chat.v2")
+    if earlier:
+        config = OperatorConfig(peering=PEERING, metrics_port=0, health="")
+        spec = parse_spec(minimal_llmt()["spec"])
+        loser = merge_patch(
+            loser, r.build_workload_patch(loser, r.build_injection(spec, config, loser, "chat"), "chat")
+        )
+        assert pod_labels(loser)[c.LABEL_METRICS_SERVICE] == shared  # (as it was)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat.v2"] = loser
+    emulator.objects[DEPLOYMENTS, NAMESPACE, winner] = deployment(winner)
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        metrics = await reported(emulator, c.CONDITION_METRICS, "ServiceNameClash", "the clash reported")
+        service = await eventually(lambda: get(emulator, SERVICES, shared), "the winner's metrics Service")
+        lost = await eventually(
+            lambda: (
+                c.LABEL_METRICS_SERVICE not in pod_labels(get(emulator, DEPLOYMENTS, "chat.v2"))
+                and c.ANNOTATION_CONFIG_HASH
+                in get(emulator, DEPLOYMENTS, "chat.v2")["spec"]["template"]["metadata"]["annotations"]
+                and get(emulator, DEPLOYMENTS, "chat.v2")
+            ),
+            "the loser injected, its pods without the label",
+        )
+        won = get(emulator, DEPLOYMENTS, winner)
+    assert f"Deployment/chat.v2 would share Service {shared} with Deployment/{winner}" in metrics["message"]
+    # Both injected (the loser's traces and logs go on); the Service lists the winner's pods only.
+    for workload in (lost, won):
+        assert c.ANNOTATION_INJECTED in workload["metadata"]["annotations"]
+        assert c.ANNOTATION_CONFIG_HASH in workload["spec"]["template"]["metadata"]["annotations"]
+    assert pod_labels(won)[c.LABEL_METRICS_SERVICE] == shared
+    assert selects(service, pod_labels(won)) and not selects(service, pod_labels(lost))
 
 
 def test_a_label_the_manifest_sets_to_the_services_own_name_stays_after_the_removal() -> None:
