@@ -739,6 +739,45 @@ def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     assert after["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "gitops-llm-metrics"
 
 
+def test_a_gitops_manifest_that_sets_the_metrics_service_label_itself_is_not_fought(cluster: Cluster) -> None:
+    """A manifest copied from another injected workload's live YAML sets the label its metrics Service selects by
+    (to ``chat-llm-metrics``), and GitOps server-side applies it with ``--force-conflicts`` on every sync: the
+    operator replaced the value at every pass and each sync set it back, two rollouts per sync. It leaves a value
+    it did not write, says so, and its deletion leaves it too."""
+    manifest = deployment("copied", "copied")
+    manifest["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] = "chat-llm-metrics"
+
+    def gitops_apply() -> None:
+        cluster.apps.patch_namespaced_deployment(
+            "copied",
+            cluster.namespace,
+            manifest,
+            field_manager="gitops",
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+
+    gitops_apply()
+    cluster.create(telemetry("copied", "copied"))
+    metrics = cluster.reported("copied", c.CONDITION_METRICS, "ServiceLabelOverridden")
+    assert "Deployment/copied sets it to 'chat-llm-metrics'" in metrics["message"]
+    assert wait_for(lambda: cluster.events("copied", "ServiceLabelOverridden"), "ServiceLabelOverridden event")
+    injected = wait_for(
+        lambda: "LLM_TELEMETRY_METRICS_PORT" in cluster.env("copied") and cluster.deployment("copied"), "injected"
+    )
+    assert injected["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
+    assert cluster.service("copied-llm-metrics").spec.selector == {"app": "copied"}
+    gitops_apply()  # the next sync: the same template, nothing rolls
+    assert cluster.deployment("copied")["metadata"]["generation"] == injected["metadata"]["generation"]
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "copied")
+    wait_for(lambda: "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("copied"), "injection removed")
+    assert cluster.deployment("copied")["spec"]["template"]["metadata"]["labels"] == {
+        "app": "copied",
+        "llm": "copied",
+        c.LABEL_METRICS_SERVICE: "chat-llm-metrics",
+    }
+
+
 def test_an_override_a_gitops_commit_drops_again_gets_the_injected_value_back(cluster: Cluster) -> None:
     """A GitOps tool server-side applies with ``--force-conflicts`` (Argo CD, Flux): a commit overrides an injected
     variable, a later commit drops the override. The apply gives up the value it took over but not the entry's name,
