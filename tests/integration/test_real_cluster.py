@@ -710,6 +710,18 @@ def test_run_by_hand_without_its_peering_object_says_so(operator: Operator, tmp_
     assert "--standalone" in line and "helm" in line
 
 
+def _gitops_apply(cluster: Cluster, manifest: dict[str, Any]) -> None:
+    """Server-side apply ``manifest`` as a GitOps controller does on every sync: its own field manager, forcing."""
+    cluster.apps.patch_namespaced_deployment(
+        manifest["metadata"]["name"],
+        cluster.namespace,
+        manifest,
+        field_manager="gitops",
+        force=True,
+        _content_type="application/apply-patch+yaml",
+    )
+
+
 def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     """A GitOps controller that server-side applies the Deployment (its own field manager) re-applies its manifest:
     the injection, written by the operator's field manager, is not its to remove, so nothing is undone and the
@@ -717,14 +729,7 @@ def test_gitops_reapply_keeps_the_injection(cluster: Cluster) -> None:
     manifest = deployment("gitops", "gitops")
 
     def gitops_apply() -> None:
-        cluster.apps.patch_namespaced_deployment(
-            "gitops",
-            cluster.namespace,
-            manifest,
-            field_manager="gitops",
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        _gitops_apply(cluster, manifest)
 
     gitops_apply()
     cluster.create(telemetry("gitops", "gitops"))
@@ -748,14 +753,7 @@ def test_a_gitops_manifest_that_sets_the_metrics_service_label_itself_is_not_fou
     manifest["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] = "chat-llm-metrics"
 
     def gitops_apply() -> None:
-        cluster.apps.patch_namespaced_deployment(
-            "copied",
-            cluster.namespace,
-            manifest,
-            field_manager="gitops",
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+        _gitops_apply(cluster, manifest)
 
     gitops_apply()
     cluster.create(telemetry("copied", "copied"))
