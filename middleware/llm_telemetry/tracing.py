@@ -370,18 +370,22 @@ class Tracing:
 
         Its per-message ``receive``/``send`` spans are turned off: they cost about 100 µs per streamed chunk.
         Its HTTP metrics go to a no-op meter: the LLM metrics are ours, and the app may record HTTP ones itself.
+        An exception leaving the app is recorded on its span as on the LLM span, bounded and redacted
+        (:class:`_HTTPSpan`); its query string's values are hidden (:func:`_scrub_query`).
         """
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
         from opentelemetry.metrics import NoOpMeterProvider
 
-        wrapped: ASGIApp = OpenTelemetryMiddleware(
+        wrapped = OpenTelemetryMiddleware(
             app,
             tracer_provider=self.provider,
             meter_provider=NoOpMeterProvider(),
             exclude_spans=["receive", "send"],
             server_request_hook=_scrub_query,
         )
-        return wrapped
+        # Its own tracer (its instrumentation scope and schema URL kept), whose spans record exceptions our way.
+        wrapped.tracer = _HTTPTracer(wrapped.tracer, self.observer.redact)
+        return wrapped  # type: ignore[no-any-return]
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         flush = getattr(self.provider, "force_flush", None)
@@ -390,6 +394,87 @@ class Tracing:
     def shutdown(self) -> None:
         if self.owned:
             self.provider.shutdown()  # type: ignore[attr-defined]
+
+
+class _HTTPTracer(trace.Tracer):
+    """The tracer OpenTelemetry's ASGI middleware opens its HTTP server span with: its own, the span wrapped in an
+    :class:`_HTTPSpan`."""
+
+    def __init__(self, tracer: Tracer, redact: Redactor) -> None:
+        self._tracer = tracer
+        self._redact = redact
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return _HTTPSpan(self._tracer.start_span(*args, **kwargs), self._redact)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tracer.start_as_current_span(*args, **kwargs)
+
+
+class _HTTPSpan(trace.Span):
+    """OpenTelemetry's HTTP server span (the SDK's), but an exception is recorded on it as on the LLM span: the
+    ``exception`` event and the status description bounded and redacted (:func:`exception_attributes`), where
+    ``trace.use_span``, around the app, records them whole (an app's error may quote a key, or the prompt).
+    Everything else is the SDK span's (``attributes``, ``kind``, ...)."""
+
+    def __init__(self, span: trace.Span, redact: Redactor) -> None:
+        self._span = span
+        self._redact = redact
+        #: The status description of the last exception recorded, as shown.
+        self._described: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_span":
+            raise AttributeError(name)
+        return getattr(self._span, name)
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self._span.get_span_context()
+
+    def is_recording(self) -> bool:
+        return self._span.is_recording()
+
+    def update_name(self, name: str) -> None:
+        self._span.update_name(name)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self._span.set_attribute(key, value)
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self._span.set_attributes(attributes)
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        self._span.add_event(name, attributes, timestamp)
+
+    def add_link(self, context: trace.SpanContext, attributes: Any = None) -> None:
+        self._span.add_link(context, attributes)
+
+    def end(self, end_time: int | None = None) -> None:
+        self._span.end(end_time)
+
+    def record_exception(
+        self, exception: BaseException, attributes: Any = None, timestamp: int | None = None, escaped: bool = False
+    ) -> None:
+        recorded = exception_attributes(exception, escaped, self._redact)
+        self._described = f"{type(exception).__name__}: {recorded[EXCEPTION_MESSAGE]}"
+        if attributes:
+            recorded.update(attributes)
+        self._span.add_event("exception", recorded, timestamp)
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+        if description:
+            # ``use_span`` describes the status with the exception it just recorded, whole: shown as recorded.
+            # (Otherwise the instrumentation's own, an odd status code: bounded and redacted as a message.)
+            try:
+                described = self._described or _head(description, MAX_EXCEPTION_MESSAGE_CHARS, self._redact)
+            except Exception:
+                described = None
+            description = valid_text(described) if described else None
+        self._span.set_status(code, description)
 
 
 #: The HTTP server span's attributes that carry the request's query string, and whether they hold the URL around it.
@@ -616,16 +701,19 @@ class _Pipeline:
         "make_readable",
         "multi",
         "random_ids",
+        "redact",
         "span_context",
         "static_samplers",
         "tracer",
     )
 
-    def __init__(self, tracer: Any, multi: Any) -> None:
+    def __init__(self, tracer: Any, multi: Any, redact: Redactor) -> None:
         from opentelemetry.sdk.trace import Event
 
         self.tracer = tracer
         self.multi = multi
+        #: What masks an exception the app records on the LLM span (:meth:`LLMSpan.record_exception`).
+        self.redact = redact
         self._processors = multi._span_processors
         #: What each processor does with a sampled span that ends (see :func:`_sampled_end`).
         self.ends = tuple(map(_sampled_end, self._processors))
@@ -641,7 +729,7 @@ class _Pipeline:
         self.random_ids = _random_ids()
 
     @classmethod
-    def of(cls, tracer: Any) -> _Pipeline | None:
+    def of(cls, tracer: Any, redact: Redactor) -> _Pipeline | None:
         try:
             from opentelemetry.sdk.trace import SynchronousMultiSpanProcessor
             from opentelemetry.sdk.trace import Tracer as SDKTracer
@@ -663,7 +751,7 @@ class _Pipeline:
             tracer._span_limits.max_span_attributes, tracer._span_limits.max_span_attribute_length  # noqa: B018
         except AttributeError:
             return None
-        return cls(tracer, multi)
+        return cls(tracer, multi, redact)
 
     def current(self) -> bool:
         """Still as checked: no processor added since, the tracer still enabled."""
@@ -948,11 +1036,44 @@ _FLAGS: Final = {
 }
 
 
+def _masked(text: str, redact: Redactor) -> str:
+    """``redact(text)``, or an error when the redactor returns anything but text (the caller then withholds)."""
+    shown = redact(text)
+    if not isinstance(shown, str):
+        raise TypeError(f"the redactor returned {type(shown).__name__}, not str")
+    return shown
+
+
+def _head(text: str, keep: int, redact: Redactor | None) -> str:
+    """``text``'s first ``keep`` characters as shown: redacted over :data:`REDACTED_BEYOND_CAP` more, so that a value
+    the cut goes through is recognised whole, and what is shown stops that far before the redacted window's edge
+    (masks only shorten)."""
+    if redact is None:
+        return text[:keep]
+    if len(text) <= keep + REDACTED_BEYOND_CAP:
+        return _masked(text, redact)[:keep]
+    shown = _masked(text[: keep + REDACTED_BEYOND_CAP], redact)
+    return shown[: min(keep, max(len(shown) - REDACTED_BEYOND_CAP, 0))]
+
+
+def _tail(text: str, keep: int, redact: Redactor | None) -> str:
+    """``text``'s last ``keep`` characters as shown, as :func:`_head` its first."""
+    if redact is None:
+        return text[-keep:]
+    if len(text) <= keep + REDACTED_BEYOND_CAP:
+        return _masked(text, redact)[-keep:]
+    shown = _masked(text[-(keep + REDACTED_BEYOND_CAP) :], redact)
+    kept = min(keep, max(len(shown) - REDACTED_BEYOND_CAP, 0))
+    return shown[len(shown) - kept :]
+
+
 def exception_attributes(exception: BaseException, escaped: bool, redact: Redactor | None = None) -> dict[str, Any]:
     """The ``exception`` event's attributes, as the SDK's ``record_exception`` makes them, but bounded: the message
     cut to :data:`MAX_EXCEPTION_MESSAGE_CHARS`, the traceback to its first and last parts within
     :data:`MAX_EXCEPTION_STACKTRACE_CHARS`; an exception whose ``str`` raises is named by its type. ``redact``
-    masks the message and the traceback (an error that quotes a URL with its ``?key=``, or the prompt)."""
+    masks the message and the traceback (an error that quotes a URL with its ``?key=``, or the prompt), before
+    they are cut and over more than is kept (a key the cut goes through is masked whole); a redactor that raises or
+    returns anything but text withholds them."""
     kind = type(exception)
     module, qualname = kind.__module__, kind.__qualname__
     try:
@@ -963,18 +1084,19 @@ def exception_attributes(exception: BaseException, escaped: bool, redact: Redact
         stack = "".join(traceback.format_exception(exception))
     except Exception:
         stack = f"{qualname}: {message[:MAX_EXCEPTION_MESSAGE_CHARS]}"
-    if len(stack) > MAX_EXCEPTION_STACKTRACE_CHARS:
-        half = MAX_EXCEPTION_STACKTRACE_CHARS // 2
-        stack = f"{stack[:half]}\n... {len(stack) - 2 * half} characters left out ...\n{stack[-half:]}"
-    message = field_text(message, MAX_EXCEPTION_MESSAGE_CHARS)
-    if redact is not None:
-        try:
-            message, stack = redact(message), redact(stack)
-        except Exception:
-            message, stack = f"<{qualname} message withheld: the redactor failed>", qualname
+    try:
+        shown = _head(message, MAX_EXCEPTION_MESSAGE_CHARS, redact)
+        if len(stack) > MAX_EXCEPTION_STACKTRACE_CHARS:
+            half = MAX_EXCEPTION_STACKTRACE_CHARS // 2
+            head, tail = _head(stack, half, redact), _tail(stack, half, redact)
+            stack = f"{head}\n... {len(stack) - 2 * half} characters left out ...\n{tail}"
+        elif redact is not None:
+            stack = _masked(stack, redact)
+    except Exception:
+        shown, stack = f"<{qualname} message withheld: the redactor failed>", qualname
     return {
         "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
-        EXCEPTION_MESSAGE: message,
+        EXCEPTION_MESSAGE: valid_text(shown),
         "exception.stacktrace": valid_text(stack),
         "exception.escaped": str(escaped),
     }
@@ -1080,7 +1202,7 @@ class LLMSpan(trace.Span):
     def record_exception(
         self, exception: BaseException, attributes: Any = None, timestamp: int | None = None, escaped: bool = False
     ) -> None:
-        recorded = exception_attributes(exception, escaped)
+        recorded = exception_attributes(exception, escaped, self._pipeline.redact)
         if attributes:
             recorded.update(attributes)
         self.add_event("exception", recorded, timestamp)
@@ -1208,7 +1330,7 @@ class SpanObserver:
         if pipeline is None and self._light_checked:
             return None
         self._light_checked = True
-        self._light = pipeline = _Pipeline.of(self.tracer)
+        self._light = pipeline = _Pipeline.of(self.tracer, self.redact)
         return pipeline
 
     def end(self, call: LLMCall) -> None:

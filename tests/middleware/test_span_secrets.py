@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -39,6 +42,13 @@ async def chat(request: Request) -> JSONResponse:
     if body["model"] == "failing":
         # An app whose upstream call failed, its error quoting the URL it called, with its key.
         raise RuntimeError(f"upstream 400 for url 'https://upstream.example/v1/chat?key={GOOGLE_KEY}'")
+    if body["model"] == "recording":
+        # An app that handles its upstream error itself, recording it on the current span (the LLM span).
+        try:
+            raise RuntimeError(f"upstream 400 for url 'https://upstream.example/v1/chat?key={GOOGLE_KEY}'")
+        except RuntimeError as error:
+            trace.get_current_span().record_exception(error)
+        return JSONResponse({"error": {"message": "bad gateway"}}, status_code=502)
     return JSONResponse(completion(body["model"]))
 
 
@@ -183,3 +193,108 @@ def test_a_tool_output_of_a_strange_type_leaves_the_captured_conversation_shown(
     openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).responses.create(model="strange", input=given)
     (llm,) = [s for s in finished(spans, "strange") if (s.attributes or {}).get("gen_ai.request.model") == "strange"]
     assert "gen_ai.input.messages" in (llm.attributes or {}), llm.attributes
+
+
+def test_an_exception_the_app_records_on_the_llm_span_is_redacted(served: tuple[str, InMemorySpanExporter]) -> None:
+    """An app calling ``trace.get_current_span().record_exception(e)`` within an LLM request records on the LLM
+    span: its text masked there too, as an exception leaving the app is."""
+    base, spans = served
+    with pytest.raises(openai.APIStatusError):
+        openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions.create(
+            model="recording", messages=[{"role": "user", "content": "hi"}]
+        )
+    trace = finished(spans, "recording")
+    (llm,) = [s for s in trace if (s.attributes or {}).get("gen_ai.request.model") == "recording"]
+    (event,) = [e for e in llm.events if e.name == "exception"]
+    assert str((event.attributes or {})["exception.message"]).endswith("v1/chat?key=[key]'"), shown(llm)
+    assert all(GOOGLE_KEY not in shown(span) for span in trace), [shown(span) for span in trace]
+
+
+#: A longer key, one that the cut of an exception's message or traceback may go through.
+LONG_KEY = "sk-proj-" + "Q7x9LmN2pR4tV6wY8zA1bC3dE5fG7hJ9kL0" * 4
+#: What an app that raises before answering raises, by the model asked for.
+RAISED = {
+    "long": f"upstream failed: GET https://upstream.example/v1?key={KEY} " + "x" * 5000,
+    "message-cut": "x" * 1005 + " " + LONG_KEY,  # across the message's cut, at 1,024 characters
+    "stack-cut": "y" * 9000 + " " + LONG_KEY + " " + "z" * 3950,  # across the traceback's cut, before its last 4 KiB
+}
+
+
+async def raising(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An app that raises before it answers (uvicorn answers 500): the exception leaves the HTTP server span open."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    raise RuntimeError(RAISED[json.loads(b"".join(chunks))["model"]])
+
+
+@contextmanager
+def raising_app(redact: Callable[[str], Any] | None = None) -> Iterator[tuple[openai.OpenAI, InMemorySpanExporter]]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = LLMTelemetryMiddleware(
+        raising, metrics_port=0, request_logs=False, tracer_provider=provider, tracing_http_span=True, redact=redact
+    )
+    try:
+        with serve(app) as base:
+            yield openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0), spans
+    finally:
+        if app._telemetry is not None:
+            app._telemetry.shutdown()
+
+
+def exception_of(span: ReadableSpan) -> dict[str, Any]:
+    (event,) = [e for e in span.events if e.name == "exception"]
+    return dict(event.attributes or {})
+
+
+def test_an_exception_leaving_the_app_is_bounded_and_redacted_on_the_http_server_span_too() -> None:
+    """OpenTelemetry's ASGI middleware records an exception leaving the app on its span (``trace.use_span``): as
+    on the LLM span, cut to its bounds and masked (it showed the key, and 5 KB of message, three times)."""
+    with raising_app() as (client, spans):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}])
+        trace = finished(spans, "long")
+    assert len(trace) == 2, [s.name for s in trace]
+    for span in trace:
+        assert KEY not in shown(span), shown(span)
+        recorded = exception_of(span)
+        assert recorded["exception.message"].startswith("upstream failed: GET https://upstream.example/v1?key=[key]")
+        assert len(recorded["exception.message"]) <= 1024
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == f"RuntimeError: {recorded['exception.message']}"
+
+
+@pytest.mark.parametrize("model", ["message-cut", "stack-cut"])
+def test_a_key_the_exceptions_cut_goes_through_shows_none_of_it(model: str) -> None:
+    """A key that the cut of the message (at 1,024 characters) or of the traceback (its first and last 4 KiB) goes
+    through is masked whole: the redactor sees more than is kept (it saw the cut part, no longer a key)."""
+    secret = LONG_KEY.removeprefix("sk-proj-")
+    with raising_app() as (client, spans):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        trace = finished(spans, model)
+    assert len(trace) == 2, [s.name for s in trace]
+    for span in trace:
+        text = shown(span)
+        assert not [i for i in range(len(secret) - 8) if secret[i : i + 8] in text], text
+
+
+@pytest.mark.parametrize("returned", ["None", "bytes"])
+def test_a_redactor_returning_no_text_withholds_the_exceptions_text(returned: str) -> None:
+    """A custom redactor that returns anything but text is taken as failed, as one that raises: the exception is
+    still recorded, its text withheld, and the span's status is ERROR (with ``None`` the span lost both)."""
+    redactor = (lambda text: None) if returned == "None" else (lambda text: text.encode())
+    with raising_app(redact=redactor) as (client, spans):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}])
+        trace = finished(spans, "long")
+    assert len(trace) == 2, [s.name for s in trace]
+    for span in trace:
+        assert KEY not in shown(span), shown(span)
+        assert exception_of(span)["exception.message"] == "<RuntimeError message withheld: the redactor failed>"
+        assert span.status.status_code is StatusCode.ERROR
