@@ -484,13 +484,17 @@ _QUERY_ATTRIBUTES: Final = (("http.url", True), ("url.full", True), ("http.targe
 def _scrub_query(span: Any, scope: Mapping[str, Any]) -> None:
     """OpenTelemetry's ASGI middleware puts the query string on its HTTP server span, and a query may carry a key
     (``?key=``, ``?api_key=``): every parameter's value is shown as ``REDACTED``, its name kept, as the HTTP
-    conventions redact the values they know to be secret."""
+    conventions redact the values they know to be secret; a part without ``=`` is all value, and shows as
+    ``REDACTED`` (a bare ``?sk-...``: nothing tells a flag from a key)."""
     query = scope.get("query_string")
     attributes = getattr(span, "attributes", None)
     if not query or attributes is None:
         return
-    text = query.decode("latin-1") if isinstance(query, bytes) else str(query)
-    scrubbed = "&".join(f"{part.split('=', 1)[0]}=REDACTED" if "=" in part else part for part in text.split("&"))
+    # (As the instrumentation decodes it.)
+    text = query.decode("utf-8", errors="replace") if isinstance(query, bytes) else str(query)
+    scrubbed = "&".join(
+        f"{part.split('=', 1)[0]}=REDACTED" if "=" in part else "REDACTED" if part else part for part in text.split("&")
+    )
     for key, in_url in _QUERY_ATTRIBUTES:
         value = attributes.get(key)
         if isinstance(value, str) and value:
