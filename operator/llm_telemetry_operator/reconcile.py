@@ -881,6 +881,13 @@ async def _inject(
         except (ApiError, r.InjectionConflict) as exc:
             errors.append(f"{workload_key(workload)}: {exc}")
             outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
+            if mine and selected:
+                # Injected before, as it still is: its metrics Service and that name stay its own (a workload whose
+                # Service name it shares does not take them, nor the label, for as long as its patch is refused).
+                targets.append(workload)
+                claimed.add(_service_of(workload))
+                if _unrolled(workload):
+                    outcome.unlabelled.add(workload_key(workload))
             continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
         if after is not None and (after.get("metadata") or {}).get("generation") is not None:
