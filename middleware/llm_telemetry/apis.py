@@ -197,7 +197,6 @@ def _add_finish_reason(call: LLMCall, reason: Any, index: int = 0) -> None:
     """A finish reason read, of choice ``index``. A choice's later finish replaces its earlier one (see
     ``LLMCall.add_choice_finish``), in the reasons counted too unless another choice has the earlier one."""
     if isinstance(reason, str) and reason:
-        call.finishes += 1
         reason = field_text(reason)
         earlier = call.choice_finishes.get(index) if call.choice_finishes else None
         call.add_choice_finish(index, reason)
@@ -424,7 +423,7 @@ class ResponseReader:
         if decoder is None or decoder.dropped_events or self._closed:
             return False
         call = self.call
-        if call.finishes >= max(call.stream_choices, 1) or call.error_type is not None:
+        if call.finished_choices(call.stream_choices) or call.error_type is not None:
             return False  # (a finish reason for each choice the stream had: a server may ignore ``n``)
         last = decoder.unfinished()
         return last is None or not _ends_answer(*last)

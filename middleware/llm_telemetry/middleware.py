@@ -798,7 +798,7 @@ def _answer_ended(call: LLMCall, reader: Any = None) -> bool:
     """Whether the answer read reached its own end: a finish reason for each choice asked for (which streams send
     last, before their usage), an error, a stream's closing event (``[DONE]``, ``message_stop``; the SDKs close the
     connection on it), or a JSON body read whole (a cut one does not parse)."""
-    if call.error_type is not None or (call.finish_reasons and call.finishes >= (call.choice_count or 1)):
+    if call.error_type is not None or (call.finish_reasons and call.finished_choices(call.choice_count or 1)):
         return True
     while reader is not None and not isinstance(reader, ResponseReader):
         reader = getattr(reader, "reader", None)  # (a decoding or unread wrapper's own reader)

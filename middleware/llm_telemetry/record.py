@@ -88,8 +88,6 @@ class LLMCall:
     #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
     usage_source: str = "reported"
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
-    #: Finish reasons read, repeats included: with ``n`` choices, the answer ends once each has one.
-    finishes: int = 0
     #: Choices a stream's events named (the highest choice index read, plus one; 0 for streams without choices).
     stream_choices: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
@@ -166,6 +164,12 @@ class LLMCall:
             self.choice_finishes = {index: reason}
         elif index in finishes or len(finishes) < MAX_CHOICE_FINISHES:
             finishes[index] = reason
+
+    def finished_choices(self, expected: int) -> bool:
+        """Whether a finish was read for each of ``expected`` choices, each counted once however often it was sent
+        (a gateway may repeat a choice's finish, or send an early one and then its final one); beyond the choices
+        kept apart (MAX_CHOICE_FINISHES), those kept all finishing stands for the rest."""
+        return len(self.choice_finishes or ()) >= min(max(expected, 1), MAX_CHOICE_FINISHES)
 
     @property
     def duration(self) -> float | None:

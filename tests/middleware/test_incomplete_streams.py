@@ -36,10 +36,16 @@ def _sse(obj: dict[str, Any] | str, event: str | None = None) -> bytes:
 
 
 def _chat(model: str, how: str) -> Iterator[bytes]:
-    def chunk(delta: dict[str, Any]) -> bytes:
+    def chunk(delta: dict[str, Any], index: int = 0, finish: str | None = None) -> bytes:
         return _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})  # fmt: skip
+                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})  # fmt: skip
 
+    if how == "two-choices-cut":
+        # n=2: the first choice's finish sent early, then its final one (as gateways do); the second never ends.
+        yield chunk({"role": "assistant", "content": ""}) + chunk({"role": "assistant", "content": ""}, 1)
+        yield chunk({"content": "One"}) + chunk({"content": "Two"}, 1)
+        yield chunk({}, 0, "length") + chunk({}, 0, "stop") + chunk({"content": " more"}, 1)
+        return
     yield chunk({"role": "assistant", "content": ""})
     for word in WORDS[:-1]:
         yield chunk({"content": word})
@@ -164,6 +170,24 @@ def test_streams_their_upstream_cut_off_are_incomplete_streams_the_sdks_say_noth
             "incomplete_stream",
             200,
         )
+
+
+def test_a_stream_of_two_choices_cut_before_the_second_finished_is_incomplete(service: tuple[str, int]) -> None:
+    """n=2, and the first choice's finish comes twice (an early one, then its final one): two finishes, but of one
+    choice; the second choice was cut off mid-answer. (Counting finish events, the answer passed for whole.)"""
+    base, port = service
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+    chunks = list(
+        oai.chat.completions.create(
+            model="cut-two-choices", messages=[{"role": "user", "content": "Hi"}], n=2, stream=True,
+            extra_headers={"x-upstream": "two-choices-cut"},
+        )
+    )  # fmt: skip
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    metrics = _counted(port, "cut-two-choices")
+    assert (
+        metrics.value("llm_errors_total", gen_ai_request_model="cut-two-choices", error_type="incomplete_stream") == 1
+    )
 
 
 @pytest.mark.parametrize(
