@@ -255,9 +255,10 @@ class MetricsRecorder:
         active, active_key = self._active_attributes(call)
         shape = self._shape(call)
         call.model_label = shape.values[names.GEN_AI_REQUEST_MODEL]
-        if call.model_label == OTHER:
+        if call.model_label == OTHER or shape.values[names.GEN_AI_RESPONSE_MODEL] == OTHER:
             # A model name that could not be a label may hold a key (a client that swapped its key and model
-            # settings): masked for the span and the log line too, which the observers after this one write.
+            # settings, an upstream that names its model so): masked for the span and the log line too, which the
+            # observers after this one write.
             call.request_model, call.response_model = mask_keys(call.request_model), mask_keys(call.response_model)
         # Everything the points need is worked out first; then they are all recorded under one lock.
         # The exemplar filter decides by the context alone: asked once for the call's (up to) three records.

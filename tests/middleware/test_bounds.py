@@ -116,6 +116,18 @@ def test_a_label_value_holding_a_secret_key_is_other(
     assert [call.request_model for call in calls[1:]] == alike  # (the observers see the names that stay as sent)
 
 
+def test_a_key_an_upstream_names_its_model_with_is_masked_for_the_log_line_too(
+    cleanup: list[LLMTelemetryMiddleware],
+) -> None:
+    """The request names a plain model, the answer a key: the response model label is ``other``, and the call's
+    response model, which the span and the observers read, shows the key as ``[key]``."""
+    key = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+    (call,), metrics = calls_of(cleanup, completion(model=f"openai/{key}"), [{"model": "gpt-4o"}])
+    assert metrics.label_values("llm_requests_total", "gen_ai_response_model") == {"other"}
+    assert (call.request_model, call.response_model) == ("gpt-4o", "openai/[key]")
+    assert key not in metrics.text
+
+
 @pytest.mark.parametrize(
     ("finishes", "counted"),
     [
