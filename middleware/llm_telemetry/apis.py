@@ -1215,9 +1215,12 @@ class OpenAIChatReader(ResponseReader):
                     transcript = message["audio"].get("transcript")
                     if isinstance(transcript, str):
                         self._text_chars += len(transcript)
-                calls = _list(_get(choice, "message", "tool_calls")) or [
-                    {"function": _get(choice, "message", "function_call")}
-                ]
+                # Its tool calls, or a legacy function call (none, most often: then nothing to look at).
+                calls: list[Any] = []
+                if isinstance(message, dict):
+                    calls = _list(message.get("tool_calls"))
+                    if not calls and message.get("function_call"):
+                        calls = [{"function": message["function_call"]}]
                 for tool_call in calls:
                     name = _str(_get(tool_call, "function", "name")) or _str(_get(tool_call, "custom", "name"))
                     # A tool call's input is output to estimate, as a stream's pieces of it are.
