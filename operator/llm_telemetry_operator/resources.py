@@ -375,6 +375,21 @@ def _chosen(containers: list[Any], injection: Injection) -> list[Any]:
     )
 
 
+#: The values of LLM_TELEMETRY_PRICING an injection makes, whichever file the pricing key is mounted as.
+_PRICING_PATHS: Final = frozenset(f"{c.PRICING_MOUNT_PATH}/{name}" for name in (c.PRICING_FILE, c.PRICING_FILE_JSON))
+
+
+def _made_pricing(entry: Mapping[str, Any], made: Mapping[str, Any]) -> bool:
+    """Whether ``entry`` is the pricing variable an injection made for another file name than this one's (an
+    earlier version mounted every key as pricing.yaml): the injection's too, to be replaced with the volume."""
+    return (
+        entry.get("name") == mw.LLM_TELEMETRY_PRICING
+        and mw.LLM_TELEMETRY_PRICING in made
+        and set(entry) == {"name", "value"}
+        and entry.get("value") in _PRICING_PATHS
+    )
+
+
 def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, Any] | None:
     """The record of an injection whose record annotation was removed (by hand, or by a tool that rewrites the
     workload's metadata), rebuilt from the pod template, or None. Only a template with the injection's config hash
@@ -391,7 +406,7 @@ def _reclaimed(template: Mapping[str, Any], injection: Injection) -> dict[str, A
         env = {
             entry["name"]: _env_key(entry)
             for entry in container.get("env") or []
-            if isinstance(entry, Mapping) and made.get(entry.get("name")) == entry
+            if isinstance(entry, Mapping) and (made.get(entry.get("name")) == entry or _made_pricing(entry, made))
         }
         port = any(
             {k: v for k, v in p.items() if k != "hostPort"} == injection.port for p in container.get("ports") or []

@@ -9,18 +9,21 @@ broken YAML, the keys of a mapping.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kopf_testing import CONFIGMAPS, NAMESPACE
 
+from kube_schema import merge_patch
 from llm_telemetry.config import Settings
 from llm_telemetry.pricing import PricingTable
+from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.reconcile import _missing_pricing
-from llm_telemetry_operator.resources import build_injection
+from llm_telemetry_operator.resources import build_injection, build_workload_patch
 from llm_telemetry_operator.spec import parse_spec
 
 SECRET = "sk-TEAMB-TOP-SECRET-0001"
@@ -106,3 +109,45 @@ async def test_a_key_the_check_accepts_is_read_alike_by_the_middleware(
     table = PricingTable(Settings.resolve(env={"LLM_TELEMETRY_PRICING": str(tmp_path / mounted)}).pricing)
     price = table.price("gpt-4o")
     assert price is not None and price.input == 2.5, price
+
+
+@pytest.mark.parametrize("record", ["kept", "lost"])
+def test_a_json_key_mounted_as_pricing_yaml_by_an_earlier_version_moves_to_pricing_json_in_one_patch(
+    record: str,
+) -> None:
+    """An earlier version mounted every key as ``pricing.yaml`` and pointed LLM_TELEMETRY_PRICING there. The next
+    pass mounts a ``.json`` key as ``pricing.json`` and points the variable there too, in one patch, whether or not
+    the workload kept its injection record (lost, the variable was kept as the user's: it named a file no longer
+    mounted, and the pods failed their startup while the resource said Ready)."""
+    spec = parse_spec(
+        {
+            "selector": {"matchLabels": {"app": "chat"}},
+            "pricing": {"configMapRef": {"name": "p", "key": "pricing.json"}},
+        }
+    )
+    workload: dict[str, Any] = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "chat", "namespace": NAMESPACE, "labels": {"app": "chat"}},
+        "spec": {"selector": {"matchLabels": {"app": "chat"}},
+                 "template": {"metadata": {"labels": {"app": "chat"}},
+                              "spec": {"containers": [{"name": "app", "image": "x"}]}}},
+    }  # fmt: skip
+    injection = build_injection(spec, OperatorConfig(), workload, "llm")
+    assert injection.volume is not None
+    earlier = dataclasses.replace(
+        injection,
+        volume={**injection.volume, "configMap": {**injection.volume["configMap"],
+                                                  "items": [{"key": "pricing.json", "path": "pricing.yaml"}]}},
+        env=tuple({**e, "value": "/etc/llm-telemetry/pricing.yaml"} if e["name"] == "LLM_TELEMETRY_PRICING" else e
+                  for e in injection.env),
+    )  # fmt: skip
+    before = merge_patch(workload, build_workload_patch(workload, earlier, "llm"))
+    if record == "lost":
+        del before["metadata"]["annotations"][c.ANNOTATION_INJECTED]
+    after = merge_patch(before, build_workload_patch(before, injection, "llm"))
+    pod = after["spec"]["template"]["spec"]
+    assert [e["value"] for e in pod["containers"][0]["env"] if e["name"] == "LLM_TELEMETRY_PRICING"] == [
+        "/etc/llm-telemetry/pricing.json"
+    ]
+    assert [v["configMap"]["items"] for v in pod["volumes"]] == [[{"key": "pricing.json", "path": "pricing.json"}]]
+    assert build_workload_patch(after, injection, "llm") is None
