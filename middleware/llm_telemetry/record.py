@@ -98,6 +98,8 @@ class LLMCall:
     server_tool_results: list[tuple[str | None, str]] | None = None
     #: Each choice's finish reason, by choice index (of a finish repeated for one choice, the last), or None.
     choice_finishes: dict[int, str] | None = None
+    #: Finishes read of choices past those MAX_CHOICE_FINISHES kept apart (a server that takes ``n`` over 128).
+    finishes_beyond: int = 0
     tool_results: list[ToolResult] = dataclasses.field(default_factory=list)
     status_code: int | None = None
     error_type: str | None = None
@@ -164,12 +166,14 @@ class LLMCall:
             self.choice_finishes = {index: reason}
         elif index in finishes or len(finishes) < MAX_CHOICE_FINISHES:
             finishes[index] = reason
+        else:
+            self.finishes_beyond += 1
 
     def finished_choices(self, expected: int) -> bool:
         """Whether a finish was read for each of ``expected`` choices, each counted once however often it was sent
-        (a gateway may repeat a choice's finish, or send an early one and then its final one); beyond the choices
-        kept apart (MAX_CHOICE_FINISHES), those kept all finishing stands for the rest."""
-        return len(self.choice_finishes or ()) >= min(max(expected, 1), MAX_CHOICE_FINISHES)
+        (a gateway may repeat a choice's finish, or send an early one and then its final one); past the choices kept
+        apart (MAX_CHOICE_FINISHES), each finish read counts."""
+        return len(self.choice_finishes or ()) + self.finishes_beyond >= max(expected, 1)
 
     @property
     def duration(self) -> float | None:

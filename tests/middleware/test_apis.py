@@ -699,3 +699,22 @@ def test_tool_results_count_only_the_latest_turn_in_every_api() -> None:
     assert results("anthropic.messages", {"messages": prefilled_anthropic}) == [("fetch", True)]
     prefilled_openai = [*openai_history, {"role": "assistant", "content": "The fetch"}]
     assert results("openai.chat", {"messages": prefilled_openai}) == [("fetch", True)]
+
+
+@pytest.mark.parametrize(("finished", "cut"), [(128, True), (199, True), (200, False)])
+def test_a_stream_of_more_choices_than_kept_apart_ends_once_each_has_finished(finished: int, cut: bool) -> None:
+    """A server that takes ``n`` over 128 (OpenAI refuses it): past the 128 choices whose finish reasons the span
+    keeps, the stream still ends only once every choice has finished; cut before, it is cut short."""
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    # Each choice opens with its role chunk, as OpenAI's n>1 streams do, then says something.
+    events = [chat_chunk({}) | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}}]}
+              for i in range(200)]  # fmt: skip
+    events += [chat_chunk({}) | {"choices": [{"index": i, "delta": {"content": "x"}}]} for i in range(200)]
+    events += [chat_chunk({}, "stop") | {"choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]}
+               for i in range(finished)]  # fmt: skip
+    for i, event in enumerate(events):
+        reader.feed(b"data: " + json.dumps(event).encode() + b"\n\n", now=1.0 + i)
+    reader.finish(now=1000.0)
+    assert reader.cut_short() is cut
