@@ -888,6 +888,8 @@ async def _inject(
                 claimed.add(_service_of(workload))
                 if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
+            elif mine and r.carries_service_label(workload):
+                claimed.add(_service_of(workload))  # (its removal refused: its pods keep the label, and that name)
             continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
         if after is not None and (after.get("metadata") or {}).get("generation") is not None:

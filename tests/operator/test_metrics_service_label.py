@@ -372,6 +372,31 @@ async def test_while_the_clash_winners_patch_is_refused_the_loser_does_not_take_
     assert (service or {})["metadata"]["labels"]["app.kubernetes.io/name"] == winner
 
 
+async def test_while_the_removal_from_a_deselected_clash_winner_is_refused_the_loser_does_not_take_its_name(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The clash's winner is no longer selected, and the patch removing its injection is refused: its pods keep the
+    label naming the shared Service, so the loser does not get that label (one Service would list both)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    shared = r.service_name("chat.v2")
+    winner = shared[: -len("-llm-metrics")]
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat.v2"] = deployment("chat.v2")
+    emulator.objects[DEPLOYMENTS, NAMESPACE, winner] = deployment(winner)
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await reported(emulator, c.CONDITION_METRICS, "ServiceNameClash", "the clash reported")
+        await asyncio.sleep(1.0)
+        generation = get(emulator, DEPLOYMENTS, "chat.v2")["metadata"]["generation"]
+        emulator.deny[("deployments", winner)] = DENIED
+        await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/{winner}", {"metadata": {"labels": {"app": "other"}}})
+        await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "the refusal reported")
+        await asyncio.sleep(1.0)
+        lost = get(emulator, DEPLOYMENTS, "chat.v2")
+    assert c.LABEL_METRICS_SERVICE not in pod_labels(lost)
+    assert lost["metadata"]["generation"] == generation
+
+
 def test_a_label_the_manifest_sets_to_the_services_own_name_stays_after_the_removal() -> None:
     """The manifest of the workload itself sets the label to its Service's name before the first injection: the same
     value as the injection's, which nothing then changes; the record says it was there before, so removing the
