@@ -353,6 +353,17 @@ def test_hand_edits_are_repaired(cluster: Cluster) -> None:
     assert env["MINE"] == "1"  # the user's own variable stays
 
 
+def _gone(cluster: Cluster, name: str) -> bool:
+    """Whether the LLMTelemetry ``name`` is gone from the API server."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        cluster.llmt(name)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
 def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
     cluster.create(deployment("gone", "gone"))
     original = cluster.deployment("gone")["spec"]["template"]["spec"]["containers"][0]
@@ -360,17 +371,7 @@ def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
     cluster.ready("gone")
     assert c.LABEL_METRICS_SERVICE in cluster.deployment("gone")["spec"]["template"]["metadata"]["labels"]
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "gone")
-
-    def gone() -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            cluster.llmt("gone")
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(gone, "LLMTelemetry deleted (finalizer released)")
+    wait_for(lambda: _gone(cluster, "gone"), "LLMTelemetry deleted (finalizer released)")
     wait_for(
         lambda: (
             cluster.service("gone-llm-metrics") is None
@@ -423,17 +424,7 @@ def test_an_orphaning_delete_keeps_every_child(cluster: Cluster) -> None:
     cluster.custom.delete_namespaced_custom_object(
         GROUP, VERSION, cluster.namespace, PLURAL, "kept", propagation_policy="Orphan"
     )
-
-    def gone() -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            cluster.llmt("kept")
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(gone, "LLMTelemetry deleted (both finalizers released)")
+    wait_for(lambda: _gone(cluster, "kept"), "LLMTelemetry deleted (both finalizers released)")
     wait_for(lambda: r.injected_record(cluster.deployment("kept")) is None, "injection removed")
     for kind, read in children.items():
         child = read()
@@ -1375,15 +1366,6 @@ def test_a_resource_a_newer_crd_refuses_says_why_it_cannot_be_deleted(cluster: C
         extensions.patch_custom_resource_definition(crd_name, patch)
         time.sleep(2)  # the API server serves the new schema once it has read it back (no condition says so)
 
-    def gone() -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            cluster.llmt(long_name)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
     long_name = "a" * 70
     set_limit(None)
     try:
@@ -1396,13 +1378,14 @@ def test_a_resource_a_newer_crd_refuses_says_why_it_cannot_be_deleted(cluster: C
         assert "finalizer cannot be removed" in event and "63" in event
         assert cluster.llmt(long_name)["metadata"]["finalizers"] == [c.FINALIZER]  # still there, Terminating
         set_limit(None)
-        wait_for(gone, "deleted once the CRD admits it again")
+        wait_for(lambda: _gone(cluster, long_name), "deleted once the CRD admits it again")
     finally:
-        if not gone():  # failed half-way: let it go before the CRD is strict again, or it stays for good
+        # (Failed half-way: let it go before the CRD is strict again, or it stays for good.)
+        if not _gone(cluster, long_name):
             with contextlib.suppress(Exception):
                 set_limit(None)
             cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, long_name)
-            wait_for(gone, "the long-named resource deleted")
+            wait_for(lambda: _gone(cluster, long_name), "the long-named resource deleted")
         set_limit(r.MAX_OWNER_NAME)
 
 

@@ -292,15 +292,20 @@ def exception_of(span: ReadableSpan) -> dict[str, Any]:
     return dict(event.attributes or {})
 
 
+def failed_trace(model: str, redact: Any = None) -> list[ReadableSpan]:
+    """The two spans (HTTP server, LLM) of a request for ``model`` to :func:`raising_app`, which fails it."""
+    with raising_app(redact) as (client, spans):
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        trace = finished(spans, model)
+    assert len(trace) == 2, [s.name for s in trace]
+    return trace
+
+
 def test_an_exception_leaving_the_app_is_bounded_and_redacted_on_the_http_server_span_too() -> None:
     """OpenTelemetry's ASGI middleware records an exception leaving the app on its span (``trace.use_span``): as
     on the LLM span, cut to its bounds and masked (it showed the key, and 5 KB of message, three times)."""
-    with raising_app() as (client, spans):
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}])
-        trace = finished(spans, "long")
-    assert len(trace) == 2, [s.name for s in trace]
-    for span in trace:
+    for span in failed_trace("long"):
         assert KEY not in shown(span), shown(span)
         recorded = exception_of(span)
         assert recorded["exception.message"].startswith("upstream failed: GET https://upstream.example/v1?key=[key]")
@@ -314,12 +319,7 @@ def test_a_key_the_exceptions_cut_goes_through_shows_none_of_it(model: str) -> N
     """A key that the cut of the message (at 1,024 characters) or of the traceback (its first and last 4 KiB) goes
     through is masked whole: the redactor sees more than is kept (it saw the cut part, no longer a key)."""
     secret = LONG_KEY.removeprefix("sk-proj-")
-    with raising_app() as (client, spans):
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-        trace = finished(spans, model)
-    assert len(trace) == 2, [s.name for s in trace]
-    for span in trace:
+    for span in failed_trace(model):
         text = shown(span)
         assert not [i for i in range(len(secret) - 8) if secret[i : i + 8] in text], text
 
@@ -329,12 +329,7 @@ def test_a_redactor_returning_no_text_withholds_the_exceptions_text(returned: st
     """A custom redactor that returns anything but text is taken as failed, as one that raises: the exception is
     still recorded, its text withheld, and the span's status is ERROR (with ``None`` the span lost both)."""
     redactor = (lambda text: None) if returned == "None" else (lambda text: text.encode())
-    with raising_app(redact=redactor) as (client, spans):
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model="long", messages=[{"role": "user", "content": "hi"}])
-        trace = finished(spans, "long")
-    assert len(trace) == 2, [s.name for s in trace]
-    for span in trace:
+    for span in failed_trace("long", redactor):
         assert KEY not in shown(span), shown(span)
         assert exception_of(span)["exception.message"] == "<RuntimeError message withheld: the redactor failed>"
         assert span.status.status_code is StatusCode.ERROR

@@ -1181,6 +1181,25 @@ def test_a_response_of_a_thousand_tool_calls_keeps_its_span_small(receiver: OTLP
     assert sum(len(n) for n in shown) <= 64 * 256
 
 
+def completion_of(answers: list[tuple[str, str]]) -> dict[str, Any]:
+    """A chat completion of one choice per (text, finish reason) of ``answers``."""
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        for i, (text, finish) in enumerate(answers)
+    ]
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
+
+
+def ask_and_read(base: str, request_id: str, stream: bool, **fields: Any) -> None:
+    """One chat request of model ``m`` saying ``hi`` (``fields`` added), its stream read to its end."""
+    reply = client(base).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=stream,
+        extra_headers={"x-request-id": request_id}, **fields,
+    )  # fmt: skip
+    if stream:
+        list(reply)  # type: ignore[arg-type]
+
+
 def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: OTLPReceiver) -> None:
     """``n`` choices are ``n`` output messages, as the conventions define gen_ai.output.messages (one per choice),
     each with its own text and finish reason: streamed (deltas of the choices interleaved) and not."""
@@ -1192,13 +1211,7 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
     async def chat(request: Request) -> Response:
         body = await request.json()
         if not body.get("stream"):
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                for i, (text, finish) in enumerate(answers)
-            ]
-            return JSONResponse(
-                {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
-            )
+            return JSONResponse(completion_of(answers))
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
             choice = {"index": index, "delta": delta, "finish_reason": finish}
@@ -1219,12 +1232,7 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
 
     with traced_chat_app(receiver, chat, "llm-choices", capture=True) as base:
         for stream in (False, True):
-            reply = client(base).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "hi"}], n=2, stream=stream,
-                extra_headers={"x-request-id": f"choices-{stream}"},
-            )  # fmt: skip
-            if stream:
-                list(reply)  # type: ignore[arg-type]
+            ask_and_read(base, f"choices-{stream}", stream, n=2)
     for stream in (False, True):
         span = wait_span(receiver, **{"llm.request_id": f"choices-{stream}"})
         messages = json.loads(span.attributes["gen_ai.output.messages"])
@@ -1505,13 +1513,7 @@ def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceive
     async def chat(request: Request) -> Response:
         body = await request.json()
         if not body.get("stream"):
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                for i, (text, finish) in enumerate(answers)
-            ]
-            return JSONResponse(
-                {"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices}
-            )
+            return JSONResponse(completion_of(answers))
         events = [chunk(i, {"role": "assistant", "content": ""}) for i in range(3)]
         # The last choice's text comes first (the stream's first token), and it finishes first; the first one's
         # finish is sent twice (as gateways repeat it).
@@ -1522,12 +1524,7 @@ def test_finish_reasons_are_one_per_choice_in_choice_order(receiver: OTLPReceive
     for capture in (False, True):
         with traced_chat_app(receiver, chat, "llm-finishes", capture=capture) as base:
             for stream in (False, True):
-                reply = client(base).chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], n=3, stream=stream,
-                    extra_headers={"x-request-id": f"finishes-{capture}-{stream}"},
-                )  # fmt: skip
-                if stream:
-                    list(reply)  # type: ignore[arg-type]
+                ask_and_read(base, f"finishes-{capture}-{stream}", stream, n=3)
         for stream in (False, True):
             span = wait_span(receiver, **{"llm.request_id": f"finishes-{capture}-{stream}"})
             assert span.attributes["gen_ai.response.finish_reasons"] == ["stop", "length", "stop"], (capture, stream)

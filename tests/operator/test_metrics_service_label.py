@@ -339,12 +339,14 @@ async def test_the_pods_of_a_workload_that_loses_its_metrics_service_name_do_not
     assert selects(service, pod_labels(won)) and not selects(service, pod_labels(lost))
 
 
-async def test_while_the_clash_winners_patch_is_refused_the_loser_does_not_take_its_service(
-    emulator: Any, monitoring_crds: Any
+@pytest.mark.parametrize("change", ["edited", "deselected"])
+async def test_while_a_clash_winners_patch_is_refused_the_loser_does_not_take_its_name(
+    emulator: Any, monitoring_crds: Any, change: str
 ) -> None:
-    """An admission webhook refuses the operator's patch of the clash's winner (injected before, edited since): the
-    winner keeps its Service and its name, and the loser neither gets the label nor rolls (it rolled twice: labelled
-    while the refusal lasted, then not)."""
+    """An admission webhook refuses the operator's patches of the clash's winner, injected before: edited since (a
+    deploy dropped a variable), or no longer selected (its injection to remove). Its pods keep the label naming the
+    shared Service, and the loser neither gets that label nor rolls (it rolled twice: labelled while the refusal
+    lasted, then not; and one Service listed both workloads' pods); edited, the winner keeps its Service."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     shared = r.service_name("chat.v2")
@@ -357,10 +359,11 @@ async def test_while_the_clash_winners_patch_is_refused_the_loser_does_not_take_
         await asyncio.sleep(1.0)
         generation = get(emulator, DEPLOYMENTS, "chat.v2")["metadata"]["generation"]
         emulator.deny[("deployments", winner)] = DENIED
-        won = get(emulator, DEPLOYMENTS, winner)
-        container = won["spec"]["template"]["spec"]["containers"][0]
-        kept = [e for e in container["env"] if e["name"] != "OTEL_SERVICE_NAME"]  # a deploy drops a variable
-        edit = {"spec": {"template": {"spec": {"containers": [{**container, "env": kept}]}}}}
+        edit: dict[str, Any] = {"metadata": {"labels": {"app": "other"}}}
+        if change == "edited":
+            container = get(emulator, DEPLOYMENTS, winner)["spec"]["template"]["spec"]["containers"][0]
+            kept = [e for e in container["env"] if e["name"] != "OTEL_SERVICE_NAME"]
+            edit = {"spec": {"template": {"spec": {"containers": [{**container, "env": kept}]}}}}
         await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/{winner}", edit)
         await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "the refusal reported")
         await asyncio.sleep(1.0)
@@ -368,33 +371,9 @@ async def test_while_the_clash_winners_patch_is_refused_the_loser_does_not_take_
         service = get(emulator, SERVICES, shared)
     assert lost["metadata"]["generation"] == generation
     assert c.LABEL_METRICS_SERVICE not in pod_labels(lost)
-    assert selects(service, pod_labels(get(emulator, DEPLOYMENTS, winner)))
-    assert (service or {})["metadata"]["labels"]["app.kubernetes.io/name"] == winner
-
-
-async def test_while_the_removal_from_a_deselected_clash_winner_is_refused_the_loser_does_not_take_its_name(
-    emulator: Any, monitoring_crds: Any
-) -> None:
-    """The clash's winner is no longer selected, and the patch removing its injection is refused: its pods keep the
-    label naming the shared Service, so the loser does not get that label (one Service would list both)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    shared = r.service_name("chat.v2")
-    winner = shared[: -len("-llm-metrics")]
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat.v2"] = deployment("chat.v2")
-    emulator.objects[DEPLOYMENTS, NAMESPACE, winner] = deployment(winner)
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    async with running_operator():
-        await reported(emulator, c.CONDITION_METRICS, "ServiceNameClash", "the clash reported")
-        await asyncio.sleep(1.0)
-        generation = get(emulator, DEPLOYMENTS, "chat.v2")["metadata"]["generation"]
-        emulator.deny[("deployments", winner)] = DENIED
-        await hand(emulator, "PATCH", f"{DEPLOYMENT_PATH}/{winner}", {"metadata": {"labels": {"app": "other"}}})
-        await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "the refusal reported")
-        await asyncio.sleep(1.0)
-        lost = get(emulator, DEPLOYMENTS, "chat.v2")
-    assert c.LABEL_METRICS_SERVICE not in pod_labels(lost)
-    assert lost["metadata"]["generation"] == generation
+    if change == "edited":
+        assert selects(service, pod_labels(get(emulator, DEPLOYMENTS, winner)))
+        assert (service or {})["metadata"]["labels"]["app.kubernetes.io/name"] == winner
 
 
 def test_a_label_the_manifest_sets_to_the_services_own_name_stays_after_the_removal() -> None:
