@@ -740,29 +740,30 @@ def test_a_gitops_manifest_that_sets_the_metrics_service_label_itself_is_not_fou
     (to ``chat-llm-metrics``), and GitOps server-side applies it with ``--force-conflicts`` on every sync: the
     operator replaced the value at every pass and each sync set it back, two rollouts per sync. It leaves a value
     it did not write, says so, and its deletion leaves it too."""
-    manifest = deployment("copied", "copied")
+    manifest = deployment("relabelled", "relabelled")
     manifest["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] = "chat-llm-metrics"
 
     def gitops_apply() -> None:
         _gitops_apply(cluster, manifest)
 
     gitops_apply()
-    cluster.create(telemetry("copied", "copied"))
-    metrics = cluster.reported("copied", c.CONDITION_METRICS, "ServiceLabelOverridden")
-    assert "Deployment/copied sets it to 'chat-llm-metrics'" in metrics["message"]
-    assert wait_for(lambda: cluster.events("copied", "ServiceLabelOverridden"), "ServiceLabelOverridden event")
+    cluster.create(telemetry("relabelled", "relabelled"))
+    metrics = cluster.reported("relabelled", c.CONDITION_METRICS, "ServiceLabelOverridden")
+    assert "Deployment/relabelled sets it to 'chat-llm-metrics'" in metrics["message"]
+    assert wait_for(lambda: cluster.events("relabelled", "ServiceLabelOverridden"), "ServiceLabelOverridden event")
     injected = wait_for(
-        lambda: "LLM_TELEMETRY_METRICS_PORT" in cluster.env("copied") and cluster.deployment("copied"), "injected"
+        lambda: "LLM_TELEMETRY_METRICS_PORT" in cluster.env("relabelled") and cluster.deployment("relabelled"),
+        "injected",
     )
     assert injected["spec"]["template"]["metadata"]["labels"][c.LABEL_METRICS_SERVICE] == "chat-llm-metrics"
-    assert cluster.service("copied-llm-metrics").spec.selector == {"app": "copied"}
+    assert cluster.service("relabelled-llm-metrics").spec.selector == {"app": "relabelled"}
     gitops_apply()  # the next sync: the same template, nothing rolls
-    assert cluster.deployment("copied")["metadata"]["generation"] == injected["metadata"]["generation"]
-    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "copied")
-    wait_for(lambda: "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("copied"), "injection removed")
-    assert cluster.deployment("copied")["spec"]["template"]["metadata"]["labels"] == {
-        "app": "copied",
-        "llm": "copied",
+    assert cluster.deployment("relabelled")["metadata"]["generation"] == injected["metadata"]["generation"]
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "relabelled")
+    wait_for(lambda: "LLM_TELEMETRY_METRICS_PORT" not in cluster.env("relabelled"), "injection removed")
+    assert cluster.deployment("relabelled")["spec"]["template"]["metadata"]["labels"] == {
+        "app": "relabelled",
+        "llm": "relabelled",
         c.LABEL_METRICS_SERVICE: "chat-llm-metrics",
     }
 
