@@ -45,6 +45,9 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
         conditions = (found.get("status") or {}).get("conditions") or []
         return next((cond for cond in conditions if cond["type"] == kind), {})
 
+    def collectors() -> dict[str, Any]:
+        return condition(kept, "CollectorsAvailable")
+
     def ready(namespace: str) -> bool:
         return condition(namespace).get("status") == "True"
 
@@ -95,9 +98,14 @@ def test_namespaced_mode_lets_a_watched_namespace_be_deleted(
         )
         # Its collector's reads refused from then on, the resource in the namespace kept fails its passes for a
         # minute (a refusal may be the RBAC cache filling after a restart), then is served with it unchecked.
-        wait_for(lambda: port(kept) == "9600", f"a change in {kept} applied after {doomed} went", timeout=180)
-        collectors = condition(kept, "CollectorsAvailable")
-        assert collectors["reason"] == "NotChecked" and f"namespace {doomed} has been refused" in collectors["message"]
+        # (The pass patches the workload before it writes the status: both are awaited, or the condition read
+        # may be the one from before the namespace went.)
+        wait_for(
+            lambda: port(kept) == "9600" and f"namespace {doomed} has been refused" in collectors()["message"],
+            f"a change in {kept} applied after {doomed} went, its collector unchecked",
+            timeout=180,
+        )
+        assert collectors()["reason"] == "NotChecked", collectors()
         assert ready(kept), condition(kept)
         assert process.poll() is None, log.read_text(errors="replace")[-4000:]
         text = log.read_text(errors="replace")
