@@ -228,18 +228,27 @@ def _add_tool_call(call: LLMCall, name: str, call_id: Any = None, hosted: str | 
         call.add_tool_call(name, call_id, hosted)
 
 
-#: Responses API items of the tools OpenAI runs itself (a tool search may be left to the client).
-_RESPONSES_HOSTED_ITEMS: Final = frozenset(
-    ("web_search_call", "file_search_call", "code_interpreter_call", "image_generation_call", "mcp_call")
-)
+#: Responses API items of the tools OpenAI runs itself, by the kind of tool each calls (a tool search may be left to
+#: the client): a ``program`` is the JavaScript the model wrote for programmatic tool calling (the tool of type
+#: ``programmatic_tool_calling``), which the API runs, its result a ``program_output`` item of the API's.
+_RESPONSES_HOSTED_ITEMS: Final = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+    "image_generation_call": "image_generation",
+    "mcp_call": "mcp",
+    "program": "programmatic_tool_calling",
+}
 
 
 def _hosted_item(item: dict[str, Any]) -> str | None:
     """The kind of hosted tool a Responses API output item calls (``web_search``, ``mcp``, ...), or None."""
     kind = item.get("type")
-    if kind in _RESPONSES_HOSTED_ITEMS or (kind == "tool_search_call" and item.get("execution") != "client"):
-        return "mcp" if kind == "mcp_call" else str(kind)[: -len("_call")]
-    return None
+    if type(kind) is not str:
+        return None
+    if kind == "tool_search_call":
+        return "tool_search" if item.get("execution") != "client" else None
+    return _RESPONSES_HOSTED_ITEMS.get(kind)
 
 
 #: Tool names of the Responses API's recent function calls, by ``call_id``, for the process: a conversation continued
@@ -1315,8 +1324,9 @@ _RESPONSES_AUDIO_EVENTS: Final = frozenset(("response.audio.delta", "response.au
 #: Output items that are the model calling a tool, and the name of the tool each calls when the item names none: the
 #: application's (function and custom tools, and the computer, shell and patch tools it runs for the model), one the
 #: API runs (web and file search, code interpreter, image generation, tool search), one of an MCP server the API
-#: calls (named by the item). An item the API names after its tool's type (``web_search_call``) is that type's tool,
-#: as Anthropic names its own (``web_search``).
+#: calls (named by the item), and the program the model wrote for programmatic tool calling, which the API runs. An
+#: item the API names after its tool's type (``web_search_call``) is that type's tool, as Anthropic names its own
+#: (``web_search``); a ``program`` is the ``programmatic_tool_calling`` tool's.
 _RESPONSES_TOOL_ITEMS: Final[dict[str, str | None]] = {
     "function_call": None,
     "custom_tool_call": None,
@@ -1326,11 +1336,17 @@ _RESPONSES_TOOL_ITEMS: Final[dict[str, str | None]] = {
     "code_interpreter_call": "code_interpreter",
     "image_generation_call": "image_generation",
     "tool_search_call": "tool_search",
+    "program": "programmatic_tool_calling",
     "computer_call": "computer",
     "local_shell_call": "local_shell",
     "shell_call": "shell",
     "apply_patch_call": "apply_patch",
 }
+#: The output item that asks the application to approve a call of an MCP server's tool the model chose (its tool's name
+#: and arguments): output the model made (a first token), but no tool call yet. The call is made, and counted as the
+#: ``mcp_call`` item it is, in the response that follows an approval (an MCP call that needs none is that item at
+#: once): counted here too, an approved call would be counted twice, and a refused one that never ran once.
+_RESPONSES_APPROVAL: Final = "mcp_approval_request"
 #: The input items that carry a tool's output back to the model: function and custom tools', and those of the tools
 #: the application runs for the model (computer, shell, local shell, apply_patch) and of a tool search it ran. (A
 #: ``program_output`` item is the result of a program the API runs, as a ``mcp_call`` carries its own output.)
@@ -1424,6 +1440,8 @@ class OpenAIResponsesReader(ResponseReader):
                 if name:
                     _add_tool_call(self.call, name, item.get("call_id") or item.get("id"), _hosted_item(item))
                     _remember_tool_call(item, name)
+            elif isinstance(item, dict) and item.get("type") == _RESPONSES_APPROVAL:
+                self._first_token(now)  # (output the model made; see _RESPONSES_APPROVAL)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
@@ -1467,6 +1485,10 @@ class OpenAIResponsesReader(ResponseReader):
                     self._text_chars += sum(
                         len(c) for c in _list(_get(item, "action", "commands")) if isinstance(c, str)
                     )
+            elif item.get("type") == _RESPONSES_APPROVAL:
+                arguments = item.get("arguments")  # (its arguments are output the model made, to estimate)
+                if isinstance(arguments, str):
+                    self._text_chars += len(arguments)
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)

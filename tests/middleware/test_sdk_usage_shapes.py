@@ -691,6 +691,66 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> 
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
 
 
+#: Programmatic tool calling: the JavaScript the model wrote (a ``program`` item, which the API runs, its result a
+#: ``program_output`` item), and a call of a function that program made (``caller``: the program).
+PROGRAM_ITEMS = [
+    {"type": "program", "id": "prg_1", "call_id": "call_prg", "code": "await tools.get_weather({city: 'Paris'})",
+     "fingerprint": "fp_1"},
+    {"type": "function_call", "id": "fc_1", "call_id": "call_fn", "name": "get_weather", "arguments": "{}",
+     "caller": {"type": "program", "caller_id": "call_prg"}},
+    {"type": "program_output", "id": "prgo_1", "call_id": "call_prg", "result": "sunny", "status": "completed"},
+]  # fmt: skip
+#: The API asks the application to approve a call of an MCP server's tool the model chose.
+APPROVAL_REQUEST = {"type": "mcp_approval_request", "id": "mcpr_1", "server_label": "deepwiki", "name": "read_wiki",
+                    "arguments": '{"page": "intro", "section": "install"}'}  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_program_is_a_call_of_the_programmatic_tool_and_an_approval_request_a_first_output(
+    service: Service, stream: bool
+) -> None:
+    """A ``program`` item is the model calling the ``programmatic_tool_calling`` tool, which the API runs (a tool call,
+    and a stream's first output, as a ``code_interpreter_call`` is); the calls its program makes are counted as their
+    own items. An ``mcp_approval_request`` is output the model made (a stream's first token, its arguments estimated
+    when no usage is reported) but no tool call: the ``mcp_call`` item that follows the approval is."""
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    models = {f"gpt-5-program-{stream}": PROGRAM_ITEMS, f"gpt-5-approval-{stream}": [APPROVAL_REQUEST]}
+    for model, items in models.items():
+        if stream:
+            steps: list[dict[str, Any]] = [
+                {"type": "response.created", "response": responses_body(model, [], "in_progress")}
+            ]
+            for index, item in enumerate(items):
+                steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+                steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
+            steps.append({"type": "response.completed", "response": responses_body(model, items)})
+            STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+            with oai.responses.stream(model=model, input="?") as events:
+                final = events.get_final_response()
+        else:
+            ANSWERS[model] = {**responses_body(model, items), "usage": None}
+            final = oai.responses.create(model=model, input="?")
+        assert [item.type for item in final.output] == [item["type"] for item in items]
+    program, approval = (service.metrics(model) for model in models)
+    program_model, approval_model = models
+    for name in ("programmatic_tool_calling", "get_weather"):
+        assert program.value("llm_tool_calls_total", gen_ai_request_model=program_model, gen_ai_tool_name=name) == 1
+    assert approval.value("llm_tool_calls_total", gen_ai_request_model=approval_model) == 0
+    if stream:
+        for m, model in ((program, program_model), (approval, approval_model)):
+            assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1, model
+    else:
+        # No usage: the program's code and the approval's arguments are output to estimate (~4 characters a token).
+        estimated = {"llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+        code, arguments = str(PROGRAM_ITEMS[0]["code"]), APPROVAL_REQUEST["arguments"]
+        assert program.value("llm_tokens_total", gen_ai_request_model=program_model, **estimated) == -(
+            -(len(code) + 2) // 4
+        )
+        assert approval.value("llm_tokens_total", gen_ai_request_model=approval_model, **estimated) == -(
+            -len(arguments) // 4
+        )
+
+
 def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
     """An answer not streamed that reports no usage is estimated from its text at ~4 characters a token; one whose
     output is a tool call, from the call's input (its arguments), as a stream's pieces of a call are counted."""
