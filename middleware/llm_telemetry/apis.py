@@ -241,6 +241,17 @@ _RESPONSES_HOSTED_ITEMS: Final = {
 }
 
 
+def _server_output(item: dict[str, Any]) -> str | None:
+    """The kind of hosted tool whose result a Responses API output item is, the API's own (a tool search it ran,
+    ``execution: server``; a program's, ``program_output``), or None: shown after its call, as Anthropic's result
+    blocks of the tools it runs are (a web search's, an MCP call's and the code interpreter's come in their call's
+    item)."""
+    kind = item.get("type")
+    if kind == "tool_search_output":
+        return "tool_search" if item.get("execution") == "server" else None
+    return "programmatic_tool_calling" if kind == "program_output" else None
+
+
 def _hosted_item(item: dict[str, Any]) -> str | None:
     """The kind of hosted tool a Responses API output item calls (``web_search``, ``mcp``, ...), or None."""
     kind = item.get("type")
@@ -1442,6 +1453,8 @@ class OpenAIResponsesReader(ResponseReader):
                     _remember_tool_call(item, name)
             elif isinstance(item, dict) and item.get("type") == _RESPONSES_APPROVAL:
                 self._first_token(now)  # (output the model made; see _RESPONSES_APPROVAL)
+            elif isinstance(item, dict) and (server := _server_output(item)):
+                self.call.add_server_tool_result(item.get("call_id") or item.get("id"), server)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
@@ -1489,6 +1502,8 @@ class OpenAIResponsesReader(ResponseReader):
                 arguments = item.get("arguments")  # (its arguments are output the model made, to estimate)
                 if isinstance(arguments, str):
                     self._text_chars += len(arguments)
+            elif server := _server_output(item):
+                self.call.add_server_tool_result(item.get("call_id") or item.get("id"), server)
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)

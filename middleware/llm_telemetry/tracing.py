@@ -151,6 +151,7 @@ _SERVER_TOOL_ITEMS: Final = {
     "image_generation_call": "image_generation",
     "mcp_call": "mcp",
     "tool_search_call": "tool_search",
+    "program": "programmatic_tool_calling",
 }
 #: The Responses API's items of the tools the application runs for the model (and a tool search it runs itself,
 #: ``execution: client``): the tool each calls, named as in an answer, and the member holding what it asks for.
@@ -165,13 +166,21 @@ _CLIENT_TOOL_ITEMS: Final = {
 
 def _server_output(item: Mapping[str, Any], hosted_shells: frozenset[str] = frozenset()) -> bool:
     """Whether a Responses API input item is the output of a tool the API ran itself, sent back: a tool search's (the
-    application's own outputs carry no ``execution``, or ``client``), or a shell's it ran in its own container (its
-    call's ``call_id`` among ``hosted_shells``)."""
+    application's own outputs carry no ``execution``, or ``client``), a program's it ran for programmatic tool calling,
+    or a shell's it ran in its own container (its call's ``call_id`` among ``hosted_shells``)."""
     kind = item.get("type")
     if kind == "shell_call_output":
         call_id = item.get("call_id")
         return isinstance(call_id, str) and call_id in hosted_shells
-    return kind == "tool_search_output" and item.get("execution") == "server"
+    return kind == "program_output" or (kind == "tool_search_output" and item.get("execution") == "server")
+
+
+#: The kind of hosted tool whose output each of the items ``_server_output`` takes is.
+_SERVER_OUTPUTS: Final = {
+    "shell_call_output": "shell",
+    "tool_search_output": "tool_search",
+    "program_output": "programmatic_tool_calling",
+}
 
 
 def _hosted_shell(item: Mapping[str, Any]) -> bool:
@@ -1555,10 +1564,9 @@ class SpanObserver:
             name, asked = _CLIENT_TOOL_ITEMS[kind]
             return [self._tool_call(message.get("call_id") or message.get("id"), name, message.get(asked))]
         if _server_output(message, hosted_shells):
-            # What a tool the API ran itself (a tool search, a shell in its container) gave, sent back: its result,
-            # as in the answer (not shown).
-            hosted = "shell" if kind == "shell_call_output" else "tool_search"
-            return [_server_tool_result(message.get("call_id") or message.get("id"), hosted)]
+            # What a tool the API ran itself (a tool search, a program, a shell in its container) gave, sent back: its
+            # result, as in the answer (not shown).
+            return [_server_tool_result(message.get("call_id") or message.get("id"), _SERVER_OUTPUTS[str(kind)])]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):

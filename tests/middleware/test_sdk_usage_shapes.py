@@ -751,6 +751,77 @@ def test_a_program_is_a_call_of_the_programmatic_tool_and_an_approval_request_a_
         )
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_results_of_a_tool_search_and_a_program_the_api_ran_are_shown_after_their_calls(
+    capturing: Service, stream: bool
+) -> None:
+    """The ``tool_search_output`` of a search the API ran (``execution: server``) and the ``program_output`` of a
+    program it ran are its tools' results: ``server_tool_call_response`` parts after their calls' ``server_tool_call``
+    parts, as Anthropic's result blocks of the tools it runs are, in an answer streamed or not (and as they are when
+    the conversation sends them back); a tool search the client ran has its output sent by the client."""
+    search = {"type": "tool_search_call", "id": "tsc_1", "call_id": "call_srv", "execution": "server",
+              "arguments": {"query": "maps"}, "status": "completed"}  # fmt: skip
+    found = {"type": "tool_search_output", "id": "tso_1", "call_id": "call_srv", "execution": "server", "tools": [],
+             "status": "completed"}  # fmt: skip
+    items = [search, found, PROGRAM_ITEMS[0], PROGRAM_ITEMS[2]]
+    model = f"gpt-5-server-results-{stream}"
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    if stream:
+        steps: list[dict[str, Any]] = [
+            {"type": "response.created", "response": responses_body(model, [], "in_progress")}
+        ]
+        for index, item in enumerate(items):
+            steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+            steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        steps.append({"type": "response.completed", "response": responses_body(model, items)})
+        STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+        with oai.responses.stream(model=model, input="?") as events:
+            final = events.get_final_response()
+    else:
+        ANSWERS[model] = responses_body(model, items)
+        final = oai.responses.create(model=model, input="?")
+    assert [item.type for item in final.output] == [item["type"] for item in items]
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [
+        {"type": part, "id": call_id, part: {"type": kind}} | ({"name": kind} if part == "server_tool_call" else {})
+        for call_id, kind in (("call_srv", "tool_search"), ("call_prg", "programmatic_tool_calling"))
+        for part in ("server_tool_call", "server_tool_call_response")
+    ]
+
+
+def test_a_program_and_its_output_sent_back_are_the_apis_tool_call_and_result(capturing: Service) -> None:
+    """A conversation that sends back a program the API ran and its ``program_output`` shows them as in the answer, a
+    ``server_tool_call`` and its ``server_tool_call_response`` (the assistant's, not a tool result of the
+    application's, which the metrics do not count either); the function call the program made, and the application's
+    output of it, are a tool call and its response."""
+    model = "gpt-5-program-sent-back"
+    ANSWERS[model] = responses_body(model, [output_message({"type": "output_text", "text": "ok", "annotations": []})])
+    sent = TypeAdapter(list[ResponseInputItemParam]).validate_python(
+        [
+            {"type": "message", "role": "user", "content": "Weather?"},
+            *PROGRAM_ITEMS[:2],
+            {"type": "function_call_output", "call_id": "call_fn", "output": "sunny",
+             "caller": {"type": "program", "caller_id": "call_prg"}},
+            PROGRAM_ITEMS[2],
+        ]
+    )  # fmt: skip
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    assert oai.responses.create(model=model, input=sent).output_text == "ok"
+    capturing.metrics(model)
+    (span,) = [s for s in capturing.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == model]
+    shown = json.loads(str(span.attributes["gen_ai.input.messages"]))
+    kind = "programmatic_tool_calling"
+    assert shown[1:] == [
+        {"role": "assistant", "parts": [{"type": "server_tool_call", "id": "call_prg", "name": kind,
+                                         "server_tool_call": {"type": kind}}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_fn", "name": "get_weather",
+                                         "arguments": "{}"}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call_fn", "response": "sunny"}]},
+        {"role": "assistant", "parts": [{"type": "server_tool_call_response", "id": "call_prg",
+                                         "server_tool_call_response": {"type": kind}}]},
+    ]  # fmt: skip
+
+
 def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
     """An answer not streamed that reports no usage is estimated from its text at ~4 characters a token; one whose
     output is a tool call, from the call's input (its arguments), as a stream's pieces of a call are counted."""

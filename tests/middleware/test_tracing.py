@@ -1877,7 +1877,8 @@ def test_tools_the_client_ran_sent_back_in_a_responses_conversation_are_tool_cal
                                          "server_tool_call_response": {"type": "tool_search"}}]},
     ]  # fmt: skip
     [answer] = json.loads(attributes["gen_ai.output.messages"])
-    assert answer["parts"] == [server_call]  # the same id in the answer as sent back
+    # The same id in the answer as sent back; the search's output after its call, as sent back.
+    assert answer["parts"] == [server_call, sent[12]["parts"][0]]
 
 
 def test_a_shell_the_api_ran_in_its_container_sent_back_is_a_server_tool_call(receiver: OTLPReceiver) -> None:
