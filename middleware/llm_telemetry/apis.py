@@ -19,7 +19,7 @@ from time import perf_counter, thread_time
 from typing import Any, Final
 
 from .errors import classify_error_body
-from .labels import field_text
+from .labels import field_text, name_text
 from .record import LLMCall, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
@@ -147,6 +147,12 @@ def _num(value: Any) -> float | None:
 def _str(value: Any) -> str | None:
     """A non-empty string from a body, made safe for labels, logs and spans (see labels.py)."""
     return field_text(value) if isinstance(value, str) and value else None
+
+
+def _name(value: Any) -> str | None:
+    """A model name from a body, as ``_str`` makes any string, but with a secret key its cut goes through masked
+    whole (see labels.name_text)."""
+    return name_text(value) if isinstance(value, str) and value else None
 
 
 def _list(value: Any) -> list[Any]:
@@ -1087,7 +1093,7 @@ class OpenAIChatReader(ResponseReader):
     def _head(self, obj: dict[str, Any]) -> None:
         call = self.call
         if call.response_model is None:
-            call.response_model = _str(obj.get("model"))
+            call.response_model = _name(obj.get("model"))
         if call.response_id is None:
             call.response_id = _str(obj.get("id"))
         if call.system_fingerprint is None:
@@ -1258,7 +1264,7 @@ class OpenAIEmbeddingsReader(ResponseReader):
     __slots__ = ()
 
     def _on_json(self, obj: dict[str, Any]) -> None:
-        self.call.response_model = _str(obj.get("model"))
+        self.call.response_model = _name(obj.get("model"))
         self.call.input_tokens = _int(_get(obj, "usage", "prompt_tokens"))
         self.call.output_tokens = None
 
@@ -1407,7 +1413,7 @@ class OpenAIResponsesReader(ResponseReader):
         if not isinstance(response, dict):
             response = {}
         call = self.call
-        call.response_model = _str(response.get("model")) or call.response_model
+        call.response_model = _name(response.get("model")) or call.response_model
         call.response_id = _str(response.get("id")) or call.response_id
         call.response_service_tier = response.get("service_tier") or call.response_service_tier
         usage = response.get("usage")
@@ -1638,7 +1644,7 @@ class AnthropicMessagesReader(ResponseReader):
     def _message(self, message: Any, *, stream: bool = False) -> None:
         if not isinstance(message, dict):
             return
-        self.call.response_model = _str(message.get("model")) or self.call.response_model
+        self.call.response_model = _name(message.get("model")) or self.call.response_model
         self.call.response_id = _str(message.get("id")) or self.call.response_id
         usage = message.get("usage")
         if stream and isinstance(usage, dict):
@@ -1910,7 +1916,7 @@ class API:
 
     def read_request(self, call: LLMCall, body: dict[str, Any], capture: bool, parameters: bool = True) -> None:
         """Fill ``call`` from the request ``body``; ``parameters``: also the parameters only a span shows."""
-        call.request_model = _str(body.get("model")) or _path_model(call.path)
+        call.request_model = _name(body.get("model")) or _path_model(call.path)
         call.stream = body.get("stream") is True
         call.max_tokens = _int(
             body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")

@@ -64,9 +64,29 @@ SECRET_KEYS: Final = r"(?:sk-[A-Za-z0-9_-]{16,}|" + _OTHER_KEYS + ")"
 _KEY_IN_LABEL: Final = re.compile(r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{32,}|" + _OTHER_KEYS + ")")
 
 
+#: What a secret key in a model name is shown as.
+_KEY_MASK: Final = "[key]"
+#: The characters every key ``_KEY_IN_LABEL`` masks is made of (a key starts where a run of them starts).
+_KEY_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+
 def mask_keys(text: str | None) -> str | None:
     """``text`` with every secret key a label value may not hold (see ``label_value``) shown as ``[key]``."""
-    return _KEY_IN_LABEL.sub("[key]", text) if text else text
+    return _KEY_IN_LABEL.sub(_KEY_MASK, text) if text else text
+
+
+def name_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
+    """A model name as it may appear on a log line or span: ``field_text``, except that a secret key the cut goes
+    through is masked whole. (``mask_keys``, which masks a name holding a key before the span and the log line show
+    it, sees only the cut text, where the part of a key that is kept may be too short for a key's shape.)"""
+    if len(value) <= max_chars or value[max_chars] not in _KEY_CHARS:
+        return field_text(value, max_chars)  # (no run of a key's characters goes on past the cut)
+    start = len(value[:max_chars].rstrip(_KEY_CHARS))  # where the run the cut goes through starts
+    # A key starts a run; one that needs more characters than the run has before the cut is matched within as many
+    # after it as the longest shape's least length, so a run of any length is read that far only.
+    if start == max_chars or _KEY_IN_LABEL.match(value, start, max_chars + 64) is None:
+        return field_text(value, max_chars)
+    return valid_text(value[: min(start, max_chars - len(_KEY_MASK))]) + _KEY_MASK
 
 
 def valid_text(value: str) -> str:

@@ -128,6 +128,45 @@ def test_a_key_an_upstream_names_its_model_with_is_masked_for_the_log_line_too(
     assert key not in metrics.text
 
 
+KEY_AT_CUT = "sk-proj-" + "AbCdEfGh12" * 5  # 58 characters
+
+
+@pytest.mark.parametrize("kept", [0, 2, 20, 34, 57])  # the key's characters before the cut at 1,024
+@pytest.mark.parametrize("separator", ["/", ":", " "])
+def test_a_key_a_model_names_cut_goes_through_shows_none_of_it(
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str], kept: int, separator: str
+) -> None:
+    """A model name over 1,024 characters is cut there for the span and the log line; a key the cut goes through is
+    masked whole, though the part of it before the cut is shorter than a key's shape (the mask of a name that holds a
+    key saw only that part). The name an upstream answers with is cut the same way."""
+    name = "m" * (1023 - kept) + separator + KEY_AT_CUT + "/tail"
+    answered = "n" * (1023 - kept) + separator + KEY_AT_CUT
+    (call,), _ = calls_of(cleanup, completion(model=answered), [{"model": name}], request_logs=True)
+    secret = KEY_AT_CUT[len("sk-") :]
+    for shown in (call.request_model, call.response_model):
+        assert shown is not None and len(shown) <= 1024
+        assert not any(secret[:n] in shown for n in range(4, len(secret))), shown[-60:]
+        if kept:
+            assert shown.endswith("[key]"), shown[-60:]
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["model"] == call.request_model
+
+
+def test_a_name_whose_cut_goes_through_no_key_is_cut_as_any_text() -> None:
+    """What is not a key is cut as before: a run of a key's characters too short to be one, a name that only looks
+    alike, one whose cut falls between runs."""
+    from llm_telemetry.labels import name_text
+
+    for name in (
+        "m" * 1000 + "/sk-" + "a" * 20 + "!" + "x" * 50,  # 24 characters after sk-: no key
+        "m" * 1000 + "/opus-mt-sk-en-finetuned-legal-and-much-more-text-here",
+        "m" * 1024 + "/" + KEY_AT_CUT,  # the key starts after the cut: none of it is kept
+        "m" * 1100,
+    ):
+        assert name_text(name) == name[:1024]
+    assert name_text("short/" + KEY_AT_CUT) == "short/" + KEY_AT_CUT  # (mask_keys masks a whole key, later)
+
+
 @pytest.mark.parametrize(
     ("finishes", "counted"),
     [
