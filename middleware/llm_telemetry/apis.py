@@ -247,24 +247,41 @@ _RESPONSES_HOSTED_ITEMS: Final = {
 }
 
 
+def hosted_shell(item: Mapping[str, Any]) -> bool:
+    """Whether a Responses API item is a call of the shell tool the API runs in its own container (the tool's
+    ``container_auto`` environment: its calls name a ``container_reference``), not the application."""
+    environment = item.get("environment")
+    return (
+        item.get("type") == "shell_call"
+        and isinstance(environment, Mapping)
+        and environment.get("type") == "container_reference"
+    )
+
+
 def _server_output(item: dict[str, Any]) -> str | None:
     """The kind of hosted tool whose result a Responses API output item is, the API's own (a tool search it ran,
-    ``execution: server``; a program's, ``program_output``), or None: shown after its call, as Anthropic's result
-    blocks of the tools it runs are (a web search's, an MCP call's and the code interpreter's come in their call's
-    item)."""
+    ``execution: server``; a program's, ``program_output``; a shell's: in an answer, the output of a shell call is the
+    API's, which ran it in its container, as the application sends its own in the next request), or None: shown after
+    its call, as Anthropic's result blocks of the tools it runs are (a web search's, an MCP call's and the code
+    interpreter's come in their call's item)."""
     kind = item.get("type")
     if kind == "tool_search_output":
         return "tool_search" if item.get("execution") == "server" else None
+    if kind == "shell_call_output":
+        return "shell"
     return "programmatic_tool_calling" if kind == "program_output" else None
 
 
 def _hosted_item(item: dict[str, Any]) -> str | None:
-    """The kind of hosted tool a Responses API output item calls (``web_search``, ``mcp``, ...), or None."""
+    """The kind of hosted tool a Responses API output item calls (``web_search``, ``mcp``, a shell in the API's
+    container), or None."""
     kind = item.get("type")
     if type(kind) is not str:
         return None
     if kind == "tool_search_call":
         return "tool_search" if item.get("execution") != "client" else None
+    if kind == "shell_call":
+        return "shell" if hosted_shell(item) else None
     return _RESPONSES_HOSTED_ITEMS.get(kind)
 
 
@@ -1792,7 +1809,7 @@ def _tool_results_responses(items: list[Any]) -> list[ToolResult]:
             call_id = _str(item.get("call_id"))
             if kind in _RESPONSES_TOOL_ITEMS and call_id:
                 names[call_id] = _tool_item_name(item) or "unknown"
-                if kind == "shell_call" and _get(item, "environment", "type") == "container_reference":
+                if hosted_shell(item):
                     hosted.add(call_id)
         elif kind in _RESPONSES_TOOL_OUTPUTS and not (
             kind == "tool_search_output" and item.get("execution") == "server"

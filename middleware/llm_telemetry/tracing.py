@@ -34,6 +34,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from . import instruments as names
+from .apis import hosted_shell
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
 from .labels import field_text, label_value, valid_text
 from .record import MAX_TOOL_CALL_IDS, LLMCall
@@ -181,16 +182,6 @@ _SERVER_OUTPUTS: Final = {
     "tool_search_output": "tool_search",
     "program_output": "programmatic_tool_calling",
 }
-
-
-def _hosted_shell(item: Mapping[str, Any]) -> bool:
-    """Whether a Responses API item is a call of the shell tool the API runs in its own container."""
-    environment = item.get("environment")
-    return (
-        item.get("type") == "shell_call"
-        and isinstance(environment, Mapping)
-        and environment.get("type") == "container_reference"
-    )
 
 
 #: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
@@ -1549,7 +1540,7 @@ class SpanObserver:
         if kind == "function_call" or kind == "custom_tool_call":
             arguments = message.get("arguments" if kind == "function_call" else "input")
             return [self._tool_call(message.get("call_id"), message.get("name"), arguments)]
-        if _hosted_shell(message):
+        if hosted_shell(message):
             # A shell the API ran in its own container, sent back: its call, as a hosted tool's (not the app's).
             return [_server_tool_call(message.get("call_id") or message.get("id"), "shell", "shell")]
         if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS and message.get("execution") != "client":
@@ -1653,7 +1644,7 @@ class SpanObserver:
         rest = messages
         # The shells the API ran in its own container: their outputs sent back are its results, not the app's.
         hosted_shells = frozenset(
-            str(m["call_id"]) for m in messages if _hosted_shell(m) and isinstance(m.get("call_id"), str)
+            str(m["call_id"]) for m in messages if hosted_shell(m) and isinstance(m.get("call_id"), str)
         )
         if str(messages[0].get("role")) in _INSTRUCTION_ROLES:
             head, rest = [self._message(messages[0])], messages[1:]

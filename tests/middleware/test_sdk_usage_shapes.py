@@ -755,15 +755,21 @@ def test_a_program_is_a_call_of_the_programmatic_tool_and_an_approval_request_a_
 def test_the_results_of_a_tool_search_and_a_program_the_api_ran_are_shown_after_their_calls(
     capturing: Service, stream: bool
 ) -> None:
-    """The ``tool_search_output`` of a search the API ran (``execution: server``) and the ``program_output`` of a
-    program it ran are its tools' results: ``server_tool_call_response`` parts after their calls' ``server_tool_call``
-    parts, as Anthropic's result blocks of the tools it runs are, in an answer streamed or not (and as they are when
-    the conversation sends them back); a tool search the client ran has its output sent by the client."""
+    """The ``tool_search_output`` of a search the API ran (``execution: server``), the ``program_output`` of a
+    program it ran and the ``shell_call_output`` of a shell it ran in its own container are its tools' results:
+    ``server_tool_call_response`` parts after their calls' ``server_tool_call`` parts, as Anthropic's result blocks of
+    the tools it runs are, in an answer streamed or not (and as they are when the conversation sends them back); a
+    tool search or a shell the client ran has its output sent by the client."""
     search = {"type": "tool_search_call", "id": "tsc_1", "call_id": "call_srv", "execution": "server",
               "arguments": {"query": "maps"}, "status": "completed"}  # fmt: skip
     found = {"type": "tool_search_output", "id": "tso_1", "call_id": "call_srv", "execution": "server", "tools": [],
              "status": "completed"}  # fmt: skip
-    items = [search, found, PROGRAM_ITEMS[0], PROGRAM_ITEMS[2]]
+    container = {"type": "container_reference", "container_id": "cntr_1"}
+    shell = {"type": "shell_call", "id": "sh_1", "call_id": "call_sh", "action": {"commands": ["ls"]},
+             "status": "completed", "environment": container}  # fmt: skip
+    ran = {"type": "shell_call_output", "id": "sho_1", "call_id": "call_sh", "status": "completed",
+           "output": [{"stdout": "a.txt", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}  # fmt: skip
+    items = [search, found, PROGRAM_ITEMS[0], PROGRAM_ITEMS[2], shell, ran]
     model = f"gpt-5-server-results-{stream}"
     oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
     if stream:
@@ -784,7 +790,11 @@ def test_the_results_of_a_tool_search_and_a_program_the_api_ran_are_shown_after_
     (output,) = capturing.output_messages(model)
     assert output["parts"] == [
         {"type": part, "id": call_id, part: {"type": kind}} | ({"name": kind} if part == "server_tool_call" else {})
-        for call_id, kind in (("call_srv", "tool_search"), ("call_prg", "programmatic_tool_calling"))
+        for call_id, kind in (
+            ("call_srv", "tool_search"),
+            ("call_prg", "programmatic_tool_calling"),
+            ("call_sh", "shell"),
+        )
         for part in ("server_tool_call", "server_tool_call_response")
     ]
 
