@@ -76,9 +76,10 @@ def mask_keys(text: str | None) -> str | None:
 
 
 def name_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
-    """A model name as it may appear on a log line or span: ``field_text``, except that a secret key the cut goes
-    through is masked whole. (``mask_keys``, which masks a name holding a key before the span and the log line show
-    it, sees only the cut text, where the part of a key that is kept may be too short for a key's shape.)"""
+    """A model name or a path as it may appear on a log line or span: ``field_text``, except that a secret key the
+    cut goes through is masked whole. (``mask_keys``, which masks a name holding a key before the span and the log
+    line show it, sees only the cut text, where the part of a key that is kept may be too short for a key's shape.)
+    A name so masked is longer than any label value: as a label it is ``other`` (see ``label_value``)."""
     if len(value) <= max_chars or value[max_chars] not in _KEY_CHARS:
         return field_text(value, max_chars)  # (no run of a key's characters goes on past the cut)
     start = len(value[:max_chars].rstrip(_KEY_CHARS))  # where the run the cut goes through starts
@@ -104,9 +105,9 @@ def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
 
 def label_value(value: str) -> str:
     """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long, when it holds
-    a control character, or when it holds what looks like a provider's secret key."""
-    if len(value) > MAX_LABEL_CHARS or _KEY_IN_LABEL.search(value):
-        return OTHER
+    a control character, or when it holds what looks like a provider's secret key (or ``[key]``, one masked)."""
+    if len(value) > MAX_LABEL_CHARS or _KEY_IN_LABEL.search(value) or _KEY_MASK in value:
+        return OTHER  # (the mask: a name cut through a key, see name_text, was longer than any label)
     if value.isascii():
         return OTHER if _ASCII_CONTROL.search(value) else value
     return OTHER if _CONTROL.search(value) else valid_text(value)

@@ -34,7 +34,7 @@ from .apis import (
 from .config import ConfigurationError, Settings
 from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, READ_STEP, DecodingReader, read_within
 from .errors import classify_status
-from .labels import field_text
+from .labels import field_text, name_text
 from .logs import new_request_id
 from .record import LLMCall
 from .sse import TAIL_BYTES
@@ -1213,7 +1213,7 @@ class LLMTelemetryMiddleware:
             api.operation,
             api.provider,
             perf_counter(),
-            path=field_text(scope["path"]),
+            path=name_text(scope["path"]),  # (a key its cut goes through masked whole: an Azure deployment's name)
             scope=scope,
             api_type=api.api_type,
         )

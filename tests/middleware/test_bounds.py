@@ -152,6 +152,36 @@ def test_a_key_a_model_names_cut_goes_through_shows_none_of_it(
     assert line["model"] == call.request_model
 
 
+@pytest.mark.parametrize("prefix", ["", "team-a/"])
+def test_a_name_cut_through_a_key_is_other_as_a_label(cleanup: list[LLMTelemetryMiddleware], prefix: str) -> None:
+    """A model name over 1,024 characters is past the label bound (256 characters) however short its cut shows it:
+    one that starts with a key is ``[key]`` on the span and the log line, and ``other`` as a label, taking no place."""
+    name = prefix + "sk-proj-" + "AbCdEfGh12" * 200
+    (call,), metrics = calls_of(cleanup, completion(), [{"model": name}])
+    assert call.request_model == prefix + "[key]"
+    models = {s.labels["gen_ai_request_model"] for s in metrics.samples if s.name == "llm_requests_total"}
+    assert models == {"other"}
+
+
+def test_a_deployment_name_cut_through_a_key_in_the_path_shows_none_of_it(
+    cleanup: list[LLMTelemetryMiddleware],
+) -> None:
+    """Azure OpenAI names the model in the path (``/openai/deployments/{name}/...``), which is cut at 1,024 characters
+    for the span and the log line: a key that cut goes through is masked whole, in the path and in the model name
+    taken from it."""
+    wrapped, calls = observe(answering(completion()))
+    cleanup.append(wrapped)
+    head = "/openai/deployments/"
+    deployment = "d" * (1024 - len(head) - 1 - 20) + "." + KEY_AT_CUT  # 20 of the key's characters before the cut
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    asyncio.run(exchange(wrapped, f"{head}{deployment}/chat/completions", body))
+    (call,) = calls.ended
+    secret = KEY_AT_CUT[len("sk-") :]
+    for shown in (call.path, call.request_model):
+        assert shown is not None and shown.endswith("[key]"), shown
+        assert not any(secret[:n] in shown for n in range(4, len(secret))), shown[-60:]
+
+
 def test_a_name_whose_cut_goes_through_no_key_is_cut_as_any_text() -> None:
     """What is not a key is cut as before: a run of a key's characters too short to be one, a name that only looks
     alike, one whose cut falls between runs."""
