@@ -258,18 +258,35 @@ def hosted_shell(item: Mapping[str, Any]) -> bool:
     )
 
 
-def _server_output(item: dict[str, Any]) -> str | None:
-    """The kind of hosted tool whose result a Responses API output item is, the API's own (a tool search it ran,
-    ``execution: server``; a program's, ``program_output``; a shell's: in an answer, the output of a shell call is the
-    API's, which ran it in its container, as the application sends its own in the next request), or None: shown after
-    its call, as Anthropic's result blocks of the tools it runs are (a web search's, an MCP call's and the code
-    interpreter's come in their call's item)."""
+def _server_output(item: dict[str, Any], call: LLMCall) -> None:
+    """Record a Responses API output item of an answer that is the result of a tool the API ran (a tool search it ran,
+    ``execution: server``; a program's, ``program_output``; a shell's it ran in its container, after that call in the
+    answer), to be shown after its call, as Anthropic's result blocks of the tools it runs are (a web search's, an MCP
+    call's and the code interpreter's come in their call's item); any other item is left."""
     kind = item.get("type")
+    call_id = item.get("call_id")
     if kind == "tool_search_output":
-        return "tool_search" if item.get("execution") == "server" else None
-    if kind == "shell_call_output":
-        return "shell"
-    return "programmatic_tool_calling" if kind == "program_output" else None
+        if item.get("execution") != "server":
+            return
+        hosted = "tool_search"
+    elif kind == "program_output":
+        hosted = "programmatic_tool_calling"
+    elif (
+        kind == "shell_call_output"
+        and isinstance(call_id, str)
+        and (call_id[:256], "shell") in (call.tool_call_ids or ())
+    ):
+        hosted = "shell"
+    else:
+        return
+    if not call_id:
+        # (A tool search's ``call_id`` may be null: its result answers the last call of it the answer left unanswered.)
+        answered = {answer for answer, _ in call.server_tool_results or ()}
+        call_id = next(
+            (made for made, tool in reversed(call.tool_call_ids or ()) if tool == hosted and made not in answered),
+            item.get("id"),
+        )
+    call.add_server_tool_result(call_id, hosted)
 
 
 def _hosted_item(item: dict[str, Any]) -> str | None:
@@ -616,6 +633,7 @@ class ResponseReader:
                     # Hot path: after the first token most events are plain text deltas. Recognising them from
                     # their bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
                     self._chunks += 1
+                    call.first_output_whole = False  # (text streamed after it, see _first_token)
                     return True
         elif self._shortcuts and self._pending is None and self._text is None and self._deferrable(data):
             # The role chunk that opens a stream: nothing in it but the model and id, which the next event most
@@ -694,11 +712,16 @@ class ResponseReader:
         """A stream event too large to read (``event``: its name) ended with ``usage``, and no other event had any.
         Only the Responses API sends events that large, and its usage is in its last one."""
 
-    def _first_token(self, now: float, reasoning: bool = False) -> None:
-        """The first token came ``now``; ``reasoning``: it was a piece of the reasoning, streamed."""
-        if self.call.first_token_at is None:
-            self.call.first_token_at = now
-            self.call.reasoning_shown = reasoning
+    def _first_token(self, now: float, reasoning: bool = False, whole: bool = False) -> None:
+        """Output came ``now``, the first token if none came before; ``reasoning``: a piece of the reasoning, streamed;
+        ``whole``: an item whose tokens were all made before it came (see LLMCall.first_output_whole)."""
+        call = self.call
+        if call.first_token_at is None:
+            call.first_token_at = now
+            call.reasoning_shown = reasoning
+            call.first_output_whole = whole
+        elif call.first_output_whole and not whole:
+            call.first_output_whole = False  # (streamed output after it: tokens made after the first)
 
     def _keep_text(self, text: Any, choice: int = 0) -> None:
         kept = self._text
@@ -1469,15 +1492,16 @@ class OpenAIResponsesReader(ResponseReader):
         elif kind == "response.output_item.added":
             item = obj.get("item")
             if isinstance(item, dict) and _is_tool_item(item):
-                self._first_token(now)
+                # (Whole unless its input streams after it: a function's arguments, the code interpreter's code.)
+                self._first_token(now, whole=True)
                 name = _tool_item_name(item)
                 if name:
                     _add_tool_call(self.call, name, item.get("call_id") or item.get("id"), _hosted_item(item))
                     _remember_tool_call(item, name)
             elif isinstance(item, dict) and item.get("type") == _RESPONSES_APPROVAL:
-                self._first_token(now)  # (output the model made; see _RESPONSES_APPROVAL)
-            elif isinstance(item, dict) and (server := _server_output(item)):
-                self.call.add_server_tool_result(item.get("call_id") or item.get("id"), server)
+                self._first_token(now, whole=True)  # (output the model made, whole; see _RESPONSES_APPROVAL)
+            elif isinstance(item, dict):
+                _server_output(item, self.call)
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
@@ -1525,8 +1549,8 @@ class OpenAIResponsesReader(ResponseReader):
                 arguments = item.get("arguments")  # (its arguments are output the model made, to estimate)
                 if isinstance(arguments, str):
                     self._text_chars += len(arguments)
-            elif server := _server_output(item):
-                self.call.add_server_tool_result(item.get("call_id") or item.get("id"), server)
+            else:
+                _server_output(item, self.call)
             if item.get("role", "assistant") != "assistant":
                 continue  # (a compaction's answer, ``responses.compact``, repeats the user's messages: no output)
             # (A reasoning item's text, which open models send, is output to estimate, but no part of the answer.)

@@ -83,6 +83,10 @@ class LLMCall:
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False
+    #: Whether the stream's output so far is items that came whole (a Responses API item added with nothing streamed
+    #: in it after: an MCP approval request, a program, a computer call), their tokens all made before the first
+    #: token: no time per output token is measured from them.
+    first_output_whole: bool = False
     #: ``input_tokens`` is the middleware's estimate from the request's text (the response reported no usage).
     input_estimated: bool = False
     #: "reported" when the provider's usage block gave the counts, "estimated" when we counted ourselves.
@@ -191,8 +195,9 @@ class LLMCall:
         Anthropic's do with ``display: omitted``) were generated before its first token, so they are not among the
         tokens after it; nor are those of a compaction pass, made before the answer. With ``n`` choices,
         which are generated side by side, it is per choice: the output of the choices the stream named, each taken
-        as an equal share."""
-        if self.end is None or self.first_token_at is None or not self.output_tokens:
+        as an equal share. A stream whose only output came in whole items (no piece streamed after the first) has
+        none: their tokens were all made before it."""
+        if self.end is None or self.first_token_at is None or not self.output_tokens or self.first_output_whole:
             return None
         tokens: float = self.output_tokens
         if 0 < self.compaction_output_tokens < tokens:

@@ -27,7 +27,7 @@ import random
 import traceback
 from collections.abc import Mapping
 from time import perf_counter, time_ns
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.propagators.textmap import Getter
@@ -182,6 +182,32 @@ _SERVER_OUTPUTS: Final = {
     "tool_search_output": "tool_search",
     "program_output": "programmatic_tool_calling",
 }
+
+
+class _Conversation(NamedTuple):
+    """What showing one message of a conversation needs from the others."""
+
+    #: The ``call_id`` of each shell the API ran in its own container: their outputs sent back are its results.
+    hosted_shells: frozenset[str]
+    #: For a tool search's output sent back without a ``call_id`` (it may be null), by ``id()`` of the item: the id
+    #: of the call it answers (the last server tool search before it not yet answered, also without one).
+    answers: dict[int, Any]
+
+
+_ALONE: Final = _Conversation(frozenset(), {})
+
+
+def _conversation(messages: list[dict[str, Any]]) -> _Conversation:
+    shells = frozenset(str(m["call_id"]) for m in messages if hosted_shell(m) and isinstance(m.get("call_id"), str))
+    answers: dict[int, Any] = {}
+    searches: list[Any] = []  # ids of the server tool searches without a call_id not yet answered
+    for m in messages:
+        kind = m.get("type")
+        if kind == "tool_search_call" and m.get("execution") != "client" and not m.get("call_id"):
+            searches.append(m.get("id"))
+        elif kind == "tool_search_output" and m.get("execution") == "server" and not m.get("call_id") and searches:
+            answers[id(m)] = searches.pop()
+    return _Conversation(shells, answers)
 
 
 #: Distinct tool names in ``llm.tool_calls.names`` (``llm.tool_calls.count`` counts every call): with each name cut to
@@ -1528,10 +1554,10 @@ class SpanObserver:
         # (which the redactor could not recognise) is never shown. Text dense with masked values shows less.
         return valid_text(shown[: min(limit, max(len(shown) - REDACTED_BEYOND_CAP, 0))]) + TRUNCATION_MARK
 
-    def _message(self, message: dict[str, Any], hosted_shells: frozenset[str] = frozenset()) -> dict[str, Any]:
-        return {"role": _role(message, hosted_shells), "parts": self._parts(message, hosted_shells)}
+    def _message(self, message: dict[str, Any], context: _Conversation = _ALONE) -> dict[str, Any]:
+        return {"role": _role(message, context.hosted_shells), "parts": self._parts(message, context)}
 
-    def _parts(self, message: dict[str, Any], hosted_shells: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    def _parts(self, message: dict[str, Any], context: _Conversation = _ALONE) -> list[dict[str, Any]]:
         """A request message's parts as the GenAI conventions shape them: text, and the tool calls and tool results
         of the three APIs (OpenAI's ``tool_calls`` and ``tool`` role, Anthropic's ``tool_use`` and ``tool_result``
         blocks, the Responses API's ``function_call`` and ``function_call_output`` items). Arguments and results
@@ -1554,10 +1580,11 @@ class SpanObserver:
             # back: a tool call, as in the answer, whose output follows as a tool_call_response.
             name, asked = _CLIENT_TOOL_ITEMS[kind]
             return [self._tool_call(message.get("call_id") or message.get("id"), name, message.get(asked))]
-        if _server_output(message, hosted_shells):
+        if _server_output(message, context.hosted_shells):
             # What a tool the API ran itself (a tool search, a program, a shell in its container) gave, sent back: its
-            # result, as in the answer (not shown).
-            return [_server_tool_result(message.get("call_id") or message.get("id"), _SERVER_OUTPUTS[str(kind)])]
+            # result, as in the answer (not shown), under its call's id.
+            call_id = message.get("call_id") or context.answers.get(id(message)) or message.get("id")
+            return [_server_tool_result(call_id, _SERVER_OUTPUTS[str(kind)])]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):
@@ -1642,10 +1669,7 @@ class SpanObserver:
         budget = self.max_chars * CAPTURED_INPUT_MESSAGES_BUDGET
         head: list[dict[str, Any]] = []
         rest = messages
-        # The shells the API ran in its own container: their outputs sent back are its results, not the app's.
-        hosted_shells = frozenset(
-            str(m["call_id"]) for m in messages if hosted_shell(m) and isinstance(m.get("call_id"), str)
-        )
+        context = _conversation(messages)
         if str(messages[0].get("role")) in _INSTRUCTION_ROLES:
             head, rest = [self._message(messages[0])], messages[1:]
             budget -= _shown_chars(head[0])
@@ -1653,7 +1677,7 @@ class SpanObserver:
         for message in reversed(rest):
             if len(head) + len(newest) >= MAX_CAPTURED_MESSAGES:
                 break
-            entry = self._message(message, hosted_shells)
+            entry = self._message(message, context)
             size = _shown_chars(entry)
             if newest and size > budget:
                 break

@@ -672,23 +672,33 @@ def test_hosted_tools_are_tool_calls_in_a_responses_answer(service: Service) -> 
         assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name=name) == 1, name
 
 
-def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service) -> None:
-    model = "gpt-5-hosted-tools-stream"
+@pytest.mark.parametrize("text", [False, True])
+def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service, text: bool) -> None:
+    """The items of tools the API ran, and of a function call whose arguments are not streamed, come whole: the first
+    is the stream's first output, and with nothing streamed after it the stream has no time per output token (its
+    tokens were all made before that first one); text streamed after them is timed."""
+    model = f"gpt-5-hosted-tools-stream-{text}"
+    message = output_message({"type": "output_text", "text": "Sunny.", "annotations": []})
+    items = [*HOSTED_TOOL_ITEMS, message] if text else HOSTED_TOOL_ITEMS
     steps: list[dict[str, Any]] = [{"type": "response.created", "response": responses_body(model, [], "in_progress")}]
-    for index, item in enumerate(HOSTED_TOOL_ITEMS):
+    for index, item in enumerate(items):
         steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+        if item is message:
+            delta = {"item_id": message["id"], "output_index": index, "content_index": 0, "logprobs": []}
+            steps += [{"type": "response.output_text.delta", **delta, "delta": word} for word in ("Sun", "ny.")]
         steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
-    steps.append({"type": "response.completed", "response": responses_body(model, HOSTED_TOOL_ITEMS)})
+    steps.append({"type": "response.completed", "response": responses_body(model, items)})
     STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
     oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
     with oai.responses.stream(model=model, input="?") as stream:
         final = stream.get_final_response()
-    assert [item.type for item in final.output] == [item["type"] for item in HOSTED_TOOL_ITEMS]
+    assert [item.type for item in final.output] == [item["type"] for item in items]
     m = service.metrics(model)
     for name in HOSTED_TOOL_NAMES:
         assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name=name) == 1, name
     # The first of them is the stream's first output.
     assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == int(text)
 
 
 #: Programmatic tool calling: the JavaScript the model wrote (a ``program`` item, which the API runs, its result a
@@ -739,6 +749,9 @@ def test_a_program_is_a_call_of_the_programmatic_tool_and_an_approval_request_a_
     if stream:
         for m, model in ((program, program_model), (approval, approval_model)):
             assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1, model
+            # Nothing was streamed after the first output: its 30 tokens were all made before it, and spread over
+            # the few milliseconds to the end they read tens of times too fast.
+            assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == 0, model
     else:
         # No usage: the program's code and the approval's arguments are output to estimate (~4 characters a token).
         estimated = {"llm_usage_source": "estimated", "gen_ai_token_type": "output"}
@@ -830,6 +843,69 @@ def test_a_program_and_its_output_sent_back_are_the_apis_tool_call_and_result(ca
         {"role": "assistant", "parts": [{"type": "server_tool_call_response", "id": "call_prg",
                                          "server_tool_call_response": {"type": kind}}]},
     ]  # fmt: skip
+
+
+#: A tool search the API ran whose ``call_id`` is null in its call and its output (the SDK's types allow it).
+SEARCH_WITHOUT_CALL_ID = [
+    {"type": "tool_search_call", "id": "tsc_9", "call_id": None, "execution": "server", "arguments": {},
+     "status": "completed"},
+    {"type": "tool_search_output", "id": "tso_9", "call_id": None, "execution": "server", "tools": [],
+     "status": "completed"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hosted_result_is_shown_under_its_calls_id_and_only_for_the_apis_own_calls(
+    capturing: Service, stream: bool
+) -> None:
+    """A tool search's output without a ``call_id`` is shown under the id of the call it answers, right after it (it
+    was shown under its own id, after every other call); the output of a shell the application runs (a ``local``
+    environment), which an agent server that runs the tools may put in its answer, is not shown as the API's result."""
+    local = {"type": "shell_call", "id": "sh_2", "call_id": "call_local", "action": {"commands": ["pwd"]},
+             "status": "completed", "environment": {"type": "local"}}  # fmt: skip
+    ran = {"type": "shell_call_output", "id": "sho_2", "call_id": "call_local", "status": "completed",
+           "output": [{"stdout": "/", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}  # fmt: skip
+    items = [*SEARCH_WITHOUT_CALL_ID, HOSTED_TOOL_ITEMS[0], local, ran]
+    model = f"gpt-5-result-ids-{stream}"
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    if stream:
+        steps: list[dict[str, Any]] = [
+            {"type": "response.created", "response": responses_body(model, [], "in_progress")}
+        ]
+        for index, item in enumerate(items):
+            steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+            steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        steps.append({"type": "response.completed", "response": responses_body(model, items)})
+        STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+        with oai.responses.stream(model=model, input="?") as events:
+            final = events.get_final_response()
+    else:
+        ANSWERS[model] = responses_body(model, items)
+        final = oai.responses.create(model=model, input="?")
+    assert [item.type for item in final.output] == [item["type"] for item in items]
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [
+        {"type": "server_tool_call", "id": "tsc_9", "name": "tool_search", "server_tool_call": {"type": "tool_search"}},
+        {"type": "server_tool_call_response", "id": "tsc_9", "server_tool_call_response": {"type": "tool_search"}},
+        {"type": "server_tool_call", "id": "ws_1", "name": "web_search", "server_tool_call": {"type": "web_search"}},
+        {"type": "tool_call", "id": "call_local", "name": "shell"},
+    ]
+
+
+def test_a_tool_search_sent_back_without_call_ids_shows_its_output_under_its_calls_id(capturing: Service) -> None:
+    """Sent back with the conversation, a tool search the API ran whose ``call_id`` is null shows its output under its
+    call's id, as in the answer."""
+    model = "gpt-5-search-sent-back"
+    ANSWERS[model] = responses_body(model, [output_message({"type": "output_text", "text": "ok", "annotations": []})])
+    sent = TypeAdapter(list[ResponseInputItemParam]).validate_python(
+        [{"type": "message", "role": "user", "content": "Find a tool"}, *SEARCH_WITHOUT_CALL_ID]
+    )
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    assert oai.responses.create(model=model, input=sent).output_text == "ok"
+    capturing.metrics(model)
+    (span,) = [s for s in capturing.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == model]
+    shown = json.loads(str(span.attributes["gen_ai.input.messages"]))
+    assert [part["id"] for message in shown[1:] for part in message["parts"]] == ["tsc_9", "tsc_9"]
 
 
 def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
