@@ -280,10 +280,11 @@ def _server_output(item: dict[str, Any], call: LLMCall) -> None:
     else:
         return
     if not call_id:
-        # (A tool search's ``call_id`` may be null: its result answers the last call of it the answer left unanswered.)
+        # (A tool search's ``call_id`` may be null: its result answers the first call of it the answer has left
+        # unanswered, as outputs follow their calls in order; tracing._conversation links those sent back alike.)
         answered = {answer for answer, _ in call.server_tool_results or ()}
         call_id = next(
-            (made for made, tool in reversed(call.tool_call_ids or ()) if tool == hosted and made not in answered),
+            (made for made, tool in call.tool_call_ids or () if tool == hosted and made not in answered),
             item.get("id"),
         )
     call.add_server_tool_result(call_id, hosted)

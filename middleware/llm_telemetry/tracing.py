@@ -25,6 +25,7 @@ import json
 import logging
 import random
 import traceback
+from collections import deque
 from collections.abc import Mapping
 from time import perf_counter, time_ns
 from typing import Any, Final, NamedTuple
@@ -36,7 +37,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 from . import instruments as names
 from .apis import hosted_shell
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
-from .labels import field_text, label_value, valid_text
+from .labels import field_text, label_value, mask_keys, valid_text
 from .record import MAX_TOOL_CALL_IDS, LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
 from .types import ASGIApp
@@ -190,8 +191,9 @@ class _Conversation(NamedTuple):
     #: The ``call_id`` of each shell the API ran in its own container: their outputs sent back are its results.
     hosted_shells: frozenset[str]
     #: For a tool search's output sent back without a ``call_id`` (it may be null), by ``id()`` of the item: the id
-    #: of the call it answers (the last server tool search before it not yet answered, also without one).
-    answers: dict[int, Any]
+    #: of the call it answers, the first server tool search before it not yet answered (as in an answer, see
+    #: ``apis._server_output``).
+    answers: dict[int, str]
 
 
 _ALONE: Final = _Conversation(frozenset(), {})
@@ -199,14 +201,25 @@ _ALONE: Final = _Conversation(frozenset(), {})
 
 def _conversation(messages: list[dict[str, Any]]) -> _Conversation:
     shells = frozenset(str(m["call_id"]) for m in messages if hosted_shell(m) and isinstance(m.get("call_id"), str))
-    answers: dict[int, Any] = {}
-    searches: list[Any] = []  # ids of the server tool searches without a call_id not yet answered
+    answers: dict[int, str] = {}
+    searches: deque[str] = deque()  # the ids of the server tool searches so far, in order (answered ones skipped)
+    answered: set[str] = set()
     for m in messages:
         kind = m.get("type")
-        if kind == "tool_search_call" and m.get("execution") != "client" and not m.get("call_id"):
-            searches.append(m.get("id"))
-        elif kind == "tool_search_output" and m.get("execution") == "server" and not m.get("call_id") and searches:
-            answers[id(m)] = searches.pop()
+        if kind == "tool_search_call" and m.get("execution") != "client":
+            made = m.get("call_id") or m.get("id")
+            if isinstance(made, str):
+                searches.append(made)
+        elif kind == "tool_search_output" and m.get("execution") == "server":
+            call_id = m.get("call_id")
+            if not call_id:
+                while searches and searches[0] in answered:
+                    searches.popleft()
+                if not searches:
+                    continue
+                call_id = answers[id(m)] = searches.popleft()
+            if isinstance(call_id, str):
+                answered.add(call_id)
     return _Conversation(shells, answers)
 
 
@@ -516,6 +529,8 @@ class _HTTPSpan(trace.Span):
         self._span.set_status(code, description)
 
 
+#: The HTTP server span's attributes that carry the request's path.
+_PATH_ATTRIBUTES: Final = ("http.url", "url.full", "http.target", "url.path")
 #: The HTTP server span's attributes that carry the request's query string, and whether they hold the URL around it.
 _QUERY_ATTRIBUTES: Final = (("http.url", True), ("url.full", True), ("http.target", True), ("url.query", False))
 
@@ -524,10 +539,23 @@ def _scrub_query(span: Any, scope: Mapping[str, Any]) -> None:
     """OpenTelemetry's ASGI middleware puts the query string on its HTTP server span, and a query may carry a key
     (``?key=``, ``?api_key=``): every parameter's value is shown as ``REDACTED``, its name kept, as the HTTP
     conventions redact the values they know to be secret; a part without ``=`` is all value, and shows as
-    ``REDACTED`` (a bare ``?sk-...``: nothing tells a flag from a key)."""
-    query = scope.get("query_string")
+    ``REDACTED`` (a bare ``?sk-...``: nothing tells a flag from a key). A key in the path (one sent as an Azure
+    deployment's name), in its attributes and its name, shows as ``[key]``, as on the LLM span."""
     attributes = getattr(span, "attributes", None)
-    if not query or attributes is None:
+    if attributes is None:
+        return
+    path = scope.get("path")
+    masked = mask_keys(path) if isinstance(path, str) else None
+    if path and masked and masked != path:
+        for key in _PATH_ATTRIBUTES:
+            value = attributes.get(key)
+            if isinstance(value, str) and path in value:
+                span.set_attribute(key, value.replace(path, masked))
+        name = getattr(span, "name", None)
+        if isinstance(name, str) and path in name:
+            span.update_name(name.replace(path, masked))
+    query = scope.get("query_string")
+    if not query:
         return
     # (As the instrumentation decodes it.)
     text = query.decode("utf-8", errors="replace") if isinstance(query, bytes) else str(query)
@@ -709,7 +737,9 @@ def leaked_into() -> bool:
 def _server_attributes(scope: Mapping[str, Any], path: str, attributes: dict[str, Any]) -> None:
     """The HTTP server attributes readable from the ASGI scope without looking at the headers."""
     attributes[HTTP_REQUEST_METHOD] = scope.get("method", "POST")
-    attributes[URL_PATH] = path  # the client's path, already bounded by the middleware
+    # The client's path, already bounded by the middleware; a key in it (a client that sent its key as an Azure
+    # deployment's name) shown as ``[key]``, as in the model name taken from it.
+    attributes[URL_PATH] = mask_keys(path) or path
     attributes[URL_SCHEME] = scope.get("scheme", "http")
     version = scope.get("http_version")
     if version:
@@ -1726,14 +1756,16 @@ class SpanObserver:
                     texts[at].append({"type": "tool_call", "id": _short(call_id), "name": _short(name) or "unknown"})
                 else:
                     texts[at].append(_server_tool_call(call_id, name, hosted))
-            # The results of the tools the provider ran itself, each after its call.
+            # The results of the tools the provider ran itself, each after its call (a result whose call is not
+            # shown, past the bound of the calls shown, is not either).
             for call_id, kind in call.server_tool_results or ():
                 result = _server_tool_result(call_id, kind)
                 parts = texts[0]
                 at = next(
                     (i + 1 for i, p in enumerate(parts) if p.get("server_tool_call") and p["id"] == result["id"]), 0
                 )
-                parts.insert(at or len(parts), result)
+                if at:
+                    parts.insert(at, result)
             output = [
                 {
                     "role": "assistant",

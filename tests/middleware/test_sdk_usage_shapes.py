@@ -908,6 +908,69 @@ def test_a_tool_search_sent_back_without_call_ids_shows_its_output_under_its_cal
     assert [part["id"] for message in shown[1:] for part in message["parts"]] == ["tsc_9", "tsc_9"]
 
 
+def _search(kind: str, item_id: str, call_id: str | None) -> dict[str, Any]:
+    item = {
+        "type": f"tool_search_{kind}",
+        "id": item_id,
+        "call_id": call_id,
+        "execution": "server",
+        "status": "completed",
+    }
+    return item | ({"arguments": {}} if kind == "call" else {"tools": []})
+
+
+@pytest.mark.parametrize(
+    ("items", "ids"),
+    [
+        # Two searches side by side: their outputs answer them in order.
+        ([_search("call", "tsc_a", None), _search("call", "tsc_b", None), _search("output", "tso_a", None),
+          _search("output", "tso_b", None)], ["tsc_a", "tsc_b", "tsc_a", "tsc_b"]),
+        # A call with a call_id, its output without.
+        ([_search("call", "tsc_c", "call_x"), _search("output", "tso_c", None)], ["call_x", "call_x"]),
+    ],
+)  # fmt: skip
+def test_tool_search_outputs_without_call_ids_answer_the_same_calls_in_an_answer_and_sent_back(
+    capturing: Service, items: list[dict[str, Any]], ids: list[str]
+) -> None:
+    """Which call a tool search's output without a ``call_id`` answers is the same in the answer and sent back: the
+    first call before it not yet answered."""
+    model = f"gpt-5-search-pairs-{len(items)}"
+    ANSWERS[model] = responses_body(model, items)
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    oai.responses.create(model=model, input="?")
+    (answer,) = capturing.output_messages(model)
+    calls = [part["id"] for part in answer["parts"] if part["type"] == "server_tool_call"]
+    # In the answer, each output right after the call it answers.
+    assert [part["id"] for part in answer["parts"]] == [i for i in calls for _ in range(2)]
+    assert sorted(calls) == sorted(set(ids))
+    sent_model = f"{model}-sent"
+    ANSWERS[sent_model] = responses_body(
+        sent_model, [output_message({"type": "output_text", "text": "ok", "annotations": []})]
+    )
+    sent = TypeAdapter(list[ResponseInputItemParam]).validate_python([{"role": "user", "content": "?"}, *items])
+    oai.responses.create(model=sent_model, input=sent)
+    capturing.metrics(sent_model)
+    (span,) = [
+        s for s in capturing.spans.get_finished_spans() if s.attributes.get("gen_ai.request.model") == sent_model
+    ]
+    shown = json.loads(str(span.attributes["gen_ai.input.messages"]))
+    assert [part["id"] for message in shown[1:] for part in message["parts"]] == ids
+
+
+def test_a_result_of_a_tool_whose_call_is_not_shown_is_not_shown(capturing: Service) -> None:
+    """An answer shows its first 16 tool calls: the result of a tool the API ran past them is not shown either (it
+    was, at the end of the parts, with no call before it)."""
+    model = "gpt-5-many-calls"
+    calls = [{"type": "function_call", "id": f"fc_{n}", "call_id": f"call_{n}", "name": "f", "arguments": "{}"}
+             for n in range(16)]  # fmt: skip
+    items = [*calls, _search("call", "tsc_1", "call_late"), _search("output", "tso_1", "call_late")]
+    ANSWERS[model] = responses_body(model, items)
+    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
+    oai.responses.create(model=model, input="?")
+    (answer,) = capturing.output_messages(model)
+    assert [part["type"] for part in answer["parts"]] == ["tool_call"] * 16
+
+
 def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
     """An answer not streamed that reports no usage is estimated from its text at ~4 characters a token; one whose
     output is a tool call, from the call's input (its arguments), as a stream's pieces of a call are counted."""

@@ -70,8 +70,9 @@ async def responses(request: Request) -> JSONResponse:
                          "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}})  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def served() -> Iterator[tuple[str, InMemorySpanExporter]]:
+@contextmanager
+def traced(http_span: bool) -> Iterator[tuple[str, InMemorySpanExporter]]:
+    """The app served with tracing to memory: ``http_span``, the two-span option, else the LLM span only."""
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -79,23 +80,33 @@ def served() -> Iterator[tuple[str, InMemorySpanExporter]]:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/openai/deployments/{deployment}/chat/completions", chat, methods=["POST"]),
     ]
     app = LLMTelemetryMiddleware(
         Starlette(routes=routes),
         metrics_port=0,
         request_logs=False,
         tracer_provider=provider,
-        tracing_http_span=True,
+        tracing_http_span=http_span,
         capture_content=True,
     )
-    with serve(app) as base:
-        yield base, spans
-    if app._telemetry is not None:
-        app._telemetry.shutdown()
+    try:
+        with serve(app) as base:
+            yield base, spans
+    finally:
+        if app._telemetry is not None:
+            app._telemetry.shutdown()
 
 
-def finished(spans: InMemorySpanExporter, model: str) -> list[ReadableSpan]:
-    """The spans of the request for ``model`` (the LLM span and the HTTP server span of its trace), once ended."""
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[str, InMemorySpanExporter]]:
+    with traced(http_span=True) as served:
+        yield served
+
+
+def finished(spans: InMemorySpanExporter, model: str, count: int = 2) -> list[ReadableSpan]:
+    """The spans of the request for ``model`` (the LLM span and the HTTP server span of its trace: ``count``), once
+    ended."""
     deadline = time.monotonic() + 10
     while True:
         done = spans.get_finished_spans()
@@ -103,7 +114,7 @@ def finished(spans: InMemorySpanExporter, model: str) -> list[ReadableSpan]:
         if llm:
             trace_id = llm[0].context.trace_id
             trace = [s for s in done if s.context.trace_id == trace_id]
-            if len(trace) == 2 or time.monotonic() > deadline:
+            if len(trace) == count or time.monotonic() > deadline:
                 return trace
         assert time.monotonic() < deadline, f"no span of {model}"
         time.sleep(0.02)
@@ -137,6 +148,27 @@ def test_a_query_strings_values_are_redacted_on_the_http_server_span(
         assert query, http.attributes
         expected = "api_key=REDACTED&api-version=REDACTED" if model == "queried" else "key=REDACTED&REDACTED"
         assert all(str(value).endswith(expected) for value in query), query
+
+
+def test_a_key_sent_as_an_azure_deployments_name_shows_on_no_span(served: tuple[str, InMemorySpanExporter]) -> None:
+    """A client that swapped its key and Azure deployment settings sends its key in the path: the LLM span's
+    ``url.path``, and the HTTP server span's path attributes and name, show it as ``[key]``, as the model name."""
+    key = KEY + "Yz0123"  # (a label holds a key of 32 characters or more after its sk-)
+    body = {"model": "deployed", "messages": [{"role": "user", "content": "hi"}]}
+    path = "/openai/deployments/[key]/chat/completions"
+    base, spans = served
+    httpx.post(base + f"/openai/deployments/{key}/chat/completions?api-version=2024-10-21", json=body)
+    trace = finished(spans, "deployed")
+    assert len(trace) == 2, [s.name for s in trace]
+    for span in trace:
+        assert key[:12] not in shown(span) + span.name, (span.name, shown(span))
+    (http,) = [s for s in trace if "gen_ai.request.model" not in (s.attributes or {})]
+    assert path in http.name and (http.attributes or {}).get("url.path", path) == path, (http.name, http.attributes)
+    # One span, the LLM span the server span: its url.path.
+    with traced(http_span=False) as (base, spans):
+        httpx.post(base + f"/openai/deployments/{key}/chat/completions", json=body)
+        (llm,) = finished(spans, "deployed", count=1)
+    assert (llm.attributes or {})["url.path"] == path
 
 
 def test_an_exceptions_text_on_the_span_is_redacted(served: tuple[str, InMemorySpanExporter]) -> None:
