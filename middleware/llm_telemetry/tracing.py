@@ -565,7 +565,13 @@ def _scrub_query(span: Any, scope: Mapping[str, Any]) -> None:
     for key, in_url in _QUERY_ATTRIBUTES:
         value = attributes.get(key)
         if isinstance(value, str) and value:
-            span.set_attribute(key, f"{value.split('?', 1)[0]}?{scrubbed}" if in_url else scrubbed)
+            if in_url:
+                # (The URL up to the query: after the path where it is found, which may hold a decoded "?" itself.)
+                end = value.find(masked, value.find("://") + 3 if "://" in value else 0) if masked else -1
+                head = value[: end + len(masked)] if masked and end >= 0 else value.split("?", 1)[0]
+                span.set_attribute(key, f"{head}?{scrubbed}")
+            else:
+                span.set_attribute(key, scrubbed)
 
 
 def _wall_ns(reading: float, now_perf: float, now_ns: int) -> int:
@@ -1756,8 +1762,11 @@ class SpanObserver:
                     texts[at].append({"type": "tool_call", "id": _short(call_id), "name": _short(name) or "unknown"})
                 else:
                     texts[at].append(_server_tool_call(call_id, name, hosted))
-            # The results of the tools the provider ran itself, each after its call (a result whose call is not
-            # shown, past the bound of the calls shown, is not either).
+            # The results of the tools the provider ran itself, each after its call. One whose call is not shown:
+            # when the answer made more calls than are shown, it may be one of those, and is not shown either; else
+            # its call was made in an earlier turn (Anthropic's code execution runs on across requests), and it is
+            # shown after the rest.
+            hidden = len(call.tool_calls) > min(MAX_CAPTURED_TOOL_PARTS, MAX_TOOL_CALL_IDS)
             for call_id, kind in call.server_tool_results or ():
                 result = _server_tool_result(call_id, kind)
                 parts = texts[0]
@@ -1766,6 +1775,8 @@ class SpanObserver:
                 )
                 if at:
                     parts.insert(at, result)
+                elif not hidden:
+                    parts.append(result)
             output = [
                 {
                     "role": "assistant",

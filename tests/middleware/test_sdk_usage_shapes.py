@@ -971,6 +971,40 @@ def test_a_result_of_a_tool_whose_call_is_not_shown_is_not_shown(capturing: Serv
     assert [part["type"] for part in answer["parts"]] == ["tool_call"] * 16
 
 
+def test_a_result_of_a_tool_call_made_in_an_earlier_answer_is_shown(capturing: Service) -> None:
+    """Claude's code execution runs on across requests (programmatic tool calling): the last answer starts with the
+    result of a call made in the answer before, the code that called the application's tool, then its text. The
+    result is shown, after the text, though its call is not in this answer."""
+    model = "claude-ptc-final"
+    result = {
+        "type": "code_execution_tool_result",
+        "tool_use_id": "srvtoolu_1",
+        "content": {"type": "code_execution_result", "stdout": "3", "stderr": "", "return_code": 0, "content": []},
+    }
+    ANSWERS[model] = {"id": "msg_2", "type": "message", "role": "assistant", "model": model,
+                      "content": [result, {"type": "text", "text": "Three regions."}], "stop_reason": "end_turn",
+                      "usage": {"input_tokens": 5, "output_tokens": 3}}  # fmt: skip
+    earlier = [{"type": "server_tool_use", "id": "srvtoolu_1", "name": "code_execution", "input": {"code": "q()"}},
+               {"type": "tool_use", "id": "toolu_1", "name": "query", "input": {},
+                "caller": {"type": "code_execution_20250825", "tool_id": "srvtoolu_1"}}]  # fmt: skip
+    claude = anthropic.Anthropic(base_url=capturing.base, api_key="test", max_retries=0)
+    claude.messages.create(
+        model=model,
+        max_tokens=64,
+        messages=[
+            {"role": "user", "content": "Who is over budget?"},
+            {"role": "assistant", "content": earlier},  # type: ignore[typeddict-item]
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "[...]"}]},
+        ],
+    )
+    (output,) = capturing.output_messages(model)
+    assert output["parts"] == [
+        {"type": "text", "content": "Three regions."},
+        {"type": "server_tool_call_response", "id": "srvtoolu_1",
+         "server_tool_call_response": {"type": "code_execution"}},
+    ]  # fmt: skip
+
+
 def test_an_answer_that_only_calls_a_tool_without_usage_is_estimated_from_the_calls_input(service: Service) -> None:
     """An answer not streamed that reports no usage is estimated from its text at ~4 characters a token; one whose
     output is a tool call, from the call's input (its arguments), as a stream's pieces of a call are counted."""

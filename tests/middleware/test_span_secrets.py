@@ -171,6 +171,20 @@ def test_a_key_sent_as_an_azure_deployments_name_shows_on_no_span(served: tuple[
     assert (llm.attributes or {})["url.path"] == path
 
 
+def test_a_path_holding_a_question_mark_keeps_its_whole_path_when_the_query_is_redacted(
+    served: tuple[str, InMemorySpanExporter],
+) -> None:
+    """A path with an encoded ``?`` (``%3F``), decoded in the URL the instrumentation shows: the query's values are
+    redacted after the whole path, not after that ``?`` (which cut the path short)."""
+    base, spans = served
+    body = {"model": "marked", "messages": [{"role": "user", "content": "hi"}]}
+    httpx.post(base + "/openai/deployments/what%3Fnow/chat/completions?api-version=2024-10-21", json=body)
+    (http,) = [s for s in finished(spans, "marked") if "gen_ai.request.model" not in (s.attributes or {})]
+    urls = [v for k, v in (http.attributes or {}).items() if k in ("http.url", "url.full", "http.target")]
+    assert urls, http.attributes
+    assert all(str(url).endswith("/openai/deployments/what?now/chat/completions?api-version=REDACTED") for url in urls)
+
+
 def test_an_exceptions_text_on_the_span_is_redacted(served: tuple[str, InMemorySpanExporter]) -> None:
     """An app error quoting a URL with its key reaches the LLM span's exception event and status: masked there, as
     captured content is, whether content capture is on or not."""
