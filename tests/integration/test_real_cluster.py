@@ -1408,7 +1408,8 @@ def test_a_users_volume_under_the_pricing_volumes_name_fails_the_injection_and_o
     assert "llm-telemetry-pricing" in failed["message"] and "rename it" in failed["message"]
     assert cluster.condition("volumed", "Ready")["status"] == "False"
     assert "LLM_TELEMETRY_PRICING" not in cluster.env("volumed")
-    assert cluster.events("volumed", "InjectionFailed")
+    # kopf posts a pass's events from a queue, after the pass has written the status: awaited, not read at once.
+    assert wait_for(lambda: cluster.events("volumed", "InjectionFailed"), "InjectionFailed event")
     # Renamed: injected, the prices mounted, and the container's own trace pipeline left on.
     current = cluster.apps.read_namespaced_deployment("volumed", cluster.namespace)
     current.spec.template.spec.volumes[0].name = "data"
