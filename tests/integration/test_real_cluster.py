@@ -1411,10 +1411,15 @@ def test_a_users_volume_under_the_pricing_volumes_name_fails_the_injection_and_o
     # kopf posts a pass's events from a queue, after the pass has written the status: awaited, not read at once.
     assert wait_for(lambda: cluster.events("volumed", "InjectionFailed"), "InjectionFailed event")
     # Renamed: injected, the prices mounted, and the container's own trace pipeline left on.
-    current = cluster.apps.read_namespaced_deployment("volumed", cluster.namespace)
-    current.spec.template.spec.volumes[0].name = "data"
-    current.spec.template.spec.containers[0].volume_mounts[0].name = "data"
-    cluster.apps.replace_namespaced_deployment("volumed", cluster.namespace, current)
+    # A JSON patch, not a read and a replace: the Deployment controller writes the Deployment's status meanwhile (a
+    # replace with the version read is then refused, 409).
+    volume, mount = "/spec/template/spec/volumes/0/name", "/spec/template/spec/containers/0/volumeMounts/0/name"
+    cluster.apps.patch_namespaced_deployment(
+        "volumed",
+        cluster.namespace,
+        [{"op": "test", "path": path, "value": "llm-telemetry-pricing"} for path in (volume, mount)]
+        + [{"op": "replace", "path": path, "value": "data"} for path in (volume, mount)],
+    )
     cluster.ready("volumed")
     env = cluster.env("volumed")
     assert env["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
