@@ -865,8 +865,9 @@ def test_failed_pass_is_retried_until_the_cause_is_gone(cluster: Cluster) -> Non
     assert owner["metadata"]["generation"] == generation  # retried by the operator, not by a change
     service = wait_for(lambda: cluster.service("blocked-llm-metrics"), "metrics Service")
     assert (service.metadata.labels or {}).get(c.LABEL_OWNER) == "blocked"
-    # The failure was told once, however many retries met it.
-    assert len(cluster.events("blocked", "ServiceFailed")) == 1
+    # The failure was told once, however many retries met it. (Events are posted from kopf's queue after the pass
+    # has written the status: the first one awaited, then counted.)
+    assert len(wait_for(lambda: cluster.events("blocked", "ServiceFailed"), "ServiceFailed event")) == 1
 
 
 def test_pricing_the_pods_cannot_mount_holds_ready_back(cluster: Cluster) -> None:
@@ -886,8 +887,10 @@ def test_pricing_the_pods_cannot_mount_holds_ready_back(cluster: Cluster) -> Non
     )
     cluster.ready("priced")
     assert cluster.env("priced")["LLM_TELEMETRY_PRICING"].endswith("pricing.yaml")
-    # The workload was selected all along, only held back: no event said the selector matched nothing.
-    assert cluster.events("priced", "PricingConfigMapNotFound") and not cluster.events("priced", "NoTargets")
+    # The workload was selected all along, only held back: no event said the selector matched nothing. (Events are
+    # posted from kopf's queue after the pass has written the status: awaited.)
+    assert wait_for(lambda: cluster.events("priced", "PricingConfigMapNotFound"), "PricingConfigMapNotFound event")
+    assert not cluster.events("priced", "NoTargets")
 
 
 def test_a_users_copy_of_a_child_is_left_alone(cluster: Cluster) -> None:
@@ -1005,7 +1008,8 @@ def test_the_documented_resource_and_checks_work_as_written(
         ]), outputs[2]  # fmt: skip
         assert {"LLM_TELEMETRY_METRICS_PORT", "OTEL_SERVICE_NAME"} <= set(outputs[3].split())
         (events,) = re.findall(r"`(kubectl -n llm get events [^`]+)`", section("4. Verify"))
-        assert "CollectorNotFound" in run(shlex.split(events))
+        # The event is posted from kopf's queue after the pass has written the status the checks above read: awaited.
+        wait_for(lambda: "CollectorNotFound" in run(shlex.split(events)), "the documented events check lists it")
     finally:
         custom = client.CustomObjectsApi(api)
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "chat")
