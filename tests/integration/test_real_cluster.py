@@ -908,10 +908,17 @@ def test_a_users_copy_of_a_child_is_left_alone(cluster: Cluster) -> None:
             metadata=client.V1ObjectMeta(name="my-dashboard", labels=original.metadata.labels), data=original.data
         ),
     )
-    cluster.custom.patch_namespaced_custom_object(
+    changed = cluster.custom.patch_namespaced_custom_object(
         GROUP, VERSION, cluster.namespace, PLURAL, "copied", {"spec": {"metrics": {"port": 9601}}}
     )
     wait_for(lambda: cluster.env("copied").get("LLM_TELEMETRY_METRICS_PORT") == "9601", "the change applied")
+    # The pass patches the workload first and prunes the children after it: the status it writes last, for the
+    # changed generation, says it is done (the resource was Ready from before, so Ready alone would not).
+    generation = changed["metadata"]["generation"]
+    wait_for(
+        lambda: (cluster.llmt("copied").get("status") or {}).get("observedGeneration") == generation,
+        "the pass on the change done",
+    )
     cluster.ready("copied")
     assert cluster.configmap("my-dashboard") is not None
 
