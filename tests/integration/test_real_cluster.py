@@ -353,6 +353,31 @@ def test_hand_edits_are_repaired(cluster: Cluster) -> None:
     assert env["MINE"] == "1"  # the user's own variable stays
 
 
+def _collected_kinds(cluster: Cluster) -> None:
+    """Once the garbage collector handles ServiceMonitors and PrometheusRules: an owner's deletion removes a dependent
+    of each kind. It finds the kinds of CRDs created after it started at its next discovery (every 30 s), and until
+    then knows no object of theirs: an orphaning deletion left their owner references on them, and a cascading one
+    left them until then. (On a fresh cluster the module installs the Prometheus Operator's CRDs moments before.)"""
+    from kubernetes import client
+
+    owner = cluster.core.create_namespaced_config_map(
+        cluster.namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name=unique("gc-probe")))
+    )
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid}
+    specs = {"servicemonitors": {"selector": {}, "endpoints": []}, "prometheusrules": {"groups": []}}
+    kinds = {"servicemonitors": "ServiceMonitor", "prometheusrules": "PrometheusRule"}
+    for plural, spec in specs.items():
+        probe = {"apiVersion": f"{MONITORING}/v1", "kind": kinds[plural], "spec": spec,
+                 "metadata": {"name": owner.metadata.name, "ownerReferences": [ref]}}  # fmt: skip
+        cluster.custom.create_namespaced_custom_object(MONITORING, "v1", cluster.namespace, plural, probe)
+    cluster.core.delete_namespaced_config_map(owner.metadata.name, cluster.namespace)
+    wait_for(
+        lambda: all(cluster.monitoring(plural, owner.metadata.name) is None for plural in specs),
+        "the garbage collector handling ServiceMonitors and PrometheusRules",
+        timeout=120,
+    )
+
+
 def _gone(cluster: Cluster, name: str) -> bool:
     """Whether the LLMTelemetry ``name`` is gone from the API server."""
     from kubernetes.client.exceptions import ApiException
@@ -391,6 +416,7 @@ def test_delete_removes_injection_and_children(cluster: Cluster) -> None:
 def test_children_are_garbage_collected_with_their_owner(cluster: Cluster) -> None:
     """The ownerReferences are real: with the finalizer out of the way, the API server's garbage collector alone
     removes the children (as it would after the operator was uninstalled)."""
+    _collected_kinds(cluster)
     cluster.create(deployment("orphan", "orphan"))
     cluster.create(telemetry("orphan", "orphan"))
     cluster.ready("orphan")
@@ -412,6 +438,7 @@ def test_children_are_garbage_collected_with_their_owner(cluster: Cluster) -> No
 def test_an_orphaning_delete_keeps_every_child(cluster: Cluster) -> None:
     """``kubectl delete --cascade=orphan``: the garbage collector takes the owner references off the children and
     they stay, all of them (the operator's clean-up deleted those it reached first); the injection is removed."""
+    _collected_kinds(cluster)
     cluster.create(deployment("kept", "kept"))
     cluster.create(telemetry("kept", "kept"))
     cluster.ready("kept")
