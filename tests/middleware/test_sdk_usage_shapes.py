@@ -701,6 +701,28 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service, tex
     assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == int(text)
 
 
+def answered_with(service: Service, model: str, items: list[dict[str, Any]], stream: bool, usage: bool = True) -> None:
+    """Have the upstream answer ``model`` with the Responses API output ``items``, as one JSON answer (``usage``: with
+    its usage) or as a stream of each item added and done, and ask for it with the official SDK, which must read them
+    all back."""
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    if stream:
+        steps: list[dict[str, Any]] = [
+            {"type": "response.created", "response": responses_body(model, [], "in_progress")}
+        ]
+        for index, item in enumerate(items):
+            steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
+            steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        steps.append({"type": "response.completed", "response": responses_body(model, items)})
+        STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+        with oai.responses.stream(model=model, input="?") as events:
+            final = events.get_final_response()
+    else:
+        ANSWERS[model] = responses_body(model, items) | ({} if usage else {"usage": None})
+        final = oai.responses.create(model=model, input="?")
+    assert [item.type for item in final.output] == [item["type"] for item in items]
+
+
 #: Programmatic tool calling: the JavaScript the model wrote (a ``program`` item, which the API runs, its result a
 #: ``program_output`` item), and a call of a function that program made (``caller``: the program).
 PROGRAM_ITEMS = [
@@ -723,24 +745,9 @@ def test_a_program_is_a_call_of_the_programmatic_tool_and_an_approval_request_a_
     and a stream's first output, as a ``code_interpreter_call`` is); the calls its program makes are counted as their
     own items. An ``mcp_approval_request`` is output the model made (a stream's first token, its arguments estimated
     when no usage is reported) but no tool call: the ``mcp_call`` item that follows the approval is."""
-    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
     models = {f"gpt-5-program-{stream}": PROGRAM_ITEMS, f"gpt-5-approval-{stream}": [APPROVAL_REQUEST]}
     for model, items in models.items():
-        if stream:
-            steps: list[dict[str, Any]] = [
-                {"type": "response.created", "response": responses_body(model, [], "in_progress")}
-            ]
-            for index, item in enumerate(items):
-                steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
-                steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
-            steps.append({"type": "response.completed", "response": responses_body(model, items)})
-            STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
-            with oai.responses.stream(model=model, input="?") as events:
-                final = events.get_final_response()
-        else:
-            ANSWERS[model] = {**responses_body(model, items), "usage": None}
-            final = oai.responses.create(model=model, input="?")
-        assert [item.type for item in final.output] == [item["type"] for item in items]
+        answered_with(service, model, items, stream, usage=False)
     program, approval = (service.metrics(model) for model in models)
     program_model, approval_model = models
     for name in ("programmatic_tool_calling", "get_weather"):
@@ -784,22 +791,7 @@ def test_the_results_of_a_tool_search_and_a_program_the_api_ran_are_shown_after_
            "output": [{"stdout": "a.txt", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}  # fmt: skip
     items = [search, found, PROGRAM_ITEMS[0], PROGRAM_ITEMS[2], shell, ran]
     model = f"gpt-5-server-results-{stream}"
-    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
-    if stream:
-        steps: list[dict[str, Any]] = [
-            {"type": "response.created", "response": responses_body(model, [], "in_progress")}
-        ]
-        for index, item in enumerate(items):
-            steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
-            steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
-        steps.append({"type": "response.completed", "response": responses_body(model, items)})
-        STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
-        with oai.responses.stream(model=model, input="?") as events:
-            final = events.get_final_response()
-    else:
-        ANSWERS[model] = responses_body(model, items)
-        final = oai.responses.create(model=model, input="?")
-    assert [item.type for item in final.output] == [item["type"] for item in items]
+    answered_with(capturing, model, items, stream)
     (output,) = capturing.output_messages(model)
     assert output["parts"] == [
         {"type": part, "id": call_id, part: {"type": kind}} | ({"name": kind} if part == "server_tool_call" else {})
@@ -867,22 +859,7 @@ def test_a_hosted_result_is_shown_under_its_calls_id_and_only_for_the_apis_own_c
            "output": [{"stdout": "/", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}  # fmt: skip
     items = [*SEARCH_WITHOUT_CALL_ID, HOSTED_TOOL_ITEMS[0], local, ran]
     model = f"gpt-5-result-ids-{stream}"
-    oai = openai.OpenAI(base_url=capturing.base + "/v1", api_key="test", max_retries=0)
-    if stream:
-        steps: list[dict[str, Any]] = [
-            {"type": "response.created", "response": responses_body(model, [], "in_progress")}
-        ]
-        for index, item in enumerate(items):
-            steps.append({"type": "response.output_item.added", "output_index": index, "item": item})
-            steps.append({"type": "response.output_item.done", "output_index": index, "item": item})
-        steps.append({"type": "response.completed", "response": responses_body(model, items)})
-        STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
-        with oai.responses.stream(model=model, input="?") as events:
-            final = events.get_final_response()
-    else:
-        ANSWERS[model] = responses_body(model, items)
-        final = oai.responses.create(model=model, input="?")
-    assert [item.type for item in final.output] == [item["type"] for item in items]
+    answered_with(capturing, model, items, stream)
     (output,) = capturing.output_messages(model)
     assert output["parts"] == [
         {"type": "server_tool_call", "id": "tsc_9", "name": "tool_search", "server_tool_call": {"type": "tool_search"}},
