@@ -33,16 +33,18 @@ from llm_telemetry.apis import APIS
 from llm_telemetry.decoding import DecodingReader
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.record import LLMCall
-from support import Metrics, scrape_text, serve
+from support import Metrics, serve, settled, whole_after
 
 
 def _settled(port: int, name: str, want: float) -> Metrics:
-    deadline = time.monotonic() + 5
-    while True:
-        metrics = Metrics(scrape_text(port))
-        if metrics.value(name) >= want or time.monotonic() > deadline:
-            return metrics
-        time.sleep(0.02)
+    """A scrape taken once one showed ``want`` of ``name``: the scrape that first showed a call's request may have
+    collected its tokens before the call was recorded (see support.whole_after)."""
+
+    def counted(metrics: Metrics) -> None:
+        assert metrics.value(name) >= want
+
+    settled(port, counted)
+    return whole_after(port)
 
 
 @pytest.mark.parametrize("gzip_runs", ["inside", "outside"])

@@ -25,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Metrics, free_port, request_log_lines, serve, settled
+from support import Metrics, free_port, request_log_lines, serve, settled, whole_after
 
 WORDS = ["The", " answer", " is"]
 
@@ -139,7 +139,8 @@ def _counted(port: int, model: str) -> Metrics:
     def recorded(metrics: Metrics) -> None:
         assert metrics.value("llm_requests_total", gen_ai_request_model=model) == 1
 
-    return settled(port, recorded)
+    settled(port, recorded)
+    return whole_after(port)  # (the scrape that showed the request may lack the call's tokens)
 
 
 def test_streams_their_upstream_cut_off_are_incomplete_streams_the_sdks_say_nothing_of(

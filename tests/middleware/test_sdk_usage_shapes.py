@@ -35,7 +35,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
 from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
-from support import Calls, Metrics, free_port, scrape, serve, settled
+from support import Calls, Metrics, free_port, scrape, serve, settled, whole_after
 
 PRICING = {
     "models": {
@@ -129,7 +129,8 @@ class Service:
             if check is not None:
                 check(m)
 
-        return settled(self.port, recorded)
+        settled(self.port, recorded)
+        return whole_after(self.port)  # (the scrape that showed the request may lack the call's tokens)
 
     def call(self, model: str) -> LLMCall | None:
         return next((c for c in reversed(self.calls.ended) if c.request_model == model), None)
