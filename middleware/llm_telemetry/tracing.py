@@ -566,8 +566,10 @@ def _scrub_query(span: Any, scope: Mapping[str, Any]) -> None:
         value = attributes.get(key)
         if isinstance(value, str) and value:
             if in_url:
-                # (The URL up to the query: after the path where it is found, which may hold a decoded "?" itself.)
-                end = value.find(masked, value.find("://") + 3 if "://" in value else 0) if masked else -1
+                # (The URL up to the query: after the path where it is found, which may hold a decoded "?" itself;
+                # in a URL, past its scheme, while a target starts with the path.)
+                start = 0 if value.startswith("/") or "://" not in value else value.find("://") + 3
+                end = value.find(masked, start) if masked else -1
                 head = value[: end + len(masked)] if masked and end >= 0 else value.split("?", 1)[0]
                 span.set_attribute(key, f"{head}?{scrubbed}")
             else:

@@ -80,7 +80,7 @@ def traced(http_span: bool) -> Iterator[tuple[str, InMemorySpanExporter]]:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
-        Route("/openai/deployments/{deployment}/chat/completions", chat, methods=["POST"]),
+        Route("/openai/deployments/{deployment:path}/chat/completions", chat, methods=["POST"]),
     ]
     app = LLMTelemetryMiddleware(
         Starlette(routes=routes),
@@ -177,12 +177,14 @@ def test_a_path_holding_a_question_mark_keeps_its_whole_path_when_the_query_is_r
     """A path with an encoded ``?`` (``%3F``), decoded in the URL the instrumentation shows: the query's values are
     redacted after the whole path, not after that ``?`` (which cut the path short)."""
     base, spans = served
-    body = {"model": "marked", "messages": [{"role": "user", "content": "hi"}]}
-    httpx.post(base + "/openai/deployments/what%3Fnow/chat/completions?api-version=2024-10-21", json=body)
-    (http,) = [s for s in finished(spans, "marked") if "gen_ai.request.model" not in (s.attributes or {})]
-    urls = [v for k, v in (http.attributes or {}).items() if k in ("http.url", "url.full", "http.target")]
-    assert urls, http.attributes
-    assert all(str(url).endswith("/openai/deployments/what?now/chat/completions?api-version=REDACTED") for url in urls)
+    for model, deployment in (("marked", "what%3Fnow"), ("proxied", "https:%2F%2Fhost%3Fnow")):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        httpx.post(base + f"/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21", json=body)
+        (http,) = [s for s in finished(spans, model) if "gen_ai.request.model" not in (s.attributes or {})]
+        urls = [v for k, v in (http.attributes or {}).items() if k in ("http.url", "url.full", "http.target")]
+        assert urls, http.attributes
+        path = "/openai/deployments/" + deployment.replace("%3F", "?").replace("%2F", "/") + "/chat/completions"
+        assert all(str(url).endswith(f"{path}?api-version=REDACTED") for url in urls), urls
 
 
 def test_an_exceptions_text_on_the_span_is_redacted(served: tuple[str, InMemorySpanExporter]) -> None:
