@@ -235,15 +235,26 @@ def _add_tool_call(call: LLMCall, name: str, call_id: Any = None, hosted: str | 
 
 
 #: Responses API items of the tools OpenAI runs itself, by the kind of tool each calls (a tool search may be left to
-#: the client): a ``program`` is the JavaScript the model wrote for programmatic tool calling (the tool of type
-#: ``programmatic_tool_calling``), which the API runs, its result a ``program_output`` item of the API's.
-_RESPONSES_HOSTED_ITEMS: Final = {
+#: the client, ``execution: client``; a shell is the API's when it runs in the API's container, see hosted_shell): a
+#: ``program`` is the JavaScript the model wrote for programmatic tool calling (the tool of type
+#: ``programmatic_tool_calling``), which the API runs, its result a ``program_output`` item of the API's. (Tracing
+#: shows them, in an answer and sent back, by the same table.)
+RESPONSES_HOSTED_ITEMS: Final = {
     "web_search_call": "web_search",
     "file_search_call": "file_search",
     "code_interpreter_call": "code_interpreter",
     "image_generation_call": "image_generation",
     "mcp_call": "mcp",
+    "tool_search_call": "tool_search",
     "program": "programmatic_tool_calling",
+}
+#: Responses API items that carry the result of a tool the API may run, by that tool's kind: a tool search's (when
+#: ``execution: server``), a program's, a shell's (when its call ran in the API's container). The results of its other
+#: tools come in their call's item.
+RESPONSES_HOSTED_OUTPUTS: Final = {
+    "tool_search_output": "tool_search",
+    "program_output": "programmatic_tool_calling",
+    "shell_call_output": "shell",
 }
 
 
@@ -264,20 +275,16 @@ def _server_output(item: dict[str, Any], call: LLMCall) -> None:
     answer), to be shown after its call, as Anthropic's result blocks of the tools it runs are (a web search's, an MCP
     call's and the code interpreter's come in their call's item); any other item is left."""
     kind = item.get("type")
+    hosted = RESPONSES_HOSTED_OUTPUTS.get(kind) if type(kind) is str else None
     call_id = item.get("call_id")
-    if kind == "tool_search_output":
-        if item.get("execution") != "server":
-            return
-        hosted = "tool_search"
-    elif kind == "program_output":
-        hosted = "programmatic_tool_calling"
-    elif (
-        kind == "shell_call_output"
-        and isinstance(call_id, str)
-        and (call_id[:256], "shell") in (call.tool_call_ids or ())
+    if (
+        hosted is None
+        or (kind == "tool_search_output" and item.get("execution") != "server")
+        or (
+            kind == "shell_call_output"
+            and not (isinstance(call_id, str) and (call_id[:256], "shell") in (call.tool_call_ids or ()))
+        )
     ):
-        hosted = "shell"
-    else:
         return
     if not call_id:
         # (A tool search's ``call_id`` may be null: its result answers the first call of it the answer has left
@@ -300,7 +307,7 @@ def _hosted_item(item: dict[str, Any]) -> str | None:
         return "tool_search" if item.get("execution") != "client" else None
     if kind == "shell_call":
         return "shell" if hosted_shell(item) else None
-    return _RESPONSES_HOSTED_ITEMS.get(kind)
+    return RESPONSES_HOSTED_ITEMS.get(kind)
 
 
 #: Tool names of the Responses API's recent function calls, by ``call_id``, for the process: a conversation continued

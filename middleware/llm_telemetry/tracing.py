@@ -35,7 +35,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from . import instruments as names
-from .apis import hosted_shell
+from .apis import RESPONSES_HOSTED_ITEMS, RESPONSES_HOSTED_OUTPUTS, hosted_shell
 from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
 from .labels import field_text, label_value, mask_keys, valid_text
 from .record import MAX_TOOL_CALL_IDS, LLMCall
@@ -145,16 +145,6 @@ _FINISH_REASONS: Final = {
 
 #: Anthropic's content blocks of the tools it runs itself (a call, and each tool's result block, ``*_tool_result``).
 _SERVER_TOOL_BLOCKS: Final = frozenset(("server_tool_use", "mcp_tool_use"))
-#: The Responses API's items of the tools OpenAI runs itself, by the kind of tool each calls.
-_SERVER_TOOL_ITEMS: Final = {
-    "web_search_call": "web_search",
-    "file_search_call": "file_search",
-    "code_interpreter_call": "code_interpreter",
-    "image_generation_call": "image_generation",
-    "mcp_call": "mcp",
-    "tool_search_call": "tool_search",
-    "program": "programmatic_tool_calling",
-}
 #: The Responses API's items of the tools the application runs for the model (and a tool search it runs itself,
 #: ``execution: client``): the tool each calls, named as in an answer, and the member holding what it asks for.
 _CLIENT_TOOL_ITEMS: Final = {
@@ -175,14 +165,6 @@ def _server_output(item: Mapping[str, Any], hosted_shells: frozenset[str] = froz
         call_id = item.get("call_id")
         return isinstance(call_id, str) and call_id in hosted_shells
     return kind == "program_output" or (kind == "tool_search_output" and item.get("execution") == "server")
-
-
-#: The kind of hosted tool whose output each of the items ``_server_output`` takes is.
-_SERVER_OUTPUTS: Final = {
-    "shell_call_output": "shell",
-    "tool_search_output": "tool_search",
-    "program_output": "programmatic_tool_calling",
-}
 
 
 class _Conversation(NamedTuple):
@@ -1607,11 +1589,11 @@ class SpanObserver:
         if hosted_shell(message):
             # A shell the API ran in its own container, sent back: its call, as a hosted tool's (not the app's).
             return [_server_tool_call(message.get("call_id") or message.get("id"), "shell", "shell")]
-        if isinstance(kind, str) and kind in _SERVER_TOOL_ITEMS and message.get("execution") != "client":
+        if isinstance(kind, str) and kind in RESPONSES_HOSTED_ITEMS and message.get("execution") != "client":
             # A call of a tool OpenAI ran itself, sent back (its results are not shown; a tool search may be the
             # client's). Its id as in the answer: the call's ``call_id`` (a tool search's, which its output names),
             # else the item's.
-            hosted = _SERVER_TOOL_ITEMS[kind]
+            hosted = RESPONSES_HOSTED_ITEMS[kind]
             return [_server_tool_call(message.get("call_id") or message.get("id"), message.get("name"), hosted)]
         if isinstance(kind, str) and kind in _CLIENT_TOOL_ITEMS:
             # A call of a tool the application ran for the model (computer, shell, patch, its own tool search), sent
@@ -1622,7 +1604,7 @@ class SpanObserver:
             # What a tool the API ran itself (a tool search, a program, a shell in its container) gave, sent back: its
             # result, as in the answer (not shown), under its call's id.
             call_id = message.get("call_id") or context.answers.get(id(message)) or message.get("id")
-            return [_server_tool_result(call_id, _SERVER_OUTPUTS[str(kind)])]
+            return [_server_tool_result(call_id, RESPONSES_HOSTED_OUTPUTS[str(kind)])]
         if kind == "reasoning":
             return []  # (the model's reasoning sent back, encrypted or summarised: no part of the conversation's text)
         if isinstance(kind, str) and kind.endswith("_output") and not message.get("role"):
