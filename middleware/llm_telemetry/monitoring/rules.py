@@ -560,13 +560,16 @@ def build_rule_groups(
         ),
         _alert(
             "LLMHighToolFailureRatio",
-            f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {_exact(t.tool_failure_ratio)}",
+            f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {_exact(t.tool_failure_ratio)}\n"
+            f"and on ({BY}, {TOOL_NAME})\n"
+            # As LLMHighErrorRatio: a tool whose results are rare (one failed result now and then) is not paged for.
+            f"sum by ({BY}, {TOOL_NAME}) (increase({series(TOOL_RESULTS, sel, tool_error)}[5m])) >= {MIN_BURN_EVENTS}",
             severity="warning",
             for_="10m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of tool "
             f"{{{{ $labels.{TOOL_NAME} }}}} are errors",
             description=f"More than {_fmt(t.tool_failure_ratio * 100)}% of the tool results clients sent back "
-            "were errors for 10 minutes.",
+            f"were errors for 10 minutes, at least {MIN_BURN_EVENTS} in the last 5 minutes throughout.",
             runbook_url=runbook_url,
         ),
         _alert(
