@@ -1,6 +1,6 @@
 """The one place client-controlled text is made safe to become a label value, a log field or a span attribute.
 
-Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
+The bounds, in order (see "Bounds" in ``docs/metrics.md``):
 
 * valid UTF-8: JSON lets a client send lone surrogates (``"\\ud800"``), which cannot be encoded; each one
   becomes U+FFFD, the Unicode replacement character;
@@ -9,7 +9,8 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
 * control characters: nor is one with a line break, NUL or other control character in it (or an invisible
   format character, a right-to-left override say), which would also reach the span named after it and the request
   log line's message, where a viewer prints it raw; it becomes ``other``;
-* secrets: nor is one holding what looks like a provider's secret key; it becomes ``other``;
+* secrets and identities: nor is one holding what looks like a provider's secret key, or a user's identity or a
+  bearer token (an e-mail address, an IP address, a phone number, a JSON Web Token); it becomes ``other``;
 * count: each label keeps at most N distinct values, then folds the rest into ``other``. Under several workers
   the admitted values are shared through a :class:`LabelStore`, so the bound holds for the whole deployment of
   workers, across worker restarts, not per process lifetime.
@@ -17,6 +18,7 @@ Three bounds, in order (see "Bounds" in ``docs/metrics.md``):
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import threading
 import time
@@ -64,6 +66,76 @@ SECRET_KEYS: Final = r"(?:sk-[A-Za-z0-9_-]{16,}|" + _OTHER_KEYS + ")"
 _KEY_IN_LABEL: Final = re.compile(r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{32,}|" + _OTHER_KEYS + ")")
 
 
+#: The shapes of a user's identity or a bearer token, which no label value may hold (see ``label_value``): an
+#: e-mail address (a local part's character, ``@``, a domain with a dot, its top-level name starting with a letter:
+#: Vertex AI's ``claude-3-5-sonnet-v2@20241022`` and Cloudflare's ``@cf/meta/...`` stay), an IPv4 address (four
+#: numbers up to 255 joined by dots, not part of a longer run of digits, letters and dots: a version ``v1.2.3.4``
+#: stays), an IPv6 address as the whole value, a phone number written the international way (``+`` and 8 to 15
+#: digits, at most two spaces, dots, hyphens or brackets between two) or the North American way (``(415) 555-0100``,
+#: ``415-555-0100``, ``415.555.0100``), and a JSON Web Token (base64url parts, the first two starting ``eyJ`` as a
+#: JSON object's does). Dates (``gpt-4o-2024-08-06``) and bare numbers (a customer number) are none of these shapes,
+#: and stay.
+#: An e-mail address's domain, matched right after its ``@``.
+_EMAIL_DOMAIN: Final = re.compile(
+    r"[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_][\w-]*[^\W_](?![\w-])"
+)
+#: The characters of an e-mail address's local part (RFC 5322's ``atext`` and the dot, and letters of any script).
+_EMAIL_LOCAL: Final = frozenset("!#$%&'*+/=?^`{|}~.-_")
+_IPV4: Final = re.compile(
+    r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![0-9A-Za-z.])"
+)
+_PHONE_INTERNATIONAL: Final = re.compile(r"(?<![0-9A-Za-z+])\+[0-9](?:[ .()-]{0,2}[0-9]){7,14}(?![0-9])")
+#: A run of digits shaped as a North American number, found first: ``\d`` is searched for about half the cost of
+#: ``[0-9]``, and the exact shape is then checked where it was found.
+_NORTH_AMERICAN_RUN: Final = re.compile(r"\d\d\d[ .-]\d\d\d\d")
+_PHONE_NORTH_AMERICAN: Final = re.compile(
+    r"[0-9](?<![0-9A-Za-z][0-9])[0-9]{2}[ .-][0-9]{3}[ .-][0-9]{4}(?![0-9A-Za-z])"
+    r"|\([0-9]{3}\) ?[0-9]{3}[ .-][0-9]{4}(?![0-9A-Za-z])"
+)
+_JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")
+#: A whole value that may be an IPv6 address (``2001:db8::1``, bracketed, with a zone or a port): checked by
+#: ``ipaddress``, so an Ollama tag (``llama3:8b``) or a time of day (``12:30:45``) stays.
+_IPV6_SHAPE: Final = re.compile(r"\[?([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)(?:%[0-9A-Za-z_.-]+)?(?:\](?::[0-9]{1,5})?)?")
+
+
+def _personal(value: str) -> bool:
+    """Whether ``value`` holds one of the shapes above. Each search runs only where a character or a run its shape
+    needs is in the value (a test in C, a few hundred machine instructions), so most model names pay for one search
+    of a run of digits alone."""
+    return bool(
+        ("@" in value and _email(value))
+        or ("+" in value and _PHONE_INTERNATIONAL.search(value))
+        or (value.count(".") >= 3 and _IPV4.search(value))
+        or ("eyJ" in value and _JWT.search(value))
+        or (":" in value and _ipv6(value))
+        or (_NORTH_AMERICAN_RUN.search(value) and _PHONE_NORTH_AMERICAN.search(value))
+    )
+
+
+def _email(value: str) -> bool:
+    """Whether ``value`` holds an e-mail address: an ``@`` after a local part's character and before a domain."""
+    at = value.find("@", 1)
+    while at > 0:
+        before = value[at - 1]
+        if (before.isalnum() or before in _EMAIL_LOCAL) and _EMAIL_DOMAIN.match(value, at + 1):
+            return True
+        at = value.find("@", at + 1)
+    return False
+
+
+def _ipv6(value: str) -> bool:
+    """Whether ``value`` is an IPv6 address, as a whole (a client's address, which is as personal as an e-mail)."""
+    shape = _IPV6_SHAPE.fullmatch(value)
+    if shape is None:
+        return False
+    try:
+        ipaddress.IPv6Address(shape[1])
+    except ValueError:
+        return False
+    return True
+
+
 #: What a secret key in a model name is shown as.
 _KEY_MASK: Final = "[key]"
 #: The characters every key ``_KEY_IN_LABEL`` masks is made of (a key starts where a run of them starts).
@@ -103,10 +175,31 @@ def field_text(value: str, max_chars: int = MAX_FIELD_CHARS) -> str:
     return valid_text(value[:max_chars])
 
 
+#: The label values of the last strings :func:`label_value` was asked about, so a value asked about on every request
+#: (a folded one, such as a tenant header holding an e-mail address; the model of each request log line's message)
+#: costs a dict lookup, not the searches. At most this many, of at most MAX_LABEL_CHARS characters: emptied when full.
+_MEMO_SIZE: Final = 1024
+_memo: dict[str, str] = {}
+
+
 def label_value(value: str) -> str:
     """A client-sent string as it may become a label value: valid UTF-8, or ``other`` when too long, when it holds
-    a control character, or when it holds what looks like a provider's secret key (or ``[key]``, one masked)."""
-    if len(value) > MAX_LABEL_CHARS or _KEY_IN_LABEL.search(value) or _KEY_MASK in value:
+    a control character, when it holds what looks like a provider's secret key (or ``[key]``, one masked), or when
+    it holds what looks like a user's identity or a bearer token: an e-mail address, an IP address, a phone number,
+    a JSON Web Token (see ``_personal``)."""
+    if len(value) > MAX_LABEL_CHARS:
+        return OTHER
+    shown = _memo.get(value)
+    if shown is None:
+        shown = _label_value(value)
+        if len(_memo) >= _MEMO_SIZE:
+            _memo.clear()
+        _memo[value] = shown
+    return shown
+
+
+def _label_value(value: str) -> str:
+    if _KEY_IN_LABEL.search(value) or _KEY_MASK in value or _personal(value):
         return OTHER  # (the mask: a name cut through a key, see name_text, was longer than any label)
     if value.isascii():
         return OTHER if _ASCII_CONTROL.search(value) else value
