@@ -24,9 +24,9 @@ import celpy  # type: ignore[import-untyped]
 import jsonschema
 
 #: The Kubernetes minors the project supports (docs/install.md): from 1.26 (CRD validation rules are on by default
-#: from 1.25, GA in 1.29) through the newest release. The real API server of tests/integration is older (a 1.23
-#: build, whose validation rules are off unless a feature gate is given), so for these minors the schema checks here
-#: are the evidence.
+#: from 1.25, GA in 1.29) through the newest release. The real API server of tests/integration is older (a source
+#: snapshot on its way to 1.24, 1.23 before: validation rules off unless a feature gate is given), so for these
+#: minors the schema checks here are the evidence.
 #: Chart.yaml's kubeVersion starts at the oldest; every minor is validated against.
 OLDEST_MINOR = 26
 NEWEST_MINOR = 37
