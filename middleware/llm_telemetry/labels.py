@@ -95,8 +95,11 @@ _PHONE_NORTH_AMERICAN: Final = re.compile(
 )
 _JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")
 #: A whole value that may be an IPv6 address (``2001:db8::1``, bracketed, with a zone or a port): checked by
-#: ``ipaddress``, so an Ollama tag (``llama3:8b``) or a time of day (``12:30:45``) stays.
-_IPV6_SHAPE: Final = re.compile(r"\[?([0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)(?:%[0-9A-Za-z_.-]+)?(?:\](?::[0-9]{1,5})?)?")
+#: ``ipaddress``, so an Ollama tag (``llama3:8b``) or a time of day (``12:30:45``) stays. Each part's characters
+#: differ from those of the part after it, so a value that is not one fails in one pass: a pattern of two runs of
+#: the address's characters around a colon (``[...:.]*:[...:.]*``) tried every split of a run of colons, 4 ms for
+#: 256 of them, on each request (the request log line's message asks about its model whatever the label's count).
+_IPV6_SHAPE: Final = re.compile(r"\[?([0-9A-Fa-f:.]+)(?:%[0-9A-Za-z_.-]+)?(?:\](?::[0-9]{1,5})?)?")
 
 
 def _personal(value: str) -> bool:
@@ -127,7 +130,7 @@ def _email(value: str) -> bool:
 def _ipv6(value: str) -> bool:
     """Whether ``value`` is an IPv6 address, as a whole (a client's address, which is as personal as an e-mail)."""
     shape = _IPV6_SHAPE.fullmatch(value)
-    if shape is None:
+    if shape is None or ":" not in shape[1]:
         return False
     try:
         ipaddress.IPv6Address(shape[1])
