@@ -96,6 +96,15 @@ def test_hostile_bench_prints_three_sizes_and_a_growth_line_per_input() -> None:
     assert len(growth) == len(cases), stdout
 
 
+def test_label_values_prints_three_lengths_per_shape() -> None:
+    stdout = run_benchmark("label_values.py", "--calls", "3")
+    shapes = importlib.import_module("label_values").SHAPES
+    lines = stdout.splitlines()
+    for name in shapes:
+        rows = [line[len(name) :].split() for line in lines if line.startswith(name)]
+        assert [row[0] for row in rows] == ["32", "128", "256"], (name, stdout)
+
+
 def test_export_cost_prints_a_row_per_exporter() -> None:
     stdout = run_benchmark("export_cost.py", "--batches", "2", "--exports", "3")
     rows = [line.rsplit(None, 3) for line in stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
