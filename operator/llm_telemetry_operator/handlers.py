@@ -19,8 +19,8 @@ from typing import Any, Final, NoReturn
 
 import kopf
 
+from llm_telemetry_operator import access, kube, metrics
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import kube, metrics
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.childwatch import MetadataWatch
@@ -185,6 +185,12 @@ class OperatorState:
     #: The resources (by uid) this operator has claimed (see _claim), so that a pass before the watch has delivered
     #: the claim does not claim them again.
     claimed: set[str] = field(default_factory=set)
+    #: The permissions the API server refused this operator at its last check (see _check_access); None: not
+    #: known (not checked yet, or the check itself failed). And whether a failed check was said.
+    lacking: tuple[access.Grant, ...] | None = None
+    access_unknown_said: bool = False
+    #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
+    forbidden_said: set[str] = field(default_factory=set)
 
 
 #: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
@@ -335,6 +341,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         memo["standby"] = asyncio.create_task(
             _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
         )
+    # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
+    # refused finalizer patch leaves a resource idle), then again at each resync interval.
+    await _check_access(memo, state, logger)
+    memo["access"] = asyncio.create_task(_watch_access(memo, state, logger), name="llm-telemetry-access")
     await _track_existing(_client(memo), config, state, logger)
     if config.namespaces:
         await _release_in_leaving_namespaces(memo, state, logger)
@@ -544,6 +554,81 @@ def _paused(state: OperatorState) -> bool:
     return state.standby
 
 
+async def _check_access(memo: Any, state: OperatorState, logger: Any) -> None:
+    """Ask the API server which declared permissions this operator lacks (see access.py). A change is said once:
+    an ERROR naming each missing permission and what breaks without it, or an INFO line once none is missing
+    any more. While ``patch`` on the LLMTelemetry resources is missing, each one seen is told so (see
+    :func:`_report_forbidden`)."""
+    try:
+        lacking = tuple(await access.missing(_client(memo), _config(memo)))
+    except ApiError as exc:
+        if not state.access_unknown_said:
+            state.access_unknown_said = True
+            logger.warning(
+                "could not ask the API server which permissions this operator lacks (SelfSubjectAccessReview: %s); "
+                "a refused call is logged as it happens",
+                exc,
+            )
+        return
+    state.access_unknown_said = False
+    if lacking != state.lacking:
+        if lacking:
+            logger.error("%s", access.error_message(lacking))
+        elif state.lacking:
+            logger.info("the API server grants this operator every permission it needs again")
+    state.lacking = lacking
+    if _forbidden_patch(state, None) is None:
+        state.forbidden_said.clear()
+        return
+    if state.kopf_context is None:
+        return  # the watch has not delivered any resource yet: its event handler tells each (llmtelemetry_track)
+    for key, body in list(state.bodies.items()):
+        _spawn_event_pass(state, key, "forbidden", _report_forbidden(memo, state, body))
+
+
+async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
+    while True:
+        await asyncio.sleep(_config(memo).resync_seconds)
+        try:
+            await _check_access(memo, state, logger)
+        except Exception:
+            logger.exception("checking the operator's permissions failed")
+
+
+def _forbidden_patch(state: OperatorState, namespace: str | None) -> access.Grant | None:
+    """The refused ``patch`` on the LLMTelemetry resources that covers ``namespace`` (None: any), if any."""
+    for grant in state.lacking or ():
+        if (grant.api_group, grant.resource, grant.verb) == (c.GROUP, c.PLURAL, "patch") and (
+            namespace is None or grant.namespace in (None, namespace)
+        ):
+            return grant
+    return None
+
+
+async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, Any]) -> None:
+    """Tell one LLMTelemetry, once, that it is not served because this operator may not patch it (kopf's finalizer
+    patch is refused, so no handler runs for it): ``Ready`` False with reason Forbidden, if the operator may
+    write the status, and a Warning event, if it may post events. One that already has the finalizer, or is being
+    deleted, has passes of its own, which report their own failures."""
+    meta = body.get("metadata") or {}
+    namespace, uid = meta.get("namespace") or "", meta.get("uid") or ""
+    grant = _forbidden_patch(state, namespace)
+    if grant is None or not uid or uid in state.forbidden_said or _paused(state):
+        return
+    if c.FINALIZER in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
+        return
+    state.forbidden_said.add(uid)
+    lacking = state.lacking or ()
+    await _report_failure(
+        memo,
+        body,
+        access.REASON,
+        access.forbidden_message(grant),
+        event=access.may(lacking, "", "events", "create", namespace),
+        write_status=access.may(lacking, c.GROUP, f"{c.PLURAL}/status", "patch", namespace),
+    )
+
+
 async def _heartbeat(state: OperatorState) -> None:
     """Tick every HEARTBEAT_SECONDS while the event loop runs: a tick overdue by FROZEN_SECONDS is a freeze (see
     :func:`_paused`), told from a slow API call, which the loop runs beside."""
@@ -670,7 +755,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
-    for name in ("scheduler", "standby", "heartbeat", "releasing"):
+    for name in ("scheduler", "standby", "heartbeat", "releasing", "access"):
         background = memo.get(name)
         if isinstance(background, asyncio.Task):
             background.cancel()
@@ -1183,11 +1268,14 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 
 
-async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, message: str) -> bool:
+async def _report_failure(
+    memo: Any, body: Mapping[str, Any], reason: str, message: str, *, event: bool = True, write_status: bool = True
+) -> bool:
     """A failed pass or clean-up, where a user looks: a Warning event once per distinct failure, and Ready False
     with it in the status (in a namespace where no event can be posted, namespaced mode's watched namespace
     created again with no Role until the chart is upgraded, the status is all a user can see). Returns whether
-    the failure is new (not the one reported last)."""
+    the failure is new (not the one reported last). ``event``, ``write_status``: False where the operator knows it may
+    not write that (see :func:`_report_forbidden`)."""
     state = _state(memo)
     meta = body["metadata"]
     key, uid = (meta["namespace"], meta["name"]), meta.get("uid") or ""
@@ -1196,12 +1284,14 @@ async def _report_failure(memo: Any, body: Mapping[str, Any], reason: str, messa
     # pass that gets through posts no event again for a failure the resource still shows.
     reported = state.reported[key] if key in state.reported else _stored_reports(body)
     new = failure not in reported
-    if new:
+    if new and event:
         kopf.warn(_event_target(body), reason=reason, message=message)
         if len(reported) >= MAX_REPORTED:
             # Failures of a pass each differ (an API error's message names what it was doing): kept bounded.
             reported = _stored_reports(body)
     state.reported[key] = reported | {failure}
+    if not write_status:
+        return new
     shown = {**body, "status": state.statuses[uid]} if uid in state.statuses else body
     status = await rec.write_failure(_client(memo), shown, reason, message)
     if uid and status is not None:
@@ -1402,7 +1492,11 @@ async def llmtelemetry_track(
         state.watches = _start_watches(memo, _config(memo), state.logger)
     if type != "DELETED":
         _track(state, body)
+        if state.lacking and _forbidden_patch(state, namespace) is not None:
+            # No other handler of ours runs for it while kopf's finalizer patch is refused: say so where a user looks.
+            await _report_forbidden(memo, state, _snapshot(body))
         return
+    state.forbidden_said.discard(body.get("metadata", {}).get("uid") or "")
     _forget(state, (namespace, name), body)
 
 

@@ -212,6 +212,7 @@ PROMETHEUSRULES = Resource("monitoring.coreos.com", "v1", "prometheusrules")
 CLUSTERKOPFPEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings")
 NAMESPACES = Resource("", "v1", "namespaces")
 CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+SELFSUBJECTACCESSREVIEWS = Resource("authorization.k8s.io", "v1", "selfsubjectaccessreviews")
 
 #: Workload kinds whose pod templates get injected, by ``kind``.
 WORKLOADS: dict[str, Resource] = {"Deployment": DEPLOYMENTS, "StatefulSet": STATEFULSETS}
@@ -451,6 +452,20 @@ class KubeClient:
             "POST", resource, "create", resource.path(namespace), body, accept=METADATA_ONLY if metadata_only else None
         )
 
+    async def review(self, attributes: Mapping[str, str]) -> bool:
+        """Whether the API server lets this client make the request ``attributes`` describes (a
+        SelfSubjectAccessReview's ``resourceAttributes``: group, resource, subresource, verb, namespace, name).
+        Stores nothing, so a replica that stands by may ask too."""
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": dict(attributes)},
+        }
+        answer = await self._request(
+            "POST", SELFSUBJECTACCESSREVIEWS, "create", SELFSUBJECTACCESSREVIEWS.path(None), body, writes=False
+        )
+        return bool((answer.get("status") or {}).get("allowed"))
+
     async def patch(
         self,
         resource: Resource,
@@ -503,17 +518,18 @@ class KubeClient:
         name: str | None = None,
         query: Sequence[tuple[str, str]] | None = None,
         accept: str | None = None,
+        writes: bool = True,
     ) -> dict[str, Any]:
         plural = plural or resource.plural
         _check_declared(resource.group, plural, verb, name, self.peering)
-        if method in ("POST", "PATCH"):
+        if method in ("POST", "PATCH") and writes:
             query = [*(query or ()), ("fieldManager", FIELD_MANAGER)]
         loop = asyncio.get_running_loop()
         attempt = 1
         while True:
             if self._closed:
                 raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
-            if method != "GET" and self.writable is not None and not self.writable():
+            if method != "GET" and writes and self.writable is not None and not self.writable():
                 raise WriteWithheld(f"{method} {path}: this replica stands by")
             try:
                 return await loop.run_in_executor(self._executor, self._call, method, path, body, query, accept)

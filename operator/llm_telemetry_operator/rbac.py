@@ -54,6 +54,11 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("kopf.dev", ("clusterkopfpeerings",), ("patch",), "framework", True, names="peering"),
     # Framework: kopf posts events about handler progress and failures (ours go the same way).
     Permission("", ("events",), ("create",), "framework"),
+    # Framework: the operator asks the API server which of these permissions it lacks (see access.py), so that a
+    # trimmed ClusterRole is named in the log and the resources' status instead of leaving them silently idle. Any
+    # authenticated user may create one by default (the system:basic-user ClusterRole); declared so the chart grants
+    # it where that default binding was taken away.
+    Permission("authorization.k8s.io", ("selfsubjectaccessreviews",), ("create",), "framework", True),
     # Application: the LLMTelemetry resources themselves (finalizers, progress annotations, status).
     Permission("llmtelemetry.dev", ("llmtelemetries",), ("list", "watch", "patch"), "application", True),
     Permission("llmtelemetry.dev", ("llmtelemetries/status",), ("patch",), "application", True),

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final
 
+import aiohttp.web
 import attrs
 import jsonschema
 import kmock as kmocklib
@@ -83,6 +84,10 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         #: Refusals that start once the operator has updated an object, by (plural, name) of that object: what then
         #: goes into ``deny``.
         self.deny_after: dict[tuple[str, str], dict[tuple[str, str], tuple[int, str, str]]] = {}
+        #: What the emulator's SelfSubjectAccessReviews answer as not allowed, as RBAC without the grant would:
+        #: (api_group, resource, verb, namespace), ``resource`` with ``/subresource``, namespace None for a review
+        #: of every namespace. The requests themselves are refused only as ``forbid`` and ``deny`` say.
+        self.unauthorized: set[tuple[str, str, str, str | None]] = set()
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -119,6 +124,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             and request.resource.plural == "namespaces"
         ):
             request = self._restore_namespaces_request(request)
+        if request.resource is not None and request.resource.plural == "selfsubjectaccessreviews":
+            return self._review(request)
         if (
             request.resource is not None
             and (request.resource.plural, request.namespace) in self.forbid
@@ -199,6 +206,15 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         if action == kmocklib.action.UPDATE and not request.headers.get("X-Test-Hand") and not request.subresource:
             self.deny.update(self.deny_after.pop((request.resource.plural, request.name), {}))
         return answer
+
+    def _review(self, request: Any) -> Any:
+        """A SelfSubjectAccessReview answered from :attr:`unauthorized` (everything else is allowed)."""
+        review = dict(request.data) if isinstance(request.data, Mapping) else {}
+        asked = (review.get("spec") or {}).get("resourceAttributes") or {}
+        resource = str(asked.get("resource", "")) + (f"/{asked['subresource']}" if asked.get("subresource") else "")
+        key = (str(asked.get("group", "")), resource, str(asked.get("verb", "")), asked.get("namespace") or None)
+        allowed = key not in self.unauthorized and (*key[:3], None) not in self.unauthorized
+        return aiohttp.web.json_response({**review, "status": {"allowed": allowed}}, status=201)
 
     async def _serve_list(self, request: Any) -> Any:
         async with self._writes:

@@ -29,6 +29,10 @@ release's operator paused.
   resources: [clusterkopfpeerings]
   verbs: [patch]
   resourceNames: [{{ include "llm-telemetry-operator.peeringName" . | quote }}]
+# Framework: asking the API server which of these permissions the operator lacks (SelfSubjectAccessReview).
+- apiGroups: [authorization.k8s.io]
+  resources: [selfsubjectaccessreviews]
+  verbs: [create]
 # Application: the LLMTelemetry resources (finalizers, progress annotations) and their status.
 - apiGroups: [llmtelemetry.dev]
   resources: [llmtelemetries]

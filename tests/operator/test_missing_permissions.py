@@ -1,0 +1,140 @@
+"""A permission the operator declares but the API server refuses it (a trimmed ClusterRole): the operator asks with
+SelfSubjectAccessReviews, names each missing permission in one ERROR line, and a resource it may not patch (kopf's
+finalizer patch refused, so no handler of ours runs for it) says so in its status and a Warning event, as far as
+the operator may write those, instead of staying silently idle."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from kopf_testing import (
+    LLMT,
+    NAMESPACE,
+    condition,
+    eventually,
+    get,
+    minimal_llmt,
+    posted_events,
+    reported,
+    running_operator,
+)
+
+from llm_telemetry_operator import access
+from llm_telemetry_operator import constants as c
+from llm_telemetry_operator.config import OperatorConfig
+
+PATCH = (c.GROUP, c.PLURAL, "patch", None)
+STATUS = (c.GROUP, f"{c.PLURAL}/status", "patch", None)
+EVENTS = ("", "events", "create", None)
+HAND = {"X-Test-Hand": "1"}
+NAMED = f"patch {c.PLURAL}.{c.GROUP} (cluster-wide)"
+
+
+def refused(name: str) -> tuple[int, str, str]:
+    """What RBAC answers a patch of ``name`` without the grant."""
+    return (403, "Forbidden", f'{c.PLURAL}.{c.GROUP} "{name}" is forbidden: cannot patch resource "{c.PLURAL}"')
+
+
+def errors_naming(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage()]
+
+
+def status_writes(emulator: Any, name: str) -> int:
+    return sum(
+        1
+        for req in list(emulator)
+        if req.method.value == "PATCH" and str(req.url.path).endswith(f"/{c.PLURAL}/{name}/status")
+    )
+
+
+@pytest.mark.parametrize(
+    "also_missing",
+    [(), (EVENTS,), (STATUS,)],
+    ids=["status-and-event", "status-only", "event-only"],
+)
+async def test_a_resource_the_operator_may_not_patch_says_why(
+    emulator: Any, caplog: pytest.LogCaptureFixture, also_missing: tuple[tuple[str, str, str, None], ...]
+) -> None:
+    emulator.unauthorized.update({PATCH, *also_missing})
+    emulator.deny[(c.PLURAL, "chat")] = refused("chat")
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
+        if STATUS in also_missing:
+            await eventually(lambda: posted_events(emulator, "Forbidden"), "the Forbidden event")
+        else:
+            found = await reported(emulator, c.CONDITION_READY, "Forbidden", "Ready False, Forbidden")
+            assert found["status"] == "False"
+            assert f"may not patch {c.PLURAL}.{c.GROUP}" in found["message"]
+        # kopf keeps retrying its finalizer patch meanwhile; the resource is told once.
+        await eventually(
+            lambda: sum(1 for r in caplog.records if "Request attempt #3 failed" in r.getMessage()),
+            "kopf's third attempt",
+        )
+    events = posted_events(emulator, "Forbidden")
+    if EVENTS in also_missing:
+        assert events == []
+    else:
+        assert len(events) == 1 and events[0]["type"] == "Warning", events
+        assert f"may not patch {c.PLURAL}.{c.GROUP}" in events[0]["message"]
+    if STATUS in also_missing:
+        assert status_writes(emulator, "chat") == 0
+        assert condition(get(emulator, LLMT, "chat"), c.CONDITION_READY) == {}
+    else:
+        assert status_writes(emulator, "chat") == 1
+    (error,) = errors_naming(caplog, NAMED)
+    assert "no pass runs for it" in error
+    for missing in also_missing:
+        assert f"{missing[2]} {missing[1]}" in error
+
+
+def reviews(emulator: Any) -> int:
+    """SelfSubjectAccessReviews the operator made."""
+    return sum(1 for req in list(emulator) if str(req.url.path).endswith("/selfsubjectaccessreviews"))
+
+
+async def create(emulator: Any, body: dict[str, Any]) -> None:
+    """A resource created by a user, over HTTP, while the operator runs."""
+    url = f"{str(emulator.url).rstrip('/')}/apis/{c.GROUP}/{c.VERSION}/namespaces/{NAMESPACE}/{c.PLURAL}"
+    async with aiohttp.ClientSession() as session:
+        headers = {**HAND, "Content-Type": "application/json"}
+        async with session.post(url, data=json.dumps(body), headers=headers) as rsp:
+            assert rsp.status < 400, await rsp.text()
+
+
+async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
+    async with running_operator(config):
+        await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
+        assert not errors_naming(caplog, NAMED)
+        emulator.unauthorized.add(PATCH)
+        emulator.deny[(c.PLURAL, "late")] = refused("late")
+        await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
+        await create(emulator, {**minimal_llmt("late"), "metadata": {"name": "late", "namespace": NAMESPACE}})
+        await reported(emulator, c.CONDITION_READY, "Forbidden", "late: Ready False, Forbidden", name="late")
+        # Another whole check since, which finds the same permission missing: no second ERROR for it.
+        asked = reviews(emulator)
+        await eventually(lambda: reviews(emulator) >= asked + len(access.needed(config)), "another check")
+        emulator.unauthorized.clear()
+        emulator.deny.clear()
+        await eventually(
+            lambda: any("every permission it needs again" in r.getMessage() for r in caplog.records),
+            "the permission seen back",
+        )
+        await eventually(
+            lambda: c.FINALIZER in ((get(emulator, LLMT, "late") or {}).get("metadata") or {}).get("finalizers", []),
+            "kopf's finalizer added at its next retry",
+        )
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "late"), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
+            "a pass of its own",
+        )
+    assert len(errors_naming(caplog, NAMED)) == 1
