@@ -129,8 +129,12 @@ async def missing(client: KubeClient, config: OperatorConfig) -> list[Grant]:
     """The permissions of :func:`needed` the API server refuses this operator, in the order declared. Raises the
     client's :class:`~llm_telemetry_operator.errors.ApiError` when a review itself fails (refused, or no answer)."""
     grants = needed(config)
-    allowed = await asyncio.gather(*(client.review(grant.attributes()) for grant in grants))
-    return [grant for grant, ok in zip(grants, allowed, strict=True) if not ok]
+    # Every review is awaited, failed or not: none is left running (or its error unread) once one has failed.
+    answers = await asyncio.gather(*(client.review(grant.attributes()) for grant in grants), return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return [grant for grant, ok in zip(grants, answers, strict=True) if not ok]
 
 
 def may(lacking: Iterable[Grant], api_group: str, resource: str, verb: str, namespace: str | None) -> bool:

@@ -332,6 +332,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # whole operator once it cannot keep its entry in one. kopf starts its peering only after the startup handlers.
     settings.peering.clusterwide = True
     state.logger = logger
+    # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
+    # refused finalizer patch leaves a resource idle), then again at each resync interval. Reviews store nothing:
+    # asked before the standby check, so that a replica found active goes on with no further wait.
+    await _check_access(memo, state, logger)
+    memo["access"] = asyncio.create_task(_watch_access(memo, state, logger), name="llm-telemetry-access")
     identity = memo.get("identity")
     if identity and not config.standalone:
         # No write while this replica stands by, not even one of a pass already under way when it began to.
@@ -341,10 +346,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         memo["standby"] = asyncio.create_task(
             _watch_standby(_client(memo), config, state, str(identity), logger), name="llm-telemetry-standby"
         )
-    # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
-    # refused finalizer patch leaves a resource idle), then again at each resync interval.
-    await _check_access(memo, state, logger)
-    memo["access"] = asyncio.create_task(_watch_access(memo, state, logger), name="llm-telemetry-access")
     await _track_existing(_client(memo), config, state, logger)
     if config.namespaces:
         await _release_in_leaving_namespaces(memo, state, logger)

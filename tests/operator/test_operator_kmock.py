@@ -30,6 +30,7 @@ from kopf_testing import (
     get,
     install_default_collectors,
     install_prometheus_operator_crds,
+    is_write,
     minimal_llmt,
     namespace_object,
     posted_events,
@@ -290,9 +291,7 @@ def writes_of(kmock: Any, since: int = 0) -> list[str]:
     return [
         f"{r.method.value} {r.url.path}"
         for r in list(kmock)[since:]
-        if not r.headers.get("X-Test-Hand")
-        and r.method.value in ("POST", "PATCH", "PUT", "DELETE")
-        and "kopfpeerings" not in str(r.url.path)
+        if not r.headers.get("X-Test-Hand") and is_write(r) and "kopfpeerings" not in str(r.url.path)
     ]
 
 
@@ -1428,7 +1427,7 @@ async def test_first_pass_creates_without_lists_and_repairs_a_leftover_child(
     (key,) = dashboard["data"]
     assert key == f"{resources.dashboard_uid(owner)}.json"
     assert json.loads(dashboard["data"][key])["panels"]
-    writes = [r for r in new if r.method.value in ("POST", "PATCH")]
+    writes = [r for r in new if r.method.value in ("POST", "PATCH") and is_write(r)]
     assert writes and all("as=PartialObjectMetadata" in r.headers.get("Accept", "") for r in writes)
 
 
@@ -1563,7 +1562,7 @@ async def test_a_replica_standing_by_leaves_a_deletion_to_the_active_one(emulato
         writes = [
             (r.method.value, str(r.url.path))
             for r in list(emulator)[seen:]
-            if r.method.value in ("POST", "PATCH", "PUT", "DELETE") and "kopfpeerings" not in str(r.url.path)
+            if is_write(r) and "kopfpeerings" not in str(r.url.path)
         ]
         assert [w for w in writes if w[0] != "DELETE" or "llmtelemetries" not in w[1]] == []  # only the test's own
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from kopf_testing import (
     get,
     install_default_collectors,
     install_prometheus_operator_crds,
+    is_write,
     minimal_llmt,
     namespace_object,
     posted_events,
@@ -41,7 +43,6 @@ OTHER = "team-a-llm-telemetry-operator"
 #: Polls (of 0.05 s) to wait for a takeover of an operator seen gone: it is confirmed by a second look
 #: TAKEOVER_CONFIRM_SECONDS later (kopf takes a stopping replica's entry out before its stop can be said).
 CONFIRMED = int((TAKEOVER_CONFIRM_SECONDS + 10) / 0.05)
-WRITES = ("POST", "PATCH", "PUT", "DELETE")
 
 
 def other_operator(
@@ -89,9 +90,7 @@ def writes_since(emulator: Any, seen: int) -> list[tuple[str, str]]:
     return [
         (r.method.value, str(r.url.path))
         for r in list(emulator)[seen:]
-        if r.method.value in WRITES
-        and "kopfpeerings" not in str(r.url.path)
-        and not str(r.url.path).endswith("/events")
+        if is_write(r) and "kopfpeerings" not in str(r.url.path) and not str(r.url.path).endswith("/events")
     ]
 
 
@@ -266,15 +265,20 @@ async def test_a_resource_whose_operator_stopped_long_ago_is_taken_over(emulator
         assert (await ready(emulator, attempts=CONFIRMED))["status"]["operator"] == PEERING
 
 
-async def test_the_active_replica_says_when_it_stopped(emulator: Any) -> None:
+async def test_the_active_replica_says_when_it_stopped(emulator: Any, caplog: pytest.LogCaptureFixture) -> None:
     """So that another operator leaves the resources this one claimed alone while it restarts (kopf removes the
-    replica's entry as it stops)."""
+    replica's entry as it stops). Stopped once its startup is over: kopf runs no cleanup for an operator stopped
+    during it (the watched namespaces are published while the startup goes on)."""
+    caplog.set_level(logging.INFO)
     async with running_operator():
         await eventually(
             lambda: (
                 get(emulator, CLUSTERKOPFPEERINGS, PEERING, namespace=None)["metadata"].get("annotations") or {}
             ).get(c.ANNOTATION_WATCHED),
             "active",
+        )
+        await eventually(
+            lambda: any(r.getMessage() == "Activity 'startup' succeeded." for r in caplog.records), "started"
         )
         before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     said = (get(emulator, CLUSTERKOPFPEERINGS, PEERING, namespace=None)["metadata"].get("annotations") or {}).get(
