@@ -1285,8 +1285,9 @@ async def _report_failure(
     # pass that gets through posts no event again for a failure the resource still shows.
     reported = state.reported[key] if key in state.reported else _stored_reports(body)
     new = failure not in reported
-    if new and event:
-        kopf.warn(_event_target(body), reason=reason, message=message)
+    if new:
+        if event:
+            kopf.warn(_event_target(body), reason=reason, message=message)
         if len(reported) >= MAX_REPORTED:
             # Failures of a pass each differ (an API error's message names what it was doing): kept bounded.
             reported = _stored_reports(body)
