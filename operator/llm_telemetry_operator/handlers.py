@@ -619,6 +619,10 @@ async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, 
     if c.FINALIZER in (meta.get("finalizers") or []) or meta.get("deletionTimestamp"):
         return
     state.forbidden_said.add(uid)
+    if not await _still_refused(memo, access.Grant(c.GROUP, c.PLURAL, "patch", namespace or None)):
+        # Granted since the last check, or in this namespace (a Role there): kopf's finalizer patch goes through.
+        state.forbidden_said.discard(uid)
+        return
     lacking = state.lacking or ()
     await _report_failure(
         memo,
@@ -628,6 +632,16 @@ async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, 
         event=access.may(lacking, "", "events", "create", namespace),
         write_status=access.may(lacking, c.GROUP, f"{c.PLURAL}/status", "patch", namespace),
     )
+
+
+async def _still_refused(memo: Any, grant: access.Grant) -> bool:
+    """Whether the API server refuses ``grant`` now, asked again just before a resource is told it is not served:
+    the last check may be a resync interval old, and a cluster-wide refusal says nothing of a namespace's own
+    grant. A review that fails leaves the last check's word standing."""
+    try:
+        return not await _client(memo).review(grant.attributes())
+    except ApiError:
+        return True
 
 
 async def _heartbeat(state: OperatorState) -> None:

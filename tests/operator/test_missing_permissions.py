@@ -138,3 +138,22 @@ async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so
             "a pass of its own",
         )
     assert len(errors_naming(caplog, NAMED)) == 1
+
+
+async def test_a_resource_created_once_the_permission_is_back_is_not_told_it_is_forbidden(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The last check (at startup; the next one is a resync interval away) found patch missing; it is granted again
+    # before the resource is created, so kopf's finalizer patch goes through and the resource is served.
+    emulator.unauthorized.add(PATCH)
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
+        emulator.unauthorized.clear()
+        await create(emulator, {**minimal_llmt("back"), "metadata": {"name": "back", "namespace": NAMESPACE}})
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "back"), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
+            "a pass of its own",
+        )
+    assert posted_events(emulator, "Forbidden") == []
+    assert status_writes(emulator, "back") >= 1
