@@ -623,6 +623,15 @@ async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, 
         # Granted since the last check, or in this namespace (a Role there): kopf's finalizer patch goes through.
         state.forbidden_said.discard(uid)
         return
+    latest = state.bodies.get((namespace, str(meta.get("name") or "")))
+    latest_meta = (latest or {}).get("metadata") or {}
+    if (
+        _paused(state)  # began to stand by during the review: kopf posts the event past the client's check of writes
+        or latest_meta.get("uid") != uid  # deleted meanwhile (its uid would be remembered for good)
+        or c.FINALIZER in (latest_meta.get("finalizers") or [])
+    ):
+        state.forbidden_said.discard(uid)
+        return
     lacking = state.lacking or ()
     await _report_failure(
         memo,
