@@ -1521,7 +1521,6 @@ async def llmtelemetry_track(
             # No other handler of ours runs for it while kopf's finalizer patch is refused: say so where a user looks.
             await _report_forbidden(memo, state, _snapshot(body))
         return
-    state.forbidden_said.discard(body.get("metadata", {}).get("uid") or "")
     _forget(state, (namespace, name), body)
 
 
@@ -1535,6 +1534,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.reported.pop(key, None)
     state.left.pop(key, None)
     state.claimed.discard(body.get("metadata", {}).get("uid") or "")
+    state.forbidden_said.discard(body.get("metadata", {}).get("uid") or "")
     state.schedule.forget(key)
     _await_collectors(None, state, key, frozenset())
     _await_pricing(None, state, key, frozenset())
