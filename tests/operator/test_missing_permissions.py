@@ -157,3 +157,28 @@ async def test_a_resource_created_once_the_permission_is_back_is_not_told_it_is_
         )
     assert posted_events(emulator, "Forbidden") == []
     assert status_writes(emulator, "back") >= 1
+
+
+async def test_a_resource_seen_before_the_check_found_patch_missing_is_told_by_the_next_check(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Refused after the last check said all was granted: the watch-event handler ran for the new resource with
+    # nothing known missing, and kopf's finalizer patch is retried with no new watch event. The next check tells it.
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
+    async with running_operator(config):
+        await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
+        emulator.deny[(c.PLURAL, "early")] = refused("early")
+        await create(emulator, {**minimal_llmt("early"), "metadata": {"name": "early", "namespace": NAMESPACE}})
+        await eventually(
+            lambda: any(
+                req.method.value == "PATCH" and str(req.url.path).endswith(f"/{c.PLURAL}/early")
+                for req in list(emulator)
+            ),
+            "kopf's finalizer patch tried (and refused)",
+        )
+        emulator.unauthorized.add(PATCH)
+        found = await reported(emulator, c.CONDITION_READY, "Forbidden", "early: Ready False, Forbidden", name="early")
+        assert found["status"] == "False"
+    events = posted_events(emulator, "Forbidden")
+    assert len(events) == 1 and events[0]["type"] == "Warning", events
