@@ -555,13 +555,19 @@ def _paused(state: OperatorState) -> bool:
     return state.standby
 
 
-async def _check_access(memo: Any, state: OperatorState, logger: Any) -> None:
+async def _check_access(memo: Any, state: OperatorState, logger: Any, *, namespaced: bool = True) -> None:
     """Ask the API server which declared permissions this operator lacks (see access.py). A change is said once:
     an ERROR naming each missing permission and what breaks without it, or an INFO line once none is missing
     any more. While ``patch`` on the LLMTelemetry resources is missing, each one seen is told so (see
-    :func:`_report_forbidden`)."""
+    :func:`_report_forbidden`). With ``namespaced`` False, only the cluster-wide grants are asked about (in
+    namespaced mode a Role's are asked about in each watched namespace: at startup only), and what the last check
+    found of the others stands."""
     try:
-        lacking = tuple(await access.missing(_client(memo), _config(memo)))
+        config = _config(memo)
+        found = set(await access.missing(_client(memo), config, namespaced=namespaced))
+        if not namespaced:
+            found.update(grant for grant in state.lacking or () if grant.namespace is not None)
+        lacking = tuple(grant for grant in access.needed(config) if grant in found)
     except ApiError as exc:
         if not state.access_unknown_said:
             state.access_unknown_said = True
@@ -591,7 +597,7 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
     while True:
         await asyncio.sleep(_config(memo).resync_seconds)
         try:
-            await _check_access(memo, state, logger)
+            await _check_access(memo, state, logger, namespaced=False)
         except Exception:
             logger.exception("checking the operator's permissions failed")
 
