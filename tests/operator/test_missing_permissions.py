@@ -107,13 +107,18 @@ async def create(emulator: Any, body: dict[str, Any]) -> None:
             assert rsp.status < 400, await rsp.text()
 
 
+async def started(caplog: pytest.LogCaptureFixture) -> None:
+    """Wait until kopf says the operator's startup handler (and so its first permission check) is done."""
+    await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
+
+
 async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
     async with running_operator(config):
-        await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
+        await started(caplog)
         assert not errors_naming(caplog, NAMED)
         emulator.unauthorized.add(PATCH)
         emulator.deny[(c.PLURAL, "late")] = refused("late")
@@ -167,7 +172,7 @@ async def test_a_resource_seen_before_the_check_found_patch_missing_is_told_by_t
     caplog.set_level(logging.INFO)
     config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
     async with running_operator(config):
-        await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
+        await started(caplog)
         emulator.deny[(c.PLURAL, "early")] = refused("early")
         await create(emulator, {**minimal_llmt("early"), "metadata": {"name": "early", "namespace": NAMESPACE}})
         await eventually(
