@@ -203,6 +203,32 @@ def test_request_logs_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> N
     assert log_lines(capsys.readouterr().out) == []
 
 
+def test_request_logs_off_sends_no_otlp_record_either_and_a_null_handler_keeps_only_the_records(
+    receiver: OTLPReceiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/logging.md: ``LLM_TELEMETRY_REQUEST_LOGS=false`` turns the OTLP record off with the stdout line (a
+    service that turned its stdout line off that way, as the page advised, lost its OTLP records too, unsaid); an
+    app that wants the records without the line gives the request logger a ``logging.NullHandler()``."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    env = tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_TRACES_EXPORTER="none")
+    env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+    with demo_server({**env, "LLM_TELEMETRY_REQUEST_LOGS": "false"}) as (_, base):
+        assert httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "off-1"}).is_success
+    logger = logging.getLogger(REQUEST_LOGGER)
+    previous = logger.handlers[:]
+    logger.handlers[:] = [logging.NullHandler()]
+    try:
+        with demo_server(env) as (_, base):
+            answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "null-1"})
+            assert answer.is_success
+    finally:
+        logger.handlers[:] = previous
+    # Each server's pipeline is flushed as it stops, in order: once the second's record is in, the first's would be.
+    assert receiver.wait_for(lambda r: any(rec.attributes.get("request_id") == "null-1" for rec in r.logs))
+    assert not [rec for rec in receiver.logs if rec.attributes.get("request_id") == "off-1"]
+    assert log_lines(capsys.readouterr().out) == []
+
+
 def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:
     """Rerouting: an app that gives the logger its own handler gets the lines there, not on stdout."""
     with request_log_lines() as sink, demo_server({}) as (_, base):
