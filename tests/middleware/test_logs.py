@@ -155,6 +155,96 @@ def test_logs_without_tracing_have_null_trace_ids(capsys: pytest.CaptureFixture[
     assert line["service"] == "llm-plain"
 
 
+def own_lines_app(logger: logging.Logger) -> Any:
+    """An app that logs through ``logger`` where apps log: in a stream's generator (sent from a task of its own), in
+    a thread it hands work to, in a synchronous endpoint (Starlette's thread pool) and on a route that is no LLM's."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return "data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+
+    def answer(request_id: str) -> dict[str, Any]:
+        logger.info("in a thread %s", request_id)
+        message = {"role": "assistant", "content": "hi"}
+        return {"id": "c2", "object": "chat.completion", "choices": [{"index": 0, "message": message}]}
+
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        request_id = request.headers["x-request-id"]
+        if not body.get("stream"):
+            return JSONResponse(await run_in_threadpool(answer, request_id))
+
+        async def events() -> Any:
+            for word in ("a ", "b"):
+                logger.info("in the stream %s", request_id)
+                yield chunk({"content": word})
+            yield chunk({}, "stop") + "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def embeddings(request: Request) -> JSONResponse:
+        logger.info("in a sync endpoint %s", request.headers["x-request-id"])
+        return JSONResponse({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]})
+
+    def health(request: Request) -> JSONResponse:
+        logger.info("on a route of no LLM")
+        return JSONResponse({})
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/health", health),
+    ]
+    return Starlette(routes=routes)
+
+
+def test_the_apps_own_lines_carry_the_ids_of_the_request_they_were_logged_in(receiver: OTLPReceiver) -> None:
+    """docs/logging.md: ``JsonFormatter`` gives the app's own records ``trace_id``, ``span_id`` and ``trace_sampled``
+    of the current span. Wherever the app logs while answering an LLM request (a stream's generator, a thread, a
+    synchronous endpoint), its line names the request's LLM span, as the request's own line does; on a route that
+    is no LLM's there is no span, and its line has no ids."""
+    own = io.StringIO()
+    handler = logging.StreamHandler(own)
+    handler.setFormatter(JsonFormatter())
+    app_logger = logging.getLogger("llm_telemetry_tests.own_lines")
+    app_logger.addHandler(handler)
+    app_logger.setLevel(logging.INFO)
+    app_logger.propagate = False
+    try:
+        with isolated_env(tracing_env(receiver, OTEL_SERVICE_NAME="llm-own-lines")):
+            app = LLMTelemetryMiddleware(own_lines_app(app_logger), metrics_port=0)
+            app.telemetry  # noqa: B018 - build the providers now, while the environment is in place
+        with request_log_lines() as requests, serve(app) as base:
+            llm = client(base)
+            for _ in llm.chat.completions.create(
+                model="m", messages=[], stream=True, extra_headers={"x-request-id": "own-stream"}
+            ):
+                pass
+            llm.chat.completions.create(model="m", messages=[], extra_headers={"x-request-id": "own-thread"})
+            llm.embeddings.create(model="e", input="x", extra_headers={"x-request-id": "own-sync"})
+            assert httpx.get(base + "/health").status_code == 200
+        app.telemetry.shutdown()
+    finally:
+        app_logger.removeHandler(handler)
+    request_lines = log_lines(requests.getvalue())
+    own_lines = log_lines(own.getvalue())
+    for request_id, times in (("own-stream", 2), ("own-thread", 1), ("own-sync", 1)):
+        request_line = line_for(request_lines, request_id)
+        assert request_line["trace_sampled"] is True and request_line["span_id"]
+        mine = [line for line in own_lines if line["message"].endswith(" " + request_id)]
+        assert len(mine) == times, own_lines
+        for line in mine:
+            ids = (line["trace_id"], line["span_id"], line["trace_sampled"])
+            assert ids == (request_line["trace_id"], request_line["span_id"], True), (line, request_line)
+    (elsewhere,) = [line for line in own_lines if line["message"] == "on a route of no LLM"]
+    assert set(elsewhere) == {"timestamp", "level", "message"}
+
+
 def test_a_utf8_request_id_is_logged_as_sent_and_echoed_byte_for_byte(capsys: pytest.CaptureFixture[str]) -> None:
     """Header values are bytes; clients send non-ASCII ones as UTF-8 (as the attribution headers are read)."""
     sent = "réq-ünïcode-1".encode()
