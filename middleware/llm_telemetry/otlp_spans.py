@@ -238,12 +238,13 @@ def _entry(tag: bytes, key: str, kind: type, value: Any) -> bytes:
         return tag + (small[n] if n < 128 else _varint(n)) + pair
     except Exception as error:
         # With its traceback once per attribute key, then in one line at DEBUG: a value a client sends on every
-        # request must not flood the log.
+        # request must not flood the log. The key is written escaped (%r): one OTLP cannot carry may hold a lone
+        # surrogate, which a handler writing strict UTF-8 (a stdout StreamHandler) would fail to write.
         if key in _unencodable or len(_unencodable) >= _CACHE_SIZE:
-            logger.debug("llm-telemetry: failed to encode OTLP attribute %s: %s", key, error)
+            logger.debug("llm-telemetry: failed to encode OTLP attribute %r: %s", key, error)
         else:
             _unencodable.add(key)
-            logger.exception("llm-telemetry: failed to encode OTLP attribute %s: %s (logged once per key)", key, error)
+            logger.exception("llm-telemetry: failed to encode OTLP attribute %r: %s (logged once per key)", key, error)
         return b""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import pickle
 import struct
@@ -178,6 +179,33 @@ def test_values_the_sdk_encoder_cannot_carry() -> None:
             sdk_bytes([bad])
         with pytest.raises((ValueError, TypeError, OverflowError, struct.error)):
             encode_logs_request([bad])
+
+
+def test_an_attribute_key_otlp_cannot_carry_is_logged_by_a_handler_writing_strict_utf8() -> None:
+    """The warning about an attribute left out names its key escaped: a lone surrogate written as is fails a
+    handler that writes strict UTF-8, as a StreamHandler on a UTF-8 stdout does ("--- Logging error ---" on stderr,
+    and the warning lost)."""
+    failures: list[logging.LogRecord] = []
+
+    class Counting(logging.StreamHandler):  # type: ignore[type-arg]
+        def handleError(self, record: logging.LogRecord) -> None:
+            failures.append(record)
+
+    written = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    handler = Counting(written)
+    logger = logging.getLogger("llm_telemetry")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        for key in ("strict\ud800", "strict\udfff-" + str(id(handler))):
+            encode_logs_request([readable(attributes={key: "x", "kept": 1})])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert failures == []
+    text = written.buffer.getvalue().decode()  # type: ignore[attr-defined]
+    assert "failed to encode OTLP attribute 'strict\\ud800'" in text, text
 
 
 _keys = st.text(max_size=8) | st.sampled_from(["", "k" * 127, "k" * 128, "é" * 63, "é" * 64, "k" * 120, "\ud800"])
