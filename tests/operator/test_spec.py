@@ -403,3 +403,35 @@ def test_a_label_keeps_at_most_ten_thousand_values() -> None:
     spec["attribution"] = {"maxLabelValues": 1_000_000_000}
     with pytest.raises(SpecError, match=r"spec\.attribution\.maxLabelValues"):
         parse_spec(spec)
+
+
+def test_the_runbooks_name_the_llmtelemetry_field_of_every_threshold_they_tell_to_change() -> None:
+    """docs/runbooks.md is read by whoever an alert pages, and the operator made most of those alerts: a step that
+    names only an ``AlertThresholds`` attribute (``error_ratio``) sends them looking for a field no LLMTelemetry
+    has. Each threshold a section names comes with its ``spec.alerts`` field, or the word that it has none."""
+    import dataclasses
+    import pathlib
+    import re
+
+    import yaml
+
+    from llm_telemetry.monitoring.rules import AlertThresholds
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    crd = yaml.safe_load((root / "crds" / "llmtelemetry.dev_llmtelemetries.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    alerts = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["alerts"]["properties"]
+    fields = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(): name for name in alerts if name != "enabled"}
+    thresholds = {f.name for f in dataclasses.fields(AlertThresholds)}
+    assert set(fields) <= thresholds, set(fields) - thresholds
+    runbooks = (root / "docs" / "runbooks.md").read_text()
+    checked = 0
+    for section in runbooks.split("\n## ")[1:]:
+        heading = section.splitlines()[0]
+        for threshold in sorted(set(re.findall(r"`([a-z0-9_]+)`", section)) & thresholds):
+            checked += 1
+            if threshold in fields:
+                assert f"`spec.alerts.{fields[threshold]}`" in section, (heading, threshold)
+            else:
+                assert "an `LLMTelemetry` has no field for" in section, (heading, threshold)
+    assert checked >= 5
