@@ -170,6 +170,10 @@ class OperatorState:
     #: When (time.monotonic()) each such operator was first seen with no live replica and no recent stop, since it
     #: was last seen otherwise (see TAKEOVER_CONFIRM_SECONDS).
     holders_gone: dict[str, float] = field(default_factory=dict)
+    #: Such operators last read with no replica running now, though one ran (or said it stopped) within
+    #: TAKEOVER_GRACE_SECONDS: a restart, or the operator of this very release under the peering name it had before a
+    #: switch between cluster-wide and namespaced mode (see _leave_to).
+    holders_idle: set[str] = field(default_factory=set)
     #: When (time.monotonic()) this replica last read the peering object and found itself the active one: the
     #: replica active until the operator stopped says so on the object (see _mark_stopped).
     active_seen: float | None = None
@@ -1169,13 +1173,21 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
             found = []  # no peering CRD: no operator of that name runs with peering
         except ApiError:
             return holder  # unknown: left alone this time, looked at again at the next pass
-        horizon = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=TAKEOVER_GRACE_SECONDS)
-        alive = any(
-            until > horizon
+        current = datetime.datetime.now(datetime.UTC)
+        horizon = current - datetime.timedelta(seconds=TAKEOVER_GRACE_SECONDS)
+        lives = [
+            until
             for peering in found
             for peer in (peering.get("status") or {})
             if (until := alive_until(peering.get("status"), peer)) is not None
-        ) or any(stopped > horizon for peering in found if (stopped := _stopped_at(peering)) is not None)
+        ]
+        alive = any(until > horizon for until in lives) or any(
+            stopped > horizon for peering in found if (stopped := _stopped_at(peering)) is not None
+        )
+        if any(until > current for until in lives):
+            state.holders_idle.discard(holder)
+        else:
+            state.holders_idle.add(holder)
         if alive:
             state.holders_gone.pop(holder, None)
         else:
@@ -1292,8 +1304,21 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
     message = (
         f"served by the operator of peering object {holder!r}; this operator ({_config(memo).peering!r}) watches "
         f"namespace {key[0]} too and leaves the resource to it while that operator runs. Two releases of the "
-        "operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it"
-    )[:MAX_MESSAGE_CHARS]
+        "operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it. If"
+        f" {holder!r} is this release's own former peering name (a switch between cluster-wide and namespaced mode:"
+        " the old pods' entries outlive them by up to a minute), there is no second release: delete that peering"
+        " object once its pods are gone, and the resource is taken over at its next resync"
+    )
+    if holder in state.holders_idle:
+        message = (
+            f"left to the operator of peering object {holder!r}, which has no replica running now but had one within"
+            f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes (a restart, or a rollout), so it counts as restarting; this"
+            f" operator ({_config(memo).peering!r}) takes the resource over once that has been gone"
+            f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes. If {holder!r} is this release's own former peering name (a"
+            " switch between cluster-wide and namespaced mode), delete that peering object once its pods are gone:"
+            " the resource is then taken over at its next resync"
+        )
+    message = message[:MAX_MESSAGE_CHARS]
     logger.warning("%s", message)
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 
