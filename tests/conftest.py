@@ -48,11 +48,20 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A worker sends its reports to the controller as UTF-8, and a captured section holding a lone surrogate (a
-    hostile value a test sent through the middleware and logged) cannot be sent: the worker would crash. Such
-    characters are written escaped, as Python's stderr writes them."""
+    """A worker sends its reports to the controller as UTF-8, and a captured section or a failure's text holding a
+    lone surrogate (a hostile value a test sent through the middleware and logged, or one in an assertion's message)
+    cannot be sent: the worker would crash, and the session with it, the failure unreported. Such characters are
+    written escaped, as Python's stderr writes them; a failure's text so escaped is sent as plain text."""
     report = yield
-    report.sections = [
-        (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
-    ]
+    report.sections = [(title, _escaped(text)) for title, text in report.sections]
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        report.longrepr = tuple(_escaped(part) if isinstance(part, str) else part for part in longrepr)  # type: ignore[assignment]
+    elif longrepr is not None and (text := str(longrepr)) != _escaped(text):
+        report.longrepr = _escaped(text)
     return report
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each character UTF-8 cannot carry (a lone surrogate) written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

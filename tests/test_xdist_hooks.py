@@ -57,3 +57,37 @@ def test_the_real_cluster_tests_run_in_one_worker_under_loadgroup(tmp_path: path
         workers["integration" if nodeid.startswith("integration/") else "other"].add(worker)
     assert len(workers["integration"]) == 1, run.stdout
     assert workers["other"], run.stdout
+
+
+_SURROGATES = """\
+import pytest
+
+
+def test_fails_with_a_lone_surrogate():
+    assert "a\\ud800" == "b", "told \\udfff"
+
+
+def test_skips_with_a_lone_surrogate():
+    pytest.skip("skipped \\ud800")
+
+
+def test_prints_a_lone_surrogate():
+    print("printed \\ud800")
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_after(i):
+    pass
+"""
+
+
+def test_a_failure_whose_text_holds_a_lone_surrogate_is_reported_by_a_worker(tmp_path: pathlib.Path) -> None:
+    """A report UTF-8 cannot carry crashed the worker sending it, and the whole session ended in an INTERNALERROR
+    without the failure."""
+    _project(tmp_path, {"test_hostile.py": _SURROGATES})
+    run = _run(tmp_path, "-n", "2", "-rA")
+    assert "INTERNALERROR" not in run.stdout + run.stderr, run.stdout + run.stderr
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert re.search(r"^FAILED test_hostile\.py::test_fails_with_a_lone_surrogate", run.stdout, re.MULTILINE)
+    assert "told \\udfff" in run.stdout and "skipped \\ud800" in run.stdout, run.stdout
+    assert "1 failed, 7 passed, 1 skipped" in run.stdout, run.stdout
