@@ -1313,8 +1313,8 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
         message = (
             f"left to the operator of peering object {holder!r}, which has no replica running now but had one within"
             f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes (a restart, or a rollout), so it counts as restarting; this"
-            f" operator ({_config(memo).peering!r}) takes the resource over once that has been gone"
-            f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes. If {holder!r} is this release's own former peering name (a"
+            f" operator ({_config(memo).peering!r}) takes the resource over at its first resync after that has been"
+            f" gone {TAKEOVER_GRACE_SECONDS / 60:g} minutes. If {holder!r} is this release's own former peering name (a"
             " switch between cluster-wide and namespaced mode), delete that peering object once its pods are gone:"
             " the resource is then taken over at its next resync"
         )

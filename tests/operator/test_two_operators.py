@@ -239,6 +239,8 @@ async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulato
         # No second release to take the namespace out of: the other name may be this release's own, from before a
         # switch between cluster-wide and namespaced mode (seen so on a real API server), and the event says so.
         assert "no replica running now" in event["message"] and "Two releases" not in event["message"]
+        # Nothing starts a pass when the grace ends: the takeover waits for the resource's resync.
+        assert "takes the resource over at its first resync after" in event["message"], event["message"]
         assert "delete that peering object" in event["message"] and OTHER in event["message"]
         await asyncio.sleep(1)
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
