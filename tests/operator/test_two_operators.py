@@ -226,13 +226,21 @@ async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator:
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
 
 
-async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulator: Any, monitoring_crds: Any) -> None:
-    """Its only replica stopped a minute ago: kopf took its entry out, and the operator said when it stopped. A
-    restart, or a rollout of one replica, leaves none alive for a while, and taking its resources over then would
-    move them to this release's settings for good. They are left to it until it has been gone for a while."""
+@pytest.mark.parametrize("left", ["stop said", "stale entry"])
+async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(
+    emulator: Any, monitoring_crds: Any, left: str
+) -> None:
+    """Its only replica stopped a minute ago: kopf took its entry out, and the operator said when it stopped (or,
+    after a switch between cluster-wide and namespaced mode, the old pods could not take their entry out, and it
+    expired a minute ago). A restart, or a rollout of one replica, leaves none alive for a while, and taking its
+    resources over then would move them to this release's settings for good. They are left to it until it has been
+    gone for a while."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
+    if left == "stop said":
+        other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
+    else:
+        other_operator(emulator, datetime.timedelta(minutes=2), lifetime=60)
     served_by_other(emulator)
     async with running_operator():
         (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
@@ -245,6 +253,33 @@ async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulato
         await asyncio.sleep(1)
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A resource met while the other operator had no replica running is told it counts as restarting; one met once
+    that operator runs again (a replica's entry renewed, read past the cache of its peering object) is told two
+    releases watch the namespace, not that the other is restarting."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
+    served_by_other(emulator)
+    async with running_operator():
+        (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        assert "no replica running now" in event["message"], event["message"]
+        other_operator(emulator, datetime.timedelta(seconds=0))
+        await asyncio.sleep(handlers.HOLDER_CHECK_SECONDS + 1)
+        again = minimal_llmt("chat2")
+        again["status"] = {"operator": OTHER}
+        await hand(emulator, "POST", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries", again)
+        events = await eventually(
+            lambda: (found := posted_events(emulator, "WatchedTwice")) and len(found) == 2 and found,
+            "a second WatchedTwice event",
+        )
+        second = next(e for e in events if "chat2" in str(e.get("regarding") or e.get("involvedObject")))
+        assert "Two releases" in second["message"] and "no replica running now" not in second["message"], second
+        assert get(emulator, LLMT, "chat2")["status"]["operator"] == OTHER
 
 
 async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so_again(
