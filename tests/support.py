@@ -91,8 +91,18 @@ def _ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
+def _own_share(ports: list[int]) -> list[int]:
+    """Under pytest-xdist each worker takes every Nth port, starting at its own number: a port one worker has probed
+    free and not yet bound is never another's to hand out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if count > 1 and worker.startswith("gw") and worker[2:].isdigit():
+        return ports[int(worker[2:]) % count :: count]
+    return ports
+
+
 _EPHEMERAL = _ephemeral_ports()
-_PORTS = [p for p in range(10000, 65000) if p not in _EPHEMERAL]
+_PORTS = _own_share([p for p in range(10000, 65000) if p not in _EPHEMERAL])
 _handed_out: set[int] = set()
 _next_port = random.Random(os.getpid()).randrange(len(_PORTS))
 
