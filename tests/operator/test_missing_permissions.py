@@ -112,18 +112,34 @@ async def started(caplog: pytest.LogCaptureFixture) -> None:
     await eventually(lambda: any("Activity 'startup' succeeded" in r.getMessage() for r in caplog.records), "up")
 
 
+#: An operator that checks its permissions again every second (at each resync).
+RESYNC_EVERY_SECOND = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
+
+
+async def create_named(emulator: Any, name: str) -> None:
+    await create(emulator, {**minimal_llmt(name), "metadata": {"name": name, "namespace": NAMESPACE}})
+
+
+async def served(emulator: Any, name: str) -> None:
+    """Wait until a pass of the resource's own has set its Ready condition to something other than Forbidden."""
+    await eventually(
+        lambda: condition(get(emulator, LLMT, name), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
+        "a pass of its own",
+    )
+
+
 async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
+    config = RESYNC_EVERY_SECOND
     async with running_operator(config):
         await started(caplog)
         assert not errors_naming(caplog, NAMED)
         emulator.unauthorized.add(PATCH)
         emulator.deny[(c.PLURAL, "late")] = refused("late")
         await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
-        await create(emulator, {**minimal_llmt("late"), "metadata": {"name": "late", "namespace": NAMESPACE}})
+        await create_named(emulator, "late")
         await reported(emulator, c.CONDITION_READY, "Forbidden", "late: Ready False, Forbidden", name="late")
         # Another whole check since, which finds the same permission missing: no second ERROR for it.
         asked = reviews(emulator)
@@ -138,10 +154,7 @@ async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so
             lambda: c.FINALIZER in ((get(emulator, LLMT, "late") or {}).get("metadata") or {}).get("finalizers", []),
             "kopf's finalizer added at its next retry",
         )
-        await eventually(
-            lambda: condition(get(emulator, LLMT, "late"), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
-            "a pass of its own",
-        )
+        await served(emulator, "late")
     assert len(errors_naming(caplog, NAMED)) == 1
 
 
@@ -155,11 +168,8 @@ async def test_a_resource_created_once_the_permission_is_back_is_not_told_it_is_
     async with running_operator():
         await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
         emulator.unauthorized.clear()
-        await create(emulator, {**minimal_llmt("back"), "metadata": {"name": "back", "namespace": NAMESPACE}})
-        await eventually(
-            lambda: condition(get(emulator, LLMT, "back"), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
-            "a pass of its own",
-        )
+        await create_named(emulator, "back")
+        await served(emulator, "back")
     assert posted_events(emulator, "Forbidden") == []
     assert status_writes(emulator, "back") >= 1
 
@@ -170,11 +180,11 @@ async def test_a_resource_seen_before_the_check_found_patch_missing_is_told_by_t
     # Refused after the last check said all was granted: the watch-event handler ran for the new resource with
     # nothing known missing, and kopf's finalizer patch is retried with no new watch event. The next check tells it.
     caplog.set_level(logging.INFO)
-    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=1)
+    config = RESYNC_EVERY_SECOND
     async with running_operator(config):
         await started(caplog)
         emulator.deny[(c.PLURAL, "early")] = refused("early")
-        await create(emulator, {**minimal_llmt("early"), "metadata": {"name": "early", "namespace": NAMESPACE}})
+        await create_named(emulator, "early")
         await eventually(
             lambda: any(
                 req.method.value == "PATCH" and str(req.url.path).endswith(f"/{c.PLURAL}/early")
