@@ -1301,15 +1301,16 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
     if state.left.get(key) == holder:
         return
     state.left[key] = holder
-    message = (
-        f"served by the operator of peering object {holder!r}; this operator ({_config(memo).peering!r}) watches "
-        f"namespace {key[0]} too and leaves the resource to it while that operator runs. Two releases of the "
-        "operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it. If"
-        f" {holder!r} is this release's own former peering name (a switch between cluster-wide and namespaced mode:"
-        " the old pods' entries outlive them by up to a minute), there is no second release: delete that peering"
-        " object once its pods are gone, and the resource is taken over at its next resync"
-    )
-    if holder in state.holders_idle:
+    if holder not in state.holders_idle:
+        message = (
+            f"served by the operator of peering object {holder!r}; this operator ({_config(memo).peering!r}) watches"
+            f" namespace {key[0]} too and leaves the resource to it while that operator runs. Two releases of the"
+            " operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it."
+            f" If {holder!r} is this release's own former peering name (a switch between cluster-wide and namespaced"
+            " mode: the old pods' entries outlive them by up to a minute), there is no second release: delete that"
+            " peering object once its pods are gone, and the resource is taken over at its next resync"
+        )
+    else:
         message = (
             f"left to the operator of peering object {holder!r}, which has no replica running now but had one within"
             f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes (a restart, or a rollout), so it counts as restarting; this"
