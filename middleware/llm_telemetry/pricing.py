@@ -96,22 +96,31 @@ class PricingTable:
 
     def __init__(self, source: str | Path | Mapping[str, Any] | None = None) -> None:
         raw: Any
+        #: What an error names: the file, or the table given as a mapping (never its content, which may be large).
+        where = "pricing table"
         if source is None:
             raw = DEFAULT_PRICING
         elif isinstance(source, Mapping):
             raw = source
         else:
+            where = f"pricing file {str(source)!r}"
             raw = _load_file(Path(source))
         if isinstance(raw, Mapping) and "models" in raw:
             if not isinstance(raw["models"], Mapping):
                 raise ConfigurationError(
-                    f"pricing {source!r}: 'models' must map model names to prices, like"
+                    f"{where}: 'models' must map model names to prices, like"
                     " {models: {gpt-4o: {input: 2.5, output: 10}}}"
                 )
             raw = raw["models"]
         if not isinstance(raw, Mapping):
-            raise ConfigurationError(f"pricing {source!r}: expected a mapping of model names to prices")
-        self._prices = {str(model): _price(str(model), entry) for model, entry in raw.items()}
+            raise ConfigurationError(f"{where}: expected a mapping of model names to prices")
+        try:
+            self._prices = {str(model): _price(str(model), entry) for model, entry in raw.items()}
+        except ConfigurationError as error:
+            if where == "pricing table":
+                raise
+            # A file's error names the file ("pricing for 'gpt-4o'" alone did not say which table was wrong).
+            raise ConfigurationError(f"{where}: {error}") from None
         self._cache: dict[str, Price | None] = {}
         #: The embedded table lists families' models by name: a longer name is another model unless it is a snapshot.
         self._snapshots_only = source is None
@@ -164,6 +173,11 @@ def _load_file(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"pricing file {str(path)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        # (A ValueError, not an OSError: it escaped the middleware's startup check and its constructor raised it.)
+        raise ConfigurationError(
+            f"pricing file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from exc
     return parse_pricing_text(text, str(path))
 
 
@@ -171,9 +185,20 @@ def parse_pricing_text(text: str, name: str) -> Any:
     """The document of a pricing file named ``name`` (JSON when it ends in ``.json``, else YAML), as read from it."""
     is_json = name.endswith(".json")
     try:
-        return json.loads(text) if is_json else yaml.safe_load(text)
+        if is_json:
+            return json.loads(text)
+        # A YAML error's position names the file, not PyYAML's "<unicode string>".
+        loader = yaml.SafeLoader(text)
+        loader.name = name
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()  # type: ignore[no-untyped-call]
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigurationError(f"pricing file {name!r} is not valid {'JSON' if is_json else 'YAML'}: {exc}") from exc
+    except RecursionError as exc:
+        # (Escaped the startup check as well: a document nested thousands deep is no pricing table.)
+        raise ConfigurationError(f"pricing file {name!r}: nested too deeply to be a pricing table") from exc
 
 
 def _price(model: str, entry: Any) -> Price:

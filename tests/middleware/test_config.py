@@ -299,3 +299,58 @@ def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
     with caplog.at_level("WARNING", logger="llm_telemetry"):
         assert OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).metrics_protocol == "grpc"
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("prices.yaml", b"\xff\xfemodels: {}\n", "is not UTF-8 text"),
+        ("prices.json", b"[" * 100_000, "nested too deeply"),
+        ("prices.yaml", b"models:\n  gpt-4o: {input: 2.5, output: ten}\n", "output must be a non-negative number"),
+        ("prices.yaml", b"models:\n  gpt-4o: {input: 2.5\n", 'in "{path}", line 3'),
+    ],
+    ids=["not-utf8", "nested", "bad-price", "bad-yaml"],
+)
+@pytest.mark.parametrize("form", ["starlette", "wrapped"])
+def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(
+    tmp_path: Path, form: str, name: str, content: bytes, said: str
+) -> None:
+    """Whatever is wrong with the file LLM_TELEMETRY_PRICING names, the server's startup fails with a message that
+    names that file and what is wrong with it, and without a lifespan the app serves unmeasured. A file that was not
+    UTF-8, or nested too deeply, raised out of the middleware's constructor (the wrapped form's import failed, so the
+    app could not serve even without a lifespan, and the message named no file); a wrong price named its model but
+    not the file, and a YAML error's position named PyYAML's "<unicode string>"."""
+    module = tmp_path / "configured.py"
+    module.write_text(_CONFIGURED_APP)
+    prices = tmp_path / name
+    prices.write_bytes(content)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    env.update(LLM_TELEMETRY_PRICING=str(prices), CONFIGURED_OPTIONS=json.dumps({"metrics_port": 0}))
+    run = (
+        "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
+        "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", run, form, str(tmp_path), str(port), "auto"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert started.returncode != 0, started.stderr
+    assert "Application startup failed" in started.stderr, started.stderr
+    assert f"pricing file {str(prices)!r}" in started.stderr, started.stderr
+    assert said.format(path=prices) in started.stderr, started.stderr
+    assert "<unicode string>" not in started.stderr
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", run, form, str(tmp_path), str(port), "off"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_for("the server", lambda: _answers(f"http://127.0.0.1:{port}/health") or server.poll() is not None)
+        assert server.poll() is None, "the server exited"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"ok": True}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert server.stderr is not None
+    assert f"pricing file {str(prices)!r}" in server.stderr.read().decode(errors="replace")
