@@ -1593,6 +1593,31 @@ def _plus(count: int | None, more: int) -> int | None:
     return None if count is None and not more else min((count or 0) + more, _MAX_COUNT)
 
 
+#: Most advisor entries of one usage kept for pricing (the tool's ``max_uses`` bounds them; a body could hold more).
+MAX_ADVISOR_ENTRIES: Final = 64
+
+
+def _advisors(iterations: list[Any]) -> list[tuple[str | None, tuple[int, int, int, int, int]]] | None:
+    """The entries of ``type`` ``advisor_message`` of an Anthropic usage's ``iterations``: each a sub-inference of the
+    advisor tool, run and billed as its own ``model``, that the usage's top-level counts leave out. Per entry its
+    model and (input, cache reads, cache writes, one-hour cache writes, output), input counted with the cache as at
+    the top level; None when there are none."""
+    found: list[tuple[str | None, tuple[int, int, int, int, int]]] = []
+    for entry in iterations:
+        if not (isinstance(entry, dict) and entry.get("type") == "advisor_message"):
+            continue
+        fresh, output = _int(entry.get("input_tokens")) or 0, _int(entry.get("output_tokens")) or 0
+        read = _int(entry.get("cache_read_input_tokens")) or 0
+        written = _int(entry.get("cache_creation_input_tokens")) or 0
+        one_hour = min(_int(_get(entry, "cache_creation", "ephemeral_1h_input_tokens")) or 0, written)
+        if fresh or read or written or output:
+            counts = (min(fresh + read + written, _MAX_COUNT), read, written, one_hour, output)
+            found.append((_name(entry.get("model")), counts))
+            if len(found) == MAX_ADVISOR_ENTRIES:
+                break
+    return found or None
+
+
 def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
     """Sum the entries of ``type`` ``compaction`` of an Anthropic usage's ``iterations`` into ``counts``, in place of
     the sums of an earlier list. Anthropic leaves a compaction pass out of the usage's top-level counts (the message's
@@ -1664,9 +1689,11 @@ class AnthropicMessagesReader(ResponseReader):
         if thinking is not None:
             counts["thinking"] = thinking
         iterations = usage.get("iterations")
+        call = self.call
         if isinstance(iterations, list):
             _compactions(iterations, counts)
-        call = self.call
+            # (A later list replaces an earlier one, as the SDK's merged usage has it.)
+            call.advisor_usage = _advisors(iterations)
         fresh = counts.get("input_tokens")
         cache_read = counts.get("cache_read_input_tokens")
         cache_creation = counts.get("cache_creation_input_tokens")

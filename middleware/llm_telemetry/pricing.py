@@ -149,23 +149,44 @@ class PricingTable:
         return found
 
     def cost(self, call: LLMCall) -> float | None:
-        """USD for the call's tokens, or None when the model has no price or no tokens are known."""
+        """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
+        of Anthropic's advisor tool (``call.advisor_usage``) are added at their own model's price; those of a model
+        without one are left out (:meth:`unpriced_advisor_tokens`)."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
         if price is None:
             return None
-        cache_read = call.cache_read_tokens or 0
-        cache_creation = call.cache_creation_tokens or 0
-        fresh = max((call.input_tokens or 0) - cache_read - cache_creation, 0)
-        one_hour = call.cache_creation_1h_tokens
-        writes = cache_creation * price.cache_creation
-        if one_hour:  # (Anthropic's one-hour cache: part of the writes, at a price of its own)
-            one_hour = min(one_hour, cache_creation)
-            writes += one_hour * (price.cache_creation_1h - price.cache_creation)
-        return (
-            fresh * price.input + cache_read * price.cache_read + writes + (call.output_tokens or 0) * price.output
-        ) / 1_000_000
+        cost = _tokens_cost(
+            price,
+            call.input_tokens or 0,
+            call.cache_read_tokens or 0,
+            call.cache_creation_tokens or 0,
+            call.cache_creation_1h_tokens or 0,
+            call.output_tokens or 0,
+        )
+        for model, counts in call.advisor_usage or ():
+            advisor = self.price(model)
+            if advisor is not None:
+                cost += _tokens_cost(advisor, *counts)
+        return cost
+
+    def unpriced_advisor_tokens(self, call: LLMCall, priced: bool) -> int:
+        """The tokens of the call's advisor sub-inferences that :meth:`cost` left out: all of them when the call was
+        not ``priced``, else those whose model has no price."""
+        advisors = call.advisor_usage or ()
+        return sum(i + o for model, (i, _, _, _, o) in advisors if not priced or self.price(model) is None)
+
+
+def _tokens_cost(price: Price, tokens: int, cache_read: int, cache_creation: int, one_hour: int, output: int) -> float:
+    """USD for ``tokens`` of input (``cache_read`` and ``cache_creation`` among them, ``one_hour`` of the latter) and
+    ``output`` tokens at ``price``."""
+    fresh = max(tokens - cache_read - cache_creation, 0)
+    writes = cache_creation * price.cache_creation
+    if one_hour:  # (Anthropic's one-hour cache: part of the writes, at a price of its own)
+        one_hour = min(one_hour, cache_creation)
+        writes += one_hour * (price.cache_creation_1h - price.cache_creation)
+    return (fresh * price.input + cache_read * price.cache_read + writes + output * price.output) / 1_000_000
 
 
 def _load_file(path: Path) -> Any:

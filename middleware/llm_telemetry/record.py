@@ -80,6 +80,11 @@ class LLMCall:
     #: Of ``output_tokens``, those of a compaction pass made before the answer (Anthropic's server-side compaction,
     #: which its usage reports apart): never streamed as tokens, so left out of the time per output token.
     compaction_output_tokens: int = 0
+    #: The sub-inferences of Anthropic's advisor tool, each run by a model of its own and billed at its price but left
+    #: out of the usage's top-level counts (and so of the tokens above): per entry of ``usage.iterations`` of type
+    #: ``advisor_message``, its model and its (input, of it cache reads, cache writes, one-hour cache writes, output)
+    #: tokens, input counted as above. Priced into ``cost_usd`` by that model. None when there were none.
+    advisor_usage: list[tuple[str | None, tuple[int, int, int, int, int]]] | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False

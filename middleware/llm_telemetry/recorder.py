@@ -276,6 +276,10 @@ class MetricsRecorder:
         cost = None
         if total:
             cost = call.cost_usd = self.pricing.cost(call)
+        unpriced = total if cost is None else 0
+        if call.advisor_usage:
+            # The advisor tool's sub-inferences (apart from the tokens: another model's) that had no price.
+            unpriced += self.pricing.unpriced_advisor_tokens(call, cost is not None)
         tools = None
         if call.tool_calls or call.tool_results:
             tools = self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
@@ -309,9 +313,9 @@ class MetricsRecorder:
             if cost is not None:
                 attributes, key = shape.cost
                 ins.cost.add_locked(cost, key, attributes)
-            elif total:
+            if unpriced:
                 attributes, key = shape.unpriced
-                ins.unpriced_tokens.add_locked(total, key, attributes)
+                ins.unpriced_tokens.add_locked(unpriced, key, attributes)
             if finishes:
                 for attributes, key in finishes:
                     ins.finish_reasons.add_locked(1, key, attributes)

@@ -41,6 +41,7 @@ PRICING = {
     "models": {
         "claude-sonnet-4": {"input": 3.0, "output": 15.0, "cache_read": 0.3},
         "gpt-5": {"input": 1.25, "output": 10.0},
+        "claude-opus-4-7": {"input": 5.0, "output": 25.0, "cache_read": 0.5, "cache_creation": 6.25},
     }
 }
 #: Served as JSON (model name -> body) or as an event stream (model name -> [(event name or None, data)]).
@@ -351,6 +352,100 @@ def test_a_compaction_pass_is_counted_in_a_claude_stream_and_not_timed_as_its_to
     assert call is not None and call.end is not None and call.first_token_at is not None
     # The pass was made before the answer's first token: the message's own 500 tokens are the ones timed.
     assert call.time_per_output_token == pytest.approx((call.end - call.first_token_at) / (500 - 1))
+
+
+# --- Claude's advisor tool -----------------------------------------------------------------------------------------
+
+
+def advisor_usage(advisor: str) -> dict[str, Any]:
+    """A beta usage whose executor consulted the advisor tool twice: each consultation an ``advisor_message`` entry
+    of ``iterations``, run by ``advisor``, that the top-level counts (the executor's, its ``message`` entries) leave
+    out."""
+    executor = {
+        "input_tokens": 2000,
+        "output_tokens": 300,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0,
+    }
+    consult = {"type": "advisor_message", "model": advisor, "input_tokens": 1000, "output_tokens": 1600,
+               "cache_read_input_tokens": 4000, "cache_creation_input_tokens": 500}  # fmt: skip
+    return {
+        **executor,
+        "iterations": [{"type": "message", **executor}, consult, {**consult, "cache_read_input_tokens": 0}],
+    }
+
+
+def _advisor_counted(m: Metrics, model: str, priced: bool) -> None:
+    reported = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+    # The tokens stay the executor's: the advisor's would carry the executor's model labels.
+    assert m.value("llm_tokens_total", gen_ai_token_type="input", **reported) == 2000
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **reported) == 300
+    executor = (2000 * 3.0 + 300 * 15.0) / 1e6
+    # Each consultation at the advisor's own prices: fresh input, cache reads, cache writes, output.
+    advisor = ((1000 * 5.0 + 4000 * 0.5 + 500 * 6.25 + 1600 * 25.0) + (1000 * 5.0 + 500 * 6.25 + 1600 * 25.0)) / 1e6
+    cost = m.value("llm_cost_usd_total", gen_ai_request_model=model)
+    assert cost == pytest.approx(executor + advisor if priced else executor)
+    unpriced = 0 if priced else (1000 + 4000 + 500 + 1600) + (1000 + 500 + 1600)
+    assert m.value("llm_cost_unpriced_tokens_total", gen_ai_request_model=model) == unpriced
+
+
+@pytest.mark.parametrize("advisor", ["claude-opus-4-7", "claude-opus-unpriced"])
+def test_the_advisor_tools_consultations_are_priced_at_the_advisors_price_in_a_claude_message(
+    service: Service, advisor: str
+) -> None:
+    """The advisor's tokens are billed at its model's price and the top-level usage leaves them out: they were in no
+    cost at all (a consultation of Opus from Sonnet, most of such a call's spend, was free). Now each is priced as
+    its own model, or counted as unpriced tokens when that model has no price."""
+    model = f"claude-sonnet-4-advised-{advisor}"
+    message = {
+        "id": "msg_adv",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": advisor_usage(advisor),
+    }
+    ANSWERS[model] = BetaMessage.model_validate(message).model_dump(mode="json", exclude_none=True)
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    reply = claude.beta.messages.create(
+        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["advisor-tool-2026-03-01"]
+    )
+    assert [i.type for i in reply.usage.iterations or []] == ["message", "advisor_message", "advisor_message"]
+    service.metrics(model, lambda m: _advisor_counted(m, model, advisor == "claude-opus-4-7"))
+
+
+def test_the_advisor_tools_consultations_are_priced_in_a_claude_stream(service: Service) -> None:
+    model = "claude-sonnet-4-advised-stream"
+    usage = advisor_usage("claude-opus-4-7")
+    start = message_start(
+        "msg_adv2", model, {k: v for k, v in usage.items() if k != "iterations"} | {"output_tokens": 1}
+    )
+    closing = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 300, "input_tokens": 2000, "iterations": usage["iterations"]},
+    }
+    STREAMS[model] = [
+        claude_event(start, beta=True),
+        claude_event(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, beta=True
+        ),
+        claude_event(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}}, beta=True
+        ),
+        claude_event({"type": "content_block_stop", "index": 0}, beta=True),
+        claude_event(closing, beta=True),
+        claude_event({"type": "message_stop"}, beta=True),
+    ]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.beta.messages.stream(
+        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["advisor-tool-2026-03-01"]
+    ) as stream:
+        final = stream.get_final_message()
+    assert [i.type for i in final.usage.iterations or []] == ["message", "advisor_message", "advisor_message"]
+    service.metrics(model, lambda m: _advisor_counted(m, model, priced=True))
 
 
 # --- OpenAI's compaction pass ---------------------------------------------------------------------------------------
