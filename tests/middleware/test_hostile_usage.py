@@ -1,0 +1,193 @@
+"""Hostile usage members (hypothesis): every usage member the official SDKs define, in Anthropic's, OpenAI chat's and
+the Responses API's answers and streams, given any value (huge, negative, a float, NaN, text, null, a list, an object,
+nested nulls) or left out. Whatever the values:
+
+* the client gets the bytes and headers the bare app sends, and one call is recorded;
+* nothing is counted in ``llm_telemetry_internal_errors_total``;
+* no counter or histogram series goes down or holds a value that is not finite (a negative or non-finite increment);
+* the call's token counts are whole numbers from 0 to 2**53, and its cost a finite number of at least 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+from test_hostile_properties import (  # noqa: F401 (observed: the fixture)
+    ANSWER,
+    PROPERTY_SETTINGS,
+    SSE_HEADERS,
+    check_scrape,
+    observed,
+    through_both,
+)
+
+from llm_telemetry.record import LLMCall
+from support import Metrics
+
+#: Values a server may put where a count belongs.
+hostile = st.one_of(
+    st.none(),
+    st.integers(0, 5000),
+    st.integers(-(2**80), 2**80),
+    st.sampled_from([2**53, 2**53 + 1, 2**63, -1, 0]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=6),
+    st.lists(st.none() | st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["value", "total", "input_tokens"]), st.none() | st.integers(), max_size=2),
+)
+
+
+def members(keys: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """An object holding any of ``keys`` (each a hostile value, or its own strategy), or a hostile value instead."""
+    return st.one_of(
+        st.fixed_dictionaries(
+            {}, optional={key: value if value is not None else hostile for key, value in keys.items()}
+        ),
+        hostile,
+    )
+
+
+ANTHROPIC_COUNTS = {"input_tokens": None, "output_tokens": None, "cache_read_input_tokens": None,
+                    "cache_creation_input_tokens": None}  # fmt: skip
+CACHE_CREATION = members({"ephemeral_1h_input_tokens": None, "ephemeral_5m_input_tokens": None})
+ITERATION_TYPES = ["message", "compaction", "advisor_message", "fallback_message", "x"]
+ITERATION_MODELS = ["claude-opus-4-1", "claude-sonnet-4-5", "unpriced"]
+iteration = members({**ANTHROPIC_COUNTS, "cache_creation": CACHE_CREATION,
+                     "type": st.sampled_from(ITERATION_TYPES) | hostile,
+                     "model": st.sampled_from(ITERATION_MODELS) | hostile})  # fmt: skip
+anthropic_usage = members({
+    **ANTHROPIC_COUNTS,
+    "cache_creation": CACHE_CREATION,
+    "output_tokens_details": members({"thinking_tokens": None}),
+    "server_tool_use": members({"web_search_requests": None, "web_fetch_requests": None}),
+    "iterations": st.lists(iteration, max_size=4) | hostile,
+    "service_tier": None, "speed": None, "inference_geo": None,
+})  # fmt: skip
+chat_usage = members({
+    "prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "cache_creation_input_tokens": None,
+    "prompt_tokens_details": members({"cached_tokens": None, "audio_tokens": None, "image_tokens": None,
+                                      "text_tokens": None, "cache_write_tokens": None, "cache_creation_tokens": None}),
+    "completion_tokens_details": members({"reasoning_tokens": None, "audio_tokens": None, "text_tokens": None,
+                                          "accepted_prediction_tokens": None, "rejected_prediction_tokens": None}),
+})  # fmt: skip
+responses_usage = members({
+    "input_tokens": None, "output_tokens": None, "total_tokens": None,
+    "input_tokens_details": members({"cached_tokens": None, "cache_write_tokens": None,
+                                     "cache_write_tokens_details": members({"ttl_12h_tokens": None,
+                                                                            "ttl_30m_tokens": None})}),
+    "output_tokens_details": members({"reasoning_tokens": None}),
+})  # fmt: skip
+
+
+def sse(events: list[tuple[str | None, Any]]) -> bytes:
+    return b"".join(
+        (f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
+        for name, data in events
+    )
+
+
+def anthropic_answer(usage: Any, delta_usage: Any, stream: bool) -> tuple[str, bytes]:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+               "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+               "usage": usage}  # fmt: skip
+    if not stream:
+        return "json", json.dumps(message).encode()
+    events = [
+        {"type": "message_start", "message": {**message, "content": [], "stop_reason": None}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": delta_usage},
+        {"type": "message_stop"},
+    ]
+    return "sse", sse([(e["type"], e) for e in events])
+
+
+def chat_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
+    head = {"id": "chatcmpl-1", "created": 1, "model": "gpt-4.1-2025-04-14"}
+    if not stream:
+        body = {**head, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}]}  # fmt: skip
+        return "json", json.dumps(body).encode()
+    chunk = {**head, "object": "chat.completion.chunk"}
+    return "sse", sse([
+        (None, {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]}),
+        (None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        (None, {**chunk, "choices": [], "usage": usage}),
+    ]) + b"data: [DONE]\n\n"  # fmt: skip
+
+
+def responses_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
+    text = {"type": "output_text", "text": "Hi", "annotations": []}
+    item = {"type": "message", "id": "m", "role": "assistant", "status": "completed", "content": [text]}
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4.1-2025-04-14",
+                "status": "completed", "usage": usage, "output": [item]}  # fmt: skip
+    if not stream:
+        return "json", json.dumps(response).encode()
+    return "sse", sse([
+        ("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
+                                        "content_index": 0, "delta": "Hi", "sequence_number": 1}),
+        ("response.completed", {"type": "response.completed", "response": response, "sequence_number": 2}),
+    ])  # fmt: skip
+
+
+answers = st.one_of(
+    st.tuples(st.just("/v1/messages"), st.builds(anthropic_answer, anthropic_usage, anthropic_usage, st.booleans())),
+    st.tuples(st.just("/v1/chat/completions"), st.builds(chat_answer, chat_usage, st.booleans())),
+    st.tuples(st.just("/v1/responses"), st.builds(responses_answer, responses_usage, st.booleans())),
+)
+
+
+def monotonic_series(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every counter and histogram sample (the series that only ever grow), by name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for s in metrics.samples
+        if s.name.endswith(("_total", "_sum", "_count", "_bucket"))
+    }
+
+
+def check_counts(call: LLMCall) -> None:
+    for field in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+                  "cache_creation_1h_tokens", "reasoning_tokens", "compaction_output_tokens"):  # fmt: skip
+        value = getattr(call, field)
+        assert value is None or (type(value) is int and 0 <= value <= 2**53), (field, value)
+    for _, counts in call.advisor_usage or ():
+        assert all(type(n) is int and 0 <= n <= 2**53 for n in counts), counts
+    assert call.cost_usd is None or (math.isfinite(call.cost_usd) and call.cost_usd >= 0), call.cost_usd
+
+
+@PROPERTY_SETTINGS
+@example(answer=("/v1/messages", anthropic_answer(
+    {"input_tokens": 2**53, "cache_read_input_tokens": 2**53, "output_tokens": 2**53, "iterations": [
+        {"type": "advisor_message", "model": "claude-opus-4-1", "input_tokens": 2**53, "output_tokens": 2**53,
+         "cache_read_input_tokens": 2**53, "cache_creation_input_tokens": 2**53,
+         "cache_creation": {"ephemeral_1h_input_tokens": 2**53}}] * 64}, None, False)))  # fmt: skip
+@example(answer=("/v1/chat/completions", chat_answer({"prompt_tokens": -5, "completion_tokens": float("nan"),
+    "prompt_tokens_details": {"cached_tokens": float("inf")}}, True)))  # fmt: skip
+@example(answer=("/v1/messages", anthropic_answer({"input_tokens": 10}, {"output_tokens": 5, "iterations": [
+    {"type": "advisor_message", "model": "claude-opus-4-1", "input_tokens": "12", "output_tokens": -3,
+     "cache_read_input_tokens": 1.5, "cache_creation_input_tokens": None,
+     "cache_creation": {"ephemeral_1h_input_tokens": 2**80}},
+    {"type": "compaction", "input_tokens": [1], "output_tokens": {"n": 1}}]}, True)))  # fmt: skip
+@given(answer=answers)
+def test_hostile_usage_members_never_fail_change_bytes_or_count_down(
+    observed: tuple[Any, Any],  # noqa: F811
+    answer: tuple[str, tuple[str, bytes]],
+) -> None:
+    path, (kind, body) = answer
+    wrapped = observed[0]
+    before = monotonic_series(check_scrape(wrapped))
+    headers = [(b"content-type", b"application/json")] if kind == "json" else SSE_HEADERS
+    ANSWER.update(status=200, headers=headers, chunks=[body[: len(body) // 2], body[len(body) // 2 :]])
+    call = through_both(observed, path, b'{"model": "m", "stream": %s}' % (b"true" if kind == "sse" else b"false"))
+    check_counts(call)
+    after = monotonic_series(check_scrape(wrapped))
+    for key, value in after.items():
+        assert math.isfinite(value), key
+        assert value >= before.get(key, 0.0), (key, before.get(key), value)
