@@ -1948,3 +1948,101 @@ def test_server_tool_parts_count_in_the_captured_messages_budget(receiver: OTLPR
         assert len(shown) <= 4 * 4096 * 1.25, (kind, len(shown))
         assert attributes["llm.input.messages.omitted"] > 200 - 32, kind
         assert json.loads(shown)[-2]["parts"][0]["type"] == "server_tool_call_response"
+
+
+def test_app_exceptions_under_an_applications_own_span_processor(receiver: OTLPReceiver) -> None:
+    """With a span processor of the application's beside the exporter's (the span is then the SDK's), an exception
+    the app raises, before its answer or in the middle of a stream, is on the LLM span once, as documented: an
+    ``exception`` event with its type, message (redacted) and traceback, and the status ERROR described by it; one the
+    app records itself and then raises is there twice (its own record, then the one leaving the span), as the SDK's
+    ``start_as_current_span`` has it. The processor sees every span once."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    class Tagging(SpanProcessor):
+        def __init__(self) -> None:
+            self.ended: list[str] = []
+
+        def on_start(self, span: Span, parent_context: Any = None) -> None:
+            span.set_attribute("app.tagged", True)
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.ended.append(str(span.attributes.get("llm.request_id")))
+
+    async def chat(request: Request) -> Any:
+        how = request.headers["x-request-id"].removeprefix("custom-processor-")
+        if how == "raise":
+            raise RuntimeError("upstream refused key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789")
+        if how == "record-and-raise":
+            error = ValueError("recorded by the app")
+            trace.get_current_span().record_exception(error)
+            raise error
+
+        async def cut() -> Any:
+            delta = {"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": None}
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o", "choices": [delta]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            raise RuntimeError("the upstream stream broke")
+
+        return StreamingResponse(cut(), media_type="text/event-stream")
+
+    tagging = Tagging()
+    provider = TracerProvider()
+    provider.add_span_processor(tagging)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    with isolated_env({}):
+        app = LLMTelemetryMiddleware(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            metrics_port=0,
+            tracer_provider=provider,
+        )
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    try:
+        with serve(app) as base:
+            for how in ("raise", "record-and-raise", "stream-raise"):
+                sdk = client(base)  # (a connection of its own: uvicorn closes the one a failure was answered on)
+                with pytest.raises((openai.InternalServerError, openai.APIConnectionError)):
+                    if how == "stream-raise":
+                        for _ in sdk.chat.completions.create(
+                            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True,
+                            extra_headers={"x-request-id": f"custom-processor-{how}"},
+                        ):  # fmt: skip
+                            pass
+                    else:
+                        sdk.chat.completions.create(
+                            model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                            extra_headers={"x-request-id": f"custom-processor-{how}"},
+                        )  # fmt: skip
+            provider.force_flush()
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
+
+    def exceptions(how: str) -> tuple[Any, list[dict[str, Any]]]:
+        span = wait_span(receiver, **{"llm.request_id": f"custom-processor-{how}"})
+        assert span.attributes["app.tagged"] is True  # the application's processor saw it start
+        assert span.attributes["error.type"] == "app_exception" and span.status_code == ERROR
+        return span, [attributes for name, attributes, _ in span.events if name == "exception"]
+
+    span, [raised] = exceptions("raise")
+    assert span.status_message == "RuntimeError: upstream refused key [key]"
+    assert raised["exception.type"] == "RuntimeError" and raised["exception.message"] == "upstream refused key [key]"
+    assert raised["exception.escaped"] == "True"
+    assert "in chat" in raised["exception.stacktrace"] and "sk-proj-" not in raised["exception.stacktrace"]
+    span, [cut] = exceptions("stream-raise")
+    assert span.status_message == "RuntimeError: the upstream stream broke"
+    assert cut["exception.message"] == "the upstream stream broke" and "in cut" in cut["exception.stacktrace"]
+    assert any(name == "gen_ai.first_token" for name, _, _ in span.events)
+    span, [own, leaving] = exceptions("record-and-raise")
+    assert (own["exception.escaped"], leaving["exception.escaped"]) == ("False", "True")
+    assert own["exception.message"] == leaving["exception.message"] == "recorded by the app"
+    assert span.status_message == "ValueError: recorded by the app"
+    assert sorted(tagging.ended) == sorted(
+        f"custom-processor-{how}" for how in ("raise", "record-and-raise", "stream-raise")
+    )
