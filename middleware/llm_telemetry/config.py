@@ -332,6 +332,13 @@ class Settings:
         if not 0 <= self.metrics_port <= 65535:
             name = variables.get("metrics_port", "metrics_port")
             raise ConfigurationError(f"{name}={self.metrics_port}: must be between 0 and 65535")
+        if isinstance(self.pricing, str) and not self.pricing:
+            # (Read as a path, it named the working directory: "pricing file '.': Is a directory".)
+            name = variables.get("pricing", "pricing")
+            raise ConfigurationError(
+                f"{name} is blank: give the path of a YAML or JSON pricing file, or leave it unset for the embedded"
+                " table"
+            )
         if self.metrics_app_path is not None and self.metrics_app_path and not self.metrics_app_path.startswith("/"):
             name = variables.get("metrics_app_path", "metrics_app_path")
             raise ConfigurationError(f"{name}={self.metrics_app_path!r}: must start with '/'")

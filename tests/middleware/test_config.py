@@ -129,6 +129,7 @@ def test_an_argument_written_as_its_variable_means_what_the_variable_means(optio
         ({"metrics_exporters": "statsd"}, "'statsd' is not one of prometheus, otlp, none"),
         ({"metrics_exporters": [1]}, "expected a list of names"),
         ({"pricing": 3}, "pricing=3: expected a mapping"),
+        ({"pricing": " "}, "^pricing is blank: give the path of a YAML or JSON pricing file"),
         ({"metrics_port": 70000}, "^metrics_port=70000: must be between 0 and 65535"),
         ({"attribution_headers": {"x-tenant-id": "ten-ant"}}, "^attribution_headers: header 'x-tenant-id' maps to"),
         ({"attribution_headers": {"Authorization": "key"}}, "header 'Authorization' carries credentials"),
@@ -140,6 +141,14 @@ def test_an_argument_of_the_wrong_type_fails_naming_it(arguments: dict[str, obje
     failed every request with a 500 instead."""
     with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace("[", r"\[")):
         Settings.resolve(env={}, **arguments)
+
+
+def test_a_blank_pricing_variable_is_named_not_read_as_the_working_directory() -> None:
+    """Read as a path, a blank LLM_TELEMETRY_PRICING named a file no one gave: "pricing file '.': Is a directory".
+    (An empty one is unset, as every variable's is: the embedded table.)"""
+    with pytest.raises(ConfigurationError, match=r"^LLM_TELEMETRY_PRICING is blank"):
+        Settings.resolve(env={"LLM_TELEMETRY_PRICING": " \n"})
+    assert Settings.resolve(env={"LLM_TELEMETRY_PRICING": ""}).pricing is None
 
 
 def test_exporters_as_a_list_and_none() -> None:
