@@ -205,6 +205,11 @@ BY: Final = "namespace, job"
 #: The series of our metrics that hold the label combinations past the cardinality limit
 #: (instruments.CARDINALITY_LIMIT); the names keep other services' OpenTelemetry metrics out.
 OVERFLOW_MATCHER: Final = 'otel_metric_overflow="true"'
+#: The label of those series. The per-model and per-tool rules keep it in their ``by`` clause: an overflow series has
+#: no model or tool name, so without it the overflow's traffic was grouped under an empty name and an alert on it
+#: named nothing ("of results of tool  are errors"); with it, the group is told apart (every other series has the
+#: label empty, which Prometheus reads as absent) and the alert names it (see :func:`_named`).
+OVERFLOW_LABEL: Final = "otel_metric_overflow"
 #: The components whose failure is counted once, when a process starts: the middleware's setup (it then passes
 #: requests through unmeasured) and the workers' shared files (the process then reports only its own share).
 SETUP_MATCHER: Final = f'{COMPONENT}=~"setup|multiproc_setup"'
@@ -305,10 +310,23 @@ def _alert(
     return rule
 
 
+#: What an alert on an overflow series names instead of a model or a tool (see :data:`OVERFLOW_LABEL`).
+OVERFLOWED_MODELS: Final = f"the models past the series limit ({OVERFLOW_LABEL})"
+OVERFLOWED_TOOLS: Final = f"the tools past the series limit ({OVERFLOW_LABEL})"
+
+
+def _named(label: str, overflow: str, prefix: str = "") -> str:
+    """An alert template naming the ``label`` value of the alert's series (after ``prefix``), or ``overflow`` for an
+    overflow series, which has no value of ``label``: the middleware leaves it out past the series limit."""
+    return (
+        f"{{{{ if $labels.{OVERFLOW_LABEL} }}}}{overflow}{{{{ else }}}}{prefix}{{{{ $labels.{label} }}}}{{{{ end }}}}"
+    )
+
+
 def _quantile_record(metric: str, q: float, selector: str) -> dict[str, Any]:
     return _record(
         f"llm:{metric}:p{round(q * 100)}_5m",
-        f"histogram_quantile({q:g}, sum by ({BY}, {REQUEST_MODEL}, le) "
+        f"histogram_quantile({q:g}, sum by ({BY}, {REQUEST_MODEL}, {OVERFLOW_LABEL}, le) "
         f"(rate({series(metric + '_bucket', selector)}[5m])))",
     )
 
@@ -472,8 +490,8 @@ def build_rule_groups(
         _record(
             "llm:llm_tool_results:error_ratio_rate5m",
             _ratio(
-                f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel, tool_error)}[5m]))",
-                f"sum by ({BY}, {TOOL_NAME}) (rate({series(TOOL_RESULTS, sel)}[5m]))",
+                f"sum by ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL}) (rate({series(TOOL_RESULTS, sel, tool_error)}[5m]))",
+                f"sum by ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL}) (rate({series(TOOL_RESULTS, sel)}[5m]))",
             ),
         ),
     ]
@@ -540,7 +558,7 @@ def build_rule_groups(
             f"{series(f'llm:{REQUEST_DURATION}:p95_5m', own)} > {t.alert_bound('p95_request_duration_seconds'):g}",
             severity="warning",
             for_="10m",
-            summary=f"{service}: p95 request duration of {{{{ $labels.{REQUEST_MODEL} }}}} is "
+            summary=f"{service}: p95 request duration of {_named(REQUEST_MODEL, OVERFLOWED_MODELS)} is "
             "{{ $value | humanizeDuration }}",
             description=f"The 95th percentile of LLM request duration has been above "
             f"{t.alert_bound('p95_request_duration_seconds'):g}s"
@@ -552,7 +570,7 @@ def build_rule_groups(
             f"{series(f'llm:{TIME_TO_FIRST_TOKEN}:p95_5m', own)} > {t.alert_bound('p95_ttft_seconds'):g}",
             severity="warning",
             for_="10m",
-            summary=f"{service}: p95 time to first token of {{{{ $labels.{REQUEST_MODEL} }}}} is "
+            summary=f"{service}: p95 time to first token of {_named(REQUEST_MODEL, OVERFLOWED_MODELS)} is "
             "{{ $value | humanizeDuration }}",
             description=f"The 95th percentile of time to first token of streamed responses has been above "
             f"{t.alert_bound('p95_ttft_seconds'):g}s{_rounded_note(t, 'p95_ttft_seconds')} for 10 minutes.",
@@ -561,13 +579,14 @@ def build_rule_groups(
         _alert(
             "LLMHighToolFailureRatio",
             f"{series('llm:llm_tool_results:error_ratio_rate5m', own)} > {_exact(t.tool_failure_ratio)}\n"
-            f"and on ({BY}, {TOOL_NAME})\n"
+            f"and on ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL})\n"
             # As LLMHighErrorRatio: a tool whose results are rare (one failed result now and then) is not paged for.
-            f"sum by ({BY}, {TOOL_NAME}) (increase({series(TOOL_RESULTS, sel, tool_error)}[5m])) >= {MIN_BURN_EVENTS}",
+            f"sum by ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL}) "
+            f"(increase({series(TOOL_RESULTS, sel, tool_error)}[5m])) >= {MIN_BURN_EVENTS}",
             severity="warning",
             for_="10m",
-            summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of tool "
-            f"{{{{ $labels.{TOOL_NAME} }}}} are errors",
+            summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of "
+            f"{_named(TOOL_NAME, OVERFLOWED_TOOLS, 'tool ')} are errors",
             description=f"More than {_fmt(t.tool_failure_ratio * 100)}% of the tool results clients sent back "
             f"were errors for 10 minutes, at least {MIN_BURN_EVENTS} in the last 5 minutes throughout.",
             runbook_url=runbook_url,
