@@ -354,18 +354,35 @@ def _plus(one: str, other: str) -> str:
     return f"({one} or {other} * 0)\n  +\n  ({other} or {one} * 0)"
 
 
+def counted(selected: str, window: str) -> str:
+    """What the counters ``selected`` counted over ``window``, per series, in whole events, for the "at least
+    MIN_BURN_EVENTS" guards: the last value in the window less the value at its start (the last scrape at or before
+    it): exactly the events the scrapes within the window counted (those of the window, and of up to one scrape
+    interval before it that the window's first scrape counted). ``increase()`` extrapolates the changes between the
+    first and the last sample inside the window to the window's length: with scrapes every 30s it read 3 failures as
+    2.22 when the window's first scrape counted one of them, and 2 failures of a pod stopped just after the window's
+    start as 3.33 (tests/promtool/event_counts.yaml).
+    ``last_over_time`` keeps the series of a pod gone within the window; a series new in the window (no value at its
+    start) or reset in it (its value fell: the process restarted) counts its last value, all it counted since."""
+    last = f"last_over_time({selected}[{window}])"
+    return f"(({last} - {selected} offset {window}) >= 0 or {last})"
+
+
 def availability_bad_events_expr(window: str, selector: str = "") -> str:
-    """Requests failed through the service's fault over ``window``, per service."""
-    return f"sum by ({BY}) (increase({_failed(selector)}[{window}]))"
+    """Requests failed through the service's fault over ``window``, per service (see :func:`counted`)."""
+    return f"sum by ({BY}) ({counted(_failed(selector), window)})"
 
 
 def _ttft_parts(function: str, window: str, objective_seconds: float, selector: str) -> tuple[str, str]:
     """The streams late to their first token (see :func:`ttft_slow_ratio_expr`), and all those streams, by
-    ``function`` (``rate`` or ``increase``) over ``window``."""
+    ``function`` (``rate``, or ``counted`` for whole events, see :func:`counted`) over ``window``."""
     le = f'le="{le_value(objective_seconds)}"'
 
     def over(metric: str, *matchers: str) -> str:
-        return f"sum by ({BY}) ({function}({series(metric, selector, *matchers)}[{window}]))"
+        selected = series(metric, selector, *matchers)
+        if function == "counted":
+            return f"sum by ({BY}) ({counted(selected, window)})"
+        return f"sum by ({BY}) ({function}({selected}[{window}]))"
 
     answered = over(TIME_TO_FIRST_TOKEN + "_count")
     slow = f"({answered} - {over(TIME_TO_FIRST_TOKEN + '_bucket', le)})"
@@ -384,7 +401,7 @@ def ttft_slow_ratio_expr(window: str, objective_seconds: float, selector: str = 
 
 def ttft_late_events_expr(window: str, objective_seconds: float, selector: str = "") -> str:
     """Streams late to their first token (see :func:`ttft_slow_ratio_expr`) over ``window``, per service."""
-    return _ttft_parts("increase", window, objective_seconds, selector)[0]
+    return _ttft_parts("counted", window, objective_seconds, selector)[0]
 
 
 def _burn_alerts(
@@ -545,7 +562,7 @@ def build_rule_groups(
             "LLMHighErrorRatio",
             f"{series('llm:llm_errors:ratio_rate5m', own)} > {_exact(t.error_ratio)}\n"
             f"and on ({BY})\n"
-            f"sum by ({BY}) (increase({series(ERRORS, sel, NOT_LEFT)}[5m])) >= {MIN_BURN_EVENTS}",
+            f"sum by ({BY}) ({counted(series(ERRORS, sel, NOT_LEFT), '5m')}) >= {MIN_BURN_EVENTS}",
             severity="warning",
             for_="5m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of LLM requests fail",
@@ -582,7 +599,7 @@ def build_rule_groups(
             f"and on ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL})\n"
             # As LLMHighErrorRatio: a tool whose results are rare (one failed result now and then) is not paged for.
             f"sum by ({BY}, {TOOL_NAME}, {OVERFLOW_LABEL}) "
-            f"(increase({series(TOOL_RESULTS, sel, tool_error)}[5m])) >= {MIN_BURN_EVENTS}",
+            f"({counted(series(TOOL_RESULTS, sel, tool_error), '5m')}) >= {MIN_BURN_EVENTS}",
             severity="warning",
             for_="10m",
             summary=f"{service}: {{{{ $value | humanizePercentage }}}} of results of "
