@@ -361,11 +361,17 @@ def counted(selected: str, window: str) -> str:
     interval before it that the window's first scrape counted). ``increase()`` extrapolates the changes between the
     first and the last sample inside the window to the window's length: with scrapes every 30s it read 3 failures as
     2.22 when the window's first scrape counted one of them, and 2 failures of a pod stopped just after the window's
-    start as 3.33 (tests/promtool/event_counts.yaml).
-    ``last_over_time`` keeps the series of a pod gone within the window; a series new in the window (no value at its
-    start) or reset in it (its value fell: the process restarted) counts its last value, all it counted since."""
+    start as 3.33 (tests/promtool/event_counts.yaml). ``last_over_time`` keeps the series of a pod gone within the
+    window.
+
+    A series with no value at the window's start (new in it) or whose value fell (its process restarted) counts the
+    changes between its samples in the window: its last value less its least (a counter's first, or the first after
+    the restart). It leaves out the count the series appeared with, as the ratios' ``rate()`` does: counting that
+    value would count a pod's whole history when Prometheus first sees it (a new Prometheus, or a target back after
+    more than 5 minutes down), and ``increase()`` read two changes of such a series as 3.
+    """
     last = f"last_over_time({selected}[{window}])"
-    return f"(({last} - {selected} offset {window}) >= 0 or {last})"
+    return f"(({last} - {selected} offset {window}) >= 0 or {last} - min_over_time({selected}[{window}]))"
 
 
 def availability_bad_events_expr(window: str, selector: str = "") -> str:
