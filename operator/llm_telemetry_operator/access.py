@@ -13,7 +13,7 @@ it may write those).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from llm_telemetry_operator import rbac
@@ -103,11 +103,13 @@ def impact(grant: Grant) -> str:
     return specific or _IMPACT.get((grant.api_group, grant.resource), "the operator's calls of it are refused")
 
 
-def needed(config: OperatorConfig, *, namespaced: bool = True) -> list[Grant]:
+def needed(
+    config: OperatorConfig, *, namespaced: bool = True, namespaces: Collection[str] | None = None
+) -> list[Grant]:
     """Every permission of :data:`rbac.PERMISSIONS` in each scope this operator uses it in: cluster-wide, or in
     each watched namespace for what namespaced mode grants by a Role there (left out with ``namespaced`` False: 34
-    reviews a namespace); the peering patch on this operator's own peering object only, and not at all when it runs
-    without peering."""
+    reviews a namespace; only in ``namespaces`` of the watched ones, if given); the peering patch on this operator's
+    own peering object only, and not at all when it runs without peering."""
     grants: list[Grant] = []
     for permission in rbac.PERMISSIONS:
         name = None
@@ -118,8 +120,11 @@ def needed(config: OperatorConfig, *, namespaced: bool = True) -> list[Grant]:
         scopes: Sequence[str | None] = (
             (None,) if permission.cluster_wide or not config.namespaces else config.namespaces
         )
-        if not namespaced and scopes != (None,):
-            continue
+        if scopes != (None,):
+            if not namespaced:
+                continue
+            if namespaces is not None:
+                scopes = [scope for scope in scopes if scope in namespaces]
         for resource in permission.resources:
             if (permission.api_group, resource) == _REVIEWS:
                 continue
@@ -128,10 +133,12 @@ def needed(config: OperatorConfig, *, namespaced: bool = True) -> list[Grant]:
     return grants
 
 
-async def missing(client: KubeClient, config: OperatorConfig, *, namespaced: bool = True) -> list[Grant]:
+async def missing(
+    client: KubeClient, config: OperatorConfig, *, namespaced: bool = True, namespaces: Collection[str] | None = None
+) -> list[Grant]:
     """The permissions of :func:`needed` the API server refuses this operator, in the order declared. Raises the
     client's :class:`~llm_telemetry_operator.errors.ApiError` when a review itself fails (refused, or no answer)."""
-    grants = needed(config, namespaced=namespaced)
+    grants = needed(config, namespaced=namespaced, namespaces=namespaces)
     # Every review is awaited, failed or not: none is left running (or its error unread) once one has failed.
     answers = await asyncio.gather(*(client.review(grant.attributes()) for grant in grants), return_exceptions=True)
     for answer in answers:

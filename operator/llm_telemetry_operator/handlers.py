@@ -19,7 +19,7 @@ from typing import Any, Final, NoReturn
 
 import kopf
 
-from llm_telemetry_operator import access, kube, metrics
+from llm_telemetry_operator import access, kube, metrics, refusals
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import reconcile as rec
 from llm_telemetry_operator import resources as r
@@ -64,6 +64,9 @@ RELOGIN_SAID_SECONDS = 60.0
 #: Seconds between two lines saying the peering objects still cannot be read (the poll tries every
 #: STANDBY_POLL_SECONDS): one line when it starts, one a minute while it lasts, one when it ends.
 PEERING_UNREAD_LOG_SECONDS = 60.0
+#: Seconds between two checks of the permissions started by refusals the last check did not explain (see
+#: _recheck_access): kopf retries each refused call, so refusals come in bursts.
+ACCESS_RECHECK_SECONDS = 60.0
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
 #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
@@ -184,8 +187,9 @@ class OperatorState:
     #: tried again until the operator restarts; another failure is, at the next read of the peering object.
     publish_refused: bool = False
     publish_warned: bool = False
-    #: The resources left to another operator, and its name, as last said in the log and an event.
-    left: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The resources left to another operator: its name, and whether it was idle (no replica running, but one
+    #: recently), as last said in the log and an event (see _leave_to).
+    left: dict[tuple[str, str], tuple[str, bool]] = field(default_factory=dict)
     #: The resources (by uid) this operator has claimed (see _claim), so that a pass before the watch has delivered
     #: the claim does not claim them again.
     claimed: set[str] = field(default_factory=set)
@@ -193,6 +197,10 @@ class OperatorState:
     #: known (not checked yet, or the check itself failed). And whether a failed check was said.
     lacking: tuple[access.Grant, ...] | None = None
     access_unknown_said: bool = False
+    #: A check of the permissions started by a refusal the last check did not explain, and when the last one began
+    #: (time.monotonic()), so that a burst of refusals asks at most once every ACCESS_RECHECK_SECONDS.
+    access_recheck: asyncio.Task[None] | None = None
+    access_rechecked: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
     forbidden_said: set[str] = field(default_factory=set)
 
@@ -336,6 +344,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # whole operator once it cannot keep its entry in one. kopf starts its peering only after the startup handlers.
     settings.peering.clusterwide = True
     state.logger = logger
+    # kopf logs each retry of a refused call at ERROR, every 30 s for as long as it is refused: once the permission is
+    # named (below), such retries are logged at WARNING now and then, not at ERROR (see refusals.py); a refusal not
+    # explained by the last check stays an ERROR and has the permissions checked again.
+    refusals.install(
+        refusals.KnownRefusals(lambda: state.lacking, unknown=lambda ns: _recheck_access(memo, state, logger, ns))
+    )
     # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
     # refused finalizer patch leaves a resource idle), then again at each resync interval. Reviews store nothing:
     # asked before the standby check, so that a replica found active goes on with no further wait.
@@ -559,18 +573,24 @@ def _paused(state: OperatorState) -> bool:
     return state.standby
 
 
-async def _check_access(memo: Any, state: OperatorState, logger: Any, *, namespaced: bool = True) -> None:
+async def _check_access(
+    memo: Any, state: OperatorState, logger: Any, *, namespaced: bool = True, namespaces: Collection[str] | None = None
+) -> None:
     """Ask the API server which declared permissions this operator lacks (see access.py). A change is said once:
     an ERROR naming each missing permission and what breaks without it, or an INFO line once none is missing
     any more. While ``patch`` on the LLMTelemetry resources is missing, each one seen is told so (see
-    :func:`_report_forbidden`). With ``namespaced`` False, only the cluster-wide grants are asked about (in
-    namespaced mode a Role's are asked about in each watched namespace: at startup only), and what the last check
-    found of the others stands."""
+    :func:`_report_forbidden`). With ``namespaced`` False, only the cluster-wide grants are asked about, and with
+    ``namespaces``, only those and the Role's grants in these watched namespaces (in namespaced mode a Role's are
+    asked about in each watched namespace at startup; then, see _watch_access and _recheck_access, only where one
+    was found missing or a call was refused); what the last check found of the others stands."""
     try:
         config = _config(memo)
-        found = set(await access.missing(_client(memo), config, namespaced=namespaced))
         if not namespaced:
-            found.update(grant for grant in state.lacking or () if grant.namespace is not None)
+            namespaces = ()
+        found = set(await access.missing(_client(memo), config, namespaces=namespaces))
+        if namespaces is not None:
+            kept = [grant for grant in state.lacking or () if grant.namespace not in (None, *namespaces)]
+            found.update(kept)
         lacking = tuple(grant for grant in access.needed(config) if grant in found)
     except ApiError as exc:
         if not state.access_unknown_said:
@@ -601,9 +621,38 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
     while True:
         await asyncio.sleep(_config(memo).resync_seconds)
         try:
-            await _check_access(memo, state, logger, namespaced=False)
+            # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
+            # that its return is noticed): 34 reviews a namespace for all of them would come in a burst.
+            where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
+            await _check_access(memo, state, logger, namespaces=where)
         except Exception:
             logger.exception("checking the operator's permissions failed")
+
+
+def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:
+    """Check the permissions again soon, the cluster-wide ones and a Role's in ``namespace``: a call was refused
+    that the last check did not find missing (a Role or ClusterRole changed since). At most one check at a time,
+    and one every ACCESS_RECHECK_SECONDS."""
+    now = time.monotonic()
+    if state.access_recheck is not None and not state.access_recheck.done():
+        return
+    if state.access_rechecked is not None and now - state.access_rechecked < ACCESS_RECHECK_SECONDS:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    state.access_rechecked = now
+    config = _config(memo)
+    where = {namespace} if namespace and namespace in config.namespaces else set()
+
+    async def check() -> None:
+        try:
+            await _check_access(memo, state, logger, namespaces=where)
+        except Exception:
+            logger.exception("checking the operator's permissions failed")
+
+    state.access_recheck = loop.create_task(check(), name="llm-telemetry-access-recheck")
 
 
 def _forbidden_patch(state: OperatorState, namespace: str | None) -> access.Grant | None:
@@ -786,6 +835,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             watch.stop()
         if state.collectors_settling is not None:
             state.collectors_settling.cancel()
+        if state.access_recheck is not None:
+            state.access_recheck.cancel()
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
@@ -940,6 +991,14 @@ async def _reconcile(
             if api and TERMINATING in str(exc) and await _namespace_leaving(_client(memo), key[0]):
                 _leave_be(state, key, uid, trigger, str(exc))
                 return None
+            if (
+                isinstance(exc, ApiError)
+                and exc.status == 403
+                and not any(g.namespace in (None, key[0]) for g in state.lacking or ())
+            ):
+                # Refused, with nothing known missing here: a Role or ClusterRole changed since the last check,
+                # which then names what is missing, once (and the periodic check notices its return).
+                _recheck_access(memo, state, logger, key[0])
             reason = "ApiError" if api else "InternalError"
             message = str(exc) if api else f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]
             metrics.RECONCILES.labels(trigger, "error").inc()
@@ -1293,33 +1352,55 @@ async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str
     return {**body, "status": {**(body.get("status") or {}), "operator": config.peering}}
 
 
+#: The characters of a peering name a WatchedTwice message quotes; a longer one (they may have 253) is cut, with a
+#: marker, so that the whole message, with its four names, stays within MAX_MESSAGE_CHARS (kopf cuts a longer event
+#: message in its middle, and the operator cut its own at the end, mid-sentence).
+NAME_IN_MESSAGE_CHARS = 120
+
+
+def _quoted(name: str) -> str:
+    """``name`` in quotes, cut to NAME_IN_MESSAGE_CHARS with a ``…`` where it is longer."""
+    if len(name) > NAME_IN_MESSAGE_CHARS:
+        name = name[: NAME_IN_MESSAGE_CHARS - 1] + "…"
+    return f"'{name}'"
+
+
+def watched_twice_message(holder: str, own: str, namespace: str, idle: bool) -> str:
+    """The WatchedTwice event's (and log line's) words: the resource in ``namespace`` is left to the operator of
+    peering object ``holder`` (with no replica running now, but one recently: ``idle``) by this one, ``own``."""
+    other, this = _quoted(holder), _quoted(own)
+    if not idle:
+        return (
+            f"served by the operator of peering object {other}; this operator ({this}) watches namespace {namespace}"
+            " too and leaves the resource to it while it runs. Two releases of the operator watch this namespace:"
+            " take it out of the watchNamespaces of the release not meant to serve it. If that name is this"
+            " release's own former peering name (a switch between cluster-wide and namespaced mode: the old pods'"
+            " entries outlive them by up to a minute), there is no second release: delete that peering object once"
+            " its pods are gone, and the resource is taken over at its next resync"
+        )
+    grace = f"{TAKEOVER_GRACE_SECONDS / 60:g} minutes"
+    return (
+        f"left to the operator of peering object {other}, which has no replica running now but had one within {grace}"
+        f" (a restart, or a rollout), so it counts as restarting; this operator ({this}) takes the resource over at"
+        f" its first resync after that has been gone {grace}. If that name is this release's own former peering name"
+        " (a switch between cluster-wide and namespaced mode), delete that peering object once its pods are gone:"
+        " the resource is then taken over at its next resync"
+    )
+
+
 def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> None:
-    """Say, once per resource and holder, that this operator leaves the resource to another one."""
+    """Say that this operator leaves the resource to another one: once per resource and holder, and once more if
+    the holder was idle when first said (counting as restarting) and is found running since, which is then a
+    second release watching the namespace, for the user to act on."""
     state = _state(memo)
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
-    if state.left.get(key) == holder:
-        return
-    state.left[key] = holder
-    if holder not in state.holders_idle:
-        message = (
-            f"served by the operator of peering object {holder!r}; this operator ({_config(memo).peering!r}) watches"
-            f" namespace {key[0]} too and leaves the resource to it while that operator runs. Two releases of the"
-            " operator watch this namespace: take it out of the watchNamespaces of the release not meant to serve it."
-            f" If {holder!r} is this release's own former peering name (a switch between cluster-wide and namespaced"
-            " mode: the old pods' entries outlive them by up to a minute), there is no second release: delete that"
-            " peering object once its pods are gone, and the resource is taken over at its next resync"
-        )
-    else:
-        message = (
-            f"left to the operator of peering object {holder!r}, which has no replica running now but had one within"
-            f" {TAKEOVER_GRACE_SECONDS / 60:g} minutes (a restart, or a rollout), so it counts as restarting; this"
-            f" operator ({_config(memo).peering!r}) takes the resource over at its first resync after that has been"
-            f" gone {TAKEOVER_GRACE_SECONDS / 60:g} minutes. If {holder!r} is this release's own former peering name (a"
-            " switch between cluster-wide and namespaced mode), delete that peering object once its pods are gone:"
-            " the resource is then taken over at its next resync"
-        )
-    message = message[:MAX_MESSAGE_CHARS]
+    idle = holder in state.holders_idle
+    said = state.left.get(key)
+    if said is not None and said[0] == holder and (said[1] == idle or not said[1]):
+        return  # said so already (running then, idle now: a restart of the other, which says nothing new)
+    state.left[key] = (holder, idle)
+    message = watched_twice_message(holder, _config(memo).peering, key[0], idle)[:MAX_MESSAGE_CHARS]
     logger.warning("%s", message)
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 

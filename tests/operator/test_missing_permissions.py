@@ -63,6 +63,7 @@ async def test_a_resource_the_operator_may_not_patch_says_why(
     emulator.deny[(c.PLURAL, "chat")] = refused("chat")
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="kopf.objects")  # kopf's retries of a refusal already named: DEBUG
     async with running_operator():
         await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
         if STATUS in also_missing:
@@ -91,6 +92,12 @@ async def test_a_resource_the_operator_may_not_patch_says_why(
     assert "no pass runs for it" in error
     for missing in also_missing:
         assert f"{missing[2]} {missing[1]}" in error
+    # kopf's retries of the refused patch: not an ERROR every time (every 30 s, for good, once past its first
+    # delays), as the permission was named: one WARNING, the rest at DEBUG.
+    retries = [r for r in caplog.records if "failed; will retry" in str(r.msg) and "/chat -> " in str(r.msg)]
+    assert len(retries) >= 3, retries
+    assert [r.levelno for r in retries if r.levelno > logging.DEBUG] == [logging.WARNING], retries
+    assert f"for want of {NAMED}, already reported" in retries[0].getMessage()
 
 
 def reviews(emulator: Any) -> int:
@@ -212,3 +219,30 @@ def test_in_namespaced_mode_the_periodic_check_asks_only_about_the_cluster_wide_
     assert periodic == [grant for grant in every if grant.namespace is None]
     per_namespace = [grant for grant in every if grant.namespace is not None]
     assert per_namespace and {grant.namespace for grant in per_namespace} == set(namespaces)
+
+
+async def test_a_refusal_the_last_check_did_not_find_stays_an_error_and_is_named(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A permission taken away after a check (a ClusterRole or Role changed while the operator runs, long before its
+    next periodic check): kopf's first refused attempt is an ERROR, as a new failure should be, and has the
+    permissions asked about again, which names the one missing and tells the resource; kopf's further retries of it
+    are then no ERROR."""
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="kopf.objects")
+    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=600)
+    async with running_operator(config):
+        await started(caplog)
+        emulator.unauthorized.add(PATCH)
+        emulator.deny[(c.PLURAL, "late")] = refused("late")
+        await create_named(emulator, "late")
+        await eventually(lambda: errors_naming(caplog, NAMED), "the ERROR naming the permission")
+        await reported(emulator, c.CONDITION_READY, "Forbidden", "late: Ready False, Forbidden", name="late")
+        await eventually(
+            lambda: sum(1 for r in caplog.records if "Request attempt #4 failed" in r.getMessage()), "more retries"
+        )
+    retries = [r for r in caplog.records if "failed; will retry" in str(r.msg) and "/late -> " in str(r.msg)]
+    named = next(i for i, r in enumerate(caplog.records) if r.levelno == logging.ERROR and NAMED in r.getMessage())
+    assert retries[0].levelno == logging.ERROR, retries
+    later = [r for r in retries if caplog.records.index(r) > named]
+    assert later and all(r.levelno < logging.ERROR for r in later), later

@@ -476,3 +476,36 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
             assert get(emulator, LLMT, "chat") is not None
             emulator.deny.clear()
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "let go once its operator is gone for good")
+
+
+async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_that_operator_runs(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The first event said the other operator counts as restarting, and that the resource is taken over if it stays
+    gone; it came back instead, so two releases watch the namespace, which the user has to settle: the same resource
+    is told so, once, at its next pass (not only a resource first met after)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
+    served_by_other(emulator)
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
+    async with running_operator(config):
+        (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        assert "no replica running now" in event["message"], event["message"]
+        other_operator(emulator, datetime.timedelta(seconds=0))
+        events = await eventually(
+            lambda: (found := posted_events(emulator, "WatchedTwice")) and len(found) == 2 and found,
+            "a second WatchedTwice event for the same resource",
+            attempts=int((handlers.HOLDER_CHECK_SECONDS + 20) / 0.05),
+        )
+        assert "Two releases" in events[1]["message"] and "no replica running now" not in events[1]["message"]
+        # Idle again (a restart of the other): nothing new to say, through some more passes.
+        other_operator(emulator, None, stopped=datetime.timedelta(seconds=1))
+        passes = sum(1 for r in list(emulator) if str(r.url.path).endswith("/clusterkopfpeerings"))
+        await eventually(
+            lambda: sum(1 for r in list(emulator) if str(r.url.path).endswith("/clusterkopfpeerings")) > passes + 2,
+            "the other operator's peering object read again",
+            attempts=int((handlers.HOLDER_CHECK_SECONDS * 3 + 20) / 0.05),
+        )
+        assert len(posted_events(emulator, "WatchedTwice")) == 2
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
