@@ -1022,6 +1022,11 @@ async def _reconcile(
         # would the events be. Nothing to repair or report there; the resource's own deletion comes next.
         _leave_be(state, key, uid, trigger, "; ".join(m for _, m in outcome.failures if TERMINATING in m))
         return outcome
+    if any(FORBIDDEN in message for _, message in outcome.failures) and not any(
+        g.namespace in (None, key[0]) for g in state.lacking or ()
+    ):
+        # A part of the pass refused (a workload's patch, a child's write), with nothing known missing here.
+        _recheck_access(memo, state, logger, key[0])
     if outcome.retry:
         state.schedule.failed(key)
     else:
@@ -1441,6 +1446,8 @@ async def _report_failure(
 MAX_REPORTED: Final = 64
 #: What the API server says when refusing to create anything in a namespace being deleted.
 TERMINATING: Final = "because it is being terminated"
+#: How a refusal (403) reads in a failure's message (the client's ApiError: "<status> <reason>: <message>").
+FORBIDDEN: Final = "403 Forbidden:"
 
 
 def _leave_be(state: OperatorState, key: tuple[str, str], uid: str, trigger: str, why: str) -> None:

@@ -246,3 +246,40 @@ async def test_a_refusal_the_last_check_did_not_find_stays_an_error_and_is_named
     assert retries[0].levelno == logging.ERROR, retries
     later = [r for r in retries if caplog.records.index(r) > named]
     assert later and all(r.levelno < logging.ERROR for r in later), later
+
+
+async def test_a_roles_verb_taken_away_in_namespaced_mode_is_named_and_its_return_noticed(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Namespaced mode: the periodic check asks only about the cluster-wide grants (a Role's, 34 reviews a namespace,
+    at startup). A verb taken off a watched namespace's Role while the operator runs shows in the resource's status
+    (InjectionFailed, the API server's refusal); the refusal also has the permissions in that namespace asked about
+    again, which names the one missing, and the next periodic checks ask there too, so that its return is said."""
+    from kopf_testing import DEPLOYMENTS, deployment
+
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(
+        peering="test-peering", metrics_port=0, health="", resync_seconds=1, namespaces=(NAMESPACE,)
+    )
+    named = f"patch deployments.apps (in namespace {NAMESPACE})"
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    async with running_operator(config):
+        await started(caplog)
+        assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+        emulator.unauthorized.add(("apps", "deployments", "patch", NAMESPACE))
+        emulator.deny[("deployments", "chat")] = (
+            403,
+            "Forbidden",
+            'deployments.apps "chat" is forbidden: cannot patch resource "deployments" in API group "apps"',
+        )
+        await create_named(emulator, "chat")
+        await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "Injected False, InjectionFailed")
+        await eventually(lambda: errors_naming(caplog, named), "the ERROR naming the Role's permission")
+        emulator.unauthorized.clear()
+        emulator.deny.clear()
+        await eventually(
+            lambda: any("every permission it needs again" in r.getMessage() for r in caplog.records),
+            "the INFO line saying it is granted again",
+        )
+        await reported(emulator, c.CONDITION_INJECTED, "Injected", "Injected again")
+    assert len(errors_naming(caplog, named)) == 1
