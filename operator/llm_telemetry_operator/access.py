@@ -1,9 +1,10 @@
 """Which of its declared permissions the operator lacks, as the API server says.
 
 An admin who trims the chart's ClusterRole, or a chart older than the operator, leaves the operator refused (403)
-on some calls. kopf retries a refused call for as long as the operator runs, one ERROR line every 30 s, and when the
-call refused is its finalizer patch of a new LLMTelemetry, no handler runs for that resource: no status, no event,
-a resource silently idle. So the operator asks, with one SelfSubjectAccessReview per permission of
+on some calls. kopf retries a refused call for as long as the operator runs, one line every 30 s (ERROR, but for a
+permission already named, see refusals.py), and when the call refused is its finalizer patch of a new LLMTelemetry,
+no handler runs for that resource: no status, no event, a resource silently idle. So the operator asks, with one
+SelfSubjectAccessReview per permission of
 :data:`rbac.PERMISSIONS` in each scope it uses it in, which ones it lacks, and says so: one ERROR naming each
 missing permission and what breaks without it (see ``handlers._check_access``), and, while it may not patch the
 LLMTelemetry resources, ``Ready`` False with reason ``Forbidden`` and a Warning event on each one it sees (as far as
@@ -92,7 +93,8 @@ _VERB_IMPACT: dict[tuple[str, str, str], str] = {
     ),
     ("llmtelemetry.dev", "llmtelemetries", "patch"): (
         "kopf cannot add its finalizer to a new LLMTelemetry, so no pass runs for it: each such resource is marked "
-        "Ready=False, reason Forbidden, with a Warning event, as far as the status and events may be written"
+        "Ready=False, reason Forbidden, with a Warning event, as far as the status and events may be written; nor "
+        "take it off a deleted one, whose deletion then waits (a Forbidden event says how to get out)"
     ),
 }
 
@@ -170,4 +172,15 @@ def forbidden_message(grant: Grant) -> str:
     return (
         f"the operator may not {grant.verb} {grant.resource}.{grant.api_group}, so it cannot add its finalizer and "
         "no pass runs for this resource: grant the permission (the Helm chart's ClusterRole has it)"
+    )
+
+
+def finalizer_message(namespace: str, name: str) -> str:
+    """The log line's and the event's message for a deleted resource whose finalizer the operator may not take off:
+    its clean-up is done, and what to do."""
+    return (
+        "cleaned up, but the operator may not patch llmtelemetries.llmtelemetry.dev, so it cannot take its finalizer "
+        "off and the deletion waits (kopf retries every 30 s): grant the permission (the Helm chart's ClusterRole has "
+        "it), or, as the clean-up is done, remove the finalizer by hand: "
+        f'kubectl -n {namespace} patch llmt {name} --type=merge -p \'{{"metadata":{{"finalizers":null}}}}\''
     )

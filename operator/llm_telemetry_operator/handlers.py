@@ -712,6 +712,15 @@ async def _still_refused(memo: Any, grant: access.Grant) -> bool:
         return True
 
 
+async def _patch_refused(memo: Any, namespace: str) -> bool:
+    """Whether the API server refuses this operator ``patch`` on the LLMTelemetry resources of ``namespace`` now
+    (asked afresh; when the review itself fails, as the last check found)."""
+    try:
+        return not await _client(memo).review(access.Grant(c.GROUP, c.PLURAL, "patch", namespace).attributes())
+    except ApiError:
+        return _forbidden_patch(_state(memo), namespace) is not None
+
+
 async def _heartbeat(state: OperatorState) -> None:
     """Tick every HEARTBEAT_SECONDS while the event loop runs: a tick overdue by FROZEN_SECONDS is a freeze (see
     :func:`_paused`), told from a slow API call, which the loop runs beside."""
@@ -1128,6 +1137,12 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             )[:MAX_MESSAGE_CHARS]
             logger.error("%s", message)
             kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
+        elif await _patch_refused(memo, key[0]):
+            # kopf's removal of the finalizer, next, is refused (and retried every 30 s): without a word here the
+            # deletion just hangs (`kubectl delete` waits), the resource showing only its deletionTimestamp.
+            message = access.finalizer_message(*key)
+            logger.error("%s", message)
+            kopf.warn(_event_target(body), reason=access.REASON, message=message)
     except WriteWithheld as exc:
         raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS) from exc
     except Exception as exc:

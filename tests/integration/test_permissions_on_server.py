@@ -56,7 +56,9 @@ def test_a_resource_the_operator_may_not_patch_says_why_and_the_log_names_the_pe
     name = unique("chat")
     # A resync interval longer than the test: the resource is told by the handler kopf runs for its watch event,
     # not by the operator's periodic check of its permissions.
-    process, log, _, _ = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600")
+    process, log, _, _ = start_chart_operator(
+        api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600", "--verbose"
+    )
     try:
         custom.create_namespaced_custom_object(
             GROUP,
@@ -86,10 +88,16 @@ def test_a_resource_the_operator_may_not_patch_says_why_and_the_log_names_the_pe
         )
         assert len(events) == 1 and events[0].type == "Warning", events
         assert f"may not patch {PLURAL}.{GROUP}" in events[0].message
+        # kopf retries its refused finalizer patch (1, 1, 2, 3 s... then every 30 s, for as long as it is refused):
+        # the permission named once at ERROR, the retries not at ERROR (one WARNING, the rest at DEBUG: --verbose).
+        wait_for(lambda: "Request attempt #5 failed" in log.read_text(), "kopf's fifth attempt", timeout=30)
         text = log.read_text()
-        errors = [line for line in text.splitlines() if MISSING in line]
-        assert len(errors) == 1 and "ERROR" in errors[0], errors
+        errors = [line for line in text.splitlines() if MISSING in line and "[ERROR" in line]
+        assert len(errors) == 1, errors
         assert "no pass runs for it" in errors[0], errors[0]
+        retries = [line for line in text.splitlines() if "failed; will retry: PATCH" in line and f"/{name} ->" in line]
+        assert len(retries) >= 5 and not any("[ERROR" in line for line in retries), retries
+        assert sum("[WARNING" in line for line in retries) == 1, retries
         assert process.poll() is None, text[-4000:]
 
         # Granted again: kopf's next retry of its finalizer patch goes through, and a pass serves the resource.

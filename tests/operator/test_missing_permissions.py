@@ -283,3 +283,35 @@ async def test_a_roles_verb_taken_away_in_namespaced_mode_is_named_and_its_retur
         )
         await reported(emulator, c.CONDITION_INJECTED, "Injected", "Injected again")
     assert len(errors_naming(caplog, named)) == 1
+
+
+async def test_a_deletion_the_operator_may_not_finish_says_how_to_get_out(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``patch`` on the resources taken away once a resource has the finalizer: its deletion runs the clean-up, and
+    kopf's removal of the finalizer is refused (retried every 30 s, for good), so ``kubectl delete`` waits. A
+    Warning event (and an ERROR line) says so, once, and how to get out: grant it, or take the finalizer off by hand.
+    Granted again, the deletion finishes."""
+    from kopf_testing import DEPLOYMENTS, deployment
+    from test_operator_kmock import env_of, hand
+
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    config = OperatorConfig(peering="test-peering", metrics_port=0, health="", resync_seconds=600)
+    async with running_operator(config):
+        await started(caplog)
+        await create_named(emulator, "chat")
+        await eventually(lambda: "LLM_TELEMETRY_METRICS_PORT" in env_of(get(emulator, DEPLOYMENTS, "chat")), "injected")
+        emulator.unauthorized.add(PATCH)
+        emulator.deny[(c.PLURAL, "chat")] = refused("chat")
+        await hand(emulator, "DELETE", f"/apis/{c.GROUP}/{c.VERSION}/namespaces/{NAMESPACE}/{c.PLURAL}/chat")
+        (event,) = await eventually(lambda: posted_events(emulator, "Forbidden"), "the Forbidden event")
+        assert event["type"] == "Warning"
+        assert "cannot take its finalizer off and the deletion waits" in event["message"], event["message"]
+        assert f"kubectl -n {NAMESPACE} patch llmt chat --type=merge" in event["message"]
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))  # cleaned up
+        assert get(emulator, LLMT, "chat")["metadata"]["deletionTimestamp"]
+        emulator.unauthorized.clear()
+        emulator.deny.clear()
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "gone once granted again")
+    assert len(posted_events(emulator, "Forbidden")) == 1
