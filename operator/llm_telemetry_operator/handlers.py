@@ -643,6 +643,7 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     except RuntimeError:
         return
     state.access_rechecked = now
+    logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
     config = _config(memo)
     where = {namespace} if namespace and namespace in config.namespaces else set()
 
