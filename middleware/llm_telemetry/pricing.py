@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,19 +223,34 @@ def parse_pricing_text(text: str, name: str) -> Any:
         raise ConfigurationError(f"pricing file {name!r}: nested too deeply to be a pricing table") from exc
 
 
+#: How a wrong value of a pricing entry is shown in an error: a few members, a few levels deep. Its full repr() of a
+#: value built of YAML aliases (a 609-byte file whose price was nine levels of ten aliases each) grew to billions of
+#: members and the constructor ran out of memory instead of naming the file.
+_SHOWN: Final = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfrozenset = 4
+_SHOWN.maxstring = _SHOWN.maxother = 40
+
+
 def _price(model: str, entry: Any) -> Price:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"pricing for {model!r}: expected a mapping like {{input: 2.5, output: 10}}")
     unknown = set(entry) - set(_KINDS)
     if unknown:
-        raise ConfigurationError(f"pricing for {model!r}: unknown keys {sorted(unknown)}; allowed: {list(_KINDS)}")
+        # Sorted as text: YAML keys may be numbers or null beside text, which sorted() alone raised TypeError on.
+        shown = ", ".join(_SHOWN.repr(key) for key in sorted(unknown, key=repr)[:10]) + (
+            ", ..." if len(unknown) > 10 else ""
+        )
+        raise ConfigurationError(f"pricing for {model!r}: unknown keys [{shown}]; allowed: {list(_KINDS)}")
     values: dict[str, float] = {}
     for kind in _KINDS:
         value = entry.get(kind)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigurationError(f"pricing for {model!r}: {kind} must be a non-negative number, got {value!r}")
+            raise ConfigurationError(
+                f"pricing for {model!r}: {kind} must be a non-negative number, got {_SHOWN.repr(value)}"
+            )
         values[kind] = float(value)
     if "input" not in values or "output" not in values:
         raise ConfigurationError(f"pricing for {model!r}: input and output prices are required")

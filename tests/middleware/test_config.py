@@ -317,8 +317,14 @@ def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
         ("prices.json", b"[" * 100_000, "nested too deeply"),
         ("prices.yaml", b"models:\n  gpt-4o: {input: 2.5, output: ten}\n", "output must be a non-negative number"),
         ("prices.yaml", b"models:\n  gpt-4o: {input: 2.5\n", 'in "{path}", line 3'),
+        # Keys of several types: sorting them for the message raised TypeError out of the constructor.
+        (
+            "prices.yaml",
+            b"models:\n  gpt-4o: {input: 2.5, output: 10, 3: x, ~: y, z: 1}\n",
+            "unknown keys ['z', 3, None]",
+        ),
     ],
-    ids=["not-utf8", "nested", "bad-price", "bad-yaml"],
+    ids=["not-utf8", "nested", "bad-price", "bad-yaml", "mixed-keys"],
 )
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
 def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(

@@ -151,6 +151,19 @@ def test_bad_pricing_files_fail_at_startup_with_a_clear_message(tmp_path: Path, 
         middleware.telemetry  # noqa: B018
 
 
+def test_a_wrong_price_built_of_aliases_is_shown_in_a_few_members(tmp_path: Path) -> None:
+    """A price made of YAML aliases, six levels of ten: a million members in a 0.4 kB file. Its whole repr() in the
+    message took megabytes (at nine levels the constructor ran out of memory instead of naming the file)."""
+    anchors = ['  l0: &l0 ["aaaaaaaaaa", "aaaaaaaaaa", "aaaaaaaaaa", "aaaaaaaaaa", "aaaaaaaaaa"]']
+    anchors += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 6)]
+    path = tmp_path / "prices.yaml"
+    path.write_text("anchors:\n" + "\n".join(anchors) + "\nmodels:\n  m: {input: *l5, output: 1}\n")
+    with pytest.raises(ConfigurationError, match="input must be a non-negative number, got \\[\\[") as raised:
+        PricingTable(path)
+    assert f"pricing file {str(path)!r}" in str(raised.value)
+    assert len(str(raised.value)) < 500
+
+
 def test_missing_pricing_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"nope\.yaml"):
         PricingTable(str(tmp_path / "nope.yaml"))
