@@ -364,14 +364,25 @@ def counted(selected: str, window: str) -> str:
     start as 3.33 (tests/promtool/event_counts.yaml). ``last_over_time`` keeps the series of a pod gone within the
     window.
 
-    A series with no value at the window's start (new in it) or whose value fell (its process restarted) counts the
-    changes between its samples in the window: its last value less its least (a counter's first, or the first after
-    the restart). It leaves out the count the series appeared with, as the ratios' ``rate()`` does: counting that
-    value would count a pod's whole history when Prometheus first sees it (a new Prometheus, or a target back after
-    more than 5 minutes down), and ``increase()`` read two changes of such a series as 3.
+    A series whose process restarted (its value fell within the window, or below the value at its start) counts its
+    last value: all the new process counted, which it started after the window's first scrape before the drop. Read
+    as the last value less the value at the window's start, a process restarted in place (a container restart keeps
+    the pod's labels) that failed every request since counted its failures less those before the restart: 6 failures
+    in the window, after 4 long before it, read 1 (and none when they were fewer than before), and the alerts kept
+    silent (tests/promtool/event_counts.yaml).
+
+    A series with no value at the window's start (new in it) counts the changes between its samples in the window:
+    its last value less its least. It leaves out the count the series appeared with, as the ratios' ``rate()`` does:
+    counting that value would count a pod's whole history when Prometheus first sees it (a new Prometheus, or a
+    target back after more than 5 minutes down), and ``increase()`` read two changes of such a series as 3.
     """
     last = f"last_over_time({selected}[{window}])"
-    return f"(({last} - {selected} offset {window}) >= 0 or {last} - min_over_time({selected}[{window}]))"
+    start = f"{selected} offset {window}"
+    return (
+        f"((({last} - {start}) >= 0 unless resets({selected}[{window}]) > 0)"
+        f" or ({last} and {start})"
+        f" or {last} - min_over_time({selected}[{window}]))"
+    )
 
 
 def availability_bad_events_expr(window: str, selector: str = "") -> str:
@@ -392,10 +403,10 @@ def _ttft_parts(function: str, window: str, objective_seconds: float, selector: 
 
     def late(histogram: str) -> str:
         if function == "counted":
-            # Per series, and never below 0: counted() picks its reading per series, so a process restarted in the
-            # window can have its count read from the window's start (it climbed back past it) and its bucket from
-            # its least value (it did not), and the difference went negative (-2 for 7 late streams of 12, promtool,
-            # tests/promtool/event_counts.yaml), taking other series' late streams off the service's sum.
+            # Per series, and never below 0: counted() picks its reading per series, so a process restarted just
+            # before a scrape can have its count read from the window's start (it did not fall) and its bucket as
+            # a restart (it did), and the difference went negative (-6, promtool, tests/promtool/event_counts.yaml),
+            # taking other series' late streams off the service's sum.
             count = counted(series(histogram + "_count", selector), window)
             bucket = counted(series(histogram + "_bucket", selector, le), window)
             return f"sum by ({BY}) (clamp_min({count} - ignoring (le) {bucket}, 0))"
