@@ -1032,10 +1032,12 @@ async def _reconcile(
         # would the events be. Nothing to repair or report there; the resource's own deletion comes next.
         _leave_be(state, key, uid, trigger, "; ".join(m for _, m in outcome.failures if TERMINATING in m))
         return outcome
-    if any(FORBIDDEN in message for _, message in outcome.failures) and not any(
-        g.namespace in (None, key[0]) for g in state.lacking or ()
-    ):
-        # A part of the pass refused (a workload's patch, a child's write), with nothing known missing here.
+    if any(
+        FORBIDDEN in message and refusals.authorization_refusal(message) for _, message in outcome.failures
+    ) and not any(g.namespace in (None, key[0]) for g in state.lacking or ()):
+        # A part of the pass refused by the authorizer (a workload's patch, a child's write), with nothing known
+        # missing here. An admission step's 403 (a quota exceeded, a webhook's denial) is no permission's: a check
+        # would find nothing, and a quota that stays exceeded would have one made every ACCESS_RECHECK_SECONDS.
         _recheck_access(memo, state, logger, key[0])
     if outcome.retry:
         state.schedule.failed(key)

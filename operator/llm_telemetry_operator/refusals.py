@@ -7,7 +7,9 @@ permissions (see access.py) has by then said, once, at ERROR, which permission i
 and told each resource it cannot serve (``Ready`` False, reason ``Forbidden``, and a Warning event). So such a retry
 is logged at WARNING the first time for each permission, and again at most once every :data:`REPEAT_SECONDS`; the
 others at DEBUG (shown with ``--verbose``). A refusal of anything the last check did not find missing stays an
-ERROR: it is a new failure (and the caller may ask for a new check, see :class:`KnownRefusals`).
+ERROR: it is a new failure (and the caller may ask for a new check, see :class:`KnownRefusals`). So does a 403 that
+is not the authorizer's: an admission step refuses with 403 too (a ResourceQuota exceeded, a namespace being
+terminated, a webhook's denial), and no permission explains it, nor would a check of the permissions find it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ REPEAT_SECONDS: float = 600.0
 _RETRY = re.compile(
     r"Request attempt #?\d+(?:/\d+)? failed; will retry: (?P<method>[A-Z]+) (?P<url>\S+) -> APIForbiddenError\b"
 )
+
+#: How the API server's authorizer words a refusal (its forbidden message: ``User "<name>" cannot <verb> resource
+#: "<resource>" in API group ...``, or ``cannot <verb> path "<path>"`` for a URL that is no resource's). An admission
+#: step's 403 reads otherwise: ``exceeded quota: ...``, ``unable to create new content in namespace ... because it is
+#: being terminated``, ``admission webhook "..." denied the request: ...``.
+_AUTHORIZER = re.compile(r'\bcannot [a-z]+ (?:resource|path) "')
 
 _VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update"}
 
@@ -62,6 +70,12 @@ def request_permission(method: str, url: str) -> tuple[str, str, str, str | None
     return group, resource, verb, namespace
 
 
+def authorization_refusal(text: str) -> bool:
+    """Whether a refusal's text (the API server's message, or an error or log line holding it) is the authorizer's,
+    which a missing permission explains; a 403 worded otherwise is an admission step's (see :data:`_AUTHORIZER`)."""
+    return _AUTHORIZER.search(text) is not None
+
+
 def _covering(
     lacking: Iterable[access.Grant], api_group: str, resource: str, verb: str, namespace: str | None
 ) -> access.Grant | None:
@@ -77,10 +91,11 @@ def _covering(
 
 
 class KnownRefusals(logging.Filter):
-    """Lowers kopf's ERROR line for a retried 403 whose permission ``lacking()`` names (the last check's findings;
-    None or empty: nothing known missing, every line stays as it is): WARNING once per permission and then at most
-    once every ``repeat_seconds``, DEBUG otherwise (dropped unless the logger is enabled for DEBUG). A retried 403
-    of a permission not named calls ``unknown()``, if given, and stays an ERROR.
+    """Lowers kopf's ERROR line for a retried 403 of the authorizer's whose permission ``lacking()`` names (the last
+    check's findings; None or empty: nothing known missing, every line stays as it is): WARNING once per permission
+    and then at most once every ``repeat_seconds``, DEBUG otherwise (dropped unless the logger is enabled for DEBUG).
+    A retried authorizer's 403 of a permission not named calls ``unknown()``, if given, and stays an ERROR; an
+    admission step's 403 (a quota, a namespace being terminated, a webhook) stays an ERROR and calls nothing.
 
     Args:
         lacking: the permissions the operator was last found to lack.
@@ -113,7 +128,9 @@ class KnownRefusals(logging.Filter):
         except Exception:  # a record whose arguments do not fit its format: not ours to judge
             return True
         found = _RETRY.search(message)
-        if found is None:
+        if found is None or not authorization_refusal(message[found.end() :]):
+            # Not a retried refusal, or one no permission explains (a quota, a namespace being terminated, a
+            # webhook): it stays as kopf logs it, and a check of the permissions would find nothing.
             return True
         permission = request_permission(found["method"], found["url"])
         grant = None if permission is None else _covering(self._lacking() or (), *permission)

@@ -131,8 +131,12 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             and (request.resource.plural, request.namespace) in self.forbid
             and not request.headers.get("X-Test-Hand")
         ):
+            # Worded as the API server's authorizer words a refusal (the verb left general: it is not read).
             raise kmocklib.KubernetesError(
-                status=403, reason="Forbidden", message=f"{request.resource.plural} is forbidden in {request.namespace}"
+                status=403,
+                reason="Forbidden",
+                message=f'{request.resource.plural} is forbidden: User "system:serviceaccount:test:operator" cannot '
+                f'access resource "{request.resource.plural}" in the namespace "{request.namespace}"',
             )
         if request.resource is not None and request.action in _WRITES and self.deny:
             plural = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")

@@ -105,6 +105,17 @@ def reviews(emulator: Any) -> int:
     return sum(1 for req in list(emulator) if str(req.url.path).endswith("/selfsubjectaccessreviews"))
 
 
+def reviews_in(emulator: Any, namespace: str) -> int:
+    """SelfSubjectAccessReviews the operator made of its grants in ``namespace`` (a Role's, in namespaced mode)."""
+    return sum(
+        1
+        for req in list(emulator)
+        if str(req.url.path).endswith("/selfsubjectaccessreviews")
+        and isinstance(req.data, dict)
+        and ((req.data.get("spec") or {}).get("resourceAttributes") or {}).get("namespace") == namespace
+    )
+
+
 async def create(emulator: Any, body: dict[str, Any]) -> None:
     """A resource created by a user, over HTTP, while the operator runs."""
     url = f"{str(emulator.url).rstrip('/')}/apis/{c.GROUP}/{c.VERSION}/namespaces/{NAMESPACE}/{c.PLURAL}"
@@ -315,3 +326,37 @@ async def test_a_deletion_the_operator_may_not_finish_says_how_to_get_out(
         emulator.deny.clear()
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "gone once granted again")
     assert len(posted_events(emulator, "Forbidden")) == 1
+
+
+async def test_a_pass_refused_by_an_admission_step_starts_no_permission_check(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 403 that is no permission's (a ResourceQuota exceeded for Services; a webhook would read the same) fails the
+    pass and is reported, as any refusal is, but has no check of the permissions made: none would find anything,
+    and a quota that stays exceeded would have 34 reviews and more asked every minute for as long as it lasts."""
+    from kopf_testing import DEPLOYMENTS, deployment
+
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(
+        peering="test-peering", metrics_port=0, health="", resync_seconds=1, namespaces=(NAMESPACE,)
+    )
+    quota = "exceeded quota: q, requested: services=1, used: services=0, limited: services=0"
+    emulator.deny[("services", "chat-llm-metrics")] = (
+        403,
+        "Forbidden",
+        f'services "chat-llm-metrics" is forbidden: {quota}',
+    )
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    async with running_operator(config):
+        await started(caplog)
+        asked = reviews_in(emulator, NAMESPACE)  # the Role's grants, at startup
+        assert asked
+        await create_named(emulator, "chat")
+        await eventually(lambda: quota in json.dumps(get(emulator, LLMT, "chat")), "the refusal in the status")
+        # Passes retried (a second a resync, so a retry within one): each meets the quota again.
+        await eventually(
+            lambda: sum("reconciled (retry)" in r.getMessage() for r in caplog.records) >= 3, "three retries"
+        )
+    # (The periodic check, every second here, asks about the cluster-wide grants only.)
+    assert reviews_in(emulator, NAMESPACE) == asked
+    assert not errors_naming(caplog, "permission(s) it needs")

@@ -48,11 +48,25 @@ def test_the_namespaces_themselves_are_a_cluster_wide_resource() -> None:
     assert request_permission("GET", f"{API}/apis/llmtelemetry.dev/v1alpha1") is None
 
 
-def retry(url: str, method: str = "PATCH", attempt: int = 1) -> logging.LogRecord:
+#: The authorizer's refusal, as the API server words it.
+RBAC = (
+    'llmtelemetries.llmtelemetry.dev "chat" is forbidden: User "system:serviceaccount:s:op" cannot patch resource '
+    '"llmtelemetries" in API group "llmtelemetry.dev" in the namespace "team-a"'
+)
+#: 403s of admission steps, as the API server words them: no permission explains them.
+ADMISSION = [
+    'services "chat-llm-metrics" is forbidden: exceeded quota: q, requested: services=1, used: services=0, '
+    "limited: services=0",
+    "events is forbidden: unable to create new content in namespace team-a because it is being terminated",
+    'admission webhook "deny.example.com" denied the request: frozen',
+]
+
+
+def retry(url: str, method: str = "PATCH", attempt: int = 1, refusal: str = RBAC) -> logging.LogRecord:
     """kopf's line for a refused attempt it retries (kopf/_cogs/clients/api.py), as its object logger makes it."""
     message = (
-        f"Request attempt #{attempt} failed; will retry: {method} {url} -> APIForbiddenError('forbidden', "
-        "{'kind': 'Status', 'code': 403})"
+        f"Request attempt #{attempt} failed; will retry: {method} {url} -> APIForbiddenError({refusal!r}, "
+        f"{{'kind': 'Status', 'message': {refusal!r}, 'reason': 'Forbidden', 'code': 403}}, status=403)"
     )
     return logging.LogRecord("kopf.objects", logging.ERROR, __file__, 1, message, None, None)
 
@@ -126,3 +140,21 @@ def test_other_lines_pass_untouched() -> None:
     nothing_missing = KnownRefusals(lambda: None, clock=Clock())
     record = retry(url("llmtelemetry.dev", "llmtelemetries", "team-a", "chat"))
     assert nothing_missing.filter(record) and record.levelno == logging.ERROR
+
+
+@given(st.sampled_from(ADMISSION), names, st.sampled_from(["PATCH", "POST"]))
+def test_an_admission_refusal_stays_an_error_and_starts_no_check(refusal: str, namespace: str, method: str) -> None:
+    """A 403 of an admission step (a quota exceeded, a namespace being terminated, a webhook's denial) is no
+    permission's: kept as kopf logs it, even for a call whose permission was last found missing (a grant given back
+    since, and the call now refused for another reason), and no check of the permissions is asked for."""
+    unknown: list[str | None] = []
+    known = [PATCH_LLMT, access.Grant("", "events", "create")]
+    log_filter = KnownRefusals(lambda: known, unknown.append, clock=Clock())
+    target = url("llmtelemetry.dev", "llmtelemetries", namespace, "chat" if method == "PATCH" else None)
+    for attempt in (1, 2, 3):
+        record = retry(target, method=method, attempt=attempt, refusal=refusal)
+        assert log_filter.filter(record) and record.levelno == logging.ERROR
+        assert "already reported" not in record.getMessage()
+    assert unknown == []
+    # The same call refused by the authorizer is the permission's.
+    assert log_filter.filter(retry(target, method="PATCH")) and unknown == []
