@@ -996,6 +996,62 @@ def test_hostile_sse_short_data_lines_cost_about_their_bytes() -> None:
     assert decoder.feed(b"\n") == [("message", b"\n".join([b"z"] * 8192 * 64))]
 
 
+def _completed_event(text_chars: int, after_usage: bytes = b"}}") -> bytes:
+    """A Responses stream's ``response.completed`` event, its data on one line whose output text is ``text_chars``
+    long and whose usage member is followed by ``after_usage``."""
+    data = (
+        b'{"type":"response.completed","sequence_number":1,"response":{"id":"resp_1","object":"response",'
+        b'"model":"served-model","status":"completed","output":[{"type":"message","id":"m1","role":"assistant",'
+        b'"content":[{"type":"output_text","text":"' + b"A" * text_chars + b'"}]}],'
+        b'"usage":{"input_tokens":11,"output_tokens":7,"total_tokens":18}' + after_usage
+    )
+    return b"event: response.completed\ndata: " + data + b"\n\n"
+
+
+async def _responses_stream(cleanup: list[Any], event: bytes) -> Metrics:
+    wrapped, _ = observe(replying(200, SSE, event))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/responses", b'{"model": "asked-model", "input": "hi", "stream": true}')
+    return await scrape(wrapped)
+
+
+@pytest.mark.parametrize(("over", "read_whole"), [(0, True), (1, False)], ids=["1MiB-line", "1MiB+1-line"])
+async def test_hostile_sse_event_line_of_one_mebibyte_is_read_and_one_byte_more_is_dropped(
+    cleanup: list[Any], over: int, read_whole: bool
+) -> None:
+    """The documented bound on an SSE event ("Bounds" in docs/metrics.md): a data line of 1 MiB, field name and all,
+    is read whole (the served model is the response's); one byte longer, the event is dropped, and its usage is still
+    read from its last bytes, with how it ended."""
+    line_without_text = len(_completed_event(0)) - len(b"event: response.completed\n") - 2
+    event = _completed_event((1 << 20) - line_without_text + over)
+    metrics = await _responses_stream(cleanup, event)
+    served = metrics.value("gen_ai_server_request_duration_seconds_count", gen_ai_response_model="served-model")
+    assert served == (1 if read_whole else 0)
+    assert metrics.value("gen_ai_server_request_duration_seconds_count") == 1
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported") == 11
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 7
+    assert metrics.value("llm_finish_reasons_total", llm_finish_reason="stop") == 1
+    assert internal_errors(metrics) == 0
+
+
+@pytest.mark.parametrize(("from_end", "found"), [(64 * 1024, True), (64 * 1024 + 1, False)])
+async def test_hostile_sse_dropped_event_usage_is_read_from_its_last_64_kib_only(
+    cleanup: list[Any], from_end: int, found: bool
+) -> None:
+    """Of an event too large to read, its last 64 KiB are kept (the documented memory bound): a usage member that
+    starts 64 KiB before the end of its line is read from there; one starting a byte earlier is not (and no tokens
+    are counted: the stream had no text delta to estimate from)."""
+    usage = b'"usage":{"input_tokens":11,"output_tokens":7,"total_tokens":18}'
+    padding = from_end - len(usage) - len(b',"pad":"') - len(b'"}}')
+    event = _completed_event(2 << 20, b',"pad":"' + b"B" * padding + b'"}}')
+    assert len(event.split(b"\n")[1]) - event.split(b"\n")[1].rindex(b'"usage"') == from_end
+    metrics = await _responses_stream(cleanup, event)
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input") == (11 if found else 0)
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output") == (7 if found else 0)
+    assert metrics.value("gen_ai_server_request_duration_seconds_count") == 1
+    assert internal_errors(metrics) == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_hostile_memoryview_body_chunks_are_read(cleanup: list[Any], stream: bool) -> None:
     """ASGI says a body is bytes; an app or a middleware inside ours that sends memoryviews (slices of a buffer it
