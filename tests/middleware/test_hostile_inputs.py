@@ -963,6 +963,24 @@ def test_hostile_sse_one_event_and_head_of_next_do_not_skip_events(
         assert (call.input_tokens, call.output_tokens) == tokens
 
 
+def test_hostile_sse_overlong_partial_line_after_a_line_break_is_not_kept() -> None:
+    """The bound holds for the bytes after a chunk's last line break too: a chunk that ends a line and then sends
+    8 MiB without one leaves the decoder holding no more than the event limit once the chunk is gone (the event is
+    dropped at once, not when a later chunk comes, which a stalled stream may never send)."""
+    decoder = SSEDecoder()
+    tracemalloc.start()
+    try:
+        chunk = b"data: a\n\ndata: " + b"y" * (8 << 20)
+        assert decoder.feed(chunk) == [("message", b"a")]
+        del chunk
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 2 << 20, held
+    assert decoder.feed(b"y\n\ndata: ok\n\n") == [("message", b"ok")]
+    assert decoder.dropped_events == 1
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
