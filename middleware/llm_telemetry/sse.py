@@ -182,13 +182,15 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if field == b"data":
-            if self._data_bytes:
-                self._data.append(0x0A)
-            self._data_bytes += len(value) + 1
-            if self._data_bytes > self.max_event_bytes:
+            size = self._data_bytes + len(value) + 1
+            if size > self.max_event_bytes:
+                # (_drop puts the LF that joins this line to the ones before in the tail.)
                 self._drop()
                 self._keep(value[-TAIL_BYTES:])
             else:
+                if self._data_bytes:
+                    self._data.append(0x0A)
+                self._data_bytes = size
                 self._data += value
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")

@@ -981,6 +981,17 @@ def test_hostile_sse_overlong_partial_line_after_a_line_break_is_not_kept() -> N
     assert decoder.dropped_events == 1
 
 
+def test_hostile_sse_event_dropped_by_its_data_lines_keeps_them_in_its_tail_and_leaves_nothing_behind() -> None:
+    """An event whose data lines add up past the limit (none of them over it alone) is dropped with its lines so far
+    in its tail, joined by LF as the event's data would have been, then the line that went over; the next event
+    starts afresh, with none of the dropped one's data or name."""
+    decoder = SSEDecoder(max_event_bytes=64)
+    events = decoder.feed(b"event: big\ndata: one\ndata: two\ndata: " + b"x" * 58 + b"\ndata: more\n\ndata: ok\n\n")
+    assert events == [("message", b"ok")]
+    assert (decoder.dropped_events, decoder.dropped_event) == (1, "big")
+    assert decoder.dropped_tail() == b"one\ntwo\n" + b"x" * 58 + b"\ndata: more"
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -1046,6 +1057,23 @@ async def test_hostile_sse_event_line_of_one_mebibyte_is_read_and_one_byte_more_
     served = metrics.value("gen_ai_server_request_duration_seconds_count", gen_ai_response_model="served-model")
     assert served == (1 if read_whole else 0)
     assert metrics.value("gen_ai_server_request_duration_seconds_count") == 1
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported") == 11
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 7
+    assert metrics.value("llm_finish_reasons_total", llm_finish_reason="stop") == 1
+    assert internal_errors(metrics) == 0
+
+
+async def test_hostile_sse_usage_on_the_data_lines_before_the_one_that_overflows_is_read(cleanup: list[Any]) -> None:
+    """A completion event sent as several data lines (pretty-printed JSON: SSE joins them with LF) and over the
+    event limit only with its last line: the usage members that came on the lines before are read from its tail."""
+    lines = [
+        b'{"type":"response.completed","response":{"status":"completed","output_text":"' + b"A" * ((1 << 20) - 200)
+        + b'",',
+        b'"usage":{"input_tokens":11,',
+        b'"output_tokens":7,"total_tokens":18,"note":"' + b"B" * 300 + b'"}}}',
+    ]  # fmt: skip
+    event = b"event: response.completed\n" + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    metrics = await _responses_stream(cleanup, event)
     assert metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported") == 11
     assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 7
     assert metrics.value("llm_finish_reasons_total", llm_finish_reason="stop") == 1
