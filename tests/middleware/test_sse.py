@@ -63,6 +63,29 @@ def test_sse_any_line_ending_split_anywhere(cuts: list[int], newline: bytes) -> 
     assert decode(split_at(data, cuts)) == EXPECTED
 
 
+def mixed_endings(newlines: list[bytes]) -> bytes:
+    """STREAM with each line ended by the next of ``newlines`` (cycled): a CR never followed by a LF that ends an
+    empty line, which would make the two one CRLF."""
+    data = b""
+    for line, newline in zip(STREAM.split(b"\n")[:-1], itertools.cycle(newlines), strict=False):
+        if data.endswith(b"\r") and not line and newline == b"\n":
+            newline = b"\r\n"
+        data += line + newline
+    return data
+
+
+@given(
+    st.lists(st.sampled_from([b"\r\n", b"\r", b"\n"]), min_size=1, max_size=14),
+    st.lists(st.integers(min_value=0, max_value=10_000), max_size=40),
+)
+@settings(max_examples=300, deadline=None)
+# A CRLF cut between its CR and LF, then (a chunk later) a LF starting a chunk: a line break of its own.
+@example(newlines=[b"\r\n", b"\r\n", b"\n"], cuts=[21, 74])
+def test_sse_line_endings_mixed_in_one_stream_split_anywhere(newlines: list[bytes], cuts: list[int]) -> None:
+    data = mixed_endings(newlines)
+    assert decode(split_at(data, cuts)) == EXPECTED
+
+
 @given(
     st.lists(
         st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=4),
