@@ -1037,23 +1037,26 @@ def _completed_event(text_chars: int, after_usage: bytes = b"}}") -> bytes:
     return b"event: response.completed\ndata: " + data + b"\n\n"
 
 
-async def _responses_stream(cleanup: list[Any], event: bytes) -> Metrics:
-    wrapped, _ = observe(replying(200, SSE, event))
+async def _responses_stream(cleanup: list[Any], event: bytes, split: bool = False) -> Metrics:
+    """One Responses stream of ``event`` through the middleware (``split``: its blank line in a chunk of its own)."""
+    wrapped, _ = observe(replying(200, SSE, *([event[:-2], event[-2:]] if split else [event])))
     cleanup.append(wrapped)
     await exchange(wrapped, "/v1/responses", b'{"model": "asked-model", "input": "hi", "stream": true}')
     return await scrape(wrapped)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "line-then-its-end"])
 @pytest.mark.parametrize(("over", "read_whole"), [(0, True), (1, False)], ids=["1MiB-line", "1MiB+1-line"])
 async def test_hostile_sse_event_line_of_one_mebibyte_is_read_and_one_byte_more_is_dropped(
-    cleanup: list[Any], over: int, read_whole: bool
+    cleanup: list[Any], over: int, read_whole: bool, split: bool
 ) -> None:
     """The documented bound on an SSE event ("Bounds" in docs/metrics.md): a data line of 1 MiB, field name and all,
-    is read whole (the served model is the response's); one byte longer, the event is dropped, and its usage is still
-    read from its last bytes, with how it ended."""
+    is read whole (the served model is the response's), whether it comes with its line break or without (the line
+    kept whole between chunks); one byte longer, the event is dropped, and its usage is still read from its last
+    bytes, with how it ended."""
     line_without_text = len(_completed_event(0)) - len(b"event: response.completed\n") - 2
     event = _completed_event((1 << 20) - line_without_text + over)
-    metrics = await _responses_stream(cleanup, event)
+    metrics = await _responses_stream(cleanup, event, split)
     served = metrics.value("gen_ai_server_request_duration_seconds_count", gen_ai_response_model="served-model")
     assert served == (1 if read_whole else 0)
     assert metrics.value("gen_ai_server_request_duration_seconds_count") == 1

@@ -189,6 +189,26 @@ def test_sse_a_dropped_tail_is_bounded() -> None:
     assert len(decoder.dropped_tail()) == TAIL_BYTES and decoder.dropped_tail().endswith(b"xEND")
 
 
+def test_sse_lines_after_a_drop_are_only_kept_in_its_tail() -> None:
+    """The data lines of a dropped event that come after the line that dropped it are skipped: kept in its tail as
+    they came, never assembled again (so they cannot drop it a second time and lose the tail)."""
+    decoder = SSEDecoder(max_event_bytes=16)
+    later = b"data: 0123456789\n" * 3
+    assert decode([b"data: " + b"x" * 20 + b"\n" + later + b"\ndata: ok\n\n"], decoder) == [("message", b"ok")]
+    assert decoder.dropped_events == 1
+    assert decoder.dropped_tail() == b"data: " + b"x" * 20 + b"\n" + later[:-1]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [b"data: a\rdata: b\n\n", b"data: a\r\n\r\n", b"event: e\rdata: a\n\n", b"data: a\n\rdata: b\r\n\n"],
+)
+def test_sse_a_whole_chunk_with_carriage_returns_decodes_like_byte_by_byte(chunk: bytes) -> None:
+    """A CR is a line break wherever it is: a chunk ending in a blank line with a CR in it is no whole-event chunk of
+    LF-ended lines (the fast path), and decodes as its bytes fed one by one do."""
+    assert decode([chunk]) == decode([chunk[i : i + 1] for i in range(len(chunk))])
+
+
 @given(
     body=st.lists(
         st.sampled_from(
