@@ -199,6 +199,16 @@ def test_sse_lines_after_a_drop_are_only_kept_in_its_tail() -> None:
     assert decoder.dropped_tail() == b"data: " + b"x" * 20 + b"\n" + later[:-1]
 
 
+def test_sse_a_dropped_events_later_overlong_line_follows_a_line_break_in_its_tail_however_it_is_cut() -> None:
+    """A later line of a dropped event that is over the limit itself, arriving in pieces, goes to the tail after a
+    LF as it does when it arrives whole."""
+    body = b"data: " + b"x" * 20 + b"\ndata: " + b"y" * 20 + b"\n\n"
+    whole = SSEDecoder(max_event_bytes=16)
+    pieces = SSEDecoder(max_event_bytes=16)
+    assert decode([body], whole) == decode([body[i : i + 1] for i in range(len(body))], pieces) == []
+    assert whole.dropped_tail() == pieces.dropped_tail() == b"data: " + b"x" * 20 + b"\ndata: " + b"y" * 20
+
+
 @pytest.mark.parametrize(
     "chunk",
     [b"data: a\rdata: b\n\n", b"data: a\r\n\r\n", b"event: e\rdata: a\n\n", b"data: a\n\rdata: b\r\n\n"],
