@@ -1101,6 +1101,29 @@ async def test_hostile_sse_dropped_event_usage_is_read_from_its_last_64_kib_only
     assert internal_errors(metrics) == 0
 
 
+async def test_hostile_sse_last_error_event_named_only_by_its_event_line_is_the_servers_error(
+    cleanup: list[Any],
+) -> None:
+    """A stream that ends in an error event whose blank line never came, its kind given only by its ``event:`` line
+    (the data has no ``type``): the error the server said, not a stream cut short."""
+    start = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+        b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,'
+        b'"usage":{"input_tokens":5,"output_tokens":1}}}\n\n'
+    )
+    delta = (
+        b"event: content_block_delta\n"
+        b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+    )
+    wrapped, _ = observe(replying(200, SSE, start, delta, b'event: error\ndata: {"message":"Overloaded"}\n'))
+    cleanup.append(wrapped)
+    body = b'{"model": "claude-x", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    await exchange(wrapped, "/v1/messages", body)
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_errors_total", "error_type") == {"server_error"}
+    assert internal_errors(metrics) == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_hostile_memoryview_body_chunks_are_read(cleanup: list[Any], stream: bool) -> None:
     """ASGI says a body is bytes; an app or a middleware inside ours that sends memoryviews (slices of a buffer it
