@@ -126,6 +126,16 @@ def test_sse_unterminated_event_at_close_is_not_dispatched() -> None:
     assert decode([b"data: a\n\ndata: partial"]) == [("message", b"a")]
 
 
+@pytest.mark.parametrize("end", [b"", b"\n", b"\r\n", b"\r"], ids=["open-line", "LF", "CRLF", "CR"])
+def test_sse_event_without_its_blank_line_is_not_dispatched_at_close_but_is_unfinished(end: bytes) -> None:
+    """Whether or not its last line ended, an event whose blank line never came is not dispatched at close (no SSE
+    reader does); it is what :meth:`SSEDecoder.unfinished` gives, name and data."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n\nevent: last\ndata: x\ndata: y" + end) == [("message", b"a")]
+    assert decoder.close() == []
+    assert decoder.unfinished() == ("last", b"x\ny")
+
+
 @given(
     st.lists(
         st.tuples(
