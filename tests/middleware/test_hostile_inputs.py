@@ -1124,6 +1124,29 @@ async def test_hostile_sse_last_error_event_named_only_by_its_event_line_is_the_
     assert internal_errors(metrics) == 0
 
 
+async def test_hostile_chat_chunk_with_text_and_an_error_after_the_first_token_is_the_error(cleanup: list[Any]) -> None:
+    """A chat chunk after the first token that carries text and an ``error`` member is no plain text delta (the
+    reader's shortcut for those): it is read in full, and its error counted, not taken for a stream cut short."""
+
+    def chunk(delta: bytes, extra: bytes = b"") -> bytes:
+        return (
+            b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":'
+            + delta + b',"finish_reason":null}]' + extra + b"}\n\n"
+        )  # fmt: skip
+
+    chunks = [
+        chunk(b'{"role":"assistant","content":""}'),
+        chunk(b'{"content":"Hi"}'),
+        chunk(b'{"content":" there"}', b',"error":{"message":"upstream failed","type":"server_error"}'),
+    ]
+    wrapped, _ = observe(replying(200, SSE, *chunks))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true, "messages": []}')
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_errors_total", "error_type") == {"server_error"}
+    assert internal_errors(metrics) == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_hostile_memoryview_body_chunks_are_read(cleanup: list[Any], stream: bool) -> None:
     """ASGI says a body is bytes; an app or a middleware inside ours that sends memoryviews (slices of a buffer it
