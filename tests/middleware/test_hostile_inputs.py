@@ -1127,23 +1127,63 @@ async def test_hostile_sse_last_error_event_named_only_by_its_event_line_is_the_
 async def test_hostile_chat_chunk_with_text_and_an_error_after_the_first_token_is_the_error(cleanup: list[Any]) -> None:
     """A chat chunk after the first token that carries text and an ``error`` member is no plain text delta (the
     reader's shortcut for those): it is read in full, and its error counted, not taken for a stream cut short."""
-
-    def chunk(delta: bytes, extra: bytes = b"") -> bytes:
-        return (
-            b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":'
-            + delta + b',"finish_reason":null}]' + extra + b"}\n\n"
-        )  # fmt: skip
-
     chunks = [
-        chunk(b'{"role":"assistant","content":""}'),
-        chunk(b'{"content":"Hi"}'),
-        chunk(b'{"content":" there"}', b',"error":{"message":"upstream failed","type":"server_error"}'),
+        _chat_chunk(b'{"role":"assistant","content":""}'),
+        _chat_chunk(b'{"content":"Hi"}'),
+        _chat_chunk(b'{"content":" there"}', b',"error":{"message":"upstream failed","type":"server_error"}'),
     ]
     wrapped, _ = observe(replying(200, SSE, *chunks))
     cleanup.append(wrapped)
     await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true, "messages": []}')
     metrics = await scrape(wrapped)
     assert metrics.label_values("llm_errors_total", "error_type") == {"server_error"}
+    assert internal_errors(metrics) == 0
+
+
+def _chat_chunk(delta: bytes, extra: bytes = b"", finish: bytes = b"null") -> bytes:
+    return (
+        b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":'
+        + delta + b',"finish_reason":' + finish + b"}]" + extra + b"}\n\n"
+    )  # fmt: skip
+
+
+async def test_hostile_chat_text_chunk_with_a_tool_call_after_the_first_token_counts_the_call(
+    cleanup: list[Any],
+) -> None:
+    """A chat chunk after the first token with text and a tool call (servers that stream both in one delta) is no
+    plain text delta: the tool call is counted."""
+    tool = b'"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"lookup","arguments":"{}"}}]'
+    chunks = [
+        _chat_chunk(b'{"role":"assistant","content":""}'),
+        _chat_chunk(b'{"content":"Hi"}'),
+        _chat_chunk(b'{"content":" there",' + tool + b"}"),
+        _chat_chunk(b"{}", finish=b'"tool_calls"'),
+    ]
+    wrapped, _ = observe(replying(200, SSE, *chunks))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true, "messages": []}')
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_tool_calls_total", gen_ai_tool_name="lookup") == 1
+    assert internal_errors(metrics) == 0
+
+
+async def test_hostile_chat_usage_on_every_text_chunk_counts_the_last_one_read(cleanup: list[Any]) -> None:
+    """A server that reports the usage so far on every chunk (vLLM's ``continuous_usage_stats``), its stream cut
+    before the finish: the tokens are those of the last chunk, not of the first token's."""
+
+    def usage(output: int) -> bytes:
+        return b',"usage":{"prompt_tokens":5,"completion_tokens":%d,"total_tokens":%d}' % (output, 5 + output)
+
+    chunks = [
+        _chat_chunk(b'{"role":"assistant","content":""}', usage(0)),
+        *(_chat_chunk(b'{"content":"w%d"}' % n, usage(n)) for n in range(1, 5)),
+    ]
+    wrapped, _ = observe(replying(200, SSE, *chunks))
+    cleanup.append(wrapped)
+    await exchange(wrapped, "/v1/chat/completions", b'{"model": "m", "stream": true, "messages": []}')
+    metrics = await scrape(wrapped)
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="reported") == 4
+    assert metrics.value("llm_tokens_total", gen_ai_token_type="input", llm_usage_source="reported") == 5
     assert internal_errors(metrics) == 0
 
 
