@@ -232,6 +232,15 @@ _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = _SHOWN.maxfr
 _SHOWN.maxstring = _SHOWN.maxother = 40
 
 
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite float. An integer too large for a float (a YAML or JSON price of 400 digits) is
+    not: math.isfinite() raised OverflowError on it, out of the middleware's constructor."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _price(model: str, entry: Any) -> Price:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"pricing for {model!r}: expected a mapping like {{input: 2.5, output: 10}}")
@@ -247,7 +256,7 @@ def _price(model: str, entry: Any) -> Price:
         value = entry.get(kind)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
             raise ConfigurationError(
                 f"pricing for {model!r}: {kind} must be a non-negative number, got {_SHOWN.repr(value)}"
             )

@@ -323,8 +323,14 @@ def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
             b"models:\n  gpt-4o: {input: 2.5, output: 10, 3: x, ~: y, z: 1}\n",
             "unknown keys ['z', 3, None]",
         ),
+        # An integer too large for a float: math.isfinite() raised OverflowError out of the constructor.
+        (
+            "prices.yaml",
+            b"models:\n  gpt-4o: {input: 1" + b"0" * 400 + b", output: 10}\n",
+            "input must be a non-negative number, got 1000",
+        ),
     ],
-    ids=["not-utf8", "nested", "bad-price", "bad-yaml", "mixed-keys"],
+    ids=["not-utf8", "nested", "bad-price", "bad-yaml", "mixed-keys", "huge-int"],
 )
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
 def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(
