@@ -355,34 +355,18 @@ def _plus(one: str, other: str) -> str:
 
 
 def counted(selected: str, window: str) -> str:
-    """What the counters ``selected`` counted over ``window``, per series, in whole events, for the "at least
-    MIN_BURN_EVENTS" guards: the last value in the window less the value at its start (the last scrape at or before
-    it): exactly the events the scrapes within the window counted (those of the window, and of up to one scrape
-    interval before it that the window's first scrape counted). ``increase()`` extrapolates the changes between the
-    first and the last sample inside the window to the window's length: with scrapes every 30s it read 3 failures as
-    2.22 when the window's first scrape counted one of them, and 2 failures of a pod stopped just after the window's
-    start as 3.33 (tests/promtool/event_counts.yaml). ``last_over_time`` keeps the series of a pod gone within the
-    window.
-
-    A series whose process restarted (its value fell within the window, or below the value at its start) counts its
-    last value: all the new process counted, which it started after the window's first scrape before the drop. Read
-    as the last value less the value at the window's start, a process restarted in place (a container restart keeps
-    the pod's labels) that failed every request since counted its failures less those before the restart: 6 failures
-    in the window, after 4 long before it, read 1 (and none when they were fewer than before), and the alerts kept
-    silent (tests/promtool/event_counts.yaml).
-
-    A series with no value at the window's start (new in it) counts the changes between its samples in the window:
-    its last value less its least. It leaves out the count the series appeared with, as the ratios' ``rate()`` does:
-    counting that value would count a pod's whole history when Prometheus first sees it (a new Prometheus, or a
-    target back after more than 5 minutes down), and ``increase()`` read two changes of such a series as 3.
+    """The events the counters ``selected`` counted over ``window``, per series, for the "at least MIN_BURN_EVENTS"
+    guards: ``increase()``. It extrapolates the change between the first and the last sample inside the window to
+    the window's length, so near the threshold it may read one event more or fewer than there were (3 failures read
+    2.22 when the window's first scrape counted one of them; 2 of a pod stopped just after the window's start, 3.33):
+    the guard keeps a handful of failures from paging, it is not an exact count. It adds back what a counter lost
+    when its process restarted, every restart in the window: a process crash-looping and failing every request
+    pages. Exact counts (the last value less the one at the window's start, with the cases of restarts and new
+    series) were tried: they read each range about nine times (5 to 11 times the cost of ``increase()`` on 2,000
+    series) and counted only a crash-looping process's last life, so it never paged (docs/alerts.md,
+    tests/promtool/event_counts.yaml).
     """
-    last = f"last_over_time({selected}[{window}])"
-    start = f"{selected} offset {window}"
-    return (
-        f"((({last} - {start}) >= 0 unless resets({selected}[{window}]) > 0)"
-        f" or ({last} and {start})"
-        f" or {last} - min_over_time({selected}[{window}]))"
-    )
+    return f"increase({selected}[{window}])"
 
 
 def availability_bad_events_expr(window: str, selector: str = "") -> str:
@@ -392,7 +376,7 @@ def availability_bad_events_expr(window: str, selector: str = "") -> str:
 
 def _ttft_parts(function: str, window: str, objective_seconds: float, selector: str) -> tuple[str, str]:
     """The streams late to their first token (see :func:`ttft_slow_ratio_expr`), and all those streams, by
-    ``function`` (``rate``, or ``counted`` for whole events, see :func:`counted`) over ``window``."""
+    ``function`` (``rate``, or ``counted`` for the guards' events, see :func:`counted`) over ``window``."""
     le = f'le="{le_value(objective_seconds)}"'
 
     def over(metric: str, *matchers: str) -> str:
@@ -403,10 +387,10 @@ def _ttft_parts(function: str, window: str, objective_seconds: float, selector: 
 
     def late(histogram: str) -> str:
         if function == "counted":
-            # Per series, and never below 0: counted() picks its reading per series, so a process restarted just
-            # before a scrape can have its count read from the window's start (it did not fall) and its bucket as
-            # a restart (it did), and the difference went negative (-6, promtool, tests/promtool/event_counts.yaml),
-            # taking other series' late streams off the service's sum.
+            # Per series, and never below 0: a process restarted in the window can have its count not fall (more
+            # streams since than before) and its bucket fall, and increase() then adds back the bucket's loss only:
+            # its late streams read negative (-6.7, promtool, tests/promtool/event_counts.yaml) and took other
+            # series' late streams off the service's sum.
             count = counted(series(histogram + "_count", selector), window)
             bucket = counted(series(histogram + "_bucket", selector, le), window)
             return f"sum by ({BY}) (clamp_min({count} - ignoring (le) {bucket}, 0))"
