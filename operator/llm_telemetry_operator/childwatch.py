@@ -17,8 +17,9 @@ stream or the connection breaks (the server then sends every change since, delet
 at once, when the version is too old to resume from (410): an object it knew that the new list lacks was deleted
 in the gap, and is handed on as DELETED with the metadata last seen (an informer's relist). So it keeps the
 metadata of every object it watches, without ``managedFields``. A kind that is not served (the Prometheus
-Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds; other failures back off up
-to :data:`MAX_BACKOFF`.
+Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds, and the first list that
+succeeds after that calls ``served`` once, so that whoever waited for the kind hears it is there now; other failures
+back off up to :data:`MAX_BACKOFF`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ Deliver = Callable[[str, dict[str, Any]], None]
 class MetadataWatch:
     """Watch one kind's objects with ``labels`` in ``namespace`` (None: all), or the one object named ``name``
     there, and call ``deliver(type, metadata)`` on ``loop``, in the context the watch was made in, for each ADDED,
-    MODIFIED and DELETED event, until :meth:`stop`."""
+    MODIFIED and DELETED event, until :meth:`stop`; and ``served()`` there once each time the kind, found not served
+    (404), is served again (its first list since succeeded)."""
 
     def __init__(
         self,
@@ -70,6 +72,7 @@ class MetadataWatch:
         deliver: Deliver,
         loop: asyncio.AbstractEventLoop,
         name: str | None = None,
+        served: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -77,6 +80,7 @@ class MetadataWatch:
         self.labels = dict(labels)
         self.name = name
         self.deliver = deliver
+        self.served = served
         self.loop = loop
         # The context of whoever made the watch (kopf's startup handler): the passes events start post Kubernetes
         # events through kopf, which finds its settings and event queue in context variables.
@@ -87,6 +91,8 @@ class MetadataWatch:
         self._version: str | None = None
         #: The metadata last seen of every object watched, by (namespace, name): what a relist finds gone was deleted.
         self._known: dict[tuple[str, str], dict[str, Any]] = {}
+        #: Whether the kind was last found not served (404): the next list that succeeds calls ``served``.
+        self._missing = False
         #: Set on the event loop once the events of the first list have been delivered (see :meth:`_list`).
         self.listed = asyncio.Event()
         where = namespace or "all namespaces"
@@ -138,6 +144,8 @@ class MetadataWatch:
                     refused = exc.status == 403
                 if exc.status in (404, 410):
                     self._version = None
+                if exc.status == 404:
+                    self._missing = True
                 self._stopped.wait(wait)
             except Exception as exc:  # a dropped connection, a garbled line: watch again from the last version
                 if self._stopped.is_set():
@@ -181,6 +189,10 @@ class MetadataWatch:
         self.loop.call_soon_threadsafe(self.listed.set)
         self._known = current
         self._version = str((body.get("metadata") or {}).get("resourceVersion") or "") or None
+        if self._missing:
+            self._missing = False
+            if self.served is not None:
+                self.loop.call_soon_threadsafe(self.served, context=self.context)
 
     def _watch(self, version: str | None) -> None:
         """One watch request, from ``version`` (None: every current object first); each event's version is kept

@@ -85,6 +85,10 @@ TAKEOVER_CONFIRM_SECONDS = 15.0
 TAKEOVER_CONFIRM_WINDOW_SECONDS = 120.0
 #: How far ahead of this node's clock a stop mark may be and still count (clock skew); further is no mark.
 STOP_MARK_SKEW_SECONDS = 60.0
+#: Seconds from a kind of child being served again (the Prometheus Operator's CRDs installed) to the pass it starts
+#: for each resource it concerns: the CRDs of both kinds, applied together, are found within this of each other (their
+#: watches retry in step), and start one pass, not two.
+SERVED_PASS_DELAY = 2.0
 _CHILD_RESOURCES = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
@@ -1818,6 +1822,7 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
         MetadataWatch(
             _client(memo), kube.Resource(group, version, plural), namespace, _MANAGED,
             functools.partial(_child_event, memo, logger, plural), loop,
+            served=functools.partial(_kind_served, memo, logger, plural, namespace),
         )
         for group, version, plural in _CHILD_RESOURCES
         for namespace in namespaces
@@ -1831,6 +1836,31 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
     for watch in watches:
         watch.start()
     return watches
+
+
+def _kind_served(memo: Any, logger: Any, plural: str, namespace: str | None) -> None:
+    """A kind of child found not served (its CRD missing) is served now: a pass soon for every resource its watch
+    covers (of ``namespace``, or all), rather than at each one's next retry, which the backoff stretches to the resync
+    interval. Every one, not only those whose last pass found the CRD missing: a pass is idempotent (one that finds all
+    as desired writes nothing), a kind comes to be served rarely (one burst per CRD installed, each watch calls this
+    once per 404 that ends), and a resource whose failed pass is still running, or was never run, is not left out."""
+    state = _state(memo)
+    if _paused(state):
+        return  # another replica is active; all get a pass when this one resumes
+    keys = [
+        key
+        for key, body in state.bodies.items()
+        if namespace in (None, key[0]) and not body["metadata"].get("deletionTimestamp")
+    ]
+    for key in keys:
+        state.schedule.again(key, SERVED_PASS_DELAY, "served")
+    state.wake.set()
+    logger.info(
+        "%s served now in %s: a pass for each of its %d LLMTelemetry resources",
+        plural,
+        namespace or "all namespaces",
+        len(keys),
+    )
 
 
 def _child_event(memo: Any, logger: Any, plural: str, type: str, meta: dict[str, Any]) -> None:

@@ -58,7 +58,7 @@ class Schedule:
     interval: float
     retry_base: float = RETRY_BASE
     clock: Callable[[], float] = time.monotonic
-    #: Next pass of each resource: (when, why) with why "retry" or "resync".
+    #: Next pass of each resource: (when, why) with why "retry", "resync", "resume" or "served".
     due: dict[Key, tuple[float, str]] = field(default_factory=dict)
     #: Failed passes in a row, by resource.
     failures: dict[Key, int] = field(default_factory=dict)
@@ -89,7 +89,7 @@ class Schedule:
         seconds is retried seconds later, not minutes."""
         pending = self.due.get(key)
         now = self.clock()
-        if retry_after is None and pending is not None and pending[1] == "retry" and pending[0] > now:
+        if retry_after is None and pending is not None and pending[1] in ("retry", "served") and pending[0] > now:
             return pending[0]
         count = self.failures[key] = self.failures.get(key, 0) + 1
         if retry_after is not None:
@@ -98,9 +98,11 @@ class Schedule:
             delay = random.uniform(0.5, 1.0) * min(self.interval, self.retry_base * 2 ** (count - 1))
         return self._set(key, now + delay, "retry")
 
-    def again(self, key: Key, delay: float) -> float:
-        """Look at the resource again in ``delay`` seconds, as a retry (something it waits on is being confirmed)."""
-        return self._set(key, self.clock() + delay, "retry")
+    def again(self, key: Key, delay: float, why: str = "retry") -> float:
+        """Look at the resource again in ``delay`` seconds: as a retry (something it waits on is being confirmed),
+        or ``why`` "served" (a kind it may have waited for is served now). Either stands as a retry does: a pass
+        that fails before it leaves it as it is."""
+        return self._set(key, self.clock() + delay, why)
 
     def forget(self, key: Key) -> None:
         self.due.pop(key, None)

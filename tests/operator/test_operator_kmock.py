@@ -379,6 +379,43 @@ async def test_missing_prometheus_operator_degrades(emulator: Any) -> None:
     check_usage(emulator)
 
 
+@pytest.mark.parametrize("namespaces", [(), (NAMESPACE,)], ids=["cluster-wide", "namespaced"])
+async def test_prometheus_operator_crds_installed_later_start_a_pass_once_served(
+    emulator: Any, monitoring_crds: Any, namespaces: tuple[str, ...], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Prometheus Operator's CRDs installed after the operator and a resource that waits for them: the watch of
+    each kind, trying again every half minute while the kind is not served, starts a pass for the resources it
+    covers once it is, rather than leaving them to their next retry, which the backoff stretches to the resync
+    interval (an hour here). The pass is told apart by its trigger, as a backoff retry may also come first."""
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(namespaces=namespaces, peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    async with running_operator(config):
+        await reported(emulator, c.CONDITION_METRICS, "ServiceMonitorCRDMissing", "the CRD found missing")
+
+        def watches_listed() -> set[str]:  # their first lists (from the watch cache), answered 404
+            return {
+                str(r.url.path).rsplit("/", 1)[-1]
+                for r in list(emulator)
+                if r.method.value == "GET" and r.url.query.get("resourceVersion") == "0"
+            } & {"servicemonitors", "prometheusrules"}
+
+        await eventually(lambda: len(watches_listed()) == 2, "both kinds' watches found them not served")
+        install_prometheus_operator_crds(emulator, monitoring_crds)
+
+        def served_and_ready() -> bool:
+            return any("reconciled (served): ready" in record.getMessage() for record in caplog.records)
+
+        # Within the watches' next try (30 s) and the pass's short delay.
+        await eventually(served_and_ready, "a pass started by the kinds being served, finding all ready", 1200)
+        owner = await ready(emulator)
+        assert condition(owner, c.CONDITION_METRICS)["reason"] == "ServiceMonitorReady"
+        assert get(emulator, SERVICEMONITORS, "chat-llm-telemetry") is not None
+        assert get(emulator, PROMETHEUSRULES, "chat-llm-telemetry") is not None
+
+
 async def test_invalid_spec_names_the_field(
     emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -78,3 +78,21 @@ def test_due_passes_are_handed_out_once_in_time_order() -> None:
     clock.now += 1
     assert schedule.pop_due() == [(("llm", "a"), "retry")]
     assert schedule.pop_due() == [] and schedule.next_time() is None
+
+
+def test_a_pass_for_a_kind_served_now_stands_when_a_pass_fails_before_it() -> None:
+    """The Prometheus Operator's CRDs came to be served: a pass is due in seconds for each resource, however far its
+    retry had backed off. An event's pass failing meanwhile (the retry's count is high) leaves it where it is, and
+    it is handed out as what it is."""
+    clock = Clock()
+    schedule = Schedule(interval=300, retry_base=5, clock=clock)
+    key = ("llm", "chat")
+    schedule.failed(key)
+    for _ in range(6):
+        _retry_fails(schedule, clock, key)
+    assert schedule.due[key][0] - clock.now > 2
+    soon = schedule.again(key, 2, "served")
+    clock.now += 1
+    assert schedule.failed(key) == soon
+    clock.now += 1
+    assert schedule.pop_due() == [(key, "served")]
