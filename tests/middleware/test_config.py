@@ -256,24 +256,15 @@ def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(
     """Both forms the README shows fail the server's startup with the setting named. Starlette and FastAPI build their
     middleware inside the lifespan's first call, where an exception would read to uvicorn as "lifespan unsupported"
     and leave a server answering 500 to everything. Without a lifespan (``--lifespan off``) requests pass through."""
-    module = tmp_path / "configured.py"
-    module.write_text(_CONFIGURED_APP)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
-    env.update(variables, CONFIGURED_OPTIONS=json.dumps(options))
-    run = (
-        "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
-        "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
-    )
+    run, env, port = _configured(tmp_path, variables, options)
     started = subprocess.run(
-        [sys.executable, "-c", run, form, str(tmp_path), str(port), "auto"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*run, form, str(tmp_path), str(port), "auto"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert started.returncode != 0, started.stderr
     assert named in started.stderr and "Application startup failed" in started.stderr
 
     server = subprocess.Popen(
-        [sys.executable, "-c", run, form, str(tmp_path), str(port), "off"],
+        [*run, form, str(tmp_path), str(port), "off"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -284,6 +275,22 @@ def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(
         server.wait(timeout=10)
     assert server.stderr is not None
     assert named in server.stderr.read().decode(errors="replace")  # logged at construction
+
+
+def _configured(
+    tmp_path: Path, variables: dict[str, str], options: dict[str, Any]
+) -> tuple[list[str], dict[str, str], int]:
+    """The command, environment and port of a uvicorn serving ``_CONFIGURED_APP`` (written into ``tmp_path``) with
+    ``options`` and the environment ``variables``; the command takes the app's form, ``tmp_path``, the port and
+    uvicorn's lifespan mode after it."""
+    (tmp_path / "configured.py").write_text(_CONFIGURED_APP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+    env.update(variables, CONFIGURED_OPTIONS=json.dumps(options))
+    run = (
+        "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
+        "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
+    )
+    return [sys.executable, "-c", run], env, free_port()
 
 
 def _answers(url: str) -> bool:
@@ -341,21 +348,12 @@ def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(
     UTF-8, or nested too deeply, raised out of the middleware's constructor (the wrapped form's import failed, so the
     app could not serve even without a lifespan, and the message named no file); a wrong price named its model but
     not the file, and a YAML error's position named PyYAML's "<unicode string>"."""
-    module = tmp_path / "configured.py"
-    module.write_text(_CONFIGURED_APP)
     prices = tmp_path / name
     prices.write_bytes(content)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
-    env.update(LLM_TELEMETRY_PRICING=str(prices), CONFIGURED_OPTIONS=json.dumps({"metrics_port": 0}))
-    run = (
-        "import sys, uvicorn; sys.path.insert(0, sys.argv[2]); import configured; "
-        "uvicorn.run(configured.app, host='127.0.0.1', port=int(sys.argv[3]), lifespan=sys.argv[4])"
-    )
+    run, env, port = _configured(tmp_path, {"LLM_TELEMETRY_PRICING": str(prices)}, {"metrics_port": 0})
     started = subprocess.run(
-        [sys.executable, "-c", run, form, str(tmp_path), str(port), "auto"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [*run, form, str(tmp_path), str(port), "auto"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert started.returncode != 0, started.stderr
     assert "Application startup failed" in started.stderr, started.stderr
     assert f"pricing file {str(prices)!r}" in started.stderr, started.stderr
@@ -363,7 +361,7 @@ def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(
     assert "<unicode string>" not in started.stderr
 
     server = subprocess.Popen(
-        [sys.executable, "-c", run, form, str(tmp_path), str(port), "off"],
+        [*run, form, str(tmp_path), str(port), "off"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
