@@ -58,6 +58,32 @@ def claude_event(data: dict[str, Any], beta: bool = False) -> tuple[str, dict[st
     return data["type"], event.model_dump(mode="json", exclude_none=True)
 
 
+def _beta_stream_final(service: Service, model: str, beta: str) -> Any:
+    """The final message the official SDK assembles from the service's beta stream of ``model``."""
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.beta.messages.stream(
+        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=[beta]
+    ) as stream:
+        return stream.get_final_message()
+
+
+def _beta_text_block(index: int, texts: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The beta stream events of a text content block at ``index``: its start, a delta per text, its stop."""
+    return [
+        claude_event(
+            {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}, beta=True
+        ),
+        *(
+            claude_event(
+                {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}},
+                beta=True,
+            )
+            for text in texts
+        ),
+        claude_event({"type": "content_block_stop", "index": index}, beta=True),
+    ]
+
+
 def message_start(message_id: str, model: str, usage: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic stream's ``message_start`` event, its message empty and its usage ``usage``."""
     message = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
@@ -327,24 +353,11 @@ def test_a_compaction_pass_is_counted_in_a_claude_stream_and_not_timed_as_its_to
         claude_event({"type": "content_block_start", "index": 0, "content_block": {"type": "compaction"}}, beta=True),
         claude_event({"type": "content_block_delta", "index": 0, "delta": compaction}, beta=True),
         claude_event({"type": "content_block_stop", "index": 0}, beta=True),
-        claude_event(
-            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}}, beta=True
-        ),
-        *[
-            claude_event(
-                {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "w "}}, beta=True
-            )
-            for _ in range(20)
-        ],
-        claude_event({"type": "content_block_stop", "index": 1}, beta=True),
+        *_beta_text_block(1, ["w "] * 20),
         claude_event(closing, beta=True),
         claude_event({"type": "message_stop"}, beta=True),
     ]
-    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
-    with claude.beta.messages.stream(
-        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["compact-2026-01-12"]
-    ) as stream:
-        final = stream.get_final_message()
+    final = _beta_stream_final(service, model, "compact-2026-01-12")
     assert (final.usage.input_tokens, final.usage.output_tokens) == (20000, 500)
     assert [i.type for i in final.usage.iterations or []] == ["compaction", "message"]
     service.metrics(model, lambda m: _compaction_counted(m, model))
@@ -429,21 +442,11 @@ def test_the_advisor_tools_consultations_are_priced_in_a_claude_stream(service: 
     }
     STREAMS[model] = [
         claude_event(start, beta=True),
-        claude_event(
-            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, beta=True
-        ),
-        claude_event(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}}, beta=True
-        ),
-        claude_event({"type": "content_block_stop", "index": 0}, beta=True),
+        *_beta_text_block(0, ["ok"]),
         claude_event(closing, beta=True),
         claude_event({"type": "message_stop"}, beta=True),
     ]
-    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
-    with claude.beta.messages.stream(
-        model=model, max_tokens=1000, messages=[{"role": "user", "content": "?"}], betas=["advisor-tool-2026-03-01"]
-    ) as stream:
-        final = stream.get_final_message()
+    final = _beta_stream_final(service, model, "advisor-tool-2026-03-01")
     assert [i.type for i in final.usage.iterations or []] == ["message", "advisor_message", "advisor_message"]
     service.metrics(model, lambda m: _advisor_counted(m, model, priced=True))
 
