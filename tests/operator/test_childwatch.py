@@ -60,7 +60,7 @@ class _Server:
     """Serves the scripted responses in turn, recording each request (``list``, or the version a watch asks for);
     then none."""
 
-    def __init__(self, *responses: _Stream | _List | ApiError) -> None:
+    def __init__(self, *responses: _Stream | _List | _Garbled | ApiError) -> None:
         self.responses = list(responses)
         self.versions: list[str | None] = []
         self.done = asyncio.Event()
@@ -225,3 +225,68 @@ def test_a_watch_asks_the_server_to_end_it_before_the_client_would_give_it_up() 
     from llm_telemetry_operator.childwatch import SERVER_TIMEOUT
 
     assert SERVER_TIMEOUT < kube.STREAM_READ_TIMEOUT <= 120
+
+
+async def _served_calls(server: _Server, timeout: float) -> tuple[int, list[tuple[str, str]]]:
+    """Run a watch with a ``served`` callback until the script ends: how often it was called, and what was delivered."""
+    delivered: list[tuple[str, str]] = []
+    calls: list[None] = []
+    watch = MetadataWatch(
+        server,  # type: ignore[arg-type]
+        kube.SERVICES,
+        None,
+        {},
+        lambda kind, meta: delivered.append((kind, meta["name"])),
+        asyncio.get_running_loop(),
+        served=lambda: calls.append(None),
+    )
+    watch.start()
+    try:
+        await asyncio.wait_for(server.done.wait(), timeout)
+    finally:
+        watch.stop()
+    await asyncio.sleep(0)  # the callbacks queued on the loop
+    return len(calls), delivered
+
+
+async def test_a_kind_served_from_the_start_is_never_told_served_not_at_a_relist_either() -> None:
+    """``served`` is for a kind found not served (404) that is served now. A watch whose first list succeeds, and
+    which lists again after a 410 (an informer's relist), calls it never: called there, every resource of the
+    operator would get a pass at each start and at each expired watch."""
+    server = _Server(
+        _List("4", "a"),
+        ApiError(410, "Expired", "too old resource version"),
+        _List("12", "a"),
+        _Stream([_event("MODIFIED", "a", "13")], None),
+    )
+    calls, delivered = await _served_calls(server, 30)
+    assert server.versions[:4] == ["list from cache", "4", "list", "12"]
+    assert delivered == [("ADDED", "a"), ("ADDED", "a"), ("MODIFIED", "a")]
+    assert calls == 0
+
+
+async def test_a_kind_served_after_a_404_is_told_once_whatever_failed_between() -> None:
+    """404 (the CRD not installed), then a 403 and a list whose answer cannot be read before one succeeds: the
+    kind is told served once, on that list, and not again at the relist after a 410. (One 404: the watch tries a kind
+    not served again after MISSING_RETRY seconds.)"""
+    server = _Server(
+        ApiError(404, "NotFound", "the server could not find the requested resource"),
+        ApiError(403, "Forbidden", "servicemonitors is forbidden"),
+        _Garbled(),
+        _List("4", "a"),
+        ApiError(410, "Expired", "too old resource version"),
+        _List("12", "a"),
+        _Stream([], None),
+    )
+    calls, _ = await _served_calls(server, 60)
+    assert server.versions[:6] == ["list from cache"] * 4 + ["4", "list"]
+    assert calls == 1
+
+
+class _Garbled:
+    """A list response cut short: not JSON."""
+
+    data = b'{"metadata": {"resourceVersion": "3"}, "items": ['
+
+    def release_conn(self) -> None:
+        pass
