@@ -86,10 +86,11 @@ class Schedule:
         """A pass failed: schedule a retry with backoff (or after ``retry_after`` when the server said). A pass that
         failed while a retry was still to come (one a watch event started: the echoes of a failed pass's own writes
         start more) leaves that retry as it is: only the retries' own failures lengthen the wait, so a blip of two
-        seconds is retried seconds later, not minutes."""
+        seconds is retried seconds later, not minutes. One whose time has come stands too: the scheduler takes it as
+        soon as it wakes, and a pass that fails just before must not put it off by the backoff."""
         pending = self.due.get(key)
         now = self.clock()
-        if retry_after is None and pending is not None and pending[1] in ("retry", "served") and pending[0] > now:
+        if retry_after is None and pending is not None and pending[1] in ("retry", "served"):
             return pending[0]
         count = self.failures[key] = self.failures.get(key, 0) + 1
         if retry_after is not None:

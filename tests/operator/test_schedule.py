@@ -96,3 +96,18 @@ def test_a_pass_for_a_kind_served_now_stands_when_a_pass_fails_before_it() -> No
     assert schedule.failed(key) == soon
     clock.now += 1
     assert schedule.pop_due() == [(key, "served")]
+
+
+def test_a_pass_for_a_kind_served_now_that_is_due_but_not_yet_taken_stands_when_a_pass_fails() -> None:
+    """The served pass's time has come but the scheduler has not taken it yet (it wakes on the event loop after the
+    pass that fails meanwhile): it is still handed out now, not replaced by a retry the backoff has stretched."""
+    clock = Clock()
+    schedule = Schedule(interval=300, retry_base=5, clock=clock)
+    key = ("llm", "chat")
+    schedule.failed(key)
+    for _ in range(6):
+        _retry_fails(schedule, clock, key)
+    soon = schedule.again(key, 2, "served")
+    clock.now = soon
+    assert schedule.failed(key) == soon
+    assert schedule.pop_due() == [(key, "served")]
