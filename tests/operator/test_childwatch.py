@@ -85,22 +85,7 @@ def _event(kind: str, name: str, version: str) -> dict[str, Any]:
 
 
 async def _watch(server: _Server) -> list[tuple[str, str]]:
-    delivered: list[tuple[str, str]] = []
-    watch = MetadataWatch(
-        server,  # type: ignore[arg-type]
-        kube.SERVICES,
-        None,
-        {},
-        lambda kind, meta: delivered.append((kind, meta["name"])),
-        asyncio.get_running_loop(),
-    )
-    watch.start()
-    try:
-        await asyncio.wait_for(server.done.wait(), 30)
-    finally:
-        watch.stop()
-    await asyncio.sleep(0)  # the deliveries queued on the loop
-    return delivered
+    return (await _served_calls(server, 30))[1]
 
 
 async def test_a_broken_stream_resumes_from_the_last_version_it_delivered() -> None:
