@@ -383,6 +383,45 @@ def test_a_refusal_keeps_the_name_of_a_model_another_worker_admitted(tmp_path: P
         second.close()
 
 
+def test_a_refusal_naming_a_model_before_any_is_admitted_takes_no_place(tmp_path: Path) -> None:
+    """The first value a deployment hears of may come with a refused request: it is ``other`` and takes none of
+    the label's places, which all go to served requests."""
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
+    try:
+        served, refusing = LabelLimiter(2), LabelLimiter(2)
+        served.share(first)
+        refusing.share(second)
+        assert refusing.known("model", "junk") == "other"
+        assert [served("model", m) for m in ("gpt-4o", "claude", "junk")] == ["gpt-4o", "claude", "other"]
+        assert refusing("model", "mistral") == "other"  # served on the other worker, past the places taken
+    finally:
+        first.close()
+        second.close()
+
+
+def test_label_values_are_other_while_the_shared_values_cannot_be_read(tmp_path: Path) -> None:
+    """When the deployment's shared label values cannot be read (their file is not a file), a worker stays within
+    the bound: a new value is ``other``, on a served request and on a refused one, rather than kept unchecked; a
+    value it admitted before keeps its name."""
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
+    try:
+        served, refusing = LabelLimiter(3), LabelLimiter(3)
+        served.share(first)
+        refusing.share(second)
+        assert served("model", "gpt-4o") == "gpt-4o"
+        labels = tmp_path / "labels.json"
+        labels.unlink()
+        labels.mkdir()  # reading it now fails with an OSError other than "not found"
+        assert refusing.known("model", "junk") == "other"
+        assert served("model", "claude") == "other"
+        assert served("model", "gpt-4o") == "gpt-4o"
+    finally:
+        first.close()
+        second.close()
+
+
 def test_the_invisible_characters_are_every_format_and_control_character_beyond_ascii() -> None:
     """What a label value may not hold and a raw log line spells out is, beyond ASCII, exactly the interpreter's
     Unicode categories Cc, Cf, Zl and Zp: no soft hyphen, Arabic letter mark or tag character left out by hand."""
