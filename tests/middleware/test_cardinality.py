@@ -10,12 +10,14 @@ the archive that stopped workers are folded into.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -364,52 +366,47 @@ def test_files_of_dead_workers_go_when_a_worker_joins_without_a_scrape(tmp_path:
         scraper.close()
 
 
-def test_a_refusal_keeps_the_name_of_a_model_another_worker_admitted(tmp_path: Path) -> None:
-    """A refused request admits no new model name; one another worker of the deployment admitted is known all the
-    same, on a worker that has not served it (a new or restarted one), and junk still takes no place."""
+@contextlib.contextmanager
+def _two_workers(tmp_path: Path, places: int) -> Iterator[tuple[LabelLimiter, LabelLimiter]]:
+    """The label limiters of two workers of one deployment (``places`` values per label), sharing their values
+    through the state in ``tmp_path``: one to serve requests, one to refuse them."""
     supervisor = multiproc.Supervisor("parent", os.getpid())
     first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
     try:
-        served, refusing = LabelLimiter(3), LabelLimiter(3)
+        served, refusing = LabelLimiter(places), LabelLimiter(places)
         served.share(first)
         refusing.share(second)
+        yield served, refusing
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_refusal_keeps_the_name_of_a_model_another_worker_admitted(tmp_path: Path) -> None:
+    """A refused request admits no new model name; one another worker of the deployment admitted is known all the
+    same, on a worker that has not served it (a new or restarted one), and junk still takes no place."""
+    with _two_workers(tmp_path, 3) as (served, refusing):
         assert served("model", "gpt-4o") == "gpt-4o"
         assert refusing.known("model", "gpt-4o") == "gpt-4o"
         for i in range(20):
             assert refusing.known("model", f"junk-{i}") == "other"
         assert [served("model", m) for m in ("claude", "mistral", "llama")] == ["claude", "mistral", "other"]
-    finally:
-        first.close()
-        second.close()
 
 
 def test_a_refusal_naming_a_model_before_any_is_admitted_takes_no_place(tmp_path: Path) -> None:
     """The first value a deployment hears of may come with a refused request: it is ``other`` and takes none of
     the label's places, which all go to served requests."""
-    supervisor = multiproc.Supervisor("parent", os.getpid())
-    first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
-    try:
-        served, refusing = LabelLimiter(2), LabelLimiter(2)
-        served.share(first)
-        refusing.share(second)
+    with _two_workers(tmp_path, 2) as (served, refusing):
         assert refusing.known("model", "junk") == "other"
         assert [served("model", m) for m in ("gpt-4o", "claude", "junk")] == ["gpt-4o", "claude", "other"]
         assert refusing("model", "mistral") == "other"  # served on the other worker, past the places taken
-    finally:
-        first.close()
-        second.close()
 
 
 def test_label_values_are_other_while_the_shared_values_cannot_be_read(tmp_path: Path) -> None:
     """When the deployment's shared label values cannot be read (their file is not a file), a worker stays within
     the bound: a new value is ``other``, on a served request and on a refused one, rather than kept unchecked; a
     value it admitted before keeps its name."""
-    supervisor = multiproc.Supervisor("parent", os.getpid())
-    first, second = (multiproc.SharedState(str(tmp_path), supervisor) for _ in range(2))
-    try:
-        served, refusing = LabelLimiter(3), LabelLimiter(3)
-        served.share(first)
-        refusing.share(second)
+    with _two_workers(tmp_path, 3) as (served, refusing):
         assert served("model", "gpt-4o") == "gpt-4o"
         labels = tmp_path / "labels.json"
         labels.unlink()
@@ -417,9 +414,6 @@ def test_label_values_are_other_while_the_shared_values_cannot_be_read(tmp_path:
         assert refusing.known("model", "junk") == "other"
         assert served("model", "claude") == "other"
         assert served("model", "gpt-4o") == "gpt-4o"
-    finally:
-        first.close()
-        second.close()
 
 
 def test_the_invisible_characters_are_every_format_and_control_character_beyond_ascii() -> None:
