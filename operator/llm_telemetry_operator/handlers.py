@@ -707,23 +707,20 @@ async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, 
     )
 
 
-async def _still_refused(memo: Any, grant: access.Grant) -> bool:
+async def _still_refused(memo: Any, grant: access.Grant, unknown: bool = True) -> bool:
     """Whether the API server refuses ``grant`` now, asked again just before a resource is told it is not served:
     the last check may be a resync interval old, and a cluster-wide refusal says nothing of a namespace's own
-    grant. A review that fails leaves the last check's word standing."""
+    grant. A review that fails leaves the last check's word standing: ``unknown``."""
     try:
         return not await _client(memo).review(grant.attributes())
     except ApiError:
-        return True
+        return unknown
 
 
-async def _patch_refused(memo: Any, namespace: str) -> bool:
-    """Whether the API server refuses this operator ``patch`` on the LLMTelemetry resources of ``namespace`` now
-    (asked afresh; when the review itself fails, as the last check found)."""
-    try:
-        return not await _client(memo).review(access.Grant(c.GROUP, c.PLURAL, "patch", namespace).attributes())
-    except ApiError:
-        return _forbidden_patch(_state(memo), namespace) is not None
+def _nothing_known_missing(state: OperatorState, namespace: str) -> bool:
+    """Whether the last check of the permissions found none missing that covers ``namespace``: a refusal there is
+    then news (a Role or ClusterRole changed since)."""
+    return not any(grant.namespace in (None, namespace) for grant in state.lacking or ())
 
 
 async def _heartbeat(state: OperatorState) -> None:
@@ -1005,11 +1002,7 @@ async def _reconcile(
             if api and TERMINATING in str(exc) and await _namespace_leaving(_client(memo), key[0]):
                 _leave_be(state, key, uid, trigger, str(exc))
                 return None
-            if (
-                isinstance(exc, ApiError)
-                and exc.status == 403
-                and not any(g.namespace in (None, key[0]) for g in state.lacking or ())
-            ):
+            if isinstance(exc, ApiError) and exc.status == 403 and _nothing_known_missing(state, key[0]):
                 # Refused, with nothing known missing here: a Role or ClusterRole changed since the last check,
                 # which then names what is missing, once (and the periodic check notices its return).
                 _recheck_access(memo, state, logger, key[0])
@@ -1036,9 +1029,9 @@ async def _reconcile(
         # would the events be. Nothing to repair or report there; the resource's own deletion comes next.
         _leave_be(state, key, uid, trigger, "; ".join(m for _, m in outcome.failures if TERMINATING in m))
         return outcome
-    if any(
+    if _nothing_known_missing(state, key[0]) and any(
         FORBIDDEN in message and refusals.authorization_refusal(message) for _, message in outcome.failures
-    ) and not any(g.namespace in (None, key[0]) for g in state.lacking or ()):
+    ):
         # A part of the pass refused by the authorizer (a workload's patch, a child's write), with nothing known
         # missing here. An admission step's 403 (a quota exceeded, a webhook's denial) is no permission's: a check
         # would find nothing, and a quota that stays exceeded would have one made every ACCESS_RECHECK_SECONDS.
@@ -1144,7 +1137,11 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             )[:MAX_MESSAGE_CHARS]
             logger.error("%s", message)
             kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
-        elif await _patch_refused(memo, key[0]):
+        elif await _still_refused(
+            memo,
+            access.Grant(c.GROUP, c.PLURAL, "patch", key[0]),
+            unknown=_forbidden_patch(_state(memo), key[0]) is not None,
+        ):
             # kopf's removal of the finalizer, next, is refused (and retried every 30 s): without a word here the
             # deletion just hangs (`kubectl delete` waits), the resource showing only its deletionTimestamp.
             message = access.finalizer_message(*key)
