@@ -118,7 +118,7 @@ class PricingTable:
         try:
             self._prices = {str(model): _price(str(model), entry) for model, entry in raw.items()}
         except ConfigurationError as error:
-            if where == "pricing table":
+            if source is None or isinstance(source, Mapping):
                 raise
             # A file's error names the file ("pricing for 'gpt-4o'" alone did not say which table was wrong).
             raise ConfigurationError(f"{where}: {error}") from None
