@@ -22,9 +22,11 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.exporter.http.transport._base import BaseHTTPResult
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as _SDKOTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -652,16 +654,83 @@ def _forget_frames(error: BaseException | None, handled: BaseException | None) -
         pending += (exc.__cause__, exc.__context__, getattr(exc, "reason", None))
 
 
+#: The most of a collector's answer read, in bytes (decoded). The SDK reads nothing of it; an OTLP answer is a
+#: partial-success message of a few hundred bytes at most.
+ANSWER_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer(BaseHTTPResult):
+    """A collector's answer as :func:`_bounded_request` read it, or the error of a request that got none."""
+
+    body: bytes = b""
+    header_map: Mapping[str, str] = field(default_factory=dict)
+
+    def content(self) -> bytes:
+        return self.body
+
+    def headers(self) -> Mapping[str, str]:
+        return self.header_map
+
+
+def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
+    """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
+    :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
+    transports read the whole body into memory, in an export thread of the serving process: an endpoint answering
+    with a huge or endless body (a wrong address, a broken proxy) grew the process by all of it, gigabytes, until it
+    was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself."""
+    from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+    from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+
+    headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
+    try:
+        if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
+            import urllib3
+
+            wait = urllib3.Timeout(total=timeout) if timeout is not None else None
+            raw = transport._pool.request(
+                method=method, url=url, headers=headers, body=data, timeout=wait, preload_content=False
+            )
+            status = raw.status
+        elif type(transport) is RequestsHTTPTransport and hasattr(transport, "_session"):
+            response = transport._session.request(
+                method=method, url=url, headers=headers, data=data, timeout=timeout, allow_redirects=False, stream=True
+            )
+            raw, status = response.raw, response.status_code
+        else:
+            return None
+    except Exception as error:  # no answer: a failed request, as the SDK transports report it
+        return _Answer(error=error)
+    try:
+        body = raw.read(ANSWER_BYTES + 1, decode_content=True)
+    except Exception as error:  # the connection broke in the body, where the SDK transports fail the request too
+        raw.close()
+        return _Answer(error=error)
+    if len(body) > ANSWER_BYTES:
+        raw.close()  # the rest stays unread
+        body = body[:ANSWER_BYTES]
+    raw.release_conn()  # a connection whose answer was read whole serves the next export
+    return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
+
+
 class _ForgetfulTransport:
     """The SDK client's HTTP transport, with the frames of a failed request's exceptions let go (see
-    :func:`_forget_frames`); anything else is the transport's own."""
+    :func:`_forget_frames`) and at most :data:`ANSWER_BYTES` of an answer read (see :func:`_bounded_request`);
+    anything else is the transport's own."""
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         handled = sys.exc_info()[1]
-        result = self._transport.request(*args, **kwargs)
+        result = None
+        if len(args) == 2 and set(kwargs) <= {"headers", "timeout", "data"}:
+            try:
+                result = _bounded_request(self._transport, *args, **kwargs)
+            except ImportError:  # an SDK without these transports: its own reads the answer
+                result = None
+        if result is None:
+            result = self._transport.request(*args, **kwargs)
         error = getattr(result, "error", None)
         if error is not None:
             _forget_frames(error, handled)
@@ -671,6 +740,16 @@ class _ForgetfulTransport:
         return getattr(self._transport, name)
 
 
+def bounded_answers(exporter: Any) -> Any:
+    """``exporter`` (an SDK OTLP/HTTP exporter) reading at most :data:`ANSWER_BYTES` of each answer and letting go
+    of failed requests' frames, as the middleware's own span and log exporters do (:class:`_ForgetfulTransport`)."""
+    client = getattr(exporter, "_client", None)
+    transport = getattr(client, "_transport", None)
+    if client is not None and callable(getattr(transport, "request", None)):
+        client._transport = _ForgetfulTransport(transport)
+    return exporter
+
+
 def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], providers: Sequence[str]) -> bool:
     """For our subclasses of the SDK's OTLP/HTTP exporters, once the SDK's ``__init__`` has run: the plain-http
     transport where it applies (no session given; ``providers``, the signal's credential-provider variables), and
@@ -678,9 +757,7 @@ def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], pro
     client = getattr(exporter, "_client", None)
     if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
         _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
-    transport = getattr(client, "_transport", None)
-    if client is not None and callable(getattr(transport, "request", None)):
-        client._transport = _ForgetfulTransport(transport)
+    bounded_answers(exporter)
     return (
         callable(getattr(client, "export", None))
         and hasattr(exporter, "_metrics")

@@ -467,7 +467,9 @@ def _otlp_metric_exporter(protocol: str) -> Any:
         return GrpcExporter()
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-    return HttpExporter()
+    from .otlp_spans import bounded_answers
+
+    return bounded_answers(HttpExporter())
 
 
 def _cumulative_explicit_histograms(exporter: Any) -> bool:

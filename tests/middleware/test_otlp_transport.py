@@ -10,10 +10,12 @@ import gzip
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import openai
 import pytest
 from opentelemetry._logs import LogRecord
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
@@ -28,6 +30,8 @@ from opentelemetry.trace import SpanContext
 
 from llm_telemetry.otlp_logs import OTLPLogExporter
 from llm_telemetry.otlp_spans import OTLPSpanExporter
+from otlp_receiver import demo_server
+from support import wait_for
 
 
 @dataclass
@@ -220,3 +224,94 @@ def test_netrc_credentials_for_the_collector_are_sent(
     assert _sent(exporter, _items(signal, "with credentials"))
     assert collector.headers[0]["authorization"] == "Basic b3RlbDpzM2NyZXQ="  # otel:s3cret
     exporter.shutdown()
+
+
+#: What the flooding endpoint below offers as each answer's body: far more than an exporter should read.
+FLOOD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Flood:
+    """What :func:`flooding_endpoint` sent: per request path, the bytes of each answer's body taken by the client."""
+
+    url: str = ""
+    taken: dict[str, list[int]] = field(default_factory=dict)
+
+
+@contextmanager
+def flooding_endpoint() -> Iterator[Flood]:
+    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of :data:`FLOOD_BYTES`
+    (as something else listening at a collector's address, or a broken proxy, may), sent until the client closes."""
+    flood = Flood()
+    listener = socket.create_server(("127.0.0.1", 0))
+    flood.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    piece = b"\0" * (1 << 20)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            while True:
+                request = reader.readline().split()
+                if len(request) < 2:
+                    return
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                reader.read(length)
+                sent = flood.taken.setdefault(request[1].decode(), [])
+                sent.append(0)
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n")
+                    conn.sendall(f"content-length: {FLOOD_BYTES}\r\n\r\n".encode())
+                    for _ in range(FLOOD_BYTES // len(piece)):
+                        conn.sendall(piece)
+                        sent[-1] += len(piece)
+                except OSError:  # the client closed the connection
+                    return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield flood
+    finally:
+        listener.close()
+
+
+def test_an_endpoint_answering_with_an_endless_body_is_read_no_further_than_an_answer_needs() -> None:
+    """Each signal's exporter reads a bounded part of an answer and leaves the rest: the SDK's transports read a
+    whole body into the serving process, and an endpoint answering with gigabytes grew the app by gigabytes. The
+    service answers throughout, and every signal goes on exporting (a second export of each reaches the endpoint)."""
+    with flooding_endpoint() as flood:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": flood.url,
+            "OTEL_LOGS_EXPORTER": "otlp",
+            "LLM_TELEMETRY_METRICS_EXPORTER": "otlp",
+            "OTEL_METRIC_EXPORT_INTERVAL": "100",
+            "OTEL_BSP_SCHEDULE_DELAY": "20",
+            "OTEL_BLRP_SCHEDULE_DELAY": "20",
+        }
+        with demo_server(env) as (_, base):
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="test", max_retries=0, timeout=30)
+            paths = ("/v1/traces", "/v1/logs", "/v1/metrics")
+
+            hello = [{"role": "user", "content": "hi"}]
+
+            def exported_twice() -> bool:
+                reply = client.chat.completions.create(model="gpt-4o-mini", messages=hello)
+                assert reply.choices[0].message.content
+                return all(len(flood.taken.get(path, ())) >= 2 for path in paths)
+
+            wait_for("two exports of each signal", exported_twice, seconds=60)
+        for path in paths:
+            # The first answer is over: the exporter sent again. What it took of it is its read and the socket
+            # buffers' few MiB, not the body.
+            assert flood.taken[path][0] < FLOOD_BYTES // 8, (path, flood.taken[path])
