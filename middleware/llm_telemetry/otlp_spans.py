@@ -20,6 +20,7 @@ import logging
 import os
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -701,15 +702,25 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it
         return _Answer(error=error)
+    # The timeout bounds each read, not the body: one that trickles in held the export for as long as it took.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    read = getattr(raw, "read1", raw.read)  # read1: what has arrived, without waiting for a whole piece
+    body, whole = b"", False
     try:
-        body = raw.read(ANSWER_BYTES + 1, decode_content=True)
+        while len(body) <= ANSWER_BYTES and (deadline is None or time.monotonic() < deadline):
+            piece = read(ANSWER_BYTES + 1 - len(body), decode_content=True)
+            if not piece:  # the end of the body (read1 returns nothing else empty)
+                whole = True
+                break
+            body += piece
     except Exception as error:  # the connection broke in the body, where the SDK transports fail the request too
         raw.close()
         return _Answer(error=error)
-    if len(body) > ANSWER_BYTES:
-        raw.close()  # the rest stays unread
+    if not whole:
+        raw.close()  # the rest stays unread (too long, or too slow): the connection is not used again
         body = body[:ANSWER_BYTES]
-    raw.release_conn()  # a connection whose answer was read whole serves the next export
+    else:
+        raw.release_conn()  # a connection whose answer was read whole serves the next export
     return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -239,13 +240,14 @@ class Flood:
 
 
 @contextmanager
-def flooding_endpoint() -> Iterator[Flood]:
-    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of :data:`FLOOD_BYTES`
-    (as something else listening at a collector's address, or a broken proxy, may), sent until the client closes."""
+def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0) -> Iterator[Flood]:
+    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of ``size`` bytes (as something
+    else listening at a collector's address, or a broken proxy, may), sent in pieces ``pause`` seconds apart until
+    the client closes."""
     flood = Flood()
     listener = socket.create_server(("127.0.0.1", 0))
     flood.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    piece = b"\0" * (1 << 20)
+    piece = b"\0" * piece_bytes
 
     def answer(conn: socket.socket) -> None:
         with conn:
@@ -264,10 +266,11 @@ def flooding_endpoint() -> Iterator[Flood]:
                 sent.append(0)
                 try:
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n")
-                    conn.sendall(f"content-length: {FLOOD_BYTES}\r\n\r\n".encode())
-                    for _ in range(FLOOD_BYTES // len(piece)):
+                    conn.sendall(f"content-length: {size}\r\n\r\n".encode())
+                    for _ in range(size // len(piece)):
                         conn.sendall(piece)
                         sent[-1] += len(piece)
+                        time.sleep(pause)
                 except OSError:  # the client closed the connection
                     return
 
@@ -315,3 +318,17 @@ def test_an_endpoint_answering_with_an_endless_body_is_read_no_further_than_an_a
             # The first answer is over: the exporter sent again. What it took of it is its read and the socket
             # buffers' few MiB, not the body.
             assert flood.taken[path][0] < FLOOD_BYTES // 8, (path, flood.taken[path])
+
+
+def test_an_answer_trickling_in_ends_the_export_at_its_timeout(signal: str) -> None:
+    """The exporter's timeout bounds the whole answer: the SDK's transports time each read, so a body that comes a
+    byte at a time (here 1,000 bytes, 0.2 s apart) held the export thread for as long as it took, while spans and
+    records queued up and were dropped."""
+    with flooding_endpoint(size=1000, piece_bytes=1, pause=0.2) as endpoint:
+        exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+        sender = exporter(endpoint=endpoint.url + _path(signal), timeout=1)
+        results: list[bool] = []
+        thread = threading.Thread(target=lambda: results.append(_sent(sender, _items(signal, "slow"))), daemon=True)
+        thread.start()
+        thread.join(timeout=60)  # the body alone takes 200 s to come
+        assert results == [True]  # a 200 answer is an export delivered, whatever its body
