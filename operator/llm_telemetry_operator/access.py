@@ -24,6 +24,9 @@ from llm_telemetry_operator.kube import KubeClient
 #: The group of the review itself: never asked about (answered at all, it is granted).
 _REVIEWS = ("authorization.k8s.io", "selfsubjectaccessreviews")
 
+#: Reviews of one check under way at once (each holds one of the client's worker threads while it waits).
+REVIEWS_AT_ONCE = 4
+
 #: The reason of the condition and the event of a resource the operator may not patch.
 REASON: str = "Forbidden"
 
@@ -141,8 +144,16 @@ async def missing(
     """The permissions of :func:`needed` the API server refuses this operator, in the order declared. Raises the
     client's :class:`~llm_telemetry_operator.errors.ApiError` when a review itself fails (refused, or no answer)."""
     grants = needed(config, namespaced=namespaced, namespaces=namespaces)
+    # A few at a time: the client's threads are shared with every pass, and reviews the API server leaves
+    # unanswered (a hung authorization webhook) would hold them all until their read timeout.
+    at_once = asyncio.Semaphore(REVIEWS_AT_ONCE)
+
+    async def review(grant: Grant) -> bool:
+        async with at_once:
+            return await client.review(grant.attributes())
+
     # Every review is awaited, failed or not: none is left running (or its error unread) once one has failed.
-    answers = await asyncio.gather(*(client.review(grant.attributes()) for grant in grants), return_exceptions=True)
+    answers = await asyncio.gather(*(review(grant) for grant in grants), return_exceptions=True)
     for answer in answers:
         if isinstance(answer, BaseException):
             raise answer

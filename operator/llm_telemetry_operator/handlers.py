@@ -67,6 +67,11 @@ PEERING_UNREAD_LOG_SECONDS = 60.0
 #: Seconds between two checks of the permissions started by refusals the last check did not explain (see
 #: _recheck_access): kopf retries each refused call, so refusals come in bursts.
 ACCESS_RECHECK_SECONDS = 60.0
+#: Seconds the startup waits for the first check of the permissions before it goes on without its answer (the check
+#: goes on meanwhile): kopf answers the liveness and readiness probes only once the startup is done, and the chart's
+#: liveness probe restarts a pod that has not answered in some 50 s, so a review the API server leaves unanswered
+#: (a hung authorization webhook) would have each new pod restarted before it watched anything.
+ACCESS_STARTUP_WAIT_SECONDS = 5.0
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
 #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
@@ -354,10 +359,27 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     refusals.install(
         refusals.KnownRefusals(lambda: state.lacking, unknown=lambda ns: _recheck_access(memo, state, logger, ns))
     )
+
     # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
     # refused finalizer patch leaves a resource idle), then again at each resync interval. Reviews store nothing:
     # asked before the standby check, so that a replica found active goes on with no further wait.
-    await _check_access(memo, state, logger)
+    # Waited for a few seconds at most: an answer that does not come (a hung authorization webhook) must not hold the
+    # startup, and so kopf's probes, up (see ACCESS_STARTUP_WAIT_SECONDS). A check still under way is left to finish
+    # (it says what it finds then, as a later check does) and counts as the one recheck under way (_recheck_access).
+    async def check() -> None:
+        try:
+            await _check_access(memo, state, logger)
+        except Exception:
+            logger.exception("checking the operator's permissions failed")
+
+    first = state.access_recheck = asyncio.create_task(check(), name="llm-telemetry-access-recheck")
+    await asyncio.wait({first}, timeout=ACCESS_STARTUP_WAIT_SECONDS)
+    if not first.done():
+        logger.warning(
+            "the API server has not answered this operator's permission check (SelfSubjectAccessReviews) in %.0f s; "
+            "starting without it, the check goes on",
+            ACCESS_STARTUP_WAIT_SECONDS,
+        )
     memo["access"] = asyncio.create_task(_watch_access(memo, state, logger), name="llm-telemetry-access")
     identity = memo.get("identity")
     if identity and not config.standalone:

@@ -88,6 +88,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         #: (api_group, resource, verb, namespace), ``resource`` with ``/subresource``, namespace None for a review
         #: of every namespace. The requests themselves are refused only as ``forbid`` and ``deny`` say.
         self.unauthorized: set[tuple[str, str, str, str | None]] = set()
+        #: While an Event that is not set, SelfSubjectAccessReviews get no answer until it is: an authorization
+        #: webhook that hangs (the API server asks it for each review).
+        self.reviews_held: asyncio.Event | None = None
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -125,6 +128,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         ):
             request = self._restore_namespaces_request(request)
         if request.resource is not None and request.resource.plural == "selfsubjectaccessreviews":
+            if self.reviews_held is not None:
+                await self.reviews_held.wait()
             return self._review(request)
         if (
             request.resource is not None

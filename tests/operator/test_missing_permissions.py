@@ -5,6 +5,7 @@ the operator may write those, instead of staying silently idle."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -144,6 +145,24 @@ async def served(emulator: Any, name: str) -> None:
         lambda: condition(get(emulator, LLMT, name), c.CONDITION_READY).get("reason") not in (None, "Forbidden"),
         "a pass of its own",
     )
+
+
+async def test_a_permission_check_the_api_server_leaves_unanswered_holds_up_neither_the_startup_nor_the_passes(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every review hangs (a hung authorization webhook) for longer than the liveness probe waits: the operator starts
+    # all the same and serves the resource, and says what the check finds once the answers come.
+    emulator.reviews_held = asyncio.Event()
+    emulator.unauthorized.add(STATUS)
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        await started(caplog)
+        await served(emulator, "chat")
+        assert any("has not answered this operator's permission check" in r.getMessage() for r in caplog.records)
+        assert not errors_naming(caplog, "llmtelemetries/status")
+        emulator.reviews_held.set()
+        await eventually(lambda: errors_naming(caplog, "llmtelemetries/status"), "the ERROR once the reviews answer")
 
 
 async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
