@@ -7,6 +7,12 @@ from collections.abc import Generator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# No property test judges time: hypothesis' default deadline (200 ms an example) and its check that generating data
+# is not too slow failed tests on a loaded machine (a test of log levels took 309 ms once, 13 ms when replayed).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 _INTEGRATION = pathlib.Path(__file__).parent / "integration"
 _GROUP = "kube-apiserver"

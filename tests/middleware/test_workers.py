@@ -243,6 +243,10 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{port}"
 
+    def _startups(self) -> int:
+        """How many worker startups the server's log has said (uvicorn's line, for each worker of either server)."""
+        return self.log.read_bytes().count(b"Application startup complete") if self.log.exists() else 0
+
     def command(self) -> list[str]:
         if self.kind == "uvicorn":
             return [sys.executable, "-m", "uvicorn", "workers_app:app", "--app-dir", str(APPS),
@@ -252,11 +256,15 @@ class Server:
                 "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5"]  # fmt: skip
 
     def start(self) -> Server:
+        started = self._startups()
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         wait_for("the server's workers", lambda: len(process_children(self.pid)) == self.workers)
+        # Every worker through its startup, not only the first to accept: on a busy machine a worker still importing
+        # the app left every request to the other, and the tests that need both to answer ran out of tries.
+        wait_for("every worker's startup", lambda: self._startups() - started >= self.workers)
         wait_for("the app", lambda: urllib.request.urlopen(f"{self.base}/healthz", timeout=5).status == 200)
         wait_for("the metrics port", lambda: scrape_text(self.metrics_port))
         return self
