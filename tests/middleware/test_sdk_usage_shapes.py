@@ -800,6 +800,43 @@ def test_hosted_tools_are_tool_calls_in_a_responses_stream(service: Service, tex
     assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == int(text)
 
 
+@pytest.mark.parametrize(
+    ("kind", "event"),
+    [("function_call", "response.function_call_arguments.delta"), ("shell_call", "response.shell_call_command.delta")],
+)
+def test_a_tool_calls_input_streamed_after_its_item_is_timed(service: Service, kind: str, event: str) -> None:
+    """A function call's arguments (and a shell's commands) stream after their item is added: the item is the
+    stream's first output, and the pieces that follow are tokens made after it, so the stream has a time per output
+    token, as one whose text streams after a hosted tool's item has."""
+    model = f"gpt-5-streamed-input-{kind}"
+    added = {"type": kind, "id": "tc_1", "call_id": "call_1", "status": "in_progress"} | (
+        {"name": "get_weather", "arguments": ""} if kind == "function_call" else {"action": {"commands": []}}
+    )
+    done = (
+        added
+        | {"status": "completed"}
+        | ({"arguments": '{"city":"Paris"}'} if kind == "function_call" else {"action": {"commands": ["ls -la"]}})
+    )
+    pieces = ['{"city":', '"Paris"}'] if kind == "function_call" else ["ls", " -la"]
+    where = {"output_index": 0, "item_id": "tc_1"} if kind == "function_call" else {"output_index": 0}
+    steps: list[dict[str, Any]] = [
+        {"type": "response.created", "response": responses_body(model, [], "in_progress")},
+        {"type": "response.output_item.added", "output_index": 0, "item": added},
+        *[{"type": event, **where, "delta": piece} | ({} if kind == "function_call" else {"command_index": 0})
+          for piece in pieces],
+        {"type": "response.output_item.done", "output_index": 0, "item": done},
+        {"type": "response.completed", "response": responses_body(model, [done])},
+    ]  # fmt: skip
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate(steps)]
+    oai = openai.OpenAI(base_url=service.base + "/v1", api_key="test", max_retries=0)
+    with oai.responses.stream(model=model, input="?") as stream:
+        final = stream.get_final_response()
+    assert [item.type for item in final.output] == [kind]
+    m = service.metrics(model)
+    assert m.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+    assert m.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model) == 1
+
+
 def answered_with(service: Service, model: str, items: list[dict[str, Any]], stream: bool, usage: bool = True) -> None:
     """Have the upstream answer ``model`` with the Responses API output ``items``, as one JSON answer (``usage``: with
     its usage) or as a stream of each item added and done, and ask for it with the official SDK, which must read them
