@@ -6,10 +6,12 @@ official SDKs, checked in a real scrape against the usage the SDK got."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 from starlette.applications import Starlette
@@ -18,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.apis import MAX_JSON_RESPONSE_BYTES
 from support import Metrics, free_port, serve, settled
 
 IMAGE = "iVBORw0KGgo" * 100_000  # 1.1 MB of base64: one generated image, as the Responses API returns it
@@ -167,3 +170,58 @@ def test_a_json_body_over_the_read_limit_keeps_its_usage(service: tuple[str, int
         assert m.value("llm_cost_usd_total", **claude_labels) == pytest.approx(expected)
 
     settled(port, recorded)
+
+
+#: A JSON answer of 64 MiB, sent in 64 KiB pieces (the same bytes each time: the app itself keeps nothing).
+_PIECE = b"x" * (64 << 10)
+_PIECES = 1024
+
+
+async def _huge_chat(request: Request) -> Response:
+    body = await request.json()
+    head = json.dumps({"id": "chatcmpl-huge", "object": "chat.completion", "created": 1, "model": body["model"]})
+    usage = {"prompt_tokens": 12, "completion_tokens": 16_000_000, "total_tokens": 16_000_012}
+    tail = json.dumps({"finish_reason": "stop"})[1:-1] + "}]," + json.dumps({"usage": usage})[1:]
+
+    async def answer() -> AsyncIterator[bytes]:
+        yield head[:-1].encode() + b', "choices": [{"index": 0, "message": {"role": "assistant", "content": "'
+        for _ in range(_PIECES):
+            yield _PIECE
+        yield b'"}, ' + tail.encode()
+
+    return StreamingResponse(answer(), media_type="application/json")
+
+
+def test_reading_a_json_answer_far_over_the_read_limit_keeps_bounded_memory() -> None:
+    """Past MAX_JSON_RESPONSE_BYTES only the body's last bytes are kept, for its usage: a 64 MiB answer passes through
+    with the server's memory peaking well under the answer's size (about twice the read limit: the bytes kept up to
+    it and their copy when it is passed), and its usage still counted. Measured with tracemalloc around one request
+    to a real uvicorn server in this process, the client reading the body as it comes and keeping none of it."""
+    port = free_port()
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", _huge_chat, methods=["POST"])]),
+        metrics_port=port,
+        metrics_host="127.0.0.1",
+    )
+    model = "gpt-4o-huge"
+    try:
+        with serve(app) as base, httpx.Client(timeout=60) as client:
+            request = {"model": model, "messages": [{"role": "user", "content": "long"}]}
+            tracemalloc.start()
+            try:
+                with client.stream("POST", base + "/v1/chat/completions", json=request) as response:
+                    received = sum(len(piece) for piece in response.iter_raw())
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert response.status_code == 200
+            assert received > _PIECES * len(_PIECE)
+
+            def recorded(m: Metrics) -> None:
+                labels = {"gen_ai_request_model": model, "gen_ai_token_type": "output"}
+                assert m.value("llm_tokens_total", **labels) == 16_000_000
+
+            settled(port, recorded)
+    finally:
+        app.telemetry.shutdown()
+    assert peak < 4 * MAX_JSON_RESPONSE_BYTES < _PIECES * len(_PIECE)
