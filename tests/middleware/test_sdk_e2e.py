@@ -531,6 +531,65 @@ def test_time_per_output_token_of_reasoning_models_is_the_gap_between_the_tokens
         assert 0.025 <= tpot < 0.1, (model, tpot)
 
 
+def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> None:
+    """Three output tokens, two of them reasoning: streamed as ``reasoning_content`` deltas they are the first token
+    and the ones after it (three tokens, so a time per output token); hidden, the answer's one token is all the stream
+    shows after its first (no time per output token: one token gives no gap). Counts, not times: whether the stream
+    has a time per output token at all is what the reasoning shown decides here."""
+    import json as json_
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    async def chat(request: Request) -> StreamingResponse:
+        model = (await request.json())["model"]
+        head = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1767225600, "model": model}
+
+        def chunk(delta: dict[str, Any]) -> bytes:
+            event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            return b"data: " + json_.dumps(event).encode() + b"\n\n"
+
+        async def events() -> Any:
+            yield chunk({"role": "assistant", "content": ""})
+            if model == "shown-reasoner":
+                yield chunk({"reasoning_content": "Let me"})
+                yield chunk({"reasoning_content": " see."})
+            yield chunk({"content": "Yes."})
+            usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                     "completion_tokens_details": {"reasoning_tokens": 2}}  # fmt: skip
+            yield b"data: " + json_.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+    )
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+        for model in ("shown-reasoner", "hidden-reasoner"):
+            stream = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "?"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            assert [chunk.usage.completion_tokens for chunk in stream if chunk.usage] == [3]
+        metrics = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 2)
+    app.telemetry.shutdown()
+    for model, timed in (("shown-reasoner", 1), ("hidden-reasoner", 0)):
+        assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+        count = metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model)
+        assert count == timed, model
+
+
 def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
     """Azure OpenAI's REST API names the deployment in the path and takes no ``model`` in the body (the legacy
     ``/engines/{model}/`` paths too): the request model is that name, not ``unknown``; a body's model still wins."""
