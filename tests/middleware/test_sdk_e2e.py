@@ -534,7 +534,8 @@ def test_time_per_output_token_of_reasoning_models_is_the_gap_between_the_tokens
 def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> None:
     """Three output tokens, two of them reasoning: streamed as ``reasoning_content`` deltas they are the first token
     and the ones after it (three tokens, so a time per output token); hidden, the answer's one token is all the stream
-    shows after its first (no time per output token: one token gives no gap). Counts, not times: whether the stream
+    shows after its first (no time per output token: one token gives no gap), and so is a tool call's when it is the
+    first output after hidden reasoning. Counts, not times: whether the stream
     has a time per output token at all is what the reasoning shown decides here."""
     import json as json_
 
@@ -558,7 +559,11 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
             if model == "shown-reasoner":
                 yield chunk({"reasoning_content": "Let me"})
                 yield chunk({"reasoning_content": " see."})
-            yield chunk({"content": "Yes."})
+            if model == "hidden-reasoner-tool":
+                call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                yield chunk({"tool_calls": [call]})
+            else:
+                yield chunk({"content": "Yes."})
             usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                      "completion_tokens_details": {"reasoning_tokens": 2}}  # fmt: skip
             yield b"data: " + json_.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
@@ -574,7 +579,7 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
     )
     with serve(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
-        for model in ("shown-reasoner", "hidden-reasoner"):
+        for model in ("shown-reasoner", "hidden-reasoner", "hidden-reasoner-tool"):
             stream = client.chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": "?"}],
@@ -582,9 +587,9 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
                 stream_options={"include_usage": True},
             )
             assert [chunk.usage.completion_tokens for chunk in stream if chunk.usage] == [3]
-        metrics = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 2)
+        metrics = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 3)
     app.telemetry.shutdown()
-    for model, timed in (("shown-reasoner", 1), ("hidden-reasoner", 0)):
+    for model, timed in (("shown-reasoner", 1), ("hidden-reasoner", 0), ("hidden-reasoner-tool", 0)):
         assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
         count = metrics.value("gen_ai_server_time_per_output_token_seconds_count", gen_ai_request_model=model)
         assert count == timed, model
