@@ -595,6 +595,65 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
         assert count == timed, model
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_of_no_tokens_keeps_the_input_its_usage_reports(stream: bool) -> None:
+    """A model that answers nothing (a stop sequence at once, say) reports its input and no output: the usage is the
+    provider's, not the placeholder of nothing in and nothing out that is read as none (LiteLLM's), so its input
+    counts as reported rather than estimated from the request."""
+    import json as json_
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    from llm_telemetry import LLMTelemetryMiddleware
+
+    usage = {"prompt_tokens": 12, "completion_tokens": 0, "total_tokens": 12}
+
+    async def chat(request: Request) -> Response:
+        model = (await request.json())["model"]
+        head = {"id": "chatcmpl-e", "created": 1767225600, "model": model}
+        if not stream:
+            message = {"role": "assistant", "content": ""}
+            choices = [{"index": 0, "message": message, "finish_reason": "stop"}]
+            return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+        def chunk(**body: Any) -> bytes:
+            return b"data: " + json_.dumps({**head, "object": "chat.completion.chunk", **body}).encode() + b"\n\n"
+
+        async def events() -> Any:
+            yield chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+            yield chunk(choices=[], usage=usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    metrics_port = free_port()
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=metrics_port,
+        metrics_host="127.0.0.1",
+    )
+    model = "silent-model"
+    with serve(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+        messages: Any = [{"role": "user", "content": "Say nothing at all, please."}]
+        if stream:
+            options: Any = {"include_usage": True}
+            chunks = client.chat.completions.create(model=model, messages=messages, stream=True, stream_options=options)
+            assert [chunk.usage.prompt_tokens for chunk in chunks if chunk.usage] == [12]
+        else:
+            answer = client.chat.completions.create(model=model, messages=messages)
+            assert answer.usage is not None and answer.usage.prompt_tokens == 12
+        metrics = eventually(("", metrics_port), lambda m: m.value("llm_requests_total") >= 1)
+    app.telemetry.shutdown()
+    tokens = {"gen_ai_request_model": model, "gen_ai_token_type": "input"}
+    assert metrics.value("llm_tokens_total", llm_usage_source="reported", **tokens) == 12
+    assert metrics.series("llm_tokens_total", llm_usage_source="estimated", gen_ai_request_model=model) == []
+
+
 def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
     """Azure OpenAI's REST API names the deployment in the path and takes no ``model`` in the body (the legacy
     ``/engines/{model}/`` paths too): the request model is that name, not ``unknown``; a body's model still wins."""
