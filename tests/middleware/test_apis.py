@@ -597,6 +597,26 @@ def test_shape_fast_path_takes_only_the_inside_of_one_json_string(middle: bytes,
         assert reader._chunks == chunks + 1
 
 
+def test_a_chunk_of_the_learnt_shape_that_ends_an_event_begun_earlier_is_read_as_part_of_it() -> None:
+    """The learnt text-delta shape applies only to a chunk that starts between events. A chunk shaped exactly like a
+    text delta that is the second data line of an event begun in the chunk before is part of that event, and goes to
+    the decoder with it: the event after it is then read on its own, its finish reason kept."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return b"data: " + json.dumps(chat_chunk(delta, finish)).encode() + b"\n\n"
+
+    spec = APIS["openai.chat"]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=False)
+    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "first"}), chunk({"content": "second"})]
+    chunks += [b'data: {"note": 1}\n', chunk({"content": "third"}), chunk({}, "stop"), b"data: [DONE]\n\n"]
+    for i, piece in enumerate(chunks):
+        reader.feed(piece, now=1.0 + i)
+    reader.finish(now=100.0)
+    assert call.finish_reasons == ["stop"]
+    assert not reader.cut_short()
+
+
 def test_anthropic_text_deltas_take_the_fast_path_and_count_exactly() -> None:
     deltas = [
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f'w{i} "q" \\ \n'}}
