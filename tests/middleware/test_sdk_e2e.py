@@ -6,6 +6,7 @@ Each test uses its own model name so that the tests sharing one server do not se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +16,14 @@ import anthropic
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
+from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import create_app
-from support import Metrics, free_port, scrape, serve, whole_after
+from support import Metrics, free_port, request_body, scrape, serve, whole_after
 
 FIRST_TOKEN_DELAY = 0.15
 TOKEN_DELAY = 0.002
@@ -471,15 +477,6 @@ def reasoning_app(metrics_port: int) -> Any:
     """A reasoning model's stream as OpenAI sends it (the reasoning hidden: a pause, then the answer) and as open
     models' servers do (the reasoning streamed as ``reasoning_content`` deltas first), each ten deltas 30 ms apart
     and a usage that counts the reasoning tokens."""
-    import asyncio
-    import json as json_
-
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
-    from llm_telemetry import LLMTelemetryMiddleware
 
     async def chat(request: Request) -> StreamingResponse:
         model = (await request.json())["model"]
@@ -490,7 +487,7 @@ def reasoning_app(metrics_port: int) -> Any:
 
             def chunk(delta: dict[str, Any], **extra: Any) -> bytes:
                 event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}], **extra}
-                return b"data: " + json_.dumps(event).encode() + b"\n\n"
+                return b"data: " + json.dumps(event).encode() + b"\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
             if hidden:
@@ -502,7 +499,7 @@ def reasoning_app(metrics_port: int) -> Any:
             reasoning = 1000 if hidden else 5
             usage = {"prompt_tokens": 3, "completion_tokens": 10 + (1000 if hidden else 0), "total_tokens": 0,
                      "completion_tokens_details": {"reasoning_tokens": reasoning}}  # fmt: skip
-            yield b"data: " + json_.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
+            yield b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -537,14 +534,6 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
     shows after its first (no time per output token: one token gives no gap), and so is a tool call's when it is the
     first output after hidden reasoning. Counts, not times: whether the stream
     has a time per output token at all is what the reasoning shown decides here."""
-    import json as json_
-
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
-    from llm_telemetry import LLMTelemetryMiddleware
 
     async def chat(request: Request) -> StreamingResponse:
         model = (await request.json())["model"]
@@ -552,7 +541,7 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
 
         def chunk(delta: dict[str, Any]) -> bytes:
             event = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            return b"data: " + json_.dumps(event).encode() + b"\n\n"
+            return b"data: " + json.dumps(event).encode() + b"\n\n"
 
         async def events() -> Any:
             yield chunk({"role": "assistant", "content": ""})
@@ -566,7 +555,7 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
                 yield chunk({"content": "Yes."})
             usage = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                      "completion_tokens_details": {"reasoning_tokens": 2}}  # fmt: skip
-            yield b"data: " + json_.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
+            yield b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -600,14 +589,6 @@ def test_an_answer_of_no_tokens_keeps_the_input_its_usage_reports(stream: bool) 
     """A model that answers nothing (a stop sequence at once, say) reports its input and no output: the usage is the
     provider's, not the placeholder of nothing in and nothing out that is read as none (LiteLLM's), so its input
     counts as reported rather than estimated from the request."""
-    import json as json_
-
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
-    from llm_telemetry import LLMTelemetryMiddleware
 
     usage = {"prompt_tokens": 12, "completion_tokens": 0, "total_tokens": 12}
 
@@ -620,7 +601,7 @@ def test_an_answer_of_no_tokens_keeps_the_input_its_usage_reports(stream: bool) 
             return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
         def chunk(**body: Any) -> bytes:
-            return b"data: " + json_.dumps({**head, "object": "chat.completion.chunk", **body}).encode() + b"\n\n"
+            return b"data: " + json.dumps({**head, "object": "chat.completion.chunk", **body}).encode() + b"\n\n"
 
         async def events() -> Any:
             yield chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -657,10 +638,6 @@ def test_an_answer_of_no_tokens_keeps_the_input_its_usage_reports(stream: bool) 
 def test_a_model_named_only_by_the_path_is_the_request_model() -> None:
     """Azure OpenAI's REST API names the deployment in the path and takes no ``model`` in the body (the legacy
     ``/engines/{model}/`` paths too): the request model is that name, not ``unknown``; a body's model still wins."""
-    import json
-
-    from llm_telemetry import LLMTelemetryMiddleware
-    from support import request_body
 
     async def azure(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -723,7 +700,6 @@ def test_an_account_out_of_credit_is_a_rate_limit_as_openais_spent_quota_is() ->
     """A provider refusing work for want of credit is the service's outage, not the caller's bad request: Anthropic's
     402 ``billing_error`` is ``rate_limit``, the type OpenAI's ``insufficient_quota`` (a 429) has, which spends the
     availability budget."""
-    from llm_telemetry import LLMTelemetryMiddleware
 
     metrics_port = free_port()
     app = LLMTelemetryMiddleware(out_of_credit, metrics_port=metrics_port, metrics_host="127.0.0.1", request_logs=False)
@@ -743,10 +719,6 @@ def test_anthropic_stream_cut_before_its_only_input_count_has_its_input_estimate
     """A gateway translating another provider's stream into Anthropic's (the LiteLLM proxy) reports 0 input in
     ``message_start`` and the real count only in ``message_delta``. Cut before that (an error event), the stream has
     its input estimated from the request, as a stream without usage has: not 0 input labelled ``reported``."""
-    import json
-
-    from llm_telemetry import LLMTelemetryMiddleware
-    from support import request_body
 
     def event(name: str, data: dict[str, Any]) -> bytes:
         return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
@@ -792,14 +764,6 @@ def test_a_stream_left_while_the_app_waits_to_answer_records_the_wait() -> None:
     answer then goes out after the client left (uvicorn's send takes a gone client's bytes without a word), so no
     token reached the client: the stream has no time to first token, and its wait, until the app answered (the
     earliest its first token could have come), is the time to abandonment."""
-    import asyncio
-
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import StreamingResponse
-    from starlette.routing import Route
-
-    from llm_telemetry import LLMTelemetryMiddleware
 
     stall = 0.8
 
