@@ -75,10 +75,9 @@ _KEY_IN_LABEL: Final = re.compile(r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{32,}|"
 #: ``415-555-0100``, ``415.555.0100``), and a JSON Web Token (base64url parts, the first two starting ``eyJ`` as a
 #: JSON object's does). Dates (``gpt-4o-2024-08-06``) and bare numbers (a customer number) are none of these shapes,
 #: and stay.
-#: An e-mail address's domain, matched right after its ``@``.
-_EMAIL_DOMAIN: Final = re.compile(
-    r"[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_][\w-]*[^\W_](?![\w-])"
-)
+#: An e-mail address's domain, matched right after its ``@``. What follows it does not matter: an address a
+#: hyphen or an underscore follows (``alice@example.com-``, ``alice@example.com_/chat``) is as much an identity.
+_EMAIL_DOMAIN: Final = re.compile(r"[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_][\w-]*[^\W_]")
 #: The characters of an e-mail address's local part (RFC 5322's ``atext`` and the dot, and letters of any script).
 _EMAIL_LOCAL: Final = frozenset("!#$%&'*+/=?^`{|}~.-_")
 _IPV4: Final = re.compile(

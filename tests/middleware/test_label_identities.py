@@ -22,6 +22,9 @@ from support import Metrics, free_port, scrape, scrape_text, serve, whole_after
 IDENTITIES = [
     "alice@example.com",
     "Bob.Smith+llm@mail.example.co.uk",
+    "carol@example.com-",  # an address a separator follows, the value's last character
+    "dave_@vip.163.com_/chat",  # a separator and then a path after it; a label of digits inside the domain
+    "erin@mail-gw.my-company.xn--p1ai",  # hyphens inside the domain's labels, its top-level name in punycode
     "+1 415 555 0100",
     "(415) 555-0100",
     "203.0.113.7",
@@ -35,6 +38,9 @@ REAL_NAMES = [
     "@cf/meta/llama-3-8b-instruct",  # Cloudflare Workers AI
     "gpt-4o-2024-08-06",
     "claude-opus-4-5-20251101",
+    "claude-3-5-sonnet-20241022",
+    "text-embedding-3-large",
+    "acme-prod",  # (a tenant's name, as an attribution header sends it)
     "ft:gpt-4o-mini-2024-07-18:acme::9abcDEF1",
     "llama3.1:8b",  # Ollama
     "qwen2.5:7b-instruct-q4_K_M",
@@ -46,6 +52,7 @@ REAL_NAMES = [
     "12:30:45",
     "v1.2.3+20241022",  # a version's build metadata: digits after a "+", as a phone number's are
     "my-finetune@1.2.0",  # a version pinned after an "@": no e-mail address's domain ends in a number
+    "my-finetune@1.2.10-rc_1",  # nor starts its top-level name with one
     "team-2024-100-2000",  # three runs of digits, the first longer than an area code
 ]
 
@@ -144,9 +151,17 @@ _IDENTITY = st.one_of(
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(before=_AROUND, identity=_IDENTITY, after=st.sampled_from(["", "-prod", "/a", " "]))
+@given(before=_AROUND, identity=_IDENTITY, after=st.sampled_from(["", "-prod", "/a", " ", "-", "_", "_/a", "- x"]))
 def test_a_value_holding_an_email_ipv4_or_phone_is_other(before: str, identity: str, after: str) -> None:
     assert label_value(before + identity + after) == "other"
+
+
+def test_an_address_whose_local_part_ends_in_any_character_it_may_hold_is_other() -> None:
+    """The character before the ``@`` is what tells an address from a name pinned to a version: each character an
+    address's local part may hold (RFC 5322's ``atext``, the dot, letters of any script and digits) may be it."""
+    for last in "!#$%&'*+/=?^`{|}~.-_" + "aZ9é中":
+        address = f"user{last}@example.com"
+        assert label_value(address) == "other", address
 
 
 @given(st.ip_addresses(v=6))
