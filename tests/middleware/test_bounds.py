@@ -116,6 +116,32 @@ def test_a_label_value_holding_a_secret_key_is_other(
     assert [call.request_model for call in calls[1:]] == alike  # (the observers see the names that stay as sent)
 
 
+#: Each shape of secret key docs/metrics.md names, at its least length, made of every kind of character it may hold
+#: (upper and lower case, digits, and the "_" or "-" its shape allows), so a key missing any of them is shorter.
+KEYS_AT_LEAST_LENGTH = [
+    "sk-aB3dE5fG7h_9kL2mN4pQ-rS6tU8vW0xY",  # sk- and 32
+    *(f"{prefix}_aB3dE5fG7hJ9kL2mN4pQ" for prefix in ("ghp", "gho", "ghs", "ghu")),  # and 20
+    "github_pat_aB3dE5fG7h_9kL2mN4pQ",  # and 20
+    "AKIAIOSFODNN7EXAMPLE",  # and 16 (AWS's documented example key id)
+    "AIzaaB3dE5fG7h_9kL2mN4pQ-rS6tU8vW0",  # and 30
+    *(f"xox{kind}-aB3-dE5fG7" for kind in "abprs"),  # and 10
+]
+
+
+@pytest.mark.parametrize("key", KEYS_AT_LEAST_LENGTH)
+def test_each_secret_key_shape_is_other_from_its_least_length_and_a_character_less_is_kept(
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """The key as a model name is ``other`` on the metrics and ``[key]`` on the request log line; the same text a
+    character short of the shape's least length is a name like any other, kept on both."""
+    short = key[:-1]
+    _, metrics = calls_of(cleanup, completion(), [{"model": key}, {"model": short}], request_logs=True)
+    assert metrics.label_values("llm_requests_total", "gen_ai_request_model") == {"other", short}
+    assert key not in metrics.text
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [line["model"] for line in lines] == ["[key]", short]
+
+
 def test_a_key_an_upstream_names_its_model_with_is_masked_for_the_log_line_too(
     cleanup: list[LLMTelemetryMiddleware],
 ) -> None:
