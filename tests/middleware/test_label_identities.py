@@ -156,6 +156,31 @@ def test_a_value_holding_an_email_ipv4_or_phone_is_other(before: str, identity: 
     assert label_value(before + identity + after) == "other"
 
 
+#: Values at the edges of the phone number and IPv4 address shapes, and whether each is folded (docs/metrics.md,
+#: "Bounds": ``+`` and 8 to 15 digits, at most two separators between two; four numbers up to 255 joined by dots,
+#: not inside a longer run of digits, letters and dots).
+EDGES = [
+    ("+1 (415) 555-0100", True),  # a bracket and a space between two digits
+    ("+12345678", True),
+    ("+1234567", False),
+    ("+123456789012345", True),
+    ("+1234567890123456", False),
+    ("RELEASE+20241022", False),  # digits after a "+" that follows a letter, a digit or a "+" are no phone number
+    ("release+20241022", False),
+    ("c++20241022", False),
+    ("model-1.2.3.4.5", False),
+    ("V1.2.3.4", False),
+    ("1.2.3.4rc1", False),
+    ("1.2.3.4RC1", False),
+    ("model-1.2.3.456", False),
+    ("model-301.2.3.4", False),
+]
+
+
+def test_the_phone_and_ipv4_shapes_hold_at_their_edges() -> None:
+    assert [(value, label_value(value) == "other") for value, _ in EDGES] == EDGES
+
+
 def test_an_address_whose_local_part_ends_in_any_character_it_may_hold_is_other() -> None:
     """The character before the ``@`` is what tells an address from a name pinned to a version: each character an
     address's local part may hold (RFC 5322's ``atext``, the dot, letters of any script and digits) may be it."""
