@@ -316,6 +316,15 @@ def test_log_line_text_is_cut_at_1024_characters_and_a_client_request_id_at_128(
     assert line["model"] == model[:1024]
 
 
+def test_a_model_name_of_1024_characters_is_on_the_log_line_whole(
+    cleanup: list[LLMTelemetryMiddleware], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "m" * 1024
+    calls_of(cleanup, completion(), [{"model": model}], request_logs=True)
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["model"] == model
+
+
 def test_the_route_cache_keeps_at_most_256_paths_of_at_most_256_characters() -> None:
     router = Router()
     short = [f"/t{i}/v1/chat/completions" for i in range(1000)]
