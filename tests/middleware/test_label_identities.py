@@ -156,9 +156,10 @@ def test_a_value_holding_an_email_ipv4_or_phone_is_other(before: str, identity: 
     assert label_value(before + identity + after) == "other"
 
 
-#: Values at the edges of the phone number and IPv4 address shapes, and whether each is folded (docs/metrics.md,
-#: "Bounds": ``+`` and 8 to 15 digits, at most two separators between two; four numbers up to 255 joined by dots,
-#: not inside a longer run of digits, letters and dots).
+#: Values at the edges of the phone number, IPv4 address and JSON Web Token shapes, and whether each is folded
+#: (docs/metrics.md, "Bounds": ``+`` and 8 to 15 digits, at most two separators between two; ``415-555-0100``,
+#: ``415.555.0100``, ``(415) 555-0100``, not inside a longer run of digits and letters; four numbers up to 255 joined
+#: by dots, not inside a longer run of digits, letters and dots).
 EDGES = [
     ("+1 (415) 555-0100", True),  # a bracket and a space between two digits
     ("+12345678", True),
@@ -174,10 +175,21 @@ EDGES = [
     ("1.2.3.4RC1", False),
     ("model-1.2.3.456", False),
     ("model-301.2.3.4", False),
+    *((f"415{a}555{b}0100", True) for a, b in (" -", ". ", "- ", "..", "--", "  ")),  # the North American way
+    *((f"(415){gap}555{sep}0100", True) for gap in ("", " ") for sep in " .-"),
+    ("tenant-415-555-0100", True),
+    *(
+        (f"{before}415-555-0100{after}", False)
+        for before, after in (("v", ""), ("V", ""), ("", "1"), ("", "a"), ("", "A"))
+    ),
+    *((f"(415) 555-0100{after}", False) for after in "1aA"),
+    ("eyJaB3_-xY9.eyJaB3_-xY9.c2ln", True),  # a JSON Web Token's parts at their least length, 8 after "eyJ"
+    ("eyJaB3_-xY.eyJaB3_-xY9.c2ln", False),
+    ("eyJaB3_-xY9.eyJaB3_-xY.c2ln", False),
 ]
 
 
-def test_the_phone_and_ipv4_shapes_hold_at_their_edges() -> None:
+def test_the_phone_ipv4_and_jwt_shapes_hold_at_their_edges() -> None:
     assert [(value, label_value(value) == "other") for value, _ in EDGES] == EDGES
 
 
