@@ -156,10 +156,11 @@ def test_a_value_holding_an_email_ipv4_or_phone_is_other(before: str, identity: 
     assert label_value(before + identity + after) == "other"
 
 
-#: Values at the edges of the phone number, IPv4 address and JSON Web Token shapes, and whether each is folded
-#: (docs/metrics.md, "Bounds": ``+`` and 8 to 15 digits, at most two separators between two; ``415-555-0100``,
-#: ``415.555.0100``, ``(415) 555-0100``, not inside a longer run of digits and letters; four numbers up to 255 joined
-#: by dots, not inside a longer run of digits, letters and dots).
+#: Values at the edges of the shapes of a phone number, an IP address and a JSON Web Token, and whether each is
+#: folded (docs/metrics.md, "Bounds": ``+`` and 8 to 15 digits, at most two separators between two;
+#: ``415-555-0100``, ``415.555.0100``, ``(415) 555-0100``, not inside a longer run of digits and letters; four
+#: numbers up to 255 joined by dots, not inside a longer run of digits, letters and dots; an IPv6 address as the
+#: whole value, bracketed, with a zone or a port too).
 EDGES = [
     ("+1 (415) 555-0100", True),  # a bracket and a space between two digits
     ("+12345678", True),
@@ -186,6 +187,13 @@ EDGES = [
     ("eyJaB3_-xY9.eyJaB3_-xY9.c2ln", True),  # a JSON Web Token's parts at their least length, 8 after "eyJ"
     ("eyJaB3_-xY.eyJaB3_-xY9.c2ln", False),
     ("eyJaB3_-xY9.eyJaB3_-xY.c2ln", False),
+    ("2001:DB8::7", True),  # an IPv6 address in capitals, bracketed with no port, or with a port of 1 to 5 digits
+    ("[2001:db8::7]", True),
+    ("[2001:db8::7]:8", True),
+    ("[2001:db8::7]:65535", True),
+    ("fe80::1%Wi-Fi_2.0", True),  # with a zone of letters, digits, "-", "_" and "."
+    ("[2001:db8::7]:655350", False),
+    ("[2001:db8::7]:", False),
 ]
 
 
