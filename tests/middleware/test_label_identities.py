@@ -162,7 +162,7 @@ def test_a_value_holding_an_email_ipv4_or_phone_is_other(before: str, identity: 
 #: numbers up to 255 joined by dots, not inside a longer run of digits, letters and dots; an IPv6 address as the
 #: whole value, bracketed, with a zone or a port too).
 EDGES = [
-    ("+1 (415) 555-0100", True),  # a bracket and a space between two digits
+    ("+44 (20) 7946 0958", True),  # a space and a bracket between two digits (and no North American shape)
     ("+12345678", True),
     ("+1234567", False),
     ("+123456789012345", True),
