@@ -1109,6 +1109,16 @@ def test_a_tracer_provider_the_app_installs_in_its_lifespan_startup_is_used() ->
         ("API密钥sk-proj-AbCdEfGhIjKlMnOpQrSt", "API密钥[key]"),
         (json.dumps({"note": "密钥\uff1ask-proj-AbCdEfGhIjKlMnOpQrSt"}), '{"note": "\\u5bc6\\u94a5\\uff1a[key]"}'),
         (json.dumps("\u00a0AKIAABCDEFGHIJKLMNOP ghp_abcdefghijklmnopqrstuvwx"), '"\\u00a0[key] [key]"'),
+        # Card numbers at 13 and 19 digits are masked, 12 and 20 kept, and so is a run a hyphen joins to digits.
+        ("4111111111111 4111111111111111111", "[card] [card]"),
+        (
+            "411111111111 41111111111111111111 2024-4111111111111111",
+            "411111111111 41111111111111111111 2024-4111111111111111",
+        ),
+        # A key after each JSON escape of a control character; a bearer token at 16 characters of every kind.
+        ('"a\\nsk-proj-AbCdEfGhIjKlMnOpQrSt\\rsk-proj-AbCdEfGhIjKlMnOpQrSt"', '"a\\n[key]\\r[key]"'),
+        ('"a\\bsk-proj-AbCdEfGhIjKlMnOpQrSt\\fsk-proj-AbCdEfGhIjKlMnOpQrSt"', '"a\\b[key]\\f[key]"'),
+        ("Bearer a._~+/-bcdefghij, Bearer abcdefghijklmno", "Bearer [key], Bearer abcdefghijklmno"),
     ],
 )
 def test_default_redactor_masks_emails_keys_and_cards(text: str, expected: str) -> None:
