@@ -1091,6 +1091,9 @@ def test_a_tracer_provider_the_app_installs_in_its_lifespan_startup_is_used() ->
     ("text", "expected"),
     [
         ("write to bob.smith+x@mail.example.co.uk now", "write to [email] now"),
+        # Capitals anywhere, a hyphen in the domain, a JSON escape in capitals before a key.
+        ("to ALICE.Smith@Mail-Host.Example.COM, Z9@a-b.IO", "to [email], [email]"),
+        (r'{"note": "\uFF1Ask-proj-AbCdEfGhIjKlMnOpQrSt"}', r'{"note": "\uFF1A[key]"}'),
         ("key sk-ant-api03-AbCdEfGhIjKlMnOpQrStUv and sk-1234567890abcdefghij", "key [key] and [key]"),
         ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.payload.sig", "Authorization: Bearer [key]"),
         ("card 4111 1111 1111 1111 or 5500-0000-0000-0004", "card [card] or [card]"),
