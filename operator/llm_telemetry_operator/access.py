@@ -14,7 +14,7 @@ it may write those).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from llm_telemetry_operator import rbac
@@ -24,8 +24,11 @@ from llm_telemetry_operator.kube import KubeClient
 #: The group of the review itself: never asked about (answered at all, it is granted).
 _REVIEWS = ("authorization.k8s.io", "selfsubjectaccessreviews")
 
-#: Reviews of one check under way at once (each holds one of the client's worker threads while it waits).
-REVIEWS_AT_ONCE = 4
+#: Reviews of one check under way at once (each holds one of the client's worker threads while it waits): half the
+#: client's 32 threads. Each round costs a round trip (the whole check, ceil(45 / this) of them; 11 + 34 per watched
+#: namespace in namespaced mode), or, with a slow authorization webhook, the webhook's delay; reviews left
+#: unanswered fail the check at their read timeout, with no further round (see missing).
+REVIEWS_AT_ONCE = 16
 
 #: The reason of the condition and the event of a resource the operator may not patch.
 REASON: str = "Forbidden"
@@ -139,25 +142,45 @@ def needed(
 
 
 async def missing(
-    client: KubeClient, config: OperatorConfig, *, namespaced: bool = True, namespaces: Collection[str] | None = None
+    client: KubeClient,
+    config: OperatorConfig,
+    *,
+    namespaced: bool = True,
+    namespaces: Collection[str] | None = None,
+    answered: Callable[[], None] | None = None,
 ) -> list[Grant]:
     """The permissions of :func:`needed` the API server refuses this operator, in the order declared. Raises the
-    client's :class:`~llm_telemetry_operator.errors.ApiError` when a review itself fails (refused, or no answer)."""
+    client's :class:`~llm_telemetry_operator.errors.ApiError` when a review itself fails (refused, or no answer).
+    ``answered``, if given, is called as each review is answered (so a caller can tell a long check that goes on
+    from one that gets no answer)."""
     grants = needed(config, namespaced=namespaced, namespaces=namespaces)
     # A few at a time: the client's threads are shared with every pass, and reviews the API server leaves
     # unanswered (a hung authorization webhook) would hold them all until their read timeout.
     at_once = asyncio.Semaphore(REVIEWS_AT_ONCE)
+    failed: list[BaseException] = []
 
-    async def review(grant: Grant) -> bool:
+    async def review(grant: Grant) -> bool | None:
         async with at_once:
-            return await client.review(grant.attributes())
+            if failed:
+                # The check fails with the first failure: the reviews not yet asked are not asked at all. Each
+                # round of reviews left unanswered costs a read timeout (a minute): asking them all, a few at a
+                # time, would hold the check (and every check after it) for that many minutes.
+                return None
+            try:
+                ok = await client.review(grant.attributes())
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+        if answered is not None:
+            answered()
+        return ok
 
-    # Every review is awaited, failed or not: none is left running (or its error unread) once one has failed.
+    # Every review started is awaited, failed or not: none is left running (or its error unread) once one has failed.
     answers = await asyncio.gather(*(review(grant) for grant in grants), return_exceptions=True)
     for answer in answers:
         if isinstance(answer, BaseException):
             raise answer
-    return [grant for grant, ok in zip(grants, answers, strict=True) if not ok]
+    return [grant for grant, ok in zip(grants, answers, strict=True) if ok is False]
 
 
 def may(lacking: Iterable[Grant], api_group: str, resource: str, verb: str, namespace: str | None) -> bool:

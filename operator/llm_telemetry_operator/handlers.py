@@ -67,11 +67,15 @@ PEERING_UNREAD_LOG_SECONDS = 60.0
 #: Seconds between two checks of the permissions started by refusals the last check did not explain (see
 #: _recheck_access): kopf retries each refused call, so refusals come in bursts.
 ACCESS_RECHECK_SECONDS = 60.0
-#: Seconds the startup waits for the first check of the permissions before it goes on without its answer (the check
-#: goes on meanwhile): kopf answers the liveness and readiness probes only once the startup is done, and the chart's
-#: liveness probe restarts a pod that has not answered in some 50 s, so a review the API server leaves unanswered
-#: (a hung authorization webhook) would have each new pod restarted before it watched anything.
+#: Seconds the startup waits for the first check of the permissions to get an answer to a review before it goes on
+#: without the check's result (the check goes on meanwhile): kopf answers the liveness and readiness probes only once
+#: the startup is done, and the chart's liveness probe restarts a pod that has not answered in some 50 s, so a review
+#: the API server leaves unanswered (a hung authorization webhook) would have each new pod restarted before it watched
+#: anything. A check whose answers keep coming (many watched namespaces: 34 reviews each) is waited for, up to
+#: ACCESS_STARTUP_LIMIT_SECONDS.
 ACCESS_STARTUP_WAIT_SECONDS = 5.0
+#: Seconds the startup waits at most for a first check of the permissions whose answers keep coming.
+ACCESS_STARTUP_LIMIT_SECONDS = 30.0
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
 #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
@@ -210,6 +214,8 @@ class OperatorState:
     #: (time.monotonic()), so that a burst of refusals asks at most once every ACCESS_RECHECK_SECONDS.
     access_recheck: asyncio.Task[None] | None = None
     access_rechecked: float | None = None
+    #: When a review of the check under way was last answered (time.monotonic()): see ACCESS_STARTUP_WAIT_SECONDS.
+    access_answered: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
     forbidden_said: set[str] = field(default_factory=set)
 
@@ -363,23 +369,33 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # Which declared permissions the API server refuses, said before kopf starts its watches (and so before a
     # refused finalizer patch leaves a resource idle), then again at each resync interval. Reviews store nothing:
     # asked before the standby check, so that a replica found active goes on with no further wait.
-    # Waited for a few seconds at most: an answer that does not come (a hung authorization webhook) must not hold the
-    # startup, and so kopf's probes, up (see ACCESS_STARTUP_WAIT_SECONDS). A check still under way is left to finish
-    # (it says what it finds then, as a later check does) and counts as the one recheck under way (_recheck_access).
-    async def check() -> None:
-        try:
-            await _check_access(memo, state, logger)
-        except Exception:
-            logger.exception("checking the operator's permissions failed")
-
-    first = state.access_recheck = asyncio.create_task(check(), name="llm-telemetry-access-recheck")
-    await asyncio.wait({first}, timeout=ACCESS_STARTUP_WAIT_SECONDS)
-    if not first.done():
-        logger.warning(
-            "the API server has not answered this operator's permission check (SelfSubjectAccessReviews) in %.0f s; "
-            "starting without it, the check goes on",
-            ACCESS_STARTUP_WAIT_SECONDS,
-        )
+    # Waited for as long as its answers keep coming (up to ACCESS_STARTUP_LIMIT_SECONDS): an answer that does not
+    # come (a hung authorization webhook) must not hold the startup, and so kopf's probes, up (see
+    # ACCESS_STARTUP_WAIT_SECONDS). A check still under way is left to finish (it says what it finds then, as a later
+    # check does) and counts as the one recheck under way (_recheck_access).
+    began = time.monotonic()
+    first = state.access_recheck = asyncio.create_task(
+        _run_access_check(memo, state, logger, None), name="llm-telemetry-access-recheck"
+    )
+    while not first.done():
+        now = time.monotonic()
+        stalled = max(began, state.access_answered or began) + ACCESS_STARTUP_WAIT_SECONDS - now
+        limit = began + ACCESS_STARTUP_LIMIT_SECONDS - now
+        if stalled <= 0:
+            logger.warning(
+                "the API server has not answered this operator's permission check (SelfSubjectAccessReviews) in "
+                "%.0f s; starting without it, the check goes on",
+                ACCESS_STARTUP_WAIT_SECONDS,
+            )
+            break
+        if limit <= 0:
+            logger.info(
+                "the check of this operator's permissions (SelfSubjectAccessReviews) goes on after %.0f s; starting "
+                "meanwhile",
+                ACCESS_STARTUP_LIMIT_SECONDS,
+            )
+            break
+        await asyncio.wait({first}, timeout=min(stalled, limit))
     memo["access"] = asyncio.create_task(_watch_access(memo, state, logger), name="llm-telemetry-access")
     identity = memo.get("identity")
     if identity and not config.standalone:
@@ -613,7 +629,11 @@ async def _check_access(
         config = _config(memo)
         if not namespaced:
             namespaces = ()
-        found = set(await access.missing(_client(memo), config, namespaces=namespaces))
+
+        def answered() -> None:
+            state.access_answered = time.monotonic()
+
+        found = set(await access.missing(_client(memo), config, namespaces=namespaces, answered=answered))
         if namespaces is not None:
             kept = [grant for grant in state.lacking or () if grant.namespace not in (None, *namespaces)]
             found.update(kept)
@@ -672,14 +692,17 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
     config = _config(memo)
     where = {namespace} if namespace and namespace in config.namespaces else set()
+    state.access_recheck = loop.create_task(
+        _run_access_check(memo, state, logger, where), name="llm-telemetry-access-recheck"
+    )
 
-    async def check() -> None:
-        try:
-            await _check_access(memo, state, logger, namespaces=where)
-        except Exception:
-            logger.exception("checking the operator's permissions failed")
 
-    state.access_recheck = loop.create_task(check(), name="llm-telemetry-access-recheck")
+async def _run_access_check(memo: Any, state: OperatorState, logger: Any, where: set[str] | None) -> None:
+    """One check of the permissions in a task of its own (``where``: see _check_access's ``namespaces``)."""
+    try:
+        await _check_access(memo, state, logger, namespaces=where)
+    except Exception:
+        logger.exception("checking the operator's permissions failed")
 
 
 def _forbidden_patch(state: OperatorState, namespace: str | None) -> access.Grant | None:

@@ -91,6 +91,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         #: While an Event that is not set, SelfSubjectAccessReviews get no answer until it is: an authorization
         #: webhook that hangs (the API server asks it for each review).
         self.reviews_held: asyncio.Event | None = None
+        #: Seconds each SelfSubjectAccessReview waits for its answer: an API server far away, or a slow webhook.
+        self.review_delay = 0.0
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -130,6 +132,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         if request.resource is not None and request.resource.plural == "selfsubjectaccessreviews":
             if self.reviews_held is not None:
                 await self.reviews_held.wait()
+            if self.review_delay:
+                await asyncio.sleep(self.review_delay)
             return self._review(request)
         if (
             request.resource is not None

@@ -27,6 +27,8 @@ from kopf_testing import (
 from llm_telemetry_operator import access
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ApiError
+from llm_telemetry_operator.kube import KubeClient, server_configuration
 
 PATCH = (c.GROUP, c.PLURAL, "patch", None)
 STATUS = (c.GROUP, f"{c.PLURAL}/status", "patch", None)
@@ -163,6 +165,38 @@ async def test_a_permission_check_the_api_server_leaves_unanswered_holds_up_neit
         assert not errors_naming(caplog, "llmtelemetries/status")
         emulator.reviews_held.set()
         await eventually(lambda: errors_naming(caplog, "llmtelemetries/status"), "the ERROR once the reviews answer")
+
+
+async def test_a_permission_check_whose_answers_keep_coming_is_waited_for_and_raises_no_alarm(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each review answered, but slowly (an API server far away, or many watched namespaces): the whole check takes
+    # longer than the startup waits for a review's answer. A check that goes on is no hung one: no WARNING, and its
+    # finding is said before kopf starts its watches, as the docs promise.
+    emulator.review_delay = 2.5  # three rounds of reviews: 7.5 s
+    emulator.unauthorized.add(STATUS)
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        await started(caplog)
+        messages = [r.getMessage() for r in caplog.records]
+        assert not [m for m in messages if "has not answered this operator's permission check" in m]
+        up = next(i for i, m in enumerate(messages) if "Activity 'startup' succeeded" in m)
+        assert [m for m in messages[:up] if "llmtelemetries/status" in m], messages[:up]
+    assert reviews(emulator) == len(access.needed(OperatorConfig(peering="test-peering")))
+
+
+async def test_a_check_whose_reviews_go_unanswered_asks_no_more_once_one_has_failed(emulator: Any) -> None:
+    # Reviews the API server leaves unanswered fail at the client's read timeout, a few at a time: the first
+    # failure fails the check, and the reviews not yet asked are not asked (each round would cost another timeout).
+    emulator.reviews_held = asyncio.Event()
+    client = KubeClient(server_configuration(str(emulator.url)), timeout=(2, 0.5))
+    try:
+        with pytest.raises(ApiError):
+            await access.missing(client, OperatorConfig(peering="test-peering"))
+        assert reviews(emulator) == access.REVIEWS_AT_ONCE
+    finally:
+        emulator.reviews_held.set()
+        await client.close()
 
 
 async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
