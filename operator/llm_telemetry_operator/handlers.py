@@ -666,13 +666,19 @@ async def _check_access(
 async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
     while True:
         await asyncio.sleep(_config(memo).resync_seconds)
-        try:
-            # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
-            # that its return is noticed): 34 reviews a namespace for all of them would come in a burst.
-            where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
-            await _check_access(memo, state, logger, namespaces=where)
-        except Exception:
-            logger.exception("checking the operator's permissions failed")
+        if state.access_recheck is not None and not state.access_recheck.done():
+            # One check at a time: the first one (still waiting for its answers, see startup) or a recheck is under
+            # way, and a check beside it would have its answers and that one's said in whichever order they came,
+            # an older answer last.
+            logger.debug("the permissions' last check is still under way: no other one beside it")
+            continue
+        # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
+        # that its return is noticed): 34 reviews a namespace for all of them would come in a burst.
+        where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
+        check = state.access_recheck = asyncio.create_task(
+            _run_access_check(memo, state, logger, where), name="llm-telemetry-access-recheck"
+        )
+        await check
 
 
 def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:

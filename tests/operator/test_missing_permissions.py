@@ -199,6 +199,27 @@ async def test_a_check_whose_reviews_go_unanswered_asks_no_more_once_one_has_fai
         await client.close()
 
 
+async def test_no_periodic_check_runs_beside_a_first_check_still_waiting_for_its_answers(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first check hangs past several resync intervals: the periodic check does not start another beside it
+    # (two checks at once would have their findings said in whichever order their answers came, the older last).
+    emulator.reviews_held = asyncio.Event()
+    caplog.set_level(logging.DEBUG)
+    async with running_operator(RESYNC_EVERY_SECOND):
+        await started(caplog)
+        await eventually(
+            lambda: (
+                sum(1 for r in caplog.records if "last check is still under way" in r.getMessage()) >= 3
+                or reviews(emulator) > access.REVIEWS_AT_ONCE
+            ),
+            "three periodic checks put off, or another check begun",
+        )
+        assert reviews(emulator) == access.REVIEWS_AT_ONCE  # the first check's first round, unanswered
+        emulator.reviews_held.set()
+        await eventually(lambda: reviews(emulator) > len(access.needed(RESYNC_EVERY_SECOND)), "a periodic check")
+
+
 async def test_a_permission_taken_away_while_the_operator_runs_is_noticed_and_so_is_its_return(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
