@@ -674,6 +674,29 @@ class _Answer(BaseHTTPResult):
         return self.header_map
 
 
+def _as_requests_error(error: Exception) -> Exception:
+    """``error``, raised by urllib3 reading an answer's body, as ``requests`` raises it when it reads the body
+    itself (``Response.iter_content``): the SDK's ``requests`` transport decides on a retry by these types (a read
+    timeout is a ``requests`` connection error, retried; urllib3's own is not), and its export metric names the
+    type as ``error.type``. Anything else as it is."""
+    import requests.exceptions
+    import urllib3.exceptions
+
+    mapped: Exception
+    if isinstance(error, urllib3.exceptions.ProtocolError):
+        mapped = requests.exceptions.ChunkedEncodingError(error)
+    elif isinstance(error, urllib3.exceptions.DecodeError):
+        mapped = requests.exceptions.ContentDecodingError(error)
+    elif isinstance(error, urllib3.exceptions.ReadTimeoutError):
+        mapped = requests.exceptions.ConnectionError(error)
+    elif isinstance(error, urllib3.exceptions.SSLError):
+        mapped = requests.exceptions.SSLError(error)
+    else:
+        return error
+    mapped.__context__ = error  # as requests raises it; :func:`_forget_frames` reaches the original through it
+    return mapped
+
+
 def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
     """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
     :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
@@ -684,6 +707,7 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
     from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 
     headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
+    through_requests = False
     try:
         if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
             import urllib3
@@ -697,7 +721,7 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
             response = transport._session.request(
                 method=method, url=url, headers=headers, data=data, timeout=timeout, allow_redirects=False, stream=True
             )
-            raw, status = response.raw, response.status_code
+            raw, status, through_requests = response.raw, response.status_code, True
         else:
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it
@@ -715,7 +739,7 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
             body += piece
     except Exception as error:  # the connection broke in the body, where the SDK transports fail the request too
         raw.close()
-        return _Answer(error=error)
+        return _Answer(error=_as_requests_error(error) if through_requests else error)
     if not whole:
         raw.close()  # the rest stays unread (too long, or too slow): the connection is not used again
         body = body[:ANSWER_BYTES]

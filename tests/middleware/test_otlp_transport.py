@@ -18,13 +18,19 @@ from typing import Any
 
 import openai
 import pytest
+import requests
 from opentelemetry._logs import LogRecord
+from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as SDKLogExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as SDKSpanExporter
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
@@ -332,3 +338,75 @@ def test_an_answer_trickling_in_ends_the_export_at_its_timeout(signal: str) -> N
         thread.start()
         thread.join(timeout=60)  # the body alone takes 200 s to come
         assert results == [True]  # a 200 answer is an export delivered, whatever its body
+
+
+@contextmanager
+def breaking_endpoint() -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 whose every answer breaks in its body: 200 and a content-length of 100, then
+    3 bytes and the connection closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            reader = conn.makefile("rb")
+            reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            reader.read(length)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\nabc")
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def _export_error_types(exporter_class: type[Any], signal: str, endpoint: str, **options: Any) -> set[str]:
+    """The ``error.type`` values of the exporter's own SDK metric after one export of one item to ``endpoint``."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    exporter = exporter_class(endpoint=endpoint + _path(signal), timeout=2, meter_provider=provider, **options)
+    assert not _sent(exporter, _items(signal, "broken"))
+    exporter.shutdown()
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        str(point.attributes["error.type"])
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if point.attributes and "error.type" in point.attributes
+    }
+
+
+@pytest.mark.parametrize("session", [False, True], ids=["plain-http", "session-given"])
+def test_an_answer_breaking_in_its_body_fails_the_export_as_the_sdk_exporter_fails_it(
+    signal: str, session: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer cut off in its body fails the export with the error the SDK's own exporter reports for it, with
+    either transport: the SDK decides on a retry by the error's type and names it in its export metric. Read by
+    ``requests``, a broken body is a ``requests`` error, not urllib3's."""
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")  # the exporters' own metrics
+    ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
+    with breaking_endpoint() as endpoint:
+        # Ours sends through the SDK's urllib3 transport to a plain-http collector, and through ``requests`` with a
+        # session: the SDK exporter given the same transport is the reference.
+        given: dict[str, Any] = {"session": requests.Session()} if session else {}
+        reference = {"session": requests.Session()} if session else {"_transport": Urllib3HTTPTransport()}
+        expected = _export_error_types(sdks, signal, endpoint, **reference)
+        assert len(expected) == 1  # the SDK exporter's, as the reference
+        assert _export_error_types(ours, signal, endpoint, **given) == expected
