@@ -707,6 +707,9 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
     from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 
     headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
+    # The timeout is the request's (what is left of the export's): the body's reading ends where it ends, counted
+    # from the sending, not from the answer's headers, which may themselves have taken most of it.
+    deadline = None if timeout is None else time.monotonic() + timeout
     through_requests = False
     try:
         if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
@@ -726,8 +729,8 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it
         return _Answer(error=error)
-    # The timeout bounds each read, not the body: one that trickles in held the export for as long as it took.
-    deadline = None if timeout is None else time.monotonic() + timeout
+    # The transports' timeout bounds each read, not the body: one that trickles in held the export for as long as
+    # it took. The read under way at the deadline still waits up to the read timeout.
     read = getattr(raw, "read1", raw.read)  # read1: what has arrived, without waiting for a whole piece
     body, whole = b"", False
     try:
