@@ -697,6 +697,24 @@ def _as_requests_error(error: Exception) -> Exception:
     return mapped
 
 
+def _answer_through_requests(response: Any) -> _Answer:
+    """At most :data:`ANSWER_BYTES` of ``response`` (``requests``), read the way ``requests`` reads any body, for
+    an answer that does not come from urllib3: a session given to the exporter may mount an adapter of its own."""
+    body = b""
+    try:
+        for piece in response.iter_content(chunk_size=ANSWER_BYTES + 1):
+            body += piece
+            if len(body) > ANSWER_BYTES:
+                break
+    except Exception as error:
+        return _Answer(error=error)
+    finally:
+        response.close()
+    return _Answer(
+        status_code=response.status_code, reason=response.reason, body=body[:ANSWER_BYTES], header_map=response.headers
+    )
+
+
 def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
     """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
     :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
@@ -711,10 +729,10 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
     # from the sending, not from the answer's headers, which may themselves have taken most of it.
     deadline = None if timeout is None else time.monotonic() + timeout
     through_requests = False
+    import urllib3.response
+
     try:
         if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
-            import urllib3
-
             wait = urllib3.Timeout(total=timeout) if timeout is not None else None
             raw = transport._pool.request(
                 method=method, url=url, headers=headers, body=data, timeout=wait, preload_content=False
@@ -725,6 +743,8 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
                 method=method, url=url, headers=headers, data=data, timeout=timeout, allow_redirects=False, stream=True
             )
             raw, status, through_requests = response.raw, response.status_code, True
+            if not isinstance(raw, urllib3.response.BaseHTTPResponse):
+                return _answer_through_requests(response)  # a session's own adapter, answering otherwise
         else:
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it

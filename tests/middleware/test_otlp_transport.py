@@ -7,6 +7,7 @@ protobuf requests it receives."""
 from __future__ import annotations
 
 import gzip
+import io
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 import requests
+import requests.adapters
 from opentelemetry._logs import LogRecord
 from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as SDKLogExporter
@@ -410,3 +412,50 @@ def test_an_answer_breaking_in_its_body_fails_the_export_as_the_sdk_exporter_fai
         expected = _export_error_types(sdks, signal, endpoint, **reference)
         assert len(expected) == 1  # the SDK exporter's, as the reference
         assert _export_error_types(ours, signal, endpoint, **given) == expected
+
+
+class _AnsweringAdapter(requests.adapters.BaseAdapter):
+    """A ``requests`` transport adapter of a session's own (as sessions mount for other schemes, sockets or test
+    doubles) answering each request with 200 and a body from memory, not through urllib3; it keeps the bodies sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        assert isinstance(request.body, bytes)
+        self.bodies.append(request.body)
+        response = requests.Response()
+        response.status_code, response.reason, response.url, response.request = 200, "OK", str(request.url), request
+        response.headers["content-type"] = "application/x-protobuf"
+        response.raw = io.BytesIO(b"")
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_session_answering_through_an_adapter_of_its_own_exports(signal: str) -> None:
+    """A session given to the exporter may mount an adapter that answers otherwise than through urllib3: its
+    answer is read as ``requests`` reads it, and the export is delivered, as with the SDK's exporter (reading the
+    answer as urllib3's failed every such export)."""
+    adapter = _AnsweringAdapter()
+    session = requests.Session()
+    session.mount("http://", adapter)
+    exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sender = exporter(endpoint="http://collector.invalid:4318" + _path(signal), session=session, timeout=5)
+    assert _sent(sender, _items(signal, "through the adapter"))
+    assert len(adapter.bodies) == 1
+    if signal == "spans":
+        assert [
+            s.name
+            for r in ExportTraceServiceRequest.FromString(adapter.bodies[0]).resource_spans
+            for sc in r.scope_spans
+            for s in sc.spans
+        ] == ["through the adapter"]
+    else:
+        logs = ExportLogsServiceRequest.FromString(adapter.bodies[0])
+        assert [x.body.string_value for r in logs.resource_logs for sc in r.scope_logs for x in sc.log_records] == [
+            "through the adapter"
+        ]
+    sender.shutdown()
