@@ -751,7 +751,9 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
         return _Answer(error=error)
     # The transports' timeout bounds each read, not the body: one that trickles in held the export for as long as
     # it took. The read under way at the deadline still waits up to the read timeout.
-    read = getattr(raw, "read1", raw.read)  # read1: what has arrived, without waiting for a whole piece
+    # read1 (urllib3 2.2 and later): what has arrived, without waiting for a whole piece. Older urllib3 versions
+    # have only read, which waits for the piece: the answer is still bounded, its deadline only read by read.
+    read = getattr(raw, "read1", raw.read)
     body, whole = b"", False
     try:
         while len(body) <= ANSWER_BYTES and (deadline is None or time.monotonic() < deadline):
