@@ -721,16 +721,18 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
     transports read the whole body into memory, in an export thread of the serving process: an endpoint answering
     with a huge or endless body (a wrong address, a broken proxy) grew the process by all of it, gigabytes, until it
     was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself."""
+    import urllib3
+    import urllib3.response
     from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
     from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 
+    # urllib3's answers: BaseHTTPResponse from 2.0, HTTPResponse before it (1.26, which requests still accepts).
+    urllib3_answer = getattr(urllib3.response, "BaseHTTPResponse", urllib3.response.HTTPResponse)
     headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
     # The timeout is the request's (what is left of the export's): the body's reading ends where it ends, counted
     # from the sending, not from the answer's headers, which may themselves have taken most of it.
     deadline = None if timeout is None else time.monotonic() + timeout
     through_requests = False
-    import urllib3.response
-
     try:
         if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
             wait = urllib3.Timeout(total=timeout) if timeout is not None else None
@@ -743,7 +745,7 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
                 method=method, url=url, headers=headers, data=data, timeout=timeout, allow_redirects=False, stream=True
             )
             raw, status, through_requests = response.raw, response.status_code, True
-            if not isinstance(raw, urllib3.response.BaseHTTPResponse):
+            if not isinstance(raw, urllib3_answer):
                 return _answer_through_requests(response)  # a session's own adapter, answering otherwise
         else:
             return None
