@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,3 +121,38 @@ def test_docs_metric_table_is_the_rendering_of_the_contract() -> None:
     )
     for spec in instruments.CONTRACT:
         assert f"| `{spec.name}` |" in text and f"`{spec.prometheus_name}`" in text
+
+
+def _documented_buckets() -> dict[str, list[float]]:
+    """The boundaries table of docs/metrics.md ("### Buckets"), by the first words of its histogram column."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    section = text[text.index("### Buckets") :]
+    rows = {}
+    for line in section.splitlines()[4:]:
+        if not line.startswith("| "):
+            break
+        _, name, bounds, _ = line.split("|")
+        rows[name.strip()] = [float(b.strip(" *")) for b in bounds.split(",")]
+    return rows
+
+
+def test_scraped_histogram_buckets_are_the_documented_boundaries(scraped: str) -> None:
+    """What a dashboard's histogram_quantile and the alert rules' le="..." selectors read: each latency
+    histogram's le values in a real scrape are the documented boundaries and +Inf, in order, no more and no fewer."""
+    documented = _documented_buckets()
+    expected = {
+        "gen_ai_server_request_duration_seconds": documented["request duration"],
+        "gen_ai_server_time_to_first_token_seconds": documented["time to first token (and time to abandonment)"],
+        "llm_server_time_to_abandonment_seconds": documented["time to first token (and time to abandonment)"],
+        "gen_ai_server_time_per_output_token_seconds": documented["time per output token"],
+    }
+    families = {f.name: f for f in text_string_to_metric_families(scraped)}
+    for name, bounds in expected.items():
+        by_series: dict[tuple[tuple[str, str], ...], list[float]] = {}
+        for sample in families[name].samples:
+            if sample.name == name + "_bucket":
+                key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                by_series.setdefault(key, []).append(float(sample.labels["le"]))
+        assert by_series, name
+        for les in by_series.values():
+            assert les == [*bounds, math.inf], name
