@@ -435,3 +435,52 @@ def test_the_invisible_characters_are_every_format_and_control_character_beyond_
     for char in ("\u00ad", "\u061c", "\u202e", "\U000e0041", "\x85", "\u2028", "\U0001343f"):  # (Unicode 15)
         assert label_value(f"gpt{char}4o") == "other"
     assert label_value("gpt-4o-é") == "gpt-4o-é"
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "worker-file"])
+def test_tokens_past_the_limit_keep_their_detail_and_usage_source(tmp_path: Path, workers: bool) -> None:
+    """Past the series limit, the token counters keep llm_token_detail and llm_usage_source (labels of few values):
+    a cache-hit ratio (sum by llm_token_detail) or the share of estimated tokens stays exact, where an overflow
+    series without them would lump cache reads, cache writes and reasoning (or reported and estimated) together."""
+    telemetry = _telemetry(tmp_path, workers)
+    recorder, limit = telemetry.recorder, telemetry.limit
+    calls = {"estimated": 0, "reported": 0}
+    try:
+        for i, (m, t) in enumerate(itertools.product(range(SIDE), range(SIDE))):
+            call = LLMCall("chat", "openai", 100.0, request_model=f"model-{m:03d}")
+            call.attribution = {"tenant": limit("tenant", f"tenant-{t:03d}")}
+            call.end = 100.5
+            call.input_tokens, call.output_tokens = 10, 5
+            call.cache_read_tokens, call.cache_creation_tokens, call.reasoning_tokens = 4, 2, 3
+            # Output counted by the middleware (no usage reported); input and its parts are the provider's.
+            call.usage_source = "estimated" if i % 3 == 0 else "reported"
+            calls[call.usage_source] += 1
+            recorder.start(call)
+            recorder.end(call)
+        text = generate_latest(telemetry.registry).decode()
+    finally:
+        telemetry.shutdown()
+    total = sum(calls.values())
+    wanted = ("llm_token_details_total", "llm_tokens_total")
+    metrics = Metrics("\n".join(line for line in text.splitlines() if line.startswith(wanted)) + "\n")
+
+    def sums(name: str, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+        series = [s for s in metrics.samples if s.name == name]
+        overflow = [s for s in series if s.labels.get("otel_metric_overflow") == "true"]
+        assert overflow and len(series) == CARDINALITY_LIMIT + len(overflow), name
+        out: dict[tuple[str, ...], float] = {}
+        for s in series:
+            key = tuple(s.labels[label] for label in labels)
+            out[key] = out.get(key, 0) + s.value
+        return out
+
+    assert sums("llm_token_details_total", ("llm_token_detail", "gen_ai_token_type", "llm_usage_source")) == {
+        ("cache_read", "input", "reported"): 4 * total,
+        ("cache_creation", "input", "reported"): 2 * total,
+        ("reasoning", "output", "reported"): 3 * total,
+    }
+    assert sums("llm_tokens_total", ("gen_ai_token_type", "llm_usage_source")) == {
+        ("input", "reported"): 10 * total,
+        ("output", "reported"): 5 * calls["reported"],
+        ("output", "estimated"): 5 * calls["estimated"],
+    }
