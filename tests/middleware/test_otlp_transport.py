@@ -11,7 +11,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -248,16 +248,13 @@ class Flood:
 
 
 @contextmanager
-def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0) -> Iterator[Flood]:
-    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of ``size`` bytes (as something
-    else listening at a collector's address, or a broken proxy, may), sent in pieces ``pause`` seconds apart until
-    the client closes."""
-    flood = Flood()
+def raw_endpoint(answer: Callable[[socket.socket, str], bool]) -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 written on sockets, to answer as no HTTP server library would: each request on a
+    connection is read whole and ``answer(conn, path)`` sends the answer, returning whether the connection goes on.
+    Yields the endpoint's URL."""
     listener = socket.create_server(("127.0.0.1", 0))
-    flood.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    piece = b"\0" * piece_bytes
 
-    def answer(conn: socket.socket) -> None:
+    def serve(conn: socket.socket) -> None:
         with conn:
             reader = conn.makefile("rb")
             while True:
@@ -270,15 +267,9 @@ def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause
                     if name.strip().lower() == b"content-length":
                         length = int(value)
                 reader.read(length)
-                sent = flood.taken.setdefault(request[1].decode(), [])
-                sent.append(0)
                 try:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n")
-                    conn.sendall(f"content-length: {size}\r\n\r\n".encode())
-                    for _ in range(size // len(piece)):
-                        conn.sendall(piece)
-                        sent[-1] += len(piece)
-                        time.sleep(pause)
+                    if not answer(conn, request[1].decode()):
+                        return
                 except OSError:  # the client closed the connection
                     return
 
@@ -288,13 +279,36 @@ def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        yield flood
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         listener.close()
+
+
+@contextmanager
+def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0) -> Iterator[Flood]:
+    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of ``size`` bytes (as something
+    else listening at a collector's address, or a broken proxy, may), sent in pieces ``pause`` seconds apart until
+    the client closes."""
+    flood = Flood()
+    piece = b"\0" * piece_bytes
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        sent = flood.taken.setdefault(path, [])
+        sent.append(0)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n")
+        conn.sendall(f"content-length: {size}\r\n\r\n".encode())
+        for _ in range(size // len(piece)):
+            conn.sendall(piece)
+            sent[-1] += len(piece)
+            time.sleep(pause)
+        return True
+
+    with raw_endpoint(answer) as flood.url:
+        yield flood
 
 
 def test_an_endpoint_answering_with_an_endless_body_is_read_no_further_than_an_answer_needs() -> None:
@@ -346,33 +360,13 @@ def test_an_answer_trickling_in_ends_the_export_at_its_timeout(signal: str) -> N
 def breaking_endpoint() -> Iterator[str]:
     """An HTTP endpoint on 127.0.0.1 whose every answer breaks in its body: 200 and a content-length of 100, then
     3 bytes and the connection closed."""
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def answer(conn: socket.socket) -> None:
-        with conn:
-            reader = conn.makefile("rb")
-            reader.readline()
-            length = 0
-            while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            reader.read(length)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\nabc")
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\nabc")
+        return False
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
+    with raw_endpoint(answer) as url:
+        yield url
 
 
 def _export_error_types(exporter_class: type[Any], signal: str, endpoint: str, **options: Any) -> set[str]:
