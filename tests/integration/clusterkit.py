@@ -228,10 +228,17 @@ def unique(prefix: str) -> str:
 
 
 def start_chart_operator(
-    api: Any, kubeconfig: pathlib.Path, docs: list[dict[str, Any]], system: str, workdir: pathlib.Path, *args: str
+    api: Any,
+    kubeconfig: pathlib.Path,
+    docs: list[dict[str, Any]],
+    system: str,
+    workdir: pathlib.Path,
+    *args: str,
+    server: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], pathlib.Path, pathlib.Path, dict[str, str]]:
     """The operator started as the chart's ServiceAccount (release in ``system``, rendered as ``docs``) with the
-    environment the chart's Deployment sets, logging to ``workdir``; ``args``: more command-line flags.
+    environment the chart's Deployment sets, logging to ``workdir``; ``args``: more command-line flags; ``server``:
+    a plain-http address the operator reaches the API server through (a proxy) instead of the API server's own.
 
     Returns the process, its log, its kubeconfig and that environment."""
     import sys
@@ -246,6 +253,10 @@ def start_chart_operator(
     }
     operator_kubeconfig = workdir / "kubeconfig"
     service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)
+    if server is not None:
+        config = yaml.safe_load(operator_kubeconfig.read_text())
+        config["clusters"][0]["cluster"] = {"server": server}
+        operator_kubeconfig.write_text(yaml.safe_dump(config))
     log = workdir / "operator.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -264,3 +275,17 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
+    """Remove the namespaces and the release's cluster-wide RBAC; CRDs stay (other releases may use them)."""
+    from kubernetes import client
+
+    for namespace in namespaces:
+        client.CoreV1Api(api).delete_namespace(namespace)
+    rbac = client.RbacAuthorizationV1Api(api)
+    for doc in docs:
+        if doc["kind"] == "ClusterRole":
+            rbac.delete_cluster_role(doc["metadata"]["name"])
+        elif doc["kind"] == "ClusterRoleBinding":
+            rbac.delete_cluster_role_binding(doc["metadata"]["name"])

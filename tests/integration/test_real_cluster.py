@@ -27,6 +27,7 @@ from clusterkit import (
     start_chart_operator,
     stop,
     tool_binary,
+    uninstall,
     unique,
     wait_for,
 )
@@ -93,20 +94,6 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
         finally:
             stop(process)
         uninstall(api, docs, (apps, system))
-
-
-def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
-    """Remove the namespaces and the release's cluster-wide RBAC; CRDs stay (other releases may use them)."""
-    from kubernetes import client
-
-    for namespace in namespaces:
-        client.CoreV1Api(api).delete_namespace(namespace)
-    rbac = client.RbacAuthorizationV1Api(api)
-    for doc in docs:
-        if doc["kind"] == "ClusterRole":
-            rbac.delete_cluster_role(doc["metadata"]["name"])
-        elif doc["kind"] == "ClusterRoleBinding":
-            rbac.delete_cluster_role_binding(doc["metadata"]["name"])
 
 
 def deployment(name: str, selects: str) -> dict[str, Any]:

@@ -11,20 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import pathlib
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
-from clusterkit import install, service_account_kubeconfig, stop, unique, wait_for
+from clusterkit import install, start_chart_operator, stop, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -120,20 +116,6 @@ def _healthy(url: str) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _operator(env: dict[str, str], kubeconfig: pathlib.Path, health: str, log: pathlib.Path) -> Iterator[Any]:
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", health, "--resync-seconds", "600"],
-            env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        yield process
-    finally:
-        stop(process)
-
-
 def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_nor_a_pass(
     api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -144,17 +126,11 @@ def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_no
     system, apps = unique("llmt-ssar-system"), unique("llmt-ssar")
     docs = install(api, system)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
-    chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
-    pod = chart_deployment["spec"]["template"]["spec"]
-    fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
-    env = {
-        e["name"]: str(e["value"]) if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
-        for e in pod["containers"][0].get("env") or []
-    }
-    direct = tmp_path / "direct.kubeconfig"
-    service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], direct)
-    config = yaml.safe_load(direct.read_text())
-    cluster = config["clusters"][0]["cluster"]
+    admin = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    ca = (
+        admin.get("certificate-authority-data")
+        or base64.b64encode(pathlib.Path(admin["certificate-authority"]).read_bytes()).decode()
+    )
     name = unique("chat")
     custom.create_namespaced_custom_object(
         GROUP,
@@ -169,14 +145,13 @@ def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_no
         },
     )
     health = f"http://127.0.0.1:{_free_port()}/healthz"
-    log = tmp_path / "operator.log"
     try:
-        with HoldingProxy(cluster["server"], base64.b64decode(cluster["certificate-authority-data"])) as proxy:
-            cluster["server"] = f"http://127.0.0.1:{proxy.port}"
-            del cluster["certificate-authority-data"]
-            proxied = tmp_path / "proxied.kubeconfig"
-            proxied.write_text(yaml.safe_dump(config))
-            with _operator(env, proxied, health, log) as process:
+        with HoldingProxy(admin["server"], base64.b64decode(ca)) as proxy:
+            process, log, _, _ = start_chart_operator(
+                api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600", "--health", health,
+                server=f"http://127.0.0.1:{proxy.port}",
+            )  # fmt: skip
+            try:
                 # Every review held all along: the probes answer and a pass serves the resource all the same.
                 wait_for(lambda: _healthy(health), "the health endpoint answers")
                 wait_for(
@@ -199,12 +174,7 @@ def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_no
                     lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"], "deleted"
                 )
                 assert process.poll() is None, log.read_text()[-4000:]
+            finally:
+                stop(process)
     finally:
-        for namespace in (apps, system):
-            core.delete_namespace(namespace)
-        rbac = client.RbacAuthorizationV1Api(api)
-        for doc in docs:
-            if doc["kind"] == "ClusterRole":
-                rbac.delete_cluster_role(doc["metadata"]["name"])
-            elif doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+        uninstall(api, docs, (apps, system))
