@@ -504,8 +504,14 @@ def reasoning_app(metrics_port: int) -> Any:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    return chat_app(chat, metrics_port)
+
+
+def chat_app(chat: Any, metrics_port: int, **options: Any) -> LLMTelemetryMiddleware:
+    """A Starlette app serving ``chat`` at /v1/chat/completions, wrapped in the middleware (metrics on
+    ``metrics_port``; ``options``: more of the middleware's)."""
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
-    return LLMTelemetryMiddleware(app, metrics_port=metrics_port, metrics_host="127.0.0.1")
+    return LLMTelemetryMiddleware(app, metrics_port=metrics_port, metrics_host="127.0.0.1", **options)
 
 
 def test_time_per_output_token_of_reasoning_models_is_the_gap_between_the_tokens_streamed() -> None:
@@ -561,11 +567,7 @@ def test_reasoning_streamed_before_the_answer_is_among_the_tokens_timed() -> Non
         return StreamingResponse(events(), media_type="text/event-stream")
 
     metrics_port = free_port()
-    app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-        metrics_port=metrics_port,
-        metrics_host="127.0.0.1",
-    )
+    app = chat_app(chat, metrics_port)
     with serve(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
         for model in ("shown-reasoner", "hidden-reasoner", "hidden-reasoner-tool"):
@@ -612,11 +614,7 @@ def test_an_answer_of_no_tokens_keeps_the_input_its_usage_reports(stream: bool) 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     metrics_port = free_port()
-    app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-        metrics_port=metrics_port,
-        metrics_host="127.0.0.1",
-    )
+    app = chat_app(chat, metrics_port)
     model = "silent-model"
     with serve(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
@@ -781,12 +779,7 @@ def test_a_stream_left_while_the_app_waits_to_answer_records_the_wait() -> None:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     metrics_port = free_port()
-    app = LLMTelemetryMiddleware(
-        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
-        metrics_port=metrics_port,
-        metrics_host="127.0.0.1",
-        request_logs=False,
-    )
+    app = chat_app(chat, metrics_port, request_logs=False)
     with serve(app) as base:
         impatient = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0, timeout=stall / 4)
         with pytest.raises(openai.APITimeoutError):
