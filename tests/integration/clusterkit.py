@@ -289,3 +289,15 @@ def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...])
             rbac.delete_cluster_role(doc["metadata"]["name"])
         elif doc["kind"] == "ClusterRoleBinding":
             rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+
+
+def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
+    """An LLMTelemetry named ``name`` selecting the workloads labelled ``llm=<selects>``; ``spec``: more of its spec."""
+    from llm_telemetry_operator import constants as c
+
+    return {
+        "apiVersion": f"{c.GROUP}/{c.VERSION}",
+        "kind": "LLMTelemetry",
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"llm": selects}}, **spec},
+    }

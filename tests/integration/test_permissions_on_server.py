@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 import pytest
-from clusterkit import install, start_chart_operator, stop, unique, wait_for
+from clusterkit import install, start_chart_operator, stop, telemetry, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -60,18 +60,7 @@ def test_a_resource_the_operator_may_not_patch_says_why_and_the_log_names_the_pe
         api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600", "--verbose"
     )
     try:
-        custom.create_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            apps,
-            PLURAL,
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "LLMTelemetry",
-                "metadata": {"name": name},
-                "spec": {"selector": {"matchLabels": {"llm": name}}},
-            },
-        )
+        custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
         ready = wait_for(
             lambda: _condition(custom, apps, name).get("reason") == "Forbidden" and _condition(custom, apps, name),
             "Ready False, reason Forbidden",

@@ -26,6 +26,7 @@ from clusterkit import (
     sh_blocks,
     start_chart_operator,
     stop,
+    telemetry,
     tool_binary,
     uninstall,
     unique,
@@ -109,15 +110,6 @@ def deployment(name: str, selects: str) -> dict[str, Any]:
                 "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
             },
         },
-    }
-
-
-def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "LLMTelemetry",
-        "metadata": {"name": name},
-        "spec": {"selector": {"matchLabels": {"llm": selects}}, **spec},
     }
 
 

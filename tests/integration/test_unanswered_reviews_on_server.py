@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import install, start_chart_operator, stop, uninstall, unique, wait_for
+from clusterkit import install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -132,18 +132,7 @@ def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_no
         or base64.b64encode(pathlib.Path(admin["certificate-authority"]).read_bytes()).decode()
     )
     name = unique("chat")
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        apps,
-        PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "LLMTelemetry",
-            "metadata": {"name": name},
-            "spec": {"selector": {"matchLabels": {"llm": name}}},
-        },
-    )
+    custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
     health = f"http://127.0.0.1:{_free_port()}/healthz"
     try:
         with HoldingProxy(admin["server"], base64.b64decode(ca)) as proxy:
