@@ -715,42 +715,9 @@ def _answer_through_requests(response: Any) -> _Answer:
     )
 
 
-def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
-    """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
-    :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
-    transports read the whole body into memory, in an export thread of the serving process: an endpoint answering
-    with a huge or endless body (a wrong address, a broken proxy) grew the process by all of it, gigabytes, until it
-    was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself."""
-    import urllib3
-    import urllib3.response
-    from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
-    from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
-
-    # urllib3's answers: BaseHTTPResponse from 2.0, HTTPResponse before it (1.26, which requests still accepts).
-    urllib3_answer = getattr(urllib3.response, "BaseHTTPResponse", urllib3.response.HTTPResponse)
-    headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
-    # The timeout is the request's (what is left of the export's): the body's reading ends where it ends, counted
-    # from the sending, not from the answer's headers, which may themselves have taken most of it.
-    deadline = None if timeout is None else time.monotonic() + timeout
-    through_requests = False
-    try:
-        if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
-            wait = urllib3.Timeout(total=timeout) if timeout is not None else None
-            raw = transport._pool.request(
-                method=method, url=url, headers=headers, body=data, timeout=wait, preload_content=False
-            )
-            status = raw.status
-        elif type(transport) is RequestsHTTPTransport and hasattr(transport, "_session"):
-            response = transport._session.request(
-                method=method, url=url, headers=headers, data=data, timeout=timeout, allow_redirects=False, stream=True
-            )
-            raw, status, through_requests = response.raw, response.status_code, True
-            if not isinstance(raw, urllib3_answer):
-                return _answer_through_requests(response)  # a session's own adapter, answering otherwise
-        else:
-            return None
-    except Exception as error:  # no answer: a failed request, as the SDK transports report it
-        return _Answer(error=error)
+def _read_answer(raw: Any, status: int, deadline: float | None, through_requests: bool) -> _Answer:
+    """At most :data:`ANSWER_BYTES` of ``raw`` (urllib3's answer), read until ``deadline``; the connection of an
+    answer not read whole is closed, not used again."""
     # The transports' timeout bounds each read, not the body: one that trickles in held the export for as long as
     # it took. The read under way at the deadline still waits up to the read timeout.
     # read1 (urllib3 2.2 and later): what has arrived, without waiting for a whole piece. Older urllib3 versions
@@ -773,6 +740,67 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
     else:
         raw.release_conn()  # a connection whose answer was read whole serves the next export
     return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
+
+
+def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
+    """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
+    :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
+    transports read the whole body into memory, in an export thread of the serving process: an endpoint answering
+    with a huge or endless body (a wrong address, a broken proxy) grew the process by all of it, gigabytes, until it
+    was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself."""
+    import urllib3
+    import urllib3.response
+    from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+    from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+
+    # urllib3's answers: BaseHTTPResponse from 2.0, HTTPResponse before it (1.26, which requests still accepts).
+    urllib3_answer = getattr(urllib3.response, "BaseHTTPResponse", urllib3.response.HTTPResponse)
+    headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
+    # The timeout is the request's (what is left of the export's): the body's reading ends where it ends, counted
+    # from the sending, not from the answer's headers, which may themselves have taken most of it.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        if type(transport) is Urllib3HTTPTransport and hasattr(transport, "_pool"):
+            wait = urllib3.Timeout(total=timeout) if timeout is not None else None
+            raw = transport._pool.request(
+                method=method, url=url, headers=headers, body=data, timeout=wait, preload_content=False
+            )
+        elif type(transport) is RequestsHTTPTransport and hasattr(transport, "_session"):
+            session = transport._session
+            read: list[_Answer] = []
+
+            def bounded(response: Any, **_: Any) -> Any:
+                # Read as the answer arrives, before ``requests`` goes on: it reads a redirect's whole body itself
+                # (to free its connection, streaming or not, followed or not), which this leaves nothing of.
+                if isinstance(response.raw, urllib3_answer):
+                    read.append(_read_answer(response.raw, response.status_code, deadline, through_requests=True))
+                else:  # a session's own adapter, answering otherwise
+                    read.append(_answer_through_requests(response))
+                response._content, response._content_consumed = read[-1].body, True
+                return response
+
+            # A session's own response hooks run first, as they would without this one.
+            hooks = getattr(session, "hooks", None) or {}
+            given = hooks.get("response") or []
+            response_hooks = [given] if callable(given) else list(given)
+            response = session.request(
+                method=method,
+                url=url,
+                headers=headers,
+                data=data,
+                timeout=timeout,
+                allow_redirects=False,
+                stream=True,
+                hooks={"response": [*response_hooks, bounded]},
+            )
+            if not read:  # a session that answered without its response hooks
+                return _answer_through_requests(response)
+            return read[-1]
+        else:
+            return None
+    except Exception as error:  # no answer: a failed request, as the SDK transports report it
+        return _Answer(error=error)
+    return _read_answer(raw, raw.status, deadline, through_requests=False)
 
 
 class _ForgetfulTransport:

@@ -289,17 +289,21 @@ def raw_endpoint(answer: Callable[[socket.socket, str], bool]) -> Iterator[str]:
 
 
 @contextmanager
-def flooding_endpoint(size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0) -> Iterator[Flood]:
-    """An HTTP endpoint on 127.0.0.1 that answers every request with 200 and a body of ``size`` bytes (as something
-    else listening at a collector's address, or a broken proxy, may), sent in pieces ``pause`` seconds apart until
-    the client closes."""
+def flooding_endpoint(
+    size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0, status: bytes = b"200 OK"
+) -> Iterator[Flood]:
+    """An HTTP endpoint on 127.0.0.1 that answers every request with ``status`` and a body of ``size`` bytes (as
+    something else listening at a collector's address, or a broken proxy, may), sent in pieces ``pause`` seconds
+    apart until the client closes. A redirect (3xx) names the same address as its location."""
     flood = Flood()
     piece = b"\0" * piece_bytes
 
     def answer(conn: socket.socket, path: str) -> bool:
         sent = flood.taken.setdefault(path, [])
         sent.append(0)
-        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n")
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/x-protobuf\r\n")
+        if status.startswith(b"3"):
+            conn.sendall(b"location: " + path.encode() + b"\r\n")
         conn.sendall(f"content-length: {size}\r\n\r\n".encode())
         for _ in range(size // len(piece)):
             conn.sendall(piece)
@@ -340,6 +344,26 @@ def test_an_endpoint_answering_with_an_endless_body_is_read_no_further_than_an_a
             # The first answer is over: the exporter sent again. What it took of it is its read and the socket
             # buffers' few MiB, not the body.
             assert flood.taken[path][0] < FLOOD_BYTES // 8, (path, flood.taken[path])
+
+
+@pytest.mark.parametrize("status", [b"307 Temporary Redirect", b"301 Moved Permanently"])
+def test_a_redirect_with_an_endless_body_is_read_no_further_through_requests(signal: str, status: bytes) -> None:
+    """A redirect answer (the exporters follow none) through the ``requests`` transport (a session given; also
+    https, a proxy, credentials): ``requests`` reads a redirect's whole body itself, before the caller sees it and
+    whether or not it streams, so an endpoint redirecting with gigabytes grew the app by all of them. Its body is
+    bounded like any other answer's, and the export is what the SDK makes of a 3xx: delivered."""
+    with flooding_endpoint(status=status) as flood:
+        exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+        session, hooked = requests.Session(), []
+        session.hooks["response"].append(lambda response, **_: hooked.append(response.status_code))
+        sender = exporter(endpoint=flood.url + _path(signal), session=session, timeout=30)
+        assert _sent(sender, _items(signal, "redirected"))
+        assert _sent(sender, _items(signal, "redirected again"))
+        sender.shutdown()
+    assert hooked == [int(status.split()[0])] * 2  # the session's own response hooks still run
+    taken = flood.taken[_path(signal)]
+    assert len(taken) == 2
+    assert taken[0] < FLOOD_BYTES // 8, taken
 
 
 def test_an_answer_trickling_in_ends_the_export_at_its_timeout(signal: str) -> None:
