@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
@@ -328,6 +330,59 @@ def _field(obj: Mapping[str, Any], path: str) -> str | None:
     return None if value is None else str(value)
 
 
+class _Workers(Executor):
+    """Up to ``workers`` threads that run the client's blocking calls, started as needed. Daemon threads, unlike
+    ThreadPoolExecutor's, which the interpreter joins at exit: a call the API server leaves unanswered (a review
+    behind a hung authorization webhook) would hold the operator's exit up until its read timeout, past the pod's
+    grace period, after :meth:`KubeClient.close` had given it up."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._most = workers
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._started = 0
+        self._shut = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and self._started < self._most:
+                self._started += 1
+                name = f"{self._name}_{self._started}"
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            del job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            del future, fn, args, kwargs
+            self._idle.release()
+        self._jobs.put(None)  # the next worker ends too
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new call; with ``cancel_futures``, the calls not yet begun are cancelled. Never waits for the calls
+        under way (``wait`` is ignored): they end at their own read timeout, in threads the exit does not wait for."""
+        with self._lock:
+            self._shut = True
+        if cancel_futures:
+            with contextlib.suppress(queue.Empty):
+                while (job := self._jobs.get_nowait()) is not None:
+                    job[0].cancel()
+        self._jobs.put(None)
+
+
 class KubeClient:
     """Async Kubernetes client limited to the permissions in :data:`rbac.PERMISSIONS`.
 
@@ -374,7 +429,7 @@ class KubeClient:
         self._api: k8s_client.ApiClient | None = None
         self._configuration = configuration
         self._workers = workers
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-api")
+        self._executor = _Workers(workers, "kube-api")
         self._closed = False
         #: Asked before every write (create, patch, delete): False refuses it with :class:`WriteWithheld`. The
         #: operator says no while its replica stands by, so a pass that was under way when the replica stopped

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from typing import Any
 
 import aiohttp
@@ -197,6 +198,43 @@ async def test_a_check_whose_reviews_go_unanswered_asks_no_more_once_one_has_fai
     finally:
         emulator.reviews_held.set()
         await client.close()
+
+
+#: A process that asks one review, waits for a line on its stdin, closes its client and ends (a read timeout of 10
+#: minutes: the exit must not wait for it).
+ASK_AND_CLOSE = """
+import asyncio, sys
+from llm_telemetry_operator.kube import KubeClient, server_configuration
+
+async def main():
+    client = KubeClient(server_configuration(sys.argv[1]), timeout=(5, 600))
+    asked = asyncio.ensure_future(client.review({"group": "", "resource": "pods", "verb": "get"}))
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await client.close()
+    asked.cancel()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_review_left_unanswered_does_not_hold_the_exit_up(emulator: Any) -> None:
+    # The operator stopped (SIGTERM) while a review waits for an answer that does not come: its clean-up closes the
+    # client, and the process ends then, not at the review's read timeout (the kubelet kills it after 30 s).
+    emulator.reviews_held = asyncio.Event()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ASK_AND_CLOSE, str(emulator.url), stdin=asyncio.subprocess.PIPE
+    )
+    try:
+        await eventually(lambda: reviews(emulator) == 1, "the review asked")
+        assert process.stdin is not None
+        process.stdin.write(b"stop\n")
+        await process.stdin.drain()
+        assert await asyncio.wait_for(process.wait(), timeout=120) == 0
+    finally:
+        emulator.reviews_held.set()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_no_periodic_check_runs_beside_a_first_check_still_waiting_for_its_answers(
