@@ -176,9 +176,13 @@ async def missing(
         return ok
 
     # Every review started is awaited, failed or not: none is left running (or its error unread) once one has failed.
+    # The check fails with the first failure in time, the one that stopped it: the reviews under way beside it may
+    # fail later, each with an error of its own (a read timeout behind a webhook that erred at once on another).
     answers = await asyncio.gather(*(review(grant) for grant in grants), return_exceptions=True)
+    if failed:
+        raise failed[0]
     for answer in answers:
-        if isinstance(answer, BaseException):
+        if isinstance(answer, BaseException):  # raised by ``answered``
             raise answer
     return [grant for grant, ok in zip(grants, answers, strict=True) if ok is False]
 

@@ -58,6 +58,14 @@ class _RecordingBus(kmocklib.Bus):  # type: ignore[misc]
         await super().put(*items)
 
 
+def _review_key(request: Any) -> tuple[str, str, str, str | None]:
+    """(api_group, resource, verb, namespace) of a SelfSubjectAccessReview, ``resource`` with ``/subresource``."""
+    review = request.data if isinstance(request.data, Mapping) else {}
+    asked = (review.get("spec") or {}).get("resourceAttributes") or {}
+    resource = str(asked.get("resource", "")) + (f"/{asked['subresource']}" if asked.get("subresource") else "")
+    return (str(asked.get("group", "")), resource, str(asked.get("verb", "")), asked.get("namespace") or None)
+
+
 class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
     """kmock's emulator plus the resourceVersion semantics of a real API server.
 
@@ -93,6 +101,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         self.reviews_held: asyncio.Event | None = None
         #: Seconds each SelfSubjectAccessReview waits for its answer: an API server far away, or a slow webhook.
         self.review_delay = 0.0
+        #: SelfSubjectAccessReviews failed at once (not held nor delayed), by the key of :attr:`unauthorized`, each
+        #: with the error answered: an authorization webhook that errs on some requests.
+        self.reviews_failing: dict[tuple[str, str, str, str | None], tuple[int, str, str]] = {}
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -130,6 +141,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         ):
             request = self._restore_namespaces_request(request)
         if request.resource is not None and request.resource.plural == "selfsubjectaccessreviews":
+            failure = self.reviews_failing.get(_review_key(request))
+            if failure is not None:
+                raise kmocklib.KubernetesError(status=failure[0], reason=failure[1], message=failure[2])
             if self.reviews_held is not None:
                 await self.reviews_held.wait()
             if self.review_delay:
@@ -223,9 +237,7 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
     def _review(self, request: Any) -> Any:
         """A SelfSubjectAccessReview answered from :attr:`unauthorized` (everything else is allowed)."""
         review = dict(request.data) if isinstance(request.data, Mapping) else {}
-        asked = (review.get("spec") or {}).get("resourceAttributes") or {}
-        resource = str(asked.get("resource", "")) + (f"/{asked['subresource']}" if asked.get("subresource") else "")
-        key = (str(asked.get("group", "")), resource, str(asked.get("verb", "")), asked.get("namespace") or None)
+        key = _review_key(request)
         allowed = key not in self.unauthorized and (*key[:3], None) not in self.unauthorized
         return aiohttp.web.json_response({**review, "status": {"allowed": allowed}}, status=201)
 

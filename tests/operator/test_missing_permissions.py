@@ -200,6 +200,24 @@ async def test_a_check_whose_reviews_go_unanswered_asks_no_more_once_one_has_fai
         await client.close()
 
 
+async def test_a_check_fails_with_its_first_failure_not_one_that_came_later(emulator: Any) -> None:
+    # One review of the first round fails at once (a webhook's error); the ones before it are held, and fail later
+    # at the client's read timeout: the check fails with the first error, the one that stopped it.
+    config = OperatorConfig(peering="test-peering")
+    last = access.needed(config)[access.REVIEWS_AT_ONCE - 1]
+    emulator.reviews_held = asyncio.Event()
+    emulator.reviews_failing[(last.api_group, last.resource, last.verb, last.namespace)] = (400, "BadRequest", "no")
+    client = KubeClient(server_configuration(str(emulator.url)), timeout=(2, 0.5))
+    try:
+        with pytest.raises(ApiError) as raised:
+            await access.missing(client, config)
+        assert raised.value.status == 400, raised.value
+        assert reviews(emulator) == access.REVIEWS_AT_ONCE
+    finally:
+        emulator.reviews_held.set()
+        await client.close()
+
+
 #: A process that asks one review, waits for a line on its stdin, closes its client and ends (a read timeout of 10
 #: minutes: the exit must not wait for it).
 ASK_AND_CLOSE = """
