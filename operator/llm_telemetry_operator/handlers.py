@@ -374,9 +374,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
     # ACCESS_STARTUP_WAIT_SECONDS). A check still under way is left to finish (it says what it finds then, as a later
     # check does) and counts as the one recheck under way (_recheck_access).
     began = time.monotonic()
-    first = state.access_recheck = asyncio.create_task(
-        _run_access_check(memo, state, logger, None), name="llm-telemetry-access-recheck"
-    )
+    first = _start_access_check(memo, state, logger, None)
     while not first.done():
         now = time.monotonic()
         stalled = max(began, state.access_answered or began) + ACCESS_STARTUP_WAIT_SECONDS - now
@@ -675,10 +673,7 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
         # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
         # that its return is noticed): 34 reviews a namespace for all of them would come in a burst.
         where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
-        check = state.access_recheck = asyncio.create_task(
-            _run_access_check(memo, state, logger, where), name="llm-telemetry-access-recheck"
-        )
-        await check
+        await _start_access_check(memo, state, logger, where)
 
 
 def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:
@@ -691,24 +686,27 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     if state.access_rechecked is not None and now - state.access_rechecked < ACCESS_RECHECK_SECONDS:
         return
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
         return
     state.access_rechecked = now
     logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
     config = _config(memo)
-    where = {namespace} if namespace and namespace in config.namespaces else set()
-    state.access_recheck = loop.create_task(
-        _run_access_check(memo, state, logger, where), name="llm-telemetry-access-recheck"
-    )
+    _start_access_check(memo, state, logger, {namespace} if namespace and namespace in config.namespaces else set())
 
 
-async def _run_access_check(memo: Any, state: OperatorState, logger: Any, where: set[str] | None) -> None:
-    """One check of the permissions in a task of its own (``where``: see _check_access's ``namespaces``)."""
-    try:
-        await _check_access(memo, state, logger, namespaces=where)
-    except Exception:
-        logger.exception("checking the operator's permissions failed")
+def _start_access_check(memo: Any, state: OperatorState, logger: Any, where: set[str] | None) -> asyncio.Task[None]:
+    """One check of the permissions in a task of its own, the one under way (``state.access_recheck``); ``where``:
+    see _check_access's ``namespaces``."""
+
+    async def check() -> None:
+        try:
+            await _check_access(memo, state, logger, namespaces=where)
+        except Exception:
+            logger.exception("checking the operator's permissions failed")
+
+    state.access_recheck = asyncio.get_running_loop().create_task(check(), name="llm-telemetry-access-recheck")
+    return state.access_recheck
 
 
 def _forbidden_patch(state: OperatorState, namespace: str | None) -> access.Grant | None:
