@@ -202,6 +202,11 @@ def settled(port: int, check: Callable[[Metrics], None], path: str = "/metrics",
     return result
 
 
+#: Seconds a test waits for a call to be recorded (just after its response's last byte) before it reads what there
+#: is: long enough for a machine under load (5 s was not, with the suite and two other jobs on two cores).
+RECORDED_WITHIN = 60.0
+
+
 def whole_after(port: int, path: str = "/metrics") -> Metrics:
     """A scrape rendered afresh, taken once one showed the calls a test waits for. One middleware process records a
     call's points under one lock, but a scrape collects each metric in turn: the scrape that first showed the

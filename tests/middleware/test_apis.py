@@ -16,7 +16,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS, loads
 from llm_telemetry.errors import classify_error_body
 from llm_telemetry.record import LLMCall
-from support import free_port, scrape, serve
+from support import RECORDED_WITHIN, free_port, scrape, serve
 
 
 def sse(*events: dict[str, Any], named: bool = False) -> bytes:
@@ -461,7 +461,7 @@ def test_responses_api_stream_through_the_openai_sdk() -> None:
             if e.type == "response.output_text.delta"
         )  # fmt: skip
         assert text == "Hello there"
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + RECORDED_WITHIN
         while (m := scrape(port)).value("llm_requests_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
     app.telemetry.shutdown()

@@ -24,7 +24,7 @@ from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Calls, Metrics, free_port, scrape, serve, whole_after
+from support import RECORDED_WITHIN, Calls, Metrics, free_port, scrape, serve, whole_after
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -54,8 +54,8 @@ async def chunks(model: str) -> AsyncIterator[bytes]:
 
 def settled(metrics_port: int, requests: int) -> Metrics:
     """The scrape once ``requests`` LLM requests are counted (a call is recorded just after its response went out),
-    or the last one after 5 s."""
-    deadline = time.monotonic() + 5
+    or the last one after RECORDED_WITHIN seconds."""
+    deadline = time.monotonic() + RECORDED_WITHIN
     while True:
         metrics = scrape(metrics_port)
         if metrics.value("llm_requests_total") >= requests:
@@ -332,7 +332,7 @@ def test_sse_starlette_streams_with_pings_and_crlf_are_read() -> None:
         claude = anthropic.Anthropic(base_url=base, api_key="t", max_retries=0)
         with claude.messages.stream(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}]) as s:
             message = s.get_final_message()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + RECORDED_WITHIN
         while len(calls.ended) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
     _, openai_call, anthropic_call = calls.ended

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import free_port, request_body, scrape, serve
+from support import RECORDED_WITHIN, free_port, request_body, scrape, serve
 
 SSE_BODY = [
     b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}\n\n',
@@ -122,7 +122,7 @@ def test_app_exception_is_recorded_and_reraised(servers: tuple[str, str, int]) -
     expected = raw_exchange(bare, "POST", "/v1/raise/chat/completions", b'{"model": "m"}')
     assert expected.startswith(b"HTTP/1.1 500")
     assert raw_exchange(observed, "POST", "/v1/raise/chat/completions", b'{"model": "m"}') == expected
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + RECORDED_WITHIN
     while scrape(port).value("llm_errors_total", error_type="app_exception") == before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert scrape(port).value("llm_errors_total", error_type="app_exception") == before + 1
@@ -134,7 +134,7 @@ def test_bad_input_is_recorded_without_internal_errors(servers: tuple[str, str, 
     raw_exchange(observed, "POST", "/v1/garbage/chat/completions", b"{}")
     raw_exchange(observed, "POST", "/v1/error/chat/completions", b"{}")
     # A call is recorded just after its response went out (the client may see the connection close first).
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + RECORDED_WITHIN
     while (metrics := scrape(port)).value("llm_requests_total") < before + 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     # Garbage we cannot read is a fact of life, not a failure of ours: nothing counted as an internal error.

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import create_app
-from support import Metrics, free_port, request_body, scrape, serve, whole_after
+from support import RECORDED_WITHIN, Metrics, free_port, request_body, scrape, serve, whole_after
 
 FIRST_TOKEN_DELAY = 0.15
 TOKEN_DELAY = 0.002
@@ -66,7 +66,7 @@ def claude(service: tuple[str, int]) -> anthropic.Anthropic:
 
 def eventually(service: tuple[str, int], check: Callable[[Metrics], bool]) -> Metrics:
     """Metrics are recorded just after the last byte is sent; poll briefly until they show up."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + RECORDED_WITHIN
     while True:
         metrics = scrape(service[1])
         if check(metrics):
@@ -465,7 +465,7 @@ def test_metrics_on_app_path_when_asked() -> None:
     with serve(app) as base:
         oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
         oai.chat.completions.create(model="gpt-4o-app-path", messages=[{"role": "user", "content": PROMPT}])
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + RECORDED_WITHIN
         while "gpt-4o-app-path" not in httpx.get(base + "/metrics").text and time.monotonic() < deadline:
             time.sleep(0.02)
         metrics = Metrics(httpx.get(base + "/metrics").text)

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import Metrics, free_port, scrape, serve, whole_after
+from support import RECORDED_WITHIN, Metrics, free_port, scrape, serve, whole_after
 
 PAUSE = 0.05
 LATE = 1.5  # wide enough that a busy machine stalling the first event still tells the two apart
@@ -252,7 +252,7 @@ def oai(service: tuple[str, int]) -> openai.OpenAI:
 
 def settled(service: tuple[str, int], model: str, check: Callable[[Metrics], bool] = lambda m: True) -> Metrics:
     """The scrape once the request of ``model`` has been recorded (just after its last byte was sent)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + RECORDED_WITHIN
     while True:
         metrics = scrape(service[1])
         if metrics.value("llm_requests_total", gen_ai_request_model=model) >= 1 and check(metrics):
