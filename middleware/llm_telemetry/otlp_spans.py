@@ -597,7 +597,7 @@ _CREDENTIAL_PROVIDERS: Final = (
 )
 
 
-def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] = _CREDENTIAL_PROVIDERS) -> None:
+def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] = _CREDENTIAL_PROVIDERS) -> bool:
     """Send through the SDK's urllib3 transport instead of its default, a ``requests`` session, where the two do the
     same: a plain ``http://`` endpoint (a local collector or agent) that no proxy variable and no ``.netrc`` entry
     applies to, and no session given or named by a credential provider (``providers``: the variables the signal's
@@ -608,11 +608,12 @@ def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] =
     through urllib3 alone (``benchmarks/export_cost.py``). The export thread holds the GIL for that time, so the
     serving thread pays for it too. Retries, backoff, compression and headers stay the SDK client's. Anything else
     (``https``, whose certificate store differs between the two; a proxy; credentials), and an SDK without these
-    parts, keeps the SDK's default."""
+    parts, keeps the SDK's default. Whether it sent through urllib3: the export then reports an answer whose body
+    broke with the ``requests`` error the SDK's default reports (and so does not retry it, as the default does not)."""
     if not isinstance(endpoint, str) or not endpoint.lower().startswith("http://"):
-        return
+        return False
     if any(os.environ.get(name) for name in providers):
-        return
+        return False
     try:
         import requests.utils
         from opentelemetry.exporter.http.transport import _load_http_transport_factory
@@ -620,16 +621,17 @@ def _plain_http_transport(client: Any, endpoint: Any, providers: Sequence[str] =
 
         current = getattr(client, "_transport", None)
         if type(current) is not RequestsHTTPTransport:
-            return
+            return False
         if requests.utils.select_proxy(endpoint, requests.utils.get_environ_proxies(endpoint)):
-            return
+            return False
         if requests.utils.get_netrc_auth(endpoint):
-            return
+            return False
         client._transport = _load_http_transport_factory("urllib3")(verify=True, cert=None)
     except Exception as exc:  # an SDK or requests release without these parts: the SDK's default stays
         logger.debug("llm-telemetry: keeping the SDK's OTLP/HTTP transport: %r", exc)
-        return
+        return False
     current.close()
+    return True
 
 
 def _forget_frames(error: BaseException | None, handled: BaseException | None) -> None:
@@ -742,12 +744,16 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
     return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
 
 
-def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _Answer | None:
+def _bounded_request(
+    transport: Any, method: str, url: str, *, requests_errors: bool = False, **kwargs: Any
+) -> _Answer | None:
     """``transport.request`` for the SDK's urllib3 and ``requests`` transports, reading at most
     :data:`ANSWER_BYTES` of the answer's body; the connection of a longer one is closed, not used again. Both SDK
     transports read the whole body into memory, in an export thread of the serving process: an endpoint answering
     with a huge or endless body (a wrong address, a broken proxy) grew the process by all of it, gigabytes, until it
-    was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself."""
+    was killed (the timeout bounds each read, not the body). ``None`` for another transport, to be asked itself.
+    ``requests_errors``: the urllib3 transport stands in for the SDK's default, ``requests``, whose errors reading a
+    body (and so whether the SDK client retries them) are the ones reported."""
     import urllib3
     import urllib3.response
     from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
@@ -800,23 +806,24 @@ def _bounded_request(transport: Any, method: str, url: str, **kwargs: Any) -> _A
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it
         return _Answer(error=error)
-    return _read_answer(raw, raw.status, deadline, through_requests=False)
+    return _read_answer(raw, raw.status, deadline, through_requests=requests_errors)
 
 
 class _ForgetfulTransport:
     """The SDK client's HTTP transport, with the frames of a failed request's exceptions let go (see
     :func:`_forget_frames`) and at most :data:`ANSWER_BYTES` of an answer read (see :func:`_bounded_request`);
-    anything else is the transport's own."""
+    anything else is the transport's own. ``requests_errors``: see :func:`_bounded_request`."""
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: Any, requests_errors: bool = False) -> None:
         self._transport = transport
+        self._requests_errors = requests_errors
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         handled = sys.exc_info()[1]
         result = None
         if len(args) == 2 and set(kwargs) <= {"headers", "timeout", "data"}:
             try:
-                result = _bounded_request(self._transport, *args, **kwargs)
+                result = _bounded_request(self._transport, *args, requests_errors=self._requests_errors, **kwargs)
             except ImportError:  # an SDK without these transports: its own reads the answer
                 result = None
         if result is None:
@@ -830,13 +837,15 @@ class _ForgetfulTransport:
         return getattr(self._transport, name)
 
 
-def bounded_answers(exporter: Any) -> Any:
+def bounded_answers(exporter: Any, requests_errors: bool = False) -> Any:
     """``exporter`` (an SDK OTLP/HTTP exporter) reading at most :data:`ANSWER_BYTES` of each answer and letting go
-    of failed requests' frames, as the middleware's own span and log exporters do (:class:`_ForgetfulTransport`)."""
+    of failed requests' frames, as the middleware's own span and log exporters do (:class:`_ForgetfulTransport`).
+    ``requests_errors``: its urllib3 transport stands in for the SDK's ``requests`` one (see
+    :func:`_plain_http_transport`)."""
     client = getattr(exporter, "_client", None)
     transport = getattr(client, "_transport", None)
     if client is not None and callable(getattr(transport, "request", None)):
-        client._transport = _ForgetfulTransport(transport)
+        client._transport = _ForgetfulTransport(transport, requests_errors)
     return exporter
 
 
@@ -845,9 +854,10 @@ def _own_path(exporter: Any, args: Sequence[Any], kwargs: Mapping[str, Any], pro
     transport where it applies (no session given; ``providers``, the signal's credential-provider variables), and
     whether the SDK parts that :func:`_export_encoded` uses are there."""
     client = getattr(exporter, "_client", None)
+    stand_in = False
     if len(args) < _SESSION_ARG and kwargs.get("session") is None and kwargs.get("_transport") is None:
-        _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
-    bounded_answers(exporter)
+        stand_in = _plain_http_transport(client, getattr(exporter, "_endpoint", None), providers)
+    bounded_answers(exporter, requests_errors=stand_in)
     return (
         callable(getattr(client, "export", None))
         and hasattr(exporter, "_metrics")

@@ -380,17 +380,28 @@ def test_an_answer_trickling_in_ends_the_export_at_its_timeout(signal: str) -> N
         assert results == [True]  # a 200 answer is an export delivered, whatever its body
 
 
+@dataclass
+class Breaking:
+    """What :func:`breaking_endpoint` answered."""
+
+    url: str = ""
+    #: The requests it received (every one answered with a broken body).
+    requests: int = 0
+
+
 @contextmanager
-def breaking_endpoint() -> Iterator[str]:
+def breaking_endpoint() -> Iterator[Breaking]:
     """An HTTP endpoint on 127.0.0.1 whose every answer breaks in its body: 200 and a content-length of 100, then
     3 bytes and the connection closed."""
+    breaking = Breaking()
 
     def answer(conn: socket.socket, path: str) -> bool:
+        breaking.requests += 1
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\nabc")
         return False
 
-    with raw_endpoint(answer) as url:
-        yield url
+    with raw_endpoint(answer) as breaking.url:
+        yield breaking
 
 
 def _export_error_types(exporter_class: type[Any], signal: str, endpoint: str, **options: Any) -> set[str]:
@@ -412,24 +423,36 @@ def _export_error_types(exporter_class: type[Any], signal: str, endpoint: str, *
     }
 
 
-@pytest.mark.parametrize("session", [False, True], ids=["plain-http", "session-given"])
+def _transport_options(transport: str) -> dict[str, Any]:
+    """The exporter arguments of each way to send: the default (``requests``, for which ours sends through urllib3
+    to a plain-http collector), a session given, or the SDK's urllib3 transport given."""
+    if transport == "session-given":
+        return {"session": requests.Session()}
+    if transport == "urllib3-given":
+        return {"_transport": Urllib3HTTPTransport()}
+    return {}
+
+
+@pytest.mark.parametrize("transport", ["plain-http", "session-given", "urllib3-given"])
 def test_an_answer_breaking_in_its_body_fails_the_export_as_the_sdk_exporter_fails_it(
-    signal: str, session: bool, monkeypatch: pytest.MonkeyPatch
+    signal: str, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An answer cut off in its body fails the export with the error the SDK's own exporter reports for it, with
-    either transport: the SDK decides on a retry by the error's type and names it in its export metric. Read by
-    ``requests``, a broken body is a ``requests`` error, not urllib3's."""
+    """An answer cut off in its body fails the export as the SDK's own exporter, sending the same way, fails it:
+    with the same error (the SDK decides on a retry by the error's type and names it in its export metric), and as
+    often. To a plain-http collector ours sends through urllib3 where the SDK's exporter sends through ``requests``,
+    which fails such an answer once, with a ``requests`` error: ours did too, not the five more times (the batch
+    sent again to a collector that had answered 200) the SDK's urllib3 transport makes of urllib3's error."""
     monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")  # the exporters' own metrics
     ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
     sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
-    with breaking_endpoint() as endpoint:
-        # Ours sends through the SDK's urllib3 transport to a plain-http collector, and through ``requests`` with a
-        # session: the SDK exporter given the same transport is the reference.
-        given: dict[str, Any] = {"session": requests.Session()} if session else {}
-        reference = {"session": requests.Session()} if session else {"_transport": Urllib3HTTPTransport()}
-        expected = _export_error_types(sdks, signal, endpoint, **reference)
+    with breaking_endpoint() as reference, breaking_endpoint() as endpoint:
+        expected = _export_error_types(sdks, signal, reference.url, **_transport_options(transport))
         assert len(expected) == 1  # the SDK exporter's, as the reference
-        assert _export_error_types(ours, signal, endpoint, **given) == expected
+        assert _export_error_types(ours, signal, endpoint.url, **_transport_options(transport)) == expected
+    if transport == "urllib3-given":  # the SDK client retries urllib3's error: at once, then after a backoff
+        assert reference.requests > 1 and endpoint.requests > 1
+    else:
+        assert reference.requests == endpoint.requests == 1
 
 
 class _AnsweringAdapter(requests.adapters.BaseAdapter):
