@@ -717,22 +717,49 @@ def _answer_through_requests(response: Any) -> _Answer:
     )
 
 
+def _socket_of(raw: Any) -> Any:
+    """The socket ``raw`` (urllib3's answer, 1.26 or 2.x) is read from, if it can be timed: ``None`` otherwise, as
+    for an answer that ends its connection (``Connection: close``, HTTP/1.0), which ``http.client`` hands over to the
+    answer and the connection no longer names."""
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if callable(getattr(sock, "gettimeout", None)) and callable(getattr(sock, "settimeout", None)):
+        return sock
+    return None
+
+
 def _read_answer(raw: Any, status: int, deadline: float | None, through_requests: bool) -> _Answer:
     """At most :data:`ANSWER_BYTES` of ``raw`` (urllib3's answer), read until ``deadline``; the connection of an
-    answer not read whole is closed, not used again."""
-    # The transports' timeout bounds each read, not the body: one that trickles in held the export for as long as
-    # it took. The read under way at the deadline still waits up to the read timeout.
+    answer not read whole is closed, not used again. ``through_requests``: errors as ``requests`` raises them."""
+    import urllib3.exceptions
+
+    # The transports' timeout bounds each read, not the body: one that trickled in held the export for as long as it
+    # took. Each read here waits no longer than the time left (the socket's timeout is lowered to it): a read under
+    # way at the deadline ends there, as reaching it between two reads does, and the status decides the outcome.
+    # A read timeout of the transport's own that comes first (a shorter one) stays what it is: an error.
     # read1 (urllib3 2.2 and later): what has arrived, without waiting for a whole piece. Older urllib3 versions
     # have only read, which waits for the piece: the answer is still bounded, its deadline only read by read.
     read = getattr(raw, "read1", raw.read)
-    body, whole = b"", False
+    sock = _socket_of(raw) if deadline is not None else None
+    own_timeout = sock.gettimeout() if sock is not None else None
+    body, whole, cut = b"", False, False
     try:
-        while len(body) <= ANSWER_BYTES and (deadline is None or time.monotonic() < deadline):
+        while len(body) <= ANSWER_BYTES:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if sock is not None:
+                    cut = own_timeout is None or left < own_timeout
+                    sock.settimeout(left if cut else own_timeout)
             piece = read(ANSWER_BYTES + 1 - len(body), decode_content=True)
             if not piece:  # the end of the body (read1 returns nothing else empty)
                 whole = True
                 break
             body += piece
+    except urllib3.exceptions.ReadTimeoutError as error:
+        if not cut:  # the transport's own read timeout: the request failed, as in the SDK transports
+            raw.close()
+            return _Answer(error=_as_requests_error(error) if through_requests else error)
     except Exception as error:  # the connection broke in the body, where the SDK transports fail the request too
         raw.close()
         return _Answer(error=_as_requests_error(error) if through_requests else error)
@@ -740,6 +767,8 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
         raw.close()  # the rest stays unread (too long, or too slow): the connection is not used again
         body = body[:ANSWER_BYTES]
     else:
+        if sock is not None:  # urllib3 sends the next request on a connection with the timeout it was left with
+            sock.settimeout(own_timeout)
         raw.release_conn()  # a connection whose answer was read whole serves the next export
     return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
 

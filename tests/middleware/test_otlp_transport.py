@@ -32,13 +32,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult, MetricsData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
 from llm_telemetry.otlp_logs import OTLPLogExporter
 from llm_telemetry.otlp_spans import OTLPSpanExporter
+from llm_telemetry.telemetry import _otlp_metric_exporter
 from otlp_receiver import demo_server
 from support import wait_for
 
@@ -500,3 +501,45 @@ def test_a_session_answering_through_an_adapter_of_its_own_exports(signal: str) 
             "through the adapter"
         ]
     sender.shutdown()
+
+
+@contextmanager
+def stalling_endpoint() -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 whose every answer stops in its body: 200, a content-length of 100 and 10 bytes
+    of it at once, then nothing more while the connection stays open (until the endpoint is closed)."""
+    done = threading.Event()
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\n")
+        conn.sendall(b"0123456789")
+        done.wait(120)
+        return False
+
+    try:
+        with raw_endpoint(answer) as url:
+            yield url
+    finally:
+        done.set()
+
+
+@pytest.mark.parametrize("transport", ["plain-http", "session-given"])
+def test_an_answer_whose_body_stops_coming_is_delivered_at_the_timeout(signal: str, transport: str) -> None:
+    """The timeout ends a read under way as it ends the reading between two reads: a 200 whose body stops coming
+    is a delivered export once the time is up, as a body still trickling in is. Before, the read under way waited
+    out the transport's own read timeout (up to the whole timeout again after a body that trickled in until just
+    before the deadline) and failed the export with it."""
+    exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    with stalling_endpoint() as url:
+        sender = exporter(endpoint=url + _path(signal), timeout=1, **_transport_options(transport))
+        assert _sent(sender, _items(signal, "stalled"))
+        sender.shutdown()
+
+
+def test_a_metric_answer_whose_body_stops_coming_is_delivered_at_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metric exporter (the SDK's, through its ``requests`` transport, with the bounded reading) alike."""
+    with stalling_endpoint() as url:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", url + "/v1/metrics")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "1")
+        exporter = _otlp_metric_exporter("http/protobuf")
+        assert exporter.export(MetricsData(resource_metrics=[])) == MetricExportResult.SUCCESS
+        exporter.shutdown()
