@@ -16,6 +16,8 @@ future release may rename them), it exports exactly as the SDK does.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import struct
@@ -657,8 +659,8 @@ def _forget_frames(error: BaseException | None, handled: BaseException | None) -
         pending += (exc.__cause__, exc.__context__, getattr(exc, "reason", None))
 
 
-#: The most of a collector's answer read, in bytes (decoded). The SDK reads nothing of it; an OTLP answer is a
-#: partial-success message of a few hundred bytes at most.
+#: The most of a collector's answer read, in bytes: of its body as sent, and (an encoded one) of it decoded. The SDK
+#: reads nothing of it; an OTLP answer is a partial-success message of a few hundred bytes at most.
 ANSWER_BYTES: Final = 64 * 1024
 
 
@@ -727,6 +729,24 @@ def _socket_of(raw: Any) -> Any:
     return None
 
 
+def _decoded(body: bytes, encoding: str) -> bytes:
+    """At most :data:`ANSWER_BYTES` + 1 bytes of ``body`` (an answer's body as sent) decoded as its
+    ``Content-Encoding`` says, by urllib3's own decoders (as the SDK's transports decode it): ``DecodeError`` for
+    one that is not. An encoding urllib3 does not know leaves the body as it is, as it does in a transport."""
+    import urllib3
+
+    answer = urllib3.HTTPResponse(
+        body=io.BytesIO(body), headers={"content-encoding": encoding}, preload_content=False, decode_content=True
+    )
+    decoded = b""
+    while len(decoded) <= ANSWER_BYTES:
+        piece = answer.read(ANSWER_BYTES + 1 - len(decoded))
+        if not piece:
+            break
+        decoded += piece
+    return decoded
+
+
 def _read_answer(raw: Any, status: int, deadline: float | None, through_requests: bool) -> _Answer:
     """At most :data:`ANSWER_BYTES` of ``raw`` (urllib3's answer), read until ``deadline``; the connection of an
     answer not read whole is closed, not used again. ``through_requests``: errors as ``requests`` raises them."""
@@ -738,39 +758,49 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
     # A read timeout of the transport's own that comes first (a shorter one) stays what it is: an error.
     # read1 (urllib3 2.2 and later): what has arrived, without waiting for a whole piece. Older urllib3 versions
     # have only read, which waits for the piece: the answer is still bounded, its deadline only read by read.
+    # An encoded body (gzip, deflate, ...) is read as sent and decoded once read: read1 decoding as it reads goes on
+    # reading, each socket read with the time left when it began, until the decoder gives something, and bytes
+    # that decode to nothing (a gzip header's name, empty deflate blocks) sent a few a second held the export for
+    # as long as they came. As sent, it is bounded as a plain body is, at ANSWER_BYTES of it.
     read = getattr(raw, "read1", raw.read)
+    encoding = raw.headers.get("content-encoding", "")
     sock = _socket_of(raw) if deadline is not None else None
     own_timeout = sock.gettimeout() if sock is not None else None
     body, whole, cut = b"", False, False
     try:
-        while len(body) <= ANSWER_BYTES:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+        try:
+            while len(body) <= ANSWER_BYTES:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    if sock is not None:
+                        cut = own_timeout is None or left < own_timeout
+                        sock.settimeout(left if cut else own_timeout)
+                piece = read(ANSWER_BYTES + 1 - len(body), decode_content=not encoding)
+                if not piece:  # the end of the body (read1 returns nothing else empty)
+                    whole = True
                     break
-                if sock is not None:
-                    cut = own_timeout is None or left < own_timeout
-                    sock.settimeout(left if cut else own_timeout)
-            piece = read(ANSWER_BYTES + 1 - len(body), decode_content=True)
-            if not piece:  # the end of the body (read1 returns nothing else empty)
-                whole = True
-                break
-            body += piece
-    except urllib3.exceptions.ReadTimeoutError as error:
-        if not cut:  # the transport's own read timeout: the request failed, as in the SDK transports
-            raw.close()
-            return _Answer(error=_as_requests_error(error) if through_requests else error)
+                body += piece
+        except urllib3.exceptions.ReadTimeoutError:
+            if not cut:  # the transport's own read timeout: the request failed, as in the SDK transports
+                raise
+        finally:
+            # urllib3 puts a connection back in its pool as it reads the end of the body, with the timeout it was
+            # left with: the socket's own goes back, whether or not the reading ended there.
+            if sock is not None:
+                with contextlib.suppress(OSError):  # a socket closed meanwhile has no timeout to set
+                    sock.settimeout(own_timeout)
+        if encoding:  # what came (before the deadline), decoded
+            body = _decoded(body, encoding)
     except Exception as error:  # the connection broke in the body, where the SDK transports fail the request too
         raw.close()
         return _Answer(error=_as_requests_error(error) if through_requests else error)
     if not whole:
         raw.close()  # the rest stays unread (too long, or too slow): the connection is not used again
-        body = body[:ANSWER_BYTES]
     else:
-        if sock is not None:  # urllib3 sends the next request on a connection with the timeout it was left with
-            sock.settimeout(own_timeout)
         raw.release_conn()  # a connection whose answer was read whole serves the next export
-    return _Answer(status_code=status, reason=raw.reason, body=body, header_map=raw.headers)
+    return _Answer(status_code=status, reason=raw.reason, body=body[:ANSWER_BYTES], header_map=raw.headers)
 
 
 def _bounded_request(

@@ -543,3 +543,44 @@ def test_a_metric_answer_whose_body_stops_coming_is_delivered_at_the_timeout(mon
         exporter = _otlp_metric_exporter("http/protobuf")
         assert exporter.export(MetricsData(resource_metrics=[])) == MetricExportResult.SUCCESS
         exporter.shutdown()
+
+
+@contextmanager
+def encoded_trickling_endpoint() -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 whose every answer is 200 with a gzip body (content-length 1000) that comes as
+    bytes decoding to nothing: a gzip header naming a file, then the name a byte every 0.2 s, 20 of them, and the
+    connection closed short of the body."""
+    done = threading.Event()
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-encoding: gzip\r\n"
+            b"content-length: 1000\r\n\r\n"
+        )
+        conn.sendall(bytes([0x1F, 0x8B, 8, 8, 0, 0, 0, 0, 0, 3]))  # the flags name a file: its name follows
+        for _ in range(20):
+            if done.wait(0.2):
+                break
+            conn.sendall(b"a")
+        return False
+
+    try:
+        with raw_endpoint(answer) as url:
+            yield url
+    finally:
+        done.set()
+
+
+@pytest.mark.parametrize("transport", ["plain-http", "session-given"])
+def test_an_encoded_answer_whose_bytes_decode_to_nothing_is_delivered_at_the_timeout(
+    signal: str, transport: str
+) -> None:
+    """An encoded body is bounded by the timeout as a plain one is. Decoding as it read, urllib3 read on, each socket
+    read with the time left when the read began, until the decoder gave something: bytes that decode to nothing
+    (a gzip header's file name) held the export for as long as they came (here 4 s against a 1 s timeout), and
+    the connection closing short of the body then failed it. A 200 is a delivered export once the time is up."""
+    exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    with encoded_trickling_endpoint() as url:
+        sender = exporter(endpoint=url + _path(signal), timeout=1, **_transport_options(transport))
+        assert _sent(sender, _items(signal, "encoded"))
+        sender.shutdown()
