@@ -892,6 +892,22 @@ class _ForgetfulTransport:
             _forget_frames(error, handled)
         return result
 
+    def is_connection_error(self, exception: Exception | None) -> bool:
+        """Whether the SDK client takes ``exception`` for a connection error (and retries it): the transport's own
+        rule, or, for an error reported as ``requests`` reports it (``requests_errors``), the SDK's ``requests``
+        transport's rule, as the default it stands in for judges it. The urllib3 transport's rule knows none of
+        ``requests``' errors: a body's read timeout, which the default retries as a connection error, was not."""
+        if self._requests_errors:
+            try:
+                import requests.exceptions
+                from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+            except ImportError:  # an SDK without it: the transport's own rule
+                pass
+            else:
+                if isinstance(exception, requests.exceptions.RequestException):
+                    return bool(RequestsHTTPTransport.is_connection_error(self._transport, exception))
+        return bool(self._transport.is_connection_error(exception))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 

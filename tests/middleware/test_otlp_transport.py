@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import socket
 import threading
 import time
@@ -584,3 +585,49 @@ def test_an_encoded_answer_whose_bytes_decode_to_nothing_is_delivered_at_the_tim
         sender = exporter(endpoint=url + _path(signal), timeout=1, **_transport_options(transport))
         assert _sent(sender, _items(signal, "encoded"))
         sender.shutdown()
+
+
+@contextmanager
+def closing_stalling_endpoint() -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 whose every answer ends its connection (``Connection: close``) and stops in its
+    body: 200, a content-length of 100 and 10 bytes of it, then nothing more (until the endpoint is closed)."""
+    done = threading.Event()
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 100\r\n\r\n0123456789")
+        done.wait(120)
+        return False
+
+    try:
+        with raw_endpoint(answer) as url:
+            yield url
+    finally:
+        done.set()
+
+
+def test_a_body_read_timing_out_is_judged_as_the_sdk_default_judges_it(
+    signal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """To a plain-http collector ours sends through urllib3 and reports a body's read timeout as the SDK's default
+    transport (``requests``) does, a ``requests`` connection error, which that transport's rule retries (here the
+    time is up, and the export fails as timed out). The urllib3 transport's rule, which knows none of ``requests``'
+    errors, judged it: not a connection error, and the export failed as for an error not worth retrying. An answer
+    that ends its connection is read up to the read timeout (its socket cannot be timed), so this is where it
+    shows."""
+    ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
+    failures: dict[str, list[str]] = {}
+    # The SDK exporter's logger drops a line that repeats the one before it (its DuplicateFilter): a line between
+    # the two exports lets the second one's through.
+    sdk_logger = logging.getLogger(sdks.__module__)
+    with closing_stalling_endpoint() as url:
+        for name, exporter in (("sdk", sdks), ("ours", ours)):
+            sender = exporter(endpoint=url + _path(signal), timeout=1)
+            caplog.clear()
+            with caplog.at_level(logging.ERROR):
+                sdk_logger.error("exporting through %s", name)
+                assert not _sent(sender, _items(signal, "timed out"))
+            failures[name] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Failed to export")]
+            sender.shutdown()
+    assert failures["sdk"] and "due to timeout" in failures["sdk"][-1]
+    assert failures["ours"] == failures["sdk"]
