@@ -46,6 +46,10 @@ def _chat(model: str, how: str) -> Iterator[bytes]:
         yield chunk({"content": "One"}) + chunk({"content": "Two"}, 1)
         yield chunk({}, 0, "length") + chunk({}, 0, "stop") + chunk({"content": " more"}, 1)
         return
+    if how == "only-closed":
+        # No answer at all, only the stream's end, its [DONE] spelled without the space after the colon.
+        yield b"data:[DONE]\n\n"
+        return
     yield chunk({"role": "assistant", "content": ""})
     for word in WORDS[:-1]:
         yield chunk({"content": word})
@@ -102,9 +106,9 @@ async def relay(request: Request) -> Response:
     """Relays a scripted upstream stream. ``x-upstream``: ``cut`` (the default) stops mid-answer; ``closed`` ends
     with the API's closing event but no finish reason (``-joined``: in one chunk with the last delta; ``-padded``:
     ``[DONE]`` with a space after it; ``-open``: without the blank line after it); ``finished-open`` ends with a
-    finish reason, without the blank line; ``unread`` cuts after something too large to read; ``no-content``
-    answers 204. ``x-gzip`` compresses it; ``damaged``, with bytes after it that do not decode. ``x-linger``: seconds
-    the app takes to end its response after the last event."""
+    finish reason, without the blank line; ``only-closed`` (chat) sends nothing but ``data:[DONE]``; ``unread`` cuts
+    after something too large to read; ``no-content`` answers 204. ``x-gzip`` compresses it; ``damaged``, with bytes
+    after it that do not decode. ``x-linger``: seconds the app takes to end its response after the last event."""
     body = await request.json()
     how = request.headers.get("x-upstream", "cut")
     if how == "no-content":
@@ -214,6 +218,22 @@ def test_a_stream_that_ends_with_its_closing_event_is_whole_without_a_finish_rea
     metrics = _counted(port, model)
     assert metrics.value("llm_errors_total", gen_ai_request_model=model) == 0
     assert metrics.value("gen_ai_server_time_to_first_token_seconds_count", gen_ai_request_model=model) == 1
+
+
+def test_a_stream_of_nothing_but_its_closing_event_is_whole(service: tuple[str, int]) -> None:
+    """A chat stream with no answer in it, only its ``[DONE]``: no token and no finish reason, but it came to its end,
+    and the SDK ends it without a word. (Spelled ``data:[DONE]``, the event is read by the SSE decoder, not taken as
+    the chunk OpenAI sends alone: read there as an event before the first token, it was once set aside as a role
+    chunk would be, and never read as the end.)"""
+    base, port = service
+    oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
+    chunks = oai.chat.completions.create(
+        model="only-closed-chat", messages=[{"role": "user", "content": "Hi"}], stream=True,
+        extra_headers={"x-upstream": "only-closed"},
+    )  # fmt: skip
+    assert list(chunks) == []
+    metrics = _counted(port, "only-closed-chat")
+    assert metrics.value("llm_errors_total", gen_ai_request_model="only-closed-chat") == 0
 
 
 def test_an_answer_with_no_content_is_no_stream_cut_short(service: tuple[str, int]) -> None:
