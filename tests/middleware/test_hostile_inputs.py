@@ -1101,6 +1101,22 @@ async def test_hostile_sse_dropped_event_usage_is_read_from_its_last_64_kib_only
     assert internal_errors(metrics) == 0
 
 
+async def test_hostile_sse_chat_stream_of_one_error_event_without_its_blank_line_is_the_servers_error(
+    cleanup: list[Any],
+) -> None:
+    """A chat stream whose one event is an error whose blank line never came: read at the stream's end before any
+    token, it is set aside as the role chunk that opens a stream is (to be read once a later event shows whether it
+    is needed); no later event comes, and it is still read: the server's error, not a call that went well."""
+    error = b'data: {"error":{"message":"The model is overloaded","type":"server_error"}}\n'
+    wrapped, _ = observe(replying(200, SSE, error))
+    cleanup.append(wrapped)
+    body = b'{"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    await exchange(wrapped, "/v1/chat/completions", body)
+    metrics = await scrape(wrapped)
+    assert metrics.label_values("llm_errors_total", "error_type") == {"server_error"}
+    assert internal_errors(metrics) == 0
+
+
 async def test_hostile_sse_last_error_event_named_only_by_its_event_line_is_the_servers_error(
     cleanup: list[Any],
 ) -> None:
