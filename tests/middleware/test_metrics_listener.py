@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.exposition import MAX_ANSWERS, MAX_CONNECTIONS, SHARE, serve_metrics
-from support import free_port, scrape_text, serve, wait_for
+from support import free_port, scrape, scrape_text, serve, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
@@ -199,6 +199,18 @@ def test_scrapes_that_come_without_pause_share_a_rendering() -> None:
         assert "llm_test_collections 3.0" in query and collector.collected == 3
         time.sleep(SHARE * 0.3 + 0.5)  # the last rendering no longer fresh
         assert "llm_test_collections 4.0" in scrape_text(port)
+
+
+def test_the_suites_scrape_is_never_a_rendering_made_before_it() -> None:
+    """Tests poll with ``support.scrape`` until the call they made shows. A plain scrape made just before the call,
+    whose rendering was slow (a pause of the process as it was made), answers the plain scrapes of the next
+    SHARE times as long: a poll reading it would see the numbers from before the call until its deadline."""
+    collector = _Counting(1.0)  # a rendering that takes a second: plain scrapes share it for four more
+    registry = CollectorRegistry()
+    registry.register(collector)
+    with serving(registry) as port:
+        assert "llm_test_collections 1.0" in scrape_text(port)
+        assert scrape(port).value("llm_test_collections") == 2
 
 
 def test_a_scrape_that_fails_on_the_server_is_logged(caplog: pytest.LogCaptureFixture) -> None:
