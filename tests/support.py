@@ -181,13 +181,17 @@ class Metrics:
         return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
 
 
+#: The path of a scrape rendered afresh: the query string keeps it from sharing another scrape's rendering (see scrape).
+FRESH = "/metrics?fresh"
+
+
 def scrape(port: int) -> Metrics:
     """A scrape rendered afresh (a query string). A plain scrape may get the rendering an earlier one made, which the
     listener keeps for SHARE (4) times what making it took (``exposition.py``): a rendering slowed by a pause of the
     process (a full garbage collection on a loaded machine, say) answers every plain scrape for four times as long,
     with the numbers from before a call a test is waiting for. A test polling until its call shows read those until
     its deadline (a garbage collection during a rendering made test_sdk_shapes read a custom tool call as 0 so)."""
-    return Metrics(scrape_text(port, "/metrics?fresh"))
+    return Metrics(scrape_text(port, FRESH))
 
 
 def settled(port: int, check: Callable[[Metrics], None], path: str = "/metrics", seconds: float = 10) -> Metrics:

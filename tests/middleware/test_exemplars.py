@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from llm_telemetry.monitoring.dashboards import build_dashboard
 from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
-from support import Metrics, free_port, scrape_text, stop_process, wait_for
+from support import FRESH, Metrics, free_port, scrape_text, stop_process, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 DURATION = "gen_ai_server_request_duration_seconds_bucket"
@@ -77,10 +77,10 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
             stream_chat(base, "gpt-4o-limited", "ex-3", **{"x-demo-fail": "rate_limit"})
         # A call is recorded just after its response went out: wait for the third.
         deadline = time.monotonic() + 10
-        while Metrics(scrape_text(port)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
+        while Metrics(scrape_text(port, FRESH)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         # A text-format scrape first: it resets the SDK's reservoirs, yet the exemplars must survive it.
-        text = scrape_text(port)
+        text = scrape_text(port, FRESH)
         assert "trace_id" not in text  # the classic text format has no exemplars
         om = scrape_text(port, accept=OPENMETRICS)
         again = scrape_text(port, "/metrics?again", accept=OPENMETRICS)  # rendered afresh, not the one just made
@@ -125,7 +125,7 @@ def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:
             stream_chat(base, "gpt-4o", "ex-none")
             # The call is recorded just after its response went out: wait for it.
             deadline = time.monotonic() + 10
-            while Metrics(scrape_text(port)).value("llm_requests_total") < 1 and time.monotonic() < deadline:
+            while Metrics(scrape_text(port, FRESH)).value("llm_requests_total") < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
             om = scrape_text(port, accept=OPENMETRICS)
         assert "gen_ai_server_request_duration_seconds_bucket" in om

@@ -24,7 +24,7 @@ from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import RECORDED_WITHIN, Calls, Metrics, free_port, scrape, serve, whole_after
+from support import FRESH, RECORDED_WITHIN, Calls, Metrics, free_port, scrape, serve, whole_after
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -200,9 +200,9 @@ def test_a_client_leaving_mid_stream_through_base_http_middleware_is_a_disconnec
             next(response.iter_raw())  # the first chunk, then the client goes
         port = int(base.rsplit(":", 1)[1])
         deadline = time.monotonic() + 10
-        while Metrics(scrape_text(port)).value("llm_requests_total") < 6 and time.monotonic() < deadline:
+        while Metrics(scrape_text(port, FRESH)).value("llm_requests_total") < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
-        metrics = Metrics(scrape_text(port))
+        metrics = Metrics(scrape_text(port, FRESH))
     assert metrics.value("llm_requests_total") == 6
     assert metrics.value("llm_errors_total", gen_ai_request_model="left", error_type="client_disconnect") == 1
     assert metrics.value("llm_errors_total") == 1

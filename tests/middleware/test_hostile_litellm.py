@@ -40,7 +40,7 @@ from llm_telemetry.apis import APIS
 from llm_telemetry.demo.app import bare_app
 from llm_telemetry.demo.run import DEMO_TOOLS
 from llm_telemetry.record import LLMCall
-from support import Metrics, free_port, request_body, scrape_text, serve, whole_after
+from support import FRESH, Metrics, free_port, request_body, scrape_text, serve, whole_after
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ def settled(metrics_port: int, requests: int, model: str = "up") -> Metrics:
     """The scrape once ``requests`` calls to ``model`` are recorded (or after 30 s)."""
     deadline = time.monotonic() + 30
     while True:
-        metrics = Metrics(scrape_text(metrics_port))
+        metrics = Metrics(scrape_text(metrics_port, FRESH))
         if metrics.value("llm_requests_total", gen_ai_request_model=model) >= requests:
             return whole_after(metrics_port)
         if time.monotonic() > deadline:

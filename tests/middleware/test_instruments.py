@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_telemetry import instruments
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.monitoring import reference
-from support import Metrics, free_port, scrape_text, serve
+from support import FRESH, Metrics, free_port, scrape_text, serve
 
 TOOLS: list[dict[str, object]] = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
@@ -63,9 +63,9 @@ def scraped() -> Iterator[str]:
                 pass
         # A call is recorded just after its response went out: wait for the seventh before reading the scrape.
         deadline = time.monotonic() + 10
-        while Metrics(scrape_text(port)).value("llm_requests_total") < 7 and time.monotonic() < deadline:
+        while Metrics(scrape_text(port, FRESH)).value("llm_requests_total") < 7 and time.monotonic() < deadline:
             time.sleep(0.02)
-        yield scrape_text(port)
+        yield scrape_text(port, FRESH)
     app.telemetry.shutdown()
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from otlp_receiver import MetricPoint, OTLPReceiver, demo_server, otlp_receiver, tracing_env
-from support import Metrics, free_port, scrape_text
+from support import FRESH, Metrics, free_port, scrape_text
 
 DELTA, CUMULATIVE = 1, 2
 #: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE -> what the SDK gives its synchronous counters (the OTLP
@@ -54,7 +54,7 @@ def test_counters_over_otlp_are_what_the_sdk_counters_give(preference: str, prot
             chat(base, stream=False)
             # A call is recorded just after its response went out: wait until the third is counted.
             deadline = time.monotonic() + 10
-            while Metrics(scrape_text(port)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
+            while Metrics(scrape_text(port, FRESH)).value("llm_requests_total") < 3 and time.monotonic() < deadline:
                 time.sleep(0.02)
             counted = time.time_ns()
             provider = app.telemetry.meter_provider

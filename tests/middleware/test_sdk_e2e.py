@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.demo.app import create_app
-from support import RECORDED_WITHIN, Metrics, free_port, request_body, scrape, serve, whole_after
+from support import FRESH, RECORDED_WITHIN, Metrics, free_port, request_body, scrape, serve, whole_after
 
 FIRST_TOKEN_DELAY = 0.15
 TOKEN_DELAY = 0.002
@@ -466,9 +466,9 @@ def test_metrics_on_app_path_when_asked() -> None:
         oai = openai.OpenAI(base_url=base + "/v1", api_key="test", max_retries=0)
         oai.chat.completions.create(model="gpt-4o-app-path", messages=[{"role": "user", "content": PROMPT}])
         deadline = time.monotonic() + RECORDED_WITHIN
-        while "gpt-4o-app-path" not in httpx.get(base + "/metrics").text and time.monotonic() < deadline:
+        while "gpt-4o-app-path" not in httpx.get(base + FRESH).text and time.monotonic() < deadline:
             time.sleep(0.02)
-        metrics = Metrics(httpx.get(base + "/metrics").text)
+        metrics = Metrics(httpx.get(base + FRESH).text)
     assert metrics.value("llm_requests_total", gen_ai_request_model="gpt-4o-app-path") == 1
     app.telemetry.shutdown()
 

@@ -41,7 +41,7 @@ from llm_telemetry import multiproc
 from llm_telemetry.config import Settings
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.telemetry import Telemetry
-from support import Metrics, free_port, scrape_text, serve, wait_for
+from support import FRESH, Metrics, free_port, scrape_text, serve, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "tests" / "apps"
@@ -478,9 +478,11 @@ def test_workers_exposition_matches_single_process(tmp_path: Path) -> None:
             _drive_in_process(base)
             port = int(base.rsplit(":", 1)[1])
             # The last call is recorded just after its response went out.
-            wait_for("5 recorded requests", lambda p=port: Metrics(scrape_text(p)).value("llm_requests_total") == 5)
+            wait_for(
+                "5 recorded requests", lambda p=port: Metrics(scrape_text(p, FRESH)).value("llm_requests_total") == 5
+            )
             texts[mode] = {
-                "text": scrape_text(port),
+                "text": scrape_text(port, FRESH),
                 "openmetrics": scrape_text(port, accept="application/openmetrics-text; version=1.0.0"),
             }
         app.telemetry.shutdown()
