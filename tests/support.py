@@ -189,8 +189,8 @@ def scrape(port: int) -> Metrics:
     """A scrape rendered afresh (a query string). A plain scrape may get the rendering an earlier one made, which the
     listener keeps for SHARE (4) times what making it took (``exposition.py``): a rendering slowed by a pause of the
     process (a full garbage collection on a loaded machine, say) answers every plain scrape for four times as long,
-    with the numbers from before a call a test is waiting for. A test polling until its call shows read those until
-    its deadline (a garbage collection during a rendering made test_sdk_shapes read a custom tool call as 0 so)."""
+    with the numbers from before a call a test is waiting for. A test polling until its call shows reads those until
+    its deadline (a full collection during a rendering made test_sdk_shapes read a custom tool call as 0 so)."""
     return Metrics(scrape_text(port, FRESH))
 
 
@@ -212,8 +212,9 @@ def settled(port: int, check: Callable[[Metrics], None], path: str = "/metrics",
 
 
 #: Seconds a test waits for a call to be recorded (just after its response's last byte) before it reads what there
-#: is: generous, as it costs time only when a test fails. (A wait of 5 s once failed with the suite and two other
-#: jobs on two cores: its polls read a shared rendering made before the call, which ``scrape`` no longer takes.)
+#: is: generous, as it costs time only when a test fails. (A wait of 5 s failed once with the suite and two other
+#: jobs on two cores; polls reading a shared rendering made before the call, which ``scrape`` no longer takes, fail
+#: so when a rendering is slowed by 1.25 s, the likeliest cause found; it was not caught in the act.)
 RECORDED_WITHIN = 60.0
 
 
