@@ -24,7 +24,7 @@ from litestar.response import Stream
 from starlette.responses import JSONResponse, StreamingResponse
 
 from llm_telemetry import LLMTelemetryMiddleware
-from support import FRESH, RECORDED_WITHIN, Calls, Metrics, free_port, scrape, serve, whole_after
+from support import FRESH, RECORDED_WITHIN, Calls, Metrics, free_port, scrape, serve, wait_for, whole_after
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 
@@ -576,6 +576,8 @@ def test_a_websocket_session_passes_through_untouched_and_uncounted() -> None:
         openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0).chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}]
         )
-        metrics = Metrics(httpx.get(base + "/metrics").text)
+        # The chat call is recorded just after its last byte went out: wait for it, then for its scrape.
+        wait_for("the chat call recorded", lambda: calls.ended, RECORDED_WITHIN)
+        metrics = whole_after(int(base.rsplit(":", 1)[1]), "/metrics")
     assert [call.path for call in calls.ended] == ["/v1/chat/completions"]
     assert metrics.value("llm_requests_total") == 1
