@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 
 from llm_telemetry.monitoring.dashboards import build_dashboard
 from otlp_receiver import OTLPReceiver, demo_server, otlp_receiver, tracing_env, wait_span
-from support import FRESH, Metrics, free_port, scrape_text, stop_process, wait_for
+from support import FRESH, RECORDED_WITHIN, Metrics, free_port, scrape_text, settled, stop_process, wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 DURATION = "gen_ai_server_request_duration_seconds_bucket"
@@ -130,6 +130,37 @@ def test_no_exemplars_without_a_sampled_span(receiver: OTLPReceiver) -> None:
             om = scrape_text(port, accept=OPENMETRICS)
         assert "gen_ai_server_request_duration_seconds_bucket" in om
         assert exemplars(om, DURATION) == [] and exemplars(om, TTFT) == []
+
+
+def recorded_once(metrics: Metrics) -> None:
+    assert metrics.value("gen_ai_server_time_per_output_token_seconds_count") == 1
+
+
+@pytest.mark.parametrize(("exemplar_filter", "kept"), [("trace_based", False), ("always_on", True)])
+def test_always_on_leaves_exemplars_of_a_trace_not_sampled(
+    receiver: OTLPReceiver, exemplar_filter: str, kept: bool
+) -> None:
+    """OTEL_METRICS_EXEMPLAR_FILTER=always_on: a call in a trace its caller did not sample (traceparent flags 00)
+    leaves an exemplar in each latency histogram, with that trace's id and the call's own span id; the default
+    trace_based filter leaves none."""
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    port = free_port()
+    env = tracing_env(receiver, OTEL_METRICS_EXEMPLAR_FILTER=exemplar_filter)
+    with demo_server(env, metrics_port=port, metrics_host="127.0.0.1", token_delay=0.001) as (_, base):
+        stream_chat(base, "gpt-4o", "ex-unsampled", traceparent=f"00-{trace_id}-{parent}-00")
+        settled(port, recorded_once, seconds=RECORDED_WITHIN)
+        om = scrape_text(port, "/metrics?fresh", accept=OPENMETRICS)
+    found = {name: exemplars(om, name) for name in (DURATION, TTFT, TPOT)}
+    assert all(f"{name}{{" in om for name in found)
+    if not kept:
+        assert found == {DURATION: [], TTFT: [], TPOT: []}
+        return
+    for name, buckets in found.items():
+        assert len(buckets) == 1, (name, buckets)
+        ((labels, exemplar),) = buckets
+        assert labels["gen_ai_request_model"] == "gpt-4o"
+        assert exemplar.labels["trace_id"] == trace_id
+        assert re.fullmatch(r"[0-9a-f]{16}", exemplar.labels["span_id"]) and exemplar.labels["span_id"] != parent
 
 
 PROMETHEUS = shutil.which("prometheus")
