@@ -821,6 +821,32 @@ def test_client_strings_on_the_span_are_valid_utf8_and_bounded(receiver: OTLPRec
     assert spans["trace-test-role-long"]["gen_ai.request.stop_sequences"] == ["s" * 64]
 
 
+def test_captured_content_at_the_cap_is_whole_and_valid_utf8(receiver: OTLPReceiver) -> None:
+    """Content of exactly the cap is shown whole and unmarked, one character more is cut to the cap and marked; a
+    lone surrogate (which JSON allows) in content shown whole or cut is U+FFFD on the span, never lost with it."""
+    env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="50")
+    contents = {
+        "trace-test-cap-exact": ("e" * 50, "e" * 50),
+        "trace-test-cap-over": ("o" * 51, "o" * 50 + TRUNCATION_MARK),
+        "trace-test-cap-surrogate": ("a\ud800b", "a\ufffdb"),
+        "trace-test-cap-surrogate-cut": ("\udc00" + "x" * 59, "\ufffd" + "x" * 49 + TRUNCATION_MARK),
+    }
+    with demo_server(env) as (_, base):
+        for request_id, (content, _) in contents.items():
+            answer = httpx.post(
+                base + "/v1/chat/completions",
+                content=json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}),
+                headers={"content-type": "application/json", "x-request-id": request_id},
+            )
+            assert answer.status_code == 200, answer.text
+    spans = {request_id: wait_span(receiver, **{"llm.request_id": request_id}) for request_id in contents}
+    shown = {request_id: json.loads(span.attributes["gen_ai.input.messages"]) for request_id, span in spans.items()}
+    assert shown == {
+        request_id: [{"role": "user", "parts": [{"type": "text", "content": expected}]}]
+        for request_id, (_, expected) in contents.items()
+    }
+
+
 def test_captured_conversation_keeps_the_system_prompt_and_the_newest_messages(receiver: OTLPReceiver) -> None:
     """A long conversation keeps a span small: the system prompt, then the newest messages while their content fits
     in four times the per-message cap, at most 32 messages, and the number left out."""
