@@ -69,6 +69,7 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
     port = free_port()
     env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-exemplars")
     with demo_server(env, metrics_port=port, metrics_host="127.0.0.1", token_delay=0.001) as (_, base):
+        started = time.time()
         stream_chat(base, "gpt-4o", "ex-1")
         stream_chat(base, "gpt-4o-mini", "ex-2")
         # A failed request: its duration series carries error_type, the others don't, so the exporter pads
@@ -84,6 +85,7 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
         assert "trace_id" not in text  # the classic text format has no exemplars
         om = scrape_text(port, accept=OPENMETRICS)
         again = scrape_text(port, "/metrics?again", accept=OPENMETRICS)  # rendered afresh, not the one just made
+        scraped = time.time()
 
     assert 'error_type=""' in om, "the scrape should mix label sets (padded error_type) to test the matching"
     spans = {rid: wait_span(receiver, **{"llm.request_id": rid}) for rid in ("ex-1", "ex-2", "ex-3")}
@@ -105,7 +107,8 @@ def test_latency_buckets_carry_the_trace_id_in_openmetrics(receiver: OTLPReceive
             upper = float(labels["le"])
             lower = max((b for b in bounds if b < upper), default=-math.inf)
             assert lower < exemplar.value <= upper
-            assert exemplar.timestamp is not None
+            # Stamped when the call was recorded (whole seconds of slack: a bound on the wall clock, not a timing).
+            assert exemplar.timestamp is not None and int(started) <= float(exemplar.timestamp) <= scraped + 1
     assert by_model_error_type(om, "gpt-4o-limited") == "rate_limit"
     # Kept until a newer measurement replaces them: a second scrape shows the same ones.
     assert exemplars(again, DURATION) == exemplars(om, DURATION)
