@@ -19,7 +19,10 @@ in the gap, and is handed on as DELETED with the metadata last seen (an informer
 metadata of every object it watches, without ``managedFields``. A kind that is not served (the Prometheus
 Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds, and the first list that
 succeeds after that calls ``served`` once, so that whoever waited for the kind hears it is there now; other failures
-back off up to :data:`MAX_BACKOFF`.
+back off up to :data:`MAX_BACKOFF`. Each time a watch fails otherwise than for a kind not served or a request
+refused (404, 403): the connection broke, the API server was out of reach or erred, or the version expired (410),
+it calls ``broken`` before handing on any event read after that: whoever else watched through the same server may
+have missed events too (see ``handlers._reread_after_gap``).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class MetadataWatch:
         loop: asyncio.AbstractEventLoop,
         name: str | None = None,
         served: Callable[[], None] | None = None,
+        broken: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -81,6 +85,7 @@ class MetadataWatch:
         self.name = name
         self.deliver = deliver
         self.served = served
+        self.broken = broken
         self.loop = loop
         # The context of whoever made the watch (kopf's startup handler): the passes events start post Kubernetes
         # events through kopf, which finds its settings and event queue in context variables.
@@ -131,6 +136,8 @@ class MetadataWatch:
             except ApiError as exc:
                 if self._stopped.is_set():
                     break
+                if exc.status not in (403, 404):
+                    self._broke()
                 if exc.status == 404:
                     wait = MISSING_RETRY
                 elif exc.status == 410:
@@ -150,9 +157,16 @@ class MetadataWatch:
             except Exception as exc:  # a dropped connection, a garbled line: watch again from the last version
                 if self._stopped.is_set():
                     break
+                self._broke()
                 logger.debug("watch of %s ended (%s); watching again", self.resource.plural, exc)
                 self._stopped.wait(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
+
+    def _broke(self) -> None:
+        """Call ``broken`` on the loop: before any event read after this failure is delivered (the loop runs its
+        callbacks in the order they were scheduled)."""
+        if self.broken is not None:
+            self.loop.call_soon_threadsafe(self.broken, context=self.context)
 
     def _selector(self) -> list[tuple[str, str]]:
         selector = []

@@ -218,6 +218,11 @@ class OperatorState:
     access_answered: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
     forbidden_said: set[str] = field(default_factory=set)
+    #: How many times a watch of the workloads or children failed (see :mod:`childwatch`: a connection broken, the API
+    #: server out of reach, an expired version), and that count when each LLMTelemetry's body was last had from the API
+    #: server: a body had before a failure may be one kopf's watch has yet to bring up to date (see _reread_after_gap).
+    watch_breaks: int = 0
+    tracked_breaks: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 #: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
@@ -1005,6 +1010,8 @@ async def _reconcile(
         latest = state.bodies.get(key)
         if latest is not None and (latest["metadata"].get("uid") or "") == uid:
             body = latest
+        if state.tracked_breaks.get(key, 0) < state.watch_breaks:
+            body = await _reread_after_gap(memo, state, key, body, logger)
         try:
             claimed = await _claim(memo, body, logger)
             if claimed is None:
@@ -1374,6 +1381,38 @@ async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, An
     return found[0] if found and (found[0]["metadata"].get("uid") or "") == uid else None
 
 
+async def _reread_after_gap(
+    memo: Any, state: OperatorState, key: tuple[str, str], body: Mapping[str, Any], logger: Any
+) -> Mapping[str, Any]:
+    """The LLMTelemetry ``key`` read again, for a pass to run with, when its body was last had before a watch failed.
+
+    The watches of the workloads and children resume by themselves, often before kopf's watch of the LLMTelemetry
+    resources has listed them again after the same gap (kopf's retries wait longer); their events then started
+    passes with a body from before the gap, so a spec edited meanwhile was applied in its old form first and in its
+    new one a second later, when kopf's watch delivered it: a rollout of every workload too many. One list by name
+    per resource after each failure of the watches; none otherwise. When it fails, the pass runs with ``body``, as it
+    did before, and the next pass tries again."""
+    breaks = state.watch_breaks
+    uid = body["metadata"].get("uid") or ""
+    try:
+        current = await _read_again(memo, key, uid)
+    except ApiError as exc:
+        logger.debug("could not read the resource again after a watch failed (%s); passing with the last body", exc)
+        return body
+    state.tracked_breaks[key] = breaks
+    if current is None:
+        return body  # deleted meanwhile, or another resource of that name: kopf's watch tells, as before
+    _track(state, current)
+    state.tracked_breaks[key] = breaks
+    return state.bodies[key]
+
+
+def _watch_broken(memo: Any) -> None:
+    """A watch of the workloads or children failed (see :mod:`childwatch`): every LLMTelemetry body had before may
+    be stale until it is read again (see _reread_after_gap)."""
+    _state(memo).watch_breaks += 1
+
+
 async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str, Any] | None:
     """The resource's body once this operator has claimed it (``body`` itself when it had), or None when another
     operator serves it (said once, see :func:`_leave_to`) or it is gone.
@@ -1648,6 +1687,7 @@ def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
     key = (meta["namespace"], meta["name"])
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
+    state.tracked_breaks[key] = state.watch_breaks
     if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
         try:
             state.specs[key] = parse_spec(snapshot.get("spec") or {})
@@ -1715,6 +1755,7 @@ async def llmtelemetry_track(
 def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any]) -> None:
     """Drop everything kept about a deleted LLMTelemetry."""
     state.bodies.pop(key, None)
+    state.tracked_breaks.pop(key, None)
     state.specs.pop(key, None)
     state.index.remove(key)
     state.passes.pop(key, None)
@@ -1869,12 +1910,14 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
             _client(memo), kube.Resource(group, version, plural), namespace, _MANAGED,
             functools.partial(_child_event, memo, logger, plural), loop,
             served=functools.partial(_kind_served, memo, logger, plural, namespace),
+            broken=functools.partial(_watch_broken, memo),
         )
         for group, version, plural in _CHILD_RESOURCES
         for namespace in namespaces
     ] + [
         MetadataWatch(
-            _client(memo), resource, namespace, {}, functools.partial(_workload_event, memo, logger, kind), loop
+            _client(memo), resource, namespace, {}, functools.partial(_workload_event, memo, logger, kind), loop,
+            broken=functools.partial(_watch_broken, memo),
         )
         for kind, resource in kube.WORKLOADS.items()
         for namespace in namespaces

@@ -234,6 +234,23 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
             self.deny.update(self.deny_after.pop((request.resource.plural, request.name), {}))
         return answer
 
+    def write_unseen(self, resource: str, namespace: str | None, name: str, obj: Mapping[str, Any]) -> None:
+        """Store ``obj`` as the object's new version (a new resourceVersion, ``generation`` as given) with no watch
+        event: a write made while every watch was away, which the watchers learn of only by listing again."""
+        self._rv += 1
+        obj = copy.deepcopy(dict(obj))
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+        self.objects[resource, namespace, name] = obj
+
+    async def expire_watches(self, plural: str) -> None:
+        """End every watch of the kind ``plural`` with the API server's 410 Gone (its history compacted away): a
+        watcher must list again to go on."""
+        gone = {"kind": "Status", "status": "Failure", "code": 410, "reason": "Expired", "message": "too old"}
+        for resource, bus in list(self._buses.items()):
+            if getattr(resource, "plural", None) == plural:
+                async with self._writes:
+                    await bus.put({"type": "ERROR", "object": gone})
+
     def _review(self, request: Any) -> Any:
         """A SelfSubjectAccessReview answered from :attr:`unauthorized` (everything else is allowed)."""
         review = dict(request.data) if isinstance(request.data, Mapping) else {}

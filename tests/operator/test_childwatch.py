@@ -275,3 +275,37 @@ class _Garbled:
 
     def release_conn(self) -> None:
         pass
+
+
+async def test_broken_is_called_for_each_failure_that_may_have_hidden_changes_before_the_events_after_it() -> None:
+    """``broken`` tells the operator that whoever watched through the same API server may have missed changes (its
+    passes then read their resource again). It is called, before any event read after the failure is handed on, for
+    a broken connection and an expired version; not for a watch the server ended as it does every minute, nor for a
+    refusal (403: the server answered, and a namespace being deleted is refused for minutes)."""
+    server = _Server(
+        _List("4", "a"),
+        _Stream([_event("MODIFIED", "a", "5")], None),
+        _Stream([_event("MODIFIED", "a", "6")], urllib3.exceptions.ProtocolError("cut")),
+        ApiError(403, "Forbidden", "services is forbidden"),
+        ApiError(410, "Expired", "too old resource version"),
+        _List("12", "a"),
+        _Stream([_event("MODIFIED", "a", "13")], None),
+    )
+    seen: list[str] = []
+    watch = MetadataWatch(
+        server,  # type: ignore[arg-type]
+        kube.SERVICES,
+        None,
+        {},
+        lambda kind, meta: seen.append(f"{kind} {meta['resourceVersion']}"),
+        asyncio.get_running_loop(),
+        broken=lambda: seen.append("broken"),
+    )
+    watch.start()
+    try:
+        await asyncio.wait_for(server.done.wait(), 30)
+    finally:
+        watch.stop()
+    await asyncio.sleep(0)  # the callbacks queued on the loop
+    # (then "broken" for the scripted server's 503 once it has nothing more to answer)
+    assert seen[:7] == ["ADDED 4", "MODIFIED 5", "MODIFIED 6", "broken", "broken", "ADDED 12", "MODIFIED 13"]

@@ -1,0 +1,243 @@
+"""A real API server the operator loses for a few seconds, while its resource's spec changes and its workload is put
+back as its manifest has it (a GitOps re-apply, which drops the injection): once the operator reaches the API server
+again, the workload gets the injection of the new spec in one rollout.
+
+The workload's watch, back first, started a pass with the resource's body as kopf's watch had last delivered it,
+from before the gap: the workload got the old spec's injection first and the new one about a second later, when
+kopf's watch delivered the new body (two rollouts of the Deployment instead of one)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import pathlib
+import threading
+import time
+from typing import Any
+
+import pytest
+import yaml
+from clusterkit import apply, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+
+from llm_telemetry_operator import constants as c
+
+pytestmark = pytest.mark.k8s
+
+GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
+
+
+class SeveringProxy:
+    """A plain-HTTP reverse proxy to the API server (passing the client's own token on) that can be cut off: while
+    off, it listens no more and every request it was forwarding (the watches) ends. Runs on an event loop of its own
+    thread."""
+
+    def __init__(self, server: str, ca_data: bytes) -> None:
+        self.server = server.rstrip("/")
+        self.ca_data = ca_data
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._up = threading.Event()
+        self._site: Any = None
+        self._runner: Any = None
+        self._forwarding: set[asyncio.Task[Any]] = set()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+
+    def __enter__(self) -> SeveringProxy:
+        self._thread.start()
+        assert self._up.wait(30), "the proxy did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    def off(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._off(), self._loop).result(30)
+
+    def on(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(30)
+
+    async def _off(self) -> None:
+        await self._site.stop()
+        for task in list(self._forwarding):
+            task.cancel()
+        # Idle keep-alive connections too: a client would send its next request on one, and get through.
+        for connection in self._runner.server.connections:
+            connection.force_close()
+
+    async def _listen(self) -> None:
+        from aiohttp import web
+
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+        self.port = self._site._server.sockets[0].getsockname()[1]
+
+    async def _serve(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        context = ssl_context(self.ca_data)
+        hop = {"host", "content-length", "transfer-encoding", "content-encoding", "connection"}
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self._forwarding.add(task)
+            try:
+                body = await request.read()
+                headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
+                async with session.request(
+                    request.method, self.server + request.path_qs, headers=headers, data=body or None
+                ) as upstream:
+                    answer = web.StreamResponse(
+                        status=upstream.status,
+                        headers={k: v for k, v in upstream.headers.items() if k.lower() not in hop},
+                    )
+                    with contextlib.suppress(ConnectionError):  # the operator closed a watch, or stopped
+                        await answer.prepare(request)
+                        async for chunk in upstream.content.iter_any():
+                            await answer.write(chunk)
+                    return answer
+            finally:
+                self._forwarding.discard(task)
+
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+        ) as session:
+            app = web.Application(client_max_size=64 << 20)
+            app.router.add_route("*", "/{tail:.*}", forward)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+            await self._runner.setup()
+            await self._listen()
+            self._up.set()
+            await self._stop.wait()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await self._runner.cleanup()
+
+
+def ssl_context(ca_data: bytes) -> Any:
+    import ssl
+
+    return ssl.create_default_context(cadata=ca_data.decode())
+
+
+def _deployment(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"llm": name}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+            },
+        },
+    }
+
+
+def _port(deployment: Any) -> str | None:
+    """The metrics port injected into the Deployment's pod template, or None without an injection."""
+    env = deployment.spec.template.spec.containers[0].env or []
+    return next((e.value for e in env if e.name == "LLM_TELEMETRY_METRICS_PORT"), None)
+
+
+def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
+    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    from kubernetes import client, watch
+
+    core, apps_api = client.CoreV1Api(api), client.AppsV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    system, apps = unique("llmt-gap-system"), unique("llmt-gap")
+    docs = install(api, system)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
+    admin = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    ca = (
+        admin.get("certificate-authority-data")
+        or base64.b64encode(pathlib.Path(admin["certificate-authority"]).read_bytes()).decode()
+    )
+    name = unique("chat")
+    apps_api.create_namespaced_deployment(apps, _deployment(name))
+    custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
+    try:
+        with SeveringProxy(admin["server"], base64.b64decode(ca)) as proxy:
+            process, log, _, _ = start_chart_operator(
+                api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600",
+                server=f"http://127.0.0.1:{proxy.port}",
+            )  # fmt: skip
+            try:
+                wait_for(lambda: _port(apps_api.read_namespaced_deployment(name, apps)) == "9464", "injected")
+                # Settled: the operator's last pass is done (its status written).
+                wait_for(
+                    lambda: (
+                        (
+                            (
+                                custom.get_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name).get("status")
+                                or {}
+                            ).get("observedGeneration")
+                        )
+                        == 1
+                    ),
+                    "the resource's status written",
+                )
+                time.sleep(2)
+                proxy.off()
+                cut = time.monotonic()
+                time.sleep(2)  # the operator's watches have ended, and their retries fail
+                custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, apps, PLURAL, name, {"spec": {"metrics": {"port": 9500}}}
+                )
+                apply(api, {**_deployment(name), "metadata": {**_deployment(name)["metadata"], "namespace": apps}})
+                replaced = apps_api.read_namespaced_deployment(name, apps)
+                assert _port(replaced) is None
+                # Every pod template the Deployment is given from now on, in order.
+                templates: list[str | None] = []
+                watcher = watch.Watch()
+
+                def follow() -> None:
+                    with contextlib.suppress(Exception):  # (the stream cut when the test stops it)
+                        _follow()
+
+                def _follow() -> None:
+                    for event in watcher.stream(
+                        apps_api.list_namespaced_deployment,
+                        apps,
+                        field_selector=f"metadata.name={name}",
+                        resource_version=replaced.metadata.resource_version,
+                        timeout_seconds=120,
+                    ):
+                        deployment = event["object"]
+                        port = _port(deployment)
+                        if not templates or templates[-1] != port:
+                            templates.append(port)
+
+                follower = threading.Thread(target=follow, daemon=True)
+                follower.start()
+                # Back after some 13 s: the workloads' watch, retrying after 1, 2, 4 and 8 s, is back at about 15 s;
+                # kopf's watch, retrying after 1, 1, 2, 3, 5 and 8 s, at about 20 s. (With a gap of a few seconds
+                # either may come back first.)
+                time.sleep(max(0.0, 13.0 - (time.monotonic() - cut)))
+                proxy.on()
+                wait_for(lambda: templates and templates[-1] == "9500", "the new spec's injection", timeout=120)
+                time.sleep(5)  # any later change of the pod template would show now
+                watcher.stop()
+                # (The Deployment controller's status updates carry the same template: only changes are kept.)
+                changes = [port for port in templates if port is not None]
+                assert changes == ["9500"], (templates, log.read_text()[-4000:])
+                custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name)
+                wait_for(
+                    lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"], "deleted"
+                )
+                assert process.poll() is None, log.read_text()[-4000:]
+            finally:
+                stop(process)
+    finally:
+        uninstall(api, docs, (apps, system))

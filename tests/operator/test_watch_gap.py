@@ -1,0 +1,66 @@
+"""After a gap in the watches (the API server out of reach, then its history compacted: 410 Gone), a pass that an
+event of the workloads' own watch starts runs with the LLMTelemetry as the API server has it now, not with the body
+kopf's watch delivered before the gap.
+
+The workloads' watch often resumes before kopf's watch of the resources has listed them again: its events started
+passes with a spec from before the gap, so a spec edited meanwhile was applied in its old form first (a rollout of
+the workload) and in its new one when kopf caught up (a second rollout). Here kopf's watch never hears of the edit
+(it is stored with no watch event, as if made while every watch was away), so only a pass that reads the resource
+again applies it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kopf_testing import (
+    DEPLOYMENTS,
+    LLMT,
+    NAMESPACE,
+    deployment,
+    eventually,
+    get,
+    install_default_collectors,
+    install_prometheus_operator_crds,
+    minimal_llmt,
+    ready,
+    running_operator,
+)
+
+
+def metrics_port(dep: Any) -> str | None:
+    """The metrics port injected into a Deployment's pod template, or None without an injection."""
+    env = (dep or {})["spec"]["template"]["spec"]["containers"][0].get("env") or []
+    return next((e.get("value") for e in env if e["name"] == "LLM_TELEMETRY_METRICS_PORT"), None)
+
+
+async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the_gap(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        owner = await ready(emulator)
+        assert metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464"
+        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
+        # In the gap: the spec edited, and the workload put back as its manifest has it (a GitOps re-apply, which
+        # drops the injection); no watch hears of either.
+        edited = {**owner, "spec": {**owner["spec"], "metrics": {"port": 9500}}}
+        edited["metadata"] = {**owner["metadata"], "generation": 2}
+        emulator.write_unseen(LLMT, NAMESPACE, "chat", edited)
+        reapplied = deployment()
+        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
+        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
+        # The workloads' watch comes back to a compacted history: it lists them again, and the re-applied
+        # Deployment starts a pass.
+        await emulator.expire_watches("deployments")
+        await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9500", "the new spec injected")
+        # The old spec's injection was never written back in between: one rollout, not two.
+        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        assert [port for port in ports if port is not None] == ["9500"], ports
+        await eventually(
+            lambda: (get(emulator, LLMT, "chat") or {}).get("status", {}).get("observedGeneration") == 2,
+            "the edited generation observed",
+        )
