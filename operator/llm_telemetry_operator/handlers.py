@@ -214,6 +214,10 @@ class OperatorState:
     #: (time.monotonic()), so that a burst of refusals asks at most once every ACCESS_RECHECK_SECONDS.
     access_recheck: asyncio.Task[None] | None = None
     access_rechecked: float | None = None
+    #: The watched namespaces whose Role's grants the check under way asks about (None: every one), and those where
+    #: a call was refused meanwhile, to be asked about once it is done (see _recheck_access).
+    access_checking: frozenset[str] | None = None
+    access_wanted: set[str] = field(default_factory=set)
     #: When a review of the check under way was last answered (time.monotonic()): see ACCESS_STARTUP_WAIT_SECONDS.
     access_answered: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
@@ -686,7 +690,13 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     that the last check did not find missing (a Role or ClusterRole changed since). At most one check at a time,
     and one every ACCESS_RECHECK_SECONDS."""
     now = time.monotonic()
+    where = {namespace} if namespace and namespace in _config(memo).namespaces else set()
     if state.access_recheck is not None and not state.access_recheck.done():
+        if state.access_checking is not None and not where <= state.access_checking:
+            # The check under way does not ask about this namespace's Role (in namespaced mode the periodic check asks
+            # about the cluster-wide grants only): it is asked about once that check is done. Dropped, the refusal of a
+            # call made once was never explained, and with checks slower than the resync interval, never any.
+            state.access_wanted |= where
         return
     if state.access_rechecked is not None and now - state.access_rechecked < ACCESS_RECHECK_SECONDS:
         return
@@ -696,8 +706,7 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
         return
     state.access_rechecked = now
     logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
-    config = _config(memo)
-    _start_access_check(memo, state, logger, {namespace} if namespace and namespace in config.namespaces else set())
+    _start_access_check(memo, state, logger, where)
 
 
 def _start_access_check(memo: Any, state: OperatorState, logger: Any, where: set[str] | None) -> asyncio.Task[None]:
@@ -709,7 +718,13 @@ def _start_access_check(memo: Any, state: OperatorState, logger: Any, where: set
             await _check_access(memo, state, logger, namespaces=where)
         except Exception:
             logger.exception("checking the operator's permissions failed")
+        if state.access_wanted:
+            # Refused meanwhile where this check did not ask: a check there now (the next check under way).
+            wanted, state.access_wanted = set(state.access_wanted), set()
+            state.access_rechecked = time.monotonic()
+            _start_access_check(memo, state, logger, wanted)
 
+    state.access_checking = None if where is None else frozenset(where)
     state.access_recheck = asyncio.get_running_loop().create_task(check(), name="llm-telemetry-access-recheck")
     return state.access_recheck
 

@@ -490,3 +490,41 @@ async def test_a_pass_refused_by_an_admission_step_starts_no_permission_check(
     # (The periodic check, every second here, asks about the cluster-wide grants only.)
     assert reviews_in(emulator, NAMESPACE) == asked
     assert not errors_naming(caplog, "permission(s) it needs")
+
+
+async def test_a_refusal_met_while_a_check_that_does_not_ask_there_is_under_way_has_that_namespace_asked_after_it(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Namespaced mode: the periodic check asks only about the cluster-wide grants. A call refused in a watched
+    namespace while such a check is under way (its reviews slow to come) started no check there: the one under way
+    was taken for it. The refusal seen once (the verb back on the call, not in the reviews: the call is not made
+    again), its namespace was never asked about, and the missing permission never named. Now it is asked about
+    once the check under way is done."""
+    from kopf_testing import DEPLOYMENTS, deployment
+
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(
+        peering="test-peering", metrics_port=0, health="", resync_seconds=1, namespaces=(NAMESPACE,)
+    )
+    named = f"patch deployments.apps (in namespace {NAMESPACE})"
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    async with running_operator(config):
+        await started(caplog)
+        await eventually(lambda: reviews_in(emulator, NAMESPACE) > 0, "the first check asks about the Role")
+        emulator.reviews_held = asyncio.Event()
+        asked = reviews(emulator)
+        await eventually(lambda: reviews(emulator) > asked, "a periodic check under way, its answers held")
+        in_namespace = reviews_in(emulator, NAMESPACE)
+        emulator.unauthorized.add(("apps", "deployments", "patch", NAMESPACE))
+        emulator.deny[("deployments", "chat")] = (
+            403,
+            "Forbidden",
+            'deployments.apps "chat" is forbidden: cannot patch resource "deployments" in API group "apps"',
+        )
+        await create_named(emulator, "chat")
+        await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "Injected False, InjectionFailed")
+        assert reviews_in(emulator, NAMESPACE) == in_namespace  # (the check under way does not ask there)
+        emulator.deny.clear()
+        emulator.reviews_held.set()
+        await eventually(lambda: errors_naming(caplog, named), "the ERROR naming the Role's permission")
+        assert reviews_in(emulator, NAMESPACE) > in_namespace
