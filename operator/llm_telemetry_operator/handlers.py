@@ -1409,17 +1409,30 @@ async def _reread_after_gap(
     did before, and the next pass tries again."""
     breaks = state.watch_breaks
     uid = body["metadata"].get("uid") or ""
+    had = state.bodies.get(key)
     try:
         current = await _read_again(memo, key, uid)
     except ApiError as exc:
         logger.debug("could not read the resource again after a watch failed (%s); passing with the last body", exc)
         return body
+    if state.bodies.get(key) is not had:
+        return state.bodies.get(key) or body  # kopf's watch delivered it meanwhile: as new as the read, or newer
     state.tracked_breaks[key] = breaks
     if current is None:
         return body  # deleted meanwhile, or another resource of that name: kopf's watch tells, as before
+    if _generation(current) < _generation(body):
+        # The list is served from an API server's watch cache, which may lag behind the one kopf's watch reads
+        # (several API servers): an older body than the one had is not taken back.
+        return body
     _track(state, current)
     state.tracked_breaks[key] = breaks
     return state.bodies[key]
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    """A resource's ``metadata.generation`` (0 when it has none), which every change of its spec raises."""
+    generation = body.get("metadata", {}).get("generation")
+    return generation if isinstance(generation, int) else 0
 
 
 def _watch_broken(memo: Any) -> None:

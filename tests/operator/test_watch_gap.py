@@ -64,3 +64,29 @@ async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the
             lambda: (get(emulator, LLMT, "chat") or {}).get("status", {}).get("observedGeneration") == 2,
             "the edited generation observed",
         )
+
+
+async def test_a_read_after_a_watch_gap_older_than_the_body_had_is_not_taken(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The read after a gap is a list from an API server's watch cache, which may lag behind the one kopf's watch
+    reads (several API servers behind one address): a body of an older generation than the one had is not applied."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        owner = await ready(emulator)
+        generation = owner["metadata"]["generation"]
+        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
+        # A lagging cache's answer: the resource as it was before its last spec change.
+        lagging = {**owner, "spec": {**owner["spec"], "metrics": {"port": 9600}}}
+        lagging["metadata"] = {**owner["metadata"], "generation": generation - 1}
+        emulator.write_unseen(LLMT, NAMESPACE, "chat", lagging)
+        reapplied = deployment()
+        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
+        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
+        await emulator.expire_watches("deployments")
+        await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464", "injected again")
+        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        assert "9600" not in ports, ports
