@@ -701,6 +701,44 @@ def _as_requests_error(error: Exception) -> Exception:
     return mapped
 
 
+def _as_requests_request_error(error: Exception) -> Exception:
+    """``error``, raised by urllib3 before an answer came (no connection, none made, no status line, a read timeout
+    waiting for the headers), as ``requests``' adapter raises it: the SDK's ``requests`` transport judges a retry by
+    these types, and its export metric names the type as ``error.type`` (``ConnectionError``, not urllib3's
+    ``MaxRetryError`` or ``ProtocolError``; ``ReadTimeout``, which it retries, not ``ReadTimeoutError``, which the
+    urllib3 transport's rule does not). Anything else as it is."""
+    import requests.exceptions
+    import urllib3.exceptions
+
+    mapped: Exception
+    if isinstance(error, urllib3.exceptions.MaxRetryError):
+        reason = error.reason
+        if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+            reason, urllib3.exceptions.NewConnectionError
+        ):
+            mapped = requests.exceptions.ConnectTimeout(error)
+        elif isinstance(reason, urllib3.exceptions.ResponseError):
+            mapped = requests.exceptions.RetryError(error)
+        elif isinstance(reason, urllib3.exceptions.ProxyError):
+            mapped = requests.exceptions.ProxyError(error)
+        elif isinstance(reason, urllib3.exceptions.SSLError):
+            mapped = requests.exceptions.SSLError(error)
+        else:
+            mapped = requests.exceptions.ConnectionError(error)
+    elif isinstance(error, (urllib3.exceptions.ProtocolError, OSError, urllib3.exceptions.ClosedPoolError)):
+        mapped = requests.exceptions.ConnectionError(error)
+    elif isinstance(error, urllib3.exceptions.ProxyError):
+        mapped = requests.exceptions.ProxyError(error)
+    elif isinstance(error, urllib3.exceptions.SSLError):
+        mapped = requests.exceptions.SSLError(error)
+    elif isinstance(error, urllib3.exceptions.ReadTimeoutError):
+        mapped = requests.exceptions.ReadTimeout(error)
+    else:
+        return error
+    mapped.__context__ = error  # as requests raises it; :func:`_forget_frames` reaches the original through it
+    return mapped
+
+
 def _answer_through_requests(response: Any) -> _Answer:
     """At most :data:`ANSWER_BYTES` of ``response`` (``requests``), read the way ``requests`` reads any body, for
     an answer that does not come from urllib3: a session given to the exporter may mount an adapter of its own."""
@@ -864,7 +902,7 @@ def _bounded_request(
         else:
             return None
     except Exception as error:  # no answer: a failed request, as the SDK transports report it
-        return _Answer(error=error)
+        return _Answer(error=_as_requests_request_error(error) if requests_errors else error)
     return _read_answer(raw, raw.status, deadline, through_requests=requests_errors)
 
 

@@ -631,3 +631,56 @@ def test_a_body_read_timing_out_is_judged_as_the_sdk_default_judges_it(
             sender.shutdown()
     assert failures["sdk"] and "due to timeout" in failures["sdk"][-1]
     assert failures["ours"] == failures["sdk"]
+
+
+@contextmanager
+def failing_before_the_answer(kind: str) -> Iterator[str]:
+    """An address at which a request gets no answer: ``refused`` (nothing listens there), ``silent`` (an endpoint
+    that reads the request and sends nothing, until the test ends) or ``closing`` (one that closes the connection
+    without answering)."""
+    if kind == "refused":
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+        return
+    done = threading.Event()
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        if kind == "silent":
+            done.wait(120)
+        return False
+
+    try:
+        with raw_endpoint(answer) as url:
+            yield url
+    finally:
+        done.set()
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent", "closing"])
+def test_a_request_that_gets_no_answer_fails_as_the_sdk_default_fails_it(
+    signal: str, kind: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """To a plain-http collector ours sends through urllib3 where the SDK's exporter sends through ``requests``:
+    a request that gets no answer fails with the error ``requests`` reports (the SDK's export metric names its type as
+    ``error.type``) and as that transport's retry rule judges it. urllib3's own errors were reported: ``MaxRetryError``
+    and ``ProtocolError`` where the default says ``ConnectionError``, and a read timeout waiting for the headers as
+    ``ReadTimeoutError``, which the urllib3 transport's rule takes for no connection error (the export failed as
+    for an error not worth retrying, where the default's ``ReadTimeout`` is one it retries while time is left)."""
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")  # the exporters' own metrics
+    ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
+    sdk_logger = logging.getLogger(sdks.__module__)  # its DuplicateFilter: see the test above
+    failures: dict[str, list[str]] = {}
+    types: dict[str, set[str]] = {}
+    with failing_before_the_answer(kind) as url:
+        for name, exporter in (("sdk", sdks), ("ours", ours)):
+            caplog.clear()
+            with caplog.at_level(logging.ERROR):
+                sdk_logger.error("exporting through %s", name)
+                types[name] = _export_error_types(exporter, signal, url)
+            failures[name] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Failed to export")]
+    assert len(types["sdk"]) == 1 and failures["sdk"]  # the SDK exporter's, as the reference
+    assert types["ours"] == types["sdk"]
+    assert failures["ours"] == failures["sdk"]
