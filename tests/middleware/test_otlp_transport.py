@@ -12,6 +12,8 @@ import logging
 import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -684,3 +686,43 @@ def test_a_request_that_gets_no_answer_fails_as_the_sdk_default_fails_it(
     assert len(types["sdk"]) == 1 and failures["sdk"]  # the SDK exporter's, as the reference
     assert types["ours"] == types["sdk"]
     assert failures["ours"] == failures["sdk"]
+
+
+def _gzip_of_zeros(size: int) -> bytes:
+    """A gzip member of ``size`` zero bytes, compressed piece by piece (about a thousandth of the size)."""
+    compressor, zeros = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(1 << 24)
+    return b"".join([*(compressor.compress(zeros) for _ in range(size // len(zeros))), compressor.flush()])
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip"])
+def test_an_encoded_answer_that_decodes_to_far_more_is_decoded_no_further_than_an_answer_needs(
+    signal: str, encoding: str
+) -> None:
+    """A 200 whose small encoded body decodes to hundreds of MiB (a decompression bomb; here 64 KiB of gzip that is
+    64 MiB of zeros, and 0.5 KiB of gzip of gzip that is 256 MiB of them) is decoded no further than the 64 KiB an
+    answer is read to, in memory too. urllib3 before 2.6 decodes the whole of each read from the body at once
+    whatever was asked of it: the export traced 128 and 512 MiB of memory at its peak (urllib3 1.26.20; the SDK's
+    exporter, which reads and decodes all of it, the same). With urllib3 2.6 and later, whose decoders give no more
+    than asked, this holds either way."""
+    body = _gzip_of_zeros(64 << 20) if encoding == "gzip" else gzip.compress(_gzip_of_zeros(256 << 20), 9)
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-encoding: "
+            + encoding.encode()
+            + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        return True
+
+    with raw_endpoint(answer) as url:
+        exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+        sender = exporter(endpoint=url + _path(signal), timeout=30)
+        tracemalloc.start()
+        try:
+            assert _sent(sender, _items(signal, "bombed"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        sender.shutdown()
+    assert peak < 16 << 20, peak
