@@ -831,7 +831,7 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    if sock is not None:
+                    if sock is not None and _socket_of(raw) is sock:
                         cut = own_timeout is None or left < own_timeout
                         sock.settimeout(left if cut else own_timeout)
                 piece = read(ANSWER_BYTES + 1 - len(body), decode_content=not encoding)
@@ -843,9 +843,14 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
             if not cut:  # the transport's own read timeout: the request failed, as in the SDK transports
                 raise
         finally:
-            # urllib3 puts a connection back in its pool as it reads the end of the body, with the timeout it was
-            # left with: the socket's own goes back, whether or not the reading ended there.
-            if sock is not None:
+            # The socket's own timeout goes back while the answer holds its connection. urllib3 puts a connection
+            # back in its pool as it reads the end of the body, in the read that gets it: from then on it is the
+            # pool's, and the next export's, maybe in another thread (a SimpleSpanProcessor exports from the
+            # threads that end spans), which may be using its socket or have closed it. Setting a timeout on it
+            # then failed that export with EBADF (3 in 6,300 exports from two threads through one exporter) or
+            # changed another's read timeout. Left lowered, it is harmless: urllib3 sets a reused connection's
+            # socket timeout before it sends (1.26 and 2.x).
+            if sock is not None and _socket_of(raw) is sock:
                 with contextlib.suppress(OSError):  # a socket closed meanwhile has no timeout to set
                     sock.settimeout(own_timeout)
         if encoding:  # what came (before the deadline), decoded

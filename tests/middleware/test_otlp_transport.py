@@ -726,3 +726,38 @@ def test_an_encoded_answer_that_decodes_to_far_more_is_decoded_no_further_than_a
             tracemalloc.stop()
         sender.shutdown()
     assert peak < 16 << 20, peak
+
+
+def test_one_exporter_used_from_two_threads_delivers_every_export(signal: str) -> None:
+    """Two threads exporting through one exporter (a SimpleSpanProcessor exports from each thread that ends a span)
+    share its connection pool: the connection one export's answer frees goes to the next export, maybe the other
+    thread's, while the first is still finishing its reading. Its socket is no longer the first one's to time: a
+    timeout set on it then failed an export with EBADF (the other thread had closed it), 3 in 6,300."""
+    received: list[int] = []
+    reply = b"an answer"  # a body, read in the reading's loop (an empty one ends before it)
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        received.append(1)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(reply), reply)
+        )
+        return True
+
+    failed: list[str] = []
+    with raw_endpoint(answer) as url:
+        exporter = (OTLPSpanExporter if signal == "spans" else OTLPLogExporter)(endpoint=url + _path(signal), timeout=5)
+
+        def export(name: str, times: int) -> None:
+            for _ in range(times):
+                if not _sent(exporter, _items(signal, name)):
+                    failed.append(name)
+
+        threads = [threading.Thread(target=export, args=(name, times)) for name, times in (("one", 300), ("two", 6000))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        exporter.shutdown()
+    assert failed == []
+    assert len(received) == 6300
