@@ -1026,7 +1026,14 @@ async def _reconcile(
         if latest is not None and (latest["metadata"].get("uid") or "") == uid:
             body = latest
         if state.tracked_breaks.get(key, 0) < state.watch_breaks:
-            body = await _reread_after_gap(memo, state, key, body, logger)
+            reread = await _reread_after_gap(memo, state, key, body, logger)
+            if reread is None:
+                # Gone, made anew, or being deleted while the watches were away: a pass with the body had before
+                # would inject the old spec again (a rollout) for a resource that no longer wants it.
+                if key in state.bodies and not state.bodies[key]["metadata"].get("deletionTimestamp"):
+                    state.schedule.failed(key)  # (read again then; kopf's watch forgets it first when it is gone)
+                return None
+            body = reread
         try:
             claimed = await _claim(memo, body, logger)
             if claimed is None:
@@ -1398,8 +1405,10 @@ async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, An
 
 async def _reread_after_gap(
     memo: Any, state: OperatorState, key: tuple[str, str], body: Mapping[str, Any], logger: Any
-) -> Mapping[str, Any]:
-    """The LLMTelemetry ``key`` read again, for a pass to run with, when its body was last had before a watch failed.
+) -> Mapping[str, Any] | None:
+    """The LLMTelemetry ``key`` read again, for a pass to run with, when its body was last had before a watch failed;
+    None when no pass is to run: it is gone, another resource has its name, or it is being deleted (kopf's watch
+    brings the deletion to its handler).
 
     The watches of the workloads and children resume by themselves, often before kopf's watch of the LLMTelemetry
     resources has listed them again after the same gap (kopf's retries wait longer); their events then started
@@ -1416,16 +1425,25 @@ async def _reread_after_gap(
         logger.debug("could not read the resource again after a watch failed (%s); passing with the last body", exc)
         return body
     if state.bodies.get(key) is not had:
-        return state.bodies.get(key) or body  # kopf's watch delivered it meanwhile: as new as the read, or newer
-    state.tracked_breaks[key] = breaks
+        # kopf's watch delivered it meanwhile (as new as the read, or newer), or its deletion (forgotten).
+        newer = state.bodies.get(key)
+        return None if newer is None or newer["metadata"].get("deletionTimestamp") else newer
     if current is None:
-        return body  # deleted meanwhile, or another resource of that name: kopf's watch tells, as before
+        # Deleted meanwhile (its finalizer taken off by hand, or by another operator), or made anew under another
+        # uid: not this body's to apply. Read again at the next pass, until kopf's watch tells.
+        logger.info("not found as it was before the watches failed (deleted, or made anew): no pass with that body")
+        return None
+    state.tracked_breaks[key] = breaks
     if _generation(current) < _generation(body):
         # The list is served from an API server's watch cache, which may lag behind the one kopf's watch reads
-        # (several API servers): an older body than the one had is not taken back.
+        # (several API servers): an older body than the one had is not taken back. (A deletion raises the
+        # generation too, so none is taken back either.)
         return body
     _track(state, current)
     state.tracked_breaks[key] = breaks
+    if state.bodies[key]["metadata"].get("deletionTimestamp"):
+        logger.info("being deleted since before the watches failed: no pass (the deletion's handler comes next)")
+        return None
     return state.bodies[key]
 
 

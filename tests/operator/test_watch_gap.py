@@ -11,8 +11,10 @@ again applies it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import pytest
 from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
@@ -90,3 +92,43 @@ async def test_a_read_after_a_watch_gap_older_than_the_body_had_is_not_taken(
         await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464", "injected again")
         ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
         assert "9600" not in ports, ports
+
+
+@pytest.mark.parametrize("gap", ["deleted", "made anew"])
+async def test_a_resource_deleted_or_made_anew_in_a_watch_gap_gets_no_pass_with_the_body_had_before(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture, gap: str
+) -> None:
+    """In the gap, the resource is deleted (its finalizer holds it, with a deletionTimestamp and a generation the API
+    server raised), or deleted and made anew under another uid; the workload is put back as its manifest has it. The
+    read after the gap finds that the body had is no longer one to apply: the pass that the workload's event started
+    injected the old spec again all the same (a rollout, undone by the deletion's handler a moment later, or an
+    injection naming a resource that is gone). Now no pass runs with it; kopf's watch brings the deletion or the new
+    resource (it never does here: neither write is seen by any watch)."""
+    caplog.set_level(logging.INFO)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        owner = await ready(emulator)
+        assert metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464"
+        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
+        if gap == "deleted":
+            meta = {**owner["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}
+            meta["generation"] = owner["metadata"]["generation"] + 1
+            emulator.write_unseen(LLMT, NAMESPACE, "chat", {**owner, "metadata": meta})
+        else:
+            anew = minimal_llmt(metrics={"port": 9500})
+            anew["metadata"]["uid"] = "uid-chat-anew"
+            emulator.write_unseen(LLMT, NAMESPACE, "chat", anew)
+        reapplied = deployment()
+        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
+        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
+        await emulator.expire_watches("deployments")
+        said = "being deleted since before" if gap == "deleted" else "not found as it was before"
+        await eventually(
+            lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) is not None or said in caplog.text,
+            "the pass the re-applied workload's event started",
+        )
+        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        assert ports[-1] is None, ports
