@@ -1028,12 +1028,19 @@ async def _reconcile(
         if state.tracked_breaks.get(key, 0) < state.watch_breaks:
             reread = await _reread_after_gap(memo, state, key, body, logger)
             if reread is None:
-                # Gone, made anew, or being deleted while the watches were away: a pass with the body had before
-                # would inject the old spec again (a rollout) for a resource that no longer wants it.
-                if key in state.bodies and not state.bodies[key]["metadata"].get("deletionTimestamp"):
-                    state.schedule.failed(key)  # (read again then; kopf's watch forgets it first when it is gone)
+                # Gone, or made anew, while the watches were away: a pass with the body had before would inject the
+                # old spec again (a rollout) for a resource that no longer wants it. Read again at a retry, unless
+                # kopf's watch forgets it first.
+                if key in state.bodies:
+                    state.schedule.failed(key)
                 return None
             body = reread
+        if body["metadata"].get("deletionTimestamp"):
+            # Being deleted: the body this pass was asked for predates it, and kopf's watch (or the read after a
+            # gap) brought the deletion while the pass waited. The deletion's handler undoes what the passes did; a
+            # pass now would redo it first (an injection, a rollout each way).
+            logger.info("being deleted: no pass (the deletion's handler undoes what the passes did)")
+            return None
         try:
             claimed = await _claim(memo, body, logger)
             if claimed is None:
@@ -1407,8 +1414,7 @@ async def _reread_after_gap(
     memo: Any, state: OperatorState, key: tuple[str, str], body: Mapping[str, Any], logger: Any
 ) -> Mapping[str, Any] | None:
     """The LLMTelemetry ``key`` read again, for a pass to run with, when its body was last had before a watch failed;
-    None when no pass is to run: it is gone, another resource has its name, or it is being deleted (kopf's watch
-    brings the deletion to its handler).
+    None when it is gone or another resource has its name (no pass is to run with ``body`` then).
 
     The watches of the workloads and children resume by themselves, often before kopf's watch of the LLMTelemetry
     resources has listed them again after the same gap (kopf's retries wait longer); their events then started
@@ -1425,9 +1431,8 @@ async def _reread_after_gap(
         logger.debug("could not read the resource again after a watch failed (%s); passing with the last body", exc)
         return body
     if state.bodies.get(key) is not had:
-        # kopf's watch delivered it meanwhile (as new as the read, or newer), or its deletion (forgotten).
-        newer = state.bodies.get(key)
-        return None if newer is None or newer["metadata"].get("deletionTimestamp") else newer
+        # kopf's watch delivered it meanwhile (as new as the read, or newer), or that it is gone (forgotten).
+        return state.bodies.get(key)
     if current is None:
         # Deleted meanwhile (its finalizer taken off by hand, or by another operator), or made anew under another
         # uid: not this body's to apply. Read again at the next pass, until kopf's watch tells.
@@ -1441,9 +1446,6 @@ async def _reread_after_gap(
         return body
     _track(state, current)
     state.tracked_breaks[key] = breaks
-    if state.bodies[key]["metadata"].get("deletionTimestamp"):
-        logger.info("being deleted since before the watches failed: no pass (the deletion's handler comes next)")
-        return None
     return state.bodies[key]
 
 
