@@ -1029,10 +1029,9 @@ async def _reconcile(
             reread = await _reread_after_gap(memo, state, key, body, logger)
             if reread is None:
                 # Gone, or made anew, while the watches were away: a pass with the body had before would inject the
-                # old spec again (a rollout) for a resource that no longer wants it. Read again at a retry, unless
-                # kopf's watch forgets it first.
-                if key in state.bodies:
-                    state.schedule.failed(key)
+                # old spec again (a rollout) for a resource that no longer wants it. Forgotten, as kopf's watch, had
+                # it listed anew after a 410, would never say it went (a new one of that name it does deliver).
+                _forget_unreported(memo, state.logger or logger, state, key, uid)
                 return None
             body = reread
         if body["metadata"].get("deletionTimestamp"):
@@ -1434,10 +1433,7 @@ async def _reread_after_gap(
         # kopf's watch delivered it meanwhile (as new as the read, or newer), or that it is gone (forgotten).
         return state.bodies.get(key)
     if current is None:
-        # Deleted meanwhile (its finalizer taken off by hand, or by another operator), or made anew under another
-        # uid: not this body's to apply. Read again at the next pass, until kopf's watch tells.
-        logger.info("not found as it was before the watches failed (deleted, or made anew): no pass with that body")
-        return None
+        return None  # deleted meanwhile (its finalizer taken off by hand, or by another operator), or made anew
     state.tracked_breaks[key] = breaks
     if _generation(current) < _generation(body):
         # The list is served from an API server's watch cache, which may lag behind the one kopf's watch reads
@@ -2063,16 +2059,25 @@ async def _child_deleted(
     except ApiError:
         found = None  # cannot tell: the pass decides, as for any child event
     if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):
-        if (state.bodies.get(key) or {}).get("metadata", {}).get("uid") == uid:
-            _forget(state, key, owner)
-            log.info("is gone, though its deletion was never reported (a watch listed anew); forgotten")
-            # The resources next in line take over what it held (an injection record naming an LLMTelemetry that
-            # does not exist holds its workload for nobody).
-            for peer, body in sorted(state.bodies.items()):
-                if peer[0] == key[0] and not body["metadata"].get("deletionTimestamp"):
-                    _start_pass(memo, logger, state, peer, body, "handover", lambda outcome: False)
+        _forget_unreported(memo, logger, state, key, uid)
         return
     await _reconcile(memo, owner, "child", log, answered=answered)
+
+
+def _forget_unreported(memo: Any, logger: Any, state: OperatorState, key: tuple[str, str], uid: str | None) -> None:
+    """Forget the LLMTelemetry ``key`` of ``uid``, found gone though kopf's watch never said so (it lists anew after
+    a 410 and reports nothing of what went meanwhile), and have the resources next in line take over what it held
+    (an injection record naming an LLMTelemetry that does not exist holds its workload for nobody)."""
+    owner = state.bodies.get(key)
+    if owner is None or owner["metadata"].get("uid") != uid:
+        return
+    _forget(state, key, owner)
+    _ObjectLog(logger, {"object": "/".join(key)}).info(
+        "is gone, though its deletion was never reported (a watch listed anew); forgotten"
+    )
+    for peer, body in sorted(state.bodies.items()):
+        if peer[0] == key[0] and not body["metadata"].get("deletionTimestamp"):
+            _start_pass(memo, logger, state, peer, body, "handover", lambda outcome: False)
 
 
 async def _crd_gone(memo: Any) -> bool:

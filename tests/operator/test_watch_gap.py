@@ -125,7 +125,7 @@ async def test_a_resource_deleted_or_made_anew_in_a_watch_gap_gets_no_pass_with_
         reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
         emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
         await emulator.expire_watches("deployments")
-        said = "being deleted: no pass" if gap == "deleted" else "not found as it was before"
+        said = "being deleted: no pass" if gap == "deleted" else "is gone, though its deletion was never reported"
         await eventually(
             lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) is not None or said in caplog.text,
             "the pass the re-applied workload's event started",
