@@ -82,7 +82,7 @@ class SeveringProxy:
         from aiohttp import web
 
         context = ssl_context(self.ca_data)
-        hop = {"host", "content-length", "transfer-encoding", "content-encoding", "connection"}
+        hop = {"host", "content-length", "transfer-encoding", "connection"}
 
         async def forward(request: web.Request) -> web.StreamResponse:
             task = asyncio.current_task()
