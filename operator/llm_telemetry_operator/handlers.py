@@ -1430,8 +1430,10 @@ async def _reread_after_gap(
         logger.debug("could not read the resource again after a watch failed (%s); passing with the last body", exc)
         return body
     if state.bodies.get(key) is not had:
-        # kopf's watch delivered it meanwhile (as new as the read, or newer), or that it is gone (forgotten).
-        return state.bodies.get(key)
+        # kopf's watch delivered it meanwhile (as new as the read, or newer), or that it is gone (forgotten), or a
+        # new resource of that name (its own handlers give it its passes: this one's uid is not its uid).
+        newer = state.bodies.get(key)
+        return newer if newer is not None and (newer["metadata"].get("uid") or "") == uid else None
     if current is None:
         return None  # deleted meanwhile (its finalizer taken off by hand, or by another operator), or made anew
     state.tracked_breaks[key] = breaks
