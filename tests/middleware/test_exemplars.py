@@ -227,3 +227,65 @@ def test_a_real_prometheus_keeps_them_for_the_dashboards_latency_panels(
                     assert len(exemplar["span_id"]) == 16
     finally:
         stop_process(prometheus)
+
+
+@pytest.mark.parametrize("exemplar_filter", ["trace_based", "always_on"])
+def test_the_exemplar_is_the_calls_span_when_another_span_is_current_as_it_is_recorded(
+    receiver: OTLPReceiver, exemplar_filter: str
+) -> None:
+    """A call is recorded as its answer's last message goes out, inside the app's ``send``. OpenTelemetry's ASGI
+    middleware placed inside ours makes a span of its own current around each ``send`` it passes on: the exemplar
+    still names the call's LLM span, with either filter, not that ``http send`` span (its child)."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from llm_telemetry import LLMTelemetryMiddleware
+    from otlp_receiver import isolated_env
+    from support import serve
+
+    async def chat(request: Request) -> JSONResponse:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        answer = {"id": "c", "object": "chat.completion", "created": 0, "model": "gpt-4o", "choices": [choice]}
+        return JSONResponse({**answer, "usage": usage})
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"llm-exemplar-inner-{exemplar_filter}"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint + "/v1/traces")))
+    inner = OpenTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), tracer_provider=provider
+    )
+    with isolated_env({"OTEL_METRICS_EXEMPLAR_FILTER": exemplar_filter}):
+        app = LLMTelemetryMiddleware(
+            inner, metrics_port=0, metrics_app_path="/metrics", tracer_provider=provider, request_logs=False
+        )
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    rid = f"ex-inner-{exemplar_filter}"
+
+    def recorded(metrics: Metrics) -> None:
+        assert metrics.value("llm_requests_total") == 1
+
+    try:
+        with serve(app) as base:
+            sdk = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+            sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], extra_headers={"x-request-id": rid}
+            )
+            port = int(base.rsplit(":", 1)[1])
+            settled(port, recorded, seconds=RECORDED_WITHIN)
+            om = scrape_text(port, "/metrics?fresh", accept=OPENMETRICS)
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
+    span = wait_span(receiver, **{"llm.request_id": rid})
+    # The app's own spans were current as the answer went out: they are children of the LLM span.
+    assert any(s.parent_span_id == span.span_id for s in receiver.spans)
+    ((labels, exemplar),) = exemplars(om, DURATION)
+    assert labels["gen_ai_request_model"] == "gpt-4o"
+    assert exemplar.labels == {"trace_id": span.trace_id, "span_id": span.span_id}
