@@ -27,7 +27,7 @@ from llm_telemetry import multiproc
 from llm_telemetry.config import Settings
 from llm_telemetry.instruments import CARDINALITY_LIMIT
 from llm_telemetry.labels import LabelLimiter
-from llm_telemetry.record import LLMCall
+from llm_telemetry.record import LLMCall, ToolResult
 from llm_telemetry.telemetry import Telemetry
 from support import Metrics
 
@@ -484,3 +484,38 @@ def test_tokens_past_the_limit_keep_their_detail_and_usage_source(tmp_path: Path
         ("output", "reported"): 5 * calls["reported"],
         ("output", "estimated"): 5 * calls["estimated"],
     }
+
+
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "worker-file"])
+def test_tool_results_past_the_limit_keep_their_status(tmp_path: Path, workers: bool) -> None:
+    """With the label cap raised (here to 1,200 values), one provider's tool names times the two statuses pass the
+    series limit: the tool results counted past it keep llm_tool_status, so a tool error ratio stays exact."""
+    settings = Settings.resolve(
+        metrics_port=0,
+        request_logs=False,
+        max_label_values=1200,
+        multiproc_dir=str(tmp_path / "state") if workers else "off",
+    )
+    telemetry = Telemetry(settings)
+    recorder = telemetry.recorder
+    tools = 1100  # 2,200 (tool, status) pairs: past CARDINALITY_LIMIT, within the label cap
+    try:
+        for i in range(tools):
+            call = LLMCall("chat", "openai", 100.0, request_model="gpt-4o")
+            call.end = 100.5
+            # Each tool once with an error, twice with a success, in one request.
+            call.tool_results = [ToolResult(f"tool-{i:04d}", is_error) for is_error in (True, False, False)]
+            recorder.start(call)
+            recorder.end(call)
+        text = generate_latest(telemetry.registry).decode()
+    finally:
+        telemetry.shutdown()
+    metrics = Metrics("\n".join(line for line in text.splitlines() if line.startswith("llm_tool_results")) + "\n")
+    series = [s for s in metrics.samples if s.name == "llm_tool_results_total"]
+    overflow = [s for s in series if s.labels.get("otel_metric_overflow") == "true"]
+    assert overflow and len(series) == CARDINALITY_LIMIT + len(overflow)
+    assert all(not s.labels.get("gen_ai_tool_name") for s in overflow)
+    by_status: dict[str, float] = {}
+    for s in series:
+        by_status[s.labels["llm_tool_status"]] = by_status.get(s.labels["llm_tool_status"], 0) + s.value
+    assert by_status == {"error": tools, "success": 2 * tools}
