@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -420,6 +421,43 @@ def test_an_obfuscated_run_with_one_chunk_not_of_the_shape_is_not_counted_in_bul
     run.insert(at, odd(head, middle, tail))
     assert not reader._shaped(run[at])
     assert not _obfuscated_run(reader._fast, run)
+
+
+@pytest.mark.parametrize("obfuscated", [False, True], ids=["plain", "obfuscated"])
+@pytest.mark.parametrize("groups", [[1], [3], [2, 5]])
+def test_a_delta_whose_last_line_break_does_not_end_its_event_is_no_delta_of_the_shape(
+    obfuscated: bool, groups: list[int]
+) -> None:
+    """A chunk with the bytes of a learnt text delta up to its last two, which are CR LF instead of the blank line:
+    its line ends there but its event does not, so the error event after it is a second data line of that event (not
+    JSON, nothing to read) and the stream ends without a finish. Read as the middleware reads it (one by one or
+    held), it records what reading the whole body at once records: no error, the four tokens before it, cut short;
+    not a fifth token and the server's error, as when the shape is matched on its head alone."""
+
+    def event(delta: dict[str, Any], n: int) -> bytes:
+        extra = {"obfuscation": "xyz"[: n % 3 + 1]} if obfuscated else {}
+        return encode(chat_chunk(delta, **extra), spaced=False, ascii_only=True)
+
+    chunks = [event({"role": "assistant", "content": ""}, 0)]
+    chunks += [event({"content": word}, n) for n, word in enumerate(["a", "b", "c", "d"])]
+    chunks += [
+        event({"content": "e"}, 1)[:-2] + b"\r\n",
+        b'data: {"error":{"message":"x","type":"overloaded_error"}}\n\n',
+    ]
+    spec = APIS["openai.chat"]
+    recorded = []
+    for pieces, sizes in ((chunks, groups), ([b"".join(chunks)], [1])):
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        reader = spec.response_reader(call, stream=True, capture=False)
+        read_as_middleware(reader, pieces, sizes)
+        assert (call.error_type, call.output_tokens, call.usage_source, reader.cut_short()) == (
+            None,
+            4,
+            "estimated",
+            True,
+        )
+        recorded.append(numbers(call)[:-1])  # (the first token's time: when its chunk came)
+    assert recorded[0] == recorded[1]
 
 
 @given(st.booleans(), st.lists(st.tuples(json_texts, plain_values), min_size=1, max_size=40))
