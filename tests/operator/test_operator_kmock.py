@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import itertools
 import json
@@ -1532,12 +1533,13 @@ async def test_children_deleted_with_their_namespace_are_not_fought_for(emulator
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/configmaps/chat-llm-dashboard")
         await eventually(lambda: len(creates()) > made, "a pass that tried to recreate them")
 
-        await asyncio.sleep(1)
+        await asyncio.sleep(4)
         tried = creates()[made:]
-        await asyncio.sleep(3)
         assert posted_events(emulator)[events_before:] == []
-        # A pass for each child deleted tried once; none was retried.
-        assert creates()[made:] == tried and 1 <= len(tried) <= 4, tried
+        # A pass for each child deleted (two at most) tried each missing child once; none was retried, which would
+        # ask for one of them a third time. (Counted, not compared with what a second earlier showed: on a loaded
+        # machine the second pass came more than a second after the first.)
+        assert 1 <= len(tried) <= 4 and max(collections.Counter(tried).values()) <= 2, tried
 
 
 async def test_two_workloads_whose_metrics_services_would_share_a_name_are_reported(
