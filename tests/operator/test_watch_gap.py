@@ -11,7 +11,9 @@ again applies it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -36,9 +38,10 @@ def metrics_port(dep: Any) -> str | None:
     return next((e.get("value") for e in env if e["name"] == "LLM_TELEMETRY_METRICS_PORT"), None)
 
 
-async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the_gap(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@contextlib.asynccontextmanager
+async def served(emulator: Any, monitoring_crds: Any) -> AsyncIterator[dict[str, Any]]:
+    """An operator serving one LLMTelemetry that selects one Deployment; the resource once Ready, and once kopf's
+    watch has delivered the echo of the pass's status write."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
@@ -46,21 +49,39 @@ async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the
     async with running_operator():
         owner = await ready(emulator)
         assert metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464"
-        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
+        await asyncio.sleep(1.0)
+        yield owner
+
+
+async def reapplied_in_gap(emulator: Any) -> None:
+    """The Deployment put back as its manifest has it (a GitOps re-apply, which drops the injection) with no watch
+    hearing of it, then the workloads' watch sent back to list them again (410): the re-applied one starts a pass."""
+    reapplied = deployment()
+    reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
+    emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
+    await emulator.expire_watches("deployments")
+
+
+def rollouts(emulator: Any) -> list[str | None]:
+    """The metrics port injected in each version the Deployment had (None: none injected)."""
+    return [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+
+
+async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the_gap(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    async with served(emulator, monitoring_crds) as owner:
         # In the gap: the spec edited, and the workload put back as its manifest has it (a GitOps re-apply, which
         # drops the injection); no watch hears of either.
         edited = {**owner, "spec": {**owner["spec"], "metrics": {"port": 9500}}}
         edited["metadata"] = {**owner["metadata"], "generation": 2}
         emulator.write_unseen(LLMT, NAMESPACE, "chat", edited)
-        reapplied = deployment()
-        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
-        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
         # The workloads' watch comes back to a compacted history: it lists them again, and the re-applied
         # Deployment starts a pass.
-        await emulator.expire_watches("deployments")
+        await reapplied_in_gap(emulator)
         await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9500", "the new spec injected")
         # The old spec's injection was never written back in between: one rollout, not two.
-        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        ports = rollouts(emulator)
         assert [port for port in ports if port is not None] == ["9500"], ports
         await eventually(
             lambda: (get(emulator, LLMT, "chat") or {}).get("status", {}).get("observedGeneration") == 2,
@@ -73,24 +94,15 @@ async def test_a_read_after_a_watch_gap_older_than_the_body_had_is_not_taken(
 ) -> None:
     """The read after a gap is a list from an API server's watch cache, which may lag behind the one kopf's watch
     reads (several API servers behind one address): a body of an older generation than the one had is not applied."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    async with running_operator():
-        owner = await ready(emulator)
+    async with served(emulator, monitoring_crds) as owner:
         generation = owner["metadata"]["generation"]
-        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
         # A lagging cache's answer: the resource as it was before its last spec change.
         lagging = {**owner, "spec": {**owner["spec"], "metrics": {"port": 9600}}}
         lagging["metadata"] = {**owner["metadata"], "generation": generation - 1}
         emulator.write_unseen(LLMT, NAMESPACE, "chat", lagging)
-        reapplied = deployment()
-        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
-        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
-        await emulator.expire_watches("deployments")
+        await reapplied_in_gap(emulator)
         await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464", "injected again")
-        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        ports = rollouts(emulator)
         assert "9600" not in ports, ports
 
 
@@ -105,14 +117,7 @@ async def test_a_resource_deleted_or_made_anew_in_a_watch_gap_gets_no_pass_with_
     injection naming a resource that is gone). Now no pass runs with it; kopf's watch brings the deletion or the new
     resource (it never does here: neither write is seen by any watch)."""
     caplog.set_level(logging.INFO)
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    async with running_operator():
-        owner = await ready(emulator)
-        assert metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464"
-        await asyncio.sleep(1.0)  # kopf's watch has delivered the echo of the pass's status write
+    async with served(emulator, monitoring_crds) as owner:
         if gap == "deleted":
             meta = {**owner["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}
             meta["generation"] = owner["metadata"]["generation"] + 1
@@ -121,14 +126,11 @@ async def test_a_resource_deleted_or_made_anew_in_a_watch_gap_gets_no_pass_with_
             anew = minimal_llmt(metrics={"port": 9500})
             anew["metadata"]["uid"] = "uid-chat-anew"
             emulator.write_unseen(LLMT, NAMESPACE, "chat", anew)
-        reapplied = deployment()
-        reapplied["metadata"]["generation"] = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] + 1
-        emulator.write_unseen(DEPLOYMENTS, NAMESPACE, "chat", reapplied)
-        await emulator.expire_watches("deployments")
+        await reapplied_in_gap(emulator)
         said = "being deleted: no pass" if gap == "deleted" else "is gone, though its deletion was never reported"
         await eventually(
             lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) is not None or said in caplog.text,
             "the pass the re-applied workload's event started",
         )
-        ports = [metrics_port(version) for version in emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"].history[:]]
+        ports = rollouts(emulator)
         assert ports[-1] is None, ports
