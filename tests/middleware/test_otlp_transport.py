@@ -293,6 +293,23 @@ def raw_endpoint(answer: Callable[[socket.socket, str], bool]) -> Iterator[str]:
 
 
 @contextmanager
+def held_endpoint(answer: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A :func:`raw_endpoint` that answers each connection once, with ``answer(conn, closing)``: ``closing`` is set
+    as the endpoint closes, for an answer that holds its connection (or paces its bytes) until then."""
+    closing = threading.Event()
+
+    def once(conn: socket.socket, path: str) -> bool:
+        answer(conn, closing)
+        return False
+
+    try:
+        with raw_endpoint(once) as url:
+            yield url
+    finally:
+        closing.set()
+
+
+@contextmanager
 def flooding_endpoint(
     size: int = FLOOD_BYTES, piece_bytes: int = 1 << 20, pause: float = 0.0, status: bytes = b"200 OK"
 ) -> Iterator[Flood]:
@@ -510,19 +527,14 @@ def test_a_session_answering_through_an_adapter_of_its_own_exports(signal: str) 
 def stalling_endpoint() -> Iterator[str]:
     """An HTTP endpoint on 127.0.0.1 whose every answer stops in its body: 200, a content-length of 100 and 10 bytes
     of it at once, then nothing more while the connection stays open (until the endpoint is closed)."""
-    done = threading.Event()
 
-    def answer(conn: socket.socket, path: str) -> bool:
+    def answer(conn: socket.socket, done: threading.Event) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 100\r\n\r\n")
         conn.sendall(b"0123456789")
         done.wait(120)
-        return False
 
-    try:
-        with raw_endpoint(answer) as url:
-            yield url
-    finally:
-        done.set()
+    with held_endpoint(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize("transport", ["plain-http", "session-given"])
@@ -553,9 +565,8 @@ def encoded_trickling_endpoint() -> Iterator[str]:
     """An HTTP endpoint on 127.0.0.1 whose every answer is 200 with a gzip body (content-length 1000) that comes as
     bytes decoding to nothing: a gzip header naming a file, then the name a byte every 0.2 s, 20 of them, and the
     connection closed short of the body."""
-    done = threading.Event()
 
-    def answer(conn: socket.socket, path: str) -> bool:
+    def answer(conn: socket.socket, done: threading.Event) -> None:
         conn.sendall(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-encoding: gzip\r\n"
             b"content-length: 1000\r\n\r\n"
@@ -565,13 +576,9 @@ def encoded_trickling_endpoint() -> Iterator[str]:
             if done.wait(0.2):
                 break
             conn.sendall(b"a")
-        return False
 
-    try:
-        with raw_endpoint(answer) as url:
-            yield url
-    finally:
-        done.set()
+    with held_endpoint(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize("transport", ["plain-http", "session-given"])
@@ -593,18 +600,13 @@ def test_an_encoded_answer_whose_bytes_decode_to_nothing_is_delivered_at_the_tim
 def closing_stalling_endpoint() -> Iterator[str]:
     """An HTTP endpoint on 127.0.0.1 whose every answer ends its connection (``Connection: close``) and stops in its
     body: 200, a content-length of 100 and 10 bytes of it, then nothing more (until the endpoint is closed)."""
-    done = threading.Event()
 
-    def answer(conn: socket.socket, path: str) -> bool:
+    def answer(conn: socket.socket, done: threading.Event) -> None:
         conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 100\r\n\r\n0123456789")
         done.wait(120)
-        return False
 
-    try:
-        with raw_endpoint(answer) as url:
-            yield url
-    finally:
-        done.set()
+    with held_endpoint(answer) as url:
+        yield url
 
 
 def test_a_body_read_timing_out_is_judged_as_the_sdk_default_judges_it(
@@ -646,18 +648,13 @@ def failing_before_the_answer(kind: str) -> Iterator[str]:
             port = unused.getsockname()[1]
         yield f"http://127.0.0.1:{port}"
         return
-    done = threading.Event()
 
-    def answer(conn: socket.socket, path: str) -> bool:
+    def answer(conn: socket.socket, done: threading.Event) -> None:
         if kind == "silent":
             done.wait(120)
-        return False
 
-    try:
-        with raw_endpoint(answer) as url:
-            yield url
-    finally:
-        done.set()
+    with held_endpoint(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize("kind", ["refused", "silent", "closing"])
