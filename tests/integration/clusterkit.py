@@ -193,6 +193,15 @@ def install(api: Any, namespace: str, release: str = RELEASE, *sets: str) -> lis
     return docs
 
 
+def api_server(kubeconfig: pathlib.Path) -> tuple[str, bytes]:
+    """The API server's address in ``kubeconfig`` (its first cluster) and the CA certificate it is checked with."""
+    cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+    ca = cluster.get("certificate-authority-data")
+    return cluster["server"], (
+        base64.b64decode(ca) if ca else pathlib.Path(cluster["certificate-authority"]).read_bytes()
+    )
+
+
 def service_account_kubeconfig(
     api: Any, kubeconfig: pathlib.Path, namespace: str, account: str, out: pathlib.Path
 ) -> None:
@@ -201,12 +210,7 @@ def service_account_kubeconfig(
 
     request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=7200))
     token = client.CoreV1Api(api).create_namespaced_service_account_token(account, namespace, request).status.token
-    admin = yaml.safe_load(kubeconfig.read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    ca = (
-        cluster.get("certificate-authority-data")
-        or base64.b64encode(pathlib.Path(cluster["certificate-authority"]).read_bytes()).decode()
-    )
+    server, ca = api_server(kubeconfig)
     out.write_text(
         yaml.safe_dump(
             {
@@ -214,7 +218,10 @@ def service_account_kubeconfig(
                 "kind": "Config",
                 "current-context": "operator",
                 "clusters": [
-                    {"name": "local", "cluster": {"server": cluster["server"], "certificate-authority-data": ca}}
+                    {
+                        "name": "local",
+                        "cluster": {"server": server, "certificate-authority-data": base64.b64encode(ca).decode()},
+                    }
                 ],
                 "users": [{"name": account, "user": {"token": token}}],
                 "contexts": [{"name": "operator", "context": {"cluster": "local", "user": account}}],

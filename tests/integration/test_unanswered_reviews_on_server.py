@@ -9,7 +9,6 @@ liveness probe, so each new pod would have been restarted before it watched anyt
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import pathlib
 import socket
@@ -19,8 +18,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-import yaml
-from clusterkit import install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import api_server, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -126,16 +124,12 @@ def test_reviews_the_api_server_leaves_unanswered_hold_up_neither_the_startup_no
     system, apps = unique("llmt-ssar-system"), unique("llmt-ssar")
     docs = install(api, system)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
-    admin = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
-    ca = (
-        admin.get("certificate-authority-data")
-        or base64.b64encode(pathlib.Path(admin["certificate-authority"]).read_bytes()).decode()
-    )
+    server, ca = api_server(kubeconfig)
     name = unique("chat")
     custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
     health = f"http://127.0.0.1:{_free_port()}/healthz"
     try:
-        with HoldingProxy(admin["server"], base64.b64decode(ca)) as proxy:
+        with HoldingProxy(server, ca) as proxy:
             process, log, _, _ = start_chart_operator(
                 api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600", "--health", health,
                 server=f"http://127.0.0.1:{proxy.port}",

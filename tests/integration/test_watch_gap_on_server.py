@@ -9,7 +9,6 @@ kopf's watch delivered the new body (two rollouts of the Deployment instead of o
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import pathlib
 import threading
@@ -17,8 +16,7 @@ import time
 from typing import Any
 
 import pytest
-import yaml
-from clusterkit import apply, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import api_server, apply, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -166,16 +164,12 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
     system, apps = unique("llmt-gap-system"), unique("llmt-gap")
     docs = install(api, system)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
-    admin = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
-    ca = (
-        admin.get("certificate-authority-data")
-        or base64.b64encode(pathlib.Path(admin["certificate-authority"]).read_bytes()).decode()
-    )
+    server, ca = api_server(kubeconfig)
     name = unique("chat")
     apps_api.create_namespaced_deployment(apps, _deployment(name))
     custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
     try:
-        with SeveringProxy(admin["server"], base64.b64decode(ca)) as proxy:
+        with SeveringProxy(server, ca) as proxy:
             process, log, _, _ = start_chart_operator(
                 api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600",
                 server=f"http://127.0.0.1:{proxy.port}",
