@@ -678,27 +678,36 @@ class _Answer(BaseHTTPResult):
         return self.header_map
 
 
+def _mapped(error: Exception, pairs: Sequence[tuple[Any, Any]], judged: object = None) -> Exception:
+    """``error`` as the ``requests`` type paired with the first urllib3 type (or types) of ``pairs`` that ``judged``
+    (``error`` itself unless given) is, as ``requests`` raises it (the original its context: :func:`_forget_frames`
+    reaches it there); ``error`` itself when none is."""
+    judged = error if judged is None else judged
+    for source, target in pairs:
+        if isinstance(judged, source):
+            mapped: Exception = target(error)
+            mapped.__context__ = error
+            return mapped
+    return error
+
+
 def _as_requests_error(error: Exception) -> Exception:
     """``error``, raised by urllib3 reading an answer's body, as ``requests`` raises it when it reads the body
     itself (``Response.iter_content``): the SDK's ``requests`` transport decides on a retry by these types (a read
     timeout is a ``requests`` connection error, retried; urllib3's own is not), and its export metric names the
     type as ``error.type``. Anything else as it is."""
-    import requests.exceptions
-    import urllib3.exceptions
+    import requests.exceptions as theirs
+    import urllib3.exceptions as ours
 
-    mapped: Exception
-    if isinstance(error, urllib3.exceptions.ProtocolError):
-        mapped = requests.exceptions.ChunkedEncodingError(error)
-    elif isinstance(error, urllib3.exceptions.DecodeError):
-        mapped = requests.exceptions.ContentDecodingError(error)
-    elif isinstance(error, urllib3.exceptions.ReadTimeoutError):
-        mapped = requests.exceptions.ConnectionError(error)
-    elif isinstance(error, urllib3.exceptions.SSLError):
-        mapped = requests.exceptions.SSLError(error)
-    else:
-        return error
-    mapped.__context__ = error  # as requests raises it; :func:`_forget_frames` reaches the original through it
-    return mapped
+    return _mapped(
+        error,
+        (
+            (ours.ProtocolError, theirs.ChunkedEncodingError),
+            (ours.DecodeError, theirs.ContentDecodingError),
+            (ours.ReadTimeoutError, theirs.ConnectionError),
+            (ours.SSLError, theirs.SSLError),
+        ),
+    )
 
 
 def _as_requests_request_error(error: Exception) -> Exception:
@@ -707,36 +716,31 @@ def _as_requests_request_error(error: Exception) -> Exception:
     these types, and its export metric names the type as ``error.type`` (``ConnectionError``, not urllib3's
     ``MaxRetryError`` or ``ProtocolError``; ``ReadTimeout``, which it retries, not ``ReadTimeoutError``, which the
     urllib3 transport's rule does not). Anything else as it is."""
-    import requests.exceptions
-    import urllib3.exceptions
+    import requests.exceptions as theirs
+    import urllib3.exceptions as ours
 
-    mapped: Exception
-    if isinstance(error, urllib3.exceptions.MaxRetryError):
-        reason = error.reason
-        if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
-            reason, urllib3.exceptions.NewConnectionError
-        ):
-            mapped = requests.exceptions.ConnectTimeout(error)
-        elif isinstance(reason, urllib3.exceptions.ResponseError):
-            mapped = requests.exceptions.RetryError(error)
-        elif isinstance(reason, urllib3.exceptions.ProxyError):
-            mapped = requests.exceptions.ProxyError(error)
-        elif isinstance(reason, urllib3.exceptions.SSLError):
-            mapped = requests.exceptions.SSLError(error)
-        else:
-            mapped = requests.exceptions.ConnectionError(error)
-    elif isinstance(error, (urllib3.exceptions.ProtocolError, OSError, urllib3.exceptions.ClosedPoolError)):
-        mapped = requests.exceptions.ConnectionError(error)
-    elif isinstance(error, urllib3.exceptions.ProxyError):
-        mapped = requests.exceptions.ProxyError(error)
-    elif isinstance(error, urllib3.exceptions.SSLError):
-        mapped = requests.exceptions.SSLError(error)
-    elif isinstance(error, urllib3.exceptions.ReadTimeoutError):
-        mapped = requests.exceptions.ReadTimeout(error)
-    else:
-        return error
-    mapped.__context__ = error  # as requests raises it; :func:`_forget_frames` reaches the original through it
-    return mapped
+    if isinstance(error, ours.MaxRetryError):  # judged by why the retries ran out
+        return _mapped(
+            error,
+            (
+                (ours.NewConnectionError, theirs.ConnectionError),  # (a ConnectTimeoutError too, in urllib3)
+                (ours.ConnectTimeoutError, theirs.ConnectTimeout),
+                (ours.ResponseError, theirs.RetryError),
+                (ours.ProxyError, theirs.ProxyError),
+                (ours.SSLError, theirs.SSLError),
+                (object, theirs.ConnectionError),
+            ),
+            judged=error.reason,
+        )
+    return _mapped(
+        error,
+        (
+            ((ours.ProtocolError, OSError, ours.ClosedPoolError), theirs.ConnectionError),
+            (ours.ProxyError, theirs.ProxyError),
+            (ours.SSLError, theirs.SSLError),
+            (ours.ReadTimeoutError, theirs.ReadTimeout),
+        ),
+    )
 
 
 def _answer_through_requests(response: Any) -> _Answer:
