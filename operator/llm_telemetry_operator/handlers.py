@@ -218,6 +218,9 @@ class OperatorState:
     #: a call was refused meanwhile, to be asked about once it is done (see _recheck_access).
     access_checking: frozenset[str] | None = None
     access_wanted: set[str] = field(default_factory=set)
+    #: The watched namespaces whose Role's grants a check was to ask about but could not (a review failed, or got no
+    #: answer): each periodic check asks there too, until one has its answers.
+    access_unasked: set[str] = field(default_factory=set)
     #: When a review of the check under way was last answered (time.monotonic()): see ACCESS_STARTUP_WAIT_SECONDS.
     access_answered: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
@@ -624,14 +627,15 @@ def _paused(state: OperatorState) -> bool:
 
 async def _check_access(
     memo: Any, state: OperatorState, logger: Any, *, namespaced: bool = True, namespaces: Collection[str] | None = None
-) -> None:
+) -> bool:
     """Ask the API server which declared permissions this operator lacks (see access.py). A change is said once:
     an ERROR naming each missing permission and what breaks without it, or an INFO line once none is missing
     any more. While ``patch`` on the LLMTelemetry resources is missing, each one seen is told so (see
     :func:`_report_forbidden`). With ``namespaced`` False, only the cluster-wide grants are asked about, and with
     ``namespaces``, only those and the Role's grants in these watched namespaces (in namespaced mode a Role's are
     asked about in each watched namespace at startup; then, see _watch_access and _recheck_access, only where one
-    was found missing or a call was refused); what the last check found of the others stands."""
+    was found missing or a call was refused); what the last check found of the others stands. Whether the API
+    server answered the check (False: a review failed, and nothing is known of what it asked)."""
     try:
         config = _config(memo)
         if not namespaced:
@@ -653,7 +657,7 @@ async def _check_access(
                 "a refused call is logged as it happens",
                 exc,
             )
-        return
+        return False
     state.access_unknown_said = False
     if lacking != state.lacking:
         if lacking:
@@ -663,11 +667,10 @@ async def _check_access(
     state.lacking = lacking
     if _forbidden_patch(state, None) is None:
         state.forbidden_said.clear()
-        return
-    if state.kopf_context is None:
-        return  # the watch has not delivered any resource yet: its event handler tells each (llmtelemetry_track)
-    for key, body in list(state.bodies.items()):
-        _spawn_event_pass(state, key, "forbidden", _report_forbidden(memo, state, body))
+    elif state.kopf_context is not None:  # (else no resource delivered yet: llmtelemetry_track tells each one)
+        for key, body in list(state.bodies.items()):
+            _spawn_event_pass(state, key, "forbidden", _report_forbidden(memo, state, body))
+    return True
 
 
 async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
@@ -680,8 +683,10 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
             logger.debug("the permissions' last check is still under way: no other one beside it")
             continue
         # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
-        # that its return is noticed): 34 reviews a namespace for all of them would come in a burst.
+        # that its return is noticed), or where a check could not ask: 34 reviews a namespace for all of them
+        # would come in a burst.
         where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
+        where |= state.access_unasked
         await _start_access_check(memo, state, logger, where)
 
 
@@ -714,10 +719,18 @@ def _start_access_check(memo: Any, state: OperatorState, logger: Any, where: set
     see _check_access's ``namespaces``."""
 
     async def check() -> None:
+        asked = set(_config(memo).namespaces if where is None else where)
+        answered = False
         try:
-            await _check_access(memo, state, logger, namespaces=where)
+            answered = await _check_access(memo, state, logger, namespaces=where)
         except Exception:
             logger.exception("checking the operator's permissions failed")
+        if answered:
+            state.access_unasked -= asked
+        else:
+            # Not asked after all: the periodic checks ask there (a check started again at once would follow itself
+            # in a loop for as long as the reviews fail).
+            state.access_unasked |= asked
         if state.access_wanted:
             # Refused meanwhile where this check did not ask: a check there now (the next check under way).
             wanted, state.access_wanted = set(state.access_wanted), set()

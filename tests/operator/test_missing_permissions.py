@@ -528,3 +528,69 @@ async def test_a_refusal_met_while_a_check_that_does_not_ask_there_is_under_way_
         emulator.reviews_held.set()
         await eventually(lambda: errors_naming(caplog, named), "the ERROR naming the Role's permission")
         assert reviews_in(emulator, NAMESPACE) > in_namespace
+
+
+#: A Role's verb in the watched namespace, as a review names it, and as the ERROR line names it.
+ROLE_PATCH = ("apps", "deployments", "patch", NAMESPACE)
+ROLE_NAMED = f"patch deployments.apps (in namespace {NAMESPACE})"
+#: What RBAC answers the operator's patch of the Deployment "chat" without that verb.
+DEPLOYMENT_REFUSED = (
+    403,
+    "Forbidden",
+    'deployments.apps "chat" is forbidden: cannot patch resource "deployments" in API group "apps"',
+)
+
+
+def reviews_of(emulator: Any, key: tuple[str, str, str, str | None]) -> int:
+    """SelfSubjectAccessReviews the operator made of one permission (``key`` as in ``emulator.unauthorized``)."""
+    group, resource, verb, namespace = key
+    plural, _, subresource = resource.partition("/")
+    wanted = {"group": group, "resource": plural, "verb": verb}
+    wanted |= {"subresource": subresource} if subresource else {}
+    wanted |= {"namespace": namespace} if namespace else {}
+    return sum(
+        1
+        for req in list(emulator)
+        if str(req.url.path).endswith("/selfsubjectaccessreviews")
+        and isinstance(req.data, dict)
+        and ((req.data.get("spec") or {}).get("resourceAttributes") or {}) == wanted
+    )
+
+
+async def test_a_namespace_a_failed_check_was_to_ask_about_is_asked_about_by_the_periodic_checks(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Namespaced mode: a call refused in a watched namespace while a check that does not ask there is under way has
+    that namespace asked about once that check is done. That check failing (its reviews answered with an error by an
+    authorization webhook, or with none at all) dropped the namespace: the refused call not made again, the
+    permission was never named, as the periodic checks ask about the cluster-wide grants only. Now they ask there
+    too, until a check has its answers."""
+    from kopf_testing import DEPLOYMENTS, deployment
+
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(
+        peering="test-peering", metrics_port=0, health="", resync_seconds=1, namespaces=(NAMESPACE,)
+    )
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    async with running_operator(config):
+        await started(caplog)
+        await eventually(lambda: reviews_in(emulator, NAMESPACE) > 0, "the first check asks about the Role")
+        emulator.reviews_held = asyncio.Event()
+        asked = reviews(emulator)
+        await eventually(lambda: reviews(emulator) > asked, "a periodic check under way, its answers held")
+        emulator.unauthorized.add(ROLE_PATCH)
+        emulator.deny[("deployments", "chat")] = DEPLOYMENT_REFUSED
+        await create_named(emulator, "chat")
+        await reported(emulator, c.CONDITION_INJECTED, "InjectionFailed", "Injected False, InjectionFailed")
+        emulator.deny.clear()
+        emulator.reviews_failing[ROLE_PATCH] = (500, "InternalError", 'failed calling webhook "authz": timeout')
+        emulator.reviews_held.set()
+        await eventually(
+            lambda: any("could not ask the API server which permissions" in r.getMessage() for r in caplog.records),
+            "the check asking there failed",
+            attempts=900,  # (the client retries a 500 a few times first)
+        )
+        failed = reviews_of(emulator, ROLE_PATCH)
+        del emulator.reviews_failing[ROLE_PATCH]
+        await eventually(lambda: errors_naming(caplog, ROLE_NAMED), "the ERROR naming the Role's permission")
+        assert reviews_of(emulator, ROLE_PATCH) > failed
