@@ -65,7 +65,8 @@ RELOGIN_SAID_SECONDS = 60.0
 #: STANDBY_POLL_SECONDS): one line when it starts, one a minute while it lasts, one when it ends.
 PEERING_UNREAD_LOG_SECONDS = 60.0
 #: Seconds between two checks of the permissions started by refusals the last check did not explain (see
-#: _recheck_access): kopf retries each refused call, so refusals come in bursts.
+#: _recheck_access): kopf retries each refused call, so refusals come in bursts. One met sooner after the last such
+#: check waits for its turn, up to this long.
 ACCESS_RECHECK_SECONDS = 60.0
 #: Seconds the startup waits for the first check of the permissions to get an answer to a review before it goes on
 #: without the check's result (the check goes on meanwhile): kopf answers the liveness and readiness probes only once
@@ -693,7 +694,7 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
 def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:
     """Check the permissions again soon, the cluster-wide ones and a Role's in ``namespace``: a call was refused
     that the last check did not find missing (a Role or ClusterRole changed since). At most one check at a time,
-    and one every ACCESS_RECHECK_SECONDS."""
+    and one every ACCESS_RECHECK_SECONDS: one asked for sooner waits for its turn."""
     now = time.monotonic()
     where = {namespace} if namespace and namespace in _config(memo).namespaces else set()
     if state.access_recheck is not None and not state.access_recheck.done():
@@ -703,22 +704,33 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
             # call made once was never explained, and with checks slower than the resync interval, never any.
             state.access_wanted |= where
         return
-    if state.access_rechecked is not None and now - state.access_rechecked < ACCESS_RECHECK_SECONDS:
-        return
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    state.access_rechecked = now
+    # Too soon after the last one: this check waits for its turn (and counts as the one under way meanwhile, so that
+    # refusals elsewhere join it). Dropped, the refusal of a call made once was never explained, nor its namespace
+    # asked about again.
+    due = now if state.access_rechecked is None else max(now, state.access_rechecked + ACCESS_RECHECK_SECONDS)
+    state.access_rechecked = due
     logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
-    _start_access_check(memo, state, logger, where)
+    _start_access_check(memo, state, logger, where, delay=due - now)
 
 
-def _start_access_check(memo: Any, state: OperatorState, logger: Any, where: set[str] | None) -> asyncio.Task[None]:
-    """One check of the permissions in a task of its own, the one under way (``state.access_recheck``); ``where``:
-    see _check_access's ``namespaces``."""
+def _start_access_check(
+    memo: Any, state: OperatorState, logger: Any, where: set[str] | None, delay: float = 0.0
+) -> asyncio.Task[None]:
+    """One check of the permissions in a task of its own, the one under way (``state.access_recheck``), after
+    ``delay`` seconds; ``where``: see _check_access's ``namespaces``."""
 
     async def check() -> None:
+        nonlocal where
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if where is not None and state.access_wanted:
+            # Refused elsewhere while this check waited for its turn: asked about in it.
+            where, state.access_wanted = where | state.access_wanted, set()
+            state.access_checking = frozenset(where)
         asked = set(_config(memo).namespaces if where is None else where)
         answered = False
         try:

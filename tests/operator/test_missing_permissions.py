@@ -557,6 +557,50 @@ def reviews_of(emulator: Any, key: tuple[str, str, str, str | None]) -> int:
     )
 
 
+def deployment_patches(emulator: Any) -> int:
+    return sum(
+        1 for req in list(emulator) if req.method.value == "PATCH" and str(req.url.path).endswith("/deployments/chat")
+    )
+
+
+async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Namespaced mode: refusals the last check did not explain start a check at most once every
+    ACCESS_RECHECK_SECONDS. One met sooner after the last such check (a verb taken off the Role just then) started
+    none and was dropped: where the refused call was not made again, the permission was never named, nor its
+    namespace asked about again (the periodic check asks about the cluster-wide grants only). Now that check waits
+    for its turn: one check, however many refusals meanwhile."""
+    from kopf_testing import DEPLOYMENTS, deployment
+
+    from llm_telemetry_operator.handlers import ACCESS_RECHECK_SECONDS
+
+    caplog.set_level(logging.INFO)
+    config = OperatorConfig(
+        peering="test-peering", metrics_port=0, health="", resync_seconds=600, namespaces=(NAMESPACE,)
+    )
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    async with running_operator(config):
+        await started(caplog)
+        # A refusal no review explains (every one allows it: an authorizer's cache behind, say): a check there now.
+        emulator.deny[("deployments", "chat")] = DEPLOYMENT_REFUSED
+        await create_named(emulator, "chat")
+        await eventually(lambda: reviews_of(emulator, ROLE_PATCH) == 2, "the check the refusal started asks there")
+        # The verb taken off the Role right after: the pass's retry, within the minute, is refused for want of it,
+        # and the call is then let through (a call not made again, as for a workload deleted meanwhile).
+        emulator.unauthorized.add(ROLE_PATCH)
+        refused_before = deployment_patches(emulator)
+        await eventually(lambda: deployment_patches(emulator) > refused_before, "the pass's retry refused")
+        emulator.deny.clear()
+        await eventually(
+            lambda: errors_naming(caplog, ROLE_NAMED),
+            "the ERROR naming the Role's permission",
+            attempts=int((ACCESS_RECHECK_SECONDS + 30) / 0.05),
+        )
+        assert reviews_of(emulator, ROLE_PATCH) == 3
+    assert len(errors_naming(caplog, ROLE_NAMED)) == 1
+
+
 async def test_a_namespace_a_failed_check_was_to_ask_about_is_asked_about_by_the_periodic_checks(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
