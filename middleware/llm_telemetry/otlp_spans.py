@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import struct
 import sys
 import time
@@ -762,10 +763,17 @@ def _answer_through_requests(response: Any) -> _Answer:
 
 
 def _socket_of(raw: Any) -> Any:
-    """The socket ``raw`` (urllib3's answer, 1.26 or 2.x) is read from, if it can be timed: ``None`` otherwise, as
-    for an answer that ends its connection (``Connection: close``, HTTP/1.0), which ``http.client`` hands over to the
-    answer and the connection no longer names."""
+    """The socket ``raw`` (urllib3's answer, 1.26 or 2.x) is read from, if it can be timed: ``None`` otherwise (its
+    body read to the end, or an answer of no socket). An answer that ends its connection (``Connection: close``,
+    HTTP/1.0) is one ``http.client`` hands over to the answer: the connection no longer names its socket, but the
+    answer still reads from it, through the file ``http.client`` made of it (``HTTPResponse.fp``, a buffered reader
+    of a ``socket.SocketIO``), until the body's end closes that file. Only that answer reads from such a socket
+    (no pool holds it), so its timeout is this reading's to set."""
     sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)  # http.client's file of the socket, None once read
+        stream = getattr(reader, "raw", None)
+        sock = getattr(stream, "_sock", None) if isinstance(stream, socket.SocketIO) else None
     if callable(getattr(sock, "gettimeout", None)) and callable(getattr(sock, "settimeout", None)):
         return sock
     return None
