@@ -763,8 +763,8 @@ def _answer_through_requests(response: Any) -> _Answer:
 
 
 def _socket_of(raw: Any) -> Any:
-    """The socket ``raw`` (urllib3's answer, 1.26 or 2.x) is read from, if it can be timed: ``None`` otherwise (its
-    body read to the end, or an answer of no socket). An answer that ends its connection (``Connection: close``,
+    """The socket ``raw`` (urllib3's answer) is read from, if it can be timed: ``None`` otherwise (its body read to
+    the end, or an answer of no socket). An answer that ends its connection (``Connection: close``,
     HTTP/1.0) is one ``http.client`` hands over to the answer: the connection no longer names its socket, but the
     answer still reads from it, through the file ``http.client`` made of it (``HTTPResponse.fp``, a buffered reader
     of a ``socket.SocketIO``), until the body's end closes that file. Only that answer reads from such a socket
@@ -785,35 +785,12 @@ def _decoded(body: bytes, encoding: str) -> bytes:
     one that is not. An encoding urllib3 does not know leaves the body as it is, as it does in a transport."""
     import urllib3
 
-    source = io.BytesIO(body)
     answer = urllib3.HTTPResponse(
-        body=source, headers={"content-encoding": encoding}, preload_content=False, decode_content=True
+        body=io.BytesIO(body), headers={"content-encoding": encoding}, preload_content=False, decode_content=True
     )
-    # urllib3 2.6 and later decode no more than a read asks for. Older ones (1.26, which the SDK and requests
-    # accept) decode the whole of each read from the body at once, whatever was asked: 64 KiB of gzip-compressed
-    # zeros were 64 MiB at once (128 MiB traced), 1.8 KiB of gzip of gzip 1 GiB (2 GiB traced). There the body
-    # goes to the decoder a byte at a time: each read gives at most what one byte decodes to (about a KiB per
-    # layer of encoding), and the reading stops once enough has come.
-    step = ANSWER_BYTES + 1 if _bounded_decoding() else 1
-    decoded = b""
-    while len(decoded) <= ANSWER_BYTES:
-        piece = answer.read(min(step, ANSWER_BYTES + 1 - len(decoded)))
-        if not piece and (source.closed or source.tell() >= len(body)):  # (an old urllib3 may give nothing for a byte)
-            break
-        decoded += piece
-    return decoded[: ANSWER_BYTES + 1]
-
-
-def _bounded_decoding() -> bool:
-    """Whether urllib3's decoders give at most what is asked of them (``max_length``, urllib3 2.6 and later)."""
-    import inspect
-
-    import urllib3.response
-
-    try:
-        return "max_length" in inspect.signature(urllib3.response.GzipDecoder.decompress).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
+    # A read of urllib3 (2.6 and later) decodes no more than it is asked for: 64 KiB of gzip-compressed zeros are
+    # not 64 MiB at once, nor 1.8 KiB of gzip of gzip a GiB (urllib3 1.26 decoded each read whole: 2 GiB traced).
+    return answer.read(ANSWER_BYTES + 1)
 
 
 def _read_answer(raw: Any, status: int, deadline: float | None, through_requests: bool) -> _Answer:
@@ -825,13 +802,11 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
     # took. Each read here waits no longer than the time left (the socket's timeout is lowered to it): a read under
     # way at the deadline ends there, as reaching it between two reads does, and the status decides the outcome.
     # A read timeout of the transport's own that comes first (a shorter one) stays what it is: an error.
-    # read1 (urllib3 2.2 and later): what has arrived, without waiting for a whole piece. Older urllib3 versions
-    # have only read, which waits for the piece: the answer is still bounded, its deadline only read by read.
+    # read1: what has arrived, without waiting for a whole piece.
     # An encoded body (gzip, deflate, ...) is read as sent and decoded once read: read1 decoding as it reads goes on
     # reading, each socket read with the time left when it began, until the decoder gives something, and bytes
     # that decode to nothing (a gzip header's name, empty deflate blocks) sent a few a second held the export for
     # as long as they came. As sent, it is bounded as a plain body is, at ANSWER_BYTES of it.
-    read = getattr(raw, "read1", raw.read)
     encoding = raw.headers.get("content-encoding", "")
     sock = _socket_of(raw) if deadline is not None else None
     own_timeout = sock.gettimeout() if sock is not None else None
@@ -846,7 +821,7 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
                     if sock is not None and _socket_of(raw) is sock:
                         cut = own_timeout is None or left < own_timeout
                         sock.settimeout(left if cut else own_timeout)
-                piece = read(ANSWER_BYTES + 1 - len(body), decode_content=not encoding)
+                piece = raw.read1(ANSWER_BYTES + 1 - len(body), decode_content=not encoding)
                 if not piece:  # the end of the body (read1 returns nothing else empty)
                     whole = True
                     break
@@ -861,7 +836,7 @@ def _read_answer(raw: Any, status: int, deadline: float | None, through_requests
             # threads that end spans), which may be using its socket or have closed it. Setting a timeout on it
             # then failed that export with EBADF (3 in 6,300 exports from two threads through one exporter) or
             # changed another's read timeout. Left lowered, it is harmless: urllib3 sets a reused connection's
-            # socket timeout before it sends (1.26 and 2.x).
+            # socket timeout before it sends.
             if sock is not None and _socket_of(raw) is sock:
                 with contextlib.suppress(OSError):  # a socket closed meanwhile has no timeout to set
                     sock.settimeout(own_timeout)
@@ -892,8 +867,6 @@ def _bounded_request(
     from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
     from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 
-    # urllib3's answers: BaseHTTPResponse from 2.0, HTTPResponse before it (1.26, which requests still accepts).
-    urllib3_answer = getattr(urllib3.response, "BaseHTTPResponse", urllib3.response.HTTPResponse)
     headers, timeout, data = kwargs.get("headers"), kwargs.get("timeout"), kwargs.get("data")
     # The timeout is the request's (what is left of the export's): the body's reading ends where it ends, counted
     # from the sending, not from the answer's headers, which may themselves have taken most of it.
@@ -911,7 +884,7 @@ def _bounded_request(
             def bounded(response: Any, **_: Any) -> Any:
                 # Read as the answer arrives, before ``requests`` goes on: it reads a redirect's whole body itself
                 # (to free its connection, streaming or not, followed or not), which this leaves nothing of.
-                if isinstance(response.raw, urllib3_answer):
+                if isinstance(response.raw, urllib3.response.BaseHTTPResponse):
                     read.append(_read_answer(response.raw, response.status_code, deadline, through_requests=True))
                 else:  # a session's own adapter, answering otherwise
                     read.append(_answer_through_requests(response))

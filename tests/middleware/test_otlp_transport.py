@@ -704,10 +704,7 @@ def test_an_encoded_answer_that_decodes_to_far_more_is_decoded_no_further_than_a
 ) -> None:
     """A 200 whose small encoded body decodes to hundreds of MiB (a decompression bomb; here 64 KiB of gzip that is
     64 MiB of zeros, and 0.5 KiB of gzip of gzip that is 256 MiB of them) is decoded no further than the 64 KiB an
-    answer is read to, in memory too. urllib3 before 2.6 decodes the whole of each read from the body at once
-    whatever was asked of it: the export traced 128 and 512 MiB of memory at its peak (urllib3 1.26.20; the SDK's
-    exporter, which reads and decodes all of it, the same). With urllib3 2.6 and later, whose decoders give no more
-    than asked, this holds either way."""
+    answer is read to, in memory too (the SDK's exporter reads and decodes all of it)."""
     body = _gzip_of_zeros(64 << 20) if encoding == "gzip" else gzip.compress(_gzip_of_zeros(256 << 20), 9)
 
     def answer(conn: socket.socket, path: str) -> bool:
