@@ -9,17 +9,21 @@ already up is used as it is, and one started here is stopped at the end.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import pathlib
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -200,6 +204,112 @@ def api_server(kubeconfig: pathlib.Path) -> tuple[str, bytes]:
     return cluster["server"], (
         base64.b64decode(ca) if ca else pathlib.Path(cluster["certificate-authority"]).read_bytes()
     )
+
+
+_Proxy = TypeVar("_Proxy", bound="ApiProxy")
+
+
+class ApiProxy:
+    """A plain-HTTP reverse proxy to the API server (as ``kubectl proxy`` is, but passing the client's own token on),
+    run on an event loop of its own thread. :meth:`off` cuts it off (it listens no more, and every request it was
+    forwarding, the watches, ends) and :meth:`on` listens again on the same port; a subclass can hold or answer a
+    request itself in :meth:`arrived`."""
+
+    #: Headers of one hop, not passed on (the body passes as it came, compressed or not).
+    HOP = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+    def __init__(self, server: str, ca_data: bytes) -> None:
+        self.server = server.rstrip("/")
+        self.ca_data = ca_data
+        self.port = 0
+        self.listening = False
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._up = threading.Event()
+        self._site: Any = None
+        self._runner: Any = None
+        self._forwarding: set[asyncio.Task[Any]] = set()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+
+    def __enter__(self: _Proxy) -> _Proxy:
+        self._thread.start()
+        assert self._up.wait(30), "the proxy did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    async def arrived(self, request: Any) -> None:
+        """Called for each request before it is forwarded (on the proxy's loop): nothing here."""
+
+    def off(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._off(), self._loop).result(30)
+
+    def on(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(30)
+
+    async def _off(self) -> None:
+        self.listening = False
+        await self._site.stop()
+        for task in list(self._forwarding):
+            task.cancel()
+        # Idle keep-alive connections too: a client would send its next request on one, and get through.
+        for connection in self._runner.server.connections:
+            connection.force_close()
+
+    async def _listen(self) -> None:
+        from aiohttp import web
+
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+        self.listening = True
+        self.port = self._site._server.sockets[0].getsockname()[1]
+
+    async def _serve(self) -> None:
+        import aiohttp
+        from aiohttp import web
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self._forwarding.add(task)
+            try:
+                await self.arrived(request)
+                body = await request.read()
+                headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
+                async with session.request(
+                    request.method, self.server + request.path_qs, headers=headers, data=body or None
+                ) as upstream:
+                    answer = web.StreamResponse(
+                        status=upstream.status,
+                        headers={k: v for k, v in upstream.headers.items() if k.lower() not in self.HOP},
+                    )
+                    with contextlib.suppress(ConnectionError):  # the client closed a watch, or stopped
+                        await answer.prepare(request)
+                        async for chunk in upstream.content.iter_any():
+                            await answer.write(chunk)
+                    return answer
+            finally:
+                self._forwarding.discard(task)
+
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cadata=self.ca_data.decode()), limit=0),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+        ) as session:
+            app = web.Application(client_max_size=64 << 20)
+            app.router.add_route("*", "/{tail:.*}", forward)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+            await self._runner.setup()
+            await self._listen()
+            self._up.set()
+            await self._stop.wait()
+            # The watches it still forwards end now, not when the API server ends them (up to a minute).
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await self._runner.cleanup()
 
 
 def service_account_kubeconfig(

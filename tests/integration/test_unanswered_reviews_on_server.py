@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import pathlib
 import socket
-import ssl
-import threading
 import urllib.request
 from typing import Any
 
 import pytest
-from clusterkit import api_server, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import ApiProxy, api_server, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -27,77 +25,25 @@ pytestmark = pytest.mark.k8s
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
 
 
-class HoldingProxy:
-    """A plain-HTTP reverse proxy to the API server (as ``kubectl proxy`` is, but passing the client's own token on)
-    that answers no SelfSubjectAccessReview until :meth:`release`; run on an event loop of its own thread."""
+class HoldingProxy(ApiProxy):
+    """The proxy to the API server, answering no SelfSubjectAccessReview until :meth:`release`."""
 
     def __init__(self, server: str, ca_data: bytes) -> None:
-        self.server = server.rstrip("/")
-        self.ca_data = ca_data
+        super().__init__(server, ca_data)
         self.held = 0
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
         self._released = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._up = threading.Event()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-
-    def __enter__(self) -> HoldingProxy:
-        self._thread.start()
-        assert self._up.wait(30), "the proxy did not start"
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        super().__exit__(*exc)
 
     def release(self) -> None:
         self._loop.call_soon_threadsafe(self._released.set)
 
-    async def _serve(self) -> None:
-        import aiohttp
-        from aiohttp import web
-
-        context = ssl.create_default_context(cadata=self.ca_data.decode())
-        hop = {"host", "content-length", "transfer-encoding", "content-encoding", "connection"}
-
-        async def forward(request: web.Request) -> web.StreamResponse:
-            if request.method == "POST" and request.path.endswith("/selfsubjectaccessreviews"):
-                self.held += 1
-                await self._released.wait()
-            body = await request.read()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
-            async with session.request(
-                request.method, self.server + request.path_qs, headers=headers, data=body or None
-            ) as upstream:
-                answer = web.StreamResponse(
-                    status=upstream.status, headers={k: v for k, v in upstream.headers.items() if k.lower() not in hop}
-                )
-                with contextlib.suppress(ConnectionError):  # the operator closed a watch, or stopped
-                    await answer.prepare(request)
-                    async for chunk in upstream.content.iter_any():
-                        await answer.write(chunk)
-                return answer
-
-        timeout = aiohttp.ClientTimeout(total=None)
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=0), timeout=timeout, auto_decompress=False
-        ) as session:
-            app = web.Application(client_max_size=64 << 20)
-            app.router.add_route("*", "/{tail:.*}", forward)
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._up.set()
-            await self._stop.wait()
-            # The watches it still forwards end now, not when the API server ends them (up to a minute).
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-            await runner.cleanup()
+    async def arrived(self, request: Any) -> None:
+        if request.method == "POST" and request.path.endswith("/selfsubjectaccessreviews"):
+            self.held += 1
+            await self._released.wait()
 
 
 def _free_port() -> int:

@@ -8,7 +8,6 @@ kopf's watch delivered the new body (two rollouts of the Deployment instead of o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 import threading
@@ -16,116 +15,24 @@ import time
 from typing import Any
 
 import pytest
-from clusterkit import api_server, apply, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import (
+    ApiProxy,
+    api_server,
+    apply,
+    install,
+    start_chart_operator,
+    stop,
+    telemetry,
+    uninstall,
+    unique,
+    wait_for,
+)
 
 from llm_telemetry_operator import constants as c
 
 pytestmark = pytest.mark.k8s
 
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
-
-
-class SeveringProxy:
-    """A plain-HTTP reverse proxy to the API server (passing the client's own token on) that can be cut off: while
-    off, it listens no more and every request it was forwarding (the watches) ends. Runs on an event loop of its own
-    thread."""
-
-    def __init__(self, server: str, ca_data: bytes) -> None:
-        self.server = server.rstrip("/")
-        self.ca_data = ca_data
-        self.port = 0
-        self.listening = False
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
-        self._up = threading.Event()
-        self._site: Any = None
-        self._runner: Any = None
-        self._forwarding: set[asyncio.Task[Any]] = set()
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
-
-    def __enter__(self) -> SeveringProxy:
-        self._thread.start()
-        assert self._up.wait(30), "the proxy did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-
-    def off(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._off(), self._loop).result(30)
-
-    def on(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(30)
-
-    async def _off(self) -> None:
-        self.listening = False
-        await self._site.stop()
-        for task in list(self._forwarding):
-            task.cancel()
-        # Idle keep-alive connections too: a client would send its next request on one, and get through.
-        for connection in self._runner.server.connections:
-            connection.force_close()
-
-    async def _listen(self) -> None:
-        from aiohttp import web
-
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await self._site.start()
-        self.listening = True
-        self.port = self._site._server.sockets[0].getsockname()[1]
-
-    async def _serve(self) -> None:
-        import aiohttp
-        from aiohttp import web
-
-        context = ssl_context(self.ca_data)
-        hop = {"host", "content-length", "transfer-encoding", "connection"}
-
-        async def forward(request: web.Request) -> web.StreamResponse:
-            task = asyncio.current_task()
-            assert task is not None
-            self._forwarding.add(task)
-            try:
-                body = await request.read()
-                headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
-                async with session.request(
-                    request.method, self.server + request.path_qs, headers=headers, data=body or None
-                ) as upstream:
-                    answer = web.StreamResponse(
-                        status=upstream.status,
-                        headers={k: v for k, v in upstream.headers.items() if k.lower() not in hop},
-                    )
-                    with contextlib.suppress(ConnectionError):  # the operator closed a watch, or stopped
-                        await answer.prepare(request)
-                        async for chunk in upstream.content.iter_any():
-                            await answer.write(chunk)
-                    return answer
-            finally:
-                self._forwarding.discard(task)
-
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=0),
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=False,
-        ) as session:
-            app = web.Application(client_max_size=64 << 20)
-            app.router.add_route("*", "/{tail:.*}", forward)
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-            await self._runner.setup()
-            await self._listen()
-            self._up.set()
-            await self._stop.wait()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
-            await self._runner.cleanup()
-
-
-def ssl_context(ca_data: bytes) -> Any:
-    import ssl
-
-    return ssl.create_default_context(cadata=ca_data.decode())
 
 
 def _deployment(name: str) -> dict[str, Any]:
@@ -169,7 +76,7 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
     apps_api.create_namespaced_deployment(apps, _deployment(name))
     custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
     try:
-        with SeveringProxy(server, ca) as proxy:
+        with ApiProxy(server, ca) as proxy:
             process, log, _, _ = start_chart_operator(
                 api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600",
                 server=f"http://127.0.0.1:{proxy.port}",
