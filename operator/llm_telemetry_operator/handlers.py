@@ -1428,10 +1428,25 @@ def _stopped_at(peering: Mapping[str, Any]) -> datetime.datetime | None:
 
 
 async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, Any] | None:
-    """The LLMTelemetry ``key`` as the API server has it now (a list by name: the chart grants no ``get``), or None
-    when it is gone or is another resource of that name (``uid``)."""
-    found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+    """The LLMTelemetry ``key`` as the API server has it now (see :func:`_named`), or None when it is gone or is
+    another resource of that name (``uid``)."""
+    found = await _named(memo, key, uid)
     return found[0] if found and (found[0]["metadata"].get("uid") or "") == uid else None
+
+
+async def _named(memo: Any, key: tuple[str, str], uid: str | None) -> list[dict[str, Any]]:
+    """The LLMTelemetry resources named ``key`` (a list by name: the chart grants no ``get``), which a caller that
+    finds none of ``uid`` among them takes for gone, and forgets.
+
+    A list from the API server's watch cache first; when that shows none of ``uid``, a consistent list: behind
+    several API servers, each with its own cache, one cache may lag behind the server kopf's watch reads, and miss a
+    resource made moments ago (or still hold the one its name had before). Forgotten, such a resource got no pass
+    until its next change and its workloads went to the next in line. One more list in that rare case; none else."""
+    client = _client(memo)
+    found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+    if not any((item.get("metadata") or {}).get("uid") == uid for item in found):
+        found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]}, consistent=True)
+    return found
 
 
 async def _reread_after_gap(
@@ -2078,7 +2093,7 @@ async def _child_deleted(
     uid = owner["metadata"].get("uid")
     found: list[dict[str, Any]] | None
     try:
-        found = await _client(memo).list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
+        found = await _named(memo, key, uid)
     except NotFoundError:
         # The kind itself is not served: gone with its CRD (then so is every resource of it), or an API server still
         # starting, which serves the CRD but not yet its kind (then nothing can be told).

@@ -464,6 +464,7 @@ class KubeClient:
         labels: Mapping[str, str] | LabelQuery | None = None,
         *,
         fields: Mapping[str, str] | None = None,
+        consistent: bool = False,
     ) -> list[dict[str, Any]]:
         """List objects, page by page, by equality labels or a full selector (sent, and also applied here, as
         not every server honours it) and equality ``fields`` (``metadata.name``); ``namespace`` None: cluster.
@@ -475,9 +476,14 @@ class KubeClient:
         (milliseconds): every write made from it carries a precondition or is a create, so a stale read ends
         in a 409 and a fresh read, never in a lost update. Servers that serve such a list from the cache do it
         in one piece; pages follow only when one answers with a ``continue`` token.
+
+        ``consistent``: the newest state instead (no ``resourceVersion``: a quorum read from etcd, or from a cache the
+        server has first brought up to date), for the rare answer that must not come from a cache lagging behind.
         """
         query = _Equality(labels) if isinstance(labels, Mapping) else labels
-        params: list[tuple[str, str]] = [("limit", str(self.page_size)), ("resourceVersion", "0")]
+        params: list[tuple[str, str]] = [("limit", str(self.page_size))]
+        if not consistent:
+            params.append(("resourceVersion", "0"))
         if query is not None and (text := query.to_query()):
             params.append(("labelSelector", text))
         if fields:

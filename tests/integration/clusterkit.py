@@ -212,8 +212,8 @@ _Proxy = TypeVar("_Proxy", bound="ApiProxy")
 class ApiProxy:
     """A plain-HTTP reverse proxy to the API server (as ``kubectl proxy`` is, but passing the client's own token on),
     run on an event loop of its own thread. :meth:`off` cuts it off (it listens no more, and every request it was
-    forwarding, the watches, ends) and :meth:`on` listens again on the same port; a subclass can hold or answer a
-    request itself in :meth:`arrived`."""
+    forwarding, the watches, ends) and :meth:`on` listens again on the same port; a subclass can hold a request, or
+    answer it itself, in :meth:`arrived`."""
 
     #: Headers of one hop, not passed on (the body passes as it came, compressed or not).
     HOP = frozenset({"host", "content-length", "transfer-encoding", "connection"})
@@ -240,8 +240,10 @@ class ApiProxy:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 
-    async def arrived(self, request: Any) -> None:
-        """Called for each request before it is forwarded (on the proxy's loop): nothing here."""
+    async def arrived(self, request: Any) -> Any:
+        """Called for each request before it is forwarded (on the proxy's loop): an answer to send instead of the API
+        server's, or None to forward it (here: always)."""
+        return None
 
     def off(self) -> None:
         asyncio.run_coroutine_threadsafe(self._off(), self._loop).result(30)
@@ -275,7 +277,9 @@ class ApiProxy:
             assert task is not None
             self._forwarding.add(task)
             try:
-                await self.arrived(request)
+                own = await self.arrived(request)
+                if own is not None:
+                    return own
                 body = await request.read()
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
                 async with session.request(

@@ -44,6 +44,7 @@ class HoldingProxy(ApiProxy):
         if request.method == "POST" and request.path.endswith("/selfsubjectaccessreviews"):
             self.held += 1
             await self._released.wait()
+        return None
 
 
 def _free_port() -> int:

@@ -4,7 +4,9 @@ again, the workload gets the injection of the new spec in one rollout.
 
 The workload's watch, back first, started a pass with the resource's body as kopf's watch had last delivered it,
 from before the gap: the workload got the old spec's injection first and the new one about a second later, when
-kopf's watch delivered the new body (two rollouts of the Deployment instead of one)."""
+kopf's watch delivered the new body (two rollouts of the Deployment instead of one). That read after the gap comes
+from an API server's watch cache: one lagging behind, which does not have the resource yet, does not make the operator
+forget it."""
 
 from __future__ import annotations
 
@@ -35,6 +37,30 @@ pytestmark = pytest.mark.k8s
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
 
 
+class LaggingCacheProxy(ApiProxy):
+    """The proxy to the API server, answering a list of the LLMTelemetry resources by name from the watch cache
+    (``resourceVersion=0``) while :attr:`lagging` as a cache lagging behind the others would (several API servers,
+    each with its own): without the resource, as if it had been made after the cache's version."""
+
+    lagging = False
+    lagged = 0
+
+    async def arrived(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if (
+            self.lagging
+            and request.method == "GET"
+            and request.path.endswith(f"/{PLURAL}")
+            and request.query.get("resourceVersion") == "0"
+            and request.query.get("fieldSelector", "").startswith("metadata.name=")
+        ):
+            self.lagged += 1
+            empty = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LLMTelemetryList", "metadata": {}, "items": []}
+            return web.json_response({**empty, "metadata": {"resourceVersion": "1"}})
+        return None
+
+
 def _deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
@@ -57,13 +83,15 @@ def _port(deployment: Any) -> str | None:
     return next((e.value for e in env if e.name == "LLM_TELEMETRY_METRICS_PORT"), None)
 
 
-@pytest.mark.parametrize("gap", ["edited", "deleted"])
+@pytest.mark.parametrize("gap", ["edited", "deleted", "cache lagging"])
 def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
     api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path, gap: str
 ) -> None:
     """``edited``: the spec changed in the gap is injected in one rollout. ``deleted``: the resource deleted in the
     gap (its finalizer holds it) gets no injection again before its deletion's handler runs (the read after the gap
-    found it being deleted, and the pass went on with it: the re-applied Deployment was injected, then undone)."""
+    found it being deleted, and the pass went on with it: the re-applied Deployment was injected, then undone).
+    ``cache lagging``: the resource unchanged, but the watch cache the read after the gap is served from does not
+    have it: it is not taken for gone (it was forgotten, and the re-applied Deployment never injected again)."""
     from kubernetes import client, watch
 
     core, apps_api = client.CoreV1Api(api), client.AppsV1Api(api)
@@ -76,7 +104,7 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
     apps_api.create_namespaced_deployment(apps, _deployment(name))
     custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
     try:
-        with ApiProxy(server, ca) as proxy:
+        with LaggingCacheProxy(server, ca) as proxy:
             process, log, _, _ = start_chart_operator(
                 api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600",
                 server=f"http://127.0.0.1:{proxy.port}",
@@ -104,8 +132,10 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
                     custom.patch_namespaced_custom_object(
                         GROUP, VERSION, apps, PLURAL, name, {"spec": {"metrics": {"port": 9500}}}
                     )
-                else:
+                elif gap == "deleted":
                     custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name)
+                else:
+                    proxy.lagging = True
                 apply(api, {**_deployment(name), "metadata": {**_deployment(name)["metadata"], "namespace": apps}})
                 replaced = apps_api.read_namespaced_deployment(name, apps)
                 assert _port(replaced) is None
@@ -137,8 +167,9 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
                 # either may come back first.)
                 time.sleep(max(0.0, 13.0 - (time.monotonic() - cut)))
                 proxy.on()
-                if gap == "edited":
-                    wait_for(lambda: templates and templates[-1] == "9500", "the new spec's injection", timeout=120)
+                if gap != "deleted":
+                    want = "9500" if gap == "edited" else "9464"
+                    wait_for(lambda: templates and templates[-1] == want, "the spec's injection", timeout=120)
                 else:
                     wait_for(
                         lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"],
@@ -149,12 +180,17 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
                 watcher.stop()
                 # (The Deployment controller's status updates carry the same template: only changes are kept.)
                 changes = [port for port in templates if port is not None]
-                assert changes == (["9500"] if gap == "edited" else []), (templates, log.read_text()[-4000:])
+                expected = {"edited": ["9500"], "deleted": [], "cache lagging": ["9464"]}[gap]
+                assert changes == expected, (templates, log.read_text()[-4000:])
+                assert (proxy.lagged > 0) == (gap == "cache lagging")
+                if gap == "cache lagging":
+                    assert "is gone, though its deletion was never reported" not in log.read_text()
                 assert process.poll() is None, log.read_text()[-4000:]
             finally:
                 # Its finalizer taken off by the operator (reachable again), so that the namespace can go.
                 if not proxy.listening:
                     proxy.on()
+                proxy.lagging = False
                 with contextlib.suppress(Exception):
                     custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name)
                     wait_for(

@@ -576,6 +576,28 @@ def namespace_object(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
+def by_name(request: Any, name: str = "chat") -> bool:
+    """Whether ``request`` is a list of the LLMTelemetry ``name`` by name (the operator's reads of one resource)."""
+    return bool(
+        request.method.value == "GET"
+        and request.url.path == f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+        and request.params.get("fieldSelector") == f"metadata.name={name}"
+    )
+
+
+def consistent_reads(emulator: Any) -> list[Any]:
+    """The lists of the resource by name not served from the watch cache (no ``resourceVersion=0``)."""
+    return [request for request in list(emulator) if by_name(request) and "resourceVersion" not in request.params]
+
+
+def cache_lagging(emulator: Any) -> None:
+    """From now on, a list of the resource by name from the watch cache (``resourceVersion=0``) answers as a cache
+    lagging behind would (several API servers, each with its own): without it, as if made after the cache's
+    version. A consistent list is answered as stored."""
+    lagging = {"kind": "LLMTelemetryList", "metadata": {"resourceVersion": "1"}, "items": []}
+    emulator[lambda request: by_name(request) and request.params.get("resourceVersion") == "0"] << 200 << lagging
+
+
 def install_prometheus_operator_crds(kmock: Any, monitoring_crds: Mapping[str, Mapping[str, Any]]) -> None:
     verbs = {"list", "watch", "patch", "get", "create", "delete"}
     for plural in ("servicemonitors", "prometheusrules"):

@@ -16,7 +16,9 @@ from kopf_testing import (
     NAMESPACE,
     PEERING,
     SERVICES,
+    cache_lagging,
     condition,
+    consistent_reads,
     deployment,
     eventually,
     get,
@@ -291,6 +293,21 @@ async def test_a_child_deleted_while_the_kind_is_not_served_yet_is_made_again(
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the child made again")
         assert (NAMESPACE, "chat") in memo["state"].bodies
+
+
+async def test_a_child_deleted_while_the_watch_cache_lags_is_made_again(emulator: Any, monitoring_crds: Any) -> None:
+    """Asked to put a deleted child back, the operator first looks its resource up by name, in the API server's
+    watch cache; a cache lagging behind (several API servers) may not have it yet: the resource was forgotten (its
+    workloads handed to the next in line, no pass until its next change) and the child not made again. A
+    consistent list now confirms such an answer first."""
+    _one_resource(emulator, monitoring_crds)
+    async with running_operator() as memo:
+        await ready(emulator)
+        cache_lagging(emulator)
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the child made again")
+        assert (NAMESPACE, "chat") in memo["state"].bodies
+        assert consistent_reads(emulator)
 
 
 async def _create(emulator: Any, body: dict[str, Any]) -> None:

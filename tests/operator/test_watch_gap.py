@@ -21,6 +21,8 @@ from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
+    cache_lagging,
+    consistent_reads,
     deployment,
     eventually,
     get,
@@ -87,6 +89,24 @@ async def test_a_workload_event_after_a_watch_gap_applies_the_spec_edited_in_the
             lambda: (get(emulator, LLMT, "chat") or {}).get("status", {}).get("observedGeneration") == 2,
             "the edited generation observed",
         )
+        # The watch cache had it: no read beside that one.
+        assert not consistent_reads(emulator)
+
+
+async def test_a_resource_a_lagging_watch_cache_lacks_after_a_watch_gap_is_not_forgotten(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The read after a gap is a list from an API server's watch cache, which may lag behind the one kopf's watch
+    reads, and not have the resource yet: it was taken for gone and forgotten (no pass until its next change, its
+    workloads handed to the next in line), and the re-applied workload was never injected again. A consistent list
+    now confirms such an answer before the resource is forgotten."""
+    caplog.set_level(logging.INFO)
+    async with served(emulator, monitoring_crds):
+        cache_lagging(emulator)
+        await reapplied_in_gap(emulator)
+        await eventually(lambda: metrics_port(get(emulator, DEPLOYMENTS, "chat")) == "9464", "injected again")
+        assert "is gone, though its deletion was never reported" not in caplog.text
+        assert consistent_reads(emulator)
 
 
 async def test_a_read_after_a_watch_gap_older_than_the_body_had_is_not_taken(
