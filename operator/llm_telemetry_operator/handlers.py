@@ -227,9 +227,10 @@ class OperatorState:
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
     forbidden_said: set[str] = field(default_factory=set)
     #: How many times a watch of the workloads or children failed (see :mod:`childwatch`: a connection broken, the API
-    #: server out of reach, an expired version), and that count when each LLMTelemetry's body was last had from the API
-    #: server: a body had before a failure may be one kopf's watch has yet to bring up to date (see _reread_after_gap).
-    watch_breaks: int = 0
+    #: server out of reach, an expired version), by the namespace it watches (None: every namespace), and that count
+    #: for its namespace (see _breaks) when each LLMTelemetry's body was last had from the API server: a body had
+    #: before a failure may be one kopf's watch has yet to bring up to date (see _reread_after_gap).
+    watch_breaks: dict[str | None, int] = field(default_factory=dict)
     tracked_breaks: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
@@ -1050,7 +1051,7 @@ async def _reconcile(
         latest = state.bodies.get(key)
         if latest is not None and (latest["metadata"].get("uid") or "") == uid:
             body = latest
-        if state.tracked_breaks.get(key, 0) < state.watch_breaks:
+        if state.tracked_breaks.get(key, 0) < _breaks(state, key[0]):
             reread = await _reread_after_gap(memo, state, key, body, logger)
             if reread is None:
                 # Gone, or made anew, while the watches were away: a pass with the body had before would inject the
@@ -1461,7 +1462,7 @@ async def _reread_after_gap(
     new one a second later, when kopf's watch delivered it: a rollout of every workload too many. One list by name
     per resource after each failure of the watches; none otherwise. When it fails, the pass runs with ``body``, as it
     did before, and the next pass tries again."""
-    breaks = state.watch_breaks
+    breaks = _breaks(state, key[0])
     uid = body["metadata"].get("uid") or ""
     had = state.bodies.get(key)
     try:
@@ -1493,10 +1494,22 @@ def _generation(body: Mapping[str, Any]) -> int:
     return generation if isinstance(generation, int) else 0
 
 
-def _watch_broken(memo: Any) -> None:
-    """A watch of the workloads or children failed (see :mod:`childwatch`): every LLMTelemetry body had before may
-    be stale until it is read again (see _reread_after_gap)."""
-    _state(memo).watch_breaks += 1
+def _watch_broken(memo: Any, namespace: str | None) -> None:
+    """A watch of the workloads or children of ``namespace`` (None: of every namespace) failed (see
+    :mod:`childwatch`): every LLMTelemetry body of that namespace had before may be stale until it is read again (see
+    _reread_after_gap).
+
+    Of that namespace only: an outage of the API server (or its history expired) breaks every watch, each watched
+    namespace's included, while one watch's own failure (a connection reset) says nothing of kopf's watches of the
+    other namespaces, whose workloads' events come through watches that did not fail. (With one watch per namespace,
+    a namespace's failure had every resource of every namespace listed again at its next pass.)"""
+    breaks = _state(memo).watch_breaks
+    breaks[namespace] = breaks.get(namespace, 0) + 1
+
+
+def _breaks(state: OperatorState, namespace: str) -> int:
+    """How many times a watch covering ``namespace`` failed: its own, or one of every namespace."""
+    return state.watch_breaks.get(None, 0) + state.watch_breaks.get(namespace, 0)
 
 
 async def _claim(memo: Any, body: Mapping[str, Any], logger: Any) -> Mapping[str, Any] | None:
@@ -1773,7 +1786,7 @@ def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
     key = (meta["namespace"], meta["name"])
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
-    state.tracked_breaks[key] = state.watch_breaks
+    state.tracked_breaks[key] = _breaks(state, key[0])
     if previous is None or previous.get("spec") != snapshot.get("spec") or key not in state.specs:
         try:
             state.specs[key] = parse_spec(snapshot.get("spec") or {})
@@ -1996,14 +2009,14 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
             _client(memo), kube.Resource(group, version, plural), namespace, _MANAGED,
             functools.partial(_child_event, memo, logger, plural), loop,
             served=functools.partial(_kind_served, memo, logger, plural, namespace),
-            broken=functools.partial(_watch_broken, memo),
+            broken=functools.partial(_watch_broken, memo, namespace),
         )
         for group, version, plural in _CHILD_RESOURCES
         for namespace in namespaces
     ] + [
         MetadataWatch(
             _client(memo), resource, namespace, {}, functools.partial(_workload_event, memo, logger, kind), loop,
-            broken=functools.partial(_watch_broken, memo),
+            broken=functools.partial(_watch_broken, memo, namespace),
         )
         for kind, resource in kube.WORKLOADS.items()
         for namespace in namespaces

@@ -242,10 +242,13 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         obj.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
         self.objects[resource, namespace, name] = obj
 
-    async def expire_watches(self, plural: str) -> None:
+    async def expire_watches(self, plural: str, namespace: str | None = None) -> None:
         """End every watch of the kind ``plural`` with the API server's 410 Gone (its history compacted away): a
-        watcher must list again to go on."""
-        gone = {"kind": "Status", "status": "Failure", "code": 410, "reason": "Expired", "message": "too old"}
+        watcher must list again to go on. With ``namespace``, only the watches of that namespace (and of all)."""
+        gone: dict[str, Any] = {"kind": "Status", "status": "Failure", "code": 410, "reason": "Expired"}
+        gone["message"] = "too old"
+        if namespace is not None:
+            gone["metadata"] = {"namespace": namespace}  # (what _selected() sends to a namespace's watches only)
         for resource, bus in list(self._buses.items()):
             if getattr(resource, "plural", None) == plural:
                 async with self._writes:
@@ -576,11 +579,11 @@ def namespace_object(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
-def by_name(request: Any, name: str = "chat") -> bool:
+def by_name(request: Any, name: str = "chat", namespace: str = NAMESPACE) -> bool:
     """Whether ``request`` is a list of the LLMTelemetry ``name`` by name (the operator's reads of one resource)."""
     return bool(
         request.method.value == "GET"
-        and request.url.path == f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+        and request.url.path == f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{namespace}/llmtelemetries"
         and request.params.get("fieldSelector") == f"metadata.name={name}"
     )
 

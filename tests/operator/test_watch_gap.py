@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +22,11 @@ from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
+    NAMESPACES,
+    PEERING,
+    by_name,
     cache_lagging,
+    condition,
     consistent_reads,
     deployment,
     eventually,
@@ -29,9 +34,13 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    namespace_object,
     ready,
     running_operator,
 )
+from test_operator_kmock import hand, in_namespace
+
+from llm_telemetry_operator.config import OperatorConfig
 
 
 def metrics_port(dep: Any) -> str | None:
@@ -154,3 +163,36 @@ async def test_a_resource_deleted_or_made_anew_in_a_watch_gap_gets_no_pass_with_
         )
         ports = rollouts(emulator)
         assert ports[-1] is None, ports
+
+
+async def test_one_namespace_s_watch_failing_has_only_that_namespace_s_resources_read_again(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Each watched namespace has watches of its own. One that fails alone (a connection reset, its version expired)
+    says nothing of kopf's watches of the other namespaces: the resources of its namespace are read again at their
+    next pass, and no other. Every resource of every namespace was (on a real API server, 3 namespaces of 4
+    resources each: 12 lists after one namespace's workload watch broke, where 4 are due)."""
+    other = "team-b"
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[NAMESPACES, None, other] = namespace_object(other)
+    for ns in (NAMESPACE, other):
+        emulator.objects[DEPLOYMENTS, ns, "chat"] = in_namespace(deployment(), ns)
+        emulator.objects[LLMT, ns, "chat"] = in_namespace(minimal_llmt(), ns)
+    config = OperatorConfig(namespaces=(NAMESPACE, other), peering=PEERING, metrics_port=0, health="")
+    async with running_operator(config) as memo:
+        for ns in (NAMESPACE, other):
+            await eventually(lambda ns=ns: condition(get(emulator, LLMT, "chat", ns), "Ready").get("status"), ns)
+        await asyncio.sleep(1.0)
+        before = len(list(emulator))
+        await emulator.expire_watches("deployments", namespace=other)
+        broken = time.monotonic()
+        # A change of each namespace's workload: a pass for each resource.
+        for ns in (NAMESPACE, other):
+            await hand(emulator, "PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/chat", {"spec": {"replicas": 2}})
+        passes = memo["state"].passes
+        await eventually(
+            lambda: all(passes.get((ns, "chat"), (0.0,))[0] > broken for ns in (NAMESPACE, other)), "both passes"
+        )
+        reads = {ns: [r for r in list(emulator)[before:] if by_name(r, namespace=ns)] for ns in (NAMESPACE, other)}
+        assert reads[other] and not reads[NAMESPACE], reads
