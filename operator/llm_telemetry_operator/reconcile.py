@@ -1189,9 +1189,19 @@ async def update_refused(client: KubeClient, owner: Mapping[str, Any]) -> str | 
 
 async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
     """Whether the LLMTelemetry ``name`` exists in ``namespace`` (an invalid one too, which is no peer). A list by
-    name: the operator's role lists these resources, and has no need to get them."""
-    found = await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name})
-    return any((item.get("metadata") or {}).get("name") == name for item in found)
+    name: the operator's role lists these resources, and has no need to get them.
+
+    From the API server's watch cache first; an answer that it does not exist, on which its workload is taken from
+    it, is confirmed by a consistent list: behind several API servers, one cache may lag behind the others and miss
+    a resource made moments ago (its workload was taken over from a holder that exists: a rollout, and another when
+    the holder took it back). One more list only for a record whose holder is missing."""
+
+    def named(found: list[dict[str, Any]]) -> bool:
+        return any((item.get("metadata") or {}).get("name") == name for item in found)
+
+    if named(await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name})):
+        return True
+    return named(await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name}, consistent=True))
 
 
 #: What the message of a configMapRef whose key holds no prices says (the condition's reason is then

@@ -200,3 +200,65 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
                 stop(process)
     finally:
         uninstall(api, docs, (apps, system))
+
+
+def test_a_record_of_a_resource_a_lagging_watch_cache_misses_still_holds_its_workload(
+    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """A workload whose injection record names an LLMTelemetry that exists, one with an invalid spec (so no peer the
+    operator knows), is held by it. Whether it exists was asked of the watch cache alone: one lagging behind, without
+    it, had the resource selecting the workload take it over (a rollout of the Deployment, from a holder that is
+    there)."""
+    import json
+
+    from kubernetes import client
+
+    core, apps_api = client.CoreV1Api(api), client.AppsV1Api(api)
+    custom = client.CustomObjectsApi(api)
+    system, apps = unique("llmt-lag-system"), unique("llmt-lag")
+    docs = install(api, system)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
+    server, ca = api_server(kubeconfig)
+    name, holder = unique("chat"), unique("broken")
+    held = _deployment(name)
+    record = {"containers": {}, "owner": holder, "volume": False}
+    held["metadata"]["annotations"] = {c.ANNOTATION_INJECTED: json.dumps(record)}
+    apps_api.create_namespaced_deployment(apps, held)
+    # Valid for the CRD's schema, not for the operator (no peer): its record is checked by a list by name.
+    invalid = telemetry(holder, unique("none"), tracing={"endpoint": "http://[oops:4318"})
+    custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, invalid)
+    custom.create_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, telemetry(name, name))
+    try:
+        with LaggingCacheProxy(server, ca) as proxy:
+            proxy.lagging = True
+            process, log, _, _ = start_chart_operator(
+                api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "600",
+                server=f"http://127.0.0.1:{proxy.port}",
+            )  # fmt: skip
+            try:
+
+                def injected() -> str | None:
+                    body = custom.get_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name)
+                    conditions = (body.get("status") or {}).get("conditions") or []
+                    said = [x for x in conditions if x.get("type") == c.CONDITION_INJECTED]
+                    return str(said[0].get("message")) if said else None
+
+                message = wait_for(injected, "the resource's Injected condition written")
+                assert f"held by {holder}" in message, (message, log.read_text()[-4000:])
+                deployment = apps_api.read_namespaced_deployment(name, apps)
+                assert _port(deployment) is None
+                assert json.loads(deployment.metadata.annotations[c.ANNOTATION_INJECTED])["owner"] == holder
+                assert proxy.lagged > 0
+                assert process.poll() is None, log.read_text()[-4000:]
+            finally:
+                proxy.lagging = False
+                with contextlib.suppress(Exception):
+                    for resource in (name, holder):
+                        custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, resource)
+                    wait_for(
+                        lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"],
+                        "deleted",
+                    )
+                stop(process)
+    finally:
+        uninstall(api, docs, (apps, system))

@@ -588,17 +588,17 @@ def by_name(request: Any, name: str = "chat", namespace: str = NAMESPACE) -> boo
     )
 
 
-def consistent_reads(emulator: Any) -> list[Any]:
-    """The lists of the resource by name not served from the watch cache (no ``resourceVersion=0``)."""
-    return [request for request in list(emulator) if by_name(request) and "resourceVersion" not in request.params]
+def consistent_reads(emulator: Any, name: str = "chat") -> list[Any]:
+    """The lists of the resource ``name`` by name not served from the watch cache (no ``resourceVersion=0``)."""
+    return [request for request in list(emulator) if by_name(request, name) and "resourceVersion" not in request.params]
 
 
-def cache_lagging(emulator: Any) -> None:
-    """From now on, a list of the resource by name from the watch cache (``resourceVersion=0``) answers as a cache
-    lagging behind would (several API servers, each with its own): without it, as if made after the cache's
+def cache_lagging(emulator: Any, name: str = "chat") -> None:
+    """From now on, a list of the resource ``name`` by name from the watch cache (``resourceVersion=0``) answers as a
+    cache lagging behind would (several API servers, each with its own): without it, as if made after the cache's
     version. A consistent list is answered as stored."""
     lagging = {"kind": "LLMTelemetryList", "metadata": {"resourceVersion": "1"}, "items": []}
-    emulator[lambda request: by_name(request) and request.params.get("resourceVersion") == "0"] << 200 << lagging
+    emulator[lambda request: by_name(request, name) and request.params.get("resourceVersion") == "0"] << 200 << lagging
 
 
 def install_prometheus_operator_crds(kmock: Any, monitoring_crds: Mapping[str, Mapping[str, Any]]) -> None:

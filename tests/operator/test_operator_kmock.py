@@ -25,7 +25,9 @@ from kopf_testing import (
     SERVICEMONITORS,
     SERVICES,
     STATEFULSETS,
+    cache_lagging,
     condition,
+    consistent_reads,
     deployment,
     eventually,
     get,
@@ -1129,6 +1131,31 @@ async def test_a_record_of_an_llmtelemetry_that_is_gone_blocks_nobody(emulator: 
     assert json.loads(taken["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"] == "chat"
     assert env_of(taken)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
     assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "held"))
+
+
+async def test_a_record_of_an_llmtelemetry_the_watch_cache_lags_behind_still_holds_its_workload(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Whether the LLMTelemetry an injection record names exists is asked with a list by name from the API server's
+    watch cache. A cache lagging behind the others (several API servers) may not have it yet: the workload was taken
+    over from a holder that exists (a rollout, and another when the holder, once read, takes it back). A consistent
+    list now confirms such an answer first."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    held = deployment("held", labels={"app": "chat"})
+    record = json.dumps({"containers": {}, "owner": "broken", "volume": False})
+    held["metadata"]["annotations"] = {c.ANNOTATION_INJECTED: record}
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "held"] = held
+    emulator.objects[LLMT, NAMESPACE, "broken"] = minimal_llmt("broken", tracing={"endpoint": "http://[oops:4318"})
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    cache_lagging(emulator, "broken")
+
+    await one_pass(emulator, "chat")
+    message = str(condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"])
+    assert "Deployment/held (held by broken, not valid or not read yet)" in message, message
+    kept = get(emulator, DEPLOYMENTS, "held")
+    assert json.loads(kept["metadata"]["annotations"][c.ANNOTATION_INJECTED])["owner"] == "broken"
+    assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(kept)
+    assert consistent_reads(emulator, "broken")
 
 
 async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: Any) -> None:
