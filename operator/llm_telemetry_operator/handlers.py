@@ -684,12 +684,15 @@ async def _watch_access(memo: Any, state: OperatorState, logger: Any) -> None:
             # an older answer last.
             logger.debug("the permissions' last check is still under way: no other one beside it")
             continue
-        # The cluster-wide grants, and a Role's only in the namespaces where one was last found missing (so
-        # that its return is noticed), or where a check could not ask: 34 reviews a namespace for all of them
-        # would come in a burst.
-        where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
-        where |= state.access_unasked
-        await _start_access_check(memo, state, logger, where)
+        await _start_access_check(memo, state, logger, _periodic_namespaces(state))
+
+
+def _periodic_namespaces(state: OperatorState) -> set[str]:
+    """The watched namespaces whose Role a periodic check asks about besides the cluster-wide grants: those where
+    one was last found missing (so that its return is noticed), or where a check could not ask (34 reviews a
+    namespace for all of them would come in a burst)."""
+    where = {grant.namespace for grant in state.lacking or () if grant.namespace is not None}
+    return where | state.access_unasked
 
 
 def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:
@@ -728,6 +731,13 @@ def _start_access_check(
         nonlocal where
         if delay > 0:
             await asyncio.sleep(delay)
+            if where is not None:
+                # It held back the periodic checks while it waited (_watch_access skips while a check is under
+                # way): it asks what they ask too. Else, with refusals that keep coming (each one starting a check
+                # that waits for its turn), the namespaces where a grant was found missing or could not be asked
+                # about would be asked about only when a periodic check fell between two of these.
+                where = where | _periodic_namespaces(state)
+                state.access_checking = frozenset(where)
         if where is not None and state.access_wanted:
             # Refused elsewhere while this check waited for its turn: asked about in it.
             where, state.access_wanted = where | state.access_wanted, set()

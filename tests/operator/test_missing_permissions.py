@@ -570,25 +570,34 @@ async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
     ACCESS_RECHECK_SECONDS. One met sooner after the last such check (a verb taken off the Role just then) started
     none and was dropped: where the refused call was not made again, the permission was never named, nor its
     namespace asked about again (the periodic check asks about the cluster-wide grants only). Now that check waits
-    for its turn: one check, however many refusals meanwhile."""
+    for its turn: one check, however many refusals meanwhile. And as the periodic checks skip while it waits, it
+    asks what they ask too (where a grant was last found missing): with refusals that kept coming, each starting
+    the next such check, a grant given back there went unnoticed until a periodic check fell between two of them
+    (they are 600 s apart here: only that check can notice it)."""
     from kopf_testing import DEPLOYMENTS, deployment
 
     from llm_telemetry_operator.handlers import ACCESS_RECHECK_SECONDS
 
     caplog.set_level(logging.INFO)
+    other = "other"
+    other_patch, other_named = ("apps", "deployments", "patch", other), f"patch deployments.apps (in namespace {other})"
     config = OperatorConfig(
-        peering="test-peering", metrics_port=0, health="", resync_seconds=600, namespaces=(NAMESPACE,)
+        peering="test-peering", metrics_port=0, health="", resync_seconds=600, namespaces=(NAMESPACE, other)
     )
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.unauthorized.add(other_patch)
     async with running_operator(config):
         await started(caplog)
+        await eventually(lambda: errors_naming(caplog, other_named), "the ERROR naming the other namespace's")
         # A refusal no review explains (every one allows it: an authorizer's cache behind, say): a check there now.
         emulator.deny[("deployments", "chat")] = DEPLOYMENT_REFUSED
         await create_named(emulator, "chat")
         await eventually(lambda: reviews_of(emulator, ROLE_PATCH) == 2, "the check the refusal started asks there")
         # The verb taken off the Role right after: the pass's retry, within the minute, is refused for want of it,
-        # and the call is then let through (a call not made again, as for a workload deleted meanwhile).
+        # and the call is then let through (a call not made again, as for a workload deleted meanwhile). The other
+        # namespace's grant is given back meanwhile.
         emulator.unauthorized.add(ROLE_PATCH)
+        emulator.unauthorized.discard(other_patch)
         refused_before = deployment_patches(emulator)
         await eventually(lambda: deployment_patches(emulator) > refused_before, "the pass's retry refused")
         emulator.deny.clear()
@@ -598,7 +607,10 @@ async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
             attempts=int((ACCESS_RECHECK_SECONDS + 30) / 0.05),
         )
         assert reviews_of(emulator, ROLE_PATCH) == 3
-    assert len(errors_naming(caplog, ROLE_NAMED)) == 1
+        assert reviews_of(emulator, other_patch) == 2
+    named = errors_naming(caplog, ROLE_NAMED)
+    assert len(named) == 1
+    assert other_named not in named[0]
 
 
 async def test_a_namespace_a_failed_check_was_to_ask_about_is_asked_about_by_the_periodic_checks(
