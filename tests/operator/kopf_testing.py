@@ -19,6 +19,7 @@ import kmock as kmocklib
 import kopf
 import pytest
 import yaml
+from kopf._cogs.structs.references import Insights  # kopf.operator's ``insights``, which kopf does not re-export
 
 from llm_telemetry_operator.__main__ import kopf_options
 from llm_telemetry_operator.config import OperatorConfig
@@ -28,6 +29,8 @@ SHARED_CRDS = REPO_ROOT.parent / "shared" / "crds"
 CRD_PATH = REPO_ROOT / "crds" / "llmtelemetry.dev_llmtelemetries.yaml"
 NAMESPACE = "llm"
 PEERING = "test-peering"
+#: Seconds running_operator's stop waits for kopf's startup scan of the API groups to be done (see there).
+SCAN_WAIT_SECONDS = 10.0
 #: The namespace collection, which kmock 0.8 cannot parse (see ApiServerEmulator.__call__).
 NAMESPACES_PATH = "/api/v1/namespaces"
 #: What kmock parses instead: the namespaces resource "in" the namespace "-", which no real namespace can be named.
@@ -634,9 +637,20 @@ async def running_operator(config: OperatorConfig | None = None, client: Any = N
         options["memo"] = kopf.Memo(config=config, client=client)
     memo = options["memo"]
     stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(stop_flag=stop, **options))
+    insights = Insights()
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, insights=insights, **options))
     try:
         yield memo
     finally:
+        # kopf's startup scan of the API groups reads them in tasks of its own (asyncio.as_completed), which its stop
+        # does not cancel: a test that ends before the scan is done (an operator standing by, say) has them go on,
+        # and one that asks after kopf has closed its session fails ("Connector is closed"), an error kopf.operator
+        # then raises as it ends. So the stop waits for that scan, for as long as the operator runs (a failed
+        # startup ends it: its error is raised below) and at most SCAN_WAIT_SECONDS (a scan still not done then is
+        # stopped as before, and any error raised).
+        scanned = asyncio.ensure_future(insights.ready_resources.wait())
+        await asyncio.wait({task, scanned}, timeout=SCAN_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        scanned.cancel()
+        await asyncio.gather(scanned, return_exceptions=True)
         stop.set()
         await asyncio.wait_for(task, timeout=30)
