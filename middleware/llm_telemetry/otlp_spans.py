@@ -17,6 +17,7 @@ future release may rename them), it exports exactly as the SDK does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -25,6 +26,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -779,12 +781,40 @@ def _socket_of(raw: Any) -> Any:
     return None
 
 
+#: 1 MiB of zeros as brotli: what :func:`_brotli_bounded` asks urllib3's brotli decoder for one byte of (brotli's
+#: output grows in blocks of tens of KiB: a bounded decoder gives a block, an unbounded one all of it).
+_BROTLI_ZEROS: Final = bytes.fromhex("5bffff8f7f02201e0b0472ef1f00")
+
+
+@functools.cache
+def _brotli_bounded() -> bool:
+    """Whether urllib3's ``br`` decoder gives no more than it is asked for, as its gzip, deflate and zstd ones do:
+    only with a brotli module (``brotli`` or ``brotlicffi``, whichever urllib3 imported) of 1.2 or later, whose
+    output can be bounded. With an older one urllib3 warns and decodes each read whole (421 bytes of ``br`` were
+    256 MiB at once, 557 MiB traced). True where urllib3 decodes no ``br`` (the body then stays as sent)."""
+    import urllib3.response
+
+    decoder = getattr(urllib3.response, "BrotliDecoder", None)
+    if decoder is None:
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # urllib3's DependencyWarning for an older brotli
+        try:
+            return len(decoder().decompress(_BROTLI_ZEROS, max_length=1)) <= ANSWER_BYTES
+        except Exception:
+            return False
+
+
 def _decoded(body: bytes, encoding: str) -> bytes:
     """At most :data:`ANSWER_BYTES` + 1 bytes of ``body`` (an answer's body as sent) decoded as its
     ``Content-Encoding`` says, by urllib3's own decoders (as the SDK's transports decode it): ``DecodeError`` for
-    one that is not. An encoding urllib3 does not know leaves the body as it is, as it does in a transport."""
+    one that is not. An encoding urllib3 does not know leaves the body as it is, as it does in a transport, and so
+    does ``br`` where urllib3's brotli decoder cannot bound its output (see :func:`_brotli_bounded`): the SDK does
+    nothing with an answer's body but fail on one that does not decode."""
     import urllib3
 
+    if "br" in {coding.strip() for coding in encoding.lower().split(",")} and not _brotli_bounded():
+        return body
     answer = urllib3.HTTPResponse(
         body=io.BytesIO(body), headers={"content-encoding": encoding}, preload_content=False, decode_content=True
     )

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import brotli
 import openai
 import pytest
 import requests
 import requests.adapters
+import urllib3.response
 from opentelemetry._logs import LogRecord
 from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as SDKLogExporter
@@ -727,6 +729,90 @@ def test_an_encoded_answer_that_decodes_to_far_more_is_decoded_no_further_than_a
             tracemalloc.stop()
         sender.shutdown()
     assert peak < 16 << 20, peak
+
+
+def _brotli_of_zeros(size: int) -> bytes:
+    """Brotli of ``size`` zero bytes, compressed piece by piece (a few hundred bytes for 256 MiB)."""
+    compressor, zeros = brotli.Compressor(quality=5), bytes(1 << 24)
+    return b"".join([*(compressor.process(zeros) for _ in range(size // len(zeros))), compressor.finish()])
+
+
+@contextmanager
+def answering_with(body: bytes, encoding: str) -> Iterator[str]:
+    """A :func:`raw_endpoint` answering every request with 200 and ``body`` as ``encoding`` (``Content-Encoding``)."""
+
+    def answer(conn: socket.socket, path: str) -> bool:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-encoding: "
+            + encoding.encode()
+            + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        return True
+
+    with raw_endpoint(answer) as url:
+        yield url
+
+
+class _BrotliBefore12:
+    """The ``brotli`` module as urllib3 finds it before Brotli 1.2: the installed one's decoding, through a
+    ``Decompressor`` whose ``process`` takes no output limit (``output_buffer_limit`` came in 1.2)."""
+
+    error = brotli.error
+
+    class Decompressor:
+        def __init__(self) -> None:
+            self._decompressor = brotli.Decompressor()
+
+        def process(self, data: bytes) -> bytes:
+            return bytes(self._decompressor.process(data))
+
+        def is_finished(self) -> bool:
+            return bool(self._decompressor.is_finished())
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.DependencyWarning")
+@pytest.mark.parametrize("encoding", ["br", "br, gzip"])
+def test_a_br_answer_is_not_decoded_whole_with_a_brotli_that_cannot_bound_its_output(
+    signal: str, encoding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib3 bounds a ``br`` read only with Brotli 1.2 or later; with an older one (an app may pin one) it warns
+    and decodes each read whole: 405 bytes of ``br`` that are 256 MiB of zeros took 557 MiB at the export's peak.
+    Such an answer is left as sent (64 KiB at most), and a 200 is a delivered export."""
+    from llm_telemetry.otlp_spans import _brotli_bounded
+
+    _brotli_bounded.cache_clear()  # what this process found of the installed brotli
+    monkeypatch.setattr(urllib3.response, "brotli", _BrotliBefore12)
+    body = _brotli_of_zeros(256 << 20)
+    if encoding == "br, gzip":
+        body = gzip.compress(body)
+    try:
+        with answering_with(body, encoding) as url:
+            exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+            sender = exporter(endpoint=url + _path(signal), timeout=30)
+            tracemalloc.start()
+            try:
+                assert _sent(sender, _items(signal, "bombed"))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            sender.shutdown()
+    finally:
+        monkeypatch.undo()
+        _brotli_bounded.cache_clear()
+    assert peak < 16 << 20, peak
+
+
+def test_a_br_answer_that_does_not_decode_fails_the_export_as_the_sdk_exporter_fails_it(signal: str) -> None:
+    """With the Brotli the tests install (1.2 or later, whose output urllib3 bounds) a ``br`` answer is decoded, as
+    the SDK's transports decode it: one that is not brotli fails the export, ours and the SDK's alike."""
+    ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
+    with answering_with(b"\x8b\x03\x80not really brotli\x03", "br") as url:
+        for exporter in (sdks, ours):
+            sender = exporter(endpoint=url + _path(signal), timeout=5)
+            assert not _sent(sender, _items(signal, "undecodable"))
+            sender.shutdown()
 
 
 def test_one_exporter_used_from_two_threads_delivers_every_export(signal: str) -> None:
