@@ -9,7 +9,11 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import pathlib
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import tracemalloc
@@ -642,6 +646,108 @@ def test_an_answer_that_ends_its_connection_and_stops_coming_is_delivered_at_the
         assert "due to timeout" in caplog.records[-1].getMessage()
         sender.shutdown()
         sender = ours(endpoint=url + _path(signal), timeout=1, **_transport_options(transport))
+        assert _sent(sender, _items(signal, "delivered"))
+        sender.shutdown()
+
+
+@pytest.fixture
+def certificate(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A self-signed certificate for 127.0.0.1 (``cert.pem``, its key ``key.pem`` beside it)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH: cannot make the test's certificate")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", "key.pem", "-out", "cert.pem"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    return tmp_path / "cert.pem"
+
+
+def _whole_request(received: bytes) -> bool:
+    """Whether ``received`` holds a whole HTTP request: its head, and as much body as its content-length says."""
+    head, found, body = received.partition(b"\r\n\r\n")
+    fields = dict(line.lower().split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+    return bool(found) and len(body) >= int(fields.get(b"content-length", b"0"))
+
+
+@contextmanager
+def tls_stalling_endpoint(head: bytes, certificate: pathlib.Path) -> Iterator[str]:
+    """An HTTPS endpoint on 127.0.0.1 whose every answer is ``head`` in one TLS record, then 10 bytes of its body in
+    a record of which only the first half is sent: the client's read waits in the middle of a TLS record, until
+    the endpoint is closed. TLS is done in memory (``ssl.MemoryBIO``), so the records can be cut."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, certificate.parent / "key.pem")
+    listener = socket.create_server(("127.0.0.1", 0))
+    closing = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+
+        def step(operation: Callable[[], Any]) -> Any:
+            """``operation`` on the TLS object, fed from the socket until it has what it needs."""
+            while True:
+                try:
+                    return operation()
+                except ssl.SSLWantReadError:
+                    conn.sendall(outgoing.read())
+                    data = conn.recv(65536)
+                    if not data:
+                        raise ConnectionResetError from None
+                    incoming.write(data)
+
+        with conn:
+            try:
+                step(tls.do_handshake)
+                request = b""
+                while not _whole_request(request):
+                    request += step(lambda: tls.read(65536))
+                tls.write(head)
+                conn.sendall(outgoing.read())
+                tls.write(b"0123456789")
+                record = outgoing.read()
+                conn.sendall(record[: len(record) // 2])
+                closing.wait(120)
+            except (OSError, ssl.SSLError):  # the client closed the connection
+                return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        closing.set()
+        listener.close()
+
+
+@pytest.mark.parametrize("transport", ["default", "session-given"])
+@pytest.mark.parametrize("closing", ["keep-alive", *sorted(CLOSING_HEADS)])
+def test_an_https_answer_stopping_in_a_tls_record_is_delivered_at_the_timeout(
+    signal: str, transport: str, closing: str, certificate: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over https the socket read from is TLS (an ``ssl.SSLSocket``, under ``http.client``'s file for an answer
+    that ends its connection): a body that stops in the middle of a TLS record is cut at the deadline as over plain
+    http, and the 200 is a delivered export, for an answer that keeps its connection and for one that ends it
+    (found only through ``http.client``'s file); the SDK's exporter waits out its read timeout and fails."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):  # they override the session's CA file in requests
+        monkeypatch.delenv(name, raising=False)
+    head = CLOSING_HEADS.get(closing, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+    ours = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
+    sdks = SDKSpanExporter if signal == "spans" else SDKLogExporter
+    options = {"certificate_file": str(certificate), **_transport_options(transport)}
+    with tls_stalling_endpoint(head, certificate) as url:
+        sender = sdks(endpoint=url + _path(signal), timeout=1, **options)
+        assert not _sent(sender, _items(signal, "timed out"))  # the reference: the endpoint answered and stalled
+        sender.shutdown()
+        options = {"certificate_file": str(certificate), **_transport_options(transport)}
+        sender = ours(endpoint=url + _path(signal), timeout=1, **options)
         assert _sent(sender, _items(signal, "delivered"))
         sender.shutdown()
 
