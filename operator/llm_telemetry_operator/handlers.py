@@ -232,6 +232,11 @@ class OperatorState:
     #: before a failure may be one kopf's watch has yet to bring up to date (see _reread_after_gap).
     watch_breaks: dict[str | None, int] = field(default_factory=dict)
     tracked_breaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: The uid of each resource last found gone by a read though kopf's watch never said so (see
+    #: _forget_unreported). An event of that uid kopf delivers after the read is older than it (a uid is never used
+    #: again): taken, it tracked the resource again, for good, and its passes made children for an owner that no
+    #: longer exists. One entry per name, replaced when another resource of that name is found gone.
+    gone: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 #: The handlers kopf calls for every watch event of their kind (every LLMTelemetry change in the watched
@@ -1051,6 +1056,8 @@ async def _reconcile(
             # kopf's own handlers run here too: kopf holds them while another replica is active, but not while this
             # one has yet to look at the peering object again after a freeze, or stands by as its entry is missing.
             return None
+        if uid and state.gone.get(key) == uid:
+            return None  # found gone: this body is older than that read (see OperatorState.gone)
         last = state.passes.get(key)
         if last is not None and (last[0] > requested or (answered is not None and answered(last[1]))):
             metrics.RECONCILES.labels(trigger, "coalesced").inc()
@@ -1794,6 +1801,8 @@ def _track(state: OperatorState, body: Mapping[str, Any]) -> None:
     """Remember the latest body of one LLMTelemetry (and its parsed spec)."""
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
+    if meta.get("uid") and state.gone.get(key) == meta["uid"]:
+        return  # a late event of a resource found gone (see OperatorState.gone)
     previous = state.bodies.get(key)
     state.bodies[key] = snapshot = _snapshot(body)
     state.tracked_breaks[key] = _breaks(state, key[0])
@@ -2137,6 +2146,8 @@ def _forget_unreported(memo: Any, logger: Any, state: OperatorState, key: tuple[
     if owner is None or owner["metadata"].get("uid") != uid:
         return
     _forget(state, key, owner)
+    if uid:
+        state.gone[key] = uid
     _ObjectLog(logger, {"object": "/".join(key)}).info(
         "is gone, though its deletion was never reported (a watch listed anew); forgotten"
     )
