@@ -2157,9 +2157,14 @@ def _forget_unreported(memo: Any, logger: Any, state: OperatorState, key: tuple[
 
 
 async def _crd_gone(memo: Any) -> bool:
-    """Whether the LLMTelemetry CRD no longer exists (False when that cannot be read either)."""
+    """Whether the LLMTelemetry CRD no longer exists (False when that cannot be read either). A consistent list, not
+    one from the API server's watch cache: asked only after the kind answered 404, and the resource is then forgotten
+    for good (see OperatorState.gone), which a cache lagging behind the others (several API servers) must not
+    decide."""
     try:
-        crds = await _client(memo).list(kube.CRDS, None, fields={"metadata.name": f"{c.PLURAL}.{c.GROUP}"})
+        crds = await _client(memo).list(
+            kube.CRDS, None, fields={"metadata.name": f"{c.PLURAL}.{c.GROUP}"}, consistent=True
+        )
     except ApiError:
         return False
     return not crds

@@ -319,6 +319,27 @@ async def test_a_resource_found_gone_is_not_tracked_again_by_a_late_watch_event(
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
 
 
+async def test_a_child_deleted_while_the_kind_is_not_served_and_the_watch_cache_lags_is_made_again(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The kind answering 404 (an API server just restarted) while the watch cache behind the CRD list lags (several
+    API servers, one cache without the CRD): the CRD exists, so the resource is not taken for gone (forgotten for
+    good), and the pass makes the child again. Whether the CRD is gone is asked with a consistent list."""
+    _one_resource(emulator, monitoring_crds)
+    async with running_operator() as memo:
+        await ready(emulator)
+        _kind_not_served(emulator)
+        cached = {"kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}
+        (
+            emulator[lambda request: request.url.path == CRDS_PATH and request.params.get("resourceVersion") == "0"]
+            << 200
+            << cached
+        )
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics") is not None, "the child made again")
+        assert (NAMESPACE, "chat") in memo["state"].bodies
+
+
 async def test_a_child_deleted_while_the_kind_is_not_served_yet_is_made_again(
     emulator: Any, monitoring_crds: Any
 ) -> None:
