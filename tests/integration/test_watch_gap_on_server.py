@@ -191,12 +191,7 @@ def test_a_spec_changed_while_the_api_server_was_away_is_applied_in_one_rollout(
                 if not proxy.listening:
                     proxy.on()
                 proxy.lagging = False
-                with contextlib.suppress(Exception):
-                    custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, name)
-                    wait_for(
-                        lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"],
-                        "deleted",
-                    )
+                _delete_all(custom, apps, (name,))
                 stop(process)
     finally:
         uninstall(api, docs, (apps, system))
@@ -252,13 +247,18 @@ def test_a_record_of_a_resource_a_lagging_watch_cache_misses_still_holds_its_wor
                 assert process.poll() is None, log.read_text()[-4000:]
             finally:
                 proxy.lagging = False
-                with contextlib.suppress(Exception):
-                    for resource in (name, holder):
-                        custom.delete_namespaced_custom_object(GROUP, VERSION, apps, PLURAL, resource)
-                    wait_for(
-                        lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, apps, PLURAL)["items"],
-                        "deleted",
-                    )
+                _delete_all(custom, apps, (name, holder))
                 stop(process)
     finally:
         uninstall(api, docs, (apps, system))
+
+
+def _delete_all(custom: Any, namespace: str, names: tuple[str, ...]) -> None:
+    """Delete the LLMTelemetry resources ``names`` (the operator takes their finalizers off) and wait until none is
+    left in ``namespace``, so that it can go; a failure here leaves the test's own outcome to stand."""
+    with contextlib.suppress(Exception):
+        for name in names:
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        wait_for(
+            lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"], "deleted"
+        )
