@@ -2124,17 +2124,21 @@ async def _child_deleted(
     log = _ObjectLog(logger, {"object": "/".join(key)})
     uid = owner["metadata"].get("uid")
     found: list[dict[str, Any]] | None
-    try:
-        found = await _named(memo, key, uid)
-    except NotFoundError:
-        # The kind itself is not served: gone with its CRD (then so is every resource of it), or an API server still
-        # starting, which serves the CRD but not yet its kind (then nothing can be told).
-        found = [] if await _crd_gone(memo) else None
-    except ApiError:
-        found = None  # cannot tell: the pass decides, as for any child event
-    if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):
-        _forget_unreported(memo, logger, state, key, uid)
-        return
+    # Under the resource's lock, as the passes: a pass in flight ends before the resource is forgotten. Forgotten
+    # while one ran, that pass then filed its outcome, status, reports and served workloads under the forgotten
+    # resource, for good (a resource of that name made later inherited them).
+    async with _lock(memo, *key):
+        try:
+            found = await _named(memo, key, uid)
+        except NotFoundError:
+            # The kind itself is not served: gone with its CRD (then so is every resource of it), or an API server
+            # still starting, which serves the CRD but not yet its kind (then nothing can be told).
+            found = [] if await _crd_gone(memo) else None
+        except ApiError:
+            found = None  # cannot tell: the pass decides, as for any child event
+        if found is not None and not any((item.get("metadata") or {}).get("uid") == uid for item in found):
+            _forget_unreported(memo, logger, state, key, uid)
+            return
     await _reconcile(memo, owner, "child", log, answered=answered)
 
 

@@ -319,6 +319,47 @@ async def test_a_resource_found_gone_is_not_tracked_again_by_a_late_watch_event(
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
 
 
+async def test_a_resource_found_gone_while_its_pass_runs_keeps_nothing_of_that_pass(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A child deleted while a pass of its resource is under way, and the resource found gone (its CRD deleted): that
+    pass's outcome, status, reports and served workloads were filed under the resource after it was forgotten, for
+    good, as the look ran beside the pass. The look waits for the pass, as passes do; the pass here is held at its
+    list of the workloads, and let go once the resource is forgotten, or once the look has had ample time to."""
+    _one_resource(emulator, monitoring_crds)
+    key = (NAMESPACE, "chat")
+    holding, arrived, release = [False], asyncio.Event(), asyncio.Event()
+
+    async def hold(_request: Any) -> None:
+        arrived.set()
+        await release.wait()
+
+    def held(request: Any) -> bool:
+        return holding[0] and request in owner_lists(emulator, "deployments")
+
+    async with running_operator() as memo:
+        await ready(emulator)
+        state = memo["state"]
+        emulator[held] >> hold
+        holding[0] = True
+        await hand(emulator, "PATCH", f"{LLMT_PATH}/chat", {"spec": {"metrics": {"port": 9465}}})
+        await eventually(arrived.is_set, "the pass at its list of the workloads")
+        holding[0] = False
+        _kind_not_served(emulator)
+        emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        try:  # (the look waits for the pass, so this wait ends unmet; the look used to forget it here)
+            await eventually(lambda: key not in state.bodies, "the resource forgotten", attempts=60)
+        except AssertionError:
+            pass
+        release.set()
+        await eventually(lambda: key not in state.bodies and not state.locks[key].locked(), "forgotten, no pass")
+        assert key not in state.passes
+        assert key not in state.reported
+        assert "uid-chat" not in state.statuses
+        assert state.index.candidates(NAMESPACE, {}, "Deployment/chat") == []
+
+
 async def test_a_child_deleted_while_the_kind_is_not_served_and_the_watch_cache_lags_is_made_again(
     emulator: Any, monitoring_crds: Any
 ) -> None:
