@@ -360,6 +360,39 @@ async def test_a_resource_found_gone_while_its_pass_runs_keeps_nothing_of_that_p
         assert state.index.candidates(NAMESPACE, {}, "Deployment/chat") == []
 
 
+async def test_a_resource_found_gone_then_deleted_with_the_finalizer_is_cleaned_up_and_let_go(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """Found gone by a read that was wrong (here the emulator answers the look as for a kind no longer served, and
+    then serves it again), then deleted with the operator's finalizer on it: kopf's deletion reaches the operator's
+    deletion handler, which undoes the injection, and the finalizer comes off (a finalizer left on holds the
+    resource, and its namespace's deletion, for good). Events of the uid found gone are skipped by the tracking
+    and the passes only."""
+    _one_resource(emulator, monitoring_crds)
+    looking_gone = [True]
+
+    def look(request: Any) -> bool:
+        return (
+            looking_gone[0]
+            and request.method == "GET"
+            and request.url.path == LLMT_PATH
+            and request.params.get("fieldSelector") == "metadata.name=chat"
+        )
+
+    async with running_operator() as memo:
+        await ready(emulator)
+        assert env_of(get(emulator, DEPLOYMENTS, "chat"))
+        emulator[look] << 404 << STATUS_404
+        emulator[lambda request: looking_gone[0] and request.url.path == CRDS_PATH] << 200 << {"kind": "List"}
+        await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
+        await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
+        looking_gone[0] = False
+        assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
+        await _delete(emulator, "chat")
+        await eventually(lambda: get(emulator, LLMT, "chat") is None, "the finalizer taken off, the resource gone")
+        assert not any(name.startswith("OTEL_") for name in env_of(get(emulator, DEPLOYMENTS, "chat")))
+
+
 async def test_a_child_deleted_while_the_kind_is_not_served_and_the_watch_cache_lags_is_made_again(
     emulator: Any, monitoring_crds: Any
 ) -> None:
