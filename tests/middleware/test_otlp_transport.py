@@ -258,6 +258,26 @@ class Flood:
 
 
 @contextmanager
+def accepting(listener: socket.socket, serve: Callable[[socket.socket], None], scheme: str) -> Iterator[str]:
+    """Each connection ``listener`` accepts served by ``serve`` in a thread of its own; yields the endpoint's URL and
+    closes the listener when done."""
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"{scheme}://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+@contextmanager
 def raw_endpoint(answer: Callable[[socket.socket, str], bool]) -> Iterator[str]:
     """An HTTP endpoint on 127.0.0.1 written on sockets, to answer as no HTTP server library would: each request on a
     connection is read whole and ``answer(conn, path)`` sends the answer, returning whether the connection goes on.
@@ -283,19 +303,8 @@ def raw_endpoint(answer: Callable[[socket.socket, str], bool]) -> Iterator[str]:
                 except OSError:  # the client closed the connection
                     return
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
+    with accepting(listener, serve, "http") as url:
+        yield url
 
 
 @contextmanager
@@ -711,20 +720,11 @@ def tls_stalling_endpoint(head: bytes, certificate: pathlib.Path) -> Iterator[st
             except (OSError, ssl.SSLError):  # the client closed the connection
                 return
 
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
     try:
-        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+        with accepting(listener, serve, "https") as url:
+            yield url
     finally:
         closing.set()
-        listener.close()
 
 
 @pytest.mark.parametrize("transport", ["default", "session-given"])
