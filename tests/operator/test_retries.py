@@ -262,6 +262,12 @@ def _kind_not_served(emulator: Any) -> None:
     lookup << 404 << STATUS_404
 
 
+def _crd_gone(emulator: Any) -> None:
+    """The operator's look for resource ``chat`` answers 404 and the CRDs' list is empty: its CRD is gone."""
+    _kind_not_served(emulator)
+    emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
+
+
 async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: Any, monitoring_crds: Any) -> None:
     """With the LLMTelemetry CRD deleted (its resources gone with it, their finalizers taken off as install.md says),
     the garbage collector deletes their children, and each deletion reached a pass that made the child again, owned
@@ -272,8 +278,7 @@ async def test_a_child_deleted_once_the_crd_is_gone_is_not_made_again(emulator: 
     _one_resource(emulator, monitoring_crds)
     async with running_operator() as memo:
         await ready(emulator)
-        _kind_not_served(emulator)
-        emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
+        _crd_gone(emulator)
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
         await asyncio.sleep(1)
@@ -303,8 +308,7 @@ async def test_a_resource_found_gone_is_not_tracked_again_by_a_late_watch_event(
     _one_resource(emulator, monitoring_crds)
     async with running_operator() as memo:
         await ready(emulator)
-        _kind_not_served(emulator)
-        emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
+        _crd_gone(emulator)
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         await eventually(lambda: (NAMESPACE, "chat") not in memo["state"].bodies, "the resource forgotten")
         await _finalizer_put_back(emulator)
@@ -345,8 +349,7 @@ async def test_a_resource_found_gone_while_its_pass_runs_keeps_nothing_of_that_p
         await hand(emulator, "PATCH", f"{LLMT_PATH}/chat", {"spec": {"metrics": {"port": 9465}}})
         await eventually(arrived.is_set, "the pass at its list of the workloads")
         holding[0] = False
-        _kind_not_served(emulator)
-        emulator[lambda request: request.url.path == CRDS_PATH] << 200 << {"kind": "List", "items": []}
+        _crd_gone(emulator)
         await hand(emulator, "DELETE", f"/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics")
         try:  # (the look waits for the pass, so this wait ends unmet; the look used to forget it here)
             await eventually(lambda: key not in state.bodies, "the resource forgotten", attempts=60)
