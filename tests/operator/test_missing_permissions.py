@@ -510,10 +510,7 @@ async def test_a_refusal_met_while_a_check_that_does_not_ask_there_is_under_way_
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     async with running_operator(config):
         await started(caplog)
-        await eventually(lambda: reviews_in(emulator, NAMESPACE) > 0, "the first check asks about the Role")
-        emulator.reviews_held = asyncio.Event()
-        asked = reviews(emulator)
-        await eventually(lambda: reviews(emulator) > asked, "a periodic check under way, its answers held")
+        await periodic_check_held(emulator)
         in_namespace = reviews_in(emulator, NAMESPACE)
         emulator.unauthorized.add(("apps", "deployments", "patch", NAMESPACE))
         emulator.deny[("deployments", "chat")] = (
@@ -555,6 +552,15 @@ def reviews_of(emulator: Any, key: tuple[str, str, str, str | None]) -> int:
         and isinstance(req.data, dict)
         and ((req.data.get("spec") or {}).get("resourceAttributes") or {}) == wanted
     )
+
+
+async def periodic_check_held(emulator: Any) -> None:
+    """Once the first check has asked about the Role, wait for a periodic check to start, its answers held (until
+    ``emulator.reviews_held`` is set)."""
+    await eventually(lambda: reviews_in(emulator, NAMESPACE) > 0, "the first check asks about the Role")
+    emulator.reviews_held = asyncio.Event()
+    asked = reviews(emulator)
+    await eventually(lambda: reviews(emulator) > asked, "a periodic check under way, its answers held")
 
 
 def deployment_patches(emulator: Any) -> int:
@@ -630,10 +636,7 @@ async def test_a_namespace_a_failed_check_was_to_ask_about_is_asked_about_by_the
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     async with running_operator(config):
         await started(caplog)
-        await eventually(lambda: reviews_in(emulator, NAMESPACE) > 0, "the first check asks about the Role")
-        emulator.reviews_held = asyncio.Event()
-        asked = reviews(emulator)
-        await eventually(lambda: reviews(emulator) > asked, "a periodic check under way, its answers held")
+        await periodic_check_held(emulator)
         emulator.unauthorized.add(ROLE_PATCH)
         emulator.deny[("deployments", "chat")] = DEPLOYMENT_REFUSED
         await create_named(emulator, "chat")
