@@ -814,17 +814,7 @@ def test_an_encoded_answer_that_decodes_to_far_more_is_decoded_no_further_than_a
     64 MiB of zeros, and 0.5 KiB of gzip of gzip that is 256 MiB of them) is decoded no further than the 64 KiB an
     answer is read to, in memory too (the SDK's exporter reads and decodes all of it)."""
     body = _gzip_of_zeros(64 << 20) if encoding == "gzip" else gzip.compress(_gzip_of_zeros(256 << 20), 9)
-
-    def answer(conn: socket.socket, path: str) -> bool:
-        conn.sendall(
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-encoding: "
-            + encoding.encode()
-            + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        return True
-
-    with raw_endpoint(answer) as url:
+    with answering_with(body, encoding) as url:
         exporter = OTLPSpanExporter if signal == "spans" else OTLPLogExporter
         sender = exporter(endpoint=url + _path(signal), timeout=30)
         tracemalloc.start()
