@@ -1453,18 +1453,10 @@ async def _read_again(memo: Any, key: tuple[str, str], uid: str) -> dict[str, An
 
 
 async def _named(memo: Any, key: tuple[str, str], uid: str | None) -> list[dict[str, Any]]:
-    """The LLMTelemetry resources named ``key`` (a list by name: the chart grants no ``get``), which a caller that
-    finds none of ``uid`` among them takes for gone, and forgets.
-
-    A list from the API server's watch cache first; when that shows none of ``uid``, a consistent list: behind
-    several API servers, each with its own cache, one cache may lag behind the server kopf's watch reads, and miss a
-    resource made moments ago (or still hold the one its name had before). Forgotten, such a resource got no pass
-    until its next change and its workloads went to the next in line. One more list in that rare case; none else."""
-    client = _client(memo)
-    found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]})
-    if not any((item.get("metadata") or {}).get("uid") == uid for item in found):
-        found = await client.list(kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]}, consistent=True)
-    return found
+    """The LLMTelemetry resources named ``key``, which a caller that finds none of ``uid`` among them takes for gone,
+    and forgets: confirmed by a consistent list then (see :func:`reconcile.named_resources`). Forgotten while it
+    exists, a resource got no pass until its next change and its workloads went to the next in line."""
+    return await rec.named_resources(_client(memo), key[0], key[1], lambda item: item["metadata"].get("uid") == uid)
 
 
 async def _reread_after_gap(

@@ -1188,20 +1188,26 @@ async def update_refused(client: KubeClient, owner: Mapping[str, Any]) -> str | 
 
 
 async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
-    """Whether the LLMTelemetry ``name`` exists in ``namespace`` (an invalid one too, which is no peer). A list by
-    name: the operator's role lists these resources, and has no need to get them.
+    """Whether the LLMTelemetry ``name`` exists in ``namespace`` (an invalid one too, which is no peer). An answer
+    that it does not exist, on which its workload is taken from it, is confirmed (see :func:`named_resources`): a
+    cache lagging behind had a workload taken over from a holder that exists (a rollout, and another when the holder
+    took it back)."""
+    found = await named_resources(client, namespace, name, lambda item: item["metadata"].get("name") == name)
+    return any((item.get("metadata") or {}).get("name") == name for item in found)
 
-    From the API server's watch cache first; an answer that it does not exist, on which its workload is taken from
-    it, is confirmed by a consistent list: behind several API servers, one cache may lag behind the others and miss
-    a resource made moments ago (its workload was taken over from a holder that exists: a rollout, and another when
-    the holder took it back). One more list only for a record whose holder is missing."""
 
-    def named(found: list[dict[str, Any]]) -> bool:
-        return any((item.get("metadata") or {}).get("name") == name for item in found)
-
-    if named(await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name})):
-        return True
-    return named(await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name}, consistent=True))
+async def named_resources(
+    client: KubeClient, namespace: str, name: str, wanted: Callable[[Mapping[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The LLMTelemetry resources named ``name`` in ``namespace``: a list by name (the operator's role lists these
+    resources, and has no need to get them), from the API server's watch cache first; when none is ``wanted``, a
+    consistent list, as the caller would take that for a resource gone. Behind several API servers, each with its
+    own cache, one may lag behind the others and miss a resource made moments ago (or still hold the one its name had
+    before). One more list only in that rare case."""
+    found = await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name})
+    if any(wanted(item) for item in found if item.get("metadata")):
+        return found
+    return await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name}, consistent=True)
 
 
 #: What the message of a configMapRef whose key holds no prices says (the condition's reason is then
