@@ -29,6 +29,7 @@ from llm_telemetry.instruments import CARDINALITY_LIMIT
 from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.record import LLMCall, ToolResult
 from llm_telemetry.telemetry import Telemetry
+from otlp_receiver import isolated_env, otlp_receiver, tracing_env
 from support import Metrics
 
 #: Distinct models and tenants per run: 60 x 60 = 3,600 combinations, past the limit, within the label caps.
@@ -106,33 +107,39 @@ def test_series_stop_at_the_limit_and_the_rest_is_counted_in_overflow(tmp_path: 
         assert {s.value for s in series if s not in overflow} == each, name
 
 
+def _fail(telemetry: Telemetry, model: int, tenant: int, error: str) -> None:
+    call = LLMCall("chat", "openai", 100.0, request_model=f"model-{model:03d}")
+    call.attribution = {"tenant": telemetry.limit("tenant", f"tenant-{tenant:03d}")}
+    call.stream = error == "client_disconnect"
+    call.status_code = {"client_disconnect": 200, "rate_limit": 429, "server_error": 500}.get(error, 400)
+    call.error_type = error
+    call.end = 100.5
+    telemetry.recorder.start(call)
+    telemetry.recorder.end(call)
+
+
+def _record_errors(telemetry: Telemetry) -> tuple[int, dict[str, int]]:
+    """A success and a rate limit for every (model, tenant), then 30 errors of each of three other types, past the
+    limit: the successes, and the count of each late error type."""
+    successes = _record(telemetry, range(SIDE), range(SIDE))
+    for m, t in itertools.product(range(SIDE), range(SIDE)):  # every place of the errors taken, some overflow
+        _fail(telemetry, m, t, "rate_limit")
+    late = {"context_length": 0, "server_error": 0, "client_disconnect": 0}
+    for i in range(90):
+        error = list(late)[i % 3]
+        late[error] += 1
+        _fail(telemetry, i % SIDE, SIDE - 1 - i % SIDE, error)
+    return successes, late
+
+
 @pytest.mark.parametrize("workers", [False, True], ids=["one-process", "worker-file"])
 def test_errors_past_the_limit_keep_their_error_type(tmp_path: Path, workers: bool) -> None:
     """The errors counted past the series limit keep their error type, the stream flag, operation and provider:
     an availability rule or error ratio that leaves client errors out (error_type!="invalid_request"...) must not
     count them as the service's failures, as it would if the overflow series had no error type at all."""
     telemetry = _telemetry(tmp_path, workers)
-    recorder, limit = telemetry.recorder, telemetry.limit
-
-    def fail(model: int, tenant: int, error: str) -> None:
-        call = LLMCall("chat", "openai", 100.0, request_model=f"model-{model:03d}")
-        call.attribution = {"tenant": limit("tenant", f"tenant-{tenant:03d}")}
-        call.stream = error == "client_disconnect"
-        call.status_code = {"client_disconnect": 200, "rate_limit": 429, "server_error": 500}.get(error, 400)
-        call.error_type = error
-        call.end = 100.5
-        recorder.start(call)
-        recorder.end(call)
-
     try:
-        successes = _record(telemetry, range(SIDE), range(SIDE))
-        for m, t in itertools.product(range(SIDE), range(SIDE)):  # every place of the errors taken, some overflow
-            fail(m, t, "rate_limit")
-        late = {"context_length": 0, "server_error": 0, "client_disconnect": 0}
-        for i in range(90):
-            error = list(late)[i % 3]
-            late[error] += 1
-            fail(i % SIDE, SIDE - 1 - i % SIDE, error)
+        successes, late = _record_errors(telemetry)
         text = generate_latest(telemetry.registry).decode()
     finally:
         telemetry.shutdown()
@@ -160,6 +167,52 @@ def test_errors_past_the_limit_keep_their_error_type(tmp_path: Path, workers: bo
         ("server_error", "false"): late["server_error"],
         ("client_disconnect", "true"): late["client_disconnect"],
     }
+
+
+@pytest.mark.parametrize(
+    ("preference", "workers", "kept"),
+    [("cumulative", False, True), ("delta", False, False), ("cumulative", True, False)],
+    ids=["one-process", "delta", "worker-file"],
+)
+def test_errors_past_the_limit_over_otlp(tmp_path: Path, preference: str, workers: bool, kept: bool) -> None:
+    """What a real OTLP receiver gets of the errors past the series limit, beside the scrape. One process, pushing
+    cumulative sums (the default): the overflow points keep the error type (and the stream flag, operation and
+    provider), as the scrape's overflow series do. Where the SDK's own instruments count (an exporter asking for
+    delta sums; each worker's push under several workers) its overflow point has ``otel.metric.overflow`` alone:
+    every error type in one point with none, which an availability query over the pushed numbers counts as the
+    service's failures (metrics.md#bounds says so). The scrape keeps them apart unless the SDK's instruments feed it
+    too (delta)."""
+    with otlp_receiver() as receiver:
+        env = tracing_env(
+            receiver,
+            LLM_TELEMETRY_METRICS_EXPORTER="prometheus,otlp",
+            OTEL_METRIC_EXPORT_INTERVAL="3600000",  # exports only when flushed below
+            OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE=preference,
+        )
+        with isolated_env(env):
+            telemetry = _telemetry(tmp_path, workers)
+        try:
+            _, late = _record_errors(telemetry)
+            text = generate_latest(telemetry.registry).decode()
+            assert telemetry.meter_provider is not None and telemetry.meter_provider.force_flush()
+            assert receiver.wait_for(lambda r: r.metric_exports >= 1)
+        finally:
+            telemetry.shutdown()
+    scraped = Metrics("\n".join(line for line in text.splitlines() if line.startswith("llm_errors_total")) + "\n")
+    in_scrape = {
+        s.labels.get("error_type", ""): s.value
+        for s in scraped.samples
+        if s.name == "llm_errors_total" and s.labels.get("otel_metric_overflow") == "true"
+    }
+    pushed = [p for p in receiver.metrics if p.name == "llm.errors" and p.export == 0]
+    in_push = {p.attributes.get("error.type", ""): p.value for p in pushed if p.attributes.get("otel.metric.overflow")}
+    assert sum(p.value for p in pushed) == SIDE * SIDE + sum(late.values())  # (every total exact either way)
+    by_type = {"rate_limit": SIDE * SIDE - CARDINALITY_LIMIT, **late}
+    assert in_push == (by_type if kept else {"": sum(by_type.values())})
+    assert in_scrape == (by_type if kept or workers else {"": sum(by_type.values())})
+    if kept:
+        overflow = [p.attributes for p in pushed if p.attributes.get("otel.metric.overflow")]
+        assert all(a["gen_ai.operation.name"] == "chat" and "gen_ai.request.model" not in a for a in overflow)
 
 
 def test_memory_stops_growing_at_the_limit(tmp_path: Path) -> None:
