@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +157,47 @@ def test_scraped_histogram_buckets_are_the_documented_boundaries(scraped: str) -
         assert by_series, name
         for les in by_series.values():
             assert les == [*bounds, math.inf], name
+
+
+class _Entered:
+    """A lock that counts the times it was taken."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entered = 0
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        self.entered += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_a_calls_points_and_their_collection_share_one_lock() -> None:
+    """The recorder writes a call's points under ``Instruments.lock``; the sums and histograms must be collected
+    under that same lock, or a scrape (in the listener's thread) iterates the totals while the event loop adds a
+    series to them. The default instruments share the histograms' lock, and a summed instrument takes the lock it is
+    given both to add and to be collected."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from llm_telemetry.config import Settings
+    from llm_telemetry.telemetry import Telemetry
+
+    telemetry = Telemetry(Settings.resolve(metrics_port=0, request_logs=False, multiproc_dir="off"))
+    try:
+        assert telemetry.histograms is not None
+        assert telemetry.instruments.lock is telemetry.histograms.lock
+    finally:
+        telemetry.shutdown()
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    lock = _Entered()
+    summed = instruments.SummedInstrument(provider.get_meter("t"), "t.sum", "1", "t", lock=lock)  # type: ignore[arg-type]
+    summed.add(1, {"k": "v"})
+    assert lock.entered == 1
+    data = reader.get_metrics_data()
+    assert lock.entered == 2
+    assert data is not None and data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points[0].value == 1
+    provider.shutdown()
