@@ -971,7 +971,9 @@ class OpenAIChatReader(ResponseReader):
         # Searched as latin-1 text: one character per byte, so every test below says what it would say on the
         # bytes, and a str needle is searched without the cost CPython's bytes search has.
         text = data.decode("latin-1")
-        if '"error"' in text:
+        if '"error"' in text or "\n" in text:
+            # (A line break: an event of several data lines, which is one JSON document only when pretty-printed;
+            # two documents, which the SDKs fail on, give no token. The full parse tells which.)
             return False
         # A null member says nothing (TGI sends "tool_calls":null in every delta): each spelling of these keys must
         # be one with a null value. (Inside a string a quote is escaped, so no key spelling is found there.)
@@ -1669,6 +1671,7 @@ class AnthropicMessagesReader(ResponseReader):
     def _plain_delta(self, event: str, data: bytes) -> bool:
         return (
             event == "content_block_delta"
+            and 0x0A not in data  # (several data lines: see OpenAIChatReader._plain_delta)
             and b'"text":""' not in data
             and b'"partial_json":""' not in data
             and b'"signature_delta"' not in data

@@ -26,7 +26,7 @@ from llm_telemetry.logs import REQUEST_LOGGER, JsonFormatter
 from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, Router
 from llm_telemetry.record import LLMCall
 from llm_telemetry.sse import SSEDecoder
-from support import Calls, Metrics, serve, wait_for
+from support import Calls, Metrics, serve, settled, wait_for
 
 JSON = [(b"content-type", b"application/json")]
 SSE = [(b"content-type", b"text/event-stream")]
@@ -1309,3 +1309,111 @@ def test_the_demo_answers_a_model_name_holding_a_lone_surrogate() -> None:
             answer = httpx.post(base + path, content=body, headers={"content-type": "application/json"})
             assert answer.status_code == 200, (path, answer.text)
             assert answer.json()["model"] == json.loads(body)["model"]
+
+
+def _chat_delta(text: str | None, finish: str | None = None, indent: int | None = None) -> bytes:
+    """One chat chunk's JSON (``indent``: pretty-printed, over several lines); ``text`` None: no text, "": the
+    role chunk that opens a stream."""
+    delta: dict[str, str] = {} if text is None else {"content": text} if text else {"role": "assistant", "content": ""}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return json.dumps(chunk, indent=indent).encode() if indent else json.dumps(chunk, separators=(",", ":")).encode()
+
+
+def _data_lines(*lines: bytes) -> bytes:
+    return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        # Two chunks' JSON in one event: SSE joins the lines with LF, which is no JSON document; the SDK raises on it.
+        _data_lines(_chat_delta(" two"), _chat_delta(" docs")),
+        # One chunk pretty-printed over several data lines: one JSON document, which the SDK reads as a token.
+        _data_lines(*_chat_delta(" pretty", indent=2).split(b"\n")),
+    ],
+    ids=["two-documents", "pretty-printed"],
+)
+def test_hostile_chat_event_of_several_data_lines_counts_as_the_sdk_reads_it(cleanup: list[Any], event: bytes) -> None:
+    """A chat stream without usage (its output tokens estimated from its text deltas) with, after its first token,
+    one event of several data lines that holds a text delta's bytes: it counts as a token exactly when the official
+    SDK yields one for it. Two documents in one event make the SDK raise (the client stops there): no token, as
+    before the first token, where such an event was never counted."""
+    import openai
+
+    chunks = [_data_lines(_chat_delta("")), _data_lines(_chat_delta("Hello")), event]
+    chunks += [_data_lines(_chat_delta(None, "stop")), b"data: [DONE]\n\n"]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_app_path="/metrics")
+    cleanup.append(wrapped)
+    texts = []
+    with serve(wrapped) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
+        with contextlib.suppress(ValueError):  # (json.JSONDecodeError, on the event of two documents)
+            for chunk in client.chat.completions.create(model="m", messages=[], stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    texts.append(chunk.choices[0].delta.content)
+        metrics = settled(int(base.rsplit(":", 1)[1]), _one_request)
+    shown = metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="estimated")
+    assert shown == len(texts), (texts, metrics.text)
+    assert internal_errors(metrics) == 0
+
+
+def _one_request(metrics: Metrics) -> None:
+    assert metrics.value("llm_requests_total") == 1
+
+
+def _anthropic_delta(text: str, indent: int | None = None) -> bytes:
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+    return json.dumps(delta, indent=indent).encode() if indent else json.dumps(delta, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [_anthropic_delta(" two"), _anthropic_delta(" docs")],
+        _anthropic_delta(" pretty", indent=2).split(b"\n"),
+    ],
+    ids=["two-documents", "pretty-printed"],
+)
+def test_hostile_anthropic_event_of_several_data_lines_counts_as_the_sdk_reads_it(
+    cleanup: list[Any], data: list[bytes]
+) -> None:
+    """As for chat: an Anthropic stream cut before its message_delta (its output estimated from its deltas) with a
+    content_block_delta event of several data lines counts it as a token exactly when the official SDK yields it."""
+    import anthropic
+
+    start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+             "model": "claude-x", "content": [], "usage": {"input_tokens": 9, "output_tokens": 1}}}  # fmt: skip
+    block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    chunks = [anthropic_events(start, block), b"event: content_block_delta\n" + _data_lines(_anthropic_delta("Hello"))]
+    chunks.append(b"event: content_block_delta\n" + _data_lines(*data))
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    wrapped = LLMTelemetryMiddleware(app, metrics_app_path="/metrics")
+    cleanup.append(wrapped)
+    texts = []
+    with serve(wrapped) as base:
+        client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        with contextlib.suppress(ValueError):  # (json.JSONDecodeError, on the event of two documents)
+            messages = [{"role": "user", "content": "hi"}]
+            for event in client.messages.create(model="claude-x", max_tokens=5, messages=messages, stream=True):
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    texts.append(event.delta.text)
+        metrics = settled(int(base.rsplit(":", 1)[1]), _one_request)
+    shown = metrics.value("llm_tokens_total", gen_ai_token_type="output", llm_usage_source="estimated")
+    assert shown == len(texts), (texts, metrics.text)
+    assert internal_errors(metrics) == 0

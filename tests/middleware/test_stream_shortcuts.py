@@ -262,8 +262,19 @@ def test_shortcuts_change_nothing_recorded(chunks: list[bytes], groups: list[int
     assert recorded(as_middleware_reads(chunks, groups)) == recorded(as_middleware_reads(chunks, groups, False))
 
 
+#: An event of two data lines, each a text delta's JSON: SSE joins them with LF, which is no JSON document (the
+#: SDKs raise on it), and one pretty-printed over several lines, which is one.
+TWO_DOCUMENTS = b"data: " + USUAL[1][6:-2] + b"\ndata: " + USUAL[2][6:-2] + b"\n\n"
+PRETTY = b"".join(
+    b"data: " + line + b"\n" for line in json.dumps(_demo({"content": "!"}), indent=1).encode().split(b"\n")
+)
+
+
 @given(chat_streams(consistent=True), st.lists(st.integers(1, 9), min_size=1, max_size=4))
 @settings(max_examples=300, deadline=None)
+@example([*USUAL[:3], TWO_DOCUMENTS, USUAL[3], USUAL[5]], [1])
+@example([*USUAL[:3], TWO_DOCUMENTS, USUAL[3], USUAL[5]], [3])
+@example([*USUAL[:3], PRETTY + b"\n", USUAL[3], USUAL[5]], [1])
 def test_shortcuts_record_what_a_full_parse_records(chunks: list[bytes], groups: list[int]) -> None:
     """Against parsing every event (content capture turns every shortcut off, per-chunk ones included), for streams
     that spell their id and model in every event, put one choice in a text delta and no empty reasoning delta: the
