@@ -164,7 +164,11 @@ class OperatorConfig:
             value = env.get(name)
             return default if value is None else value.strip()
 
-        namespaces = tuple(ns.strip() for ns in get(LLM_TELEMETRY_OPERATOR_NAMESPACES, "").split(",") if ns.strip())
+        # Each namespace once, in the order first given: a name listed twice ("a,b,a", or `-n a -n a`) had every
+        # watch of the workloads and children started twice there (each event handled twice), its Role's grants
+        # asked about twice at startup, and the resources there listed twice.
+        listed = (ns.strip() for ns in get(LLM_TELEMETRY_OPERATOR_NAMESPACES, "").split(","))
+        namespaces = tuple(dict.fromkeys(ns for ns in listed if ns))
         for ns in namespaces:
             if not _DNS_LABEL.fullmatch(ns) or len(ns) > 63:
                 raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_NAMESPACES}: {ns!r} is not a namespace name")

@@ -6,6 +6,8 @@ import os
 from unittest import mock
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llm_telemetry_operator.config import AUTO_PRIORITY_RANGE, OperatorConfig
 from llm_telemetry_operator.errors import ConfigurationError
@@ -120,3 +122,18 @@ def test_config_health_and_metrics_on_one_port_is_refused_at_startup() -> None:
         OperatorConfig.from_env(env)
     with pytest.raises(ConfigurationError, match="integer or auto"):
         OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_PRIORITY": "high"})
+
+
+#: Namespace names (DNS labels), a few so that lists of them repeat some.
+_NAMESPACE_NAMES = st.sampled_from(["llm", "staging", "a", "team-b", "x1"])
+
+
+@given(st.lists(st.tuples(_NAMESPACE_NAMES, st.sampled_from(["", " ", "  "]), st.sampled_from(["", " "])), max_size=8))
+def test_each_watched_namespace_is_taken_once(listed: list[tuple[str, str, str]]) -> None:
+    """A namespace named twice in LLM_TELEMETRY_OPERATOR_NAMESPACES ("a,b,a", " a , a") is watched once, the
+    namespaces in the order first given (kopf's own watch took it once; the operator's watches of the workloads and
+    children, its permission checks and its startup list took it as often as it was named)."""
+    value = ",".join(f"{before}{name}{after}" for name, before, after in listed)
+    config = OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_NAMESPACES": value})
+    names = [name for name, _, _ in listed]
+    assert config.namespaces == tuple(sorted(set(names), key=names.index))

@@ -1366,6 +1366,36 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
     check_usage(emulator)
 
 
+async def test_a_namespace_listed_twice_is_watched_once(emulator: Any) -> None:
+    """LLM_TELEMETRY_OPERATOR_NAMESPACES naming a namespace twice (" llm , llm "): each watch of the workloads and
+    children started twice there, every event of them handled twice, and the namespace's Role asked about twice at
+    startup (34 reviews more). Each namespace is taken once, as the operator reads the setting."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig.from_env(
+        {
+            "LLM_TELEMETRY_OPERATOR_NAMESPACES": f" {NAMESPACE} , {NAMESPACE} ",
+            "LLM_TELEMETRY_OPERATOR_PEERING": PEERING,
+            "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "0",
+            "LLM_TELEMETRY_OPERATOR_HEALTH": "",
+        }
+    )
+    async with running_operator(config):
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready"), "the first pass's status")
+    watches = collections.Counter(
+        str(req.url.path).rsplit("/", 1)[-1]
+        for req in list(emulator)
+        if req.method.value == "GET" and req.params.get("watch") and req.namespace == NAMESPACE
+    )
+    assert {watches[plural] for plural in ("deployments", "statefulsets", "services", "configmaps")} == {1}, watches
+    reviews = collections.Counter(
+        json.dumps(req.data, sort_keys=True)
+        for req in list(emulator)
+        if str(req.url.path).endswith("/selfsubjectaccessreviews")
+    )
+    assert reviews and max(reviews.values()) == 1, reviews.most_common(1)
+
+
 #: What a watched namespace's Role grants in namespaced mode: refused once the namespace's deletion has taken it.
 ROLE_GRANTED = ("deployments", "statefulsets", "services", "configmaps", "servicemonitors", "prometheusrules", "events")
 
