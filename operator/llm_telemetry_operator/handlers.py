@@ -13,7 +13,7 @@ import logging
 import pathlib
 import socket
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
@@ -125,8 +125,11 @@ class OperatorState:
     specs: dict[tuple[str, str], TelemetrySpec | None] = field(default_factory=dict)
     #: The names of each namespace in order, and which of them a workload event may concern (see owners.py).
     index: OwnerIndex = field(default_factory=OwnerIndex)
-    #: One lock per LLMTelemetry, so passes for the same resource never interleave.
+    #: One lock per LLMTelemetry, so passes for the same resource never interleave, and how many passes (and looks,
+    #: deletions) hold or wait for it. Kept only while one does (see :func:`_lock`): kept for good, every name ever
+    #: seen stayed, one per preview environment or pull request's resource for the operator's life.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    lock_users: dict[tuple[str, str], int] = field(default_factory=dict)
     #: The status each LLMTelemetry (by uid) was last given by us. A pass compares against it rather than the
     #: status in the body it was handed, which lags behind our own write until its watch event arrives; without
     #: this, passes triggered in that window rewrite the same status again.
@@ -280,8 +283,22 @@ def _client(memo: Any) -> KubeClient:
     return client
 
 
-def _lock(memo: Any, namespace: str, name: str) -> asyncio.Lock:
-    return _state(memo).locks.setdefault((namespace, name), asyncio.Lock())
+@contextlib.asynccontextmanager
+async def _lock(memo: Any, namespace: str, name: str) -> AsyncIterator[None]:
+    """Hold the lock of the LLMTelemetry ``namespace/name``. The lock is dropped once no one holds or waits for it:
+    one made anew for the next holder is the same to it (nothing waits on the old one), so nothing is kept of a
+    resource between its passes."""
+    state = _state(memo)
+    key = (namespace, name)
+    lock = state.locks.setdefault(key, asyncio.Lock())
+    state.lock_users[key] = state.lock_users.get(key, 0) + 1
+    try:
+        async with lock:
+            yield
+    finally:
+        state.lock_users[key] -= 1
+        if not state.lock_users[key]:
+            del state.lock_users[key], state.locks[key]
 
 
 def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -1366,6 +1366,23 @@ async def test_namespaced_mode_serves_only_watched_namespaces(emulator: Any, mon
     check_usage(emulator)
 
 
+async def test_nothing_is_kept_of_resources_deleted(emulator: Any) -> None:
+    """Resources made and deleted under names never used again (one per preview environment or pull request): the
+    operator kept a lock for each name it had ever seen, for its life. Nothing is kept of one once deleted."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    collection = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+    async with running_operator() as memo:
+        for number in range(3):
+            name = f"preview-{number}"
+            await hand(emulator, "POST", collection, minimal_llmt(name))
+            await eventually(lambda name=name: condition(get(emulator, LLMT, name), "Ready"), f"{name}'s status")
+            await hand(emulator, "DELETE", f"{collection}/{name}")
+            await eventually(lambda name=name: get(emulator, LLMT, name) is None, f"{name} deleted")
+            await eventually(lambda name=name: (NAMESPACE, name) not in memo["state"].bodies, f"{name} forgotten")
+        state = memo["state"]
+        await eventually(lambda: not state.locks and not state.lock_users, "no lock kept")
+
+
 async def test_a_namespace_listed_twice_is_watched_once(emulator: Any) -> None:
     """LLM_TELEMETRY_OPERATOR_NAMESPACES naming a namespace twice (" llm , llm "): each watch of the workloads and
     children started twice there, every event of them handled twice, and the namespace's Role asked about twice at
