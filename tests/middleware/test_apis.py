@@ -181,6 +181,19 @@ def test_openai_legacy_completions_json_without_usage_is_estimated_from_its_text
     assert (call.output_tokens, call.usage_source, call.finish_reasons) == (10, "estimated", ["stop"])
 
 
+@settings(max_examples=60)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=90))
+def test_a_json_answer_without_usage_is_estimated_at_four_characters_a_token_rounded_up(text: str) -> None:
+    """The estimate is the answer's characters over four, rounded up, whatever their count modulo four (the two
+    tests above, of 40 characters, held under a count started one below zero: 39 rounds up to 10 too)."""
+    expected = -(-len(text) // 4)
+    chat = json.dumps({"model": "m", "choices": [{"message": {"content": text}, "finish_reason": "stop"}]})
+    legacy = json.dumps({"model": "m", "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+    for api, body in (("openai.chat", chat), ("openai.completions", legacy)):
+        call = read(api, body.encode(), stream=False)
+        assert (call.output_tokens, call.usage_source) == (expected, "estimated"), api
+
+
 @pytest.mark.parametrize(
     ("api", "request_body"),
     [
