@@ -1308,6 +1308,36 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     assert all(p["type"] == "text" for p in messages[0]["parts"])
 
 
+def test_a_tool_call_of_a_choice_past_those_shown_is_in_the_first_message(receiver: OTLPReceiver) -> None:
+    """Seventeen choices (``n=17``), one more than a span shows: the last calls a tool. Its message is not shown, and
+    its call is in the first message, not the last shown (a mutation audit could put it in the last with every test
+    passing)."""
+    from starlette.responses import JSONResponse
+
+    choices: list[dict[str, Any]] = [
+        {"index": i, "message": {"role": "assistant", "content": chr(97 + i)}, "finish_reason": "stop"}
+        for i in range(16)
+    ]
+    tool = {"id": "t", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    choices.append({"index": 16, "message": {"role": "assistant", "content": None, "tool_calls": [tool]},
+                    "finish_reason": "tool_calls"})  # fmt: skip
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
+
+    with traced_chat_app(receiver, chat, "llm-choices-past", capture=True) as base:
+        client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, extra_headers={"x-request-id": "past-16"}
+        )
+    messages = json.loads(wait_span(receiver, **{"llm.request_id": "past-16"}).attributes["gen_ai.output.messages"])
+    assert len(messages) == 16
+    assert messages[0]["parts"] == [
+        {"type": "text", "content": "a"},
+        {"type": "tool_call", "id": "t", "name": "get_weather"},
+    ]
+    assert all(m["parts"] == [{"type": "text", "content": chr(97 + i)}] for i, m in enumerate(messages[1:], 1))
+
+
 def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(receiver: OTLPReceiver) -> None:
     """Two streamed choices (``n=2``): the first answers in text, the second calls a tool. Each output message has
     its own parts and finish reason, the call in the second's."""
