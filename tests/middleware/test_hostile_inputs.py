@@ -691,6 +691,29 @@ async def test_hostile_endless_stream_keeps_bounded_text_and_tool_calls(cleanup:
     assert internal_errors(metrics) == 0
 
 
+@pytest.mark.parametrize("first", [1024, 1023])
+async def test_text_kept_for_a_span_stops_at_the_first_piece_that_reaches_the_bound(
+    cleanup: list[Any], first: int
+) -> None:
+    """Pieces of text are kept while fewer than MAX_KEPT_TEXT_CHARS are: pieces that add up to exactly the bound keep
+    exactly the bound, and pieces that reach one character short of it keep the next piece too (a mutation audit could
+    start the count one above or below zero with every test passing: the other test's pieces never meet the bound)."""
+    piece = 1024
+    pieces = ["y" * first] + ["y" * piece] * (MAX_KEPT_TEXT_CHARS // piece + 2)
+    chunks = [
+        b"data: " + json.dumps({"model": "m", "choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+        for text in pieces
+    ]
+    wrapped, calls = observe(replying(200, SSE, *chunks), capture_content=True)
+    cleanup.append(wrapped)
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "go"}]}).encode()
+    assert wire(await exchange(wrapped, "/v1/chat/completions", body))[2] == b"".join(chunks)
+    (call,) = calls.ended
+    assert call.output_text is not None
+    kept = MAX_KEPT_TEXT_CHARS if first == piece else MAX_KEPT_TEXT_CHARS - 1 + piece
+    assert len(call.output_text[0]) == kept
+
+
 async def test_hostile_answer_with_too_many_tool_calls_counts_up_to_the_bound(cleanup: list[Any]) -> None:
     tool_calls = [{"id": f"c{i}", "type": "function", "function": {"name": "t", "arguments": ""}} for i in range(5000)]
     message = {"role": "assistant", "tool_calls": tool_calls}
