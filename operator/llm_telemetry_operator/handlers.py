@@ -351,6 +351,16 @@ def _event_target(body: Mapping[str, Any]) -> kopf.Body:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    try:
+        await _start(settings, memo, logger)
+    except asyncio.CancelledError:
+        # Stopped (SIGTERM) before the startup was done: kopf runs no cleanup handler then, and the tasks started
+        # so far (the schedule, the permission check, the peering watch) held the exit up for kopf's 5 s wait.
+        await _stop_all(memo)
+        raise
+
+
+async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger) -> None:
     config = _config(memo)
     _client(memo)
     # Shared by all objects' handlers only because it is put on the operator memo here (see OperatorState).
@@ -965,8 +975,37 @@ def _refused_message(config: OperatorConfig, info: kopf.ConnectionInfo) -> str:
     )
 
 
+#: kopf's module that reads the API groups (its startup scan, and again for each CRD that comes or goes).
+_KOPF_SCANNING_MODULE: Final = "kopf._cogs.clients.scanning"
+
+
+def _kopf_scans() -> list[asyncio.Task[Any]]:
+    """The running tasks of kopf's reads of the API groups.
+
+    kopf reads each group version in a task of its own (``asyncio.as_completed``), and stopping the task that
+    awaits them does not cancel them: a SIGTERM during its first scan (the first second of a pod) left them running,
+    kopf closed its HTTP session under them at its cleanup, and each failed with ``Connector is closed``, logged at
+    ERROR, which kopf then raised: the process exited 1 with a traceback."""
+    found = []
+    for task in asyncio.all_tasks():
+        frame = getattr(task.get_coro(), "cr_frame", None)
+        if not task.done() and frame is not None and frame.f_globals.get("__name__") == _KOPF_SCANNING_MODULE:
+            found.append(task)
+    return found
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await _stop_all(memo)
+
+
+async def _stop_all(memo: Any) -> None:
+    """Stop what the startup began (the cleanup handler's work, and a startup's cut short)."""
+    # First, before anything else awaits: kopf closes its session right after this handler.
+    scans = _kopf_scans()
+    for task in scans:
+        task.cancel()
+    await asyncio.gather(*scans, return_exceptions=True)
     state = memo.get("state")
     if isinstance(state, OperatorState):
         for watch in [*(state.watches or ()), *state.collector_watches.values(), *state.pricing_watches.values()]:
