@@ -1837,7 +1837,12 @@ async def _release(memo: Any, bodies: Sequence[Mapping[str, Any]], logger: Any) 
 
 
 async def _namespace_leaving(client: KubeClient, namespace: str) -> bool:
-    """Whether ``namespace`` is being deleted, or is gone (read with the cluster-wide grant kopf needs anyway)."""
+    """Whether ``namespace`` is being deleted, or is gone (read with the cluster-wide grant kopf needs anyway).
+
+    Read from the API server's watch cache, which can miss a namespace created milliseconds before (seen once in 60
+    on a real API server): harmless here, as every caller asks about the namespace of a resource this operator had
+    already served there (a namespace cannot be made anew while a resource of its previous life keeps it deleting),
+    so the namespace had been in the cache for at least a pass by then."""
     try:
         found = await client.list(kube.NAMESPACES, None, fields={"metadata.name": namespace})
     except ApiError:
