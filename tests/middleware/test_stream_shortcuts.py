@@ -115,12 +115,16 @@ obfuscations = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 
 
 @st.composite
-def chat_streams(draw: st.DrawFn, consistent: bool = False, obfuscated: bool = False) -> list[bytes]:
+def chat_streams(
+    draw: st.DrawFn, consistent: bool = False, obfuscated: bool = False, several_lines: bool = False
+) -> list[bytes]:
     """A chat stream's chunks: mostly the usual order (role, tokens, finish, usage, [DONE]) with the same id and
     model, sometimes other kinds of events anywhere and other ids or models, in any JSON style and chunking.
     ``consistent``: every event spells the stream's id and model, every event has one choice and reasoning ones
     are not empty (see test_shortcuts_record_what_a_full_parse_records). ``obfuscated``: every event ends with an
-    obfuscation member (mostly), each with its own value."""
+    obfuscation member (mostly), each with its own value. ``several_lines``: lines end in LF, CRLF or CR, and some
+    events have several data lines: one JSON document pretty-printed, or two documents (an event's data line and
+    the next one's, in one event)."""
     spaced, ascii_only = draw(st.booleans()), draw(st.booleans())
     ident, model = draw(names), draw(names)
     extra: dict[str, Any] = draw(
@@ -136,7 +140,8 @@ def chat_streams(draw: st.DrawFn, consistent: bool = False, obfuscated: bool = F
     ):
         kinds.insert(draw(st.integers(0, len(kinds))), other)
     separators = (", ", ": ") if spaced else (",", ":")
-    chunks = []
+    ending = draw(st.sampled_from([b"\n", b"\r\n", b"\r"])) if several_lines else b"\n"
+    events: list[list[str]] = []  # each event's data lines
     for kind in kinds:
         if draw(st.integers(0, 7)) == 0 and not consistent:
             ident_here, model_here = draw(names), draw(names)  # another id or model than the stream's
@@ -149,7 +154,17 @@ def chat_streams(draw: st.DrawFn, consistent: bool = False, obfuscated: bool = F
             else:
                 event = {"obfuscation": draw(obfuscations), **event}
         data = event if isinstance(event, str) else json.dumps(event, separators=separators, ensure_ascii=ascii_only)
-        chunks.append(b"data: " + data.encode("utf-8", "surrogatepass") + b"\n\n")
+        way = draw(st.integers(0, 4)) if several_lines else 0
+        if way == 1 and isinstance(event, dict):
+            events.append(json.dumps(event, indent=draw(st.integers(0, 2)), ensure_ascii=ascii_only).split("\n"))
+        elif way == 2 and events:
+            events[-1].append(data)
+        else:
+            events.append([data])
+    chunks = [
+        b"".join(b"data: " + line.encode("utf-8", "surrogatepass") + ending for line in lines) + ending
+        for lines in events
+    ]
     if chunks and draw(st.integers(0, 3)) == 0:
         # A proxy re-chunks the stream: pieces that start or end inside events.
         body = b"".join(chunks)
@@ -280,6 +295,16 @@ def test_shortcuts_record_what_a_full_parse_records(chunks: list[bytes], groups:
     that spell their id and model in every event, put one choice in a text delta and no empty reasoning delta: the
     per-chunk shortcuts, older than these, read a text delta from its bytes (its id, model or other choices
     unread, an empty reasoning text counted), so only such streams are held to it."""
+    assert recorded(as_middleware_reads(chunks, groups)) == recorded(full_parse(chunks))
+
+
+@given(chat_streams(consistent=True, several_lines=True), st.lists(st.integers(1, 9), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_events_of_several_data_lines_record_what_a_full_parse_records(chunks: list[bytes], groups: list[int]) -> None:
+    """As above, for streams with some events of several data lines (two JSON documents, on which the SDKs raise
+    and a full parse finds nothing, or one pretty-printed) and lines ending in LF, CRLF or CR, in any chunking:
+    neither the per-chunk shortcuts, the held chunks read in bulk nor the templates count what a full parse does
+    not."""
     assert recorded(as_middleware_reads(chunks, groups)) == recorded(full_parse(chunks))
 
 
