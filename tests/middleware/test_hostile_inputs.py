@@ -1343,29 +1343,34 @@ def _chat_delta(text: str | None, finish: str | None = None, indent: int | None 
     return json.dumps(chunk, indent=indent).encode() if indent else json.dumps(chunk, separators=(",", ":")).encode()
 
 
-def _data_lines(*lines: bytes) -> bytes:
-    return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+def _data_lines(*lines: bytes, end: bytes = b"\n") -> bytes:
+    return b"".join(b"data: " + line + end for line in lines) + end
 
 
 @pytest.mark.parametrize(
-    "event",
+    ("lines", "end"),
     [
         # Two chunks' JSON in one event: SSE joins the lines with LF, which is no JSON document; the SDK raises on it.
-        _data_lines(_chat_delta(" two"), _chat_delta(" docs")),
+        ([_chat_delta(" two"), _chat_delta(" docs")], b"\n"),
         # One chunk pretty-printed over several data lines: one JSON document, which the SDK reads as a token.
-        _data_lines(*_chat_delta(" pretty", indent=2).split(b"\n")),
+        (_chat_delta(" pretty", indent=2).split(b"\n"), b"\n"),
+        # The same two documents from a server whose lines end in CRLF, or CR (SSE allows both): still joined by LF.
+        ([_chat_delta(" two"), _chat_delta(" docs")], b"\r\n"),
+        ([_chat_delta(" two"), _chat_delta(" docs")], b"\r"),
     ],
-    ids=["two-documents", "pretty-printed"],
+    ids=["two-documents", "pretty-printed", "two-documents-crlf", "two-documents-cr"],
 )
-def test_hostile_chat_event_of_several_data_lines_counts_as_the_sdk_reads_it(cleanup: list[Any], event: bytes) -> None:
+def test_hostile_chat_event_of_several_data_lines_counts_as_the_sdk_reads_it(
+    cleanup: list[Any], lines: list[bytes], end: bytes
+) -> None:
     """A chat stream without usage (its output tokens estimated from its text deltas) with, after its first token,
     one event of several data lines that holds a text delta's bytes: it counts as a token exactly when the official
     SDK yields one for it. Two documents in one event make the SDK raise (the client stops there): no token, as
     before the first token, where such an event was never counted."""
     import openai
 
-    chunks = [_data_lines(_chat_delta("")), _data_lines(_chat_delta("Hello")), event]
-    chunks += [_data_lines(_chat_delta(None, "stop")), b"data: [DONE]\n\n"]
+    chunks = [_data_lines(_chat_delta(""), end=end), _data_lines(_chat_delta("Hello"), end=end)]
+    chunks += [_data_lines(*lines, end=end), _data_lines(_chat_delta(None, "stop"), end=end), b"data: [DONE]" + 2 * end]
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
