@@ -422,3 +422,20 @@ def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"selector": {"matchLabels": {"llm": selects}}, **spec},
     }
+
+
+def deployment(name: str, selects: str) -> dict[str, Any]:
+    """A Deployment named ``name`` labelled ``llm=<selects>`` (stored only: no kubelet runs its pod)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"llm": selects}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "llm": selects}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
+            },
+        },
+    }

@@ -13,7 +13,7 @@ import subprocess
 from typing import Any
 
 import pytest
-from clusterkit import install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import deployment, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -22,22 +22,6 @@ pytestmark = pytest.mark.k8s
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
 #: Enough workloads that one pass over them takes a while (about 1.5 s on two cores), so the kill comes inside it.
 WORKLOADS = 150
-
-
-def _deployment(name: str, selects: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": {"llm": selects}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name, "llm": selects}},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
-            },
-        },
-    }
 
 
 def _errors(log: pathlib.Path) -> list[str]:
@@ -56,7 +40,7 @@ def test_a_restart_after_a_kill_mid_pass_finishes_the_pass_and_the_deletion(
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
     name = "many"
     for i in range(WORKLOADS):
-        apps.create_namespaced_deployment(namespace, _deployment(f"chat-{i:03d}", name))
+        apps.create_namespaced_deployment(namespace, deployment(f"chat-{i:03d}", name))
 
     def workloads() -> list[Any]:
         return list(apps.list_namespaced_deployment(namespace, label_selector=f"llm={name}").items)

@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 import pytest
-from clusterkit import apply, install, start_chart_operator, stop, uninstall, unique, wait_for
-from test_real_cluster import GROUP, PLURAL, VERSION, deployment, telemetry
+from clusterkit import apply, deployment, install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from test_real_cluster import GROUP, PLURAL, VERSION
 
 from llm_telemetry_operator.collectors import CACHE_SECONDS
 from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from clusterkit import (
+    deployment,
     install,
     section,
     sh_blocks,
@@ -95,22 +96,6 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
         finally:
             stop(process)
         uninstall(api, docs, (apps, system))
-
-
-def deployment(name: str, selects: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "labels": {"llm": selects}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name, "llm": selects}},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/chat:1"}]},
-            },
-        },
-    }
 
 
 def _absent_as_none(read: Any, *args: Any) -> Any:

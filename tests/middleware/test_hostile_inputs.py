@@ -1372,14 +1372,7 @@ def test_hostile_chat_event_of_several_data_lines_counts_as_the_sdk_reads_it(
     chunks = [_data_lines(_chat_delta(""), end=end), _data_lines(_chat_delta("Hello"), end=end)]
     chunks += [_data_lines(*lines, end=end), _data_lines(_chat_delta(None, "stop"), end=end), b"data: [DONE]" + 2 * end]
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-
-    wrapped = LLMTelemetryMiddleware(app, metrics_app_path="/metrics")
+    wrapped = LLMTelemetryMiddleware(replying(200, SSE, *chunks), metrics_app_path="/metrics")
     cleanup.append(wrapped)
     texts = []
     with serve(wrapped) as base:
@@ -1424,14 +1417,7 @@ def test_hostile_anthropic_event_of_several_data_lines_counts_as_the_sdk_reads_i
     chunks = [anthropic_events(start, block), b"event: content_block_delta\n" + _data_lines(_anthropic_delta("Hello"))]
     chunks.append(b"event: content_block_delta\n" + _data_lines(*data))
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-
-    wrapped = LLMTelemetryMiddleware(app, metrics_app_path="/metrics")
+    wrapped = LLMTelemetryMiddleware(replying(200, SSE, *chunks), metrics_app_path="/metrics")
     cleanup.append(wrapped)
     texts = []
     with serve(wrapped) as base:
