@@ -130,6 +130,9 @@ class OperatorState:
     #: seen stayed, one per preview environment or pull request's resource for the operator's life.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     lock_users: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Set first thing when the operator stops what it started (cleanup, a startup cut short or failed): from then on
+    #: nothing starts a permission check or an event pass, which the stop would no longer cancel (see _stop_tasks).
+    stopping: bool = False
     #: The status each LLMTelemetry (by uid) was last given by us. A pass compares against it rather than the
     #: status in the body it was handed, which lags behind our own write until its watch event arrives; without
     #: this, passes triggered in that window rewrite the same status again.
@@ -357,6 +360,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # Stopped (SIGTERM) before the startup was done: kopf runs no cleanup handler then, and the tasks started
         # so far (the schedule, the permission check, the peering watch) held the exit up for kopf's 5 s wait.
         await _stop_all(memo)
+        raise
+    except Exception:
+        # Failed (the metrics port taken, say): kopf calls the startup again after its backoff, which starts all of
+        # it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a second
+        # schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's life.
+        # The client stays open for the next attempt.
+        await _stop_tasks(memo)
         raise
 
 
@@ -731,6 +741,8 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     """Check the permissions again soon, the cluster-wide ones and a Role's in ``namespace``: a call was refused
     that the last check did not find missing (a Role or ClusterRole changed since). At most one check at a time,
     and one every ACCESS_RECHECK_SECONDS: one asked for sooner waits for its turn."""
+    if state.stopping:
+        return  # (a check started now would outlive the stop: see _stop_tasks)
     now = time.monotonic()
     where = {namespace} if namespace and namespace in _config(memo).namespaces else set()
     if state.access_recheck is not None and not state.access_recheck.done():
@@ -786,7 +798,7 @@ def _start_access_check(
             # Not asked after all: the periodic checks ask there (a check started again at once would follow itself
             # in a loop for as long as the reviews fail).
             state.access_unasked |= asked
-        if state.access_wanted:
+        if state.access_wanted and not state.stopping:
             # Refused meanwhile where this check did not ask: a check there now (the next check under way).
             wanted, state.access_wanted = set(state.access_wanted), set()
             state.access_rechecked = time.monotonic()
@@ -1002,12 +1014,28 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _stop_all(memo: Any) -> None:
     """Stop what the startup began (the cleanup handler's work, and a startup's cut short)."""
     # First, before anything else awaits: kopf closes its session right after this handler.
+    state = memo.get("state")
+    if isinstance(state, OperatorState):
+        state.stopping = True
     scans = _kopf_scans()
     for task in scans:
         task.cancel()
     await asyncio.gather(*scans, return_exceptions=True)
+    await _stop_tasks(memo)
+    if isinstance(state, OperatorState):
+        if state.publishing is not None:
+            state.publishing.cancel()
+            await asyncio.gather(state.publishing, return_exceptions=True)
+        if memo.get("identity"):
+            await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
+    await _client(memo).close()
+
+
+async def _stop_tasks(memo: Any) -> None:
+    """Stop the tasks the startup began (the watches, the passes, the schedule, the permission checks...)."""
     state = memo.get("state")
     if isinstance(state, OperatorState):
+        state.stopping = True
         for watch in [*(state.watches or ()), *state.collector_watches.values(), *state.pricing_watches.values()]:
             watch.stop()
         if state.collectors_settling is not None:
@@ -1017,19 +1045,19 @@ async def _stop_all(memo: Any) -> None:
         for task in list(state.event_passes):
             task.cancel()
         await asyncio.gather(*state.event_passes, return_exceptions=True)
+    # The schedule's passes and the periodic permission check run on until cancelled below (while the event passes
+    # above are awaited): ``stopping`` keeps a refused pass from starting a check then, but the periodic one starts
+    # its check all the same. So the check under way is cancelled again once nothing is left to start one: left
+    # running, it failed with the client closed under it (a traceback at exit), or held the exit up for kopf's 5 s.
     for name in ("scheduler", "standby", "heartbeat", "releasing", "access"):
         background = memo.get(name)
         if isinstance(background, asyncio.Task):
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
-    if isinstance(state, OperatorState):
-        if state.publishing is not None:
-            state.publishing.cancel()
-            await asyncio.gather(state.publishing, return_exceptions=True)
-        if memo.get("identity"):
-            await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
-    await _client(memo).close()
+    if isinstance(state, OperatorState) and state.access_recheck is not None:
+        state.access_recheck.cancel()
+        await asyncio.gather(state.access_recheck, return_exceptions=True)
 
 
 class _ObjectLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -2048,7 +2076,10 @@ def _start_pass(
 
 def _spawn_event_pass(state: OperatorState, key: tuple[str, str], trigger: str, work: Any) -> None:
     """Run ``work`` (a pass, or what decides on one) for a watch event in a task of its own, in kopf's context,
-    cancelled at cleanup with the other event passes."""
+    cancelled at cleanup with the other event passes; none once the operator is stopping."""
+    if state.stopping:
+        work.close()
+        return
     context = state.kopf_context.copy() if state.kopf_context is not None else None
     task = asyncio.create_task(work, context=context)
     state.event_passes.add(task)

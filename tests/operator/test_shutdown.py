@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
 import aiohttp
+import pytest
 from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
     NAMESPACE,
+    PEERING,
     condition,
     deployment,
     eventually,
@@ -22,7 +26,10 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    running_operator,
 )
+
+from llm_telemetry_operator.config import OperatorConfig
 
 
 async def test_sigterm_while_busy_exits_cleanly(emulator: Any, monitoring_crds: Any) -> None:
@@ -77,3 +84,29 @@ async def _churn(emulator: Any, names: list[str]) -> None:
                 async with session.patch(url, data=body, headers=headers) as rsp:
                     await rsp.read()
             await asyncio.sleep(0.05)
+
+
+async def test_a_failed_startup_leaves_nothing_running_until_kopf_tries_it_again(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf calls a startup handler that raised again after its backoff (60 s), and the next attempt starts
+    everything anew on a new state: what the failed one had started (its schedule, permission check, heartbeat and
+    standby watch) ran on beside the next attempt's, two of each for the operator's life. Here the metrics port is
+    taken, the startup's last step that can fail."""
+    caplog.set_level(logging.INFO)
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    taken.bind(("::", 0))
+    taken.listen()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=1)
+    try:
+        async with running_operator(config):
+            await eventually(
+                lambda: any("will try again" in r.getMessage() for r in caplog.records), "the startup failed"
+            )
+            left = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
+            assert left == []
+    finally:
+        taken.close()
