@@ -107,6 +107,11 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         #: SelfSubjectAccessReviews failed at once (not held nor delayed), by the key of :attr:`unauthorized`, each
         #: with the error answered: an authorization webhook that errs on some requests.
         self.reviews_failing: dict[tuple[str, str, str, str | None], tuple[int, str, str]] = {}
+        #: Requests picked by this (given the raw request) get no answer until :attr:`released` is set: an API server
+        #: slow to answer one kind of request, so that the operator is stopped while it is under way.
+        self.holds: Callable[[Any], bool] | None = None
+        self.held = 0
+        self.released = asyncio.Event()
         self._rv = 1000
         # One lock around each write (version stamp, store, event) and each list/watch cut, so that a watch
         # from a list's resourceVersion misses nothing and replays nothing.
@@ -119,6 +124,9 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         return bus
 
     async def __call__(self, raw_request: Any) -> Any:
+        if self.holds is not None and self.holds(raw_request):
+            self.held += 1
+            await self.released.wait()
         # kmock 0.8 answers every request for the namespace collection with a 500: its parsing.parse_path() reads
         # the segment after ".../namespaces" as a namespace name (`namespace, *parts = parts[1:]`), and here there
         # is none, so the ValueError is raised in Request._parse(), before any reaction or fallback is consulted.
