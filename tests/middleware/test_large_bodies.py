@@ -106,6 +106,41 @@ async def messages(request: Request) -> Response:
     )
 
 
+#: The model a sized answer says it came from (the request names another: the label shows which one was read).
+_SIZED_MODEL = "gpt-4o-2024-08-06"
+
+
+def _sized_answer(size: int) -> bytes:
+    """A chat completion of exactly ``size`` bytes, its usage in its last hundred (the text makes up the rest)."""
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-sized",
+        "object": "chat.completion",
+        "created": 1,
+        "model": _SIZED_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18},
+    }
+    answer["choices"][0]["message"]["content"] = "x" * (size - len(json.dumps(answer)))
+    body = json.dumps(answer).encode()
+    assert len(body) == size and len(body) - body.index(b'"usage"') < 100
+    return body
+
+
+async def sized_chat(request: Request) -> Response:
+    """The answer of ``x-size`` bytes: in one body message, or in two split at byte ``x-split``."""
+    await request.json()
+    body = _sized_answer(int(request.headers["x-size"]))
+    if "x-split" not in request.headers:
+        return Response(body, media_type="application/json")
+    split = int(request.headers["x-split"])
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield body[:split]
+        yield body[split:]
+
+    return StreamingResponse(pieces(), media_type="application/json")
+
+
 @pytest.fixture(scope="module")
 def service() -> Iterator[tuple[str, int]]:
     port = free_port()
@@ -113,6 +148,7 @@ def service() -> Iterator[tuple[str, int]]:
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
+        Route("/sized/v1/chat/completions", sized_chat, methods=["POST"]),
     ]
     app = LLMTelemetryMiddleware(Starlette(routes=routes), metrics_port=port, metrics_host="127.0.0.1")
     with serve(app) as base:
@@ -168,6 +204,56 @@ def test_a_json_body_over_the_read_limit_keeps_its_usage(service: tuple[str, int
         assert m.value("llm_tokens_total", gen_ai_token_type="input", **claude_labels) == 2140
         assert m.value("llm_tokens_total", gen_ai_token_type="output", **claude_labels) == 2_200_000
         assert m.value("llm_cost_usd_total", **claude_labels) == pytest.approx(expected)
+
+    settled(port, recorded)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_json_answer_of_exactly_the_read_limit_is_read_whole(service: tuple[str, int], over: int) -> None:
+    """MAX_JSON_RESPONSE_BYTES is the largest answer parsed whole: one of exactly that size gives its response model
+    and finish reason as well as its usage. One byte more and only its last bytes are read, for the usage alone."""
+    base, port = service
+    model = f"sized-{over}"
+    client = openai.OpenAI(base_url=base + "/sized/v1", api_key="k", max_retries=0)
+    size = str(MAX_JSON_RESPONSE_BYTES + over)
+    ask = [{"role": "user", "content": "long"}]
+    reply = client.chat.completions.create(model=model, messages=ask, extra_headers={"x-size": size})  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.completion_tokens == 11  # the SDK's truth
+    assert reply.model == _SIZED_MODEL and reply.choices[0].finish_reason == "length"
+
+    def recorded(m: Metrics) -> None:
+        # The response model is a label of the token series itself (no scrape shows the count under another): read
+        # from the body's head, or not at all.
+        output = {"gen_ai_request_model": model, "gen_ai_token_type": "output"}
+        assert m.value("llm_tokens_total", **output) == 11
+        assert m.value("llm_tokens_total", gen_ai_response_model=_SIZED_MODEL, **output) == (0 if over else 11)
+        if not over:
+            assert m.value("llm_finish_reasons_total", gen_ai_request_model=model, llm_finish_reason="length") == 1
+
+    metrics = settled(port, recorded)
+    assert metrics.value("llm_finish_reasons_total", gen_ai_request_model=model) == (0 if over else 1)
+
+
+@pytest.mark.parametrize("split", [None, MAX_JSON_RESPONSE_BYTES])
+def test_a_json_answer_whose_usage_comes_in_the_step_that_crosses_the_read_limit_keeps_it(
+    service: tuple[str, int], split: int | None
+) -> None:
+    """The bytes that take a JSON answer past MAX_JSON_RESPONSE_BYTES start the tail kept for its usage, even when
+    they are its last: here its last 100 bytes, which hold the usage, are the step that crosses the limit (the last
+    step the middleware reads one large body message in, or a body message of their own after one of exactly the
+    limit)."""
+    base, port = service
+    model = f"crossing-{split}"
+    client = openai.OpenAI(base_url=base + "/sized/v1", api_key="k", max_retries=0)
+    headers = {"x-size": str(MAX_JSON_RESPONSE_BYTES + 100)} | ({"x-split": str(split)} if split else {})
+    ask = [{"role": "user", "content": "long"}]
+    reply = client.chat.completions.create(model=model, messages=ask, extra_headers=headers)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.completion_tokens == 11 and reply.usage.prompt_tokens == 7
+
+    def recorded(m: Metrics) -> None:
+        labels = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+        assert m.value("llm_tokens_total", gen_ai_token_type="input", **labels) == 7
+        assert m.value("llm_tokens_total", gen_ai_token_type="output", **labels) == 11
 
     settled(port, recorded)
 
