@@ -19,6 +19,7 @@ from kopf_testing import (
     LLMT,
     NAMESPACE,
     PEERING,
+    SERVICES,
     condition,
     deployment,
     eventually,
@@ -26,6 +27,7 @@ from kopf_testing import (
     install_default_collectors,
     install_prometheus_operator_crds,
     minimal_llmt,
+    ready,
     running_operator,
 )
 
@@ -129,3 +131,46 @@ async def test_a_failed_startup_leaves_nothing_running_until_kopf_tries_it_again
             assert left == []
     finally:
         taken.close()
+
+
+async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attempt after a failed one (kopf's 60 s backoff: this test waits it out) runs on a state of its own, with
+    one schedule, permission check, heartbeat and standby watch, and serves: the failed attempt's stop (its state
+    marked stopping) must not reach it, or the passes started by watch events (a child deleted by hand) would never
+    run. The resync is an hour, so that only such a pass can put the child back."""
+    caplog.set_level(logging.INFO)
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    taken.bind(("::", 0))
+    taken.listen()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=3600)
+    try:
+        async with running_operator(config):
+            await eventually(
+                lambda: any("will try again" in r.getMessage() for r in caplog.records), "the startup failed"
+            )
+            taken.close()  # free for the next attempt
+            await ready(emulator, what="Ready after kopf's retry of the startup", attempts=2400)
+            running = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
+            assert running == [
+                "llm-telemetry-access",
+                "llm-telemetry-heartbeat",
+                "llm-telemetry-schedule",
+                "llm-telemetry-standby",
+            ]
+            await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service made")
+            url = f"{str(emulator.url).rstrip('/')}/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"
+            async with aiohttp.ClientSession() as session:
+                async with session.delete(url, headers={"X-Test-Hand": "1"}) as rsp:
+                    assert rsp.status < 400, await rsp.text()
+            await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service put back")
+    finally:
+        taken.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [m for m in errors if "will try again in 60 seconds: [Errno 98]" not in m] == []
