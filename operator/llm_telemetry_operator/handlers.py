@@ -362,10 +362,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         await _stop_all(memo)
         raise
     except Exception:
-        # Failed (the metrics port taken, say): kopf calls the startup again after its backoff, which starts all of
-        # it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a second
-        # schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's life.
-        # The client stays open for the next attempt.
+        # Failed (a bug, or the metrics port taken when run in-process through kopf.operator: the command binds it
+        # before kopf runs, and exits 2 if it cannot): kopf calls the startup again after its backoff, which starts
+        # all of it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a
+        # second schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's
+        # life. The client stays open for the next attempt.
         await _stop_tasks(memo)
         raise
 
