@@ -126,8 +126,8 @@ class OperatorState:
     #: The names of each namespace in order, and which of them a workload event may concern (see owners.py).
     index: OwnerIndex = field(default_factory=OwnerIndex)
     #: One lock per LLMTelemetry, so passes for the same resource never interleave, and how many passes (and looks,
-    #: deletions) hold or wait for it. Kept only while one does (see :func:`_lock`): kept for good, every name ever
-    #: seen stayed, one per preview environment or pull request's resource for the operator's life.
+    #: deletions) hold or wait for it. Kept only while one does (see :func:`_lock`), so the names of resources long
+    #: deleted (one per preview environment, say) leave nothing behind.
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     lock_users: dict[tuple[str, str], int] = field(default_factory=dict)
     #: Set first thing when the operator stops what it started (cleanup, a startup cut short or failed): from then on
