@@ -115,10 +115,7 @@ async def test_a_failed_startup_leaves_nothing_running_until_kopf_tries_it_again
     standby watch) ran on beside the next attempt's, two of each for the operator's life. Here the metrics port is
     taken, the startup's last step that can fail."""
     caplog.set_level(logging.INFO)
-    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    taken.bind(("::", 0))
-    taken.listen()
+    taken = _taken_port()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=1)
@@ -143,10 +140,7 @@ async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
     caplog.set_level(logging.INFO)
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    taken.bind(("::", 0))
-    taken.listen()
+    taken = _taken_port()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=3600)
@@ -174,3 +168,12 @@ async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
         taken.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert [m for m in errors if "will try again in 60 seconds: [Errno 98]" not in m] == []
+
+
+def _taken_port() -> socket.socket:
+    """A listening socket on the operator's metrics address (all of IPv6 and IPv4): its port is taken."""
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    taken.bind(("::", 0))
+    taken.listen()
+    return taken
