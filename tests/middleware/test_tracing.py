@@ -1338,6 +1338,81 @@ def test_a_tool_call_of_a_choice_past_those_shown_is_in_the_first_message(receiv
     assert all(m["parts"] == [{"type": "text", "content": chr(97 + i)}] for i, m in enumerate(messages[1:], 1))
 
 
+def _chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def test_the_sixteen_choices_a_span_shows_are_the_first_sixteen_that_came(receiver: OTLPReceiver) -> None:
+    """Seventeen streamed choices (``n=17``), one more than a span shows, the first choice's text and finish last
+    of all: the span shows the sixteen that came first, each with its own text and its last finish (the second
+    choice reports a second finish once sixteen are held, and it replaces its first). The first choice is not shown,
+    and no message is made of a choice whose text was not kept; its finish is still among the span's finish reasons.
+    (A mutation audit could drop the cap of the choices whose text is kept, keep the finish of a seventeenth choice
+    or keep a held choice's first finish with every test passing.)"""
+    from starlette.responses import StreamingResponse
+
+    events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
+    events += [_chunk(i, {"content": chr(97 + i)}) for i in range(1, 17)]
+    events.append(_chunk(0, {"content": "a"}))
+    events += [_chunk(i, {}, "stop") for i in range(1, 17)]
+    events.append(_chunk(1, {}, "length"))  # (a second finish of a choice held, once sixteen are)
+    events.append(_chunk(0, {}, "content_filter"))
+    events.append(b"data: [DONE]\n\n")
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-stream-choices-cap", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
+            extra_headers={"x-request-id": "stream-past-16"},
+        )  # fmt: skip
+        texts: dict[int, str] = {}
+        for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {i: chr(97 + i) for i in range(17)}  # (the client got every choice whole)
+    attributes = wait_span(receiver, **{"llm.request_id": "stream-past-16"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [
+        {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}],
+         "finish_reason": "length" if i == 1 else "stop"}
+        for i in range(1, 17)
+    ]  # fmt: skip
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["content_filter", "length"] + ["stop"] * 15
+
+
+def test_a_json_answer_shows_the_first_sixteen_choices_it_lists(receiver: OTLPReceiver) -> None:
+    """A JSON answer of seventeen choices (``n=17``) that lists the first choice last: the span shows the sixteen
+    listed first, in their order, and not the first choice's text or finish (a mutation audit could keep either with
+    every test passing, and show the first choice in place of the seventeenth)."""
+    from starlette.responses import JSONResponse
+
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": chr(97 + i)}, "finish_reason": "stop"}
+        for i in [*range(1, 17), 0]
+    ]
+    choices[-1]["finish_reason"] = "length"
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
+
+    with traced_chat_app(receiver, chat, "llm-json-choices-cap", capture=True) as base:
+        answer = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, extra_headers={"x-request-id": "json-17"}
+        )
+    assert len(answer.choices) == 17
+    attributes = wait_span(receiver, **{"llm.request_id": "json-17"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [
+        {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
+        for i in range(1, 17)
+    ]
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["length"] + ["stop"] * 16
+
+
 def test_a_streamed_tool_call_is_in_the_message_of_the_choice_that_made_it(receiver: OTLPReceiver) -> None:
     """Two streamed choices (``n=2``): the first answers in text, the second calls a tool. Each output message has
     its own parts and finish reason, the call in the second's."""
