@@ -338,6 +338,7 @@ class ResponseReader:
 
     __slots__ = (
         "_buffer",
+        "_choices_full",
         "_chunks",
         "_closed",
         "_decoder",
@@ -382,6 +383,8 @@ class ResponseReader:
         self._tool_choices: list[int] = [] if capture else _NO_CHOICES
         #: Characters in ``_text`` (kept up to MAX_KEPT_TEXT_CHARS).
         self._kept_chars = 0
+        #: Whether MAX_CAPTURED_CHOICES choices are kept (content capture on): no other choice's text or finish is.
+        self._choices_full = False
         #: Deltas seen that carry output (see OpenAIChatReader._on_event): the output-token estimate when a stream
         #: reports no usage.
         self._chunks = 0
@@ -736,7 +739,7 @@ class ResponseReader:
         if kept is not None and isinstance(text, str) and self._kept_chars < MAX_KEPT_TEXT_CHARS:
             parts = kept.get(choice)
             if parts is None:
-                if len(kept) >= MAX_CAPTURED_CHOICES:
+                if not self._holds(choice):
                     return
                 parts = kept[choice] = []
             parts.append(text)
@@ -745,14 +748,23 @@ class ResponseReader:
     def _keep_finish(self, reason: Any, choice: int) -> None:
         """A choice's finish reason, kept beside its text when content capture is on: the last one read, as for the
         span's ``gen_ai.response.finish_reasons`` (see LLMCall.add_choice_finish)."""
-        finishes = self._finishes
-        if (
-            self._text is not None
-            and isinstance(reason, str)
-            and reason
-            and (choice in finishes or len(finishes) < MAX_CAPTURED_CHOICES)
-        ):
-            finishes[choice] = field_text(reason)
+        if self._text is not None and isinstance(reason, str) and reason and self._holds(choice):
+            self._finishes[choice] = field_text(reason)
+
+    def _holds(self, choice: int) -> bool:
+        """Whether ``choice``'s text and finish are kept (content capture on): those of the first MAX_CAPTURED_CHOICES
+        choices read, by their text or by their finish, each with both, so that no message a span shows is of a
+        choice whose text or finish was left out for a later choice's."""
+        kept, finishes = self._text, self._finishes
+        assert kept is not None
+        if choice in kept or choice in finishes:
+            return True
+        if self._choices_full:
+            return False
+        if len(kept.keys() | finishes.keys()) < MAX_CAPTURED_CHOICES:
+            return True
+        self._choices_full = True  # (the choices kept are never fewer again: no set is made for the rest)
+        return False
 
     def _stream_error(self, obj: dict[str, Any]) -> None:
         # The stream began with 200: an error event inside it is the server's unless its body says otherwise.

@@ -1384,6 +1384,71 @@ def test_the_sixteen_choices_a_span_shows_are_the_first_sixteen_that_came(receiv
     assert list(attributes["gen_ai.response.finish_reasons"]) == ["content_filter", "length"] + ["stop"] * 15
 
 
+def test_a_choice_whose_text_is_not_kept_is_not_shown_for_its_finish(receiver: OTLPReceiver) -> None:
+    """Seventeen streamed choices (``n=17``): the first choice's text comes after sixteen others', and its finish
+    before theirs. Its finish is not kept either, and the span shows the sixteen whose text came first, not an empty
+    message for the first choice in place of the seventeenth's text (it did before: text and finishes were capped
+    apart, and a choice's finish made it shown without the text it had)."""
+    from starlette.responses import StreamingResponse
+
+    events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
+    events += [_chunk(i, {"content": chr(97 + i)}) for i in range(1, 17)]
+    events += [_chunk(0, {"content": "a"}), _chunk(0, {}, "length")]
+    events += [_chunk(i, {}, "stop") for i in range(1, 17)]
+    events.append(b"data: [DONE]\n\n")
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-stream-choice-unkept", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
+            extra_headers={"x-request-id": "stream-unkept-0"},
+        )  # fmt: skip
+        for _ in stream:
+            pass
+    attributes = wait_span(receiver, **{"llm.request_id": "stream-unkept-0"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [
+        {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
+        for i in range(1, 17)
+    ]
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["length"] + ["stop"] * 16
+
+
+def test_a_choice_that_finished_without_text_is_one_of_the_sixteen_shown(receiver: OTLPReceiver) -> None:
+    """Seventeen streamed choices (``n=17``): the second stops (``content_filter``) before any text, fifteen others
+    answer, and then the first: the second is one of the sixteen choices shown, by its finish alone, and the first,
+    the seventeenth read, is not. (Before, the choices with text kept and those with a finish kept were counted
+    apart, and the first, the sixteenth with text, was shown in place of the seventeenth; counting only the former
+    still did that with every other test passing.)"""
+    from starlette.responses import StreamingResponse
+
+    events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
+    events.append(_chunk(1, {}, "content_filter"))
+    events += [_chunk(i, {"content": chr(97 + i)}) for i in range(2, 17)]
+    events.append(_chunk(0, {"content": "a"}))
+    events += [_chunk(i, {}, "stop") for i in [*range(2, 17), 0]]
+    events.append(b"data: [DONE]\n\n")
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-stream-choice-no-text", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
+            extra_headers={"x-request-id": "stream-no-text-1"},
+        )  # fmt: skip
+        for _ in stream:
+            pass
+    attributes = wait_span(receiver, **{"llm.request_id": "stream-no-text-1"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [{"role": "assistant", "parts": [], "finish_reason": "content_filter"}] + [
+        {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
+        for i in range(2, 17)
+    ]
+
+
 def test_a_json_answer_shows_the_first_sixteen_choices_it_lists(receiver: OTLPReceiver) -> None:
     """A JSON answer of seventeen choices (``n=17``) that lists the first choice last: the span shows the sixteen
     listed first, in their order, and not the first choice's text or finish (a mutation audit could keep either with
