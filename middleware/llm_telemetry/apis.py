@@ -621,7 +621,10 @@ class ResponseReader:
             indexes = sorted(kept.keys() | self._finishes.keys() | set(self._tool_choices))[:MAX_CAPTURED_CHOICES]
             self.call.output_text = ["".join(kept.get(i, ())) for i in indexes]
             if self._finishes:
-                self.call.output_finish_reasons = [self._finishes.get(i) for i in indexes]
+                # (A choice shown for its tool calls alone, past the choices kept, has its finish from those the call
+                # keeps apart for every choice: without it, its message would show another choice's.)
+                every = self.call.choice_finishes or {}
+                self.call.output_finish_reasons = [self._finishes.get(i) or every.get(i) for i in indexes]
             if self._tool_choices and len(indexes) > 1:
                 # Which output message each tool call goes to (the first, for a choice not shown).
                 position = {index: n for n, index in enumerate(indexes)}

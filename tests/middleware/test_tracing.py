@@ -1449,6 +1449,40 @@ def test_a_choice_that_finished_without_text_is_one_of_the_sixteen_shown(receive
     ]
 
 
+def test_a_choice_shown_for_its_tool_call_alone_has_its_own_finish(receiver: OTLPReceiver) -> None:
+    """Seventeen streamed choices (``n=17``): sixteen answer in text, and the second, whose turn comes after them,
+    only calls a tool. Its message is one of the sixteen shown (for its call), and its finish is its own,
+    ``tool_call``, as in ``gen_ai.response.finish_reasons``; before, it showed the first choice's ``stop``."""
+    from starlette.responses import StreamingResponse
+
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    answered = [0, *range(2, 17)]
+    events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
+    events += [_chunk(i, {"content": chr(97 + i)}) for i in answered]
+    events.append(_chunk(1, {"content": None, "tool_calls": [call]}))
+    events += [_chunk(i, {}, "stop") for i in answered]
+    events += [_chunk(1, {}, "tool_calls"), b"data: [DONE]\n\n"]
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, "llm-stream-tool-choice-past", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
+            extra_headers={"x-request-id": "stream-tool-past"},
+        )  # fmt: skip
+        called = [c.index for chunk in stream for c in chunk.choices if c.delta.tool_calls]
+    assert called == [1]
+    attributes = wait_span(receiver, **{"llm.request_id": "stream-tool-past"}).attributes
+    messages = json.loads(attributes["gen_ai.output.messages"])
+    assert messages == [
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_1", "name": "get_weather"}]
+         if i == 1 else [{"type": "text", "content": chr(97 + i)}], "finish_reason": "tool_call" if i == 1 else "stop"}
+        for i in range(16)
+    ]  # fmt: skip
+    assert list(attributes["gen_ai.response.finish_reasons"]) == ["stop", "tool_calls"] + ["stop"] * 15
+
+
 def test_a_json_answer_shows_the_first_sixteen_choices_it_lists(receiver: OTLPReceiver) -> None:
     """A JSON answer of seventeen choices (``n=17``) that lists the first choice last: the span shows the sixteen
     listed first, in their order, and not the first choice's text or finish (a mutation audit could keep either with
