@@ -1344,6 +1344,23 @@ def _chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> byte
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def _streamed_to_seventeen(receiver: OTLPReceiver, events: list[bytes], request_id: str) -> tuple[Any, list[Any]]:
+    """``events`` streamed to the openai SDK asking for seventeen choices (``n=17``), with content capture on: the
+    attributes of the call's span and the chunks the client read."""
+    from starlette.responses import StreamingResponse
+
+    async def chat(request: Any) -> StreamingResponse:
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    with traced_chat_app(receiver, chat, f"llm-{request_id}", capture=True) as base:
+        stream = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
+            extra_headers={"x-request-id": request_id},
+        )  # fmt: skip
+        chunks = list(stream)
+    return wait_span(receiver, **{"llm.request_id": request_id}).attributes, chunks
+
+
 def test_the_sixteen_choices_a_span_shows_are_the_first_sixteen_that_came(receiver: OTLPReceiver) -> None:
     """Seventeen streamed choices (``n=17``), one more than a span shows, the first choice's text and finish last
     of all: the span shows the sixteen that came first, each with its own text and its last finish (the second
@@ -1351,8 +1368,6 @@ def test_the_sixteen_choices_a_span_shows_are_the_first_sixteen_that_came(receiv
     and no message is made of a choice whose text was not kept; its finish is still among the span's finish reasons.
     (A mutation audit could drop the cap of the choices whose text is kept, keep the finish of a seventeenth choice
     or keep a held choice's first finish with every test passing.)"""
-    from starlette.responses import StreamingResponse
-
     events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
     events += [_chunk(i, {"content": chr(97 + i)}) for i in range(1, 17)]
     events.append(_chunk(0, {"content": "a"}))
@@ -1361,20 +1376,12 @@ def test_the_sixteen_choices_a_span_shows_are_the_first_sixteen_that_came(receiv
     events.append(_chunk(0, {}, "content_filter"))
     events.append(b"data: [DONE]\n\n")
 
-    async def chat(request: Any) -> StreamingResponse:
-        return StreamingResponse(iter(events), media_type="text/event-stream")
-
-    with traced_chat_app(receiver, chat, "llm-stream-choices-cap", capture=True) as base:
-        stream = client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
-            extra_headers={"x-request-id": "stream-past-16"},
-        )  # fmt: skip
-        texts: dict[int, str] = {}
-        for chunk in stream:
-            for choice in chunk.choices:
-                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    attributes, chunks = _streamed_to_seventeen(receiver, events, "stream-past-16")
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
     assert texts == {i: chr(97 + i) for i in range(17)}  # (the client got every choice whole)
-    attributes = wait_span(receiver, **{"llm.request_id": "stream-past-16"}).attributes
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [
         {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}],
@@ -1389,25 +1396,13 @@ def test_a_choice_whose_text_is_not_kept_is_not_shown_for_its_finish(receiver: O
     before theirs. Its finish is not kept either, and the span shows the sixteen whose text came first, not an empty
     message for the first choice in place of the seventeenth's text (it did before: text and finishes were capped
     apart, and a choice's finish made it shown without the text it had)."""
-    from starlette.responses import StreamingResponse
-
     events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
     events += [_chunk(i, {"content": chr(97 + i)}) for i in range(1, 17)]
     events += [_chunk(0, {"content": "a"}), _chunk(0, {}, "length")]
     events += [_chunk(i, {}, "stop") for i in range(1, 17)]
     events.append(b"data: [DONE]\n\n")
 
-    async def chat(request: Any) -> StreamingResponse:
-        return StreamingResponse(iter(events), media_type="text/event-stream")
-
-    with traced_chat_app(receiver, chat, "llm-stream-choice-unkept", capture=True) as base:
-        stream = client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
-            extra_headers={"x-request-id": "stream-unkept-0"},
-        )  # fmt: skip
-        for _ in stream:
-            pass
-    attributes = wait_span(receiver, **{"llm.request_id": "stream-unkept-0"}).attributes
+    attributes, _ = _streamed_to_seventeen(receiver, events, "stream-unkept-0")
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [
         {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
@@ -1422,8 +1417,6 @@ def test_a_choice_that_finished_without_text_is_one_of_the_sixteen_shown(receive
     the seventeenth read, is not. (Before, the choices with text kept and those with a finish kept were counted
     apart, and the first, the sixteenth with text, was shown in place of the seventeenth; counting only the former
     still did that with every other test passing.)"""
-    from starlette.responses import StreamingResponse
-
     events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
     events.append(_chunk(1, {}, "content_filter"))
     events += [_chunk(i, {"content": chr(97 + i)}) for i in range(2, 17)]
@@ -1431,17 +1424,7 @@ def test_a_choice_that_finished_without_text_is_one_of_the_sixteen_shown(receive
     events += [_chunk(i, {}, "stop") for i in [*range(2, 17), 0]]
     events.append(b"data: [DONE]\n\n")
 
-    async def chat(request: Any) -> StreamingResponse:
-        return StreamingResponse(iter(events), media_type="text/event-stream")
-
-    with traced_chat_app(receiver, chat, "llm-stream-choice-no-text", capture=True) as base:
-        stream = client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
-            extra_headers={"x-request-id": "stream-no-text-1"},
-        )  # fmt: skip
-        for _ in stream:
-            pass
-    attributes = wait_span(receiver, **{"llm.request_id": "stream-no-text-1"}).attributes
+    attributes, _ = _streamed_to_seventeen(receiver, events, "stream-no-text-1")
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [{"role": "assistant", "parts": [], "finish_reason": "content_filter"}] + [
         {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
@@ -1453,8 +1436,6 @@ def test_a_choice_shown_for_its_tool_call_alone_has_its_own_finish(receiver: OTL
     """Seventeen streamed choices (``n=17``): sixteen answer in text, and the second, whose turn comes after them,
     only calls a tool. Its message is one of the sixteen shown (for its call), and its finish is its own,
     ``tool_call``, as in ``gen_ai.response.finish_reasons``; before, it showed the first choice's ``stop``."""
-    from starlette.responses import StreamingResponse
-
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
     answered = [0, *range(2, 17)]
     events = [_chunk(i, {"role": "assistant", "content": ""}) for i in range(17)]
@@ -1463,17 +1444,9 @@ def test_a_choice_shown_for_its_tool_call_alone_has_its_own_finish(receiver: OTL
     events += [_chunk(i, {}, "stop") for i in answered]
     events += [_chunk(1, {}, "tool_calls"), b"data: [DONE]\n\n"]
 
-    async def chat(request: Any) -> StreamingResponse:
-        return StreamingResponse(iter(events), media_type="text/event-stream")
-
-    with traced_chat_app(receiver, chat, "llm-stream-tool-choice-past", capture=True) as base:
-        stream = client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, stream=True,
-            extra_headers={"x-request-id": "stream-tool-past"},
-        )  # fmt: skip
-        called = [c.index for chunk in stream for c in chunk.choices if c.delta.tool_calls]
+    attributes, chunks = _streamed_to_seventeen(receiver, events, "stream-tool-past")
+    called = [c.index for chunk in chunks for c in chunk.choices if c.delta.tool_calls]
     assert called == [1]
-    attributes = wait_span(receiver, **{"llm.request_id": "stream-tool-past"}).attributes
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [
         {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_1", "name": "get_weather"}]
