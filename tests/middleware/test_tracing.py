@@ -1279,11 +1279,25 @@ def test_each_choice_is_its_own_output_message_with_its_finish_reason(receiver: 
         assert shown == answers, (stream, messages)
 
 
+def _answered_with_choices(receiver: OTLPReceiver, choices: list[dict[str, Any]], request_id: str) -> tuple[Any, Any]:
+    """A JSON chat answer of ``choices`` to the openai SDK asking for as many (``n``), with content capture on: the
+    attributes of the call's span and the answer the client read."""
+    from starlette.responses import JSONResponse
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
+
+    with traced_chat_app(receiver, chat, f"llm-{request_id}", capture=True) as base:
+        answer = client(base).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], n=len(choices),
+            extra_headers={"x-request-id": request_id},
+        )  # fmt: skip
+    return wait_span(receiver, **{"llm.request_id": request_id}).attributes, answer
+
+
 def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: OTLPReceiver) -> None:
     """Sixteen choices of 10,000 characters show at most the cap between them (it bounds a span's output, as
     documented), and a tool call is in the message of the choice that made it."""
-    from starlette.responses import JSONResponse
-
     choices: list[dict[str, Any]] = [
         {"index": i, "message": {"role": "assistant", "content": chr(97 + i) * 10_000}, "finish_reason": "stop"}
         for i in range(15)
@@ -1292,14 +1306,8 @@ def test_choices_share_the_capture_cap_and_each_keeps_its_tool_calls(receiver: O
     choices.append({"index": 15, "message": {"role": "assistant", "content": None, "tool_calls": [tool]},
                     "finish_reason": "tool_calls"})  # fmt: skip
 
-    async def chat(request: Any) -> JSONResponse:
-        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
-
-    with traced_chat_app(receiver, chat, "llm-choices-cap", capture=True) as base:
-        client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=16, extra_headers={"x-request-id": "cap-16"}
-        )
-    messages = json.loads(wait_span(receiver, **{"llm.request_id": "cap-16"}).attributes["gen_ai.output.messages"])
+    attributes, _ = _answered_with_choices(receiver, choices, "cap-16")
+    messages = json.loads(attributes["gen_ai.output.messages"])
     assert len(messages) == 16
     shown = sum(len(p.get("content", "")) for m in messages for p in m["parts"] if p["type"] == "text")
     assert 4096 <= shown <= 4096 + len(TRUNCATION_MARK)
@@ -1312,8 +1320,6 @@ def test_a_tool_call_of_a_choice_past_those_shown_is_in_the_first_message(receiv
     """Seventeen choices (``n=17``), one more than a span shows: the last calls a tool. Its message is not shown, and
     its call is in the first message, not the last shown (a mutation audit could put it in the last with every test
     passing)."""
-    from starlette.responses import JSONResponse
-
     choices: list[dict[str, Any]] = [
         {"index": i, "message": {"role": "assistant", "content": chr(97 + i)}, "finish_reason": "stop"}
         for i in range(16)
@@ -1322,14 +1328,8 @@ def test_a_tool_call_of_a_choice_past_those_shown_is_in_the_first_message(receiv
     choices.append({"index": 16, "message": {"role": "assistant", "content": None, "tool_calls": [tool]},
                     "finish_reason": "tool_calls"})  # fmt: skip
 
-    async def chat(request: Any) -> JSONResponse:
-        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
-
-    with traced_chat_app(receiver, chat, "llm-choices-past", capture=True) as base:
-        client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, extra_headers={"x-request-id": "past-16"}
-        )
-    messages = json.loads(wait_span(receiver, **{"llm.request_id": "past-16"}).attributes["gen_ai.output.messages"])
+    attributes, _ = _answered_with_choices(receiver, choices, "past-16")
+    messages = json.loads(attributes["gen_ai.output.messages"])
     assert len(messages) == 16
     assert messages[0]["parts"] == [
         {"type": "text", "content": "a"},
@@ -1460,23 +1460,14 @@ def test_a_json_answer_shows_the_first_sixteen_choices_it_lists(receiver: OTLPRe
     """A JSON answer of seventeen choices (``n=17``) that lists the first choice last: the span shows the sixteen
     listed first, in their order, and not the first choice's text or finish (a mutation audit could keep either with
     every test passing, and show the first choice in place of the seventeenth)."""
-    from starlette.responses import JSONResponse
-
     choices = [
         {"index": i, "message": {"role": "assistant", "content": chr(97 + i)}, "finish_reason": "stop"}
         for i in [*range(1, 17), 0]
     ]
     choices[-1]["finish_reason"] = "length"
 
-    async def chat(request: Any) -> JSONResponse:
-        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": choices})
-
-    with traced_chat_app(receiver, chat, "llm-json-choices-cap", capture=True) as base:
-        answer = client(base).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], n=17, extra_headers={"x-request-id": "json-17"}
-        )
+    attributes, answer = _answered_with_choices(receiver, choices, "json-17")
     assert len(answer.choices) == 17
-    attributes = wait_span(receiver, **{"llm.request_id": "json-17"}).attributes
     messages = json.loads(attributes["gen_ai.output.messages"])
     assert messages == [
         {"role": "assistant", "parts": [{"type": "text", "content": chr(97 + i)}], "finish_reason": "stop"}
