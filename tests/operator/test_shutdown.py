@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -114,20 +116,9 @@ async def test_a_failed_startup_leaves_nothing_running_until_kopf_tries_it_again
     everything anew on a new state: what the failed one had started (its schedule, permission check, heartbeat and
     standby watch) ran on beside the next attempt's, two of each for the operator's life. Here the metrics port is
     taken, the startup's last step that can fail."""
-    caplog.set_level(logging.INFO)
-    taken = _taken_port()
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=1)
-    try:
-        async with running_operator(config):
-            await eventually(
-                lambda: any("will try again" in r.getMessage() for r in caplog.records), "the startup failed"
-            )
-            left = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
-            assert left == []
-    finally:
-        taken.close()
+    async with _after_a_failed_startup(emulator, caplog, resync_seconds=1):
+        left = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
+        assert left == []
 
 
 async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
@@ -137,43 +128,49 @@ async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
     one schedule, permission check, heartbeat and standby watch, and serves: the failed attempt's stop (its state
     marked stopping) must not reach it, or the passes started by watch events (a child deleted by hand) would never
     run. The resync is an hour, so that only such a pass can put the child back."""
-    caplog.set_level(logging.INFO)
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
-    taken = _taken_port()
+    async with _after_a_failed_startup(emulator, caplog, resync_seconds=3600) as taken:
+        taken.close()  # free for the next attempt
+        await ready(emulator, what="Ready after kopf's retry of the startup", attempts=2400)
+        running = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
+        assert running == [
+            "llm-telemetry-access",
+            "llm-telemetry-heartbeat",
+            "llm-telemetry-schedule",
+            "llm-telemetry-standby",
+        ]
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service made")
+        url = f"{str(emulator.url).rstrip('/')}/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"
+        async with aiohttp.ClientSession() as session:
+            async with session.delete(url, headers={"X-Test-Hand": "1"}) as rsp:
+                assert rsp.status < 400, await rsp.text()
+        await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service put back")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [m for m in errors if "will try again in 60 seconds: [Errno 98]" not in m] == []
+
+
+@contextlib.asynccontextmanager
+async def _after_a_failed_startup(
+    emulator: Any, caplog: pytest.LogCaptureFixture, resync_seconds: float
+) -> AsyncIterator[socket.socket]:
+    """The operator running (one LLMTelemetry and its Deployment stored) once its startup has failed: its metrics
+    port is taken by the socket yielded (listening on all of IPv6 and IPv4), closed at the end of the block."""
+    caplog.set_level(logging.INFO)
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    taken.bind(("::", 0))
+    taken.listen()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=3600)
+    config = OperatorConfig(
+        peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=resync_seconds
+    )
     try:
         async with running_operator(config):
             await eventually(
                 lambda: any("will try again" in r.getMessage() for r in caplog.records), "the startup failed"
             )
-            taken.close()  # free for the next attempt
-            await ready(emulator, what="Ready after kopf's retry of the startup", attempts=2400)
-            running = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
-            assert running == [
-                "llm-telemetry-access",
-                "llm-telemetry-heartbeat",
-                "llm-telemetry-schedule",
-                "llm-telemetry-standby",
-            ]
-            await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service made")
-            url = f"{str(emulator.url).rstrip('/')}/api/v1/namespaces/{NAMESPACE}/services/chat-llm-metrics"
-            async with aiohttp.ClientSession() as session:
-                async with session.delete(url, headers={"X-Test-Hand": "1"}) as rsp:
-                    assert rsp.status < 400, await rsp.text()
-            await eventually(lambda: get(emulator, SERVICES, "chat-llm-metrics"), "the metrics Service put back")
+            yield taken
     finally:
         taken.close()
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert [m for m in errors if "will try again in 60 seconds: [Errno 98]" not in m] == []
-
-
-def _taken_port() -> socket.socket:
-    """A listening socket on the operator's metrics address (all of IPv6 and IPv4): its port is taken."""
-    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    taken.bind(("::", 0))
-    taken.listen()
-    return taken
