@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
@@ -20,19 +21,48 @@ _logs: dict[int, IO[bytes]] = {}
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-#: The ports :func:`free_port` handed out: never the same twice in a process (the kernel may give a port just closed
-#: to the next bind, and a server and its metrics listener on one port answered the scrape with the app's 404).
+def _candidate_ports() -> list[int]:
+    """Ports a benchmark may hand its servers: none in the kernel's ephemeral range, and under pytest-xdist (the
+    smoke tests run the benchmarks from a test worker) only every Nth, starting at the worker's number."""
+    try:
+        low, high = map(int, pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    ports = [port for port in range(10000, 65000) if not low <= port <= high]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if count > 1 and worker.startswith("gw") and worker[2:].isdigit():
+        ports = ports[int(worker[2:]) % count :: count]
+    return ports
+
+
+_PORTS = _candidate_ports()
+_next_port = random.Random(os.getpid()).randrange(len(_PORTS))
 _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    while True:
+    """A free port on 127.0.0.1 for a server started a moment later.
+
+    The port comes from outside the kernel's ephemeral range: a port found with bind(0) and closed is the next
+    bind(0) of any other process too, and a server of another test took one between the check and the benchmark
+    server's bind (the scrape of the benchmark's metrics port reached it and got a 404). This process never hands
+    the same port out twice (a server and its metrics listener on one port answered the scrape with the app's 404).
+    """
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port outside the kernel's ephemeral range")
 
 
 def cpus() -> list[int]:
