@@ -918,6 +918,34 @@ def test_sum_of_tokens_over_every_label_is_the_billable_total(run: Run) -> None:
     assert cached > billable / 2, "the traffic should be cache-heavy enough for double counting to show"
 
 
+def _metrics_doc_queries() -> list[str]:
+    """The PromQL queries docs/metrics.md gives: each query of its ``promql`` blocks, and each one its prose writes
+    inline (a backticked expression that applies a function or divides)."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    queries = [q.strip() for b in re.findall(r"```promql\n(.*?)```", text, flags=re.S) for q in b.strip().split("\n\n")]
+    for span in re.findall(r"`([^`\n]*\b(?:llm|gen_ai)_\w+[^`\n]*)`", text):
+        if re.search(r"\s/\s|\b(?:sum|rate|increase|histogram_quantile|topk)\s*\(", span):
+            queries.append(span)
+    return queries
+
+
+def test_every_query_the_metrics_doc_gives_answers_with_the_traffic(run: Run) -> None:
+    """A query a reader copies from docs/metrics.md returns series, and a cache-hit share the traffic's share: a
+    ratio of series whose labels differ matches nothing and returns no value at all, though it parses."""
+    queries = _metrics_doc_queries()
+    cache_share = sum(r.details.get("cache_read", 0) for r in TRAFFIC) / sum(r.tokens.get("input", 0) for r in TRAFFIC)
+    shares = [q for q in queries if 'llm_token_detail="cache_read"' in q and "/" in q]
+    assert len(queries) > 8 and len(shares) >= 2, queries
+    empty, wrong = [], []
+    for query in queries:
+        result = run.query(re.sub(r"\[\d+[smhdw]\]", f"[{run.window}]", " ".join(query.split())))
+        if not result:
+            empty.append(query)
+        elif query in shares and not _close(float(result[0]["value"][1]), cache_share):
+            wrong.append((query, result[0]["value"][1], cache_share))
+    assert empty == [] and wrong == []
+
+
 def test_dashboard_variables_list_the_traffic_values(run: Run) -> None:
     """Each variable's query, as Grafana runs it (the label values API, the variables in its selector at All),
     lists what the traffic had. The trace service is the OpenTelemetry service name, which the job is not."""
