@@ -1653,6 +1653,9 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
     counts["compaction_one_hour"] = min(one_hour, _MAX_COUNT)
 
 
+#: An empty text, thinking or tool input in an Anthropic delta, in compact JSON or spaced (a proxy that writes its
+#: events again with Python's ``json.dumps``): no output, so no delta to count without a parse.
+_EMPTY_OUTPUT: Final = re.compile(rb'"(?:text|thinking|partial_json)"[ \t]*:[ \t]*""')
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
@@ -1684,12 +1687,17 @@ class AnthropicMessagesReader(ResponseReader):
         self._counts: dict[str, int] = {}
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
+        # A delta with output (text, thinking, a tool's input), non-empty, and of none of the kinds that carry none:
+        # a thinking block's signature, a citation of the text (a web search's answer sends one before the text it
+        # cites), a compaction's summary (its tokens are the compaction pass's, see _compactions). Those are read in
+        # full, as they are before the first token.
         return (
             event == "content_block_delta"
             and 0x0A not in data  # (several data lines: see OpenAIChatReader._plain_delta)
-            and b'"text":""' not in data
-            and b'"partial_json":""' not in data
+            and _EMPTY_OUTPUT.search(data) is None
             and b'"signature_delta"' not in data
+            and b'"citations_delta"' not in data
+            and b'"compaction_delta"' not in data
         )
 
     def _usage(self, usage: Any) -> None:

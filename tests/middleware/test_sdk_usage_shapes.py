@@ -16,7 +16,7 @@ import openai
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.responses import Response, ResponseInputItemParam, ResponseStreamEvent
@@ -35,7 +35,7 @@ from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import APIS
 from llm_telemetry.middleware import Router
 from llm_telemetry.record import LLMCall
-from support import Calls, Metrics, free_port, scrape, serve, settled, whole_after
+from support import Calls, Metrics, free_port, read_as_middleware, scrape, serve, settled, whole_after
 
 PRICING = {
     "models": {
@@ -1367,3 +1367,304 @@ def test_a_legacy_function_calls_result_is_a_tool_result(service: Service) -> No
         assert m.value("llm_tool_results_total", gen_ai_tool_name="read_clock", llm_tool_status="error") == 1
 
     service.metrics(model, counted)
+
+
+# --- every content block and delta type of the Messages API's streams ---------------------------------------------
+
+#: A web search result's location, as a ``citations_delta`` of the answer's text cites it.
+_CITATION = {"type": "web_search_result_location", "url": "https://example.org/", "title": "Example",
+             "encrypted_index": "Eo8B", "cited_text": "Paris is the capital."}  # fmt: skip
+#: A web search's result, as a ``web_search_tool_result`` block carries it.
+_RESULT = {"type": "web_search_result", "url": "https://example.org/", "title": "Example", "encrypted_content": "Eq",
+           "page_age": None}  # fmt: skip
+
+
+def _claude_block(index: int, block: dict[str, Any], deltas: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The beta stream events of a content block at ``index``: its start, its deltas, its stop."""
+    return [
+        claude_event({"type": "content_block_start", "index": index, "content_block": block}, beta=True),
+        *(claude_event({"type": "content_block_delta", "index": index, "delta": d}, beta=True) for d in deltas),
+        claude_event({"type": "content_block_stop", "index": index}, beta=True),
+    ]
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_citation_is_no_output_token_of_a_cut_claude_stream(request: pytest.FixtureRequest, capture: bool) -> None:
+    """A web search's answer cites its sources: a ``citations_delta`` before the text it cites, carrying no text. A
+    stream cut before its ``message_delta`` (an ``overloaded_error`` in the middle) has its output estimated from its
+    deltas with output: the text's, as the SDK shows them, whatever the capture setting. (The reading of deltas after
+    the first token without a parse counted each citation as a token: five citations read as seven tokens.)"""
+    service: Service = request.getfixturevalue("capturing" if capture else "service")
+    model = f"claude-sonnet-4-cited-{capture}"
+    cited = [*[{"type": "citations_delta", "citation": _CITATION}] * 5, {"type": "text_delta", "text": "Paris"}]
+    STREAMS[model] = [
+        claude_event(message_start("msg_c", model, {"input_tokens": 30, "output_tokens": 1})),
+        *_claude_block(0, {"type": "text", "text": ""}, [{"type": "text_delta", "text": "I'll search."}]),
+        *_claude_block(
+            1,
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+            [{"type": "input_json_delta", "partial_json": '{"query": "capital of France"}'}],
+        ),
+        *_claude_block(2, {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [_RESULT]}, []),
+        *_claude_block(3, {"type": "text", "text": "", "citations": []}, cited)[:-1],  # (cut before its stop)
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    ]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    shown = []
+    with (
+        pytest.raises(anthropic.APIStatusError, match="Overloaded"),
+        claude.beta.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": "?"}]) as stream,
+    ):
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type in ("text_delta", "input_json_delta"):
+                shown.append(event.delta)
+    assert len(shown) == 3  # two texts and the search's input; the citations carry none
+    m = service.metrics(model)
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == len(shown)
+    assert m.value("llm_tool_calls_total", gen_ai_request_model=model, gen_ai_tool_name="web_search") == 1
+    assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="server_error") == 1
+
+
+# --- any chunking of streams with every event type the SDKs define ----------------------------------------------
+
+_pieces = st.text(alphabet=st.characters(codec="utf-8"), max_size=6) | st.sampled_from(
+    ['"text_delta"', "citations_delta", 'say "hi"', "back\\slash", "line\nbreak", "你好"]
+)
+#: The Messages API's stop reasons, as its SDK types them.
+_STOP_REASONS = ["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
+                 "model_context_window_exceeded", "compaction"]  # fmt: skip
+
+
+@st.composite
+def _claude_content(draw: st.DrawFn, index: int) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """A content block of any type an SDK's stream can carry, and how many deltas with output it has (a redacted
+    thinking block, which comes whole, counted as one)."""
+    kind = draw(st.sampled_from(["text", "cited", "thinking", "omitted", "redacted", "tool", "search", "compaction"]))
+    texts = draw(st.lists(_pieces, min_size=1, max_size=5))
+    if kind in ("text", "cited"):
+        deltas = [{"type": "text_delta", "text": t} for t in texts]
+        if kind == "cited":
+            at = draw(st.integers(0, len(deltas)))
+            # (Its cited text may be any text, the name of a delta type too.)
+            citation = {**_CITATION, "cited_text": draw(st.sampled_from(["Paris.", "text_delta", 'a "text_delta"']))}
+            deltas[at:at] = [{"type": "citations_delta", "citation": citation}] * draw(st.integers(1, 3))
+        block: dict[str, Any] = {"type": "text", "text": "", **({"citations": []} if kind == "cited" else {})}
+        return _claude_block(index, block, deltas), sum(1 for t in texts if t)
+    if kind in ("thinking", "omitted"):
+        shown = texts if kind == "thinking" else []
+        deltas = [{"type": "thinking_delta", "thinking": t} for t in shown]
+        deltas.append({"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQ"})
+        block = {"type": "thinking", "thinking": "", "signature": ""}
+        return _claude_block(index, block, deltas), sum(1 for t in shown if t)
+    if kind == "redacted":
+        return _claude_block(index, {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}, []), 1
+    if kind == "compaction":
+        summary = {"type": "compaction_delta", "content": "".join(texts)}
+        return _claude_block(index, {"type": "compaction"}, [summary]), 0
+    tool = "web_search" if kind == "search" else "get_weather"
+    use = {"type": "server_tool_use" if kind == "search" else "tool_use", "id": f"toolu_{index}", "name": tool}
+    deltas = [{"type": "input_json_delta", "partial_json": t} for t in ["", *texts]]
+    events = _claude_block(index, {**use, "input": {}}, deltas)
+    if kind == "search":
+        result = {"type": "web_search_tool_result", "tool_use_id": f"toolu_{index}", "content": []}
+        events += _claude_block(index + 1, result, [])
+    return events, sum(1 for t in texts if t)
+
+
+@st.composite
+def claude_streams(draw: st.DrawFn) -> tuple[list[bytes], int | None, int]:
+    """A Messages API stream of any content blocks, complete, failed or cut, as chunks (an event each, as the API
+    sends them, or cut anywhere); its output as its usage says, or None when it says none; and its deltas with
+    output."""
+    events = [claude_event(message_start("msg_1", "claude-sonnet-4", {"input_tokens": 12, "output_tokens": 1}))]
+    with_output = 0
+    for _ in range(draw(st.integers(1, 5))):
+        block, count = draw(_claude_content(len(events)))
+        events += block
+        with_output += count
+    ending = draw(st.sampled_from(["complete", "failed", "cut"]))
+    output = None
+    if ending == "complete":
+        output = draw(st.integers(1, 5000))
+        usage = {"output_tokens": output, "output_tokens_details": {"thinking_tokens": draw(st.integers(0, output))}}
+        stop = {"stop_reason": draw(st.sampled_from(_STOP_REASONS)), "stop_sequence": None}
+        events += [claude_event({"type": "message_delta", "delta": stop, "usage": usage}, beta=True)]
+        events += [claude_event({"type": "message_stop"}, beta=True)]
+    elif ending == "failed":
+        events += [("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})]
+    return _chunked(draw, events), output, with_output
+
+
+def _chunked(draw: st.DrawFn, events: list[tuple[str | None, Any]]) -> list[bytes]:
+    """The events encoded as a server sends them (compact JSON or spaced, LF or CRLF), an event to a chunk or cut
+    anywhere."""
+    newline = draw(st.sampled_from(["\n", "\r\n"]))
+    spaced = draw(st.booleans())
+    encoded = [
+        (f"event: {name}{newline}" if name else "").encode()
+        + f"data: {json.dumps(_type_first(data), separators=None if spaced else (',', ':'))}{newline}{newline}".encode()
+        for name, data in events
+    ]
+    if draw(st.booleans()):
+        return encoded
+    body = b"".join(encoded)
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(body) - 1), max_size=30))))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+
+
+def _type_first(value: Any) -> Any:
+    """``value`` with each object's ``type`` first, as the APIs write their events (the SDKs' models put it last)."""
+    if isinstance(value, dict):
+        return {k: _type_first(v) for k, v in sorted(value.items(), key=lambda item: item[0] != "type")}
+    if isinstance(value, list):
+        return [_type_first(v) for v in value]
+    return value
+
+
+def _read(api: str, chunks: list[bytes], groups: list[int] | None) -> LLMCall:
+    """The call a stream reader records: fed as the middleware feeds it (``groups``: the sizes of the groups of
+    chunks it keeps and reads in bulk while holding), or, for the reference, with content capture on, which turns
+    every shortcut off so that every event is parsed in full."""
+    spec = APIS[api]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.response_reader(call, stream=True, capture=groups is None)
+    if groups is None:
+        for i, chunk in enumerate(chunks):
+            reader.feed(chunk, now=1.0 + i)
+        reader.finish(now=1000.0)
+    else:
+        read_as_middleware(reader, chunks, groups)
+    return call
+
+
+def _numbers(call: LLMCall) -> tuple[Any, ...]:
+    return (call.input_tokens, call.output_tokens, call.usage_source, call.reasoning_tokens, call.finish_reasons,
+            call.tool_calls, call.server_tool_results, call.error_type, call.first_token_at is None,
+            call.reasoning_shown, call.first_output_whole)  # fmt: skip
+
+
+def _no_output_after_the_first_token() -> tuple[list[bytes], None, int]:
+    """A cut stream whose first token is followed by deltas without output, each an event of its own: a citation, a
+    compaction's summary, an empty thinking delta, and an empty text written spaced (as ``json.dumps`` writes it)."""
+    events = [claude_event(message_start("msg_1", "claude-sonnet-4", {"input_tokens": 12, "output_tokens": 1}))]
+    events += _claude_block(0, {"type": "text", "text": ""}, [{"type": "text_delta", "text": "Paris"}])
+    events += _claude_block(1, {"type": "text", "text": "", "citations": []},
+                            [{"type": "citations_delta", "citation": _CITATION}])  # fmt: skip
+    events += _claude_block(2, {"type": "compaction"}, [{"type": "compaction_delta", "content": "Earlier: a query."}])
+    events += _claude_block(3, {"type": "thinking", "thinking": "", "signature": ""},
+                            [{"type": "thinking_delta", "thinking": ""}])  # fmt: skip
+    compact = [f"event: {name}\ndata: {json.dumps(_type_first(data), separators=(',', ':'))}\n\n".encode()
+               for name, data in events]  # fmt: skip
+    spaced = {"type": "content_block_delta", "index": 4, "delta": {"type": "text_delta", "text": ""}}
+    return [*compact, f"event: content_block_delta\ndata: {json.dumps(spaced)}\n\n".encode()], None, 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(claude_streams(), st.lists(st.integers(1, 40), min_size=1, max_size=5))
+@example(_no_output_after_the_first_token(), [1])
+def test_any_chunking_of_a_claude_stream_of_any_blocks_reads_as_its_full_parse(
+    stream: tuple[list[bytes], int | None, int], groups: list[int]
+) -> None:
+    """Thinking and its signature, redacted thinking, citations, tool and server tool inputs, compaction: however
+    the stream is chunked, the reader's shortcuts record what parsing each event in full records, and that is the
+    usage's output when the stream reports it, else one token for each delta with output."""
+    chunks, output, with_output = stream
+    call = _read("anthropic.messages", chunks, groups)
+    assert _numbers(call) == _numbers(_read("anthropic.messages", chunks, None))
+    assert call.output_tokens == (output if output is not None else with_output or None)
+
+
+@st.composite
+def _responses_item(draw: st.DrawFn, at: int, first: int) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """The events of an output item of any kind a Responses stream carries (numbered from ``first``), and how many
+    of its deltas have output."""
+    kind = draw(st.sampled_from(["text", "refusal", "summary", "reasoning", "function", "code", "search", "image"]))
+    texts = draw(st.lists(_pieces, min_size=1, max_size=5))
+    here = {"output_index": at, "item_id": f"it_{at}"}
+    steps: list[dict[str, Any]] = []
+    if kind in ("text", "refusal"):
+        item = {"type": "message", "id": f"it_{at}", "role": "assistant", "status": "in_progress", "content": []}
+        steps.append({"type": "response.output_item.added", "output_index": at, "item": item})
+        event = {"type": f"response.{'output_text' if kind == 'text' else 'refusal'}.delta"}
+        if kind == "text":
+            event["logprobs"] = []
+        steps += [{**event, **here, "content_index": 0, "delta": t} for t in texts]
+        if kind == "text" and draw(st.booleans()):
+            cite = {"type": "url_citation", "url": "https://example.org/", "title": "text_delta", "start_index": 0,
+                    "end_index": 1}  # fmt: skip
+            steps.append({"type": "response.output_text.annotation.added", **here, "content_index": 0,
+                          "annotation_index": 0, "annotation": cite})  # fmt: skip
+    elif kind in ("summary", "reasoning"):
+        steps.append({"type": "response.output_item.added", "output_index": at,
+                      "item": {"type": "reasoning", "id": f"it_{at}", "summary": []}})  # fmt: skip
+        if kind == "summary":
+            steps += [{"type": "response.reasoning_summary_text.delta", **here, "summary_index": 0, "delta": t}
+                      for t in texts]  # fmt: skip
+        else:
+            steps += [{"type": "response.reasoning_text.delta", **here, "content_index": 0, "delta": t} for t in texts]
+    elif kind in ("function", "code"):
+        if kind == "function":
+            item = {"type": "function_call", "id": f"it_{at}", "call_id": f"call_{at}", "name": "f", "arguments": ""}
+            event = "response.function_call_arguments.delta"
+        else:
+            item = {"type": "code_interpreter_call", "id": f"it_{at}", "container_id": "cntr_1", "code": "",
+                    "status": "in_progress", "outputs": None}  # fmt: skip
+            event = "response.code_interpreter_call_code.delta"
+        steps.append({"type": "response.output_item.added", "output_index": at, "item": item})
+        steps += [{"type": event, **here, "delta": t} for t in texts]
+    elif kind == "search":
+        item = {"type": "web_search_call", "id": f"it_{at}", "status": "in_progress",
+                "action": {"type": "search", "query": "q"}}  # fmt: skip
+        steps.append({"type": "response.output_item.added", "output_index": at, "item": item})
+        steps += [{"type": f"response.web_search_call.{s}", **here} for s in ("in_progress", "searching", "completed")]
+        texts = []
+    else:
+        item = {"type": "image_generation_call", "id": f"it_{at}", "status": "in_progress", "result": None}
+        steps.append({"type": "response.output_item.added", "output_index": at, "item": item})
+        steps.append({"type": "response.image_generation_call.partial_image", **here, "partial_image_b64": "aGk=",
+                      "partial_image_index": 0})  # fmt: skip
+        texts = []
+    return [responses_event(step, first + n) for n, step in enumerate(steps)], sum(1 for t in texts if t)
+
+
+@st.composite
+def responses_streams(draw: st.DrawFn) -> tuple[list[bytes], int | None, int]:
+    """A Responses stream of any output items, completed, incomplete, failed or cut, as chunks; its output as its
+    usage says (None when it says none) and its deltas with output."""
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-5", "status": "in_progress",
+                "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+    events = [responses_event({"type": "response.created", "response": response}, 0)]
+    with_output = 0
+    for at in range(draw(st.integers(1, 5))):
+        item, count = draw(_responses_item(at, len(events)))
+        events += item
+        with_output += count
+    ending = draw(st.sampled_from(["completed", "incomplete", "failed", "cut"]))
+    output = None
+    if ending in ("completed", "incomplete"):
+        output = draw(st.integers(1, 5000))
+        usage = {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                 "output_tokens": output, "output_tokens_details": {"reasoning_tokens": draw(st.integers(0, output))},
+                 "total_tokens": 9 + output}  # fmt: skip
+        reason = {"incomplete_details": {"reason": "max_output_tokens"}} if ending == "incomplete" else {}
+        ended = {**response, "status": ending, "usage": usage, **reason}
+        events.append(responses_event({"type": f"response.{ending}", "response": ended}, len(events)))
+    elif ending == "failed":
+        failed = {**response, "status": "failed", "error": {"code": "server_error", "message": "failed"}}
+        events.append(responses_event({"type": "response.failed", "response": failed}, len(events)))
+    return _chunked(draw, events), output, with_output
+
+
+@settings(max_examples=300, deadline=None)
+@given(responses_streams(), st.lists(st.integers(1, 40), min_size=1, max_size=5))
+def test_any_chunking_of_a_responses_stream_of_any_items_reads_as_its_full_parse(
+    stream: tuple[list[bytes], int | None, int], groups: list[int]
+) -> None:
+    """Reasoning summaries and text, refusals, a function's arguments, code, web searches, partial images, citations,
+    an incomplete or failed end: however the stream is chunked, what the reader records is what parsing each event
+    in full records, and its output is the usage's, else one token for each delta with output."""
+    chunks, output, with_output = stream
+    call = _read("openai.responses", chunks, groups)
+    assert _numbers(call) == _numbers(_read("openai.responses", chunks, None))
+    assert call.output_tokens == (output if output is not None else with_output or None)
