@@ -91,6 +91,47 @@ def _anthropic(complete: bool) -> list[tuple[str | None, dict[str, Any] | str]]:
     return [(e["type"], e) for e in events]
 
 
+#: A web search result's location, as a ``citations_delta`` of an answer's text cites it.
+_CITATION = {"type": "web_search_result_location", "url": "https://example.org/", "title": "Example",
+             "encrypted_index": "Eo8B", "cited_text": "text_delta"}  # fmt: skip
+
+
+def _anthropic_searched(complete: bool) -> list[tuple[str | None, dict[str, Any] | str]]:
+    """A Claude stream that thinks (its thinking shown, then signed), searches the web with the API's tool, and
+    answers with citations of what it found."""
+
+    def block(index: int, start: dict[str, Any], deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"type": "content_block_start", "index": index, "content_block": start},
+            *({"type": "content_block_delta", "index": index, "delta": delta} for delta in deltas),
+            {"type": "content_block_stop", "index": index},
+        ]
+
+    result = {"type": "web_search_result", "url": "https://example.org/", "title": "Example",
+              "encrypted_content": "Eq", "page_age": None}  # fmt: skip
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_2", "type": "message", "role": "assistant",
+         "model": "claude-sonnet-4-5", "content": [], "stop_reason": None, "stop_sequence": None,
+         "usage": {"input_tokens": 40, "output_tokens": 1}}},
+        *block(0, {"type": "thinking", "thinking": "", "signature": ""},
+               [{"type": "thinking_delta", "thinking": t} for t in TEXTS[:3]]
+               + [{"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQ"}]),
+        *block(1, {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+               [{"type": "input_json_delta", "partial_json": p} for p in ["", '{"query": "Zürich"}']]),
+        *block(2, {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [result]}, []),
+        *block(3, {"type": "text", "text": "", "citations": []},
+               [{"type": "citations_delta", "citation": _CITATION}, *({"type": "text_delta", "text": t} for t in TEXTS),
+                {"type": "citations_delta", "citation": _CITATION}]),
+    ]  # fmt: skip
+    if complete:
+        events += [
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+             "usage": {"output_tokens": 310, "server_tool_use": {"web_search_requests": 1}}},
+            {"type": "message_stop"},
+        ]  # fmt: skip
+    return [(e["type"], e) for e in events]
+
+
 def _responses() -> list[tuple[str | None, dict[str, Any] | str]]:
     response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4.1-2025-04-14", "output": []}
     events: list[dict[str, Any]] = [
@@ -120,6 +161,8 @@ STREAMS = {
     "openai-estimated": ("/v1/chat/completions", _openai_chat(usage=False)),
     "anthropic": ("/v1/messages", _anthropic(complete=True)),
     "anthropic-cut": ("/v1/messages", _anthropic(complete=False)),
+    "anthropic-searched": ("/v1/messages", _anthropic_searched(complete=True)),
+    "anthropic-searched-cut": ("/v1/messages", _anthropic_searched(complete=False)),
     "responses": ("/v1/responses", _responses()),
 }
 
@@ -365,6 +408,9 @@ def test_hostile_whole_streams_read_as_documented(observed: tuple[LLMTelemetryMi
         "openai-estimated": (None, len(TEXTS) + 2, "estimated", ["tool_calls"], ["get_weather"]),
         "anthropic": (29, 42, "reported", ["tool_use"], ["get_weather"]),
         "anthropic-cut": (29, len(TEXTS) + 1, "estimated", [], ["get_weather"]),
+        "anthropic-searched": (40, 310, "reported", ["end_turn"], ["web_search"]),
+        # The pieces of thinking, of the search's input and of text; the signature and the citations carry none.
+        "anthropic-searched-cut": (40, 3 + 1 + len(TEXTS), "estimated", [], ["web_search"]),
         "responses": (30, 19, "reported", ["stop"], ["get_weather"]),
     }
     for name, (path, events) in STREAMS.items():
@@ -572,7 +618,7 @@ def _ends_answer(data: dict[str, Any] | str) -> bool:
 def cut_streams(draw: st.DrawFn) -> tuple[str, str, int, int, list[bytes]]:
     """A whole stream cut anywhere (most often near the end of the event that ends its answer), in any chunking:
     its name and path, where its answer's end is dispatched, where it was cut, and the chunks before the cut."""
-    name = draw(st.sampled_from(sorted(n for n in STREAMS if n != "anthropic-cut")))
+    name = draw(st.sampled_from(sorted(n for n in STREAMS if not n.endswith("-cut"))))
     path, events = STREAMS[name]
     newline, spaced = draw(st.sampled_from([b"\n", b"\r\n"])), draw(st.booleans())
     body = encode(events, newline, spaced)
