@@ -1653,9 +1653,12 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
     counts["compaction_one_hour"] = min(one_hour, _MAX_COUNT)
 
 
-#: An empty text, thinking or tool input in an Anthropic delta, in compact JSON or spaced (a proxy that writes its
-#: events again with Python's ``json.dumps``): no output, so no delta to count without a parse.
-_EMPTY_OUTPUT: Final = re.compile(rb'"(?:text|thinking|partial_json)"[ \t]*:[ \t]*""')
+#: What marks an Anthropic delta as one without output, to be parsed rather than counted from its bytes: its type (a
+#: signature, a citation, a compaction's summary), or an empty text, thinking or tool input, in compact JSON or spaced
+#: (a proxy that writes its events again with Python's ``json.dumps``). One search, as cheap as one ``in``.
+_NO_OUTPUT: Final = re.compile(
+    rb'"(?:signature|citations|compaction)_delta"|"(?:text|thinking|partial_json)"[ \t]*:[ \t]*""'
+)
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
@@ -1694,10 +1697,7 @@ class AnthropicMessagesReader(ResponseReader):
         return (
             event == "content_block_delta"
             and 0x0A not in data  # (several data lines: see OpenAIChatReader._plain_delta)
-            and _EMPTY_OUTPUT.search(data) is None
-            and b'"signature_delta"' not in data
-            and b'"citations_delta"' not in data
-            and b'"compaction_delta"' not in data
+            and _NO_OUTPUT.search(data) is None
         )
 
     def _usage(self, usage: Any) -> None:
