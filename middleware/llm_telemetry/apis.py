@@ -1655,7 +1655,7 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
 
 #: What marks an Anthropic delta as one without output, to be parsed rather than counted from its bytes: its type (a
 #: signature, a citation, a compaction's summary), or an empty text, thinking or tool input, in compact JSON or spaced
-#: (a proxy that writes its events again with Python's ``json.dumps``). One search, as cheap as one ``in``.
+#: (a proxy that writes its events again with Python's ``json.dumps``): one search, not a scan for each.
 _NO_OUTPUT: Final = re.compile(
     rb'"(?:signature|citations|compaction)_delta"|"(?:text|thinking|partial_json)"[ \t]*:[ \t]*""'
 )
