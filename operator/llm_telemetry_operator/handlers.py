@@ -2297,8 +2297,10 @@ def _follow(
     resources waiting for it (``waiters``, by object), and a watch stops once no resource waits for its object.
 
     An object is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
-    other watches run (``memo`` None: only stop watching). A watch starts with a list, so an object created between
-    the pass and the watch is not missed."""
+    other watches run (``memo`` None: only stop watching), and not once the operator is stopping: a pass that ends
+    while the cleanup stops the others (the schedule's passes run until it is cancelled) would start a watch nothing
+    stops, its thread going on past the cleanup and failing on the closed client. A watch starts with a list, so an
+    object created between the pass and the watch is not missed."""
     before = awaiting.pop(key, frozenset())
     if wanted:
         awaiting[key] = wanted
@@ -2313,7 +2315,7 @@ def _follow(
                 watch.stop()
     for obj in wanted:
         waiters.setdefault(obj, set()).add(key)
-        if memo is not None and state.watches is not None and obj not in watches:
+        if memo is not None and state.watches is not None and not state.stopping and obj not in watches:
             namespace, name = obj
             watch = MetadataWatch(
                 _client(memo), resource, namespace, {},

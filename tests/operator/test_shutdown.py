@@ -11,7 +11,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -33,6 +34,7 @@ from kopf_testing import (
     running_operator,
 )
 
+from llm_telemetry_operator import handlers
 from llm_telemetry_operator.config import OperatorConfig
 
 
@@ -157,10 +159,7 @@ async def _after_a_failed_startup(
     """The operator running (one LLMTelemetry and its Deployment stored) once its startup has failed: its metrics
     port is taken by the socket yielded (listening on all of IPv6 and IPv4), closed at the end of the block."""
     caplog.set_level(logging.INFO)
-    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    taken.bind(("::", 0))
-    taken.listen()
+    taken = _taken_port()
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     config = OperatorConfig(
@@ -174,3 +173,55 @@ async def _after_a_failed_startup(
             yield taken
     finally:
         taken.close()
+
+
+async def test_a_pass_ending_as_the_cleanup_begins_starts_no_watch(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cleanup stops the watches, then cancels the passes started by watch events, and the schedule's passes only
+    after that: a scheduled pass ending in between, having found a collector Service missing, started a watch of it
+    that nothing stopped. Its thread listed with the client still open, then went on past the cleanup, retrying on the
+    closed client with a WARNING each time. Here what a pass does as it ends is done as the cleanup begins: the
+    operator's record that the resource waits for a collector it did not wait for before."""
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    collector = ("observability", "tempo")
+    async with running_operator() as memo:
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready"), "a first pass")
+        state = memo["state"]
+        ending = asyncio.ensure_future(_ending_as_the_cleanup_begins(memo, state, (NAMESPACE, "chat"), collector))
+    await ending
+    watching = [t.name for t in threading.enumerate() if t.name.startswith("watch-services-tempo-")]
+    for watch in state.collector_watches.values():
+        watch.stop()
+    asked = [str(r.url) for r in list(emulator) if r.params.get("fieldSelector") == "metadata.name=tempo"]
+    assert watching == [] and asked == [], (watching, asked)
+    assert not [r.getMessage() for r in caplog.records if "the client is closed" in r.getMessage()]
+
+
+async def _ending_as_the_cleanup_begins(
+    memo: Any, state: handlers.OperatorState, key: tuple[str, str], collector: tuple[str, str]
+) -> None:
+    """Once the cleanup has begun (checked at every turn of the loop), what a pass ending then records: ``key`` waits
+    for ``collector``."""
+    await _turn_by_turn(lambda: state.stopping)
+    handlers._await_collectors(memo, state, key, frozenset({collector}))
+
+
+async def _turn_by_turn(check: Callable[[], bool]) -> None:
+    """Return in the first turn of the event loop in which ``check()`` holds (``eventually`` looks every 50 ms, and
+    what is awaited here lasts a few turns)."""
+    for _ in itertools.count():
+        if check():
+            return
+        await asyncio.sleep(0)
+
+
+def _taken_port() -> socket.socket:
+    """A socket listening on all of IPv6 and IPv4 at a port of its own: the operator's metrics port, taken."""
+    taken = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    taken.bind(("::", 0))
+    taken.listen()
+    return taken
