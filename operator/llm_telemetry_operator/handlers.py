@@ -367,7 +367,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # all of it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a
         # second schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's
         # life. The client stays open for the next attempt.
-        await _stop_tasks(memo)
+        task = asyncio.current_task()
+        asked = task.cancelling() if task is not None else 0
+        try:
+            await _stop_tasks(memo)
+            told = task is not None and task.cancelling() > asked
+        except asyncio.CancelledError:
+            told = True
+        if told:
+            # Told to stop (SIGTERM) while stopping those tasks: awaiting each one's end takes the cancellation in, and
+            # the failure raised would have kopf wait its 60 s backoff and start the operator again, SIGTERM or not.
+            logger.error("the startup failed as the operator was told to stop; stopping", exc_info=True)
+            await _stop_all(memo)
+            raise asyncio.CancelledError() from None
         raise
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -16,7 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import kopf
 import pytest
+from kopf._cogs.structs.references import Insights  # kopf.operator's ``insights``, which kopf does not re-export
 from kopf_testing import (
     DEPLOYMENTS,
     LLMT,
@@ -35,6 +38,7 @@ from kopf_testing import (
 )
 
 from llm_telemetry_operator import handlers
+from llm_telemetry_operator.__main__ import kopf_options
 from llm_telemetry_operator.config import OperatorConfig
 
 
@@ -209,6 +213,36 @@ async def _ending_as_the_cleanup_begins(
     handlers._await_collectors(memo, state, key, frozenset({collector}))
 
 
+async def test_a_stop_while_a_failed_startup_stops_its_tasks_stops_the_operator(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed startup stops what it started, awaiting each task's end, before kopf retries it. A stop (SIGTERM)
+    arriving then reached the startup as the cancellation of one of those awaits, which took it for that task's own:
+    the startup's failure was raised as if no stop had come, and kopf waited its 60 s backoff and ran the startup
+    again instead of stopping (in a pod, until the kubelet killed it). The stop is raised as the failed startup's stop
+    begins, and a loop turn or two later (the metrics port taken, as in _after_a_failed_startup)."""
+    caplog.set_level(logging.INFO)
+    taken = _taken_port()
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(peering=PEERING, metrics_port=taken.getsockname()[1], health="", resync_seconds=3600)
+    try:
+        for turns in range(3):
+            caplog.clear()
+            options = kopf_options(config)
+            memo, stop = options["memo"], asyncio.Event()
+            task = asyncio.create_task(kopf.operator(stop_flag=stop, insights=Insights(), **options))
+            await _turn_by_turn(functools.partial(_stopping, memo))  # the failed startup begins its stop
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            stop.set()
+            # Stopped: not held by kopf's 60 s backoff, after which it would run the startup again.
+            await asyncio.wait_for(task, timeout=30)
+            assert [r for r in caplog.records if r.levelno >= logging.ERROR], "the startup's failure not said"
+    finally:
+        taken.close()
+
+
 async def _turn_by_turn(check: Callable[[], bool]) -> None:
     """Return in the first turn of the event loop in which ``check()`` holds (``eventually`` looks every 50 ms, and
     what is awaited here lasts a few turns)."""
@@ -216,6 +250,11 @@ async def _turn_by_turn(check: Callable[[], bool]) -> None:
         if check():
             return
         await asyncio.sleep(0)
+
+
+def _stopping(memo: Any) -> bool:
+    state = memo.get("state")
+    return isinstance(state, handlers.OperatorState) and state.stopping
 
 
 def _taken_port() -> socket.socket:
