@@ -4,12 +4,11 @@ reader as the middleware feeds it."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import logging
-import os
-import random
-import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -83,49 +82,31 @@ def config_file_server(what: str, binary: str, config: str, root: Path, base: st
         stop_process(process)
 
 
-def _ephemeral_ports() -> range:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return range(low, high + 1)
+def _benchmark_procs() -> Any:
+    """``benchmarks/procs.py``, whose ports the suite's servers take too: one policy for both, loaded by its path
+    (the benchmarks are no package) under the name the benchmarks import it by, so that a process keeps one record
+    of the ports it handed out."""
+    if "procs" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "procs", Path(__file__).resolve().parents[1] / "benchmarks/procs.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["procs"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["procs"]
 
 
-def _own_share(ports: list[int]) -> list[int]:
-    """Under pytest-xdist each worker takes every Nth port, starting at its own number: a port one worker has probed
-    free and not yet bound is never another's to hand out."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
-    if count > 1 and worker.startswith("gw") and worker[2:].isdigit():
-        return ports[int(worker[2:]) % count :: count]
-    return ports
-
-
-_EPHEMERAL = _ephemeral_ports()
-_PORTS = _own_share([p for p in range(10000, 65000) if p not in _EPHEMERAL])
-_handed_out: set[int] = set()
-_next_port = random.Random(os.getpid()).randrange(len(_PORTS))
+_PROCS = _benchmark_procs()
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a server a test starts later. It comes from outside the kernel's ephemeral
-    range, so no client connection the suite opens in the meantime can take it as its local port (a port the kernel
-    picks with bind(0) can be, which failed runs with "address already in use"), and this process never hands the
-    same port out twice."""
-    global _next_port
-    for _ in range(len(_PORTS)):
-        port = _PORTS[_next_port % len(_PORTS)]
-        _next_port += 1
-        if port in _handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port outside the ephemeral range")
+    """A free TCP port on 127.0.0.1 for a server a test starts later: outside the kernel's ephemeral range, so that no
+    client connection the suite opens meanwhile takes it as its local port (a port found with bind(0) can be, which
+    failed runs with "address already in use"); under pytest-xdist from the worker's own share; never the same twice
+    in a process (``procs.free_port``)."""
+    port: int = _PROCS.free_port()
+    return port
 
 
 @contextmanager
