@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
@@ -264,25 +264,44 @@ class BoundedServer(ThreadingWSGIServer):
             logger.warning("llm-telemetry: serving a metrics connection failed", exc_info=True)
 
 
-def exposition_app(registry: CollectorRegistry) -> Any:
+class Renderings(Protocol):
+    """Tells whether a rendering kept for sharing is still the newest one its clients can have been shown: where
+    several processes answer the same scrapes (the workers of one server on the app's own path), another may have
+    shown newer numbers since."""
+
+    def rendering_mark(self) -> object:
+        """What marks the rendering just made in this thread (None: one not to share)."""
+
+    def still_newest(self, mark: object) -> bool:
+        """Whether nothing newer than the rendering marked ``mark`` has been shown since."""
+
+
+def exposition_app(registry: CollectorRegistry, renderings: Renderings | None = None) -> Any:
     """The WSGI app the metrics port serves for ``registry``: prometheus_client's, with its formats (text,
     OpenMetrics), gzip when asked, and the ``name[]`` filter. An ``Accept`` header whose format version
     prometheus_client cannot compare (``version=1.x``: its ``choose_encoder`` raises) is answered as one with no
-    ``Accept``, in the text format, where prometheus_client would fail the scrape with a 500."""
-    return _Exposition(make_wsgi_app(_Filterable(registry)))
+    ``Accept``, in the text format, where prometheus_client would fail the scrape with a 500. ``renderings``: when
+    other processes answer the same scrapes, a kept rendering is shared only while it is still the newest shown."""
+    return _Exposition(make_wsgi_app(_Filterable(registry)), renderings)
 
 
 class _Exposition:
     """A WSGI exposition ``app`` whose renderings are shared (see :data:`SHARE`): one at a time, and a GET without a
     query (what Prometheus asks) gets the newest rendering of its format while it is fresh, also when it waited for
     that rendering to end. gzip is applied per answer (zlib lets go of the interpreter's lock as it compresses). The
-    newest plain rendering is kept until the next one replaces it: one more copy of the exposition."""
+    newest plain rendering is kept until the next one replaces it: one more copy of the exposition. With
+    ``renderings`` (several workers answering the app's own path), a kept rendering is shared only while no other
+    worker has rendered since: each worker keeps its own, and one older than what another worker has just shown
+    would make a counter go down, which Prometheus reads as a reset."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, renderings: Renderings | None = None) -> None:
         self.app = app
+        self.renderings = renderings
         self.lock = threading.Lock()
         #: The newest rendering without a query: (its content type, fresh until, status, headers, body).
         self.kept: tuple[str, float, str, list[tuple[str, str]], bytes] | None = None
+        #: What marks the kept rendering (see :class:`Renderings`).
+        self.kept_mark: object = None
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         accept = environ.get("HTTP_ACCEPT") or ""
@@ -297,12 +316,19 @@ class _Exposition:
         with self.lock:
             kept = self.kept
             now = time.monotonic()
-            if query or kept is None or kept[0] != content_type or now >= kept[1]:
+            if (
+                query
+                or kept is None
+                or kept[0] != content_type
+                or now >= kept[1]
+                or (self.renderings is not None and not self.renderings.still_newest(self.kept_mark))
+            ):
                 status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
                 ended = time.monotonic()
                 kept = (content_type, ended + SHARE * (ended - now), status, headers, body)
                 if not query:
                     self.kept = kept
+                    self.kept_mark = self.renderings.rendering_mark() if self.renderings is not None else None
         _type, _until, status, headers, body = kept
         headers = list(headers)  # (the server adds to the list it is given: the Content-Length of this answer)
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):

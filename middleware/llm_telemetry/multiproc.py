@@ -116,6 +116,8 @@ _LABELS = "labels.json"
 _RUN = "run"
 #: The stem of the worker that serves the metrics port.
 _PORT = "port"
+#: The last merge of any worker: its worker's stem and that worker's count of merges (see SharedState.still_newest).
+_MERGE = "merge"
 _ALIVE = ".alive"
 _DB = ".db"
 #: Field of a key: monotonic sum, live gauge, histogram sum; histogram buckets are "b<index>".
@@ -393,6 +395,9 @@ class SharedState:
         #: The label values as this worker last read or wrote them (see :meth:`admit`).
         self._labels: dict[str, list[str]] = {}
         self._closed = threading.Event()
+        #: This worker's merges so far, and (per thread) the mark of the last one (see :meth:`rendering_mark`).
+        self._merges = 0
+        self._last_merge = threading.local()
         with self._locked():
             self._wipe_if_stale(self._token)
             # Workers that died since the last merge are folded now too: with nobody scraping (or no metrics port),
@@ -556,7 +561,7 @@ class SharedState:
             names = []
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in names:
-            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS) or name.endswith((_ALIVE, _DB, ".tmp")):
+            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE) or name.endswith((_ALIVE, _DB, ".tmp")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
         with open(run + ".tmp", "w", encoding="utf-8") as fresh:
@@ -633,7 +638,9 @@ class SharedState:
             # back before their numbers are summed, or this scrape would show them gone and the next one back,
             # which Prometheus would read as a counter reset and count again.
             time.sleep(BIND_RETRY_SECONDS * 2)
+        self._last_merge.mark = None
         with self._locked():
+            self._mark_merge()
             archive = self._load_archive()
             stems = self._fold_dead(archive)
             archived: dict[str, float] = archive["values"]
@@ -676,6 +683,41 @@ class SharedState:
                 self._save_archive(archive)
             values.update(_totals(exact))
             return values
+
+    def _mark_merge(self) -> None:
+        """Record, with the directory lock held, that this merge is the newest of any worker's (the ``merge`` file),
+        and its mark for this thread's rendering. Not recorded (a full file system), its rendering is not shared."""
+        self._merges += 1
+        mark = f"{self._stem} {self._merges}"
+        path = os.path.join(self.directory, _MERGE)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as tmp:
+                tmp.write(mark)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+            return
+        self._last_merge.mark = mark
+
+    def rendering_mark(self) -> str | None:
+        """The mark of the last merge made in this thread, that of the rendering just made (see
+        :meth:`still_newest`)."""
+        mark: str | None = getattr(self._last_merge, "mark", None)
+        return mark
+
+    def still_newest(self, mark: object) -> bool:
+        """Whether no worker has merged since the merge marked ``mark``. A rendering a worker keeps to share with the
+        scrapes that follow it (exposition.SHARE) is shown only while this holds: on the app's own path, which any
+        worker answers, a scrape would otherwise get one worker's older rendering after another worker's newer one,
+        its counters lower, which Prometheus reads as a reset and counts the whole total again."""
+        if mark is None:
+            return False
+        try:
+            with open(os.path.join(self.directory, _MERGE), encoding="utf-8") as merge:
+                return merge.read() == mark
+        except OSError:
+            return False
 
     def _values_missing(self) -> bool:
         """Whether a live worker's values file is missing (it puts it back within BIND_RETRY_SECONDS)."""

@@ -369,7 +369,10 @@ class Telemetry:
             elif key == b"accept-encoding":
                 accept_encoding = value.decode("latin-1")
         if self._exposition is None:
-            self._exposition = exposition_app(self.registry)
+            # Under several workers any of them answers this path: a rendering one keeps is shared only while no
+            # other worker has shown newer numbers (the metrics port has one worker behind it at a time).
+            shared = self.workers.state if self.workers is not None else None
+            self._exposition = exposition_app(self.registry, shared)
         query = bytes(scope.get("query_string") or b"").decode("latin-1")
         # In a worker thread: the exposition takes ~1 ms per label combination (tens of ms for a few dozen models
         # and tenants), time the event loop would otherwise stop serving every request and stream it holds.
