@@ -105,6 +105,16 @@ def test_label_values_prints_three_lengths_per_shape() -> None:
         assert [row[0] for row in rows] == ["32", "128", "256"], (name, stdout)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server's workers in /proc")
+def test_worker_churn_prints_a_row_per_sample_and_what_the_scrapes_and_the_server_did() -> None:
+    stdout = run_benchmark("worker_churn.py", "--workers", "2", "--cycles", "3", "--every", "1", timeout=300)
+    rows = [line.split()[0] for line in stdout.splitlines() if re.match(r"\s*\d+\s+\d+\s+\d+\s+[\d.]+\s", line)]
+    assert rows == ["1", "2", "3"], stdout
+    assert re.search(r"^kills: 3 \(", stdout, re.M), stdout
+    assert re.search(r"^llm_requests_total at the end: \d+; completed - counted = -?\d+ ", stdout, re.M), stdout
+    assert re.search(r"^SIGTERM: exit code 0 ", stdout, re.M), stdout
+
+
 def test_export_cost_prints_a_row_per_exporter() -> None:
     stdout = run_benchmark("export_cost.py", "--batches", "2", "--exports", "3")
     rows = [line.rsplit(None, 3) for line in stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
