@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import io
 import logging
 import socket
 import sys
@@ -115,6 +116,11 @@ class _LogWriter:
 class _Handler(WSGIRequestHandler):
     server: BoundedServer
     answering = False
+    #: Writes buffered, so the status line and the headers leave in one send: unbuffered (socketserver's default),
+    #: wsgiref sent the status line, the Date and Server headers and the rest in four, and a worker killed between
+    #: them (SIGKILL of the one serving the port, under several workers) left its client a 200 with the headers cut
+    #: short and no Content-Length, which a lenient client (Python's http.client) reads as an empty exposition.
+    wbufsize = io.DEFAULT_BUFFER_SIZE
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

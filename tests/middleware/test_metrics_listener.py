@@ -6,6 +6,7 @@ the app's requests never wait. A scrape that fails on the server's side is logge
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -459,6 +461,39 @@ def test_a_scrape_under_way_when_the_server_closes_gets_its_whole_answer() -> No
     finally:
         server.kill()
         server.wait()
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(STRACE is None or sys.platform != "linux", reason="strace shows the server's sends")
+def test_the_status_line_and_the_headers_of_an_answer_leave_in_one_send(tmp_path: Path) -> None:
+    """The worker serving the port, killed (SIGKILL) between the sends of an answer's head, left its client a 200
+    whose headers ended early, without Content-Length, which a lenient client (Python's http.client) reads as an
+    empty exposition. The whole head leaves in one send: a kill leaves the client nothing, or a head with its
+    Content-Length, and then a body too short for it, which the client's read fails on."""
+    assert STRACE is not None
+    port = free_port()
+    trace = tmp_path / "strace.txt"
+    server = subprocess.Popen(
+        [STRACE, "-f", "-qq", "-e", "trace=sendto,sendmsg,write", "-s", "1024", "-o", str(trace),
+         sys.executable, "-c", CLOSING_SERVER, str(port), "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        if server.stdout.readline() != "serving\n":
+            pytest.skip("strace cannot trace a process here (ptrace not permitted)")
+        assert "llm_test_large" in scrape_text(port)
+        server.stdin.write("stop\nclose\n")
+        server.stdin.flush()
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+        server.wait()
+    heads = [line for line in trace.read_text().splitlines() if '"HTTP/1.0 200 OK' in line]
+    assert len(heads) == 1, heads
+    assert "Content-Length: " in heads[0] and r"\r\n\r\n" in heads[0], heads[0]
 
 
 def test_scrapes_waiting_to_be_accepted_when_the_server_closes_are_answered() -> None:
