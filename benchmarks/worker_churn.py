@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import itertools
 import os
 import random
@@ -112,7 +113,8 @@ def scrape_loop(url: str, record: Scrapes, stop: threading.Event) -> None:
                 status = response.status
         except urllib.error.HTTPError as exc:
             status, text = exc.code, ""
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
+            # Refused while no worker serves the port, or cut by the kill of the one answering (an IncompleteRead).
             reason = getattr(exc, "reason", exc)
             with record.lock:
                 key = type(reason).__name__
