@@ -9,6 +9,7 @@ exposition in one process, and check that a single-process server never touches 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import http.server
 import itertools
 import json
@@ -862,24 +863,41 @@ def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) 
 def test_workers_scrapes_of_the_app_path_never_go_down_whichever_worker_answers(tmp_path: Path) -> None:
     """Any worker answers a scrape of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``), and each keeps its
     newest rendering to share with the scrapes that follow it: one worker's kept rendering, older than the one another
-    worker has just answered, must not be answered again (its counters lower, which Prometheus reads as a reset)."""
+    worker has just answered, must not be answered again (its counters lower, which Prometheus reads as a reset).
+    Each scrape goes over a kept-alive connection to a worker chosen: one, a request, the other, the first again."""
     if sys.platform != "linux":
         pytest.skip("reads worker pids from /proc")
     port, metrics_port = free_port(), free_port()
     env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics"})
     server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
-    with running(server):
+    with running(server), contextlib.ExitStack() as stack:
         # Series enough that a rendering takes a while, and is shared for a while (exposition.SHARE).
-        _chat_models(server.base, [f"model-{i}" for i in range(30)])
-        client = _client(server.base)
-        shown: list[tuple[float, int]] = []  # (llm_requests_total, the answering worker) of each scrape, in order
-        for _ in range(30):
+        _chat_models(server.base, [f"model-{i}" for i in range(100)])
+        client = stack.enter_context(_client(server.base))
+
+        def scrape(connection: http.client.HTTPConnection) -> str:
+            connection.request("GET", "/metrics")  # no query, as Prometheus asks: a rendering may be shared
+            with connection.getresponse() as response:
+                return response.read().decode()
+
+        def read(text: str) -> tuple[float, int]:
+            metrics = Metrics(text)
+            return metrics.value("llm_requests_total"), server.serving_pid(metrics)
+
+        workers: dict[int, http.client.HTTPConnection] = {}
+        for _ in range(100):
+            connection = stack.enter_context(contextlib.closing(http.client.HTTPConnection("127.0.0.1", port)))
+            workers.setdefault(read(scrape(connection))[1], connection)
+            if len(workers) == 2:
+                break
+        first, second = workers.values()
+        texts = []  # (read after: parsing takes longer than a rendering is shared)
+        for _ in range(20):
+            texts.append(scrape(first))
             client.chat.completions.create(model="model-0", messages=MESSAGES)  # the totals move on
-            for _ in range(5):
-                metrics = Metrics(scrape_text(port))  # no query, as Prometheus asks: a rendering may be shared
-                shown.append((metrics.value("llm_requests_total"), server.serving_pid(metrics)))
-        client.close()
-    assert len({pid for _, pid in shown}) == 2, "one worker answered every scrape; nothing is exercised"
+            texts += [scrape(second), scrape(first)]
+        shown = [read(text) for text in texts]  # (llm_requests_total, the answering worker) of each scrape, in order
+    assert {pid for _, pid in shown} == set(workers), shown
     went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
     assert not went_down, f"llm_requests_total went down between scrapes (total, worker): {went_down[:5]}"
 
