@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -1426,6 +1427,72 @@ def test_a_citation_is_no_output_token_of_a_cut_claude_stream(request: pytest.Fi
     assert m.value("llm_errors_total", gen_ai_request_model=model, error_type="server_error") == 1
 
 
+#: How a server or a proxy may write an event's JSON: as the API does (compact, ``type`` first, UTF-8), as Python's
+#: ``json.dumps`` does by default (spaced, non-ASCII escaped), as the SDK's models write it (``type`` last), with
+#: quotes in strings escaped by their code.
+_WRITERS = {
+    "compact": lambda data: json.dumps(_type_first(data), separators=(",", ":"), ensure_ascii=False),
+    "spaced": lambda data: json.dumps(_type_first(data)),
+    "type-last": lambda data: json.dumps(_type_last(data), separators=(",", ":"), ensure_ascii=False),
+    "quote-escaped": lambda data: _quotes_by_code(json.dumps(_type_first(data), separators=(",", ":"))),
+}
+
+
+def _quotes_by_code(written: str) -> str:
+    """JSON text with each quote inside a string escaped by its code, ``\\u0022`` (as PHP's ``json_encode`` writes
+    it with ``JSON_HEX_QUOT``)."""
+    return re.sub(r"\\(.)", lambda m: "\\u0022" if m[1] == '"' else m[0], written)
+
+
+def _type_last(value: Any) -> Any:
+    """``value`` with each object's ``type`` last, as the SDKs' models write their fields."""
+    if isinstance(value, dict):
+        return {k: _type_last(v) for k, v in sorted(value.items(), key=lambda item: item[0] == "type")}
+    if isinstance(value, list):
+        return [_type_last(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("writer", sorted(_WRITERS))
+def test_a_delta_of_a_type_it_does_not_know_is_no_output_token_of_a_cut_claude_stream(
+    service: Service, writer: str
+) -> None:
+    """After the first token, a delta of a type the reader does not know (the API adds some now and then: citations,
+    signatures and compaction summaries came after text and tool input) carries no output the SDK shows, and is no
+    token of a cut stream's estimate; texts that name delta types, end in an escaped quote or hold one escaped as
+    ``\\u0022`` are a token each, however the events are written. (Counted from its bytes, without a parse, each such
+    delta read as a token.)"""
+    model = f"claude-sonnet-4-future-delta-{writer}"
+    texts = ["Paris", ' "citations_delta"', "citations_delta", 'he said "', "signature_delta", "é", " \u2028"]
+    future = [{"type": "tone_delta", "tone": "warm"}, {"type": "reference_delta", "reference": {"id": "ref_1"}}]
+    deltas = [
+        {"type": "text_delta", "text": texts[0]},
+        *future,
+        *({"type": "text_delta", "text": t} for t in texts[1:]),
+    ]
+    deltas += [*future, {"type": "text_delta", "text": ""}]
+    events: list[tuple[str | None, Any]] = [
+        claude_event(message_start("msg_f", model, {"input_tokens": 30, "output_tokens": 1})),
+        claude_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        *(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}) for d in deltas),
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    ]
+    STREAMS[model] = [(name, _WRITERS[writer](data)) for name, data in events]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    shown = []
+    with (
+        pytest.raises(anthropic.APIStatusError, match="Overloaded"),
+        claude.messages.stream(model=model, max_tokens=100, messages=[{"role": "user", "content": "?"}]) as stream,
+    ):
+        for event in stream:
+            if event.type == "content_block_delta" and event.delta.type == "text_delta" and event.delta.text:
+                shown.append(event.delta.text)
+    assert shown == texts
+    m = service.metrics(model)
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == len(texts)
+
+
 # --- any chunking of streams with every event type the SDKs define ----------------------------------------------
 
 _pieces = st.text(alphabet=st.characters(codec="utf-8"), max_size=6) | st.sampled_from(
@@ -1440,8 +1507,23 @@ _STOP_REASONS = ["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_t
 def _claude_content(draw: st.DrawFn, index: int) -> tuple[list[tuple[str, dict[str, Any]]], int]:
     """A content block of any type an SDK's stream can carry, and how many deltas with output it has (a redacted
     thinking block, which comes whole, counted as one)."""
-    kind = draw(st.sampled_from(["text", "cited", "thinking", "omitted", "redacted", "tool", "search", "compaction"]))
+    kinds = ["text", "cited", "future", "thinking", "omitted", "redacted", "tool", "search", "compaction"]
+    kind = draw(st.sampled_from(kinds))
     texts = draw(st.lists(_pieces, min_size=1, max_size=5))
+    if kind == "future":
+        # Deltas of a type the SDK does not define yet (the API adds some now and then), without output, among texts:
+        # not validated, as the SDK does not validate them either.
+        future = [{"type": "tone_delta", "tone": "warm"}, {"type": "mark_delta", "mark": {"type": "text", "at": 1}}]
+        deltas = [{"type": "text_delta", "text": t} for t in texts]
+        for _ in range(draw(st.integers(1, 3))):
+            deltas.insert(draw(st.integers(0, len(deltas))), draw(st.sampled_from(future)))
+        start = claude_event(
+            {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
+        )
+        events = [start, *(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                           for d in deltas)]  # fmt: skip
+        events.append(claude_event({"type": "content_block_stop", "index": index}, beta=True))
+        return events, sum(1 for t in texts if t)
     if kind in ("text", "cited"):
         deltas = [{"type": "text_delta", "text": t} for t in texts]
         if kind == "cited":
@@ -1497,13 +1579,18 @@ def claude_streams(draw: st.DrawFn) -> tuple[list[bytes], int | None, int]:
 
 
 def _chunked(draw: st.DrawFn, events: list[tuple[str | None, Any]]) -> list[bytes]:
-    """The events encoded as a server sends them (compact JSON or spaced, LF or CRLF), an event to a chunk or cut
-    anywhere."""
+    """The events encoded as a server or a proxy sends them (compact JSON or spaced; each object's ``type`` first, as
+    the APIs write it, or last, as the SDKs' models do; non-ASCII as UTF-8 or escaped; a quote in a string as ``\\"``
+    or ``\\u0022``; LF or CRLF), an event to a chunk or cut anywhere."""
     newline = draw(st.sampled_from(["\n", "\r\n"]))
-    spaced = draw(st.booleans())
+    separators = None if draw(st.booleans()) else (",", ":")
+    order = draw(st.sampled_from([_type_first, _type_last]))
+    ascii_only = draw(st.booleans())
+    write = _quotes_by_code if draw(st.booleans()) else str
     encoded = [
         (f"event: {name}{newline}" if name else "").encode()
-        + f"data: {json.dumps(_type_first(data), separators=None if spaced else (',', ':'))}{newline}{newline}".encode()
+        + f"data: {write(json.dumps(order(data), separators=separators, ensure_ascii=ascii_only))}".encode()
+        + f"{newline}{newline}".encode()
         for name, data in events
     ]
     if draw(st.booleans()):
