@@ -7,8 +7,10 @@ exporter.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -132,17 +134,22 @@ def responses_body(model: str, output: list[dict[str, Any]], status: str = "comp
     return Response.model_validate(body).model_dump(mode="json", exclude_unset=True)
 
 
-async def _events(steps: list[tuple[str | None, Any]]) -> AsyncIterator[bytes]:
+#: For each streamed model, the clock (``perf_counter``) just before each of its events was handed on, in order.
+SENT: dict[str, list[float]] = {}
+
+
+async def _events(steps: list[tuple[str | None, Any]], sent: list[float]) -> AsyncIterator[bytes]:
     for name, data in steps:
         await asyncio.sleep(0.002)  # each event in its own chunk, as a model sends them
         text = data if isinstance(data, str) else json.dumps(data)
+        sent.append(time.perf_counter())
         yield (f"event: {name}\n" if name else "").encode() + f"data: {text}\n\n".encode()
 
 
 async def answer(request: Request) -> HTTPResponse:
     model = (await request.json())["model"]
     if model in STREAMS:
-        return StreamingResponse(_events(STREAMS[model]), media_type="text/event-stream")
+        return StreamingResponse(_events(STREAMS[model], SENT.setdefault(model, [])), media_type="text/event-stream")
     return JSONResponse(ANSWERS[model])
 
 
@@ -1491,6 +1498,195 @@ def test_a_delta_of_a_type_it_does_not_know_is_no_output_token_of_a_cut_claude_s
     m = service.metrics(model)
     estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated"}
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == len(texts)
+
+
+def _first_token_event(service: Service, model: str) -> int:
+    """The index of the event of ``model``'s stream that the middleware took for its first token: the middleware reads
+    the clock for a chunk before handing it on, and the app hands on the next event only after that."""
+    service.metrics(model)
+    call = service.call(model)
+    assert call is not None and call.first_token_at is not None
+    return bisect.bisect(SENT[model], call.first_token_at) - 1
+
+
+def _claude_thinking(deltas: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return _claude_block(0, {"type": "thinking", "thinking": "", "signature": ""}, deltas)
+
+
+_SIGNATURE = {"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQ"}
+_TEXT = {"type": "text", "text": ""}
+#: Anthropic streams by what comes before the answer's text (block 1, "Paris"): the events before it (after
+#: ``message_start``), and the index among them of the one docs/metrics.md names the first token (None: the answer's
+#: text).
+_CLAUDE_FIRSTS: dict[str, tuple[list[tuple[str, dict[str, Any]]], int | None]] = {
+    "thinking shown": (_claude_thinking([{"type": "thinking_delta", "thinking": "Hm."}, _SIGNATURE]), 1),
+    "thinking omitted": (_claude_thinking([_SIGNATURE]), None),
+    "compaction": (
+        _claude_block(0, {"type": "compaction"}, [{"type": "compaction_delta", "content": "Earlier."}]),
+        None,
+    ),
+    "redacted thinking": (_claude_block(0, {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"}, []), 0),
+    "tool": (
+        _claude_block(
+            0,
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+            [{"type": "input_json_delta", "partial_json": '{"a": 1}'}],
+        ),
+        0,
+    ),
+    "search": (
+        _claude_block(
+            0,
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
+            [{"type": "input_json_delta", "partial_json": '{"query": "q"}'}],
+        ),
+        0,
+    ),
+    "search result": (
+        _claude_block(0, {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [_RESULT]}, []),
+        None,
+    ),
+    "citation, empty text": (
+        _claude_block(
+            0,
+            {**_TEXT, "citations": []},
+            [{"type": "citations_delta", "citation": _CITATION}, {"type": "text_delta", "text": ""}],
+        ),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("before", sorted(_CLAUDE_FIRSTS))
+def test_the_first_token_of_a_claude_stream_is_the_event_the_docs_name(service: Service, before: str) -> None:
+    """docs/metrics.md names the events that are a first token (a piece of thinking or text, the start of a tool's
+    block, a redacted thinking block) and those that are not (a signature, a citation, a compaction's summary, a
+    tool's result, an empty delta): read through uvicorn, with the SDK as the client, the first token is the one
+    named, whatever came before it."""
+    model = f"claude-sonnet-4-first-{before.replace(' ', '-').replace(',', '')}"
+    events, first = _CLAUDE_FIRSTS[before]
+    answer_text = _claude_block(1, _TEXT, [{"type": "text_delta", "text": "Paris"}])
+    STREAMS[model] = [
+        claude_event(message_start("msg_f", model, {"input_tokens": 3, "output_tokens": 1})),
+        *events,
+        *answer_text,
+        claude_event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+        claude_event({"type": "message_stop"}),
+    ]
+    if first is None:
+        first = len(events) + 1  # (the answer's text_delta, after its block's start)
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.beta.messages.stream(model=model, max_tokens=9, messages=[{"role": "user", "content": "?"}]) as stream:
+        assert stream.get_final_text() == "Paris"
+    assert _first_token_event(service, model) == 1 + first  # (after message_start)
+
+
+_REASONING = {"type": "reasoning", "id": "rs_1", "summary": []}
+_MESSAGE = {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress", "content": []}
+#: Responses streams: the steps after ``response.created``, and the index of the one docs/metrics.md names the first
+#: token.
+_RESPONSES_FIRSTS: dict[str, tuple[list[dict[str, Any]], int]] = {
+    "reasoning not shown": (
+        [
+            {"type": "response.output_item.added", "output_index": 0, "item": _REASONING},
+            {"type": "response.output_item.done", "output_index": 0, "item": {**_REASONING, "status": "completed"}},
+            {"type": "response.output_item.added", "output_index": 1, "item": _MESSAGE},
+            {
+                "type": "response.output_text.delta",
+                "output_index": 1,
+                "item_id": "msg_1",
+                "content_index": 0,
+                "delta": "",
+                "logprobs": [],
+            },
+            {
+                "type": "response.output_text.delta",
+                "output_index": 1,
+                "item_id": "msg_1",
+                "content_index": 0,
+                "delta": "Paris",
+                "logprobs": [],
+            },
+        ],
+        4,
+    ),
+    "reasoning summary": (
+        [
+            {"type": "response.output_item.added", "output_index": 0, "item": _REASONING},
+            {
+                "type": "response.reasoning_summary_text.delta",
+                "output_index": 0,
+                "item_id": "rs_1",
+                "summary_index": 0,
+                "delta": "Hm.",
+            },
+        ],
+        1,
+    ),
+    "function call": (
+        [
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": ""},
+            },
+            {"type": "response.function_call_arguments.delta", "output_index": 0, "item_id": "fc_1", "delta": "{}"},
+        ],
+        0,
+    ),
+    "web search": (
+        [
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {
+                    "type": "web_search_call",
+                    "id": "ws_1",
+                    "status": "in_progress",
+                    "action": {"type": "search", "query": "q"},
+                },
+            },
+            {"type": "response.web_search_call.searching", "output_index": 0, "item_id": "ws_1"},
+        ],
+        0,
+    ),
+    "mcp approval": (
+        [
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {
+                    "type": "mcp_approval_request",
+                    "id": "mcpr_1",
+                    "name": "f",
+                    "arguments": "{}",
+                    "server_label": "s",
+                },
+            },
+        ],
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("before", sorted(_RESPONSES_FIRSTS))
+def test_the_first_token_of_a_responses_stream_is_the_event_the_docs_name(service: Service, before: str) -> None:
+    """As for Anthropic's streams: a text or reasoning summary delta with text, the ``output_item.added`` of a tool
+    call's item or of an approval request is the first token; a reasoning item whose reasoning is not shown, and an
+    empty delta, are not."""
+    model = f"gpt-5-first-{before.replace(' ', '-')}"
+    steps, first = _RESPONSES_FIRSTS[before]
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": model, "status": "in_progress",
+                "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}  # fmt: skip
+    usage = {"input_tokens": 3, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+             "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 12}  # fmt: skip
+    done = {"type": "response.completed", "response": {**response, "status": "completed", "usage": usage}}
+    STREAMS[model] = [responses_event(step, n) for n, step in enumerate([
+        {"type": "response.created", "response": response}, *steps, done])]  # fmt: skip
+    client = openai.OpenAI(base_url=f"{service.base}/v1", api_key="test", max_retries=0)
+    kinds = [event.type for event in client.responses.create(model=model, input="?", stream=True)]
+    assert kinds[-1] == "response.completed"
+    assert _first_token_event(service, model) == 1 + first  # (after response.created)
 
 
 # --- any chunking of streams with every event type the SDKs define ----------------------------------------------
