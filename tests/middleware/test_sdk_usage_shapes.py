@@ -1500,6 +1500,28 @@ def test_a_delta_of_a_type_it_does_not_know_is_no_output_token_of_a_cut_claude_s
     assert m.value("llm_tokens_total", gen_ai_token_type="output", **estimated) == len(texts)
 
 
+def test_an_event_is_read_by_its_data_as_the_sdk_reads_it_after_the_first_token(service: Service) -> None:
+    """The SDK takes an event's kind from its data's ``type``: the SSE event name only has to be there. A
+    ``message_delta`` sent under the name ``content_block_delta`` is still the stream's usage and stop reason to the
+    SDK, and to the middleware too. (Counted from its name and bytes, it read as one more text token: the usage and
+    stop reason were lost.)"""
+    model = "claude-sonnet-4-misnamed-delta"
+    stop = claude_event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 40}})
+    STREAMS[model] = [
+        claude_event(message_start("msg_n", model, {"input_tokens": 3, "output_tokens": 1})),
+        *_claude_block(0, _TEXT, [{"type": "text_delta", "text": t} for t in ("Paris", " is", " lovely")]),
+        ("content_block_delta", stop[1]),
+        claude_event({"type": "message_stop"}),
+    ]
+    claude = anthropic.Anthropic(base_url=service.base, api_key="test", max_retries=0)
+    with claude.messages.stream(model=model, max_tokens=99, messages=[{"role": "user", "content": "?"}]) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens == 40 and final.stop_reason == "end_turn"
+    m = service.metrics(model)
+    reported = {"gen_ai_request_model": model, "llm_usage_source": "reported"}
+    assert m.value("llm_tokens_total", gen_ai_token_type="output", **reported) == 40
+
+
 def _first_token_event(service: Service, model: str) -> int:
     """The index of the event of ``model``'s stream that the middleware took for its first token: the middleware reads
     the clock for a chunk before handing it on, and the app hands on the next event only after that."""
