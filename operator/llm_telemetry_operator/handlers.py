@@ -365,7 +365,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # so far (the schedule, the permission check, the peering watch) held the exit up for kopf's 5 s wait.
         await _stop_all(memo)
         raise
-    except Exception:
+    except Exception as failure:
         # Failed (a bug, or the metrics port taken when run in-process through kopf.operator: the command binds it
         # before kopf runs, and exits 2 if it cannot): kopf calls the startup again after its backoff, which starts
         # all of it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a
@@ -381,7 +381,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         if told:
             # Told to stop (SIGTERM) while stopping those tasks: awaiting each one's end takes the cancellation in, and
             # the failure raised would have kopf wait its 60 s backoff and start the operator again, SIGTERM or not.
-            logger.error("the startup failed as the operator was told to stop; stopping", exc_info=True)
+            # Said as kopf says a failed startup's: with its cause in the line (and the traceback after it).
+            logger.error("the startup failed as the operator was told to stop (%s); stopping", failure, exc_info=True)
             await _stop_all(memo)
             raise asyncio.CancelledError() from None
         raise
