@@ -116,6 +116,16 @@ class CollectorCheck:
         self._cache.pop(service, None)
         self._reading.pop(service, None)
 
+    async def stop(self) -> None:
+        """Cancel the reads under way, and wait for their end: the operator is stopping, its passes stopped. A read is
+        shielded from the stop of any one pass waiting for it, so none of them ends it: left running, it outlived the
+        cleanup, and on an API server that did not answer, held the exit up for kopf's 5 s wait for hung tasks."""
+        reading = list(self._reading.values())
+        self._reading.clear()
+        for read in reading:
+            read.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
+
     async def lookup(self, client: kube.KubeClient, endpoint: str) -> Lookup:
         service = service_of(endpoint)
         if service is None:

@@ -1076,6 +1076,9 @@ async def _stop_tasks(memo: Any) -> None:
     if isinstance(state, OperatorState) and state.access_recheck is not None:
         state.access_recheck.cancel()
         await asyncio.gather(state.access_recheck, return_exceptions=True)
+    if isinstance(state, OperatorState):
+        # Once no pass is left to start one: the collector reads the passes shared, which their stop does not end.
+        await state.collectors.stop()
 
 
 class _ObjectLog(logging.LoggerAdapter):  # type: ignore[type-arg]

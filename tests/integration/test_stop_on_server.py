@@ -13,12 +13,27 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from clusterkit import ApiProxy, api_server, install, start_chart_operator, uninstall, unique, wait_for
+from clusterkit import (
+    ApiProxy,
+    api_server,
+    deployment,
+    install,
+    start_chart_operator,
+    telemetry,
+    uninstall,
+    unique,
+    wait_for,
+)
+
+from llm_telemetry_operator import constants as c
 
 pytestmark = pytest.mark.k8s
+
+GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
 
 #: kopf's DEBUG line when nothing was left running once its root tasks had stopped (else it waits up to 5 s for what
 #: is, then cancels it and logs "Hung tasks are stopped").
@@ -46,14 +61,21 @@ class HoldingProxy(ApiProxy):
 
 
 def _stopped_while_held(
-    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path, holds: Any, prefix: str
+    api: Any,
+    kubeconfig: pathlib.Path,
+    tmp_path: pathlib.Path,
+    holds: Any,
+    prefix: str,
+    setup: Callable[[str], None] | None = None,
 ) -> tuple[int, str]:
     """The operator started as the chart runs it (DEBUG on), signalled once the proxy holds a request ``holds``
-    picks: its exit code and its output."""
+    picks: its exit code and its output. ``setup``: called with the release's namespace before the operator starts."""
     system = unique(prefix)
     docs = install(api, system)
     server, ca = api_server(kubeconfig)
     try:
+        if setup is not None:
+            setup(system)
         with HoldingProxy(server, ca, holds) as proxy:
             process, log, _, _ = start_chart_operator(
                 api, kubeconfig, docs, system, tmp_path, "--verbose", server=f"http://127.0.0.1:{proxy.port}"
@@ -102,6 +124,37 @@ def test_sigterm_during_the_startup_handler_leaves_nothing_running(
 
     code, text = _stopped_while_held(api, kubeconfig, tmp_path, review, "llmt-stop-startup")
     assert "Activity 'startup' succeeded" not in text, text[-4000:]
+    assert (code, _errors(text)) == (0, []), text[-6000:]
+    assert NOTHING_LEFT in text, text[-4000:]
+
+
+def test_sigterm_during_a_passs_read_of_a_collector_service_leaves_nothing_running(
+    api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The signal comes while a pass reads the Service of the resource's trace collector (a read the passes share,
+    which the stop of one of them does not end): the cleanup ends it, so nothing is left for kopf to wait for (it
+    waited its 5 s for that read, then cancelled it); exit 0, no ERROR line."""
+    from kubernetes import client
+
+    custom, made = client.CustomObjectsApi(api), []
+
+    def setup(namespace: str) -> None:
+        client.AppsV1Api(api).create_namespaced_deployment(namespace, deployment("chat", "chat"))
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, telemetry("chat", "chat"))
+        made.append(namespace)
+
+    def collector(request: Any) -> bool:
+        return bool(request.method == "GET" and request.path.endswith("/services/jaeger"))
+
+    try:
+        code, text = _stopped_while_held(api, kubeconfig, tmp_path, collector, "llmt-stop-read", setup)
+    finally:
+        # No operator runs to release it: its finalizer would keep it (and its namespace) for the next test's.
+        for namespace in made:
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, "chat", {"metadata": {"finalizers": None}}
+            )
+    assert "Activity 'cleanup' succeeded" in text, text[-4000:]
     assert (code, _errors(text)) == (0, []), text[-6000:]
     assert NOTHING_LEFT in text, text[-4000:]
 

@@ -260,6 +260,46 @@ async def test_a_stop_while_a_failed_startup_stops_its_tasks_stops_the_operator(
     assert told > 0, "no stop came while the failed startup stopped its tasks: the test misses the window"
 
 
+async def test_a_collector_read_under_way_as_the_operator_stops_ends_with_its_cleanup(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass's read of a collector Service is shared with the passes that look it up meanwhile, shielded from the
+    stop of any one of them: the cleanup cancelled the passes and the read went on past it. On an API server that did
+    not answer, kopf waited its 5 s for it (a hung task, said at DEBUG only) before cancelling it. Here the emulator
+    holds the read of the trace collector's Service until the operator has stopped; as kopf says the cleanup is done,
+    no such read is left."""
+    caplog.set_level(logging.INFO)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.holds = lambda request: request.method == "GET" and request.path.endswith("/services/jaeger")
+    done = _AtCleanupDone()
+    logging.getLogger("kopf.activities.cleanup").addHandler(done)
+    try:
+        async with running_operator():
+            await eventually(lambda: emulator.held > 0, "the pass's read of the trace collector's Service, held")
+    finally:
+        logging.getLogger("kopf.activities.cleanup").removeHandler(done)
+        emulator.released.set()
+    assert done.reads == [], done.reads
+
+
+class _AtCleanupDone(logging.Handler):
+    """Notes, as kopf says the cleanup handler is done, the collector reads still under way (``reads``; None: kopf
+    never said it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reads: list[str] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "Activity 'cleanup' succeeded.":
+            self.reads = [
+                task.get_name()
+                for task in asyncio.all_tasks()
+                if not task.done() and getattr(task.get_coro(), "__qualname__", "") == "CollectorCheck._read"
+            ]
+
+
 async def _turn_by_turn(check: Callable[[], bool]) -> None:
     """Return in the first turn of the event loop in which ``check()`` holds (``eventually`` looks every 50 ms, and
     what is awaited here lasts a few turns)."""
