@@ -1041,9 +1041,6 @@ async def _stop_all(memo: Any) -> None:
     await asyncio.gather(*scans, return_exceptions=True)
     await _stop_tasks(memo)
     if isinstance(state, OperatorState):
-        if state.publishing is not None:
-            state.publishing.cancel()
-            await asyncio.gather(state.publishing, return_exceptions=True)
         if memo.get("identity"):
             await _mark_stopped(_client(memo), _config(memo), state, state.logger or logging.getLogger(__name__))
     await _client(memo).close()
@@ -1079,6 +1076,11 @@ async def _stop_tasks(memo: Any) -> None:
     if isinstance(state, OperatorState):
         # Once no pass is left to start one: the collector reads the passes shared, which their stop does not end.
         await state.collectors.stop()
+        # And once the standby watch, which starts it, is stopped: the write of the watched namespaces on the peering
+        # object (a failed startup's ran on beside kopf's backoff and the next attempt's own write).
+        if state.publishing is not None:
+            state.publishing.cancel()
+            await asyncio.gather(state.publishing, return_exceptions=True)
 
 
 class _ObjectLog(logging.LoggerAdapter):  # type: ignore[type-arg]

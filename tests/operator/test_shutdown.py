@@ -128,6 +128,22 @@ async def test_a_failed_startup_leaves_nothing_running_until_kopf_tries_it_again
         assert left == []
 
 
+async def test_a_failed_startup_leaves_no_write_of_the_watched_namespaces_running(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The startup's read of the peering object starts the write of the watched namespaces on it, in a task of its own.
+    A failed startup stopped its other tasks, not that one: on an API server slow to answer it (held here) it ran on
+    beside kopf's backoff and the next attempt's own write, and past the operator's end if stopped in that backoff."""
+    emulator.holds = lambda request: request.method == "PATCH" and "/clusterkopfpeerings/" in request.path
+    try:
+        async with _after_a_failed_startup(emulator, caplog, resync_seconds=3600):
+            assert emulator.held > 0, "the write of the watched namespaces was not under way"
+            left = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
+            assert left == []
+    finally:
+        emulator.released.set()
+
+
 async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
     emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
