@@ -133,11 +133,12 @@ async def test_a_failed_startup_leaves_no_write_of_the_watched_namespaces_runnin
 ) -> None:
     """The startup's read of the peering object starts the write of the watched namespaces on it, in a task of its own.
     A failed startup stopped its other tasks, not that one: on an API server slow to answer it (held here) it ran on
-    beside kopf's backoff and the next attempt's own write, and past the operator's end if stopped in that backoff."""
+    beside kopf's backoff and the next attempt's own write, and past the operator's end if stopped in that backoff.
+    (Whether the write had reached the emulator by the failure varies: the task is left running either way, waiting
+    for its held answer or for a thread of the client to send it.)"""
     emulator.holds = lambda request: request.method == "PATCH" and "/clusterkopfpeerings/" in request.path
     try:
         async with _after_a_failed_startup(emulator, caplog, resync_seconds=3600):
-            assert emulator.held > 0, "the write of the watched namespaces was not under way"
             left = sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("llm-telemetry-"))
             assert left == []
     finally:
