@@ -1064,6 +1064,56 @@ def test_workers_archive_that_cannot_be_written_is_not_taken_for_removed(
 
 
 @pytest.mark.slow
+def test_workers_app_path_scrapes_never_go_down_while_the_state_directory_is_full(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    """A merge that cannot record itself in the ``merge`` file (the state directory's file system full) must leave no
+    other worker taking its kept rendering for the newest: that worker's older numbers, answered after the newer ones
+    of the worker whose merge went unrecorded, would make a counter go down, which Prometheus reads as a reset. Each
+    scrape of the app's path goes over a kept-alive connection to a worker chosen: the second one, then with the file
+    system full a request and the first one, then the second one again."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics"})
+    env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(small_tmpfs / "state")
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    fill = small_tmpfs / "fill"
+    with running(server), contextlib.ExitStack() as stack:
+        # Series enough that a rendering takes a while, and is shared for a while (exposition.SHARE).
+        _chat_models(server.base, [f"model-{i}" for i in range(100)])
+        client = stack.enter_context(_client(server.base))
+
+        def scrape(connection: http.client.HTTPConnection) -> str:
+            connection.request("GET", "/metrics")  # no query, as Prometheus asks: a rendering may be shared
+            with connection.getresponse() as response:
+                return response.read().decode()
+
+        def read(text: str) -> tuple[float, int]:
+            metrics = Metrics(text)
+            return metrics.value("llm_requests_total"), server.serving_pid(metrics)
+
+        workers: dict[int, http.client.HTTPConnection] = {}
+        for _ in range(100):
+            connection = stack.enter_context(contextlib.closing(http.client.HTTPConnection("127.0.0.1", port)))
+            workers.setdefault(read(scrape(connection))[1], connection)
+            if len(workers) == 2:
+                break
+        first, second = workers.values()
+        texts = []  # (read after: parsing takes longer than a rendering is shared)
+        for _ in range(10):
+            texts.append(scrape(second))  # its merge recorded, its rendering kept
+            fill.write_bytes(b"\0" * shutil.disk_usage(small_tmpfs).free)  # no room for a file's first page
+            client.chat.completions.create(model="model-0", messages=MESSAGES)  # the totals move on (a series in place)
+            texts += [scrape(first), scrape(second)]  # the first's merge cannot be recorded
+            fill.unlink()
+        shown = [read(text) for text in texts]  # (llm_requests_total, the answering worker) of each scrape, in order
+    assert {pid for _, pid in shown} == set(workers), shown
+    went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
+    assert not went_down, f"llm_requests_total went down between scrapes (total, worker): {went_down[:5]}"
+
+
+@pytest.mark.slow
 def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, small_tmpfs: Path) -> None:
     """The state directory's file system full (a small in-memory emptyDir): a request that brings a new series
     cannot grow its worker's file, and the worker goes on serving. Its file's pages are reserved before they are
