@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llm_telemetry import multiproc
 from llm_telemetry.config import Settings
 from llm_telemetry.demo.app import create_app
+from llm_telemetry.exposition import SHARE
 from llm_telemetry.telemetry import Telemetry
 from support import FRESH, Metrics, free_port, scrape_text, serve, wait_for
 
@@ -859,24 +860,26 @@ def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) 
         assert metrics.value("llm_telemetry_internal_errors_total") == 0
 
 
-@pytest.mark.slow
-def test_workers_scrapes_of_the_app_path_never_go_down_whichever_worker_answers(tmp_path: Path) -> None:
-    """Any worker answers a scrape of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``), and each keeps its
-    newest rendering to share with the scrapes that follow it: one worker's kept rendering, older than the one another
-    worker has just answered, must not be answered again (its counters lower, which Prometheus reads as a reset).
-    Each scrape goes over a kept-alive connection to a worker chosen: one, a request, the other, the first again."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
+def _app_path_scrape_rounds(
+    tmp_path: Path, rounds: int, meanwhile: Callable[[], contextlib.AbstractContextManager[object]], **env: str
+) -> tuple[list[tuple[float, int]], set[int]]:
+    """Scrapes of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``) under ``uvicorn --workers 2``, each over a
+    kept-alive connection to a worker chosen, in ``rounds`` of: a pause longer than a rendering is shared (so each
+    worker renders anew below), the second worker (it renders, and keeps its rendering), then within ``meanwhile()``
+    a request (the totals move on) and the first worker (it renders anew), then the second again, well within the
+    time its kept rendering is shared (exposition.SHARE times what it took). The (llm_requests_total, the answering
+    worker) of each scrape, in order, and the two workers."""
     port, metrics_port = free_port(), free_port()
-    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics"})
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    # No delay before the reply: the request between the second worker's two scrapes takes ~2 ms, not ~25.
+    extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "WORKERS_APP_FIRST_TOKEN_DELAY": "0", **env}
+    server = Server("uvicorn", 2, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
     with running(server), contextlib.ExitStack() as stack:
-        # Series enough that a rendering takes a while, and is shared for a while (exposition.SHARE).
+        # Series enough that a rendering takes a while (~50 ms), and is shared for a while.
         _chat_models(server.base, [f"model-{i}" for i in range(100)])
         client = stack.enter_context(_client(server.base))
 
-        def scrape(connection: http.client.HTTPConnection) -> str:
-            connection.request("GET", "/metrics")  # no query, as Prometheus asks: a rendering may be shared
+        def scrape(connection: http.client.HTTPConnection, path: str = "/metrics") -> str:
+            connection.request("GET", path)  # no query, as Prometheus asks: a rendering may be shared
             with connection.getresponse() as response:
                 return response.read().decode()
 
@@ -891,13 +894,57 @@ def test_workers_scrapes_of_the_app_path_never_go_down_whichever_worker_answers(
             if len(workers) == 2:
                 break
         first, second = workers.values()
+        scrape(first, "/metrics?fresh")  # (a query: rendered for it; the first one is slower)
+        started = time.monotonic()
+        scrape(first, "/metrics?fresh")  # what a rendering takes, to pace the rounds
+        # Under uvicorn's keep-alive timeout (5 s), or the server closes the connections between the rounds.
+        pause = min(2 * (SHARE + 1) * (time.monotonic() - started), 2.0)
         texts = []  # (read after: parsing takes longer than a rendering is shared)
-        for _ in range(20):
-            texts.append(scrape(first))
-            client.chat.completions.create(model="model-0", messages=MESSAGES)  # the totals move on
-            texts += [scrape(second), scrape(first)]
-        shown = [read(text) for text in texts]  # (llm_requests_total, the answering worker) of each scrape, in order
-    assert {pid for _, pid in shown} == set(workers), shown
+        for _ in range(rounds):
+            time.sleep(pause)
+            texts.append(scrape(second))
+            with meanwhile():
+                client.chat.completions.create(model="model-0", messages=MESSAGES)
+                texts.append(scrape(first))
+            texts.append(scrape(second))
+        return [read(text) for text in texts], set(workers)
+
+
+@pytest.mark.slow
+def test_workers_scrapes_of_the_app_path_never_go_down_whichever_worker_answers(tmp_path: Path) -> None:
+    """Any worker answers a scrape of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``), and each keeps its
+    newest rendering to share with the scrapes that follow it: one worker's kept rendering, older than the one another
+    worker has just answered, must not be answered again (its counters lower, which Prometheus reads as a reset)."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    shown, workers = _app_path_scrape_rounds(tmp_path, 10, contextlib.nullcontext)
+    assert {pid for _, pid in shown} == workers, shown
+    went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
+    assert not went_down, f"llm_requests_total went down between scrapes (total, worker): {went_down[:5]}"
+
+
+@pytest.mark.slow
+def test_workers_app_path_scrapes_never_go_down_while_the_state_directory_is_full(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    """A merge that cannot record itself in the ``merge`` file (the state directory's file system full) must leave no
+    other worker taking its kept rendering for the newest: that worker's older numbers, answered after the newer ones
+    of the worker whose merge went unrecorded, would make a counter go down, which Prometheus reads as a reset."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    fill = small_tmpfs / "fill"
+
+    @contextlib.contextmanager
+    def full() -> Iterator[None]:
+        """The file system full: no room for a file's first page (the series in place need none)."""
+        fill.write_bytes(b"\0" * shutil.disk_usage(small_tmpfs).free)
+        try:
+            yield
+        finally:
+            fill.unlink()
+
+    shown, workers = _app_path_scrape_rounds(tmp_path, 10, full, LLM_TELEMETRY_MULTIPROC_DIR=str(small_tmpfs / "state"))
+    assert {pid for _, pid in shown} == workers, shown
     went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
     assert not went_down, f"llm_requests_total went down between scrapes (total, worker): {went_down[:5]}"
 
@@ -1061,56 +1108,6 @@ def test_workers_archive_that_cannot_be_written_is_not_taken_for_removed(
             assert "were removed" not in caplog.text
     finally:
         state.close()
-
-
-@pytest.mark.slow
-def test_workers_app_path_scrapes_never_go_down_while_the_state_directory_is_full(
-    tmp_path: Path, small_tmpfs: Path
-) -> None:
-    """A merge that cannot record itself in the ``merge`` file (the state directory's file system full) must leave no
-    other worker taking its kept rendering for the newest: that worker's older numbers, answered after the newer ones
-    of the worker whose merge went unrecorded, would make a counter go down, which Prometheus reads as a reset. Each
-    scrape of the app's path goes over a kept-alive connection to a worker chosen: the second one, then with the file
-    system full a request and the first one, then the second one again."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
-    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics"})
-    env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(small_tmpfs / "state")
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
-    fill = small_tmpfs / "fill"
-    with running(server), contextlib.ExitStack() as stack:
-        # Series enough that a rendering takes a while, and is shared for a while (exposition.SHARE).
-        _chat_models(server.base, [f"model-{i}" for i in range(100)])
-        client = stack.enter_context(_client(server.base))
-
-        def scrape(connection: http.client.HTTPConnection) -> str:
-            connection.request("GET", "/metrics")  # no query, as Prometheus asks: a rendering may be shared
-            with connection.getresponse() as response:
-                return response.read().decode()
-
-        def read(text: str) -> tuple[float, int]:
-            metrics = Metrics(text)
-            return metrics.value("llm_requests_total"), server.serving_pid(metrics)
-
-        workers: dict[int, http.client.HTTPConnection] = {}
-        for _ in range(100):
-            connection = stack.enter_context(contextlib.closing(http.client.HTTPConnection("127.0.0.1", port)))
-            workers.setdefault(read(scrape(connection))[1], connection)
-            if len(workers) == 2:
-                break
-        first, second = workers.values()
-        texts = []  # (read after: parsing takes longer than a rendering is shared)
-        for _ in range(10):
-            texts.append(scrape(second))  # its merge recorded, its rendering kept
-            fill.write_bytes(b"\0" * shutil.disk_usage(small_tmpfs).free)  # no room for a file's first page
-            client.chat.completions.create(model="model-0", messages=MESSAGES)  # the totals move on (a series in place)
-            texts += [scrape(first), scrape(second)]  # the first's merge cannot be recorded
-            fill.unlink()
-        shown = [read(text) for text in texts]  # (llm_requests_total, the answering worker) of each scrape, in order
-    assert {pid for _, pid in shown} == set(workers), shown
-    went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
-    assert not went_down, f"llm_requests_total went down between scrapes (total, worker): {went_down[:5]}"
 
 
 @pytest.mark.slow
