@@ -14,7 +14,7 @@ the scrape time and the processes' resident memory, and at the end:
 - how the server ended on SIGTERM.
 
     python benchmarks/worker_churn.py [--server uvicorn|gunicorn] [--workers 3] [--cycles 200]
-                                      [--port P --metrics-port M]
+                                      [--port P --metrics-port M] [--work DIR]
 """
 
 from __future__ import annotations
@@ -248,12 +248,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where the state, the server's log and the scrapes that went down go "
+        "(default: a new directory in the temp dir, left for reading)"
+    )  # fmt: skip
     args = parser.parse_args()
     rng = random.Random(args.seed)
     port = args.port or free_port()
     metrics_port = args.metrics_port or free_port()
     base = f"http://127.0.0.1:{port}"
-    work = Path(tempfile.mkdtemp(prefix="llm-telemetry-churn-"))
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="llm-telemetry-churn-", dir=args.work))
     state_dir = work / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
     env.update(

@@ -106,8 +106,11 @@ def test_label_values_prints_three_lengths_per_shape() -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the server's workers in /proc")
-def test_worker_churn_prints_a_row_per_sample_and_what_the_scrapes_and_the_server_did() -> None:
-    stdout = run_benchmark("worker_churn.py", "--workers", "2", "--cycles", "3", "--every", "1", timeout=300)
+def test_worker_churn_prints_a_row_per_sample_and_what_the_scrapes_and_the_server_did(tmp_path: pathlib.Path) -> None:
+    # (--work: its state, log and kept scrapes in the test's directory, not one more left in the temp dir per run)
+    args = ("--workers", "2", "--cycles", "3", "--every", "1", "--work", str(tmp_path))
+    stdout = run_benchmark("worker_churn.py", *args, timeout=300)
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith("llm-telemetry-churn-")], stdout
     rows = [line.split()[0] for line in stdout.splitlines() if re.match(r"\s*\d+\s+\d+\s+\d+\s+[\d.]+\s", line)]
     assert rows == ["1", "2", "3"], stdout
     assert re.search(r"^kills: 3 \(", stdout, re.M), stdout
