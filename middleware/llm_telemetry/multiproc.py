@@ -687,8 +687,9 @@ class SharedState:
     def _mark_merge(self) -> None:
         """Record, with the directory lock held, that this merge is the newest of any worker's (the ``merge`` file),
         and its mark for this thread's rendering. Not recorded (a full file system), its rendering is not shared, and
-        the record of the merge before it is removed (which needs no room): left in place, the worker that made that
-        one would go on sharing its kept rendering, older than the numbers this merge is about to show."""
+        the record of the merge before it is spoilt in place (its first byte: no room needed, and none freed for the
+        archive to take and lose again): left as it was, the worker that made that one would go on sharing its kept
+        rendering, older than the numbers this merge is about to show."""
         self._merges += 1
         mark = f"{self._stem} {self._merges}"
         path = os.path.join(self.directory, _MERGE)
@@ -697,9 +698,16 @@ class SharedState:
                 tmp.write(mark)
             os.replace(path + ".tmp", path)
         except OSError:
-            for name in (path + ".tmp", path):
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+            try:
+                with open(path, "r+b") as record:
+                    record.write(b"-")  # (a mark starts with "w": it is no worker's any more)
+            except FileNotFoundError:
+                pass
+            except OSError:
                 with contextlib.suppress(OSError):
-                    os.unlink(name)
+                    os.unlink(path)
             return
         self._last_merge.mark = mark
 
