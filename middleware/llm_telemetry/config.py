@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from .apis import APIS
+
 #: Port of the Prometheus endpoint served on its own listener. ``0`` disables the listener.
 LLM_TELEMETRY_METRICS_PORT: Final = "LLM_TELEMETRY_METRICS_PORT"
 #: Address the metrics listener binds to. ``::``, every address of the pod, IPv6 and IPv4, so a ServiceMonitor reaches
@@ -190,10 +192,11 @@ def _meant(name: str, names: list[str]) -> str:
 
 
 def _env_bool(name: str, value: str) -> bool:
+    # Blank text is no answer (an argument's: a variable's is caught before, see _not_blank); it was read as false.
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigurationError(f"{name}={value!r}: expected true or false")
 
@@ -203,6 +206,26 @@ def _otel_capture(value: str) -> bool:
     ``opentelemetry-util-genai`` spells it, ``SPAN_ONLY`` or ``SPAN_AND_EVENT`` capture content on spans; anything
     else (``false``, ``NO_CONTENT``, ``EVENT_ONLY``) does not."""
     return value.strip().lower() in ("1", "true", "yes", "on", "span_only", "span_and_event")
+
+
+def _not_blank(name: str, value: str) -> str:
+    """A variable's text, unless it is blank (spaces, a line break: a template's missing value). Read on, a blank
+    LLM_TELEMETRY_ENABLED or REQUEST_LOGS was false and turned the middleware or its log lines off, a blank
+    METRICS_EXPORTER named no exporter and turned every metric off, all without a word. An empty variable is unset
+    and never gets here."""
+    if not value.strip():
+        raise ConfigurationError(f"{name} is blank: give it a value, or leave it unset (or empty) for its default")
+    return value
+
+
+def _host(name: str, value: str) -> str:
+    """The metrics listener's address; blank (as an argument), it failed only as the listener started, in a warning
+    that named ``http://:9464`` and no setting, and the metrics were not served."""
+    if not value.strip():
+        raise ConfigurationError(
+            f"{name} is blank: give the address the metrics listener binds to, or leave it unset for '::'"
+        )
+    return value.strip()
 
 
 def _env_int(name: str, value: str, minimum: int) -> int:
@@ -289,12 +312,12 @@ class Settings:
             elif given is not None:
                 values[field] = _argument(field, given)
             elif env.get(var) not in (None, ""):
-                values[field] = convert(var, env[var])
+                values[field] = convert(var, _not_blank(var, env[var]))
                 variables[field] = var
 
         pick("enabled", LLM_TELEMETRY_ENABLED, _env_bool)
         pick("metrics_port", LLM_TELEMETRY_METRICS_PORT, lambda n, v: _env_int(n, v, 0))
-        pick("metrics_host", LLM_TELEMETRY_METRICS_HOST, lambda n, v: v.strip())
+        pick("metrics_host", LLM_TELEMETRY_METRICS_HOST, _host)
         pick("metrics_app_path", LLM_TELEMETRY_METRICS_APP_PATH, lambda n, v: v.strip())
         pick("metrics_exporters", LLM_TELEMETRY_METRICS_EXPORTER, _parse_exporters)
         pick("pricing", LLM_TELEMETRY_PRICING, lambda n, v: v.strip())
@@ -314,7 +337,8 @@ class Settings:
         elif overrides.get("capture_content") is not None:
             values["capture_content"] = _argument("capture_content", overrides["capture_content"])
         elif env.get(LLM_TELEMETRY_CAPTURE_CONTENT):
-            values["capture_content"] = _env_bool(LLM_TELEMETRY_CAPTURE_CONTENT, env[LLM_TELEMETRY_CAPTURE_CONTENT])
+            value = _not_blank(LLM_TELEMETRY_CAPTURE_CONTENT, env[LLM_TELEMETRY_CAPTURE_CONTENT])
+            values["capture_content"] = _env_bool(LLM_TELEMETRY_CAPTURE_CONTENT, value)
         elif env.get(OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT):
             values["capture_content"] = _otel_capture(env[OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT])
 
@@ -342,6 +366,14 @@ class Settings:
         if self.metrics_app_path is not None and self.metrics_app_path and not self.metrics_app_path.startswith("/"):
             name = variables.get("metrics_app_path", "metrics_app_path")
             raise ConfigurationError(f"{name}={self.metrics_app_path!r}: must start with '/'")
+        if self.routes:
+            for suffix, api in self.routes.items():
+                if api not in APIS:
+                    # (Router checks them too, as the middleware is built, in a message that named no setting.)
+                    name = variables.get("routes", "routes")
+                    raise ConfigurationError(
+                        f"{name}: route {suffix!r} names unknown API {api!r}; known: {', '.join(APIS)}"
+                    )
         for exporter in self.metrics_exporters:
             if exporter not in ("prometheus", "otlp"):
                 raise ConfigurationError(f"metrics exporter {exporter!r}: expected prometheus, otlp or none")
@@ -399,15 +431,20 @@ def _argument(name: str, value: Any) -> Any:
     if kind == "exporters":
         if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
             raise ConfigurationError(f"{name}={value!r}: expected a list of names, or text as its variable takes")
-        return _parse_exporters(name, ",".join(value))
+        return _parse_exporters(name, ",".join(value)) if value else ()
     return value
 
 
 def _parse_exporters(name: str, value: str) -> tuple[str, ...]:
     items = tuple(item.strip().lower() for item in value.split(",") if item.strip())
+    if not items:
+        # (Read as no exporter at all, a blank variable or a stray comma silently turned every metric off.)
+        raise ConfigurationError(f"{name}={value!r}: names no exporter; expected prometheus, otlp (or both) or none")
     if items == ("none",):
         return ()
     for item in items:
+        if item == "none":
+            raise ConfigurationError(f"{name}={value!r}: none turns every exporter off and stands alone")
         if item not in ("prometheus", "otlp"):
             raise ConfigurationError(f"{name}={value!r}: {item!r} is not one of prometheus, otlp, none")
     return items

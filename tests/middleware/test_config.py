@@ -143,6 +143,44 @@ def test_an_argument_of_the_wrong_type_fails_naming_it(arguments: dict[str, obje
         Settings.resolve(env={}, **arguments)
 
 
+@pytest.mark.parametrize("value", [" ", "\n", " \t "])
+@pytest.mark.parametrize("option", sorted(_AS_TEXT))
+def test_a_blank_variable_fails_naming_it(option: str, value: str) -> None:
+    """A variable set to blank text is a mistake (a template's missing value): it fails as any unusable value does,
+    naming the variable. Read on, a blank LLM_TELEMETRY_ENABLED or LLM_TELEMETRY_REQUEST_LOGS was false (the
+    middleware, or its log lines, off without a word), a blank LLM_TELEMETRY_METRICS_EXPORTER named no exporter (every
+    metric off) and a blank LLM_TELEMETRY_METRICS_HOST failed only as the listener started, naming no setting. An
+    empty variable stays unset: its default."""
+    var = _AS_TEXT[option][0]
+    with pytest.raises(ConfigurationError, match=f"^{var} is blank: give it a value, or leave it unset"):
+        Settings.resolve(env={var: value})
+    assert Settings.resolve(env={var: ""}) == Settings.resolve(env={})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"enabled": ""}, "^enabled='': expected true or false"),
+        ({"request_logs": " "}, "^request_logs=' ': expected true or false"),
+        ({"metrics_exporters": ""}, "^metrics_exporters='': names no exporter"),
+        ({"metrics_exporters": "prometheus,none"}, "^metrics_exporters='prometheus,none': none turns every exporter"),
+        ({"metrics_host": ""}, "^metrics_host is blank"),
+    ],
+)
+def test_a_blank_argument_fails_naming_it(arguments: dict[str, object], message: str) -> None:
+    """Text given as an argument is read as its variable's text, and blank text fails the same way."""
+    with pytest.raises(ConfigurationError, match=message):
+        Settings.resolve(env={}, **arguments)
+
+
+def test_an_unknown_api_in_routes_names_the_setting_it_came_from() -> None:
+    """The route's API was checked only as the middleware was built, in a message that named no setting."""
+    with pytest.raises(ConfigurationError, match=r"^LLM_TELEMETRY_ROUTES: route '/generate' names unknown API 'cohere"):
+        Settings.resolve(env={"LLM_TELEMETRY_ROUTES": "/generate=cohere.chat"})
+    with pytest.raises(ConfigurationError, match=r"^routes: route '/generate' names unknown API 'cohere\.chat'"):
+        Settings.resolve(env={}, routes={"/generate": "cohere.chat"})
+
+
 def test_a_blank_pricing_variable_is_named_not_read_as_the_working_directory() -> None:
     """Read as a path, a blank LLM_TELEMETRY_PRICING named a file no one gave: "pricing file '.': Is a directory".
     (An empty one is unset, as every variable's is: the embedded table.)"""
@@ -246,8 +284,11 @@ else:
         ({"metrics_port": 0}, {"LLM_TELEMETRY_MAX_LABEL_VALUES": "0"}, "LLM_TELEMETRY_MAX_LABEL_VALUES"),
         ({"metrics_port": 0, "max_label_values": 0}, {}, "max_label_values"),
         ({"metrics_prot": 0}, {}, "metrics_prot (did you mean metrics_port?)"),  # a misspelt option
+        # Blank: read as false, it made the middleware a pass-through without a word.
+        ({"metrics_port": 0}, {"LLM_TELEMETRY_ENABLED": " "}, "LLM_TELEMETRY_ENABLED is blank"),
+        ({"metrics_port": 0}, {"LLM_TELEMETRY_ROUTES": "/generate=cohere.chat"}, "LLM_TELEMETRY_ROUTES: route"),
     ],
-    ids=["variable", "argument", "unknown-option"],
+    ids=["variable", "argument", "unknown-option", "blank-variable", "routes"],
 )
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
 def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(
