@@ -24,7 +24,7 @@ from typing import IO, Any, Final
 
 from opentelemetry import context, trace
 
-from .config import OTelEnvironment
+from .config import OTEL_LOGS_EXPORTER, OTelEnvironment
 from .labels import INVISIBLE, label_value, valid_text
 from .record import LLMCall
 from .redact import TRUNCATION_MARK
@@ -646,6 +646,14 @@ class RequestLogs:
                 self._stdout = self.observer._direct = handler
         if self.logger.level == logging.NOTSET:
             self.logger.setLevel(logging.INFO)
+        for kind in otel.logs_exporters:
+            if kind not in ("otlp", "console"):  # (console: the lines are on stdout already)
+                # Ignored without a word, a typo or the SDK's otlp_proto_http left the records unsent, unsaid.
+                logging.getLogger("llm_telemetry").warning(
+                    "llm-telemetry: %s: unsupported exporter %r ignored (otlp sends the request log records over OTLP)",
+                    OTEL_LOGS_EXPORTER,
+                    kind,
+                )
         if "otlp" in otel.logs_exporters:  # never when OTEL_SDK_DISABLED=true
             self._provider, self._owns_provider = _otlp_logger_provider(otel.logs_protocol, resource)
             otlp = OTLPLogHandler(self._provider)

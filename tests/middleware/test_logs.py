@@ -319,6 +319,23 @@ def test_request_logs_off_sends_no_otlp_record_either_and_a_null_handler_keeps_o
     assert log_lines(capsys.readouterr().out) == []
 
 
+@pytest.mark.parametrize("value", ["otlp_proto_http", "otpl"])
+def test_a_logs_exporter_it_does_not_know_is_named_in_a_warning(
+    value: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/logging.md: ``OTEL_LOGS_EXPORTER`` is ``otlp`` or unset. Any other value (the OpenTelemetry SDK's own
+    ``otlp_proto_http``, a typo) sent no record and said nothing, where OTEL_TRACES_EXPORTER's named itself; now a
+    WARNING names it, and the line still goes to stdout."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with caplog.at_level("WARNING", logger="llm_telemetry"), demo_server({"OTEL_LOGS_EXPORTER": value}) as (_, base):
+        answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "unknown-exporter"})
+        assert answer.is_success
+    assert [r for r in caplog.records if "OTEL_LOGS_EXPORTER" in r.getMessage() and repr(value) in r.getMessage()], (
+        caplog.text
+    )
+    assert line_for(log_lines(capsys.readouterr().out), "unknown-exporter")["model"] == "gpt-4o"
+
+
 def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:
     """Rerouting: an app that gives the logger its own handler gets the lines there, not on stdout."""
     with request_log_lines() as sink, demo_server({}) as (_, base):
