@@ -21,9 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="run the demo LLM service, drive it with the openai SDK, print a summary")
     demo.add_argument("--host", default="127.0.0.1", help="address of the demo service (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=8000, help="port of the demo service (default 8000)")
-    demo.add_argument("--metrics-port", type=int, default=9464, help="port of the metrics endpoint (default 9464)")
-    demo.add_argument("--requests", type=int, default=40, help="chat requests to send (default 40)")
+    demo.add_argument("--port", type=_port, default=8000, help="port of the demo service (default 8000)")
+    demo.add_argument("--metrics-port", type=_port, default=9464, help="port of the metrics endpoint (default 9464)")
+    demo.add_argument("--requests", type=_count, default=40, help="chat requests to send (default 40)")
     demo.add_argument("--serve", action="store_true", help="keep serving after the summary, until Ctrl-C")
     demo.add_argument("--logs", action="store_true", help="also print the JSON request log lines")
 
@@ -77,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from .demo.run import run_demo
+        from .demo.run import DemoError, run_demo
 
-        return run_demo(args.host, args.port, args.metrics_port, args.requests, args.serve, logs=args.logs)
+        try:
+            return run_demo(args.host, args.port, args.metrics_port, args.requests, args.serve, logs=args.logs)
+        except DemoError as exc:
+            print(f"llm-telemetry demo: {exc}", file=sys.stderr)
+            return 1
     if args.command == "rules":
         return _rules(args)
     if args.command == "dashboard":
@@ -98,6 +102,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _port(text: str) -> int:
+    """A port the demo listens on: 0 would be no metrics listener (or a port the demo could not name)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number from 1 to 65535")
+    return port
+
+
+def _count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{count} is negative")
+    return count
 
 
 def _rules(args: argparse.Namespace) -> int:

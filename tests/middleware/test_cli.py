@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,52 @@ def test_demo_drives_the_service_and_prints_a_summary_from_its_metrics() -> None
     ttft = re.search(r"^TTFT p50 / p95\s+(\d+) ms / (\d+) ms$", out, re.M)
     assert ttft is not None and 50 <= int(ttft.group(1)) <= int(ttft.group(2)), out
     assert re.search(r"^cost\s+\$0\.0\d+$", out, re.M), out
+
+
+def _listens(host: str) -> bool:
+    try:
+        with socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", ["::1", "127.0.0.2", "0.0.0.0"])
+def test_the_demo_on_another_address_is_driven_and_scraped_there(host: str) -> None:
+    """``--host`` puts the service and its metrics on that address. The summary scraped 127.0.0.1 whatever it said
+    (``--host 127.0.0.2``: a traceback, connection refused), and ``--host ::1`` gave the client an unbracketed URL
+    (a traceback, "Invalid port"); a wildcard address is reached at the loopback one."""
+    if not _listens(host):
+        pytest.skip(f"this host cannot listen on {host}")
+    port, metrics_port = free_port(), free_port()
+    result = subprocess.run(
+        [*CLI, "demo", "--host", host, "--port", str(port), "--metrics-port", str(metrics_port), "--requests", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    client = {"::1": "[::1]", "0.0.0.0": "127.0.0.1"}.get(host, host)
+    assert f"metrics on http://{client}:{metrics_port}/metrics" in result.stdout, result.stdout
+    assert re.search(r"^requests\s+10$", result.stdout, re.M), result.stdout
+
+
+@pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
+def test_the_demo_on_a_port_another_process_holds_says_which_and_exits(taken: str) -> None:
+    """A held ``--port`` ended in a traceback; a held ``--metrics-port`` left the metrics listener trying again every
+    second while the summary scraped the other process (here one that never answers: a traceback after its time-out;
+    another demo's metrics would have been summed instead, unsaid)."""
+    ports = {"--port": free_port(), "--metrics-port": free_port()}
+    with socket.create_server(("127.0.0.1", ports[taken])):
+        result = subprocess.run(
+            [*CLI, "demo", *(str(item) for pair in ports.items() for item in pair), "--requests", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert (result.returncode, result.stdout) == (1, ""), result.stdout
+    assert f"llm-telemetry demo: --host/{taken}: cannot listen on 127.0.0.1:{ports[taken]}" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_rules_command_renders_a_file_promtool_accepts(tmp_path: Path) -> None:
@@ -86,6 +133,10 @@ def test_rules_command_sets_the_runbook_base_and_the_token_rate_anomaly() -> Non
         (["rules", "--token-rate-floor", "-1"], "token_rate_floor_per_second=-1.0"),
         (["rules", "--runbook-url", "https://wiki/r#llm"], "runbook URL 'https://wiki/r#llm': no spaces or fragment"),
         (["dashboard", "--attribution-label", "bad-label"], "llm-telemetry dashboard: attribution label 'bad-label'"),
+        # 0 is no metrics listener: the demo then ended in a traceback, scraping port 0; -3 sent the fixed mix.
+        (["demo", "--metrics-port", "0"], "argument --metrics-port: 0 is not a port number from 1 to 65535"),
+        (["demo", "--port", "70000"], "argument --port: 70000 is not a port number from 1 to 65535"),
+        (["demo", "--requests", "-3"], "argument --requests: -3 is negative"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_them(arguments: list[str], message: str) -> None:

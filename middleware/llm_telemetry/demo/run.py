@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -172,6 +173,29 @@ def settled_summary(url: str, requests: int, timeout: float = 10.0) -> dict[str,
         time.sleep(0.02)
 
 
+class DemoError(Exception):
+    """The demo cannot run as asked (an address or port it cannot listen on); the message names the option."""
+
+
+#: The address a client on this host reaches a listener on a wildcard address at.
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def _check_free(option: str, host: str, port: int) -> None:
+    """Fail naming ``option`` when ``host``:``port`` cannot be listened on. The metrics listener would otherwise try
+    again every second while the summary scraped whatever holds the port (another process's metrics, or nothing)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise DemoError(f"{option}: cannot listen on {_url_host(host)}:{port}: {exc.strerror or exc}") from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class DemoServer:
     """The demo service under uvicorn in a background thread."""
 
@@ -191,7 +215,8 @@ class DemoServer:
         deadline = time.monotonic() + 20
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the demo service did not start on {self.config.host}:{self.config.port}")
+                where = f"{_url_host(self.config.host)}:{self.config.port}"
+                raise DemoError(f"the demo service did not start on {where} (--host, --port; see the error above)")
             time.sleep(0.02)
         return self
 
@@ -201,10 +226,19 @@ class DemoServer:
 
 
 def run_demo(host: str, port: int, metrics_port: int, chats: int, serve: bool, logs: bool = False) -> int:
+    """Serve the demo on ``host`` (its metrics too), drive it and print the summary; :class:`DemoError` when it
+    cannot listen where asked."""
     os.environ.setdefault("OTEL_SERVICE_NAME", "llm-telemetry-demo")
+    if port == metrics_port:
+        raise DemoError(f"--port and --metrics-port are both {port}: give each its own")
+    _check_free("--host/--port", host, port)
+    _check_free("--host/--metrics-port", host, metrics_port)
+    # Reached as a client would: an IPv6 address in brackets, a wildcard address at the loopback one (the metrics
+    # were scraped at 127.0.0.1 whatever --host said, and --host ::1 made a URL the client refused).
+    client = _url_host(_LOOPBACK.get(host, host))
     with DemoServer(host, port, metrics_port, request_logs=logs):
-        base = f"http://{host}:{port}/v1"
-        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        base = f"http://{client}:{port}/v1"
+        metrics = f"http://{client}:{metrics_port}/metrics"
         print(f"demo LLM service on {base}, metrics on {metrics}")
         sent = drive(base, chats)
         print(format_summary(settled_summary(metrics, sent)))
