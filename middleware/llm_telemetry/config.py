@@ -501,6 +501,13 @@ class OTelEnvironment:
             traces = ("otlp",)  # an endpoint alone turns tracing on
         logs = _exporter_list(env.get(OTEL_LOGS_EXPORTER))
         exemplars = env.get(OTEL_METRICS_EXEMPLAR_FILTER, "").strip().lower()
+        if exemplars not in ("", "trace_based", "always_on", "always_off"):
+            # (Taken as the default without a word, "alwaysoff" kept every exemplar it was set to drop.)
+            logging.getLogger("llm_telemetry").warning(
+                "llm-telemetry: %s=%r is not one of trace_based, always_on, always_off; using trace_based",
+                OTEL_METRICS_EXEMPLAR_FILTER,
+                env[OTEL_METRICS_EXEMPLAR_FILTER],
+            )
         return cls(
             sdk_disabled=disabled,
             traces_exporters=() if disabled else tuple(t for t in traces if t != "none"),

@@ -358,6 +358,37 @@ def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
     assert not caplog.records
 
 
+@pytest.mark.parametrize(("value", "exemplars"), [("alwaysoff", True), ("always_off", False)])
+def test_an_exemplar_filter_it_does_not_know_is_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture, value: str, exemplars: bool
+) -> None:
+    """docs/tracing.md: OTEL_METRICS_EXEMPLAR_FILTER is trace_based, always_on or always_off. A misspelt
+    ``alwaysoff`` was taken as trace_based without a word: the exemplars it was set to drop stayed in the scrape."""
+    from otlp_receiver import demo_server
+
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXEMPLAR_FILTER": value}
+    with (
+        caplog.at_level("WARNING", logger="llm_telemetry"),
+        demo_server(env, metrics_port=free_port(), metrics_host="127.0.0.1") as (app, base),
+    ):
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(base + "/v1/chat/completions", json=body).is_success
+        port = app.settings.metrics_port
+        scrape = wait_for(
+            "the request in the scrape",
+            lambda: (
+                text if "llm_requests_total" in (text := _openmetrics(f"http://127.0.0.1:{port}/metrics")) else None
+            ),
+        )
+    assert (" # {" in scrape) is exemplars, scrape
+    warned = [r for r in caplog.records if "OTEL_METRICS_EXEMPLAR_FILTER" in r.getMessage()]
+    assert bool(warned) is exemplars and all(repr(value) in r.getMessage() for r in warned), caplog.text
+
+
+def _openmetrics(url: str) -> str:
+    return httpx.get(url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}, timeout=5).text
+
+
 @pytest.mark.parametrize(
     ("name", "content", "said"),
     [
