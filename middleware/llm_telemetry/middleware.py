@@ -969,8 +969,9 @@ class LLMTelemetryMiddleware:
         #: first ASGI call, the lifespan's, where an exception reads to uvicorn as "lifespan unsupported" and every
         #: request after it would fail. Until then, and without a lifespan, requests pass through unmeasured.
         self.configuration_error: ConfigurationError | None = None
-        try:
-            self.settings = settings or Settings.resolve(
+        given = {
+            name: value
+            for name, value in dict(
                 pricing=pricing,
                 metrics_port=metrics_port,
                 metrics_host=metrics_host,
@@ -980,7 +981,21 @@ class LLMTelemetryMiddleware:
                 max_request_bytes=max_request_bytes,
                 routes=routes,
                 **options,
-            )
+            ).items()
+            if value is not None
+        }
+        try:
+            if settings is None:
+                self.settings = Settings.resolve(**given)
+            elif given:
+                # (Ignored, a metrics_port=, or a misspelt option, beside settings= was lost without a word.)
+                Settings.resolve(env={}, **given)  # a misspelt option is named as such
+                raise ConfigurationError(
+                    f"{', '.join(sorted(given))} given beside settings=, which is used instead of the arguments and"
+                    " the environment: pass them to Settings.resolve(...) instead"
+                )
+            else:
+                self.settings = settings
             if self.settings.pricing is not None:
                 # Fail at startup, not on the first request, when the pricing file is wrong.
                 from .pricing import PricingTable

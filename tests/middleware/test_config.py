@@ -271,6 +271,10 @@ async def health() -> dict:
     return {"ok": True}
 
 options = json.loads(os.environ.get("CONFIGURED_OPTIONS", "{}"))
+if "settings" in options:  # a whole Settings, resolved from these
+    from llm_telemetry import Settings
+
+    options["settings"] = Settings.resolve(**options["settings"])
 if sys.argv[1] == "starlette":
     app.add_middleware(LLMTelemetryMiddleware, **options)  # built inside the first ASGI call, the lifespan's
 else:
@@ -287,8 +291,15 @@ else:
         # Blank: read as false, it made the middleware a pass-through without a word.
         ({"metrics_port": 0}, {"LLM_TELEMETRY_ENABLED": " "}, "LLM_TELEMETRY_ENABLED is blank"),
         ({"metrics_port": 0}, {"LLM_TELEMETRY_ROUTES": "/generate=cohere.chat"}, "LLM_TELEMETRY_ROUTES: route"),
+        # Beside settings=, an argument (or a misspelt one) was ignored without a word.
+        (
+            {"settings": {"metrics_port": 0}, "metrics_port": 9},
+            {},
+            "metrics_port given beside settings=, which is used instead of the arguments",
+        ),
+        ({"settings": {"metrics_port": 0}, "metrics_prot": 9}, {}, "metrics_prot (did you mean metrics_port?)"),
     ],
-    ids=["variable", "argument", "unknown-option", "blank-variable", "routes"],
+    ids=["variable", "argument", "unknown-option", "blank-variable", "routes", "beside-settings", "misspelt-beside"],
 )
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
 def test_a_bad_setting_stops_uvicorn_at_startup_naming_it_in_either_form(
