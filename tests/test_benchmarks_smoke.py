@@ -118,6 +118,19 @@ def test_worker_churn_prints_a_row_per_sample_and_what_the_scrapes_and_the_serve
     assert re.search(r"^SIGTERM: exit code 0 ", stdout, re.M), stdout
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server's workers in /proc")
+def test_scrape_storm_prints_a_row_per_endpoint_and_worker_count(tmp_path: pathlib.Path) -> None:
+    args = ("--workers", "1,2", "--scrapers", "1", "--combos", "5", "--seconds", "1", "--work", str(tmp_path))
+    stdout = run_benchmark("scrape_storm.py", *args, timeout=300)
+    table = stdout.rsplit("went down", 1)[1]
+    rows = [line.split() for line in table.splitlines() if line.split()]
+    assert [(row[0], row[1]) for row in rows] == [
+        (workers, endpoint) for workers in ("1", "2") for endpoint in ("nothing", "app", "metrics")
+    ], stdout
+    # Scrapes answered on both endpoints, and none in which llm_requests_total went down.
+    assert all(float(row[3]) > 0 and row[-1] == "0" for row in rows if row[1] != "nothing"), stdout
+
+
 def test_export_cost_prints_a_row_per_exporter() -> None:
     stdout = run_benchmark("export_cost.py", "--batches", "2", "--exports", "3")
     rows = [line.rsplit(None, 3) for line in stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]

@@ -271,15 +271,23 @@ class BoundedServer(ThreadingWSGIServer):
 
 
 class Renderings(Protocol):
-    """Tells whether a rendering kept for sharing is still the newest one its clients can have been shown: where
-    several processes answer the same scrapes (the workers of one server on the app's own path), another may have
-    shown newer numbers since."""
+    """Where several processes answer the same scrapes (the workers of one server on the app's own path), the plain
+    renderings they share with each other: the newest any of them has published, each published before it is
+    answered, so a scrape that follows an answered one gets that rendering or a newer one, never an older one."""
 
-    def rendering_mark(self) -> object:
-        """What marks the rendering just made in this thread (None: one not to share)."""
+    def shared(self, content_type: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """The newest published rendering of ``content_type`` while it is fresh (status, headers, body), else None."""
 
-    def still_newest(self, mark: object) -> bool:
-        """Whether nothing newer than the rendering marked ``mark`` has been shown since."""
+    def publish(
+        self, content_type: str, until: float, status: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """Offer the rendering just made in this thread, fresh until ``until`` (``time.monotonic``), to the scrapes
+        that follow in any process: taken only if no newer merge has published one; one not taken leaves no older
+        rendering published."""
+
+    def supersede(self) -> None:
+        """The rendering just made in this thread is not shared (a scrape with a query): one published of an earlier
+        merge is no longer to be answered."""
 
 
 def exposition_app(registry: CollectorRegistry, renderings: Renderings | None = None) -> Any:
@@ -287,7 +295,7 @@ def exposition_app(registry: CollectorRegistry, renderings: Renderings | None = 
     OpenMetrics), gzip when asked, and the ``name[]`` filter. An ``Accept`` header whose format version
     prometheus_client cannot compare (``version=1.x``: its ``choose_encoder`` raises) is answered as one with no
     ``Accept``, in the text format, where prometheus_client would fail the scrape with a 500. ``renderings``: when
-    other processes answer the same scrapes, a kept rendering is shared only while it is still the newest shown."""
+    other processes answer the same scrapes, the plain renderings are shared through it, between the processes."""
     return _Exposition(make_wsgi_app(_Filterable(registry)), renderings)
 
 
@@ -296,9 +304,10 @@ class _Exposition:
     query (what Prometheus asks) gets the newest rendering of its format while it is fresh, also when it waited for
     that rendering to end. gzip is applied per answer (zlib lets go of the interpreter's lock as it compresses). The
     newest plain rendering is kept until the next one replaces it: one more copy of the exposition. With
-    ``renderings`` (several workers answering the app's own path), a kept rendering is shared only while no other
-    worker has rendered since: each worker keeps its own, and one older than what another worker has just shown
-    would make a counter go down, which Prometheus reads as a reset."""
+    ``renderings`` (several workers answering the app's own path), the plain renderings are shared between the
+    workers instead: each worker keeping its own, a scrape answered by one after another's newer one would have
+    shown a counter go down (which Prometheus reads as a reset), and each worker sharing only its newest while no
+    other had merged since left a storm of scrapes, which reach every worker, rendering anew for nearly every one."""
 
     def __init__(self, app: Any, renderings: Renderings | None = None) -> None:
         self.app = app
@@ -306,8 +315,6 @@ class _Exposition:
         self.lock = threading.Lock()
         #: The newest rendering without a query: (its content type, fresh until, status, headers, body).
         self.kept: tuple[str, float, str, list[tuple[str, str]], bytes] | None = None
-        #: What marks the kept rendering (see :class:`Renderings`).
-        self.kept_mark: object = None
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         accept = environ.get("HTTP_ACCEPT") or ""
@@ -322,19 +329,20 @@ class _Exposition:
         with self.lock:
             kept = self.kept
             now = time.monotonic()
-            if (
-                query
-                or kept is None
-                or kept[0] != content_type
-                or now >= kept[1]
-                or (self.renderings is not None and not self.renderings.still_newest(self.kept_mark))
-            ):
+            shared = self.renderings.shared(content_type) if self.renderings is not None and not query else None
+            if shared is not None:
+                kept = (content_type, now, *shared)
+            elif query or self.renderings is not None or kept is None or kept[0] != content_type or now >= kept[1]:
                 status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
                 ended = time.monotonic()
                 kept = (content_type, ended + SHARE * (ended - now), status, headers, body)
-                if not query:
+                if self.renderings is not None:  # before it is answered
+                    if query:
+                        self.renderings.supersede()
+                    else:
+                        self.renderings.publish(*kept)
+                elif not query:
                     self.kept = kept
-                    self.kept_mark = self.renderings.rendering_mark() if self.renderings is not None else None
         _type, _until, status, headers, body = kept
         headers = list(headers)  # (the server adds to the list it is given: the Content-Length of this answer)
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):

@@ -116,7 +116,9 @@ _LABELS = "labels.json"
 _RUN = "run"
 #: The stem of the worker that serves the metrics port.
 _PORT = "port"
-#: The last merge of any worker: its worker's stem and that worker's count of merges (see SharedState.still_newest).
+#: The newest plain rendering of the app's own path any worker has made (see SharedState.publish).
+_RENDERING = "rendering"
+#: What an earlier version kept here: removed with the rest of an earlier run's state.
 _MERGE = "merge"
 _ALIVE = ".alive"
 _DB = ".db"
@@ -395,8 +397,7 @@ class SharedState:
         #: The label values as this worker last read or wrote them (see :meth:`admit`).
         self._labels: dict[str, list[str]] = {}
         self._closed = threading.Event()
-        #: This worker's merges so far, and (per thread) the mark of the last one (see :meth:`rendering_mark`).
-        self._merges = 0
+        #: Per thread, the order of its last merge (see :meth:`publish`).
         self._last_merge = threading.local()
         with self._locked():
             self._wipe_if_stale(self._token)
@@ -561,7 +562,9 @@ class SharedState:
             names = []
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in names:
-            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE) or name.endswith((_ALIVE, _DB, ".tmp")):
+            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE, _RENDERING) or name.endswith(
+                (_ALIVE, _DB, ".tmp")
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
         with open(run + ".tmp", "w", encoding="utf-8") as fresh:
@@ -638,9 +641,11 @@ class SharedState:
             # back before their numbers are summed, or this scrape would show them gone and the next one back,
             # which Prometheus would read as a counter reset and count again.
             time.sleep(BIND_RETRY_SECONDS * 2)
-        self._last_merge.mark = None
+        self._last_merge.order = None
         with self._locked():
-            self._mark_merge()
+            # Merges are one at a time, under the lock: the clock read here orders them (the monotonic clock is the
+            # host's, the same in every worker).
+            self._last_merge.order = time.monotonic_ns()
             archive = self._load_archive()
             stems = self._fold_dead(archive)
             archived: dict[str, float] = archive["values"]
@@ -684,51 +689,73 @@ class SharedState:
             values.update(_totals(exact))
             return values
 
-    def _mark_merge(self) -> None:
-        """Record, with the directory lock held, that this merge is the newest of any worker's (the ``merge`` file),
-        and its mark for this thread's rendering. Not recorded (a full file system), its rendering is not shared, and
-        the record of the merge before it is spoilt in place (its first byte: no room needed, and none freed for the
-        archive to take and lose again): left as it was, the worker that made that one would go on sharing its kept
-        rendering, older than the numbers this merge is about to show."""
-        self._merges += 1
-        mark = f"{self._stem} {self._merges}"
-        path = os.path.join(self.directory, _MERGE)
+    def publish(
+        self, content_type: str, until: float, status: str, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        """Offer the rendering of this thread's last merge to the scrapes of the app's own path that follow, in any
+        worker, until ``until`` (``time.monotonic``), in the ``rendering`` file (see exposition.Renderings). It
+        replaces the rendering there only if that one's merge came before this one's: a worker that merged before
+        another and rendered more slowly must not put its older numbers back in place of the newer ones, already
+        answered. One that cannot be written (a full file system) removes the one there instead, if older: it would
+        otherwise be answered after this rendering's newer numbers, a counter going down, which Prometheus reads as a
+        reset. Called before this rendering is answered."""
+        order = getattr(self._last_merge, "order", None)
+        if order is None:
+            return
+        path = os.path.join(self.directory, _RENDERING)
+        tmp = f"{path}.{self._stem}-{threading.get_ident()}.tmp"
+        head = {"order": order, "until": until, "type": content_type, "status": status, "headers": headers}
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as tmp:
-                tmp.write(mark)
-            os.replace(path + ".tmp", path)
+            with open(tmp, "wb") as written:
+                written.write(json.dumps(head).encode() + b"\n")
+                written.write(body)
         except OSError:
             with contextlib.suppress(OSError):
-                os.unlink(path + ".tmp")
-            try:
-                with open(path, "r+b") as record:
-                    record.write(b"-")  # (a mark starts with "w": it is no worker's any more)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            return
-        self._last_merge.mark = mark
+                os.unlink(tmp)
+            tmp = ""
+        self._settle(order, tmp)
 
-    def rendering_mark(self) -> str | None:
-        """The mark of the last merge made in this thread, that of the rendering just made (see
-        :meth:`still_newest`)."""
-        mark: str | None = getattr(self._last_merge, "mark", None)
-        return mark
+    def supersede(self) -> None:
+        """This thread's last merge is answered in a rendering not shared (a scrape with a query): a published one
+        of an earlier merge is removed, as it would be answered after these newer numbers."""
+        order = getattr(self._last_merge, "order", None)
+        if order is not None:
+            self._settle(order, "")
 
-    def still_newest(self, mark: object) -> bool:
-        """Whether no worker has merged since the merge marked ``mark``. A rendering a worker keeps to share with the
-        scrapes that follow it (exposition.SHARE) is shown only while this holds: on the app's own path, which any
-        worker answers, a scrape would otherwise get one worker's older rendering after another worker's newer one,
-        its counters lower, which Prometheus reads as a reset and counts the whole total again."""
-        if mark is None:
-            return False
+    def _settle(self, order: int, tmp: str) -> None:
+        """Under the lock: the rendering written to ``tmp`` (or none: "") of the merge ``order`` takes the place of
+        the one published if that one's merge came first; if there is none to take its place, that one goes."""
+        path = os.path.join(self.directory, _RENDERING)
         try:
-            with open(os.path.join(self.directory, _MERGE), encoding="utf-8") as merge:
-                return merge.read() == mark
-        except OSError:
-            return False
+            with self._locked():
+                there = _rendering_head(path)
+                if there is not None and isinstance(there.get("order"), int) and there["order"] >= order:
+                    return  # a later merge's rendering is there already
+                if tmp:
+                    os.replace(tmp, path)
+                    tmp = ""
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        except OSError as exc:
+            logger.debug("llm-telemetry: rendering not shared: %s", exc)
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def shared(self, content_type: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """The rendering in the ``rendering`` file while it is fresh and of ``content_type``: (status, headers,
+        body), else None (see :meth:`publish`)."""
+        try:
+            with open(os.path.join(self.directory, _RENDERING), "rb") as rendering:
+                head = json.loads(rendering.readline())
+                if head["type"] != content_type or time.monotonic() >= head["until"]:
+                    return None
+                body = rendering.read()
+            return str(head["status"]), [(str(name), str(value)) for name, value in head["headers"]], body
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _values_missing(self) -> bool:
         """Whether a live worker's values file is missing (it puts it back within BIND_RETRY_SECONDS)."""
@@ -948,6 +975,16 @@ class SharedState:
                 )
             ]
         )
+
+
+def _rendering_head(path: str) -> dict[str, Any] | None:
+    """The head of the rendering file at ``path`` (see SharedState.publish), or None."""
+    try:
+        with open(path, "rb") as rendering:
+            head = json.loads(rendering.readline())
+    except (OSError, ValueError):
+        return None
+    return head if isinstance(head, dict) else None
 
 
 def _is_overflow(attrs: Iterable[Sequence[Any]]) -> bool:
