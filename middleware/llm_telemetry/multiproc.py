@@ -698,17 +698,39 @@ class SharedState:
         another and rendered more slowly must not put its older numbers back in place of the newer ones, already
         answered. One that cannot be written (a full file system) removes the one there instead, if older: it would
         otherwise be answered after this rendering's newer numbers, a counter going down, which Prometheus reads as a
-        reset. Called before this rendering is answered."""
+        reset. Called before this rendering is answered.
+
+        The body is written only while scrapes come close together: this one within the time the one before was
+        shared, after that time ran out. A Prometheus scraping every few seconds gets a fresh rendering each time and
+        would share nothing: for it, the file holds this merge's order and times alone, and no copy of an exposition
+        is written per scrape (to a disk, or to the memory of an ``emptyDir`` with ``medium: Memory``)."""
         order = getattr(self._last_merge, "order", None)
         if order is None:
             return
         path = os.path.join(self.directory, _RENDERING)
+        now = time.monotonic()
+        before = _rendering_head(path)
+        try:
+            crowded = before is not None and now - float(before["until"]) < float(before["until"]) - float(
+                before["made"]
+            )
+        except (KeyError, TypeError, ValueError):
+            crowded = False
         tmp = f"{path}.{self._stem}-{threading.get_ident()}.tmp"
-        head = {"order": order, "until": until, "type": content_type, "status": status, "headers": headers}
+        head = {
+            "order": order,
+            "made": now,
+            "until": until,
+            "whole": crowded,
+            "type": content_type,
+            "status": status,
+            "headers": headers,
+        }
         try:
             with open(tmp, "wb") as written:
                 written.write(json.dumps(head).encode() + b"\n")
-                written.write(body)
+                if crowded:
+                    written.write(body)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -745,12 +767,12 @@ class SharedState:
                     os.unlink(tmp)
 
     def shared(self, content_type: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
-        """The rendering in the ``rendering`` file while it is fresh and of ``content_type``: (status, headers,
-        body), else None (see :meth:`publish`)."""
+        """The rendering in the ``rendering`` file while it is fresh and of ``content_type``, if its body was
+        written: (status, headers, body), else None (see :meth:`publish`)."""
         try:
             with open(os.path.join(self.directory, _RENDERING), "rb") as rendering:
                 head = json.loads(rendering.readline())
-                if head["type"] != content_type or time.monotonic() >= head["until"]:
+                if head["whole"] is not True or head["type"] != content_type or time.monotonic() >= head["until"]:
                     return None
                 body = rendering.read()
             return str(head["status"]), [(str(name), str(value)) for name, value in head["headers"]], body

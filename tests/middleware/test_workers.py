@@ -865,10 +865,12 @@ def _app_path_scrape_rounds(
 ) -> tuple[list[tuple[float, int, int]], set[int]]:
     """Scrapes of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``) under ``uvicorn --workers 2``, each over a
     kept-alive connection to a worker chosen, in ``rounds`` of: a pause longer than a rendering is shared (so the next
-    scrape renders anew), the second worker, then within ``meanwhile()`` a request (the totals move on) and the first
-    worker, then the second again, well within the time a rendering is shared (exposition.SHARE times what it took).
-    The (llm_requests_total, the worker that answered, the worker whose rendering it was) of each scrape, in order,
-    and the two workers."""
+    scrape renders anew), the second worker twice (scrapes close together: the second rendering is shared with the
+    other worker too), then within ``meanwhile()`` a request (the totals move on) and the first worker, then the second
+    again, well within the time a rendering is shared (exposition.SHARE times what it took). Of each round, the last
+    three scrapes are returned:
+    the (llm_requests_total, the worker that answered, the worker whose rendering it was) of each, in order, and the
+    two workers."""
     port, metrics_port = free_port(), free_port()
     # No delay before the reply: the request between the second worker's two scrapes takes ~2 ms, not ~25.
     extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "WORKERS_APP_FIRST_TOKEN_DELAY": "0", **env}
@@ -904,7 +906,8 @@ def _app_path_scrape_rounds(
         answers = []  # (read after: parsing takes longer than a rendering is shared)
         for _ in range(rounds):
             time.sleep(pause)
-            answers.append(scrape(second))
+            scrape(second)
+            answers.append(scrape(second))  # (close after the one before: shared with the other worker too)
             with meanwhile():
                 client.chat.completions.create(model="model-0", messages=MESSAGES)
                 answers.append(scrape(first))
@@ -1141,6 +1144,36 @@ _TEXT = "text/plain; version=0.0.4; charset=utf-8"
 _HEADERS = [("Content-Type", _TEXT)]
 
 
+def _crowd(state: multiproc.SharedState) -> None:
+    """A scrape's rendering, still fresh: the next one comes close after it, and its rendering is shared whole."""
+    state.merged()
+    state.publish(_TEXT, time.monotonic() + 600, "200 OK", _HEADERS, b"")
+
+
+def test_workers_rendering_is_written_whole_only_for_scrapes_close_together(tmp_path: Path) -> None:
+    """A Prometheus scraping the app's own path every few seconds gets a fresh rendering each time, which no other
+    scrape would share: no copy of the exposition is written to the state directory per scrape (a disk, or the memory
+    of an ``emptyDir``), only the merge's order and times. Scrapes close together share the rendering whole."""
+    first, second = _two_workers_states(tmp_path / "state")
+    rendering = tmp_path / "state" / "rendering"
+    body = b"llm_requests_total 1.0\n" * 10_000
+    try:
+        first.merged()
+        first.publish(_TEXT, time.monotonic() + 0.01, "200 OK", _HEADERS, body)  # shared for 10 ms
+        time.sleep(0.05)  # the next scrape 40 ms after that: further apart than the time it was shared
+        second.merged()
+        second.publish(_TEXT, time.monotonic() + 600, "200 OK", _HEADERS, body)
+        assert rendering.stat().st_size < 1000
+        assert first.shared(_TEXT) is None
+        first.merged()  # within the 600 s the one before is shared
+        first.publish(_TEXT, time.monotonic() + 600, "200 OK", _HEADERS, body)
+        assert rendering.stat().st_size > len(body)
+        assert second.shared(_TEXT) == ("200 OK", _HEADERS, body)
+    finally:
+        first.close()
+        second.close()
+
+
 def test_workers_rendering_of_an_earlier_merge_never_replaces_a_later_ones(tmp_path: Path) -> None:
     """Two workers merge, one after the other, for scrapes of the app's own path, and the one that merged first
     renders more slowly: the later merge's rendering, published (and answered) first, must stay the one shared.
@@ -1149,6 +1182,7 @@ def test_workers_rendering_of_an_earlier_merge_never_replaces_a_later_ones(tmp_p
     key = multiproc._key("llm.requests", "c", (("model", "a"),))
     until = time.monotonic() + 600
     try:
+        _crowd(first)
         first.add(key, 1.0)
         first.merged()
         first.add(key, 1.0)
@@ -1173,11 +1207,13 @@ def test_workers_rendering_not_shared_takes_an_earlier_ones_place_away(small_tmp
     first, second = _two_workers_states(small_tmpfs / "state")
     until = time.monotonic() + 600
     try:
+        _crowd(first)
         first.merged()
         first.publish(_TEXT, until, "200 OK", _HEADERS, b"one")
         second.merged()
         second.supersede()  # a query's rendering
         assert first.shared(_TEXT) is None
+        _crowd(first)
         first.merged()
         first.publish(_TEXT, until, "200 OK", _HEADERS, b"two")
         assert second.shared(_TEXT) == ("200 OK", _HEADERS, b"two")
