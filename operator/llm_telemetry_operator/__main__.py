@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import getpass
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -121,10 +122,13 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = N
     try:
         config = OperatorConfig.from_env(merged)
     except ConfigurationError as exc:
+        # Each setting a flag gave is named by that flag, wherever the message names it: a message about two
+        # settings (the health endpoint on the metrics port) named the variable of `--metrics-port 8080`.
         message = str(exc)
         for variable, flag in flags.items():
-            if message.startswith(variable) and message[len(variable) : len(variable) + 1] in ("=", ":"):
-                raise ConfigurationError(flag + message[len(variable) :]) from None
+            message = re.sub(rf"\b{re.escape(variable)}(?=[=:])", flag, message)
+        if message != str(exc):
+            raise ConfigurationError(message) from None
         raise
     return dataclasses.replace(config, kubeconfig=args.kubeconfig, context=args.context)
 

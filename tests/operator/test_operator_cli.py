@@ -112,6 +112,22 @@ def test_bad_flag_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[st
     assert "--namespace: 'Not_A_Namespace'" in err and cfg.LLM_TELEMETRY_OPERATOR_NAMESPACES not in err
 
 
+def test_a_flag_that_clashes_with_another_setting_is_named_as_typed(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--metrics-port 8080`, the port of the default liveness endpoint: the message names the flag the user typed
+    (it named LLM_TELEMETRY_OPERATOR_METRICS_PORT, a variable never set) beside the health endpoint's variable."""
+    monkeypatch.delenv(cfg.LLM_TELEMETRY_OPERATOR_HEALTH, raising=False)
+    monkeypatch.delenv(cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT, raising=False)
+    assert main(["--metrics-port", "8080"]) == 2
+    err = capsys.readouterr().err
+    assert "the same port as --metrics-port=8080" in err, err
+    assert cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT not in err and f"{cfg.LLM_TELEMETRY_OPERATOR_HEALTH}=" in err
+    assert main(["--metrics-port", "8080", "--health", "http://0.0.0.0:8080/healthz"]) == 2
+    err = capsys.readouterr().err
+    assert "--health='http://0.0.0.0:8080/healthz': the same port as --metrics-port=8080" in err, err
+
+
 def test_bad_environment_value_exits_2_naming_the_variable(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
