@@ -232,6 +232,9 @@ class OperatorState:
     access_answered: float | None = None
     #: The resources (by uid) told they cannot be served for want of ``patch`` on the LLMTelemetry resources.
     forbidden_said: set[str] = field(default_factory=set)
+    #: The invalid resources without the finalizer (by uid) asked about once: whether the API server refuses every
+    #: update of them (see _report_update_refused).
+    refusal_asked: set[str] = field(default_factory=set)
     #: How many times a watch of the workloads or children failed (see :mod:`childwatch`: a connection broken, the API
     #: server out of reach, an expired version), by the namespace it watches (None: every namespace), and that count
     #: for its namespace (see _breaks) when each LLMTelemetry's body was last had from the API server: a body had
@@ -872,6 +875,47 @@ async def _report_forbidden(memo: Any, state: OperatorState, body: Mapping[str, 
         event=access.may(lacking, "", "events", "create", namespace),
         write_status=access.may(lacking, c.GROUP, f"{c.PLURAL}/status", "patch", namespace),
     )
+
+
+def _may_be_refused(state: OperatorState, body: Mapping[str, Any]) -> bool:
+    """Whether a resource may be one the API server refuses every update of, not asked about yet: without the
+    finalizer, not being deleted, and invalid by the operator's own checks, which mirror the CRD's rules (a name over
+    63 characters, a spec a rule added since refuses)."""
+    meta = body.get("metadata") or {}
+    uid = meta.get("uid") or ""
+    if not uid or uid in state.refusal_asked or c.FINALIZER in (meta.get("finalizers") or []):
+        return False
+    return (
+        not meta.get("deletionTimestamp")
+        and state.specs.get((str(meta.get("namespace")), str(meta.get("name")))) is None
+    )
+
+
+async def _report_update_refused(memo: Any, state: OperatorState, body: Mapping[str, Any]) -> None:
+    """Tell one invalid LLMTelemetry, once, that the API server refuses every update of it (422: it breaks a rule of
+    the CRD installed since it was stored, on a server without validation ratcheting). kopf's finalizer patch is then
+    refused, at DEBUG only in kopf's log, and retried at each event: no handler runs, and its status cannot be
+    written. Without this it showed nothing at all, no status, event nor log line. An ERROR line and a Warning
+    event say so (an event is an object of its own, which the API server takes)."""
+    meta = body["metadata"]
+    uid = str(meta.get("uid") or "")
+    if uid in state.refusal_asked or _paused(state):
+        return
+    state.refusal_asked.add(uid)
+    try:
+        refusal = await rec.update_refused(_client(memo), body)
+    except WriteWithheld:  # began to stand by: asked again at its next event once active
+        state.refusal_asked.discard(uid)
+        return
+    if refusal is None or _paused(state):
+        return
+    message = (
+        "the API server refuses every update of this resource, so the operator can neither serve it nor write its "
+        "status (kopf's finalizer cannot be added); fix it while the CRD that stored it is installed, or delete it"
+        " (see Upgrading in docs/install.md): " + refusal
+    )[:MAX_MESSAGE_CHARS]
+    (state.logger or logging.getLogger(__name__)).error("%s/%s: %s", meta.get("namespace"), meta.get("name"), message)
+    kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
 
 
 async def _still_refused(memo: Any, grant: access.Grant, unknown: bool = True) -> bool:
@@ -1970,6 +2014,8 @@ async def llmtelemetry_track(
         if state.lacking and _forbidden_patch(state, namespace) is not None:
             # No other handler of ours runs for it while kopf's finalizer patch is refused: say so where a user looks.
             await _report_forbidden(memo, state, _snapshot(body))
+        elif _may_be_refused(state, body):
+            _spawn_event_pass(state, (namespace, name), "refused", _report_update_refused(memo, state, _snapshot(body)))
         return
     _forget(state, (namespace, name), body)
 
@@ -1986,6 +2032,7 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.left.pop(key, None)
     state.claimed.discard(body.get("metadata", {}).get("uid") or "")
     state.forbidden_said.discard(body.get("metadata", {}).get("uid") or "")
+    state.refusal_asked.discard(body.get("metadata", {}).get("uid") or "")
     state.schedule.forget(key)
     _await_collectors(None, state, key, frozenset())
     _await_pricing(None, state, key, frozenset())
