@@ -279,3 +279,70 @@ def test_docs_cover_every_alert() -> None:
     for name in alerts:
         assert name.lower() in headings, f"docs/runbooks.md has no '## {name}' section"
         assert name in reference, f"docs/alerts.md does not describe {name}"
+
+
+def _runbook_queries(alert: str) -> list[str]:
+    """The PromQL queries the runbook section of ``alert`` gives inline (a backticked expression that counts)."""
+    text = (REPO_ROOT / "docs" / "runbooks.md").read_text()
+    section = text.split(f"\n## {alert}\n", 1)[1].split("\n## ", 1)[0]
+    return [" ".join(q.split()) for q in re.findall(r"`([^`]*\bcount\b[^`]*)`", section)]
+
+
+@needs_promtool
+def test_the_overflow_runbooks_queries_name_the_services_own_metrics_and_count_its_labels(tmp_path: Path) -> None:
+    """LLMTelemetrySeriesOverflow's runbook queries, on the series of a service past the series limit beside another
+    one, with the rules recording: the overflowing metrics are the service's own (not the recorded ``llm:...`` series,
+    which keep ``otel_metric_overflow``, nor another service's), and the label counts are its models and tenants."""
+    service = 'namespace="llm",job="chat"'
+    series = {
+        # Three models times two tenants, and the overflow series: no model, no tenant.
+        **{
+            f'llm_requests_total{{{service},gen_ai_request_model="m{m}",llm_metadata_tenant="t{t}"}}': "0+1x20"
+            for m in range(3)
+            for t in range(2)
+        },
+        f'llm_requests_total{{{service},otel_metric_overflow="true"}}': "0+5x20",
+        f'gen_ai_server_request_duration_seconds_bucket{{{service},otel_metric_overflow="true",le="1.28"}}': "0+5x20",
+        f'gen_ai_server_request_duration_seconds_bucket{{{service},otel_metric_overflow="true",le="+Inf"}}': "0+5x20",
+        f'gen_ai_server_request_duration_seconds_count{{{service},otel_metric_overflow="true"}}': "0+5x20",
+        # Another service of the same Prometheus, past its limit too.
+        'llm_requests_total{namespace="llm",job="search",gen_ai_request_model="m9"}': "0+1x20",
+        'llm_requests_total{namespace="llm",job="search",otel_metric_overflow="true"}': "0+5x20",
+        'llm_tokens_total{namespace="llm",job="search",otel_metric_overflow="true"}': "0+50x20",
+    }
+    documented = _runbook_queries("LLMTelemetrySeriesOverflow")
+    queries = [query.replace("<ns>", "llm").replace("<job>", "chat") for query in documented]
+    assert len(queries) == 2, queries
+    names, models = queries
+    tenants = models.replace("gen_ai_request_model", "llm_metadata_tenant")  # "the same by each llm_metadata_* label"
+    expected = {
+        names: [
+            ('{__name__="gen_ai_server_request_duration_seconds_bucket"}', 2),
+            ('{__name__="gen_ai_server_request_duration_seconds_count"}', 1),
+            ('{__name__="llm_requests_total"}', 1),
+        ],
+        models: [("{}", 4)],  # m0, m1, m2 and the overflow series
+        tenants: [("{}", 3)],  # t0, t1 and the overflow series
+    }
+    test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "15m",
+                        "exp_samples": [{"labels": labels, "value": value} for labels, value in samples],
+                    }
+                    for expr, samples in expected.items()
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rules.yaml").write_text(render_rule_file())
+    (tmp_path / "runbook_queries.yaml").write_text(json.dumps(test))
+    result = _promtool("test", "rules", "runbook_queries.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
