@@ -3,11 +3,13 @@ at its start is refused by `helm install` instead, and extraEnv cannot set what 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from chartkit import CHART, NAMESPACE, Helm, one
 
 from llm_telemetry_operator.config import OperatorConfig
@@ -36,3 +38,34 @@ def test_a_fixed_priority_from_a_values_file_reaches_the_operator(render: Render
     env = operator_env(render({"peering": {"priority": priority}}))
     assert env["LLM_TELEMETRY_OPERATOR_PRIORITY"] == str(priority)
     assert OperatorConfig.from_env(env).priority == priority
+
+
+def chart_set_names(render: Render) -> list[str]:
+    return sorted(operator_env(render()))
+
+
+def test_extra_env_may_not_set_a_variable_the_chart_sets(render: Render, helm: Helm, values_file: ValuesFile) -> None:
+    """values.yaml's own example set LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS, which the chart sets from resyncSeconds:
+    Helm 4's server-side apply refused the Deployment ("duplicate entries for key"), Helm 3 let it override the
+    value. Each name the chart sets is refused, naming the value to set instead."""
+    names = chart_set_names(render)
+    assert "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS" in names and "POD_ID" in names
+    for name in names:
+        said = refusal(helm, values_file, {"extraEnv": [{"name": name, "value": "1"}]})
+        assert f"extraEnv: {name} is set by the chart from " in said, said
+    said = refusal(helm, values_file, {"extraEnv": [{"name": "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "value": "600"}]})
+    assert "from resyncSeconds; set that value instead" in said
+    twice = [{"name": "PYTHONFAULTHANDLER", "value": "1"}, {"name": "PYTHONFAULTHANDLER", "value": "0"}]
+    assert "extraEnv: PYTHONFAULTHANDLER is listed twice" in refusal(helm, values_file, {"extraEnv": twice})
+
+
+def test_the_documented_extra_env_example_reaches_the_operator_once(render: Render) -> None:
+    text = (CHART / "values.yaml").read_text()
+    [block] = re.findall(r"^#   extraEnv:\n((?:#     .*\n)+)", text, re.M)
+    example = yaml.safe_load("\n".join(line[6:] for line in block.splitlines()))
+    [operator] = one(render({"extraEnv": example}), "Deployment")["spec"]["template"]["spec"]["containers"]
+    names = [e["name"] for e in operator["env"]]
+    assert len(names) == len(set(names)), names
+    for entry in example:
+        assert entry in operator["env"]
+    OperatorConfig.from_env(operator_env(render({"extraEnv": example})))
