@@ -13,6 +13,7 @@ import yaml
 from chartkit import CHART, NAMESPACE, Helm, one
 
 from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.errors import ConfigurationError
 
 Render = Callable[..., list[dict[str, Any]]]
 ValuesFile = Callable[[dict[str, Any]], Path]
@@ -38,6 +39,49 @@ def test_a_fixed_priority_from_a_values_file_reaches_the_operator(render: Render
     env = operator_env(render({"peering": {"priority": priority}}))
     assert env["LLM_TELEMETRY_OPERATOR_PRIORITY"] == str(priority)
     assert OperatorConfig.from_env(env).priority == priority
+
+
+ENDPOINTS_THE_OPERATOR_REFUSES = [
+    ("tracesEndpoint", "http://"),
+    ("tracesEndpoint", "http://:4318"),
+    ("tracesEndpoint", "http://jaeger.observability:4318?tenant=a"),
+    ("tracesEndpoint", "http://jaeger.observability:4318#traces"),
+    ("tracesEndpoint", "http://jaeger.observability:99999"),
+    ("tracesEndpoint", "http://loki-gateway.observability/otlp/v1/logs"),
+    ("logsEndpoint", "http://jaeger.observability:4318/v1/traces/"),
+    ("logsEndpoint", "https://loki.example.com/otlp?orgId=1"),
+]
+
+ENDPOINTS_THE_OPERATOR_TAKES = [
+    ("tracesEndpoint", "http://jaeger.observability:4318"),
+    ("tracesEndpoint", "http://tempo-distributor.tracing.svc.cluster.local:4318/v1/traces"),
+    ("tracesEndpoint", "http://[fd00::10]:4318"),
+    ("tracesEndpoint", "http://10.0.0.7:4318/"),
+    ("logsEndpoint", "https://otel:secret@loki.example.com/otlp"),
+    ("logsEndpoint", "http://loki-gateway.observability/otlp/v1/logs"),
+    ("logsEndpoint", "http://loki:65535/otlp"),
+]
+
+
+@pytest.mark.parametrize(("key", "endpoint"), ENDPOINTS_THE_OPERATOR_REFUSES)
+def test_an_endpoint_the_operator_would_refuse_is_refused_by_helm(
+    helm: Helm, values_file: ValuesFile, key: str, endpoint: str
+) -> None:
+    variable = {
+        "tracesEndpoint": "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT",
+        "logsEndpoint": "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT",
+    }
+    with pytest.raises(ConfigurationError):
+        OperatorConfig.from_env({variable[key]: endpoint})
+    assert f"/defaults/{key}" in refusal(helm, values_file, {"defaults": {key: endpoint}})
+
+
+@pytest.mark.parametrize(("key", "endpoint"), ENDPOINTS_THE_OPERATOR_TAKES)
+def test_an_endpoint_the_operator_takes_is_admitted(render: Render, key: str, endpoint: str) -> None:
+    env = operator_env(render({"defaults": {key: endpoint}}))
+    config = OperatorConfig.from_env(env)
+    base = endpoint.rstrip("/").removesuffix("/v1/traces" if key == "tracesEndpoint" else "/v1/logs")
+    assert (config.traces_endpoint if key == "tracesEndpoint" else config.logs_endpoint) == base
 
 
 def chart_set_names(render: Render) -> list[str]:
