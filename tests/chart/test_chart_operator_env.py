@@ -113,3 +113,19 @@ def test_the_documented_extra_env_example_reaches_the_operator_once(render: Rend
     for entry in example:
         assert entry in operator["env"]
     OperatorConfig.from_env(operator_env(render({"extraEnv": example})))
+
+
+def test_an_empty_service_monitor_label_is_left_out(render: Render) -> None:
+    """values.yaml says to drop a default label with "" where a null would bring the chart's default back (`helm
+    upgrade --reset-then-reuse-values`): the operator was given `release=` and put `release: ""` on every
+    ServiceMonitor and PrometheusRule it made, as did the chart on its own ServiceMonitor."""
+    values = {
+        "defaults": {"serviceMonitorLabels": {"release": "", "team": "ml"}},
+        "serviceMonitor": {"enabled": True, "labels": {"tier": ""}},
+    }
+    docs = render(values)
+    env = operator_env(docs)
+    assert env["LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"] == "team=ml"
+    assert OperatorConfig.from_env(env).servicemonitor_labels == {"team": "ml"}
+    labels = one(docs, "ServiceMonitor")["metadata"]["labels"]
+    assert labels["team"] == "ml" and "release" not in labels and "tier" not in labels

@@ -104,12 +104,31 @@ The image reference: repository, then @digest if pinned, else :tag (the appVersi
 {{- end }}
 
 {{/*
-A map rendered as the operator's `k=v,k2=v2` environment format (keys sorted, as Go templates range over maps).
+A map rendered as the operator's `k=v,k2=v2` environment format (keys sorted, as Go templates range over maps). A key
+whose value is empty is left out: that is how a default label is dropped where a null would bring the chart's default
+back (`helm upgrade --reset-then-reuse-values`).
 */}}
 {{- define "llm-telemetry-operator.kvList" -}}
 {{- $pairs := list }}
 {{- range $key, $value := . }}
+{{- if ne (toString $value) "" }}
 {{- $pairs = append $pairs (printf "%s=%s" $key (toString $value)) }}
 {{- end }}
+{{- end }}
 {{- join "," $pairs }}
+{{- end }}
+
+{{/*
+The same map without its empty values, as labels.
+*/}}
+{{- define "llm-telemetry-operator.nonEmpty" -}}
+{{- $kept := dict }}
+{{- range $key, $value := . }}
+{{- if ne (toString $value) "" }}
+{{- $_ := set $kept $key $value }}
+{{- end }}
+{{- end }}
+{{- if $kept }}
+{{- toYaml $kept }}
+{{- end }}
 {{- end }}
