@@ -81,6 +81,11 @@ def test_every_values_key_has_a_comment_above_it() -> None:
         ({"defaults": {"logsTenant": "team a"}}, "logsTenant"),
         ({"defaults": {"lokiDatasourceUid": "loki.prod"}}, "lokiDatasourceUid"),
         ({"defaults": {"runbookUrl": "https://wiki/runbooks#top"}}, "runbookUrl"),
+        # The pod labels the chart sets: the Deployment's selector (the API server refused the Deployment after the
+        # release's other objects were applied) and its component label (silently replaced).
+        ({"podLabels": {"app.kubernetes.io/name": "other"}}, "app.kubernetes.io/name"),
+        ({"podLabels": {"app.kubernetes.io/instance": "other"}}, "app.kubernetes.io/instance"),
+        ({"podLabels": {"app.kubernetes.io/component": "other"}}, "app.kubernetes.io/component"),
     ],
 )
 def test_schema_rejects_misspelled_keys_and_wrong_types(
