@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jaeger-datasource-uid", metavar="UID", help="Grafana's Jaeger datasource, for trace links")
     parser.add_argument("--loki-datasource-uid", metavar="UID", help="Grafana's Loki datasource, for the log panel")
     parser.add_argument("--runbook-url", metavar="URL", help="base of each alert's runbook_url annotation")
-    parser.add_argument("--servicemonitor-labels", metavar="K=V,...", help="labels put on every ServiceMonitor")
+    parser.add_argument(
+        "--servicemonitor-labels", metavar="K=V,...", help="labels put on every ServiceMonitor and PrometheusRule"
+    )
     parser.add_argument("--dashboard-label", metavar="K=V", help="label Grafana's dashboard sidecar selects by")
     parser.add_argument("--metrics-port", metavar="PORT", help="port of the operator's own metrics; 0 turns them off")
     parser.add_argument("--health", metavar="URL", help="liveness endpoint URL; empty turns it off")

@@ -23,7 +23,7 @@ LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_TRACES_E
 LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT"
 #: Loki tenant (``X-Scope-OrgID``) for logs when a resource does not set ``spec.logs.tenant``; empty: none.
 LLM_TELEMETRY_OPERATOR_LOGS_TENANT: Final = "LLM_TELEMETRY_OPERATOR_LOGS_TENANT"
-#: ``k=v,k=v`` labels added to every ServiceMonitor (kube-prometheus-stack selects on ``release``).
+#: ``k=v,k=v`` labels added to every ServiceMonitor and PrometheusRule (kube-prometheus-stack selects on ``release``).
 LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS: Final = "LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"
 #: ``k=v`` label that Grafana's dashboard sidecar looks for.
 LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL: Final = "LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL"
@@ -95,7 +95,7 @@ class OperatorConfig:
         traces_endpoint: default OTLP endpoint for traces.
         logs_endpoint: default Loki OTLP base URL.
         logs_tenant: default Loki tenant ("": no ``X-Scope-OrgID`` header).
-        servicemonitor_labels: labels put on every ServiceMonitor.
+        servicemonitor_labels: labels put on every ServiceMonitor and PrometheusRule.
         dashboard_label: the (key, value) label Grafana's sidecar selects dashboards by.
         jaeger_datasource_uid: uid of the Grafana Jaeger datasource of the dashboards' trace links.
         loki_datasource_uid: uid of the Grafana Loki datasource of the dashboards' error log panel.
@@ -123,7 +123,7 @@ class OperatorConfig:
     #: Default Loki tenant, sent as ``X-Scope-OrgID`` (a multi-tenant Loki, as its Helm chart installs it, refuses
     #: pushes without one); empty sends none.
     logs_tenant: str = ""
-    #: Labels put on every ServiceMonitor.
+    #: Labels put on every ServiceMonitor and PrometheusRule.
     servicemonitor_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Label Grafana's dashboard sidecar selects ConfigMaps by.
     dashboard_label: tuple[str, str] = ("grafana_dashboard", "1")
