@@ -424,6 +424,34 @@ def telemetry(name: str, selects: str, **spec: Any) -> dict[str, Any]:
     }
 
 
+def set_name_limit(api: Any, namespace: str, value: int | None) -> None:
+    """Give the installed LLMTelemetry CRD the limit ``value`` on resource names (None: no limit), as an older or a
+    newer CRD would, and wait until the API server serves it. No condition says when it does: the wait asks it (a
+    server-side dry run in ``namespace``) whether it takes a name of 70 characters."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from llm_telemetry_operator import constants as c
+
+    path = "/spec/versions/0/schema/openAPIV3Schema/properties/metadata/properties/name/maxLength"
+    patch = [{"op": "add", "path": path, "value": value}] if value else [{"op": "remove", "path": path}]
+    client.ApiextensionsV1Api(api).patch_custom_resource_definition(f"{c.PLURAL}.{c.GROUP}", patch)
+    custom = client.CustomObjectsApi(api)
+
+    def admits(name: str) -> bool:
+        try:
+            custom.create_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL, telemetry(name, "nothing-here"), dry_run="All"
+            )
+        except ApiException as exc:
+            if exc.status != 422:
+                raise
+            return False
+        return True
+
+    wait_for(lambda: admits("b" * 70) == (value is None), f"the API server serving the name limit {value}")
+
+
 def deployment(name: str, selects: str) -> dict[str, Any]:
     """A Deployment named ``name`` labelled ``llm=<selects>`` (stored only: no kubelet runs its pod)."""
     return {

@@ -24,6 +24,7 @@ from clusterkit import (
     deployment,
     install,
     section,
+    set_name_limit,
     sh_blocks,
     start_chart_operator,
     stop,
@@ -1356,35 +1357,12 @@ def test_a_resource_a_newer_crd_refuses_says_why_it_cannot_be_deleted(cluster: C
     lets it go, as docs/install.md says."""
     from kubernetes import client
 
-    extensions = client.ApiextensionsV1Api(api)
-    crd_name = f"{PLURAL}.{GROUP}"
-    name_schema = "/spec/versions/0/schema/openAPIV3Schema/properties/metadata/properties/name/maxLength"
-    limit = extensions.read_custom_resource_definition(crd_name).spec.versions[0].schema.open_apiv3_schema
-    assert limit.properties["metadata"].properties["name"].max_length == r.MAX_OWNER_NAME
-
-    def admits(name: str) -> bool:
-        """Whether the API server, as it serves the CRD now, takes a resource of that name (a server-side dry run)."""
-        from kubernetes.client.exceptions import ApiException
-
-        probe = telemetry(name, "nothing-here")
-        try:
-            cluster.custom.create_namespaced_custom_object(
-                GROUP, VERSION, cluster.namespace, PLURAL, probe, dry_run="All"
-            )
-        except ApiException as exc:
-            if exc.status != 422:
-                raise
-            return False
-        return True
+    limit = client.ApiextensionsV1Api(api).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+    schema = limit.spec.versions[0].schema.open_apiv3_schema
+    assert schema.properties["metadata"].properties["name"].max_length == r.MAX_OWNER_NAME
 
     def set_limit(value: int | None) -> None:
-        patch = (
-            [{"op": "add", "path": name_schema, "value": value}] if value else [{"op": "remove", "path": name_schema}]
-        )
-        extensions.patch_custom_resource_definition(crd_name, patch)
-        # The API server serves the new schema once it has read the CRD back (no condition says so): awaited as it
-        # judges a name of 70 characters, not slept on.
-        wait_for(lambda: admits("b" * 70) == (value is None), f"the API server serving the name limit {value}")
+        set_name_limit(api, cluster.namespace, value)
 
     long_name = "a" * 70
     set_limit(None)

@@ -11,15 +11,12 @@ import pathlib
 from typing import Any
 
 import pytest
-from clusterkit import install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
+from clusterkit import install, set_name_limit, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import resources as r
 
 pytestmark = pytest.mark.k8s
-
-CRD_NAME = f"{c.PLURAL}.{c.GROUP}"
-NAME_LIMIT = "/spec/versions/0/schema/openAPIV3Schema/properties/metadata/properties/name/maxLength"
 
 
 def test_a_resource_the_crd_now_refuses_every_update_of_is_told_so(
@@ -29,27 +26,12 @@ def test_a_resource_the_crd_now_refuses_every_update_of_is_told_so(
     from kubernetes.client.exceptions import ApiException
 
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    extensions = client.ApiextensionsV1Api(api)
     system, namespace = unique("llmt-refused-system"), unique("llmt-refused")
     docs = install(api, system)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
 
-    def admits(name: str) -> bool:
-        """Whether the API server, as it serves the CRD now, takes a resource of that name (a server-side dry run)."""
-        try:
-            custom.create_namespaced_custom_object(
-                c.GROUP, c.VERSION, namespace, c.PLURAL, telemetry(name, "nothing-here"), dry_run="All"
-            )
-        except ApiException as exc:
-            if exc.status != 422:
-                raise
-            return False
-        return True
-
     def set_limit(value: int | None) -> None:
-        patch = [{"op": "add", "path": NAME_LIMIT, "value": value}] if value else [{"op": "remove", "path": NAME_LIMIT}]
-        extensions.patch_custom_resource_definition(CRD_NAME, patch)
-        wait_for(lambda: admits("b" * 70) == (value is None), f"the API server serving the name limit {value}")
+        set_name_limit(api, namespace, value)
 
     def events() -> list[str]:
         found = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={long_name}")
