@@ -797,7 +797,8 @@ class SharedState:
         absorbed = set(archive["absorbed"])
         # A worker's liveness file may be gone (a /tmp cleaner; the worker puts it back within a second): its values
         # file tells too.
-        stems = {name.rpartition(".")[0] for name in os.listdir(self.directory) if name.endswith((_ALIVE, _DB))}
+        names = os.listdir(self.directory)
+        stems = {name.rpartition(".")[0] for name in names if name.endswith((_ALIVE, _DB))}
         dead = {stem for stem in stems if stem != self._stem and not self._is_alive(stem)}
         fresh = dead - absorbed
         if fresh:
@@ -811,6 +812,12 @@ class SharedState:
             for suffix in (_DB, _ALIVE):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, stem + suffix))
+        # A worker killed as it wrote a file of its own name (a rendering it was publishing, a claim of the metrics
+        # port) left it behind: one a kill, a whole exposition each for the renderings, none ever written again.
+        for name in names:
+            if name.endswith(".tmp") and _tmp_owner(name) in dead:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
         return stems - dead
 
     def _is_alive(self, stem: str) -> bool:
@@ -997,6 +1004,12 @@ class SharedState:
                 )
             ]
         )
+
+
+def _tmp_owner(name: str) -> str:
+    """The stem of the worker whose temporary file ``name`` is (``rendering.<stem>-<thread>.tmp``,
+    ``port.<stem>.tmp``), else ""."""
+    return "-".join(name[: -len(".tmp")].partition(".")[2].split("-")[:2])
 
 
 def _rendering_head(path: str) -> dict[str, Any] | None:

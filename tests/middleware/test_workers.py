@@ -1227,6 +1227,58 @@ def test_workers_rendering_not_shared_takes_an_earlier_ones_place_away(small_tmp
         second.close()
 
 
+@pytest.mark.skipif(shutil.which("strace") is None or sys.platform != "linux", reason="strace kills at the rename")
+def test_workers_rendering_of_a_worker_killed_as_it_published_is_not_left_behind(tmp_path: Path) -> None:
+    """A worker killed (SIGKILL: the OOM killer, a liveness probe) between writing the rendering it publishes and
+    putting it in place leaves its temporary file, the size of an exposition, in the state directory: nothing ever
+    wrote it again, so each such kill left one more for as long as the server ran. The merge that folds the dead
+    worker removes it, as it removes the worker's own files."""
+    directory = tmp_path / "state"
+    supervisor = multiproc.Supervisor("parent", os.getpid())
+    survivor = multiproc.SharedState(str(directory), supervisor)
+    script = (
+        "import sys\n"
+        "from llm_telemetry import multiproc\n"
+        f"state = multiproc.SharedState({str(directory)!r}, multiproc.Supervisor('parent', {os.getpid()}))\n"
+        "state.merged()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        f"state.publish({_TEXT!r}, 1e12, '200 OK', {_HEADERS!r}, b'llm_requests_total 1.0\\n' * 10_000)\n"
+    )
+    path = os.pathsep.join(filter(None, [str(REPO / "middleware"), os.environ.get("PYTHONPATH")]))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    tracer: subprocess.Popen[str] | None = None
+    try:
+        assert worker.stdin is not None and worker.stdout is not None
+        assert worker.stdout.readline() == "ready\n"
+        # SIGKILL at the worker's next rename: that of its rendering, written, onto the shared one.
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-p", str(worker.pid), "-e", "trace=rename,renameat,renameat2",
+             "-e", "inject=rename,renameat,renameat2:signal=SIGKILL", "-o", os.devnull],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert tracer.stderr is not None
+        if "attached" not in tracer.stderr.readline():
+            pytest.skip("strace cannot trace a process here (ptrace not permitted)")
+        worker.stdin.write("publish\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=30) == -signal.SIGKILL
+        left = [name for name in os.listdir(directory) if name.startswith("rendering.")]
+        assert left, "the worker was not killed between writing its rendering and putting it in place"
+        survivor.merged()  # folds the dead worker
+        assert not [name for name in os.listdir(directory) if name.endswith(".tmp")], os.listdir(directory)
+    finally:
+        survivor.close()
+        worker.kill()
+        worker.wait(timeout=10)
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait(timeout=10)
+
+
 @pytest.mark.slow
 def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, small_tmpfs: Path) -> None:
     """The state directory's file system full (a small in-memory emptyDir): a request that brings a new series
