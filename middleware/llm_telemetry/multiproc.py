@@ -383,6 +383,8 @@ class SharedState:
         self._values: dict[str, float] = {}
         self._start_ns = time.time_ns()
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        #: The directory (device, inode) as this worker last merged in it: another one is the directory made again.
+        self._seen = _identity(directory)
         self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         #: Keys of live series beyond the archive's room, and the overflow key each is shown under (see merged).
         self._redirects: dict[str, str] = {}
@@ -636,58 +638,72 @@ class SharedState:
         except OSError as exc:  # the directory cannot be made again: merge what there is
             logger.warning("llm-telemetry: multi-worker state directory %s not put back: %s", self.directory, exc)
             restored = False
-        if restored or self._values_missing():
-            # Files were removed: give the other workers (which look every BIND_RETRY_SECONDS) time to put theirs
-            # back before their numbers are summed, or this scrape would show them gone and the next one back,
-            # which Prometheus would read as a counter reset and count again.
-            time.sleep(BIND_RETRY_SECONDS * 2)
-        self._last_merge.order = None
-        with self._locked():
-            # Merges are one at a time, under the lock: the clock read here orders them (the monotonic clock is the
-            # host's, the same in every worker).
-            self._last_merge.order = time.monotonic_ns()
-            archive = self._load_archive()
-            stems = self._fold_dead(archive)
-            archived: dict[str, float] = archive["values"]
-            # Each total is rounded once from the exact sum of its shares (the archive's, each live worker's), so it is
-            # the same whichever worker answers (the stems come in the order of a set, another in each worker) and
-            # whichever workers are folded already, and a float total (a cost, a histogram's sum) never shows one unit
-            # in the last place less than before, which Prometheus would read as a counter reset. Integers below 2**53
-            # (bucket counts, requests, tokens) add exactly as floats: those totals are summed as they come, and only
-            # the others keep their shares, in ``exact``, for math.fsum (a value of ``values`` is always exact).
-            values = dict(archived)
-            exact = _exact_shares(archive)
-            known: dict[str, set[str]] | None = None  # per metric, the attribute sets with a place (built if needed)
-            placed = False
-            for stem in stems:
-                for key, value in self._read(stem):
-                    if key not in archived:
-                        redirect = self._redirects.get(key)
-                        if redirect is None:
-                            if known is None:
-                                known = _placed(archived)
-                            redirect = _place(known, key)
-                            if redirect == key:
-                                archived[key] = 0.0  # its place: the series is shown, and stays
-                                values.setdefault(key, 0.0)
-                                placed = True
-                            else:
-                                self._redirects[key] = redirect
-                        key = redirect
-                    shares = exact.get(key)
-                    if shares is not None:
-                        shares.append(value)
-                        continue
-                    current = values.get(key, 0.0)  # the exact sum so far (an archive's value may be an int)
-                    total = current + value
-                    if value.is_integer() and not current % 1.0 and -_EXACT_INTEGERS < total < _EXACT_INTEGERS:
-                        values[key] = total  # integers: exact too
-                    else:
-                        exact[key] = [current, value]
-            if placed:
-                self._save_archive(archive)
-            values.update(_totals(exact))
-            return values
+        # The directory made again since this worker last merged (``rm -rf``) also needs the wait: this worker's own
+        # files may be back already (its thread that looks each second put them back), the other workers' not yet,
+        # with nothing of theirs left to tell they are missing; so does one made again between that look and the
+        # lock, whose first merge would otherwise show the other workers' numbers gone.
+        wait = restored or self._values_missing()
+        while True:
+            seen = _identity(self.directory)
+            if wait or seen != self._seen:
+                # Files were removed: give the other workers (which look every BIND_RETRY_SECONDS) time to put theirs
+                # back before their numbers are summed, or this scrape would show them gone and the next one back,
+                # which Prometheus would read as a counter reset and count again.
+                time.sleep(BIND_RETRY_SECONDS * 2)
+            self._last_merge.order = None
+            with self._locked():
+                self._seen = _identity(self.directory)
+                if self._seen != seen:
+                    wait = True
+                    continue
+                # Merges are one at a time, under the lock: the clock read here orders them (the monotonic clock is the
+                # host's, the same in every worker).
+                self._last_merge.order = time.monotonic_ns()
+                archive = self._load_archive()
+                stems = self._fold_dead(archive)
+                archived: dict[str, float] = archive["values"]
+                # Each total is rounded once from the exact sum of its shares (the archive's, each live worker's), so it
+                # is the same whichever worker answers (the stems come in the order of a set, another in each worker)
+                # and whichever workers are folded already, and a float total (a cost, a histogram's sum) never shows
+                # one unit in the last place less than before, which Prometheus would read as a counter reset. Integers
+                # below 2**53 (bucket counts, requests, tokens) add exactly as floats: those totals are summed as they
+                # come, and only the others keep their shares, in ``exact``, for math.fsum (a value of ``values`` is
+                # always exact).
+                values = dict(archived)
+                exact = _exact_shares(archive)
+                known: dict[str, set[str]] | None = (
+                    None  # per metric, the attribute sets with a place (built if needed)
+                )
+                placed = False
+                for stem in stems:
+                    for key, value in self._read(stem):
+                        if key not in archived:
+                            redirect = self._redirects.get(key)
+                            if redirect is None:
+                                if known is None:
+                                    known = _placed(archived)
+                                redirect = _place(known, key)
+                                if redirect == key:
+                                    archived[key] = 0.0  # its place: the series is shown, and stays
+                                    values.setdefault(key, 0.0)
+                                    placed = True
+                                else:
+                                    self._redirects[key] = redirect
+                            key = redirect
+                        shares = exact.get(key)
+                        if shares is not None:
+                            shares.append(value)
+                            continue
+                        current = values.get(key, 0.0)  # the exact sum so far (an archive's value may be an int)
+                        total = current + value
+                        if value.is_integer() and not current % 1.0 and -_EXACT_INTEGERS < total < _EXACT_INTEGERS:
+                            values[key] = total  # integers: exact too
+                        else:
+                            exact[key] = [current, value]
+                if placed:
+                    self._save_archive(archive)
+                values.update(_totals(exact))
+                return values
 
     def publish(
         self, content_type: str, until: float, status: str, headers: list[tuple[str, str]], body: bytes
@@ -1004,6 +1020,12 @@ class SharedState:
                 )
             ]
         )
+
+
+def _identity(directory: str) -> tuple[int, int] | None:
+    """The (device, inode) of ``directory``, or None if it is missing."""
+    found = _stat(directory)
+    return None if found is None else (found.st_dev, found.st_ino)
 
 
 def _tmp_owner(name: str) -> str:

@@ -1372,6 +1372,62 @@ def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_pat
     assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
 
 
+@pytest.mark.slow
+def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_back(tmp_path: Path) -> None:
+    """The whole state directory removed under a running server (``rm -rf``): each worker puts its own files back
+    within a second, and a merge waits for the others when it finds files missing. A worker whose own files were
+    already back (put back by its thread that looks each second) found nothing missing of a worker that had not
+    looked yet, as nothing of that one was left: its merges showed that worker's counts gone (``llm_requests_total``
+    at 0 on every series the other worker had counted), which Prometheus reads as a reset, and counts again as they
+    come back."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    state = tmp_path / "state"
+    extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "LLM_TELEMETRY_MULTIPROC_DIR": str(state)}
+    server = Server("uvicorn", 3, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
+    with running(server):
+        # Over one kept-alive connection: every request counted by one worker, none by the others.
+        with openai.OpenAI(base_url=f"{server.base}/v1", api_key="test", max_retries=0) as client:
+            for i in range(50):
+                client.chat.completions.create(model=f"model-{i}", messages=MESSAGES)
+        sent = 50.0
+        # (A request is counted as its response ends: the last one may come just after its client has it.)
+        wait_for("the requests counted", lambda: Metrics(scrape_text(metrics_port)).value("llm_requests_total") == sent)
+        shown: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def scrapes() -> None:
+            """Scrapes back to back, each a new connection (any worker), as Prometheus asks."""
+            while not stop.is_set():
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                try:
+                    connection.request("GET", "/metrics")
+                    with connection.getresponse() as response:
+                        text, answering = response.read().decode(), int(response.headers["x-worker-pid"])
+                finally:
+                    connection.close()
+                shown.append((Metrics(text).value("llm_requests_total"), answering))
+
+        with ThreadPoolExecutor(2) as pool:  # (two scrapers: one waiting in a merge does not hold up the other)
+            scraping = [pool.submit(scrapes) for _ in range(2)]
+            try:
+                for round in range(3):
+                    time.sleep(2 * multiproc.BIND_RETRY_SECONDS)
+                    # rm -rf, at once (the workers put files back as rmtree goes, which then finds the directory
+                    # not empty)
+                    os.rename(state, tmp_path / f"removed-{round}")
+                    shutil.rmtree(tmp_path / f"removed-{round}")
+                time.sleep(4 * multiproc.BIND_RETRY_SECONDS)
+            finally:
+                stop.set()
+            for future in scraping:
+                future.result()
+        assert len({answering for _, answering in shown}) == 3, "a worker answered no scrape"
+        short = [total for total, _ in shown if total < sent]
+        assert not short, f"{len(short)} of {len(shown)} scrapes showed llm_requests_total below {sent}: {short[:5]}"
+
+
 def test_workers_label_values_are_counted_per_deployment(tmp_path: Path) -> None:
     """Workers sharing a directory admit ``max_values`` values together; a replacement worker (a new limiter on
     the same directory) gets the same values, not a fresh allowance."""
