@@ -35,7 +35,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, mmap_dict
 
-from .config import Settings
+from .config import LLM_TELEMETRY_MULTIPROC_DIR, Settings
 from .instruments import (
     CARDINALITY_LIMIT,
     CONTRACT,
@@ -209,14 +209,23 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
     if "prometheus" not in settings.metrics_exporters:
         return WorkerMode(supervisor, None)
     directory = explicit or (os.path.join(prom_dir, "llm_telemetry") if prom_dir else None)
+    # Where the directory came from, for the warning: the setting to change.
+    if explicit:
+        source = f"{LLM_TELEMETRY_MULTIPROC_DIR} (or multiproc_dir=)"
+    elif prom_dir:
+        source = PROMETHEUS_MULTIPROC_DIR
+    else:
+        source = f"the default location; {LLM_TELEMETRY_MULTIPROC_DIR} sets another"
     try:
         if directory is None:
             directory = default_directory(supervisor)
         state = SharedState(directory, supervisor)
     except OSError as exc:
         logger.warning(
-            "llm-telemetry: multi-worker state directory %s is unusable (%s); each worker reports only its own share",
+            "llm-telemetry: multi-worker state directory %s (%s) is unusable (%s); each worker reports only its own"
+            " share",
             directory or "(default)",
+            source,
             exc,
         )
         return WorkerMode(supervisor, None, exc)

@@ -1003,7 +1003,14 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
         metrics = wait_for("a recorded request", lambda: (m := server.scrape()).value("llm_requests_total") and m)
         assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="multiproc_setup") == 1
     assert list(elsewhere.iterdir()) == []  # nothing was written through the planted link
-    assert "Exception in ASGI application" not in server.log.read_text(errors="replace")
+    log = server.log.read_text(errors="replace")
+    assert "Exception in ASGI application" not in log
+    # Each worker's WARNING names the setting to change: the variable that gave the directory, or, for the default
+    # location, the variable that sets another.
+    warnings = [line for line in log.splitlines() if "multi-worker state directory" in line]
+    assert len(warnings) == 2, warnings
+    named = "LLM_TELEMETRY_MULTIPROC_DIR (or multiproc_dir=)" if breakage == "file" else "the default location"
+    assert all(named in line and "LLM_TELEMETRY_MULTIPROC_DIR" in line for line in warnings), warnings
 
 
 @pytest.fixture
