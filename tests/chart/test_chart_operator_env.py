@@ -41,6 +41,14 @@ def test_a_fixed_priority_from_a_values_file_reaches_the_operator(render: Render
     assert OperatorConfig.from_env(env).priority == priority
 
 
+def test_a_priority_set_to_null_is_the_default_auto(render: Render) -> None:
+    """`--set peering.priority=null` (or a null in a values file) takes the value out; it rendered `<nil>`, which the
+    operator refuses at its start."""
+    env = operator_env(render({"peering": {"priority": None}}))
+    assert env["LLM_TELEMETRY_OPERATOR_PRIORITY"] == "auto"
+    assert isinstance(OperatorConfig.from_env(env).priority, int)  # auto: drawn at the operator's start
+
+
 ENDPOINTS_THE_OPERATOR_REFUSES = [
     ("tracesEndpoint", "http://"),
     ("tracesEndpoint", "http://:4318"),
