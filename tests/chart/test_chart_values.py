@@ -86,6 +86,8 @@ def test_every_values_key_has_a_comment_above_it() -> None:
         ({"podLabels": {"app.kubernetes.io/name": "other"}}, "app.kubernetes.io/name"),
         ({"podLabels": {"app.kubernetes.io/instance": "other"}}, "app.kubernetes.io/instance"),
         ({"podLabels": {"app.kubernetes.io/component": "other"}}, "app.kubernetes.io/component"),
+        # (The API server refuses it: a failed release, the release's other objects applied already.)
+        ({"strategy": {"type": "Recreate", "rollingUpdate": {"maxSurge": 1}}}, "rollingUpdate"),
     ],
 )
 def test_schema_rejects_misspelled_keys_and_wrong_types(
