@@ -622,10 +622,17 @@ class RequestLogs:
         env: environment (``OTEL_LOGS_EXPORTER``, OTLP protocol); default ``os.environ``.
         resource: the SDK ``Resource`` of the OTLP records, when the logger provider is ours (a global SDK one the
             application installed keeps its own); default the environment's (``Resource.create()``).
+        otel: ``env`` read already (by the middleware's setup, which warns once of a value it does not know).
     """
 
-    def __init__(self, service: str, env: Mapping[str, str] | None = None, resource: Any = None) -> None:
-        otel = OTelEnvironment.resolve(env)
+    def __init__(
+        self,
+        service: str,
+        env: Mapping[str, str] | None = None,
+        resource: Any = None,
+        otel: OTelEnvironment | None = None,
+    ) -> None:
+        otel = otel or OTelEnvironment.resolve(env)
         self.logger = logging.getLogger(REQUEST_LOGGER)
         self.observer = RequestLogObserver(service, self.logger)
         self._handlers: list[logging.Handler] = []

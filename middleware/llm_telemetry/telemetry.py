@@ -89,7 +89,7 @@ class Telemetry:
         self.workers = multiproc.activate(settings) if meter_provider is None else None
         #: None when tracing is off (no endpoint, no provider): then no span work happens per request. Made before
         #: the meter provider, whose resource names the service its spans name.
-        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env)
+        self.tracing: Tracing | None = Tracing.create(settings, tracer_provider, env, self.otel)
         self.meter_provider = meter_provider if meter_provider is not None else self._create_meter_provider()
         meter = self.meter_provider.get_meter(METER_NAME, __version__)
         self.instruments: Instruments
@@ -127,7 +127,7 @@ class Telemetry:
         its lifespan startup, which runs after this); True if it did."""
         if self.tracing is not None or self._tracing_given:
             return False
-        self.tracing = Tracing.create(self.settings, None, self._env)
+        self.tracing = Tracing.create(self.settings, None, self._env, self.otel)
         if self.tracing is None:
             return False
         if self.request_logs is not None:
@@ -198,7 +198,7 @@ class Telemetry:
         if traced is not None:
             resource = resource.merge(traced)
         service = str(resource.attributes.get("service.name", "unknown_service"))
-        return RequestLogs(service, self._env, resource)
+        return RequestLogs(service, self._env, resource, self.otel)
 
     def shutdown_in_background(self) -> threading.Event:
         """Run :meth:`shutdown` in a daemon thread; the event is set once it is done. A daemon thread: one still

@@ -346,10 +346,15 @@ class Tracing:
 
     @classmethod
     def create(
-        cls, settings: Settings, provider: TracerProvider | None = None, env: Mapping[str, str] | None = None
+        cls,
+        settings: Settings,
+        provider: TracerProvider | None = None,
+        env: Mapping[str, str] | None = None,
+        otel: OTelEnvironment | None = None,
     ) -> Tracing | None:
-        """Decide whether tracing is on and find or build the provider; None means off."""
-        otel = OTelEnvironment.resolve(env)
+        """Decide whether tracing is on and find or build the provider; None means off. ``otel``: ``env`` read
+        already (by the middleware's setup, which warns once of a value it does not know)."""
+        otel = otel or OTelEnvironment.resolve(env)
         if provider is not None:
             return cls(provider, False, settings)
         if otel.sdk_disabled:

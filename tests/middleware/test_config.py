@@ -394,6 +394,7 @@ def test_an_exemplar_filter_it_does_not_know_is_named_in_a_warning(
     assert (" # {" in scrape) is exemplars, scrape
     warned = [r for r in caplog.records if "OTEL_METRICS_EXEMPLAR_FILTER" in r.getMessage()]
     assert bool(warned) is exemplars and all(repr(value) in r.getMessage() for r in warned), caplog.text
+    assert len(warned) == int(exemplars), caplog.text  # once per start, not once per signal that reads it
 
 
 def _openmetrics(url: str) -> str:
