@@ -482,16 +482,20 @@ class OTelEnvironment:
     def resolve(cls, env: Mapping[str, str] | None = None) -> OTelEnvironment:
         """Read ``env`` (default ``os.environ``)."""
         env = os.environ if env is None else env
+        warned: set[str] = set()  # the variables warned of (the generic one serves three signals: said once)
 
         def protocol(signal_var: str) -> str:
             value = (env.get(signal_var) or env.get(OTEL_EXPORTER_OTLP_PROTOCOL) or DEFAULT_OTLP_PROTOCOL).strip()
             if value not in ("grpc", DEFAULT_OTLP_PROTOCOL):
-                # http/json is a valid value the OpenTelemetry Python exporters do not implement; a typo is none.
-                logging.getLogger("llm_telemetry").warning(
-                    "llm-telemetry: OTLP protocol %r (%s) is not one of grpc, http/protobuf; using http/protobuf",
-                    value,
-                    signal_var if env.get(signal_var) else OTEL_EXPORTER_OTLP_PROTOCOL,
-                )
+                source = signal_var if env.get(signal_var) else OTEL_EXPORTER_OTLP_PROTOCOL
+                if source not in warned:
+                    warned.add(source)
+                    # http/json is a valid value the OpenTelemetry Python exporters do not implement; a typo is none.
+                    logging.getLogger("llm_telemetry").warning(
+                        "llm-telemetry: OTLP protocol %r (%s) is not one of grpc, http/protobuf; using http/protobuf",
+                        value,
+                        source,
+                    )
                 return DEFAULT_OTLP_PROTOCOL
             return value
 

@@ -364,6 +364,12 @@ def test_an_otlp_protocol_the_exporters_do_not_speak_is_named_in_a_warning(
         value in r.getMessage() and "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" in r.getMessage() for r in caplog.records
     )
     caplog.clear()
+    # The generic variable serves all three signals: one WARNING, not one per signal.
+    with caplog.at_level("WARNING", logger="llm_telemetry"):
+        env = OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_PROTOCOL": value})
+    assert (env.traces_protocol, env.metrics_protocol, env.logs_protocol) == ("http/protobuf",) * 3
+    assert [r.getMessage().count(value) for r in caplog.records] == [1], caplog.text
+    caplog.clear()
     with caplog.at_level("WARNING", logger="llm_telemetry"):
         assert OTelEnvironment.resolve({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}).metrics_protocol == "grpc"
     assert not caplog.records
