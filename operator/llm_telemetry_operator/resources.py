@@ -15,13 +15,16 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from llm_telemetry import config as mw
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig, grpc_default
 from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.spec import TelemetrySpec
+
+if TYPE_CHECKING:
+    from llm_telemetry.monitoring.rules import AlertThresholds
 
 # Downward-API variables that OTEL_RESOURCE_ATTRIBUTES refers to with $(VAR); they must come first.
 ENV_POD_NAMESPACE = "K8S_NAMESPACE_NAME"
@@ -1106,9 +1109,11 @@ _NAMESPACE_MARK, _JOB_MARK = "\x00namespace\x00", "\x00job\x00"
 
 
 @functools.lru_cache(maxsize=32)
-def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid: str, loki_uid: str) -> str:
-    """The dashboard's JSON for these attribution labels, logs mode and datasources, with stand-ins for its title,
-    uid, and the namespace and job it opens on.
+def _dashboard_template(
+    attribution: tuple[str, ...], logs_mode: str, jaeger_uid: str, loki_uid: str, thresholds: AlertThresholds | None
+) -> str:
+    """The dashboard's JSON for these attribution labels, logs mode, datasources and alert thresholds, with
+    stand-ins for its title, uid, and the namespace and job it opens on.
 
     Every LLMTelemetry's dashboard is the same but for those strings, and building and encoding it (some 40 KB) was
     about a twentieth of the operator's CPU per new resource; so it is built once per set of labels and settings,
@@ -1126,6 +1131,7 @@ def _dashboard_template(attribution: tuple[str, ...], logs_mode: str, jaeger_uid
         namespace=_NAMESPACE_MARK,
         job=_JOB_MARK,
         endpoint=c.METRICS_PORT_NAME,
+        thresholds=thresholds,
     )
     return json.dumps(dashboard, sort_keys=True, separators=(",", ":"))
 
@@ -1139,10 +1145,11 @@ def dashboard_json(
     loki_uid: str,
     namespace: str,
     job: str,
+    thresholds: AlertThresholds | None = None,
 ) -> str:
     """``json.dumps(build_dashboard(title=..., uid=..., ...), sort_keys=True, separators=(",", ":"))``, from the
     cached template (the same text)."""
-    text = _dashboard_template(attribution, logs_mode, jaeger_uid, loki_uid)
+    text = _dashboard_template(attribution, logs_mode, jaeger_uid, loki_uid, thresholds)
     for mark, value in ((_TITLE_MARK, title), (_UID_MARK, uid), (_NAMESPACE_MARK, namespace), (_JOB_MARK, job)):
         text = text.replace(json.dumps(mark), json.dumps(value))
     return text
@@ -1153,7 +1160,8 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
 
     It opens on this resource's service (its namespace, and the job its ServiceMonitor sets: the resource's name),
     as its title says; the variables still offer every other. Its error log panel queries Loki for the lines as
-    ``spec.logs.mode`` sends them there (OTLP or stdout)."""
+    ``spec.logs.mode`` sends them there (OTLP or stdout), and its error ratio and p95 panels turn red at the
+    thresholds of ``spec.alerts``, as its alerts fire."""
     meta = owner["metadata"]
     attribution = tuple(sorted(set(spec.attribution_headers.values()))) or ("tenant",)
     title = f"LLM: {meta['namespace']}/{meta['name']}"
@@ -1166,6 +1174,8 @@ def build_dashboard_configmap(owner: Mapping[str, Any], spec: TelemetrySpec, con
         config.loki_datasource_uid,
         meta["namespace"],
         meta["name"],
+        # Its Health row turns red where this resource's alerts fire.
+        spec.alerts.thresholds,
     )
     key, val = config.dashboard_label
     metadata = _metadata(owner, dashboard_configmap_name(meta["name"]), "dashboard", {key: val})

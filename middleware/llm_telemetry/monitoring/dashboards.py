@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
+from llm_telemetry import instruments as inst
 from llm_telemetry.monitoring.rules import (
     COST,
     ERROR_TYPE,
@@ -47,6 +48,7 @@ from llm_telemetry.monitoring.rules import (
     TRUNCATED_FINISH_REASONS,
     UNPRICED_TOKENS,
     USAGE_SOURCE,
+    AlertThresholds,
 )
 
 #: Grafana 11.0's dashboard schema version; Grafana 11 and 12 import it and migrate it forward on save.
@@ -522,6 +524,36 @@ def _templating(
     return variables
 
 
+#: The bucket boundaries of the histogram each p95 panel of the Health row reads.
+_P95_BOUNDS: Final = {
+    "p95_request_duration_seconds": inst.REQUEST_DURATION_BUCKETS,
+    "p95_ttft_seconds": inst.TIME_TO_FIRST_TOKEN_BUCKETS,
+}
+
+
+def threshold_steps(thresholds: AlertThresholds) -> dict[str, list[dict[str, Any]]]:
+    """The colour steps of the Health row's error ratio and p95 panels, by the :class:`AlertThresholds` field each
+    follows: red from the value its alert compares with, so the panel turns red where the alert would fire.
+
+    The error ratio is orange from a fifth of its threshold (1% for the default 5%). A p95 is red from the bucket
+    boundary its alert compares with (:meth:`AlertThresholds.alert_bound`: a threshold between two boundaries is
+    rounded up, since between them a quantile is an interpolation) and orange from the boundary below that one."""
+    red = thresholds.error_ratio
+    steps: dict[str, list[dict[str, Any]]] = {
+        "error_ratio": [
+            {"color": "green", "value": None},
+            {"color": "orange", "value": float(f"{red / 5:.6g}")},
+            {"color": "red", "value": red},
+        ]
+    }
+    for name, bounds in _P95_BOUNDS.items():
+        bound = thresholds.alert_bound(name)
+        below = [b for b in bounds if b < bound]
+        orange: list[dict[str, Any]] = [{"color": "orange", "value": below[-1]}] if below else []
+        steps[name] = [{"color": "green", "value": None}, *orange, {"color": "red", "value": bound}]
+    return steps
+
+
 def build_dashboard(
     *,
     title: str = "LLM services",
@@ -533,6 +565,7 @@ def build_dashboard(
     namespace: str | None = None,
     job: str | None = None,
     endpoint: str | None = None,
+    thresholds: AlertThresholds | None = None,
 ) -> dict[str, Any]:
     """The Grafana dashboard JSON model for the metrics of :mod:`llm_telemetry.instruments`.
 
@@ -549,6 +582,8 @@ def build_dashboard(
         namespace, job, endpoint: The namespace, job and scrape endpoint (port name) the dashboard opens on (its
             variables' default values; All when None). The operator's dashboard for an LLMTelemetry opens on that
             resource's own service and the endpoint its ServiceMonitor scrapes, as its alerts select.
+        thresholds: The alert thresholds the Health row's error ratio and p95 panels turn red at (the defaults
+            when None): the values the alerts compare with (:func:`threshold_steps`).
     """
     if logs_mode not in ERROR_LOG_QUERIES:
         raise ValueError(f"logs_mode {logs_mode!r}: expected one of {', '.join(LOGS_MODES)}")
@@ -556,6 +591,7 @@ def build_dashboard(
         if not _ATTRIBUTION_LABEL.fullmatch(name):
             raise ValueError(f"attribution label {name!r}: expected a Prometheus label name suffix such as 'tenant'")
     b = _Builder(attribution_labels, jaeger_uid, loki_uid)
+    steps = threshold_steps(thresholds or AlertThresholds())
     model_legend = f"{{{{{REQUEST_MODEL}}}}}"
     cache_read = f'{TOKEN_DETAIL}="cache_read"'
     input_tokens = f'{TOKEN_TYPE}="input"'
@@ -578,7 +614,7 @@ def build_dashboard(
         f"(sum({b.rate(ERRORS, NOT_LEFT)}) or vector(0)) / {requests_rate}",
         "error ratio",
         "percentunit",
-        [{"color": "green", "value": None}, {"color": "orange", "value": 0.01}, {"color": "red", "value": 0.05}],
+        steps["error_ratio"],
     )
     b.stat(
         "p95 request duration",
@@ -586,8 +622,7 @@ def build_dashboard(
         f"histogram_quantile(0.95, sum by (le) ({b.rate(REQUEST_DURATION + '_bucket')}))",
         "p95",
         "s",
-        # At bucket boundaries, as the alerts' defaults: between two, a quantile is an interpolation.
-        [{"color": "green", "value": None}, {"color": "orange", "value": 40.96}, {"color": "red", "value": 81.92}],
+        steps["p95_request_duration_seconds"],
     )
     b.stat(
         "p95 time to first token",
@@ -595,7 +630,7 @@ def build_dashboard(
         f"histogram_quantile(0.95, sum by (le) ({b.rate(TIME_TO_FIRST_TOKEN + '_bucket')}))",
         "p95",
         "s",
-        [{"color": "green", "value": None}, {"color": "orange", "value": 1}, {"color": "red", "value": 2.5}],
+        steps["p95_ttft_seconds"],
     )
     b.stat(
         "Active requests",
