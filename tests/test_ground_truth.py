@@ -16,7 +16,8 @@ timestamp ``t1`` of a scrape that saw all of it. Every query is evaluated at ``t
 ``t1 - t0``: Prometheus 2's ranges include both ends, so the first and last samples sit exactly on the range's
 edges and ``rate()`` extrapolates nothing; it is the second pass's increase divided by the range. Token and
 cost totals and ratios are then compared exactly (cost to float rounding); quantiles must lie within the
-bucket bounds that the client-side timing of each request allows.
+bucket bounds that the client-side timing of each request allows. The model and tenant variables, set to each of
+their values and to two as Grafana sends them, split each panel into the parts its All view adds up to.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ ONE = f'{{endpoint="{ENDPOINT}"}}'
 WORKERS = 2
 TTFT_OBJECTIVE = 0.25
 THRESHOLDS = AlertThresholds(ttft_objective_seconds=TTFT_OBJECTIVE, cost_per_hour_usd=1000)
-#: USD per million tokens; free-model is deliberately absent (its tokens are "unpriced").
+#: USD per million tokens; UNPRICED is deliberately absent (its tokens are "unpriced"). Its name has characters a
+#: regular expression reads as operators, which a variable set to it must match literally.
+UNPRICED = "llama-3.1-8b+lora"
 PRICES = {
     "gpt-4o": {"input": 2.0, "output": 8.0, "cache_read": 1.0},
     "gpt-4o-mini": {"input": 0.5, "output": 1.5},
@@ -219,7 +222,7 @@ def _traffic() -> list[Req]:
         finish="length")  # fmt: skip
     add(1, api="anthropic", model="claude-sonnet-4", tenant="globex", usage=(12, 100, 0, 0, 0), finish="max_tokens")
     # A model missing from the pricing table.
-    add(2, api="openai", model="free-model", tenant="globex", usage=(15, 5, 0, 0, 0))
+    add(2, api="openai", model=UNPRICED, tenant="globex", usage=(15, 5, 0, 0, 0))
     # Every error type (three of them need a stream), and one more on another provider and model.
     for fail in instruments.ERROR_TYPES:
         add(1, api="openai", model="gpt-4o-mini", tenant="globex", stream=fail in STREAMED_FAILURES,
@@ -879,6 +882,83 @@ def _rule_checks(run: Run) -> dict[str, Callable[[list[dict[str, Any]]], None]]:
         checks[f"llm:slo_availability:ratio_rate{window}"] = scalar(availability_bad / n, "availability burn")
         checks[f"llm:slo_ttft:ratio_rate{window}"] = slo_ttft
     return checks
+
+
+def _grafana_regex(values: list[str]) -> str:
+    """The values of a multi-value variable as Grafana's Prometheus data source writes them into a query: each
+    escaped for a regular expression inside a PromQL string, several joined into one alternation."""
+    escaped = [re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), v.replace("\\", "\\" * 4)) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def _series(result: list[dict[str, Any]]) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in result}
+
+
+def _same(actual: dict[Any, float], expected: dict[Any, float]) -> bool:
+    return actual.keys() == expected.keys() and all(_close(actual[k], expected[k]) for k in expected)
+
+
+def _carries(expr: str, label: str) -> bool:
+    """Whether the metrics a query reads have ``label`` (the model, or an attribution label)."""
+    names = {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"\b((?:llm|gen_ai)_\w+)\{", expr)}
+    specs = [instruments.BY_PROMETHEUS_NAME[name] for name in names]
+    assert specs, expr
+    return all(label in spec.labels if label == MODEL else spec.attributed for spec in specs)
+
+
+def test_each_value_of_a_variable_shows_its_part_of_every_panel(run: Run) -> None:
+    """The model and tenant variables set to one value, and to two, as Grafana sends them (each value escaped for a
+    regular expression: a model named ``llama-3.1-8b+lora`` is in the traffic). A panel by that label shows exactly
+    the series of those values that it shows on All; a panel that adds up rates shows the sum over the values of
+    what each one shows (the values partition its traffic); a panel whose metric cannot carry the label shows what
+    it shows on All."""
+    dashboard = build_dashboard(attribution_labels=("tenant",))
+    panels = [p for p in dashboard["panels"] if p["type"] != "row" and p["title"] not in UNCHECKED]
+    failures = []
+    checked = 0  # comparisons of series that the traffic gives values
+    for variable, label in (("model", MODEL), (TENANT, TENANT)):
+        values = sorted(run.prom.get(f"/api/v1/label/{label}/values", **{"match[]": f"llm_requests_total{ONE}"}))
+        assert len(values) >= 3, values
+        if variable == "model":
+            assert UNPRICED in values
+        for panel in panels:
+            for target in panel["targets"]:
+                every = _series(run.query(_as_promql(target["expr"], run)))
+
+                def chosen(picked: list[str], target: dict[str, Any] = target, variable: str = variable) -> Any:
+                    expr = target["expr"].replace(f"${variable}", _grafana_regex(picked))
+                    return _series(run.query(_as_promql(expr, run)))
+
+                one = {v: chosen([v]) for v in values}
+                pair = values[-2:]
+                two = chosen(pair)
+                where = f"{panel['title']} ({target['refId']}), {variable}"
+                if any(label in dict(key) for key in every):  # a panel by this label
+                    for picked, got in [*(([v], one[v]) for v in values), (pair, two)]:
+                        part = {k: v for k, v in every.items() if dict(k).get(label) in picked}
+                        if not _same(got, part):
+                            failures.append(f"{where}={picked}: {got} where All shows {part}")
+                        checked += bool(part)
+                elif not _carries(target["expr"], label):  # its metric has no such label
+                    if not all(_same(got, every) for got in [*one.values(), two]):
+                        failures.append(f"{where}: a value changes a panel its metric cannot filter")
+                elif f'{label}=~"${variable}"' not in target["expr"]:
+                    failures.append(f"{where}: the variable does not filter the panel, whose metric has the label")
+                elif "/" not in target["expr"] and "histogram_quantile" not in target["expr"]:  # rates added up
+                    total: dict[Any, float] = defaultdict(float)
+                    for got in one.values():
+                        for key, value in got.items():
+                            total[key] += value
+                    both: dict[Any, float] = defaultdict(float)
+                    for v in pair:
+                        for key, value in one[v].items():
+                            both[key] += value
+                    if not _same(dict(total), every) or not _same(two, dict(both)):
+                        failures.append(f"{where}: the values' parts {dict(total)} do not add up to All's {every}")
+                    checked += bool(every)
+    assert not failures, "\n".join(failures)
+    assert checked > 50, checked
 
 
 def test_every_recording_rule_matches_the_traffic(run: Run) -> None:
