@@ -328,6 +328,17 @@ def test_stat_panels_show_the_latest_value_and_say_when_there_is_no_traffic() ->
         assert mapping["options"] == {"match": "null+nan", "result": {"text": "no traffic"}}, panel["title"]
 
 
+def test_units_read_as_grafana_formats_them() -> None:
+    """Grafana's value formatter (``getValueFormat`` of @grafana/data 11) writes ``suffix:<text>`` as the value, a
+    space, then <text> as given: ``suffix: tok/min`` showed "1036  tok/min". And a stat's ``decimals`` are kept
+    for whole numbers: the count of requests in flight showed "3.00"."""
+    panels = _panels(build_dashboard())
+    custom = [p["fieldConfig"]["defaults"]["unit"] for p in panels if p["fieldConfig"]["defaults"]["unit"].count(":")]
+    assert custom and all(re.fullmatch(r"suffix:\S.*", unit) for unit in custom), custom
+    (active,) = [p for p in panels if p["title"] == "Active requests"]
+    assert active["fieldConfig"]["defaults"]["decimals"] == 0
+
+
 def test_heatmaps_read_buckets_as_heatmap_frames() -> None:
     """Each cell is a rate of requests, labelled as one: Grafana gives the cells the buckets' unit (seconds) unless
     the panel names theirs, and showed 0.4 req/s as "400 ms"."""

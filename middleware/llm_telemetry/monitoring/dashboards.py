@@ -51,6 +51,10 @@ from llm_telemetry.monitoring.rules import (
     AlertThresholds,
 )
 
+#: The unit of the tokens-per-minute panels. Grafana puts a space before a custom suffix itself; one written after
+#: the colon too showed "1036  tok/min".
+TOKENS_PER_MINUTE: Final = "suffix:tok/min"
+
 #: Grafana 11.0's dashboard schema version; Grafana 11 and 12 import it and migrate it forward on save.
 SCHEMA_VERSION: Final = 39
 RATE: Final = "$__rate_interval"
@@ -203,7 +207,14 @@ class _Builder:
         return target
 
     def stat(
-        self, title: str, description: str, expr: str, legend: str, unit: str, steps: list[dict[str, Any]]
+        self,
+        title: str,
+        description: str,
+        expr: str,
+        legend: str,
+        unit: str,
+        steps: list[dict[str, Any]],
+        decimals: int = 2,
     ) -> None:
         self.add(
             {
@@ -214,7 +225,7 @@ class _Builder:
                 "fieldConfig": {
                     "defaults": {
                         "unit": unit,
-                        "decimals": 2,
+                        "decimals": decimals,
                         "color": {"mode": "thresholds"},
                         "thresholds": {"mode": "absolute", "steps": steps},
                         # A ratio or a quantile of no requests is NaN: said so, rather than the last value before.
@@ -639,6 +650,7 @@ def build_dashboard(
         "active",
         "short",
         [{"color": "blue", "value": None}],
+        decimals=0,  # a count of requests: 3, not "3.00"
     )
 
     b.row("Latency")
@@ -696,7 +708,7 @@ def build_dashboard(
                 f"{{{{{REQUEST_MODEL}}}}} {{{{{TOKEN_TYPE}}}}}",
             )
         ],
-        "suffix: tok/min",
+        TOKENS_PER_MINUTE,
         stack=True,
     )
     b.timeseries(
@@ -709,7 +721,7 @@ def build_dashboard(
                 f"{{{{{REQUEST_MODEL}}}}} {{{{{TOKEN_DETAIL}}}}}",
             )
         ],
-        "suffix: tok/min",
+        TOKENS_PER_MINUTE,
     )
     b.timeseries(
         "Cost per hour by model",
@@ -751,14 +763,14 @@ def build_dashboard(
         " (a stream whose client did not set stream_options.include_usage): output from the deltas, input from the"
         " request's text at four characters a token, a lower bound.",
         [b.target(f"sum by ({USAGE_SOURCE}) ({b.rate(TOKENS)}) * 60", f"{{{{{USAGE_SOURCE}}}}}")],
-        "suffix: tok/min",
+        TOKENS_PER_MINUTE,
         stack=True,
     )
     b.timeseries(
         "Unpriced tokens/min by model",
         "Tokens of models missing from the pricing table; their cost is not counted above.",
         [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(UNPRICED_TOKENS)}) * 60", model_legend)],
-        "suffix: tok/min",
+        TOKENS_PER_MINUTE,
     )
 
     b.row("Errors and finish reasons")
