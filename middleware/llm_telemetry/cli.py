@@ -65,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dashboard.add_argument(
         "--attribution-label", action="append", help="attribution label (without llm_metadata_); repeatable"
     )
+    # The rules command's alert thresholds, at which the Health row's panels turn red.
+    dashboard.add_argument("--error-ratio", type=float, help="the error ratio panel is red from this share (0.05)")
+    dashboard.add_argument("--p95-request-duration", type=float, help="p95 duration red from this, seconds (81.92)")
+    dashboard.add_argument("--p95-ttft", type=float, help="p95 time to first token red from this, seconds (2.5)")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -88,12 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _rules(args)
     if args.command == "dashboard":
         from .monitoring.dashboards import render_dashboard_json
+        from .monitoring.rules import AlertThresholds
 
         labels = tuple(args.attribution_label) if args.attribution_label else ("tenant",)
+        fields = {
+            "error_ratio": args.error_ratio,
+            "p95_request_duration_seconds": args.p95_request_duration,
+            "p95_ttft_seconds": args.p95_ttft,
+        }
         try:
+            thresholds = AlertThresholds(**{k: v for k, v in fields.items() if v is not None})
             text = render_dashboard_json(
                 title=args.title, uid=args.uid, jaeger_uid=args.jaeger_uid, loki_uid=args.loki_uid,
-                attribution_labels=labels, logs_mode=args.logs_mode,
+                attribution_labels=labels, logs_mode=args.logs_mode, thresholds=thresholds,
             )  # fmt: skip
         except ValueError as exc:
             print(f"llm-telemetry dashboard: {exc}", file=sys.stderr)

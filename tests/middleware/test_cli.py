@@ -155,6 +155,25 @@ def test_dashboard_command_prints_grafana_json() -> None:
     assert "my-jaeger" in out and "llm_metadata_team" in out
 
 
+def test_dashboard_command_turns_red_where_the_rules_commands_alerts_fire() -> None:
+    """The same threshold flags as the rules command: the Health row turns red at what its alerts compare with (a
+    p95 threshold between two bucket boundaries at the next one, 20 s at 20.48 s)."""
+    flags = ["--error-ratio", "0.02", "--p95-request-duration", "20", "--p95-ttft", "5"]
+    rules = subprocess.run([*CLI, "rules", *flags], capture_output=True, text=True, check=True).stdout
+    alerts = {r["alert"]: r["expr"] for g in yaml.safe_load(rules)["groups"] for r in g["rules"] if "alert" in r}
+    out = subprocess.run([*CLI, "dashboard", *flags], capture_output=True, text=True, check=True).stdout
+    red = {
+        p["title"]: p["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"]
+        for p in json.loads(out)["panels"]
+        if p["type"] == "stat"
+    }
+    assert "> 0.02\n" in alerts["LLMHighErrorRatio"] and red["Error ratio"] == 0.02
+    assert alerts["LLMHighRequestDuration"].endswith("> 20.48") and red["p95 request duration"] == 20.48
+    assert alerts["LLMHighTimeToFirstToken"].endswith("> 5") and red["p95 time to first token"] == 5
+    bad = subprocess.run([*CLI, "dashboard", "--error-ratio", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error_ratio" in bad.stderr
+
+
 @pytest.mark.parametrize("mode", ["stdout", "otlp"])
 def test_dashboard_command_queries_loki_for_the_logs_mode(mode: str) -> None:
     from llm_telemetry.monitoring.dashboards import ERROR_LOG_QUERIES
