@@ -1,0 +1,156 @@
+"""A client's ``baggage`` header, with tracing on. OpenTelemetry's W3C baggage propagator logs a WARNING for each
+member it ignores (most with the member's text) and, for a header over its size limit, one with the whole header: a
+client could make every request write 180 log lines, or one of tens of KB, and take several times the CPU a request
+costs. The middleware hands the propagator only the members it keeps: the span's parent has the same baggage, and
+nothing is logged per request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from opentelemetry import baggage, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from llm_telemetry.demo.app import create_app
+from llm_telemetry.tracing import _extract
+from otlp_receiver import isolated_env
+from support import serve
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@contextmanager
+def opentelemetry_warnings() -> Iterator[list[logging.LogRecord]]:
+    """The records of WARNING and above that OpenTelemetry's loggers emit meanwhile, from any thread."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    otel = logging.getLogger("opentelemetry")
+    otel.addHandler(handler)
+    try:
+        yield records
+    finally:
+        otel.removeHandler(handler)
+
+
+def propagators_baggage(header: str) -> dict[str, object]:
+    """What OpenTelemetry's own W3C baggage propagator makes of ``header`` (its warnings included)."""
+    return dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": header}, context=Context())))
+
+
+class ParentBaggage:
+    """A span processor keeping the baggage of each span's parent context, as a baggage span processor reads it."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        self.seen.append(dict(baggage.get_all(parent_context)))
+
+    def on_end(self, span: Any) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+#: 180 malformed members (no "="), then valid ones the propagator keeps; a header past the size limit.
+MALFORMED = ",".join(["x" * 40] * 170 + ["team=search", "tier=gold;p=1", "bad key=v", 'quote=a"b'])
+OVERSIZED = "k=" + "v" * 60_000
+
+
+@pytest.mark.parametrize("header", [MALFORMED, OVERSIZED], ids=["malformed-members", "oversized"])
+def test_a_hostile_baggage_header_gives_the_propagators_baggage_and_no_warning_per_request(header: str) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    expected = propagators_baggage(header)
+    parents = ParentBaggage()
+    provider = TracerProvider()
+    provider.add_span_processor(parents)  # type: ignore[arg-type]
+    with isolated_env({}):
+        app = create_app(metrics_port=0, tracer_provider=provider)
+        app.telemetry  # noqa: B018 - built while the environment is in place
+    try:
+        with serve(app) as base, opentelemetry_warnings() as warnings:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+            for _ in range(3):
+                reply = client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "hi"}],
+                    extra_headers={"traceparent": TRACEPARENT, "baggage": header},
+                )
+                assert reply.choices[0].message.content
+    finally:
+        app.telemetry.shutdown()
+        provider.shutdown()
+    assert parents.seen == [expected] * 3
+    assert expected == ({"team": "search", "tier": "gold;p=1"} if header is MALFORMED else {})
+    assert [r.getMessage()[:120] for r in warnings] == []
+
+
+# Members of a baggage header, of every kind the propagator keeps or ignores.
+_KEY = st.text("abcXYZ019!#$%&'*+-.^_`|~", min_size=1, max_size=8)
+_VALUE = st.text("abcXYZ019!#$%&'()*+-./:<>?@[]^_`{|}~=", max_size=8)
+_VALID = st.builds(lambda k, v, p: f"{k}={v}{p}", _KEY, _VALUE, st.sampled_from(["", ";p", ";p=1", " ;p=1"]))
+_MEMBER = st.one_of(
+    _VALID,
+    _VALID.map(lambda m: f" \t{m} "),  # whitespace around a member
+    _KEY,  # no "="
+    st.builds(lambda k, v: f"{k} {k}={v}", _KEY, _VALUE),  # a space inside the key
+    st.builds(lambda k: f'{k}=a"b', _KEY),  # a quote in the value
+    st.builds(lambda k: f"{k}=\u00e9", _KEY),  # not ASCII
+    st.builds(lambda k: f"{k}=" + "v" * 4095, _KEY),  # longer than a member may be
+    st.just(""),
+    st.just(" "),
+)
+
+
+@settings(max_examples=300, deadline=None)
+# Past the propagator's 180 members (the first 180 are kept); members it ignores before they count toward them.
+@example(members=[f"k{i}=v" for i in range(200)], separators=",", traceparent_first=False, pad=0)
+@example(members=["a=\u00e9"] * 10 + [f"k{i}=v" for i in range(180)], separators=",", traceparent_first=True, pad=0)
+@example(members=["a=" + "v" * 4095] + [f"k{i}=v" for i in range(180)], separators=",", traceparent_first=True, pad=0)
+@example(members=[" \tteam=search ", "tier=gold ;p=1"], separators=" , ", traceparent_first=False, pad=0)
+@given(
+    members=st.lists(_MEMBER, max_size=200),
+    separators=st.sampled_from([",", " , ", ",\t", ",,"]),
+    traceparent_first=st.booleans(),
+    pad=st.sampled_from([0, 0, 0, 9000]),
+)
+def test_the_baggage_read_is_the_propagators_without_its_warnings(
+    members: list[str], separators: str, traceparent_first: bool, pad: int
+) -> None:
+    header = separators.join(members) + ("," + "p=" + "v" * pad if pad else "")
+    expected = propagators_baggage(header)
+    headers = [(b"baggage", header.encode("latin-1"))]
+    if traceparent_first:
+        headers.insert(0, (b"traceparent", TRACEPARENT.encode()))
+    with opentelemetry_warnings() as warnings:
+        read = _extract(headers, apart=True)
+    assert dict(baggage.get_all(read)) == expected
+    assert warnings == []
+    parent = trace.get_current_span(read).get_span_context()
+    assert parent.is_valid is traceparent_first
+    if traceparent_first:
+        assert (
+            parent
+            == trace.get_current_span(
+                TraceContextTextMapPropagator().extract({"traceparent": TRACEPARENT}, context=Context())
+            ).get_span_context()
+        )
