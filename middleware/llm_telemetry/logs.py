@@ -459,7 +459,16 @@ class RequestLogObserver:
         token = context.attach(call.otel_context) if call.otel_context is not None else None
         sender = _SENDER.set(otlp)
         try:
-            logger.handle(record)
+            try:
+                logger.handle(record)
+            except Exception:
+                # A handler of the app's raised (logging's own report a failure to stderr instead) and so kept the
+                # handlers after it from the record: the OTLP record still goes out, as it does whatever handlers the
+                # logger has. (The OTLP handler, having sent it, takes itself off _SENDER.)
+                if otlp is not None and _SENDER.get(None) is otlp and otlp in logger.handlers:
+                    if record.levelno >= otlp.level:
+                        otlp.handle(record)
+                raise
         finally:
             _SENDER.reset(sender)
             if token is not None:
@@ -491,6 +500,8 @@ class OTLPLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if _SENDER.get(self) is not self:
             return  # another instance's request (under its own resource, through its own handler, or by none)
+        if _SENDER.get(None) is self:
+            _SENDER.set(None)  # sent, for the observer that set it (and resets it once the logger is done)
         try:
             fields = getattr(record, RECORD_ATTRIBUTE, None) or {}
             self.send(record.created, record.levelno, record.getMessage(), fields, context.get_current())

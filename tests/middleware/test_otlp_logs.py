@@ -419,6 +419,61 @@ def test_an_apps_own_handler_on_the_request_logger_gets_a_record_it_can_pickle(r
     assert [rec.attributes.get("request_id") for rec in receiver.logs].count("pickled-1") == 1
 
 
+@pytest.mark.parametrize("added", ["before the start", "while serving"])
+def test_an_apps_handler_that_raises_keeps_neither_the_answer_nor_the_otlp_record_from_the_client(
+    added: str, receiver: OTLPReceiver
+) -> None:
+    """docs/logging.md: with ``OTEL_LOGS_EXPORTER=otlp`` the record goes out whatever handlers the request logger has.
+    A handler the app put on it before the first request that raises (rather than report its failure as logging's
+    own handlers do) kept the handlers after it, the OTLP one among them, from every record: the answers were whole,
+    and no request sent a record. Through the openai SDK, streamed and not, each record arrives once (one added while
+    serving comes after the OTLP handler) with its span's ids."""
+    import openai
+
+    env = tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-raising-handler")
+    env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
+    ids = {kind: f"raising-{kind}-{added}" for kind in ("plain", "stream", "429")}
+
+    class Raising(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise RuntimeError("the app's handler failed")
+
+    own = Raising()
+    logger = logging.getLogger("llm_telemetry.requests")
+    if added == "before the start":
+        logger.addHandler(own)
+    try:
+        with demo_server(env) as (_app, base):
+            logger.addHandler(own)  # (a second time changes nothing)
+            client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+            messages: Any = [{"role": "user", "content": "hi"}]
+            answer = client.chat.completions.create(
+                model="gpt-4o", messages=messages, extra_headers={"x-request-id": ids["plain"]}
+            )
+            assert answer.choices[0].message.content and answer.usage and answer.usage.completion_tokens == 12
+            chunks = client.chat.completions.create(
+                model="gpt-4o", messages=messages, stream=True, extra_headers={"x-request-id": ids["stream"]}
+            )
+            assert (
+                "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                == answer.choices[0].message.content
+            )
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(
+                    model="gpt-4o",
+                    messages=messages,
+                    extra_headers={"x-request-id": ids["429"], "x-demo-fail": "rate_limit"},
+                )
+    finally:
+        logger.removeHandler(own)
+    for request_id, severity in ((ids["plain"], "INFO"), (ids["stream"], "INFO"), (ids["429"], "WARN")):
+        span = wait_span(receiver, **{"llm.request_id": request_id})
+        assert receiver.wait_for(lambda r, i=request_id: any(rec.attributes.get("request_id") == i for rec in r.logs))
+        (record,) = [rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id]
+        assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
+        assert record.severity_text == severity and record.resource["service.name"] == "llm-raising-handler"
+
+
 def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
     from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as sdk_encode_logs
     from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as SDKGrpcLogExporter
