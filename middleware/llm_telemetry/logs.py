@@ -249,10 +249,10 @@ def _cut(value: str, most: int, size: int) -> str:
 
 
 #: Characters JSON lets stand unescaped in a string that a reader of the raw line should not meet raw (see
-#: labels.INVISIBLE): the Unicode line breaks, the C1 controls and the invisible format characters, with which a
-#: client's model name or request id could end the line or turn the rest of it around in a terminal. Escaped, one
-#: line stays one line and reads as written; a JSON reader gets them back.
-_INVISIBLE: Final = INVISIBLE
+#: labels.INVISIBLE): DEL (a terminal shows nothing for it), the Unicode line breaks, the C1 controls and the invisible
+#: format characters, with which a client's model name or request id could end the line, hide in it or turn the rest
+#: of it around in a terminal. Escaped, one line stays one line and reads as written; a JSON reader gets them back.
+_INVISIBLE: Final = re.compile("[\x7f" + INVISIBLE.pattern[1:])
 
 
 def _escape(code: int) -> str:
@@ -296,7 +296,7 @@ def _line_text(encoded: str) -> str:
     make the handler's write fail) replaced, Unicode line breaks and invisible characters escaped. (The JSON's own
     structure is ASCII: these can only be inside strings, where the escape means the same character.)"""
     if encoded.isascii():
-        return encoded
+        return encoded if "\x7f" not in encoded else encoded.replace("\x7f", "\\u007f")
     return _INVISIBLE_RUNS.sub(_escaped_run, valid_text(encoded))
 
 

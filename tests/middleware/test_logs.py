@@ -906,20 +906,28 @@ def test_a_model_name_with_unicode_line_breaks_stays_on_one_line(capsys: pytest.
     assert line_for(log_lines(out), "line-breaks")["model"] == model
 
 
+@pytest.mark.parametrize(
+    ("model", "escaped"),
+    [
+        ('gpt-4o\u202e}"eslaf":"nimda"{\u200bx\u2066y\ufeff\x7f', "\\u202e"),
+        ("gpt-4o\x7f-mini\x7f\x7f", "\\u007f"),  # ASCII only: DEL, which JSON lets stand raw
+    ],
+    ids=["beyond-ascii", "ascii-del"],
+)
 def test_a_model_name_with_invisible_characters_shows_them_escaped_in_the_raw_line(
-    capsys: pytest.CaptureFixture[str],
+    model: str, escaped: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A right-to-left override (U+202E) raw in a line turns the rest of it around in a terminal (`kubectl logs`),
-    and zero-width characters hide in it: the raw line spells them out, a JSON reader gets the name back as sent."""
-    model = 'gpt-4o\u202e}"eslaf":"nimda"{\u200bx\u2066y\ufeff'
+    and zero-width characters hide in it, as DEL does (a terminal shows nothing for it: `gpt-4o<DEL>` read as
+    `gpt-4o`): the raw line spells them out, a JSON reader gets the name back as sent."""
     with demo_server({}) as (_, base):
         body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
         headers = {"x-request-id": "invisible"}
         assert httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=10).status_code == 200
     out = capsys.readouterr().out
     (raw,) = [part for part in out.splitlines() if '"invisible"' in part]
-    assert not any(char in raw for char in "\u202e\u200b\u2066\ufeff")
-    assert "\\u202e" in raw
+    assert not any(char in raw for char in "\u202e\u200b\u2066\ufeff\x7f")
+    assert escaped in raw
     assert json.loads(raw)["model"] == model
 
 
@@ -992,11 +1000,12 @@ def test_a_line_long_for_fields_that_are_not_text_keeps_its_short_strings_whole(
 def test_lines_escape_every_invisible_character_and_no_other() -> None:
     """Runs of invisible characters are escaped by ``str.translate`` with a table read from their class (a regular
     expression's replacement call for each of them cost ~0.4 ms for a model of 1,024): the table holds each character
-    the class matches, and only those, each spelled as JSON spells it."""
+    the class matches, and DEL besides (ASCII, which JSON lets stand raw), and only those, each spelled as JSON spells
+    it."""
     from llm_telemetry.labels import INVISIBLE
     from llm_telemetry.logs import _ESCAPES
 
-    matched = {code for code in range(0x80, 0x110000) if INVISIBLE.fullmatch(chr(code))}
+    matched = {0x7F} | {code for code in range(0x80, 0x110000) if INVISIBLE.fullmatch(chr(code))}
     assert set(_ESCAPES) == matched
     assert all(json.loads(f'"{escape}"') == chr(code) for code, escape in _ESCAPES.items())
 
