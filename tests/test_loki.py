@@ -60,6 +60,9 @@ TRAFFIC = (
     ("gpt-4.1-mini", "rate_limit", False),
     ("gpt-4o", "server_error", False),
     ("gpt-4o", "stream_error", True),
+    # A stream refused before its first token: its stdout line's ttft_ms is null, which `| json ttft_ms="ttft_ms"`
+    # reads as "", and a numeric comparison of "" kept the line with an __error__ (the slow-first-token query).
+    ("gpt-4o", "rate_limit", True),
     ("gpt-4.1-mini", "context_length", False),
 )
 
