@@ -682,6 +682,16 @@ class RequestLogs:
         self.logger.addHandler(handler)
         self._handlers.append(handler)
 
+    def global_provider_installed(self) -> bool:
+        """Whether the records go through a logger provider of ours while the application has since installed a
+        global SDK one (in its lifespan startup), which they would go through were this set up now."""
+        if self._provider is None or not self._owns_provider:
+            return False
+        from opentelemetry._logs import get_logger_provider
+        from opentelemetry.sdk._logs import LoggerProvider
+
+        return isinstance(get_logger_provider(), LoggerProvider)
+
     def force_flush(self) -> None:
         if self._provider is not None:
             self._provider.force_flush()

@@ -1198,10 +1198,15 @@ class LLMTelemetryMiddleware:
                 # Set up as the lifespan began (the metrics port open while the app starts, a model loading, say);
                 # a tracer provider the app installed in its startup (FastAPI's lifespan, where apps commonly set
                 # up OpenTelemetry) is taken up now, before the server takes any request. No span was made before.
+                # So is a logger provider it installed there: the request logs are then set up anew, with an
+                # observer of their own to wire in.
                 with self._lock:
                     if self._observing and self._telemetry is telemetry:
+                        logs = telemetry.request_logs
                         telemetry.adopt_global_tracing()
-                        if telemetry.tracing is not None and not self._span_parameters:  # (_wire sets it)
+                        if telemetry.request_logs is not logs or (
+                            telemetry.tracing is not None and not self._span_parameters  # (_wire sets it)
+                        ):
                             self._wire(telemetry)
             elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 # And the pipeline in use now, when shutdown() replaced the one the lifespan started with.

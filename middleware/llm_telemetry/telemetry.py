@@ -124,18 +124,24 @@ class Telemetry:
 
     def adopt_global_tracing(self) -> bool:
         """Turn tracing on for a global SDK ``TracerProvider`` installed since this was made (an app sets one up in
-        its lifespan startup, which runs after this); True if it did."""
+        its lifespan startup, which runs after this); True if it did. The request logs take up a global SDK
+        ``LoggerProvider`` installed since, likewise."""
+        adopted = self._adopt_tracing()
+        logs = self.request_logs
+        if logs is not None and (adopted or logs.global_provider_installed()):
+            # They were set up for the environment's service; the app's tracer provider may name another in code, and
+            # the spans now carry it; or the app installed a logger provider of its own, which the records go through
+            # (as one installed at import is). Set up again (no request has been logged: the server takes none before
+            # this).
+            logs.shutdown()
+            self.request_logs = self._request_logs()
+        return adopted
+
+    def _adopt_tracing(self) -> bool:
         if self.tracing is not None or self._tracing_given:
             return False
         self.tracing = Tracing.create(self.settings, None, self._env, self.otel)
-        if self.tracing is None:
-            return False
-        if self.request_logs is not None:
-            # They were set up for the environment's service; the app's provider may name another in code, and the
-            # spans now carry it. Set up again (no request has been logged: the server takes none before this).
-            self.request_logs.shutdown()
-            self.request_logs = self._request_logs()
-        return True
+        return self.tracing is not None
 
     def _create_meter_provider(self) -> MeterProvider:
         if not self.settings.metrics_exporters:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import pickle
 import struct
+import subprocess
+import sys
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +38,9 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from llm_telemetry.logs import RECORD_ATTRIBUTE, OTLPLogHandler
 from llm_telemetry.otlp_logs import OTLPLogExporter, encode_logs, encode_logs_request
 from otlp_receiver import OTLPReceiver, demo_server, grpc_deliveries, otlp_receiver, tracing_env, wait_span
+from support import free_port, stop_process, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 TRACE_ID, SPAN_ID = 0x5CF92F3577B34DA6A3CE929D0E0E4737, 0x10F067AA0BA902B8
 RESOURCE = Resource({"service.name": "llm-test", "deployment.environment": "test"})
@@ -472,6 +479,61 @@ def test_an_apps_handler_that_raises_keeps_neither_the_answer_nor_the_otlp_recor
         (record,) = [rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id]
         assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
         assert record.severity_text == severity and record.resource["service.name"] == "llm-raising-handler"
+
+
+@pytest.mark.parametrize("when", ["import", "lifespan"])
+def test_a_logger_provider_the_app_installs_is_the_one_its_records_go_through(
+    when: str, receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """docs/logging.md: a global SDK ``LoggerProvider`` the application installed is used instead of a new one, with
+    its own resource, as a tracer provider is (docs/tracing.md), at import or in its lifespan startup. One installed
+    in the lifespan startup, with tracing on from the environment, was passed over: the records went through a
+    provider of the middleware's own, under the environment's service and to its endpoint. Real uvicorn, the openai
+    SDK, streamed and not: each record arrives once, through the app's provider, with its span's ids."""
+    import openai
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
+    env.update(
+        {
+            **tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-environment"),
+            "OTEL_BLRP_SCHEDULE_DELAY": "20",
+            "LLM_TELEMETRY_METRICS_PORT": "0",
+            "LOGGER_PROVIDER_APP_WHEN": when,
+            "LOGGER_PROVIDER_APP_SERVICE": f"llm-app-provider-{when}",
+            "LOGGER_PROVIDER_APP_ENDPOINT": receiver.http_endpoint + "/v1/logs",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+        }
+    )
+    command = [sys.executable, "-m", "uvicorn", "logger_provider_app:app", "--app-dir", str(REPO / "tests" / "apps"),
+               "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
+    ids = {"plain": f"app-provider-{when}-plain", "stream": f"app-provider-{when}-stream"}
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the app", lambda: httpx.get(base + "/healthz", timeout=5).status_code == 200)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+        messages: Any = [{"role": "user", "content": "hi"}]
+        answer = client.chat.completions.create(
+            model="gpt-4o", messages=messages, extra_headers={"x-request-id": ids["plain"]}
+        )
+        assert answer.choices[0].message.content
+        chunks = client.chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True, extra_headers={"x-request-id": ids["stream"]}
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+        )
+    finally:
+        stop_process(server)  # the lifespan shutdown flushes both providers
+    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+    for request_id in ids.values():
+        span = wait_span(receiver, **{"llm.request_id": request_id})
+        assert receiver.wait_for(lambda r, i=request_id: any(rec.attributes.get("request_id") == i for rec in r.logs))
+        (record,) = [rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id]
+        assert record.resource["service.name"] == f"llm-app-provider-{when}"
+        assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
 
 
 def test_the_grpc_exporter_sends_the_request_the_sdks_sends() -> None:
