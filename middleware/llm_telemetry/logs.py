@@ -682,6 +682,14 @@ class RequestLogs:
         self.logger.addHandler(handler)
         self._handlers.append(handler)
 
+    def keep_enabled(self) -> None:
+        """Undo what a logging configuration the application applied in its startup did to the request logger as a
+        side effect: ``logging.config.dictConfig`` and ``fileConfig`` disable every logger that exists and that they do
+        not name (``disable_existing_loggers``, true unless told otherwise), which this one does once the middleware
+        has set up. Disabled, it wrote no line and sent no OTLP record, and said nothing (the ``llm_telemetry`` logger,
+        which would say it, is disabled alike). The request lines are turned off with ``LLM_TELEMETRY_REQUEST_LOGS``."""
+        self.logger.disabled = False
+
     def global_provider_installed(self) -> bool:
         """Whether the records go through a logger provider of ours while the application has since installed a
         global SDK one (in its lifespan startup), which they would go through were this set up now."""

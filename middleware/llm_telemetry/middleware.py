@@ -1199,11 +1199,14 @@ class LLMTelemetryMiddleware:
                 # a tracer provider the app installed in its startup (FastAPI's lifespan, where apps commonly set
                 # up OpenTelemetry) is taken up now, before the server takes any request. No span was made before.
                 # So is a logger provider it installed there: the request logs are then set up anew, with an
-                # observer of their own to wire in.
+                # observer of their own to wire in. A logging configuration it applied there, which disabled the
+                # request logger with every other logger it found, is undone for that logger.
                 with self._lock:
                     if self._observing and self._telemetry is telemetry:
                         logs = telemetry.request_logs
                         telemetry.adopt_global_tracing()
+                        if telemetry.request_logs is not None:
+                            telemetry.request_logs.keep_enabled()
                         if telemetry.request_logs is not logs or (
                             telemetry.tracing is not None and not self._span_parameters  # (_wire sets it)
                         ):

@@ -336,6 +336,59 @@ def test_a_logs_exporter_it_does_not_know_is_named_in_a_warning(
     assert line_for(log_lines(capsys.readouterr().out), "unknown-exporter")["model"] == "gpt-4o"
 
 
+def test_a_logging_configuration_the_app_applies_at_startup_leaves_the_lines_and_records_on(
+    receiver: OTLPReceiver, tmp_path: Path
+) -> None:
+    """An app that configures logging in its lifespan startup with ``dictConfig`` (as many do) disables every logger
+    that exists then and that it does not name (``disable_existing_loggers``, true by default): the request logger,
+    which the middleware had set up as the lifespan began, among them. No line was written and no OTLP record sent,
+    and nothing said so, while the spans went on. Real uvicorn, the openai SDK, streamed and not: one line each on
+    stdout and one record each, with its span's ids."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
+    env.update(
+        {
+            **tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-dictconfig"),
+            "OTEL_BLRP_SCHEDULE_DELAY": "20",
+            "LLM_TELEMETRY_METRICS_PORT": "0",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
+        }
+    )
+    command = [sys.executable, "-m", "uvicorn", "dictconfig_app:app", "--app-dir", str(REPO / "tests" / "apps"),
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    ids = ("dictconfig-plain", "dictconfig-stream")
+    with (tmp_path / "stdout").open("wb") as out, (tmp_path / "stderr").open("wb") as err:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the app", lambda: httpx.get(base + "/healthz", timeout=5).status_code == 200)
+        messages: Any = [{"role": "user", "content": "hi"}]
+        answer = client(base).chat.completions.create(
+            model="gpt-4o", messages=messages, extra_headers={"x-request-id": ids[0]}
+        )
+        assert answer.choices[0].message.content
+        chunks = client(base).chat.completions.create(
+            model="gpt-4o", messages=messages, stream=True, extra_headers={"x-request-id": ids[1]}
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    lines = log_lines((tmp_path / "stdout").read_text())
+    for request_id in ids:
+        line = line_for(lines, request_id)
+        span = wait_span(receiver, **{"llm.request_id": request_id})
+        assert (line["trace_id"], line["span_id"]) == (span.trace_id, span.span_id)
+        assert receiver.wait_for(lambda r, i=request_id: any(rec.attributes.get("request_id") == i for rec in r.logs))
+        (record,) = [rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id]
+        assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
+    # The configuration did disable the other loggers it found: uvicorn's, which said nothing more after it ran.
+    said = (tmp_path / "stderr").read_text()
+    assert "Waiting for application startup" in said and "Application startup complete" not in said, said
+
+
 def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:
     """Rerouting: an app that gives the logger its own handler gets the lines there, not on stdout."""
     with request_log_lines() as sink, demo_server({}) as (_, base):
