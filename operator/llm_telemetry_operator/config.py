@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import re
@@ -235,8 +236,10 @@ class OperatorConfig:
             raise ConfigurationError(
                 f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: expected seconds"
             ) from None
-        if resync <= 0:
-            raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: must be positive")
+        if not resync > 0 or math.isinf(resync):  # float() also reads "nan" and "inf", and no interval is either
+            raise ConfigurationError(
+                f"{LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}={resync_text!r}: must be a positive number of seconds"
+            )
         standalone_text = get(LLM_TELEMETRY_OPERATOR_STANDALONE, "false").lower()
         if standalone_text not in ("true", "false", "1", "0", ""):
             raise ConfigurationError(f"{LLM_TELEMETRY_OPERATOR_STANDALONE}={standalone_text!r}: expected true or false")

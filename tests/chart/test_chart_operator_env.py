@@ -4,6 +4,7 @@ at its start is refused by `helm install` instead, and extraEnv cannot set what 
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,29 @@ def test_an_empty_service_monitor_label_is_left_out(render: Render) -> None:
     assert OperatorConfig.from_env(env).servicemonitor_labels == {"team": "ml"}
     labels = one(docs, "ServiceMonitor")["metadata"]["labels"]
     assert labels["team"] == "ml" and "release" not in labels and "tier" not in labels
+
+
+def set_resync(helm: Helm, given: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` with `--set resyncSeconds=<given>`, as a user types it."""
+    return helm.run("template", "x", str(CHART), "--namespace", NAMESPACE, "--set", f"resyncSeconds={given}",
+                    check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("given", ["0.5", ".25", "7.5", "300", "1e3", "2.5E+01"])
+def test_a_resync_interval_given_with_set_reaches_the_operator(helm: Helm, given: str) -> None:
+    """`--set` passes a number with a decimal point (or an exponent) as a string, and the schema, asking for a
+    number, refused `--set resyncSeconds=0.5`; only a values file could give a fraction of a second."""
+    result = set_resync(helm, given)
+    assert result.returncode == 0, result.stderr
+    env = operator_env([doc for doc in yaml.safe_load_all(result.stdout) if doc])
+    assert OperatorConfig.from_env(env).resync_seconds == float(given)
+
+
+@pytest.mark.parametrize("given", ["0", "0.0", ".0", "00", "-1", "-0.5", "", "soon", "0.5s", "nan", "inf", "1e400"])
+def test_a_resync_interval_the_operator_would_refuse_is_refused_by_set(helm: Helm, given: str) -> None:
+    """What the string form admits, the operator takes: the rest is refused at `helm install`, not by a pod that
+    exits 2 at every start."""
+    with pytest.raises(ConfigurationError):
+        OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": given})
+    result = set_resync(helm, given)
+    assert result.returncode != 0 and "resyncSeconds" in result.stderr, result.stdout[-2000:]

@@ -88,6 +88,10 @@ def test_config_auto_priority_differs_between_pods() -> None:
         ("LLM_TELEMETRY_OPERATOR_HEALTH", "0.0.0.0:8080"),
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "0"),
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "soon"),
+        # float() reads both: with nan no resync nor retry was ever due (its due times compare unequal to
+        # themselves), and with inf the retries' backoff had no ceiling.
+        ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "nan"),
+        ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "inf"),
         ("LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID", "jaeger.prod"),
         ("LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID", "l" * 41),
         ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/run books"),
