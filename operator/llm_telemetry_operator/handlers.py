@@ -68,6 +68,12 @@ PEERING_UNREAD_LOG_SECONDS = 60.0
 #: _recheck_access): kopf retries each refused call, so refusals come in bursts. One met sooner after the last such
 #: check waits for its turn, up to this long.
 ACCESS_RECHECK_SECONDS = 60.0
+#: Seconds kopf waits before it calls a startup that failed again (its own default is 60 s). kopf answers the liveness
+#: and readiness probes only once the startup is done, and the chart's liveness probe restarts a pod that has not
+#: answered in some 50 s: after 60 s the retry never came in a pod, every failed startup was a container restart
+#: (and CrashLoopBackOff's growing waits after a few). Within those 50 s, a failure that passes (an answer of the API
+#: server's the startup could not read) is over by the next attempt, with no restart.
+STARTUP_RETRY_SECONDS: Final = 10
 #: Seconds the startup waits for the first check of the permissions to get an answer to a review before it goes on
 #: without the check's result (the check goes on meanwhile): kopf answers the liveness and readiness probes only once
 #: the startup is done, and the chart's liveness probe restarts a pod that has not answered in some 50 s, so a review
@@ -359,7 +365,7 @@ def _event_target(body: Mapping[str, Any]) -> kopf.Body:
     return kopf.Body(raw)
 
 
-@kopf.on.startup()
+@kopf.on.startup(backoff=STARTUP_RETRY_SECONDS)
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     try:
         await _start(settings, memo, logger)
@@ -373,7 +379,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # before kopf runs, and exits 2 if it cannot): kopf calls the startup again after its backoff, which starts
         # all of it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a
         # second schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's
-        # life. The client stays open for the next attempt.
+        # life. The client is closed too, and the next attempt makes a new one: stopped during kopf's backoff, kopf
+        # runs neither this handler nor the cleanup handler again, and the client's connections and threads stayed
+        # open past the operator's end (an operator run in-process through kopf.operator kept them for good).
         task = asyncio.current_task()
         asked = task.cancelling() if task is not None else 0
         try:
@@ -383,11 +391,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
             told = True
         if told:
             # Told to stop (SIGTERM) while stopping those tasks: awaiting each one's end takes the cancellation in, and
-            # the failure raised would have kopf wait its 60 s backoff and start the operator again, SIGTERM or not.
+            # the failure raised would have kopf wait its backoff and start the operator again, SIGTERM or not.
             # Said as kopf says a failed startup's: with its cause in the line (and the traceback after it).
             logger.error("the startup failed as the operator was told to stop (%s); stopping", failure, exc_info=True)
             await _stop_all(memo)
             raise asyncio.CancelledError() from None
+        client = memo.pop("client", None)
+        if isinstance(client, KubeClient):
+            await client.close()
         raise
 
 

@@ -164,3 +164,14 @@ def test_a_resync_interval_the_operator_would_refuse_is_refused_by_set(helm: Hel
         OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": given})
     result = set_resync(helm, given)
     assert result.returncode != 0 and "resyncSeconds" in result.stderr, result.stdout[-2000:]
+
+
+def test_a_failed_startup_is_tried_again_before_the_liveness_probe_restarts_the_pod() -> None:
+    """kopf answers the liveness probe only once the operator's startup is done: a startup that failed was tried
+    again after kopf's default 60 s, past the chart's probe (failing from its first try until the pod is restarted),
+    so no second attempt ever came in a pod, and each failed startup was a container restart."""
+    from llm_telemetry_operator.handlers import STARTUP_RETRY_SECONDS
+
+    probe = yaml.safe_load((CHART / "values.yaml").read_text())["livenessProbe"]
+    restarted_after = probe["initialDelaySeconds"] + probe["periodSeconds"] * (probe["failureThreshold"] - 1)
+    assert STARTUP_RETRY_SECONDS < restarted_after
