@@ -103,18 +103,23 @@ class CollectorCheck:
         self.refused_seconds = refused_seconds
         #: Per Service of a watched namespace: since when every read of it has been refused, and the last refusal.
         self._refused: dict[tuple[str, str], tuple[float, float]] = {}
-        #: Per Service: when it was read, and its ports (None: any port reaches it; False: no such Service).
+        #: Per Service: when it was read, and its ports (None: any port reaches it; False: no such Service). An entry
+        #: past its ``ttl`` is dropped at the next read of any Service, so that the Services of resources long gone
+        #: (one collector per preview namespace, say) leave nothing behind.
         self._cache: dict[tuple[str, str], tuple[float, Ports]] = {}
         self._reading: dict[tuple[str, str], asyncio.Future[Ports]] = {}
-        #: When each Service was last seen to change (:meth:`forget`): a read started before then is not kept.
-        self._changed: dict[tuple[str, str], float] = {}
+        #: The reads under way when their Service was seen to change (:meth:`forget`): their answers are not kept.
+        #: Only while they run: a record per Service ever changed grew for the operator's life.
+        self._stale: set[asyncio.Future[Ports]] = set()
 
     def forget(self, service: tuple[str, str]) -> None:
         """The Service ``(namespace, name)`` was created or changed: the next lookup reads it again, and a read
         already under way, which may have missed the change, is neither kept nor shared."""
-        self._changed[service] = time.monotonic()
         self._cache.pop(service, None)
-        self._reading.pop(service, None)
+        reading = self._reading.pop(service, None)
+        if reading is not None and not reading.done():
+            self._stale.add(reading)
+            reading.add_done_callback(self._stale.discard)
 
     async def stop(self) -> None:
         """Cancel the reads under way, and wait for their end: the operator is stopping, its passes stopped. A read is
@@ -178,7 +183,6 @@ class CollectorCheck:
 
     async def _read(self, client: kube.KubeClient, service: tuple[str, str]) -> Ports:
         namespace, name = service
-        started = time.monotonic()
         ports: Ports
         try:
             body = await client.get(kube.SERVICES, namespace, name)
@@ -191,6 +195,11 @@ class CollectorCheck:
             # port reaches what is behind them.
             ports = listed if listed and spec.get("type") != "ExternalName" else None
         self._refused.pop(service, None)
-        if started >= self._changed.get(service, 0.0):
-            self._cache[service] = (time.monotonic(), ports)
+        now = time.monotonic()
+        for other in [s for s, (read, _) in self._cache.items() if now - read >= self.ttl]:
+            del self._cache[other]
+        for other in [s for s, (_, last) in self._refused.items() if now - last > REFUSALS_APART_SECONDS]:
+            del self._refused[other]  # (a refusal after this long starts a run of its own anyway)
+        if asyncio.current_task() not in self._stale:
+            self._cache[service] = (now, ports)
         return ports

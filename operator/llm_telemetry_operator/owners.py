@@ -67,6 +67,8 @@ class OwnerIndex:
         del self._filed[key]
         names = self._names[key[0]]
         del names[bisect.bisect_left(names, key[1])]
+        if not names:  # the namespace's last one: nothing kept of a namespace (one per preview environment, say)
+            del self._names[key[0]]
         self.serve(key, ())
 
     def names(self, namespace: str) -> list[str]:
@@ -130,9 +132,14 @@ class OwnerIndex:
         namespace, name = key
         pair = self._filed.get(key)
         if pair is None:
-            self._unlabelled.get(namespace, set()).discard(name)
+            unlabelled = self._unlabelled.get(namespace, set())
+            unlabelled.discard(name)
+            if not unlabelled:
+                self._unlabelled.pop(namespace, None)
             return
         by_label = self._by_label[namespace]
         by_label[pair].discard(name)
         if not by_label[pair]:
             del by_label[pair]
+            if not by_label:
+                del self._by_label[namespace]

@@ -1383,6 +1383,56 @@ async def test_nothing_is_kept_of_resources_deleted(emulator: Any) -> None:
         await eventually(lambda: not state.locks and not state.lock_users, "no lock kept")
 
 
+def records_of(state: handlers.OperatorState) -> dict[str, list[Any]]:
+    """Every key of every record the operator keeps (its state, the workloads' index, the collector lookups), by
+    where it is kept."""
+    holders = {"state": state, "index": state.index, "collectors": state.collectors, "schedule": state.schedule}
+    found: dict[str, list[Any]] = {}
+    for where, holder in holders.items():
+        for name, value in vars(holder).items():
+            if isinstance(value, (dict, set, frozenset)):
+                found[f"{where}.{name}"] = list(value)
+    return found
+
+
+async def test_nothing_is_kept_of_the_namespaces_and_collectors_of_resources_deleted(emulator: Any) -> None:
+    """Resources made and deleted in namespaces never used again (a namespace per preview environment), each sending
+    its traces to a collector of its namespace: the operator kept, for its life, the index's lists of each namespace
+    it had seen and each collector Service it had looked up (and each it had seen change), a few records per
+    namespace. Once they are deleted, and the collector lookups have expired, nothing is kept of them."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    previews = [f"preview-{number}" for number in range(3)]
+    config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)  # lookups last 0.5 s
+    uids = []
+    async with running_operator(config) as memo:
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready"), "the first pass's status")
+        state = memo["state"]
+        for preview in previews:
+            collection = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{preview}/llmtelemetries"
+            body = in_namespace(minimal_llmt(tracing={"endpoint": f"http://otel.{preview}.svc:4318"}), preview)
+            await hand(emulator, "POST", collection, body)
+            await eventually(lambda p=preview: condition(get(emulator, LLMT, "chat", p), "Ready"), f"{preview} served")
+            uids.append((get(emulator, LLMT, "chat", preview) or {})["metadata"]["uid"])
+            if preview != previews[-1]:  # (the last one's collector never comes: its lookup says "missing")
+                # Its collector appears (watched while the resource waits for it): a change seen of that Service.
+                otel = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "otel", "namespace": preview}}
+                await hand(emulator, "POST", f"/api/v1/namespaces/{preview}/services", otel)
+            await hand(emulator, "DELETE", f"{collection}/chat")
+            await eventually(lambda p=preview: get(emulator, LLMT, "chat", p) is None, f"{preview}'s resource deleted")
+
+        def kept() -> dict[str, list[Any]]:
+            return {
+                where: [key for key in keys if any(p in str(key) or uid in str(key) for p in previews for uid in uids)]
+                for where, keys in records_of(state).items()
+            }
+
+        await eventually(lambda: not any(kept().values()), "nothing kept of the deleted resources")
+        # The resource still there is served as ever, and its records are kept.
+        assert (NAMESPACE, "chat") in state.bodies and state.index.names(NAMESPACE) == ["chat"]
+        assert any(key[0] == "observability" for key in records_of(state)["collectors._cache"])
+
+
 async def test_a_namespace_listed_twice_is_watched_once(emulator: Any) -> None:
     """LLM_TELEMETRY_OPERATOR_NAMESPACES naming a namespace twice (" llm , llm "): each watch of the workloads and
     children started twice there, every event of them handled twice, and the namespace's Role asked about twice at
