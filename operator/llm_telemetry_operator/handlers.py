@@ -379,9 +379,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
         # before kopf runs, and exits 2 if it cannot): kopf calls the startup again after its backoff, which starts
         # all of it anew on a new state. The tasks this attempt started would run on beside the next attempt's (a
         # second schedule, permission check, heartbeat and standby watch on a state of their own) for the operator's
-        # life. The client is closed too, and the next attempt makes a new one: stopped during kopf's backoff, kopf
-        # runs neither this handler nor the cleanup handler again, and the client's connections and threads stayed
-        # open past the operator's end (an operator run in-process through kopf.operator kept them for good).
+        # life. The client stays open for the next attempt (and a stop during kopf's backoff closes it: kopf runs the
+        # cleanup handler then).
         task = asyncio.current_task()
         asked = task.cancelling() if task is not None else 0
         try:
@@ -396,9 +395,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf
             logger.error("the startup failed as the operator was told to stop (%s); stopping", failure, exc_info=True)
             await _stop_all(memo)
             raise asyncio.CancelledError() from None
-        client = memo.pop("client", None)
-        if isinstance(client, KubeClient):
-            await client.close()
         raise
 
 

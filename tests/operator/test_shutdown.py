@@ -148,25 +148,6 @@ async def test_a_failed_startup_leaves_no_write_of_the_watched_namespaces_runnin
         emulator.released.set()
 
 
-async def test_a_stop_in_kopfs_backoff_after_a_failed_startup_leaves_no_api_client_open(
-    emulator: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Stopped during kopf's backoff after a failed startup, kopf runs neither the startup handler nor the cleanup
-    handler again: the client the failed attempt had used (its connections to the API server and its threads) stayed
-    open for the backoff and past the operator's end (on a real API server, 16 connections held through the backoff
-    until the process exited; here, in-process, for good)."""
-    before = {thread.ident for thread in threading.enumerate()}
-
-    def client_threads() -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name.startswith("kube-api_") and t.ident not in before]
-
-    async with _after_a_failed_startup(emulator, caplog, resync_seconds=3600):
-        assert any(RETRY_SAID in r.getMessage() for r in caplog.records)
-    # The stop came in the backoff: kopf says it cut the startup short, and ran no cleanup.
-    assert "Startup activity is only partially executed due to cancellation." in caplog.text
-    await eventually(lambda: not client_threads(), "the failed attempt's API client closed")
-
-
 async def test_after_a_failed_startup_the_next_attempt_serves_and_stops_cleanly(
     emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
