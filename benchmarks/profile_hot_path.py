@@ -1,7 +1,9 @@
 """Profile the middleware's hot path in-process: the demo app driven directly through ASGI, no sockets.
 
 Usage: ``python benchmarks/profile_hot_path.py [--scenario stream64] [--requests 2000] [--variant ours[,...]]
-[--top 25]`` (``--by-length``: the cost per request and per stream event instead, see :func:`by_length`). It
+[--top 25]`` (``--by-length``: the cost per request and per stream event instead, see :func:`by_length`;
+``--per-chunk``: the send wrapper's cost per whole-chunk delta, see :func:`per_chunk`; ``--rechunked``: the reader's
+cost per event of a re-chunked stream, see :func:`rechunked`). It
 prints the CPU time per request (all threads of the process: a tracing variant's span export
 is flushed and counted inside each timed window) of the chosen variants and of the bare app, measured
 interleaved, and a cProfile listing of the last variant, sorted by own time (``--top 0``: none). Without the network and
@@ -203,6 +205,48 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai
     return 0
 
 
+def rechunked(events: int = 4000, repeats: int = 7) -> int:
+    """The reader's cost per event of streams whose events do not come one to a chunk (two a chunk, as a proxy
+    re-chunks a stream), so that the whole-chunk shape path does not take them: events whose bytes are those of the
+    learnt shape around another text, and events whose bytes vary outside it too (a ``created`` or block index of
+    its own), which are parsed. Chat (OpenAI's deltas) and Anthropic ``text_delta`` events; minimum over repeats."""
+    from llm_telemetry.apis import AnthropicMessagesReader, OpenAIChatReader, ResponseReader
+    from llm_telemetry.record import LLMCall
+
+    def chat(i: int, vary: bool) -> bytes:
+        data = DELTA_SHAPES["openai"](f" word{i % 10}")
+        data["created"] += i if vary else 0
+        return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+    def anthropic(i: int, vary: bool) -> bytes:
+        data = {"type": "content_block_delta", "index": i if vary else 0}
+        data["delta"] = {"type": "text_delta", "text": f" word{i % 10}"}
+        return b"event: content_block_delta\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+    readers: dict[str, tuple[type[ResponseReader], Any]] = {
+        "chat": (OpenAIChatReader, chat),
+        "anthropic": (AnthropicMessagesReader, anthropic),
+    }
+    print(f"{'stream':<10} {'events':<22} µs per event (min of {repeats})")
+    for name, (reader, make) in readers.items():
+        for vary in (False, True):
+            stream = [make(i, vary) for i in range(events + 1)]
+            pairs = [stream[i] + stream[i + 1] for i in range(1, events, 2)]
+            best = float("inf")
+            for _ in range(repeats):
+                call = LLMCall("chat", "openai", time.perf_counter())
+                read = reader(call, stream=True)
+                read.feed(stream[0], now=1.0)  # the first token, in a chunk of its own: its shape is learnt
+                began = time.process_time()
+                for chunk in pairs:
+                    read.feed(chunk, now=2.0)
+                best = min(best, (time.process_time() - began) / (2 * len(pairs)))
+                if call.first_token_at is None:
+                    raise SystemExit(f"the {name} stream had no first token")
+            print(f"{name:<10} {'varying' if vary else 'of the learnt shape':<22} {best * 1e6:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", default="stream64", choices=sorted(SCENARIOS))
@@ -220,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", default="openai", choices=sorted(DELTA_SHAPES), help="with --per-chunk: whose deltas to send"
     )
     parser.add_argument(
+        "--rechunked",
+        action="store_true",
+        help="time the reader on stream events that come two to a chunk (of the learnt shape, and varying)",
+    )
+    parser.add_argument(
         "--by-length",
         action="store_true",
         help="split the cost into a part per request and a part per stream event (chat and streams of "
@@ -232,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
     if args.per_chunk:
         return asyncio.run(per_chunk(shape=args.shape))
+    if args.rechunked:
+        return rechunked()
     if args.by_length:
         with _sink():
             real_stdout = sys.stdout

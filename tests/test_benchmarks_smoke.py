@@ -207,6 +207,12 @@ def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) ->
     assert re.fullmatch(line, stdout), stdout
 
 
+def test_rechunked_profile_prints_a_row_per_stream_and_kind_of_event() -> None:
+    stdout = run_benchmark("profile_hot_path.py", "--rechunked", timeout=300)
+    rows = re.findall(r"^(chat|anthropic) +(of the learnt shape|varying) +[\d.]+$", stdout, re.M)
+    assert rows == [(s, e) for s in ("chat", "anthropic") for e in ("of the learnt shape", "varying")], stdout
+
+
 def test_the_benchmarks_hand_out_each_port_once_and_none_the_kernel_picks_for_bind_zero() -> None:
     """A server and its metrics listener given one port (the kernel may give a port just closed to the next bind)
     made a smoke run fail: the scrape reached the app, which answered 404. So did a port found with bind(0), closed,

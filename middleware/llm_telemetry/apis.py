@@ -345,6 +345,7 @@ class ResponseReader:
         "_ends",
         "_fast",
         "_finishes",
+        "_inner",
         "_kept_chars",
         "_misses",
         "_overflow",
@@ -396,6 +397,9 @@ class ResponseReader:
         self._shape: _Shape | None = None
         #: ``_shape`` while the decoder is between events (the only time it applies), else None.
         self._fast: _Shape | None = None
+        #: ``_shape`` for an event's data alone (without its ``event:`` and ``data:`` fields and its blank line): an
+        #: event of a chunk that is not one whole event (a proxy's re-chunking) is of the shape when its data is.
+        self._inner: _Shape | None = None
         self._misses = 0
         #: (event, data, time) of an event set aside before the first token, read (or found redundant) later.
         self._pending: tuple[str, bytes, float] | None = None
@@ -438,7 +442,9 @@ class ResponseReader:
             whole = was_idle and decoder.idle and len(events) == 1
             for event, data in events:
                 if self._event(event, data, now) and whole and self._shape is None and not self._misses:
-                    self._shape = self._shape_of(chunk, data)
+                    self._shape = shape = self._shape_of(chunk, data)
+                    if shape is not None and self._inner is None:
+                        self._inner = _inner_shape(shape, chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
             # This thread's CPU time: waiting for the interpreter while another thread holds it, or in a throttled
@@ -504,7 +510,7 @@ class ResponseReader:
         response took otherwise (a stream that lasts minutes may read for longer than one sent all at once)."""
         taken = perf_counter() - self.call.start - spent
         if spent > READ_BUDGET_SECONDS + READ_BUDGET_SHARE * taken:
-            self._fast = self._shape = None
+            self._fast = self._shape = self._inner = None
             raise ReadBudgetSpent
 
     def feed_held(self, chunks: list[bytes]) -> None:
@@ -549,32 +555,9 @@ class ResponseReader:
         return False
 
     def _shaped(self, chunk: bytes) -> bool:
-        """Whether ``chunk`` is of the learnt text-delta shape: the same bytes around the text as the delta it was
-        learnt from (one whole event), and between them nothing but the inside of one JSON string (no quote,
-        backslash or line break but escaped ones), so the bytes around it can only be structure, never text. For a
-        shape with an obfuscation member: the learnt bytes before the text, the text, the learnt bytes between the
-        text and the member's value, a value of printable ASCII without quote or backslash, and the learnt bytes
-        after the value."""
+        """Whether ``chunk`` is of the learnt text-delta shape (see ``_fits``)."""
         fast = self._fast
-        if fast is None:
-            return False
-        head, tail, start, tail_length, middle = fast
-        end = len(chunk) - tail_length
-        if middle is None:
-            # Slices compared with ``==`` are the cheapest checks CPython has: no method call, no regex state.
-            if start < end and chunk[:start] == head and chunk[end:] == tail:
-                return _unescaped(chunk[start:end]) or _JSON_TEXT.fullmatch(chunk, start, end) is not None
-            return False
-        if chunk[:start] != head or chunk[end:] != tail:
-            return False
-        # The value has no quote: the last quote before it ends the middle (which ends with the value's opening quote).
-        value = chunk.rfind(b'"', start, end) + 1
-        text_end = value - len(middle)
-        if start < text_end and chunk[text_end:value] == middle:
-            obfuscation = chunk[value:end]
-            if obfuscation.isalnum() or _OBFUSCATION_VALUE.fullmatch(obfuscation) is not None:
-                return _unescaped(chunk[start:text_end]) or _JSON_TEXT.fullmatch(chunk, start, text_end) is not None
-        return False
+        return fast is not None and _fits(fast, chunk)
 
     def finish(self, now: float) -> None:
         if self._decoder is not None:
@@ -645,7 +628,8 @@ class ResponseReader:
                     return False
                 if self._plain_delta(event, data):
                     # Hot path: after the first token most events are plain text deltas. Recognising them from
-                    # their bytes, without a JSON parse, keeps the per-chunk cost to a few byte scans.
+                    # their bytes (an event of the learnt shape), without a JSON parse, keeps the per-chunk cost to a
+                    # few byte comparisons.
                     self._chunks += 1
                     call.first_output_whole = False  # (text streamed after it, see _first_token)
                     return True
@@ -665,19 +649,26 @@ class ResponseReader:
         plain = None
         if pending is not None:
             self._pending = None
-            plain = self._plain_delta(event, data)
+            plain = self._plain_delta(event, data) or self._text_only(event, obj, read=True)
             if not (plain and self._same_head(pending[1], data, obj)):
                 self._read_pending(pending)
                 if call.first_token_at is not None:
                     # It was the first token after all (a tool call): read this one as it would have been read.
                     return self._event(event, data, now)
         first = call.first_token_at is None
+        if not first and self._text is None and self._text_only(event, obj):
+            # After the first token, a delta whose bytes are not of the learnt shape (a stream whose events differ
+            # outside their text, or none learnt yet): counted from its parse. Only what the parse shows to be one
+            # counts: a null or empty text, a text outside a choice, bytes that are no JSON document count none.
+            self._chunks += 1
+            call.first_output_whole = False
+            return True
         self._on_event(event, obj, now)
         # The first token, read in full: when its bytes make it a plain text delta too, its shape is the one the
         # next deltas have (so they take the fast path from the second token on).
         if first and call.first_token_at is not None and self._text is None:
             if plain is None:
-                plain = self._plain_delta(event, data)
+                plain = self._plain_delta(event, data) or self._text_only(event, obj, read=True)
             if plain:
                 if self._shortcuts:
                     self._learn_ends(data, obj)
@@ -716,7 +707,14 @@ class ResponseReader:
         raise NotImplementedError
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
-        """True when ``data`` is certainly a text delta with nothing else to learn from it."""
+        """True when ``data`` is, from its bytes alone, certainly a text delta with nothing else to learn from it
+        (see :meth:`_text_only`): an event of the learnt shape (see ``_inner``)."""
+        return False
+
+    def _text_only(self, event: str, obj: dict[str, Any], read: bool = False) -> bool:
+        """True when ``obj`` (an event, parsed) is a text delta with nothing else to learn from it: reading it in full
+        would count one delta with output in the estimate and record nothing else. ``read``: the caller reads it in
+        full all the same (so what reading it records beside the delta, a choice it opens, is recorded)."""
         return False
 
     def _on_json(self, obj: dict[str, Any]) -> None:
@@ -785,6 +783,43 @@ def _unescaped(text: bytes) -> bool:
     """No quote, backslash or line break in ``text``: the inside of a JSON string without escapes, the common case
     (four byte-value ``in`` tests, each a memchr)."""
     return 0x22 not in text and 0x5C not in text and 0x0A not in text and 0x0D not in text
+
+
+def _fits(shape: _Shape, chunk: bytes) -> bool:
+    """Whether ``chunk`` is of the text-delta ``shape``: the same bytes around the text as the delta it was
+    learnt from (one whole event, or its data), and between them nothing but the inside of one JSON string (no quote,
+    backslash or line break but escaped ones), so the bytes around it can only be structure, never text. For a
+    shape with an obfuscation member: the learnt bytes before the text, the text, the learnt bytes between the
+    text and the member's value, a value of printable ASCII without quote or backslash, and the learnt bytes
+    after the value."""
+    head, tail, start, tail_length, middle = shape
+    end = len(chunk) - tail_length
+    if middle is None:
+        # Slices compared with ``==`` are the cheapest checks CPython has: no method call, no regex state.
+        if start < end and chunk[:start] == head and chunk[end:] == tail:
+            return _unescaped(chunk[start:end]) or _JSON_TEXT.fullmatch(chunk, start, end) is not None
+        return False
+    if chunk[:start] != head or chunk[end:] != tail:
+        return False
+    # The value has no quote: the last quote before it ends the middle (which ends with the value's opening quote).
+    value = chunk.rfind(b'"', start, end) + 1
+    text_end = value - len(middle)
+    if start < text_end and chunk[text_end:value] == middle:
+        obfuscation = chunk[value:end]
+        if obfuscation.isalnum() or _OBFUSCATION_VALUE.fullmatch(obfuscation) is not None:
+            return _unescaped(chunk[start:text_end]) or _JSON_TEXT.fullmatch(chunk, start, text_end) is not None
+    return False
+
+
+def _inner_shape(shape: _Shape, chunk: bytes, data: bytes) -> _Shape | None:
+    """``shape``, learnt from ``chunk`` (one whole event whose data is ``data``, on one line), for the data alone:
+    the bytes of the fields before the data and of the blank line after it taken off its ends."""
+    before = chunk.find(data)
+    after = len(chunk) - before - len(data)
+    head, tail, start, tail_length, middle = shape
+    if before < 0 or before > start or after > tail_length:
+        return None
+    return head[before:], tail[: tail_length - after], start - before, tail_length - after, middle
 
 
 def _obfuscated_run(shape: _Shape, run: list[bytes]) -> bool:
@@ -878,12 +913,6 @@ class ErrorReader(ResponseReader):
 
 
 # --- OpenAI Chat Completions and legacy Completions ------------------------------------------------
-
-
-#: Byte patterns of a non-empty generated-text value in a chat or completions chunk (compact or spaced JSON).
-_TEXT_MARKERS: Final = (
-    '"content":"', '"content": "', '_content":"', '_content": "', '"reasoning":"', '"text":"', '"text": "'
-)  # fmt: skip
 
 
 #: The role delta that opens a chat stream, as the members of its delta object: a role, and fields that are null or
@@ -983,29 +1012,36 @@ class OpenAIChatReader(ResponseReader):
         self._seen: tuple[bytes, tuple[str, int, int, int] | None] | None = None
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
-        # Searched as latin-1 text: one character per byte, so every test below says what it would say on the
-        # bytes, and a str needle is searched without the cost CPython's bytes search has.
-        text = data.decode("latin-1")
-        if '"error"' in text or "\n" in text:
-            # (A line break: an event of several data lines, which is one JSON document only when pretty-printed;
-            # two documents, which the SDKs fail on, give no token. The full parse tells which.)
+        inner = self._inner
+        return inner is not None and _fits(inner, data)
+
+    def _text_only(self, event: str, obj: dict[str, Any], read: bool = False) -> bool:
+        # What _on_event reads: one choice whose delta has text, reasoning or a refusal (or, in a legacy completions
+        # stream, whose text is not empty), and no finish reason, tool call, usage or error. A null or empty text,
+        # or a text outside a choice, is none.
+        error = obj.get("error")
+        if isinstance(error, dict) or (isinstance(error, str) and error) or obj.get("usage"):
             return False
-        # A null member says nothing (TGI sends "tool_calls":null in every delta): each spelling of these keys must
-        # be one with a null value. (Inside a string a quote is escaped, so no key spelling is found there.)
-        tools = text.count('"tool_calls"')
-        if tools and tools != text.count('"tool_calls":null') + text.count('"tool_calls": null'):
+        choices = obj.get("choices")
+        if type(choices) is not list or len(choices) != 1:
             return False
-        if '"usage"' in text and '"usage":null' not in text and '"usage": null' not in text:
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason") is not None:
             return False
-        finish = text.count('"finish_reason"')
-        if finish and finish != text.count('"finish_reason":null') + text.count('"finish_reason": null'):
+        index = choice.get("index")
+        if not read and type(index) is int and self.call.stream_choices <= index < MAX_STREAM_CHOICES:
+            return False  # (a choice not seen before: reading it records how many the stream has)
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return bool(choice.get("text"))
+        tool_calls = delta.get("tool_calls")
+        if (isinstance(tool_calls, list) and tool_calls) or (
+            tool_calls is None and isinstance(delta.get("function_call"), dict)
+        ):
             return False
-        if '"content":""' in text or '"content": ""' in text:
-            return False
-        for marker in _TEXT_MARKERS:
-            if marker in text:
-                return True
-        return False
+        return bool(
+            delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or delta.get("refusal")
+        )
 
     def _deferrable(self, data: bytes) -> bool:
         # Likely the role chunk: no text in it (a first token set aside would not teach the stream's shape).
@@ -1653,11 +1689,6 @@ def _compactions(iterations: list[Any], counts: dict[str, int]) -> None:
     counts["compaction_one_hour"] = min(one_hour, _MAX_COUNT)
 
 
-#: The type of an Anthropic delta with output (text, thinking, a tool's input), written compact or spaced (a proxy
-#: that writes its events again with Python's ``json.dumps``), in any key order. Only a member's name can be followed
-#: by ``:``, and every quote inside a string is escaped, so no text can read as this. Any other delta (a signature, a
-#: citation, a compaction's summary, one of a type the API adds later) goes to the full parse, which counts none.
-_OUTPUT_DELTA: Final = re.compile(rb'"type"[ \t]*:[ \t]*"(?:text|thinking|input_json)_delta"')
 #: Anthropic content blocks that are the model calling a tool: the application's, one the API runs (web search, code
 #: execution), one of an MCP server the API connects to.
 _ANTHROPIC_TOOL_BLOCKS: Final = frozenset(("tool_use", "server_tool_use", "mcp_tool_use"))
@@ -1689,14 +1720,16 @@ class AnthropicMessagesReader(ResponseReader):
         self._counts: dict[str, int] = {}
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
-        # A delta of a type with output (see _OUTPUT_DELTA) with no ``""`` in it: not an empty text, thinking or tool
-        # input, compact or spaced. (A text ending in an escaped quote has one too: the parse then counts it.)
-        return (
-            event == "content_block_delta"
-            and 0x0A not in data  # (several data lines: see OpenAIChatReader._plain_delta)
-            and b'""' not in data
-            and _OUTPUT_DELTA.search(data) is not None
-        )
+        # (The event's name is no part of its data, and says what it is when its data has no type.)
+        inner = self._inner
+        return event == "content_block_delta" and inner is not None and _fits(inner, data)
+
+    def _text_only(self, event: str, obj: dict[str, Any], read: bool = False) -> bool:
+        # What _on_event counts: a delta with text, thinking or a tool's input. A null or missing one is none.
+        if (obj.get("type") or event) != "content_block_delta":
+            return False
+        delta = obj.get("delta")
+        return isinstance(delta, dict) and bool(delta.get("text") or delta.get("thinking") or delta.get("partial_json"))
 
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
