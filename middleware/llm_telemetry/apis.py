@@ -980,6 +980,19 @@ def _lone_delta(data: bytes, obj: dict[str, Any]) -> tuple[str, int, int, int] |
     return None
 
 
+def _tool_output(tool_calls: list[Any]) -> bool:
+    """Whether pieces of streamed tool calls carry output: a function's or custom tool's name, or a piece of its
+    arguments or input (an empty one too, as an empty text delta is: see OpenAIChatReader._on_event). A piece with
+    neither (only the call's id, which a server may send after the name, or a null input) is none."""
+    for call in tool_calls:
+        if isinstance(call, dict):
+            for kind, text in (("function", "arguments"), ("custom", "input")):
+                tool = call.get(kind)
+                if isinstance(tool, dict) and (tool.get("name") or isinstance(tool.get(text), str)):
+                    return True
+    return False
+
+
 #: Choice indexes a stream's count of choices is taken from, for the time per output token (OpenAI allows n up to 128;
 #: a legacy completions batch asks n for each of its prompts).
 MAX_STREAM_CHOICES: Final = 4096
@@ -1243,6 +1256,9 @@ class OpenAIChatReader(ResponseReader):
                     opening = False
                     audio = None
                 calls = isinstance(tool_calls, list) and tool_calls
+                # (A piece of a tool call with neither a name nor a piece of its input, only an id, is no output: no
+                # token, and no first token either.)
+                pieces = calls and _tool_output(calls)
                 if content:
                     self._first_token(now, reasoning=bool(reasoning))
                     self._chunks += 1
@@ -1257,14 +1273,15 @@ class OpenAIChatReader(ResponseReader):
                     self._first_token(now)
                     if audio.get("transcript"):
                         self._chunks += 1
-                elif calls or (raw == "" and not opening and choice.get("finish_reason") is None):
+                elif pieces or (raw == "" and not opening and choice.get("finish_reason") is None):
                     # For the estimate, a delta is about a token: a piece of a tool call is one too, and so is an
                     # empty delta from a server that sends one per generated token (llama-cpp-python), for a token
                     # whose bytes are not a whole character yet. (An opening role delta or a closing finish delta
                     # with empty content stands for no token.)
                     self._chunks += 1
                 if calls:
-                    self._first_token(now)
+                    if pieces:
+                        self._first_token(now)
                     self._stream_tool_calls(choice, calls)
                 _add_finish_reason(self.call, choice.get("finish_reason"), _int(choice.get("index")) or 0)
                 if self._text is not None:

@@ -94,13 +94,16 @@ MALFORMED_CHAT = [
     sse({"id": "chatcmpl-1", "choices": [{"index": 0, "message": {"content": "lost"}}]}),
     sse({"id": "chatcmpl-1", "choices": [], "system": {"content": "lost"}}),
 ]
-#: Chat events with no output: null texts, an empty reasoning beside a null content, null tool calls and refusals.
+#: Chat events with no output: null texts, an empty reasoning beside a null content, null tool calls and refusals, a
+#: piece of a tool call with neither a name nor a piece of its arguments (only an id, null arguments).
 EMPTY_CHAT = [
     sse(chat_chunk({"content": None})),
     sse(chat_chunk({"content": None, "reasoning_content": ""})),
     sse(chat_chunk({"content": None, "reasoning": ""})),
     sse(chat_chunk({"content": None, "refusal": None})),
     sse(chat_chunk({"content": None, "tool_calls": None})),
+    sse(chat_chunk({"content": None, "tool_calls": [{"index": 0, "id": "call_1"}]})),
+    sse(chat_chunk({"content": None, "tool_calls": [{"index": 0, "function": {"arguments": None}}]})),
     sse(chat_chunk({})),
     b": keep-alive\n\n",
     *MALFORMED_CHAT,
