@@ -1198,7 +1198,16 @@ class OpenAIChatReader(ResponseReader):
         call.output_tokens = completion
         # (What _get reads, without its calls: this runs once per stream, and its cost showed.)
         details = usage.get("prompt_tokens_details")
-        call.cache_read_tokens = _int(details.get("cached_tokens")) if isinstance(details, dict) else None
+        if isinstance(details, dict):
+            call.cache_read_tokens = _int(details.get("cached_tokens"))
+            # The LiteLLM proxy passes on Anthropic's split of the writes by cache lifetime (one hour at a price of
+            # its own) as ``cache_creation_token_details``: without it, those writes were priced as five-minute ones.
+            split = details.get("cache_creation_token_details")
+            call.cache_creation_1h_tokens = (
+                _int(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
+            )
+        else:
+            call.cache_read_tokens = call.cache_creation_1h_tokens = None
         call.cache_creation_tokens = _cache_writes(details, usage)
         details = usage.get("completion_tokens_details")
         call.reasoning_tokens = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None

@@ -130,6 +130,9 @@ def litellm_proxy(
         f"      timeout: {UPSTREAM_TIMEOUT}\n      stream_timeout: {UPSTREAM_TIMEOUT}\n"
         "  - model_name: claude-up\n    litellm_params:\n      model: anthropic/claude-up\n"
         f"      api_base: {upstream_base}\n      api_key: sk-ant-upstream\n      max_retries: 0\n"
+        # The same upstream, its cache writes made to the one-hour cache.
+        "  - model_name: claude-up-1h\n    litellm_params:\n      model: anthropic/claude-up-1h\n"
+        f"      api_base: {upstream_base}\n      api_key: sk-ant-upstream\n      max_retries: 0\n"
         # For clients of the legacy completions API.
         "  - model_name: up-text\n    litellm_params:\n      model: text-completion-openai/up\n"
         f"      api_base: {upstream_base}/v1\n      api_key: sk-upstream\n      max_retries: 0\n"
@@ -224,6 +227,9 @@ def test_litellm_proxy_timeouts_are_recorded_as_timeouts(tmp_path: Path) -> None
 
 #: What the Anthropic upstream below reports for every call: fresh input, cache reads, cache writes, output.
 CACHED_USAGE = {"input_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2, "output_tokens": 7}
+#: What it reports for its model "claude-up-1h": three of its four cache writes made to the one-hour cache.
+ONE_HOUR_USAGE = {"input_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 4, "output_tokens": 7,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 1, "ephemeral_1h_input_tokens": 3}}  # fmt: skip
 
 
 async def anthropic_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -232,21 +238,23 @@ async def anthropic_upstream(scope: dict[str, Any], receive: Any, send: Any) -> 
         return
     raw = await request_body(receive)
     body = json.loads(raw) if raw else {}
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up", "stop_sequence": None}
+    model = "claude-up-1h" if body.get("model") == "claude-up-1h" else "claude-up"
+    usage = ONE_HOUR_USAGE if model == "claude-up-1h" else CACHED_USAGE
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "stop_sequence": None}
     if not body.get("stream"):
         answer = {**message, "content": [{"type": "text", "text": "Sunny."}], "stop_reason": "end_turn",
-                  "usage": CACHED_USAGE}  # fmt: skip
+                  "usage": usage}  # fmt: skip
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
         return
     events = [
         ("message_start", {"message": {**message, "content": [], "stop_reason": None,
-                                       "usage": {**CACHED_USAGE, "output_tokens": 1}}}),
+                                       "usage": {**usage, "output_tokens": 1}}}),
         ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
         ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "Sunny."}}),
         ("content_block_stop", {"index": 0}),
         ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                           "usage": {"output_tokens": CACHED_USAGE["output_tokens"]}}),
+                           "usage": {"output_tokens": usage["output_tokens"]}}),
         ("message_stop", {}),
     ]  # fmt: skip
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
@@ -287,6 +295,45 @@ def test_litellm_openai_clients_of_a_caching_provider_have_its_cache_writes_coun
     assert metrics.value("llm_tokens_total", **detail) == 10 * calls
     one = (5 * 3.0 + 3 * 0.3 + 2 * 3.75 + 7 * 15.0) / 1_000_000
     assert math.isclose(metrics.value("llm_cost_usd_total", gen_ai_request_model="claude-up"), one * calls)
+    assert metrics.value("llm_errors_total") == 0
+
+
+def test_litellm_openai_clients_of_a_caching_provider_have_its_one_hour_cache_writes_priced_as_such(
+    tmp_path: Path,
+) -> None:
+    """LiteLLM passes Anthropic's split of the cache writes by lifetime on to its OpenAI chat clients
+    (``prompt_tokens_details.cache_creation_token_details``): the one-hour writes are priced at the table's
+    ``cache_creation_1h`` price there, as on its Anthropic route, not at the five-minute price."""
+    pricing = tmp_path / "pricing.yaml"
+    pricing.write_text(
+        "models:\n  claude-up-1h: {input: 3.0, output: 15.0, cache_read: 0.3, cache_creation: 3.75,"
+        " cache_creation_1h: 6.0}\n"
+    )
+    env = {"LLM_TELEMETRY_PRICING": str(pricing)}
+    model = "claude-up-1h"
+    with serve(anthropic_upstream) as upstream_base, litellm_proxy(tmp_path, upstream_base, env) as (base, port):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=MASTER_KEY, max_retries=0)
+        messages: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+        usages = [client.chat.completions.create(model=model, messages=messages).usage]
+        stream = client.chat.completions.create(
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        usages += [chunk.usage for chunk in stream if chunk.usage]
+        anthropic.Anthropic(base_url=base, api_key=MASTER_KEY, max_retries=0).messages.create(
+            model=model, max_tokens=16, messages=messages
+        )
+        metrics = settled(port, 3, model=model)
+    # What the chat clients were told: the writes and their split, as the upstream reported them.
+    assert len(usages) == 2
+    for usage in usages:
+        assert usage is not None and usage.prompt_tokens == 12
+        assert (usage.model_extra or {}).get("cache_creation_input_tokens") == 4
+    one = (5 * 3.0 + 3 * 0.3 + 1 * 3.75 + 3 * 6.0 + 7 * 15.0) / 1_000_000
+    for provider in ("openai", "anthropic"):
+        calls = 2 if provider == "openai" else 1
+        labels = {"gen_ai_request_model": model, "gen_ai_provider_name": provider}
+        assert metrics.value("llm_requests_total", **labels) == calls
+        assert math.isclose(metrics.value("llm_cost_usd_total", **labels), one * calls), provider
     assert metrics.value("llm_errors_total") == 0
 
 
