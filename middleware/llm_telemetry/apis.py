@@ -124,9 +124,9 @@ def _int(value: Any) -> int | None:
 
 
 def _cache_writes(details: Any, usage: dict[str, Any]) -> int | None:
-    """Prompt-cache writes in an OpenAI-shaped usage (part of its prompt or input tokens, as cached reads are): no
-    OpenAI model reports them, but gateways in front of a provider that bills them do. The LiteLLM proxy sends
-    ``cache_creation_tokens`` (chat) or ``cache_write_tokens`` (Responses) in the details and
+    """Prompt-cache writes in an OpenAI-shaped usage (part of its prompt or input tokens, as cached reads are):
+    OpenAI's API reports them as ``cache_write_tokens``, and so do gateways in front of a provider that bills them.
+    The LiteLLM proxy sends ``cache_creation_tokens`` (chat) or ``cache_write_tokens`` (Responses) in the details and
     ``cache_creation_input_tokens`` beside them; OpenRouter ``cache_write_tokens``."""
     if isinstance(details, dict):
         for key in ("cache_creation_tokens", "cache_write_tokens"):
