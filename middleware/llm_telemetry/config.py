@@ -521,3 +521,28 @@ class OTelEnvironment:
             logs_protocol=protocol(OTEL_EXPORTER_OTLP_LOGS_PROTOCOL),
             metrics_exemplar_filter=exemplars if exemplars in ("always_on", "always_off") else "trace_based",
         )
+
+
+def batch_processor(processor_class: Any, exporter: Any, variables: str) -> Any:
+    """``processor_class(exporter)`` (the SDK's ``BatchSpanProcessor`` or ``BatchLogRecordProcessor``), its queue and
+    batch sizes read from the environment as the SDK reads them (``variables``: ``OTEL_BSP`` or ``OTEL_BLRP``), but
+    with a batch no larger than the queue. The SDK refuses a batch size over the queue size with a ValueError, and its
+    default batch is 512: a queue of fewer spans or records set alone (``OTEL_BSP_MAX_QUEUE_SIZE=256``, to bound the
+    memory a down collector costs) took tracing, logs and metrics down with it. The batch is cut to the queue's size,
+    as the OpenTelemetry Go and Java SDKs do, and a WARNING names the variables."""
+    sizes = (getattr(processor_class, "_default_max_queue_size", None),
+             getattr(processor_class, "_default_max_export_batch_size", None))  # fmt: skip
+    if sizes[0] is None or sizes[1] is None:  # an SDK without them: its own reading and checks
+        return processor_class(exporter)
+    queue, batch = sizes[0](), sizes[1]()
+    if isinstance(queue, int) and isinstance(batch, int) and 0 < queue < batch:
+        logging.getLogger("llm_telemetry").warning(
+            "llm-telemetry: %s_MAX_EXPORT_BATCH_SIZE (%d) is over %s_MAX_QUEUE_SIZE (%d): batches of %d are exported",
+            variables,
+            batch,
+            variables,
+            queue,
+            queue,
+        )
+        return processor_class(exporter, max_queue_size=queue, max_export_batch_size=queue)
+    return processor_class(exporter)

@@ -24,7 +24,7 @@ from typing import IO, Any, Final
 
 from opentelemetry import context, trace
 
-from .config import OTEL_LOGS_EXPORTER, OTelEnvironment
+from .config import OTEL_LOGS_EXPORTER, OTelEnvironment, batch_processor
 from .labels import INVISIBLE, label_value, valid_text
 from .record import LLMCall
 from .redact import TRUNCATION_MARK
@@ -621,7 +621,7 @@ def _otlp_logger_provider(protocol: str, resource: Any = None) -> tuple[Any, boo
         from .otlp_logs import OTLPLogExporter  # the SDK's, with a faster encoding (and transport)
 
         exporter = OTLPLogExporter()
-    provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+    provider.add_log_record_processor(batch_processor(BatchLogRecordProcessor, exporter, "OTEL_BLRP"))
     return provider, True
 
 

@@ -36,7 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProv
 
 from . import instruments as names
 from .apis import RESPONSES_HOSTED_ITEMS, RESPONSES_HOSTED_OUTPUTS, hosted_shell
-from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings
+from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings, batch_processor
 from .labels import field_text, label_value, mask_keys, valid_text
 from .record import MAX_TOOL_CALL_IDS, LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
@@ -378,7 +378,9 @@ class Tracing:
             if kind not in ("otlp", "console"):
                 logger.warning("llm-telemetry: %s: unsupported exporter %r ignored", OTEL_TRACES_EXPORTER, kind)
                 continue
-            sdk_provider.add_span_processor(BatchSpanProcessor(_span_exporter(kind, otel.traces_protocol)))
+            sdk_provider.add_span_processor(
+                batch_processor(BatchSpanProcessor, _span_exporter(kind, otel.traces_protocol), "OTEL_BSP")
+            )
         # Deliberately not installed as the global provider: the application owns that choice.
         return cls(sdk_provider, True, settings)
 

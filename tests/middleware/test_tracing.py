@@ -610,6 +610,36 @@ def test_sampler_always_off_exports_nothing(receiver: OTLPReceiver) -> None:
     assert [s for s in receiver.spans if s.resource.get("service.name") == "llm-unsampled"] == []
 
 
+def test_a_queue_smaller_than_the_default_batch_keeps_traces_logs_and_metrics(receiver: OTLPReceiver) -> None:
+    """docs/tracing.md ("Cost"): a smaller ``OTEL_BSP_MAX_QUEUE_SIZE`` bounds the memory a down collector costs. Set
+    alone, under the SDK's default batch of 512, the SDK refused it and the middleware served unobserved, metrics
+    too; so did ``OTEL_BLRP_MAX_QUEUE_SIZE`` for the OTLP log records. The batch is cut to the queue instead."""
+    from support import scrape_text
+
+    name, port = "llm-small-queue", free_port()
+    env = tracing_env(
+        receiver,
+        OTEL_SERVICE_NAME=name,
+        OTEL_BSP_MAX_QUEUE_SIZE="4",
+        OTEL_LOGS_EXPORTER="otlp",
+        OTEL_BLRP_MAX_QUEUE_SIZE="4",
+        OTEL_BLRP_SCHEDULE_DELAY="20",
+    )
+    with demo_server(env, metrics_port=port) as (_, base):
+        for i in range(3):
+            client(base).chat.completions.create(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-request-id": f"small-queue-{i}"},
+            )
+        assert "llm_requests_total{" in scrape_text(port)
+    ids = {f"small-queue-{i}" for i in range(3)}
+    assert receiver.wait_for(
+        lambda r: {s.attributes.get("llm.request_id") for s in r.spans if s.resource.get("service.name") == name} >= ids
+    )
+    assert receiver.wait_for(lambda r: len([x for x in r.logs if x.resource.get("service.name") == name]) >= 3)
+
+
 def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -> None:
     env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="60")
     secret = "mail me at jane.doe@example.com with key sk-proj-abcdefghijklmnopqrstuvwxyz012345"
