@@ -31,7 +31,7 @@ from .apis import (
     ResponseReader,
     loads,
 )
-from .config import ConfigurationError, Settings
+from .config import OTEL_LOGS_EXPORTER, OTEL_TRACES_EXPORTER, ConfigurationError, Settings
 from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, READ_STEP, DecodingReader, read_within
 from .errors import classify_status
 from .labels import field_text, name_text
@@ -1125,8 +1125,11 @@ class LLMTelemetryMiddleware:
     def _fallback(self, error: Exception) -> Telemetry | None:
         """Metrics with nothing but the failure in them, so that it shows up where alerts look."""
         plain = dataclasses.replace(self.settings, multiproc_dir="off", request_logs=False)
+        # Nor the spans or OTLP log records the environment asks for: a span processor the SDK refuses (an
+        # OTEL_BSP_* value out of its range) failed the setup, and again here, leaving not even this counter.
+        env = {**os.environ, OTEL_TRACES_EXPORTER: "none", OTEL_LOGS_EXPORTER: "none"}
         try:
-            telemetry = Telemetry(plain)
+            telemetry = Telemetry(plain, env=env)
             telemetry.start_server()
             _Failsafe(telemetry)("setup", error)
         except Exception:

@@ -640,6 +640,22 @@ def test_a_queue_smaller_than_the_default_batch_keeps_traces_logs_and_metrics(re
     assert receiver.wait_for(lambda r: len([x for x in r.logs if x.resource.get("service.name") == name]) >= 3)
 
 
+def test_a_span_processor_the_sdk_refuses_leaves_the_setup_failure_counted(receiver: OTLPReceiver) -> None:
+    """docs/metrics.md ("Setup"): a failed setup is shown as ``llm_telemetry_internal_errors_total{...="setup"}``
+    where a plain exposition can still be made. A batch span processor the SDK refuses (``OTEL_BSP_SCHEDULE_DELAY=0``)
+    failed that plain setup too, which built the same tracing again: the port showed nothing at all."""
+    from support import scrape
+
+    port = free_port()
+    env = tracing_env(receiver, OTEL_SERVICE_NAME="llm-refused-processor", OTEL_BSP_SCHEDULE_DELAY="0")
+    with demo_server(env, metrics_port=port) as (app, base):
+        answer = client(base).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content  # served, unobserved
+        metrics = scrape(port)
+        assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="setup") == 1
+        assert app.telemetry.tracing is None
+
+
 def test_content_capture_is_opt_in_redacted_and_capped(receiver: OTLPReceiver) -> None:
     env = tracing_env(receiver, LLM_TELEMETRY_CAPTURE_CONTENT="true", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS="60")
     secret = "mail me at jane.doe@example.com with key sk-proj-abcdefghijklmnopqrstuvwxyz012345"
