@@ -110,15 +110,29 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(app: Any, **config: Any) -> Iterator[str]:
-    """Run ``app`` under a real uvicorn server on 127.0.0.1 in a thread; yield its base URL."""
+def serve(app: Any, event_loop: str = "asyncio", **config: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server on 127.0.0.1 in a thread, on an ``event_loop`` of asyncio's or
+    ``uvloop``'s; yield its base URL."""
     import uvicorn
 
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto", **config)
     )
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+
+    def run() -> None:
+        if event_loop == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(server.serve())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -265,3 +279,16 @@ def request_log_lines() -> Iterator[io.StringIO]:
         yield sink
     finally:
         logger.handlers[:] = previous
+
+
+def operator_records(state: Any) -> dict[str, list[Any]]:
+    """Every key of every record an operator's state keeps (``llm_telemetry_operator.handlers.OperatorState``: its
+    own, the workloads' index, the collector lookups, the schedule), by where it is kept: what must go back to none
+    once the resources are gone."""
+    holders = {"state": state, "index": state.index, "collectors": state.collectors, "schedule": state.schedule}
+    found: dict[str, list[Any]] = {}
+    for where, holder in holders.items():
+        for name, value in vars(holder).items():
+            if isinstance(value, (dict, set, frozenset)):
+                found[f"{where}.{name}"] = list(value)
+    return found

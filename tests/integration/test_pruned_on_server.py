@@ -20,22 +20,11 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import handlers
 from llm_telemetry_operator.__main__ import kopf_options
 from llm_telemetry_operator.config import OperatorConfig
+from support import operator_records
 
 pytestmark = pytest.mark.k8s
 
 GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
-
-
-def records_of(state: handlers.OperatorState) -> dict[str, list[Any]]:
-    """Every key of every record the operator keeps (its state, the workloads' index, the collector lookups, the
-    schedule), by where it is kept."""
-    holders = {"state": state, "index": state.index, "collectors": state.collectors, "schedule": state.schedule}
-    found: dict[str, list[Any]] = {}
-    for where, holder in holders.items():
-        for name, value in vars(holder).items():
-            if isinstance(value, (dict, set, frozenset)):
-                found[f"{where}.{name}"] = list(value)
-    return found
 
 
 async def until(check: Any, what: str, timeout: float = 60.0) -> Any:
@@ -110,7 +99,7 @@ async def test_nothing_is_kept_of_resources_deleted_with_their_namespaces(
             def kept() -> dict[str, list[Any]]:
                 return {
                     where: found
-                    for where, keys in records_of(state).items()
+                    for where, keys in operator_records(state).items()
                     if (found := [k for k in keys if any(x in str(k) for x in [*previews, *uids])])
                 }
 

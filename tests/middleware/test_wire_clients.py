@@ -6,12 +6,10 @@ client gets the bytes the bare app sends, byte for byte, and the scrape parses a
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import hashlib
 import json
 import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -25,7 +23,7 @@ from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
 from otlp_receiver import isolated_env
-from support import Metrics, free_port, settled
+from support import Metrics, serve, settled
 
 CLOSE = b"Connection: close\r\n"
 
@@ -106,39 +104,8 @@ def the_app() -> Starlette:
 @contextmanager
 def uvicorn_on(app: Any, http: str, loop: str) -> Iterator[int]:
     """``app`` under a real uvicorn on 127.0.0.1 with the given HTTP parser and event loop, in a thread; its port."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, http=http, log_level="warning", date_header=False, server_header=False
-        )
-    )
-
-    def run() -> None:
-        if loop == "uvloop":
-            import uvloop
-
-            event_loop = uvloop.new_event_loop()
-        else:
-            event_loop = asyncio.new_event_loop()
-        try:
-            event_loop.run_until_complete(server.serve())
-        finally:
-            event_loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve(app, event_loop=loop, http=http, date_header=False, server_header=False) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def post(path: str, body: bytes, extra: bytes = b"", close: bool = True) -> bytes:

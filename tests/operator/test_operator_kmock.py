@@ -48,6 +48,7 @@ from llm_telemetry_operator import handlers, rbac, resources
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
+from support import operator_records
 
 #: Header on the test's own "hand" requests, so they are not counted as the operator's API usage.
 HAND = {"X-Test-Hand": "1"}
@@ -1383,18 +1384,6 @@ async def test_nothing_is_kept_of_resources_deleted(emulator: Any) -> None:
         await eventually(lambda: not state.locks and not state.lock_users, "no lock kept")
 
 
-def records_of(state: handlers.OperatorState) -> dict[str, list[Any]]:
-    """Every key of every record the operator keeps (its state, the workloads' index, the collector lookups), by
-    where it is kept."""
-    holders = {"state": state, "index": state.index, "collectors": state.collectors, "schedule": state.schedule}
-    found: dict[str, list[Any]] = {}
-    for where, holder in holders.items():
-        for name, value in vars(holder).items():
-            if isinstance(value, (dict, set, frozenset)):
-                found[f"{where}.{name}"] = list(value)
-    return found
-
-
 async def test_nothing_is_kept_of_the_namespaces_and_collectors_of_resources_deleted(emulator: Any) -> None:
     """Resources made and deleted in namespaces never used again (a namespace per preview environment), each sending
     its traces to a collector of its namespace: the operator kept, for its life, the index's lists of each namespace
@@ -1424,13 +1413,13 @@ async def test_nothing_is_kept_of_the_namespaces_and_collectors_of_resources_del
         def kept() -> dict[str, list[Any]]:
             return {
                 where: [key for key in keys if any(p in str(key) or uid in str(key) for p in previews for uid in uids)]
-                for where, keys in records_of(state).items()
+                for where, keys in operator_records(state).items()
             }
 
         await eventually(lambda: not any(kept().values()), "nothing kept of the deleted resources")
         # The resource still there is served as ever, and its records are kept.
         assert (NAMESPACE, "chat") in state.bodies and state.index.names(NAMESPACE) == ["chat"]
-        assert any(key[0] == "observability" for key in records_of(state)["collectors._cache"])
+        assert any(key[0] == "observability" for key in operator_records(state)["collectors._cache"])
 
 
 async def test_a_namespace_listed_twice_is_watched_once(emulator: Any) -> None:
