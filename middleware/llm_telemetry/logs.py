@@ -684,11 +684,31 @@ class RequestLogs:
 
     def keep_enabled(self) -> None:
         """Undo what a logging configuration the application applied in its startup did to the request logger as a
-        side effect: ``logging.config.dictConfig`` and ``fileConfig`` disable every logger that exists and that they do
-        not name (``disable_existing_loggers``, true unless told otherwise), which this one does once the middleware
-        has set up. Disabled, it wrote no line and sent no OTLP record, and said nothing (the ``llm_telemetry`` logger,
-        which would say it, is disabled alike). The request lines are turned off with ``LLM_TELEMETRY_REQUEST_LOGS``."""
-        self.logger.disabled = False
+        side effect, leaving it as the same configuration applied before the middleware set up would have.
+        ``logging.config.dictConfig`` and ``fileConfig`` disable every logger that exists and that they do not name
+        (``disable_existing_loggers``, true unless told otherwise), which this one does once the middleware has set
+        up; and they take every handler off a logger they name, and off the loggers below one they name (naming
+        ``llm_telemetry`` to set its level, say), whose level they reset too. Disabled, or left without its handlers
+        (and not propagating, as the middleware set it), it wrote no line and sent no OTLP record, and said nothing
+        (the ``llm_telemetry`` logger, which would say it, is disabled alike). The OTLP handler is put back whatever
+        handlers the configuration gave the logger; the stdout handler when it gave it none. The request lines are
+        turned off with ``LLM_TELEMETRY_REQUEST_LOGS``."""
+        logger = self.logger
+        logger.disabled = False
+        with _SHARED:
+            stdout = self._stdout
+            handlers = logger.handlers
+            if stdout is not None and stdout not in handlers and all(h in self._handlers for h in handlers):
+                # Taken off, with no handler of the app's put in its place: back as the setup adds it, first.
+                for handler in self._handlers:
+                    logger.removeHandler(handler)
+                logger.addHandler(stdout)
+                logger.propagate = False
+        for handler in self._handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
     def global_provider_installed(self) -> bool:
         """Whether the records go through a logger provider of ours while the application has since installed a

@@ -1204,13 +1204,15 @@ class LLMTelemetryMiddleware:
                 # So is a logger provider it installed there: the request logs are then set up anew, with an
                 # observer of their own to wire in. A logging configuration it applied there, which disabled the
                 # request logger with every other logger it found, is undone for that logger.
+                # (An instance inside this one, sharing its pipeline, may have set the request logs up anew first:
+                # whether this one's observers are the pipeline's is what tells.)
                 with self._lock:
                     if self._observing and self._telemetry is telemetry:
-                        logs = telemetry.request_logs
                         telemetry.adopt_global_tracing()
-                        if telemetry.request_logs is not None:
-                            telemetry.request_logs.keep_enabled()
-                        if telemetry.request_logs is not logs or (
+                        logs = telemetry.request_logs
+                        if logs is not None:
+                            logs.keep_enabled()
+                        if (logs is not None and logs.observer not in self._observers) or (
                             telemetry.tracing is not None and not self._span_parameters  # (_wire sets it)
                         ):
                             self._wire(telemetry)

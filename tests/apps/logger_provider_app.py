@@ -4,7 +4,9 @@ tests/middleware/test_otlp_logs.py: ``uvicorn logger_provider_app:app --app-dir 
 ``LOGGER_PROVIDER_APP_WHEN`` says when it installs it: ``import`` (as the module is imported) or ``lifespan`` (in
 its lifespan startup, where FastAPI apps commonly set up OpenTelemetry). The provider's resource names the service
 ``LOGGER_PROVIDER_APP_SERVICE``, and it exports over OTLP/HTTP to ``LOGGER_PROVIDER_APP_ENDPOINT``; it is shut down
-(its records flushed) at the lifespan shutdown.
+(its records flushed) at the lifespan shutdown. With ``LOGGER_PROVIDER_APP_NESTED=1`` the app is wrapped in the
+middleware twice, one instance inside the other, both reached by the lifespan (with a metrics port, they share one
+pipeline).
 """
 
 from __future__ import annotations
@@ -48,3 +50,5 @@ async def _lifespan(_app: Any) -> AsyncIterator[None]:
 _demo = DemoLLM()
 _demo.app.router.lifespan_context = _lifespan
 app = LLMTelemetryMiddleware(_demo.app)
+if os.environ.get("LOGGER_PROVIDER_APP_NESTED") == "1":
+    app = LLMTelemetryMiddleware(app)

@@ -336,14 +336,22 @@ def test_a_logs_exporter_it_does_not_know_is_named_in_a_warning(
     assert line_for(log_lines(capsys.readouterr().out), "unknown-exporter")["model"] == "gpt-4o"
 
 
+@pytest.mark.parametrize(
+    ("named", "level"),
+    [("", ""), ("llm_telemetry.requests", "INFO"), ("llm_telemetry", "WARNING")],
+    ids=["root only", "the request logger named", "its parent named"],
+)
 def test_a_logging_configuration_the_app_applies_at_startup_leaves_the_lines_and_records_on(
-    receiver: OTLPReceiver, tmp_path: Path
+    named: str, level: str, receiver: OTLPReceiver, tmp_path: Path
 ) -> None:
     """An app that configures logging in its lifespan startup with ``dictConfig`` (as many do) disables every logger
     that exists then and that it does not name (``disable_existing_loggers``, true by default): the request logger,
     which the middleware had set up as the lifespan began, among them. No line was written and no OTLP record sent,
-    and nothing said so, while the spans went on. Real uvicorn, the openai SDK, streamed and not: one line each on
-    stdout and one record each, with its span's ids."""
+    and nothing said so, while the spans went on. One that names the request logger (to set its level), or
+    ``llm_telemetry`` above it (to quiet the library's warnings), takes every handler off it, the OTLP one too, and
+    the lines and records were lost the same way. Each ends as the same configuration applied before the middleware
+    set up does. Real uvicorn, the openai SDK, streamed and not: one line each on stdout and one record each, with its
+    span's ids."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
     env.update(
@@ -351,12 +359,14 @@ def test_a_logging_configuration_the_app_applies_at_startup_leaves_the_lines_and
             **tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-dictconfig"),
             "OTEL_BLRP_SCHEDULE_DELAY": "20",
             "LLM_TELEMETRY_METRICS_PORT": "0",
+            "DICTCONFIG_APP_LOGGER": named,
+            "DICTCONFIG_APP_LEVEL": level,
             "PYTHONPATH": os.pathsep.join([str(REPO / "middleware"), env.get("PYTHONPATH", "")]),
         }
     )
     command = [sys.executable, "-m", "uvicorn", "dictconfig_app:app", "--app-dir", str(REPO / "tests" / "apps"),
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    ids = ("dictconfig-plain", "dictconfig-stream")
+    ids = (f"dictconfig-plain-{named}", f"dictconfig-stream-{named}")
     with (tmp_path / "stdout").open("wb") as out, (tmp_path / "stderr").open("wb") as err:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=err)
     base = f"http://127.0.0.1:{port}"
@@ -384,9 +394,11 @@ def test_a_logging_configuration_the_app_applies_at_startup_leaves_the_lines_and
         assert receiver.wait_for(lambda r, i=request_id: any(rec.attributes.get("request_id") == i for rec in r.logs))
         (record,) = [rec for rec in receiver.logs if rec.attributes.get("request_id") == request_id]
         assert (record.trace_id, record.span_id) == (span.trace_id, span.span_id)
-    # The configuration did disable the other loggers it found: uvicorn's, which said nothing more after it ran.
+    # The configuration did disable the other loggers it found: uvicorn's, which said nothing more after it ran. The
+    # lines went to stdout as JSON only, not also to the root logger's plain handler.
     said = (tmp_path / "stderr").read_text()
     assert "Waiting for application startup" in said and "Application startup complete" not in said, said
+    assert "chat gpt-4o 200" not in said, said
 
 
 def test_lines_follow_handlers_the_app_configured(capsys: pytest.CaptureFixture[str]) -> None:

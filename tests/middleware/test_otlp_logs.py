@@ -481,24 +481,31 @@ def test_an_apps_handler_that_raises_keeps_neither_the_answer_nor_the_otlp_recor
         assert record.severity_text == severity and record.resource["service.name"] == "llm-raising-handler"
 
 
-@pytest.mark.parametrize("when", ["import", "lifespan"])
+@pytest.mark.parametrize("when", ["import", "lifespan", "lifespan, nested"])
 def test_a_logger_provider_the_app_installs_is_the_one_its_records_go_through(
     when: str, receiver: OTLPReceiver, tmp_path: Path
 ) -> None:
     """docs/logging.md: a global SDK ``LoggerProvider`` the application installed is used instead of a new one, with
     its own resource, as a tracer provider is (docs/tracing.md), at import or in its lifespan startup. One installed
     in the lifespan startup, with tracing on from the environment, was passed over: the records went through a
-    provider of the middleware's own, under the environment's service and to its endpoint. Real uvicorn, the openai
-    SDK, streamed and not: each record arrives once, through the app's provider, with its span's ids."""
+    provider of the middleware's own, under the environment's service and to its endpoint. With two instances, one
+    inside the other, sharing a metrics port (README: they record into one pipeline), the inner one set the request
+    logs up anew and the outer one, which observes the requests, kept the old ones', shut down: no record went out.
+    Real uvicorn, the openai SDK, streamed and not: each record arrives once, through the app's provider, with its
+    span's ids."""
     import openai
 
     port = free_port()
+    nested = when.endswith("nested")
+    when = when.split(",")[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_TELEMETRY_", "OTEL_", "PROMETHEUS_"))}
     env.update(
         {
             **tracing_env(receiver, OTEL_LOGS_EXPORTER="otlp", OTEL_SERVICE_NAME="llm-environment"),
             "OTEL_BLRP_SCHEDULE_DELAY": "20",
-            "LLM_TELEMETRY_METRICS_PORT": "0",
+            "LLM_TELEMETRY_METRICS_PORT": str(free_port()) if nested else "0",
+            "LLM_TELEMETRY_METRICS_HOST": "127.0.0.1",
+            "LOGGER_PROVIDER_APP_NESTED": "1" if nested else "0",
             "LOGGER_PROVIDER_APP_WHEN": when,
             "LOGGER_PROVIDER_APP_SERVICE": f"llm-app-provider-{when}",
             "LOGGER_PROVIDER_APP_ENDPOINT": receiver.http_endpoint + "/v1/logs",
@@ -507,7 +514,8 @@ def test_a_logger_provider_the_app_installs_is_the_one_its_records_go_through(
     )
     command = [sys.executable, "-m", "uvicorn", "logger_provider_app:app", "--app-dir", str(REPO / "tests" / "apps"),
                "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
-    ids = {"plain": f"app-provider-{when}-plain", "stream": f"app-provider-{when}-stream"}
+    kind = f"{when}-nested" if nested else when
+    ids = {"plain": f"app-provider-{kind}-plain", "stream": f"app-provider-{kind}-stream"}
     with (tmp_path / "server.log").open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
