@@ -582,11 +582,31 @@ class _HeaderGetter(Getter[Any]):
         return [k.decode("latin-1") for k, _ in carrier]
 
 
+class _ScreeningGetter(_HeaderGetter):
+    """:class:`_HeaderGetter` handing the W3C baggage propagator only the members of the ``baggage`` header it
+    keeps (see :func:`_screened_baggage`). The screening is done as the propagator asks for the header, on the values
+    its own lookup finds: a request without one costs nothing more."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        wanted = key.encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier if k == wanted]
+        if not values:
+            return None
+        if key == "baggage":
+            screened = _screened_baggage(values[0])  # (the one the propagator reads)
+            if screened is not None:
+                _baggage_refused()
+                values[0] = screened
+        return values
+
+
 _HEADERS = _HeaderGetter()
+_SCREENING = _ScreeningGetter()
 #: The request headers the default propagators (W3C trace context and baggage) read a context from.
 _PROPAGATION_HEADERS: Final = frozenset((b"traceparent", b"baggage"))
 _EMPTY_CONTEXT: Final = context.Context()
-_default_textmap: list[Any] = [None, False]  # the global propagator last looked at, and whether it is the default
+#: The global propagator last looked at, whether it is the default, and the getter it is given.
+_default_textmap: list[Any] = [None, False, _HEADERS]
 
 
 def _is_default_textmap(textmap: Any) -> bool:
@@ -600,6 +620,22 @@ def _is_default_textmap(textmap: Any) -> bool:
         and isinstance(inner, (list, tuple))
         and [type(p) for p in inner] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
     )
+
+
+def _screens_baggage(textmap: Any) -> bool:
+    """Whether the baggage propagator of ``textmap`` is given only the members it keeps: a composite of W3C baggage
+    and W3C trace context propagators (``OTEL_PROPAGATORS`` naming ``baggage``, with ``tracecontext`` or not, in
+    either order), none of which reads the ``baggage`` header otherwise. Another propagator beside them might read
+    the header by rules of its own, and gets it as sent."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    inner = getattr(textmap, "_propagators", None)
+    if type(textmap) is not CompositePropagator or not isinstance(inner, (list, tuple)):
+        return False
+    kinds = {type(p) for p in inner}
+    return W3CBaggagePropagator in kinds and kinds <= {W3CBaggagePropagator, TraceContextTextMapPropagator}
 
 
 def _baggage_rules() -> tuple[Any, Any] | None:
@@ -655,47 +691,36 @@ def _screened_baggage(header: str) -> str | None:
     return ",".join(kept) if refused else None
 
 
-def _screen_baggage(headers: Any, start: int) -> Any:
-    """``headers`` with its first ``baggage`` header (the one the propagator reads; none comes before ``start``)
-    holding only the members the propagator keeps (see :func:`_screened_baggage`); ``headers`` itself when it keeps
-    them all, or has none."""
-    if not isinstance(headers, (list, tuple)):
-        headers = list(headers)
-    for index in range(start, len(headers)):
-        key, value = headers[index]
-        if key == b"baggage":
-            screened = _screened_baggage(value.decode("latin-1"))  # (as _HEADERS reads it)
-            if screened is None:
-                return headers
-            if not _baggage_refused_logged[0]:
-                _baggage_refused_logged[0] = True
-                logger.warning(
-                    "llm-telemetry: a request's baggage header had members the W3C baggage propagator ignores "
-                    "(malformed, non-ASCII, too long or too many); they are ignored without a warning for each "
-                    "(logged once)"
-                )
-            headers = list(headers)
-            headers[index] = (key, screened.encode("ascii"))
-            return headers
-    return headers
+def _baggage_refused() -> None:
+    if not _baggage_refused_logged[0]:
+        _baggage_refused_logged[0] = True
+        logger.warning(
+            "llm-telemetry: a request's baggage header had members the W3C baggage propagator ignores "
+            "(malformed, non-ASCII, too long or too many); they are ignored without a warning for each "
+            "(logged once)"
+        )
 
 
 def _extract(headers: Any, apart: bool = False) -> context.Context:
     """``propagate.extract`` of the request headers. With the default propagators and neither a ``traceparent``
-    nor a ``baggage`` header, what it would return (an empty context) without asking it; with a ``baggage``
-    header, only the members the baggage propagator keeps are handed to it (see :func:`_screened_baggage`).
+    nor a ``baggage`` header, what it would return (an empty context) without asking it. With these or the W3C
+    baggage propagator beside trace context's only, the baggage propagator is handed only the members of a
+    ``baggage`` header it keeps (see :func:`_screened_baggage`).
     ``apart``: into an empty context rather than the current one."""
     textmap = propagate.get_global_textmap()
     if textmap is not _default_textmap[0]:
-        _default_textmap[:] = [textmap, _is_default_textmap(textmap)]
+        _default_textmap[:] = [
+            textmap,
+            _is_default_textmap(textmap),
+            _SCREENING if _screens_baggage(textmap) else _HEADERS,
+        ]
     if _default_textmap[1]:
-        for index, (key, _) in enumerate(headers):
+        for key, _ in headers:
             if key in _PROPAGATION_HEADERS:
-                headers = _screen_baggage(headers, index)
                 break
         else:
             return _EMPTY_CONTEXT
-    return propagate.extract(headers, context=_EMPTY_CONTEXT if apart else None, getter=_HEADERS)
+    return propagate.extract(headers, context=_EMPTY_CONTEXT if apart else None, getter=_default_textmap[2])
 
 
 class _RuntimeContext:
