@@ -10,10 +10,12 @@ however the client trickles:
 - a connection has :data:`REQUEST_SECONDS` to send its request, and at most :data:`MAX_CONNECTIONS` are open at
   once (a thread each, cheap: no exposition yet);
 - a request has :data:`ANSWER_SECONDS` to take its answer, and at most :data:`MAX_ANSWERS` are answered at once
-  (each holding its copy of the exposition).
+  (each holding its copy of the exposition); one more waits its turn for up to :data:`QUEUE_SECONDS`, holding no
+  copy, in the order the requests came.
 
-Past either count a request is answered 503 at once. So what clients can hold is bounded whatever they do, a
-scrape is refused only while that many clients hold the port, and the app's own requests never wait on them.
+Past the connections a request is answered 503 at once, past the answers once its wait is up. So what clients can
+hold is bounded whatever they do, a scrape is refused only while that many clients hold the port for longer than
+the wait, and the app's own requests never wait on them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -44,6 +47,12 @@ REQUEST_SECONDS = 10.0
 #: Requests answered at once, each with its own copy of the exposition (one more is answered 503). Prometheus scrapes
 #: a target once per interval (twice for a pair of HA replicas).
 MAX_ANSWERS = 4
+#: Seconds a request that finds all :data:`MAX_ANSWERS` taken waits for one, in the order the requests came, before it
+#: is answered 503. Answered at once, a storm of clients scraping without pause (six, on three workers) had a fifth
+#: to a third of an HA pair of Prometheus servers' scrapes answered 503, each an ``up == 0``; a scrape answered in
+#: milliseconds frees its place long before this. Clients that hold the answers (reading slowly, or not at all) keep
+#: the wait from ending well: past it, 503 as before.
+QUEUE_SECONDS = 1.0
 #: A rendering of the exposition answers the plain scrapes (no query, same format) that come within this many times
 #: what it took to make: clients that scrape without pause share renderings, which hold the interpreter's lock,
 #: where four such clients slowed the app's requests twenty to fifty times. A Prometheus scraping every few seconds
@@ -146,6 +155,42 @@ class _Handler(WSGIRequestHandler):
                 self.server.end_answer()
 
 
+class Places:
+    """``count`` places taken one at a time: one free is taken at once, else the request waits its turn, first come
+    first served (a request that came later, finding one just freed, does not take it from one waiting), for up to
+    ``seconds``. A place given back goes straight to the first one waiting."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self.lock = threading.Lock()
+        self.waiting: deque[threading.Lock] = deque()
+
+    def take(self, seconds: float) -> bool:
+        with self.lock:
+            if self.free and not self.waiting:
+                self.free -= 1
+                return True
+            if seconds <= 0:
+                return False
+            turn = threading.Lock()
+            turn.acquire()
+            self.waiting.append(turn)
+        if turn.acquire(timeout=seconds):
+            return True  # handed over by give()
+        with self.lock:
+            if turn in self.waiting:
+                self.waiting.remove(turn)
+                return False
+        return True  # handed over as the wait ran out
+
+    def give(self) -> None:
+        with self.lock:
+            if self.waiting:
+                self.waiting.popleft().release()
+            else:
+                self.free += 1
+
+
 class BoundedServer(ThreadingWSGIServer):
     """A thread per connection, as prometheus_client's server, within the bounds the module describes."""
 
@@ -156,12 +201,13 @@ class BoundedServer(ThreadingWSGIServer):
     request_seconds = REQUEST_SECONDS
     max_answers = MAX_ANSWERS
     answer_seconds = ANSWER_SECONDS
+    queue_seconds = QUEUE_SECONDS
     #: Seconds between two "busy" WARNINGs.
     busy_warning_seconds = 300.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._connections = threading.BoundedSemaphore(self.max_connections)
-        self._answers = threading.BoundedSemaphore(self.max_answers)
+        self._answers = Places(self.max_answers)
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._told_busy = -self.busy_warning_seconds
@@ -188,13 +234,13 @@ class BoundedServer(ThreadingWSGIServer):
             self._release(request)
 
     def start_answer(self, request: socket.socket) -> bool:
-        if not self._answers.acquire(blocking=False):
+        if not self._answers.take(0.0 if self._closing else self.queue_seconds):
             return False
         self._deadline(request, self.answer_seconds)
         return True
 
     def end_answer(self) -> None:
-        self._answers.release()
+        self._answers.give()
 
     def server_close(self) -> None:
         """Stop listening, then give the connections under way up to CLOSE_SECONDS to end. Those still waiting to

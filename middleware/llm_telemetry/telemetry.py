@@ -7,6 +7,7 @@ binds ports at import time, which matters for servers that fork workers after im
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import errno
 import logging
@@ -15,6 +16,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import anyio.to_thread
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
@@ -23,7 +25,16 @@ from prometheus_client import CollectorRegistry
 
 from . import multiproc
 from .config import OTEL_SDK_DISABLED, OTelEnvironment, Settings
-from .exposition import BUSY_BODY, MAX_ANSWERS, answer, exposition_app, listener_url, serve_metrics
+from .exposition import (
+    BUSY_BODY,
+    MAX_ANSWERS,
+    MAX_CONNECTIONS,
+    QUEUE_SECONDS,
+    answer,
+    exposition_app,
+    listener_url,
+    serve_metrics,
+)
 from .instruments import Histograms, Instruments, create_instruments, exemplar_filter, observed_cardinality_limits
 from .labels import LabelLimiter
 from .logs import RequestLogs
@@ -79,6 +90,8 @@ class Telemetry:
         self._exposition: Any = None
         #: Scrapes on the application's own path being answered now (at most MAX_ANSWERS).
         self._answering = 0
+        #: Scrapes of that path waiting for a place, first come first served (see :meth:`_take_place`).
+        self._waiting: collections.deque[anyio.Event] = collections.deque()
         self._external_provider = meter_provider is not None
         if meter_provider is None and settings.metrics_exporters:
             _warn_about_global_meter_provider(settings)
@@ -346,8 +359,9 @@ class Telemetry:
     async def metrics_app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer a scrape on the application's own port as the metrics port does (text format, or OpenMetrics when
         asked; gzip when accepted; the ``name[]`` filter), at most MAX_ANSWERS at once, as there: that port is the
-        one every API client reaches, and each answer holds its own copy of the exposition."""
-        if self._answering >= MAX_ANSWERS:
+        one every API client reaches, and each answer holds its own copy of the exposition. One more waits its turn
+        for up to QUEUE_SECONDS (at most MAX_CONNECTIONS wait, holding no copy), then is answered 503."""
+        if not await self._take_place():
             await send(
                 {
                     "type": "http.response.start",
@@ -361,10 +375,39 @@ class Telemetry:
             )
             await send({"type": "http.response.body", "body": BUSY_BODY})
             return
-        self._answering += 1
         try:
             await self._answer_scrape(scope, send)
         finally:
+            self._give_place()
+
+    async def _take_place(self) -> bool:
+        """One of the MAX_ANSWERS places of the app's path: a free one at once, else in turn, first come first
+        served, for up to QUEUE_SECONDS; False when none came."""
+        if self._answering < MAX_ANSWERS and not self._waiting:
+            self._answering += 1
+            return True
+        if len(self._waiting) >= MAX_CONNECTIONS:
+            return False
+        turn = anyio.Event()
+        self._waiting.append(turn)
+        handed = False
+        try:
+            with anyio.move_on_after(QUEUE_SECONDS):
+                await turn.wait()
+            handed = turn.is_set()
+            return handed
+        finally:
+            if not handed:
+                if turn.is_set():  # handed over as the wait ended (or the scrape was cancelled): given on
+                    self._give_place()
+                else:
+                    self._waiting.remove(turn)
+
+    def _give_place(self) -> None:
+        """A place of the app's path given back: to the first scrape waiting, if any."""
+        if self._waiting:
+            self._waiting.popleft().set()
+        else:
             self._answering -= 1
 
     async def _answer_scrape(self, scope: Scope, send: Send) -> None:

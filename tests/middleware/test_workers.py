@@ -1652,3 +1652,37 @@ def test_workers_sweep_leaves_another_namespaces_live_directory(
     os.utime(theirs, (os.stat(theirs).st_atime, os.stat(theirs).st_mtime - old))
     multiproc.default_directory(supervisor)
     assert not theirs.exists(), "a left-behind directory stayed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uvicorn", "gunicorn"])
+def test_workers_a_storm_of_scrapes_is_answered_not_refused(kind: str, tmp_path: Path) -> None:
+    """Six clients scraping without pause under three workers, on the metrics port and on the app's own path: more
+    scrapes at once than the answers a listener makes at once (exposition.MAX_ANSWERS), each scrape answered in
+    milliseconds. A scrape past those answers waits its turn and is answered; answered 503 at once (as before), a
+    fifth to a third of an HA pair of Prometheus servers' scrapes beside such clients were refused, each an
+    ``up == 0`` that an alert on ``up`` reads as the target down."""
+    port, metrics_port = free_port(), free_port()
+    extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "WORKERS_APP_FIRST_TOKEN_DELAY": "0"}
+    server = Server(kind, 3, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
+    with running(server):
+        _chat_models(server.base, [f"model-{i}" for i in range(40)])
+
+        def storm(target: int) -> list[int]:
+            statuses = []
+            for _ in range(50):
+                connection = http.client.HTTPConnection("127.0.0.1", target, timeout=60)  # a new one each time
+                try:
+                    connection.request("GET", "/metrics")
+                    with connection.getresponse() as response:
+                        response.read()
+                        statuses.append(response.status)
+                finally:
+                    connection.close()
+            return statuses
+
+        for target in (metrics_port, port):
+            with ThreadPoolExecutor(6) as pool:
+                statuses = [status for done in pool.map(storm, [target] * 6) for status in done]
+            refused = statuses.count(503)
+            assert statuses == [200] * len(statuses), f"{refused} of {len(statuses)} scrapes of :{target} refused"
