@@ -164,10 +164,12 @@ DELTA_SHAPES: dict[str, Any] = {
 }  # fmt: skip
 
 
-async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai") -> int:
+async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai", created_every: int = 0) -> int:
     """The per-chunk floor: the middleware's ``send`` wrapper (with its reader's shape check) on content chunks
     of one stream (deltas as the server ``shape`` sends them), against the same loop calling the downstream
-    ``send`` directly. Minimum over repeats: the figure least disturbed by whatever else the machine runs."""
+    ``send`` directly. Minimum over repeats: the figure least disturbed by whatever else the machine runs.
+    ``created_every``: the deltas' ``created`` changes every that many chunks (llama.cpp and TGI send the second
+    each chunk was made in: 50 is a model writing 50 tokens a second; 1, a stream whose bytes vary every chunk)."""
     from llm_telemetry.apis import APIS
     from llm_telemetry.middleware import _Exchange
     from llm_telemetry.record import LLMCall
@@ -183,6 +185,8 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai
 
     def event(i: int) -> bytes:
         data = DELTA_SHAPES[shape](f" word{i % 10}")
+        if created_every:
+            data["created"] = 1733000000 + i // created_every
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
     messages = [{"type": "http.response.body", "body": event(i), "more_body": True} for i in range(chunks)]
@@ -201,7 +205,8 @@ async def per_chunk(chunks: int = 20_000, repeats: int = 7, shape: str = "openai
             await downstream(message)
         direct.append((time.process_time() - began) / chunks)
     per = (min(wrapped) - min(direct)) * 1e6
-    print(f"send wrapper + shape check ({shape} deltas): {per:.2f} µs per chunk (min of {repeats})")
+    varying = f", created changing every {created_every} chunks" if created_every else ""
+    print(f"send wrapper + shape check ({shape} deltas{varying}): {per:.2f} µs per chunk (min of {repeats})")
     return 0
 
 
@@ -264,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", default="openai", choices=sorted(DELTA_SHAPES), help="with --per-chunk: whose deltas to send"
     )
     parser.add_argument(
+        "--created-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --per-chunk: the deltas' created changes every N chunks (llama.cpp's and TGI's clock second)",
+    )
+    parser.add_argument(
         "--rechunked",
         action="store_true",
         help="time the reader on stream events that come two to a chunk (of the learnt shape, and varying)",
@@ -280,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
     if args.per_chunk:
-        return asyncio.run(per_chunk(shape=args.shape))
+        return asyncio.run(per_chunk(shape=args.shape, created_every=args.created_every))
     if args.rechunked:
         return rechunked()
     if args.by_length:

@@ -207,6 +207,14 @@ def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) ->
     assert re.fullmatch(line, stdout), stdout
 
 
+def test_per_chunk_profile_prints_the_cost_of_deltas_whose_clock_changes() -> None:
+    stdout = run_benchmark(
+        "profile_hot_path.py", "--per-chunk", "--shape", "llama.cpp", "--created-every", "50", timeout=300
+    )
+    line = r"send wrapper \+ shape check \(llama\.cpp deltas, created changing every 50 chunks\): -?[\d.]+ µs per chunk"
+    assert re.fullmatch(line + r" \(min of 7\)\n", stdout), stdout
+
+
 def test_rechunked_profile_prints_a_row_per_stream_and_kind_of_event() -> None:
     stdout = run_benchmark("profile_hot_path.py", "--rechunked", timeout=300)
     rows = re.findall(r"^(chat|anthropic) +(of the learnt shape|varying) +[\d.]+$", stdout, re.M)

@@ -38,6 +38,11 @@ READ_BUDGET_SHARE: Final = 0.1
 #: tried (``data`` lines without a colon, each an empty event: 0.65 µs a byte).
 _MOST_PER_CHUNK: Final = 0.001
 _MOST_PER_BYTE: Final = 3e-6
+#: Deltas of a stream counted since its text-delta shape was learnt after which a whole-event delta that misses the
+#: shape is learnt from instead (see ResponseReader._relearn). A stream whose deltas differ from each other (an id per
+#: chunk) misses on 4 chunks out of 5 even so: it stops trying a shape (over 8 misses, see ResponseReader.feed) after
+#: a dozen chunks, as it did after 9.
+_RELEARN_AFTER: Final = 4
 
 
 class ReadBudgetSpent(Exception):
@@ -347,6 +352,7 @@ class ResponseReader:
         "_finishes",
         "_inner",
         "_kept_chars",
+        "_learnt",
         "_misses",
         "_overflow",
         "_pending",
@@ -401,6 +407,8 @@ class ResponseReader:
         #: event of a chunk that is not one whole event (a proxy's re-chunking) is of the shape when its data is.
         self._inner: _Shape | None = None
         self._misses = 0
+        #: ``_chunks`` when ``_shape`` was learnt (see ``_RELEARN_AFTER``).
+        self._learnt = 0
         #: (event, data, time) of an event set aside before the first token, read (or found redundant) later.
         self._pending: tuple[str, bytes, float] | None = None
         #: How the end of this stream looks, learnt from its first token (see ``_learn_ends``), or None: the bytes
@@ -441,10 +449,14 @@ class ResponseReader:
             # (A chunk with one event and the head of the next would teach a shape that later swallows heads.)
             whole = was_idle and decoder.idle and len(events) == 1
             for event, data in events:
-                if self._event(event, data, now) and whole and self._shape is None and not self._misses:
-                    self._shape = shape = self._shape_of(chunk, data)
-                    if shape is not None and self._inner is None:
-                        self._inner = _inner_shape(shape, chunk, data)
+                if self._event(event, data, now) and whole:
+                    if self._shape is None and not self._misses:
+                        self._shape = shape = self._shape_of(chunk, data)
+                        self._learnt = self._chunks
+                        if shape is not None and self._inner is None:
+                            self._inner = _inner_shape(shape, chunk, data)
+                    elif self._shape is not None and self._chunks - self._learnt > _RELEARN_AFTER:
+                        self._relearn(chunk, data)
             # The shape applies only to a chunk that starts between events (nothing buffered in the decoder).
             self._fast = self._shape if decoder.idle else None
             # This thread's CPU time: waiting for the interpreter while another thread holds it, or in a throttled
@@ -505,6 +517,19 @@ class ResponseReader:
         last = decoder.unfinished()
         return last is None or not _ends_answer(*last)
 
+    def _relearn(self, chunk: bytes, data: bytes) -> None:
+        """Learn the shape again from ``chunk``, one whole event whose data (``data``) is a text delta with nothing
+        else in it (parsed: see :meth:`_text_only`), which missed the shape after the shape had served: the bytes
+        of a stream's deltas that change now and then outside their text (llama.cpp's and TGI's ``created``, a
+        second's clock; the thinking before an Anthropic answer's text) are of a shape again from then on, where
+        they were parsed to the end of the stream. The miss it made is not held against the stream."""
+        shape = self._shape_of(chunk, data)
+        if shape is not None:
+            self._shape = shape
+            self._learnt = self._chunks
+            self._inner = _inner_shape(shape, chunk, data)
+            self._misses -= 1
+
     def _over_budget(self, spent: float) -> None:
         """Raise ReadBudgetSpent when ``spent`` is over the budget: READ_BUDGET_SECONDS and a share of the time the
         response took otherwise (a stream that lasts minutes may read for longer than one sent all at once)."""
@@ -520,12 +545,14 @@ class ResponseReader:
         hi = len(chunks)
         # The end of a stream (finish reason, usage, [DONE]) has other shapes: peeled off first (each tested
         # without side effects), so the run before it is checked in one pass.
+        fast = self._fast
         while hi and len(chunks) - hi < 8 and not self._shaped(chunks[hi - 1]):
             hi -= 1
         self._held_run(chunks, 0, hi)
-        # Those are not of the shape, and cannot become so: the shape, once learnt, is only ever dropped.
+        # Those are not of the shape, unless it was learnt again from one of them (see _relearn): then the ones
+        # after it are tried on the new shape.
         for chunk in chunks[hi:]:
-            self.feed(chunk, None, False)
+            self.feed(chunk, None, self._fast is not fast)
 
     def _held_run(self, chunks: list[bytes], lo: int, hi: int) -> None:
         fast = self._fast
