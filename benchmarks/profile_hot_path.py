@@ -146,7 +146,8 @@ def _quiet_stdout() -> Any:
 
 #: A content delta event as each server sends it (``--per-chunk --shape``): OpenAI's; vLLM's, with ``logprobs`` in
 #: the choice; llama.cpp's server, ``choices`` first and a ``system_fingerprint``; TGI's, with the role and a null
-#: ``tool_calls`` in every delta and a null usage on every chunk.
+#: ``tool_calls`` in every delta and a null usage on every chunk; a reasoning model's before its answer (DeepSeek's,
+#: vLLM's with a reasoning parser), a null content and a piece of the reasoning.
 DELTA_SHAPES: dict[str, Any] = {
     "openai": lambda text: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
                             "model": "gpt-4o-mini", "choices": [{"index": 0, "delta": {"content": text},
@@ -157,6 +158,10 @@ DELTA_SHAPES: dict[str, Any] = {
     "llama.cpp": lambda text: {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": text}}],
                                "created": 1, "id": "chatcmpl-1", "model": "gguf", "system_fingerprint": "b1",
                                "object": "chat.completion.chunk"},
+    "reasoning": lambda text: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                               "model": "deepseek-reasoner", "choices": [{"index": 0, "delta": {
+                                   "content": None, "reasoning_content": text}, "logprobs": None,
+                                   "finish_reason": None}]},
     "tgi": lambda text: {"object": "chat.completion.chunk", "id": "", "created": 1, "model": "tgi",
                          "system_fingerprint": "3.0.0-native",
                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": text, "tool_calls": None},

@@ -200,7 +200,7 @@ def test_profile_by_length_prints_a_row_per_length_and_a_line_per_variant() -> N
         assert re.search(rf"^{variant}: a stream adds -?[\d.]+ µs once and -?[\d.]+ µs per event", stdout, re.M)
 
 
-@pytest.mark.parametrize("shape", ["openai", "vllm", "llama.cpp", "tgi"])
+@pytest.mark.parametrize("shape", ["openai", "vllm", "llama.cpp", "tgi", "reasoning"])
 def test_per_chunk_profile_prints_the_cost_of_each_servers_deltas(shape: str) -> None:
     stdout = run_benchmark("profile_hot_path.py", "--per-chunk", "--shape", shape, timeout=300)
     line = rf"send wrapper \+ shape check \({re.escape(shape)} deltas\): -?[\d.]+ µs per chunk \(min of 7\)\n"

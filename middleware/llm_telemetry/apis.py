@@ -1038,7 +1038,12 @@ _TGI_ERROR_STATUS: Final = {
 
 class OpenAIChatReader(ResponseReader):
     __slots__ = ("_seen", "_tool_ids", "_tool_indexes")
-    _TEXT_KEYS = (b'"content":"', b'"content": "', b'"text":"', b'"text": "')
+    #: (A reasoning model's deltas before its answer carry their text in a reasoning member, with a null content:
+    #: DeepSeek's, vLLM's and llama.cpp's ``reasoning_content``, OpenRouter's and vLLM's newer ``reasoning``.)
+    _TEXT_KEYS = (
+        b'"content":"', b'"content": "', b'"text":"', b'"text": "',
+        b'"reasoning_content":"', b'"reasoning_content": "', b'"reasoning":"', b'"reasoning": "',
+    )  # fmt: skip
     _DEFERS = True
 
     def __init__(self, call: LLMCall, *, stream: bool, capture: bool = False, shortcuts: bool = True) -> None:

@@ -183,3 +183,41 @@ def test_an_anthropic_answer_after_its_thinking_is_read_by_its_shape() -> None:
     held = _held("anthropic.messages", chunks)
     text_deltas = [i for i, chunk in enumerate(chunks) if b'"text_delta"' in chunk]
     assert len(text_deltas) == len(texts) and all(held[i] for i in text_deltas)
+
+
+def _reasoning_stream(key: str, thoughts: list[str], texts: list[str], spaced: bool) -> list[bytes]:
+    """A reasoning model's chat stream: deltas with a null content and a piece of the reasoning in ``key``, then the
+    answer's deltas, compact (DeepSeek's, vLLM's) or spaced JSON."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {"id": "chatcmpl-r", "object": "chat.completion.chunk", "created": 1, "model": "deepseek-reasoner",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+        raw = json.dumps(data) if spaced else json.dumps(data, separators=(",", ":"))
+        return b"data: " + raw.encode() + b"\n\n"
+
+    chunks = [chunk({"role": "assistant", "content": None})]
+    chunks += [chunk({"content": None, key: thought}) for thought in thoughts]
+    chunks += [chunk({"content": text}) for text in texts]
+    return [*chunks, chunk({"content": None}, "stop"), b"data: [DONE]\n\n"]
+
+
+@given(
+    st.sampled_from(["reasoning_content", "reasoning"]),
+    st.lists(words, min_size=1, max_size=60),
+    st.lists(words, max_size=60),
+    st.booleans(),
+    st.lists(st.integers(1, 130), min_size=1, max_size=4),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_reasoning_stream_is_read_by_its_shape_and_records_what_a_full_parse_records(
+    key: str, thoughts: list[str], texts: list[str], spaced: bool, groups: list[int]
+) -> None:
+    """The reasoning deltas before the answer are of a shape too (they were each parsed): the reader knows it at
+    every delta, reasoning and answer alike, and records what a full parse records, one token a delta."""
+    chunks = _reasoning_stream(key, thoughts, texts, spaced)
+    held = _held("openai.chat", chunks)
+    assert all(held[1 : 1 + len(thoughts) + len(texts)])
+    reference = _recorded(_read("openai.chat", chunks, None, capture=True))
+    assert reference[1:4] == (len(thoughts) + len(texts), "estimated", ["stop"]) and reference[6] is True
+    assert _recorded(_read("openai.chat", chunks, groups)) == reference
+    assert _recorded(_read("openai.chat", chunks, None)) == reference
