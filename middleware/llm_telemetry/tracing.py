@@ -31,6 +31,7 @@ from time import perf_counter, time_ns
 from typing import Any, Final, NamedTuple
 
 from opentelemetry import context, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
@@ -610,7 +611,6 @@ _default_textmap: list[Any] = [None, False, _HEADERS]
 
 
 def _is_default_textmap(textmap: Any) -> bool:
-    from opentelemetry.baggage.propagation import W3CBaggagePropagator
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -627,7 +627,6 @@ def _screens_baggage(textmap: Any) -> bool:
     and W3C trace context propagators (``OTEL_PROPAGATORS`` naming ``baggage``, with ``tracecontext`` or not, in
     either order), none of which reads the ``baggage`` header otherwise. Another propagator beside them might read
     the header by rules of its own, and gets it as sent."""
-    from opentelemetry.baggage.propagation import W3CBaggagePropagator
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -649,11 +648,12 @@ def _baggage_rules() -> tuple[Any, Any] | None:
 
 
 _BAGGAGE_RULES: Final = _baggage_rules()
-#: The W3C baggage propagator's limits (``W3CBaggagePropagator``): a header over this many bytes is ignored whole;
-#: a member over this many characters, or past this many members, is ignored.
-_BAGGAGE_HEADER_BYTES: Final = 8192
-_BAGGAGE_MEMBER_CHARS: Final = 4096
-_BAGGAGE_MEMBERS: Final = 180
+#: The W3C baggage propagator's limits, read from it (``W3CBaggagePropagator``; the values of API 1.45 where it has
+#: none): a header over this many bytes is ignored whole; a member over this many characters, or past this many
+#: members, is ignored.
+_BAGGAGE_HEADER_BYTES: Final[int] = getattr(W3CBaggagePropagator, "_MAX_HEADER_LENGTH", 8192)
+_BAGGAGE_MEMBER_CHARS: Final[int] = getattr(W3CBaggagePropagator, "_MAX_PAIR_LENGTH", 4096)
+_BAGGAGE_MEMBERS: Final[int] = getattr(W3CBaggagePropagator, "_MAX_PAIRS", 180)
 _baggage_refused_logged = [False]
 
 
