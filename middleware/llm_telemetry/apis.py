@@ -1905,6 +1905,9 @@ class AnthropicMessagesReader(ResponseReader):
             elif isinstance(block.get("text"), str):
                 self._text_chars += len(block["text"])
                 self._keep_text(block["text"])
+            elif kind == "thinking" and isinstance(block.get("thinking"), str):
+                # Output the model made, to estimate as a stream's thinking deltas are (no part of the answer).
+                self._text_chars += len(block["thinking"])
 
 
 # --- requests -------------------------------------------------------------------------------------

@@ -233,6 +233,30 @@ def test_claudes_thinking_tokens_are_its_reasoning_tokens_in_a_message(service: 
     assert span.attributes["gen_ai.usage.reasoning.output_tokens"] == 30
 
 
+def test_claudes_thinking_counts_in_the_estimate_of_a_message_without_usage(capturing: Service) -> None:
+    """A Claude answer without usage (a gateway that drops it) is estimated from what the model wrote, at about four
+    characters a token: its thinking too, as a stream's thinking deltas count; the captured answer is its text only.
+    The thinking was left out of the estimate of a message, so the same answer read lower unstreamed."""
+    model = "claude-thinking-no-usage"
+    thinking, text = "The tide tables for Brest put high water near noon today.", "High at noon."
+    message = {
+        "id": "msg_2",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "thinking", "thinking": thinking, "signature": "sig"}, {"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+    }
+    ANSWERS[model] = message
+    claude = anthropic.Anthropic(base_url=capturing.base, api_key="test", max_retries=0)
+    reply = claude.messages.create(model=model, max_tokens=100, messages=[{"role": "user", "content": "?"}])
+    assert [block.type for block in reply.content] == ["thinking", "text"]
+    estimated = {"gen_ai_request_model": model, "llm_usage_source": "estimated", "gen_ai_token_type": "output"}
+    assert capturing.metrics(model).value("llm_tokens_total", **estimated) == -(-(len(thinking) + len(text)) // 4)
+    assert json.dumps(capturing.output_messages(model)).count(thinking) == 0
+
+
 def test_thinking_a_claude_stream_does_not_show_is_left_out_of_its_time_per_output_token(service: Service) -> None:
     """``display: omitted``: the thinking block carries a signature and no text, so the stream's first token is the
     answer's, and the 1,800 thinking tokens of the 2,000 reported were made before it: 200 tokens are spread over the
