@@ -124,8 +124,10 @@ class CollectorCheck:
     async def stop(self) -> None:
         """Cancel the reads under way, and wait for their end: the operator is stopping, its passes stopped. A read is
         shielded from the stop of any one pass waiting for it, so none of them ends it: left running, it outlived the
-        cleanup, and on an API server that did not answer, held the exit up for kopf's 5 s wait for hung tasks."""
-        reading = list(self._reading.values())
+        cleanup, and on an API server that did not answer, held the exit up for kopf's 5 s wait for hung tasks. The
+        reads a change made stale (:meth:`forget`) are no longer shared but still run for the passes that wait for them:
+        they are cancelled too."""
+        reading = [*self._reading.values(), *self._stale]
         self._reading.clear()
         for read in reading:
             read.cancel()

@@ -398,3 +398,22 @@ async def test_collectors_installed_together_are_found_by_one_pass(emulator: Any
         await asyncio.sleep(1)  # time for a second rollout, were one to come
         assert get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"] == generation + 1  # one rollout
         assert len(collector_events(emulator)) == 1
+
+
+async def test_the_stop_ends_a_read_a_change_made_stale_too() -> None:
+    """A read under way when its Service was seen to change is no longer shared, but still runs for the passes that
+    wait for it. The operator's stop ended only the shared reads: on an API server that did not answer, the stale one
+    outlived the cleanup and held the exit up for kopf's 5 s wait for hung tasks."""
+    check, client = CollectorCheck(), SlowServices()
+    first = asyncio.ensure_future(check.lookup(client, "http://jaeger.observability:4318"))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    check.forget(("observability", "jaeger"))  # the watch saw it change while the API server held the read
+    first.cancel()  # the operator's stop cancels the pass first, then the reads
+    await check.stop()
+    reads = [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "") == "CollectorCheck._read"
+    ]
+    assert reads == [], "a collector read outlived the operator's stop"
+    assert client.reads == 1 and not client.release.is_set()
