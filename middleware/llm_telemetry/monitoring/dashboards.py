@@ -800,8 +800,9 @@ def build_dashboard(
     )
     b.timeseries(
         "Truncated response ratio by model",
-        "Share of each model's finish reasons that say the output hit its token limit (length, max_tokens,"
-        " max_output_tokens): answers cut short, which a larger max_tokens or a shorter prompt would have finished.",
+        "Share of each model's finish reasons that say the output hit a token limit (length, max_tokens,"
+        " max_output_tokens; model_context_window_exceeded, Anthropic's for a context window that filled up first):"
+        " answers cut short, which a larger max_tokens or a shorter prompt would have finished.",
         [b.target(_share(REQUEST_MODEL, b.rate(FINISH_REASONS, truncated), b.rate(FINISH_REASONS)), model_legend)],
         "percentunit",
         max_value=1,

@@ -70,10 +70,10 @@ SCRAPE_LABELS: Final = ("namespace", "job", "endpoint", "pod", "instance")
 #: Every metric the middleware exports, by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
 METRICS: Final[Mapping[str, inst.MetricSpec]] = inst.BY_PROMETHEUS_NAME
 
-#: ``llm_finish_reason`` values that say the output was cut at its token limit: OpenAI's chat and completions
-#: (``length``), Anthropic's messages (``max_tokens``) and the Responses API's incomplete responses
-#: (``max_output_tokens``).
-TRUNCATED_FINISH_REASONS: Final = ("length", "max_tokens", "max_output_tokens")
+#: ``llm_finish_reason`` values that say the output was cut at a token limit: OpenAI's chat and completions
+#: (``length``), Anthropic's messages (``max_tokens``, and ``model_context_window_exceeded`` where the model's
+#: context window filled up first) and the Responses API's incomplete responses (``max_output_tokens``).
+TRUNCATED_FINISH_REASONS: Final = ("length", "max_tokens", "max_output_tokens", "model_context_window_exceeded")
 
 #: The failed requests of the error ratios: a client leaving (its user pressing stop, say) is not one. A stream
 #: left before its first token counts against the TTFT objective instead, when it waited past its latency.
