@@ -193,13 +193,17 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
     """Decide whether this process is one of several workers; None (the common case) costs nothing more.
 
     An explicit directory (``LLM_TELEMETRY_MULTIPROC_DIR``/``multiproc_dir`` or ``PROMETHEUS_MULTIPROC_DIR``)
-    turns the mode on for any supervisor, taking the parent process as the supervisor; ``off`` turns it off.
+    turns the mode on for any supervisor, taking the parent process as the supervisor; ``off`` turns the shared
+    state off: a worker of a detected supervisor then keeps its own numbers, and still pushes them over OTLP under
+    an identity of its own (:meth:`WorkerMode.worker_resource`).
     """
     env = os.environ if env is None else env
     explicit = settings.multiproc_dir
-    if explicit is not None and explicit.strip().lower() in DISABLED:
-        return None
     supervisor = detect_supervisor()
+    if explicit is not None and explicit.strip().lower() in DISABLED:
+        # Without it, every worker pushed under the one service.instance.id configured for the service (or the
+        # OpenTelemetry Operator's): a receiver saw the workers' cumulative sums as one series going up and down.
+        return WorkerMode(supervisor, None) if supervisor is not None else None
     prom_dir = env.get(PROMETHEUS_MULTIPROC_DIR, "").strip()
     if supervisor is None:
         if not explicit and not prom_dir:

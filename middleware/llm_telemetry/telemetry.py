@@ -270,7 +270,7 @@ class Telemetry:
                 busy = exc.errno == errno.EADDRINUSE
                 if not busy:
                     hint = ""
-                elif self.workers is not None:  # a worker whose shared state could not be set up (logged before)
+                elif self.workers is not None:  # a worker without shared state (off, or unusable: logged before)
                     hint = "; trying again every second. This worker keeps its own numbers (docs/workers.md)"
                 else:
                     hint = (

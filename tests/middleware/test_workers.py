@@ -269,7 +269,8 @@ class Server:
         # the app left every request to the other, and the tests that need both to answer ran out of tries.
         wait_for("every worker's startup", lambda: self._startups() - started >= self.workers)
         wait_for("the app", lambda: urllib.request.urlopen(f"{self.base}/healthz", timeout=5).status == 200)
-        wait_for("the metrics port", lambda: scrape_text(self.metrics_port))
+        # (Answered: a worker that keeps its own numbers, the shared state off, has nothing to show before a request.)
+        wait_for("the metrics port", lambda: scrape_text(self.metrics_port) is not None)
         return self
 
     @property
@@ -727,6 +728,8 @@ class _OTLPReceiver:
 
         self.requests: dict[str, float] = {}
         self.durations: dict[str, int] = {}
+        #: (instance, total before, total pushed after it) for each pushed total lower than the one before it.
+        self.went_down: list[tuple[str, float, float]] = []
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -740,7 +743,11 @@ class _OTLPReceiver:
                         for metric in scope_metrics.metrics:
                             if metric.name == "llm.requests":
                                 points = metric.sum.data_points
-                                receiver.requests[instance] = sum(p.as_int or p.as_double for p in points)
+                                pushed = sum(p.as_int or p.as_double for p in points)
+                                before = receiver.requests.get(instance, 0.0)
+                                if pushed < before:
+                                    receiver.went_down.append((instance, before, pushed))
+                                receiver.requests[instance] = pushed
                             elif metric.name == "gen_ai.server.request.duration":
                                 durations = metric.histogram.data_points
                                 receiver.durations[instance] = sum(p.count for p in durations)
@@ -763,36 +770,46 @@ class _OTLPReceiver:
 
 
 @pytest.mark.slow
-def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path) -> None:
-    """With OTLP on as well, each worker pushes its own cumulative numbers under its own service.instance.id."""
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-state", "shared-state-off"])
+def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path, shared: bool) -> None:
+    """With OTLP on as well, each worker pushes its own cumulative numbers under its own service.instance.id; so too
+    with the shared state turned off (``LLM_TELEMETRY_MULTIPROC_DIR=off``), where the workers pushed under the one
+    configured id: the receiver saw one worker's count at a time, a series going up and down with each export."""
     if sys.platform != "linux":
         pytest.skip("reads worker pids from /proc")
     receiver = _OTLPReceiver()
     port, metrics_port = free_port(), free_port()
-    env = _server_env(
-        tmp_path,
-        metrics_port,
-        {
-            "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/metrics",
-            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
-            "OTEL_METRIC_EXPORT_INTERVAL": "300",
-            # Even an instance id set for the whole service comes out distinct per worker.
-            "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a",
-        },
-    )
+    extra = {
+        "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/metrics",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        # Even an instance id set for the whole service comes out distinct per worker.
+        "OTEL_RESOURCE_ATTRIBUTES": "service.instance.id=pod-a",
+    }
+    if not shared:
+        extra["LLM_TELEMETRY_MULTIPROC_DIR"] = "off"
+    env = _server_env(tmp_path, metrics_port, extra)
     try:
         with running(Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")) as server:
             workers = process_children(server.pid)
-            sent, pids = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
-            total = sent.streams + sent.plains + sent.rate_limited + sent.embeddings
-            settle(server, sent)
-            assert_totals(server.scrape(), sent)
+            total, pids = 0, set()
+            for _ in range(5):  # until both workers have answered (each request is a new connection)
+                sent, answered = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
+                total += sent.streams + sent.plains + sent.rate_limited + sent.embeddings
+                pids |= answered
+                if shared:
+                    settle(server, sent)
+                    assert_totals(server.scrape(), sent)
+                if len(pids) == 2:
+                    break
+            assert pids == workers
             wait_for("every request to be pushed", lambda: sum(receiver.requests.values()) == total)
             wait_for("every duration to be pushed", lambda: sum(receiver.durations.values()) == total)
             instances = {instance for instance, count in receiver.requests.items() if count}
-            assert {int(i.rsplit("-", 1)[1]) for i in instances} == pids <= workers
-            assert all(i.startswith("pod-a-") for i in instances)
+            assert all(i.startswith("pod-a-") for i in instances), instances
+            assert {int(i.rsplit("-", 1)[1]) for i in instances} == pids
+            assert receiver.went_down == [], "a worker's pushed total went down"
     finally:
         receiver.close()
 
