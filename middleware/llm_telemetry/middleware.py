@@ -1124,7 +1124,12 @@ class LLMTelemetryMiddleware:
 
     def _fallback(self, error: Exception) -> Telemetry | None:
         """Metrics with nothing but the failure in them, so that it shows up where alerts look."""
-        plain = dataclasses.replace(self.settings, multiproc_dir="off", request_logs=False)
+        exporters = self.settings.metrics_exporters
+        if "prometheus" in exporters:
+            # The exposition alone, without the OTLP push: an OTLP metric exporter or reader the SDK refuses
+            # (OTEL_METRIC_EXPORT_INTERVAL=0, a compression its gRPC exporter lacks) failed the setup, and again here.
+            exporters = ("prometheus",)
+        plain = dataclasses.replace(self.settings, multiproc_dir="off", request_logs=False, metrics_exporters=exporters)
         # Nor the spans or OTLP log records the environment asks for: a span processor the SDK refuses (an
         # OTEL_BSP_* value out of its range) failed the setup, and again here, leaving not even this counter.
         env = {**os.environ, OTEL_TRACES_EXPORTER: "none", OTEL_LOGS_EXPORTER: "none"}

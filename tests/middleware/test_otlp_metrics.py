@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 
 import httpx
+import openai
 import pytest
 
 from otlp_receiver import MetricPoint, OTLPReceiver, demo_server, otlp_receiver, tracing_env
-from support import FRESH, Metrics, free_port, scrape_text
+from support import FRESH, Metrics, free_port, scrape, scrape_text
 
 DELTA, CUMULATIVE = 1, 2
 #: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE -> what the SDK gives its synchronous counters (the OTLP
@@ -149,3 +150,30 @@ def test_a_server_shutting_down_pushes_what_it_counted_since_its_last_export() -
             assert sum(p.value for p in receiver.metrics if p.name == "llm.requests") == 3
         finally:
             app.telemetry.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "refused"),
+    [
+        ("http/protobuf", {"OTEL_METRIC_EXPORT_INTERVAL": "0"}),  # the SDK's reader refuses an interval of 0
+        ("grpc", {"OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "zip"}),  # its gRPC exporter, a compression it lacks
+    ],
+    ids=["interval-0", "grpc-compression"],
+)
+def test_an_otlp_metric_exporter_the_sdk_refuses_leaves_the_setup_failure_counted(
+    protocol: str, refused: dict[str, str]
+) -> None:
+    """docs/metrics.md ("Setup"): a failed setup is shown as ``llm_telemetry_internal_errors_total{...="setup"}``
+    where a plain exposition can still be made. With ``prometheus,otlp``, an OTLP metric exporter or reader the SDK
+    refuses failed that plain setup too, which asked for the same OTLP push again: the metrics port was not even
+    bound, and the alert on the setup failure had nothing to read."""
+    port = free_port()
+    with otlp_receiver() as receiver:
+        env = tracing_env(receiver, protocol, LLM_TELEMETRY_METRICS_EXPORTER="prometheus,otlp", **refused)
+        with demo_server(env, metrics_port=port, metrics_host="127.0.0.1") as (_, base):
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test", max_retries=0)
+            answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content  # served, unobserved
+            metrics = scrape(port)
+            assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="setup") == 1
+            assert metrics.value("llm_requests_total") == 0
