@@ -793,17 +793,17 @@ def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path, shared: b
     try:
         with running(Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")) as server:
             workers = process_children(server.pid)
-            total, pids = 0, set()
+            sent, pids = Traffic(), set()
             for _ in range(5):  # until both workers have answered (each request is a new connection)
-                sent, answered = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
-                total += sent.streams + sent.plains + sent.rate_limited + sent.embeddings
-                pids |= answered
-                if shared:
-                    settle(server, sent)
-                    assert_totals(server.scrape(), sent)
+                more, answered = drive(server.base, streams=8, plains=12, rate_limited=2, embeddings=2)
+                sent, pids = sent + more, pids | answered
                 if len(pids) == 2:
                     break
             assert pids == workers
+            total = sent.streams + sent.plains + sent.rate_limited + sent.embeddings
+            if shared:  # (with it off, the port shows one worker's numbers)
+                settle(server, sent)
+                assert_totals(server.scrape(), sent)
             wait_for("every request to be pushed", lambda: sum(receiver.requests.values()) == total)
             wait_for("every duration to be pushed", lambda: sum(receiver.durations.values()) == total)
             instances = {instance for instance, count in receiver.requests.items() if count}
