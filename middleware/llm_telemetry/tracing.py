@@ -24,6 +24,8 @@ import asyncio
 import json
 import logging
 import random
+import re
+import sys
 import traceback
 from collections import deque
 from collections.abc import Mapping
@@ -576,28 +578,51 @@ class _HeaderGetter(Getter[Any]):
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
         wanted = key.encode("latin-1")
-        values = [v.decode("latin-1") for k, v in carrier if k == wanted]
-        return values or None
+        values: list[str] | None = None
+        for name, value in carrier:  # (a loop: on Python 3.11 a comprehension is a call of its own)
+            if name == wanted:
+                if values is None:
+                    values = [value.decode("latin-1")]
+                else:
+                    values.append(value.decode("latin-1"))
+        return values
 
     def keys(self, carrier: Any) -> list[str]:
         return [k.decode("latin-1") for k, _ in carrier]
 
 
 class _ScreeningGetter(_HeaderGetter):
-    """:class:`_HeaderGetter` handing the W3C baggage propagator only the members of the ``baggage`` header it
-    keeps (see :func:`_screened_baggage`). The screening is done as the propagator asks for the header, on the values
-    its own lookup finds: a request without one costs nothing more."""
+    """:class:`_HeaderGetter` handing OpenTelemetry's W3C propagators only what they keep without a warning: the
+    members of the ``baggage`` header the baggage propagator keeps (see :func:`_screened_baggage`), no
+    ``traceparent`` the trace context propagator ignores for its length, and a ``tracestate`` it ignores as no
+    ``tracestate`` or an empty one, as it would read it (see :func:`_screened_tracestate`). The screening is done as a
+    propagator asks for the header, on the values its own lookup finds: a request without one costs nothing more."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
         wanted = key.encode("latin-1")
-        values = [v.decode("latin-1") for k, v in carrier if k == wanted]
-        if not values:
+        values: list[str] | None = None
+        for name, value in carrier:  # (as _HeaderGetter.get, inline: a call of it would cost as much as the screen)
+            if name == wanted:
+                if values is None:
+                    values = [value.decode("latin-1")]
+                else:
+                    values.append(value.decode("latin-1"))
+        if values is None:
             return None
-        if key == "baggage":
-            screened = _screened_baggage(values[0])  # (the one the propagator reads)
-            if screened is not None:
-                _baggage_refused()
-                values[0] = screened
+        if key == "traceparent":
+            if len(values[0]) > _TRACEPARENT_CHARS:  # (the one the propagator reads)
+                _refused(_TRACE_CONTEXT_REFUSED)
+                return None  # (ignored: as if not sent)
+        elif key == "tracestate":
+            screened = _screened_tracestate(values)
+            if screened is not values:
+                _refused(_TRACE_CONTEXT_REFUSED)
+                return screened
+        elif key == "baggage":
+            kept = _screened_baggage(values[0])  # (the one the propagator reads)
+            if kept is not None:
+                _refused(_BAGGAGE_REFUSED)
+                values[0] = kept
         return values
 
 
@@ -622,29 +647,41 @@ def _is_default_textmap(textmap: Any) -> bool:
     )
 
 
-def _screens_baggage(textmap: Any) -> bool:
-    """Whether the baggage propagator of ``textmap`` is given only the members it keeps: a composite of W3C baggage
-    and W3C trace context propagators (``OTEL_PROPAGATORS`` naming ``baggage``, with ``tracecontext`` or not, in
-    either order), none of which reads the ``baggage`` header otherwise. Another propagator beside them might read
-    the header by rules of its own, and gets it as sent."""
+def _screens_headers(textmap: Any) -> bool:
+    """Whether ``textmap`` is given the screening getter: OpenTelemetry's W3C trace context or baggage propagator, or
+    a composite of them, alone (``OTEL_PROPAGATORS`` naming ``tracecontext``, ``baggage`` or both, in either order),
+    none of which reads a header another screens. Another propagator beside them might read the headers by rules of
+    its own, and gets them as sent."""
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    inner = getattr(textmap, "_propagators", None)
-    if type(textmap) is not CompositePropagator or not isinstance(inner, (list, tuple)):
+    inner = getattr(textmap, "_propagators", None) if type(textmap) is CompositePropagator else [textmap]
+    if not isinstance(inner, (list, tuple)) or not inner:
         return False
-    kinds = {type(p) for p in inner}
-    return W3CBaggagePropagator in kinds and kinds <= {W3CBaggagePropagator, TraceContextTextMapPropagator}
+    return {type(p) for p in inner} <= {W3CBaggagePropagator, TraceContextTextMapPropagator}
 
 
-def _baggage_rules() -> tuple[Any, Any] | None:
-    """The W3C baggage propagator's own splitting pattern and member check, or None where this API has neither."""
+def _baggage_rules() -> tuple[Any, Any, Any] | None:
+    """The W3C baggage propagator's own splitting pattern and member check, and a pattern of headers it keeps whole
+    (or None where it cannot be made), or None where this API has neither."""
     try:
         from opentelemetry.baggage import _is_valid_pair
-        from opentelemetry.util.re import _DELIMITER_PATTERN
+        from opentelemetry.util.re import _DELIMITER_PATTERN, _KEY_FORMAT, _VALUE_FORMAT
     except ImportError:  # pragma: no cover - another API version: its propagator reads the header as it is
         return None
-    return _DELIMITER_PATTERN, _is_valid_pair
+    return _DELIMITER_PATTERN, _is_valid_pair, _plain_baggage(_KEY_FORMAT, _VALUE_FORMAT)
+
+
+def _plain_baggage(key: str, value: str) -> re.Pattern[str] | None:
+    """A pattern matching only headers whose every member the W3C baggage propagator keeps: members of its own key
+    and value characters (``key=value``, then properties ``;key`` or ``;key=value``) and nothing else, no whitespace,
+    no empty member. Such a header, within its limits, is handed over as sent, checked once by a C-level match
+    rather than member by member. None when a key may hold a delimiter (``=``, ``;``, ``,``) or a value ``;`` or
+    ``,``: then what the members are would not be plain."""
+    if any(re.fullmatch(key, c) for c in "=;, \t") or any(re.fullmatch(value, c) for c in ";, \t"):
+        return None  # pragma: no cover - not with any API version so far
+    member = f"(?:{key})=(?:{value})(?:;(?:{key})(?:=(?:{value}))?)*"
+    return re.compile(f"{member}(?:,{member})*")
 
 
 _BAGGAGE_RULES: Final = _baggage_rules()
@@ -654,7 +691,6 @@ _BAGGAGE_RULES: Final = _baggage_rules()
 _BAGGAGE_HEADER_BYTES: Final[int] = getattr(W3CBaggagePropagator, "_MAX_HEADER_LENGTH", 8192)
 _BAGGAGE_MEMBER_CHARS: Final[int] = getattr(W3CBaggagePropagator, "_MAX_PAIR_LENGTH", 4096)
 _BAGGAGE_MEMBERS: Final[int] = getattr(W3CBaggagePropagator, "_MAX_PAIRS", 180)
-_baggage_refused_logged = [False]
 
 
 def _screened_baggage(header: str) -> str | None:
@@ -666,9 +702,19 @@ def _screened_baggage(header: str) -> str | None:
     rules = _BAGGAGE_RULES
     if rules is None:
         return None
+    delimiter, valid_pair, plain = rules
+    if (
+        plain is not None
+        and len(header) <= _BAGGAGE_HEADER_BYTES
+        and header.count(",") < _BAGGAGE_MEMBERS
+        and plain.fullmatch(header) is not None
+        and (len(header) <= _BAGGAGE_MEMBER_CHARS or max(map(len, header.split(","))) <= _BAGGAGE_MEMBER_CHARS)
+    ):
+        # Plain members, each of them kept: the propagator checks them, once (member by member here too, they
+        # were checked twice: a valid three-member header cost 36 k instructions more than the propagator's own).
+        return None
     if len(header.encode()) > _BAGGAGE_HEADER_BYTES:
         return ""
-    delimiter, valid_pair = rules
     kept: list[str] = []
     refused = False
     members = 0
@@ -691,28 +737,103 @@ def _screened_baggage(header: str) -> str | None:
     return ",".join(kept) if refused else None
 
 
-def _baggage_refused() -> None:
-    if not _baggage_refused_logged[0]:
-        _baggage_refused_logged[0] = True
-        logger.warning(
-            "llm-telemetry: a request's baggage header had members the W3C baggage propagator ignores "
-            "(malformed, non-ASCII, too long or too many); they are ignored without a warning for each "
-            "(logged once)"
+def _trace_context_rules() -> tuple[int, Any, int, int] | None:
+    """The W3C trace context propagator's limits and member pattern: the longest ``traceparent`` it reads, its
+    ``tracestate`` member pattern, the longest ``tracestate`` (its fields joined) and the most members it keeps; None
+    where this API has none of them."""
+    try:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry.trace.span import (
+            _TRACECONTEXT_MAXIMUM_TRACESTATE_KEYS,
+            _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH,
+            _member_pattern,
         )
+    except ImportError:  # pragma: no cover - another API version: its propagator reads the headers as they are
+        return None
+    longest = getattr(TraceContextTextMapPropagator, "_TRACEPARENT_MAXIMUM_LENGTH", None)
+    if not isinstance(longest, int):  # pragma: no cover - likewise
+        return None
+    return longest, _member_pattern, _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH, _TRACECONTEXT_MAXIMUM_TRACESTATE_KEYS
+
+
+_TRACE_CONTEXT_RULES: Final = _trace_context_rules()
+#: Past this many characters the trace context propagator ignores a ``traceparent`` with a WARNING.
+_TRACEPARENT_CHARS: Final[int] = _TRACE_CONTEXT_RULES[0] if _TRACE_CONTEXT_RULES else sys.maxsize
+#: ``tracestate`` members every version of the W3C rules keeps: a key, ``=``, and 1 to 256 printable characters
+#: without whitespace, ``,`` or ``=``; no whitespace around them and no empty member.
+_PLAIN_TRACESTATE_MEMBER: Final = (
+    r"(?:[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13})"
+    r"=[\x21-\x2b\x2d-\x3c\x3e-\x7e]{1,256}"
+)
+_PLAIN_TRACESTATE: Final = re.compile(f"{_PLAIN_TRACESTATE_MEMBER}(?:,{_PLAIN_TRACESTATE_MEMBER})*")
+
+
+def _screened_tracestate(fields: list[str]) -> list[str] | None:
+    """What the trace context propagator is given of the request's ``tracestate`` fields so that it reads the same
+    trace state without a WARNING: ``fields`` themselves when it reads them without one; None (no header) for fields
+    over its length limit, which it ignores, logging so; ``[""]`` (an empty trace state) for fields with a
+    malformed member, or more members than it keeps, which it reads as an empty trace state, logging so, the first
+    malformed member's text in the line (up to 8 KB of a client's bytes on every request)."""
+    rules = _TRACE_CONTEXT_RULES
+    if rules is None:
+        return fields
+    _, member, longest, most = rules
+    if (
+        len(fields) == 1
+        and len(fields[0]) <= longest
+        and fields[0].count(",") < most
+        and _PLAIN_TRACESTATE.fullmatch(fields[0]) is not None
+    ):
+        return fields  # (plain members, fewer than it keeps: the common case, checked by one C-level match)
+    if sum(len(field) for field in fields) + len(fields) - 1 > longest:
+        return None
+    keys: set[str] = set()
+    for field in fields:  # (as TraceState.from_header reads them)
+        for entry in field.split(","):
+            entry = entry.strip(" \t")
+            if not entry:
+                continue
+            match = member.fullmatch(entry)
+            if match is None:
+                return [""]
+            if match.group(1) in keys:
+                return fields  # (a duplicate key: it reads an empty trace state, without a warning)
+            keys.add(match.group(1))
+    return [""] if len(keys) > most else fields
+
+
+#: What was refused, each said once per process (see :func:`_refused`).
+_BAGGAGE_REFUSED: Final = (
+    "llm-telemetry: a request's baggage header had members the W3C baggage propagator ignores "
+    "(malformed, non-ASCII, too long or too many); they are ignored without a warning for each (logged once)"
+)
+_TRACE_CONTEXT_REFUSED: Final = (
+    "llm-telemetry: a request's traceparent or tracestate header was one the W3C trace context propagator ignores "
+    "(too long, or a malformed tracestate or one of too many members); it is ignored without a warning for each "
+    "request (logged once)"
+)
+_refusals_logged: set[str] = set()
+
+
+def _refused(message: str) -> None:
+    """Log ``message``, once per process."""
+    if message not in _refusals_logged:
+        _refusals_logged.add(message)
+        logger.warning(message)
 
 
 def _extract(headers: Any, apart: bool = False) -> context.Context:
     """``propagate.extract`` of the request headers. With the default propagators and neither a ``traceparent``
-    nor a ``baggage`` header, what it would return (an empty context) without asking it. With these or the W3C
-    baggage propagator beside trace context's only, the baggage propagator is handed only the members of a
-    ``baggage`` header it keeps (see :func:`_screened_baggage`).
+    nor a ``baggage`` header, what it would return (an empty context) without asking it. With the W3C propagators
+    only (these, or either alone), they are handed the headers screened of what they would ignore with a WARNING on
+    every request (see :class:`_ScreeningGetter`): the same context, without the warnings.
     ``apart``: into an empty context rather than the current one."""
     textmap = propagate.get_global_textmap()
     if textmap is not _default_textmap[0]:
         _default_textmap[:] = [
             textmap,
             _is_default_textmap(textmap),
-            _SCREENING if _screens_baggage(textmap) else _HEADERS,
+            _SCREENING if _screens_headers(textmap) else _HEADERS,
         ]
     if _default_textmap[1]:
         for key, _ in headers:

@@ -135,6 +135,7 @@ _MEMBER = st.one_of(
     _KEY,  # no "="
     st.builds(lambda k, v: f"{k} {k}={v}", _KEY, _VALUE),  # a space inside the key
     st.builds(lambda k: f'{k}=a"b', _KEY),  # a quote in the value
+    st.builds(lambda m, p: m + p, _VALID, st.sampled_from([";", ";;p", ';p="x"', ";p q", ";p=a,"])),  # a bad property
     st.builds(lambda k: f"{k}=\u00e9", _KEY),  # not ASCII
     st.builds(lambda k: f"{k}=" + "v" * 4095, _KEY),  # longer than a member may be
     st.just(""),
@@ -148,6 +149,11 @@ _MEMBER = st.one_of(
 @example(members=["a=\u00e9"] * 10 + [f"k{i}=v" for i in range(180)], separators=",", traceparent_first=True, pad=0)
 @example(members=["a=" + "v" * 4095] + [f"k{i}=v" for i in range(180)], separators=",", traceparent_first=True, pad=0)
 @example(members=[" \tteam=search ", "tier=gold ;p=1"], separators=" , ", traceparent_first=False, pad=0)
+# Plain members the propagator keeps but for their number (181), their size together (9,008 bytes), or one's length.
+@example(members=[f"k{i}=v" for i in range(181)], separators=",", traceparent_first=True, pad=0)
+@example(members=[f"k{i}=" + "v" * 3000 for i in range(3)], separators=",", traceparent_first=True, pad=0)
+@example(members=["a=" + "v" * 4095, "b=1"], separators=",", traceparent_first=True, pad=0)
+@example(members=["team=search", 'tier=gold;p="x"', "k=v;;p"], separators=",", traceparent_first=True, pad=0)
 @given(
     members=st.lists(_MEMBER, max_size=200),
     separators=st.sampled_from([",", " , ", ",\t", ",,"]),
