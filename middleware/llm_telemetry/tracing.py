@@ -647,18 +647,35 @@ def _is_default_textmap(textmap: Any) -> bool:
     )
 
 
+#: Propagators that read none of the headers the screening getter screens (``traceparent``, ``tracestate``,
+#: ``baggage``), by module and class name: the B3 ones read ``b3`` and ``x-b3-*``, Jaeger's ``uber-trace-id`` and
+#: ``uberctx-*`` (packages of their own, which the application installs). Exactly these classes: a subclass may
+#: read more.
+_BLIND_PROPAGATORS: Final = frozenset(
+    (
+        ("opentelemetry.propagators.b3", "B3MultiFormat"),
+        ("opentelemetry.propagators.b3", "B3SingleFormat"),
+        ("opentelemetry.propagators.jaeger", "JaegerPropagator"),
+    )
+)
+
+
 def _screens_headers(textmap: Any) -> bool:
     """Whether ``textmap`` is given the screening getter: OpenTelemetry's W3C trace context or baggage propagator, or
-    a composite of them, alone (``OTEL_PROPAGATORS`` naming ``tracecontext``, ``baggage`` or both, in either order),
-    none of which reads a header another screens. Another propagator beside them might read the headers by rules of
-    its own, and gets them as sent."""
+    a composite of them (``OTEL_PROPAGATORS`` naming ``tracecontext``, ``baggage`` or both, in either order), alone or
+    beside propagators that read none of their headers (``b3``, ``b3multi``, ``jaeger``). Another propagator beside
+    them might read the headers by rules of its own, and gets them as sent."""
     from opentelemetry.propagators.composite import CompositePropagator
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     inner = getattr(textmap, "_propagators", None) if type(textmap) is CompositePropagator else [textmap]
-    if not isinstance(inner, (list, tuple)) or not inner:
+    if not isinstance(inner, (list, tuple)):
         return False
-    return {type(p) for p in inner} <= {W3CBaggagePropagator, TraceContextTextMapPropagator}
+    w3c = {W3CBaggagePropagator, TraceContextTextMapPropagator}
+    kinds = {type(p) for p in inner}
+    return bool(kinds & w3c) and all(
+        kind in w3c or (kind.__module__, kind.__qualname__) in _BLIND_PROPAGATORS for kind in kinds
+    )
 
 
 def _baggage_rules() -> tuple[Any, Any, Any] | None:

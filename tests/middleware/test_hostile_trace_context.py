@@ -6,6 +6,8 @@ the warning: the span's parent is the same, and nothing is logged per request.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import openai
@@ -17,7 +19,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from test_hostile_baggage import TRACEPARENT, global_propagators, opentelemetry_warnings
+from test_hostile_baggage import TRACEPARENT, opentelemetry_warnings
 
 from llm_telemetry.demo.app import create_app
 from llm_telemetry.tracing import _extract
@@ -66,25 +68,60 @@ class Parents:
         return True
 
 
+B3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
 HOSTILE = {
     "long-traceparent": {"traceparent": [LATER + "a" * 600]},
+    # (A B3 parent beside it, which the B3 propagators read when configured; the others ignore it.)
+    "long-traceparent-b3": {"traceparent": [LATER + "a" * 600], "b3": [B3]},
     "malformed-tracestate": {"traceparent": [TRACEPARENT], "tracestate": ["congo=t61rcWkgMzE,Evil=" + "Z" * 7000]},
     "oversized-tracestate": {"traceparent": [TRACEPARENT], "tracestate": ["congo=" + "x" * 9000]},
     "33-members": {"traceparent": [TRACEPARENT], "tracestate": [",".join(f"k{i}=v" for i in range(33))]},
 }
 
 
-@pytest.mark.parametrize("propagators", ["", "tracecontext", "baggage,tracecontext"], ids=lambda p: p or "default")
+@contextmanager
+def configured(names: str) -> Iterator[CompositePropagator]:
+    """The global propagator made of ``names`` as ``OTEL_PROPAGATORS`` names them, loaded as OpenTelemetry loads
+    them (by entry point: ``b3``, ``b3multi`` and ``jaeger`` are packages of their own); "" leaves the default."""
+    from opentelemetry import propagate
+    from opentelemetry.util._importlib_metadata import entry_points
+
+    before = propagate.get_global_textmap()
+    if names:
+        found = [next(iter(entry_points(group="opentelemetry_propagator", name=n)), None) for n in names.split(",")]
+        if any(entry is None for entry in found):
+            pytest.skip(f"a propagator of {names} is not installed")
+        propagate.set_global_textmap(CompositePropagator([entry.load()() for entry in found if entry is not None]))
+    try:
+        yield propagate.get_global_textmap()  # type: ignore[misc]
+    finally:
+        propagate.set_global_textmap(before)
+
+
+@pytest.mark.parametrize(
+    "propagators",
+    [
+        "",
+        "tracecontext",
+        "baggage,tracecontext",
+        "tracecontext,baggage,b3",
+        "b3multi,tracecontext",
+        "jaeger,tracecontext,baggage",
+    ],
+    ids=lambda p: p or "default",
+)
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_a_hostile_trace_context_gives_the_propagators_parent_and_no_warning_per_request(
     case: str, propagators: str
 ) -> None:
     """Through real uvicorn and the openai SDK: each request logged one OpenTelemetry WARNING (the malformed
-    ``tracestate`` member's 7 KB in it) before the middleware screened these headers."""
+    ``tracestate`` member's 7 KB in it) before the middleware screened these headers. The B3 and Jaeger propagators
+    read none of these headers and log nothing for their own: beside them the W3C headers were not screened."""
     from opentelemetry.sdk.trace import TracerProvider
 
     headers = HOSTILE[case]
-    expected = trace.get_current_span(propagators_context(headers)).get_span_context()
+    with configured(propagators) as textmap:
+        expected = trace.get_current_span(textmap.extract(headers, context=Context())).get_span_context()
     parents = Parents()
     provider = TracerProvider()
     provider.add_span_processor(parents)  # type: ignore[arg-type]
@@ -92,7 +129,7 @@ def test_a_hostile_trace_context_gives_the_propagators_parent_and_no_warning_per
         app = create_app(metrics_port=0, tracer_provider=provider)
         app.telemetry  # noqa: B018 - built while the environment is in place
     try:
-        with serve(app) as base, global_propagators(propagators), opentelemetry_warnings() as warnings:
+        with serve(app) as base, configured(propagators), opentelemetry_warnings() as warnings:
             client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
             for _ in range(3):
                 reply = client.chat.completions.create(
@@ -106,7 +143,8 @@ def test_a_hostile_trace_context_gives_the_propagators_parent_and_no_warning_per
         provider.shutdown()
     assert parents.seen == [expected] * 3
     assert dict(expected.trace_state) == {}
-    assert expected.is_valid is (case != "long-traceparent")
+    # (The B3 parent is read by both B3 propagators: b3multi reads the single header too.)
+    assert expected.is_valid is (case != "long-traceparent" and (case != "long-traceparent-b3" or "b3" in propagators))
     assert [r.getMessage()[:120] for r in warnings] == []
 
 
