@@ -12,7 +12,8 @@ pods), then N LLMTelemetry each selecting one of them, created at once; timed un
 through a watch, not polling). Then the CPU of kube-apiserver, etcd, the operator and this benchmark process
 (the counting proxy, the watch, the creating client) from ``/proc/<pid>/stat`` (utime + stime), and the operator's
 requests, per resource; writes while idle and after a restart (both should be zero; writes to the peering object,
-kopf's heartbeat, are not counted); and the time to delete all N.
+kopf's heartbeat, are not counted, nor the SelfSubjectAccessReviews of the operator's startup permission check, which
+store nothing); and the time to delete all N.
 
 Each N is measured twice by default (``--modes proxied,direct``): *proxied*, as above, for the request counts;
 and *direct*, the operator talking to the API server itself, as it does in a real deployment: the proxy's CPU
@@ -64,6 +65,8 @@ FULL_SIZES = [50, 250, 1000]
 GOAL_N, GOAL_S = 1000, 60.0
 GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
+#: POSTs that store nothing: the operator's startup permission check asks one SelfSubjectAccessReview per permission.
+REVIEWS = "selfsubjectaccessreviews"
 #: Seconds with no request from the operator after which a restart's resume is taken as finished.
 QUIET = 5.0
 #: In a direct run (no proxy to count requests), the operator's log lines that mark work other than a resync.
@@ -155,14 +158,16 @@ class CountingProxy:
 
 
 def count(requests: list[tuple[float, str, str, bool]]) -> dict[str, Any]:
-    """Requests, reads and writes (kopf's peering heartbeat left out of the writes), each by kind."""
+    """Requests, reads and writes (kopf's peering heartbeat left out of the writes, and the permission check's
+    SelfSubjectAccessReviews, which store nothing, out of both reads and writes), each by kind."""
     own = [r for r in requests if not r[3]]
-    writes = [r for r in own if r[1] in WRITES and "kopfpeerings" not in r[2]]
+    reviews = [r for r in own if REVIEWS in r[2]]
+    writes = [r for r in own if r[1] in WRITES and "kopfpeerings" not in r[2] and REVIEWS not in r[2]]
     kinds = Counter(f"{m} {_resource_of(p)}" for _, m, p, _ in writes)
     reads = Counter(f"{m} {_resource_of(p)}" for _, m, p, _ in own if m not in WRITES)
     return {
         "requests": len(own),
-        "reads": len(own) - len(writes),
+        "reads": len(own) - len(writes) - len(reviews),
         "writes": len(writes),
         "write_kinds": dict(kinds),
         "read_kinds": dict(reads),
