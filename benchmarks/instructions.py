@@ -131,7 +131,10 @@ def run(
     try:
         # Deterministic hashing; the batch processor's timer never fires on its own: spans leave only on flush.
         env = dict(
-            os.environ, PYTHONHASHSEED="0", OTEL_BSP_SCHEDULE_DELAY="3600000", OTEL_BLRP_SCHEDULE_DELAY="3600000"
+            procs.environment(),
+            PYTHONHASHSEED="0",
+            OTEL_BSP_SCHEDULE_DELAY="3600000",
+            OTEL_BLRP_SCHEDULE_DELAY="3600000",
         )
         env[BENCH_OTLP_ENDPOINT] = endpoint
         for scenario in scenarios:

@@ -146,9 +146,27 @@ def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -
             time.sleep(0.1)
 
 
+#: Settings of OpenTelemetry's SDK and of the middleware. A variant is configured by the benchmark alone: one of these
+#: in the shell that runs it (an ``OTEL_EXPORTER_OTLP_ENDPOINT``, say) would turn tracing on in the metrics-only
+#: variant, which would then be measured and printed as metrics only.
+SETTINGS = ("OTEL_", "LLM_TELEMETRY_")
+
+
+def environment() -> dict[str, str]:
+    """This process's environment without :data:`SETTINGS`: the base of every benchmarked process's."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(SETTINGS)}
+
+
+def drop_settings() -> None:
+    """Take :data:`SETTINGS` out of this process's environment, for a benchmark that builds its variants in-process."""
+    for key in [key for key in os.environ if key.startswith(SETTINGS)]:
+        del os.environ[key]
+
+
 def start(script: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``python benchmarks/<script> <args>`` with the repository's interpreter."""
-    full_env = dict(os.environ)
+    """Start ``python benchmarks/<script> <args>`` with the repository's interpreter, in :func:`environment` with
+    ``env`` added."""
+    full_env = environment()
     full_env.update(env or {})
     # stderr goes to a file, not a pipe: a chatty child must never block on a full pipe mid-benchmark.
     log = tempfile.TemporaryFile()

@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         + " words)",
     )
     args = parser.parse_args(argv)
+    procs.drop_settings()  # the variants as the benchmark configures them, not as the shell would
     unknown = [v for v in args.variant.split(",") if v not in known]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import os
 import pathlib
 import re
 import shutil
@@ -60,7 +59,7 @@ def count(scenario: str, variant: str, requests: int, otlp: str, cache_sim: bool
     """Counts of one server process that served the warm-up and ``requests`` more."""
     port = procs.free_port()
     env = dict(
-        os.environ,
+        procs.environment(),
         BENCH_VARIANT=variant,
         PYTHONHASHSEED="0",
         OTEL_BSP_SCHEDULE_DELAY="3600000",

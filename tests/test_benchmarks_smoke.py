@@ -232,3 +232,40 @@ def test_the_benchmarks_hand_out_each_port_once_and_none_the_kernel_picks_for_bi
     assert len(set(ports)) == len(ports)
     low, high = map(int, pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     assert not [port for port in ports if low <= port <= high]
+
+
+
+def test_a_variant_is_configured_by_the_benchmark_not_by_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenTelemetry setting in the environment that runs the benchmark (a collector's endpoint, as a host set up
+    for OpenTelemetry has) must not turn tracing on in the metrics-only variant: its rows would then be tracing's
+    cost printed as metrics only."""
+    import json
+    import time
+
+    procs: Any = importlib.import_module("procs")
+    bench: Any = importlib.import_module("middleware_bench")
+    loadgen: Any = importlib.import_module("loadgen")
+    sink_port = procs.free_port()
+    sink = procs.start("sink.py", ["--port", str(sink_port)])
+    otlp = f"http://127.0.0.1:{sink_port}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)  # the shell's collector: here, the benchmark's sink
+    servers = []
+    try:
+        procs.wait_http(otlp + "/count", sink)
+        servers = [bench.start_server(key, otlp) for key in ("ours", "ours+traces")]
+        with loadgen.LoadGenerator(cpu=None) as load:
+            for server in servers:  # the metrics-only variant first, the traced one (the control) after it
+                procs.wait_http(f"http://127.0.0.1:{server.port}/healthz", server.process)
+                assert load.run(server.port, "chat", 20, 2).failures == 0
+        deadline = time.monotonic() + 30
+        while True:  # until the traced variant's spans, sent after the other's requests, have all arrived
+            counts = json.loads(procs.http_get(otlp + "/count"))["by_service"]
+            if counts.get("bench-ours+traces", 0) >= 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert counts.get("bench-ours+traces") == 20, counts
+        assert "bench-ours" not in counts, counts
+    finally:
+        for server in servers:
+            procs.stop(server.process)
+        procs.stop(sink)
