@@ -65,6 +65,9 @@ async def drive(app: Any, scenario: Scenario, requests: int, flush: Any = None) 
     so the spans of these requests are exported, and their CPU counted, before the caller reads its clock: the
     loop never yields to the batch processor's thread, which would otherwise do that work during a later
     measurement (or drop spans at its queue limit).
+
+    Every answer must have status 200: a scenario the app refused would otherwise be measured as its error path,
+    which costs a fraction of the LLM path (raises ``RuntimeError``).
     """
     body = json.dumps(scenario.body).encode()
     messages = 0
@@ -86,6 +89,8 @@ async def drive(app: Any, scenario: Scenario, requests: int, flush: Any = None) 
             nonlocal messages
             if message["type"] == "http.response.body":
                 messages += 1
+            elif message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"{scenario.key}: the app answered {message['status']}, not 200")
 
         await app(_scope(scenario), receive, send)
     if flush is not None:

@@ -234,6 +234,27 @@ def test_the_benchmarks_hand_out_each_port_once_and_none_the_kernel_picks_for_bi
     assert not [port for port in ports if low <= port <= high]
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "middleware"])
+def test_in_process_driver_refuses_to_measure_an_error_answer(wrapped: bool) -> None:
+    """``profile_hot_path.drive`` feeds instructions.py, unspecialised.py and the in-process profiles: a scenario the
+    app answered with an error would be measured as the error path, a fraction of the LLM path's cost, and printed
+    as the overhead of that scenario."""
+    import asyncio
+    import dataclasses
+
+    from llm_telemetry.demo.app import bare_app, create_app
+
+    profile: Any = importlib.import_module("profile_hot_path")
+    app = create_app(request_logs=False) if wrapped else bare_app()
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(profile.drive(app, SCENARIOS["chat"], 2)) == 2
+        refused = dataclasses.replace(SCENARIOS["chat"], headers=(("x-demo-fail", "rate_limit"),))
+        with pytest.raises(RuntimeError, match="answered 429"):
+            loop.run_until_complete(profile.drive(app, refused, 2))
+    finally:
+        loop.close()
+
 
 def test_a_variant_is_configured_by_the_benchmark_not_by_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     """An OpenTelemetry setting in the environment that runs the benchmark (a collector's endpoint, as a host set up
