@@ -91,7 +91,10 @@ def main() -> None:
     (directory / "stall_app.py").write_text(SERVER.format(metrics=metrics))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     command = [sys.executable, "-m", "uvicorn", "stall_app:app", "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, cwd=directory, env={**env, "PYTHONPATH": str(directory)})
+    # The checkout's middleware first, as in scrape_storm.py: the code measured is this checkout's, whatever copy the
+    # interpreter has installed.
+    path = os.pathsep.join([str(directory), str(HERE.parent / "middleware"), env.get("PYTHONPATH", "")])
+    server = subprocess.Popen(command, cwd=directory, env={**env, "PYTHONPATH": path})
     base = f"http://127.0.0.1:{port}"
     try:
         _wait(base + "/v1/models", server)
