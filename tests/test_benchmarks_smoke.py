@@ -184,6 +184,26 @@ def test_a_target_whose_two_readings_disagree_is_reported_unsettled() -> None:
     assert verdict([1000, 1000, 1000], [1100, 1200, 1200]) == "unsettled"
 
 
+def test_a_target_read_from_failed_requests_is_reported_invalid() -> None:
+    """A batch whose requests failed (a 500, a stream cut short) measured the error path, which may cost less than
+    the LLM path: its target must not read "met" from it, whichever variant failed."""
+    bench: Any = importlib.import_module("middleware_bench")
+
+    def verdict(failures: dict[str, int]) -> str:
+        runs = [
+            {"variant": variant, "scenario": "stream64", "round": 0, "cpu_per_request": us / 1e6, "requests": 10}
+            | {"failures": failures.get(variant, 0), "rate": 1.0, "p50": 0.0, "p99": 0.0}
+            for variant, us in (("bare", 1000), ("ours+traces", 1100))
+        ]
+        report = {"rows": bench.summarise(runs, ["bare", "ours+traces"], ["stream64"]), "batches": runs}
+        [found] = [v for name, _, v in bench.targets(report) if name == "traces, stream64: CPU <= +15%"]
+        return str(found)
+
+    assert verdict({}) == "met"  # +10%
+    assert verdict({"ours+traces": 2}) == "invalid: 2 failed"
+    assert verdict({"bare": 3}) == "invalid: 3 failed"  # the baseline's error path skews the ratio as much
+
+
 def test_profile_by_length_prints_a_row_per_length_and_a_line_per_variant() -> None:
     stdout = run_benchmark(
         "profile_hot_path.py",
