@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signals", default="spans,logs", help="spans, logs or both, comma-separated")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    procs.drop_settings()  # the exporters as the benchmark configures them (no compression or headers of the shell)
     cores = procs.cpus()
     port = procs.free_port()
     sink = procs.start("sink.py", ["--port", str(port), "--cpu", str(cores[-1])])

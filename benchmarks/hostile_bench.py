@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every input size by this")
     parser.add_argument("--only", metavar="TEXT", default="", help="only the inputs whose title contains TEXT")
     args = parser.parse_args()
+    import procs  # (beside this script)
+
+    procs.drop_settings()  # metrics only, as configured here: no tracing turned on by the shell's OTEL_* settings
     middleware = LLMTelemetryMiddleware(_app, metrics_port=0, request_logs=False)
     print(f"{'input':38} {'size':>10} {'bare ms':>9} {'ours ms':>9} {'added µs/unit':>14} {'peak MiB':>9}")
     for title, unit, make, sizes, content_type in CASES:
