@@ -417,8 +417,9 @@ async def reconcile(
     # Children: Services for each target, then the optional ConfigMaps, then the Prometheus Operator objects.
     # A resource no pass has written a status for yet (just created) has had no children made for it, so its
     # first pass creates them without listing each kind first; one that exists all the same (a pass that failed
-    # after creating it, before writing the status) answers 409 and is read and compared as a listed one is.
-    fresh = not owner.get("status")
+    # after creating it, before writing the status) answers 409 and is read and compared as a listed one is. The
+    # claim an operator writes before its first pass (``status.operator``, see handlers._claim) is no pass's status.
+    fresh = not [key for key in owner.get("status") or {} if key != "operator"]
     # Pods whose template sets the label its Service selects by to a value of the user's own, which the injection
     # leaves (it would fight the manifest): their Service selects them by their workload's selector instead.
     user_labelled = [(w, value) for w in targets if (value := r.user_service_label(w)) is not None]
