@@ -133,6 +133,17 @@ def test_scrape_storm_prints_a_row_per_endpoint_and_worker_count(tmp_path: pathl
     assert all(float(row[3]) > 0 and row[-1] == "0" for row in rows if row[1] != "nothing"), stdout
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the server's memory in /proc")
+def test_concurrent_bodies_prints_a_row_per_scenario_with_both_variants() -> None:
+    args = ("--connections", "2", "--http", "h11", "--body-mib", "0.25", "--drip-mib", "0.01", "--stall-mib", "0.25")
+    stdout = run_benchmark("concurrent_bodies.py", *args, timeout=300)
+    scenarios = ["fast-parse", "fast-proxy", "drip-parse", "answer-unread", "answer-stalled"]
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in scenarios]
+    assert [row[:3] for row in rows] == [[scenario, "h11", "2"] for scenario in scenarios], stdout
+    # bare added, trimmed, ours added, trimmed, the share of each and per connection: all numbers.
+    assert all(len(row) == 10 and all(re.fullmatch(r"-?\d+\.\d+", cell) for cell in row[3:]) for row in rows), stdout
+
+
 def test_export_cost_prints_a_row_per_exporter() -> None:
     stdout = run_benchmark("export_cost.py", "--batches", "2", "--exports", "3")
     rows = [line.rsplit(None, 3) for line in stdout.splitlines() if re.search(r"\s2\s+\d+\s+[\d.]+$", line)]
