@@ -23,7 +23,8 @@ The ``added`` column is the RSS the load added, ``trimmed`` the same once the se
 back to the kernel (glibc's ``malloc_trim``: what is alive, where ``added`` also shows what the allocator keeps for
 reuse), ``ours - bare`` the middleware's share of each, and ``per conn`` its share of what is alive divided by N.
 A fresh process per row: glibc keeps freed large blocks for reuse, so a second load in the same process would start
-from another baseline.
+from another baseline. The budget of the middleware's bytes kept to be read is the environment's
+(``LLM_TELEMETRY_MAX_INSPECTED_BYTES``, 256 MiB by default): set it to compare.
 """
 
 from __future__ import annotations

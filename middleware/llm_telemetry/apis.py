@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import repeat
 from json.scanner import make_scanner
 from operator import itemgetter
@@ -55,6 +55,10 @@ class ReadBudgetSpent(Exception):
 MAX_JSON_RESPONSE_BYTES: Final = 8 * 1024 * 1024
 #: Error bodies are small; only this much is kept to classify them.
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+#: What a request keeps of its body, and of its JSON answer, without counting it against the process's budget of bytes
+#: kept to be read (``max_inspected_bytes``): the server holds about as much per connection itself (uvicorn's flow
+#: control mark), and the common small request and answer so never touch the budget's lock.
+UNCOUNTED_BYTES: Final = 64 * 1024
 #: Distinct finish reasons kept per call (a response has one per choice; a stream cannot grow the list past this).
 MAX_FINISH_REASONS: Final = 16
 #: Choices whose text is kept apart for a span when content capture is on (``n`` asks for several): later ones are
@@ -364,6 +368,7 @@ class ResponseReader:
         "_tool_choices",
         "call",
         "capture",
+        "hold",
     )
 
     #: Where a plain text delta's text value starts (the text itself varies from chunk to chunk).
@@ -382,6 +387,10 @@ class ResponseReader:
         self._decoder = SSEDecoder() if stream else None
         self._buffer = bytearray()
         self._overflow = False
+        #: Asked before a JSON body's bytes past its first UNCOUNTED_BYTES are kept, with their count: False when the
+        #: process's budget for bytes kept to be read has no room (read then as a body over MAX_JSON_RESPONSE_BYTES
+        #: is); a negative count gives freed bytes back. None: no budget (see the middleware's ``_Kept.hold``).
+        self.hold: Callable[[int], bool] | None = None
         #: The generated text kept for the span (content capture on), by choice index; None when capture is off.
         self._text: dict[int, list[str]] | None = {} if capture else None
         #: Each choice's finish reason, by index (kept with the text, for the span's output messages).
@@ -480,9 +489,17 @@ class ResponseReader:
                 # so that the next chunk is still the body's start above (an event stream's, maybe); a JSON value
                 # reads the same without them.
                 return
-            if len(self._buffer) + len(chunk) > MAX_JSON_RESPONSE_BYTES:
-                # Too large to read: only the body's last bytes are kept from now on, for its usage.
+            hold = self.hold
+            kept = len(self._buffer)
+            size = kept + len(chunk)
+            if size > MAX_JSON_RESPONSE_BYTES or (
+                hold is not None and size > UNCOUNTED_BYTES and not hold(size - max(kept, UNCOUNTED_BYTES))
+            ):
+                # Too large to read, or no room left to keep it: only the body's last bytes are kept from now on,
+                # for its usage (a small tail, not counted against the budget: the bytes counted are given back).
                 self._overflow = True
+                if hold is not None and kept > UNCOUNTED_BYTES:
+                    hold(UNCOUNTED_BYTES - kept)
                 self._buffer = bytearray((self._buffer + chunk)[-TAIL_BYTES:])
             else:
                 self._buffer += chunk

@@ -35,6 +35,9 @@ LLM_TELEMETRY_ATTRIBUTION_HEADERS: Final = "LLM_TELEMETRY_ATTRIBUTION_HEADERS"
 LLM_TELEMETRY_MAX_LABEL_VALUES: Final = "LLM_TELEMETRY_MAX_LABEL_VALUES"
 #: Largest request body (bytes) inspected; larger bodies are passed through unparsed.
 LLM_TELEMETRY_MAX_REQUEST_BYTES: Final = "LLM_TELEMETRY_MAX_REQUEST_BYTES"
+#: Bytes of request and JSON response bodies all requests of the process keep at once to read them; past it, a body
+#: is passed through unread as one over its own limit is.
+LLM_TELEMETRY_MAX_INSPECTED_BYTES: Final = "LLM_TELEMETRY_MAX_INSPECTED_BYTES"
 #: Extra path suffix to parser mappings: ``/generate=openai.chat,/v1/complete=anthropic.messages``.
 LLM_TELEMETRY_ROUTES: Final = "LLM_TELEMETRY_ROUTES"
 #: Record prompt and completion text on spans (``true``/``false``); off by default.
@@ -87,6 +90,7 @@ DEFAULT_METRICS_PORT: Final = 9464
 DEFAULT_METRICS_HOST: Final = "::"
 DEFAULT_MAX_LABEL_VALUES: Final = 100
 DEFAULT_MAX_REQUEST_BYTES: Final = 8 * 1024 * 1024
+DEFAULT_MAX_INSPECTED_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_CAPTURE_CONTENT_MAX_CHARS: Final = 4096
 
 
@@ -278,6 +282,9 @@ class Settings:
     max_label_values: int = DEFAULT_MAX_LABEL_VALUES
     #: Request bodies larger than this are not parsed (they still pass through intact).
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Bytes of bodies kept to be read (request bodies' pieces, JSON answers' copies) by all requests of the
+    #: process at once; a body that would take more is passed through unread, as one over its own limit is.
+    max_inspected_bytes: int = DEFAULT_MAX_INSPECTED_BYTES
     #: Extra path suffix to parser name mappings.
     routes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Record prompt and completion text on spans.
@@ -324,6 +331,7 @@ class Settings:
         pick("attribution_headers", LLM_TELEMETRY_ATTRIBUTION_HEADERS, parse_mapping)
         pick("max_label_values", LLM_TELEMETRY_MAX_LABEL_VALUES, lambda n, v: _env_int(n, v, 1))
         pick("max_request_bytes", LLM_TELEMETRY_MAX_REQUEST_BYTES, lambda n, v: _env_int(n, v, 0))
+        pick("max_inspected_bytes", LLM_TELEMETRY_MAX_INSPECTED_BYTES, lambda n, v: _env_int(n, v, 0))
         pick("routes", LLM_TELEMETRY_ROUTES, parse_mapping)
         pick("capture_content_max_chars", LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS, lambda n, v: _env_int(n, v, 0))
         pick("request_logs", LLM_TELEMETRY_REQUEST_LOGS, _env_bool)
@@ -402,6 +410,7 @@ _ARGUMENT_TYPES: dict[str, str] = {
     "metrics_port": "int",
     "max_label_values": "int",
     "max_request_bytes": "int",
+    "max_inspected_bytes": "int",
     "capture_content_max_chars": "int",
     "attribution_headers": "mapping",
     "routes": "mapping",

@@ -26,12 +26,19 @@ from .apis import (
     DEFAULT_ROUTES,
     MAX_ERROR_BODY_BYTES,
     MAX_JSON_RESPONSE_BYTES,
+    UNCOUNTED_BYTES,
     ErrorReader,
     ReadBudgetSpent,
     ResponseReader,
     loads,
 )
-from .config import OTEL_LOGS_EXPORTER, OTEL_TRACES_EXPORTER, ConfigurationError, Settings
+from .config import (
+    DEFAULT_MAX_INSPECTED_BYTES,
+    OTEL_LOGS_EXPORTER,
+    OTEL_TRACES_EXPORTER,
+    ConfigurationError,
+    Settings,
+)
 from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, READ_STEP, DecodingReader, read_within
 from .errors import classify_status
 from .labels import field_text, name_text
@@ -72,6 +79,83 @@ READ_AFTER_BYTES = 16 * 1024
 #: drips its body gets one piece per read from the server, a byte or two each: counted by their bytes alone, the
 #: pieces of an 8 MiB body would keep hundreds of MB alive until the response ends (~55 bytes a piece measured).
 BODY_PIECE_OVERHEAD = 64
+
+
+class _Budget:
+    """The bytes every request of this process keeps to read (its request body's pieces, its JSON answer's copy),
+    counted together: each is bounded per request (``max_request_bytes``, MAX_JSON_RESPONSE_BYTES), and this bounds
+    them across requests, so N connections sending large bodies, or reading a large answer slowly, keep at most
+    ``max_inspected_bytes`` alive for reading rather than N times a body (and UNCOUNTED_BYTES of each, uncounted).
+    A request gives back all it took when it ends (see :meth:`_Kept.give_back`). Locked: requests of event loops
+    in several threads may share it."""
+
+    __slots__ = ("held", "lock", "logged")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.lock = threading.Lock()
+        self.logged = False
+
+    def take(self, size: int, limit: int) -> bool:
+        """Count ``size`` more bytes kept, unless that would pass ``limit``: then False, nothing counted."""
+        with self.lock:
+            held = self.held + size
+            if held <= limit:
+                self.held = held
+                return True
+        if not self.logged:
+            self.logged = True
+            logger.warning(
+                "llm-telemetry: the bodies kept to be read reached LLM_TELEMETRY_MAX_INSPECTED_BYTES (%d bytes, over"
+                " all requests in flight); a body past it is passed on unread, as one over its own limit is: a"
+                " request without its request fields, a JSON answer read only for its usage (logged once)",
+                limit,
+            )
+        return False
+
+    def give(self, size: int) -> None:
+        with self.lock:
+            self.held -= size
+
+
+#: The process's budget of bytes kept to be read (see _Budget).
+BUDGET: Final = _Budget()
+
+
+class _Kept:
+    """What one request has taken from the process's BUDGET (its body's pieces, its JSON answer's copy), all given
+    back by :meth:`give_back` when it ends. An object of its own, not the exchange's, since the response reader
+    holds its :meth:`hold`: a bound method of the exchange would make a cycle of every request, freed only by the
+    garbage collector."""
+
+    __slots__ = ("kept", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.kept = 0
+        #: The budget's limit; -1 once the request has ended: it takes no more.
+        self.limit = limit
+
+    def hold(self, size: int) -> bool:
+        """Take ``size`` bytes to keep from the process's budget: False when it has no room for them, or the request
+        has ended. A negative ``size`` gives back bytes no longer kept."""
+        if size >= 0:
+            if self.limit < 0 or not BUDGET.take(size, self.limit):
+                return False
+            self.kept += size
+            return True
+        size = min(-size, self.kept)  # (never more than it took: what it gave back already is the budget's again)
+        if size:
+            self.kept -= size
+            BUDGET.give(size)
+        return True
+
+    def give_back(self) -> None:
+        """Give back everything this request took from the budget, and take no more: once its reading is over
+        (see :meth:`_Exchange.finish`), and in any case when the app returns, raises or is cancelled."""
+        kept, self.kept, self.limit = self.kept, 0, -1
+        if kept:
+            BUDGET.give(kept)
+
 
 #: Longest request id taken from the client's header (longer ones are cut).
 _MAX_REQUEST_ID_CHARS = 128
@@ -184,6 +268,7 @@ class _Exchange:
         "echo_id",
         "failsafe",
         "held",
+        "kept",
         "left_early",
         "left_unanswered",
         "max_body",
@@ -214,6 +299,7 @@ class _Exchange:
         parameters: bool = True,
         observers: tuple[Observer, ...] | None = None,
         telemetry: Telemetry | None = None,
+        kept_limit: int = DEFAULT_MAX_INSPECTED_BYTES,
     ) -> None:
         self.api = api
         self.call = call
@@ -230,6 +316,8 @@ class _Exchange:
         #: What the kept pieces cost: their lengths and BODY_PIECE_OVERHEAD each, at most ``max_body``.
         self.body_size = 0
         self.body_ok = max_body > 0
+        #: What this request has taken from the process's BUDGET, given back when it ends.
+        self.kept = _Kept(kept_limit)
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
         #: The request's Content-Length, when it declared one: an app may stop reading once it has that many bytes,
@@ -281,10 +369,17 @@ class _Exchange:
             if self.body_ok:
                 chunk = message.get("body", b"")
                 if chunk:
-                    size = self.body_size + len(chunk) + BODY_PIECE_OVERHEAD
-                    if size > self.max_body:
-                        self.body_ok = False  # too large to inspect; it still reaches the app untouched
+                    cost = len(chunk) + BODY_PIECE_OVERHEAD
+                    size = self.body_size + cost
+                    if size > self.max_body or (
+                        size > UNCOUNTED_BYTES and not self.kept.hold(size - max(self.body_size, UNCOUNTED_BYTES))
+                    ):
+                        # Too large to inspect, or no room in the process's budget for what it keeps past its first
+                        # UNCOUNTED_BYTES: it still reaches the app untouched.
+                        self.body_ok = False
                         self.body = []
+                        if self.body_size > UNCOUNTED_BYTES:
+                            self.kept.hold(UNCOUNTED_BYTES - self.body_size)
                     else:
                         self.body_size = size
                         # bytes are immutable: a reference is enough (a server reusing a buffer gets a copy).
@@ -583,6 +678,7 @@ class _Exchange:
             # (An event stream labelled as one of these, which the SDKs read as a stream whatever the label, is
             # found by its first bytes: see ResponseReader.feed.)
             reader = self.api.response_reader(call, stream=False, capture=self.capture)
+            reader.hold = self.kept.hold  # (its copy of the body past UNCOUNTED_BYTES counts against the budget)
             limit = MAX_JSON_RESPONSE_BYTES + 1  # one byte more than the reader reads, so that it sees the excess
         else:
             return no_id
@@ -656,6 +752,7 @@ class _Exchange:
                     call.input_estimated = call.input_tokens is not None
                 except Exception as error:
                     self.failsafe("request_parse", error)
+            self.kept.give_back()  # the body's pieces and the answer's copy are let go of now
         if whole and self.reader is not None and self.reader.cut_short():
             return False
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
@@ -1287,6 +1384,7 @@ class LLMTelemetryMiddleware:
             self._span_parameters,
             observers,
             telemetry,
+            self.settings.max_inspected_bytes,
         )
         exchange.adopt_id = adopt
         if content_length is not None and len(content_length) <= 18 and content_length.isdigit():
@@ -1309,19 +1407,26 @@ class LLMTelemetryMiddleware:
             error = exc
             raise
         finally:
-            if not exchange.settled:
-                try:
-                    exchange.finish(error)
-                    if call.error_type == "app_exception":
-                        call.exception = error
-                except Exception as exc:
-                    failsafe("finish", exc)
-                for observer in observers:
+            try:
+                if not exchange.settled:
                     try:
-                        observer.end(call)
+                        exchange.finish(error)
+                        if call.error_type == "app_exception":
+                            call.exception = error
                     except Exception as exc:
-                        failsafe("observer_end", exc)
-                telemetry.in_flight -= 1
-            elif exchange.token is not None:
-                # Recorded when its answer was whole (see _Exchange.whole); what the app did since changes nothing.
-                detach(exchange.token)
+                        failsafe("finish", exc)
+                    for observer in observers:
+                        try:
+                            observer.end(call)
+                        except Exception as exc:
+                            failsafe("observer_end", exc)
+                    telemetry.in_flight -= 1
+                elif exchange.token is not None:
+                    # Recorded when its answer was whole (see _Exchange.whole); what the app did since changes nothing.
+                    detach(exchange.token)
+            finally:
+                # Whatever happened above: a budget a request kept would be lost to every later one for good. (Given
+                # back already once the request was read, in finish(): then its limit is -1.)
+                kept = exchange.kept
+                if kept.limit >= 0:
+                    kept.give_back()

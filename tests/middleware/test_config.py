@@ -95,6 +95,7 @@ _AS_TEXT = {
     "attribution_headers": ("LLM_TELEMETRY_ATTRIBUTION_HEADERS", "x-tenant-id=tenant, x-team=team"),
     "max_label_values": ("LLM_TELEMETRY_MAX_LABEL_VALUES", "7"),
     "max_request_bytes": ("LLM_TELEMETRY_MAX_REQUEST_BYTES", "1024"),
+    "max_inspected_bytes": ("LLM_TELEMETRY_MAX_INSPECTED_BYTES", "1048576"),
     "routes": ("LLM_TELEMETRY_ROUTES", "/generate=openai.chat"),
     "request_logs": ("LLM_TELEMETRY_REQUEST_LOGS", "false"),
     "capture_content": ("LLM_TELEMETRY_CAPTURE_CONTENT", "true"),
