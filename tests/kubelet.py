@@ -27,8 +27,8 @@ def container_env(container: Mapping[str, Any], pod: Mapping[str, str]) -> dict[
     fail here."""
     env: dict[str, str] = {}
     for entry in container.get("env") or []:
-        if "value" in entry:
-            env[entry["name"]] = expand(entry["value"], env)
-        else:
+        if "valueFrom" in entry:
             env[entry["name"]] = pod[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:  # (no value: the variable is set, to "")
+            env[entry["name"]] = expand(entry.get("value", ""), env)
     return env

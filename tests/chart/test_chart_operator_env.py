@@ -22,7 +22,7 @@ ValuesFile = Callable[[dict[str, Any]], Path]
 
 def operator_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
     [operator] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e.get("value") for e in operator["env"]}
+    return {e["name"]: e.get("value", None if "valueFrom" in e else "") for e in operator["env"]}
 
 
 def refusal(helm: Helm, values_file: ValuesFile, values: dict[str, Any]) -> str:

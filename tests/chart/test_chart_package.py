@@ -106,7 +106,7 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
     operator = container(render())
     assert operator["command"] == ["llm-telemetry-operator"]
     assert operator["image"] == f"llm-telemetry-operator:{package_version()}"
-    env = {e["name"]: e["value"] if "value" in e else e["valueFrom"] for e in operator["env"]}
+    env = {e["name"]: e["valueFrom"] if "valueFrom" in e else e.get("value", "") for e in operator["env"]}
     assert env == {
         "LLM_TELEMETRY_OPERATOR_NAMESPACES": "",
         "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT": "http://jaeger.observability:4318",
@@ -123,7 +123,7 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
         "LLM_TELEMETRY_OPERATOR_HEALTH": "http://0.0.0.0:8080/healthz",
         "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "300",
         # kopf's name for the replica in the peering object (else it looks the user up: see the next test).
-        "POD_ID": {"fieldRef": {"fieldPath": "metadata.name"}},
+        "POD_ID": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
     }
     # Liveness and readiness probe kopf's health endpoint, on the port the operator is told to listen on.
     ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
@@ -144,7 +144,7 @@ def test_custom_endpoints_reach_the_operator(render: Render) -> None:
         "healthPort": 8181,
     }
     docs = render(values)
-    env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+    env = {e["name"]: e.get("value", "") for e in container(docs)["env"]}
     assert env["LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT"] == "http://tempo.tracing:4318"
     assert env["LLM_TELEMETRY_OPERATOR_LOGS_ENDPOINT"] == "https://loki.example.com/otlp"
     assert env["LLM_TELEMETRY_OPERATOR_SERVICEMONITOR_LABELS"] == "prometheus=main,team=ml"
@@ -162,7 +162,7 @@ def test_namespaced_releases_get_peering_objects_of_their_own(render: Render) ->
     for release, namespaces in (("team-a", ["llm-a"]), ("team-b", ["llm-b"])):
         docs = render({"watchNamespaces": namespaces, "fullnameOverride": release})
         [peering] = find(docs, "ClusterKopfPeering")
-        env = {e["name"]: e.get("value") for e in container(docs)["env"]}
+        env = {e["name"]: e.get("value", "") for e in container(docs)["env"]}
         assert env["LLM_TELEMETRY_OPERATOR_PEERING"] == peering["metadata"]["name"]
         names.add(peering["metadata"]["name"])
     assert len(names) == 2
@@ -189,7 +189,7 @@ def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) 
     """``helm upgrade --reuse-values`` (docs/install.md) reuses the old release's values, without keys added to
     the chart since: the Deployment still gives the operator its defaults."""
     unset = {"jaegerDatasourceUid": None, "lokiDatasourceUid": None, "runbookUrl": None, "logsTenant": None}
-    env = {e["name"]: e.get("value") for e in container(render({"defaults": unset, "healthAddress": None}))["env"]}
+    env = {e["name"]: e.get("value", "") for e in container(render({"defaults": unset, "healthAddress": None}))["env"]}
     config = OperatorConfig.from_env(env)
     assert config.health == "http://0.0.0.0:8080/healthz"
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
@@ -200,14 +200,14 @@ def test_values_a_release_before_them_lacks_keep_their_defaults(render: Render) 
 def test_an_ipv6_cluster_gets_its_health_endpoint_on_ipv6(render: Render) -> None:
     """The kubelet probes the pod's own address: in a cluster whose pods have IPv6 addresses first, ``healthAddress:
     "::"`` makes kopf listen there (the test of the operator's command checks that it answers on IPv6)."""
-    env = {e["name"]: e.get("value") for e in container(render({"healthAddress": "::"}))["env"]}
+    env = {e["name"]: e.get("value", "") for e in container(render({"healthAddress": "::"}))["env"]}
     assert OperatorConfig.from_env(env).health == "http://[::]:8080/healthz"
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_operator_accepts_the_environment_the_chart_sets(render: Render, name: str) -> None:
     values = VALUE_SETS[name]
-    env = {e["name"]: e.get("value") for e in container(render(values))["env"]}
+    env = {e["name"]: e.get("value", "") for e in container(render(values))["env"]}
     config = OperatorConfig.from_env(env)
     assert config.namespaces == tuple(values.get("watchNamespaces", ()))
     defaults = values.get("defaults", {})

@@ -49,7 +49,7 @@ def granted(role: dict[str, Any]) -> set[Grant]:
 
 def env(docs: list[dict[str, Any]]) -> dict[str, Any]:
     [operator] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e.get("value") for e in operator["env"]}
+    return {e["name"]: e.get("value", "") for e in operator["env"]}
 
 
 def grouped(rendered: str, kind: str, name: str) -> dict[str, set[Grant]]:

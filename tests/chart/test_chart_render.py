@@ -92,7 +92,7 @@ def test_servicemonitor_scrapes_the_operator_metrics_port(render: Render) -> Non
     assert endpoint["port"] == port["name"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
     assert ports[port["targetPort"]] == int(env["LLM_TELEMETRY_OPERATOR_METRICS_PORT"]) == 9465
     # kube-prometheus-stack only picks up monitors carrying its release label.
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"

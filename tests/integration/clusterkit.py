@@ -369,7 +369,7 @@ def start_chart_operator(
     # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference.
     pod_fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
     env = {
-        e["name"]: str(e["value"]) if "value" in e else pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        e["name"]: pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in e else str(e.get("value", ""))
         for e in pod["containers"][0].get("env") or []
     }
     operator_kubeconfig = workdir / "kubeconfig"

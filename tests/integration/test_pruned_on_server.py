@@ -49,7 +49,7 @@ async def test_nothing_is_kept_of_resources_deleted_with_their_namespaces(
     previews = [unique("llmt-preview") for _ in range(3)]
     try:
         chart = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
-        env = {e["name"]: str(e["value"]) for e in chart["containers"][0]["env"] if "value" in e}
+        env = {e["name"]: str(e.get("value", "")) for e in chart["containers"][0]["env"] if "valueFrom" not in e}
         operator_kubeconfig = tmp_path / "kubeconfig"
         service_account_kubeconfig(api, kubeconfig, release, chart["serviceAccountName"], operator_kubeconfig)
         config = dataclasses.replace(

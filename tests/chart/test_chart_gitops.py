@@ -1,0 +1,76 @@
+"""The chart as GitOps tools use it: Argo CD renders it with `helm template` on every sync and applies the result,
+and compares what it rendered with what the cluster stores. Two renderings of the same values must be the same
+bytes (anything random or time-dependent would make every sync a change), and what is rendered must be what the API
+server stores: a field it does not keep as sent (an empty string it drops, a default it fills in) makes every
+server-side apply of the same manifest write the object again (kubectl apply --server-side, Argo CD's
+ServerSideApply, Flux's kustomize-controller). tests/integration/test_gitops_sync_on_server.py applies it on a real
+API server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chartkit import CHART, KUBE_VERSION, NAMESPACE, RELEASE, VALUE_SETS, Helm
+
+ValuesFile = Callable[[dict[str, Any]], Path]
+
+
+def _template(helm: Helm, values_file: ValuesFile, values: dict[str, Any]) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+    return helm.run(*args, "--include-crds", "--values", str(values_file(values))).stdout
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_template_renders_the_same_bytes_every_time(helm: Helm, values_file: ValuesFile, name: str) -> None:
+    """Without a cluster `lookup` finds nothing, and nothing else may vary: no random string, no time, no generated
+    certificate. Argo CD renders on every sync; a rendering that changes is a sync that never ends."""
+    first = _template(helm, values_file, VALUE_SETS[name])
+    assert "\nkind: Deployment\n" in first, first[:2000]
+    for _ in range(2):
+        assert _template(helm, values_file, VALUE_SETS[name]) == first
+
+
+def _leaves(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, f"{path}/{index}")
+    else:
+        yield path, node
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_objects_are_stored_as_rendered(render: Callable[..., list[dict[str, Any]]], name: str) -> None:
+    """The two things the API server changed in the chart's Deployment on every apply: an env entry's empty
+    `value: ""` (not stored: an empty string is left out) and a fieldRef without its apiVersion (filled in as v1).
+    Either made each `kubectl apply --server-side` of an unchanged rendering write the Deployment again (a new
+    resourceVersion and managedFields time, on a real API server). No rendered field is an empty string."""
+    values = dict(VALUE_SETS[name])
+    # Every value that feeds an environment variable, empty where the schema admits it.
+    values["defaults"] = {
+        **values.get("defaults", {}),
+        "logsTenant": "",
+        "serviceMonitorLabels": {"release": None},
+    }
+    docs = [doc for doc in render(values) if doc["kind"] != "CustomResourceDefinition"]
+    # (An item of a list, such as the core API group "" of a ClusterRole's rule, is stored as it is.)
+    empty = [
+        f"{doc['kind']}/{doc['metadata']['name']}{path}"
+        for doc in docs
+        for path, leaf in _leaves(doc)
+        if leaf == "" and not path.rsplit("/", 1)[1].isdigit()
+    ]
+    assert empty == []
+    references = {
+        f"{doc['kind']}{path.rsplit('/', 1)[0]}": dict(_leaves(doc)).get(path.rsplit("/", 1)[0] + "/apiVersion")
+        for doc in docs
+        for path, _ in _leaves(doc)
+        if "/fieldRef/" in path and path.endswith("/fieldPath")
+    }
+    assert references, "the chart's POD_ID comes from a fieldRef"
+    assert {where: version for where, version in references.items() if version != "v1"} == {}
