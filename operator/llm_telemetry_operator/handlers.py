@@ -415,7 +415,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
     settings.persistence.finalizer = c.FINALIZER
     # kopf's record of the last handled spec is status.observedGeneration, which every pass writes anyway,
     # not an annotation patched after every change (see diffbase.py).
-    settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
+    # Or in the status it last wrote itself, which a body's may lag behind (the echo of a new resource's claim).
+    settings.persistence.diffbase_storage = ObservedGenerationDiffBase(written=state.statuses.get)
     # Only failures (and an idle resource's NoTargets) become Kubernetes events; a success event per handler is
     # noise in `kubectl describe`.
     settings.posting.level = logging.WARNING

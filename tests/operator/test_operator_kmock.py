@@ -290,6 +290,26 @@ async def test_echoes_of_own_writes_cause_no_extra_passes(emulator: Any, monitor
         assert passes_for(emulator, "embed") >= 2
 
 
+async def test_a_new_resource_is_processed_once(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf logged "Creation is processed" twice (and "Handler ... succeeded" twice) for each new resource: the echo
+    of the operator's claim of it (`status.operator`, written before the pass) arrived after the pass, and its
+    status, without observedGeneration, read as a creation not yet handled. Once now, as for one found at start."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    caplog.set_level(logging.INFO)
+    async with running_operator():
+        llmt = minimal_llmt()
+        await hand(emulator, "POST", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries", llmt)
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Ready").get("status") == "True", "Ready")
+        await asyncio.sleep(1.0)  # every echo has arrived and been handled
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if " is processed" in line] == ["Creation is processed: 1 succeeded; 0 failed."]
+    assert lines.count("Handler 'llmtelemetry_reconcile' succeeded.") == 1
+    assert passes_for(emulator, "chat") == 1
+
+
 def writes_of(kmock: Any, since: int = 0) -> list[str]:
     """The operator's writes from request ``since`` on (kopf's peering heartbeat left out): "METHOD path"."""
     return [
