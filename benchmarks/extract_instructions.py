@@ -61,9 +61,13 @@ _IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 
 def drive(case: str, calls: int) -> None:
-    """The driver, run under valgrind."""
+    """The driver, run under valgrind. It measures the default propagators, whatever the shell's ``OTEL_*``
+    settings (an ``OTEL_PROPAGATORS`` would otherwise be measured and printed as theirs)."""
     import logging
 
+    import procs
+
+    procs.drop_settings()
     from llm_telemetry.tracing import _extract
 
     logging.getLogger().addHandler(logging.NullHandler())  # (records are made, as a server makes them; not shown)
