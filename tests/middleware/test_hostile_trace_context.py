@@ -6,11 +6,6 @@ the warning: the span's parent is the same, and nothing is logged per request.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import openai
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -19,12 +14,9 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from test_hostile_baggage import TRACEPARENT, opentelemetry_warnings
+from test_hostile_baggage import TRACEPARENT, global_propagators, opentelemetry_warnings, traced_requests
 
-from llm_telemetry.demo.app import create_app
 from llm_telemetry.tracing import _extract
-from otlp_receiver import isolated_env
-from support import serve
 
 #: A traceparent of a later version, which may carry more fields: read when within 512 characters, ignored past.
 LATER = "01" + TRACEPARENT[2:] + "-"
@@ -49,25 +41,6 @@ def same_context(read: Context, expected: Context) -> None:
     assert dict(baggage.get_all(read)) == dict(baggage.get_all(expected))
 
 
-class Parents:
-    """A span processor keeping each span's parent span context, as the exported span's parent shows it."""
-
-    def __init__(self) -> None:
-        self.seen: list[trace.SpanContext] = []
-
-    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
-        self.seen.append(trace.get_current_span(parent_context).get_span_context())
-
-    def on_end(self, span: Any) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
 B3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
 HOSTILE = {
     "long-traceparent": {"traceparent": [LATER + "a" * 600]},
@@ -77,25 +50,6 @@ HOSTILE = {
     "oversized-tracestate": {"traceparent": [TRACEPARENT], "tracestate": ["congo=" + "x" * 9000]},
     "33-members": {"traceparent": [TRACEPARENT], "tracestate": [",".join(f"k{i}=v" for i in range(33))]},
 }
-
-
-@contextmanager
-def configured(names: str) -> Iterator[CompositePropagator]:
-    """The global propagator made of ``names`` as ``OTEL_PROPAGATORS`` names them, loaded as OpenTelemetry loads
-    them (by entry point: ``b3``, ``b3multi`` and ``jaeger`` are packages of their own); "" leaves the default."""
-    from opentelemetry import propagate
-    from opentelemetry.util._importlib_metadata import entry_points
-
-    before = propagate.get_global_textmap()
-    if names:
-        found = [next(iter(entry_points(group="opentelemetry_propagator", name=n)), None) for n in names.split(",")]
-        if any(entry is None for entry in found):
-            pytest.skip(f"a propagator of {names} is not installed")
-        propagate.set_global_textmap(CompositePropagator([entry.load()() for entry in found if entry is not None]))
-    try:
-        yield propagate.get_global_textmap()  # type: ignore[misc]
-    finally:
-        propagate.set_global_textmap(before)
 
 
 @pytest.mark.parametrize(
@@ -117,31 +71,11 @@ def test_a_hostile_trace_context_gives_the_propagators_parent_and_no_warning_per
     """Through real uvicorn and the openai SDK: each request logged one OpenTelemetry WARNING (the malformed
     ``tracestate`` member's 7 KB in it) before the middleware screened these headers. The B3 and Jaeger propagators
     read none of these headers and log nothing for their own: beside them the W3C headers were not screened."""
-    from opentelemetry.sdk.trace import TracerProvider
-
     headers = HOSTILE[case]
-    with configured(propagators) as textmap:
+    with global_propagators(propagators) as textmap:
         expected = trace.get_current_span(textmap.extract(headers, context=Context())).get_span_context()
-    parents = Parents()
-    provider = TracerProvider()
-    provider.add_span_processor(parents)  # type: ignore[arg-type]
-    with isolated_env({}):
-        app = create_app(metrics_port=0, tracer_provider=provider)
-        app.telemetry  # noqa: B018 - built while the environment is in place
-    try:
-        with serve(app) as base, configured(propagators), opentelemetry_warnings() as warnings:
-            client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
-            for _ in range(3):
-                reply = client.chat.completions.create(
-                    model="gpt-4o-mini",
-                    messages=[{"role": "user", "content": "hi"}],
-                    extra_headers={name: values[0] for name, values in headers.items()},
-                )
-                assert reply.choices[0].message.content
-    finally:
-        app.telemetry.shutdown()
-        provider.shutdown()
-    assert parents.seen == [expected] * 3
+    parents, warnings = traced_requests({name: values[0] for name, values in headers.items()}, propagators)
+    assert [trace.get_current_span(parent).get_span_context() for parent in parents] == [expected] * 3
     assert dict(expected.trace_state) == {}
     # (The B3 parent is read by both B3 propagators: b3multi reads the single header too.)
     assert expected.is_valid is (case != "long-traceparent" and (case != "long-traceparent-b3" or "b3" in propagators))
