@@ -728,6 +728,10 @@ class _Exchange:
                 self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
             ):
                 self._read_request()
+            elif self.body:
+                # Not read (the app stopped reading part-way): let go of now, with the budget they took, not when the
+                # app returns (it may go on for long after its answer, with background tasks).
+                self.body = []
             self.body_ok = False  # (pieces the app may still receive are not kept)
             if self.held is not None:
                 self.release()

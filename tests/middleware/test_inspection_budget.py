@@ -10,6 +10,7 @@ apps raising or returning early, requests cancelled, mid-body and mid-answer) un
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -323,4 +325,52 @@ def test_a_body_past_the_budget_gives_back_what_it_had_taken_at_once() -> None:
     assert kept[1] == len(small) + BODY_PIECE_OVERHEAD - UNCOUNTED_BYTES
     assert after == [0, 0]  # given back once the answer is whole, not when the app returns
     assert [call.request_model for call in calls.ended] == [None, "small-model"]
+    assert BUDGET.held == before
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_a_body_read_in_part_is_let_go_of_once_the_answer_is_whole(http: str) -> None:
+    """An app that reads part of a large body, answers, and goes on working (a background task): the call is recorded
+    when its answer is whole, and its budget given back then; so the pieces it had kept must be let go of then too,
+    or they stay alive uncounted for as long as the app runs (every such request up to ``max_request_bytes`` past
+    the budget). While the background task runs, nothing but the app holds the pieces it read."""
+    before = BUDGET.held
+    calls = Calls()
+    held: list[int] = []
+    holders: list[list[str]] = []
+
+    async def chat(request: Request) -> Response:
+        mine: list[bytes] = []
+        async for piece in request.stream():
+            mine.append(piece)
+            if sum(map(len, mine)) > 1_000_000:
+                break  # (an app that stops reading part-way: an upstream that failed early, say)
+
+        def later() -> None:
+            gc.collect()
+            held.append(BUDGET.held)
+            holders.append([type(holder).__name__ for holder in gc.get_referrers(*mine) if holder is not mine])
+
+        return JSONResponse(_answer("served-model", "ok"), background=BackgroundTask(later))
+
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]), metrics_port=0, observers=[calls]
+    )
+    prompt = "x" * 3_000_000
+
+    async def ask(base: str) -> str:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
+            answer = await client.chat.completions.create(
+                model="asked-model", messages=[{"role": "user", "content": prompt}]
+            )
+        return answer.choices[0].message.content or ""
+
+    with serve(app, http=http) as base:
+        assert asyncio.run(ask(base)) == "ok"
+        wait_for("the background task run", lambda: holders)
+        wait_for("the call recorded", lambda: calls.ended)
+    assert calls.ended[0].request_model is None  # (the body was not read whole: not read)
+    assert calls.ended[0].input_tokens == 7
+    assert held == [before]
+    assert holders == [[]]
     assert BUDGET.held == before
