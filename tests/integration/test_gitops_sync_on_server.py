@@ -25,6 +25,7 @@ from clusterkit import (
     stop,
     telemetry,
     tool_binary,
+    uninstall,
     unique,
     wait_for,
 )
@@ -93,7 +94,6 @@ def test_template_and_apply_again_and_again_changes_nothing(
     from kubernetes import client
 
     core, custom, extensions = client.CoreV1Api(api), client.CustomObjectsApi(api), client.ApiextensionsV1Api(api)
-    rbac = client.RbacAuthorizationV1Api(api)
     namespace = unique("llmt-sync")
     # A peering object of its own (the cluster-wide default is shared by every cluster-wide release).
     common = (f"peering.name={namespace}", "resyncSeconds=5")
@@ -144,11 +144,7 @@ def test_template_and_apply_again_and_again_changes_nothing(
         finally:
             stop(process)
     finally:
-        core.delete_namespace(namespace)
+        uninstall(api, docs, (namespace,))
         for doc in docs:
-            if doc["kind"] == "ClusterRole":
-                rbac.delete_cluster_role(doc["metadata"]["name"])
-            elif doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
-            elif doc["kind"] == "ClusterKopfPeering":
+            if doc["kind"] == "ClusterKopfPeering":
                 custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", doc["metadata"]["name"])

@@ -9,7 +9,7 @@ import pathlib
 from typing import Any
 
 import pytest
-from clusterkit import install, start_chart_operator, stop, telemetry, unique, wait_for
+from clusterkit import install, start_chart_operator, stop, telemetry, uninstall, unique, wait_for
 
 from llm_telemetry_operator import constants as c
 
@@ -108,10 +108,4 @@ def test_a_resource_the_operator_may_not_patch_says_why_and_the_log_names_the_pe
         assert process.poll() is None, log.read_text()[-4000:]
     finally:
         stop(process)
-        for namespace in (apps, system):
-            core.delete_namespace(namespace)
-        for doc in docs:
-            if doc["kind"] == "ClusterRole":
-                rbac.delete_cluster_role(doc["metadata"]["name"])
-            elif doc["kind"] == "ClusterRoleBinding":
-                rbac.delete_cluster_role_binding(doc["metadata"]["name"])
+        uninstall(api, docs, (apps, system))
