@@ -445,7 +445,9 @@ async def reconcile(
         client, kube.SERVICES, owner, services, "metrics", outcome, outranked.adopts, fresh, keep=handed
     )
     configmaps: list[dict[str, Any]] = []
-    if spec.pricing.inline and not standby:
+    # (A first pass that injected has written the inline prices already, above: not created a second time, which
+    # would answer 409 and be read again. A later pass lists them, so keeps them among those wanted, never pruned.)
+    if spec.pricing.inline and not standby and not (fresh and prices_written == [None]):
         configmaps.append(r.build_pricing_configmap(owner, spec))
     dashboard_error: str | None = None
     if spec.dashboard.enabled and not standby:
