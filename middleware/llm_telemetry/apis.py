@@ -1037,8 +1037,8 @@ def _tool_output(tool_calls: list[Any]) -> bool:
     return False
 
 
-#: Choice indexes a stream's count of choices is taken from, for the time per output token (OpenAI allows n up to 128;
-#: a legacy completions batch asks n for each of its prompts).
+#: Choice indexes a stream's count of choices (and of those with output) is taken from, for the time per output token
+#: (OpenAI allows n up to 128; a legacy completions batch asks n for each of its prompts).
 MAX_STREAM_CHOICES: Final = 4096
 
 
@@ -1054,7 +1054,7 @@ _TGI_ERROR_STATUS: Final = {
 
 
 class OpenAIChatReader(ResponseReader):
-    __slots__ = ("_seen", "_tool_ids", "_tool_indexes")
+    __slots__ = ("_seen", "_tool_ids", "_tool_indexes", "_writing")
     #: (A reasoning model's deltas before its answer carry their text in a reasoning member, with a null content:
     #: DeepSeek's, vLLM's and llama.cpp's ``reasoning_content``, OpenRouter's and vLLM's newer ``reasoning``.)
     _TEXT_KEYS = (
@@ -1072,6 +1072,8 @@ class OpenAIChatReader(ResponseReader):
         self._tool_ids: set[tuple[int, str]] = set()
         #: The last event looked at by ``_member`` and what it found (the first token's, used up to three times).
         self._seen: tuple[bytes, tuple[str, int, int, int] | None] | None = None
+        #: The indexes of the choices that had output (under MAX_STREAM_CHOICES).
+        self._writing: set[int] = set()
 
     def _plain_delta(self, event: str, data: bytes) -> bool:
         inner = self._inner
@@ -1091,8 +1093,8 @@ class OpenAIChatReader(ResponseReader):
         if type(choice) is not dict or choice.get("finish_reason") is not None:
             return False
         index = choice.get("index")
-        if not read and type(index) is int and self.call.stream_choices <= index < MAX_STREAM_CHOICES:
-            return False  # (a choice not seen before: reading it records how many the stream has)
+        if not read and type(index) is int and 0 <= index < MAX_STREAM_CHOICES and index not in self._writing:
+            return False  # (a choice's first output: reading it records how many choices have output)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return bool(choice.get("text"))
@@ -1319,6 +1321,7 @@ class OpenAIChatReader(ResponseReader):
                 pieces = calls and _tool_output(calls)
                 if content:
                     self._first_token(now, reasoning=bool(reasoning))
+                    self._wrote(index)
                     self._chunks += 1
                     if self._text is not None and not reasoning:
                         # (The answer and a refusal are kept; reasoning is no part of the output message, as an answer
@@ -1329,6 +1332,7 @@ class OpenAIChatReader(ResponseReader):
                     # output the client gets. A piece of the transcript counts in the estimate as a piece of text
                     # does; the audio itself says nothing of its tokens.
                     self._first_token(now)
+                    self._wrote(index)
                     if audio.get("transcript"):
                         self._chunks += 1
                 elif pieces or (raw == "" and not opening and choice.get("finish_reason") is None):
@@ -1340,12 +1344,22 @@ class OpenAIChatReader(ResponseReader):
                 if calls:
                     if pieces:
                         self._first_token(now)
+                        self._wrote(index)
                     self._stream_tool_calls(choice, calls)
                 _add_finish_reason(self.call, choice.get("finish_reason"), _int(choice.get("index")) or 0)
                 if self._text is not None:
                     self._keep_finish(choice.get("finish_reason"), _int(choice.get("index")) or 0)
         if obj.get("usage"):
             self._usage(obj["usage"])
+
+    def _wrote(self, index: Any) -> None:
+        """Choice ``index`` (as the chunk gave it: none is the only choice, 0) had output."""
+        if index is None:
+            index = 0
+        writing = self._writing
+        if type(index) is int and 0 <= index < MAX_STREAM_CHOICES and index not in writing:
+            writing.add(index)
+            self.call.output_choices = len(writing)
 
     def _stream_tool_calls(self, choice: dict[str, Any], tool_calls: list[Any]) -> None:
         choice_index = _int(choice.get("index")) or 0

@@ -99,6 +99,8 @@ class LLMCall:
     finish_reasons: list[str] = dataclasses.field(default_factory=list)
     #: Choices a stream's events named (the highest choice index read, plus one; 0 for streams without choices).
     stream_choices: int = 0
+    #: Of those, the choices that had output (text, reasoning, a refusal, audio or a tool call).
+    output_choices: int = 0
     tool_calls: list[str] = dataclasses.field(default_factory=list)
     #: (id, hosted tool kind or None) of each of the first MAX_TOOL_CALL_IDS of ``tool_calls``; None until one.
     tool_call_ids: list[tuple[str | None, str | None]] | None = None
@@ -198,10 +200,10 @@ class LLMCall:
 
         Reasoning tokens that the stream did not show (OpenAI's reasoning models report them in the usage only, as
         Anthropic's do with ``display: omitted``) were generated before its first token, so they are not among the
-        tokens after it; nor are those of a compaction pass, made before the answer. With ``n`` choices,
-        which are generated side by side, it is per choice: the output of the choices the stream named, each taken
-        as an equal share. A stream whose only output came in whole items (no piece streamed after the first) has
-        none: their tokens were all made before it."""
+        tokens after it; nor are those of a compaction pass, made before the answer. With ``n`` choices, which are
+        generated side by side, it is per choice: the output of the choices that had any, each taken as an equal
+        share (a choice that said nothing made none of it). A stream whose only output came in whole items (no piece
+        streamed after the first) has none: their tokens were all made before it."""
         if self.end is None or self.first_token_at is None or not self.output_tokens or self.first_output_whole:
             return None
         tokens: float = self.output_tokens
@@ -210,8 +212,8 @@ class LLMCall:
         if self.reasoning_tokens and not self.reasoning_shown and self.reasoning_tokens < tokens:
             # (Not when the usage says more reasoning than output: a provider that counts them apart.)
             tokens -= self.reasoning_tokens
-        if self.stream_choices > 1:  # (a server that ignores n sends one choice; a batch of prompts, n for each)
-            tokens /= self.stream_choices
+        if self.output_choices > 1:  # (a server that ignores n sends one choice; a batch of prompts, n for each)
+            tokens /= self.output_choices
         if tokens < 2:
             return None
         return (self.end - self.first_token_at) / (tokens - 1)

@@ -80,7 +80,7 @@ def _anthropic_stream(thinking: list[str], texts: list[str], pieces: list[str]) 
 
 def _recorded(call: LLMCall) -> tuple[Any, ...]:
     return (call.first_token_at, call.output_tokens, call.usage_source, call.finish_reasons, call.tool_calls,
-            call.response_model, call.reasoning_shown, call.stream_choices)  # fmt: skip
+            call.response_model, call.reasoning_shown, call.stream_choices, call.output_choices)  # fmt: skip
 
 
 def _read(api: str, chunks: list[bytes], groups: list[int] | None, capture: bool = False) -> LLMCall:

@@ -127,21 +127,23 @@ async def _events(model: str, how: str, headers: Mapping[str, str]) -> AsyncIter
         yield error[:-1] if how.endswith("-open") else error  # -open: without the blank line that dispatches it
     elif how == "n":
         # x-choices: how many choices the server sends (it may ignore n); x-repeat-finish: each finish chunk twice,
-        # as some gateways send it.
+        # as some gateways send it; x-empty-choices: how many of the last choices get no content at all (opened and
+        # finished only).
         choices = range(int(headers.get("x-choices", "2")))
+        writing = choices[: len(choices) - int(headers.get("x-empty-choices", "0"))]
         for index in choices:
             yield _chunk(model, index, {"role": "assistant", "content": ""})
         for token in range(PER_CHOICE):
             if token:
                 await asyncio.sleep(GAP)
-            for index in choices:
+            for index in writing:
                 yield _chunk(model, index, {"content": f" t{token}"})
         for index in choices:
             for _ in range(2 if headers.get("x-repeat-finish") else 1):
                 yield _chunk(model, index, {}, "stop")
             if headers.get("x-cut-after-first-finish"):
                 return  # the upstream dropped before the other choices finished
-        tokens = len(choices) * PER_CHOICE
+        tokens = len(writing) * PER_CHOICE
         usage = {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens}
         yield _sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
                     "choices": [], "usage": usage})  # fmt: skip
@@ -393,18 +395,21 @@ def test_a_stream_cut_before_each_of_its_choices_finished_is_incomplete(
 
 
 @pytest.mark.parametrize(
-    ("n", "choices", "repeat"),
-    [(4, 4, False), (2, 1, True)],  # four choices side by side; a server that ignores n and repeats its finish reason
+    ("n", "choices", "repeat", "empty"),
+    # four choices side by side; a server that ignores n and repeats its finish reason; two choices, one of which
+    # says nothing (opened and finished without content: all the tokens are the other's)
+    [(4, 4, False, 0), (2, 1, True, 0), (2, 2, False, 1)],
 )
 def test_time_per_output_token_with_n_choices_is_per_choice(
-    service: tuple[openai.OpenAI, int], n: int, choices: int, repeat: bool
+    service: tuple[openai.OpenAI, int], n: int, choices: int, repeat: bool, empty: int
 ) -> None:
-    """Each choice gets a token every GAP seconds: the time per output token is that of one choice, as the client
-    saw its tokens come (the usage counts the tokens of all of them). Compared with what the client measured, so a
-    slow machine, which makes every gap longer, changes both alike."""
+    """Each choice with output gets a token every GAP seconds: the time per output token is that of one choice, as
+    the client saw its tokens come (the usage counts the tokens of all of them). Compared with what the client
+    measured, so a slow machine, which makes every gap longer, changes both alike."""
     client, port = service
-    model = f"n{n}-choices{choices}{'-repeat' if repeat else ''}"
-    headers = {"x-script": "n", "x-choices": str(choices), **({"x-repeat-finish": "1"} if repeat else {})}
+    model = f"n{n}-choices{choices}{'-repeat' if repeat else ''}{f'-empty{empty}' if empty else ''}"
+    headers = {"x-script": "n", "x-choices": str(choices), "x-empty-choices": str(empty),
+               **({"x-repeat-finish": "1"} if repeat else {})}  # fmt: skip
     arrivals: list[float] = []
     for chunk in client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Hi"}], n=n, stream=True,
