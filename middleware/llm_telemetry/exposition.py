@@ -53,6 +53,10 @@ MAX_ANSWERS = 4
 #: milliseconds frees its place long before this. Clients that hold the answers (reading slowly, or not at all) keep
 #: the wait from ending well: past it, 503 as before.
 QUEUE_SECONDS = 1.0
+#: Formats whose newest plain rendering a listener keeps at once (see _Exposition): the text format and OpenMetrics,
+#: each asked for by scrapers of its own. (A format is told by its content type, which carries the version a scraper
+#: asks for: bounded, so that scrapes asking for many versions keep no more than this many copies of the exposition.)
+KEPT_FORMATS: Final = 2
 #: A rendering of the exposition answers the plain scrapes (no query, same format) that come within this many times
 #: what it took to make: clients that scrape without pause share renderings, which hold the interpreter's lock,
 #: where four such clients slowed the app's requests twenty to fifty times. A Prometheus scraping every few seconds
@@ -349,7 +353,10 @@ class _Exposition:
     """A WSGI exposition ``app`` whose renderings are shared (see :data:`SHARE`): one at a time, and a GET without a
     query (what Prometheus asks) gets the newest rendering of its format while it is fresh, also when it waited for
     that rendering to end. gzip is applied per answer (zlib lets go of the interpreter's lock as it compresses). The
-    newest plain rendering is kept until the next one replaces it: one more copy of the exposition. With
+    newest plain rendering of each format is kept (of KEPT_FORMATS formats, the latest rendered) until the next one of
+    its format replaces it, or, no longer fresh, another rendering is made: scrapers of the text format and of
+    OpenMetrics each share their own, where one kept rendering had each scrape of the one format replace the other's,
+    and nothing was shared. One more copy of the exposition per format scraped. With
     ``renderings`` (several workers answering the app's own path), the plain renderings are shared between the
     workers instead: each worker keeping its own, a scrape answered by one after another's newer one would have
     shown a counter go down (which Prometheus reads as a reset), and each worker sharing only its newest while no
@@ -359,8 +366,8 @@ class _Exposition:
         self.app = app
         self.renderings = renderings
         self.lock = threading.Lock()
-        #: The newest rendering without a query: (its content type, fresh until, status, headers, body).
-        self.kept: tuple[str, float, str, list[tuple[str, str]], bytes] | None = None
+        #: The newest rendering without a query of each format, by content type: (fresh until, status, headers, body).
+        self.kept: dict[str, tuple[float, str, list[tuple[str, str]], bytes]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         accept = environ.get("HTTP_ACCEPT") or ""
@@ -373,29 +380,38 @@ class _Exposition:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         query = environ.get("QUERY_STRING") or ""
         with self.lock:
-            kept = self.kept
+            kept = self.kept.get(content_type)
             now = time.monotonic()
             shared = self.renderings.shared(content_type) if self.renderings is not None and not query else None
             if shared is not None:
-                kept = (content_type, now, *shared)
-            elif query or self.renderings is not None or kept is None or kept[0] != content_type or now >= kept[1]:
+                kept = (now, *shared)
+            elif query or self.renderings is not None or kept is None or now >= kept[0]:
                 status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
                 ended = time.monotonic()
-                kept = (content_type, ended + SHARE * (ended - now), status, headers, body)
+                kept = (ended + SHARE * (ended - now), status, headers, body)
                 if self.renderings is not None:  # before it is answered
                     if query:
                         self.renderings.supersede()
                     else:
-                        self.renderings.publish(*kept)
+                        self.renderings.publish(content_type, *kept)
                 elif not query:
-                    self.kept = kept
-        _type, _until, status, headers, body = kept
+                    self._keep(content_type, kept, now)
+        _until, status, headers, body = kept
         headers = list(headers)  # (the server adds to the list it is given: the Content-Length of this answer)
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
             body = gzip.compress(body)
             headers.append(("Content-Encoding", "gzip"))
         start_response(status, headers)
         return [body]
+
+    def _keep(self, content_type: str, rendering: tuple[float, str, list[tuple[str, str]], bytes], now: float) -> None:
+        """Keep ``rendering`` as the newest of ``content_type`` (under the lock), and of the others those still fresh,
+        up to KEPT_FORMATS in all."""
+        kept = {kind: other for kind, other in self.kept.items() if kind != content_type and now < other[0]}
+        while len(kept) >= KEPT_FORMATS:
+            del kept[next(iter(kept))]  # (the one rendered longest ago)
+        kept[content_type] = rendering
+        self.kept = kept
 
 
 def _render(app: Any, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:

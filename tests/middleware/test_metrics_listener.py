@@ -23,6 +23,8 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_parse
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llm_telemetry import LLMTelemetryMiddleware
@@ -201,6 +203,29 @@ def test_scrapes_that_come_without_pause_share_a_rendering() -> None:
         assert "llm_test_collections 3.0" in query and collector.collected == 3
         time.sleep(SHARE * 0.3 + 0.5)  # the last rendering no longer fresh
         assert "llm_test_collections 4.0" in scrape_text(port)
+
+
+def test_scrapers_of_the_two_formats_each_share_their_own_rendering() -> None:
+    """A text scraper and an OpenMetrics one scraping without pause, in turn: each gets its own format, valid, and the
+    rendering of its format that the first scrape of it made (two renderings for eight scrapes). One rendering kept
+    for both had each scrape of the one format replace the other's: every scrape rendered anew, nothing shared."""
+    collector = _Counting(1.0)  # a rendering that takes a second: plain scrapes share it for four more
+    registry = CollectorRegistry()
+    registry.register(collector)
+    answers: dict[str, list[httpx.Response]] = {"text": [], "openmetrics": []}
+    with serving(registry) as port:
+        for _ in range(4):
+            for kind, accept in (("text", "text/plain"), ("openmetrics", OPENMETRICS)):
+                answer = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}, timeout=10)
+                answers[kind].append(answer)
+    assert collector.collected == 2
+    for kind, parse, value in (("text", text_string_to_metric_families, 1), ("openmetrics", openmetrics_parse, 2)):
+        assert {answer.headers["content-type"].split(";")[0] for answer in answers[kind]} == {
+            "text/plain" if kind == "text" else "application/openmetrics-text"
+        }
+        assert len({answer.text for answer in answers[kind]}) == 1
+        samples = [sample for family in parse(answers[kind][0].text) for sample in family.samples]
+        assert [(sample.name, sample.value) for sample in samples] == [("llm_test_collections", value)]
 
 
 def test_the_suites_scrape_is_never_a_rendering_made_before_it() -> None:
@@ -413,6 +438,8 @@ CLOSING_SERVER = """
 import sys
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_parse
+from prometheus_client.parser import text_string_to_metric_families
 from llm_telemetry.exposition import serve_metrics
 
 class Large:
