@@ -43,7 +43,7 @@ from .config import OTEL_TRACES_EXPORTER, OTelEnvironment, Settings, batch_proce
 from .labels import field_text, label_value, mask_keys, valid_text
 from .record import MAX_TOOL_CALL_IDS, LLMCall
 from .redact import TRUNCATION_MARK, Redactor, cap, redact
-from .types import ASGIApp
+from .types import ASGIApp, Receive, Scope, Send
 from .version import __version__
 
 logger = logging.getLogger("llm_telemetry")
@@ -403,12 +403,34 @@ class Tracing:
         Its HTTP metrics go to a no-op meter: the LLM metrics are ours, and the app may record HTTP ones itself.
         An exception leaving the app is recorded on its span as on the LLM span, bounded and redacted
         (:class:`_HTTPSpan`); its query string's values are hidden (:func:`_scrub_query`).
+        It reads the caller's context itself, with a getter of its own: a trace context or baggage header the W3C
+        propagators would ignore with a WARNING on every request is screened out of the headers it reads it from
+        (:func:`_screened_scope`), and the request's own headers are put back before the app sees them.
         """
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware, asgi_getter
         from opentelemetry.metrics import NoOpMeterProvider
 
+        async def unscreened(scope: Scope, receive: Receive, send: Send) -> None:
+            sent = scope.pop(_SENT_HEADERS, None)
+            if sent is not None:
+                scope["headers"] = sent
+            await app(scope, receive, send)
+
+        async def screened(scope: Scope, receive: Receive, send: Send) -> None:
+            headers = _screened_scope(scope["headers"], asgi_getter)
+            if headers is None:
+                await wrapped(scope, receive, send)
+                return
+            scope[_SENT_HEADERS], scope["headers"] = scope["headers"], headers
+            try:
+                await wrapped(scope, receive, send)
+            finally:
+                sent = scope.pop(_SENT_HEADERS, None)  # (the middleware failed before the app)
+                if sent is not None:
+                    scope["headers"] = sent
+
         wrapped = OpenTelemetryMiddleware(
-            app,
+            unscreened,
             tracer_provider=self.provider,
             meter_provider=NoOpMeterProvider(),
             exclude_spans=["receive", "send"],
@@ -416,7 +438,7 @@ class Tracing:
         )
         # Its own tracer (its instrumentation scope and schema URL kept), whose spans record exceptions our way.
         wrapped.tracer = _HTTPTracer(wrapped.tracer, self.observer.redact)
-        return wrapped  # type: ignore[no-any-return]
+        return screened
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         flush = getattr(self.provider, "force_flush", None)
@@ -607,32 +629,52 @@ class _ScreeningGetter(_HeaderGetter):
                     values = [value.decode("latin-1")]
                 else:
                     values.append(value.decode("latin-1"))
-        if values is None:
-            return None
-        if key == "traceparent":
-            if len(values[0]) > _TRACEPARENT_CHARS:  # (the one the propagator reads)
-                _refused(_TRACE_CONTEXT_REFUSED)
-                return None  # (ignored: as if not sent)
-        elif key == "tracestate":
-            screened = _screened_tracestate(values)
-            if screened is not values:
-                _refused(_TRACE_CONTEXT_REFUSED)
-                return screened
-        elif key == "baggage":
-            kept = _screened_baggage(values[0])  # (the one the propagator reads)
-            if kept is not None:
-                _refused(_BAGGAGE_REFUSED)
-                values[0] = kept
-        return values
+        return None if values is None else _screened(key, values)
+
+
+def _screened(key: str, values: list[str]) -> list[str] | None:
+    """What the screening getter hands a W3C propagator of the header ``key`` (its ``values``, decoded): ``values``
+    themselves when the propagator reads them without a warning."""
+    if key == "traceparent":
+        if len(values[0]) > _TRACEPARENT_CHARS:  # (the one the propagator reads)
+            _refused(_TRACE_CONTEXT_REFUSED)
+            return None  # (ignored: as if not sent)
+    elif key == "tracestate":
+        screened = _screened_tracestate(values)
+        if screened is not values:
+            _refused(_TRACE_CONTEXT_REFUSED)
+            return screened
+    elif key == "baggage":
+        kept = _screened_baggage(values[0])  # (the one the propagator reads)
+        if kept is not None:
+            _refused(_BAGGAGE_REFUSED)
+            return [kept, *values[1:]]
+    return values
 
 
 _HEADERS = _HeaderGetter()
 _SCREENING = _ScreeningGetter()
 #: The request headers the default propagators (W3C trace context and baggage) read a context from.
 _PROPAGATION_HEADERS: Final = frozenset((b"traceparent", b"baggage"))
+#: The request headers the screening getter screens.
+_SCREENED_HEADERS: Final = ("traceparent", "tracestate", "baggage")
+_SCREENED_NAMES: Final = frozenset(name.encode() for name in _SCREENED_HEADERS)
 _EMPTY_CONTEXT: Final = context.Context()
-#: The global propagator last looked at, whether it is the default, and the getter it is given.
-_default_textmap: list[Any] = [None, False, _HEADERS]
+#: The ASGI scope key the request's own headers wait under while OpenTelemetry's ASGI middleware reads the screened
+#: ones (see Tracing.wrap).
+_SENT_HEADERS: Final = "llm_telemetry.sent_headers"
+#: The global propagator last looked at, whether it is the default, and the getter it is given: one tuple, replaced
+#: whole, so that a thread reading it while another replaces it (a propagator set while requests are served) gets
+#: the three of one propagator, never some of each.
+_textmap_seen: tuple[Any, bool, _HeaderGetter] = (None, False, _HEADERS)
+
+
+def _looked_at(textmap: Any) -> tuple[Any, bool, _HeaderGetter]:
+    """Look at the global propagator ``textmap`` (see ``_textmap_seen``)."""
+    global _textmap_seen
+    getter = _SCREENING if _screens_headers(textmap) else _HEADERS
+    seen = _textmap_seen = (textmap, _is_default_textmap(textmap), getter)
+    return seen
 
 
 def _is_default_textmap(textmap: Any) -> bool:
@@ -846,19 +888,52 @@ def _extract(headers: Any, apart: bool = False) -> context.Context:
     every request (see :class:`_ScreeningGetter`): the same context, without the warnings.
     ``apart``: into an empty context rather than the current one."""
     textmap = propagate.get_global_textmap()
-    if textmap is not _default_textmap[0]:
-        _default_textmap[:] = [
-            textmap,
-            _is_default_textmap(textmap),
-            _SCREENING if _screens_headers(textmap) else _HEADERS,
-        ]
-    if _default_textmap[1]:
+    seen = _textmap_seen
+    if textmap is not seen[0]:
+        seen = _looked_at(textmap)
+    if seen[1]:
         for key, _ in headers:
             if key in _PROPAGATION_HEADERS:
                 break
         else:
             return _EMPTY_CONTEXT
-    return propagate.extract(headers, context=_EMPTY_CONTEXT if apart else None, getter=_default_textmap[2])
+    # (The propagator looked at, as propagate.extract would call it: not the global one again, which another thread
+    # may have replaced since.)
+    return textmap.extract(headers, _EMPTY_CONTEXT if apart else None, getter=seen[2])  # type: ignore[no-any-return]
+
+
+def _screened_scope(headers: Any, getter: Any) -> list[tuple[bytes, bytes]] | None:
+    """An ASGI request's ``headers`` as OpenTelemetry's ASGI middleware is to read its context from them: with the
+    headers the screening getter screens as it hands them to the W3C propagators (see :class:`_ScreeningGetter`),
+    each read as the middleware's own ``getter`` reads it; None when that is ``headers`` themselves (nothing screened
+    out, or global propagators it does not screen for). The propagators read the same context from them, without the
+    warnings. (The screened ones come last; what the propagators keep of them is ASCII, which the middleware reads
+    back as it is.)"""
+    for name, _ in headers:
+        if name in _SCREENED_NAMES:
+            break
+    else:
+        return None
+    textmap = propagate.get_global_textmap()
+    seen = _textmap_seen
+    if textmap is not seen[0]:
+        seen = _looked_at(textmap)
+    if seen[2] is not _SCREENING:
+        return None
+    carrier = {"headers": headers}
+    changed: dict[bytes, list[str] | None] = {}
+    for key in _SCREENED_HEADERS:
+        values = getter.get(carrier, key)
+        if values:
+            screened = _screened(key, values)
+            if screened is not values:
+                changed[key.encode()] = screened
+    if not changed:
+        return None
+    kept = [(name, value) for name, value in headers if name.lower() not in changed]
+    for name, values in changed.items():
+        kept.extend((name, value.encode("utf-8", "surrogatepass")) for value in values or ())
+    return kept
 
 
 class _RuntimeContext:

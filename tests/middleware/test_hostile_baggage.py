@@ -15,14 +15,18 @@ import openai
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from opentelemetry import baggage, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.asgi import asgi_getter
 from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from llm_telemetry.demo.app import create_app
-from llm_telemetry.tracing import _extract
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.demo.app import bare_app
+from llm_telemetry.tracing import _extract, _screened_scope
 from otlp_receiver import isolated_env
 from support import serve
 
@@ -52,24 +56,17 @@ def propagators_baggage(header: str) -> dict[str, object]:
     return dict(baggage.get_all(W3CBaggagePropagator().extract({"baggage": header}, context=Context())))
 
 
-class ParentContexts:
-    """A span processor keeping each span's parent context, as the exported span's parent and a baggage span
-    processor read it."""
+class ParentContexts(SpanProcessor):
+    """A span processor keeping the parent context of each server span (the LLM span, or with
+    ``LLM_TELEMETRY_TRACING_HTTP_SPAN`` the HTTP span of OpenTelemetry's ASGI middleware), as the exported span's
+    parent and a baggage span processor read it."""
 
     def __init__(self) -> None:
         self.seen: list[Context] = []
 
     def on_start(self, span: Any, parent_context: Context | None = None) -> None:
-        self.seen.append(parent_context if parent_context is not None else Context())
-
-    def on_end(self, span: Any) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+        if span.kind is SpanKind.SERVER:
+            self.seen.append(parent_context if parent_context is not None else Context())
 
 
 #: 180 malformed members (no "="), then valid ones the propagator keeps; a header past the size limit.
@@ -97,17 +94,27 @@ def global_propagators(names: str) -> Iterator[TextMapPropagator]:
         propagate.set_global_textmap(before)
 
 
-def traced_requests(headers: dict[str, str], propagators: str) -> tuple[list[Context], list[logging.LogRecord]]:
-    """Three chat requests sent with ``headers`` through real uvicorn and the openai SDK, tracing on, under the
-    propagators ``propagators`` names: the parent context of each request's span, and the WARNINGs OpenTelemetry
-    logged meanwhile."""
+def traced_requests(
+    headers: dict[str, str], propagators: str, http_span: bool = False
+) -> tuple[list[Context], list[logging.LogRecord]]:
+    """Three chat requests sent with ``headers`` through real uvicorn and the openai SDK, tracing on (``http_span``:
+    with OpenTelemetry's ASGI middleware's HTTP span around the LLM span), under the propagators ``propagators``
+    names: the parent context of each request's server span, and the WARNINGs OpenTelemetry logged meanwhile. The
+    app gets the headers as sent."""
     from opentelemetry.sdk.trace import TracerProvider
 
     parents = ParentContexts()
     provider = TracerProvider()
-    provider.add_span_processor(parents)  # type: ignore[arg-type]
-    with isolated_env({}):
-        app = create_app(metrics_port=0, tracer_provider=provider)
+    provider.add_span_processor(parents)
+    demo = bare_app()
+    seen: list[Any] = []
+
+    async def recording(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(list(scope["headers"]))
+        await demo(scope, receive, send)
+
+    with isolated_env({"LLM_TELEMETRY_TRACING_HTTP_SPAN": str(http_span).lower()}):
+        app = LLMTelemetryMiddleware(recording, metrics_port=0, tracer_provider=provider)
         app.telemetry  # noqa: B018 - built while the environment is in place
     try:
         with serve(app) as base, global_propagators(propagators), opentelemetry_warnings() as warnings:
@@ -120,18 +127,32 @@ def traced_requests(headers: dict[str, str], propagators: str) -> tuple[list[Con
     finally:
         app.telemetry.shutdown()
         provider.shutdown()
+    sent = [(name.encode(), value.encode("latin-1")) for name, value in headers.items()]
+    assert [[header for header in got if header in sent] for got in seen] == [sent] * 3
     return parents.seen, warnings
 
 
-@pytest.mark.parametrize("propagators", ["", "baggage,tracecontext", "baggage"], ids=lambda p: p or "default")
+@pytest.mark.parametrize(
+    ("propagators", "http_span"),
+    [
+        pytest.param("", False, id="default"),
+        pytest.param("baggage,tracecontext", False, id="baggage,tracecontext"),
+        pytest.param("baggage", False, id="baggage"),
+        pytest.param("", True, id="default-http-span"),
+        pytest.param("baggage", True, id="baggage-http-span"),
+    ],
+)
 @pytest.mark.parametrize("header", [MALFORMED, OVERSIZED], ids=["malformed-members", "oversized"])
 def test_a_hostile_baggage_header_gives_the_propagators_baggage_and_no_warning_per_request(
-    header: str, propagators: str
+    header: str, propagators: str, http_span: bool
 ) -> None:
     """With OTEL_PROPAGATORS naming the W3C baggage propagator in another order or without trace context's, it logged
-    a WARNING per member ignored on every request as before (the screen was for the default pair only)."""
+    a WARNING per member ignored on every request as before (the screen was for the default pair only). With the
+    HTTP span (``LLM_TELEMETRY_TRACING_HTTP_SPAN``), OpenTelemetry's ASGI middleware reads the context itself, and
+    logged them all on every request (516 lines for three requests with MALFORMED) before the headers it reads were
+    screened too."""
     expected = propagators_baggage(header)
-    parents, warnings = traced_requests({"traceparent": TRACEPARENT, "baggage": header}, propagators)
+    parents, warnings = traced_requests({"traceparent": TRACEPARENT, "baggage": header}, propagators, http_span)
     assert [dict(baggage.get_all(parent)) for parent in parents] == [expected] * 3
     assert expected == ({"team": "search", "tier": "gold;p=1"} if header is MALFORMED else {})
     assert [r.getMessage()[:120] for r in warnings] == []
@@ -184,6 +205,13 @@ def test_the_baggage_read_is_the_propagators_without_its_warnings(
         read = _extract(headers, apart=True)
     assert dict(baggage.get_all(read)) == expected
     assert warnings == []
+    # What OpenTelemetry's ASGI middleware reads (with the HTTP span): the same, from the headers screened for it.
+    screened = _screened_scope(headers, asgi_getter)
+    with opentelemetry_warnings() as warnings:
+        asgi = propagate.extract({"headers": headers if screened is None else screened}, Context(), getter=asgi_getter)
+    assert dict(baggage.get_all(asgi)) == expected
+    assert warnings == []
+    assert trace.get_current_span(asgi).get_span_context() == trace.get_current_span(read).get_span_context()
     parent = trace.get_current_span(read).get_span_context()
     assert parent.is_valid is traceparent_first
     if traceparent_first:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from opentelemetry import baggage, trace
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
+from opentelemetry.instrumentation.asgi import asgi_getter
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from test_hostile_baggage import TRACEPARENT, global_propagators, opentelemetry_warnings, traced_requests
 
-from llm_telemetry.tracing import _extract
+from llm_telemetry.tracing import _extract, _screened_scope
 
 #: A traceparent of a later version, which may carry more fields: read when within 512 characters, ignored past.
 LATER = "01" + TRACEPARENT[2:] + "-"
@@ -53,28 +54,31 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize(
-    "propagators",
+    ("propagators", "http_span"),
     [
-        "",
-        "tracecontext",
-        "baggage,tracecontext",
-        "tracecontext,baggage,b3",
-        "b3multi,tracecontext",
-        "jaeger,tracecontext,baggage",
+        pytest.param("", False, id="default"),
+        pytest.param("tracecontext", False, id="tracecontext"),
+        pytest.param("baggage,tracecontext", False, id="baggage,tracecontext"),
+        pytest.param("tracecontext,baggage,b3", False, id="tracecontext,baggage,b3"),
+        pytest.param("b3multi,tracecontext", False, id="b3multi,tracecontext"),
+        pytest.param("jaeger,tracecontext,baggage", False, id="jaeger,tracecontext,baggage"),
+        pytest.param("", True, id="default-http-span"),
+        pytest.param("b3multi,tracecontext", True, id="b3multi,tracecontext-http-span"),
     ],
-    ids=lambda p: p or "default",
 )
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_a_hostile_trace_context_gives_the_propagators_parent_and_no_warning_per_request(
-    case: str, propagators: str
+    case: str, propagators: str, http_span: bool
 ) -> None:
     """Through real uvicorn and the openai SDK: each request logged one OpenTelemetry WARNING (the malformed
     ``tracestate`` member's 7 KB in it) before the middleware screened these headers. The B3 and Jaeger propagators
-    read none of these headers and log nothing for their own: beside them the W3C headers were not screened."""
+    read none of these headers and log nothing for their own: beside them the W3C headers were not screened. With
+    the HTTP span (``LLM_TELEMETRY_TRACING_HTTP_SPAN``), OpenTelemetry's ASGI middleware reads the context itself,
+    and logged the WARNING on every request before the headers it reads were screened too."""
     headers = HOSTILE[case]
     with global_propagators(propagators) as textmap:
         expected = trace.get_current_span(textmap.extract(headers, context=Context())).get_span_context()
-    parents, warnings = traced_requests({name: values[0] for name, values in headers.items()}, propagators)
+    parents, warnings = traced_requests({name: values[0] for name, values in headers.items()}, propagators, http_span)
     assert [trace.get_current_span(parent).get_span_context() for parent in parents] == [expected] * 3
     assert dict(expected.trace_state) == {}
     # (The B3 parent is read by both B3 propagators: b3multi reads the single header too.)
@@ -157,4 +161,11 @@ def test_the_context_read_is_the_propagators_without_their_warnings(
     with opentelemetry_warnings() as warnings:
         read = _extract(asgi_headers(headers), apart=True)
     same_context(read, expected)
+    assert warnings == []
+    # What OpenTelemetry's ASGI middleware reads (with the HTTP span): the same, from the headers screened for it.
+    sent = asgi_headers(headers)
+    screened = _screened_scope(sent, asgi_getter)
+    with opentelemetry_warnings() as warnings:
+        asgi = propagate.extract({"headers": sent if screened is None else screened}, Context(), getter=asgi_getter)
+    same_context(asgi, expected)
     assert warnings == []
