@@ -6,6 +6,7 @@ and request logs arrive at an OTLP receiver standing in for the resource's colle
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import secrets
 from collections.abc import Iterator, Mapping
@@ -246,4 +247,52 @@ def test_the_apps_own_otlp_credential_is_not_sent_where_the_operator_points(own_
         assert (vendor if own_endpoint else collectors).metric_exports == 1
         assert collectors.headers and not [h for h in collectors.headers if "authorization" in h]
         if own_endpoint:  # and the vendor still gets its key
+            assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)
+
+
+@pytest.mark.parametrize("logs", [{"enabled": False}, {"mode": "stdout"}], ids=["logs off", "logs to stdout"])
+@pytest.mark.parametrize("own_endpoint", [None, "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+def test_an_apps_own_log_pipeline_takes_its_credential_nowhere_the_operator_points(
+    logs: dict[str, Any], own_endpoint: str | None
+) -> None:
+    """A resource that ships no logs itself (``spec.logs`` off, or to stdout) still points the generic
+    OTEL_EXPORTER_OTLP_ENDPOINT at its traces collector. An app that ships its own logs over OTLP (its log pipeline
+    set up in its code, as Python apps do) follows that endpoint, with OTEL_EXPORTER_OTLP_HEADERS (a vendor's key,
+    which whoever writes the resource may not be allowed to read) unless the logs have headers of their own: the
+    collector the resource names must not get the key. An app whose logs go to an endpoint of its own keeps sending
+    them there with its key."""
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+
+    key = "Bearer vendor-key-" + secrets.token_hex(4)
+    with otlp_receiver() as collectors, otlp_receiver() as vendor:
+        own = [{"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"}]
+        if own_endpoint is not None:
+            path = "/v1/logs" if own_endpoint == "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" else ""
+            own.append({"name": own_endpoint, "value": vendor.http_endpoint + path})
+        deployment = workload()
+        deployment["spec"]["template"]["spec"]["containers"][1]["env"] += own
+        spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"], "logs": logs})
+        patch = r.build_workload_patch(deployment, r.build_injection(spec, CONFIG, deployment, "chat"), "chat")
+        assert patch is not None
+        pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
+        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD)
+        if own_endpoint != "OTEL_EXPORTER_OTLP_ENDPOINT":
+            # The resource's traces collector, here the receiver.
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == CONFIG.traces_endpoint
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collectors.http_endpoint
+        with isolated_env(env):
+            provider = LoggerProvider()
+            provider.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter()))
+        logger = logging.getLogger(f"app-{secrets.token_hex(4)}")
+        logger.propagate = False
+        logger.addHandler(LoggingHandler(logger_provider=provider))
+        logger.warning("the app's own log line")
+        provider.shutdown()
+        shipped_to = collectors if own_endpoint is None else vendor
+        assert [record.body for record in shipped_to.logs] == ["the app's own log line"]
+        assert collectors.headers if own_endpoint is None else not collectors.headers
+        assert not [h for h in collectors.headers if "authorization" in h], collectors.headers
+        if own_endpoint is not None:  # the vendor still gets its key
             assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)

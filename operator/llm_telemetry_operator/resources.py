@@ -282,6 +282,11 @@ def build_env(
         env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}" if tenant else NO_HEADERS))
     else:
         env.append(value("OTEL_LOGS_EXPORTER", "none"))
+        if spec.tracing.enabled and "traces" not in without:
+            # No logs endpoint of ours, but the generic one above: an app that ships its own logs over OTLP (set up in
+            # its code, or with an OTEL_LOGS_EXPORTER of its own, which wins over the "none") sends them there, with
+            # its OTEL_EXPORTER_OTLP_HEADERS (a vendor's key, from a Secret) unless the logs have headers of their own.
+            env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", NO_HEADERS))
     return env
 
 
@@ -535,6 +540,11 @@ _WITH_ENDPOINT: Final = {
     "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
     "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
 }
+#: The same for an injection that sets no logs endpoint (logs off, or to stdout, or their collector missing), whose
+#: logs headers go with the generic endpoint of the traces: not into a container whose own endpoint keeps its logs.
+_WITH_GENERIC_ENDPOINT: Final = {
+    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+}
 
 
 def _blank(entry: Any) -> bool:
@@ -652,6 +662,12 @@ def _apply(
             for ct in containers
             for p in ct.get("ports") or []
         )
+    injected = {entry["name"] for entry in injection.env}
+    with_endpoint = (
+        _WITH_ENDPOINT
+        if "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in injected
+        else {**_WITH_ENDPOINT, **_WITH_GENERIC_ENDPOINT}
+    )
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
@@ -671,7 +687,7 @@ def _apply(
                 continue
             if entry.get("value") == "none" and not set_here.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
                 continue
-            if not set_here.isdisjoint(_WITH_ENDPOINT.get(entry["name"], ())):
+            if not set_here.isdisjoint(with_endpoint.get(entry["name"], ())):
                 continue
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)

@@ -104,7 +104,10 @@ def test_logs_name_their_loki_tenant(spec_tenant: str | None, default_tenant: st
     env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
     assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == header
     stdout = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": {**logs, "mode": "stdout"}})
-    assert "OTEL_EXPORTER_OTLP_LOGS_HEADERS" not in {e["name"] for e in r.build_env(stdout, config, deployment(), "c")}
+    # Logs to stdout go to no Loki, so no tenant; the variable stays, empty, for the app's own OTLP logs that follow
+    # the generic endpoint to the traces collector (without the app's OTEL_EXPORTER_OTLP_HEADERS).
+    stdout_env = {e["name"]: e.get("value") for e in r.build_env(stdout, config, deployment(), "c")}
+    assert stdout_env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == ","
 
 
 def test_env_resource_attributes_use_the_downward_api() -> None:
