@@ -1224,6 +1224,13 @@ def build_pricing_configmap(owner: Mapping[str, Any], spec: TelemetrySpec) -> di
 # --- status -----------------------------------------------------------------------------------
 
 
+#: The longest condition message written (that of Kubernetes' own ``metav1.Condition``). Messages quote the spec
+#: (``spec.containers``, each name of which a NoContainer message lists again for every workload selected), which the
+#: schema leaves unbounded: a status of a few such messages beside the spec passed etcd's 1.5 MiB for one object, every
+#: status write failed (``etcdserver: request is too large``), and the resource showed only ApiError.
+MAX_CONDITION_MESSAGE_CHARS = 32768
+
+
 @dataclass(frozen=True)
 class Condition:
     """One status condition before timestamps are attached."""
@@ -1255,7 +1262,9 @@ def build_status(
                 "type": cond.type,
                 "status": status,
                 "reason": cond.reason,
-                "message": cond.message,
+                "message": cond.message
+                if len(cond.message) <= MAX_CONDITION_MESSAGE_CHARS
+                else cond.message[: MAX_CONDITION_MESSAGE_CHARS - 1] + "…",
                 "lastTransitionTime": since or now,
                 **({"observedGeneration": generation} if generation is not None else {}),
             }

@@ -864,6 +864,23 @@ def test_child_names_fit_a_dns_label() -> None:
     assert len(r.dashboard_uid(minimal_llmt("b" * 60))) <= 40
 
 
+def test_a_condition_message_quoting_a_long_spec_is_cut_to_what_a_condition_holds() -> None:
+    """spec.containers is unbounded, and a NoContainer message names every container in it: uncut, two such
+    conditions beside the spec passed etcd's limit for one object, and no status was written at all."""
+    long = "no container named " + ", ".join(f"c{i:05d}-" + "x" * 240 for i in range(2500))
+    conditions = [r.Condition("Injected", False, "NoContainer", long), r.Condition("Ready", True, "Ready", "ok")]
+    status = r.build_status(conditions, generation=1, targets=[], previous=None, now="t1", phase="Pending")
+    cut, short = (cond["message"] for cond in status["conditions"])
+    assert len(cut) == r.MAX_CONDITION_MESSAGE_CHARS == 32768  # metav1.Condition's own bound
+    assert cut == long[: r.MAX_CONDITION_MESSAGE_CHARS - 1] + "…"
+    assert short == "ok"
+    exact = "y" * r.MAX_CONDITION_MESSAGE_CHARS
+    status = r.build_status(
+        [r.Condition("Ready", False, "X", exact)], generation=1, targets=[], previous=None, now="t1", phase="Pending"
+    )
+    assert status["conditions"][0]["message"] == exact
+
+
 def test_status_keeps_transition_time_until_a_condition_flips() -> None:
     cond = [r.Condition("Ready", True, "Ready", "ok")]
     first = r.build_status(cond, generation=3, targets=["Deployment/chat"], previous=None, now="t1", phase="Ready")
