@@ -103,13 +103,20 @@ _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 #: match is a member's name, wherever in a document the bytes searched begin.
 _USAGE_MEMBER: Final = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 _USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
+#: An object's end, then a line break, then another value's start: never inside one JSON document (an object's next
+#: value follows a comma, and a string holds no raw line break), but how JSON Lines separates its records (a batch's
+#: results, a gateway's log of answers), each of which may carry a usage of its own.
+_RECORD_BREAK: Final = re.compile(rb"\}[ \t]*[\r\n][ \t\r\n]*[\{\[]")
 
 
 def usage_in_tail(tail: bytes | bytearray) -> dict[str, Any] | None:
     """The usage object in the last bytes of a JSON document too large to read whole: the last ``"usage": {...}``
     member found complete in ``tail`` whose object holds a token count, or None. Each API puts its usage after the
     output (OpenAI's chat completions, embeddings and Responses, Anthropic's messages), which is what makes a large
-    body large (images, long texts, embeddings)."""
+    body large (images, long texts, embeddings). None for a tail that is not of one JSON document but of several, one
+    a line (JSON Lines labelled as JSON): the last record's usage is not the answer's."""
+    if _RECORD_BREAK.search(tail):
+        return None
     starts = [match.end() for match in _USAGE_MEMBER.finditer(tail)]
     for start in reversed(starts[-8:]):
         try:
