@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chartkit import CHART, KUBE_VERSION, NAMESPACE, RELEASE, VALUE_SETS, Helm
+from chartkit import CHART, KUBE_VERSION, NAMESPACE, RELEASE, VALUE_SETS, Helm, one
 
 ValuesFile = Callable[[dict[str, Any]], Path]
 
@@ -74,3 +74,35 @@ def test_rendered_objects_are_stored_as_rendered(render: Callable[..., list[dict
     }
     assert references, "the chart's POD_ID comes from a fieldRef"
     assert {where: version for where, version in references.items() if version != "v1"} == {}
+
+
+def test_a_users_extra_env_is_rendered_as_the_api_server_stores_it(render: Callable[..., list[dict[str, Any]]]) -> None:
+    """`extraEnv` entries as a user writes them, each of which the API server stores otherwise: an empty (or null)
+    value left out, a fieldRef's apiVersion filled in as v1, a resourceFieldRef's divisor as "0". Rendered as
+    given, every server-side apply of the same rendering wrote the Deployment again (on a real API server: a new
+    managedFields time on each sync). Nothing else of an entry changes."""
+    memory = {"containerName": "operator", "resource": "limits.memory"}
+    values = {
+        "extraEnv": [
+            {"name": "EMPTY", "value": ""},
+            {"name": "NULL", "value": None},
+            {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"apiVersion": "", "fieldPath": "spec.nodeName"}}},
+            {"name": "HOST_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}},
+            {"name": "LIMIT", "valueFrom": {"resourceFieldRef": memory}},
+            {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
+            {"name": "PLAIN", "value": "0"},
+        ]
+    }
+    (operator,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"]
+    extra = operator["env"][-len(values["extraEnv"]) :]
+    assert extra == [
+        {"name": "EMPTY"},
+        {"name": "NULL"},
+        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}},
+        {"name": "NODE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
+        {"name": "HOST_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}},
+        {"name": "LIMIT", "valueFrom": {"resourceFieldRef": {**memory, "divisor": "0"}}},
+        {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
+        {"name": "PLAIN", "value": "0"},
+    ]

@@ -366,11 +366,13 @@ def start_chart_operator(
 
     chart_deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = chart_deployment["spec"]["template"]["spec"]
-    # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference.
+    # The chart's environment as the kubelet gives it: values, and the pod's name for its one field reference (a
+    # user's extraEnv from the container's resources is left out: no kubelet here to say them).
     pod_fields = {"metadata.name": f"{chart_deployment['metadata']['name']}-5f7d9c6b8-x2x8q"}
     env = {
         e["name"]: pod_fields[e["valueFrom"]["fieldRef"]["fieldPath"]] if "valueFrom" in e else str(e.get("value", ""))
         for e in pod["containers"][0].get("env") or []
+        if "resourceFieldRef" not in e.get("valueFrom", {})
     }
     operator_kubeconfig = workdir / "kubeconfig"
     service_account_kubeconfig(api, kubeconfig, system, pod["serviceAccountName"], operator_kubeconfig)

@@ -103,7 +103,17 @@ def test_template_and_apply_again_and_again_changes_nothing(
     core.create_namespace({"metadata": {"name": namespace}})
     docs: list[dict[str, Any]] = []
     try:
-        for sets in [common, (*common, "replicaCount=2", "podDisruptionBudget.enabled=true", "defaults.logsTenant=t")]:
+        # A user's extraEnv entries written as people write them: an empty value, a fieldRef without its apiVersion, a
+        # resourceFieldRef without its divisor (each stored otherwise, and applied again at every sync, before).
+        extra = (
+            "extraEnv[0].name=EMPTY_BY_USER", "extraEnv[0].value=",
+            "extraEnv[1].name=POD_NAME_BY_USER", "extraEnv[1].valueFrom.fieldRef.fieldPath=metadata.name",
+            "extraEnv[2].name=MEMORY_LIMIT", "extraEnv[2].valueFrom.resourceFieldRef.resource=limits.memory",
+        )  # fmt: skip
+        for sets in [
+            common,
+            (*common, "replicaCount=2", "podDisruptionBudget.enabled=true", "defaults.logsTenant=t", *extra),
+        ]:
             manifest = tmp_path / "rendered.yaml"
             docs = _template(namespace, manifest, *sets)
             _kubectl(kubeconfig, "apply", *MODES[mode], "-f", str(manifest))
