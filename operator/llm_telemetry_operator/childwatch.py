@@ -125,14 +125,17 @@ class MetadataWatch:
 
     def _run(self) -> None:
         backoff = 1.0
-        refused = False  # a 403 told already: a watched namespace being deleted takes the Role with it (namespaced
-        # mode), and its watches are refused until the namespace leaves watchNamespaces; say so once, not forever
+        # The status of the failure told last, until a watch succeeds: a failure of the same status is said once, not
+        # at every retry. A watched namespace being deleted takes the Role with it (namespaced mode), and its watches
+        # are refused (403) until the namespace leaves watchNamespaces; an API server away (0: no answer) fails each
+        # retry of every watch, every 30 s for as long as it is away (a WARNING per watch and retry, before).
+        told: int | None = None
         while not self._stopped.is_set():
             try:
                 if self._version is None:
                     self._list(fresh=bool(self._known))
                 self._watch(self._version)
-                backoff, refused = 1.0, False
+                backoff, told = 1.0, None
             except ApiError as exc:
                 if self._stopped.is_set():
                     break
@@ -146,9 +149,9 @@ class MetadataWatch:
                 else:
                     wait = exc.retry_after if exc.retry_after is not None else backoff
                     backoff = min(MAX_BACKOFF, backoff * 2)
-                    log = logger.debug if refused and exc.status == 403 else logger.warning
+                    log = logger.debug if exc.status == told else logger.warning
                     log("watching %s failed (%s); again in %.0f s", self.resource.plural, exc, wait)
-                    refused = exc.status == 403
+                    told = exc.status
                 if exc.status in (404, 410):
                     self._version = None
                 if exc.status == 404:

@@ -137,6 +137,20 @@ async def test_refusals_are_told_once_until_a_watch_succeeds(caplog: Any) -> Non
     assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG, logging.WARNING]
 
 
+async def test_an_api_server_away_is_told_once_per_watch_until_a_watch_succeeds(caplog: Any) -> None:
+    """The API server away (stopped, restarted, out of reach): each retry of a watch finds no answer, every 30 s for
+    as long as it lasts, and every watch of every kind (in namespaced mode of every watched namespace) retries so. The
+    first failure is a WARNING, its repeats are not, until a watch succeeds: the next outage is told again. On a
+    real API server stopped for 180 s, each of the operator's watches logged a WARNING at every retry (a dozen
+    each), where the operator's own message says so once a minute."""
+    caplog.set_level(logging.DEBUG, logger="llm_telemetry_operator.childwatch")
+    away = ApiError(0, "Unreachable", "GET /api/v1/services: no answer from the API server")
+    server = _Server(away, away, _List("4"), _Stream([_event("ADDED", "a", "5")], None), away)
+    await _watch(server)
+    told = [r for r in caplog.records if "Unreachable" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG, logging.WARNING]
+
+
 class _SilentOnce(http.server.BaseHTTPRequestHandler):
     """An API server whose first watch connection goes silent for good (as one a NAT or load balancer dropped
     without a word): the headers, then nothing. Lists answer at version 4; the next watch sends one event."""
