@@ -45,6 +45,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"service": {"enabled": False}},
         "image": {"digest": "sha256:" + "0" * 64},
     },
+    # Argo CD: the peering object as a plain manifest (see "GitOps" in docs/install.md).
+    "argo-cd": {"peering": {"hook": False}},
     # The platform assigns the UID (OpenShift's restricted SCC): docs/install.md's values for it.
     "assigned-uid": {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}},
 }

@@ -106,3 +106,30 @@ def test_a_users_extra_env_is_rendered_as_the_api_server_stores_it(render: Calla
         {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1m"}}},
         {"name": "PLAIN", "value": "0"},
     ]
+
+
+@pytest.mark.parametrize("namespaces", [[], ["llm-prod"]], ids=["cluster-wide", "namespaced"])
+def test_the_peering_object_is_a_plain_manifest_with_peering_hook_false(
+    render: Callable[..., list[dict[str, Any]]], namespaces: list[str]
+) -> None:
+    """Argo CD maps a Helm hook to a PostSync hook of its own and deletes and recreates its object at every sync: a
+    peering object made anew has forgotten its replicas, so a standby replica resumed beside the active one. With
+    `peering.hook=false` the object is a plain manifest (no Helm hook annotation), rendered every time under the name
+    the operator is given, and tells Argo CD to skip its dry run while the CRD that comes in the same sync is not
+    served yet. The default stays a hook: `helm install` cannot create it before its CRD otherwise."""
+
+    def peering(**values: Any) -> list[dict[str, Any]]:
+        docs = render({"watchNamespaces": namespaces, "peering": values})
+        (operator,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+        named = {e["name"]: e.get("value") for e in operator["env"]}["LLM_TELEMETRY_OPERATOR_PEERING"]
+        found = [doc for doc in docs if doc["kind"] == "ClusterKopfPeering"]
+        assert all(doc["metadata"]["name"] == named for doc in found)
+        return found
+
+    (hook,) = peering()
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    (plain,) = peering(hook=False)
+    assert plain["metadata"]["annotations"] == {"argocd.argoproj.io/sync-options": "SkipDryRunOnMissingResource=true"}
+    assert {k: v for k, v in plain.items() if k != "metadata"} == {k: v for k, v in hook.items() if k != "metadata"}
+    assert plain["metadata"]["labels"] == hook["metadata"]["labels"]
+    assert peering(hook=False, create=False) == []
