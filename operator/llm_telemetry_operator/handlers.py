@@ -424,6 +424,12 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
     # (a pod's host name is its name), not kopf's defaults ("kopf", "dev") that every kopf operator shares.
     settings.posting.reporting_component = c.OPERATOR_NAME
     settings.posting.reporting_instance = socket.gethostname()[:128]
+    # Nor a line per probe: kopf's liveness endpoint is an aiohttp server, whose access log said every kubelet probe
+    # at INFO (the chart probes liveness every 20 s and readiness every 10 s: some 13,000 lines a day saying
+    # nothing). Failures still show: a probe that fails is the kubelet's to report. With --verbose they stay.
+    access_logger = logging.getLogger("aiohttp.access")
+    if access_logger.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        access_logger.setLevel(logging.WARNING)
     # Nor a log line per watch event (kopf's per-object messages go to the "kopf.objects" logger).
     objects_logger = logging.getLogger("kopf.objects")
     if not any(isinstance(f, QuietWatchEventHandlers) for f in objects_logger.filters):

@@ -297,3 +297,43 @@ async def test_its_metrics_answer_on_ipv6_and_ipv4_and_its_health_where_the_char
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def test_the_kubelets_probes_of_the_liveness_endpoint_are_not_logged(
+    emulator: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kopf's liveness endpoint is an aiohttp server whose access log wrote a line at INFO for every probe: with the
+    chart's probes (liveness every 20 s, readiness every 10 s) some 13,000 lines a day that say nothing, and as many
+    again through an API-server outage, when the log is read. The endpoint answers as before."""
+    import asyncio
+
+    import httpx
+    import kopf
+
+    from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
+    from llm_telemetry_operator.__main__ import kopf_options
+    from support import free_port
+
+    access = logging.getLogger("aiohttp.access")
+    level = access.level
+    access.setLevel(logging.NOTSET)  # as a new process has it
+    caplog.set_level(logging.INFO)
+    health_port = free_port()
+    config = OperatorConfig(
+        standalone=True, metrics_port=0, health=f"http://127.0.0.1:{health_port}/healthz", peering=PEERING
+    )
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, liveness_endpoint=config.health, **kopf_options(config)))
+    try:
+        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(3):
+                assert (await client.get(f"http://127.0.0.1:{health_port}/healthz")).status_code == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+        access.setLevel(level)
+    # (The emulator is an aiohttp server too, logging to the same logger: only the probes' lines are looked at.)
+    assert [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/healthz" in r.getMessage()] == []
