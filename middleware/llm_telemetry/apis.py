@@ -396,7 +396,7 @@ class ResponseReader:
         self._overflow = False
         #: Asked before a JSON body's bytes past its first UNCOUNTED_BYTES are kept, with their count: False when the
         #: process's budget for bytes kept to be read has no room (read then as a body over MAX_JSON_RESPONSE_BYTES
-        #: is); a negative count gives freed bytes back. None: no budget (see the middleware's ``_Kept.hold``).
+        #: is); a negative count gives freed bytes back. None: no budget (see the middleware's ``_Exchange.hold``).
         self.hold: Callable[[int], bool] | None = None
         #: The generated text kept for the span (content capture on), by choice index; None when capture is off.
         self._text: dict[int, list[str]] | None = {} if capture else None

@@ -86,7 +86,7 @@ class _Budget:
     counted together: each is bounded per request (``max_request_bytes``, MAX_JSON_RESPONSE_BYTES), and this bounds
     them across requests, so N connections sending large bodies, or reading a large answer slowly, keep at most
     ``max_inspected_bytes`` alive for reading rather than N times a body (and UNCOUNTED_BYTES of each, uncounted).
-    A request gives back all it took when it ends (see :meth:`_Kept.give_back`). Locked: requests of event loops
+    A request gives back all it took when it ends (see :meth:`_Exchange.give_back`). Locked: requests of event loops
     in several threads may share it."""
 
     __slots__ = ("held", "lock", "logged")
@@ -120,41 +120,6 @@ class _Budget:
 
 #: The process's budget of bytes kept to be read (see _Budget).
 BUDGET: Final = _Budget()
-
-
-class _Kept:
-    """What one request has taken from the process's BUDGET (its body's pieces, its JSON answer's copy), all given
-    back by :meth:`give_back` when it ends. An object of its own, not the exchange's, since the response reader
-    holds its :meth:`hold`: a bound method of the exchange would make a cycle of every request, freed only by the
-    garbage collector."""
-
-    __slots__ = ("kept", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.kept = 0
-        #: The budget's limit; -1 once the request has ended: it takes no more.
-        self.limit = limit
-
-    def hold(self, size: int) -> bool:
-        """Take ``size`` bytes to keep from the process's budget: False when it has no room for them, or the request
-        has ended. A negative ``size`` gives back bytes no longer kept."""
-        if size >= 0:
-            if self.limit < 0 or not BUDGET.take(size, self.limit):
-                return False
-            self.kept += size
-            return True
-        size = min(-size, self.kept)  # (never more than it took: what it gave back already is the budget's again)
-        if size:
-            self.kept -= size
-            BUDGET.give(size)
-        return True
-
-    def give_back(self) -> None:
-        """Give back everything this request took from the budget, and take no more: once its reading is over
-        (see :meth:`_Exchange.finish`), and in any case when the app returns, raises or is cancelled."""
-        kept, self.kept, self.limit = self.kept, 0, -1
-        if kept:
-            BUDGET.give(kept)
 
 
 #: Longest request id taken from the client's header (longer ones are cut).
@@ -269,6 +234,7 @@ class _Exchange:
         "failsafe",
         "held",
         "kept",
+        "kept_limit",
         "left_early",
         "left_unanswered",
         "max_body",
@@ -316,8 +282,12 @@ class _Exchange:
         #: What the kept pieces cost: their lengths and BODY_PIECE_OVERHEAD each, at most ``max_body``.
         self.body_size = 0
         self.body_ok = max_body > 0
-        #: What this request has taken from the process's BUDGET, given back when it ends.
-        self.kept = _Kept(kept_limit)
+        #: The bytes this request has taken from the process's BUDGET (its body's pieces, its JSON answer's copy),
+        #: all given back by :meth:`give_back` when it ends; counted here rather than by an object of their own,
+        #: which every request would pay for while only bodies past UNCOUNTED_BYTES take any.
+        self.kept = 0
+        #: The budget's limit; -1 once the request has ended: it takes no more.
+        self.kept_limit = kept_limit
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
         #: The request's Content-Length, when it declared one: an app may stop reading once it has that many bytes,
@@ -372,14 +342,14 @@ class _Exchange:
                     cost = len(chunk) + BODY_PIECE_OVERHEAD
                     size = self.body_size + cost
                     if size > self.max_body or (
-                        size > UNCOUNTED_BYTES and not self.kept.hold(size - max(self.body_size, UNCOUNTED_BYTES))
+                        size > UNCOUNTED_BYTES and not self.hold(size - max(self.body_size, UNCOUNTED_BYTES))
                     ):
                         # Too large to inspect, or no room in the process's budget for what it keeps past its first
                         # UNCOUNTED_BYTES: it still reaches the app untouched.
                         self.body_ok = False
                         self.body = []
                         if self.body_size > UNCOUNTED_BYTES:
-                            self.kept.hold(UNCOUNTED_BYTES - self.body_size)
+                            self.hold(UNCOUNTED_BYTES - self.body_size)
                     else:
                         self.body_size = size
                         # bytes are immutable: a reference is enough (a server reusing a buffer gets a copy).
@@ -394,6 +364,27 @@ class _Exchange:
             self.left_early = not self.complete
             self.left_unanswered = not self.started
         return message
+
+    def hold(self, size: int) -> bool:
+        """Take ``size`` bytes to keep from the process's budget: False when it has no room for them, or the request
+        has ended. A negative ``size`` gives back bytes no longer kept."""
+        if size >= 0:
+            if self.kept_limit < 0 or not BUDGET.take(size, self.kept_limit):
+                return False
+            self.kept += size
+            return True
+        size = min(-size, self.kept)  # (never more than it took: what it gave back already is the budget's again)
+        if size:
+            self.kept -= size
+            BUDGET.give(size)
+        return True
+
+    def give_back(self) -> None:
+        """Give back everything this request took from the budget, and take no more: once its reading is over
+        (see :meth:`finish`), and in any case when the app returns, raises or is cancelled."""
+        kept, self.kept, self.kept_limit = self.kept, 0, -1
+        if kept:
+            BUDGET.give(kept)
 
     def _read_request(self) -> None:
         parts, self.body, self.body_done = self.body, [], False
@@ -678,7 +669,9 @@ class _Exchange:
             # (An event stream labelled as one of these, which the SDKs read as a stream whatever the label, is
             # found by its first bytes: see ResponseReader.feed.)
             reader = self.api.response_reader(call, stream=False, capture=self.capture)
-            reader.hold = self.kept.hold  # (its copy of the body past UNCOUNTED_BYTES counts against the budget)
+            # (Its copy of the body past UNCOUNTED_BYTES counts against the budget. The reader holding a method of this
+            # exchange makes a reference cycle, broken when the request ends: see LLMTelemetryMiddleware._observe.)
+            reader.hold = self.hold
             limit = MAX_JSON_RESPONSE_BYTES + 1  # one byte more than the reader reads, so that it sees the excess
         else:
             return no_id
@@ -756,7 +749,11 @@ class _Exchange:
                     call.input_estimated = call.input_tokens is not None
                 except Exception as error:
                     self.failsafe("request_parse", error)
-            self.kept.give_back()  # the body's pieces and the answer's copy are let go of now
+            # The body's pieces and the answer's copy are let go of now, with the budget they took (most requests took
+            # none: their bodies are within UNCOUNTED_BYTES).
+            if self.kept:
+                self.give_back()
+            self.kept_limit = -1
         if whole and self.reader is not None and self.reader.cut_short():
             return False
         # Classified by origin: only the server says a client left (an ``http.disconnect`` message, a ``send``
@@ -1431,6 +1428,8 @@ class LLMTelemetryMiddleware:
             finally:
                 # Whatever happened above: a budget a request kept would be lost to every later one for good. (Given
                 # back already once the request was read, in finish(): then its limit is -1.)
-                kept = exchange.kept
-                if kept.limit >= 0:
-                    kept.give_back()
+                if exchange.kept_limit >= 0:
+                    exchange.give_back()
+                # The reader (a JSON answer's) may hold the exchange's ``hold``: without it, no cycle is left for the
+                # garbage collector, and the answer's copy goes now.
+                exchange.reader = None

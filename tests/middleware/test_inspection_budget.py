@@ -374,3 +374,35 @@ def test_a_body_read_in_part_is_let_go_of_once_the_answer_is_whole(http: str) ->
     assert held == [before]
     assert holders == [[]]
     assert BUDGET.held == before
+
+
+def test_a_json_answers_request_is_freed_without_the_garbage_collector() -> None:
+    """Each request's state (its body's pieces, its answer's copy) goes when the request ends, by reference counting
+    alone: the reader of a JSON answer counts its copy against the budget through the request's state, and a cycle
+    between the two left to the garbage collector would keep every answer's state alive until a collection (and
+    without one, for good). With the collector off, none of the requests' states is left once they are recorded."""
+    from llm_telemetry.middleware import _Exchange
+
+    calls = Calls()
+    app = LLMTelemetryMiddleware(_chat_app(Gate(1)), metrics_port=0, observers=[calls])
+
+    def alive() -> int:
+        return sum(type(thing) is _Exchange for thing in gc.get_objects())
+
+    async def ask(base: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
+            answers = [
+                await client.chat.completions.create(model="asked-model", messages=[{"role": "user", "content": p}])
+                for p in ("short", "y" * (UNCOUNTED_BYTES + 10_000))  # (the second's body is counted: see hold)
+            ]
+        return [answer.choices[0].message.content or "" for answer in answers]
+
+    with serve(app) as base:
+        gc.collect()
+        gc.disable()
+        try:
+            assert asyncio.run(ask(base)) == ["hello", "hello"]
+            wait_for("the calls recorded", lambda: len(calls.ended) == 2)
+            wait_for("no request state left with the garbage collector off", lambda: alive() == 0, seconds=5)
+        finally:
+            gc.enable()
