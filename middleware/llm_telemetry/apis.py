@@ -1100,6 +1100,8 @@ class OpenAIChatReader(ResponseReader):
         if type(choice) is not dict or choice.get("finish_reason") is not None:
             return False
         index = choice.get("index")
+        if index is None:
+            index = 0  # (the only choice, as the full read takes it: see _wrote)
         if not read and type(index) is int and 0 <= index < MAX_STREAM_CHOICES and index not in self._writing:
             return False  # (a choice's first output: reading it records how many choices have output)
         delta = choice.get("delta")
