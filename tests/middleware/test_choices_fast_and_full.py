@@ -129,3 +129,40 @@ def test_a_choice_without_an_index_that_writes_after_another_counts_as_a_choice_
     output, so the time per output token shares the tokens between them."""
     call = _read(_INDEXLESS_AFTER_ANOTHER, None)
     assert (call.stream_choices, call.output_choices) == (2, 2)
+
+
+def _legacy_chunk(index: Any, text: str, finish: str | None = None) -> bytes:
+    choice: dict[str, Any] = {"text": text, "logprobs": None, "finish_reason": finish}
+    if index is not _MISSING:
+        choice = {"index": index, **choice}
+    data = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+@st.composite
+def _legacy_streams(draw: st.DrawFn) -> list[bytes]:
+    count = draw(st.integers(1, 4))
+    indexes = [_index(draw(_INDEX), c) for c in range(count)]
+    order = draw(st.lists(st.integers(0, count - 1), max_size=16))
+    chunks = [_legacy_chunk(indexes[c], draw(st.sampled_from([" w", " x", ""]))) for c in order]
+    return [*chunks, *(_legacy_chunk(indexes[c], "", "stop") for c in range(count)), b"data: [DONE]\n\n"]
+
+
+@given(_legacy_streams())
+@example([_legacy_chunk(1, " a"), _legacy_chunk(_MISSING, " b"), _legacy_chunk(_MISSING, " c"), b"data: [DONE]\n\n"])
+@settings(max_examples=300, deadline=None)
+def test_a_legacy_completions_stream_of_several_choices_records_through_its_shortcuts_what_a_full_read_records(
+    chunks: list[bytes],
+) -> None:
+    """The same for a legacy completions stream (a batch of prompts, or n choices), whose choices carry a text."""
+
+    def read(capture: bool) -> tuple[Any, ...]:
+        spec = APIS["openai.completions"]
+        call = LLMCall(spec.operation, spec.provider, start=0.0)
+        reader = spec.reader(call, stream=True, capture=capture)
+        for i, chunk in enumerate(chunks):
+            reader.feed(chunk, now=1.0 + i)
+        reader.finish(now=1000.0)
+        return _recorded(call)
+
+    assert read(capture=False) == read(capture=True)
