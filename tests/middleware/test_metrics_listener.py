@@ -5,6 +5,7 @@ the app's requests never wait. A scrape that fails on the server's side is logge
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -586,3 +588,46 @@ def _scraped(port: int) -> str:
         return scrape_text(port)
     except OSError:
         return ""
+
+
+class _SlowLabel(Collector):
+    """A collector whose exposition is about ``size`` bytes, each collection taking ``seconds``."""
+
+    def __init__(self, size: int, seconds: float) -> None:
+        self.size, self.seconds = size, seconds
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        time.sleep(self.seconds)
+        family = GaugeMetricFamily("llm_test_large", "A large label value.", labels=["v"])
+        family.add_metric(["x" * self.size], 1.0)
+        yield family
+
+
+def test_scrapes_asking_for_many_format_versions_keep_two_renderings_at_most() -> None:
+    """Each OpenMetrics version a scraper asks for (its content type carries it) gets a rendering of its own; the
+    listener keeps the newest of two formats at most, so scrapers asking for a new version each time, while the
+    renderings are fresh, keep no more than two copies of the exposition in memory (with no bound, all those still
+    fresh: five of these 4 MB ones). Measured once the answers are let go of (the server's threads may hold the
+    last one a moment after the client has it)."""
+    size = 4_000_000
+    registry = CollectorRegistry()
+    registry.register(_SlowLabel(size, 0.3))  # (fresh for four times that after each)
+    accepts = [f"application/openmetrics-text; version=1.0.{n}" for n in range(8)]
+    with serving(registry) as port:
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)  # (the listener's first scrape, imports made)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for accept in accepts:
+                answer = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept}, timeout=30)
+                assert answer.headers["content-type"].startswith(accept) and len(answer.content) > size
+                del answer
+
+            def held() -> int:
+                gc.collect()
+                return tracemalloc.get_traced_memory()[0] - before
+
+            wait_for("the answers let go of", lambda: held() < 2.5 * size, seconds=10)
+            assert held() > 1.5 * size  # (the two kept)
+        finally:
+            tracemalloc.stop()
