@@ -628,6 +628,8 @@ def test_scrapes_asking_for_many_format_versions_keep_two_renderings_at_most() -
                 return tracemalloc.get_traced_memory()[0] - before
 
             wait_for("the answers let go of", lambda: held() < 2.5 * size, seconds=10)
-            assert held() > 1.5 * size  # (the two kept)
+            # (The newest is kept whatever the time; the one before it only while still fresh, which a slow machine
+            # may outlast between two scrapes.)
+            assert held() > 0.5 * size
         finally:
             tracemalloc.stop()
