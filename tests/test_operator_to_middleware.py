@@ -296,3 +296,73 @@ def test_an_apps_own_log_pipeline_takes_its_credential_nowhere_the_operator_poin
         assert not [h for h in collectors.headers if "authorization" in h], collectors.headers
         if own_endpoint is not None:  # the vendor still gets its key
             assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)
+
+
+@pytest.mark.parametrize(
+    ("signal", "logs"),
+    [("traces", {}), ("metrics", {}), ("logs", {}), ("logs", {"enabled": False})],
+    ids=["traces", "metrics", "logs to Loki", "logs off"],
+)
+def test_a_signals_own_headers_keep_it_on_the_apps_own_pipeline(signal: str, logs: dict[str, Any]) -> None:
+    """An app that sends a signal to a vendor with the vendor's key in that signal's own headers variable, set in
+    its ``env`` from a Secret, while the endpoint comes from ``envFrom`` (a ConfigMap the operator does not read):
+    the endpoint the operator would inject wins over the ConfigMap's (``env`` beats ``envFrom``), and would take the
+    signal, and the key with it, to the collector the resource names. The headers mark the signal as the app's own:
+    it keeps going to the vendor, with its key, and the collectors get nothing of it."""
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    key = "Bearer vendor-key-" + secrets.token_hex(4)
+    with otlp_receiver() as collectors, otlp_receiver() as vendor:
+        deployment = workload()
+        api = deployment["spec"]["template"]["spec"]["containers"][1]
+        api["envFrom"] = [{"configMapRef": {"name": "otel"}}]
+        headers = f"OTEL_EXPORTER_OTLP_{signal.upper()}_HEADERS"
+        api["env"].append({"name": headers, "valueFrom": {"secretKeyRef": {"name": "vendor", "key": "headers"}}})
+        spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"], "logs": logs})
+        patch = r.build_workload_patch(deployment, r.build_injection(spec, CONFIG, deployment, "chat"), "chat")
+        assert patch is not None
+        pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
+        env = container_env(
+            {c["name"]: c for c in pod_spec["containers"]}["api"],
+            POD,
+            configmaps={"otel": {"OTEL_EXPORTER_OTLP_ENDPOINT": vendor.http_endpoint}},
+            secrets={"vendor": {"headers": f"authorization={key}"}},
+        )
+        # The resource's collectors, where the operator's endpoints point: here the receiver.
+        local = {
+            CONFIG.traces_endpoint: collectors.http_endpoint,
+            CONFIG.logs_endpoint.rstrip("/") + "/v1/logs": collectors.http_endpoint + "/v1/logs",
+        }
+        env = {name: local.get(val, val) for name, val in env.items()}
+        with isolated_env(env):
+            if signal == "traces":
+                tracers = TracerProvider()
+                tracers.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+            elif signal == "metrics":
+                meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+            else:
+                loggers = LoggerProvider()
+                loggers.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter()))
+        if signal == "traces":
+            tracers.get_tracer("app").start_span("the app's own span").end()
+            tracers.shutdown()
+        elif signal == "metrics":
+            meters.get_meter("app").create_counter("app.requests").add(1)
+            meters.shutdown()
+        else:
+            logger = logging.getLogger(f"app-{secrets.token_hex(4)}")
+            logger.propagate = False
+            logger.addHandler(LoggingHandler(logger_provider=loggers))
+            logger.warning("the app's own log line")
+            loggers.shutdown()
+        assert not [h for h in collectors.headers if "authorization" in h], collectors.headers  # the key stays
+        assert not collectors.headers  # and nothing of the app's signal goes there: it goes to the vendor
+        assert [span.name for span in vendor.spans] == (["the app's own span"] if signal == "traces" else [])
+        assert vendor.metric_exports == (1 if signal == "metrics" else 0)
+        assert [record.body for record in vendor.logs] == (["the app's own log line"] if signal == "logs" else [])
+        assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)

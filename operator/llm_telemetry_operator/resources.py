@@ -545,6 +545,26 @@ _WITH_ENDPOINT: Final = {
 _WITH_GENERIC_ENDPOINT: Final = {
     "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
 }
+#: A signal's own headers a container sets (a vendor's key, from a Secret) without that signal's endpoint in its env
+#: are for an endpoint the operator cannot see (from ``envFrom``, or the SDK's default), which an endpoint injected
+#: for the signal, its own or the generic one it falls back to, would replace, taking the headers there: both count as
+#: the container's own. The operator cannot tell headers meant for its collector from a vendor's key.
+_OWN_HEADERS: Final = {
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+}
+
+
+def _unseen_endpoints(env: list[Any], set_here: set[Any]) -> set[str]:
+    """The endpoints that count as a container's own for its signals' own headers (:data:`_OWN_HEADERS`). A headers
+    variable of ``,`` (no headers, as the operator injects it) carries nothing."""
+    headers = {e.get("name") for e in env if not _blank(e) and e.get("value") != NO_HEADERS}
+    unseen: set[str] = set()
+    for name, endpoint in _OWN_HEADERS.items():
+        if name in headers and endpoint not in set_here:
+            unseen |= {endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    return unseen
 
 
 def _blank(entry: Any) -> bool:
@@ -680,8 +700,9 @@ def _apply(
         gone = {name for name in names if (container.get("name"), name) in leftovers}
         if gone:
             env[:] = [e for e in env if not (e.get("name") in gone and _blank(e))]
-        taken = {e.get("name") for e in env}
         set_here = {e.get("name") for e in env if not _blank(e)}
+        set_here |= _unseen_endpoints(env, set_here)
+        taken = {e.get("name") for e in env} | set_here
         for entry in injection.env:
             if entry["name"] in taken:  # the user's own variables win
                 continue

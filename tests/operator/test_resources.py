@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import yaml
@@ -998,6 +998,89 @@ def test_a_signals_headers_and_protocol_go_with_the_endpoint_injected_for_it(
     injected_logs = (env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS"), env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"))
     assert injected_traces == (traces or (None, None)) and injected_logs == (logs or (None, None))
     assert "OTEL_EXPORTER_OTLP_PROTOCOL" not in env
+
+
+SECRET_HEADERS: Final = {"valueFrom": {"secretKeyRef": {"name": "vendor", "key": "headers"}}}
+ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+
+
+@pytest.mark.parametrize(
+    ("own", "logs", "injected"),
+    [
+        # A signal's headers of its own, from a Secret, its endpoint from envFrom or the SDK's default: neither the
+        # generic endpoint nor the traces' protocol goes in (the logs' endpoint, another signal's, does), nor for the
+        # logs their own endpoint and the generic one their exporter falls back to.
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": SECRET_HEADERS}, {}, ENDPOINTS[1:]),
+        ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": {"value": "api-key=vendor"}}, {}, ENDPOINTS[1:]),
+        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {}, ()),
+        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {"mode": "stdout"}, ()),
+        # With the signal's endpoint in its env, the headers go there: the other endpoints are injected as before.
+        (
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": SECRET_HEADERS,
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": {"value": "https://vendor.example/v1/traces"},
+            },
+            {},
+            ENDPOINTS,
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS,
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": {"value": "https://vendor.example/v1/logs"},
+            },
+            {},
+            ENDPOINTS[:1],
+        ),
+        # Headers declared empty (a chart's ``value: ""``) or as no headers (``,``) carry nothing: as before.
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": {"value": ""}}, {}, ENDPOINTS),
+        ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": {"value": ","}}, {}, ENDPOINTS),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": SECRET_HEADERS}, {}, ENDPOINTS),  # the generic ones: each signal's ``,`` wins
+    ],
+    ids=[
+        "traces headers",
+        "metrics headers",
+        "logs headers",
+        "logs headers, logs to stdout",
+        "traces headers and endpoint",
+        "logs headers and endpoint",
+        "empty headers",
+        "no headers",
+        "generic headers",
+    ],
+)
+def test_a_signals_own_headers_keep_the_endpoints_it_would_follow_out(
+    own: dict[str, dict[str, Any]], logs: dict[str, Any], injected: tuple[str, ...]
+) -> None:
+    """A container that sets a signal's headers (a vendor's key) gets its endpoint from somewhere the operator does
+    not read (``envFrom``, or the SDK's default): an endpoint injected for that signal would win over it and take the
+    signal and the key to the collector this resource names. The container keeps that signal's pipeline, as one that
+    sets the endpoint in its env: the exporters stay on, and the sampler and the middleware's settings go in."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": logs})
+    workload = deployment(env=[{"name": name, **entry} for name, entry in own.items()])
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    expected = tuple(name for name in ENDPOINTS if name in injected or name in own)
+    assert tuple(name for name in ENDPOINTS if name in env) == expected
+    assert {name: env[name] for name in own} == {
+        name: entry.get("value", entry.get("valueFrom")) for name, entry in own.items()
+    }
+    if "OTEL_EXPORTER_OTLP_ENDPOINT" not in injected:  # nor what goes with it
+        assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in env
+        assert not {"OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"} - set(own) & set(env)
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["LLM_TELEMETRY_METRICS_EXPORTER"] == "prometheus"
+
+
+def test_a_signals_own_headers_keep_its_pipeline_on_when_the_resource_turns_its_exporter_off() -> None:
+    """Tracing off injects ``OTEL_TRACES_EXPORTER=none``, which would switch off the app's own traces, whose endpoint
+    the operator does not see: a container with the traces' headers of its own keeps them on."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "tracing": {"enabled": False}})
+    workload = deployment(env=[{"name": "OTEL_EXPORTER_OTLP_TRACES_HEADERS", **SECRET_HEADERS}])
+    patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
+    assert patch is not None
+    env = env_of(dict(merge_patch(workload, patch)))
+    assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
 
 
 def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
