@@ -254,6 +254,24 @@ def read_as_middleware(reader: Any, chunks: list[bytes], groups: list[int]) -> N
     reader.finish(now=1000.0)
 
 
+def read_stream(api: str, chunks: list[bytes], groups: list[int] | None, capture: bool = False) -> LLMCall:
+    """What the stream reader of ``api`` (a key of ``APIS``) records of ``chunks``: fed as the middleware feeds it
+    (kept in ``groups``, see :func:`read_as_middleware`), or with ``groups`` None one by one. ``capture`` turns
+    content capture on, which turns every shortcut off: a full read."""
+    from llm_telemetry.apis import APIS
+
+    spec = APIS[api]
+    call = LLMCall(spec.operation, spec.provider, start=0.0)
+    reader = spec.reader(call, stream=True, capture=capture)
+    if groups is not None:
+        read_as_middleware(reader, chunks, groups)
+    else:
+        for i, chunk in enumerate(chunks):
+            reader.feed(chunk, now=1.0 + i)
+        reader.finish(now=1000.0)
+    return call
+
+
 async def request_body(receive: Callable[[], Any]) -> bytes:
     """The whole body of an ASGI request, read from ``receive`` as an app reads it."""
     body = b""

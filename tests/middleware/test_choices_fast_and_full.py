@@ -12,9 +12,8 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from llm_telemetry.apis import APIS
 from llm_telemetry.record import LLMCall
-from support import read_as_middleware
+from support import read_stream
 
 _MISSING = object()
 
@@ -87,19 +86,6 @@ def _recorded(call: LLMCall) -> tuple[Any, ...]:
             call.time_per_output_token)  # fmt: skip
 
 
-def _read(chunks: list[bytes], groups: list[int] | None, capture: bool = False) -> LLMCall:
-    spec = APIS["openai.chat"]
-    call = LLMCall(spec.operation, spec.provider, start=0.0)
-    reader = spec.reader(call, stream=True, capture=capture)
-    if groups is not None:
-        read_as_middleware(reader, chunks, groups)
-    else:
-        for i, chunk in enumerate(chunks):
-            reader.feed(chunk, now=1.0 + i)
-        reader.finish(now=1000.0)
-    return call
-
-
 _INDEXLESS_AFTER_ANOTHER = [
     # Choice 1 writes first; then a choice without an index (the first, 0, as a full read takes it) writes its
     # first text, after the first token.
@@ -119,15 +105,15 @@ _INDEXLESS_AFTER_ANOTHER = [
 def test_a_stream_of_several_choices_records_through_its_shortcuts_what_a_full_read_records(
     chunks: list[bytes], groups: list[int]
 ) -> None:
-    reference = _recorded(_read(chunks, None, capture=True))
-    assert _recorded(_read(chunks, None)) == reference
-    assert _recorded(_read(chunks, groups)) == reference
+    reference = _recorded(read_stream("openai.chat", chunks, None, capture=True))
+    assert _recorded(read_stream("openai.chat", chunks, None)) == reference
+    assert _recorded(read_stream("openai.chat", chunks, groups)) == reference
 
 
 def test_a_choice_without_an_index_that_writes_after_another_counts_as_a_choice_with_output() -> None:
     """Choice 1 writes first; then deltas without an index, which a full read takes as choice 0's: two choices had
     output, so the time per output token shares the tokens between them."""
-    call = _read(_INDEXLESS_AFTER_ANOTHER, None)
+    call = read_stream("openai.chat", _INDEXLESS_AFTER_ANOTHER, None)
     assert (call.stream_choices, call.output_choices) == (2, 2)
 
 
@@ -156,13 +142,5 @@ def test_a_legacy_completions_stream_of_several_choices_records_through_its_shor
 ) -> None:
     """The same for a legacy completions stream (a batch of prompts, or n choices), whose choices carry a text."""
 
-    def read(capture: bool) -> tuple[Any, ...]:
-        spec = APIS["openai.completions"]
-        call = LLMCall(spec.operation, spec.provider, start=0.0)
-        reader = spec.reader(call, stream=True, capture=capture)
-        for i, chunk in enumerate(chunks):
-            reader.feed(chunk, now=1.0 + i)
-        reader.finish(now=1000.0)
-        return _recorded(call)
-
-    assert read(capture=False) == read(capture=True)
+    reference = _recorded(read_stream("openai.completions", chunks, None, capture=True))
+    assert _recorded(read_stream("openai.completions", chunks, None)) == reference

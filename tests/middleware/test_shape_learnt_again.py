@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from llm_telemetry.apis import APIS
 from llm_telemetry.record import LLMCall
-from support import read_as_middleware
+from support import read_as_middleware, read_stream
 
 
 def _event(data: dict[str, Any], name: str | None = None) -> bytes:
@@ -83,20 +83,6 @@ def _recorded(call: LLMCall) -> tuple[Any, ...]:
             call.response_model, call.reasoning_shown, call.stream_choices, call.output_choices)  # fmt: skip
 
 
-def _read(api: str, chunks: list[bytes], groups: list[int] | None, capture: bool = False) -> LLMCall:
-    """What the reader records: fed as the middleware feeds it (kept in ``groups``), or one by one."""
-    spec = APIS[api]
-    call = LLMCall(spec.operation, spec.provider, start=0.0)
-    reader = spec.reader(call, stream=True, capture=capture)
-    if groups is not None:
-        read_as_middleware(reader, chunks, groups)
-    else:
-        for i, chunk in enumerate(chunks):
-            reader.feed(chunk, now=1.0 + i)
-        reader.finish(now=1000.0)
-    return call
-
-
 def _held(api: str, chunks: list[bytes]) -> list[bool]:
     """Whether the reader holds the stream's chunks (recognises its text deltas from their bytes) after each."""
     spec = APIS[api]
@@ -128,10 +114,10 @@ def test_a_chat_stream_whose_clock_changes_records_what_a_full_parse_records(
     if every >= 5:
         first = 1 if server == "llama.cpp" else 0  # (llama.cpp's role delta comes first)
         assert all(_held("openai.chat", chunks)[first : first + len(texts)])
-    reference = _recorded(_read("openai.chat", chunks, None, capture=True))
+    reference = _recorded(read_stream("openai.chat", chunks, None, capture=True))
     assert reference[1:4] == (len(texts), "estimated", ["stop"])
-    assert _recorded(_read("openai.chat", chunks, groups)) == reference
-    assert _recorded(_read("openai.chat", chunks, None)) == reference
+    assert _recorded(read_stream("openai.chat", chunks, groups)) == reference
+    assert _recorded(read_stream("openai.chat", chunks, None)) == reference
 
 
 def test_a_chat_stream_whose_clock_changes_is_read_by_its_shape_again() -> None:
@@ -143,7 +129,7 @@ def test_a_chat_stream_whose_clock_changes_is_read_by_its_shape_again() -> None:
         chunks = _chat_stream(server, texts, 20)
         first = 1 if server == "llama.cpp" else 0  # (llama.cpp's role delta comes first)
         assert all(_held("openai.chat", chunks)[first : first + len(texts)]), server
-        assert _recorded(_read("openai.chat", chunks, [128]))[1] == len(texts)
+        assert _recorded(read_stream("openai.chat", chunks, [128]))[1] == len(texts)
         # Kept in groups, as the middleware keeps a stream's chunks while the reader holds them (the change of
         # second then often falls among the last chunks of a group, which are read one by one): the same.
         for size in (16, 50, 128):
@@ -168,10 +154,10 @@ def test_an_anthropic_stream_that_thinks_records_what_a_full_parse_records(
     chunks = _anthropic_stream(thinking, texts, pieces)
     held = _held("anthropic.messages", chunks)
     assert all(held[i] for i, chunk in enumerate(chunks) if b'"text_delta"' in chunk)
-    reference = _recorded(_read("anthropic.messages", chunks, None, capture=True))
+    reference = _recorded(read_stream("anthropic.messages", chunks, None, capture=True))
     assert reference[1:5] == (len(thinking) + len(texts) + len(pieces), "estimated", ["tool_use"], ["lookup"])
-    assert _recorded(_read("anthropic.messages", chunks, groups)) == reference
-    assert _recorded(_read("anthropic.messages", chunks, None)) == reference
+    assert _recorded(read_stream("anthropic.messages", chunks, groups)) == reference
+    assert _recorded(read_stream("anthropic.messages", chunks, None)) == reference
 
 
 def test_an_anthropic_answer_after_its_thinking_is_read_by_its_shape() -> None:
@@ -217,7 +203,7 @@ def test_a_reasoning_stream_is_read_by_its_shape_and_records_what_a_full_parse_r
     chunks = _reasoning_stream(key, thoughts, texts, spaced)
     held = _held("openai.chat", chunks)
     assert all(held[1 : 1 + len(thoughts) + len(texts)])
-    reference = _recorded(_read("openai.chat", chunks, None, capture=True))
+    reference = _recorded(read_stream("openai.chat", chunks, None, capture=True))
     assert reference[1:4] == (len(thoughts) + len(texts), "estimated", ["stop"]) and reference[6] is True
-    assert _recorded(_read("openai.chat", chunks, groups)) == reference
-    assert _recorded(_read("openai.chat", chunks, None)) == reference
+    assert _recorded(read_stream("openai.chat", chunks, groups)) == reference
+    assert _recorded(read_stream("openai.chat", chunks, None)) == reference
