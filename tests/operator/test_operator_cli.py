@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -265,38 +267,48 @@ def _ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback address")
-async def test_its_metrics_answer_on_ipv6_and_ipv4_and_its_health_where_the_chart_says(emulator: Any) -> None:
-    """The kubelet probes, and Prometheus scrapes, the pod's own address, IPv6 in an IPv6 cluster: the metrics port
-    answers on both families, and the liveness endpoint the chart renders for ``healthAddress: "::"`` answers on
-    IPv6 (kopf's, as ``llm-telemetry-operator`` starts it)."""
+@contextlib.asynccontextmanager
+async def _serving_one_resource(emulator: Any, config: OperatorConfig) -> AsyncIterator[None]:
+    """kopf running the operator's handlers with ``config``'s options and liveness endpoint, as
+    ``llm-telemetry-operator`` starts it, against the emulator holding one Deployment and one LLMTelemetry selecting
+    it: entered once the resource is injected, stopped on leaving."""
     import asyncio
 
-    import httpx
     import kopf
 
     from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
     from llm_telemetry_operator.__main__ import kopf_options
-    from support import free_port
 
-    metrics_port, health_port = free_port(), free_port()
-    config = OperatorConfig(
-        standalone=True, metrics_port=metrics_port, health=f"http://[::]:{health_port}/healthz", peering=PEERING
-    )
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     stop = asyncio.Event()
     task = asyncio.create_task(kopf.operator(stop_flag=stop, liveness_endpoint=config.health, **kopf_options(config)))
     try:
         await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
-        async with httpx.AsyncClient(timeout=5) as client:
-            for host in ("127.0.0.1", "[::1]"):
-                scraped = await client.get(f"http://{host}:{metrics_port}/metrics")
-                assert "llm_telemetry_operator_reconciles_total" in scraped.text, host
-            assert (await client.get(f"http://[::1]:{health_port}/healthz")).status_code == 200
+        yield
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback address")
+async def test_its_metrics_answer_on_ipv6_and_ipv4_and_its_health_where_the_chart_says(emulator: Any) -> None:
+    """The kubelet probes, and Prometheus scrapes, the pod's own address, IPv6 in an IPv6 cluster: the metrics port
+    answers on both families, and the liveness endpoint the chart renders for ``healthAddress: "::"`` answers on
+    IPv6 (kopf's, as ``llm-telemetry-operator`` starts it)."""
+    import httpx
+
+    from support import free_port
+
+    metrics_port, health_port = free_port(), free_port()
+    config = OperatorConfig(
+        standalone=True, metrics_port=metrics_port, health=f"http://[::]:{health_port}/healthz", peering=PEERING
+    )
+    async with _serving_one_resource(emulator, config), httpx.AsyncClient(timeout=5) as client:
+        for host in ("127.0.0.1", "[::1]"):
+            scraped = await client.get(f"http://{host}:{metrics_port}/metrics")
+            assert "llm_telemetry_operator_reconciles_total" in scraped.text, host
+        assert (await client.get(f"http://[::1]:{health_port}/healthz")).status_code == 200
 
 
 async def test_the_kubelets_probes_of_the_liveness_endpoint_are_not_logged(
@@ -305,13 +317,8 @@ async def test_the_kubelets_probes_of_the_liveness_endpoint_are_not_logged(
     """kopf's liveness endpoint is an aiohttp server whose access log wrote a line at INFO for every probe: with the
     chart's probes (liveness every 20 s, readiness every 10 s) some 13,000 lines a day that say nothing, and as many
     again through an API-server outage, when the log is read. The endpoint answers as before."""
-    import asyncio
-
     import httpx
-    import kopf
 
-    from llm_telemetry_operator import handlers  # noqa: F401  (registers the handlers)
-    from llm_telemetry_operator.__main__ import kopf_options
     from support import free_port
 
     access = logging.getLogger("aiohttp.access")
@@ -322,18 +329,11 @@ async def test_the_kubelets_probes_of_the_liveness_endpoint_are_not_logged(
     config = OperatorConfig(
         standalone=True, metrics_port=0, health=f"http://127.0.0.1:{health_port}/healthz", peering=PEERING
     )
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
-    stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(stop_flag=stop, liveness_endpoint=config.health, **kopf_options(config)))
     try:
-        await eventually(lambda: condition(get(emulator, LLMT, "chat"), "Injected").get("status") == "True", "injected")
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with _serving_one_resource(emulator, config), httpx.AsyncClient(timeout=5) as client:
             for _ in range(3):
                 assert (await client.get(f"http://127.0.0.1:{health_port}/healthz")).status_code == 200
     finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
         access.setLevel(level)
     # (The emulator is an aiohttp server too, logging to the same logger: only the probes' lines are looked at.)
     assert [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/healthz" in r.getMessage()] == []
