@@ -387,7 +387,9 @@ def test_a_json_answers_request_is_freed_without_the_garbage_collector() -> None
     app = LLMTelemetryMiddleware(_chat_app(Gate(1)), metrics_port=0, observers=[calls])
 
     def alive() -> int:
-        return sum(type(thing) is _Exchange for thing in gc.get_objects())
+        """The states of this test's requests still alive (other tests' in this process are not looked at)."""
+        ours = {id(call) for call in calls.ended}
+        return sum(type(thing) is _Exchange and id(thing.call) in ours for thing in gc.get_objects())
 
     async def ask(base: str) -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
