@@ -400,11 +400,45 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def let_go(api: Any, namespace: str | None = None) -> list[str]:
+    """Take the operator's finalizer off every LLMTelemetry left in ``namespace`` (all namespaces with None), as
+    docs/install.md tells a user whose operator is gone; returns them as ``namespace/name``. A test that stops its
+    operator before deleting its resources leaves them held: their namespace stays Terminating, and the CRD, once
+    deleted by a later test, waits on them for good. No CRD (a test removed it): nothing is left."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from llm_telemetry_operator import constants as c
+
+    custom = client.CustomObjectsApi(api)
+    try:
+        if namespace is None:
+            items = custom.list_cluster_custom_object(c.GROUP, c.VERSION, c.PLURAL)["items"]
+        else:
+            items = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL)["items"]
+    except ApiException as exc:
+        if exc.status == 404:
+            return []
+        raise
+    held = []
+    for item in items:
+        meta = item["metadata"]
+        if meta.get("finalizers"):
+            with contextlib.suppress(ApiException):  # gone meanwhile
+                custom.patch_namespaced_custom_object(
+                    c.GROUP, c.VERSION, meta["namespace"], c.PLURAL, meta["name"], {"metadata": {"finalizers": None}}
+                )
+            held.append(f"{meta['namespace']}/{meta['name']}")
+    return held
+
+
 def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
-    """Remove the namespaces and the release's cluster-wide RBAC; CRDs stay (other releases may use them)."""
+    """Remove the namespaces and the release's cluster-wide RBAC; CRDs stay (other releases may use them). An
+    LLMTelemetry still in one of them once its test has stopped the operator is let go first (:func:`let_go`)."""
     from kubernetes import client
 
     for namespace in namespaces:
+        let_go(api, namespace)
         client.CoreV1Api(api).delete_namespace(namespace)
     rbac = client.RbacAuthorizationV1Api(api)
     for doc in docs:

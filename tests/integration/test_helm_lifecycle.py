@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from clusterkit import CHART, REPO_ROOT, section, sh_blocks, tool_binary, wait_for
+from clusterkit import CHART, REPO_ROOT, let_go, section, sh_blocks, tool_binary, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -104,6 +104,8 @@ def fresh(api: Any, kubeconfig: pathlib.Path) -> Iterator[None]:
                 lambda name: custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name),
                 "llm-telemetry-operator",
             )
+        # Resources another test left held by the finalizer of an operator it stopped would keep the CRD for good.
+        let_go(api)
         _delete_and_wait(extensions.delete_custom_resource_definition, extensions.read_custom_resource_definition, CRD)
 
     clean()

@@ -51,6 +51,13 @@ def test_a_spec_naming_many_long_containers_still_gets_its_status(
         assert len(injected["message"]) == r.MAX_CONDITION_MESSAGE_CHARS and injected["message"].endswith("…")
         assert "request is too large" not in log.read_text(errors="replace")
         assert process.poll() is None
+        # Deleted while the operator runs, such a resource goes: its finalizer comes off like any other's.
+        custom.delete_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL, name)
+        wait_for(
+            lambda: not custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL)["items"],
+            "the resource deleted (its finalizer taken off)",
+            timeout=90,
+        )
     finally:
         if process is not None:
             stop(process)
