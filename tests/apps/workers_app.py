@@ -3,11 +3,14 @@
 ``uvicorn workers_app:app --app-dir tests/apps --workers N`` or
 ``gunicorn -w N -k uvicorn.workers.UvicornWorker --chdir tests/apps workers_app:app``. The middleware reads its
 settings from ``LLM_TELEMETRY_*``; every response carries ``x-worker-pid`` so a test knows which worker answered.
+A request with ``x-hold-worker: <seconds>`` first blocks its worker that long (outside the middleware, which sees
+nothing of it): the kernel then gives new connections to the other workers.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from llm_telemetry.demo.app import create_app
@@ -24,6 +27,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     # Read per request: gunicorn forks its workers after importing this module.
     pid = str(os.getpid()).encode()
+    for name, value in scope["headers"]:
+        if name == b"x-hold-worker":
+            time.sleep(float(value))  # noqa: ASYNC251 - blocks the worker's event loop: it accepts no connection meanwhile
 
     async def send_with_pid(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":

@@ -817,15 +817,37 @@ def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path, shared: b
 # --- hostile traffic across workers -----------------------------------------------------------------------------
 
 
-def _chat_models(base: str, models: list[str]) -> set[int]:
-    """One plain chat call per model (new connection each); the pids of the workers that answered."""
+def _chat_models(base: str, models: list[str], hold: float = 0) -> set[int]:
+    """One plain chat call per model (new connection each); the pids of the workers that answered. ``hold``: each
+    call first blocks its worker that long (tests/apps/workers_app.py)."""
     client = _client(base)
     pids = set()
+    headers = {"x-hold-worker": str(hold)} if hold else None
     for model in models:
-        raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, extra_headers=headers)
         pids.add(int(raw.headers["x-worker-pid"]))
     client.close()
     return pids
+
+
+def _chat_on_both_workers(base: str, models: Iterator[str]) -> tuple[set[int], int]:
+    """Chat calls, two at a time, until both workers of a two-worker server have answered one; returns their pids
+    and the number of calls. Sequential calls may all go to one worker (the kernel hands a new connection to
+    whichever worker accepts first; on a loaded machine, 40 in a row did): the first call of each pair holds its
+    worker, so the second goes to the other."""
+    pids: set[int] = set()
+    calls = 0
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(10):
+            held = pool.submit(_chat_models, base, [next(models)], 1.0)
+            time.sleep(0.2)  # the held call reaches its worker first
+            pids |= _chat_models(base, [next(models)])
+            pids |= held.result()
+            calls += 2
+            if len(pids) == 2:
+                break
+    assert len(pids) == 2, f"all traffic went to one worker ({pids})"
+    return pids, calls
 
 
 @pytest.mark.slow
@@ -840,15 +862,11 @@ def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) 
     with running(server):
         first_workers = process_children(server.pid)
         admitted = ["m-a", "m-b", "m-c"]
-        pids = _chat_models(server.base, admitted)
+        _chat_models(server.base, admitted)
         sent = 3
-        # Past the cap, on every worker (the kernel spreads new connections; retry until both have answered).
-        for i in range(40):
-            pids |= _chat_models(server.base, [f"late-{i}"])
-            sent += 1
-            if len(pids) == 2 and i >= 3:
-                break
-        assert len(pids) == 2, "all traffic went to one worker; the shared bound is not exercised"
+        # Past the cap, on every worker.
+        _, calls = _chat_on_both_workers(server.base, (f"late-{i}" for i in itertools.count()))
+        sent += calls
 
         def totals() -> bool:
             metrics = server.scrape()
@@ -865,12 +883,8 @@ def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) 
             "a replacement worker",
             lambda: (process_children(server.pid) - first_workers) if len(process_children(server.pid)) == 2 else 0,
         )
-        served: set[int] = set()
-        for i in range(60):
-            served |= _chat_models(server.base, [f"after-restart-{i}"])
-            sent += 1
-            if served & replacement:
-                break
+        served, calls = _chat_on_both_workers(server.base, (f"after-restart-{i}" for i in itertools.count()))
+        sent += calls
         assert served & replacement, "the replacement worker answered nothing"
         wait_for("the totals after the restart", totals)
         metrics = server.scrape()
@@ -1008,14 +1022,9 @@ def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path,
         env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(tmp_path / "not-a-dir")
     server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
     with running(server):
-        pids = set()
-        for _ in range(40):
-            pids |= _chat_models(server.base, ["demo-priced"])
-            with urllib.request.urlopen(f"{server.base}/healthz", timeout=10) as health:
-                assert health.status == 200
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2, "all traffic went to one worker"
+        _chat_on_both_workers(server.base, itertools.repeat("demo-priced"))
+        with urllib.request.urlopen(f"{server.base}/healthz", timeout=10) as health:
+            assert health.status == 200
         # The serving worker's own share (a call is recorded just after its response went out).
         metrics = wait_for("a recorded request", lambda: (m := server.scrape()).value("llm_requests_total") and m)
         assert metrics.value("llm_telemetry_internal_errors_total", llm_telemetry_component="multiproc_setup") == 1
@@ -1314,14 +1323,8 @@ def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, smal
     env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(small_tmpfs / "state")
     server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
     with running(server):
-        pids: set[int] = set()
-        counted = 0  # answered, so counted (an existing series needs no new page of the files)
-        for _ in range(40):
-            pids |= _chat_models(server.base, ["demo-priced"])
-            counted += 1
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2, "all traffic went to one worker"
+        # Answered, so counted (an existing series needs no new page of the files).
+        pids, counted = _chat_on_both_workers(server.base, itertools.repeat("demo-priced"))
         subprocess.run(["dd", "if=/dev/zero", f"of={small_tmpfs / 'fill'}", "bs=64k"], capture_output=True)
         answered: set[int] = set()
         for i in range(300):  # each a new series, past what the files' reserved pages hold
