@@ -29,7 +29,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist (-p no:xdist) runs on
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Under ``--dist loadgroup``, xdist's own scheduler with the real-cluster tests in one group, found by their path.
+    """Under ``--dist loadgroup``, xdist's own scheduler with the real-cluster tests in one group, found by their path,
+    and every other module's tests in one worker each, so that a module's fixtures (a server, a Prometheus, a
+    benchmark's run) are set up once, not once in each worker that gets some of its tests (the benchmarks' smoke
+    run took a minute, three times over).
 
     xdist groups by a suffix its worker adds to the test ids of marked tests, and neither way of getting it there
     holds: its hook reads the marks before this conftest's adds them (a plugin registered later is called first),
@@ -44,11 +47,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     except ValueError:
         return None
 
-    class RealClusterTogether(LoadGroupScheduling):  # type: ignore[misc]
+    class ByModule(LoadGroupScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return _GROUP if nodeid.startswith(prefix) else str(super()._split_scope(nodeid))
+            return _GROUP if nodeid.startswith(prefix) else nodeid.split("::", 1)[0]
 
-    return RealClusterTogether(config, log)
+    return ByModule(config, log)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -59,6 +59,47 @@ def test_the_real_cluster_tests_run_in_one_worker_under_loadgroup(tmp_path: path
     assert workers["other"], run.stdout
 
 
+_MODULE_FIXTURE = """\
+import os
+import pathlib
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def costly():
+    with open(pathlib.Path(__file__).with_name("setups.log"), "a") as log:
+        log.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_costly(costly, i):
+    pass
+"""
+
+
+def test_a_modules_tests_run_in_one_worker_and_its_fixture_is_set_up_once(tmp_path: pathlib.Path) -> None:
+    """A module-scoped fixture is set up in every worker that gets some of its module's tests: the benchmarks' smoke
+    run (a minute) ran three times in CI. Each module's tests go to one worker."""
+    _project(
+        tmp_path,
+        {
+            "test_costly.py": _MODULE_FIXTURE,
+            "test_other.py": _MANY.format(name="other"),
+            "test_more.py": _MANY.format(name="more"),
+        },
+    )
+    run = _run(tmp_path, "-n", "3", "--dist", "loadgroup")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len((tmp_path / "setups.log").read_text().split()) == 1, run.stdout
+    workers: dict[str, set[str]] = {}
+    for worker, module in re.findall(r"^\[(gw\d+)\] .*?PASSED (test_\w+\.py)::", run.stdout, re.MULTILINE):
+        workers.setdefault(module, set()).add(worker)
+    assert sorted(workers) == ["test_costly.py", "test_more.py", "test_other.py"], run.stdout
+    assert all(len(used) == 1 for used in workers.values()), workers
+    assert len(set().union(*workers.values())) > 1, workers  # the modules still spread over the workers
+
+
 _SURROGATES = """\
 import pytest
 
