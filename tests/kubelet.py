@@ -31,7 +31,8 @@ def container_env(
     """The environment the kubelet gives the container, in its order. ``pod`` maps the field paths of the pod
     (``metadata.name``, ...) to their values; ``configmaps`` and ``secrets`` map a name to its data, for the
     container's ``envFrom`` (set first: a variable of ``env`` wins over one of the same name there) and its
-    ``configMapKeyRef`` and ``secretKeyRef`` values. A reference to anything not given fails here."""
+    ``configMapKeyRef`` and ``secretKeyRef`` values. A reference to anything not given fails here, but for one marked
+    ``optional``, which leaves the variable unset, as the kubelet does."""
     sources = {"configMapRef": configmaps or {}, "secretRef": secrets or {}}
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
@@ -44,7 +45,11 @@ def container_env(
                 env[entry["name"]] = pod[ref["fieldRef"]["fieldPath"]]
             else:
                 kind, data = ("configMapKeyRef", configmaps) if "configMapKeyRef" in ref else ("secretKeyRef", secrets)
-                env[entry["name"]] = (data or {})[ref[kind]["name"]][ref[kind]["key"]]
+                selector = ref[kind]
+                held = (data or {}).get(selector["name"])
+                if selector.get("optional") and (held is None or selector["key"] not in held):
+                    continue  # (the kubelet leaves the variable unset)
+                env[entry["name"]] = (data or {})[selector["name"]][selector["key"]]
         else:  # (no value: the variable is set, to "")
             env[entry["name"]] = expand(entry.get("value", ""), env)
     return env

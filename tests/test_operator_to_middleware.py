@@ -96,7 +96,10 @@ class Deployed:
         self.local_env["LLM_TELEMETRY_PRICING"] = str(root / self.env["LLM_TELEMETRY_PRICING"].lstrip("/"))
         self.local_env["LLM_TELEMETRY_METRICS_PORT"] = str(self.metrics_port)
         self.local_env["LLM_TELEMETRY_METRICS_HOST"] = "127.0.0.1"
-        self.local_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.grpc_endpoint
+        assert (
+            self.env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger.observability.svc:4317"
+        )  # (gRPC: no path)
+        self.local_env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = receiver.grpc_endpoint
         self.local_env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = receiver.http_endpoint + "/v1/logs"
         self.local_env["OTEL_BSP_SCHEDULE_DELAY"] = "20"
         self.local_env["OTEL_BLRP_SCHEDULE_DELAY"] = "20"
@@ -206,61 +209,67 @@ def test_kubelet_expansion_as_documented() -> None:
     assert expand("a=$(A),b=$(B),$$(A)", {"A": "1"}) == "a=1,b=$(B),$(A)"
 
 
-@pytest.mark.parametrize("own_endpoint", [False, True], ids=["app headers only", "app endpoint and headers"])
-def test_the_apps_own_otlp_credential_is_not_sent_where_the_operator_points(own_endpoint: bool) -> None:
+@pytest.mark.parametrize("own_endpoint", [None, "envFrom", "env"], ids=["headers", "envFrom endpoint", "env endpoint"])
+def test_the_apps_own_otlp_credential_is_not_sent_where_the_operator_points(own_endpoint: str | None) -> None:
     """An app that sends its own telemetry to a vendor sets OTEL_EXPORTER_OTLP_HEADERS (the vendor's key), which the
-    SDK sends to every signal without headers of its own: the collectors the operator injects must not get it."""
+    SDK sends to every signal without headers of its own: the collectors the operator injects must not get it. The
+    vendor's endpoint, the generic one, comes from a ConfigMap through ``envFrom`` or is in the container's ``env``:
+    the app's own metrics keep going there with the key (nothing generic is injected, which an ``env`` of the
+    operator's would make win over ``envFrom``), and so do its traces when the endpoint is in ``env``, where the
+    operator sees it."""
     key = "Bearer vendor-key-" + secrets.token_hex(4)
     with otlp_receiver() as collectors, otlp_receiver() as vendor:
-        own = [{"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"}]
-        if own_endpoint:  # its traces go to the vendor (kept: the app's own variables win), its logs to Loki
-            own[:0] = [
-                {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": vendor.http_endpoint},
-                {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": "http/protobuf"},
-            ]
         deployment = workload()
-        deployment["spec"]["template"]["spec"]["containers"][1]["env"] += own
+        api = deployment["spec"]["template"]["spec"]["containers"][1]
+        api["env"].append({"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"})
+        if own_endpoint == "env":
+            api["env"].append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": vendor.http_endpoint})
+        elif own_endpoint == "envFrom":
+            api["envFrom"] = [{"configMapRef": {"name": "otel"}}]
         spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"]})
         injection = r.build_injection(spec, CONFIG, deployment, "chat")
         patch = r.build_workload_patch(deployment, injection, "chat")
         assert patch is not None
         pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
-        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD)
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": vendor.http_endpoint}
+        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD, configmaps={"otel": otel})
         # The cluster's collectors, here the receiver: where the operator's endpoints point.
-        if not own_endpoint:
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == CONFIG.traces_endpoint
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collectors.http_endpoint
+        if own_endpoint != "env":
+            assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == CONFIG.traces_endpoint + "/v1/traces"
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = collectors.http_endpoint + "/v1/traces"
         env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] = collectors.http_endpoint + "/v1/logs"
         env.update(OTEL_BSP_SCHEDULE_DELAY="20", OTEL_BLRP_SCHEDULE_DELAY="20", LLM_TELEMETRY_METRICS_PORT="0")
         with demo_server(env) as (_, base):
             openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test").chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
             )
-            traces = vendor if own_endpoint else collectors
+            traces = vendor if own_endpoint == "env" else collectors
             assert traces.wait_for(lambda got: bool(got.spans)) and collectors.wait_for(lambda got: bool(got.logs))
-        # The app's own OpenTelemetry SDK exporting metrics over OTLP (opentelemetry-instrument's default) follows
-        # the generic endpoint too: to the traces collector, unless the app names one of its own.
-        with isolated_env(env):
-            meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
-        meters.get_meter("app").create_counter("app.requests").add(1)
-        meters.shutdown()
-        assert (vendor if own_endpoint else collectors).metric_exports == 1
+        if own_endpoint is not None:
+            # The app's own OpenTelemetry SDK exporting metrics over OTLP (opentelemetry-instrument's default)
+            # follows its generic endpoint, wherever that is set.
+            with isolated_env(env):
+                meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+            meters.get_meter("app").create_counter("app.requests").add(1)
+            meters.shutdown()
+            assert (vendor.metric_exports, collectors.metric_exports) == (1, 0)
+            assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)  # with its key
         assert collectors.headers and not [h for h in collectors.headers if "authorization" in h]
-        if own_endpoint:  # and the vendor still gets its key
-            assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)
 
 
 @pytest.mark.parametrize("logs", [{"enabled": False}, {"mode": "stdout"}], ids=["logs off", "logs to stdout"])
-@pytest.mark.parametrize("own_endpoint", [None, "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"])
+@pytest.mark.parametrize(
+    "own_endpoint",
+    ["OTEL_EXPORTER_OTLP_ENDPOINT from envFrom", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"],
+)
 def test_an_apps_own_log_pipeline_takes_its_credential_nowhere_the_operator_points(
-    logs: dict[str, Any], own_endpoint: str | None
+    logs: dict[str, Any], own_endpoint: str
 ) -> None:
-    """A resource that ships no logs itself (``spec.logs`` off, or to stdout) still points the generic
-    OTEL_EXPORTER_OTLP_ENDPOINT at its traces collector. An app that ships its own logs over OTLP (its log pipeline
-    set up in its code, as Python apps do) follows that endpoint, with OTEL_EXPORTER_OTLP_HEADERS (a vendor's key,
-    which whoever writes the resource may not be allowed to read) unless the logs have headers of their own: the
-    collector the resource names must not get the key. An app whose logs go to an endpoint of its own keeps sending
-    them there with its key."""
+    """A resource that ships no logs itself (``spec.logs`` off, or to stdout) routes only its traces, with their own
+    variables. An app that ships its own logs over OTLP (its log pipeline set up in its code, as Python apps do) with
+    OTEL_EXPORTER_OTLP_HEADERS (a vendor's key, which whoever writes the resource may not be allowed to read) keeps
+    sending them to its own endpoint with its key, also one it gets through ``envFrom``, which an injected generic
+    endpoint would beat: the collectors the resource names get nothing of them."""
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
     from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
@@ -268,20 +277,27 @@ def test_an_apps_own_log_pipeline_takes_its_credential_nowhere_the_operator_poin
     key = "Bearer vendor-key-" + secrets.token_hex(4)
     with otlp_receiver() as collectors, otlp_receiver() as vendor:
         own = [{"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"}]
-        if own_endpoint is not None:
+        deployment = workload()
+        api = deployment["spec"]["template"]["spec"]["containers"][1]
+        if own_endpoint.endswith("envFrom"):
+            api["envFrom"] = [{"configMapRef": {"name": "otel"}}]
+        else:
             path = "/v1/logs" if own_endpoint == "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" else ""
             own.append({"name": own_endpoint, "value": vendor.http_endpoint + path})
-        deployment = workload()
-        deployment["spec"]["template"]["spec"]["containers"][1]["env"] += own
+        api["env"] += own
         spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"], "logs": logs})
         patch = r.build_workload_patch(deployment, r.build_injection(spec, CONFIG, deployment, "chat"), "chat")
         assert patch is not None
         pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
-        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD)
-        if own_endpoint != "OTEL_EXPORTER_OTLP_ENDPOINT":
-            # The resource's traces collector, here the receiver.
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == CONFIG.traces_endpoint
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collectors.http_endpoint
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": vendor.http_endpoint}
+        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD, configmaps={"otel": otel})
+        # The resource's traces collector, here the receiver.
+        traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        assert traces == (
+            None if own_endpoint == "OTEL_EXPORTER_OTLP_ENDPOINT" else CONFIG.traces_endpoint + "/v1/traces"
+        )
+        if traces:
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = collectors.http_endpoint + "/v1/traces"
         with isolated_env(env):
             provider = LoggerProvider()
             provider.add_log_record_processor(SimpleLogRecordProcessor(OTLPLogExporter()))
@@ -290,12 +306,9 @@ def test_an_apps_own_log_pipeline_takes_its_credential_nowhere_the_operator_poin
         logger.addHandler(LoggingHandler(logger_provider=provider))
         logger.warning("the app's own log line")
         provider.shutdown()
-        shipped_to = collectors if own_endpoint is None else vendor
-        assert [record.body for record in shipped_to.logs] == ["the app's own log line"]
-        assert collectors.headers if own_endpoint is None else not collectors.headers
-        assert not [h for h in collectors.headers if "authorization" in h], collectors.headers
-        if own_endpoint is not None:  # the vendor still gets its key
-            assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)
+        assert [record.body for record in vendor.logs] == ["the app's own log line"]
+        assert not collectors.headers, collectors.headers
+        assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)  # with its key
 
 
 @pytest.mark.parametrize(
@@ -335,7 +348,7 @@ def test_a_signals_own_headers_keep_it_on_the_apps_own_pipeline(signal: str, log
         )
         # The resource's collectors, where the operator's endpoints point: here the receiver.
         local = {
-            CONFIG.traces_endpoint: collectors.http_endpoint,
+            CONFIG.traces_endpoint + "/v1/traces": collectors.http_endpoint + "/v1/traces",
             CONFIG.logs_endpoint.rstrip("/") + "/v1/logs": collectors.http_endpoint + "/v1/logs",
         }
         env = {name: local.get(val, val) for name, val in env.items()}
@@ -365,4 +378,62 @@ def test_a_signals_own_headers_keep_it_on_the_apps_own_pipeline(signal: str, log
         assert [span.name for span in vendor.spans] == (["the app's own span"] if signal == "traces" else [])
         assert vendor.metric_exports == (1 if signal == "metrics" else 0)
         assert [record.body for record in vendor.logs] == (["the app's own log line"] if signal == "logs" else [])
+        assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)
+
+
+def test_an_own_endpoint_empty_in_the_pod_takes_the_apps_credential_nowhere_the_operator_points() -> None:
+    """An app whose OTLP settings come from ConfigMaps: the vendor's endpoint through ``envFrom``, a per-signal
+    override of it from a key that is empty in this cluster (``configMapKeyRef``), or missing (``optional``), and the
+    vendor's key in OTEL_EXPORTER_OTLP_HEADERS. The operator sees a ``valueFrom`` and leaves the signal to the app; the
+    SDK reads the empty variable as unset and falls back to the generic endpoint. Were one injected, it would win over
+    ``envFrom``, and the spans and the app's own metrics would go to the resource's collector with the vendor's key:
+    none is, so they go to the vendor with it, and the middleware's request logs, which the resource routes, go to
+    Loki without it."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    key = "Bearer vendor-key-" + secrets.token_hex(4)
+    with otlp_receiver() as collectors, otlp_receiver() as vendor:
+        deployment = workload()
+        api = deployment["spec"]["template"]["spec"]["containers"][1]
+        api["envFrom"] = [{"configMapRef": {"name": "otel"}}]
+        for signal, optional in (("TRACES", False), ("METRICS", True)):
+            selector = {"name": "otel-overrides", "key": signal.lower(), "optional": optional}
+            api["env"].append(
+                {"name": f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "valueFrom": {"configMapKeyRef": selector}}
+            )
+        api["env"].append({"name": "OTEL_EXPORTER_OTLP_HEADERS", "value": f"authorization={key}"})
+        spec = parse_spec({"selector": {"matchLabels": {"tier": "api"}}, "containers": ["api"]})
+        patch = r.build_workload_patch(deployment, r.build_injection(spec, CONFIG, deployment, "chat"), "chat")
+        assert patch is not None
+        pod_spec = merge_patch(deployment, patch)["spec"]["template"]["spec"]
+        configmaps = {"otel": {"OTEL_EXPORTER_OTLP_ENDPOINT": vendor.http_endpoint}, "otel-overrides": {"traces": ""}}
+        env = container_env({c["name"]: c for c in pod_spec["containers"]}["api"], POD, configmaps=configmaps)
+        assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "" and "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" not in env
+        # The resource's collectors, where any endpoint the operator injects points: here the receiver.
+        local = {
+            CONFIG.traces_endpoint: collectors.http_endpoint,
+            CONFIG.traces_endpoint + "/v1/traces": collectors.http_endpoint + "/v1/traces",
+            CONFIG.logs_endpoint.rstrip("/") + "/v1/logs": collectors.http_endpoint + "/v1/logs",
+        }
+        env = {name: local.get(val, val) for name, val in env.items()}
+        env.update(OTEL_BSP_SCHEDULE_DELAY="20", OTEL_BLRP_SCHEDULE_DELAY="20", LLM_TELEMETRY_METRICS_PORT="0")
+        with demo_server(env) as (_, base):  # the middleware: its spans and request logs
+            openai.OpenAI(base_url=f"{base}/v1", api_key="sk-test").chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert collectors.wait_for(lambda got: bool(got.logs))
+            assert vendor.wait_for(lambda got: bool(got.spans)) or collectors.spans
+        with isolated_env(env):  # the app's own SDK: its spans and metrics
+            tracers = TracerProvider()
+            tracers.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter()))
+            meters = MeterProvider(metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())])
+        tracers.get_tracer("app").start_span("the app's own span").end()
+        tracers.shutdown()
+        meters.get_meter("app").create_counter("app.requests").add(1)
+        meters.shutdown()
+        assert collectors.headers and not [h for h in collectors.headers if "authorization" in h], collectors.headers
+        assert (collectors.spans, collectors.metric_exports) == ([], 0)
+        assert "the app's own span" in [span.name for span in vendor.spans] and vendor.metric_exports == 1
         assert vendor.headers and all(h.get("authorization") == key for h in vendor.headers)

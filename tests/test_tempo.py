@@ -231,11 +231,12 @@ def _pod_env(pod: Pod, tempo: Tempo) -> dict[str, str]:
         "metadata.uid": secrets.token_hex(8),
     }
     injected = container_env({"env": r.build_env(spec, OperatorConfig(), workload, "chat")}, fields)
-    assert injected["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    path = "" if pod.protocol == "grpc" else "/v1/traces"  # (the traces' own endpoint: over HTTP, the full URL)
+    assert injected["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == endpoint + path
     assert injected["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == pod.protocol
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
     env.update(injected)
-    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{tempo.otlp[pod.protocol]}"
+    env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"http://127.0.0.1:{tempo.otlp[pod.protocol]}{path}"
     env["LLM_TELEMETRY_METRICS_PORT"] = "0"  # three pods on one host; the metrics are not what this tests
     env["OTEL_BSP_SCHEDULE_DELAY"] = "50"
     if pod.two_spans:

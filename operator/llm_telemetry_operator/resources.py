@@ -250,43 +250,42 @@ def build_env(
         env.append(value(mw.LLM_TELEMETRY_ATTRIBUTION_HEADERS, headers))
     if spec.pricing.inline or spec.pricing.config_map:
         env.append(value(mw.LLM_TELEMETRY_PRICING, f"{c.PRICING_MOUNT_PATH}/{pricing_file(spec)}"))
+    # Each signal routed to a collector gets its own endpoint, protocol and headers, and nothing generic: the app's
+    # signals the resource does not route (its own metrics, its logs when none are shipped over OTLP, one whose own
+    # endpoint is empty in the pod, an empty ConfigMap key) would follow OTEL_EXPORTER_OTLP_ENDPOINT to the collector,
+    # with the app's OTEL_EXPORTER_OTLP_HEADERS.
     if spec.tracing.enabled and "traces" not in without:
+        endpoint = traces_endpoint(spec, config)
         env += [
             value("OTEL_TRACES_EXPORTER", "otlp"),
-            value("OTEL_EXPORTER_OTLP_ENDPOINT", traces_endpoint(spec, config)),
-            # The traces' own protocol: the generic one would also switch the protocol of the app's own metrics
-            # exporter, sent to an endpoint of the app's own.
+            # Taken as is: over HTTP the full URL; over gRPC the collector's, its scheme saying whether to use TLS.
+            value(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                endpoint if spec.tracing.protocol == "grpc" else f"{endpoint}/v1/traces",
+            ),
             value("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", spec.tracing.protocol),
+            # No headers: without headers of its own, the SDK sends a signal those of OTEL_EXPORTER_OTLP_HEADERS, the
+            # app's credential for a backend of its own.
+            value("OTEL_EXPORTER_OTLP_TRACES_HEADERS", NO_HEADERS),
             value("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
             value("OTEL_TRACES_SAMPLER_ARG", f"{spec.tracing.sampling_ratio:g}"),
-            # The signal's own headers, so that OTEL_EXPORTER_OTLP_HEADERS, which the SDK sends to every signal
-            # without headers of its own, does not carry the app's credential for its own backend here; the
-            # metrics' too, which the endpoint above also sends to the collector when the app's own SDK exports
-            # metrics over OTLP with no endpoint of their own.
-            value("OTEL_EXPORTER_OTLP_TRACES_HEADERS", NO_HEADERS),
-            value("OTEL_EXPORTER_OTLP_METRICS_HEADERS", NO_HEADERS),
         ]
     else:
         env.append(value("OTEL_TRACES_EXPORTER", "none"))
     if spec.logs.enabled and spec.logs.mode == "otlp" and "logs" not in without:
         base = (spec.logs.endpoint or config.logs_endpoint).rstrip("/")
+        tenant = spec.logs.tenant if spec.logs.tenant is not None else config.logs_tenant
         env += [
             value("OTEL_LOGS_EXPORTER", "otlp"),
             # Loki only ingests OTLP over HTTP, at <base>/v1/logs, whatever protocol the traces use.
             value("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", f"{base}/v1/logs"),
             value("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL", "http/protobuf"),
+            # A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant. Without one,
+            # no headers, as for the traces.
+            value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}" if tenant else NO_HEADERS),
         ]
-        tenant = spec.logs.tenant if spec.logs.tenant is not None else config.logs_tenant
-        # A multi-tenant Loki (its Helm chart's default) answers 401 to a push that names no tenant. Without one,
-        # no headers: set all the same, as for the traces.
-        env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", f"X-Scope-OrgID={tenant}" if tenant else NO_HEADERS))
     else:
         env.append(value("OTEL_LOGS_EXPORTER", "none"))
-        if spec.tracing.enabled and "traces" not in without:
-            # No logs endpoint of ours, but the generic one above: an app that ships its own logs over OTLP (set up in
-            # its code, or with an OTEL_LOGS_EXPORTER of its own, which wins over the "none") sends them there, with
-            # its OTEL_EXPORTER_OTLP_HEADERS (a vendor's key, from a Secret) unless the logs have headers of their own.
-            env.append(value("OTEL_EXPORTER_OTLP_LOGS_HEADERS", NO_HEADERS))
     return env
 
 
@@ -521,50 +520,39 @@ class InjectionConflict(ValueError):
     pricing volume's name): injecting would leave the prices unmounted and the middleware unable to start."""
 
 
-#: An exporter switched off (``none``, when the LLMTelemetry's collector is missing or the signal is disabled) stays
-#: unset in a container that sends that signal to an OTLP endpoint of its own: it would switch off the app's own
-#: pipeline, which the OpenTelemetry SDK (and the middleware) turn on from the endpoint alone.
-_OWN_ENDPOINTS: Final = {
-    "OTEL_TRACES_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-    "OTEL_LOGS_EXPORTER": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
+#: The variables that route a signal (``TRACES``, ``LOGS``) to the collector the resource names: injected together,
+#: or not at all into a container that routes the signal itself (:func:`_routed_here`).
+_ROUTE: Final = {
+    f"OTEL_EXPORTER_OTLP_{signal}_{part}": signal
+    for signal in ("TRACES", "LOGS")
+    for part in ("ENDPOINT", "PROTOCOL", "HEADERS")
 }
-_OWN_TRACES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-#: A signal's headers and protocol go with the endpoint injected for it: not into a container that sends the signal
-#: to an endpoint of its own (which the injected one does not replace), where they would replace the headers and
-#: protocol the app sends there with. (A generic endpoint of the app's own does not keep its logs: the injected logs
-#: endpoint is the signal's own, which the SDK prefers.)
-_WITH_ENDPOINT: Final = {
-    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": _OWN_TRACES,
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": _OWN_TRACES,
-    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
-    "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
-    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",),
-}
-#: The same for an injection that sets no logs endpoint (logs off, or to stdout, or their collector missing), whose
-#: logs headers go with the generic endpoint of the traces: not into a container whose own endpoint keeps its logs.
-_WITH_GENERIC_ENDPOINT: Final = {
-    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"),
-}
-#: A signal's own headers a container sets (a vendor's key, from a Secret) without that signal's endpoint in its env
-#: are for an endpoint the operator cannot see (from ``envFrom``, or the SDK's default), which an endpoint injected
-#: for the signal, its own or the generic one it falls back to, would replace, taking the headers there: both count as
-#: the container's own. The operator cannot tell headers meant for its collector from a vendor's key.
-_OWN_HEADERS: Final = {
-    "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_LOGS_HEADERS": "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
-}
+#: Each signal's exporter. Switched off (``none``: the signal disabled, or its collector missing), it stays unset in a
+#: container that routes the signal itself or sets the generic endpoint: it would switch off the app's own pipeline,
+#: which the OpenTelemetry SDK (and the middleware) turn on from an endpoint alone.
+_EXPORTER: Final = {"OTEL_TRACES_EXPORTER": "TRACES", "OTEL_LOGS_EXPORTER": "LOGS"}
+#: The endpoint of every signal without one of its own, never injected (see :func:`build_env`).
+_GENERIC_ENDPOINT: Final = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
-def _unseen_endpoints(env: list[Any], set_here: set[Any]) -> set[str]:
-    """The endpoints that count as a container's own for its signals' own headers (:data:`_OWN_HEADERS`). A headers
-    variable of ``,`` (no headers, as the operator injects it) carries nothing."""
-    headers = {e.get("name") for e in env if not _blank(e) and e.get("value") != NO_HEADERS}
-    unseen: set[str] = set()
-    for name, endpoint in _OWN_HEADERS.items():
-        if name in headers and endpoint not in set_here:
-            unseen |= {endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT"}
-    return unseen
+def _routed_here(env: list[Any]) -> set[str]:
+    """The signals a container routes itself in its ``env``: those whose own endpoint or headers it declares, whatever
+    the value (the operator cannot read a ``valueFrom``, nor see the endpoint that headers of the container's own are
+    for, through ``envFrom`` or the SDK's default, which an endpoint injected beside them would replace, taking them
+    to the collector), but headers of ``,`` (none, as the injection writes them); and the traces of one that sets the
+    generic endpoint (the logs do not follow it: their injected endpoint is their own, which the SDK prefers)."""
+    declared = {e.get("name"): e for e in env if isinstance(e, Mapping)}
+    routed = {"TRACES"} if _generic_endpoint(env) else set()
+    for signal in ("TRACES", "LOGS"):
+        headers = declared.get(f"OTEL_EXPORTER_OTLP_{signal}_HEADERS")
+        if f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT" in declared or (headers and headers.get("value") != NO_HEADERS):
+            routed.add(signal)
+    return routed
+
+
+def _generic_endpoint(env: list[Any]) -> bool:
+    """Whether a container's ``env`` sets the generic OTLP endpoint (an empty one is unset to the SDK)."""
+    return any(isinstance(e, Mapping) and e.get("name") == _GENERIC_ENDPOINT and not _blank(e) for e in env)
 
 
 def _blank(entry: Any) -> bool:
@@ -682,12 +670,6 @@ def _apply(
             for ct in containers
             for p in ct.get("ports") or []
         )
-    injected = {entry["name"] for entry in injection.env}
-    with_endpoint = (
-        _WITH_ENDPOINT
-        if "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in injected
-        else {**_WITH_ENDPOINT, **_WITH_GENERIC_ENDPOINT}
-    )
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
@@ -700,15 +682,17 @@ def _apply(
         gone = {name for name in names if (container.get("name"), name) in leftovers}
         if gone:
             env[:] = [e for e in env if not (e.get("name") in gone and _blank(e))]
-        set_here = {e.get("name") for e in env if not _blank(e)}
-        set_here |= _unseen_endpoints(env, set_here)
-        taken = {e.get("name") for e in env} | set_here
+        taken = {e.get("name") for e in env}
+        routed = _routed_here(env)
         for entry in injection.env:
-            if entry["name"] in taken:  # the user's own variables win
+            name = entry["name"]
+            if name in taken or _ROUTE.get(name) in routed:  # the user's own variables win
                 continue
-            if entry.get("value") == "none" and not set_here.isdisjoint(_OWN_ENDPOINTS.get(entry["name"], ())):
-                continue
-            if not set_here.isdisjoint(with_endpoint.get(entry["name"], ())):
+            if (
+                name in _EXPORTER
+                and entry.get("value") == "none"
+                and (_EXPORTER[name] in routed or _generic_endpoint(env))
+            ):
                 continue
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)

@@ -484,7 +484,8 @@ def test_collector_installed_later_is_injected(cluster: Cluster, operator: Opera
     )
     # A pass patches the Deployment before it writes the status, so the condition is awaited too, not read the
     # moment the exporter shows.
-    wait_for(lambda: cluster.env("late").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 60)
+    traces = endpoint + "/v1/traces"
+    wait_for(lambda: cluster.env("late").get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == traces, "exporter injected", 60)
     wait_for(
         lambda: cluster.condition("late", c.CONDITION_COLLECTORS)["reason"] == "CollectorsFound",
         "CollectorsAvailable reason CollectorsFound",
@@ -521,7 +522,7 @@ def test_collector_without_the_endpoints_port_is_reported_until_it_has_it(cluste
     ports = [{"name": "http", "port": 4318}, {"name": "grpc", "port": 4317}]
     cluster.core.patch_namespaced_service("grpc-collector", cluster.namespace, {"spec": {"ports": ports}})
     # The Service's watch event starts a pass, which reads it again (its lookup is otherwise kept 30 s).
-    wait_for(lambda: cluster.env("grpc").get("OTEL_EXPORTER_OTLP_ENDPOINT") == endpoint, "exporter injected", 30)
+    wait_for(lambda: cluster.env("grpc").get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == endpoint, "exporter injected", 30)
     wait_for(lambda: f"{cluster.namespace}/grpc: reconciled (collector)" in operator.output(), "a collector pass")
     operator.assert_clean()
 
@@ -1557,7 +1558,9 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
             GROUP, VERSION, cluster.namespace, PLURAL, "handed", {"status": {"operator": second}}
         )
         wait_for(
-            lambda: cluster.env("handed").get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel.example:4318",
+            lambda: (
+                cluster.env("handed").get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == "http://otel.example:4318/v1/traces"
+            ),
             "the team's settings injected",
         )
         # A restart of the team's operator (kopf takes its entry out of the peering object as it stops) leaves the

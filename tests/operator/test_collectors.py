@@ -223,7 +223,7 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
         env = env_of(get(emulator, DEPLOYMENTS, "chat"))
         assert env["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
-        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env
+        assert not [name for name in env if name.startswith("OTEL_EXPORTER_OTLP_")]
         events = await eventually(lambda: collector_events(emulator), "CollectorNotFound event")
         assert "Service jaeger in" in events[0]
         old_hash = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["metadata"]["annotations"][
@@ -240,8 +240,8 @@ async def test_missing_default_collectors_are_reported_and_not_injected(emulator
         )
         await eventually(
             lambda: (
-                env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                == "http://jaeger.observability:4318"
+                env_of(get(emulator, DEPLOYMENTS, "chat")).get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                == "http://jaeger.observability:4318/v1/traces"
             ),
             "trace exporter injected once its collector exists",
         )
@@ -273,7 +273,7 @@ async def test_explicit_external_endpoint_is_trusted(emulator: Any) -> None:
         collectors = await collectors_condition(emulator)
     assert (collectors["status"], collectors["reason"]) == ("True", "NotChecked")
     assert "otlp.example.com" in collectors["message"] and "s3cret" not in collectors["message"]
-    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    assert env_of(get(emulator, DEPLOYMENTS, "chat"))["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == endpoint + "/v1/traces"
 
 
 @pytest.mark.parametrize(
@@ -321,7 +321,7 @@ async def test_a_collector_service_on_other_ports_is_reported_and_not_injected(
             lambda: (e := env_of(get(emulator, DEPLOYMENTS, "chat"))).get("OTEL_TRACES_EXPORTER") == "otlp" and e,
             "trace exporter injected once the Service serves the endpoint's port",
         )
-    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (endpoint, "grpc")
+    assert (env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (endpoint, "grpc")
     check_usage(emulator)
 
 

@@ -119,7 +119,7 @@ async def test_minimal_resource_wires_everything(emulator: Any, monitoring_crds:
             "OTEL_SERVICE_NAME"
         ) == 1
         assert env["LLM_TELEMETRY_METRICS_PORT"] == "9464"
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
+        assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger.observability:4318/v1/traces"
         assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
         assert env["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://loki-gateway.observability/otlp/v1/logs"
         assert env["K8S_POD_UID"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.uid"}}

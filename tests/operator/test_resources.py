@@ -54,8 +54,11 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     assert env["LLM_TELEMETRY_ATTRIBUTION_HEADERS"] == "x-tenant-id=tenant"
     assert env["OTEL_SERVICE_NAME"] == "chat"
     assert env["OTEL_TRACES_EXPORTER"] == "otlp"
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4318"
+    # The traces' own variables, never the generic ones, which the app's other signals would follow too. Over gRPC
+    # the endpoint is the collector's URL (its scheme says whether to use TLS), with no signal path.
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://tempo:4318"
     assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "grpc"
+    assert not {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"} & set(env)
     assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     # Loki takes OTLP over HTTP only, whatever the traces use.
@@ -63,7 +66,7 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     assert env["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
     # No tenant unless one is set, and no headers (not even the app's own OTEL_EXPORTER_OTLP_HEADERS).
     assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == ","
-    assert env["OTEL_EXPORTER_OTLP_METRICS_HEADERS"] == ","  # (the app's own metrics follow the generic endpoint)
+    assert not [name for name in env if name.startswith("OTEL_EXPORTER_OTLP_METRICS_")]  # (theirs go where they went)
 
 
 @pytest.mark.parametrize(
@@ -71,9 +74,11 @@ def test_env_carries_middleware_and_otel_settings() -> None:
     [
         (None, "http://jaeger.observability:4318", "grpc", "http://jaeger.observability:4317"),
         (None, "https://u:p@[fd00::1]:4318/otlp", "grpc", "https://u:p@[fd00::1]:4317/otlp"),
-        (None, "http://jaeger.observability:4318", "http/protobuf", "http://jaeger.observability:4318"),
+        (None, "http://jaeger.observability:4318", "http/protobuf", "http://jaeger.observability:4318/v1/traces"),
+        (None, "https://u:p@[fd00::1]:4318/otlp", "http/protobuf", "https://u:p@[fd00::1]:4318/otlp/v1/traces"),
         (None, "http://collector.observability:55681", "grpc", "http://collector.observability:55681"),
         ("http://tempo:4318", "http://jaeger.observability:4318", "grpc", "http://tempo:4318"),  # as the user says
+        ("http://tempo:4318/", "http://jaeger.observability:4318", "http/protobuf", "http://tempo:4318/v1/traces"),
     ],
 )
 def test_grpc_takes_a_default_endpoint_on_otlps_http_port_at_its_grpc_port(
@@ -83,7 +88,10 @@ def test_grpc_takes_a_default_endpoint_on_otlps_http_port_at_its_grpc_port(
     spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "tracing": tracing})
     config = dataclasses.replace(CONFIG, traces_endpoint=default)
     env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
-    assert (env["OTEL_EXPORTER_OTLP_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (injected, protocol)
+    assert (env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"], env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]) == (
+        injected,
+        protocol,
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,10 +112,11 @@ def test_logs_name_their_loki_tenant(spec_tenant: str | None, default_tenant: st
     env = {e["name"]: e.get("value") for e in r.build_env(spec, config, deployment(), "chat")}
     assert env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == header
     stdout = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": {**logs, "mode": "stdout"}})
-    # Logs to stdout go to no Loki, so no tenant; the variable stays, empty, for the app's own OTLP logs that follow
-    # the generic endpoint to the traces collector (without the app's OTEL_EXPORTER_OTLP_HEADERS).
+    # Logs to stdout go to no Loki, so no tenant, and nothing routes the logs: the app's own OTLP logs go where they
+    # went (no generic endpoint of the traces takes them to the traces collector).
     stdout_env = {e["name"]: e.get("value") for e in r.build_env(stdout, config, deployment(), "c")}
-    assert stdout_env["OTEL_EXPORTER_OTLP_LOGS_HEADERS"] == ","
+    assert not [name for name in stdout_env if name.startswith("OTEL_EXPORTER_OTLP_LOGS_")]
+    assert stdout_env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == ","
 
 
 def test_env_resource_attributes_use_the_downward_api() -> None:
@@ -147,7 +156,7 @@ def test_env_disabled_tracing_and_stdout_logs() -> None:
     assert env["OTEL_TRACES_EXPORTER"] == "none"
     assert env["OTEL_LOGS_EXPORTER"] == "none"
     assert env["LLM_TELEMETRY_REQUEST_LOGS"] == "true"
-    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+    assert not [name for name in env if name.startswith("OTEL_EXPORTER_OTLP_")]
 
 
 def test_injection_user_env_wins_and_port_and_hash_are_added() -> None:
@@ -302,7 +311,7 @@ def test_a_users_value_keeps_the_injected_variables_it_refers_to() -> None:
 
 
 def test_a_variable_the_user_refers_to_stays_the_operators_to_change() -> None:
-    """``kubectl set env deploy/chat 'TRACES_URL=$(OTEL_EXPORTER_OTLP_ENDPOINT)/v1/traces'``: a variable of the
+    """``kubectl set env deploy/chat 'TRACES_URL=$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)'``: a variable of the
     user's that refers to an injected one. The next pass took the injected one for the user's (dropped from the
     record), so a new endpoint never reached the pods, turning tracing off left them exporting, and the deletion left
     the endpoint behind. It stays the operator's, in its place before the reference, which keeps resolving."""
@@ -322,21 +331,21 @@ def test_a_variable_the_user_refers_to_stays_the_operators_to_change() -> None:
     a, b = "http://collector-a.obs:4318", "http://collector-b.obs:4318"
     injected = step(deployment(), {"endpoint": a})
     injected["spec"]["template"]["spec"]["containers"][0]["env"].append(
-        {"name": "TRACES_URL", "value": "$(OTEL_EXPORTER_OTLP_ENDPOINT)/v1/traces"}
+        {"name": "TRACES_URL", "value": "$(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"}
     )
     again = step(injected, {"endpoint": a})
     assert again["spec"]["template"] == injected["spec"]["template"]  # no rollout
     assert seen(again)["TRACES_URL"] == a + "/v1/traces"
     moved = step(again, {"endpoint": b})
-    assert seen(moved)["OTEL_EXPORTER_OTLP_ENDPOINT"] == b
+    assert seen(moved)["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == b + "/v1/traces"
     assert seen(moved)["TRACES_URL"] == b + "/v1/traces"  # (still after the variable it refers to)
     off = step(moved, {"enabled": False})
     assert seen(off)["OTEL_TRACES_EXPORTER"] == "none"
-    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in seen(off)
+    assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in seen(off)
     # Removed while the reference stands: the variable it refers to stays for it (as any injected variable a
     # value of the user's refers to), the rest goes.
     removed = step(moved, None)
-    assert set(seen(removed)) == {"OTEL_EXPORTER_OTLP_ENDPOINT", "TRACES_URL"}
+    assert set(seen(removed)) == {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "TRACES_URL"}
 
 
 def test_workload_patch_never_fights_another_owner() -> None:
@@ -968,53 +977,59 @@ def test_a_container_with_its_own_otlp_endpoint_keeps_its_pipeline_on() -> None:
     assert (env["OTEL_TRACES_EXPORTER"], env["OTEL_LOGS_EXPORTER"]) == ("none", "none")
 
 
+TRACES_ROUTE: Final = ("http://jaeger.observability:4318/v1/traces", "http/protobuf", ",")
+LOGS_ROUTE: Final = ("http://loki-gateway.observability/otlp/v1/logs", "http/protobuf", ",")
+
+
 @pytest.mark.parametrize(
     ("own", "traces", "logs"),
     [
-        ({}, (",", "http/protobuf"), (",", "http/protobuf")),  # neither takes OTEL_EXPORTER_OTLP_HEADERS along
-        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, (",", "http/protobuf")),  # logs: injected
-        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, (",", "http/protobuf")),
-        ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, (",", "http/protobuf"), None),
-        # The app's own metrics keep their protocol: only the traces' is injected.
-        (
-            {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "https://vendor.example:4317"},
-            (",", "http/protobuf"),
-            (",", "http/protobuf"),
-        ),
+        ({}, TRACES_ROUTE, LOGS_ROUTE),  # neither takes OTEL_EXPORTER_OTLP_HEADERS along
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example"}, None, LOGS_ROUTE),  # logs: their own wins
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://vendor.example/v1/traces"}, None, LOGS_ROUTE),
+        ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "https://vendor.example/v1/logs"}, TRACES_ROUTE, None),
+        # The app's own metrics keep their endpoint, protocol and headers: nothing of theirs is injected.
+        ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "https://vendor.example:4317"}, TRACES_ROUTE, LOGS_ROUTE),
+        # Declared empty (a chart's ``value: ""``): the name is the container's, so the rest of the route stays out.
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""}, None, LOGS_ROUTE),
     ],
 )
-def test_a_signals_headers_and_protocol_go_with_the_endpoint_injected_for_it(
-    own: dict[str, str], traces: tuple[str, str] | None, logs: tuple[str, str] | None
+def test_a_signals_endpoint_protocol_and_headers_go_in_together(
+    own: dict[str, str], traces: tuple[str, str, str] | None, logs: tuple[str, str, str] | None
 ) -> None:
     """The app's OTEL_EXPORTER_OTLP_HEADERS (a vendor's key) would reach the collectors the operator injects; where
     the app sends a signal to an endpoint of its own, the injected headers and protocol would replace those it sends
-    there with."""
+    there with. Nothing generic is injected, which the app's other signals would follow."""
     spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}})
     workload = deployment(env=[{"name": name, "value": value} for name, value in own.items()])
     patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
     assert patch is not None
     env = env_of(dict(merge_patch(workload, patch)))
-    injected_traces = (env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
-    injected_logs = (env.get("OTEL_EXPORTER_OTLP_LOGS_HEADERS"), env.get("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"))
-    assert injected_traces == (traces or (None, None)) and injected_logs == (logs or (None, None))
-    assert "OTEL_EXPORTER_OTLP_PROTOCOL" not in env
+    for signal, route in (("TRACES", traces), ("LOGS", logs)):
+        names = [f"OTEL_EXPORTER_OTLP_{signal}_{part}" for part in ("ENDPOINT", "PROTOCOL", "HEADERS")]
+        injected = tuple(env[name] for name in names if name in env and name not in own)
+        assert injected == (route or ()), (signal, env)
+    assert not {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"} - set(own) & set(env)
 
 
 SECRET_HEADERS: Final = {"valueFrom": {"secretKeyRef": {"name": "vendor", "key": "headers"}}}
-ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
 
 
 @pytest.mark.parametrize(
     ("own", "logs", "injected"),
     [
-        # A signal's headers of its own, from a Secret, its endpoint from envFrom or the SDK's default: neither the
-        # generic endpoint nor the traces' protocol goes in (the logs' endpoint, another signal's, does), nor for the
-        # logs their own endpoint and the generic one their exporter falls back to.
+        # A signal's headers of its own, from a Secret, its endpoint from envFrom or the SDK's default: that signal's
+        # endpoint and what goes with it stay out (the other signal's go in).
         ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": SECRET_HEADERS}, {}, ENDPOINTS[1:]),
-        ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": {"value": "api-key=vendor"}}, {}, ENDPOINTS[1:]),
-        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {}, ()),
-        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {"mode": "stdout"}, ()),
-        # With the signal's endpoint in its env, the headers go there: the other endpoints are injected as before.
+        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {}, ENDPOINTS[:1]),
+        ({"OTEL_EXPORTER_OTLP_LOGS_HEADERS": SECRET_HEADERS}, {"mode": "stdout"}, ENDPOINTS[:1]),
+        # Declared empty (a chart's ``value: ""``), which the SDK reads as unset: it would send the app's
+        # OTEL_EXPORTER_OTLP_HEADERS to an endpoint injected beside it, so it counts as the container's too.
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": {"value": ""}}, {}, ENDPOINTS[1:]),
+        # The metrics' are no concern of the injection, which routes no metrics.
+        ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": {"value": "api-key=vendor"}}, {}, ENDPOINTS),
+        # With the signal's endpoint in its env, the headers go there: the other endpoint is injected as before.
         (
             {
                 "OTEL_EXPORTER_OTLP_TRACES_HEADERS": SECRET_HEADERS,
@@ -1029,21 +1044,20 @@ ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDP
                 "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": {"value": "https://vendor.example/v1/logs"},
             },
             {},
-            ENDPOINTS[:1],
+            ENDPOINTS,
         ),
-        # Headers declared empty (a chart's ``value: ""``) or as no headers (``,``) carry nothing: as before.
-        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": {"value": ""}}, {}, ENDPOINTS),
-        ({"OTEL_EXPORTER_OTLP_METRICS_HEADERS": {"value": ","}}, {}, ENDPOINTS),
+        # Headers declared as none (``,``, as the injection writes them) carry nothing: the route goes in.
+        ({"OTEL_EXPORTER_OTLP_TRACES_HEADERS": {"value": ","}}, {}, ENDPOINTS),
         ({"OTEL_EXPORTER_OTLP_HEADERS": SECRET_HEADERS}, {}, ENDPOINTS),  # the generic ones: each signal's ``,`` wins
     ],
     ids=[
         "traces headers",
-        "metrics headers",
         "logs headers",
         "logs headers, logs to stdout",
+        "empty headers",
+        "metrics headers",
         "traces headers and endpoint",
         "logs headers and endpoint",
-        "empty headers",
         "no headers",
         "generic headers",
     ],
@@ -1065,11 +1079,42 @@ def test_a_signals_own_headers_keep_the_endpoints_it_would_follow_out(
     assert {name: env[name] for name in own} == {
         name: entry.get("value", entry.get("valueFrom")) for name, entry in own.items()
     }
-    if "OTEL_EXPORTER_OTLP_ENDPOINT" not in injected:  # nor what goes with it
-        assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in env
-        assert not {"OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"} - set(own) & set(env)
+    for endpoint in set(ENDPOINTS) - set(injected):  # nor what goes with it
+        signal = endpoint.removesuffix("_ENDPOINT")
+        assert not {f"{signal}_PROTOCOL", f"{signal}_HEADERS"} - set(own) & set(env), env
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
     assert env["OTEL_TRACES_EXPORTER"] == "otlp" and env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
     assert env["LLM_TELEMETRY_METRICS_EXPORTER"] == "prometheus"
+
+
+def test_an_earlier_injection_of_the_generic_endpoint_is_replaced_by_the_traces_own_on_upgrade() -> None:
+    """Earlier versions injected OTEL_EXPORTER_OTLP_ENDPOINT and, with it, empty headers for the metrics (and the logs
+    where none were shipped over OTLP), recorded as injected: the first pass after the upgrade takes them out and puts
+    the traces' own variables in (one rollout), and the next pass finds nothing to change."""
+    spec = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, "logs": {"mode": "stdout"}})
+    earlier = [
+        {"name": "OTEL_TRACES_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://jaeger.observability:4318"},
+        {"name": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "value": "http/protobuf"},
+        {"name": "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "value": ","},
+        {"name": "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "value": ","},
+        {"name": "OTEL_LOGS_EXPORTER", "value": "none"},
+        {"name": "OTEL_EXPORTER_OTLP_LOGS_HEADERS", "value": ","},
+    ]
+    workload = deployment(env=[{"name": "MODEL", "value": "gpt"}, *earlier])
+    record = {"owner": "chat", "containers": {"app": {"env": {e["name"]: r._env_key(e) for e in earlier}}}}
+    workload["metadata"].setdefault("annotations", {})[c.ANNOTATION_INJECTED] = json.dumps(record)
+    injection = r.build_injection(spec, CONFIG, workload, "chat")
+    upgraded = dict(merge_patch(workload, r.build_workload_patch(workload, injection, "chat")))
+    env = env_of(upgraded)
+    otlp = {name: value for name, value in env.items() if name.startswith("OTEL_EXPORTER_OTLP_")}
+    assert otlp == {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://jaeger.observability:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": ",",
+    }
+    assert env["MODEL"] == "gpt" and env["OTEL_LOGS_EXPORTER"] == "none"
+    assert r.build_workload_patch(upgraded, injection, "chat") is None
 
 
 def test_a_signals_own_headers_keep_its_pipeline_on_when_the_resource_turns_its_exporter_off() -> None:
@@ -1080,7 +1125,7 @@ def test_a_signals_own_headers_keep_its_pipeline_on_when_the_resource_turns_its_
     patch = r.build_workload_patch(workload, r.build_injection(spec, CONFIG, workload, "chat"), "chat")
     assert patch is not None
     env = env_of(dict(merge_patch(workload, patch)))
-    assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+    assert "OTEL_TRACES_EXPORTER" not in env and env["OTEL_LOGS_EXPORTER"] == "otlp"
 
 
 def managed(manager: str, *names: str, container: str = "app") -> dict[str, Any]:
@@ -1097,12 +1142,12 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
     middleware (traces to localhost, the sampler at 1.0): such an entry goes and the injected one comes back, after
     the variables it refers to. An empty entry another manager owns (a chart's ``value: ""``) stays theirs."""
     spec = parse_spec(minimal_llmt(tracing={"samplingRatio": 0.25})["spec"])
-    leftovers = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES")
+    leftovers = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG", "OTEL_RESOURCE_ATTRIBUTES")
     workload = deployment(
         env=[
             {"name": "OTEL_RESOURCE_ATTRIBUTES"},
             {"name": "MODEL", "value": "gpt"},
-            {"name": "OTEL_EXPORTER_OTLP_ENDPOINT"},
+            {"name": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"},
             {"name": "OTEL_TRACES_SAMPLER_ARG", "value": ""},
             {"name": "OTEL_TRACES_SAMPLER_ARG"},  # declared twice (the API server admits it): both are left over
             {"name": "OTEL_SERVICE_NAME", "value": ""},
@@ -1117,7 +1162,8 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
     injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
     entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
     env = env_of(dict(injected))
-    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger.observability:4318/v1/traces"
+    assert env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == ","  # (the routing goes in whole)
     assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     assert not env["OTEL_SERVICE_NAME"]  # the chart's empty value is the chart's
     names = [e["name"] for e in entries]
@@ -1139,7 +1185,7 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
     declared["metadata"].setdefault("annotations", {})[r._LAST_APPLIED] = json.dumps(applied)
     kept = merge_patch(declared, r.build_workload_patch(declared, injection, "chat"))
     assert not env_of(dict(kept))["OTEL_TRACES_SAMPLER_ARG"]
-    assert env_of(dict(kept))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger.observability:4318"
+    assert env_of(dict(kept))["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger.observability:4318/v1/traces"
     # Without managedFields nothing is known to be left over: an empty entry is kept as the user's, as before.
     del workload["metadata"]["managedFields"]
     kept = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
@@ -1259,7 +1305,9 @@ def test_a_spec_value_is_taken_literally_and_never_expands_the_apps_variables() 
     resolved = {"OPENAI_API_KEY": "sk-secret", "K8S_NAMESPACE_NAME": "llm", "K8S_POD_NAME": "chat-1",
                 "K8S_POD_UID": "u-1"}  # fmt: skip
     started = _container_env(workload, resolved)
-    assert started["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector.example:4318/k/$(OPENAI_API_KEY)"
+    assert (
+        started["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://collector.example:4318/k/$(OPENAI_API_KEY)/v1/traces"
+    )
     assert started["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == "http://$(OPENAI_API_KEY).logs.example/otlp/v1/logs"
     assert "sk-secret" not in json.dumps({name: v for name, v in started.items() if name != "OPENAI_API_KEY"})
     assert "k8s.pod.name=chat-1" in started["OTEL_RESOURCE_ATTRIBUTES"].split(",")

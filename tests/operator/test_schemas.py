@@ -122,7 +122,7 @@ def test_injected_workload_keeps_the_users_fields() -> None:
     """The validation above is only worth something if the injection really landed in the validated objects."""
     deployment = next(o for o in built(FULL["spec"]) if o["kind"] == "Deployment")
     api, proxy = deployment["spec"]["template"]["spec"]["containers"]
-    assert {"OPENAI_API_KEY", "WORKERS", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= {e["name"] for e in api["env"]}
+    assert {"OPENAI_API_KEY", "WORKERS", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"} <= {e["name"] for e in api["env"]}
     assert {p["containerPort"] for p in api["ports"]} == {8000, 9464}
     assert "env" not in proxy  # spec.containers names only "api"
 

@@ -1,8 +1,9 @@
 """Where each signal of an injected pod goes, and with which headers, over any mix of OTLP settings a container may
-have of its own (in ``env``, through ``envFrom``, declared empty or as no headers ``,``) and any resource: the
-operator's real injection, the environment the kubelet gives the pod (``tests/kubelet.py``), and then the endpoint
-and headers the OpenTelemetry SDK's own OTLP exporters take from that environment (a signal's own variable wins over
-the generic one, an empty one counts as unset), read from the exporters themselves."""
+have of its own (in ``env``, through ``envFrom``, declared empty or as no headers ``,``, from a ConfigMap key that is
+empty or missing) and any resource: the operator's real injection, the environment the kubelet gives the pod
+(``tests/kubelet.py``), and then the endpoint and headers the OpenTelemetry SDK's own OTLP exporters take from that
+environment (a signal's own variable wins over the generic one, an empty one counts as unset), read from the
+exporters themselves."""
 
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ OWN: Final = {
     **{exporter_var(s): "otlp" for s in SIGNALS},
 }
 #: Where a variable is: absent, in the container's ``env`` (a value, or a Secret's key), in ``envFrom`` (a Secret's
-#: data, which the operator does not read), declared empty in ``env`` (a chart's ``value: ""``) or as ``,``.
-PLACES: Final = ("absent", "env", "secret", "envFrom", "empty", "comma")
+#: data, which the operator does not read), declared empty in ``env`` (a chart's ``value: ""``) or as ``,``, or in
+#: ``env`` from a ConfigMap's key that is empty in the pod, or missing and optional (unset in the pod): the operator
+#: sees a ``valueFrom``, the SDK nothing.
+PLACES: Final = ("absent", "env", "secret", "envFrom", "empty", "comma", "emptykey", "missingkey")
+#: The places that declare the variable in the container's ``env``, and those of them that set it as the operator
+#: reads it (a ``valueFrom`` is set, whatever it holds; an empty value is not).
+DECLARED: Final = frozenset(PLACES) - {"absent", "envFrom"}
+SET: Final = DECLARED - {"empty"}
 
 
 def pod_env(container: Mapping[str, Any], envfrom: Mapping[str, str]) -> dict[str, str]:
-    return container_env(container, POD, secrets={"own": dict(envfrom), "vendor": dict(OWN)})
+    configmaps = {"blank": {name: "" for name in OWN}}
+    return container_env(container, POD, configmaps=configmaps, secrets={"own": dict(envfrom), "vendor": dict(OWN)})
 
 
 def route(env: Mapping[str, str], signal: str) -> tuple[str, dict[str, str]]:
@@ -90,6 +98,9 @@ def place(name: str, where: str) -> tuple[dict[str, Any] | None, dict[str, str]]
         return {"name": name, "value": ""}, {}
     if where == "comma":
         return {"name": name, "value": ","}, {}
+    if where in ("emptykey", "missingkey"):
+        selector = {"name": "blank", "key": name if where == "emptykey" else "missing", "optional": True}
+        return {"name": name, "valueFrom": {"configMapKeyRef": selector}}, {}
     return None, ({name: OWN[name]} if where == "envFrom" else {})
 
 
@@ -106,14 +117,29 @@ SPECS: Final = st.fixed_dictionaries(
 TRACING: Final = {"enabled": True, "protocol": "http/protobuf"}
 
 
+def routes_itself(signal: str, places: Mapping[str, str]) -> bool:
+    """Whether the container routes ``signal`` itself, as docs/crd.md says (``spec.tracing.enabled``): it declares
+    the signal's own endpoint or headers in ``env`` (headers of ``,``, no headers, aside), or, for the traces, sets
+    the generic endpoint there. The injection then routes nothing of that signal."""
+    own = places[endpoint_var(signal)] in DECLARED or places[headers_var(signal)] in DECLARED - {"comma"}
+    return own or (signal == "traces" and places[GENERIC_ENDPOINT] in SET)
+
+
 # The leaks found so far, each through the real exporters: the app's own logs following the traces' generic endpoint
 # with the generic key (logs off; and, the other way, its generic endpoint's logs losing their key to an injected
-# ``,``); a signal's key in env, its endpoint through envFrom.
+# ``,``); a signal's key in env, its endpoint through envFrom; a signal's own endpoint from a ConfigMap key empty in
+# the pod, or missing, which the SDK reads as unset and then took the injected generic endpoint with the generic key
+# (traces, metrics and logs alike); a signal's headers declared empty beside the generic key.
 @example({GENERIC_HEADERS: "secret"}, {"tracing": TRACING, "logs": {"enabled": False}}, frozenset())
 @example(
     {GENERIC_HEADERS: "env", GENERIC_ENDPOINT: "env"}, {"tracing": TRACING, "logs": {"mode": "stdout"}}, frozenset()
 )
 @example({GENERIC_ENDPOINT: "envFrom", headers_var("traces"): "secret"}, {"tracing": TRACING, "logs": {}}, frozenset())
+@example({GENERIC_HEADERS: "secret", endpoint_var("traces"): "emptykey"}, {"tracing": TRACING, "logs": {}}, frozenset())
+@example({GENERIC_HEADERS: "env", endpoint_var("metrics"): "missingkey"}, {"tracing": TRACING, "logs": {}}, frozenset())
+@example({GENERIC_HEADERS: "envFrom", endpoint_var("logs"): "emptykey"}, {"tracing": TRACING, "logs": {}}, frozenset())
+@example({GENERIC_HEADERS: "secret", headers_var("traces"): "empty"}, {"tracing": TRACING, "logs": {}}, frozenset())
+@example({headers_var("logs"): "comma"}, {"tracing": TRACING, "logs": {"tenant": "team-a"}}, frozenset())
 @settings(max_examples=400)
 @given(
     places=st.dictionaries(st.sampled_from(list(OWN)), st.sampled_from(PLACES[1:]), max_size=4),
@@ -148,50 +174,43 @@ def test_each_signal_goes_where_the_docs_say_with_no_key_of_the_apps_at_a_collec
     before, after = pod_env(container, envfrom), pod_env(injected, envfrom)
 
     # The collectors this resource names (any of its endpoints, whatever it injected).
-    named = {urlparse(r.traces_endpoint(parsed, CONFIG)).netloc, urlparse(CONFIG.logs_endpoint).netloc}
+    traces_collector = urlparse(r.traces_endpoint(parsed, CONFIG)).netloc
+    named = {traces_collector, urlparse(CONFIG.logs_endpoint).netloc}
     keys = {v for name, v in after.items() if name.endswith("_HEADERS") and v == OWN.get(name)}
     keys = {value.split("=", 1)[1] for value in keys}
-    in_env = {e["name"] for e in env}
-    set_in_env = {name for name, where in places.items() if where in ("env", "secret", "comma")}
-    logs_endpoint_injected = any(e["name"] == endpoint_var("logs") for e in injection.env)
+    routed = {
+        "traces": parsed.tracing.enabled and "traces" not in without,
+        "logs": parsed.logs.enabled and parsed.logs.mode == "otlp" and "logs" not in without,
+        "metrics": False,
+    }
+    otel = OTelEnvironment.resolve(after)
+    tenant = {"x-scope-orgid": "team-a"} if spec["logs"] == {"tenant": "team-a"} else {}
 
     for signal in SIGNALS:
         host, headers = route(after, signal)
         # 1. The app's headers for its own backend, set in env or through envFrom, never go to a collector this
-        # resource names. (Documented exception: a signal's headers variable declared empty in env, which the SDK
-        # reads as unset, lets OTEL_EXPORTER_OTLP_HEADERS through; crd.md says to leave it out or give it a value.)
-        if host in named and places[headers_var(signal)] != "empty":
+        # resource names.
+        if host in named:
             event(f"1: {signal} at a named collector" + (" beside a key of the app's" if keys else ""))
             assert not keys & set(headers.values()), (signal, host, headers)
-        # 3. A signal the app sends to an endpoint of its own (its own or the generic one in env, which the logs'
-        # own injected endpoint beats; or its own headers in env, for an endpoint the operator cannot see) keeps
-        # going there with the same headers, and its exporter is not switched off.
-        own_endpoint = endpoint_var(signal) in set_in_env or (
-            GENERIC_ENDPOINT in set_in_env and not (signal == "logs" and logs_endpoint_injected)
-        )
-        own_headers = places[headers_var(signal)] in ("env", "secret")
-        if own_endpoint or own_headers:
-            event(f"3: {signal} to an endpoint of the app's own")
+        if routed[signal] and not routes_itself(signal, places):
+            # 2. A signal the resource routes, in a container that does not route it itself, goes to the resource's
+            # collector, with no headers but the Loki tenant (whatever the app has through envFrom, which the
+            # injected variables beat, as documented; a ``,`` of the container's own, no headers, wins over the
+            # tenant, as any variable of its own); the middleware exports it.
+            event(f"2: {signal} to the resource's collector")
+            collector = traces_collector if signal == "traces" else urlparse(CONFIG.logs_endpoint).netloc
+            expected = tenant if signal == "logs" and places[headers_var(signal)] != "comma" else {}
+            sent = {k: v for k, v in headers.items() if k not in ("content-type", "user-agent")}  # (the exporter's)
+            assert (host, sent) == (collector, expected), (signal, after)
+            if places[exporter_var(signal)] not in DECLARED:
+                assert "otlp" in (otel.traces_exporters if signal == "traces" else otel.logs_exporters)
+        else:
+            # 3. Any other signal (the metrics always: the resource routes none) goes where it went before the
+            # injection, with the same headers: nothing generic is injected that it would follow.
+            event(f"3: {signal} where the app sends it")
             assert (host, headers) == route(before, signal), (signal, before, after)
-            if signal != "metrics" and before.get(exporter_var(signal)) != "none":
+        # 4. A signal the app sends to an endpoint of its own keeps its exporter on.
+        if signal != "metrics" and (routes_itself(signal, places) or places[GENERIC_ENDPOINT] in SET):
+            if before.get(exporter_var(signal)) != "none":
                 assert after.get(exporter_var(signal)) != "none", (signal, after)
-
-    # 2. A container with no OTLP settings of its own in env (envFrom loses to the injected variables, as documented)
-    # sends the middleware's spans, and its request logs in otlp mode, to this resource's collectors, keyless.
-    if not in_env:
-        otel = OTelEnvironment.resolve(after)
-        tenant = {"x-scope-orgid": "team-a"} if spec["logs"] == {"tenant": "team-a"} else {}
-        # (Counterexample, not a leak: the traces' own endpoint through envFrom beats the generic one injected, so
-        # the spans go there, without the app's key: the operator injects no OTEL_EXPORTER_OTLP_TRACES_ENDPOINT.)
-        if parsed.tracing.enabled and "traces" not in without and places[endpoint_var("traces")] != "envFrom":
-            event("2: the middleware's spans")
-            host, headers = route(after, "traces")
-            assert "otlp" in otel.traces_exporters
-            assert host == urlparse(r.traces_endpoint(parsed, CONFIG)).netloc
-            assert "authorization" not in headers
-        if parsed.logs.enabled and parsed.logs.mode == "otlp" and "logs" not in without:
-            event("2: the middleware's request logs")
-            host, headers = route(after, "logs")
-            assert "otlp" in otel.logs_exporters
-            assert host == urlparse(CONFIG.logs_endpoint).netloc
-            assert "authorization" not in headers and headers.get("x-scope-orgid") == tenant.get("x-scope-orgid")

@@ -115,7 +115,7 @@ async def test_a_resource_another_running_operator_serves_is_left_to_it(
         await asyncio.sleep(3)
         assert [w for w in writes_since(emulator, 0) if "llmtelemetries" not in w[1] or "status" in w[1]] == []
         assert writes_since(emulator, seen) == []
-        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
         assert len(posted_events(emulator, "WatchedTwice")) == 1  # said once, not at every pass
