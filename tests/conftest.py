@@ -48,8 +48,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
 
     class ByModule(LoadGroupScheduling):  # type: ignore[misc]
+        """The real-cluster group, the longest, goes first: xdist hands out the units with the most tests first, and
+        a few modules have more."""
+
         def _split_scope(self, nodeid: str) -> str:
             return _GROUP if nodeid.startswith(prefix) else nodeid.split("::", 1)[0]
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if _GROUP in self.workqueue:
+                self.workqueue.move_to_end(_GROUP, last=False)
+            super()._assign_work_unit(node)
 
     return ByModule(config, log)
 

@@ -48,15 +48,21 @@ def test_the_real_cluster_tests_run_in_one_worker_under_loadgroup(tmp_path: path
             "integration/test_cluster.py": _MANY.format(name="cluster"),
             "integration/test_helm.py": _MANY.format(name="helm"),
             "test_other.py": _MANY.format(name="other"),
+            # Modules of more tests than the real-cluster group, one more than the workers: the group still goes
+            # first (it takes longest), not after one of them.
+            **{f"test_large{i}.py": _MANY.replace("range(12)", "range(40)").format(name=f"large{i}") for i in range(4)},
         },
     )
     run = _run(tmp_path, "-n", "3", "--dist", "loadgroup")
     assert run.returncode == 0, run.stdout + run.stderr
     workers: dict[str, set[str]] = {"integration": set(), "other": set()}
+    first: dict[str, str] = {}
     for worker, nodeid in re.findall(r"^\[(gw\d+)\] .*?PASSED (\S+)", run.stdout, re.MULTILINE):
         workers["integration" if nodeid.startswith("integration/") else "other"].add(worker)
+        first.setdefault(worker, nodeid)
     assert len(workers["integration"]) == 1, run.stdout
     assert workers["other"], run.stdout
+    assert first[next(iter(workers["integration"]))].startswith("integration/"), run.stdout
 
 
 _MODULE_FIXTURE = """\
