@@ -400,11 +400,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def let_go(api: Any, namespace: str | None = None) -> list[str]:
+def let_go(api: Any, namespace: str | None = None) -> None:
     """Take the operator's finalizer off every LLMTelemetry left in ``namespace`` (all namespaces with None), as
-    docs/install.md tells a user whose operator is gone; returns them as ``namespace/name``. A test that stops its
-    operator before deleting its resources leaves them held: their namespace stays Terminating, and the CRD, once
-    deleted by a later test, waits on them for good. No CRD (a test removed it): nothing is left."""
+    docs/install.md tells a user whose operator is gone. A test that stops its operator before deleting its resources
+    leaves them held: their namespace stays Terminating, and the CRD, once deleted by a later test, waits on them for
+    good. No CRD (a test removed it): nothing is left."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -418,9 +418,8 @@ def let_go(api: Any, namespace: str | None = None) -> list[str]:
             items = custom.list_namespaced_custom_object(c.GROUP, c.VERSION, namespace, c.PLURAL)["items"]
     except ApiException as exc:
         if exc.status == 404:
-            return []
+            return
         raise
-    held = []
     for item in items:
         meta = item["metadata"]
         if meta.get("finalizers"):
@@ -428,8 +427,6 @@ def let_go(api: Any, namespace: str | None = None) -> list[str]:
                 custom.patch_namespaced_custom_object(
                     c.GROUP, c.VERSION, meta["namespace"], c.PLURAL, meta["name"], {"metadata": {"finalizers": None}}
                 )
-            held.append(f"{meta['namespace']}/{meta['name']}")
-    return held
 
 
 def uninstall(api: Any, docs: list[dict[str, Any]], namespaces: tuple[str, ...]) -> None:
