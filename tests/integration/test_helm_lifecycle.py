@@ -69,7 +69,7 @@ def _absent(read: Any, *args: Any) -> bool:
     return False
 
 
-def _delete(delete: Any, *args: Any) -> None:
+def _delete_and_wait(delete: Any, read: Any, *args: Any) -> None:
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -77,10 +77,6 @@ def _delete(delete: Any, *args: Any) -> None:
     except ApiException as exc:
         if exc.status != 404:
             raise
-
-
-def _delete_and_wait(delete: Any, read: Any, *args: Any) -> None:
-    _delete(delete, *args)
     wait_for(lambda: _absent(read, *args), f"{args} deleted", timeout=180)
 
 
@@ -100,19 +96,16 @@ def fresh(api: Any, kubeconfig: pathlib.Path) -> Iterator[None]:
             [tool_binary("helm"), "uninstall", "llm-telemetry", "-n", RELEASE_NAMESPACE],
             env={**os.environ, "KUBECONFIG": str(kubeconfig)}, capture_output=True, timeout=300, check=False,
         )  # fmt: skip
-        # Resources left held by the finalizer of an operator since stopped (here, or by another test) would keep
-        # their namespace, and the CRD, for good.
-        let_go(api)
-        namespaces = (APP_NAMESPACE, RELEASE_NAMESPACE, SECOND_NAMESPACE)
-        for namespace in namespaces:  # all deleted at once, then waited for
-            _delete(core.delete_namespace, namespace)
-        wait_for(lambda: all(_absent(core.read_namespace, n) for n in namespaces), f"{namespaces} deleted", timeout=180)
+        for namespace in (APP_NAMESPACE, RELEASE_NAMESPACE, SECOND_NAMESPACE):
+            _delete_and_wait(core.delete_namespace, core.read_namespace, namespace)
         if not _absent(extensions.read_custom_resource_definition, PEERING_CRDS[0]):
             _delete_and_wait(
                 lambda name: custom.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name),
                 lambda name: custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name),
                 "llm-telemetry-operator",
             )
+        # Resources another test left held by the finalizer of an operator it stopped would keep the CRD for good.
+        let_go(api)
         _delete_and_wait(extensions.delete_custom_resource_definition, extensions.read_custom_resource_definition, CRD)
 
     clean()
