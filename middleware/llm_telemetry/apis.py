@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from .errors import classify_error_body
 from .labels import field_text, name_text
-from .record import LLMCall, ToolResult
+from .record import UNTIMED_OPERATION, LLMCall, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
 #: Reading one response's event stream may take this long (the reading thread's CPU time, added up over the chunks
@@ -1725,6 +1725,58 @@ class OpenAIResponsesReader(ResponseReader):
                         self._keep_text(text)
 
 
+# --- OpenAI images and transcriptions -------------------------------------------------------------
+
+
+#: The events that end the answer of a streamed image generation or edit (each carries the image and the usage of
+#: the GPT image models) or of a streamed transcription (the whole text, and the usage of models billed by token).
+_MEDIA_DONE_EVENTS: Final = frozenset(("image_generation.completed", "image_edit.completed", "transcript.text.done"))
+
+
+class OpenAIMediaReader(ResponseReader):
+    """The answers of OpenAI's image generations and edits (``gpt-image-1`` and the other GPT image models) and of
+    its transcriptions (``gpt-4o-transcribe``): whole JSON or an event stream. Only their token usage is read:
+    ``input_tokens`` and ``output_tokens`` (the input's text and image, or audio, tokens together, as the usage's
+    own totals count them). A usage of another kind (a transcription's ``type: duration``, seconds of audio priced by
+    the minute: ``whisper-1``) or none (DALL-E) counts no token, and nothing is estimated: a transcript's text says
+    nothing of the audio tokens it was made from, nor an image of its own. The answer names no model: the request's (its
+    ``model`` field, a form field of a multipart request) labels it. No first token is taken: a partial image or a
+    piece of a transcript would put image and audio waits into the streams' time to first token, whose objective
+    is a chat model's."""
+
+    __slots__ = ()
+
+    def _usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+        if input_tokens is None and output_tokens is None:
+            return
+        call = self.call
+        call.input_tokens, call.output_tokens = input_tokens, output_tokens
+        call.usage_source = "reported"
+
+    def _on_json(self, obj: dict[str, Any]) -> None:
+        self._usage(obj.get("usage"))
+
+    def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
+        kind = obj.get("type") or event
+        if type(kind) is not str:
+            kind = event
+        if kind in _MEDIA_DONE_EVENTS:
+            # (With several images streamed, each ends with an event of its own: the last one's usage is the call's.)
+            self._closed = True
+            self._usage(obj.get("usage"))
+        elif kind == "error" or obj.get("error"):
+            self._stream_error(obj if isinstance(obj.get("error"), dict) else {"error": obj})
+
+    def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
+        # An image's last event holds the whole image in base64 (megabytes) before its usage: too large to read as an
+        # event, its usage is read from its last bytes. Only that event carries a usage: it was the last one.
+        self._closed = True
+        self._usage(usage)
+
+
 # --- Anthropic Messages ---------------------------------------------------------------------------
 
 
@@ -2121,6 +2173,52 @@ def _output_chars(output: Any) -> int:
 _ANTHROPIC_INPUT_COUNTS: Final = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
+#: The form fields read from a multipart request (see :func:`form_fields`), and the most bytes of a value kept.
+_FORM_FIELDS: Final = frozenset((b"model", b"stream"))
+_FORM_VALUE_BYTES: Final = 1024
+#: A form part's name in its Content-Disposition header, and a file part's file name.
+_FORM_NAME: Final = re.compile(rb'(?i)content-disposition:[^\r\n]*?;[ \t]*name="([^"\r\n]*)"')
+_FORM_FILE: Final = re.compile(rb"(?i)content-disposition:[^\r\n]*?;[ \t]*filename\*?=")
+
+
+def form_fields(body: bytes) -> dict[str, Any] | None:
+    """The ``model`` and ``stream`` fields of a ``multipart/form-data`` body (RFC 7578, as the SDKs send an image edit
+    or a transcription: the fields, then the files), as a JSON body would hold them (``stream`` true or false), or
+    None when ``body`` is not a form. The boundary is the body's first line. Parts are found with byte searches,
+    never copied but for a field's value (at most 1 KiB; a file part, or a longer value, is passed over)."""
+    if not body.startswith(b"--"):
+        return None
+    line = body.find(b"\r\n", 2, 2 + 72)  # (a boundary is at most 70 characters)
+    if line < 3:
+        return None
+    delimiter = b"\r\n" + body[:line]
+    fields: dict[str, Any] = {}
+    start = line + 2
+    while len(fields) < len(_FORM_FIELDS):
+        end = body.find(delimiter, start)
+        if end < 0:
+            break
+        head_end = body.find(b"\r\n\r\n", start, min(end, start + 1024))
+        if head_end >= 0:
+            head = body[start:head_end]
+            name = _FORM_NAME.search(head)
+            value_start = head_end + 4
+            if (
+                name is not None
+                and name.group(1) in _FORM_FIELDS
+                and not _FORM_FILE.search(head)
+                and end - value_start <= _FORM_VALUE_BYTES
+            ):
+                key = name.group(1).decode()
+                value = body[value_start:end].decode("utf-8", "replace")
+                fields.setdefault(key, value if key != "stream" else value == "true")
+        start = body.find(b"\r\n", end + len(delimiter))
+        if start < 0 or body.startswith(b"--", end + len(delimiter)):
+            break  # (the closing delimiter)
+        start += 2
+    return fields
+
+
 def _path_model(path: str) -> str | None:
     """The model a path names when the body does not: Azure OpenAI's ``/openai/deployments/{deployment}/...`` (its
     REST API takes no ``model`` in the body) and the legacy ``/engines/{model}/...``."""
@@ -2136,7 +2234,13 @@ class API:
     """One LLM HTTP API: its operation, provider, and how to read its requests and responses."""
 
     def __init__(
-        self, name: str, operation: str, provider: str, reader: type[ResponseReader], api_type: str | None = None
+        self,
+        name: str,
+        operation: str,
+        provider: str,
+        reader: type[ResponseReader],
+        api_type: str | None = None,
+        form: bool = False,
     ) -> None:
         self.name = name
         self.operation = operation
@@ -2144,6 +2248,9 @@ class API:
         self.reader = reader
         #: The conventions' ``openai.api.type``: which of OpenAI's two chat APIs this is (None for the others).
         self.api_type = api_type
+        #: Whether its requests may be multipart forms (an image edit, a transcription: files and fields), whose
+        #: fields are read as a JSON body's members (see :func:`form_fields`).
+        self.form = form
 
     def __repr__(self) -> str:
         return f"API({self.name!r})"
@@ -2276,6 +2383,10 @@ APIS: Final[dict[str, API]] = {
         API("openai.embeddings", "embeddings", "openai", OpenAIEmbeddingsReader),
         API("openai.responses", "chat", "openai", OpenAIResponsesReader, "responses"),
         API("anthropic.messages", "chat", "anthropic", AnthropicMessagesReader),
+        # The GenAI conventions have no operation of their own for images or transcriptions: "generate_content",
+        # their multimodal generation, is the one that applies.
+        API("openai.images", UNTIMED_OPERATION, "openai", OpenAIMediaReader, form=True),
+        API("openai.transcriptions", UNTIMED_OPERATION, "openai", OpenAIMediaReader, form=True),
     )
 }
 
@@ -2289,4 +2400,9 @@ DEFAULT_ROUTES: Final[dict[str, str]] = {
     # any Responses call (its answer has the same usage).
     "/responses/compact": "openai.responses",
     "/messages": "anthropic.messages",
+    # Image generations and edits and transcriptions, for the token usage of the models that report one (the GPT image
+    # models, gpt-4o-transcribe). Edits and transcriptions are multipart forms: their model is read from its field.
+    "/images/generations": "openai.images",
+    "/images/edits": "openai.images",
+    "/audio/transcriptions": "openai.transcriptions",
 }

@@ -30,6 +30,7 @@ from .apis import (
     ErrorReader,
     ReadBudgetSpent,
     ResponseReader,
+    form_fields,
     loads,
 )
 from .config import (
@@ -232,6 +233,7 @@ class _Exchange:
         "disconnected",
         "echo_id",
         "failsafe",
+        "form_head",
         "held",
         "kept",
         "kept_limit",
@@ -290,6 +292,9 @@ class _Exchange:
         self.kept_limit = kept_limit
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
+        #: The first UNCOUNTED_BYTES of a multipart form too large to keep (an image edit, a transcription of a long
+        #: recording): its fields come before its files, and are read from here (see :meth:`_read_request`).
+        self.form_head: bytes | None = None
         #: The request's Content-Length, when it declared one: an app may stop reading once it has that many bytes,
         #: before the server's closing message (``more_body`` false), as Falcon does under Granian and Hypercorn,
         #: which deliver the body and then an empty closing message.
@@ -347,6 +352,8 @@ class _Exchange:
                         # Too large to inspect, or no room in the process's budget for what it keeps past its first
                         # UNCOUNTED_BYTES: it still reaches the app untouched.
                         self.body_ok = False
+                        if self.api.form:
+                            self.form_head = _head(self.body, chunk)
                         self.body = []
                         if self.body_size > UNCOUNTED_BYTES:
                             self.hold(UNCOUNTED_BYTES - self.body_size)
@@ -393,7 +400,10 @@ class _Exchange:
         try:
             body = parts[0] if len(parts) == 1 else b"".join(parts)
             # Not JSON, or nested too deep: the app will answer it; we learn nothing from it.
-            parsed = loads(body) if body else None
+            if self.api.form and body.startswith(b"--"):
+                parsed = form_fields(body)  # a multipart form (an image edit, a transcription): its fields
+            else:
+                parsed = loads(body) if body else None
             if isinstance(parsed, dict):
                 self.request = parsed
                 self.api.read_request(call, parsed, self.capture, self.parameters)
@@ -721,6 +731,9 @@ class _Exchange:
                 self.body_ok and self.body and self.content_length == sum(len(piece) for piece in self.body)
             ):
                 self._read_request()
+            elif self.form_head is not None:
+                self.body, self.form_head = [self.form_head], None
+                self._read_request()
             elif self.body:
                 # Not read (the app stopped reading part-way): let go of now, with the budget they took, not when the
                 # app returns (it may go on for long after its answer, with background tasks).
@@ -890,6 +903,16 @@ def _cancelled(exc: BaseException) -> bool:
         return isinstance(exc, anyio.get_cancelled_exc_class())
     except Exception:  # no async library running (a synchronous caller): not a cancellation
         return False
+
+
+def _head(pieces: list[bytes], chunk: bytes) -> bytes:
+    """The first UNCOUNTED_BYTES of a body kept as ``pieces`` and followed by ``chunk``, joining no more than that."""
+    head = bytearray()
+    for piece in (*pieces, chunk):
+        head += piece[: UNCOUNTED_BYTES - len(head)]
+        if len(head) >= UNCOUNTED_BYTES:
+            break
+    return bytes(head)
 
 
 def _answer_ended(call: LLMCall, reader: Any = None) -> bool:

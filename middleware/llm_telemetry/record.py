@@ -13,6 +13,9 @@ MAX_TOOL_CALL_IDS: Final = 16
 #: an upstream's long ones leave the span small.
 MAX_CHOICE_FINISHES: Final = 128
 MAX_CHOICE_FINISH_CHARS: Final = 64
+#: The operation of the calls that have no first token (image generations and edits, transcriptions: see
+#: apis.OpenAIMediaReader), and so no time to first token, per output token or to abandonment.
+UNTIMED_OPERATION: Final = "generate_content"
 
 
 @dataclasses.dataclass(slots=True)

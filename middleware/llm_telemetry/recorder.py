@@ -11,7 +11,7 @@ from . import instruments as names
 from .instruments import OTHER, BucketHistogram, Instruments, SummedInstrument, attributes_key, select
 from .labels import LabelLimiter, mask_keys
 from .pricing import PricingTable
-from .record import LLMCall
+from .record import UNTIMED_OPERATION, LLMCall
 
 #: ``gen_ai.token.type`` -> LLMCall field of the billable counts (``llm.tokens``).
 _BILLABLE = tuple((kind, f"{kind}_tokens") for kind in names.TOKEN_TYPES)
@@ -267,9 +267,16 @@ class MetricsRecorder:
         if call.stream and not call.error_type:
             # As the GenAI conventions define them: successful responses only (a failed one is in the error counts).
             first, tpot = call.first_token_at, call.time_per_output_token
-        elif call.stream and call.error_type == "client_disconnect" and call.first_token_at is None and end is not None:
+        elif (
+            call.stream
+            and call.error_type == "client_disconnect"
+            and call.first_token_at is None
+            and end is not None
+            and call.operation != UNTIMED_OPERATION
+        ):
             # A stream its client left before any token: a wait time to first token leaves out (a stalled upstream
-            # the clients give up on would otherwise not show in it at all).
+            # the clients give up on would otherwise not show in it at all). Not an image's or a transcription's,
+            # which have no first token (see apis.OpenAIMediaReader).
             abandoned = end - call.start
         finishes = [self._finish(shape, reason) for reason in call.finish_reasons] if call.finish_reasons else None
         total = (call.input_tokens or 0) + (call.output_tokens or 0)  # the billable counts (shape.tokens)

@@ -1,6 +1,6 @@
-"""Hostile usage members (hypothesis): every usage member the official SDKs define, in Anthropic's, OpenAI chat's and
-the Responses API's answers and streams, given any value (huge, negative, a float, NaN, text, null, a list, an object,
-nested nulls) or left out. Whatever the values:
+"""Hostile usage members (hypothesis): every usage member the official SDKs define, in Anthropic's, OpenAI chat's,
+the Responses API's, the image generations' and the transcriptions' answers and streams, given any value (huge,
+negative, a float, NaN, text, null, a list, an object, nested nulls) or left out. Whatever the values:
 
 * the client gets the bytes and headers the bare app sends, and one call is recorded;
 * nothing is counted in ``llm_telemetry_internal_errors_total``;
@@ -136,10 +136,42 @@ def responses_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
     ])  # fmt: skip
 
 
+image_usage = members({
+    "input_tokens": None, "output_tokens": None, "total_tokens": None,
+    "input_tokens_details": members({"image_tokens": None, "text_tokens": None}),
+    "output_tokens_details": members({"image_tokens": None, "text_tokens": None}),
+})  # fmt: skip
+transcript_usage = members({
+    "type": st.sampled_from(["tokens", "duration"]) | hostile, "input_tokens": None, "output_tokens": None,
+    "total_tokens": None, "seconds": None, "input_token_details": members({"audio_tokens": None, "text_tokens": None}),
+})  # fmt: skip
+
+
+def image_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
+    if not stream:
+        return "json", json.dumps({"created": 1, "data": [{"b64_json": "aGk="}], "usage": usage}).encode()
+    done = {"type": "image_generation.completed", "b64_json": "aGk=", "created_at": 1, "background": "auto",
+            "output_format": "png", "quality": "low", "size": "1024x1024", "usage": usage}  # fmt: skip
+    partial = {**done, "type": "image_generation.partial_image", "partial_image_index": 0}
+    del partial["usage"]
+    return "sse", sse([(partial["type"], partial), (done["type"], done)])
+
+
+def transcript_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
+    if not stream:
+        return "json", json.dumps({"text": "hello", "usage": usage}).encode()
+    return "sse", sse([
+        ("transcript.text.delta", {"type": "transcript.text.delta", "delta": "hello"}),
+        ("transcript.text.done", {"type": "transcript.text.done", "text": "hello", "usage": usage}),
+    ])  # fmt: skip
+
+
 answers = st.one_of(
     st.tuples(st.just("/v1/messages"), st.builds(anthropic_answer, anthropic_usage, anthropic_usage, st.booleans())),
     st.tuples(st.just("/v1/chat/completions"), st.builds(chat_answer, chat_usage, st.booleans())),
     st.tuples(st.just("/v1/responses"), st.builds(responses_answer, responses_usage, st.booleans())),
+    st.tuples(st.just("/v1/images/generations"), st.builds(image_answer, image_usage, st.booleans())),
+    st.tuples(st.just("/v1/audio/transcriptions"), st.builds(transcript_answer, transcript_usage, st.booleans())),
 )
 
 
@@ -179,6 +211,9 @@ def check_counts(call: LLMCall) -> None:
 # clamp the cost read -0.000132; 100 random examples did not find it, their counts rarely being two small integers).
 @example(answer=("/v1/chat/completions", chat_answer({"prompt_tokens": 5, "completion_tokens": 1,
     "prompt_tokens_details": {"cached_tokens": 100}}, False)))  # fmt: skip
+@example(answer=("/v1/images/generations", image_answer({"input_tokens": -5, "output_tokens": 2**60}, True)))
+@example(answer=("/v1/audio/transcriptions", transcript_answer({"type": "tokens", "input_tokens": 1.5,
+    "output_tokens": "7"}, False)))  # fmt: skip
 @given(answer=answers)
 def test_hostile_usage_members_never_fail_change_bytes_or_count_down(
     observed: tuple[Any, Any],  # noqa: F811

@@ -3,10 +3,10 @@ Anthropic's API sees them: files, uploads, images, audio, moderations, batches, 
 containers, conversations, evals, realtime secrets, videos, count_tokens, message batches, models... Each method is
 called on a fake upstream served by real uvicorn, once alone and once wrapped in the middleware: the SDK gets the
 same answer byte for byte, headers included, the app gets the request body the SDK sent (multipart uploads too), and
-only the inference routes (chat completions, completions, embeddings, Responses, Anthropic messages) are counted, with
-their operation; everything else (an image's or a transcription's token usage included) passes through uncounted, and
-no id or file name reaches a label. The hostile variants (a 100 MB upload, binary labelled as an event stream, JSON
-Lines labelled as JSON) leave the answer unchanged and the memory bounded."""
+only the inference routes (chat completions, completions, embeddings, Responses, Anthropic messages, and the image
+generations and edits and transcriptions, for their token usage) are counted, with their operation; everything else
+passes through uncounted, and no id or file name reaches a label. The hostile variants (a 100 MB upload, binary
+labelled as an event stream, JSON Lines labelled as JSON) leave the answer unchanged and the memory bounded."""
 
 from __future__ import annotations
 
@@ -503,6 +503,9 @@ COUNTED = {
     "/v1/responses": ("chat", "openai"),
     "/v1/responses/compact": ("chat", "openai"),
     "/v1/messages": ("chat", "anthropic"),
+    "/v1/images/generations": ("generate_content", "openai"),
+    "/v1/images/edits": ("generate_content", "openai"),
+    "/v1/audio/transcriptions": ("generate_content", "openai"),
 }
 
 
