@@ -261,7 +261,7 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
 
     import bench_emulator
 
-    result: dict[str, Any] = {"n": n}
+    result: dict[str, Any] = {"n": n, "killed": 0}
     with tempfile.TemporaryDirectory() as tmp:
         async with bench_emulator.BenchEmulator() as emu, kmock.Server(emu, user_agent=BENCH_AGENT) as server:
             _setup(emu, kmock)
@@ -308,7 +308,7 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
                 await asyncio.sleep(idle)
                 result["idle"] = _count(_operator_requests(emu, mark))
             finally:
-                result["log_tail"] = _stop(operator)
+                result["log_tail"] = await _stop(operator, result)
             log(f"operator N={n}: restart pass")
             mark = len(_log(emu))
             operator = _start_operator(kubeconfig)
@@ -324,11 +324,11 @@ async def _measure(n: int, idle: float, log: Any) -> dict[str, Any]:
                 result["restart"] = _count(_operator_requests(emu, mark))
                 result["restart_peak_kib"] = procs.memory_kib(operator.pid)[1]
             except (RuntimeError, TimeoutError) as exc:
-                tail = _stop(operator)
+                tail = await _stop(operator, result)
                 raise type(exc)(f"{exc}; restarted operator's log ends: {tail[-600:]}") from exc
             finally:
                 if not tail:
-                    _stop(operator)
+                    await _stop(operator, result)
     return result
 
 
@@ -336,7 +336,17 @@ def _watching_since(emu: Any, mark: int) -> bool:
     return any("llmtelemetries" in r.path and r.watch for r in _operator_requests(emu, mark))
 
 
-def _stop(process: subprocess.Popen[bytes]) -> str:
+async def _stop(process: subprocess.Popen[bytes], result: dict[str, Any], timeout: float = 10) -> str:
+    """Stop the operator (SIGTERM, then SIGKILL after ``timeout``, counted in ``result["killed"]``) and return the end
+    of its log, waiting on the event loop: the emulator answering the operator runs on it, and kopf's last write as
+    it stops (its peering object's) must be answered. Waited for in a blocking call, it never was: every stop took
+    ``timeout`` seconds and ended in a SIGKILL, and the restart pass followed an operator killed, not stopped."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            result["killed"] = result.get("killed", 0) + 1
     return procs.stop(process)[-2000:]
 
 
@@ -392,6 +402,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{res['restart']['writes']:>16}{res['restart_s']:>11.2f}"
         )
         notes.append(f"N={n} writes by kind until settled: {_kinds(settled)}")
+        if res.get("killed"):
+            notes.append(f"N={n} operator killed: {res['killed']} of its 2 runs did not stop within 10 s of SIGTERM")
         if res["restart"]["writes"] or res["idle"]["writes"]:
             notes.append(f"N={n} second-pass writes: idle {_kinds(res['idle'])}; restart {_kinds(res['restart'])}")
     lines += ["", *notes]
