@@ -64,7 +64,7 @@ class MetadataWatch:
     """Watch one kind's objects with ``labels`` in ``namespace`` (None: all), or the one object named ``name``
     there, and call ``deliver(type, metadata)`` on ``loop``, in the context the watch was made in, for each ADDED,
     MODIFIED and DELETED event, until :meth:`stop`; and ``served()`` there once each time the kind, found not served
-    (404), is served again (its first list since succeeded)."""
+    (404), is served again (its first list since succeeded), which it tries every ``missing_retry`` seconds."""
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class MetadataWatch:
         name: str | None = None,
         served: Callable[[], None] | None = None,
         broken: Callable[[], None] | None = None,
+        missing_retry: float = MISSING_RETRY,
     ) -> None:
         self.client = client
         self.resource = resource
@@ -86,6 +87,7 @@ class MetadataWatch:
         self.deliver = deliver
         self.served = served
         self.broken = broken
+        self.missing_retry = missing_retry
         self.loop = loop
         # The context of whoever made the watch (kopf's startup handler): the passes events start post Kubernetes
         # events through kopf, which finds its settings and event queue in context variables.
@@ -142,7 +144,7 @@ class MetadataWatch:
                 if exc.status not in (403, 404):
                     self._broke()
                 if exc.status == 404:
-                    wait = MISSING_RETRY
+                    wait = self.missing_retry
                 elif exc.status == 410:
                     wait = 0.0  # not a failure: the version is too old to resume from; list again now
                     logger.info("watch of %s expired (%s); watching anew", self.resource.plural, exc)

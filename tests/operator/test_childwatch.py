@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import urllib3
 
-from llm_telemetry_operator import kube
+from llm_telemetry_operator import childwatch, kube
 from llm_telemetry_operator.childwatch import MetadataWatch
 from llm_telemetry_operator.errors import ApiError
 
@@ -226,7 +226,9 @@ def test_a_watch_asks_the_server_to_end_it_before_the_client_would_give_it_up() 
     assert SERVER_TIMEOUT < kube.STREAM_READ_TIMEOUT <= 120
 
 
-async def _served_calls(server: _Server, timeout: float) -> tuple[int, list[tuple[str, str]]]:
+async def _served_calls(
+    server: _Server, timeout: float, missing_retry: float = childwatch.MISSING_RETRY
+) -> tuple[int, list[tuple[str, str]]]:
     """Run a watch with a ``served`` callback until the script ends: how often it was called, and what was delivered."""
     delivered: list[tuple[str, str]] = []
     calls: list[None] = []
@@ -238,6 +240,7 @@ async def _served_calls(server: _Server, timeout: float) -> tuple[int, list[tupl
         lambda kind, meta: delivered.append((kind, meta["name"])),
         asyncio.get_running_loop(),
         served=lambda: calls.append(None),
+        missing_retry=missing_retry,
     )
     watch.start()
     try:
@@ -267,7 +270,8 @@ async def test_a_kind_served_from_the_start_is_never_told_served_not_at_a_relist
 async def test_a_kind_served_after_a_404_is_told_once_whatever_failed_between() -> None:
     """404 (the CRD not installed), then a 403 and a list whose answer cannot be read before one succeeds: the
     kind is told served once, on that list, and not again at the relist after a 410. (One 404: the watch tries a kind
-    not served again after MISSING_RETRY seconds.)"""
+    not served again after ``missing_retry`` seconds, half a minute in the operator, 1 s here: the retry's interval
+    is not what is tested.)"""
     server = _Server(
         ApiError(404, "NotFound", "the server could not find the requested resource"),
         ApiError(403, "Forbidden", "servicemonitors is forbidden"),
@@ -277,7 +281,7 @@ async def test_a_kind_served_after_a_404_is_told_once_whatever_failed_between() 
         _List("12", "a"),
         _Stream([], None),
     )
-    calls, _ = await _served_calls(server, 60)
+    calls, _ = await _served_calls(server, 60, missing_retry=1.0)
     assert server.versions[:6] == ["list from cache"] * 4 + ["4", "list"]
     assert calls == 1
 
