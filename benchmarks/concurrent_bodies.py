@@ -1,7 +1,7 @@
 """Memory the middleware holds across many concurrent connections with large bodies: RSS of a real uvicorn server.
 
     python benchmarks/concurrent_bodies.py [--connections 50,100,200] [--http h11,httptools]
-        [--scenarios fast-parse,fast-proxy,drip-parse,answer-unread,answer-stalled] [--body-mib 8]
+        [--scenarios fast-parse,fast-proxy,drip-parse,answer-unread,answer-stalled] [--body-mib 8] [--settle 0.3]
 
 Each row starts a fresh uvicorn (the chosen HTTP implementation) serving one raw ASGI app, bare or wrapped in the
 middleware (defaults, no metrics listener), opens N connections at once with raw sockets and, once every request
@@ -194,12 +194,12 @@ def _state(port: int, query: str = "") -> int:
     return holding
 
 
-def _settled_rss(pid: int) -> int:
-    """VmRSS once three readings 0.3 s apart agree within 1 MiB (a connection's bytes still arriving)."""
+def _settled_rss(pid: int, every: float = 0.3) -> int:
+    """VmRSS once three readings ``every`` seconds apart agree within 1 MiB (a connection's bytes still arriving)."""
     last = procs.memory_kib(pid)[0]
     steady = 0
     for _ in range(100):
-        time.sleep(0.3)
+        time.sleep(every)
         now = procs.memory_kib(pid)[0]
         steady = steady + 1 if abs(now - last) < 1024 else 0
         last = now
@@ -230,9 +230,9 @@ async def _load(args: argparse.Namespace, port: int, pid: int, scenario: str, n:
             break
         if time.monotonic() - started > 300:
             raise RuntimeError(f"only {holding} of {n} requests reached the hold in 300 s")
-    rss = await loop.run_in_executor(None, _settled_rss, pid)
+    rss = await loop.run_in_executor(None, _settled_rss, pid, args.settle)
     await loop.run_in_executor(None, _state, port, "?trim")
-    trimmed = await loop.run_in_executor(None, _settled_rss, pid)
+    trimmed = await loop.run_in_executor(None, _settled_rss, pid, args.settle)
     await loop.run_in_executor(None, lambda: procs.http_get(f"http://127.0.0.1:{port}/_release", timeout=60))
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
@@ -250,7 +250,7 @@ def run_row(args: argparse.Namespace, scenario: str, http: str, variant: str, n:
     )
     try:
         procs.wait_http(f"http://127.0.0.1:{port}/_state?trim", server)
-        idle = _settled_rss(server.pid)
+        idle = _settled_rss(server.pid, args.settle)
         rss, trimmed = asyncio.run(_load(args, port, server.pid, scenario, n))
         return (rss - idle) / 1024, (trimmed - idle) / 1024
     finally:
@@ -272,6 +272,9 @@ def main() -> int:
     parser.add_argument("--body-mib", type=float, default=7.75)
     parser.add_argument("--drip-mib", type=float, default=1.0)
     parser.add_argument("--stall-mib", type=float, default=2.0)
+    parser.add_argument(
+        "--settle", type=float, default=0.3, help="seconds between the RSS readings that must agree (default 0.3)"
+    )
     args = parser.parse_args()
     if args.serve:
         serve(args)
