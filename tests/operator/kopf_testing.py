@@ -644,9 +644,9 @@ async def running_operator(config: OperatorConfig | None = None, client: Any = N
     if client is not None:
         options["memo"] = kopf.Memo(config=config, client=client)
     memo = options["memo"]
-    stop = asyncio.Event()
+    stop, started = asyncio.Event(), asyncio.Event()
     insights = Insights()
-    task = asyncio.create_task(kopf.operator(stop_flag=stop, insights=insights, **options))
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=started, insights=insights, **options))
     try:
         yield memo
     finally:
@@ -655,10 +655,13 @@ async def running_operator(config: OperatorConfig | None = None, client: Any = N
         # and one that asks after kopf has closed its session fails ("Connector is closed"), an error kopf.operator
         # then raises as it ends. So the stop waits for that scan, for as long as the operator runs (a failed
         # startup ends it: its error is raised below) and at most SCAN_WAIT_SECONDS (a scan still not done then is
-        # stopped as before, and any error raised).
-        scanned = asyncio.ensure_future(insights.ready_resources.wait())
-        await asyncio.wait({task, scanned}, timeout=SCAN_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-        scanned.cancel()
-        await asyncio.gather(scanned, return_exceptions=True)
+        # stopped as before, and any error raised). Only once the startup is done (``started``): kopf starts the scan
+        # then, with its other root tasks, and a startup that failed and waits for kopf's next attempt has none under
+        # way, nor will it before the stop (the wait made each such test SCAN_WAIT_SECONDS longer).
+        if started.is_set():
+            scanned = asyncio.ensure_future(insights.ready_resources.wait())
+            await asyncio.wait({task, scanned}, timeout=SCAN_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            scanned.cancel()
+            await asyncio.gather(scanned, return_exceptions=True)
         stop.set()
         await asyncio.wait_for(task, timeout=30)
