@@ -29,7 +29,7 @@ from llm_telemetry_operator import access
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError
-from llm_telemetry_operator.kube import KubeClient, server_configuration
+from llm_telemetry_operator.kube import KubeClient, Retry, server_configuration
 
 PATCH = (c.GROUP, c.PLURAL, "patch", None)
 STATUS = (c.GROUP, f"{c.PLURAL}/status", "patch", None)
@@ -222,7 +222,7 @@ async def test_a_check_fails_with_its_first_failure_not_one_that_came_later(emul
 #: minutes: the exit must not wait for it).
 ASK_AND_CLOSE = """
 import asyncio, sys
-from llm_telemetry_operator.kube import KubeClient, server_configuration
+from llm_telemetry_operator.kube import KubeClient, Retry, server_configuration
 
 async def main():
     client = KubeClient(server_configuration(sys.argv[1]), timeout=(5, 600))
@@ -634,7 +634,10 @@ async def test_a_namespace_a_failed_check_was_to_ask_about_is_asked_about_by_the
         peering="test-peering", metrics_port=0, health="", resync_seconds=1, namespaces=(NAMESPACE,)
     )
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    async with running_operator(config):
+    # The operator's client, its retries of a 500 as many, their waits (half a second doubling: 8-15 s in all) short:
+    # what is tested is what follows the failed check, not the client's backoff.
+    client = KubeClient(peering=config.peering, retry=Retry(base=0.01))
+    async with running_operator(config, client=client):
         await started(caplog)
         await periodic_check_held(emulator)
         emulator.unauthorized.add(ROLE_PATCH)
