@@ -37,6 +37,7 @@ _ENV_FLAGS = (
     ("dashboard_label", cfg.LLM_TELEMETRY_OPERATOR_DASHBOARD_LABEL),
     ("peering", cfg.LLM_TELEMETRY_OPERATOR_PEERING),
     ("priority", cfg.LLM_TELEMETRY_OPERATOR_PRIORITY),
+    ("peering_lifetime_seconds", cfg.LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS),
     ("metrics_port", cfg.LLM_TELEMETRY_OPERATOR_METRICS_PORT),
     ("health", cfg.LLM_TELEMETRY_OPERATOR_HEALTH),
     ("resync_seconds", cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS),
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", help="kubeconfig context (default: the current one)")
     parser.add_argument("--peering", metavar="NAME", help="name of the ClusterKopfPeering")
     parser.add_argument("--priority", help="peering priority: an integer, or 'auto' for a random one")
+    parser.add_argument(
+        "--peering-lifetime-seconds",
+        metavar="SECONDS",
+        help="how long a replica counts as alive after its last peering keepalive: a standby takes over this long"
+        " at most after the active replica went silent (default 60)",
+    )
     parser.add_argument("--traces-endpoint", metavar="URL", help="default OTLP endpoint for traces")
     parser.add_argument("--logs-endpoint", metavar="URL", help="default Loki OTLP base URL for logs")
     parser.add_argument("--logs-tenant", metavar="TENANT", help="default Loki tenant (X-Scope-OrgID) for logs")

@@ -38,6 +38,9 @@ LLM_TELEMETRY_OPERATOR_RUNBOOK_URL: Final = "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL"
 LLM_TELEMETRY_OPERATOR_PEERING: Final = "LLM_TELEMETRY_OPERATOR_PEERING"
 #: kopf peering priority: an integer, or ``auto`` for a random one per pod (one replica active, the rest standby).
 LLM_TELEMETRY_OPERATOR_PRIORITY: Final = "LLM_TELEMETRY_OPERATOR_PRIORITY"
+#: Seconds the other replicas count a replica alive after its last peering keepalive (kopf's peering lifetime):
+#: how long a replica that stopped without a word (killed, frozen, its node lost) keeps a standby from taking over.
+LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS: Final = "LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS"
 #: Port of the operator's own Prometheus metrics; 0 turns them off.
 LLM_TELEMETRY_OPERATOR_METRICS_PORT: Final = "LLM_TELEMETRY_OPERATOR_METRICS_PORT"
 #: kopf liveness endpoint URL; empty turns it off.
@@ -78,6 +81,9 @@ DEFAULT_PRIORITY: Final = "auto"
 #: Range "auto" draws from. kopf pauses every operator whose priority equals another's, so the range is wide
 #: enough that two replicas practically never draw the same number.
 AUTO_PRIORITY_RANGE: Final = (1, 2**31 - 1)
+#: kopf's own default. kopf renews a replica's entry 5 to 10 s before it runs out, so a lifetime needs room for that.
+DEFAULT_PEERING_LIFETIME_SECONDS: Final = 60
+PEERING_LIFETIME_RANGE: Final = (15, 3600)
 DEFAULT_METRICS_PORT: Final = 9465
 DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
 DEFAULT_RESYNC_SECONDS: Final = 300.0
@@ -103,6 +109,7 @@ class OperatorConfig:
         runbook_url: base of the alerts' runbook links.
         peering: name of the kopf peering object.
         priority: kopf peering priority; the highest live one is active, lower ones stand by.
+        peering_lifetime_seconds: seconds a replica counts as alive after its last peering keepalive.
         metrics_port: port of the operator's own metrics (0: off).
         health: liveness endpoint URL ("" : off).
         resync_seconds: interval of the periodic re-reconcile.
@@ -139,6 +146,9 @@ class OperatorConfig:
     #: kopf peering priority. ``LLM_TELEMETRY_OPERATOR_PRIORITY=auto`` resolves to a random number per process, so
     #: that of several replicas exactly one (the highest) runs and the others stand by.
     priority: int = 0
+    #: Seconds the other replicas count this one alive after its last peering keepalive (kopf's
+    #: ``settings.peering.lifetime``): a standby takes over this long at most after an active replica went silent.
+    peering_lifetime_seconds: int = DEFAULT_PEERING_LIFETIME_SECONDS
     #: Port of the operator's own Prometheus metrics; 0 turns them off.
     metrics_port: int = DEFAULT_METRICS_PORT
     #: kopf liveness endpoint; empty turns it off.
@@ -216,6 +226,21 @@ class OperatorConfig:
                 raise ConfigurationError(
                     f"{LLM_TELEMETRY_OPERATOR_PRIORITY}={priority_text!r}: expected an integer or auto"
                 ) from None
+        lifetime_text = get(LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS, "") or str(
+            DEFAULT_PEERING_LIFETIME_SECONDS
+        )
+        try:
+            lifetime = _int(LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS, lifetime_text)
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"{LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS}={lifetime_text!r}: expected whole seconds"
+            ) from None
+        low, high = PEERING_LIFETIME_RANGE
+        if not low <= lifetime <= high:
+            raise ConfigurationError(
+                f"{LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS}={lifetime_text!r}: must be between {low} and"
+                f" {high} seconds (kopf renews an entry 5 to 10 s before it runs out)"
+            )
         port = _int(
             LLM_TELEMETRY_OPERATOR_METRICS_PORT, get(LLM_TELEMETRY_OPERATOR_METRICS_PORT, str(DEFAULT_METRICS_PORT))
         )
@@ -256,6 +281,7 @@ class OperatorConfig:
             runbook_url=runbook_url,
             peering=peering,
             priority=priority,
+            peering_lifetime_seconds=lifetime,
             metrics_port=port,
             health=health,
             resync_seconds=resync,

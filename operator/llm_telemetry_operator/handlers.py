@@ -10,6 +10,7 @@ import datetime
 import functools
 import itertools
 import logging
+import math
 import pathlib
 import socket
 import time
@@ -26,7 +27,7 @@ from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.childwatch import MetadataWatch
 from llm_telemetry_operator.collectors import CACHE_SECONDS as COLLECTOR_CACHE_SECONDS
 from llm_telemetry_operator.collectors import CollectorCheck
-from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.config import DEFAULT_PEERING_LIFETIME_SECONDS, OperatorConfig
 from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
 from llm_telemetry_operator.errors import (
     MAX_MESSAGE_CHARS,
@@ -46,13 +47,29 @@ from llm_telemetry_operator.standby import alive_until, standing_by
 
 #: Passes of the operator's own (retries, resyncs) running at once; more wait their turn.
 SCHEDULED_PASSES = 4
-#: Seconds without its event loop running after which a replica counts as having been frozen (half the 60 s
-#: kopf's peering keeps a silent replica's entry alive: a standby may have taken over meanwhile). Coming back, it
-#: would act on what it knew before the freeze: a resource's old spec put back over the new one, which the other
-#: replica put back again. It stands by until it has read the peering object, and the resources if it is active.
-FROZEN_SECONDS = 30.0
-#: Polls a deletion waits for a replica standing by (past the minute a kopf keepalive takes) before kopf retries it.
-DELETE_WAIT_POLLS = 35
+#: Seconds without its event loop running after which a replica counts as having been frozen, as a share of the
+#: peering lifetime (kopf keeps a silent replica's entry alive that long, 60 s by default: a standby may have taken
+#: over meanwhile). Coming back, it would act on what it knew before the freeze: a resource's old spec put back over
+#: the new one, which the other replica put back again. It stands by until it has read the peering object, and the
+#: resources if it is active. See :func:`frozen_seconds`.
+FROZEN_SHARE = 0.5
+FROZEN_SECONDS = FROZEN_SHARE * DEFAULT_PEERING_LIFETIME_SECONDS
+#: Polls a deletion waits for a replica standing by, past the peering lifetime a kopf keepalive may take, before kopf
+#: retries it (35 with the default lifetime). See :func:`delete_wait_polls`.
+DELETE_WAIT_POLLS_BEYOND = 5
+
+
+def frozen_seconds(lifetime: float) -> float:
+    """Seconds without its event loop running after which a replica with peering ``lifetime`` counts as frozen."""
+    return FROZEN_SHARE * lifetime
+
+
+def delete_wait_polls(lifetime: float) -> int:
+    """Polls (STANDBY_POLL_SECONDS apart) a deletion waits for a replica standing by, with peering ``lifetime``."""
+    return math.ceil(lifetime / STANDBY_POLL_SECONDS) + DELETE_WAIT_POLLS_BEYOND
+
+
+DELETE_WAIT_POLLS = delete_wait_polls(DEFAULT_PEERING_LIFETIME_SECONDS)
 #: Lists of the resources tried (one a STANDBY_POLL_SECONDS) before a replica active again acts without one.
 RELIST_ATTEMPTS = 5
 #: The RELOGIN_BURST-th login within RELOGIN_SECONDS, and the next ones, wait first (see _relogin_backoff), at most
@@ -174,10 +191,14 @@ class OperatorState:
     collectors_changed: set[tuple[str, str]] = field(default_factory=set)
     collectors_settling: asyncio.TimerHandle | None = None
     #: Whether another replica is the active one (kopf's peering rule, see standby.py), or this one has not read the
-    #: peering object since it was frozen (see FROZEN_SECONDS): no pass of our own runs.
+    #: peering object since it was frozen (see frozen_seconds): no pass of our own runs.
     standby: bool = False
     #: When (time.monotonic()) the event loop's heartbeat last ticked; None while peering is off.
     ticked: float | None = None
+    #: A stall of the event loop longer than this is a freeze (see :func:`frozen_seconds`; from the peering lifetime).
+    frozen_seconds: float = FROZEN_SECONDS
+    #: Polls a deletion waits for a replica standing by (see :func:`delete_wait_polls`).
+    delete_wait_polls: int = DELETE_WAIT_POLLS
     #: Failed lists of the resources since this replica found itself active again (see _check_standby).
     relists_failed: int = 0
     #: When (time.monotonic()) reading the peering objects began to fail, and when that was last said; None: read.
@@ -406,7 +427,10 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
     # notices a collector installed meanwhile.
     ttl = min(COLLECTOR_CACHE_SECONDS, config.resync_seconds / 2)
     state = memo["state"] = OperatorState(
-        collectors=CollectorCheck(config.namespaces, ttl=ttl), schedule=Schedule(interval=config.resync_seconds)
+        collectors=CollectorCheck(config.namespaces, ttl=ttl),
+        schedule=Schedule(interval=config.resync_seconds),
+        frozen_seconds=frozen_seconds(config.peering_lifetime_seconds),
+        delete_wait_polls=delete_wait_polls(config.peering_lifetime_seconds),
     )
     # Retries and resyncs: one task for the whole operator, cancelled at cleanup (see schedule.py for why not
     # kopf's per-resource daemons, timers or TemporaryError retries).
@@ -449,6 +473,9 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
     # watched namespace being deleted takes its KopfPeering and the chart's Role there with it, and kopf stops the
     # whole operator once it cannot keep its entry in one. kopf starts its peering only after the startup handlers.
     settings.peering.clusterwide = True
+    # How long the other replicas count this one alive after its last keepalive (kopf renews it 5 to 10 s before
+    # then): the longest a standby waits to take over from a replica that went silent.
+    settings.peering.lifetime = config.peering_lifetime_seconds
     state.logger = logger
     # kopf logs each retry of a refused call at ERROR, every 30 s for as long as it is refused: once the permission is
     # named (below), such retries are logged at WARNING now and then, not at ERROR (see refusals.py); a refusal not
@@ -675,13 +702,13 @@ async def _mark_stopped(client: KubeClient, config: OperatorConfig, state: Opera
 
 def _paused(state: OperatorState) -> bool:
     """Whether this replica must not act (no pass, no write): another replica is active; or this one was frozen
-    (its event loop did not run for FROZEN_SECONDS), or its entry in the peering object has not been read renewed
+    (its event loop did not run for frozen_seconds), or its entry in the peering object has not been read renewed
     before the others would see it dead, and it has not read the peering object since. Checked as a pass is about to
     start and before every write, so that nothing started before or over a freeze runs ahead of the peering watch."""
     if state.standby:
         return True
     stalled = time.monotonic() - state.ticked if state.ticked is not None else 0.0
-    if stalled > FROZEN_SECONDS:
+    if stalled > state.frozen_seconds:
         # Frozen (SIGSTOP, a paused VM, a stalled node) past the point where another replica may have taken over and
         # changed what this one knew: stand by until _watch_standby reads the peering object (and, if active, the
         # resources) again.
@@ -949,7 +976,7 @@ def _nothing_known_missing(state: OperatorState, namespace: str) -> bool:
 
 
 async def _heartbeat(state: OperatorState) -> None:
-    """Tick every HEARTBEAT_SECONDS while the event loop runs: a tick overdue by FROZEN_SECONDS is a freeze (see
+    """Tick every HEARTBEAT_SECONDS while the event loop runs: a tick overdue by frozen_seconds is a freeze (see
     :func:`_paused`), told from a slow API call, which the loop runs beside."""
     while True:
         _paused(state)  # a freeze is noticed (and said) before the tick below hides it
@@ -1387,7 +1414,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     # twice (its progress annotations), one every poll would be a write a second.
     polls = 0
     while _paused(_state(memo)):
-        if polls == DELETE_WAIT_POLLS:
+        if polls == _state(memo).delete_wait_polls:
             raise kopf.TemporaryError("this replica stands by", delay=STANDBY_POLL_SECONDS)
         await asyncio.sleep(STANDBY_POLL_SECONDS)
         polls += 1
@@ -1396,7 +1423,7 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
     polls = 0
     seen: Mapping[str, Any] = body
     while (holder := await _held_elsewhere(memo, seen)) is not None:
-        if polls == DELETE_WAIT_POLLS:
+        if polls == _state(memo).delete_wait_polls:
             raise kopf.TemporaryError(f"left to operator {holder!r}", delay=STANDBY_POLL_SECONDS)
         await asyncio.sleep(STANDBY_POLL_SECONDS)
         polls += 1
@@ -1760,8 +1787,9 @@ def watched_twice_message(holder: str, own: str, namespace: str, idle: bool) -> 
             " too and leaves the resource to it while it runs. Two releases of the operator watch this namespace:"
             " take it out of the watchNamespaces of the release not meant to serve it. If that name is this"
             " release's own former peering name (a switch between cluster-wide and namespaced mode: the old pods'"
-            " entries outlive them by up to a minute), there is no second release: delete that peering object once"
-            " its pods are gone, and the resource is taken over at its next resync"
+            " entries outlive them by up to their peering lifetime, a minute by default), there is no second"
+            " release: delete that peering object once its pods are gone, and the resource is taken over at its next"
+            " resync"
         )
     grace = f"{TAKEOVER_GRACE_SECONDS / 60:g} minutes"
     return (

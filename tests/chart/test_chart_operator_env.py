@@ -42,6 +42,20 @@ def test_a_fixed_priority_from_a_values_file_reaches_the_operator(render: Render
     assert OperatorConfig.from_env(env).priority == priority
 
 
+@pytest.mark.parametrize("lifetime", [15, 20, 3600])
+def test_a_peering_lifetime_from_a_values_file_reaches_the_operator(render: Render, lifetime: int) -> None:
+    env = operator_env(render({"peering": {"lifetimeSeconds": lifetime}}))
+    assert env["LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS"] == str(lifetime)
+    assert OperatorConfig.from_env(env).peering_lifetime_seconds == lifetime
+
+
+@pytest.mark.parametrize("lifetime", [14, 3601, 20.5, "20"])
+def test_a_peering_lifetime_the_operator_would_refuse_is_refused_by_helm(
+    helm: Helm, values_file: ValuesFile, lifetime: Any
+) -> None:
+    assert "lifetimeSeconds" in refusal(helm, values_file, {"peering": {"lifetimeSeconds": lifetime}})
+
+
 def test_a_priority_set_to_null_is_the_default_auto(render: Render) -> None:
     """`--set peering.priority=null` (or a null in a values file) takes the value out; it rendered `<nil>`, which the
     operator refuses at its start."""

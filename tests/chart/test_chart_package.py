@@ -119,6 +119,7 @@ def test_deployment_runs_the_operator_entry_point_with_its_settings(render: Rend
         "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL": "docs/runbooks.md",
         "LLM_TELEMETRY_OPERATOR_PEERING": "llm-telemetry-operator",
         "LLM_TELEMETRY_OPERATOR_PRIORITY": "auto",
+        "LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS": "60",
         "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "9465",
         "LLM_TELEMETRY_OPERATOR_HEALTH": "http://0.0.0.0:8080/healthz",
         "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "300",

@@ -63,9 +63,10 @@ def test_environment_applies_without_flags() -> None:
 def test_flags_override_environment() -> None:
     config = configured(
         "-n", "a", "--namespace", "b", "--peering", "mine", "--metrics-port", "0", "--standalone",
-        "--kubeconfig", "kc.yaml", "--context", "dev", "--resync-seconds", "30",
+        "--kubeconfig", "kc.yaml", "--context", "dev", "--resync-seconds", "30", "--peering-lifetime-seconds", "20",
     )  # fmt: skip
     assert config.namespaces == ("a", "b")
+    assert config.peering_lifetime_seconds == 20
     assert (config.peering, config.metrics_port, config.standalone) == ("mine", 0, True)
     assert (config.kubeconfig, config.context, config.resync_seconds) == ("kc.yaml", "dev", 30.0)
 
@@ -136,6 +137,11 @@ def test_bad_environment_value_exits_2_naming_the_variable(
     monkeypatch.setenv(cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS, "-5")
     assert main(["--metrics-port", "0"]) == 2
     assert f"{cfg.LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS}='-5'" in capsys.readouterr().err
+
+
+def test_a_bad_peering_lifetime_flag_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--metrics-port", "0", "--peering-lifetime-seconds", "5"]) == 2
+    assert "--peering-lifetime-seconds='5': must be between 15 and 3600 seconds" in capsys.readouterr().err
 
 
 def peering_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -24,6 +24,7 @@ def test_config_defaults() -> None:
     assert config.metrics_port == 9465
     assert config.health == "http://0.0.0.0:8080/healthz"
     assert config.resync_seconds == 300.0
+    assert config.peering_lifetime_seconds == 60  # kopf's own default
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("jaeger", "loki")
     assert config.runbook_url == "docs/runbooks.md"  # the rules' own default
     assert config.logs_tenant == ""
@@ -43,6 +44,7 @@ def test_config_from_environment() -> None:
         "LLM_TELEMETRY_OPERATOR_METRICS_PORT": "0",
         "LLM_TELEMETRY_OPERATOR_HEALTH": "",
         "LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS": "30",
+        "LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS": "20",
         "LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID": "P14A4C8C6B8A2B0D1",
         "LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID": "loki_logs-1",
         "LLM_TELEMETRY_OPERATOR_RUNBOOK_URL": "https://wiki.example.com/llm/runbooks",
@@ -59,6 +61,7 @@ def test_config_from_environment() -> None:
     assert config.priority == 5
     assert config.metrics_port == 0 and config.health == ""
     assert config.resync_seconds == 30.0
+    assert config.peering_lifetime_seconds == 20
     assert (config.jaeger_datasource_uid, config.loki_datasource_uid) == ("P14A4C8C6B8A2B0D1", "loki_logs-1")
     assert config.runbook_url == "https://wiki.example.com/llm/runbooks"
     assert config.logs_tenant == "team-a"
@@ -92,6 +95,12 @@ def test_config_auto_priority_differs_between_pods() -> None:
         # themselves), and with inf the retries' backoff had no ceiling.
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "nan"),
         ("LLM_TELEMETRY_OPERATOR_RESYNC_SECONDS", "inf"),
+        # kopf renews an entry 5 to 10 s before it runs out: a shorter lifetime leaves a replica dead between
+        # keepalives. kopf writes whole seconds.
+        ("LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS", "14"),
+        ("LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS", "3601"),
+        ("LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS", "20.5"),
+        ("LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS", "soon"),
         ("LLM_TELEMETRY_OPERATOR_JAEGER_DATASOURCE_UID", "jaeger.prod"),
         ("LLM_TELEMETRY_OPERATOR_LOKI_DATASOURCE_UID", "l" * 41),
         ("LLM_TELEMETRY_OPERATOR_RUNBOOK_URL", "https://wiki.example.com/run books"),
@@ -141,3 +150,9 @@ def test_each_watched_namespace_is_taken_once(listed: list[tuple[str, str, str]]
     config = OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_NAMESPACES": value})
     names = [name for name, _, _ in listed]
     assert config.namespaces == tuple(sorted(set(names), key=names.index))
+
+
+def test_an_empty_peering_lifetime_is_the_default() -> None:
+    """The chart leaves the variable empty after `helm upgrade --reuse-values` from a release without the value."""
+    config = OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS": ""})
+    assert config.peering_lifetime_seconds == 60

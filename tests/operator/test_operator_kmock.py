@@ -1808,3 +1808,19 @@ async def test_a_resource_whose_namespace_was_deleted_while_the_operator_was_dow
     emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
     async with running_operator(config):
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "the resource let go")
+
+
+async def test_the_peering_lifetime_setting_is_the_lifetime_kopf_writes_in_the_peering_object(emulator: Any) -> None:
+    """LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS reaches kopf: the replica's entry in the ClusterKopfPeering
+    says that lifetime, which the other replicas go by to tell it dead (kopf's default, 60 s, otherwise)."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    config = OperatorConfig(
+        peering=PEERING, metrics_port=0, health="", resync_seconds=3600, peering_lifetime_seconds=20
+    )
+    async with running_operator(config):
+        peering = await eventually(
+            lambda: (get(emulator, CLUSTERKOPFPEERINGS, PEERING, None) or {}).get("status"),
+            "keep-alive in the ClusterKopfPeering",
+        )
+        assert [peer["lifetime"] for peer in peering.values()] == [20]
