@@ -45,6 +45,9 @@ pytestmark = pytest.mark.k8s
 
 GROUP, VERSION, PLURAL = "llmtelemetry.dev", "v1alpha1", "llmtelemetries"
 MONITORING = "monitoring.coreos.com"
+#: The peering lifetime of this module's replicas (the chart's peering.lifetimeSeconds; 60 s by default): how long a
+#: standby waits to take over from a frozen replica, and how long that one may stand by once running again.
+PEERING_LIFETIME = "20"
 
 
 @dataclasses.dataclass
@@ -79,7 +82,7 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
     client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
     workdir = tmp_path_factory.mktemp("operator")
     process, log, operator_kubeconfig, env = start_chart_operator(
-        api, kubeconfig, docs, system, workdir, "--resync-seconds", "10"
+        api, kubeconfig, docs, system, workdir, "--resync-seconds", "10", "--peering-lifetime-seconds", PEERING_LIFETIME
     )
     running = Operator(process, log, apps, operator_kubeconfig, env)
     try:
@@ -547,16 +550,19 @@ def test_the_replica_goes_by_its_pod_name_in_the_peering_object(operator: Operat
         "the operator in its peering object",
     )  # fmt: skip
     assert list(peering) == [operator.env["POD_ID"]]
+    # With the lifetime it was given, which the other replicas go by.
+    assert peering[operator.env["POD_ID"]]["lifetime"] == int(PEERING_LIFETIME)
 
 
 def _other_replica(operator: Operator, pod_id: str, priority: int, log: pathlib.Path) -> subprocess.Popen[bytes]:
     """Another replica of ``operator`` (same credentials and settings), named ``pod_id`` with peering ``priority``,
-    its output in ``log``; resyncs every 10 s, as the first."""
+    its output in ``log``; resyncs every 10 s, and has the peering lifetime of the first."""
     env = {**os.environ, **operator.env, "POD_ID": pod_id, "LLM_TELEMETRY_OPERATOR_PRIORITY": str(priority)}
     with log.open("wb") as sink:
         return subprocess.Popen(
             [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10"],
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10",
+             "--peering-lifetime-seconds", PEERING_LIFETIME],
             env=env, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -643,6 +649,7 @@ def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
     try:
         wait_for(lambda: "this one stands by" in log.read_text(errors="replace"), "the second replica standing by")
         os.kill(operator.process.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
         try:
             wait_for(
                 lambda: "this replica is active again" in log.read_text(errors="replace"),
@@ -653,12 +660,15 @@ def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
             cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "frozen", patch)
             wait_for(lambda: port() == 9502, "the active replica applying the change")
             generation = cluster.deployment("frozen")["metadata"]["generation"]
+            # Frozen past its resync (10 s) at least, however soon the other replica took over (its keepalive may
+            # have been most of a lifetime old): a resync with the spec it knew is then due the moment it runs again.
+            time.sleep(max(0.0, 12 - (time.monotonic() - frozen)))
         finally:
             os.kill(operator.process.pid, signal.SIGCONT)
-        # Running again, it stands by (frozen past FROZEN_SECONDS, or its entry past its lifetime: the freeze can be
-        # the shorter, as the keepalive before it may be up to a minute old) until the peering object shows its own
-        # entry alive (kopf, reading the events queued over the freeze, takes its renewed entry out again until its
-        # next keepalive), then reads the resources again and acts, and the other replica stands by.
+        # Running again, it stands by (frozen past half its peering lifetime, or its entry past its lifetime: the
+        # freeze can be the shorter, as the keepalive before it may be up to a lifetime old) until the peering object
+        # shows its own entry alive (kopf, reading the events queued over the freeze, takes its renewed entry out
+        # again until its next keepalive), then reads the resources again and acts, and the other replica stands by.
         wait_for(
             lambda: operator.output().count("this replica is active again") > active_again,
             "the first replica active again",
@@ -1488,9 +1498,11 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
         cluster.create(telemetry("twice-new", "twice-new"))
         serving = cluster.ready("twice-new")["status"]["operator"]
         assert serving in (first, second)
-        time.sleep(12)  # past both operators' resyncs (10 s), and the new resource's first passes
+        # From the moment it is Ready on, nothing rolls: not the new resource's first passes in the other operator,
+        # nor either operator's next resyncs over both resources (every 10 s, the first between 5 and 15 s after a
+        # resource's last pass: see schedule.py).
         generations = {name: cluster.deployment(name)["metadata"]["generation"] for name in ("twice", "twice-new")}
-        time.sleep(12)
+        time.sleep(16)
         assert {name: cluster.deployment(name)["metadata"]["generation"] for name in generations} == generations
         # Claimed by one operator before either injected it: one rollout, under the settings of the one serving it.
         assert generations["twice-new"] == 2, generations

@@ -29,6 +29,9 @@ GROUP, VERSION, PLURAL = c.GROUP, c.VERSION, c.PLURAL
 #: A second namespace of the user's, whose resource is deleted (not its namespace).
 KEPT_NAMESPACE = "llm-kept"
 UNINSTALLED_FIRST = "**Uninstalled before its resources**"
+#: The operators' peering lifetime here (the chart's peering.lifetimeSeconds, 60 s by default): how long the new
+#: operator may stand by for the entry the uninstalled one could not take out.
+PEERING_LIFETIME = ("--peering-lifetime-seconds", "20")
 
 
 def _paragraph() -> str:
@@ -133,7 +136,9 @@ def test_resources_left_by_an_uninstall_are_let_go_as_documented(
             GROUP, VERSION, KEPT_NAMESPACE, PLURAL, {**example, "metadata": {"name": name}}
         )
         (tmp_path / "first").mkdir()
-        first, log, _, _ = start_chart_operator(api, kubeconfig, docs, RELEASE_NAMESPACE, tmp_path / "first")
+        first, log, _, _ = start_chart_operator(
+            api, kubeconfig, docs, RELEASE_NAMESPACE, tmp_path / "first", *PEERING_LIFETIME
+        )
         try:
             for namespace in (APP_NAMESPACE, KEPT_NAMESPACE):
                 wait_for(lambda ns=namespace: injected(ns), f"{namespace}/{name} injected")
@@ -174,9 +179,11 @@ def test_resources_left_by_an_uninstall_are_let_go_as_documented(
         renamed = copy.deepcopy(docs)
         next(d for d in renamed if d["kind"] == "Deployment")["metadata"]["name"] += "-again"
         (tmp_path / "again").mkdir()
-        again, log, _, _ = start_chart_operator(api, kubeconfig, renamed, RELEASE_NAMESPACE, tmp_path / "again")
+        again, log, _, _ = start_chart_operator(
+            api, kubeconfig, renamed, RELEASE_NAMESPACE, tmp_path / "again", *PEERING_LIFETIME
+        )
         try:
-            # Up to a minute's standby: the stopped operator's entry in the peering object lives on until it expires.
+            # Up to a lifetime's standby: the stopped operator's entry in the peering object lives on until it expires.
             wait_for(lambda: _absent(core.read_namespace, APP_NAMESPACE), "the namespace gone", timeout=180)
         finally:
             stop(again)
