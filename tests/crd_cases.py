@@ -85,6 +85,8 @@ BAD_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"logs": {"tenant": "a|b"}}, "tenant pattern: '|' separates tenants in a query"),
     ({"logs": {"tenant": ".."}}, "tenant is .. (CEL rule)"),
     ({"logs": {"tenant": "t" * 151}}, "tenant maxLength"),
+    ({"containers": [f"c{i}" for i in range(33)]}, "containers maxItems"),
+    ({"containers": ["app", "c" * 64]}, "container name maxLength: a container name has at most 63 characters"),
 ]
 
 #: Values the CRD and the operator both take, and both refuse: a dashboard folder is one folder name (Grafana's

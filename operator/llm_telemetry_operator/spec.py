@@ -54,6 +54,9 @@ MAX_SELECTOR_REQUIREMENTS = 64
 MAX_CHILD_LABELS = 64
 MAX_INTERVAL_CHARS = 16
 MAX_PRICED_MODELS = 500
+#: Container names a resource may list, each a DNS-1123 label (at most 63 characters), as the API server has them.
+MAX_CONTAINERS = 32
+MAX_CONTAINER_NAME_CHARS = 63
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def parse_spec(spec: Mapping[str, Any]) -> TelemetrySpec:
         raise SpecError("spec", "must be an object")
     return TelemetrySpec(
         selector=_selector(_section(spec, "selector", "spec.selector", required=True)),
-        containers=tuple(_strings(spec.get("containers"), "spec.containers")),
+        containers=_containers(spec.get("containers")),
         metrics=_metrics(_section(spec, "metrics", "spec.metrics")),
         tracing=_tracing(_section(spec, "tracing", "spec.tracing")),
         logs=_logs(_section(spec, "logs", "spec.logs")),
@@ -215,6 +218,19 @@ def _strings(value: Any, path: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise SpecError(path, "must be a list of non-empty strings")
     return list(value)
+
+
+def _containers(value: Any) -> tuple[str, ...]:
+    names = _strings(value, "spec.containers")
+    if len(names) > MAX_CONTAINERS:
+        raise SpecError("spec.containers", f"has {len(names)} names; at most {MAX_CONTAINERS}")
+    for i, name in enumerate(names):
+        if len(name) > MAX_CONTAINER_NAME_CHARS:
+            raise SpecError(
+                f"spec.containers[{i}]",
+                f"has {len(name)} characters; a container name has at most {MAX_CONTAINER_NAME_CHARS}",
+            )
+    return tuple(names)
 
 
 def _string_map(value: Any, path: str) -> dict[str, str]:

@@ -147,3 +147,14 @@ def test_the_examples(api: Any, stored: dict[str, Any], path: pathlib.Path) -> N
     obj = _load(path)
     assert kube_schema.validate_object(stored, obj) == []
     _judged_alike(api, stored, obj)
+
+
+def test_an_over_long_container_list_or_name_is_refused_saying_so(api: Any, stored: dict[str, Any]) -> None:
+    """spec.containers holds at most 32 names of at most 63 characters (a container name's length): the server
+    admits the bound and refuses past it, its message naming the field and the bound."""
+    names = [f"{i:02d}{'c' * 61}" for i in range(32)]
+    assert _server_admits(api, with_spec({"containers": names})) == (True, "")
+    admitted, message = _server_admits(api, with_spec({"containers": [*names, "one-more"]}))
+    assert not admitted and "spec.containers" in message and "should have at most 32 items" in message, message
+    admitted, message = _server_admits(api, with_spec({"containers": ["app", "c" * 64]}))
+    assert not admitted and "spec.containers" in message and "should be at most 63 chars long" in message, message

@@ -194,6 +194,27 @@ def test_the_operators_own_labels_are_refused_in_spec_metrics_labels(key: str) -
     assert parse_spec(obj["spec"]).metrics.labels["release"] == "kps"
 
 
+def test_crd_and_operator_take_up_to_32_container_names_of_up_to_63_characters() -> None:
+    """spec.containers is bounded as the CRD's other lists are: its names go into the status and events (a workload
+    lacking some is named with them), and a container name is a DNS-1123 label (63 characters), so a longer one
+    names no container. Both the CRD and the operator (a resource stored before the bound) refuse past it."""
+    names = [f"{i:02d}{'c' * 61}" for i in range(32)]
+    obj = with_spec({"containers": names})
+    assert kube_schema.validate_object(load(), obj) == []
+    assert parse_spec(obj["spec"]).containers == tuple(names)
+    over = (
+        ([*names, "one-more"], "spec.containers:", "spec.containers"),
+        (["app", "c" * 64], "spec.containers.1:", "spec.containers[1]"),
+    )
+    for containers, path, field in over:
+        obj = with_spec({"containers": containers})
+        refusals = kube_schema.validate_object(load(), obj)
+        assert refusals and all(refusal.startswith(path) for refusal in refusals), refusals
+        with pytest.raises(SpecError) as refused:
+            parse_spec(obj["spec"])
+        assert refused.value.field == field
+
+
 def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
     """A misspelt price kind must fail the request: pruning it would silently drop the user's price."""
     obj = copy.deepcopy(MINIMAL)

@@ -321,6 +321,8 @@ def _over(path: str, n: int) -> dict[str, Any]:
                 "matchExpressions": [{"key": "app", "operator": "In" if n <= 16 else "I" * n, "values": ["a"]}]
             }
         },
+        "spec.containers": {"containers": [f"c{i}" for i in range(n)]},
+        "spec.containers[*]": {"containers": ["app", "c" * n]},
         "spec.metrics.interval": {"metrics": {"interval": "3s".rjust(n, "0")}},
         "spec.metrics.labels": {"metrics": {"labels": {f"team{i}": "x" for i in range(n)}}},
         "spec.logs.tenant": {"logs": {"tenant": "t" * n}},
