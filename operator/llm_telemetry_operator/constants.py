@@ -68,3 +68,6 @@ CONDITION_ALERTS: Final = "AlertsConfigured"
 CONDITION_DASHBOARD: Final = "DashboardProvisioned"
 #: Whether the trace/log collectors the exporters would send to exist (informational: does not block Ready).
 CONDITION_COLLECTORS: Final = "CollectorsAvailable"
+#: Whether every injected container sends the signals the resource routes (traces, OTLP logs) to its collectors, or
+#: some route one themselves (informational: does not block Ready).
+CONDITION_ROUTES: Final = "SignalsRouted"

@@ -11,7 +11,7 @@ import datetime
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from llm_telemetry.config import ConfigurationError
 from llm_telemetry.pricing import PricingTable, parse_pricing_text
@@ -20,7 +20,7 @@ from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.errors import ApiError, ConflictError, NotFoundError, SpecError
+from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, ConflictError, NotFoundError, SpecError
 from llm_telemetry_operator.kube import KubeClient, Resource
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec, shown
 
@@ -497,6 +497,12 @@ async def reconcile(
         why = "PricingConfigMapInvalid" if _UNREADABLE_PRICES in missing_prices else "PricingConfigMapNotFound"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, why, message)
 
+    conditions[c.CONDITION_ROUTES] = _routes_condition(config, spec, name, targets, outcome)
+    if not conditions[c.CONDITION_ROUTES].status and conditions[c.CONDITION_ROUTES].reason == ROUTED_BY_CONTAINER:
+        # Not a failure (the workload chose), but traces the user expects in the collector may never arrive there: one
+        # Normal event per change of what the condition says (a pass that finds the same posts none).
+        outcome.notices.append((ROUTED_BY_CONTAINER, conditions[c.CONDITION_ROUTES].message))
+
     # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
     unscrapeable = [
         f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
@@ -604,7 +610,9 @@ async def reconcile(
         for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
             if not (keeping and conditions[type_].reason == "PortConflict"):  # (said where the port is taken)
                 conditions[type_] = r.Condition(type_, False, "Conflict", message)
-    for cond in conditions.values():
+    for type_, cond in conditions.items():
+        if type_ == c.CONDITION_ROUTES:
+            continue  # (informational: its Normal event is a notice, above)
         # Conflicts have one event per workload lost, posted by _inject.
         failure = (cond.reason, cond.message)
         # One event per failure: _inject has already listed a missing container (the same words as its condition).
@@ -616,7 +624,11 @@ async def reconcile(
             outcome.failures.append(failure)
         if cond.reason.endswith("Failed"):
             outcome.retry = True
-    required = [cond for t, cond in conditions.items() if cond.reason != "Disabled" and t != c.CONDITION_COLLECTORS]
+    required = [
+        cond
+        for t, cond in conditions.items()
+        if cond.reason != "Disabled" and t not in (c.CONDITION_COLLECTORS, c.CONDITION_ROUTES)
+    ]
     blocking = [cond for cond in required if not cond.status]
     outcome.ready = not blocking
     if outcome.ready:
@@ -637,7 +649,72 @@ _CONDITION_TYPES = (
     c.CONDITION_ALERTS,
     c.CONDITION_DASHBOARD,
     c.CONDITION_COLLECTORS,
+    c.CONDITION_ROUTES,
 )
+
+#: The reason of a ``SignalsRouted`` condition (and its Normal event) when an injected container routes a signal the
+#: resource routes itself.
+ROUTED_BY_CONTAINER: Final = "RoutedByContainer"
+#: The most containers a ``RoutedByContainer`` message names; it names fewer when they would take it past
+#: MAX_MESSAGE_CHARS (kopf cuts a longer event message in its middle), and says how many more there are.
+ROUTES_NAMED: Final = 5
+
+
+def _routes_condition(
+    config: OperatorConfig, spec: TelemetrySpec, owner_name: str, targets: Sequence[Mapping[str, Any]], outcome: Outcome
+) -> r.Condition:
+    """Whether every injected container sends the signals this resource routes to its collectors. One that routes a
+    signal itself (its ``env`` declares the signal's own OTLP endpoint or headers, or for traces the generic
+    endpoint) gets none of that signal's injected endpoint, protocol and headers, so as never to send an app's own
+    credentials to the collector (see ``resources._apply``): its signal stays on its own pipeline, which the user who
+    set the collector should hear of. The message names workloads, containers, signals and variables, never a
+    value (a URL or headers may hold a key)."""
+    wanted = [signal for signal, on in (("traces", spec.tracing.enabled), ("logs", _otlp_logs(spec))) if on]
+    if not wanted:
+        return r.Condition(c.CONDITION_ROUTES, False, "Disabled", "neither traces nor OTLP logs are enabled")
+    routed = [signal for signal in wanted if signal not in outcome.without]
+    if not routed:
+        message = f"no collector to route {' and '.join(wanted)} to: see {c.CONDITION_COLLECTORS}"
+        return r.Condition(c.CONDITION_ROUTES, False, "CollectorNotFound", message)
+    if not targets:
+        return r.Condition(c.CONDITION_ROUTES, False, "NoTargets", "no workload is injected")
+    # (The variables that route a signal are the same in every workload's injection: one serves for all.)
+    injection = r.build_injection(spec, config, targets[0], owner_name, outcome.without)
+    found = [
+        f"{workload_key(w)} container {container}: "
+        + ", ".join(f"{signal.lower()} ({', '.join(names)})" for signal, names in signals.items())
+        for w in targets
+        for container, signals in r.own_routes(w, injection).items()
+    ]
+    if found:
+        head = (
+            "these containers route a signal themselves (in their env), so the operator injects none of its endpoint,"
+            " protocol or headers there, and it goes where their own settings say, not to this resource's collector"
+            " unless those name it: "
+        )
+        tail = (
+            " (a container's own headers, say a vendor's key, never go to the collector; to send a signal here, take"
+            " those variables out of the container's env)"
+        )
+        named = found[:1]
+        for entry in found[1:ROUTES_NAMED]:
+            if len(head + "; ".join([*named, entry]) + tail) + len("; and 1000 more") > MAX_MESSAGE_CHARS:
+                break
+            named.append(entry)
+        more = f"; and {len(found) - len(named)} more" if len(found) > len(named) else ""
+        return r.Condition(c.CONDITION_ROUTES, False, ROUTED_BY_CONTAINER, head + "; ".join(named) + more + tail)
+    missing = [signal for signal in wanted if signal not in routed]
+    note = f" ({' and '.join(missing)}: no collector, see {c.CONDITION_COLLECTORS})" if missing else ""
+    return r.Condition(
+        c.CONDITION_ROUTES,
+        True,
+        "Routed",
+        f"every injected container sends {' and '.join(routed)} to this resource's collector{note}",
+    )
+
+
+def _otlp_logs(spec: TelemetrySpec) -> bool:
+    return spec.logs.enabled and spec.logs.mode == "otlp"
 
 
 async def _collectors(

@@ -541,13 +541,24 @@ def _routed_here(env: list[Any]) -> set[str]:
     for, through ``envFrom`` or the SDK's default, which an endpoint injected beside them would replace, taking them
     to the collector), but headers of ``,`` (none, as the injection writes them); and the traces of one that sets the
     generic endpoint (the logs do not follow it: their injected endpoint is their own, which the SDK prefers)."""
+    return set(_own_routes(env))
+
+
+def _own_routes(env: list[Any]) -> dict[str, list[str]]:
+    """Each signal a container routes itself (see :func:`_routed_here`), with the names of the variables of its
+    ``env`` by which it does (names only: a value may be a secret URL or key)."""
     declared = {e.get("name"): e for e in env if isinstance(e, Mapping)}
-    routed = {"TRACES"} if _generic_endpoint(env) else set()
+    routes: dict[str, list[str]] = {}
     for signal in ("TRACES", "LOGS"):
-        headers = declared.get(f"OTEL_EXPORTER_OTLP_{signal}_HEADERS")
-        if f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT" in declared or (headers and headers.get("value") != NO_HEADERS):
-            routed.add(signal)
-    return routed
+        endpoint, headers = f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", f"OTEL_EXPORTER_OTLP_{signal}_HEADERS"
+        names = [endpoint] if endpoint in declared else []
+        if declared.get(headers) and declared[headers].get("value") != NO_HEADERS:
+            names.append(headers)
+        if signal == "TRACES" and _generic_endpoint(env):
+            names.append(_GENERIC_ENDPOINT)
+        if names:
+            routes[signal] = names
+    return routes
 
 
 def _generic_endpoint(env: list[Any]) -> bool:
@@ -673,15 +684,7 @@ def _apply(
     for container in chosen:
         done: dict[str, Any] = {"env": {}, "port": False, "mount": False}
         env = container.setdefault("env", [])
-        # A server-side apply that overrode an injected variable and then dropped the override gives up the value
-        # it took over, not the entry the operator's patch wrote: an entry with no value, which no one but the
-        # operator owns any more, is left. The OpenTelemetry SDK and the middleware read it as unset, so it goes,
-        # and the injected one is added as for a variable never declared (at the end, after the variables its value
-        # may refer to). An empty entry someone else declares (a chart's `value: ""`) is theirs, as any value.
-        names = {entry["name"] for entry in injection.env} & {e.get("name") for e in env}
-        gone = {name for name in names if (container.get("name"), name) in leftovers}
-        if gone:
-            env[:] = [e for e in env if not (e.get("name") in gone and _blank(e))]
+        env[:] = _without_leftovers(container, injection, leftovers)
         taken = {e.get("name") for e in env}
         routed = _routed_here(env)
         for entry in injection.env:
@@ -738,6 +741,58 @@ def _apply(
     elif service is not None:
         template["metadata"].setdefault("labels", {})[c.LABEL_METRICS_SERVICE] = service
     return record
+
+
+def _without_leftovers(
+    container: Mapping[str, Any], injection: Injection, leftovers: frozenset[tuple[Any, Any]]
+) -> list[Any]:
+    """A stripped container's ``env`` without the leftovers of overrides (``leftovers``: see :func:`_leftovers`).
+
+    A server-side apply that overrode an injected variable and then dropped the override gives up the value it took
+    over, not the entry the operator's patch wrote: an entry with no value, which no one but the operator owns any
+    more, is left. The OpenTelemetry SDK and the middleware read it as unset, so it goes, and the injected one is
+    added as for a variable never declared (at the end, after the variables its value may refer to). An empty entry
+    someone else declares (a chart's `value: ""`) is theirs, as any value."""
+    env = list(container.get("env") or [])
+    names = {entry["name"] for entry in injection.env} & {e.get("name") for e in env}
+    gone = {name for name in names if (container.get("name"), name) in leftovers}
+    return [e for e in env if not (e.get("name") in gone and _blank(e))]
+
+
+def own_routes(workload: Mapping[str, Any], injection: Injection) -> dict[str, dict[str, list[str]]]:
+    """Of the containers ``injection`` goes into in ``workload``, each that routes a signal the injection routes
+    (``TRACES``, ``LOGS``) itself, and so gets none of that signal's endpoint, protocol and headers (see
+    :func:`_apply`): by container name, each such signal with the names of the variables by which the container
+    routes it. Read from the pod template as an injection finds it (without what an earlier one made, nor the
+    leftovers of an override), so the same for a workload injected or not yet. Names only, never a value (it may be
+    a secret URL or key). Only the variables that route a signal are looked at, and they do not name the workload:
+    one injection, built for any workload of the resource, serves for all of them."""
+    current = (workload.get("spec") or {}).get("template") or {}
+    record = injected_record(workload)
+    if record is None:
+        record = _reclaimed(current, injection)
+    made = (_renamed(current, record) or {}).get("containers") or {}
+    routed = {_ROUTE[e["name"]] for e in injection.env if str(e["name"]).endswith("_ENDPOINT") and e["name"] in _ROUTE}
+    found: dict[str, dict[str, list[str]]] = {}
+    leftovers: frozenset[tuple[Any, Any]] | None = None
+    for container in _chosen((current.get("spec") or {}).get("containers") or [], injection):
+        ours = (made.get(container.get("name")) or {}).get("env") or {}
+        env = [
+            e
+            for e in container.get("env") or []
+            if isinstance(e, Mapping) and e.get("name") in _ROUTING and not _as_injected(e, ours)
+        ]
+        if any(_blank(e) for e in env):
+            leftovers = _leftovers(workload) if leftovers is None else leftovers
+            env = _without_leftovers({**container, "env": env}, injection, leftovers)
+        mine = {signal: names for signal, names in _own_routes(env).items() if signal in routed}
+        if mine:
+            found[str(container.get("name"))] = mine
+    return found
+
+
+#: The variables by which a container routes a signal itself (see :func:`_own_routes`).
+_ROUTING: Final = frozenset({*_ROUTE, _GENERIC_ENDPOINT})
 
 
 def _keep_env_order(template: dict[str, Any], current: Mapping[str, Any]) -> None:

@@ -1435,6 +1435,56 @@ def test_a_users_volume_under_the_pricing_volumes_name_fails_the_injection_and_o
     assert "OTEL_TRACES_EXPORTER" not in env and "OTEL_LOGS_EXPORTER" not in env
 
 
+def test_a_container_routing_its_traces_itself_is_told_once_and_cleared(cluster: Cluster, operator: Operator) -> None:
+    """On the real API server: a container whose env declares its own traces endpoint gets none of the traces'
+    injected variables, so its spans never reach the collector the resource names. The resource stays Ready and says
+    so in SignalsRouted and one Normal event, naming workload, container, signal and variable, never the value; a
+    resync posts no second event; once the container no longer routes them, the condition clears and the traces'
+    endpoint is injected."""
+    secret = "s3cret-vendor-key"
+    workload = deployment("own-route", "own-route")
+    own = {
+        "name": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "value": f"https://vendor.example.invalid/v1/traces?k={secret}",
+    }
+    workload["spec"]["template"]["spec"]["containers"][0]["env"] = [own]
+    cluster.create(workload)
+    # (An endpoint outside the cluster is injected unchecked: no collector needs to run here.)
+    collector = "http://collector.example.invalid:4318"
+    cluster.create(telemetry("own-route", "own-route", tracing={"endpoint": collector}, logs={"enabled": False}))
+    owner = cluster.ready("own-route")
+    assert owner["status"]["phase"] == "Ready"
+    said = cluster.reported("own-route", c.CONDITION_ROUTES, "RoutedByContainer")
+    assert said["status"] == "False"
+    assert "Deployment/own-route container app: traces (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)" in said["message"]
+    assert secret not in said["message"] and "vendor.example" not in said["message"]
+    events = wait_for(lambda: cluster.events("own-route", "RoutedByContainer"), "RoutedByContainer event")
+    assert events == [said["message"]]
+    assert cluster.env("own-route")["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == own["value"]
+
+    # A resync (every 10 s here) finds the same and posts nothing more.
+    passes = re.compile(rf"(\[{cluster.namespace}/own-route\] |{cluster.namespace}/own-route: )reconciled \(")
+    before = len(passes.findall(operator.output()))
+    wait_for(lambda: len(passes.findall(operator.output())) >= before + 2, "two more passes", 40)
+    assert cluster.events("own-route", "RoutedByContainer") == [said["message"]]
+
+    # The variable taken out (a JSON patch: the Deployment controller writes the status meanwhile): cleared, and the
+    # traces go to the resource's collector.
+    env = cluster.deployment("own-route")["spec"]["template"]["spec"]["containers"][0]["env"]
+    at = [e["name"] for e in env].index(own["name"])
+    path = f"/spec/template/spec/containers/0/env/{at}"
+    cluster.apps.patch_namespaced_deployment(
+        "own-route", cluster.namespace, [{"op": "test", "path": path, "value": own}, {"op": "remove", "path": path}]
+    )
+    cleared = cluster.reported("own-route", c.CONDITION_ROUTES, "Routed")
+    assert cleared["status"] == "True" and "own-route" not in cleared["message"]
+    wait_for(
+        lambda: cluster.env("own-route").get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") == f"{collector}/v1/traces",
+        "the traces' endpoint injected",
+    )
+    assert cluster.events("own-route", "RoutedByContainer") == [said["message"]]
+
+
 def test_selectors_match_what_the_api_server_lists(api: Any) -> None:
     """The operator sends a resource's selector to the API server as a list's labelSelector (``to_query``) and
     judges a workload it already holds with ``matches`` (after a relabel, say): both select what the API server

@@ -858,6 +858,8 @@ def test_a_lost_record_is_rebuilt_only_from_the_containers_injected() -> None:
     injection = r.build_injection(spec, OperatorConfig(), target, "chat")
     injected = merge_patch(target, r.build_workload_patch(target, injection, "chat"))
     del injected["metadata"]["annotations"][c.ANNOTATION_INJECTED]
+    # The traces' endpoint it injected is still its own, not a route of the container's (SignalsRouted names none).
+    assert r.own_routes(injected, injection) == {}
     rewrite = r.build_workload_patch(injected, injection, "chat")
     assert rewrite is not None
     after = merge_patch(injected, rewrite)
@@ -935,6 +937,7 @@ def test_a_container_renamed_after_the_injection_keeps_it_as_ours(chosen: tuple[
     renamed = json.loads(json.dumps(injected))
     renamed["spec"]["template"]["spec"]["containers"][0]["name"] = "server"
     assert r.unscrapeable_settings(renamed, spec) == []
+    assert r.own_routes(renamed, injection) == {}  # (its injected traces' endpoint is no route of its own)
     removed = merge_patch(renamed, r.build_workload_patch(renamed, None, "chat"))
     (left,) = removed["spec"]["template"]["spec"]["containers"]
     original = dict(target["spec"]["template"]["spec"]["containers"][0], name="server")
@@ -1159,6 +1162,8 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
         managed(c.OPERATOR_NAME, *leftovers, "OTEL_SERVICE_NAME"),
     ]
     injection = r.build_injection(spec, CONFIG, workload, "chat")
+    # (Nor does such an entry count as the container's own route: no SignalsRouted report of it.)
+    assert r.own_routes(workload, injection) == {}
     injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
     entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
     env = env_of(dict(injected))
@@ -1190,6 +1195,8 @@ def test_an_override_dropped_by_a_server_side_apply_gets_the_injected_value_back
     del workload["metadata"]["managedFields"]
     kept = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
     assert not env_of(dict(kept))["OTEL_TRACES_SAMPLER_ARG"]
+    # (And the empty traces endpoint, the user's then, routes the traces itself: it is named.)
+    assert r.own_routes(workload, injection) == {"app": {"TRACES": ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]}}
     # With the collector missing, an empty endpoint is no endpoint of the container's own: the exporter goes off.
     workload = deployment(env=[{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": ""}])
     without = r.build_injection(spec, CONFIG, workload, "chat", frozenset({"traces", "logs"}))
@@ -1203,6 +1210,8 @@ def test_a_restored_env_order_never_puts_a_reference_before_its_variable() -> No
     spec = parse_spec(minimal_llmt()["spec"])
     workload = deployment()
     injection = r.build_injection(spec, CONFIG, workload, "chat")
+    # (Nor does such an entry count as the container's own route: no SignalsRouted report of it.)
+    assert r.own_routes(workload, injection) == {}
     injected = merge_patch(workload, r.build_workload_patch(workload, injection, "chat"))
     entries = injected["spec"]["template"]["spec"]["containers"][0]["env"]
     at = next(i for i, e in enumerate(entries) if e["name"] == "OTEL_RESOURCE_ATTRIBUTES")

@@ -214,3 +214,16 @@ def test_each_signal_goes_where_the_docs_say_with_no_key_of_the_apps_at_a_collec
         if signal != "metrics" and (routes_itself(signal, places) or places[GENERIC_ENDPOINT] in SET):
             if before.get(exporter_var(signal)) != "none":
                 assert after.get(exporter_var(signal)) != "none", (signal, after)
+    # 5. The operator says which signals the resource routes the container keeps on its own pipeline (the
+    # SignalsRouted condition), naming the variables, never a value; the same before the injection and after it,
+    # whose own variables are not the container's.
+    own = {
+        signal.upper(): [endpoint_var(signal)] * (places[endpoint_var(signal)] in DECLARED)
+        + [headers_var(signal)] * (places[headers_var(signal)] in DECLARED - {"comma"})
+        + [GENERIC_ENDPOINT] * (signal == "traces" and places[GENERIC_ENDPOINT] in SET)
+        for signal in ("traces", "logs")
+        if routed[signal] and routes_itself(signal, places)
+    }
+    expected_own = {"app": own} if own else {}
+    assert r.own_routes(workload, injection) == expected_own, places
+    assert r.own_routes(merge_patch(workload, patch), injection) == expected_own, places
