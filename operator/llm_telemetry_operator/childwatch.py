@@ -17,12 +17,12 @@ stream or the connection breaks (the server then sends every change since, delet
 at once, when the version is too old to resume from (410): an object it knew that the new list lacks was deleted
 in the gap, and is handed on as DELETED with the metadata last seen (an informer's relist). So it keeps the
 metadata of every object it watches, without ``managedFields``. A kind that is not served (the Prometheus
-Operator's CRDs not installed yet) is tried again every :data:`MISSING_RETRY` seconds, and the first list that
-succeeds after that calls ``served`` once, so that whoever waited for the kind hears it is there now; other failures
-back off up to :data:`MAX_BACKOFF`. Each time a watch fails otherwise than for a kind not served or a request
-refused (404, 403): the connection broke, the API server was out of reach or erred, or the version expired (410),
-it calls ``broken`` before handing on any event read after that: whoever else watched through the same server may
-have missed events too (see ``handlers._reread_after_gap``).
+Operator's CRDs not installed yet) is tried again every ``missing_retry`` seconds (the operator's timers', 30 by
+default: see ``config.Timers``), and the first list that succeeds after that calls ``served`` once, so that whoever
+waited for the kind hears it is there now; other failures back off up to :data:`MAX_BACKOFF`. Each time a watch
+fails otherwise than for a kind not served or a request refused (404, 403): the connection broke, the API server was
+out of reach or erred, or the version expired (410), it calls ``broken`` before handing on any event read after that:
+whoever else watched through the same server may have missed events too (see ``handlers._reread_after_gap``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
+from llm_telemetry_operator.config import Timers
 from llm_telemetry_operator.errors import ApiError
 from llm_telemetry_operator.kube import KubeClient, Resource
 
@@ -49,8 +50,6 @@ LIST_METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.i
 #: timeout (``kube.STREAM_READ_TIMEOUT``), which then tells a dead connection from a quiet one. A watch goes on
 #: from its last version: one request a minute per watch.
 SERVER_TIMEOUT = 60
-#: Seconds before watching a kind that is not served (404) again.
-MISSING_RETRY = 30.0
 #: The longest wait before watching again after a failure.
 MAX_BACKOFF = 30.0
 
@@ -77,7 +76,7 @@ class MetadataWatch:
         name: str | None = None,
         served: Callable[[], None] | None = None,
         broken: Callable[[], None] | None = None,
-        missing_retry: float = MISSING_RETRY,
+        missing_retry: float = Timers.missing_retry_seconds,
     ) -> None:
         self.client = client
         self.resource = resource

@@ -94,6 +94,51 @@ _GRAFANA_UID = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
 @dataclasses.dataclass(frozen=True)
+class Timers:
+    """The operator's internal timers, in seconds. Not settings: no environment variable, flag or chart value sets
+    them, and :meth:`OperatorConfig.from_env` always takes the defaults, which are what runs. They are here so that
+    tests, and programs that embed the operator, can set them (shorter waits where their length is not what a test
+    proves) without changing the operator's module constants.
+
+    Example::
+
+        config = OperatorConfig(timers=Timers(takeover_grace_seconds=4.0))
+    """
+
+    #: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
+    #: ``handlers._held_elsewhere``): passes for the resources it serves come in bursts, one per event of its writes.
+    holder_check_seconds: float = 10.0
+    #: Seconds the operator serving a resource may have no live replica before another operator takes the resource
+    #: over: a restart, or a rollout of a single replica (the chart's Recreate strategy), leaves none alive for a while
+    #: (kopf takes a stopping replica's entry out; the operator says when it stopped, see ``handlers._mark_stopped``).
+    takeover_grace_seconds: float = 300.0
+    #: Seconds another operator, once seen with no live replica and no recent stop, must still be seen so before its
+    #: resources are taken over: kopf takes a stopping replica's entry out before the operator's cleanup can say it
+    #: stopped, and a read in between would take the resources of a mere restart.
+    takeover_confirm_seconds: float = 15.0
+    #: Seconds between two checks of the permissions started by refusals the last check did not explain (see
+    #: ``handlers._recheck_access``): kopf retries each refused call, so refusals come in bursts. One met sooner after
+    #: the last such check waits for its turn, up to this long.
+    access_recheck_seconds: float = 60.0
+    #: Seconds before a watch of workloads or children (see :mod:`llm_telemetry_operator.childwatch`) tries again a
+    #: kind that is not served (404): the Prometheus Operator's CRDs not installed yet.
+    missing_retry_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        for timer in dataclasses.fields(self):
+            seconds = getattr(self, timer.name)
+            if not seconds > 0 or math.isinf(seconds):
+                raise ValueError(f"Timers.{timer.name}={seconds!r}: must be a positive number of seconds")
+
+    @property
+    def release_recheck_seconds(self) -> float:
+        """Seconds between two looks at a resource to let go at startup (its namespace being deleted) that another
+        operator serves (see ``handlers._release_in_leaving_namespaces``): past the cache of that operator's peering
+        object, and the confirmation that it is gone."""
+        return self.holder_check_seconds + self.takeover_confirm_seconds
+
+
+@dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     """Resolved operator settings; build with :meth:`OperatorConfig.from_env`.
 
@@ -116,6 +161,7 @@ class OperatorConfig:
         kubeconfig: kubeconfig file (None: in-cluster, ``$KUBECONFIG`` or ``~/.kube/config``).
         context: kubeconfig context (None: the current one).
         standalone: run without peering.
+        timers: the operator's internal timers (see :class:`Timers`): no setting, the defaults are what runs.
 
     Example::
 
@@ -161,6 +207,8 @@ class OperatorConfig:
     context: str | None = None
     #: Run without peering (no ClusterKopfPeering needed); only one replica may then run.
     standalone: bool = False
+    #: The operator's internal timers; no environment variable sets them (see :class:`Timers`).
+    timers: Timers = Timers()
 
     @property
     def clusterwide(self) -> bool:

@@ -81,10 +81,6 @@ RELOGIN_SAID_SECONDS = 60.0
 #: Seconds between two lines saying the peering objects still cannot be read (the poll tries every
 #: STANDBY_POLL_SECONDS): one line when it starts, one a minute while it lasts, one when it ends.
 PEERING_UNREAD_LOG_SECONDS = 60.0
-#: Seconds between two checks of the permissions started by refusals the last check did not explain (see
-#: _recheck_access): kopf retries each refused call, so refusals come in bursts. One met sooner after the last such
-#: check waits for its turn, up to this long.
-ACCESS_RECHECK_SECONDS = 60.0
 #: Seconds kopf waits before it calls a startup that failed again (its own default is 60 s). kopf answers the liveness
 #: and readiness probes only once the startup is done, and the chart's liveness probe restarts a pod that has not
 #: answered in some 50 s: after 60 s the retry never came in a pod, every failed startup was a container restart
@@ -102,17 +98,11 @@ ACCESS_STARTUP_WAIT_SECONDS = 5.0
 ACCESS_STARTUP_LIMIT_SECONDS = 30.0
 #: Seconds between two ticks of the event loop's heartbeat (see _heartbeat).
 HEARTBEAT_SECONDS = 1.0
-#: Seconds another operator's peering object, read to tell whether it is alive, is taken as read (see
-#: _held_elsewhere): passes for the resources it serves come in bursts, one per event of its writes.
-HOLDER_CHECK_SECONDS = 10.0
-#: Seconds the operator serving a resource may have no live replica before another operator takes the resource
-#: over: a restart, or a rollout of a single replica (the chart's Recreate strategy), leaves none alive for a while
-#: (kopf takes a stopping replica's entry out; the operator says when it stopped, see _mark_stopped).
-TAKEOVER_GRACE_SECONDS = 300.0
-#: Seconds another operator, once seen with no live replica and no recent stop, must still be seen so before its
-#: resources are taken over: kopf takes a stopping replica's entry out before the operator's cleanup can say it
-#: stopped (see _mark_stopped), and a read in between would take the resources of a mere restart.
-TAKEOVER_CONFIRM_SECONDS = 15.0
+# The timers of taking another operator's resources over (its peering object read at most once a
+# ``holder_check_seconds``, its grace ``takeover_grace_seconds``, its confirmation ``takeover_confirm_seconds``), of the
+# permission checks refusals start (``access_recheck_seconds``) and of the child watches' retries of a kind not served
+# (``missing_retry_seconds``) are the config's (:class:`llm_telemetry_operator.config.Timers`), read at each use.
+
 #: Seconds after which a first sighting of such an operator as gone no longer counts towards the confirmation: what it
 #: did since is unknown, so a later sighting starts a new one.
 TAKEOVER_CONFIRM_WINDOW_SECONDS = 120.0
@@ -214,14 +204,14 @@ class OperatorState:
     #: The operator's logger (the startup handler's), for passes not started by a kopf handler.
     logger: Any = None
     #: Other operators' peering objects, by name, as last read: when (time.monotonic()), whether one of their
-    #: replicas was alive or had been within TAKEOVER_GRACE_SECONDS, and the namespaces that operator watches (None:
-    #: every one, or not said) (see _held_elsewhere).
+    #: replicas was alive or had been within the takeover grace (``Timers.takeover_grace_seconds``), and the
+    #: namespaces that operator watches (None: every one, or not said) (see _held_elsewhere).
     holders: dict[str, tuple[float, bool, frozenset[str] | None]] = field(default_factory=dict)
     #: When (time.monotonic()) each such operator was first seen with no live replica and no recent stop, since it
-    #: was last seen otherwise (see TAKEOVER_CONFIRM_SECONDS).
+    #: was last seen otherwise (see ``Timers.takeover_confirm_seconds``).
     holders_gone: dict[str, float] = field(default_factory=dict)
     #: Such operators last read with no replica running now, though one ran (or said it stopped) within
-    #: TAKEOVER_GRACE_SECONDS: a restart, or the operator of this very release under the peering name it had before a
+    #: the takeover grace: a restart, or the operator of this very release under the peering name it had before a
     #: switch between cluster-wide and namespaced mode (see _leave_to).
     holders_idle: set[str] = field(default_factory=set)
     #: When (time.monotonic()) this replica last read the peering object and found itself the active one: the
@@ -245,7 +235,7 @@ class OperatorState:
     lacking: tuple[access.Grant, ...] | None = None
     access_unknown_said: bool = False
     #: A check of the permissions started by a refusal the last check did not explain, and when the last one began
-    #: (time.monotonic()), so that a burst of refusals asks at most once every ACCESS_RECHECK_SECONDS.
+    #: (time.monotonic()), so that a burst of refusals asks at most once every ``Timers.access_recheck_seconds``.
     access_recheck: asyncio.Task[None] | None = None
     access_rechecked: float | None = None
     #: The watched namespaces whose Role's grants the check under way asks about (None: every one), and those where
@@ -802,7 +792,7 @@ def _periodic_namespaces(state: OperatorState) -> set[str]:
 def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str | None = None) -> None:
     """Check the permissions again soon, the cluster-wide ones and a Role's in ``namespace``: a call was refused
     that the last check did not find missing (a Role or ClusterRole changed since). At most one check at a time,
-    and one every ACCESS_RECHECK_SECONDS: one asked for sooner waits for its turn."""
+    and one every ``Timers.access_recheck_seconds``: one asked for sooner waits for its turn."""
     if state.stopping:
         return  # (a check started now would outlive the stop: see _stop_tasks)
     now = time.monotonic()
@@ -821,7 +811,8 @@ def _recheck_access(memo: Any, state: OperatorState, logger: Any, namespace: str
     # Too soon after the last one: this check waits for its turn (and counts as the one under way meanwhile, so that
     # refusals elsewhere join it). Dropped, the refusal of a call made once was never explained, nor its namespace
     # asked about again.
-    due = now if state.access_rechecked is None else max(now, state.access_rechecked + ACCESS_RECHECK_SECONDS)
+    interval = _config(memo).timers.access_recheck_seconds
+    due = now if state.access_rechecked is None else max(now, state.access_rechecked + interval)
     state.access_rechecked = due
     logger = state.logger or logger  # the operator's, not the pass's that met the refusal: it is no resource's
     _start_access_check(memo, state, logger, where, delay=due - now)
@@ -1280,7 +1271,7 @@ async def _reconcile(
             if claimed is None:
                 if _holder(state.bodies.get(key) or body) in state.holders_gone:
                     # That operator was seen gone once: looked at again once that can be confirmed.
-                    state.schedule.again(key, TAKEOVER_CONFIRM_SECONDS + 1)
+                    state.schedule.again(key, _config(memo).timers.takeover_confirm_seconds + 1)
                 else:
                     state.schedule.succeeded(key, uid)  # looked at again at the resync: the other operator may go
                 state.wake.set()
@@ -1353,7 +1344,7 @@ async def _reconcile(
     ):
         # A part of the pass refused by the authorizer (a workload's patch, a child's write), with nothing known
         # missing here. An admission step's 403 (a quota exceeded, a webhook's denial) is no permission's: a check
-        # would find nothing, and a quota that stays exceeded would have one made every ACCESS_RECHECK_SECONDS.
+        # would find nothing, and a quota that stays exceeded would have one made every access_recheck_seconds.
         _recheck_access(memo, state, logger, key[0])
     if outcome.retry:
         state.schedule.failed(key)
@@ -1552,9 +1543,9 @@ def _holder(body: Mapping[str, Any]) -> str | None:
 
 
 async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
-    """The name of another operator serving this resource, unless it has been without a live replica for
-    TAKEOVER_GRACE_SECONDS (or its peering object is gone), or its peering object says it no longer watches the
-    resource's namespace; else None. Always None with peering off.
+    """The name of another operator serving this resource, unless it has been without a live replica for its grace,
+    ``Timers.takeover_grace_seconds`` (or its peering object is gone), or its peering object says it no longer watches
+    the resource's namespace; else None. Always None with peering off.
 
     Two releases of the operator whose watched namespaces overlap (one cluster-wide, one for a team's namespaces)
     each see the resources there, and their settings differ (endpoints, labels): each would put its own injection
@@ -1566,9 +1557,10 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
     if config.standalone or holder is None or holder == config.peering:
         return None
     state = _state(memo)
+    timers = config.timers
     now = time.monotonic()
     checked = state.holders.get(holder)
-    if checked is None or now - checked[0] > HOLDER_CHECK_SECONDS:
+    if checked is None or now - checked[0] > timers.holder_check_seconds:
         try:
             found = await _client(memo).list(kube.CLUSTERKOPFPEERINGS, None, fields={"metadata.name": holder})
         except NotFoundError:
@@ -1576,7 +1568,7 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
         except ApiError:
             return holder  # unknown: left alone this time, looked at again at the next pass
         current = datetime.datetime.now(datetime.UTC)
-        horizon = current - datetime.timedelta(seconds=TAKEOVER_GRACE_SECONDS)
+        horizon = current - datetime.timedelta(seconds=timers.takeover_grace_seconds)
         lives = [
             until
             for peering in found
@@ -1594,11 +1586,11 @@ async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:
             state.holders_gone.pop(holder, None)
         else:
             # Seen gone once: maybe between kopf taking a stopping replica's entry out and the operator's cleanup
-            # saying it stopped. Taken as gone only once seen so again, TAKEOVER_CONFIRM_SECONDS later.
+            # saying it stopped. Taken as gone only once seen so again, takeover_confirm_seconds later.
             first = state.holders_gone.get(holder)
-            if first is None or now - first > TAKEOVER_CONFIRM_SECONDS + TAKEOVER_CONFIRM_WINDOW_SECONDS:
+            if first is None or now - first > timers.takeover_confirm_seconds + TAKEOVER_CONFIRM_WINDOW_SECONDS:
                 first = state.holders_gone[holder] = now
-            alive = now - first < TAKEOVER_CONFIRM_SECONDS
+            alive = now - first < timers.takeover_confirm_seconds
         checked = state.holders[holder] = (now, alive, _watched(found))
     _, alive, watched = checked
     return holder if alive and (watched is None or body["metadata"]["namespace"] in watched) else None
@@ -1777,9 +1769,10 @@ def _quoted(name: str) -> str:
     return f"'{name}'"
 
 
-def watched_twice_message(holder: str, own: str, namespace: str, idle: bool) -> str:
+def watched_twice_message(holder: str, own: str, namespace: str, idle: bool, grace_seconds: float) -> str:
     """The WatchedTwice event's (and log line's) words: the resource in ``namespace`` is left to the operator of
-    peering object ``holder`` (with no replica running now, but one recently: ``idle``) by this one, ``own``."""
+    peering object ``holder`` (with no replica running now, but one recently: ``idle``) by this one, ``own``, which
+    takes it over once that one has been gone ``grace_seconds`` (``Timers.takeover_grace_seconds``)."""
     other, this = _quoted(holder), _quoted(own)
     if not idle:
         return (
@@ -1791,7 +1784,7 @@ def watched_twice_message(holder: str, own: str, namespace: str, idle: bool) -> 
             " release: delete that peering object once its pods are gone, and the resource is taken over at its next"
             " resync"
         )
-    grace = f"{TAKEOVER_GRACE_SECONDS / 60:g} minutes"
+    grace = f"{grace_seconds / 60:g} minutes"
     return (
         f"left to the operator of peering object {other}, which has no replica running now but had one within {grace}"
         f" (a restart, or a rollout), so it counts as restarting; this operator ({this}) takes the resource over at"
@@ -1813,7 +1806,9 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
     if said is not None and said[0] == holder and (said[1] == idle or not said[1]):
         return  # said so already (running then, idle now: a restart of the other, which says nothing new)
     state.left[key] = (holder, idle)
-    message = watched_twice_message(holder, _config(memo).peering, key[0], idle)[:MAX_MESSAGE_CHARS]
+    config = _config(memo)
+    message = watched_twice_message(holder, config.peering, key[0], idle, config.timers.takeover_grace_seconds)
+    message = message[:MAX_MESSAGE_CHARS]
     logger.warning("%s", message)
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 
@@ -1895,23 +1890,18 @@ async def _release_in_leaving_namespaces(memo: Any, state: OperatorState, logger
     starts, so such a resource's deletion never reached a handler, and the namespace stayed Terminating for good (a
     namespace deleted while the operator's pod was being replaced). Everything the resource made goes with the
     namespace: there is nothing to undo. One another running operator serves is left to it, and looked at again
-    every RELEASE_RECHECK_SECONDS: that operator may be gone for good, and once it has been for its grace (see
-    :func:`_held_elsewhere`) the resource is let go here."""
+    every ``Timers.release_recheck_seconds``: that operator may be gone for good, and once it has been for its grace
+    (see :func:`_held_elsewhere`) the resource is let go here."""
     held = await _release(memo, list(state.bodies.values()), logger)
     if held:
         memo["releasing"] = asyncio.create_task(_release_held(memo, state, held, logger), name="llm-telemetry-release")
-
-
-#: Seconds between two looks at a resource to let go (see _release_in_leaving_namespaces) that another operator
-#: serves: past the cache of its peering object, and the confirmation that it is gone.
-RELEASE_RECHECK_SECONDS = HOLDER_CHECK_SECONDS + TAKEOVER_CONFIRM_SECONDS
 
 
 async def _release_held(memo: Any, state: OperatorState, held: list[Mapping[str, Any]], logger: Any) -> None:
     """Look again at the resources :func:`_release_in_leaving_namespaces` left to another operator, read afresh,
     until each is let go or gone (that operator cleaned up itself), or its namespace no longer being deleted."""
     while held:
-        await asyncio.sleep(RELEASE_RECHECK_SECONDS)
+        await asyncio.sleep(_config(memo).timers.release_recheck_seconds)
         if _paused(state):
             continue  # the active replica does it
         current, unread = [], []
@@ -1959,7 +1949,7 @@ async def _release(memo: Any, bodies: Sequence[Mapping[str, Any]], logger: Any) 
                 name,
                 namespace,
                 exc,
-                RELEASE_RECHECK_SECONDS,
+                _config(memo).timers.release_recheck_seconds,
             )
             held.append(body)  # (looked at again, read afresh)
             continue
@@ -2225,6 +2215,7 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
             functools.partial(_child_event, memo, logger, plural), loop,
             served=functools.partial(_kind_served, memo, logger, plural, namespace),
             broken=functools.partial(_watch_broken, memo, namespace),
+            missing_retry=config.timers.missing_retry_seconds,
         )
         for group, version, plural in _CHILD_RESOURCES
         for namespace in namespaces
@@ -2232,6 +2223,7 @@ def _start_watches(memo: Any, config: OperatorConfig, logger: Any) -> list[Metad
         MetadataWatch(
             _client(memo), resource, namespace, {}, functools.partial(_workload_event, memo, logger, kind), loop,
             broken=functools.partial(_watch_broken, memo, namespace),
+            missing_retry=config.timers.missing_retry_seconds,
         )
         for kind, resource in kube.WORKLOADS.items()
         for namespace in namespaces
@@ -2431,6 +2423,7 @@ def _follow(
             watch = MetadataWatch(
                 _client(memo), resource, namespace, {},
                 functools.partial(deliver, memo, state.logger, obj), asyncio.get_running_loop(), name,
+                missing_retry=_config(memo).timers.missing_retry_seconds,
             )  # fmt: skip
             watches[obj] = watch
             watch.start()

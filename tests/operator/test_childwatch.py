@@ -21,8 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import urllib3
 
-from llm_telemetry_operator import childwatch, kube
+from llm_telemetry_operator import kube
 from llm_telemetry_operator.childwatch import MetadataWatch
+from llm_telemetry_operator.config import Timers
 from llm_telemetry_operator.errors import ApiError
 
 
@@ -227,7 +228,7 @@ def test_a_watch_asks_the_server_to_end_it_before_the_client_would_give_it_up() 
 
 
 async def _served_calls(
-    server: _Server, timeout: float, missing_retry: float = childwatch.MISSING_RETRY
+    server: _Server, timeout: float, missing_retry: float = Timers().missing_retry_seconds
 ) -> tuple[int, list[tuple[str, str]]]:
     """Run a watch with a ``served`` callback until the script ends: how often it was called, and what was delivered."""
     delivered: list[tuple[str, str]] = []

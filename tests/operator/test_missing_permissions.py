@@ -573,22 +573,31 @@ async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
     emulator: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Namespaced mode: refusals the last check did not explain start a check at most once every
-    ACCESS_RECHECK_SECONDS. One met sooner after the last such check (a verb taken off the Role just then) started
+    access_recheck_seconds. One met sooner after the last such check (a verb taken off the Role just then) started
     none and was dropped: where the refused call was not made again, the permission was never named, nor its
     namespace asked about again (the periodic check asks about the cluster-wide grants only). Now that check waits
     for its turn: one check, however many refusals meanwhile. And as the periodic checks skip while it waits, it
     asks what they ask too (where a grant was last found missing): with refusals that kept coming, each starting
     the next such check, a grant given back there went unnoticed until a periodic check fell between two of them
-    (they are 600 s apart here: only that check can notice it)."""
+    (they are 600 s apart here: only that check can notice it). The interval is a minute in the operator; 15 s here,
+    three times the longest wait before a failed pass's first retry (schedule.RETRY_BASE), so that the retry below
+    is refused well within it: what is tested is what a refusal met that soon starts, not the minute."""
     from kopf_testing import DEPLOYMENTS, deployment
 
-    from llm_telemetry_operator.handlers import ACCESS_RECHECK_SECONDS
+    from llm_telemetry_operator.config import Timers
+    from llm_telemetry_operator.schedule import RETRY_BASE
 
     caplog.set_level(logging.INFO)
     other = "other"
     other_patch, other_named = ("apps", "deployments", "patch", other), f"patch deployments.apps (in namespace {other})"
+    recheck = 3 * RETRY_BASE
     config = OperatorConfig(
-        peering="test-peering", metrics_port=0, health="", resync_seconds=600, namespaces=(NAMESPACE, other)
+        peering="test-peering",
+        metrics_port=0,
+        health="",
+        resync_seconds=600,
+        namespaces=(NAMESPACE, other),
+        timers=Timers(access_recheck_seconds=recheck),
     )
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.unauthorized.add(other_patch)
@@ -599,7 +608,7 @@ async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
         emulator.deny[("deployments", "chat")] = DEPLOYMENT_REFUSED
         await create_named(emulator, "chat")
         await eventually(lambda: reviews_of(emulator, ROLE_PATCH) == 2, "the check the refusal started asks there")
-        # The verb taken off the Role right after: the pass's retry, within the minute, is refused for want of it,
+        # The verb taken off the Role right after: the pass's retry, within the interval, is refused for want of it,
         # and the call is then let through (a call not made again, as for a workload deleted meanwhile). The other
         # namespace's grant is given back meanwhile.
         emulator.unauthorized.add(ROLE_PATCH)
@@ -610,7 +619,7 @@ async def test_a_refusal_met_soon_after_a_recheck_has_its_check_in_its_turn(
         await eventually(
             lambda: errors_naming(caplog, ROLE_NAMED),
             "the ERROR naming the Role's permission",
-            attempts=int((ACCESS_RECHECK_SECONDS + 30) / 0.05),
+            attempts=int((recheck + 30) / 0.05),
         )
         assert reviews_of(emulator, ROLE_PATCH) == 3
         assert reviews_of(emulator, other_patch) == 2

@@ -45,7 +45,7 @@ from kopf_testing import (
 import kube_schema
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import handlers, rbac, resources
-from llm_telemetry_operator.config import OperatorConfig
+from llm_telemetry_operator.config import OperatorConfig, Timers
 from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
 from support import operator_records
@@ -408,14 +408,19 @@ async def test_prometheus_operator_crds_installed_later_start_a_pass_once_served
     emulator: Any, monitoring_crds: Any, namespaces: tuple[str, ...], caplog: pytest.LogCaptureFixture
 ) -> None:
     """The Prometheus Operator's CRDs installed after the operator and a resource that waits for them: the watch of
-    each kind, trying again every half minute while the kind is not served, starts a pass for the resources it
-    covers once it is, rather than leaving them to their next retry, which the backoff stretches to the resync
-    interval (an hour here). The pass is told apart by its trigger, as a backoff retry may also come first."""
+    each kind, trying again every missing_retry_seconds while the kind is not served, starts a pass for the
+    resources it covers once it is, rather than leaving them to their next retry, which the backoff stretches to the
+    resync interval (an hour here). The pass is told apart by its trigger, as a backoff retry may also come first.
+    The watches try again every half minute in the operator, every 2 s here: how long they wait is not what is
+    tested."""
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     caplog.set_level(logging.INFO)
-    config = OperatorConfig(namespaces=namespaces, peering=PEERING, metrics_port=0, health="", resync_seconds=3600)
+    timers = Timers(missing_retry_seconds=2.0)
+    config = OperatorConfig(
+        namespaces=namespaces, peering=PEERING, metrics_port=0, health="", resync_seconds=3600, timers=timers
+    )
     async with running_operator(config):
         await reported(emulator, c.CONDITION_METRICS, "ServiceMonitorCRDMissing", "the CRD found missing")
 
@@ -432,8 +437,12 @@ async def test_prometheus_operator_crds_installed_later_start_a_pass_once_served
         def served_and_ready() -> bool:
             return any("reconciled (served): ready" in record.getMessage() for record in caplog.records)
 
-        # Within the watches' next try (30 s) and the pass's short delay.
-        await eventually(served_and_ready, "a pass started by the kinds being served, finding all ready", 1200)
+        # Within the watches' next try and the pass's short delay (and half a minute more for a loaded machine).
+        await eventually(
+            served_and_ready,
+            "a pass started by the kinds being served, finding all ready",
+            attempts=int((timers.missing_retry_seconds + handlers.SERVED_PASS_DELAY + 30) / 0.05),
+        )
         owner = await ready(emulator)
         assert condition(owner, c.CONDITION_METRICS)["reason"] == "ServiceMonitorReady"
         assert get(emulator, SERVICEMONITORS, "chat-llm-telemetry") is not None

@@ -248,28 +248,30 @@ def test_a_stop_mark_far_in_the_future_counts_for_nothing() -> None:
 
 async def test_an_operator_is_taken_as_gone_only_when_seen_so_twice_apart_and_not_long_apart() -> None:
     """Its peering object with no replica and no stop mark: maybe read between kopf taking a stopping replica's
-    entry out and the operator's cleanup saying it stopped. Gone once seen so again TAKEOVER_CONFIRM_SECONDS later;
+    entry out and the operator's cleanup saying it stopped. Gone once seen so again takeover_confirm_seconds later;
     a sighting long before (what it did since is unknown) starts a new confirmation."""
-    from llm_telemetry_operator.handlers import HOLDER_CHECK_SECONDS, TAKEOVER_CONFIRM_SECONDS, _held_elsewhere
+    from llm_telemetry_operator.handlers import _held_elsewhere
 
     class TheirPeering:
         async def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
             return [{"metadata": {"name": "theirs"}, "status": {}}]
 
     state = OperatorState()
-    memo = {"config": OperatorConfig(peering="mine"), "client": TheirPeering(), "state": state}
+    config = OperatorConfig(peering="mine")
+    memo = {"config": config, "client": TheirPeering(), "state": state}
     body = {"metadata": {"namespace": "llm", "name": "chat"}, "status": {"operator": "theirs"}}
+    confirm, holder_check = config.timers.takeover_confirm_seconds, config.timers.holder_check_seconds
 
     def later(seconds: float) -> None:
         """As if ``seconds`` had passed since the sightings so far (and the cached read had expired)."""
         state.holders_gone["theirs"] -= seconds
         checked, alive, watched = state.holders["theirs"]
-        state.holders["theirs"] = (checked - max(seconds, HOLDER_CHECK_SECONDS + 1), alive, watched)
+        state.holders["theirs"] = (checked - max(seconds, holder_check + 1), alive, watched)
 
     assert await _held_elsewhere(memo, body) == "theirs"  # first sighting: left to it for now
-    later(TAKEOVER_CONFIRM_SECONDS / 2)
+    later(confirm / 2)
     assert await _held_elsewhere(memo, body) == "theirs"
-    later(TAKEOVER_CONFIRM_SECONDS / 2 + 1)
+    later(confirm / 2 + 1)
     assert await _held_elsewhere(memo, body) is None  # seen gone twice, far enough apart
 
     state.holders.clear()

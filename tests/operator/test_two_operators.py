@@ -35,14 +35,14 @@ from kopf_testing import (
 from test_operator_kmock import env_of, hand
 
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import handlers
-from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.handlers import TAKEOVER_CONFIRM_SECONDS
+from llm_telemetry_operator.config import OperatorConfig, Timers
 
 OTHER = "team-a-llm-telemetry-operator"
+#: The operator's timers as they run (the tests below that do not shorten them).
+DEFAULT_TIMERS = Timers()
 #: Polls (of 0.05 s) to wait for a takeover of an operator seen gone: it is confirmed by a second look
-#: TAKEOVER_CONFIRM_SECONDS later (kopf takes a stopping replica's entry out before its stop can be said).
-CONFIRMED = int((TAKEOVER_CONFIRM_SECONDS + 10) / 0.05)
+#: takeover_confirm_seconds later (kopf takes a stopping replica's entry out before its stop can be said).
+CONFIRMED = int((DEFAULT_TIMERS.takeover_confirm_seconds + 10) / 0.05)
 
 
 def other_operator(
@@ -269,7 +269,7 @@ async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting
         (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         assert "no replica running now" in event["message"], event["message"]
         other_operator(emulator, datetime.timedelta(seconds=0))
-        await asyncio.sleep(handlers.HOLDER_CHECK_SECONDS + 1)
+        await asyncio.sleep(DEFAULT_TIMERS.holder_check_seconds + 1)
         again = minimal_llmt("chat2")
         again["status"] = {"operator": OTHER}
         await hand(emulator, "POST", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries", again)
@@ -286,7 +286,7 @@ async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so
     emulator: Any, monitoring_crds: Any
 ) -> None:
     """kopf takes a stopping replica's entry out before the operator's cleanup writes its stop mark: a look in
-    between finds neither. The resource is taken over only if a second look, TAKEOVER_CONFIRM_SECONDS later, finds
+    between finds neither. The resource is taken over only if a second look, takeover_confirm_seconds later, finds
     the same; here the mark arrives meanwhile (a restart), and the resource stays with its operator."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
@@ -295,7 +295,7 @@ async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so
     async with running_operator():
         await asyncio.sleep(2)
         other_operator(emulator, None, stopped=datetime.timedelta(seconds=2))
-        await asyncio.sleep(TAKEOVER_CONFIRM_SECONDS + 6)
+        await asyncio.sleep(DEFAULT_TIMERS.takeover_confirm_seconds + 6)
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
 
@@ -430,17 +430,17 @@ async def test_a_resource_another_running_operator_serves_is_not_let_go_at_start
 
 @pytest.mark.parametrize("refused", [False, True])
 async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_let_go(
-    emulator: Any, monitoring_crds: Any, monkeypatch: pytest.MonkeyPatch, refused: bool
+    emulator: Any, monitoring_crds: Any, refused: bool
 ) -> None:
     """As above, but the other operator had stopped a moment before (a restart, as far as anyone can tell: its
     resources are left to it for its grace), and never comes back. The resource is looked at again: once the grace
     has passed, and that operator is confirmed gone, it is let go, and the namespace can go. (The grace and the
-    looks are shortened here; by default 5 minutes, then a look every 25 s.) ``refused``: the first release is
-    refused (a webhook, a conflict): looked at again, not dropped with the namespace left Terminating."""
-    monkeypatch.setattr(handlers, "TAKEOVER_GRACE_SECONDS", 4.0)
-    monkeypatch.setattr(handlers, "TAKEOVER_CONFIRM_SECONDS", 0.5)
-    monkeypatch.setattr(handlers, "HOLDER_CHECK_SECONDS", 0.5)
-    monkeypatch.setattr(handlers, "RELEASE_RECHECK_SECONDS", 1.0)
+    looks are shortened here, through the config's timers: 6 s, then a look every second; by default 5 minutes,
+    then a look every 25 s. The grace is looked at past two looks and their confirmation, well before it ends.)
+    ``refused``: the first release is refused (a webhook, a conflict): looked at again, not dropped with the
+    namespace left Terminating."""
+    timers = Timers(takeover_grace_seconds=6.0, takeover_confirm_seconds=0.5, holder_check_seconds=0.5)
+    assert timers.release_recheck_seconds == 1.0
     install_prometheus_operator_crds(emulator, monitoring_crds)
     other_operator(emulator, None, stopped=datetime.timedelta(seconds=1))
     served_by_other(emulator)
@@ -456,12 +456,12 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
     }
     namespace["status"] = {"phase": "Terminating", "conditions": [remaining]}
     emulator.objects[NAMESPACES, None, NAMESPACE] = namespace
-    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="")
+    config = OperatorConfig(namespaces=(NAMESPACE,), peering=PEERING, metrics_port=0, health="", timers=timers)
     if refused:
         emulator.deny[("llmtelemetries", "chat")] = DENIED
     seen = len(list(emulator))
     async with running_operator(config):
-        await asyncio.sleep(1)
+        await asyncio.sleep(2.5)
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]  # within the grace: left to it
         if refused:
             await eventually(
@@ -496,7 +496,7 @@ async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_th
         events = await eventually(
             lambda: (found := posted_events(emulator, "WatchedTwice")) and len(found) == 2 and found,
             "a second WatchedTwice event for the same resource",
-            attempts=int((handlers.HOLDER_CHECK_SECONDS + 20) / 0.05),
+            attempts=int((DEFAULT_TIMERS.holder_check_seconds + 20) / 0.05),
         )
         assert "Two releases" in events[1]["message"] and "no replica running now" not in events[1]["message"]
         # Idle again (a restart of the other): nothing new to say, through some more passes.
@@ -505,7 +505,7 @@ async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_th
         await eventually(
             lambda: sum(1 for r in list(emulator) if str(r.url.path).endswith("/clusterkopfpeerings")) > passes + 2,
             "the other operator's peering object read again",
-            attempts=int((handlers.HOLDER_CHECK_SECONDS * 3 + 20) / 0.05),
+            attempts=int((DEFAULT_TIMERS.holder_check_seconds * 3 + 20) / 0.05),
         )
         assert len(posted_events(emulator, "WatchedTwice")) == 2
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
