@@ -687,15 +687,13 @@ def _apply(
         env[:] = _without_leftovers(container, injection, leftovers)
         taken = {e.get("name") for e in env}
         routed = _routed_here(env)
+        # (Read before the loop: the injection never writes the generic endpoint, so what it appends cannot change it.)
+        generic = _generic_endpoint(env)
         for entry in injection.env:
             name = entry["name"]
             if name in taken or _ROUTE.get(name) in routed:  # the user's own variables win
                 continue
-            if (
-                name in _EXPORTER
-                and entry.get("value") == "none"
-                and (_EXPORTER[name] in routed or _generic_endpoint(env))
-            ):
+            if name in _EXPORTER and entry.get("value") == "none" and (_EXPORTER[name] in routed or generic):
                 continue
             env.append(copy.deepcopy(entry))
             done["env"][entry["name"]] = _env_key(entry)
