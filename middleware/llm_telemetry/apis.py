@@ -152,6 +152,25 @@ def _cache_writes(details: Any, usage: dict[str, Any]) -> int | None:
     return _int(usage.get("cache_creation_input_tokens"))
 
 
+def _parts(total: int | None, first: Any, second: Any) -> tuple[int | None, int | None]:
+    """Two counts a usage's details give as parts of ``total`` (the audio and the image tokens of a prompt, say),
+    each cut to what is left of it: the first to the total, the second to what the first leaves. None for a count not
+    reported (or not a count), and for both when the total is not: a part of an unknown whole is priced as nothing
+    apart. A server's details that add up to more than its total (a gateway's sum of its own) so never price more
+    tokens than it reported."""
+    if total is None:
+        return None, None
+    part = _int(first)
+    if part is not None and part > total:
+        part = total
+    other = _int(second)
+    if other is not None:
+        rest = total - (part or 0)
+        if other > rest:
+            other = rest
+    return part, other
+
+
 def _num(value: Any) -> float | None:
     if isinstance(value, float) and math.isfinite(value):
         return value
@@ -1266,11 +1285,21 @@ class OpenAIChatReader(ResponseReader):
             call.cache_creation_1h_tokens = (
                 _int(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
             )
+            # Audio and image input (a spoken prompt to gpt-4o-audio-preview): parts of the prompt, at prices of their
+            # own.
+            call.input_audio_tokens, call.input_image_tokens = _parts(
+                prompt, details.get("audio_tokens"), details.get("image_tokens")
+            )
         else:
             call.cache_read_tokens = call.cache_creation_1h_tokens = None
+            call.input_audio_tokens = call.input_image_tokens = None
         call.cache_creation_tokens = _cache_writes(details, usage)
         details = usage.get("completion_tokens_details")
-        call.reasoning_tokens = _int(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+        if isinstance(details, dict):
+            call.reasoning_tokens = _int(details.get("reasoning_tokens"))
+            call.output_audio_tokens = _parts(completion, details.get("audio_tokens"), None)[0]
+        else:
+            call.reasoning_tokens = call.output_audio_tokens = None
         call.usage_source = "reported"
 
     def _head(self, obj: dict[str, Any]) -> None:
@@ -1742,9 +1771,17 @@ class OpenAIMediaReader(ResponseReader):
     nothing of the audio tokens it was made from, nor an image of its own. The answer names no model: the request's (its
     ``model`` field, a form field of a multipart request) labels it. No first token is taken: a partial image or a
     piece of a transcript would put image and audio waits into the streams' time to first token, whose objective
-    is a chat model's."""
+    is a chat model's.
+
+    Of the input, the audio and image tokens the details count (an image's ``input_tokens_details``, a
+    transcription's ``input_token_details``) are kept apart, priced at their own prices; so are the output's, from
+    ``output_tokens_details`` when given. An image's output is its image (the SDK's stream events say its
+    ``output_tokens`` are image tokens): without details saying otherwise, all of it (:class:`OpenAIImagesReader`)."""
 
     __slots__ = ()
+
+    #: Whether the output is an image, unless its details say how much of it is.
+    _IMAGE_OUTPUT = False
 
     def _usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -1754,6 +1791,28 @@ class OpenAIMediaReader(ResponseReader):
             return
         call = self.call
         call.input_tokens, call.output_tokens = input_tokens, output_tokens
+        # (``input_tokens_details`` in an image's usage, ``input_token_details`` in a transcription's.)
+        details = usage.get("input_tokens_details")
+        if not isinstance(details, dict):
+            details = usage.get("input_token_details")
+        if isinstance(details, dict):
+            call.input_audio_tokens, call.input_image_tokens = _parts(
+                input_tokens, details.get("audio_tokens"), details.get("image_tokens")
+            )
+        else:
+            call.input_audio_tokens = call.input_image_tokens = None
+        details = usage.get("output_tokens_details")
+        if isinstance(details, dict):
+            call.output_audio_tokens, call.output_image_tokens = _parts(
+                output_tokens, details.get("audio_tokens"), details.get("image_tokens")
+            )
+            if self._IMAGE_OUTPUT and call.output_image_tokens is None and output_tokens is not None:
+                # (Details without an image count: the output is the image but for the text and audio they count.)
+                text = _int(details.get("text_tokens")) or 0
+                call.output_image_tokens = max(output_tokens - (call.output_audio_tokens or 0) - text, 0)
+        else:
+            call.output_audio_tokens = None
+            call.output_image_tokens = output_tokens if self._IMAGE_OUTPUT else None
         call.usage_source = "reported"
 
     def _on_json(self, obj: dict[str, Any]) -> None:
@@ -1775,6 +1834,14 @@ class OpenAIMediaReader(ResponseReader):
         # event, its usage is read from its last bytes. Only that event carries a usage: it was the last one.
         self._closed = True
         self._usage(usage)
+
+
+class OpenAIImagesReader(OpenAIMediaReader):
+    """The answers of OpenAI's image generations and edits: an :class:`OpenAIMediaReader` whose output is an image."""
+
+    __slots__ = ()
+
+    _IMAGE_OUTPUT = True
 
 
 # --- Anthropic Messages ---------------------------------------------------------------------------
@@ -2385,7 +2452,7 @@ APIS: Final[dict[str, API]] = {
         API("anthropic.messages", "chat", "anthropic", AnthropicMessagesReader),
         # The GenAI conventions have no operation of their own for images or transcriptions: "generate_content",
         # their multimodal generation, is the one that applies.
-        API("openai.images", UNTIMED_OPERATION, "openai", OpenAIMediaReader, form=True),
+        API("openai.images", UNTIMED_OPERATION, "openai", OpenAIImagesReader, form=True),
         API("openai.transcriptions", UNTIMED_OPERATION, "openai", OpenAIMediaReader, form=True),
     )
 }

@@ -6,7 +6,9 @@ A pricing table maps model names to USD per million tokens::
 
 as a YAML or JSON file, or the same mapping in Python (with or without the ``models`` wrapper). ``cache_read`` and
 ``cache_creation`` default to the ``input`` price, ``cache_creation_1h`` (writes to Anthropic's one-hour cache) to the
-``cache_creation`` price. A model matches its own entry, or else the longest entry that is a
+``cache_creation`` price. ``input_audio`` and ``input_image`` (the prices of the input's audio and image tokens, which
+OpenAI lists apart from its text tokens) default to the ``input`` price, ``output_audio`` and ``output_image`` to the
+``output`` price. A model matches its own entry, or else the longest entry that is a
 prefix of it followed by ``-``, so ``gpt-4o-2024-08-06`` is priced as ``gpt-4o``. In the embedded default table only a
 snapshot's suffix counts (a date, ``-0613``, ``-latest``): a family's other models (``o3-mini``, ``o3-pro``,
 ``gpt-4o-audio-preview``) have prices of their own, and a model it lacks is counted as unpriced, never priced as
@@ -34,7 +36,8 @@ DEFAULT_PRICING_DATE: Final = "2025-10-15"
 
 #: USD per million tokens. A starting point: pass your own table for the prices you actually pay. Anthropic's cache
 #: writes cost 1.25 times the input price for its five-minute cache and twice it for its one-hour one. Not in it:
-#: OpenAI's flex and priority tiers, Anthropic's long-context price (prompts over 200 K tokens), audio tokens.
+#: OpenAI's flex and priority tiers, Anthropic's long-context price (prompts over 200 K tokens), audio and image models
+#: (a table of one's own prices their tokens, each modality at its own price: ``input_audio`` and the rest).
 DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
     "gpt-5": {"input": 1.25, "output": 10.00, "cache_read": 0.125},
     "gpt-5-mini": {"input": 0.25, "output": 2.00, "cache_read": 0.025},
@@ -66,7 +69,17 @@ DEFAULT_PRICING: Final[dict[str, dict[str, float]]] = {
                          "cache_creation_1h": 1.60},
 }  # fmt: skip
 
-_KINDS: Final = ("input", "output", "cache_read", "cache_creation", "cache_creation_1h")
+_KINDS: Final = (
+    "input",
+    "output",
+    "cache_read",
+    "cache_creation",
+    "cache_creation_1h",
+    "input_audio",
+    "input_image",
+    "output_audio",
+    "output_image",
+)
 #: What follows a model's name in the name of one of its snapshots: a date (``2024-08-06``, ``20250514``), a month and
 #: day (``0613``), or ``latest``; Anthropic's ``-0`` names the first version of a family (``claude-sonnet-4-0``).
 _SNAPSHOT: Final = re.compile(r"(?:0-)?(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)|0")
@@ -81,6 +94,12 @@ class Price:
     cache_read: float
     cache_creation: float
     cache_creation_1h: float
+    #: The input's and the output's audio and image tokens (the usage's details count them apart); each the plain
+    #: ``input`` or ``output`` price unless the table gives one.
+    input_audio: float
+    input_image: float
+    output_audio: float
+    output_image: float
 
 
 class PricingTable:
@@ -158,14 +177,17 @@ class PricingTable:
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
         if price is None:
             return None
-        cost = _tokens_cost(
-            price,
-            call.input_tokens or 0,
-            call.cache_read_tokens or 0,
-            call.cache_creation_tokens or 0,
-            call.cache_creation_1h_tokens or 0,
-            call.output_tokens or 0,
-        )
+        if call.input_audio_tokens or call.input_image_tokens or call.output_audio_tokens or call.output_image_tokens:
+            cost = _modality_cost(price, call)
+        else:
+            cost = _tokens_cost(
+                price,
+                call.input_tokens or 0,
+                call.cache_read_tokens or 0,
+                call.cache_creation_tokens or 0,
+                call.cache_creation_1h_tokens or 0,
+                call.output_tokens or 0,
+            )
         for model, counts in call.advisor_usage or ():
             advisor = self.price(model)
             if advisor is not None:
@@ -188,6 +210,34 @@ def _tokens_cost(price: Price, tokens: int, cache_read: int, cache_creation: int
         one_hour = min(one_hour, cache_creation)
         writes += one_hour * (price.cache_creation_1h - price.cache_creation)
     return (fresh * price.input + cache_read * price.cache_read + writes + output * price.output) / 1_000_000
+
+
+def _modality_cost(price: Price, call: LLMCall) -> float:
+    """USD for the tokens of a call whose usage counts audio or image tokens apart: as :func:`_tokens_cost` prices
+    them, but for those tokens, each at its own modality's price. Each count is a part of a total and is taken as at
+    most what is left of it: the input's audio, then its image tokens, of its fresh input (the tokens neither read
+    from nor written to a cache: a cache read is priced at ``cache_read`` whatever it holds), the output's audio, then
+    image tokens, of the output. So a usage that says more audio tokens than prompt tokens prices no more tokens than
+    it reported, each term is at least zero, and so is the cost."""
+    tokens, output = call.input_tokens or 0, call.output_tokens or 0
+    cache_read, cache_creation = call.cache_read_tokens or 0, call.cache_creation_tokens or 0
+    fresh = max(tokens - cache_read - cache_creation, 0)
+    audio = min(call.input_audio_tokens or 0, fresh)
+    image = min(call.input_image_tokens or 0, fresh - audio)
+    audio_out = min(call.output_audio_tokens or 0, output)
+    image_out = min(call.output_image_tokens or 0, output - audio_out)
+    one_hour = min(call.cache_creation_1h_tokens or 0, cache_creation)
+    return (
+        (fresh - audio - image) * price.input
+        + audio * price.input_audio
+        + image * price.input_image
+        + cache_read * price.cache_read
+        + (cache_creation - one_hour) * price.cache_creation
+        + one_hour * price.cache_creation_1h
+        + (output - audio_out - image_out) * price.output
+        + audio_out * price.output_audio
+        + image_out * price.output_image
+    ) / 1_000_000
 
 
 def _load_file(path: Path) -> Any:
@@ -270,4 +320,8 @@ def _price(model: str, entry: Any) -> Price:
         cache_read=values.get("cache_read", values["input"]),
         cache_creation=cache_creation,
         cache_creation_1h=values.get("cache_creation_1h", cache_creation),
+        input_audio=values.get("input_audio", values["input"]),
+        input_image=values.get("input_image", values["input"]),
+        output_audio=values.get("output_audio", values["output"]),
+        output_image=values.get("output_image", values["output"]),
     )

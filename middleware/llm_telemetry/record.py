@@ -80,6 +80,15 @@ class LLMCall:
     #: Of ``cache_creation_tokens``, those written to a one-hour cache (Anthropic's ``ttl: 1h``), billed higher.
     cache_creation_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
+    #: Of ``input_tokens`` and of ``output_tokens``, the audio and the image tokens, as the usage's details count them
+    #: (OpenAI's chat ``prompt_tokens_details`` and ``completion_tokens_details``, an image's ``input_tokens_details``,
+    #: a transcription's ``input_token_details``; an image's output is its image's): priced at their own modality's
+    #: price. Each at most its total, the image tokens at most what the audio tokens leave of it; None when not
+    #: reported.
+    input_audio_tokens: int | None = None
+    input_image_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    output_image_tokens: int | None = None
     #: Of ``output_tokens``, those of a compaction pass made before the answer (Anthropic's server-side compaction,
     #: which its usage reports apart): never streamed as tokens, so left out of the time per output token.
     compaction_output_tokens: int = 0

@@ -24,7 +24,17 @@ from llm_telemetry_operator.errors import SpecError
 from llm_telemetry_operator.labels import is_dns_subdomain, is_label_key, is_label_value
 
 #: Prices a model entry may carry, in USD per million tokens.
-PRICE_KINDS = ("input", "output", "cache_read", "cache_creation", "cache_creation_1h")
+PRICE_KINDS = (
+    "input",
+    "output",
+    "cache_read",
+    "cache_creation",
+    "cache_creation_1h",
+    "input_audio",
+    "input_image",
+    "output_audio",
+    "output_image",
+)
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 PROTOCOLS = ("grpc", "http/protobuf")
 #: spec.logs.mode: how the request lines reach Loki, each with the dashboard query that finds them there.

@@ -818,7 +818,10 @@ _PRICE = st.one_of(
 )
 _ENTRY = st.fixed_dictionaries(
     {"input": _PRICE, "output": _PRICE},
-    optional={kind: _PRICE for kind in ("cache_read", "cache_creation", "cache_creation_1h", "cached")},
+    optional={
+        kind: _PRICE
+        for kind in ("cache_read", "cache_creation", "cache_creation_1h", "input_audio", "output_image", "cached")
+    },
 )
 
 
