@@ -61,6 +61,9 @@ _CODES: Final = {
     "cyber_policy": "content_filter",
     "misalignment_policy_violation": "content_filter",
     "image_content_policy_violation": "content_filter",
+    # The images API's refusal of a prompt or an input image by its moderation (a 400, or an ``error`` event of an
+    # image stream, ``type`` ``image_generation_user_error``): a content filter's, whatever words its message uses.
+    "moderation_blocked": "content_filter",
     # The Responses API's failures of what the caller sent (its ResponseError codes): an image it cannot use, a
     # request its project's data residency does not allow.
     "data_residency_mismatch": "invalid_request",
