@@ -177,17 +177,16 @@ class PricingTable:
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
         if price is None:
             return None
-        if call.input_audio_tokens or call.input_image_tokens or call.output_audio_tokens or call.output_image_tokens:
-            cost = _modality_cost(price, call)
-        else:
-            cost = _tokens_cost(
-                price,
-                call.input_tokens or 0,
-                call.cache_read_tokens or 0,
-                call.cache_creation_tokens or 0,
-                call.cache_creation_1h_tokens or 0,
-                call.output_tokens or 0,
-            )
+        cost = _tokens_cost(
+            price,
+            call.input_tokens or 0,
+            call.cache_read_tokens or 0,
+            call.cache_creation_tokens or 0,
+            call.cache_creation_1h_tokens or 0,
+            call.output_tokens or 0,
+            (call.input_audio_tokens or 0, call.input_image_tokens or 0),
+            (call.output_audio_tokens or 0, call.output_image_tokens or 0),
+        )
         for model, counts in call.advisor_usage or ():
             advisor = self.price(model)
             if advisor is not None:
@@ -201,39 +200,40 @@ class PricingTable:
         return sum(i + o for model, (i, _, _, _, o) in advisors if not priced or self.price(model) is None)
 
 
-def _tokens_cost(price: Price, tokens: int, cache_read: int, cache_creation: int, one_hour: int, output: int) -> float:
+def _tokens_cost(
+    price: Price,
+    tokens: int,
+    cache_read: int,
+    cache_creation: int,
+    one_hour: int,
+    output: int,
+    modal_input: tuple[int, int] = (0, 0),
+    modal_output: tuple[int, int] = (0, 0),
+) -> float:
     """USD for ``tokens`` of input (``cache_read`` and ``cache_creation`` among them, ``one_hour`` of the latter) and
-    ``output`` tokens at ``price``."""
+    ``output`` tokens at ``price``; ``modal_input`` and ``modal_output`` are the (audio, image) tokens among the input
+    and the output, each at its modality's price. Each such count is a part of a total and is taken as at most what is
+    left of it: the input's audio, then its image tokens, of its fresh input (the tokens neither read from nor written
+    to a cache: a cache read is priced at ``cache_read`` whatever it holds), the output's audio, then image tokens, of
+    the output. So a usage that says more audio tokens than prompt tokens prices no more tokens than it reported, each
+    term is at least zero, and so is the cost."""
     fresh = max(tokens - cache_read - cache_creation, 0)
     writes = cache_creation * price.cache_creation
     if one_hour:  # (Anthropic's one-hour cache: part of the writes, at a price of its own)
         one_hour = min(one_hour, cache_creation)
         writes += one_hour * (price.cache_creation_1h - price.cache_creation)
-    return (fresh * price.input + cache_read * price.cache_read + writes + output * price.output) / 1_000_000
-
-
-def _modality_cost(price: Price, call: LLMCall) -> float:
-    """USD for the tokens of a call whose usage counts audio or image tokens apart: as :func:`_tokens_cost` prices
-    them, but for those tokens, each at its own modality's price. Each count is a part of a total and is taken as at
-    most what is left of it: the input's audio, then its image tokens, of its fresh input (the tokens neither read
-    from nor written to a cache: a cache read is priced at ``cache_read`` whatever it holds), the output's audio, then
-    image tokens, of the output. So a usage that says more audio tokens than prompt tokens prices no more tokens than
-    it reported, each term is at least zero, and so is the cost."""
-    tokens, output = call.input_tokens or 0, call.output_tokens or 0
-    cache_read, cache_creation = call.cache_read_tokens or 0, call.cache_creation_tokens or 0
-    fresh = max(tokens - cache_read - cache_creation, 0)
-    audio = min(call.input_audio_tokens or 0, fresh)
-    image = min(call.input_image_tokens or 0, fresh - audio)
-    audio_out = min(call.output_audio_tokens or 0, output)
-    image_out = min(call.output_image_tokens or 0, output - audio_out)
-    one_hour = min(call.cache_creation_1h_tokens or 0, cache_creation)
+    audio, image = modal_input
+    audio = min(audio, fresh)
+    image = min(image, fresh - audio)
+    audio_out, image_out = modal_output
+    audio_out = min(audio_out, output)
+    image_out = min(image_out, output - audio_out)
     return (
         (fresh - audio - image) * price.input
         + audio * price.input_audio
         + image * price.input_image
         + cache_read * price.cache_read
-        + (cache_creation - one_hour) * price.cache_creation
-        + one_hour * price.cache_creation_1h
+        + writes
         + (output - audio_out - image_out) * price.output
         + audio_out * price.output_audio
         + image_out * price.output_image
