@@ -38,7 +38,7 @@ from clusterkit import (
 from llm_telemetry_operator import constants as c
 from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
-from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING
+from llm_telemetry_operator.config import LLM_TELEMETRY_OPERATOR_PEERING, Timers
 from llm_telemetry_operator.spec import parse_spec
 
 pytestmark = pytest.mark.k8s
@@ -48,6 +48,9 @@ MONITORING = "monitoring.coreos.com"
 #: The peering lifetime of this module's replicas (the chart's peering.lifetimeSeconds; 60 s by default): how long a
 #: standby waits to take over from a frozen replica, and how long that one may stand by once running again.
 PEERING_LIFETIME = "20"
+#: The resync interval of this module's operators (``--resync-seconds``): each resource's resync comes 5 to 15 s
+#: after its last pass (see schedule.py).
+RESYNC_SECONDS = 10
 
 
 @dataclasses.dataclass
@@ -81,9 +84,8 @@ def operator(api: Any, kubeconfig: pathlib.Path, tmp_path_factory: pytest.TempPa
     apps = unique("llmt-it")
     client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=apps)))
     workdir = tmp_path_factory.mktemp("operator")
-    process, log, operator_kubeconfig, env = start_chart_operator(
-        api, kubeconfig, docs, system, workdir, "--resync-seconds", "10", "--peering-lifetime-seconds", PEERING_LIFETIME
-    )
+    flags = ("--resync-seconds", str(RESYNC_SECONDS), "--peering-lifetime-seconds", PEERING_LIFETIME)
+    process, log, operator_kubeconfig, env = start_chart_operator(api, kubeconfig, docs, system, workdir, *flags)
     running = Operator(process, log, apps, operator_kubeconfig, env)
     try:
         yield running
@@ -561,7 +563,7 @@ def _other_replica(operator: Operator, pod_id: str, priority: int, log: pathlib.
     with log.open("wb") as sink:
         return subprocess.Popen(
             [sys.executable, "-m", "llm_telemetry_operator", "--kubeconfig", str(operator.kubeconfig),
-             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", "10",
+             "--log-format", "text", "--metrics-port", "0", "--health", "", "--resync-seconds", str(RESYNC_SECONDS),
              "--peering-lifetime-seconds", PEERING_LIFETIME],
             env=env, stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -605,22 +607,32 @@ def test_a_standby_replica_runs_no_pass_of_its_own(
         patch = {"spec": {"metrics": {"port": value}}}
         cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "standby", patch)
 
+    # (Counted: a test before this one may have had the replica stand by and come back already.)
+    stood, back = operator.output().count("this one stands by"), operator.output().count("this replica is active again")
     second = _other_replica(operator, "llm-telemetry-second-replica", first + 1, log)
     try:
-        wait_for(lambda: "this one stands by" in operator.output(), "the first replica standing by")
+        wait_for(lambda: operator.output().count("this one stands by") > stood, "the first replica standing by")
+        standing = time.monotonic()
         set_port(9500)
         wait_for(lambda: port() == 9500, "the active replica applying the change")
         generation = cluster.deployment("standby")["metadata"]["generation"]
-        time.sleep(12)  # past the first replica's resync (10 s): a standby replica acting would roll it back
+        # A replica standing by logs nothing of the passes it does not run: the window covers the latest its resync
+        # can come, one and a half intervals after its last pass, which came before it stood by (see schedule.py).
+        # A standby replica acting would put the spec it knew back, a rollout.
+        time.sleep(max(0.0, standing + 1.5 * RESYNC_SECONDS + 3 - time.monotonic()))
         assert (cluster.deployment("standby")["metadata"]["generation"], port()) == (generation, 9500)
     finally:
         second.terminate()
         second.wait(timeout=30)
     text = log.read_text(errors="replace")
     assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
-    wait_for(lambda: "this replica is active again" in operator.output(), "the first replica active again")
+    wait_for(lambda: operator.output().count("this replica is active again") > back, "the first replica active again")
     # It read the resources again: its first passes apply the spec as it is now, not the one it knew when it paused.
-    time.sleep(3)
+    since = operator.output().rindex("this replica is active again")
+    wait_for(
+        lambda: f"{cluster.namespace}/standby: reconciled (resume)" in operator.output()[since:],
+        "the first replica's pass on becoming active again",
+    )
     assert (cluster.deployment("standby")["metadata"]["generation"], port()) == (generation, 9500)
     set_port(9464)
     wait_for(lambda: port() == 9464, "the first replica applying a change again")
@@ -633,7 +645,14 @@ def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
     keepalive: the standby takes over, and the spec changes meanwhile. Coming back, the frozen replica acted at once
     on what it knew before the freeze (its resync, the watch events queued meanwhile): the old metrics port put
     back, and the other replica put the new one back again, three rollouts where one was due. It now stands by until
-    it has read the peering object, and, active again, the resources."""
+    it has read the peering object, and, active again, the resources.
+
+    What this proves (each defence taken out alone, and together, on this API server): coming back, the replica
+    stands by on any one of three signs, its event loop stalled past frozen_seconds, its peering lease run out, or
+    its own entry missing from the peering object. With all three gone it puts the old spec back at once (the passes
+    of the Deployment's queued events) and never stands by, and the wait for it fails; with any one left, the old
+    spec stays out. The read of the resources once active again is proved by tests/operator/test_standby.py: here
+    kopf's watch, open through the freeze, has delivered the new spec by then."""
     name = operator.env[LLM_TELEMETRY_OPERATOR_PEERING]
     cluster.create(deployment("frozen", "frozen"))
     cluster.create(telemetry("frozen", "frozen"))
@@ -674,7 +693,16 @@ def test_a_replica_frozen_past_its_keepalive_does_not_put_an_old_spec_back(
             "the first replica active again",
             timeout=120,
         )
-        time.sleep(12)  # past both replicas' resyncs (10 s)
+        # Every pass it runs from here on knows the resource as it is now: the one its resume starts, those its
+        # watches start for the events queued over the freeze, and its resync, which comes last (5 to 15 s after the
+        # resume pass: see schedule.py). Its resync logged after it became active again proves all of them ran. The
+        # other replica stands by, and knows the new spec anyway.
+        back = operator.output().rindex("this replica is active again")
+        wait_for(
+            lambda: f"{cluster.namespace}/frozen: reconciled (resync)" in operator.output()[back:],
+            "a resync of the first replica's since it became active again",
+            timeout=90,
+        )
         seen = (cluster.deployment("frozen")["metadata"]["generation"], port())
         standby_log = log.read_text(errors="replace")
         logs = f"first replica:\n{operator.output()[-6000:]}\nstandby replica:\n{standby_log[-6000:]}"
@@ -1538,7 +1566,9 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
     system = unique("llmt-it-team")
     sets = (f"watchNamespaces={{{cluster.namespace}}}", "defaults.tracesEndpoint=http://otel.example:4318")
     docs = install(api, system, "llm-telemetry-team", *sets)
-    process, log, _, team_env = start_chart_operator(api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "10")
+    process, log, _, team_env = start_chart_operator(
+        api, kubeconfig, docs, system, tmp_path, "--resync-seconds", str(RESYNC_SECONDS)
+    )
     second = team_env[LLM_TELEMETRY_OPERATOR_PEERING]
     assert second != first
     try:
@@ -1604,7 +1634,7 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
     (tmp_path / "before").mkdir()
     (tmp_path / "after").mkdir()
     process, _, _, team_env = start_chart_operator(
-        api, kubeconfig, docs, system, tmp_path / "before", "--resync-seconds", "10"
+        api, kubeconfig, docs, system, tmp_path / "before", "--resync-seconds", str(RESYNC_SECONDS)
     )
     second = team_env[LLM_TELEMETRY_OPERATOR_PEERING]
     peerings = cluster.custom.get_cluster_custom_object
@@ -1626,15 +1656,29 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
             "the team's settings injected",
         )
         # A restart of the team's operator (kopf takes its entry out of the peering object as it stops) leaves the
-        # resource to it: no takeover past the cluster-wide operator's resync and its cache of the peering object.
+        # resource to it. The cluster-wide operator logs nothing when a pass leaves a resource to another operator,
+        # so the team's operator stays stopped for as long as a takeover would take at most without the stop mark it
+        # writes: a pass (up to one and a half resync intervals after the last: see schedule.py) seeing its entry
+        # gone, where the pass before may have read the peering object too recently to read it again (its cache,
+        # Timers.holder_check_seconds), then the pass that confirms it, takeover_confirm_seconds and one later.
+        timers = Timers()
+        down = 1.5 * RESYNC_SECONDS + max(1.5 * RESYNC_SECONDS, timers.holder_check_seconds)
+        down += timers.takeover_confirm_seconds + 1 + 5
         generation = cluster.deployment("handed")["metadata"]["generation"]
         stop(process)
+        stopped = time.monotonic()
         (tmp_path / "restarted").mkdir()
-        time.sleep(22)
-        process, _, _, _ = start_chart_operator(
-            api, kubeconfig, docs, system, tmp_path / "restarted", "--resync-seconds", "10"
+        time.sleep(max(0.0, down - (time.monotonic() - stopped)))
+        process, restarted, _, _ = start_chart_operator(
+            api, kubeconfig, docs, system, tmp_path / "restarted", "--resync-seconds", str(RESYNC_SECONDS)
         )
-        time.sleep(12)
+        assert cluster.llmt("handed")["status"]["operator"] == second
+        # Running again, it serves the resource as before: its resume pass, then its resync, roll nothing.
+        wait_for(
+            lambda: f"{cluster.namespace}/handed: reconciled (resync)" in restarted.read_text(errors="replace"),
+            "a resync of the restarted team's operator",
+            timeout=90,
+        )
         assert cluster.llmt("handed")["status"]["operator"] == second
         assert cluster.deployment("handed")["metadata"]["generation"] == generation
         # The team's release upgraded to watch another namespace: its Role here goes, its operator restarts.
@@ -1651,7 +1695,7 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
             elif doc["kind"] == "RoleBinding":
                 rbac.delete_namespaced_role_binding(meta["name"], cluster.namespace)
         process, log, _, _ = start_chart_operator(
-            api, kubeconfig, narrowed, system, tmp_path / "after", "--resync-seconds", "10"
+            api, kubeconfig, narrowed, system, tmp_path / "after", "--resync-seconds", str(RESYNC_SECONDS)
         )
         wait_for(lambda: says(elsewhere), "the team's operator says it watches the other namespace now")
         found = wait_for(
@@ -1663,7 +1707,15 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
         wait_for(lambda: cluster.env("handed") == env, "the cluster-wide operator's settings injected again")
         assert "no longer watches namespace" in operator.output()
         generation = cluster.deployment("handed")["metadata"]["generation"]
-        time.sleep(12)  # past both operators' resyncs (10 s): no more rollouts
+        # No more rollouts: the team's operator no longer watches this namespace, and the cluster-wide operator's
+        # resyncs change nothing. The first resync logged from here on may be the pass that took the resource over
+        # (its line comes after its writes); the second started after it (see schedule.py), so after this point.
+        mark = len(operator.output())
+        wait_for(
+            lambda: operator.output()[mark:].count(f"{cluster.namespace}/handed: reconciled (resync)") >= 2,
+            "two resyncs of the cluster-wide operator's since the takeover",
+            timeout=90,
+        )
         assert cluster.deployment("handed")["metadata"]["generation"] == generation
         text = log.read_text(errors="replace")
         assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
