@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -16,9 +17,11 @@ from llm_telemetry_operator import kube
 from llm_telemetry_operator.config import OperatorConfig
 from llm_telemetry_operator.errors import ApiError
 from llm_telemetry_operator.handlers import (
+    HEARTBEAT_SECONDS,
     RELIST_ATTEMPTS,
     OperatorState,
     _check_standby,
+    _heartbeat,
     _mark_stopped,
     _paused,
     _stopped_at,
@@ -128,6 +131,31 @@ async def test_a_replica_stands_by_once_its_entry_may_have_expired_until_it_read
     await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
     assert not _paused(state)
     assert kube.LLMTELEMETRIES.plural in reads.listed  # what it knew is read again before it acts
+
+
+async def test_a_replica_whose_event_loop_stalled_stands_by_until_it_reads_the_peering_object_again() -> None:
+    """Its event loop did not run for longer than frozen_seconds (SIGSTOP, a paused VM, a stalled node), though its
+    lease, as last read, still runs: it stands by from the moment it runs again, before anything its freeze held
+    back acts on what it knew, and acts again once it has read its entry and the resources anew."""
+    reads, state = PeeringReads(), OperatorState(frozen_seconds=2.0)
+    config = OperatorConfig(peering="llm-telemetry", priority=10)
+    log = logging.getLogger("test")
+    reads.status = {"me": entry(seconds_ago=0), "other": entry(seconds_ago=0, priority=5)}
+    await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+    heartbeat = asyncio.create_task(_heartbeat(state))
+    try:
+        await asyncio.sleep(0.1)
+        assert not _paused(state)
+        # The freeze: blocking, so that nothing on the event loop runs.
+        time.sleep(max(HEARTBEAT_SECONDS, state.frozen_seconds) + 0.5)  # noqa: ASYNC251
+        await asyncio.sleep(0.1)  # running again, its heartbeat ticks: it stands by until it has read the peering
+        assert _paused(state)
+        reads.listed.clear()
+        await _check_standby(reads, config, state, "me", log)  # type: ignore[arg-type]
+        assert not _paused(state)
+        assert kube.LLMTELEMETRIES.plural in reads.listed  # what it knew is read again before it acts
+    finally:
+        heartbeat.cancel()
 
 
 async def test_an_entry_already_dead_at_startup_is_no_lease() -> None:
