@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -14,6 +16,68 @@ class ConfigurationError(ValueError):
 MAX_MESSAGE_CHARS = 1000
 
 
+@dataclass(frozen=True)
+class Listed:
+    """Names in a message that :func:`bounded` may shorten: as many as fit, in order (at most ``most``), then
+    ``and N more``."""
+
+    items: Sequence[str]
+    sep: str = ", "
+    most: int | None = None
+
+
+def bounded(*parts: str | Listed, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message of fixed words and lists of names, within ``limit`` characters: each list names as many of its
+    items as fit, whole and in order, and says how many more there are (``, and 12 more``); the room the fixed words
+    leave is shared between the lists, a short one giving what it does not need to the others. kopf cuts a longer
+    event message in its middle (a user would read half a name); conditions carry the same words. Only fixed words
+    longer than ``limit`` on their own are cut, at the end, with ``…``."""
+    lists = [i for i, part in enumerate(parts) if isinstance(part, Listed)]
+    room = max(0, limit - sum(len(part) for part in parts if isinstance(part, str)))
+    full = {i: len(_named(parts[i], limit)) for i in lists}  # type: ignore[arg-type]
+    # Each list names its first item, if the room allows it for all; what is left is shared.
+    first = {i: min(full[i], _first(parts[i])) for i in lists}  # type: ignore[arg-type]
+    width = dict.fromkeys(lists, 0)
+    if sum(first.values()) <= room:
+        width, room = first, room - sum(first.values())
+    for left, i in enumerate(sorted(lists, key=lambda i: full[i] - width[i]), start=-len(lists)):
+        extra = min(full[i] - width[i], room // -left)
+        width[i] += extra
+        room -= extra
+    text = "".join(part if isinstance(part, str) else _named(part, width[i]) for i, part in enumerate(parts))
+    return clipped(text, limit)
+
+
+def clipped(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text``, or its first ``limit`` - 1 characters and ``…``: for a text that is no list of names (an API
+    error's)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _first(listed: Listed) -> int:
+    """The width ``listed`` takes naming its first item only, with the count of the others."""
+    items = listed.items
+    if not items or listed.most == 0:
+        return len(f"and {len(items)} more") if items else 0
+    return len(str(items[0])) + (len(f"{listed.sep}and {len(items) - 1} more") if len(items) > 1 else 0)
+
+
+def _named(listed: Listed, width: int) -> str:
+    """As many of ``listed``'s items as fit in ``width`` characters with the count of the others."""
+    items, sep = [str(item) for item in listed.items], listed.sep
+    most = len(items) if listed.most is None else max(0, listed.most)
+    if len(items) <= most and len(sep.join(items)) <= width:
+        return sep.join(items)
+    used = 0
+    for count, item in enumerate(items):
+        more = f"{sep if count else ''}and {len(items) - count} more"
+        after = used + (len(sep) if count else 0) + len(item)
+        if count == most or after + len(f"{sep}and {len(items) - count - 1} more") > width:
+            return sep.join(items[:count]) + more
+        used = after
+    return sep.join(items)  # (not reached: the whole list was longer than width, or than most)
+
+
 class SpecError(ValueError):
     """An LLMTelemetry spec the CRD schema let through but the operator cannot use.
 
@@ -23,10 +87,7 @@ class SpecError(ValueError):
     """
 
     def __init__(self, field: str, message: str) -> None:
-        text = f"{field}: {message}"
-        if len(text) > MAX_MESSAGE_CHARS:
-            text = text[: MAX_MESSAGE_CHARS - 1] + "…"
-        super().__init__(text)
+        super().__init__(clipped(f"{field}: {message}"))
         self.field = field
         self.message = message
 

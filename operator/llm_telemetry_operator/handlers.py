@@ -30,12 +30,12 @@ from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import DEFAULT_PEERING_LIFETIME_SECONDS, OperatorConfig
 from llm_telemetry_operator.diffbase import ObservedGenerationDiffBase
 from llm_telemetry_operator.errors import (
-    MAX_MESSAGE_CHARS,
     ApiError,
     ConflictError,
     NotFoundError,
     SpecError,
     WriteWithheld,
+    clipped,
 )
 from llm_telemetry_operator.kube import KubeClient
 from llm_telemetry_operator.labels import is_dns_label
@@ -945,7 +945,8 @@ async def _report_update_refused(memo: Any, state: OperatorState, body: Mapping[
         "the API server refuses every update of this resource, so the operator can neither serve it nor write its "
         "status (kopf's finalizer cannot be added); fix it while the CRD that stored it is installed, or delete it"
         " (see Upgrading in docs/install.md): " + refusal
-    )[:MAX_MESSAGE_CHARS]
+    )
+    message = clipped(message)
     (state.logger or logging.getLogger(__name__)).error("%s/%s: %s", meta.get("namespace"), meta.get("name"), message)
     kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
 
@@ -1317,7 +1318,7 @@ async def _reconcile(
                 # which then names what is missing, once (and the periodic check notices its return).
                 _recheck_access(memo, state, logger, key[0])
             reason = "ApiError" if api else "InternalError"
-            message = str(exc) if api else f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]
+            message = clipped(str(exc) if api else f"{type(exc).__name__}: {exc}")
             metrics.RECONCILES.labels(trigger, "error").inc()
             metrics.RECONCILE_ERRORS.labels(reason).inc()
             when = state.schedule.failed(key, exc.retry_after if isinstance(exc, ApiError) else None)
@@ -1444,7 +1445,8 @@ async def llmtelemetry_delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Log
             message = (
                 "the API server refuses every update of this resource, so its finalizer cannot be removed and it "
                 "stays until the CRD admits it again (see Upgrading in docs/install.md): " + refusal
-            )[:MAX_MESSAGE_CHARS]
+            )
+            message = clipped(message)
             logger.error("%s", message)
             kopf.warn(_event_target(body), reason="UpdateRefused", message=message)
         elif await _still_refused(
@@ -1808,7 +1810,7 @@ def _leave_to(memo: Any, body: Mapping[str, Any], holder: str, logger: Any) -> N
     state.left[key] = (holder, idle)
     config = _config(memo)
     message = watched_twice_message(holder, config.peering, key[0], idle, config.timers.takeover_grace_seconds)
-    message = message[:MAX_MESSAGE_CHARS]
+    message = clipped(message)
     logger.warning("%s", message)
     kopf.warn(_event_target(body), reason="WatchedTwice", message=message)
 
@@ -1877,7 +1879,7 @@ async def _cleanup_failed(memo: Any, body: kopf.Body, logger: Any, exc: Exceptio
     api = isinstance(exc, ApiError)
     reason = "CleanupFailed" if api else "InternalError"
     error = str(exc) if api else f"{type(exc).__name__}: {exc}"
-    message = f"clean-up failed, so the resource stays until it succeeds: {error}"[:MAX_MESSAGE_CHARS]
+    message = clipped(f"clean-up failed, so the resource stays until it succeeds: {error}")
     await _report_failure(memo, body, reason, message)
     delay = min(300, 5 * 2 ** min(retry, 6))
     logger.warning("clean-up failed: %s; retrying in %d s", error, delay, exc_info=not api and retry == 0)

@@ -20,7 +20,16 @@ from llm_telemetry_operator import kube
 from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.collectors import CollectorCheck
 from llm_telemetry_operator.config import OperatorConfig
-from llm_telemetry_operator.errors import MAX_MESSAGE_CHARS, ApiError, ConflictError, NotFoundError, SpecError
+from llm_telemetry_operator.errors import (
+    MAX_MESSAGE_CHARS,
+    ApiError,
+    ConflictError,
+    Listed,
+    NotFoundError,
+    SpecError,
+    bounded,
+    clipped,
+)
 from llm_telemetry_operator.kube import KubeClient, Resource
 from llm_telemetry_operator.spec import TelemetrySpec, parse_spec, shown
 
@@ -354,7 +363,7 @@ async def reconcile(
         # metrics Services and ServiceMonitor their scrapes), and the status still counts them.
         kept = [t for t in (owner.get("status") or {}).get("targets") or [] if isinstance(t, str)]
         if kept:
-            note = f"{exc}; left as the last valid spec made them until it is fixed: {', '.join(kept)}"
+            note = bounded(f"{exc}; left as the last valid spec made them until it is fixed: ", Listed(kept))
             invalid = [r.Condition(c.CONDITION_INJECTED, False, "InvalidSpec", note) if i.type == c.CONDITION_INJECTED
                        else i for i in invalid]  # fmt: skip
         await _write_status(client, config, owner, invalid, kept, "Invalid", outcome)
@@ -463,7 +472,7 @@ async def reconcile(
         client, kube.CONFIGMAPS, owner, configmaps, None, outcome, fresh=fresh, failed=failed, keep=spared
     )
     pricing_error = failed.pop(r.pricing_configmap_name(name), None)
-    cm_error = "; ".join(failed.values()) or None
+    cm_error = bounded(Listed(list(failed.values()), "; ")) or None
 
     monitor = [] if standby else [r.build_service_monitor(owner, spec, config)]
     monitor_error = await _sync_children(client, kube.SERVICEMONITORS, owner, monitor, None, outcome, fresh=fresh)
@@ -473,27 +482,35 @@ async def reconcile(
     # The injected pricing volume names a ConfigMap: without it (or its key) the pods cannot start.
     if outcome.unpriced:
         outcome.retry = True  # (also when standing by, which syncs no ConfigMap: nothing else retries it)
-        message = f"the inline prices' ConfigMap could not be written: {pricing_error or prices_written[0]}"
-        message += "; until it is, these are not made to mount it (left as they were): " + ", ".join(outcome.unpriced)
         earlier = conditions.get(c.CONDITION_INJECTED)
-        if earlier is not None and earlier.reason == "InjectionFailed":
-            message += f"; and the injection failed: {earlier.message}"  # (said here too, not hidden by this)
+        message = bounded(
+            f"the inline prices' ConfigMap could not be written: {pricing_error or prices_written[0]}",
+            "; until it is, these are not made to mount it (left as they were): ",
+            Listed(outcome.unpriced),
+            # (said here too, not hidden by this)
+            *(
+                ["; and the injection failed: ", earlier.message]
+                if earlier and earlier.reason == "InjectionFailed"
+                else []
+            ),
+        )
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message)
     elif targets and pricing_error:
         conditions[c.CONDITION_INJECTED] = r.Condition(
             c.CONDITION_INJECTED,
             False,
             "PricingConfigMapFailed",
-            f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}",
+            clipped(f"the pricing volume's ConfigMap could not be written, so the pods cannot start: {pricing_error}"),
         )
     elif missing_prices and not conflicted and (targets or outcome.held):
         # Its creation or change is watched (by name, see handlers._await_pricing); the retries with backoff stay,
         # should the watch fail.
         outcome.retry = True
         outcome.awaiting_prices = frozenset({(str(meta["namespace"]), str(spec.pricing.config_map))})
-        message = missing_prices + "; until then no workload is injected: " + ", ".join(outcome.held)
-        if targets:
-            message += "; left as they were: " + ", ".join(workload_key(w) for w in targets)
+        left: list[str | Listed] = ["; left as they were: ", Listed([workload_key(w) for w in targets])]
+        message = bounded(
+            missing_prices, "; until then no workload is injected: ", Listed(outcome.held), *(left if targets else [])
+        )
         why = "PricingConfigMapInvalid" if _UNREADABLE_PRICES in missing_prices else "PricingConfigMapNotFound"
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, why, message)
 
@@ -505,7 +522,9 @@ async def reconcile(
 
     # The user's own settings win over the injection: ones that leave the Service's port with nothing to scrape.
     unscrapeable = [
-        f"{workload_key(w)}: {', '.join(found)}" for w in targets if (found := r.unscrapeable_settings(w, spec))
+        bounded(f"{workload_key(w)}: ", Listed(found), limit=_NESTED_CHARS)
+        for w in targets
+        if (found := r.unscrapeable_settings(w, spec))
     ]
     clashes = outcome.port_conflicts
     overlaps = _overlapping(targets)
@@ -516,43 +535,45 @@ async def reconcile(
             c.CONDITION_METRICS, False, "PortConflict", _port_conflict_message(spec, clashes)
         )
     elif unscrapeable:
-        message = (
-            f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: "
-            + "; ".join(unscrapeable)
-            + " (a container's own variables and its own port named "
-            + c.METRICS_PORT_NAME
-            + " win over the injection: remove these, or for a port set spec.metrics.port to it)"
+        message = bounded(
+            f"the metrics Services scrape port {spec.metrics.port}, where these workloads serve no metrics: ",
+            Listed(unscrapeable, "; "),
+            f" (a container's own variables and its own port named {c.METRICS_PORT_NAME} win over the injection:"
+            " remove these, or for a port set spec.metrics.port to it)",
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SettingsOverridden", message)
     elif user_labelled:
-        message = (
+        message = bounded(
             f"the pod template of these workloads sets the label {c.LABEL_METRICS_SERVICE} itself, which the"
             " injection puts on the pods with the name of their metrics Service; the operator leaves the value it did"
-            " not write: "
-            + "; ".join(
-                f"{workload_key(w)} sets it to {value!r} (its metrics Service is {_service_of(w)})"
-                for w, value in user_labelled
-            )
-            + ". So their metrics Services select their pods by the workload's selector, which also lists the pods"
+            " not write: ",
+            Listed(
+                [
+                    f"{workload_key(w)} sets it to {value!r} (its metrics Service is {_service_of(w)})"
+                    for w, value in user_labelled
+                ],
+                "; ",
+            ),
+            ". So their metrics Services select their pods by the workload's selector, which also lists the pods"
             " of any other workload it matches (a canary's), and a metrics Service of that name, if there is one,"
-            " lists these pods too: scraped twice (remove the label from the workload's manifest)"
+            " lists these pods too: scraped twice (remove the label from the workload's manifest)",
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceLabelOverridden", message)
     elif name_clashes:
-        message = (
-            "two workloads would share one metrics Service, and only the first (by kind and name) has it: "
-            + "; ".join(name_clashes)
-            + " (the other is injected, but its pods do not get the label that Service selects by, so its metrics"
+        message = bounded(
+            "two workloads would share one metrics Service, and only the first (by kind and name) has it: ",
+            Listed(name_clashes, "; "),
+            " (the other is injected, but its pods do not get the label that Service selects by, so its metrics"
             " are not scraped; a workload name with a dot, a leading digit or too long for a Service name gets one"
-            " made of a part of it and a hash, which another workload's name can equal: rename one)"
+            " made of a part of it and a hash, which another workload's name can equal: rename one)",
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "ServiceNameClash", message)
     elif overlaps:
-        message = (
-            "the selector of one workload matches the pods of another: "
-            + "; ".join(overlaps)
-            + " (Kubernetes asks that workloads' selectors not overlap, or their controllers may act on each other's"
-            " pods: give each a label the others' pods lack)"
+        message = bounded(
+            "the selector of one workload matches the pods of another: ",
+            Listed(overlaps, "; "),
+            " (Kubernetes asks that workloads' selectors not overlap, or their controllers may act on each other's"
+            " pods: give each a label the others' pods lack)",
         )
         conditions[c.CONDITION_METRICS] = r.Condition(c.CONDITION_METRICS, False, "SelectorsOverlap", message)
     else:
@@ -602,10 +623,10 @@ async def reconcile(
     if standby:
         message = "no children while " + conditions[c.CONDITION_INJECTED].message
         if keeping:
-            message = (
-                "no children while "
-                + ", ".join(f"{workload} is kept by {peer}" for peer, workload in sorted(outcome.holders))
-                + ", whose children serve it until this resource can inject it (see Injected)"
+            message = bounded(
+                "no children while ",
+                Listed([f"{workload} is kept by {peer}" for peer, workload in sorted(outcome.holders)]),
+                ", whose children serve it until this resource can inject it (see Injected)",
             )
         for type_ in (c.CONDITION_METRICS, c.CONDITION_ALERTS, c.CONDITION_DASHBOARD):
             if not (keeping and conditions[type_].reason == "PortConflict"):  # (said where the port is taken)
@@ -632,7 +653,7 @@ async def reconcile(
     blocking = [cond for cond in required if not cond.status]
     outcome.ready = not blocking
     if outcome.ready:
-        ready = r.Condition(c.CONDITION_READY, True, "Ready", f"telemetry wired for {', '.join(outcome.targets)}")
+        ready = r.Condition(c.CONDITION_READY, True, "Ready", bounded("telemetry wired for ", Listed(outcome.targets)))
     else:
         first = blocking[0]
         ready = r.Condition(c.CONDITION_READY, False, first.reason, first.message)
@@ -651,6 +672,12 @@ _CONDITION_TYPES = (
     c.CONDITION_COLLECTORS,
     c.CONDITION_ROUTES,
 )
+
+#: The most characters of a list inside an item of a message's list (a workload's containers, the workloads whose
+#: pods its selector matches): the item stays short enough for the message to name it and others (see ``bounded``).
+_NESTED_CHARS: Final = 400
+#: The most characters of one API error in a message listing errors: whole, it leaves room for ``; and N more``.
+_ERROR_CHARS: Final = MAX_MESSAGE_CHARS - 100
 
 #: The reason of a ``SignalsRouted`` condition (and its Normal event) when an injected container routes a signal the
 #: resource routes itself.
@@ -696,13 +723,8 @@ def _routes_condition(
             " (a container's own headers, say a vendor's key, never go to the collector; to send a signal here, take"
             " those variables out of the container's env)"
         )
-        named = found[:1]
-        for entry in found[1:ROUTES_NAMED]:
-            if len(head + "; ".join([*named, entry]) + tail) + len("; and 1000 more") > MAX_MESSAGE_CHARS:
-                break
-            named.append(entry)
-        more = f"; and {len(found) - len(named)} more" if len(found) > len(named) else ""
-        return r.Condition(c.CONDITION_ROUTES, False, ROUTED_BY_CONTAINER, head + "; ".join(named) + more + tail)
+        message = bounded(head, Listed(found, "; ", most=ROUTES_NAMED), tail)
+        return r.Condition(c.CONDITION_ROUTES, False, ROUTED_BY_CONTAINER, message)
     missing = [signal for signal in wanted if signal not in routed]
     note = f" ({' and '.join(missing)}: no collector, see {c.CONDITION_COLLECTORS})" if missing else ""
     return r.Condition(
@@ -757,10 +779,10 @@ async def _collectors(
         else:
             unchecked.append(f"{signal}: {shown(endpoint)} ({lookup.note})")
     if missing:
-        return r.Condition(c.CONDITION_COLLECTORS, False, "CollectorNotFound", "; ".join(missing))
+        return r.Condition(c.CONDITION_COLLECTORS, False, "CollectorNotFound", bounded(Listed(missing, "; ")))
     if unchecked:
-        return r.Condition(c.CONDITION_COLLECTORS, True, "NotChecked", "; ".join(found + unchecked))
-    return r.Condition(c.CONDITION_COLLECTORS, True, "CollectorsFound", "; ".join(found))
+        return r.Condition(c.CONDITION_COLLECTORS, True, "NotChecked", bounded(Listed(found + unchecked, "; ")))
+    return r.Condition(c.CONDITION_COLLECTORS, True, "CollectorsFound", bounded(Listed(found, "; ")))
 
 
 _CRD_MISSING = "crd-missing"
@@ -825,13 +847,16 @@ async def _inject(
             if not set(spec.containers) & set(present):
                 # Nothing to inject into (a misspelt or renamed container): said so, not counted as a target, and
                 # whoever else serves the workload is no rival of this resource's.
-                missing.append(f"{workload_key(workload)} (its containers: {', '.join(map(str, present))})")
+                its = bounded(Listed([str(name) for name in present]), limit=_NESTED_CHARS)
+                missing.append(f"{workload_key(workload)} (its containers: {its})")
                 selected = False
                 if not mine:
                     continue
             elif absent := [n for n in spec.containers if n not in present]:
                 # Some named, not all: the others may be misspelt, which injecting the rest would otherwise hide.
-                partly.append(f"{workload_key(workload)} has no container {', '.join(absent)}")
+                partly.append(
+                    f"{workload_key(workload)} has no container {bounded(Listed(absent), limit=_NESTED_CHARS)}"
+                )
         rival = _rival(owner, serving[id(workload)]) if selected else None
         if (
             rival is not None
@@ -863,7 +888,7 @@ async def _inject(
         if selected and (found := r.port_conflicts(workload, spec)):
             # The middleware's listener and that port cannot both be served (when the middleware binds first, the
             # app cannot start): not injected, its injection removed if it had one, until the port is free.
-            outcome.port_conflicts.append(f"{workload_key(workload)}: {', '.join(found)}")
+            outcome.port_conflicts.append(f"{workload_key(workload)}: {bounded(Listed(found), limit=_NESTED_CHARS)}")
             outcome.unable.add(workload_key(workload))
             skipped.append(f"{workload_key(workload)} (port {spec.metrics.port} taken)")
             selected = False
@@ -959,7 +984,7 @@ async def _inject(
                     outcome.unlabelled.add(workload_key(workload))
             continue
         except (ApiError, r.InjectionConflict) as exc:
-            errors.append(f"{workload_key(workload)}: {exc}")
+            errors.append(clipped(f"{workload_key(workload)}: {exc}", _ERROR_CHARS))
             outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
             if mine and selected:
                 # Injected before, as it still is: its metrics Service and that name stay its own (a workload whose
@@ -985,22 +1010,21 @@ async def _inject(
                 # Its pods keep the template they have, which may lack the label (injected by an earlier version).
                 outcome.unlabelled.add(workload_key(workload))
     namespace = owner["metadata"]["namespace"]
-    named = ", ".join(spec.containers)
-    no_container = f"no container named {named} (spec.containers) in " + ", ".join(missing)
+    named = Listed(spec.containers)
+    no_container = bounded("no container named ", named, " (spec.containers) in ", Listed(missing))
     if missing:
         outcome.failures.append(("NoContainer", no_container))
-        skipped += [f"{item}, none named {named}" for item in missing]
-    notes = "".join(
-        f"; {what} " + ", ".join(items)
-        for what, items in (("skipped", skipped), ("left", lost), ("kept", kept), ("handing over", handing))
-        if items
-    )
+        skipped += [f"{item}, none named in spec.containers" for item in missing]
+    notes: list[str | Listed] = []
+    for what, items in (("skipped", skipped), ("left", lost), ("kept", kept), ("handing over", handing)):
+        if items:
+            notes += [f"; {what} ", Listed(items)]
     if errors:
         conditions[c.CONDITION_INJECTED] = r.Condition(
-            c.CONDITION_INJECTED, False, "InjectionFailed", "; ".join(errors)
+            c.CONDITION_INJECTED, False, "InjectionFailed", bounded(Listed(errors, "; "))
         )
     elif not targets and lost:
-        message = "every selected workload is left to another LLMTelemetry: " + ", ".join(lost)
+        message = bounded("every selected workload is left to another LLMTelemetry: ", Listed(lost))
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "Conflict", message)
     elif not targets and missing:
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoContainer", no_container)
@@ -1010,53 +1034,54 @@ async def _inject(
     elif outcome.unpriced:
         # Left unpatched, the inline prices' ConfigMap unwritten: the pass says why once it has synced the ConfigMaps
         # (PricingConfigMapFailed), with no NoTargets event.
-        message = "no workload is made to mount the prices until their ConfigMap is written: "
-        conditions[c.CONDITION_INJECTED] = r.Condition(
-            c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message + ", ".join(outcome.unpriced)
+        message = bounded(
+            "no workload is made to mount the prices until their ConfigMap is written: ", Listed(outcome.unpriced)
         )
+        conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapFailed", message)
     elif not targets and outcome.held:
         # Selected, but left as they are until the pricing ConfigMap can be had: the pass says why once it has
         # looked at the ConfigMap (PricingConfigMapNotFound or PricingConfigMapInvalid), with no NoTargets event.
-        message = "no workload is injected until the pricing ConfigMap can be read: " + ", ".join(outcome.held)
+        message = bounded("no workload is injected until the pricing ConfigMap can be read: ", Listed(outcome.held))
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "PricingConfigMapNotFound", message)
     elif not targets and skipped:
-        message = f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject{notes}"
+        message = bounded(f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject", *notes)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
         outcome.notices.append(("NoTargets", message))
     elif not targets:
-        message = (
+        message = bounded(
             f"no Deployment or StatefulSet matches spec.selector in namespace {namespace} (by the workload's own"
-            f" labels, not its pod template's){notes}"
+            " labels, not its pod template's)",
+            *notes,
         )
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
         outcome.notices.append(("NoTargets", message))
     else:
         if paused:
             # Its pod template has the injection, but no pod rolls until the Deployment is resumed.
-            notes += "; paused (its pods get it once resumed with kubectl rollout resume): " + ", ".join(paused)
+            notes += ["; paused (its pods get it once resumed with kubectl rollout resume): ", Listed(paused)]
         if on_delete:
             # Its controller replaces a pod only once someone deletes it.
-            notes += "; updateStrategy OnDelete (each pod gets it once deleted): " + ", ".join(on_delete)
+            notes += ["; updateStrategy OnDelete (each pod gets it once deleted): ", Listed(on_delete)]
         if partly:
-            notes += "; " + "; ".join(partly) + " (spec.containers)"
+            notes += ["; ", Listed(partly, "; "), " (spec.containers)"]
         if partitioned:
             # Its controller rolls only the pods whose ordinal is at least the partition.
-            notes += (
-                "; rollingUpdate.partition (pods with an ordinal below it keep the old template until it is lowered): "
-                + ", ".join(partitioned)
-            )
-        message = "injected into " + ", ".join(workload_key(w) for w in targets) + notes
+            notes += [
+                "; rollingUpdate.partition (pods with an ordinal below it keep the old template until it is lowered): ",
+                Listed(partitioned),
+            ]
+        message = bounded("injected into ", Listed([workload_key(w) for w in targets]), *notes)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, True, "Injected", message)
     return targets
 
 
 def _port_conflict_message(spec: TelemetrySpec, conflicts: list[str]) -> str:
-    return (
+    return bounded(
         f"spec.metrics.port {spec.metrics.port} is taken in these pods, and the middleware's listener cannot share"
-        " it: "
-        + "; ".join(conflicts)
-        + " (they are not injected until it is free: set spec.metrics.port to a free port; a port that is the"
-        f" middleware's own listener, declared by hand, is named {c.METRICS_PORT_NAME})"
+        " it: ",
+        Listed(conflicts, "; "),
+        " (they are not injected until it is free: set spec.metrics.port to a free port; a port that is the"
+        f" middleware's own listener, declared by hand, is named {c.METRICS_PORT_NAME})",
     )
 
 
@@ -1129,7 +1154,7 @@ def _overlapping(targets: Sequence[Mapping[str, Any]]) -> list[str]:
             if other is not workload and all(_pod_labels(other).get(k) == v for k, v in selector.items())
         ]
         if others:
-            found.append(f"{workload_key(workload)} selects the pods of {', '.join(others)}")
+            found.append(bounded(f"{workload_key(workload)} selects the pods of ", Listed(others), limit=_NESTED_CHARS))
     return found
 
 
@@ -1392,9 +1417,9 @@ async def _sync_children(
         except NotFoundError as exc:
             if fresh and missing == _CRD_MISSING:  # a create answered 404: the kind is not served (no CRD)
                 return missing
-            errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
+            errors.append(clipped(f"{obj['kind']} {obj['metadata']['name']}: {exc}", _ERROR_CHARS))
         except ApiError as exc:
-            errors.append(f"{obj['kind']} {obj['metadata']['name']}: {exc}")
+            errors.append(clipped(f"{obj['kind']} {obj['metadata']['name']}: {exc}", _ERROR_CHARS))
         if failed is not None and len(errors) > len(failed):
             failed[obj["metadata"]["name"]] = errors[-1]
     for obj_name, obj in by_name.items():
@@ -1415,8 +1440,8 @@ async def _sync_children(
         except ConflictError:
             continue
         except ApiError as exc:
-            errors.append(f"deleting {obj_name}: {exc}")
-    return "; ".join(errors) or None
+            errors.append(clipped(f"deleting {obj_name}: {exc}", _ERROR_CHARS))
+    return bounded(Listed(errors, "; ")) or None
 
 
 async def _apply(
