@@ -240,7 +240,8 @@ def _containers(value: Any) -> tuple[str, ...]:
                 f"spec.containers[{i}]",
                 f"has {len(name)} characters; a container name has at most {MAX_CONTAINER_NAME_CHARS}",
             )
-    return tuple(names)
+    # A set of names (a pod's containers have unique names): one given twice is one, injected and named once.
+    return tuple(dict.fromkeys(names))
 
 
 def _string_map(value: Any, path: str) -> dict[str, str]:

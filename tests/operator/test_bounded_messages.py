@@ -1,6 +1,6 @@
 """Every condition and event message that lists workloads, containers or variables stays within MAX_MESSAGE_CHARS:
 kopf cuts a longer event message in its middle, so a user would read half a name. A list that does not fit names its
-first items whole and says how many more there are."""
+first items whole and says how many more there are. And ``spec.containers`` naming a container twice is one name."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from kopf_testing import (
     ready,
     running_operator,
 )
-from test_operator_kmock import check_usage
+from test_operator_kmock import check_usage, env_of
 
 from llm_telemetry.config import DEFAULT_METRICS_PORT
 from llm_telemetry_operator import constants as c
@@ -122,6 +122,35 @@ async def test_ready_and_port_conflicts_of_many_long_named_workloads_are_said_wh
     message = cond["message"]
     assert len(message) <= MAX_MESSAGE_CHARS and [e["message"] for e in posted] == [message]
     assert counted(message) < len(NAMES) and metrics["message"] == message
+    check_usage(emulator)
+
+
+async def test_a_container_named_twice_in_spec_containers_is_one_name(emulator: Any, monitoring_crds: Any) -> None:
+    """``spec.containers`` is a set of names: one given twice is injected once and named once in every message."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    chat = deployment("chat")
+    chat["spec"]["template"]["spec"]["containers"].append({"name": "side", "image": "example/side:1"})
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = chat
+    other = deployment("other")
+    other["spec"]["template"]["spec"]["containers"][0]["name"] = "proxy"
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "other"] = other
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt(containers=["app", "gone", "app", "gone"])
+    async with running_operator():
+        injected = await eventually(lambda: said(emulator, c.CONDITION_INJECTED, "Injected"), "injected")
+        posted = await eventually(lambda: posted_events(emulator, "NoContainer"), "the NoContainer event")
+        pod = get(emulator, DEPLOYMENTS, "chat")["spec"]["template"]["spec"]
+    assert [e["message"] for e in posted] == [
+        "no container named app, gone (spec.containers) in Deployment/other (its containers: proxy)"
+    ]
+    assert injected["message"] == (
+        "injected into Deployment/chat; skipped Deployment/other (its containers: proxy), none named in"
+        " spec.containers; Deployment/chat has no container gone (spec.containers)"
+    )
+    app, side = pod["containers"]
+    assert "OTEL_SERVICE_NAME" in env_of(get(emulator, DEPLOYMENTS, "chat")) and "env" not in side
+    assert len([e["name"] for e in app["env"]]) == len({e["name"] for e in app["env"]})  # (each variable once)
+    assert [p["name"] for p in app["ports"]].count(c.METRICS_PORT_NAME) == 1
     check_usage(emulator)
 
 
