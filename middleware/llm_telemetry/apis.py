@@ -16,11 +16,11 @@ from itertools import repeat
 from json.scanner import make_scanner
 from operator import itemgetter
 from time import perf_counter, thread_time
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from .errors import classify_error_body
 from .labels import field_text, name_text
-from .record import UNTIMED_OPERATION, LLMCall, ToolResult
+from .record import UNTIMED_OPERATION, LLMCall, SubUsage, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
 #: Reading one response's event stream may take this long (the reading thread's CPU time, added up over the chunks
@@ -1653,6 +1653,10 @@ class OpenAIResponsesReader(ResponseReader):
             call.cache_creation_tokens = _cache_writes(details, usage)
             call.reasoning_tokens = _int(_get(usage, "output_tokens_details", "reasoning_tokens"))
             call.usage_source = "reported"
+        tool_usage = response.get("tool_usage")
+        if isinstance(tool_usage, dict):
+            # (In the response a stream's last event carries, read once: no event before it has it.)
+            call.image_tool_usage = _image_tool_usage(tool_usage.get("image_gen"))
         status = ended or response.get("status")
         if status == "incomplete":
             _add_finish_reason(call, _get(response, "incomplete_details", "reason") or "incomplete")
@@ -1791,28 +1795,9 @@ class OpenAIMediaReader(ResponseReader):
             return
         call = self.call
         call.input_tokens, call.output_tokens = input_tokens, output_tokens
-        # (``input_tokens_details`` in an image's usage, ``input_token_details`` in a transcription's.)
-        details = usage.get("input_tokens_details")
-        if not isinstance(details, dict):
-            details = usage.get("input_token_details")
-        if isinstance(details, dict):
-            call.input_audio_tokens, call.input_image_tokens = _parts(
-                input_tokens, details.get("audio_tokens"), details.get("image_tokens")
-            )
-        else:
-            call.input_audio_tokens = call.input_image_tokens = None
-        details = usage.get("output_tokens_details")
-        if isinstance(details, dict):
-            call.output_audio_tokens, call.output_image_tokens = _parts(
-                output_tokens, details.get("audio_tokens"), details.get("image_tokens")
-            )
-            if self._IMAGE_OUTPUT and call.output_image_tokens is None and output_tokens is not None:
-                # (Details without an image count: the output is the image but for the text and audio they count.)
-                text = _int(details.get("text_tokens")) or 0
-                call.output_image_tokens = max(output_tokens - (call.output_audio_tokens or 0) - text, 0)
-        else:
-            call.output_audio_tokens = None
-            call.output_image_tokens = output_tokens if self._IMAGE_OUTPUT else None
+        (call.input_audio_tokens, call.input_image_tokens), (call.output_audio_tokens, call.output_image_tokens) = (
+            _media_parts(usage, input_tokens, output_tokens, self._IMAGE_OUTPUT)
+        )
         call.usage_source = "reported"
 
     def _on_json(self, obj: dict[str, Any]) -> None:
@@ -1834,6 +1819,52 @@ class OpenAIMediaReader(ResponseReader):
         # event, its usage is read from its last bytes. Only that event carries a usage: it was the last one.
         self._closed = True
         self._usage(usage)
+
+
+Parts: TypeAlias = tuple[int | None, int | None]
+
+
+def _media_parts(
+    usage: dict[str, Any], input_tokens: int | None, output_tokens: int | None, image: bool
+) -> tuple[Parts, Parts]:
+    """The (audio, image) tokens of the input and of the output of an image's or a transcription's usage, each a
+    part of its total (see :func:`_parts`; None: not reported). ``image``: the output is an image, so its tokens are
+    image tokens but for the text and audio its ``output_tokens_details`` count."""
+    # (``input_tokens_details`` in an image's usage, ``input_token_details`` in a transcription's.)
+    details = usage.get("input_tokens_details")
+    if not isinstance(details, dict):
+        details = usage.get("input_token_details")
+    modal_input: Parts = (None, None)
+    if isinstance(details, dict):
+        modal_input = _parts(input_tokens, details.get("audio_tokens"), details.get("image_tokens"))
+    details = usage.get("output_tokens_details")
+    if isinstance(details, dict):
+        audio, images = _parts(output_tokens, details.get("audio_tokens"), details.get("image_tokens"))
+        if image and images is None and output_tokens is not None:
+            # (Details without an image count: the output is the image but for the text and audio they count.)
+            text = _int(details.get("text_tokens")) or 0
+            images = max(output_tokens - (audio or 0) - text, 0)
+    else:
+        audio, images = None, output_tokens if image else None
+    return modal_input, (audio, images)
+
+
+def _image_tool_usage(usage: Any) -> SubUsage | None:
+    """The tokens of a response's image generation tool (``tool_usage.image_gen``, which the response's ``usage``
+    leaves out), read as an image's usage is: its input's image tokens apart (``input_tokens_details``), its output
+    image tokens unless ``output_tokens_details`` counts text among them; its ``cached_tokens`` (when reported) are
+    cache reads, and the cached image tokens among them (``cached_tokens_details``) are no fresh image input. None
+    when it reports no token."""
+    if not isinstance(usage, dict):
+        return None
+    input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+    if not input_tokens and not output_tokens:
+        return None
+    (_, image_in), (audio_out, image_out) = _media_parts(usage, input_tokens, output_tokens, True)
+    read = min(_int(usage.get("cached_tokens")) or 0, input_tokens or 0)
+    if image_in and read:
+        image_in = max(image_in - (_int(_get(usage, "cached_tokens_details", "cached_image_tokens")) or 0), 0)
+    return (input_tokens or 0, read, 0, 0, output_tokens or 0, (0, image_in or 0), (audio_out or 0, image_out or 0))
 
 
 class OpenAIImagesReader(OpenAIMediaReader):
@@ -2341,6 +2372,9 @@ class API:
             items = body.get("input")
             if isinstance(items, list):
                 call.tool_results = _tool_results_responses(items)
+            tools = body.get("tools")
+            if isinstance(tools, list):
+                call.image_tool_model = _image_tool_model(tools)
         else:
             messages = body.get("messages")
             if isinstance(messages, list):
@@ -2376,6 +2410,19 @@ class API:
     def response_reader(self, call: LLMCall, *, stream: bool, capture: bool) -> ResponseReader:
         reader = self.reader
         return reader(call, stream=stream, capture=capture)
+
+
+#: Most entries of a Responses request's ``tools`` looked through for its image generation tool (OpenAI takes 128).
+MAX_TOOLS_READ: Final = 256
+
+
+def _image_tool_model(tools: list[Any]) -> str | None:
+    """The ``model`` of the first ``image_generation`` tool among a Responses request's first MAX_TOOLS_READ
+    ``tools``, or None (none, or one naming no model: the API's choice, not known here)."""
+    for tool in tools[:MAX_TOOLS_READ]:
+        if isinstance(tool, dict) and tool.get("type") == "image_generation":
+            return _name(tool.get("model"))
+    return None
 
 
 #: Stop sequences kept for a span, and the characters kept of each (OpenAI takes up to 4).

@@ -29,7 +29,7 @@ from typing import Any, Final
 import yaml
 
 from .config import ConfigurationError
-from .record import LLMCall
+from .record import LLMCall, SubUsage
 
 #: The date the embedded default table was taken from the providers' public price lists.
 DEFAULT_PRICING_DATE: Final = "2025-10-15"
@@ -170,8 +170,9 @@ class PricingTable:
 
     def cost(self, call: LLMCall) -> float | None:
         """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
-        of Anthropic's advisor tool (``call.advisor_usage``) are added at their own model's price; those of a model
-        without one are left out (:meth:`unpriced_advisor_tokens`)."""
+        other models ran for it (:func:`sub_usages`: Anthropic's advisor tool, the Responses API's image generation
+        tool) are added at their own model's price; those of a model without one are left out
+        (:meth:`unpriced_sub_tokens`)."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
@@ -187,17 +188,28 @@ class PricingTable:
             (call.input_audio_tokens or 0, call.input_image_tokens or 0),
             (call.output_audio_tokens or 0, call.output_image_tokens or 0),
         )
-        for model, counts in call.advisor_usage or ():
-            advisor = self.price(model)
-            if advisor is not None:
-                cost += _tokens_cost(advisor, *counts)
+        for model, counts in sub_usages(call):
+            sub = self.price(model)
+            if sub is not None:
+                cost += _tokens_cost(sub, *counts)
         return cost
 
-    def unpriced_advisor_tokens(self, call: LLMCall, priced: bool) -> int:
-        """The tokens of the call's advisor sub-inferences that :meth:`cost` left out: all of them when the call was
-        not ``priced``, else those whose model has no price."""
-        advisors = call.advisor_usage or ()
-        return sum(i + o for model, (i, _, _, _, o) in advisors if not priced or self.price(model) is None)
+    def unpriced_sub_tokens(self, call: LLMCall, priced: bool) -> int:
+        """The tokens of the call's sub-inferences (:func:`sub_usages`) that :meth:`cost` left out: all of them when
+        the call was not ``priced``, else those whose model has no price (or is not known)."""
+        return sum(c[0] + c[4] for model, c in sub_usages(call) if not priced or self.price(model) is None)
+
+
+def sub_usages(call: LLMCall) -> list[tuple[str | None, SubUsage]]:
+    """The sub-inferences other models ran for ``call``, each billed at its own model's prices and left out of the
+    call's own tokens: the consultations of Anthropic's advisor tool (each its entry's ``model``) and the Responses
+    API's image generation tool (the model the request's tool names; None, priced as no model, when it names none)."""
+    subs: list[tuple[str | None, SubUsage]] = [
+        (model, (*counts, (0, 0), (0, 0))) for model, counts in call.advisor_usage or ()
+    ]
+    if call.image_tool_usage is not None:
+        subs.append((call.image_tool_model, call.image_tool_usage))
+    return subs
 
 
 def _tokens_cost(

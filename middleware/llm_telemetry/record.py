@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 #: Tool calls whose id (and, for a tool the provider runs itself, its kind) is kept for the span's output messages:
 #: as many as a captured message shows.
@@ -16,6 +16,10 @@ MAX_CHOICE_FINISH_CHARS: Final = 64
 #: The operation of the calls that have no first token (image generations and edits, transcriptions: see
 #: apis.OpenAIMediaReader), and so no time to first token, per output token or to abandonment.
 UNTIMED_OPERATION: Final = "generate_content"
+#: The tokens of a sub-inference another model ran for a call, priced at that model's prices: (input, of it cache
+#: reads, cache writes, one-hour cache writes, output, the input's (audio, image) tokens, the output's (audio, image)
+#: tokens), the arguments of ``pricing._tokens_cost`` after the price.
+SubUsage: TypeAlias = tuple[int, int, int, int, int, tuple[int, int], tuple[int, int]]
 
 
 @dataclasses.dataclass(slots=True)
@@ -97,6 +101,14 @@ class LLMCall:
     #: ``advisor_message``, its model and its (input, of it cache reads, cache writes, one-hour cache writes, output)
     #: tokens, input counted as above. Priced into ``cost_usd`` by that model. None when there were none.
     advisor_usage: list[tuple[str | None, tuple[int, int, int, int, int]]] | None = None
+    #: The tokens of the Responses API's image generation tool (the response's ``tool_usage.image_gen``), run by an
+    #: image model of its own, billed at its prices and left out of the response's ``usage`` (and so of the tokens
+    #: above): (input, of it cache reads, 0, 0, output, the input's (audio, image) tokens, the output's (audio,
+    #: image) tokens). Priced into ``cost_usd`` by ``image_tool_model``. None when not reported.
+    image_tool_usage: SubUsage | None = None
+    #: The ``model`` the request's ``image_generation`` tool names (None: it names none, and the model that ran it,
+    #: which the API chooses, is not known here).
+    image_tool_model: str | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False

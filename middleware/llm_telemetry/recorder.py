@@ -284,9 +284,10 @@ class MetricsRecorder:
         if total:
             cost = call.cost_usd = self.pricing.cost(call)
         unpriced = total if cost is None else 0
-        if call.advisor_usage:
-            # The advisor tool's sub-inferences (apart from the tokens: another model's) that had no price.
-            unpriced += self.pricing.unpriced_advisor_tokens(call, cost is not None)
+        if call.advisor_usage or call.image_tool_usage:
+            # The sub-inferences of another model (the advisor tool's, the image generation tool's; apart from the
+            # tokens, which would be labelled as this call's model) that had no price.
+            unpriced += self.pricing.unpriced_sub_tokens(call, cost is not None)
         tools = None
         if call.tool_calls or call.tool_results:
             tools = self._tools(call, dict(shape.values), shape.attribution, _refused(call.status_code))
