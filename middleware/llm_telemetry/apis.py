@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from itertools import repeat
 from json.scanner import make_scanner
 from operator import itemgetter
@@ -102,6 +102,8 @@ _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 #: A ``usage`` member whose value is an object. In valid JSON an unescaped quote cannot be inside a string, so each
 #: match is a member's name, wherever in a document the bytes searched begin.
 _USAGE_MEMBER: Final = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
+#: A response's ``tool_usage`` member (the Responses API's hosted tools' usage, apart from its ``usage``).
+_TOOL_USAGE_MEMBER: Final = re.compile(rb'"tool_usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 _USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
 #: An object's end, then a line break, then another value's start: never inside one JSON document (an object's next
 #: value follows a comma, and a string holds no raw line break), but how JSON Lines separates its records (a batch's
@@ -115,17 +117,25 @@ def usage_in_tail(tail: bytes | bytearray) -> dict[str, Any] | None:
     output (OpenAI's chat completions, embeddings and Responses, Anthropic's messages), which is what makes a large
     body large (images, long texts, embeddings). None for a tail that is not of one JSON document but of several, one
     a line (JSON Lines labelled as JSON): the last record's usage is not the answer's."""
+    for value in _members_in_tail(tail, _USAGE_MEMBER):
+        if any(_int(value.get(key)) is not None for key in _USAGE_COUNTS):
+            return value
+    return None
+
+
+def _members_in_tail(tail: bytes | bytearray, member: re.Pattern[bytes]) -> Iterator[dict[str, Any]]:
+    """The objects of the last (up to 8) ``member`` members found complete in ``tail``, the last first (none in a
+    tail of several JSON documents: see :func:`usage_in_tail`)."""
     if _RECORD_BREAK.search(tail):
-        return None
-    starts = [match.end() for match in _USAGE_MEMBER.finditer(tail)]
+        return
+    starts = [match.end() for match in member.finditer(tail)]
     for start in reversed(starts[-8:]):
         try:
             value, _ = _scan(bytes(tail[start:]).decode("utf-8", "replace"), 0)
         except (ValueError, RecursionError, StopIteration):
             continue
-        if isinstance(value, dict) and any(_int(value.get(key)) is not None for key in _USAGE_COUNTS):
-            return value
-    return None
+        if isinstance(value, dict):
+            yield value
 
 
 #: What a reader keeps per choice when content capture is off: nothing (shared, never written to).
@@ -646,14 +656,18 @@ class ResponseReader:
                 # looks like the role chunk that opens a stream): read.
                 self._read_pending(self._pending)
             if decoder.dropped_events and self.call.input_tokens is None and self.call.output_tokens is None:
-                usage = usage_in_tail(decoder.dropped_tail())
+                tail = decoder.dropped_tail()
+                usage = usage_in_tail(tail)
                 if usage is not None:
+                    self._on_tail(tail)
                     self._on_dropped(decoder.dropped_event, usage)
             if self.call.output_tokens is None and self._chunks:
                 self.call.output_tokens = self._chunks
                 self.call.usage_source = "estimated"
         elif self._overflow:
             usage = usage_in_tail(self._buffer)
+            if usage is not None:
+                self._on_tail(self._buffer)
             self._buffer = bytearray()
             if usage is not None:
                 self._on_json({"usage": usage})
@@ -793,6 +807,10 @@ class ResponseReader:
     def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
         """A stream event too large to read (``event``: its name) ended with ``usage``, and no other event had any.
         Only the Responses API sends events that large, and its usage is in its last one."""
+
+    def _on_tail(self, tail: bytes | bytearray) -> None:
+        """The last bytes of an answer (or of its last event) too large to read whole, whose usage was found in them:
+        what else an API puts after its output may be read there too."""
 
     def _first_token(self, now: float, reasoning: bool = False, whole: bool = False) -> None:
         """Output came ``now``, the first token if none came before; ``reasoning``: a piece of the reasoning, streamed;
@@ -1713,6 +1731,12 @@ class OpenAIResponsesReader(ResponseReader):
             # OpenAI documents the error's members on the event itself; its API has also sent them in an ``error``
             # object inside it, as its error bodies do.
             self._stream_error(obj if isinstance(obj.get("error"), dict) else {"error": obj})
+
+    def _on_tail(self, tail: bytes | bytearray) -> None:
+        # The image generation tool's usage, after the images that make the response large, as the usage is.
+        for tool_usage in _members_in_tail(tail, _TOOL_USAGE_MEMBER):
+            self.call.image_tool_usage = _image_tool_usage(tool_usage.get("image_gen"))
+            break
 
     def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
         # ``response.completed`` repeats the whole response: with image results or long instructions it may be

@@ -75,14 +75,14 @@ ANSWERS: dict[str, dict[str, Any]] = {}
 _EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 
-def response(model: str, tool_usage: Any, validate: bool = True) -> dict[str, Any]:
+def response(model: str, tool_usage: Any, validate: bool = True, image: str = "aGk=") -> dict[str, Any]:
     body = {
         "id": "resp_img",
         "object": "response",
         "created_at": 1,
         "model": model,
         "status": "completed",
-        "output": [IMAGE_CALL, MESSAGE],
+        "output": [{**IMAGE_CALL, "result": image}, MESSAGE],
         "parallel_tool_calls": True,
         "tool_choice": "auto",
         "tools": [{"type": "image_generation"}],
@@ -186,6 +186,20 @@ def test_the_image_tools_tokens_are_priced_at_the_image_model_the_request_names(
     answered = ask(service, model, {"type": "image_generation", "model": "gpt-image-1.5"}, stream)
     assert answered.tool_usage.image_gen.output_tokens == 4160
     # Before: TEXT_COST alone (0.000525 USD where the call was billed 0.146145).
+    check_cost(service, model, TEXT_COST + IMAGE_COST, unpriced=0)
+
+
+@pytest.mark.parametrize(("stream", "size"), [(False, 9 * 2**20), (True, 3 * 2**20)], ids=["json", "stream"])
+def test_the_image_tools_tokens_are_priced_in_an_answer_too_large_to_read_whole(
+    service: Service, stream: bool, size: int
+) -> None:
+    """An image's base64 makes the answer large: a streamed one's ``response.completed`` repeats it (larger than an
+    event is read whole, 1 MiB), and a JSON answer of a few large images is past the 8 MiB read whole. Their usage is
+    read from their last bytes: the tool's is too."""
+    model = f"gpt-5-draws-large-{stream}"
+    ANSWERS[model] = response(model, TOOL_USAGE, image="iVBO" * (size // 4))
+    answered = ask(service, model, {"type": "image_generation", "model": "gpt-image-1.5"}, stream)
+    assert len(answered.output[0].result) >= size
     check_cost(service, model, TEXT_COST + IMAGE_COST, unpriced=0)
 
 
