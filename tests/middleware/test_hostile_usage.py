@@ -122,11 +122,21 @@ def chat_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
     ]) + b"data: [DONE]\n\n"  # fmt: skip
 
 
-def responses_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
+#: The image generation tool's usage, reported apart from a response's ``usage`` (``tool_usage.image_gen``).
+image_gen_usage = members({
+    "input_tokens": None, "output_tokens": None, "total_tokens": None, "cached_tokens": None,
+    "input_tokens_details": members({"image_tokens": None, "text_tokens": None}),
+    "output_tokens_details": members({"image_tokens": None, "text_tokens": None}),
+    "cached_tokens_details": members({"cached_image_tokens": None, "cached_text_tokens": None}),
+})  # fmt: skip
+tool_usage = members({"image_gen": image_gen_usage, "web_search": members({"num_requests": None})})
+
+
+def responses_answer(usage: Any, stream: bool, tools: Any = None) -> tuple[str, bytes]:
     text = {"type": "output_text", "text": "Hi", "annotations": []}
     item = {"type": "message", "id": "m", "role": "assistant", "status": "completed", "content": [text]}
     response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4.1-2025-04-14",
-                "status": "completed", "usage": usage, "output": [item]}  # fmt: skip
+                "status": "completed", "usage": usage, "output": [item], "tool_usage": tools}  # fmt: skip
     if not stream:
         return "json", json.dumps(response).encode()
     return "sse", sse([
@@ -169,7 +179,7 @@ def transcript_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
 answers = st.one_of(
     st.tuples(st.just("/v1/messages"), st.builds(anthropic_answer, anthropic_usage, anthropic_usage, st.booleans())),
     st.tuples(st.just("/v1/chat/completions"), st.builds(chat_answer, chat_usage, st.booleans())),
-    st.tuples(st.just("/v1/responses"), st.builds(responses_answer, responses_usage, st.booleans())),
+    st.tuples(st.just("/v1/responses"), st.builds(responses_answer, responses_usage, st.booleans(), tool_usage)),
     st.tuples(st.just("/v1/images/generations"), st.builds(image_answer, image_usage, st.booleans())),
     st.tuples(st.just("/v1/audio/transcriptions"), st.builds(transcript_answer, transcript_usage, st.booleans())),
 )
@@ -191,6 +201,9 @@ def check_counts(call: LLMCall) -> None:
         assert value is None or (type(value) is int and 0 <= value <= 2**53), (field, value)
     for _, counts in call.advisor_usage or ():
         assert all(type(n) is int and 0 <= n <= 2**53 for n in counts), counts
+    if call.image_tool_usage is not None:
+        *totals, modal_input, modal_output = call.image_tool_usage
+        assert all(type(n) is int and 0 <= n <= 2**53 for n in (*totals, *modal_input, *modal_output))
     assert call.cost_usd is None or (math.isfinite(call.cost_usd) and call.cost_usd >= 0), call.cost_usd
 
 
@@ -212,6 +225,13 @@ def check_counts(call: LLMCall) -> None:
 @example(answer=("/v1/chat/completions", chat_answer({"prompt_tokens": 5, "completion_tokens": 1,
     "prompt_tokens_details": {"cached_tokens": 100}}, False)))  # fmt: skip
 @example(answer=("/v1/images/generations", image_answer({"input_tokens": -5, "output_tokens": 2**60}, True)))
+@example(answer=("/v1/responses", responses_answer({"input_tokens": 10, "output_tokens": 5}, True, {"image_gen": {
+    "input_tokens": 2**53, "output_tokens": 2**53, "cached_tokens": 2**53, "cached_tokens_details": {
+        "cached_image_tokens": -1}, "input_tokens_details": {"image_tokens": 2**53, "text_tokens": "x"},
+    "output_tokens_details": {"image_tokens": 2**53, "text_tokens": 2**53}}})))  # fmt: skip
+@example(answer=("/v1/responses", responses_answer({"input_tokens": 10, "output_tokens": 5}, False, {"image_gen": {
+    "input_tokens": 100, "output_tokens": 7, "cached_tokens": -7,
+    "input_tokens_details": {"image_tokens": 90}}})))  # fmt: skip
 @example(answer=("/v1/audio/transcriptions", transcript_answer({"type": "tokens", "input_tokens": 1.5,
     "output_tokens": "7"}, False)))  # fmt: skip
 @given(answer=answers)
@@ -224,7 +244,10 @@ def test_hostile_usage_members_never_fail_change_bytes_or_count_down(
     before = monotonic_series(check_scrape(wrapped))
     headers = [(b"content-type", b"application/json")] if kind == "json" else SSE_HEADERS
     ANSWER.update(status=200, headers=headers, chunks=[body[: len(body) // 2], body[len(body) // 2 :]])
-    call = through_both(observed, path, b'{"model": "m", "stream": %s}' % (b"true" if kind == "sse" else b"false"))
+    # (A Responses request names a priced model for its image generation tool, whose usage is so priced.)
+    tools = b', "tools": [{"type": "image_generation", "model": "gpt-4.1"}]' if path == "/v1/responses" else b""
+    stream = b"true" if kind == "sse" else b"false"
+    call = through_both(observed, path, b'{"model": "m", "stream": %s%s}' % (stream, tools))
     check_counts(call)
     after = monotonic_series(check_scrape(wrapped))
     for key, value in after.items():
