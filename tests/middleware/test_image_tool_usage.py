@@ -232,6 +232,20 @@ def test_the_image_tools_text_output_and_cached_input_are_priced_as_such(service
     check_cost(service, model, TEXT_COST + cost, unpriced=0)
 
 
+@pytest.mark.parametrize(("before", "priced"), [(255, True), (256, False)], ids=["on-the-bound", "past-it"])
+def test_the_image_tool_is_looked_for_among_the_requests_first_256_tools(
+    service: Service, before: int, priced: bool
+) -> None:
+    """The bound of docs/metrics.md: a request's 256th tool is read, the 257th is not (its tokens are unpriced)."""
+    model = f"gpt-5-draws-after-{before}-tools"
+    ANSWERS[model] = response(model, TOOL_USAGE)
+    functions = [{"type": "function", "name": f"f{n}", "parameters": {}, "strict": False} for n in range(before)]
+    tools = [*functions, {"type": "image_generation", "model": "gpt-image-1.5"}]
+    answered = httpx.post(f"{service.base}/v1/responses", json={"model": model, "input": "?", "tools": tools})
+    assert answered.status_code == 200
+    check_cost(service, model, TEXT_COST + (IMAGE_COST if priced else 0), unpriced=0 if priced else 1600 + 4160)
+
+
 HOSTILE = {
     "negative": ({**IMAGE_GEN, "input_tokens": -1600, "output_tokens": -4160}, 0.0, 0),
     "huge": ({**IMAGE_GEN, "input_tokens": 10**400, "output_tokens": 2**60}, 0.0, 0),
