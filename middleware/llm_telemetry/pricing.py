@@ -188,10 +188,11 @@ class PricingTable:
             (call.input_audio_tokens or 0, call.input_image_tokens or 0),
             (call.output_audio_tokens or 0, call.output_image_tokens or 0),
         )
-        for model, counts in sub_usages(call):
-            sub = self.price(model)
-            if sub is not None:
-                cost += _tokens_cost(sub, *counts)
+        if call.advisor_usage or call.image_tool_usage is not None:
+            for model, counts in sub_usages(call):
+                sub = self.price(model)
+                if sub is not None:
+                    cost += _tokens_cost(sub, *counts)
         return cost
 
     def unpriced_sub_tokens(self, call: LLMCall, priced: bool) -> int:
