@@ -1579,10 +1579,11 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
         serving = cluster.ready("twice-new")["status"]["operator"]
         assert serving in (first, second)
         # From the moment it is Ready on, nothing rolls: not the new resource's first passes in the other operator,
-        # nor either operator's next resyncs over both resources (every 10 s, the first between 5 and 15 s after a
-        # resource's last pass: see schedule.py).
+        # nor either operator's next resyncs over both resources. The operator that leaves a resource to the other
+        # logs no pass of it, so the window covers the latest a resync can come: one and a half intervals after a
+        # resource's last pass (see schedule.py), which came before this point, and a margin.
         generations = {name: cluster.deployment(name)["metadata"]["generation"] for name in ("twice", "twice-new")}
-        time.sleep(16)
+        time.sleep(1.5 * RESYNC_SECONDS + 3)
         assert {name: cluster.deployment(name)["metadata"]["generation"] for name in generations} == generations
         # Claimed by one operator before either injected it: one rollout, under the settings of the one serving it.
         assert generations["twice-new"] == 2, generations
