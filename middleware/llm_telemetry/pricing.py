@@ -172,7 +172,7 @@ class PricingTable:
         """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
         other models ran for it (:func:`sub_usages`: Anthropic's advisor tool, the Responses API's image generation
         tool) are added at their own model's price; those of a model without one are left out
-        (:meth:`unpriced_sub_tokens`)."""
+        (:meth:`unpriced_sub_tokens`). None too for a sum that overflows to infinity: its tokens are unpriced."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
@@ -193,7 +193,10 @@ class PricingTable:
                 sub = self.price(model)
                 if sub is not None:
                     cost += _tokens_cost(sub, *counts)
-        return cost
+        # A price so large that tokens at it overflow (a table's input or input_audio of 1e308, finite and so
+        # accepted) is no price: an infinite cost would stop the cost counter's series for good (the SDK drops a
+        # non-finite total on every collection) and write Infinity, which is not JSON, on the request log line.
+        return cost if cost < math.inf else None
 
     def unpriced_sub_tokens(self, call: LLMCall, priced: bool) -> int:
         """The tokens of the call's sub-inferences (:func:`sub_usages`) that :meth:`cost` left out: all of them when

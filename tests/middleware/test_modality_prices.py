@@ -567,3 +567,63 @@ def test_the_request_log_line_carries_the_modality_priced_cost(service: Service)
         service.cost(model)
     (line,) = [json.loads(x) for x in lines.getvalue().splitlines() if json.loads(x).get("model") == model]
     assert line["cost_usd"] == pytest.approx(CHAT_TRUTH)
+
+
+def test_a_price_whose_tokens_overflow_leaves_them_unpriced_and_the_cost_finite() -> None:
+    """``input_audio: 1e308`` is a finite price, and accepted; ten audio tokens at it overflow a float. Such a call is
+    unpriced (its tokens counted in ``llm_cost_unpriced_tokens_total``), never an infinite cost: that one was dropped
+    by the SDK at every collection, so the model's cost series vanished from the scrape for good (the next call's
+    finite cost with it), and its request log line said ``"cost_usd":Infinity``, which no JSON parser takes."""
+    model = "gpt-4o-audio-preview-overpriced"
+    ANSWERS[model] = ("application/json", [chat_json(model, CHAT_USAGE)])
+    text_usage = {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}
+    port, calls, spans = free_port(), Calls(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])]),
+        metrics_port=port,
+        metrics_host="127.0.0.1",
+        pricing={model: {"input": 2.5, "output": 10.0, "input_audio": 1e308}},
+        observers=[calls],
+        tracer_provider=provider,
+    )
+
+    def strict(text: str) -> Any:
+        def refuse(constant: str) -> Any:
+            raise ValueError(f"not JSON: {constant}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    try:
+        with serve(app) as base, request_log_lines() as lines:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+            def first(m: Metrics) -> None:
+                assert m.value("llm_requests_total", gen_ai_request_model=model) == 1
+                assert len(calls.ended) == 1
+
+            settled(port, first)
+            # Then a call of text alone, whose cost is finite at the same entry.
+            ANSWERS[model] = ("application/json", [chat_json(model, text_usage)])
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+            def recorded(m: Metrics) -> None:
+                assert m.value("llm_requests_total", gen_ai_request_model=model) == 2
+                assert len(calls.ended) == 2
+
+            settled(port, recorded)
+            m = whole_after(port)
+        finite = (30 * 2.5 + 20 * 10.0) / 1e6
+        assert m.value("llm_cost_usd_total", gen_ai_request_model=model) == pytest.approx(finite)
+        assert m.value("llm_cost_unpriced_tokens_total", gen_ai_request_model=model) == 2000
+        assert [c.cost_usd for c in calls.ended] == [None, pytest.approx(finite)]
+        logged = [strict(x) for x in lines.getvalue().splitlines()]
+        assert [x["cost_usd"] for x in logged if x.get("model") == model] == [None, pytest.approx(finite)]
+        costs = [(s.attributes or {}).get("llm.cost_usd") for s in spans.get_finished_spans()]
+        assert costs == [None, pytest.approx(finite)]
+    finally:
+        if app._telemetry is not None:
+            app._telemetry.shutdown()
+        provider.shutdown()
