@@ -235,7 +235,8 @@ UNPRICED_TOKENS: Final = MetricSpec(
     LLM_COST_UNPRICED_TOKENS,
     "{token}",
     "counter",
-    "Tokens of models absent from the pricing table.",
+    "Tokens left out of the cost: of models absent from the pricing table, and the advisor's and image generation"
+    " tool's of a model without a price (labelled as their call).",
     _CALL,
     attributed=False,
 )

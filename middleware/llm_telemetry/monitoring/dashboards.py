@@ -768,7 +768,9 @@ def build_dashboard(
     )
     b.timeseries(
         "Unpriced tokens/min by model",
-        "Tokens of models missing from the pricing table; their cost is not counted above.",
+        "Tokens whose cost is not counted above: of models missing from the pricing table, and the advisor's and"
+        " image generation tool's of a model without a price (or, for the image tool, naming none), by the model of"
+        " the call that used the tool.",
         [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(UNPRICED_TOKENS)}) * 60", model_legend)],
         TOKENS_PER_MINUTE,
     )
