@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.config import ConfigurationError
-from llm_telemetry.pricing import PricingTable
+from llm_telemetry.pricing import PricingTable, _tokens_cost
 from llm_telemetry.record import LLMCall
 from support import Calls, Metrics, free_port, read_stream, request_log_lines, serve, settled, whole_after
 
@@ -525,6 +525,22 @@ def test_the_cost_of_any_counts_is_finite_non_negative_and_bounded_by_the_totals
     tokens = max(counts["input_tokens"] or 0, cached)
     bound = (tokens * highest_in + (counts["output_tokens"] or 0) * highest_out) / 1e6
     assert cost <= bound * (1 + 1e-9), (cost, bound)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.tuples(*[st.integers(0, 2**53) | st.integers(0, 50) for _ in range(5)]),
+    price=prices.map(lambda entry: {**entry, "cache_creation": 3.75, "cache_creation_1h": 5.0}),
+)
+def test_a_text_calls_cost_is_the_full_sum_with_zero_audio_and_image_tokens(
+    counts: tuple[int, int, int, int, int], price: dict[str, float]
+) -> None:
+    """A call without audio or image tokens (most calls) is priced without the modalities' terms, which take as many
+    instructions again: its cost is the full sum's with zero such tokens, bit for bit, whatever the other counts."""
+    entry = PricingTable({"m": price}).price("m")
+    assert entry is not None
+    no_parts = tuple([0, 0])  # (zero tokens, but not the default: the full sum)
+    assert _tokens_cost(entry, *counts) == _tokens_cost(entry, *counts, no_parts, no_parts)
 
 
 # --- the pricing file's new keys ------------------------------------------------------------------------------------
