@@ -104,6 +104,8 @@ _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 _USAGE_MEMBER: Final = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 #: A response's ``tool_usage`` member (the Responses API's hosted tools' usage, apart from its ``usage``).
 _TOOL_USAGE_MEMBER: Final = re.compile(rb'"tool_usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
+#: An images answer's ``svg_usage`` member (the tokens of the model that wrote an SVG image, apart from its ``usage``).
+_SVG_USAGE_MEMBER: Final = re.compile(rb'"svg_usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 _USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
 #: An object's end, then a line break, then another value's start: never inside one JSON document (an object's next
 #: value follows a comma, and a string holds no raw line break), but how JSON Lines separates its records (a batch's
@@ -1826,6 +1828,15 @@ class OpenAIMediaReader(ResponseReader):
 
     def _on_json(self, obj: dict[str, Any]) -> None:
         self._usage(obj.get("usage"))
+        svg = obj.get("svg_usage")
+        if svg is not None:
+            self.call.svg_usage = _svg_usage(svg)
+
+    def _on_tail(self, tail: bytes | bytearray) -> None:
+        # (An SVG answer too large to read whole: its svg_usage, beside its usage after the image.)
+        for svg in _members_in_tail(tail, _SVG_USAGE_MEMBER):
+            self.call.svg_usage = _svg_usage(svg)
+            break
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
@@ -1889,6 +1900,18 @@ def _image_tool_usage(usage: Any) -> SubUsage | None:
     if image_in and read:
         image_in = max(image_in - (_int(_get(usage, "cached_tokens_details", "cached_image_tokens")) or 0), 0)
     return (input_tokens or 0, read, 0, 0, output_tokens or 0, (0, image_in or 0), (audio_out or 0, image_out or 0))
+
+
+def _svg_usage(usage: Any) -> tuple[str | None, SubUsage] | None:
+    """An images answer's ``svg_usage``: the model that wrote its SVG image (a text model, billed at its own prices
+    apart from the image's usage) and its input and output tokens (the output with its reasoning, as a text model's
+    output counts it). None when it reports no token."""
+    if not isinstance(usage, dict):
+        return None
+    input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+    if not input_tokens and not output_tokens:
+        return None
+    return _name(usage.get("model")), (input_tokens or 0, 0, 0, 0, output_tokens or 0, (0, 0), (0, 0))
 
 
 class OpenAIImagesReader(OpenAIMediaReader):

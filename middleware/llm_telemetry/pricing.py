@@ -196,7 +196,7 @@ class PricingTable:
             call.output_tokens or 0,
             *modal,
         )
-        if call.advisor_usage or call.image_tool_usage is not None:
+        if call.advisor_usage or call.image_tool_usage is not None or call.svg_usage is not None:
             for model, counts in sub_usages(call):
                 sub = self.price(model)
                 if sub is not None:
@@ -214,13 +214,16 @@ class PricingTable:
 
 def sub_usages(call: LLMCall) -> list[tuple[str | None, SubUsage]]:
     """The sub-inferences other models ran for ``call``, each billed at its own model's prices and left out of the
-    call's own tokens: the consultations of Anthropic's advisor tool (each its entry's ``model``) and the Responses
-    API's image generation tool (the model the request's tool names; None, priced as no model, when it names none)."""
+    call's own tokens: the consultations of Anthropic's advisor tool (each its entry's ``model``), the Responses
+    API's image generation tool (the model the request's tool names; None, priced as no model, when it names none) and
+    the writing of an images API's SVG image (the ``model`` its ``svg_usage`` names)."""
     subs: list[tuple[str | None, SubUsage]] = [
         (model, (*counts, _NO_PARTS, _NO_PARTS)) for model, counts in call.advisor_usage or ()
     ]
     if call.image_tool_usage is not None:
         subs.append((call.image_tool_model, call.image_tool_usage))
+    if call.svg_usage is not None:
+        subs.append(call.svg_usage)
     return subs
 
 

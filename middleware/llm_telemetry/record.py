@@ -109,6 +109,10 @@ class LLMCall:
     #: The ``model`` the request's ``image_generation`` tool names (None: it names none, and the model that ran it,
     #: which the API chooses, is not known here).
     image_tool_model: str | None = None
+    #: The model that wrote an SVG image of the images API (``output_format: svg``) and its tokens, as the answer's
+    #: ``svg_usage`` reports them apart from the image's ``usage``: (its ``model``, (input, 0, 0, 0, output with its
+    #: reasoning, (0, 0), (0, 0))). Priced into ``cost_usd`` by that model. None when not reported.
+    svg_usage: tuple[str | None, SubUsage] | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False

@@ -284,7 +284,7 @@ class MetricsRecorder:
         if total:
             cost = call.cost_usd = self.pricing.cost(call)
         unpriced = total if cost is None else 0
-        if call.advisor_usage or call.image_tool_usage:
+        if call.advisor_usage or call.image_tool_usage or call.svg_usage:
             # The sub-inferences of another model (the advisor tool's, the image generation tool's; apart from the
             # tokens, which would be labelled as this call's model) that had no price.
             unpriced += self.pricing.unpriced_sub_tokens(call, cost is not None)

@@ -46,6 +46,7 @@ PRICING = {
         "gpt-4o-audio-preview": {"input": 2.5, "output": 10.0, "input_audio": 40.0, "output_audio": 80.0},
         "gpt-image-1": {"input": 5.0, "output": 12.0, "input_image": 10.0, "output_image": 40.0},
         "acme-transcribe": {"input": 2.5, "output": 10.0, "input_audio": 6.0},
+        "acme-svg-author": {"input": 1.25, "output": 10.0},
     }
 }
 CHAT_USAGE = {
@@ -118,6 +119,12 @@ def chat_stream(model: str, usage: dict[str, Any]) -> list[bytes]:
 
 def images_json(usage: dict[str, Any]) -> bytes:
     body = {"created": 1, "data": [{"b64_json": "iVBORw0KGgo="}], "output_format": "png", "usage": usage}
+    return ImagesResponse.model_validate(body).model_dump_json(exclude_none=True).encode()
+
+
+def svg_json(usage: dict[str, Any], svg_usage: dict[str, Any]) -> bytes:
+    body = {"created": 1, "data": [{"b64_json": "PHN2Zy8+"}], "output_format": "svg", "usage": usage,
+            "svg_usage": svg_usage}  # fmt: skip
     return ImagesResponse.model_validate(body).model_dump_json(exclude_none=True).encode()
 
 
@@ -277,6 +284,43 @@ def test_an_images_image_tokens_are_priced_at_the_image_prices(
         ANSWERS[model] = ("application/json", [images_json(usage)])
         assert service.client.images.generate(model=model, prompt="a red fox").usage is not None
     assert service.cost(model) == pytest.approx(truth)
+
+
+#: The tokens of the model that wrote an SVG image, which the answer reports apart from the image's usage.
+SVG_USAGE = {"model": "acme-svg-author", "input_tokens": 900, "output_tokens": 3000, "reasoning_tokens": 1000,
+             "total_tokens": 3900}  # fmt: skip
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_an_svg_images_author_model_tokens_are_priced_at_its_prices(service: Service, large: bool) -> None:
+    """An SVG image (``output_format: svg``) is written by a text model the request names (``svg.model``); the
+    answer's ``svg_usage`` reports its tokens apart from the image's ``usage``, and it bills them at that model's
+    prices: they are priced at its entry, on top of the image's tokens, in an answer read whole or too large to be."""
+    model = f"gpt-image-1-svg-{large}"
+    body = svg_json(IMAGE_USAGE, SVG_USAGE)
+    if large:
+        # (A reference image before the usage, past the 8 MB an answer is read whole up to.)
+        body = body.replace(b'"data":[', b'"data":[{"b64_json":"' + b"A" * 9_000_000 + b'"},', 1)
+    ANSWERS[model] = ("application/json", [body])
+    answer = service.client.images.generate(
+        model=model, prompt="a red fox", output_format="svg", extra_body={"svg": {"model": "acme-svg-author"}}
+    )
+    assert answer.svg_usage is not None and answer.svg_usage.output_tokens == 3000
+    assert service.cost(model) == pytest.approx(IMAGE_TRUTH + (900 * 1.25 + 3000 * 10.0) / 1e6)
+
+
+def test_an_svg_author_model_without_a_price_is_unpriced_tokens(service: Service) -> None:
+    model = "gpt-image-1-svg-unpriced"
+    ANSWERS[model] = ("application/json", [svg_json(IMAGE_USAGE, {**SVG_USAGE, "model": "acme-unknown-author"})])
+    service.client.images.generate(model=model, prompt="a red fox", output_format="svg")
+
+    def recorded(m: Metrics) -> None:
+        assert m.value("llm_requests_total", gen_ai_request_model=model) == 1
+
+    settled(service.port, recorded)
+    m = whole_after(service.port)
+    assert m.value("llm_cost_usd_total", gen_ai_request_model=model) == pytest.approx(IMAGE_TRUTH)
+    assert m.value("llm_cost_unpriced_tokens_total", gen_ai_request_model=model) == 3900
 
 
 @pytest.mark.parametrize("stream", [False, True])
