@@ -235,8 +235,8 @@ UNPRICED_TOKENS: Final = MetricSpec(
     LLM_COST_UNPRICED_TOKENS,
     "{token}",
     "counter",
-    "Tokens left out of the cost: of models absent from the pricing table, and the advisor's and image generation"
-    " tool's of a model without a price (labelled as their call).",
+    "Tokens left out of the cost: of models absent from the pricing table, and those the advisor, the image"
+    " generation tool or an SVG image's author ran on a model without a price (labelled as their call).",
     _CALL,
     attributed=False,
 )

@@ -768,9 +768,9 @@ def build_dashboard(
     )
     b.timeseries(
         "Unpriced tokens/min by model",
-        "Tokens whose cost is not counted above: of models missing from the pricing table, and the advisor's and"
-        " image generation tool's of a model without a price (or, for the image tool, naming none), by the model of"
-        " the call that used the tool.",
+        "Tokens whose cost is not counted above: of models missing from the pricing table, and those the advisor,"
+        " the image generation tool or an SVG image's author ran on a model without a price (or, for the image tool,"
+        " naming none), by the model of the call that used it.",
         [b.target(f"sum by ({REQUEST_MODEL}) ({b.rate(UNPRICED_TOKENS)}) * 60", model_legend)],
         TOKENS_PER_MINUTE,
     )
