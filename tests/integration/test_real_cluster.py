@@ -1634,7 +1634,7 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
     docs = install(api, system, team[0], f"watchNamespaces={{{cluster.namespace}}}", team[1])
     (tmp_path / "before").mkdir()
     (tmp_path / "after").mkdir()
-    process, _, _, team_env = start_chart_operator(
+    process, before, _, team_env = start_chart_operator(
         api, kubeconfig, docs, system, tmp_path / "before", "--resync-seconds", str(RESYNC_SECONDS)
     )
     second = team_env[LLM_TELEMETRY_OPERATOR_PEERING]
@@ -1681,7 +1681,15 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
             timeout=90,
         )
         assert cluster.llmt("handed")["status"]["operator"] == second
-        assert cluster.deployment("handed")["metadata"]["generation"] == generation
+        logs = "\n".join(  # (what each operator said of this resource and of its peering, should a rollout come)
+            f"{who}:\n" + "\n".join(x for x in text.splitlines() if "handed" in x or "peering" in x or "stop" in x)
+            for who, text in (
+                ("cluster-wide operator", operator.output()),
+                ("team's operator before its restart", before.read_text(errors="replace")),
+                ("team's operator restarted", restarted.read_text(errors="replace")),
+            )
+        )
+        assert cluster.deployment("handed")["metadata"]["generation"] == generation, logs
         # The team's release upgraded to watch another namespace: its Role here goes, its operator restarts.
         stop(process)
         narrowed = install(api, system, team[0], f"watchNamespaces={{{elsewhere}}}", team[1])
