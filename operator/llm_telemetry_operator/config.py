@@ -87,6 +87,10 @@ PEERING_LIFETIME_RANGE: Final = (15, 3600)
 DEFAULT_METRICS_PORT: Final = 9465
 DEFAULT_HEALTH: Final = "http://0.0.0.0:8080/healthz"
 DEFAULT_RESYNC_SECONDS: Final = 300.0
+#: The most objects waited for (collector Services and pricing ConfigMaps, together) watched by name at once, each
+#: a thread and a connection of the operator's and a watch on the API server (see ``handlers._watch_awaited``):
+#: a handful is what a cluster has; hundreds are typos or abuse, whose resources get their retries and resyncs.
+MAX_AWAITED_WATCHES: Final = 100
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: What Grafana accepts as a uid.
@@ -162,6 +166,8 @@ class OperatorConfig:
         context: kubeconfig context (None: the current one).
         standalone: run without peering.
         timers: the operator's internal timers (see :class:`Timers`): no setting, the defaults are what runs.
+        awaited_watches: the most objects waited for watched at once (see :data:`MAX_AWAITED_WATCHES`): no setting
+            either, :data:`MAX_AWAITED_WATCHES` is what runs (tests set fewer).
 
     Example::
 
@@ -209,6 +215,8 @@ class OperatorConfig:
     standalone: bool = False
     #: The operator's internal timers; no environment variable sets them (see :class:`Timers`).
     timers: Timers = Timers()
+    #: The most objects waited for watched at once; no environment variable sets it (see :data:`MAX_AWAITED_WATCHES`).
+    awaited_watches: int = MAX_AWAITED_WATCHES
 
     @property
     def clusterwide(self) -> bool:

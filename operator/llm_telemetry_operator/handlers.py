@@ -176,6 +176,8 @@ class OperatorState:
     awaiting_prices: dict[tuple[str, str], frozenset[tuple[str, str]]] = field(default_factory=dict)
     pricing_waiters: dict[tuple[str, str], set[tuple[str, str]]] = field(default_factory=dict)
     pricing_watches: dict[tuple[str, str], MetadataWatch] = field(default_factory=dict)
+    #: Whether the log said that more objects are waited for than are watched at once (see :func:`_watch_awaited`).
+    awaited_cap_said: bool = False
     #: Collector Services seen created or changed since the waiting resources' last passes, and the timer that
     #: starts those passes once they have settled (see :func:`_collector_event`).
     collectors_changed: set[tuple[str, str]] = field(default_factory=set)
@@ -1300,8 +1302,8 @@ async def _reconcile(
                 _await_collectors(memo, state, key, outcome.awaiting)
                 _await_pricing(memo, state, key, outcome.awaiting_prices)
             else:  # deleted while this pass ran (_forget has stopped its watches): start none for it
-                _await_collectors(None, state, key, frozenset())
-                _await_pricing(None, state, key, frozenset())
+                _await_collectors(memo, state, key, frozenset())
+                _await_pricing(memo, state, key, frozenset())
         except WriteWithheld:
             # This replica began to stand by while the pass ran: what it worked out is not written.
             logger.info("pass (%s) stopped: this replica stands by", trigger)
@@ -2051,11 +2053,12 @@ async def llmtelemetry_track(
         elif _may_be_refused(state, body):
             _spawn_event_pass(state, (namespace, name), "refused", _report_update_refused(memo, state, _snapshot(body)))
         return
-    _forget(state, (namespace, name), body)
+    _forget(state, (namespace, name), body, memo)
 
 
-def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any]) -> None:
-    """Drop everything kept about a deleted LLMTelemetry."""
+def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any], memo: Any = None) -> None:
+    """Drop everything kept about a deleted LLMTelemetry; the watches of what it alone waited for stop, their places
+    going to objects waiting for one (``memo`` given, see :func:`_watch_awaited`)."""
     state.bodies.pop(key, None)
     state.tracked_breaks.pop(key, None)
     state.specs.pop(key, None)
@@ -2068,8 +2071,8 @@ def _forget(state: OperatorState, key: tuple[str, str], body: Mapping[str, Any])
     state.forbidden_said.discard(body.get("metadata", {}).get("uid") or "")
     state.refusal_asked.discard(body.get("metadata", {}).get("uid") or "")
     state.schedule.forget(key)
-    _await_collectors(None, state, key, frozenset())
-    _await_pricing(None, state, key, frozenset())
+    _await_collectors(memo, state, key, frozenset())
+    _await_pricing(memo, state, key, frozenset())
 
 
 def _owners(
@@ -2339,7 +2342,7 @@ def _forget_unreported(memo: Any, logger: Any, state: OperatorState, key: tuple[
     owner = state.bodies.get(key)
     if owner is None or owner["metadata"].get("uid") != uid:
         return
-    _forget(state, key, owner)
+    _forget(state, key, owner, memo)
     if uid:
         state.gone[key] = uid
     _ObjectLog(logger, {"object": "/".join(key)}).info(
@@ -2398,14 +2401,9 @@ def _follow(
     deliver: Callable[[Any, Any, tuple[str, str], str, dict[str, Any]], None],
 ) -> None:
     """Resource ``key`` now waits for the objects ``wanted`` of ``resource`` (recorded in ``awaiting``, by resource),
-    no longer for the others it waited for: each wanted object is watched, one watch per object whatever the
-    resources waiting for it (``waiters``, by object), and a watch stops once no resource waits for its object.
-
-    An object is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
-    other watches run (``memo`` None: only stop watching), and not once the operator is stopping: a pass that ends
-    while the cleanup stops the others (the schedule's passes run until it is cancelled) would start a watch nothing
-    stops, its thread going on past the cleanup and failing on the closed client. A watch starts with a list, so an
-    object created between the pass and the watch is not missed."""
+    no longer for the others it waited for: each wanted object is watched (see :func:`_watch_awaited`), one watch per
+    object whatever the resources waiting for it (``waiters``, by object), and a watch stops once no resource waits
+    for its object, its place going to an object waiting for one."""
     before = awaiting.pop(key, frozenset())
     if wanted:
         awaiting[key] = wanted
@@ -2420,7 +2418,53 @@ def _follow(
                 watch.stop()
     for obj in wanted:
         waiters.setdefault(obj, set()).add(key)
-        if memo is not None and state.watches is not None and not state.stopping and obj not in watches:
+    _watch_awaited(memo, state)
+
+
+def _watch_awaited(memo: Any, state: OperatorState) -> None:
+    """Watch the objects waited for that are not watched yet, up to ``awaited_watches`` (collector Services and
+    pricing ConfigMaps together): those waited for longest first, Services before ConfigMaps.
+
+    Each watch is a thread and a connection of the operator's, and a watch on the API server: resources each naming
+    a Service of their own that does not exist (a typo rolled out to every namespace, or a tenant making them on
+    purpose) made one each, without bound. Past the cap an object is not watched, and the resources waiting for it
+    get their pass at their next retry (a pricing ConfigMap's) or resync (a collector's) instead, said once in the
+    log until every object waited for is watched again. A watch, once started, runs until no resource waits for its
+    object (no churn of watches at every pass); then the place it leaves goes to an object still waiting for one,
+    whose watch starts with a list: an object created meanwhile is heard of then.
+
+    An object is watched by name, metadata only, like the workloads (see :mod:`childwatch`), once the operator's
+    other watches run (``memo`` None: none is started), and not once the operator is stopping: a pass that ends while
+    the cleanup stops the others (the schedule's passes run until it is cancelled) would start a watch nothing stops,
+    its thread going on past the cleanup and failing on the closed client. A watch starts with a list, so an object
+    created between the pass and the watch is not missed."""
+    kinds = (
+        (kube.SERVICES, state.collector_waiters, state.collector_watches, _collector_event),
+        (kube.CONFIGMAPS, state.pricing_waiters, state.pricing_watches, _pricing_event),
+    )
+    if all(len(waiters) == len(watches) for _, waiters, watches, _ in kinds):
+        state.awaited_cap_said = False  # every object waited for is watched (watches are kept of waited ones only)
+        return
+    if memo is None or state.watches is None or state.stopping:
+        return
+    cap = _config(memo).awaited_watches
+    for resource, waiters, watches, deliver in kinds:
+        if len(waiters) == len(watches):
+            continue
+        for obj in waiters:
+            if obj in watches:
+                continue
+            if len(state.collector_watches) + len(state.pricing_watches) >= cap:
+                if not state.awaited_cap_said:
+                    state.awaited_cap_said = True
+                    state.logger.warning(
+                        "%d collector Services and pricing ConfigMaps are waited for by resources, more than the %d"
+                        " watched at once: the others are not watched, and the resources waiting for them get their"
+                        " pass at their next retry or resync rather than as soon as the object is created",
+                        sum(len(w) for _, w, _, _ in kinds),
+                        cap,
+                    )
+                return
             namespace, name = obj
             watch = MetadataWatch(
                 _client(memo), resource, namespace, {},
