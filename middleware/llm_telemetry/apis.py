@@ -1888,8 +1888,8 @@ def _image_tool_usage(usage: Any) -> SubUsage | None:
     """The tokens of a response's image generation tool (``tool_usage.image_gen``, which the response's ``usage``
     leaves out), read as an image's usage is: its input's image tokens apart (``input_tokens_details``), its output
     image tokens unless ``output_tokens_details`` counts text among them; its ``cached_tokens`` (when reported) are
-    cache reads, and the cached image tokens among them (``cached_tokens_details``) are no fresh image input. None
-    when it reports no token."""
+    cache reads, and the cached image tokens among them (``cached_tokens_details.cached_image_tokens``, at most the
+    reads) are no fresh image input, priced at the entry's ``cache_read_image``. None when it reports no token."""
     if not isinstance(usage, dict):
         return None
     input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
@@ -1897,9 +1897,21 @@ def _image_tool_usage(usage: Any) -> SubUsage | None:
         return None
     (_, image_in), (audio_out, image_out) = _media_parts(usage, input_tokens, output_tokens, True)
     read = min(_int(usage.get("cached_tokens")) or 0, input_tokens or 0)
-    if image_in and read:
-        image_in = max(image_in - (_int(_get(usage, "cached_tokens_details", "cached_image_tokens")) or 0), 0)
-    return (input_tokens or 0, read, 0, 0, output_tokens or 0, (0, image_in or 0), (audio_out or 0, image_out or 0))
+    cached_image = 0
+    if read:
+        cached_image = min(_int(_get(usage, "cached_tokens_details", "cached_image_tokens")) or 0, read)
+        if image_in:
+            image_in = max(image_in - cached_image, 0)
+    return (
+        input_tokens or 0,
+        read,
+        0,
+        0,
+        output_tokens or 0,
+        (0, image_in or 0),
+        (audio_out or 0, image_out or 0),
+        cached_image,
+    )
 
 
 def _svg_usage(usage: Any) -> tuple[str | None, SubUsage] | None:
@@ -1911,7 +1923,7 @@ def _svg_usage(usage: Any) -> tuple[str | None, SubUsage] | None:
     input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
     if not input_tokens and not output_tokens:
         return None
-    return _name(usage.get("model")), (input_tokens or 0, 0, 0, 0, output_tokens or 0, (0, 0), (0, 0))
+    return _name(usage.get("model")), (input_tokens or 0, 0, 0, 0, output_tokens or 0, (0, 0), (0, 0), 0)
 
 
 class OpenAIImagesReader(OpenAIMediaReader):

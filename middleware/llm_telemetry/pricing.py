@@ -79,6 +79,7 @@ _KINDS: Final = (
     "input_image",
     "output_audio",
     "output_image",
+    "cache_read_image",
 )
 #: What follows a model's name in the name of one of its snapshots: a date (``2024-08-06``, ``20250514``), a month and
 #: day (``0613``), or ``latest``; Anthropic's ``-0`` names the first version of a family (``claude-sonnet-4-0``).
@@ -100,6 +101,9 @@ class Price:
     input_image: float
     output_audio: float
     output_image: float
+    #: The cached image tokens among ``cache_read``'s (the Responses API's image generation tool reports them apart:
+    #: ``cached_tokens_details.cached_image_tokens``); the plain ``cache_read`` price unless the table gives one.
+    cache_read_image: float
 
 
 class PricingTable:
@@ -171,8 +175,8 @@ class PricingTable:
     def cost(self, call: LLMCall) -> float | None:
         """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
         other models ran for it (:func:`sub_usages`: Anthropic's advisor tool, the Responses API's image generation
-        tool) are added at their own model's price; those of a model without one are left out
-        (:meth:`unpriced_sub_tokens`). None too for a sum that overflows to infinity: its tokens are unpriced."""
+        tool, the author of an SVG image) are added at their own model's price; those of a model without one are left
+        out (:meth:`unpriced_sub_tokens`). None too for a sum that overflows to infinity: its tokens are unpriced."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
@@ -184,7 +188,8 @@ class PricingTable:
             call.output_audio_tokens,
             call.output_image_tokens,
         )
-        modal: tuple[tuple[int, int], ...] = ()  # (text alone, as most calls: priced without the modalities' terms)
+        # (Text alone, as most calls: priced without the modalities' terms.)
+        modal: tuple[()] | tuple[tuple[int, int], tuple[int, int]] = ()
         if audio or image or audio_out or image_out:
             modal = ((audio or 0, image or 0), (audio_out or 0, image_out or 0))
         cost = _tokens_cost(
@@ -218,7 +223,7 @@ def sub_usages(call: LLMCall) -> list[tuple[str | None, SubUsage]]:
     API's image generation tool (the model the request's tool names; None, priced as no model, when it names none) and
     the writing of an images API's SVG image (the ``model`` its ``svg_usage`` names)."""
     subs: list[tuple[str | None, SubUsage]] = [
-        (model, (*counts, _NO_PARTS, _NO_PARTS)) for model, counts in call.advisor_usage or ()
+        (model, (*counts, _NO_PARTS, _NO_PARTS, 0)) for model, counts in call.advisor_usage or ()
     ]
     if call.image_tool_usage is not None:
         subs.append((call.image_tool_model, call.image_tool_usage))
@@ -240,14 +245,17 @@ def _tokens_cost(
     output: int,
     modal_input: tuple[int, int] = _NO_PARTS,
     modal_output: tuple[int, int] = _NO_PARTS,
+    cached_image: int = 0,
 ) -> float:
     """USD for ``tokens`` of input (``cache_read`` and ``cache_creation`` among them, ``one_hour`` of the latter) and
     ``output`` tokens at ``price``; ``modal_input`` and ``modal_output`` are the (audio, image) tokens among the input
     and the output, each at its modality's price. Each such count is a part of a total and is taken as at most what is
     left of it: the input's audio, then its image tokens, of its fresh input (the tokens neither read from nor written
     to a cache: a cache read is priced at ``cache_read`` whatever it holds), the output's audio, then image tokens, of
-    the output. So a usage that says more audio tokens than prompt tokens prices no more tokens than it reported, each
-    term is at least zero, and so is the cost."""
+    the output. ``cached_image`` is the image tokens among the cache reads, at the ``cache_read_image`` price, taken as
+    at most ``cache_read`` (read only with the parts given: a sub-inference's usage, see :data:`record.SubUsage`). So a
+    usage that says more audio tokens than prompt tokens prices no more tokens than it reported, each term is at least
+    zero, and so is the cost."""
     fresh = max(tokens - cache_read - cache_creation, 0)
     writes = cache_creation * price.cache_creation
     if one_hour:  # (Anthropic's one-hour cache: part of the writes, at a price of its own)
@@ -263,11 +271,15 @@ def _tokens_cost(
     audio_out, image_out = modal_output
     audio_out = min(audio_out, output)
     image_out = min(image_out, output - audio_out)
+    reads = cache_read * price.cache_read
+    if cached_image:
+        cached_image = min(cached_image, cache_read)
+        reads += cached_image * (price.cache_read_image - price.cache_read)
     return (
         (fresh - audio - image) * price.input
         + audio * price.input_audio
         + image * price.input_image
-        + cache_read * price.cache_read
+        + reads
         + writes
         + (output - audio_out - image_out) * price.output
         + audio_out * price.output_audio
@@ -349,14 +361,16 @@ def _price(model: str, entry: Any) -> Price:
     if "input" not in values or "output" not in values:
         raise ConfigurationError(f"pricing for {model!r}: input and output prices are required")
     cache_creation = values.get("cache_creation", values["input"])
+    cache_read = values.get("cache_read", values["input"])
     return Price(
         input=values["input"],
         output=values["output"],
-        cache_read=values.get("cache_read", values["input"]),
+        cache_read=cache_read,
         cache_creation=cache_creation,
         cache_creation_1h=values.get("cache_creation_1h", cache_creation),
         input_audio=values.get("input_audio", values["input"]),
         input_image=values.get("input_image", values["input"]),
         output_audio=values.get("output_audio", values["output"]),
         output_image=values.get("output_image", values["output"]),
+        cache_read_image=values.get("cache_read_image", cache_read),
     )

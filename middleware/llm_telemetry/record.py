@@ -18,8 +18,8 @@ MAX_CHOICE_FINISH_CHARS: Final = 64
 UNTIMED_OPERATION: Final = "generate_content"
 #: The tokens of a sub-inference another model ran for a call, priced at that model's prices: (input, of it cache
 #: reads, cache writes, one-hour cache writes, output, the input's (audio, image) tokens, the output's (audio, image)
-#: tokens), the arguments of ``pricing._tokens_cost`` after the price.
-SubUsage: TypeAlias = tuple[int, int, int, int, int, tuple[int, int], tuple[int, int]]
+#: tokens, the image tokens among the cache reads), the arguments of ``pricing._tokens_cost`` after the price.
+SubUsage: TypeAlias = tuple[int, int, int, int, int, tuple[int, int], tuple[int, int], int]
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,14 +104,15 @@ class LLMCall:
     #: The tokens of the Responses API's image generation tool (the response's ``tool_usage.image_gen``), run by an
     #: image model of its own, billed at its prices and left out of the response's ``usage`` (and so of the tokens
     #: above): (input, of it cache reads, 0, 0, output, the input's (audio, image) tokens, the output's (audio,
-    #: image) tokens). Priced into ``cost_usd`` by ``image_tool_model``. None when not reported.
+    #: image) tokens, the cached image tokens). Priced into ``cost_usd`` by ``image_tool_model``. None when not
+    #: reported.
     image_tool_usage: SubUsage | None = None
     #: The ``model`` the request's ``image_generation`` tool names (None: it names none, and the model that ran it,
     #: which the API chooses, is not known here).
     image_tool_model: str | None = None
     #: The model that wrote an SVG image of the images API (``output_format: svg``) and its tokens, as the answer's
     #: ``svg_usage`` reports them apart from the image's ``usage``: (its ``model``, (input, 0, 0, 0, output with its
-    #: reasoning, (0, 0), (0, 0))). Priced into ``cost_usd`` by that model. None when not reported.
+    #: reasoning, (0, 0), (0, 0), 0)). Priced into ``cost_usd`` by that model. None when not reported.
     svg_usage: tuple[str | None, SubUsage] | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.

@@ -1372,8 +1372,8 @@ def _unreadable(error: Exception, key: str, binary: bool) -> str:
     kind = "JSON" if key.endswith(".json") else "YAML"
     return (
         f"not a {kind} mapping of model names to prices in USD per million tokens: input and output, and optionally "
-        "cache_read, cache_creation, cache_creation_1h, input_audio, input_image, output_audio and output_image, each "
-        "a number of at least 0"
+        "cache_read, cache_creation, cache_creation_1h, input_audio, input_image, output_audio, output_image and "
+        "cache_read_image, each a number of at least 0"
     )
 
 

@@ -34,6 +34,7 @@ PRICE_KINDS = (
     "input_image",
     "output_audio",
     "output_image",
+    "cache_read_image",
 )
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 PROTOCOLS = ("grpc", "http/protobuf")

@@ -202,8 +202,9 @@ def check_counts(call: LLMCall) -> None:
     for _, counts in call.advisor_usage or ():
         assert all(type(n) is int and 0 <= n <= 2**53 for n in counts), counts
     if call.image_tool_usage is not None:
-        *totals, modal_input, modal_output = call.image_tool_usage
-        assert all(type(n) is int and 0 <= n <= 2**53 for n in (*totals, *modal_input, *modal_output))
+        *totals, modal_input, modal_output, cached_image = call.image_tool_usage
+        assert all(type(n) is int and 0 <= n <= 2**53 for n in (*totals, *modal_input, *modal_output, cached_image))
+        assert cached_image <= totals[1]  # (the cached image tokens are among the cache reads)
     assert call.cost_usd is None or (math.isfinite(call.cost_usd) and call.cost_usd >= 0), call.cost_usd
 
 

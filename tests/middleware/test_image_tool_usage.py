@@ -41,6 +41,8 @@ PRICING_YAML = """\
 models:
   gpt-5: {input: 1.25, output: 10.0}
   gpt-image-1.5: {input: 5.0, output: 10.0, input_image: 8.0, output_image: 32.0}
+  gpt-image-1: {input: 5.0, output: 40.0, cache_read: 1.25, input_image: 10.0, cache_read_image: 2.5,
+                output_image: 40.0}
 """
 TEXT_USAGE = {
     "input_tokens": 100,
@@ -230,6 +232,44 @@ def test_the_image_tools_text_output_and_cached_input_are_priced_as_such(service
     # 900 fresh image tokens and 100 of text; out: 4,000 image tokens and 160 of text.
     cost = (600 * 5.0 + 900 * 8.0 + 100 * 5.0 + 4000 * 32.0 + 160 * 10.0) / 1e6
     check_cost(service, model, TEXT_COST + cost, unpriced=0)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_image_tools_cached_image_input_is_priced_at_its_own_cached_price(service: Service, stream: bool) -> None:
+    """OpenAI lists gpt-image-1's cached input apart by modality: text $1.25, image $2.50 per million tokens (its
+    fresh input $5 and $10). The tool's usage says which of its cached tokens were image tokens
+    (``cached_tokens_details.cached_image_tokens``): priced at the entry's ``cache_read_image``. Before, every cached
+    token was at ``cache_read``, the cached text price: 950 cached image tokens read $0.0012 under the bill."""
+    model = f"gpt-5-draws-cached-{stream}"
+    usage = {
+        **IMAGE_GEN,
+        "cached_tokens": 1000,
+        "cached_tokens_details": {"cached_image_tokens": 950, "cached_text_tokens": 50},
+    }
+    ANSWERS[model] = response(model, {**TOOL_USAGE, "image_gen": usage})
+    answered = ask(service, model, {"type": "image_generation", "model": "gpt-image-1"}, stream)
+    assert answered.tool_usage.image_gen.cached_tokens_details.cached_image_tokens == 950
+    # In: 1,500 image tokens (950 of them cached) and 100 of text (50 cached). Out: 4,160 image tokens.
+    billed = (50 * 5.0 + 550 * 10.0 + 50 * 1.25 + 950 * 2.5 + 4160 * 40.0) / 1e6
+    check_cost(service, model, TEXT_COST + billed, unpriced=0)
+
+
+def test_a_table_without_a_cached_image_price_charges_what_it_charged() -> None:
+    """``cache_read_image`` defaults to the entry's ``cache_read``: a table written before it prices the tool's cached
+    image tokens as it did when they were not read apart (all cache reads at ``cache_read``), to the bit."""
+    from llm_telemetry.pricing import PricingTable
+    from llm_telemetry.record import LLMCall
+
+    def cost(entry: dict[str, float], cached_image: int) -> float | None:
+        table = PricingTable({"gpt-5": {"input": 1.25, "output": 10.0}, "gpt-image-1": entry})
+        call = LLMCall("chat", "openai", start=0.0, request_model="gpt-5", input_tokens=100, output_tokens=40)
+        call.image_tool_usage = (1600, 1000, 0, 0, 4160, (0, 550), (0, 4160), cached_image)
+        call.image_tool_model = "gpt-image-1"
+        return table.cost(call)
+
+    before = {"input": 5.0, "output": 40.0, "cache_read": 1.25, "input_image": 10.0}
+    assert cost(before, 950) == cost(before, 0)
+    assert cost({**before, "cache_read_image": 2.5}, 950) == pytest.approx(cost(before, 0) + 950 * 1.25 / 1e6)
 
 
 @pytest.mark.parametrize(("before", "priced"), [(255, True), (256, False)], ids=["on-the-bound", "past-it"])

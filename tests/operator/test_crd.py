@@ -223,7 +223,7 @@ def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
     assert kube_schema.prune_object(schema, obj) == obj, "the price map keeps unknown keys for the rule to see"
     assert kube_schema.validate_object(load(), obj) == [
         ".spec.pricing.models[gpt-4o]: price kinds are input, output, cache_read, cache_creation, cache_creation_1h,"
-        " input_audio, input_image, output_audio and output_image"
+        " input_audio, input_image, output_audio, output_image and cache_read_image"
     ]
 
 
