@@ -20,7 +20,7 @@ from typing import Any, Final, TypeAlias
 
 from .errors import classify_error_body
 from .labels import field_text, name_text
-from .record import UNTIMED_OPERATION, LLMCall, SubUsage, ToolResult
+from .record import MAX_SVG_ITEMS, UNTIMED_OPERATION, LLMCall, SubUsage, ToolResult
 from .sse import TAIL_BYTES, SSEDecoder
 
 #: Reading one response's event stream may take this long (the reading thread's CPU time, added up over the chunks
@@ -104,7 +104,8 @@ _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 _USAGE_MEMBER: Final = re.compile(rb'"usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 #: A response's ``tool_usage`` member (the Responses API's hosted tools' usage, apart from its ``usage``).
 _TOOL_USAGE_MEMBER: Final = re.compile(rb'"tool_usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
-#: An images answer's ``svg_usage`` member (the tokens of the model that wrote an SVG image, apart from its ``usage``).
+#: An SVG image's ``svg_usage`` member (the tokens of the model that wrote it, apart from the image's usage): an images
+#: answer's, or a Responses answer's ``image_generation_call`` item's.
 _SVG_USAGE_MEMBER: Final = re.compile(rb'"svg_usage"[ \t\n\r]*:[ \t\n\r]*(?=\{)')
 _USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "prompt_tokens", "completion_tokens")
 #: An object's end, then a line break, then another value's start: never inside one JSON document (an object's next
@@ -125,13 +126,13 @@ def usage_in_tail(tail: bytes | bytearray) -> dict[str, Any] | None:
     return None
 
 
-def _members_in_tail(tail: bytes | bytearray, member: re.Pattern[bytes]) -> Iterator[dict[str, Any]]:
-    """The objects of the last (up to 8) ``member`` members found complete in ``tail``, the last first (none in a
-    tail of several JSON documents: see :func:`usage_in_tail`)."""
+def _members_in_tail(tail: bytes | bytearray, member: re.Pattern[bytes], most: int = 8) -> Iterator[dict[str, Any]]:
+    """The objects of the last (up to ``most``) ``member`` members found complete in ``tail``, the last first (none in
+    a tail of several JSON documents: see :func:`usage_in_tail`)."""
     if _RECORD_BREAK.search(tail):
         return
     starts = [match.end() for match in member.finditer(tail)]
-    for start in reversed(starts[-8:]):
+    for start in reversed(starts[-most:]):
         try:
             value, _ = _scan(bytes(tail[start:]).decode("utf-8", "replace"), 0)
         except (ValueError, RecursionError, StopIteration):
@@ -1677,6 +1678,12 @@ class OpenAIResponsesReader(ResponseReader):
         if isinstance(tool_usage, dict):
             # (In the response a stream's last event carries, read once: no event before it has it.)
             call.image_tool_usage = _image_tool_usage(tool_usage.get("image_gen"))
+        output = response.get("output")
+        if output and type(output) is list:
+            # Each SVG image's author's tokens, by item: those its output item event gave are replaced, not added to.
+            for index, item in enumerate(output):
+                if type(item) is dict and item.get("type") == "image_generation_call" and "svg_usage" in item:
+                    _add_svg_item(call, item, index)
         status = ended or response.get("status")
         if status == "incomplete":
             _add_finish_reason(call, _get(response, "incomplete_details", "reason") or "incomplete")
@@ -1714,6 +1721,14 @@ class OpenAIResponsesReader(ResponseReader):
                 self._first_token(now, whole=True)  # (output the model made, whole; see _RESPONSES_APPROVAL)
             elif isinstance(item, dict):
                 _server_output(item, self.call)
+            if isinstance(item, dict) and item.get("type") == "image_generation_call" and "svg_usage" in item:
+                _add_svg_item(self.call, item, obj.get("output_index"))
+        elif kind == "response.output_item.done":
+            # A finished item: an SVG image's carries its author's tokens (again in ``response.completed``, which may
+            # be too large to read whole).
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "image_generation_call" and "svg_usage" in item:
+                _add_svg_item(self.call, item, obj.get("output_index"))
         elif kind in ("response.created", "response.completed", "response.incomplete", "response.failed"):
             if kind in _LAST_EVENTS:
                 self._closed = True  # whatever its response's status says (or leaves out)
@@ -1736,9 +1751,20 @@ class OpenAIResponsesReader(ResponseReader):
 
     def _on_tail(self, tail: bytes | bytearray) -> None:
         # The image generation tool's usage, after the images that make the response large, as the usage is.
+        call = self.call
         for tool_usage in _members_in_tail(tail, _TOOL_USAGE_MEMBER):
-            self.call.image_tool_usage = _image_tool_usage(tool_usage.get("image_gen"))
+            call.image_tool_usage = _image_tool_usage(tool_usage.get("image_gen"))
             break
+        if call.svg_usage is None:
+            # The SVG images whose items end in the tail, each its own member (the item's id, before its image, is
+            # not there). Not when an item's own event gave one: the tail repeats the last items, which could not
+            # be told apart from them.
+            found: dict[str | int, tuple[str | None, SubUsage]] = {}
+            for number, svg in enumerate(_members_in_tail(tail, _SVG_USAGE_MEMBER, MAX_SVG_ITEMS), 1):
+                counted = _svg_usage(svg)
+                if counted is not None:
+                    found[-number] = counted
+            call.svg_usage = found or None
 
     def _on_dropped(self, event: str, usage: dict[str, Any]) -> None:
         # ``response.completed`` repeats the whole response: with image results or long instructions it may be
@@ -1830,13 +1856,17 @@ class OpenAIMediaReader(ResponseReader):
         self._usage(obj.get("usage"))
         svg = obj.get("svg_usage")
         if svg is not None:
-            self.call.svg_usage = _svg_usage(svg)
+            self._svg(svg)
 
     def _on_tail(self, tail: bytes | bytearray) -> None:
         # (An SVG answer too large to read whole: its svg_usage, beside its usage after the image.)
         for svg in _members_in_tail(tail, _SVG_USAGE_MEMBER):
-            self.call.svg_usage = _svg_usage(svg)
+            self._svg(svg)
             break
+
+    def _svg(self, svg: Any) -> None:
+        counted = _svg_usage(svg)
+        self.call.svg_usage = None if counted is None else {0: counted}
 
     def _on_event(self, event: str, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type") or event
@@ -1915,15 +1945,40 @@ def _image_tool_usage(usage: Any) -> SubUsage | None:
 
 
 def _svg_usage(usage: Any) -> tuple[str | None, SubUsage] | None:
-    """An images answer's ``svg_usage``: the model that wrote its SVG image (a text model, billed at its own prices
-    apart from the image's usage) and its input and output tokens (the output with its reasoning, as a text model's
-    output counts it). None when it reports no token."""
+    """An SVG image's ``svg_usage`` (an images answer's, a Responses ``image_generation_call`` item's): the model that
+    wrote it (a text model, billed at its own prices apart from the image's usage) and its input and output tokens
+    (the output with its reasoning, as a text model's output counts it). None when it reports no token."""
     if not isinstance(usage, dict):
         return None
     input_tokens, output_tokens = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
     if not input_tokens and not output_tokens:
         return None
     return _name(usage.get("model")), (input_tokens or 0, 0, 0, 0, output_tokens or 0, (0, 0), (0, 0), 0)
+
+
+def _add_svg_item(call: LLMCall, item: dict[str, Any], index: Any) -> None:
+    """Keep the ``svg_usage`` of a Responses ``image_generation_call`` item at ``index`` of the output, by the item's
+    id (else its index): an item read again (a stream's ``response.output_item.done``, then ``response.completed``)
+    replaces what it gave, so each image is priced once. At most MAX_SVG_ITEMS images are kept."""
+    item_id = item.get("id")
+    key: str | int
+    if isinstance(item_id, str) and item_id:
+        key = item_id[:256]
+    else:
+        position = _int(index)
+        key = "" if position is None else position
+    counted = _svg_usage(item.get("svg_usage"))
+    items = call.svg_usage
+    if items is None:
+        if counted is None:
+            return
+        items = call.svg_usage = {}
+    if counted is None:
+        items.pop(key, None)  # (read again without its usage: it has none)
+    elif key in items or len(items) < MAX_SVG_ITEMS:
+        items[key] = counted
+    if not items:
+        call.svg_usage = None
 
 
 class OpenAIImagesReader(OpenAIMediaReader):

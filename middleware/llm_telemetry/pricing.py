@@ -175,7 +175,7 @@ class PricingTable:
     def cost(self, call: LLMCall) -> float | None:
         """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
         other models ran for it (:func:`sub_usages`: Anthropic's advisor tool, the Responses API's image generation
-        tool, the author of an SVG image) are added at their own model's price; those of a model without one are left
+        tool, the authors of SVG images) are added at their own model's price; those of a model without one are left
         out (:meth:`unpriced_sub_tokens`). None too for a sum that overflows to infinity: its tokens are unpriced."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
@@ -221,14 +221,14 @@ def sub_usages(call: LLMCall) -> list[tuple[str | None, SubUsage]]:
     """The sub-inferences other models ran for ``call``, each billed at its own model's prices and left out of the
     call's own tokens: the consultations of Anthropic's advisor tool (each its entry's ``model``), the Responses
     API's image generation tool (the model the request's tool names; None, priced as no model, when it names none) and
-    the writing of an images API's SVG image (the ``model`` its ``svg_usage`` names)."""
+    the writing of each SVG image, the images API's or the Responses API's (the ``model`` its ``svg_usage`` names)."""
     subs: list[tuple[str | None, SubUsage]] = [
         (model, (*counts, _NO_PARTS, _NO_PARTS, 0)) for model, counts in call.advisor_usage or ()
     ]
     if call.image_tool_usage is not None:
         subs.append((call.image_tool_model, call.image_tool_usage))
     if call.svg_usage is not None:
-        subs.append(call.svg_usage)
+        subs.extend(call.svg_usage.values())
     return subs
 
 

@@ -20,6 +20,9 @@ UNTIMED_OPERATION: Final = "generate_content"
 #: reads, cache writes, one-hour cache writes, output, the input's (audio, image) tokens, the output's (audio, image)
 #: tokens, the image tokens among the cache reads), the arguments of ``pricing._tokens_cost`` after the price.
 SubUsage: TypeAlias = tuple[int, int, int, int, int, tuple[int, int], tuple[int, int], int]
+#: Most SVG images whose author's tokens a call keeps (a Responses answer's ``image_generation_call`` items, each its
+#: own ``svg_usage``): a response makes a few images; those past it are not priced.
+MAX_SVG_ITEMS: Final = 256
 
 
 @dataclasses.dataclass(slots=True)
@@ -110,10 +113,14 @@ class LLMCall:
     #: The ``model`` the request's ``image_generation`` tool names (None: it names none, and the model that ran it,
     #: which the API chooses, is not known here).
     image_tool_model: str | None = None
-    #: The model that wrote an SVG image of the images API (``output_format: svg``) and its tokens, as the answer's
-    #: ``svg_usage`` reports them apart from the image's ``usage``: (its ``model``, (input, 0, 0, 0, output with its
-    #: reasoning, (0, 0), (0, 0), 0)). Priced into ``cost_usd`` by that model. None when not reported.
-    svg_usage: tuple[str | None, SubUsage] | None = None
+    #: The models that wrote SVG images (``output_format: svg``) and their tokens, as each image's ``svg_usage``
+    #: reports them apart from the image's own usage, by image: the images API's answer (key 0), or the Responses
+    #: API's ``image_generation_call`` items (by item id, else by output index; an answer too large to read whole,
+    #: by negative numbers, one a member found in its tail), each (its ``model``, (input, 0, 0, 0, output with its
+    #: reasoning, (0, 0), (0, 0), 0)). Keyed so that an item a stream sends twice (its ``response.output_item.done``
+    #: event and ``response.completed``) is priced once; at most MAX_SVG_ITEMS. Priced into ``cost_usd`` by each
+    #: model. None when none was reported.
+    svg_usage: dict[str | int, tuple[str | None, SubUsage]] | None = None
     #: Whether the stream's first token was reasoning (the reasoning is streamed, so its tokens follow that first
     #: token); False when the first token was the answer or a tool call.
     reasoning_shown: bool = False

@@ -130,18 +130,36 @@ image_gen_usage = members({
     "cached_tokens_details": members({"cached_image_tokens": None, "cached_text_tokens": None}),
 })  # fmt: skip
 tool_usage = members({"image_gen": image_gen_usage, "web_search": members({"num_requests": None})})
+#: An SVG image's author's usage, on a Responses ``image_generation_call`` item.
+svg_usage = st.none() | members(
+    {
+        "model": st.sampled_from(["gpt-4.1", "unpriced"]) | hostile,
+        "input_tokens": None,
+        "output_tokens": None,
+        "reasoning_tokens": None,
+        "total_tokens": None,
+    }
+)
 
 
-def responses_answer(usage: Any, stream: bool, tools: Any = None) -> tuple[str, bytes]:
+def responses_answer(usage: Any, stream: bool, tools: Any = None, svg: Any = None) -> tuple[str, bytes]:
+    """A Responses answer; ``svg``: the ``svg_usage`` of an SVG image it made (an ``image_generation_call`` item, in
+    a stream both in its ``response.output_item.done`` event and in ``response.completed``), when not None."""
     text = {"type": "output_text", "text": "Hi", "annotations": []}
     item = {"type": "message", "id": "m", "role": "assistant", "status": "completed", "content": [text]}
+    image = {"type": "image_generation_call", "id": "ig_1", "status": "completed", "result": "PHN2Zz4=",
+             "output_format": "svg", "svg_usage": svg}  # fmt: skip
+    output = [item] if svg is None else [image, item]
     response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4.1-2025-04-14",
-                "status": "completed", "usage": usage, "output": [item], "tool_usage": tools}  # fmt: skip
+                "status": "completed", "usage": usage, "output": output, "tool_usage": tools}  # fmt: skip
     if not stream:
         return "json", json.dumps(response).encode()
+    done = {"type": "response.output_item.done", "output_index": 0, "item": image, "sequence_number": 0}
     return "sse", sse([
-        ("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "m", "output_index": 0,
-                                        "content_index": 0, "delta": "Hi", "sequence_number": 1}),
+        *([] if svg is None else [("response.output_item.done", done)]),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "m",
+                                        "output_index": len(output) - 1, "content_index": 0, "delta": "Hi",
+                                        "sequence_number": 1}),
         ("response.completed", {"type": "response.completed", "response": response, "sequence_number": 2}),
     ])  # fmt: skip
 
@@ -179,7 +197,10 @@ def transcript_answer(usage: Any, stream: bool) -> tuple[str, bytes]:
 answers = st.one_of(
     st.tuples(st.just("/v1/messages"), st.builds(anthropic_answer, anthropic_usage, anthropic_usage, st.booleans())),
     st.tuples(st.just("/v1/chat/completions"), st.builds(chat_answer, chat_usage, st.booleans())),
-    st.tuples(st.just("/v1/responses"), st.builds(responses_answer, responses_usage, st.booleans(), tool_usage)),
+    st.tuples(
+        st.just("/v1/responses"),
+        st.builds(responses_answer, responses_usage, st.booleans(), tool_usage, svg_usage),
+    ),
     st.tuples(st.just("/v1/images/generations"), st.builds(image_answer, image_usage, st.booleans())),
     st.tuples(st.just("/v1/audio/transcriptions"), st.builds(transcript_answer, transcript_usage, st.booleans())),
 )
@@ -205,6 +226,8 @@ def check_counts(call: LLMCall) -> None:
         *totals, modal_input, modal_output, cached_image = call.image_tool_usage
         assert all(type(n) is int and 0 <= n <= 2**53 for n in (*totals, *modal_input, *modal_output, cached_image))
         assert cached_image <= totals[1]  # (the cached image tokens are among the cache reads)
+    for _, (*totals, modal_input, modal_output, cached_image) in (call.svg_usage or {}).values():
+        assert all(type(n) is int and 0 <= n <= 2**53 for n in (*totals, *modal_input, *modal_output, cached_image))
     assert call.cost_usd is None or (math.isfinite(call.cost_usd) and call.cost_usd >= 0), call.cost_usd
 
 
@@ -233,6 +256,9 @@ def check_counts(call: LLMCall) -> None:
 @example(answer=("/v1/responses", responses_answer({"input_tokens": 10, "output_tokens": 5}, False, {"image_gen": {
     "input_tokens": 100, "output_tokens": 7, "cached_tokens": -7,
     "input_tokens_details": {"image_tokens": 90}}})))  # fmt: skip
+# An SVG image's author's counts past 2**53 or below 0, in its item event and again in response.completed.
+@example(answer=("/v1/responses", responses_answer({"input_tokens": 10, "output_tokens": 5}, True, None, {
+    "model": "gpt-4.1", "input_tokens": 2**80, "output_tokens": -7, "reasoning_tokens": "x"})))  # fmt: skip
 @example(answer=("/v1/audio/transcriptions", transcript_answer({"type": "tokens", "input_tokens": 1.5,
     "output_tokens": "7"}, False)))  # fmt: skip
 @given(answer=answers)
