@@ -81,6 +81,14 @@ _KINDS: Final = (
     "output_image",
     "cache_read_image",
 )
+#: The highest price a table may give, in USD per million tokens: a dollar a token, over 13,000 times the dearest price
+#: of the embedded table (Claude Opus 4's output, $75). It bounds the cost counter's running sum: a count read from an
+#: answer is at most 2**53 (``apis._MAX_COUNT``), and a call prices at most 776 such counts at one price each (four of
+#: its own, four of each of up to 64 advisor consultations and of the image tool, two of each of up to 256 SVG
+#: images), so a call costs at most 7e18 dollars, and ``llm_cost_usd_total`` would take over 1e289 calls to reach a
+#: float's largest value (1.8e308). A finite price past any provider's (1.7e308) let it reach infinity in 16,500
+#: calls, after which its series was gone from every scrape.
+MAX_PRICE: Final = 1_000_000.0
 #: What follows a model's name in the name of one of its snapshots: a date (``2024-08-06``, ``20250514``), a month and
 #: day (``0613``), or ``latest``; Anthropic's ``-0`` names the first version of a family (``claude-sonnet-4-0``).
 _SNAPSHOT: Final = re.compile(r"(?:0-)?(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest)|0")
@@ -176,7 +184,7 @@ class PricingTable:
         """USD for the call's tokens, or None when the model has no price or no tokens are known. The sub-inferences
         other models ran for it (:func:`sub_usages`: Anthropic's advisor tool, the Responses API's image generation
         tool, the authors of SVG images) are added at their own model's price; those of a model without one are left
-        out (:meth:`unpriced_sub_tokens`). None too for a sum that overflows to infinity: its tokens are unpriced."""
+        out (:meth:`unpriced_sub_tokens`)."""
         if call.input_tokens is None and call.output_tokens is None:
             return None
         price = self.price(call.response_model or call.request_model) or self.price(call.request_model)
@@ -206,10 +214,8 @@ class PricingTable:
                 sub = self.price(model)
                 if sub is not None:
                     cost += _tokens_cost(sub, *counts)
-        # A price so large that tokens at it overflow (a table's input or input_audio of 1e308, finite and so
-        # accepted) is no price: an infinite cost would stop the cost counter's series for good (the SDK drops a
-        # non-finite total on every collection) and write Infinity, which is not JSON, on the request log line.
-        return cost if cost < math.inf else None
+        # (Finite: no price is over MAX_PRICE and no count over 2**53, so a call costs at most 7e18 dollars.)
+        return cost
 
     def unpriced_sub_tokens(self, call: LLMCall, priced: bool) -> int:
         """The tokens of the call's sub-inferences (:func:`sub_usages`) that :meth:`cost` left out: all of them when
@@ -356,6 +362,11 @@ def _price(model: str, entry: Any) -> Price:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
             raise ConfigurationError(
                 f"pricing for {model!r}: {kind} must be a non-negative number, got {_SHOWN.repr(value)}"
+            )
+        if value > MAX_PRICE:
+            raise ConfigurationError(
+                f"pricing for {model!r}: {kind} is {float(value)!r} USD per million tokens, more than any provider"
+                f" charges; at most {MAX_PRICE:,.0f} (a dollar a token)"
             )
         values[kind] = float(value)
     if "input" not in values or "output" not in values:

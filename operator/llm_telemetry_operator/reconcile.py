@@ -1373,7 +1373,7 @@ def _unreadable(error: Exception, key: str, binary: bool) -> str:
     return (
         f"not a {kind} mapping of model names to prices in USD per million tokens: input and output, and optionally "
         "cache_read, cache_creation, cache_creation_1h, input_audio, input_image, output_audio, output_image and "
-        "cache_read_image, each a number of at least 0"
+        "cache_read_image, each a number from 0 to 1000000 (a dollar a token)"
     )
 
 

@@ -36,6 +36,9 @@ PRICE_KINDS = (
     "output_image",
     "cache_read_image",
 )
+#: The highest price the middleware takes (``llm_telemetry.pricing.MAX_PRICE``, a dollar a token): a table with one
+#: higher fails every pod's startup.
+MAX_PRICE = 1_000_000.0
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 PROTOCOLS = ("grpc", "http/protobuf")
 #: spec.logs.mode: how the request lines reach Loki, each with the dashboard query that finds them there.
@@ -529,7 +532,7 @@ def _pricing(raw: Mapping[str, Any]) -> Pricing:
             for kind in prices:
                 if kind not in PRICE_KINDS:
                     raise SpecError(f"{path}.{kind}", f"unknown price kind; expected one of {', '.join(PRICE_KINDS)}")
-                value = _number(prices, kind, f"{path}.{kind}", None)
+                value = _number(prices, kind, f"{path}.{kind}", None, maximum=MAX_PRICE)
                 if value is None:  # null: the API server drops it where the CRD's schema applies
                     raise SpecError(f"{path}.{kind}", "must be a number")
                 entry[kind] = value

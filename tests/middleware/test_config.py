@@ -427,8 +427,15 @@ def _openmetrics(url: str) -> str:
             b"models:\n  gpt-4o: {input: 1" + b"0" * 400 + b", output: 10}\n",
             "input must be a non-negative number, got 1000",
         ),
+        # A finite price past any provider's: accepted, it let the cost counter's sum reach infinity, and the series
+        # vanished (tests/middleware/test_cost_bounds.py).
+        (
+            "prices.yaml",
+            b"models:\n  gpt-4o: {input: 2.5, output: 10}\n  advisor: {input: 1.7e+308, output: 1}\n",
+            "pricing for 'advisor': input is 1.7e+308 USD per million tokens, more than any provider charges",
+        ),
     ],
-    ids=["not-utf8", "nested", "bad-price", "bad-yaml", "mixed-keys", "huge-int"],
+    ids=["not-utf8", "nested", "bad-price", "bad-yaml", "mixed-keys", "huge-int", "past-any-price"],
 )
 @pytest.mark.parametrize("form", ["starlette", "wrapped"])
 def test_a_bad_pricing_file_stops_uvicorn_at_startup_naming_the_file(

@@ -20,6 +20,7 @@ from crd_cases import (
     with_field,
     with_spec,
 )
+from llm_telemetry.config import ConfigurationError
 from llm_telemetry_operator.spec import OWN_LABELS, SpecError, parse_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -225,6 +226,32 @@ def test_crd_unknown_price_kind_is_refused_not_pruned() -> None:
         ".spec.pricing.models[gpt-4o]: price kinds are input, output, cache_read, cache_creation, cache_creation_1h,"
         " input_audio, input_image, output_audio, output_image and cache_read_image"
     ]
+
+
+def test_the_highest_price_is_the_same_for_the_middleware_the_operator_and_the_crd() -> None:
+    """A dollar a token is taken by all three, the next float above it refused by all three: a price the CRD and the
+    operator took but the middleware refused would fail the startup of every pod the table is mounted into."""
+    import math
+
+    from llm_telemetry.pricing import MAX_PRICE, PricingTable
+    from llm_telemetry_operator.spec import MAX_PRICE as OPERATOR_MAX_PRICE
+
+    assert OPERATOR_MAX_PRICE == MAX_PRICE
+    for price, taken in [(MAX_PRICE, True), (math.nextafter(MAX_PRICE, math.inf), False), (1e300, False)]:
+        obj = copy.deepcopy(MINIMAL)
+        obj["spec"]["pricing"] = {"models": {"gpt-4o": {"input": 2.5, "output": price}}}
+        refusals = kube_schema.validate_object(load(), obj)
+        assert (refusals == []) is taken, (price, refusals)
+        if taken:
+            assert parse_spec(obj["spec"]).pricing.models["gpt-4o"]["output"] == price
+            PricingTable(parse_spec(obj["spec"]).pricing.models)
+            continue
+        assert all(r.startswith("spec.pricing.models.gpt-4o.output: ") for r in refusals), refusals
+        with pytest.raises(SpecError) as refused:
+            parse_spec(obj["spec"])
+        assert refused.value.field == "spec.pricing.models.gpt-4o.output"
+        with pytest.raises(ConfigurationError, match="more than any provider charges"):
+            PricingTable({"gpt-4o": {"input": 2.5, "output": price}})
 
 
 def test_every_price_kind_the_middleware_reads_is_accepted_by_the_crd_and_the_operator() -> None:
