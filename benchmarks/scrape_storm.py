@@ -14,8 +14,12 @@ through the ``openai`` SDK, one after another, for ``--seconds``. Each row print
 - the scrapes in which ``llm_requests_total`` was lower than in the scraper's scrape before (must be 0: Prometheus
   reads a counter that went down as a reset).
 
+``--formats`` chooses what the scrapers ask for: ``text`` (no ``Accept``), ``openmetrics`` (Prometheus' own
+``Accept``, OpenMetrics first), or ``mixed`` (every other scraper each, as where Prometheus servers of several
+versions or ``scrape_protocols`` and other agents scrape the same target); several, comma-separated, a row each.
+
     python benchmarks/scrape_storm.py [--workers 1,3] [--scrapers 4] [--combos 400] [--seconds 8]
-                                       [--port P --metrics-port M] [--work DIR]
+                                       [--formats text] [--port P --metrics-port M] [--work DIR]
 """
 
 from __future__ import annotations
@@ -46,18 +50,24 @@ from procs import children, cpus, free_port, pin, wait_http  # noqa: E402
 
 MESSAGES: Any = [{"role": "user", "content": "one two three four"}]
 _TOTAL = re.compile(rb"^llm_requests_total\{[^}]*\} (\S+)$", re.M)
+#: The ``Accept`` header of Prometheus 2's and 3's default scrape protocols: OpenMetrics first, then the text format.
+OPENMETRICS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
 
 
-def scraper(port: int, path: str, ready: Any, stop: Any, results: Any) -> None:
-    """Scrape ``path`` back to back until ``stop``, a new connection each time; put (answered, 503s, other
-    failures, scrapes whose llm_requests_total was lower than the one before) on ``results``."""
+def scraper(port: int, path: str, accept: str, ready: Any, stop: Any, results: Any) -> None:
+    """Scrape ``path`` back to back until ``stop``, a new connection each time, asking for ``accept`` (none: "");
+    put (answered, 503s, other failures, scrapes whose llm_requests_total was lower than the one before) on
+    ``results``."""
     answered = busy = failed = went_down = 0
     last = -1.0
     ready.release()
     while not stop.is_set():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         try:
-            connection.request("GET", path)
+            connection.request("GET", path, headers={"Accept": accept} if accept else {})
             response = connection.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException):
@@ -142,7 +152,12 @@ def start_server(workers: int, port: int, metrics_port: int, work: Path, cpu: in
 
 
 def row(
-    title: str, server: subprocess.Popen[bytes], client: openai.OpenAI, target: tuple[int, str] | None, args: Any
+    title: str,
+    server: subprocess.Popen[bytes],
+    client: openai.OpenAI,
+    target: tuple[int, str] | None,
+    args: Any,
+    formats: str = "text",
 ) -> tuple[float, float, float, int, list[float]]:
     """(scrapes per second, server CPU seconds per second, 503s per second, scrapes that went down, sorted app
     latencies) of one row."""
@@ -150,7 +165,11 @@ def row(
     results, ready, stop = context.Queue(), context.Semaphore(0), context.Event()
     scrapers = []
     if target is not None:
-        scrapers = [context.Process(target=scraper, args=(*target, ready, stop, results)) for _ in range(args.scrapers)]
+        accepts = {"text": [""], "openmetrics": [OPENMETRICS_ACCEPT], "mixed": [OPENMETRICS_ACCEPT, ""]}[formats]
+        scrapers = [
+            context.Process(target=scraper, args=(*target, accepts[n % len(accepts)], ready, stop, results))
+            for n in range(args.scrapers)
+        ]
         for process in scrapers:
             process.start()
         for _ in scrapers:
@@ -197,6 +216,11 @@ def main() -> None:
         default=None,
         help="pin the server to this CPU and the clients to the others, as a server with one core of its own",
     )
+    parser.add_argument(
+        "--formats",
+        default="text",
+        help="what the scrapers ask for, a row each: text, openmetrics, mixed (every other scraper each)",
+    )
     parser.add_argument("--port", type=int, default=0, help="the app's port (default: a free one)")
     parser.add_argument("--metrics-port", type=int, default=0, help="the metrics port (default: a free one)")
     parser.add_argument("--work", type=Path, default=None, help="where the state and the server's log go")
@@ -213,7 +237,7 @@ def main() -> None:
         flush=True,
     )
     header = (
-        f"{'workers':>7}  {'scrapes of':<12} {'scrapes/s':>9} {'503/s':>6} {'CPU ms/scrape':>13} {'CPU %':>6} "
+        f"{'workers':>7}  {'scrapes of':<25} {'scrapes/s':>9} {'503/s':>6} {'CPU ms/scrape':>13} {'CPU %':>6} "
         f"{'app p50 ms':>10} {'p99 ms':>7} {'max ms':>7} {'app req/s':>8} {'went down':>9}"
     )
     lines = []
@@ -239,19 +263,21 @@ def main() -> None:
                 size = len(response.read())
             print(f"{workers} worker(s): exposition {size / 1024:,.0f} KiB", flush=True)
             per_request = 0.0  # server CPU seconds per app request, from the row without scrapes
-            for title, target in (
-                ("nothing", None),
-                ("app path", (port, "/metrics")),
-                ("metrics port", (metrics_port, "/metrics")),
-            ):
-                rate, cpu, busy, went_down, times = row(title, server, client, target, args)
+            formats = args.formats.split(",")
+            rows: list[tuple[str, tuple[int, str] | None, str]] = [("nothing", None, "text")]
+            for kind in formats:
+                suffix = f" ({kind})" if formats != ["text"] else ""
+                rows.append((f"app path{suffix}", (port, "/metrics"), kind))
+                rows.append((f"metrics port{suffix}", (metrics_port, "/metrics"), kind))
+            for title, target, kind in rows:
+                rate, cpu, busy, went_down, times = row(title, server, client, target, args, kind)
                 requests = len(times) / args.seconds
                 if target is None:
                     per_request = cpu / requests
                 per_scrape = (cpu - per_request * requests) / rate * 1000 if rate else float("nan")
                 p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
                 line = (
-                    f"{workers:7d}  {title:<12} {rate:9.1f} {busy:6.1f} {per_scrape:13.1f} {cpu * 100:6.0f} "
+                    f"{workers:7d}  {title:<25} {rate:9.1f} {busy:6.1f} {per_scrape:13.1f} {cpu * 100:6.0f} "
                     f"{statistics.median(times) * 1e3:10.1f} {p99 * 1e3:7.1f} {times[-1] * 1e3:7.1f} {requests:8.1f} "
                     f"{went_down if target else '':>9}"
                 )
