@@ -116,8 +116,11 @@ _LABELS = "labels.json"
 _RUN = "run"
 #: The stem of the worker that serves the metrics port.
 _PORT = "port"
-#: The newest plain rendering of the app's own path any worker has made (see SharedState.publish).
+#: The newest plain rendering of the app's own path any worker has made, one file per format: the text format's, and
+#: OpenMetrics' (see SharedState.publish). One file for both had each scrape of the one format replace the other's
+#: rendering, and scrapers of the two formats together shared none.
 _RENDERING = "rendering"
+_RENDERINGS: Final = (_RENDERING, _RENDERING + "-openmetrics")
 #: What an earlier version kept here: removed with the rest of an earlier run's state.
 _MERGE = "merge"
 _ALIVE = ".alive"
@@ -577,7 +580,7 @@ class SharedState:
             names = []
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in names:
-            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE, _RENDERING) or name.endswith(
+            if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE, *_RENDERINGS) or name.endswith(
                 (_ALIVE, _DB, ".tmp")
             ):
                 with contextlib.suppress(FileNotFoundError):
@@ -736,7 +739,8 @@ class SharedState:
         order = getattr(self._last_merge, "order", None)
         if order is None:
             return
-        path = os.path.join(self.directory, _RENDERING)
+        name = _rendering_name(content_type)
+        path = os.path.join(self.directory, name)
         now = time.monotonic()
         before = _rendering_head(path)
         try:
@@ -764,19 +768,21 @@ class SharedState:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             tmp = ""
-        self._settle(order, tmp)
+        self._settle(order, tmp, name)
 
     def supersede(self) -> None:
         """This thread's last merge is answered in a rendering not shared (a scrape with a query): a published one
-        of an earlier merge is removed, as it would be answered after these newer numbers."""
+        of an earlier merge, of either format, is removed, as it would be answered after these newer numbers."""
         order = getattr(self._last_merge, "order", None)
         if order is not None:
-            self._settle(order, "")
+            for name in _RENDERINGS:
+                self._settle(order, "", name)
 
-    def _settle(self, order: int, tmp: str) -> None:
+    def _settle(self, order: int, tmp: str, name: str) -> None:
         """Under the lock: the rendering written to ``tmp`` (or none: "") of the merge ``order`` takes the place of
-        the one published if that one's merge came first; if there is none to take its place, that one goes."""
-        path = os.path.join(self.directory, _RENDERING)
+        the one published in the file ``name`` if that one's merge came first; if there is none to take its place,
+        that one goes."""
+        path = os.path.join(self.directory, name)
         try:
             with self._locked():
                 there = _rendering_head(path)
@@ -796,10 +802,10 @@ class SharedState:
                     os.unlink(tmp)
 
     def shared(self, content_type: str) -> tuple[str, list[tuple[str, str]], bytes] | None:
-        """The rendering in the ``rendering`` file while it is fresh and of ``content_type``, if its body was
-        written: (status, headers, body), else None (see :meth:`publish`)."""
+        """The rendering in the ``rendering`` file of ``content_type``'s format while it is fresh and of
+        ``content_type``, if its body was written: (status, headers, body), else None (see :meth:`publish`)."""
         try:
-            with open(os.path.join(self.directory, _RENDERING), "rb") as rendering:
+            with open(os.path.join(self.directory, _rendering_name(content_type)), "rb") as rendering:
                 head = json.loads(rendering.readline())
                 if head["whole"] is not True or head["type"] != content_type or time.monotonic() >= head["until"]:
                     return None
@@ -1045,6 +1051,12 @@ def _tmp_owner(name: str) -> str:
     """The stem of the worker whose temporary file ``name`` is (``rendering.<stem>-<thread>.tmp``,
     ``port.<stem>.tmp``), else ""."""
     return "-".join(name[: -len(".tmp")].partition(".")[2].split("-")[:2])
+
+
+def _rendering_name(content_type: str) -> str:
+    """The file of the renderings of ``content_type``'s format: the text format's, or OpenMetrics' (the only other
+    format prometheus_client answers). A version of a format another scraper asks for replaces the one there."""
+    return _RENDERINGS[0] if content_type.startswith("text/plain") else _RENDERINGS[1]
 
 
 def _rendering_head(path: str) -> dict[str, Any] | None:
