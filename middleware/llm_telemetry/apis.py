@@ -548,6 +548,17 @@ class ResponseReader:
             if len(tail) > 2 * TAIL_BYTES:
                 del tail[:-TAIL_BYTES]
 
+    def let_go(self) -> None:
+        """Keep only the last bytes of a JSON body from now on, for its usage, and give back what was counted of the
+        rest: it is then read as a body past the budget is (see the middleware's ``_Exchange.let_go``)."""
+        if self._decoder is None and not self._overflow and self._buffer:
+            kept = len(self._buffer)
+            self._overflow = True
+            self._buffer = bytearray(self._buffer[-TAIL_BYTES:])
+            hold = self.hold
+            if hold is not None and kept > UNCOUNTED_BYTES:
+                hold(UNCOUNTED_BYTES - kept)
+
     @property
     def closed(self) -> bool:
         """Whether the stream came to its closing event (``[DONE]``, ``message_stop``, ``response.completed``...)."""

@@ -82,28 +82,47 @@ READ_AFTER_BYTES = 16 * 1024
 BODY_PIECE_OVERHEAD = 64
 
 
+#: A request keeping bytes against the budget that has gained less than UNCOUNTED_BYTES of them in this many seconds
+#: is stalled: a client that stopped sending its body part-way, or one that does not read (or reads a byte a second) a
+#: JSON answer sent in pieces, whose next piece waits on the client. When another request finds the budget full, a
+#: stalled request of the same thread gives up what it keeps (see :meth:`_Exchange.let_go`), rather than holding the
+#: budget for as long as its connection lives and leaving every later large body unread.
+STALLED_SECONDS: Final = 5.0
+
+
 class _Budget:
     """The bytes every request of this process keeps to read (its request body's pieces, its JSON answer's copy),
     counted together: each is bounded per request (``max_request_bytes``, MAX_JSON_RESPONSE_BYTES), and this bounds
     them across requests, so N connections sending large bodies, or reading a large answer slowly, keep at most
     ``max_inspected_bytes`` alive for reading rather than N times a body (and UNCOUNTED_BYTES of each, uncounted).
-    A request gives back all it took when it ends (see :meth:`_Exchange.give_back`). Locked: requests of event loops
-    in several threads may share it."""
+    A request gives back all it took when it ends (see :meth:`_Exchange.give_back`), and a stalled one when another
+    finds the budget full (see STALLED_SECONDS). Locked: requests of event loops in several threads may share it."""
 
-    __slots__ = ("held", "lock", "logged")
+    __slots__ = ("held", "holders", "lock", "logged", "logged_stalled")
 
     def __init__(self) -> None:
         self.held = 0
+        #: The requests keeping bytes now, each with the thread it runs in (only requests with bodies or answers past
+        #: UNCOUNTED_BYTES are ever here).
+        self.holders: dict[_Exchange, int] = {}
         self.lock = threading.Lock()
         self.logged = False
+        self.logged_stalled = False
 
-    def take(self, size: int, limit: int) -> bool:
-        """Count ``size`` more bytes kept, unless that would pass ``limit``: then False, nothing counted."""
+    def take(self, size: int, limit: int, asking: _Exchange | None = None) -> bool:
+        """Count ``size`` more bytes kept, unless that would pass ``limit``: then False, nothing counted. ``asking``:
+        the request taking them, for which stalled requests of its thread give up theirs when there is no room."""
         with self.lock:
             held = self.held + size
             if held <= limit:
                 self.held = held
                 return True
+        if asking is not None and self.reclaim(asking):
+            with self.lock:
+                held = self.held + size
+                if held <= limit:
+                    self.held = held
+                    return True
         if not self.logged:
             self.logged = True
             logger.warning(
@@ -117,6 +136,27 @@ class _Budget:
     def give(self, size: int) -> None:
         with self.lock:
             self.held -= size
+
+    def reclaim(self, asking: _Exchange) -> bool:
+        """Have the stalled requests of this thread (see STALLED_SECONDS) other than ``asking`` give up what they keep;
+        whether any did. Only this thread's: they are suspended while it runs, never in the middle of their reading."""
+        thread = threading.get_ident()
+        with self.lock:
+            others = [holder for holder, owner in self.holders.items() if owner == thread and holder is not asking]
+        now = monotonic()
+        stalled = [holder for holder in others if holder.stalled(now)]
+        for holder in stalled:
+            holder.let_go()
+        if stalled and not self.logged_stalled:
+            self.logged_stalled = True
+            logger.warning(
+                "llm-telemetry: requests whose bodies or JSON answers were kept to be read made no progress for %g s"
+                " (a client not sending the rest of its body, or not reading its answer) while another found"
+                " LLM_TELEMETRY_MAX_INSPECTED_BYTES full: they gave back what they kept, and are recorded as a body"
+                " past the budget is (logged once)",
+                STALLED_SECONDS,
+            )
+        return bool(stalled)
 
 
 #: The process's budget of bytes kept to be read (see _Budget).
@@ -234,6 +274,7 @@ class _Exchange:
         "echo_id",
         "failsafe",
         "form_head",
+        "gained",
         "held",
         "kept",
         "kept_limit",
@@ -250,6 +291,7 @@ class _Exchange:
         "send_refused",
         "settled",
         "started",
+        "taken_at",
         "telemetry",
         "token",
         "trailers",
@@ -290,6 +332,11 @@ class _Exchange:
         self.kept = 0
         #: The budget's limit; -1 once the request has ended: it takes no more.
         self.kept_limit = kept_limit
+        #: When this request last made progress while keeping bytes (``time.monotonic``: it took some, gaining
+        #: UNCOUNTED_BYTES or more since the time before, or its answer started), and the bytes it took since then
+        #: (see STALLED_SECONDS).
+        self.taken_at = 0.0
+        self.gained = 0
         #: The whole body arrived within ``max_body``: parse it in :meth:`finish`.
         self.body_done = False
         #: The first UNCOUNTED_BYTES of a multipart form too large to keep (an image edit, a transcription of a long
@@ -376,14 +423,26 @@ class _Exchange:
         """Take ``size`` bytes to keep from the process's budget: False when it has no room for them, or the request
         has ended. A negative ``size`` gives back bytes no longer kept."""
         if size >= 0:
-            if self.kept_limit < 0 or not BUDGET.take(size, self.kept_limit):
+            if self.kept_limit < 0 or not BUDGET.take(size, self.kept_limit, self):
                 return False
-            self.kept += size
+            kept = self.kept
+            self.kept = kept + size
+            gained = self.gained + size
+            if not kept or gained >= UNCOUNTED_BYTES:
+                gained = 0
+                self.taken_at = monotonic()
+                if not kept:
+                    with BUDGET.lock:
+                        BUDGET.holders[self] = threading.get_ident()
+            self.gained = gained
             return True
         size = min(-size, self.kept)  # (never more than it took: what it gave back already is the budget's again)
         if size:
             self.kept -= size
             BUDGET.give(size)
+            if not self.kept:
+                with BUDGET.lock:
+                    BUDGET.holders.pop(self, None)
         return True
 
     def give_back(self) -> None:
@@ -392,6 +451,37 @@ class _Exchange:
         kept, self.kept, self.kept_limit = self.kept, 0, -1
         if kept:
             BUDGET.give(kept)
+            with BUDGET.lock:
+                BUDGET.holders.pop(self, None)
+
+    def stalled(self, now: float) -> bool:
+        """Whether this request keeps bytes and has made no progress for STALLED_SECONDS (see there): its body still
+        arriving, or its JSON answer not yet whole. Not a request whose app is at work on its whole body, or whose
+        answer is a stream (its body is kept until the stream ends, which the model's pace decides)."""
+        if not self.kept or now - self.taken_at < STALLED_SECONDS:
+            return False
+        if not self.started:
+            return self.body_ok  # (true only while the body is still arriving)
+        reader = self.reader
+        if isinstance(reader, (_Unread, DecodingReader)):
+            reader = reader.reader
+        return not self.complete and isinstance(reader, ResponseReader) and not self.call.stream
+
+    def let_go(self) -> None:
+        """Give back what this stalled request keeps (see STALLED_SECONDS): its body's pieces, when it is larger than
+        UNCOUNTED_BYTES (the body is then not read, as one past the budget is: the first UNCOUNTED_BYTES of a form
+        are kept, for its fields), and its JSON answer's copy, of which only the last bytes are kept from then on,
+        for the usage. What arrives after is not kept either."""
+        if (self.body_ok or self.body_done) and self.body_size > UNCOUNTED_BYTES:  # (a body within it takes none)
+            if self.api.form and self.body:
+                self.form_head = _head(self.body, b"")
+            self.body, self.body_ok, self.body_done = [], False, False
+            self.hold(UNCOUNTED_BYTES - self.body_size)
+        reader = self.reader
+        if isinstance(reader, (_Unread, DecodingReader)):
+            reader = reader.reader
+        if isinstance(reader, ResponseReader):
+            reader.let_go()
 
     def _read_request(self) -> None:
         parts, self.body, self.body_done = self.body, [], False
@@ -538,6 +628,8 @@ class _Exchange:
                 await send(message)
                 return
             self.started = True
+            if self.kept:
+                self.taken_at = monotonic()  # (the answer starts: progress, for a request keeping its body)
             if message.get("trailers"):
                 self.trailers = True
             headers = message.get("headers")

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import http.client
 import json
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +32,7 @@ from starlette.routing import Route
 
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import UNCOUNTED_BYTES
-from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, BUDGET
+from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, BUDGET, STALLED_SECONDS
 from support import Calls, serve, wait_for
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
@@ -408,3 +412,208 @@ def test_a_json_answers_request_is_freed_without_the_garbage_collector() -> None
             wait_for("no request state left with the garbage collector off", lambda: alive() == 0, seconds=5)
         finally:
             gc.enable()
+
+
+# --- clients that stall: they do not read their answer, or stop sending their body ---------------------------------
+
+
+def _tool_answer(model: str, content: str) -> bytes:
+    answer = _answer(model, content)
+    answer["choices"][0]["message"]["tool_calls"] = [
+        {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    ]
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    return json.dumps(answer).encode()
+
+
+def _gateway_app(sizes: dict[str, int]) -> Starlette:
+    """A gateway: it hands on its upstream's JSON answer in 64 KiB pieces, as they come, with a tool call in it (the
+    answer's size by the model asked for)."""
+
+    async def chat(request: Request) -> Response:
+        asked = (await request.json())["model"]
+        answer = _tool_answer(f"{asked}-served", "y" * sizes.get(asked, 10))
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for at in range(0, len(answer), 65536):
+                yield answer[at : at + 65536]
+
+        return StreamingResponse(pieces(), media_type="application/json")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def _post(base: str, body: bytes, length: int | None = None) -> socket.socket:
+    """A raw connection that sends a chat request's head and ``body`` (declaring ``length`` bytes) and reads nothing."""
+    port = int(base.rsplit(":", 1)[1])
+    connection = socket.create_connection(("127.0.0.1", port))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body) if length is None else length}\r\nconnection: close\r\n\r\n"
+    )
+    connection.sendall(head.encode() + body)
+    return connection
+
+
+def _reply(connection: socket.socket) -> bytes:
+    """The body of the answer on ``connection``, read now (de-chunked)."""
+    reply = http.client.HTTPResponse(connection)
+    reply.begin()
+    body = reply.read()
+    connection.close()
+    return body
+
+
+def _settled_held() -> int:
+    """BUDGET.held once it has stopped moving (the clients' connections took what they could)."""
+    last = -1
+    while BUDGET.held != last:
+        last = BUDGET.held
+        time.sleep(0.5)
+    return last
+
+
+def test_clients_that_do_not_read_their_answers_give_the_budget_up_once_stalled() -> None:
+    """Two clients ask a gateway for JSON answers of 8 MB, sent in pieces, and read none of them: each holds what the
+    kernel's socket buffers took of its answer (~3 MiB) in the budget, for as long as its connection lives. A client
+    of the openai SDK asking later for an answer larger than what is left of the budget (a tool call in it) still gets
+    that answer read whole, its tool call and served model counted: the stalled answers (no progress for
+    STALLED_SECONDS) give their copies up to it, and are read from then on as an answer past the budget is, for their
+    usage. Every client gets the app's bytes exactly; afterwards the budget is whole again. (Before, the stalled
+    clients kept the budget, and the later answer was read only for its usage: no tool call, no served model.)"""
+    before = BUDGET.held
+    calls = Calls()
+    limit = 8 * 1024 * 1024
+    sizes = {"hog": 8_000_000}
+    app = LLMTelemetryMiddleware(_gateway_app(sizes), metrics_port=0, max_inspected_bytes=limit, observers=[calls])
+    request = json.dumps({"model": "hog", "messages": [{"role": "user", "content": "x"}]}).encode()
+    with serve(app, http="h11") as base:
+        hogs = [_post(base, request) for _ in range(2)]
+        try:
+            held = _settled_held() - before
+            assert held > 2 * 1024 * 1024, "the clients that do not read hold too little of the budget to test"
+            time.sleep(STALLED_SECONDS)
+            sizes["honest"] = limit - held + 1024 * 1024  # past what is left of the budget
+
+            async def ask() -> Any:
+                async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
+                    return await client.chat.completions.create(
+                        model="honest", messages=[{"role": "user", "content": "hi"}]
+                    )
+
+            answer = asyncio.run(ask())
+            assert len(answer.choices[0].message.content or "") == sizes["honest"]
+            wait_for("the honest call recorded", lambda: calls.ended)
+            honest = calls.ended[0]
+            assert (honest.request_model, honest.response_model) == ("honest", "honest-served")
+            assert honest.tool_calls == ["lookup"] and honest.finish_reasons == ["tool_calls"]
+            assert BUDGET.held - before < held  # the stalled answers gave their copies up
+
+            for hog in hogs:
+                assert _reply(hog) == _tool_answer("hog-served", "y" * sizes["hog"])
+            wait_for("the stalled calls recorded", lambda: len(calls.ended) == 3)
+            for call in calls.ended[1:]:
+                assert call.request_model == "hog"
+                assert (call.input_tokens, call.output_tokens) == (7, 9)  # (their usage, read from their last bytes)
+        finally:
+            for hog in hogs:
+                hog.close()
+    assert BUDGET.held == before
+
+
+def test_a_client_that_stops_sending_its_body_gives_the_budget_up_once_stalled() -> None:
+    """A client that sends most of a 2 MB body and then nothing more holds it in the budget while the app waits for
+    the rest. A later request of the openai SDK whose body does not fit beside it is still read whole (its model
+    asked for counted): the stalled body is given up to it. When the stalled client sends the rest, the app gets every
+    byte and answers; that call is recorded without its request fields (as a body past the budget is)."""
+    before = BUDGET.held
+    calls = Calls()
+    app = LLMTelemetryMiddleware(_chat_app(Gate(1)), metrics_port=0, max_inspected_bytes=3_000_000, observers=[calls])
+    body = json.dumps({"model": "dripped", "messages": [{"role": "user", "content": "d" * 2_000_000}]}).encode()
+    with serve(app, http="h11") as base:
+        dripper = _post(base, body[:-100], length=len(body))
+        try:
+            wait_for("the first part of the body kept", lambda: BUDGET.held - before > 1_500_000)
+            time.sleep(STALLED_SECONDS)
+
+            async def ask() -> str:
+                async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
+                    answer = await client.chat.completions.create(
+                        model="asked-model", messages=[{"role": "user", "content": "p" * 2_000_000}]
+                    )
+                return answer.choices[0].message.content or ""
+
+            assert asyncio.run(ask()) == "hello"
+            wait_for("the honest call recorded", lambda: calls.ended)
+            assert calls.ended[0].request_model == "asked-model"
+            dripper.sendall(body[-100:])
+            assert json.loads(_reply(dripper))["choices"][0]["message"]["content"] == "hello"
+            wait_for("the stalled call recorded", lambda: len(calls.ended) == 2)
+            assert calls.ended[1].request_model is None
+            assert calls.ended[1].input_tokens == 7
+        finally:
+            dripper.close()
+    assert BUDGET.held == before
+
+
+def test_requests_at_work_are_not_taken_for_stalled() -> None:
+    """Requests that keep their large bodies while their app works (a non-streamed answer the model takes seconds to
+    write) or while their answer streams are not stalled, however long that takes: a request finding the budget full
+    meanwhile is the one read without its request fields, and they keep theirs."""
+    before = BUDGET.held
+    calls = Calls()
+    release = threading.Event()
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        if body.get("stream"):
+
+            async def events() -> AsyncIterator[str]:
+                chunk = {"id": "c", "object": "chat.completion.chunk", "model": "streamed-served", "choices": []}
+                while not release.is_set():
+                    delta = {"index": 0, "delta": {"content": "t"}, "finish_reason": None}
+                    yield f"data: {json.dumps({**chunk, 'choices': [delta]})}\n\n"
+                    await asyncio.sleep(0.05)
+                done = {"index": 0, "delta": {}, "finish_reason": "stop"}
+                yield f"data: {json.dumps({**chunk, 'choices': [done], 'usage': USAGE})}\n\ndata: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        while body["model"] == "slow" and not release.is_set():  # noqa: ASYNC110 - set from the client's thread
+            await asyncio.sleep(0.05)
+        return JSONResponse(_answer(f"{body['model']}-served", "hello"))
+
+    app = LLMTelemetryMiddleware(
+        Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+        metrics_port=0,
+        max_inspected_bytes=2_500_000,
+        observers=[calls],
+    )
+    prompt = "p" * 1_000_000
+
+    async def ask(client: openai.AsyncOpenAI, model: str, stream: bool = False) -> str:
+        messages: Any = [{"role": "user", "content": prompt}]
+        if not stream:
+            answer = await client.chat.completions.create(model=model, messages=messages)
+            return answer.choices[0].message.content or ""
+        text = ""
+        async for chunk in await client.chat.completions.create(model=model, messages=messages, stream=True):
+            text += "".join(choice.delta.content or "" for choice in chunk.choices)
+        return text
+
+    async def run(base: str) -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0) as client:
+            at_work = [asyncio.create_task(ask(client, "slow")), asyncio.create_task(ask(client, "streamed", True))]
+            while BUDGET.held - before < 1_800_000:  # noqa: ASYNC110 - (both bodies kept: counted in the server's thread)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(STALLED_SECONDS + 1)
+            late = await ask(client, "late")
+            release.set()
+            return [late, *await asyncio.gather(*at_work)]
+
+    with serve(app, http="h11") as base:
+        late, slow, streamed = asyncio.run(run(base))
+        assert (late, slow) == ("hello", "hello") and streamed.startswith("t")
+        wait_for("three calls recorded", lambda: len(calls.ended) == 3)
+    models = {str(call.response_model): call.request_model for call in calls.ended}
+    assert models == {"late-served": None, "slow-served": "slow", "streamed-served": "streamed"}
+    assert BUDGET.held == before
