@@ -548,16 +548,19 @@ class ResponseReader:
             if len(tail) > 2 * TAIL_BYTES:
                 del tail[:-TAIL_BYTES]
 
-    def let_go(self) -> None:
+    def let_go(self) -> bool:
         """Keep only the last bytes of a JSON body from now on, for its usage, and give back what was counted of the
-        rest: it is then read as a body past the budget is (see the middleware's ``_Exchange.let_go``)."""
-        if self._decoder is None and not self._overflow and self._buffer:
-            kept = len(self._buffer)
-            self._overflow = True
-            self._buffer = bytearray(self._buffer[-TAIL_BYTES:])
-            hold = self.hold
-            if hold is not None and kept > UNCOUNTED_BYTES:
-                hold(UNCOUNTED_BYTES - kept)
+        rest: it is then read as a body past the budget is (see the middleware's ``_Exchange.let_go``). Whether it
+        gave any back."""
+        kept = len(self._buffer)
+        if self._decoder is not None or self._overflow or kept <= UNCOUNTED_BYTES:
+            return False
+        self._overflow = True
+        self._buffer = bytearray(self._buffer[-TAIL_BYTES:])
+        hold = self.hold
+        if hold is not None:
+            hold(UNCOUNTED_BYTES - kept)
+        return True
 
     @property
     def closed(self) -> bool:

@@ -44,6 +44,7 @@ LLM_TOOL_RESULTS: Final = "llm.tool_results"
 LLM_FINISH_REASONS: Final = "llm.finish_reasons"
 LLM_REQUESTS_ACTIVE: Final = "llm.requests.active"
 LLM_TELEMETRY_INTERNAL_ERRORS: Final = "llm_telemetry.internal_errors"
+LLM_TELEMETRY_UNREAD_BODIES: Final = "llm_telemetry.unread_bodies"
 
 # --- attribute keys (Prometheus label = key with dots as underscores) ------------------------
 
@@ -61,6 +62,10 @@ LLM_TOOL_STATUS: Final = "llm.tool.status"
 #: One of the reasons in the span's ``gen_ai.response.finish_reasons``, as the provider named it.
 LLM_FINISH_REASON: Final = "llm.finish_reason"
 LLM_TELEMETRY_COMPONENT: Final = "llm_telemetry.component"
+#: Which body of a call was not read whole: ``request`` or ``response`` (see UNREAD_BODIES).
+LLM_TELEMETRY_BODY: Final = "llm_telemetry.body"
+#: Why: ``budget`` or ``stalled`` (see UNREAD_BODIES).
+LLM_TELEMETRY_REASON: Final = "llm_telemetry.reason"
 #: Attribution labels are ``llm.metadata.<name>`` -> ``llm_metadata_<name>``.
 LLM_METADATA_PREFIX: Final = "llm.metadata."
 
@@ -276,6 +281,18 @@ INTERNAL_ERRORS: Final = MetricSpec(
     attributed=False,
 )
 
+UNREAD_BODIES: Final = MetricSpec(
+    LLM_TELEMETRY_UNREAD_BODIES,
+    "{body}",
+    "counter",
+    "Request bodies and JSON answers not read whole for want of room in LLM_TELEMETRY_MAX_INSPECTED_BYTES, by"
+    " llm_telemetry.body (request, response) and llm_telemetry.reason (budget: no room when they came; stalled: given"
+    " up by a request that made no progress while another needed the room); their calls are recorded without their"
+    " request fields, or with what the answer's last bytes say.",
+    (LLM_TELEMETRY_BODY, LLM_TELEMETRY_REASON),
+    attributed=False,
+)
+
 #: Every metric the middleware exports, in the order of the docs' table.
 CONTRACT: Final = (
     REQUEST_DURATION,
@@ -293,6 +310,7 @@ CONTRACT: Final = (
     FINISH_REASONS,
     REQUESTS_ACTIVE,
     INTERNAL_ERRORS,
+    UNREAD_BODIES,
 )
 #: The contract by Prometheus name (histograms add ``_bucket``/``_count``/``_sum``).
 BY_PROMETHEUS_NAME: Final[Mapping[str, MetricSpec]] = {m.prometheus_name: m for m in CONTRACT}
@@ -763,6 +781,7 @@ class Instruments:
     finish_reasons: Sum
     requests_active: Sum
     internal_errors: Sum
+    unread_bodies: Sum
     #: Held by the recorder around the ``add_locked`` / ``record_locked`` calls of one call's points, so a call
     #: takes one lock instead of one per point: the lock the single-process instruments share, or a context
     #: that does nothing when every instrument locks itself (the SDK's, the workers' shared meter).
@@ -820,5 +839,6 @@ def create_instruments(meter: Meter, *, summed: bool = False, histograms: Histog
         finish_reasons=create(FINISH_REASONS),
         requests_active=create(REQUESTS_ACTIVE),
         internal_errors=create(INTERNAL_ERRORS),
+        unread_bodies=create(UNREAD_BODIES),
         lock=lock if summed or histograms is not None else nullcontext(),
     )

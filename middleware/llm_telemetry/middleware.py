@@ -42,6 +42,7 @@ from .config import (
 )
 from .decoding import CODINGS, MAX_DECODED_STREAM_BYTES, READ_STEP, DecodingReader, read_within
 from .errors import classify_status
+from .instruments import LLM_TELEMETRY_BODY, LLM_TELEMETRY_REASON
 from .labels import field_text, name_text
 from .logs import new_request_id
 from .record import LLMCall
@@ -419,11 +420,15 @@ class _Exchange:
             self.left_unanswered = not self.started
         return message
 
-    def hold(self, size: int) -> bool:
+    def hold(self, size: int, body: str = "request") -> bool:
         """Take ``size`` bytes to keep from the process's budget: False when it has no room for them, or the request
-        has ended. A negative ``size`` gives back bytes no longer kept."""
+        has ended. A negative ``size`` gives back bytes no longer kept. ``body``: whose bytes they are, the request's
+        or the ``response``'s (for ``llm_telemetry.unread_bodies``)."""
         if size >= 0:
-            if self.kept_limit < 0 or not BUDGET.take(size, self.kept_limit, self):
+            if self.kept_limit < 0:
+                return False
+            if not BUDGET.take(size, self.kept_limit, self):
+                self._unread(body, "budget")
                 return False
             kept = self.kept
             self.kept = kept + size
@@ -444,6 +449,10 @@ class _Exchange:
                 with BUDGET.lock:
                     BUDGET.holders.pop(self, None)
         return True
+
+    def hold_answer(self, size: int) -> bool:
+        """:meth:`hold` for the copy of a JSON answer (its reader's ``hold``)."""
+        return self.hold(size, "response")
 
     def give_back(self) -> None:
         """Give back everything this request took from the budget, and take no more: once its reading is over
@@ -477,11 +486,21 @@ class _Exchange:
                 self.form_head = _head(self.body, b"")
             self.body, self.body_ok, self.body_done = [], False, False
             self.hold(UNCOUNTED_BYTES - self.body_size)
+            self._unread("request", "stalled")
         reader = self.reader
         if isinstance(reader, (_Unread, DecodingReader)):
             reader = reader.reader
-        if isinstance(reader, ResponseReader):
-            reader.let_go()
+        if isinstance(reader, ResponseReader) and reader.let_go():
+            self._unread("response", "stalled")
+
+    def _unread(self, body: str, reason: str) -> None:
+        """Count a body of this call not read whole for want of room in the budget (``llm_telemetry.unread_bodies``)."""
+        telemetry = self.telemetry
+        if telemetry is not None:
+            try:
+                telemetry.instruments.unread_bodies.add(1, {LLM_TELEMETRY_BODY: body, LLM_TELEMETRY_REASON: reason})
+            except Exception as exc:
+                self.failsafe("unread_bodies", exc)
 
     def _read_request(self) -> None:
         parts, self.body, self.body_done = self.body, [], False
@@ -773,7 +792,7 @@ class _Exchange:
             reader = self.api.response_reader(call, stream=False, capture=self.capture)
             # (Its copy of the body past UNCOUNTED_BYTES counts against the budget. The reader holding a method of this
             # exchange makes a reference cycle, broken when the request ends: see LLMTelemetryMiddleware._observe.)
-            reader.hold = self.hold
+            reader.hold = self.hold_answer
             limit = MAX_JSON_RESPONSE_BYTES + 1  # one byte more than the reader reads, so that it sees the excess
         else:
             return no_id

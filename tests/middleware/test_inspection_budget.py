@@ -33,9 +33,15 @@ from starlette.routing import Route
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import UNCOUNTED_BYTES
 from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, BUDGET, STALLED_SECONDS
-from support import Calls, serve, wait_for
+from support import Calls, free_port, scrape, serve, wait_for
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
+UNREAD = "llm_telemetry_unread_bodies_total"
+
+
+def unread(port: int, body: str, reason: str) -> float:
+    """``llm_telemetry_unread_bodies_total`` of ``body`` for ``reason`` on the metrics port ``port``."""
+    return scrape(port).value(UNREAD, llm_telemetry_body=body, llm_telemetry_reason=reason)
 
 
 class Gate:
@@ -79,11 +85,13 @@ def test_request_bodies_kept_at_once_over_all_connections_stay_within_the_budget
     """Three concurrent requests of 400 KB each, held by the app until all three have been read, under a budget of
     600 KB: one body is read (its model is the one asked for), the other two pass unread, recorded without their
     request fields (the model that answered), as a body over ``max_request_bytes`` is. The SDK gets every answer
-    whole. Once they end, the budget is whole again: a fourth request alone is read."""
+    whole. Once they end, the budget is whole again: a fourth request alone is read.
+    ``llm_telemetry_unread_bodies_total`` counts the two bodies."""
     before = BUDGET.held
     calls = Calls()
     gate = Gate(3)
-    app = LLMTelemetryMiddleware(_chat_app(gate), metrics_port=0, max_inspected_bytes=600_000, observers=[calls])
+    port = free_port()
+    app = LLMTelemetryMiddleware(_chat_app(gate), metrics_port=port, max_inspected_bytes=600_000, observers=[calls])
     prompt = "x" * 400_000
 
     async def ask(base: str, n: int) -> list[str]:
@@ -100,11 +108,13 @@ def test_request_bodies_kept_at_once_over_all_connections_stay_within_the_budget
         assert sorted(str(call.request_model) for call in calls.ended) == ["None", "None", "asked-model"]
         assert all(call.input_tokens == 7 and call.output_tokens == 9 for call in calls.ended)
         assert BUDGET.held == before
+        assert (unread(port, "request", "budget"), unread(port, "response", "budget")) == (2, 0)
 
         gate.n = 1
         assert asyncio.run(ask(base, 1)) == ["hello"]
         wait_for("the fourth call recorded", lambda: len(calls.ended) == 4)
         assert calls.ended[3].request_model == "asked-model"
+        assert unread(port, "request", "budget") == 2
     assert BUDGET.held == before
 
 
@@ -135,8 +145,9 @@ def test_json_answers_sent_in_pieces_share_the_budget(http: str) -> None:
     gate = Gate(2)
     answer = json.dumps(_answer("served-model", "y" * 400_000)).encode()
     seen: list[int] = []
+    port = free_port()
     app = LLMTelemetryMiddleware(
-        _pieces_app(gate, answer, seen), metrics_port=0, max_inspected_bytes=600_000, observers=[calls]
+        _pieces_app(gate, answer, seen), metrics_port=port, max_inspected_bytes=600_000, observers=[calls]
     )
 
     async def ask(base: str, n: int) -> list[bytes]:
@@ -157,6 +168,7 @@ def test_json_answers_sent_in_pieces_share_the_budget(http: str) -> None:
         # when it stopped keeping it (the first UNCOUNTED_BYTES of each are never counted; the requests are small).
         assert [held - before for held in seen] == [len(answer) - UNCOUNTED_BYTES]
         assert BUDGET.held == before
+        assert (unread(port, "response", "budget"), unread(port, "request", "budget")) == (1, 0)
 
         gate.n = 1
         assert asyncio.run(ask(base, 1)) == [answer]
@@ -479,19 +491,22 @@ def test_clients_that_do_not_read_their_answers_give_the_budget_up_once_stalled(
     of the openai SDK asking later for an answer larger than what is left of the budget (a tool call in it) still gets
     that answer read whole, its tool call and served model counted: the stalled answers (no progress for
     STALLED_SECONDS) give their copies up to it, and are read from then on as an answer past the budget is, for their
-    usage. Every client gets the app's bytes exactly; afterwards the budget is whole again. (Before, the stalled
+    usage (counted in ``llm_telemetry_unread_bodies_total`` as stalled). Every client gets the app's bytes exactly;
+    afterwards the budget is whole again. (Before, the stalled
     clients kept the budget, and the later answer was read only for its usage: no tool call, no served model.)"""
     before = BUDGET.held
     calls = Calls()
     limit = 8 * 1024 * 1024
     sizes = {"hog": 8_000_000}
-    app = LLMTelemetryMiddleware(_gateway_app(sizes), metrics_port=0, max_inspected_bytes=limit, observers=[calls])
+    port = free_port()
+    app = LLMTelemetryMiddleware(_gateway_app(sizes), metrics_port=port, max_inspected_bytes=limit, observers=[calls])
     request = json.dumps({"model": "hog", "messages": [{"role": "user", "content": "x"}]}).encode()
     with serve(app, http="h11") as base:
         hogs = [_post(base, request) for _ in range(2)]
         try:
             held = _settled_held() - before
             assert held > 2 * 1024 * 1024, "the clients that do not read hold too little of the budget to test"
+            refused = unread(port, "response", "budget")  # (none, unless one filled the budget itself)
             time.sleep(STALLED_SECONDS)
             sizes["honest"] = limit - held + 1024 * 1024  # past what is left of the budget
 
@@ -508,6 +523,8 @@ def test_clients_that_do_not_read_their_answers_give_the_budget_up_once_stalled(
             assert (honest.request_model, honest.response_model) == ("honest", "honest-served")
             assert honest.tool_calls == ["lookup"] and honest.finish_reasons == ["tool_calls"]
             assert BUDGET.held - before < held  # the stalled answers gave their copies up
+            assert unread(port, "response", "budget") == refused
+            assert unread(port, "response", "stalled") == 2 - refused
 
             for hog in hogs:
                 assert _reply(hog) == _tool_answer("hog-served", "y" * sizes["hog"])
@@ -524,11 +541,15 @@ def test_clients_that_do_not_read_their_answers_give_the_budget_up_once_stalled(
 def test_a_client_that_stops_sending_its_body_gives_the_budget_up_once_stalled() -> None:
     """A client that sends most of a 2 MB body and then nothing more holds it in the budget while the app waits for
     the rest. A later request of the openai SDK whose body does not fit beside it is still read whole (its model
-    asked for counted): the stalled body is given up to it. When the stalled client sends the rest, the app gets every
-    byte and answers; that call is recorded without its request fields (as a body past the budget is)."""
+    asked for counted): the stalled body is given up to it, and counted so in ``llm_telemetry_unread_bodies_total``.
+    When the stalled client sends the rest, the app gets every byte and answers; that call is recorded without its
+    request fields (as a body past the budget is)."""
     before = BUDGET.held
     calls = Calls()
-    app = LLMTelemetryMiddleware(_chat_app(Gate(1)), metrics_port=0, max_inspected_bytes=3_000_000, observers=[calls])
+    port = free_port()
+    app = LLMTelemetryMiddleware(
+        _chat_app(Gate(1)), metrics_port=port, max_inspected_bytes=3_000_000, observers=[calls]
+    )
     body = json.dumps({"model": "dripped", "messages": [{"role": "user", "content": "d" * 2_000_000}]}).encode()
     with serve(app, http="h11") as base:
         dripper = _post(base, body[:-100], length=len(body))
@@ -546,6 +567,7 @@ def test_a_client_that_stops_sending_its_body_gives_the_budget_up_once_stalled()
             assert asyncio.run(ask()) == "hello"
             wait_for("the honest call recorded", lambda: calls.ended)
             assert calls.ended[0].request_model == "asked-model"
+            assert (unread(port, "request", "stalled"), unread(port, "request", "budget")) == (1, 0)
             dripper.sendall(body[-100:])
             assert json.loads(_reply(dripper))["choices"][0]["message"]["content"] == "hello"
             wait_for("the stalled call recorded", lambda: len(calls.ended) == 2)
