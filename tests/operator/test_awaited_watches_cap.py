@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from kopf_testing import (
+    DEPLOYMENTS,
     LLMT,
     NAMESPACE,
     PEERING,
     condition,
+    deployment,
     eventually,
     get,
     install_prometheus_operator_crds,
@@ -22,6 +24,7 @@ from kopf_testing import (
 from test_operator_kmock import check_usage, hand
 
 from llm_telemetry_operator import constants as c
+from llm_telemetry_operator import resources as r
 from llm_telemetry_operator.config import MAX_AWAITED_WATCHES, OperatorConfig
 
 LLMT_PATH = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
@@ -166,4 +169,106 @@ async def test_a_watch_freed_goes_to_a_service_waited_for_past_the_cap(
         await eventually(lambda: unwatched[1] in service_watch_names(emulator), "its watch on the API server")
         await create_service(emulator, unwatched[1])
         await eventually(lambda: reason(emulator, unwatched[1]) == "CollectorsFound", "the Service found at once")
+    check_usage(emulator)
+
+
+def waiting_for_prices(name: str) -> dict[str, Any]:
+    """A resource serving Deployment ``name`` whose pricing ConfigMap "prices" does not exist yet, and that waits for
+    no collector (its traces and logs off): it holds its workload back, and its passes are retried with backoff."""
+    body = minimal_llmt(name, tracing={"enabled": False}, logs={"enabled": False})
+    body["spec"]["selector"] = {"matchLabels": {"app": name}}
+    body["spec"]["pricing"] = {"configMapRef": {"name": "prices"}}
+    return body
+
+
+PRICES = (NAMESPACE, "prices")
+
+
+def create_prices(emulator: Any) -> Any:
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"},
+            "data": {"pricing.yaml": "gpt-4o: {input: 2.5, output: 10}\n"}}  # fmt: skip
+    return hand(emulator, "POST", f"/api/v1/namespaces/{NAMESPACE}/configmaps", body)
+
+
+def prices_watched_on_server(emulator: Any) -> bool:
+    """Whether the operator asked the API server for a watch of ConfigMap "prices" by name."""
+    return any(
+        request.method.value == "GET"
+        and str(request.url.path) == f"/api/v1/namespaces/{NAMESPACE}/configmaps"
+        and request.params.get("watch") == "true"
+        and request.params.get("fieldSelector") == "metadata.name=prices"
+        for request in list(emulator)
+    )
+
+
+async def priced_past_the_cap(emulator: Any, memo: Any) -> None:
+    """Two resources wait for Services of their own (the cap's two watches), then "priced" comes, waiting for its
+    pricing ConfigMap: past the cap, not watched."""
+    await all_waiting(emulator, ["svc-a", "svc-b"])
+    state = memo["state"]
+    await eventually(lambda: len(state.collector_watches) == CAP, "both Services watched")
+    await hand(emulator, "POST", LLMT_PATH, waiting_for_prices("priced"))
+    await eventually(lambda: PRICES in state.pricing_waiters, "the pricing ConfigMap waited for")
+    assert reason_of(emulator, "priced", c.CONDITION_INJECTED) == "PricingConfigMapNotFound"
+    assert PRICES not in state.pricing_watches
+    assert not prices_watched_on_server(emulator)
+
+
+def reason_of(emulator: Any, name: str, type_: str) -> str | None:
+    return condition(get(emulator, LLMT, name), type_).get("reason")
+
+
+def setup_priced(emulator: Any, monitoring_crds: Any) -> None:
+    make_resources(emulator, monitoring_crds, ["svc-a", "svc-b"])
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "priced"] = deployment("priced", labels={"app": "priced"})
+
+
+async def test_a_pricing_configmap_created_for_a_resource_past_the_cap_is_found_at_its_retry(
+    emulator: Any, monitoring_crds: Any, caplog: Any
+) -> None:
+    """A resource waiting for a pricing ConfigMap that is not watched (the watches are the Services') still gets it
+    once created, at its next retry (the resync is an hour away here), and injects its workload then."""
+    caplog.set_level(logging.INFO)
+    setup_priced(emulator, monitoring_crds)
+    async with running_operator(config()) as memo:
+        await priced_past_the_cap(emulator, memo)
+        await create_prices(emulator)
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "priced"), c.CONDITION_INJECTED).get("status") == "True",
+            "the ConfigMap found at a retry",
+            attempts=600,
+        )
+        assert PRICES not in memo["state"].pricing_watches  # found by the retry, not by a watch
+        assert not prices_watched_on_server(emulator)
+        assert r.injected_record(get(emulator, DEPLOYMENTS, "priced") or {}) is not None
+    found = [m for rec in caplog.records if f"{NAMESPACE}/priced: reconciled (" in (m := rec.getMessage())]
+    assert not [m for m in found if "reconciled (pricing)" in m], found
+    check_usage(emulator)
+
+
+async def test_a_watch_freed_goes_to_a_pricing_configmap_waited_for_past_the_cap(
+    emulator: Any, monitoring_crds: Any, caplog: Any
+) -> None:
+    """A resource waiting for a Service is deleted: its watch's place goes to the pricing ConfigMap past the cap, and
+    the resource waiting for it gets its pass as soon as that ConfigMap is created, not at its next retry."""
+    caplog.set_level(logging.INFO)
+    setup_priced(emulator, monitoring_crds)
+    async with running_operator(config()) as memo:
+        await priced_past_the_cap(emulator, memo)
+        state = memo["state"]
+        await hand(emulator, "DELETE", f"{LLMT_PATH}/svc-a")
+        await eventually(lambda: PRICES in state.pricing_watches, "the ConfigMap watched in the place freed")
+        assert len(state.collector_watches) + len(state.pricing_watches) == CAP
+        await eventually(lambda: prices_watched_on_server(emulator), "its watch on the API server")
+        # Just after one of its retries (the next one is 2.5 s away at the soonest), the ConfigMap is created.
+        key = (NAMESPACE, "priced")
+        last = state.passes[key][0]
+        await eventually(lambda: state.passes.get(key, (last,))[0] > last, "a retry of priced", attempts=600)
+        await create_prices(emulator)
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "priced"), c.CONDITION_INJECTED).get("status") == "True",
+            "the ConfigMap found",
+        )
+    found = [m for rec in caplog.records if f"{NAMESPACE}/priced: reconciled (" in (m := rec.getMessage())]
+    assert any("reconciled (pricing)" in m for m in found), found
     check_usage(emulator)
