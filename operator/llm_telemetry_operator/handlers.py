@@ -508,7 +508,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
     identity = memo.get("identity")
     if identity and not config.standalone:
         # No write while this replica stands by, not even one of a pass already under way when it began to.
-        _client(memo).writable = lambda: not _paused(state)
+        # Nor one of a pass that took the resource as this operator's while another operator claimed it since.
+        _client(memo).writable = lambda: not _paused(state) and _claim_holds(state, config)
         await _check_standby(_client(memo), config, state, str(identity), logger)
         memo["heartbeat"] = asyncio.create_task(_heartbeat(state), name="llm-telemetry-heartbeat")
         memo["standby"] = asyncio.create_task(
@@ -1269,6 +1270,7 @@ async def _reconcile(
             # pass now would redo it first (an injection, a rollout each way).
             logger.info("being deleted: no pass (the deletion's handler undoes what the passes did)")
             return None
+        held: contextvars.Token[Any] | None = None
         try:
             claimed = await _claim(memo, body, logger)
             if claimed is None:
@@ -1284,6 +1286,9 @@ async def _reconcile(
                 # against the one this operator last wrote.
                 state.statuses.pop(uid, None)
                 body = claimed
+            else:
+                # Taken as this operator's from the body known: its writes stop should another operator claim it now.
+                held = _PASS_HELD.set((asyncio.current_task(), key))
             written = state.statuses.get(uid)
             outcome = await rec.reconcile(
                 _client(memo),
@@ -1305,6 +1310,14 @@ async def _reconcile(
                 _await_collectors(memo, state, key, frozenset())
                 _await_pricing(memo, state, key, frozenset())
         except WriteWithheld:
+            holder = _holder(state.bodies.get(key) or body)
+            if not state.standby and holder is not None and holder != _config(memo).peering:
+                # Another operator claimed the resource while this pass ran: that one writes now, and the next pass
+                # here leaves the resource to it (and says so).
+                logger.info("pass (%s) stopped: the resource is served by operator %r now", trigger, holder)
+                state.schedule.succeeded(key, uid)
+                state.wake.set()
+                return None
             # This replica began to stand by while the pass ran: what it worked out is not written.
             logger.info("pass (%s) stopped: this replica stands by", trigger)
             return None
@@ -1334,6 +1347,8 @@ async def _reconcile(
                 logger.error("pass (%s) failed: %s; retrying in %.0f s", trigger, message, wait, exc_info=new)
             return None
         finally:
+            if held is not None:
+                _PASS_HELD.reset(held)
             metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
     if any(TERMINATING in message for _, message in outcome.failures) and await _namespace_leaving(
         _client(memo), key[0]
@@ -1544,6 +1559,33 @@ def _holder(body: Mapping[str, Any]) -> str | None:
     """The operator that serves the resource, as its status says (by the name of its peering object)."""
     holder = (body.get("status") or {}).get("operator")
     return holder if isinstance(holder, str) and holder else None
+
+
+#: The resource whose pass runs in this task, when the pass took it as this operator's from the body it knew (see
+#: :func:`_claim`, read by :func:`_claim_holds`), with that task: a task started meanwhile (a watch's delivery, a
+#: pass of another resource) inherits the variable, and is not that pass.
+_PASS_HELD: contextvars.ContextVar[tuple[asyncio.Task[Any] | None, tuple[str, str]] | None] = contextvars.ContextVar(
+    "llmt_pass_held", default=None
+)
+
+
+def _claim_holds(state: OperatorState, config: OperatorConfig) -> bool:
+    """Whether the pass running here may still write: unless the resource's status has named another operator since
+    the pass took the resource as this one's. Asked before every write (with the standby, see the startup).
+
+    A pass takes a resource it knows as its own without reading it again (see :func:`_claim`), and runs for a while
+    (reads, then writes). Another operator's claim meanwhile (a status saying that operator serves it, which the
+    watch brings here) made the two operators each write their own injection, two rollouts of its workloads: the pass
+    under way here, which read the claim before, then the other operator putting its own back. The status reaches
+    this operator through its watch of the resources, which delivers it in order: any body newer than the one the
+    pass began with that names another operator is that operator's claim."""
+    held = _PASS_HELD.get()
+    if held is None or held[0] is not asyncio.current_task():
+        return True
+    key = held[1]
+    latest = state.bodies.get(key)
+    holder = _holder(latest) if latest is not None else None
+    return holder is None or holder == config.peering
 
 
 async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:

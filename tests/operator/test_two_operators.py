@@ -509,3 +509,58 @@ async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_th
         )
         assert len(posted_events(emulator, "WatchedTwice")) == 2
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+#: The pass's read of the workloads its selector picks: after it, the pass patches the Deployment.
+WORKLOADS_READ = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+CLAIM_LOST = f"stopped: the resource is served by operator '{OTHER}' now"
+
+
+async def test_a_pass_under_way_when_another_operator_claims_the_resource_writes_nothing_more(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This operator serves "chat". Its Deployment changes, and while the pass that asks for is under way (it has
+    read the workloads), another operator that runs claims the resource (its name in the status). The pass went on
+    and wrote what it worked out, its injection and its status, over the other operator's: the workload rolled
+    twice, to this operator's settings and back to the other's. It now writes nothing more, says why, and its next
+    pass leaves the resource to the other operator."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    caplog.set_level(logging.INFO)
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
+    async with running_operator() as memo:
+        await ready(emulator)
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        # The API server answers the next pass's read of the workloads only once the test lets it.
+        emulator.holds = lambda request: (
+            request.method == "GET" and request.path == WORKLOADS_READ and "labelSelector" in request.query
+        )
+        # Someone takes the injection out of the Deployment: the pass its event starts would put it back.
+        bare = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:1"}]}}}}
+        await hand(emulator, "PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat", bare)
+        await eventually(lambda: emulator.held, "the pass's read of the workloads under way")
+        await hand(emulator, "PATCH", f"{path}/status", {"status": {"operator": OTHER}})
+        state = memo["state"]
+        await eventually(
+            lambda: (state.bodies[NAMESPACE, "chat"].get("status") or {}).get("operator") == OTHER,
+            "the other operator's claim seen here",
+        )
+        seen = len(list(emulator))
+        emulator.released.set()  # the read answered: the pass goes on, with what it read
+        await eventually(
+            lambda: any(CLAIM_LOST in r.getMessage() for r in caplog.records) or writes_since(emulator, seen),
+            "the pass stopped, or written on",
+        )
+        assert writes_since(emulator, seen) == []
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        # Its next pass (the spec changed again) leaves the resource to the other operator, and says so.
+        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        # (kopf records on the resource the spec it handled: its own write, no pass's)
+        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
