@@ -344,6 +344,18 @@ def service_account_kubeconfig(
     )
 
 
+def refused_lines(text: str) -> list[str]:
+    """The lines of an operator's log saying the API server refused it a request (403 Forbidden): what the chart's
+    RBAC does not cover. Not a refusal of the API server's NamespaceLifecycle admission, also a 403 Forbidden ("unable
+    to create new content in namespace ... because it is being terminated"), which a child pass meets in a namespace
+    being deleted whatever its permissions: the namespace of another test run beside, say."""
+    return [
+        line
+        for line in text.splitlines()
+        if (" 403" in line or "Forbidden" in line) and "because it is being terminated" not in line
+    ]
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 

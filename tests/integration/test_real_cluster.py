@@ -23,6 +23,7 @@ import pytest
 from clusterkit import (
     deployment,
     install,
+    refused_lines,
     section,
     set_name_limit,
     sh_blocks,
@@ -69,7 +70,7 @@ class Operator:
         """Alive, and never refused by the API server: the chart's RBAC covers everything it did."""
         text = self.output()
         assert self.process.poll() is None, f"operator exited ({self.process.returncode}):\n{text[-4000:]}"
-        refused = [line for line in text.splitlines() if " 403" in line or "Forbidden" in line]
+        refused = refused_lines(text)
         assert not refused, "\n".join(refused[:20])
 
 
@@ -625,7 +626,7 @@ def test_a_standby_replica_runs_no_pass_of_its_own(
         second.terminate()
         second.wait(timeout=30)
     text = log.read_text(errors="replace")
-    assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+    assert not refused_lines(text), text[-3000:]
     wait_for(lambda: operator.output().count("this replica is active again") > back, "the first replica active again")
     # It read the resources again: its first passes apply the spec as it is now, not the one it knew when it paused.
     since = operator.output().rindex("this replica is active again")
@@ -1591,7 +1592,7 @@ def test_a_second_release_watching_the_namespace_leaves_its_resources_to_the_fir
         assert cluster.llmt("twice-new")["status"]["operator"] == serving
         assert len(cluster.events("twice", "WatchedTwice")) == 1
         text = log.read_text(errors="replace")
-        assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+        assert not refused_lines(text), text[-3000:]
     finally:
         stop(process)
         names = ("twice", "twice-new")
@@ -1727,7 +1728,7 @@ def test_narrowing_the_claimants_watched_namespaces_hands_its_resources_to_the_o
         )
         assert cluster.deployment("handed")["metadata"]["generation"] == generation
         text = log.read_text(errors="replace")
-        assert not [line for line in text.splitlines() if " 403" in line or "Forbidden" in line], text[-3000:]
+        assert not refused_lines(text), text[-3000:]
     finally:
         stop(process)
         # Left to no one that runs, its deletion would wait for the team's operator's takeover grace to pass.
