@@ -35,6 +35,8 @@ from llm_telemetry_operator.constants import CONDITION_COLLECTORS
 GROUP, VERSION, PLURAL = real.GROUP, real.VERSION, real.PLURAL
 #: Samples of the operator's threads and memory at steady state, this many seconds apart.
 SAMPLES, SAMPLE_SECONDS = 5, 2.0
+#: Seconds between the waits' looks at the resources: each look lists every one of them.
+LIST_EVERY = 2.0
 
 
 def threads_of(pid: int) -> int:
@@ -96,15 +98,6 @@ def _absent_as_none(call: Any, *args: Any) -> Any:
         if exc.status != 404:
             raise
         return None
-
-
-def _wait(check: Any, timeout: float, what: str) -> None:
-    """Until ``check()``, looked at every 2 s (each look lists every resource)."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(2.0)
 
 
 def _collector_reason(obj: dict[str, Any]) -> str | None:
@@ -176,7 +169,7 @@ def _measure(kubeconfig: pathlib.Path, n: int, settle: float, log: Any) -> dict[
             found = [o for o in items if o["metadata"]["namespace"].startswith(f"llmt-awaited-{tag}-")]
             return len(found) == n and all(_collector_reason(o) == "CollectorNotFound" for o in found)
 
-        _wait(waiting, 600, f"all {n} resources CollectorNotFound")
+        real._wait(waiting, 600, f"all {n} resources CollectorNotFound", every=LIST_EVERY)
         result["all_waiting_s"] = time.monotonic() - started
         time.sleep(settle)
         result["waiting"] = sample(api, process.pid)
@@ -191,7 +184,7 @@ def _measure(kubeconfig: pathlib.Path, n: int, settle: float, log: Any) -> dict[
             _absent_as_none(custom.delete_namespaced_custom_object, GROUP, VERSION, namespaces[i], PLURAL, "app")
 
         list(pool.map(unmake, range(n)))
-        _wait(
+        real._wait(
             lambda: (
                 not [
                     o
@@ -201,6 +194,7 @@ def _measure(kubeconfig: pathlib.Path, n: int, settle: float, log: Any) -> dict[
             ),
             600,
             "resources deleted",
+            every=LIST_EVERY,
         )
         result["exit"] = real._stop(process)
         list(pool.map(lambda name: _absent_as_none(core.delete_namespace, name), namespaces))

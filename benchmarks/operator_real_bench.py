@@ -343,12 +343,13 @@ class Watcher:
         self._watch.stop()
 
 
-def _wait(check: Any, timeout: float, what: str) -> float:
+def _wait(check: Any, timeout: float, what: str, every: float = 0.2) -> float:
+    """Seconds until ``check()``, looked at every ``every`` seconds; TimeoutError past ``timeout``."""
     start = time.monotonic()
     while not check():
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.2)
+        time.sleep(every)
     return time.monotonic() - start
 
 
