@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llm_telemetry import config
 from llm_telemetry.config import ConfigurationError, OTelEnvironment, Settings
 from llm_telemetry.labels import LabelLimiter
 from llm_telemetry.middleware import Router
@@ -99,6 +102,7 @@ _AS_TEXT = {
     "routes": ("LLM_TELEMETRY_ROUTES", "/generate=openai.chat"),
     "request_logs": ("LLM_TELEMETRY_REQUEST_LOGS", "false"),
     "capture_content": ("LLM_TELEMETRY_CAPTURE_CONTENT", "true"),
+    "capture_content_max_chars": ("LLM_TELEMETRY_CAPTURE_CONTENT_MAX_CHARS", "100"),
     "echo_request_id": ("LLM_TELEMETRY_ECHO_REQUEST_ID", "true"),
     "tracing_http_span": ("LLM_TELEMETRY_TRACING_HTTP_SPAN", "true"),
     "multiproc_dir": ("LLM_TELEMETRY_MULTIPROC_DIR", "off"),
@@ -114,6 +118,38 @@ def test_an_argument_written_as_its_variable_means_what_the_variable_means(optio
     var, text = _AS_TEXT[option]
     assert Settings.resolve(env={}, **{option: text}) == Settings.resolve(env={var: text})
     assert Settings.resolve(env={}, **{option: text}) != Settings.resolve(env={})
+
+
+#: How the README's default column says a setting has no value of its own until given one.
+_NO_VALUE = ("off", "none", "the embedded table", "chosen automatically")
+
+
+def _readme_settings() -> dict[str, tuple[str, str]]:
+    """The README's table of options: argument -> (its environment variable, the text of its default column)."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| `(LLM_TELEMETRY_[A-Z_]+)` \| (.+) \|$", text, re.MULTILINE)
+    return {option: (var, default) for option, var, default in rows}
+
+
+def test_the_readme_table_of_options_is_what_the_middleware_reads() -> None:
+    """README.md's table is where a user looks for the settings: a row for every setting with a variable (all but
+    ``redact``, a function), and no other; each row's variable is the one read for its option, and the default it
+    gives is the one the middleware takes (given as the variable, it changes nothing; a default in words, such as
+    "off" or "none", is no value at all). Every ``LLM_TELEMETRY_*`` variable the middleware declares has its row."""
+    table = _readme_settings()
+    assert sorted(table) == sorted(f.name for f in dataclasses.fields(Settings) if f.name != "redact")
+    assert sorted(table) == sorted(_AS_TEXT)  # (the tests above take each option as its variable's text)
+    declared = {getattr(config, name) for name in dir(config) if name.startswith("LLM_TELEMETRY_")}
+    assert sorted(var for var, _ in table.values()) == sorted(declared)
+    defaults = Settings.resolve(env={})
+    for option, (var, default) in table.items():
+        given = Settings.resolve(env={var: _AS_TEXT[option][1]})
+        assert getattr(given, option) != getattr(defaults, option), f"{var} is not what {option} reads"
+        value = re.match(r"`([^`]+)`", default)
+        if value:
+            assert Settings.resolve(env={var: value[1]}) == defaults, f"{option}: the README's default {value[1]}"
+        else:
+            assert default.startswith(_NO_VALUE) and not getattr(defaults, option), f"{option}: {default}"
 
 
 @pytest.mark.parametrize(
