@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from pathlib import Path
 from unittest import mock
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llm_telemetry_operator import config as settings
 from llm_telemetry_operator.config import AUTO_PRIORITY_RANGE, OperatorConfig
 from llm_telemetry_operator.errors import ConfigurationError
 
@@ -156,3 +160,24 @@ def test_an_empty_peering_lifetime_is_the_default() -> None:
     """The chart leaves the variable empty after `helm upgrade --reuse-values` from a release without the value."""
     config = OperatorConfig.from_env({"LLM_TELEMETRY_OPERATOR_PEERING_LIFETIME_SECONDS": ""})
     assert config.peering_lifetime_seconds == 60
+
+
+def test_the_environment_table_of_operator_md_is_what_the_operator_reads() -> None:
+    """docs/operator.md's table of the operator's variables: a row for each one it declares, and no other, each
+    with the default the operator takes. Given as the variable, a documented default changes nothing ("empty" is the
+    empty text); ``auto``, the priority's, draws a new number each time, so it is compared as the setting's text."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    rows = dict(re.findall(r"^\| `(LLM_TELEMETRY_OPERATOR_[A-Z_]+)` \| ([^|]+) \|", text, re.MULTILINE))
+    declared = {getattr(settings, name) for name in dir(settings) if name.startswith("LLM_TELEMETRY_OPERATOR_")}
+    assert sorted(rows) == sorted(declared)
+
+    def resolved(env: dict[str, str]) -> OperatorConfig:
+        return dataclasses.replace(OperatorConfig.from_env(env), priority=0)
+
+    for var, default in rows.items():
+        first = re.match(r"`?([^`\s]+)", default)
+        assert first is not None
+        value = "" if default.startswith("empty") else first[1]
+        if var == settings.LLM_TELEMETRY_OPERATOR_PRIORITY:
+            assert value == settings.DEFAULT_PRIORITY
+        assert resolved({var: value}) == resolved({}), f"{var}: the documented default {value!r}"
