@@ -125,3 +125,16 @@ def test_readme_documents_every_value() -> None:
     paths = list(value_paths(VALUES, SCHEMA))
     leaves = [p for p in paths if not any(other.startswith(p + ".") for other in paths)]
     assert [p for p in leaves if not documented(p)] == []
+
+
+def test_readme_defaults_are_the_values() -> None:
+    """The README's Default column is values.yaml's: each row whose default is one literal (not the probes' four
+    numbers, nor the security contexts described in words) gives the value as values.yaml has it."""
+    readme = (CHART / "README.md").read_text()
+    rows = re.findall(r"^\| `([A-Za-z.]+)` \| `([^`]*)` \|", readme, re.MULTILINE)
+    assert len(rows) > 30
+    for path, default in rows:
+        value: Any = VALUES
+        for key in path.split("."):
+            value = value[key]
+        assert yaml.safe_load(default or '""') == value, f"{path}: the README says {default}, values.yaml {value!r}"
