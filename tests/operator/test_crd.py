@@ -131,6 +131,29 @@ def test_crd_accepts_examples(path: Path) -> None:
     parse_spec(obj["spec"])  # and the operator accepts them too
 
 
+def test_the_full_example_sets_every_field_of_the_spec() -> None:
+    """examples/llmtelemetry-full.yaml says it shows every field of the spec: each field the CRD's schema declares is
+    set there, but spec.pricing.configMapRef (not allowed beside pricing.models, and shown as a comment)."""
+
+    def fields(schema: dict[str, Any], prefix: str) -> set[str]:
+        found = set()
+        for key, sub in (schema.get("properties") or {}).items():
+            found |= {prefix + key} | fields(sub.get("items", sub), f"{prefix}{key}.")
+        return found
+
+    def given(value: Any, prefix: str) -> set[str]:
+        found = set()
+        for item in value if isinstance(value, list) else [value]:
+            for key, sub in item.items() if isinstance(item, dict) else ():
+                found |= {prefix + key} | given(sub, f"{prefix}{key}.")
+        return found
+
+    spec = load()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    full = yaml.safe_load((REPO_ROOT / "examples" / "llmtelemetry-full.yaml").read_text())["spec"]
+    missing = fields(spec, "") - given(full, "")
+    assert sorted(missing) == ["pricing.configMapRef", "pricing.configMapRef.key", "pricing.configMapRef.name"]
+
+
 def test_crd_accepts_every_price_kind() -> None:
     obj = copy.deepcopy(MINIMAL)
     prices = {"input": 2.5, "output": 10, "cache_read": 1.25, "cache_creation": 3}
