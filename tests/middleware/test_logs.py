@@ -336,6 +336,20 @@ def test_a_logs_exporter_it_does_not_know_is_named_in_a_warning(
     assert line_for(log_lines(capsys.readouterr().out), "unknown-exporter")["model"] == "gpt-4o"
 
 
+def test_no_logs_exporter_is_no_unknown_exporter(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/logging.md: ``OTEL_LOGS_EXPORTER=none``, OpenTelemetry's word for no exporter and what the operator
+    injects into every pod whose resource keeps its logs on stdout, means stdout only, as unset does: no WARNING in
+    those pods' logs, and the line is written."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with caplog.at_level("WARNING", logger="llm_telemetry"), demo_server({"OTEL_LOGS_EXPORTER": "none"}) as (_, base):
+        answer = httpx.post(base + "/v1/chat/completions", json=body, headers={"x-request-id": "no-exporter"})
+        assert answer.is_success
+    assert [r for r in caplog.records if "OTEL_LOGS_EXPORTER" in r.getMessage()] == []
+    assert line_for(log_lines(capsys.readouterr().out), "no-exporter")["model"] == "gpt-4o"
+
+
 @pytest.mark.parametrize(
     ("named", "level"),
     [("", ""), ("llm_telemetry.requests", "INFO"), ("llm_telemetry", "WARNING")],
