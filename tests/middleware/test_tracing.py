@@ -1061,8 +1061,11 @@ def test_tracing_http_span_argument_beats_the_environment(receiver: OTLPReceiver
     provider.shutdown()
 
 
-def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced() -> None:
-    """An app that installed its own SDK TracerProvider and MeterProvider keeps them; ours go through them."""
+@pytest.mark.parametrize("extra", [{}, {"OTEL_TRACES_EXPORTER": "none"}], ids=["", "OTEL_TRACES_EXPORTER=none"])
+def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced(extra: dict[str, str]) -> None:
+    """An app that installed its own SDK TracerProvider and MeterProvider keeps them; ours go through them. So does
+    one whose environment says ``OTEL_TRACES_EXPORTER=none`` (docs/tracing.md): that names the exporters the SDK's own
+    setup builds, not whether an application's provider is used."""
     script = textwrap.dedent(
         """
         import asyncio, httpx
@@ -1104,7 +1107,7 @@ def test_global_sdk_tracer_provider_is_used_and_neither_global_provider_replaced
         print(sorted(s.name for s in exporter.get_finished_spans()))
         """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | extra
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     names = result.stdout.strip().splitlines()[-1]
