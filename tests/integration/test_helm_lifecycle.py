@@ -242,6 +242,19 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
         extensions.read_custom_resource_definition(crd_name)
     custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llm-telemetry-operator")
 
+    # The chart installed again, as "Uninstalled before its resources" has a user do, once the CRD was applied with
+    # kubectl: Helm 4 applies the chart's CRD at install (the same as the one applied), and the API server refuses it,
+    # naming kubectl's field manager; the release installs with --skip-crds, as the page says.
+    uninstalled = " ".join(section("Upgrading and uninstalling").split())
+    assert "Install the chart again (with `--skip-crds` if the CRD was applied with `kubectl` since" in uninstalled
+    if run(["helm", "version", "--short"]).stdout.startswith("v4"):
+        refused = run(install, check=False)
+        assert refused.returncode != 0, refused.stdout
+        assert 'conflict with "kubectl": .spec.versions' in refused.stderr, refused.stderr
+        assert 'fails with `conflict with "kubectl": .spec.versions`' in uninstalled
+    run([*install, "--skip-crds"])
+    run(shlex.split(uninstall))
+
     # The clean-up: the resources first, then the documented commands.
     custom.delete_namespaced_custom_object(GROUP, VERSION, APP_NAMESPACE, PLURAL, name)
     for command in cleanup_block:
