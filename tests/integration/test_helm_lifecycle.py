@@ -243,16 +243,19 @@ def test_install_crd_upgrade_and_uninstall_as_documented(
     custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llm-telemetry-operator")
 
     # The chart installed again, as "Uninstalled before its resources" has a user do, once the CRD was applied with
-    # kubectl: Helm 4 applies the chart's CRD at install (the same as the one applied), and the API server refuses it,
-    # naming kubectl's field manager; the release installs with --skip-crds, as the page says.
+    # kubectl, from a chart whose CRD differs from that one (this release's, without the field the applied CRD
+    # declares): Helm 4 applies the chart's CRD at install, and the API server refuses it, naming kubectl's field
+    # manager; the release installs with --skip-crds, as the page says.
+    crd_file.write_text((CHART / "crds" / crd_file.name).read_text())
     uninstalled = " ".join(section("Upgrading and uninstalling").split())
     assert "Install the chart again (with `--skip-crds` if the CRD was applied with `kubectl` since" in uninstalled
+    assert 'fails with `conflict with "kubectl": .spec.versions` where the chart\'s CRD differs from it' in uninstalled
     if run(["helm", "version", "--short"]).stdout.startswith("v4"):
         refused = run(install, check=False)
         assert refused.returncode != 0, refused.stdout
         assert 'conflict with "kubectl": .spec.versions' in refused.stderr, refused.stderr
-        assert 'fails with `conflict with "kubectl": .spec.versions`' in uninstalled
     run([*install, "--skip-crds"])
+    assert "upgradeProbe" in spec_fields()
     run(shlex.split(uninstall))
 
     # The clean-up: the resources first, then the documented commands.
