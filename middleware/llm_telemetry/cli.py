@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules.add_argument("--tool-failure-ratio", type=float, help="alert above this share of failed tool results (0.2)")
     rules.add_argument("--cost-per-hour", type=float, help="alert above this spend per hour, USD (off)")
     rules.add_argument("--availability-objective", type=float, help="SLO for burn-rate alerts (0.99)")
-    rules.add_argument("--ttft-objective", type=float, help="share of first tokens under --ttft-objective-seconds")
+    rules.add_argument(
+        "--ttft-objective", type=float, help="share of first tokens under --ttft-objective-seconds (0.99)"
+    )
     rules.add_argument("--ttft-objective-seconds", type=float, help="a TTFT bucket boundary (2.5)")
     rules.add_argument(
         "--token-rate-spike-factor",

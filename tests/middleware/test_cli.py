@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -193,3 +194,23 @@ def test_the_demo_without_its_extra_names_the_extra_to_install(missing: str) -> 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "pip install '.[demo]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rules_help_states_each_thresholds_default_as_the_one_taken() -> None:
+    """Each threshold's help ends with its default in brackets: given as the option, it changes no byte of the
+    rule file (so the help cannot fall behind the defaults); every threshold option states one."""
+    env = {**os.environ, "COLUMNS": "400"}
+    shown = subprocess.run([*CLI, "rules", "--help"], capture_output=True, text=True, check=True, env=env).stdout
+    options = dict(re.findall(r"^  (--[a-z0-9-]+) [A-Z0-9_]+\s+(.*)$", shown, re.MULTILINE))
+    plain = {"--selector", "--runbook-url", "--prometheus-rule", "--namespace"}
+    assert len(options) == 14 and plain <= set(options), options
+    default = subprocess.run([*CLI, "rules"], capture_output=True, text=True, check=True).stdout
+    for option, text in options.items():
+        if option in plain:
+            continue
+        stated = re.search(r"\(([^()]+)\)$", text)
+        assert stated, f"{option}: no default in its help ({text!r})"
+        if stated[1] == "off":
+            continue
+        given = subprocess.run([*CLI, "rules", option, stated[1]], capture_output=True, text=True, check=True)
+        assert given.stdout == default, f"{option} {stated[1]} is not the default"
