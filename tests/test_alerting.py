@@ -7,7 +7,9 @@ LLMTelemetry's name), loads both rule files as the Prometheus Operator does (one
 alerts to an Alertmanager whose webhook receiver is this test. Both services fail 30% of their requests. That burns
 chat's budget 30 times over, so chat's burn-rate alerts must reach the receiver with their labels and annotations
 rendered (the runbook link the operator is configured with); search's objective allows it, so no notification may
-name search. Each service is judged by its own resource's thresholds only.
+name search. Each service is judged by its own resource's thresholds only. Both also get requests with bodies past
+the inspection budget's uncounted 64 KiB; chat's budget is 1 byte (``LLM_TELEMETRY_MAX_INSPECTED_BYTES``), so it
+leaves them unread, and its LLMTelemetryUnreadBodies alert must be pending (its ``for`` is 15 minutes), search's not.
 
 Needs the ``prometheus`` and ``prometheus-alertmanager`` (or ``alertmanager``) binaries (Debian packages
 ``prometheus`` and ``prometheus-alertmanager``); skipped otherwise.
@@ -54,6 +56,8 @@ pytestmark = pytest.mark.slow
 NAMESPACE = "llm"
 #: Each LLMTelemetry (its name is the job its ServiceMonitor sets) and its spec.alerts.
 RESOURCES = {"chat": {}, "search": {"availabilityObjective": 0.5}}
+#: Each service's LLM_TELEMETRY_MAX_INSPECTED_BYTES: chat has no room for any body past the uncounted 64 KiB.
+INSPECTED_BYTES = {"chat": "1", "search": str(256 * 1024 * 1024)}
 #: Where the operator is configured to link the alerts' runbooks (chart value defaults.runbookUrl).
 RUNBOOKS = "https://runbooks.example.com/llm-telemetry"
 DEMO_SERVICE = [
@@ -116,8 +120,9 @@ def _up(url: str) -> bool:
         return bool(response.status == 200)
 
 
-def _send(base: str, fail: bool) -> None:
-    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+def _send(base: str, fail: bool, large: bool = False) -> None:
+    content = "hi" * (50_000 if large else 1)  # (large: 100 KB, past the 64 KiB of a body the budget does not count)
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}).encode()
     headers = {"content-type": "application/json", **({"x-demo-fail": "server_error"} if fail else {})}
     request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers=headers)
     try:
@@ -152,6 +157,7 @@ def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notified]:
                 LLM_TELEMETRY_METRICS_HOST="127.0.0.1",
                 LLM_TELEMETRY_REQUEST_LOGS="false",
                 OTEL_SERVICE_NAME=name,
+                LLM_TELEMETRY_MAX_INSPECTED_BYTES=INSPECTED_BYTES[name],
             )
             processes.append(_start([*DEMO_SERVICE, "--port", str(port)], root / f"{name}.log", env))
             services[name] = f"http://127.0.0.1:{port}"
@@ -222,7 +228,7 @@ def notified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Notified]:
             nonlocal sent
             while time.monotonic() < done:
                 for base in services.values():
-                    _send(base, sent % 10 in FAILING)
+                    _send(base, sent % 10 in FAILING, large=sent % 10 == 5)
                 sent += 1
 
         def chat_alerted() -> bool:
@@ -278,3 +284,26 @@ def test_the_apps_own_scrape_of_the_same_job_is_not_an_llm_target(notified: Noti
     # (About that target: the LLM one, scraped with a 1 s timeout on a loaded machine, may miss one scrape.)
     down = [a["labels"] for a in alerts if a["labels"]["alertname"] == "LLMTargetDown"]
     assert [labels for labels in down if labels.get("endpoint") == "http"] == []
+
+
+def test_bodies_left_unread_are_pending_for_their_service_only(notified: Notified) -> None:
+    """The middleware's counter of bodies left unread, as Prometheus scrapes it, is what LLMTelemetryUnreadBodies
+    reads: chat's alert is pending, by reason, with its summary rendered; search, with room for its bodies, has none.
+    (Firing takes 15 minutes; tests/promtool/service_health.yaml pins when it fires and resolves.)"""
+    with urllib.request.urlopen(f"{notified.prometheus}/api/v1/alerts", timeout=10) as response:
+        alerts = json.loads(response.read())["data"]["alerts"]
+    unread = [a for a in alerts if a["labels"]["alertname"] == "LLMTelemetryUnreadBodies"]
+    assert [(a["state"], a["labels"]) for a in unread] == [
+        (
+            "pending",
+            {
+                "alertname": "LLMTelemetryUnreadBodies",
+                "namespace": NAMESPACE,
+                "job": "chat",
+                "llm_telemetry_reason": "budget",
+                "severity": "info",
+            },
+        )
+    ]
+    assert unread[0]["annotations"]["summary"] == "llm-telemetry in llm/chat keeps leaving LLM bodies unread (budget)"
+    assert unread[0]["annotations"]["runbook_url"] == f"{RUNBOOKS}#llmtelemetryunreadbodies"

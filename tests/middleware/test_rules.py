@@ -118,7 +118,7 @@ def test_promtool_unit_tests_catch_wrong_rules(tmp_path: Path, test_file: str, v
 
 def test_every_alert_has_severity_summary_description_and_runbook() -> None:
     alerts = _alerts(build_rule_groups(AlertThresholds(cost_per_hour_usd=1)))
-    assert len(alerts) == 15
+    assert len(alerts) == 16
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name

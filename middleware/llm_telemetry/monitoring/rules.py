@@ -47,6 +47,7 @@ TOOL_RESULTS: Final = inst.TOOL_RESULTS.prometheus_name
 FINISH_REASONS: Final = inst.FINISH_REASONS.prometheus_name
 REQUESTS_ACTIVE: Final = inst.REQUESTS_ACTIVE.prometheus_name
 INTERNAL_ERRORS: Final = inst.INTERNAL_ERRORS.prometheus_name
+UNREAD_BODIES: Final = inst.UNREAD_BODIES.prometheus_name
 
 OPERATION: Final = label(inst.GEN_AI_OPERATION_NAME)
 PROVIDER: Final = label(inst.GEN_AI_PROVIDER_NAME)
@@ -61,6 +62,7 @@ USAGE_SOURCE: Final = label(inst.LLM_USAGE_SOURCE)
 TOOL_STATUS: Final = label(inst.LLM_TOOL_STATUS)
 FINISH_REASON: Final = label(inst.LLM_FINISH_REASON)
 COMPONENT: Final = label(inst.LLM_TELEMETRY_COMPONENT)
+UNREAD_REASON: Final = label(inst.LLM_TELEMETRY_REASON)
 #: Attribution labels: ``llm_metadata_<name>``.
 METADATA_PREFIX: Final = label(inst.LLM_METADATA_PREFIX)
 
@@ -656,6 +658,22 @@ def build_rule_groups(
             description="A process of the service failed to set up llm-telemetry and stays so until it restarts: "
             "after a setup failure it passes every LLM request through unmeasured, after a multiproc_setup failure "
             "it reports only its own share of the workers' metrics.",
+            runbook_url=runbook_url,
+        ),
+        _alert(
+            "LLMTelemetryUnreadBodies",
+            # As LLMTelemetrySeriesOverflow: the rate over 15m of one body left unread holds for less than 15 minutes
+            # (a scrape interval less), so a single large body at a busy moment does not fire; bodies left unread
+            # again and again, throughout, do. By reason, which tells what to do.
+            f"sum by ({BY}, {UNREAD_REASON}) (rate({series(UNREAD_BODIES, sel)}[15m])) > 0",
+            severity="info",
+            for_="15m",
+            summary=f"llm-telemetry in {service} keeps leaving LLM bodies unread ({{{{ $labels.{UNREAD_REASON} }}}})",
+            description="For 15 minutes, request bodies or JSON answers kept to be read have filled "
+            "LLM_TELEMETRY_MAX_INSPECTED_BYTES, and further ones were passed on unread (budget: no room when they "
+            "came; stalled: given up by requests whose clients stopped sending or reading): their calls are recorded "
+            "without their request fields, or without their finish reasons, tool calls and served model. Clients "
+            "get every byte; some telemetry is missing.",
             runbook_url=runbook_url,
         ),
         _alert(
