@@ -6,9 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from inspect import CO_COROUTINE
 from time import monotonic, perf_counter
 from types import CodeType
@@ -86,9 +87,29 @@ BODY_PIECE_OVERHEAD = 64
 #: A request keeping bytes against the budget that has gained less than UNCOUNTED_BYTES of them in this many seconds
 #: is stalled: a client that stopped sending its body part-way, or one that does not read (or reads a byte a second) a
 #: JSON answer sent in pieces, whose next piece waits on the client. When another request finds the budget full, a
-#: stalled request of the same thread gives up what it keeps (see :meth:`_Exchange.let_go`), rather than holding the
-#: budget for as long as its connection lives and leaving every later large body unread.
+#: stalled request gives up what it keeps (see :meth:`_Exchange.let_go`), rather than holding the budget for as long as
+#: its connection lives and leaving every later large body unread: at once when it runs on the same event loop, and
+#: when its own loop next runs a callback when it runs on another (see _Budget.reclaim).
 STALLED_SECONDS: Final = 5.0
+
+#: How another thread has a request's event loop run a function (asyncio's ``call_soon_threadsafe``, trio's
+#: ``run_sync_soon``), or None when the request's loop is neither.
+Owner: TypeAlias = "Callable[[Callable[[], None]], object] | None"
+
+
+def _owner() -> Owner:
+    """How another thread has the event loop running in this one call a function (see Owner)."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
+        except RuntimeError:
+            pass
+    return None
 
 
 class _Budget:
@@ -97,22 +118,27 @@ class _Budget:
     them across requests, so N connections sending large bodies, or reading a large answer slowly, keep at most
     ``max_inspected_bytes`` alive for reading rather than N times a body (and UNCOUNTED_BYTES of each, uncounted).
     A request gives back all it took when it ends (see :meth:`_Exchange.give_back`), and a stalled one when another
-    finds the budget full (see STALLED_SECONDS). Locked: requests of event loops in several threads may share it."""
+    finds the budget full (see STALLED_SECONDS). Locked: requests of event loops in several threads share it (Granian's
+    workers are threads of one process on a free-threaded Python, each with its own loop)."""
 
-    __slots__ = ("held", "holders", "lock", "logged", "logged_stalled")
+    __slots__ = ("asked", "held", "holders", "lock", "logged", "logged_stalled")
 
     def __init__(self) -> None:
         self.held = 0
-        #: The requests keeping bytes now, each with the thread it runs in (only requests with bodies or answers past
-        #: UNCOUNTED_BYTES are ever here).
-        self.holders: dict[_Exchange, int] = {}
+        #: The requests keeping bytes now, each with the thread it runs in and how to reach that thread's event loop
+        #: (only requests with bodies or answers past UNCOUNTED_BYTES are ever here).
+        self.holders: dict[_Exchange, tuple[int, Owner]] = {}
+        #: The threads whose loops have been asked to have their stalled requests give up their bytes and have not done
+        #: it yet, with when (``time.monotonic``): asked once, however many requests find the budget full meanwhile,
+        #: and again after STALLED_SECONDS (a loop that stopped without closing never answers).
+        self.asked: dict[int, float] = {}
         self.lock = threading.Lock()
         self.logged = False
         self.logged_stalled = False
 
     def take(self, size: int, limit: int, asking: _Exchange | None = None) -> bool:
         """Count ``size`` more bytes kept, unless that would pass ``limit``: then False, nothing counted. ``asking``:
-        the request taking them, for which stalled requests of its thread give up theirs when there is no room."""
+        the request taking them, for which stalled requests give up theirs when there is no room (see reclaim)."""
         with self.lock:
             held = self.held + size
             if held <= limit:
@@ -139,13 +165,46 @@ class _Budget:
             self.held -= size
 
     def reclaim(self, asking: _Exchange) -> bool:
-        """Have the stalled requests of this thread (see STALLED_SECONDS) other than ``asking`` give up what they keep;
-        whether any did. Only this thread's: they are suspended while it runs, never in the middle of their reading."""
-        thread = threading.get_ident()
+        """Have the stalled requests (see STALLED_SECONDS) other than ``asking`` give up what they keep; whether any of
+        this thread's did. Only the loop a request runs on touches it: this thread's are suspended while it runs, never
+        in the middle of their reading, and let go at once; the loops of other threads keeping bytes are asked to let
+        theirs go when they next run a callback, which is after this take: it fails, and the bytes given back are
+        there for the next one."""
+        thread, now = threading.get_ident(), monotonic()
         with self.lock:
-            others = [holder for holder, owner in self.holders.items() if owner == thread and holder is not asking]
+            others = [holder for holder, (owner, _) in self.holders.items() if owner == thread and holder is not asking]
+            loops = {
+                owner: call
+                for owner, call in self.holders.values()
+                if owner != thread
+                and call is not None
+                and now - self.asked.get(owner, -STALLED_SECONDS) >= STALLED_SECONDS
+            }
+            self.asked.update(dict.fromkeys(loops, now))
+        for owner, call in loops.items():
+            try:
+                call(self._reclaim_here)
+            except Exception:  # (its loop closed: its requests have ended, or will not go on)
+                with self.lock:
+                    self.asked.pop(owner, None)
+        return self._let_go(others)
+
+    def _reclaim_here(self) -> None:
+        """Run by the event loop of a thread asked by another (see reclaim): its stalled requests give up theirs."""
+        thread = threading.get_ident()
+        try:
+            with self.lock:
+                self.asked.pop(thread, None)
+                mine = [holder for holder, (owner, _) in self.holders.items() if owner == thread]
+            self._let_go(mine)
+        except Exception:  # (a callback of trio's run_sync_soon must not raise)
+            logger.warning("llm-telemetry: stalled requests could not give the budget back", exc_info=True)
+
+    def _let_go(self, holders: list[_Exchange]) -> bool:
+        """Have those of ``holders`` (requests of this thread) that are stalled give up what they keep; whether any
+        were."""
         now = monotonic()
-        stalled = [holder for holder in others if holder.stalled(now)]
+        stalled = [holder for holder in holders if holder.stalled(now)]
         for holder in stalled:
             holder.let_go()
         if stalled and not self.logged_stalled:
@@ -437,8 +496,9 @@ class _Exchange:
                 gained = 0
                 self.taken_at = monotonic()
                 if not kept:
+                    owner = threading.get_ident(), _owner()
                     with BUDGET.lock:
-                        BUDGET.holders[self] = threading.get_ident()
+                        BUDGET.holders[self] = owner
             self.gained = gained
             return True
         size = min(-size, self.kept)  # (never more than it took: what it gave back already is the budget's again)

@@ -13,7 +13,12 @@ import asyncio
 import gc
 import http.client
 import json
+import os
+import pathlib
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -33,10 +38,11 @@ from starlette.routing import Route
 from llm_telemetry import LLMTelemetryMiddleware
 from llm_telemetry.apis import UNCOUNTED_BYTES
 from llm_telemetry.middleware import BODY_PIECE_OVERHEAD, BUDGET, STALLED_SECONDS
-from support import Calls, free_port, scrape, serve, wait_for
+from support import Calls, free_port, scrape, serve, stop_process, wait_for
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
 UNREAD = "llm_telemetry_unread_bodies_total"
+REQUESTS = "llm_requests_total"
 
 
 def unread(port: int, body: str, reason: str) -> float:
@@ -639,3 +645,129 @@ def test_requests_at_work_are_not_taken_for_stalled() -> None:
     models = {str(call.response_model): call.request_model for call in calls.ended}
     assert models == {"late-served": None, "slow-served": "slow", "streamed-served": "streamed"}
     assert BUDGET.held == before
+
+
+#: A gateway as in _gateway_app, in raw ASGI, served by Granian's thread workers (below): each answer names the worker
+#: thread that served it (``x-thread``), and ``/held`` answers the process's BUDGET.held and that thread.
+THREADED_APP = """
+import json
+import sys
+import threading
+
+from granian.server import MTServer
+from llm_telemetry import LLMTelemetryMiddleware
+from llm_telemetry.middleware import BUDGET
+
+
+async def gateway(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            kind = "startup" if message["type"] == "lifespan.startup" else "shutdown"
+            await send({"type": f"lifespan.{kind}.complete"})
+            if kind == "shutdown":
+                return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    thread = str(threading.get_ident()).encode()
+    if scope["path"] == "/held":
+        answer = json.dumps({"held": BUDGET.held}).encode()
+    else:
+        asked = json.loads(body)["model"]
+        answer = json.dumps({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": asked + "-served",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "y" * (8_000_000 if asked == "hog"
+                         else 10)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16},
+        }).encode()
+    headers = [(b"content-type", b"application/json"), (b"x-thread", thread)]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for at in range(0, len(answer), 65536):
+        await send({"type": "http.response.body", "body": answer[at : at + 65536], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+app = LLMTelemetryMiddleware(gateway, metrics_port=int(sys.argv[2]), metrics_host="127.0.0.1",
+                             max_inspected_bytes=int(sys.argv[3]), request_logs=False)
+
+
+class ThreadWorkers(MTServer):
+    # What Granian runs on a free-threaded Python (its workers are threads of one process, each with its event loop);
+    # it refuses a build with the interpreter lock only by this check, and runs the same there otherwise.
+    def _check_gil(self):
+        pass
+
+
+if __name__ == "__main__":
+    ThreadWorkers("app:app", address="127.0.0.1", port=int(sys.argv[1]), interface="asgi", workers=2).serve()
+"""
+
+
+def test_stalled_requests_of_another_event_loop_give_the_budget_up_to_the_next_body() -> None:
+    """Granian's thread workers (what it runs on a free-threaded Python) serve one process from two threads, each
+    with its own event loop, sharing the budget. A client on one thread reads nothing of an 8 MB JSON answer, holding
+    what the socket took of it in the budget; once it is stalled, request bodies on the other thread that do not fit
+    beside it are left unread only until that thread asks the stalled request's own loop to give its bytes back: the
+    first such body is left unread (counted ``budget``), the stalled answer then gives its copy up (counted
+    ``stalled``), and the next body is read, its model asked for counted. (Before, only the stalled requests of the
+    asking thread gave theirs up: every later body on the other thread was left unread for as long as the client stayed
+    connected.)"""
+    granian = pytest.importorskip("granian")
+    assert granian is not None
+    port, metrics, limit = free_port(), free_port(), 8 * 1024 * 1024
+    with tempfile.TemporaryDirectory() as directory:
+        (pathlib.Path(directory) / "app.py").write_text(THREADED_APP)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "LLM_TELEMETRY_"))}
+        command = [sys.executable, "app.py", str(port), str(metrics), str(limit)]
+        process = subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        connections: dict[str, http.client.HTTPConnection] = {}
+        try:
+
+            def held(connection: http.client.HTTPConnection) -> tuple[str, int]:
+                connection.request("GET", "/held")
+                response = connection.getresponse()
+                return response.getheader("x-thread") or "", json.loads(response.read())["held"]
+
+            def one_per_thread() -> bool:
+                # Keep-alive connections stay with the worker that accepted them: one on each thread.
+                if process.poll() is not None:
+                    raise RuntimeError(f"the server exited: {process.stderr.read().decode() if process.stderr else ''}")
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                thread = held(connection)[0]
+                connections.setdefault(thread, connection)
+                return len(connections) == 2
+
+            wait_for("a connection to each worker thread", one_per_thread)
+            (hog_thread, hog), (asking_thread, asking) = connections.items()
+            hog.request("POST", "/v1/chat/completions", json.dumps({"model": "hog", "messages": []}))  # read nothing
+
+            def settled() -> int | None:
+                first = held(asking)[1]
+                time.sleep(0.5)
+                return first if held(asking)[1] == first and first > 2 * 1024 * 1024 else None
+
+            kept = wait_for("the client that does not read holding the budget", settled)
+            time.sleep(STALLED_SECONDS)
+            content = "x" * (limit - kept + 1024 * 1024)  # past what is left of the budget
+
+            def ask() -> str:
+                asking.request("POST", "/v1/chat/completions", json.dumps({"model": "asked", "messages": content}))
+                response = asking.getresponse()
+                response.read()
+                assert response.getheader("x-thread") == asking_thread != hog_thread
+                return response.getheader("x-thread") or ""
+
+            ask()
+            assert unread(metrics, "request", "budget") == 1
+            wait_for("the stalled answer given up", lambda: unread(metrics, "response", "stalled") == 1, seconds=10)
+            ask()
+            wait_for("the second body's call", lambda: scrape(metrics).value(REQUESTS, gen_ai_request_model="asked"))
+            assert unread(metrics, "request", "budget") == 1
+        finally:
+            for connection in connections.values():
+                connection.close()
+            stop_process(process)
