@@ -14,9 +14,15 @@ through the ``openai`` SDK, one after another, for ``--seconds``. Each row print
 - the scrapes in which ``llm_requests_total`` was lower than in the scraper's scrape before (must be 0: Prometheus
   reads a counter that went down as a reset).
 
+- how old the answers were: the most app requests completed before a scrape began that its ``llm_requests_total``
+  did not hold yet (``lag``), and the most it was lower than in the scraper's scrape before (``drop``), each as the
+  milliseconds those requests took the client at the row's rate.
+
 ``--formats`` chooses what the scrapers ask for: ``text`` (no ``Accept``), ``openmetrics`` (Prometheus' own
-``Accept``, OpenMetrics first), or ``mixed`` (every other scraper each, as where Prometheus servers of several
-versions or ``scrape_protocols`` and other agents scrape the same target); several, comma-separated, a row each.
+``Accept``, OpenMetrics first), ``mixed`` (every other scraper each, as where Prometheus servers of several
+versions or ``scrape_protocols`` and other agents scrape the same target), or ``switching`` (every other scraper
+each, as in ``mixed``, and each scraper of OpenMetrics asks for the text format every other scrape, as a client
+that changes its format would); several, comma-separated, a row each.
 
     python benchmarks/scrape_storm.py [--workers 1,3] [--scrapers 4] [--combos 400] [--seconds 8]
                                        [--formats text] [--port P --metrics-port M] [--work DIR]
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.client
+import itertools
 import multiprocessing
 import os
 import re
@@ -57,15 +64,19 @@ OPENMETRICS_ACCEPT = (
 )
 
 
-def scraper(port: int, path: str, accept: str, ready: Any, stop: Any, results: Any) -> None:
-    """Scrape ``path`` back to back until ``stop``, a new connection each time, asking for ``accept`` (none: "");
-    put (answered, 503s, other failures, scrapes whose llm_requests_total was lower than the one before) on
+def scraper(port: int, path: str, accepts: list[str], completed: Any, ready: Any, stop: Any, results: Any) -> None:
+    """Scrape ``path`` back to back until ``stop``, a new connection each time, asking for each of ``accepts`` in
+    turn (none: ""); put (answered, 503s, other failures, scrapes whose llm_requests_total was lower than the one
+    before, the most it was lower, the most requests ``completed`` before a scrape began that it did not hold) on
     ``results``."""
     answered = busy = failed = went_down = 0
-    last = -1.0
+    last, drop, lag = -1.0, 0.0, 0.0
+    turns = itertools.cycle(accepts)
     ready.release()
     while not stop.is_set():
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        accept = next(turns)
+        done = completed.value
         try:
             connection.request("GET", path, headers={"Accept": accept} if accept else {})
             response = connection.getresponse()
@@ -83,11 +94,18 @@ def scraper(port: int, path: str, accept: str, ready: Any, stop: Any, results: A
             failed += 1
             continue
         answered += 1
+        asked = "application/openmetrics-text" if accept else "text/plain"
+        if not (response.getheader("Content-Type") or "").startswith(asked) or body.endswith(b"# EOF\n") != bool(
+            accept
+        ):
+            failed += 1  # an answer in another format than the one asked for
         total = sum(float(value) for value in _TOTAL.findall(body))
         if total < last:
             went_down += 1
+            drop = max(drop, last - total)
+        lag = max(lag, done - total)
         last = total
-    results.put((answered, busy, failed, went_down))
+    results.put((answered, busy, failed, went_down, drop, lag))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -158,16 +176,24 @@ def row(
     target: tuple[int, str] | None,
     args: Any,
     formats: str = "text",
-) -> tuple[float, float, float, int, list[float]]:
+    made: int = 0,
+) -> tuple[float, float, float, int, list[float], float, float]:
     """(scrapes per second, server CPU seconds per second, 503s per second, scrapes that went down, sorted app
-    latencies) of one row."""
+    latencies, the most a scrape went down, the most requests a scrape lagged behind) of one row; ``made``: the
+    requests made before it."""
     context = multiprocessing.get_context("fork")  # (no import of this module again in each scraper)
     results, ready, stop = context.Queue(), context.Semaphore(0), context.Event()
+    completed = context.Value("d", float(made), lock=False)
     scrapers = []
     if target is not None:
-        accepts = {"text": [""], "openmetrics": [OPENMETRICS_ACCEPT], "mixed": [OPENMETRICS_ACCEPT, ""]}[formats]
+        accepts = {
+            "text": [[""]],
+            "openmetrics": [[OPENMETRICS_ACCEPT]],
+            "mixed": [[OPENMETRICS_ACCEPT], [""]],
+            "switching": [[OPENMETRICS_ACCEPT, ""], [""]],
+        }[formats]
         scrapers = [
-            context.Process(target=scraper, args=(*target, accepts[n % len(accepts)], ready, stop, results))
+            context.Process(target=scraper, args=(*target, accepts[n % len(accepts)], completed, ready, stop, results))
             for n in range(args.scrapers)
         ]
         for process in scrapers:
@@ -185,23 +211,26 @@ def row(
         client.chat.completions.create(model=f"model-{turn % 10}", messages=MESSAGES)
         latencies.append(time.perf_counter() - begun)
         turn += 1
+        completed.value = made + turn
     elapsed = time.monotonic() - started
     cpu = cpu_seconds(pids) - cpu_before
     # Scrapes counted from before the clock started to a moment after it stopped: per second over that time.
     stop.set()
     answered = busy = failed = went_down = 0
+    drop = lag = 0.0
     for _ in scrapers:
         one = results.get(timeout=120)
         answered, busy, failed, went_down = (
-            a + b for a, b in zip((answered, busy, failed, went_down), one, strict=True)
+            a + b for a, b in zip((answered, busy, failed, went_down), one[:4], strict=True)
         )
+        drop, lag = max(drop, one[4]), max(lag, one[5])
     storm = time.monotonic() - started + 0.5
     for process in scrapers:
         process.join(timeout=30)
     if failed:
-        print(f"  ({title}: {failed} scrapes failed outright)", flush=True)
+        print(f"  ({title}: {failed} scrapes failed outright or came in another format)", flush=True)
     rate = answered / storm if target is not None else 0.0
-    return rate, cpu / elapsed, busy / storm if target is not None else 0.0, went_down, sorted(latencies)
+    return rate, cpu / elapsed, busy / storm if target is not None else 0.0, went_down, sorted(latencies), drop, lag
 
 
 def main() -> None:
@@ -219,7 +248,8 @@ def main() -> None:
     parser.add_argument(
         "--formats",
         default="text",
-        help="what the scrapers ask for, a row each: text, openmetrics, mixed (every other scraper each)",
+        help="what the scrapers ask for, a row each: text, openmetrics, mixed (every other scraper each), switching "
+        "(as mixed, and the OpenMetrics scrapers ask for the text format every other scrape)",
     )
     parser.add_argument("--port", type=int, default=0, help="the app's port (default: a free one)")
     parser.add_argument("--metrics-port", type=int, default=0, help="the metrics port (default: a free one)")
@@ -238,7 +268,7 @@ def main() -> None:
     )
     header = (
         f"{'workers':>7}  {'scrapes of':<25} {'scrapes/s':>9} {'503/s':>6} {'CPU ms/scrape':>13} {'CPU %':>6} "
-        f"{'app p50 ms':>10} {'p99 ms':>7} {'max ms':>7} {'app req/s':>8} {'went down':>9}"
+        f"{'app p50 ms':>10} {'p99 ms':>7} {'max ms':>7} {'app req/s':>8} {'went down':>9} {'drop ms':>7} {'lag ms':>6}"
     )
     lines = []
     for workers in (int(n) for n in args.workers.split(",")):
@@ -263,6 +293,7 @@ def main() -> None:
                 size = len(response.read())
             print(f"{workers} worker(s): exposition {size / 1024:,.0f} KiB", flush=True)
             per_request = 0.0  # server CPU seconds per app request, from the row without scrapes
+            made = args.combos  # app requests made so far
             formats = args.formats.split(",")
             rows: list[tuple[str, tuple[int, str] | None, str]] = [("nothing", None, "text")]
             for kind in formats:
@@ -270,7 +301,8 @@ def main() -> None:
                 rows.append((f"app path{suffix}", (port, "/metrics"), kind))
                 rows.append((f"metrics port{suffix}", (metrics_port, "/metrics"), kind))
             for title, target, kind in rows:
-                rate, cpu, busy, went_down, times = row(title, server, client, target, args, kind)
+                rate, cpu, busy, went_down, times, drop, lag = row(title, server, client, target, args, kind, made)
+                made += len(times)
                 requests = len(times) / args.seconds
                 if target is None:
                     per_request = cpu / requests
@@ -279,7 +311,8 @@ def main() -> None:
                 line = (
                     f"{workers:7d}  {title:<25} {rate:9.1f} {busy:6.1f} {per_scrape:13.1f} {cpu * 100:6.0f} "
                     f"{statistics.median(times) * 1e3:10.1f} {p99 * 1e3:7.1f} {times[-1] * 1e3:7.1f} {requests:8.1f} "
-                    f"{went_down if target else '':>9}"
+                    f"{went_down if target else '':>9} {f'{drop / requests * 1e3:.0f}' if target else '':>7} "
+                    f"{f'{lag / requests * 1e3:.0f}' if target else '':>6}"
                 )
                 lines.append(line)
                 print(line, flush=True)
