@@ -209,6 +209,10 @@ class OperatorState:
     #: replicas was alive or had been within the takeover grace (``Timers.takeover_grace_seconds``), and the
     #: namespaces that operator watches (None: every one, or not said) (see _held_elsewhere).
     holders: dict[str, tuple[float, bool, frozenset[str] | None]] = field(default_factory=dict)
+    #: How many of kopf's handlers run for each LLMTelemetry (a creation, a change of spec, a resume): kopf holds the
+    #: resource's events meanwhile, so a claim by another operator reaches :attr:`bodies` only once they have ended
+    #: (see :func:`_confirm_claim`).
+    handling: dict[tuple[str, str], int] = field(default_factory=dict)
     #: When (time.monotonic()) each such operator was first seen with no live replica and no recent stop, since it
     #: was last seen otherwise (see ``Timers.takeover_confirm_seconds``).
     holders_gone: dict[str, float] = field(default_factory=dict)
@@ -510,6 +514,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.
         # No write while this replica stands by, not even one of a pass already under way when it began to.
         # Nor one of a pass that took the resource as this operator's while another operator claimed it since.
         _client(memo).writable = lambda: not _paused(state) and _claim_holds(state, config)
+        _client(memo).confirm = functools.partial(_confirm_claim, memo)
         await _check_standby(_client(memo), config, state, str(identity), logger)
         memo["heartbeat"] = asyncio.create_task(_heartbeat(state), name="llm-telemetry-heartbeat")
         memo["standby"] = asyncio.create_task(
@@ -683,7 +688,7 @@ async def _mark_stopped(client: KubeClient, config: OperatorConfig, state: Opera
         return
     stopped = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     patch = {"metadata": {"annotations": {c.ANNOTATION_STOPPED: stopped}}}
-    client.writable = None  # the operator's passes have stopped; this write is its last
+    client.writable = client.confirm = None  # the operator's passes have stopped; this write is its last
     try:
         # Within the pod's grace period (30 s by default), of which kopf's own exit takes a few.
         await asyncio.wait_for(
@@ -1411,7 +1416,15 @@ async def llmtelemetry_reconcile(body: kopf.Body, reason: str, memo: kopf.Memo, 
     # for the spec to change. Either way the handler returns: the status, the event and the pass's log line say what
     # went wrong, where a kopf PermanentError added an ERROR line ("failed permanently") at every operator start for
     # a mistake in a user's resource, which is no error of the operator's.
-    await _reconcile(memo, body, trigger, logger, answered=answered)
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    handling = _state(memo).handling
+    handling[key] = handling.get(key, 0) + 1
+    try:
+        await _reconcile(memo, body, trigger, logger, answered=answered)
+    finally:
+        handling[key] -= 1
+        if not handling[key]:
+            del handling[key]
 
 
 @kopf.on.delete(c.GROUP, c.VERSION, c.PLURAL)
@@ -1586,6 +1599,38 @@ def _claim_holds(state: OperatorState, config: OperatorConfig) -> bool:
     latest = state.bodies.get(key)
     holder = _holder(latest) if latest is not None else None
     return holder is None or holder == config.peering
+
+
+async def _confirm_claim(memo: Any) -> None:
+    """Before a write of the pass running here, while kopf's handler for its resource runs: read the resource again,
+    and refuse the write (:class:`WriteWithheld`) when its status names another operator now.
+
+    :func:`_claim_holds` judges by the body kopf's watch last delivered, but kopf holds a resource's events while
+    its handler for it runs (a creation, a change of spec, a resume), and the pass of that handler, or one of this
+    operator's own waiting on it, heard of another operator's claim only once it had ended. Tested on a real API
+    server: a claim 30 ms after a change of spec, and the pass of it wrote its injection and a status naming
+    this operator after it; the two operators then put their own settings back over each other's (four rollouts
+    of the workload). One list by name per write then, and none at all when kopf runs no handler for the resource:
+    a pass that finds nothing to change writes nothing, and reads nothing more."""
+    held = _PASS_HELD.get()
+    if held is None or held[0] is not asyncio.current_task():
+        return
+    state, key = _state(memo), held[1]
+    if not state.handling.get(key):
+        return
+    known = state.bodies.get(key)
+    if known is None:
+        return
+    try:
+        current = await _read_again(memo, key, known["metadata"].get("uid") or "")
+    except ApiError:
+        return  # unknown: the write goes ahead, and fails too if the API server is away
+    holder = _holder(current) if current is not None else None
+    if current is None or holder is None or holder == _config(memo).peering:
+        return
+    if _generation(current) >= _generation(known):
+        _track(state, current)  # as kopf's watch will deliver it: the pass's end and the next pass read it
+    raise WriteWithheld(f"the resource is served by operator {holder!r} now")
 
 
 async def _held_elsewhere(memo: Any, body: Mapping[str, Any]) -> str | None:

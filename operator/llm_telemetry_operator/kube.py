@@ -31,7 +31,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -435,6 +435,9 @@ class KubeClient:
         #: operator says no while its replica stands by, so a pass that was under way when the replica stopped
         #: running (a freeze, another replica taking over) writes nothing of what it worked out before.
         self.writable: Callable[[], bool] | None = None
+        #: Awaited before every write once ``writable`` said yes: it may read the API server, and refuse the write by
+        #: raising :class:`WriteWithheld` (the operator confirms there that its claim on a resource still holds).
+        self.confirm: Callable[[], Awaitable[None]] | None = None
 
     def configure(self, configuration: k8s_client.Configuration) -> None:
         """Use new credentials from the next request on (kopf logs in again when its credentials expire)."""
@@ -592,6 +595,8 @@ class KubeClient:
                 raise ApiError(0, "Closed", f"{method} {path}: the client is closed (the operator is stopping)")
             if method != "GET" and writes and self.writable is not None and not self.writable():
                 raise WriteWithheld(f"{method} {path}: this replica stands by")
+            if method != "GET" and writes and self.confirm is not None:
+                await self.confirm()
             try:
                 return await loop.run_in_executor(self._executor, self._call, method, path, body, query, accept)
             except ApiError as exc:

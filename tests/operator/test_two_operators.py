@@ -564,3 +564,47 @@ async def test_a_pass_under_way_when_another_operator_claims_the_resource_writes
         # (kopf records on the resource the spec it handled: its own write, no pass's)
         assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+async def test_a_handler_pass_under_way_when_another_operator_claims_the_resource_writes_nothing_more(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This operator serves "chat". Its spec changes, and while the pass of kopf's handler for it is under way (it
+    has read the workloads), another operator that runs claims the resource. kopf holds the resource's events while
+    its handler runs, so the claim reached this operator only once the pass had ended: the pass wrote its injection
+    and a status naming this operator over the claim, and on a real API server the two operators then put their own
+    settings back over each other's (four rollouts for one change of spec). The pass now reads the resource again
+    before each write while kopf holds its events: it writes nothing, and says why."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    caplog.set_level(logging.INFO)
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
+    async with running_operator():
+        await ready(emulator)
+        before = env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in before
+        # The API server answers the handler pass's read of the workloads only once the test lets it.
+        emulator.holds = lambda request: (
+            request.method == "GET" and request.path == WORKLOADS_READ and "labelSelector" in request.query
+        )
+        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        await eventually(lambda: emulator.held, "the handler pass's read of the workloads under way")
+        await hand(emulator, "PATCH", f"{path}/status", {"status": {"operator": OTHER}})
+        seen = len(list(emulator))
+        emulator.released.set()  # the read answered: the pass goes on, with what it read
+        await eventually(
+            lambda: any(CLAIM_LOST in r.getMessage() for r in caplog.records) or writes_since(emulator, seen),
+            "the pass stopped, or written on",
+        )
+        # (kopf records on the resource the spec it handled: its own write, no pass's)
+        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
+        assert env_of(get(emulator, DEPLOYMENTS, "chat")) == before
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        # Its events delivered since, the resource is left to the other operator, which it says once.
+        await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
