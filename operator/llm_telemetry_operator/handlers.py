@@ -1610,8 +1610,9 @@ async def _confirm_claim(memo: Any) -> None:
     operator's own waiting on it, heard of another operator's claim only once it had ended. Tested on a real API
     server: a claim 30 ms after a change of spec, and the pass of it wrote its injection and a status naming
     this operator after it; the two operators then put their own settings back over each other's (four rollouts
-    of the workload). One list by name per write then, and none at all when kopf runs no handler for the resource:
-    a pass that finds nothing to change writes nothing, and reads nothing more."""
+    of the workload). One list by name per write then (a second, consistent, when it names another operator), and
+    none at all when kopf runs no handler for the resource: a pass that finds nothing to change writes nothing, and
+    reads nothing more."""
     held = _PASS_HELD.get()
     if held is None or held[0] is not asyncio.current_task():
         return
@@ -1621,8 +1622,17 @@ async def _confirm_claim(memo: Any) -> None:
     known = state.bodies.get(key)
     if known is None:
         return
+    uid = known["metadata"].get("uid") or ""
+    current: Mapping[str, Any] | None = None
     try:
-        current = await _read_again(memo, key, known["metadata"].get("uid") or "")
+        current = await _read_again(memo, key, uid)
+        if current is not None and _holder(current) not in (None, _config(memo).peering):
+            # Confirmed by a consistent list before the pass stops: behind several API servers, one's cache may lag
+            # and still show the operator this one took the resource over from.
+            found = await _client(memo).list(
+                kube.LLMTELEMETRIES, key[0], fields={"metadata.name": key[1]}, consistent=True
+            )
+            current = next((item for item in found if (item["metadata"].get("uid") or "") == uid), None)
     except ApiError:
         return  # unknown: the write goes ahead, and fails too if the API server is away
     holder = _holder(current) if current is not None else None

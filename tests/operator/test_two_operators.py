@@ -20,6 +20,8 @@ from kopf_testing import (
     NAMESPACES,
     PEERING,
     SERVICES,
+    by_name,
+    consistent_reads,
     deployment,
     eventually,
     get,
@@ -608,3 +610,41 @@ async def test_a_handler_pass_under_way_when_another_operator_claims_the_resourc
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+
+
+async def test_a_handler_pass_is_not_stopped_by_a_lagging_cache_naming_another_operator(
+    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind several API servers, one's cache may lag and still show an operator whose claim is over (this operator
+    took the resource over since). A pass of kopf's handler that reads such a body before a write confirms it with a
+    consistent list: the resource is this operator's, and the change of spec is applied."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    caplog.set_level(logging.INFO)
+    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
+    async with running_operator():
+        await ready(emulator)
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        stale = get(emulator, LLMT, "chat")
+        stale["status"] = {**stale["status"], "operator": OTHER}
+        lagging = {"kind": "LLMTelemetryList", "metadata": {"resourceVersion": "1"}, "items": [stale]}
+        emulator[lambda request: by_name(request) and request.params.get("resourceVersion") == "0"] << 200 << lagging
+        confirmed = len(consistent_reads(emulator))
+        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        await eventually(
+            lambda: (
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+                or any("stopped" in r.getMessage() for r in caplog.records)
+            ),
+            "the change of spec applied, or the pass stopped",
+        )
+        assert [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()] == []
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert len(consistent_reads(emulator)) > confirmed
+        await eventually(
+            lambda: get(emulator, LLMT, "chat")["status"].get("observedGeneration") == 2, "the change's status"
+        )
+        assert get(emulator, LLMT, "chat")["status"]["operator"] == PEERING
