@@ -62,6 +62,17 @@ KEPT_FORMATS: Final = 2
 #: where four such clients slowed the app's requests twenty to fifty times. A Prometheus scraping every few seconds
 #: gets a fresh one. Renderings are made one at a time.
 SHARE = 4.0
+#: Seconds the rendering under way in this thread spent waiting on purpose (a merge giving the other workers time to
+#: put back files someone removed, see multiproc.SharedState.merged): not part of what it took to make, so not shared
+#: for four times as long. Counted in, a rendering that waited 2 s answered the metrics port's plain scrapes for 10 s.
+_paused = threading.local()
+
+
+def paused(seconds: float) -> None:
+    """Note that the rendering under way in this thread waited ``seconds`` on purpose (see :data:`_paused`)."""
+    _paused.seconds = getattr(_paused, "seconds", 0.0) + seconds
+
+
 #: Seconds a server being closed (the worker that serves the port shutting down, or recycled) waits for the answers
 #: under way: their threads are daemons, which the interpreter's exit would cut off mid-answer.
 CLOSE_SECONDS = 5.0
@@ -386,9 +397,10 @@ class _Exposition:
             if shared is not None:
                 kept = (now, *shared)
             elif query or self.renderings is not None or kept is None or now >= kept[0]:
+                _paused.seconds = 0.0
                 status, headers, body = _render(self.app, {**environ, "HTTP_ACCEPT_ENCODING": ""})
                 ended = time.monotonic()
-                kept = (ended + SHARE * (ended - now), status, headers, body)
+                kept = (ended + SHARE * max(ended - now - _paused.seconds, 0.0), status, headers, body)
                 if self.renderings is not None:  # before it is answered
                     if query:
                         self.renderings.supersede()

@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, mmap_dict
 
+from . import exposition
 from .config import LLM_TELEMETRY_MULTIPROC_DIR, Settings
 from .instruments import (
     CARDINALITY_LIMIT,
@@ -666,6 +667,7 @@ class SharedState:
                 # back before their numbers are summed, or this scrape would show them gone and the next one back,
                 # which Prometheus would read as a counter reset and count again.
                 time.sleep(BIND_RETRY_SECONDS * 2)
+                exposition.paused(BIND_RETRY_SECONDS * 2)
             self._last_merge.order = None
             with self._locked():
                 self._seen = _identity(self.directory)

@@ -1493,6 +1493,34 @@ def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_
         assert not short, f"{len(short)} of {len(shown)} scrapes showed llm_requests_total below {sent}: {short[:5]}"
 
 
+@pytest.mark.slow
+def test_workers_rendering_that_waited_for_removed_files_is_not_shared_for_longer(tmp_path: Path) -> None:
+    """After ``rm -rf`` of the state directory, a scrape of the metrics port waits two seconds for the workers to put
+    their files back. That wait is no part of what its rendering took to make: counted in, the rendering answered the
+    plain scrapes that followed for eight seconds more, without the requests counted meanwhile."""
+    if sys.platform != "linux":
+        pytest.skip("reads worker pids from /proc")
+    port, metrics_port = free_port(), free_port()
+    state = tmp_path / "state"
+    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MULTIPROC_DIR": str(state)})
+    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    with running(server):
+        sent, _ = drive(server.base, streams=1, plains=3, rate_limited=0, embeddings=0)
+        settle(server, sent)
+        time.sleep(multiproc.BIND_RETRY_SECONDS)  # (the rendering settle's scrape got, no longer fresh)
+        shutil.rmtree(state)
+        assert_totals(server.scrape(), sent)  # (this scrape waits for the files)
+        more, _ = drive(server.base, streams=1, plains=3, rate_limited=0, embeddings=0)
+        sent += more
+
+        def recorded() -> bool:
+            assert_totals(server.scrape(fresh=True), sent)  # (a query: merged anew, never a kept rendering)
+            return True
+
+        wait_for("the last requests to be recorded", recorded)
+        assert_totals(server.scrape(), sent)
+
+
 def test_workers_label_values_are_counted_per_deployment(tmp_path: Path) -> None:
     """Workers sharing a directory admit ``max_values`` values together; a replacement worker (a new limiter on
     the same directory) gets the same values, not a fresh allowance."""
