@@ -40,6 +40,9 @@ from llm_telemetry_operator import constants as c
 from llm_telemetry_operator.config import OperatorConfig, Timers
 
 OTHER = "team-a-llm-telemetry-operator"
+#: The resources' collection in the test namespace, and the resource the tests serve.
+LLMTS = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+CHAT = f"{LLMTS}/chat"
 #: The operator's timers as they run (the tests below that do not shorten them).
 DEFAULT_TIMERS = Timers()
 #: Polls (of 0.05 s) to wait for a takeover of an operator seen gone: it is confirmed by a second look
@@ -78,6 +81,24 @@ def other_operator(
     }
 
 
+@pytest.fixture
+def monitoring(emulator: Any, monitoring_crds: Any) -> None:
+    """A cluster with the Prometheus Operator's CRDs and the default collectors: what a resource is served with."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+
+
+def served_here(emulator: Any) -> None:
+    """A new resource, "chat", and the Deployment it selects: this operator serves it once it runs."""
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+
+
+def chat_env(emulator: Any) -> dict[str, str]:
+    """The environment of the Deployment's container: what an injection sets."""
+    return env_of(get(emulator, DEPLOYMENTS, "chat"))
+
+
 def served_by_other(emulator: Any) -> None:
     """A resource the other operator has served: its status, its finalizer and its injection."""
     resource = minimal_llmt()
@@ -97,13 +118,10 @@ def writes_since(emulator: Any, seen: int) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("watched", [None, "*", f"team-b,{NAMESPACE}"])
-async def test_a_resource_another_running_operator_serves_is_left_to_it(
-    emulator: Any, monitoring_crds: Any, watched: str | None
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_another_running_operator_serves_is_left_to_it(emulator: Any, watched: str | None) -> None:
     """Nothing injected, made or written: one Warning event and a log line say why and what to change. So whether
     the other operator says it watches every namespace, this one among others, or nothing (an older operator)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5), watched=watched)
     served_by_other(emulator)
     async with running_operator():
@@ -117,33 +135,29 @@ async def test_a_resource_another_running_operator_serves_is_left_to_it(
         await asyncio.sleep(3)
         assert [w for w in writes_since(emulator, 0) if "llmtelemetries" not in w[1] or "status" in w[1]] == []
         assert writes_since(emulator, seen) == []
-        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in chat_env(emulator)
         assert get(emulator, SERVICES, "chat-llm-metrics") is None
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
         assert len(posted_events(emulator, "WatchedTwice")) == 1  # said once, not at every pass
 
 
-async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: Any, monitoring_crds: Any) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_whose_operator_no_longer_runs_is_taken_over(emulator: Any) -> None:
     """Its operator's replicas all dead (uninstalled, say): this operator serves the resource, and its status then
     names this operator."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(minutes=10))
     served_by_other(emulator)
     async with running_operator():
         found = await ready(emulator, attempts=CONFIRMED)
         assert found["status"]["operator"] == PEERING
-        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert chat_env(emulator)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert posted_events(emulator, "WatchedTwice") == []
 
 
-async def test_a_resource_whose_operators_peering_object_is_gone_is_taken_over(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_whose_operators_peering_object_is_gone_is_taken_over(emulator: Any) -> None:
     """No peering object of that name: no operator runs under it (a release switched between cluster-wide and
     namespaced mode runs under another name; deleting its old object hands its resources over without the wait)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     served_by_other(emulator)
     async with running_operator():
         found = await ready(emulator, attempts=CONFIRMED)
@@ -151,29 +165,23 @@ async def test_a_resource_whose_operators_peering_object_is_gone_is_taken_over(
         assert posted_events(emulator, "WatchedTwice") == []
 
 
-async def test_a_resource_in_a_namespace_its_operator_no_longer_watches_is_taken_over(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_in_a_namespace_its_operator_no_longer_watches_is_taken_over(emulator: Any) -> None:
     """Its operator runs, but its release's watchNamespaces no longer has the namespace, as its peering object says:
     nothing serves the resource there but this operator, which takes it over at once and says so in its status."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5), watched="team-b,team-c")
     served_by_other(emulator)
     async with running_operator():
         found = await ready(emulator)
         assert found["status"]["operator"] == PEERING
-        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert chat_env(emulator)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert posted_events(emulator, "WatchedTwice") == []
 
 
-async def test_a_deletion_in_a_namespace_its_operator_no_longer_watches_is_done_here(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_deletion_in_a_namespace_its_operator_no_longer_watches_is_done_here(emulator: Any) -> None:
     """Deleted while this operator was away, after the operator that served it stopped watching the namespace: that
     one does not see the deletion, so this one cleans up and takes the shared finalizer off, without waiting."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5), watched="team-b")
     served_by_other(emulator)
     emulator.objects[LLMT, NAMESPACE, "chat"] = {
@@ -203,42 +211,36 @@ async def test_the_operator_says_on_its_peering_object_which_namespaces_it_watch
         )
 
 
-async def test_a_resource_this_operator_serves_names_it_in_its_status(emulator: Any, monitoring_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_this_operator_serves_names_it_in_its_status(emulator: Any) -> None:
+    served_here(emulator)
     async with running_operator():
         assert (await ready(emulator))["status"]["operator"] == PEERING
 
 
-async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator: Any, monitoring_crds: Any) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_deletion_is_left_to_the_operator_serving_the_resource(emulator: Any) -> None:
     """The finalizer is shared: taken off here, the resource would go before the operator serving it removed its
     injection. This operator waits, writing nothing, and cleans up itself only once that operator is gone."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5))
     served_by_other(emulator)
     async with running_operator():
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         seen = len(list(emulator))
-        await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+        await hand(emulator, "DELETE", CHAT)
         await asyncio.sleep(4)
         assert [w for w in writes_since(emulator, seen) if w[0] != "DELETE"] == []
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]
 
 
 @pytest.mark.parametrize("left", ["stop said", "stale entry"])
-async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(
-    emulator: Any, monitoring_crds: Any, left: str
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(emulator: Any, left: str) -> None:
     """Its only replica stopped a minute ago: kopf took its entry out, and the operator said when it stopped (or,
     after a switch between cluster-wide and namespaced mode, the old pods could not take their entry out, and it
     expired a minute ago). A restart, or a rollout of one replica, leaves none alive for a while, and taking its
     resources over then would move them to this release's settings for good. They are left to it until it has been
     gone for a while."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     if left == "stop said":
         other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
     else:
@@ -253,18 +255,15 @@ async def test_a_resource_whose_operator_is_restarting_is_not_taken_over(
         assert "takes the resource over at its first resync after" in event["message"], event["message"]
         assert "delete that peering object" in event["message"] and OTHER in event["message"]
         await asyncio.sleep(1)
-        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "LLM_TELEMETRY_METRICS_PORT" not in chat_env(emulator)
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
-async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting(emulator: Any) -> None:
     """A resource met while the other operator had no replica running is told it counts as restarting; one met once
     that operator runs again (a replica's entry renewed, read past the cache of its peering object) is told two
     releases watch the namespace, not that the other is restarting."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
     served_by_other(emulator)
     async with running_operator():
@@ -274,7 +273,7 @@ async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting
         await asyncio.sleep(DEFAULT_TIMERS.holder_check_seconds + 1)
         again = minimal_llmt("chat2")
         again["status"] = {"operator": OTHER}
-        await hand(emulator, "POST", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries", again)
+        await hand(emulator, "POST", LLMTS, again)
         events = await eventually(
             lambda: (found := posted_events(emulator, "WatchedTwice")) and len(found) == 2 and found,
             "a second WatchedTwice event",
@@ -284,14 +283,11 @@ async def test_an_operator_back_from_a_restart_is_told_apart_from_one_restarting
         assert get(emulator, LLMT, "chat2")["status"]["operator"] == OTHER
 
 
-async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so_again(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so_again(emulator: Any) -> None:
     """kopf takes a stopping replica's entry out before the operator's cleanup writes its stop mark: a look in
     between finds neither. The resource is taken over only if a second look, takeover_confirm_seconds later, finds
     the same; here the mark arrives meanwhile (a restart), and the resource stays with its operator."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, None)
     served_by_other(emulator)
     async with running_operator():
@@ -299,12 +295,11 @@ async def test_an_operator_seen_gone_once_is_not_taken_over_before_it_is_seen_so
         other_operator(emulator, None, stopped=datetime.timedelta(seconds=2))
         await asyncio.sleep(DEFAULT_TIMERS.takeover_confirm_seconds + 6)
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
-        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "LLM_TELEMETRY_METRICS_PORT" not in chat_env(emulator)
 
 
-async def test_a_resource_whose_operator_stopped_long_ago_is_taken_over(emulator: Any, monitoring_crds: Any) -> None:
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_whose_operator_stopped_long_ago_is_taken_over(emulator: Any) -> None:
     other_operator(emulator, None, stopped=datetime.timedelta(minutes=10))
     served_by_other(emulator)
     async with running_operator():
@@ -343,13 +338,12 @@ async def test_the_active_replica_says_when_it_stopped(emulator: Any, caplog: py
         ("llm*", "other-pod"),
     ],
 )
+@pytest.mark.usefixtures("monitoring")
 async def test_a_namespace_list_not_to_rely_on_leaves_the_resource_to_its_running_operator(
-    emulator: Any, monitoring_crds: Any, watched: str, by: str
+    emulator: Any, watched: str, by: str
 ) -> None:
     """Written by a replica with no entry now (a rollback to an operator that writes none: what a newer one wrote is
     stale), or not a list of namespace names: the operator is taken to watch every namespace."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5), watched=watched, by=by)
     served_by_other(emulator)
     async with running_operator():
@@ -357,19 +351,17 @@ async def test_a_namespace_list_not_to_rely_on_leaves_the_resource_to_its_runnin
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
-async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: Any, monitoring_crds: Any) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: Any) -> None:
     """This operator served it; another claimed it and wrote a status of its own, then went for good. Taking it
     back, this operator writes its own status again, not comparing against the one it wrote last."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    served_here(emulator)
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=1)
     async with running_operator(config):
         await ready(emulator, attempts=CONFIRMED)
         other_operator(emulator, datetime.timedelta(minutes=10))
         theirs = {"operator": OTHER, "phase": "Pending", "targets": [], "targetCount": 0, "conditions": []}
-        path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat/status"
+        path = f"{CHAT}/status"
         await hand(emulator, "PATCH", path, {"status": theirs})
         found = await eventually(
             lambda: (
@@ -383,16 +375,15 @@ async def test_a_resource_taken_back_gets_this_operators_status_again(emulator: 
         assert found["status"]["targetCount"] == 1 and found["status"]["phase"] == "Ready"
 
 
-async def test_a_deletion_left_to_the_other_operator_ends_when_it_is_done(emulator: Any, monitoring_crds: Any) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_deletion_left_to_the_other_operator_ends_when_it_is_done(emulator: Any) -> None:
     """The other operator cleans up and takes the finalizer off; the resource is then made anew, by a user, for
     this operator. The wait ends there: it reads the resource from the API server (kopf hands its next events to
     this operator only once the handler returns), finds another uid, and leaves the new resource as it is, where
     acting on the old body would have removed the new one's injection."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5))
     served_by_other(emulator)
-    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries"
+    path = LLMTS
     async with running_operator():
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
         await hand(emulator, "DELETE", f"{path}/chat")
@@ -405,7 +396,7 @@ async def test_a_deletion_left_to_the_other_operator_ends_when_it_is_done(emulat
         injected = await ready(emulator)
         assert injected["metadata"]["uid"] == "uid-chat-again"
         await asyncio.sleep(4)  # past the old deletion's next look (every 2 s)
-        assert env_of(get(emulator, DEPLOYMENTS, "chat"))["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+        assert chat_env(emulator)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
         assert get(emulator, SERVICES, "chat-llm-metrics") is not None
 
 
@@ -417,7 +408,7 @@ async def test_a_resource_another_running_operator_serves_is_not_let_go_at_start
     install_prometheus_operator_crds(emulator, monitoring_crds)
     other_operator(emulator, datetime.timedelta(seconds=5), watched=NAMESPACE)
     served_by_other(emulator)
-    await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+    await hand(emulator, "DELETE", CHAT)
     namespace = namespace_object(NAMESPACE)
     namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     namespace["status"] = {"phase": "Terminating"}
@@ -446,7 +437,7 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
     install_prometheus_operator_crds(emulator, monitoring_crds)
     other_operator(emulator, None, stopped=datetime.timedelta(seconds=1))
     served_by_other(emulator)
-    await hand(emulator, "DELETE", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
+    await hand(emulator, "DELETE", CHAT)
     namespace = namespace_object(NAMESPACE)
     namespace["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     # As the namespace controller says it is held up (kopf then watches no such namespace when it starts).
@@ -467,10 +458,7 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
         assert c.FINALIZER in get(emulator, LLMT, "chat")["metadata"]["finalizers"]  # within the grace: left to it
         if refused:
             await eventually(
-                lambda: (
-                    ("PATCH", f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat")
-                    in writes_since(emulator, seen)
-                ),
+                lambda: ("PATCH", CHAT) in writes_since(emulator, seen),
                 "a release tried",
                 attempts=400,
             )
@@ -480,14 +468,11 @@ async def test_a_resource_left_at_start_to_an_operator_since_gone_for_good_is_le
         await eventually(lambda: get(emulator, LLMT, "chat") is None, "let go once its operator is gone for good")
 
 
-async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_that_operator_runs(
-    emulator: Any, monitoring_crds: Any
-) -> None:
+@pytest.mark.usefixtures("monitoring")
+async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_that_operator_runs(emulator: Any) -> None:
     """The first event said the other operator counts as restarting, and that the resource is taken over if it stays
     gone; it came back instead, so two releases watch the namespace, which the user has to settle: the same resource
     is told so, once, at its next pass (not only a resource first met after)."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
     other_operator(emulator, None, stopped=datetime.timedelta(minutes=1))
     served_by_other(emulator)
     config = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
@@ -516,35 +501,65 @@ async def test_a_resource_told_its_operator_was_restarting_is_told_again_once_th
 #: The pass's read of the workloads its selector picks: after it, the pass patches the Deployment.
 WORKLOADS_READ = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
 CLAIM_LOST = f"stopped: the resource is served by operator '{OTHER}' now"
+#: The other operator's claim, and a change of spec that this operator's handler would apply.
+CLAIMED = {"status": {"operator": OTHER}}
+LOGS_OFF = {"spec": {"logs": {"enabled": False}}}
 
 
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The operator's log, from INFO: where it says why a pass stopped."""
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def errors(log: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in log.records if r.levelno >= logging.ERROR]
+
+
+def hold_workload_reads(emulator: Any) -> None:
+    """The API server answers a pass's read of the workloads only once the test sets ``emulator.released``."""
+    emulator.holds = lambda request: (
+        request.method == "GET" and request.path == WORKLOADS_READ and "labelSelector" in request.query
+    )
+
+
+async def take_injection_out(emulator: Any) -> None:
+    """Someone takes the injection out of the Deployment: the pass its event starts would put it back."""
+    bare = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:1"}]}}}}
+    await hand(emulator, "PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat", bare)
+
+
+async def stopped_or_written(emulator: Any, log: pytest.LogCaptureFixture, seen: int) -> None:
+    await eventually(
+        lambda: any(CLAIM_LOST in r.getMessage() for r in log.records) or writes_since(emulator, seen),
+        "the pass stopped, or written on",
+    )
+
+
+def passes_writes(emulator: Any, seen: int) -> list[tuple[str, str]]:
+    """:func:`writes_since`, but for kopf's record on the resource of the spec it handled: its own write, no pass's."""
+    return [w for w in writes_since(emulator, seen) if w != ("PATCH", CHAT)]
+
+
+@pytest.mark.usefixtures("monitoring")
 async def test_a_pass_under_way_when_another_operator_claims_the_resource_writes_nothing_more(
-    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+    emulator: Any, log: pytest.LogCaptureFixture
 ) -> None:
     """This operator serves "chat". Its Deployment changes, and while the pass that asks for is under way (it has
     read the workloads), another operator that runs claims the resource (its name in the status). The pass went on
     and wrote what it worked out, its injection and its status, over the other operator's: the workload rolled
     twice, to this operator's settings and back to the other's. It now writes nothing more, says why, and its next
     pass leaves the resource to the other operator."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    served_here(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5))
-    caplog.set_level(logging.INFO)
-    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
     async with running_operator() as memo:
         await ready(emulator)
-        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
-        # The API server answers the next pass's read of the workloads only once the test lets it.
-        emulator.holds = lambda request: (
-            request.method == "GET" and request.path == WORKLOADS_READ and "labelSelector" in request.query
-        )
-        # Someone takes the injection out of the Deployment: the pass its event starts would put it back.
-        bare = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:1"}]}}}}
-        await hand(emulator, "PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat", bare)
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in chat_env(emulator)
+        hold_workload_reads(emulator)
+        await take_injection_out(emulator)
         await eventually(lambda: emulator.held, "the pass's read of the workloads under way")
-        await hand(emulator, "PATCH", f"{path}/status", {"status": {"operator": OTHER}})
+        await hand(emulator, "PATCH", f"{CHAT}/status", CLAIMED)
         state = memo["state"]
         await eventually(
             lambda: (state.bodies[NAMESPACE, "chat"].get("status") or {}).get("operator") == OTHER,
@@ -552,24 +567,21 @@ async def test_a_pass_under_way_when_another_operator_claims_the_resource_writes
         )
         seen = len(list(emulator))
         emulator.released.set()  # the read answered: the pass goes on, with what it read
-        await eventually(
-            lambda: any(CLAIM_LOST in r.getMessage() for r in caplog.records) or writes_since(emulator, seen),
-            "the pass stopped, or written on",
-        )
+        await stopped_or_written(emulator, log, seen)
         assert writes_since(emulator, seen) == []
-        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in chat_env(emulator)
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
-        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert errors(log) == []
         # Its next pass (the spec changed again) leaves the resource to the other operator, and says so.
-        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        await hand(emulator, "PATCH", CHAT, LOGS_OFF)
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
-        # (kopf records on the resource the spec it handled: its own write, no pass's)
-        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
+        assert passes_writes(emulator, seen) == []
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
+@pytest.mark.usefixtures("monitoring")
 async def test_a_handler_pass_under_way_when_another_operator_claims_the_resource_writes_nothing_more(
-    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+    emulator: Any, log: pytest.LogCaptureFixture
 ) -> None:
     """This operator serves "chat". Its spec changes, and while the pass of kopf's handler for it is under way (it
     has read the workloads), another operator that runs claims the resource. kopf holds the resource's events while
@@ -577,72 +589,56 @@ async def test_a_handler_pass_under_way_when_another_operator_claims_the_resourc
     and a status naming this operator over the claim, and on a real API server the two operators then put their own
     settings back over each other's (four rollouts for one change of spec). The pass now reads the resource again
     before each write while kopf holds its events: it writes nothing, and says why."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    served_here(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5))
-    caplog.set_level(logging.INFO)
-    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
     async with running_operator():
         await ready(emulator)
-        before = env_of(get(emulator, DEPLOYMENTS, "chat"))
+        before = chat_env(emulator)
         assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in before
-        # The API server answers the handler pass's read of the workloads only once the test lets it.
-        emulator.holds = lambda request: (
-            request.method == "GET" and request.path == WORKLOADS_READ and "labelSelector" in request.query
-        )
-        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        hold_workload_reads(emulator)
+        await hand(emulator, "PATCH", CHAT, LOGS_OFF)
         await eventually(lambda: emulator.held, "the handler pass's read of the workloads under way")
-        await hand(emulator, "PATCH", f"{path}/status", {"status": {"operator": OTHER}})
+        await hand(emulator, "PATCH", f"{CHAT}/status", CLAIMED)
         seen = len(list(emulator))
         emulator.released.set()  # the read answered: the pass goes on, with what it read
-        await eventually(
-            lambda: any(CLAIM_LOST in r.getMessage() for r in caplog.records) or writes_since(emulator, seen),
-            "the pass stopped, or written on",
-        )
-        # (kopf records on the resource the spec it handled: its own write, no pass's)
-        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
-        assert env_of(get(emulator, DEPLOYMENTS, "chat")) == before
+        await stopped_or_written(emulator, log, seen)
+        assert passes_writes(emulator, seen) == []
+        assert chat_env(emulator) == before
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
-        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert errors(log) == []
         # Its events delivered since, the resource is left to the other operator, which it says once.
         await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
-        assert [w for w in writes_since(emulator, seen) if w != ("PATCH", path)] == []
+        assert passes_writes(emulator, seen) == []
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
+@pytest.mark.usefixtures("monitoring")
 async def test_a_handler_pass_is_not_stopped_by_a_lagging_cache_naming_another_operator(
-    emulator: Any, monitoring_crds: Any, caplog: pytest.LogCaptureFixture
+    emulator: Any, log: pytest.LogCaptureFixture
 ) -> None:
     """Behind several API servers, one's cache may lag and still show an operator whose claim is over (this operator
     took the resource over since). A pass of kopf's handler that reads such a body before a write confirms it with a
     consistent list: the resource is this operator's, and the change of spec is applied."""
-    install_prometheus_operator_crds(emulator, monitoring_crds)
-    install_default_collectors(emulator)
-    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
-    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    served_here(emulator)
     other_operator(emulator, datetime.timedelta(seconds=5))
-    caplog.set_level(logging.INFO)
-    path = f"/apis/llmtelemetry.dev/v1alpha1/namespaces/{NAMESPACE}/llmtelemetries/chat"
     async with running_operator():
         await ready(emulator)
-        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in chat_env(emulator)
         stale = get(emulator, LLMT, "chat")
         stale["status"] = {**stale["status"], "operator": OTHER}
         lagging = {"kind": "LLMTelemetryList", "metadata": {"resourceVersion": "1"}, "items": [stale]}
         emulator[lambda request: by_name(request) and request.params.get("resourceVersion") == "0"] << 200 << lagging
         confirmed = len(consistent_reads(emulator))
-        await hand(emulator, "PATCH", path, {"spec": {"logs": {"enabled": False}}})
+        await hand(emulator, "PATCH", CHAT, LOGS_OFF)
         await eventually(
             lambda: (
-                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
-                or any("stopped" in r.getMessage() for r in caplog.records)
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in chat_env(emulator)
+                or any("stopped" in r.getMessage() for r in log.records)
             ),
             "the change of spec applied, or the pass stopped",
         )
-        assert [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()] == []
-        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+        assert [r.getMessage() for r in log.records if "stopped" in r.getMessage()] == []
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" not in chat_env(emulator)
         assert len(consistent_reads(emulator)) > confirmed
         await eventually(
             lambda: get(emulator, LLMT, "chat")["status"].get("observedGeneration") == 2, "the change's status"
