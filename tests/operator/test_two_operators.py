@@ -612,6 +612,90 @@ async def test_a_handler_pass_under_way_when_another_operator_claims_the_resourc
         assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
 
 
+async def claimed_while_held(emulator: Any, log: pytest.LogCaptureFixture, stopped: str) -> None:
+    """The other operator claims the resource while a pass's read of the workloads is held, then the read is
+    answered. Nothing is written over the claim (but kopf's record of the spec it handled), the Deployment stays as
+    it was, the pass for ``stopped`` says it stopped and why, the status names the other operator, and one
+    WatchedTwice event says that the resource is left to it."""
+    await hand(emulator, "PATCH", f"{CHAT}/status", CLAIMED)
+    before, seen = chat_env(emulator), len(list(emulator))
+    emulator.released.set()
+    await stopped_or_written(emulator, log, seen)
+    assert passes_writes(emulator, seen) == []
+    (event,) = await eventually(lambda: posted_events(emulator, "WatchedTwice"), "WatchedTwice event")
+    assert OTHER in event["message"]
+    assert any(r.getMessage().endswith(f"pass ({stopped}) {CLAIM_LOST}") for r in log.records)
+    assert passes_writes(emulator, seen) == []
+    assert chat_env(emulator) == before
+    assert get(emulator, LLMT, "chat")["status"]["operator"] == OTHER
+    assert errors(log) == []
+
+
+async def handler_waiting(emulator: Any, memo: Any) -> None:
+    """Change the spec while a pass of the operator's own holds the resource's lock: kopf's handler for the change
+    waits for that pass, and kopf holds the resource's events (the claim below among them) until the handler ends."""
+    await hand(emulator, "PATCH", CHAT, LOGS_OFF)
+    await eventually(lambda: memo["state"].handling.get((NAMESPACE, "chat")), "kopf's handler waiting for the lock")
+
+
+@pytest.mark.parametrize("own", ["workload", "resync"])
+@pytest.mark.usefixtures("monitoring")
+async def test_a_claim_during_an_own_pass_that_a_handler_waits_behind_stops_both(
+    emulator: Any, log: pytest.LogCaptureFixture, own: str
+) -> None:
+    """This operator serves "chat". A pass of its own is under way (for a workload's event, or the resync), with the
+    injection to put back (someone took it out of the Deployment), when the spec changes: kopf's handler waits
+    behind that pass. Another operator that runs claims the resource meanwhile; kopf holds the claim's event until
+    its handler ends, so the watch has not brought it here. A handler waiting counts as one running: the own pass
+    reads the resource again before its first write, and stops, saying why. The passes waiting behind it find the
+    claim and leave the resource to the other operator, which one WatchedTwice event says. Nothing is written over
+    the claim, and no status names this operator after it."""
+    served_here(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    resyncing = OperatorConfig(peering=PEERING, metrics_port=0, health="", resync_seconds=2)
+    async with running_operator(resyncing if own == "resync" else None) as memo:
+        await ready(emulator)
+        hold_workload_reads(emulator)
+        if own == "workload":
+            await take_injection_out(emulator)
+        await eventually(lambda: emulator.held, f"the {own} pass's read of the workloads under way")
+        if own == "resync":
+            # Taken out before the resync's read is answered: that pass has the injection to put back (a resync
+            # with nothing to change writes nothing). The pass the Deployment's event asks for waits behind it too.
+            await take_injection_out(emulator)
+        await handler_waiting(emulator, memo)
+        await claimed_while_held(emulator, log, stopped=own)
+
+
+@pytest.mark.usefixtures("monitoring")
+async def test_a_handler_that_waited_behind_an_own_pass_stops_at_a_claim_made_after_that_pass(
+    emulator: Any, log: pytest.LogCaptureFixture
+) -> None:
+    """As above, but the claim comes once the own pass has ended (it put the injection back, as the resource was
+    still this operator's), before the waiting handler's pass has read the workloads. The handler's pass starts from
+    the body kopf gave it, which names this operator (kopf still holds the claim's event): it reads the resource again
+    before its first write, writes nothing (the spec's change neither), and the resource is left to the other
+    operator."""
+    served_here(emulator)
+    other_operator(emulator, datetime.timedelta(seconds=5))
+    async with running_operator() as memo:
+        await ready(emulator)
+        hold_workload_reads(emulator)
+        await take_injection_out(emulator)
+        await eventually(lambda: emulator.held, "the workload pass's read of the workloads under way")
+        await handler_waiting(emulator, memo)
+        # The own pass's read answered; the handler's pass's (next) is held in turn.
+        own, emulator.released = emulator.released, asyncio.Event()
+        own.set()
+        await eventually(lambda: emulator.held == 2, "the handler pass's read of the workloads under way")
+        assert any(
+            r.getMessage().endswith("reconciled (workload): ready, targets ['Deployment/chat']") for r in log.records
+        )
+        # Put back, with the spec the own pass began with.
+        assert "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT" in chat_env(emulator)
+        await claimed_while_held(emulator, log, stopped="update")
+
+
 @pytest.mark.usefixtures("monitoring")
 async def test_a_handler_pass_is_not_stopped_by_a_lagging_cache_naming_another_operator(
     emulator: Any, log: pytest.LogCaptureFixture
