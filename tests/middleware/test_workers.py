@@ -319,6 +319,15 @@ def _server_env(tmp_path: Path, metrics_port: int, extra: dict[str, str]) -> dic
     return env
 
 
+def new_server(
+    tmp_path: Path, kind: str = "uvicorn", workers: int = 2, log: str = "server.log", **extra: str
+) -> Server:
+    """A server not yet started: ``kind`` with ``workers`` workers on a free port and a free metrics port, the test's
+    environment (:func:`_server_env`) with ``extra`` on top, its output in ``tmp_path / log``."""
+    port, metrics_port = free_port(), free_port()
+    return Server(kind, workers, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / log)
+
+
 @contextlib.contextmanager
 def running(server: Server) -> Iterator[Server]:
     try:
@@ -326,6 +335,9 @@ def running(server: Server) -> Iterator[Server]:
     finally:
         server.stop()
 
+
+#: The tests that find the server's workers (and which one answered) in ``/proc``.
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="reads worker pids from /proc")
 
 CASES = [
     pytest.param("uvicorn", 2, "default", id="uvicorn-2"),
@@ -336,16 +348,13 @@ CASES = [
 
 
 @pytest.mark.slow
+@linux_only
 @pytest.mark.parametrize(("kind", "workers", "state_dir"), CASES)
 def test_workers_scrapes_are_exact_across_kill_and_restart(
     kind: str, workers: int, state_dir: str, tmp_path: Path
 ) -> None:
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
     extra = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")} if state_dir == "prometheus-dir" else {}
-    env = _server_env(tmp_path, metrics_port, extra)
-    server = Server(kind, workers, port, metrics_port, env, tmp_path / "server.log")
+    server = new_server(tmp_path, kind, workers, **extra)
 
     with running(server):
         first_workers = process_children(server.pid)
@@ -770,15 +779,13 @@ class _OTLPReceiver:
 
 
 @pytest.mark.slow
+@linux_only
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-state", "shared-state-off"])
 def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path, shared: bool) -> None:
     """With OTLP on as well, each worker pushes its own cumulative numbers under its own service.instance.id; so too
     with the shared state turned off (``LLM_TELEMETRY_MULTIPROC_DIR=off``), where the workers pushed under the one
     configured id: the receiver saw one worker's count at a time, a series going up and down with each export."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
     receiver = _OTLPReceiver()
-    port, metrics_port = free_port(), free_port()
     extra = {
         "LLM_TELEMETRY_METRICS_EXPORTER": "prometheus,otlp",
         "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/metrics",
@@ -789,9 +796,8 @@ def test_workers_otlp_push_has_one_instance_per_worker(tmp_path: Path, shared: b
     }
     if not shared:
         extra["LLM_TELEMETRY_MULTIPROC_DIR"] = "off"
-    env = _server_env(tmp_path, metrics_port, extra)
     try:
-        with running(Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")) as server:
+        with running(new_server(tmp_path, **extra)) as server:
             workers = process_children(server.pid)
             sent, pids = Traffic(), set()
             for _ in range(5):  # until both workers have answered (each request is a new connection)
@@ -851,14 +857,11 @@ def _chat_on_both_workers(base: str, models: Iterator[str]) -> tuple[set[int], i
 
 
 @pytest.mark.slow
+@linux_only
 def test_workers_label_caps_hold_across_worker_kill_and_restart(tmp_path: Path) -> None:
     """The distinct-value bound is per deployment of workers: neither another worker nor a replacement worker
     admits values past it, and nothing counted is lost on the way."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
-    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MAX_LABEL_VALUES": "3"})
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    server = new_server(tmp_path, LLM_TELEMETRY_MAX_LABEL_VALUES="3")
     with running(server):
         first_workers = process_children(server.pid)
         admitted = ["m-a", "m-b", "m-c"]
@@ -902,10 +905,10 @@ def _app_path_scrape_rounds(
     three scrapes are returned:
     the (llm_requests_total, the worker that answered, the worker whose rendering it was) of each, in order, and the
     two workers."""
-    port, metrics_port = free_port(), free_port()
     # No delay before the reply: the request between the second worker's two scrapes takes ~2 ms, not ~25.
     extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "WORKERS_APP_FIRST_TOKEN_DELAY": "0", **env}
-    server = Server("uvicorn", 2, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
+    server = new_server(tmp_path, log="s.log", **extra)
+    port = server.port
     with running(server), contextlib.ExitStack() as stack:
         # Series enough that a rendering takes a while (~50 ms), and is shared for a while.
         _chat_models(server.base, [f"model-{i}" for i in range(100)])
@@ -946,28 +949,31 @@ def _app_path_scrape_rounds(
         return [read(answer) for answer in answers], set(workers)
 
 
+def _went_down(shown: list[tuple[float, int, int]]) -> list[tuple[tuple[float, int, int], tuple[float, int, int]]]:
+    """The scrapes of :func:`_app_path_scrape_rounds` whose ``llm_requests_total`` is lower than the one before's."""
+    return [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
+
+
 @pytest.mark.slow
+@linux_only
 def test_workers_scrapes_of_the_app_path_never_go_down_whichever_worker_answers(tmp_path: Path) -> None:
     """Any worker answers a scrape of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH``), and each keeps its
     newest rendering to share with the scrapes that follow it: one worker's kept rendering, older than the one another
     worker has just answered, must not be answered again (its counters lower, which Prometheus reads as a reset)."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
     shown, workers = _app_path_scrape_rounds(tmp_path, 10, contextlib.nullcontext)
     assert {pid for _, pid, _ in shown} == workers, shown
-    went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
+    went_down = _went_down(shown)
     assert not went_down, f"llm_requests_total went down between scrapes (total, worker, renderer): {went_down[:5]}"
 
 
 @pytest.mark.slow
+@linux_only
 def test_workers_app_path_scrapes_share_one_rendering_across_workers(tmp_path: Path) -> None:
     """A scrape of the app's own path that one worker answers right after another worker rendered one gets that
     rendering (its ``target_info`` names the worker that rendered it) rather than merging and rendering again: each
     worker sharing only its own, a storm of scrapes, which reaches every worker, made nearly every scrape a merge and
     a rendering (~200 ms of CPU for a 3 MB exposition, against ~6 ms on the metrics port; benchmarks/scrape_storm.py)
     and cut the scrapes answered six-fold."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
     shown, workers = _app_path_scrape_rounds(tmp_path, 10, contextlib.nullcontext)
     assert {pid for _, pid, _ in shown} == workers, shown
     # The first worker's scrape in each round comes right after the second worker rendered anew (after the pause).
@@ -978,14 +984,13 @@ def test_workers_app_path_scrapes_share_one_rendering_across_workers(tmp_path: P
 
 
 @pytest.mark.slow
+@linux_only
 def test_workers_app_path_scrapes_never_go_down_while_the_state_directory_is_full(
     tmp_path: Path, small_tmpfs: Path
 ) -> None:
     """A merge that cannot record itself in the ``merge`` file (the state directory's file system full) must leave no
     other worker taking its kept rendering for the newest: that worker's older numbers, answered after the newer ones
     of the worker whose merge went unrecorded, would make a counter go down, which Prometheus reads as a reset."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
     fill = small_tmpfs / "fill"
 
     @contextlib.contextmanager
@@ -999,28 +1004,24 @@ def test_workers_app_path_scrapes_never_go_down_while_the_state_directory_is_ful
 
     shown, workers = _app_path_scrape_rounds(tmp_path, 10, full, LLM_TELEMETRY_MULTIPROC_DIR=str(small_tmpfs / "state"))
     assert {pid for _, pid, _ in shown} == workers, shown
-    went_down = [(before, after) for before, after in itertools.pairwise(shown) if after[0] < before[0]]
+    went_down = _went_down(shown)
     assert not went_down, f"llm_requests_total went down between scrapes (total, worker, renderer): {went_down[:5]}"
 
 
 @pytest.mark.slow
+@linux_only
 @pytest.mark.parametrize("breakage", ["symlink", "file"])
 def test_workers_unusable_state_directory_leaves_the_app_serving(tmp_path: Path, breakage: str) -> None:
     """A shared directory that cannot be used (a planted symlink in the temp dir, or a file where the directory
     should be) costs the merged numbers, never a request: every worker serves, the failure is counted."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
-    extra: dict[str, str] = {}
-    env = _server_env(tmp_path, metrics_port, extra)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     if breakage == "symlink":
+        server = new_server(tmp_path)
         (tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}").symlink_to(elsewhere)
     else:
         (tmp_path / "not-a-dir").write_text("")
-        env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(tmp_path / "not-a-dir")
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+        server = new_server(tmp_path, LLM_TELEMETRY_MULTIPROC_DIR=str(tmp_path / "not-a-dir"))
     with running(server):
         _chat_on_both_workers(server.base, itertools.repeat("demo-priced"))
         with urllib.request.urlopen(f"{server.base}/healthz", timeout=10) as health:
@@ -1356,10 +1357,7 @@ def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, smal
     cannot grow its worker's file, and the worker goes on serving. Its file's pages are reserved before they are
     mapped; a write to an unreserved page of a full file system was a SIGBUS that killed the worker, losing what it
     held. The series already in place keep counting exactly."""
-    port, metrics_port = free_port(), free_port()
-    env = _server_env(tmp_path, metrics_port, {})
-    env["LLM_TELEMETRY_MULTIPROC_DIR"] = str(small_tmpfs / "state")
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    server = new_server(tmp_path, LLM_TELEMETRY_MULTIPROC_DIR=str(small_tmpfs / "state"))
     with running(server):
         # Answered, so counted (an existing series needs no new page of the files).
         pids, counted = _chat_on_both_workers(server.base, itertools.repeat("demo-priced"))
@@ -1383,6 +1381,7 @@ def test_workers_state_directory_filling_up_kills_no_worker(tmp_path: Path, smal
 
 
 @pytest.mark.slow
+@linux_only
 @pytest.mark.parametrize("removal", ["tmp-cleaner", "rm-rf", "archive-after-a-death"])
 def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_path: Path, removal: str) -> None:
     """An age-based /tmp cleaner (systemd-tmpfiles, tmpreaper) removes the files that never change first: the run
@@ -1390,12 +1389,8 @@ def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_pat
     whole directory goes (``rm -rf``). Or the archive goes just after a replacement folded a dead worker into it.
     Nothing counted before or after is lost or counted twice, and every scrape answers: the workers put their files
     back, and a joining worker does not take live workers' state for an earlier run's."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
     state = tmp_path / "state"
-    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MULTIPROC_DIR": str(state)})
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    server = new_server(tmp_path, LLM_TELEMETRY_MULTIPROC_DIR=str(state))
     with running(server):
         first_workers = process_children(server.pid)
         sent = Traffic()
@@ -1438,6 +1433,7 @@ def test_workers_state_files_removed_under_a_running_server_are_put_back(tmp_pat
 
 
 @pytest.mark.slow
+@linux_only
 def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_back(tmp_path: Path) -> None:
     """The whole state directory removed under a running server (``rm -rf``): each worker puts its own files back
     within a second, and a merge waits for the others when it finds files missing. A worker whose own files were
@@ -1445,12 +1441,10 @@ def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_
     looked yet, as nothing of that one was left: its merges showed that worker's counts gone (``llm_requests_total``
     at 0 on every series the other worker had counted), which Prometheus reads as a reset, and counts again as they
     come back."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
     state = tmp_path / "state"
     extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "LLM_TELEMETRY_MULTIPROC_DIR": str(state)}
-    server = Server("uvicorn", 3, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
+    server = new_server(tmp_path, workers=3, log="s.log", **extra)
+    port, metrics_port = server.port, server.metrics_port
     with running(server):
         # Over one kept-alive connection: every request counted by one worker, none by the others.
         with openai.OpenAI(base_url=f"{server.base}/v1", api_key="test", max_retries=0) as client:
@@ -1494,16 +1488,13 @@ def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_
 
 
 @pytest.mark.slow
+@linux_only
 def test_workers_rendering_that_waited_for_removed_files_is_not_shared_for_longer(tmp_path: Path) -> None:
     """After ``rm -rf`` of the state directory, a scrape of the metrics port waits two seconds for the workers to put
     their files back. That wait is no part of what its rendering took to make: counted in, the rendering answered the
     plain scrapes that followed for eight seconds more, without the requests counted meanwhile."""
-    if sys.platform != "linux":
-        pytest.skip("reads worker pids from /proc")
-    port, metrics_port = free_port(), free_port()
     state = tmp_path / "state"
-    env = _server_env(tmp_path, metrics_port, {"LLM_TELEMETRY_MULTIPROC_DIR": str(state)})
-    server = Server("uvicorn", 2, port, metrics_port, env, tmp_path / "server.log")
+    server = new_server(tmp_path, LLM_TELEMETRY_MULTIPROC_DIR=str(state))
     with running(server):
         sent, _ = drive(server.base, streams=1, plains=3, rate_limited=0, embeddings=0)
         settle(server, sent)
@@ -1689,7 +1680,7 @@ def test_workers_servers_in_two_containers_sharing_tmp_keep_their_own_numbers(tm
 def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path) -> None:
     """Another process (a second service on the host, another exporter) holds the metrics port: the workers
     cannot tell it from a sibling at first, but once no worker of theirs has claimed the port they say so."""
-    metrics_port = free_port()
+    server = new_server(tmp_path)
 
     class Exporter(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -1700,13 +1691,13 @@ def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path
         def log_message(self, *args: Any) -> None:
             pass
 
-    other = http.server.ThreadingHTTPServer(("127.0.0.1", metrics_port), Exporter)
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", server.metrics_port), Exporter)
     threading.Thread(target=other.serve_forever, daemon=True).start()
-    log = tmp_path / "server.log"
     try:
-        with running(Server("uvicorn", 2, free_port(), metrics_port, _server_env(tmp_path, metrics_port, {}), log)):
+        with running(server):
             wait_for(
-                "the warning", lambda: "is held by a process that is not a worker of this server" in log.read_text()
+                "the warning",
+                lambda: "is held by a process that is not a worker of this server" in server.log.read_text(),
             )
     finally:
         other.shutdown()
@@ -1748,9 +1739,8 @@ def test_workers_a_storm_of_scrapes_is_answered_not_refused(kind: str, tmp_path:
     milliseconds. A scrape past those answers waits its turn and is answered; answered 503 at once (as before), a
     fifth to a third of an HA pair of Prometheus servers' scrapes beside such clients were refused, each an
     ``up == 0`` that an alert on ``up`` reads as the target down."""
-    port, metrics_port = free_port(), free_port()
     extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "WORKERS_APP_FIRST_TOKEN_DELAY": "0"}
-    server = Server(kind, 3, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / "s.log")
+    server = new_server(tmp_path, kind, 3, log="s.log", **extra)
     with running(server):
         _chat_models(server.base, [f"model-{i}" for i in range(40)])
 
@@ -1767,7 +1757,7 @@ def test_workers_a_storm_of_scrapes_is_answered_not_refused(kind: str, tmp_path:
                     connection.close()
             return statuses
 
-        for target in (metrics_port, port):
+        for target in (server.metrics_port, server.port):
             with ThreadPoolExecutor(6) as pool:
                 statuses = [status for done in pool.map(storm, [target] * 6) for status in done]
             refused = statuses.count(503)
