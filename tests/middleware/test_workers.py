@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -236,13 +236,24 @@ def is_running(pid: int) -> bool:
 class Server:
     """A real uvicorn or gunicorn server with ``workers`` worker processes, in its own session."""
 
-    def __init__(self, kind: str, workers: int, port: int, metrics_port: int, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        workers: int,
+        port: int,
+        metrics_port: int,
+        env: dict[str, str],
+        log: Path,
+        options: Sequence[str] = (),
+    ) -> None:
         self.kind = kind
         self.workers = workers
         self.port = port
         self.metrics_port = metrics_port
         self.env = env
         self.log = log
+        #: More of the server's own command-line options.
+        self.options = list(options)
         self.process: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{port}"
 
@@ -253,10 +264,11 @@ class Server:
     def command(self) -> list[str]:
         if self.kind == "uvicorn":
             return [sys.executable, "-m", "uvicorn", "workers_app:app", "--app-dir", str(APPS),
-                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+                    *self.options]  # fmt: skip
         return [sys.executable, "-m", "gunicorn", "workers_app:app", "--chdir", str(APPS),
                 "-w", str(self.workers), "-k", "uvicorn.workers.UvicornWorker",
-                "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5"]  # fmt: skip
+                "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", *self.options]  # fmt: skip
 
     def start(self) -> Server:
         started = self._startups()
@@ -320,12 +332,20 @@ def _server_env(tmp_path: Path, metrics_port: int, extra: dict[str, str]) -> dic
 
 
 def new_server(
-    tmp_path: Path, kind: str = "uvicorn", workers: int = 2, log: str = "server.log", **extra: str
+    tmp_path: Path,
+    kind: str = "uvicorn",
+    workers: int = 2,
+    log: str = "server.log",
+    options: Sequence[str] = (),
+    server: type[Server] = Server,
+    **extra: str,
 ) -> Server:
-    """A server not yet started: ``kind`` with ``workers`` workers on a free port and a free metrics port, the test's
-    environment (:func:`_server_env`) with ``extra`` on top, its output in ``tmp_path / log``."""
+    """A ``server`` not yet started: ``kind`` with ``workers`` workers and ``options`` on a free port and a free
+    metrics port, the test's environment (:func:`_server_env`) with ``extra`` on top, its output in
+    ``tmp_path / log``."""
     port, metrics_port = free_port(), free_port()
-    return Server(kind, workers, port, metrics_port, _server_env(tmp_path, metrics_port, extra), tmp_path / log)
+    env = _server_env(tmp_path, metrics_port, extra)
+    return server(kind, workers, port, metrics_port, env, tmp_path / log, options)
 
 
 @contextlib.contextmanager
@@ -440,6 +460,138 @@ def test_workers_scrapes_are_exact_across_kill_and_restart(
             expected = [f"{kind}-{server.pid}{namespace}"]
             assert new_state == expected and old_state != new_state, (old_state, new_state)
     assert "address already in use" not in server.log.read_text(errors="replace").lower()
+
+
+def _drive_until_answered(server: Server, by: set[int], sent: Traffic) -> Traffic:
+    """Send traffic until one of the workers ``by`` has answered some of it; return ``sent`` plus all of it."""
+    for _ in range(40):  # the kernel picks the accepting worker
+        more, pids = drive(server.base, streams=2, plains=4, rate_limited=0, embeddings=0)
+        sent += more
+        if pids & by:
+            return sent
+    raise AssertionError(f"none of the workers {by} answered a request")
+
+
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_ttin_ttou_and_hup_keep_every_count(tmp_path: Path) -> None:
+    """gunicorn adds a worker (``TTIN``), removes one (``TTOU``) and replaces them all (``HUP``) under the same
+    arbiter: what the removed workers counted stays in every total, nothing is counted twice, and the streams a
+    removed worker held drop out of ``llm_requests_active``."""
+    # A worker stopped with a stream in flight waits for it to end until gunicorn aborts it, --timeout after.
+    server = new_server(tmp_path, "gunicorn", 2, options=("--timeout", "10"))
+    with running(server):
+        sent = _drive_until_answered(server, process_children(server.pid), Traffic())
+        os.kill(server.pid, signal.SIGTTIN)
+        added = wait_for(
+            "a third worker", lambda: len(process_children(server.pid)) == 3 and process_children(server.pid)
+        )
+        # Every worker counts some of it: the one TTOU removes (the oldest) included.
+        for worker in added:
+            sent = _drive_until_answered(server, {worker}, sent)
+        settle(server, sent)
+
+        slow = SlowStreams(server.base)
+        try:
+            for _ in range(30):  # until every worker holds a stream: the one TTOU removes among them
+                slow.start()
+                if {pid for pid, _ in slow.open} == added:
+                    break
+            assert {pid for pid, _ in slow.open} == added, "a worker holds no stream"
+            assert_totals(server.scrape(fresh=True), sent, active=len(slow.open))
+            os.kill(server.pid, signal.SIGTTOU)
+            wait_for("a worker removed", lambda: len(process_children(server.pid)) == 2)
+            (removed,) = added - process_children(server.pid)
+            survivors = [pid for pid, _ in slow.open if pid != removed]
+            # (Refused for a second or so if the removed worker served the metrics port.)
+            assert_totals(wait_for("the metrics port", lambda: server.scrape(fresh=True)), sent, active=len(survivors))
+        finally:
+            slow.close()
+        sent.disconnected += len(survivors)  # (closed by the client on live workers: counted as disconnects)
+        settle(server, sent)
+
+        before = process_children(server.pid)
+        os.kill(server.pid, signal.SIGHUP)
+        wait_for(
+            "new workers", lambda: not process_children(server.pid) & before and len(process_children(server.pid)) == 2
+        )
+        sent = _drive_until_answered(server, process_children(server.pid), sent)
+        settle(server, sent)
+        for _ in range(2):
+            assert_totals(server.scrape(), sent)
+
+
+class _ScriptServer(Server):
+    """gunicorn started by its ``gunicorn`` script. ``USR2`` runs the arbiter's command again, and ``python -m
+    gunicorn``'s puts gunicorn's package directory first on ``sys.path``: the new arbiter's workers then fail to
+    boot."""
+
+    def command(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "gunicorn"), *super().command()[3:]]
+
+
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_upgrade_on_an_explicit_directory_keeps_every_count(tmp_path: Path) -> None:
+    """gunicorn's binary upgrade (``USR2``, then ``TERM`` to the old arbiter) with ``LLM_TELEMETRY_MULTIPROC_DIR``:
+    the new arbiter's workers join the old ones' directory, so a scrape answered by a worker of either arbiter has
+    every count, none goes down when the old arbiter stops, and no worker takes the old ones for another service on
+    the metrics port. (In the default location the new arbiter is another server, and its totals start from zero:
+    docs/workers.md.)"""
+    state = str(tmp_path / "state")
+    server = new_server(
+        tmp_path, "gunicorn", 2, server=_ScriptServer, LLM_TELEMETRY_MULTIPROC_DIR=state,
+        LLM_TELEMETRY_METRICS_APP_PATH="/metrics",
+    )  # fmt: skip
+    new = 0
+    with running(server):
+        try:
+            old, old_workers = server.pid, process_children(server.pid)
+            sent = _drive_until_answered(server, old_workers, Traffic())
+            settle(server, sent)
+            started = server.log.read_bytes().count(b"Application startup complete")
+            os.kill(old, signal.SIGUSR2)
+            new = wait_for("the new arbiter", lambda: next(iter(process_children(old) - old_workers)))
+            wait_for(
+                "its workers' startup",
+                lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 2,
+            )
+            new_workers = process_children(new)
+            assert len(new_workers) == 2
+            sent = _drive_until_answered(server, new_workers, sent)
+            sent = _drive_until_answered(server, old_workers, sent)
+            settle(server, sent)
+
+            # The app's path, answered by workers of both arbiters: each has every count.
+            answered: set[int] = set()
+            for _ in range(200):
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # a new one each time
+                try:
+                    connection.request("GET", "/metrics")
+                    with connection.getresponse() as response:
+                        text, pid = response.read().decode(), int(response.headers["x-worker-pid"])
+                finally:
+                    connection.close()
+                assert_totals(Metrics(text), sent)
+                answered.add(pid)
+                if answered & old_workers and answered & new_workers:
+                    break
+            assert answered & old_workers and answered & new_workers, answered
+
+            server.stop()  # TERM to the old arbiter, which stops its workers and exits
+            # A new worker takes the metrics port over, with every count.
+            after = wait_for(
+                "a new worker on the metrics port",
+                lambda: (m := server.scrape()) and server.serving_pid(m) in new_workers and m,
+            )
+            assert_totals(after, sent)
+        finally:
+            if new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new, signal.SIGTERM)
+                wait_for("the new arbiter to stop", lambda: not is_running(new))
+    log = server.log.read_text(errors="replace")
+    assert "is held by a process that is not a worker of this server" not in log
 
 
 # --- one process ------------------------------------------------------------------------------------------
