@@ -304,6 +304,18 @@ class Server:
         """A scrape; ``fresh``: rendered for it (a query string), not one another scrape just had."""
         return Metrics(scrape_text(self.metrics_port, "/metrics?fresh" if fresh else "/metrics"))
 
+    def scrape_app(self) -> tuple[Metrics, int]:
+        """A scrape of the app's own path (``LLM_TELEMETRY_METRICS_APP_PATH=/metrics``) over a new connection, which
+        any worker may accept, as Prometheus makes it; and the worker that answered (the app's ``x-worker-pid``)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request("GET", "/metrics")
+            with connection.getresponse() as response:
+                text, answering = response.read().decode(), int(response.headers["x-worker-pid"])
+        finally:
+            connection.close()
+        return Metrics(text), answering
+
     def serving_pid(self, metrics: Metrics) -> int:
         """The worker that answered this scrape: its ``service.instance.id`` ends with its pid."""
         (info,) = metrics.series("target_info")
@@ -565,14 +577,8 @@ def test_workers_gunicorn_upgrade_on_an_explicit_directory_keeps_every_count(tmp
             # The app's path, answered by workers of both arbiters: each has every count.
             answered: set[int] = set()
             for _ in range(200):
-                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)  # a new one each time
-                try:
-                    connection.request("GET", "/metrics")
-                    with connection.getresponse() as response:
-                        text, pid = response.read().decode(), int(response.headers["x-worker-pid"])
-                finally:
-                    connection.close()
-                assert_totals(Metrics(text), sent)
+                metrics, pid = server.scrape_app()
+                assert_totals(metrics, sent)
                 answered.add(pid)
                 if answered & old_workers and answered & new_workers:
                     break
@@ -1596,7 +1602,6 @@ def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_
     state = tmp_path / "state"
     extra = {"LLM_TELEMETRY_METRICS_APP_PATH": "/metrics", "LLM_TELEMETRY_MULTIPROC_DIR": str(state)}
     server = new_server(tmp_path, workers=3, log="s.log", **extra)
-    port, metrics_port = server.port, server.metrics_port
     with running(server):
         # Over one kept-alive connection: every request counted by one worker, none by the others.
         with openai.OpenAI(base_url=f"{server.base}/v1", api_key="test", max_retries=0) as client:
@@ -1604,21 +1609,15 @@ def test_workers_scrapes_never_go_down_while_the_removed_state_directory_is_put_
                 client.chat.completions.create(model=f"model-{i}", messages=MESSAGES)
         sent = 50.0
         # (A request is counted as its response ends: the last one may come just after its client has it.)
-        wait_for("the requests counted", lambda: Metrics(scrape_text(metrics_port)).value("llm_requests_total") == sent)
+        wait_for("the requests counted", lambda: server.scrape().value("llm_requests_total") == sent)
         shown: list[tuple[float, int]] = []
         stop = threading.Event()
 
         def scrapes() -> None:
             """Scrapes back to back, each a new connection (any worker), as Prometheus asks."""
             while not stop.is_set():
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                try:
-                    connection.request("GET", "/metrics")
-                    with connection.getresponse() as response:
-                        text, answering = response.read().decode(), int(response.headers["x-worker-pid"])
-                finally:
-                    connection.close()
-                shown.append((Metrics(text).value("llm_requests_total"), answering))
+                metrics, answering = server.scrape_app()
+                shown.append((metrics.value("llm_requests_total"), answering))
 
         with ThreadPoolExecutor(2) as pool:  # (two scrapers: one waiting in a merge does not hold up the other)
             scraping = [pool.submit(scrapes) for _ in range(2)]
