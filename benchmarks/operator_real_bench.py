@@ -35,6 +35,19 @@ and ``loki-gateway`` port 80 in namespace ``observability``; see ``llm_telemetry
 first, headless and without pods, so the operator injects both exporters, as for a user with the documented
 collectors. ``--no-collectors`` (``run(..., collectors=False)``) leaves them out: every resource then also gets a
 ``CollectorNotFound`` Warning event.
+
+After the restart comes the *upgrade* (``--no-upgrade`` leaves it out): the operator is stopped and started again
+with its default trace endpoint changed (``LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT``, as ``helm upgrade --set
+defaults.tracesEndpoint=http://otel-collector.observability:4318`` sets it; that Service is created first, headless
+like the others), so every resource's resume must write: each selected Deployment's injection changes, and its
+status names the new endpoint. Reported: the seconds from the new operator's start until every Deployment carries
+the new endpoint (read from the Deployments through a watch, not from any status) and every resource is Ready naming
+it, and until the operator is quiet; its requests and writes per resource, with the lists of one LLMTelemetry by
+name among the reads (a pass reading its resource again before a write while kopf's handler runs, from the watch
+cache or consistent); Deployment writes and how much each Deployment's generation grew (each should be written,
+and change, exactly once: those written more than once are listed, with the operator's log lines about them); the
+operator's failed passes; the API server's 409s and 429s, to every client and to the operator; and the CPU of the
+operator (its start included), the API server and etcd.
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
 from typing import Any
@@ -75,6 +89,14 @@ MODES = ("proxied", "direct")
 #: The Services behind the operator's default trace and log endpoints: namespace, [(name, port)].
 COLLECTORS_NAMESPACE = "observability"
 COLLECTOR_SERVICES = [("jaeger", 4318), ("loki-gateway", 80)]
+#: The upgrade phase: the operator restarted with this setting changed, as ``helm upgrade --set
+#: defaults.tracesEndpoint=...`` would (traces moved from Jaeger to an OpenTelemetry Collector Service, created first,
+#: headless like the others), which changes every selected Deployment's injection.
+UPGRADE_SETTING = "LLM_TELEMETRY_OPERATOR_TRACES_ENDPOINT"
+UPGRADE_SERVICE = ("otel-collector", 4318)
+UPGRADE_ENDPOINT = f"http://{UPGRADE_SERVICE[0]}.{COLLECTORS_NAMESPACE}:{UPGRADE_SERVICE[1]}"
+#: The injected variable, and its value in every Deployment once the upgrade reached it.
+UPGRADE_VARIABLE, UPGRADE_VALUE = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{UPGRADE_ENDPOINT}/v1/traces"
 
 
 def missing() -> str | None:
@@ -98,7 +120,10 @@ class CountingProxy:
         self.upstream = upstream.rstrip("/")
         self.ca_file = ca_file
         self.port = procs.free_port()
-        self.requests: list[tuple[float, str, str, bool]] = []  # (time, method, path, watch)
+        #: (time, method, path, watch, query string)
+        self.requests: list[tuple[float, str, str, bool, str]] = []
+        #: (time, method, path, status) of each answer of the API server's, when it came
+        self.answers: list[tuple[float, str, str, int]] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -124,12 +149,13 @@ class CountingProxy:
 
             async def handle(request: web.Request) -> web.StreamResponse:
                 watch = request.query.get("watch") in ("true", "1")
-                self.requests.append((time.monotonic(), request.method, request.path, watch))
+                self.requests.append((time.monotonic(), request.method, request.path, watch, request.query_string))
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
                 body = await request.read()
                 async with session.request(
                     request.method, self.upstream + request.path_qs, headers=headers, data=body or None
                 ) as upstream:
+                    self.answers.append((time.monotonic(), request.method, request.path, upstream.status))
                     response = web.StreamResponse(status=upstream.status)
                     for key in ("Content-Type", "Retry-After"):
                         if key in upstream.headers:
@@ -153,19 +179,35 @@ class CountingProxy:
         self._loop.run_until_complete(setup())
         self._loop.run_forever()
 
-    def since(self, start: float, end: float | None = None) -> list[tuple[float, str, str, bool]]:
+    def errors(self, start: float, end: float | None = None) -> dict[str, int]:
+        """The API server's error answers (4xx, 5xx) to the operator's requests, by status, method and resource."""
+        found = Counter(
+            f"{status} {method} {_resource_of(path)}"
+            for t, method, path, status in list(self.answers)
+            if status >= 400 and t >= start and (end is None or t < end)
+        )
+        return dict(sorted(found.items()))
+
+    def since(self, start: float, end: float | None = None) -> list[tuple[float, str, str, bool, str]]:
         return [r for r in list(self.requests) if r[0] >= start and (end is None or r[0] < end)]
 
 
-def count(requests: list[tuple[float, str, str, bool]]) -> dict[str, Any]:
+def count(requests: list[tuple[float, str, str, bool, str]]) -> dict[str, Any]:
     """Requests, reads and writes (kopf's peering heartbeat left out of the writes, and the permission check's
-    SelfSubjectAccessReviews, which store nothing, out of both reads and writes), each by kind."""
+    SelfSubjectAccessReviews, which store nothing, out of both reads and writes), each by kind; and the lists of one
+    LLMTelemetry by name (``rereads``: from the watch cache, and consistent ones), which is how a pass reads its
+    resource again before a write (``handlers._confirm_claim``) or after a watch's gap."""
     own = [r for r in requests if not r[3]]
     reviews = [r for r in own if REVIEWS in r[2]]
     writes = [r for r in own if r[1] in WRITES and "kopfpeerings" not in r[2] and REVIEWS not in r[2]]
-    kinds = Counter(f"{m} {_resource_of(p)}" for _, m, p, _ in writes)
-    reads = Counter(f"{m} {_resource_of(p)}" for _, m, p, _ in own if m not in WRITES)
+    kinds = Counter(f"{m} {_resource_of(p)}" for _, m, p, *_ in writes)
+    reads = Counter(f"{m} {_resource_of(p)}" for _, m, p, *_ in own if m not in WRITES)
+    rereads: Counter[str] = Counter()
+    for _, method, path, _, query in own:
+        if method == "GET" and path.endswith("/" + PLURAL) and "metadata.name" in urllib.parse.unquote(query):
+            rereads["cache" if "resourceVersion=0" in query else "consistent"] += 1
     return {
+        "rereads": dict(rereads),
         "requests": len(own),
         "reads": len(own) - len(writes) - len(reviews),
         "writes": len(writes),
@@ -206,8 +248,9 @@ def apiserver_pid() -> int:
     return component_pid("kube-apiserver")
 
 
-def create_collectors(api: Any) -> list[str]:
-    """Create the collector Services the operator's defaults point at, those missing; the names of those created.
+def create_collectors(api: Any, defaults: bool = True, upgrade: bool = False) -> list[str]:
+    """Create the collector Services the operator's defaults point at (``defaults``) and the one the upgrade phase
+    points the traces at (``upgrade``), those missing; the names of those created.
 
     Headless (no cluster IP) and without pods: the operator only checks that each Service exists."""
     from kubernetes import client
@@ -220,7 +263,7 @@ def create_collectors(api: Any) -> list[str]:
         if exc.status != 409:
             raise
     created = []
-    for name, port in COLLECTOR_SERVICES:
+    for name, port in [*(COLLECTOR_SERVICES if defaults else []), *([UPGRADE_SERVICE] if upgrade else [])]:
         service = client.V1Service(
             metadata=client.V1ObjectMeta(name=name, labels={"app.kubernetes.io/part-of": "llmt-real-bench"}),
             spec=client.V1ServiceSpec(
@@ -302,6 +345,8 @@ class Watcher:
         self.ready_at: dict[str, float] = {}
         self.seen: set[str] = set()
         self.deleted: set[str] = set()
+        #: The newest body of each resource seen.
+        self.bodies: dict[str, dict[str, Any]] = {}
         self._watch = watch.Watch()
         custom = client.CustomObjectsApi(api)
 
@@ -316,6 +361,7 @@ class Watcher:
                     self.ready.difference_update(self.seen - listed)
                     for item in listing["items"]:
                         self.seen.add(item["metadata"]["name"])
+                        self.bodies[item["metadata"]["name"]] = item
                         if _ready(item):
                             self.ready.add(item["metadata"]["name"])
                             self.ready_at.setdefault(item["metadata"]["name"], time.monotonic())
@@ -325,6 +371,7 @@ class Watcher:
                     ):  # fmt: skip
                         name = event["object"]["metadata"]["name"]
                         self.seen.add(name)
+                        self.bodies[name] = event["object"]
                         if event["type"] == "DELETED":
                             self.deleted.add(name)
                             self.ready.discard(name)
@@ -337,6 +384,56 @@ class Watcher:
         self._stopped = False
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._watch.stop()
+
+
+def _injected(deployment: dict[str, Any], variable: str) -> str | None:
+    """The value of ``variable`` in the first container of a Deployment (a dict as the API server answers)."""
+    containers = ((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    for entry in (containers[0].get("env") or []) if containers else []:
+        if entry.get("name") == variable:
+            return entry.get("value")
+    return None
+
+
+class DeploymentWatcher:
+    """A watch on the namespace's Deployments: when each was first seen with ``value`` in its injected ``variable``
+    (read from the Deployments themselves, not from any status), and its generation then."""
+
+    def __init__(self, api: Any, namespace: str, variable: str, value: str) -> None:
+        from kubernetes import client, watch
+
+        #: name -> (monotonic seconds when first seen with the value, its generation then)
+        self.changed: dict[str, tuple[float, int]] = {}
+        self._watch = watch.Watch()
+        apps = client.AppsV1Api(api)
+        self._stopped = False
+
+        def see(item: Any) -> None:
+            item = api.sanitize_for_serialization(item)
+            name = item["metadata"]["name"]
+            if name not in self.changed and _injected(item, variable) == value:
+                self.changed[name] = (time.monotonic(), int(item["metadata"].get("generation") or 0))
+
+        def run() -> None:
+            while not self._stopped:
+                try:
+                    listing = apps.list_namespaced_deployment(namespace)
+                    for item in listing.items:
+                        see(item)
+                    for event in self._watch.stream(
+                        apps.list_namespaced_deployment, namespace, timeout_seconds=300,
+                        resource_version=listing.metadata.resource_version,
+                    ):  # fmt: skip
+                        if event["type"] != "DELETED":
+                            see(event["object"])
+                except Exception:  # a dropped stream: watch again
+                    time.sleep(0.5)
+
+        threading.Thread(target=run, daemon=True).start()
 
     def stop(self) -> None:
         self._stopped = True
@@ -384,12 +481,13 @@ def run(
     idle: float = 20.0,
     collectors: bool = True,
     modes: tuple[str, ...] | list[str] = MODES,
+    upgrade: bool = True,
 ) -> dict[str, Any]:
     """Measure every size in ``sizes`` on the local cluster; ``{"skipped": reason}`` when there is none.
 
     ``collectors``: create the default collector Services first; ``modes``: ``proxied`` (requests counted),
     ``direct`` (the operator talks to the API server itself), or both, each size in each (see the module's
-    docstring)."""
+    docstring); ``upgrade``: after the restart, the upgrade phase (see :func:`_upgrade`)."""
     reason = missing()
     if reason:
         return {"skipped": reason, "results": []}
@@ -404,7 +502,8 @@ def run(
     kubeconfig = pathlib.Path(exported[-1].split("=", 1)[1]) if exported else clusterkit._k8s_bin() / "kubeconfig"
     try:
         report: dict[str, Any] = {"collectors_requested": collectors}
-        report["results"] = _run(kubeconfig, sizes, log, idle, collectors, report, tuple(modes))
+        report["upgrade"] = upgrade
+        report["results"] = _run(kubeconfig, sizes, log, idle, collectors, report, tuple(modes), upgrade)
         return report
     finally:
         if not running:
@@ -419,6 +518,7 @@ def _run(
     collectors: bool,
     report: dict[str, Any],
     modes: tuple[str, ...] = MODES,
+    upgrade: bool = True,
 ) -> list[dict[str, Any]]:
     import clusterkit
     import yaml
@@ -428,7 +528,7 @@ def _run(
     config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
     configuration.connection_pool_maxsize = 32
     api = client.ApiClient(configuration)
-    created = create_collectors(api) if collectors else []
+    created = create_collectors(api, collectors, upgrade)
     report["collectors"] = collectors_present(api)
     info = client.VersionApi(api).get_code()
     report["server"] = f"{info.git_version} ({info.go_version}, built {info.build_date})"
@@ -460,7 +560,7 @@ def _run(
                 try:
                     measured = _measure(
                         api, n, env, sa_kubeconfig if direct else proxied_kubeconfig, None if direct else proxy,
-                        workdir, log, idle,
+                        workdir, log, idle, upgrade,
                     )  # fmt: skip
                 except (RuntimeError, TimeoutError) as exc:
                     measured = {"n": n, "error": str(exc)}
@@ -508,6 +608,7 @@ def _measure(
     workdir: pathlib.Path,
     log: Any,
     idle: float,
+    upgrade: bool = True,
 ) -> dict[str, Any]:
     from kubernetes import client
 
@@ -575,6 +676,17 @@ def _measure(
         result["restart_s"] = r1 - r0
         if proxy is not None:
             result["restart"] = count(proxy.since(r0, r1 + 0.001))
+        if upgrade:
+            log(f"  restart settled in {result['restart_s']:.1f} s; upgrade ({UPGRADE_SETTING}={UPGRADE_ENDPOINT})")
+            result["exit_code_restart"] = _stop(operator)
+            operator, result["upgrade"] = _upgrade(
+                api, n, namespace, env, kubeconfig, proxy, log_path, watcher, [apiserver, etcd]
+            )
+            u = result["upgrade"]
+            log(
+                f"  upgraded in {u['ready_s']:.1f} s (settled {u['settle_s']:.1f} s); Deployment generations +1: "
+                f"{u['generations'].get(1, 0)}, more: {sum(v for k, v in u['generations'].items() if k > 1)}"
+            )
         d0 = time.monotonic()
         list(pool.map(lambda i: custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                                        f"app-{i}"), range(n)))  # fmt: skip
@@ -595,6 +707,88 @@ def _measure(
         pool.shutdown(wait=False)
         core.delete_namespace(namespace)
     return result
+
+
+def _upgrade(
+    api: Any,
+    n: int,
+    namespace: str,
+    env: dict[str, str],
+    kubeconfig: pathlib.Path,
+    proxy: CountingProxy | None,
+    log_path: pathlib.Path,
+    watcher: Watcher,
+    pids: list[int],
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """The upgrade phase, the operator stopped: start it again with :data:`UPGRADE_SETTING` changed (every resource's
+    resume must now write), and measure until every Deployment carries the new endpoint (read from the Deployments)
+    and every resource is Ready with a status naming it; then until the operator is quiet. The operator started, and
+    what was measured: seconds, requests (re-reads among them), Deployment writes and generations (each Deployment
+    should be written, and change, exactly once), failed passes, the API server's 409s and 429s, CPU."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api)
+    before = {
+        d.metadata.name: int(d.metadata.generation or 0) for d in apps.list_namespaced_deployment(namespace).items
+    }
+    deployments = DeploymentWatcher(api, namespace, UPGRADE_VARIABLE, UPGRADE_VALUE)
+    offset = len(log_path.read_bytes())
+    codes0, cpu0 = request_codes(api), [stat_cpu(pid) for pid in pids]
+
+    def upgraded() -> bool:
+        if len(deployments.changed) < n or len(watcher.ready) < n:
+            return False
+        for body in list(watcher.bodies.values()):
+            conditions = (body.get("status") or {}).get("conditions") or []
+            if not any(c.get("type") == "CollectorsAvailable" and UPGRADE_ENDPOINT in str(c.get("message"))
+                       for c in conditions):  # fmt: skip
+                return False
+        return True
+
+    u0 = time.monotonic()
+    operator = _start({**env, "LLM_TELEMETRY_OPERATOR_NAMESPACES": "", UPGRADE_SETTING: UPGRADE_ENDPOINT},
+                      kubeconfig, log_path)  # fmt: skip
+    result: dict[str, Any] = {}
+    try:
+        try:
+            result["ready_s"] = _wait(upgraded, 600, f"all {n} upgraded")
+        except TimeoutError:
+            _stop(operator)
+            raise
+        result["timeline"] = timeline({k: t for k, (t, _) in deployments.changed.items()}, u0, n)
+        codes = request_codes(api)
+        codes.subtract(codes0)
+        result["error_codes"] = {k: v for k, v in sorted(codes.items()) if v and (k[0] in "45" or k == "apf-rejected")}
+        u1 = _quiet(proxy, u0, 600, log_path)
+        result["settle_s"] = u1 - u0
+        result["operator_cpu_s"] = stat_cpu(operator.pid)  # a new process: its start included
+        result["apiserver_cpu_s"], result["etcd_cpu_s"] = (stat_cpu(p) - c for p, c in zip(pids, cpu0, strict=True))
+        after = {
+            d.metadata.name: int(d.metadata.generation or 0) for d in apps.list_namespaced_deployment(namespace).items
+        }
+        grown = {name: after[name] - before.get(name, 0) for name in after}
+        result["generations"] = dict(Counter(grown.values()))
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
+        result["failed_passes"] = failed_passes(text)
+        result["passes"] = dict(Counter(re.findall(r"reconciled \((\w+)\)", text)))
+        result["withheld"] = len(re.findall(r"pass \(\w+\) stopped", text))
+        twice = sorted(name for name, grew in grown.items() if grew > 1)
+        if proxy is not None:
+            counted = count(proxy.since(u0, u1 + 0.001))
+            result.update(counted)
+            patched = Counter(p for _, m, p, *_ in proxy.since(u0, u1 + 0.001) if m in WRITES and "/deployments/" in p)
+            result["deployment_writes"] = sum(patched.values())
+            result["operator_errors"] = proxy.errors(u0, u1 + 0.001)
+            twice = sorted(set(twice) | {p.rsplit("/", 1)[1] for p, k in patched.items() if k > 1})
+        result["written_twice"] = twice
+        # What the log says of the first few written twice: which passes wrote, and why.
+        result["twice_log"] = [
+            line for name in twice[:3] for line in text.splitlines() if f"{namespace}/{name}:" in line
+        ][:40]
+        result["unchanged"] = sorted(name for name, grew in grown.items() if grew < 1)[:10]
+    finally:
+        deployments.stop()
+    return operator, result
 
 
 #: The share of resources Ready at which the timeline reports the time.
@@ -790,6 +984,66 @@ def format_report(report: dict[str, Any]) -> str:
         if res["idle"]["writes"] or res["restart"]["writes"]:
             notes.append(f"N={n} second-pass writes: idle {_kinds(res['idle'])}; restart {_kinds(res['restart'])}")
     lines += ["", *notes]
+    upgrades = [res for res in report.get("results", []) if "upgrade" in res]
+    if upgrades:
+        lines += [
+            "",
+            f"Upgrade: the operator restarted with {UPGRADE_SETTING}={UPGRADE_ENDPOINT} (every injection changes)",
+        ]
+        header = (
+            f"{'N':>5}{'mode':>8}{'upgraded s':>12}{'settled s':>11}{'req/res':>9}{'reads/res':>11}{'re-reads/res':>14}"
+            f"{'writes/res':>12}{'Deployment writes':>19}{'gen +1':>8}{'gen +2..':>10}{'failed':>8}{'409 all':>9}"
+            f"{'409 op':>8}{'429':>6}{'op CPU ms/res':>15}{'API CPU ms/res':>16}"
+        )
+        lines += [header, "-" * len(header)]
+        legend = (
+            "upgraded s: from the new operator's start until every Deployment carried the new endpoint (read from the"
+            " Deployments) and every resource was Ready naming it; settled s: until the operator was quiet; gen +1 /"
+            " +2..: Deployments whose generation grew by one / by more (each should by exactly one); 409 all: the API"
+            " server's 409 answers to every client (the controller-manager's too), 409 op: to the operator"
+        )
+        upgrade_notes = [legend]
+        for res in upgrades:
+            n, mode, u = res["n"], res.get("mode", "proxied"), res["upgrade"]
+            if "requests" in u:
+                rereads = sum(u["rereads"].values())
+                counts = (
+                    f"{u['requests'] / n:>9.1f}{u['reads'] / n:>11.1f}{rereads / n:>14.1f}{u['writes'] / n:>12.1f}"
+                    f"{u['deployment_writes']:>19}"
+                )
+            else:
+                counts = f"{'-':>9}{'-':>11}{'-':>14}{'-':>12}{'-':>19}"
+            gens = u["generations"]
+            errors = u["error_codes"]
+            op409 = (
+                str(sum(v for k, v in u["operator_errors"].items() if k.startswith("409 ")))
+                if "operator_errors" in u
+                else "-"
+            )
+            lines.append(
+                f"{n:>5}{mode:>8}{u['ready_s']:>12.1f}{u['settle_s']:>11.1f}{counts}{gens.get(1, 0):>8}"
+                f"{sum(v for k, v in gens.items() if k > 1):>10}{u['failed_passes']['count']:>8}"
+                f"{errors.get('409', 0):>9}{op409:>8}{errors.get('429', 0):>6}{u['operator_cpu_s'] * 1e3 / n:>15.1f}"
+                f"{u['apiserver_cpu_s'] * 1e3 / n:>16.1f}"
+            )
+            unotes = [
+                f"N={n} {mode} upgrade: Deployments carrying the new endpoint (s after the start): {u['timeline']}",
+                f"N={n} {mode} upgrade: passes logged {u['passes']}, stopped (withheld) {u['withheld']}, failed "
+                f"{u['failed_passes']}; API server error answers {errors}; generations grew by {gens}",
+            ]
+            if "requests" in u:
+                unotes.append(
+                    f"N={n} {mode} upgrade: re-reads (lists of one LLMTelemetry by name) {u['rereads']}; writes "
+                    f"{_kinds(u)}; reads {_kinds(u, 'read_kinds')}; the API server's error answers to the operator "
+                    f"{u['operator_errors'] or 'none'}"
+                )
+            if u["written_twice"]:
+                unotes.append(f"N={n} {mode} upgrade: written more than once: {u['written_twice'][:20]}")
+                unotes += [f"    {line}" for line in u["twice_log"]]
+            if u["unchanged"]:
+                unotes.append(f"N={n} {mode} upgrade: generation unchanged: {u['unchanged']}")
+            upgrade_notes += unotes
+        lines += ["", *upgrade_notes]
     return "\n".join(lines)
 
 
@@ -812,12 +1066,21 @@ if __name__ == "__main__":
         action="store_true",
         help="do not create the default collector Services (each resource then gets a CollectorNotFound event)",
     )
+    parser.add_argument(
+        "--no-upgrade",
+        action="store_true",
+        help=f"leave out the upgrade phase (the operator restarted with {UPGRADE_SETTING} changed, after the restart)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else FULL_SIZES
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: one or more of {', '.join(MODES)}")
     report = run(
-        sizes, log=lambda m: print(m, file=sys.stderr, flush=True), collectors=not args.no_collectors, modes=modes
+        sizes,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        collectors=not args.no_collectors,
+        modes=modes,
+        upgrade=not args.no_upgrade,
     )
     print(format_report(report))
