@@ -959,7 +959,7 @@ async def _inject(
                     outcome.unlabelled.add(workload_key(workload))
             continue
         try:
-            after = await _patch_workload(
+            after, read = await _patch_workload(
                 client,
                 config,
                 owner,
@@ -997,6 +997,10 @@ async def _inject(
                 claimed.add(_service_of(workload))  # (its removal refused: its pods keep the label, and that name)
             continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
+        if read is not workload:
+            # Read again after a 409 (the workload's controller updated its status meanwhile): the event of that
+            # version is answered by this pass too, which brought it to the desired state.
+            _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], read, _version(after))
         if after is not None and (after.get("metadata") or {}).get("generation") is not None:
             outcome.settled[settled] = workload_state(after)
         else:
@@ -1004,7 +1008,7 @@ async def _inject(
         if selected:
             targets.append(workload)
             claimed.add(_service_of(workload))
-            why = _held_back(workload, patched=after is not workload)
+            why = _held_back(workload, patched=after is not read)
             if why is not None:
                 {"paused": paused, "on_delete": on_delete, "partition": partitioned}[why].append(workload_key(workload))
                 # Its pods keep the template they have, which may lack the label (injected by an earlier version).
@@ -1179,9 +1183,10 @@ async def _patch_workload(
     without: frozenset[str] = frozenset(),
     before: Callable[[], Awaitable[None]] | None = None,
     label: bool = True,
-) -> Mapping[str, Any] | None:
+) -> tuple[Mapping[str, Any] | None, Mapping[str, Any]]:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
-    which may hold its metadata only, or the workload as read when it needed none).
+    which may hold its metadata only, or the workload as read when it needed none), and the workload as last read:
+    ``workload``, or the version read again after a 409.
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it).
     ``before``: awaited once a patch is to be sent, before it is.
     ``label``: whether its pods get the label its metrics Service selects by (see ``r.build_workload_patch``)."""
@@ -1192,18 +1197,18 @@ async def _patch_workload(
         injection = r.build_injection(spec, config, workload, name, without) if spec is not None else None
         patch = r.build_workload_patch(workload, injection, name, take_over=take_over, label=label)
         if patch is None:
-            return workload
+            return workload, workload
         if before is not None:
             await before()
         try:
             patched = await client.patch(resource, namespace, wl_name, patch, metadata_only=True)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
-            return patched
+            return patched, workload
         except ConflictError:
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
             workload = {**await client.get(resource, namespace, wl_name), "kind": workload["kind"]}
-    return None
+    return None, workload
 
 
 async def successors(
