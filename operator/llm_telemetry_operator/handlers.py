@@ -2220,8 +2220,9 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     metadata (labels, our injection record, ``generation``, ``resourceVersion``). A pass is started for each
     LLMTelemetry the workload can concern unless its last pass answers the event: it read or wrote this very
     version, or left the workload in the state this version is in (:func:`reconcile.workload_state`: the same
-    spec, labels and record; the workload controller's status and revision updates after an injection). The
-    pass reads the workload and decides (it writes nothing when nothing differs).
+    spec, labels and record; the workload controller's status and revision updates after an injection), or this
+    version is older than the one it left (a lower generation: the watch's first list at a start, delivered after a
+    pass had read a newer version). The pass reads the workload and decides (it writes nothing when nothing differs).
     """
     namespace = meta.get("namespace")
     if not namespace:
@@ -2237,7 +2238,12 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     settled = ((resource.plural, name), rec.workload_state({"metadata": meta}))
 
     def answered(outcome: rec.Outcome) -> bool:
-        return seen(outcome) or (type != "DELETED" and outcome.settled.get(settled[0]) == settled[1])
+        if seen(outcome) or type == "DELETED":
+            return seen(outcome)
+        left = outcome.settled.get(settled[0])
+        # The state the pass left the workload in, or an older version than it (one the pass did not read: the
+        # watch's first list at a start, or a controller's update before the version the pass read).
+        return left is not None and (left == settled[1] or rec.older_state(settled[1], left))
 
     state = _state(memo)
     # Only the LLMTelemetry this workload can concern: its selector may select it, its record names it, or its

@@ -129,6 +129,16 @@ def workload_state(workload: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def older_state(state: tuple[Any, ...], than: tuple[Any, ...]) -> bool:
+    """Whether a workload in :func:`workload_state` ``state`` is an older version of the same workload (its uid) than
+    one in ``than``: a lower ``generation``, which the API server only ever raises. A watch delivers a workload's
+    versions in order, so the event of such a version comes before that of the newer one a pass read or left."""
+    uid, generation, newer_uid, newer = state[0], state[1], than[0], than[1]
+    return (
+        bool(uid) and uid == newer_uid and isinstance(generation, int) and isinstance(newer, int) and generation < newer
+    )
+
+
 def workload_key(workload: Mapping[str, Any]) -> str:
     return f"{workload.get('kind') or 'Deployment'}/{workload['metadata']['name']}"
 

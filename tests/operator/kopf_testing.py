@@ -122,7 +122,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         super().__attrs_post_init__()
         #: Foreign writes to slip in right before the operator's next PATCH of an object, by (plural, name):
         #: another client writing between the operator's read and its write, which must end in a 409.
-        self.interfere: dict[tuple[str, str], dict[str, Any]] = {}
+        #: A list is several such writes, each a version (and a watch event) of its own.
+        self.interfere: dict[tuple[str, str], dict[str, Any] | list[dict[str, Any]]] = {}
         #: (plural, namespace) pairs the operator is refused with a 403, as RBAC refuses what no Role grants.
         self.forbid: set[tuple[str, str]] = set()
         #: Updates by the operator refused, by (plural, name) (``plural/status`` for the status subresource), each
@@ -254,12 +255,12 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 foreign = None
                 if not request.headers.get("X-Test-Hand"):
                     foreign = self.interfere.pop((request.resource.plural, request.name), None)
-                if foreign is not None:
+                for write in [] if foreign is None else foreign if isinstance(foreign, list) else [foreign]:
                     self._rv += 1
                     key = (request.resource, request.namespace, request.name)
-                    foreign = copy.deepcopy(foreign)
-                    foreign.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
-                    self._objects[key].patch(foreign)
+                    write = copy.deepcopy(write)
+                    write.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    self._objects[key].patch(write)
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
                 current = get_raw(self, request.resource, request.namespace, request.name)
                 if current is not None:

@@ -1246,6 +1246,31 @@ async def test_the_version_read_again_after_a_conflict_runs_no_second_pass(emula
         assert passes_for(emulator, "chat") == 1
 
 
+async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The deployment controller updates a Deployment twice between a pass's read of it and the pass's patch: the pass
+    reads the second version again after the 409, and never the first. The first's watch event comes after the pass
+    all the same: an older version (a lower generation) than the one the pass left, it runs no second pass. The same
+    on a real API server at a start: the watch's first list brought versions older than those the passes had read
+    (5 to 20 passes more in an upgrade at N=500)."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.interfere["deployments", "chat"] = [
+        {"status": {"observedGeneration": 1, "replicas": 0}},
+        {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "1"}}, "status": {"conditions": []}},
+    ]
+    async with running_operator():
+        await ready(emulator)
+        await asyncio.sleep(1.0)  # every echo, and the controller's updates, have arrived and been handled
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "1"  # the conflict happened
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
+        assert passes_for(emulator, "chat") == 1
+
+
 async def test_a_name_too_long_for_a_label_is_invalid_and_can_be_deleted(emulator: Any, monitoring_crds: Any) -> None:
     """A resource stored before the CRD limited names to 63 characters: its name fits no label value, so it is
     InvalidSpec, and deleting it finishes. Its clean-up asks for no children by a selector the API server refuses
