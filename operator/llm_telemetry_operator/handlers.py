@@ -2221,8 +2221,8 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     LLMTelemetry the workload can concern unless its last pass answers the event: it read or wrote this very
     version, or left the workload in the state this version is in (:func:`reconcile.workload_state`: the same
     spec, labels and record; the workload controller's status and revision updates after an injection), or this
-    version is older than the one it left (a lower generation: the watch's first list at a start, delivered after a
-    pass had read a newer version). The pass reads the workload and decides (it writes nothing when nothing differs).
+    version is older than the one it left and in the state it decided from (:func:`reconcile.answers_older`). The
+    pass reads the workload and decides (it writes nothing when nothing differs).
     """
     namespace = meta.get("namespace")
     if not namespace:
@@ -2240,10 +2240,8 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     def answered(outcome: rec.Outcome) -> bool:
         if seen(outcome) or type == "DELETED":
             return seen(outcome)
-        left = outcome.settled.get(settled[0])
-        # The state the pass left the workload in, or an older version than it (one the pass did not read: the
-        # watch's first list at a start, or a controller's update before the version the pass read).
-        return left is not None and (left == settled[1] or rec.older_state(settled[1], left))
+        # The state the pass left the workload in, or an older version in the state the pass decided from.
+        return outcome.settled.get(settled[0]) == settled[1] or rec.answers_older(outcome, *settled)
 
     state = _state(memo)
     # Only the LLMTelemetry this workload can concern: its selector may select it, its record names it, or its

@@ -68,6 +68,11 @@ class Outcome:
     #: controller's status updates, a revision annotation) changes nothing the pass decided: its event needs no
     #: pass.
     settled: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    #: Of every workload in ``settled``: its :func:`workload_state` in the version the pass decided from (as listed).
+    #: Once the pass's patch raised its generation, another version in that state is an older one that differs only
+    #: in status or other metadata (its controller's updates, read by the pass again after a 409 or not at all): its
+    #: event needs no pass (see :func:`answers_older`).
+    decided: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
     applied: tuple[str, Any] = ("", None)
     #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
@@ -129,14 +134,18 @@ def workload_state(workload: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def older_state(state: tuple[Any, ...], than: tuple[Any, ...]) -> bool:
-    """Whether a workload in :func:`workload_state` ``state`` is an older version of the same workload (its uid) than
-    one in ``than``: a lower ``generation``, which the API server only ever raises. A watch delivers a workload's
-    versions in order, so the event of such a version comes before that of the newer one a pass read or left."""
-    uid, generation, newer_uid, newer = state[0], state[1], than[0], than[1]
-    return (
-        bool(uid) and uid == newer_uid and isinstance(generation, int) and isinstance(newer, int) and generation < newer
-    )
+def answers_older(outcome: Outcome, key: tuple[str, str], state: tuple[Any, ...]) -> bool:
+    """Whether a workload event in :func:`workload_state` ``state`` is of a version older than the one the pass of
+    ``outcome`` left, and in the state the pass decided from: the pass raised the generation (the API server only ever
+    raises it), and the event's version has the generation, labels and record the pass decided on. Its controller's
+    updates between the pass's read and its patch (which then met a 409), or a watch's first list at a start delivered
+    after the pass read a newer version, are such. A version whose labels or record differ from those the pass decided
+    on is not: the pass, which read it again only to retry its patch, has not decided on it."""
+    left, decided = outcome.settled.get(key), outcome.decided.get(key)
+    if left is None or decided is None or state != decided:
+        return False
+    generation, newer = decided[1], left[1]
+    return isinstance(generation, int) and isinstance(newer, int) and generation < newer
 
 
 def workload_key(workload: Mapping[str, Any]) -> str:
@@ -1007,12 +1016,9 @@ async def _inject(
                 claimed.add(_service_of(workload))  # (its removal refused: its pods keep the label, and that name)
             continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
-        if read is not workload:
-            # Read again after a 409 (the workload's controller updated its status meanwhile): the event of that
-            # version is answered by this pass too, which brought it to the desired state.
-            _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], read, _version(after))
         if after is not None and (after.get("metadata") or {}).get("generation") is not None:
             outcome.settled[settled] = workload_state(after)
+            outcome.decided[settled] = workload_state(workload)
         else:
             outcome.settled.pop(settled, None)
         if selected:

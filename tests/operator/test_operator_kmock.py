@@ -1223,9 +1223,10 @@ async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: An
 async def test_the_version_read_again_after_a_conflict_runs_no_second_pass(emulator: Any, monitoring_crds: Any) -> None:
     """The deployment controller updates a Deployment's status between a pass's read of it and the pass's patch: the
     patch gets 409, and the pass reads the Deployment again and injects into that version. The watch event of that
-    version (the controller's update) is answered by the pass, which read it and brought it to the desired state:
-    no second pass. On a real API server, an upgrade of the operator's settings at N=500 met 139 such conflicts (the
-    controller-manager's updates trailing the injections by seconds), and each ran one more pass of ten reads."""
+    version (the controller's update: the spec, labels and record the pass decided on, a generation below the one the
+    pass left) is answered by the pass: no second pass. On a real API server, an upgrade of the operator's settings at
+    N=500 met 139 such conflicts (the controller-manager's updates trailing the injections by seconds), and each ran
+    one more pass of ten reads."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
@@ -1251,7 +1252,8 @@ async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
 ) -> None:
     """The deployment controller updates a Deployment twice between a pass's read of it and the pass's patch: the pass
     reads the second version again after the 409, and never the first. The first's watch event comes after the pass
-    all the same: an older version (a lower generation) than the one the pass left, it runs no second pass. The same
+    all the same: an older version (a lower generation) than the one the pass left, with the labels and record the
+    pass decided on, it runs no second pass. The same
     on a real API server at a start: the watch's first list brought versions older than those the passes had read
     (5 to 20 passes more in an upgrade at N=500)."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
