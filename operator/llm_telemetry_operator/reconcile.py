@@ -1021,6 +1021,11 @@ async def _inject(
             outcome.decided[settled] = workload_state(workload)
         else:
             outcome.settled.pop(settled, None)
+        if read is not workload and (read.get("metadata", {}).get("labels") or {}) != labels:
+            # Its labels changed between the list this pass decided from and its patch (read again after the 409):
+            # which resource serves it is decided again by a pass in a few seconds. The watch event of that change
+            # came while this pass ran, and may have named no resource then (deselected, and not yet injected).
+            outcome.retry = True
         if selected:
             targets.append(workload)
             claimed.add(_service_of(workload))

@@ -1273,6 +1273,33 @@ async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
         assert passes_for(emulator, "chat") == 1
 
 
+async def test_a_workload_deselected_between_a_pass_read_and_its_patch_loses_the_injection_within_seconds(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A user relabels a Deployment so that the resource no longer selects it, between a pass's list of it and the
+    pass's patch: the patch gets 409, and the pass reads the Deployment again and injects into it. The watch event
+    of the relabelling came while the pass ran, when nothing named this resource for that Deployment (not selected,
+    not yet injected): the injection stayed until the resync, up to 450 s. Now the pass that met the changed labels
+    is followed by another within seconds, which removes it."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.interfere["deployments", "chat"] = {"metadata": {"labels": {"app": "other"}}}
+    async with running_operator():
+        await eventually(
+            lambda: (
+                "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
+                and passes_for(emulator, "chat") >= 2
+            ),
+            "the injection removed from the deselected Deployment",
+            attempts=400,
+        )
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert dep["metadata"]["labels"] == {"app": "other"}  # the relabelling happened, before the pass's patch
+        assert ("apps", "deployments", "get") in operator_usage(emulator)  # (its 409 read the Deployment again)
+
+
 async def test_a_name_too_long_for_a_label_is_invalid_and_can_be_deleted(emulator: Any, monitoring_crds: Any) -> None:
     """A resource stored before the CRD limited names to 63 characters: its name fits no label value, so it is
     InvalidSpec, and deleting it finishes. Its clean-up asks for no children by a selector the API server refuses
