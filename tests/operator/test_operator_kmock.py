@@ -1220,6 +1220,16 @@ async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: An
     check_usage(emulator)
 
 
+async def _injected_in_one_pass_after_the_controller(emulator: Any) -> None:
+    """The Deployment injected after the controller's updates made the pass's patch meet a 409, by one pass."""
+    await ready(emulator)
+    await asyncio.sleep(1.0)  # every echo, and the controller's updates, have arrived and been handled
+    dep = get(emulator, DEPLOYMENTS, "chat")
+    assert dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "1"  # the conflict happened
+    assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
+    assert passes_for(emulator, "chat") == 1
+
+
 async def test_the_version_read_again_after_a_conflict_runs_no_second_pass(emulator: Any, monitoring_crds: Any) -> None:
     """The deployment controller updates a Deployment's status between a pass's read of it and the pass's patch: the
     patch gets 409, and the pass reads the Deployment again and injects into that version. The watch event of that
@@ -1238,13 +1248,8 @@ async def test_the_version_read_again_after_a_conflict_runs_no_second_pass(emula
     }
     emulator.interfere["deployments", "chat"] = controller
     async with running_operator():
-        await ready(emulator)
-        await asyncio.sleep(1.0)  # every echo, and the controller's update, has arrived and been handled
-        dep = get(emulator, DEPLOYMENTS, "chat")
-        assert dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "1"  # the conflict happened
-        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
-        assert ("apps", "deployments", "get") in operator_usage(emulator)
-        assert passes_for(emulator, "chat") == 1
+        await _injected_in_one_pass_after_the_controller(emulator)
+        assert ("apps", "deployments", "get") in operator_usage(emulator)  # (its 409 read the Deployment again)
 
 
 async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
@@ -1265,12 +1270,7 @@ async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
         {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "1"}}, "status": {"conditions": []}},
     ]
     async with running_operator():
-        await ready(emulator)
-        await asyncio.sleep(1.0)  # every echo, and the controller's updates, have arrived and been handled
-        dep = get(emulator, DEPLOYMENTS, "chat")
-        assert dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "1"  # the conflict happened
-        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
-        assert passes_for(emulator, "chat") == 1
+        await _injected_in_one_pass_after_the_controller(emulator)
 
 
 async def test_a_workload_deselected_between_a_pass_read_and_its_patch_loses_the_injection_within_seconds(
