@@ -253,8 +253,12 @@ def default_directory(supervisor: Supervisor) -> str:
         raise PermissionError(f"{base} is not a private directory of this user")
     namespace = pid_namespace()
     _sweep(base, namespace)
-    name = f"{supervisor.kind}-{supervisor.pid}" + (f"-{namespace}" if namespace else "")
-    return os.path.join(base, name)
+    return os.path.join(base, _default_name(supervisor.kind, supervisor.pid, namespace))
+
+
+def _default_name(kind: str, pid: int, namespace: str) -> str:
+    """The name, in the default location, of the directory of the supervisor ``pid`` of ``kind``."""
+    return f"{kind}-{pid}" + (f"-{namespace}" if namespace else "")
 
 
 def _sweep(base: str, namespace: str) -> None:
@@ -394,6 +398,7 @@ class SharedState:
 
     def __init__(self, directory: str, supervisor: Supervisor) -> None:
         self.directory = directory
+        self.supervisor = supervisor
         self.descriptors: dict[str, _Descriptor] = {}
         self.scope: tuple[str, str] = ("", "")
         self._write_lock = threading.Lock()
@@ -880,6 +885,52 @@ class SharedState:
             return False
         return bool(stem) and (stem == self._stem or self._is_alive(stem))
 
+    def port_held_by_upgrade(self, port: int) -> tuple[int, int, bool] | None:
+        """Whether ``port`` is served by a worker of a gunicorn arbiter this one is the ``USR2`` upgrade of, or
+        that is an upgrade of this one, each in the default location: (that worker's pid, that arbiter's pid,
+        whether that arbiter is the old one), else None.
+
+        gunicorn's new arbiter is a child of the old one until the old one exits. The other arbiter is found by
+        that parentage and by its directory beside this one, whose ``run`` record is that process's (so it runs
+        this middleware), and whose ``port`` claim names a live worker; on Linux, that worker must also hold a
+        socket listening on ``port`` (``/proc/net/tcp``, ``tcp6``)."""
+        if self.supervisor.kind != "gunicorn":
+            return None
+        namespace = pid_namespace()
+        base, name = os.path.split(self.directory)
+        mine = self.supervisor.pid
+        if name != _default_name("gunicorn", mine, namespace):
+            return None  # an explicit directory: both arbiters share it, and port_held_by_worker tells
+        candidates = [(_parent(mine), True)]
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(base):
+                pid = entry.removeprefix("gunicorn-").partition("-")[0]
+                if entry != name and entry.startswith("gunicorn-") and pid.isdigit() and _parent(int(pid)) == mine:
+                    candidates.append((int(pid), False))
+        for arbiter, old in candidates:
+            if arbiter <= 0:
+                continue
+            directory = os.path.join(base, _default_name("gunicorn", arbiter, namespace))
+            try:
+                with open(os.path.join(directory, _RUN), encoding="utf-8") as run:
+                    if run.read().strip() != process_token(arbiter):
+                        continue
+                with open(os.path.join(directory, _PORT), encoding="utf-8") as claim:
+                    stem = claim.read().strip()
+            except OSError:
+                continue
+            pid = stem[1:].partition("-")[0]
+            if not (stem.startswith("w") and pid.isdigit() and self._is_alive_in(directory, stem)):
+                continue
+            if _listens(int(pid), port) is not False:
+                return int(pid), arbiter, old
+        return None
+
+    def _is_alive_in(self, directory: str, stem: str) -> bool:
+        if fcntl is None:  # pragma: no cover
+            return bool(process_token(int(stem[1:].partition("-")[0])))
+        return any(_held(os.path.join(directory, stem + suffix)) for suffix in (_ALIVE, _DB))
+
     def _read(self, stem: str) -> Iterator[tuple[str, float]]:
         path = os.path.join(self.directory, stem + _DB)
         try:
@@ -1041,6 +1092,37 @@ class SharedState:
                 )
             ]
         )
+
+
+def _parent(pid: int) -> int:
+    """The parent of ``pid`` (Linux), or 0 when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether ``pid`` holds a TCP socket listening on ``port`` (Linux), or None when that cannot be told."""
+    inodes = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split()
+                    # local address "<hex address>:<hex port>"; state 0A is LISTEN; field 10 the socket's inode
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(f"socket:[{fields[9]}]")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (OSError, ValueError):
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
 
 
 def _identity(directory: str) -> tuple[int, int] | None:
@@ -1413,6 +1495,23 @@ class _Listener:
             from .exposition import listener_url
 
             self._unclaimed = None
+            upgrade = self.state.port_held_by_upgrade(self.port)
+            if upgrade is not None:
+                holder, arbiter, old = upgrade
+                # gunicorn's binary upgrade (USR2) in the default location: no other port is needed, but the two
+                # arbiters keep separate totals, and the scrapes show the other one's until its workers stop.
+                logger.warning(
+                    "llm-telemetry: metrics port %s is served by worker %s of gunicorn arbiter %s, %s (USR2); its "
+                    "scrapes show that arbiter's totals, not this one's, until its workers stop and a worker of this "
+                    "arbiter takes the port over. The two arbiters count apart in the default state directory: "
+                    "set %s to carry the totals across an upgrade",
+                    listener_url(self.host, self.port, ""),
+                    holder,
+                    arbiter,
+                    "which this arbiter is an upgrade of" if old else "an upgrade of this arbiter",
+                    LLM_TELEMETRY_MULTIPROC_DIR,
+                )
+                return
             logger.warning(
                 "llm-telemetry: metrics port %s is held by a process that is not a worker of this server; "
                 "this server's metrics are not served until the port is free (set LLM_TELEMETRY_METRICS_PORT to "

@@ -600,6 +600,49 @@ def test_workers_gunicorn_upgrade_on_an_explicit_directory_keeps_every_count(tmp
     assert "is held by a process that is not a worker of this server" not in log
 
 
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_upgrade_in_the_default_location_names_the_old_arbiters_worker(tmp_path: Path) -> None:
+    """gunicorn's binary upgrade (``USR2``) with the state in the default location: the old arbiter's worker keeps
+    the metrics port, and the new arbiter's workers say so, naming it and its arbiter, and that the two count apart,
+    instead of advising another port as for a process that is not a worker of either."""
+    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer)
+    new = 0
+    with running(server):
+        try:
+            old, old_workers = server.pid, process_children(server.pid)
+            sent = _drive_until_answered(server, old_workers, Traffic())
+            settle(server, sent)
+            holder = server.serving_pid(server.scrape())
+            started = server.log.read_bytes().count(b"Application startup complete")
+            os.kill(old, signal.SIGUSR2)
+            new = wait_for("the new arbiter", lambda: next(iter(process_children(old) - old_workers)))
+            wait_for(
+                "its workers' startup",
+                lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 2,
+            )
+            said = wait_for(
+                "the new workers' warning",
+                lambda: server.log.read_text(errors="replace").count("(USR2)") >= 2 and server.log.read_text(),
+            )
+            words = (
+                f"is served by worker {holder} of gunicorn arbiter {old}, which this arbiter is an upgrade of"
+                " (USR2); its scrapes show that arbiter's totals, not this one's"
+            )
+            assert said.count(words) == 2, said
+            assert "set LLM_TELEMETRY_MULTIPROC_DIR to carry the totals across an upgrade" in said
+            # Still the old arbiter's: its totals alone.
+            assert_totals(server.scrape(), sent)
+        finally:
+            if new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new, signal.SIGTERM)
+                wait_for("the new arbiter to stop", lambda: not is_running(new))
+    log = server.log.read_text(errors="replace")
+    assert "is held by a process that is not a worker of this server" not in log
+    assert "LLM_TELEMETRY_METRICS_PORT" not in log
+
+
 # --- one process ------------------------------------------------------------------------------------------
 
 
@@ -1850,6 +1893,8 @@ def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path
                 "the warning",
                 lambda: "is held by a process that is not a worker of this server" in server.log.read_text(),
             )
+            assert "set LLM_TELEMETRY_METRICS_PORT to a free one" in server.log.read_text()
+            assert "(USR2)" not in server.log.read_text()
     finally:
         other.shutdown()
         other.server_close()
