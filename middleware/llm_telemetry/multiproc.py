@@ -226,7 +226,7 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
         source = f"the default location; {LLM_TELEMETRY_MULTIPROC_DIR} sets another"
     try:
         if directory is None:
-            directory = default_directory(supervisor)
+            directory = default_directory(supervisor, env)
         state = SharedState(directory, supervisor)
     except OSError as exc:
         logger.warning(
@@ -240,9 +240,10 @@ def activate(settings: Settings, env: Mapping[str, str] | None = None) -> Worker
     return WorkerMode(supervisor, state)
 
 
-def default_directory(supervisor: Supervisor) -> str:
+def default_directory(supervisor: Supervisor, env: Mapping[str, str] | None = None) -> str:
     """``<tmp>/llm-telemetry-<uid>/<kind>-<supervisor pid>-<pid namespace>`` (without the namespace where there is
-    none); directories of supervisors gone are removed."""
+    none); directories of supervisors gone are removed. A gunicorn arbiter started by ``USR2`` continues the
+    directory of the arbiter it is the upgrade of (see :func:`_continue_upgraded`)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     base = os.path.join(tempfile.gettempdir(), f"llm-telemetry-{uid}")
     with contextlib.suppress(FileExistsError):
@@ -253,7 +254,66 @@ def default_directory(supervisor: Supervisor) -> str:
         raise PermissionError(f"{base} is not a private directory of this user")
     namespace = pid_namespace()
     _sweep(base, namespace)
-    return os.path.join(base, _default_name(supervisor.kind, supervisor.pid, namespace))
+    path = os.path.join(base, _default_name(supervisor.kind, supervisor.pid, namespace))
+    if supervisor.kind == "gunicorn" and not os.path.lexists(path):
+        _continue_upgraded(base, namespace, supervisor, path, os.environ if env is None else env)
+    return path
+
+
+def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: str, env: Mapping[str, str]) -> None:
+    """Make ``path`` a link to the directory of the gunicorn arbiter that this one is the ``USR2`` upgrade of, with
+    this arbiter added to its ``run`` record, so that the totals go on from the old arbiter's.
+
+    gunicorn's ``USR2`` forks the old arbiter and executes it again with ``GUNICORN_PID`` set to the old arbiter's
+    pid; the new arbiter is the old one's child, and its workers inherit that variable, until the old arbiter exits
+    (gunicorn then "promotes" the new one and drops it). The first worker that sees both makes the link; the workers
+    started later, without the variable, find it. The sweep keeps the directory while any arbiter its record names
+    lives, or any worker in it."""
+    old = env.get("GUNICORN_PID", "")
+    if not old.isdigit() or _parent(supervisor.pid) != int(old):
+        return
+    target = os.path.realpath(os.path.join(base, _default_name("gunicorn", int(old), namespace)))
+    if os.path.dirname(target) != os.path.realpath(base) or not os.path.isdir(target):
+        return
+    with _directory_locked(target):
+        try:
+            with open(os.path.join(target, _RUN), encoding="utf-8") as run:
+                tokens = run.read().split()
+        except OSError:
+            return
+        if process_token(int(old)) not in tokens:
+            return  # not the old arbiter's record (its pid reused, or the record lost): start anew
+        _write_run(target, [*tokens, process_token(supervisor.pid)])
+        with contextlib.suppress(FileExistsError):  # another worker of this arbiter made it first
+            os.symlink(os.path.basename(target), path)
+
+
+@contextlib.contextmanager
+def _directory_locked(directory: str) -> Iterator[None]:
+    """The lock of a state directory (see SharedState._locked), for a directory no worker of this one uses yet."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _live(token: str) -> bool:
+    """Whether the process of a ``run`` record's token (see :func:`process_token`) still runs."""
+    pid = token.partition("@")[0]
+    return pid.isdigit() and process_token(int(pid)) == token
+
+
+def _write_run(directory: str, tokens: Sequence[str]) -> None:
+    """The ``run`` record of ``directory``: the supervisors whose workers use it, one token a line (the last one's
+    and those still running)."""
+    kept = [token for token in dict.fromkeys(tokens) if token == tokens[-1] or _live(token)]
+    run = os.path.join(directory, _RUN)
+    with open(run + ".tmp", "w", encoding="utf-8") as fresh:
+        fresh.write("\n".join(kept))
+    os.replace(run + ".tmp", run)
 
 
 def _default_name(kind: str, pid: int, namespace: str) -> str:
@@ -262,21 +322,33 @@ def _default_name(kind: str, pid: int, namespace: str) -> str:
 
 
 def _sweep(base: str, namespace: str) -> None:
-    """Remove the directories of supervisors that have exited: of this PID namespace by their pid and start time,
-    of another one (a container beside this one) once left behind (see :data:`ABANDONED_SECONDS`)."""
+    """Remove the directories of supervisors that have exited: of this PID namespace by their pid and start time
+    (every supervisor its ``run`` record names, and no worker left in it), of another one (a container beside this
+    one) once left behind (see :data:`ABANDONED_SECONDS`). A link (a gunicorn upgrade's, see
+    :func:`_continue_upgraded`) goes with the directory it names."""
     for name in os.listdir(base):
         path = os.path.join(base, name)
         try:
             with open(os.path.join(path, _RUN), encoding="utf-8") as run:
-                token = run.read().strip()
+                tokens = run.read().split()
         except OSError:
+            if os.path.islink(path) and not os.path.exists(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             continue
-        pid, _, rest = token.partition("@")
-        theirs = rest.partition("@")[2]
+        theirs = tokens[0].partition("@")[2].partition("@")[2] if tokens else ""
         if theirs and theirs != namespace:
-            if _abandoned(path):
-                shutil.rmtree(path, ignore_errors=True)
-        elif pid.isdigit() and process_token(int(pid)) != token:
+            gone = _abandoned(path)
+        else:
+            gone = (
+                bool(tokens)
+                and all(token.partition("@")[0].isdigit() and not _live(token) for token in tokens)
+                and not _workers_in(path)
+            )
+        if gone and os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # the directory it names goes under its own name
+        elif gone:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -287,10 +359,20 @@ def _abandoned(path: str) -> bool:
     try:
         if time.time() - os.stat(path).st_mtime < ABANDONED_SECONDS:
             return False
-        names = os.listdir(path)
     except OSError:
         return False
-    return not any(_held(os.path.join(path, name)) for name in names if name.endswith((_ALIVE, _DB)))
+    return not _workers_in(path)
+
+
+def _workers_in(path: str) -> bool:
+    """Whether a live worker holds a liveness lock in the directory ``path`` (True when it cannot be read)."""
+    if fcntl is None:  # pragma: no cover - no locks to tell by
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return True
+    return any(_held(os.path.join(path, name)) for name in names if name.endswith((_ALIVE, _DB)))
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -398,7 +480,6 @@ class SharedState:
 
     def __init__(self, directory: str, supervisor: Supervisor) -> None:
         self.directory = directory
-        self.supervisor = supervisor
         self.descriptors: dict[str, _Descriptor] = {}
         self.scope: tuple[str, str] = ("", "")
         self._write_lock = threading.Lock()
@@ -573,17 +654,21 @@ class SharedState:
 
     def _wipe_if_stale(self, token: str) -> None:
         run = os.path.join(self.directory, _RUN)
+        tokens: list[str] = []
         try:
             with open(run, encoding="utf-8") as existing:
-                if existing.read().strip() == token:
-                    return
+                tokens = existing.read().split()
         except FileNotFoundError:
             pass
+        if token in tokens:
+            return
         names = os.listdir(self.directory)
         if any(_held(os.path.join(self.directory, name)) for name in names if name.endswith((_ALIVE, _DB))):
             # Workers of this server are alive here: its record was removed (a /tmp cleaner), not left by an
-            # earlier run. Their numbers stay; the record is written again.
-            names = []
+            # earlier run (or they are an earlier server's, still finishing, which this one joins). Their numbers
+            # stay; this supervisor is added to the record.
+            _write_run(self.directory, [*tokens, token])
+            return
         # A previous run of the server (or another server) left state here: a restart starts from zero.
         for name in names:
             if name in (_ARCHIVE, _ARCHIVE + ".version", _LABELS, _MERGE, *_RENDERINGS) or name.endswith(
@@ -591,9 +676,7 @@ class SharedState:
             ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
-        with open(run + ".tmp", "w", encoding="utf-8") as fresh:
-            fresh.write(token)
-        os.replace(run + ".tmp", run)
+        _write_run(self.directory, [token])
 
     # --- writing (the request path) ---
 
@@ -885,52 +968,6 @@ class SharedState:
             return False
         return bool(stem) and (stem == self._stem or self._is_alive(stem))
 
-    def port_held_by_upgrade(self, port: int) -> tuple[int, int, bool] | None:
-        """Whether ``port`` is served by a worker of a gunicorn arbiter this one is the ``USR2`` upgrade of, or
-        that is an upgrade of this one, each in the default location: (that worker's pid, that arbiter's pid,
-        whether that arbiter is the old one), else None.
-
-        gunicorn's new arbiter is a child of the old one until the old one exits. The other arbiter is found by
-        that parentage and by its directory beside this one, whose ``run`` record is that process's (so it runs
-        this middleware), and whose ``port`` claim names a live worker; on Linux, that worker must also hold a
-        socket listening on ``port`` (``/proc/net/tcp``, ``tcp6``)."""
-        if self.supervisor.kind != "gunicorn":
-            return None
-        namespace = pid_namespace()
-        base, name = os.path.split(self.directory)
-        mine = self.supervisor.pid
-        if name != _default_name("gunicorn", mine, namespace):
-            return None  # an explicit directory: both arbiters share it, and port_held_by_worker tells
-        candidates = [(_parent(mine), True)]
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(base):
-                pid = entry.removeprefix("gunicorn-").partition("-")[0]
-                if entry != name and entry.startswith("gunicorn-") and pid.isdigit() and _parent(int(pid)) == mine:
-                    candidates.append((int(pid), False))
-        for arbiter, old in candidates:
-            if arbiter <= 0:
-                continue
-            directory = os.path.join(base, _default_name("gunicorn", arbiter, namespace))
-            try:
-                with open(os.path.join(directory, _RUN), encoding="utf-8") as run:
-                    if run.read().strip() != process_token(arbiter):
-                        continue
-                with open(os.path.join(directory, _PORT), encoding="utf-8") as claim:
-                    stem = claim.read().strip()
-            except OSError:
-                continue
-            pid = stem[1:].partition("-")[0]
-            if not (stem.startswith("w") and pid.isdigit() and self._is_alive_in(directory, stem)):
-                continue
-            if _listens(int(pid), port) is not False:
-                return int(pid), arbiter, old
-        return None
-
-    def _is_alive_in(self, directory: str, stem: str) -> bool:
-        if fcntl is None:  # pragma: no cover
-            return bool(process_token(int(stem[1:].partition("-")[0])))
-        return any(_held(os.path.join(directory, stem + suffix)) for suffix in (_ALIVE, _DB))
-
     def _read(self, stem: str) -> Iterator[tuple[str, float]]:
         path = os.path.join(self.directory, stem + _DB)
         try:
@@ -1101,28 +1138,6 @@ def _parent(pid: int) -> int:
             return int(stat.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
-
-
-def _listens(pid: int, port: int) -> bool | None:
-    """Whether ``pid`` holds a TCP socket listening on ``port`` (Linux), or None when that cannot be told."""
-    inodes = set()
-    try:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as lines:
-                next(lines, None)
-                for line in lines:
-                    fields = line.split()
-                    # local address "<hex address>:<hex port>"; state 0A is LISTEN; field 10 the socket's inode
-                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except (OSError, ValueError):
-        return None
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                return True
-    return False
 
 
 def _identity(directory: str) -> tuple[int, int] | None:
@@ -1495,23 +1510,6 @@ class _Listener:
             from .exposition import listener_url
 
             self._unclaimed = None
-            upgrade = self.state.port_held_by_upgrade(self.port)
-            if upgrade is not None:
-                holder, arbiter, old = upgrade
-                # gunicorn's binary upgrade (USR2) in the default location: no other port is needed, but the two
-                # arbiters keep separate totals, and the scrapes show the other one's until its workers stop.
-                logger.warning(
-                    "llm-telemetry: metrics port %s is served by worker %s of gunicorn arbiter %s, %s (USR2); its "
-                    "scrapes show that arbiter's totals, not this one's, until its workers stop and a worker of this "
-                    "arbiter takes the port over. The two arbiters count apart in the default state directory: "
-                    "set %s to carry the totals across an upgrade",
-                    listener_url(self.host, self.port, ""),
-                    holder,
-                    arbiter,
-                    "which this arbiter is an upgrade of" if old else "an upgrade of this arbiter",
-                    LLM_TELEMETRY_MULTIPROC_DIR,
-                )
-                return
             logger.warning(
                 "llm-telemetry: metrics port %s is held by a process that is not a worker of this server; "
                 "this server's metrics are not served until the port is free (set LLM_TELEMETRY_METRICS_PORT to "

@@ -600,20 +600,51 @@ def test_workers_gunicorn_upgrade_on_an_explicit_directory_keeps_every_count(tmp
     assert "is held by a process that is not a worker of this server" not in log
 
 
+def _promtool_accepts(text: str, tmp_path: Path) -> None:
+    if shutil.which("promtool") is None:
+        return
+    scraped = tmp_path / "scrape.txt"
+    scraped.write_text(text)
+    with scraped.open() as stdin:
+        checked = subprocess.run(["promtool", "check", "metrics"], stdin=stdin, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 @pytest.mark.slow
 @linux_only
-def test_workers_gunicorn_upgrade_in_the_default_location_names_the_old_arbiters_worker(tmp_path: Path) -> None:
-    """gunicorn's binary upgrade (``USR2``) with the state in the default location: the old arbiter's worker keeps
-    the metrics port, and the new arbiter's workers say so, naming it and its arbiter, and that the two count apart,
-    instead of advising another port as for a process that is not a worker of either."""
-    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer)
+def test_workers_gunicorn_upgrade_in_the_default_location_keeps_every_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn's binary upgrade (``USR2``, then ``QUIT`` to the old arbiter) with the state in the default location:
+    the new arbiter's workers continue the old arbiter's directory, so every scrape, of the metrics port or of the
+    app's path, answered by a worker of either arbiter, has every count; none goes down when the old arbiter stops;
+    a worker the new arbiter starts after it was promoted (``TTIN``, no ``GUNICORN_PID`` left) counts on in the same
+    totals; and a later start's sweep removes the directory and its link once both arbiters are gone."""
+    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer, LLM_TELEMETRY_METRICS_APP_PATH="/metrics")
+    base = tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}"
+    shown: list[float] = []
+
+    def scraped(metrics: Metrics, sent: Traffic) -> None:
+        assert_totals(metrics, sent)
+        shown.append(metrics.value("llm_requests_total", gen_ai_request_model="demo-priced"))
+        _promtool_accepts(metrics.text, tmp_path)
+
+    def app_path_of(workers: set[int], sent: Traffic) -> None:
+        """Scrapes of the app's path until a worker of ``workers`` answered one; each has every count."""
+        for _ in range(200):
+            metrics, pid = server.scrape_app()
+            scraped(metrics, sent)
+            if pid in workers:
+                return
+        raise AssertionError(f"no scrape of the app's path answered by {workers}")
+
     new = 0
     with running(server):
         try:
             old, old_workers = server.pid, process_children(server.pid)
             sent = _drive_until_answered(server, old_workers, Traffic())
             settle(server, sent)
-            holder = server.serving_pid(server.scrape())
+            scraped(server.scrape(), sent)
             started = server.log.read_bytes().count(b"Application startup complete")
             os.kill(old, signal.SIGUSR2)
             new = wait_for("the new arbiter", lambda: next(iter(process_children(old) - old_workers)))
@@ -621,26 +652,57 @@ def test_workers_gunicorn_upgrade_in_the_default_location_names_the_old_arbiters
                 "its workers' startup",
                 lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 2,
             )
-            said = wait_for(
-                "the new workers' warning",
-                lambda: server.log.read_text(errors="replace").count("(USR2)") >= 2 and server.log.read_text(),
+            new_workers = process_children(new)
+            assert len(new_workers) == 2
+            (link,) = base.glob(f"gunicorn-{new}-*")
+            assert link.is_symlink() and link.resolve() == next(base.glob(f"gunicorn-{old}-*")).resolve()
+
+            # During the upgrade: requests to the workers of both arbiters, scrapes answered by either.
+            sent = _drive_until_answered(server, new_workers, sent)
+            sent = _drive_until_answered(server, old_workers, sent)
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+            app_path_of(old_workers, sent)
+            app_path_of(new_workers, sent)
+
+            os.kill(old, signal.SIGQUIT)
+            assert server.process is not None
+            server.process.wait(timeout=30)
+            wait_for("the promotion", lambda: b"Master has been promoted" in server.log.read_bytes())
+            after = wait_for(
+                "a new worker on the metrics port",
+                lambda: (m := server.scrape()) and server.serving_pid(m) in new_workers and m,
             )
-            words = (
-                f"is served by worker {holder} of gunicorn arbiter {old}, which this arbiter is an upgrade of"
-                " (USR2); its scrapes show that arbiter's totals, not this one's"
+            scraped(after, sent)
+
+            # A worker started after the promotion counts on in the same totals.
+            started = server.log.read_bytes().count(b"Application startup complete")
+            os.kill(new, signal.SIGTTIN)
+            wait_for("the third worker", lambda: len(process_children(new)) == 3)
+            wait_for(
+                "its startup", lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 1
             )
-            assert said.count(words) == 2, said
-            assert "set LLM_TELEMETRY_MULTIPROC_DIR to carry the totals across an upgrade" in said
-            # Still the old arbiter's: its totals alone.
-            assert_totals(server.scrape(), sent)
+            (third,) = process_children(new) - new_workers
+            sent = _drive_until_answered(server, {third}, sent)
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+            app_path_of({third}, sent)
         finally:
             if new:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(new, signal.SIGTERM)
                 wait_for("the new arbiter to stop", lambda: not is_running(new))
+    assert shown == sorted(shown), shown
     log = server.log.read_text(errors="replace")
     assert "is held by a process that is not a worker of this server" not in log
-    assert "LLM_TELEMETRY_METRICS_PORT" not in log
+    assert "were removed" not in log  # (a sweep that took the directory from under the new arbiter's workers)
+
+    # Both arbiters gone (reaped: a zombie's pid and start time still read as its process): the next start in the
+    # default location removes the directory and the link.
+    wait_for("the new arbiter to be reaped", lambda: not Path(f"/proc/{new}").exists())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    multiproc.default_directory(multiproc.Supervisor("gunicorn", os.getpid()))
+    assert sorted(base.iterdir()) == []
 
 
 # --- one process ------------------------------------------------------------------------------------------
@@ -1894,7 +1956,6 @@ def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path
                 lambda: "is held by a process that is not a worker of this server" in server.log.read_text(),
             )
             assert "set LLM_TELEMETRY_METRICS_PORT to a free one" in server.log.read_text()
-            assert "(USR2)" not in server.log.read_text()
     finally:
         other.shutdown()
         other.server_close()
