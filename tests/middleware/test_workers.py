@@ -1961,6 +1961,40 @@ def test_workers_metrics_port_held_by_another_service_is_reported(tmp_path: Path
         other.server_close()
 
 
+@linux_only
+def test_workers_only_the_arbiter_a_usr2_upgrade_started_from_is_continued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default directory continues the one of the arbiter named by ``GUNICORN_PID`` only when that is the
+    supervisor's parent (gunicorn's ``USR2``: the new arbiter is the old one's child) and that directory's record is
+    that process's; else, and once both are gone, the supervisor starts a directory of its own. (This process plays
+    the new arbiter, its parent the old one.)"""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    old, new = multiproc.Supervisor("gunicorn", os.getppid()), multiproc.Supervisor("gunicorn", os.getpid())
+    old_directory = multiproc.default_directory(old)
+    held = multiproc.SharedState(old_directory, old)  # a worker of the old arbiter, its record written
+    try:
+        # Not its parent (pid 1's parent is 0): an arbiter of its own.
+        other = multiproc.Supervisor("gunicorn", 1)
+        assert not Path(multiproc.default_directory(other, {"GUNICORN_PID": str(os.getppid())})).is_symlink()
+        assert not Path(multiproc.default_directory(new, {})).is_symlink()
+        # The parent, but its directory's record is another process's (its pid reused since): no link either.
+        run = Path(old_directory) / "run"
+        kept = run.read_text()
+        run.write_text(f"{os.getppid()}@1@{multiproc.pid_namespace()}")
+        assert not Path(multiproc.default_directory(new, {"GUNICORN_PID": str(os.getppid())})).is_symlink()
+        run.write_text(kept)
+        # The upgrade: linked, and the old directory's record names both arbiters.
+        linked = Path(multiproc.default_directory(new, {"GUNICORN_PID": str(os.getppid())}))
+        assert linked.is_symlink() and linked.resolve() == Path(old_directory).resolve()
+        assert run.read_text().split() == [multiproc.process_token(os.getppid()), multiproc.process_token(os.getpid())]
+        # A later worker, without the variable (after the promotion), finds the link.
+        assert multiproc.default_directory(new, {}) == str(linked)
+    finally:
+        held.close()
+
+
 def test_workers_sweep_leaves_another_namespaces_live_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
