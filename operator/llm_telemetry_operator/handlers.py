@@ -2238,8 +2238,10 @@ def _workload_event(memo: Any, logger: Any, kind: str, type: str, meta: dict[str
     settled = ((resource.plural, name), rec.workload_state({"metadata": meta}))
 
     def answered(outcome: rec.Outcome) -> bool:
-        if seen(outcome) or type == "DELETED":
-            return seen(outcome)
+        if seen(outcome):
+            return True
+        if type == "DELETED":
+            return False  # (never answered by a pass: it saw the workload, not its deletion)
         # The state the pass left the workload in, or an older version in the state the pass decided from.
         return outcome.settled.get(settled[0]) == settled[1] or rec.answers_older(outcome, *settled)
 

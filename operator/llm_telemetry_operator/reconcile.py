@@ -11,7 +11,7 @@ import datetime
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from llm_telemetry.config import ConfigurationError
 from llm_telemetry.pricing import PricingTable, parse_pricing_text
@@ -67,12 +67,12 @@ class Outcome:
     #: LLMTelemetry): its :func:`workload_state` then, by (plural, name). A later version in the same state (its
     #: controller's status updates, a revision annotation) changes nothing the pass decided: its event needs no
     #: pass.
-    settled: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    settled: dict[tuple[str, str], WorkloadState] = field(default_factory=dict)
     #: Of every workload in ``settled``: its :func:`workload_state` in the version the pass decided from (as listed).
     #: Once the pass's patch raised its generation, another version in that state is an older one that differs only
     #: in status or other metadata (its controller's updates, read by the pass again after a 409 or not at all): its
     #: event needs no pass (see :func:`answers_older`).
-    decided: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    decided: dict[tuple[str, str], WorkloadState] = field(default_factory=dict)
     #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
     applied: tuple[str, Any] = ("", None)
     #: Exporters left out because their collector's Service does not exist (``traces``, ``logs``).
@@ -120,21 +120,31 @@ def _now() -> str:
     return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def workload_state(workload: Mapping[str, Any]) -> tuple[Any, ...]:
+class WorkloadState(NamedTuple):
+    """What a pass's decision about a workload depends on (see :func:`workload_state`)."""
+
+    uid: Any
+    generation: Any
+    labels: tuple[tuple[str, Any], ...]
+    record: Any
+    deletion: Any
+
+
+def workload_state(workload: Mapping[str, Any]) -> WorkloadState:
     """What a pass's decision about a workload depends on: its spec (``metadata.generation``, which the API server
     bumps on every spec change), labels, our injection record and whether it is being deleted. Versions that
     differ only in status or other metadata share it."""
     meta = workload.get("metadata") or {}
-    return (
-        meta.get("uid"),
-        meta.get("generation"),
-        tuple(sorted((meta.get("labels") or {}).items())),
-        (meta.get("annotations") or {}).get(c.ANNOTATION_INJECTED),
-        meta.get("deletionTimestamp"),
+    return WorkloadState(
+        uid=meta.get("uid"),
+        generation=meta.get("generation"),
+        labels=tuple(sorted((meta.get("labels") or {}).items())),
+        record=(meta.get("annotations") or {}).get(c.ANNOTATION_INJECTED),
+        deletion=meta.get("deletionTimestamp"),
     )
 
 
-def answers_older(outcome: Outcome, key: tuple[str, str], state: tuple[Any, ...]) -> bool:
+def answers_older(outcome: Outcome, key: tuple[str, str], state: WorkloadState) -> bool:
     """Whether a workload event in :func:`workload_state` ``state`` is of a version older than the one the pass of
     ``outcome`` left, and in the state the pass decided from: the pass raised the generation (the API server only ever
     raises it), and the event's version has the generation, labels and record the pass decided on. Its controller's
@@ -144,7 +154,7 @@ def answers_older(outcome: Outcome, key: tuple[str, str], state: tuple[Any, ...]
     left, decided = outcome.settled.get(key), outcome.decided.get(key)
     if left is None or decided is None or state != decided:
         return False
-    generation, newer = decided[1], left[1]
+    generation, newer = decided.generation, left.generation
     return isinstance(generation, int) and isinstance(newer, int) and generation < newer
 
 
