@@ -844,6 +844,7 @@ async def _inject(
     lost: list[str] = []
     kept: list[str] = []
     handing: list[str] = []
+    deferred: list[str] = []
     #: Whether each pricing ConfigMap (name, key) a winning peer mounts is missing, as looked up by this pass.
     peer_prices: dict[tuple[Any, Any], bool] = {}
     errors: list[str] = []
@@ -998,6 +999,7 @@ async def _inject(
                 without=outcome.without,
                 before=before_injecting if selected else None,
                 label=_service_of(workload) not in claimed,
+                decided=True,
             )
         except _PricesUnwritten:
             # Held back as for a missing configMapRef (above): a holder keeps serving it until this one can.
@@ -1025,17 +1027,28 @@ async def _inject(
             elif mine and r.carries_service_label(workload):
                 claimed.add(_service_of(workload))  # (its removal refused: its pods keep the label, and that name)
             continue
+        if after is None:
+            # Its labels, record or spec changed between the list this pass decided from and its patch (read again
+            # after the 409): left as it now is, not settled, and decided again by a pass in a few seconds, rather
+            # than patched as decided and patched back then (a rollout in and one out for a deselected one). The
+            # watch event of that change came while this pass ran, and may have named no resource then.
+            outcome.settled.pop(settled, None)
+            outcome.retry = True
+            deferred.append(f"{workload_key(workload)} (changed while this pass ran: the next one decides on it)")
+            now = r.injected_record(read)
+            if now is not None and now.get("owner") == name:
+                # Its injection, by this resource, is still in it: its metrics Service and that name stay its own.
+                targets.append(dict(read))
+                claimed.add(_service_of(read))
+                if _unrolled(read):
+                    outcome.unlabelled.add(workload_key(read))
+            continue
         _remember(outcome, kube.WORKLOADS[workload["kind"]], workload["metadata"]["name"], workload, _version(after))
-        if after is not None and (after.get("metadata") or {}).get("generation") is not None:
+        if (after.get("metadata") or {}).get("generation") is not None:
             outcome.settled[settled] = workload_state(after)
             outcome.decided[settled] = workload_state(workload)
         else:
             outcome.settled.pop(settled, None)
-        if read is not workload and (read.get("metadata", {}).get("labels") or {}) != labels:
-            # Its labels changed between the list this pass decided from and its patch (read again after the 409):
-            # which resource serves it is decided again by a pass in a few seconds. The watch event of that change
-            # came while this pass ran, and may have named no resource then (deselected, and not yet injected).
-            outcome.retry = True
         if selected:
             targets.append(workload)
             claimed.add(_service_of(workload))
@@ -1051,7 +1064,13 @@ async def _inject(
         outcome.failures.append(("NoContainer", no_container))
         skipped += [f"{item}, none named in spec.containers" for item in missing]
     notes: list[str | Listed] = []
-    for what, items in (("skipped", skipped), ("left", lost), ("kept", kept), ("handing over", handing)):
+    for what, items in (
+        ("skipped", skipped),
+        ("left", lost),
+        ("kept", kept),
+        ("handing over", handing),
+        ("deferred", deferred),
+    ):
         if items:
             notes += [f"; {what} ", Listed(items)]
     if errors:
@@ -1081,7 +1100,8 @@ async def _inject(
     elif not targets and skipped:
         message = bounded(f"no Deployment or StatefulSet it selects in namespace {namespace} is one to inject", *notes)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
-        outcome.notices.append(("NoTargets", message))
+        if not deferred:  # (else the next pass, in seconds, says whether it still has none)
+            outcome.notices.append(("NoTargets", message))
     elif not targets:
         message = bounded(
             f"no Deployment or StatefulSet matches spec.selector in namespace {namespace} (by the workload's own"
@@ -1089,7 +1109,8 @@ async def _inject(
             *notes,
         )
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
-        outcome.notices.append(("NoTargets", message))
+        if not deferred:  # (else the next pass, in seconds, says whether it still has none)
+            outcome.notices.append(("NoTargets", message))
     else:
         if paused:
             # Its pod template has the injection, but no pod rolls until the Deployment is resumed.
@@ -1214,17 +1235,24 @@ async def _patch_workload(
     without: frozenset[str] = frozenset(),
     before: Callable[[], Awaitable[None]] | None = None,
     label: bool = True,
+    decided: bool = False,
 ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any]]:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
     which may hold its metadata only, or the workload as read when it needed none), and the workload as last read:
     ``workload``, or the version read again after a 409.
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it).
     ``before``: awaited once a patch is to be sent, before it is.
-    ``label``: whether its pods get the label its metrics Service selects by (see ``r.build_workload_patch``)."""
+    ``label``: whether its pods get the label its metrics Service selects by (see ``r.build_workload_patch``).
+    ``decided``: the patch carries a decision made from ``workload`` as given (its labels, record and spec). A
+    version read again after a 409 in another :func:`workload_state` is then not patched: it is returned as read,
+    with None for the workload after, for a later pass to decide on."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
     namespace, wl_name = workload["metadata"]["namespace"], workload["metadata"]["name"]
+    state = workload_state(workload)
     for attempt in range(CONFLICT_ATTEMPTS):
+        if decided and workload_state(workload) != state:
+            return None, workload
         injection = r.build_injection(spec, config, workload, name, without) if spec is not None else None
         patch = r.build_workload_patch(workload, injection, name, take_over=take_over, label=label)
         if patch is None:

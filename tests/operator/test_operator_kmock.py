@@ -1273,14 +1273,14 @@ async def test_a_version_older_than_the_one_a_pass_read_runs_no_second_pass(
         await _injected_in_one_pass_after_the_controller(emulator)
 
 
-async def test_a_workload_deselected_between_a_pass_read_and_its_patch_loses_the_injection_within_seconds(
+async def test_a_workload_deselected_between_a_pass_read_and_its_patch_is_never_injected(
     emulator: Any, monitoring_crds: Any
 ) -> None:
     """A user relabels a Deployment so that the resource no longer selects it, between a pass's list of it and the
-    pass's patch: the patch gets 409, and the pass reads the Deployment again and injects into it. The watch event
-    of the relabelling came while the pass ran, when nothing named this resource for that Deployment (not selected,
-    not yet injected): the injection stayed until the resync, up to 450 s. Now the pass that met the changed labels
-    is followed by another within seconds, which removes it."""
+    pass's patch: the patch gets 409, and the pass reads the Deployment again. The pass injected into that version
+    as it had decided, and a pass following within seconds removed it again: a rollout in and one out, where none
+    was due. Now the version read again, in other labels than the pass decided from, is left as it is and decided
+    by the next pass: its spec never changes (its generation stays 1), and the resource ends with no target."""
     install_prometheus_operator_crds(emulator, monitoring_crds)
     install_default_collectors(emulator)
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
@@ -1289,15 +1289,66 @@ async def test_a_workload_deselected_between_a_pass_read_and_its_patch_loses_the
     async with running_operator():
         await eventually(
             lambda: (
-                "LLM_TELEMETRY_METRICS_PORT" not in env_of(get(emulator, DEPLOYMENTS, "chat"))
-                and passes_for(emulator, "chat") >= 2
+                passes_for(emulator, "chat") >= 2
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
+                and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
             ),
-            "the injection removed from the deselected Deployment",
+            "the pass after the relabelling finds nothing to inject",
             attempts=400,
         )
         dep = get(emulator, DEPLOYMENTS, "chat")
         assert dep["metadata"]["labels"] == {"app": "other"}  # the relabelling happened, before the pass's patch
         assert ("apps", "deployments", "get") in operator_usage(emulator)  # (its 409 read the Deployment again)
+        patches = [
+            r
+            for r in list(emulator)
+            if not r.headers.get("X-Test-Hand")
+            and r.method.value == "PATCH"
+            and str(r.url.path).endswith("/deployments/chat")
+        ]
+        assert len(patches) == 1  # the one refused with the 409: none after it
+        assert dep["metadata"]["generation"] == 1  # no rollout: the spec never changed
+        assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(dep)
+        assert c.ANNOTATION_INJECTED not in (dep["metadata"].get("annotations") or {})
+        assert get(emulator, LLMT, "chat")["status"]["targets"] == []
+
+
+async def test_a_workload_selected_again_between_a_pass_read_and_its_patch_keeps_its_injection(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The other direction: a user relabels an injected Deployment out of the selector, and back into it between the
+    list of the pass that follows and that pass's removal patch. The pass leaves the version it reads again after
+    the 409 as it is (selected again, its injection its own): the injection stays, with no rollout out and back in,
+    and the Deployment stays a target."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    async with running_operator():
+        await ready(emulator)
+        injected = get(emulator, DEPLOYMENTS, "chat")["metadata"]["generation"]
+        emulator.interfere["deployments", "chat"] = {"metadata": {"labels": {"app": "chat"}}}
+        before = passes_for(emulator, "chat")
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/chat"
+        await hand(emulator, "PATCH", path, {"metadata": {"labels": {"app": "other"}}})
+        await eventually(
+            lambda: (
+                ("deployments", "chat") not in emulator.interfere  # the pass's removal patch met the relabelling
+                and passes_for(emulator, "chat") >= before + 2
+                and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("message", "")
+            ),
+            "the pass after the relabelling back",
+            attempts=400,
+        )
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert dep["metadata"]["labels"] == {"app": "chat"}
+        assert dep["metadata"]["generation"] == injected  # no rollout out and back in
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
+        owner = get(emulator, LLMT, "chat")
+        assert owner["status"]["targets"] == ["Deployment/chat"]
+        assert condition(owner, c.CONDITION_INJECTED)["reason"] == "Injected"
+        # Its metrics Service was kept throughout: the pass that left it as it was still counted it a target.
+        assert not [r for r in list(emulator) if not r.headers.get("X-Test-Hand") and r.method.value == "DELETE"]
 
 
 async def test_a_name_too_long_for_a_label_is_invalid_and_can_be_deleted(emulator: Any, monitoring_crds: Any) -> None:
