@@ -1311,6 +1311,17 @@ async def test_a_workload_deselected_between_a_pass_read_and_its_patch_is_never_
         assert "LLM_TELEMETRY_METRICS_PORT" not in env_of(dep)
         assert c.ANNOTATION_INJECTED not in (dep["metadata"].get("annotations") or {})
         assert get(emulator, LLMT, "chat")["status"]["targets"] == []
+        # The status written by the pass that left it said so, in the seconds before the next pass.
+        statuses = [
+            json.dumps(r.data)
+            for r in list(emulator)
+            if r.method.value == "PATCH" and str(r.url.path).endswith("/llmtelemetries/chat/status")
+        ]
+        assert any("Deployment/chat (changed while this pass ran: the next one decides on it)" in s for s in statuses)
+        # One NoTargets event, by the pass that decided with the new labels; none for the pass that deferred it.
+        events = await eventually(lambda: posted_events(emulator, "NoTargets"), "a NoTargets event")
+        await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
+        assert len(posted_events(emulator, "NoTargets")) == 1 and "deferred" not in events[0]["message"]
 
 
 async def test_a_workload_selected_again_between_a_pass_read_and_its_patch_keeps_its_injection(
