@@ -1193,7 +1193,8 @@ async def test_conflicting_writes_are_retried(emulator: Any, monitoring_crds: An
     emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     # Someone rolls a new image between the operator's read of the Deployment and its patch: the patch carries
-    # the stale resourceVersion, gets 409, and the operator re-reads and injects into the new template.
+    # the stale resourceVersion, gets 409, and the operator reads it again; its spec changed (a new generation), so
+    # the pass that follows within seconds injects into the new template.
     new_image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example/chat:2"}]}}}}
     emulator.interfere["deployments", "chat"] = new_image
     async with running_operator():
