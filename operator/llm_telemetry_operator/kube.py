@@ -8,8 +8,9 @@ each runs in a small thread pool of this client's own, so kopf's event loop neve
 Every call names its ``(api_group, resource, verb)`` and is refused unless :data:`rbac.PERMISSIONS` declares it,
 so the chart's RBAC (rendered from the same list) always covers what the code does. Patches are JSON merge
 patches (``application/merge-patch+json``): dicts merge, lists are replaced whole, which is why callers always
-send complete lists (env, ports, volumes). Lists are read in pages (``limit`` / ``continue``); every request
-has a connect and a read timeout.
+send complete lists (env, ports, volumes); a list of operations is sent as a JSON patch
+(``application/json-patch+json``, the workloads' injection: see ``resources.guarded_patch``). Lists are read in
+pages (``limit`` / ``continue``); every request has a connect and a read timeout.
 
 An overloaded or restarting API server answers 429 (API Priority and Fairness) or 5xx: such a request is sent
 again after a backoff that honours the server's ``Retry-After`` (see :class:`Retry`), so a burst of passes
@@ -77,6 +78,8 @@ STREAM_CONNECTIONS = 32
 #: object again (a dashboard ConfigMap is some 40 KB), and the client decodes that much less. A server that cannot
 #: transform the answer picks the plain JSON listed after it.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json"
+#: The content type of a JSON patch (RFC 6902), a list of operations.
+JSON_PATCH = "application/json-patch+json"
 
 
 class QuietConnectRetries(logging.Filter):
@@ -161,6 +164,13 @@ def _headers(api: k8s_client.ApiClient, accept: str) -> dict[str, str]:
         if auth.get("in") == "header" and auth.get("value"):
             headers[str(auth["key"])] = str(auth["value"])
     return headers
+
+
+def _sent(body: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> Any:
+    """A request body as the ``kubernetes`` package's REST client takes it (a dict, or a list of operations)."""
+    if body is None:
+        return None
+    return dict(body) if isinstance(body, Mapping) else [dict(op) for op in body]
 
 
 def _parse(data: bytes | str | None) -> tuple[str, Any]:
@@ -535,26 +545,38 @@ class KubeClient:
         resource: Resource,
         namespace: str | None,
         name: str,
-        patch: Mapping[str, Any],
+        patch: Mapping[str, Any] | Sequence[Mapping[str, Any]],
         *,
         subresource: str | None = None,
         metadata_only: bool = False,
         dry_run: bool = False,
     ) -> dict[str, Any]:
-        """Merge-patch an object; ``metadata_only`` as for :meth:`create`; ``dry_run``: checked by the API server
-        (admission, validation) but not stored."""
+        """Merge-patch an object, or with a list of operations, JSON-patch it; ``metadata_only`` as for
+        :meth:`create`; ``dry_run``: checked by the API server (admission, validation) but not stored.
+
+        A JSON patch an operation of which does not apply (a ``test`` not met: the object changed since it was
+        read) is answered 422 ``Invalid`` with no details (the API server keeps the failed operation to itself),
+        unlike a refused object, whose 422 names it and the fields: raised as a :class:`ConflictError`, as a stale
+        ``resourceVersion``'s 409 is."""
         plural = f"{resource.plural}/{subresource}" if subresource else resource.plural
-        return await self._request(
-            "PATCH",
-            resource,
-            "patch",
-            resource.path(namespace, name, subresource),
-            patch,
-            plural=plural,
-            name=name,
-            query=[("dryRun", "All")] if dry_run else None,
-            accept=METADATA_ONLY if metadata_only else None,
-        )
+        try:
+            return await self._request(
+                "PATCH",
+                resource,
+                "patch",
+                resource.path(namespace, name, subresource),
+                patch,
+                plural=plural,
+                name=name,
+                query=[("dryRun", "All")] if dry_run else None,
+                accept=METADATA_ONLY if metadata_only else None,
+            )
+        except ApiError as exc:
+            unmet = exc.status == 422 and isinstance(exc.body, dict) and not exc.body.get("details")
+            if isinstance(patch, Mapping) or not unmet:
+                raise
+            message = f"{exc.message} (a test of the JSON patch failed: {name} changed since it was read)"
+            raise ConflictError(exc.status, exc.reason, message, body=exc.body) from exc
 
     async def delete(
         self, resource: Resource, namespace: str, name: str, *, resource_version: str | None = None
@@ -576,7 +598,7 @@ class KubeClient:
         resource: Resource,
         verb: str,
         path: str,
-        body: Mapping[str, Any] | None = None,
+        body: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         *,
         plural: str | None = None,
         name: str | None = None,
@@ -657,7 +679,7 @@ class KubeClient:
         self,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None,
+        body: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
         query: Sequence[tuple[str, str]] | None,
         accept: str | None = None,
     ) -> dict[str, Any]:
@@ -666,11 +688,13 @@ class KubeClient:
         configuration = api.configuration
         headers = _headers(api, accept or "application/json")
         if body is not None:
-            headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
+            headers["Content-Type"] = "application/json"
+            if method == "PATCH":
+                headers["Content-Type"] = "application/merge-patch+json" if isinstance(body, Mapping) else JSON_PATCH
         url = str(configuration.host).rstrip("/") + path + ("?" + urlencode(query) if query else "")
         try:
             response = api.rest_client.request(  # type: ignore[no-untyped-call]
-                method, url, headers=headers, body=None if body is None else dict(body), _request_timeout=self.timeout
+                method, url, headers=headers, body=_sent(body), _request_timeout=self.timeout
             )
             status = int(response.status)
             data = response.read() if response.data is None else response.data

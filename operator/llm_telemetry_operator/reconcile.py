@@ -1260,7 +1260,10 @@ async def _patch_workload(
         if before is not None:
             await before()
         try:
-            patched = await client.patch(resource, namespace, wl_name, patch, metadata_only=True)
+            # Preconditions on what the pass decided from only: the workload controller's own updates in between
+            # (its status, its revision annotation) no longer fail it (see ``r.guarded_patch``).
+            guarded = r.guarded_patch(workload, patch)
+            patched = await client.patch(resource, namespace, wl_name, guarded, metadata_only=True)
             logger.info("%s %s/%s", "injected into" if spec else "removed injection from", workload["kind"], wl_name)
             return patched, workload
         except ConflictError:

@@ -1009,6 +1009,70 @@ def build_workload_patch(
     return patch
 
 
+def guarded_patch(workload: Mapping[str, Any], patch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``patch`` (from :func:`build_workload_patch`, for ``workload`` as read) as a JSON patch (RFC 6902) whose
+    first operations ``test`` what the pass decided from, in place of the ``resourceVersion`` precondition: the uid,
+    ``metadata.generation`` (raised by the API server on every change of spec, so the pod template and its lists
+    are the ones read), the labels, the injection record and ``metadata.deletionTimestamp``. A write that changes
+    none of them (the workload controller's status and revision annotation) no longer fails the patch; any other
+    does, as before, answered 422 (see ``kube.KubeClient.patch``).
+
+    The API server takes a ``test`` of null as met by a member absent from an object (a member under an absent
+    object fails it, so a workload without annotations has ``/metadata/annotations`` tested). A template with an
+    empty env entry keeps the ``resourceVersion`` test: whether such an entry stays depends on ``managedFields``
+    and kubectl's last-applied annotation (see :func:`_leftovers`), which nothing else here pins."""
+    meta = workload.get("metadata") or {}
+    annotations = meta.get("annotations")
+    record_path = "/metadata/annotations" + ("/" + _pointer(c.ANNOTATION_INJECTED) if annotations else "")
+    operations = [
+        _test(path, value)
+        for path, value in (
+            ("/metadata/uid", meta.get("uid")),
+            ("/metadata/generation", meta.get("generation")),
+            ("/metadata/labels", meta.get("labels") or None),
+            (record_path, annotations.get(c.ANNOTATION_INJECTED) if annotations else None),
+            ("/metadata/deletionTimestamp", meta.get("deletionTimestamp")),
+        )
+    ]
+    containers = ((workload.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []
+    if meta.get("resourceVersion") and any(_blank(e) for ct in containers for e in ct.get("env") or []):
+        operations.append(_test("/metadata/resourceVersion", meta["resourceVersion"]))
+    change = {**patch, "metadata": {k: v for k, v in (patch.get("metadata") or {}).items() if k != "resourceVersion"}}
+    return operations + _operations("", workload, change)
+
+
+def _test(path: str, value: Any) -> dict[str, Any]:
+    return {"op": "test", "path": path, "value": value}
+
+
+def _pointer(key: str) -> str:
+    """``key`` as one step of a JSON pointer (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _operations(path: str, current: Mapping[str, Any], change: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The JSON patch operations that do what the merge patch ``change`` does to ``current`` (found at ``path``)."""
+    operations: list[dict[str, Any]] = []
+    for key, value in change.items():
+        where = f"{path}/{_pointer(key)}"
+        if value is None:
+            if key in current:
+                operations.append({"op": "remove", "path": where})
+        elif isinstance(value, Mapping) and isinstance(current.get(key), Mapping):
+            operations += _operations(where, current[key], value)
+        elif not isinstance(value, Mapping) or _pruned(value) or key in current:
+            # (``add`` replaces a member that exists.)
+            operations.append({"op": "add", "path": where, "value": _pruned(value)})
+    return operations
+
+
+def _pruned(value: Any) -> Any:
+    """A merge patch's value as it is stored where nothing was: without its null (removing) members."""
+    if not isinstance(value, Mapping):
+        return value
+    return {k: _pruned(v) for k, v in value.items() if v is not None}
+
+
 # --- children ---------------------------------------------------------------------------------
 
 

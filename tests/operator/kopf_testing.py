@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import aiohttp.web
 import attrs
+import jsonpatch  # type: ignore[import-untyped]
 import jsonschema
 import kmock as kmocklib
 import kopf
@@ -260,6 +261,11 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                     key = (request.resource, request.namespace, request.name)
                     write = copy.deepcopy(write)
                     write.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
+                    before = get_raw(self, request.resource, request.namespace, request.name) or {}
+                    if request.resource.plural in _GENERATED and "spec" in write:
+                        # A change of spec raises the generation, as the API server's own does.
+                        if _merged(before.get("spec"), write["spec"]) != before.get("spec"):
+                            write["metadata"]["generation"] = int(before["metadata"].get("generation") or 1) + 1
                     self._objects[key].patch(write)
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
                 current = get_raw(self, request.resource, request.namespace, request.name)
@@ -351,9 +357,43 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                     status=409, reason="Conflict", message=f"resourceVersion {want} is stale, the object is at {have}"
                 )
         elif isinstance(data, list):
-            for op in data:
-                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion" and op["value"] != have:
-                    raise kmocklib.KubernetesError(status=422, reason="Invalid", message="test op failed")
+            if not all(_met(current, op) for op in data if op.get("op") == "test"):
+                raise kmocklib.KubernetesError(status=422, reason="Invalid", message=UNMET)
+            # Met as the API server judges them (kmock's JSON patch library fails a null test of an absent member).
+            data[:] = [op for op in data if op.get("op") != "test"]
+            try:
+                jsonpatch.apply_patch(copy.deepcopy(dict(current)), data)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise kmocklib.KubernetesError(status=422, reason="Invalid", message=UNMET) from exc
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        if isinstance(exc, kmocklib.KubernetesError) and exc.message == UNMET:
+            # The API server's answer to a JSON patch an operation of which does not apply: no details.
+            body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": UNMET}
+            return aiohttp.web.json_response({**body, "reason": "Invalid", "details": {}, "code": 422}, status=422)
+        return await super()._render_error(exc)
+
+
+#: The message of a real API server's 422 for a JSON patch an operation of which does not apply (a ``test`` not met).
+UNMET: Final = "the server rejected our request due to an error in our request"
+
+
+def _met(obj: Any, op: Mapping[str, Any]) -> bool:
+    """Whether a JSON patch ``test`` holds as the API server judges it: by value, and a null value is met by a member
+    absent from an object that exists (not by one under an absent object)."""
+    steps = [step.replace("~1", "/").replace("~0", "~") for step in str(op.get("path", "")).split("/")[1:]]
+    for step in steps[:-1]:
+        if isinstance(obj, Mapping) and step in obj:
+            obj = obj[step]
+        elif isinstance(obj, list) and step.isdigit() and int(step) < len(obj):
+            obj = obj[int(step)]
+        else:
+            return False
+    if isinstance(obj, Mapping):
+        return obj[steps[-1]] == op.get("value") if steps[-1] in obj else op.get("value") is None
+    if isinstance(obj, list) and steps[-1].isdigit() and int(steps[-1]) < len(obj):
+        return bool(obj[int(steps[-1])] == op.get("value"))
+    return False
 
 
 #: Resources whose ``metadata.generation`` the emulator keeps as a real API server does: 1 on create, one more for
@@ -388,7 +428,8 @@ def _next_generation(request: Any, current: Mapping[str, Any], data: Any) -> int
     if isinstance(data, Mapping):
         changed = "spec" in data and _merged(current.get("spec"), data["spec"]) != current.get("spec")
     else:
-        changed = any(str(op.get("path", "")).startswith("/spec") and op.get("op") != "test" for op in data or [])
+        patched = jsonpatch.apply_patch(copy.deepcopy(dict(current)), [op for op in data if op.get("op") != "test"])
+        changed = patched.get("spec") != current.get("spec")
     return generation + 1 if changed else None
 
 

@@ -795,7 +795,7 @@ def _prices_before_mounts(kmock: Any, owner: str) -> list[str]:
     prices = r.pricing_configmap_name(owner)
     seen: list[str] = []
     for req in list(kmock):
-        path, data = str(req.url.path), req.data if isinstance(req.data, dict) else {}
+        path, data = str(req.url.path), req.data  # (a workload's patch is a JSON patch: a list of operations)
         if req.headers.get("X-Test-Hand"):
             continue
         if req.method.value == "POST" and path.endswith("/configmaps") and data["metadata"]["name"] == prices:

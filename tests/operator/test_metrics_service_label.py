@@ -236,10 +236,15 @@ def _label_writes(emulator: Any, name: str) -> list[Any]:
             continue
         if req.headers.get("X-Test-Hand"):
             continue  # (the user's)
-        data = req.data if isinstance(req.data, dict) else {}
-        labels = ((data.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
-        if c.LABEL_METRICS_SERVICE in labels:
-            found.append(labels[c.LABEL_METRICS_SERVICE])
+        labels = "/spec/template/metadata/labels"
+        key = c.LABEL_METRICS_SERVICE.replace("~", "~0").replace("/", "~1")
+        for op in req.data:  # a JSON patch: what it does to the label
+            if op["op"] == "add" and op["path"] == f"{labels}/{key}":
+                found.append(op["value"])
+            elif op["op"] == "add" and op["path"] == labels and c.LABEL_METRICS_SERVICE in op["value"]:
+                found.append(op["value"][c.LABEL_METRICS_SERVICE])
+            elif op["op"] == "remove" and op["path"] == f"{labels}/{key}":
+                found.append(None)
     return found
 
 

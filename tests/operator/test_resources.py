@@ -362,6 +362,79 @@ def test_workload_patch_carries_resource_version_for_optimistic_concurrency() ->
     assert patch is not None and patch["metadata"]["resourceVersion"] == "42"
 
 
+PRICED: Final = {"selector": {"matchLabels": {"app": "chat"}}, "pricing": {"models": {"m": {"input": 1, "output": 2}}}}
+
+
+def _guarded_cases() -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(what, workload as read, LLMTelemetry spec or None to remove the injection) for :func:`r.guarded_patch`."""
+    plain = deployment()
+    annotated = deployment()
+    annotated["metadata"]["annotations"] = {"deployment.kubernetes.io/revision": "3", "a/b~c": "x"}
+    unlabelled = deployment(labels={})
+    del unlabelled["metadata"]["labels"]
+    priced = inject(deployment(), PRICED)
+    emptied = deployment(env=[{"name": "LLM_TELEMETRY_METRICS_PORT"}])
+    return [
+        ("first injection, no annotations", plain, {}),
+        ("first injection beside the controller's annotation", annotated, {}),
+        ("no labels", unlabelled, {}),
+        ("prices mounted", deployment(), PRICED),
+        ("another port, prices unmounted", priced, {"metrics": {"port": 9500}}),
+        ("removed, with its volume", priced, None),
+        ("an empty entry of a variable injected", emptied, {}),
+    ]
+
+
+@pytest.mark.parametrize(("what", "workload", "spec"), _guarded_cases(), ids=[case[0] for case in _guarded_cases()])
+def test_the_guarded_json_patch_does_what_the_merge_patch_does(
+    what: str, workload: dict[str, Any], spec: dict[str, Any] | None
+) -> None:
+    """On the version read, the JSON patch (its tests met as the API server judges them) gives the workload the merge
+    patch gives it; a write of status or of another annotation meets its tests, a write of labels, spec or the
+    record does not."""
+    import jsonpatch  # type: ignore[import-untyped]
+    from kopf_testing import _met
+
+    workload = json.loads(json.dumps(workload))
+    workload["metadata"]["resourceVersion"] = "41"
+    parsed = parse_spec({"selector": {"matchLabels": {"app": "chat"}}, **(spec or {})}) if spec is not None else None
+    injection = r.build_injection(parsed, CONFIG, workload, "chat") if parsed is not None else None
+    patch = r.build_workload_patch(workload, injection, "chat")
+    assert patch is not None
+    guarded = r.guarded_patch(workload, patch)
+    tests = [op for op in guarded if op["op"] == "test"]
+    changes = [op for op in guarded if op["op"] != "test"]
+    assert changes and all(op["op"] in ("add", "remove") for op in changes)
+
+    def applied(version: dict[str, Any]) -> dict[str, Any] | None:
+        if not all(_met(version, op) for op in tests):
+            return None
+        result: dict[str, Any] = jsonpatch.apply_patch(version, changes)
+        return result
+
+    merged = dict(merge_patch(workload, {**patch, "metadata": {**patch["metadata"], "resourceVersion": None}}))
+    merged["metadata"]["resourceVersion"] = "41"
+    assert applied(workload) == merged
+    pinned = any(op["path"] == "/metadata/resourceVersion" for op in tests)
+    assert pinned == (what == "an empty entry of a variable injected")
+    # What the workload's controller writes: its status and its revision annotation (no annotation before: the map
+    # is tested as absent, the record's place in it being unknown).
+    controller = dict(
+        merge_patch(workload, {"status": {"observedGeneration": 1}, "metadata": {"resourceVersion": "42"}})
+    )
+    assert (applied(controller) is None) == pinned
+    revised = dict(merge_patch(controller, {"metadata": {"annotations": {"deployment.kubernetes.io/revision": "4"}}}))
+    assert (applied(revised) is None) == (pinned or not workload["metadata"].get("annotations"))
+    for change in (
+        {"metadata": {"labels": {"team": "search"}}},
+        {"metadata": {"generation": workload["metadata"]["generation"] + 1}},
+        {"metadata": {"annotations": {c.ANNOTATION_INJECTED: json.dumps({"owner": "other"})}}},
+        {"metadata": {"uid": "another"}},
+        {"metadata": {"deletionTimestamp": "2026-12-07T00:00:00Z"}},
+    ):
+        assert applied(dict(merge_patch(workload, change))) is None, change
+
+
 def assert_child_metadata(obj: dict[str, Any], component: str) -> None:
     meta = obj["metadata"]
     assert meta["namespace"] == "llm"
