@@ -70,7 +70,7 @@ class Outcome:
     settled: dict[tuple[str, str], WorkloadState] = field(default_factory=dict)
     #: Of every workload in ``settled``: its :func:`workload_state` in the version the pass decided from (as listed).
     #: Once the pass's patch raised its generation, another version in that state is an older one that differs only
-    #: in status or other metadata (its controller's updates, read by the pass again after a 409 or not at all): its
+    #: in status or other metadata (its controller's updates, read again after a conflict or not at all): its
     #: event needs no pass (see :func:`answers_older`).
     decided: dict[tuple[str, str], WorkloadState] = field(default_factory=dict)
     #: The (uid, generation) of the LLMTelemetry this pass worked from: which spec it applied.
@@ -148,7 +148,7 @@ def answers_older(outcome: Outcome, key: tuple[str, str], state: WorkloadState) 
     """Whether a workload event in :func:`workload_state` ``state`` is of a version older than the one the pass of
     ``outcome`` left, and in the state the pass decided from: the pass raised the generation (the API server only ever
     raises it), and the event's version has the generation, labels and record the pass decided on. Its controller's
-    updates between the pass's read and its patch (which then met a 409), or a watch's first list at a start delivered
+    updates between the pass's read and its patch (which then failed), or a watch's first list at a start delivered
     after the pass read a newer version, are such. A version whose labels or record differ from those the pass decided
     on is not: the pass, which read it again only to retry its patch, has not decided on it."""
     left, decided = outcome.settled.get(key), outcome.decided.get(key)
@@ -1029,7 +1029,7 @@ async def _inject(
             continue
         if after is None:
             # Its labels, record or spec changed between the list this pass decided from and its patch (read again
-            # after the 409): left as it now is, not settled, and decided again by a pass in a few seconds, rather
+            # after the conflict): left as it now is, not settled, and decided again by a pass in a few seconds, rather
             # than patched as decided and patched back then (a rollout in and one out for a deselected one). The
             # watch event of that change came while this pass ran, and may have named no resource then.
             outcome.settled.pop(settled, None)
@@ -1239,12 +1239,12 @@ async def _patch_workload(
 ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any]]:
     """Inject (or with ``spec`` None, remove) the telemetry; returns the workload after (the answer to the patch,
     which may hold its metadata only, or the workload as read when it needed none), and the workload as last read:
-    ``workload``, or the version read again after a 409.
+    ``workload``, or the version read again after a conflict (a 409, or a 422 for a failed ``test``).
     ``take_over``: replace another LLMTelemetry's injection (this one won the workload from it).
     ``before``: awaited once a patch is to be sent, before it is.
     ``label``: whether its pods get the label its metrics Service selects by (see ``r.build_workload_patch``).
     ``decided``: the patch carries a decision made from ``workload`` as given (its labels, record and spec). A
-    version read again after a 409 in another :func:`workload_state` is then not patched: it is returned as read,
+    version read again after a conflict in another :func:`workload_state` is then not patched: it is returned as read,
     with None for the workload after, for a later pass to decide on."""
     name = owner["metadata"]["name"]
     resource = kube.WORKLOADS[workload["kind"]]
