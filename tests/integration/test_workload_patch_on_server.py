@@ -4,7 +4,8 @@ read of it and its patch, in that order (the test reads, writes, then patches: n
 The patch tests only what the pass decided from (uid, generation, labels, injection record, deletion): a write of
 status and of the controller's revision annotation, as the deployment controller makes after every rollout, no longer
 makes it fail (a ``resourceVersion`` precondition on the whole object did: a 409, a second read and the patch
-again); a change of labels or of spec still does, and the pass reads the Deployment again and patches that version."""
+again); a change of labels or of spec still does, and the pass reads the Deployment again: a removal patches that
+version, an injection decided from the first read leaves it to the next pass."""
 
 from __future__ import annotations
 
@@ -52,16 +53,31 @@ def _synced(api: Any, namespace: str) -> dict[str, Any]:
     return synced
 
 
-async def _patched(kubeconfig: Any, namespace: str, workload: dict[str, Any]) -> tuple[Any, Any]:
-    """The pass's patch of ``workload`` (as it read it) injecting LLMTelemetry ``chat``: what it answered, and the
-    version the pass read last (``workload`` itself unless it read it again)."""
+async def _patched(kubeconfig: Any, namespace: str, workload: dict[str, Any], decided: bool = False) -> tuple[Any, Any]:
+    """The pass's patch of ``workload`` (as it read it) injecting LLMTelemetry ``chat``: what it answered (None when
+    left unpatched), and the version the pass read last (``workload`` itself unless it read it again)."""
     client = kube.KubeClient(kube.load_configuration(str(kubeconfig)))
     owner = {"metadata": {"name": "chat", "namespace": namespace}}
     spec = parse_spec({"selector": {"matchLabels": {"llm": "chat"}}})
     try:
-        return await rc._patch_workload(client, OperatorConfig(), owner, spec, workload)
+        return await rc._patch_workload(client, OperatorConfig(), owner, spec, workload, decided=decided)
     finally:
         await client.close()
+
+
+def _read_then_changed(api: Any, namespace: str, change: str) -> tuple[Any, dict[str, Any]]:
+    """Deployment ``chat`` as a pass reads it, then changed by another client (``labels`` or ``spec``: its image)."""
+    from kubernetes import client
+
+    apps = client.AppsV1Api(api)
+    apps.create_namespaced_deployment(namespace, deployment("chat", "chat"))
+    read = _synced(api, namespace)
+    if change == "labels":
+        apps.patch_namespaced_deployment("chat", namespace, {"metadata": {"labels": {"team": "search"}}})
+    else:
+        image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example.invalid/chat:2"}]}}}}
+        apps.patch_namespaced_deployment("chat", namespace, image)
+    return apps, read
 
 
 def _env(dep: Any) -> dict[str, Any]:
@@ -101,16 +117,7 @@ async def test_a_change_of_labels_or_spec_between_a_pass_read_and_its_patch_is_r
     """A write the pass's decision depends on fails the patch (the API server answers 422 to a ``test`` not met, taken
     as a conflict): the pass reads the Deployment again and patches that version, keeping the other client's
     change (a new image stays: the patch's container list is built from the version read again)."""
-    from kubernetes import client
-
-    apps = client.AppsV1Api(api)
-    apps.create_namespaced_deployment(namespace, deployment("chat", "chat"))
-    read = _synced(api, namespace)
-    if change == "labels":
-        apps.patch_namespaced_deployment("chat", namespace, {"metadata": {"labels": {"team": "search"}}})
-    else:
-        image = {"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "example.invalid/chat:2"}]}}}}
-        apps.patch_namespaced_deployment("chat", namespace, image)
+    apps, read = _read_then_changed(api, namespace, change)
 
     after, last = await _patched(kubeconfig, namespace, read)
 
@@ -122,3 +129,21 @@ async def test_a_change_of_labels_or_spec_between_a_pass_read_and_its_patch_is_r
     else:
         assert stored["spec"]["template"]["spec"]["containers"][0]["image"] == "example.invalid/chat:2"
         assert stored["metadata"]["generation"] == read["metadata"]["generation"] + 2
+
+
+@pytest.mark.parametrize("change", ["labels", "spec"])
+async def test_an_injection_decided_from_a_read_leaves_a_workload_changed_before_its_patch_unpatched(
+    api: Any, kubeconfig: Any, namespace: str, change: str
+) -> None:
+    """A pass's injection is decided from the version it listed; a write of labels or spec before its patch fails the
+    patch, and the version read again, in another state, is left as it is for the next pass to decide on (no rollout
+    for a decision made from a version that is gone)."""
+    apps, read = _read_then_changed(api, namespace, change)
+
+    after, last = await _patched(kubeconfig, namespace, read, decided=True)
+
+    assert after is None and last is not read
+    stored = api.sanitize_for_serialization(apps.read_namespaced_deployment("chat", namespace))
+    assert "LLM_TELEMETRY_METRICS_PORT" not in _env(stored)
+    assert c.ANNOTATION_INJECTED not in (stored["metadata"].get("annotations") or {})
+    assert stored["metadata"]["generation"] == last["metadata"]["generation"]  # (the other client's write, no more)
