@@ -123,7 +123,8 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
         super().__attrs_post_init__()
         #: Foreign writes to slip in right before the operator's next PATCH of an object, by (plural, name):
         #: another client writing between the operator's read and its write, which must end in a 409.
-        #: A list is several such writes, each a version (and a watch event) of its own.
+        #: A list is several such writes, each a version (and a watch event) of its own. A write that changes the
+        #: spec raises ``generation``, as the API server does; :data:`GONE` deletes the object.
         self.interfere: dict[tuple[str, str], dict[str, Any] | list[dict[str, Any]]] = {}
         #: (plural, namespace) pairs the operator is refused with a 403, as RBAC refuses what no Role grants.
         self.forbid: set[tuple[str, str]] = set()
@@ -259,13 +260,16 @@ class ApiServerEmulator(kmocklib.KubernetesEmulator):  # type: ignore[misc]
                 for write in [] if foreign is None else foreign if isinstance(foreign, list) else [foreign]:
                     self._rv += 1
                     key = (request.resource, request.namespace, request.name)
+                    if write is GONE:
+                        last = self._objects[key].raw
+                        self._objects[key].delete()
+                        await self._buses[request.resource].put({"type": "DELETED", "object": last})
+                        continue
+                    before = get_raw(self, request.resource, request.namespace, request.name) or {}
                     write = copy.deepcopy(write)
                     write.setdefault("metadata", {})["resourceVersion"] = str(self._rv)
-                    before = get_raw(self, request.resource, request.namespace, request.name) or {}
-                    if request.resource.plural in _GENERATED and "spec" in write:
-                        # A change of spec raises the generation, as the API server's own does.
-                        if _merged(before.get("spec"), write["spec"]) != before.get("spec"):
-                            write["metadata"]["generation"] = int(before["metadata"].get("generation") or 1) + 1
+                    if (moved := _next_generation(request, before, write)) is not None:
+                        write["metadata"]["generation"] = moved  # (as the API server does for a spec change)
                     self._objects[key].patch(write)
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": self._objects[key].raw})
                 current = get_raw(self, request.resource, request.namespace, request.name)
@@ -400,6 +404,9 @@ def _met(obj: Any, op: Mapping[str, Any]) -> bool:
 #: every write that changes the object other than its metadata and status.
 _GENERATED = {"llmtelemetries", "deployments", "statefulsets"}
 
+
+#: An ``ApiServerEmulator.interfere`` write that deletes the object (one with no finalizer: gone at once).
+GONE: Final[dict[str, Any]] = {}
 
 #: The requests ``ApiServerEmulator.deny`` refuses.
 _WRITES: Final = frozenset({kmocklib.action.UPDATE, kmocklib.action.CREATE})
