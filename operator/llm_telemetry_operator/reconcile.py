@@ -1014,6 +1014,11 @@ async def _inject(
                 if _unrolled(workload):
                     outcome.unlabelled.add(workload_key(workload))
             continue
+        except NotFoundError:
+            # Deleted since the list this pass decided from (its patch, or the read again after a 409, met a 404):
+            # gone, not failed. No target, nothing to report; its metrics Service goes with it.
+            outcome.settled.pop(settled, None)
+            continue
         except (ApiError, r.InjectionConflict) as exc:
             errors.append(clipped(f"{workload_key(workload)}: {exc}", _ERROR_CHARS))
             outcome.settled.pop(settled, None)  # not as desired: an event for it is worth a pass
