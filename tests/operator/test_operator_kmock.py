@@ -16,6 +16,7 @@ from kopf_testing import (
     CLUSTERKOPFPEERINGS,
     CONFIGMAPS,
     DEPLOYMENTS,
+    GONE,
     LLMT,
     NAMESPACE,
     NAMESPACES,
@@ -1392,6 +1393,112 @@ async def test_a_workload_selected_again_between_a_pass_read_and_its_patch_keeps
         assert condition(owner, c.CONDITION_INJECTED)["reason"] == "Injected"
         # Its metrics Service was kept throughout: the pass that left it as it was still counted it a target.
         assert not [r for r in list(emulator) if not r.headers.get("X-Test-Hand") and r.method.value == "DELETE"]
+
+
+def operator_patches(kmock: Any, path_end: str = "/deployments/chat") -> list[Any]:
+    """The operator's PATCH requests of one object (those the emulator refused with a 409 too)."""
+    return [
+        r
+        for r in list(kmock)
+        if not r.headers.get("X-Test-Hand") and r.method.value == "PATCH" and str(r.url.path).endswith(path_end)
+    ]
+
+
+def written_statuses(kmock: Any, owner: str = "chat") -> list[str]:
+    """Every status the operator wrote for ``owner``, as JSON."""
+    return [
+        json.dumps(r.data)
+        for r in list(kmock)
+        if r.method.value == "PATCH" and str(r.url.path).endswith(f"/llmtelemetries/{owner}/status")
+    ]
+
+
+async def test_a_workload_scaled_between_a_pass_read_and_its_patch_is_injected_by_the_next_pass(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """An HPA (or kubectl scale) sets a Deployment's replicas between a pass's list of it and the pass's patch: a
+    spec change, so the API server raises its generation (1 to 2), and the pass leaves that version to the pass that
+    follows within seconds. That one injects it (generation 3), keeping the replicas the HPA set: one pass more, no
+    stall, and no NoTargets event for the pass in between."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.interfere["deployments", "chat"] = {"spec": {"replicas": 3}}
+    async with running_operator():
+        await eventually(
+            lambda: condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "Injected",
+            "the Deployment injected by the pass after the scaling",
+            attempts=400,
+        )
+        await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert "LLM_TELEMETRY_METRICS_PORT" in env_of(dep)
+        assert dep["spec"]["replicas"] == 3  # the injection's patch left the scaling as it was
+        assert dep["metadata"]["generation"] == 3  # scaled (2), then injected once (3)
+        assert len(operator_patches(emulator)) == 2  # the one refused with the 409, and the next pass's
+        assert get(emulator, LLMT, "chat")["status"]["targets"] == ["Deployment/chat"]
+        assert any("Deployment/chat (changed while this pass ran" in s for s in written_statuses(emulator))
+        assert not posted_events(emulator, "NoTargets")
+
+
+async def test_a_workload_deleted_between_a_pass_read_and_its_patch_is_no_failure(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A Deployment deleted between a pass's list of it and the pass's patch: the patch meets a 404. The workload is
+    gone, not failed: the status says the resource has nothing to inject (NoTargets), never InjectionFailed, and no
+    InjectionFailed event is posted."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    emulator.interfere["deployments", "chat"] = GONE
+    async with running_operator():
+        await eventually(
+            lambda: (
+                ("deployments", "chat") not in emulator.interfere
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
+            ),
+            "the pass after the deletion finds nothing to inject",
+            attempts=400,
+        )
+        await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
+        assert get(emulator, DEPLOYMENTS, "chat") is None
+        assert len(operator_patches(emulator)) == 1  # the one that met the 404
+        assert not [s for s in written_statuses(emulator) if "InjectionFailed" in s]
+        assert not posted_events(emulator, "InjectionFailed")
+        assert condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
+        assert get(emulator, LLMT, "chat")["status"]["targets"] == []
+
+
+async def test_a_workload_being_deleted_between_a_pass_read_and_its_patch_is_left_alone(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """A Deployment deleted between a pass's list and its patch, held by a finalizer (a deletionTimestamp set): the
+    pass leaves it as it is, and the next decides on it: not injected (a workload being deleted is no target), no
+    patch after the refused one, and the resource ends with no target."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    install_default_collectors(emulator)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
+    deleting = {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["example.com/hold"]}}
+    emulator.interfere["deployments", "chat"] = deleting
+    async with running_operator():
+        await eventually(
+            lambda: (
+                passes_for(emulator, "chat") >= 2
+                and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
+                and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
+            ),
+            "the pass after the deletion finds nothing to inject",
+            attempts=400,
+        )
+        await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert dep["metadata"]["generation"] == 1 and "LLM_TELEMETRY_METRICS_PORT" not in env_of(dep)
+        assert len(operator_patches(emulator)) == 1  # the one refused with the 409: none after it
+        assert get(emulator, LLMT, "chat")["status"]["targets"] == []
+        assert not posted_events(emulator, "InjectionFailed")
 
 
 async def test_a_name_too_long_for_a_label_is_invalid_and_can_be_deleted(emulator: Any, monitoring_crds: Any) -> None:
