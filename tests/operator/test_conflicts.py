@@ -928,3 +928,54 @@ async def test_prices_that_cannot_be_written_do_not_hide_a_failed_injection(
 
         message = await eventually(said, "the prices refused")
         assert "left as they were): Deployment/chat;" in message and "Deployment/chat2: 403" in message, message
+
+
+async def test_a_losers_injection_written_between_the_winners_read_and_patch_is_taken_over_in_one_patch(
+    emulator: Any, monitoring_crds: Any
+) -> None:
+    """The older "zeta" lists the workload uninjected and decides to inject it; before its patch, the injection of
+    the newer "alpha" lands in it (an operator that had not seen zeta yet). zeta's patch meets a 409, and the version
+    read again carries alpha's record: zeta leaves it as it is for the next pass, which takes it over from alpha in
+    one patch, as a fresh pass would. Then nobody patches it again: no rollout back and forth."""
+    install_prometheus_operator_crds(emulator, monitoring_crds)
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()
+    emulator.objects[LLMT, NAMESPACE, "alpha"] = created("alpha", NEWER)
+    async with running_operator():  # what alpha's injection is, as alpha makes it
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Ready", "alpha Ready")
+    by_alpha = get(emulator, DEPLOYMENTS, "chat")
+    assert holder(emulator) == "alpha"
+    emulator.objects[DEPLOYMENTS, NAMESPACE, "chat"] = deployment()  # the workload uninjected again
+    emulator.objects[LLMT, NAMESPACE, "zeta"] = created("zeta", OLDER)
+    emulator.interfere["deployments", "chat"] = {
+        "metadata": {"annotations": by_alpha["metadata"]["annotations"]},
+        "spec": {"template": by_alpha["spec"]["template"]},
+    }
+    before = len(list(emulator))
+
+    def patches() -> list[Any]:
+        return [
+            req
+            for req in list(emulator)[before:]
+            if not req.headers.get("X-Test-Hand")
+            and req.method.value == "PATCH"
+            and str(req.url.path).endswith("/deployments/chat")
+        ]
+
+    async with running_operator():
+        await eventually(lambda: holder(emulator) == "zeta", "zeta took the workload over", attempts=400)
+        await eventually(lambda: reason(emulator, "zeta", "Ready") == "Ready", "zeta Ready")
+        await eventually(lambda: reason(emulator, "alpha", "Ready") == "Conflict", "alpha in Conflict")
+        await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
+        dep = get(emulator, DEPLOYMENTS, "chat")
+        assert len(patches()) == 2  # zeta's refused with the 409, and the next pass's take-over
+        # alpha's injection (2); zeta's, in its place, is the same pod template (their specs are alike): no rollout
+        assert dep["metadata"]["generation"] == 2
+        assert holder(emulator) == "zeta"
+        assert get(emulator, LLMT, "zeta")["status"]["targets"] == ["Deployment/chat"]
+        assert get(emulator, LLMT, "alpha")["status"]["targets"] == []
+        statuses = [
+            json.dumps(req.data)
+            for req in list(emulator)[before:]
+            if req.method.value == "PATCH" and str(req.url.path).endswith("/llmtelemetries/zeta/status")
+        ]
+        assert any("Deployment/chat (changed while this pass ran" in s for s in statuses)
