@@ -1015,7 +1015,7 @@ async def _inject(
                     outcome.unlabelled.add(workload_key(workload))
             continue
         except NotFoundError:
-            # Deleted since the list this pass decided from (its patch, or the read again after a 409, met a 404):
+            # Deleted since the list this pass decided from (its patch, or the read again after a conflict, met a 404):
             # gone, not failed. No target, nothing to report; its metrics Service goes with it.
             outcome.settled.pop(settled, None)
             continue
