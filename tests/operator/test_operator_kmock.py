@@ -1306,6 +1306,19 @@ async def test_the_controller_updating_a_deployment_between_a_pass_read_and_its_
         assert passes_for(emulator, "chat") == 1
 
 
+async def _next_pass_finds_nothing(emulator: Any, change: str) -> None:
+    """Until a pass after the one that deferred Deployment ``chat`` (changed during it) has found nothing to inject."""
+    await eventually(
+        lambda: (
+            passes_for(emulator, "chat") >= 2
+            and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
+            and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
+        ),
+        f"the pass after the {change} finds nothing to inject",
+        attempts=400,
+    )
+
+
 async def test_a_workload_deselected_between_a_pass_read_and_its_patch_is_never_injected(
     emulator: Any, monitoring_crds: Any
 ) -> None:
@@ -1320,15 +1333,7 @@ async def test_a_workload_deselected_between_a_pass_read_and_its_patch_is_never_
     emulator.objects[LLMT, NAMESPACE, "chat"] = minimal_llmt()
     emulator.interfere["deployments", "chat"] = {"metadata": {"labels": {"app": "other"}}}
     async with running_operator():
-        await eventually(
-            lambda: (
-                passes_for(emulator, "chat") >= 2
-                and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
-                and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
-            ),
-            "the pass after the relabelling finds nothing to inject",
-            attempts=400,
-        )
+        await _next_pass_finds_nothing(emulator, "relabelling")
         dep = get(emulator, DEPLOYMENTS, "chat")
         assert dep["metadata"]["labels"] == {"app": "other"}  # the relabelling happened, before the pass's patch
         assert ("apps", "deployments", "get") in operator_usage(emulator)  # (its 409 read the Deployment again)
@@ -1484,15 +1489,7 @@ async def test_a_workload_being_deleted_between_a_pass_read_and_its_patch_is_lef
     deleting = {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["example.com/hold"]}}
     emulator.interfere["deployments", "chat"] = deleting
     async with running_operator():
-        await eventually(
-            lambda: (
-                passes_for(emulator, "chat") >= 2
-                and condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED).get("reason") == "NoTargets"
-                and "deferred" not in condition(get(emulator, LLMT, "chat"), c.CONDITION_INJECTED)["message"]
-            ),
-            "the pass after the deletion finds nothing to inject",
-            attempts=400,
-        )
+        await _next_pass_finds_nothing(emulator, "deletion")
         await asyncio.sleep(1.0)  # every echo of the passes' own writes has been handled
         dep = get(emulator, DEPLOYMENTS, "chat")
         assert dep["metadata"]["generation"] == 1 and "LLM_TELEMETRY_METRICS_PORT" not in env_of(dep)
