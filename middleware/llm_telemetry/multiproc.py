@@ -253,14 +253,19 @@ def default_directory(supervisor: Supervisor, env: Mapping[str, str] | None = No
     if not os.path.isdir(base) or os.path.islink(base) or (hasattr(os, "getuid") and info.st_uid != uid):
         raise PermissionError(f"{base} is not a private directory of this user")
     namespace = pid_namespace()
-    _sweep(base, namespace)
+    env = os.environ if env is None else env
+    upgraded = env.get("GUNICORN_PID", "") if supervisor.kind == "gunicorn" else ""
+    # The directory of the arbiter this one may be the USR2 upgrade of is left to _continue_upgraded: that arbiter
+    # may have exited already, its workers with it (stopped right after USR2), and the sweep would take it.
+    spared = _default_name("gunicorn", int(upgraded), namespace) if upgraded.isdigit() else ""
+    _sweep(base, namespace, spared)
     path = os.path.join(base, _default_name(supervisor.kind, supervisor.pid, namespace))
-    if supervisor.kind == "gunicorn" and not os.path.lexists(path):
-        _continue_upgraded(base, namespace, supervisor, path, os.environ if env is None else env)
+    if spared and not os.path.lexists(path):
+        _continue_upgraded(base, namespace, supervisor, path, int(upgraded))
     return path
 
 
-def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: str, env: Mapping[str, str]) -> None:
+def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: str, old: int) -> None:
     """Make ``path`` a link to the directory of the gunicorn arbiter that this one is the ``USR2`` upgrade of, with
     this arbiter added to its ``run`` record, so that the totals go on from the old arbiter's.
 
@@ -268,22 +273,31 @@ def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: 
     pid; the new arbiter is the old one's child, and its workers inherit that variable, until the old arbiter exits
     (gunicorn then "promotes" the new one and drops it). The first worker that sees both makes the link; the workers
     started later, without the variable, find it. The sweep keeps the directory while any arbiter its record names
-    lives, or any worker in it."""
-    old = env.get("GUNICORN_PID", "")
-    if not old.isdigit() or _parent(supervisor.pid) != int(old):
-        return
-    target = os.path.realpath(os.path.join(base, _default_name("gunicorn", int(old), namespace)))
+    lives, or any worker in it.
+
+    ``old`` is the pid in ``GUNICORN_PID``. While the old arbiter runs it must be this arbiter's parent, and its
+    directory's record must name it. Once it has exited (stopped before this arbiter's first worker got here, or
+    killed) this arbiter has another parent, and the record must name a process of that pid that has exited and
+    had started before this arbiter (as the arbiter that forked it had): a later process given the same pid starts
+    after."""
+    target = os.path.realpath(os.path.join(base, _default_name("gunicorn", old, namespace)))
     if os.path.dirname(target) != os.path.realpath(base) or not os.path.isdir(target):
         return
+    mine = process_token(supervisor.pid)
     with _directory_locked(target):
         try:
             with open(os.path.join(target, _RUN), encoding="utf-8") as run:
                 tokens = run.read().split()
         except OSError:
             return
-        if process_token(int(old)) not in tokens:
-            return  # not the old arbiter's record (its pid reused, or the record lost): start anew
-        _write_run(target, [*tokens, process_token(supervisor.pid)])
+        if _parent(supervisor.pid) == old:
+            if process_token(old) not in tokens:
+                return  # not the old arbiter's record (its pid reused, or the record lost): start anew
+        else:
+            recorded = [token for token in tokens if token.partition("@")[0] == str(old)]
+            if not recorded or _live(recorded[-1]) or not _started(recorded[-1]) <= _started(mine) < math.inf:
+                return  # GUNICORN_PID names a process that is not the arbiter this one was forked from
+        _write_run(target, [*tokens, mine])
         with contextlib.suppress(FileExistsError):  # another worker of this arbiter made it first
             os.symlink(os.path.basename(target), path)
 
@@ -306,6 +320,12 @@ def _live(token: str) -> bool:
     return pid.isdigit() and process_token(int(pid)) == token
 
 
+def _started(token: str) -> float:
+    """The start time (clock ticks after boot) in a ``run`` record's token, or infinity when it has none."""
+    started = token.split("@")[1] if token.count("@") else ""
+    return int(started) if started.isdigit() else math.inf
+
+
 def _write_run(directory: str, tokens: Sequence[str]) -> None:
     """The ``run`` record of ``directory``: the supervisors whose workers use it, one token a line (the last one's
     and those still running)."""
@@ -321,12 +341,16 @@ def _default_name(kind: str, pid: int, namespace: str) -> str:
     return f"{kind}-{pid}" + (f"-{namespace}" if namespace else "")
 
 
-def _sweep(base: str, namespace: str) -> None:
+def _sweep(base: str, namespace: str, spared: str = "") -> None:
     """Remove the directories of supervisors that have exited: of this PID namespace by their pid and start time
     (every supervisor its ``run`` record names, and no worker left in it), of another one (a container beside this
     one) once left behind (see :data:`ABANDONED_SECONDS`). A link (a gunicorn upgrade's, see
-    :func:`_continue_upgraded`) goes with the directory it names."""
+    :func:`_continue_upgraded`) goes with the directory it names. ``spared`` (a name) and the directory it links to
+    are left as they are."""
+    left = {spared, os.path.basename(os.path.realpath(os.path.join(base, spared)))} if spared else set()
     for name in os.listdir(base):
+        if name in left:
+            continue
         path = os.path.join(base, name)
         try:
             with open(os.path.join(path, _RUN), encoding="utf-8") as run:

@@ -705,6 +705,84 @@ def test_workers_gunicorn_upgrade_in_the_default_location_keeps_every_count(
     assert sorted(base.iterdir()) == []
 
 
+#: A gunicorn configuration whose new arbiter, started by USR2 (GUNICORN_PID set), waits before it starts any worker
+#: until the old arbiter has exited: its first worker then starts with the old arbiter gone, as when the old one is
+#: stopped (or killed) right after USR2, before the new one's workers have booted.
+_AFTER_THE_OLD_ARBITER = """
+import os, time
+
+def on_starting(server):
+    old = os.environ.get("GUNICORN_PID")
+    deadline = time.monotonic() + 60
+    while old and os.getppid() == int(old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+@linux_only
+@pytest.mark.parametrize("stop", ["QUIT", "TERM"])
+def test_workers_gunicorn_upgrade_whose_workers_start_after_the_old_arbiter_exited_keeps_every_count(
+    tmp_path: Path, stop: str
+) -> None:
+    """gunicorn's ``USR2`` with the state in the default location, the old arbiter stopped (``QUIT`` or ``TERM``)
+    before any worker of the new one started: the new workers still continue the old arbiter's directory (by the
+    old arbiter's record, no longer by their arbiter's parent), so the totals go on from the old ones; they did
+    start from zero, the old directory swept by the first new worker."""
+    (tmp_path / "conf.py").write_text(_AFTER_THE_OLD_ARBITER)
+    server = new_server(
+        tmp_path, "gunicorn", 2, server=_ScriptServer, options=("-c", str(tmp_path / "conf.py")),
+        LLM_TELEMETRY_METRICS_APP_PATH="/metrics",
+    )  # fmt: skip
+    base = tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}"
+    shown: list[float] = []
+
+    def scraped(metrics: Metrics, sent: Traffic) -> None:
+        assert_totals(metrics, sent)
+        shown.append(metrics.value("llm_requests_total", gen_ai_request_model="demo-priced"))
+        _promtool_accepts(metrics.text, tmp_path)
+
+    new = 0
+    with running(server):
+        try:
+            old, old_workers = server.pid, process_children(server.pid)
+            sent = _drive_until_answered(server, old_workers, Traffic())
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+            started = server.log.read_bytes().count(b"Application startup complete")
+            os.kill(old, signal.SIGUSR2)
+            new = wait_for("the new arbiter", lambda: next(iter(process_children(old) - old_workers)))
+            os.kill(old, getattr(signal, f"SIG{stop}"))
+            assert server.process is not None
+            server.process.wait(timeout=30)
+            wait_for(
+                "the new workers' startup",
+                lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 2,
+            )
+            new_workers = process_children(new)
+            assert len(new_workers) == 2
+            (link,) = base.glob(f"gunicorn-{new}-*")
+            assert link.is_symlink() and link.resolve() == next(base.glob(f"gunicorn-{old}-*")).resolve()
+
+            after = wait_for(
+                "a new worker on the metrics port",
+                lambda: (m := server.scrape()) and server.serving_pid(m) in new_workers and m,
+            )
+            scraped(after, sent)
+            sent = _drive_until_answered(server, new_workers, sent)
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+            scraped(server.scrape_app()[0], sent)
+        finally:
+            if new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(new, signal.SIGTERM)
+                wait_for("the new arbiter to stop", lambda: not is_running(new))
+    assert shown == sorted(shown), shown
+    log = server.log.read_text(errors="replace")
+    assert "is held by a process that is not a worker of this server" not in log
+
+
 # --- one process ------------------------------------------------------------------------------------------
 
 
@@ -1993,6 +2071,55 @@ def test_workers_only_the_arbiter_a_usr2_upgrade_started_from_is_continued(
         assert multiproc.default_directory(new, {}) == str(linked)
     finally:
         held.close()
+
+
+@linux_only
+def test_workers_usr2_upgrade_continues_the_directory_of_an_old_arbiter_that_has_exited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new arbiter whose first worker starts once the old arbiter (named by ``GUNICORN_PID``) has exited, its
+    workers too, continues the old directory: that arbiter's record names a process of that pid that has exited and
+    started before the new arbiter. Not when the record's process of that pid started after the new arbiter (the
+    pid taken again since)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    # The old arbiter, then the new one (started later, as gunicorn forks it); neither this process's parent.
+    arbiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    upgrade = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        old = multiproc.Supervisor("gunicorn", arbiter.pid)
+        new = multiproc.Supervisor("gunicorn", upgrade.pid)
+        old_directory = Path(multiproc.default_directory(old))
+        multiproc.SharedState(str(old_directory), old).close()  # a worker of the old arbiter came and went
+        old_token = multiproc.process_token(arbiter.pid)
+        arbiter.kill()
+        arbiter.wait()
+        environment = {"GUNICORN_PID": str(arbiter.pid)}
+
+        # A process of that pid that started after the new arbiter: not the one that forked it.
+        run = old_directory / "run"
+        pid, _, rest = old_token.partition("@")
+        namespace = rest.partition("@")[2]
+        later = int(multiproc.process_token(upgrade.pid).split("@")[1]) + 1
+        run.write_text(f"{pid}@{later}" + (f"@{namespace}" if namespace else ""))
+        assert not Path(multiproc.default_directory(new, environment)).is_symlink()
+        run.write_text(old_token)
+
+        linked = Path(multiproc.default_directory(new, environment))
+        assert linked.is_symlink() and linked.resolve() == old_directory.resolve()
+        assert run.read_text().split() == [multiproc.process_token(upgrade.pid)]  # (the old one's gone: dropped)
+        # Another start's sweep leaves it while the new arbiter runs, and removes both once it is gone.
+        other = multiproc.Supervisor("gunicorn", os.getpid())
+        multiproc.default_directory(other, {})
+        assert linked.is_symlink() and old_directory.is_dir()
+        upgrade.kill()
+        upgrade.wait()
+        multiproc.default_directory(other, {})
+        assert not linked.exists() and not linked.is_symlink() and not old_directory.exists()
+    finally:
+        for process in (arbiter, upgrade):
+            process.kill()
+            process.wait()
 
 
 def test_workers_sweep_leaves_another_namespaces_live_directory(
