@@ -373,7 +373,23 @@ def _sweep(base: str, namespace: str, spared: str = "") -> None:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # the directory it names goes under its own name
         elif gone:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_if_gone(path, theirs == namespace or not theirs)
+
+
+def _remove_if_gone(path: str, by_record: bool) -> None:
+    """Remove the directory ``path`` the sweep found gone; one judged by its record only if that still names no live
+    supervisor once its lock is held (a gunicorn upgrade may have added one meanwhile, see _continue_upgraded)."""
+    if by_record:
+        try:
+            with _directory_locked(path):
+                with open(os.path.join(path, _RUN), encoding="utf-8") as run:
+                    if any(_live(token) for token in run.read().split()):
+                        return
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            return
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _abandoned(path: str) -> bool:

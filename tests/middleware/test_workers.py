@@ -9,6 +9,7 @@ exposition in one process, and check that a single-process server never touches 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import http.server
 import itertools
@@ -2120,6 +2121,52 @@ def test_workers_usr2_upgrade_continues_the_directory_of_an_old_arbiter_that_has
         for process in (arbiter, upgrade):
             process.kill()
             process.wait()
+
+
+@linux_only
+def test_workers_sweep_leaves_a_directory_an_upgrade_joined_after_the_sweep_read_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start's sweep that found a directory's record naming only supervisors gone removes it only if, once it holds
+    the directory's lock, the record still says so: a gunicorn upgrade adds its new arbiter to the record under that
+    lock (another process, between the sweep's reading and its removing), and its workers then count in it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    arbiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        gone = multiproc.Supervisor("gunicorn", arbiter.pid)
+        directory = Path(multiproc.default_directory(gone))
+        multiproc.SharedState(str(directory), gone).close()
+    finally:
+        arbiter.kill()
+        arbiter.wait()
+    sweeper: list[int] = []
+
+    def sweep() -> None:
+        sweeper.append(threading.get_native_id())
+        multiproc.default_directory(multiproc.Supervisor("uvicorn", os.getpid()), {})
+
+    def waits_for_the_lock() -> bool:
+        # Where the kernel has the thread wait ("0" while it runs): flock's wait, locks_lock_inode_wait.
+        return "lock" in Path(f"/proc/self/task/{sweeper[0]}/wchan").read_text()
+
+    lock = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the upgrade's first worker holds it
+        thread = threading.Thread(target=sweep)
+        thread.start()
+        wait_for(
+            "the sweep to wait for the lock, or to end",
+            lambda: sweeper and (not thread.is_alive() or waits_for_the_lock()),
+        )
+        if thread.is_alive():
+            (directory / "run").write_text(
+                "\n".join([(directory / "run").read_text(), multiproc.process_token(os.getpid())])
+            )
+    finally:
+        os.close(lock)
+    thread.join()
+    assert directory.is_dir(), "the sweep removed a directory an upgrade had joined"
 
 
 def test_workers_sweep_leaves_another_namespaces_live_directory(
