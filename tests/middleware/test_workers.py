@@ -706,6 +706,78 @@ def test_workers_gunicorn_upgrade_in_the_default_location_keeps_every_count(
     assert sorted(base.iterdir()) == []
 
 
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_second_upgrade_and_its_rollback_in_the_default_location_keep_every_count(
+    tmp_path: Path,
+) -> None:
+    """Two ``USR2`` upgrades in a row with the state in the default location (``QUIT`` to the first arbiter once the
+    second serves), the second rolled back (``QUIT`` to the third arbiter, ``TTIN`` to the second): the third arbiter
+    links to the first one's directory too, and the totals go on across all three arbiters, every scrape of the
+    metrics port and of the app's path has every count, and none shows less than one before it."""
+    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer, LLM_TELEMETRY_METRICS_APP_PATH="/metrics")
+    base = tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}"
+    shown: list[float] = []
+
+    def scraped(metrics: Metrics, sent: Traffic) -> None:
+        assert_totals(metrics, sent)
+        shown.append(metrics.value("llm_requests_total", gen_ai_request_model="demo-priced"))
+
+    def upgrade(arbiter: int, workers: set[int]) -> tuple[int, set[int]]:
+        started = server.log.read_bytes().count(b"Application startup complete")
+        os.kill(arbiter, signal.SIGUSR2)
+        new = wait_for("the new arbiter", lambda: next(iter(process_children(arbiter) - workers)))
+        arbiters.append(new)
+        wait_for(
+            "its workers' startup",
+            lambda: server.log.read_bytes().count(b"Application startup complete") >= started + 2,
+        )
+        return new, process_children(new)
+
+    arbiters: list[int] = []
+    with running(server):
+        try:
+            first, first_workers = server.pid, process_children(server.pid)
+            sent = _drive_until_answered(server, first_workers, Traffic())
+            second, second_workers = upgrade(first, first_workers)
+            os.kill(first, signal.SIGQUIT)
+            assert server.process is not None
+            server.process.wait(timeout=30)
+            sent = _drive_until_answered(server, second_workers, sent)
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+
+            third, third_workers = upgrade(second, second_workers)
+            (directory,) = (path for path in base.iterdir() if not path.is_symlink())
+            assert directory.name.startswith(f"gunicorn-{first}-")
+            assert next(base.glob(f"gunicorn-{third}-*")).resolve() == directory.resolve()
+            sent = _drive_until_answered(server, third_workers, sent)
+            settle(server, sent)
+            scraped(server.scrape(), sent)
+            scraped(server.scrape_app()[0], sent)
+
+            # The rollback: the third arbiter stopped, the second goes on and adds a worker back.
+            os.kill(third, signal.SIGQUIT)
+            wait_for("the third arbiter to stop", lambda: not is_running(third))
+            started = server.log.read_bytes().count(b"Application startup complete")
+            os.kill(second, signal.SIGTTIN)
+            wait_for("a third worker", lambda: len(process_children(second)) == 3)
+            wait_for("its startup", lambda: server.log.read_bytes().count(b"Application startup complete") > started)
+            (added,) = process_children(second) - second_workers
+            sent = _drive_until_answered(server, {added}, sent)
+            settle(server, sent)
+            scraped(wait_for("the metrics port", lambda: server.scrape()), sent)
+            scraped(server.scrape_app()[0], sent)
+        finally:
+            for arbiter in arbiters:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(arbiter, signal.SIGTERM)
+                wait_for("the arbiter to stop", lambda arbiter=arbiter: not is_running(arbiter))
+    assert shown == sorted(shown), shown
+    log = server.log.read_text(errors="replace")
+    assert "is held by a process that is not a worker of this server" not in log
+
+
 #: A gunicorn configuration whose new arbiter, started by USR2 (GUNICORN_PID set), waits before it starts any worker
 #: until the old arbiter has exited: its first worker then starts with the old arbiter gone, as when the old one is
 #: stopped (or killed) right after USR2, before the new one's workers have booted.
