@@ -525,7 +525,7 @@ class SharedState:
         self._write_lock = threading.Lock()
         self._values: dict[str, float] = {}
         self._start_ns = time.time_ns()
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        _make_directory(directory)
         #: The directory (device, inode) as this worker last merged in it: another one is the directory made again.
         self._seen = _identity(directory)
         self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -601,7 +601,7 @@ class SharedState:
             alive_kept, db_kept, missing = self._gone()
             if alive_kept and db_kept and not missing:
                 return False
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            _make_directory(self.directory)
             with self._locked():
                 # Looked at again inside the lock: a save of the archive (by a merge of this worker, in another
                 # thread) may have been under way, its version file not yet written, when the look above read it.
@@ -678,7 +678,7 @@ class SharedState:
             try:
                 fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             except FileNotFoundError:  # the directory was removed: made again (the workers put their files back)
-                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                _make_directory(self.directory)
                 continue
             try:
                 if fcntl is not None:
@@ -1178,6 +1178,12 @@ def _parent(pid: int) -> int:
             return int(stat.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _make_directory(directory: str) -> None:
+    """Make ``directory`` (and its parents) if missing; through a link (a gunicorn upgrade's, see
+    :func:`_continue_upgraded`) whose directory was removed, that directory is made again."""
+    os.makedirs(os.path.realpath(directory), mode=0o700, exist_ok=True)
 
 
 def _identity(directory: str) -> tuple[int, int] | None:

@@ -2196,6 +2196,35 @@ def test_workers_usr2_upgrade_continues_the_directory_of_an_old_arbiter_that_has
 
 
 @linux_only
+def test_workers_directory_behind_an_upgrade_link_removed_is_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temp cleaner removes the directory a gunicorn upgrade's link names (``rm -rf`` of the old arbiter's, after
+    the promotion): the new arbiter's workers make it again through the link and put their counts back. Before,
+    making it through the dangling link failed, and every scrape of the metrics port answered 500 from then on
+    (measured with a real gunicorn)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    old, new = multiproc.Supervisor("gunicorn", os.getppid()), multiproc.Supervisor("gunicorn", os.getpid())
+    old_directory = multiproc.default_directory(old)
+    multiproc.SharedState(old_directory, old).close()  # a worker of the old arbiter came and went
+    linked = multiproc.default_directory(new, {"GUNICORN_PID": str(os.getppid())})
+    assert Path(linked).is_symlink()
+    state = multiproc.SharedState(linked, new)
+    try:
+        counter = json.dumps(["llm.requests", "c", []])
+        state.add(counter, 2)
+        assert state.merged() == {counter: 2}
+        shutil.rmtree(old_directory)
+        assert state.restore()
+        assert Path(old_directory).is_dir() and Path(linked).resolve() == Path(old_directory).resolve()
+        state.add(counter, 1)
+        assert state.merged() == {counter: 3}
+    finally:
+        state.close()
+
+
+@linux_only
 def test_workers_sweep_leaves_a_directory_an_upgrade_joined_after_the_sweep_read_its_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
