@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from kopf_testing import deployment, minimal_llmt
 
@@ -433,6 +433,49 @@ def test_the_guarded_json_patch_does_what_the_merge_patch_does(
         {"metadata": {"deletionTimestamp": "2026-12-07T00:00:00Z"}},
     ):
         assert applied(dict(merge_patch(workload, change))) is None, change
+
+
+#: Keys of the generated objects: JSON pointer's escapes (``/``, ``~``) among them.
+_KEYS = st.sampled_from(["a", "b", "env", "a/b", "c~d", "~1", ""])
+_LEAVES = st.one_of(
+    st.booleans(), st.integers(-2, 2), st.text("xy", max_size=2), st.lists(st.integers(0, 2), max_size=2)
+)
+_DOCS = st.recursive(_LEAVES, lambda inner: st.dictionaries(_KEYS, inner, max_size=3), max_leaves=8)
+_CHANGES = st.recursive(
+    st.one_of(st.none(), _LEAVES), lambda inner: st.dictionaries(_KEYS, inner, max_size=3), max_leaves=8
+)
+
+
+def _creates_nothing(change: Any, current: Any) -> bool:
+    """Whether the merge patch ``change`` has, where ``current`` has no object, an object with no member to add (the
+    merge patch makes it empty; the JSON patch, like the API server storing it, leaves it out)."""
+    if not isinstance(change, dict):
+        return False
+    here = current if isinstance(current, dict) else {}
+    return any(
+        isinstance(value, dict)
+        and (
+            (not isinstance(here.get(key), dict) and not any(v is not None for v in value.values()))
+            or _creates_nothing(value, here.get(key))
+        )
+        for key, value in change.items()
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.dictionaries(_KEYS, _DOCS, max_size=4), change=st.dictionaries(_KEYS, _CHANGES, min_size=1, max_size=4))
+def test_the_guarded_json_patch_applies_any_merge_patch_as_the_merge_patch_does(
+    spec: dict[str, Any], change: dict[str, Any]
+) -> None:
+    """Whatever the objects and the merge patch (nested objects, lists, nulls, keys that need a JSON pointer's
+    escapes), the operations of :func:`r.guarded_patch` after its tests give the object the merge patch gives it."""
+    import jsonpatch  # type: ignore[import-untyped]
+
+    workload = {"metadata": {"uid": "u", "generation": 2, "labels": {"app": "chat"}}, "spec": spec}
+    patch = {"spec": change}
+    assume(not _creates_nothing(patch, workload))
+    operations = [op for op in r.guarded_patch(workload, patch) if op["op"] != "test"]
+    assert jsonpatch.apply_patch(workload, operations) == merge_patch(workload, patch)
 
 
 def assert_child_metadata(obj: dict[str, Any], component: str) -> None:
