@@ -806,7 +806,15 @@ class SharedState:
                 # host's, the same in every worker).
                 self._last_merge.order = time.monotonic_ns()
                 archive = self._load_archive()
-                stems = self._fold_dead(archive)
+                try:
+                    stems = self._fold_dead(archive)
+                except FileNotFoundError:
+                    if os.path.isdir(self.directory):
+                        raise
+                    # The directory removed (``rm -rf``) after this merge took its lock: merged again once it is made
+                    # again and the other workers have had time to put their files back.
+                    wait = True
+                    continue
                 archived: dict[str, float] = archive["values"]
                 # Each total is rounded once from the exact sum of its shares (the archive's, each live worker's), so it
                 # is the same whichever worker answers (the stems come in the order of a set, another in each worker)
