@@ -1003,9 +1003,15 @@ class SharedState:
         """Record that this worker serves the metrics port."""
         self._claimed = True
         port = os.path.join(self.directory, _PORT)
-        with open(port + f".{self._stem}.tmp", "w", encoding="utf-8") as claim:
-            claim.write(self._stem)
-        os.replace(port + f".{self._stem}.tmp", port)
+        try:
+            with open(port + f".{self._stem}.tmp", "w", encoding="utf-8") as claim:
+                claim.write(self._stem)
+            os.replace(port + f".{self._stem}.tmp", port)
+        except OSError as exc:
+            # (The directory removed, or a full file system.) This worker serves the port all the same; the claim is
+            # put back with its files (see restore), within BIND_RETRY_SECONDS. Raised, it ended the thread that
+            # took the port over with a traceback, and would fail a worker's start.
+            logger.debug("llm-telemetry: metrics port claim not recorded: %s", exc)
 
     def port_held_by_worker(self) -> bool:
         """Whether a live worker of this server has claimed the metrics port (see :meth:`claim_port`)."""

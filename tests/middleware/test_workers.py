@@ -2196,6 +2196,22 @@ def test_workers_directory_behind_an_upgrade_link_removed_is_put_back(
         state.close()
 
 
+def test_workers_port_claimed_while_the_directory_is_removed_is_recorded_once_it_is_back(tmp_path: Path) -> None:
+    """A worker that takes the metrics port over while the state directory is gone (removed by a temp cleaner, not yet
+    put back) serves it, and its claim is recorded with its files once they are back. Before, the claim's write
+    raised: a traceback ended the thread that had just taken the port (seen under a real gunicorn, its upgrade link
+    removed as the worker serving the port stopped)."""
+    directory = tmp_path / "state"
+    state = multiproc.SharedState(str(directory), multiproc.Supervisor("parent", os.getppid()))
+    try:
+        shutil.rmtree(directory)
+        state.claim_port()
+        assert state.restore()
+        assert state.port_held_by_worker()
+    finally:
+        state.close()
+
+
 @linux_only
 def test_workers_sweep_leaves_a_directory_an_upgrade_joined_after_the_sweep_read_its_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
