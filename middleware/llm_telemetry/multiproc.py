@@ -262,7 +262,31 @@ def default_directory(supervisor: Supervisor, env: Mapping[str, str] | None = No
     path = os.path.join(base, _default_name(supervisor.kind, supervisor.pid, namespace))
     if spared and not os.path.lexists(path):
         _continue_upgraded(base, namespace, supervisor, path, int(upgraded))
+    if not os.path.lexists(path):
+        _relink(base, path, process_token(supervisor.pid))
     return path
+
+
+def _relink(base: str, path: str, token: str) -> None:
+    """Make ``path`` a link again to the directory whose ``run`` record names the supervisor of ``token``, should there
+    be one: a gunicorn upgrade's link (see :func:`_continue_upgraded`) that a temp cleaner removed (an age-based one
+    takes a link first, its time never changing while the files it leads to are written). A worker the arbiter starts
+    then (a replacement, ``TTIN``) joins the others in that directory instead of starting one of its own."""
+    if not token:
+        return
+    for name in os.listdir(base):
+        directory = os.path.join(base, name)
+        if os.path.islink(directory) or directory == path:
+            continue
+        try:
+            with open(os.path.join(directory, _RUN), encoding="utf-8") as run:
+                if token not in run.read().split():
+                    continue
+        except OSError:
+            continue
+        with contextlib.suppress(FileExistsError):  # another worker put it back first
+            os.symlink(name, path)
+        return
 
 
 def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: str, old: int) -> None:
@@ -525,7 +549,10 @@ class SharedState:
         self._write_lock = threading.Lock()
         self._values: dict[str, float] = {}
         self._start_ns = time.time_ns()
-        _make_directory(directory)
+        #: What the link ``directory`` says (a gunicorn upgrade's, see _continue_upgraded), or None when it is no link:
+        #: the link is put back should a temp cleaner remove it (see _make_directory).
+        self._link = os.readlink(directory) if os.path.islink(directory) else None
+        _make_directory(directory, self._link)
         #: The directory (device, inode) as this worker last merged in it: another one is the directory made again.
         self._seen = _identity(directory)
         self._stem = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -601,7 +628,14 @@ class SharedState:
             alive_kept, db_kept, missing = self._gone()
             if alive_kept and db_kept and not missing:
                 return False
-            _make_directory(self.directory)
+            if _make_directory(self.directory, self._link):
+                logger.info(
+                    "llm-telemetry: the link %s to the multi-worker state directory %s was removed; worker %s put it"
+                    " back",
+                    self.directory,
+                    os.path.realpath(self.directory),
+                    os.getpid(),
+                )
             with self._locked():
                 # Looked at again inside the lock: a save of the archive (by a merge of this worker, in another
                 # thread) may have been under way, its version file not yet written, when the look above read it.
@@ -678,7 +712,7 @@ class SharedState:
             try:
                 fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             except FileNotFoundError:  # the directory was removed: made again (the workers put their files back)
-                _make_directory(self.directory)
+                _make_directory(self.directory, self._link)
                 continue
             try:
                 if fcntl is not None:
@@ -1194,10 +1228,23 @@ def _parent(pid: int) -> int:
         return 0
 
 
-def _make_directory(directory: str) -> None:
+def _make_directory(directory: str, link: str | None = None) -> bool:
     """Make ``directory`` (and its parents) if missing; through a link (a gunicorn upgrade's, see
-    :func:`_continue_upgraded`) whose directory was removed, that directory is made again."""
+    :func:`_continue_upgraded`) whose directory was removed, that directory is made again. ``link``: what the link
+    ``directory`` said when this worker joined; should the link itself be gone (a temp cleaner), it is made again,
+    to the directory where this worker's files still are, and those of the workers that died there, not yet folded
+    (a directory of its own in its place left those behind, their counts gone from the totals). True when this call
+    made the link again."""
+    relinked = False
+    if link is not None and not os.path.lexists(directory):
+        os.makedirs(os.path.join(os.path.dirname(directory), link), mode=0o700, exist_ok=True)
+        try:
+            os.symlink(link, directory)
+            relinked = True
+        except FileExistsError:  # another worker put it back first
+            pass
     os.makedirs(os.path.realpath(directory), mode=0o700, exist_ok=True)
+    return relinked
 
 
 def _identity(directory: str) -> tuple[int, int] | None:

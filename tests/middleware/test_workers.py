@@ -762,6 +762,81 @@ def test_workers_gunicorn_second_upgrade_and_its_rollback_in_the_default_locatio
     assert "is held by a process that is not a worker of this server" not in log
 
 
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_upgrade_link_removed_by_a_temp_cleaner_keeps_every_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temp cleaner removes the link a gunicorn upgrade made in the default location (an age-based one takes the
+    link first: its time never changes, while the files of the directory it names are written), long after the
+    promotion, just after ``TTOU`` stopped a worker that no merge has folded yet: every scrape of the metrics port and
+    of the app's path, before and after a worker is killed and replaced, has every count, none goes down, and the
+    next start removes the directory and the link. Before, the workers each made a directory of their own in the
+    link's place and moved there: the stopped worker's counts stayed behind (36 requests shown, then 25 for good),
+    and a worker taking the metrics port over as the link went ended its thread with a traceback."""
+    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer, LLM_TELEMETRY_METRICS_APP_PATH="/metrics")
+    base = tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}"
+    scraped = _Shown(promtool_in=tmp_path)
+
+    def looked_at(sent: Traffic) -> None:
+        """Scrapes of the metrics port and of the app's path, over a few of the workers' once-a-second looks."""
+        for _ in range(15):
+            scraped(wait_for("the metrics port", lambda: server.scrape()), sent)
+            scraped(server.scrape_app()[0], sent)
+            time.sleep(0.2)
+
+    with running(server), _arbiters_stopped() as arbiters:
+        old, old_workers = server.pid, process_children(server.pid)
+        sent = _drive_until_answered(server, old_workers, Traffic())
+        new, _ = _upgrade(server, old, old_workers, arbiters)
+        os.kill(old, signal.SIGQUIT)
+        assert server.process is not None
+        server.process.wait(timeout=30)
+        wait_for("the promotion", lambda: b"Master has been promoted" in server.log.read_bytes())
+        (link,) = base.glob(f"gunicorn-{new}-*")
+        directory = link.resolve()
+
+        # A third worker; each of the three counts some requests, then TTOU stops one.
+        started = server.log.read_bytes().count(b"Application startup complete")
+        os.kill(new, signal.SIGTTIN)
+        wait_for(
+            "the third worker's startup",
+            lambda: server.log.read_bytes().count(b"Application startup complete") > started,
+        )
+        for worker in process_children(new):
+            sent = _drive_until_answered(server, {worker}, sent)
+        settle(server, sent)
+        scraped(server.scrape(), sent)
+        os.kill(new, signal.SIGTTOU)
+        wait_for("a worker to stop", lambda: len(process_children(new)) == 2)
+        link.unlink()  # the cleaner (no merge since the worker stopped)
+        looked_at(sent)
+        assert link.is_symlink() and link.resolve() == directory
+
+        # A worker killed: the arbiter's replacement counts on in the same totals.
+        workers = process_children(new)
+        started = server.log.read_bytes().count(b"Application startup complete")
+        os.kill(min(workers), signal.SIGKILL)
+        wait_for(
+            "the replacement's startup",
+            lambda: server.log.read_bytes().count(b"Application startup complete") > started,
+        )
+        (replacement,) = process_children(new) - workers
+        sent = _drive_until_answered(server, {replacement}, sent)
+        settle(server, sent)
+        looked_at(sent)
+    assert scraped.totals == sorted(scraped.totals), scraped.totals
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert "were removed" not in log  # (nothing but the link was, and that is put back)
+
+    # Every arbiter gone: the next start removes the directory and the link.
+    wait_for("the new arbiter to be reaped", lambda: not Path(f"/proc/{new}").exists())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    multiproc.default_directory(multiproc.Supervisor("gunicorn", os.getpid()))
+    assert sorted(base.iterdir()) == []
+
+
 #: A gunicorn configuration whose new arbiter, started by USR2 (GUNICORN_PID set), waits before it starts any worker
 #: until the old arbiter has exited: its first worker then starts with the old arbiter gone, as when the old one is
 #: stopped (or killed) right after USR2, before the new one's workers have booted.
@@ -2192,6 +2267,43 @@ def test_workers_directory_behind_an_upgrade_link_removed_is_put_back(
         assert Path(old_directory).is_dir() and Path(linked).resolve() == Path(old_directory).resolve()
         state.add(counter, 1)
         assert state.merged() == {counter: 3}
+    finally:
+        state.close()
+
+
+@linux_only
+def test_workers_upgrade_link_removed_is_put_back_to_the_directory_with_the_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temp cleaner removes a gunicorn upgrade's link itself (an age-based one takes it first: a link's time never
+    changes, while the files of the directory it names are written): the workers put the link back, to the directory
+    where their files are, with those of a worker that stopped there and is not folded yet. Before, each worker made a
+    directory of its own in the link's place and moved its own files there: that worker's counts were left behind,
+    and the totals went down for good (36 requests shown, then 25, under a real gunicorn)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    old, new = multiproc.Supervisor("gunicorn", os.getppid()), multiproc.Supervisor("gunicorn", os.getpid())
+    old_directory = multiproc.default_directory(old)
+    multiproc.SharedState(old_directory, old).close()  # a worker of the old arbiter came and went
+    linked = multiproc.default_directory(new, {"GUNICORN_PID": str(os.getppid())})
+    assert Path(linked).is_symlink()
+    counter = json.dumps(["llm.requests", "c", []])
+    state = multiproc.SharedState(linked, new)
+    try:
+        stopped = multiproc.SharedState(linked, new)  # another worker of the new arbiter (TTOU stops it)
+        stopped.add(counter, 5)
+        state.add(counter, 2)
+        assert state.merged() == {counter: 7}
+        stopped.close()  # stopped; folded at the next merge
+        os.unlink(linked)
+        state.restore()
+        state.add(counter, 1)
+        assert state.merged() == {counter: 8}
+        assert Path(linked).is_symlink() and Path(linked).resolve() == Path(old_directory).resolve()
+        # A worker the arbiter starts while the link is gone (before a worker put it back) joins the same directory.
+        os.unlink(linked)
+        assert multiproc.default_directory(new, {}) == linked
+        assert Path(linked).is_symlink() and Path(linked).resolve() == Path(old_directory).resolve()
     finally:
         state.close()
 
