@@ -43,13 +43,14 @@ REVISION = "deployment.kubernetes.io/revision"
 DEFERRED = "Deployment/chat (changed while this pass ran: the next one decides on it)"
 
 
-class FirstPatchHeld(ApiProxy):
-    """The proxy to the API server, holding the first PATCH of ``path`` until :meth:`release`; it keeps every PATCH
-    it forwards of a Deployment of ``namespace`` and of the resource's status, each with its body."""
+class PatchHeld(ApiProxy):
+    """The proxy to the API server, holding the PATCH of ``path`` that comes after ``passed`` others until
+    :meth:`release`; it keeps every PATCH it forwards of a Deployment of ``namespace`` and of the resource's status,
+    each with its body."""
 
-    def __init__(self, server: str, ca_data: bytes, namespace: str, path: str) -> None:
+    def __init__(self, server: str, ca_data: bytes, namespace: str, path: str, passed: int = 0) -> None:
         super().__init__(server, ca_data)
-        self.path = path
+        self.path, self.passed = path, passed
         self.deployments = f"/apis/apps/v1/namespaces/{namespace}/deployments/"
         self.statuses = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/chat/status"
         self.held = 0
@@ -62,6 +63,10 @@ class FirstPatchHeld(ApiProxy):
     def release(self) -> None:
         self._loop.call_soon_threadsafe(self._released.set)
 
+    def wait_held(self, process: Any, log: pathlib.Path) -> None:
+        wait_for(lambda: self.held or process.poll() is not None, "the operator's PATCH of Deployment chat held")
+        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+
     def __exit__(self, *exc: object) -> None:
         self.release()
         super().__exit__(*exc)
@@ -72,7 +77,7 @@ class FirstPatchHeld(ApiProxy):
         body = await request.read()  # (kept by aiohttp: forwarded as it came)
         if request.path.startswith(self.deployments):
             self.workload_patches.append((request.path, body))
-            if request.path == self.path and self.held == 0:
+            if [p for p, _ in self.workload_patches].count(self.path) == self.passed + 1 and request.path == self.path:
                 self.held = 1
                 await self._released.wait()
         elif request.path == self.statuses:
@@ -122,7 +127,8 @@ class Run:
 
     def passes(self) -> list[str]:
         """The operator's log lines of its passes of the resource that ended, in order."""
-        return [line for line in self.log.read_text(errors="replace").splitlines() if "reconciled (" in line]
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if "reconciled (" in line and f"{self.namespace}/chat" in line]
 
     def deployment(self) -> Any:
         return self.apps.read_namespaced_deployment("chat", self.namespace)
@@ -130,9 +136,9 @@ class Run:
 
 @pytest.fixture
 def held(api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[Callable[..., Any]]:
-    """Start the operator (as the chart runs it, resyncing every 8 s) through a proxy holding its first PATCH of
-    Deployment ``chat``, a synced Deployment selected by LLMTelemetry ``chat``: returns the proxy, the test's view of
-    the run and the process, once the PATCH is held."""
+    """Start the operator (as the chart runs it, resyncing every 8 s) through a proxy holding its PATCH of Deployment
+    ``chat`` that comes after ``passed`` others (the first by default), a synced Deployment selected by LLMTelemetry
+    ``chat``: returns the proxy, the test's view of the run and the process."""
     from kubernetes import client
 
     system, apps_ns = unique("llmt-defer-system"), unique("llmt-defer")
@@ -141,21 +147,19 @@ def held(api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Iterator
     server, ca = api_server(kubeconfig)
     running: list[Any] = []
 
-    def start() -> tuple[FirstPatchHeld, Run, Any]:
+    def start(passed: int = 0) -> tuple[PatchHeld, Run, Any]:
         run_apps = client.AppsV1Api(api)
         run_apps.create_namespaced_deployment(apps_ns, deployment("chat", "chat"))
         _synced(run_apps, apps_ns)
         client.CustomObjectsApi(api).create_namespaced_custom_object(
             GROUP, VERSION, apps_ns, PLURAL, telemetry("chat", "chat")
         )
-        proxy = FirstPatchHeld(server, ca, apps_ns, f"/apis/apps/v1/namespaces/{apps_ns}/deployments/chat")
+        proxy = PatchHeld(server, ca, apps_ns, f"/apis/apps/v1/namespaces/{apps_ns}/deployments/chat", passed)
         running.append(proxy.__enter__())
         process, log, _, _ = start_chart_operator(
             api, kubeconfig, docs, system, tmp_path, "--resync-seconds", "8", server=f"http://127.0.0.1:{proxy.port}"
         )
         running.append(process)
-        wait_for(lambda: proxy.held or process.poll() is not None, "the operator's first PATCH of Deployment chat")
-        assert process.poll() is None, log.read_text(errors="replace")[-4000:]
         return proxy, Run(api, apps_ns, log), process
 
     try:
@@ -170,8 +174,9 @@ def held(api: Any, kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Iterator
 
 
 def _later_pass(run: Run, process: Any, after: int) -> None:
-    """Until a pass of the operator's own (its resync, 4 to 12 s after the last pass) has ended after the first
-    ``after``: the pass after the one that took the Deployment's change has run, and a pass after it too."""
+    """Until a resync (4 to 12 s after the last pass) has ended after the first ``after`` passes of the log. A pass
+    that deferred a workload has a retry take the place of the resync, so a resync ending after it comes after the
+    pass that decided on the workload (or is that pass): what a later pass would write has been written."""
     wait_for(
         lambda: process.poll() is not None or any("reconciled (resync)" in line for line in run.passes()[after:]),
         "a resync after the pass that decided on the changed Deployment",
@@ -184,6 +189,7 @@ def test_a_deployment_relabelled_out_of_the_selector_while_its_injection_is_on_i
     held: Callable[..., Any],
 ) -> None:
     proxy, run, process = held()
+    proxy.wait_held(process, run.log)
     relabelled = run.apps.patch_namespaced_deployment("chat", run.namespace, {"metadata": {"labels": {"llm": "other"}}})
     proxy.release()
 
@@ -194,6 +200,10 @@ def test_a_deployment_relabelled_out_of_the_selector_while_its_injection_is_on_i
     condition = wait_for(decided, "the pass after the deferral finding nothing to inject")
     assert condition["status"] == "False"
     _later_pass(run, process, len(run.passes()))
+    # The relabelling's watch event named no resource (not selected, not injected): the pass after the one that
+    # deferred was its retry (within 5 s), or one of a watch event queued meanwhile; not a resync (minutes away by
+    # default).
+    assert "reconciled (resync)" not in run.passes()[1], run.passes()
 
     dep = run.deployment()
     assert dep.metadata.labels == {"llm": "other"}
@@ -220,6 +230,7 @@ def test_a_deployment_scaled_while_its_injection_is_on_its_way_is_injected_once_
     held: Callable[..., Any],
 ) -> None:
     proxy, run, process = held()
+    proxy.wait_held(process, run.log)
     before = run.deployment().metadata.generation
     scaled = run.apps.patch_namespaced_deployment_scale("chat", run.namespace, {"spec": {"replicas": 3}})
     assert scaled.spec.replicas == 3
@@ -248,4 +259,36 @@ def test_a_deployment_scaled_while_its_injection_is_on_its_way_is_injected_once_
     assert any(DEFERRED in body.decode() for body in proxy.status_patches), proxy.status_patches
     events = run.events()
     assert not [reason for reason, _ in events if reason in ("NoTargets", "InjectionFailed", "ApiError")], events
+    assert process.poll() is None
+
+
+def test_a_deployment_relabelled_out_and_back_in_while_its_removal_is_on_its_way_keeps_its_injection(
+    held: Callable[..., Any],
+) -> None:
+    """The other direction: a user relabels an injected Deployment out of the selector, and back into it while the
+    removal's PATCH of the pass that followed is on its way. The pass leaves the version it reads again as it is: the
+    injection stays, with no rollout out and back in, and the metrics Service stays."""
+    proxy, run, process = held(passed=1)
+    wait_for(lambda: run.injected().get("reason") == "Injected", "Deployment chat injected")
+    injected = run.deployment().metadata.generation
+    (service,) = run.core.list_namespaced_service(run.namespace, label_selector=f"{c.LABEL_OWNER}=chat").items
+    run.apps.patch_namespaced_deployment("chat", run.namespace, {"metadata": {"labels": {"llm": "other"}}})
+    proxy.wait_held(process, run.log)
+    run.apps.patch_namespaced_deployment("chat", run.namespace, {"metadata": {"labels": {"llm": "chat"}}})
+    before = len(run.passes())  # (the pass whose PATCH is held has not ended)
+    proxy.release()
+    _later_pass(run, process, before)
+
+    dep = run.deployment()
+    assert dep.metadata.generation == injected  # no rollout out and back in
+    assert _env(dep)["LLM_TELEMETRY_METRICS_PORT"] == "9464"
+    status = run.owner()["status"]
+    assert (status["targets"], status["phase"]) == (["Deployment/chat"], "Ready"), status
+    assert [path for path, _ in proxy.workload_patches] == [proxy.path] * 2, proxy.workload_patches
+    assert any(DEFERRED in body.decode() for body in proxy.status_patches), proxy.status_patches
+    condition = run.injected()
+    assert (condition["reason"], condition["message"]) == ("Injected", "injected into Deployment/chat"), condition
+    (kept,) = run.core.list_namespaced_service(run.namespace, label_selector=f"{c.LABEL_OWNER}=chat").items
+    assert kept.metadata.uid == service.metadata.uid  # its metrics Service stayed
+    assert not [reason for reason, _ in run.events() if reason in ("NoTargets", "InjectionFailed", "ApiError")]
     assert process.poll() is None
