@@ -1,7 +1,7 @@
-"""A Deployment changed by another client while the operator's patch injecting it is on its way, on a real API server:
-the operator run as the chart runs it, as the chart's ServiceAccount, through a proxy that holds the operator's first
-PATCH of the Deployment until the test has made its change, so the change always lands between the pass's list and
-its patch, whatever the machine's speed.
+"""A Deployment changed by another client while the operator's patch of it is on its way, on a real API server: the
+operator run as the chart runs it, as the chart's ServiceAccount, through a proxy that holds one PATCH of the
+Deployment until the test has made its change, so the change always lands between the pass's list and its patch,
+whatever the machine's speed.
 
 The patch tests what the pass decided from (the Deployment's labels, generation, ...): the API server refuses it
 (422), the pass reads the Deployment again, finds it in another state and leaves it to the pass that follows within
@@ -9,7 +9,8 @@ seconds (docs/operator.md, "A label change during a pass"). What a user sees of 
 
 - relabelled out of the selector: the Deployment is never injected, and the resource ends with no target, said once
   (one NoTargets event, by the pass after the one that deferred it); the operator writes the Deployment no more;
-- scaled through its ``/scale`` subresource (as an HPA does): the pass after injects it, once, keeping its replicas."""
+- scaled through its ``/scale`` subresource (as an HPA does): the pass after injects it, once, keeping its replicas;
+- injected, relabelled out and back in while the removal is on its way: it keeps its injection and metrics Service."""
 
 from __future__ import annotations
 
