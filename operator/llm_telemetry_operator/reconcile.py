@@ -1108,11 +1108,14 @@ async def _inject(
         if not deferred:  # (else the next pass, in seconds, says whether it still has none)
             outcome.notices.append(("NoTargets", message))
     elif not targets:
-        message = bounded(
-            f"no Deployment or StatefulSet matches spec.selector in namespace {namespace} (by the workload's own"
-            " labels, not its pod template's)",
-            *notes,
+        # A deferred workload may match the selector still: the message says only what is sure until the next pass.
+        nothing = (
+            f"no Deployment or StatefulSet in namespace {namespace} is injected by this resource yet"
+            if deferred
+            else f"no Deployment or StatefulSet matches spec.selector in namespace {namespace} (by the workload's own"
+            " labels, not its pod template's)"
         )
+        message = bounded(nothing, *notes)
         conditions[c.CONDITION_INJECTED] = r.Condition(c.CONDITION_INJECTED, False, "NoTargets", message)
         if not deferred:  # (else the next pass, in seconds, says whether it still has none)
             outcome.notices.append(("NoTargets", message))
