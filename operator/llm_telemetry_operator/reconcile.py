@@ -951,6 +951,27 @@ async def _inject(
                     outcome.failures.append(("Conflict", message))
                     outcome.shown[("Conflict", message)] = lost[-1]
                 continue
+            if (
+                selected
+                and not peers.leaving(holder)
+                and (known := peers.named(holder)) is not None
+                and precedence(known[0]) < precedence(owner)
+                and (fresh := await _serving_now(client, owner["metadata"]["namespace"], holder, workload)) is not None
+                and precedence(fresh) < precedence(owner)
+            ):
+                # An older peer whose spec, as this operator knows it, does not select the workload (else it would be
+                # the rival above), yet its injection is in it: it let the workload go (taken over below), or its
+                # spec changed and its injection came before the watch event of that change reached this operator
+                # (another operator serves it). Read again, it serves the workload: left to it, as to any winner.
+                winner, created = holder, fresh["metadata"].get("creationTimestamp") or "the same time"
+                message = (
+                    f"{workload_key(workload)} is also selected by LLMTelemetry {winner}, which wins it (the oldest "
+                    f"wins: created {created}, then by name); this resource leaves it alone"
+                )
+                lost.append(f"{workload_key(workload)} (served by {winner})")
+                outcome.failures.append(("Conflict", message))
+                outcome.shown[("Conflict", message)] = lost[-1]
+                continue
             take_over = True
         if not selected and not mine:
             continue
@@ -1374,6 +1395,25 @@ async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
     took it back)."""
     found = await named_resources(client, namespace, name, lambda item: item["metadata"].get("name") == name)
     return any((item.get("metadata") or {}).get("name") == name for item in found)
+
+
+async def _serving_now(
+    client: KubeClient, namespace: str, name: str, workload: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """The LLMTelemetry ``name`` as the API server has it now (a consistent list by name: a watch cache may lag as
+    this operator's watch does), if it would inject ``workload`` (see :func:`_serves`) and is not being deleted;
+    else None (gone, being deleted, an invalid spec, or not selecting it)."""
+    found = await client.list(kube.LLMTELEMETRIES, namespace, fields={"metadata.name": name}, consistent=True)
+    for item in found:
+        meta = item.get("metadata") or {}
+        if meta.get("name") != name or meta.get("deletionTimestamp"):
+            continue
+        try:
+            spec = parse_spec(item.get("spec") or {})
+        except SpecError:
+            return None
+        return item if _serves((item, spec), workload) else None
+    return None
 
 
 async def named_resources(

@@ -164,7 +164,7 @@ def injected_by_the_other_operator(emulator: Any, owner: dict[str, Any]) -> dict
     return patch
 
 
-@pytest.mark.parametrize("seen", [True], ids=["spec seen here first"])
+@pytest.mark.parametrize("seen", [True, False], ids=["spec seen here first", "spec not seen here yet"])
 async def test_the_winner_of_another_operator_injecting_during_the_losers_pass_keeps_the_workload(
     emulator: Any, monitoring_crds: Any, seen: bool
 ) -> None:
