@@ -1380,6 +1380,8 @@ async def _reconcile(
     _tell_keepers(memo, logger, state, key, outcome.holders)
     state.wake.set()
     result = "ready" if outcome.ready else "invalid" if outcome.invalid else "degraded"
+    if result == "degraded" and outcome.phase == "Pending":
+        result = "pending"  # nothing injected by it (see the CRD's phase): an alert on degraded passes is not for it
     metrics.RECONCILES.labels(trigger, result).inc()
     # What the stored status already says was reported before (a restart's resume posts no event for a failure the
     # resource shows already, also when the first pass after it failed), and what this operator posted since.

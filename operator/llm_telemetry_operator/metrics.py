@@ -9,8 +9,9 @@ from llm_telemetry.exposition import ANY_ADDRESS, serve_metrics
 #: Reconcile passes by trigger (create, update, resume, resync, retry, workload, child, collector, pricing: something
 #: it waited for appeared; served: a kind of child found not served, the Prometheus Operator's CRDs, is served now;
 #: handover: a peer being deleted hands its workloads over; conflict; resume also when a standby replica becomes the
-#: active one) and result (ready, degraded, invalid, error; coalesced: answered by a pass that started after the
-#: request, so no pass of its own; namespace_leaving: a pass in a namespace being deleted).
+#: active one) and result (ready; pending: phase Pending, no workload injected by it; degraded, invalid, error;
+#: coalesced: answered by a pass that started after the request, so no pass of its own; namespace_leaving: a pass in
+#: a namespace being deleted).
 RECONCILES = Counter(
     "llm_telemetry_operator_reconciles",
     "Reconcile passes of LLMTelemetry resources.",

@@ -55,6 +55,8 @@ class Outcome:
     ready: bool = False
     invalid: bool = False
     retry: bool = False
+    #: The phase written to the status (Ready, Pending, Degraded); empty when the pass wrote none of these.
+    phase: str = ""
     targets: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     notices: list[tuple[str, str]] = field(default_factory=list)
@@ -686,7 +688,7 @@ async def reconcile(
     else:
         first = blocking[0]
         ready = r.Condition(c.CONDITION_READY, False, first.reason, first.message)
-    phase = "Ready" if outcome.ready else ("Pending" if not targets else "Degraded")
+    phase = outcome.phase = "Ready" if outcome.ready else ("Pending" if not targets else "Degraded")
     ordered = [ready] + [conditions[t] for t in _CONDITION_TYPES[1:]]
     await _write_status(client, config, owner, ordered, outcome.targets, phase, outcome)
     return outcome

@@ -45,7 +45,7 @@ from kopf_testing import (
 
 import kube_schema
 from llm_telemetry_operator import constants as c
-from llm_telemetry_operator import handlers, rbac, resources
+from llm_telemetry_operator import handlers, metrics, rbac, resources
 from llm_telemetry_operator.config import OperatorConfig, Timers
 from llm_telemetry_operator.kube import KubeClient, server_configuration
 from llm_telemetry_operator.reconcile import reconcile
@@ -917,10 +917,25 @@ async def test_a_selector_that_matches_nothing_says_so_in_one_event(emulator: An
     def no_targets() -> list[dict[str, Any]]:
         return posted_events(emulator, "NoTargets")
 
+    def passes_by_result() -> collections.Counter[str]:
+        """The operator's reconciles_total by result, over triggers (the process's counter: other tests add to it)."""
+        counts: collections.Counter[str] = collections.Counter()
+        for family in metrics.RECONCILES.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["result"]] += int(sample.value)
+        return counts
+
+    before = passes_by_result()
     async with running_operator():
         events = await eventually(no_targets, "a NoTargets event")
         await asyncio.sleep(1.0)  # every echo of the pass's own writes has been handled
         passes = passes_for(emulator, "chat")
+    # Phase Pending, as the status says: counted as pending, not as degraded (an alert on degraded passes would fire
+    # for every resource whose app is not deployed yet).
+    counted = passes_by_result() - before
+    assert get(emulator, LLMT, "chat")["status"]["phase"] == "Pending"
+    assert counted["pending"] >= 1 and counted["degraded"] == 0, counted
     assert len(no_targets()) == 1
     assert events[0]["type"] == "Normal"
     assert events[0]["involvedObject"]["name"] == "chat"
