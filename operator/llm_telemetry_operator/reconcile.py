@@ -903,11 +903,7 @@ async def _inject(
             rival = None
         if rival is not None:
             winner = rival["metadata"]["name"]
-            created = rival["metadata"].get("creationTimestamp") or "the same time"
-            message = (
-                f"{workload_key(workload)} is also selected by LLMTelemetry {winner}, which wins it (the oldest "
-                f"wins: created {created}, then by name); this resource leaves it alone"
-            )
+            message = _won_by(workload, rival)
             if record is not None and record.get("owner") == winner:
                 lost.append(f"{workload_key(workload)} (served by {winner})")
             else:  # it holds the workload uninjected (its pricing ConfigMap missing, say), or has yet to inject it
@@ -965,12 +961,8 @@ async def _inject(
                 # the rival above), yet its injection is in it: it let the workload go (taken over below), or its
                 # spec changed and its injection came before the watch event of that change reached this operator
                 # (another operator serves it). Read again, it serves the workload: left to it, as to any winner.
-                winner, created = holder, fresh["metadata"].get("creationTimestamp") or "the same time"
-                message = (
-                    f"{workload_key(workload)} is also selected by LLMTelemetry {winner}, which wins it (the oldest "
-                    f"wins: created {created}, then by name); this resource leaves it alone"
-                )
-                lost.append(f"{workload_key(workload)} (served by {winner})")
+                message = _won_by(workload, fresh)
+                lost.append(f"{workload_key(workload)} (served by {holder})")
                 outcome.failures.append(("Conflict", message))
                 outcome.shown[("Conflict", message)] = lost[-1]
                 continue
@@ -1397,6 +1389,15 @@ async def _exists(client: KubeClient, namespace: str, name: str) -> bool:
     took it back)."""
     found = await named_resources(client, namespace, name, lambda item: item["metadata"].get("name") == name)
     return any((item.get("metadata") or {}).get("name") == name for item in found)
+
+
+def _won_by(workload: Mapping[str, Any], winner: Mapping[str, Any]) -> str:
+    """The Conflict message of a workload that LLMTelemetry ``winner`` wins from the resource of the pass."""
+    created = winner["metadata"].get("creationTimestamp") or "the same time"
+    return (
+        f"{workload_key(workload)} is also selected by LLMTelemetry {winner['metadata']['name']}, which wins it (the"
+        f" oldest wins: created {created}, then by name); this resource leaves it alone"
+    )
 
 
 async def _serving_now(
