@@ -263,20 +263,27 @@ def default_directory(supervisor: Supervisor, env: Mapping[str, str] | None = No
     if spared and not os.path.lexists(path):
         _continue_upgraded(base, namespace, supervisor, path, int(upgraded))
     if not os.path.lexists(path):
-        _relink(base, path, process_token(supervisor.pid))
+        _relink(base, path, supervisor.pid, namespace)
     return path
 
 
-def _relink(base: str, path: str, token: str) -> None:
-    """Make ``path`` a link again to the directory whose ``run`` record names the supervisor of ``token``, should there
+def _relink(base: str, path: str, pid: int, namespace: str) -> None:
+    """Make ``path`` a link again to the directory whose ``run`` record names the supervisor ``pid``, should there
     be one: a gunicorn upgrade's link (see :func:`_continue_upgraded`) that a temp cleaner removed (an age-based one
     takes a link first, its time never changing while the files it leads to are written). A worker the arbiter starts
-    then (a replacement, ``TTIN``) joins the others in that directory instead of starting one of its own."""
+    then (a replacement, ``TTIN``) joins the others in that directory instead of starting one of its own.
+
+    The record is made with the link, so the same pass of the cleaner may have taken it too, before the workers put
+    it back (within BIND_RETRY_SECONDS): the directory is then the one where a worker of this supervisor (a process
+    whose parent it is, so not a pid reused by another server's) holds a lock on its files. Only a directory of this
+    PID namespace is looked at: a pid of another one means nothing here."""
+    token = process_token(pid)
     if not token:
         return
-    for name in os.listdir(base):
+    names = [name for name in os.listdir(base) if os.path.join(base, name) != path]
+    for name in names:
         directory = os.path.join(base, name)
-        if os.path.islink(directory) or directory == path:
+        if os.path.islink(directory):
             continue
         try:
             with open(os.path.join(directory, _RUN), encoding="utf-8") as run:
@@ -287,6 +294,20 @@ def _relink(base: str, path: str, token: str) -> None:
         with contextlib.suppress(FileExistsError):  # another worker put it back first
             os.symlink(name, path)
         return
+    for name in names:
+        directory = os.path.join(base, name)
+        if (namespace and not name.endswith(f"-{namespace}")) or os.path.islink(directory):
+            continue
+        try:
+            files = os.listdir(directory)
+        except OSError:
+            continue
+        for file in files:
+            worker = file[1:].partition("-")[0] if file.startswith("w") and file.endswith((_ALIVE, _DB)) else ""
+            if worker.isdigit() and _parent(int(worker)) == pid and _held(os.path.join(directory, file)):
+                with contextlib.suppress(FileExistsError):
+                    os.symlink(name, path)
+                return
 
 
 def _continue_upgraded(base: str, namespace: str, supervisor: Supervisor, path: str, old: int) -> None:

@@ -2308,6 +2308,88 @@ def test_workers_upgrade_link_removed_is_put_back_to_the_directory_with_the_coun
         state.close()
 
 
+@linux_only
+def test_workers_start_while_the_upgrade_link_and_its_record_are_removed_joins_the_upgrade_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An age-based temp cleaner removes a gunicorn upgrade's link in the same pass as the files made with it (the
+    ``run`` record naming the new arbiter, and its workers' liveness files), and the arbiter starts a worker before
+    the others put them back (within a second): that worker finds the directory by the locks its siblings (the
+    arbiter's other workers) hold there, and joins them. Before, it found no record naming its arbiter and made a
+    directory of its own in the link's place, so the link could not be put back: the arbiter's workers moved their
+    own files there, a stopped worker's counts not yet folded stayed behind, and the totals went down for good."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    old, new = multiproc.Supervisor("gunicorn", os.getppid()), multiproc.Supervisor("gunicorn", os.getpid())
+    old_directory = multiproc.default_directory(old)
+    multiproc.SharedState(old_directory, old).close()  # a worker of the old arbiter came and went
+    linked = multiproc.default_directory(new, {"GUNICORN_PID": str(os.getppid())})
+    assert Path(linked).is_symlink()
+    counter = json.dumps(["llm.requests", "c", []])
+    stopped = multiproc.SharedState(linked, new)  # a worker of the new arbiter that TTOU stopped, not folded yet
+    stopped.add(counter, 5)
+    stopped.close()
+    # Another worker of the new arbiter (this process is the arbiter): a child, as gunicorn forks them.
+    sibling = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, os, sys; from llm_telemetry import multiproc\n"
+            f"state = multiproc.SharedState({linked!r}, multiproc.Supervisor('gunicorn', os.getppid()))\n"
+            "state.add(json.dumps(['llm.requests', 'c', []]), 2)\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    state = None
+    try:
+        assert sibling.stdout is not None and sibling.stdout.readline() == "ready\n"
+        # The cleaner's pass, then a worker's start before any worker looked again.
+        os.unlink(linked)
+        os.unlink(Path(old_directory) / "run")
+        for alive in Path(old_directory).glob("*.alive"):
+            alive.unlink()
+        assert multiproc.default_directory(new, {}) == linked
+        assert Path(linked).is_symlink() and Path(linked).resolve() == Path(old_directory).resolve()
+        state = multiproc.SharedState(linked, new)
+        state.add(counter, 1)
+        assert state.merged() == {counter: 8}
+    finally:
+        if state is not None:
+            state.close()
+        sibling.communicate("")
+
+
+@linux_only
+def test_workers_fresh_server_whose_directory_is_missing_joins_no_other_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh server's first worker (its directory not there yet) looks for a removed upgrade link's directory: one
+    whose record names its arbiter, or where a worker of its arbiter holds a lock. A directory where another server's
+    worker holds its locks, its record removed by a temp cleaner, is not that: the fresh server starts its own
+    directory, and never shows the other's totals."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    running = multiproc.Supervisor("gunicorn", os.getppid())
+    directory = multiproc.default_directory(running)
+    state = multiproc.SharedState(directory, running)  # a worker of a running server
+    arbiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.unlink(Path(directory) / "run")
+        fresh = multiproc.Supervisor("gunicorn", arbiter.pid)
+        path = multiproc.default_directory(fresh, {})
+        assert not os.path.lexists(path)
+        assert Path(directory).is_dir() and not Path(directory).is_symlink()
+    finally:
+        arbiter.kill()
+        arbiter.wait()
+        state.close()
+
+
 def test_workers_port_claimed_while_the_directory_is_removed_is_recorded_once_it_is_back(tmp_path: Path) -> None:
     """A worker that takes the metrics port over while the state directory is gone (removed by a temp cleaner, not yet
     put back) serves it, and its claim is recorded with its files once they are back. Before, the claim's write
