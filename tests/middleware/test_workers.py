@@ -2390,6 +2390,32 @@ def test_workers_fresh_server_whose_directory_is_missing_joins_no_other_server(
         state.close()
 
 
+def test_workers_explicit_directory_that_is_a_link_removed_is_put_back_with_the_counts(tmp_path: Path) -> None:
+    """``LLM_TELEMETRY_MULTIPROC_DIR`` names a symbolic link (an absolute one, to a volume's directory, say), and a
+    temp cleaner removes the link alone: the workers put the same link back, to the directory where their files are
+    and those of a stopped worker not folded yet, whose counts stay in the totals. A directory made in the link's
+    place would have left them behind."""
+    target = tmp_path / "volume" / "state"
+    target.mkdir(parents=True)
+    link = tmp_path / "state"
+    link.symlink_to(target)
+    supervisor = multiproc.Supervisor("parent", os.getppid())
+    counter = json.dumps(["llm.requests", "c", []])
+    state = multiproc.SharedState(str(link), supervisor)
+    try:
+        stopped = multiproc.SharedState(str(link), supervisor)
+        stopped.add(counter, 5)
+        stopped.close()  # stopped; folded at the next merge
+        state.add(counter, 2)
+        link.unlink()
+        state.restore()
+        assert link.is_symlink() and os.readlink(link) == str(target)
+        state.add(counter, 1)
+        assert state.merged() == {counter: 8}
+    finally:
+        state.close()
+
+
 def test_workers_port_claimed_while_the_directory_is_removed_is_recorded_once_it_is_back(tmp_path: Path) -> None:
     """A worker that takes the metrics port over while the state directory is gone (removed by a temp cleaner, not yet
     put back) serves it, and its claim is recorded with its files once they are back. Before, the claim's write
