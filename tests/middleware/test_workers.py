@@ -837,6 +837,70 @@ def test_workers_gunicorn_upgrade_link_removed_by_a_temp_cleaner_keeps_every_cou
     assert sorted(base.iterdir()) == []
 
 
+@pytest.mark.slow
+@linux_only
+def test_workers_gunicorn_worker_started_while_the_upgrade_link_and_its_record_are_removed_keeps_every_count(
+    tmp_path: Path,
+) -> None:
+    """An age-based temp cleaner removes a gunicorn upgrade's link in one pass with the files made as old (the ``run``
+    record naming the new arbiter, the workers' liveness files), and the arbiter starts a worker (``TTIN``) before the
+    others put them back (held stopped here, ``SIGSTOP``, so that the start is surely inside that second): the new
+    worker joins the directory where its siblings hold their locks, the link is put back to it, and every scrape has
+    every count, a worker ``TTOU`` stopped before the cleaner's pass (not folded yet) included. Before, the new worker
+    made a directory of its own in the link's place, the link could not be put back, the others moved their own files
+    there, and the stopped worker's counts were gone for good."""
+    server = new_server(tmp_path, "gunicorn", 2, server=_ScriptServer, LLM_TELEMETRY_METRICS_APP_PATH="/metrics")
+    base = tmp_path / "tmp" / f"llm-telemetry-{os.getuid()}"
+    scraped = _Shown(promtool_in=tmp_path)
+
+    def startup(arbiter: int, signal_number: int) -> None:
+        started = server.log.read_bytes().count(b"Application startup complete")
+        os.kill(arbiter, signal_number)
+        wait_for("a worker's startup", lambda: server.log.read_bytes().count(b"Application startup complete") > started)
+
+    with running(server), _arbiters_stopped() as arbiters:
+        old, old_workers = server.pid, process_children(server.pid)
+        sent = _drive_until_answered(server, old_workers, Traffic())
+        new, _ = _upgrade(server, old, old_workers, arbiters)
+        os.kill(old, signal.SIGQUIT)
+        assert server.process is not None
+        server.process.wait(timeout=30)
+        wait_for("the promotion", lambda: b"Master has been promoted" in server.log.read_bytes())
+        (link,) = base.glob(f"gunicorn-{new}-*")
+        directory = link.resolve()
+        startup(new, signal.SIGTTIN)
+        for worker in process_children(new):
+            sent = _drive_until_answered(server, {worker}, sent)
+        settle(server, sent)
+        scraped(server.scrape(), sent)
+        os.kill(new, signal.SIGTTOU)
+        wait_for("a worker to stop", lambda: len(process_children(new)) == 2)
+
+        siblings = process_children(new)
+        for worker in siblings:
+            os.kill(worker, signal.SIGSTOP)
+        try:
+            link.unlink()  # the cleaner's pass
+            (directory / "run").unlink()
+            for alive in directory.glob("*.alive"):
+                alive.unlink()
+            startup(new, signal.SIGTTIN)
+        finally:
+            for worker in siblings:
+                os.kill(worker, signal.SIGCONT)
+        assert link.is_symlink() and link.resolve() == directory
+        (started,) = process_children(new) - siblings
+        sent = _drive_until_answered(server, {started}, sent)
+        settle(server, sent)
+        for _ in range(15):  # over a few of the workers' once-a-second looks
+            scraped(wait_for("the metrics port", lambda: server.scrape()), sent)
+            scraped(server.scrape_app()[0], sent)
+            time.sleep(0.2)
+        assert link.is_symlink() and link.resolve() == directory
+    assert scraped.totals == sorted(scraped.totals), scraped.totals
+    assert "Traceback" not in server.log.read_text(errors="replace")
+
+
 #: A gunicorn configuration whose new arbiter, started by USR2 (GUNICORN_PID set), waits before it starts any worker
 #: until the old arbiter has exited: its first worker then starts with the old arbiter gone, as when the old one is
 #: stopped (or killed) right after USR2, before the new one's workers have booted.
