@@ -1258,14 +1258,25 @@ def _make_directory(directory: str, link: str | None = None) -> bool:
     made the link again."""
     relinked = False
     if link is not None and not os.path.lexists(directory):
-        os.makedirs(os.path.join(os.path.dirname(directory), link), mode=0o700, exist_ok=True)
+        _private_directories(os.path.join(os.path.dirname(directory), link))
         try:
             os.symlink(link, directory)
             relinked = True
         except FileExistsError:  # another worker put it back first
             pass
-    os.makedirs(os.path.realpath(directory), mode=0o700, exist_ok=True)
+    _private_directories(os.path.realpath(directory))
     return relinked
+
+
+def _private_directories(path: str) -> None:
+    """Make ``path`` and each missing parent with mode 0700 (``os.makedirs`` gives the parents the default mode: the
+    default location's ``llm-telemetry-<uid>``, removed by a wipe of the temp dir and made again by the put-back, was
+    left readable by every local user)."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        _private_directories(parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
 
 
 def _identity(directory: str) -> tuple[int, int] | None:

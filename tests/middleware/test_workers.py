@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2492,6 +2493,30 @@ def test_workers_port_claimed_while_the_directory_is_removed_is_recorded_once_it
         state.claim_port()
         assert state.restore()
         assert state.port_held_by_worker()
+    finally:
+        state.close()
+
+
+def test_workers_temp_dir_wiped_the_default_location_is_made_again_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wipe of the temp dir under a running server (``rm -rf /tmp/*``) takes the default location's
+    ``llm-telemetry-<uid>`` with the server's directory: the workers make both again, and the one above theirs is again
+    readable by this user only, as a start makes it (it was made with the default mode, 0755 under the usual umask,
+    so every local user could read the service's counts)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # the stdlib caches the temp dir; let it read TMPDIR again
+    supervisor = multiproc.Supervisor("parent", os.getppid())
+    directory = Path(multiproc.default_directory(supervisor))
+    state = multiproc.SharedState(str(directory), supervisor)
+    try:
+        base = directory.parent
+        assert stat.S_IMODE(base.stat().st_mode) == 0o700
+        shutil.rmtree(base)
+        assert state.restore()
+        assert directory.is_dir()
+        assert stat.S_IMODE(base.stat().st_mode) == 0o700
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     finally:
         state.close()
 
